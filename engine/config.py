@@ -1,0 +1,151 @@
+"""Model configuration: the fields of a Hugging Face `config.json` that the engine's decoder needs.
+
+Read with transformers' AutoConfig so every alias and legacy spelling it understands is understood
+here too; anything the decoder cannot reproduce exactly is refused with a message naming what is
+supported.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+# model_type -> (q/k/v bias, o_proj bias, mlp bias, q/k RMSNorm) as functions of the HF config,
+# mirroring the nn.Linear(..., bias=...) choices in each transformers modeling file.
+_ARCHS = {
+    "llama": lambda c: (c.attention_bias, c.attention_bias, c.mlp_bias, False),
+    "mistral": lambda c: (False, False, False, False),
+    "qwen2": lambda c: (True, False, False, False),
+    "qwen3": lambda c: (c.attention_bias, c.attention_bias, False, True),
+}
+SUPPORTED_ARCHS = tuple(_ARCHS)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    """Shapes and options of one Llama-family decoder. `hf_config` is kept to save the model back."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_model_len: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    rope_theta: float
+    rope_scaling: dict = field(default_factory=dict)  # rope_parameters minus rope_theta
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: torch.dtype | None = None
+    hf_config: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}")
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope_scaling.get("rope_type", "default")
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "ModelConfig":
+        """Validate a transformers config and copy out what the decoder needs."""
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in _ARCHS:
+            raise ValueError(
+                f"unsupported model_type {model_type!r} (architectures="
+                f"{getattr(hf_config, 'architectures', None)}); supported: {', '.join(SUPPORTED_ARCHS)}")
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}; supported: silu")
+        rope = dict(_rope_parameters(hf_config))
+        rope_theta = float(rope.pop("rope_theta"))
+        rope_type = rope.setdefault("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor != 1.0 is not supported")
+        qkv_bias, o_bias, mlp_bias, qk_norm = _ARCHS[model_type](hf_config)
+        num_heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        eos = getattr(hf_config, "eos_token_id", None)
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        return cls(
+            model_type=model_type,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            max_model_len=_max_model_len(hf_config),
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            qkv_bias=bool(qkv_bias), o_bias=bool(o_bias), mlp_bias=bool(mlp_bias), qk_norm=qk_norm,
+            rope_theta=rope_theta, rope_scaling=rope, eos_token_ids=eos, torch_dtype=dtype,
+            hf_config=hf_config,
+        )
+
+    def inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies [head_dim // 2], fp32, computed as transformers computes them."""
+        dim = self.head_dim
+        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+        if self.rope_type == "linear":
+            return inv_freq / self.rope_scaling["factor"]
+        if self.rope_type == "llama3":
+            return _llama3_inv_freq(inv_freq, self.rope_scaling)
+        return inv_freq
+
+
+def _rope_parameters(hf_config) -> dict:
+    """transformers >= 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta + rope_scaling."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params and "rope_theta" in params:
+        if "full_attention" in params:  # per-layer-type dicts (not used by these archs, but be explicit)
+            raise ValueError("per-layer-type rope_parameters are not supported")
+        return params
+    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    scaling["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
+    return scaling
+
+
+def _max_model_len(hf_config) -> int:
+    """Longest sequence the engine accepts. A sliding window (Mistral, some Qwen2) caps it, so that
+    full causal attention, which is all the engine implements, is exactly what the model computes."""
+    max_len = hf_config.max_position_embeddings
+    window = getattr(hf_config, "sliding_window", None)
+    uses_window = getattr(hf_config, "use_sliding_window", True)  # Qwen2 gates its window with this
+    if window and uses_window:
+        max_len = min(max_len, window)
+    return max_len
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
+    """Llama 3.1 frequency smoothing, step for step as in transformers' `_compute_llama3_parameters`."""
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, inv_freq_llama)
