@@ -1,0 +1,45 @@
+"""SamplingParams: how to draw the completions of one prompt. Validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy. top_k 0 and top_p 1.0 switch those filters off. With a seed, the
+    completions are reproducible whatever else is in the batch (see engine.sampler)."""
+
+    n: int = 1  # completions per prompt; they share the prompt's KV blocks
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()  # finish on any of these, in addition to EOS
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self):
+        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an int >= 1")
+        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+               "a number >= 0 (0 = greedy)")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k, "an int >= 0 (0 = off)")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
+               self.max_new_tokens, "an int >= 1")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               self.stop_token_ids, "a sequence of non-negative ints")
+        _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an int or None")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check(ok: bool, name: str, value, expected: str):
+    if not ok:
+        raise ValueError(f"SamplingParams.{name}={value!r} is invalid: expected {expected}")
