@@ -139,10 +139,13 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale):
 def paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale):
     """Reference for `paged_decode_triton` (and the CPU path): gather pages, mask, SDPA."""
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
-    # Padding entries (-1) gather a real block; the length mask hides it.
     k = k_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
     v = v_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)
     mask = torch.arange(k.shape[2], device=q.device) < context_lens[:, None]  # [B, L]
+    # Slots past a sequence's length (and padding entries, -1, which gather the last block) hold
+    # whatever the pool held: possibly NaN, and a masked-out NaN still poisons softmax(...) @ v.
+    unwritten = ~mask[:, None, :, None]
+    k, v = k.masked_fill(unwritten, 0), v.masked_fill(unwritten, 0)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
     return out.squeeze(2)  # [B, H, D]

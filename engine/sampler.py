@@ -54,7 +54,10 @@ def _top_k_top_p(logits, top_ks, top_ps):
     sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
     probs = sorted_logits.softmax(-1)
     mass_before = probs.cumsum(-1) - probs  # probability of the strictly more likely tokens
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_ps[:, None], float("-inf"))
+    # Rows with top_p == 1 are left alone: rounding can push the cumulative mass to 1 before the
+    # last token and would cut their tail.
+    cut = (mass_before >= top_ps[:, None]) & (top_ps[:, None] < 1)
+    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 

@@ -1,0 +1,61 @@
+"""Tiny random Hugging Face models of each supported architecture, saved with `save_pretrained`.
+
+Shapes are deliberately small (hidden 64, 2 layers, vocab 300) so the whole folder runs in well
+under a minute on two CPU cores, yet exercise GQA (4 query heads over 2 KV heads).
+"""
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+VOCAB = 300
+MAX_POS = 128
+EOS = 5
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=MAX_POS,
+            bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
+
+ARCHS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "llama2": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(num_key_value_heads=4)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=None)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=24)),
+}
+
+
+def make_hf_model(arch: str, seed: int = 0, **overrides):
+    config_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    config = config_cls(**{**BASE, **extra, **overrides})
+    model = model_cls(config).eval()
+    # Random init with std 0.02 gives near-uniform next-token distributions, where greedy ties are
+    # decided by rounding; larger weights make the argmax well separated so parity is meaningful.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    return model
+
+
+def make_tokenizer():
+    """A byte-level BPE (the Llama 3 / Qwen kind) with VOCAB ids, trained here on a toy corpus:
+    <pad>=0, <s>=1, </s>=EOS. transformers' AutoTokenizer loads it for every architecture above."""
+    special = ["<pad>", "<s>", "<|r2|>", "<|r3|>", "<|r4|>", "</s>"]
+    assert special.index("</s>") == EOS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
+    assert tok.get_vocab_size() == VOCAB
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def random_prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Token ids from 10 up: never EOS or a special token, so prompts are plain text.
+    return [torch.randint(10, VOCAB, (n,), generator=g).tolist() for n in lengths]

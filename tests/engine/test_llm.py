@@ -1,0 +1,220 @@
+"""End-to-end generation: parity with transformers, paging/sharing/preemption invariance, errors."""
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.model_runner import kv_bytes_per_block
+from tests.engine.helpers import ARCHS, EOS, MAX_POS, VOCAB, random_prompts
+
+LENGTHS = [3, 17, 33, 8, 1]
+GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
+
+
+def hf_greedy(hf, prompt, max_new_tokens):
+    """transformers' own greedy generate, one prompt at a time (no padding involved)."""
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                      pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def all_blocks_free(llm):
+    bm = llm.block_manager
+    return bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts) and not bm.key_to_block
+
+
+def tokens_of(outputs):
+    return [[c.token_ids for c in o.outputs] for o in outputs]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_batch_matches_transformers_generate(model_dirs, arch):
+    path, hf = model_dirs[arch]
+    llm = LLM(path, dtype="float32", block_size=4)
+    prompts = random_prompts(LENGTHS, seed=2)
+    outputs = llm.generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, outputs):
+        expected = hf_greedy(hf, prompt, GREEDY.max_new_tokens)
+        assert out.outputs[0].token_ids == expected
+        assert out.outputs[0].finish_reason == ("stop" if expected[-1] == EOS else "length")
+    assert all_blocks_free(llm)
+
+
+@pytest.fixture(scope="module")
+def reference(qwen2_dir):
+    """Greedy tokens with roomy, unshared, unpreempted pages: what every variant must reproduce."""
+    llm = LLM(qwen2_dir, block_size=MAX_POS)  # one block per sequence: effectively unpaged
+    prompts = random_prompts(LENGTHS, seed=3)
+    return prompts, tokens_of(llm.generate(prompts, GREEDY))
+
+
+def test_reference_is_greedy_recompute_without_cache(qwen2_dir, reference):
+    """The cache-free way: rerun the packed forward over the whole sequence for every token."""
+    prompts, expected = reference
+    model = LLM(qwen2_dir).model
+    for prompt, exp in zip(prompts, expected):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(len(exp[0])):
+                hidden = model.forward_packed(torch.tensor(ids), [len(ids)])
+                ids.append(model.compute_logits(hidden[-1:]).argmax(-1).item())
+        assert ids[len(prompt):] == exp[0]
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_block_size_does_not_change_tokens(qwen2_dir, reference, block_size):
+    prompts, expected = reference
+    llm = LLM(qwen2_dir, block_size=block_size)
+    assert tokens_of(llm.generate(prompts, GREEDY)) == expected
+    assert all_blocks_free(llm)
+
+
+def test_unwritten_cache_slots_never_leak_into_outputs(qwen2_dir, reference):
+    prompts, expected = reference
+    llm = LLM(qwen2_dir, block_size=4)
+    llm.runner.kv_pool.fill_(float("nan"))  # what torch.empty may hand back
+    assert tokens_of(llm.generate(prompts, GREEDY)) == expected
+
+
+def test_shared_prefix_gives_the_same_tokens_and_holds_prompt_blocks_once(qwen2_dir, reference):
+    prompts, expected = reference
+    llm = LLM(qwen2_dir, block_size=4)
+    seen_refcounts = []
+    run = llm.runner.run
+
+    def spy(seqs, is_prefill):  # record the prompt blocks' reference counts during the run
+        seen_refcounts.append(max(llm.block_manager.ref_counts))
+        return run(seqs, is_prefill)
+
+    llm.runner.run = spy
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=24, n=3))
+    assert max(seen_refcounts) == 3  # the n samples of a prompt hold its full blocks once
+    for out, exp in zip(outputs, expected):
+        assert [c.token_ids for c in out.outputs] == exp * 3
+    assert all_blocks_free(llm)
+
+
+def test_tiny_pool_preempts_and_gives_the_same_tokens(qwen2_dir, reference):
+    prompts, expected = reference
+    # 15 blocks of 4 tokens: the longest sequence (33 + 24 tokens) needs 15, all five need ~40.
+    llm = LLM(qwen2_dir, block_size=4, kv_cache_memory=15 * kv_bytes_per_block(
+        LLM(qwen2_dir, kv_cache_memory=1 << 20).config, torch.float32, 4))
+    assert llm.block_manager.num_blocks == 15
+    assert tokens_of(llm.generate(prompts, GREEDY)) == expected
+    assert llm.scheduler.num_preemptions > 0
+    assert all_blocks_free(llm)
+
+
+def test_seeded_sampling_is_reproducible_across_batches_and_preemption(qwen2_dir):
+    params = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, max_new_tokens=16, seed=1234, n=2)
+    prompts = random_prompts([6, 20], seed=4)
+    alone = LLM(qwen2_dir, block_size=4).generate(prompts[1], params)[0]
+    tiny = LLM(qwen2_dir, block_size=4, kv_cache_memory=2048 * 11)  # 11 blocks: preemption
+    batched = tiny.generate(prompts, [SamplingParams(temperature=1.0, max_new_tokens=16, n=3), params])[1]
+    assert tiny.scheduler.num_preemptions > 0
+    assert [c.token_ids for c in alone.outputs] == [c.token_ids for c in batched.outputs]
+    assert alone.outputs[0].token_ids != alone.outputs[1].token_ids  # the n samples differ
+    for a, b in zip(alone.outputs, batched.outputs):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    assert all_blocks_free(tiny)
+
+
+def test_sampled_logprobs_are_under_the_sampling_distribution(qwen2_dir):
+    llm = LLM(qwen2_dir)
+    prompt = random_prompts([9], seed=5)[0]
+    params = SamplingParams(temperature=0.7, top_k=20, max_new_tokens=6, seed=0)
+    completion = llm.generate(prompt, params)[0].outputs[0]
+    ids = prompt + completion.token_ids
+    with torch.no_grad():
+        logits = llm.model.compute_logits(llm.model.forward_packed(torch.tensor(ids), [len(ids)]))
+    for i, (token, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        scaled = logits[len(prompt) - 1 + i] / 0.7
+        kth = scaled.topk(20).values[-1]
+        expected = torch.log_softmax(scaled.masked_fill(scaled < kth, float("-inf")), -1)[token]
+        assert abs(logprob - expected.item()) < 1e-4
+
+
+def test_string_prompts_are_tokenized_and_completions_decoded(qwen2_dir):
+    llm = LLM(qwen2_dir)
+    texts = ["hello world", "the lazy fox!"]
+    out = llm.generate(texts, SamplingParams(temperature=0, max_new_tokens=6))
+    for text, o in zip(texts, out):
+        assert o.prompt_token_ids == llm.tokenizer.encode(text) and llm.tokenizer.decode(o.prompt_token_ids) == text
+        completion = o.outputs[0]
+        assert completion.text == llm.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        by_ids = llm.generate(o.prompt_token_ids, SamplingParams(temperature=0, max_new_tokens=6))
+        assert by_ids[0].outputs[0].token_ids == completion.token_ids
+
+
+def test_stop_tokens_end_a_completion(qwen2_dir, reference):
+    prompts, expected = reference
+    first = expected[1][0][5]  # stop on the sixth greedy token of prompt 1
+    out = LLM(qwen2_dir).generate(prompts[1], SamplingParams(temperature=0, max_new_tokens=24,
+                                                             stop_token_ids=(first,)))[0].outputs[0]
+    cut = expected[1][0].index(first) + 1
+    assert out.token_ids == expected[1][0][:cut] and out.finish_reason == "stop"
+
+
+# ---- bad inputs: each names the argument at fault ----
+
+@pytest.fixture(scope="module")
+def llm(qwen2_dir):
+    return LLM(qwen2_dir, block_size=4)
+
+
+def test_empty_prompt_is_rejected(llm):
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+        llm.generate([[5, 6], []])
+
+
+def test_prompt_past_context_length_is_rejected(llm):
+    with pytest.raises(ValueError, match=rf"prompts\[0\] has {MAX_POS} tokens.*max_model_len={MAX_POS}"):
+        llm.generate([[11] * MAX_POS])
+
+
+def test_out_of_vocabulary_token_is_rejected(llm):
+    with pytest.raises(ValueError, match=rf"prompts\[0\] has token id {VOCAB} outside"):
+        llm.generate([[1, VOCAB]])
+
+
+def test_pool_too_small_for_one_sequence_is_rejected(qwen2_dir):
+    small = LLM(qwen2_dir, block_size=4, kv_cache_memory=2048 * 3)  # 3 blocks = 12 tokens
+    with pytest.raises(ValueError, match=r"KV pool \(3 blocks of 4 tokens\) cannot hold one sequence"):
+        small.generate([[11] * 8], SamplingParams(max_new_tokens=8))
+    assert all_blocks_free(small)  # nothing was admitted
+
+
+def test_kv_budget_below_one_block_is_rejected(qwen2_dir):
+    with pytest.raises(ValueError, match="kv_cache_memory=100 does not hold one block"):
+        LLM(qwen2_dir, kv_cache_memory=100)
+
+
+def test_kv_fraction_needs_a_gpu(qwen2_dir):
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    with pytest.raises(ValueError, match="kv_cache_memory as a fraction"):
+        LLM(qwen2_dir, kv_cache_memory=0.5)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(n=0), "n"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(seed=1.5), "seed"), (dict(stop_token_ids=(-3,)), "stop_token_ids"),
+])
+def test_invalid_sampling_values_are_rejected(kwargs, name):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{name}="):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_sampling_option_is_rejected():
+    with pytest.raises(TypeError, match="topp"):
+        SamplingParams(topp=0.5)
+
+
+def test_mismatched_sampling_params_list_is_rejected(llm):
+    with pytest.raises(ValueError, match="sampling_params has 1 entries for 2 prompts"):
+        llm.generate([[5], [6]], [SamplingParams()])
+
+
+def test_unknown_dtype_is_rejected(qwen2_dir):
+    with pytest.raises(ValueError, match="dtype 'float8'"):
+        LLM(qwen2_dir, dtype="float8")

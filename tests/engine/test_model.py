@@ -1,0 +1,167 @@
+"""The decoder against transformers: logits, packed training forward, checkpoint I/O and its errors."""
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from engine import load_model, save_model
+from engine.checkpoint import INDEX_FILE, SINGLE_FILE
+from engine.config import ModelConfig
+from tests.engine.helpers import ARCHS, VOCAB, make_hf_model, random_prompts
+
+# fp32 on CPU: both sides do the same ops in the same order; what differs is matmul blocking and
+# SDPA kernels, which moves logits by a few ulps of their magnitude (~1), so 1e-5 is tight yet robust.
+ATOL = 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(model_dirs, arch):
+    path, hf = model_dirs[arch]
+    model = load_model(path, dtype="float32")
+    ids = torch.tensor(random_prompts([50])[0])
+    with torch.no_grad():
+        expected = hf(ids[None]).logits[0]
+        actual = model.compute_logits(model.forward_packed(ids, [50]))
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_packed_forward_restarts_positions_and_isolates_sequences(model_dirs, arch):
+    path, hf = model_dirs[arch]
+    model = load_model(path)
+    prompts = random_prompts([7, 30, 1, 19], seed=1)
+    packed = torch.tensor(sum(prompts, []))
+    with torch.no_grad():
+        hidden = model.forward_packed(packed, [len(p) for p in prompts])
+        logits = model.compute_logits(hidden).split([len(p) for p in prompts])
+        for p, got in zip(prompts, logits):
+            torch.testing.assert_close(got, hf(torch.tensor([p])).logits[0], atol=ATOL, rtol=0)
+
+
+def test_packed_forward_is_differentiable(qwen2_dir):
+    model = load_model(qwen2_dir)
+    ids = torch.tensor(sum(random_prompts([5, 9]), []))
+    model.compute_logits(model.forward_packed(ids, [5, 9])).logsumexp(-1).sum().backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_tied_embeddings_share_one_tensor(qwen2_dir):
+    model = load_model(qwen2_dir)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_load_close_to_fp32(qwen2_dir, dtype):
+    ids = torch.tensor(random_prompts([20])[0])
+    with torch.no_grad():
+        ref = load_model(qwen2_dir, dtype="float32")
+        half = load_model(qwen2_dir, dtype=dtype)
+        assert half.model.norm.weight.dtype == dtype
+        expected = ref.compute_logits(ref.forward_packed(ids, [20]))
+        actual = half.compute_logits(half.forward_packed(ids, [20]))
+    # bf16 keeps 8 mantissa bits: logits of magnitude ~5 after 2 layers land within a few 1e-1.
+    assert (actual - expected).abs().max() < 0.5
+    assert (actual.argmax(-1) == expected.argmax(-1)).float().mean() > 0.8
+
+
+def test_sliding_window_caps_the_context_length():
+    hf = make_hf_model("mistral", sliding_window=64)
+    assert ModelConfig.from_hf(hf.config).max_model_len == 64
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*llama, mistral, qwen2, qwen3"):
+        load_model(tmp_path)
+
+
+def test_unsupported_rope_type_lists_supported():
+    hf_config = transformers.LlamaConfig(**{**make_hf_model("llama2").config.to_dict(),
+                                            "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="unsupported rope type 'yarn'.*default, linear, llama3"):
+        ModelConfig.from_hf(hf_config)
+
+
+def test_linear_rope_scaling_matches_transformers(tmp_path):
+    hf = make_hf_model("llama2", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    hf.save_pretrained(tmp_path)
+    ids = torch.tensor(random_prompts([40])[0])
+    model = load_model(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model.compute_logits(model.forward_packed(ids, [40])),
+                                   hf(ids[None]).logits[0], atol=ATOL, rtol=0)
+
+
+def _copy_with_weights(src, dst, edit):
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != SINGLE_FILE:
+            (dst / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / SINGLE_FILE)
+    edit(tensors)
+    save_file(tensors, dst / SINGLE_FILE)
+
+
+def test_missing_tensor_is_named(model_dirs, tmp_path):
+    name = "model.layers.1.mlp.up_proj.weight"
+    _copy_with_weights(model_dirs["llama"][0], tmp_path / "m", lambda t: t.pop(name))
+    with pytest.raises(ValueError, match=f"missing tensor '{name}'"):
+        load_model(tmp_path / "m")
+
+
+def test_misshaped_tensor_is_named(model_dirs, tmp_path):
+    name = "model.layers.0.self_attn.k_proj.weight"
+    _copy_with_weights(model_dirs["llama"][0], tmp_path / "m",
+                       lambda t: t.__setitem__(name, t[name][:-1].clone()))
+    with pytest.raises(ValueError, match=f"tensor '{name}'.*shape \\(31, 64\\), expected \\(32, 64\\)"):
+        load_model(tmp_path / "m")
+
+
+def test_unexpected_tensor_is_named(model_dirs, tmp_path):
+    _copy_with_weights(model_dirs["llama"][0], tmp_path / "m",
+                       lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(2)))
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.extra.weight'"):
+        load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_save_round_trips_through_transformers(model_dirs, tmp_path, arch):
+    path, hf = model_dirs[arch]
+    model = load_model(path)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)  # a change, so the test sees our weights, not the source's
+    out = tmp_path / "saved"
+    save_model(model, out, source_dir=path)
+    reloaded = type(hf).from_pretrained(out).eval()
+    ids = torch.tensor(random_prompts([12])[0])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids[None]).logits[0],
+                                   model.compute_logits(model.forward_packed(ids, [12])), atol=ATOL, rtol=0)
+    assert (out / "tokenizer.json").exists()
+    assert ("lm_head.weight" in load_file(out / SINGLE_FILE)) != model.config.tie_word_embeddings
+
+
+def test_save_replaces_atomically_and_leaves_no_temporaries(qwen2_dir, tmp_path):
+    model = load_model(qwen2_dir)
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older save")
+    save_model(model, out)
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_sharded_save_and_load(qwen2_dir, tmp_path):
+    model = load_model(qwen2_dir)
+    save_model(model, tmp_path / "sharded", max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "sharded" / INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    again = load_model(tmp_path / "sharded")
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+    assert torch.equal(hf.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert hf.config.vocab_size == VOCAB
