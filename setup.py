@@ -18,6 +18,11 @@ setup(
         # Triton ships Linux wheels only; elsewhere the PyTorch backend is used.
         "triton>=3.2; platform_system == 'Linux'",
         "numpy",
+        # engine/: config reading (AutoConfig) and tokenizers; checkpoints; the progress bar.
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],

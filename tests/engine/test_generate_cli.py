@@ -1,0 +1,42 @@
+"""`fusedrl generate` through its parser, as engine/cli.py will call it."""
+import argparse
+import json
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine import generate_cli
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="fusedrl")
+    generate_cli.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_generate_prints_the_engine_s_completions_as_json(qwen2_dir, tmp_path, capsys):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("the lazy dog\n\nquick brown\n")
+    args = parse(["generate", "--model", str(qwen2_dir), "--prompt", "hello world", "--prompt-file",
+                  str(prompt_file), "--n", "2", "--temperature", "0.8", "--seed", "7",
+                  "--max-new-tokens", "5", "--json", "--kv-cache-memory", "1000000"])
+    assert args.func(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["prompt"], r["sample"]) for r in rows] == [
+        (p, j) for p in ("hello world", "the lazy dog", "quick brown") for j in (0, 1)]
+    expected = LLM(qwen2_dir).generate(["hello world", "the lazy dog", "quick brown"], SamplingParams(
+        n=2, temperature=0.8, seed=7, max_new_tokens=5))
+    assert [r["token_ids"] for r in rows] == [c.token_ids for o in expected for c in o.outputs]
+    assert all(len(r["logprobs"]) == len(r["token_ids"]) for r in rows)
+
+
+def test_memory_argument_reads_bytes_or_a_fraction():
+    assert generate_cli._memory("2000000000") == 2_000_000_000
+    assert generate_cli._memory("2e9") == 2_000_000_000
+    assert generate_cli._memory("0.5") == 0.5
+
+
+def test_generate_without_prompts_fails_clearly(qwen2_dir):
+    args = parse(["generate", "--model", str(qwen2_dir)])
+    with pytest.raises(SystemExit, match="--prompt"):
+        args.func(args)
