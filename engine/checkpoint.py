@@ -5,6 +5,7 @@ source) into a temporary sibling and renames it into place, so a reader never se
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -116,9 +117,10 @@ def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int =
 
 
 def _write_dir(model: CausalLM, tmp: Path, source_dir, max_shard_bytes: int):
-    hf_config = model.config.hf_config
-    dtype = next(model.parameters()).dtype
-    hf_config.dtype = str(dtype).removeprefix("torch.")
+    hf_config = copy.deepcopy(model.config.hf_config)
+    dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+    # transformers 5 calls the field `dtype`, 4.x `torch_dtype`.
+    setattr(hf_config, "dtype" if "dtype" in hf_config.to_dict() else "torch_dtype", dtype_name)
     hf_config.save_pretrained(str(tmp))
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
     if model.config.tie_word_embeddings:

@@ -1,0 +1,183 @@
+"""Generation throughput: our engine vs transformers `generate`, with the decode roofline.
+
+Same random-init model for both (Qwen2.5-0.5B shape, bf16, SDPA), same prompts, greedy decoding of
+exactly --new-tokens tokens (EOS ignored) at each batch size. Reports output tokens/s end to end,
+the speedup, our decode-only tokens/s, and the decode roofline: (weight bytes + KV bytes read per
+step) / copy bandwidth measured in this run. `--quick` runs a tiny fp32 model on the CPU to check
+the script itself.
+
+    python bench/bench_generate.py                  # GPU: batch 1, 32, 256; 128 prompt + 512 new
+    python bench/bench_generate.py --quick          # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.model_runner import kv_bytes_per_block  # noqa: E402
+
+QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                  rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6, eos_token_id=151643)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True,
+            eos_token_id=2)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny fp32 model on the CPU")
+    p.add_argument("--batch-sizes", type=int, nargs="+")
+    p.add_argument("--prompt-len", type=int)
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--skip-hf", action="store_true", help="only our engine")
+    p.add_argument("--out", default=None, help="JSON results path (default: bench/results/generate[_quick].json)")
+    args = p.parse_args()
+    quick = dict(batch_sizes=[1, 4], prompt_len=16, new_tokens=32)
+    full = dict(batch_sizes=[1, 32, 256], prompt_len=128, new_tokens=512)
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.out is None:
+        root = Path(__file__).resolve().parent / "results"
+        args.out = str(root / ("generate_quick.json" if args.quick else "generate.json"))
+    return args
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, nbytes: int) -> float:
+    """Bytes/s moved by a device-to-device copy (read + write), best of 5."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def build_model_dir(args, device, dtype) -> tuple[Path, transformers.PreTrainedModel]:
+    config = transformers.Qwen2Config(**(TINY if args.quick else QWEN25_05B))
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = transformers.Qwen2ForCausalLM(config).to(dtype).eval()
+    path = Path(tempfile.mkdtemp(prefix="bench_generate_"))
+    hf.save_pretrained(path)
+    return path, hf
+
+
+def time_ours(llm: LLM, prompts, params):
+    """(total seconds, decode seconds, decode steps), timing each engine step (each ends in a sync)."""
+    steps = []
+    run = llm.runner.run
+
+    def timed(seqs, is_prefill):
+        t = time.perf_counter()
+        out = run(seqs, is_prefill)  # returns host lists: the step has finished on the device
+        steps.append((is_prefill, time.perf_counter() - t, len(seqs)))
+        return out
+
+    llm.runner.run = timed
+    try:
+        t = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        total = time.perf_counter() - t
+    finally:
+        llm.runner.run = run
+    assert all(len(o.outputs[0].token_ids) == params.max_new_tokens for o in outputs)
+    decode = [(dt, b) for is_prefill, dt, b in steps if not is_prefill]
+    return total, sum(dt for dt, _ in decode), sum(b for _, b in decode)
+
+
+def time_hf(hf, prompts, new_tokens, device):
+    ids = torch.tensor(prompts, device=device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+    with torch.no_grad():
+        sync(device)
+        t = time.perf_counter()
+        out = hf.generate(ids, **kwargs)
+        sync(device)
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return time.perf_counter() - t
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    path, hf = build_model_dir(args, device, dtype)
+    hf.config._attn_implementation = "sdpa"
+    max_batch = max(args.batch_sizes)
+    kv_memory = 0.5 if device.type == "cuda" else 256 << 20
+    llm = LLM(path, dtype=dtype, device=str(device), kv_cache_memory=kv_memory, max_num_seqs=max_batch)
+    config = llm.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())  # tied: once
+    kv_bytes_per_token = kv_bytes_per_block(config, dtype, 1)
+    bandwidth = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 64 << 20)
+    params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    # Warm-up: Triton compilation and allocator growth stay out of the timings.
+    llm.generate(torch.randint(0, config.vocab_size, (4, args.prompt_len), generator=g).tolist(),
+                 SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
+
+    rows = []
+    for batch in args.batch_sizes:
+        prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
+        total, decode_s, decode_tokens = time_ours(llm, prompts, params)
+        ours = batch * args.new_tokens / total
+        # Decode steps read every weight once and the KV of each sequence's context (mean length).
+        mean_context = args.prompt_len + args.new_tokens / 2
+        step_bytes = weight_bytes + batch * mean_context * kv_bytes_per_token
+        roofline = batch * bandwidth / step_bytes
+        decode = decode_tokens / decode_s
+        row = dict(batch=batch, ours_tok_s=ours, decode_tok_s=decode, roofline_tok_s=roofline,
+                   decode_vs_roofline=decode / roofline)
+        if not args.skip_hf:
+            hf_s = time_hf(hf, prompts, args.new_tokens, device)
+            row.update(hf_tok_s=batch * args.new_tokens / hf_s, speedup=ours * hf_s / (batch * args.new_tokens))
+        rows.append(row)
+        print_row(row)
+
+    result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  dtype=str(dtype), model="tiny" if args.quick else "Qwen2.5-0.5B shape (random init)",
+                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, weight_bytes=weight_bytes,
+                  kv_bytes_per_token=kv_bytes_per_token, copy_bandwidth_GBps=bandwidth / 1e9,
+                  torch=torch.__version__, transformers=transformers.__version__, rows=rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, weights {weight_bytes / 1e6:.1f} MB; wrote {args.out}")
+
+
+HEADER = f"{'batch':>5} {'ours tok/s':>11} {'hf tok/s':>9} {'speedup':>8} {'decode tok/s':>13} " \
+         f"{'roofline':>9} {'% roof':>7}"
+
+
+def print_row(row):
+    if row["batch"] == 1 or not hasattr(print_row, "done"):
+        print(HEADER)
+        print_row.done = True
+    hf = f"{row['hf_tok_s']:9.1f} {row['speedup']:7.2f}x" if "hf_tok_s" in row else f"{'-':>9} {'-':>8}"
+    print(f"{row['batch']:5d} {row['ours_tok_s']:11.1f} {hf} {row['decode_tok_s']:13.1f} "
+          f"{row['roofline_tok_s']:9.1f} {100 * row['decode_vs_roofline']:6.1f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main()
