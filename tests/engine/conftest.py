@@ -1,7 +1,7 @@
 """Session fixtures: one saved tiny model (with tokenizer) per architecture."""
 import pytest
 
-from tests.engine.helpers import ARCHS, make_hf_model, make_tokenizer
+from engine_testing import ARCHS, make_hf_model, make_tokenizer
 
 
 @pytest.fixture(scope="session")

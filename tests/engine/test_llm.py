@@ -4,7 +4,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.model_runner import kv_bytes_per_block
-from tests.engine.helpers import ARCHS, EOS, MAX_POS, VOCAB, random_prompts
+from engine_testing import ARCHS, EOS, MAX_POS, VOCAB, random_prompts
 
 LENGTHS = [3, 17, 33, 8, 1]
 GREEDY = SamplingParams(temperature=0, max_new_tokens=24)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from engine import load_model, save_model
 from engine.checkpoint import INDEX_FILE, SINGLE_FILE
 from engine.config import ModelConfig
-from tests.engine.helpers import ARCHS, VOCAB, make_hf_model, random_prompts
+from engine_testing import ARCHS, VOCAB, make_hf_model, random_prompts
 
 # fp32 on CPU: both sides do the same ops in the same order; what differs is matmul blocking and
 # SDPA kernels, which moves logits by a few ulps of their magnitude (~1), so 1e-5 is tight yet robust.

@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face models of each supported architecture, saved with `save_pretrained`.
+"""Shared helpers for the engine tests: tiny random Hugging Face models of each supported architecture.
 
 Shapes are deliberately small (hidden 64, 2 layers, vocab 300) so the whole folder runs in well
 under a minute on two CPU cores, yet exercise GQA (4 query heads over 2 KV heads).
