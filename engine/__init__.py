@@ -1,0 +1,1 @@
+"""fusedrl engine: the model, generation and trainers built on `kernels` (see the README)."""
