@@ -1,4 +1,4 @@
-"""fusedrl generation engine: a Llama-family model over paged KV memory.
+"""fusedrl engine: the model, generation and trainers built on `kernels` (see the README).
 
 `LLM(model_dir).generate(prompts, SamplingParams(...))` for generation; `load_model` / `save_model`
 for Hugging Face directories; `CausalLM.forward_packed` for the training forward.

@@ -1,0 +1,269 @@
+"""Benchmark every fused op against its baselines, side by side in one run.
+
+For each op and shape: our Triton kernel, eager PyTorch (the reference composition), torch.compile
+of that composition, Liger-Kernel's matching op where one exists and is installed, and for GAE the
+Python reversed-time loop TRL/OpenRLHF use. Reported: median time, achieved GB/s of the bytes an
+ideal kernel must move and that as a fraction of the device-to-device copy bandwidth measured in
+the same run, peak extra memory (GPU), and speed-up over eager. Printed as a table, saved as JSON.
+
+    python bench/bench_kernels.py                 # headline GPU shapes (e.g. 16384 x 151936 bf16)
+    python bench/bench_kernels.py --quick         # small shapes: proves it runs (CPU/interpreter)
+
+On CPU the Triton column runs in the interpreter (TRITON_INTERPRET=1): its timings say nothing
+about GPU speed and are labelled so.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton reads this when the kernels are defined, i.e. at `import kernels`.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kernels  # noqa: E402
+from kernels import reference, use_backend  # noqa: E402
+
+Thunk = Callable[[], object]
+
+
+@dataclass
+class Case:
+    """One op at one shape: how to build its inputs and each implementation's timed call."""
+    op: str
+    mode: str                      # "fwd" or "fwd+bwd"
+    shape: str
+    bytes_moved: Optional[int]     # what an ideal kernel reads + writes (None: compute-bound)
+    make_inputs: Callable[[torch.device], dict]
+    impls: dict[str, Callable[[dict], Thunk]] = field(default_factory=dict)
+
+
+def fused(fn: Callable) -> Callable:
+    """Run fn on our Triton backend."""
+    def call(*args, **kwargs):
+        with use_backend("triton"):
+            return fn(*args, **kwargs)
+    return call
+
+
+def forward_backward(fn: Callable, grad_names: tuple[str, ...]) -> Callable[[dict], Thunk]:
+    """A thunk running fn(**inputs) and backward through the named inputs with fresh grads."""
+    def build(inputs: dict) -> Thunk:
+        leaves = {k: (v.detach().requires_grad_() if k in grad_names else v) for k, v in inputs.items()}
+
+        def step():
+            for name in grad_names:
+                leaves[name].grad = None
+            out = fn(**leaves)
+            loss = out[0] if isinstance(out, tuple) else out
+            if loss.dim():
+                loss = loss.float().sum()
+            loss.backward()
+        return step
+    return build
+
+
+def forward_only(fn: Callable) -> Callable[[dict], Thunk]:
+    def build(inputs: dict) -> Thunk:
+        def step():
+            with torch.no_grad():
+                fn(**inputs)
+        return step
+    return build
+
+
+def compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def liger_functional():
+    try:
+        from liger_kernel.transformers import functional
+        return functional
+    except ImportError:
+        return None
+
+
+# --- the ops -----------------------------------------------------------------------------------
+
+def token_logprobs_cases(n_rows: int, vocab: int, dtype: torch.dtype) -> list[Case]:
+    def make(device):
+        return {"logits": torch.randn(n_rows, vocab, device=device, dtype=dtype) * 2,
+                "labels": torch.randint(0, vocab, (n_rows,), device=device)}
+
+    element = torch.finfo(dtype).bits // 8
+    shape = f"{n_rows}x{vocab} {str(dtype).removeprefix('torch.')}"
+    ours, eager, comp = fused(kernels.token_logprobs), reference.token_logprobs, compiled(reference.token_logprobs)
+    liger = liger_functional()
+    cases = []
+    for mode, wrap, passes in (("fwd", forward_only, 1), ("fwd+bwd", lambda f: forward_backward(f, ("logits",)), 3)):
+        impls = {"fusedrl": wrap(ours), "eager": wrap(eager), "torch.compile": wrap(comp)}
+        if liger is not None and torch.cuda.is_available():
+            # Liger's cross entropy with reduction="none" is -logp.
+            impls["liger"] = wrap(lambda logits, labels: -liger.liger_cross_entropy(logits, labels, reduction="none"))
+        cases.append(Case("token_logprobs", mode, shape, passes * n_rows * vocab * element, make, impls))
+    return cases
+
+
+def linear_token_logprobs_cases(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype) -> list[Case]:
+    def make(device):
+        return {"hidden": torch.randn(n_rows, hidden, device=device, dtype=dtype),
+                "weight": torch.randn(vocab, hidden, device=device, dtype=dtype) / hidden**0.5,
+                "labels": torch.randint(0, vocab, (n_rows,), device=device)}
+
+    def unfused(hidden, weight, labels):
+        with use_backend("triton"):
+            return kernels.token_logprobs(hidden @ weight.t(), labels)
+
+    grads = ("hidden", "weight")
+    impls = {"fusedrl": forward_backward(fused(kernels.linear_token_logprobs), grads),
+             "matmul+token_logprobs": forward_backward(unfused, grads),
+             "eager": forward_backward(reference.linear_token_logprobs, grads),
+             "torch.compile": forward_backward(compiled(reference.linear_token_logprobs), grads)}
+    liger = liger_functional()
+    if liger is not None and torch.cuda.is_available():
+        impls["liger"] = forward_backward(
+            lambda hidden, weight, labels: -liger.liger_fused_linear_cross_entropy(
+                hidden, weight, labels, reduction="none"), grads)
+    shape = f"N={n_rows} H={hidden} V={vocab} {str(dtype).removeprefix('torch.')}"
+    return [Case("linear_token_logprobs", "fwd+bwd", shape, None, make, impls)]
+
+
+def rl_inputs(batch: int, steps: int, names: tuple[str, ...]) -> Callable[[torch.device], dict]:
+    def make(device):
+        inputs = {name: torch.randn(batch, steps, device=device) for name in names}
+        inputs["mask"] = torch.rand(batch, steps, device=device) < 0.9
+        return inputs
+    return make
+
+
+def trl_gae_loop(rewards, values, mask, gamma=1.0, lam=0.95):
+    """GAE as TRL / OpenRLHF compute it: a Python loop over time steps (the mask multiplies in)."""
+    last, reversed_adv = 0.0, []
+    steps = rewards.shape[-1]
+    rewards, values = rewards * mask, values * mask
+    for t in reversed(range(steps)):
+        next_values = values[:, t + 1] if t < steps - 1 else 0.0
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last = delta + gamma * lam * last
+        reversed_adv.append(last)
+    advantages = torch.stack(reversed_adv[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def rl_cases(batch: int, steps: int) -> list[Case]:
+    shape, n = f"{batch}x{steps} fp32", batch * steps
+    kl = lambda fn: lambda logp, ref_logp, mask: fn(logp, ref_logp, estimator="k3", mask=mask)  # noqa: E731
+    policy = lambda fn: lambda logp, old_logp, advantages, mask: fn(logp, old_logp, advantages, mask)  # noqa: E731
+    value = lambda fn: lambda values, old_values, returns, mask: fn(values, old_values, returns, mask)  # noqa: E731
+
+    def trio(make_fn, public, ref, grads):
+        return {"fusedrl": forward_backward(fused(make_fn(public)), grads),
+                "eager": forward_backward(make_fn(ref), grads),
+                "torch.compile": forward_backward(compiled(make_fn(ref)), grads)}
+
+    return [
+        # fwd: 2 fp32 in + mask + fp32 out; bwd: grad + 2 in + mask + grad out.
+        Case("kl_penalty", "fwd+bwd", shape, n * 30, rl_inputs(batch, steps, ("logp", "ref_logp")),
+             trio(kl, kernels.kl_penalty, reference.kl_penalty, ("logp",))),
+        Case("gae", "fwd", shape, n * 17, rl_inputs(batch, steps, ("rewards", "values")), {
+            "fusedrl": forward_only(fused(kernels.gae)),
+            "eager": forward_only(reference.gae),
+            "python loop (TRL)": forward_only(trl_gae_loop),
+        }),
+        # fwd: 3 in + mask + per-token grad out; bwd: read it, write the input's grad.
+        Case("ppo_policy_loss", "fwd+bwd", shape, n * 25,
+             rl_inputs(batch, steps, ("logp", "old_logp", "advantages")),
+             trio(policy, kernels.ppo_policy_loss, reference.ppo_policy_loss, ("logp",))),
+        Case("ppo_value_loss", "fwd+bwd", shape, n * 25,
+             rl_inputs(batch, steps, ("values", "old_values", "returns")),
+             trio(value, kernels.ppo_value_loss, reference.ppo_value_loss, ("values",))),
+    ]
+
+
+def all_cases(quick: bool) -> list[Case]:
+    if quick:
+        return (token_logprobs_cases(64, 1000, torch.float32)
+                + linear_token_logprobs_cases(64, 32, 1000, torch.float32)
+                + rl_cases(8, 128))
+    return (token_logprobs_cases(16384, 151936, torch.bfloat16)
+            + token_logprobs_cases(4096, 32000, torch.bfloat16)
+            + linear_token_logprobs_cases(4096, 896, 151936, torch.bfloat16)
+            + linear_token_logprobs_cases(16384, 896, 151936, torch.bfloat16)
+            + rl_cases(256, 2048))
+
+
+def measure(case: Case, device: torch.device, copy_gbps: float, skip: set[str], budget_s: float) -> list[dict]:
+    inputs = case.make_inputs(device)
+    rows = []
+    for name, build in case.impls.items():
+        row = {"op": case.op, "mode": case.mode, "shape": case.shape, "impl": name}
+        if name in skip:
+            continue
+        try:
+            thunk = build(inputs)
+            row["ms"] = harness.time_ms(thunk, device, budget_s=budget_s)
+            row["peak_extra_mib"] = (lambda b: None if b is None else b / 2**20)(
+                harness.peak_extra_bytes(thunk, device))
+        except Exception as error:  # a baseline that cannot run here is reported, not fatal
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        if case.bytes_moved and "ms" in row:
+            row["gbps"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9
+            row["frac_of_copy"] = row["gbps"] / copy_gbps
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    eager = next((r["ms"] for r in rows if r["impl"] == "eager" and "ms" in r), None)
+    for row in rows:
+        if eager and "ms" in row:
+            row["speedup_vs_eager"] = eager / row["ms"]
+    return rows
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes (CPU / interpreter smoke run)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="write the results here (default: print only)")
+    parser.add_argument("--ops", default=None, help="comma-separated op names to run (default: all)")
+    parser.add_argument("--skip", default="", help="comma-separated implementations to leave out, "
+                        "e.g. torch.compile")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of repetitions per timing")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu" and not args.quick:
+        parser.error("the headline shapes are for a GPU; use --quick on CPU")
+    meta = harness.run_metadata(device)
+    copy_gbps = harness.copy_bandwidth_gbps(device, 2**30 if device.type == "cuda" else 2**26)
+    print(f"device: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
+          f"commit {meta['git_commit']}  copy bandwidth {copy_gbps:.1f} GB/s")
+    if meta["triton_interpret"]:
+        print("note: Triton runs in the interpreter here; fusedrl timings are not GPU timings")
+    wanted = set(args.ops.split(",")) if args.ops else None
+    skip = set(filter(None, args.skip.split(",")))
+    rows = []
+    for case in all_cases(args.quick):
+        if wanted is None or case.op in wanted:
+            rows += measure(case, device, copy_gbps, skip, args.budget)
+    columns = [("op", "op"), ("mode", "mode"), ("shape", "shape"), ("impl", "impl"), ("ms", "ms"),
+               ("speedup_vs_eager", "x eager"), ("gbps", "GB/s"), ("frac_of_copy", "of copy"),
+               ("peak_extra_mib", "peak MiB"), ("error", "error")]
+    print(harness.format_table(rows, columns))
+    payload = {"meta": {**meta, "copy_gbps": copy_gbps, "quick": args.quick}, "results": rows}
+    if args.json:
+        harness.write_json(args.json, payload)
+        print(f"wrote {args.json}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Measurement helpers shared by the benchmark scripts: timing, peak memory, copy bandwidth,
+run metadata, and the table/JSON report. Timings are never asserted anywhere; they are reported."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_metadata(device: torch.device) -> dict:
+    """What a result needs to be comparable: device, versions, commit, interpreter mode."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, min_reps: int = 3,
+            budget_s: float = 1.0) -> float:
+    """Median wall time of fn in milliseconds, after one warm-up call (which also compiles).
+
+    On GPU, CUDA events around each call; repetitions continue until budget_s or 200 calls.
+    """
+    fn()
+    synchronize(device)
+    times, start_all = [], time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start_all < budget_s and len(times) < 200):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak memory allocated while fn runs, above what was allocated before (GPU only)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def copy_bandwidth_gbps(device: torch.device, n_bytes: int) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second): the memory roofline."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """Plain-text table; columns are (key, header). Missing values print as '-'."""
+    def cell(row, key):
+        value = row.get(key)
+        if value is None:
+            return "-"
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    table = [[header for _, header in columns]] + [[cell(r, k) for k, _ in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write, then rename: a crash never leaves a half-written result."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,20 @@
+"""fusedrl kernels: fused RLHF ops (Triton) with plain PyTorch references.
+
+Every op validates its inputs, then runs on the backend chosen by ``kernels.dispatch``:
+Triton for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), the PyTorch reference
+otherwise; ``use_backend(...)`` and ``FUSEDRL_BACKEND`` override. The ops are registered as
+torch custom ops (namespace ``fusedrl``), so torch.compile traces through them.
+"""
+from . import reference
+from .dispatch import BACKENDS, backend_for, use_backend
+from .advantages import gae, masked_whiten
+from .kl import kl_penalty
+from .linear_logprobs import linear_token_logprobs
+from .ppo_loss import ppo_policy_loss, ppo_value_loss
+from .logprobs import token_logprobs
+
+__all__ = [
+    "BACKENDS", "backend_for", "use_backend", "reference",
+    "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten",
+    "ppo_policy_loss", "ppo_value_loss",
+]

@@ -1,0 +1,137 @@
+"""Generalized advantage estimation as a parallel scan, and masked advantage whitening.
+
+GAE is usually a Python loop over time steps. Written over valid positions only (n(t) is the
+next valid position after t, and past the last one both value and advantage are 0):
+    A_t = r_t + gamma * V_n(t) - V_t + gamma * lam * A_n(t)
+Substituting G_t = V_t + lam * A_t turns it into one affine recurrence
+    G_t = gamma * lam * G_n(t) + ((1 - lam) * V_t + lam * r_t),   A_t = r_t - V_t + gamma * G_n(t)
+and an invalid position passes G through unchanged (the map x -> 1 * x + 0). Affine maps compose
+associatively, so each row is one `tl.associative_scan` per block of time steps, walking the row
+from its end; the block-to-block carry is the G that enters the block.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import checks, reference
+from .dispatch import backend_for
+
+GAE = "gae"
+WHITEN = "masked_whiten"
+
+
+@triton.jit
+def _compose(a_prev, b_prev, a, b):
+    # Scan order walks time backwards: (a_prev, b_prev) maps the carry to G at the later step,
+    # (a, b) maps that to G at this step.
+    return a * a_prev, a * b_prev + b
+
+
+@triton.jit
+def _gae_kernel(
+    rewards_ptr,     # [B, T] any float
+    values_ptr,      # [B, T] any float
+    mask_ptr,        # [B, T] uint8/int, nonzero = valid
+    adv_ptr,         # [B, T] fp32 out
+    returns_ptr,     # [B, T] fp32 out
+    n_steps,         # T
+    gamma,
+    lam,
+    BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64) * n_steps
+    carry = tl.zeros([], dtype=tl.float32)  # G entering from after the row's end: terminal 0
+    for start in range(0, n_steps, BLOCK_T):
+        idx = start + tl.arange(0, BLOCK_T)
+        t = n_steps - 1 - idx                  # time steps of this block, latest first
+        here = t >= 0
+        # Element t of the scan applies step t+1's map, so the scan yields G_n(t) at t directly.
+        nxt = t + 1
+        nxt_in = here & (nxt < n_steps)
+        nxt_valid = nxt_in & (tl.load(mask_ptr + row + nxt, mask=nxt_in, other=0) != 0)
+        r_nxt = tl.load(rewards_ptr + row + nxt, mask=nxt_valid, other=0.0).to(tl.float32)
+        v_nxt = tl.load(values_ptr + row + nxt, mask=nxt_valid, other=0.0).to(tl.float32)
+        # Past the row's end the map is the constant 0 (terminal); an invalid step is identity.
+        a = tl.where(nxt_valid, gamma * lam, tl.where(nxt_in | ~here, 1.0, 0.0))
+        b = tl.where(nxt_valid, (1.0 - lam) * v_nxt + lam * r_nxt, 0.0)
+        a_scan, b_scan = tl.associative_scan((a, b), axis=0, combine_fn=_compose)
+        g_next = a_scan * carry + b_scan       # G_n(t)
+        valid = here & (tl.load(mask_ptr + row + t, mask=here, other=0) != 0)
+        r = tl.load(rewards_ptr + row + t, mask=valid, other=0.0).to(tl.float32)
+        v = tl.load(values_ptr + row + t, mask=valid, other=0.0).to(tl.float32)
+        adv = tl.where(valid, r - v + gamma * g_next, 0.0)
+        tl.store(adv_ptr + row + t, adv, mask=here)
+        tl.store(returns_ptr + row + t, tl.where(valid, adv + v, 0.0), mask=here)
+        # The next block (earlier in time) is entered by G at this block's earliest step, which is
+        # G_n(t) of the scan's last element.
+        carry = tl.sum(tl.where(idx == start + BLOCK_T - 1, g_next, 0.0), axis=0)
+
+
+@torch.library.custom_op("fusedrl::gae", mutates_args=())
+def _gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+            lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    advantages = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)
+    returns = torch.empty_like(advantages)
+    n_steps = rewards.shape[-1]
+    n_rows = rewards.numel() // max(n_steps, 1)
+    if rewards.numel():
+        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        _gae_kernel[(n_rows,)](
+            rewards, values, mask, advantages, returns, n_steps, gamma, lam,
+            BLOCK_T=min(triton.next_power_of_2(n_steps), 1024),
+        )
+    return advantages, returns
+
+
+@_gae_op.register_fake
+def _(rewards, values, mask, gamma, lam):
+    out = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)
+    return out, torch.empty_like(out)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns by GAE over the last dim, skipping positions where mask == 0.
+
+    Args:
+        rewards, values: [B, T] (any leading dims) float; entries at invalid positions are unread.
+        mask: [B, T] bool/integer, nonzero = valid. Left/right padding and masked tokens inside a
+            response are all skipped: the next valid position bootstraps the previous one.
+        gamma, lam: discount and GAE lambda, in [0, 1].
+    Returns:
+        (advantages, returns) [B, T] fp32; returns = advantages + values on valid positions, both
+        0 elsewhere. No gradient flows.
+    """
+    checks.check_float(GAE, "rewards", rewards)
+    checks.check_float(GAE, "values", values)
+    checks.check_same_shape(GAE, "values", values, "rewards", rewards)
+    checks.check_mask(GAE, mask, "rewards", rewards)
+    checks.check_unit_interval(GAE, "gamma", gamma)
+    checks.check_unit_interval(GAE, "lam", lam)
+    if rewards.dim() < 1:
+        raise ValueError(f"{GAE}: rewards must have shape [..., T], got a 0-dim tensor")
+    rewards, values = rewards.detach(), values.detach()
+    if backend_for(rewards) == "torch":
+        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    return torch.ops.fusedrl.gae(rewards.contiguous(), values.contiguous(), mask.contiguous(),
+                                 float(gamma), float(lam))
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """Normalize x to mean 0, variance 1 over the valid entries (advantage whitening).
+
+    Args:
+        x: [...] float. mask: [...] bool/integer, nonzero = valid.
+        shift_mean: if False, the mean is added back (scale only).
+        eps: added to the (unbiased) variance.
+    Returns:
+        [...] fp32, 0 outside the mask. Two reductions and an elementwise op: the same PyTorch
+        code on every backend (a fused kernel would save little), with no host sync.
+    """
+    checks.check_float(WHITEN, "x", x)
+    checks.check_mask(WHITEN, mask, "x", x)
+    checks.check_positive(WHITEN, "eps", eps)
+    return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)

@@ -1,0 +1,82 @@
+"""Argument checks shared by the ops' host functions. Host functions check; kernels trust.
+
+Every error names the op, the argument, what it got and what was expected. None of these read
+tensor values (no host sync), except ``check_label_range`` which callers gate on
+``dispatch.sync_checks_enabled``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_tensor(op: str, name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_dtype(op: str, name: str, x: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
+    check_tensor(op, name, x)
+    if x.dtype not in allowed:
+        raise TypeError(f"{op}: {name} must have dtype in ({_names(allowed)}), got {x.dtype}")
+
+
+def check_float(op: str, name: str, x: torch.Tensor) -> None:
+    check_dtype(op, name, x, FLOAT_DTYPES)
+
+
+def check_same_shape(op: str, name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``x`` must have exactly ``ref``'s shape (no broadcasting) and live on its device."""
+    check_tensor(op, name, x)
+    if x.shape != ref.shape:
+        raise ValueError(
+            f"{op}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}"
+        )
+    if x.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def check_mask(op: str, mask: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """A mask is bool or integer (nonzero = valid) with exactly ``ref``'s shape."""
+    check_tensor(op, "mask", mask)
+    if mask.dtype not in MASK_DTYPES:
+        raise TypeError(
+            f"{op}: mask must be bool or an integer dtype (nonzero = valid), got {mask.dtype}"
+        )
+    check_same_shape(op, "mask", mask, ref_name, ref)
+
+
+def check_choice(op: str, name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{op}: unknown {name} {value!r}; expected one of {tuple(choices)}")
+
+
+def check_positive(op: str, name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{op}: {name} must be a positive number, got {value!r}")
+
+
+def check_unit_interval(op: str, name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{op}: {name} must be a number in [0, 1], got {value!r}")
+
+
+def check_label_range(op: str, labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Every label is in [0, vocab_size) or equals ignore_index. Reads values: a sync on GPU."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"{op}: labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"got {int(bad.sum())} out of range (first: {first})"
+        )

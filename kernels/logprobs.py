@@ -1,0 +1,277 @@
+"""Fused log-softmax + gather of sampled-token log-probs (and entropy), forward and backward.
+
+Layers: Triton kernels -> host functions (checks, launch) -> torch custom ops with autograd ->
+the public ``token_logprobs``.
+
+Forward reads each row of logits once, keeping an online max / sum-exp (and the entropy's
+sum p*z) in fp32, and writes three floats per row: logp, entropy and the row's logsumexp, which
+backward uses to recompute softmax without a second reduction. Backward writes only the gradient,
+in the logits' dtype, optionally into the logits buffer itself: no fp32 [N, V] tensor ever exists.
+Rows whose label is ignore_index are skipped entirely (prompt tokens cost no bandwidth).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import checks, reference
+from .dispatch import backend_for, sync_checks_enabled
+
+OP = "token_logprobs"
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    logits_ptr,       # [N, V] fp32/bf16/fp16/fp64, last dim contiguous
+    labels_ptr,       # [N] int32/int64
+    logp_ptr,         # [N] fp32 out: log p(label)
+    entropy_ptr,      # [N] fp32 out (written only if HAS_ENTROPY)
+    lse_ptr,          # [N] fp32 out: logsumexp of the scaled row, saved for backward
+    stride_row,       # elements between consecutive rows of logits
+    n_cols,           # V
+    inv_temperature,  # 1 / temperature
+    ignore_index,
+    HAS_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if label == ignore_index:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if HAS_ENTROPY:
+            tl.store(entropy_ptr + row, 0.0)
+    else:
+        m = tl.zeros([], dtype=tl.float32) - float("inf")  # running max of z = x / T
+        s = tl.zeros([], dtype=tl.float32)                 # sum exp(z - m)
+        t = tl.zeros([], dtype=tl.float32)                 # sum exp(z - m) * (z - m), for entropy
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            z = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+            z = z * inv_temperature
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            # While every logit so far is -inf, shift by 0 instead of -inf so exp() sees no inf-inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            e = tl.exp(z - m_safe)
+            if HAS_ENTROPY:
+                # Re-centre the running sum on the new max; a -inf logit contributes 0 (its limit),
+                # not 0 * -inf.
+                shift = tl.where(s > 0, (m - m_safe) * s, 0.0)
+                t = alpha * (t + shift) + tl.sum(tl.where(e > 0, e * (z - m_safe), 0.0), axis=0)
+            s = s * alpha + tl.sum(e, axis=0)
+            m = m_new
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        lse = m_safe + tl.log(s)
+        in_vocab = (label >= 0) & (label < n_cols)
+        z_label = tl.load(row_ptr + label, mask=in_vocab, other=float("nan")).to(tl.float32)
+        # An out-of-vocabulary label (possible only when the host checks were skipped) gives NaN.
+        tl.store(logp_ptr + row, z_label * inv_temperature - lse)
+        tl.store(lse_ptr + row, lse)
+        if HAS_ENTROPY:
+            # H = lse - E[z] = log s - t / s with both sums centred on m.
+            tl.store(entropy_ptr + row, tl.log(s) - t / s)
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    logits_ptr,        # [N, V] as in forward
+    labels_ptr,        # [N]
+    lse_ptr,           # [N] fp32 from forward
+    entropy_ptr,       # [N] fp32 from forward (read only if HAS_ENTROPY_GRAD)
+    grad_logp_ptr,     # [N] fp32 upstream gradient of logp
+    grad_entropy_ptr,  # [N] fp32 upstream gradient of entropy (read only if HAS_ENTROPY_GRAD)
+    grad_logits_ptr,   # [N, V] out, logits' dtype; may be logits_ptr itself (in place)
+    stride_row,
+    stride_grad_row,
+    n_cols,
+    inv_temperature,
+    ignore_index,
+    HAS_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    grad_row_ptr = grad_logits_ptr + row * stride_grad_row
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if label == ignore_index:
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+            tl.store(grad_row_ptr + cols, zeros.to(grad_logits_ptr.dtype.element_ty), mask=cols < n_cols)
+    else:
+        lse = tl.load(lse_ptr + row)
+        g_logp = tl.load(grad_logp_ptr + row)
+        if HAS_ENTROPY_GRAD:
+            entropy = tl.load(entropy_ptr + row)
+            g_entropy = tl.load(grad_entropy_ptr + row)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < n_cols
+            z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
+            log_p = z - lse
+            p = tl.exp(log_p)
+            # d logp / dz = onehot(label) - p
+            grad_z = g_logp * (tl.where(cols == label, 1.0, 0.0) - p)
+            if HAS_ENTROPY_GRAD:
+                # dH/dz = -p * (log p + H); 0 for a -inf logit (p = 0), not 0 * -inf.
+                grad_z -= g_entropy * tl.where(z == float("-inf"), 0.0, p * (log_p + entropy))
+            grad = grad_z * inv_temperature
+            tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
+
+
+def _launch_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): wide blocks amortize the per-block reductions over large vocabularies."""
+    block = min(triton.next_power_of_2(n_cols), 4096)
+    return block, (8 if block >= 2048 else 4)
+
+
+def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                           ignore_index: int, return_entropy: bool):
+    """Host launcher. logits [N, V] (last dim contiguous), labels [N] ->
+    (logp [N] fp32, entropy [N] fp32 or [0], lse [N] fp32)."""
+    n_rows, n_cols = logits.shape
+    logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty(n_rows if return_entropy else 0, dtype=torch.float32, device=logits.device)
+    if n_rows == 0:
+        return logp, entropy, lse
+    block, num_warps = _launch_config(n_cols)
+    _token_logprobs_fwd_kernel[(n_rows,)](
+        logits, labels, logp, entropy, lse, logits.stride(0), n_cols, 1.0 / temperature,
+        ignore_index, HAS_ENTROPY=return_entropy, BLOCK_V=block, num_warps=num_warps,
+    )
+    return logp, entropy, lse
+
+
+def token_logprobs_backward(grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor],
+                            logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                            entropy: torch.Tensor, temperature: float, ignore_index: int,
+                            out: torch.Tensor) -> torch.Tensor:
+    """Host launcher. Writes d(loss)/d(logits) [N, V] into ``out`` (which may be ``logits``)."""
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return out
+    has_entropy_grad = grad_entropy is not None and grad_entropy.numel() > 0
+    block, num_warps = _launch_config(n_cols)
+    _token_logprobs_bwd_kernel[(n_rows,)](
+        logits, labels, lse, entropy, grad_logp.float().contiguous(),
+        grad_entropy.float().contiguous() if has_entropy_grad else grad_logp, out,
+        logits.stride(0), out.stride(0), n_cols, 1.0 / temperature, ignore_index,
+        HAS_ENTROPY_GRAD=has_entropy_grad, BLOCK_V=block, num_warps=num_warps,
+    )
+    return out
+
+
+@torch.library.custom_op("fusedrl::token_logprobs_fwd", mutates_args=())
+def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+            return_entropy: bool, inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return token_logprobs_forward(logits, labels, temperature, ignore_index, return_entropy)
+
+
+@_fwd_op.register_fake
+def _(logits, labels, temperature, ignore_index, return_entropy, inplace_backward):
+    n_rows = logits.shape[0]
+    row = logits.new_empty(n_rows, dtype=torch.float32)
+    return row, logits.new_empty(n_rows if return_entropy else 0, dtype=torch.float32), row.clone()
+
+
+@torch.library.custom_op("fusedrl::token_logprobs_bwd", mutates_args=())
+def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor, logits: torch.Tensor,
+            labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
+            ignore_index: int) -> torch.Tensor:
+    return token_logprobs_backward(grad_logp, grad_entropy, logits, labels, lse, entropy,
+                                   temperature, ignore_index, out=torch.empty_like(logits))
+
+
+@_bwd_op.register_fake
+def _(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("fusedrl::token_logprobs_bwd_inplace", mutates_args=("logits",))
+def _bwd_inplace_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor, logits: torch.Tensor,
+                    labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                    temperature: float, ignore_index: int) -> None:
+    token_logprobs_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature,
+                            ignore_index, out=logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, _, inplace_backward = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.temperature, ctx.ignore_index, ctx.inplace_backward = temperature, ignore_index, inplace_backward
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    if grad_entropy is None:
+        grad_entropy = grad_logp.new_empty(0)
+    args = (grad_logp, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
+    if ctx.inplace_backward:
+        torch.ops.fusedrl.token_logprobs_bwd_inplace(*args)
+        grad_logits = logits
+    else:
+        grad_logits = torch.ops.fusedrl.token_logprobs_bwd(*args)
+    return grad_logits, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_label_args(op: str, labels: torch.Tensor, temperature: float, ignore_index: int) -> None:
+    """Checks shared with linear_token_logprobs: label dtype, temperature, ignore_index."""
+    checks.check_dtype(op, "labels", labels, checks.INDEX_DTYPES)
+    checks.check_positive(op, "temperature", temperature)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                   ignore_index: int = -100, return_entropy: bool = False,
+                   inplace_backward: bool = False):
+    """Log-probability of each label under softmax(logits / temperature), fused.
+
+    Args:
+        logits: [..., V] fp32/bf16/fp16 (fp64 is accepted and computed in fp32).
+        labels: [...] int32/int64, each in [0, V) or equal to ``ignore_index``.
+        temperature: positive; the distribution is softmax(logits / temperature).
+        ignore_index: label value whose outputs (and gradients) are 0.
+        return_entropy: also return the entropy of softmax(logits / temperature).
+        inplace_backward: backward overwrites ``logits`` with its gradient (saves one [N, V]
+            buffer; ``logits`` must not be used after backward).
+    Returns:
+        logp [...] fp32, or (logp, entropy) [...] fp32 with ``return_entropy``. Differentiable
+        w.r.t. logits through both.
+    """
+    checks.check_float(OP, "logits", logits)
+    check_label_args(OP, labels, temperature, ignore_index)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{OP}: logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"{OP}: labels must have shape {tuple(logits.shape[:-1])} (logits' leading dims), "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"{OP}: labels are on {labels.device} but logits are on {logits.device}")
+    n_cols = logits.shape[-1]
+    if sync_checks_enabled(labels):
+        checks.check_label_range(OP, labels, n_cols, ignore_index)
+    if backend_for(logits) == "torch":
+        return reference.token_logprobs(logits, labels, temperature=temperature,
+                                        ignore_index=ignore_index, return_entropy=return_entropy)
+    logits_2d = logits.reshape(-1, n_cols)
+    if logits_2d.stride(-1) != 1:
+        logits_2d = logits_2d.contiguous()
+    logp, entropy, _ = torch.ops.fusedrl.token_logprobs_fwd(
+        logits_2d, labels.reshape(-1), float(temperature), ignore_index, bool(return_entropy),
+        bool(inplace_backward),
+    )
+    logp = logp.view(labels.shape)
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp

@@ -1,0 +1,307 @@
+"""PPO's clipped policy and value losses, forward and backward in one pass.
+
+The loss is a weighted sum of per-token terms, so each kernel computes, per token, the term, its
+derivative (pre-multiplied by the token's aggregation weight) and the diagnostics (clip fractions,
+k3 KL, ratio mean/max), and writes one row of partial sums per block. Backward is then a single
+multiply by the upstream scalar gradient. The stats stay on device (no host sync).
+
+Aggregation weights: with n_b valid tokens in row b, N valid tokens and S non-empty rows,
+    token-mean            w = 1 / N
+    seq-mean-token-mean   w = 1 / (S * n_b)
+    seq-mean-token-sum    w = 1 / S
+Rows with no valid token are left out of every mean; with no valid token at all the loss is 0.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import checks, reference
+from .dispatch import backend_for
+
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+BLOCK = 1024
+# Partial-sum columns written by each block of a loss kernel.
+N_PARTIALS = 6
+LOSS, COUNT, CLIPPED, DUAL_CLIPPED, KL, RATIO_SUM = range(N_PARTIALS)
+
+
+@triton.jit
+def _store_partials(partials_ptr, loss, valid, clipped, dual_clipped, kl, ratio):
+    """Write one block's partial sums (columns as in N_PARTIALS above)."""
+    base = partials_ptr + tl.program_id(0) * 6
+    tl.store(base + 0, tl.sum(loss, axis=0))
+    tl.store(base + 1, tl.sum(valid.to(tl.float32), axis=0))
+    tl.store(base + 2, tl.sum((clipped & valid).to(tl.float32), axis=0))
+    tl.store(base + 3, tl.sum((dual_clipped & valid).to(tl.float32), axis=0))
+    tl.store(base + 4, tl.sum(tl.where(valid, kl, 0.0), axis=0))
+    tl.store(base + 5, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
+
+
+@triton.jit
+def _load_token_block(x_ptr, y_ptr, z_ptr, mask_ptr, weights_ptr, n_elements, n_steps,
+                      BLOCK_SIZE: tl.constexpr):
+    """Offsets, validity, the row's aggregation weight and three fp32 inputs of one block."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    in_range = offs < n_elements
+    valid = in_range & (tl.load(mask_ptr + offs, mask=in_range, other=0) != 0)
+    weight = tl.load(weights_ptr + offs // n_steps, mask=valid, other=0.0)
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    return offs, in_range, valid, weight, x, y, z
+
+
+@triton.jit
+def _policy_loss_kernel(
+    logp_ptr,         # [n] float, n = rows * T
+    old_logp_ptr,     # [n] float
+    adv_ptr,          # [n] float
+    mask_ptr,         # [n] uint8/int, nonzero = valid
+    weights_ptr,      # [rows] fp32 aggregation weight of each row's tokens
+    grad_ptr,         # [n] fp32 out: d loss / d logp (written only if STORE_GRAD)
+    partials_ptr,     # [n_blocks, 6] fp32 out
+    ratio_max_ptr,    # [n_blocks] fp32 out: max ratio over the block's valid tokens (0 if none)
+    n_elements,
+    n_steps,          # T
+    clip_low,         # ratio floor is 1 - clip_low
+    clip_high,        # ratio ceiling is 1 + clip_high
+    dual_clip,        # bound -A * dual_clip for A < 0 (used only if HAS_DUAL)
+    HAS_DUAL: tl.constexpr,
+    STORE_GRAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    offs, in_range, valid, weight, logp, old_logp, adv = _load_token_block(
+        logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, weights_ptr, n_elements, n_steps, BLOCK_SIZE)
+    log_ratio = logp - old_logp
+    ratio = tl.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    is_clipped = clipped > unclipped
+    loss = tl.maximum(unclipped, clipped)
+    # Where the clipped branch wins, clip() is flat (the ratio is outside the range): gradient 0.
+    grad = tl.where(is_clipped, 0.0, -adv * ratio)
+    dual_clipped = tl.zeros([BLOCK_SIZE], dtype=tl.int1)
+    if HAS_DUAL:
+        bound = -adv * dual_clip
+        dual_clipped = (adv < 0) & (bound < loss)
+        loss = tl.where(dual_clipped, bound, loss)
+        grad = tl.where(dual_clipped, 0.0, grad)
+    if STORE_GRAD:
+        tl.store(grad_ptr + offs, tl.where(valid, grad * weight, 0.0), mask=in_range)
+    kl = ratio - 1.0 - log_ratio                 # k3 estimate of KL(old || new)
+    _store_partials(partials_ptr, tl.where(valid, loss * weight, 0.0), valid, is_clipped,
+                    dual_clipped, kl, ratio)
+    tl.store(ratio_max_ptr + tl.program_id(0), tl.max(tl.where(valid, ratio, 0.0), axis=0))
+
+
+@triton.jit
+def _value_loss_kernel(
+    values_ptr,       # [n] float
+    old_values_ptr,   # [n] float
+    returns_ptr,      # [n] float
+    mask_ptr,         # [n] uint8/int
+    weights_ptr,      # [rows] fp32
+    grad_ptr,         # [n] fp32 out: d loss / d values (written only if STORE_GRAD)
+    partials_ptr,     # [n_blocks, 6] fp32 out
+    n_elements,
+    n_steps,
+    clip_eps,         # values are clipped to old_values +- clip_eps (used only if HAS_CLIP)
+    HAS_CLIP: tl.constexpr,
+    STORE_GRAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    offs, in_range, valid, weight, values, old_values, returns = _load_token_block(
+        values_ptr, old_values_ptr, returns_ptr, mask_ptr, weights_ptr, n_elements, n_steps,
+        BLOCK_SIZE)
+    error = values - returns
+    loss = 0.5 * error * error
+    grad = error
+    is_clipped = tl.zeros([BLOCK_SIZE], dtype=tl.int1)
+    if HAS_CLIP:
+        clipped_values = tl.minimum(tl.maximum(values, old_values - clip_eps), old_values + clip_eps)
+        clipped_error = clipped_values - returns
+        clipped_loss = 0.5 * clipped_error * clipped_error
+        # The clipped term can only win when the value is outside the clip range, where it is
+        # flat in the value: gradient 0.
+        is_clipped = clipped_loss > loss
+        loss = tl.where(is_clipped, clipped_loss, loss)
+        grad = tl.where(is_clipped, 0.0, grad)
+    if STORE_GRAD:
+        tl.store(grad_ptr + offs, tl.where(valid, grad * weight, 0.0), mask=in_range)
+    zero = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    _store_partials(partials_ptr, tl.where(valid, loss * weight, 0.0), valid, is_clipped,
+                    tl.zeros([BLOCK_SIZE], dtype=tl.int1), zero, zero)
+
+
+def row_weights(mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """Aggregation weight of each row's valid tokens (see module docstring). mask [..., T] -> [rows]."""
+    lengths = (mask != 0).sum(dim=-1).reshape(-1).float()                   # [rows]
+    if agg == "token-mean":
+        return (1.0 / lengths.sum().clamp_min(1.0)).expand_as(lengths).contiguous()
+    n_seqs = (lengths > 0).sum().clamp_min(1)
+    per_seq = lengths.clamp_min(1.0) if agg == "seq-mean-token-mean" else torch.ones_like(lengths)
+    return 1.0 / (per_seq * n_seqs)
+
+
+def _launch(kernel, x, y, z, mask, agg, compute_grad, **scalars):
+    """Shared host side of both losses: buffers, grid, launch. Returns (loss, grad, partials, blocks)."""
+    n_elements = x.numel()
+    n_blocks = max(triton.cdiv(n_elements, BLOCK), 1)
+    grad = torch.empty(n_elements if compute_grad else 0, dtype=torch.float32, device=x.device)
+    partials = torch.zeros(n_blocks, N_PARTIALS, dtype=torch.float32, device=x.device)
+    extra = scalars.pop("extra_outputs", ())
+    if n_elements:
+        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        kernel[(n_blocks,)](x, y, z, mask, row_weights(mask, agg), grad, partials, *extra,
+                            n_elements, x.shape[-1], **scalars, STORE_GRAD=compute_grad,
+                            BLOCK_SIZE=BLOCK)
+    totals = partials.sum(dim=0)                                            # [N_PARTIALS]
+    return totals[LOSS], grad.view(x.shape) if compute_grad else grad, totals
+
+
+def _fraction(totals: torch.Tensor, column: int) -> torch.Tensor:
+    return totals[column] / totals[COUNT].clamp_min(1.0)
+
+
+@torch.library.custom_op("fusedrl::ppo_policy_loss", mutates_args=())
+def _policy_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+               mask: torch.Tensor, agg: str, clip_low: float, clip_high: float, dual_clip: float,
+               compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss [], d loss / d logp [...] fp32 or [0], stats [5]) ; dual_clip <= 0 disables it."""
+    ratio_max = torch.zeros(max(triton.cdiv(logp.numel(), BLOCK), 1), dtype=torch.float32,
+                            device=logp.device)
+    loss, grad, totals = _launch(
+        _policy_loss_kernel, logp, old_logp, advantages, mask, agg, compute_grad,
+        extra_outputs=(ratio_max,), clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, HAS_DUAL=dual_clip > 0,
+    )
+    stats = torch.stack([_fraction(totals, CLIPPED), _fraction(totals, DUAL_CLIPPED),
+                         _fraction(totals, KL), _fraction(totals, RATIO_SUM), ratio_max.max()])
+    return loss, grad, stats
+
+
+@_policy_op.register_fake
+def _(logp, old_logp, advantages, mask, agg, clip_low, clip_high, dual_clip, compute_grad):
+    grad = torch.empty(logp.shape if compute_grad else (0,), dtype=torch.float32, device=logp.device)
+    return logp.new_empty((), dtype=torch.float32), grad, logp.new_empty(5, dtype=torch.float32)
+
+
+@torch.library.custom_op("fusedrl::ppo_value_loss", mutates_args=())
+def _value_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+              mask: torch.Tensor, agg: str, clip_eps: float, compute_grad: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss [], d loss / d values [...] fp32 or [0], stats [1]); clip_eps < 0 disables it."""
+    loss, grad, totals = _launch(_value_loss_kernel, values, old_values, returns, mask, agg,
+                                 compute_grad, clip_eps=clip_eps, HAS_CLIP=clip_eps >= 0)
+    return loss, grad, _fraction(totals, CLIPPED).reshape(1)
+
+
+@_value_op.register_fake
+def _(values, old_values, returns, mask, agg, clip_eps, compute_grad):
+    grad = torch.empty(values.shape if compute_grad else (0,), dtype=torch.float32,
+                       device=values.device)
+    return values.new_empty((), dtype=torch.float32), grad, values.new_empty(1, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.input_dtype, ctx.n_inputs = inputs[0].dtype, len(inputs)
+
+
+def _backward(ctx, grad_loss, _grad_grad, _grad_stats):
+    """The per-token derivative was computed in forward: scale it by the upstream scalar."""
+    (grad,) = ctx.saved_tensors
+    return ((grad_loss * grad).to(ctx.input_dtype),) + (None,) * (ctx.n_inputs - 1)
+
+
+_policy_op.register_autograd(_backward, setup_context=_setup_context)
+_value_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_loss_inputs(op: str, names: tuple[str, str, str], tensors, mask, agg: str) -> torch.Tensor:
+    """Checks shared by both losses; returns the mask (all-valid when None)."""
+    first = tensors[0]
+    for name, tensor in zip(names, tensors):
+        checks.check_float(op, name, tensor)
+        checks.check_same_shape(op, name, tensor, names[0], first)
+    if first.dim() < 1:
+        raise ValueError(f"{op}: {names[0]} must have shape [..., T], got a 0-dim tensor")
+    checks.check_choice(op, "agg", agg, AGGS)
+    if mask is None:
+        return torch.ones_like(first, dtype=torch.bool)
+    checks.check_mask(op, mask, names[0], first)
+    return mask
+
+
+def _wants_grad(x: torch.Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    mask: Optional[torch.Tensor], *, clip_eps: float = 0.2,
+                    clip_eps_high: Optional[float] = None, dual_clip: Optional[float] = None,
+                    agg: str = "token-mean"):
+    """PPO-clip policy loss: aggregate of max(-A r, -A clip(r, 1 - eps, 1 + eps_high)).
+
+    Args:
+        logp: [..., T] log-probs under the policy being trained (requires grad).
+        old_logp: [..., T] log-probs at rollout time. advantages: [..., T]. Both are constants.
+        mask: [..., T] bool/integer, nonzero = valid (None: all valid).
+        clip_eps / clip_eps_high: the ratio range is [1 - clip_eps, 1 + clip_eps_high]
+            (clip_eps_high defaults to clip_eps; a larger one is "clip-higher").
+        dual_clip: c > 1; for A < 0 the loss is bounded by -A * c (dual-clip PPO).
+        agg: "token-mean", "seq-mean-token-mean" or "seq-mean-token-sum".
+    Returns:
+        (loss [] fp32, stats) with stats of detached 0-dim fp32 tensors: clipfrac, dual_clipfrac,
+        approx_kl (k3 estimate of KL(old || new)), ratio_mean, ratio_max (over valid tokens).
+    """
+    op = "ppo_policy_loss"
+    mask = _check_loss_inputs(op, ("logp", "old_logp", "advantages"), (logp, old_logp, advantages),
+                              mask, agg)
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    checks.check_positive(op, "clip_eps", clip_eps)
+    checks.check_positive(op, "clip_eps_high", eps_high)
+    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
+        raise ValueError(f"{op}: dual_clip must be a number > 1 or None, got {dual_clip!r}")
+    old_logp, advantages = old_logp.detach(), advantages.detach()
+    if backend_for(logp) == "torch":
+        return reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=clip_eps,
+                                         clip_eps_high=eps_high, dual_clip=dual_clip, agg=agg)
+    loss, _, stats = torch.ops.fusedrl.ppo_policy_loss(
+        logp.contiguous(), old_logp.contiguous(), advantages.contiguous(), mask.contiguous(), agg,
+        float(clip_eps), float(eps_high), float(dual_clip or 0.0), _wants_grad(logp),
+    )
+    stats = stats.detach()
+    names = ("clipfrac", "dual_clipfrac", "approx_kl", "ratio_mean", "ratio_max")
+    return loss, {name: stats[i] for i, name in enumerate(names)}
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: Optional[torch.Tensor], *, clip_eps: Optional[float] = 0.2,
+                   agg: str = "token-mean"):
+    """Clipped value loss: aggregate of 0.5 * max((v - R)^2, (clip(v, v_old +- eps) - R)^2).
+
+    Args:
+        values: [..., T] critic outputs (requires grad). old_values, returns: [..., T] constants.
+        mask: [..., T] bool/integer (None: all valid). clip_eps: None disables clipping.
+        agg: as in ppo_policy_loss.
+    Returns:
+        (loss [] fp32, {"vf_clipfrac": detached 0-dim fp32}).
+    """
+    op = "ppo_value_loss"
+    mask = _check_loss_inputs(op, ("values", "old_values", "returns"), (values, old_values, returns),
+                              mask, agg)
+    if clip_eps is not None:
+        checks.check_positive(op, "clip_eps", clip_eps)
+    old_values, returns = old_values.detach(), returns.detach()
+    if backend_for(values) == "torch":
+        return reference.ppo_value_loss(values, old_values, returns, mask, clip_eps=clip_eps, agg=agg)
+    loss, _, stats = torch.ops.fusedrl.ppo_value_loss(
+        values.contiguous(), old_values.contiguous(), returns.contiguous(), mask.contiguous(), agg,
+        -1.0 if clip_eps is None else float(clip_eps), _wants_grad(values),
+    )
+    return loss, {"vf_clipfrac": stats.detach()[0]}

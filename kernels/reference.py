@@ -1,0 +1,182 @@
+"""Plain PyTorch references for every fused op: the oracle the kernels are tested against, the
+"torch" backend, and the eager baseline in the benchmarks.
+
+Written for clarity, not speed: each is the textbook composition, differentiated by autograd. They
+compute in float64 when given float64 inputs and in float32 otherwise, and take the same
+arguments as the public ops (validated there, not here).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs (the oracle), float32 for everything else."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _valid(mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return torch.ones_like(like, dtype=torch.bool)
+    return mask != 0
+
+
+def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """log_softmax(logits / temperature)[label] (and the entropy), 0 where label == ignore_index.
+
+    logits [..., V], labels [...] -> logp [...] (and entropy [...]).
+    """
+    z = logits.to(compute_dtype(logits)) / temperature                     # [..., V]
+    logsm = torch.log_softmax(z, dim=-1)
+    valid = labels != ignore_index
+    index = torch.where(valid, labels, 0).long().unsqueeze(-1)
+    logp = torch.where(valid, logsm.gather(-1, index).squeeze(-1), 0.0)
+    if not return_entropy:
+        return logp
+    # p * log p is 0 * -inf where a logit is -inf: take those terms as 0 (their limit) before the
+    # product so that neither the value nor the gradient turns into NaN.
+    finite_logsm = logsm.masked_fill(torch.isneginf(logsm), 0.0)
+    entropy = -(logsm.exp() * finite_logsm).sum(dim=-1)
+    return logp, torch.where(valid, entropy, 0.0)
+
+
+def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                          return_entropy=False):
+    """token_logprobs(hidden @ weight.T + bias): hidden [N, H], weight [V, H], labels [N].
+
+    The matmul runs in the inputs' dtype, as a model's LM head would; the [N, V] logits exist.
+    """
+    return token_logprobs(F.linear(hidden, weight, bias), labels, temperature=temperature,
+                          ignore_index=ignore_index, return_entropy=return_entropy)
+
+
+def kl_penalty(logp, ref_logp, *, estimator="k1", mask=None):
+    """Per-token KL(pi || ref) estimate from log-probs of sampled tokens; 0 outside the mask."""
+    cd = compute_dtype(logp)
+    log_ratio = ref_logp.to(cd) - logp.to(cd)                               # log(ref / pi)
+    if estimator == "k1":
+        kl = -log_ratio
+    elif estimator == "k2":
+        kl = 0.5 * log_ratio**2
+    else:
+        kl = log_ratio.exp() - log_ratio - 1.0
+    return torch.where(_valid(mask, logp), kl, 0.0)
+
+
+def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
+    """Generalized advantage estimation, one time step at a time (the loop TRL/OpenRLHF run).
+
+    rewards, values, mask [B, T] -> (advantages, returns) [B, T]. Invalid positions are skipped:
+    they get 0 and the recursion bootstraps from the next valid position; after the last valid
+    token the value is 0 (terminal).
+    """
+    cd = compute_dtype(rewards)
+    rewards, values = rewards.to(cd), values.to(cd)
+    valid = _valid(mask, rewards)
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[..., 0])
+    next_advantage = torch.zeros_like(rewards[..., 0])
+    for t in reversed(range(rewards.shape[-1])):
+        delta = rewards[..., t] + gamma * next_value - values[..., t]
+        advantage = delta + gamma * lam * next_advantage
+        ok = valid[..., t]
+        advantages[..., t] = torch.where(ok, advantage, 0.0)
+        next_value = torch.where(ok, values[..., t], next_value)
+        next_advantage = torch.where(ok, advantage, next_advantage)
+    returns = torch.where(valid, advantages + values, 0.0)
+    return advantages, returns
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over valid entries (0 when there are none)."""
+    valid = _valid(mask, x)
+    total = torch.where(valid, x, 0.0).sum(dim=dim)
+    count = valid.sum(dim=dim).clamp_min(1)
+    return total / count
+
+
+def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
+    """(x - mean) / sqrt(var + eps) over valid entries (unbiased var); 0 outside the mask."""
+    cd = compute_dtype(x)
+    x = x.to(cd)
+    valid = _valid(mask, x)
+    count = valid.sum()
+    mean = masked_mean(x, mask)
+    centered = torch.where(valid, x - mean, 0.0)
+    var = (centered**2).sum() / (count - 1).clamp_min(1)
+    white = centered * torch.rsqrt(var + eps)
+    if not shift_mean:
+        white = white + mean
+    return torch.where(valid, white, 0.0)
+
+
+def aggregate(per_token, mask, agg):
+    """Reduce a per-token loss [..., T] to a scalar.
+
+    token-mean: mean over valid tokens. seq-mean-token-mean / seq-mean-token-sum: per-sequence
+    mean / sum over valid tokens, then the mean over sequences that have any valid token.
+    """
+    valid = _valid(mask, per_token)
+    per_token = torch.where(valid, per_token, 0.0)
+    if agg == "token-mean":
+        return per_token.sum() / valid.sum().clamp_min(1)
+    lengths = valid.sum(dim=-1)
+    per_seq = per_token.sum(dim=-1)
+    if agg == "seq-mean-token-mean":
+        per_seq = per_seq / lengths.clamp_min(1)
+    return per_seq.sum() / (lengths > 0).sum().clamp_min(1)
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_high=None,
+                    dual_clip=None, agg="token-mean"):
+    """PPO-clip surrogate max(-A r, -A clip(r, 1-eps, 1+eps_high)), optional dual clip for A < 0.
+
+    logp, old_logp, advantages, mask [..., T] -> (loss [], stats of 0-dim tensors).
+    """
+    cd = compute_dtype(logp)
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    logp, old_logp, advantages = logp.to(cd), old_logp.to(cd), advantages.to(cd)
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + eps_high)
+    per_token = torch.maximum(unclipped, clipped)
+    dual_active = torch.zeros_like(per_token, dtype=torch.bool)
+    if dual_clip is not None:
+        bound = -advantages * dual_clip
+        dual_active = (advantages < 0) & (bound < per_token)
+        per_token = torch.where(dual_active, bound, per_token)
+    loss = aggregate(per_token, mask, agg)
+    with torch.no_grad():
+        # ratio > 0, so a max over (ratio on valid, 0 elsewhere, one extra 0) is the max over valid
+        # tokens, or 0 when there are none.
+        masked_ratio = torch.where(_valid(mask, ratio), ratio, 0.0).flatten()
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(cd), mask),
+            "dual_clipfrac": masked_mean(dual_active.to(cd), mask),
+            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "ratio_max": F.pad(masked_ratio, (0, 1)).max(),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="token-mean"):
+    """Clipped value loss 0.5 * max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2).
+
+    clip_eps=None: plain 0.5 * (v - R)^2. values, old_values, returns, mask [..., T] -> (loss, stats).
+    """
+    cd = compute_dtype(values)
+    values, old_values, returns = values.to(cd), old_values.to(cd), returns.to(cd)
+    unclipped = (values - returns) ** 2
+    if clip_eps is None:
+        per_token, is_clipped = unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    else:
+        clipped_values = torch.maximum(torch.minimum(values, old_values + clip_eps), old_values - clip_eps)
+        clipped = (clipped_values - returns) ** 2
+        per_token, is_clipped = torch.maximum(unclipped, clipped), clipped > unclipped
+    loss = aggregate(0.5 * per_token, mask, agg)
+    return loss, {"vf_clipfrac": masked_mean(is_clipped.to(cd), mask).detach()}

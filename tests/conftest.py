@@ -1,0 +1,25 @@
+"""Test setup shared by every test: the Triton interpreter on CPU-only machines, per-test seeds.
+
+On a machine without CUDA the Triton kernels run in the interpreter on CPU tensors; the variable
+must be set before triton decorates the kernels, hence before `kernels` is imported.
+"""
+import os
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """A fresh, reproducible seed per test (derived from its name), so inputs differ across tests."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_configure(config):
+    # The interpreter evaluates both sides of tl.where in numpy, so a masked-off 0 * inf warns.
+    config.addinivalue_line("filterwarnings", "ignore:invalid value encountered:RuntimeWarning")

@@ -1,0 +1,59 @@
+"""Helpers for kernel tests: device, skips, tolerances and a verbose comparison."""
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+TRITON_RUNS = ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"
+
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="large shape: GPU only (too slow in the interpreter)")
+needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Spacing of representable numbers relative to the value (2**-mantissa_bits): an output rounded
+# once from an exact result is within one such unit of it, whichever way it rounds. (The Triton
+# interpreter truncates fp32 -> bf16/fp16 where a GPU rounds to nearest, so half a unit is too
+# tight to hold on both.)
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def assert_close(actual, expected, *, atol, rtol, name="value"):
+    """allclose in float64 that names the first mismatching indices (NaN == NaN, inf == inf)."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    close = torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+    if not bool(close.all()):
+        bad = (~close).nonzero()[:5].tolist()
+        detail = ", ".join(f"{tuple(i)}: {actual[tuple(i)].item():.6g} vs {expected[tuple(i)].item():.6g}"
+                           for i in bad)
+        raise AssertionError(f"{name}: {int((~close).sum())}/{close.numel()} mismatched "
+                             f"(atol={atol}, rtol={rtol}); first: {detail}")
+
+
+def max_error(actual, expected):
+    """Max |actual - expected|, counting matching NaNs and infinities as exact and a stray NaN as inf."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    same = (a == e) | (a.isnan() & e.isnan())
+    diff = torch.where(same, 0.0, (a - e).abs().nan_to_num(nan=float("inf")))
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def assert_within_torch_error(ours, oracle, torch_same_precision, *, name, slack=2.0, atol=1e-6):
+    """Our max error vs the float64 oracle is at most ``slack`` x PyTorch's own max error at the
+    same input precision (plus atol): the bar flash-attention uses for low-precision kernels."""
+    ours_err = max_error(ours, oracle)
+    torch_err = max_error(torch_same_precision, oracle)
+    assert ours_err <= slack * torch_err + atol, (
+        f"{name}: max error {ours_err:.3g} vs PyTorch's own {torch_err:.3g} at this precision")
+
+
+def assert_low_precision_close(actual, exact, *, name, atol=1e-6):
+    """Every element within one unit in the last place of the float64 result (plus atol for
+    values near zero, whose exact result rounds to a subnormal or 0)."""
+    assert_close(actual, exact, atol=atol, rtol=ULP[actual.dtype], name=name)
+
+
+def rand_mask(*shape, p_valid=0.7, device=DEVICE):
+    return torch.rand(*shape, device=device) < p_valid

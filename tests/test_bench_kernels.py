@@ -1,0 +1,40 @@
+"""The kernel benchmark runs (small shapes) and writes a complete report. Times are not checked."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import bench_kernels  # noqa: E402
+from kernel_testing import DEVICE, needs_triton  # noqa: E402
+
+try:
+    import pytest_benchmark
+except ImportError:  # e.g. the GPU image; the benchmark itself still runs in gpu.sh
+    pytest_benchmark = None
+
+pytestmark = needs_triton
+QUICK_CASES = bench_kernels.all_cases(quick=True)
+
+
+@pytest.mark.skipif(pytest_benchmark is None, reason="pytest-benchmark is not installed")
+@pytest.mark.parametrize("impl", ["fusedrl", "eager"])
+@pytest.mark.parametrize("case", QUICK_CASES, ids=[f"{c.op}-{c.mode}" for c in QUICK_CASES])
+def test_case_runs(benchmark, case, impl):
+    thunk = case.impls[impl](case.make_inputs(torch.device(DEVICE)))
+    benchmark.pedantic(thunk, rounds=2, iterations=1)
+
+
+def test_report(tmp_path):
+    out = tmp_path / "kernels.json"
+    bench_kernels.main(["--quick", "--ops", "gae,kl_penalty", "--skip", "torch.compile",
+                        "--budget", "0", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    for key in ("device", "torch", "triton", "git_commit", "copy_gbps"):
+        assert key in payload["meta"]
+    rows = {(r["op"], r["impl"]): r for r in payload["results"]}
+    assert set(rows) == {("gae", "fusedrl"), ("gae", "eager"), ("gae", "python loop (TRL)"),
+                         ("kl_penalty", "fusedrl"), ("kl_penalty", "eager")}
+    assert all(r["ms"] > 0 and r["gbps"] > 0 and "error" not in r for r in rows.values())

@@ -1,0 +1,99 @@
+"""Backend selection (use_backend, FUSEDRL_BACKEND, auto) and torch.compile tracing."""
+import pytest
+import torch
+
+import kernels
+from kernels import backend_for, use_backend
+from kernel_testing import DEVICE, ON_GPU, TRITON_RUNS, assert_close, needs_triton
+
+
+def test_auto_picks_triton_where_it_runs(monkeypatch):
+    monkeypatch.delenv("FUSEDRL_BACKEND", raising=False)
+    x = torch.zeros(1, device=DEVICE)
+    assert backend_for(x) == ("triton" if TRITON_RUNS else "torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backend_for(torch.zeros(1)) == "torch"
+
+
+def test_use_backend_nests_and_restores(monkeypatch):
+    monkeypatch.delenv("FUSEDRL_BACKEND", raising=False)
+    x = torch.zeros(1, device=DEVICE)
+    auto = backend_for(x)
+    with use_backend("torch"):
+        assert backend_for(x) == "torch"
+        with use_backend("auto"):
+            assert backend_for(x) == auto
+        assert backend_for(x) == "torch"
+    assert backend_for(x) == auto
+
+
+def test_environment_override(monkeypatch):
+    monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
+    assert backend_for(torch.zeros(1, device=DEVICE)) == "torch"
+    with use_backend("auto"):                     # the context manager wins over the variable
+        assert backend_for(torch.zeros(1, device=DEVICE)) == ("triton" if TRITON_RUNS else "torch")
+    monkeypatch.setenv("FUSEDRL_BACKEND", "cuda-graphs")
+    with pytest.raises(ValueError, match="FUSEDRL_BACKEND: unknown backend 'cuda-graphs'"):
+        backend_for(torch.zeros(1))
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="use_backend: unknown backend 'fast'"):
+        with use_backend("fast"):
+            pass
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU-without-interpreter case")
+def test_triton_refused_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with use_backend("triton"), pytest.raises(RuntimeError, match="needs CUDA tensors or TRITON_INTERPRET=1"):
+        kernels.kl_penalty(torch.zeros(3), torch.zeros(3))
+
+
+@needs_triton
+def test_backends_agree():
+    logits = torch.randn(4, 6, 33, device=DEVICE)
+    labels = torch.randint(0, 33, (4, 6), device=DEVICE)
+    with use_backend("triton"):
+        fused = kernels.token_logprobs(logits, labels, return_entropy=True)
+    with use_backend("torch"):
+        plain = kernels.token_logprobs(logits, labels, return_entropy=True)
+    for a, b in zip(fused, plain):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def ppo_step(logits, labels, hidden, head, rewards, values, mask):
+    """A PPO-shaped use of every op, as a model's training step would call them."""
+    logp, entropy = kernels.token_logprobs(logits, labels, return_entropy=True)
+    ref_logp = kernels.linear_token_logprobs(hidden, head, labels.reshape(-1)).view_as(logp)
+    kl = kernels.kl_penalty(logp, ref_logp.detach(), estimator="k3", mask=mask)
+    advantages, returns = kernels.gae(rewards - 0.1 * kl.detach(), values.detach(), mask)
+    advantages = kernels.masked_whiten(advantages, mask)
+    policy_loss, stats = kernels.ppo_policy_loss(logp, logp.detach() - 0.05, advantages, mask)
+    value_loss, _ = kernels.ppo_value_loss(values, values.detach() + 0.1, returns, mask)
+    loss = policy_loss + 0.5 * value_loss + kl.mean() - 0.01 * entropy.mean() + ref_logp.mean()
+    return loss, stats["clipfrac"]
+
+
+@needs_triton
+@pytest.mark.parametrize("compiler", ["aot_eager"] + (["inductor"] if ON_GPU else []))
+def test_torch_compile_traces_without_graph_breaks(compiler):
+    torch._dynamo.reset()
+    B, T, V, H = 3, 5, 40, 8
+    inputs = [torch.randn(B, T, V, device=DEVICE), torch.randint(0, V, (B, T), device=DEVICE),
+              torch.randn(B * T, H, device=DEVICE), torch.randn(V, H, device=DEVICE),
+              torch.randn(B, T, device=DEVICE), torch.randn(B, T, device=DEVICE),
+              torch.rand(B, T, device=DEVICE) > 0.2]
+    differentiable = [0, 2, 3, 5]
+
+    def run(fn):
+        args = [x.clone().requires_grad_() if i in differentiable else x for i, x in enumerate(inputs)]
+        loss, clipfrac = fn(*args)
+        loss.backward()
+        return [loss, clipfrac] + [args[i].grad for i in differentiable]
+
+    with use_backend("triton"):
+        eager = run(ppo_step)
+        compiled = run(torch.compile(ppo_step, fullgraph=True, backend=compiler))  # raises on a break
+    for a, b in zip(compiled, eager):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)

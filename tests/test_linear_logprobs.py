@@ -1,0 +1,124 @@
+"""linear_token_logprobs (chunked, Triton backend) against the float64 reference composition."""
+import pytest
+import torch
+
+import kernels.linear_logprobs as linear_module
+from kernels import linear_token_logprobs, reference, use_backend
+from kernel_testing import DEVICE, assert_close, assert_within_torch_error, needs_triton
+
+pytestmark = needs_triton
+
+
+def make_inputs(n_rows, hidden_size, vocab, dtype, *, bias):
+    hidden = torch.randn(n_rows, hidden_size, device=DEVICE).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, device=DEVICE) / hidden_size**0.5 * 3).to(dtype)
+    b = (torch.randn(vocab, device=DEVICE) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, vocab, (n_rows,), device=DEVICE)
+    labels[torch.rand(n_rows, device=DEVICE) < 0.2] = -100
+    return hidden, weight, b, labels
+
+
+def outputs_and_grads(fn, hidden, weight, bias, labels, g_logp, g_entropy, **kwargs):
+    params = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    logp, entropy = fn(params[0], params[1], labels, bias=params[2] if bias is not None else None,
+                       return_entropy=True, **kwargs)
+    (logp * g_logp + entropy * g_entropy).sum().backward()
+    return [logp, entropy] + [p.grad for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 7, None])
+def test_matches_reference(chunk_size, bias, dtype):
+    inputs = make_inputs(37, 24, 1000, dtype, bias=bias)
+    g = [torch.randn(37, device=DEVICE) for _ in range(2)]
+    with use_backend("triton"):
+        ours = outputs_and_grads(linear_token_logprobs, *inputs, *g, temperature=0.8,
+                                 chunk_size=chunk_size)
+    exact = outputs_and_grads(reference.linear_token_logprobs,
+                              *[t.double() if t is not None and t.is_floating_point() else t for t in inputs],
+                              *[x.double() for x in g], temperature=0.8)
+    names = ["logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"]
+    if dtype == torch.float32:
+        for name, a, e in zip(names, ours, exact):
+            assert_close(a, e, atol=1e-4, rtol=1e-4, name=name)
+        return
+    # bf16: the LM-head matmuls round like the model's own; compare with PyTorch's error on the
+    # same bf16 inputs (its matmul in bf16, then the reference log-softmax).
+    torch_lowp = outputs_and_grads(reference.linear_token_logprobs, *inputs, *g, temperature=0.8)
+    for name, a, e, t in zip(names, ours, exact, torch_lowp):
+        assert_within_torch_error(a, e, t, name=name, slack=2.0, atol=1e-3)
+
+
+def test_logp_only_and_frozen_weight():
+    hidden, weight, _, labels = make_inputs(20, 16, 300, torch.float32, bias=False)
+    h = hidden.clone().requires_grad_()
+    with use_backend("triton"):
+        linear_token_logprobs(h, weight, labels, chunk_size=6).sum().backward()
+    h64 = hidden.double().requires_grad_()
+    reference.linear_token_logprobs(h64, weight.double(), labels).sum().backward()
+    assert_close(h.grad, h64.grad, atol=1e-5, rtol=1e-5, name="grad_hidden")
+
+
+def test_empty():
+    hidden, weight, _, labels = make_inputs(0, 8, 50, torch.float32, bias=False)
+    h = hidden.requires_grad_()
+    with use_backend("triton"):
+        logp, entropy = linear_token_logprobs(h, weight.requires_grad_(), labels, return_entropy=True)
+    assert logp.shape == entropy.shape == (0,)
+    (logp.sum() + entropy.sum()).backward()
+    assert h.grad.shape == (0, 8) and torch.all(weight.grad == 0)
+
+
+def test_logits_never_exceed_one_chunk(monkeypatch):
+    """No [N, V] tensor: every LM-head matmul is at most chunk_size rows, forward and backward."""
+    seen = []
+    real_linear = linear_module.F.linear
+
+    def recording_linear(x, w, b=None):
+        out = real_linear(x, w, b)
+        seen.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(linear_module.F, "linear", recording_linear)
+    hidden, weight, _, labels = make_inputs(50, 8, 64, torch.float32, bias=False)
+    with use_backend("triton"):
+        linear_token_logprobs(hidden.requires_grad_(), weight, labels, chunk_size=16).sum().backward()
+    assert seen and max(seen) <= 16
+    assert sum(seen) == 2 * 50        # each row's logits computed once forward, once backward
+
+
+def test_default_chunk_is_bounded_independent_of_rows():
+    assert linear_module.default_chunk_size(10, 151936) == 10
+    big = linear_module.default_chunk_size(10**6, 151936)
+    assert big == linear_module.default_chunk_size(10**7, 151936)
+    assert big * 151936 <= linear_module.CHUNK_ELEMENTS
+
+
+def test_nan_hidden_row_stays_in_its_row():
+    hidden, weight, _, labels = make_inputs(6, 8, 40, torch.float32, bias=False)
+    labels[:] = 3
+    hidden[4, 2] = float("nan")
+    h = hidden.requires_grad_()
+    with use_backend("triton"):
+        logp = linear_token_logprobs(h, weight, labels, chunk_size=4)
+    logp.sum().backward()
+    assert torch.isnan(logp[4]) and torch.isfinite(logp[[0, 1, 2, 3, 5]]).all()
+    assert torch.isfinite(h.grad[[0, 1, 2, 3, 5]]).all()
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(weight=torch.ones(5, 3)), ValueError, r"expected hidden \[N, H\] and weight \[V, H\]"),
+    (dict(weight=torch.ones(5, 4, dtype=torch.float64)), TypeError, "weight must match hidden's dtype"),
+    (dict(bias=torch.ones(4)), ValueError, r"bias must be \[5\]"),
+    (dict(labels=torch.zeros(3, dtype=torch.long)), ValueError, r"labels must have shape \(2,\)"),
+    (dict(labels=torch.tensor([0, 5])), ValueError, r"labels must be in \[0, 5\)"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+    (dict(hidden=torch.ones(2, 4, dtype=torch.int32)), TypeError, "hidden must have dtype"),
+])
+def test_bad_input(bad, error, match):
+    args = dict(hidden=torch.ones(2, 4), weight=torch.ones(5, 4), labels=torch.zeros(2, dtype=torch.long))
+    args.update(bad)
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(error, match=match):
+        linear_token_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
