@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from engine.attention import (AttentionMetadata, decode_attention, prefill_attention, store_kv,
                               varlen_attention)
@@ -134,6 +135,8 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         self.tie_weights()
         self.rotary = RotaryTable(config)
+        # Trainers set this to recompute each layer in backward (activation memory of one layer).
+        self.gradient_checkpointing = False
 
     def tie_weights(self):
         """Share the embedding with the LM head when the config says so (re-run after `to_empty`)."""
@@ -147,8 +150,12 @@ class CausalLM(nn.Module):
         """
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        recompute = self.gradient_checkpointing and kv_caches is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, meta, None if kv_caches is None else kv_caches[i])
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, meta, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, meta, None if kv_caches is None else kv_caches[i])
         return self.model.norm(x)
 
     def forward_packed(self, input_ids, seqlens: list[int]):
