@@ -86,7 +86,7 @@ def parse_preference(row: dict) -> Ranking:
         if len(set(responses)) != len(responses):
             raise ValueError("responses must be distinct (a tie cannot be ranked)")
         return Ranking(_string(row, "prompt"), tuple(responses))
-    if "prompt" in row:
+    if "prompt" in row and set(row) & {"chosen", "rejected"}:
         chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
         if chosen == rejected:
             raise ValueError("chosen and rejected are identical")
@@ -146,7 +146,7 @@ def read_jsonl(path, parse, skip_malformed: bool = False) -> ReadResult:
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
                 records.append(parse(row))
-            except (ValueError, json.JSONDecodeError) as e:
+            except ValueError as e:  # json.JSONDecodeError is a ValueError too
                 message = f"{path}:{lineno}: {e}"
                 if not skip_malformed:
                     raise DataError(message) from None

@@ -39,7 +39,7 @@ def render_chat(tokenizer, turns) -> tuple[str, str]:
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
         return prompt, response
-    prompt = "".join(f"\n\n{role.capitalize()}: {content}" for role, content in history)
+    prompt = "".join(f"\n\n{role.capitalize()}: {content}" for role, content in turns[:-1])
     return prompt + "\n\nAssistant:", " " + response
 
 
