@@ -22,15 +22,15 @@ class ConfigError(ValueError):
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from a (nested) dict; missing keys keep their defaults."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}; known keys: {', '.join(fields)}")
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; known keys: {', '.join(fields)}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     try:
         return cls(**kwargs)
@@ -53,6 +53,8 @@ def _coerce(tp, value, key: str):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         items = [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
         return origin(items)
+    if tp is float and isinstance(value, str):
+        value = _float_or_text(value)
     ok = {bool: lambda v: isinstance(v, bool),
           int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
@@ -60,6 +62,14 @@ def _coerce(tp, value, key: str):
     if not ok(value):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
     return float(value) if tp is float else value
+
+
+def _float_or_text(text: str):
+    """PyYAML (YAML 1.1) reads `1e-4` as a string (it wants `1.0e-4`); accept it for float fields."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def to_dict(config) -> dict:
