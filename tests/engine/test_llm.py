@@ -252,3 +252,19 @@ def test_half_precision_generation_runs_and_mostly_agrees_with_fp32(qwen2_dir, r
     assert sum(f == e[0][0] for f, e in zip(first, expected)) >= 4
     assert all(len(o.outputs[0].token_ids) == len(o.outputs[0].logprobs) for o in outputs)
     assert all_blocks_free(llm)
+
+
+def test_generates_from_a_model_in_memory_and_sees_weight_updates(qwen2_dir, reference):
+    """RLHF generates from the trainer's own parameters: no reload, no copy, no stale KV."""
+    from engine import load_model
+
+    prompts, expected = reference
+    model = load_model(qwen2_dir)
+    llm = LLM(model, block_size=4)
+    assert tokens_of(llm.generate(prompts, GREEDY)) == expected
+    with torch.no_grad():  # an optimizer step, in place, as the trainer does it
+        for p in model.parameters():
+            p.mul_(1.5)
+    after = tokens_of(llm.generate(prompts, GREEDY))
+    fresh = LLM(model, block_size=4)  # nothing cached from the old weights can explain `after`
+    assert after == tokens_of(fresh.generate(prompts, GREEDY)) and after != expected
