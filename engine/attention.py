@@ -79,11 +79,12 @@ def varlen_attention(q, k, v, meta: AttentionMetadata):
         return _flash_attn().flash_attn_varlen_func(
             q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, max_len, max_len, softmax_scale=scale,
             causal=True)
-    # One SDPA call per sequence: no [N, N] block-diagonal mask, exact per-sequence numerics.
-    outs = [
-        _sdpa(qi, ki, vi, scale)
-        for qi, ki, vi in zip(q.split(meta.seqlens_q), k.split(meta.seqlens_q), v.split(meta.seqlens_q))
-    ]
+    lens = meta.seqlens_q
+    if len(set(lens)) == 1:  # equal lengths (e.g. a batch of same-length prompts): one batched call
+        return _sdpa(*(x.unflatten(0, (len(lens), lens[0])) for x in (q, k, v)), scale).flatten(0, 1)
+    # Otherwise one SDPA call per sequence: no [N, N] block-diagonal mask to build.
+    outs = [_sdpa(qi[None], ki[None], vi[None], scale)[0]
+            for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens))]
     return torch.cat(outs)
 
 
@@ -105,7 +106,7 @@ def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata):
         blocks = meta.block_tables[i, : -(-len_k // block_size)].long()
         ki = k_cache[blocks].flatten(0, 1)[:len_k]  # [len_k, Hkv, D]
         vi = v_cache[blocks].flatten(0, 1)[:len_k]
-        outs.append(_sdpa(qi, ki, vi, scale))
+        outs.append(_sdpa(qi[None], ki[None], vi[None], scale)[0])
     return torch.cat(outs)
 
 
@@ -124,16 +125,16 @@ def decode_attention(q, k_cache, v_cache, meta: AttentionMetadata):
 
 
 def _sdpa(q, k, v, scale):
-    """Causal SDPA of one sequence whose len(q) queries are the last of its len(k) keys.
+    """Causal SDPA of sequences whose Lq queries are the last of their Lk keys.
 
-    q [Lq, H, D], k/v [Lk, Hkv, D] -> [Lq, H, D].
+    q [B, Lq, H, D], k/v [B, Lk, Hkv, D] -> [B, Lq, H, D].
     """
-    len_q, len_k = q.shape[0], k.shape[0]
+    len_q, len_k = q.shape[1], k.shape[1]
     mask = None
     if len_q != len_k:  # queries sit at the end: bottom-right aligned causal mask
         rows = torch.arange(len_q, device=q.device)[:, None] + (len_k - len_q)
         mask = torch.arange(len_k, device=q.device)[None, :] <= rows
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
         is_causal=mask is None, scale=scale, enable_gqa=True)
-    return out.transpose(0, 1)
+    return out.transpose(1, 2)

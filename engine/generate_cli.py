@@ -1,7 +1,7 @@
 """`fusedrl generate`: complete prompts from the command line.
 
 engine/cli.py registers it with `generate_cli.add_parser(subparsers)`; the parsed namespace carries
-`func=run`. Completions go to stdout (text, or one JSON object per completion with --json); the
+`run=run`, which cli.main calls. Completions go to stdout (text, or one JSON object per completion with --json); the
 progress bar goes to stderr.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="print one JSON object per completion")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(run=run)  # engine/cli.py dispatches through args.run(args)
     return p
 
 

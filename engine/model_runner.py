@@ -5,6 +5,9 @@ tables, runs the model (eagerly, or a captured CUDA graph for decode), and sampl
 """
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
+
 import torch
 
 from engine.attention import AttentionMetadata
@@ -131,9 +134,11 @@ class _DecodeGraphs:
 
     Inputs live in static buffers; padding rows carry slot -1 (nothing written) and context length 0
     (nothing read), so a batch of 5 replays the graph of 8 and keeps the first 5 rows.
+    `capture=False` keeps the same buffers and padding but replays by running the forward eagerly:
+    how the tests check this bookkeeping on a machine without CUDA.
     """
 
-    def __init__(self, runner: ModelRunner, max_num_seqs: int):
+    def __init__(self, runner: ModelRunner, max_num_seqs: int, capture: bool = True):
         self.runner = runner
         sizes = [b for b in runner.GRAPH_BATCH_SIZES if b <= max_num_seqs]
         if not sizes or sizes[-1] < max_num_seqs <= runner.GRAPH_BATCH_SIZES[-1]:
@@ -144,29 +149,34 @@ class _DecodeGraphs:
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.full((n, runner.max_blocks_per_seq), -1, dtype=torch.int32, device=device)
+        # Block 0, not -1, in unused entries: a valid index whatever a backend does with it.
+        self.block_tables = torch.zeros(n, runner.max_blocks_per_seq, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, runner.config.hidden_size, dtype=runner.dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs = {}
         self.pool = None
-        self._capture(sorted(sizes, reverse=True))  # largest first: smaller graphs reuse its pool
+        self._capture(sorted(sizes, reverse=True), capture)  # largest first: smaller graphs reuse its pool
+
+    def _forward(self, b: int):
+        meta = AttentionMetadata(is_decode=True, slot_mapping=self.slot_mapping[:b],
+                                 context_lens=self.context_lens[:b], block_tables=self.block_tables[:b])
+        self.hidden[:b] = self.runner.model(self.input_ids[:b], self.positions[:b], meta, self.runner.kv_caches)
 
     @torch.inference_mode()
-    def _capture(self, sizes):
+    def _capture(self, sizes, capture: bool):
         for b in sizes:
-            meta = self._meta(b)
-            args = (self.input_ids[:b], self.positions[:b], meta, self.runner.kv_caches)
-            self.hidden[:b] = self.runner.model(*args)  # warm-up: compiles Triton kernels outside capture
+            forward = functools.partial(self._forward, b)
+            forward()  # warm-up: Triton kernels compile outside the capture
+            if not capture:
+                self.graphs[b] = SimpleNamespace(replay=forward)
+                continue
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, self.pool):
-                self.hidden[:b] = self.runner.model(*args)
+                forward()
             self.pool = graph.pool()
             self.graphs[b] = graph
-        torch.cuda.synchronize()
-
-    def _meta(self, b: int) -> AttentionMetadata:
-        return AttentionMetadata(is_decode=True, slot_mapping=self.slot_mapping[:b],
-                                 context_lens=self.context_lens[:b], block_tables=self.block_tables[:b])
+        if capture:
+            torch.cuda.synchronize()
 
     def replay(self, input_ids, positions, meta: AttentionMetadata):
         """Run the decode forward of len(input_ids) sequences; returns hidden [B, hidden]."""
@@ -178,7 +188,6 @@ class _DecodeGraphs:
         self.slot_mapping[:b] = meta.slot_mapping
         self.context_lens.zero_()
         self.context_lens[:b] = meta.context_lens
-        width = meta.block_tables.shape[1]
-        self.block_tables[:b, :width] = meta.block_tables
+        self.block_tables[:b, :meta.block_tables.shape[1]] = meta.block_tables
         self.graphs[size].replay()
         return self.hidden[:b]

@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels import token_logprobs, use_backend
+
 _MASK32 = 0xFFFFFFFF
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[tokens]: logits [B, V] fp32, tokens [B] -> [B] fp32.
-
-    The one place to swap in `kernels.token_logprobs` once the kernels package provides it.
-    """
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def sample(logits, temperatures, top_ks, top_ps, seeds, positions):
@@ -41,7 +35,16 @@ def sample(logits, temperatures, top_ks, top_ps, seeds, positions):
         noise = gumbel_noise(seeds, positions, logits.shape[1])  # [B, V]
         sampled = (torch.log_softmax(scaled, -1) + noise).argmax(-1)
         tokens = torch.where(greedy, logits.argmax(-1), sampled)
-    return tokens, token_logprobs(scaled, tokens)
+    return tokens, _token_logprobs(scaled, tokens)
+
+
+def _token_logprobs(logits, tokens):
+    """Fused log-softmax + gather on the GPU; on the CPU the plain PyTorch backend, since the
+    Triton interpreter (on in CPU test runs) would cost more than the whole model step."""
+    if logits.is_cuda:
+        return token_logprobs(logits, tokens)
+    with use_backend("torch"):
+        return token_logprobs(logits, tokens)
 
 
 def _top_k_top_p(logits, top_ks, top_ps):

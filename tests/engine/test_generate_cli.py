@@ -20,7 +20,7 @@ def test_generate_prints_the_engine_s_completions_as_json(qwen2_dir, tmp_path, c
     args = parse(["generate", "--model", str(qwen2_dir), "--prompt", "hello world", "--prompt-file",
                   str(prompt_file), "--n", "2", "--temperature", "0.8", "--seed", "7",
                   "--max-new-tokens", "5", "--json", "--kv-cache-memory", "1000000"])
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["prompt"], r["sample"]) for r in rows] == [
         (p, j) for p in ("hello world", "the lazy dog", "quick brown") for j in (0, 1)]
@@ -39,4 +39,4 @@ def test_memory_argument_reads_bytes_or_a_fraction():
 def test_generate_without_prompts_fails_clearly(qwen2_dir):
     args = parse(["generate", "--model", str(qwen2_dir)])
     with pytest.raises(SystemExit, match="--prompt"):
-        args.func(args)
+        args.run(args)

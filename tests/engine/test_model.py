@@ -165,3 +165,13 @@ def test_sharded_save_and_load(qwen2_dir, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
     assert torch.equal(hf.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert hf.config.vocab_size == VOCAB
+
+
+def test_equal_length_packed_batch_matches_one_sequence_at_a_time(qwen2_dir):
+    model = load_model(qwen2_dir)
+    prompts = random_prompts([11, 11, 11], seed=6)
+    with torch.no_grad():
+        batched = model.forward_packed(torch.tensor(sum(prompts, [])), [11, 11, 11])  # one SDPA call
+        for i, p in enumerate(prompts):
+            torch.testing.assert_close(batched[11 * i:11 * (i + 1)],
+                                       model.forward_packed(torch.tensor(p), [11]), atol=ATOL, rtol=0)
