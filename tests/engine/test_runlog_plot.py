@@ -38,6 +38,7 @@ def test_curves_keep_numeric_metrics_only():
 
 
 def test_fusedrl_plot_writes_png_curves(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # an install extra; the GPU image may lack it
     write_run(tmp_path, progress=False)
     assert main(["plot", str(tmp_path)]) == 0
     for name in ("train.png", "eval.png"):
