@@ -39,11 +39,12 @@ def load_examples(cfg: DataConfig, tokenizer, stage: str, seed: int) -> Examples
     parse = parser_for(stage, cfg.format)
     train = read_jsonl(cfg.train_file, parse, cfg.skip_malformed)
     records = train.records
-    info = {"skipped_lines": train.skipped}
+    info = {"skipped_lines": train.skipped, "skipped_first": train.errors[:5]}
     if cfg.eval_file:
         held = read_jsonl(cfg.eval_file, parse, cfg.skip_malformed)
         eval_records = held.records
         info["skipped_lines"] += held.skipped
+        info["skipped_first"] += held.errors[:5]
     else:
         keep, held_out = split_off(len(records), cfg.eval_fraction, seed)
         records, eval_records = [records[i] for i in keep], [records[i] for i in held_out]

@@ -1,6 +1,7 @@
 """Reward model: the accuracy bar on a synthetic preference set, normalization, export formats,
 K-way + beta_rm training, and `fusedrl rm` end to end."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -94,3 +95,15 @@ def test_fusedrl_rm_on_k_way_rankings_with_beta_rm(base_dir, tmp_path):
     evals = [r for r in metrics if r["kind"] == "eval"]
     assert evals[-1]["pairs"] == 6 * 3  # 6 held-out rankings, C(3, 2) pairs each
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_rm_resume_restores_the_head_and_the_run(base_dir, tmp_path):
+    train_file = write_jsonl(tmp_path / "pairs.jsonl", sorted_digit_preferences(40, seed=5))
+    kw = dict(data={"eval_fraction": 0.0, "tokens_per_batch": 128}, optim={"warmup_steps": 1})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_rm(rm_config(base_dir, train_file, straight, train={"max_steps": 2, "save_every": 1, "keep_checkpoints": 0}, **kw))
+    shutil.copytree(straight / "checkpoints" / "step-00000001", resumed / "checkpoints" / "step-00000001")
+    run_rm(rm_config(base_dir, train_file, resumed, train={"max_steps": 2}, **kw))
+    a, b = load_reward_model(straight / "final"), load_reward_model(resumed / "final")
+    assert a.score.weight.abs().sum() > 0 and a.reward_offset == b.reward_offset
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -42,19 +42,18 @@ def sorted_digit_preferences(n, seed=0, length=6):
     return rows
 
 
-def sft_config(model_dir, train_file, out_dir, *, data=None, optim=None, train=None, **kw):
-    return SFTConfig(
+def _stage_config(cls, model_dir, train_file, out_dir, tokens_per_batch, lr, data, optim, train, kw):
+    return cls(
         model=str(model_dir), output_dir=str(out_dir), **kw,
-        data=DataConfig(train_file=str(train_file), max_length=48, max_prompt_length=24,
-                        tokens_per_batch=128, **(data or {})),
-        optim=OptimConfig(**{"lr": 3e-3, **(optim or {})}),
+        data=DataConfig(**{"train_file": str(train_file), "max_length": 48, "max_prompt_length": 24,
+                           "tokens_per_batch": tokens_per_batch, **(data or {})}),
+        optim=OptimConfig(**{"lr": lr, **(optim or {})}),
         train=TrainConfig(**{"progress": False, **(train or {})}))
+
+
+def sft_config(model_dir, train_file, out_dir, *, data=None, optim=None, train=None, **kw):
+    return _stage_config(SFTConfig, model_dir, train_file, out_dir, 128, 3e-3, data, optim, train, kw)
 
 
 def rm_config(model_dir, train_file, out_dir, *, data=None, optim=None, train=None, **kw):
-    return RMConfig(
-        model=str(model_dir), output_dir=str(out_dir), **kw,
-        data=DataConfig(train_file=str(train_file), max_length=48, max_prompt_length=24,
-                        tokens_per_batch=512, **(data or {})),
-        optim=OptimConfig(**{"lr": 2e-3, **(optim or {})}),
-        train=TrainConfig(**{"progress": False, **(train or {})}))
+    return _stage_config(RMConfig, model_dir, train_file, out_dir, 512, 2e-3, data, optim, train, kw)
