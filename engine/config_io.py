@@ -39,7 +39,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 
 def _coerce(tp, value, key: str):
-    """Check `value` against type hint `tp` (int, float, bool, str, X | None, list[X], dataclass)."""
+    """Check `value` against type hint `tp` (int, float, bool, str, X | None, or a dataclass)."""
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, f"{key}.")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -48,11 +48,6 @@ def _coerce(tp, value, key: str):
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, key)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        items = [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-        return origin(items)
     if tp is float and isinstance(value, str):
         value = _float_or_text(value)
     ok = {bool: lambda v: isinstance(v, bool),

@@ -18,10 +18,18 @@ def token_nll_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: to
     """-sum of log p(label) over labelled rows; hidden [N, H], weight [V, H], labels [N] -> scalar fp32.
 
     Only labelled rows go through the LM head, and `linear_token_logprobs` never holds [N, V] logits.
+    Under autocast the head runs in the autocast dtype, as nn.Linear would, but with both operands
+    cast here and autocast off inside: the op's backward recomputes the logits, and it must do so in
+    the dtype its forward used (autocast is not active during backward).
     """
+    device_type = hidden.device.type
+    dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+             else lm_head_weight.dtype)
     rows = (labels != IGNORE).nonzero().squeeze(1)                 # [M]
-    h = hidden.index_select(0, rows).to(lm_head_weight.dtype)       # [M, H]; autocast may leave bf16
-    return -linear_token_logprobs(h, lm_head_weight, labels.index_select(0, rows)).sum()
+    with torch.autocast(device_type, enabled=False):
+        logp = linear_token_logprobs(hidden.index_select(0, rows).to(dtype), lm_head_weight.to(dtype),
+                                     labels.index_select(0, rows))  # [M] fp32
+    return -logp.sum()
 
 
 def pair_indices(k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

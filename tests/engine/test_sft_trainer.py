@@ -9,9 +9,12 @@ import torch
 import transformers
 import yaml
 
+import kernels
+
 from engine import load_model
 from engine.batching import collate_sft
 from engine.cli import main
+from engine.losses import token_nll_sum
 from engine.optim import build_optimizer, build_scheduler, lr_factor
 from engine.runlog import read_metrics
 from engine.sft import run_sft, sft_loss, sft_stage
@@ -142,3 +145,17 @@ def test_fusedrl_sft_lowers_the_loss_and_exports_for_transformers(base_dir, trai
                                    atol=1e-5, rtol=0)
     assert (final / "tokenizer.json").exists()
     assert json.loads((final / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_lm_head_follows_autocast_and_keeps_fp32_master_gradients(base_dir):
+    # What bf16 autocast on a GPU does, on the CPU: the head runs in bf16, gradients land in fp32.
+    model = load_model(base_dir)
+    batch = collate_sft(examples())
+    with kernels.use_backend("torch"):
+        exact = sft_loss(model, batch, {"tokens": batch.num_targets})[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model.forward_packed(batch.input_ids, batch.seqlens)
+            nll = token_nll_sum(hidden, model.lm_head.weight, batch.labels) / batch.num_targets
+    nll.backward()
+    assert nll.dtype == torch.float32 and model.lm_head.weight.grad.dtype == torch.float32
+    assert nll.item() != exact.item() and nll.item() == pytest.approx(exact.item(), rel=2e-2)
