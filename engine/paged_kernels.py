@@ -81,6 +81,7 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,  # HEAD_DIM rounded up to a power of two
     PAGE: tl.constexpr,  # block size of the cache
+    PAGE_PAD: tl.constexpr,  # PAGE rounded up to a power of two (tl.arange needs one)
 ):
     # One program per (sequence, KV head): the GROUP query heads that share a KV head read its
     # pages once. Online softmax over pages, fp32 accumulators.
@@ -89,7 +90,7 @@ def _paged_decode_kernel(
     ctx = tl.load(context_lens_ptr + b)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, DIM_PAD)
-    p = tl.arange(0, PAGE)
+    p = tl.arange(0, PAGE_PAD)
     heads = kv_head * GROUP + g
     q_mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=q_mask, other=0.0)
@@ -100,11 +101,12 @@ def _paged_decode_kernel(
     for start in range(0, ctx, PAGE):
         block = tl.load(block_tables_ptr + b * bt_stride_b + start // PAGE).to(tl.int64)
         pos = start + p
-        kv_mask = (pos[:, None] < ctx) & (d[None, :] < HEAD_DIM)
+        valid = (p < PAGE) & (pos < ctx)
+        kv_mask = valid[:, None] & (d[None, :] < HEAD_DIM)
         kv_off = ((block * PAGE + p[:, None]) * NUM_KV_HEADS + kv_head) * HEAD_DIM + d[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [P, D]
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, P]
-        s = tl.where(pos[None, :] < ctx, s, float("-inf"))
+        s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         probs = tl.exp(s - m_new[:, None])
@@ -132,7 +134,8 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale):
         q, k_cache, v_cache, block_tables, context_lens, out, scale,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
-        HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim), PAGE=page)
+        HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim), PAGE=page,
+        PAGE_PAD=triton.next_power_of_2(page))
     return out
 
 

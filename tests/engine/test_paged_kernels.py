@@ -55,8 +55,8 @@ def _dense_decode(q, k_cache, v_cache, table, lens):
 
 
 # (context lengths, heads, kv heads, head dim, page): GQA groups 1, 2 and 3 (padded to 4), a head
-# dim that is not a power of two, lengths that end mid-page and exactly on a page boundary.
-SHAPES = [([5, 1, 16], 4, 2, 16, 4), ([9, 3], 2, 2, 24, 8), ([13, 8, 2], 6, 2, 8, 4)]
+# dim and a page size that are not powers of two, lengths ending mid-page and on a page boundary.
+SHAPES = [([5, 1, 16], 4, 2, 16, 4), ([9, 3], 2, 2, 24, 8), ([13, 8, 2], 6, 2, 8, 4), ([7, 12], 4, 1, 16, 6)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
