@@ -167,6 +167,17 @@ def llm(qwen2_dir):
 def test_empty_prompt_is_rejected(llm):
     with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
         llm.generate([[5, 6], []])
+    with pytest.raises(ValueError, match=r"prompts\[0\] is empty"):
+        llm.generate([[]])
+    assert llm.generate([]) == []  # no prompts at all is not an error
+    assert all_blocks_free(llm)
+
+
+def test_engine_sizes_are_validated(qwen2_dir):
+    with pytest.raises(ValueError, match="max_num_seqs=0"):
+        LLM(qwen2_dir, max_num_seqs=0)
+    with pytest.raises(ValueError, match="block_size=0"):
+        LLM(qwen2_dir, block_size=0)
 
 
 def test_prompt_past_context_length_is_rejected(llm):
