@@ -7,7 +7,8 @@
 
 flash-attn is used when it is installed, on CUDA, for fp16/bf16 (its only dtypes); its paged calls take
 a block table only when the block size is a multiple of 256 (flash-attn 2's page constraint), so other
-block sizes use our Triton decode kernel. Without CUDA, everything is PyTorch (SDPA and gathers).
+block sizes use our Triton decode kernel. Without CUDA, everything is PyTorch (SDPA and gathers)
+unless kernels' backend override asks for Triton.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import paged_kernels
+from kernels.dispatch import backend_for, requested_backend
 
 FLASH_PAGE_MULTIPLE = 256
 
@@ -60,9 +62,18 @@ def _use_flash(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _flash_attn() is not None
 
 
+def _use_triton(x: torch.Tensor) -> bool:
+    """Our Triton kernels on CUDA. Elsewhere only when asked for with kernels' backend override
+    (`kernels.use_backend("triton")` or FUSEDRL_BACKEND=triton; on the CPU that needs
+    TRITON_INTERPRET=1), which is how the tests run whole generations through the kernels."""
+    if requested_backend() == "auto":
+        return x.is_cuda
+    return backend_for(x) == "triton"
+
+
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
     """Write new K/V [N, Hkv, D] into the pages at `slot_mapping`."""
-    if k.is_cuda:
+    if _use_triton(k):
         paged_kernels.store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         paged_kernels.store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
@@ -118,7 +129,7 @@ def decode_attention(q, k_cache, v_cache, meta: AttentionMetadata):
             q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
             block_table=meta.block_tables, softmax_scale=scale, causal=True)
         return out.squeeze(1)
-    if q.is_cuda:
+    if _use_triton(q):
         return paged_kernels.paged_decode_triton(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     return paged_kernels.paged_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)

@@ -45,9 +45,14 @@ class LLM:
     """Paged-KV generation engine over a Llama-family model.
 
     model_dir: a Hugging Face directory (config.json, safetensors, optionally a tokenizer), or a
-    `CausalLM` already in memory (the trainer's own weights; pass `tokenizer` for string prompts).
+    `CausalLM` already in memory: the trainer's own parameters, used in place (`dtype` and `device`
+    are then the model's; pass `tokenizer` for string prompts). In-place updates (optimizer steps,
+    `copy_`) are seen by the next `generate`, CUDA graphs included; replacing Parameter objects is not.
     kv_cache_memory: bytes (int) or a fraction of free GPU memory (float); default 0.9 of free GPU
-    memory on CUDA, 1 GiB on CPU. The pool is never larger than max_num_seqs full-length sequences.
+    memory on CUDA (pass a budget when a trainer shares the GPU), 1 GiB on CPU. The pool is never
+    larger than max_num_seqs full-length sequences.
+    max_num_batched_tokens: prompt tokens per prefill step (a longer lone prompt still runs).
+    use_cuda_graphs: capture decode steps as CUDA graphs (CUDA only); False runs them eagerly.
     """
 
     def __init__(self, model_dir, dtype="auto", kv_cache_memory: int | float | None = None,
@@ -55,8 +60,9 @@ class LLM:
                  max_num_batched_tokens: int = 16384, use_cuda_graphs: bool = True, tokenizer=None):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be an int >= 1")
-        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs={max_num_seqs!r} must be an int >= 1")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
         if isinstance(model_dir, CausalLM):
             self.model = model_dir
         else:
@@ -87,6 +93,8 @@ class LLM:
 
         Returns one RequestOutput per prompt, in order, each with `sampling_params.n` completions.
         """
+        if isinstance(prompts, (list, tuple)) and not prompts:
+            return []
         prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
         params = sampling_params or SamplingParams()
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -159,8 +167,8 @@ class LLM:
 
 
 def _is_single_prompt(prompts) -> bool:
-    return isinstance(prompts, str) or (
-        isinstance(prompts, (list, tuple)) and (not prompts or isinstance(prompts[0], int)))
+    """A string or a list of token ids (rather than a list of prompts)."""
+    return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and isinstance(prompts[0], int))
 
 
 def _load_tokenizer(model_dir: Path):

@@ -42,21 +42,25 @@ def apply_rope(x, cos, sin):
 
 
 class RotaryTable:
-    """cos/sin of every position below max_model_len, fp32 [L, D/2], kept out of the module's buffers
-    so that `model.to(bfloat16)` cannot round the angles."""
+    """cos/sin [L, D] of every position below max_model_len, computed in fp32 as transformers does,
+    kept out of the module's buffers so that `model.to(bfloat16)` cannot round the angles. Per
+    (device, dtype) a cast copy is cached, so a step costs one gather for each of cos and sin."""
 
     def __init__(self, config: ModelConfig):
         # Built on the CPU explicitly: the model itself may be constructed under a meta device.
         positions = torch.arange(config.max_model_len, dtype=torch.int64, device="cpu").float()
-        freqs = positions[:, None] * config.inv_freq().to("cpu")[None, :]  # [L, D/2], as transformers computes it
-        self.cos, self.sin = freqs.cos(), freqs.sin()
+        freqs = positions[:, None] * config.inv_freq().to("cpu")[None, :]  # [L, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [L, D]
+        self.cos, self.sin = emb.cos(), emb.sin()
+        self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, positions, dtype):
         """positions [N] -> (cos, sin) [N, D] in `dtype`."""
-        if self.cos.device != positions.device:
-            self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
-        cos, sin = self.cos[positions], self.sin[positions]
-        return torch.cat((cos, cos), -1).to(dtype), torch.cat((sin, sin), -1).to(dtype)
+        key = (positions.device, dtype)
+        if key not in self._cast:
+            self._cast[key] = (self.cos.to(positions.device, dtype), self.sin.to(positions.device, dtype))
+        cos, sin = self._cast[key]
+        return cos[positions], sin[positions]
 
 
 class Attention(nn.Module):

@@ -72,24 +72,33 @@ def _paged_decode_kernel(
     v_cache_ptr,  # same shape as k_cache
     block_tables_ptr,  # [B, max_blocks] int32 block ids of each sequence
     context_lens_ptr,  # [B] int32 tokens in the cache for each sequence (0 = padding row)
-    out_ptr,  # [B, H, D]
+    part_out_ptr,  # [B, H, NUM_SPLITS, DIM_PAD] fp32 out: each split's normalized attention output
+    part_lse_ptr,  # [B, H, NUM_SPLITS] fp32 out: each split's log-sum-exp (-inf if it saw nothing)
     scale,  # softmax scale, head_dim ** -0.5
-    q_stride_b, q_stride_h, bt_stride_b, o_stride_b, o_stride_h,
+    q_stride_b, q_stride_h, bt_stride_b,
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per KV head (GQA)
     GROUP_PAD: tl.constexpr,  # GROUP rounded up to a power of two
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,  # HEAD_DIM rounded up to a power of two
     PAGE: tl.constexpr,  # block size of the cache
+    PAGE_PAD: tl.constexpr,  # PAGE rounded up to a power of two (tl.arange needs one)
+    NUM_SPLITS: tl.constexpr,  # programs sharing one sequence's pages (flash-decoding)
 ):
-    # One program per (sequence, KV head): the GROUP query heads that share a KV head read its
-    # pages once. Online softmax over pages, fp32 accumulators.
+    # One program per (sequence, KV head, split): the GROUP query heads sharing a KV head read its
+    # pages once; the pages are cut into NUM_SPLITS runs so that a small batch still fills the GPU.
+    # Online softmax over pages, fp32 accumulators.
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)
+    num_pages = tl.cdiv(ctx, PAGE)
+    pages_per_split = tl.cdiv(num_pages, NUM_SPLITS)
+    first_page = split * pages_per_split
+    last_page = tl.minimum(first_page + pages_per_split, num_pages)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, DIM_PAD)
-    p = tl.arange(0, PAGE)
+    p = tl.arange(0, PAGE_PAD)
     heads = kv_head * GROUP + g
     q_mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=q_mask, other=0.0)
@@ -97,14 +106,15 @@ def _paged_decode_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-    for start in range(0, ctx, PAGE):
-        block = tl.load(block_tables_ptr + b * bt_stride_b + start // PAGE).to(tl.int64)
-        pos = start + p
-        kv_mask = (pos[:, None] < ctx) & (d[None, :] < HEAD_DIM)
+    for page in range(first_page, last_page):
+        block = tl.load(block_tables_ptr + b * bt_stride_b + page).to(tl.int64)
+        pos = page * PAGE + p
+        valid = (p < PAGE) & (pos < ctx)
+        kv_mask = valid[:, None] & (d[None, :] < HEAD_DIM)
         kv_off = ((block * PAGE + p[:, None]) * NUM_KV_HEADS + kv_head) * HEAD_DIM + d[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [P, D]
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, P]
-        s = tl.where(pos[None, :] < ctx, s, float("-inf"))
+        s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         probs = tl.exp(s - m_new[:, None])
@@ -112,28 +122,85 @@ def _paged_decode_kernel(
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [P, D]
         acc = acc * alpha[:, None] + tl.sum(probs[:, :, None] * v[None, :, :], axis=1)
         m = m_new
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # l == 0 only on padding rows, which are discarded
-    tl.store(out_ptr + b * o_stride_b + heads[:, None] * o_stride_h + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    # A split that saw no page (short context, padding row) reports lse -inf and weighs nothing.
+    seen = l > 0
+    out = acc / tl.where(seen, l, 1.0)[:, None]
+    lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), float("-inf"))
+    part = (b * GROUP * NUM_KV_HEADS + heads) * NUM_SPLITS + split  # [G] index into [B, H, NUM_SPLITS]
+    tl.store(part_out_ptr + part[:, None] * DIM_PAD + d[None, :], out, mask=g[:, None] < GROUP)
+    tl.store(part_lse_ptr + part, lse, mask=g < GROUP)
 
 
-def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale):
+@triton.jit
+def _combine_splits_kernel(
+    part_out_ptr,  # [B, H, NUM_SPLITS, DIM_PAD] fp32
+    part_lse_ptr,  # [B, H, NUM_SPLITS] fp32
+    out_ptr,  # [B, H, D]
+    o_stride_b, o_stride_h,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+):
+    # One program per (sequence, head): weight each split's output by its share of the softmax mass.
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, DIM_PAD)
+    row = (b * NUM_HEADS + h) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # padding row: every weight is 0, output 0
+    w = tl.exp(lse - m)  # [S]
+    parts = tl.load(part_out_ptr + (row + sp[:, None]) * DIM_PAD + d[None, :],
+                    mask=sp[:, None] < NUM_SPLITS, other=0.0)  # [S, D]
+    total = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * parts, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * o_stride_b + h * o_stride_h + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
+
+
+def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None):
     """Attention of one query token per sequence over its paged context.
 
     q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
-    context_lens [B] int32. Returns [B, H, D] in q's dtype.
+    context_lens [B] int32. Returns [B, H, D] in q's dtype. num_splits: programs per (sequence,
+    KV head); by default enough to give every SM two programs (1 off CUDA).
     """
     batch, num_heads, head_dim = q.shape
     _, page, num_kv_heads, _ = k_cache.shape
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    if num_splits is None:
+        num_splits = _default_splits(batch * num_kv_heads, q.device)
     group = num_heads // num_kv_heads
-    out = torch.empty_like(q)
-    _paged_decode_kernel[(batch, num_kv_heads)](
-        q, k_cache, v_cache, block_tables, context_lens, out, scale,
-        q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
+    dim_pad = triton.next_power_of_2(head_dim)
+    part_out = torch.empty(batch, num_heads, num_splits, dim_pad, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, scale,
+        q.stride(0), q.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
-        HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim), PAGE=page)
+        HEAD_DIM=head_dim, DIM_PAD=dim_pad, PAGE=page, PAGE_PAD=triton.next_power_of_2(page),
+        NUM_SPLITS=num_splits)
+    out = torch.empty_like(q)
+    _combine_splits_kernel[(batch, num_heads)](
+        part_out, part_lse, out, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
+        NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+        DIM_PAD=dim_pad)
     return out
+
+
+MAX_SPLITS = 16
+
+
+def _default_splits(programs: int, device) -> int:
+    """Splits per (sequence, KV head) so the grid covers every SM twice; at most MAX_SPLITS, since
+    each split of a short context has little to do. Depends only on shapes: CUDA-graph safe."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(MAX_SPLITS, -(-2 * sms // programs)))
 
 
 def paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale):

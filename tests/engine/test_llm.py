@@ -1,9 +1,12 @@
 """End-to-end generation: parity with transformers, paging/sharing/preemption invariance, errors."""
+import os
+
 import pytest
 import torch
 
 from engine import LLM, SamplingParams
 from engine.model_runner import kv_bytes_per_block
+from kernels import use_backend
 from engine_testing import ARCHS, EOS, MAX_POS, VOCAB, random_prompts
 
 LENGTHS = [3, 17, 33, 8, 1]
@@ -164,6 +167,17 @@ def llm(qwen2_dir):
 def test_empty_prompt_is_rejected(llm):
     with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
         llm.generate([[5, 6], []])
+    with pytest.raises(ValueError, match=r"prompts\[0\] is empty"):
+        llm.generate([[]])
+    assert llm.generate([]) == []  # no prompts at all is not an error
+    assert all_blocks_free(llm)
+
+
+def test_engine_sizes_are_validated(qwen2_dir):
+    with pytest.raises(ValueError, match="max_num_seqs=0"):
+        LLM(qwen2_dir, max_num_seqs=0)
+    with pytest.raises(ValueError, match="block_size=0"):
+        LLM(qwen2_dir, block_size=0)
 
 
 def test_prompt_past_context_length_is_rejected(llm):
@@ -268,3 +282,18 @@ def test_generates_from_a_model_in_memory_and_sees_weight_updates(qwen2_dir, ref
     after = tokens_of(llm.generate(prompts, GREEDY))
     fresh = LLM(model, block_size=4)  # nothing cached from the old weights can explain `after`
     assert after == tokens_of(fresh.generate(prompts, GREEDY)) and after != expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("block_size", [4, 6])
+def test_generation_through_the_triton_kernels_gives_the_same_tokens(qwen2_dir, reference, block_size):
+    """The runner's real slot mappings and block tables, fed to the Triton store and decode kernels."""
+    prompts, expected = reference
+    llm = LLM(qwen2_dir, block_size=block_size)
+    llm.runner.kv_pool.fill_(float("nan"))
+    params = SamplingParams(temperature=0, max_new_tokens=6)  # the interpreter is slow: few steps
+    with use_backend("triton"):
+        outputs = llm.generate(prompts[:3], params)
+    assert tokens_of(outputs) == [[e[0][:6]] for e in expected[:3]]
+    assert all_blocks_free(llm)

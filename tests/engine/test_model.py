@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from engine import load_model, save_model
 from engine.checkpoint import INDEX_FILE, SINGLE_FILE
 from engine.config import ModelConfig
+from kernels import linear_token_logprobs, use_backend
 from engine_testing import ARCHS, VOCAB, make_hf_model, random_prompts
 
 # fp32 on CPU: both sides do the same ops in the same order; what differs is matmul blocking and
@@ -38,6 +39,28 @@ def test_packed_forward_restarts_positions_and_isolates_sequences(model_dirs, ar
         logits = model.compute_logits(hidden).split([len(p) for p in prompts])
         for p, got in zip(prompts, logits):
             torch.testing.assert_close(got, hf(torch.tensor([p])).logits[0], atol=ATOL, rtol=0)
+
+
+def test_packed_hidden_states_feed_linear_token_logprobs(model_dirs):
+    """The trainer's path: packed forward -> kernels.linear_token_logprobs(hidden, lm_head, labels),
+    against transformers' log-probs of the same next tokens, with gradients reaching the model."""
+    path, hf = model_dirs["llama"]
+    model = load_model(path)
+    prompts = random_prompts([9, 4, 13], seed=7)
+    ids = torch.tensor(sum(prompts, []))
+    # Next-token labels inside each sequence; the last token of each has none (ignore_index).
+    labels = torch.cat([torch.tensor(p[1:] + [-100]) for p in prompts])
+    hidden = model.forward_packed(ids, [len(p) for p in prompts])
+    with use_backend("torch"):  # the kernel itself is the kernels package's to test
+        logp = linear_token_logprobs(hidden, model.lm_head.weight, labels)
+    with torch.no_grad():
+        expected = torch.cat([
+            torch.log_softmax(hf(torch.tensor([p])).logits[0, :-1], -1).gather(-1, torch.tensor(p[1:])[:, None])[:, 0]
+            for p in prompts])
+    torch.testing.assert_close(logp[labels != -100], expected, atol=ATOL, rtol=0)
+    assert (logp[labels == -100] == 0).all()
+    logp.sum().backward()
+    assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
 
 
 def test_packed_forward_is_differentiable(qwen2_dir):

@@ -55,8 +55,8 @@ def _dense_decode(q, k_cache, v_cache, table, lens):
 
 
 # (context lengths, heads, kv heads, head dim, page): GQA groups 1, 2 and 3 (padded to 4), a head
-# dim that is not a power of two, lengths that end mid-page and exactly on a page boundary.
-SHAPES = [([5, 1, 16], 4, 2, 16, 4), ([9, 3], 2, 2, 24, 8), ([13, 8, 2], 6, 2, 8, 4)]
+# dim and a page size that are not powers of two, lengths ending mid-page and on a page boundary.
+SHAPES = [([5, 1, 16], 4, 2, 16, 4), ([9, 3], 2, 2, 24, 8), ([13, 8, 2], 6, 2, 8, 4), ([7, 12], 4, 1, 16, 6)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -67,21 +67,30 @@ def test_decode_reference_matches_dense_attention(shape):
     torch.testing.assert_close(paged_decode_torch(*args, d ** -0.5).double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_triton_decode_matches_reference(shape, dtype, atol):
+def test_triton_decode_matches_reference(shape, dtype, atol, num_splits):
     lens, h, hkv, d, page = shape
     args = _paged_batch(lens, h, hkv, d, page, dtype)
     expected = _dense_decode(*args)
     # fp16: inputs are exact in both; the kernel accumulates in fp32 and rounds its output to fp16
     # (relative 2^-11), so a few 1e-4 on outputs of magnitude ~1; 2e-3 leaves a margin.
-    torch.testing.assert_close(paged_decode_triton(*args, d ** -0.5).double(), expected, atol=atol, rtol=0)
+    out = paged_decode_triton(*args, d ** -0.5, num_splits=num_splits)
+    torch.testing.assert_close(out.double(), expected, atol=atol, rtol=0)
+
+
+def test_triton_decode_with_more_splits_than_pages():
+    # 8 splits over sequences of 1 to 4 pages: most splits see nothing and must weigh nothing.
+    args = _paged_batch([3, 16, 9], 4, 2, 16, 4, torch.float32)
+    out = paged_decode_triton(*args, 0.25, num_splits=8)
+    torch.testing.assert_close(out.double(), _dense_decode(*args), atol=1e-5, rtol=0)
 
 
 def test_triton_decode_padding_row_is_finite_and_ignored():
     q, k_cache, v_cache, table, lens = _paged_batch([6, 3], 4, 2, 16, 4, torch.float32)
     lens[1] = 0  # a CUDA-graph padding row
-    out = paged_decode_triton(q, k_cache, v_cache, table, lens, 0.25)
+    out = paged_decode_triton(q, k_cache, v_cache, table, lens, 0.25, num_splits=2)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[:1].double(), _dense_decode(q[:1], k_cache, v_cache, table[:1], lens[:1]),
                                atol=1e-5, rtol=0)
