@@ -21,7 +21,7 @@ from engine import config_io
 
 METRICS_FILE = "metrics.jsonl"
 # Shown in the progress bar, when present, in this order.
-_BAR_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "accuracy")
+_BAR_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "accuracy", "score_mean", "kl")
 
 
 class RunLog:

@@ -49,18 +49,14 @@ def checkpoint_dir(run_dir, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:08d}"
 
 
-def save_checkpoint(run_dir, state: TrainState, model, save_weights, optimizer, scheduler, keep: int = 0) -> Path:
-    """Write a complete checkpoint of `state.step` atomically; keep the newest `keep` (0 = all).
-
-    save_weights(model, directory) writes the model directory (save_model or save_reward_model).
-    """
-    final = checkpoint_dir(run_dir, state.step)
+def save_atomically(run_dir, step: int, write, keep: int = 0) -> Path:
+    """Write checkpoint `step` with write(directory) into a hidden temp sibling, then rename it into
+    place; keep the newest `keep` checkpoints (0 = all). Shared by every stage's checkpoint."""
+    final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        save_weights(model, tmp / "model")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(), "state": dataclasses.asdict(state)}, tmp / STATE_FILE)
+        write(tmp)
         if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
             shutil.rmtree(final)
         tmp.rename(final)
@@ -71,6 +67,18 @@ def save_checkpoint(run_dir, state: TrainState, model, save_weights, optimizer, 
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
     return final
+
+
+def save_checkpoint(run_dir, state: TrainState, model, save_weights, optimizer, scheduler, keep: int = 0) -> Path:
+    """Write a complete checkpoint of `state.step` atomically; keep the newest `keep` (0 = all).
+
+    save_weights(model, directory) writes the model directory (save_model or save_reward_model).
+    """
+    def write(tmp: Path):
+        save_weights(model, tmp / "model")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(), "state": dataclasses.asdict(state)}, tmp / STATE_FILE)
+    return save_atomically(run_dir, state.step, write, keep)
 
 
 def list_checkpoints(run_dir) -> list[Path]:
