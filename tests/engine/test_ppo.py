@@ -1,0 +1,221 @@
+"""The PPO stage on tiny models: rollout packing, the hybrid actor, update direction, NaN guard,
+KL ceiling, resume equivalence, critics, config errors."""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.checkpoint import load_model
+from engine.critic import value_model_from_reward_model
+from engine.ppo import KLCeilingExceeded, build_models, build_optimizers, prompt_indices, run_ppo
+from engine.ppo_config import LoopConfig, LossConfig, PPOConfig, RewardConfig, RolloutConfig
+from engine.ppo_core import RunningMoments
+from engine.ppo_step import PhaseTimer, make_rollout, ppo_update
+from engine.reward_model import reward_model_from_lm, save_reward_model
+from engine.rollout import pack_rollout, response_logprobs
+from engine.runlog import read_metrics
+from engine_testing import VOCAB, random_prompts
+from train_testing import save_tiny_model, write_jsonl
+
+LOW_IDS = VOCAB // 2
+
+
+def low_id_fraction(prompts, responses):
+    """Toy scorer on token ids: the fraction of response tokens below VOCAB / 2."""
+    return torch.tensor([sum(t < LOW_IDS for t in r) / len(r) for r in responses])
+
+
+def vowel_fraction(prompts, responses):
+    """Toy reward function on texts (what reward_fn receives): the fraction of vowels."""
+    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo")
+    policy_dir = save_tiny_model(root / "policy")
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in
+                                                   ["the quick brown", "hello world", "lazy dog", "fox jumps"]])
+    return root, policy_dir, prompts
+
+
+def config(root, policy_dir, prompts, name, **fields):
+    defaults = dict(
+        rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6, kv_cache_memory=1 << 22),
+        ppo=LossConfig(epochs=2, minibatch_size=4),
+        train=LoopConfig(iterations=2, progress=False, resume=True, device="cpu"),
+        reward_fn="test_ppo:vowel_fraction", critic="shared")
+    return PPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / name),
+                     **{**defaults, **fields})
+
+
+def test_pack_rollout_positions():
+    packed = pack_rollout([[1, 2, 3], [4]], [[7, 8], [9, 10, 11]], "cpu")
+    assert packed.input_ids.tolist() == [1, 2, 3, 7, 8, 4, 9, 10, 11] and packed.seqlens == [5, 4]
+    # Row 0: tokens 7, 8 at positions 3, 4 are predicted from positions 2, 3; row 1 starts at 5.
+    assert packed.target_rows.tolist() == [2, 3, 5, 6, 7]
+    assert packed.target_ids.tolist() == [7, 8, 9, 10, 11]
+    assert packed.mask().tolist() == [[True, True, False], [True, True, True]]
+    assert packed.to_grid(torch.arange(5.0)).tolist() == [[0, 1, 0], [2, 3, 4]]
+    with pytest.raises(ValueError, match="row 1 has 0 prompt"):
+        pack_rollout([[1], []], [[2], [3]], "cpu")
+
+
+def test_response_logprobs_match_transformers(model_dirs):
+    path, hf = model_dirs["qwen2"]
+    model = load_model(path)
+    prompts, responses = random_prompts([3, 5], seed=1), random_prompts([4, 2], seed=2)
+    packed = pack_rollout(prompts, responses, "cpu")
+    logp, entropy, _ = response_logprobs(model, packed, temperature=0.7, with_entropy=True)
+    for r, (p, y) in enumerate(zip(prompts, responses)):
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + y])).logits[0].double() / 0.7
+        logsm = logits.log_softmax(-1)[len(p) - 1:len(p) - 1 + len(y)]
+        expected = logsm.gather(-1, torch.tensor(y)[:, None])[:, 0]
+        torch.testing.assert_close(logp[r, :len(y)].double(), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(entropy[r, :len(y)].double(), -(logsm.exp() * logsm).sum(-1), atol=1e-4, rtol=1e-4)
+        assert torch.all(logp[r, len(y):] == 0)
+
+
+def test_prompt_order_is_a_resumable_stream():
+    seen = [prompt_indices(5, 3, seed=7, iteration=i) for i in range(5)]
+    flat = sum(seen, [])
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
+    assert prompt_indices(5, 3, seed=7, iteration=3) == seen[3]
+
+
+def test_hybrid_actor_generates_from_the_trained_weights(setup):
+    root, policy_dir, prompts = setup
+    cfg = config(root, policy_dir, prompts, "actor", critic="shared")
+    from transformers import AutoTokenizer
+    models = build_models(cfg, torch.device("cpu"), AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
+    assert models.actor.llm.model is models.policy                     # one weight copy
+    pool = models.actor.kv_pool_bytes
+    opts, _ = build_optimizers(models, cfg)
+    rollout, metrics = make_rollout(models, random_prompts([4, 6]), cfg, 0.05, RunningMoments(), 0,
+                                    PhaseTimer(torch.device("cpu")))
+    # The sampler's log-probs are the training forward's, from the same weights (fp32 on CPU).
+    assert metrics["logprob_mismatch_max"] < 1e-4
+    ppo_update(models, opts, rollout, cfg, seed=0)
+    rollout2, metrics2 = make_rollout(models, random_prompts([4, 6]), cfg, 0.05, RunningMoments(), 0,
+                                      PhaseTimer(torch.device("cpu")))
+    assert metrics2["logprob_mismatch_max"] < 1e-4                      # generation saw the update
+    assert not torch.allclose(rollout2.old_logprobs, rollout.old_logprobs)
+    assert models.actor.kv_pool_bytes == pool                            # the pool stayed as budgeted
+
+
+def test_ppo_update_moves_the_policy_toward_the_reward(setup):
+    """After one update, tokens with positive advantage gained log-probability and the rest lost it."""
+    root, policy_dir, prompts = setup
+    cfg = config(root, policy_dir, prompts, "direction", ppo=LossConfig(epochs=1, minibatch_size=100),
+                 optim=dict_optim(lr=1e-4), reward=RewardConfig(kl_coef=0.0))
+    from transformers import AutoTokenizer
+    models = build_models(cfg, torch.device("cpu"), AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
+    models.score = low_id_fraction
+    opts, _ = build_optimizers(models, cfg)
+    rollout, _ = make_rollout(models, random_prompts([5, 3, 7, 4], seed=10), cfg, 0.0, RunningMoments(), 0,
+                              PhaseTimer(torch.device("cpu")))
+    assert ppo_update(models, opts, rollout, cfg, seed=0)["updates"] == 1
+    with torch.no_grad():
+        new_logp, _, _ = models.forward(rollout.packed(), cfg.rollout.temperature, with_entropy=False)
+    change = (new_logp - rollout.old_logprobs)[rollout.mask]
+    advantage = rollout.advantages[rollout.mask]
+    assert (change * advantage).sum() > 0
+    assert torch.corrcoef(torch.stack([change, advantage]))[0, 1] > 0.5
+
+
+def dict_optim(**kw):
+    from engine.train_config import OptimConfig
+    return OptimConfig(**kw)
+
+
+def test_non_finite_loss_skips_the_update(setup):
+    root, policy_dir, prompts = setup
+    cfg = config(root, policy_dir, prompts, "nan")
+    from transformers import AutoTokenizer
+    models = build_models(cfg, torch.device("cpu"), AutoTokenizer.from_pretrained(policy_dir),
+                          lambda prompts, responses: [float("nan")] * len(responses))
+    opts, _ = build_optimizers(models, cfg)
+    before = {k: v.clone() for k, v in models.policy.state_dict().items()}
+    rollout, _ = make_rollout(models, random_prompts([4, 6]), cfg, 0.05, RunningMoments(), 0,
+                              PhaseTimer(torch.device("cpu")))
+    metrics = ppo_update(models, opts, rollout, cfg, seed=0)
+    assert metrics["updates"] == 0 and metrics["skipped_updates"] == 4      # 2 epochs x 2 minibatches
+    assert all(torch.equal(before[k], v) for k, v in models.policy.state_dict().items())
+
+
+def test_kl_ceiling_stops_the_run(setup):
+    root, policy_dir, prompts = setup
+    cfg = config(root, policy_dir, prompts, "ceiling", optim=dict_optim(lr=5e-2),
+                 reward=RewardConfig(kl_ceiling=1e-6), train=LoopConfig(iterations=3, progress=False, device="cpu"))
+    with pytest.raises(KLCeilingExceeded, match="exceeds reward.kl_ceiling"):
+        run_ppo(cfg)
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_resume_equivalence(setup, critic):
+    """Two iterations straight == one, checkpoint, a fresh process resumes, one more."""
+    root, policy_dir, prompts = setup
+    loop = dict(iterations=2, save_every=1, keep_checkpoints=0, progress=False, device="cpu")
+    straight = config(root, policy_dir, prompts, f"straight-{critic}", critic=critic, train=LoopConfig(**loop))
+    run_ppo(straight)
+    resumed = config(root, policy_dir, prompts, f"resumed-{critic}", critic=critic, train=LoopConfig(**loop))
+    (root / f"resumed-{critic}" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(root / f"straight-{critic}" / "checkpoints" / "step-00000001",
+                    root / f"resumed-{critic}" / "checkpoints" / "step-00000001")
+    run_ppo(resumed)
+    a = load_model(root / f"straight-{critic}" / "final").state_dict()
+    b = load_model(root / f"resumed-{critic}" / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_separate_critic_starts_from_the_reward_model(setup):
+    root, policy_dir, _ = setup
+    rm = reward_model_from_lm(load_model(policy_dir))
+    torch.nn.init.normal_(rm.score.weight)
+    critic = value_model_from_reward_model(rm)
+    packed = pack_rollout([[11, 12, 13]], [[14, 15]], "cpu")
+    with torch.no_grad():
+        values = critic.response_values(packed)
+        # The value read at the last response token's predicting position is the RM score of the
+        # sequence without that token.
+        score = rm.raw_rewards(rm.forward_packed(torch.tensor([11, 12, 13, 14]), [4]), [4])
+    torch.testing.assert_close(values[0, 1], score[0])
+
+
+def test_reward_model_run(setup):
+    root, policy_dir, prompts = setup
+    rm = reward_model_from_lm(load_model(policy_dir))
+    save_reward_model(rm, root / "rm", source_dir=policy_dir)
+    demos = write_jsonl(root / "demos.jsonl", [{"prompt": "hello", "response": " world"}] * 8)
+    cfg = config(root, policy_dir, prompts, "with-rm", critic="separate", reward_fn=None,
+                 reward_model=str(root / "rm"), ptx_file=str(demos), ppo=LossConfig(epochs=1, ptx_coef=0.5),
+                 train=LoopConfig(iterations=1, progress=False, device="cpu"))
+    final = run_ppo(cfg)
+    assert (final / "config.json").exists() and (root / "with-rm" / "final_critic" / "model.safetensors").exists()
+    train_rows = [r for r in read_metrics(root / "with-rm") if r["kind"] == "train"]
+    for key in ("score_mean", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance",
+                "perplexity", "logprob_mismatch", "ptx_loss", "time_generate", "time_train", "tokens_per_s_train"):
+        assert key in train_rows[-1], key
+
+
+def test_cli_help_lists_every_section(capsys):
+    from engine import cli
+    with pytest.raises(SystemExit):
+        cli.main(["ppo", "--help"])
+    out = capsys.readouterr().out
+    for key in ("rollout.temperature", "ppo.clip_eps", "reward.kl_target", "train.iterations", "critic"):
+        assert key in out
+
+
+def test_config_errors(setup):
+    root, policy_dir, prompts = setup
+    with pytest.raises(ValueError, match="not both"):
+        PPOConfig(policy="p", prompts_file="f", output_dir="o", reward_model="rm", reward_fn="m:f")
+    with pytest.raises(ValueError, match="ptx_coef > 0 needs ptx_file"):
+        PPOConfig(policy="p", prompts_file="f", output_dir="o", reward_fn="m:f", ppo=LossConfig(ptx_coef=0.1))
+    with pytest.raises(ValueError, match="ppo.estimator must be one of"):
+        LossConfig(estimator="vtrace")
+    with pytest.raises(ValueError, match="critic must be one of"):
+        PPOConfig(policy="p", prompts_file="f", output_dir="o", reward_fn="m:f", critic="twin")
