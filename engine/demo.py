@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +30,23 @@ class DemoConfig:
     output_dir: str = field(default="fusedrl-demo", metadata={"help": "where the runs, table and plot go"})
     seed: int = field(default=0, metadata={"help": "seed of the data, the model init and every stage"})
     digits: int = field(default=4, metadata={"help": "digits per prompt"})
-    train_prompts: int = field(default=1500, metadata={"help": "prompts for SFT, RM and PPO"})
+    train_prompts: int = field(default=2000, metadata={"help": "prompts for SFT, RM and PPO"})
     eval_prompts: int = field(default=100, metadata={"help": "held-out prompts for the accuracy"})
     demo_noise: float = field(default=0.4, metadata={"help": "fraction of SFT demonstrations that are wrong"})
-    sft_epochs: int = field(default=6, metadata={"help": "SFT epochs"})
+    sft_epochs: int = field(default=4, metadata={"help": "SFT epochs"})
     rm_epochs: int = field(default=2, metadata={"help": "reward-model epochs"})
-    ppo_iterations: int = field(default=40, metadata={"help": "PPO iterations"})
+    ppo_iterations: int = field(default=30, metadata={"help": "PPO iterations"})
     eval_samples: int = field(default=4, metadata={"help": "samples per held-out prompt for the accuracy"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
+
+    def __post_init__(self):
+        if not 2 <= self.digits <= 8:
+            raise ValueError(f"digits must be in [2, 8], got {self.digits}")
+        if not 0 <= self.demo_noise < 1:
+            raise ValueError(f"demo_noise must be in [0, 1), got {self.demo_noise}")
+        for name in ("train_prompts", "eval_prompts", "sft_epochs", "rm_epochs", "ppo_iterations", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 # --- the task ----------------------------------------------------------------------------------
@@ -54,22 +65,27 @@ def is_correct(prompt: str, response: str) -> bool:
     return response.split() == [str(d) for d in sorted(digits)]
 
 
-def corrupt(digits: list[int], rng: random.Random) -> list[int]:
-    """A wrong answer: the sorted digits with two unequal neighbours swapped, one digit changed or
-    one dropped."""
+CORRUPTIONS = ("swap", "change", "drop")
+
+
+def corrupt(digits: list[int], rng: random.Random, kind: str | None = None) -> list[int]:
+    """A wrong answer: the sorted digits with two unequal neighbours swapped ("swap"), one digit
+    changed ("change") or one dropped ("drop"); a random kind when none is given."""
     good = sorted(digits)
+    kind = kind or rng.choice(CORRUPTIONS)
     while True:
         bad = good[:]
-        kind = rng.randrange(3)
-        if kind == 0:
+        if kind == "swap":
             i = rng.randrange(len(bad) - 1)
             bad[i], bad[i + 1] = bad[i + 1], bad[i]
-        elif kind == 1:
+        elif kind == "change":
             bad[rng.randrange(len(bad))] = rng.randrange(10)
         else:
             del bad[rng.randrange(len(bad))]
         if bad != good:
             return bad
+        if kind == "swap" and len(set(good)) == 1:  # nothing to swap: fall back to a change
+            kind = "change"
 
 
 def make_prompts(n: int, digits: int, rng: random.Random, exclude: set = frozenset()) -> list[list[int]]:
@@ -95,8 +111,9 @@ def write_data(cfg: DemoConfig, data_dir: Path) -> dict:
     data_dir.mkdir(parents=True, exist_ok=True)
     demos = [{"prompt": prompt_text(p), "response": " " + answer_text(
         corrupt(p, rng) if rng.random() < cfg.demo_noise else sorted(p))} for p in train]
+    # One pair per kind of mistake and prompt, so the reward model learns to catch each of them.
     pairs = [{"prompt": prompt_text(p), "chosen": " " + answer_text(sorted(p)),
-              "rejected": " " + answer_text(corrupt(p, rng))} for p in train]
+              "rejected": " " + answer_text(corrupt(p, rng, kind))} for p in train for kind in CORRUPTIONS]
     return {
         "sft": write_jsonl(data_dir / "demonstrations.jsonl", demos),
         "rm": write_jsonl(data_dir / "preferences.jsonl", pairs),
@@ -167,20 +184,24 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=true or another output_dir")
+        shutil.rmtree(out)
     data = write_data(cfg, out / "data")
     tokenizer = build_tokenizer()
     base = build_base_model(out / "base", cfg.seed)
     loop = dict(device="cpu" if not torch.cuda.is_available() else None, progress=not quiet, resume=False)
-    small = dict(max_length=16, max_prompt_length=8, tokens_per_batch=1024, eval_fraction=0.05)
+    small = dict(max_length=16, max_prompt_length=8, eval_fraction=0.05)
 
     sft_dir = run_sft(SFTConfig(
         model=base, output_dir=str(out / "sft"), seed=cfg.seed,
-        data=DataConfig(train_file=data["sft"], **small),
-        optim=OptimConfig(lr=3e-3, warmup_steps=10, weight_decay=0.0),
+        data=DataConfig(train_file=data["sft"], tokens_per_batch=256, **small),
+        optim=OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.0),
         train=TrainConfig(epochs=cfg.sft_epochs, eval_every=0, **loop)))
     rm_dir = run_rm(RMConfig(
         model=str(sft_dir), output_dir=str(out / "rm"), seed=cfg.seed,
-        data=DataConfig(train_file=data["rm"], **small),
+        data=DataConfig(train_file=data["rm"], tokens_per_batch=512, **small),
         optim=OptimConfig(lr=1e-3, warmup_steps=10), train=TrainConfig(epochs=cfg.rm_epochs, **loop)))
 
     temperature = 1.0
@@ -196,9 +217,9 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
         output_dir=str(out / "ppo"), seed=cfg.seed,
         rollout=RolloutConfig(prompts_per_iteration=16, samples_per_prompt=4, max_new_tokens=12,
                               temperature=temperature, kv_cache_memory=1 << 24),
-        ppo=LossConfig(epochs=2, minibatch_size=16, vf_coef=0.1, gamma=1.0, lam=0.95),
-        reward=RewardConfig(kl_coef=0.02),
-        optim=OptimConfig(lr=5e-4, max_grad_norm=1.0),
+        ppo=LossConfig(epochs=2, minibatch_size=32, vf_coef=0.1, gamma=1.0, lam=0.95),
+        reward=RewardConfig(kl_coef=0.1),
+        optim=OptimConfig(lr=2e-4, max_grad_norm=1.0),
         train=LoopConfig(iterations=cfg.ppo_iterations, log_every=5, **loop)),
         evaluate=lambda models: {"accuracy": accuracy(models.policy)})
     ppo_accuracy = accuracy(load_model(ppo_dir))

@@ -103,7 +103,8 @@ def build_models(cfg: PPOConfig, device, tokenizer, reward_fn: Optional[Callable
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory,
                         block_size=cfg.rollout.block_size,
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt)
-    return PPOModels(policy, reference, actor, critic, value_head, score)
+    return PPOModels(policy, reference, actor, critic, value_head, score,
+                     autocast=lambda: autocast_for(device, cfg.train.bf16))
 
 
 def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, list]:
@@ -172,7 +173,8 @@ def ptx_loss_fn(cfg: PPOConfig, tokenizer, models: PPOModels, state: PPOState, d
         epoch, index, batch = next(stream)
         state.ptx.update(epoch=epoch, batch_index=index + 1)
         batch = to_device(collate_sft(batch), device)
-        return sft_loss(models.policy, batch, {"tokens": batch.num_targets})[0]
+        with models.autocast():
+            return sft_loss(models.policy, batch, {"tokens": batch.num_targets})[0]
     return loss
 
 
@@ -221,14 +223,13 @@ def _loop(cfg, models, opts, schedules, state, prompts, tokenizer, device, run, 
         it = state.iteration
         timer = PhaseTimer(device)
         batch = [prompts[i] for i in prompt_indices(len(prompts), per_iteration, cfg.seed, it)]
-        with autocast_for(device, cfg.train.bf16):
-            rollout, metrics = make_rollout(models, batch, cfg, kl_ctl.value, moments, cfg.seed * 1_000_003 + it, timer)
-            if cfg.reward.kl_ceiling is not None and metrics["kl"] > cfg.reward.kl_ceiling:
-                run.log("info", it, {"stopped": f"KL {metrics['kl']:.4g} > reward.kl_ceiling {cfg.reward.kl_ceiling}"})
-                raise KLCeilingExceeded(f"iteration {it}: KL to the reference {metrics['kl']:.4g} exceeds "
-                                        f"reward.kl_ceiling={cfg.reward.kl_ceiling}; stopping (reward hacking guard)")
-            with timer.phase("train"):
-                metrics.update(ppo_update(models, opts, rollout, cfg, cfg.seed + it, ptx_loss))
+        rollout, metrics = make_rollout(models, batch, cfg, kl_ctl.value, moments, cfg.seed * 1_000_003 + it, timer)
+        if cfg.reward.kl_ceiling is not None and metrics["kl"] > cfg.reward.kl_ceiling:
+            run.log("info", it, {"stopped": f"KL {metrics['kl']:.4g} > reward.kl_ceiling {cfg.reward.kl_ceiling}"})
+            raise KLCeilingExceeded(f"iteration {it}: KL to the reference {metrics['kl']:.4g} exceeds "
+                                    f"reward.kl_ceiling={cfg.reward.kl_ceiling}; stopping (reward hacking guard)")
+        with timer.phase("train"):
+            metrics.update(ppo_update(models, opts, rollout, cfg, cfg.seed + it, ptx_loss))
         metrics["tokens_per_s_train"] = cfg.ppo.epochs * int(rollout.mask.sum()) / max(timer.seconds["train"], 1e-9)
         metrics["lr"] = schedules[0].get_last_lr()[0]
         for s in schedules:

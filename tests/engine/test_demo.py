@@ -1,0 +1,38 @@
+"""`fusedrl demo` end to end on a very short setting, and the task's own checker."""
+import json
+import random
+
+import pytest
+
+from engine import cli
+from engine.demo import DemoConfig, corrupt, is_correct, prompt_text
+
+
+def test_checker_and_corruptions():
+    assert is_correct("sort 4 1 3 1 :", "1 1 3 4")
+    assert not is_correct("sort 4 1 3 1 :", "1 3 4")
+    rng = random.Random(0)
+    for _ in range(200):
+        digits = [rng.randrange(10) for _ in range(4)]
+        bad = corrupt(digits, rng)
+        assert not is_correct(prompt_text(digits), " ".join(map(str, bad)))
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    cli.main(["demo", f"output_dir={out}", "train_prompts=64", "eval_prompts=6", "sft_epochs=1",
+              "rm_epochs=1", "ppo_iterations=1", "eval_samples=2", "--quiet"])
+    printed = capsys.readouterr().out
+    assert "PPO accuracy (held-out, sampled)" in printed
+    results = json.loads((out / "results.json").read_text())
+    for key in ("sft_accuracy", "rm_heldout_accuracy", "ppo_accuracy", "ppo_mean_score", "ppo_kl"):
+        assert results[key] is not None
+    assert (out / "ppo" / "final" / "model.safetensors").exists()
+    assert (out / "ppo" / "plots" / "train.png").exists()
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        cli.main(["demo", f"output_dir={out}", "--quiet"])
+
+
+def test_demo_config_errors():
+    with pytest.raises(ValueError, match="demo_noise must be in"):
+        DemoConfig(demo_noise=1.0)
