@@ -5,8 +5,9 @@
 - `forward(input_ids, positions, meta, kv_caches)`: prefill or decode against the paged KV cache.
 
 Parameter names are the Hugging Face ones (`model.layers.0.self_attn.q_proj.weight`, ...), so
-checkpoints map one to one. Numerics follow transformers step for step (fp32 RMSNorm, RoPE tables in
-fp32 cast to the activation dtype), which is what makes the fp32 parity tests tight.
+checkpoints map one to one. The PyTorch path follows transformers step for step (fp32 RMSNorm, RoPE
+tables in fp32 cast to the activation dtype), which is what makes the fp32 parity tests tight; with
+autograd off on the GPU, norms (with the residual add) and RoPE run as fused Triton kernels instead.
 """
 from __future__ import annotations
 
