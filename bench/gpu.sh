@@ -26,4 +26,8 @@ echo "== kernel benchmark =="
 timeout 300 python bench/bench_kernels.py --json "$out/bench_kernels.json" \
   2>&1 | tee "$out/bench_kernels.log" || status=1
 
+echo "== generation benchmark =="
+timeout 300 python bench/bench_generate.py --out "$out/bench_generate.json" \
+  2>&1 | tee "$out/bench_generate.log" || status=1
+
 exit $status

@@ -23,6 +23,8 @@ from engine import paged_kernels
 from kernels.dispatch import backend_for, requested_backend
 
 FLASH_PAGE_MULTIPLE = 256
+# Packs up to this many tokens attend in one SDPA call with an [N, N] mask (at most 4 MiB of bools).
+DENSE_PACK_TOKENS = 2048
 
 
 @dataclass
@@ -93,6 +95,14 @@ def varlen_attention(q, k, v, meta: AttentionMetadata):
     lens = meta.seqlens_q
     if len(set(lens)) == 1:  # equal lengths (e.g. a batch of same-length prompts): one batched call
         return _sdpa(*(x.unflatten(0, (len(lens), lens[0])) for x in (q, k, v)), scale).flatten(0, 1)
+    if q.shape[0] <= DENSE_PACK_TOKENS:
+        # A small pack of many short sequences (RL rollouts): one call with a block-diagonal causal
+        # mask beats a Python loop of tiny calls, forward and backward (measured on 2 CPU cores:
+        # ~2x for 60 sequences of 1-15 tokens).
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=_block_causal_mask(lens, q.device), scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
     # Otherwise one SDPA call per sequence: no [N, N] block-diagonal mask to build.
     outs = [_sdpa(qi[None], ki[None], vi[None], scale)[0]
             for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens))]
@@ -133,6 +143,13 @@ def decode_attention(q, k_cache, v_cache, meta: AttentionMetadata):
         return paged_kernels.paged_decode_triton(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     return paged_kernels.paged_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+
+
+def _block_causal_mask(lens: list[int], device) -> torch.Tensor:
+    """[N, N] bool: token i attends to token j iff both are in the same sequence and j <= i."""
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
+    pos = torch.arange(seq.shape[0], device=device)
+    return (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
 
 
 def _sdpa(q, k, v, scale):

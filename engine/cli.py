@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine import generate_cli
+
 
 def info(_args: argparse.Namespace) -> int:
     """Print versions, devices and which kernel backend each device would use."""
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusedrl", description="Kernel-optimized single-node RLHF.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, devices and kernel backends").set_defaults(run=info)
+    generate_cli.add_parser(commands)
     return parser
 
 
