@@ -18,7 +18,7 @@ from engine.data import Ranking, parser_for, read_jsonl
 from engine.losses import ranking_loss_sum, token_nll_sum
 from engine.reward_model import RewardModel, load_reward_model, reward_model_from_lm, save_reward_model
 from engine.stage_setup import prepare_run
-from engine.tokenize import tokenize_prompt, tokenize_response
+from engine.tokenization import tokenize_prompt, tokenize_response
 from engine.trainer import Stage, train
 from engine.train_config import RMConfig
 

@@ -17,7 +17,7 @@ import torch
 from engine import optim
 from engine.batching import epoch_batches
 from engine.runlog import RunLog, peak_memory_mb
-from engine.tokenize import TokenizedExample
+from engine.tokenization import TokenizedExample
 from engine.train_config import StageConfig
 from engine.train_state import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 

@@ -18,7 +18,7 @@ from engine.losses import token_nll_sum
 from engine.optim import build_optimizer, build_scheduler, lr_factor
 from engine.runlog import read_metrics
 from engine.sft import run_sft, sft_loss, sft_stage
-from engine.tokenize import TokenizedExample
+from engine.tokenization import TokenizedExample
 from engine.trainer import train_step
 from engine.train_state import latest_checkpoint, save_checkpoint, TrainState
 from engine_testing import random_prompts
