@@ -108,6 +108,9 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
           ) -> TrainState:
     """Train `model` in place for the configured steps, resuming from the newest checkpoint in
     cfg.output_dir when train.resume is set. Returns the final TrainState."""
+    if cfg.data.max_length > model.config.max_model_len:
+        raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's max_model_len "
+                         f"{model.config.max_model_len}")
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     steps = total_steps(train_ex, cfg)

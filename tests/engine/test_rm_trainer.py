@@ -48,6 +48,8 @@ def test_reference_responses_score_mean_zero_after_normalization(trained):
     cfg, final = trained
     rm = load_reward_model(final)
     assert rm.reward_offset == json.loads((final / "config.json").read_text())["reward_offset"] != 0
+    logged = [r for r in read_metrics(cfg.output_dir) if "reward_offset" in r]
+    assert logged[-1]["reward_offset"] == rm.reward_offset and logged[-1]["reference_responses"] == 20
     from transformers import AutoTokenizer
     from engine.rm import reference_sequences
     seqs = reference_sequences(cfg, AutoTokenizer.from_pretrained(final), [])
