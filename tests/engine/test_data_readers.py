@@ -2,6 +2,7 @@
 import pytest
 
 from engine.batching import IGNORE, collate_rm, collate_sft, epoch_batches, pack, response_labels
+from engine.cli import main
 from engine.data import DataError, Demonstration, Ranking, parser_for, read_jsonl
 from engine.examples import split_off
 from engine.tokenization import TokenizedExample, render_chat, tokenize_record
@@ -139,3 +140,10 @@ def test_held_out_split_is_seeded_and_disjoint():
     train, held = split_off(100, 0.1, seed=3)
     assert len(held) == 10 and not set(train) & set(held) and split_off(100, 0.1, seed=3) == (train, held)
     assert split_off(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
+
+
+def test_fusedrl_sft_reports_a_malformed_line_without_a_traceback(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}, '{"prompt": "p"}'])
+    with pytest.raises(SystemExit, match=r"^fusedrl sft: .*d\.jsonl:2: expected keys prompt\+response"):
+        main(["sft", f"model={tmp_path / 'tok'}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}"])
