@@ -41,11 +41,17 @@ def _kl_terms(logp, ref_logp, ESTIMATOR: tl.constexpr):
 
 
 @triton.jit
-def _load_valid(mask_ptr, offs, in_range, HAS_MASK: tl.constexpr):
-    """Per-element validity: inside the tensor and (if a mask is given) mask != 0."""
+def _load_block(logp_ptr, ref_ptr, mask_ptr, n_elements, HAS_MASK: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr):
+    """Offsets, in-range flags, validity (in range and mask != 0) and fp32 inputs of one block."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    in_range = offs < n_elements
+    valid = in_range
     if HAS_MASK:
-        return in_range & (tl.load(mask_ptr + offs, mask=in_range, other=0) != 0)
-    return in_range
+        valid = in_range & (tl.load(mask_ptr + offs, mask=in_range, other=0) != 0)
+    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    return offs, in_range, valid, logp, ref
 
 
 @triton.jit
@@ -59,11 +65,8 @@ def _kl_fwd_kernel(
     HAS_MASK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    in_range = offs < n_elements
-    valid = _load_valid(mask_ptr, offs, in_range, HAS_MASK)
-    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    offs, in_range, valid, logp, ref = _load_block(logp_ptr, ref_ptr, mask_ptr, n_elements,
+                                                   HAS_MASK, BLOCK_SIZE)
     kl, _ = _kl_terms(logp, ref, ESTIMATOR)
     tl.store(out_ptr + offs, tl.where(valid, kl, 0.0), mask=in_range)
 
@@ -80,11 +83,8 @@ def _kl_bwd_kernel(
     HAS_MASK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    in_range = offs < n_elements
-    valid = _load_valid(mask_ptr, offs, in_range, HAS_MASK)
-    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    offs, in_range, valid, logp, ref = _load_block(logp_ptr, ref_ptr, mask_ptr, n_elements,
+                                                   HAS_MASK, BLOCK_SIZE)
     grad_out = tl.load(grad_out_ptr + offs, mask=valid, other=0.0)
     _, dkl = _kl_terms(logp, ref, ESTIMATOR)
     grad = tl.where(valid, grad_out * dkl, 0.0)

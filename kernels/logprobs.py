@@ -244,7 +244,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         ignore_index: label value whose outputs (and gradients) are 0.
         return_entropy: also return the entropy of softmax(logits / temperature).
         inplace_backward: backward overwrites ``logits`` with its gradient (saves one [N, V]
-            buffer; ``logits`` must not be used after backward).
+            buffer; ``logits`` must not be used after backward). Triton backend only.
     Returns:
         logp [...] fp32, or (logp, entropy) [...] fp32 with ``return_entropy``. Differentiable
         w.r.t. logits through both.
@@ -270,7 +270,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     if logits_2d.stride(-1) != 1:
         logits_2d = logits_2d.contiguous()
     logp, entropy, _ = torch.ops.fusedrl.token_logprobs_fwd(
-        logits_2d, labels.reshape(-1), float(temperature), ignore_index, bool(return_entropy),
+        logits_2d, labels.reshape(-1).contiguous(), float(temperature), ignore_index, bool(return_entropy),
         bool(inplace_backward),
     )
     logp = logp.view(labels.shape)

@@ -122,6 +122,7 @@ def test_non_contiguous_leading_dims():
     labels = labels_base.transpose(0, 1)[::2]
     assert not logits.is_contiguous()
     check_against_reference(logits, labels)
+    check_against_reference(base[::2, 3], labels_base[::2, 3])   # strided rows and 1-d labels
 
 
 def test_nan_row_stays_in_its_row():

@@ -1,0 +1,86 @@
+"""The pure pieces of a PPO iteration, on hand-made tensors."""
+import math
+
+import pytest
+import torch
+
+from engine.ppo_core import (KLController, RunningMoments, advantages_and_returns, explained_variance,
+                             last_valid_index, shape_rewards)
+from kernels import reference
+
+
+def test_shape_rewards_hand_computed():
+    # Row 0: valid at 1..3, score 2 lands on t=3. Row 1: valid at 0 and 2 (a hole), score -1 on
+    # t=2. Row 2: nothing valid, no reward anywhere. beta = 0.5.
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 0, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    kl = torch.tensor([[9.0, 0.2, 0.4, -0.2, 9.0], [1.0, 9.0, 0.0, 9.0, 9.0], [9.0] * 5])
+    rewards = shape_rewards(torch.where(mask, kl, 0.0), torch.tensor([2.0, -1.0, 5.0]), mask, 0.5)
+    expected = torch.tensor([[0.0, -0.1, -0.2, 0.1 + 2.0, 0.0],
+                             [-0.5, 0.0, 0.0 - 1.0, 0.0, 0.0],
+                             [0.0] * 5])
+    torch.testing.assert_close(rewards, expected)
+    assert last_valid_index(mask).tolist() == [3, 2, 0]
+
+
+def test_shape_rewards_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"scores \[R\]"):
+        shape_rewards(torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3, dtype=torch.bool), 0.1)
+
+
+def test_reinforce_is_reward_to_go_minus_baseline():
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 0.1, 0.3, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    advantages, returns = advantages_and_returns(rewards, values, mask, estimator="reinforce",
+                                                 gamma=0.5, whiten=False)
+    # G = [1 + 0.5 * 0 + 0.25 * 2, 0 + 0.5 * 2, 2] = [1.5, 1.0, 2.0]; A = G - V.
+    torch.testing.assert_close(returns, torch.tensor([[1.5, 1.0, 2.0, 0.0]]))
+    torch.testing.assert_close(advantages, torch.tensor([[1.0, 0.9, 1.7, 0.0]]))
+
+
+def test_gae_path_whitens_advantages_only():
+    rewards, values = torch.randn(3, 6), torch.randn(3, 6)
+    mask = torch.rand(3, 6) > 0.3
+    advantages, returns = advantages_and_returns(rewards, values, mask, gamma=0.9, lam=0.8)
+    ref_adv, ref_ret = reference.gae(rewards.double(), values.double(), mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(returns.double(), ref_ret, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(advantages.double(), reference.masked_whiten(ref_adv, mask), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown estimator 'vtrace'"):
+        advantages_and_returns(rewards, values, mask, estimator="vtrace")
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 2.0), returns, mask).item() == pytest.approx(0.0)
+
+
+def test_kl_controller_moves_toward_target():
+    fixed = KLController(0.1)
+    assert fixed.update(5.0, 64) == 0.1
+    adaptive = KLController(0.1, target=1.0, horizon=100)
+    assert adaptive.update(2.0, 10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))   # error clipped at +0.2
+    before = adaptive.value
+    assert adaptive.update(0.9, 10) == pytest.approx(before * (1 - 0.1 * 10 / 100))
+    assert adaptive.update(float("nan"), 10) == pytest.approx(before * (1 - 0.1 * 10 / 100))
+    with pytest.raises(ValueError, match="target must be > 0"):
+        KLController(0.1, target=0.0)
+    with pytest.raises(ValueError, match="value must be a finite number"):
+        KLController(-1.0)
+
+
+def test_running_moments_match_the_whole_stream():
+    moments = RunningMoments()
+    chunks = [torch.randn(n) * 3 + 1 for n in (5, 1, 17, 0, 8)]
+    for chunk in chunks:
+        moments.update(chunk)
+    everything = torch.cat(chunks).double()
+    assert moments.count == everything.numel()
+    assert moments.mean == pytest.approx(everything.mean().item())
+    assert moments.std == pytest.approx(everything.std(unbiased=False).item())
+    clipped = RunningMoments(clip=1.0).normalize(torch.tensor([0.0, 0.0, 10.0]))
+    assert clipped.abs().max().item() == pytest.approx(1.0)
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert restored.std == moments.std and not math.isnan(restored.mean)
