@@ -23,10 +23,15 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "tqdm",
+        # engine/ training stages: YAML configs, `fusedrl plot`.
+        "pyyaml>=6",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],
         "bench": ["pytest-benchmark>=4"],
+        # train.tensorboard=true (torch.utils.tensorboard writes the events).
+        "tensorboard": ["tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["fusedrl=engine.cli:main"]},
 )

@@ -50,13 +50,16 @@ def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
     return dtype
 
 
-def load_model(model_dir, dtype="auto", device="cpu") -> CausalLM:
-    """Build the decoder described by `model_dir` and fill it with the directory's weights."""
+def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> CausalLM:
+    """Build the decoder described by `model_dir` and fill it with the directory's weights.
+
+    `model_cls`: CausalLM or a subclass with extra parameters (the reward model's `score` head).
+    """
     model_dir = Path(model_dir)
     config = load_config(model_dir)
     dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):  # no random init: every parameter is overwritten from the checkpoint
-        model = CausalLM(config, dtype)
+        model = model_cls(config, dtype)
     model.to_empty(device=device)
     model.tie_weights()
     expected = {name: p for name, p in model.named_parameters()}  # tied lm_head appears once

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from engine.attention import (AttentionMetadata, decode_attention, prefill_attention, store_kv,
                               use_triton, varlen_attention)
@@ -156,6 +157,8 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         self.tie_weights()
         self.rotary = RotaryTable(config)
+        # Trainers set this to recompute each layer in backward (activation memory of one layer).
+        self.gradient_checkpointing = False
 
     def tie_weights(self):
         """Share the embedding with the LM head when the config says so (re-run after `to_empty`)."""
@@ -169,9 +172,13 @@ class CausalLM(nn.Module):
         """
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        recompute = self.gradient_checkpointing and kv_caches is None and torch.is_grad_enabled()
         residual = None
         for i, layer in enumerate(self.model.layers):
-            x, residual = layer(x, residual, cos, sin, meta, None if kv_caches is None else kv_caches[i])
+            if recompute:
+                x, residual = checkpoint(layer, x, residual, cos, sin, meta, use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, cos, sin, meta, None if kv_caches is None else kv_caches[i])
         return self.model.norm(x, residual)[0]
 
     def forward_packed(self, input_ids, seqlens: list[int]):

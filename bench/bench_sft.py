@@ -1,0 +1,141 @@
+"""SFT step throughput and peak memory: our trainer step vs the same step in plain transformers.
+
+Both sides start from the same random-init model (Qwen2.5-0.5B shape), fp32 master weights with bf16
+autocast on the GPU, AdamW, gradient clipping at 1.0, and the same B sequences of T tokens whose
+first half is a masked prompt. Ours: packed varlen forward + `linear_token_logprobs` on the response
+rows only (the [N, V] logits never exist). Transformers: `model(input_ids, labels=...)`, which
+materializes [B, T, V] logits and their fp32 copy. Reports tokens/s of a full optimizer step
+(forward, backward, clip, AdamW), the speedup, and the peak memory above the model + optimizer state.
+`--quick` runs a tiny fp32 model on the CPU to check the script itself.
+
+    python bench/bench_sft.py                    # GPU: batches 4x1024 and 8x2048
+    python bench/bench_sft.py --quick            # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from bench_generate import QWEN25_05B, TINY  # noqa: E402
+from engine import load_model  # noqa: E402
+from engine.batching import collate_sft  # noqa: E402
+from engine.optim import build_optimizer, build_scheduler, clip_grad_norm  # noqa: E402
+from engine.sft import sft_stage  # noqa: E402
+from engine.tokenization import TokenizedExample  # noqa: E402
+from engine.train_config import DataConfig, OptimConfig, SFTConfig, TrainConfig  # noqa: E402
+from engine.trainer import autocast_for, train_step  # noqa: E402
+
+COLUMNS = [("shape", "batch"), ("ours_tok_s", "ours tok/s"), ("hf_tok_s", "hf tok/s"), ("speedup", "speedup"),
+           ("ours_peak_gib", "ours peak GiB"), ("hf_peak_gib", "hf peak GiB"), ("memory_ratio", "hf/ours mem")]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny fp32 model on the CPU")
+    p.add_argument("--shapes", nargs="+", help="BxT batches, e.g. 4x1024 8x2048")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers on both sides")
+    p.add_argument("--skip-hf", action="store_true", help="only our trainer step")
+    p.add_argument("--out", default=None, help="JSON results path (default: bench/results/sft[_quick].json)")
+    args = p.parse_args()
+    args.shapes = [tuple(map(int, s.split("x"))) for s in (args.shapes or (["2x32", "4x64"] if args.quick
+                                                                          else ["4x1024", "8x2048"]))]
+    if args.out is None:
+        args.out = str(Path(__file__).resolve().parent / "results" / ("sft_quick.json" if args.quick else "sft.json"))
+    return args
+
+
+def build_model_dir(quick: bool) -> Path:
+    """A random-init Qwen2 checkpoint (fp32) on disk, loaded by both sides."""
+    config = transformers.Qwen2Config(**(TINY if quick else QWEN25_05B))
+    torch.manual_seed(0)
+    path = Path(tempfile.mkdtemp(prefix="bench_sft_"))
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def make_batch(b: int, t: int, vocab: int):
+    """B sequences of T random tokens; the first half of each is the (masked) prompt."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, vocab, (b, t), generator=g)
+    return [TokenizedExample(row[: t // 2].tolist(), (row[t // 2:].tolist(),)) for row in ids]
+
+
+def bench_ours(model_dir: Path, examples, device, checkpointing: bool) -> dict:
+    # A config only for train_step's optimizer/autocast settings: no data or output is touched.
+    cfg = SFTConfig(model=str(model_dir), output_dir="-", data=DataConfig(train_file="-"),
+                    train=TrainConfig(gradient_checkpointing=checkpointing))
+    model = load_model(model_dir, dtype="float32", device=device)
+    model.train()
+    model.gradient_checkpointing = checkpointing
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, 10**6)
+    stage = sft_stage(str(model_dir), "float32", device)
+    batch = collate_sft(examples)
+    step = lambda: train_step(model, stage, [batch], optimizer, scheduler, cfg, device)  # noqa: E731
+    return _measure(step, device, len(batch.input_ids))
+
+
+def bench_hf(model_dir: Path, examples, device, checkpointing: bool) -> dict:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                              attn_implementation="sdpa").to(device)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = build_optimizer(model, OptimConfig())
+    ids = torch.tensor([e.prompt + e.responses[0] for e in examples], device=device)   # [B, T]
+    labels = ids.clone()
+    labels[:, : len(examples[0].prompt)] = -100  # transformers shifts labels itself
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_for(device, True):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        clip_grad_norm(model, 1.0)
+        optimizer.step()
+    return _measure(step, device, ids.numel())
+
+
+def _measure(step, device, tokens: int) -> dict:
+    step()  # warm-up: allocates the optimizer state, so the peak below is the step's own
+    ms = harness.time_ms(step, device, min_reps=3, budget_s=5.0)
+    peak = harness.peak_extra_bytes(step, device)
+    return {"tok_s": tokens / (ms * 1e-3), "ms": ms, "peak_gib": None if peak is None else peak / 2**30}
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+    model_dir = build_model_dir(args.quick)
+    vocab = (TINY if args.quick else QWEN25_05B)["vocab_size"]
+    rows = []
+    for b, t in args.shapes:
+        examples = make_batch(b, t, vocab)
+        ours = bench_ours(model_dir, examples, device, args.gradient_checkpointing)
+        row = {"shape": f"{b}x{t}", "ours_tok_s": ours["tok_s"], "ours_ms": ours["ms"], "ours_peak_gib": ours["peak_gib"]}
+        if not args.skip_hf:
+            hf = bench_hf(model_dir, examples, device, args.gradient_checkpointing)
+            row.update(hf_tok_s=hf["tok_s"], hf_ms=hf["ms"], hf_peak_gib=hf["peak_gib"],
+                       speedup=ours["tok_s"] / hf["tok_s"],
+                       memory_ratio=hf["peak_gib"] / ours["peak_gib"] if hf["peak_gib"] else None)
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(harness.format_table(rows, COLUMNS))
+    payload = {"meta": harness.run_metadata(device), "quick": args.quick,
+               "gradient_checkpointing": args.gradient_checkpointing, "rows": rows}
+    harness.write_json(args.out, payload)
+    print(json.dumps({"written": args.out}))
+
+
+if __name__ == "__main__":
+    main()

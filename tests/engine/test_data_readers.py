@@ -1,0 +1,149 @@
+"""JSONL readers, chat rendering, truncation rules and packing."""
+import pytest
+
+from engine.batching import IGNORE, collate_rm, collate_sft, epoch_batches, pack, response_labels
+from engine.cli import main
+from engine.data import DataError, Demonstration, Ranking, parser_for, read_jsonl
+from engine.examples import split_off
+from engine.tokenization import TokenizedExample, render_chat, tokenize_record
+from engine_testing import EOS, make_tokenizer
+from train_testing import write_jsonl
+
+HH_CHOSEN = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: the fox"
+HH_REJECTED = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: no"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def test_every_format_parses(tmp_path):
+    sft = write_jsonl(tmp_path / "sft.jsonl", [
+        {"prompt": "p", "response": "r"}, "",
+        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}])
+    rows = read_jsonl(sft, parser_for("sft", "auto")).records
+    assert rows[0] == Demonstration("p", "r")
+    assert rows[1].messages == (("user", "u"), ("assistant", "a")) and rows[1].response == "a"
+    rm = write_jsonl(tmp_path / "rm.jsonl", [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "responses": ["a", "b", "c"]},
+        {"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
+    pair, ranking, hh = read_jsonl(rm, parser_for("rm", "auto")).records
+    assert pair == Ranking("p", ("a", "b")) and ranking == Ranking("p", ("a", "b", "c"))
+    assert hh.prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:"
+    assert hh.responses == (" the fox", " no")
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("{not json", "Expecting property name"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"prompt": "p"}', r"expected keys prompt\+chosen\+rejected"),
+    ('{"prompt": "p", "chosen": "a", "rejected": 3}', "'rejected' must be a string"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "a"}', "identical"),
+    ('{"prompt": "p", "responses": ["a"]}', "at least two strings"),
+    ('{"prompt": "p", "responses": ["a", "b", "a"]}', "distinct"),
+    ('{"chosen": "no turns", "rejected": "x"}', "no '\\\\n\\\\nAssistant:' turn"),
+    ('{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: c\\n\\nAssistant: b"}',
+     "do not share"),
+])
+def test_malformed_preference_lines_name_file_line_and_reason(tmp_path, line, reason):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, line])
+    with pytest.raises(DataError, match=rf"bad\.jsonl:2: .*{reason}"):
+        read_jsonl(path, parser_for("rm", "auto"))
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"prompt": "p"}', "expected keys prompt\\+response or messages"),
+    ('{"prompt": "p", "response": ""}', "empty response"),
+    ('{"messages": [{"role": "user", "content": "u"}]}', "at least two"),
+    ('{"messages": [{"role": "user", "content": "u"}, {"role": "user", "content": "v"}]}', "assistant turn"),
+    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "v"}]}', "messages\\[0\\]"),
+])
+def test_malformed_demonstration_lines(tmp_path, line, reason):
+    path = write_jsonl(tmp_path / "bad.jsonl", [line])
+    with pytest.raises(DataError, match=rf"bad\.jsonl:1: .*{reason}"):
+        read_jsonl(path, parser_for("sft", "auto"))
+
+
+def test_explicit_format_requires_its_keys(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match="format 'ranking' needs keys"):
+        read_jsonl(path, parser_for("rm", "ranking"))
+
+
+def test_skip_malformed_counts_and_keeps_the_rest(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}, "oops", {"prompt": 1, "response": "r"},
+                                               {"prompt": "q", "response": "s"}])
+    result = read_jsonl(path, parser_for("sft", "auto"), skip_malformed=True)
+    assert [r.prompt for r in result.records] == ["p", "q"]
+    assert result.skipped == 2 and result.errors[0].endswith("d.jsonl:2: Expecting value: line 1 column 1 (char 0)")
+    with pytest.raises(DataError, match="no usable lines"):
+        read_jsonl(write_jsonl(tmp_path / "e.jsonl", ["x"]), parser_for("sft", "auto"), skip_malformed=True)
+
+
+def test_truncation_keeps_the_prompt_end_and_cuts_the_response_end(tokenizer):
+    prompt_ids = tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]
+    response_ids = tokenizer(" hello world hello world", add_special_tokens=False)["input_ids"]
+    ex = tokenize_record(tokenizer, Demonstration("the quick brown fox jumps over the lazy dog",
+                                                  " hello world hello world"), max_length=8, max_prompt_length=3)
+    assert ex.prompt == prompt_ids[-3:]
+    assert ex.responses == ((response_ids + [EOS])[:5],)
+    full = tokenize_record(tokenizer, Demonstration("the fox", " hello"), max_length=64, max_prompt_length=32)
+    assert full.responses[0][-1] == EOS  # room left: the response ends with EOS
+    chat = tokenize_record(tokenizer, Demonstration("", "fox", (("user", "the"), ("assistant", "fox"))), 64, 32)
+    assert chat.prompt == tokenizer("\n\nUser: the\n\nAssistant:")["input_ids"]
+    assert chat.responses == (tokenizer(" fox", add_special_tokens=False)["input_ids"] + [EOS],)
+
+
+def test_chat_rendering_uses_the_template_when_there_is_one(tokenizer):
+    turns = (("user", "hi"), ("assistant", "hello"), ("user", "fox?"), ("assistant", "the fox"))
+    assert render_chat(tokenizer, turns) == (
+        "\n\nUser: hi\n\nAssistant: hello\n\nUser: fox?\n\nAssistant:", " the fox")
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    try:
+        assert render_chat(tokenizer, turns) == ("<user>hi<assistant>hello<user>fox?<assistant>", "the fox")
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_response_labels_mask_the_prompt_and_shift_by_one():
+    assert response_labels([1, 2], [3, 4]) == [IGNORE, 3, 4, IGNORE]
+    assert response_labels([], [3, 4]) == [4, IGNORE]  # the first token has no context
+
+
+def test_collate_packs_sequences_back_to_back():
+    sft = collate_sft([TokenizedExample([1, 2], ([3],)), TokenizedExample([4], ([5, 6],))])
+    assert sft.input_ids.tolist() == [1, 2, 3, 4, 5, 6] and sft.seqlens == [3, 3]
+    assert sft.labels.tolist() == [IGNORE, 3, IGNORE, 5, 6, IGNORE] and sft.num_targets == 3
+    rm = collate_rm([TokenizedExample([1], ([2, 3], [4], [5]))])
+    assert rm.input_ids.tolist() == [1, 2, 3, 1, 4, 1, 5] and rm.seqlens == [3, 2, 2]
+    assert rm.group_sizes == [3] and rm.lm_labels.tolist() == [2, 3] + [IGNORE] * 5
+
+
+def test_packing_respects_the_budget_in_order():
+    assert pack([3, 4, 2, 5, 1], budget=6) == [[0], [1, 2], [3, 4]]
+    with pytest.raises(ValueError, match="does not fit in tokens_per_batch=6"):
+        pack([7], budget=6)
+
+
+def test_epochs_reshuffle_deterministically():
+    examples = [TokenizedExample([i], ([i],)) for i in range(20)]
+    first = epoch_batches(examples, 6, seed=1, epoch=0)
+    assert all(sum(e.num_tokens for e in b) <= 6 for b in first)
+    assert sorted(e.prompt[0] for b in first for e in b) == list(range(20))
+    assert first == epoch_batches(examples, 6, seed=1, epoch=0) != epoch_batches(examples, 6, seed=1, epoch=1)
+
+
+def test_held_out_split_is_seeded_and_disjoint():
+    train, held = split_off(100, 0.1, seed=3)
+    assert len(held) == 10 and not set(train) & set(held) and split_off(100, 0.1, seed=3) == (train, held)
+    assert split_off(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
+
+
+def test_fusedrl_sft_reports_a_malformed_line_without_a_traceback(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}, '{"prompt": "p"}'])
+    with pytest.raises(SystemExit, match=r"^fusedrl sft: .*d\.jsonl:2: expected keys prompt\+response"):
+        main(["sft", f"model={tmp_path / 'tok'}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}"])

@@ -1,0 +1,61 @@
+"""Run directory: metrics JSONL, TensorBoard events, progress bar, and `fusedrl plot`."""
+import json
+
+import pytest
+
+from engine.cli import main
+from engine.plot_cli import curves
+from engine.runlog import RunLog, read_metrics
+from engine.train_config import DataConfig, SFTConfig
+
+
+def config(tmp_path):
+    return SFTConfig(model="/m", output_dir=str(tmp_path), data=DataConfig(train_file="t.jsonl"))
+
+
+def write_run(tmp_path, **kw):
+    run = RunLog(tmp_path, config(tmp_path), total_steps=3, **kw)
+    for step in (1, 2, 3):
+        run.log("train", step, {"loss": 3.0 / step, "lr": 1e-3, "grad_norm": 1.0, "note": "text"})
+    run.log("eval", 3, {"loss": 1.5, "accuracy": 0.75})
+    run.close()
+
+
+def test_metrics_are_appended_as_json_lines_and_read_back(tmp_path, capsys):
+    write_run(tmp_path, progress=True)
+    (tmp_path / "metrics.jsonl").open("a").write('{"kind": "train", "ste')  # torn by a crash
+    rows = read_metrics(tmp_path)
+    assert [(r["kind"], r["step"]) for r in rows] == [("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
+    assert rows[-1]["accuracy"] == 0.75 and "time" in rows[0]
+    assert "3/3" in capsys.readouterr().err  # the progress bar reached the last step
+    assert (tmp_path / "config.yaml").read_text().startswith("model: /m")
+
+
+def test_curves_keep_numeric_metrics_only():
+    rows = [{"kind": "train", "step": 1, "time": 5.0, "loss": 2.0, "flag": True, "note": "x", "peak": None},
+            {"kind": "train", "step": 2, "time": 6.0, "loss": float("nan")}, {"kind": "eval", "step": 2, "loss": 1.0}]
+    assert curves(rows, "train") == {"loss": ([1], [2.0])}
+
+
+def test_fusedrl_plot_writes_png_curves(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # an install extra; the GPU image may lack it
+    write_run(tmp_path, progress=False)
+    assert main(["plot", str(tmp_path)]) == 0
+    for name in ("train.png", "eval.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out.split() == [str(tmp_path / "plots" / n) for n in ("train.png", "eval.png")]
+
+
+def test_plot_of_a_directory_without_metrics_fails_clearly(tmp_path):
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        main(["plot", str(tmp_path)])
+
+
+def test_tensorboard_events_are_written_when_asked(tmp_path):
+    pytest.importorskip("tensorboard")
+    write_run(tmp_path, progress=False, tensorboard=True)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([3.0, 1.5, 1.0])
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["loss"] == 3.0
