@@ -1,7 +1,8 @@
 // Host launchers of the fusedrl CUDA kernels: plain pointers, sizes and a stream; no PyTorch.
 //
 // The binding (binding.cpp) validates every argument; these functions trust them. Each returns
-// the launch status (cudaGetLastError), which the binding turns into an error.
+// the launch status (cudaGetLastError), which the binding turns into an error; [[nodiscard]] makes
+// ignoring it a compile error under -Werror.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +16,7 @@ enum class FloatType { kFloat32, kBFloat16, kFloat16 };
 // token_logprobs forward. logits [n_rows, n_cols] (row stride in elements, last dim contiguous),
 // labels [n_rows] of label_bytes (4 or 8) -> logp, lse [n_rows] fp32 and, if entropy != nullptr,
 // entropy [n_rows] fp32. Rows whose label is ignore_index are written as 0 and never read.
-cudaError_t token_logprobs_fwd(const void* logits, FloatType dtype, const void* labels,
+[[nodiscard]] cudaError_t token_logprobs_fwd(const void* logits, FloatType dtype, const void* labels,
                                int label_bytes, float* logp, float* entropy, float* lse,
                                int64_t n_rows, int64_t n_cols, int64_t row_stride,
                                float inv_temperature, int64_t ignore_index, cudaStream_t stream);
@@ -23,7 +24,7 @@ cudaError_t token_logprobs_fwd(const void* logits, FloatType dtype, const void* 
 // token_logprobs backward: grad_logits [n_rows, n_cols] (logits' dtype, its own row stride; may
 // alias logits) from the fp32 upstream gradients grad_logp and, if grad_entropy != nullptr,
 // grad_entropy (then entropy, from forward, is read too).
-cudaError_t token_logprobs_bwd(const void* logits, FloatType dtype, const void* labels,
+[[nodiscard]] cudaError_t token_logprobs_bwd(const void* logits, FloatType dtype, const void* labels,
                                int label_bytes, const float* lse, const float* entropy,
                                const float* grad_logp, const float* grad_entropy,
                                void* grad_logits, int64_t n_rows, int64_t n_cols,
@@ -32,16 +33,16 @@ cudaError_t token_logprobs_bwd(const void* logits, FloatType dtype, const void* 
 
 // kl_penalty: estimator 0, 1, 2 = k1, k2, k3. mask (nonzero = valid, mask_bytes 1/2/4/8) may be
 // nullptr. Forward writes kl [n] fp32; backward writes d kl / d logp [n] in the inputs' dtype.
-cudaError_t kl_penalty_fwd(const void* logp, const void* ref_logp, FloatType dtype,
+[[nodiscard]] cudaError_t kl_penalty_fwd(const void* logp, const void* ref_logp, FloatType dtype,
                            const void* mask, int mask_bytes, float* out, int64_t n,
                            int estimator, cudaStream_t stream);
-cudaError_t kl_penalty_bwd(const float* grad_out, const void* logp, const void* ref_logp,
+[[nodiscard]] cudaError_t kl_penalty_bwd(const float* grad_out, const void* logp, const void* ref_logp,
                            FloatType dtype, const void* mask, int mask_bytes, void* grad_logp,
                            int64_t n, int estimator, cudaStream_t stream);
 
 // gae over rows of n_steps: rewards, values [n_rows, n_steps], mask as above (required) ->
 // advantages, returns [n_rows, n_steps] fp32.
-cudaError_t gae(const void* rewards, const void* values, FloatType dtype, const void* mask,
+[[nodiscard]] cudaError_t gae(const void* rewards, const void* values, FloatType dtype, const void* mask,
                 int mask_bytes, float* advantages, float* returns, int64_t n_rows,
                 int64_t n_steps, float gamma, float lam, cudaStream_t stream);
 
@@ -50,13 +51,13 @@ cudaError_t gae(const void* rewards, const void* values, FloatType dtype, const 
 // clipfrac, dual_clipfrac, approx_kl, ratio_mean, ratio_max; value [1] = vf_clipfrac.
 // workspace holds ppo_workspace_floats(n) floats (per-block partial sums, reduced in a fixed
 // order so the result is deterministic).
-int64_t ppo_workspace_floats(int64_t n);
-cudaError_t ppo_policy_loss(const void* logp, const void* old_logp, const void* advantages,
+[[nodiscard]] int64_t ppo_workspace_floats(int64_t n);
+[[nodiscard]] cudaError_t ppo_policy_loss(const void* logp, const void* old_logp, const void* advantages,
                             FloatType dtype, const void* mask, int mask_bytes,
                             const float* weights, float* loss, float* grad, float* stats,
                             float* workspace, int64_t n, int64_t n_steps, float clip_low,
                             float clip_high, float dual_clip, cudaStream_t stream);
-cudaError_t ppo_value_loss(const void* values, const void* old_values, const void* returns,
+[[nodiscard]] cudaError_t ppo_value_loss(const void* values, const void* old_values, const void* returns,
                            FloatType dtype, const void* mask, int mask_bytes,
                            const float* weights, float* loss, float* grad, float* stats,
                            float* workspace, int64_t n, int64_t n_steps, float clip_eps,
