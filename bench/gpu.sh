@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The one command a GPU session runs: the test suite on the GPU (no interpreter), then the
-# benchmarks, with logs and JSON (device, versions, git commit inside) written to OUTDIR.
-# The GPU machine has torch, triton, transformers and pytest but no network: nothing is installed;
-# the package runs from this checkout. Keep the whole run well inside 10 minutes.
+# The one command a GPU session runs: the CUDA extension built in place (kernels._C, for this
+# GPU's arch only, to keep the build short), the test suite on the GPU (no interpreter; the cuda
+# backend's tests run when the build succeeded), then the benchmarks, with logs and JSON (device,
+# versions, git commit inside) written to OUTDIR. The GPU machine has torch, triton, nvcc, ninja,
+# transformers and pytest but no network: nothing is installed; the package runs from this
+# checkout. Keep the whole run well inside 10 minutes.
 #
 #   bash bench/gpu.sh OUTDIR        # then copy what is worth keeping into bench/results/
 set -uo pipefail
@@ -17,6 +19,17 @@ status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/nvidia-smi.csv" 2>&1
 python -c "import json, sys; sys.path.insert(0, 'bench'); import harness, torch; \
 print(json.dumps(harness.run_metadata(torch.device('cuda')), indent=2))" > "$out/env.json" || status=1
+
+echo "== CUDA extension (kernels._C) =="
+arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+if FUSEDRL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" timeout 300 \
+    python setup.py build_ext --inplace > "$out/build_ext.log" 2>&1; then
+  echo "built for sm_${arch/./}"
+else
+  status=1
+  echo "build failed (the cuda backend's tests will be skipped); end of $out/build_ext.log:"
+  tail -n 30 "$out/build_ext.log"
+fi
 
 echo "== tests (GPU) =="
 timeout 240 python -m pytest tests -q -p no:cacheprovider --junitxml="$out/tests.xml" \
