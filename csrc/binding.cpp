@@ -13,7 +13,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <c10/util/accumulate.h>
+
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "fusedrl_cuda.h"
@@ -102,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_op(
 void token_logprobs_bwd_into(const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
                              const at::Tensor& logits, const at::Tensor& labels,
                              const at::Tensor& lse, const at::Tensor& entropy, double temperature,
-                             int64_t ignore_index, at::Tensor& out) {
+                             int64_t ignore_index, const at::Tensor& out) {
   CHECK_CUDA(logits);
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 && out.stride(1) == 1,
               "fusedrl: logits and their gradient must be [N, V] with a contiguous last dim");
@@ -144,7 +147,7 @@ at::Tensor token_logprobs_bwd_op(const at::Tensor& grad_logp, const at::Tensor& 
 }
 
 void token_logprobs_bwd_inplace_op(const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
-                                   at::Tensor& logits, const at::Tensor& labels,
+                                   const at::Tensor& logits, const at::Tensor& labels,
                                    const at::Tensor& lse, const at::Tensor& entropy,
                                    double temperature, int64_t ignore_index) {
   token_logprobs_bwd_into(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature,
@@ -152,7 +155,7 @@ void token_logprobs_bwd_inplace_op(const at::Tensor& grad_logp, const at::Tensor
 }
 
 // The mask pointer and width for the kernels (nullptr when absent: all valid).
-std::pair<const void*, int> mask_arg(const c10::optional<at::Tensor>& mask, const at::Tensor& ref) {
+std::pair<const void*, int> mask_arg(const std::optional<at::Tensor>& mask, const at::Tensor& ref) {
   if (!mask.has_value()) return {nullptr, 1};
   CHECK_INPUT(*mask, ref);
   CHECK_SAME_SHAPE(*mask, ref);
@@ -164,7 +167,7 @@ void check_estimator(int64_t estimator) {
 }
 
 at::Tensor kl_penalty_fwd_op(const at::Tensor& logp, const at::Tensor& ref_logp,
-                             const c10::optional<at::Tensor>& mask, int64_t estimator) {
+                             const std::optional<at::Tensor>& mask, int64_t estimator) {
   CHECK_INPUT(logp, logp);
   CHECK_INPUT(ref_logp, logp);
   CHECK_SAME_SHAPE(ref_logp, logp);
@@ -180,7 +183,7 @@ at::Tensor kl_penalty_fwd_op(const at::Tensor& logp, const at::Tensor& ref_logp,
 }
 
 at::Tensor kl_penalty_bwd_op(const at::Tensor& grad_out, const at::Tensor& logp,
-                             const at::Tensor& ref_logp, const c10::optional<at::Tensor>& mask,
+                             const at::Tensor& ref_logp, const std::optional<at::Tensor>& mask,
                              int64_t estimator) {
   CHECK_INPUT(logp, logp);
   CHECK_INPUT(ref_logp, logp);
@@ -239,11 +242,10 @@ LossBuffers loss_buffers(const at::Tensor& x, const at::Tensor& y, const at::Ten
   CHECK_SAME_SHAPE(mask, x);
   CHECK_DTYPE(weights, at::kFloat);
   TORCH_CHECK(x.dim() >= 1, "fusedrl: loss inputs must be [..., T]");
-  const int64_t n_steps = x.size(-1);
-  CHECK_SHAPE(weights, n_steps > 0 ? x.numel() / n_steps : 0);
+  CHECK_SHAPE(weights, c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1));
   TORCH_CHECK(z.scalar_type() == x.scalar_type(), "fusedrl: inputs must share one dtype");
   const auto f32 = x.options().dtype(at::kFloat);
-  return {at::empty({}, f32), at::empty(compute_grad ? x.sizes() : at::IntArrayRef{0}, f32),
+  return {at::empty({}, f32), compute_grad ? at::empty(x.sizes(), f32) : at::empty({0}, f32),
           at::empty({n_stats}, f32), at::empty({ppo_workspace_floats(x.numel())}, f32)};
 }
 
@@ -314,7 +316,7 @@ TORCH_LIBRARY_IMPL(fusedrl, CUDA, m) {
 
 // `import kernels._C` loads this library, which runs the registrations above; the module itself
 // is empty (the ops are reached through torch.ops.fusedrl).
-extern "C" PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
                                nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);

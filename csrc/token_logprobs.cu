@@ -20,35 +20,38 @@ __device__ __forceinline__ RowStats empty_stats() { return {-INFINITY, 0.0f, 0.0
 // Shift to subtract before exp(): m itself, or 0 while m is -inf (avoids -inf - -inf = NaN).
 __device__ __forceinline__ float safe_shift(float m) { return m == -INFINITY ? 0.0f : m; }
 
-// Re-centre a on the max m of a merged set (alpha = exp(a.m - m)); the t shift term is only
-// formed when a.s > 0, since a.m = -inf would otherwise give 0 * -inf.
-__device__ __forceinline__ RowStats merge(RowStats a, RowStats b) {
-  RowStats out = empty_stats();
-  out.m = fmaxf(a.m, b.m);
-  const float m = safe_shift(out.m);
-  const float alpha_a = __expf(a.m - m), alpha_b = __expf(b.m - m);
-  out.s = a.s * alpha_a + b.s * alpha_b;
-  out.t = alpha_a * (a.t + (a.s > 0.0f ? (a.m - m) * a.s : 0.0f))
-        + alpha_b * (b.t + (b.s > 0.0f ? (b.m - m) * b.s : 0.0f));
-  return out;
+// a's sums re-centred on a max m >= a.m: scaled by alpha = exp(a.m - m), and t shifted by
+// (a.m - m) * s. The shift is only formed when a.s > 0: for a.m = -inf it would be 0 * -inf.
+__device__ __forceinline__ RowStats rescale(RowStats a, float m) {
+  const float shift = safe_shift(m);
+  const float alpha = __expf(a.m - shift);
+  return {m, a.s * alpha, alpha * (a.t + (a.s > 0.0f ? (a.m - shift) * a.s : 0.0f))};
 }
 
-// Adds kVec values (already scaled) to the running stats with one rescale per vector.
+__device__ __forceinline__ RowStats merge(RowStats a, RowStats b) {
+  const float m = fmaxf(a.m, b.m);
+  a = rescale(a, m);
+  b = rescale(b, m);
+  return {m, a.s + b.s, a.t + b.t};
+}
+
+// Adds kVec scaled logits to the running stats: one exp per element, plus one rescale when the
+// vector raises the max (rare once the row's large logits have been seen). A NaN logit leaves the
+// max alone (fmaxf) and turns s into NaN, so the row's outputs are NaN, as in PyTorch.
 template <int kVec, bool kEntropy>
 __device__ __forceinline__ void accumulate(RowStats& st, const float (&z)[kVec]) {
-  float vmax = z[0];
+  float m = st.m;
 #pragma unroll
-  for (int i = 1; i < kVec; ++i) vmax = fmaxf(vmax, z[i]);
-  RowStats add = {vmax, 0.0f, 0.0f};
-  const float m = safe_shift(vmax);
+  for (int i = 0; i < kVec; ++i) m = fmaxf(m, z[i]);
+  if (m != st.m) st = rescale(st, m);
+  const float shift = safe_shift(m);
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
-    const float e = __expf(z[i] - m);
-    add.s += e;
+    const float e = __expf(z[i] - shift);
+    st.s += e;
     // A -inf logit contributes its limit 0, not 0 * -inf.
-    if (kEntropy) add.t += e > 0.0f ? e * (z[i] - m) : 0.0f;
+    if (kEntropy) st.t += e > 0.0f ? e * (z[i] - shift) : 0.0f;
   }
-  st = merge(st, add);
 }
 
 __device__ __forceinline__ RowStats warp_merge(RowStats st) {
