@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 from typing import Mapping, Optional
 
 from setuptools import setup
@@ -46,7 +48,7 @@ def plan_cuda_build(environ: Mapping[str, str], *, torch_found: bool, torch_cuda
                                "`python setup.py build_ext --inplace`")
         return True, "FUSEDRL_FORCE_CUDA_BUILD=1"
     if not torch_found:
-        return False, "torch is not importable in this build environment (pip's isolated build)"
+        return False, "torch is not importable in this build environment, e.g. pip's isolated build"
     if torch_cuda is None:
         return False, "torch is a CPU-only build"
     if nvcc is None:
@@ -58,21 +60,32 @@ def detect_cuda() -> dict:
     """The facts plan_cuda_build decides on, read from this environment."""
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME
     except ImportError:
         return {"torch_found": False, "torch_cuda": None, "nvcc": None}
-    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
-    return {"torch_found": True, "torch_cuda": torch.version.cuda,
-            "nvcc": nvcc if nvcc and os.path.exists(nvcc) else None}
+    cuda_home = os.environ.get("CUDA_HOME")
+    nvcc = shutil.which("nvcc", path=os.path.join(cuda_home, "bin")) if cuda_home else shutil.which("nvcc")
+    return {"torch_found": True, "torch_cuda": torch.version.cuda, "nvcc": nvcc}
+
+
+def toolkit_root(nvcc: str) -> str:
+    """The CUDA toolkit nvcc belongs to, as nvcc reports it. torch guesses CUDA_HOME as the parent
+    of nvcc's directory, which is wrong for a wrapper script on PATH (e.g. /usr/local/bin/nvcc)."""
+    dry_run = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull], capture_output=True,
+                             text=True).stderr
+    top = re.search(r"^#\$ TOP=(.*)$", dry_run, re.M)
+    return os.path.normpath(top.group(1).strip()) if top else os.path.dirname(os.path.dirname(nvcc))
 
 
 def cuda_build_options() -> dict:
     """setup() arguments for kernels._C, or none (after one line saying why) when not built."""
-    build, reason = plan_cuda_build(os.environ, **detect_cuda())
+    detected = detect_cuda()
+    build, reason = plan_cuda_build(os.environ, **detected)
     if not build:
         print(f"fusedrl: skipping the CUDA extension {EXTENSION} ({reason}); the Triton and PyTorch "
               f"backends need no build. FUSEDRL_FORCE_CUDA_BUILD=1 builds it anyway.")
         return {}
+    if detected["nvcc"]:  # torch reads CUDA_HOME when cpp_extension is imported
+        os.environ.setdefault("CUDA_HOME", toolkit_root(detected["nvcc"]))
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     print(f"fusedrl: building the CUDA extension {EXTENSION} ({reason}) for "
