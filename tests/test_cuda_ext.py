@@ -49,6 +49,15 @@ def test_auto_never_picks_cuda(monkeypatch):
     assert kernels.backend_for(torch.zeros(1, device=DEVICE)) in ("triton", "torch")
 
 
+def test_cuda_kernels_get_one_dtype_per_op():
+    from kernels.dispatch import kernel_inputs
+    bf16, f64 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.float64)
+    assert kernel_inputs("cuda", bf16, bf16) == (bf16, bf16)                  # passed through
+    assert [t.dtype for t in kernel_inputs("cuda", bf16, f64)] == [torch.float32] * 2
+    assert [t.dtype for t in kernel_inputs("cuda", f64)] == [torch.float32]
+    assert kernel_inputs("triton", bf16, f64) == (bf16, f64)                 # Triton loads any
+
+
 def load_setup_module():
     """setup.py as a module: it calls setup() only when run as __main__."""
     spec = importlib.util.spec_from_file_location("fusedrl_setup", os.path.join(ROOT, "setup.py"))
@@ -159,3 +168,38 @@ def test_cuda_op_registration_on_a_cpu_stand_in():
     result = subprocess.run([sys.executable, "-c", STAND_IN.format(tests=os.path.join(ROOT, "tests"))],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def rl_step(logits, labels, old_logp, values, mask):
+    """Forward of every fused op with a CUDA kernel, as a rollout / loss step calls them."""
+    logp, entropy = kernels.token_logprobs(logits, labels, return_entropy=True)
+    kl = kernels.kl_penalty(logp, old_logp, estimator="k3", mask=mask)
+    advantages, returns = kernels.gae(-kl, values, mask)
+    policy_loss, stats = kernels.ppo_policy_loss(logp, old_logp, advantages, mask, dual_clip=3.0)
+    value_loss, vstats = kernels.ppo_value_loss(values, values + 0.1, returns, mask)
+    return [logp, entropy, kl, advantages, returns, policy_loss, value_loss, *stats.values(),
+            *vstats.values()]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_and_replay(fused_backend, monkeypatch):
+    # The label-range check reads values (a host sync), which capture forbids.
+    monkeypatch.setenv("FUSEDRL_SKIP_SYNC_CHECKS", "1")
+    B, T, V = 3, 70, 1000
+    inputs = [torch.randn(B, T, V, device=DEVICE, dtype=torch.bfloat16),
+              torch.randint(0, V, (B, T), device=DEVICE), torch.randn(B, T, device=DEVICE) - 7,
+              torch.randn(B, T, device=DEVICE), torch.rand(B, T, device=DEVICE) > 0.2]
+    with use_backend(fused_backend), torch.no_grad():
+        expected = rl_step(*inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                   # warm-up (Triton compiles) off-graph
+            rl_step(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = rl_step(*inputs)
+        graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, expected):
+        assert torch.equal(got, want)
