@@ -92,12 +92,15 @@ def test_setup_build_decision_errors():
         plan({"FUSEDRL_FORCE_CUDA_BUILD": "1"}, torch_found=False, torch_cuda=None, nvcc=None)
 
 
-def test_setup_skip_line_without_cuda_torch():
+def test_setup_skip_line_without_cuda_torch(capsys, monkeypatch):
     if torch.version.cuda is not None:
         pytest.skip("torch has CUDA here: the extension would be built")
-    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
-    assert out.count("fusedrl: skipping the CUDA extension kernels._C (torch is a CPU-only build)") == 1
+    for name in ("FUSEDRL_FORCE_CUDA_BUILD", "FUSEDRL_SKIP_CUDA_BUILD"):
+        monkeypatch.delenv(name, raising=False)
+    assert load_setup_module().cuda_build_options() == {}        # no ext_modules: pure Python
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert out.startswith("fusedrl: skipping the CUDA extension kernels._C (torch is a CPU-only build)")
 
 
 def binding_schemas() -> list[str]:
