@@ -22,7 +22,7 @@ print(json.dumps(harness.run_metadata(torch.device('cuda')), indent=2))" > "$out
 
 echo "== CUDA extension (kernels._C) =="
 arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-if FUSEDRL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" timeout 300 \
+if FUSEDRL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" timeout 200 \
     python setup.py build_ext --inplace > "$out/build_ext.log" 2>&1; then
   echo "built for sm_${arch/./}"
 else
