@@ -25,6 +25,8 @@ arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability
 if FUSEDRL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" timeout 200 \
     python setup.py build_ext --inplace > "$out/build_ext.log" 2>&1; then
   echo "built for sm_${arch/./}"
+  python -c "from kernels import cuda_ext; cuda_ext.require(); print('kernels._C loads')" \
+    2>&1 | tee -a "$out/build_ext.log" || status=1
 else
   status=1
   echo "build failed (the cuda backend's tests will be skipped); end of $out/build_ext.log:"

@@ -32,8 +32,13 @@ def _load() -> None:
         _Extension.error = f"kernels._C is not built or cannot be loaded ({error})"
         return
     from . import advantages, kl, logprobs, ppo_loss
-    for op_module in (logprobs, kl, advantages, ppo_loss):
-        op_module.register_cuda_rules()
+    try:
+        for op_module in (logprobs, kl, advantages, ppo_loss):
+            op_module.register_cuda_rules()
+    except Exception as error:  # kept as the reason require() gives: the Triton path stays usable
+        _Extension.error = (f"kernels._C loaded but its ops could not be registered "
+                            f"({type(error).__name__}: {error})")
+        return
     _Extension.module = module
 
 
