@@ -257,7 +257,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         ignore_index: label value whose outputs (and gradients) are 0.
         return_entropy: also return the entropy of softmax(logits / temperature).
         inplace_backward: backward overwrites ``logits`` with its gradient (saves one [N, V]
-            buffer; ``logits`` must not be used after backward). Triton backend only.
+            buffer; ``logits`` must not be used after backward). Fused backends only (the torch
+            reference ignores it).
     Returns:
         logp [...] fp32, or (logp, entropy) [...] fp32 with ``return_entropy``. Differentiable
         w.r.t. logits through both.
