@@ -125,6 +125,16 @@ def test_non_contiguous_leading_dims(fused_backend):
     check_against_reference(fused_backend, base[::2, 3], labels_base[::2, 3])  # strided 1-d labels
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_of_a_wider_buffer(fused_backend, dtype):
+    # Row stride 1024 but V = 1021: aligned rows whose length is no multiple of a 16-byte vector
+    # (the CUDA kernel's vector loop plus its scalar tail).
+    base, labels = make_inputs((6,), 1024, dtype)
+    logits = base[:, :1021]
+    labels = labels.clamp_max(1020)                   # ignore_index -100 stays as it is
+    check_against_reference(fused_backend, logits, labels)
+
+
 def test_nan_row_stays_in_its_row(fused_backend):
     logits, labels = make_inputs((5,), 300, torch.float32, ignore_frac=0.0)
     logits[2, 17] = float("nan")
