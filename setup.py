@@ -1,37 +1,137 @@
-"""Packaging for fusedrl: the `kernels` and `engine` packages and the `fusedrl` command.
+"""Packaging for fusedrl: the `kernels` and `engine` packages, the `fusedrl` command, and the
+optional CUDA extension `kernels._C` (csrc/).
 
 torch is deliberately not a build requirement: pip's isolated build environment would otherwise
 download a multi-gigabyte CUDA build just to run this file. Install torch first (see README.md).
+
+The extension is built only where it can be: torch importable at build time with CUDA support,
+and nvcc found (CUDA_HOME, else PATH), for the archs in TORCH_CUDA_ARCH_LIST (default "8.0;9.0").
+Anywhere else one line says why it is skipped, and the pure-Python package installs as usual (the
+Triton and PyTorch backends need no build). Overrides: FUSEDRL_SKIP_CUDA_BUILD=1 never builds it,
+FUSEDRL_FORCE_CUDA_BUILD=1 always tries (e.g. torch reports CUDA but detection missed nvcc). In
+pip's isolated build torch is not importable: build the extension with
+`FUSEDRL_FORCE_CUDA_BUILD=1 pip install --no-build-isolation -e .` or
+`FUSEDRL_FORCE_CUDA_BUILD=1 python setup.py build_ext --inplace`.
 """
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+from typing import Mapping, Optional
+
 from setuptools import setup
 
-setup(
-    name="fusedrl",
-    version="0.1.0",
-    description="Kernel-optimized single-node RLHF: fused Triton kernels and a lean hybrid engine",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=["kernels", "engine"],
-    install_requires=[
-        "torch>=2.5",
-        # Triton ships Linux wheels only; elsewhere the PyTorch backend is used.
-        "triton>=3.2; platform_system == 'Linux'",
-        "numpy",
-        # engine/: config reading (AutoConfig) and tokenizers; checkpoints; the progress bar.
-        "transformers>=4.45",
-        "safetensors>=0.4",
-        "tokenizers>=0.19",
-        "tqdm",
-        # engine/ training stages: YAML configs, `fusedrl plot`.
-        "pyyaml>=6",
-        "matplotlib>=3.7",
-    ],
-    extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
-        "bench": ["pytest-benchmark>=4"],
-        # train.tensorboard=true (torch.utils.tensorboard writes the events).
-        "tensorboard": ["tensorboard>=2.14"],
-    },
-    entry_points={"console_scripts": ["fusedrl=engine.cli:main"]},
-)
+EXTENSION = "kernels._C"
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def plan_cuda_build(environ: Mapping[str, str], *, torch_found: bool, torch_cuda: Optional[str],
+                    nvcc: Optional[str]) -> tuple[bool, str]:
+    """(build the extension?, why): the env overrides first, then what was detected.
+
+    torch_found: torch is importable here; torch_cuda: its CUDA version (None for a CPU build);
+    nvcc: the compiler's path (None if not found).
+    """
+    skip = environ.get("FUSEDRL_SKIP_CUDA_BUILD", "0") == "1"
+    force = environ.get("FUSEDRL_FORCE_CUDA_BUILD", "0") == "1"
+    if skip and force:
+        raise ValueError("FUSEDRL_SKIP_CUDA_BUILD=1 and FUSEDRL_FORCE_CUDA_BUILD=1 contradict each other")
+    if skip:
+        return False, "FUSEDRL_SKIP_CUDA_BUILD=1"
+    if force:
+        if not torch_found:
+            raise RuntimeError("FUSEDRL_FORCE_CUDA_BUILD=1 but torch is not importable in this build "
+                               "environment; use `pip install --no-build-isolation` or "
+                               "`python setup.py build_ext --inplace`")
+        return True, "FUSEDRL_FORCE_CUDA_BUILD=1"
+    if not torch_found:
+        return False, "torch is not importable in this build environment, e.g. pip's isolated build"
+    if torch_cuda is None:
+        return False, "torch is a CPU-only build"
+    if nvcc is None:
+        return False, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    return True, f"torch with CUDA {torch_cuda} and {nvcc}"
+
+
+def detect_cuda() -> dict:
+    """The facts plan_cuda_build decides on, read from this environment."""
+    try:
+        import torch
+    except ImportError:
+        return {"torch_found": False, "torch_cuda": None, "nvcc": None}
+    cuda_home = os.environ.get("CUDA_HOME")
+    nvcc = shutil.which("nvcc", path=os.path.join(cuda_home, "bin")) if cuda_home else shutil.which("nvcc")
+    return {"torch_found": True, "torch_cuda": torch.version.cuda, "nvcc": nvcc}
+
+
+def toolkit_root(nvcc: str) -> str:
+    """The CUDA toolkit nvcc belongs to, as nvcc reports it. torch guesses CUDA_HOME as the parent
+    of nvcc's directory, which is wrong for a wrapper script on PATH (e.g. /usr/local/bin/nvcc)."""
+    dry_run = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull], capture_output=True,
+                             text=True).stderr
+    top = re.search(r"^#\$ TOP=(.*)$", dry_run, re.M)
+    return os.path.normpath(top.group(1).strip()) if top else os.path.dirname(os.path.dirname(nvcc))
+
+
+def cuda_build_options() -> dict:
+    """setup() arguments for kernels._C, or none (after one line saying why) when not built."""
+    detected = detect_cuda()
+    build, reason = plan_cuda_build(os.environ, **detected)
+    if not build:
+        print(f"fusedrl: skipping the CUDA extension {EXTENSION} ({reason}); the Triton and PyTorch "
+              f"backends need no build. FUSEDRL_FORCE_CUDA_BUILD=1 builds it anyway.")
+        return {}
+    if detected["nvcc"]:  # torch reads CUDA_HOME when cpp_extension is imported
+        os.environ.setdefault("CUDA_HOME", toolkit_root(detected["nvcc"]))
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    print(f"fusedrl: building the CUDA extension {EXTENSION} ({reason}) for "
+          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    # The C++ standard is left to torch: its headers need C++17 or C++20 depending on the version.
+    extension = CUDAExtension(
+        EXTENSION, sorted(glob.glob("csrc/*.cu")) + ["csrc/binding.cpp"],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+    )
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+
+
+def main() -> None:
+    setup(
+        name="fusedrl",
+        version="0.1.0",
+        description="Kernel-optimized single-node RLHF: fused Triton kernels and a lean hybrid engine",
+        long_description=open("README.md", encoding="utf-8").read(),
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        packages=["kernels", "engine"],
+        install_requires=[
+            "torch>=2.5",
+            # Triton ships Linux wheels only; elsewhere the PyTorch backend is used.
+            "triton>=3.2; platform_system == 'Linux'",
+            "numpy",
+            # engine/: config reading (AutoConfig) and tokenizers; checkpoints; the progress bar.
+            "transformers>=4.45",
+            "safetensors>=0.4",
+            "tokenizers>=0.19",
+            "tqdm",
+            # engine/ training stages: YAML configs, `fusedrl plot`.
+            "pyyaml>=6",
+            "matplotlib>=3.7",
+        ],
+        extras_require={
+            "test": ["pytest>=8", "pytest-benchmark>=4"],
+            "bench": ["pytest-benchmark>=4"],
+            # train.tensorboard=true (torch.utils.tensorboard writes the events).
+            "tensorboard": ["tensorboard>=2.14"],
+        },
+        entry_points={"console_scripts": ["fusedrl=engine.cli:main"]},
+        **cuda_build_options(),
+    )
+
+
+# pip and `python setup.py` run this file as __main__; tests import it for plan_cuda_build.
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """Benchmark every fused op against its baselines, side by side in one run.
 
-For each op and shape: our Triton kernel, eager PyTorch (the reference composition), torch.compile
+For each op and shape: our Triton kernel ("fusedrl"), our CUDA kernel ("cuda", where the extension
+kernels._C is built and the device is a GPU), eager PyTorch (the reference composition), torch.compile
 of that composition, Liger-Kernel's matching op where one exists and is installed, and for GAE the
 Python reversed-time loop TRL/OpenRLHF use. Reported: median time, achieved GB/s of the bytes an
 ideal kernel must move and that as a fraction of the device-to-device copy bandwidth measured in
@@ -31,7 +32,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels  # noqa: E402
-from kernels import reference, use_backend  # noqa: E402
+from kernels import cuda_ext, reference, use_backend  # noqa: E402
 
 Thunk = Callable[[], object]
 
@@ -47,12 +48,21 @@ class Case:
     impls: dict[str, Callable[[dict], Thunk]] = field(default_factory=dict)
 
 
-def fused(fn: Callable) -> Callable:
-    """Run fn on our Triton backend."""
+def fused(fn: Callable, backend: str = "triton") -> Callable:
+    """Run fn on one of our fused backends."""
     def call(*args, **kwargs):
-        with use_backend("triton"):
+        with use_backend(backend):
             return fn(*args, **kwargs)
     return call
+
+
+def ours(wrap: Callable[[Callable], Callable[[dict], Thunk]], fn: Callable) -> dict:
+    """Our implementations of fn, wrapped into timed thunks: the Triton kernel, and the CUDA one
+    where it can run (a GPU and the built extension)."""
+    impls = {"fusedrl": wrap(fused(fn))}
+    if torch.cuda.is_available() and cuda_ext.is_available():
+        impls["cuda"] = wrap(fused(fn, "cuda"))
+    return impls
 
 
 def forward_backward(fn: Callable, grad_names: tuple[str, ...]) -> Callable[[dict], Thunk]:
@@ -102,11 +112,11 @@ def token_logprobs_cases(n_rows: int, vocab: int, dtype: torch.dtype) -> list[Ca
 
     element = torch.finfo(dtype).bits // 8
     shape = f"{n_rows}x{vocab} {str(dtype).removeprefix('torch.')}"
-    ours, eager, comp = fused(kernels.token_logprobs), reference.token_logprobs, compiled(reference.token_logprobs)
+    eager, comp = reference.token_logprobs, compiled(reference.token_logprobs)
     liger = liger_functional()
     cases = []
     for mode, wrap, passes in (("fwd", forward_only, 1), ("fwd+bwd", lambda f: forward_backward(f, ("logits",)), 3)):
-        impls = {"fusedrl": wrap(ours), "eager": wrap(eager), "torch.compile": wrap(comp)}
+        impls = {**ours(wrap, kernels.token_logprobs), "eager": wrap(eager), "torch.compile": wrap(comp)}
         if liger is not None and torch.cuda.is_available():
             # Liger's cross entropy with reduction="none" is -logp.
             impls["liger"] = wrap(lambda logits, labels: -liger.liger_cross_entropy(logits, labels, reduction="none"))
@@ -167,7 +177,7 @@ def rl_cases(batch: int, steps: int) -> list[Case]:
     value = lambda fn: lambda values, old_values, returns, mask: fn(values, old_values, returns, mask)  # noqa: E731
 
     def trio(make_fn, public, ref, grads):
-        return {"fusedrl": forward_backward(fused(make_fn(public)), grads),
+        return {**ours(lambda fn: forward_backward(fn, grads), make_fn(public)),
                 "eager": forward_backward(make_fn(ref), grads),
                 "torch.compile": forward_backward(compiled(make_fn(ref)), grads)}
 
@@ -176,7 +186,7 @@ def rl_cases(batch: int, steps: int) -> list[Case]:
         Case("kl_penalty", "fwd+bwd", shape, n * 30, rl_inputs(batch, steps, ("logp", "ref_logp")),
              trio(kl, kernels.kl_penalty, reference.kl_penalty, ("logp",))),
         Case("gae", "fwd", shape, n * 17, rl_inputs(batch, steps, ("rewards", "values")), {
-            "fusedrl": forward_only(fused(kernels.gae)),
+            **ours(forward_only, kernels.gae),
             "eager": forward_only(reference.gae),
             "python loop (TRL)": forward_only(trl_gae_loop),
         }),
@@ -222,10 +232,11 @@ def measure(case: Case, device: torch.device, copy_gbps: float, skip: set[str], 
         rows.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    eager = next((r["ms"] for r in rows if r["impl"] == "eager" and "ms" in r), None)
-    for row in rows:
-        if eager and "ms" in row:
-            row["speedup_vs_eager"] = eager / row["ms"]
+    for baseline, key in (("eager", "speedup_vs_eager"), ("fusedrl", "speedup_vs_triton")):
+        base_ms = next((r["ms"] for r in rows if r["impl"] == baseline and "ms" in r), None)
+        for row in rows:
+            if base_ms and "ms" in row:
+                row[key] = base_ms / row["ms"]
     return rows
 
 
@@ -255,7 +266,8 @@ def main(argv=None) -> dict:
         if wanted is None or case.op in wanted:
             rows += measure(case, device, copy_gbps, skip, args.budget)
     columns = [("op", "op"), ("mode", "mode"), ("shape", "shape"), ("impl", "impl"), ("ms", "ms"),
-               ("speedup_vs_eager", "x eager"), ("gbps", "GB/s"), ("frac_of_copy", "of copy"),
+               ("speedup_vs_eager", "x eager"), ("speedup_vs_triton", "x triton"),
+               ("gbps", "GB/s"), ("frac_of_copy", "of copy"),
                ("peak_extra_mib", "peak MiB"), ("error", "error")]
     print(harness.format_table(rows, columns))
     payload = {"meta": {**meta, "copy_gbps": copy_gbps, "quick": args.quick}, "results": rows}

@@ -30,7 +30,7 @@ from engine import load_model  # noqa: E402
 from engine.batching import collate_sft  # noqa: E402
 from engine.optim import build_optimizer, build_scheduler, clip_grad_norm  # noqa: E402
 from engine.sft import sft_stage  # noqa: E402
-from engine.tokenize import TokenizedExample  # noqa: E402
+from engine.tokenization import TokenizedExample  # noqa: E402
 from engine.train_config import DataConfig, OptimConfig, SFTConfig, TrainConfig  # noqa: E402
 from engine.trainer import autocast_for, train_step  # noqa: E402
 

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# The one command a GPU session runs: the test suite on the GPU (no interpreter), then the
-# benchmarks, with logs and JSON (device, versions, git commit inside) written to OUTDIR.
-# The GPU machine has torch, triton, transformers and pytest but no network: nothing is installed;
-# the package runs from this checkout. Keep the whole run well inside 10 minutes.
+# The one command a GPU session runs: the CUDA extension built in place (kernels._C, for this
+# GPU's arch only, to keep the build short), the test suite on the GPU (no interpreter; the cuda
+# backend's tests run when the build succeeded), then the benchmarks, with logs and JSON (device,
+# versions, git commit inside) written to OUTDIR. The GPU machine has torch, triton, nvcc, ninja,
+# transformers and pytest but no network: nothing is installed; the package runs from this checkout.
 #
-#   bash bench/gpu.sh OUTDIR        # then copy what is worth keeping into bench/results/
+#   bash bench/gpu.sh OUTDIR                    # every stage
+#   bash bench/gpu.sh OUTDIR tests kernels      # some stages (to split a run across 10-minute calls)
+# Stages: build tests kernels generate sft (a later call can skip build: kernels/_C*.so stays
+# in the checkout only on the same machine). Then copy what is worth keeping into bench/results/.
 set -uo pipefail
-out=${1:?usage: bench/gpu.sh OUTDIR}
+out=${1:?usage: bench/gpu.sh OUTDIR [stage ...]}
+shift
+stages=${*:-build tests kernels generate sft}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$repo"
@@ -14,20 +20,41 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 status=0
 
+# run NAME TIMEOUT_S COMMAND...: one stage, its output in OUTDIR/NAME.log, failures remembered.
+run() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name =="
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" || status=1
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/nvidia-smi.csv" 2>&1
 python -c "import json, sys; sys.path.insert(0, 'bench'); import harness, torch; \
 print(json.dumps(harness.run_metadata(torch.device('cuda')), indent=2))" > "$out/env.json" || status=1
 
-echo "== tests (GPU) =="
-timeout 240 python -m pytest tests -q -p no:cacheprovider --junitxml="$out/tests.xml" \
-  2>&1 | tee "$out/tests.log" || status=1
+build_extension() {
+  local arch
+  arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  if FUSEDRL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" timeout 200 \
+      python setup.py build_ext --inplace > "$out/build_ext.log" 2>&1; then
+    echo "built for sm_${arch/./}"
+    python -c "from kernels import cuda_ext; cuda_ext.require(); print('kernels._C loads')" \
+      2>&1 | tee -a "$out/build_ext.log" || status=1
+  else
+    status=1
+    echo "build failed (the cuda backend's tests will be skipped); end of $out/build_ext.log:"
+    tail -n 30 "$out/build_ext.log"
+  fi
+}
 
-echo "== kernel benchmark =="
-timeout 300 python bench/bench_kernels.py --json "$out/bench_kernels.json" \
-  2>&1 | tee "$out/bench_kernels.log" || status=1
-
-echo "== SFT step benchmark =="
-timeout 300 python bench/bench_sft.py --out "$out/bench_sft.json" \
-  2>&1 | tee "$out/bench_sft.log" || status=1
-
+for stage in $stages; do
+  case $stage in
+    build)    echo "== CUDA extension (kernels._C) =="; build_extension ;;
+    tests)    run tests 240 python -m pytest tests -q -p no:cacheprovider --junitxml="$out/tests.xml" ;;
+    kernels)  run bench_kernels 300 python bench/bench_kernels.py --json "$out/bench_kernels.json" ;;
+    generate) run bench_generate 300 python bench/bench_generate.py --out "$out/bench_generate.json" ;;
+    sft)      run bench_sft 300 python bench/bench_sft.py --out "$out/bench_sft.json" ;;
+    *) echo "unknown stage $stage (build tests kernels generate sft)"; status=1 ;;
+  esac
+done
 exit $status

@@ -64,7 +64,7 @@ def _use_flash(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _flash_attn() is not None
 
 
-def _use_triton(x: torch.Tensor) -> bool:
+def use_triton(x: torch.Tensor) -> bool:
     """Our Triton kernels on CUDA. Elsewhere only when asked for with kernels' backend override
     (`kernels.use_backend("triton")` or FUSEDRL_BACKEND=triton; on the CPU that needs
     TRITON_INTERPRET=1), which is how the tests run whole generations through the kernels."""
@@ -75,7 +75,7 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
     """Write new K/V [N, Hkv, D] into the pages at `slot_mapping`."""
-    if _use_triton(k):
+    if use_triton(k):
         paged_kernels.store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         paged_kernels.store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
@@ -139,7 +139,7 @@ def decode_attention(q, k_cache, v_cache, meta: AttentionMetadata):
             q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
             block_table=meta.block_tables, softmax_scale=scale, causal=True)
         return out.squeeze(1)
-    if _use_triton(q):
+    if use_triton(q):
         return paged_kernels.paged_decode_triton(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     return paged_kernels.paged_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)

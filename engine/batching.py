@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from engine.tokenize import TokenizedExample
+from engine.tokenization import TokenizedExample
 
 IGNORE = -100
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine import demo_cli, plot_cli, ppo_cli, rm_cli, sft_cli
+from engine import demo_cli, generate_cli, plot_cli, ppo_cli, rm_cli, sft_cli
 
 
 def info(_args: argparse.Namespace) -> int:
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusedrl", description="Kernel-optimized single-node RLHF.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, devices and kernel backends").set_defaults(run=info)
-    for module in (demo_cli, sft_cli, rm_cli, ppo_cli, plot_cli):
+    for module in (demo_cli, generate_cli, sft_cli, rm_cli, ppo_cli, plot_cli):
         module.add_parser(commands)
     return parser
 

@@ -4,7 +4,7 @@
 Accepted lines:
 - demonstration   {"prompt": str, "response": str}
 - chat            {"messages": [{"role": ..., "content": ...}, ...]} ending with an assistant turn;
-                  rendered by `engine.tokenize.render_chat` (the loss covers that last turn only)
+                  rendered by `engine.tokenization.render_chat` (the loss covers that last turn only)
 - pairwise        {"prompt": str, "chosen": str, "rejected": str}
 - ranking         {"prompt": str, "responses": [best, ..., worst]} with K >= 2 distinct responses
 - hh              {"chosen": transcript, "rejected": transcript}: Anthropic HH-RLHF, where each

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.data import parser_for, read_jsonl
-from engine.tokenize import TokenizedExample, tokenize_record
+from engine.tokenization import TokenizedExample, tokenize_record
 from engine.train_config import DataConfig
 
 

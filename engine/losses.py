@@ -44,7 +44,8 @@ def ranking_loss_sum(rewards: torch.Tensor, group_sizes: list[int]) -> tuple[tor
     rewards [S] fp32: scores of the S = sum(group_sizes) sequences, each group best first.
     Element e with K responses contributes mean over its K(K-1)/2 pairs of -log sigmoid(r_i - r_j),
     so a K-way ranking weighs as much as a pair (the paper's 1 / C(K, 2)) and its pairs share one
-    forward. Returns (sum of element losses, number of pairs ranked correctly, number of pairs).
+    forward. Returns (sum of element losses, number of pairs ranked correctly, number of pairs); a
+    tie (equal rewards, e.g. from the zero-initialized head) counts as not correct.
     """
     losses, correct, pairs = [], rewards.new_zeros(()), 0
     for r in rewards.split(group_sizes):                           # [K]

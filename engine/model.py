@@ -5,8 +5,9 @@
 - `forward(input_ids, positions, meta, kv_caches)`: prefill or decode against the paged KV cache.
 
 Parameter names are the Hugging Face ones (`model.layers.0.self_attn.q_proj.weight`, ...), so
-checkpoints map one to one. Numerics follow transformers step for step (fp32 RMSNorm, RoPE tables in
-fp32 cast to the activation dtype), which is what makes the fp32 parity tests tight.
+checkpoints map one to one. The PyTorch path follows transformers step for step (fp32 RMSNorm, RoPE
+tables in fp32 cast to the activation dtype), which is what makes the fp32 parity tests tight; with
+autograd off on the GPU, norms (with the residual add) and RoPE run as fused Triton kernels instead.
 """
 from __future__ import annotations
 
@@ -16,8 +17,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.attention import (AttentionMetadata, decode_attention, prefill_attention, store_kv,
-                              varlen_attention)
+                              use_triton, varlen_attention)
 from engine.config import ModelConfig
+from engine.fused_kernels import add_rms_norm_triton, rms_norm_torch, rope_torch, rope_triton_
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Inference (autograd off) on a device where our Triton kernels run: use the fused kernels."""
+    return not torch.is_grad_enabled() and use_triton(x)
 
 
 class RMSNorm(nn.Module):
@@ -26,19 +33,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.eps = eps
 
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x, residual=None):
+        """x [..., C] -> RMSNorm(x). With `residual`: (RMSNorm(x + residual), x + residual); the fused
+        kernel adds into `residual` in place."""
+        if _fused(x):
+            out = add_rms_norm_triton(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is None:
+            return rms_norm_torch(x, self.weight, self.eps)
+        residual = residual + x
+        return rms_norm_torch(residual, self.weight, self.eps), residual
 
 
-def apply_rope(x, cos, sin):
-    """x [N, heads, D]; cos/sin [N, D] in x's dtype. Rotate-half convention (transformers')."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(q, k, cos, sin):
+    """q [N, H, D], k [N, Hkv, D]; cos/sin [N, D] in their dtype -> rotated (q, k)."""
+    if _fused(q):  # in place: q and k are fresh projections
+        return rope_triton_(q, cos, sin), rope_triton_(k, cos, sin)
+    return rope_torch(q, cos, sin), rope_torch(k, cos, sin)
 
 
 class RotaryTable:
@@ -83,7 +94,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, k, cos, sin)
         if kv_cache is None:
             out = varlen_attention(q, k, v, meta)
         else:
@@ -114,9 +125,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
 
-    def forward(self, x, cos, sin, meta, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, meta, kv_cache=None):
+        """(x, residual) -> (x, residual): the residual stream is summed inside the next norm, so
+        the fused kernel does add + norm in one pass. residual is None before the first layer."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, meta, kv_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderBody(nn.Module):
@@ -155,12 +173,13 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         recompute = self.gradient_checkpointing and kv_caches is None and torch.is_grad_enabled()
+        residual = None
         for i, layer in enumerate(self.model.layers):
             if recompute:
-                x = checkpoint(layer, x, cos, sin, meta, use_reentrant=False)
+                x, residual = checkpoint(layer, x, residual, cos, sin, meta, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, meta, None if kv_caches is None else kv_caches[i])
-        return self.model.norm(x)
+                x, residual = layer(x, residual, cos, sin, meta, None if kv_caches is None else kv_caches[i])
+        return self.model.norm(x, residual)[0]
 
     def forward_packed(self, input_ids, seqlens: list[int]):
         """Training forward over packed sequences: input_ids [N] (sum(seqlens) == N) -> hidden [N, hidden].

@@ -85,8 +85,8 @@ class ModelRunner:
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def _block_tables(self, seqs: list[Sequence], width: int | None = None):
-        width = width or max(len(s.block_table) for s in seqs)
+    def _block_tables(self, seqs: list[Sequence]):
+        width = max(len(s.block_table) for s in seqs)
         rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
         return self._tensor(rows, torch.int32)  # [B, width]
 

@@ -34,7 +34,7 @@ from engine.reward_model import load_reward_model
 from engine.runlog import RunLog
 from engine.sft import sft_loss
 from engine.stage_setup import resolve_device
-from engine.tokenize import tokenize_prompt
+from engine.tokenization import tokenize_prompt
 from engine.train_config import DataConfig
 from engine.train_state import (TrainState, latest_checkpoint, rng_state, save_atomically, set_rng_state)
 from engine.trainer import autocast_for, micro_batches, to_device

@@ -17,8 +17,9 @@ from engine.checkpoint import load_model
 from engine.data import Ranking, parser_for, read_jsonl
 from engine.losses import ranking_loss_sum, token_nll_sum
 from engine.reward_model import RewardModel, load_reward_model, reward_model_from_lm, save_reward_model
+from engine.runlog import append_metrics
 from engine.stage_setup import prepare_run
-from engine.tokenize import tokenize_prompt, tokenize_response
+from engine.tokenization import tokenize_prompt, tokenize_response
 from engine.trainer import Stage, train
 from engine.train_config import RMConfig
 
@@ -94,10 +95,12 @@ def run_rm(cfg: RMConfig) -> Path:
     lm = load_model(cfg.model, dtype=cfg.train.dtype, device=setup.device)
     model = reward_model_from_lm(lm)
     del lm
-    train(model, rm_stage(cfg, setup.device), setup.examples.train, setup.examples.eval, cfg,
-          setup.device, setup.examples.info)
+    state = train(model, rm_stage(cfg, setup.device), setup.examples.train, setup.examples.eval, cfg,
+                  setup.device, setup.examples.info)
     references = reference_sequences(cfg, setup.tokenizer, setup.examples.records)
     model.reward_offset = mean_raw_reward(model, references, cfg.data.tokens_per_batch, setup.device)
+    append_metrics(cfg.output_dir, "info", state.step, {"reward_offset": model.reward_offset,
+                                                        "reference_responses": len(references)})
     final = Path(cfg.output_dir) / "final"
     save_reward_model(model, final, source_dir=cfg.model)
     return final

@@ -42,8 +42,7 @@ class RunLog:
 
     def log(self, kind: str, step: int, metrics: dict):
         """Write one record; train records also advance the progress bar to `step`."""
-        row = {"kind": kind, "step": step, "time": round(time.time(), 3), **_plain(metrics)}
-        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.write(metrics_line(kind, step, metrics))
         self._metrics.flush()  # a crashed run keeps every line written so far
         if self._tb is not None:
             for key, value in metrics.items():
@@ -61,6 +60,18 @@ class RunLog:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+
+
+def metrics_line(kind: str, step: int, metrics: dict) -> str:
+    """One metrics.jsonl line: {"kind", "step", "time", **metrics}."""
+    row = {"kind": kind, "step": step, "time": round(time.time(), 3), **_plain(metrics)}
+    return json.dumps(row) + "\n"
+
+
+def append_metrics(run_dir, kind: str, step: int, metrics: dict):
+    """Add one record to a run's metrics.jsonl outside a RunLog (e.g. after training)."""
+    with (Path(run_dir) / METRICS_FILE).open("a", encoding="utf-8") as f:
+        f.write(metrics_line(kind, step, metrics))
 
 
 def _plain(metrics: dict) -> dict:

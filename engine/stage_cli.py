@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from engine import config_io
+from engine.data import DataError
 
 _USAGE_NOTE = """options (YAML keys; nested sections as dotted overrides, e.g. optim.lr=2e-5):
 {options}
@@ -38,6 +39,9 @@ def run_stage(args, name: str, config_cls, run_fn) -> int:
         import yaml
         print(yaml.safe_dump(config_io.to_dict(config), sort_keys=False), end="")
         return 0
-    out = run_fn(config)
+    try:
+        out = run_fn(config)
+    except (DataError, FileNotFoundError) as e:  # user input problems: a message, not a traceback
+        raise SystemExit(f"fusedrl {name}: {e}") from None
     print(f"fusedrl {name}: model written to {out}")
     return 0

@@ -17,7 +17,7 @@ import torch
 from engine import optim
 from engine.batching import epoch_batches
 from engine.runlog import RunLog, peak_memory_mb
-from engine.tokenize import TokenizedExample
+from engine.tokenization import TokenizedExample
 from engine.train_config import StageConfig
 from engine.train_state import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -108,6 +108,9 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
           ) -> TrainState:
     """Train `model` in place for the configured steps, resuming from the newest checkpoint in
     cfg.output_dir when train.resume is set. Returns the final TrainState."""
+    if cfg.data.max_length > model.config.max_model_len:
+        raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's max_model_len "
+                         f"{model.config.max_model_len}")
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     steps = total_steps(train_ex, cfg)

@@ -2,7 +2,8 @@
 
 Every op validates its inputs, then runs on the backend chosen by ``kernels.dispatch``:
 Triton for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), the PyTorch reference
-otherwise; ``use_backend(...)`` and ``FUSEDRL_BACKEND`` override. The ops are registered as
+otherwise; ``use_backend(...)`` and ``FUSEDRL_BACKEND`` override, including "cuda": the optional
+compiled kernels of csrc/ (``kernels.cuda_ext``, see BACKENDS.md). The ops are registered as
 torch custom ops (namespace ``fusedrl``), so torch.compile traces through them.
 """
 from . import reference

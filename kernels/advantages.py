@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import checks, reference
-from .dispatch import backend_for
+from .dispatch import backend_for, fused_op, kernel_inputs
 
 GAE = "gae"
 WHITEN = "masked_whiten"
@@ -86,9 +86,14 @@ def _gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gam
 
 
 @_gae_op.register_fake
-def _(rewards, values, mask, gamma, lam):
+def _gae_fake(rewards, values, mask, gamma, lam):
     out = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)
     return out, torch.empty_like(out)
+
+
+def register_cuda_rules() -> None:
+    """Fake implementation of the C++ twin fusedrl::cuda_gae (no gradient flows through gae)."""
+    torch.library.register_fake("fusedrl::cuda_gae", _gae_fake)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
@@ -113,10 +118,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     if rewards.dim() < 1:
         raise ValueError(f"{GAE}: rewards must have shape [..., T], got a 0-dim tensor")
     rewards, values = rewards.detach(), values.detach()
-    if backend_for(rewards) == "torch":
+    backend = backend_for(rewards)
+    if backend == "torch":
         return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
-    return torch.ops.fusedrl.gae(rewards.contiguous(), values.contiguous(), mask.contiguous(),
-                                 float(gamma), float(lam))
+    rewards, values = kernel_inputs(backend, rewards, values)
+    return fused_op(backend, "gae")(rewards.contiguous(), values.contiguous(), mask.contiguous(),
+                                    float(gamma), float(lam))
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,

@@ -3,11 +3,16 @@
 Backends:
   "triton"  our fused Triton kernels; runs on CUDA tensors, and on CPU tensors when the Triton
             interpreter is on (``TRITON_INTERPRET=1``, how CI tests the kernels).
+  "cuda"    our hand-written CUDA kernels (csrc/, the optional extension ``kernels._C``, see
+            ``kernels.cuda_ext``); CUDA tensors only. Asking for it where the extension is not
+            built raises a RuntimeError saying how to build it. linear_token_logprobs and
+            masked_whiten have no kernel of their own there and run as on "triton".
   "torch"   the plain PyTorch reference composition (``kernels.reference``), differentiated by
             autograd. Works everywhere; it is the oracle and the eager baseline.
 
 Resolution order: the innermost ``use_backend(...)`` context of the calling thread, else the
-``FUSEDRL_BACKEND`` environment variable, else "auto" (Triton where it can run, torch otherwise).
+``FUSEDRL_BACKEND`` environment variable, else "auto": Triton where it can run, torch otherwise.
+"auto" does not pick "cuda" yet: that waits for the GPU benchmark (kernels/BACKENDS.md).
 
 The override stack is thread-local (no process-wide mutable state) and is a plain list, which
 torch.compile can read and guard on (it cannot trace ``contextvars``). Under torch.compile the
@@ -22,8 +27,11 @@ from typing import Iterator
 
 import torch
 
-BACKENDS = ("triton", "torch")
+from . import cuda_ext
+
+BACKENDS = ("triton", "cuda", "torch")
 _CHOICES = ("auto",) + BACKENDS
+_CUDA_DTYPES = {torch.float32, torch.bfloat16, torch.float16}  # what the CUDA kernels load
 
 
 class _BackendStack(threading.local):
@@ -42,8 +50,13 @@ def _check_name(name: str, source: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the ops inside the ``with`` block on backend ``name`` ("auto", "triton" or "torch")."""
-    _stack.names.append(_check_name(name, "use_backend"))
+    """Run the ops inside the ``with`` block on backend ``name`` ("auto" or one of BACKENDS).
+
+    "cuda" loads the extension on entry, so a missing build fails here, before any op runs.
+    """
+    if _check_name(name, "use_backend") == "cuda":
+        cuda_ext.require()
+    _stack.names.append(name)
     try:
         yield
     finally:
@@ -63,11 +76,17 @@ def requested_backend() -> str:
 
 
 def backend_for(x: torch.Tensor) -> str:
-    """The backend that will run an op whose main input is ``x``: "triton" or "torch".
+    """The backend that will run an op whose main input is ``x``: "triton", "cuda" or "torch".
 
-    Raises RuntimeError when "triton" is requested for a tensor it cannot run on.
+    Raises RuntimeError when "triton" or "cuda" is requested for a tensor it cannot run on, or
+    "cuda" where the extension is not built.
     """
     name = requested_backend()
+    if name == "cuda":
+        cuda_ext.require()
+        if not x.is_cuda:
+            raise RuntimeError(f"backend 'cuda' needs CUDA tensors; got a tensor on {x.device}")
+        return name
     triton_ok = x.is_cuda or triton_interpreting()
     if name == "auto":
         return "triton" if triton_ok else "torch"
@@ -76,6 +95,22 @@ def backend_for(x: torch.Tensor) -> str:
             f"backend 'triton' needs CUDA tensors or TRITON_INTERPRET=1; got a tensor on {x.device}"
         )
     return name
+
+
+def fused_op(backend: str, name: str):
+    """The custom op running ``name`` on a fused backend: fusedrl::name on "triton", its C++ twin
+    fusedrl::cuda_name (same schema) on "cuda"."""
+    return getattr(torch.ops.fusedrl, name if backend == "triton" else f"cuda_{name}")
+
+
+def kernel_inputs(backend: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """An op's float inputs as its backend's kernels take them. Triton loads each in its own
+    dtype; the CUDA kernels take one dtype per op among fp32/bf16/fp16, so fp64 or mixed inputs go
+    in as fp32, the dtype every kernel computes in (autograd casts gradients back)."""
+    dtypes = {t.dtype for t in tensors}
+    if backend != "cuda" or (len(dtypes) == 1 and dtypes <= _CUDA_DTYPES):
+        return tensors
+    return tuple(t.float() for t in tensors)
 
 
 def sync_checks_enabled(x: torch.Tensor) -> bool:

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import checks, reference
-from .dispatch import backend_for
+from .dispatch import backend_for, fused_op, kernel_inputs
 
 OP = "kl_penalty"
 ESTIMATORS = ("k1", "k2", "k3")
@@ -113,7 +113,7 @@ def _fwd_op(logp: torch.Tensor, ref_logp: torch.Tensor, mask: Optional[torch.Ten
 
 
 @_fwd_op.register_fake
-def _(logp, ref_logp, mask, estimator):
+def _fwd_fake(logp, ref_logp, mask, estimator):
     return torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
 
 
@@ -131,7 +131,7 @@ def _bwd_op(grad_out: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
 
 
 @_bwd_op.register_fake
-def _(grad_out, logp, ref_logp, mask, estimator):
+def _bwd_fake(grad_out, logp, ref_logp, mask, estimator):
     return torch.empty_like(logp)
 
 
@@ -141,15 +141,26 @@ def _setup_context(ctx, inputs, output):
     ctx.estimator = estimator
 
 
-def _backward(ctx, grad_out):
-    logp, ref_logp, mask = ctx.saved_tensors
-    grad_logp = torch.ops.fusedrl.kl_penalty_bwd(grad_out, logp, ref_logp, mask, ctx.estimator)
-    # Every estimator is a function of ref_logp - logp alone.
-    grad_ref = -grad_logp.to(ref_logp.dtype) if ctx.needs_input_grad[1] else None
-    return grad_logp, grad_ref, None, None
+def _backward_on(backend: str):
+    """The autograd formula of the forward op of ``backend``: its own backward op."""
+    def backward(ctx, grad_out):
+        logp, ref_logp, mask = ctx.saved_tensors
+        grad_logp = fused_op(backend, "kl_penalty_bwd")(grad_out, logp, ref_logp, mask, ctx.estimator)
+        # Every estimator is a function of ref_logp - logp alone.
+        grad_ref = -grad_logp.to(ref_logp.dtype) if ctx.needs_input_grad[1] else None
+        return grad_logp, grad_ref, None, None
+    return backward
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward_on("triton"), setup_context=_setup_context)
+
+
+def register_cuda_rules() -> None:
+    """Fake implementations and autograd of the C++ twins fusedrl::cuda_kl_penalty_*."""
+    torch.library.register_fake("fusedrl::cuda_kl_penalty_fwd", _fwd_fake)
+    torch.library.register_fake("fusedrl::cuda_kl_penalty_bwd", _bwd_fake)
+    torch.library.register_autograd("fusedrl::cuda_kl_penalty_fwd", _backward_on("cuda"),
+                                    setup_context=_setup_context)
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k1",
@@ -170,7 +181,10 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
     if mask is not None:
         checks.check_mask(OP, mask, "logp", logp)
     checks.check_choice(OP, "estimator", estimator, ESTIMATORS)
-    if backend_for(logp) == "torch":
+    backend = backend_for(logp)
+    if backend == "torch":
         return reference.kl_penalty(logp, ref_logp, estimator=estimator, mask=mask)
-    return torch.ops.fusedrl.kl_penalty_fwd(logp.contiguous(), ref_logp.contiguous(), mask,
-                                            ESTIMATORS.index(estimator))
+    logp, ref_logp = kernel_inputs(backend, logp, ref_logp)
+    return fused_op(backend, "kl_penalty_fwd")(
+        logp.contiguous(), ref_logp.contiguous(), None if mask is None else mask.contiguous(),
+        ESTIMATORS.index(estimator))

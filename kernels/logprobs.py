@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import checks, reference
-from .dispatch import backend_for, sync_checks_enabled
+from .dispatch import backend_for, fused_op, kernel_inputs, sync_checks_enabled
 
 OP = "token_logprobs"
 
@@ -174,7 +174,7 @@ def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, igno
 
 
 @_fwd_op.register_fake
-def _(logits, labels, temperature, ignore_index, return_entropy, inplace_backward):
+def _fwd_fake(logits, labels, temperature, ignore_index, return_entropy, inplace_backward):
     n_rows = logits.shape[0]
     row = logits.new_empty(n_rows, dtype=torch.float32)
     return row, logits.new_empty(n_rows if return_entropy else 0, dtype=torch.float32), row.clone()
@@ -189,7 +189,7 @@ def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor, logits: torch.T
 
 
 @_bwd_op.register_fake
-def _(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+def _bwd_fake(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
     return torch.empty_like(logits)
 
 
@@ -208,20 +208,33 @@ def _setup_context(ctx, inputs, output):
     ctx.temperature, ctx.ignore_index, ctx.inplace_backward = temperature, ignore_index, inplace_backward
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    logits, labels, lse, entropy = ctx.saved_tensors
-    if grad_entropy is None:
-        grad_entropy = grad_logp.new_empty(0)
-    args = (grad_logp, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
-    if ctx.inplace_backward:
-        torch.ops.fusedrl.token_logprobs_bwd_inplace(*args)
-        grad_logits = logits
-    else:
-        grad_logits = torch.ops.fusedrl.token_logprobs_bwd(*args)
-    return grad_logits, None, None, None, None, None
+def _backward_on(backend: str):
+    """The autograd formula of the forward op of ``backend``: its own backward op."""
+    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        if grad_entropy is None:
+            grad_entropy = grad_logp.new_empty(0)
+        args = (grad_logp, grad_entropy, logits, labels, lse, entropy, ctx.temperature,
+                ctx.ignore_index)
+        if ctx.inplace_backward:
+            fused_op(backend, "token_logprobs_bwd_inplace")(*args)
+            grad_logits = logits
+        else:
+            grad_logits = fused_op(backend, "token_logprobs_bwd")(*args)
+        return grad_logits, None, None, None, None, None
+    return backward
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward_on("triton"), setup_context=_setup_context)
+
+
+def register_cuda_rules() -> None:
+    """Fake implementations and autograd of the C++ twins fusedrl::cuda_token_logprobs_*."""
+    torch.library.register_fake("fusedrl::cuda_token_logprobs_fwd", _fwd_fake)
+    torch.library.register_fake("fusedrl::cuda_token_logprobs_bwd", _bwd_fake)
+    torch.library.register_fake("fusedrl::cuda_token_logprobs_bwd_inplace", lambda *args: None)
+    torch.library.register_autograd("fusedrl::cuda_token_logprobs_fwd", _backward_on("cuda"),
+                                    setup_context=_setup_context)
 
 
 def check_label_args(op: str, labels: torch.Tensor, temperature: float, ignore_index: int) -> None:
@@ -244,7 +257,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         ignore_index: label value whose outputs (and gradients) are 0.
         return_entropy: also return the entropy of softmax(logits / temperature).
         inplace_backward: backward overwrites ``logits`` with its gradient (saves one [N, V]
-            buffer; ``logits`` must not be used after backward). Triton backend only.
+            buffer; ``logits`` must not be used after backward). Fused backends only (the torch
+            reference ignores it).
     Returns:
         logp [...] fp32, or (logp, entropy) [...] fp32 with ``return_entropy``. Differentiable
         w.r.t. logits through both.
@@ -263,14 +277,17 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     n_cols = logits.shape[-1]
     if sync_checks_enabled(labels):
         checks.check_label_range(OP, labels, n_cols, ignore_index)
-    if backend_for(logits) == "torch":
+    backend = backend_for(logits)
+    if backend == "torch":
         return reference.token_logprobs(logits, labels, temperature=temperature,
                                         ignore_index=ignore_index, return_entropy=return_entropy)
+    (logits,) = kernel_inputs(backend, logits)
     logits_2d = logits.reshape(-1, n_cols)
     if logits_2d.stride(-1) != 1:
         logits_2d = logits_2d.contiguous()
-    logp, entropy, _ = torch.ops.fusedrl.token_logprobs_fwd(
-        logits_2d, labels.reshape(-1).contiguous(), float(temperature), ignore_index, bool(return_entropy),
+    logp, entropy, _ = fused_op(backend, "token_logprobs_fwd")(
+        logits_2d, labels.reshape(-1).contiguous(), float(temperature), ignore_index,
+        bool(return_entropy),
         bool(inplace_backward),
     )
     logp = logp.view(labels.shape)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import checks, reference
-from .dispatch import backend_for
+from .dispatch import backend_for, fused_op, kernel_inputs
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 BLOCK = 1024
@@ -147,7 +147,7 @@ def row_weights(mask: torch.Tensor, agg: str) -> torch.Tensor:
     return 1.0 / (per_seq * n_seqs)
 
 
-def _launch(kernel, x, y, z, mask, agg, compute_grad, **scalars):
+def _launch(kernel, x, y, z, mask, weights, compute_grad, **scalars):
     """Shared host side of both losses: buffers, grid, launch. Returns (loss, grad, partials, blocks)."""
     n_elements = x.numel()
     n_blocks = max(triton.cdiv(n_elements, BLOCK), 1)
@@ -156,7 +156,7 @@ def _launch(kernel, x, y, z, mask, agg, compute_grad, **scalars):
     extra = scalars.pop("extra_outputs", ())
     if n_elements:
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-        kernel[(n_blocks,)](x, y, z, mask, row_weights(mask, agg), grad, partials, *extra,
+        kernel[(n_blocks,)](x, y, z, mask, weights, grad, partials, *extra,
                             n_elements, x.shape[-1], **scalars, STORE_GRAD=compute_grad,
                             BLOCK_SIZE=BLOCK)
     totals = partials.sum(dim=0)                                            # [N_PARTIALS]
@@ -169,13 +169,14 @@ def _fraction(totals: torch.Tensor, column: int) -> torch.Tensor:
 
 @torch.library.custom_op("fusedrl::ppo_policy_loss", mutates_args=())
 def _policy_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-               mask: torch.Tensor, agg: str, clip_low: float, clip_high: float, dual_clip: float,
-               compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss [], d loss / d logp [...] fp32 or [0], stats [5]) ; dual_clip <= 0 disables it."""
+               mask: torch.Tensor, weights: torch.Tensor, clip_low: float, clip_high: float,
+               dual_clip: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weights [rows] from row_weights. Returns (loss [], d loss / d logp [...] fp32 or [0],
+    stats [5]); dual_clip <= 0 disables it."""
     ratio_max = torch.zeros(max(triton.cdiv(logp.numel(), BLOCK), 1), dtype=torch.float32,
                             device=logp.device)
     loss, grad, totals = _launch(
-        _policy_loss_kernel, logp, old_logp, advantages, mask, agg, compute_grad,
+        _policy_loss_kernel, logp, old_logp, advantages, mask, weights, compute_grad,
         extra_outputs=(ratio_max,), clip_low=clip_low, clip_high=clip_high,
         dual_clip=dual_clip, HAS_DUAL=dual_clip > 0,
     )
@@ -185,23 +186,25 @@ def _policy_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
 
 
 @_policy_op.register_fake
-def _(logp, old_logp, advantages, mask, agg, clip_low, clip_high, dual_clip, compute_grad):
+def _policy_fake(logp, old_logp, advantages, mask, weights, clip_low, clip_high, dual_clip,
+                 compute_grad):
     grad = torch.empty(logp.shape if compute_grad else (0,), dtype=torch.float32, device=logp.device)
     return logp.new_empty((), dtype=torch.float32), grad, logp.new_empty(5, dtype=torch.float32)
 
 
 @torch.library.custom_op("fusedrl::ppo_value_loss", mutates_args=())
 def _value_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-              mask: torch.Tensor, agg: str, clip_eps: float, compute_grad: bool
+              mask: torch.Tensor, weights: torch.Tensor, clip_eps: float, compute_grad: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss [], d loss / d values [...] fp32 or [0], stats [1]); clip_eps < 0 disables it."""
-    loss, grad, totals = _launch(_value_loss_kernel, values, old_values, returns, mask, agg,
+    """weights [rows] from row_weights. Returns (loss [], d loss / d values [...] fp32 or [0],
+    stats [1]); clip_eps < 0 disables it."""
+    loss, grad, totals = _launch(_value_loss_kernel, values, old_values, returns, mask, weights,
                                  compute_grad, clip_eps=clip_eps, HAS_CLIP=clip_eps >= 0)
     return loss, grad, _fraction(totals, CLIPPED).reshape(1)
 
 
 @_value_op.register_fake
-def _(values, old_values, returns, mask, agg, clip_eps, compute_grad):
+def _value_fake(values, old_values, returns, mask, weights, clip_eps, compute_grad):
     grad = torch.empty(values.shape if compute_grad else (0,), dtype=torch.float32,
                        device=values.device)
     return values.new_empty((), dtype=torch.float32), grad, values.new_empty(1, dtype=torch.float32)
@@ -220,6 +223,14 @@ def _backward(ctx, grad_loss, _grad_grad, _grad_stats):
 
 _policy_op.register_autograd(_backward, setup_context=_setup_context)
 _value_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def register_cuda_rules() -> None:
+    """Fake implementations and autograd of the C++ twins fusedrl::cuda_ppo_*_loss."""
+    for name, fake in (("ppo_policy_loss", _policy_fake), ("ppo_value_loss", _value_fake)):
+        torch.library.register_fake(f"fusedrl::cuda_{name}", fake)
+        torch.library.register_autograd(f"fusedrl::cuda_{name}", _backward,
+                                        setup_context=_setup_context)
 
 
 def _check_loss_inputs(op: str, names: tuple[str, str, str], tensors, mask, agg: str) -> torch.Tensor:
@@ -268,12 +279,16 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
         raise ValueError(f"{op}: dual_clip must be a number > 1 or None, got {dual_clip!r}")
     old_logp, advantages = old_logp.detach(), advantages.detach()
-    if backend_for(logp) == "torch":
+    backend = backend_for(logp)
+    if backend == "torch":
         return reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=clip_eps,
                                          clip_eps_high=eps_high, dual_clip=dual_clip, agg=agg)
-    loss, _, stats = torch.ops.fusedrl.ppo_policy_loss(
-        logp.contiguous(), old_logp.contiguous(), advantages.contiguous(), mask.contiguous(), agg,
-        float(clip_eps), float(eps_high), float(dual_clip or 0.0), _wants_grad(logp),
+    wants_grad = _wants_grad(logp)
+    logp, old_logp, advantages = kernel_inputs(backend, logp, old_logp, advantages)
+    loss, _, stats = fused_op(backend, "ppo_policy_loss")(
+        logp.contiguous(), old_logp.contiguous(), advantages.contiguous(), mask.contiguous(),
+        row_weights(mask, agg), float(clip_eps), float(eps_high), float(dual_clip or 0.0),
+        wants_grad,
     )
     stats = stats.detach()
     names = ("clipfrac", "dual_clipfrac", "approx_kl", "ratio_mean", "ratio_max")
@@ -298,10 +313,13 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     if clip_eps is not None:
         checks.check_positive(op, "clip_eps", clip_eps)
     old_values, returns = old_values.detach(), returns.detach()
-    if backend_for(values) == "torch":
+    backend = backend_for(values)
+    if backend == "torch":
         return reference.ppo_value_loss(values, old_values, returns, mask, clip_eps=clip_eps, agg=agg)
-    loss, _, stats = torch.ops.fusedrl.ppo_value_loss(
-        values.contiguous(), old_values.contiguous(), returns.contiguous(), mask.contiguous(), agg,
-        -1.0 if clip_eps is None else float(clip_eps), _wants_grad(values),
+    wants_grad = _wants_grad(values)
+    values, old_values, returns = kernel_inputs(backend, values, old_values, returns)
+    loss, _, stats = fused_op(backend, "ppo_value_loss")(
+        values.contiguous(), old_values.contiguous(), returns.contiguous(), mask.contiguous(),
+        row_weights(mask, agg), -1.0 if clip_eps is None else float(clip_eps), wants_grad,
     )
     return loss, {"vf_clipfrac": stats.detach()[0]}

@@ -13,6 +13,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from kernel_testing import FUSED_BACKENDS  # noqa: E402
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def fused_backend(request):
+    """The fused backend a correctness test runs on: "triton", then "cuda" where it is built."""
+    return request.param
+
 
 @pytest.fixture(autouse=True)
 def _seed(request):

@@ -4,12 +4,21 @@ import os
 import pytest
 import torch
 
+from kernels import cuda_ext
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 TRITON_RUNS = ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"
 
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="large shape: GPU only (too slow in the interpreter)")
 needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
+CUDA_EXT_RUNS = ON_GPU and cuda_ext.is_available()
+needs_cuda_ext = pytest.mark.skipif(
+    not CUDA_EXT_RUNS, reason=f"cuda backend: {cuda_ext.unavailable_reason() or 'needs a GPU'}")
+# Every correctness test of a fused op runs, with the same checks and tolerances, on each of these
+# (the `fused_backend` fixture in conftest.py).
+FUSED_BACKENDS = [pytest.param("triton", id="triton"),
+                  pytest.param("cuda", marks=needs_cuda_ext, id="cuda")]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Spacing of representable numbers relative to the value (2**-mantissa_bits): an output rounded

@@ -1,9 +1,9 @@
-"""gae (parallel-scan Triton kernel) and masked_whiten against references and hand-worked cases."""
+"""gae (the Triton and CUDA scans) and masked_whiten against references and hand-worked cases."""
 import pytest
 import torch
 
 from kernels import gae, masked_whiten, reference, use_backend
-from kernel_testing import DEVICE, assert_close, needs_triton, rand_mask
+from kernel_testing import DEVICE, FUSED_BACKENDS, assert_close, needs_triton, rand_mask
 
 pytestmark = needs_triton
 
@@ -23,7 +23,7 @@ HAND_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS + ["torch"])
 @pytest.mark.parametrize("mask, expected", HAND_CASES)
 def test_hand_computed(mask, expected, backend):
     rewards = torch.tensor([[1.0, 0.0, 2.0]], device=DEVICE)
@@ -54,14 +54,14 @@ def gae_by_compaction(rewards, values, mask, gamma, lam):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 1), (4, 1), (3, 7), (5, 64), (2, 2500)])
 @pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.99, 1.0), (0.9, 0.0), (0.0, 0.7)])
-def test_matches_reference(shape, gamma, lam, dtype):
+def test_matches_reference(shape, gamma, lam, dtype, fused_backend):
     rewards = torch.randn(shape, device=DEVICE).to(dtype)
     values = torch.randn(shape, device=DEVICE).to(dtype)
     mask = rand_mask(*shape)
     if shape[0] > 2:
         mask[0] = False                                   # a fully masked row
         mask[1, : shape[1] // 2] = False                  # left padding
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
     ref_adv, ref_ret = reference.gae(rewards.double(), values.double(), mask, gamma=gamma, lam=lam)
     assert advantages.dtype == returns.dtype == torch.float32
@@ -73,7 +73,7 @@ def test_matches_reference(shape, gamma, lam, dtype):
                      atol=1e-10, rtol=1e-10, name="reference vs compaction")
 
 
-def test_all_valid_matches_trl_loop():
+def test_all_valid_matches_trl_loop(fused_backend):
     rewards, values = torch.randn(3, 9, device=DEVICE), torch.randn(3, 9, device=DEVICE)
     last, steps = 0.0, []
     for t in reversed(range(9)):        # TRL's formulation, no mask
@@ -81,23 +81,23 @@ def test_all_valid_matches_trl_loop():
         last = rewards[:, t] + 0.97 * next_values - values[:, t] + 0.97 * 0.9 * last
         steps.append(last)
     expected = torch.stack(steps[::-1], dim=1)
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         advantages, _ = gae(rewards, values, torch.ones(3, 9, dtype=torch.long, device=DEVICE),
                             gamma=0.97, lam=0.9)
     assert_close(advantages, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_masked_entries_are_never_read():
+def test_masked_entries_are_never_read(fused_backend):
     rewards, values = torch.randn(2, 10, device=DEVICE), torch.randn(2, 10, device=DEVICE)
     mask = rand_mask(2, 10)
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         clean = gae(rewards, values, mask)
         dirty = gae(rewards.masked_fill(~mask, float("nan")), values.masked_fill(~mask, float("inf")), mask)
     assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[1], dirty[1])
 
 
-def test_empty_and_no_grad():
-    with use_backend("triton"):
+def test_empty_and_no_grad(fused_backend):
+    with use_backend(fused_backend):
         advantages, returns = gae(torch.zeros(0, 5, device=DEVICE), torch.zeros(0, 5, device=DEVICE),
                                   torch.zeros(0, 5, dtype=torch.bool, device=DEVICE))
         assert advantages.shape == returns.shape == (0, 5)

@@ -44,17 +44,17 @@ def test_unknown_backend_name():
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU-without-interpreter case")
-def test_triton_refused_on_cpu_without_interpreter(monkeypatch):
+def test_triton_refused_on_cpu_without_interpreter(monkeypatch, fused_backend):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with use_backend("triton"), pytest.raises(RuntimeError, match="needs CUDA tensors or TRITON_INTERPRET=1"):
+    with use_backend(fused_backend), pytest.raises(RuntimeError, match="needs CUDA tensors or TRITON_INTERPRET=1"):
         kernels.kl_penalty(torch.zeros(3), torch.zeros(3))
 
 
 @needs_triton
-def test_backends_agree():
+def test_backends_agree(fused_backend):
     logits = torch.randn(4, 6, 33, device=DEVICE)
     labels = torch.randint(0, 33, (4, 6), device=DEVICE)
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         fused = kernels.token_logprobs(logits, labels, return_entropy=True)
     with use_backend("torch"):
         plain = kernels.token_logprobs(logits, labels, return_entropy=True)
@@ -77,7 +77,7 @@ def ppo_step(logits, labels, hidden, head, rewards, values, mask):
 
 @needs_triton
 @pytest.mark.parametrize("compiler", ["aot_eager"] + (["inductor"] if ON_GPU else []))
-def test_torch_compile_traces_without_graph_breaks(compiler):
+def test_torch_compile_traces_without_graph_breaks(compiler, fused_backend):
     torch._dynamo.reset()
     B, T, V, H = 3, 5, 40, 8
     inputs = [torch.randn(B, T, V, device=DEVICE), torch.randint(0, V, (B, T), device=DEVICE),
@@ -92,7 +92,7 @@ def test_torch_compile_traces_without_graph_breaks(compiler):
         loss.backward()
         return [loss, clipfrac] + [args[i].grad for i in differentiable]
 
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         eager = run(ppo_step)
         compiled = run(torch.compile(ppo_step, fullgraph=True, backend=compiler))  # raises on a break
     for a, b in zip(compiled, eager):

@@ -1,4 +1,4 @@
-"""kl_penalty (Triton backend) against the float64 reference, plus hand-computed values."""
+"""kl_penalty (Triton and CUDA backends) against the float64 reference, plus hand-computed values."""
 import math
 
 import pytest
@@ -11,13 +11,13 @@ pytestmark = needs_triton
 ESTIMATORS = ["k1", "k2", "k3"]
 
 
-def test_hand_computed_values():
+def test_hand_computed_values(fused_backend):
     # logp = log 0.5, ref = log 0.25: d = ref - logp = -log 2.
     logp = torch.tensor([math.log(0.5)], device=DEVICE)
     ref = torch.tensor([math.log(0.25)], device=DEVICE)
     d = -math.log(2.0)
     expected = {"k1": math.log(2.0), "k2": 0.5 * d * d, "k3": 0.5 - d - 1.0}  # exp(d) = 0.5
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         for name, value in expected.items():
             assert kl_penalty(logp, ref, estimator=name).item() == pytest.approx(value, rel=1e-6)
 
@@ -25,13 +25,13 @@ def test_hand_computed_values():
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1,), (3, 1), (5, 37), (2, 3, 1100)])
-def test_matches_reference(shape, dtype, estimator):
+def test_matches_reference(shape, dtype, estimator, fused_backend):
     logp = (torch.randn(shape, device=DEVICE) - 2).to(dtype)
     ref = (logp.float() + torch.randn(shape, device=DEVICE) * 0.5).to(dtype)
     mask = rand_mask(*shape)
     g = torch.randn(shape, device=DEVICE)
     x, y = logp.clone().requires_grad_(), ref.clone().requires_grad_()
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         kl = kl_penalty(x, y, estimator=estimator, mask=mask)
     (kl * g).sum().backward()
     x64, y64 = logp.double().requires_grad_(), ref.double().requires_grad_()
@@ -46,9 +46,9 @@ def test_matches_reference(shape, dtype, estimator):
     assert_close(y.grad, y64.grad, atol=1e-5, rtol=tol, name="grad_ref_logp")
 
 
-def test_no_mask_and_empty():
+def test_no_mask_and_empty(fused_backend):
     logp, ref = torch.randn(4, 6, device=DEVICE), torch.randn(4, 6, device=DEVICE)
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         assert_close(kl_penalty(logp, ref, estimator="k3"),
                      reference.kl_penalty(logp.double(), ref.double(), estimator="k3"),
                      atol=1e-6, rtol=1e-5)
@@ -56,9 +56,9 @@ def test_no_mask_and_empty():
     assert empty.shape == (0, 3)
 
 
-def test_k3_is_nonnegative():
+def test_k3_is_nonnegative(fused_backend):
     logp, ref = torch.randn(1000, device=DEVICE) * 3, torch.randn(1000, device=DEVICE) * 3
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         assert torch.all(kl_penalty(logp, ref, estimator="k3") >= 0)
 
 

@@ -1,4 +1,4 @@
-"""token_logprobs (Triton backend) against the float64 reference: values and gradients."""
+"""token_logprobs (Triton and CUDA backends) against the float64 reference: values and gradients."""
 import pytest
 import torch
 
@@ -30,10 +30,10 @@ def run_and_grad(fn, logits, labels, grad_logp, grad_entropy, **kwargs):
     return logp, entropy, x.grad
 
 
-def check_against_reference(logits, labels, **kwargs):
+def check_against_reference(backend, logits, labels, **kwargs):
     g_logp = torch.randn(labels.shape, device=DEVICE)
     g_entropy = torch.randn(labels.shape, device=DEVICE)
-    with use_backend("triton"):
+    with use_backend(backend):
         logp, entropy, grad = run_and_grad(token_logprobs, logits, labels, g_logp, g_entropy, **kwargs)
     ref_logp, ref_entropy, ref_grad = run_and_grad(
         reference.token_logprobs, logits.double(), labels, g_logp.double(), g_entropy.double(), **kwargs)
@@ -51,58 +51,58 @@ def check_against_reference(logits, labels, **kwargs):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 32003])
-def test_matches_reference(vocab, dtype):
+def test_matches_reference(vocab, dtype, fused_backend):
     lead = (4,) if vocab > 10000 else (3, 5)
     logits, labels = make_inputs(lead, vocab, dtype)
-    check_against_reference(logits, labels)
+    check_against_reference(fused_backend, logits, labels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.6, 1.7])
-def test_temperature(temperature, dtype):
+def test_temperature(temperature, dtype, fused_backend):
     logits, labels = make_inputs((2, 7), 333, dtype)
-    check_against_reference(logits, labels, temperature=temperature)
+    check_against_reference(fused_backend, logits, labels, temperature=temperature)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_neg_inf_logits(dtype):
+def test_neg_inf_logits(dtype, fused_backend):
     # Masked vocabularies: many -inf entries (never at the label), and one row -inf but for the label.
     logits, labels = make_inputs((3, 4), 500, dtype, neg_inf_frac=0.3, ignore_frac=0.0)
     logits[0, 0] = float("-inf")
     logits[0, 0, labels[0, 0]] = 1.0
-    check_against_reference(logits, labels)
+    check_against_reference(fused_backend, logits, labels)
 
 
-def test_label_at_neg_inf_logit_gives_neg_inf():
+def test_label_at_neg_inf_logit_gives_neg_inf(fused_backend):
     logits, labels = make_inputs((5,), 64, torch.float32, ignore_frac=0.0)
     logits[2, labels[2]] = float("-inf")
-    check_against_reference(logits, labels)
-    with use_backend("triton"):
+    check_against_reference(fused_backend, logits, labels)
+    with use_backend(fused_backend):
         assert token_logprobs(logits, labels)[2].item() == float("-inf")
 
 
-def test_single_token_and_odd_leading_dims():
-    check_against_reference(*make_inputs((1,), 17, torch.float32, ignore_frac=0.0))
-    check_against_reference(*make_inputs((1, 1), 1000, torch.bfloat16, ignore_frac=0.0))
-    check_against_reference(*make_inputs((2, 3, 5), 31, torch.float32))
+def test_single_token_and_odd_leading_dims(fused_backend):
+    check_against_reference(fused_backend, *make_inputs((1,), 17, torch.float32, ignore_frac=0.0))
+    check_against_reference(fused_backend, *make_inputs((1, 1), 1000, torch.bfloat16, ignore_frac=0.0))
+    check_against_reference(fused_backend, *make_inputs((2, 3, 5), 31, torch.float32))
 
 
-def test_empty():
+def test_empty(fused_backend):
     logits = torch.randn(0, 7, 11, device=DEVICE, requires_grad=True)
     labels = torch.zeros(0, 7, dtype=torch.long, device=DEVICE)
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         logp, entropy = token_logprobs(logits, labels, return_entropy=True)
     assert logp.shape == entropy.shape == (0, 7)
     (logp.sum() + entropy.sum()).backward()
     assert logits.grad.shape == logits.shape
 
 
-def test_fully_ignored_rows_are_zero_with_zero_grad():
+def test_fully_ignored_rows_are_zero_with_zero_grad(fused_backend):
     logits, labels = make_inputs((4, 6), 100, torch.float32, ignore_frac=0.0)
     labels[1] = -100
     logits[1] = float("nan")  # an ignored row is not even read
     logits.requires_grad_()
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         logp, entropy = token_logprobs(logits, labels, return_entropy=True)
     (logp.sum() + entropy.sum()).backward()
     assert torch.all(logp[1] == 0) and torch.all(entropy[1] == 0)
@@ -110,26 +110,36 @@ def test_fully_ignored_rows_are_zero_with_zero_grad():
     assert torch.isfinite(logits.grad[[0, 2, 3]]).all()
 
 
-def test_custom_ignore_index_and_int32_labels():
+def test_custom_ignore_index_and_int32_labels(fused_backend):
     logits, labels = make_inputs((6,), 50, torch.float32, ignore_frac=0.0)
     labels[[1, 4]] = 7777
-    check_against_reference(logits, labels.int(), ignore_index=7777)
+    check_against_reference(fused_backend, logits, labels.int(), ignore_index=7777)
 
 
-def test_non_contiguous_leading_dims():
+def test_non_contiguous_leading_dims(fused_backend):
     base, labels_base = make_inputs((4, 10), 129, torch.float32)
     logits = base.transpose(0, 1)[::2]             # [5, 4, V], non-contiguous leading dims
     labels = labels_base.transpose(0, 1)[::2]
     assert not logits.is_contiguous()
-    check_against_reference(logits, labels)
-    check_against_reference(base[::2, 3], labels_base[::2, 3])   # strided rows and 1-d labels
+    check_against_reference(fused_backend, logits, labels)
+    check_against_reference(fused_backend, base[::2, 3], labels_base[::2, 3])  # strided 1-d labels
 
 
-def test_nan_row_stays_in_its_row():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_of_a_wider_buffer(fused_backend, dtype):
+    # Row stride 1024 but V = 1021: aligned rows whose length is no multiple of a 16-byte vector
+    # (the CUDA kernel's vector loop plus its scalar tail).
+    base, labels = make_inputs((6,), 1024, dtype)
+    logits = base[:, :1021]
+    labels = labels.clamp_max(1020)                   # ignore_index -100 stays as it is
+    check_against_reference(fused_backend, logits, labels)
+
+
+def test_nan_row_stays_in_its_row(fused_backend):
     logits, labels = make_inputs((5,), 300, torch.float32, ignore_frac=0.0)
     logits[2, 17] = float("nan")
     logits.requires_grad_()
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         logp, entropy = token_logprobs(logits, labels, return_entropy=True)
     (logp.sum() + entropy.sum()).backward()
     others = [0, 1, 3, 4]
@@ -139,10 +149,10 @@ def test_nan_row_stays_in_its_row():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inplace_backward_matches_and_reuses_the_buffer(dtype):
+def test_inplace_backward_matches_and_reuses_the_buffer(dtype, fused_backend):
     logits, labels = make_inputs((3, 5), 257, dtype)
     g = torch.randn(labels.shape, device=DEVICE)
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         x = logits.clone().requires_grad_()
         (token_logprobs(x, labels) * g).sum().backward()
         leaf = logits.clone().requires_grad_()
@@ -152,9 +162,9 @@ def test_inplace_backward_matches_and_reuses_the_buffer(dtype):
     assert torch.equal(y, x.grad)                        # y's storage now holds the gradient
 
 
-def test_logp_only_gradient():
+def test_logp_only_gradient(fused_backend):
     logits, labels = make_inputs((4, 3), 90, torch.float32)
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         x = logits.clone().requires_grad_()
         token_logprobs(x, labels).sum().backward()
     y = logits.double().requires_grad_()
@@ -164,8 +174,8 @@ def test_logp_only_gradient():
 
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qwen_vocab(dtype):
-    check_against_reference(*make_inputs((8,), 151936, dtype))
+def test_qwen_vocab(dtype, fused_backend):
+    check_against_reference(fused_backend, *make_inputs((8,), 151936, dtype))
 
 
 @pytest.mark.parametrize("bad, error, match", [

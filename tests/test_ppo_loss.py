@@ -1,17 +1,17 @@
-"""ppo_policy_loss / ppo_value_loss (fused Triton kernels) against the reference and hand cases."""
+"""ppo_policy_loss / ppo_value_loss (fused Triton and CUDA kernels) against the reference and hand cases."""
 import math
 
 import pytest
 import torch
 
 from kernels import ppo_policy_loss, ppo_value_loss, reference, use_backend
-from kernel_testing import DEVICE, ULP, assert_close, needs_triton, rand_mask
+from kernel_testing import DEVICE, FUSED_BACKENDS, ULP, assert_close, needs_triton, rand_mask
 
 pytestmark = needs_triton
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS + ["torch"])
 def test_policy_hand_computed(backend):
     # clip_eps 0.2, token-mean over 4 tokens:
     #   A=+1, r=1.5: max(-1.5, -1.2) = -1.2 clipped (grad 0)
@@ -36,7 +36,7 @@ def test_policy_hand_computed(backend):
     assert stats["approx_kl"].item() == pytest.approx(k3, abs=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS + ["torch"])
 def test_dual_clip_hand_computed(backend):
     # A=-1, r=4: max(4, 1.2) = 4 > 3 = -A * c, so the dual clip bounds it at 3 (grad 0);
     # A=-1, r=2: max(2, 1.2) = 2 < 3, unchanged (grad -A r = 2). token-mean over 2.
@@ -51,7 +51,7 @@ def test_dual_clip_hand_computed(backend):
     assert stats["dual_clipfrac"].item() == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS + ["torch"])
 def test_value_hand_computed(backend):
     # eps 0.2, token-mean over 3:
     #   v=2.0, old=1, R=0: max(0.5*4, 0.5*1.2^2) = 2.0         grad v - R = 2
@@ -86,10 +86,10 @@ def check_grad(ours, exact, dtype, name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 1), (5, 37), (3, 1500)])
 @pytest.mark.parametrize("clip", [dict(), dict(clip_eps=0.1, clip_eps_high=0.28, dual_clip=2.0)])
-def test_policy_matches_reference(clip, shape, dtype, agg):
+def test_policy_matches_reference(clip, shape, dtype, agg, fused_backend):
     logp, old, adv, mask = random_batch(shape, dtype)
     x = logp.clone().requires_grad_()
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         loss, stats = ppo_policy_loss(x, old, adv, mask, agg=agg, **clip)
     loss.backward()
     x64 = logp.double().requires_grad_()
@@ -107,10 +107,10 @@ def test_policy_matches_reference(clip, shape, dtype, agg):
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("clip_eps", [0.2, None])
-def test_value_matches_reference(clip_eps, dtype, agg):
+def test_value_matches_reference(clip_eps, dtype, agg, fused_backend):
     values, old, returns, mask = random_batch((4, 29), dtype)
     x = values.clone().requires_grad_()
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         loss, stats = ppo_value_loss(x, old, returns, mask, clip_eps=clip_eps, agg=agg)
     loss.backward()
     x64 = values.double().requires_grad_()
@@ -123,10 +123,10 @@ def test_value_matches_reference(clip_eps, dtype, agg):
 
 
 @pytest.mark.parametrize("agg", AGGS)
-def test_nothing_valid(agg):
+def test_nothing_valid(agg, fused_backend):
     logp = torch.randn(3, 4, device=DEVICE, requires_grad=True)
     none = torch.zeros(3, 4, dtype=torch.bool, device=DEVICE)
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         loss, stats = ppo_policy_loss(logp, logp.detach() + 1, torch.randn(3, 4, device=DEVICE), none, agg=agg)
         vloss, vstats = ppo_value_loss(logp, logp.detach(), torch.randn(3, 4, device=DEVICE), none, agg=agg)
     (loss + vloss).backward()
@@ -134,9 +134,9 @@ def test_nothing_valid(agg):
     assert all(v.item() == 0 for v in list(stats.values()) + list(vstats.values()))
 
 
-def test_masked_garbage_is_ignored_and_no_grad_mode_works():
+def test_masked_garbage_is_ignored_and_no_grad_mode_works(fused_backend):
     logp, old, adv, mask = random_batch((4, 10), torch.float32)
-    with use_backend("triton"), torch.no_grad():
+    with use_backend(fused_backend), torch.no_grad():
         clean, _ = ppo_policy_loss(logp, old, adv, mask)
         dirty, _ = ppo_policy_loss(logp.masked_fill(~mask, float("nan")), old, adv.masked_fill(~mask, 1e30), mask)
     assert torch.equal(clean, dirty)

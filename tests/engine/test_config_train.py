@@ -1,4 +1,6 @@
 """Training configs: YAML + overrides, rejection of unknown keys and wrong types, the CLI surface."""
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -73,3 +75,10 @@ def test_cli_prints_the_resolved_config(tmp_path, capsys):
     assert args.run(args) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["beta_rm"] == 0.5 and printed["optim"]["lr"] == OptimConfig().lr
+
+
+@pytest.mark.parametrize("cls, name", [(SFTConfig, "sft.yaml"), (RMConfig, "rm.yaml")])
+def test_example_configs_load(cls, name):
+    path = Path(__file__).resolve().parents[2] / "engine" / "configs" / name
+    cfg = config_io.load(cls, path, REQUIRED)
+    assert cfg.optim.lr < 1e-4 and cfg.data.train_file == "t.jsonl"

@@ -2,9 +2,10 @@
 import pytest
 
 from engine.batching import IGNORE, collate_rm, collate_sft, epoch_batches, pack, response_labels
+from engine.cli import main
 from engine.data import DataError, Demonstration, Ranking, parser_for, read_jsonl
 from engine.examples import split_off
-from engine.tokenize import TokenizedExample, render_chat, tokenize_record
+from engine.tokenization import TokenizedExample, render_chat, tokenize_record
 from engine_testing import EOS, make_tokenizer
 from train_testing import write_jsonl
 
@@ -90,6 +91,9 @@ def test_truncation_keeps_the_prompt_end_and_cuts_the_response_end(tokenizer):
     assert ex.responses == ((response_ids + [EOS])[:5],)
     full = tokenize_record(tokenizer, Demonstration("the fox", " hello"), max_length=64, max_prompt_length=32)
     assert full.responses[0][-1] == EOS  # room left: the response ends with EOS
+    chat = tokenize_record(tokenizer, Demonstration("", "fox", (("user", "the"), ("assistant", "fox"))), 64, 32)
+    assert chat.prompt == tokenizer("\n\nUser: the\n\nAssistant:")["input_ids"]
+    assert chat.responses == (tokenizer(" fox", add_special_tokens=False)["input_ids"] + [EOS],)
 
 
 def test_chat_rendering_uses_the_template_when_there_is_one(tokenizer):
@@ -136,3 +140,10 @@ def test_held_out_split_is_seeded_and_disjoint():
     train, held = split_off(100, 0.1, seed=3)
     assert len(held) == 10 and not set(train) & set(held) and split_off(100, 0.1, seed=3) == (train, held)
     assert split_off(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
+
+
+def test_fusedrl_sft_reports_a_malformed_line_without_a_traceback(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}, '{"prompt": "p"}'])
+    with pytest.raises(SystemExit, match=r"^fusedrl sft: .*d\.jsonl:2: expected keys prompt\+response"):
+        main(["sft", f"model={tmp_path / 'tok'}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}"])

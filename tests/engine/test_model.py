@@ -198,3 +198,14 @@ def test_equal_length_packed_batch_matches_one_sequence_at_a_time(qwen2_dir):
         for i, p in enumerate(prompts):
             torch.testing.assert_close(batched[11 * i:11 * (i + 1)],
                                        model.forward_packed(torch.tensor(p), [11]), atol=ATOL, rtol=0)
+
+
+def test_bf16_save_records_its_dtype_for_transformers(qwen2_dir, tmp_path):
+    model = load_model(qwen2_dir, dtype="bfloat16")
+    save_model(model, tmp_path / "bf16", source_dir=qwen2_dir)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert load_file(tmp_path / "bf16" / SINGLE_FILE)["model.norm.weight"].dtype == torch.bfloat16
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert hf.dtype == torch.bfloat16
+    assert torch.equal(hf.model.layers[1].mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
+    assert model.config.hf_config.dtype != "bfloat16"  # saving did not rewrite the loaded config

@@ -18,7 +18,7 @@ from engine.losses import token_nll_sum
 from engine.optim import build_optimizer, build_scheduler, lr_factor
 from engine.runlog import read_metrics
 from engine.sft import run_sft, sft_loss, sft_stage
-from engine.tokenize import TokenizedExample
+from engine.tokenization import TokenizedExample
 from engine.trainer import train_step
 from engine.train_state import latest_checkpoint, save_checkpoint, TrainState
 from engine_testing import random_prompts
@@ -159,3 +159,10 @@ def test_lm_head_follows_autocast_and_keeps_fp32_master_gradients(base_dir):
     nll.backward()
     assert nll.dtype == torch.float32 and model.lm_head.weight.grad.dtype == torch.float32
     assert nll.item() != exact.item() and nll.item() == pytest.approx(exact.item(), rel=2e-2)
+
+
+def test_max_length_beyond_the_model_is_refused(base_dir, train_file, tmp_path):
+    cfg = sft_config(base_dir, train_file, tmp_path, data={"max_length": 200, "max_prompt_length": 24,
+                                                            "tokens_per_batch": 400})
+    with pytest.raises(ValueError, match="data.max_length=200 exceeds the model's max_model_len 128"):
+        run_sft(cfg)

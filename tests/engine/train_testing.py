@@ -28,15 +28,20 @@ def demonstrations(n, seed=0):
 
 
 def sorted_digit_preferences(n, seed=0, length=6):
-    """Pairs whose chosen response lists the prompt's digits sorted and the rejected one the same
-    digits in another order: programmatically better, learnable by a tiny model."""
+    """Pairs whose chosen response lists the prompt's digits sorted; the rejected one has the same
+    digits, the same first and last, and its middle out of order, so the last token alone cannot
+    tell them apart: the reward model has to read the whole response."""
     rng = random.Random(seed)
     rows = []
-    for _ in range(n):
+    while len(rows) < n:
         digits = [rng.randrange(10) for _ in range(length)]
-        good, bad = sorted(digits), digits[:]
-        while bad == good:
-            rng.shuffle(bad)
+        good = sorted(digits)
+        middle = good[1:-1]
+        if len(set(middle)) < 2:  # no other order of the middle exists
+            continue
+        while middle == good[1:-1]:
+            rng.shuffle(middle)
+        bad = [good[0], *middle, good[-1]]
         rows.append({"prompt": "sort " + "".join(map(str, digits)) + ":",
                      "chosen": " " + " ".join(map(str, good)), "rejected": " " + " ".join(map(str, bad))})
     return rows
