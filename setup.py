@@ -122,7 +122,7 @@ def main() -> None:
             "matplotlib>=3.7",
         ],
         extras_require={
-            "test": ["pytest>=8", "pytest-benchmark>=4"],
+            "test": ["pytest>=8", "pytest-benchmark>=4", "tensorboard>=2.14"],
             "bench": ["pytest-benchmark>=4"],
             # train.tensorboard=true (torch.utils.tensorboard writes the events).
             "tensorboard": ["tensorboard>=2.14"],
