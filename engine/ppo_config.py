@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.critic import CRITICS
-from engine.train_config import OptimConfig, _check, _help
+from engine.train_config import OptimConfig, RunConfig, _check, _help
 
 ESTIMATORS = ("gae", "reinforce")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -75,24 +75,12 @@ class RewardConfig:
 
 
 @dataclass
-class LoopConfig:
+class LoopConfig(RunConfig):
     iterations: int = _help("PPO iterations (rollout + update)", 100)
-    device: str | None = _help("cuda or cpu (default: cuda when available)")
-    dtype: str = _help("parameter dtype: float32 (with bf16 autocast on GPU) or bfloat16", "float32")
-    bf16: bool = _help("bf16 autocast of the training forwards on CUDA (ignored on CPU)", True)
-    gradient_checkpointing: bool = _help("recompute each decoder layer in backward to save memory", False)
-    log_every: int = _help("write a metrics line every this many iterations", 1)
-    save_every: int = _help("checkpoint every this many iterations (0 = only at the end)", 0)
-    keep_checkpoints: int = _help("keep only the newest this many checkpoints (0 = all)", 2)
-    resume: bool = _help("continue from the newest checkpoint in output_dir when there is one", True)
-    tensorboard: bool = _help("also write TensorBoard events to output_dir/tensorboard", False)
-    progress: bool = _help("show a live progress bar on stderr", True)
 
     def __post_init__(self):
+        super().__post_init__()
         _check(self.iterations >= 1, f"train.iterations must be >= 1, got {self.iterations}")
-        _check(self.dtype in ("float32", "bfloat16"), f"train.dtype must be float32 or bfloat16, got {self.dtype!r}")
-        _check(self.log_every >= 1 and self.save_every >= 0 and self.keep_checkpoints >= 0,
-               "train.log_every must be >= 1, train.save_every and train.keep_checkpoints >= 0")
 
 
 @dataclass

@@ -67,15 +67,14 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = _help("passes over the training data", 1)
-    max_steps: int | None = _help("stop after this many optimizer steps (overrides epochs)")
+class RunConfig:
+    """The loop options every stage shares (its `train` section); "step" is the stage's unit of
+    progress (an optimizer step for SFT/RM, an iteration for PPO)."""
     device: str | None = _help("cuda or cpu (default: cuda when available)")
     dtype: str = _help("parameter dtype: float32 (with bf16 autocast on GPU) or bfloat16", "float32")
-    bf16: bool = _help("bf16 autocast of the forward on CUDA (ignored on CPU)", True)
+    bf16: bool = _help("bf16 autocast of the training forwards on CUDA (ignored on CPU)", True)
     gradient_checkpointing: bool = _help("recompute each decoder layer in backward to save memory", False)
-    log_every: int = _help("write a metrics line every this many optimizer steps", 1)
-    eval_every: int = _help("evaluate every this many steps (0 = only at the end)", 0)
+    log_every: int = _help("write a metrics line every this many steps", 1)
     save_every: int = _help("checkpoint every this many steps (0 = only at the end)", 0)
     keep_checkpoints: int = _help("keep only the newest this many checkpoints (0 = all)", 2)
     resume: bool = _help("continue from the newest checkpoint in output_dir when there is one", True)
@@ -83,14 +82,25 @@ class TrainConfig:
     progress: bool = _help("show a live progress bar on stderr", True)
 
     def __post_init__(self):
-        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
-        _check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
         _check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),
                f"train.device must be cpu, cuda or cuda:N, got {self.device!r}")
         _check(self.dtype in ("float32", "bfloat16"), f"train.dtype must be float32 or bfloat16, got {self.dtype!r}")
-        for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
+        for name in ("save_every", "keep_checkpoints"):
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    epochs: int = _help("passes over the training data", 1)
+    max_steps: int | None = _help("stop after this many optimizer steps (overrides epochs)")
+    eval_every: int = _help("evaluate every this many steps (0 = only at the end)", 0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _check(self.eval_every >= 0, "train.eval_every must be >= 0")
 
 
 @dataclass
