@@ -35,7 +35,7 @@ class DemoConfig:
     demo_noise: float = field(default=0.4, metadata={"help": "fraction of SFT demonstrations that are wrong"})
     sft_epochs: int = field(default=4, metadata={"help": "SFT epochs"})
     rm_epochs: int = field(default=2, metadata={"help": "reward-model epochs"})
-    ppo_iterations: int = field(default=30, metadata={"help": "PPO iterations"})
+    ppo_iterations: int = field(default=60, metadata={"help": "PPO iterations"})
     eval_samples: int = field(default=4, metadata={"help": "samples per held-out prompt for the accuracy"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
 
@@ -218,9 +218,11 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
         rollout=RolloutConfig(prompts_per_iteration=16, samples_per_prompt=4, max_new_tokens=12,
                               temperature=temperature, kv_cache_memory=1 << 24),
         ppo=LossConfig(epochs=2, minibatch_size=32, vf_coef=0.1, gamma=1.0, lam=0.95),
-        reward=RewardConfig(kl_coef=0.1),
-        optim=OptimConfig(lr=2e-4, max_grad_norm=1.0),
-        train=LoopConfig(iterations=cfg.ppo_iterations, log_every=5, **loop)),
+        # Running score normalization with clipping (PPO-max) and a constant learning rate: on this
+        # task a decaying rate stalled PPO, and larger steps exploited the reward model.
+        reward=RewardConfig(kl_coef=0.1, normalize=True, clip=5.0),
+        optim=OptimConfig(lr=2e-4, max_grad_norm=1.0, min_lr_ratio=1.0),
+        train=LoopConfig(iterations=cfg.ppo_iterations, log_every=10, **loop)),
         evaluate=lambda models: {"accuracy": accuracy(models.policy)})
     ppo_accuracy = accuracy(load_model(ppo_dir))
     table = {
