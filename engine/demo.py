@@ -34,8 +34,9 @@ class DemoConfig:
     eval_prompts: int = field(default=100, metadata={"help": "held-out prompts for the accuracy"})
     demo_noise: float = field(default=0.4, metadata={"help": "fraction of SFT demonstrations that are wrong"})
     sft_epochs: int = field(default=4, metadata={"help": "SFT epochs"})
-    rm_epochs: int = field(default=2, metadata={"help": "reward-model epochs"})
+    rm_epochs: int = field(default=3, metadata={"help": "reward-model epochs"})
     ppo_iterations: int = field(default=60, metadata={"help": "PPO iterations"})
+    ppo_prompts: int = field(default=16, metadata={"help": "prompts per PPO iteration (4 samples each)"})
     eval_samples: int = field(default=4, metadata={"help": "samples per held-out prompt for the accuracy"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
 
@@ -44,7 +45,8 @@ class DemoConfig:
             raise ValueError(f"digits must be in [2, 8], got {self.digits}")
         if not 0 <= self.demo_noise < 1:
             raise ValueError(f"demo_noise must be in [0, 1), got {self.demo_noise}")
-        for name in ("train_prompts", "eval_prompts", "sft_epochs", "rm_epochs", "ppo_iterations", "eval_samples"):
+        for name in ("train_prompts", "eval_prompts", "sft_epochs", "rm_epochs", "ppo_iterations", "ppo_prompts",
+                     "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -215,7 +217,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     ppo_dir = run_ppo(PPOConfig(
         policy=str(sft_dir), reward_model=str(rm_dir), prompts_file=data["prompts"],
         output_dir=str(out / "ppo"), seed=cfg.seed,
-        rollout=RolloutConfig(prompts_per_iteration=16, samples_per_prompt=4, max_new_tokens=12,
+        rollout=RolloutConfig(prompts_per_iteration=cfg.ppo_prompts, samples_per_prompt=4, max_new_tokens=12,
                               temperature=temperature, kv_cache_memory=1 << 24),
         ppo=LossConfig(epochs=2, minibatch_size=32, vf_coef=0.1, gamma=1.0, lam=0.95),
         # Running score normalization with clipping (PPO-max) and a constant learning rate: on this
