@@ -12,7 +12,6 @@ the script itself.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -22,6 +21,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.model_runner import kv_bytes_per_block  # noqa: E402
 
@@ -51,26 +52,6 @@ def parse_args():
         root = Path(__file__).resolve().parent / "results"
         args.out = str(root / ("generate_quick.json" if args.quick else "generate.json"))
     return args
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def copy_bandwidth(device, nbytes: int) -> float:
-    """Bytes/s moved by a device-to-device copy (read + write), best of 5."""
-    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
 
 
 def build_model_dir(args, device, dtype) -> tuple[Path, transformers.PreTrainedModel]:
@@ -111,10 +92,10 @@ def time_hf(hf, prompts, new_tokens, device):
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   attention_mask=torch.ones_like(ids), pad_token_id=0)
     with torch.no_grad():
-        sync(device)
+        harness.synchronize(device)
         t = time.perf_counter()
         out = hf.generate(ids, **kwargs)
-        sync(device)
+        harness.synchronize(device)
     assert out.shape[1] == ids.shape[1] + new_tokens
     return time.perf_counter() - t
 
@@ -131,7 +112,7 @@ def main():
     config = llm.config
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())  # tied: once
     kv_bytes_per_token = kv_bytes_per_block(config, dtype, 1)
-    bandwidth = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 64 << 20)
+    bandwidth = harness.copy_bandwidth_gbps(device, 1 << 30 if device.type == "cuda" else 64 << 20) * 1e9
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     # Warm-up: Triton compilation and allocator growth stay out of the timings.
@@ -154,29 +135,20 @@ def main():
             hf_s = time_hf(hf, prompts, args.new_tokens, device)
             row.update(hf_tok_s=batch * args.new_tokens / hf_s, speedup=ours * hf_s / (batch * args.new_tokens))
         rows.append(row)
-        print_row(row)
 
-    result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  dtype=str(dtype), model="tiny" if args.quick else "Qwen2.5-0.5B shape (random init)",
+    print(harness.format_table(rows, COLUMNS))
+    result = dict(meta=harness.run_metadata(device), dtype=str(dtype),
+                  model="tiny" if args.quick else "Qwen2.5-0.5B shape (random init)",
                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, weight_bytes=weight_bytes,
                   kv_bytes_per_token=kv_bytes_per_token, copy_bandwidth_GBps=bandwidth / 1e9,
-                  torch=torch.__version__, transformers=transformers.__version__, rows=rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+                  transformers=transformers.__version__, rows=rows)
+    harness.write_json(args.out, result)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, weights {weight_bytes / 1e6:.1f} MB; wrote {args.out}")
 
 
-HEADER = f"{'batch':>5} {'ours tok/s':>11} {'hf tok/s':>9} {'speedup':>8} {'decode tok/s':>13} " \
-         f"{'roofline':>9} {'% roof':>7}"
-
-
-def print_row(row):
-    if row["batch"] == 1 or not hasattr(print_row, "done"):
-        print(HEADER)
-        print_row.done = True
-    hf = f"{row['hf_tok_s']:9.1f} {row['speedup']:7.2f}x" if "hf_tok_s" in row else f"{'-':>9} {'-':>8}"
-    print(f"{row['batch']:5d} {row['ours_tok_s']:11.1f} {hf} {row['decode_tok_s']:13.1f} "
-          f"{row['roofline_tok_s']:9.1f} {100 * row['decode_vs_roofline']:6.1f}%", flush=True)
+COLUMNS = [("batch", "batch"), ("ours_tok_s", "ours tok/s"), ("hf_tok_s", "hf tok/s"), ("speedup", "speedup"),
+           ("decode_tok_s", "decode tok/s"), ("roofline_tok_s", "roofline tok/s"),
+           ("decode_vs_roofline", "of roofline")]
 
 
 if __name__ == "__main__":
