@@ -35,6 +35,8 @@ class RolloutConfig:
 class LossConfig:
     epochs: int = _help("PPO epochs over each rollout", 4)
     minibatch_size: int = _help("sequences per PPO minibatch update", 16)
+    microbatch_size: int | None = _help("sequences per forward/backward inside a minibatch; gradients are "
+                                        "accumulated to the whole minibatch's (None = the minibatch at once)")
     clip_eps: float = _help("ratio clip: [1 - clip_eps, 1 + clip_eps_high]", 0.2)
     clip_eps_high: float | None = _help("upper ratio clip (default: clip_eps)")
     dual_clip: float | None = _help("dual-clip bound c > 1 for negative advantages (None = off)")
@@ -51,6 +53,8 @@ class LossConfig:
 
     def __post_init__(self):
         _check(self.epochs >= 1 and self.minibatch_size >= 1, "ppo.epochs and ppo.minibatch_size must be >= 1")
+        _check(self.microbatch_size is None or self.microbatch_size >= 1,
+               f"ppo.microbatch_size must be >= 1 or null, got {self.microbatch_size}")
         _check(self.estimator in ESTIMATORS, f"ppo.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
         for name in ("vf_coef", "ent_coef", "ptx_coef", "max_approx_kl"):

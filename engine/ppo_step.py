@@ -161,8 +161,46 @@ class Optimizers:
         return norms[0]
 
 
-def minibatch_loss(models: PPOModels, batch: Rollout, cfg: PPOConfig, ptx_loss: Optional[Callable]):
-    """The PPO objective on one minibatch: (loss, stats of 0-dim tensors)."""
+def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
+                       ptx_loss: Optional[Callable]) -> Optional[dict]:
+    """Forward and backward of one minibatch, cfg.ppo.microbatch_size rows at a time.
+
+    Each micro-batch's loss is weighted by its share of the minibatch's aggregation units (valid
+    tokens for token-mean, non-empty sequences for the seq-mean modes; valid tokens for the
+    entropy bonus), so the accumulated gradient equals the whole minibatch's. The PPO-ptx loss is
+    added once. Returns the minibatch's stats (0-dim tensors), or None if a loss was not finite:
+    the gradients are then partial and must not be stepped.
+    """
+    p = cfg.ppo
+    rows = batch.mask.shape[0]
+    size = min(p.microbatch_size or rows, rows)
+    tokens = batch.mask.sum(-1)                                             # [B]
+    units = tokens if p.agg == "token-mean" else (tokens > 0).long()
+    totals: dict = {}
+    for start in range(0, rows, size):
+        micro = batch if size == rows else batch.rows(list(range(start, min(start + size, rows))))
+        agg_weight = units[start:start + size].sum() / units.sum().clamp_min(1)
+        token_weight = tokens[start:start + size].sum() / tokens.sum().clamp_min(1)
+        loss, stats = minibatch_loss(models, micro, cfg, agg_weight, token_weight)
+        if not torch.isfinite(loss):
+            return None
+        loss.backward()
+        for name, value in stats.items():
+            totals[name] = totals.get(name, 0.0) + agg_weight * value
+    if ptx_loss is not None:
+        ptx = ptx_loss()
+        if not torch.isfinite(ptx):
+            return None
+        (p.ptx_coef * ptx).backward()
+        totals["ptx_loss"] = ptx.detach()
+    return totals
+
+
+def minibatch_loss(models: PPOModels, batch: Rollout, cfg: PPOConfig, agg_weight=1.0, token_weight=1.0):
+    """The PPO objective on (a micro-batch of) a minibatch: (loss, stats of 0-dim tensors).
+
+    agg_weight scales the policy and value losses, token_weight the token-mean entropy bonus.
+    """
     p = cfg.ppo
     logp, entropy, values = models.forward(batch.packed(), cfg.rollout.temperature, with_entropy=p.ent_coef > 0)
     policy_loss, stats = ppo_policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask,
@@ -170,14 +208,10 @@ def minibatch_loss(models: PPOModels, batch: Rollout, cfg: PPOConfig, ptx_loss: 
                                          dual_clip=p.dual_clip, agg=p.agg)
     value_loss, value_stats = ppo_value_loss(values, batch.old_values, batch.returns, batch.mask,
                                              clip_eps=p.vf_clip, agg=p.agg)
-    loss = policy_loss + p.vf_coef * value_loss
+    loss = agg_weight * (policy_loss + p.vf_coef * value_loss)
     if p.ent_coef > 0:
-        loss = loss - p.ent_coef * masked_mean(entropy, batch.mask)
+        loss = loss - p.ent_coef * token_weight * masked_mean(entropy, batch.mask)
     stats = {**stats, **value_stats, "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach()}
-    if ptx_loss is not None:
-        ptx = ptx_loss()
-        loss = loss + p.ptx_coef * ptx
-        stats["ptx_loss"] = ptx.detach()
     return loss, stats
 
 
@@ -193,13 +227,9 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, cfg:
         stop = False
         for start in range(0, rows, cfg.ppo.minibatch_size):
             optimizers.zero_grad()
-            loss, stats = minibatch_loss(models, rollout.rows(order[start:start + cfg.ppo.minibatch_size]),
-                                         cfg, ptx_loss)
-            if not torch.isfinite(loss):
-                skipped += 1
-                continue
-            loss.backward()
-            grad_norm = optimizers.clip_and_step()
+            stats = minibatch_backward(models, rollout.rows(order[start:start + cfg.ppo.minibatch_size]),
+                                       cfg, ptx_loss)
+            grad_norm = None if stats is None else optimizers.clip_and_step()
             if grad_norm is None:
                 skipped += 1
                 continue

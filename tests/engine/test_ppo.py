@@ -1,5 +1,6 @@
 """The PPO stage on tiny models: rollout packing, the hybrid actor, update direction, NaN guard,
 KL ceiling, resume equivalence, critics, config errors."""
+import dataclasses
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ from engine.critic import value_model_from_reward_model
 from engine.ppo import KLCeilingExceeded, build_models, build_optimizers, prompt_indices, run_ppo
 from engine.ppo_config import LoopConfig, LossConfig, PPOConfig, RewardConfig, RolloutConfig
 from engine.ppo_core import RunningMoments
-from engine.ppo_step import PhaseTimer, make_rollout, ppo_update
+from engine.ppo_step import PhaseTimer, make_rollout, minibatch_backward, ppo_update
 from engine.reward_model import reward_model_from_lm, save_reward_model
 from engine.rollout import pack_rollout, response_logprobs
 from engine.runlog import read_metrics
@@ -123,6 +124,39 @@ def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     advantage = rollout.advantages[rollout.mask]
     assert (change * advantage).sum() > 0
     assert torch.corrcoef(torch.stack([change, advantage]))[0, 1] > 0.5
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_microbatches_accumulate_the_minibatch_gradient(setup, agg):
+    """Micro-batches of 1 and of 4 (uneven) rows give the gradient of the whole minibatch, with an
+    entropy bonus, a separate critic, uneven lengths and a row without valid tokens."""
+    root, policy_dir, prompts = setup
+    cfg = config(root, policy_dir, prompts, "micro", critic="separate",
+                 ppo=LossConfig(epochs=1, minibatch_size=6, agg=agg, ent_coef=0.05, vf_coef=0.5))
+    from transformers import AutoTokenizer
+    models = build_models(cfg, torch.device("cpu"), AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
+    models.score = low_id_fraction
+    rollout, _ = make_rollout(models, random_prompts([4, 6]), cfg, 0.05, RunningMoments(), 0,
+                              PhaseTimer(torch.device("cpu")))
+    rollout.mask[2] = False                          # no valid token
+    rollout.mask[0, 2:] = False                      # uneven lengths: tokens and sequences weigh apart
+    rollout.mask[4, 4:] = False
+    params = list(models.policy.parameters()) + list(models.critic.parameters())
+
+    def gradient(microbatch_size):
+        for p in params:
+            p.grad = None
+        micro_cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, microbatch_size=microbatch_size))
+        stats = minibatch_backward(models, rollout, micro_cfg, None)
+        return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params]), stats
+
+    whole, whole_stats = gradient(None)
+    assert whole.abs().max() > 0
+    for size in (1, 4):
+        grad, stats = gradient(size)
+        # fp32 sums in another order: the tolerance follows the gradient's scale.
+        torch.testing.assert_close(grad, whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
+        torch.testing.assert_close(stats["policy_loss"], whole_stats["policy_loss"], rtol=1e-4, atol=1e-6)
 
 
 def dict_optim(**kw):
