@@ -122,8 +122,10 @@ def main() -> None:
             "matplotlib>=3.7",
         ],
         extras_require={
-            "test": ["pytest>=8", "pytest-benchmark>=4", "tensorboard>=2.14"],
-            "bench": ["pytest-benchmark>=4"],
+            # trl: the peer of bench/bench_ppo.py (its last release with a PPO trainer); the test
+            # suite runs that comparison on a tiny model.
+            "test": ["pytest>=8", "pytest-benchmark>=4", "tensorboard>=2.14", "trl==0.29.1"],
+            "bench": ["pytest-benchmark>=4", "trl==0.29.1"],
             # train.tensorboard=true (torch.utils.tensorboard writes the events).
             "tensorboard": ["tensorboard>=2.14"],
         },

@@ -1,87 +1,262 @@
-"""One PPO iteration of our stage: time split, tokens/s per phase and peak memory per phase.
+"""One PPO iteration, ours vs TRL's PPOTrainer, on the same models and batch: time split, tokens/s
+and peak memory.
 
-A random-init Qwen2.5-0.5B-shaped policy (and the same weights as the frozen reference), a shared
-value head, a reward function on token ids, fp32 master weights with bf16 autocast on the GPU. The
-first iteration warms up (CUDA graphs, allocator); the second is measured. `--quick` runs a tiny
-model on the CPU to check the script itself.
+Both sides get the same checkpoints, written once by this script: a random-init policy of the
+Qwen2.5-0.5B shape (also the frozen reference) and a random-init reward model of the same shape
+(`Qwen2ForSequenceClassification`, one label); the critic is a value model initialized from the
+reward model (InstructGPT's default, and TRL's only critic). fp32 master weights with bf16 autocast
+on the GPU, AdamW on policy and critic, a k1 KL penalty, one PPO epoch over `minibatches`
+minibatches of micro-batches of `micro` rows (the same rows per forward on both sides).
 
-The side-by-side with TRL's PPO trainer (the issue's comparison) is not here yet: TRL 1.x ships no
-PPO trainer, so it needs an older TRL that works with the GPU image's transformers, carried as
-wheels. Until then this reports our numbers alone and says so in its JSON.
+- ours: `engine.ppo_step` (hybrid actor generating through the paged-KV engine from the policy's
+  own weights, fused log-prob/KL/GAE/loss kernels, packed varlen forwards);
+- TRL: `trl.experimental.ppo.PPOTrainer` of trl==0.29.1 (TRL 1.x ships no PPO trainer). It samples
+  one response per prompt, so it gets the batch's rows as prompts repeated `samples` times. Both
+  sides generate exactly `new_tokens` tokens per row (TRL without a stop token, ours with
+  `rollout.ignore_eos`): the same work, whatever the random model samples. Its generation is HF `generate`, in chunks of
+  `local_rollout_forward_batch_size` rows (TRL's default, 64). Its phases are not separable from
+  outside beyond generation, so it reports `generate` and the rest.
 
-    python bench/bench_ppo.py                 # GPU: 64 prompts x 4 samples, 128 prompt + 256 new tokens
-    python bench/bench_ppo.py --quick         # CPU smoke run
+Each side runs in its own process (so each peak is its own) for two iterations: the first warms up,
+the second is measured. Peak memory is `torch.cuda.max_memory_allocated` over the measured
+iteration: everything resident (four models, optimizer state, KV pool or cache, activations).
+`--quick` runs a tiny model on the CPU to check the script (CPU timings are not GPU timings).
+
+    python bench/bench_ppo.py                      # GPU: 32 prompts x 4 samples, prompt 128, 256 new
+    python bench/bench_ppo.py --quick              # CPU smoke run of both sides
+    python bench/bench_ppo.py --sides ours         # without TRL installed
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from bench_generate import QWEN25_05B, TINY  # noqa: E402
 from bench_sft import build_model_dir  # noqa: E402
-from engine import load_model  # noqa: E402
-from engine.actor import HybridActor  # noqa: E402
-from engine.critic import shared_value_head  # noqa: E402
-from engine.ppo import build_optimizers  # noqa: E402
-from engine.ppo_config import LoopConfig, LossConfig, PPOConfig, RolloutConfig  # noqa: E402
-from engine.ppo_core import RunningMoments  # noqa: E402
-from engine.ppo_step import PhaseTimer, PPOModels, make_rollout, ppo_update  # noqa: E402
-from engine.trainer import autocast_for  # noqa: E402
+
+PAD_ID = 0   # prompts are drawn from ids >= 10, so neither pad nor EOS appears in them
+COLUMNS = [("side", "side"), ("iteration_s", "iteration s"), ("time_generate", "generate s"),
+           ("response_tokens", "response tokens"), ("tokens_per_s", "tokens/s"), ("peak_gib", "peak GiB")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    prompts: int
+    samples: int
+    prompt_len: int
+    new_tokens: int
+    minibatches: int
+    micro: int
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.samples
+
+    def __post_init__(self):
+        if self.rows % (self.minibatches * self.micro):
+            raise ValueError(f"prompts*samples={self.rows} must be a multiple of minibatches*micro="
+                             f"{self.minibatches * self.micro}")
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny fp32 model on the CPU")
+    p.add_argument("--sides", nargs="+", default=["ours", "trl"], choices=["ours", "trl"])
+    p.add_argument("--shape", default=None, help="PROMPTSxSAMPLESxPROMPT_LENxNEW_TOKENS (default 32x4x128x256)")
+    p.add_argument("--minibatches", type=int, default=4, help="PPO minibatches per epoch")
+    p.add_argument("--micro", type=int, default=None, help="rows per forward/backward (default 16; quick 2)")
     p.add_argument("--out", default=None, help="JSON results path (default: bench/results/ppo[_quick].json)")
+    # Internal: one side in this process, its result to a JSON file (see main).
+    p.add_argument("--run-side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--dirs", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
+    dims = [int(x) for x in (args.shape or ("4x2x16x16" if args.quick else "32x4x128x256")).split("x")]
+    args.shape = Shape(*dims, args.minibatches, args.micro or (2 if args.quick else 16))
     if args.out is None:
         args.out = str(Path(__file__).resolve().parent / "results" / ("ppo_quick.json" if args.quick else "ppo.json"))
     return args
 
 
-def even_token_fraction(prompts, responses):
-    """A reward function on token ids (no reward model to load): the fraction of even ids."""
-    return torch.tensor([sum(t % 2 == 0 for t in r) / len(r) for r in responses])
+def build_reward_model_dir(quick: bool) -> Path:
+    """A random-init Qwen2 reward model (one-label sequence classification, fp32) on disk."""
+    config = transformers.Qwen2Config(**(TINY if quick else QWEN25_05B), num_labels=1, pad_token_id=PAD_ID)
+    torch.manual_seed(1)
+    path = Path(tempfile.mkdtemp(prefix="bench_ppo_rm_"))
+    transformers.Qwen2ForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+def build_tokenizer(eos_id: int):
+    """A real fast tokenizer carrying only the special ids (both sides are fed token ids)."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<pad>": PAD_ID, "<eos>": eos_id}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def make_prompts(shape: Shape, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(10, vocab, (shape.prompts, shape.prompt_len), generator=g).tolist()
+
+
+class IterationClock:
+    """Wall time and peak memory of the second iteration (the first warms up)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.marks = device, []
+
+    def mark(self):
+        harness.synchronize(self.device)
+        self.marks.append(time.perf_counter())
+        if len(self.marks) == 1 and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def result(self) -> dict:
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        return {"iteration_s": self.marks[1] - self.marks[0], "peak_gib": peak}
+
+
+def run_ours(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device) -> dict:
+    from engine.checkpoint import load_config
+    from engine.model_runner import kv_bytes_per_block
+    from engine.ppo import build_models, build_optimizers
+    from engine.ppo_config import LoopConfig, LossConfig, PPOConfig, RewardConfig, RolloutConfig
+    from engine.ppo_core import RunningMoments
+    from engine.ppo_step import PhaseTimer, make_rollout, ppo_update
+
+    # The KV pool holds every row's prompt and response (no credit for prompt sharing), fp32 like the weights.
+    model_config = load_config(policy_dir)
+    blocks_per_row = -(-(shape.prompt_len + shape.new_tokens) // 16) + 1
+    kv_bytes = shape.rows * blocks_per_row * kv_bytes_per_block(model_config, torch.float32, 16)
+    cfg = PPOConfig(policy=str(policy_dir), reward_model=str(rm_dir), critic="separate", prompts_file="-",
+                    output_dir="-",
+                    rollout=RolloutConfig(prompts_per_iteration=shape.prompts, samples_per_prompt=shape.samples,
+                                          max_prompt_length=shape.prompt_len, max_new_tokens=shape.new_tokens,
+                                          ignore_eos=True, kv_cache_memory=kv_bytes, block_size=16),
+                    ppo=LossConfig(epochs=1, minibatch_size=shape.rows // shape.minibatches,
+                                   microbatch_size=shape.micro, vf_coef=0.1),
+                    reward=RewardConfig(kl_coef=0.05),
+                    train=LoopConfig(iterations=2, device=device.type, progress=False))
+    models = build_models(cfg, device, build_tokenizer(model_config.eos_token_ids[0]), None)
+    opts, _ = build_optimizers(models, cfg)
+    prompts = make_prompts(shape, models.policy.config.vocab_size)
+    clock = IterationClock(device)
+    for iteration in range(2):
+        clock.mark()
+        timer = PhaseTimer(device)
+        rollout, _ = make_rollout(models, prompts, cfg, cfg.reward.kl_coef, RunningMoments(), iteration, timer)
+        with timer.phase("train"):
+            ppo_update(models, opts, rollout, cfg, seed=iteration)
+    clock.mark()
+    return {**clock.result(), "response_tokens": int(rollout.mask.sum()), **timer.metrics(),
+            "kv_pool_gib": models.actor.kv_pool_bytes / 2**30}
+
+
+def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device) -> dict:
+    import trl
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+
+    clock, generate_s, generated = IterationClock(device), [], []
+    batch_generation = trl_ppo.batch_generation
+
+    def timed_generation(*args, **kwargs):                   # TRL calls it once per iteration
+        harness.synchronize(device)
+        start = time.perf_counter()
+        out = batch_generation(*args, **kwargs)
+        harness.synchronize(device)
+        generate_s.append(time.perf_counter() - start)
+        rows, width = out[0].shape                             # [rows, prompt + generated]; no stop token
+        generated.append(rows * (width - shape.prompt_len))
+        return out
+    trl_ppo.batch_generation = timed_generation
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.mark()
+
+    cuda = device.type == "cuda"
+    load = dict(dtype=torch.float32)
+    policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
+    reward = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, **load)
+    value = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, **load)
+    tokenizer = build_tokenizer(policy.config.eos_token_id)
+    rows = [{"input_ids": p} for p in make_prompts(shape, policy.config.vocab_size) for _ in range(shape.samples)]
+    output_dir = tempfile.mkdtemp(prefix="bench_ppo_trl_")
+    args = PPOConfig(output_dir=output_dir, per_device_train_batch_size=shape.micro,
+                     gradient_accumulation_steps=shape.rows // shape.micro, num_mini_batches=shape.minibatches,
+                     num_ppo_epochs=1, response_length=shape.new_tokens, total_episodes=2 * shape.rows,
+                     temperature=1.0, kl_coef=0.05, vf_coef=0.1, bf16=cuda, use_cpu=not cuda, report_to=[],
+                     num_sample_generations=0, save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
+                         reward_model=reward, value_model=value, train_dataset=rows, eval_dataset=rows[:1],
+                         callbacks=[Clock()])
+    clock.mark()
+    trainer.train()
+    return {**clock.result(), "response_tokens": generated[-1], "time_generate": generate_s[-1],
+            "trl": trl.__version__, "local_rollout_forward_batch_size": args.local_rollout_forward_batch_size}
+
+
+def run_side(side: str, shape: Shape, dirs, quick: bool) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
+    policy_dir, rm_dir = (Path(d) for d in dirs)
+    result = (run_ours if side == "ours" else run_trl)(shape, policy_dir, rm_dir, device)
+    result["tokens_per_s"] = result["response_tokens"] / result["iteration_s"]
+    return {"side": side, **result}
+
+
+def run_in_subprocess(side: str, args, dirs) -> dict:
+    """One side in a fresh process: its own peak memory and allocator, and a crash stays its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--run-side", side, "--dirs", *map(str, dirs), "--result", str(result),
+               "--shape", "x".join(map(str, dataclasses.astuple(args.shape)[:4])),
+               "--minibatches", str(args.shape.minibatches), "--micro", str(args.shape.micro)]
+        proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+            print(f"{side} failed:\n" + "\n".join(tail), file=sys.stderr)
+            return {"side": side, "error": tail[-1] if tail else f"exit {proc.returncode}"}
+        return json.loads(result.read_text())
 
 
 def main():
     args = parse_args()
+    if args.run_side:
+        harness.write_json(args.result, run_side(args.run_side, args.shape, args.dirs, args.quick))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    prompts_n, samples, prompt_len, new_tokens = (4, 2, 16, 16) if args.quick else (64, 4, 128, 256)
-    model_dir = build_model_dir(args.quick)
-    cfg = PPOConfig(policy=str(model_dir), prompts_file="-", output_dir="-", reward_fn="-", critic="shared",
-                    rollout=RolloutConfig(prompts_per_iteration=prompts_n, samples_per_prompt=samples,
-                                          max_new_tokens=new_tokens, kv_cache_memory=(1 << 24) if args.quick else 8 << 30),
-                    ppo=LossConfig(epochs=1, minibatch_size=prompts_n * samples // 4),
-                    train=LoopConfig(iterations=2))
-    policy = load_model(model_dir, dtype="float32", device=device)
-    reference = load_model(model_dir, dtype="float32", device=device).eval().requires_grad_(False)
-    # ignore_eos-free generation of a random model stops at random EOS draws: fine for timing.
-    actor = HybridActor(policy, kv_cache_memory=cfg.rollout.kv_cache_memory, max_num_seqs=prompts_n * samples)
-    models = PPOModels(policy, reference, actor, None, shared_value_head(policy), even_token_fraction,
-                       autocast=lambda: autocast_for(device, True))
-    opts, _ = build_optimizers(models, cfg)
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(10, policy.config.vocab_size, (prompts_n, prompt_len), generator=g).tolist()
-    for iteration in range(2):                       # the first warms up
-        timer = PhaseTimer(device)
-        rollout, metrics = make_rollout(models, prompts, cfg, 0.05, RunningMoments(), iteration, timer)
-        with timer.phase("train"):
-            metrics.update(ppo_update(models, opts, rollout, cfg, seed=iteration))
-    tokens = int(rollout.mask.sum())
-    total = sum(timer.seconds.values())
-    result = {"shape": f"{prompts_n}x{samples} rows, prompt {prompt_len}, up to {new_tokens} new",
-              "response_tokens": tokens, "iteration_s": total, "tokens_per_s": tokens / total,
-              **timer.metrics(), "trl": "not run (see the module docstring)"}
-    print(harness.format_table([result], [(k, k) for k in result]))
-    payload = {"meta": harness.run_metadata(device), "results": [result]}
+    dirs = (build_model_dir(args.quick), build_reward_model_dir(args.quick))
+    results = {side: run_in_subprocess(side, args, dirs) for side in args.sides}
+    comparison = {}
+    ours, theirs = results.get("ours", {}), results.get("trl", {})
+    if "iteration_s" in ours and "iteration_s" in theirs:
+        comparison["speedup_vs_trl"] = theirs["iteration_s"] / ours["iteration_s"]
+        if ours["peak_gib"] and theirs["peak_gib"]:
+            comparison["trl_over_ours_peak_memory"] = theirs["peak_gib"] / ours["peak_gib"]
+    print(harness.format_table(list(results.values()), COLUMNS))
+    print(json.dumps(comparison))
+    payload = {"meta": harness.run_metadata(device), "quick": args.quick, "shape": dataclasses.asdict(args.shape),
+               "results": results, **comparison}
     harness.write_json(args.out, payload)
     print(f"wrote {args.out}")
+    if any("error" in r for r in results.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 # GPU's arch only, to keep the build short), the test suite on the GPU (no interpreter; the cuda
 # backend's tests run when the build succeeded), then the benchmarks, with logs and JSON (device,
 # versions, git commit inside) written to OUTDIR. The GPU machine has torch, triton, nvcc, ninja,
-# transformers and pytest but no network: nothing is installed; the package runs from this checkout.
+# transformers and pytest but no network; the package runs from this checkout. The peers it lacks
+# (trl for bench_ppo.py) come as wheels in .whl/, fetched beforehand by bench/peer_wheels.sh and
+# carried with the call; they are installed into a private folder, never over the image's packages.
 #
 #   bash bench/gpu.sh OUTDIR                    # every stage
 #   bash bench/gpu.sh OUTDIR tests kernels      # some stages (to split a run across 10-minute calls)
@@ -19,6 +21,10 @@ cd "$repo"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 status=0
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/fusedrl-peers .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/fusedrl-peers" || status=1
+fi
 
 # run NAME TIMEOUT_S COMMAND...: one stage, its output in OUTDIR/NAME.log, failures remembered.
 run() {
@@ -54,7 +60,9 @@ for stage in $stages; do
     kernels)  run bench_kernels 300 python bench/bench_kernels.py --json "$out/bench_kernels.json" ;;
     generate) run bench_generate 300 python bench/bench_generate.py --out "$out/bench_generate.json" ;;
     sft)      run bench_sft 300 python bench/bench_sft.py --out "$out/bench_sft.json" ;;
-    ppo)      run bench_ppo 300 python bench/bench_ppo.py --out "$out/bench_ppo.json" ;;
+    ppo)      if python -c "import trl.experimental.ppo" > /dev/null 2>&1; then sides="ours trl"
+              else echo "trl is not importable (run bench/peer_wheels.sh and carry .whl): ours only"; sides=ours; fi
+              run bench_ppo 420 python bench/bench_ppo.py --sides $sides --out "$out/bench_ppo.json" ;;
     *) echo "unknown stage $stage (build tests kernels generate sft ppo)"; status=1 ;;
   esac
 done

@@ -20,6 +20,7 @@ class RolloutConfig:
     temperature: float = _help("sampling temperature (> 0); log-probs are taken at the same temperature", 1.0)
     top_k: int = _help("top-k filter of the sampler (0 = off)", 0)
     top_p: float = _help("nucleus filter of the sampler (1.0 = off)", 1.0)
+    ignore_eos: bool = _help("sample past EOS up to max_new_tokens (fixed-length rollouts, for benchmarks)", False)
     kv_cache_memory: int = _help("bytes of the paged KV pool, kept allocated through training", 1 << 28)
     block_size: int = _help("tokens per KV block", 16)
 

@@ -98,7 +98,7 @@ def make_rollout(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, kl
     """Generate from the current policy, score, and turn it all into a Rollout; returns its metrics."""
     r = cfg.rollout
     params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                            max_new_tokens=r.max_new_tokens, seed=seed)
+                            max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
     device = next(models.policy.parameters()).device
