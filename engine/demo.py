@@ -35,7 +35,7 @@ class DemoConfig:
     demo_noise: float = field(default=0.4, metadata={"help": "fraction of SFT demonstrations that are wrong"})
     sft_epochs: int = field(default=4, metadata={"help": "SFT epochs"})
     rm_epochs: int = field(default=3, metadata={"help": "reward-model epochs"})
-    ppo_iterations: int = field(default=60, metadata={"help": "PPO iterations"})
+    ppo_iterations: int = field(default=100, metadata={"help": "PPO iterations"})
     ppo_prompts: int = field(default=16, metadata={"help": "prompts per PPO iteration (4 samples each)"})
     eval_samples: int = field(default=4, metadata={"help": "samples per held-out prompt for the accuracy"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
@@ -67,12 +67,14 @@ def is_correct(prompt: str, response: str) -> bool:
     return response.split() == [str(d) for d in sorted(digits)]
 
 
-CORRUPTIONS = ("swap", "change", "drop")
+# "add" matters: without it PPO found that a repeated last digit ("1 4 8 9 9") scored well with
+# the reward model, and accuracy fell from 85% to 46% over 100 iterations (seed 0).
+CORRUPTIONS = ("swap", "change", "drop", "add")
 
 
 def corrupt(digits: list[int], rng: random.Random, kind: str | None = None) -> list[int]:
     """A wrong answer: the sorted digits with two unequal neighbours swapped ("swap"), one digit
-    changed ("change") or one dropped ("drop"); a random kind when none is given."""
+    changed ("change"), one dropped ("drop") or one inserted ("add"); a random kind when none is given."""
     good = sorted(digits)
     kind = kind or rng.choice(CORRUPTIONS)
     while True:
@@ -82,8 +84,10 @@ def corrupt(digits: list[int], rng: random.Random, kind: str | None = None) -> l
             bad[i], bad[i + 1] = bad[i + 1], bad[i]
         elif kind == "change":
             bad[rng.randrange(len(bad))] = rng.randrange(10)
-        else:
+        elif kind == "drop":
             del bad[rng.randrange(len(bad))]
+        else:
+            bad.insert(rng.randrange(len(bad) + 1), rng.randrange(10))
         if bad != good:
             return bad
         if kind == "swap" and len(set(good)) == 1:  # nothing to swap: fall back to a change
