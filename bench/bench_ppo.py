@@ -14,8 +14,12 @@ minibatches of micro-batches of `micro` rows (the same rows per forward on both 
   one response per prompt, so it gets the batch's rows as prompts repeated `samples` times. Both
   sides generate exactly `new_tokens` tokens per row (TRL without a stop token, ours with
   `rollout.ignore_eos`): the same work, whatever the random model samples. Its generation is HF `generate`, in chunks of
-  `local_rollout_forward_batch_size` rows (TRL's default, 64). Its phases are not separable from
-  outside beyond generation, so it reports `generate` and the rest.
+  `local_rollout_forward_batch_size` rows (TRL's default, 64), and it keeps the fp32 scores of every
+  generated token, [rows, new_tokens, vocab]: 20 GB at the default 128 rows x 256 tokens, which is
+  why the default batch is not larger (at 256 rows TRL's peak would approach an H100's 80 GB).
+  Its phases are not separable from outside beyond generation, so it reports `generate` and the
+  rest. With gradient accumulation over the whole batch, TRL steps its optimizer once per epoch
+  rather than once per minibatch (its accelerate setup); the optimizer step is a small share.
 
 Each side runs in its own process (so each peak is its own) for two iterations: the first warms up,
 the second is measured. Peak memory is `torch.cuda.max_memory_allocated` over the measured
