@@ -22,6 +22,9 @@ def test_quick_run_reports_both_sides(tmp_path):
         result = payload["results"][side]
         assert "error" not in result, result
         assert result["iteration_s"] > 0 and result["time_generate"] > 0
+        # The phases are timed inside the measured iteration (the second), so they fit in it.
+        phases = sum(v for k, v in result.items() if k.startswith("time_"))
+        assert phases <= result["iteration_s"]
         # Fixed-length rollouts: both sides did the same work.
         assert result["response_tokens"] == shape["prompts"] * shape["samples"] * shape["new_tokens"]
     if "trl" in sides:
