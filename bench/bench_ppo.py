@@ -13,13 +13,15 @@ minibatches of micro-batches of `micro` rows (the same rows per forward on both 
 - TRL: `trl.experimental.ppo.PPOTrainer` of trl==0.29.1 (TRL 1.x ships no PPO trainer). It samples
   one response per prompt, so it gets the batch's rows as prompts repeated `samples` times. Both
   sides generate exactly `new_tokens` tokens per row (TRL without a stop token, ours with
-  `rollout.ignore_eos`): the same work, whatever the random model samples. Its generation is HF `generate`, in chunks of
-  `local_rollout_forward_batch_size` rows (TRL's default, 64), and it keeps the fp32 scores of every
-  generated token, [rows, new_tokens, vocab]: 20 GB at the default 128 rows x 256 tokens, which is
-  why the default batch is not larger (at 256 rows TRL's peak would approach an H100's 80 GB).
-  Its phases are not separable from outside beyond generation, so it reports `generate` and the
-  rest. With gradient accumulation over the whole batch, TRL steps its optimizer once per epoch
-  rather than once per minibatch (its accelerate setup); the optimizer step is a small share.
+  `rollout.ignore_eos`): the same work, whatever the random model samples. Ours generates from the
+  fp32 weights themselves (one copy), TRL under bf16 autocast. TRL generates with HF `generate`, in
+  chunks of `local_rollout_forward_batch_size` rows (TRL's default, 64), and it keeps the fp32
+  scores of every generated token, [rows, new_tokens, vocab]: 20 GB at the default 128 rows x 256
+  tokens, which is why the default batch is not larger (at 256 rows TRL's peak would approach an
+  H100's 80 GB). TRL's phases are not separable from outside beyond generation, so it reports
+  `generate` and the rest. With gradient accumulation over the whole batch, TRL steps its
+  optimizer once per epoch rather than once per minibatch (its accelerate setup); the optimizer
+  step is a small share of the iteration.
 
 Each side runs in its own process (so each peak is its own) for two iterations: the first warms up,
 the second is measured. Peak memory is `torch.cuda.max_memory_allocated` over the measured
