@@ -30,13 +30,15 @@ iteration: everything resident (four models, optimizer state, KV pool or cache, 
 
     python bench/bench_ppo.py                      # GPU: 32 prompts x 4 samples, prompt 128, 256 new
     python bench/bench_ppo.py --quick              # CPU smoke run of both sides
-    python bench/bench_ppo.py --sides ours         # without TRL installed
+    python bench/bench_ppo.py --sides ours         # ours only (the default when trl is not installed)
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,7 +81,8 @@ class Shape:
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny fp32 model on the CPU")
-    p.add_argument("--sides", nargs="+", default=["ours", "trl"], choices=["ours", "trl"])
+    p.add_argument("--sides", nargs="+", choices=["ours", "trl"],
+                   help="default: both when trl is installed (bench/peer_wheels.sh on the GPU machine), else ours")
     p.add_argument("--shape", default=None, help="PROMPTSxSAMPLESxPROMPT_LENxNEW_TOKENS (default 32x4x128x256)")
     p.add_argument("--minibatches", type=int, default=4, help="PPO minibatches per epoch")
     p.add_argument("--micro", type=int, default=None, help="rows per forward/backward (default 16; quick 2)")
@@ -89,6 +92,10 @@ def parse_args():
     p.add_argument("--dirs", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.sides is None:
+        args.sides = ["ours", "trl"] if importlib.util.find_spec("trl") else ["ours"]
+        if args.sides == ["ours"]:
+            print("trl is not installed (pip install trl==0.29.1, or carry bench/peer_wheels.sh's .whl): ours only")
     dims = [int(x) for x in (args.shape or ("4x2x16x16" if args.quick else "32x4x128x256")).split("x")]
     args.shape = Shape(*dims, args.minibatches, args.micro or (2 if args.quick else 16))
     if args.out is None:
@@ -206,7 +213,7 @@ def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device) 
     value = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, **load)
     tokenizer = build_tokenizer(policy.config.eos_token_id)
     rows = [{"input_ids": p} for p in make_prompts(shape, policy.config.vocab_size) for _ in range(shape.samples)]
-    output_dir = tempfile.mkdtemp(prefix="bench_ppo_trl_")
+    output_dir = tempfile.mkdtemp(prefix="bench_ppo_trl_")      # save_strategy="no": stays empty
     args = PPOConfig(output_dir=output_dir, per_device_train_batch_size=shape.micro,
                      gradient_accumulation_steps=shape.rows // shape.micro, num_mini_batches=shape.minibatches,
                      num_ppo_epochs=1, response_length=shape.new_tokens, total_episodes=2 * shape.rows,
@@ -221,8 +228,12 @@ def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device) 
             "trl": trl.__version__, "local_rollout_forward_batch_size": args.local_rollout_forward_batch_size}
 
 
+def bench_device(quick: bool) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
+
+
 def run_side(side: str, shape: Shape, dirs, quick: bool) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
+    device = bench_device(quick)
     policy_dir, rm_dir = (Path(d) for d in dirs)
     result = (run_ours if side == "ours" else run_trl)(shape, policy_dir, rm_dir, device)
     result["tokens_per_s"] = result["response_tokens"] / result["iteration_s"]
@@ -249,9 +260,13 @@ def main():
     if args.run_side:
         harness.write_json(args.result, run_side(args.run_side, args.shape, args.dirs, args.quick))
         return
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    device = bench_device(args.quick)
     dirs = (build_model_dir(args.quick), build_reward_model_dir(args.quick))
-    results = {side: run_in_subprocess(side, args, dirs) for side in args.sides}
+    try:
+        results = {side: run_in_subprocess(side, args, dirs) for side in args.sides}
+    finally:                                    # two fp32 checkpoints: 4 GB at the 0.5B shape
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
     comparison = {}
     ours, theirs = results.get("ours", {}), results.get("trl", {})
     if "iteration_s" in ours and "iteration_s" in theirs:

@@ -60,9 +60,7 @@ for stage in $stages; do
     kernels)  run bench_kernels 300 python bench/bench_kernels.py --json "$out/bench_kernels.json" ;;
     generate) run bench_generate 300 python bench/bench_generate.py --out "$out/bench_generate.json" ;;
     sft)      run bench_sft 300 python bench/bench_sft.py --out "$out/bench_sft.json" ;;
-    ppo)      if python -c "import trl.experimental.ppo" > /dev/null 2>&1; then sides="ours trl"
-              else echo "trl is not importable (run bench/peer_wheels.sh and carry .whl): ours only"; sides=ours; fi
-              run bench_ppo 420 python bench/bench_ppo.py --sides $sides --out "$out/bench_ppo.json" ;;
+    ppo)      run bench_ppo 420 python bench/bench_ppo.py --out "$out/bench_ppo.json" ;;
     *) echo "unknown stage $stage (build tests kernels generate sft ppo)"; status=1 ;;
   esac
 done

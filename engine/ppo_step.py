@@ -168,8 +168,8 @@ def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
     Each micro-batch's loss is weighted by its share of the minibatch's aggregation units (valid
     tokens for token-mean, non-empty sequences for the seq-mean modes; valid tokens for the
     entropy bonus), so the accumulated gradient equals the whole minibatch's. The PPO-ptx loss is
-    added once. Returns the minibatch's stats (0-dim tensors), or None if a loss was not finite:
-    the gradients are then partial and must not be stepped.
+    added once. Returns the minibatch's stats (0-dim tensors), or None if the loss was not finite
+    (one host sync per minibatch, after all its backwards): the gradients must then not be stepped.
     """
     p = cfg.ppo
     rows = batch.mask.shape[0]
@@ -177,23 +177,22 @@ def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
     tokens = batch.mask.sum(-1)                                             # [B]
     units = tokens if p.agg == "token-mean" else (tokens > 0).long()
     totals: dict = {}
+    total_loss = torch.zeros((), device=batch.mask.device)
     for start in range(0, rows, size):
         micro = batch if size == rows else batch.rows(list(range(start, min(start + size, rows))))
         agg_weight = units[start:start + size].sum() / units.sum().clamp_min(1)
         token_weight = tokens[start:start + size].sum() / tokens.sum().clamp_min(1)
         loss, stats = minibatch_loss(models, micro, cfg, agg_weight, token_weight)
-        if not torch.isfinite(loss):
-            return None
         loss.backward()
+        total_loss = total_loss + loss.detach()
         for name, value in stats.items():
             totals[name] = totals.get(name, 0.0) + agg_weight * value
     if ptx_loss is not None:
         ptx = ptx_loss()
-        if not torch.isfinite(ptx):
-            return None
         (p.ptx_coef * ptx).backward()
+        total_loss = total_loss + ptx.detach()
         totals["ptx_loss"] = ptx.detach()
-    return totals
+    return totals if torch.isfinite(total_loss) else None
 
 
 def minibatch_loss(models: PPOModels, batch: Rollout, cfg: PPOConfig, agg_weight=1.0, token_weight=1.0):
