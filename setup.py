@@ -1,5 +1,6 @@
-"""Packaging for fusedrl: the `kernels` and `engine` packages, the `fusedrl` command, and the
-optional CUDA extension `kernels._C` (csrc/).
+"""Packaging for fusedrl: the import packages `fusedrl.kernels` (folder kernels/) and
+`fusedrl.engine` (folder engine/), the `fusedrl` command, and the optional CUDA extension
+`fusedrl.kernels._C` (csrc/). `fusedrl` itself is a namespace package: it has no folder of its own.
 
 torch is deliberately not a build requirement: pip's isolated build environment would otherwise
 download a multi-gigabyte CUDA build just to run this file. Install torch first (see README.md).
@@ -22,9 +23,11 @@ import shutil
 import subprocess
 from typing import Mapping, Optional
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-EXTENSION = "kernels._C"
+EXTENSION = "fusedrl.kernels._C"
+# Import name -> folder in this repository (the folders keep their short names).
+PACKAGE_ROOTS = {"fusedrl.kernels": "kernels", "fusedrl.engine": "engine"}
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
@@ -77,7 +80,7 @@ def toolkit_root(nvcc: str) -> str:
 
 
 def cuda_build_options() -> dict:
-    """setup() arguments for kernels._C, or none (after one line saying why) when not built."""
+    """setup() arguments for fusedrl.kernels._C, or none (after one line saying why) when not built."""
     detected = detect_cuda()
     build, reason = plan_cuda_build(os.environ, **detected)
     if not build:
@@ -98,6 +101,15 @@ def cuda_build_options() -> dict:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 
 
+def packages() -> list[str]:
+    """Every package under PACKAGE_ROOTS, by import name (fusedrl.engine.model, ...)."""
+    names = []
+    for name, folder in PACKAGE_ROOTS.items():
+        names.append(name)
+        names += [f"{name}.{sub}" for sub in find_packages(where=folder)]
+    return names
+
+
 def main() -> None:
     setup(
         name="fusedrl",
@@ -106,7 +118,10 @@ def main() -> None:
         long_description=open("README.md", encoding="utf-8").read(),
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
-        packages=["kernels", "engine"],
+        packages=packages(),
+        package_dir=PACKAGE_ROOTS,
+        # The YAML starting points of `fusedrl sft|rm|ppo --config`, shipped in wheels too.
+        package_data={"fusedrl.engine": ["configs/*.yaml"]},
         install_requires=[
             "torch>=2.5",
             # Triton ships Linux wheels only; elsewhere the PyTorch backend is used.
@@ -129,7 +144,7 @@ def main() -> None:
             # train.tensorboard=true (torch.utils.tensorboard writes the events).
             "tensorboard": ["tensorboard>=2.14"],
         },
-        entry_points={"console_scripts": ["fusedrl=engine.cli:main"]},
+        entry_points={"console_scripts": ["fusedrl=fusedrl.engine.cli:main"]},
         **cuda_build_options(),
     )
 

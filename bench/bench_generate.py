@@ -12,7 +12,6 @@ the script itself.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,11 +19,10 @@ from pathlib import Path
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
-from engine.model_runner import kv_bytes_per_block  # noqa: E402
+import harness
+from fusedrl.engine.inference.llm import LLM
+from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.inference.runner import kv_bytes_per_block
 
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,

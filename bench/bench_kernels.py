@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
+import harness
 
 if not torch.cuda.is_available():
-    # Triton reads this when the kernels are defined, i.e. at `import kernels`.
+    # Triton reads this when the kernels are defined, i.e. at `import fusedrl.kernels`.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kernels  # noqa: E402
-from kernels import cuda_ext, reference, use_backend  # noqa: E402
+import fusedrl.kernels as kernels
+from fusedrl.kernels import cuda_ext, reference, use_backend
 
 Thunk = Callable[[], object]
 

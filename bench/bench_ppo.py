@@ -48,11 +48,9 @@ from pathlib import Path
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
-from bench_generate import QWEN25_05B, TINY  # noqa: E402
-from bench_sft import build_model_dir  # noqa: E402
+import harness
+from bench_generate import QWEN25_05B, TINY
+from bench_sft import build_model_dir
 
 PAD_ID = 0   # prompts are drawn from ids >= 10, so neither pad nor EOS appears in them
 COLUMNS = [("side", "side"), ("iteration_s", "iteration s"), ("time_generate", "generate s"),
@@ -147,12 +145,12 @@ class IterationClock:
 
 
 def run_ours(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device) -> dict:
-    from engine.checkpoint import load_config
-    from engine.model_runner import kv_bytes_per_block
-    from engine.ppo import build_models, build_optimizers
-    from engine.ppo_config import LoopConfig, LossConfig, PPOConfig, RewardConfig, RolloutConfig
-    from engine.ppo_core import RunningMoments
-    from engine.ppo_step import PhaseTimer, make_rollout, ppo_update
+    from fusedrl.engine.model.hf_io import load_config
+    from fusedrl.engine.inference.runner import kv_bytes_per_block
+    from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
+    from fusedrl.engine.config.ppo import LoopConfig, LossConfig, PPOConfig, RewardConfig, RolloutConfig
+    from fusedrl.engine.stages.ppo.core import RunningMoments
+    from fusedrl.engine.stages.ppo.update import PhaseTimer, make_rollout, ppo_update
 
     # The KV pool holds every row's prompt and response (no credit for prompt sharing), fp32 like the weights.
     model_config = load_config(policy_dir)

@@ -15,24 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
-from bench_generate import QWEN25_05B, TINY  # noqa: E402
-from engine import load_model  # noqa: E402
-from engine.batching import collate_sft  # noqa: E402
-from engine.optim import build_optimizer, build_scheduler, clip_grad_norm  # noqa: E402
-from engine.sft import sft_stage  # noqa: E402
-from engine.tokenization import TokenizedExample  # noqa: E402
-from engine.train_config import DataConfig, OptimConfig, SFTConfig, TrainConfig  # noqa: E402
-from engine.trainer import autocast_for, train_step  # noqa: E402
+import harness
+from bench_generate import QWEN25_05B, TINY
+from fusedrl.engine.model.hf_io import load_model
+from fusedrl.engine.data.packing import collate_sft
+from fusedrl.engine.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from fusedrl.engine.stages.sft import sft_stage
+from fusedrl.engine.data.tokenization import TokenizedExample
+from fusedrl.engine.config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
+from fusedrl.engine.train.loop import autocast_for, train_step
 
 COLUMNS = [("shape", "batch"), ("ours_tok_s", "ours tok/s"), ("hf_tok_s", "hf tok/s"), ("speedup", "speedup"),
            ("ours_peak_gib", "ours peak GiB"), ("hf_peak_gib", "hf peak GiB"), ("memory_ratio", "hf/ours mem")]

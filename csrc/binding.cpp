@@ -314,7 +314,7 @@ TORCH_LIBRARY_IMPL(fusedrl, CUDA, m) {
   m.impl("cuda_ppo_value_loss", &fusedrl::ppo_value_loss_op);
 }
 
-// `import kernels._C` loads this library, which runs the registrations above; the module itself
+// `import fusedrl.kernels._C` loads this library, which runs the registrations above; the module itself
 // is empty (the ops are reached through torch.ops.fusedrl).
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,

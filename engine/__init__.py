@@ -1,11 +1,34 @@
-"""fusedrl engine: the model, generation and trainers built on `kernels` (see the README).
+"""fusedrl.engine: the model, generation and trainers built on `fusedrl.kernels` (see the README).
 
 `LLM(model_dir).generate(prompts, SamplingParams(...))` for generation; `load_model` / `save_model`
-for Hugging Face directories; `CausalLM.forward_packed` for the training forward.
-"""
-from engine.checkpoint import load_model, save_model
-from engine.llm import LLM, Completion, RequestOutput
-from engine.model import CausalLM
-from engine.sampling_params import SamplingParams
+for Hugging Face directories; `CausalLM.forward_packed` for the training forward. The names are
+loaded on first use, so `import fusedrl.engine` (and `fusedrl --help`) imports neither torch nor
+transformers.
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "Completion", "CausalLM", "load_model", "save_model"]
+Subpackages, one job each: model/ (the decoder, attention, HF I/O, reward and value models),
+inference/ (paged-KV generation), data/ (records, tokenization, packing), train/ (the training
+loop, optimizers, checkpoints, run logs), stages/ (sft, rm, ppo/, demo), config/ (torch-free
+config dataclasses and their YAML I/O); cli.py is the `fusedrl` command.
+"""
+import importlib
+
+if __name__ != "fusedrl.engine":  # e.g. `import engine` from the repository root
+    raise ImportError(f"{__file__} is the package fusedrl.engine: import it by that name "
+                      f"(after `pip install -e .`), not as {__name__!r}")
+
+_PUBLIC = {
+    "LLM": ".inference.llm", "RequestOutput": ".inference.llm", "Completion": ".inference.llm",
+    "SamplingParams": ".inference.sampling_params", "CausalLM": ".model.causal_lm",
+    "load_model": ".model.hf_io", "save_model": ".model.hf_io",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

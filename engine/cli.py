@@ -1,18 +1,38 @@
-"""The `fusedrl` command. Each stage adds a subcommand; this module only parses and dispatches."""
+"""The `fusedrl` command: parsing and dispatch of every subcommand.
+
+    fusedrl info | demo | generate | sft | rm | ppo | plot      (`fusedrl <command> --help`)
+
+Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help` and
+config errors import neither torch nor transformers. Each command's work is imported when it runs.
+sft, rm and ppo read a YAML config plus `key=value` overrides; every option of the stage's config
+dataclass is listed in its `--help`, and unknown keys or wrong types stop the command with a
+message naming the key (did-you-mean included) before any model is loaded.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from engine import demo_cli, generate_cli, plot_cli, ppo_cli, rm_cli, sft_cli
+from .config import io as config_io
+from .config.demo import DemoConfig
+from .config.ppo import PPOConfig
+from .config.train import RMConfig, SFTConfig
+
+_STAGE_EPILOG = """options (YAML keys; nested sections as dotted overrides, e.g. optim.lr=2e-5):
+{options}
+
+Values are YAML scalars: 1e-4, true, null, "a string". Overrides win over the file."""
 
 
-def info(_args: argparse.Namespace) -> int:
+# --- info -------------------------------------------------------------------------------------
+
+def run_info(_args) -> int:
     """Print versions, devices and which kernel backend each device would use."""
     import torch
 
-    import kernels
-    from kernels.dispatch import requested_backend, triton_interpreting
+    from .. import kernels
+    from ..kernels.dispatch import requested_backend, triton_interpreting
 
     try:
         import triton
@@ -27,12 +47,176 @@ def info(_args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sft / rm / ppo ----------------------------------------------------------------------------
+
+def _train_sft(config):
+    from .stages.sft import run_sft
+    return run_sft(config)
+
+
+def _train_rm(config):
+    from .stages.rm import run_rm
+    return run_rm(config)
+
+
+def _train_ppo(config):
+    from .stages.ppo.trainer import run_ppo
+    return run_ppo(config)
+
+
+STAGES = {
+    "sft": (SFTConfig, _train_sft, "supervised fine-tuning on demonstrations (loss on response tokens)"),
+    "rm": (RMConfig, _train_rm, "reward model on pairwise or K-way rankings"),
+    "ppo": (PPOConfig, _train_ppo, "PPO of the SFT policy against a reward model (InstructGPT step 3)"),
+}
+
+
+def add_stage_parser(commands, name: str) -> None:
+    config_cls, _, summary = STAGES[name]
+    p = commands.add_parser(name, help=summary, description=summary,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog=_STAGE_EPILOG.format(options="\n".join(config_io.describe(config_cls))))
+    p.add_argument("--config", help="YAML file with the options below")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="options overriding the file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.set_defaults(run=lambda args: run_stage(args, name))
+
+
+def run_stage(args, name: str) -> int:
+    config_cls, train, _ = STAGES[name]
+    try:
+        config = config_io.load(config_cls, args.config, args.overrides)
+    except (config_io.ConfigError, ValueError, OSError) as e:
+        raise SystemExit(f"fusedrl {name}: {e}") from None
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump(config_io.to_dict(config), sort_keys=False), end="")
+        return 0
+    from .data.records import DataError
+    from .stages.ppo.trainer import KLCeilingExceeded
+    try:
+        out = train(config)
+    except (DataError, FileNotFoundError, KLCeilingExceeded) as e:  # a message, not a traceback
+        raise SystemExit(f"fusedrl {name}: {e}") from None
+    print(f"fusedrl {name}: model written to {out}")
+    return 0
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+def run_demo(args) -> int:
+    try:
+        cfg = config_io.load(DemoConfig, None, args.overrides)
+    except (config_io.ConfigError, ValueError) as e:
+        raise SystemExit(f"fusedrl demo: {e}") from None
+    from .stages.demo import format_table, run_demo as demo
+    table = demo(cfg, quiet=args.quiet)
+    print(format_table(table))
+    print(f"results: {cfg.output_dir}/results.json, curves: {', '.join(table['plots'])}")
+    return 0
+
+
+def add_demo_parser(commands) -> None:
+    p = commands.add_parser(
+        "demo", help="the whole RLHF recipe on a program-checkable task, no downloads",
+        description="SFT -> reward model -> PPO on a digit-sorting task, from nothing",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="options (key=value):\n" + "\n".join(config_io.describe(DemoConfig)))
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="options, e.g. seed=1 output_dir=runs/demo")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_demo)
+
+
+# --- generate ---------------------------------------------------------------------------------
+
+def _memory(text: str) -> int | float:
+    """'0.5' -> a fraction of free GPU memory (values <= 1); '2e9' or '2000000000' -> bytes."""
+    value = float(text)
+    return value if value <= 1 else int(value)
+
+
+def add_generate_parser(commands) -> None:
+    p = commands.add_parser("generate", help="generate completions with the paged-KV engine",
+                            description="complete prompts; text (or --json lines) to stdout, progress to stderr")
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    p.add_argument("--prompt-file", help="a file with one prompt per line")
+    p.add_argument("--n", type=int, default=1, help="completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=None, help="makes the completions reproducible")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--kv-cache-memory", type=_memory, default=None,
+                   help="KV pool: bytes (e.g. 2000000000) or a fraction of free GPU memory (e.g. 0.5)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print one JSON object per completion")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args) -> int:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise SystemExit("fusedrl generate: give --prompt TEXT (repeatable) or --prompt-file FILE")
+    from .inference.llm import LLM
+    from .inference.sampling_params import SamplingParams
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+              block_size=args.block_size, device=args.device)
+    outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+        for j, c in enumerate(out.outputs):
+            if args.json:
+                print(json.dumps({"prompt_index": i, "sample": j, "prompt": prompt, "text": c.text,
+                                  "token_ids": c.token_ids, "logprobs": c.logprobs,
+                                  "finish_reason": c.finish_reason}))
+            else:
+                print(f"[{i}.{j}] {prompt}{c.text}  ({c.finish_reason}, {len(c.token_ids)} tokens)")
+    sys.stdout.flush()
+    return 0
+
+
+# --- plot -------------------------------------------------------------------------------------
+
+def add_plot_parser(commands) -> None:
+    p = commands.add_parser("plot", help="plot a run's metrics as PNG curves",
+                            description="PNG curves of a run's metrics.jsonl (one file per record kind)")
+    p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
+    p.set_defaults(run=run_plot)
+
+
+def run_plot(args) -> int:
+    from .train.plot import plot_run
+    try:
+        written = plot_run(args.run_dir, args.out)
+    except FileNotFoundError as e:
+        raise SystemExit(f"fusedrl plot: {e}") from None
+    if not written:
+        raise SystemExit(f"fusedrl plot: no train or eval records in {args.run_dir}/metrics.jsonl")
+    for path in written:
+        print(path)
+    return 0
+
+
+# --- the command ------------------------------------------------------------------------------
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusedrl", description="Kernel-optimized single-node RLHF.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="versions, devices and kernel backends").set_defaults(run=info)
-    for module in (demo_cli, generate_cli, sft_cli, rm_cli, ppo_cli, plot_cli):
-        module.add_parser(commands)
+    commands.add_parser("info", help="versions, devices and kernel backends").set_defaults(run=run_info)
+    add_demo_parser(commands)
+    add_generate_parser(commands)
+    for name in STAGES:
+        add_stage_parser(commands, name)
+    add_plot_parser(commands)
     return parser
 
 

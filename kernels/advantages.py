@@ -12,10 +12,8 @@ from its end; the block-to-block carry is the G that enters the block.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-
 from . import checks, reference
+from .triton_compat import tl, triton
 from .dispatch import backend_for, fused_op, kernel_inputs
 
 GAE = "gae"

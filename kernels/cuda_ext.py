@@ -1,7 +1,7 @@
-"""The optional compiled CUDA extension ``kernels._C`` (csrc/), loaded lazily on first use.
+"""The optional compiled CUDA extension ``fusedrl.kernels._C`` (csrc/), loaded lazily on first use.
 
 ``is_available()`` says whether it can be used in this process; ``require()`` loads it or raises
-one clear error saying why not and how to build it. Nothing imports ``kernels._C`` eagerly, so the
+one clear error saying why not and how to build it. Nothing imports ``_C`` eagerly, so the
 package works the same without it (the Triton and PyTorch backends need no build).
 
 Loading the module runs csrc/binding.cpp's TORCH_LIBRARY block, which defines the ops
@@ -27,16 +27,16 @@ class _Extension:
 
 def _load() -> None:
     try:
-        module = importlib.import_module("kernels._C")
+        module = importlib.import_module("._C", __package__)
     except ImportError as error:
-        _Extension.error = f"kernels._C is not built or cannot be loaded ({error})"
+        _Extension.error = f"fusedrl.kernels._C is not built or cannot be loaded ({error})"
         return
     from . import advantages, kl, logprobs, ppo_loss
     try:
         for op_module in (logprobs, kl, advantages, ppo_loss):
             op_module.register_cuda_rules()
     except Exception as error:  # kept as the reason require() gives: the Triton path stays usable
-        _Extension.error = (f"kernels._C loaded but its ops could not be registered "
+        _Extension.error = (f"fusedrl.kernels._C loaded but its ops could not be registered "
                             f"({type(error).__name__}: {error})")
         return
     _Extension.module = module

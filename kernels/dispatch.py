@@ -3,12 +3,13 @@
 Backends:
   "triton"  our fused Triton kernels; runs on CUDA tensors, and on CPU tensors when the Triton
             interpreter is on (``TRITON_INTERPRET=1``, how CI tests the kernels).
-  "cuda"    our hand-written CUDA kernels (csrc/, the optional extension ``kernels._C``, see
-            ``kernels.cuda_ext``); CUDA tensors only. Asking for it where the extension is not
+  "cuda"    our hand-written CUDA kernels (csrc/, the optional extension ``fusedrl.kernels._C``,
+            see ``fusedrl.kernels.cuda_ext``); CUDA tensors only. Asking for it where the extension is not
             built raises a RuntimeError saying how to build it. linear_token_logprobs and
             masked_whiten have no kernel of their own there and run as on "triton".
   "torch"   the plain PyTorch reference composition (``kernels.reference``), differentiated by
-            autograd. Works everywhere; it is the oracle and the eager baseline.
+            autograd. Works everywhere; it is the oracle and the eager baseline, and the only
+            backend "auto" picks where triton is not installed.
 
 Resolution order: the innermost ``use_backend(...)`` context of the calling thread, else the
 ``FUSEDRL_BACKEND`` environment variable, else "auto": Triton where it can run, torch otherwise.
@@ -28,6 +29,7 @@ from typing import Iterator
 import torch
 
 from . import cuda_ext
+from .triton_compat import TRITON_AVAILABLE
 
 BACKENDS = ("triton", "cuda", "torch")
 _CHOICES = ("auto",) + BACKENDS
@@ -87,9 +89,11 @@ def backend_for(x: torch.Tensor) -> str:
         if not x.is_cuda:
             raise RuntimeError(f"backend 'cuda' needs CUDA tensors; got a tensor on {x.device}")
         return name
-    triton_ok = x.is_cuda or triton_interpreting()
+    triton_ok = TRITON_AVAILABLE and (x.is_cuda or triton_interpreting())
     if name == "auto":
         return "triton" if triton_ok else "torch"
+    if name == "triton" and not TRITON_AVAILABLE:
+        raise RuntimeError("backend 'triton' is unavailable: triton is not installed")
     if name == "triton" and not triton_ok:
         raise RuntimeError(
             f"backend 'triton' needs CUDA tensors or TRITON_INTERPRET=1; got a tensor on {x.device}"

@@ -12,10 +12,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
-
 from . import checks, reference
+from .triton_compat import tl, triton
 from .dispatch import backend_for, fused_op, kernel_inputs
 
 OP = "kl_penalty"

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from kernels import cuda_ext
+from fusedrl.kernels import cuda_ext
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"

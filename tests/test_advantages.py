@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import gae, masked_whiten, reference, use_backend
+from fusedrl.kernels import gae, masked_whiten, reference, use_backend
 from kernel_testing import DEVICE, FUSED_BACKENDS, assert_close, needs_triton, rand_mask
 
 pytestmark = needs_triton

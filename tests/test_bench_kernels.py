@@ -1,14 +1,11 @@
 """The kernel benchmark runs (small shapes) and writes a complete report. Times are not checked."""
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import bench_kernels  # noqa: E402
-from kernel_testing import DEVICE, needs_triton  # noqa: E402
+import bench_kernels
+from kernel_testing import DEVICE, needs_triton
 
 try:
     import pytest_benchmark

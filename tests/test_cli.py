@@ -1,7 +1,10 @@
 """The `fusedrl` command line."""
+import subprocess
+import sys
+
 import pytest
 
-from engine import cli
+from fusedrl.engine import cli
 
 
 def test_info_reports_backends(capsys):
@@ -15,3 +18,27 @@ def test_unknown_command_is_rejected(capsys):
         cli.main(["train-everything"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["sft", "--help"], ["rm", "--help"], ["ppo", "--help"],
+                                  ["demo", "--help"], ["generate", "--help"], ["plot", "--help"],
+                                  ["sft", "model=m", "output_dir=o", "data.train_file=t", "optim.lrr=1"]])
+def test_parsing_imports_neither_torch_nor_transformers(argv):
+    """Help and config errors come from the torch-free config package alone (a fresh interpreter,
+    so nothing this test process imported counts)."""
+    code = ("import sys\nfrom fusedrl.engine import cli\ntry:\n    cli.main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out
+
+
+def test_config_error_names_the_key_and_the_closest_one():
+    with pytest.raises(SystemExit, match=r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
+        cli.main(["sft", "model=m", "output_dir=o", "data.train_file=t", "optim.lrr=1"])
+
+
+def test_enum_like_option_lists_its_choices():
+    with pytest.raises(SystemExit, match=r"ppo.agg: expected one of \('token-mean', .*\), got 'token-man' "
+                                         r"\(did you mean 'token-mean'\?\)"):
+        cli.main(["ppo", "policy=p", "prompts_file=f", "output_dir=o", "ppo.agg=token-man"])

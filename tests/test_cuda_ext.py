@@ -9,19 +9,19 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels import cuda_ext, use_backend
+import fusedrl.kernels as kernels
+from fusedrl.kernels import cuda_ext, use_backend
 from kernel_testing import CUDA_EXT_RUNS, DEVICE, needs_triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MISSING = "backend 'cuda' is unavailable: kernels._C is not built"
+MISSING = "backend 'cuda' is unavailable: fusedrl.kernels._C is not built"
 without_extension = pytest.mark.skipif(cuda_ext.is_available(), reason="the extension is built here")
 
 
 @without_extension
 def test_loader_says_why_and_how_to_build():
     assert not cuda_ext.is_available()
-    assert "kernels._C" in cuda_ext.unavailable_reason()
+    assert "fusedrl.kernels._C" in cuda_ext.unavailable_reason()
     with pytest.raises(RuntimeError, match=MISSING) as error:
         cuda_ext.require()
     assert "FUSEDRL_FORCE_CUDA_BUILD=1 python setup.py build_ext --inplace" in str(error.value)
@@ -50,7 +50,7 @@ def test_auto_never_picks_cuda(monkeypatch):
 
 
 def test_cuda_kernels_get_one_dtype_per_op():
-    from kernels.dispatch import kernel_inputs
+    from fusedrl.kernels.dispatch import kernel_inputs
     bf16, f64 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.float64)
     assert kernel_inputs("cuda", bf16, bf16) == (bf16, bf16)                  # passed through
     assert [t.dtype for t in kernel_inputs("cuda", bf16, f64)] == [torch.float32] * 2
@@ -100,7 +100,7 @@ def test_setup_skip_line_without_cuda_torch(capsys, monkeypatch):
     assert load_setup_module().cuda_build_options() == {}        # no ext_modules: pure Python
     out = capsys.readouterr().out
     assert out.count("\n") == 1
-    assert out.startswith("fusedrl: skipping the CUDA extension kernels._C (torch is a CPU-only build)")
+    assert out.startswith("fusedrl: skipping the CUDA extension fusedrl.kernels._C (torch is a CPU-only build)")
 
 
 def binding_schemas() -> list[str]:
@@ -123,7 +123,7 @@ def test_every_cuda_op_has_a_triton_twin():
 STAND_IN = r"""
 import sys, torch
 sys.path.insert(0, {tests!r})
-from kernels import advantages, kl, logprobs, ppo_loss
+from fusedrl.kernels import advantages, kl, logprobs, ppo_loss
 from test_cuda_ext import binding_schemas
 lib = torch.library.Library("fusedrl", "DEF")
 for schema in binding_schemas():

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels import backend_for, use_backend
+import fusedrl.kernels as kernels
+from fusedrl.kernels import backend_for, use_backend
 from kernel_testing import DEVICE, ON_GPU, TRITON_RUNS, assert_close, needs_triton
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels import kl_penalty, reference, use_backend
+from fusedrl.kernels import kl_penalty, reference, use_backend
 from kernel_testing import DEVICE, assert_close, needs_triton, rand_mask
 
 pytestmark = needs_triton

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import kernels.linear_logprobs as linear_module
-from kernels import linear_token_logprobs, reference, use_backend
+import fusedrl.kernels.linear_logprobs as linear_module
+from fusedrl.kernels import linear_token_logprobs, reference, use_backend
 from kernel_testing import DEVICE, assert_close, assert_within_torch_error, needs_triton
 
 pytestmark = needs_triton

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import reference, token_logprobs, use_backend
+from fusedrl.kernels import reference, token_logprobs, use_backend
 from kernel_testing import (DEVICE, LOW_PRECISION, assert_close, assert_low_precision_close,
                             gpu_only, needs_triton)
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels import ppo_policy_loss, ppo_value_loss, reference, use_backend
+from fusedrl.kernels import ppo_policy_loss, ppo_value_loss, reference, use_backend
 from kernel_testing import DEVICE, FUSED_BACKENDS, ULP, assert_close, needs_triton, rand_mask
 
 pytestmark = needs_triton

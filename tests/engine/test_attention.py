@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import engine.attention as attention
-from engine.attention import AttentionMetadata, varlen_attention
+from fusedrl.engine.model import attention as attention
+from fusedrl.engine.model.attention import AttentionMetadata, varlen_attention
 
 
 @pytest.mark.parametrize("lens", [[5, 1, 9, 3], [7], [4, 4, 4]])

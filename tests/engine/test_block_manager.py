@@ -1,9 +1,9 @@
 """Block bookkeeping: allocation, reference counts, prefix sharing, freeing."""
 import pytest
 
-from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from fusedrl.engine.inference.block_manager import BlockManager
+from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.inference.sequence import Sequence
 
 
 def seq(tokens, seq_id=0):

@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import config_io
-from engine.cli import build_parser
-from engine.config_io import ConfigError
-from engine.train_config import DataConfig, OptimConfig, RMConfig, SFTConfig
+from fusedrl.engine.config import io as config_io
+from fusedrl.engine.cli import build_parser
+
+from fusedrl.engine.config.train import DataConfig, OptimConfig, RMConfig, SFTConfig
 
 REQUIRED = ["model=/m", "output_dir=/o", "data.train_file=t.jsonl"]
 

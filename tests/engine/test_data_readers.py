@@ -1,11 +1,11 @@
 """JSONL readers, chat rendering, truncation rules and packing."""
 import pytest
 
-from engine.batching import IGNORE, collate_rm, collate_sft, epoch_batches, pack, response_labels
-from engine.cli import main
-from engine.data import DataError, Demonstration, Ranking, parser_for, read_jsonl
-from engine.examples import split_off
-from engine.tokenization import TokenizedExample, render_chat, tokenize_record
+from fusedrl.engine.data.packing import IGNORE, collate_rm, collate_sft, epoch_batches, pack, response_labels
+from fusedrl.engine.cli import main
+from fusedrl.engine.data.records import DataError, Demonstration, Ranking, parser_for, read_jsonl
+from fusedrl.engine.data.examples import split_off
+from fusedrl.engine.data.tokenization import TokenizedExample, render_chat, tokenize_record
 from engine_testing import EOS, make_tokenizer
 from train_testing import write_jsonl
 

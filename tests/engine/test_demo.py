@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from engine import cli
-from engine.demo import DemoConfig, corrupt, is_correct, prompt_text
+from fusedrl.engine import cli
+from fusedrl.engine.stages.demo import DemoConfig, corrupt, is_correct, prompt_text
 
 
 def test_checker_and_corruptions():

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from engine.fused_kernels import add_rms_norm_triton, rms_norm_torch, rope_torch, rope_triton_
+from fusedrl.engine.model.norm_rope import add_rms_norm_triton, rms_norm_torch, rope_torch, rope_triton_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",

@@ -1,17 +1,13 @@
-"""`fusedrl generate` through its parser, as engine/cli.py will call it."""
-import argparse
+"""`fusedrl generate` through the command's parser."""
 import json
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine import generate_cli
+from fusedrl.engine import LLM, SamplingParams, cli
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="fusedrl")
-    generate_cli.add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(argv)
+    return cli.build_parser().parse_args(argv)
 
 
 def test_generate_prints_the_engine_s_completions_as_json(qwen2_dir, tmp_path, capsys):
@@ -31,9 +27,9 @@ def test_generate_prints_the_engine_s_completions_as_json(qwen2_dir, tmp_path, c
 
 
 def test_memory_argument_reads_bytes_or_a_fraction():
-    assert generate_cli._memory("2000000000") == 2_000_000_000
-    assert generate_cli._memory("2e9") == 2_000_000_000
-    assert generate_cli._memory("0.5") == 0.5
+    assert cli._memory("2000000000") == 2_000_000_000
+    assert cli._memory("2e9") == 2_000_000_000
+    assert cli._memory("0.5") == 0.5
 
 
 def test_generate_without_prompts_fails_clearly(qwen2_dir):

@@ -4,9 +4,11 @@ import os
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.model_runner import kv_bytes_per_block
-from kernels import use_backend
+from fusedrl.engine.inference.llm import LLM
+
+from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.inference.runner import kv_bytes_per_block
+from fusedrl.kernels import use_backend
 from engine_testing import ARCHS, EOS, MAX_POS, VOCAB, random_prompts
 
 LENGTHS = [3, 17, 33, 8, 1]
@@ -237,7 +239,7 @@ def test_unknown_dtype_is_rejected(qwen2_dir):
 def test_decode_graph_bookkeeping_pads_batches_without_changing_tokens(qwen2_dir, reference):
     """The CUDA-graph path's static buffers and padding rows (slot -1, context 0), replayed eagerly:
     batches of 1..5 sequences run in buffers of 1, 2, 4 and 5 rows."""
-    from engine.model_runner import _DecodeGraphs
+    from fusedrl.engine.inference.runner import _DecodeGraphs
 
     prompts, expected = reference
     llm = LLM(qwen2_dir, block_size=4, max_num_seqs=5)
@@ -270,7 +272,7 @@ def test_half_precision_generation_runs_and_mostly_agrees_with_fp32(qwen2_dir, r
 
 def test_generates_from_a_model_in_memory_and_sees_weight_updates(qwen2_dir, reference):
     """RLHF generates from the trainer's own parameters: no reload, no copy, no stale KV."""
-    from engine import load_model
+    from fusedrl.engine.model.hf_io import load_model
 
     prompts, expected = reference
     model = load_model(qwen2_dir)

@@ -6,10 +6,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from engine import load_model, save_model
-from engine.checkpoint import INDEX_FILE, SINGLE_FILE
-from engine.config import ModelConfig
-from kernels import linear_token_logprobs, use_backend
+from fusedrl.engine.model.hf_io import load_model, save_model
+from fusedrl.engine.model.hf_io import INDEX_FILE, SINGLE_FILE
+from fusedrl.engine.model.config import ModelConfig
+from fusedrl.kernels import linear_token_logprobs, use_backend
 from engine_testing import ARCHS, VOCAB, make_hf_model, random_prompts
 
 # fp32 on CPU: both sides do the same ops in the same order; what differs is matmul blocking and

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from engine.paged_kernels import (paged_decode_torch, paged_decode_triton, store_kv_torch,
+from fusedrl.engine.model.paged_kernels import (paged_decode_torch, paged_decode_triton, store_kv_torch,
                                   store_kv_triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -5,17 +5,16 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from engine.checkpoint import load_model
-from engine.critic import value_model_from_reward_model
-from engine.ppo import KLCeilingExceeded, build_models, build_optimizers, prompt_indices, run_ppo
-from engine.ppo_config import LoopConfig, LossConfig, PPOConfig, RewardConfig, RolloutConfig
-from engine.ppo_core import RunningMoments
-from engine.ppo_step import PhaseTimer, make_rollout, minibatch_backward, ppo_update
-from engine.reward_model import reward_model_from_lm, save_reward_model
-from engine.rollout import pack_rollout, response_logprobs
-from engine.runlog import read_metrics
+from fusedrl.engine.model.hf_io import load_model
+from fusedrl.engine.model.value_model import value_model_from_reward_model
+from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, build_models, build_optimizers, prompt_indices, run_ppo
+from fusedrl.engine.config.ppo import LoopConfig, LossConfig, PPOConfig, RewardConfig, RolloutConfig
+from fusedrl.engine.stages.ppo.core import RunningMoments
+from fusedrl.engine.stages.ppo.update import PhaseTimer, make_rollout, minibatch_backward, ppo_update
+from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
+from fusedrl.engine.stages.ppo.rollout import pack_rollout, response_logprobs
+from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import VOCAB, random_prompts
 from train_testing import save_tiny_model, write_jsonl
 
@@ -160,7 +159,7 @@ def test_microbatches_accumulate_the_minibatch_gradient(setup, agg):
 
 
 def dict_optim(**kw):
-    from engine.train_config import OptimConfig
+    from fusedrl.engine.config.train import OptimConfig
     return OptimConfig(**kw)
 
 
@@ -235,7 +234,7 @@ def test_reward_model_run(setup):
 
 
 def test_cli_help_lists_every_section(capsys):
-    from engine import cli
+    from fusedrl.engine import cli
     with pytest.raises(SystemExit):
         cli.main(["ppo", "--help"])
     out = capsys.readouterr().out

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from engine.ppo_core import (KLController, RunningMoments, advantages_and_returns, explained_variance,
+from fusedrl.engine.stages.ppo.core import (KLController, RunningMoments, advantages_and_returns, explained_variance,
                              last_valid_index, shape_rewards)
-from kernels import reference
+from fusedrl.kernels import reference
 
 
 def test_shape_rewards_hand_computed():

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine.batching import IGNORE, RMBatch
-from engine.losses import pair_indices, ranking_loss_sum
-from engine.rm import rm_loss, rm_summarize
+from fusedrl.engine.data.packing import IGNORE, RMBatch
+from fusedrl.engine.stages.losses import pair_indices, ranking_loss_sum
+from fusedrl.engine.stages.rm import rm_loss, rm_summarize
 
 
 def softplus(x):  # -log sigmoid(m) == softplus(-m)

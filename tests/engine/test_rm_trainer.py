@@ -8,12 +8,12 @@ import pytest
 import torch
 import transformers
 
-from engine.batching import pack
-from engine.cli import main
-from engine.reward_model import load_reward_model, reward_model_from_lm
-from engine.rm import mean_raw_reward, run_rm
-from engine.runlog import read_metrics
-from engine import load_model
+from fusedrl.engine.data.packing import pack
+from fusedrl.engine.cli import main
+from fusedrl.engine.model.reward_model import load_reward_model, reward_model_from_lm
+from fusedrl.engine.stages.rm import mean_raw_reward, run_rm
+from fusedrl.engine.train.runlog import read_metrics
+from fusedrl.engine.model.hf_io import load_model
 from engine_testing import random_prompts
 from train_testing import rm_config, save_tiny_model, sorted_digit_preferences, write_jsonl
 
@@ -53,7 +53,7 @@ def test_reference_responses_score_mean_zero_after_normalization(trained):
     logged = [r for r in read_metrics(cfg.output_dir) if "reward_offset" in r]
     assert logged[-1]["reward_offset"] == rm.reward_offset and logged[-1]["reference_responses"] == 20
     from transformers import AutoTokenizer
-    from engine.rm import reference_sequences
+    from fusedrl.engine.stages.rm import reference_sequences
     seqs = reference_sequences(cfg, AutoTokenizer.from_pretrained(final), [])
     scores = torch.cat([rm.rewards(torch.tensor(sum([seqs[i] for i in g], [])), [len(seqs[i]) for i in g])
                         for g in pack([len(s) for s in seqs], 512)])

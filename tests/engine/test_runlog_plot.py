@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from engine.cli import main
-from engine.plot_cli import curves
-from engine.runlog import RunLog, read_metrics
-from engine.train_config import DataConfig, SFTConfig
+from fusedrl.engine.cli import main
+from fusedrl.engine.train.plot import curves
+from fusedrl.engine.train.runlog import RunLog, read_metrics
+from fusedrl.engine.config.train import DataConfig, SFTConfig
 
 
 def config(tmp_path):

@@ -6,7 +6,7 @@ deterministic: the same seeds give the same counts on every run.
 import pytest
 import torch
 
-from engine.sampler import _top_k_top_p, gumbel_noise, sample
+from fusedrl.engine.inference.sampler import _top_k_top_p, gumbel_noise, sample
 
 PROBS = torch.tensor([0.4, 0.3, 0.2, 0.1])
 N = 40_000

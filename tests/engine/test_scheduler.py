@@ -1,8 +1,8 @@
 """Scheduling policy, driven with fake sampled tokens (no model)."""
-from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SequenceStatus
+from fusedrl.engine.inference.block_manager import BlockManager
+from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.inference.scheduler import Scheduler
+from fusedrl.engine.inference.sequence import Sequence, SequenceStatus
 
 EOS = 2
 

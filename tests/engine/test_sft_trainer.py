@@ -9,18 +9,18 @@ import torch
 import transformers
 import yaml
 
-import kernels
+import fusedrl.kernels as kernels
 
-from engine import load_model
-from engine.batching import collate_sft
-from engine.cli import main
-from engine.losses import token_nll_sum
-from engine.optim import build_optimizer, build_scheduler, lr_factor
-from engine.runlog import read_metrics
-from engine.sft import run_sft, sft_loss, sft_stage
-from engine.tokenization import TokenizedExample
-from engine.trainer import train_step
-from engine.train_state import latest_checkpoint, save_checkpoint, TrainState
+from fusedrl.engine.model.hf_io import load_model
+from fusedrl.engine.data.packing import collate_sft
+from fusedrl.engine.cli import main
+from fusedrl.engine.stages.losses import token_nll_sum
+from fusedrl.engine.train.optim import build_optimizer, build_scheduler, lr_factor
+from fusedrl.engine.train.runlog import read_metrics
+from fusedrl.engine.stages.sft import run_sft, sft_loss, sft_stage
+from fusedrl.engine.data.tokenization import TokenizedExample
+from fusedrl.engine.train.loop import train_step
+from fusedrl.engine.train.checkpoint import latest_checkpoint, save_checkpoint, TrainState
 from engine_testing import random_prompts
 from train_testing import demonstrations, save_tiny_model, sft_config, write_jsonl
 

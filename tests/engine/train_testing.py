@@ -2,7 +2,7 @@
 import json
 import random
 
-from engine.train_config import DataConfig, OptimConfig, RMConfig, SFTConfig, TrainConfig
+from fusedrl.engine.config.train import DataConfig, OptimConfig, RMConfig, SFTConfig, TrainConfig
 from engine_testing import make_hf_model, make_tokenizer
 
 

@@ -1,0 +1,29 @@
+"""Config of `fusedrl demo` (engine/stages/demo.py): the task's size and each stage's length. Torch-free."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .fields import check, option
+
+
+@dataclass
+class DemoConfig:
+    output_dir: str = option("where the runs, table and plot go", "fusedrl-demo")
+    seed: int = option("seed of the data, the model init and every stage", 0)
+    digits: int = option("digits per prompt", 4)
+    train_prompts: int = option("prompts for SFT, RM and PPO", 2000)
+    eval_prompts: int = option("held-out prompts for the accuracy", 100)
+    demo_noise: float = option("fraction of SFT demonstrations that are wrong", 0.4)
+    sft_epochs: int = option("SFT epochs", 4)
+    rm_epochs: int = option("reward-model epochs", 3)
+    ppo_iterations: int = option("PPO iterations", 100)
+    ppo_prompts: int = option("prompts per PPO iteration (4 samples each)", 16)
+    eval_samples: int = option("samples per held-out prompt for the accuracy", 4)
+    overwrite: bool = option("replace an existing output_dir", False)
+
+    def __post_init__(self):
+        check(2 <= self.digits <= 8, f"digits must be in [2, 8], got {self.digits}")
+        check(0 <= self.demo_noise < 1, f"demo_noise must be in [0, 1), got {self.demo_noise}")
+        for name in ("train_prompts", "eval_prompts", "sft_epochs", "rm_epochs", "ppo_iterations", "ppo_prompts",
+                     "eval_samples"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")

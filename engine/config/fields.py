@@ -1,0 +1,40 @@
+"""How config dataclasses declare their options: a default (or factory) with its help text, and
+one-line validation errors. Every config module uses these two; `fusedrl <stage> --help` shows
+the help text (engine/config/io.py)."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import field
+
+
+def option(text: str, default=None, factory=None):
+    """A dataclass field with help text `text` and a default value (or a default factory)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise ValueError(message) unless `ok`: the one-line error of a field's validation."""
+    if not ok:
+        raise ValueError(message)
+
+
+def choices(tp) -> tuple | None:
+    """The allowed values of a `Literal[...]` type hint (also inside `X | None`), else None."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    inner = [choices(a) for a in typing.get_args(tp)]
+    return next((c for c in inner if c), None)
+
+
+def check_choices(config, section: str = "") -> None:
+    """Validate every `Literal` field of dataclass `config` (also when built from Python, where no
+    YAML reader ran): a one-line error naming `section.field`, the value and the choices."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        allowed = choices(hints[f.name])
+        value = getattr(config, f.name)
+        if allowed and value is not None and value not in allowed:
+            raise ValueError(f"{section}{f.name} must be one of {allowed}, got {value!r}")

@@ -1,0 +1,137 @@
+"""Config dataclasses in and out: from nested dicts (YAML), `key=value` overrides, help text. Torch-free.
+
+Any dataclass works; its fields carry `metadata={"help": ...}`. Nested dataclass fields become
+sections (`optim.lr=1e-4`). Unknown keys and values of the wrong type are rejected with the dotted
+key, the expected type and, for a misspelling, the closest known key. Nothing here holds state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from .fields import choices
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config dataclass."""
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a (nested) dict; missing keys keep their defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; known keys: {', '.join(fields)}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field left out
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def _coerce(tp, value, key: str):
+    """Check `value` against type hint `tp` (int, float, bool, str, Literal[...], X | None, or a
+    dataclass)."""
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, f"{key}.")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: expected one of {args}, got {value!r}{hint}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if tp is float and isinstance(value, str):
+        value = _float_or_text(value)
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}[tp]
+    if not ok(value):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return float(value) if tp is float else value
+
+
+def _float_or_text(text: str):
+    """PyYAML (YAML 1.1) reads `1e-4` as a string (it wants `1.0e-4`); accept it for float fields."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def to_dict(config) -> dict:
+    """The config as plain nested dicts (what `from_dict` reads back)."""
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set `a.b=value` pairs in a copy of nested dict `data`; values are parsed as YAML scalars."""
+    data = _deep_copy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        value = yaml.safe_load(text) if text else ""
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = value
+    return data
+
+
+def _deep_copy(data: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def load(cls, path=None, overrides: list[str] = ()):
+    """`cls` from an optional YAML file plus `key=value` overrides (overrides win)."""
+    data = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return from_dict(cls, apply_overrides(data, list(overrides)))
+
+
+def save_yaml(config, path):
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def describe(cls, prefix: str = "") -> list[str]:
+    """One help line per option of `cls`: dotted key, type, default and help text."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        allowed = choices(tp)
+        type_name = ("|".join(map(str, allowed)) if allowed
+                     else getattr(tp, "__name__", None) or str(tp).replace("typing.", ""))
+        lines.append(f"  {prefix}{f.name} ({type_name}, default {default!r}): {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,145 @@
+"""Configs of the SFT and reward-model stages: plain dataclasses, validated on construction.
+
+Use them from Python (`SFTConfig(model=..., output_dir=..., data=DataConfig(train_file=...))`) or
+through `fusedrl sft|rm --config FILE key=value ...` (engine/config/io.py does the YAML part).
+Enum-like options are `Literal` types: the YAML reader rejects any other value, naming the choices.
+Nothing here imports torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .fields import check, check_choices, option
+
+DataFormat = Literal["auto", "demonstration", "chat", "pairwise", "ranking", "hh"]
+SFT_FORMATS = ("auto", "demonstration", "chat")
+RM_FORMATS = ("auto", "pairwise", "ranking", "hh")
+Dtype = Literal["float32", "bfloat16"]
+
+
+@dataclass
+class DataConfig:
+    train_file: str = option("JSONL training data (required)", "")
+    eval_file: str | None = option("held-out JSONL; when unset, eval_fraction of train_file is held out")
+    eval_fraction: float = option("fraction of train_file held out for eval when eval_file is unset", 0.05)
+    format: DataFormat = option("sft: auto|demonstration|chat; rm: auto|pairwise|ranking|hh "
+                        "(auto: decided per line by its keys)", "auto")
+    max_length: int = option("max tokens of prompt + response; longer responses are cut at the end", 1024)
+    max_prompt_length: int = option("prompts keep their last max_prompt_length tokens", 512)
+    tokens_per_batch: int = option("token budget of one packed micro-batch (all sequences together)", 8192)
+    skip_malformed: bool = option("skip and count malformed lines instead of failing on the first", False)
+
+    def __post_init__(self):
+        check_choices(self, "data.")
+        check(0 <= self.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        check(0 < self.max_prompt_length < self.max_length,
+               f"data.max_prompt_length must be in (0, max_length={self.max_length}), "
+               f"got {self.max_prompt_length}")
+        check(self.tokens_per_batch >= self.max_length,
+               f"data.tokens_per_batch ({self.tokens_per_batch}) must hold one sequence of "
+               f"data.max_length ({self.max_length})")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option("peak learning rate of AdamW", 1e-5)
+    weight_decay: float = option("AdamW decoupled weight decay (not applied to norms and biases)", 0.0)
+    beta1: float = option("AdamW beta1", 0.9)
+    beta2: float = option("AdamW beta2", 0.95)
+    eps: float = option("AdamW epsilon", 1e-8)
+    warmup_steps: int = option("linear warmup from 0 to lr over this many optimizer steps", 0)
+    min_lr_ratio: float = option("cosine decay ends at lr * min_lr_ratio", 0.1)
+    max_grad_norm: float = option("clip the global gradient norm to this (0 = no clipping)", 1.0)
+    grad_accum_steps: int = option("micro-batches per optimizer step", 1)
+
+    def __post_init__(self):
+        check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0 and self.eps > 0, "optim.weight_decay must be >= 0, optim.eps > 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+        check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        check(self.grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+@dataclass
+class RunConfig:
+    """The loop options every stage shares (its `train` section); "step" is the stage's unit of
+    progress (an optimizer step for SFT/RM, an iteration for PPO)."""
+    device: str | None = option("cuda or cpu (default: cuda when available)")
+    dtype: Dtype = option("parameter dtype: float32 (with bf16 autocast on GPU) or bfloat16", "float32")
+    bf16: bool = option("bf16 autocast of the training forwards on CUDA (ignored on CPU)", True)
+    gradient_checkpointing: bool = option("recompute each decoder layer in backward to save memory", False)
+    log_every: int = option("write a metrics line every this many steps", 1)
+    save_every: int = option("checkpoint every this many steps (0 = only at the end)", 0)
+    keep_checkpoints: int = option("keep only the newest this many checkpoints (0 = all)", 2)
+    resume: bool = option("continue from the newest checkpoint in output_dir when there is one", True)
+    tensorboard: bool = option("also write TensorBoard events to output_dir/tensorboard", False)
+    progress: bool = option("show a live progress bar on stderr", True)
+
+    def __post_init__(self):
+        check_choices(self, "train.")
+        check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),
+               f"train.device must be cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("save_every", "keep_checkpoints"):
+            check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
+        check(self.log_every >= 1, "train.log_every must be >= 1")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    epochs: int = option("passes over the training data", 1)
+    max_steps: int | None = option("stop after this many optimizer steps (overrides epochs)")
+    eval_every: int = option("evaluate every this many steps (0 = only at the end)", 0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        check(self.eval_every >= 0, "train.eval_every must be >= 0")
+
+
+@dataclass
+class StageConfig:
+    """What every training stage shares."""
+
+    model: str = option("Hugging Face model directory to start from (required)", "")
+    output_dir: str = option("run directory: config, metrics, checkpoints, final model (required)", "")
+    seed: int = option("seed of the data order, the split and the torch RNG", 0)
+    data: DataConfig = option("data", factory=DataConfig)
+    optim: OptimConfig = option("optimizer", factory=OptimConfig)
+    train: TrainConfig = option("loop", factory=TrainConfig)
+
+    def __post_init__(self):
+        check(bool(self.model), "model is required (a Hugging Face model directory)")
+        check(bool(self.output_dir), "output_dir is required")
+        check(bool(self.data.train_file), "data.train_file is required")
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning on demonstrations; loss on response tokens only."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.data.format in SFT_FORMATS,
+               f"data.format for sft must be one of {SFT_FORMATS}, got {self.data.format!r}")
+
+
+@dataclass
+class RMConfig(StageConfig):
+    """Reward model on pairwise or K-way preferences."""
+
+    beta_rm: float = option("weight of the LM loss (per-token NLL) on the chosen response; 0 = off", 0.0)
+    reference_file: str | None = option(
+        "JSONL demonstrations whose responses define reward 0 (the normalization offset); "
+        "default: the best response of each training example")
+    max_reference: int = option("at most this many reference responses for the offset", 1024)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.data.format in RM_FORMATS,
+               f"data.format for rm must be one of {RM_FORMATS}, got {self.data.format!r}")
+        check(self.beta_rm >= 0, f"beta_rm must be >= 0, got {self.beta_rm}")
+        check(self.max_reference >= 1, f"max_reference must be >= 1, got {self.max_reference}")

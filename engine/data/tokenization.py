@@ -1,0 +1,77 @@
+"""Text records -> token ids, with the truncation rules of both stages.
+
+Rules (max_length L, max_prompt_length P < L):
+1. The prompt is tokenized with the tokenizer's special tokens (e.g. BOS); the response without,
+   followed by EOS (when the tokenizer has one), since the model must learn to stop.
+2. A prompt longer than P keeps its last P tokens: the end of a prompt is what the response answers.
+3. The response is cut at the end so that prompt + response <= L (the EOS is then lost too).
+Prompt and response are tokenized separately, so ids at their boundary may differ from tokenizing
+the joined text; training and reward scoring use the same split, so they agree with each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .records import Demonstration, Ranking
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Prompt ids and one or more response ids (SFT: one; RM: K, best first)."""
+
+    prompt: list[int]
+    responses: tuple[list[int], ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.responses) * len(self.prompt) + sum(len(r) for r in self.responses)
+
+
+def render_chat(tokenizer, turns) -> tuple[str, str]:
+    """(role, content) turns ending in the assistant's -> (prompt text, response text).
+
+    With a chat template the prompt is the template applied to all turns but the last, with the
+    generation prompt; the response is the last turn's content. Without one, turns are written
+    as "\\n\\nRole: content" in the HH style.
+    """
+    history = [{"role": role, "content": content} for role, content in turns[:-1]]
+    response = turns[-1][1]
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        return prompt, response
+    prompt = "".join(f"\n\n{role.capitalize()}: {content}" for role, content in turns[:-1])
+    return prompt + "\n\nAssistant:", " " + response
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"]) if text else []
+
+
+def tokenize_prompt(tokenizer, prompt: str, max_prompt_length: int) -> list[int]:
+    return _encode(tokenizer, prompt, special=True)[-max_prompt_length:]
+
+
+def tokenize_response(tokenizer, response: str, room: int) -> list[int]:
+    ids = _encode(tokenizer, response, special=False)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids[:room]
+
+
+def tokenize_record(tokenizer, record, max_length: int, max_prompt_length: int) -> TokenizedExample | None:
+    """A Demonstration or Ranking -> TokenizedExample, or None when a response has no room left
+    (an empty prompt and response together, which cannot happen when P < L)."""
+    if isinstance(record, Demonstration):
+        prompt, responses = (render_chat(tokenizer, record.messages) if record.messages
+                             else (record.prompt, record.response))
+        responses = (responses,)
+    elif isinstance(record, Ranking):
+        prompt, responses = record.prompt, record.responses
+    else:
+        raise TypeError(f"cannot tokenize a {type(record).__name__}")
+    prompt_ids = tokenize_prompt(tokenizer, prompt, max_prompt_length)
+    room = max_length - len(prompt_ids)
+    response_ids = tuple(tokenize_response(tokenizer, r, room) for r in responses)
+    if any(not r for r in response_ids):
+        return None
+    return TokenizedExample(prompt_ids, response_ids)

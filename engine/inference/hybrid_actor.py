@@ -1,0 +1,42 @@
+"""The hybrid actor: one set of policy weights that the paged-KV engine generates from and the
+trainer updates, with no weight copy and no sync step.
+
+The engine holds the policy module itself; optimizer steps update its parameters in place, so
+every rollout samples from the current weights (CUDA graphs captured by the engine keep pointing
+at the same storage). The KV pool is allocated once at `rollout.kv_cache_memory` bytes and kept
+through training: its size is a stated budget, not a surprise, and re-allocating it each iteration
+would also invalidate the captured graphs.
+"""
+from __future__ import annotations
+
+import torch
+
+from .llm import LLM
+from ..model.causal_lm import CausalLM
+from .sampling_params import SamplingParams
+
+
+class HybridActor:
+    def __init__(self, policy: CausalLM, tokenizer=None, *, kv_cache_memory: int, block_size: int = 16,
+                 max_num_seqs: int = 256, use_cuda_graphs: bool = True):
+        self.policy = policy
+        self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
+                       max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs)
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        pool = self.llm.runner.kv_pool
+        return pool.numel() * pool.element_size()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams
+                 ) -> tuple[list[list[int]], list[list[int]], list[list[float]]]:
+        """Sample params.n responses per prompt from the current weights.
+
+        Returns (prompt of each row, response of each row, sampler log-prob of each response token),
+        rows ordered prompt by prompt, sample by sample.
+        """
+        outputs = self.llm.generate(prompts, params)
+        rows = [(out.prompt_token_ids, c.token_ids, c.logprobs) for out in outputs for c in out.outputs]
+        prompt_ids, responses, logprobs = (list(x) for x in zip(*rows))
+        return prompt_ids, responses, logprobs

@@ -1,0 +1,179 @@
+"""LLM: the generation API. `LLM(model_dir).generate(prompts, SamplingParams(...))`.
+
+Wires checkpoint loading, the block manager, the scheduler and the model runner together, validates
+requests up front (so a bad one fails before any work), and runs steps until every sequence is done.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .block_manager import BlockManager
+from ..model.hf_io import load_model
+from ..model.causal_lm import CausalLM
+from .runner import ModelRunner, num_blocks_for_budget
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+CPU_DEFAULT_KV_BYTES = 1 << 30  # CPU has no "free memory" to take a fraction of: 1 GiB
+
+
+@dataclass
+class Completion:
+    """One sampled continuation: token_ids [T] and the fp32 log-prob of each under its sampling
+    distribution [T]; finish_reason is 'stop' (EOS or a stop token) or 'length'."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """The n completions of one prompt, in sample order."""
+
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+
+
+class LLM:
+    """Paged-KV generation engine over a Llama-family model.
+
+    model_dir: a Hugging Face directory (config.json, safetensors, optionally a tokenizer), or a
+    `CausalLM` already in memory: the trainer's own parameters, used in place (`dtype` and `device`
+    are then the model's; pass `tokenizer` for string prompts). In-place updates (optimizer steps,
+    `copy_`) are seen by the next `generate`, CUDA graphs included; replacing Parameter objects is not.
+    kv_cache_memory: bytes (int) or a fraction of free GPU memory (float); default 0.9 of free GPU
+    memory on CUDA (pass a budget when a trainer shares the GPU), 1 GiB on CPU. The pool is never
+    larger than max_num_seqs full-length sequences.
+    max_num_batched_tokens: prompt tokens per prefill step (a longer lone prompt still runs).
+    use_cuda_graphs: capture decode steps as CUDA graphs (CUDA only); False runs them eagerly.
+    """
+
+    def __init__(self, model_dir, dtype="auto", kv_cache_memory: int | float | None = None,
+                 block_size: int = 16, device=None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 16384, use_cuda_graphs: bool = True, tokenizer=None):
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size={block_size!r} must be an int >= 1")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if isinstance(model_dir, CausalLM):
+            self.model = model_dir
+        else:
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.model = load_model(model_dir, dtype=dtype, device=device)
+            tokenizer = tokenizer or _load_tokenizer(Path(model_dir))
+        self.tokenizer = tokenizer
+        self.config = self.model.config
+        param = next(self.model.parameters())
+        if kv_cache_memory is None:
+            kv_cache_memory = 0.9 if param.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
+        num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, param.device)
+        num_blocks = min(num_blocks, max_num_seqs * -(-self.config.max_model_len // block_size))
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={kv_cache_memory!r} does not hold one block of "
+                             f"{block_size} tokens")
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs,
+                                   max(max_num_batched_tokens, self.config.max_model_len),
+                                   self.config.max_model_len, self.config.eos_token_ids)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs)
+        self._next_seq_id = 0
+        self._rng = random.Random()
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Complete each prompt (a string or a list of token ids; one prompt or a list of them).
+
+        Returns one RequestOutput per prompt, in order, each with `sampling_params.n` completions.
+        """
+        if isinstance(prompts, (list, tuple)) and not prompts:
+            return []
+        prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        token_ids = [self._tokenize(p, i) for i, p in enumerate(prompts)]
+        for i, (ids, p) in enumerate(zip(token_ids, params)):
+            self._check_request(i, ids, p)
+        groups = [[self._add(ids, p, j) for j in range(p.n)] for ids, p in zip(token_ids, params)]
+        self._run(sum(len(g) for g in groups), use_tqdm)
+        return [RequestOutput(ids, [self._completion(s) for s in group]) for ids, group in zip(token_ids, groups)]
+
+    def _tokenize(self, prompt, index: int) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompts[{index}] is a string but no tokenizer was found; pass token ids")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError(f"prompts[{index}] must be a string or a list of ints")
+        return list(prompt)
+
+    def _check_request(self, index: int, ids: list[int], params: SamplingParams):
+        max_len, vocab = self.config.max_model_len, self.config.vocab_size
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params[{index}] must be a SamplingParams, got {type(params).__name__}")
+        if not ids:
+            raise ValueError(f"prompts[{index}] is empty: a prompt needs at least one token")
+        if len(ids) >= max_len:
+            raise ValueError(f"prompts[{index}] has {len(ids)} tokens, which leaves no room to generate "
+                             f"within the context length max_model_len={max_len}")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompts[{index}] has token id {bad[0]} outside the vocabulary [0, {vocab})")
+        longest = min(len(ids) + params.max_new_tokens, max_len)
+        needed = self.block_manager.blocks_for(longest)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"the KV pool ({self.block_manager.num_blocks} blocks of {self.block_manager.block_size} "
+                f"tokens) cannot hold one sequence of prompts[{index}] ({longest} tokens = {needed} blocks); "
+                "raise kv_cache_memory or lower max_new_tokens")
+
+    def _add(self, ids: list[int], params: SamplingParams, sample_index: int) -> Sequence:
+        # Sample j of a seeded request gets its own stream, fixed by (seed, j).
+        seed = self._rng.getrandbits(63) if params.seed is None else hash((params.seed, sample_index))
+        seq = Sequence(self._next_seq_id, ids, params, seed & (2**63 - 1))
+        self._next_seq_id += 1
+        self.scheduler.add(seq)
+        return seq
+
+    def _run(self, num_seqs: int, use_tqdm: bool):
+        progress = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+            progress = tqdm(total=num_seqs, desc="generate", unit="seq")
+        try:
+            while not self.scheduler.is_finished():
+                batch, is_prefill = self.scheduler.schedule()
+                tokens, logprobs = self.runner.run(batch, is_prefill)
+                finished = self.scheduler.postprocess(batch, tokens, logprobs)
+                if progress is not None:
+                    progress.update(len(finished))
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _completion(self, seq: Sequence) -> Completion:
+        ids = seq.completion_token_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else None
+        return Completion(ids, seq.logprobs, seq.finish_reason, text)
+
+
+def _is_single_prompt(prompts) -> bool:
+    """A string or a list of token ids (rather than a list of prompts)."""
+    return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and isinstance(prompts[0], int))
+
+
+def _load_tokenizer(model_dir: Path):
+    """The directory's tokenizer, or None when it has none (token-id prompts still work)."""
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(model_dir))

@@ -1,0 +1,193 @@
+"""ModelRunner: the only place that builds tensors for a generation step.
+
+It owns the KV pool, turns scheduled sequences into input ids, positions, slot mappings and block
+tables, runs the model (eagerly, or a captured CUDA graph for decode), and samples.
+"""
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+
+from ..model.attention import AttentionMetadata
+from ..model.config import ModelConfig
+from ..model.causal_lm import CausalLM
+from .sampler import sample
+from .sequence import Sequence
+
+
+def kv_bytes_per_block(config: ModelConfig, dtype: torch.dtype, block_size: int) -> int:
+    """K and V of every layer for one block of tokens."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+
+
+def num_blocks_for_budget(kv_cache_memory, config: ModelConfig, dtype, block_size: int, device) -> int:
+    """Blocks that fit `kv_cache_memory`: bytes (int), or a fraction in (0, 1] of free GPU memory."""
+    if isinstance(kv_cache_memory, float):
+        if not 0 < kv_cache_memory <= 1:
+            raise ValueError(f"kv_cache_memory={kv_cache_memory} as a fraction must be in (0, 1]")
+        if torch.device(device).type != "cuda":
+            raise ValueError("kv_cache_memory as a fraction of free GPU memory needs a CUDA device; "
+                             "give a number of bytes (int) instead")
+        free, _ = torch.cuda.mem_get_info(device)
+        kv_cache_memory = int(free * kv_cache_memory)
+    if not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0:
+        raise ValueError(f"kv_cache_memory={kv_cache_memory!r} must be a positive int (bytes) or a float "
+                         "fraction of free GPU memory")
+    return kv_cache_memory // kv_bytes_per_block(config, dtype, block_size)
+
+
+class ModelRunner:
+    """Runs prefill and decode steps of `model` over a paged KV pool of `num_blocks` blocks."""
+
+    # Decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits.
+    GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
+                 use_cuda_graphs: bool = True):
+        self.model = model
+        self.config = model.config
+        self.block_size = block_size
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        c = self.config
+        # One pool for all layers: [K/V, layer, block, slot in block, kv head, head dim].
+        self.kv_pool = torch.empty(2, c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+                                   dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(c.num_layers)]
+        self.max_blocks_per_seq = -(-c.max_model_len // block_size)
+        self.graphs = None
+        if use_cuda_graphs and self.device.type == "cuda":
+            self.graphs = _DecodeGraphs(self, max_num_seqs)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
+        """One step: returns the sampled token and its log-prob for each sequence."""
+        if is_prefill:
+            input_ids, positions, meta, last = self._prepare_prefill(seqs)
+            hidden = self.model(input_ids, positions, meta, self.kv_caches)[last]
+        else:
+            input_ids, positions, meta = self._prepare_decode(seqs)
+            if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
+                hidden = self.graphs.replay(input_ids, positions, meta)
+            else:
+                hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        logits = self.model.compute_logits(hidden)  # [B, V] fp32
+        tokens, logprobs = sample(logits, *self._prepare_sampling(seqs))
+        return tokens.tolist(), logprobs.tolist()
+
+    def _tensor(self, data, dtype):
+        return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
+            self.device, non_blocking=True)
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _block_tables(self, seqs: list[Sequence]):
+        width = max(len(s.block_table) for s in seqs)
+        rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
+        return self._tensor(rows, torch.int32)  # [B, width]
+
+    def _prepare_prefill(self, seqs: list[Sequence]):
+        """New tokens of each sequence, from its first uncached one."""
+        input_ids, positions, slots, seqlens_q, seqlens_k = [], [], [], [], []
+        for seq in seqs:
+            start = seq.num_cached_tokens
+            input_ids += seq.token_ids[start:]
+            positions += range(start, seq.num_tokens)
+            slots += [self._slot(seq, p) for p in range(start, seq.num_tokens)]
+            seqlens_q.append(seq.num_tokens - start)
+            seqlens_k.append(seq.num_tokens)
+        cu_q = self._tensor([0] + seqlens_q, torch.int32).cumsum(0, dtype=torch.int32)
+        cu_k = self._tensor([0] + seqlens_k, torch.int32).cumsum(0, dtype=torch.int32)
+        meta = AttentionMetadata(
+            is_decode=False, seqlens_q=seqlens_q, seqlens_k=seqlens_k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+            slot_mapping=self._tensor(slots, torch.int64),
+            block_tables=self._block_tables(seqs) if seqlens_q != seqlens_k else None)
+        last = cu_q[1:] - 1  # index of each sequence's last token in the packed batch
+        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, last
+
+    def _prepare_decode(self, seqs: list[Sequence]):
+        """The last token of each sequence, at position len - 1."""
+        input_ids = [s.token_ids[-1] for s in seqs]
+        positions = [s.num_tokens - 1 for s in seqs]
+        meta = AttentionMetadata(
+            is_decode=True,
+            slot_mapping=self._tensor([self._slot(s, s.num_tokens - 1) for s in seqs], torch.int64),
+            context_lens=self._tensor([s.num_tokens for s in seqs], torch.int32),
+            block_tables=self._block_tables(seqs))
+        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta
+
+    def _prepare_sampling(self, seqs: list[Sequence]):
+        ps = [s.params for s in seqs]
+        return (self._tensor([p.temperature for p in ps], torch.float32),
+                self._tensor([p.top_k for p in ps], torch.int64),
+                self._tensor([p.top_p for p in ps], torch.float32),
+                self._tensor([s.seed for s in seqs], torch.int64),
+                self._tensor([s.num_tokens for s in seqs], torch.int64))
+
+
+class _DecodeGraphs:
+    """CUDA graphs of the decode forward (up to the final norm) at GRAPH_BATCH_SIZES.
+
+    Inputs live in static buffers; padding rows carry slot -1 (nothing written) and context length 0
+    (nothing read), so a batch of 5 replays the graph of 8 and keeps the first 5 rows.
+    `capture=False` keeps the same buffers and padding but replays by running the forward eagerly:
+    how the tests check this bookkeeping on a machine without CUDA.
+    """
+
+    def __init__(self, runner: ModelRunner, max_num_seqs: int, capture: bool = True):
+        self.runner = runner
+        sizes = [b for b in runner.GRAPH_BATCH_SIZES if b <= max_num_seqs]
+        if not sizes or sizes[-1] < max_num_seqs <= runner.GRAPH_BATCH_SIZES[-1]:
+            sizes.append(max_num_seqs)
+        self.max_batch = sizes[-1]
+        n, device = self.max_batch, runner.device
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        # Block 0, not -1, in unused entries: a valid index whatever a backend does with it.
+        self.block_tables = torch.zeros(n, runner.max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.hidden = torch.zeros(n, runner.config.hidden_size, dtype=runner.dtype, device=device)
+        self.graphs = {}
+        self.pool = None
+        self._capture(sorted(sizes, reverse=True), capture)  # largest first: smaller graphs reuse its pool
+
+    def _forward(self, b: int):
+        meta = AttentionMetadata(is_decode=True, slot_mapping=self.slot_mapping[:b],
+                                 context_lens=self.context_lens[:b], block_tables=self.block_tables[:b])
+        self.hidden[:b] = self.runner.model(self.input_ids[:b], self.positions[:b], meta, self.runner.kv_caches)
+
+    @torch.inference_mode()
+    def _capture(self, sizes, capture: bool):
+        for b in sizes:
+            forward = functools.partial(self._forward, b)
+            forward()  # warm-up: Triton kernels compile outside the capture
+            if not capture:
+                self.graphs[b] = SimpleNamespace(replay=forward)
+                continue
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, self.pool):
+                forward()
+            self.pool = graph.pool()
+            self.graphs[b] = graph
+        if capture:
+            torch.cuda.synchronize()
+
+    def replay(self, input_ids, positions, meta: AttentionMetadata):
+        """Run the decode forward of len(input_ids) sequences; returns hidden [B, hidden]."""
+        b = input_ids.shape[0]
+        size = min(s for s in self.graphs if s >= b)
+        self.input_ids[:b] = input_ids
+        self.positions[:b] = positions
+        self.slot_mapping.fill_(-1)
+        self.slot_mapping[:b] = meta.slot_mapping
+        self.context_lens.zero_()
+        self.context_lens[:b] = meta.context_lens
+        self.block_tables[:b, :meta.block_tables.shape[1]] = meta.block_tables
+        self.graphs[size].replay()
+        return self.hidden[:b]

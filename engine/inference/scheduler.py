@@ -1,0 +1,103 @@
+"""Scheduler: continuous batching over waiting and running sequences (pure Python).
+
+Each step is either a prefill of newly admitted sequences (admitted while blocks and the token budget
+last, oldest first) or a decode of every running sequence. When a running sequence needs a block and
+none is free, the most recently admitted one is preempted: its blocks are freed and it goes back to
+the front of the queue, to be recomputed (prompt + tokens so far) when blocks free up.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, eos_token_ids: tuple[int, ...]):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence):
+        self.waiting.append(seq)
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """The sequences of the next step and whether it is a prefill."""
+        batch = self._admit()
+        if batch:
+            return batch, True
+        return self._decode_batch(), False
+
+    def _admit(self) -> list[Sequence]:
+        batch, num_tokens = [], 0
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            # A lone sequence longer than the budget still goes (alone), or it could never run.
+            if batch and num_tokens + seq.num_tokens > self.max_num_batched_tokens:
+                break
+            if not self.block_manager.can_allocate(seq):
+                break
+            self.block_manager.allocate(seq)
+            num_tokens += seq.num_tokens - seq.num_cached_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            batch.append(seq)
+        return batch
+
+    def _decode_batch(self) -> list[Sequence]:
+        batch = []
+        while self.running:
+            seq = self.running.popleft()
+            while not self.block_manager.can_append(seq):
+                if self.running:
+                    self._preempt(self.running.pop())
+                else:  # cannot happen when the pool fits one sequence (checked at admission)
+                    self._preempt(seq)
+                    break
+            else:
+                self.block_manager.append_slot(seq)
+                batch.append(seq)
+        self.running.extend(batch)
+        return batch
+
+    def _preempt(self, seq: Sequence):
+        seq.status = SequenceStatus.WAITING
+        self.block_manager.deallocate(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, batch: list[Sequence], token_ids: list[int], logprobs: list[float]) -> list[Sequence]:
+        """Append each sequence's sampled token; finish and free those that are done. Returns them."""
+        finished = []
+        for seq, token_id, logprob in zip(batch, token_ids, logprobs):
+            seq.append(token_id, logprob)
+            reason = self._finish_reason(seq, token_id)
+            if reason:
+                seq.finish_reason = reason
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.deallocate(seq)
+                finished.append(seq)
+        if finished:
+            self.running = deque(s for s in self.running if not s.is_finished)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        params = seq.params
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+            return "stop"
+        if len(seq.token_ids) - seq.num_prompt_tokens >= params.max_new_tokens:
+            return "length"
+        if seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None

@@ -1,0 +1,51 @@
+"""Sequence: the state of one completion being generated (pure Python, no tensors)."""
+from __future__ import annotations
+
+from enum import Enum, auto
+
+from .sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """Prompt + generated tokens, the KV blocks holding them, and the sampled tokens' log-probs.
+
+    `seed` drives this sequence's random stream; `num_cached_tokens` counts prompt tokens whose K/V
+    were found in shared blocks when the sequence was (re)admitted, so prefill skips them.
+    """
+
+    def __init__(self, seq_id: int, token_ids: list[int], params: SamplingParams, seed: int):
+        self.seq_id = seq_id
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.params = params
+        self.seed = seed
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0
+        self.logprobs: list[float] = []
+        self.finish_reason: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append(self, token_id: int, logprob: float):
+        self.token_ids.append(token_id)
+        self.logprobs.append(logprob)

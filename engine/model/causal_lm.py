@@ -1,0 +1,199 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) with one set of parameters and two uses:
+
+- `forward_packed(input_ids, seqlens)`: the training forward over packed variable-length sequences,
+  returning final hidden states [N, hidden] for `kernels.linear_token_logprobs(hidden, lm_head.weight, ...)`.
+- `forward(input_ids, positions, meta, kv_caches)`: prefill or decode against the paged KV cache.
+
+Parameter names are the Hugging Face ones (`model.layers.0.self_attn.q_proj.weight`, ...), so
+checkpoints map one to one. The PyTorch path follows transformers step for step (fp32 RMSNorm, RoPE
+tables in fp32 cast to the activation dtype), which is what makes the fp32 parity tests tight; with
+autograd off on the GPU, norms (with the residual add) and RoPE run as fused Triton kernels instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import (AttentionMetadata, decode_attention, prefill_attention, store_kv,
+                              use_triton, varlen_attention)
+from .config import ModelConfig
+from .norm_rope import add_rms_norm_triton, rms_norm_torch, rope_torch, rope_triton_
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Inference (autograd off) on a device where our Triton kernels run: use the fused kernels."""
+    return not torch.is_grad_enabled() and use_triton(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x, residual=None):
+        """x [..., C] -> RMSNorm(x). With `residual`: (RMSNorm(x + residual), x + residual); the fused
+        kernel adds into `residual` in place."""
+        if _fused(x):
+            out = add_rms_norm_triton(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is None:
+            return rms_norm_torch(x, self.weight, self.eps)
+        residual = residual + x
+        return rms_norm_torch(residual, self.weight, self.eps), residual
+
+
+def apply_rope(q, k, cos, sin):
+    """q [N, H, D], k [N, Hkv, D]; cos/sin [N, D] in their dtype -> rotated (q, k)."""
+    if _fused(q):  # in place: q and k are fresh projections
+        return rope_triton_(q, cos, sin), rope_triton_(k, cos, sin)
+    return rope_torch(q, cos, sin), rope_torch(k, cos, sin)
+
+
+class RotaryTable:
+    """cos/sin [L, D] of every position below max_model_len, computed in fp32 as transformers does,
+    kept out of the module's buffers so that `model.to(bfloat16)` cannot round the angles. Per
+    (device, dtype) a cast copy is cached, so a step costs one gather for each of cos and sin."""
+
+    def __init__(self, config: ModelConfig):
+        # Built on the CPU explicitly: the model itself may be constructed under a meta device.
+        positions = torch.arange(config.max_model_len, dtype=torch.int64, device="cpu").float()
+        freqs = positions[:, None] * config.inv_freq().to("cpu")[None, :]  # [L, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [L, D]
+        self.cos, self.sin = emb.cos(), emb.sin()
+        self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, positions, dtype):
+        """positions [N] -> (cos, sin) [N, D] in `dtype`."""
+        key = (positions.device, dtype)
+        if key not in self._cast:
+            self._cast[key] = (self.cos.to(positions.device, dtype), self.sin.to(positions.device, dtype))
+        cos, sin = self._cast[key]
+        return cos[positions], sin[positions]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, dtype):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias, dtype=dtype)
+        if c.qk_norm:  # Qwen3: RMSNorm over each head's q and k before RoPE
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache=None):
+        """x [N, hidden] -> [N, hidden]. kv_cache: (k_cache, v_cache) of this layer or None."""
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, k, cos, sin)
+        if kv_cache is None:
+            out = varlen_attention(q, k, v, meta)
+        else:
+            store_kv(k, v, *kv_cache, meta.slot_mapping)
+            if meta.is_decode:
+                out = decode_attention(q, *kv_cache, meta)
+            else:
+                out = prefill_attention(q, k, v, *kv_cache, meta)
+        return self.o_proj(out.reshape(n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig, dtype):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, dtype):
+        super().__init__()
+        self.self_attn = Attention(c, dtype)
+        self.mlp = MLP(c, dtype)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+
+    def forward(self, x, residual, cos, sin, meta, kv_cache=None):
+        """(x, residual) -> (x, residual): the residual stream is summed inside the next norm, so
+        the fused kernel does add + norm in one pass. residual is None before the first layer."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, meta, kv_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderBody(nn.Module):
+    """The `model.` prefix of Hugging Face checkpoints."""
+
+    def __init__(self, c: ModelConfig, dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(c, dtype) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head. Build with `engine.checkpoint.load_model`, which fills the weights."""
+
+    def __init__(self, config: ModelConfig, dtype=torch.float32):
+        super().__init__()
+        self.config = config
+        self.model = DecoderBody(config, dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        self.tie_weights()
+        self.rotary = RotaryTable(config)
+        # Trainers set this to recompute each layer in backward (activation memory of one layer).
+        self.gradient_checkpointing = False
+
+    def tie_weights(self):
+        """Share the embedding with the LM head when the config says so (re-run after `to_empty`)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches=None):
+        """input_ids, positions [N] -> final hidden states [N, hidden].
+
+        kv_caches: per layer (k_cache, v_cache) for prefill/decode, or None for a packed training batch.
+        """
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        recompute = self.gradient_checkpointing and kv_caches is None and torch.is_grad_enabled()
+        residual = None
+        for i, layer in enumerate(self.model.layers):
+            if recompute:
+                x, residual = checkpoint(layer, x, residual, cos, sin, meta, use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, cos, sin, meta, None if kv_caches is None else kv_caches[i])
+        return self.model.norm(x, residual)[0]
+
+    def forward_packed(self, input_ids, seqlens: list[int]):
+        """Training forward over packed sequences: input_ids [N] (sum(seqlens) == N) -> hidden [N, hidden].
+
+        Positions restart at 0 for each sequence and no token attends across sequences.
+        """
+        if sum(seqlens) != input_ids.shape[0] or min(seqlens) < 1:
+            raise ValueError(f"seqlens must be positive and sum to {input_ids.shape[0]}, got {seqlens}")
+        if max(seqlens) > self.config.max_model_len:
+            raise ValueError(f"a sequence of {max(seqlens)} tokens exceeds max_model_len "
+                             f"{self.config.max_model_len}")
+        positions = torch.cat([torch.arange(n, device=input_ids.device) for n in seqlens])
+        return self(input_ids, positions, AttentionMetadata.packed(seqlens, input_ids.device))
+
+    def compute_logits(self, hidden):
+        """hidden [N, hidden] -> fp32 logits [N, vocab]."""
+        return self.lm_head(hidden).float()

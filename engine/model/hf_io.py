@@ -1,0 +1,170 @@
+"""Hugging Face model directories in and out: config.json + safetensors (single file or sharded).
+
+Saving writes a complete directory (config, weights, tokenizer and generation files copied from the
+source) into a temporary sibling and renames it into place, so a reader never sees half a checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig
+
+from .config import ModelConfig
+from .causal_lm import CausalLM
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Tensors some checkpoints carry that the decoder recomputes (RoPE frequencies).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# Non-weight files copied along when saving, so the saved directory is complete for transformers.
+_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+               "added_tokens.json", "chat_template.jinja")
+
+
+def load_config(model_dir) -> ModelConfig:
+    """Read and validate `model_dir/config.json`."""
+    return ModelConfig.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+
+
+def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
+    """'auto' (the checkpoint's dtype, fp32 if it names none), a torch dtype, or its name."""
+    if dtype in (None, "auto"):
+        return config.torch_dtype or torch.float32
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in names:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(names)} or 'auto'")
+        return names[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+    return dtype
+
+
+def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> CausalLM:
+    """Build the decoder described by `model_dir` and fill it with the directory's weights.
+
+    `model_cls`: CausalLM or a subclass with extra parameters (the reward model's `score` head).
+    """
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    dtype = resolve_dtype(dtype, config)
+    with torch.device("meta"):  # no random init: every parameter is overwritten from the checkpoint
+        model = model_cls(config, dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    expected = {name: p for name, p in model.named_parameters()}  # tied lm_head appears once
+    seen = set()
+    for path, names in _weight_files(model_dir).items():
+        with safe_open(str(path), framework="pt") as f:
+            for name in names:
+                if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                    continue
+                if name not in expected:
+                    raise ValueError(f"unexpected tensor {name!r} in {path.name}: not a parameter of a "
+                                     f"{config.model_type} decoder with this config")
+                tensor = f.get_tensor(name)
+                param = expected[name]
+                if tensor.shape != param.shape:
+                    raise ValueError(f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(tensor)
+                seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ValueError(f"missing tensor {missing[0]!r} in {model_dir}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return model
+
+
+def _weight_files(model_dir: Path) -> dict[Path, list[str]]:
+    """file -> tensor names, from the sharded index or the single safetensors file."""
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        files: dict[Path, list[str]] = {}
+        for name, file in json.loads(index.read_text())["weight_map"].items():
+            files.setdefault(model_dir / file, []).append(name)
+        return files
+    single = model_dir / SINGLE_FILE
+    if not single.exists():
+        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}")
+    with safe_open(str(single), framework="pt") as f:
+        return {single: list(f.keys())}
+
+
+def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30):
+    """Write `model` as a transformers-loadable directory, atomically replacing `out_dir`.
+
+    Tokenizer and generation files are copied from `source_dir` when given. Weights above
+    `max_shard_bytes` are split into shards with an index, as `save_pretrained` does.
+    """
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _write_dir(model, tmp, source_dir, max_shard_bytes)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_dir(model: CausalLM, tmp: Path, source_dir, max_shard_bytes: int):
+    hf_config = copy.deepcopy(model.config.hf_config)
+    dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+    # transformers 5 calls the field `dtype`, 4.x `torch_dtype`.
+    setattr(hf_config, "dtype" if "dtype" in hf_config.to_dict() else "torch_dtype", dtype_name)
+    hf_config.save_pretrained(str(tmp))
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    shards = _shard(tensors, max_shard_bytes)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / SINGLE_FILE), metadata=metadata)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / file), metadata=metadata)
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (tmp / INDEX_FILE).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for name in _SIDE_FILES if source_dir else ():
+        src = Path(source_dir) / name
+        if src.exists():
+            shutil.copy2(src, tmp / name)
+
+
+def _shard(tensors: dict, max_bytes: int) -> list[dict]:
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _replace_dir(tmp: Path, out_dir: Path):
+    """Rename `tmp` to `out_dir`; an existing `out_dir` is moved aside first and removed after."""
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.rename(out_dir, old / out_dir.name)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old)

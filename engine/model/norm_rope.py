@@ -1,0 +1,111 @@
+"""Triton kernels for the decoder's inference-time elementwise work, each beside its PyTorch form.
+
+A decode step of a small model is bound by kernel launches, not bytes: the eager RMSNorm is ~8
+kernels and RoPE ~7 per tensor. Here a residual add + RMSNorm is one kernel and RoPE of q and k one
+more. They have no backward: the model uses them only when autograd is off (generation), and the
+training forward keeps the differentiable PyTorch ops.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...kernels.triton_compat import tl, triton
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr,  # [R, C] input rows
+    residual_ptr,  # [R, C] residual rows; overwritten with x + residual when HAS_RESIDUAL
+    weight_ptr,  # [C]
+    out_ptr,  # [R, C] normalized rows
+    n_cols,  # C
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,  # n_cols rounded up to a power of two
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # Rounded to the activation dtype before the norm reads it, as `x + residual` in torch.
+        x = (x.to(tl.float32) + tl.load(residual_ptr + row * n_cols + cols, mask=mask, other=0.0)
+             .to(tl.float32)).to(x.dtype)
+        tl.store(residual_ptr + row * n_cols + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)  # transformers rounds before the weight
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm_triton(x, weight, eps, residual=None):
+    """RMSNorm over the last dim of `x` [..., C]; with `residual`, first `residual += x` in place
+    and normalize the sum. Returns the normalized tensor (and `residual` is updated)."""
+    _check_norm(x, weight, residual)
+    n_cols = x.shape[-1]
+    out = torch.empty_like(x)
+    _add_rms_norm_kernel[(x.numel() // n_cols,)](
+        x, x if residual is None else residual, weight, out, n_cols, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols))
+    return out
+
+
+def rms_norm_torch(x, weight, eps):
+    """RMSNorm over the last dim, op for op as transformers computes it (fp32 statistics, rounded to
+    x's dtype before the weight). The reference of `add_rms_norm_triton` after the residual add."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def _check_norm(x, weight, residual):
+    if not x.is_contiguous() or (residual is not None and (not residual.is_contiguous() or residual.shape != x.shape)):
+        raise ValueError("x (and residual, of x's shape) must be contiguous")
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
+
+
+@triton.jit
+def _rope_kernel(
+    x_ptr,  # [N, heads, D] q or k rows, rotated in place
+    cos_ptr,  # [N, D] cos of each token's position (both halves equal)
+    sin_ptr,  # [N, D]
+    row_stride,  # elements between tokens of x
+    head_stride,  # elements between heads of x
+    HALF: tl.constexpr,  # D / 2
+    HALF_PAD: tl.constexpr,  # HALF rounded up to a power of two
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    d = tl.arange(0, HALF_PAD)
+    mask = d < HALF
+    base = x_ptr + token * row_stride + head * head_stride
+    x1 = tl.load(base + d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF + d, mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + token * 2 * HALF + d, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * 2 * HALF + d, mask=mask, other=0.0).to(tl.float32)
+    # rotate_half(x) = (-x2, x1): out = x * cos + rotate_half(x) * sin
+    tl.store(base + d, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(base + HALF + d, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_triton_(x, cos, sin):
+    """Rotate `x` [N, heads, D] in place by the angles in cos/sin [N, D]; returns x."""
+    n, heads, dim = x.shape
+    if x.stride(2) != 1 or cos.shape != (n, dim) or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError(f"x {tuple(x.shape)} (last dim contiguous) and contiguous cos/sin "
+                         f"[{n}, {dim}] expected, got cos {tuple(cos.shape)}")
+    _rope_kernel[(n, heads)](x, cos, sin, x.stride(0), x.stride(1), HALF=dim // 2,
+                             HALF_PAD=triton.next_power_of_2(dim // 2))
+    return x
+
+
+def rope_torch(x, cos, sin):
+    """Reference for `rope_triton_` (out of place): x [N, heads, D]; cos/sin [N, D] in x's dtype.
+    Rotate-half convention, transformers' op order."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

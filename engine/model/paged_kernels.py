@@ -1,0 +1,230 @@
+"""Triton kernels for the paged KV cache, each next to its plain-PyTorch reference.
+
+Cache layout (one layer, one of K or V): `[num_blocks, block_size, num_kv_heads, head_dim]`, contiguous,
+the layout flash-attn's `flash_attn_with_kvcache` takes, so one pool serves every backend. A slot is
+`block_id * block_size + offset`; slot -1 marks a padding row (CUDA-graph batches) and is skipped.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...kernels.triton_compat import tl, triton
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr,  # [N, Hkv, D] new keys, rows `k_row_stride` apart, heads and dims contiguous
+    v_ptr,  # [N, Hkv, D] new values
+    k_cache_ptr,  # [num_blocks, block_size, Hkv, D] contiguous
+    v_cache_ptr,  # same shape as k_cache
+    slot_ptr,  # [N] int64 slot of each row, -1 to skip
+    k_row_stride,  # elements between rows of k
+    v_row_stride,  # elements between rows of v
+    ROW: tl.constexpr,  # Hkv * D, elements of one row
+    BLOCK: tl.constexpr,  # ROW rounded up to a power of two
+):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token).to(tl.int64)  # int64: slot * ROW overflows int32 on large pools
+    offs = tl.arange(0, BLOCK)
+    mask = offs < tl.where(slot >= 0, ROW, 0)  # a padding row writes nothing
+    k = tl.load(k_ptr + token * k_row_stride + offs, mask=mask)
+    v = tl.load(v_ptr + token * v_row_stride + offs, mask=mask)
+    tl.store(k_cache_ptr + slot * ROW + offs, k, mask=mask)
+    tl.store(v_cache_ptr + slot * ROW + offs, v, mask=mask)
+
+
+def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
+    """Write rows of `k`, `v` [N, Hkv, D] into the caches at `slot_mapping` [N] (int64, -1 = skip)."""
+    _check_store(k, v, k_cache, v_cache, slot_mapping)
+    n, num_kv_heads, head_dim = k.shape
+    row = num_kv_heads * head_dim
+    _store_kv_kernel[(n,)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+        ROW=row, BLOCK=triton.next_power_of_2(row))
+
+
+def store_kv_torch(k, v, k_cache, v_cache, slot_mapping):
+    """Reference for `store_kv_triton`: the same writes through advanced indexing."""
+    _check_store(k, v, k_cache, v_cache, slot_mapping)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k.shape[1:])[slots] = k[keep]
+    v_cache.view(-1, *v.shape[1:])[slots] = v[keep]
+
+
+def _check_store(k, v, k_cache, v_cache, slot_mapping):
+    if k.shape != v.shape or k.shape[1:] != k_cache.shape[2:] or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} do not fit caches {tuple(k_cache.shape)}")
+    if k.stride()[1:] != (k.shape[2], 1) or v.stride()[1:] != (v.shape[2], 1):
+        raise ValueError("k and v must have contiguous heads and head dims")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != torch.int64:
+        raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}], got {slot_mapping.dtype} "
+                         f"{tuple(slot_mapping.shape)}")
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,  # [B, H, D] one query token per sequence
+    k_cache_ptr,  # [num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM] contiguous
+    v_cache_ptr,  # same shape as k_cache
+    block_tables_ptr,  # [B, max_blocks] int32 block ids of each sequence
+    context_lens_ptr,  # [B] int32 tokens in the cache for each sequence (0 = padding row)
+    part_out_ptr,  # [B, H, NUM_SPLITS, DIM_PAD] fp32 out: each split's normalized attention output
+    part_lse_ptr,  # [B, H, NUM_SPLITS] fp32 out: each split's log-sum-exp (-inf if it saw nothing)
+    scale,  # softmax scale, head_dim ** -0.5
+    q_stride_b, q_stride_h, bt_stride_b,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,  # query heads per KV head (GQA)
+    GROUP_PAD: tl.constexpr,  # GROUP rounded up to a power of two
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    PAGE: tl.constexpr,  # block size of the cache
+    PAGE_PAD: tl.constexpr,  # PAGE rounded up to a power of two (tl.arange needs one)
+    NUM_SPLITS: tl.constexpr,  # programs sharing one sequence's pages (flash-decoding)
+):
+    # One program per (sequence, KV head, split): the GROUP query heads sharing a KV head read its
+    # pages once; the pages are cut into NUM_SPLITS runs so that a small batch still fills the GPU.
+    # Online softmax over pages, fp32 accumulators.
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(context_lens_ptr + b)
+    num_pages = tl.cdiv(ctx, PAGE)
+    pages_per_split = tl.cdiv(num_pages, NUM_SPLITS)
+    first_page = split * pages_per_split
+    last_page = tl.minimum(first_page + pages_per_split, num_pages)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, DIM_PAD)
+    p = tl.arange(0, PAGE_PAD)
+    heads = kv_head * GROUP + g
+    q_mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=q_mask, other=0.0)
+    q = q.to(tl.float32) * scale  # [G, D]
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
+    for page in range(first_page, last_page):
+        block = tl.load(block_tables_ptr + b * bt_stride_b + page).to(tl.int64)
+        pos = page * PAGE + p
+        valid = (p < PAGE) & (pos < ctx)
+        kv_mask = valid[:, None] & (d[None, :] < HEAD_DIM)
+        kv_off = ((block * PAGE + p[:, None]) * NUM_KV_HEADS + kv_head) * HEAD_DIM + d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [P, D]
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, P]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        probs = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(probs, axis=1)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [P, D]
+        acc = acc * alpha[:, None] + tl.sum(probs[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+    # A split that saw no page (short context, padding row) reports lse -inf and weighs nothing.
+    seen = l > 0
+    out = acc / tl.where(seen, l, 1.0)[:, None]
+    lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), float("-inf"))
+    part = (b * GROUP * NUM_KV_HEADS + heads) * NUM_SPLITS + split  # [G] index into [B, H, NUM_SPLITS]
+    tl.store(part_out_ptr + part[:, None] * DIM_PAD + d[None, :], out, mask=g[:, None] < GROUP)
+    tl.store(part_lse_ptr + part, lse, mask=g < GROUP)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_out_ptr,  # [B, H, NUM_SPLITS, DIM_PAD] fp32
+    part_lse_ptr,  # [B, H, NUM_SPLITS] fp32
+    out_ptr,  # [B, H, D]
+    o_stride_b, o_stride_h,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+):
+    # One program per (sequence, head): weight each split's output by its share of the softmax mass.
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, DIM_PAD)
+    row = (b * NUM_HEADS + h) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # padding row: every weight is 0, output 0
+    w = tl.exp(lse - m)  # [S]
+    parts = tl.load(part_out_ptr + (row + sp[:, None]) * DIM_PAD + d[None, :],
+                    mask=sp[:, None] < NUM_SPLITS, other=0.0)  # [S, D]
+    total = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * parts, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * o_stride_b + h * o_stride_h + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
+
+
+def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None):
+    """Attention of one query token per sequence over its paged context.
+
+    q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
+    context_lens [B] int32. Returns [B, H, D] in q's dtype. num_splits: programs per (sequence,
+    KV head); by default enough to give every SM two programs (1 off CUDA).
+    """
+    batch, num_heads, head_dim = q.shape
+    _, page, num_kv_heads, _ = k_cache.shape
+    _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    if num_splits is None:
+        num_splits = _default_splits(batch * num_kv_heads, q.device)
+    group = num_heads // num_kv_heads
+    dim_pad = triton.next_power_of_2(head_dim)
+    part_out = torch.empty(batch, num_heads, num_splits, dim_pad, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, scale,
+        q.stride(0), q.stride(1), block_tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
+        HEAD_DIM=head_dim, DIM_PAD=dim_pad, PAGE=page, PAGE_PAD=triton.next_power_of_2(page),
+        NUM_SPLITS=num_splits)
+    out = torch.empty_like(q)
+    _combine_splits_kernel[(batch, num_heads)](
+        part_out, part_lse, out, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
+        NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+        DIM_PAD=dim_pad)
+    return out
+
+
+MAX_SPLITS = 16
+
+
+def _default_splits(programs: int, device) -> int:
+    """Splits per (sequence, KV head) so the grid covers every SM twice; at most MAX_SPLITS, since
+    each split of a short context has little to do. Depends only on shapes: CUDA-graph safe."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(MAX_SPLITS, -(-2 * sms // programs)))
+
+
+def paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """Reference for `paged_decode_triton` (and the CPU path): gather pages, mask, SDPA."""
+    _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    k = k_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)
+    mask = torch.arange(k.shape[2], device=q.device) < context_lens[:, None]  # [B, L]
+    # Slots past a sequence's length (and padding entries, -1, which gather the last block) hold
+    # whatever the pool held: possibly NaN, and a masked-out NaN still poisons softmax(...) @ v.
+    unwritten = ~mask[:, None, :, None]
+    k, v = k.masked_fill(unwritten, 0), v.masked_fill(unwritten, 0)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+    return out.squeeze(2)  # [B, H, D]
+
+
+def _check_decode(q, k_cache, v_cache, block_tables, context_lens):
+    if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
+    if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("q's head dim and the caches must be contiguous")
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise ValueError("block_tables and context_lens must be int32")
+    if block_tables.shape[0] != q.shape[0] or context_lens.shape != (q.shape[0],):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} / context_lens "
+                         f"{tuple(context_lens.shape)} do not match batch {q.shape[0]}")

@@ -1,0 +1,75 @@
+"""The reward model: the decoder plus a scalar head reading each sequence's last token.
+
+Saved format (one directory, loadable three ways):
+- config.json: the base model's config plus `num_labels: 1` and `reward_offset: float`.
+- model.safetensors: the decoder, `lm_head.weight` (used by the beta_rm LM term) and
+  `score.weight` [1, hidden] (no bias): the tensor name and shape of transformers'
+  `*ForSequenceClassification` head, which also reads the last non-pad token.
+- `AutoModelForSequenceClassification.from_pretrained(dir)` gives raw scores (logits[:, 0]);
+  subtract `config.reward_offset` for normalized ones. `AutoModelForCausalLM` loads the LM and
+  ignores `score.weight`. Our engine: `load_reward_model(dir)` returns normalized rewards.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from .hf_io import load_model, save_model
+from .config import ModelConfig
+from .causal_lm import CausalLM
+
+
+class RewardModel(CausalLM):
+    """CausalLM + `score` head. `reward_offset` is subtracted from raw scores (0 until normalized)."""
+
+    def __init__(self, config: ModelConfig, dtype=torch.float32):
+        # Own copy of the HF config: saving writes num_labels and the offset into it.
+        config = dataclasses.replace(config, hf_config=copy.deepcopy(config.hf_config))
+        super().__init__(config, dtype)
+        self.score = nn.Linear(config.hidden_size, 1, bias=False, dtype=dtype)
+        self.reward_offset = float(getattr(config.hf_config, "reward_offset", 0.0) or 0.0)
+
+    def raw_rewards(self, hidden: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        """hidden [N, H] of packed sequences -> fp32 scores at each sequence's last token [S]."""
+        last = torch.tensor(seqlens, device=hidden.device).cumsum(0) - 1    # [S]
+        return self.score(hidden.index_select(0, last)).squeeze(-1).float()
+
+    @torch.no_grad()
+    def rewards(self, input_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        """Normalized rewards [S] of packed sequences input_ids [N]."""
+        return self.raw_rewards(self.forward_packed(input_ids, seqlens), seqlens) - self.reward_offset
+
+
+def reward_model_from_lm(lm: CausalLM, seed: int = 0) -> RewardModel:
+    """A RewardModel sharing `lm`'s config with a copy of its weights and a fresh score head.
+
+    The head starts at zero so every initial reward is 0 and the first updates come from the
+    ranking loss alone, not from a random projection of the SFT features.
+    """
+    param = next(lm.parameters())
+    with torch.device("meta"):
+        rm = RewardModel(lm.config, param.dtype)
+    rm.to_empty(device=param.device)
+    rm.tie_weights()
+    missing, unexpected = rm.load_state_dict(lm.state_dict(), strict=False)
+    if set(missing) != {"score.weight"} or unexpected:
+        raise ValueError(f"cannot build a reward model from this LM: missing {missing}, unexpected {unexpected}")
+    nn.init.zeros_(rm.score.weight)
+    rm.gradient_checkpointing = lm.gradient_checkpointing
+    return rm
+
+
+def save_reward_model(rm: RewardModel, out_dir, source_dir=None):
+    """Write the reward model as described in the module docstring (atomically, via save_model)."""
+    hf = rm.config.hf_config
+    hf.num_labels = 1
+    hf.reward_offset = rm.reward_offset
+    save_model(rm, out_dir, source_dir=source_dir)
+
+
+def load_reward_model(model_dir, dtype="auto", device="cpu") -> RewardModel:
+    """Load a directory written by `save_reward_model` (offset included)."""
+    return load_model(model_dir, dtype=dtype, device=device, model_cls=RewardModel)

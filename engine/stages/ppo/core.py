@@ -1,0 +1,125 @@
+"""The pure pieces of a PPO iteration that sit between the kernels and the trainer.
+
+Everything per token is [R, T] with one mask (True on the response tokens that are scored and
+trained); nothing here syncs with the host but the KL controller and the running reward
+moments, which keep Python floats.
+Formulas: per-token reward as in Ziegler et al. 2019 / InstructGPT (``-beta * KL_t``, plus the
+reward model's score on the last response token); the adaptive KL coefficient as in Ziegler et al.
+(proportional control toward a target KL); REINFORCE with a baseline as GAE with lambda = 1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ....kernels import gae, masked_whiten
+
+
+def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """mask [R, T] -> index of each row's last True [R] (0 for an empty row; see has_valid)."""
+    steps = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(mask.bool(), steps, -1).amax(dim=-1).clamp_min(0)
+
+
+def shape_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * kl on every valid token, plus the sequence's score on its last.
+
+    kl [R, T] (0 off the mask, e.g. from kernels.kl_penalty), scores [R], mask [R, T] -> [R, T] fp32.
+    A row with no valid token gets no reward at all.
+    """
+    if kl.shape != mask.shape or scores.shape != kl.shape[:1]:
+        raise ValueError(f"shape_rewards: expected kl and mask [R, T] and scores [R], got kl "
+                         f"{tuple(kl.shape)}, mask {tuple(mask.shape)}, scores {tuple(scores.shape)}")
+    valid = mask.bool()
+    rewards = torch.where(valid, -kl_coef * kl.float(), 0.0)
+    last = last_valid_index(valid)
+    bonus = torch.where(valid.any(dim=-1), scores.float(), 0.0)
+    return rewards.scatter_add(-1, last[:, None], bonus[:, None])
+
+
+def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,
+                           estimator: str = "gae", gamma: float = 1.0, lam: float = 0.95,
+                           whiten: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) [R, T] from per-token rewards and the critic's values.
+
+    estimator "gae": GAE(gamma, lam). "reinforce": REINFORCE with the critic as baseline,
+    A_t = G_t - V_t with G_t the discounted reward-to-go, which is GAE with lam = 1.
+    Advantages are whitened over the valid tokens when ``whiten``; returns are not.
+    """
+    if estimator not in ("gae", "reinforce"):
+        raise ValueError(f"advantages_and_returns: unknown estimator {estimator!r}; expected 'gae' or 'reinforce'")
+    advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=1.0 if estimator == "reinforce" else lam)
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[returns - values] / Var[returns] over valid tokens (0-dim; NaN if returns are constant)."""
+    valid = mask.bool()
+    diff, ret = (returns - values).float()[valid], returns.float()[valid]
+    return 1.0 - diff.var(unbiased=False) / ret.var(unbiased=False)
+
+
+@dataclass
+class KLController:
+    """The KL penalty coefficient beta. Fixed when ``target`` is None; otherwise adaptive (Ziegler et
+    al. 2019): beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_samples / horizon, so beta rises
+    while the measured KL is above target and falls while it is below."""
+    value: float
+    target: float | None = None
+    horizon: int = 10000
+
+    def __post_init__(self):
+        if not (isinstance(self.value, (int, float)) and self.value >= 0 and math.isfinite(self.value)):
+            raise ValueError(f"KLController: value must be a finite number >= 0, got {self.value!r}")
+        if self.target is not None and not self.target > 0:
+            raise ValueError(f"KLController: target must be > 0 or None, got {self.target!r}")
+        if self.horizon <= 0:
+            raise ValueError(f"KLController: horizon must be > 0, got {self.horizon!r}")
+
+    def update(self, measured_kl: float, n_samples: int) -> float:
+        """Feed the KL measured over ``n_samples`` sequences; returns the new coefficient."""
+        if self.target is not None and math.isfinite(measured_kl):
+            error = min(max(measured_kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n_samples / self.horizon
+        return self.value
+
+
+class RunningMoments:
+    """Running mean and std of scalar scores (Chan et al.'s parallel update), for reward
+    normalization: ``normalize(scores)`` updates the moments with the batch, then returns
+    (scores - mean) / std, clipped to +-clip if given."""
+
+    def __init__(self, clip: float | None = None, eps: float = 1e-8):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+        self.clip, self.eps = clip, eps
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count else 1.0
+
+    def update(self, scores: torch.Tensor) -> None:
+        n = scores.numel()
+        if n == 0:
+            return
+        batch = scores.detach().double()
+        batch_mean, batch_m2 = batch.mean().item(), ((batch - batch.mean()) ** 2).sum().item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    def normalize(self, scores: torch.Tensor) -> torch.Tensor:
+        self.update(scores)
+        out = (scores.float() - self.mean) / (self.std + self.eps)
+        return out.clamp(-self.clip, self.clip) if self.clip is not None else out
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]

@@ -1,0 +1,246 @@
+"""One PPO iteration as two functions: `make_rollout` (generate, score, reference and old
+log-probs, values, shaped rewards, advantages) and `ppo_update` (K epochs of minibatch updates of
+the policy and the critic). They compose the kernels and engine/ppo_core.py; no math lives here."""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ...train import optim
+from ...inference.hybrid_actor import HybridActor
+from ...model.value_model import ValueModel
+from ...model.causal_lm import CausalLM
+from ...config.ppo import PPOConfig
+from .core import RunningMoments, advantages_and_returns, explained_variance, shape_rewards
+from .rollout import PackedRollout, Rollout, pack_rollout, response_logprobs
+from ...train.runlog import peak_memory_mb
+from ...inference.sampling_params import SamplingParams
+from ....kernels import kl_penalty, ppo_policy_loss, ppo_value_loss
+from ....kernels.reference import masked_mean
+
+Scorer = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
+
+
+@dataclass
+class PPOModels:
+    """The policy (shared with the actor), the frozen reference, the critic and the scorer."""
+    policy: CausalLM
+    reference: CausalLM
+    actor: HybridActor
+    critic: Optional[ValueModel]        # critic="separate"
+    value_head: Optional[nn.Linear]     # critic="shared"
+    score: Scorer                       # (prompts, responses) token ids -> scores [R]
+    # Context of the training-side forwards (bf16 autocast on CUDA); generation runs outside it.
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def forward(self, packed: PackedRollout, temperature: float, with_entropy: bool):
+        """(logp, entropy or None, values) [R, T] of the policy and critic on a packed rollout."""
+        with self.autocast():
+            logp, entropy, values = response_logprobs(self.policy, packed, temperature, with_entropy=with_entropy,
+                                                      value_head=self.value_head)
+            if self.critic is not None:
+                values = self.critic.response_values(packed)
+        return logp, entropy, values
+
+
+def reward_model_scorer(rm) -> Scorer:
+    """Scores from a reward model (its normalization offset applied) at each sequence's last token."""
+    def score(prompts, responses):
+        packed = pack_rollout(prompts, responses, next(rm.parameters()).device)
+        return rm.rewards(packed.input_ids, packed.seqlens)
+    return score
+
+
+def function_scorer(fn: Callable, tokenizer) -> Scorer:
+    """Scores from a Python function of the decoded texts: fn(prompts, responses) -> list of floats."""
+    def score(prompts, responses):
+        values = fn([tokenizer.decode(p, skip_special_tokens=True) for p in prompts],
+                    [tokenizer.decode(r, skip_special_tokens=True) for r in responses])
+        if len(values) != len(responses):
+            raise ValueError(f"reward function returned {len(values)} scores for {len(responses)} responses")
+        return torch.tensor([float(v) for v in values], dtype=torch.float32)
+    return score
+
+
+class PhaseTimer:
+    """Wall time and peak GPU memory of each named phase of an iteration."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.peak_mb = device, {}, {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        peak = peak_memory_mb(self.device)
+        if peak is not None:
+            self.peak_mb[name] = max(self.peak_mb.get(name, 0.0), peak)
+
+    def metrics(self) -> dict:
+        return {**{f"time_{k}": v for k, v in self.seconds.items()},
+                **{f"peak_mem_mb_{k}": v for k, v in self.peak_mb.items()}}
+
+
+def make_rollout(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, kl_coef: float,
+                 moments: RunningMoments, seed: int, timer: PhaseTimer) -> tuple[Rollout, dict]:
+    """Generate from the current policy, score, and turn it all into a Rollout; returns its metrics."""
+    r = cfg.rollout
+    params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                            max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
+    with timer.phase("generate"):
+        prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
+    device = next(models.policy.parameters()).device
+    packed = pack_rollout(prompt_ids, responses, device)
+    mask = packed.mask()                                                       # [R, T]
+    with timer.phase("score"), torch.no_grad():
+        scores = models.score(prompt_ids, responses).float().to(device)        # [R]
+    with timer.phase("reference"), torch.no_grad(), models.autocast():
+        ref_logp, _, _ = response_logprobs(models.reference, packed, r.temperature)
+    with timer.phase("old"), torch.no_grad():
+        old_logp, entropy, old_values = models.forward(packed, r.temperature, with_entropy=True)
+    kl = kl_penalty(old_logp, ref_logp, estimator=cfg.reward.kl_estimator, mask=mask)
+    shaped = moments.normalize(scores) if cfg.reward.normalize else scores
+    if cfg.reward.clip is not None:
+        shaped = shaped.clamp(-cfg.reward.clip, cfg.reward.clip)
+    rewards = shape_rewards(kl, shaped, mask, kl_coef)
+    advantages, returns = advantages_and_returns(
+        rewards, old_values, mask, estimator=cfg.ppo.estimator, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
+        whiten=cfg.ppo.whiten_advantages)
+    sampler = packed.to_grid(torch.tensor([x for row in sampler_logprobs for x in row], device=device))
+    rollout = Rollout(prompt_ids, responses, mask, sampler, old_logp, ref_logp, old_values, scores, rewards,
+                      advantages, returns)
+    mismatch = (sampler - old_logp).abs()[mask]
+    metrics = {
+        "score_mean": scores.mean().item(), "score_std": scores.std(unbiased=False).item(),
+        "reward_mean": rewards.sum(-1).mean().item(), "reward_std": rewards.sum(-1).std(unbiased=False).item(),
+        "kl": kl.sum(-1).mean().item(), "kl_coef": kl_coef,
+        "entropy": masked_mean(entropy, mask).item(),
+        "response_length": mask.sum(-1).float().mean().item(),
+        "explained_variance": explained_variance(old_values, returns, mask).item(),
+        "perplexity": torch.exp(-masked_mean(old_logp, mask)).item(),
+        "logprob_mismatch": mismatch.mean().item(), "logprob_mismatch_max": mismatch.max().item(),
+        "tokens_per_s_generate": int(mask.sum()) / max(timer.seconds["generate"], 1e-9),
+    }
+    return rollout, metrics
+
+
+@dataclass
+class Optimizers:
+    """The policy's optimizer (and the shared value head's params) and the separate critic's."""
+    policy: torch.optim.Optimizer
+    critic: Optional[torch.optim.Optimizer]
+    modules: list[nn.Module]            # what each clip acts on, in the same order
+    max_grad_norm: float
+
+    def zero_grad(self):
+        for o in self.all():
+            o.zero_grad(set_to_none=True)
+
+    def all(self) -> list[torch.optim.Optimizer]:
+        return [self.policy] + ([self.critic] if self.critic is not None else [])
+
+    def clip_and_step(self) -> float | None:
+        """Clip each model's gradients; step unless a norm is not finite (then returns None)."""
+        norms = [optim.clip_grad_norm(m, self.max_grad_norm) for m in self.modules]
+        if not all(torch.isfinite(torch.tensor(norms))):
+            return None
+        for o in self.all():
+            o.step()
+        return norms[0]
+
+
+def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
+                       ptx_loss: Optional[Callable]) -> Optional[dict]:
+    """Forward and backward of one minibatch, cfg.ppo.microbatch_size rows at a time.
+
+    Each micro-batch's loss is weighted by its share of the minibatch's aggregation units (valid
+    tokens for token-mean, non-empty sequences for the seq-mean modes; valid tokens for the
+    entropy bonus), so the accumulated gradient equals the whole minibatch's. The PPO-ptx loss is
+    added once. Returns the minibatch's stats (0-dim tensors), or None if the loss was not finite
+    (one host sync per minibatch, after all its backwards): the gradients must then not be stepped.
+    """
+    p = cfg.ppo
+    rows = batch.mask.shape[0]
+    size = min(p.microbatch_size or rows, rows)
+    tokens = batch.mask.sum(-1)                                             # [B]
+    units = tokens if p.agg == "token-mean" else (tokens > 0).long()
+    totals: dict = {}
+    total_loss = torch.zeros((), device=batch.mask.device)
+    for start in range(0, rows, size):
+        micro = batch if size == rows else batch.rows(list(range(start, min(start + size, rows))))
+        agg_weight = units[start:start + size].sum() / units.sum().clamp_min(1)
+        token_weight = tokens[start:start + size].sum() / tokens.sum().clamp_min(1)
+        loss, stats = minibatch_loss(models, micro, cfg, agg_weight, token_weight)
+        loss.backward()
+        total_loss = total_loss + loss.detach()
+        for name, value in stats.items():
+            totals[name] = totals.get(name, 0.0) + agg_weight * value
+    if ptx_loss is not None:
+        ptx = ptx_loss()
+        (p.ptx_coef * ptx).backward()
+        total_loss = total_loss + ptx.detach()
+        totals["ptx_loss"] = ptx.detach()
+    return totals if torch.isfinite(total_loss) else None
+
+
+def minibatch_loss(models: PPOModels, batch: Rollout, cfg: PPOConfig, agg_weight=1.0, token_weight=1.0):
+    """The PPO objective on (a micro-batch of) a minibatch: (loss, stats of 0-dim tensors).
+
+    agg_weight scales the policy and value losses, token_weight the token-mean entropy bonus.
+    """
+    p = cfg.ppo
+    logp, entropy, values = models.forward(batch.packed(), cfg.rollout.temperature, with_entropy=p.ent_coef > 0)
+    policy_loss, stats = ppo_policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask,
+                                         clip_eps=p.clip_eps, clip_eps_high=p.clip_eps_high,
+                                         dual_clip=p.dual_clip, agg=p.agg)
+    value_loss, value_stats = ppo_value_loss(values, batch.old_values, batch.returns, batch.mask,
+                                             clip_eps=p.vf_clip, agg=p.agg)
+    loss = agg_weight * (policy_loss + p.vf_coef * value_loss)
+    if p.ent_coef > 0:
+        loss = loss - p.ent_coef * token_weight * masked_mean(entropy, batch.mask)
+    stats = {**stats, **value_stats, "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach()}
+    return loss, stats
+
+
+def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, cfg: PPOConfig, seed: int,
+               ptx_loss: Optional[Callable] = None) -> dict:
+    """cfg.ppo.epochs passes of shuffled minibatch updates; a non-finite loss or gradient skips
+    that update (and is counted), an approx KL past cfg.ppo.max_approx_kl ends the epochs early."""
+    rows = rollout.mask.shape[0]
+    order_rng = torch.Generator().manual_seed(seed)
+    totals, updates, skipped, epochs_done = Counter(), 0, 0, 0
+    for _ in range(cfg.ppo.epochs):
+        order = torch.randperm(rows, generator=order_rng).tolist()
+        stop = False
+        for start in range(0, rows, cfg.ppo.minibatch_size):
+            optimizers.zero_grad()
+            stats = minibatch_backward(models, rollout.rows(order[start:start + cfg.ppo.minibatch_size]),
+                                       cfg, ptx_loss)
+            grad_norm = None if stats is None else optimizers.clip_and_step()
+            if grad_norm is None:
+                skipped += 1
+                continue
+            updates += 1
+            totals.update({k: float(v) for k, v in stats.items()})
+            totals["grad_norm"] += grad_norm
+            if cfg.ppo.max_approx_kl > 0 and float(stats["approx_kl"]) > cfg.ppo.max_approx_kl:
+                stop = True
+                break
+        epochs_done += 1
+        if stop:
+            break
+    optimizers.zero_grad()
+    return {**{k: v / max(updates, 1) for k, v in totals.items()},
+            "updates": updates, "skipped_updates": skipped, "epochs_done": epochs_done}
