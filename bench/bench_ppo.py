@@ -8,7 +8,7 @@ reward model (InstructGPT's default, and TRL's only critic). fp32 master weights
 on the GPU, AdamW on policy and critic, a k1 KL penalty, one PPO epoch over `minibatches`
 minibatches of micro-batches of `micro` rows (the same rows per forward on both sides).
 
-- ours: `engine.ppo_step` (hybrid actor generating through the paged-KV engine from the policy's
+- ours: `fusedrl.engine.stages.ppo.update` (hybrid actor generating through the paged-KV engine from the policy's
   own weights, fused log-prob/KL/GAE/loss kernels, packed varlen forwards);
 - TRL: `trl.experimental.ppo.PPOTrainer` of trl==0.29.1 (TRL 1.x ships no PPO trainer). It samples
   one response per prompt, so it gets the batch's rows as prompts repeated `samples` times. Both
@@ -148,7 +148,7 @@ def run_ours(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device)
     from fusedrl.engine.model.hf_io import load_config
     from fusedrl.engine.inference.runner import kv_bytes_per_block
     from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
-    from fusedrl.engine.config.ppo import LoopConfig, LossConfig, PPOConfig, RewardConfig, RolloutConfig
+    from fusedrl.engine.config.ppo import LoopConfig, UpdateConfig, PPOConfig, RewardConfig, RolloutConfig
     from fusedrl.engine.stages.ppo.core import RunningMoments
     from fusedrl.engine.stages.ppo.update import PhaseTimer, make_rollout, ppo_update
 
@@ -161,7 +161,7 @@ def run_ours(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device)
                     rollout=RolloutConfig(prompts_per_iteration=shape.prompts, samples_per_prompt=shape.samples,
                                           max_prompt_length=shape.prompt_len, max_new_tokens=shape.new_tokens,
                                           ignore_eos=True, kv_cache_memory=kv_bytes, block_size=16),
-                    ppo=LossConfig(epochs=1, minibatch_size=shape.rows // shape.minibatches,
+                    ppo=UpdateConfig(epochs=1, minibatch_size=shape.rows // shape.minibatches,
                                    microbatch_size=shape.micro, vf_coef=0.1),
                     reward=RewardConfig(kl_coef=0.05),
                     train=LoopConfig(iterations=2, device=device.type, progress=False))

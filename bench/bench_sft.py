@@ -29,7 +29,7 @@ from fusedrl.engine.train.optim import build_optimizer, build_scheduler, clip_gr
 from fusedrl.engine.stages.sft import sft_stage
 from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
-from fusedrl.engine.train.loop import autocast_for, train_step
+from fusedrl.engine.train.supervised import autocast_for, train_step
 
 COLUMNS = [("shape", "batch"), ("ours_tok_s", "ours tok/s"), ("hf_tok_s", "hf tok/s"), ("speedup", "speedup"),
            ("ours_peak_gib", "ours peak GiB"), ("hf_peak_gib", "hf peak GiB"), ("memory_ratio", "hf/ours mem")]

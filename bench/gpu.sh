@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The one command a GPU session runs: the CUDA extension built in place (kernels._C, for this
+# The one command a GPU session runs: the CUDA extension built in place (fusedrl.kernels._C, for this
 # GPU's arch only, to keep the build short), the test suite on the GPU (no interpreter; the cuda
 # backend's tests run when the build succeeded), then the benchmarks, with logs and JSON (device,
 # versions, git commit inside) written to OUTDIR. The GPU machine has torch, triton, nvcc, ninja,
-# transformers and pytest but no network; the package runs from this checkout. The peers it lacks
+# transformers and pytest but no network; the package is installed editable from this checkout
+# (no dependencies fetched, no build isolation: the image has them). The peers it lacks
 # (trl for bench_ppo.py) come as wheels in .whl/, fetched beforehand by bench/peer_wheels.sh and
 # carried with the call; they are installed into a private folder, never over the image's packages.
 #
@@ -18,12 +19,16 @@ stages=${*:-build tests kernels generate sft ppo}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$repo"
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 status=0
+# The import names fusedrl.kernels / fusedrl.engine need the install (package_dir mapping); the
+# extension is built by the `build` stage, not here.
+FUSEDRL_SKIP_CUDA_BUILD=1 python -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 \
+  || { echo "pip install -e . failed:"; tail -n 20 "$out/install.log"; exit 1; }
 if compgen -G ".whl/*.whl" > /dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/fusedrl-peers .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/fusedrl-peers" || status=1
+    && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/fusedrl-peers" || status=1
 fi
 
 # run NAME TIMEOUT_S COMMAND...: one stage, its output in OUTDIR/NAME.log, failures remembered.
@@ -44,7 +49,7 @@ build_extension() {
   if FUSEDRL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" timeout 200 \
       python setup.py build_ext --inplace > "$out/build_ext.log" 2>&1; then
     echo "built for sm_${arch/./}"
-    python -c "from kernels import cuda_ext; cuda_ext.require(); print('kernels._C loads')" \
+    python -c "from fusedrl.kernels import cuda_ext; cuda_ext.require(); print('fusedrl.kernels._C loads')" \
       2>&1 | tee -a "$out/build_ext.log" || status=1
   else
     status=1
@@ -55,7 +60,7 @@ build_extension() {
 
 for stage in $stages; do
   case $stage in
-    build)    echo "== CUDA extension (kernels._C) =="; build_extension ;;
+    build)    echo "== CUDA extension (fusedrl.kernels._C) =="; build_extension ;;
     tests)    run tests 240 python -m pytest tests -q -p no:cacheprovider --junitxml="$out/tests.xml" ;;
     kernels)  run bench_kernels 300 python bench/bench_kernels.py --json "$out/bench_kernels.json" ;;
     generate) run bench_generate 300 python bench/bench_generate.py --out "$out/bench_generate.json" ;;

@@ -36,7 +36,7 @@ class RolloutConfig:
 
 
 @dataclass
-class LossConfig:
+class UpdateConfig:
     epochs: int = option("PPO epochs over each rollout", 4)
     minibatch_size: int = option("sequences per PPO minibatch update", 16)
     microbatch_size: int | None = option("sequences per forward/backward inside a minibatch; gradients are "
@@ -104,7 +104,7 @@ class PPOConfig:
     output_dir: str = option("run directory: config, metrics, checkpoints, final policy (required)", "")
     seed: int = option("seed of the prompt order, sampling and torch RNG", 0)
     rollout: RolloutConfig = option("generation", factory=RolloutConfig)
-    ppo: LossConfig = option("PPO update", factory=LossConfig)
+    ppo: UpdateConfig = option("PPO update", factory=UpdateConfig)
     reward: RewardConfig = option("reward shaping and KL control", factory=RewardConfig)
     optim: OptimConfig = option("policy optimizer (the schedule steps once per iteration)", factory=OptimConfig)
     critic_lr: float | None = option("critic learning rate (default: optim.lr)")

@@ -197,3 +197,19 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden):
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""
         return self.lm_head(hidden).float()
+
+
+def rebuild_as(model_cls: type, like: CausalLM, state: dict, strict: bool = True) -> CausalLM:
+    """A `model_cls` (CausalLM or a subclass with extra heads) with `like`'s config, dtype and
+    device, filled from `state`: built on the meta device, so no random init is paid for.
+
+    Returns the model; with strict=False, the missing and unexpected keys are in
+    `model.load_report` for the caller to judge (e.g. a new head that starts at zero)."""
+    param = next(like.parameters())
+    with torch.device("meta"):
+        model = model_cls(like.config, param.dtype)
+    model.to_empty(device=param.device)
+    model.tie_weights()
+    model.load_report = model.load_state_dict(state, strict=strict)
+    model.gradient_checkpointing = like.gradient_checkpointing
+    return model

@@ -19,7 +19,7 @@ from torch import nn
 
 from .hf_io import load_model, save_model
 from .config import ModelConfig
-from .causal_lm import CausalLM
+from .causal_lm import CausalLM, rebuild_as
 
 
 class RewardModel(CausalLM):
@@ -49,16 +49,11 @@ def reward_model_from_lm(lm: CausalLM, seed: int = 0) -> RewardModel:
     The head starts at zero so every initial reward is 0 and the first updates come from the
     ranking loss alone, not from a random projection of the SFT features.
     """
-    param = next(lm.parameters())
-    with torch.device("meta"):
-        rm = RewardModel(lm.config, param.dtype)
-    rm.to_empty(device=param.device)
-    rm.tie_weights()
-    missing, unexpected = rm.load_state_dict(lm.state_dict(), strict=False)
+    rm = rebuild_as(RewardModel, lm, lm.state_dict(), strict=False)
+    missing, unexpected = rm.load_report
     if set(missing) != {"score.weight"} or unexpected:
         raise ValueError(f"cannot build a reward model from this LM: missing {missing}, unexpected {unexpected}")
     nn.init.zeros_(rm.score.weight)
-    rm.gradient_checkpointing = lm.gradient_checkpointing
     return rm
 
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from .hf_io import load_model, save_model
 from .config import ModelConfig
-from .causal_lm import CausalLM
+from .causal_lm import CausalLM, rebuild_as
 from .reward_model import RewardModel
-from ..stages.ppo.rollout import PackedRollout
+from ..data.packing import PackedBatch
 
 class ValueModel(CausalLM):
     """Decoder + `value_head`; the LM head is kept (unused) so the directory stays a causal LM."""
@@ -23,34 +23,23 @@ class ValueModel(CausalLM):
         super().__init__(config, dtype)
         self.value_head = nn.Linear(config.hidden_size, 1, bias=False, dtype=dtype)
 
-    def response_values(self, packed: PackedRollout) -> torch.Tensor:
+    def response_values(self, packed: PackedBatch) -> torch.Tensor:
         """Values [R, T] (fp32) at the positions that predict each response token."""
         hidden = self.forward_packed(packed.input_ids, packed.seqlens)
         values = self.value_head(hidden.index_select(0, packed.target_rows)).squeeze(-1)
         return packed.to_grid(values.float())
 
 
-def _value_model(like: CausalLM, state: dict) -> ValueModel:
-    """A ValueModel with `like`'s config, dtype and device, filled from `state`."""
-    param = next(like.parameters())
-    with torch.device("meta"):
-        critic = ValueModel(like.config, param.dtype)
-    critic.to_empty(device=param.device)
-    critic.tie_weights()
-    critic.load_state_dict(state)
-    return critic
-
-
 def value_model_from_reward_model(rm: RewardModel) -> ValueModel:
     """A critic starting as a copy of the reward model, its score head as the value head."""
-    return _value_model(rm, {("value_head.weight" if k == "score.weight" else k): v
+    return rebuild_as(ValueModel, rm, {("value_head.weight" if k == "score.weight" else k): v
                              for k, v in rm.state_dict().items()})
 
 
 def value_model_from_lm(lm: CausalLM) -> ValueModel:
     """A critic starting as a copy of a causal LM with a zero value head (no reward model given)."""
     zeros = lm.lm_head.weight.new_zeros(1, lm.config.hidden_size)
-    return _value_model(lm, {**lm.state_dict(), "value_head.weight": zeros})
+    return rebuild_as(ValueModel, lm, {**lm.state_dict(), "value_head.weight": zeros})
 
 
 def shared_value_head(policy: CausalLM) -> nn.Linear:

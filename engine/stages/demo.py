@@ -158,7 +158,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     from ..model.hf_io import load_model
     from ..train.plot import plot_run
     from .ppo.trainer import run_ppo
-    from ..config.ppo import LoopConfig, LossConfig, PPOConfig, RewardConfig, RolloutConfig
+    from ..config.ppo import LoopConfig, UpdateConfig, PPOConfig, RewardConfig, RolloutConfig
     from .rm import run_rm
     from .sft import run_sft
     from ..config.train import DataConfig, OptimConfig, RMConfig, SFTConfig, TrainConfig
@@ -198,7 +198,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
         output_dir=str(out / "ppo"), seed=cfg.seed,
         rollout=RolloutConfig(prompts_per_iteration=cfg.ppo_prompts, samples_per_prompt=4, max_new_tokens=12,
                               temperature=temperature, kv_cache_memory=1 << 24),
-        ppo=LossConfig(epochs=2, minibatch_size=32, vf_coef=0.1, gamma=1.0, lam=0.95),
+        ppo=UpdateConfig(epochs=2, minibatch_size=32, vf_coef=0.1, gamma=1.0, lam=0.95),
         # Running score normalization with clipping (PPO-max) and a constant learning rate: on this
         # task a decaying rate stalled PPO, and larger steps exploited the reward model.
         reward=RewardConfig(kl_coef=0.1, normalize=True, clip=5.0),

@@ -11,24 +11,51 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from ..data.packing import RMBatch, collate_rm, pack
-from ..model.hf_io import load_model
-from ..data.records import Ranking, parser_for, read_jsonl
-from .losses import ranking_loss_sum, token_nll_sum
-from ..model.reward_model import RewardModel, load_reward_model, reward_model_from_lm, save_reward_model
-from ..train.runlog import append_metrics
-from ..train.run_setup import prepare_run
-from ..data.tokenization import tokenize_prompt, tokenize_response
-from ..train.loop import Stage, train
 from ..config.train import RMConfig
+from ..data.loading import load_examples
+from ..data.packing import PackedBatch, collate_rm, pack
+from ..data.records import Ranking, parser_for, read_jsonl
+from ..data.tokenization import tokenize_prompt, tokenize_response
+from ..model.hf_io import load_model
+from ..model.reward_model import RewardModel, load_reward_model, reward_model_from_lm, save_reward_model
+from ..train.run_setup import start_run
+from ..train.runlog import append_metrics
+from ..train.supervised import Stage, train
+from .sft import target_nll_sum
 
 
-def rm_counts(batch: RMBatch) -> dict:
-    return {"examples": len(batch.group_sizes), "lm_tokens": batch.num_lm_targets}
+def pair_indices(k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All K-choose-2 pairs (i, j), i < j, of a ranking ordered best first: i is preferred to j."""
+    i, j = torch.triu_indices(k, k, offset=1, device=device)
+    return i, j
 
 
-def rm_loss(model: RewardModel, batch: RMBatch, step_counts: dict, beta_rm: float):
+def ranking_loss_sum(rewards: torch.Tensor, group_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """InstructGPT's reward-model loss, one ranking per batch element.
+
+    rewards [S] fp32: scores of the S = sum(group_sizes) sequences, each group best first.
+    Element e with K responses contributes mean over its K(K-1)/2 pairs of -log sigmoid(r_i - r_j),
+    so a K-way ranking weighs as much as a pair (the paper's 1 / C(K, 2)) and its pairs share one
+    forward. Returns (sum of element losses, number of pairs ranked correctly, number of pairs); a
+    tie (equal rewards, e.g. from the zero-initialized head) counts as not correct.
+    """
+    losses, correct, pairs = [], rewards.new_zeros(()), 0
+    for r in rewards.split(group_sizes):                           # [K]
+        i, j = pair_indices(r.shape[0], r.device)
+        margin = r[i] - r[j]                                        # [K(K-1)/2]
+        losses.append(-F.logsigmoid(margin).mean())
+        correct = correct + (margin > 0).sum()
+        pairs += margin.shape[0]
+    return torch.stack(losses).sum(), correct, pairs
+
+
+def rm_counts(batch: PackedBatch) -> dict:
+    return {"examples": len(batch.group_sizes), "lm_tokens": batch.num_targets}
+
+
+def rm_loss(model: RewardModel, batch: PackedBatch, step_counts: dict, beta_rm: float):
     """This micro-batch's share of the step loss (see the module docstring), and summable stats."""
     hidden = model.forward_packed(batch.input_ids, batch.seqlens)           # [N, H]
     rewards = model.raw_rewards(hidden, batch.seqlens)                      # [S]
@@ -36,7 +63,7 @@ def rm_loss(model: RewardModel, batch: RMBatch, step_counts: dict, beta_rm: floa
     loss = rank_sum / max(step_counts["examples"], 1)
     stats = {"rank_sum": rank_sum.item(), "correct": correct.item(), "pairs": pairs}
     if beta_rm > 0:
-        nll_sum = token_nll_sum(hidden, model.lm_head.weight, batch.lm_labels)
+        nll_sum = target_nll_sum(model, hidden, batch)
         loss = loss + beta_rm * nll_sum / max(step_counts["lm_tokens"], 1)
         stats["nll_sum"] = nll_sum.item()
     return loss, stats
@@ -91,14 +118,14 @@ def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int,
 
 def run_rm(cfg: RMConfig) -> Path:
     """Train per `cfg`, normalize, export RUN_DIR/final (see engine/reward_model.py for the format)."""
-    setup = prepare_run(cfg, "rm")
-    lm = load_model(cfg.model, dtype=cfg.train.dtype, device=setup.device)
+    device, tokenizer = start_run(cfg.seed, cfg.train.device, cfg.model)
+    examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed)
+    lm = load_model(cfg.model, dtype=cfg.train.dtype, device=device)
     model = reward_model_from_lm(lm)
     del lm
-    state = train(model, rm_stage(cfg, setup.device), setup.examples.train, setup.examples.eval, cfg,
-                  setup.device, setup.examples.info)
-    references = reference_sequences(cfg, setup.tokenizer, setup.examples.records)
-    model.reward_offset = mean_raw_reward(model, references, cfg.data.tokens_per_batch, setup.device)
+    state = train(model, rm_stage(cfg, device), examples.train, examples.eval, cfg, device, examples.info)
+    references = reference_sequences(cfg, tokenizer, examples.records)
+    model.reward_offset = mean_raw_reward(model, references, cfg.data.tokens_per_batch, device)
     append_metrics(cfg.output_dir, "info", state.step, {"reward_offset": model.reward_offset,
                                                         "reference_responses": len(references)})
     final = Path(cfg.output_dir) / "final"

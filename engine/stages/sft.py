@@ -7,22 +7,31 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..data.packing import SFTBatch, collate_sft
-from ..model.hf_io import load_model, save_model
-from .losses import token_nll_sum
-from ..train.run_setup import prepare_run
-from ..train.loop import Stage, train
+import torch
+
 from ..config.train import SFTConfig
+from ..data.loading import load_examples
+from ..data.packing import PackedBatch, collate_sft
+from ..model.hf_io import load_model, save_model
+from ..model.lm_head import lm_head_logprobs
+from ..train.run_setup import start_run
+from ..train.supervised import Stage, train
 
 
-def sft_counts(batch: SFTBatch) -> dict:
+def target_nll_sum(model, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """-sum of log p(target) over the batch's targets (fp32 scalar); hidden [N, H] of the batch."""
+    return -lm_head_logprobs(hidden.index_select(0, batch.target_rows), model.lm_head.weight,
+                             batch.target_ids).sum()
+
+
+def sft_counts(batch: PackedBatch) -> dict:
     return {"tokens": batch.num_targets}
 
 
-def sft_loss(model, batch: SFTBatch, step_counts: dict):
+def sft_loss(model, batch: PackedBatch, step_counts: dict):
     """Mean NLL over the step's response tokens (this micro-batch's share of it)."""
     hidden = model.forward_packed(batch.input_ids, batch.seqlens)          # [N, H]
-    nll_sum = token_nll_sum(hidden, model.lm_head.weight, batch.labels)
+    nll_sum = target_nll_sum(model, hidden, batch)
     return nll_sum / max(step_counts["tokens"], 1), {"nll_sum": nll_sum.item()}
 
 
@@ -39,10 +48,11 @@ def sft_stage(model_dir: str, dtype: str, device) -> Stage:
 
 def run_sft(cfg: SFTConfig) -> Path:
     """Train per `cfg`; returns the exported model directory (RUN_DIR/final)."""
-    setup = prepare_run(cfg, "sft")
-    model = load_model(cfg.model, dtype=cfg.train.dtype, device=setup.device)
-    stage = sft_stage(cfg.model, cfg.train.dtype, setup.device)
-    train(model, stage, setup.examples.train, setup.examples.eval, cfg, setup.device, setup.examples.info)
+    device, tokenizer = start_run(cfg.seed, cfg.train.device, cfg.model)
+    examples = load_examples(cfg.data, tokenizer, "sft", cfg.seed)
+    model = load_model(cfg.model, dtype=cfg.train.dtype, device=device)
+    train(model, sft_stage(cfg.model, cfg.train.dtype, device), examples.train, examples.eval, cfg, device,
+          examples.info)
     final = Path(cfg.output_dir) / "final"
     save_model(model, final, source_dir=cfg.model)
     return final

@@ -1,34 +1,46 @@
-"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+"""Training checkpoints, one format for every stage: everything needed to continue a run exactly.
 
 Layout of `RUN_DIR/checkpoints/step-00000012/`:
-    model/              the weights as a Hugging Face directory (engine.checkpoint.save_model, or
-                        save_reward_model for the RM)
-    trainer_state.pt    optimizer and scheduler state dicts, RNG states (python, torch CPU, CUDA),
-                        and the TrainState (step, epoch, micro-batches of that epoch consumed)
+    <name>/             each trained model as a Hugging Face directory, under the name the stage
+                        gives it (SFT `model`, RM `model`, PPO `policy` and `critic`)
+    trainer_state.pt    the optimizers' and schedulers' state dicts (in the stage's order), small
+                        modules saved by state dict (e.g. PPO's shared value head), RNG states
+                        (python, torch CPU, CUDA) and the stage's loop state (a dict)
 The directory is first written as a hidden `.step-...tmp-*` sibling and renamed when complete, so a
 crash mid-save leaves no `step-*` directory at all: `latest_checkpoint` never sees half a checkpoint.
 """
 from __future__ import annotations
 
-import dataclasses
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
 STATE_FILE = "trainer_state.pt"
 PREFIX = "step-"
 
 
 @dataclass
-class TrainState:
-    step: int = 0          # optimizer steps done
-    epoch: int = 0         # epoch the next micro-batch comes from
-    batch_index: int = 0   # micro-batches of that epoch already consumed
-    tokens: int = 0        # training tokens seen (for the log)
+class SavedModel:
+    """A model written as its own directory: save(module, directory), load(directory) -> module
+    whose state dict is copied into `module` on resume."""
+    module: nn.Module
+    save: Callable[[nn.Module, Path], None]
+    load: Callable[[Path], nn.Module]
+
+
+@dataclass
+class Trainables:
+    """What a stage's checkpoint holds besides its loop state."""
+    models: dict[str, SavedModel]
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list
+    small_modules: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def rng_state() -> dict:
@@ -49,14 +61,19 @@ def checkpoint_dir(run_dir, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:08d}"
 
 
-def save_atomically(run_dir, step: int, write, keep: int = 0) -> Path:
-    """Write checkpoint `step` with write(directory) into a hidden temp sibling, then rename it into
-    place; keep the newest `keep` checkpoints (0 = all). Shared by every stage's checkpoint."""
+def save_checkpoint(run_dir, step: int, parts: Trainables, loop_state: dict, keep: int = 0) -> Path:
+    """Write checkpoint `step` into a hidden temp sibling, then rename it into place; keep the
+    newest `keep` checkpoints (0 = all)."""
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        write(tmp)
+        for name, model in parts.models.items():
+            model.save(model.module, tmp / name)
+        torch.save({"optimizers": [o.state_dict() for o in parts.optimizers],
+                    "schedulers": [s.state_dict() for s in parts.schedulers],
+                    "small_modules": {k: m.state_dict() for k, m in parts.small_modules.items()},
+                    "rng": rng_state(), "state": loop_state}, tmp / STATE_FILE)
         if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
             shutil.rmtree(final)
         tmp.rename(final)
@@ -69,16 +86,22 @@ def save_atomically(run_dir, step: int, write, keep: int = 0) -> Path:
     return final
 
 
-def save_checkpoint(run_dir, state: TrainState, model, save_weights, optimizer, scheduler, keep: int = 0) -> Path:
-    """Write a complete checkpoint of `state.step` atomically; keep the newest `keep` (0 = all).
-
-    save_weights(model, directory) writes the model directory (save_model or save_reward_model).
-    """
-    def write(tmp: Path):
-        save_weights(model, tmp / "model")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(), "state": dataclasses.asdict(state)}, tmp / STATE_FILE)
-    return save_atomically(run_dir, state.step, write, keep)
+def load_checkpoint(path, parts: Trainables) -> dict:
+    """Restore every part from checkpoint `path`, and the RNG states; return the loop state."""
+    path = Path(path)
+    # Our own file; weights_only=False because the python RNG state and scheduler dicts are not tensors.
+    saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    with torch.no_grad():
+        for name, model in parts.models.items():
+            model.module.load_state_dict(model.load(path / name).state_dict())
+        for name, module in parts.small_modules.items():
+            module.load_state_dict(saved["small_modules"][name])
+    for optimizer, state in zip(parts.optimizers, saved["optimizers"], strict=True):
+        optimizer.load_state_dict(state)
+    for scheduler, state in zip(parts.schedulers, saved["schedulers"], strict=True):
+        scheduler.load_state_dict(state)
+    set_rng_state(saved["rng"])
+    return saved["state"]
 
 
 def list_checkpoints(run_dir) -> list[Path]:
@@ -92,19 +115,3 @@ def list_checkpoints(run_dir) -> list[Path]:
 def latest_checkpoint(run_dir) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
-
-
-def load_checkpoint(path, model, load_weights, optimizer, scheduler) -> TrainState:
-    """Restore model weights, optimizer, scheduler and RNG states from `path`; return its TrainState.
-
-    load_weights(directory) -> a model whose state dict is copied into `model`.
-    """
-    path = Path(path)
-    # Our own file; weights_only=False because the python RNG state and scheduler dict are not tensors.
-    saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    with torch.no_grad():
-        model.load_state_dict(load_weights(path / "model").state_dict())
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    set_rng_state(saved["rng"])
-    return TrainState(**saved["state"])

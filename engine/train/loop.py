@@ -1,155 +1,83 @@
-"""The training loop shared by the SFT and reward-model stages.
+"""The one training loop of every stage: resume, steps, log / eval / checkpoint cadence, run log.
 
-A `Stage` says what differs (batch building, loss, metrics, weight I/O); `train` does the rest:
-micro-batch stream with a resumable position, gradient accumulation, clipping, AdamW + schedule,
-bf16 autocast on CUDA, periodic eval and checkpoints, the run log.
+A stage supplies its loop state (a dataclass with a `step` field: optimizer steps for SFT/RM,
+iterations for PPO, plus whatever position it needs to resume exactly), the parts its checkpoint
+holds (engine/train/checkpoint.py) and a function doing one step; `run_training` does the rest:
+    resume from the newest checkpoint (train.resume)  ->  for each step: step(state) -> metrics,
+    log every train.log_every, evaluate every eval_every, checkpoint every train.save_every,
+    and all three after the last step.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import time
-from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Optional
 
 import torch
 
-from . import optim
-from ..data.packing import epoch_batches
-from .runlog import RunLog, peak_memory_mb
-from ..data.tokenization import TokenizedExample
-from ..config.train import StageConfig
-from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..config.train import RunConfig
+from .checkpoint import Trainables, latest_checkpoint, load_checkpoint, save_checkpoint
+from .runlog import RunLog
+
+
+class StopTraining(RuntimeError):
+    """Raised by a step to end the run early (the message is logged as an info record first)."""
 
 
 @dataclass
-class Stage:
-    """The stage-specific parts, as plain functions.
-
-    counts(batch) -> denominators the batch adds to its step ({"tokens": ...}); loss(model, batch,
-    step_counts) -> (loss already divided by the step's counts, summable stats); summarize(stats,
-    counts) -> metrics (for train steps and for eval).
-    """
-
-    collate: Callable
-    counts: Callable
-    loss: Callable
-    summarize: Callable
-    save_weights: Callable  # (model, directory)
-    load_weights: Callable  # directory -> model
+class RunPlan:
+    """Where a run writes and how often: the stage's config (saved as config.yaml), its loop
+    options (the `train` section), the number of steps and the eval cadence (0 = only at the end)."""
+    run_dir: str
+    config: object
+    options: RunConfig
+    total_steps: int
+    eval_every: int = 0
 
 
-def micro_batches(examples: list[TokenizedExample], budget: int, seed: int, state: TrainState
-                  ) -> Iterator[tuple[int, int, list[TokenizedExample]]]:
-    """(epoch, index, examples) from `state`'s position on, epoch after epoch, without end."""
-    epoch, index = state.epoch, state.batch_index
-    while True:
-        batches = epoch_batches(examples, budget, seed, epoch)
-        for i in range(index, len(batches)):
-            yield epoch, i, batches[i]
-        epoch, index = epoch + 1, 0
-
-
-def total_steps(examples: list[TokenizedExample], cfg: StageConfig) -> int:
-    """Optimizer steps of the run: train.max_steps, else whole steps in train.epochs epochs."""
-    if cfg.train.max_steps:
-        return cfg.train.max_steps
-    n = sum(len(epoch_batches(examples, cfg.data.tokens_per_batch, cfg.seed, e)) for e in range(cfg.train.epochs))
-    return max(n // cfg.optim.grad_accum_steps, 1)
-
-
-def autocast_for(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; on CPU nothing (CPU autocast is slow and not what GPU runs do)."""
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_device(batch, device: torch.device):
-    return type(batch)(*(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x for x in batch))
-
-
-def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: StageConfig, device) -> dict:
-    """One optimizer step over `batches` (the step's micro-batches, collated); returns its metrics."""
-    step_counts = sum((Counter(stage.counts(b)) for b in batches), Counter())
-    stats = Counter()
-    optimizer.zero_grad(set_to_none=True)
-    for batch in batches:
-        with autocast_for(device, cfg.train.bf16):
-            loss, batch_stats = stage.loss(model, to_device(batch, device), step_counts)
-        loss.backward()
-        stats.update(batch_stats)
-    grad_norm = optim.clip_grad_norm(model, cfg.optim.max_grad_norm)
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    return {**stage.summarize(stats, step_counts), "lr": lr, "grad_norm": grad_norm}
-
-
-@torch.no_grad()
-def evaluate(model, stage: Stage, examples: list[TokenizedExample], cfg: StageConfig, device) -> dict:
-    """Stage metrics over held-out `examples`, in eval mode and without gradients."""
-    batches = [stage.collate(b) for b in epoch_batches(examples, cfg.data.tokens_per_batch, cfg.seed, 0)]
-    counts = sum((Counter(stage.counts(b)) for b in batches), Counter())
-    stats = Counter()
-    model.eval()
-    for batch in batches:
-        with autocast_for(device, cfg.train.bf16):
-            stats.update(stage.loss(model, to_device(batch, device), counts)[1])
-    model.train()
-    return stage.summarize(stats, counts)
-
-
-def _due(step: int, every: int, last: int) -> bool:
+def is_due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_info: dict | None = None
-          ) -> TrainState:
-    """Train `model` in place for the configured steps, resuming from the newest checkpoint in
-    cfg.output_dir when train.resume is set. Returns the final TrainState."""
-    if cfg.data.max_length > model.config.max_model_len:
-        raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's max_model_len "
-                         f"{model.config.max_model_len}")
-    model.train()
-    model.gradient_checkpointing = cfg.train.gradient_checkpointing
-    steps = total_steps(train_ex, cfg)
-    optimizer = optim.build_optimizer(model, cfg.optim)
-    scheduler = optim.build_scheduler(optimizer, cfg.optim, steps)
-    state = TrainState()
-    resume_from = latest_checkpoint(cfg.output_dir) if cfg.train.resume else None
+def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object], dict], *,
+                 evaluate: Optional[Callable[[], dict]] = None, info: Optional[dict] = None,
+                 device: Optional[torch.device] = None):
+    """Run `step(state)` until state.step reaches plan.total_steps; returns `state`.
+
+    `step` advances the stage's own position fields (not `state.step`) and returns its metrics;
+    the loop adds `step_time_s` and, when the metrics count "tokens", `tokens_per_s`.
+    """
+    options = plan.options
+    resume_from = latest_checkpoint(plan.run_dir) if options.resume else None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, stage.load_weights, optimizer, scheduler)
-    run = RunLog(cfg.output_dir, cfg, steps, state.step, cfg.train.progress, cfg.train.tensorboard)
+        for key, value in load_checkpoint(resume_from, parts).items():
+            setattr(state, key, value)
+    run = RunLog(plan.run_dir, plan.config, plan.total_steps, state.step, options.progress, options.tensorboard)
     try:
-        run.log("info", state.step, {**(log_info or {}), "total_steps": steps,
+        run.log("info", state.step, {**(info or {}), "total_steps": plan.total_steps,
                                      "resumed_from": str(resume_from) if resume_from else None})
-        _loop(model, stage, train_ex, eval_ex, cfg, device, state, steps, optimizer, scheduler, run)
+        while state.step < plan.total_steps:
+            start = time.perf_counter()
+            try:
+                metrics = step(state)
+            except StopTraining as stop:
+                run.log("info", state.step, {"stopped": str(stop)})
+                raise
+            state.step += 1
+            if is_due(state.step, options.log_every, plan.total_steps):
+                if device is not None and device.type == "cuda":
+                    torch.cuda.synchronize(device)  # honest timings: wait for the step's kernels
+                elapsed = time.perf_counter() - start
+                metrics["step_time_s"] = elapsed
+                if "tokens" in metrics:
+                    metrics["tokens_per_s"] = metrics["tokens"] / elapsed
+                run.log("train", state.step, metrics)
+            if evaluate is not None and is_due(state.step, plan.eval_every, plan.total_steps):
+                run.log("eval", state.step, evaluate())
+            if is_due(state.step, options.save_every, plan.total_steps):
+                save_checkpoint(plan.run_dir, state.step, parts, dataclasses.asdict(state),
+                                options.keep_checkpoints)
     finally:
         run.close()
     return state
-
-
-def _loop(model, stage, train_ex, eval_ex, cfg, device, state, steps, optimizer, scheduler, run):
-    stream = micro_batches(train_ex, cfg.data.tokens_per_batch, cfg.seed, state)
-    while state.step < steps:
-        start = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        group = [next(stream) for _ in range(cfg.optim.grad_accum_steps)]
-        batches = [stage.collate(examples) for _, _, examples in group]
-        metrics = train_step(model, stage, batches, optimizer, scheduler, cfg, device)
-        tokens = sum(len(b.input_ids) for b in batches)
-        epoch, index, _ = group[-1]
-        state.step, state.epoch, state.batch_index, state.tokens = state.step + 1, epoch, index + 1, state.tokens + tokens
-        if _due(state.step, cfg.train.log_every, steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # honest tokens/s: wait for the step's kernels
-            elapsed = time.perf_counter() - start
-            run.log("train", state.step, {**metrics, "tokens": tokens, "tokens_per_s": tokens / elapsed,
-                                          "epoch": epoch, "peak_mem_mb": peak_memory_mb(device)})
-        if eval_ex and _due(state.step, cfg.train.eval_every, steps):
-            run.log("eval", state.step, evaluate(model, stage, eval_ex, cfg, device))
-        if _due(state.step, cfg.train.save_every, steps):
-            save_checkpoint(cfg.output_dir, state, model, stage.save_weights, optimizer, scheduler,
-                            cfg.train.keep_checkpoints)

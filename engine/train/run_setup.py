@@ -1,20 +1,10 @@
-"""What both stages do before training: pick the device, seed, load the tokenizer and the data."""
+"""What every stage does before building its models: seed the RNGs, pick the device, load the
+tokenizer."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import torch
-
-from ..data.examples import Examples, load_examples
-from ..config.train import StageConfig
-
-
-@dataclass
-class RunSetup:
-    device: torch.device
-    tokenizer: object
-    examples: Examples
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -26,12 +16,10 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def prepare_run(cfg: StageConfig, stage: str) -> RunSetup:
-    """Seed the RNGs from cfg.seed and load the tokenizer (from cfg.model) and the data."""
+def start_run(seed: int, device_name: str | None, tokenizer_dir: str):
+    """Seed python's and torch's RNGs with `seed`; return (device, tokenizer of tokenizer_dir)."""
     from transformers import AutoTokenizer  # deferred: importing transformers is slow
 
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    return RunSetup(resolve_device(cfg.train.device), tokenizer,
-                    load_examples(cfg.data, tokenizer, stage, cfg.seed))
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return resolve_device(device_name), AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -4,7 +4,7 @@ RUN_DIR/
     config.yaml       the resolved config (file + overrides + defaults) the run used
     metrics.jsonl     one JSON object per line: {"kind": "train"|"eval"|"info", "step": ..., ...}
     tensorboard/      event files, when enabled
-    checkpoints/      see engine/train_state.py
+    checkpoints/      see engine/train/checkpoint.py
     final/            the exported model
 `fusedrl plot RUN_DIR` reads metrics.jsonl back.
 """

@@ -1,6 +1,6 @@
 """One PPO iteration as two functions: `make_rollout` (generate, score, reference and old
 log-probs, values, shaped rewards, advantages) and `ppo_update` (K epochs of minibatch updates of
-the policy and the critic). They compose the kernels and engine/ppo_core.py; no math lives here."""
+the policy and the critic). They compose the kernels and engine/stages/ppo/core.py; no math lives here."""
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +18,8 @@ from ...model.value_model import ValueModel
 from ...model.causal_lm import CausalLM
 from ...config.ppo import PPOConfig
 from .core import RunningMoments, advantages_and_returns, explained_variance, shape_rewards
-from .rollout import PackedRollout, Rollout, pack_rollout, response_logprobs
+from ...data.packing import PackedBatch, pack_sequences
+from .rollout import Rollout, pack_rollout, response_logprobs
 from ...train.runlog import peak_memory_mb
 from ...inference.sampling_params import SamplingParams
 from ....kernels import kl_penalty, ppo_policy_loss, ppo_value_loss
@@ -39,7 +40,7 @@ class PPOModels:
     # Context of the training-side forwards (bf16 autocast on CUDA); generation runs outside it.
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
-    def forward(self, packed: PackedRollout, temperature: float, with_entropy: bool):
+    def forward(self, packed: PackedBatch, temperature: float, with_entropy: bool):
         """(logp, entropy or None, values) [R, T] of the policy and critic on a packed rollout."""
         with self.autocast():
             logp, entropy, values = response_logprobs(self.policy, packed, temperature, with_entropy=with_entropy,
@@ -52,7 +53,8 @@ class PPOModels:
 def reward_model_scorer(rm) -> Scorer:
     """Scores from a reward model (its normalization offset applied) at each sequence's last token."""
     def score(prompts, responses):
-        packed = pack_rollout(prompts, responses, next(rm.parameters()).device)
+        packed = pack_sequences([(p, r, False) for p, r in zip(prompts, responses)],
+                                device=next(rm.parameters()).device)
         return rm.rewards(packed.input_ids, packed.seqlens)
     return score
 
@@ -103,7 +105,7 @@ def make_rollout(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, kl
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
     device = next(models.policy.parameters()).device
     packed = pack_rollout(prompt_ids, responses, device)
-    mask = packed.mask()                                                       # [R, T]
+    mask = packed.grid_mask()                                                  # [R, T]
     with timer.phase("score"), torch.no_grad():
         scores = models.score(prompt_ids, responses).float().to(device)        # [R]
     with timer.phase("reference"), torch.no_grad(), models.autocast():
@@ -119,7 +121,7 @@ def make_rollout(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, kl
         rewards, old_values, mask, estimator=cfg.ppo.estimator, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
         whiten=cfg.ppo.whiten_advantages)
     sampler = packed.to_grid(torch.tensor([x for row in sampler_logprobs for x in row], device=device))
-    rollout = Rollout(prompt_ids, responses, mask, sampler, old_logp, ref_logp, old_values, scores, rewards,
+    rollout = Rollout(packed, mask, sampler, old_logp, ref_logp, old_values, scores, rewards,
                       advantages, returns)
     mismatch = (sampler - old_logp).abs()[mask]
     metrics = {
@@ -201,7 +203,7 @@ def minibatch_loss(models: PPOModels, batch: Rollout, cfg: PPOConfig, agg_weight
     agg_weight scales the policy and value losses, token_weight the token-mean entropy bonus.
     """
     p = cfg.ppo
-    logp, entropy, values = models.forward(batch.packed(), cfg.rollout.temperature, with_entropy=p.ent_coef > 0)
+    logp, entropy, values = models.forward(batch.packed, cfg.rollout.temperature, with_entropy=p.ent_coef > 0)
     policy_loss, stats = ppo_policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask,
                                          clip_eps=p.clip_eps, clip_eps_high=p.clip_eps_high,
                                          dual_clip=p.dual_clip, agg=p.agg)

@@ -9,7 +9,7 @@ import torch
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.value_model import value_model_from_reward_model
 from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, build_models, build_optimizers, prompt_indices, run_ppo
-from fusedrl.engine.config.ppo import LoopConfig, LossConfig, PPOConfig, RewardConfig, RolloutConfig
+from fusedrl.engine.config.ppo import LoopConfig, UpdateConfig, PPOConfig, RewardConfig, RolloutConfig
 from fusedrl.engine.stages.ppo.core import RunningMoments
 from fusedrl.engine.stages.ppo.update import PhaseTimer, make_rollout, minibatch_backward, ppo_update
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
 def config(root, policy_dir, prompts, name, **fields):
     defaults = dict(
         rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6, kv_cache_memory=1 << 22),
-        ppo=LossConfig(epochs=2, minibatch_size=4),
+        ppo=UpdateConfig(epochs=2, minibatch_size=4),
         train=LoopConfig(iterations=2, progress=False, resume=True, device="cpu"),
         reward_fn="test_ppo:vowel_fraction", critic="shared")
     return PPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / name),
@@ -56,7 +56,7 @@ def test_pack_rollout_positions():
     # Row 0: tokens 7, 8 at positions 3, 4 are predicted from positions 2, 3; row 1 starts at 5.
     assert packed.target_rows.tolist() == [2, 3, 5, 6, 7]
     assert packed.target_ids.tolist() == [7, 8, 9, 10, 11]
-    assert packed.mask().tolist() == [[True, True, False], [True, True, True]]
+    assert packed.grid_mask().tolist() == [[True, True, False], [True, True, True]]
     assert packed.to_grid(torch.arange(5.0)).tolist() == [[0, 1, 0], [2, 3, 4]]
     with pytest.raises(ValueError, match="row 1 has 0 prompt"):
         pack_rollout([[1], []], [[2], [3]], "cpu")
@@ -108,7 +108,7 @@ def test_hybrid_actor_generates_from_the_trained_weights(setup):
 def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     """After one update, tokens with positive advantage gained log-probability and the rest lost it."""
     root, policy_dir, prompts = setup
-    cfg = config(root, policy_dir, prompts, "direction", ppo=LossConfig(epochs=1, minibatch_size=100),
+    cfg = config(root, policy_dir, prompts, "direction", ppo=UpdateConfig(epochs=1, minibatch_size=100),
                  optim=dict_optim(lr=1e-4), reward=RewardConfig(kl_coef=0.0))
     from transformers import AutoTokenizer
     models = build_models(cfg, torch.device("cpu"), AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
@@ -118,7 +118,7 @@ def test_ppo_update_moves_the_policy_toward_the_reward(setup):
                               PhaseTimer(torch.device("cpu")))
     assert ppo_update(models, opts, rollout, cfg, seed=0)["updates"] == 1
     with torch.no_grad():
-        new_logp, _, _ = models.forward(rollout.packed(), cfg.rollout.temperature, with_entropy=False)
+        new_logp, _, _ = models.forward(rollout.packed, cfg.rollout.temperature, with_entropy=False)
     change = (new_logp - rollout.old_logprobs)[rollout.mask]
     advantage = rollout.advantages[rollout.mask]
     assert (change * advantage).sum() > 0
@@ -131,7 +131,7 @@ def test_microbatches_accumulate_the_minibatch_gradient(setup, agg):
     entropy bonus, a separate critic, uneven lengths and a row without valid tokens."""
     root, policy_dir, prompts = setup
     cfg = config(root, policy_dir, prompts, "micro", critic="separate",
-                 ppo=LossConfig(epochs=1, minibatch_size=6, agg=agg, ent_coef=0.05, vf_coef=0.5))
+                 ppo=UpdateConfig(epochs=1, minibatch_size=6, agg=agg, ent_coef=0.05, vf_coef=0.5))
     from transformers import AutoTokenizer
     models = build_models(cfg, torch.device("cpu"), AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
     models.score = low_id_fraction
@@ -223,7 +223,7 @@ def test_reward_model_run(setup):
     save_reward_model(rm, root / "rm", source_dir=policy_dir)
     demos = write_jsonl(root / "demos.jsonl", [{"prompt": "hello", "response": " world"}] * 8)
     cfg = config(root, policy_dir, prompts, "with-rm", critic="separate", reward_fn=None,
-                 reward_model=str(root / "rm"), ptx_file=str(demos), ppo=LossConfig(epochs=1, ptx_coef=0.5),
+                 reward_model=str(root / "rm"), ptx_file=str(demos), ppo=UpdateConfig(epochs=1, ptx_coef=0.5),
                  train=LoopConfig(iterations=1, progress=False, device="cpu"))
     final = run_ppo(cfg)
     assert (final / "config.json").exists() and (root / "with-rm" / "final_critic" / "model.safetensors").exists()
@@ -247,8 +247,8 @@ def test_config_errors(setup):
     with pytest.raises(ValueError, match="not both"):
         PPOConfig(policy="p", prompts_file="f", output_dir="o", reward_model="rm", reward_fn="m:f")
     with pytest.raises(ValueError, match="ptx_coef > 0 needs ptx_file"):
-        PPOConfig(policy="p", prompts_file="f", output_dir="o", reward_fn="m:f", ppo=LossConfig(ptx_coef=0.1))
+        PPOConfig(policy="p", prompts_file="f", output_dir="o", reward_fn="m:f", ppo=UpdateConfig(ptx_coef=0.1))
     with pytest.raises(ValueError, match="ppo.estimator must be one of"):
-        LossConfig(estimator="vtrace")
+        UpdateConfig(estimator="vtrace")
     with pytest.raises(ValueError, match="critic must be one of"):
         PPOConfig(policy="p", prompts_file="f", output_dir="o", reward_fn="m:f", critic="twin")

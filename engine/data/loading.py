@@ -1,4 +1,5 @@
-"""From a DataConfig to tokenized train and eval examples (read, tokenize, split)."""
+"""Loading a stage's data: a DataConfig to tokenized train and eval examples (read, tokenize,
+split), and PPO's prompt files to token ids."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .records import parser_for, read_jsonl
-from .tokenization import TokenizedExample, tokenize_record
+from .tokenization import TokenizedExample, tokenize_prompt, tokenize_record
 from ..config.train import DataConfig
 
 
@@ -54,3 +55,18 @@ def load_examples(cfg: DataConfig, tokenizer, stage: str, seed: int) -> Examples
     if not train_ex:
         raise ValueError(f"{cfg.train_file}: no training examples left after tokenization")
     return Examples(train_ex, eval_ex, records, info)
+
+
+def _parse_prompt(row: dict) -> str:
+    prompt = row.get("prompt") if isinstance(row, dict) else None
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError('expected an object with a non-empty string "prompt"')
+    return prompt
+
+
+def load_prompts(path, tokenizer, max_prompt_length: int) -> list[list[int]]:
+    """Token ids of every prompt in a JSONL file of {"prompt": ...} lines."""
+    texts = read_jsonl(path, _parse_prompt).records
+    if not texts:
+        raise ValueError(f"{path}: no prompts")
+    return [tokenize_prompt(tokenizer, t, max_prompt_length) for t in texts]

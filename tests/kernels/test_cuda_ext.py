@@ -13,7 +13,7 @@ import fusedrl.kernels as kernels
 from fusedrl.kernels import cuda_ext, use_backend
 from kernel_testing import CUDA_EXT_RUNS, DEVICE, needs_triton
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MISSING = "backend 'cuda' is unavailable: fusedrl.kernels._C is not built"
 without_extension = pytest.mark.skipif(cuda_ext.is_available(), reason="the extension is built here")
 
@@ -122,7 +122,7 @@ def test_every_cuda_op_has_a_triton_twin():
 # then registers the Python rules and checks values, gradients and a torch.compile trace.
 STAND_IN = r"""
 import sys, torch
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {tests!r} + "/kernels"]  # kernel_testing, test_cuda_ext
 from fusedrl.kernels import advantages, kl, logprobs, ppo_loss
 from test_cuda_ext import binding_schemas
 lib = torch.library.Library("fusedrl", "DEF")

@@ -1,5 +1,5 @@
 """Training configs: YAML + overrides, rejection of unknown keys and wrong types, the CLI surface."""
-from pathlib import Path
+import importlib.resources
 
 import pytest
 import yaml
@@ -79,6 +79,6 @@ def test_cli_prints_the_resolved_config(tmp_path, capsys):
 
 @pytest.mark.parametrize("cls, name", [(SFTConfig, "sft.yaml"), (RMConfig, "rm.yaml")])
 def test_example_configs_load(cls, name):
-    path = Path(__file__).resolve().parents[2] / "engine" / "configs" / name
+    path = importlib.resources.files("fusedrl.engine") / "configs" / name  # shipped as package data
     cfg = config_io.load(cls, path, REQUIRED)
     assert cfg.optim.lr < 1e-4 and cfg.data.train_file == "t.jsonl"

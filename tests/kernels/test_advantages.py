@@ -65,9 +65,11 @@ def test_matches_reference(shape, gamma, lam, dtype, fused_backend):
         advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
     ref_adv, ref_ret = reference.gae(rewards.double(), values.double(), mask, gamma=gamma, lam=lam)
     assert advantages.dtype == returns.dtype == torch.float32
-    # fp32 accumulation over up to 2500 steps of O(1) terms.
-    assert_close(advantages, ref_adv, atol=2e-5, rtol=2e-5, name="advantages")
-    assert_close(returns, ref_ret, atol=2e-5, rtol=2e-5, name="returns")
+    # fp32 accumulation over up to 2500 steps of O(1) terms: a small value late in a row is the
+    # difference of running sums whose size is up to max|ref|, so the absolute error scales with it.
+    scale = max(1.0, float(ref_ret.abs().max()), float(ref_adv.abs().max()))
+    assert_close(advantages, ref_adv, atol=2e-5 * scale, rtol=2e-5, name="advantages")
+    assert_close(returns, ref_ret, atol=2e-5 * scale, rtol=2e-5, name="returns")
     if shape[1] <= 64:
         assert_close(ref_adv, gae_by_compaction(rewards, values, mask, gamma, lam),
                      atol=1e-10, rtol=1e-10, name="reference vs compaction")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from fusedrl.engine.data.packing import IGNORE, RMBatch
-from fusedrl.engine.stages.losses import pair_indices, ranking_loss_sum
+from fusedrl.engine.data.packing import pack_sequences
+from fusedrl.engine.stages.rm import pair_indices, ranking_loss_sum
 from fusedrl.engine.stages.rm import rm_loss, rm_summarize
 
 
@@ -64,9 +64,7 @@ class FixedRewardModel(nn.Module):
 
 def rm_batch():
     # One pair: prompt [1] + chosen [2, 3] and prompt [1] + rejected [3]; LM labels on chosen only.
-    ids = torch.tensor([1, 2, 3, 1, 3])
-    labels = torch.tensor([2, 3, IGNORE, IGNORE, IGNORE])
-    return RMBatch(ids, [3, 2], [2], labels, 2)
+    return pack_sequences([([1], [2, 3], True), ([1], [3], False)], group_sizes=[2])
 
 
 def test_beta_rm_adds_the_chosen_response_token_nll():

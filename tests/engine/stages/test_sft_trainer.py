@@ -14,13 +14,13 @@ import fusedrl.kernels as kernels
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.data.packing import collate_sft
 from fusedrl.engine.cli import main
-from fusedrl.engine.stages.losses import token_nll_sum
+from fusedrl.engine.stages.sft import target_nll_sum
 from fusedrl.engine.train.optim import build_optimizer, build_scheduler, lr_factor
 from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.engine.stages.sft import run_sft, sft_loss, sft_stage
 from fusedrl.engine.data.tokenization import TokenizedExample
-from fusedrl.engine.train.loop import train_step
-from fusedrl.engine.train.checkpoint import latest_checkpoint, save_checkpoint, TrainState
+from fusedrl.engine.train.supervised import train_step
+from fusedrl.engine.train.checkpoint import SavedModel, Trainables, latest_checkpoint, save_checkpoint
 from engine_testing import random_prompts
 from train_testing import demonstrations, save_tiny_model, sft_config, write_jsonl
 
@@ -45,8 +45,8 @@ def test_sft_loss_is_the_mean_response_nll_of_the_full_logits(base_dir):
     batch = collate_sft(examples())
     loss, stats = sft_loss(model, batch, {"tokens": batch.num_targets})
     logits = model.compute_logits(model.forward_packed(batch.input_ids, batch.seqlens))  # [N, V]
-    mask = batch.labels != -100
-    expected = -torch.log_softmax(logits[mask], -1).gather(1, batch.labels[mask, None]).mean()
+    rows, targets = batch.target_rows, batch.target_ids
+    expected = -torch.log_softmax(logits[rows], -1).gather(1, targets[:, None]).mean()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     # 2 targets per sequence (last prompt token + first response token), 1 for the empty prompt
     assert batch.num_targets == 7 and stats["nll_sum"] == pytest.approx(expected.item() * 7, rel=1e-5)
@@ -95,7 +95,8 @@ def test_interrupted_save_leaves_no_checkpoint(base_dir, tmp_path):
         (out / "half").mkdir(parents=True)
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, TrainState(step=3), model, crash, optimizer, scheduler)
+        save_checkpoint(tmp_path, 3, Trainables({"model": SavedModel(model, crash, load_model)}, [optimizer],
+                                                [scheduler]), {"step": 3})
     assert latest_checkpoint(tmp_path) is None and list((tmp_path / "checkpoints").iterdir()) == []
 
 
@@ -155,7 +156,7 @@ def test_lm_head_follows_autocast_and_keeps_fp32_master_gradients(base_dir):
         exact = sft_loss(model, batch, {"tokens": batch.num_targets})[0]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             hidden = model.forward_packed(batch.input_ids, batch.seqlens)
-            nll = token_nll_sum(hidden, model.lm_head.weight, batch.labels) / batch.num_targets
+            nll = target_nll_sum(model, hidden, batch) / batch.num_targets
     nll.backward()
     assert nll.dtype == torch.float32 and model.lm_head.weight.grad.dtype == torch.float32
     assert nll.item() != exact.item() and nll.item() == pytest.approx(exact.item(), rel=2e-2)

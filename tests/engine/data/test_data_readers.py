@@ -1,10 +1,10 @@
 """JSONL readers, chat rendering, truncation rules and packing."""
 import pytest
 
-from fusedrl.engine.data.packing import IGNORE, collate_rm, collate_sft, epoch_batches, pack, response_labels
+from fusedrl.engine.data.packing import collate_rm, collate_sft, epoch_batches, pack, pack_sequences
 from fusedrl.engine.cli import main
 from fusedrl.engine.data.records import DataError, Demonstration, Ranking, parser_for, read_jsonl
-from fusedrl.engine.data.examples import split_off
+from fusedrl.engine.data.loading import split_off
 from fusedrl.engine.data.tokenization import TokenizedExample, render_chat, tokenize_record
 from engine_testing import EOS, make_tokenizer
 from train_testing import write_jsonl
@@ -108,18 +108,30 @@ def test_chat_rendering_uses_the_template_when_there_is_one(tokenizer):
         tokenizer.chat_template = None
 
 
-def test_response_labels_mask_the_prompt_and_shift_by_one():
-    assert response_labels([1, 2], [3, 4]) == [IGNORE, 3, 4, IGNORE]
-    assert response_labels([], [3, 4]) == [4, IGNORE]  # the first token has no context
+def test_targets_are_the_response_tokens_shifted_by_one():
+    batch = pack_sequences([([1, 2], [3, 4], True), ([], [5, 6], True), ([7], [8], False)])
+    # position i predicts token i + 1; an empty prompt leaves the first token without context
+    assert batch.target_rows.tolist() == [1, 2, 4] and batch.target_ids.tolist() == [3, 4, 6]
+    assert batch.target_counts == [2, 1, 0] and batch.num_targets == 3
 
 
 def test_collate_packs_sequences_back_to_back():
     sft = collate_sft([TokenizedExample([1, 2], ([3],)), TokenizedExample([4], ([5, 6],))])
     assert sft.input_ids.tolist() == [1, 2, 3, 4, 5, 6] and sft.seqlens == [3, 3]
-    assert sft.labels.tolist() == [IGNORE, 3, IGNORE, 5, 6, IGNORE] and sft.num_targets == 3
+    assert sft.target_rows.tolist() == [1, 3, 4] and sft.target_ids.tolist() == [3, 5, 6]
     rm = collate_rm([TokenizedExample([1], ([2, 3], [4], [5]))])
     assert rm.input_ids.tolist() == [1, 2, 3, 1, 4, 1, 5] and rm.seqlens == [3, 2, 2]
-    assert rm.group_sizes == [3] and rm.lm_labels.tolist() == [2, 3] + [IGNORE] * 5
+    assert rm.group_sizes == [3] and rm.target_rows.tolist() == [0, 1] and rm.target_ids.tolist() == [2, 3]
+
+
+def test_select_cuts_a_sub_batch_equal_to_packing_it_anew():
+    rows = [([1, 2], [3, 4, 5], True), ([6], [7], True), ([8, 9, 10], [11, 12], True)]
+    whole = pack_sequences(rows, width=3)
+    for pick in ([2, 0], [1], [0, 1, 2]):
+        got, expected = whole.select(pick), pack_sequences([rows[i] for i in pick], width=3)
+        for name in ("input_ids", "target_rows", "target_ids", "grid_index"):
+            assert getattr(got, name).tolist() == getattr(expected, name).tolist(), name
+        assert got.seqlens == expected.seqlens and got.target_counts == expected.target_counts
 
 
 def test_packing_respects_the_budget_in_order():

@@ -1,0 +1,31 @@
+"""The one LM-head log-prob path of every trainer: hidden rows -> log p(label) (and entropy)
+through the fused `linear_token_logprobs`, so the [rows, V] logits never exist.
+
+Under autocast the head runs in the autocast dtype, as nn.Linear would, but with both operands cast
+here and autocast off inside the op: its backward recomputes the logits from the saved inputs, and
+must do so in the dtype its forward used (autocast is not active during backward; letting autocast
+reach inside the custom op gave a bf16 forward and an fp32 recompute against the bf16 logsumexp).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...kernels import linear_token_logprobs
+
+
+def head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the LM head computes in: the autocast dtype when autocast is on, else the weight's."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                     temperature: float = 1.0, with_entropy: bool = False):
+    """hidden [M, H] (the rows predicting `labels`), weight [V, H], labels [M] -> fp32 log-probs [M]
+    under softmax(logits / temperature), and with_entropy: (log-probs [M], entropy [M])."""
+    dtype = head_dtype(hidden, weight)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return linear_token_logprobs(hidden.to(dtype), weight.to(dtype), labels, temperature=temperature,
+                                     return_entropy=with_entropy)

@@ -1,0 +1,149 @@
+"""The step of the supervised stages (SFT and reward model) inside the one training loop.
+
+A `Stage` says what differs (batch building, loss, metrics, weight I/O); `train` does the rest:
+micro-batch stream with a resumable position, gradient accumulation, clipping, AdamW + schedule,
+bf16 autocast on CUDA, held-out evaluation, driven by engine/train/loop.py.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from ..config.train import StageConfig
+from ..data.packing import epoch_batches
+from ..data.tokenization import TokenizedExample
+from . import optim
+from .checkpoint import SavedModel, Trainables
+from .loop import RunPlan, run_training
+from .runlog import peak_memory_mb
+
+
+@dataclass
+class Stage:
+    """The stage-specific parts, as plain functions.
+
+    counts(batch) -> denominators the batch adds to its step ({"tokens": ...}); loss(model, batch,
+    step_counts) -> (loss already divided by the step's counts, summable stats); summarize(stats,
+    counts) -> metrics (for train steps and for eval).
+    """
+
+    collate: Callable
+    counts: Callable
+    loss: Callable
+    summarize: Callable
+    save_weights: Callable  # (model, directory)
+    load_weights: Callable  # directory -> model
+
+
+@dataclass
+class DataPosition:
+    """Where a micro-batch stream stands: the epoch of the next micro-batch and how many of that
+    epoch's micro-batches were consumed (with the seed, a complete data position for resuming)."""
+    epoch: int = 0
+    batch_index: int = 0
+
+
+@dataclass
+class SupervisedState(DataPosition):
+    step: int = 0          # optimizer steps done
+    tokens: int = 0        # training tokens seen (for the log)
+
+
+def micro_batches(examples: list[TokenizedExample], budget: int, seed: int, position: DataPosition
+                  ) -> Iterator[tuple[int, int, list[TokenizedExample]]]:
+    """(epoch, index, examples) from `position` on, epoch after epoch, without end."""
+    epoch, index = position.epoch, position.batch_index
+    while True:
+        batches = epoch_batches(examples, budget, seed, epoch)
+        for i in range(index, len(batches)):
+            yield epoch, i, batches[i]
+        epoch, index = epoch + 1, 0
+
+
+def total_steps(examples: list[TokenizedExample], cfg: StageConfig) -> int:
+    """Optimizer steps of the run: train.max_steps, else whole steps in train.epochs epochs."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    n = sum(len(epoch_batches(examples, cfg.data.tokens_per_batch, cfg.seed, e)) for e in range(cfg.train.epochs))
+    return max(n // cfg.optim.grad_accum_steps, 1)
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA; on CPU nothing (CPU autocast is slow and not what GPU runs do)."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch, device: torch.device):
+    return type(batch)(*(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x for x in batch))
+
+
+def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: StageConfig, device) -> dict:
+    """One optimizer step over `batches` (the step's micro-batches, collated); returns its metrics."""
+    step_counts = sum((Counter(stage.counts(b)) for b in batches), Counter())
+    stats = Counter()
+    optimizer.zero_grad(set_to_none=True)
+    for batch in batches:
+        with autocast_for(device, cfg.train.bf16):
+            loss, batch_stats = stage.loss(model, to_device(batch, device), step_counts)
+        loss.backward()
+        stats.update(batch_stats)
+    grad_norm = optim.clip_grad_norm(model, cfg.optim.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    return {**stage.summarize(stats, step_counts), "lr": lr, "grad_norm": grad_norm}
+
+
+@torch.no_grad()
+def evaluate(model, stage: Stage, examples: list[TokenizedExample], cfg: StageConfig, device) -> dict:
+    """Stage metrics over held-out `examples`, in eval mode and without gradients."""
+    batches = [stage.collate(b) for b in epoch_batches(examples, cfg.data.tokens_per_batch, cfg.seed, 0)]
+    counts = sum((Counter(stage.counts(b)) for b in batches), Counter())
+    stats = Counter()
+    model.eval()
+    for batch in batches:
+        with autocast_for(device, cfg.train.bf16):
+            stats.update(stage.loss(model, to_device(batch, device), counts)[1])
+    model.train()
+    return stage.summarize(stats, counts)
+
+
+def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_info: dict | None = None
+          ) -> SupervisedState:
+    """Train `model` in place for the configured steps, resuming from the newest checkpoint in
+    cfg.output_dir when train.resume is set. Returns the final state."""
+    if cfg.data.max_length > model.config.max_model_len:
+        raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's max_model_len "
+                         f"{model.config.max_model_len}")
+    model.train()
+    model.gradient_checkpointing = cfg.train.gradient_checkpointing
+    steps = total_steps(train_ex, cfg)
+    optimizer = optim.build_optimizer(model, cfg.optim)
+    scheduler = optim.build_scheduler(optimizer, cfg.optim, steps)
+    parts = Trainables({"model": SavedModel(model, stage.save_weights, stage.load_weights)},
+                       [optimizer], [scheduler])
+    state = SupervisedState()
+    stream = None  # opened at the first step, from the (possibly resumed) position
+
+    def step(state: SupervisedState) -> dict:
+        nonlocal stream
+        stream = stream or micro_batches(train_ex, cfg.data.tokens_per_batch, cfg.seed, state)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        group = [next(stream) for _ in range(cfg.optim.grad_accum_steps)]
+        batches = [stage.collate(examples) for _, _, examples in group]
+        metrics = train_step(model, stage, batches, optimizer, scheduler, cfg, device)
+        tokens = sum(len(b.input_ids) for b in batches)
+        state.epoch, state.batch_index = group[-1][0], group[-1][1] + 1
+        state.tokens += tokens
+        return {**metrics, "tokens": tokens, "epoch": state.epoch, "peak_mem_mb": peak_memory_mb(device)}
+
+    evaluate_held_out = (lambda: evaluate(model, stage, eval_ex, cfg, device)) if eval_ex else None
+    plan = RunPlan(cfg.output_dir, cfg, cfg.train, steps, cfg.train.eval_every)
+    return run_training(plan, parts, state, step, evaluate=evaluate_held_out, info=log_info, device=device)
