@@ -4,8 +4,9 @@ and peak memory.
 Both sides get the same checkpoints, written once by this script: a random-init policy of the
 Qwen2.5-0.5B shape (also the frozen reference) and a random-init reward model of the same shape
 (`Qwen2ForSequenceClassification`, one label); the critic is a value model initialized from the
-reward model (InstructGPT's default, and TRL's only critic). fp32 master weights with bf16 autocast
-on the GPU, AdamW on policy and critic, a k1 KL penalty, one PPO epoch over `minibatches`
+reward model (InstructGPT's default, and TRL's only critic). On the GPU ours trains in bf16-mixed
+(bf16 weights, fp32 masters in the optimizer, no autocast) and TRL in fp32 weights with bf16
+autocast; AdamW on policy and critic, a k1 KL penalty, one PPO epoch over `minibatches`
 minibatches of micro-batches of `micro` rows (the same rows per forward on both sides).
 
 - ours: `fusedrl.engine.stages.ppo.update` (hybrid actor generating through the paged-KV engine from the policy's
@@ -14,7 +15,7 @@ minibatches of micro-batches of `micro` rows (the same rows per forward on both 
   one response per prompt, so it gets the batch's rows as prompts repeated `samples` times. Both
   sides generate exactly `new_tokens` tokens per row (TRL without a stop token, ours with
   `rollout.ignore_eos`): the same work, whatever the random model samples. Ours generates from the
-  fp32 weights themselves (one copy), TRL under bf16 autocast. TRL generates with HF `generate`, in
+  bf16 weights themselves (one copy), TRL under bf16 autocast. TRL generates with HF `generate`, in
   chunks of `local_rollout_forward_batch_size` rows (TRL's default, 64), and it keeps the fp32
   scores of every generated token, [rows, new_tokens, vocab]: 20 GB at the default 128 rows x 256
   tokens, which is why the default batch is not larger (at 256 rows TRL's peak would approach an
@@ -151,11 +152,13 @@ def run_ours(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device)
     from fusedrl.engine.config.ppo import LoopConfig, UpdateConfig, PPOConfig, RewardConfig, RolloutConfig
     from fusedrl.engine.stages.ppo.core import RunningMoments
     from fusedrl.engine.stages.ppo.update import PhaseTimer, make_rollout, ppo_update
+    from fusedrl.engine.train.precision import param_dtype, resolve_precision
 
-    # The KV pool holds every row's prompt and response (no credit for prompt sharing), fp32 like the weights.
+    # The KV pool holds every row's prompt and response (no credit for prompt sharing), in the weights' dtype.
+    dtype = param_dtype(resolve_precision("auto", device))
     model_config = load_config(policy_dir)
     blocks_per_row = -(-(shape.prompt_len + shape.new_tokens) // 16) + 1
-    kv_bytes = shape.rows * blocks_per_row * kv_bytes_per_block(model_config, torch.float32, 16)
+    kv_bytes = shape.rows * blocks_per_row * kv_bytes_per_block(model_config, dtype, 16)
     cfg = PPOConfig(policy=str(policy_dir), reward_model=str(rm_dir), critic="separate", prompts_file="-",
                     output_dir="-",
                     rollout=RolloutConfig(prompts_per_iteration=shape.prompts, samples_per_prompt=shape.samples,
@@ -165,7 +168,7 @@ def run_ours(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device)
                                    microbatch_size=shape.micro, vf_coef=0.1),
                     reward=RewardConfig(kl_coef=0.05),
                     train=LoopConfig(iterations=2, device=device.type, progress=False))
-    models = build_models(cfg, device, build_tokenizer(model_config.eos_token_ids[0]), None)
+    models = build_models(cfg, device, dtype, build_tokenizer(model_config.eos_token_ids[0]), None)
     opts, _ = build_optimizers(models, cfg)
     prompts = make_prompts(shape, models.policy.config.vocab_size)
     clock = IterationClock(device)

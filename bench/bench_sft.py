@@ -1,7 +1,8 @@
 """SFT step throughput and peak memory: our trainer step vs the same step in plain transformers.
 
-Both sides start from the same random-init model (Qwen2.5-0.5B shape), fp32 master weights with bf16
-autocast on the GPU, AdamW, gradient clipping at 1.0, and the same B sequences of T tokens whose
+Both sides start from the same random-init model (Qwen2.5-0.5B shape), AdamW, gradient clipping at
+1.0; on the GPU ours trains in bf16-mixed (bf16 weights, fp32 master weights and moments in the
+optimizer, no autocast) and transformers in its usual fp32 weights with bf16 autocast; and the same B sequences of T tokens whose
 first half is a masked prompt. Ours: packed varlen forward + `linear_token_logprobs` on the response
 rows only (the [N, V] logits never exist). Transformers: `model(input_ids, labels=...)`, which
 materializes [B, T, V] logits and their fp32 copy. Reports tokens/s of a full optimizer step
@@ -14,6 +15,7 @@ materializes [B, T, V] logits and their fp32 copy. Reports tokens/s of a full op
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 import json
 import tempfile
 from pathlib import Path
@@ -29,7 +31,8 @@ from fusedrl.engine.train.optim import build_optimizer, build_scheduler, clip_gr
 from fusedrl.engine.stages.sft import sft_stage
 from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
-from fusedrl.engine.train.supervised import autocast_for, train_step
+from fusedrl.engine.train.precision import param_dtype, resolve_precision
+from fusedrl.engine.train.supervised import train_step
 
 COLUMNS = [("shape", "batch"), ("ours_tok_s", "ours tok/s"), ("hf_tok_s", "hf tok/s"), ("speedup", "speedup"),
            ("ours_peak_gib", "ours peak GiB"), ("hf_peak_gib", "hf peak GiB"), ("memory_ratio", "hf/ours mem")]
@@ -67,15 +70,16 @@ def make_batch(b: int, t: int, vocab: int):
 
 
 def bench_ours(model_dir: Path, examples, device, checkpointing: bool) -> dict:
-    # A config only for train_step's optimizer/autocast settings: no data or output is touched.
+    # A config only for train_step's optimizer settings: no data or output is touched.
     cfg = SFTConfig(model=str(model_dir), output_dir="-", data=DataConfig(train_file="-"),
                     train=TrainConfig(gradient_checkpointing=checkpointing))
-    model = load_model(model_dir, dtype="float32", device=device)
+    dtype = param_dtype(resolve_precision(cfg.train.precision, device))
+    model = load_model(model_dir, dtype=dtype, device=device)
     model.train()
     model.gradient_checkpointing = checkpointing
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, 10**6)
-    stage = sft_stage(str(model_dir), "float32", device)
+    stage = sft_stage(str(model_dir), dtype, device)
     batch = collate_sft(examples)
     step = lambda: train_step(model, stage, [batch], optimizer, scheduler, cfg, device)  # noqa: E731
     return _measure(step, device, len(batch.input_ids))
@@ -94,7 +98,8 @@ def bench_hf(model_dir: Path, examples, device, checkpointing: bool) -> dict:
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast_for(device, True):
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        with autocast:
             loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         clip_grad_norm(model, 1.0)

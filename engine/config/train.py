@@ -15,7 +15,7 @@ from .fields import check, check_choices, option
 DataFormat = Literal["auto", "demonstration", "chat", "pairwise", "ranking", "hh"]
 SFT_FORMATS = ("auto", "demonstration", "chat")
 RM_FORMATS = ("auto", "pairwise", "ranking", "hh")
-Dtype = Literal["float32", "bfloat16"]
+Precision = Literal["auto", "bf16-mixed", "fp32"]
 
 
 @dataclass
@@ -68,8 +68,8 @@ class RunConfig:
     """The loop options every stage shares (its `train` section); "step" is the stage's unit of
     progress (an optimizer step for SFT/RM, an iteration for PPO)."""
     device: str | None = option("cuda or cpu (default: cuda when available)")
-    dtype: Dtype = option("parameter dtype: float32 (with bf16 autocast on GPU) or bfloat16", "float32")
-    bf16: bool = option("bf16 autocast of the training forwards on CUDA (ignored on CPU)", True)
+    precision: Precision = option("bf16-mixed (bf16 weights, fp32 master weights and moments in the optimizer) "
+                                  "| fp32 | auto (bf16-mixed on CUDA, fp32 on CPU)", "auto")
     gradient_checkpointing: bool = option("recompute each decoder layer in backward to save memory", False)
     log_every: int = option("write a metrics line every this many steps", 1)
     save_every: int = option("checkpoint every this many steps (0 = only at the end)", 0)

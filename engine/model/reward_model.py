@@ -20,6 +20,7 @@ from torch import nn
 from .hf_io import load_model, save_model
 from .config import ModelConfig
 from .causal_lm import CausalLM, rebuild_as
+from .scalar_head import ScalarHead
 
 
 class RewardModel(CausalLM):
@@ -29,13 +30,13 @@ class RewardModel(CausalLM):
         # Own copy of the HF config: saving writes num_labels and the offset into it.
         config = dataclasses.replace(config, hf_config=copy.deepcopy(config.hf_config))
         super().__init__(config, dtype)
-        self.score = nn.Linear(config.hidden_size, 1, bias=False, dtype=dtype)
+        self.score = ScalarHead(config.hidden_size)
         self.reward_offset = float(getattr(config.hf_config, "reward_offset", 0.0) or 0.0)
 
     def raw_rewards(self, hidden: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
         """hidden [N, H] of packed sequences -> fp32 scores at each sequence's last token [S]."""
         last = torch.tensor(seqlens, device=hidden.device).cumsum(0) - 1    # [S]
-        return self.score(hidden.index_select(0, last)).squeeze(-1).float()
+        return self.score(hidden.index_select(0, last)).squeeze(-1)
 
     @torch.no_grad()
     def rewards(self, input_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:

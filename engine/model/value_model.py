@@ -13,6 +13,7 @@ from torch import nn
 from .hf_io import load_model, save_model
 from .config import ModelConfig
 from .causal_lm import CausalLM, rebuild_as
+from .scalar_head import ScalarHead
 from .reward_model import RewardModel
 from ..data.packing import PackedBatch
 
@@ -21,13 +22,13 @@ class ValueModel(CausalLM):
 
     def __init__(self, config: ModelConfig, dtype=torch.float32):
         super().__init__(config, dtype)
-        self.value_head = nn.Linear(config.hidden_size, 1, bias=False, dtype=dtype)
+        self.value_head = ScalarHead(config.hidden_size)
 
     def response_values(self, packed: PackedBatch) -> torch.Tensor:
         """Values [R, T] (fp32) at the positions that predict each response token."""
         hidden = self.forward_packed(packed.input_ids, packed.seqlens)
         values = self.value_head(hidden.index_select(0, packed.target_rows)).squeeze(-1)
-        return packed.to_grid(values.float())
+        return packed.to_grid(values)
 
 
 def value_model_from_reward_model(rm: RewardModel) -> ValueModel:
@@ -42,10 +43,9 @@ def value_model_from_lm(lm: CausalLM) -> ValueModel:
     return rebuild_as(ValueModel, lm, {**lm.state_dict(), "value_head.weight": zeros})
 
 
-def shared_value_head(policy: CausalLM) -> nn.Linear:
+def shared_value_head(policy: CausalLM) -> ScalarHead:
     """A zero-initialized value head reading the policy's hidden states (all values start at 0)."""
-    param = next(policy.parameters())
-    head = nn.Linear(policy.config.hidden_size, 1, bias=False, dtype=param.dtype, device=param.device)
+    head = ScalarHead(policy.config.hidden_size, device=next(policy.parameters()).device)
     nn.init.zeros_(head.weight)
     return head
 

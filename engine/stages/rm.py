@@ -79,12 +79,12 @@ def rm_summarize(stats: dict, counts: dict, beta_rm: float) -> dict:
     return {"loss": rank_loss + beta_rm * lm_nll, **out}
 
 
-def rm_stage(cfg: RMConfig, device) -> Stage:
+def rm_stage(cfg: RMConfig, dtype: torch.dtype, device) -> Stage:
     return Stage(collate=collate_rm, counts=rm_counts,
                  loss=lambda model, batch, counts: rm_loss(model, batch, counts, cfg.beta_rm),
                  summarize=lambda stats, counts: rm_summarize(stats, counts, cfg.beta_rm),
                  save_weights=lambda model, out: save_reward_model(model, out, source_dir=cfg.model),
-                 load_weights=lambda path: load_reward_model(path, dtype=cfg.train.dtype, device=device))
+                 load_weights=lambda path: load_reward_model(path, dtype=dtype, device=device))
 
 
 def reference_sequences(cfg: RMConfig, tokenizer, records: list) -> list[list[int]]:
@@ -118,12 +118,13 @@ def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int,
 
 def run_rm(cfg: RMConfig) -> Path:
     """Train per `cfg`, normalize, export RUN_DIR/final (see engine/reward_model.py for the format)."""
-    device, tokenizer = start_run(cfg.seed, cfg.train.device, cfg.model)
+    run = start_run(cfg.seed, cfg.train, cfg.model)
+    device, tokenizer = run.device, run.tokenizer
     examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed)
-    lm = load_model(cfg.model, dtype=cfg.train.dtype, device=device)
+    lm = load_model(cfg.model, dtype=run.dtype, device=device)
     model = reward_model_from_lm(lm)
     del lm
-    state = train(model, rm_stage(cfg, device), examples.train, examples.eval, cfg, device, examples.info)
+    state = train(model, rm_stage(cfg, run.dtype, device), examples.train, examples.eval, cfg, device, examples.info)
     references = reference_sequences(cfg, tokenizer, examples.records)
     model.reward_offset = mean_raw_reward(model, references, cfg.data.tokens_per_batch, device)
     append_metrics(cfg.output_dir, "info", state.step, {"reward_offset": model.reward_offset,

@@ -48,10 +48,10 @@ def sft_stage(model_dir: str, dtype: str, device) -> Stage:
 
 def run_sft(cfg: SFTConfig) -> Path:
     """Train per `cfg`; returns the exported model directory (RUN_DIR/final)."""
-    device, tokenizer = start_run(cfg.seed, cfg.train.device, cfg.model)
-    examples = load_examples(cfg.data, tokenizer, "sft", cfg.seed)
-    model = load_model(cfg.model, dtype=cfg.train.dtype, device=device)
-    train(model, sft_stage(cfg.model, cfg.train.dtype, device), examples.train, examples.eval, cfg, device,
+    run = start_run(cfg.seed, cfg.train, cfg.model)
+    examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed)
+    model = load_model(cfg.model, dtype=run.dtype, device=run.device)
+    train(model, sft_stage(cfg.model, run.dtype, run.device), examples.train, examples.eval, cfg, run.device,
           examples.info)
     final = Path(cfg.output_dir) / "final"
     save_model(model, final, source_dir=cfg.model)

@@ -1,4 +1,5 @@
-"""AdamW with the usual no-decay groups, and the warmup + cosine learning-rate schedule."""
+"""AdamW with the usual no-decay groups (mixed precision when the parameters are not fp32), and the
+warmup + cosine learning-rate schedule."""
 from __future__ import annotations
 
 import math
@@ -6,14 +7,20 @@ import math
 import torch
 
 from ..config.train import OptimConfig
+from .precision import MixedPrecisionAdamW
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; norms and biases (1-d parameters) get no weight decay, as is standard for LMs."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; norms and biases (1-d parameters) get no weight decay, as is standard for LMs.
+
+    All-fp32 parameters get torch's AdamW; any bf16 parameter (train.precision=bf16-mixed) makes it
+    a MixedPrecisionAdamW with fp32 master weights (engine/train/precision.py)."""
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if any(p.dtype != torch.float32 for p in params):
+        return MixedPrecisionAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     # fused/foreach kernels are picked by torch per device; nothing here is device specific.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 

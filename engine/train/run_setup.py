@@ -1,10 +1,21 @@
-"""What every stage does before building its models: seed the RNGs, pick the device, load the
-tokenizer."""
+"""What every stage does before building its models: seed the RNGs, pick the device and the
+parameter dtype, load the tokenizer."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
+
+from ..config.train import RunConfig
+from .precision import param_dtype, resolve_precision
+
+
+@dataclass
+class RunContext:
+    device: torch.device
+    dtype: torch.dtype       # of the models' parameters (train.precision)
+    tokenizer: object
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -16,10 +27,13 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def start_run(seed: int, device_name: str | None, tokenizer_dir: str):
-    """Seed python's and torch's RNGs with `seed`; return (device, tokenizer of tokenizer_dir)."""
+def start_run(seed: int, options: RunConfig, tokenizer_dir: str) -> RunContext:
+    """Seed python's and torch's RNGs with `seed`; the device and dtype of `options` (the stage's
+    `train` section); the tokenizer of tokenizer_dir."""
     from transformers import AutoTokenizer  # deferred: importing transformers is slow
 
     random.seed(seed)
     torch.manual_seed(seed)
-    return resolve_device(device_name), AutoTokenizer.from_pretrained(tokenizer_dir)
+    device = resolve_device(options.device)
+    return RunContext(device, param_dtype(resolve_precision(options.precision, device)),
+                      AutoTokenizer.from_pretrained(tokenizer_dir))

@@ -1,12 +1,11 @@
 """The step of the supervised stages (SFT and reward model) inside the one training loop.
 
 A `Stage` says what differs (batch building, loss, metrics, weight I/O); `train` does the rest:
-micro-batch stream with a resumable position, gradient accumulation, clipping, AdamW + schedule,
-bf16 autocast on CUDA, held-out evaluation, driven by engine/train/loop.py.
+micro-batch stream with a resumable position, gradient accumulation, clipping, AdamW (mixed precision
+for bf16 weights) + schedule, held-out evaluation, driven by engine/train/loop.py.
 """
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -72,13 +71,6 @@ def total_steps(examples: list[TokenizedExample], cfg: StageConfig) -> int:
     return max(n // cfg.optim.grad_accum_steps, 1)
 
 
-def autocast_for(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; on CPU nothing (CPU autocast is slow and not what GPU runs do)."""
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def to_device(batch, device: torch.device):
     return type(batch)(*(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x for x in batch))
 
@@ -89,8 +81,7 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
     stats = Counter()
     optimizer.zero_grad(set_to_none=True)
     for batch in batches:
-        with autocast_for(device, cfg.train.bf16):
-            loss, batch_stats = stage.loss(model, to_device(batch, device), step_counts)
+        loss, batch_stats = stage.loss(model, to_device(batch, device), step_counts)
         loss.backward()
         stats.update(batch_stats)
     grad_norm = optim.clip_grad_norm(model, cfg.optim.max_grad_norm)
@@ -108,8 +99,7 @@ def evaluate(model, stage: Stage, examples: list[TokenizedExample], cfg: StageCo
     stats = Counter()
     model.eval()
     for batch in batches:
-        with autocast_for(device, cfg.train.bf16):
-            stats.update(stage.loss(model, to_device(batch, device), counts)[1])
+        stats.update(stage.loss(model, to_device(batch, device), counts)[1])
     model.train()
     return stage.summarize(stats, counts)
 

@@ -15,6 +15,7 @@ import importlib
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from ...config.ppo import PPOConfig
@@ -30,7 +31,7 @@ from ...train import optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
 from ...train.run_setup import start_run
-from ...train.supervised import DataPosition, autocast_for, micro_batches, to_device
+from ...train.supervised import DataPosition, micro_batches, to_device
 from ..sft import sft_loss
 from .core import KLController, RunningMoments
 from .update import (Optimizers, PhaseTimer, PPOModels, function_scorer, make_rollout, ppo_update,
@@ -59,14 +60,16 @@ def load_reward_fn(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def build_models(cfg: PPOConfig, device, tokenizer, reward_fn: Optional[Callable]) -> PPOModels:
-    """Policy (trainable, shared with the actor), frozen reference, critic and scorer."""
-    policy = load_model(cfg.policy, dtype=cfg.train.dtype, device=device)
+def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_fn: Optional[Callable]
+                 ) -> PPOModels:
+    """Policy (trainable, shared with the actor), frozen reference, critic and scorer, with
+    parameters in `dtype` (train.precision; the critic's value head stays fp32)."""
+    policy = load_model(cfg.policy, dtype=dtype, device=device)
     policy.gradient_checkpointing = cfg.train.gradient_checkpointing
-    reference = load_model(cfg.policy, dtype=cfg.train.dtype, device=device).eval().requires_grad_(False)
+    reference = load_model(cfg.policy, dtype=dtype, device=device).eval().requires_grad_(False)
     rm = None
     if cfg.reward_model:
-        rm = load_reward_model(cfg.reward_model, dtype=cfg.train.dtype, device=device).eval().requires_grad_(False)
+        rm = load_reward_model(cfg.reward_model, dtype=dtype, device=device).eval().requires_grad_(False)
         score = reward_model_scorer(rm)
     else:
         fn = reward_fn or (load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None)
@@ -83,8 +86,7 @@ def build_models(cfg: PPOConfig, device, tokenizer, reward_fn: Optional[Callable
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory,
                         block_size=cfg.rollout.block_size,
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt)
-    return PPOModels(policy, reference, actor, critic, value_head, score,
-                     autocast=lambda: autocast_for(device, cfg.train.bf16))
+    return PPOModels(policy, reference, actor, critic, value_head, score)
 
 
 def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, list]:
@@ -109,10 +111,9 @@ class PPOState:
     ptx: dict = dataclasses.field(default_factory=lambda: dataclasses.asdict(DataPosition()))
 
 
-def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, device) -> Trainables:
+def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, device, dtype) -> Trainables:
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
     optimizers and their schedules."""
-    dtype = cfg.train.dtype
     saved = {"policy": SavedModel(models.policy, lambda m, d: save_model(m, d, source_dir=cfg.policy),
                                   lambda d: load_model(d, dtype=dtype, device=device))}
     small = {}
@@ -136,8 +137,7 @@ def ptx_loss_fn(cfg: PPOConfig, tokenizer, models: PPOModels, state: PPOState, d
         epoch, index, batch = next(stream)
         state.ptx.update(epoch=epoch, batch_index=index + 1)
         batch = to_device(collate_sft(batch), device)
-        with models.autocast():
-            return sft_loss(models.policy, batch, {"tokens": batch.num_targets})[0]
+        return sft_loss(models.policy, batch, {"tokens": batch.num_targets})[0]
     return loss
 
 
@@ -148,13 +148,14 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     reward_fn: a Python scorer fn(prompt_texts, response_texts) -> floats, instead of cfg.reward_fn.
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
     """
-    device, tokenizer = start_run(cfg.seed, cfg.train.device, cfg.policy)
+    run = start_run(cfg.seed, cfg.train, cfg.policy)
+    device, tokenizer = run.device, run.tokenizer
     prompts = load_prompts(cfg.prompts_file, tokenizer, cfg.rollout.max_prompt_length)
-    models = build_models(cfg, device, tokenizer, reward_fn)
+    models = build_models(cfg, device, run.dtype, tokenizer, reward_fn)
     opts, schedules = build_optimizers(models, cfg)
     state = PPOState(kl_coef=cfg.reward.kl_coef)
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations, eval_every=cfg.train.log_every)
-    run_training(plan, trainables(cfg, models, opts, schedules, device), state,
+    run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype), state,
                  iteration_step(cfg, models, opts, schedules, prompts, tokenizer, device),
                  evaluate=None if evaluate is None else lambda: evaluate(models),
                  info={"prompts": len(prompts), "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)

@@ -37,16 +37,13 @@ class PPOModels:
     critic: Optional[ValueModel]        # critic="separate"
     value_head: Optional[nn.Linear]     # critic="shared"
     score: Scorer                       # (prompts, responses) token ids -> scores [R]
-    # Context of the training-side forwards (bf16 autocast on CUDA); generation runs outside it.
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def forward(self, packed: PackedBatch, temperature: float, with_entropy: bool):
         """(logp, entropy or None, values) [R, T] of the policy and critic on a packed rollout."""
-        with self.autocast():
-            logp, entropy, values = response_logprobs(self.policy, packed, temperature, with_entropy=with_entropy,
-                                                      value_head=self.value_head)
-            if self.critic is not None:
-                values = self.critic.response_values(packed)
+        logp, entropy, values = response_logprobs(self.policy, packed, temperature, with_entropy=with_entropy,
+                                                  value_head=self.value_head)
+        if self.critic is not None:
+            values = self.critic.response_values(packed)
         return logp, entropy, values
 
 
@@ -108,7 +105,7 @@ def make_rollout(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, kl
     mask = packed.grid_mask()                                                  # [R, T]
     with timer.phase("score"), torch.no_grad():
         scores = models.score(prompt_ids, responses).float().to(device)        # [R]
-    with timer.phase("reference"), torch.no_grad(), models.autocast():
+    with timer.phase("reference"), torch.no_grad():
         ref_logp, _, _ = response_logprobs(models.reference, packed, r.temperature)
     with timer.phase("old"), torch.no_grad():
         old_logp, entropy, old_values = models.forward(packed, r.temperature, with_entropy=True)

@@ -89,7 +89,7 @@ def test_hybrid_actor_generates_from_the_trained_weights(setup):
     root, policy_dir, prompts = setup
     cfg = config(root, policy_dir, prompts, "actor", critic="shared")
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
+    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
     assert models.actor.llm.model is models.policy                     # one weight copy
     pool = models.actor.kv_pool_bytes
     opts, _ = build_optimizers(models, cfg)
@@ -111,7 +111,7 @@ def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     cfg = config(root, policy_dir, prompts, "direction", ppo=UpdateConfig(epochs=1, minibatch_size=100),
                  optim=dict_optim(lr=1e-4), reward=RewardConfig(kl_coef=0.0))
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
+    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
     models.score = low_id_fraction
     opts, _ = build_optimizers(models, cfg)
     rollout, _ = make_rollout(models, random_prompts([5, 3, 7, 4], seed=10), cfg, 0.0, RunningMoments(), 0,
@@ -133,7 +133,7 @@ def test_microbatches_accumulate_the_minibatch_gradient(setup, agg):
     cfg = config(root, policy_dir, prompts, "micro", critic="separate",
                  ppo=UpdateConfig(epochs=1, minibatch_size=6, agg=agg, ent_coef=0.05, vf_coef=0.5))
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
+    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
     models.score = low_id_fraction
     rollout, _ = make_rollout(models, random_prompts([4, 6]), cfg, 0.05, RunningMoments(), 0,
                               PhaseTimer(torch.device("cpu")))
@@ -167,7 +167,7 @@ def test_non_finite_loss_skips_the_update(setup):
     root, policy_dir, prompts = setup
     cfg = config(root, policy_dir, prompts, "nan")
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), AutoTokenizer.from_pretrained(policy_dir),
+    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
                           lambda prompts, responses: [float("nan")] * len(responses))
     opts, _ = build_optimizers(models, cfg)
     before = {k: v.clone() for k, v in models.policy.state_dict().items()}
@@ -186,21 +186,31 @@ def test_kl_ceiling_stops_the_run(setup):
         run_ppo(cfg)
 
 
-@pytest.mark.parametrize("critic", ["shared", "separate"])
-def test_resume_equivalence(setup, critic):
-    """Two iterations straight == one, checkpoint, a fresh process resumes, one more."""
+@pytest.mark.parametrize("critic, precision", [("shared", "fp32"), ("separate", "fp32"), ("separate", "bf16-mixed")])
+def test_resume_equivalence(setup, critic, precision):
+    """Two iterations straight == one, checkpoint, a fresh process resumes, one more. In bf16-mixed
+    the weights are bf16 and the checkpoint's optimizers hold fp32 masters, which resume restores."""
     root, policy_dir, prompts = setup
-    loop = dict(iterations=2, save_every=1, keep_checkpoints=0, progress=False, device="cpu")
-    straight = config(root, policy_dir, prompts, f"straight-{critic}", critic=critic, train=LoopConfig(**loop))
+    loop = dict(iterations=2, save_every=1, keep_checkpoints=0, progress=False, device="cpu", precision=precision)
+    name = f"{critic}-{precision}"
+    straight = config(root, policy_dir, prompts, f"straight-{name}", critic=critic, train=LoopConfig(**loop))
     run_ppo(straight)
-    resumed = config(root, policy_dir, prompts, f"resumed-{critic}", critic=critic, train=LoopConfig(**loop))
-    (root / f"resumed-{critic}" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(root / f"straight-{critic}" / "checkpoints" / "step-00000001",
-                    root / f"resumed-{critic}" / "checkpoints" / "step-00000001")
+    resumed = config(root, policy_dir, prompts, f"resumed-{name}", critic=critic, train=LoopConfig(**loop))
+    (root / f"resumed-{name}" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(root / f"straight-{name}" / "checkpoints" / "step-00000001",
+                    root / f"resumed-{name}" / "checkpoints" / "step-00000001")
     run_ppo(resumed)
-    a = load_model(root / f"straight-{critic}" / "final").state_dict()
-    b = load_model(root / f"resumed-{critic}" / "final").state_dict()
+    a = load_model(root / f"straight-{name}" / "final").state_dict()
+    b = load_model(root / f"resumed-{name}" / "final").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    assert {t.dtype for t in a.values()} == {dtype}
+    saved = torch.load(root / f"straight-{name}" / "checkpoints" / "step-00000002" / "trainer_state.pt",
+                       weights_only=False)
+    policy_state = saved["optimizers"][0]["state"]
+    assert policy_state and all(v["exp_avg"].dtype == torch.float32 for v in policy_state.values())
+    if precision == "bf16-mixed":
+        assert all(v["master"].dtype == torch.float32 for v in policy_state.values())
 
 
 def test_separate_critic_starts_from_the_reward_model(setup):
