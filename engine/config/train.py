@@ -16,6 +16,7 @@ DataFormat = Literal["auto", "demonstration", "chat", "pairwise", "ranking", "hh
 SFT_FORMATS = ("auto", "demonstration", "chat")
 RM_FORMATS = ("auto", "pairwise", "ranking", "hh")
 Precision = Literal["auto", "bf16-mixed", "fp32"]
+DataParallel = Literal["shard", "replicate"]
 
 
 @dataclass
@@ -77,9 +78,14 @@ class RunConfig:
     resume: bool = option("continue from the newest checkpoint in output_dir when there is one", True)
     tensorboard: bool = option("also write TensorBoard events to output_dir/tensorboard", False)
     progress: bool = option("show a live progress bar on stderr", True)
+    data_parallel: DataParallel = option("under torchrun: shard (FSDP2 full shard: weights, gradients, optimizer "
+                                         "state 1/N per rank) | replicate (whole copies, for small models)", "shard")
+    dist_timeout_s: float = option("under torchrun: seconds a collective waits for the other ranks before "
+                                   "the job fails", 600.0)
 
     def __post_init__(self):
         check_choices(self, "train.")
+        check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),
                f"train.device must be cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("save_every", "keep_checkpoints"):

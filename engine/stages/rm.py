@@ -20,6 +20,7 @@ from ..data.records import Ranking, parser_for, read_jsonl
 from ..data.tokenization import tokenize_prompt, tokenize_response
 from ..model.hf_io import load_model
 from ..model.reward_model import RewardModel, load_reward_model, reward_model_from_lm, save_reward_model
+from ..train.distributed import is_main, write_once
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
 from ..train.supervised import Stage, train
@@ -126,9 +127,11 @@ def run_rm(cfg: RMConfig) -> Path:
     del lm
     state = train(model, rm_stage(cfg, run.dtype, device), examples.train, examples.eval, cfg, device, examples.info)
     references = reference_sequences(cfg, tokenizer, examples.records)
+    # Every rank scores all references (the sharded forward is collective), so all agree on it.
     model.reward_offset = mean_raw_reward(model, references, cfg.data.tokens_per_batch, device)
-    append_metrics(cfg.output_dir, "info", state.step, {"reward_offset": model.reward_offset,
-                                                        "reference_responses": len(references)})
+    if is_main():
+        append_metrics(cfg.output_dir, "info", state.step, {"reward_offset": model.reward_offset,
+                                                            "reference_responses": len(references)})
     final = Path(cfg.output_dir) / "final"
-    save_reward_model(model, final, source_dir=cfg.model)
+    write_once([model], lambda: save_reward_model(model, final, source_dir=cfg.model))
     return final

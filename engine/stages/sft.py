@@ -14,6 +14,7 @@ from ..data.loading import load_examples
 from ..data.packing import PackedBatch, collate_sft
 from ..model.hf_io import load_model, save_model
 from ..model.lm_head import lm_head_logprobs
+from ..train.distributed import write_once
 from ..train.run_setup import start_run
 from ..train.supervised import Stage, train
 
@@ -54,5 +55,5 @@ def run_sft(cfg: SFTConfig) -> Path:
     train(model, sft_stage(cfg.model, run.dtype, run.device), examples.train, examples.eval, cfg, run.device,
           examples.info)
     final = Path(cfg.output_dir) / "final"
-    save_model(model, final, source_dir=cfg.model)
+    write_once([model], lambda: save_model(model, final, source_dir=cfg.model))
     return final

@@ -8,6 +8,7 @@ Layout of `RUN_DIR/checkpoints/step-00000012/`:
                         (python, torch CPU, CUDA) and the stage's loop state (a dict)
 The directory is first written as a hidden `.step-...tmp-*` sibling and renamed when complete, so a
 crash mid-save leaves no `step-*` directory at all: `latest_checkpoint` never sees half a checkpoint.
+A run with several ranks (torchrun) writes the sharded form instead: engine/train/sharded_checkpoint.py.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-STATE_FILE = "trainer_state.pt"
+from . import distributed
+from .sharded_checkpoint import STATE_FILE, is_sharded, load_sharded, save_sharded
+
 PREFIX = "step-"
 
 
@@ -63,32 +66,50 @@ def checkpoint_dir(run_dir, step: int) -> Path:
 
 def save_checkpoint(run_dir, step: int, parts: Trainables, loop_state: dict, keep: int = 0) -> Path:
     """Write checkpoint `step` into a hidden temp sibling, then rename it into place; keep the
-    newest `keep` checkpoints (0 = all)."""
+    newest `keep` checkpoints (0 = all). With several ranks (collective: every rank calls it) the
+    checkpoint is sharded (engine/train/sharded_checkpoint.py) and rank 0 creates and renames it."""
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = None
+    if distributed.is_main():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = distributed.broadcast(tmp)
     try:
-        for name, model in parts.models.items():
-            model.save(model.module, tmp / name)
-        torch.save({"optimizers": [o.state_dict() for o in parts.optimizers],
-                    "schedulers": [s.state_dict() for s in parts.schedulers],
-                    "small_modules": {k: m.state_dict() for k, m in parts.small_modules.items()},
-                    "rng": rng_state(), "state": loop_state}, tmp / STATE_FILE)
-        if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
-            shutil.rmtree(final)
-        tmp.rename(final)
+        if distributed.world_size() > 1:
+            save_sharded(tmp, parts, loop_state, rng_state())
+        else:
+            for name, model in parts.models.items():
+                model.save(model.module, tmp / name)
+            torch.save({"optimizers": [o.state_dict() for o in parts.optimizers],
+                        "schedulers": [s.state_dict() for s in parts.schedulers],
+                        "small_modules": {k: m.state_dict() for k, m in parts.small_modules.items()},
+                        "rng": rng_state(), "state": loop_state}, tmp / STATE_FILE)
+        distributed.barrier()  # every rank's shards are written before the rename
+        if distributed.is_main():
+            if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
+                shutil.rmtree(final)
+            tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep:
+    if keep and distributed.is_main():
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
+    distributed.barrier()  # no rank reads the run directory before it is complete
     return final
 
 
 def load_checkpoint(path, parts: Trainables) -> dict:
-    """Restore every part from checkpoint `path`, and the RNG states; return the loop state."""
+    """Restore every part from checkpoint `path`, and the RNG states; return the loop state.
+    A sharded checkpoint loads onto any number of ranks; a one-process checkpoint onto one."""
     path = Path(path)
+    if is_sharded(path):
+        loop_state, rng = load_sharded(path, parts)
+        set_rng_state(rng)
+        return loop_state
+    if distributed.world_size() > 1:
+        raise RuntimeError(f"{path} was written by one process (not sharded): resume it without torchrun, "
+                           "or start the multi-rank run in a new output_dir")
     # Our own file; weights_only=False because the python RNG state and scheduler dicts are not tensors.
     saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     with torch.no_grad():

@@ -17,8 +17,9 @@ from typing import Callable, Optional
 import torch
 
 from ..config.train import RunConfig
+from . import distributed
 from .checkpoint import Trainables, latest_checkpoint, load_checkpoint, save_checkpoint
-from .runlog import RunLog
+from .runlog import RunLog, SilentLog
 
 
 class StopTraining(RuntimeError):
@@ -47,15 +48,19 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
 
     `step` advances the stage's own position fields (not `state.step`) and returns its metrics;
     the loop adds `step_time_s` and, when the metrics count "tokens", `tokens_per_s`.
+    Under torchrun every rank runs this loop (checkpoints and evaluation are collective); `step`
+    returns metrics already reduced over the ranks, and rank 0 alone writes the run log.
     """
     options = plan.options
     resume_from = latest_checkpoint(plan.run_dir) if options.resume else None
     if resume_from is not None:
         for key, value in load_checkpoint(resume_from, parts).items():
             setattr(state, key, value)
-    run = RunLog(plan.run_dir, plan.config, plan.total_steps, state.step, options.progress, options.tensorboard)
+    run = (RunLog(plan.run_dir, plan.config, plan.total_steps, state.step, options.progress, options.tensorboard,
+                  distributed.world_size()) if distributed.is_main() else SilentLog())
     try:
         run.log("info", state.step, {**(info or {}), "total_steps": plan.total_steps,
+                                     "world_size": distributed.world_size(),
                                      "resumed_from": str(resume_from) if resume_from else None})
         while state.step < plan.total_steps:
             start = time.perf_counter()

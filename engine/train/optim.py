@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..config.train import OptimConfig
+from .distributed import plain
 from .precision import MixedPrecisionAdamW
 
 
@@ -44,7 +45,8 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> torch.opti
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Global L2 norm of the gradients before clipping (clipping skipped when max_norm == 0)."""
+    """Global L2 norm of the gradients before clipping (clipping skipped when max_norm == 0); of the
+    whole model when it is sharded (a collective then)."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return float(norm)
+    return float(plain(norm))

@@ -1,7 +1,8 @@
 """The run directory's log side: resolved config, metrics JSONL, progress bar, optional TensorBoard.
 
 RUN_DIR/
-    config.yaml       the resolved config (file + overrides + defaults) the run used
+    config.yaml       the resolved config (file + overrides + defaults) the run used; its last
+                      line, a comment, records the number of ranks: `# world_size: N`
     metrics.jsonl     one JSON object per line: {"kind": "train"|"eval"|"info", "step": ..., ...}
     tensorboard/      event files, when enabled
     checkpoints/      see engine/train/checkpoint.py
@@ -28,10 +29,12 @@ class RunLog:
     """Appends metrics to RUN_DIR/metrics.jsonl (and TensorBoard); drives the progress bar."""
 
     def __init__(self, run_dir, config, total_steps: int, first_step: int = 0,
-                 progress: bool = True, tensorboard: bool = False):
+                 progress: bool = True, tensorboard: bool = False, world_size: int = 1):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_io.save_yaml(config, self.run_dir / "config.yaml")
+        with (self.run_dir / "config.yaml").open("a", encoding="utf-8") as f:
+            f.write(f"# world_size: {world_size}\n")  # a comment: the file stays loadable as a config
         self._metrics = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
         self._tb = _tensorboard_writer(self.run_dir / "tensorboard") if tensorboard else None
         self._bar = None
@@ -60,6 +63,16 @@ class RunLog:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+
+
+class SilentLog:
+    """The run log of every rank but 0: rank 0 writes the one metrics file (with reduced metrics)."""
+
+    def log(self, kind: str, step: int, metrics: dict):
+        pass
+
+    def close(self):
+        pass
 
 
 def metrics_line(kind: str, step: int, metrics: dict) -> str:

@@ -3,6 +3,10 @@
 A `Stage` says what differs (batch building, loss, metrics, weight I/O); `train` does the rest:
 micro-batch stream with a resumable position, gradient accumulation, clipping, AdamW (mixed precision
 for bf16 weights) + schedule, held-out evaluation, driven by engine/train/loop.py.
+
+Under torchrun the model is sharded (engine/train/distributed.py) and a step's optim.grad_accum_steps
+micro-batches (the global batch, as for one process) are split over the ranks; the loss denominators
+(`step_counts`) are summed over the ranks, so the step equals one process's on the same data.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 from ..config.train import StageConfig
 from ..data.packing import epoch_batches
 from ..data.tokenization import TokenizedExample
-from . import optim
+from . import distributed, optim
 from .checkpoint import SavedModel, Trainables
 from .loop import RunPlan, run_training
 from .runlog import peak_memory_mb
@@ -76,19 +80,20 @@ def to_device(batch, device: torch.device):
 
 
 def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: StageConfig, device) -> dict:
-    """One optimizer step over `batches` (the step's micro-batches, collated); returns its metrics."""
-    step_counts = sum((Counter(stage.counts(b)) for b in batches), Counter())
+    """One optimizer step over `batches` (this rank's share of the step's micro-batches, collated);
+    returns the step's metrics over all ranks."""
+    step_counts = distributed.all_reduce_sum(sum((Counter(stage.counts(b)) for b in batches), Counter()))
     stats = Counter()
     optimizer.zero_grad(set_to_none=True)
     for batch in batches:
         loss, batch_stats = stage.loss(model, to_device(batch, device), step_counts)
-        loss.backward()
+        (loss * distributed.world_size()).backward()  # FSDP averages over ranks; the step sums
         stats.update(batch_stats)
     grad_norm = optim.clip_grad_norm(model, cfg.optim.max_grad_norm)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
-    return {**stage.summarize(stats, step_counts), "lr": lr, "grad_norm": grad_norm}
+    return {**stage.summarize(distributed.all_reduce_sum(stats), step_counts), "lr": lr, "grad_norm": grad_norm}
 
 
 @torch.no_grad()
@@ -107,10 +112,13 @@ def evaluate(model, stage: Stage, examples: list[TokenizedExample], cfg: StageCo
 def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_info: dict | None = None
           ) -> SupervisedState:
     """Train `model` in place for the configured steps, resuming from the newest checkpoint in
-    cfg.output_dir when train.resume is set. Returns the final state."""
+    cfg.output_dir when train.resume is set. Returns the final state. Under torchrun `model` is
+    sharded in place (export it with distributed.write_once)."""
     if cfg.data.max_length > model.config.max_model_len:
         raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's max_model_len "
                          f"{model.config.max_model_len}")
+    share = distributed.split_evenly(cfg.optim.grad_accum_steps, "optim.grad_accum_steps")
+    distributed.shard(model, cfg.train.data_parallel)
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     steps = total_steps(train_ex, cfg)
@@ -127,12 +135,13 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         group = [next(stream) for _ in range(cfg.optim.grad_accum_steps)]
-        batches = [stage.collate(examples) for _, _, examples in group]
+        batches = [stage.collate(examples) for _, _, examples in group[share]]
         metrics = train_step(model, stage, batches, optimizer, scheduler, cfg, device)
-        tokens = sum(len(b.input_ids) for b in batches)
+        rank_tokens = distributed.all_gather(sum(len(b.input_ids) for b in batches))
         state.epoch, state.batch_index = group[-1][0], group[-1][1] + 1
-        state.tokens += tokens
-        return {**metrics, "tokens": tokens, "epoch": state.epoch, "peak_mem_mb": peak_memory_mb(device)}
+        state.tokens += sum(rank_tokens)
+        return {**metrics, "tokens": sum(rank_tokens), "tokens_per_rank": rank_tokens, "epoch": state.epoch,
+                "peak_mem_mb": peak_memory_mb(device)}
 
     evaluate_held_out = (lambda: evaluate(model, stage, eval_ex, cfg, device)) if eval_ex else None
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, steps, cfg.train.eval_every)

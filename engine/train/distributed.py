@@ -1,0 +1,165 @@
+"""Data parallelism over the ranks of one `torchrun` job: process group, rank helpers, reductions,
+and FSDP2 sharding (`torch.distributed.fsdp.fully_shard`).
+
+Without torchrun (no WORLD_SIZE, or WORLD_SIZE=1) nothing here starts a process group and every
+helper is the identity of one process: world_size() == 1, rank() == 0, reductions return their
+input, shard() returns the model untouched. Under torchrun, `init_distributed` joins the group
+(NCCL on CUDA, gloo on the CPU) with a timeout, so a collective waiting on a dead rank fails
+instead of hanging; torchrun itself stops the other ranks when one exits with an error.
+
+Convention of every stage: a step's global batch is split over the ranks, each rank's loss is its
+share of the global loss (normalized by counts all-reduced over the ranks), and FSDP averages the
+gradients over the ranks, so `backward(loss * world_size())` makes the reduced gradient the
+global batch's gradient, as one process would compute it.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+def init_distributed(device_type: str, timeout_s: float) -> None:
+    """Join torchrun's process group when WORLD_SIZE > 1 (once per process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes logs, exports and checkpoint metadata."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def broadcast(value):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(value) -> list:
+    """[value of rank 0, value of rank 1, ...] (picklable objects) on every rank."""
+    if world_size() == 1:
+        return [value]
+    out = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def all_reduce_sum(values: dict) -> dict:
+    """Per-key sums over the ranks of a dict of numbers (every rank passes the same keys), in
+    float64 so counts stay exact; ints come back as ints."""
+    if world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(buf)
+    return {k: int(v) if isinstance(values[k], int) else v for k, v in zip(keys, buf.tolist())}
+
+
+def all_reduce_tensor(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """x summed (or max-ed) over the ranks, as a new tensor (gloo runs on CPU copies)."""
+    if world_size() == 1:
+        return x.clone()
+    out = x.detach().cpu().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return out.to(x.device)
+
+
+def split_evenly(n: int, what: str) -> slice:
+    """This rank's contiguous share of `n` items; n must be a multiple of the world size, so every
+    rank runs the same number of forwards and backwards (FSDP's collectives must match)."""
+    w = world_size()
+    if n % w:
+        raise ValueError(f"{what}={n} must be a multiple of the number of ranks ({w})")
+    share = n // w
+    return slice(rank() * share, (rank() + 1) * share)
+
+
+def shard(model: nn.Module, mode: str = "shard") -> nn.Module:
+    """Shard `model` over the ranks with FSDP2, each decoder layer its own unit (so one layer's
+    parameters are gathered at a time) and the rest (embeddings, final norm, LM head, heads) in the
+    root unit. mode "shard": full shard (parameters, gradients and optimizer state 1/N per rank);
+    "replicate": every rank keeps whole parameters and optimizer state and gradients are
+    all-reduced (HSDP with a shard group of one rank), for models small enough. One process: the
+    model as is."""
+    if world_size() == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device_type = next(model.parameters()).device.type
+    mesh = (init_device_mesh(device_type, (world_size(),)) if mode == "shard" else
+            init_device_mesh(device_type, (world_size(), 1), mesh_dim_names=("replicate", "shard")))
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def fsdp_units(model: nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(*models: nn.Module) -> Iterator[None]:
+    """Inside: every FSDP unit of `models` holds its whole (unsharded) parameters as plain tensors
+    and no forward reshards them, so a rank can run any number of forwards with no collective
+    (generation of its own share of prompts) or read whole weights (exports). Costs one whole
+    copy of each model's parameters per rank while inside. Collective on entry and exit. No-op
+    for an unsharded model."""
+    units = [u for m in models for u in fsdp_units(m)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            # FSDP's own defaults: a root unit keeps its parameters after forward (backward
+            # needs them next), every other unit reshards.
+            unit.set_reshard_after_forward(not any(unit is m for m in models), recurse=False)
+
+
+def write_once(models: list[nn.Module], write: Callable[[], None]) -> None:
+    """Run `write` (an export of `models`) on rank 0 alone, with the models' whole weights in place;
+    collective, and every rank returns once it is written."""
+    with gathered(*models):
+        if is_main():
+            write()
+    barrier()
+
+
+def plain(x):
+    """A DTensor's whole value (collective), anything else as is."""
+    from torch.distributed.tensor import DTensor
+    return x.full_tensor() if isinstance(x, DTensor) else x

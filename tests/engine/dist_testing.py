@@ -1,0 +1,23 @@
+"""Running a stage under `torchrun` from a test: 2 CPU processes over gloo, through the real command."""
+import os
+import shutil
+import subprocess
+import sys
+
+from fusedrl.engine.config import io as config_io
+
+
+def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 120, overrides=()):
+    """`torchrun --standalone --nproc-per-node NPROC fusedrl COMMAND --config C.yaml OVERRIDES`;
+    returns the CompletedProcess (stdout and stderr captured as text)."""
+    path = tmp_path / f"{command}-{nproc}.yaml"
+    config_io.save_yaml(config, path)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            shutil.which("fusedrl"), command, "--config", str(path), *overrides]
+    # One thread per rank: the ranks share the test machine's cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def check(result) -> None:
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
