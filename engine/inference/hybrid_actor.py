@@ -6,6 +6,13 @@ every rollout samples from the current weights (CUDA graphs captured by the engi
 at the same storage). The KV pool is allocated once at `rollout.kv_cache_memory` bytes and kept
 through training: its size is a stated budget, not a surprise, and re-allocating it each iteration
 would also invalidate the captured graphs.
+
+Under torchrun (the policy sharded by FSDP2) each rank generates its own share of the prompts from
+the whole parameters: `generate` gathers them (`unshard()`) before the rollout and frees them
+(`reshard()`) after, so a rank holds one whole copy of the policy's parameters only while it
+generates (on top of its shard), and its forwards inside issue no collective, whatever its number
+of decode steps. The KV pool is per rank. CUDA graphs are off there: the gathered parameters are
+reallocated at every unshard, and a captured graph would read freed memory.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import torch
 
 from .llm import LLM
 from ..model.causal_lm import CausalLM
+from ..train import distributed
 from .sampling_params import SamplingParams
 
 
@@ -21,7 +29,7 @@ class HybridActor:
                  max_num_seqs: int = 256, use_cuda_graphs: bool = True):
         self.policy = policy
         self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
-                       max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs)
+                       max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and distributed.world_size() == 1)
 
     @property
     def kv_pool_bytes(self) -> int:
@@ -36,7 +44,8 @@ class HybridActor:
         Returns (prompt of each row, response of each row, sampler log-prob of each response token),
         rows ordered prompt by prompt, sample by sample.
         """
-        outputs = self.llm.generate(prompts, params)
+        with distributed.gathered(self.policy):
+            outputs = self.llm.generate(prompts, params)
         rows = [(out.prompt_token_ids, c.token_ids, c.logprobs) for out in outputs for c in out.outputs]
         prompt_ids, responses, logprobs = (list(x) for x in zip(*rows))
         return prompt_ids, responses, logprobs

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 from typing import Callable, Iterator
 
@@ -93,14 +94,18 @@ def all_reduce_tensor(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return out.to(x.device)
 
 
+def share(n: int, what: str) -> int:
+    """Items per rank of `n`; n must be a multiple of the world size, so every rank runs the same
+    number of forwards and backwards (FSDP's collectives must match)."""
+    if n % world_size():
+        raise ValueError(f"{what}={n} must be a multiple of the number of ranks ({world_size()})")
+    return n // world_size()
+
+
 def split_evenly(n: int, what: str) -> slice:
-    """This rank's contiguous share of `n` items; n must be a multiple of the world size, so every
-    rank runs the same number of forwards and backwards (FSDP's collectives must match)."""
-    w = world_size()
-    if n % w:
-        raise ValueError(f"{what}={n} must be a multiple of the number of ranks ({w})")
-    share = n // w
-    return slice(rank() * share, (rank() + 1) * share)
+    """This rank's contiguous share of `n` items (see `share`)."""
+    size = share(n, what)
+    return slice(rank() * size, (rank() + 1) * size)
 
 
 def shard(model: nn.Module, mode: str = "shard") -> nn.Module:
@@ -112,16 +117,23 @@ def shard(model: nn.Module, mode: str = "shard") -> nn.Module:
     model as is."""
     if world_size() == 1:
         return model
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    device_type = next(model.parameters()).device.type
-    mesh = (init_device_mesh(device_type, (world_size(),)) if mode == "shard" else
-            init_device_mesh(device_type, (world_size(), 1), mesh_dim_names=("replicate", "shard")))
+    mesh = _mesh(next(model.parameters()).device.type, mode)
     for layer in getattr(getattr(model, "model", None), "layers", []):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+@functools.cache
+def _mesh(device_type: str, mode: str):
+    """One device mesh per job and mode: the models' DTensors must share it (e.g. to clip the
+    policy's and the shared value head's gradients together)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if mode == "shard":
+        return init_device_mesh(device_type, (world_size(),))
+    return init_device_mesh(device_type, (world_size(), 1), mesh_dim_names=("replicate", "shard"))
 
 
 def fsdp_units(model: nn.Module) -> list:

@@ -7,15 +7,16 @@ import sys
 from fusedrl.engine.config import io as config_io
 
 
-def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 120, overrides=()):
+def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 120, overrides=(), env=None):
     """`torchrun --standalone --nproc-per-node NPROC fusedrl COMMAND --config C.yaml OVERRIDES`;
-    returns the CompletedProcess (stdout and stderr captured as text)."""
+    returns the CompletedProcess (stdout and stderr captured as text). The ranks import what this
+    process imports (test modules as reward functions) and see `env` on top of this environment."""
     path = tmp_path / f"{command}-{nproc}.yaml"
     config_io.save_yaml(config, path)
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             shutil.which("fusedrl"), command, "--config", str(path), *overrides]
     # One thread per rank: the ranks share the test machine's cores.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
 
 

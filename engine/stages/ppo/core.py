@@ -56,13 +56,6 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: to
     return advantages, returns
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - Var[returns - values] / Var[returns] over valid tokens (0-dim; NaN if returns are constant)."""
-    valid = mask.bool()
-    diff, ret = (returns - values).float()[valid], returns.float()[valid]
-    return 1.0 - diff.var(unbiased=False) / ret.var(unbiased=False)
-
-
 @dataclass
 class KLController:
     """The KL penalty coefficient beta. Fixed when ``target`` is None; otherwise adaptive (Ziegler et

@@ -7,6 +7,8 @@ RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
                                  the loop state (iteration, KL coefficient, reward moments, ptx position)
     final/                       the trained policy, a transformers-loadable directory
     final_critic/                the separate critic, when there is one
+Under torchrun every model is sharded (train.data_parallel) and each iteration's prompts are split
+over the ranks (rollout.prompts_per_iteration a multiple of the number of ranks); see update.py.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from ...model.hf_io import load_model, save_model
 from ...model.reward_model import load_reward_model
 from ...model.value_model import (load_value_model, save_value_model, shared_value_head, value_model_from_lm,
                                   value_model_from_reward_model)
-from ...train import optim
+from ...train import distributed, optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
 from ...train.run_setup import start_run
@@ -83,9 +85,13 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         critic.gradient_checkpointing = cfg.train.gradient_checkpointing
     else:
         value_head = shared_value_head(policy)
+    for model in (policy, reference, rm, critic, value_head):
+        if model is not None:  # built whole above (the critic from the whole reward model), sharded now
+            distributed.shard(model, cfg.train.data_parallel)
+    prompts_per_rank = distributed.share(cfg.rollout.prompts_per_iteration, "rollout.prompts_per_iteration")
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory,
                         block_size=cfg.rollout.block_size,
-                        max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt)
+                        max_num_seqs=prompts_per_rank * cfg.rollout.samples_per_prompt)
     return PPOModels(policy, reference, actor, critic, value_head, score)
 
 
@@ -160,9 +166,9 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
                  evaluate=None if evaluate is None else lambda: evaluate(models),
                  info={"prompts": len(prompts), "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
     final = Path(cfg.output_dir) / "final"
-    save_model(models.policy, final, source_dir=cfg.policy)
+    distributed.write_once([models.policy], lambda: save_model(models.policy, final, source_dir=cfg.policy))
     if models.critic is not None:
-        save_value_model(models.critic, Path(cfg.output_dir) / "final_critic")
+        distributed.write_once([models.critic], lambda: save_value_model(models.critic, Path(cfg.output_dir) / "final_critic"))
     return final
 
 
@@ -180,18 +186,20 @@ def iteration_step(cfg, models, opts, schedules, prompts, tokenizer, device) -> 
             ptx_loss = ptx_loss_fn(cfg, tokenizer, models, state, device)
         it = state.step
         timer = PhaseTimer(device)
-        batch = [prompts[i] for i in prompt_indices(len(prompts), cfg.rollout.prompts_per_iteration, cfg.seed, it)]
+        indices = prompt_indices(len(prompts), cfg.rollout.prompts_per_iteration, cfg.seed, it)
+        share = distributed.split_evenly(len(indices), "rollout.prompts_per_iteration")
+        batch = [prompts[i] for i in indices[share]]
         rollout, metrics = make_rollout(models, batch, cfg, kl_ctl.value, moments, cfg.seed * 1_000_003 + it, timer)
         if cfg.reward.kl_ceiling is not None and metrics["kl"] > cfg.reward.kl_ceiling:
             raise KLCeilingExceeded(f"iteration {it}: KL to the reference {metrics['kl']:.4g} exceeds "
                                     f"reward.kl_ceiling={cfg.reward.kl_ceiling}; stopping (reward hacking guard)")
         with timer.phase("train"):
             metrics.update(ppo_update(models, opts, rollout, cfg, cfg.seed + it, ptx_loss))
-        metrics["tokens_per_s_train"] = cfg.ppo.epochs * int(rollout.mask.sum()) / max(timer.seconds["train"], 1e-9)
+        metrics["tokens_per_s_train"] = cfg.ppo.epochs * metrics["tokens"] / max(timer.seconds["train"], 1e-9)
         metrics["lr"] = schedules[0].get_last_lr()[0]
         for s in schedules:
             s.step()
-        kl_ctl.update(metrics["kl"], rollout.mask.shape[0])
+        kl_ctl.update(metrics["kl"], rollout.mask.shape[0] * distributed.world_size())
         state.kl_coef, state.moments = kl_ctl.value, moments.state_dict()
         return {**metrics, **timer.metrics()}
     return step

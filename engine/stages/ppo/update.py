@@ -1,9 +1,16 @@
 """One PPO iteration as two functions: `make_rollout` (generate, score, reference and old
 log-probs, values, shaped rewards, advantages) and `ppo_update` (K epochs of minibatch updates of
-the policy and the critic). They compose the kernels and engine/stages/ppo/core.py; no math lives here."""
+the policy and the critic). They compose the kernels and engine/stages/ppo/core.py; no math lives here.
+
+Under torchrun each rank holds its share of the rollout's rows: statistics that shape the update
+(score normalization, advantage whitening, the KL that drives the controller) and the metrics are
+taken over all ranks (global_stats.py), each minibatch is every rank's share of the global one, its
+loss weights are normalized by the global minibatch's units, and skips and early stops are decided
+on global values, so every rank takes the same steps."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -12,12 +19,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ...train import optim
+from ...train import distributed, optim
 from ...inference.hybrid_actor import HybridActor
 from ...model.value_model import ValueModel
 from ...model.causal_lm import CausalLM
 from ...config.ppo import PPOConfig
-from .core import RunningMoments, advantages_and_returns, explained_variance, shape_rewards
+from . import global_stats
+from .core import RunningMoments, advantages_and_returns, shape_rewards
 from ...data.packing import PackedBatch, pack_sequences
 from .rollout import Rollout, pack_rollout, response_logprobs
 from ...train.runlog import peak_memory_mb
@@ -110,27 +118,31 @@ def make_rollout(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, kl
     with timer.phase("old"), torch.no_grad():
         old_logp, entropy, old_values = models.forward(packed, r.temperature, with_entropy=True)
     kl = kl_penalty(old_logp, ref_logp, estimator=cfg.reward.kl_estimator, mask=mask)
-    shaped = moments.normalize(scores) if cfg.reward.normalize else scores
+    shaped = global_stats.own_rows(moments.normalize(global_stats.gather_rows(scores))) if cfg.reward.normalize else scores
     if cfg.reward.clip is not None:
         shaped = shaped.clamp(-cfg.reward.clip, cfg.reward.clip)
     rewards = shape_rewards(kl, shaped, mask, kl_coef)
     advantages, returns = advantages_and_returns(
-        rewards, old_values, mask, estimator=cfg.ppo.estimator, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
-        whiten=cfg.ppo.whiten_advantages)
+        rewards, old_values, mask, estimator=cfg.ppo.estimator, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam, whiten=False)
+    if cfg.ppo.whiten_advantages:
+        advantages = global_stats.whiten(advantages, mask)
     sampler = packed.to_grid(torch.tensor([x for row in sampler_logprobs for x in row], device=device))
     rollout = Rollout(packed, mask, sampler, old_logp, ref_logp, old_values, scores, rewards,
                       advantages, returns)
-    mismatch = (sampler - old_logp).abs()[mask]
+    mismatch = (sampler - old_logp).abs()
+    rank_tokens = distributed.all_gather(int(mask.sum()))
+    g = global_stats
     metrics = {
-        "score_mean": scores.mean().item(), "score_std": scores.std(unbiased=False).item(),
-        "reward_mean": rewards.sum(-1).mean().item(), "reward_std": rewards.sum(-1).std(unbiased=False).item(),
-        "kl": kl.sum(-1).mean().item(), "kl_coef": kl_coef,
-        "entropy": masked_mean(entropy, mask).item(),
-        "response_length": mask.sum(-1).float().mean().item(),
-        "explained_variance": explained_variance(old_values, returns, mask).item(),
-        "perplexity": torch.exp(-masked_mean(old_logp, mask)).item(),
-        "logprob_mismatch": mismatch.mean().item(), "logprob_mismatch_max": mismatch.max().item(),
-        "tokens_per_s_generate": int(mask.sum()) / max(timer.seconds["generate"], 1e-9),
+        "score_mean": g.row_mean(scores), "score_std": g.row_std(scores),
+        "reward_mean": g.row_mean(rewards.sum(-1)), "reward_std": g.row_std(rewards.sum(-1)),
+        "kl": g.row_mean(kl.sum(-1)), "kl_coef": kl_coef,
+        "entropy": g.masked_mean(entropy, mask),
+        "response_length": g.row_mean(mask.sum(-1).float()),
+        "explained_variance": g.explained_variance(old_values, returns, mask),
+        "perplexity": math.exp(-g.masked_mean(old_logp, mask)),
+        "logprob_mismatch": g.masked_mean(mismatch, mask), "logprob_mismatch_max": g.masked_max(mismatch, mask),
+        "tokens_per_s_generate": sum(rank_tokens) / max(timer.seconds["generate"], 1e-9),
+        "tokens": sum(rank_tokens), "tokens_per_rank": rank_tokens,
     }
     return rollout, metrics
 
@@ -175,14 +187,16 @@ def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
     size = min(p.microbatch_size or rows, rows)
     tokens = batch.mask.sum(-1)                                             # [B]
     units = tokens if p.agg == "token-mean" else (tokens > 0).long()
+    # Denominators of the global minibatch (every rank's share of it).
+    all_units, all_tokens = (distributed.all_reduce_tensor(x.sum()).clamp_min(1) for x in (units, tokens))
     totals: dict = {}
     total_loss = torch.zeros((), device=batch.mask.device)
     for start in range(0, rows, size):
         micro = batch if size == rows else batch.rows(list(range(start, min(start + size, rows))))
-        agg_weight = units[start:start + size].sum() / units.sum().clamp_min(1)
-        token_weight = tokens[start:start + size].sum() / tokens.sum().clamp_min(1)
+        agg_weight = units[start:start + size].sum() / all_units
+        token_weight = tokens[start:start + size].sum() / all_tokens
         loss, stats = minibatch_loss(models, micro, cfg, agg_weight, token_weight)
-        loss.backward()
+        (loss * distributed.world_size()).backward()  # FSDP averages over ranks; the minibatch sums
         total_loss = total_loss + loss.detach()
         for name, value in stats.items():
             totals[name] = totals.get(name, 0.0) + agg_weight * value
@@ -191,7 +205,20 @@ def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
         (p.ptx_coef * ptx).backward()
         total_loss = total_loss + ptx.detach()
         totals["ptx_loss"] = ptx.detach()
-    return totals if torch.isfinite(total_loss) else None
+    if not all_finite(total_loss):
+        return None
+    if distributed.world_size() == 1:
+        return totals
+    # Sums of the ranks' weighted shares: the global minibatch's stats (the PPO-ptx batch is the
+    # same on every rank, so its loss is averaged instead).
+    ptx = totals.pop("ptx_loss", None)
+    reduced = distributed.all_reduce_sum({k: float(v) for k, v in totals.items()})
+    return reduced if ptx is None else {**reduced, "ptx_loss": float(ptx)}
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether x is finite on every rank (the ranks must agree on skipping an update)."""
+    return distributed.all_reduce_tensor((~torch.isfinite(x)).float()).item() == 0
 
 
 def minibatch_loss(models: PPOModels, batch: Rollout, cfg: PPOConfig, agg_weight=1.0, token_weight=1.0):
@@ -218,15 +245,15 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, cfg:
     """cfg.ppo.epochs passes of shuffled minibatch updates; a non-finite loss or gradient skips
     that update (and is counted), an approx KL past cfg.ppo.max_approx_kl ends the epochs early."""
     rows = rollout.mask.shape[0]
+    minibatch = distributed.share(cfg.ppo.minibatch_size, "ppo.minibatch_size")  # this rank's rows of one
     order_rng = torch.Generator().manual_seed(seed)
     totals, updates, skipped, epochs_done = Counter(), 0, 0, 0
     for _ in range(cfg.ppo.epochs):
         order = torch.randperm(rows, generator=order_rng).tolist()
         stop = False
-        for start in range(0, rows, cfg.ppo.minibatch_size):
+        for start in range(0, rows, minibatch):
             optimizers.zero_grad()
-            stats = minibatch_backward(models, rollout.rows(order[start:start + cfg.ppo.minibatch_size]),
-                                       cfg, ptx_loss)
+            stats = minibatch_backward(models, rollout.rows(order[start:start + minibatch]), cfg, ptx_loss)
             grad_norm = None if stats is None else optimizers.clip_and_step()
             if grad_norm is None:
                 skipped += 1

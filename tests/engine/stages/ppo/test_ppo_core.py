@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from fusedrl.engine.stages.ppo.core import (KLController, RunningMoments, advantages_and_returns, explained_variance,
+from fusedrl.engine.stages.ppo.core import (KLController, RunningMoments, advantages_and_returns,
                              last_valid_index, shape_rewards)
+from fusedrl.engine.stages.ppo.global_stats import explained_variance, whiten
 from fusedrl.kernels import reference
 
 
@@ -52,8 +53,14 @@ def test_gae_path_whitens_advantages_only():
 def test_explained_variance():
     returns = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
-    assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
-    assert explained_variance(torch.full_like(returns, 2.0), returns, mask).item() == pytest.approx(0.0)
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0)
+    assert math.isnan(explained_variance(returns, torch.ones_like(returns), mask))
+
+
+def test_one_process_whitening_is_the_kernels():
+    x, mask = torch.randn(3, 5), torch.rand(3, 5) > 0.3
+    torch.testing.assert_close(whiten(x, mask), reference.masked_whiten(x, mask))
 
 
 def test_kl_controller_moves_toward_target():

@@ -1,0 +1,74 @@
+"""Statistics of a rollout whose rows are split over the ranks (each rank holds R rows of the
+global W * R, in rank order): every rank gets the value one process would compute on the whole
+rollout. Per-token tensors are [R, T] with T each rank's own longest response, so statistics go
+through sums and counts, never through concatenated grids. With one process these are the plain
+statistics (whitening exactly the kernel's).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ....kernels import masked_whiten
+from ...train import distributed
+
+
+def _sum(*values: torch.Tensor) -> list[float]:
+    """Each 0-dim value summed over the ranks (one all-reduce), as float64 Python floats."""
+    return distributed.all_reduce_tensor(torch.stack([v.double() for v in values])).tolist()
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """[R, ...] on each rank -> [W * R, ...], rank 0's rows first (the same R on every rank)."""
+    if distributed.world_size() == 1:
+        return x
+    parts = [torch.empty_like(x, device="cpu") for _ in range(distributed.world_size())]
+    dist.all_gather(parts, x.detach().cpu().contiguous())
+    return torch.cat(parts).to(x.device)
+
+
+def own_rows(x: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a gathered [W * R, ...] tensor."""
+    return x[distributed.split_evenly(x.shape[0], "rows")]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of x over valid entries of all ranks (0 when there are none)."""
+    total, count = _sum(torch.where(mask, x.double(), 0.0).sum(), mask.sum())
+    return total / max(count, 1)
+
+
+def row_mean(x: torch.Tensor) -> float:
+    """Mean of a per-row [R] tensor over all ranks' rows."""
+    return masked_mean(x, torch.ones_like(x, dtype=torch.bool))
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> float:
+    """Variance over valid entries of all ranks (two passes: the mean, then centered squares)."""
+    mean = masked_mean(x, mask)
+    squares, count = _sum(torch.where(mask, (x.double() - mean) ** 2, 0.0).sum(), mask.sum())
+    return squares / max(count - (1 if unbiased else 0), 1)
+
+
+def row_std(x: torch.Tensor) -> float:
+    """Population std of a per-row [R] tensor over all ranks' rows."""
+    return masked_var(x, torch.ones_like(x, dtype=torch.bool)) ** 0.5
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> float:
+    local = torch.where(mask, x.double(), float("-inf")).max()
+    return distributed.all_reduce_tensor(local, op="max").item()
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """kernels.masked_whiten with the mean and unbiased variance of all ranks' valid entries."""
+    if distributed.world_size() == 1:
+        return masked_whiten(x, mask)
+    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=True)
+    return torch.where(mask, (x.float() - mean) * (var + eps) ** -0.5, 0.0)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[returns - values] / Var[returns] over all ranks' valid tokens (NaN if returns are constant)."""
+    ret_var = masked_var(returns, mask)
+    return 1.0 - masked_var(returns - values, mask) / ret_var if ret_var > 0 else float("nan")

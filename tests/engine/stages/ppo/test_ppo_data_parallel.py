@@ -1,0 +1,108 @@
+"""PPO data-parallel under torchrun (2 CPU ranks over gloo, FSDP2): each rank's rollouts are the
+one-process rollouts of its prompts, in every iteration; a rank killed after the first checkpoint
+brings the job down and the rerun resumes exactly; a rank raising ends the job with its message."""
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fusedrl.engine.config.ppo import LoopConfig, PPOConfig, RolloutConfig, UpdateConfig
+from fusedrl.engine.stages.ppo.trainer import run_ppo
+from fusedrl.engine.train.checkpoint import list_checkpoints
+from dist_testing import check, torchrun
+from train_testing import save_tiny_model, write_jsonl
+
+_calls = 0  # reward calls of this process: one per iteration
+
+
+def recording_reward(prompts, responses):
+    """Vowel fraction of each response; appends (iteration, rank, prompt, response) rows to
+    $RECORD_DIR/rank-R.jsonl, and fails on purpose when $FAIL_AT is "rank:iteration:raise|kill"."""
+    global _calls
+    rank, iteration = int(os.environ.get("RANK", "0")), _calls
+    _calls += 1
+    with open(os.path.join(os.environ["RECORD_DIR"], f"rank-{rank}.jsonl"), "a") as f:
+        for p, r in zip(prompts, responses):
+            f.write(json.dumps([iteration, p, r]) + "\n")
+    fail_rank, fail_iteration, how = (os.environ.get("FAIL_AT") or "-1:-1:none").split(":")
+    if (rank, iteration) == (int(fail_rank), int(fail_iteration)):
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"rank {rank} fails on purpose in iteration {iteration}")
+    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
+
+
+def records(directory, rank):
+    return [tuple(row) for row in map(json.loads, (directory / f"rank-{rank}.jsonl").read_text().splitlines())]
+
+
+def ppo_config(root, name, **loop):
+    # 2 prompts per rank and iteration, 3 samples each; one minibatch of the whole rollout, so the
+    # update does not depend on how the rows are split.
+    return PPOConfig(policy=str(root / "policy"), prompts_file=str(root / "prompts.jsonl"),
+                     output_dir=str(root / name), reward_fn="test_ppo_data_parallel:recording_reward",
+                     rollout=RolloutConfig(prompts_per_iteration=4, samples_per_prompt=3, max_new_tokens=6,
+                                           kv_cache_memory=1 << 22),
+                     ppo=UpdateConfig(epochs=2, minibatch_size=12), critic="shared",
+                     train=LoopConfig(**{"iterations": 2, "progress": False, "device": "cpu", **loop}))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process and two ranks, 2 iterations each, checkpointing every iteration."""
+    root = tmp_path_factory.mktemp("ppo_dp")
+    save_tiny_model(root / "policy")
+    write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
+                                                                  "fox jumps", "over the", "brown fox"]])
+    for name in ("one", "two"):
+        (root / f"rec-{name}").mkdir()
+    os.environ["RECORD_DIR"] = str(root / "rec-one")
+    try:
+        run_ppo(ppo_config(root, "one"))
+    finally:
+        del os.environ["RECORD_DIR"]
+    check(torchrun("ppo", ppo_config(root, "two", save_every=1), root, env={"RECORD_DIR": str(root / "rec-two")}))
+    return root
+
+
+def test_each_rank_rolls_out_what_one_process_does(runs):
+    one = records(runs / "rec-one", 0)
+    rank0, rank1 = records(runs / "rec-two", 0), records(runs / "rec-two", 1)
+    assert len(one) == 2 * 12 and len(rank0) == len(rank1) == 2 * 6
+    for iteration in (0, 1):
+        rows = [r for r in one if r[0] == iteration]
+        # The first 2 prompts of an iteration are rank 0's, the next 2 rank 1's.
+        assert [r for r in rank0 if r[0] == iteration] == rows[:6]
+        assert [r for r in rank1 if r[0] == iteration] == rows[6:]
+    a, b = load_file(runs / "one" / "final" / "model.safetensors"), load_file(runs / "two" / "final" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_killed_rank_brings_the_job_down_and_the_rerun_resumes_exactly(runs, tmp_path):
+    (tmp_path / "rec").mkdir()
+    cfg = ppo_config(runs, "killed", save_every=1)
+    env = {"RECORD_DIR": str(tmp_path / "rec"), "FAIL_AT": "1:1:kill"}
+    start = time.monotonic()
+    killed = torchrun("ppo", cfg, tmp_path, env=env)
+    assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-3000:]
+    assert time.monotonic() - start < 60
+    assert [p.name for p in list_checkpoints(runs / "killed")] == ["step-00000001"]
+    check(torchrun("ppo", cfg, tmp_path, env={"RECORD_DIR": str(tmp_path / "rec")}))
+    a, b = load_file(runs / "two" / "final" / "model.safetensors"), load_file(runs / "killed" / "final" / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_rank_raising_ends_the_job_with_its_message(runs, tmp_path):
+    (tmp_path / "rec").mkdir()
+    start = time.monotonic()
+    result = torchrun("ppo", ppo_config(runs, "raises", dist_timeout_s=30), tmp_path,
+                      env={"RECORD_DIR": str(tmp_path / "rec"), "FAIL_AT": "1:0:raise"})
+    assert result.returncode != 0
+    assert "RuntimeError: rank 1 fails on purpose in iteration 0" in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - start < 60
