@@ -53,9 +53,14 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         """As Optimizer's, but the fp32 state stays fp32 (torch casts floating state to each
         parameter's dtype, which would round the masters and moments to bf16)."""
         super().load_state_dict(state_dict)
+        # Saved parameters are named by their position (optimizer.state_dict()) or by their
+        # qualified name (torch.distributed.checkpoint); either way the groups list them in order.
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
-        for index, saved in state_dict["state"].items():
-            param = params[index]
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(saved_id)
+            if not saved:  # a parameter that never had a gradient has no state
+                continue
             for key in ("master", "exp_avg", "exp_avg_sq"):
                 self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32, copy=True)
 
