@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import functools
 import os
+from collections import Counter
 from typing import Callable, Iterator
 
 import torch
@@ -110,7 +111,8 @@ def split_evenly(n: int, what: str) -> slice:
 
 def shard(model: nn.Module, mode: str = "shard") -> nn.Module:
     """Shard `model` over the ranks with FSDP2, each decoder layer its own unit (so one layer's
-    parameters are gathered at a time) and the rest (embeddings, final norm, LM head, heads) in the
+    parameters are gathered at a time), a head of another dtype than the rest (the fp32 score or
+    value head of a bf16 model) its own unit, and the rest (embeddings, final norm, LM head) the
     root unit. mode "shard": full shard (parameters, gradients and optimizer state 1/N per rank);
     "replicate": every rank keeps whole parameters and optimizer state and gradients are
     all-reduced (HSDP with a shard group of one rank), for models small enough. One process: the
@@ -122,6 +124,11 @@ def shard(model: nn.Module, mode: str = "shard") -> nn.Module:
     mesh = _mesh(next(model.parameters()).device.type, mode)
     for layer in getattr(getattr(model, "model", None), "layers", []):
         fully_shard(layer, mesh=mesh)
+    # An FSDP unit holds one dtype: the fp32 score / value heads of bf16 models are units of their own.
+    main_dtype = Counter(p.dtype for p in model.parameters()).most_common(1)[0][0]
+    for module in list(model.modules())[1:]:
+        if any(p.dtype != main_dtype for p in module.parameters(recurse=False)):
+            fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
 

@@ -71,11 +71,12 @@ def test_sft_two_ranks_match_one_process_and_resume_on_one(base_dir, tmp_path):
 
 def test_rm_two_ranks_match_one_process(base_dir, tmp_path):
     train_file = write_jsonl(tmp_path / "pairs.jsonl", sorted_digit_preferences(16))
+    """Replicated over the ranks, in bf16-mixed (an fp32 score head on a bf16 model)."""
     kw = dict(beta_rm=0.1, data={"tokens_per_batch": 128}, optim={"grad_accum_steps": 2})
-    cfg = rm_config(base_dir, train_file, tmp_path / "two", train={"max_steps": 2, "device": "cpu",
-                                                                    "data_parallel": "replicate"}, **kw)
+    loop = {"max_steps": 2, "device": "cpu", "precision": "bf16-mixed"}
+    cfg = rm_config(base_dir, train_file, tmp_path / "two", train={**loop, "data_parallel": "replicate"}, **kw)
     check(torchrun("rm", cfg, tmp_path))
-    one = run_rm(rm_config(base_dir, train_file, tmp_path / "one", train={"max_steps": 2, "device": "cpu"}, **kw))
+    one = run_rm(rm_config(base_dir, train_file, tmp_path / "one", train=loop, **kw))
     assert_same_weights(tmp_path / "two" / "final", one)
     assert_same_curves(tmp_path / "two", tmp_path / "one", keys=("loss", "grad_norm", "accuracy", "lm_nll"))
     offsets = [r["reward_offset"] for run in ("one", "two") for r in read_metrics(tmp_path / run) if "reward_offset" in r]
