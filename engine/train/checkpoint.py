@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .sharded_checkpoint import STATE_FILE, is_sharded, load_sharded, save_sharded
+from .sharded_checkpoint import STATE_FILE, is_sharded, load_sharded, load_whole_into_sharded, save_sharded
 
 PREFIX = "step-"
 
@@ -101,24 +101,24 @@ def save_checkpoint(run_dir, step: int, parts: Trainables, loop_state: dict, kee
 
 def load_checkpoint(path, parts: Trainables) -> dict:
     """Restore every part from checkpoint `path`, and the RNG states; return the loop state.
-    A sharded checkpoint loads onto any number of ranks; a one-process checkpoint onto one."""
+    Either form loads onto any number of ranks (a one-process checkpoint into sharded models too)."""
     path = Path(path)
     if is_sharded(path):
         loop_state, rng = load_sharded(path, parts)
         set_rng_state(rng)
         return loop_state
-    if distributed.world_size() > 1:
-        raise RuntimeError(f"{path} was written by one process (not sharded): resume it without torchrun, "
-                           "or start the multi-rank run in a new output_dir")
     # Our own file; weights_only=False because the python RNG state and scheduler dicts are not tensors.
     saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    with torch.no_grad():
-        for name, model in parts.models.items():
-            model.module.load_state_dict(model.load(path / name).state_dict())
-        for name, module in parts.small_modules.items():
-            module.load_state_dict(saved["small_modules"][name])
-    for optimizer, state in zip(parts.optimizers, saved["optimizers"], strict=True):
-        optimizer.load_state_dict(state)
+    if distributed.world_size() > 1:
+        load_whole_into_sharded(path, parts, saved)
+    else:
+        with torch.no_grad():
+            for name, model in parts.models.items():
+                model.module.load_state_dict(model.load(path / name).state_dict())
+            for name, module in parts.small_modules.items():
+                module.load_state_dict(saved["small_modules"][name])
+        for optimizer, state in zip(parts.optimizers, saved["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
     for scheduler, state in zip(parts.schedulers, saved["schedulers"], strict=True):
         scheduler.load_state_dict(state)
     set_rng_state(saved["rng"])

@@ -8,6 +8,8 @@ Layout of a sharded `RUN_DIR/checkpoints/step-00000012/`:
                         included) loads it, resharding on load
     trainer_state.pt    written by rank 0: the schedulers, rank 0's RNG states and the loop state
     rng-rank-R.pt       the RNG states of rank R (a rank with no file of its own takes rank 0's)
+A one-process checkpoint loads into sharded models too (`load_whole_into_sharded`), so a run can
+move from one process to several ranks as well as back.
 The temp-dir-then-rename protocol of checkpoint.py applies unchanged: rank 0 creates and renames the
 directory, every rank writes into it in between.
 """
@@ -70,3 +72,27 @@ def load_sharded(path: Path, parts) -> tuple[dict, dict]:
     own = path / f"rng-rank-{distributed.rank()}.pt"
     rng = torch.load(own, weights_only=False) if own.exists() else saved["rng"]
     return saved["state"], rng
+
+
+def load_whole_into_sharded(path: Path, parts, saved: dict) -> None:
+    """Restore the models, small modules and optimizers of a one-process checkpoint (`saved`: its
+    trainer_state.pt) into sharded `parts`: every rank reads the whole tensors and keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    whole = StateDictOptions(full_state_dict=True)
+    holder = _holder(parts)
+    weights = {f"{name}.{key}": value for name, m in parts.models.items()
+               for key, value in m.load(path / name).state_dict().items()}
+    weights.update({f"{name}.{key}": value for name, state in saved["small_modules"].items()
+                    for key, value in state.items()})
+    set_model_state_dict(holder, weights, options=whole)
+    names = {param: name for name, param in holder.named_parameters()}
+    for optimizer, state in zip(parts.optimizers, saved["optimizers"], strict=True):
+        # optimizer.state_dict() names parameters by position in its groups; DCP by parameter name.
+        positions = [i for group in state["param_groups"] for i in group["params"]]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        name_of = {i: names[p] for i, p in zip(positions, params, strict=True)}
+        by_name = {"state": {name_of[i]: s for i, s in state["state"].items()},
+                   "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in state["param_groups"]]}
+        set_optimizer_state_dict(holder, optimizer, by_name, options=whole)
