@@ -4,7 +4,7 @@ and FSDP2 sharding (`torch.distributed.fsdp.fully_shard`).
 Without torchrun (no WORLD_SIZE, or WORLD_SIZE=1) nothing here starts a process group and every
 helper is the identity of one process: world_size() == 1, rank() == 0, reductions return their
 input, shard() returns the model untouched. Under torchrun, `init_distributed` joins the group
-(NCCL on CUDA, gloo on the CPU) with a timeout, so a collective waiting on a dead rank fails
+(NCCL for CUDA tensors, gloo for CPU ones) with a timeout, so a collective waiting on a dead rank fails
 instead of hanging; torchrun itself stops the other ranks when one exits with an error.
 
 Convention of every stage: a step's global batch is split over the ranks, each rank's loss is its
@@ -29,7 +29,8 @@ def init_distributed(device_type: str, timeout_s: float) -> None:
     """Join torchrun's process group when WORLD_SIZE > 1 (once per process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    # On GPUs, NCCL for CUDA tensors (FSDP) and gloo for the small CPU tensors of the reductions below.
+    backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
