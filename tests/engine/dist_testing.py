@@ -7,7 +7,7 @@ import sys
 from fusedrl.engine.config import io as config_io
 
 
-def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 120, overrides=(), env=None):
+def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 300, overrides=(), env=None):
     """`torchrun --standalone --nproc-per-node NPROC fusedrl COMMAND --config C.yaml OVERRIDES`;
     returns the CompletedProcess (stdout and stderr captured as text). The ranks import what this
     process imports (test modules as reward functions) and see `env` on top of this environment."""

@@ -42,40 +42,53 @@ def base_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("dp") / "base", arch="llama2", tie_word_embeddings=True)
 
 
-def test_sft_two_ranks_match_one_process_and_resume_across_world_sizes(base_dir, tmp_path):
-    """In bf16-mixed: MixedPrecisionAdamW over sharded parameters, its fp32 masters and moments
-    through the sharded checkpoint."""
-    train_file = write_jsonl(tmp_path / "train.jsonl", demonstrations(24))
-    loop = {"max_steps": 3, "device": "cpu", "precision": "bf16-mixed"}
-    cfg = sft_config(base_dir, train_file, tmp_path / "two", optim={"grad_accum_steps": 2},
-                     train={**loop, "save_every": 2})
-    check(torchrun("sft", cfg, tmp_path))
-    one = run_sft(sft_config(base_dir, train_file, tmp_path / "one", optim={"grad_accum_steps": 2},
-                             train={**loop, "save_every": 2}))
-    assert_same_weights(tmp_path / "two" / "final", one)
-    assert_same_curves(tmp_path / "two", tmp_path / "one")
-    rows = read_metrics(tmp_path / "two")
+SFT_LOOP = {"max_steps": 3, "device": "cpu", "precision": "bf16-mixed"}
+
+
+def sft_run(base_dir, root, name, **loop):
+    return sft_config(base_dir, root / "train.jsonl", root / name, optim={"grad_accum_steps": 2},
+                      train={**SFT_LOOP, **loop})
+
+
+@pytest.fixture(scope="module")
+def sft_runs(base_dir, tmp_path_factory):
+    """SFT on two ranks and in one process, in bf16-mixed (MixedPrecisionAdamW over sharded
+    parameters, its fp32 masters and moments through the checkpoints), checkpointing at step 2."""
+    root = tmp_path_factory.mktemp("sft_dp")
+    write_jsonl(root / "train.jsonl", demonstrations(24))
+    check(torchrun("sft", sft_run(base_dir, root, "two", save_every=2), root))
+    run_sft(sft_run(base_dir, root, "one", save_every=2))
+    return root
+
+
+def test_sft_two_ranks_match_one_process(sft_runs):
+    assert_same_weights(sft_runs / "two" / "final", sft_runs / "one" / "final")
+    assert_same_curves(sft_runs / "two", sft_runs / "one")
+    rows = read_metrics(sft_runs / "two")
     assert [r["world_size"] for r in rows if r["kind"] == "info"] == [2]
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert len(train_rows) == 3 and all(sum(r["tokens_per_rank"]) == r["tokens"] and len(r["tokens_per_rank"]) == 2
                                         for r in train_rows)
-    config_text = (tmp_path / "two" / "config.yaml").read_text()
+    config_text = (sft_runs / "two" / "config.yaml").read_text()
     assert config_text.endswith("# world_size: 2\n") and yaml.safe_load(config_text)["optim"]["grad_accum_steps"] == 2
 
-    # The run killed after its step-2 checkpoint, resumed by one process from the sharded checkpoint.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(checkpoint_dir(tmp_path / "two", 2), checkpoint_dir(resumed, 2))
-    assert (checkpoint_dir(resumed, 2) / "sharded").is_dir()
-    out = run_sft(sft_config(base_dir, train_file, resumed, optim={"grad_accum_steps": 2}, train=loop))
-    assert [r["resumed_from"] for r in read_metrics(resumed) if r["kind"] == "info"][0].endswith("step-00000002")
-    assert_same_weights(out, one)
 
-    # The one-process run resumed from its step-2 checkpoint on two ranks.
-    moved = tmp_path / "moved"
-    shutil.copytree(checkpoint_dir(tmp_path / "one", 2), checkpoint_dir(moved, 2))
-    check(torchrun("sft", sft_config(base_dir, train_file, moved, optim={"grad_accum_steps": 2}, train=loop), tmp_path))
-    assert_same_weights(moved / "final", one)
-    assert_same_curves(moved, tmp_path / "one")
+def test_sharded_checkpoint_resumes_in_one_process(base_dir, sft_runs):
+    """The 2-rank run killed after its step-2 checkpoint, resumed by one process."""
+    resumed = sft_runs / "resumed"
+    shutil.copytree(checkpoint_dir(sft_runs / "two", 2), checkpoint_dir(resumed, 2))
+    assert (checkpoint_dir(resumed, 2) / "sharded").is_dir()
+    out = run_sft(sft_run(base_dir, sft_runs, "resumed"))
+    assert [r["resumed_from"] for r in read_metrics(resumed) if r["kind"] == "info"][0].endswith("step-00000002")
+    assert_same_weights(out, sft_runs / "one" / "final")
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(base_dir, sft_runs):
+    moved = sft_runs / "moved"
+    shutil.copytree(checkpoint_dir(sft_runs / "one", 2), checkpoint_dir(moved, 2))
+    check(torchrun("sft", sft_run(base_dir, sft_runs, "moved"), sft_runs))
+    assert_same_weights(moved / "final", sft_runs / "one" / "final")
+    assert_same_curves(moved, sft_runs / "one")
 
 
 def test_rm_two_ranks_match_one_process(base_dir, tmp_path):
