@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+
 def init_distributed(device_type: str, timeout_s: float) -> None:
     """Join torchrun's process group when WORLD_SIZE > 1 (once per process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():

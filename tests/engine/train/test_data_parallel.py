@@ -4,7 +4,6 @@ resumes exactly in one process (a different number of ranks)."""
 import shutil
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 
