@@ -1,6 +1,6 @@
-"""SFT and the reward model data-parallel under torchrun (2 CPU ranks over gloo, FSDP2 full shard):
-the final weights equal one process's with the same global batch and seed, and a sharded checkpoint
-resumes exactly in one process (a different number of ranks)."""
+"""SFT and the reward model data-parallel under torchrun (2 CPU ranks over gloo, FSDP2): the final
+weights equal one process's with the same global batch and seed, and checkpoints resume exactly
+across world sizes (a sharded one in one process, a one-process one on two ranks)."""
 import shutil
 
 import pytest
