@@ -44,7 +44,7 @@ class RewardModel(CausalLM):
         return self.raw_rewards(self.forward_packed(input_ids, seqlens), seqlens) - self.reward_offset
 
 
-def reward_model_from_lm(lm: CausalLM, seed: int = 0) -> RewardModel:
+def reward_model_from_lm(lm: CausalLM) -> RewardModel:
     """A RewardModel sharing `lm`'s config with a copy of its weights and a fresh score head.
 
     The head starts at zero so every initial reward is 0 and the first updates come from the
