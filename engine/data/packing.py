@@ -13,6 +13,7 @@ import torch
 
 from .tokenization import TokenizedExample
 
+
 class PackedBatch(NamedTuple):
     """Sequences packed back to back for one `CausalLM.forward_packed`, with their training targets.
 
