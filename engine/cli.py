@@ -1,6 +1,6 @@
 """The `fusedrl` command: parsing and dispatch of every subcommand.
 
-    fusedrl info | demo | generate | sft | rm | ppo | plot      (`fusedrl <command> --help`)
+    fusedrl info | demo | generate | sft | rm | ppo | grpo | plot     (`fusedrl <command> --help`)
 
 Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help` and
 config errors import neither torch nor transformers. Each command's work is imported when it runs.
@@ -16,7 +16,7 @@ import sys
 
 from .config import io as config_io
 from .config.demo import DemoConfig
-from .config.ppo import PPOConfig
+from .config.ppo import GRPOConfig, PPOConfig
 from .config.train import RMConfig, SFTConfig
 
 _STAGE_EPILOG = """options (YAML keys; nested sections as dotted overrides, e.g. optim.lr=2e-5):
@@ -68,6 +68,8 @@ STAGES = {
     "sft": (SFTConfig, _train_sft, "supervised fine-tuning on demonstrations (loss on response tokens)"),
     "rm": (RMConfig, _train_rm, "reward model on pairwise or K-way rankings"),
     "ppo": (PPOConfig, _train_ppo, "PPO of the SFT policy against a reward model (InstructGPT step 3)"),
+    "grpo": (GRPOConfig, _train_ppo, "critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++ baseline) against a "
+                                     "reward function or model"),
 }
 
 
@@ -119,7 +121,8 @@ def run_demo(args) -> int:
 def add_demo_parser(commands) -> None:
     p = commands.add_parser(
         "demo", help="the whole RLHF recipe on a program-checkable task, no downloads",
-        description="SFT -> reward model -> PPO on a digit-sorting task, from nothing",
+        description="SFT -> reward model -> PPO (or algo=grpo: SFT -> GRPO with the program's reward) on a "
+                    "digit-sorting task, from nothing",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="options (key=value):\n" + "\n".join(config_io.describe(DemoConfig)))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options, e.g. seed=1 output_dir=runs/demo")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ....kernels import gae, masked_whiten
+from ....kernels import gae, group_advantages, masked_whiten
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
@@ -54,6 +54,14 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: to
     if whiten:
         advantages = masked_whiten(advantages, mask)
     return advantages, returns
+
+
+def group_token_advantages(scores: torch.Tensor, mask: torch.Tensor, n: int, estimator: str) -> torch.Tensor:
+    """Critic-free advantages [R, T]: the group estimator over each prompt's n scores (rows g*n ..
+    g*n + n - 1 are prompt g), each row's advantage on every one of its valid tokens.
+    scores [R], mask [R, T] -> fp32 [R, T], 0 off the mask."""
+    per_row = group_advantages(scores.view(-1, n), estimator=estimator).reshape(-1)    # [R]
+    return torch.where(mask.bool(), per_row[:, None], 0.0)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

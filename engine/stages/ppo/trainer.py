@@ -34,6 +34,7 @@ from ...train.run_setup import start_run
 from ...train.supervised import DataPosition, micro_batches, to_device
 from ..sft import sft_loss
 from .core import KLController, RunningMoments
+from .sampling import draw_samples, sample_and_score
 from .update import (Optimizers, PhaseTimer, PPOModels, function_scorer, make_rollout, ppo_update,
                      reward_model_scorer)
 
@@ -42,13 +43,13 @@ class KLCeilingExceeded(StopTraining):
     """The policy drifted further from the reference than reward.kl_ceiling allows."""
 
 
-def prompt_indices(n_prompts: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
-    """The prompts of `iteration`: consecutive slices of one seeded permutation per epoch, so a
-    resumed run continues with exactly the prompts it would have seen."""
-    start, out = iteration * per_iteration, []
-    while len(out) < per_iteration:
+def prompt_indices(n_prompts: int, count: int, seed: int, start: int) -> list[int]:
+    """`count` prompts from position `start` of the prompt stream: consecutive slices of one seeded
+    permutation per epoch, so a resumed run continues with exactly the prompts it would have seen."""
+    out = []
+    while len(out) < count:
         epoch, offset = divmod(start + len(out), n_prompts)
-        out += epoch_order(n_prompts, seed, epoch)[offset:offset + per_iteration - len(out)]
+        out += epoch_order(n_prompts, seed, epoch)[offset:offset + count - len(out)]
     return out
 
 
@@ -76,12 +77,12 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         if fn is None:
             raise ValueError("PPO needs a reward: set reward_model or reward_fn (or pass reward_fn=...)")
         score = function_scorer(fn, tokenizer)
-    critic = value_head = None
+    critic = value_head = None  # critic="none": a group estimator needs no values
     if cfg.critic == "separate":
         critic = value_model_from_reward_model(rm) if rm is not None else value_model_from_lm(policy)
         critic.requires_grad_(True).train()
         critic.gradient_checkpointing = cfg.train.gradient_checkpointing
-    else:
+    elif cfg.critic == "shared":
         value_head = shared_value_head(policy)
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory,
                         block_size=cfg.rollout.block_size,
@@ -106,6 +107,7 @@ def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, lis
 @dataclasses.dataclass
 class PPOState:
     step: int = 0                 # iterations done
+    prompts_drawn: int = 0        # position in the prompt stream (dynamic sampling draws a varying number)
     kl_coef: float = 0.0
     moments: dict = dataclasses.field(default_factory=dict)
     ptx: dict = dataclasses.field(default_factory=lambda: dataclasses.asdict(DataPosition()))
@@ -120,7 +122,7 @@ def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, d
     if models.critic is not None:
         saved["critic"] = SavedModel(models.critic, save_value_model,
                                      lambda d: load_value_model(d, dtype=dtype, device=device))
-    else:
+    if models.value_head is not None:
         small["value_head"] = models.value_head
     return Trainables(saved, opts.all(), schedules, small)
 
@@ -180,8 +182,21 @@ def iteration_step(cfg, models, opts, schedules, prompts, tokenizer, device) -> 
             ptx_loss = ptx_loss_fn(cfg, tokenizer, models, state, device)
         it = state.step
         timer = PhaseTimer(device)
-        batch = [prompts[i] for i in prompt_indices(len(prompts), cfg.rollout.prompts_per_iteration, cfg.seed, it)]
-        rollout, metrics = make_rollout(models, batch, cfg, kl_ctl.value, moments, cfg.seed * 1_000_003 + it, timer)
+
+        def draw_prompts() -> list[list[int]]:
+            count = cfg.rollout.prompts_per_iteration
+            picked = prompt_indices(len(prompts), count, cfg.seed, state.prompts_drawn)
+            state.prompts_drawn += count
+            return [prompts[i] for i in picked]
+
+        samples, sampling_metrics = draw_samples(
+            draw_prompts, lambda batch, seed: sample_and_score(models, batch, cfg, seed, timer), cfg,
+            cfg.seed * 1_000_003 + it)
+        if samples.groups == 0:
+            return {**sampling_metrics, "skipped_iteration": 1,
+                    "skip_reason": "every group's scores were equal (dynamic sampling)"}
+        rollout, metrics = make_rollout(models, samples, cfg, kl_ctl.value, moments, timer)
+        metrics.update(sampling_metrics)
         if cfg.reward.kl_ceiling is not None and metrics["kl"] > cfg.reward.kl_ceiling:
             raise KLCeilingExceeded(f"iteration {it}: KL to the reference {metrics['kl']:.4g} exceeds "
                                     f"reward.kl_ceiling={cfg.reward.kl_ceiling}; stopping (reward hacking guard)")

@@ -17,11 +17,12 @@ from ...inference.hybrid_actor import HybridActor
 from ...model.value_model import ValueModel
 from ...model.causal_lm import CausalLM
 from ...config.ppo import PPOConfig
-from .core import RunningMoments, advantages_and_returns, explained_variance, shape_rewards
+from .core import (RunningMoments, advantages_and_returns, explained_variance, group_token_advantages,
+                   shape_rewards)
 from ...data.packing import PackedBatch, pack_sequences
 from .rollout import Rollout, pack_rollout, response_logprobs
 from ...train.runlog import peak_memory_mb
-from ...inference.sampling_params import SamplingParams
+from .sampling import Samples
 from ....kernels import kl_penalty, ppo_policy_loss, ppo_value_loss
 from ....kernels.reference import masked_mean
 
@@ -39,7 +40,8 @@ class PPOModels:
     score: Scorer                       # (prompts, responses) token ids -> scores [R]
 
     def forward(self, packed: PackedBatch, temperature: float, with_entropy: bool):
-        """(logp, entropy or None, values) [R, T] of the policy and critic on a packed rollout."""
+        """(logp, entropy or None, values or None when critic-free) [R, T] of the policy and critic
+        on a packed rollout."""
         logp, entropy, values = response_logprobs(self.policy, packed, temperature, with_entropy=with_entropy,
                                                   value_head=self.value_head)
         if self.critic is not None:
@@ -92,19 +94,15 @@ class PhaseTimer:
                 **{f"peak_mem_mb_{k}": v for k, v in self.peak_mb.items()}}
 
 
-def make_rollout(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, kl_coef: float,
-                 moments: RunningMoments, seed: int, timer: PhaseTimer) -> tuple[Rollout, dict]:
-    """Generate from the current policy, score, and turn it all into a Rollout; returns its metrics."""
+def make_rollout(models: PPOModels, samples: Samples, cfg: PPOConfig, kl_coef: float,
+                 moments: RunningMoments, timer: PhaseTimer) -> tuple[Rollout, dict]:
+    """Turn scored samples into a Rollout (reference and old log-probs, values, shaped rewards,
+    advantages); returns it and its metrics."""
     r = cfg.rollout
-    params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                            max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
-    with timer.phase("generate"):
-        prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
     device = next(models.policy.parameters()).device
-    packed = pack_rollout(prompt_ids, responses, device)
+    packed = pack_rollout(samples.prompts, samples.responses, device)
     mask = packed.grid_mask()                                                  # [R, T]
-    with timer.phase("score"), torch.no_grad():
-        scores = models.score(prompt_ids, responses).float().to(device)        # [R]
+    scores = samples.scores
     with timer.phase("reference"), torch.no_grad():
         ref_logp, _, _ = response_logprobs(models.reference, packed, r.temperature)
     with timer.phase("old"), torch.no_grad():
@@ -114,10 +112,14 @@ def make_rollout(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, kl
     if cfg.reward.clip is not None:
         shaped = shaped.clamp(-cfg.reward.clip, cfg.reward.clip)
     rewards = shape_rewards(kl, shaped, mask, kl_coef)
-    advantages, returns = advantages_and_returns(
-        rewards, old_values, mask, estimator=cfg.ppo.estimator, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
-        whiten=cfg.ppo.whiten_advantages)
-    sampler = packed.to_grid(torch.tensor([x for row in sampler_logprobs for x in row], device=device))
+    if old_values is None:  # critic-free: each row's group-relative advantage on all its tokens
+        advantages = group_token_advantages(shaped, mask, samples.n, cfg.ppo.estimator)
+        old_values = returns = torch.zeros_like(advantages)
+    else:
+        advantages, returns = advantages_and_returns(
+            rewards, old_values, mask, estimator=cfg.ppo.estimator, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
+            whiten=cfg.ppo.whiten_advantages)
+    sampler = packed.to_grid(torch.tensor([x for row in samples.sampler_logprobs for x in row], device=device))
     rollout = Rollout(packed, mask, sampler, old_logp, ref_logp, old_values, scores, rewards,
                       advantages, returns)
     mismatch = (sampler - old_logp).abs()[mask]
@@ -127,7 +129,8 @@ def make_rollout(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, kl
         "kl": kl.sum(-1).mean().item(), "kl_coef": kl_coef,
         "entropy": masked_mean(entropy, mask).item(),
         "response_length": mask.sum(-1).float().mean().item(),
-        "explained_variance": explained_variance(old_values, returns, mask).item(),
+        **({} if models.critic is None and models.value_head is None else
+           {"explained_variance": explained_variance(old_values, returns, mask).item()}),
         "perplexity": torch.exp(-masked_mean(old_logp, mask)).item(),
         "logprob_mismatch": mismatch.mean().item(), "logprob_mismatch_max": mismatch.max().item(),
         "tokens_per_s_generate": int(mask.sum()) / max(timer.seconds["generate"], 1e-9),
@@ -204,12 +207,19 @@ def minibatch_loss(models: PPOModels, batch: Rollout, cfg: PPOConfig, agg_weight
     policy_loss, stats = ppo_policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask,
                                          clip_eps=p.clip_eps, clip_eps_high=p.clip_eps_high,
                                          dual_clip=p.dual_clip, agg=p.agg)
-    value_loss, value_stats = ppo_value_loss(values, batch.old_values, batch.returns, batch.mask,
-                                             clip_eps=p.vf_clip, agg=p.agg)
-    loss = agg_weight * (policy_loss + p.vf_coef * value_loss)
+    loss = agg_weight * policy_loss
+    stats = {**stats, "policy_loss": policy_loss.detach()}
+    if values is not None:
+        value_loss, value_stats = ppo_value_loss(values, batch.old_values, batch.returns, batch.mask,
+                                                 clip_eps=p.vf_clip, agg=p.agg)
+        loss = loss + agg_weight * p.vf_coef * value_loss
+        stats.update(value_stats, value_loss=value_loss.detach())
+    if p.kl_loss_coef > 0:  # GRPO's KL term: k3 of the current policy against the reference
+        kl = masked_mean(kl_penalty(logp, batch.ref_logprobs, estimator="k3", mask=batch.mask), batch.mask)
+        loss = loss + p.kl_loss_coef * token_weight * kl
+        stats["kl_loss"] = kl.detach()
     if p.ent_coef > 0:
         loss = loss - p.ent_coef * token_weight * masked_mean(entropy, batch.mask)
-    stats = {**stats, **value_stats, "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach()}
     return loss, stats
 
 

@@ -21,7 +21,7 @@ def test_checker_and_corruptions():
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     cli.main(["demo", f"output_dir={out}", "train_prompts=64", "eval_prompts=6", "sft_epochs=1",
-              "rm_epochs=1", "ppo_iterations=1", "eval_samples=2", "--quiet"])
+              "rm_epochs=1", "rl_iterations=1", "eval_samples=2", "--quiet"])
     printed = capsys.readouterr().out
     assert "PPO accuracy (held-out, sampled)" in printed
     results = json.loads((out / "results.json").read_text())
