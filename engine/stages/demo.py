@@ -140,16 +140,20 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     return table
 
 
+def _shown(value, template: str) -> str:
+    return "-" if value is None else template.format(value)  # None: never measured (e.g. skipped)
+
+
 def format_table(table: dict) -> str:
     algo = table["algo"].upper()
     score = "reward-model score" if table["algo"] == "ppo" else "program reward"
+    rm = table["rm_heldout_accuracy"]
     rows = [("SFT accuracy (held-out, sampled)", f"{100 * table['sft_accuracy']:.1f}%"),
-            ("RM held-out pairwise accuracy", "-" if table["rm_heldout_accuracy"] is None
-             else f"{100 * table['rm_heldout_accuracy']:.1f}%"),
+            ("RM held-out pairwise accuracy", _shown(None if rm is None else 100 * rm, "{:.1f}%")),
             (f"{algo} accuracy (held-out, sampled)", f"{100 * table['rl_accuracy']:.1f}%"),
             (f"{algo} gain over SFT", f"{table['rl_gain_points']:+.1f} points"),
-            (f"{algo} mean {score}", f"{table['rl_mean_score']:.3f}"),
-            (f"{algo} KL to the SFT policy", f"{table['rl_kl']:.3f}"),
+            (f"{algo} mean {score}", _shown(table["rl_mean_score"], "{:.3f}")),
+            (f"{algo} KL to the SFT policy", _shown(table["rl_kl"], "{:.3f}")),
             ("wall time", f"{table['seconds']:.0f} s")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
