@@ -13,7 +13,8 @@ Estimator = Literal["gae", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp
 # Estimators that compare a prompt's n responses with each other instead of using a critic.
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 KLEstimator = Literal["k1", "k2", "k3"]
-Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum",
+                      "seq-mean-token-sum-norm"]
 
 
 @dataclass
@@ -55,7 +56,19 @@ class UpdateConfig:
     clip_eps: float = option("ratio clip: [1 - clip_eps, 1 + clip_eps_high]", 0.2)
     clip_eps_high: float | None = option("upper ratio clip (default: clip_eps)")
     dual_clip: float | None = option("dual-clip bound c > 1 for negative advantages (None = off)")
-    agg: Aggregation = option("loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum", "token-mean")
+    agg: Aggregation = option("loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | token-sum | "
+                              "seq-mean-token-sum-norm (the token sum / loss_agg_norm)", "token-mean")
+    loss_agg_norm: float | None = option("the constant of seq-mean-token-sum-norm (default: rollout.max_new_tokens)")
+    ratio_level: Literal["token", "sequence"] = option("token (PPO) | sequence (GSPO: length-normalized "
+                                                       "sequence ratio, clipped per sequence)", "token")
+    log_ratio_clamp: float = option("clamp logp - old_logp to +-this before exp() (verl, OpenRLHF: 20)", 20.0)
+    is_mode: Literal["tis", "mis"] | None = option("importance-sampling correction of the sampler / training "
+                                                   "log-prob gap: tis (truncated at is_cap) | mis (masked "
+                                                   "outside [is_low, is_high]) | null (off)")
+    is_level: Literal["token", "sequence"] = option("the IS weight per token or per sequence (product)", "token")
+    is_cap: float = option("tis: the weight's upper bound", 2.0)
+    is_low: float = option("mis: the band's lower bound", 0.5)
+    is_high: float = option("mis: the band's upper bound", 2.0)
     vf_coef: float = option("weight of the value loss", 0.1)
     vf_clip: float | None = option("value clip around the rollout's values (None = off)", 0.2)
     ent_coef: float = option("weight of the entropy bonus", 0.0)

@@ -24,6 +24,7 @@ from .rollout import Rollout, pack_rollout, response_logprobs
 from ...train.runlog import peak_memory_mb
 from .sampling import Samples
 from ....kernels import kl_penalty, ppo_policy_loss, ppo_value_loss
+from ....kernels.policy_corrections import importance_weights
 from ....kernels.reference import masked_mean
 
 Scorer = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
@@ -163,32 +164,54 @@ class Optimizers:
         return norms[0]
 
 
+def aggregation_units(mask: torch.Tensor, agg: str) -> Optional[torch.Tensor]:
+    """[B] what each row adds to the denominator of `agg` (valid tokens for token-mean, 1 per
+    non-empty row for the seq-mean modes), or None for the sums, which add up as they are."""
+    tokens = mask.sum(-1)
+    if agg in ("token-sum", "seq-mean-token-sum-norm"):
+        return None
+    return tokens if agg == "token-mean" else (tokens > 0).long()
+
+
+def _share(units: Optional[torch.Tensor], start: int, size: int):
+    return 1.0 if units is None else units[start:start + size].sum() / units.sum().clamp_min(1)
+
+
 def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
                        ptx_loss: Optional[Callable]) -> Optional[dict]:
     """Forward and backward of one minibatch, cfg.ppo.microbatch_size rows at a time.
 
-    Each micro-batch's loss is weighted by its share of the minibatch's aggregation units (valid
-    tokens for token-mean, non-empty sequences for the seq-mean modes; valid tokens for the
-    entropy bonus), so the accumulated gradient equals the whole minibatch's. The PPO-ptx loss is
-    added once. Returns the minibatch's stats (0-dim tensors), or None if the loss was not finite
-    (one host sync per minibatch, after all its backwards): the gradients must then not be stepped.
+    Each micro-batch's loss is weighted by its share of the minibatch's aggregation units (see
+    aggregation_units; for the policy loss, of the tokens the masked IS correction keeps; valid
+    tokens for the entropy and KL terms), so the accumulated gradient equals the whole
+    minibatch's. The PPO-ptx loss is added once. Returns the minibatch's stats (0-dim tensors), or
+    None if the loss was not finite (one host sync per minibatch, after all its backwards): the
+    gradients must then not be stepped.
     """
     p = cfg.ppo
     rows = batch.mask.shape[0]
     size = min(p.microbatch_size or rows, rows)
-    tokens = batch.mask.sum(-1)                                             # [B]
-    units = tokens if p.agg == "token-mean" else (tokens > 0).long()
+    kept = batch.mask
+    if p.is_mode == "mis":
+        kept = importance_weights(batch.old_logprobs, batch.sampler_logprobs, kept, mode="mis",
+                                  level=p.is_level, cap=p.is_cap, low=p.is_low, high=p.is_high)[1]
+    policy_units, value_units = aggregation_units(kept, p.agg), aggregation_units(batch.mask, p.agg)
+    token_units = batch.mask.sum(-1)
     totals: dict = {}
     total_loss = torch.zeros((), device=batch.mask.device)
     for start in range(0, rows, size):
         micro = batch if size == rows else batch.rows(list(range(start, min(start + size, rows))))
-        agg_weight = units[start:start + size].sum() / units.sum().clamp_min(1)
-        token_weight = tokens[start:start + size].sum() / tokens.sum().clamp_min(1)
-        loss, stats = minibatch_loss(models, micro, cfg, agg_weight, token_weight)
+        weights = {"policy": _share(policy_units, start, size), "value": _share(value_units, start, size),
+                   "token": _share(token_units, start, size)}
+        loss, stats = minibatch_loss(models, micro, cfg, weights)
         loss.backward()
         total_loss = total_loss + loss.detach()
         for name, value in stats.items():
-            totals[name] = totals.get(name, 0.0) + agg_weight * value
+            # Losses add up as the loss does; the other stats are per-micro-batch means, weighted
+            # by the micro-batch's share of their units (of the tokens, for the sums).
+            kind = "value" if name.startswith(("value", "vf_")) else "policy"
+            mean_of = kind if (policy_units is not None or name.endswith("_loss")) else "token"
+            totals[name] = totals.get(name, 0.0) + weights[mean_of] * value
     if ptx_loss is not None:
         ptx = ptx_loss()
         (p.ptx_coef * ptx).backward()
@@ -197,29 +220,34 @@ def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
     return totals if torch.isfinite(total_loss) else None
 
 
-def minibatch_loss(models: PPOModels, batch: Rollout, cfg: PPOConfig, agg_weight=1.0, token_weight=1.0):
+def minibatch_loss(models: PPOModels, batch: Rollout, cfg: PPOConfig, weights: Optional[dict] = None):
     """The PPO objective on (a micro-batch of) a minibatch: (loss, stats of 0-dim tensors).
 
-    agg_weight scales the policy and value losses, token_weight the token-mean entropy bonus.
+    weights (default 1 each): "policy" and "value" scale those losses, "token" the token-mean
+    KL and entropy terms (the micro-batch's shares, see minibatch_backward).
     """
     p = cfg.ppo
+    w = {"policy": 1.0, "value": 1.0, "token": 1.0, **(weights or {})}
+    norm = p.loss_agg_norm or cfg.rollout.max_new_tokens
     logp, entropy, values = models.forward(batch.packed, cfg.rollout.temperature, with_entropy=p.ent_coef > 0)
-    policy_loss, stats = ppo_policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask,
-                                         clip_eps=p.clip_eps, clip_eps_high=p.clip_eps_high,
-                                         dual_clip=p.dual_clip, agg=p.agg)
-    loss = agg_weight * policy_loss
+    policy_loss, stats = ppo_policy_loss(
+        logp, batch.old_logprobs, batch.advantages, batch.mask, clip_eps=p.clip_eps, clip_eps_high=p.clip_eps_high,
+        dual_clip=p.dual_clip, agg=p.agg, loss_agg_norm=norm, ratio_level=p.ratio_level,
+        log_ratio_clamp=p.log_ratio_clamp, rollout_logprobs=batch.sampler_logprobs, is_mode=p.is_mode,
+        is_level=p.is_level, is_cap=p.is_cap, is_low=p.is_low, is_high=p.is_high)
+    loss = w["policy"] * policy_loss
     stats = {**stats, "policy_loss": policy_loss.detach()}
     if values is not None:
         value_loss, value_stats = ppo_value_loss(values, batch.old_values, batch.returns, batch.mask,
-                                                 clip_eps=p.vf_clip, agg=p.agg)
-        loss = loss + agg_weight * p.vf_coef * value_loss
+                                                 clip_eps=p.vf_clip, agg=p.agg, loss_agg_norm=norm)
+        loss = loss + w["value"] * p.vf_coef * value_loss
         stats.update(value_stats, value_loss=value_loss.detach())
     if p.kl_loss_coef > 0:  # GRPO's KL term: k3 of the current policy against the reference
         kl = masked_mean(kl_penalty(logp, batch.ref_logprobs, estimator="k3", mask=batch.mask), batch.mask)
-        loss = loss + p.kl_loss_coef * token_weight * kl
+        loss = loss + p.kl_loss_coef * w["token"] * kl
         stats["kl_loss"] = kl.detach()
     if p.ent_coef > 0:
-        loss = loss - p.ent_coef * token_weight * masked_mean(entropy, batch.mask)
+        loss = loss - p.ent_coef * w["token"] * masked_mean(entropy, batch.mask)
     return loss, stats
 
 

@@ -131,13 +131,17 @@ def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     assert torch.corrcoef(torch.stack([change, advantage]))[0, 1] > 0.5
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
-def test_microbatches_accumulate_the_minibatch_gradient(setup, agg):
+@pytest.mark.parametrize("agg, options", [
+    ("token-mean", {}), ("seq-mean-token-mean", {}), ("seq-mean-token-sum", {}), ("token-sum", {}),
+    ("seq-mean-token-sum-norm", {}), ("token-mean", {"is_mode": "mis", "is_low": 0.9, "is_high": 1.1}),
+    ("seq-mean-token-mean", {"ratio_level": "sequence", "is_mode": "tis", "is_level": "sequence"})])
+def test_microbatches_accumulate_the_minibatch_gradient(setup, agg, options):
     """Micro-batches of 1 and of 4 (uneven) rows give the gradient of the whole minibatch, with an
-    entropy bonus, a separate critic, uneven lengths and a row without valid tokens."""
+    entropy bonus, a separate critic, uneven lengths and a row without valid tokens, for every
+    aggregation, GSPO's ratio and the IS corrections (mis drops tokens from the counts)."""
     root, policy_dir, prompts = setup
     cfg = config(root, policy_dir, prompts, "micro", critic="separate",
-                 ppo=UpdateConfig(epochs=1, minibatch_size=6, agg=agg, ent_coef=0.05, vf_coef=0.5))
+                 ppo=UpdateConfig(epochs=1, minibatch_size=6, agg=agg, ent_coef=0.05, vf_coef=0.5, **options))
     from transformers import AutoTokenizer
     models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
     models.score = low_id_fraction
@@ -145,6 +149,8 @@ def test_microbatches_accumulate_the_minibatch_gradient(setup, agg):
     rollout.mask[2] = False                          # no valid token
     rollout.mask[0, 2:] = False                      # uneven lengths: tokens and sequences weigh apart
     rollout.mask[4, 4:] = False
+    # a sampler that disagrees with the training forward, so the IS corrections have work to do
+    rollout.sampler_logprobs = rollout.sampler_logprobs + 0.2 * torch.randn_like(rollout.sampler_logprobs)
     params = list(models.policy.parameters()) + list(models.critic.parameters())
 
     def gradient(microbatch_size):
