@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
+import os
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,6 +24,7 @@ from ...config.ppo import PPOConfig
 from ...config.train import DataConfig
 from ...data.loading import load_examples, load_prompts
 from ...data.packing import collate_sft, epoch_order
+from ...errors import FusedRLError, UsageError
 from ...inference.hybrid_actor import HybridActor
 from ...model.hf_io import load_model, save_model
 from ...model.reward_model import load_reward_model
@@ -41,6 +45,17 @@ class KLCeilingExceeded(StopTraining):
     """The policy drifted further from the reference than reward.kl_ceiling allows."""
 
 
+def check_kl(kl: float, ceiling: float | None, iteration: int) -> None:
+    """Stop the run when the KL per sequence passes reward.kl_ceiling, or is not a number at all
+    (NaN > ceiling is False, so a NaN would otherwise slip past the guard)."""
+    if not math.isfinite(kl):
+        raise KLCeilingExceeded(f"iteration {iteration}: KL to the reference is {kl}: the policy or the "
+                                "reference gives non-finite log-probs; stopping")
+    if ceiling is not None and kl > ceiling:
+        raise KLCeilingExceeded(f"iteration {iteration}: KL to the reference {kl:.4g} exceeds "
+                                f"reward.kl_ceiling={ceiling}; stopping (reward hacking guard)")
+
+
 def prompt_indices(n_prompts: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
     """The prompts of `iteration`: consecutive slices of one seeded permutation per epoch, so a
     resumed run continues with exactly the prompts it would have seen."""
@@ -52,11 +67,32 @@ def prompt_indices(n_prompts: int, per_iteration: int, seed: int, iteration: int
 
 
 def load_reward_fn(spec: str) -> Callable:
-    """'package.module:function' -> the function."""
+    """'package.module:function' -> the function. Modules are looked up in the current directory
+    first (as `python -m` would; the `fusedrl` script's own sys.path does not hold it), then on sys.path."""
     module, sep, name = spec.partition(":")
-    if not sep:
-        raise ValueError(f"reward_fn must look like 'module:function', got {spec!r}")
-    return getattr(importlib.import_module(module), name)
+    if not (sep and module and name):
+        raise UsageError(f"reward_fn={spec!r}: expected 'module:function'")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise UsageError(f"reward_fn={spec!r}: cannot import {module!r} ({e}); modules are looked up in the "
+                         "current directory and on PYTHONPATH") from None
+    except Exception as e:  # the user's module failed while importing
+        raise FusedRLError(f"reward_fn={spec!r}: importing {module!r} raised {type(e).__name__}: {e}") from e
+    fn = getattr(found, name, None)
+    if not callable(fn):
+        raise UsageError(f"reward_fn={spec!r}: {getattr(found, '__file__', module)} has no function {name!r}")
+    return fn
+
+
+def resolve_reward_fn(cfg: PPOConfig, reward_fn: Optional[Callable]) -> Callable:
+    """The reward function: the one passed in, else cfg.reward_fn's."""
+    fn = reward_fn or (load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None)
+    if fn is None:
+        raise UsageError("PPO needs a reward: set reward_model or reward_fn (or pass reward_fn=...)")
+    return fn
 
 
 def build_models(cfg: PPOConfig, device, tokenizer, reward_fn: Optional[Callable]) -> PPOModels:
@@ -69,10 +105,8 @@ def build_models(cfg: PPOConfig, device, tokenizer, reward_fn: Optional[Callable
         rm = load_reward_model(cfg.reward_model, dtype=cfg.train.dtype, device=device).eval().requires_grad_(False)
         score = reward_model_scorer(rm)
     else:
-        fn = reward_fn or (load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None)
-        if fn is None:
-            raise ValueError("PPO needs a reward: set reward_model or reward_fn (or pass reward_fn=...)")
-        score = function_scorer(fn, tokenizer)
+        fn = resolve_reward_fn(cfg, reward_fn)
+        score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"))
     critic = value_head = None
     if cfg.critic == "separate":
         critic = value_model_from_reward_model(rm) if rm is not None else value_model_from_lm(policy)
@@ -148,8 +182,13 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     reward_fn: a Python scorer fn(prompt_texts, response_texts) -> floats, instead of cfg.reward_fn.
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
     """
-    device, tokenizer = start_run(cfg.seed, cfg.train.device, cfg.policy)
-    prompts = load_prompts(cfg.prompts_file, tokenizer, cfg.rollout.max_prompt_length)
+    device, tokenizer, configs = start_run(cfg.seed, cfg.train.device, cfg.output_dir,
+                                           {"policy": cfg.policy, "reward_model": cfg.reward_model},
+                                           {"prompts_file": cfg.prompts_file, "ptx_file": cfg.ptx_file})
+    if cfg.reward_model is None:  # resolved now: a wrong reward_fn is a usage error before any model loads
+        reward_fn = resolve_reward_fn(cfg, reward_fn)
+    prompts, truncated = load_prompts(cfg.prompts_file, tokenizer, cfg.rollout.max_prompt_length,
+                                      configs["policy"].max_model_len, cfg.rollout.truncate_prompts)
     models = build_models(cfg, device, tokenizer, reward_fn)
     opts, schedules = build_optimizers(models, cfg)
     state = PPOState(kl_coef=cfg.reward.kl_coef)
@@ -157,7 +196,8 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     run_training(plan, trainables(cfg, models, opts, schedules, device), state,
                  iteration_step(cfg, models, opts, schedules, prompts, tokenizer, device),
                  evaluate=None if evaluate is None else lambda: evaluate(models),
-                 info={"prompts": len(prompts), "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
+                 info={"prompts": len(prompts), "truncated_prompts": truncated,
+                       "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
     final = Path(cfg.output_dir) / "final"
     save_model(models.policy, final, source_dir=cfg.policy)
     if models.critic is not None:
@@ -181,15 +221,18 @@ def iteration_step(cfg, models, opts, schedules, prompts, tokenizer, device) -> 
         timer = PhaseTimer(device)
         batch = [prompts[i] for i in prompt_indices(len(prompts), cfg.rollout.prompts_per_iteration, cfg.seed, it)]
         rollout, metrics = make_rollout(models, batch, cfg, kl_ctl.value, moments, cfg.seed * 1_000_003 + it, timer)
-        if cfg.reward.kl_ceiling is not None and metrics["kl"] > cfg.reward.kl_ceiling:
-            raise KLCeilingExceeded(f"iteration {it}: KL to the reference {metrics['kl']:.4g} exceeds "
-                                    f"reward.kl_ceiling={cfg.reward.kl_ceiling}; stopping (reward hacking guard)")
+        metrics["lr"] = schedules[0].get_last_lr()[0]
+        for s in schedules:  # a skipped iteration keeps its place in the schedule, as its prompts are used
+            s.step()
+        if rollout is None:
+            return {**metrics, **timer.metrics(), "skipped": True,
+                    "skip_reason": f"all {metrics['dropped_rows']} scores were NaN or inf"}
+        check_kl(metrics["kl"], cfg.reward.kl_ceiling, it)
         with timer.phase("train"):
             metrics.update(ppo_update(models, opts, rollout, cfg, cfg.seed + it, ptx_loss))
         metrics["tokens_per_s_train"] = cfg.ppo.epochs * int(rollout.mask.sum()) / max(timer.seconds["train"], 1e-9)
-        metrics["lr"] = schedules[0].get_last_lr()[0]
-        for s in schedules:
-            s.step()
+        if metrics["updates"] == 0:
+            metrics.update(skipped=True, skip_reason="every minibatch had a non-finite loss or gradient")
         kl_ctl.update(metrics["kl"], rollout.mask.shape[0])
         state.kl_coef, state.moments = kl_ctl.value, moments.state_dict()
         return {**metrics, **timer.metrics()}

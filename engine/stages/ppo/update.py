@@ -12,12 +12,14 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ...errors import FusedRLError
 from ...train import optim
 from ...inference.hybrid_actor import HybridActor
 from ...model.value_model import ValueModel
 from ...model.causal_lm import CausalLM
 from ...config.ppo import PPOConfig
-from .core import RunningMoments, advantages_and_returns, explained_variance, shape_rewards
+from .core import (GROUP_ESTIMATORS, RunningMoments, advantages_and_returns, explained_variance, finite_rows,
+                   shape_rewards)
 from ...data.packing import PackedBatch, pack_sequences
 from .rollout import Rollout, pack_rollout, response_logprobs
 from ...train.runlog import peak_memory_mb
@@ -59,14 +61,27 @@ def reward_model_scorer(rm) -> Scorer:
     return score
 
 
-def function_scorer(fn: Callable, tokenizer) -> Scorer:
-    """Scores from a Python function of the decoded texts: fn(prompts, responses) -> list of floats."""
+class RewardFunctionError(FusedRLError):
+    """The reward function raised, or returned something other than one number per response."""
+
+
+def function_scorer(fn: Callable, tokenizer, name: str) -> Scorer:
+    """Scores from a Python function of the decoded texts: fn(prompts, responses) -> list of floats.
+    `name` (e.g. reward_fn's 'module:function') names it in errors."""
     def score(prompts, responses):
-        values = fn([tokenizer.decode(p, skip_special_tokens=True) for p in prompts],
-                    [tokenizer.decode(r, skip_special_tokens=True) for r in responses])
-        if len(values) != len(responses):
-            raise ValueError(f"reward function returned {len(values)} scores for {len(responses)} responses")
-        return torch.tensor([float(v) for v in values], dtype=torch.float32)
+        try:
+            values = fn([tokenizer.decode(p, skip_special_tokens=True) for p in prompts],
+                        [tokenizer.decode(r, skip_special_tokens=True) for r in responses])
+        except Exception as e:  # the user's code: its failure is theirs to see, named, in one line
+            raise RewardFunctionError(f"the reward function {name} raised {type(e).__name__}: {e}") from e
+        try:
+            scores = [float(v) for v in values]
+        except (TypeError, ValueError) as e:
+            raise RewardFunctionError(f"the reward function {name} must return a list of numbers ({e})") from None
+        if len(scores) != len(responses):
+            raise RewardFunctionError(f"the reward function {name} returned {len(scores)} scores for "
+                                      f"{len(responses)} responses")
+        return torch.tensor(scores, dtype=torch.float32)
     return score
 
 
@@ -96,18 +111,30 @@ class PhaseTimer:
 
 
 def make_rollout(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, kl_coef: float,
-                 moments: RunningMoments, seed: int, timer: PhaseTimer) -> tuple[Rollout, dict]:
-    """Generate from the current policy, score, and turn it all into a Rollout; returns its metrics."""
+                 moments: RunningMoments, seed: int, timer: PhaseTimer) -> tuple[Optional[Rollout], dict]:
+    """Generate from the current policy, score, and turn it all into a Rollout; returns its metrics.
+
+    Rows whose score is not finite are dropped before anything else sees them (with a group
+    estimator, their whole group; counted in `dropped_rows`); the Rollout is None when every row was.
+    """
     r = cfg.rollout
     params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
     device = next(models.policy.parameters()).device
-    packed = pack_rollout(prompt_ids, responses, device)
-    mask = packed.grid_mask()                                                  # [R, T]
     with timer.phase("score"), torch.no_grad():
         scores = models.score(prompt_ids, responses).float().to(device)        # [R]
+    group = r.samples_per_prompt if cfg.ppo.estimator in GROUP_ESTIMATORS else None
+    keep = finite_rows(scores, group)
+    dropped = {"dropped_rows": len(responses) - len(keep)}
+    if not keep:
+        return None, dropped
+    if dropped["dropped_rows"]:
+        prompt_ids, responses, sampler_logprobs = ([x[i] for i in keep] for x in (prompt_ids, responses, sampler_logprobs))
+        scores = scores[keep]
+    packed = pack_rollout(prompt_ids, responses, device)
+    mask = packed.grid_mask()                                                  # [R, T]
     with timer.phase("reference"), torch.no_grad(), models.autocast():
         ref_logp, _, _ = response_logprobs(models.reference, packed, r.temperature)
     with timer.phase("old"), torch.no_grad():
@@ -133,7 +160,7 @@ def make_rollout(models: PPOModels, prompts: list[list[int]], cfg: PPOConfig, kl
         "explained_variance": explained_variance(old_values, returns, mask).item(),
         "perplexity": torch.exp(-masked_mean(old_logp, mask)).item(),
         "logprob_mismatch": mismatch.mean().item(), "logprob_mismatch_max": mismatch.max().item(),
-        "tokens_per_s_generate": int(mask.sum()) / max(timer.seconds["generate"], 1e-9),
+        "tokens_per_s_generate": int(mask.sum()) / max(timer.seconds["generate"], 1e-9), **dropped,
     }
     return rollout, metrics
 

@@ -1,13 +1,15 @@
 """JSONL readers, chat rendering, truncation rules and packing."""
+import re
+
 import pytest
 
 from fusedrl.engine.data.packing import collate_rm, collate_sft, epoch_batches, pack, pack_sequences
-from fusedrl.engine.cli import main
 from fusedrl.engine.data.records import DataError, Demonstration, Ranking, parser_for, read_jsonl
 from fusedrl.engine.data.loading import split_off
 from fusedrl.engine.data.tokenization import TokenizedExample, render_chat, tokenize_record
 from engine_testing import EOS, make_tokenizer
 from train_testing import write_jsonl
+from cli_testing import cli_error
 
 HH_CHOSEN = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: the fox"
 HH_REJECTED = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: no"
@@ -154,8 +156,8 @@ def test_held_out_split_is_seeded_and_disjoint():
     assert split_off(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
 
 
-def test_fusedrl_sft_reports_a_malformed_line_without_a_traceback(tokenizer, tmp_path):
-    tokenizer.save_pretrained(tmp_path / "tok")
+def test_fusedrl_sft_reports_a_malformed_line_without_a_traceback(qwen2_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}, '{"prompt": "p"}'])
-    with pytest.raises(SystemExit, match=r"^fusedrl sft: .*d\.jsonl:2: expected keys prompt\+response"):
-        main(["sft", f"model={tmp_path / 'tok'}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}"])
+    code, err = cli_error(["sft", f"model={qwen2_dir}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}"],
+                          capsys)
+    assert code == 1 and re.fullmatch(r"fusedrl sft: .*d\.jsonl:2: expected keys prompt\+response.*\n", err)
