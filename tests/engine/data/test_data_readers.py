@@ -158,6 +158,6 @@ def test_held_out_split_is_seeded_and_disjoint():
 
 def test_fusedrl_sft_reports_a_malformed_line_without_a_traceback(qwen2_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}, '{"prompt": "p"}'])
-    code, err = cli_error(["sft", f"model={qwen2_dir}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}"],
-                          capsys)
+    code, err = cli_error(["sft", f"model={qwen2_dir}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}",
+                           "data.max_length=64", "data.max_prompt_length=32"], capsys)
     assert code == 1 and re.fullmatch(r"fusedrl sft: .*d\.jsonl:2: expected keys prompt\+response.*\n", err)
