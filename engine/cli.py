@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from . import errors
@@ -163,19 +164,35 @@ def add_generate_parser(commands) -> None:
 
 
 def run_generate(args) -> int:
+    from .data.records import DataError, decode_line, numbered_lines
     prompts = list(args.prompt)
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            for lineno, raw in numbered_lines(args.prompt_file):
+                try:
+                    prompts.append(decode_line(raw))
+                except ValueError as e:
+                    raise DataError(f"{args.prompt_file}:{lineno}: {e}") from None
+        except OSError as e:
+            raise errors.UsageError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
     if not prompts:
-        raise SystemExit("fusedrl generate: give --prompt TEXT (repeatable) or --prompt-file FILE")
+        raise errors.UsageError("give --prompt TEXT (repeatable) or --prompt-file FILE")
     from .inference.llm import LLM
     from .inference.sampling_params import SamplingParams
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
-    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-              block_size=args.block_size, device=args.device)
-    outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+    from .train.run_setup import check_model_dir, resolve_device
+    check_model_dir(args.model, "--model")
+    device = resolve_device(args.device, "--device")
+    try:  # an argument out of range; the model's own problems are FusedRLErrors and pass through
+        params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed)
+        llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+                  block_size=args.block_size, device=device)
+        outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+    except errors.FusedRLError:
+        raise
+    except ValueError as e:  # SamplingParams names its fields: say which option the user gave
+        raise errors.UsageError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"),
+                                       str(e))) from e
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         for j, c in enumerate(out.outputs):
             if args.json:

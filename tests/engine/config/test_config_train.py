@@ -32,7 +32,8 @@ def test_yaml_plus_overrides_build_nested_dataclasses(tmp_path):
     (["train.resume=1"], "train.resume: expected bool, got 1"),
     (["optim=3"], "optim: expected a mapping"),
     (["optim.lr"], "not of the form key=value"),
-    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["optim.lr=-1"], "optim.lr must be a finite number > 0"),
+    (["optim.lr=.inf"], "optim.lr must be a finite number > 0, got inf"),
     (["data.max_prompt_length=2000"], "max_prompt_length must be in"),
     (["data.format=pairwise"], "data.format for sft must be one of"),
 ])
