@@ -2,6 +2,8 @@
 import importlib.resources
 
 import pytest
+
+from fusedrl.engine.errors import UsageError
 import yaml
 
 from fusedrl.engine.config import io as config_io
@@ -65,7 +67,7 @@ def test_help_documents_every_option(capsys):
 
 def test_cli_rejects_unknown_keys_before_loading_anything(capsys):
     args = build_parser().parse_args(["sft", *REQUIRED, "optim.learning_rate=1"])
-    with pytest.raises(SystemExit, match="fusedrl sft: unknown config key 'optim.learning_rate'"):
+    with pytest.raises(UsageError, match="^unknown config key 'optim.learning_rate'"):
         args.run(args)
 
 
