@@ -58,14 +58,28 @@ def publish(directory: Path) -> None:
     """Give a finished temp directory the modes a normal write would (0644 files and 0755 dirs under
     the default umask 022): mkdtemp makes it 0700, which would hide the export from other users
     and serving processes. The umask is the knob for other modes (e.g. umask 077 keeps it private)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     os.chmod(directory, 0o777 & ~umask)
     for root, dirs, files in os.walk(directory):
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o777 & ~umask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def _umask() -> int:
+    """The process's umask: from /proc on Linux; elsewhere by setting it and back (which briefly
+    changes it for every thread, hence the preference)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _digest(path: Path) -> str:
