@@ -222,18 +222,19 @@ def iteration_step(cfg, models, opts, schedules, prompts, tokenizer, device) -> 
         batch = [prompts[i] for i in prompt_indices(len(prompts), cfg.rollout.prompts_per_iteration, cfg.seed, it)]
         rollout, metrics = make_rollout(models, batch, cfg, kl_ctl.value, moments, cfg.seed * 1_000_003 + it, timer)
         metrics["lr"] = schedules[0].get_last_lr()[0]
-        for s in schedules:  # a skipped iteration keeps its place in the schedule, as its prompts are used
-            s.step()
         if rollout is None:
-            return {**metrics, **timer.metrics(), "skipped": True,
-                    "skip_reason": f"all {metrics['dropped_rows']} scores were NaN or inf"}
-        check_kl(metrics["kl"], cfg.reward.kl_ceiling, it)
-        with timer.phase("train"):
-            metrics.update(ppo_update(models, opts, rollout, cfg, cfg.seed + it, ptx_loss))
-        metrics["tokens_per_s_train"] = cfg.ppo.epochs * int(rollout.mask.sum()) / max(timer.seconds["train"], 1e-9)
-        if metrics["updates"] == 0:
-            metrics.update(skipped=True, skip_reason="every minibatch had a non-finite loss or gradient")
-        kl_ctl.update(metrics["kl"], rollout.mask.shape[0])
-        state.kl_coef, state.moments = kl_ctl.value, moments.state_dict()
+            metrics.update(skipped=True, skip_reason=f"all {metrics['dropped_rows']} scores were NaN or inf")
+        else:
+            check_kl(metrics["kl"], cfg.reward.kl_ceiling, it)
+            with timer.phase("train"):
+                metrics.update(ppo_update(models, opts, rollout, cfg, cfg.seed + it, ptx_loss))
+            metrics["tokens_per_s_train"] = (cfg.ppo.epochs * int(rollout.mask.sum())
+                                             / max(timer.seconds["train"], 1e-9))
+            if metrics["updates"] == 0:
+                metrics.update(skipped=True, skip_reason="every minibatch had a non-finite loss or gradient")
+            kl_ctl.update(metrics["kl"], rollout.mask.shape[0])
+            state.kl_coef, state.moments = kl_ctl.value, moments.state_dict()
+        for s in schedules:  # after the update; a skipped iteration keeps its place in the schedule too
+            s.step()
         return {**metrics, **timer.metrics()}
     return step
