@@ -22,6 +22,9 @@ class RolloutConfig:
     prompts_per_iteration: int = option("prompts sampled per PPO iteration", 16)
     samples_per_prompt: int = option("responses generated per prompt (they share the prompt's KV blocks)", 4)
     max_prompt_length: int = option("prompts keep their last this many tokens", 256)
+    truncate_prompts: bool = option("cut a prompt that leaves no room to generate within the model's "
+                                    "context to its last max_model_len - 1 tokens (counted) instead of "
+                                    "failing on it", False)
     max_new_tokens: int = option("response length limit", 64)
     temperature: float = option("sampling temperature (> 0); log-probs are taken at the same temperature", 1.0)
     top_k: int = option("top-k filter of the sampler (0 = off)", 0)

@@ -5,12 +5,14 @@ requests up front (so a bad one fails before any work), and runs steps until eve
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..errors import NonFiniteError
 from .block_manager import BlockManager
 from ..model.hf_io import load_model
 from ..model.causal_lm import CausalLM
@@ -153,6 +155,7 @@ class LLM:
             while not self.scheduler.is_finished():
                 batch, is_prefill = self.scheduler.schedule()
                 tokens, logprobs = self.runner.run(batch, is_prefill)
+                check_logprobs(logprobs, batch)
                 finished = self.scheduler.postprocess(batch, tokens, logprobs)
                 if progress is not None:
                     progress.update(len(finished))
@@ -164,6 +167,16 @@ class LLM:
         ids = seq.completion_token_ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else None
         return Completion(ids, seq.logprobs, seq.finish_reason, text)
+
+
+def check_logprobs(logprobs: list[float], batch: list[Sequence]) -> None:
+    """NonFiniteError when a sampled token's log-prob is not finite, which only non-finite logits
+    give (a NaN or +inf logit spoils the whole softmax; a sampled token has probability > 0). The
+    values are already on the host from the step's one sync: no extra device work or sync."""
+    for logprob, seq in zip(logprobs, batch):
+        if not math.isfinite(logprob):
+            raise NonFiniteError(f"the model's logits are not finite (sampled log-prob {logprob} for request "
+                                 f"{seq.seq_id}): its weights or activations hold NaN or inf")
 
 
 def _is_single_prompt(prompts) -> bool:

@@ -17,6 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..durable import check_finite
 from .hf_io import load_model, save_model
 from .config import ModelConfig
 from .causal_lm import CausalLM, rebuild_as
@@ -60,6 +61,7 @@ def reward_model_from_lm(lm: CausalLM) -> RewardModel:
 
 def save_reward_model(rm: RewardModel, out_dir, source_dir=None):
     """Write the reward model as described in the module docstring (atomically, via save_model)."""
+    check_finite([("reward_offset", torch.tensor(rm.reward_offset))], f"the reward model for {out_dir}")
     hf = rm.config.hf_config
     hf.num_labels = 1
     hf.reward_offset = rm.reward_offset

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from ..config.demo import DemoConfig
+from ..errors import UsageError
+from ..train.run_setup import check_output_dir
 from .demo_task import build_base_model, build_tokenizer, is_correct, write_data
 
 TEMPERATURE = 1.0
@@ -101,9 +103,10 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()):
+    check_output_dir(out)
+    if any(out.iterdir()):
         if not cfg.overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=true or another output_dir")
+            raise UsageError(f"output_dir={out} exists and is not empty; pass overwrite=true or another output_dir")
         shutil.rmtree(out)
     data = write_data(cfg, out / "data")
     tokenizer = build_tokenizer()

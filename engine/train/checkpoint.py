@@ -6,14 +6,19 @@ Layout of `RUN_DIR/checkpoints/step-00000012/`:
     trainer_state.pt    the optimizers' and schedulers' state dicts (in the stage's order), small
                         modules saved by state dict (e.g. PPO's shared value head), RNG states
                         (python, torch CPU, CUDA) and the stage's loop state (a dict)
+    manifest.json       every file's size and sha256, written last (engine/durable.py)
 The directory is first written as a hidden `.step-...tmp-*` sibling and renamed when complete, so a
-crash mid-save leaves no `step-*` directory at all: `latest_checkpoint` never sees half a checkpoint.
+crash mid-save leaves no `step-*` directory at all: `latest_checkpoint` never sees half a checkpoint
+(and `run_training` removes such leftovers when a run starts). Nothing non-finite is written. A
+resume verifies the newest checkpoint against its manifest; a corrupt one is renamed `corrupt-step-*`
+(kept for inspection, never loaded again) and the previous one is used, with a warning.
 """
 from __future__ import annotations
 
 import random
+import re
 import shutil
-import tempfile
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,8 +26,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..durable import CorruptDirectory, check_finite, publish, temp_dir, verify_manifest, write_manifest
+
 STATE_FILE = "trainer_state.pt"
 PREFIX = "step-"
+_NAME = re.compile(rf"{PREFIX}\d{{8}}")
+CORRUPT_PREFIX = "corrupt-"
 
 
 @dataclass
@@ -66,7 +75,9 @@ def save_checkpoint(run_dir, step: int, parts: Trainables, loop_state: dict, kee
     newest `keep` checkpoints (0 = all)."""
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # Models are checked by their own save; the rest here, before the first byte is written.
+    check_finite(_state_tensors(parts), f"checkpoint {final}")
+    tmp = temp_dir(final)
     try:
         for name, model in parts.models.items():
             model.save(model.module, tmp / name)
@@ -74,6 +85,8 @@ def save_checkpoint(run_dir, step: int, parts: Trainables, loop_state: dict, kee
                     "schedulers": [s.state_dict() for s in parts.schedulers],
                     "small_modules": {k: m.state_dict() for k, m in parts.small_modules.items()},
                     "rng": rng_state(), "state": loop_state}, tmp / STATE_FILE)
+        write_manifest(tmp)
+        publish(tmp)
         if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
             shutil.rmtree(final)
         tmp.rename(final)
@@ -86,9 +99,21 @@ def save_checkpoint(run_dir, step: int, parts: Trainables, loop_state: dict, kee
     return final
 
 
+def _state_tensors(parts: Trainables):
+    """(name, tensor) of everything trainer_state.pt holds besides RNG states."""
+    for i, optimizer in enumerate(parts.optimizers):
+        for key, state in optimizer.state_dict()["state"].items():
+            yield from ((f"optimizer {i} state {key}.{k}", v) for k, v in state.items()
+                        if isinstance(v, torch.Tensor))
+    for name, module in parts.small_modules.items():
+        yield from ((f"{name}.{k}", v) for k, v in module.state_dict().items())
+
+
 def load_checkpoint(path, parts: Trainables) -> dict:
-    """Restore every part from checkpoint `path`, and the RNG states; return the loop state."""
+    """Verify checkpoint `path` (CorruptDirectory if it fails), restore every part from it and the
+    RNG states; return the loop state."""
     path = Path(path)
+    verify_manifest(path)
     # Our own file; weights_only=False because the python RNG state and scheduler dicts are not tensors.
     saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     with torch.no_grad():
@@ -109,9 +134,24 @@ def list_checkpoints(run_dir) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
 
 
 def latest_checkpoint(run_dir) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def resume(run_dir, parts: Trainables) -> tuple[Path | None, dict]:
+    """Load the newest checkpoint that verifies; (its path, loop state), or (None, {}) when none.
+    A corrupt one is set aside as `corrupt-step-*` with a warning on stderr, and the previous tried."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path, parts)
+        except CorruptDirectory as e:
+            aside = path.with_name(CORRUPT_PREFIX + path.name)
+            shutil.rmtree(aside, ignore_errors=True)  # an older copy of the same step set aside before
+            path.rename(aside)
+            print(f"fusedrl: warning: checkpoint {path.name} is corrupt ({e}); moved to {aside.name}, "
+                  "trying the previous one", file=sys.stderr)
+    return None, {}

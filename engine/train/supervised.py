@@ -6,15 +6,17 @@ for bf16 weights) + schedule, held-out evaluation, driven by engine/train/loop.p
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from ..config.train import StageConfig
+from ..config.train import DataConfig, StageConfig
 from ..data.packing import epoch_batches
 from ..data.tokenization import TokenizedExample
+from ..errors import UsageError
 from . import optim
 from .checkpoint import SavedModel, Trainables
 from .loop import RunPlan, run_training
@@ -63,6 +65,13 @@ def micro_batches(examples: list[TokenizedExample], budget: int, seed: int, posi
         epoch, index = epoch + 1, 0
 
 
+def check_context(data: DataConfig, max_model_len: int) -> None:
+    """data.max_length must fit the model's context (checked from config.json before any model loads)."""
+    if data.max_length > max_model_len:
+        raise UsageError(f"data.max_length={data.max_length} exceeds the model's context of "
+                         f"{max_model_len} tokens (max_position_embeddings); set data.max_length<={max_model_len}")
+
+
 def total_steps(examples: list[TokenizedExample], cfg: StageConfig) -> int:
     """Optimizer steps of the run: train.max_steps, else whole steps in train.epochs epochs."""
     if cfg.train.max_steps:
@@ -86,9 +95,16 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
         stats.update(batch_stats)
     grad_norm = optim.clip_grad_norm(model, cfg.optim.max_grad_norm)
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    return {**stage.summarize(stats, step_counts), "lr": lr, "grad_norm": grad_norm}
+    metrics = {**stage.summarize(stats, step_counts), "lr": lr, "grad_norm": grad_norm}
+    # Both are already on the host: no extra sync.
+    if not (math.isfinite(grad_norm) and math.isfinite(metrics["loss"])):
+        optimizer.zero_grad(set_to_none=True)
+        metrics.update(skipped=True, skip_reason=f"non-finite loss or gradient (loss={metrics['loss']:.4g}, "
+                                                         f"grad_norm={grad_norm:.4g})")
+    else:
+        optimizer.step()
+    scheduler.step()  # a skipped step still uses its data and its place in the schedule
+    return metrics
 
 
 @torch.no_grad()
@@ -108,9 +124,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
           ) -> SupervisedState:
     """Train `model` in place for the configured steps, resuming from the newest checkpoint in
     cfg.output_dir when train.resume is set. Returns the final state."""
-    if cfg.data.max_length > model.config.max_model_len:
-        raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's max_model_len "
-                         f"{model.config.max_model_len}")
+    check_context(cfg.data, model.config.max_model_len)
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     steps = total_steps(train_ex, cfg)

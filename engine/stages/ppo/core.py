@@ -23,6 +23,17 @@ def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), steps, -1).amax(dim=-1).clamp_min(0)
 
 
+
+def finite_rows(scores: torch.Tensor, group_size: int | None = None) -> list[int]:
+    """Indices of the rows to keep: those whose score is finite, or with `group_size`, the rows of
+    the groups (consecutive runs of group_size rows: one prompt's samples) whose every score is:
+    with a group estimator one non-finite score spoils its whole group's baseline."""
+    finite = torch.isfinite(scores)
+    if group_size is not None:
+        finite = finite.view(-1, group_size).all(dim=-1).repeat_interleave(group_size)
+    return finite.nonzero().flatten().tolist()
+
+
 def shape_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards: -kl_coef * kl on every valid token, plus the sequence's score on its last.
 
@@ -90,7 +101,7 @@ class KLController:
 
     def update(self, measured_kl: float, n_samples: int) -> float:
         """Feed the KL measured over ``n_samples`` sequences; returns the new coefficient."""
-        if self.target is not None and math.isfinite(measured_kl):
+        if self.target is not None and math.isfinite(measured_kl):  # a NaN KL says nothing about beta
             error = min(max(measured_kl / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + error * n_samples / self.horizon
         return self.value
@@ -110,10 +121,12 @@ class RunningMoments:
         return math.sqrt(self.m2 / self.count) if self.count else 1.0
 
     def update(self, scores: torch.Tensor) -> None:
-        n = scores.numel()
+        """Add the batch's finite scores (a NaN or inf would poison the moments for good)."""
+        batch = scores.detach().double().flatten()
+        batch = batch[torch.isfinite(batch)]
+        n = batch.numel()
         if n == 0:
             return
-        batch = scores.detach().double()
         batch_mean, batch_m2 = batch.mean().item(), ((batch - batch.mean()) ** 2).sum().item()
         total = self.count + n
         delta = batch_mean - self.mean

@@ -29,7 +29,10 @@ class Samples:
         return len(self.responses) // self.n
 
     def take_groups(self, groups: list[int]) -> "Samples":
-        rows = [g * self.n + k for g in groups for k in range(self.n)]
+        return self.take_rows([g * self.n + k for g in groups for k in range(self.n)])
+
+    def take_rows(self, rows: list[int]) -> "Samples":
+        """These rows (whole groups, for a group estimator: see finite_rows)."""
         pick = torch.tensor(rows, dtype=torch.long, device=self.scores.device)
         return Samples([self.prompts[r] for r in rows], [self.responses[r] for r in rows],
                        [self.sampler_logprobs[r] for r in rows], self.scores.index_select(0, pick), self.n)

@@ -12,12 +12,14 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ...errors import FusedRLError
 from ...train import optim
 from ...inference.hybrid_actor import HybridActor
 from ...model.value_model import ValueModel
 from ...model.causal_lm import CausalLM
 from ...config.ppo import PPOConfig
-from .core import (RunningMoments, advantages_and_returns, explained_variance, group_token_advantages,
+from ...config.ppo import GROUP_ESTIMATORS
+from .core import (RunningMoments, advantages_and_returns, explained_variance, finite_rows, group_token_advantages,
                    shape_rewards)
 from ...data.packing import PackedBatch, pack_sequences
 from .rollout import Rollout, pack_rollout, response_logprobs
@@ -59,14 +61,27 @@ def reward_model_scorer(rm) -> Scorer:
     return score
 
 
-def function_scorer(fn: Callable, tokenizer) -> Scorer:
-    """Scores from a Python function of the decoded texts: fn(prompts, responses) -> list of floats."""
+class RewardFunctionError(FusedRLError):
+    """The reward function raised, or returned something other than one number per response."""
+
+
+def function_scorer(fn: Callable, tokenizer, name: str) -> Scorer:
+    """Scores from a Python function of the decoded texts: fn(prompts, responses) -> list of floats.
+    `name` (e.g. reward_fn's 'module:function') names it in errors."""
     def score(prompts, responses):
-        values = fn([tokenizer.decode(p, skip_special_tokens=True) for p in prompts],
-                    [tokenizer.decode(r, skip_special_tokens=True) for r in responses])
-        if len(values) != len(responses):
-            raise ValueError(f"reward function returned {len(values)} scores for {len(responses)} responses")
-        return torch.tensor([float(v) for v in values], dtype=torch.float32)
+        try:
+            values = fn([tokenizer.decode(p, skip_special_tokens=True) for p in prompts],
+                        [tokenizer.decode(r, skip_special_tokens=True) for r in responses])
+        except Exception as e:  # the user's code: its failure is theirs to see, named, in one line
+            raise RewardFunctionError(f"the reward function {name} raised {type(e).__name__}: {e}") from e
+        try:
+            scores = [float(v) for v in values]
+        except (TypeError, ValueError) as e:
+            raise RewardFunctionError(f"the reward function {name} must return a list of numbers ({e})") from None
+        if len(scores) != len(responses):
+            raise RewardFunctionError(f"the reward function {name} returned {len(scores)} scores for "
+                                      f"{len(responses)} responses")
+        return torch.tensor(scores, dtype=torch.float32)
     return score
 
 
@@ -96,11 +111,26 @@ class PhaseTimer:
 
 
 def make_rollout(models: PPOModels, samples: Samples, cfg: PPOConfig, kl_coef: float,
-                 moments: RunningMoments, timer: PhaseTimer) -> tuple[Rollout, dict]:
+                 moments: RunningMoments, timer: PhaseTimer) -> tuple[Optional[Rollout], dict]:
     """Turn scored samples into a Rollout (reference and old log-probs, values, shaped rewards,
-    advantages); returns it and its metrics."""
+    advantages); returns it and its metrics.
+
+    Rows whose score is not finite are dropped before anything else sees them (with a group
+    estimator, their whole group; counted in `dropped_rows`); the Rollout is None when no row is
+    left (every score non-finite, or dynamic sampling found no group to learn from), and the
+    metrics then say why in `skip_reason`.
+    """
     r = cfg.rollout
     device = next(models.policy.parameters()).device
+    group = samples.n if cfg.ppo.estimator in GROUP_ESTIMATORS else None
+    keep = finite_rows(samples.scores, group)
+    dropped = {"dropped_rows": len(samples.responses) - len(keep)}
+    if not keep:
+        reason = (f"all {dropped['dropped_rows']} scores were NaN or inf" if samples.responses
+                  else "no prompt group had scores that differ (dynamic sampling)")
+        return None, {**dropped, "skip_reason": reason}
+    if dropped["dropped_rows"]:
+        samples = samples.take_rows(keep)
     packed = pack_rollout(samples.prompts, samples.responses, device)
     mask = packed.grid_mask()                                                  # [R, T]
     scores = samples.scores
@@ -134,7 +164,7 @@ def make_rollout(models: PPOModels, samples: Samples, cfg: PPOConfig, kl_coef: f
            {"explained_variance": explained_variance(old_values, returns, mask).item()}),
         "perplexity": torch.exp(-masked_mean(old_logp, mask)).item(),
         "logprob_mismatch": mismatch.mean().item(), "logprob_mismatch_max": mismatch.max().item(),
-        "tokens_per_s_generate": int(mask.sum()) / max(timer.seconds["generate"], 1e-9),
+        "tokens_per_s_generate": int(mask.sum()) / max(timer.seconds["generate"], 1e-9), **dropped,
     }
     return rollout, metrics
 

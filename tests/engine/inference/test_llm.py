@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from fusedrl.engine.errors import NonFiniteError
 from fusedrl.engine.inference.llm import LLM
 
 from fusedrl.engine.inference.sampling_params import SamplingParams
@@ -164,6 +165,14 @@ def test_stop_tokens_end_a_completion(qwen2_dir, reference):
 @pytest.fixture(scope="module")
 def llm(qwen2_dir):
     return LLM(qwen2_dir, block_size=4)
+
+
+def test_non_finite_logits_are_an_error_not_token_0(qwen2_dir):
+    llm = LLM(qwen2_dir, block_size=4, kv_cache_memory=1 << 20)
+    with torch.no_grad():
+        llm.model.model.norm.weight[3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"the model's logits are not finite \(sampled log-prob nan"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4))
 
 
 def test_empty_prompt_is_rejected(llm):

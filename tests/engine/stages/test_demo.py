@@ -30,8 +30,10 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert results[key] is not None
     assert (out / "rl" / "final" / "model.safetensors").exists()
     assert (out / "rl" / "plots" / "train.png").exists()
-    with pytest.raises(FileExistsError, match="overwrite=true"):
-        cli.main(["demo", f"output_dir={out}", "--quiet"])
+    capsys.readouterr()
+    assert cli.main(["demo", f"output_dir={out}", "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"fusedrl demo: output_dir={out} exists and is not empty; pass "
+                                       "overwrite=true or another output_dir\n")
 
 
 def test_grpo_demo_end_to_end(tmp_path, capsys):

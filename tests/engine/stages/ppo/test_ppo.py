@@ -179,10 +179,11 @@ def test_non_finite_loss_skips_the_update(setup):
     cfg = config(root, policy_dir, prompts, "nan")
     from transformers import AutoTokenizer
     models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
-                          lambda prompts, responses: [float("nan")] * len(responses))
+                          vowel_fraction)
     opts, _ = build_optimizers(models, cfg)
     before = {k: v.clone() for k, v in models.policy.state_dict().items()}
     rollout, _ = rollout_of(models, random_prompts([4, 6]), cfg, 0.05)
+    rollout.advantages.fill_(float("nan"))  # NaN scores are dropped before this point: poison the loss itself
     metrics = ppo_update(models, opts, rollout, cfg, seed=0)
     assert metrics["updates"] == 0 and metrics["skipped_updates"] == 4      # 2 epochs x 2 minibatches
     assert all(torch.equal(before[k], v) for k, v in models.policy.state_dict().items())
