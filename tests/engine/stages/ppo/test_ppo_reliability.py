@@ -49,14 +49,14 @@ def nan_first_inf_last(prompts, responses):
 def test_non_finite_scores_drop_their_rows_and_the_run_goes_on(setup):
     root, policy_dir, prompts = setup
     cfg = config(root, policy_dir, prompts, "nan-rows", reward=RewardConfig(normalize=True),
-                 train=LoopConfig(iterations=2, save_every=1, keep_checkpoints=0, progress=False, device="cpu"))
+                 train=LoopConfig(iterations=1, progress=False, device="cpu"))
     run_ppo(cfg, reward_fn=nan_first_inf_last)
     train = [r for r in read_metrics(root / "nan-rows") if r["kind"] == "train"]
-    assert [r["dropped_rows"] for r in train] == [2, 2] and all(r["updates"] > 0 for r in train)
-    assert all(math.isfinite(r["score_mean"]) and math.isfinite(r["kl"]) for r in train)
-    state = torch.load(root / "nan-rows" / "checkpoints" / "step-00000002" / "trainer_state.pt", weights_only=False)
+    assert [r["dropped_rows"] for r in train] == [2] and train[0]["updates"] > 0
+    assert math.isfinite(train[0]["score_mean"]) and math.isfinite(train[0]["kl"])
+    state = torch.load(root / "nan-rows" / "checkpoints" / "step-00000001" / "trainer_state.pt", weights_only=False)
     moments = state["state"]["moments"]
-    assert moments["count"] == 2 * (6 - 2) and math.isfinite(moments["mean"]) and math.isfinite(moments["m2"])
+    assert moments["count"] == 6 - 2 and math.isfinite(moments["mean"]) and math.isfinite(moments["m2"])
 
 
 def test_iterations_without_a_finite_score_are_skipped_until_the_run_stops(setup, capsys):
