@@ -86,11 +86,11 @@ def _token_logprobs_fwd_kernel(
             tl.store(entropy_ptr + row, 0.0)
     else:
         begin, end, body_begin, body_end = _row_span(row, stride_row, n_cols, ALIGN)
-        cols, edge = _edge_cols(begin, end, body_begin, body_end, ALIGN)
-        z = tl.load(logits_ptr + cols, mask=edge, other=float("-inf")).to(tl.float32) * inv_temperature
+        edge_cols, edge = _edge_cols(begin, end, body_begin, body_end, ALIGN)
+        z_edge = tl.load(logits_ptr + edge_cols, mask=edge, other=float("-inf")).to(tl.float32)
         m, s, t = _online_update(tl.zeros([], dtype=tl.float32) - float("inf"),
                                  tl.zeros([], dtype=tl.float32), tl.zeros([], dtype=tl.float32),
-                                 z, HAS_ENTROPY)
+                                 z_edge * inv_temperature, HAS_ENTROPY)
         for start in range(0, body_end - body_begin, BLOCK_V):
             cols = body_begin + start + tl.arange(0, BLOCK_V)
             z = tl.load(logits_ptr + cols, mask=cols < body_end, other=float("-inf")).to(tl.float32)
@@ -137,8 +137,8 @@ def _token_logprobs_bwd_kernel(
     if HAS_ENTROPY_GRAD:
         entropy = tl.load(entropy_ptr + row)
         g_entropy = tl.load(grad_entropy_ptr + row)
-    cols, edge = _edge_cols(begin, end, body_begin, body_end, ALIGN)
-    _grad_block(logits_ptr, grad_logits_ptr, cols, edge, live, begin + label, lse, g_logp,
+    edge_cols, edge = _edge_cols(begin, end, body_begin, body_end, ALIGN)
+    _grad_block(logits_ptr, grad_logits_ptr, edge_cols, edge, live, begin + label, lse, g_logp,
                 entropy, g_entropy, inv_temperature, HAS_ENTROPY_GRAD)
     for start in range(0, body_end - body_begin, BLOCK_V):
         cols = body_begin + start + tl.arange(0, BLOCK_V)

@@ -18,8 +18,9 @@ import torch
 from .occupancy import occupancy
 from .streams import SHAPE_ARGS, STREAMS
 
-_LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)")
-_FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]+)"')
+_PARAM = re.compile(r"ld\.param\.\w+\s+(%rd\d+),\s*\[\w+_param_(\d+)\]")
+_ADDRESS = re.compile(r"\[\s*(%rd\d+)")
+_REG = re.compile(r"%[a-z]+\d+")
 _ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s")
 _SASS = re.compile(r"\b((?:LDG|STG)(?:\.[A-Z0-9_]+)*)")
 
@@ -46,7 +47,7 @@ def jit_function(kernel: str):
 
 
 def compile_launch(record: dict, arch: int):
-    """The CompiledKernel of `record` for sm_`arch`."""
+    """(CompiledKernel, signature) of `record` for sm_`arch`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -61,37 +62,35 @@ def compile_launch(record: dict, arch: int):
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                          options=options.__dict__)
+                          options=options.__dict__), signature
 
 
-def ptx_widths(ptx: str) -> dict:
-    """{(kind, file, line): sorted access widths in bits} from the PTX's .loc-annotated accesses."""
-    files, loc, out = {}, None, {}
+def ptx_accesses(ptx: str) -> list[tuple[str, int, set]]:
+    """(kind "ld"/"st", width in bits, PTX parameter indices the address derives from) of every
+    global access, by forward data flow from each `ld.param` through the instructions that
+    compute addresses (any instruction's first register is its destination)."""
+    origins, out = {}, []
     for text in ptx.splitlines():
-        if m := _FILE.match(text):
-            files[m[1]] = m[2]
-    for text in ptx.splitlines():
-        if m := _LOC.match(text):
-            loc = (files.get(m[1], "?"), int(m[2]))
-        elif (m := _ACCESS.search(text)) and loc:
-            width = int(m[2] or 1) * int(m[3])
-            out.setdefault((m[1],) + loc, set()).add(width)
-    return {k: sorted(v) for k, v in out.items()}
+        if m := _PARAM.search(text):
+            origins[m[1]] = {int(m[2])}
+        elif m := _ACCESS.search(text):
+            address = _ADDRESS.search(text)
+            out.append((m[1], int(m[2] or 1) * int(m[3]), origins.get(address[1], set()) if address else set()))
+        elif (regs := _REG.findall(text)) and regs[0].startswith("%rd"):
+            origins[regs[0]] = set().union(*(origins.get(r, set()) for r in regs[1:]))
+    return out
 
 
-def stream_widths(kernel_name: str, fn, ptx: str) -> dict:
-    """{stream: {"kind", "widths"}} for the kernel's named streams (widths in bits, all accesses
-    of the stream's source lines; [] if the compiler removed them)."""
-    source_file = fn.fn.__code__.co_filename
-    lines = Path(source_file).read_text().splitlines()
-    widths = ptx_widths(ptx)
+def stream_widths(kernel_name: str, signature: dict, ptx: str) -> dict:
+    """{stream: {"kind", "widths"}}: the access widths (bits) through each named stream's pointer;
+    [] if there are none (the compiler removed them)."""
+    params = [name for name, ty in signature.items() if ty != "constexpr"]  # PTX parameter order
+    accesses = ptx_accesses(ptx)
     out = {}
-    for stream, (kind, text) in STREAMS.get(kernel_name, {}).items():
-        found = set()
-        for number, line in enumerate(lines, 1):
-            if text in line:
-                found.update(widths.get((kind, source_file, number), []))
-        out[stream] = {"kind": kind, "widths": sorted(found)}
+    for stream, (kind, pointer) in STREAMS.get(kernel_name, {}).items():
+        index = params.index(pointer)
+        widths = {w for k, w, src in accesses if k == kind and index in src}
+        out[stream] = {"kind": kind, "widths": sorted(widths)}
     return out
 
 
@@ -130,12 +129,12 @@ def analyze(record: dict, arch: int) -> dict:
            "args": {arg: desc for arg, desc in record["args"] if "int" in desc or "tensor" in desc},
            "aligned": aligned_launch(record)}
     try:
-        compiled = compile_launch(record, arch)
+        compiled, signature = compile_launch(record, arch)
     except Exception as e:  # a compile error is a result of the check, reported per launch
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         return row
     row.update(cubin_resources(compiled.asm["cubin"]))
     row["shared_bytes"] = compiled.metadata.shared
-    row["streams"] = stream_widths(name, jit_function(record["kernel"]), compiled.asm["ptx"])
+    row["streams"] = stream_widths(name, signature, compiled.asm["ptx"])
     row["occupancy"] = occupancy(arch, row["registers"], row["shared_bytes"], num_warps)
     return row

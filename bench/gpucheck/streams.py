@@ -1,33 +1,25 @@
 """The main memory streams of each Triton kernel, named, with the source text of their accesses.
 
-A stream is (kind, text): "ld" or "st", and a fragment of the source line(s) of its tl.load /
-tl.store. `compile.py` maps the PTX accesses of those lines (by their .loc) to the stream. The check
+A stream is (kind, pointer): "ld" or "st", and the kernel argument its addresses derive from;
+`compile.py` follows the PTX's data flow from that parameter to the accesses. The check
 asks each stream for at least one 128-bit access in an aligned launch: every tensor 16-byte aligned
 and every int argument named in SHAPE_ARGS a multiple of 16 (kernels without an entry must be
 128-bit at any shape: token_logprobs aligns its rows itself).
 """
 STREAMS = {
-    "_token_logprobs_fwd_kernel": {"logits rows": ("ld", "z = tl.load(logits_ptr + cols")},
-    "_token_logprobs_bwd_kernel": {"logits rows": ("ld", "z = tl.load(logits_ptr + cols"),
-                                   "grad rows": ("st", "tl.store(grad_ptr + cols")},
-    "_gae_kernel": {"rewards": ("ld", "tl.load(rewards_ptr"), "values": ("ld", "tl.load(values_ptr"),
-                    "mask": ("ld", "tl.load(mask_ptr"), "advantages": ("st", "tl.store(adv_ptr"),
-                    "returns": ("st", "tl.store(returns_ptr")},
-    "_kl_fwd_kernel": {"logp": ("ld", "logp = tl.load(logp_ptr"), "ref_logp": ("ld", "ref = tl.load(ref_ptr"),
-                       "kl": ("st", "tl.store(out_ptr")},
-    "_kl_bwd_kernel": {"grad_out": ("ld", "tl.load(grad_out_ptr"), "logp": ("ld", "logp = tl.load(logp_ptr"),
-                       "grad_logp": ("st", "tl.store(grad_logp_ptr")},
-    "_policy_loss_kernel": {"per-token fp32 streams": ("ld", "x = tl.load(x_ptr"),
-                            "grad": ("st", "tl.store(grad_ptr")},
-    "_value_loss_kernel": {"per-token fp32 streams": ("ld", "x = tl.load(x_ptr"),
-                           "grad": ("st", "tl.store(grad_ptr")},
-    "_add_rms_norm_kernel": {"hidden rows": ("ld", "x = tl.load(x_ptr"),
-                             "normed rows": ("st", "tl.store(out_ptr")},
-    "_rope_kernel": {"q/k rows": ("ld", "x1 = tl.load(x_ptr"), "rotated rows": ("st", "tl.store(x_ptr"),
-                     "cos": ("ld", "cos = tl.load(cos_ptr")},
-    "_store_kv_kernel": {"K/V rows": ("ld", "k = tl.load(k_ptr"), "cache rows": ("st", "tl.store(k_cache_ptr")},
-    "_paged_decode_kernel": {"K pages": ("ld", "k = tl.load(k_cache_ptr"), "V pages": ("ld", "v = tl.load(v_cache_ptr")},
-    "_combine_splits_kernel": {},
+    "_token_logprobs_fwd_kernel": {"logits rows": ("ld", "logits_ptr")},
+    "_token_logprobs_bwd_kernel": {"logits rows": ("ld", "logits_ptr"), "grad rows": ("st", "grad_logits_ptr")},
+    "_gae_kernel": {"rewards": ("ld", "rewards_ptr"), "values": ("ld", "values_ptr"), "mask": ("ld", "mask_ptr"),
+                    "advantages": ("st", "adv_ptr"), "returns": ("st", "returns_ptr")},
+    "_kl_fwd_kernel": {"logp": ("ld", "logp_ptr"), "ref_logp": ("ld", "ref_ptr"), "kl": ("st", "out_ptr")},
+    "_kl_bwd_kernel": {"grad_out": ("ld", "grad_out_ptr"), "logp": ("ld", "logp_ptr"),
+                       "grad_logp": ("st", "grad_logp_ptr")},
+    "_policy_loss_kernel": {"logp": ("ld", "logp_ptr"), "grad": ("st", "grad_ptr")},
+    "_value_loss_kernel": {"values": ("ld", "values_ptr"), "grad": ("st", "grad_ptr")},
+    "_add_rms_norm_kernel": {"hidden rows": ("ld", "x_ptr"), "normed rows": ("st", "out_ptr")},
+    "_rope_kernel": {"q/k rows": ("ld", "x_ptr"), "rotated rows": ("st", "x_ptr"), "cos": ("ld", "cos_ptr")},
+    "_store_kv_kernel": {"K rows": ("ld", "k_ptr"), "K cache rows": ("st", "k_cache_ptr")},
+    "_paged_decode_kernel": {"K pages": ("ld", "k_cache_ptr"), "V pages": ("ld", "v_cache_ptr")},
 }
 
 # Int arguments that must be multiples of 16 for a launch to count as aligned.

@@ -22,7 +22,8 @@ DTYPES = (torch.bfloat16, torch.float32)
 # blocks. Intermediate size and vocabulary are cut down: they only size matmuls.
 MODELS = (("Qwen2.5-0.5B", 896, 14, 2, 64, False), ("Qwen3-0.6B", 1024, 16, 8, 128, True),
           ("Llama-3-8B", 4096, 32, 8, 128, False))
-TOKENS = 64  # per-token streams: a multiple of 16, as real batches of T = 512 or 1024 are
+TOKENS = 64  # per-token streams: a multiple of 16, as real batches are
+STEPS = 1024  # GAE's time steps: a full block of the scan
 
 
 def ops() -> None:
@@ -38,7 +39,8 @@ def ops() -> None:
         for estimator in ("k1", "k3"):
             kernels.kl_penalty(x, ref, estimator=estimator, mask=mask.flatten()).sum().backward()
         rows = x.view(2, TOKENS // 2)
-        kernels.gae(rows.detach(), ref.view(2, -1), mask)
+        kernels.gae(torch.randn(2, STEPS, dtype=dtype), torch.randn(2, STEPS, dtype=dtype),
+                    torch.rand(2, STEPS) > 0.2)
         kernels.ppo_policy_loss(rows, ref.view(2, -1), ref.view(2, -1), mask)[0].backward()
         kernels.ppo_value_loss(rows, ref.view(2, -1), ref.view(2, -1), mask)[0].backward()
     hidden = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)

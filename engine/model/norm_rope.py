@@ -117,7 +117,7 @@ def rope_triton_(x, cos, sin):
         raise ValueError(f"x {tuple(x.shape)} (last dim contiguous) and contiguous cos/sin "
                          f"[{n}, {dim}] expected, got cos {tuple(cos.shape)}")
     half_pad = triton.next_power_of_2(dim // 2)
-    rows = rows_per_program(2 * half_pad)
+    rows = rows_per_program(half_pad)  # each row is loaded as two halves
     _rope_kernel[(triton.cdiv(n * heads, rows),)](
         x, cos, sin, n * heads, heads, x.stride(0), x.stride(1), HALF=dim // 2, HALF_PAD=half_pad,
         ROWS=rows)
