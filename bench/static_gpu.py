@@ -5,7 +5,8 @@ Per kernel and configuration: compiled or the error, registers, spill bytes, sha
 access widths of its named main streams (bench/gpucheck/streams.py), global load/store kinds in
 SASS, and occupancy (blocks and warps per SM). Writes JSON and a markdown table.
 
-    python bench/static_gpu.py [--json OUT.json] [--table OUT.md] [--check] [--no-cuda]
+    python bench/static_gpu.py [--json OUT.json] [--table OUT.md] [--check] [--no-cuda] [--quick]
+                               [--archs 80,90]
 
 --check exits 1 on a compile error, any spill, or a named main stream with no 128-bit access in an
 aligned launch, except the kernels listed in gpucheck.streams.ALLOWED_FAILURES (reported, not fatal).
@@ -20,6 +21,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,15 +32,21 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 ARCHS = (80, 90)
 
 
-def record_launches() -> list[dict]:
+def record_launches(quick: bool) -> list[dict]:
     """The distinct launches of gpucheck.workload, recorded in an interpreter child process."""
     code = ("import json, sys; from gpucheck.record import recording; from gpucheck import workload\n"
             "launches = {}\n"
-            "with recording(launches): workload.run()\n"
+            f"with recording(launches): workload.run(quick={quick})\n"
             "json.dump(list(launches.values()), sys.stdout)")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
+
+
+def _compiling_process() -> None:
+    # Kernels must decorate as real JITFunctions here, whatever the caller runs under (the test
+    # suite sets TRITON_INTERPRET=1); fresh (spawned) processes import them after this.
+    os.environ.pop("TRITON_INTERPRET", None)
 
 
 def _analyze(job):
@@ -92,11 +100,12 @@ def table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_report(with_cuda: bool) -> dict:
+def build_report(with_cuda: bool, quick: bool = False, archs=ARCHS) -> dict:
     import triton
-    launches = record_launches()
-    jobs = [(record, arch) for record in launches for arch in ARCHS]
-    with ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, 8))) as pool:
+    launches = record_launches(quick)
+    jobs = [(record, arch) for record in launches for arch in archs]
+    with ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, 8)), mp_context=get_context("spawn"),
+                             initializer=_compiling_process) as pool:
         rows = list(pool.map(_analyze, jobs))
     rows.sort(key=lambda r: (r["kernel"], r["arch"], json.dumps(r["config"], sort_keys=True),
                              json.dumps(r["args"], sort_keys=True)))
@@ -106,10 +115,10 @@ def build_report(with_cuda: bool) -> dict:
     cuda = []
     if with_cuda:
         from gpucheck.cuda import cuda_rows
-        cuda = cuda_rows(ARCHS)
+        cuda = cuda_rows(archs)
         for row in cuda:
             row["problems"] = problems(row)
-    return {"triton_version": triton.__version__, "archs": [f"sm_{a}" for a in ARCHS],
+    return {"triton_version": triton.__version__, "archs": [f"sm_{a}" for a in archs],
             "launches": len(launches), "triton": rows, "cuda": cuda}
 
 
@@ -126,8 +135,11 @@ def main(argv=None) -> int:
     parser.add_argument("--table", type=Path, help="write the markdown table here")
     parser.add_argument("--check", action="store_true", help="exit 1 on a failure")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA backend (csrc/)")
+    parser.add_argument("--quick", action="store_true", help="the smaller workload CI's test runs")
+    parser.add_argument("--archs", default="80,90", help="compute capabilities, e.g. 90")
     args = parser.parse_args(argv)
-    report = build_report(with_cuda=not args.no_cuda)
+    archs = tuple(int(a) for a in args.archs.split(","))
+    report = build_report(with_cuda=not args.no_cuda, quick=args.quick, archs=archs)
     text = table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
@@ -138,7 +150,7 @@ def main(argv=None) -> int:
     bad = failures(report)
     excused = sum(bool(r["problems"]) for r in report["triton"] if r["allowed"])
     print(f"static_gpu: {len(report['triton'])} Triton configurations ({report['launches']} launches x "
-          f"{len(ARCHS)} archs), {len(report['cuda'])} CUDA kernels; {len(bad)} failures, "
+          f"{len(archs)} archs), {len(report['cuda'])} CUDA kernels; {len(bad)} failures, "
           f"{excused} allowed", file=sys.stderr)
     for line in bad:
         print("  " + line, file=sys.stderr)

@@ -76,8 +76,11 @@ def decode_step(llm: LLM, batch: int, prompt: int) -> tuple[TrafficCounter, list
     return counter, seqs
 
 
-def decode_report(batch: int, layers: int, prompt: int, dtype=torch.bfloat16, device="cpu") -> dict:
-    model = qwen_like(layers, dtype, device)
+def decode_report(batch: int, layers: int, prompt: int, dtype=torch.bfloat16, device="cpu",
+                  **overrides) -> dict:
+    """The report of one decode step (see the module docstring); `overrides` change the model's
+    shape (tests use a tiny one)."""
+    model = qwen_like(layers, dtype, device, **overrides)
     llm = LLM(model, kv_cache_memory=1 << 30, use_cuda_graphs=False, max_num_seqs=batch)
     counter, seqs = decode_step(llm, batch, prompt)
     c, elem = model.config, torch.empty(0, dtype=dtype).element_size()

@@ -26,10 +26,10 @@ TOKENS = 64  # per-token streams: a multiple of 16, as real batches are
 STEPS = 1024  # GAE's time steps: a full block of the scan
 
 
-def ops() -> None:
+def ops(vocabs=VOCABS) -> None:
     """Each public op forward and backward, on every dtype and vocabulary."""
     for dtype in DTYPES:
-        for vocab in VOCABS:
+        for vocab in vocabs:
             for entropy in (False, True):
                 logits = torch.randn(2, vocab, dtype=dtype, requires_grad=True)
                 out = kernels.token_logprobs(logits, torch.randint(0, vocab, (2,)), return_entropy=entropy)
@@ -62,16 +62,17 @@ def tiny_model(name: str, hidden: int, heads: int, kv_heads: int, head_dim: int,
     return model
 
 
-def generation() -> None:
+def generation(models=MODELS) -> None:
     """A prefill and a few decode steps of each model shape, paged with 16-token blocks."""
-    for shape in MODELS:
+    for shape in models:
         llm = LLM(tiny_model(*shape), kv_cache_memory=1 << 24, use_cuda_graphs=False)
         llm.generate([list(range(1, 20)), list(range(3, 40))],
                      SamplingParams(max_new_tokens=3, temperature=1.0, seed=0))
 
 
-def run() -> None:
-    """The whole workload on the triton backend (the interpreter on the CPU)."""
+def run(quick: bool = False) -> None:
+    """The whole workload on the triton backend (the interpreter on the CPU). `quick` (CI's test):
+    one vocabulary per alignment class and the two small models, which still reach every kernel."""
     with kernels.use_backend("triton"):
-        ops()
-        generation()
+        ops(VOCABS[1:] if quick else VOCABS)
+        generation(MODELS[:2] if quick else MODELS)
