@@ -76,10 +76,11 @@ def _widths(row: dict) -> str:
 
 
 def table(report: dict) -> str:
-    lines = ["| kernel | arch | warps | config | aligned | regs | spill | smem | blocks/SM (warps) | "
-             "main streams: bits per access | status |", "|" + "---|" * 11]
+    lines = ["| kernel | arch | warps | config | int args (one of their class) | aligned | regs | spill | "
+             "smem | blocks/SM (warps) | main streams: bits per access | status |", "|" + "---|" * 12]
     for row in report["triton"]:
         config = ", ".join(f"{k}={v}" for k, v in row["config"].items())
+        config += " | " + ", ".join(f"{k}={d['int']}" for k, d in row["args"].items() if "int" in d)
         status = "; ".join(row["problems"]) or "ok"
         if row["problems"] and row.get("allowed"):
             status = f"allowed ({row['allowed']}): {status}"
