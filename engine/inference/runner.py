@@ -42,8 +42,9 @@ def num_blocks_for_budget(kv_cache_memory, config: ModelConfig, dtype, block_siz
 class ModelRunner:
     """Runs prefill and decode steps of `model` over a paged KV pool of `num_blocks` blocks."""
 
-    # Decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits.
-    GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    # Decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits. Every 16
+    # past 8, not powers of two: 129 rows would otherwise run (and pay for) the 256-row graph.
+    GRAPH_BATCH_SIZES = (1, 2, 4, 8, *range(16, 513, 16))
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
                  use_cuda_graphs: bool = True):

@@ -299,3 +299,14 @@ def test_generation_through_the_triton_kernels_gives_the_same_tokens(qwen2_dir, 
         outputs = llm.generate(prompts[:3], params)
     assert tokens_of(outputs) == [[e[0][:6]] for e in expected[:3]]
     assert all_blocks_free(llm)
+
+
+def test_graph_batch_sizes_are_small_powers_of_two_then_every_16():
+    from fusedrl.engine.inference.runner import ModelRunner
+
+    sizes = ModelRunner.GRAPH_BATCH_SIZES
+    assert sizes[:5] == (1, 2, 4, 8, 16)
+    assert all(b - a == 16 for a, b in zip(sizes[4:], sizes[5:]))
+    assert sizes[-1] == 512
+    # 129 rows run in the 144-row graph, not the 256-row one.
+    assert min(s for s in sizes if s >= 129) == 144
