@@ -77,7 +77,9 @@ class ModelRunner:
                 hidden = self.model(input_ids, positions, meta, self.kv_caches)
         logits = self.model.compute_logits(hidden)  # [B, V] fp32
         tokens, logprobs = sample(logits, *self._prepare_sampling(seqs))
-        return tokens.tolist(), logprobs.tolist()
+        # One device-to-host copy (one sync) for both: token ids < 2^53 are exact in float64.
+        host = torch.stack([tokens.double(), logprobs.double()]).tolist()
+        return [int(t) for t in host[0]], host[1]
 
     def _tensor(self, data, dtype):
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(

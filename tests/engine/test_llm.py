@@ -148,6 +148,8 @@ def test_string_prompts_are_tokenized_and_completions_decoded(qwen2_dir):
         assert completion.text == llm.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
         by_ids = llm.generate(o.prompt_token_ids, SamplingParams(temperature=0, max_new_tokens=6))
         assert by_ids[0].outputs[0].token_ids == completion.token_ids
+        undecoded = llm.generate(texts, SamplingParams(temperature=0, max_new_tokens=6), decode_text=False)
+        assert all(o.outputs[0].text is None for o in undecoded)  # rollouts skip the decode
 
 
 def test_stop_tokens_end_a_completion(qwen2_dir, reference):
