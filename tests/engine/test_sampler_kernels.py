@@ -59,8 +59,8 @@ def test_same_tokens_and_logprobs_as_the_reference(vocab, dtype):
 
 
 def test_over_many_seeds_tokens_match_and_stay_inside_the_filtered_set():
-    logits, temperatures, top_ks, top_ps, _, _ = batch(211, rows=8, scale=2.0)
-    reps = 12
+    logits, temperatures, top_ks, top_ps, _, _ = batch(61, rows=8, scale=2.0)
+    reps = 4
     args = [x.repeat_interleave(reps, 0) for x in (logits, temperatures, top_ks, top_ps)]
     seeds, positions = torch.arange(8 * reps) * 31 + 5, torch.full((8 * reps,), 3)
     tokens, logprobs = sample_triton(*args, seeds, positions)
@@ -102,7 +102,7 @@ def test_edge_cases_one_token_vocab_top_k_above_vocab_zero_top_p_empty_batch():
 
 
 def test_a_row_draws_the_same_token_whatever_else_is_in_the_batch():
-    logits, *rest = batch(1031)
+    logits, *rest = batch(61)
     alone = sample_triton(logits[4:5], *(x[4:5] for x in rest))
     together = sample_triton(logits, *rest)
     assert alone[0].item() == together[0][4].item()
