@@ -90,10 +90,12 @@ class LLM:
         self._rng = random.Random()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, decode_text: bool = True) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids; one prompt or a list of them).
 
         Returns one RequestOutput per prompt, in order, each with `sampling_params.n` completions.
+        decode_text=False leaves Completion.text None: rollouts that only read token ids skip the
+        tokenizer's decode of every response.
         """
         if isinstance(prompts, (list, tuple)) and not prompts:
             return []
@@ -107,7 +109,8 @@ class LLM:
             self._check_request(i, ids, p)
         groups = [[self._add(ids, p, j) for j in range(p.n)] for ids, p in zip(token_ids, params)]
         self._run(sum(len(g) for g in groups), use_tqdm)
-        return [RequestOutput(ids, [self._completion(s) for s in group]) for ids, group in zip(token_ids, groups)]
+        return [RequestOutput(ids, [self._completion(s, decode_text) for s in group])
+                for ids, group in zip(token_ids, groups)]
 
     def _tokenize(self, prompt, index: int) -> list[int]:
         if isinstance(prompt, str):
@@ -163,9 +166,9 @@ class LLM:
             if progress is not None:
                 progress.close()
 
-    def _completion(self, seq: Sequence) -> Completion:
+    def _completion(self, seq: Sequence, decode_text: bool) -> Completion:
         ids = seq.completion_token_ids
-        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else None
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer and decode_text else None
         return Completion(ids, seq.logprobs, seq.finish_reason, text)
 
 
