@@ -151,6 +151,7 @@ def run_ours(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device)
     from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
     from fusedrl.engine.config.ppo import LoopConfig, UpdateConfig, PPOConfig, RewardConfig, RolloutConfig
     from fusedrl.engine.stages.ppo.core import RunningMoments
+    from fusedrl.engine.stages.ppo.sampling import sample_and_score
     from fusedrl.engine.stages.ppo.update import PhaseTimer, make_rollout, ppo_update
     from fusedrl.engine.train.precision import param_dtype, resolve_precision
 
@@ -175,7 +176,8 @@ def run_ours(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device)
     for iteration in range(2):
         clock.mark()
         timer = PhaseTimer(device)
-        rollout, _ = make_rollout(models, prompts, cfg, cfg.reward.kl_coef, RunningMoments(), iteration, timer)
+        samples = sample_and_score(models, prompts, cfg, iteration, timer)
+        rollout, _ = make_rollout(models, samples, cfg, cfg.reward.kl_coef, RunningMoments(), timer)
         with timer.phase("train"):
             ppo_update(models, opts, rollout, cfg, seed=iteration)
     clock.mark()

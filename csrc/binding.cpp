@@ -252,7 +252,7 @@ LossBuffers loss_buffers(const at::Tensor& x, const at::Tensor& y, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_op(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
     const at::Tensor& mask, const at::Tensor& weights, double clip_low, double clip_high,
-    double dual_clip, bool compute_grad) {
+    double dual_clip, double log_ratio_clamp, bool compute_grad) {
   const c10::cuda::CUDAGuard guard(logp.device());
   LossBuffers out = loss_buffers(logp, old_logp, advantages, mask, weights, compute_grad, 5);
   CHECK_LAUNCH(ppo_policy_loss(
@@ -262,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_op(
       compute_grad ? out.grad.data_ptr<float>() : nullptr, out.stats.data_ptr<float>(),
       out.workspace.data_ptr<float>(), logp.numel(), logp.size(-1), static_cast<float>(clip_low),
       static_cast<float>(clip_high), static_cast<float>(dual_clip),
-      c10::cuda::getCurrentCUDAStream()));
+      static_cast<float>(log_ratio_clamp), c10::cuda::getCurrentCUDAStream()));
   return {out.loss, out.grad, out.stats};
 }
 
@@ -297,7 +297,8 @@ TORCH_LIBRARY(fusedrl, m) {
   m.def("cuda_gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) "
         "-> (Tensor, Tensor)");
   m.def("cuda_ppo_policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
-        "Tensor weights, float clip_low, float clip_high, float dual_clip, bool compute_grad) "
+        "Tensor weights, float clip_low, float clip_high, float dual_clip, float log_ratio_clamp, "
+        "bool compute_grad) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("cuda_ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
         "Tensor weights, float clip_eps, bool compute_grad) -> (Tensor, Tensor, Tensor)");

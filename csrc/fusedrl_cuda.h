@@ -56,7 +56,8 @@ enum class FloatType { kFloat32, kBFloat16, kFloat16 };
                             FloatType dtype, const void* mask, int mask_bytes,
                             const float* weights, float* loss, float* grad, float* stats,
                             float* workspace, int64_t n, int64_t n_steps, float clip_low,
-                            float clip_high, float dual_clip, cudaStream_t stream);
+                            float clip_high, float dual_clip, float log_ratio_clamp,
+                            cudaStream_t stream);
 [[nodiscard]] cudaError_t ppo_value_loss(const void* values, const void* old_values, const void* returns,
                            FloatType dtype, const void* mask, int mask_bytes,
                            const float* weights, float* loss, float* grad, float* stats,

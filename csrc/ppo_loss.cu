@@ -22,19 +22,22 @@ struct TokenTerms {
 };
 
 // max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), bounded by -A * dual_clip for A < 0 when
-// dual_clip > 0. Where a clipped branch wins the loss is flat in logp: gradient 0.
+// dual_clip > 0, the log-ratio clamped to +-log_ratio_clamp before exp(). Where a clipped branch
+// wins, or the log-ratio is clamped, the loss is flat in logp: gradient 0.
 struct PolicyTerm {
-  float clip_low, clip_high, dual_clip;
+  float clip_low, clip_high, dual_clip, log_ratio_clamp;
 
   __device__ TokenTerms operator()(float logp, float old_logp, float adv) const {
-    const float log_ratio = logp - old_logp;
+    const float raw_log_ratio = logp - old_logp;
+    const float log_ratio = fminf(fmaxf(raw_log_ratio, -log_ratio_clamp), log_ratio_clamp);
     const float ratio = expf(log_ratio);
     const float unclipped = -adv * ratio;
     const float clipped = -adv * fminf(fmaxf(ratio, 1.0f - clip_low), 1.0f + clip_high);
     TokenTerms out;
     out.clipped = clipped > unclipped;
     out.loss = fmaxf(unclipped, clipped);
-    out.grad = out.clipped ? 0.0f : unclipped;  // d(-A r)/d logp = -A r
+    // d(-A r)/d logp = -A r
+    out.grad = (out.clipped || raw_log_ratio != log_ratio) ? 0.0f : unclipped;
     const float bound = -adv * dual_clip;
     out.dual_clipped = dual_clip > 0.0f && adv < 0.0f && bound < out.loss;
     if (out.dual_clipped) {
@@ -169,10 +172,11 @@ cudaError_t ppo_policy_loss(const void* logp, const void* old_logp, const void* 
                             FloatType dtype, const void* mask, int mask_bytes,
                             const float* weights, float* loss, float* grad, float* stats,
                             float* workspace, int64_t n, int64_t n_steps, float clip_low,
-                            float clip_high, float dual_clip, cudaStream_t stream) {
+                            float clip_high, float dual_clip, float log_ratio_clamp,
+                            cudaStream_t stream) {
   return launch_loss(logp, old_logp, advantages, dtype, mask, mask_bytes, weights, loss, grad,
-                     stats, 5, workspace, n, n_steps, PolicyTerm{clip_low, clip_high, dual_clip},
-                     stream);
+                     stats, 5, workspace, n, n_steps,
+                     PolicyTerm{clip_low, clip_high, dual_clip, log_ratio_clamp}, stream);
 }
 
 cudaError_t ppo_value_loss(const void* values, const void* old_values, const void* returns,

@@ -1,22 +1,28 @@
 """The `fusedrl` command: parsing and dispatch of every subcommand.
 
-    fusedrl info | demo | generate | sft | rm | ppo | plot      (`fusedrl <command> --help`)
+    fusedrl info | demo | generate | sft | rm | ppo | grpo | plot     (`fusedrl <command> --help`)
 
 Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help` and
 config errors import neither torch nor transformers. Each command's work is imported when it runs.
 sft, rm and ppo read a YAML config plus `key=value` overrides; every option of the stage's config
 dataclass is listed in its `--help`, and unknown keys or wrong types stop the command with a
 message naming the key (did-you-mean included) before any model is loaded.
+
+Errors: every command ends a user mistake with one line `fusedrl <command>: <message>` on stderr,
+exit 2 for usage errors (options, arguments, paths) and 1 for failures (engine/errors.py); `--debug`
+(or FUSEDRL_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
+from . import errors
 from .config import io as config_io
 from .config.demo import DemoConfig
-from .config.ppo import PPOConfig
+from .config.ppo import GRPOConfig, PPOConfig
 from .config.train import RMConfig, SFTConfig
 
 _STAGE_EPILOG = """options (YAML keys; nested sections as dotted overrides, e.g. optim.lr=2e-5):
@@ -68,6 +74,8 @@ STAGES = {
     "sft": (SFTConfig, _train_sft, "supervised fine-tuning on demonstrations (loss on response tokens)"),
     "rm": (RMConfig, _train_rm, "reward model on pairwise or K-way rankings"),
     "ppo": (PPOConfig, _train_ppo, "PPO of the SFT policy against a reward model (InstructGPT step 3)"),
+    "grpo": (GRPOConfig, _train_ppo, "critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++ baseline) against a "
+                                     "reward function or model"),
 }
 
 
@@ -77,27 +85,28 @@ def add_stage_parser(commands, name: str) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog=_STAGE_EPILOG.format(options="\n".join(config_io.describe(config_cls))))
     p.add_argument("--config", help="YAML file with the options below")
+    add_debug_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options overriding the file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.set_defaults(run=lambda args: run_stage(args, name))
 
 
+def load_config(config_cls, path, overrides):
+    """The command's config; a bad file, key or value is a usage error."""
+    try:
+        return config_io.load(config_cls, path, overrides)
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError, as are the dataclasses' checks
+        raise errors.UsageError(str(e) if not isinstance(e, OSError) else f"--config {path}: {e.strerror}") from e
+
+
 def run_stage(args, name: str) -> int:
     config_cls, train, _ = STAGES[name]
-    try:
-        config = config_io.load(config_cls, args.config, args.overrides)
-    except (config_io.ConfigError, ValueError, OSError) as e:
-        raise SystemExit(f"fusedrl {name}: {e}") from None
+    config = load_config(config_cls, args.config, args.overrides)
     if args.print_config:
         import yaml
         print(yaml.safe_dump(config_io.to_dict(config), sort_keys=False), end="")
         return 0
-    from .data.records import DataError
-    from .stages.ppo.trainer import KLCeilingExceeded
-    try:
-        out = train(config)
-    except (DataError, FileNotFoundError, KLCeilingExceeded) as e:  # a message, not a traceback
-        raise SystemExit(f"fusedrl {name}: {e}") from None
+    out = train(config)
     print(f"fusedrl {name}: model written to {out}")
     return 0
 
@@ -105,10 +114,7 @@ def run_stage(args, name: str) -> int:
 # --- demo -------------------------------------------------------------------------------------
 
 def run_demo(args) -> int:
-    try:
-        cfg = config_io.load(DemoConfig, None, args.overrides)
-    except (config_io.ConfigError, ValueError) as e:
-        raise SystemExit(f"fusedrl demo: {e}") from None
+    cfg = load_config(DemoConfig, None, args.overrides)
     from .stages.demo import format_table, run_demo as demo
     table = demo(cfg, quiet=args.quiet)
     print(format_table(table))
@@ -119,11 +125,13 @@ def run_demo(args) -> int:
 def add_demo_parser(commands) -> None:
     p = commands.add_parser(
         "demo", help="the whole RLHF recipe on a program-checkable task, no downloads",
-        description="SFT -> reward model -> PPO on a digit-sorting task, from nothing",
+        description="SFT -> reward model -> PPO (or algo=grpo: SFT -> GRPO with the program's reward) on a "
+                    "digit-sorting task, from nothing",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="options (key=value):\n" + "\n".join(config_io.describe(DemoConfig)))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options, e.g. seed=1 output_dir=runs/demo")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_debug_flag(p)
     p.set_defaults(run=run_demo)
 
 
@@ -154,23 +162,40 @@ def add_generate_parser(commands) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="print one JSON object per completion")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_debug_flag(p)
     p.set_defaults(run=run_generate)
 
 
 def run_generate(args) -> int:
+    from .data.records import DataError, decode_line, numbered_lines
     prompts = list(args.prompt)
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            for lineno, raw in numbered_lines(args.prompt_file):
+                try:
+                    prompts.append(decode_line(raw))
+                except ValueError as e:
+                    raise DataError(f"{args.prompt_file}:{lineno}: {e}") from None
+        except OSError as e:
+            raise errors.UsageError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
     if not prompts:
-        raise SystemExit("fusedrl generate: give --prompt TEXT (repeatable) or --prompt-file FILE")
+        raise errors.UsageError("give --prompt TEXT (repeatable) or --prompt-file FILE")
     from .inference.llm import LLM
     from .inference.sampling_params import SamplingParams
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
-    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-              block_size=args.block_size, device=args.device)
-    outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+    from .train.run_setup import check_model_dir, resolve_device
+    check_model_dir(args.model, "--model")
+    device = resolve_device(args.device, "--device")
+    try:  # an argument out of range; the model's own problems are FusedRLErrors and pass through
+        params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed)
+        llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+                  block_size=args.block_size, device=device)
+        outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+    except errors.FusedRLError:
+        raise
+    except ValueError as e:  # SamplingParams names its fields: say which option the user gave
+        raise errors.UsageError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"),
+                                       str(e))) from e
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         for j, c in enumerate(out.outputs):
             if args.json:
@@ -190,6 +215,7 @@ def add_plot_parser(commands) -> None:
                             description="PNG curves of a run's metrics.jsonl (one file per record kind)")
     p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
     p.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
+    add_debug_flag(p)
     p.set_defaults(run=run_plot)
 
 
@@ -198,9 +224,9 @@ def run_plot(args) -> int:
     try:
         written = plot_run(args.run_dir, args.out)
     except FileNotFoundError as e:
-        raise SystemExit(f"fusedrl plot: {e}") from None
+        raise errors.UsageError(str(e)) from e
     if not written:
-        raise SystemExit(f"fusedrl plot: no train or eval records in {args.run_dir}/metrics.jsonl")
+        raise errors.FusedRLError(f"no train or eval records in {args.run_dir}/metrics.jsonl")
     for path in written:
         print(path)
     return 0
@@ -208,10 +234,19 @@ def run_plot(args) -> int:
 
 # --- the command ------------------------------------------------------------------------------
 
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """--debug on the top-level parser and on each command (before or after the command name).
+    SUPPRESS: a command's parser must not reset a --debug given before the command to False."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=f"show the traceback of an error (also: {errors.DEBUG_ENV}=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusedrl", description="Kernel-optimized single-node RLHF.")
+    add_debug_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="versions, devices and kernel backends").set_defaults(run=run_info)
+    add_debug_flag(commands.add_parser("info", help="versions, devices and kernel backends"))
+    commands.choices["info"].set_defaults(run=run_info)
     add_demo_parser(commands)
     add_generate_parser(commands)
     for name in STAGES:
@@ -221,8 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (argparse exits 2 itself on a bad command line)."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        if errors.debug_enabled(getattr(args, "debug", False)):
+            raise
+        print(f"fusedrl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # every error reaches the user as one line, unless debugging
+        if errors.debug_enabled(getattr(args, "debug", False)):
+            raise
+        code, message = errors.one_line(e)
+        print(f"fusedrl {args.command}: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ else:
     from . import reference
     from .dispatch import BACKENDS, backend_for, use_backend
     from .advantages import gae, masked_whiten
+    from .group_advantages import group_advantages
     from .kl import kl_penalty
     from .linear_logprobs import linear_token_logprobs
     from .ppo_loss import ppo_policy_loss, ppo_value_loss
@@ -22,6 +23,6 @@ else:
 
     __all__ = [
         "BACKENDS", "backend_for", "use_backend", "reference",
-        "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten",
+        "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten", "group_advantages",
         "ppo_policy_loss", "ppo_value_loss",
     ]

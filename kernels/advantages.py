@@ -21,10 +21,14 @@ WHITEN = "masked_whiten"
 
 
 @triton.jit
-def _compose(a_prev, b_prev, a, b):
-    # Scan order walks time backwards: (a_prev, b_prev) maps the carry to G at the later step,
-    # (a, b) maps that to G at this step.
-    return a * a_prev, a * b_prev + b
+def _compose(a_full_l, b_full_l, a_tail_l, b_tail_l, a_full, b_full, a_tail, b_tail):
+    # Summaries of runs of time steps; the scan runs in reverse, so the `_l` run is the later one.
+    # `full` maps the G entering a run (from after its end) to G at its first step; `tail` maps it
+    # to the G entering that first step, G_n(first) (a run's steps but its first). Joining an
+    # earlier run (right-hand arguments) in front of a later one (the `_l` ones):
+    #   full = full o full_l,   tail = tail o full_l.
+    return (a_full * a_full_l, a_full * b_full_l + b_full,
+            a_tail * a_full_l, a_tail * b_full_l + b_tail)
 
 
 @triton.jit
@@ -41,30 +45,30 @@ def _gae_kernel(
 ):
     row = tl.program_id(0).to(tl.int64) * n_steps
     carry = tl.zeros([], dtype=tl.float32)  # G entering from after the row's end: terminal 0
-    for start in range(0, n_steps, BLOCK_T):
-        idx = start + tl.arange(0, BLOCK_T)
-        t = n_steps - 1 - idx                  # time steps of this block, latest first
-        here = t >= 0
-        # Element t of the scan applies step t+1's map, so the scan yields G_n(t) at t directly.
-        nxt = t + 1
-        nxt_in = here & (nxt < n_steps)
-        nxt_valid = nxt_in & (tl.load(mask_ptr + row + nxt, mask=nxt_in, other=0) != 0)
-        r_nxt = tl.load(rewards_ptr + row + nxt, mask=nxt_valid, other=0.0).to(tl.float32)
-        v_nxt = tl.load(values_ptr + row + nxt, mask=nxt_valid, other=0.0).to(tl.float32)
-        # Past the row's end the map is the constant 0 (terminal); an invalid step is identity.
-        a = tl.where(nxt_valid, gamma * lam, tl.where(nxt_in | ~here, 1.0, 0.0))
-        b = tl.where(nxt_valid, (1.0 - lam) * v_nxt + lam * r_nxt, 0.0)
-        a_scan, b_scan = tl.associative_scan((a, b), axis=0, combine_fn=_compose)
-        g_next = a_scan * carry + b_scan       # G_n(t)
+    # Blocks of BLOCK_T steps at multiples of BLOCK_T, latest first, each read in forward order
+    # under an index-range mask only: with T a multiple of 16 every stream is 128-bit. Validity is
+    # applied by select after the loads (a data-dependent load mask would force scalar accesses).
+    for k in range(0, tl.cdiv(n_steps, BLOCK_T)):
+        t = (tl.cdiv(n_steps, BLOCK_T) - 1 - k) * BLOCK_T + tl.arange(0, BLOCK_T)
+        here = t < n_steps
         valid = here & (tl.load(mask_ptr + row + t, mask=here, other=0) != 0)
-        r = tl.load(rewards_ptr + row + t, mask=valid, other=0.0).to(tl.float32)
-        v = tl.load(values_ptr + row + t, mask=valid, other=0.0).to(tl.float32)
+        r = tl.load(rewards_ptr + row + t, mask=here, other=0.0).to(tl.float32)
+        v = tl.load(values_ptr + row + t, mask=here, other=0.0).to(tl.float32)
+        r = tl.where(valid, r, 0.0)
+        v = tl.where(valid, v, 0.0)
+        # Step t's map of the G entering it: valid G_t = gamma * lam * G_n(t) + (1 - lam) V_t + lam r_t;
+        # an invalid step passes G through (identity).
+        a = tl.where(valid, gamma * lam, 1.0)
+        b = tl.where(valid, (1.0 - lam) * v + lam * r, 0.0)
+        ones = tl.full([BLOCK_T], 1.0, tl.float32)
+        a_full, b_full, a_tail, b_tail = tl.associative_scan(
+            (a, b, ones, tl.zeros_like(b)), axis=0, combine_fn=_compose, reverse=True)
+        g_next = a_tail * carry + b_tail       # G_n(t)
         adv = tl.where(valid, r - v + gamma * g_next, 0.0)
         tl.store(adv_ptr + row + t, adv, mask=here)
         tl.store(returns_ptr + row + t, tl.where(valid, adv + v, 0.0), mask=here)
-        # The next block (earlier in time) is entered by G at this block's earliest step, which is
-        # G_n(t) of the scan's last element.
-        carry = tl.sum(tl.where(idx == start + BLOCK_T - 1, g_next, 0.0), axis=0)
+        # The next block (earlier in time) is entered by G at this block's first step.
+        carry = tl.sum(tl.where(tl.arange(0, BLOCK_T) == 0, a_full * carry + b_full, 0.0), axis=0)
 
 
 @torch.library.custom_op("fusedrl::gae", mutates_args=())
@@ -76,9 +80,12 @@ def _gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gam
     n_rows = rewards.numel() // max(n_steps, 1)
     if rewards.numel():
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        block = min(triton.next_power_of_2(n_steps), 1024)
         _gae_kernel[(n_rows,)](
             rewards, values, mask, advantages, returns, n_steps, gamma, lam,
-            BLOCK_T=min(triton.next_power_of_2(n_steps), 1024),
+            BLOCK_T=block,
+            # 16 steps per thread: the 1-byte mask stream moves 16 bytes per access too.
+            num_warps=max(1, min(4, block // 512)),
         )
     return advantages, returns
 

@@ -47,8 +47,10 @@ def _load_block(logp_ptr, ref_ptr, mask_ptr, n_elements, HAS_MASK: tl.constexpr,
     valid = in_range
     if HAS_MASK:
         valid = in_range & (tl.load(mask_ptr + offs, mask=in_range, other=0) != 0)
-    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    # Loaded under the range mask and selected, so the loads vectorize (a data-dependent load mask
+    # forces 32-bit accesses).
+    logp = tl.where(valid, tl.load(logp_ptr + offs, mask=in_range, other=0.0).to(tl.float32), 0.0)
+    ref = tl.where(valid, tl.load(ref_ptr + offs, mask=in_range, other=0.0).to(tl.float32), 0.0)
     return offs, in_range, valid, logp, ref
 
 
@@ -83,7 +85,7 @@ def _kl_bwd_kernel(
 ):
     offs, in_range, valid, logp, ref = _load_block(logp_ptr, ref_ptr, mask_ptr, n_elements,
                                                    HAS_MASK, BLOCK_SIZE)
-    grad_out = tl.load(grad_out_ptr + offs, mask=valid, other=0.0)
+    grad_out = tl.where(valid, tl.load(grad_out_ptr + offs, mask=in_range, other=0.0), 0.0)
     _, dkl = _kl_terms(logp, ref, ESTIMATOR)
     grad = tl.where(valid, grad_out * dkl, 0.0)
     tl.store(grad_logp_ptr + offs, grad.to(grad_logp_ptr.dtype.element_ty), mask=in_range)
@@ -162,14 +164,20 @@ def register_cuda_rules() -> None:
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k1",
-               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate.
+               mask: Optional[torch.Tensor] = None, clamp: Optional[float] = None,
+               log_ratio_clamp: Optional[float] = None) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate, for the reward (k1, InstructGPT) or as a loss term (k3, the
+    "low-variance KL" of GRPO; its gradient w.r.t. logp is 1 - ref/pi).
 
     Args:
         logp: [...] log-probs of the sampled tokens under the policy (any float dtype).
         ref_logp: [...] same shape, under the reference policy.
         estimator: "k1", "k2" or "k3" (see module docstring).
         mask: optional [...] bool/integer, nonzero = valid.
+        log_ratio_clamp: clamp ref_logp - logp to +-this first (verl and OpenRLHF use 20): one
+            token with a huge log-ratio would otherwise swamp a batch (k3 of 20 is e^20).
+        clamp: clamp the estimate to +-this (verl uses 10). Gradients w.r.t. logp are 0 where either clamp
+            is active. None (the default) leaves each off: results as without them.
     Returns:
         kl [...] fp32, 0 outside the mask; differentiable w.r.t. logp (and ref_logp).
     """
@@ -179,10 +187,22 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
     if mask is not None:
         checks.check_mask(OP, mask, "logp", logp)
     checks.check_choice(OP, "estimator", estimator, ESTIMATORS)
+    for name, value in (("clamp", clamp), ("log_ratio_clamp", log_ratio_clamp)):
+        if value is not None:
+            checks.check_positive(OP, name, value)
+    if log_ratio_clamp is not None:
+        # Where |ref - logp| exceeds the bound, a constant logp with the clamped log-ratio stands in
+        # for it: the estimate sees the clamped value and its gradient there is 0.
+        d = (ref_logp.float() - logp.float()).detach()
+        clamped = d.abs() > log_ratio_clamp
+        logp = torch.where(clamped, ref_logp.float().detach() - d.clamp(-log_ratio_clamp, log_ratio_clamp),
+                           logp.float())
     backend = backend_for(logp)
     if backend == "torch":
-        return reference.kl_penalty(logp, ref_logp, estimator=estimator, mask=mask)
-    logp, ref_logp = kernel_inputs(backend, logp, ref_logp)
-    return fused_op(backend, "kl_penalty_fwd")(
-        logp.contiguous(), ref_logp.contiguous(), None if mask is None else mask.contiguous(),
-        ESTIMATORS.index(estimator))
+        kl = reference.kl_penalty(logp, ref_logp, estimator=estimator, mask=mask)
+    else:
+        logp, ref_logp = kernel_inputs(backend, logp, ref_logp)
+        kl = fused_op(backend, "kl_penalty_fwd")(
+            logp.contiguous(), ref_logp.contiguous(), None if mask is None else mask.contiguous(),
+            ESTIMATORS.index(estimator))
+    return kl if clamp is None else kl.clamp(-clamp, clamp)

@@ -22,6 +22,47 @@ OP = "token_logprobs"
 
 
 @triton.jit
+def _online_update(m, s, t, z, HAS_ENTROPY: tl.constexpr):
+    """One block of scaled logits z into the running (max m, sum-exp s, entropy sum t)."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    # While every logit so far is -inf, shift by 0 instead of -inf so exp() sees no inf-inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(z - m_safe)
+    if HAS_ENTROPY:
+        # Re-centre the running sum on the new max; a -inf logit contributes 0 (its limit),
+        # not 0 * -inf.
+        shift = tl.where(s > 0, (m - m_safe) * s, 0.0)
+        t = alpha * (t + shift) + tl.sum(tl.where(e > 0, e * (z - m_safe), 0.0), axis=0)
+    s = s * alpha + tl.sum(e, axis=0)
+    return m_new, s, t
+
+
+@triton.jit
+def _row_span(row, stride_row, n_cols, ALIGN: tl.constexpr):
+    """A row's elements as absolute offsets from the base pointer: [begin, end), and its aligned
+    body [body_begin, body_end), both ends multiples of ALIGN elements (16 bytes). Loads in the body
+    carry no mask that breaks 16-byte groups, so they vectorize even when V is not a multiple of 16
+    (GPT-2's 50257); the few elements outside it go through `_edge_cols`."""
+    begin = row * stride_row
+    end = begin + n_cols
+    body_begin = tl.multiple_of((begin + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+    body_end = tl.multiple_of(tl.maximum(end // ALIGN * ALIGN, body_begin), ALIGN)
+    return begin, end, body_begin, body_end
+
+
+@triton.jit
+def _edge_cols(begin, end, body_begin, body_end, ALIGN: tl.constexpr):
+    """(offsets, mask) [2 * ALIGN] of a row's elements outside its aligned body: the head
+    [begin, body_begin) and the tail [body_end, end). A row shorter than ALIGN is all head."""
+    h = tl.arange(0, 2 * ALIGN)
+    cols = tl.where(h < ALIGN, body_begin - ALIGN + h, body_end + h - ALIGN)
+    head = (h < ALIGN) & (cols >= begin) & (cols < end)
+    tail = (h >= ALIGN) & (cols < end)
+    return cols, head | tail
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr,       # [N, V] fp32/bf16/fp16/fp64, last dim contiguous
     labels_ptr,       # [N] int32/int64
@@ -34,9 +75,9 @@ def _token_logprobs_fwd_kernel(
     ignore_index,
     HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,  # elements in 16 bytes of logits
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row).to(tl.int64)
     if label == ignore_index:
         tl.store(logp_ptr + row, 0.0)
@@ -44,34 +85,25 @@ def _token_logprobs_fwd_kernel(
         if HAS_ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
     else:
-        m = tl.zeros([], dtype=tl.float32) - float("inf")  # running max of z = x / T
-        s = tl.zeros([], dtype=tl.float32)                 # sum exp(z - m)
-        t = tl.zeros([], dtype=tl.float32)                 # sum exp(z - m) * (z - m), for entropy
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            z = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-            z = z * inv_temperature
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            # While every logit so far is -inf, shift by 0 instead of -inf so exp() sees no inf-inf.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            e = tl.exp(z - m_safe)
-            if HAS_ENTROPY:
-                # Re-centre the running sum on the new max; a -inf logit contributes 0 (its limit),
-                # not 0 * -inf.
-                shift = tl.where(s > 0, (m - m_safe) * s, 0.0)
-                t = alpha * (t + shift) + tl.sum(tl.where(e > 0, e * (z - m_safe), 0.0), axis=0)
-            s = s * alpha + tl.sum(e, axis=0)
-            m = m_new
+        begin, end, body_begin, body_end = _row_span(row, stride_row, n_cols, ALIGN)
+        edge_cols, edge = _edge_cols(begin, end, body_begin, body_end, ALIGN)
+        z_edge = tl.load(logits_ptr + edge_cols, mask=edge, other=float("-inf")).to(tl.float32)
+        m, s, t = _online_update(tl.zeros([], dtype=tl.float32) - float("inf"),
+                                 tl.zeros([], dtype=tl.float32), tl.zeros([], dtype=tl.float32),
+                                 z_edge * inv_temperature, HAS_ENTROPY)
+        for start in range(0, body_end - body_begin, BLOCK_V):
+            cols = body_begin + start + tl.arange(0, BLOCK_V)
+            z = tl.load(logits_ptr + cols, mask=cols < body_end, other=float("-inf")).to(tl.float32)
+            m, s, t = _online_update(m, s, t, z * inv_temperature, HAS_ENTROPY)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         lse = m_safe + tl.log(s)
         in_vocab = (label >= 0) & (label < n_cols)
-        z_label = tl.load(row_ptr + label, mask=in_vocab, other=float("nan")).to(tl.float32)
+        z_label = tl.load(logits_ptr + begin + label, mask=in_vocab, other=float("nan")).to(tl.float32)
         # An out-of-vocabulary label (possible only when the host checks were skipped) gives NaN.
         tl.store(logp_ptr + row, z_label * inv_temperature - lse)
         tl.store(lse_ptr + row, lse)
         if HAS_ENTROPY:
-            # H = lse - E[z] = log s - t / s with both sums centred on m.
+            # H = lse - E[z] with the sums centred on m: log s - t / s.
             tl.store(entropy_ptr + row, tl.log(s) - t / s)
 
 
@@ -83,49 +115,71 @@ def _token_logprobs_bwd_kernel(
     entropy_ptr,       # [N] fp32 from forward (read only if HAS_ENTROPY_GRAD)
     grad_logp_ptr,     # [N] fp32 upstream gradient of logp
     grad_entropy_ptr,  # [N] fp32 upstream gradient of entropy (read only if HAS_ENTROPY_GRAD)
-    grad_logits_ptr,   # [N, V] out, logits' dtype; may be logits_ptr itself (in place)
-    stride_row,
-    stride_grad_row,
+    grad_logits_ptr,   # [N, V] out, logits' dtype and strides; may be logits_ptr (in place)
+    stride_row,        # of logits and grad_logits alike
     n_cols,
     inv_temperature,
     ignore_index,
     HAS_ENTROPY_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    grad_row_ptr = grad_logits_ptr + row * stride_grad_row
     label = tl.load(labels_ptr + row).to(tl.int64)
-    if label == ignore_index:
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
-            tl.store(grad_row_ptr + cols, zeros.to(grad_logits_ptr.dtype.element_ty), mask=cols < n_cols)
-    else:
-        lse = tl.load(lse_ptr + row)
-        g_logp = tl.load(grad_logp_ptr + row)
-        if HAS_ENTROPY_GRAD:
-            entropy = tl.load(entropy_ptr + row)
-            g_entropy = tl.load(grad_entropy_ptr + row)
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            in_row = cols < n_cols
-            z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
-            log_p = z - lse
-            p = tl.exp(log_p)
-            # d logp / dz = onehot(label) - p
-            grad_z = g_logp * (tl.where(cols == label, 1.0, 0.0) - p)
-            if HAS_ENTROPY_GRAD:
-                # dH/dz = -p * (log p + H); 0 for a -inf logit (p = 0), not 0 * -inf.
-                grad_z -= g_entropy * tl.where(z == float("-inf"), 0.0, p * (log_p + entropy))
-            grad = grad_z * inv_temperature
-            tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
+    # An ignored row reads no logits and writes a zero gradient. A row-uniform flag in the load
+    # mask keeps the loads vectorized.
+    live = label != ignore_index
+    begin, end, body_begin, body_end = _row_span(row, stride_row, n_cols, ALIGN)
+    lse = tl.load(lse_ptr + row)
+    g_logp = tl.load(grad_logp_ptr + row)
+    entropy = 0.0
+    g_entropy = 0.0
+    if HAS_ENTROPY_GRAD:
+        entropy = tl.load(entropy_ptr + row)
+        g_entropy = tl.load(grad_entropy_ptr + row)
+    edge_cols, edge = _edge_cols(begin, end, body_begin, body_end, ALIGN)
+    _grad_block(logits_ptr, grad_logits_ptr, edge_cols, edge, live, begin + label, lse, g_logp,
+                entropy, g_entropy, inv_temperature, HAS_ENTROPY_GRAD)
+    for start in range(0, body_end - body_begin, BLOCK_V):
+        cols = body_begin + start + tl.arange(0, BLOCK_V)
+        _grad_block(logits_ptr, grad_logits_ptr, cols, cols < body_end, live, begin + label, lse,
+                    g_logp, entropy, g_entropy, inv_temperature, HAS_ENTROPY_GRAD)
+
+
+@triton.jit
+def _grad_block(logits_ptr, grad_ptr, cols, mask, live, label_col, lse, g_logp, entropy,
+                g_entropy, inv_temperature, HAS_ENTROPY_GRAD: tl.constexpr):
+    """Gradient of one block of a row: `cols` are offsets into logits and grad alike, `label_col`
+    the label's; all zero unless `live`."""
+    # (a scalar `&` a block mask trips the interpreter; the select is the same mask)
+    z = tl.load(logits_ptr + cols, mask=tl.where(live, mask, False), other=float("-inf")).to(tl.float32)
+    z = z * inv_temperature
+    log_p = z - lse
+    p = tl.exp(log_p)
+    # d logp / dz = onehot(label) - p
+    grad_z = g_logp * (tl.where(cols == label_col, 1.0, 0.0) - p)
+    if HAS_ENTROPY_GRAD:
+        # dH/dz = -p * (log p + H); 0 for a -inf logit (p = 0), not 0 * -inf.
+        grad_z -= g_entropy * tl.where(z == float("-inf"), 0.0, p * (log_p + entropy))
+    grad = tl.where(live, grad_z * inv_temperature, 0.0)
+    tl.store(grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_config(n_cols: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps): wide blocks amortize the per-block reductions over large vocabularies."""
     block = min(triton.next_power_of_2(n_cols), 4096)
     return block, (8 if block >= 2048 else 4)
+
+
+def _align(logits: torch.Tensor) -> int:
+    """Elements of ``logits`` in 16 bytes: the unit of a 128-bit access."""
+    return max(1, 16 // logits.element_size())
+
+
+def grad_buffer(logits: torch.Tensor) -> torch.Tensor:
+    """An uninitialized buffer for d(loss)/d(logits) with logits' strides (the kernel walks both
+    with one offset, which keeps their accesses aligned alike)."""
+    return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
 
 
 def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -141,7 +195,8 @@ def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperatu
     block, num_warps = _launch_config(n_cols)
     _token_logprobs_fwd_kernel[(n_rows,)](
         logits, labels, logp, entropy, lse, logits.stride(0), n_cols, 1.0 / temperature,
-        ignore_index, HAS_ENTROPY=return_entropy, BLOCK_V=block, num_warps=num_warps,
+        ignore_index, HAS_ENTROPY=return_entropy, BLOCK_V=block, ALIGN=_align(logits),
+        num_warps=num_warps,
     )
     return logp, entropy, lse
 
@@ -150,8 +205,11 @@ def token_logprobs_backward(grad_logp: torch.Tensor, grad_entropy: Optional[torc
                             logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                             entropy: torch.Tensor, temperature: float, ignore_index: int,
                             out: torch.Tensor) -> torch.Tensor:
-    """Host launcher. Writes d(loss)/d(logits) [N, V] into ``out`` (which may be ``logits``)."""
+    """Host launcher. Writes d(loss)/d(logits) [N, V] into ``out`` (``logits`` itself, or a buffer
+    of its dtype and strides: see ``grad_buffer``)."""
     n_rows, n_cols = logits.shape
+    if out.stride() != logits.stride() or out.dtype != logits.dtype:
+        raise ValueError("token_logprobs backward: out must have logits' dtype and strides")
     if n_rows == 0:
         return out
     has_entropy_grad = grad_entropy is not None and grad_entropy.numel() > 0
@@ -159,8 +217,8 @@ def token_logprobs_backward(grad_logp: torch.Tensor, grad_entropy: Optional[torc
     _token_logprobs_bwd_kernel[(n_rows,)](
         logits, labels, lse, entropy, grad_logp.float().contiguous(),
         grad_entropy.float().contiguous() if has_entropy_grad else grad_logp, out,
-        logits.stride(0), out.stride(0), n_cols, 1.0 / temperature, ignore_index,
-        HAS_ENTROPY_GRAD=has_entropy_grad, BLOCK_V=block, num_warps=num_warps,
+        logits.stride(0), n_cols, 1.0 / temperature, ignore_index,
+        HAS_ENTROPY_GRAD=has_entropy_grad, BLOCK_V=block, ALIGN=_align(logits), num_warps=num_warps,
     )
     return out
 
@@ -183,12 +241,12 @@ def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor, logits: torch.T
             labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
             ignore_index: int) -> torch.Tensor:
     return token_logprobs_backward(grad_logp, grad_entropy, logits, labels, lse, entropy,
-                                   temperature, ignore_index, out=torch.empty_like(logits))
+                                   temperature, ignore_index, out=grad_buffer(logits))
 
 
 @_bwd_op.register_fake
 def _bwd_fake(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
-    return torch.empty_like(logits)
+    return grad_buffer(logits)
 
 
 @torch.library.custom_op("fusedrl::token_logprobs_bwd_inplace", mutates_args=("logits",))

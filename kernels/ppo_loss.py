@@ -5,22 +5,30 @@ derivative (pre-multiplied by the token's aggregation weight) and the diagnostic
 k3 KL, ratio mean/max), and writes one row of partial sums per block. Backward is then a single
 multiply by the upstream scalar gradient. The stats stay on device (no host sync).
 
-Aggregation weights: with n_b valid tokens in row b, N valid tokens and S non-empty rows,
-    token-mean            w = 1 / N
-    seq-mean-token-mean   w = 1 / (S * n_b)
-    seq-mean-token-sum    w = 1 / S
+Aggregation weights: with n_b valid tokens in row b, N valid tokens, S non-empty rows and a
+constant norm (default T, the padded length, as verl's loss_scale_factor),
+    token-mean                w = 1 / N
+    seq-mean-token-mean       w = 1 / (S * n_b)
+    seq-mean-token-sum        w = 1 / S
+    token-sum                 w = 1
+    seq-mean-token-sum-norm   w = 1 / norm      (Dr. GRPO: the sum over all tokens / a constant)
 Rows with no valid token are left out of every mean; with no valid token at all the loss is 0.
+
+The token streams are loaded under the index-range mask and validity is applied with a select, so
+the loads vectorize (a data-dependent load mask forces 32-bit accesses).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from . import checks, reference
-from .triton_compat import tl, triton
-from .dispatch import backend_for, fused_op, kernel_inputs
 
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+from . import checks, reference
+from .dispatch import backend_for, fused_op, kernel_inputs
+from .policy_corrections import IS_LEVELS, IS_MODES, importance_weights, sequence_ratio_logp
+from .triton_compat import tl, triton
+
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum", "seq-mean-token-sum-norm")
 BLOCK = 1024
 # Partial-sum columns written by each block of a loss kernel.
 N_PARTIALS = 6
@@ -42,14 +50,15 @@ def _store_partials(partials_ptr, loss, valid, clipped, dual_clipped, kl, ratio)
 @triton.jit
 def _load_token_block(x_ptr, y_ptr, z_ptr, mask_ptr, weights_ptr, n_elements, n_steps,
                       BLOCK_SIZE: tl.constexpr):
-    """Offsets, validity, the row's aggregation weight and three fp32 inputs of one block."""
+    """Offsets, validity, the row's aggregation weight and three fp32 inputs of one block (0 at
+    invalid positions: loaded under the range mask, then selected, so the loads vectorize)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     in_range = offs < n_elements
     valid = in_range & (tl.load(mask_ptr + offs, mask=in_range, other=0) != 0)
-    weight = tl.load(weights_ptr + offs // n_steps, mask=valid, other=0.0)
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    weight = tl.where(valid, tl.load(weights_ptr + offs // n_steps, mask=in_range, other=0.0), 0.0)
+    x = tl.where(valid, tl.load(x_ptr + offs, mask=in_range, other=0.0).to(tl.float32), 0.0)
+    y = tl.where(valid, tl.load(y_ptr + offs, mask=in_range, other=0.0).to(tl.float32), 0.0)
+    z = tl.where(valid, tl.load(z_ptr + offs, mask=in_range, other=0.0).to(tl.float32), 0.0)
     return offs, in_range, valid, weight, x, y, z
 
 
@@ -68,20 +77,23 @@ def _policy_loss_kernel(
     clip_low,         # ratio floor is 1 - clip_low
     clip_high,        # ratio ceiling is 1 + clip_high
     dual_clip,        # bound -A * dual_clip for A < 0 (used only if HAS_DUAL)
+    log_ratio_clamp,  # logp - old_logp is clamped to +-log_ratio_clamp before exp()
     HAS_DUAL: tl.constexpr,
     STORE_GRAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     offs, in_range, valid, weight, logp, old_logp, adv = _load_token_block(
         logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, weights_ptr, n_elements, n_steps, BLOCK_SIZE)
-    log_ratio = logp - old_logp
+    raw_log_ratio = logp - old_logp
+    log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -log_ratio_clamp), log_ratio_clamp)
     ratio = tl.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
     is_clipped = clipped > unclipped
     loss = tl.maximum(unclipped, clipped)
-    # Where the clipped branch wins, clip() is flat (the ratio is outside the range): gradient 0.
-    grad = tl.where(is_clipped, 0.0, -adv * ratio)
+    # Where the clipped branch wins, clip() is flat (the ratio is outside the range), and where the
+    # log-ratio is clamped the ratio is constant: gradient 0 in both.
+    grad = tl.where(is_clipped | (raw_log_ratio != log_ratio), 0.0, -adv * ratio)
     dual_clipped = tl.zeros([BLOCK_SIZE], dtype=tl.int1)
     if HAS_DUAL:
         bound = -adv * dual_clip
@@ -135,11 +147,15 @@ def _value_loss_kernel(
                     tl.zeros([BLOCK_SIZE], dtype=tl.int1), zero, zero)
 
 
-def row_weights(mask: torch.Tensor, agg: str) -> torch.Tensor:
-    """Aggregation weight of each row's valid tokens (see module docstring). mask [..., T] -> [rows]."""
+def row_weights(mask: torch.Tensor, agg: str, norm: Optional[float] = None) -> torch.Tensor:
+    """Aggregation weight of each row's valid tokens (see module docstring). mask [..., T] -> [rows];
+    norm: the constant of seq-mean-token-sum-norm (default T)."""
     lengths = (mask != 0).sum(dim=-1).reshape(-1).float()                   # [rows]
     if agg == "token-mean":
         return (1.0 / lengths.sum().clamp_min(1.0)).expand_as(lengths).contiguous()
+    if agg in ("token-sum", "seq-mean-token-sum-norm"):
+        scale = 1.0 if agg == "token-sum" else 1.0 / float(norm or mask.shape[-1])
+        return torch.full_like(lengths, scale)
     n_seqs = (lengths > 0).sum().clamp_min(1)
     per_seq = lengths.clamp_min(1.0) if agg == "seq-mean-token-mean" else torch.ones_like(lengths)
     return 1.0 / (per_seq * n_seqs)
@@ -168,7 +184,8 @@ def _fraction(totals: torch.Tensor, column: int) -> torch.Tensor:
 @torch.library.custom_op("fusedrl::ppo_policy_loss", mutates_args=())
 def _policy_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                mask: torch.Tensor, weights: torch.Tensor, clip_low: float, clip_high: float,
-               dual_clip: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               dual_clip: float, log_ratio_clamp: float, compute_grad: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weights [rows] from row_weights. Returns (loss [], d loss / d logp [...] fp32 or [0],
     stats [5]); dual_clip <= 0 disables it."""
     ratio_max = torch.zeros(max(triton.cdiv(logp.numel(), BLOCK), 1), dtype=torch.float32,
@@ -176,7 +193,7 @@ def _policy_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
     loss, grad, totals = _launch(
         _policy_loss_kernel, logp, old_logp, advantages, mask, weights, compute_grad,
         extra_outputs=(ratio_max,), clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip, HAS_DUAL=dual_clip > 0,
+        dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, HAS_DUAL=dual_clip > 0,
     )
     stats = torch.stack([_fraction(totals, CLIPPED), _fraction(totals, DUAL_CLIPPED),
                          _fraction(totals, KL), _fraction(totals, RATIO_SUM), ratio_max.max()])
@@ -185,7 +202,7 @@ def _policy_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
 
 @_policy_op.register_fake
 def _policy_fake(logp, old_logp, advantages, mask, weights, clip_low, clip_high, dual_clip,
-                 compute_grad):
+                 log_ratio_clamp, compute_grad):
     grad = torch.empty(logp.shape if compute_grad else (0,), dtype=torch.float32, device=logp.device)
     return logp.new_empty((), dtype=torch.float32), grad, logp.new_empty(5, dtype=torch.float32)
 
@@ -253,7 +270,10 @@ def _wants_grad(x: torch.Tensor) -> bool:
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                     mask: Optional[torch.Tensor], *, clip_eps: float = 0.2,
                     clip_eps_high: Optional[float] = None, dual_clip: Optional[float] = None,
-                    agg: str = "token-mean"):
+                    agg: str = "token-mean", loss_agg_norm: Optional[float] = None,
+                    ratio_level: str = "token", log_ratio_clamp: float = 20.0,
+                    rollout_logprobs: Optional[torch.Tensor] = None, is_mode: Optional[str] = None,
+                    is_level: str = "token", is_cap: float = 2.0, is_low: float = 0.5, is_high: float = 2.0):
     """PPO-clip policy loss: aggregate of max(-A r, -A clip(r, 1 - eps, 1 + eps_high)).
 
     Args:
@@ -263,10 +283,19 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         clip_eps / clip_eps_high: the ratio range is [1 - clip_eps, 1 + clip_eps_high]
             (clip_eps_high defaults to clip_eps; a larger one is "clip-higher").
         dual_clip: c > 1; for A < 0 the loss is bounded by -A * c (dual-clip PPO).
-        agg: "token-mean", "seq-mean-token-mean" or "seq-mean-token-sum".
+        agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum" or
+            "seq-mean-token-sum-norm" (the token sum / loss_agg_norm, default T; see the module
+            docstring).
+        ratio_level: "token" (PPO) or "sequence" (GSPO: each sequence's length-normalized ratio,
+            clipped per sequence; see kernels/policy_corrections.py).
+        log_ratio_clamp: logp - old_logp is clamped to +-this before exp() (gradient 0 beyond).
+        rollout_logprobs: [..., T] the sampler's log-probs; with is_mode "tis" (truncated) or
+            "mis" (masked, the [is_low, is_high] band) at is_level "token" or "sequence", the
+            importance-sampling correction of pi_old / pi_rollout (policy_corrections.py).
     Returns:
         (loss [] fp32, stats) with stats of detached 0-dim fp32 tensors: clipfrac, dual_clipfrac,
-        approx_kl (k3 estimate of KL(old || new)), ratio_mean, ratio_max (over valid tokens).
+        approx_kl (k3 estimate of KL(old || new) of the ratio used), ratio_mean, ratio_max (over
+        valid tokens), and with is_mode: is_weight_mean, is_weight_max, is_masked_frac.
     """
     op = "ppo_policy_loss"
     mask = _check_loss_inputs(op, ("logp", "old_logp", "advantages"), (logp, old_logp, advantages),
@@ -274,34 +303,57 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     checks.check_positive(op, "clip_eps", clip_eps)
     checks.check_positive(op, "clip_eps_high", eps_high)
+    checks.check_positive(op, "log_ratio_clamp", log_ratio_clamp)
+    checks.check_choice(op, "ratio_level", ratio_level, ("token", "sequence"))
+    if loss_agg_norm is not None:
+        checks.check_positive(op, "loss_agg_norm", loss_agg_norm)
     if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
         raise ValueError(f"{op}: dual_clip must be a number > 1 or None, got {dual_clip!r}")
     old_logp, advantages = old_logp.detach(), advantages.detach()
+    is_stats = {}
+    if is_mode is not None:
+        checks.check_choice(op, "is_mode", is_mode, IS_MODES)
+        checks.check_choice(op, "is_level", is_level, IS_LEVELS)
+        if rollout_logprobs is None:
+            raise ValueError(f"{op}: is_mode={is_mode!r} needs rollout_logprobs (the sampler's log-probs)")
+        checks.check_float(op, "rollout_logprobs", rollout_logprobs)
+        checks.check_same_shape(op, "rollout_logprobs", rollout_logprobs, "logp", logp)
+        if not 0 < is_low <= 1 <= is_high or is_cap < 1:
+            raise ValueError(f"{op}: need 0 < is_low <= 1 <= is_high and is_cap >= 1, got is_low={is_low}, "
+                             f"is_high={is_high}, is_cap={is_cap}")
+        scale, mask, is_stats = importance_weights(old_logp, rollout_logprobs.detach(), mask, mode=is_mode,
+                                                   level=is_level, cap=is_cap, low=is_low, high=is_high)
+        if scale is not None:
+            advantages = advantages.float() * scale
+    if ratio_level == "sequence":
+        logp, old_logp = sequence_ratio_logp(logp, old_logp, mask), old_logp.float()
     backend = backend_for(logp)
     if backend == "torch":
-        return reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=clip_eps,
-                                         clip_eps_high=eps_high, dual_clip=dual_clip, agg=agg)
+        loss, stats = reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=clip_eps,
+                                                clip_eps_high=eps_high, dual_clip=dual_clip, agg=agg,
+                                                loss_agg_norm=loss_agg_norm, log_ratio_clamp=log_ratio_clamp)
+        return loss, {**stats, **is_stats}
     wants_grad = _wants_grad(logp)
     logp, old_logp, advantages = kernel_inputs(backend, logp, old_logp, advantages)
     loss, _, stats = fused_op(backend, "ppo_policy_loss")(
         logp.contiguous(), old_logp.contiguous(), advantages.contiguous(), mask.contiguous(),
-        row_weights(mask, agg), float(clip_eps), float(eps_high), float(dual_clip or 0.0),
-        wants_grad,
+        row_weights(mask, agg, loss_agg_norm), float(clip_eps), float(eps_high), float(dual_clip or 0.0),
+        float(log_ratio_clamp), wants_grad,
     )
     stats = stats.detach()
     names = ("clipfrac", "dual_clipfrac", "approx_kl", "ratio_mean", "ratio_max")
-    return loss, {name: stats[i] for i, name in enumerate(names)}
+    return loss, {**{name: stats[i] for i, name in enumerate(names)}, **is_stats}
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                    mask: Optional[torch.Tensor], *, clip_eps: Optional[float] = 0.2,
-                   agg: str = "token-mean"):
+                   agg: str = "token-mean", loss_agg_norm: Optional[float] = None):
     """Clipped value loss: aggregate of 0.5 * max((v - R)^2, (clip(v, v_old +- eps) - R)^2).
 
     Args:
         values: [..., T] critic outputs (requires grad). old_values, returns: [..., T] constants.
         mask: [..., T] bool/integer (None: all valid). clip_eps: None disables clipping.
-        agg: as in ppo_policy_loss.
+        agg, loss_agg_norm: as in ppo_policy_loss.
     Returns:
         (loss [] fp32, {"vf_clipfrac": detached 0-dim fp32}).
     """
@@ -313,11 +365,12 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     old_values, returns = old_values.detach(), returns.detach()
     backend = backend_for(values)
     if backend == "torch":
-        return reference.ppo_value_loss(values, old_values, returns, mask, clip_eps=clip_eps, agg=agg)
+        return reference.ppo_value_loss(values, old_values, returns, mask, clip_eps=clip_eps, agg=agg,
+                                        loss_agg_norm=loss_agg_norm)
     wants_grad = _wants_grad(values)
     values, old_values, returns = kernel_inputs(backend, values, old_values, returns)
     loss, _, stats = fused_op(backend, "ppo_value_loss")(
         values.contiguous(), old_values.contiguous(), returns.contiguous(), mask.contiguous(),
-        row_weights(mask, agg), -1.0 if clip_eps is None else float(clip_eps), wants_grad,
+        row_weights(mask, agg, loss_agg_norm), -1.0 if clip_eps is None else float(clip_eps), wants_grad,
     )
     return loss, {"vf_clipfrac": stats.detach()[0]}

@@ -113,16 +113,22 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
     return torch.where(valid, white, 0.0)
 
 
-def aggregate(per_token, mask, agg):
+def aggregate(per_token, mask, agg, norm=None):
     """Reduce a per-token loss [..., T] to a scalar.
 
     token-mean: mean over valid tokens. seq-mean-token-mean / seq-mean-token-sum: per-sequence
     mean / sum over valid tokens, then the mean over sequences that have any valid token.
+    token-sum: the sum over valid tokens. seq-mean-token-sum-norm: that sum / norm (default T),
+    verl's agg_loss with its loss_scale_factor (Dr. GRPO's constant normalizer).
     """
     valid = _valid(mask, per_token)
     per_token = torch.where(valid, per_token, 0.0)
     if agg == "token-mean":
         return per_token.sum() / valid.sum().clamp_min(1)
+    if agg == "token-sum":
+        return per_token.sum()
+    if agg == "seq-mean-token-sum-norm":
+        return per_token.sum() / (norm or per_token.shape[-1])
     lengths = valid.sum(dim=-1)
     per_seq = per_token.sum(dim=-1)
     if agg == "seq-mean-token-mean":
@@ -131,15 +137,16 @@ def aggregate(per_token, mask, agg):
 
 
 def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_high=None,
-                    dual_clip=None, agg="token-mean"):
-    """PPO-clip surrogate max(-A r, -A clip(r, 1-eps, 1+eps_high)), optional dual clip for A < 0.
+                    dual_clip=None, agg="token-mean", loss_agg_norm=None, log_ratio_clamp=20.0):
+    """PPO-clip surrogate max(-A r, -A clip(r, 1-eps, 1+eps_high)), optional dual clip for A < 0,
+    the log-ratio clamped to +-log_ratio_clamp before exp().
 
     logp, old_logp, advantages, mask [..., T] -> (loss [], stats of 0-dim tensors).
     """
     cd = compute_dtype(logp)
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     logp, old_logp, advantages = logp.to(cd), old_logp.to(cd), advantages.to(cd)
-    log_ratio = logp - old_logp
+    log_ratio = (logp - old_logp).clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + eps_high)
@@ -149,7 +156,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_
         bound = -advantages * dual_clip
         dual_active = (advantages < 0) & (bound < per_token)
         per_token = torch.where(dual_active, bound, per_token)
-    loss = aggregate(per_token, mask, agg)
+    loss = aggregate(per_token, mask, agg, loss_agg_norm)
     with torch.no_grad():
         # ratio > 0, so a max over (ratio on valid, 0 elsewhere, one extra 0) is the max over valid
         # tokens, or 0 when there are none.
@@ -164,7 +171,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_
     return loss, stats
 
 
-def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="token-mean"):
+def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="token-mean", loss_agg_norm=None):
     """Clipped value loss 0.5 * max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2).
 
     clip_eps=None: plain 0.5 * (v - R)^2. values, old_values, returns, mask [..., T] -> (loss, stats).
@@ -178,5 +185,5 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="toke
         clipped_values = torch.maximum(torch.minimum(values, old_values + clip_eps), old_values - clip_eps)
         clipped = (clipped_values - returns) ** 2
         per_token, is_clipped = torch.maximum(unclipped, clipped), clipped > unclipped
-    loss = aggregate(0.5 * per_token, mask, agg)
+    loss = aggregate(0.5 * per_token, mask, agg, loss_agg_norm)
     return loss, {"vf_clipfrac": masked_mean(is_clipped.to(cd), mask).detach()}

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from .fields import check, option
+from .fields import check, check_choices, option
 
 
 @dataclass
@@ -16,14 +17,17 @@ class DemoConfig:
     demo_noise: float = option("fraction of SFT demonstrations that are wrong", 0.4)
     sft_epochs: int = option("SFT epochs", 4)
     rm_epochs: int = option("reward-model epochs", 3)
-    ppo_iterations: int = option("PPO iterations", 100)
-    ppo_prompts: int = option("prompts per PPO iteration (4 samples each)", 16)
+    algo: Literal["ppo", "grpo"] = option("ppo: SFT -> reward model -> PPO; grpo: SFT -> GRPO with the program's "
+                                          "check as the reward", "ppo")
+    rl_iterations: int = option("PPO or GRPO iterations", 100)
+    rl_prompts: int = option("prompts per iteration (PPO samples 4 responses each, GRPO 8)", 16)
     eval_samples: int = option("samples per held-out prompt for the accuracy", 4)
     overwrite: bool = option("replace an existing output_dir", False)
 
     def __post_init__(self):
+        check_choices(self)
         check(2 <= self.digits <= 8, f"digits must be in [2, 8], got {self.digits}")
         check(0 <= self.demo_noise < 1, f"demo_noise must be in [0, 1), got {self.demo_noise}")
-        for name in ("train_prompts", "eval_prompts", "sft_epochs", "rm_epochs", "ppo_iterations", "ppo_prompts",
+        for name in ("train_prompts", "eval_prompts", "sft_epochs", "rm_epochs", "rl_iterations", "rl_prompts",
                      "eval_samples"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")

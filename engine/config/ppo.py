@@ -8,10 +8,13 @@ from typing import Literal
 from .fields import check, check_choices, option
 from .train import OptimConfig, RunConfig
 
-Critic = Literal["separate", "shared"]
-Estimator = Literal["gae", "reinforce"]
+Critic = Literal["separate", "shared", "none"]
+Estimator = Literal["gae", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"]
+# Estimators that compare a prompt's n responses with each other instead of using a critic.
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 KLEstimator = Literal["k1", "k2", "k3"]
-Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum",
+                      "seq-mean-token-sum-norm"]
 
 
 @dataclass
@@ -19,6 +22,9 @@ class RolloutConfig:
     prompts_per_iteration: int = option("prompts sampled per PPO iteration", 16)
     samples_per_prompt: int = option("responses generated per prompt (they share the prompt's KV blocks)", 4)
     max_prompt_length: int = option("prompts keep their last this many tokens", 256)
+    truncate_prompts: bool = option("cut a prompt that leaves no room to generate within the model's "
+                                    "context to its last max_model_len - 1 tokens (counted) instead of "
+                                    "failing on it", False)
     max_new_tokens: int = option("response length limit", 64)
     temperature: float = option("sampling temperature (> 0); log-probs are taken at the same temperature", 1.0)
     top_k: int = option("top-k filter of the sampler (0 = off)", 0)
@@ -26,13 +32,22 @@ class RolloutConfig:
     ignore_eos: bool = option("sample past EOS up to max_new_tokens (fixed-length rollouts, for benchmarks)", False)
     kv_cache_memory: int = option("bytes of the paged KV pool, kept allocated through training", 1 << 28)
     block_size: int = option("tokens per KV block", 16)
+    dynamic_sampling: bool = option("DAPO dynamic sampling: drop prompt groups whose scores are all equal and "
+                                    "sample more prompts until prompts_per_iteration groups are kept", False)
+    max_sampling_rounds: int = option("dynamic sampling: at most this many generate rounds per iteration", 4)
+    overlong_buffer: int = option("DAPO overlong shaping: responses longer than max_new_tokens - overlong_buffer "
+                                  "lose up to overlong_penalty, linearly (0 = off)", 0)
+    overlong_penalty: float = option("overlong shaping: the penalty at max_new_tokens", 1.0)
 
     def __post_init__(self):
         for name in ("prompts_per_iteration", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
-                     "kv_cache_memory", "block_size"):
+                     "kv_cache_memory", "block_size", "max_sampling_rounds"):
             check(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         check(self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}")
         check(self.top_k >= 0 and 0 < self.top_p <= 1, "rollout.top_k must be >= 0 and rollout.top_p in (0, 1]")
+        check(0 <= self.overlong_buffer < self.max_new_tokens and self.overlong_penalty >= 0,
+              f"rollout.overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}) and "
+              f"rollout.overlong_penalty >= 0, got {self.overlong_buffer} and {self.overlong_penalty}")
 
 
 @dataclass
@@ -44,12 +59,28 @@ class UpdateConfig:
     clip_eps: float = option("ratio clip: [1 - clip_eps, 1 + clip_eps_high]", 0.2)
     clip_eps_high: float | None = option("upper ratio clip (default: clip_eps)")
     dual_clip: float | None = option("dual-clip bound c > 1 for negative advantages (None = off)")
-    agg: Aggregation = option("loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum", "token-mean")
+    agg: Aggregation = option("loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | token-sum | "
+                              "seq-mean-token-sum-norm (the token sum / loss_agg_norm)", "token-mean")
+    loss_agg_norm: float | None = option("the constant of seq-mean-token-sum-norm (default: rollout.max_new_tokens)")
+    ratio_level: Literal["token", "sequence"] = option("token (PPO) | sequence (GSPO: length-normalized "
+                                                       "sequence ratio, clipped per sequence)", "token")
+    log_ratio_clamp: float = option("clamp logp - old_logp to +-this before exp() (verl, OpenRLHF: 20)", 20.0)
+    is_mode: Literal["tis", "mis"] | None = option("importance-sampling correction of the sampler / training "
+                                                   "log-prob gap: tis (truncated at is_cap) | mis (masked "
+                                                   "outside [is_low, is_high]) | null (off)")
+    is_level: Literal["token", "sequence"] = option("the IS weight per token or per sequence (product)", "token")
+    is_cap: float = option("tis: the weight's upper bound", 2.0)
+    is_low: float = option("mis: the band's lower bound", 0.5)
+    is_high: float = option("mis: the band's upper bound", 2.0)
     vf_coef: float = option("weight of the value loss", 0.1)
     vf_clip: float | None = option("value clip around the rollout's values (None = off)", 0.2)
     ent_coef: float = option("weight of the entropy bonus", 0.0)
     ptx_coef: float = option("weight of the pretraining (PPO-ptx) loss on ptx_file", 0.0)
-    estimator: Estimator = option("advantage estimator: gae | reinforce (REINFORCE with the critic as baseline)", "gae")
+    estimator: Estimator = option("advantage estimator: gae | reinforce (REINFORCE with the critic as baseline) | "
+                                  "grpo | dr_grpo | rloo | reinforce_pp_baseline (critic-free, over each "
+                                  "prompt's samples_per_prompt responses)", "gae")
+    kl_loss_coef: float = option("weight of the KL to the reference as a loss term (k3, GRPO style; 0 = off; "
+                                 "reward.kl_coef puts it in the reward instead)", 0.0)
     gamma: float = option("discount", 1.0)
     lam: float = option("GAE lambda", 0.95)
     whiten_advantages: bool = option("normalize advantages over the rollout's valid tokens", True)
@@ -61,7 +92,7 @@ class UpdateConfig:
         check(self.microbatch_size is None or self.microbatch_size >= 1,
                f"ppo.microbatch_size must be >= 1 or null, got {self.microbatch_size}")
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
-        for name in ("vf_coef", "ent_coef", "ptx_coef", "max_approx_kl"):
+        for name in ("vf_coef", "ent_coef", "ptx_coef", "max_approx_kl", "kl_loss_coef"):
             check(getattr(self, name) >= 0, f"ppo.{name} must be >= 0, got {getattr(self, name)}")
 
 
@@ -98,7 +129,8 @@ class PPOConfig:
     reward_model: str | None = option("reward model directory from `fusedrl rm` (or give reward_fn)")
     reward_fn: str | None = option("'module:function' scoring (prompts, responses) texts -> list of floats")
     critic: Critic = option("separate (a value model initialized from the reward model) | shared "
-                        "(a value head on the policy's trunk)", "separate")
+                            "(a value head on the policy's trunk) | none (critic-free: a group estimator)",
+                            "separate")
     prompts_file: str = option("JSONL of {\"prompt\": ...} lines (required)", "")
     ptx_file: str | None = option("JSONL demonstrations for the PPO-ptx loss (with ppo.ptx_coef > 0)")
     output_dir: str = option("run directory: config, metrics, checkpoints, final policy (required)", "")
@@ -119,3 +151,32 @@ class PPOConfig:
                "give one of reward_model and reward_fn, not both")
         check(self.ppo.ptx_coef == 0 or bool(self.ptx_file), "ppo.ptx_coef > 0 needs ptx_file")
         check(self.critic_lr is None or self.critic_lr > 0, f"critic_lr must be > 0, got {self.critic_lr}")
+        grouped = self.ppo.estimator in GROUP_ESTIMATORS
+        check(grouped == (self.critic == "none"),
+              f"ppo.estimator={self.ppo.estimator} {'is critic-free: set critic=none' if grouped else 'needs a critic: critic=separate or shared'}"
+              f" (got critic={self.critic})")
+        check(not grouped or self.rollout.samples_per_prompt >= 2,
+              f"ppo.estimator={self.ppo.estimator} compares each prompt's responses: rollout.samples_per_prompt "
+              f"must be >= 2, got {self.rollout.samples_per_prompt}")
+        check(not self.rollout.dynamic_sampling or grouped,
+              "rollout.dynamic_sampling drops groups of equal scores: it needs a group estimator (ppo.estimator)")
+
+
+def _grpo_update() -> UpdateConfig:
+    return UpdateConfig(estimator="grpo", kl_loss_coef=0.001, vf_coef=0.0, epochs=1, agg="token-mean")
+
+
+def _grpo_reward() -> RewardConfig:
+    return RewardConfig(kl_coef=0.0)
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    """Critic-free RL (`fusedrl grpo`): the PPO stage's one code path with GRPO's defaults: no critic,
+    group-relative advantages over each prompt's responses, the KL to the reference as a loss term."""
+
+    critic: Critic = option("none: critic-free (the GRPO family needs no value model)", "none")
+    rollout: RolloutConfig = option("generation", factory=lambda: RolloutConfig(samples_per_prompt=8))
+    ppo: UpdateConfig = option("policy update", factory=_grpo_update)
+    reward: RewardConfig = option("reward shaping (the KL is a loss term here: ppo.kl_loss_coef)",
+                                  factory=_grpo_reward)

@@ -7,6 +7,7 @@ Nothing here imports torch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,7 +56,7 @@ class OptimConfig:
     grad_accum_steps: int = option("micro-batches per optimizer step", 1)
 
     def __post_init__(self):
-        check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        check(0 < self.lr < math.inf, f"optim.lr must be a finite number > 0, got {self.lr}")
         check(self.weight_decay >= 0 and self.eps > 0, "optim.weight_decay must be >= 0, optim.eps > 0")
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
         check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -73,7 +74,11 @@ class RunConfig:
                                   "| fp32 | auto (bf16-mixed on CUDA, fp32 on CPU)", "auto")
     gradient_checkpointing: bool = option("recompute each decoder layer in backward to save memory", False)
     log_every: int = option("write a metrics line every this many steps", 1)
-    save_every: int = option("checkpoint every this many steps (0 = only at the end)", 0)
+    save_every: int = option("checkpoint every this many steps (0 = by time and at the end only)", 0)
+    save_every_minutes: float = option("also checkpoint when this many minutes passed since the last "
+                                       "checkpoint (0 = off), so a kill loses at most about this much work", 10.0)
+    max_consecutive_skips: int = option("stop the run when this many steps in a row could not update "
+                                        "(non-finite loss or gradient, every PPO row dropped); 0 = never", 10)
     keep_checkpoints: int = option("keep only the newest this many checkpoints (0 = all)", 2)
     resume: bool = option("continue from the newest checkpoint in output_dir when there is one", True)
     tensorboard: bool = option("also write TensorBoard events to output_dir/tensorboard", False)
@@ -88,8 +93,10 @@ class RunConfig:
         check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),
                f"train.device must be cpu, cuda or cuda:N, got {self.device!r}")
-        for name in ("save_every", "keep_checkpoints"):
+        for name in ("save_every", "keep_checkpoints", "max_consecutive_skips"):
             check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
+        check(0 <= self.save_every_minutes < math.inf,
+              f"train.save_every_minutes must be a finite number >= 0, got {self.save_every_minutes}")
         check(self.log_every >= 1, "train.log_every must be >= 1")
 
 

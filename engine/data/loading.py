@@ -1,12 +1,14 @@
 """Loading a stage's data: a DataConfig to tokenized train and eval examples (read, tokenize,
-split), and PPO's prompt files to token ids."""
+split), and PPO's prompt files to token ids (checked against the model's context). What was
+skipped or dropped is said on stderr at the end of loading, as well as in the run log."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
-from .records import parser_for, read_jsonl
+from .records import DataError, parser_for, read_jsonl
 from .tokenization import TokenizedExample, tokenize_prompt, tokenize_record
 from ..config.train import DataConfig
 
@@ -53,8 +55,19 @@ def load_examples(cfg: DataConfig, tokenizer, stage: str, seed: int) -> Examples
     eval_ex, dropped_eval = tokenize_all(eval_records, tokenizer, cfg)
     info.update(train_examples=len(train_ex), eval_examples=len(eval_ex), dropped_examples=dropped + dropped_eval)
     if not train_ex:
-        raise ValueError(f"{cfg.train_file}: no training examples left after tokenization")
+        raise DataError(f"{cfg.train_file}: no training examples left after tokenization")
+    if info["skipped_lines"]:
+        report(f"skipped {info['skipped_lines']} malformed line(s) (data.skip_malformed=true), the first: "
+               f"{info['skipped_first'][0]}")
+    if info["dropped_examples"]:
+        report(f"dropped {info['dropped_examples']} example(s) whose prompt left no room for a response "
+               f"within data.max_length={cfg.max_length}")
     return Examples(train_ex, eval_ex, records, info)
+
+
+def report(message: str) -> None:
+    """A line for the user on stderr (stdout is the command's result)."""
+    print(f"fusedrl: {message}", file=sys.stderr)
 
 
 def _parse_prompt(row: dict) -> str:
@@ -64,9 +77,26 @@ def _parse_prompt(row: dict) -> str:
     return prompt
 
 
-def load_prompts(path, tokenizer, max_prompt_length: int) -> list[list[int]]:
-    """Token ids of every prompt in a JSONL file of {"prompt": ...} lines."""
-    texts = read_jsonl(path, _parse_prompt).records
-    if not texts:
-        raise ValueError(f"{path}: no prompts")
-    return [tokenize_prompt(tokenizer, t, max_prompt_length) for t in texts]
+def load_prompts(path, tokenizer, max_prompt_length: int, max_model_len: int,
+                 truncate_to_context: bool = False) -> tuple[list[list[int]], int]:
+    """Token ids of every prompt in a JSONL file of {"prompt": ...} lines (each keeps its last
+    max_prompt_length tokens), and how many were cut to fit the context.
+
+    A prompt must leave room for at least one generated token within max_model_len: otherwise a
+    DataError naming file:line, or with truncate_to_context its last max_model_len - 1 tokens.
+    """
+    read = read_jsonl(path, _parse_prompt)
+    prompts, truncated = [], 0
+    for text, lineno in zip(read.records, read.lines):
+        ids = tokenize_prompt(tokenizer, text, max_prompt_length)
+        if len(ids) >= max_model_len:
+            if not truncate_to_context:
+                raise DataError(f"{path}:{lineno}: the prompt has {len(ids)} tokens, which leaves no room to "
+                                f"generate within the model's context of {max_model_len}; shorten it, lower "
+                                "rollout.max_prompt_length, or set rollout.truncate_prompts=true")
+            ids, truncated = ids[-(max_model_len - 1):], truncated + 1
+        prompts.append(ids)
+    if truncated:
+        report(f"{path}: {truncated} prompt(s) cut to their last {max_model_len - 1} tokens to fit the "
+               "model's context (rollout.truncate_prompts=true)")
+    return prompts, truncated

@@ -13,8 +13,6 @@ import torch
 
 from .tokenization import TokenizedExample
 
-IGNORE = -100
-
 
 class PackedBatch(NamedTuple):
     """Sequences packed back to back for one `CausalLM.forward_packed`, with their training targets.

@@ -1,5 +1,6 @@
 """JSONL readers for the training stages: each line becomes a text record, or a `DataError` naming
-`file:line: reason` (or, with `skip_malformed`, is counted and dropped).
+`file:line: reason` (or, with `skip_malformed`, is counted and dropped). Lines are decoded one by one,
+so bytes that are not UTF-8 are such an error too.
 
 Accepted lines:
 - demonstration   {"prompt": str, "response": str}
@@ -17,10 +18,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import FusedRLError
+
 HH_ASSISTANT = "\n\nAssistant:"
 
 
-class DataError(ValueError):
+class DataError(FusedRLError, ValueError):
     """A malformed data line: the message starts with `file:line:`."""
 
 
@@ -46,6 +49,7 @@ class ReadResult:
     records: list
     skipped: int  # malformed lines dropped (only with skip_malformed)
     errors: list[str]  # their messages, for the log
+    lines: list[int]  # the line number of each record, for errors found later (e.g. a prompt too long)
 
 
 def _string(row: dict, key: str) -> str:
@@ -133,24 +137,39 @@ def parser_for(stage: str, fmt: str):
     return strict
 
 
+def numbered_lines(path):
+    """(line number, raw bytes) of each non-blank line of `path`. Decoding is left to decode_line, per
+    line, so that bytes which are not UTF-8 become an error with a line number."""
+    with Path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield lineno, raw
+
+
+def decode_line(raw: bytes) -> str:
+    """A UTF-8 line without its line break; ValueError naming the first bad byte and its column."""
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+
+
 def read_jsonl(path, parse, skip_malformed: bool = False) -> ReadResult:
     """Parse every non-blank line of `path` with `parse(dict) -> record`."""
     path = Path(path)
-    records, errors = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                records.append(parse(row))
-            except ValueError as e:  # json.JSONDecodeError is a ValueError too
-                message = f"{path}:{lineno}: {e}"
-                if not skip_malformed:
-                    raise DataError(message) from None
-                errors.append(message)
+    records, lines, errors = [], [], []
+    for lineno, raw in numbered_lines(path):
+        try:
+            row = json.loads(decode_line(raw))
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            records.append(parse(row))
+            lines.append(lineno)
+        except ValueError as e:  # json.JSONDecodeError is a ValueError too
+            message = f"{path}:{lineno}: {e}"
+            if not skip_malformed:
+                raise DataError(message) from None
+            errors.append(message)
     if not records:
         raise DataError(f"{path}: no usable lines" + (f" ({len(errors)} malformed)" if errors else ""))
-    return ReadResult(records, len(errors), errors)
+    return ReadResult(records, len(errors), errors, lines)

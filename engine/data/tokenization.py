@@ -7,9 +7,15 @@ Rules (max_length L, max_prompt_length P < L):
 3. The response is cut at the end so that prompt + response <= L (the EOS is then lost too).
 Prompt and response are tokenized separately, so ids at their boundary may differ from tokenizing
 the joined text; training and reward scoring use the same split, so they agree with each other.
+Memory is bounded by the tokens kept, not by the line: a text longer than twice the kept tokens
+times the vocabulary's longest token (in characters, an upper bound on what one token covers) is
+cut to that many characters first (from the side that is dropped anyway), so a 30 MB line costs no
+more than a short one. The kept tokens are the same, except inside one unbroken "word" longer than
+the cut, whose BPE merges may align differently.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from .records import Demonstration, Ranking
@@ -47,12 +53,25 @@ def _encode(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"]) if text else []
 
 
+_CHARS_PER_TOKEN = weakref.WeakKeyDictionary()
+
+
+def text_budget(tokenizer, tokens: int) -> int:
+    """Characters of text that surely hold more than `tokens` tokens: 2 * tokens * the longest token."""
+    if tokenizer not in _CHARS_PER_TOKEN:
+        _CHARS_PER_TOKEN[tokenizer] = max(map(len, tokenizer.get_vocab()), default=1)
+    return 2 * max(tokens, 1) * _CHARS_PER_TOKEN[tokenizer]
+
+
 def tokenize_prompt(tokenizer, prompt: str, max_prompt_length: int) -> list[int]:
-    return _encode(tokenizer, prompt, special=True)[-max_prompt_length:]
+    """The prompt's last max_prompt_length tokens (rule 2)."""
+    budget = text_budget(tokenizer, max_prompt_length)
+    return _encode(tokenizer, prompt[-budget:], special=True)[-max_prompt_length:]
 
 
 def tokenize_response(tokenizer, response: str, room: int) -> list[int]:
-    ids = _encode(tokenizer, response, special=False)
+    """The response's first `room` tokens, EOS included when it fits (rules 1 and 3)."""
+    ids = _encode(tokenizer, response[:text_budget(tokenizer, room)], special=False)
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return ids[:room]

@@ -45,7 +45,7 @@ class HybridActor:
         rows ordered prompt by prompt, sample by sample.
         """
         with distributed.gathered(self.policy):
-            outputs = self.llm.generate(prompts, params)
+            outputs = self.llm.generate(prompts, params, decode_text=False)  # PPO reads token ids only
         rows = [(out.prompt_token_ids, c.token_ids, c.logprobs) for out in outputs for c in out.outputs]
         prompt_ids, responses, logprobs = (list(x) for x in zip(*rows))
         return prompt_ids, responses, logprobs

@@ -5,12 +5,14 @@ requests up front (so a bad one fails before any work), and runs steps until eve
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..errors import NonFiniteError
 from .block_manager import BlockManager
 from ..model.hf_io import load_model
 from ..model.causal_lm import CausalLM
@@ -88,10 +90,12 @@ class LLM:
         self._rng = random.Random()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, decode_text: bool = True) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids; one prompt or a list of them).
 
         Returns one RequestOutput per prompt, in order, each with `sampling_params.n` completions.
+        decode_text=False leaves Completion.text None: rollouts that only read token ids skip the
+        tokenizer's decode of every response.
         """
         if isinstance(prompts, (list, tuple)) and not prompts:
             return []
@@ -105,7 +109,8 @@ class LLM:
             self._check_request(i, ids, p)
         groups = [[self._add(ids, p, j) for j in range(p.n)] for ids, p in zip(token_ids, params)]
         self._run(sum(len(g) for g in groups), use_tqdm)
-        return [RequestOutput(ids, [self._completion(s) for s in group]) for ids, group in zip(token_ids, groups)]
+        return [RequestOutput(ids, [self._completion(s, decode_text) for s in group])
+                for ids, group in zip(token_ids, groups)]
 
     def _tokenize(self, prompt, index: int) -> list[int]:
         if isinstance(prompt, str):
@@ -153,6 +158,7 @@ class LLM:
             while not self.scheduler.is_finished():
                 batch, is_prefill = self.scheduler.schedule()
                 tokens, logprobs = self.runner.run(batch, is_prefill)
+                check_logprobs(logprobs, batch)
                 finished = self.scheduler.postprocess(batch, tokens, logprobs)
                 if progress is not None:
                     progress.update(len(finished))
@@ -160,10 +166,20 @@ class LLM:
             if progress is not None:
                 progress.close()
 
-    def _completion(self, seq: Sequence) -> Completion:
+    def _completion(self, seq: Sequence, decode_text: bool) -> Completion:
         ids = seq.completion_token_ids
-        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else None
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer and decode_text else None
         return Completion(ids, seq.logprobs, seq.finish_reason, text)
+
+
+def check_logprobs(logprobs: list[float], batch: list[Sequence]) -> None:
+    """NonFiniteError when a sampled token's log-prob is not finite, which only non-finite logits
+    give (a NaN or +inf logit spoils the whole softmax; a sampled token has probability > 0). The
+    values are already on the host from the step's one sync: no extra device work or sync."""
+    for logprob, seq in zip(logprobs, batch):
+        if not math.isfinite(logprob):
+            raise NonFiniteError(f"the model's logits are not finite (sampled log-prob {logprob} for request "
+                                 f"{seq.seq_id}): its weights or activations hold NaN or inf")
 
 
 def _is_single_prompt(prompts) -> bool:

@@ -42,8 +42,9 @@ def num_blocks_for_budget(kv_cache_memory, config: ModelConfig, dtype, block_siz
 class ModelRunner:
     """Runs prefill and decode steps of `model` over a paged KV pool of `num_blocks` blocks."""
 
-    # Decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits.
-    GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    # Decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits. Every 16
+    # past 8, not powers of two: 129 rows would otherwise run (and pay for) the 256-row graph.
+    GRAPH_BATCH_SIZES = (1, 2, 4, 8, *range(16, 513, 16))
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
                  use_cuda_graphs: bool = True):
@@ -76,7 +77,9 @@ class ModelRunner:
                 hidden = self.model(input_ids, positions, meta, self.kv_caches)
         logits = self.model.compute_logits(hidden)  # [B, V] fp32
         tokens, logprobs = sample(logits, *self._prepare_sampling(seqs))
-        return tokens.tolist(), logprobs.tolist()
+        # One device-to-host copy (one sync) for both: token ids < 2^53 are exact in float64.
+        host = torch.stack([tokens.double(), logprobs.double()]).tolist()
+        return [int(t) for t in host[0]], host[1]
 
     def _tensor(self, data, dtype):
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(

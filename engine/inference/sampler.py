@@ -11,12 +11,21 @@ from __future__ import annotations
 import torch
 
 from ...kernels import token_logprobs, use_backend
+from ..model.attention import use_triton
+from .sampler_kernels import sample_triton
 
 _MASK32 = 0xFFFFFFFF
 
 
 def sample(logits, temperatures, top_ks, top_ps, seeds, positions):
-    """Draw one token per row.
+    """Draw one token per row: the fused Triton sampler where our kernels run (no host sync, no
+    [B, V] temporaries), else the torch reference. Arguments and results as `sample_torch`."""
+    run = sample_triton if use_triton(logits) else sample_torch
+    return run(logits, temperatures, top_ks, top_ps, seeds, positions)
+
+
+def sample_torch(logits, temperatures, top_ks, top_ps, seeds, positions):
+    """Draw one token per row (the reference: sorts for top-k/top-p, host syncs to skip work).
 
     logits [B, V] fp32; temperatures [B] fp32 (0 = greedy); top_ks [B] int64 (0 = off);
     top_ps [B] fp32 (1 = off); seeds [B] int64; positions [B] int64 (index of the token being drawn).

@@ -58,14 +58,18 @@ class ModelConfig:
     def rope_type(self) -> str:
         return self.rope_scaling.get("rope_type", "default")
 
+    @staticmethod
+    def check_model_type(model_type, architectures=None) -> None:
+        """ValueError unless `model_type` (config.json's) is one the decoder implements."""
+        if model_type not in _ARCHS:
+            raise ValueError(f"unsupported model_type {model_type!r} (architectures={architectures}); "
+                             f"supported: {', '.join(SUPPORTED_ARCHS)}")
+
     @classmethod
     def from_hf(cls, hf_config) -> "ModelConfig":
         """Validate a transformers config and copy out what the decoder needs."""
         model_type = getattr(hf_config, "model_type", None)
-        if model_type not in _ARCHS:
-            raise ValueError(
-                f"unsupported model_type {model_type!r} (architectures="
-                f"{getattr(hf_config, 'architectures', None)}); supported: {', '.join(SUPPORTED_ARCHS)}")
+        cls.check_model_type(model_type, getattr(hf_config, "architectures", None))
         act = getattr(hf_config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r}; supported: silu")

@@ -1,7 +1,11 @@
 """Hugging Face model directories in and out: config.json + safetensors (single file or sharded).
 
 Saving writes a complete directory (config, weights, tokenizer and generation files copied from the
-source) into a temporary sibling and renames it into place, so a reader never sees half a checkpoint.
+source) into a temporary sibling and renames it into place, so a reader never sees half a checkpoint;
+a model with a NaN or inf anywhere is refused before anything is written, and the directory gets
+the usual modes (0644 files, 0755 directories under the default umask) so others can read it.
+Loading turns a missing, corrupt or truncated weight file and an unsupported architecture into a
+one-line `ModelError` naming the file.
 """
 from __future__ import annotations
 
@@ -9,17 +13,19 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
+from ..errors import ModelError
+from ..durable import check_finite, publish, temp_dir
 from .config import ModelConfig
 from .causal_lm import CausalLM
 
+CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Tensors some checkpoints carry that the decoder recomputes (RoPE frequencies).
@@ -31,8 +37,20 @@ _SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.jso
 
 
 def load_config(model_dir) -> ModelConfig:
-    """Read and validate `model_dir/config.json`."""
-    return ModelConfig.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+    """Read and validate `model_dir/config.json` (a ModelError when it is missing, unreadable or
+    describes an architecture the decoder does not implement)."""
+    path = Path(model_dir) / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        model_type, architectures = raw.get("model_type"), raw.get("architectures")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"{path}: not a readable model config ({e})") from None
+    try:
+        # Checked before transformers reads it: an unknown model_type is a page of text there.
+        ModelConfig.check_model_type(model_type, architectures)
+        return ModelConfig.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+    except ValueError as e:
+        raise ModelError(f"{model_dir}: {e}") from None
 
 
 def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
@@ -56,6 +74,8 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> Cau
     `model_cls`: CausalLM or a subclass with extra parameters (the reward model's `score` head).
     """
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: no such model directory")
     config = load_config(model_dir)
     dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):  # no random init: every parameter is overwritten from the checkpoint
@@ -65,14 +85,14 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> Cau
     expected = {name: p for name, p in model.named_parameters()}  # tied lm_head appears once
     seen = set()
     for path, names in _weight_files(model_dir).items():
-        with safe_open(str(path), framework="pt") as f:
+        with _open_weights(path) as f:
             for name in names:
                 if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
                     continue
                 if name not in expected:
                     raise ValueError(f"unexpected tensor {name!r} in {path.name}: not a parameter of a "
                                      f"{config.model_type} decoder with this config")
-                tensor = f.get_tensor(name)
+                tensor = _read_tensor(f, name, path)
                 param = expected[name]
                 if tensor.shape != param.shape:
                     raise ValueError(f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)}, "
@@ -87,18 +107,37 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> Cau
     return model
 
 
+def _open_weights(path: Path):
+    """safe_open, with a missing, truncated or corrupt file as a ModelError naming it."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _read_tensor(f, name: str, path: Path) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except (SafetensorError, OSError) as e:  # e.g. a file cut short after its header
+        raise ModelError(f"{path}: tensor {name!r} cannot be read ({e})") from None
+
+
 def _weight_files(model_dir: Path) -> dict[Path, list[str]]:
     """file -> tensor names, from the sharded index or the single safetensors file."""
     index = model_dir / INDEX_FILE
     if index.exists():
         files: dict[Path, list[str]] = {}
-        for name, file in json.loads(index.read_text())["weight_map"].items():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ModelError(f"{index}: not a readable safetensors index ({e})") from None
+        for name, file in weight_map.items():
             files.setdefault(model_dir / file, []).append(name)
         return files
     single = model_dir / SINGLE_FILE
     if not single.exists():
-        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}")
-    with safe_open(str(single), framework="pt") as f:
+        raise ModelError(f"{model_dir}: no weights ({SINGLE_FILE} or {INDEX_FILE})")
+    with _open_weights(single) as f:
         return {single: list(f.keys())}
 
 
@@ -106,13 +145,16 @@ def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int =
     """Write `model` as a transformers-loadable directory, atomically replacing `out_dir`.
 
     Tokenizer and generation files are copied from `source_dir` when given. Weights above
-    `max_shard_bytes` are split into shards with an index, as `save_pretrained` does.
+    `max_shard_bytes` are split into shards with an index, as `save_pretrained` does. A NaN or inf
+    in any parameter raises NonFiniteError before anything is written.
     """
+    check_finite(model.named_parameters(), f"the model for {out_dir}")
     out_dir = Path(out_dir).absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir(out_dir)
     try:
         _write_dir(model, tmp, source_dir, max_shard_bytes)
+        publish(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -164,7 +206,7 @@ def _replace_dir(tmp: Path, out_dir: Path):
     if not out_dir.exists():
         os.rename(tmp, out_dir)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    old = temp_dir(out_dir, "old")
     os.rename(out_dir, old / out_dir.name)
     os.rename(tmp, out_dir)
     shutil.rmtree(old)

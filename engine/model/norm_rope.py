@@ -12,31 +12,43 @@ import torch
 from ...kernels.triton_compat import tl, triton
 
 
+# Elements one program handles: short rows (Qwen3's 128-wide q/k norm, 64-wide RoPE halves) are
+# packed several to a program so that each thread still moves 16 contiguous bytes.
+TILE = 1024
+
+
+def rows_per_program(row_elements: int) -> int:
+    """Rows of `row_elements` (a power of two) packed into one program of about TILE elements."""
+    return max(1, TILE // row_elements)
+
+
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr,  # [R, C] input rows
     residual_ptr,  # [R, C] residual rows; overwritten with x + residual when HAS_RESIDUAL
     weight_ptr,  # [C]
     out_ptr,  # [R, C] normalized rows
+    n_rows,  # R
     n_cols,  # C
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,  # n_cols rounded up to a power of two
+    ROWS: tl.constexpr,  # rows per program
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offs = rows[:, None] * n_cols + cols[None, :]  # [ROWS, BLOCK]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # Rounded to the activation dtype before the norm reads it, as `x + residual` in torch.
-        x = (x.to(tl.float32) + tl.load(residual_ptr + row * n_cols + cols, mask=mask, other=0.0)
-             .to(tl.float32)).to(x.dtype)
-        tl.store(residual_ptr + row * n_cols + cols, x, mask=mask)
+        x = (x.to(tl.float32) + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(residual_ptr + offs, x, mask=mask)
     xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    normed = (xf * rstd).to(x.dtype).to(tl.float32)  # transformers rounds before the weight
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n_cols + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)  # [ROWS]
+    normed = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)  # transformers rounds before the weight
+    w = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (w[None, :] * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def add_rms_norm_triton(x, weight, eps, residual=None):
@@ -44,10 +56,13 @@ def add_rms_norm_triton(x, weight, eps, residual=None):
     and normalize the sum. Returns the normalized tensor (and `residual` is updated)."""
     _check_norm(x, weight, residual)
     n_cols = x.shape[-1]
+    n_rows = x.numel() // n_cols
+    block = triton.next_power_of_2(n_cols)
+    rows = rows_per_program(block)
     out = torch.empty_like(x)
-    _add_rms_norm_kernel[(x.numel() // n_cols,)](
-        x, x if residual is None else residual, weight, out, n_cols, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols))
+    _add_rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
+        x, x if residual is None else residual, weight, out, n_rows, n_cols, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, ROWS=rows)
     return out
 
 
@@ -72,23 +87,27 @@ def _rope_kernel(
     x_ptr,  # [N, heads, D] q or k rows, rotated in place
     cos_ptr,  # [N, D] cos of each token's position (both halves equal)
     sin_ptr,  # [N, D]
+    n_rows,  # N * heads: (token, head) rows
+    heads,
     row_stride,  # elements between tokens of x
     head_stride,  # elements between heads of x
     HALF: tl.constexpr,  # D / 2
     HALF_PAD: tl.constexpr,  # HALF rounded up to a power of two
+    ROWS: tl.constexpr,  # (token, head) rows per program
 ):
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    token = r // heads
     d = tl.arange(0, HALF_PAD)
-    mask = d < HALF
-    base = x_ptr + token * row_stride + head * head_stride
-    x1 = tl.load(base + d, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + HALF + d, mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + token * 2 * HALF + d, mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + token * 2 * HALF + d, mask=mask, other=0.0).to(tl.float32)
+    mask = (r[:, None] < n_rows) & (d[None, :] < HALF)
+    x_off = (token * row_stride + (r - token * heads) * head_stride)[:, None] + d[None, :]
+    cs_off = (token * 2 * HALF)[:, None] + d[None, :]
+    x1 = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + cs_off, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + cs_off, mask=mask, other=0.0).to(tl.float32)
     # rotate_half(x) = (-x2, x1): out = x * cos + rotate_half(x) * sin
-    tl.store(base + d, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(base + HALF + d, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_ptr + x_off, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_ptr + x_off + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 def rope_triton_(x, cos, sin):
@@ -97,8 +116,11 @@ def rope_triton_(x, cos, sin):
     if x.stride(2) != 1 or cos.shape != (n, dim) or not (cos.is_contiguous() and sin.is_contiguous()):
         raise ValueError(f"x {tuple(x.shape)} (last dim contiguous) and contiguous cos/sin "
                          f"[{n}, {dim}] expected, got cos {tuple(cos.shape)}")
-    _rope_kernel[(n, heads)](x, cos, sin, x.stride(0), x.stride(1), HALF=dim // 2,
-                             HALF_PAD=triton.next_power_of_2(dim // 2))
+    half_pad = triton.next_power_of_2(dim // 2)
+    rows = rows_per_program(half_pad)  # each row is loaded as two halves
+    _rope_kernel[(triton.cdiv(n * heads, rows),)](
+        x, cos, sin, n * heads, heads, x.stride(0), x.stride(1), HALF=dim // 2, HALF_PAD=half_pad,
+        ROWS=rows)
     return x
 
 

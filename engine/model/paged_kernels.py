@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels.triton_compat import tl, triton
+from .norm_rope import rows_per_program
 
 
 @triton.jit
@@ -19,19 +20,24 @@ def _store_kv_kernel(
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D] contiguous
     v_cache_ptr,  # same shape as k_cache
     slot_ptr,  # [N] int64 slot of each row, -1 to skip
+    n_tokens,  # N
     k_row_stride,  # elements between rows of k
     v_row_stride,  # elements between rows of v
     ROW: tl.constexpr,  # Hkv * D, elements of one row
     BLOCK: tl.constexpr,  # ROW rounded up to a power of two
+    TOKENS: tl.constexpr,  # rows per program
 ):
-    token = tl.program_id(0)
-    slot = tl.load(slot_ptr + token).to(tl.int64)  # int64: slot * ROW overflows int32 on large pools
+    token = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
+    in_range = token < n_tokens
+    # int64: slot * ROW overflows int32 on large pools
+    slot = tl.load(slot_ptr + token, mask=in_range, other=-1).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    mask = offs < tl.where(slot >= 0, ROW, 0)  # a padding row writes nothing
-    k = tl.load(k_ptr + token * k_row_stride + offs, mask=mask)
-    v = tl.load(v_ptr + token * v_row_stride + offs, mask=mask)
-    tl.store(k_cache_ptr + slot * ROW + offs, k, mask=mask)
-    tl.store(v_cache_ptr + slot * ROW + offs, v, mask=mask)
+    # A padding row writes nothing; the condition is uniform along a row, so accesses stay wide.
+    mask = (slot >= 0)[:, None] & (offs < ROW)[None, :]
+    k = tl.load(k_ptr + (token * k_row_stride)[:, None] + offs[None, :], mask=mask)
+    v = tl.load(v_ptr + (token * v_row_stride)[:, None] + offs[None, :], mask=mask)
+    tl.store(k_cache_ptr + (slot * ROW)[:, None] + offs[None, :], k, mask=mask)
+    tl.store(v_cache_ptr + (slot * ROW)[:, None] + offs[None, :], v, mask=mask)
 
 
 def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
@@ -39,9 +45,12 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     _check_store(k, v, k_cache, v_cache, slot_mapping)
     n, num_kv_heads, head_dim = k.shape
     row = num_kv_heads * head_dim
-    _store_kv_kernel[(n,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-        ROW=row, BLOCK=triton.next_power_of_2(row))
+    block = triton.next_power_of_2(row)
+    # A row of 128 (Qwen2.5-0.5B's 2 KV heads x 64) alone would leave each thread one element.
+    tokens = rows_per_program(block)
+    _store_kv_kernel[(triton.cdiv(n, tokens),)](
+        k, v, k_cache, v_cache, slot_mapping, n, k.stride(0), v.stride(0),
+        ROW=row, BLOCK=block, TOKENS=tokens)
 
 
 def store_kv_torch(k, v, k_cache, v_cache, slot_mapping):

@@ -17,6 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..durable import check_finite
 from .hf_io import load_model, save_model
 from .config import ModelConfig
 from .causal_lm import CausalLM, rebuild_as
@@ -44,7 +45,7 @@ class RewardModel(CausalLM):
         return self.raw_rewards(self.forward_packed(input_ids, seqlens), seqlens) - self.reward_offset
 
 
-def reward_model_from_lm(lm: CausalLM, seed: int = 0) -> RewardModel:
+def reward_model_from_lm(lm: CausalLM) -> RewardModel:
     """A RewardModel sharing `lm`'s config with a copy of its weights and a fresh score head.
 
     The head starts at zero so every initial reward is 0 and the first updates come from the
@@ -60,6 +61,7 @@ def reward_model_from_lm(lm: CausalLM, seed: int = 0) -> RewardModel:
 
 def save_reward_model(rm: RewardModel, out_dir, source_dir=None):
     """Write the reward model as described in the module docstring (atomically, via save_model)."""
+    check_finite([("reward_offset", torch.tensor(rm.reward_offset))], f"the reward model for {out_dir}")
     hf = rm.config.hf_config
     hf.num_labels = 1
     hf.reward_offset = rm.reward_offset

@@ -8,6 +8,7 @@ After training, `reward_offset` = mean raw reward of the reference responses, so
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -18,12 +19,13 @@ from ..data.loading import load_examples
 from ..data.packing import PackedBatch, collate_rm, pack
 from ..data.records import Ranking, parser_for, read_jsonl
 from ..data.tokenization import tokenize_prompt, tokenize_response
+from ..errors import NonFiniteError
 from ..model.hf_io import load_model
 from ..model.reward_model import RewardModel, load_reward_model, reward_model_from_lm, save_reward_model
 from ..train.distributed import is_main, write_once
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
-from ..train.supervised import Stage, train
+from ..train.supervised import Stage, check_context, train
 from .sft import target_nll_sum
 
 
@@ -119,7 +121,10 @@ def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int,
 
 def run_rm(cfg: RMConfig) -> Path:
     """Train per `cfg`, normalize, export RUN_DIR/final (see engine/reward_model.py for the format)."""
-    run = start_run(cfg.seed, cfg.train, cfg.model)
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, {"model": cfg.model},
+                    {"data.train_file": cfg.data.train_file, "data.eval_file": cfg.data.eval_file,
+                     "reference_file": cfg.reference_file})
+    check_context(cfg.data, run.configs["model"].max_model_len)
     device, tokenizer = run.device, run.tokenizer
     examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed)
     lm = load_model(cfg.model, dtype=run.dtype, device=device)
@@ -129,6 +134,9 @@ def run_rm(cfg: RMConfig) -> Path:
     references = reference_sequences(cfg, tokenizer, examples.records)
     # Every rank scores all references (the sharded forward is collective), so all agree on it.
     model.reward_offset = mean_raw_reward(model, references, cfg.data.tokens_per_batch, device)
+    if not math.isfinite(model.reward_offset):  # PPO against it would skip every update
+        raise NonFiniteError(f"the trained reward model scores the {len(references)} reference responses "
+                             f"{model.reward_offset} on average (reward_offset); the run diverged, nothing exported")
     if is_main():
         append_metrics(cfg.output_dir, "info", state.step, {"reward_offset": model.reward_offset,
                                                             "reference_responses": len(references)})

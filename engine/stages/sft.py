@@ -16,7 +16,7 @@ from ..model.hf_io import load_model, save_model
 from ..model.lm_head import lm_head_logprobs
 from ..train.distributed import write_once
 from ..train.run_setup import start_run
-from ..train.supervised import Stage, train
+from ..train.supervised import Stage, check_context, train
 
 
 def target_nll_sum(model, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -49,7 +49,9 @@ def sft_stage(model_dir: str, dtype: str, device) -> Stage:
 
 def run_sft(cfg: SFTConfig) -> Path:
     """Train per `cfg`; returns the exported model directory (RUN_DIR/final)."""
-    run = start_run(cfg.seed, cfg.train, cfg.model)
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, {"model": cfg.model},
+                    {"data.train_file": cfg.data.train_file, "data.eval_file": cfg.data.eval_file})
+    check_context(cfg.data, run.configs["model"].max_model_len)
     examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device)
     train(model, sft_stage(cfg.model, run.dtype, run.device), examples.train, examples.eval, cfg, run.device,

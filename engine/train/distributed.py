@@ -88,13 +88,21 @@ def all_reduce_sum(values: dict) -> dict:
     return {k: int(v) if isinstance(values[k], int) else v for k, v in zip(keys, buf.tolist())}
 
 
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
 def all_reduce_tensor(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """x summed (or max-ed) over the ranks, as a new tensor (gloo runs on CPU copies)."""
+    """x summed (or max-ed, min-ed) over the ranks, as a new tensor (gloo runs on CPU copies)."""
     if world_size() == 1:
         return x.clone()
     out = x.detach().cpu().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    dist.all_reduce(out, op=_REDUCE_OPS[op])
     return out.to(x.device)
+
+
+def min_over_ranks(n: int) -> int:
+    """The smallest of every rank's `n`: what all ranks can do alike (e.g. rows each rank keeps)."""
+    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), op="min")) if world_size() > 1 else n
 
 
 def share(n: int, what: str) -> int:

@@ -1,11 +1,17 @@
-"""The one training loop of every stage: resume, steps, log / eval / checkpoint cadence, run log.
+"""The one training loop of every stage: resume, steps, log / eval / checkpoint cadence, run log,
+skipped updates.
 
 A stage supplies its loop state (a dataclass with a `step` field: optimizer steps for SFT/RM,
 iterations for PPO, plus whatever position it needs to resume exactly), the parts its checkpoint
 holds (engine/train/checkpoint.py) and a function doing one step; `run_training` does the rest:
-    resume from the newest checkpoint (train.resume)  ->  for each step: step(state) -> metrics,
-    log every train.log_every, evaluate every eval_every, checkpoint every train.save_every,
+    remove temp leftovers of killed saves, resume from the newest checkpoint that verifies
+    (train.resume)  ->  for each step: step(state) -> metrics, log every train.log_every, evaluate
+    every eval_every, checkpoint every train.save_every steps and every train.save_every_minutes,
     and all three after the last step.
+A step that could not update (a non-finite loss or gradient, an iteration whose every row was
+dropped) returns metrics with `skipped` set (and a `skip_reason`): it is counted (`skipped_steps`
+in the metrics and the progress bar), announced, and train.max_consecutive_skips of them in a row
+stop the run with `Diverged`.
 """
 from __future__ import annotations
 
@@ -17,13 +23,19 @@ from typing import Callable, Optional
 import torch
 
 from ..config.train import RunConfig
+from ..durable import remove_leftovers
+from ..errors import FusedRLError
 from . import distributed
-from .checkpoint import Trainables, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Trainables, resume, save_checkpoint
 from .runlog import RunLog, SilentLog
 
 
-class StopTraining(RuntimeError):
+class StopTraining(FusedRLError, RuntimeError):
     """Raised by a step to end the run early (the message is logged as an info record first)."""
+
+
+class Diverged(StopTraining):
+    """train.max_consecutive_skips steps in a row could not update."""
 
 
 @dataclass
@@ -37,8 +49,34 @@ class RunPlan:
     eval_every: int = 0
 
 
+@dataclass
+class SkipCount:
+    """The loop's own resumable state: steps skipped in all and in a row (saved in each checkpoint)."""
+    skipped_steps: int = 0
+    in_a_row: int = 0
+
+    def record(self, skipped: bool) -> None:
+        self.skipped_steps += skipped
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+
+
 def is_due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
+
+
+class SaveClock:
+    """Checkpoint cadence: every `every` steps, every `minutes` of wall time, and at the last step."""
+
+    def __init__(self, every: int, minutes: float, last: int):
+        self.every, self.seconds, self.last = every, minutes * 60, last
+        self.since = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        return is_due(step, self.every, self.last) or (
+            self.seconds > 0 and time.monotonic() - self.since >= self.seconds)
+
+    def saved(self) -> None:
+        self.since = time.monotonic()
 
 
 def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object], dict], *,
@@ -47,21 +85,27 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
     """Run `step(state)` until state.step reaches plan.total_steps; returns `state`.
 
     `step` advances the stage's own position fields (not `state.step`) and returns its metrics;
-    the loop adds `step_time_s` and, when the metrics count "tokens", `tokens_per_s`.
+    the loop adds `step_time_s`, `skipped_steps` and, when the metrics count "tokens", `tokens_per_s`.
     Under torchrun every rank runs this loop (checkpoints and evaluation are collective); `step`
-    returns metrics already reduced over the ranks, and rank 0 alone writes the run log.
+    returns metrics already reduced over the ranks (so every rank takes the same skip decisions),
+    and rank 0 alone removes leftovers and writes the run log.
     """
     options = plan.options
-    resume_from = latest_checkpoint(plan.run_dir) if options.resume else None
-    if resume_from is not None:
-        for key, value in load_checkpoint(resume_from, parts).items():
-            setattr(state, key, value)
+    removed = (remove_leftovers(plan.run_dir) + remove_leftovers(f"{plan.run_dir}/checkpoints")
+               if distributed.is_main() else [])
+    distributed.barrier()  # no rank reads the run directory while rank 0 cleans it
+    resume_from, loaded = resume(plan.run_dir, parts) if options.resume else (None, {})
+    skips = SkipCount(**loaded.pop("loop", {}))
+    for key, value in loaded.items():
+        setattr(state, key, value)
     run = (RunLog(plan.run_dir, plan.config, plan.total_steps, state.step, options.progress, options.tensorboard,
                   distributed.world_size()) if distributed.is_main() else SilentLog())
+    clock = SaveClock(options.save_every, options.save_every_minutes, plan.total_steps)
     try:
         run.log("info", state.step, {**(info or {}), "total_steps": plan.total_steps,
                                      "world_size": distributed.world_size(),
-                                     "resumed_from": str(resume_from) if resume_from else None})
+                                     "resumed_from": str(resume_from) if resume_from else None,
+                                     "removed_leftovers": len(removed)})
         while state.step < plan.total_steps:
             start = time.perf_counter()
             try:
@@ -70,7 +114,12 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
                 run.log("info", state.step, {"stopped": str(stop)})
                 raise
             state.step += 1
-            if is_due(state.step, options.log_every, plan.total_steps):
+            skipped, reason = bool(metrics.pop("skipped", False)), metrics.pop("skip_reason", "")
+            skips.record(skipped)
+            metrics["skipped_steps"] = skips.skipped_steps
+            if skipped:
+                run.notice(state.step, f"step {state.step}: no update ({reason})")
+            if is_due(state.step, options.log_every, plan.total_steps) or skipped:
                 if device is not None and device.type == "cuda":
                     torch.cuda.synchronize(device)  # honest timings: wait for the step's kernels
                 elapsed = time.perf_counter() - start
@@ -78,11 +127,19 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
                 if "tokens" in metrics:
                     metrics["tokens_per_s"] = metrics["tokens"] / elapsed
                 run.log("train", state.step, metrics)
+            if options.max_consecutive_skips and skips.in_a_row >= options.max_consecutive_skips:
+                stop = Diverged(f"stopped at step {state.step}: {skips.in_a_row} steps in a row could not "
+                                f"update (last: {reason}); the run is diverging: lower optim.lr, or raise "
+                                "train.max_consecutive_skips")
+                run.log("info", state.step, {"stopped": str(stop)})
+                raise stop
             if evaluate is not None and is_due(state.step, plan.eval_every, plan.total_steps):
                 run.log("eval", state.step, evaluate())
-            if is_due(state.step, options.save_every, plan.total_steps):
-                save_checkpoint(plan.run_dir, state.step, parts, dataclasses.asdict(state),
+            if clock.due(state.step):
+                save_checkpoint(plan.run_dir, state.step, parts,
+                                {**dataclasses.asdict(state), "loop": dataclasses.asdict(skips)},
                                 options.keep_checkpoints)
+                clock.saved()
     finally:
         run.close()
     return state

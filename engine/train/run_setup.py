@@ -1,13 +1,22 @@
-"""What every stage does before building its models: join torchrun's process group (if any), seed
-the RNGs, pick the device and the parameter dtype, load the tokenizer."""
+"""What every stage does before building its models: check what the user named (model directories,
+input files, the output directory, the device), join torchrun's process group (if any), seed the
+RNGs, pick the parameter dtype (train.precision), load the tokenizer.
+
+The checks come first and are cheap, so a wrong path or an unwritable output_dir is a one-line
+usage error (engine/errors.py) before anything slow happens, never after the models are loaded.
+"""
 from __future__ import annotations
 
 import random
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..config.train import RunConfig
+from ..errors import UsageError
+from ..model.hf_io import CONFIG_FILE, load_config
 from . import distributed
 from .precision import param_dtype, resolve_precision
 
@@ -17,28 +26,76 @@ class RunContext:
     device: torch.device
     dtype: torch.dtype       # of the models' parameters (train.precision)
     tokenizer: object
+    configs: dict            # {option: ModelConfig} of the model directories checked
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The device of `name` (default: cuda when available); a bare "cuda" under torchrun is this
-    rank's GPU, cuda:LOCAL_RANK."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None and distributed.world_size() > 1:
-        device = torch.device("cuda", distributed.local_rank())
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available")
+def resolve_device(name: str | None, option: str = "train.device") -> torch.device:
+    """`name` as a torch device (default: cuda when available); a CUDA device without one is an error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"{option}={name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{option}={name!r} but no CUDA GPU is available to torch "
+                             f"(use {option}=cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{option}={name!r} but only {torch.cuda.device_count()} GPU(s) are visible")
     return device
 
 
-def start_run(seed: int, options: RunConfig, tokenizer_dir: str) -> RunContext:
-    """Join torchrun's process group when launched by it; seed python's and torch's RNGs with `seed`
-    (the same on every rank: models are built identically before sharding); the device and dtype
-    of `options` (the stage's `train` section); the tokenizer of tokenizer_dir."""
+def check_model_dir(path, option: str):
+    """`path` must be a Hugging Face model directory (with config.json) of a supported architecture;
+    returns its ModelConfig (read from config.json alone: no weights are loaded)."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{option}={path}: no such directory (expected a Hugging Face model directory)")
+    if not p.is_dir() or not (p / CONFIG_FILE).is_file():
+        raise UsageError(f"{option}={path}: not a Hugging Face model directory (no {CONFIG_FILE})")
+    return load_config(p)
+
+
+def check_input_file(path, option: str):
+    """`path` must be a readable file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{option}={path}: " + ("is a directory, expected a file" if p.is_dir()
+                                                 else "no such file"))
+
+
+def check_output_dir(path, option: str = "output_dir"):
+    """`path` must be a writable directory, or creatable as one."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{option}={path}: exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):  # the real test: permissions, read-only mounts, quotas
+            pass
+    except OSError as e:
+        raise UsageError(f"{option}={path}: not a writable directory ({e.strerror})") from None
+
+
+def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, files: dict = None) -> RunContext:
+    """Check everything first: `models` {option: model directory, or None when unused} (the first
+    one's tokenizer is the run's), `files` {option: input file or None}, output_dir and the device
+    of `options` (the stage's `train` section). Then join torchrun's process group when launched by
+    it (a bare `cuda` becomes this rank's GPU, cuda:LOCAL_RANK) and seed python's and torch's RNGs
+    with `seed` (the same on every rank: models are built identically before sharding)."""
+    configs = {option: check_model_dir(path, option) for option, path in models.items() if path}
+    for option, path in (files or {}).items():
+        if path:
+            check_input_file(path, option)
+    check_output_dir(output_dir)
+    device = resolve_device(options.device)
+    distributed.init_distributed(device.type, options.dist_timeout_s)
+    if device.type == "cuda" and device.index is None and distributed.world_size() > 1:
+        device = torch.device("cuda", distributed.local_rank())
     from transformers import AutoTokenizer  # deferred: importing transformers is slow
 
-    distributed.init_distributed(resolve_device(options.device).type, options.dist_timeout_s)
     random.seed(seed)
     torch.manual_seed(seed)
-    device = resolve_device(options.device)
     return RunContext(device, param_dtype(resolve_precision(options.precision, device)),
-                      AutoTokenizer.from_pretrained(tokenizer_dir))
+                      AutoTokenizer.from_pretrained(next(iter(models.values()))), configs)

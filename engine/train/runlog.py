@@ -3,7 +3,8 @@
 RUN_DIR/
     config.yaml       the resolved config (file + overrides + defaults) the run used; its last
                       line, a comment, records the number of ranks: `# world_size: N`
-    metrics.jsonl     one JSON object per line: {"kind": "train"|"eval"|"info", "step": ..., ...}
+    metrics.jsonl     one JSON object per line: {"kind": "train"|"eval"|"info", "step": ..., ...};
+                      one series: a run resumed at step S first drops the records past S
     tensorboard/      event files, when enabled
     checkpoints/      see engine/train/checkpoint.py
     final/            the exported model
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from ..config import io as config_io
 
 METRICS_FILE = "metrics.jsonl"
 # Shown in the progress bar, when present, in this order.
-_BAR_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "accuracy", "score_mean", "kl")
+_BAR_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "accuracy", "score_mean", "kl", "skipped_steps")
 
 
 class RunLog:
@@ -35,6 +38,7 @@ class RunLog:
         config_io.save_yaml(config, self.run_dir / "config.yaml")
         with (self.run_dir / "config.yaml").open("a", encoding="utf-8") as f:
             f.write(f"# world_size: {world_size}\n")  # a comment: the file stays loadable as a config
+        keep_series(self.run_dir / METRICS_FILE, first_step)
         self._metrics = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
         self._tb = _tensorboard_writer(self.run_dir / "tensorboard") if tensorboard else None
         self._bar = None
@@ -54,8 +58,16 @@ class RunLog:
         if self._bar is not None:
             if kind == "train":
                 self._bar.update(step - self._bar.n)
-            shown = {k: metrics[k] for k in _BAR_KEYS if k in metrics}
+            shown = {k: metrics[k] for k in _BAR_KEYS if k in metrics and (k != "skipped_steps" or metrics[k])}
             self._bar.set_postfix({f"{kind[0]}.{k}": f"{v:.4g}" for k, v in shown.items()}, refresh=True)
+
+    def notice(self, step: int, message: str):
+        """A message for the user: an info record, and a line on stderr (above the progress bar)."""
+        self.log("info", step, {"notice": message})
+        if self._bar is not None:
+            self._bar.write(f"fusedrl: {message}", file=sys.stderr)
+        else:
+            print(f"fusedrl: {message}", file=sys.stderr)
 
     def close(self):
         self._metrics.close()
@@ -71,6 +83,9 @@ class SilentLog:
     def log(self, kind: str, step: int, metrics: dict):
         pass
 
+    def notice(self, step: int, message: str):
+        pass
+
     def close(self):
         pass
 
@@ -79,6 +94,28 @@ def metrics_line(kind: str, step: int, metrics: dict) -> str:
     """One metrics.jsonl line: {"kind", "step", "time", **metrics}."""
     row = {"kind": kind, "step": step, "time": round(time.time(), 3), **_plain(metrics)}
     return json.dumps(row) + "\n"
+
+
+def keep_series(path: Path, last_step: int):
+    """Drop the records past `last_step` (all of them for a fresh start, last_step 0) from a
+    metrics file, so a resumed run continues one series instead of starting a second; atomic."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if last_step > 0 and _step_of(line) <= last_step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a torn line (a crash mid-write) sorts last, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def append_metrics(run_dir, kind: str, step: int, metrics: dict):

@@ -10,15 +10,17 @@ micro-batches (the global batch, as for one process) are split over the ranks; t
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from ..config.train import StageConfig
+from ..config.train import DataConfig, StageConfig
 from ..data.packing import epoch_batches
 from ..data.tokenization import TokenizedExample
+from ..errors import UsageError
 from . import distributed, optim
 from .checkpoint import SavedModel, Trainables
 from .loop import RunPlan, run_training
@@ -67,6 +69,13 @@ def micro_batches(examples: list[TokenizedExample], budget: int, seed: int, posi
         epoch, index = epoch + 1, 0
 
 
+def check_context(data: DataConfig, max_model_len: int) -> None:
+    """data.max_length must fit the model's context (checked from config.json before any model loads)."""
+    if data.max_length > max_model_len:
+        raise UsageError(f"data.max_length={data.max_length} exceeds the model's context of "
+                         f"{max_model_len} tokens (max_position_embeddings); set data.max_length<={max_model_len}")
+
+
 def total_steps(examples: list[TokenizedExample], cfg: StageConfig) -> int:
     """Optimizer steps of the run: train.max_steps, else whole steps in train.epochs epochs."""
     if cfg.train.max_steps:
@@ -81,7 +90,7 @@ def to_device(batch, device: torch.device):
 
 def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: StageConfig, device) -> dict:
     """One optimizer step over `batches` (this rank's share of the step's micro-batches, collated);
-    returns the step's metrics over all ranks."""
+    returns the step's metrics over all ranks (the same on every rank, so all take the same skip)."""
     step_counts = distributed.all_reduce_sum(sum((Counter(stage.counts(b)) for b in batches), Counter()))
     stats = Counter()
     optimizer.zero_grad(set_to_none=True)
@@ -91,9 +100,16 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
         stats.update(batch_stats)
     grad_norm = optim.clip_grad_norm(model, cfg.optim.max_grad_norm)
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    return {**stage.summarize(distributed.all_reduce_sum(stats), step_counts), "lr": lr, "grad_norm": grad_norm}
+    metrics = {**stage.summarize(distributed.all_reduce_sum(stats), step_counts), "lr": lr, "grad_norm": grad_norm}
+    # Both are already on the host: no extra sync.
+    if not (math.isfinite(grad_norm) and math.isfinite(metrics["loss"])):
+        optimizer.zero_grad(set_to_none=True)
+        metrics.update(skipped=True, skip_reason=f"non-finite loss or gradient (loss={metrics['loss']:.4g}, "
+                                                         f"grad_norm={grad_norm:.4g})")
+    else:
+        optimizer.step()
+    scheduler.step()  # a skipped step still uses its data and its place in the schedule
+    return metrics
 
 
 @torch.no_grad()
@@ -114,9 +130,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
     """Train `model` in place for the configured steps, resuming from the newest checkpoint in
     cfg.output_dir when train.resume is set. Returns the final state. Under torchrun `model` is
     sharded in place (export it with distributed.write_once)."""
-    if cfg.data.max_length > model.config.max_model_len:
-        raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's max_model_len "
-                         f"{model.config.max_model_len}")
+    check_context(cfg.data, model.config.max_model_len)
     share = distributed.split_evenly(cfg.optim.grad_accum_steps, "optim.grad_accum_steps")
     distributed.shard(model, cfg.train.data_parallel)
     model.train()

@@ -14,10 +14,16 @@ def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 30
     path = tmp_path / f"{command}-{nproc}.yaml"
     config_io.save_yaml(config, path)
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            shutil.which("fusedrl"), command, "--config", str(path), *overrides]
+            _fusedrl_command(), command, "--config", str(path), *overrides]
     # One thread per rank: the ranks share the test machine's cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _fusedrl_command() -> str:
+    """The installed `fusedrl` script: on PATH, or beside this interpreter (a venv not activated)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "fusedrl")
+    return shutil.which("fusedrl") or beside
 
 
 def check(result) -> None:

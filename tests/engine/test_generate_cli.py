@@ -4,6 +4,7 @@ import json
 import pytest
 
 from fusedrl.engine import LLM, SamplingParams, cli
+from fusedrl.engine.errors import UsageError
 
 
 def parse(argv):
@@ -34,5 +35,5 @@ def test_memory_argument_reads_bytes_or_a_fraction():
 
 def test_generate_without_prompts_fails_clearly(qwen2_dir):
     args = parse(["generate", "--model", str(qwen2_dir)])
-    with pytest.raises(SystemExit, match="--prompt"):
+    with pytest.raises(UsageError, match="--prompt"):
         args.run(args)

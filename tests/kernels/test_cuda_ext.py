@@ -140,7 +140,7 @@ def step(logits, labels, logp_old, mask):
     kl_pen = ops.cuda_kl_penalty_fwd(logp, logp_old, mask, 2)
     adv, _ = ops.cuda_gae(-kl_pen.detach(), logp_old, mask, 1.0, 0.95)
     weights = ppo_loss.row_weights(mask, "token-mean")
-    loss, _, stats = ops.cuda_ppo_policy_loss(logp, logp_old, adv, mask, weights, 0.2, 0.2, 0.0, True)
+    loss, _, stats = ops.cuda_ppo_policy_loss(logp, logp_old, adv, mask, weights, 0.2, 0.2, 0.0, 20.0, True)
     vloss, _, _ = ops.cuda_ppo_value_loss(logp, logp_old, adv, mask, weights, 0.2, True)
     return loss + vloss + kl_pen.sum() - entropy.sum(), stats
 

@@ -57,6 +57,16 @@ def test_matches_reference(vocab, dtype, fused_backend):
     check_against_reference(fused_backend, logits, labels)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("vocab", [9, 17, 50257])
+def test_unaligned_rows_take_head_body_and_tail(vocab, dtype, fused_backend):
+    # V not a multiple of 16 bytes' worth of elements: rows start at every alignment, so each has
+    # a head, an aligned body and a tail (a 9-wide bf16 row may have no body at all).
+    lead = (3,) if vocab > 10000 else (9,)
+    logits, labels = make_inputs(lead, vocab, dtype, ignore_frac=0.3)
+    check_against_reference(fused_backend, logits, labels)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.6, 1.7])
 def test_temperature(temperature, dtype, fused_backend):

@@ -8,7 +8,7 @@ from fusedrl.kernels import ppo_policy_loss, ppo_value_loss, reference, use_back
 from kernel_testing import DEVICE, FUSED_BACKENDS, ULP, assert_close, needs_triton, rand_mask
 
 pytestmark = needs_triton
-AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum", "seq-mean-token-sum-norm"]
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS + ["torch"])

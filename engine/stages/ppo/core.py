@@ -14,13 +14,24 @@ from dataclasses import dataclass
 
 import torch
 
-from ....kernels import gae, masked_whiten
+from ....kernels import gae, group_advantages, masked_whiten
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
     """mask [R, T] -> index of each row's last True [R] (0 for an empty row; see has_valid)."""
     steps = torch.arange(mask.shape[-1], device=mask.device)
     return torch.where(mask.bool(), steps, -1).amax(dim=-1).clamp_min(0)
+
+
+
+def finite_rows(scores: torch.Tensor, group_size: int | None = None) -> list[int]:
+    """Indices of the rows to keep: those whose score is finite, or with `group_size`, the rows of
+    the groups (consecutive runs of group_size rows: one prompt's samples) whose every score is:
+    with a group estimator one non-finite score spoils its whole group's baseline."""
+    finite = torch.isfinite(scores)
+    if group_size is not None:
+        finite = finite.view(-1, group_size).all(dim=-1).repeat_interleave(group_size)
+    return finite.nonzero().flatten().tolist()
 
 
 def shape_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -56,6 +67,14 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: to
     return advantages, returns
 
 
+def group_token_advantages(scores: torch.Tensor, mask: torch.Tensor, n: int, estimator: str) -> torch.Tensor:
+    """Critic-free advantages [R, T]: the group estimator over each prompt's n scores (rows g*n ..
+    g*n + n - 1 are prompt g), each row's advantage on every one of its valid tokens.
+    scores [R], mask [R, T] -> fp32 [R, T], 0 off the mask."""
+    per_row = group_advantages(scores.view(-1, n), estimator=estimator).reshape(-1)    # [R]
+    return torch.where(mask.bool(), per_row[:, None], 0.0)
+
+
 @dataclass
 class KLController:
     """The KL penalty coefficient beta. Fixed when ``target`` is None; otherwise adaptive (Ziegler et
@@ -75,7 +94,7 @@ class KLController:
 
     def update(self, measured_kl: float, n_samples: int) -> float:
         """Feed the KL measured over ``n_samples`` sequences; returns the new coefficient."""
-        if self.target is not None and math.isfinite(measured_kl):
+        if self.target is not None and math.isfinite(measured_kl):  # a NaN KL says nothing about beta
             error = min(max(measured_kl / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + error * n_samples / self.horizon
         return self.value
@@ -95,10 +114,12 @@ class RunningMoments:
         return math.sqrt(self.m2 / self.count) if self.count else 1.0
 
     def update(self, scores: torch.Tensor) -> None:
-        n = scores.numel()
+        """Add the batch's finite scores (a NaN or inf would poison the moments for good)."""
+        batch = scores.detach().double().flatten()
+        batch = batch[torch.isfinite(batch)]
+        n = batch.numel()
         if n == 0:
             return
-        batch = scores.detach().double()
         batch_mean, batch_m2 = batch.mean().item(), ((batch - batch.mean()) ** 2).sum().item()
         total = self.count + n
         delta = batch_mean - self.mean

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
+import os
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,6 +27,7 @@ from ...config.ppo import PPOConfig
 from ...config.train import DataConfig
 from ...data.loading import load_examples, load_prompts
 from ...data.packing import collate_sft, epoch_order
+from ...errors import FusedRLError, UsageError
 from ...inference.hybrid_actor import HybridActor
 from ...model.hf_io import load_model, save_model
 from ...model.reward_model import load_reward_model
@@ -36,6 +40,7 @@ from ...train.run_setup import start_run
 from ...train.supervised import DataPosition, micro_batches, to_device
 from ..sft import sft_loss
 from .core import KLController, RunningMoments
+from .sampling import draw_samples, sample_and_score
 from .update import (Optimizers, PhaseTimer, PPOModels, function_scorer, make_rollout, ppo_update,
                      reward_model_scorer)
 
@@ -44,22 +49,54 @@ class KLCeilingExceeded(StopTraining):
     """The policy drifted further from the reference than reward.kl_ceiling allows."""
 
 
-def prompt_indices(n_prompts: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
-    """The prompts of `iteration`: consecutive slices of one seeded permutation per epoch, so a
-    resumed run continues with exactly the prompts it would have seen."""
-    start, out = iteration * per_iteration, []
-    while len(out) < per_iteration:
+def check_kl(kl: float, ceiling: float | None, iteration: int) -> None:
+    """Stop the run when the KL per sequence passes reward.kl_ceiling, or is not a number at all
+    (NaN > ceiling is False, so a NaN would otherwise slip past the guard)."""
+    if not math.isfinite(kl):
+        raise KLCeilingExceeded(f"iteration {iteration}: KL to the reference is {kl}: the policy or the "
+                                "reference gives non-finite log-probs; stopping")
+    if ceiling is not None and kl > ceiling:
+        raise KLCeilingExceeded(f"iteration {iteration}: KL to the reference {kl:.4g} exceeds "
+                                f"reward.kl_ceiling={ceiling}; stopping (reward hacking guard)")
+
+
+def prompt_indices(n_prompts: int, count: int, seed: int, start: int) -> list[int]:
+    """`count` prompts from position `start` of the prompt stream: consecutive slices of one seeded
+    permutation per epoch, so a resumed run continues with exactly the prompts it would have seen."""
+    out = []
+    while len(out) < count:
         epoch, offset = divmod(start + len(out), n_prompts)
-        out += epoch_order(n_prompts, seed, epoch)[offset:offset + per_iteration - len(out)]
+        out += epoch_order(n_prompts, seed, epoch)[offset:offset + count - len(out)]
     return out
 
 
 def load_reward_fn(spec: str) -> Callable:
-    """'package.module:function' -> the function."""
+    """'package.module:function' -> the function. Modules are looked up in the current directory
+    first (as `python -m` would; the `fusedrl` script's own sys.path does not hold it), then on sys.path."""
     module, sep, name = spec.partition(":")
-    if not sep:
-        raise ValueError(f"reward_fn must look like 'module:function', got {spec!r}")
-    return getattr(importlib.import_module(module), name)
+    if not (sep and module and name):
+        raise UsageError(f"reward_fn={spec!r}: expected 'module:function'")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise UsageError(f"reward_fn={spec!r}: cannot import {module!r} ({e}); modules are looked up in the "
+                         "current directory and on PYTHONPATH") from None
+    except Exception as e:  # the user's module failed while importing
+        raise FusedRLError(f"reward_fn={spec!r}: importing {module!r} raised {type(e).__name__}: {e}") from e
+    fn = getattr(found, name, None)
+    if not callable(fn):
+        raise UsageError(f"reward_fn={spec!r}: {getattr(found, '__file__', module)} has no function {name!r}")
+    return fn
+
+
+def resolve_reward_fn(cfg: PPOConfig, reward_fn: Optional[Callable]) -> Callable:
+    """The reward function: the one passed in, else cfg.reward_fn's."""
+    fn = reward_fn or (load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None)
+    if fn is None:
+        raise UsageError("PPO needs a reward: set reward_model or reward_fn (or pass reward_fn=...)")
+    return fn
 
 
 def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_fn: Optional[Callable]
@@ -74,16 +111,14 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         rm = load_reward_model(cfg.reward_model, dtype=dtype, device=device).eval().requires_grad_(False)
         score = reward_model_scorer(rm)
     else:
-        fn = reward_fn or (load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None)
-        if fn is None:
-            raise ValueError("PPO needs a reward: set reward_model or reward_fn (or pass reward_fn=...)")
-        score = function_scorer(fn, tokenizer)
-    critic = value_head = None
+        fn = resolve_reward_fn(cfg, reward_fn)
+        score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"))
+    critic = value_head = None  # critic="none": a group estimator needs no values
     if cfg.critic == "separate":
         critic = value_model_from_reward_model(rm) if rm is not None else value_model_from_lm(policy)
         critic.requires_grad_(True).train()
         critic.gradient_checkpointing = cfg.train.gradient_checkpointing
-    else:
+    elif cfg.critic == "shared":
         value_head = shared_value_head(policy)
     for model in (policy, reference, rm, critic, value_head):
         if model is not None:  # built whole above (the critic from the whole reward model), sharded now
@@ -112,6 +147,7 @@ def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, lis
 @dataclasses.dataclass
 class PPOState:
     step: int = 0                 # iterations done
+    prompts_drawn: int = 0        # position in the prompt stream (dynamic sampling draws a varying number)
     kl_coef: float = 0.0
     moments: dict = dataclasses.field(default_factory=dict)
     ptx: dict = dataclasses.field(default_factory=lambda: dataclasses.asdict(DataPosition()))
@@ -126,7 +162,7 @@ def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, d
     if models.critic is not None:
         saved["critic"] = SavedModel(models.critic, save_value_model,
                                      lambda d: load_value_model(d, dtype=dtype, device=device))
-    else:
+    if models.value_head is not None:
         small["value_head"] = models.value_head
     return Trainables(saved, opts.all(), schedules, small)
 
@@ -154,9 +190,13 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     reward_fn: a Python scorer fn(prompt_texts, response_texts) -> floats, instead of cfg.reward_fn.
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
     """
-    run = start_run(cfg.seed, cfg.train, cfg.policy)
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, {"policy": cfg.policy, "reward_model": cfg.reward_model},
+                    {"prompts_file": cfg.prompts_file, "ptx_file": cfg.ptx_file})
     device, tokenizer = run.device, run.tokenizer
-    prompts = load_prompts(cfg.prompts_file, tokenizer, cfg.rollout.max_prompt_length)
+    if cfg.reward_model is None:  # resolved now: a wrong reward_fn is a usage error before any model loads
+        reward_fn = resolve_reward_fn(cfg, reward_fn)
+    prompts, truncated = load_prompts(cfg.prompts_file, tokenizer, cfg.rollout.max_prompt_length,
+                                      run.configs["policy"].max_model_len, cfg.rollout.truncate_prompts)
     models = build_models(cfg, device, run.dtype, tokenizer, reward_fn)
     opts, schedules = build_optimizers(models, cfg)
     state = PPOState(kl_coef=cfg.reward.kl_coef)
@@ -164,11 +204,13 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype), state,
                  iteration_step(cfg, models, opts, schedules, prompts, tokenizer, device),
                  evaluate=None if evaluate is None else lambda: evaluate(models),
-                 info={"prompts": len(prompts), "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
+                 info={"prompts": len(prompts), "truncated_prompts": truncated,
+                       "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
     final = Path(cfg.output_dir) / "final"
     distributed.write_once([models.policy], lambda: save_model(models.policy, final, source_dir=cfg.policy))
     if models.critic is not None:
-        distributed.write_once([models.critic], lambda: save_value_model(models.critic, Path(cfg.output_dir) / "final_critic"))
+        distributed.write_once([models.critic],
+                               lambda: save_value_model(models.critic, Path(cfg.output_dir) / "final_critic"))
     return final
 
 
@@ -186,20 +228,32 @@ def iteration_step(cfg, models, opts, schedules, prompts, tokenizer, device) -> 
             ptx_loss = ptx_loss_fn(cfg, tokenizer, models, state, device)
         it = state.step
         timer = PhaseTimer(device)
-        indices = prompt_indices(len(prompts), cfg.rollout.prompts_per_iteration, cfg.seed, it)
-        share = distributed.split_evenly(len(indices), "rollout.prompts_per_iteration")
-        batch = [prompts[i] for i in indices[share]]
-        rollout, metrics = make_rollout(models, batch, cfg, kl_ctl.value, moments, cfg.seed * 1_000_003 + it, timer)
-        if cfg.reward.kl_ceiling is not None and metrics["kl"] > cfg.reward.kl_ceiling:
-            raise KLCeilingExceeded(f"iteration {it}: KL to the reference {metrics['kl']:.4g} exceeds "
-                                    f"reward.kl_ceiling={cfg.reward.kl_ceiling}; stopping (reward hacking guard)")
-        with timer.phase("train"):
-            metrics.update(ppo_update(models, opts, rollout, cfg, cfg.seed + it, ptx_loss))
-        metrics["tokens_per_s_train"] = cfg.ppo.epochs * metrics["tokens"] / max(timer.seconds["train"], 1e-9)
+
+        def draw_prompts() -> list[list[int]]:
+            """This rank's share of the next prompts_per_iteration prompts of the stream."""
+            count = cfg.rollout.prompts_per_iteration
+            picked = prompt_indices(len(prompts), count, cfg.seed, state.prompts_drawn)
+            state.prompts_drawn += count
+            return [prompts[i] for i in picked[distributed.split_evenly(count, "rollout.prompts_per_iteration")]]
+
+        samples, sampling_metrics = draw_samples(
+            draw_prompts, lambda batch, seed: sample_and_score(models, batch, cfg, seed, timer), cfg,
+            cfg.seed * 1_000_003 + it)
+        rollout, metrics = make_rollout(models, samples, cfg, kl_ctl.value, moments, timer)
+        metrics.update(sampling_metrics)
         metrics["lr"] = schedules[0].get_last_lr()[0]
-        for s in schedules:
+        if rollout is None:
+            metrics["skipped"] = True
+        else:
+            check_kl(metrics["kl"], cfg.reward.kl_ceiling, it)
+            with timer.phase("train"):
+                metrics.update(ppo_update(models, opts, rollout, cfg, cfg.seed + it, ptx_loss))
+            metrics["tokens_per_s_train"] = cfg.ppo.epochs * metrics["tokens"] / max(timer.seconds["train"], 1e-9)
+            if metrics["updates"] == 0:
+                metrics.update(skipped=True, skip_reason="every minibatch had a non-finite loss or gradient")
+            kl_ctl.update(metrics["kl"], rollout.mask.shape[0] * distributed.world_size())
+            state.kl_coef, state.moments = kl_ctl.value, moments.state_dict()
+        for s in schedules:  # after the update; a skipped iteration keeps its place in the schedule too
             s.step()
-        kl_ctl.update(metrics["kl"], rollout.mask.shape[0] * distributed.world_size())
-        state.kl_coef, state.moments = kl_ctl.value, moments.state_dict()
         return {**metrics, **timer.metrics()}
     return step

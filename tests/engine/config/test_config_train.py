@@ -2,6 +2,8 @@
 import importlib.resources
 
 import pytest
+
+from fusedrl.engine.errors import UsageError
 import yaml
 
 from fusedrl.engine.config import io as config_io
@@ -32,7 +34,8 @@ def test_yaml_plus_overrides_build_nested_dataclasses(tmp_path):
     (["train.resume=1"], "train.resume: expected bool, got 1"),
     (["optim=3"], "optim: expected a mapping"),
     (["optim.lr"], "not of the form key=value"),
-    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["optim.lr=-1"], "optim.lr must be a finite number > 0"),
+    (["optim.lr=.inf"], "optim.lr must be a finite number > 0, got inf"),
     (["data.max_prompt_length=2000"], "max_prompt_length must be in"),
     (["data.format=pairwise"], "data.format for sft must be one of"),
 ])
@@ -64,7 +67,7 @@ def test_help_documents_every_option(capsys):
 
 def test_cli_rejects_unknown_keys_before_loading_anything(capsys):
     args = build_parser().parse_args(["sft", *REQUIRED, "optim.learning_rate=1"])
-    with pytest.raises(SystemExit, match="fusedrl sft: unknown config key 'optim.learning_rate'"):
+    with pytest.raises(UsageError, match="^unknown config key 'optim.learning_rate'"):
         args.run(args)
 
 

@@ -1,13 +1,16 @@
 """JSONL readers, chat rendering, truncation rules and packing."""
+import re
+
 import pytest
 
 from fusedrl.engine.data.packing import collate_rm, collate_sft, epoch_batches, pack, pack_sequences
-from fusedrl.engine.cli import main
 from fusedrl.engine.data.records import DataError, Demonstration, Ranking, parser_for, read_jsonl
-from fusedrl.engine.data.loading import split_off
+from fusedrl.engine.config.train import DataConfig
+from fusedrl.engine.data.loading import load_examples, split_off
 from fusedrl.engine.data.tokenization import TokenizedExample, render_chat, tokenize_record
 from engine_testing import EOS, make_tokenizer
 from train_testing import write_jsonl
+from cli_testing import cli_error
 
 HH_CHOSEN = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: the fox"
 HH_REJECTED = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: no"
@@ -82,6 +85,40 @@ def test_skip_malformed_counts_and_keeps_the_rest(tmp_path):
         read_jsonl(write_jsonl(tmp_path / "e.jsonl", ["x"]), parser_for("sft", "auto"), skip_malformed=True)
 
 
+def test_undecodable_bytes_are_a_file_line_error_or_skipped_and_reported(tokenizer, tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "p", "response": "r"}\n{"prompt": "caf\xff", "response": "r"}\n'
+                     b'{"prompt": "q", "response": "s"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8 \(byte 0xff at column 16\)"):
+        read_jsonl(path, parser_for("sft", "auto"))
+    examples = load_examples(DataConfig(train_file=str(path), eval_fraction=0.0, skip_malformed=True, max_length=32,
+                                        max_prompt_length=16, tokens_per_batch=64), tokenizer, "sft", 0)
+    assert len(examples.train) == 2 and examples.info["skipped_lines"] == 1
+    assert capsys.readouterr().err == (f"fusedrl: skipped 1 malformed line(s) (data.skip_malformed=true), the first: "
+                                       f"{path}:2: not valid UTF-8 (byte 0xff at column 16)\n")
+
+
+class CountingTokenizer:
+    """The test tokenizer, recording the longest text it was asked to encode."""
+
+    def __init__(self, tokenizer):
+        self.inner, self.longest = tokenizer, 0
+        self.eos_token_id, self.get_vocab = tokenizer.eos_token_id, tokenizer.get_vocab
+
+    def __call__(self, text, **kw):
+        self.longest = max(self.longest, len(text))
+        return self.inner(text, **kw)
+
+
+def test_a_huge_line_costs_what_its_kept_tokens_cost(tokenizer):
+    huge = "the quick brown fox jumps over the lazy dog " * 3000  # 130 kB of text
+    counting = CountingTokenizer(tokenizer)
+    ex = tokenize_record(counting, Demonstration(huge, huge), max_length=64, max_prompt_length=32)
+    assert ex.prompt == tokenizer(huge)["input_ids"][-32:]
+    assert ex.responses[0] == tokenizer(huge, add_special_tokens=False)["input_ids"][:32]
+    assert counting.longest <= 2 * 32 * max(map(len, tokenizer.get_vocab()))
+
+
 def test_truncation_keeps_the_prompt_end_and_cuts_the_response_end(tokenizer):
     prompt_ids = tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]
     response_ids = tokenizer(" hello world hello world", add_special_tokens=False)["input_ids"]
@@ -154,8 +191,8 @@ def test_held_out_split_is_seeded_and_disjoint():
     assert split_off(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
 
 
-def test_fusedrl_sft_reports_a_malformed_line_without_a_traceback(tokenizer, tmp_path):
-    tokenizer.save_pretrained(tmp_path / "tok")
+def test_fusedrl_sft_reports_a_malformed_line_without_a_traceback(qwen2_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}, '{"prompt": "p"}'])
-    with pytest.raises(SystemExit, match=r"^fusedrl sft: .*d\.jsonl:2: expected keys prompt\+response"):
-        main(["sft", f"model={tmp_path / 'tok'}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}"])
+    code, err = cli_error(["sft", f"model={qwen2_dir}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}",
+                           "data.max_length=64", "data.max_prompt_length=32"], capsys)
+    assert code == 1 and re.fullmatch(r"fusedrl sft: .*d\.jsonl:2: expected keys prompt\+response.*\n", err)

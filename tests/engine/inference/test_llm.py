@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from fusedrl.engine.errors import NonFiniteError
 from fusedrl.engine.inference.llm import LLM
 
 from fusedrl.engine.inference.sampling_params import SamplingParams
@@ -148,6 +149,8 @@ def test_string_prompts_are_tokenized_and_completions_decoded(qwen2_dir):
         assert completion.text == llm.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
         by_ids = llm.generate(o.prompt_token_ids, SamplingParams(temperature=0, max_new_tokens=6))
         assert by_ids[0].outputs[0].token_ids == completion.token_ids
+        undecoded = llm.generate(texts, SamplingParams(temperature=0, max_new_tokens=6), decode_text=False)
+        assert all(o.outputs[0].text is None for o in undecoded)  # rollouts skip the decode
 
 
 def test_stop_tokens_end_a_completion(qwen2_dir, reference):
@@ -164,6 +167,14 @@ def test_stop_tokens_end_a_completion(qwen2_dir, reference):
 @pytest.fixture(scope="module")
 def llm(qwen2_dir):
     return LLM(qwen2_dir, block_size=4)
+
+
+def test_non_finite_logits_are_an_error_not_token_0(qwen2_dir):
+    llm = LLM(qwen2_dir, block_size=4, kv_cache_memory=1 << 20)
+    with torch.no_grad():
+        llm.model.model.norm.weight[3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"the model's logits are not finite \(sampled log-prob nan"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4))
 
 
 def test_empty_prompt_is_rejected(llm):
@@ -299,3 +310,14 @@ def test_generation_through_the_triton_kernels_gives_the_same_tokens(qwen2_dir, 
         outputs = llm.generate(prompts[:3], params)
     assert tokens_of(outputs) == [[e[0][:6]] for e in expected[:3]]
     assert all_blocks_free(llm)
+
+
+def test_graph_batch_sizes_are_small_powers_of_two_then_every_16():
+    from fusedrl.engine.inference.runner import ModelRunner
+
+    sizes = ModelRunner.GRAPH_BATCH_SIZES
+    assert sizes[:5] == (1, 2, 4, 8, 16)
+    assert all(b - a == 16 for a, b in zip(sizes[4:], sizes[5:]))
+    assert sizes[-1] == 512
+    # 129 rows run in the 144-row graph, not the 256-row one.
+    assert min(s for s in sizes if s >= 129) == 144

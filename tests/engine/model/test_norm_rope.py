@@ -64,3 +64,18 @@ def test_rope_rotates_strided_projections_in_place():
     torch.testing.assert_close(q, torch.cat((-before[:, :32].view(4, 2, 16)[..., 8:],
                                              before[:, :32].view(4, 2, 16)[..., :8]), -1))
     assert torch.equal(qkv[:, 32:], before[:, 32:])  # the rest of the row is untouched
+
+
+def test_norm_and_rope_pack_short_rows_across_programs():
+    # 128-wide rows (Qwen3's q/k norm) go 8 to a program and 64-wide heads 16 (rope): 37 tokens x
+    # 3 heads leave the last program part-filled.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 3, 128, generator=g).to(DEVICE)
+    weight = (1 + 0.1 * torch.randn(128, generator=g)).to(DEVICE)
+    torch.testing.assert_close(add_rms_norm_triton(x, weight, 1e-6), rms_norm_torch(x, weight, 1e-6),
+                               atol=1e-5, rtol=0)
+    angles = torch.rand(37, 32, generator=g) * 6
+    cos = torch.cat((angles.cos(), angles.cos()), -1).to(DEVICE)
+    sin = torch.cat((angles.sin(), angles.sin()), -1).to(DEVICE)
+    q = x[..., :64].contiguous()
+    torch.testing.assert_close(rope_triton_(q.clone(), cos, sin), rope_torch(q, cos, sin), atol=1e-5, rtol=0)

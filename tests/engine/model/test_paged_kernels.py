@@ -115,6 +115,20 @@ def test_store_kv_writes_exactly_the_mapped_slots(store):
     assert flat_k[untouched].abs().sum() == 0 and flat_v[untouched].abs().sum() == 0
 
 
+def test_store_kv_packs_tokens_across_programs():
+    # 128-element rows go 8 tokens to a program; 21 tokens leave the last program part-filled.
+    g = torch.Generator().manual_seed(1)
+    k_cache = torch.zeros(8, 4, 2, 64, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    k, v = (torch.randn(21, 2, 64, generator=g).to(DEVICE) for _ in range(2))
+    slots = torch.randperm(32, generator=g)[:21].to(DEVICE)
+    slots[5] = -1
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    store_kv_torch(k, v, expected_k, expected_v, slots)
+    store_kv_triton(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
 def test_store_kv_rejects_mismatched_shapes():
     k = torch.zeros(2, 2, 8)
     cache = torch.zeros(3, 4, 2, 16)

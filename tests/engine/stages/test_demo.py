@@ -5,7 +5,8 @@ import random
 import pytest
 
 from fusedrl.engine import cli
-from fusedrl.engine.stages.demo import DemoConfig, corrupt, is_correct, prompt_text
+from fusedrl.engine.config.demo import DemoConfig
+from fusedrl.engine.stages.demo_task import corrupt, is_correct, prompt_text
 
 
 def test_checker_and_corruptions():
@@ -21,18 +22,33 @@ def test_checker_and_corruptions():
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     cli.main(["demo", f"output_dir={out}", "train_prompts=64", "eval_prompts=6", "sft_epochs=1",
-              "rm_epochs=1", "ppo_iterations=1", "eval_samples=2", "--quiet"])
+              "rm_epochs=1", "rl_iterations=1", "eval_samples=2", "--quiet"])
     printed = capsys.readouterr().out
     assert "PPO accuracy (held-out, sampled)" in printed
     results = json.loads((out / "results.json").read_text())
-    for key in ("sft_accuracy", "rm_heldout_accuracy", "ppo_accuracy", "ppo_mean_score", "ppo_kl"):
+    for key in ("sft_accuracy", "rm_heldout_accuracy", "rl_accuracy", "rl_mean_score", "rl_kl"):
         assert results[key] is not None
-    assert (out / "ppo" / "final" / "model.safetensors").exists()
-    assert (out / "ppo" / "plots" / "train.png").exists()
-    with pytest.raises(FileExistsError, match="overwrite=true"):
-        cli.main(["demo", f"output_dir={out}", "--quiet"])
+    assert (out / "rl" / "final" / "model.safetensors").exists()
+    assert (out / "rl" / "plots" / "train.png").exists()
+    capsys.readouterr()
+    assert cli.main(["demo", f"output_dir={out}", "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"fusedrl demo: output_dir={out} exists and is not empty; pass "
+                                       "overwrite=true or another output_dir\n")
+
+
+def test_grpo_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "grpo"
+    cli.main(["demo", "algo=grpo", f"output_dir={out}", "train_prompts=64", "eval_prompts=6", "sft_epochs=1",
+              "rl_iterations=1", "rl_prompts=4", "eval_samples=2", "--quiet"])
+    printed = capsys.readouterr().out
+    assert "GRPO accuracy (held-out, sampled)" in printed and "GRPO mean program reward" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["algo"] == "grpo" and results["rm_heldout_accuracy"] is None
+    assert not (out / "rm").exists() and (out / "rl" / "final" / "model.safetensors").exists()
 
 
 def test_demo_config_errors():
     with pytest.raises(ValueError, match="demo_noise must be in"):
         DemoConfig(demo_noise=1.0)
+    with pytest.raises(ValueError, match="algo must be one of"):
+        DemoConfig(algo="dpo")

@@ -20,6 +20,7 @@ from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.engine.stages.sft import run_sft, sft_loss, sft_stage
 from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.train.supervised import train_step
+from fusedrl.engine.errors import UsageError
 from fusedrl.engine.train.checkpoint import SavedModel, Trainables, latest_checkpoint, save_checkpoint
 from engine_testing import random_prompts
 from train_testing import demonstrations, save_tiny_model, sft_config, write_jsonl
@@ -165,5 +166,5 @@ def test_lm_head_follows_autocast_and_keeps_fp32_master_gradients(base_dir):
 def test_max_length_beyond_the_model_is_refused(base_dir, train_file, tmp_path):
     cfg = sft_config(base_dir, train_file, tmp_path, data={"max_length": 200, "max_prompt_length": 24,
                                                             "tokens_per_batch": 400})
-    with pytest.raises(ValueError, match="data.max_length=200 exceeds the model's max_model_len 128"):
+    with pytest.raises(UsageError, match="data.max_length=200 exceeds the model's context of 128"):
         run_sft(cfg)

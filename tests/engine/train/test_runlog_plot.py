@@ -3,6 +3,8 @@ import json
 
 import pytest
 
+from cli_testing import cli_error
+
 from fusedrl.engine.cli import main
 from fusedrl.engine.train.plot import curves
 from fusedrl.engine.train.runlog import RunLog, read_metrics
@@ -46,9 +48,9 @@ def test_fusedrl_plot_writes_png_curves(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(tmp_path / "plots" / n) for n in ("train.png", "eval.png")]
 
 
-def test_plot_of_a_directory_without_metrics_fails_clearly(tmp_path):
-    with pytest.raises(SystemExit, match="no metrics.jsonl"):
-        main(["plot", str(tmp_path)])
+def test_plot_of_a_directory_without_metrics_fails_clearly(tmp_path, capsys):
+    code, err = cli_error(["plot", str(tmp_path)], capsys)
+    assert code == 2 and err == f"fusedrl plot: no metrics.jsonl in {tmp_path}: not a fusedrl run directory\n"
 
 
 def test_tensorboard_events_are_written_when_asked(tmp_path):

@@ -9,8 +9,9 @@ import torch
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.value_model import value_model_from_reward_model
 from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, build_models, build_optimizers, prompt_indices, run_ppo
-from fusedrl.engine.config.ppo import LoopConfig, UpdateConfig, PPOConfig, RewardConfig, RolloutConfig
+from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, PPOConfig, RewardConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.stages.ppo.core import RunningMoments
+from fusedrl.engine.stages.ppo.sampling import sample_and_score
 from fusedrl.engine.stages.ppo.update import PhaseTimer, make_rollout, minibatch_backward, ppo_update
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
 from fusedrl.engine.stages.ppo.rollout import pack_rollout, response_logprobs
@@ -50,6 +51,13 @@ def config(root, policy_dir, prompts, name, **fields):
                      **{**defaults, **fields})
 
 
+def rollout_of(models, prompts, cfg, kl_coef, seed=0):
+    """Sample, score and build the rollout of `prompts`, as one iteration does."""
+    timer = PhaseTimer(torch.device("cpu"))
+    samples = sample_and_score(models, prompts, cfg, seed, timer)
+    return make_rollout(models, samples, cfg, kl_coef, RunningMoments(), timer)
+
+
 def test_pack_rollout_positions():
     packed = pack_rollout([[1, 2, 3], [4]], [[7, 8], [9, 10, 11]], "cpu")
     assert packed.input_ids.tolist() == [1, 2, 3, 7, 8, 4, 9, 10, 11] and packed.seqlens == [5, 4]
@@ -79,10 +87,11 @@ def test_response_logprobs_match_transformers(model_dirs):
 
 
 def test_prompt_order_is_a_resumable_stream():
-    seen = [prompt_indices(5, 3, seed=7, iteration=i) for i in range(5)]
+    seen = [prompt_indices(5, 3, seed=7, start=3 * i) for i in range(5)]
     flat = sum(seen, [])
     assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
-    assert prompt_indices(5, 3, seed=7, iteration=3) == seen[3]
+    assert prompt_indices(5, 3, seed=7, start=9) == seen[3]
+    assert prompt_indices(5, 4, seed=7, start=2) == flat[2:6]   # any count from any position
 
 
 def test_hybrid_actor_generates_from_the_trained_weights(setup):
@@ -93,13 +102,11 @@ def test_hybrid_actor_generates_from_the_trained_weights(setup):
     assert models.actor.llm.model is models.policy                     # one weight copy
     pool = models.actor.kv_pool_bytes
     opts, _ = build_optimizers(models, cfg)
-    rollout, metrics = make_rollout(models, random_prompts([4, 6]), cfg, 0.05, RunningMoments(), 0,
-                                    PhaseTimer(torch.device("cpu")))
+    rollout, metrics = rollout_of(models, random_prompts([4, 6]), cfg, 0.05)
     # The sampler's log-probs are the training forward's, from the same weights (fp32 on CPU).
     assert metrics["logprob_mismatch_max"] < 1e-4
     ppo_update(models, opts, rollout, cfg, seed=0)
-    rollout2, metrics2 = make_rollout(models, random_prompts([4, 6]), cfg, 0.05, RunningMoments(), 0,
-                                      PhaseTimer(torch.device("cpu")))
+    rollout2, metrics2 = rollout_of(models, random_prompts([4, 6]), cfg, 0.05)
     assert metrics2["logprob_mismatch_max"] < 1e-4                      # generation saw the update
     assert not torch.allclose(rollout2.old_logprobs, rollout.old_logprobs)
     assert models.actor.kv_pool_bytes == pool                            # the pool stayed as budgeted
@@ -114,8 +121,7 @@ def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
     models.score = low_id_fraction
     opts, _ = build_optimizers(models, cfg)
-    rollout, _ = make_rollout(models, random_prompts([5, 3, 7, 4], seed=10), cfg, 0.0, RunningMoments(), 0,
-                              PhaseTimer(torch.device("cpu")))
+    rollout, _ = rollout_of(models, random_prompts([5, 3, 7, 4], seed=10), cfg, 0.0)
     assert ppo_update(models, opts, rollout, cfg, seed=0)["updates"] == 1
     with torch.no_grad():
         new_logp, _, _ = models.forward(rollout.packed, cfg.rollout.temperature, with_entropy=False)
@@ -125,21 +131,26 @@ def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     assert torch.corrcoef(torch.stack([change, advantage]))[0, 1] > 0.5
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
-def test_microbatches_accumulate_the_minibatch_gradient(setup, agg):
+@pytest.mark.parametrize("agg, options", [
+    ("token-mean", {}), ("seq-mean-token-mean", {}), ("seq-mean-token-sum", {}), ("token-sum", {}),
+    ("seq-mean-token-sum-norm", {}), ("token-mean", {"is_mode": "mis", "is_low": 0.9, "is_high": 1.1}),
+    ("seq-mean-token-mean", {"ratio_level": "sequence", "is_mode": "tis", "is_level": "sequence"})])
+def test_microbatches_accumulate_the_minibatch_gradient(setup, agg, options):
     """Micro-batches of 1 and of 4 (uneven) rows give the gradient of the whole minibatch, with an
-    entropy bonus, a separate critic, uneven lengths and a row without valid tokens."""
+    entropy bonus, a separate critic, uneven lengths and a row without valid tokens, for every
+    aggregation, GSPO's ratio and the IS corrections (mis drops tokens from the counts)."""
     root, policy_dir, prompts = setup
     cfg = config(root, policy_dir, prompts, "micro", critic="separate",
-                 ppo=UpdateConfig(epochs=1, minibatch_size=6, agg=agg, ent_coef=0.05, vf_coef=0.5))
+                 ppo=UpdateConfig(epochs=1, minibatch_size=6, agg=agg, ent_coef=0.05, vf_coef=0.5, **options))
     from transformers import AutoTokenizer
     models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
     models.score = low_id_fraction
-    rollout, _ = make_rollout(models, random_prompts([4, 6]), cfg, 0.05, RunningMoments(), 0,
-                              PhaseTimer(torch.device("cpu")))
+    rollout, _ = rollout_of(models, random_prompts([4, 6]), cfg, 0.05)
     rollout.mask[2] = False                          # no valid token
     rollout.mask[0, 2:] = False                      # uneven lengths: tokens and sequences weigh apart
     rollout.mask[4, 4:] = False
+    # a sampler that disagrees with the training forward, so the IS corrections have work to do
+    rollout.sampler_logprobs = rollout.sampler_logprobs + 0.2 * torch.randn_like(rollout.sampler_logprobs)
     params = list(models.policy.parameters()) + list(models.critic.parameters())
 
     def gradient(microbatch_size):
@@ -168,11 +179,11 @@ def test_non_finite_loss_skips_the_update(setup):
     cfg = config(root, policy_dir, prompts, "nan")
     from transformers import AutoTokenizer
     models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
-                          lambda prompts, responses: [float("nan")] * len(responses))
+                          vowel_fraction)
     opts, _ = build_optimizers(models, cfg)
     before = {k: v.clone() for k, v in models.policy.state_dict().items()}
-    rollout, _ = make_rollout(models, random_prompts([4, 6]), cfg, 0.05, RunningMoments(), 0,
-                              PhaseTimer(torch.device("cpu")))
+    rollout, _ = rollout_of(models, random_prompts([4, 6]), cfg, 0.05)
+    rollout.advantages.fill_(float("nan"))  # NaN scores are dropped before this point: poison the loss itself
     metrics = ppo_update(models, opts, rollout, cfg, seed=0)
     assert metrics["updates"] == 0 and metrics["skipped_updates"] == 4      # 2 epochs x 2 minibatches
     assert all(torch.equal(before[k], v) for k, v in models.policy.state_dict().items())
@@ -186,6 +197,16 @@ def test_kl_ceiling_stops_the_run(setup):
         run_ppo(cfg)
 
 
+def run_straight_and_resumed(root, make_config, name):
+    """Two iterations straight, and one + checkpoint + a fresh resume + one; returns both finals."""
+    run_ppo(make_config(f"straight-{name}"))
+    (root / f"resumed-{name}" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(root / f"straight-{name}" / "checkpoints" / "step-00000001",
+                    root / f"resumed-{name}" / "checkpoints" / "step-00000001")
+    run_ppo(make_config(f"resumed-{name}"))
+    return [load_model(root / f"{kind}-{name}" / "final").state_dict() for kind in ("straight", "resumed")]
+
+
 @pytest.mark.parametrize("critic, precision", [("shared", "fp32"), ("separate", "fp32"), ("separate", "bf16-mixed")])
 def test_resume_equivalence(setup, critic, precision):
     """Two iterations straight == one, checkpoint, a fresh process resumes, one more. In bf16-mixed
@@ -193,15 +214,8 @@ def test_resume_equivalence(setup, critic, precision):
     root, policy_dir, prompts = setup
     loop = dict(iterations=2, save_every=1, keep_checkpoints=0, progress=False, device="cpu", precision=precision)
     name = f"{critic}-{precision}"
-    straight = config(root, policy_dir, prompts, f"straight-{name}", critic=critic, train=LoopConfig(**loop))
-    run_ppo(straight)
-    resumed = config(root, policy_dir, prompts, f"resumed-{name}", critic=critic, train=LoopConfig(**loop))
-    (root / f"resumed-{name}" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(root / f"straight-{name}" / "checkpoints" / "step-00000001",
-                    root / f"resumed-{name}" / "checkpoints" / "step-00000001")
-    run_ppo(resumed)
-    a = load_model(root / f"straight-{name}" / "final").state_dict()
-    b = load_model(root / f"resumed-{name}" / "final").state_dict()
+    a, b = run_straight_and_resumed(
+        root, lambda run: config(root, policy_dir, prompts, run, critic=critic, train=LoopConfig(**loop)), name)
     assert all(torch.equal(a[k], b[k]) for k in a)
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     assert {t.dtype for t in a.values()} == {dtype}
@@ -211,6 +225,31 @@ def test_resume_equivalence(setup, critic, precision):
     assert policy_state and all(v["exp_avg"].dtype == torch.float32 for v in policy_state.values())
     if precision == "bf16-mixed":
         assert all(v["master"].dtype == torch.float32 for v in policy_state.values())
+
+
+def test_grpo_runs_critic_free_and_resumes_exactly(setup):
+    """`fusedrl grpo`'s path: no critic, group advantages, the KL as a loss term, dynamic sampling
+    (its prompt position is part of the resumed state)."""
+    root, policy_dir, prompts = setup
+
+    def make_config(run):
+        return GRPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / run),
+                          reward_fn="test_ppo:vowel_fraction",
+                          rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
+                                                kv_cache_memory=1 << 22, dynamic_sampling=True, overlong_buffer=2),
+                          ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=3, vf_coef=0.0,
+                                           kl_loss_coef=0.01),
+                          train=LoopConfig(iterations=2, save_every=1, keep_checkpoints=0, progress=False,
+                                           device="cpu"))
+    a, b = run_straight_and_resumed(root, make_config, "grpo")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    checkpoint = root / "straight-grpo" / "checkpoints" / "step-00000002"
+    assert {p.name for p in checkpoint.iterdir()} >= {"policy", "trainer_state.pt"}
+    assert not (checkpoint / "critic").exists()                                          # no critic
+    train = [r for r in read_metrics(root / "straight-grpo") if r["kind"] == "train"]
+    assert all("kl_loss" in r and "value_loss" not in r and "sampling_rounds" in r for r in train), train
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["state"]
+    assert state["prompts_drawn"] >= 2 * 2
 
 
 def test_separate_critic_starts_from_the_reward_model(setup):

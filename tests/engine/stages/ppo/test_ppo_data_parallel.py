@@ -103,3 +103,37 @@ def test_a_rank_raising_ends_the_job_with_its_message(runs, tmp_path):
                       env={"RECORD_DIR": str(tmp_path / "rec"), "FAIL_AT": "1:0:raise"}, timeout=HANG)
     assert result.returncode != 0
     assert "RuntimeError: rank 1 fails on purpose in iteration 0" in result.stderr, result.stderr[-3000:]
+
+
+def flat_for_hello(prompts, responses):
+    """The same score for every response to a "hello" prompt (a group dynamic sampling drops), the
+    vowel fraction otherwise."""
+    return [1.0 if "hello" in p else sum(c in "aeiou" for c in r) / max(len(r), 1)
+            for p, r in zip(prompts, responses)]
+
+
+def test_critic_free_with_dynamic_sampling_keeps_ranks_in_step(tmp_path):
+    """GRPO under 2 ranks with dynamic sampling: ranks drop different groups, yet both keep as many
+    rows (the fewest any rank keeps), so they take the same updates and the job finishes."""
+    from fusedrl.engine.config.ppo import GRPOConfig
+    from fusedrl.engine.train.runlog import read_metrics
+
+    save_tiny_model(tmp_path / "policy")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ["hello world", "the quick brown",
+                                                                     "lazy dog", "fox jumps"]])
+    cfg = GRPOConfig(policy=str(tmp_path / "policy"), prompts_file=str(tmp_path / "prompts.jsonl"),
+                     output_dir=str(tmp_path / "grpo"), reward_fn="test_ppo_data_parallel:flat_for_hello",
+                     rollout=RolloutConfig(prompts_per_iteration=4, samples_per_prompt=3, max_new_tokens=6,
+                                           kv_cache_memory=1 << 22, dynamic_sampling=True,
+                                           max_sampling_rounds=2),
+                     ppo=UpdateConfig(epochs=1, minibatch_size=6, estimator="grpo", kl_loss_coef=0.01),
+                     train=LoopConfig(iterations=2, progress=False, device="cpu"))
+    check(torchrun("grpo", cfg, tmp_path, timeout=HANG))
+    rows = read_metrics(tmp_path / "grpo")
+    assert rows[0]["world_size"] == 2
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 2
+    for r in train:
+        assert r["groups_kept"] % 2 == 0 and r["groups_kept"] <= 4  # balanced: as many on each rank
+        assert len(r["tokens_per_rank"]) == 2 and r["updates"] >= 1
+    assert (tmp_path / "grpo" / "final" / "config.json").exists()

@@ -1,0 +1,140 @@
+"""Compile one recorded launch ahead of time, as the JIT would specialize it, and read the cubin.
+
+Arguments are rebuilt from the record (a CPU tensor of the recorded dtype at the recorded address
+offset modulo 16, ints and floats as recorded) and bound by Triton's own binder for the target,
+so pointer and int divisibility and the ints equal to 1 are specialized exactly as at run time.
+Runs without TRITON_INTERPRET: the kernels must be real JITFunctions.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .occupancy import occupancy
+from .streams import SHAPE_ARGS, STREAMS
+
+_PARAM = re.compile(r"ld\.param\.\w+\s+(%rd\d+),\s*\[\w+_param_(\d+)\]")
+_ADDRESS = re.compile(r"\[\s*(%rd\d+)")
+_REG = re.compile(r"%[a-z]+\d+")
+_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s")
+_SASS = re.compile(r"\b((?:LDG|STG)(?:\.[A-Z0-9_]+)*)")
+
+
+def tool(name: str) -> str:
+    """ptxas / cuobjdump as shipped in the triton wheel."""
+    import triton
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _argument(desc):
+    if "tensor" in desc:
+        dtype = getattr(torch, desc["tensor"])
+        size = torch.empty(0, dtype=dtype).element_size()
+        buffer = torch.empty(64 // size + 16, dtype=dtype)
+        # The buffer is >= 64-byte aligned: an offset of misalign bytes gives the recorded address class.
+        return buffer[desc["misalign"] // size:]
+    return next(iter(desc.values()))
+
+
+def jit_function(kernel: str):
+    module, name = kernel.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def compile_launch(record: dict, arch: int):
+    """(CompiledKernel, signature) of `record` for sm_`arch`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = jit_function(record["kernel"])
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    args = [_argument(desc) for _, desc in record["args"]]
+    kwargs = {"debug": False, **record["options"]}
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                          options=options.__dict__), signature
+
+
+def ptx_accesses(ptx: str) -> list[tuple[str, int, set]]:
+    """(kind "ld"/"st", width in bits, PTX parameter indices the address derives from) of every
+    global access, by forward data flow from each `ld.param` through the instructions that
+    compute addresses (any instruction's first register is its destination)."""
+    origins, out = {}, []
+    for text in ptx.splitlines():
+        if m := _PARAM.search(text):
+            origins[m[1]] = {int(m[2])}
+        elif m := _ACCESS.search(text):
+            address = _ADDRESS.search(text)
+            out.append((m[1], int(m[2] or 1) * int(m[3]), origins.get(address[1], set()) if address else set()))
+        elif (regs := _REG.findall(text)) and regs[0].startswith("%rd"):
+            origins[regs[0]] = set().union(*(origins.get(r, set()) for r in regs[1:]))
+    return out
+
+
+def stream_widths(kernel_name: str, signature: dict, ptx: str) -> dict:
+    """{stream: {"kind", "widths"}}: the access widths (bits) through each named stream's pointer;
+    [] if there are none (the compiler removed them)."""
+    params = [name for name, ty in signature.items() if ty != "constexpr"]  # PTX parameter order
+    accesses = ptx_accesses(ptx)
+    out = {}
+    for stream, (kind, pointer) in STREAMS.get(kernel_name, {}).items():
+        index = params.index(pointer)
+        widths = {w for k, w, src in accesses if k == kind and index in src}
+        out[stream] = {"kind": kind, "widths": sorted(widths)}
+    return out
+
+
+def cubin_resources(cubin: bytes) -> dict:
+    """Registers, spill (local) bytes, static shared memory and LDG/STG instruction kinds."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", f.name], check=True,
+                               capture_output=True, text=True).stdout
+        sass = subprocess.run([tool("cuobjdump"), "--dump-sass", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    counts = {}
+    for m in _SASS.finditer(sass):
+        counts[m[1]] = counts.get(m[1], 0) + 1
+    return {"registers": int(fields.get("REG", 0)), "spill_bytes": int(fields.get("LOCAL", 0)),
+            "stack_bytes": int(fields.get("STACK", 0)), "static_shared": int(fields.get("SHARED", 0)),
+            "sass_global": dict(sorted(counts.items()))}
+
+
+def aligned_launch(record: dict) -> bool:
+    """Every tensor 16-byte aligned and every shape argument of the kernel a multiple of 16."""
+    name = record["kernel"].split(":")[1]
+    shape_args = SHAPE_ARGS.get(name, ())
+    return all(desc.get("misalign", 0) == 0 for _, desc in record["args"]) and all(
+        desc["int"] % 16 == 0 for arg, desc in record["args"] if arg in shape_args)
+
+
+def analyze(record: dict, arch: int) -> dict:
+    """The report row of one launch on sm_`arch`: compiled or error, resources, streams, occupancy."""
+    name = record["kernel"].split(":")[1]
+    num_warps = record["options"].get("num_warps", 4)
+    row = {"kernel": name, "arch": f"sm_{arch}", "num_warps": num_warps,
+           "config": {k: v for k, v in record["options"].items() if k != "num_warps"},
+           "args": {arg: desc for arg, desc in record["args"] if "int" in desc or "tensor" in desc},
+           "aligned": aligned_launch(record)}
+    try:
+        compiled, signature = compile_launch(record, arch)
+    except Exception as e:  # a compile error is a result of the check, reported per launch
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        return row
+    row.update(cubin_resources(compiled.asm["cubin"]))
+    row["shared_bytes"] = compiled.metadata.shared
+    row["streams"] = stream_widths(name, signature, compiled.asm["ptx"])
+    row["occupancy"] = occupancy(arch, row["registers"], row["shared_bytes"], num_warps)
+    return row

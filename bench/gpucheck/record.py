@@ -1,0 +1,71 @@
+"""Record every Triton kernel launch of a workload run under TRITON_INTERPRET=1 on the CPU.
+
+A launch is reduced to what the JIT specializes on, so that distinct records are distinct
+compilations: per tensor argument its dtype and whether its address is 16-byte aligned; per int
+its value class (1, a multiple of 16, needs 64 bits, other) with one representative value; per
+float a placeholder; constexprs and launch options exactly. `compile.py` rebuilds arguments from
+this and lets Triton's own binder specialize them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+
+import torch
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        # The address modulo 16 decides tt.divisibility; a CPU tensor's offset into its buffer is the
+        # one a CUDA tensor of the same view would have (both allocators align to >= 64 bytes).
+        return {"tensor": str(value.dtype).removeprefix("torch."), "misalign": value.data_ptr() % 16}
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return {"const": value}
+    if isinstance(value, int):
+        return {"int": value}
+    if isinstance(value, float):
+        return {"float": value}
+    raise TypeError(f"unrecordable kernel argument {type(value).__name__}")
+
+
+def _int_class(value: int) -> tuple:
+    return (value == 1, value % 16 == 0, not -2 ** 31 <= value < 2 ** 31)
+
+
+def _key(kernel: str, args: list, options: dict) -> str:
+    """Launches with equal keys specialize identically: ints by class, floats by nothing."""
+    def reduce(d):
+        if "int" in d:
+            return ("int",) + _int_class(d["int"])
+        if "float" in d:
+            return ("float",)
+        return tuple(sorted(d.items()))
+    return json.dumps([kernel, [reduce(d) for _, d in args], sorted(options.items())], default=str)
+
+
+@contextlib.contextmanager
+def recording(launches: dict):
+    """Within the block, every interpreted launch is added to `launches` (key -> record):
+    {"kernel": "module:qualname", "args": [[name, description] of the positional args, in order],
+     "options": constexpr and launch keywords, "grid": programs of the first such launch}."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        names = self.arg_names
+        bound = dict(zip(names, args))
+        positional = [[n, _describe(bound[n])] for n in names if n in bound]
+        options = {k: v for k, v in kwargs.items() if k not in bound}
+        grid_size = grid(kwargs) if callable(grid) else grid
+        kernel = f"{self.fn.__module__}:{self.fn.__qualname__}"
+        record = {"kernel": kernel, "args": positional, "options": options,
+                  "grid": list(grid_size) + [1] * (3 - len(grid_size))}
+        launches.setdefault(_key(kernel, positional, options), record)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        yield launches
+    finally:
+        InterpretedFunction.run = original

@@ -1,0 +1,78 @@
+"""The representative workload whose Triton launches the static check compiles.
+
+Every public op at the headline shapes (vocabularies 151936 / 128256 / 50257, bf16 and fp32, with
+and without entropy, forward and backward); `LLM.generate` on 1-layer models with the attention
+shapes of Qwen2.5-0.5B, Qwen3-0.6B and Llama-3-8B; a training forward and backward. Rows are few
+(the interpreter runs them on the CPU): what decides specialization and block sizes is the row
+length, the dtypes and the strides, which are the real ones.
+"""
+from __future__ import annotations
+
+import torch
+
+from fusedrl import kernels
+from fusedrl.engine.inference.llm import LLM
+from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.model.causal_lm import CausalLM
+from fusedrl.engine.model.config import ModelConfig
+
+VOCABS = (151936, 128256, 50257)
+DTYPES = (torch.bfloat16, torch.float32)
+# (name, hidden, heads, kv heads, head dim, qk norm): the attention shapes that pick the kernels'
+# blocks. Intermediate size and vocabulary are cut down: they only size matmuls.
+MODELS = (("Qwen2.5-0.5B", 896, 14, 2, 64, False), ("Qwen3-0.6B", 1024, 16, 8, 128, True),
+          ("Llama-3-8B", 4096, 32, 8, 128, False))
+TOKENS = 64  # per-token streams: a multiple of 16, as real batches are
+STEPS = 1024  # GAE's time steps: a full block of the scan
+
+
+def ops(vocabs=VOCABS) -> None:
+    """Each public op forward and backward, on every dtype and vocabulary."""
+    for dtype in DTYPES:
+        for vocab in vocabs:
+            for entropy in (False, True):
+                logits = torch.randn(2, vocab, dtype=dtype, requires_grad=True)
+                out = kernels.token_logprobs(logits, torch.randint(0, vocab, (2,)), return_entropy=entropy)
+                (sum(out) if entropy else out).sum().backward()
+        x = torch.randn(TOKENS, dtype=dtype, requires_grad=True)
+        ref, mask = torch.randn(TOKENS, dtype=dtype), torch.rand(2, TOKENS // 2) > 0.2
+        for estimator in ("k1", "k3"):
+            kernels.kl_penalty(x, ref, estimator=estimator, mask=mask.flatten()).sum().backward()
+        rows = x.view(2, TOKENS // 2)
+        kernels.gae(torch.randn(2, STEPS, dtype=dtype), torch.randn(2, STEPS, dtype=dtype),
+                    torch.rand(2, STEPS) > 0.2)
+        kernels.ppo_policy_loss(rows, ref.view(2, -1), ref.view(2, -1), mask)[0].backward()
+        kernels.ppo_value_loss(rows, ref.view(2, -1), ref.view(2, -1), mask)[0].backward()
+    hidden = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(VOCABS[-1], 64, dtype=torch.bfloat16, requires_grad=True)
+    kernels.linear_token_logprobs(hidden, weight, torch.randint(0, VOCABS[-1], (4,))).sum().backward()
+
+
+def tiny_model(name: str, hidden: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool,
+               dtype=torch.bfloat16) -> CausalLM:
+    config = ModelConfig(
+        model_type="qwen3" if qk_norm else "llama", vocab_size=512, hidden_size=hidden,
+        intermediate_size=256, num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        rms_norm_eps=1e-6, max_model_len=256, tie_word_embeddings=False, qkv_bias=name.startswith("Qwen2"),
+        o_bias=False, mlp_bias=False, qk_norm=qk_norm, rope_theta=1e6)
+    model = CausalLM(config, dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def generation(models=MODELS) -> None:
+    """A prefill and a few decode steps of each model shape, paged with 16-token blocks."""
+    for shape in models:
+        llm = LLM(tiny_model(*shape), kv_cache_memory=1 << 24, use_cuda_graphs=False)
+        llm.generate([list(range(1, 20)), list(range(3, 40))],
+                     SamplingParams(max_new_tokens=3, temperature=1.0, seed=0))
+
+
+def run(quick: bool = False) -> None:
+    """The whole workload on the triton backend (the interpreter on the CPU). `quick` (CI's test):
+    one vocabulary per alignment class and the two small models, which still reach every kernel."""
+    with kernels.use_backend("triton"):
+        ops(VOCABS[1:] if quick else VOCABS)
+        generation(MODELS[:2] if quick else MODELS)

@@ -1,0 +1,107 @@
+"""Count the bytes every tensor operation reads and writes, and the host syncs, under a
+TorchDispatchMode.
+
+Rules: a view or an allocation moves nothing; an op reads each tensor input once and writes each
+tensor output once (a fused custom op, such as fusedrl::token_logprobs_fwd, is one op: its inputs
+and outputs once, whatever it does inside); gathers read only what they gather (embedding,
+index_select, index: the output plus the indices); a scatter into a buffer (index_put_,
+index_copy_) reads and writes only the values put, not the whole buffer. Host syncs: item /
+bool(tensor) / int(tensor) (aten._local_scalar_dense), nonzero and the other ops whose output size
+depends on data, tolist, cpu and numpy (patched on Tensor while counting).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+aten = torch.ops.aten
+FREE = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
+        aten.detach.default, aten.lift_fresh.default, aten.set_.source_Storage_storage_offset}
+GATHERS = {aten.embedding.default, aten.index_select.default, aten.index.Tensor}
+SCATTERS = {aten.index_put_.default, aten.index_put.default, aten.index_copy_.default,
+            aten._index_put_impl_.default}
+SYNC_OPS = {aten._local_scalar_dense.default: "item/bool", aten.nonzero.default: "nonzero",
+            aten.masked_select.default: "masked_select", aten.unique_consecutive.default: "unique",
+            aten._unique2.default: "unique", aten.repeat_interleave.Tensor: "repeat_interleave"}
+PATCHED_SYNCS = ("tolist", "cpu", "numpy")
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
+
+
+def op_bytes(func, args, kwargs, out) -> tuple[int, int]:
+    """(bytes read, bytes written) of one op by the rules above."""
+    if func in FREE or getattr(func, "is_view", False):
+        return 0, 0
+    inputs, outputs = _tensors((args, kwargs)), _tensors(out)
+    if func in GATHERS:
+        indices = [t for t in inputs if not t.is_floating_point()]
+        written = sum(map(nbytes, outputs))
+        return written + sum(map(nbytes, indices)), written
+    if func in SCATTERS:
+        put = sum(map(nbytes, inputs[1:]))  # the indices and the values, not the destination
+        values = nbytes(inputs[-1])
+        return put, values
+    return sum(map(nbytes, inputs)), sum(map(nbytes, outputs))
+
+
+class TrafficCounter(TorchDispatchMode):
+    """Within `with TrafficCounter() as c:`, c.bytes[region] = [read, written], c.syncs[kind] = n.
+    `region` is whatever c.region is when the op runs (set it from module hooks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.region = "other"
+        self.bytes = defaultdict(lambda: [0, 0])
+        self.syncs = defaultdict(int)
+        self.ops = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        read, written = op_bytes(func, args, kwargs, out)
+        entry = self.bytes[self.region]
+        entry[0] += read
+        entry[1] += written
+        self.ops[self.region] += 1
+        if func in SYNC_OPS:
+            self.syncs[SYNC_OPS[func]] += 1
+        return out
+
+    @contextlib.contextmanager
+    def python_syncs(self):
+        """Count Tensor.tolist / cpu / numpy calls (they never reach the dispatcher on a CPU tensor)."""
+        originals = {name: getattr(torch.Tensor, name) for name in PATCHED_SYNCS}
+
+        def counting(name):
+            def call(tensor, *args, **kwargs):
+                self.syncs[name] += 1
+                return originals[name](tensor, *args, **kwargs)
+            return call
+        for name in PATCHED_SYNCS:
+            setattr(torch.Tensor, name, counting(name))
+        try:
+            yield self
+        finally:
+            for name, fn in originals.items():
+                setattr(torch.Tensor, name, fn)
+
+    def attribute(self, modules: dict[str, torch.nn.Module], after: dict[str, str] | None = None):
+        """Hooks that set `region` to a module's name while it runs (and to after[name] once it
+        returns, else back to "other"). Returns the handles; remove them when done."""
+        after = after or {}
+        handles = []
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(lambda *_, n=name: setattr(self, "region", n)))
+            handles.append(module.register_forward_hook(
+                lambda *_, n=name: setattr(self, "region", after.get(n, "other"))))
+        return handles

@@ -1,0 +1,54 @@
+"""The errors a user sees as one line, and how the `fusedrl` command turns any exception into one.
+
+`FusedRLError` is a failure the user can act on (bad data, a corrupt model, a diverged run): the
+command prints `fusedrl <command>: <message>` and exits 1. `UsageError` is a mistake in what was
+asked (an option value, a path that does not exist, a device that is not there): exit 2, as for
+argparse's own errors. Any other exception is also one line (its type and message, with a hint),
+since a traceback is for developers: `--debug` or FUSEDRL_DEBUG=1 shows it instead.
+Torch-free, so the command's parsing stays light.
+"""
+from __future__ import annotations
+
+import os
+
+DEBUG_ENV = "FUSEDRL_DEBUG"
+_MAX_MESSAGE = 600  # a message longer than this (e.g. a library's dump) is cut: one line stays one line
+
+
+class FusedRLError(Exception):
+    """A user-facing failure; the CLI prints the message alone and exits with `exit_code`."""
+    exit_code = 1
+
+
+class UsageError(FusedRLError):
+    """A mistake in the command's options, arguments or paths (exit 2)."""
+    exit_code = 2
+
+
+class ModelError(FusedRLError, ValueError):
+    """A model directory that cannot be used: missing files, corrupt weights, unsupported architecture."""
+
+
+class NonFiniteError(FusedRLError, RuntimeError):
+    """NaN or inf where a number must be finite: a diverged run, a model producing NaN, a NaN to be written."""
+
+
+def debug_enabled(flag: bool = False) -> bool:
+    """--debug, or FUSEDRL_DEBUG set to anything but '', '0' or 'false'."""
+    return flag or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false")
+
+
+def one_line(error: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for any exception reaching the command's top level."""
+    if isinstance(error, FusedRLError):
+        code, message = error.exit_code, str(error)
+    elif isinstance(error, OSError) and error.filename is not None:
+        code, message = 1, f"{error.filename}: {error.strerror or error}"
+    else:
+        code = 1
+        message = (f"{type(error).__name__}: {error} (unexpected; rerun with --debug or "
+                   f"{DEBUG_ENV}=1 for the traceback)")
+    message = " ".join(message.split())
+    if len(message) > _MAX_MESSAGE:
+        message = message[:_MAX_MESSAGE] + " ..."
+    return code, message

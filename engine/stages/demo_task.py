@@ -1,0 +1,121 @@
+"""The demo's task, data and model, built from nothing: sort digits. The prompt "sort 4 1 3 1 :" is
+answered correctly by "1 1 3 4"; a program judges every answer. Everything is made here: a
+word-level Hugging Face tokenizer, a tiny random Llama, noisy demonstrations, preference pairs
+(one per kind of mistake), prompts. The recipe that trains on them is engine/stages/demo.py.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from ..config.demo import DemoConfig
+
+DIGITS = [str(d) for d in range(10)]
+SPECIAL = ["<pad>", "<s>", "</s>"]
+VOCAB = SPECIAL + ["sort", ":"] + DIGITS
+
+
+# --- the task ----------------------------------------------------------------------------------
+
+def prompt_text(digits: list[int]) -> str:
+    return "sort " + " ".join(map(str, digits)) + " :"
+
+
+def answer_text(digits: list[int]) -> str:
+    return " ".join(map(str, digits))
+
+
+def is_correct(prompt: str, response: str) -> bool:
+    """The program's judgement: the response lists the prompt's digits in ascending order."""
+    digits = [int(t) for t in prompt.split() if t.isdigit()]
+    return response.split() == [str(d) for d in sorted(digits)]
+
+
+# "add" matters: without it PPO found that a repeated last digit ("1 4 8 9 9") scored well with
+# the reward model, and accuracy fell from 85% to 46% over 100 iterations (seed 0).
+CORRUPTIONS = ("swap", "change", "drop", "add")
+
+
+def corrupt(digits: list[int], rng: random.Random, kind: str | None = None) -> list[int]:
+    """A wrong answer: the sorted digits with two unequal neighbours swapped ("swap"), one digit
+    changed ("change"), one dropped ("drop") or one inserted ("add"); a random kind when none is given."""
+    good = sorted(digits)
+    kind = kind or rng.choice(CORRUPTIONS)
+    while True:
+        bad = good[:]
+        if kind == "swap":
+            i = rng.randrange(len(bad) - 1)
+            bad[i], bad[i + 1] = bad[i + 1], bad[i]
+        elif kind == "change":
+            bad[rng.randrange(len(bad))] = rng.randrange(10)
+        elif kind == "drop":
+            del bad[rng.randrange(len(bad))]
+        else:
+            bad.insert(rng.randrange(len(bad) + 1), rng.randrange(10))
+        if bad != good:
+            return bad
+        if kind == "swap" and len(set(good)) == 1:  # nothing to swap: fall back to a change
+            kind = "change"
+
+
+def make_prompts(n: int, digits: int, rng: random.Random, exclude: set = frozenset()) -> list[list[int]]:
+    out, seen = [], set(exclude)
+    while len(out) < n:
+        p = tuple(rng.randrange(10) for _ in range(digits))
+        if p not in seen:
+            seen.add(p)
+            out.append(list(p))
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def write_data(cfg: DemoConfig, data_dir: Path) -> dict:
+    """Demonstrations (noisy), preference pairs, PPO prompts and held-out prompts as JSONL files."""
+    rng = random.Random(cfg.seed)
+    train = make_prompts(cfg.train_prompts, cfg.digits, rng)
+    held_out = make_prompts(cfg.eval_prompts, cfg.digits, rng, exclude={tuple(p) for p in train})
+    data_dir.mkdir(parents=True, exist_ok=True)
+    demos = [{"prompt": prompt_text(p), "response": " " + answer_text(
+        corrupt(p, rng) if rng.random() < cfg.demo_noise else sorted(p))} for p in train]
+    # One pair per kind of mistake and prompt, so the reward model learns to catch each of them.
+    pairs = [{"prompt": prompt_text(p), "chosen": " " + answer_text(sorted(p)),
+              "rejected": " " + answer_text(corrupt(p, rng, kind))} for p in train for kind in CORRUPTIONS]
+    return {
+        "sft": write_jsonl(data_dir / "demonstrations.jsonl", demos),
+        "rm": write_jsonl(data_dir / "preferences.jsonl", pairs),
+        "prompts": write_jsonl(data_dir / "prompts.jsonl", [{"prompt": prompt_text(p)} for p in train]),
+        "held_out": [prompt_text(p) for p in held_out],
+    }
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+def build_tokenizer():
+    """A word-level tokenizer over the task's words: a real `PreTrainedTokenizerFast`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def build_base_model(out_dir: Path, seed: int) -> str:
+    """A tiny random Llama and its tokenizer, saved as a Hugging Face directory."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=96, intermediate_size=192, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(out_dir)
+    build_tokenizer().save_pretrained(out_dir)
+    return str(out_dir)

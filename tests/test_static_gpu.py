@@ -1,0 +1,39 @@
+"""The static GPU check passes (CI enforces it): every recorded Triton launch of the quick workload
+compiles for sm_90 with no spill and 128-bit main streams at aligned shapes, except the kernels
+listed in gpucheck.streams.ALLOWED_FAILURES. sm_90 only, to keep CI's time down: the full check
+(both archs, the whole workload, the CUDA objects) is `python bench/static_gpu.py --check`, whose
+report is committed in bench/results/."""
+import pytest
+
+import static_gpu
+from gpucheck.compile import ptx_accesses
+from gpucheck.occupancy import occupancy
+
+try:
+    import triton
+except ImportError:
+    triton = None
+
+
+def test_occupancy_limits():
+    assert occupancy(90, 190, 0, 4) == {"blocks": 2, "warps": 8, "limit": "registers"}
+    assert occupancy(80, 24, 0, 8)["limit"] == "warps"
+    assert occupancy(80, 32, 100 * 1024, 4) == {"blocks": 1, "warps": 4, "limit": "shared"}
+
+
+def test_ptx_data_flow_names_the_pointer():
+    ptx = """
+    ld.param.b64 %rd1, [k_param_0];
+    ld.param.b64 %rd2, [k_param_2];
+    mul.wide.s32 %rd3, %r1, 2;
+    add.s64 %rd4, %rd1, %rd3;
+    @%p1 ld.global.v4.b32 { %r2, %r3, %r4, %r5 }, [ %rd4 + 0 ];
+    add.s64 %rd5, %rd2, %rd3;
+    st.global.b16 [ %rd5 + 0 ], { %rs1 };
+    """
+    assert ptx_accesses(ptx) == [("ld", 128, {0}), ("st", 16, {2})]
+
+
+@pytest.mark.skipif(triton is None, reason="needs triton")
+def test_static_check_passes(capsys):
+    assert static_gpu.main(["--check", "--quick", "--no-cuda", "--archs", "90"]) == 0, capsys.readouterr().err
