@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--table", type=Path, help="write the markdown table here")
     parser.add_argument("--check", action="store_true", help="exit 1 on a failure")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA backend (csrc/)")
-    parser.add_argument("--quick", action="store_true", help="the smaller workload CI's test runs")
+    parser.add_argument("--quick", action="store_true", help="a smaller workload that still reaches every kernel (a fast local check)")
     parser.add_argument("--archs", default="80,90", help="compute capabilities, e.g. 90")
     args = parser.parse_args(argv)
     archs = tuple(int(a) for a in args.archs.split(","))

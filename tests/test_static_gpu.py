@@ -1,8 +1,8 @@
-"""The static GPU check passes (CI enforces it): every recorded Triton launch of the quick workload
-compiles for sm_90 with no spill and 128-bit main streams at aligned shapes, except the kernels
-listed in gpucheck.streams.ALLOWED_FAILURES. sm_90 only, to keep CI's time down: the full check
-(both archs, the whole workload, the CUDA objects) is `python bench/static_gpu.py --check`, whose
-report is committed in bench/results/."""
+"""The static GPU check passes (CI enforces it): every recorded Triton launch of the whole workload
+compiles for sm_80 and sm_90 with no spill and 128-bit main streams at aligned shapes, except the
+kernels listed in gpucheck.streams.ALLOWED_FAILURES (about a minute on 2 cores). The CUDA objects
+are left to `python bench/static_gpu.py --check`, whose report is committed in bench/results/;
+.ci/run also runs the Triton check under triton 3.6, the GPU image's."""
 import pytest
 
 import static_gpu
@@ -36,4 +36,4 @@ def test_ptx_data_flow_names_the_pointer():
 
 @pytest.mark.skipif(triton is None, reason="needs triton")
 def test_static_check_passes(capsys):
-    assert static_gpu.main(["--check", "--quick", "--no-cuda", "--archs", "90"]) == 0, capsys.readouterr().err
+    assert static_gpu.main(["--check", "--no-cuda"]) == 0, capsys.readouterr().err

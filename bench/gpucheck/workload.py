@@ -71,7 +71,7 @@ def generation(models=MODELS) -> None:
 
 
 def run(quick: bool = False) -> None:
-    """The whole workload on the triton backend (the interpreter on the CPU). `quick` (CI's test):
+    """The whole workload on the triton backend (the interpreter on the CPU). `quick` (a fast local check):
     one vocabulary per alignment class and the two small models, which still reach every kernel."""
     with kernels.use_backend("triton"):
         ops(VOCABS[1:] if quick else VOCABS)
