@@ -28,19 +28,20 @@ def flash_attn():
 
 def use_flash_attn(x: torch.Tensor) -> bool:
     """flash-attn serves x: installed, CUDA, fp16/bf16 (its only dtypes)."""
-    return _flash_dtype(x) and flash_attn() is not None
+    return _cuda_half(x) and flash_attn() is not None
 
 
 def varlen_kernel(q: torch.Tensor):
     """The varlen call for q's device and dtype (see the module docstring), or None."""
     if use_flash_attn(q):
         return _flash_attn_call
-    if _flash_dtype(q):
+    if _cuda_half(q):
         return _torch_varlen_call()
     return None
 
 
-def _flash_dtype(x: torch.Tensor) -> bool:
+def _cuda_half(x: torch.Tensor) -> bool:
+    """CUDA and fp16/bf16: where the varlen flash kernels exist."""
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
