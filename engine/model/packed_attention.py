@@ -77,9 +77,11 @@ def plan_groups(seqlens_q: list[int], seqlens_k: list[int], device) -> PaddedPla
 
 
 def packed_causal_attention(q, k, v, plan: PaddedPlan, scale: float):
-    """Causal attention within each sequence of a packed batch (no cache); differentiable.
+    """Causal attention within each sequence of packed batches; differentiable.
 
-    q [N, H, D], k/v [N, Hkv, D] with the plan's sequences packed in order -> [N, H, D].
+    q [sum Lq, H, D] (the last Lq tokens of each sequence), k/v [sum Lk, Hkv, D] (all Lk tokens of
+    each sequence), sequences end to end in the plan's order -> [sum Lq, H, D]. A training pack has
+    Lq = Lk.
     """
     key_rows = plan.key_starts[plan.key_seq_ids] + plan.key_positions
     return _grouped_attention(q, k, v, key_rows, plan, scale)

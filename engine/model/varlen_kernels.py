@@ -6,15 +6,20 @@ flash-attention 2 aligns them), q [Nq, H, D], k/v [Nk, Hkv, D] -> [Nq, H, D], di
 when neither kernel serves q's device and dtype. flash-attn comes first when installed; otherwise
 torch's own `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), whose keyword arguments changed
 between releases (2.10 takes `is_causal`; later ones `window_size=(-1, 0)`, `scale` and
-`enable_gqa`), so it is adapted from its signature. Both kernels exist only on CUDA for fp16/bf16.
+`enable_gqa`), so it is adapted from its signature and, before its first use on a device and dtype,
+checked against SDPA on a small case; a torch whose kernel fails the check is not used (a warning
+says so) and attention takes the padded SDPA path. Both kernels exist only on CUDA for fp16/bf16.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import inspect
+import warnings
 
 import torch
+
+from .packed_attention import packed_causal_attention, plan_groups
 
 
 @functools.cache
@@ -36,7 +41,7 @@ def varlen_kernel(q: torch.Tensor):
     if use_flash_attn(q):
         return _flash_attn_call
     if _cuda_half(q):
-        return _torch_varlen_call()
+        return _checked_torch_varlen(q.device, q.dtype)
     return None
 
 
@@ -58,6 +63,37 @@ def _torch_varlen_call():
     except ImportError:
         return None
     return adapt_torch_varlen(varlen_attn)
+
+
+@functools.cache
+def _checked_torch_varlen(device: torch.device, dtype: torch.dtype):
+    call = _torch_varlen_call()
+    return None if call is None else checked_varlen_call(call, device, dtype)
+
+
+def checked_varlen_call(call, device, dtype):
+    """call when it runs and agrees with the padded SDPA path on two sequences (GQA, one with a
+    cached prefix, so the causal alignment is checked too); None with a warning otherwise."""
+    seqlens_q, seqlens_k = [2, 5], [6, 5]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lens), heads, 64, generator=g).to(device, dtype)
+               for lens, heads in ((seqlens_q, 4), (seqlens_k, 2), (seqlens_k, 2)))
+    cu_q, cu_k = (torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=device)
+                  for lens in (seqlens_q, seqlens_k))
+    plan = plan_groups(seqlens_q, seqlens_k, device)
+    expected = packed_causal_attention(q.float(), k.float(), v.float(), plan, 64 ** -0.5)
+    try:
+        out = call(q, k, v, cu_q, cu_k, max(seqlens_q), max(seqlens_k), 64 ** -0.5)
+    except (RuntimeError, TypeError, ValueError) as error:
+        problem = f"it raised {type(error).__name__}: {error}"
+    else:
+        # 2e-2: bf16 rounding of outputs of magnitude ~1; a wrong mask moves them by ~0.1-1.
+        if torch.allclose(out.float(), expected, atol=2e-2):
+            return call
+        problem = "its output differs from SDPA's"
+    warnings.warn(f"torch's varlen_attn is not used on {device} for {dtype} ({problem}); "
+                  "packed and prefill attention take the padded SDPA path")
+    return None
 
 
 def adapt_torch_varlen(varlen_attn):

@@ -33,6 +33,14 @@ def test_packed_matches_per_sequence_reference(lens, heads, kv_heads, dtype):
         torch.testing.assert_close(got.double(), want, atol=4 * tol, rtol=4 * tol)
 
 
+def test_packed_keys_longer_than_queries():
+    """Queries that are the last Lq of Lk packed keys (how the varlen kernels' check uses it)."""
+    seqlens_q, seqlens_k = [2, 5, 1], [6, 5, 33]
+    q, k, v = random_qkv(sum(seqlens_q), sum(seqlens_k), 4, 2, torch.float64)
+    out = packed_causal_attention(q, k, v, plan_groups(seqlens_q, seqlens_k, "cpu"), SCALE)
+    torch.testing.assert_close(out, reference_attention(q, k, v, seqlens_q, seqlens_k))
+
+
 def test_packed_sequences_do_not_see_each_other():
     lens = [6, 40, 3]
     q, k, v = random_qkv(sum(lens), sum(lens), 4, 2, torch.float64)

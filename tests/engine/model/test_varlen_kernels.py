@@ -54,3 +54,25 @@ def test_this_torch_varlen_attn_adapts():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_varlen_kernel_off_cuda(dtype):
     assert varlen_kernel(torch.zeros(1, 1, 8, dtype=dtype)) is None
+
+
+def top_left_causal(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale):
+    """A kernel that aligns the causal mask top-left: wrong for queries after a cached prefix."""
+    seqlens_q, seqlens_k = cu_seqlens_q.diff().tolist(), cu_seqlens_k.diff().tolist()
+    return torch.cat([reference_attention(qi, ki, vi, [len_q], [len_q]) for qi, ki, vi, len_q in zip(
+        q.split(seqlens_q), k.split(seqlens_k), v.split(seqlens_k), seqlens_q)]).to(q.dtype)
+
+
+def raising(*args):
+    raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+
+def test_checked_call_is_kept_when_it_agrees_with_sdpa():
+    call = adapt_torch_varlen(torch_2_13_style({}))
+    assert varlen_kernels.checked_varlen_call(call, torch.device("cpu"), torch.float32) is call
+
+
+@pytest.mark.parametrize("call,problem", [(top_left_causal, "differs"), (raising, "Ampere")])
+def test_checked_call_is_dropped_with_a_warning(call, problem):
+    with pytest.warns(UserWarning, match=problem):
+        assert varlen_kernels.checked_varlen_call(call, torch.device("cpu"), torch.float32) is None
