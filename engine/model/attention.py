@@ -5,26 +5,28 @@
   themselves; their K/V are written into the pages first.
 - decode: one new token per sequence against its pages.
 
-flash-attn is used when it is installed, on CUDA, for fp16/bf16 (its only dtypes); its paged calls take
-a block table only when the block size is a multiple of 256 (flash-attn 2's page constraint), so other
-block sizes use our Triton decode kernel. Without CUDA, everything is PyTorch (SDPA and gathers)
-unless kernels' backend override asks for Triton.
+None of them loops over sequences in Python. On CUDA in fp16/bf16 the packed and prefill steps run one
+varlen flash-attention call (flash-attn when installed, else torch's `varlen_attn`; see
+varlen_kernels.py); prefill reads the pages through flash-attn's block table when the block size is a
+multiple of 256 (flash-attn 2's page constraint), and otherwise gathers each sequence's keys from the
+pages with one index first. Elsewhere (the CPU, fp32) packed_attention.py runs a few padded SDPA calls,
+as many as there are power-of-two length groups. Decode uses flash-attn's paged call under the same
+block-size condition, else our Triton kernel on CUDA, else a PyTorch gather on the CPU (unless kernels'
+backend override asks for Triton).
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from . import paged_kernels
+from .packed_attention import PaddedPlan, packed_causal_attention, paged_prefill_attention, plan_groups
+from .varlen_kernels import flash_attn, use_flash_attn, varlen_kernel
 from ...kernels.dispatch import backend_for, requested_backend
 
 FLASH_PAGE_MULTIPLE = 256
-# Packs up to this many tokens attend in one SDPA call with an [N, N] mask (at most 4 MiB of bools).
-DENSE_PACK_TOKENS = 2048
 
 
 @dataclass
@@ -43,25 +45,14 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None  # [N] int64 cache slot of each new token, -1 = skip
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, -1 padded
     context_lens: torch.Tensor | None = None  # [B] int32 (decode)
+    # Built on first use by the padded SDPA path and shared by every layer of the forward.
+    padded_plan: PaddedPlan | None = field(default=None, repr=False)
 
     @classmethod
     def packed(cls, seqlens: list[int], device) -> "AttentionMetadata":
         """Metadata of a packed training batch of sequences with these lengths."""
         cu = torch.tensor([0] + seqlens, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return cls(seqlens_q=list(seqlens), seqlens_k=list(seqlens), cu_seqlens_q=cu, cu_seqlens_k=cu)
-
-
-@functools.cache
-def _flash_attn():
-    """The flash_attn module, or None when it is not installed."""
-    if importlib.util.find_spec("flash_attn") is None:
-        return None
-    import flash_attn
-    return flash_attn
-
-
-def _use_flash(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _flash_attn() is not None
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -87,55 +78,45 @@ def varlen_attention(q, k, v, meta: AttentionMetadata):
     q [N, H, D], k/v [N, Hkv, D] -> [N, H, D]. Differentiable (training forward).
     """
     scale = q.shape[-1] ** -0.5
-    if _use_flash(q):
+    kernel = varlen_kernel(q)
+    if kernel is not None:
         max_len = max(meta.seqlens_q)
-        return _flash_attn().flash_attn_varlen_func(
-            q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, max_len, max_len, softmax_scale=scale,
-            causal=True)
+        return kernel(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, max_len, max_len, scale)
     lens = meta.seqlens_q
-    if len(set(lens)) == 1:  # equal lengths (e.g. a batch of same-length prompts): one batched call
-        return _sdpa(*(x.unflatten(0, (len(lens), lens[0])) for x in (q, k, v)), scale).flatten(0, 1)
-    if q.shape[0] <= DENSE_PACK_TOKENS:
-        # A small pack of many short sequences (RL rollouts): one call with a block-diagonal causal
-        # mask beats a Python loop of tiny calls, forward and backward (measured on 2 CPU cores:
-        # ~2x for 60 sequences of 1-15 tokens).
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-            attn_mask=_block_causal_mask(lens, q.device), scale=scale, enable_gqa=True)
-        return out[0].transpose(0, 1)
-    # Otherwise one SDPA call per sequence: no [N, N] block-diagonal mask to build.
-    outs = [_sdpa(qi[None], ki[None], vi[None], scale)[0]
-            for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens))]
-    return torch.cat(outs)
+    if len(set(lens)) == 1:  # equal lengths (a batch of same-length prompts): a view, no gathers
+        batch = [x.unflatten(0, (len(lens), lens[0])).transpose(1, 2) for x in (q, k, v)]  # [B, H, L, D]
+        out = F.scaled_dot_product_attention(*batch, is_causal=True, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).flatten(0, 1)
+    return packed_causal_attention(q, k, v, _padded_plan(meta, q.device), scale)
 
 
 def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata):
     """New tokens attend to their cached prefix and to themselves. K/V must already be stored.
 
-    q [N, H, D], k/v [N, Hkv, D] (the new tokens), caches [num_blocks, block_size, Hkv, D].
+    q [N, H, D], k/v [N, Hkv, D] (the new tokens), caches [num_blocks, block_size, Hkv, D] -> [N, H, D].
     """
     if meta.seqlens_q == meta.seqlens_k:  # nothing cached: attend to the fresh K/V directly
         return varlen_attention(q, k, v, meta)
     scale = q.shape[-1] ** -0.5
     block_size = k_cache.shape[1]
-    if _use_flash(q) and block_size % FLASH_PAGE_MULTIPLE == 0:
-        return _flash_attn().flash_attn_varlen_func(
-            q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, max(meta.seqlens_q),
-            max(meta.seqlens_k), softmax_scale=scale, causal=True, block_table=meta.block_tables)
-    outs = []
-    for i, (qi, len_k) in enumerate(zip(q.split(meta.seqlens_q), meta.seqlens_k)):
-        blocks = meta.block_tables[i, : -(-len_k // block_size)].long()
-        ki = k_cache[blocks].flatten(0, 1)[:len_k]  # [len_k, Hkv, D]
-        vi = v_cache[blocks].flatten(0, 1)[:len_k]
-        outs.append(_sdpa(qi[None], ki[None], vi[None], scale)[0])
-    return torch.cat(outs)
+    max_q, max_k = max(meta.seqlens_q), max(meta.seqlens_k)
+    if use_flash_attn(q) and block_size % FLASH_PAGE_MULTIPLE == 0:
+        return flash_attn().flash_attn_varlen_func(
+            q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, max_q, max_k,
+            softmax_scale=scale, causal=True, block_table=meta.block_tables)
+    kernel = varlen_kernel(q)
+    if kernel is not None:
+        slots = _packed_key_slots(meta, block_size)  # [sum(seqlens_k)]
+        keys, values = k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
+        return kernel(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, max_q, max_k, scale)
+    return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, _padded_plan(meta, q.device), scale)
 
 
 def decode_attention(q, k_cache, v_cache, meta: AttentionMetadata):
     """One query token per sequence over its pages: q [B, H, D] -> [B, H, D]."""
     scale = q.shape[-1] ** -0.5
-    if _use_flash(q) and k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0:
-        out = _flash_attn().flash_attn_with_kvcache(
+    if use_flash_attn(q) and k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0:
+        out = flash_attn().flash_attn_with_kvcache(
             q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
             block_table=meta.block_tables, softmax_scale=scale, causal=True)
         return out.squeeze(1)
@@ -145,24 +126,18 @@ def decode_attention(q, k_cache, v_cache, meta: AttentionMetadata):
     return paged_kernels.paged_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
 
 
-def _block_causal_mask(lens: list[int], device) -> torch.Tensor:
-    """[N, N] bool: token i attends to token j iff both are in the same sequence and j <= i."""
-    seq = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
-    pos = torch.arange(seq.shape[0], device=device)
-    return (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+def _padded_plan(meta: AttentionMetadata, device) -> PaddedPlan:
+    """The padded SDPA path's grouping of this batch, built once per forward."""
+    if meta.padded_plan is None:
+        meta.padded_plan = plan_groups(meta.seqlens_q, meta.seqlens_k or meta.seqlens_q, device)
+    return meta.padded_plan
 
 
-def _sdpa(q, k, v, scale):
-    """Causal SDPA of sequences whose Lq queries are the last of their Lk keys.
-
-    q [B, Lq, H, D], k/v [B, Lk, Hkv, D] -> [B, Lq, H, D].
-    """
-    len_q, len_k = q.shape[1], k.shape[1]
-    mask = None
-    if len_q != len_k:  # queries sit at the end: bottom-right aligned causal mask
-        rows = torch.arange(len_q, device=q.device)[:, None] + (len_k - len_q)
-        mask = torch.arange(len_k, device=q.device)[None, :] <= rows
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-        is_causal=mask is None, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2)
+def _packed_key_slots(meta: AttentionMetadata, block_size: int) -> torch.Tensor:
+    """[sum(seqlens_k)] int64 cache slot of every key of every sequence, sequences end to end."""
+    total, cu_k = sum(meta.seqlens_k), meta.cu_seqlens_k.long()
+    # Sequence of each key; output_size spares repeat_interleave a device sync.
+    seq = torch.repeat_interleave(torch.arange(len(meta.seqlens_k), device=cu_k.device), cu_k.diff(),
+                                  output_size=total)
+    position = torch.arange(total, device=cu_k.device) - cu_k[seq]
+    return meta.block_tables[seq, position // block_size].long() * block_size + position % block_size

@@ -191,8 +191,11 @@ class CausalLM(nn.Module):
         if max(seqlens) > self.config.max_model_len:
             raise ValueError(f"a sequence of {max(seqlens)} tokens exceeds max_model_len "
                              f"{self.config.max_model_len}")
-        positions = torch.cat([torch.arange(n, device=input_ids.device) for n in seqlens])
-        return self(input_ids, positions, AttentionMetadata.packed(seqlens, input_ids.device))
+        meta = AttentionMetadata.packed(seqlens, input_ids.device)
+        starts = meta.cu_seqlens_q[:-1].long().repeat_interleave(  # [N] start of each token's sequence
+            torch.tensor(seqlens, device=input_ids.device), output_size=input_ids.shape[0])
+        positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
+        return self(input_ids, positions, meta)
 
     def compute_logits(self, hidden):
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""

@@ -1,0 +1,121 @@
+"""The CUDA varlen flash-attention kernels we can call, behind one signature.
+
+`varlen_kernel(q)` gives `call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale)`: causal
+attention of packed sequences whose queries are the last of their keys (bottom-right aligned, as
+flash-attention 2 aligns them), q [Nq, H, D], k/v [Nk, Hkv, D] -> [Nq, H, D], differentiable; or None
+when neither kernel serves q's device and dtype. flash-attn comes first when installed; otherwise
+torch's own `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), whose keyword arguments changed
+between releases (2.10 takes `is_causal`; later ones `window_size=(-1, 0)`, `scale` and
+`enable_gqa`), so it is adapted from its signature and, before its first use on a device and dtype,
+checked against SDPA on a small case; a torch whose kernel fails the check is not used (a warning
+says so) and attention takes the padded SDPA path. Both kernels exist only on CUDA for fp16/bf16.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import warnings
+
+import torch
+
+from .packed_attention import packed_causal_attention, plan_groups
+
+
+@functools.cache
+def flash_attn():
+    """The flash_attn module, or None when it is not installed."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    import flash_attn as module
+    return module
+
+
+def use_flash_attn(x: torch.Tensor) -> bool:
+    """flash-attn serves x: installed, CUDA, fp16/bf16 (its only dtypes)."""
+    return _cuda_half(x) and flash_attn() is not None
+
+
+def varlen_kernel(q: torch.Tensor):
+    """The varlen call for q's device and dtype (see the module docstring), or None."""
+    if use_flash_attn(q):
+        return _flash_attn_call
+    if _cuda_half(q):
+        return _checked_torch_varlen(q.device, q.dtype)
+    return None
+
+
+def _cuda_half(x: torch.Tensor) -> bool:
+    """CUDA and fp16/bf16: where the varlen flash kernels exist."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _flash_attn_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale):
+    return flash_attn().flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale=scale, causal=True)
+
+
+@functools.cache
+def _torch_varlen_call():
+    """torch's varlen_attn adapted to our call, or None when this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return adapt_torch_varlen(varlen_attn)
+
+
+@functools.cache
+def _checked_torch_varlen(device: torch.device, dtype: torch.dtype):
+    call = _torch_varlen_call()
+    return None if call is None else checked_varlen_call(call, device, dtype)
+
+
+def checked_varlen_call(call, device, dtype):
+    """call when it runs and agrees with the padded SDPA path on two sequences (GQA, one with a
+    cached prefix, so the causal alignment is checked too); None with a warning otherwise."""
+    seqlens_q, seqlens_k = [2, 5], [6, 5]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lens), heads, 64, generator=g).to(device, dtype)
+               for lens, heads in ((seqlens_q, 4), (seqlens_k, 2), (seqlens_k, 2)))
+    cu_q, cu_k = (torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=device)
+                  for lens in (seqlens_q, seqlens_k))
+    plan = plan_groups(seqlens_q, seqlens_k, device)
+    expected = packed_causal_attention(q.float(), k.float(), v.float(), plan, 64 ** -0.5)
+    try:
+        out = call(q, k, v, cu_q, cu_k, max(seqlens_q), max(seqlens_k), 64 ** -0.5)
+    except (RuntimeError, TypeError, ValueError) as error:
+        problem = f"it raised {type(error).__name__}: {error}"
+    else:
+        # 2e-2: bf16 rounding of outputs of magnitude ~1; a wrong mask moves them by ~0.1-1.
+        if torch.allclose(out.float(), expected, atol=2e-2):
+            return call
+        problem = "its output differs from SDPA's"
+    warnings.warn(f"torch's varlen_attn is not used on {device} for {dtype} ({problem}); "
+                  "packed and prefill attention take the padded SDPA path")
+    return None
+
+
+def adapt_torch_varlen(varlen_attn):
+    """Wrap a `varlen_attn` of any released signature as our call; None when it cannot do causal."""
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        options = {"window_size": (-1, 0)}  # no left limit, no key to the right: causal
+    elif "is_causal" in params:
+        options = {"is_causal": True}
+    else:
+        return None
+    takes_scale, takes_gqa = "scale" in params, "enable_gqa" in params
+
+    def call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale):
+        if not takes_scale and scale != q.shape[-1] ** -0.5:
+            raise ValueError(f"this torch's varlen_attn has no scale argument (asked for {scale})")
+        kwargs = dict(options, scale=scale) if takes_scale else dict(options)
+        if k.shape[1] != q.shape[1]:
+            if takes_gqa:
+                kwargs["enable_gqa"] = True
+            else:  # older kernels want as many K/V heads as query heads
+                group = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, **kwargs)
+    return call

@@ -1,0 +1,78 @@
+"""torch's varlen_attn adapted across its released signatures (CPU stand-ins: the kernel is CUDA-only)."""
+import pytest
+import torch
+
+from fusedrl.engine.model import varlen_kernels
+from fusedrl.engine.model.varlen_kernels import adapt_torch_varlen, varlen_kernel
+from attention_testing import SCALE, random_qkv, reference_attention
+
+
+def stand_in(record):
+    """The attention math behind a varlen_attn, recording the keyword arguments it got."""
+    def attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kwargs):
+        record.update(kwargs, heads_k=key.shape[1])
+        return reference_attention(query, key, value, cu_seq_q.diff().tolist(), cu_seq_k.diff().tolist())
+    return attend
+
+
+def torch_2_10_style(record):
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        return stand_in(record)(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=is_causal)
+    return varlen_attn
+
+
+def torch_2_13_style(record):
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None):
+        return stand_in(record)(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                                window_size=window_size, enable_gqa=enable_gqa)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("style,expected", [
+    (torch_2_10_style, {"is_causal": True, "heads_k": 4}),  # no enable_gqa: K/V heads repeated
+    (torch_2_13_style, {"window_size": (-1, 0), "scale": SCALE, "enable_gqa": True, "heads_k": 2}),
+])
+def test_adapted_call_is_causal_with_gqa(style, expected):
+    seqlens_q, seqlens_k, record = [2, 5], [7, 5], {}
+    q, k, v = random_qkv(sum(seqlens_q), sum(seqlens_k), 4, 2, torch.float64)
+    cu_q, cu_k = (torch.tensor([0] + lens).cumsum(0).int() for lens in (seqlens_q, seqlens_k))
+    out = adapt_torch_varlen(style(record))(q, k, v, cu_q, cu_k, 5, 7, SCALE)
+    torch.testing.assert_close(out, reference_attention(q, k, v, seqlens_q, seqlens_k))
+    assert record == expected
+
+
+def test_signature_without_causal_is_not_used():
+    assert adapt_torch_varlen(lambda query, key, value, cu_seq_q, cu_seq_k, max_q, max_k: None) is None
+
+
+def test_this_torch_varlen_attn_adapts():
+    pytest.importorskip("torch.nn.attention.varlen")
+    assert varlen_kernels._torch_varlen_call() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_varlen_kernel_off_cuda(dtype):
+    assert varlen_kernel(torch.zeros(1, 1, 8, dtype=dtype)) is None
+
+
+def top_left_causal(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale):
+    """A kernel that aligns the causal mask top-left: wrong for queries after a cached prefix."""
+    seqlens_q, seqlens_k = cu_seqlens_q.diff().tolist(), cu_seqlens_k.diff().tolist()
+    return torch.cat([reference_attention(qi, ki, vi, [len_q], [len_q]) for qi, ki, vi, len_q in zip(
+        q.split(seqlens_q), k.split(seqlens_k), v.split(seqlens_k), seqlens_q)]).to(q.dtype)
+
+
+def raising(*args):
+    raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+
+def test_checked_call_is_kept_when_it_agrees_with_sdpa():
+    call = adapt_torch_varlen(torch_2_13_style({}))
+    assert varlen_kernels.checked_varlen_call(call, torch.device("cpu"), torch.float32) is call
+
+
+@pytest.mark.parametrize("call,problem", [(top_left_causal, "differs"), (raising, "Ampere")])
+def test_checked_call_is_dropped_with_a_warning(call, problem):
+    with pytest.warns(UserWarning, match=problem):
+        assert varlen_kernels.checked_varlen_call(call, torch.device("cpu"), torch.float32) is None
