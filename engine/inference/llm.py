@@ -28,7 +28,8 @@ CPU_DEFAULT_KV_BYTES = 1 << 30  # CPU has no "free memory" to take a fraction of
 @dataclass
 class Completion:
     """One sampled continuation: token_ids [T] and the fp32 log-prob of each under its sampling
-    distribution [T]; finish_reason is 'stop' (EOS or a stop token) or 'length'."""
+    distribution [T] (batch-invariant mode: under softmax(logits / temperature), unfiltered);
+    finish_reason is 'stop' (EOS or a stop token) or 'length'."""
 
     token_ids: list[int]
     logprobs: list[float]

@@ -114,3 +114,7 @@ def test_mode_arguments_are_checked():
         BatchInvariant(0)
     with pytest.raises(ValueError, match=r"seqlens=\[2, 2\] must be positive and sum to 3"):
         BatchInvariant(4).packed_hidden(None, torch.zeros(3, dtype=torch.long), [2, 2])
+    cache = torch.empty(2, 8, 1, 16)  # block size 8
+    with pytest.raises(ValueError, match="KV block size 8 != BatchInvariant.chunk_size 4"):
+        BatchInvariant(4).paged_hidden(None, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                                       None, [(cache, cache)], 1)
