@@ -14,6 +14,7 @@ import torch
 from ...data.packing import PackedBatch, pack_sequences
 from ...model.invariant import BatchInvariant
 from ...model.lm_head import lm_head_logprobs
+from ...train import distributed
 
 
 def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
@@ -43,12 +44,16 @@ def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_en
     """
     if invariant is None:
         hidden = model.forward_packed(packed.input_ids, packed.seqlens)        # [N, H]
-        head = lm_head_logprobs
+        h = hidden.index_select(0, packed.target_rows)                         # [M, H]
+        out = lm_head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
+                               with_entropy=with_entropy)
     else:
-        hidden = invariant.packed_hidden(model, packed.input_ids, packed.seqlens)
-        head = invariant.head_logprobs
-    h = hidden.index_select(0, packed.target_rows)                             # [M, H]
-    out = head(h, model.lm_head.weight, packed.target_ids, temperature=temperature, with_entropy=with_entropy)
+        # The mode reads the parameters directly, past FSDP's forward hooks: whole weights while it runs.
+        with distributed.gathered(model):
+            hidden = invariant.packed_hidden(model, packed.input_ids, packed.seqlens)
+            h = hidden.index_select(0, packed.target_rows)
+            out = invariant.head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
+                                          with_entropy=with_entropy)
     logp, entropy = out if with_entropy else (out, None)
     values = None if value_head is None else packed.to_grid(value_head(h).squeeze(-1).float())
     return packed.to_grid(logp), None if entropy is None else packed.to_grid(entropy), values
