@@ -5,6 +5,7 @@ import pytest
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, PPOConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.stages.ppo.trainer import run_ppo
 from fusedrl.engine.train.runlog import read_metrics
+from dist_testing import check, torchrun
 from invariant_testing import one_thread  # noqa: F401 (autouse fixture)
 from train_testing import save_tiny_model, write_jsonl
 
@@ -59,6 +60,19 @@ def test_grpo_with_exact_rollouts_reports_zero_mismatch_every_iteration(setup):
                      train=LoopConfig(iterations=2, progress=False, device="cpu"))
     run_ppo(cfg, reward_fn=vowel_fraction)
     assert_exact(train_rows(root, "grpo"), 2)
+
+
+def test_exact_rollouts_under_two_ranks(setup):
+    """torchrun, 2 CPU ranks, FSDP2: each rank's sampler and (gathered-weight) old forward agree to the bit."""
+    root, policy_dir, prompts = setup
+    cfg = PPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / "ranks"),
+                    reward_fn="test_ppo_exact:vowel_fraction", critic="shared",
+                    rollout=RolloutConfig(prompts_per_iteration=4, samples_per_prompt=2, max_new_tokens=6,
+                                          kv_cache_memory=1 << 22, block_size=4, exact=True),
+                    ppo=UpdateConfig(epochs=1, minibatch_size=4, is_mode="tis"),
+                    train=LoopConfig(iterations=2, progress=False, device="cpu"))
+    check(torchrun("ppo", cfg, root))
+    assert_exact(train_rows(root, "ranks"), 2)
 
 
 def test_default_rollouts_are_not_exact(setup):
