@@ -32,6 +32,9 @@ class RolloutConfig:
     ignore_eos: bool = option("sample past EOS up to max_new_tokens (fixed-length rollouts, for benchmarks)", False)
     kv_cache_memory: int = option("bytes of the paged KV pool, kept allocated through training", 1 << 28)
     block_size: int = option("tokens per KV block", 16)
+    exact: bool = option("exact on-policy: generation and the old-log-prob forward run batch-invariant "
+                         "fixed-order ops, so the sampler's log-probs equal the training forward's bit for "
+                         "bit (logprob_mismatch is 0, the IS correction a no-op); slower generation", False)
     dynamic_sampling: bool = option("DAPO dynamic sampling: drop prompt groups whose scores are all equal and "
                                     "sample more prompts until prompts_per_iteration groups are kept", False)
     max_sampling_rounds: int = option("dynamic sampling: at most this many generate rounds per iteration", 4)

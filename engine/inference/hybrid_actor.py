@@ -20,16 +20,24 @@ import torch
 
 from .llm import LLM
 from ..model.causal_lm import CausalLM
+from ..model.invariant import BatchInvariant
 from ..train import distributed
 from .sampling_params import SamplingParams
 
 
 class HybridActor:
     def __init__(self, policy: CausalLM, tokenizer=None, *, kv_cache_memory: int, block_size: int = 16,
-                 max_num_seqs: int = 256, use_cuda_graphs: bool = True):
+                 max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False):
         self.policy = policy
         self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
-                       max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and distributed.world_size() == 1)
+                       max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and distributed.world_size() == 1,
+                       batch_invariant=batch_invariant)
+
+    @property
+    def batch_invariant(self) -> BatchInvariant | None:
+        """The engine's batch-invariant mode (None when off): the trainer's old-log-prob forward runs
+        in it to reproduce the sampler's log-probs bit for bit."""
+        return self.llm.batch_invariant
 
     @property
     def kv_pool_bytes(self) -> int:

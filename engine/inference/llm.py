@@ -16,6 +16,7 @@ from ..errors import NonFiniteError
 from .block_manager import BlockManager
 from ..model.hf_io import load_model
 from ..model.causal_lm import CausalLM
+from ..model.invariant import BatchInvariant
 from .runner import ModelRunner, num_blocks_for_budget
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -27,7 +28,8 @@ CPU_DEFAULT_KV_BYTES = 1 << 30  # CPU has no "free memory" to take a fraction of
 @dataclass
 class Completion:
     """One sampled continuation: token_ids [T] and the fp32 log-prob of each under its sampling
-    distribution [T]; finish_reason is 'stop' (EOS or a stop token) or 'length'."""
+    distribution [T] (batch-invariant mode: under softmax(logits / temperature), unfiltered);
+    finish_reason is 'stop' (EOS or a stop token) or 'length'."""
 
     token_ids: list[int]
     logprobs: list[float]
@@ -55,13 +57,22 @@ class LLM:
     larger than max_num_seqs full-length sequences.
     max_num_batched_tokens: prompt tokens per prefill step (a longer lone prompt still runs).
     use_cuda_graphs: capture decode steps as CUDA graphs (CUDA only); False runs them eagerly.
+    batch_invariant: exact on-policy mode: every step runs in fixed-order ops (`model.invariant`), so a
+    token's log-prob does not depend on the batch and equals, bit for bit, what
+    `self.batch_invariant.head_logprobs(self.batch_invariant.packed_hidden(...))` gives for it; the
+    log-prob is then under softmax(logits / temperature) (top-k/top-p filter the draw only). Slower:
+    no CUDA graphs, no fused kernels; `self.batch_invariant` is the mode object (None when off).
     """
 
     def __init__(self, model_dir, dtype="auto", kv_cache_memory: int | float | None = None,
                  block_size: int = 16, device=None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 16384, use_cuda_graphs: bool = True, tokenizer=None):
+                 max_num_batched_tokens: int = 16384, use_cuda_graphs: bool = True, tokenizer=None,
+                 batch_invariant: bool = False):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be an int >= 1")
+        if not isinstance(batch_invariant, bool):
+            raise ValueError(f"batch_invariant={batch_invariant!r} must be True or False")
+        self.batch_invariant = BatchInvariant(block_size) if batch_invariant else None
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
@@ -85,7 +96,8 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs,
                                    max(max_num_batched_tokens, self.config.max_model_len),
                                    self.config.max_model_len, self.config.eos_token_ids)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs,
+                                  self.batch_invariant)
         self._next_seq_id = 0
         self._rng = random.Random()
 

@@ -13,6 +13,7 @@ import torch
 from ..model.attention import AttentionMetadata
 from ..model.config import ModelConfig
 from ..model.causal_lm import CausalLM
+from ..model.invariant import BatchInvariant
 from .sampler import sample
 from .sequence import Sequence
 
@@ -40,15 +41,20 @@ def num_blocks_for_budget(kv_cache_memory, config: ModelConfig, dtype, block_siz
 
 
 class ModelRunner:
-    """Runs prefill and decode steps of `model` over a paged KV pool of `num_blocks` blocks."""
+    """Runs prefill and decode steps of `model` over a paged KV pool of `num_blocks` blocks.
+
+    batch_invariant: run the forward, LM head and log-probs in that mode's fixed-order ops (its chunk
+    must be block_size; no CUDA graphs), so each token's log-prob is independent of the batch.
+    """
 
     # Decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits. Every 16
     # past 8, not powers of two: 129 rows would otherwise run (and pay for) the 256-row graph.
     GRAPH_BATCH_SIZES = (1, 2, 4, 8, *range(16, 513, 16))
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
-                 use_cuda_graphs: bool = True):
+                 use_cuda_graphs: bool = True, batch_invariant: BatchInvariant | None = None):
         self.model = model
+        self.batch_invariant = batch_invariant
         self.config = model.config
         self.block_size = block_size
         param = next(model.parameters())
@@ -60,12 +66,21 @@ class ModelRunner:
         self.kv_caches = [(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(c.num_layers)]
         self.max_blocks_per_seq = -(-c.max_model_len // block_size)
         self.graphs = None
-        if use_cuda_graphs and self.device.type == "cuda":
+        if use_cuda_graphs and self.device.type == "cuda" and batch_invariant is None:
             self.graphs = _DecodeGraphs(self, max_num_seqs)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
         """One step: returns the sampled token and its log-prob for each sequence."""
+        if self.batch_invariant is not None:
+            tokens, logprobs = self._run_invariant(seqs, is_prefill)
+        else:
+            tokens, logprobs = self._run_default(seqs, is_prefill)
+        # One device-to-host copy (one sync) for both: token ids < 2^53 are exact in float64.
+        host = torch.stack([tokens.double(), logprobs.double()]).tolist()
+        return [int(t) for t in host[0]], host[1]
+
+    def _run_default(self, seqs: list[Sequence], is_prefill: bool):
         if is_prefill:
             input_ids, positions, meta, last = self._prepare_prefill(seqs)
             hidden = self.model(input_ids, positions, meta, self.kv_caches)[last]
@@ -76,10 +91,22 @@ class ModelRunner:
             else:
                 hidden = self.model(input_ids, positions, meta, self.kv_caches)
         logits = self.model.compute_logits(hidden)  # [B, V] fp32
-        tokens, logprobs = sample(logits, *self._prepare_sampling(seqs))
-        # One device-to-host copy (one sync) for both: token ids < 2^53 are exact in float64.
-        host = torch.stack([tokens.double(), logprobs.double()]).tolist()
-        return [int(t) for t in host[0]], host[1]
+        return sample(logits, *self._prepare_sampling(seqs))
+
+    def _run_invariant(self, seqs: list[Sequence], is_prefill: bool):
+        """The batch-invariant step: the draw as usual (from invariant logits), the log-prob by the
+        mode's own log-softmax, the one the trainer's old log-probs use."""
+        mode, last = self.batch_invariant, None
+        if is_prefill:
+            input_ids, positions, meta, last = self._prepare_prefill(seqs)
+        else:
+            input_ids, positions, meta = self._prepare_decode(seqs)
+        hidden = mode.paged_hidden(self.model, input_ids, positions, meta, self.kv_caches,
+                                   max(s.num_tokens for s in seqs))
+        logits = mode.logits(hidden if last is None else hidden[last], self.model.lm_head.weight)  # [B, V] fp32
+        sampling = self._prepare_sampling(seqs)
+        tokens, _ = sample(logits, *sampling)
+        return tokens, mode.sampler_logprobs(logits, tokens, sampling[0])
 
     def _tensor(self, data, dtype):
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from ...data.packing import PackedBatch, pack_sequences
+from ...model.invariant import BatchInvariant
 from ...model.lm_head import lm_head_logprobs
+from ...train import distributed
 
 
 def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
@@ -31,17 +33,27 @@ def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
 
 
 def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_entropy: bool = False,
-                      value_head: torch.nn.Module | None = None):
+                      value_head: torch.nn.Module | None = None, invariant: BatchInvariant | None = None):
     """One packed forward of a causal LM over the rollout.
 
     Returns (logp [R, T], entropy [R, T] or None, values [R, T] or None): log-probs of the response
     tokens under softmax(logits / temperature) through the fused LM-head kernel, and when a value
     head sharing the trunk is given, its value at each response token's predicting position.
+    invariant: run the forward and head in that batch-invariant mode instead (no autograd needed):
+    the log-probs then equal, bit for bit, those of a sampler in the same mode.
     """
-    hidden = model.forward_packed(packed.input_ids, packed.seqlens)            # [N, H]
-    h = hidden.index_select(0, packed.target_rows)                             # [M, H]
-    out = lm_head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
-                           with_entropy=with_entropy)
+    if invariant is None:
+        hidden = model.forward_packed(packed.input_ids, packed.seqlens)        # [N, H]
+        h = hidden.index_select(0, packed.target_rows)                         # [M, H]
+        out = lm_head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
+                               with_entropy=with_entropy)
+    else:
+        # The mode reads the parameters directly, past FSDP's forward hooks: whole weights while it runs.
+        with distributed.gathered(model):
+            hidden = invariant.packed_hidden(model, packed.input_ids, packed.seqlens)
+            h = hidden.index_select(0, packed.target_rows)
+            out = invariant.head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
+                                          with_entropy=with_entropy)
     logp, entropy = out if with_entropy else (out, None)
     values = None if value_head is None else packed.to_grid(value_head(h).squeeze(-1).float())
     return packed.to_grid(logp), None if entropy is None else packed.to_grid(entropy), values

@@ -126,7 +126,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     prompts_per_rank = distributed.share(cfg.rollout.prompts_per_iteration, "rollout.prompts_per_iteration")
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory,
                         block_size=cfg.rollout.block_size,
-                        max_num_seqs=prompts_per_rank * cfg.rollout.samples_per_prompt)
+                        max_num_seqs=prompts_per_rank * cfg.rollout.samples_per_prompt,
+                        batch_invariant=cfg.rollout.exact)
     return PPOModels(policy, reference, actor, critic, value_head, score)
 
 

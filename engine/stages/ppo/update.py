@@ -50,11 +50,12 @@ class PPOModels:
     value_head: Optional[nn.Linear]     # critic="shared"
     score: Scorer                       # (prompts, responses) token ids -> scores [R]
 
-    def forward(self, packed: PackedBatch, temperature: float, with_entropy: bool):
+    def forward(self, packed: PackedBatch, temperature: float, with_entropy: bool, exact: bool = False):
         """(logp, entropy or None, values or None when critic-free) [R, T] of the policy and critic
-        on a packed rollout."""
+        on a packed rollout; exact: the policy in the actor's batch-invariant mode (rollout.exact)."""
         logp, entropy, values = response_logprobs(self.policy, packed, temperature, with_entropy=with_entropy,
-                                                  value_head=self.value_head)
+                                                  value_head=self.value_head,
+                                                  invariant=self.actor.batch_invariant if exact else None)
         if self.critic is not None:
             values = self.critic.response_values(packed)
         return logp, entropy, values
@@ -150,7 +151,7 @@ def make_rollout(models: PPOModels, samples: Samples, cfg: PPOConfig, kl_coef: f
     with timer.phase("reference"), torch.no_grad():
         ref_logp, _, _ = response_logprobs(models.reference, packed, r.temperature)
     with timer.phase("old"), torch.no_grad():
-        old_logp, entropy, old_values = models.forward(packed, r.temperature, with_entropy=True)
+        old_logp, entropy, old_values = models.forward(packed, r.temperature, with_entropy=True, exact=r.exact)
     kl = kl_penalty(old_logp, ref_logp, estimator=cfg.reward.kl_estimator, mask=mask)
     shaped = (global_stats.own_rows(moments.normalize(global_stats.gather_rows(scores))) if cfg.reward.normalize
               else scores)
@@ -169,7 +170,7 @@ def make_rollout(models: PPOModels, samples: Samples, cfg: PPOConfig, kl_coef: f
     sampler = packed.to_grid(torch.tensor([x for row in samples.sampler_logprobs for x in row], device=device))
     rollout = Rollout(packed, mask, sampler, old_logp, ref_logp, old_values, scores, rewards,
                       advantages, returns)
-    mismatch = (sampler - old_logp).abs()
+    mismatch = (sampler - old_logp).abs()  # exactly 0 with rollout.exact
     rank_tokens = distributed.all_gather(int(mask.sum()))
     g = global_stats
     metrics = {
@@ -182,6 +183,7 @@ def make_rollout(models: PPOModels, samples: Samples, cfg: PPOConfig, kl_coef: f
            {"explained_variance": g.explained_variance(old_values, returns, mask)}),
         "perplexity": math.exp(-g.masked_mean(old_logp, mask)),
         "logprob_mismatch": g.masked_mean(mismatch, mask), "logprob_mismatch_max": g.masked_max(mismatch, mask),
+        **distributed.all_reduce_sum({"logprob_mismatch_tokens": int(((mismatch != 0) & mask).sum())}),
         "tokens_per_s_generate": sum(rank_tokens) / max(timer.seconds["generate"], 1e-9),
         "tokens": sum(rank_tokens), "tokens_per_rank": rank_tokens, **dropped,
     }

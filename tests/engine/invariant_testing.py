@@ -1,0 +1,14 @@
+"""Shared by the batch-invariant mode's tests."""
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run the test on one intra-op thread: the mode's many small elementwise ops each pay an OpenMP
+    barrier with two, which on a shared 2-core runner costs ~10x the ops themselves. Results do not
+    depend on it (test_invariant_ops checks 1 against 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
