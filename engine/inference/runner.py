@@ -75,7 +75,9 @@ class ModelRunner:
                 hidden = self.graphs.replay(input_ids, positions, meta)
             else:
                 hidden = self.model(input_ids, positions, meta, self.kv_caches)
-        logits = self.model.compute_logits(hidden)  # [B, V] fp32
+        # [B, V] in the model's dtype: the fused sampler reads it as it is; an fp32 copy would
+        # write and read the logits twice more.
+        logits = self.model.lm_head(hidden)
         tokens, logprobs = sample(logits, *self._prepare_sampling(seqs))
         # One device-to-host copy (one sync) for both: token ids < 2^53 are exact in float64.
         host = torch.stack([tokens.double(), logprobs.double()]).tolist()
