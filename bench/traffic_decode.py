@@ -10,9 +10,11 @@ sequence's context) + the new KV written.
 
 The GPU path is the Triton one (`kernels.use_backend("triton")`; on the CPU under
 TRITON_INTERPRET=1): store / paged decode / add+RMSNorm / RoPE / sampler are each one custom op,
-counted by traffic_count's rules. On the CPU the fused sampler's result is computed by its torch
-oracle (the interpreter takes ~30 s per row of 151936 at top-p 0.9); the op is still counted as
-fusedrl::sample, whose bytes are its arguments and results. The prefill is not run: the KV pages
+counted by traffic_count's rules. On the CPU the results of the two ops too slow to interpret at
+this shape are computed by their torch oracles (ORACLES; measured interpreted: the sampler ~30 s a
+row at top-p 0.9, paged decode ~80 s a layer at context 256); each is still counted as its fused
+op, whose bytes depend on its arguments and results only (tests/test_traffic.py checks that the
+counts with and without the oracles are equal at a small shape). The prefill is not run: the KV pages
 are filled with random values (a decode step's bytes do not depend on them).
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fusedrl.engine.inference.sampler import sample_torch
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
+from fusedrl.engine.model.paged_kernels import paged_decode_torch
 from fusedrl.kernels import use_backend
 
 from traffic_count import TrafficCounter, weight_bytes
@@ -35,8 +38,9 @@ QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, interm
                   num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, max_model_len=1024,
                   tie_word_embeddings=True, qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False,
                   rope_theta=1e6)
-# The fused sampler's torch oracle, for CPU runs (see the module docstring).
-SAMPLER_ORACLE = {"fusedrl::sample": lambda logits, *rest: sample_torch(logits.float(), *rest)}
+# Torch oracles of the fused ops too slow to interpret at full shape (see the module docstring).
+ORACLES = {"fusedrl::sample": lambda logits, *rest: sample_torch(logits.float(), *rest),
+           "fusedrl::paged_decode": lambda *args: paged_decode_torch(*args[:6])}  # all but num_splits
 
 
 def qwen_like(layers: int, dtype: torch.dtype, device: str, **overrides) -> CausalLM:
@@ -81,14 +85,15 @@ def count_step(llm: LLM, seqs: list, stand_ins: dict) -> TrafficCounter:
 
 
 def decode_report(batch: int, layers: int, context: int, top_p: float = 1.0, path: str = "triton",
-                  dtype=torch.bfloat16, device="cpu", **overrides) -> dict:
+                  dtype=torch.bfloat16, device="cpu", oracles: bool = True, **overrides) -> dict:
     """The report of one decode step (see the module docstring). path: "triton" (the GPU path) or
-    "torch" (the CPU fallback); `overrides` change the model's shape (tests use a tiny one)."""
+    "torch" (the CPU fallback); oracles: on the CPU, compute the slow fused ops' results with
+    ORACLES; `overrides` change the model's shape (tests use a tiny one)."""
     model = qwen_like(layers, dtype, device, **overrides)
     c = model.config
     pool = batch * (-(-context // BLOCK_SIZE) + 1) * kv_bytes_per_block(c, dtype, BLOCK_SIZE)
     llm = LLM(model, kv_cache_memory=pool, block_size=BLOCK_SIZE, use_cuda_graphs=False, max_num_seqs=batch)
-    stand_ins = SAMPLER_ORACLE if path == "triton" and device == "cpu" else {}
+    stand_ins = ORACLES if oracles and path == "triton" and device == "cpu" else {}
     with use_backend(path):
         seqs = decode_batch(llm, batch, context, top_p)
         counter = count_step(llm, seqs, stand_ins)
@@ -107,7 +112,7 @@ def decode_report(batch: int, layers: int, context: int, top_p: float = 1.0, pat
     return {"shape": {"model": "Qwen2.5-0.5B-shaped", "dtype": str(dtype).removeprefix("torch."),
                       "batch": batch, "context": context, "top_p": top_p, "temperature": 1.0,
                       "counted_layers": layers, "extrapolated_layers": REAL_LAYERS, "context_tokens": tokens,
-                      "device": device, "path": path, "sampler_stand_in": bool(stand_ins)},
+                      "device": device, "path": path, "oracles": sorted(stand_ins)},
             "regions": regions, "per_layer": {"counted_mean": mean_layer, "floor": floor_layer},
             "total": {"counted": counted, "floor": floor, "ratio": counted / floor},
             "host_syncs": dict(counter.syncs)}
