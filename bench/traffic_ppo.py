@@ -16,8 +16,8 @@ P prompt and T new tokens; ids and per-token outputs at their dtypes):
 - score: W_rm + token ids read + R fp32 scores written;
 - reference: W_ref + token ids read + R x T fp32 log-probs written;
 - old: W_policy + W_critic + token ids read + R x T fp32 log-probs, entropies and values written;
-- advantages: the per-token inputs read once ([R, T] fp32: old and reference log-probs, values, the
-  mask) and rewards, advantages and returns written once;
+- advantages: the per-token inputs read once (old and reference log-probs and values, [R, T] fp32,
+  and the bool mask) and rewards, advantages and returns ([R, T] fp32) written once;
 - update: per micro-batch, W read by the forward and again by the backward and the gradient
   written (and read back to accumulate after the first micro-batch), for policy and critic; per
   minibatch, AdamW reads parameters, gradients and both moments and writes parameters and moments
@@ -89,6 +89,8 @@ def build(shape: Shape, device="cpu"):
     policy = qwen_like(shape.layers, torch.float32, device, **dict(shape.model), tie_word_embeddings=True)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     rm = reward_model_from_lm(policy).eval().requires_grad_(False)
+    # reward_model_from_lm starts the head at zero (every score 0); scores that differ, as a
+    # trained reward model's do, from a random head.
     torch.nn.init.normal_(rm.score.weight, 0, 0.02)
     critic = value_model_from_reward_model(rm).requires_grad_(True).train()
     blocks = shape.rows * (-(-(shape.prompt_len + shape.new_tokens) // 16) + 1)
@@ -121,7 +123,7 @@ def floors(shape: Shape, models: PPOModels, rm) -> dict:
             "score": weight_bytes(rm) + ids + R * 4,
             "reference": weight_bytes(models.reference) + ids + per_token,
             "old": w_policy + w_critic + ids + 3 * per_token,
-            "advantages": 4 * per_token + 3 * per_token,
+            "advantages": 3 * per_token + R * T + 3 * per_token,
             "update": micros * per_micro + accumulate + shape.minibatches * 7 * (w_policy + w_critic)}
 
 
