@@ -2,10 +2,14 @@
 TorchDispatchMode.
 
 Rules: a view or an allocation moves nothing; an op reads each tensor input once and writes each
-tensor output once (a fused custom op, such as fusedrl::token_logprobs_fwd, is one op: its inputs
-and outputs once, whatever it does inside); gathers read only what they gather (embedding,
+tensor output once, and each tensor argument it mutates (`Tensor(a!)` in its schema) once more
+(a fused custom op, such as fusedrl::token_logprobs_fwd or fusedrl::add_rms_norm, is one op: its
+inputs and outputs once, whatever it does inside); gathers read only what they gather (embedding,
 index_select, index: the output plus the indices); a scatter into a buffer (index_put_,
-index_copy_) reads and writes only the values put, not the whole buffer. Host syncs: item /
+index_copy_) reads and writes only the values put, not the whole buffer. The paged-KV ops touch
+only part of the pool they are given (PAGED_OPS): fusedrl::store_kv writes the new rows,
+fusedrl::paged_decode reads each sequence's context (and round-trips its fp32 split partials, the
+one intermediate it keeps in memory). Host syncs: item /
 bool(tensor) / int(tensor) (aten._local_scalar_dense), nonzero and the other ops whose output size
 depends on data, tolist, cpu and numpy (patched on Tensor while counting).
 """
@@ -30,6 +34,24 @@ SYNC_OPS = {aten._local_scalar_dense.default: "item/bool", aten.nonzero.default:
 PATCHED_SYNCS = ("tolist", "cpu", "numpy")
 
 
+def _store_kv_bytes(k, v, k_cache, v_cache, slot_mapping):
+    rows = nbytes(k) + nbytes(v)
+    return rows + nbytes(slot_mapping), rows
+
+
+def _paged_decode_bytes(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits):
+    batch, heads, dim = q.shape
+    row = k_cache[0, 0].numel() * k_cache.element_size()  # one token's K (or V) in this layer
+    context = int(context_lens.sum()) * 2 * row
+    partials = batch * heads * num_splits * ((1 << (dim - 1).bit_length()) + 1) * 4  # fp32 out + lse
+    small = nbytes(q) + nbytes(block_tables) + nbytes(context_lens)
+    return small + context + partials, nbytes(q) + partials
+
+
+# (bytes read, bytes written) of ops given a whole KV pool but touching a part of it.
+PAGED_OPS = {"fusedrl::store_kv": _store_kv_bytes, "fusedrl::paged_decode": _paged_decode_bytes}
+
+
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -42,6 +64,8 @@ def op_bytes(func, args, kwargs, out) -> tuple[int, int]:
     """(bytes read, bytes written) of one op by the rules above."""
     if func in FREE or getattr(func, "is_view", False):
         return 0, 0
+    if func.name() in PAGED_OPS:
+        return PAGED_OPS[func.name()](*args, **kwargs)
     inputs, outputs = _tensors((args, kwargs)), _tensors(out)
     if func in GATHERS:
         indices = [t for t in inputs if not t.is_floating_point()]
@@ -51,15 +75,33 @@ def op_bytes(func, args, kwargs, out) -> tuple[int, int]:
         put = sum(map(nbytes, inputs[1:]))  # the indices and the values, not the destination
         values = nbytes(inputs[-1])
         return put, values
-    return sum(map(nbytes, inputs)), sum(map(nbytes, outputs))
+    returned = {o.data_ptr() for o in outputs}  # an in-place aten op returns what it mutates
+    mutated = [t for t in _mutated(func, args, kwargs) if t.data_ptr() not in returned]
+    return sum(map(nbytes, inputs)), sum(map(nbytes, outputs + mutated))
+
+
+def _mutated(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensor arguments `func` writes in place, by its schema."""
+    found = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            found += _tensors(value)
+    return found
 
 
 class TrafficCounter(TorchDispatchMode):
     """Within `with TrafficCounter() as c:`, c.bytes[region] = [read, written], c.syncs[kind] = n.
-    `region` is whatever c.region is when the op runs (set it from module hooks)."""
+    `region` is whatever c.region is when the op runs (set it from module hooks).
 
-    def __init__(self):
+    stand_ins: {op name: function} computes those ops' results with another implementation of the
+    same op (same arguments, same results), e.g. a torch oracle for a Triton kernel too slow to
+    interpret at full shape. The op is counted as itself: its bytes depend on its arguments and
+    results only."""
+
+    def __init__(self, stand_ins: dict | None = None):
         super().__init__()
+        self.stand_ins = stand_ins or {}
         self.region = "other"
         self.bytes = defaultdict(lambda: [0, 0])
         self.syncs = defaultdict(int)
@@ -67,7 +109,7 @@ class TrafficCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = self.stand_ins.get(func.name(), func)(*args, **kwargs)
         read, written = op_bytes(func, args, kwargs, out)
         entry = self.bytes[self.region]
         entry[0] += read
@@ -105,3 +147,8 @@ class TrafficCounter(TorchDispatchMode):
             handles.append(module.register_forward_hook(
                 lambda *_, n=name: setattr(self, "region", after.get(n, "other"))))
         return handles
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's distinct parameters (a tied embedding counts once)."""
+    return sum(nbytes(p) for p in {id(p): p for p in module.parameters()}.values())

@@ -1,8 +1,12 @@
-"""The traffic counter counts known ops exactly, and the decode-step report runs at a tiny shape."""
+"""The traffic counter counts known ops exactly, and the decode-step and PPO-iteration reports run
+at tiny shapes with sane fields (bytes, not timings)."""
 import torch
 
-import traffic
+import traffic_decode
+import traffic_ppo
 from traffic_count import TrafficCounter
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
 
 
 def test_matmul_view_and_gather_bytes():
@@ -17,6 +21,13 @@ def test_matmul_view_and_gather_bytes():
     assert written == 8 * 4 * 4 + 3 * 16 * 4
 
 
+def test_mutated_arguments_count_as_written_once():
+    x, y = torch.randn(10), torch.randn(10)
+    with TrafficCounter() as counter:
+        x.add_(y)                               # returns x: written once, not twice
+    assert counter.bytes["other"] == [80, 40]
+
+
 def test_host_syncs_are_counted():
     x = torch.arange(4)
     with TrafficCounter() as counter, counter.python_syncs():
@@ -27,10 +38,33 @@ def test_host_syncs_are_counted():
     assert dict(counter.syncs) == {"item/bool": 2, "tolist": 1, "nonzero": 1}
 
 
-def test_decode_report_at_a_tiny_shape():
-    report = traffic.decode_report(batch=4, layers=1, prompt=5, dtype=torch.float32, vocab_size=64,
-                                   hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2,
-                                   head_dim=8)
+def test_decode_report_sees_each_fused_kernel_as_one_op():
+    report = traffic_decode.decode_report(batch=4, layers=1, context=20, top_p=0.9, dtype=torch.float32,
+                                          oracles=False, **TINY)
     assert {"embedding", "layer 0", "LM head", "sampler"} <= set(report["regions"])
     assert report["total"]["counted"] >= report["total"]["floor"] > 0
-    assert "| layer 0 |" in traffic.table(report)
+    assert report["host_syncs"] == {"tolist": 1}
+    # 7 fused ops (2 add+norms, 2 RoPEs, store, paged decode, SiLU*up), 7 projections, 4 views:
+    # no op of the torch fallbacks (their norm alone is 6 ops)
+    assert report["regions"]["layer 0"]["ops"] == 18
+    assert "| layer 0 |" in traffic_decode.decode_table(report)
+
+
+def test_oracles_leave_the_counted_bytes_unchanged():
+    args = dict(batch=3, layers=1, context=18, top_p=0.9, dtype=torch.float32, **TINY)
+    interpreted = traffic_decode.decode_report(oracles=False, **args)
+    with_oracles = traffic_decode.decode_report(oracles=True, **args)
+    assert with_oracles["shape"]["oracles"] == ["fusedrl::paged_decode", "fusedrl::sample"]
+    assert with_oracles["regions"] == interpreted["regions"]
+
+
+def test_ppo_report_counts_every_phase_against_its_floor():
+    shape = traffic_ppo.Shape(prompts=2, samples=2, prompt_len=5, new_tokens=3, minibatches=2, micro=1,
+                              model=tuple(TINY.items()), layers=1)
+    report = traffic_ppo.ppo_report(shape)
+    assert set(report["phases"]) == set(traffic_ppo.PHASES)
+    for name, phase in report["phases"].items():
+        assert phase["ops"] > 0 and phase["floor"] > 0, name
+        assert phase["read"] + phase["written"] >= phase["floor"], name
+    assert report["other"] == {"read": 0, "written": 0}
+    assert "| update |" in traffic_ppo.ppo_table(report)

@@ -19,6 +19,7 @@ STREAMS = {
     "_add_rms_norm_kernel": {"hidden rows": ("ld", "x_ptr"), "normed rows": ("st", "out_ptr")},
     "_rope_kernel": {"q/k rows": ("ld", "x_ptr"), "rotated rows": ("st", "x_ptr"), "cos": ("ld", "cos_ptr")},
     "_store_kv_kernel": {"K rows": ("ld", "k_ptr"), "K cache rows": ("st", "k_cache_ptr")},
+    "_silu_mul_kernel": {"gate": ("ld", "gate_ptr"), "up": ("ld", "up_ptr"), "product": ("st", "out_ptr")},
     "_paged_decode_kernel": {"K pages": ("ld", "k_cache_ptr"), "V pages": ("ld", "v_cache_ptr")},
 }
 
@@ -30,6 +31,7 @@ SHAPE_ARGS = {
     "_policy_loss_kernel": ("n_elements", "n_steps"),
     "_value_loss_kernel": ("n_elements", "n_steps"),
     "_add_rms_norm_kernel": ("n_cols",),
+    "_silu_mul_kernel": ("n_elements",),
     "_rope_kernel": ("row_stride", "head_stride"),
     "_store_kv_kernel": ("k_row_stride", "v_row_stride"),
 }

@@ -90,7 +90,9 @@ class ModelRunner:
                 hidden = self.graphs.replay(input_ids, positions, meta)
             else:
                 hidden = self.model(input_ids, positions, meta, self.kv_caches)
-        logits = self.model.compute_logits(hidden)  # [B, V] fp32
+        # [B, V] in the model's dtype: the fused sampler reads it as it is; an fp32 copy would
+        # write and read the logits twice more.
+        logits = self.model.lm_head(hidden)
         return sample(logits, *self._prepare_sampling(seqs))
 
     def _run_invariant(self, seqs: list[Sequence], is_prefill: bool):

@@ -19,9 +19,11 @@ _MASK32 = 0xFFFFFFFF
 
 def sample(logits, temperatures, top_ks, top_ps, seeds, positions):
     """Draw one token per row: the fused Triton sampler where our kernels run (no host sync, no
-    [B, V] temporaries), else the torch reference. Arguments and results as `sample_torch`."""
-    run = sample_triton if use_triton(logits) else sample_torch
-    return run(logits, temperatures, top_ks, top_ps, seeds, positions)
+    [B, V] temporaries; it reads bf16/fp16 logits as they are), else the torch reference on fp32
+    logits. Arguments and results as `sample_torch`, logits in any float dtype."""
+    if use_triton(logits):
+        return sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions)
+    return sample_torch(logits.float(), temperatures, top_ks, top_ps, seeds, positions)
 
 
 def sample_torch(logits, temperatures, top_ks, top_ps, seeds, positions):

@@ -142,13 +142,26 @@ def _sample_kernel(
 
 def sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions):
     """The fused sampler; arguments and results as `sampler.sample_torch` (logits [B, V] fp32 or
-    bf16/fp16, read in their own dtype and computed in fp32). Returns (tokens [B] int64, logprobs [B] fp32)."""
-    batch, vocab = logits.shape
+    bf16/fp16, read in their own dtype and computed in fp32). Returns (tokens [B] int64, logprobs [B] fp32).
+    A torch custom op (fusedrl::sample): one node to torch.compile, one op to a TorchDispatchMode."""
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(batch, dtype=torch.float32, device=logits.device)
+    return torch.ops.fusedrl.sample(logits, temperatures.float().contiguous(), top_ks.contiguous(),
+                                     top_ps.float().contiguous(), seeds.contiguous(), positions.contiguous())
+
+
+@torch.library.custom_op("fusedrl::sample", mutates_args=())
+def _sample_op(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
+               seeds: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, vocab = logits.shape
+    tokens, logprobs = _sample_fake(logits, temperatures, top_ks, top_ps, seeds, positions)
     if batch:
-        _sample_kernel[(batch,)](logits, temperatures.float().contiguous(), top_ks.contiguous(),
-                                 top_ps.float().contiguous(), seeds.contiguous(), positions.contiguous(),
-                                 tokens, logprobs, vocab, logits.stride(0), BLOCK=_BLOCK)
+        _sample_kernel[(batch,)](logits, temperatures, top_ks, top_ps, seeds, positions, tokens, logprobs,
+                                 vocab, logits.stride(0), BLOCK=_BLOCK)
     return tokens, logprobs
+
+
+@_sample_op.register_fake
+def _sample_fake(logits, temperatures, top_ks, top_ps, seeds, positions):
+    batch = logits.shape[0]
+    return (torch.empty(batch, dtype=torch.int64, device=logits.device),
+            torch.empty(batch, dtype=torch.float32, device=logits.device))

@@ -7,18 +7,19 @@
 Parameter names are the Hugging Face ones (`model.layers.0.self_attn.q_proj.weight`, ...), so
 checkpoints map one to one. The PyTorch path follows transformers step for step (fp32 RMSNorm, RoPE
 tables in fp32 cast to the activation dtype), which is what makes the fp32 parity tests tight; with
-autograd off on the GPU, norms (with the residual add) and RoPE run as fused Triton kernels instead.
+autograd off on the GPU, norms (with the residual add), RoPE and the MLP's SiLU * up run as fused Triton
+kernels instead.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import (AttentionMetadata, decode_attention, prefill_attention, store_kv,
                               use_triton, varlen_attention)
 from .config import ModelConfig
+from .mlp_kernels import silu_mul_torch, silu_mul_triton
 from .norm_rope import add_rms_norm_triton, rms_norm_torch, rope_torch, rope_triton_
 
 
@@ -114,7 +115,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(silu_mul_triton(gate, up) if _fused(x) else silu_mul_torch(gate, up))
 
 
 class DecoderLayer(nn.Module):

@@ -3,9 +3,13 @@
 A decode step of a small model is bound by kernel launches, not bytes: the eager RMSNorm is ~8
 kernels and RoPE ~7 per tensor. Here a residual add + RMSNorm is one kernel and RoPE of q and k one
 more. They have no backward: the model uses them only when autograd is off (generation), and the
-training forward keeps the differentiable PyTorch ops.
+training forward keeps the differentiable PyTorch ops. Each is a torch custom op (fusedrl::add_rms_norm,
+fusedrl::rope_inplace): one node to torch.compile, and one op to a TorchDispatchMode such as
+bench/traffic_count.py, whatever the Triton launch does inside.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -55,6 +59,12 @@ def add_rms_norm_triton(x, weight, eps, residual=None):
     """RMSNorm over the last dim of `x` [..., C]; with `residual`, first `residual += x` in place
     and normalize the sum. Returns the normalized tensor (and `residual` is updated)."""
     _check_norm(x, weight, residual)
+    return torch.ops.fusedrl.add_rms_norm(x, weight, eps, residual)
+
+
+@torch.library.custom_op("fusedrl::add_rms_norm", mutates_args=("residual",))
+def _add_rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     residual: Optional[torch.Tensor]) -> torch.Tensor:
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols
     block = triton.next_power_of_2(n_cols)
@@ -64,6 +74,11 @@ def add_rms_norm_triton(x, weight, eps, residual=None):
         x, x if residual is None else residual, weight, out, n_rows, n_cols, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, ROWS=rows)
     return out
+
+
+@_add_rms_norm_op.register_fake
+def _add_rms_norm_fake(x, weight, eps, residual):
+    return torch.empty_like(x)
 
 
 def rms_norm_torch(x, weight, eps):
@@ -116,12 +131,23 @@ def rope_triton_(x, cos, sin):
     if x.stride(2) != 1 or cos.shape != (n, dim) or not (cos.is_contiguous() and sin.is_contiguous()):
         raise ValueError(f"x {tuple(x.shape)} (last dim contiguous) and contiguous cos/sin "
                          f"[{n}, {dim}] expected, got cos {tuple(cos.shape)}")
+    torch.ops.fusedrl.rope_inplace(x, cos, sin)
+    return x
+
+
+@torch.library.custom_op("fusedrl::rope_inplace", mutates_args=("x",))
+def _rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    n, heads, dim = x.shape
     half_pad = triton.next_power_of_2(dim // 2)
     rows = rows_per_program(half_pad)  # each row is loaded as two halves
     _rope_kernel[(triton.cdiv(n * heads, rows),)](
         x, cos, sin, n * heads, heads, x.stride(0), x.stride(1), HALF=dim // 2, HALF_PAD=half_pad,
         ROWS=rows)
-    return x
+
+
+@_rope_op.register_fake
+def _rope_fake(x, cos, sin):
+    return None
 
 
 def rope_torch(x, cos, sin):

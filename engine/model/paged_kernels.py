@@ -3,6 +3,8 @@
 Cache layout (one layer, one of K or V): `[num_blocks, block_size, num_kv_heads, head_dim]`, contiguous,
 the layout flash-attn's `flash_attn_with_kvcache` takes, so one pool serves every backend. A slot is
 `block_id * block_size + offset`; slot -1 marks a padding row (CUDA-graph batches) and is skipped.
+The Triton paths are torch custom ops (fusedrl::store_kv, fusedrl::paged_decode): one node to
+torch.compile and one op to a TorchDispatchMode such as bench/traffic_count.py.
 """
 from __future__ import annotations
 
@@ -43,6 +45,12 @@ def _store_kv_kernel(
 def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     """Write rows of `k`, `v` [N, Hkv, D] into the caches at `slot_mapping` [N] (int64, -1 = skip)."""
     _check_store(k, v, k_cache, v_cache, slot_mapping)
+    torch.ops.fusedrl.store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+@torch.library.custom_op("fusedrl::store_kv", mutates_args=("k_cache", "v_cache"))
+def _store_kv_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
     n, num_kv_heads, head_dim = k.shape
     row = num_kv_heads * head_dim
     block = triton.next_power_of_2(row)
@@ -51,6 +59,11 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     _store_kv_kernel[(triton.cdiv(n, tokens),)](
         k, v, k_cache, v_cache, slot_mapping, n, k.stride(0), v.stride(0),
         ROW=row, BLOCK=block, TOKENS=tokens)
+
+
+@_store_kv_op.register_fake
+def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping):
+    return None
 
 
 def store_kv_torch(k, v, k_cache, v_cache, slot_mapping):
@@ -177,11 +190,17 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, 
     context_lens [B] int32. Returns [B, H, D] in q's dtype. num_splits: programs per (sequence,
     KV head); by default enough to give every SM two programs (1 off CUDA).
     """
-    batch, num_heads, head_dim = q.shape
-    _, page, num_kv_heads, _ = k_cache.shape
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
     if num_splits is None:
-        num_splits = _default_splits(batch * num_kv_heads, q.device)
+        num_splits = _default_splits(q.shape[0] * k_cache.shape[2], q.device)
+    return torch.ops.fusedrl.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
+
+
+@torch.library.custom_op("fusedrl::paged_decode", mutates_args=())
+def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float, num_splits: int) -> torch.Tensor:
+    batch, num_heads, head_dim = q.shape
+    _, page, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     dim_pad = triton.next_power_of_2(head_dim)
     part_out = torch.empty(batch, num_heads, num_splits, dim_pad, dtype=torch.float32, device=q.device)
@@ -198,6 +217,11 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, 
         NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
         DIM_PAD=dim_pad)
     return out
+
+
+@_paged_decode_op.register_fake
+def _paged_decode_fake(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits):
+    return torch.empty_like(q)
 
 
 MAX_SPLITS = 16

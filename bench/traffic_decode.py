@@ -1,0 +1,137 @@
+"""Memory traffic of one decode step of `fusedrl.engine.LLM` on the path a GPU runs, next to the
+floor a perfect engine must move, attributed to inputs / embedding / each layer / final norm / LM
+head / sampler, plus host syncs per step.
+
+Shape: a Qwen2.5-0.5B-shaped model (hidden 896, 14 heads over 2 KV heads of 64, MLP 4864, vocab
+151936, tied embedding, bf16) with `layers` layers, `batch` sequences of `context` tokens each
+(the prompt and the token being fed), sampled at temperature 1 with `top_p`. Layers are
+extrapolated to the real 24 from their mean. Floor: every weight once + the KV cache read (each
+sequence's context) + the new KV written.
+
+The GPU path is the Triton one (`kernels.use_backend("triton")`; on the CPU under
+TRITON_INTERPRET=1): store / paged decode / add+RMSNorm / RoPE / sampler are each one custom op,
+counted by traffic_count's rules. On the CPU the results of the two ops too slow to interpret at
+this shape are computed by their torch oracles (ORACLES; measured interpreted: the sampler ~30 s a
+row at top-p 0.9, paged decode ~80 s a layer at context 256); each is still counted as its fused
+op, whose bytes depend on its arguments and results only (tests/test_traffic.py checks that the
+counts with and without the oracles are equal at a small shape). The prefill is not run: the KV pages
+are filled with random values (a decode step's bytes do not depend on them).
+"""
+from __future__ import annotations
+
+import torch
+
+from fusedrl.engine.inference.llm import LLM
+from fusedrl.engine.inference.runner import kv_bytes_per_block
+from fusedrl.engine.inference.sampler import sample_torch
+from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.model.causal_lm import CausalLM
+from fusedrl.engine.model.config import ModelConfig
+from fusedrl.engine.model.paged_kernels import paged_decode_torch
+from fusedrl.kernels import use_backend
+
+from traffic_count import TrafficCounter, weight_bytes
+
+REAL_LAYERS = 24
+BLOCK_SIZE = 16
+QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                  num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, max_model_len=1024,
+                  tie_word_embeddings=True, qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False,
+                  rope_theta=1e6)
+# Torch oracles of the fused ops too slow to interpret at full shape (see the module docstring).
+ORACLES = {"fusedrl::sample": lambda logits, *rest: sample_torch(logits.float(), *rest),
+           "fusedrl::paged_decode": lambda *args: paged_decode_torch(*args[:6])}  # all but num_splits
+
+
+def qwen_like(layers: int, dtype: torch.dtype, device: str, **overrides) -> CausalLM:
+    """A randomly initialized model of Qwen2.5-0.5B's shapes (the bytes do not depend on the values)."""
+    model = CausalLM(ModelConfig(**{**QWEN25_05B, "num_layers": layers, **overrides}), dtype).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
+
+
+def decode_batch(llm: LLM, batch: int, context: int, top_p: float) -> list:
+    """`batch` sequences with `context - 1` prompt tokens and one generated token, their KV pages
+    allocated and filled with random values: the batch of the next decode step."""
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, top_p=top_p, seed=0)
+    for i in range(batch):
+        llm._add([10 + (i + j) % 1000 for j in range(context - 1)], params, 0)
+    while True:
+        seqs, is_prefill = llm.scheduler.schedule()
+        if not is_prefill:
+            break
+        llm.scheduler.postprocess(seqs, [11] * len(seqs), [0.0] * len(seqs))
+    llm.runner.kv_pool.normal_()
+    return seqs
+
+
+def count_step(llm: LLM, seqs: list, stand_ins: dict) -> TrafficCounter:
+    """Count one decode step of `seqs`, attributed to the model's parts."""
+    counter = TrafficCounter(stand_ins)
+    body = llm.model.model
+    modules = {"embedding": body.embed_tokens, **{f"layer {i}": layer for i, layer in enumerate(body.layers)},
+               "final norm": body.norm, "LM head": llm.model.lm_head}
+    counter.region = "inputs"
+    handles = counter.attribute(modules, after={"LM head": "sampler"})
+    try:
+        with counter, counter.python_syncs():
+            llm.runner.run(seqs, False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counter
+
+
+def decode_report(batch: int, layers: int, context: int, top_p: float = 1.0, path: str = "triton",
+                  dtype=torch.bfloat16, device="cpu", oracles: bool = True, **overrides) -> dict:
+    """The report of one decode step (see the module docstring). path: "triton" (the GPU path) or
+    "torch" (the CPU fallback); oracles: on the CPU, compute the slow fused ops' results with
+    ORACLES; `overrides` change the model's shape (tests use a tiny one)."""
+    model = qwen_like(layers, dtype, device, **overrides)
+    c = model.config
+    pool = batch * (-(-context // BLOCK_SIZE) + 1) * kv_bytes_per_block(c, dtype, BLOCK_SIZE)
+    llm = LLM(model, kv_cache_memory=pool, block_size=BLOCK_SIZE, use_cuda_graphs=False, max_num_seqs=batch)
+    stand_ins = ORACLES if oracles and path == "triton" and device == "cpu" else {}
+    with use_backend(path):
+        seqs = decode_batch(llm, batch, context, top_p)
+        counter = count_step(llm, seqs, stand_ins)
+    elem = torch.empty(0, dtype=dtype).element_size()
+    kv_token = 2 * c.num_kv_heads * c.head_dim * elem  # K and V of one token in one layer
+    tokens = sum(s.num_tokens for s in seqs)  # tokens the batch attends to at this step
+    per_layer_weights = weight_bytes(model.model.layers[0])
+    shared_weights = weight_bytes(model) - layers * per_layer_weights
+    floor_layer = per_layer_weights + tokens * kv_token + batch * kv_token
+    regions = {name: {"read": r, "written": w, "ops": counter.ops[name]} for name, (r, w) in counter.bytes.items()}
+    layer_names = [n for n in regions if n.startswith("layer ")]
+    mean_layer = sum(regions[n]["read"] + regions[n]["written"] for n in layer_names) / max(len(layer_names), 1)
+    other = sum(v["read"] + v["written"] for n, v in regions.items() if not n.startswith("layer "))
+    counted = other + REAL_LAYERS * mean_layer
+    floor = shared_weights + REAL_LAYERS * floor_layer
+    return {"shape": {"model": "Qwen2.5-0.5B-shaped", "dtype": str(dtype).removeprefix("torch."),
+                      "batch": batch, "context": context, "top_p": top_p, "temperature": 1.0,
+                      "counted_layers": layers, "extrapolated_layers": REAL_LAYERS, "context_tokens": tokens,
+                      "device": device, "path": path, "oracles": sorted(stand_ins)},
+            "regions": regions, "per_layer": {"counted_mean": mean_layer, "floor": floor_layer},
+            "total": {"counted": counted, "floor": floor, "ratio": counted / floor},
+            "host_syncs": dict(counter.syncs)}
+
+
+def decode_table(report: dict) -> str:
+    """Markdown: the region table of one decode report and its totals."""
+    mib = 2 ** 20
+    shape = report["shape"]
+    lines = [f"Decode step ({shape['path']} path), {shape['model']} {shape['dtype']}, batch {shape['batch']}, "
+             f"context {shape['context']} ({shape['context_tokens']} tokens), top-p {shape['top_p']}; "
+             f"{shape['counted_layers']} layers counted, extrapolated to {shape['extrapolated_layers']}.", "",
+             "| region | ops | read MiB | written MiB |", "|---|---|---|---|"]
+    for name, v in report["regions"].items():
+        lines.append(f"| {name} | {v['ops']} | {v['read'] / mib:.2f} | {v['written'] / mib:.2f} |")
+    per, total = report["per_layer"], report["total"]
+    lines += ["", f"per layer: counted {per['counted_mean'] / mib:.2f} MiB, floor {per['floor'] / mib:.2f} MiB",
+              f"step: counted {total['counted'] / mib:.1f} MiB, floor {total['floor'] / mib:.1f} MiB, "
+              f"ratio {total['ratio']:.2f}",
+              "host syncs per step: " + (", ".join(f"{k} {n}" for k, n in sorted(report["host_syncs"].items()))
+                                         or "none")]
+    return "\n".join(lines) + "\n"
