@@ -13,7 +13,7 @@ TRITON_INTERPRET=1): store / paged decode / add+RMSNorm / RoPE / sampler are eac
 counted by traffic_count's rules. On the CPU the results of the two ops too slow to interpret at
 this shape are computed by their torch oracles (ORACLES; measured interpreted: the sampler ~30 s a
 row at top-p 0.9, paged decode ~80 s a layer at context 256); each is still counted as its fused
-op, whose bytes depend on its arguments and results only (tests/test_traffic.py checks that the
+op, whose bytes depend on its arguments and results only (tests/bench/test_traffic.py checks that the
 counts with and without the oracles are equal at a small shape). The prefill is not run: the KV pages
 are filled with random values (a decode step's bytes do not depend on them).
 """
