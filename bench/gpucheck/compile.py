@@ -22,6 +22,9 @@ _PARAM = re.compile(r"ld\.param\.\w+\s+(%rd\d+),\s*\[\w+_param_(\d+)\]")
 _ADDRESS = re.compile(r"\[\s*(%rd\d+)")
 _REG = re.compile(r"%[a-z]+\d+")
 _ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s")
+# Asynchronous global -> shared copies (software-pipelined tile loads): the global address is the
+# second operand, the byte count the third.
+_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\s*\[[^\]]*\],\s*\[\s*(%rd\d+)[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
 _SASS = re.compile(r"\b((?:LDG|STG)(?:\.[A-Z0-9_]+)*)")
 
 
@@ -67,12 +70,14 @@ def compile_launch(record: dict, arch: int):
 
 def ptx_accesses(ptx: str) -> list[tuple[str, int, set]]:
     """(kind "ld"/"st", width in bits, PTX parameter indices the address derives from) of every
-    global access, by forward data flow from each `ld.param` through the instructions that
+    global access (cp.async copies to shared memory count as loads), by forward data flow from each `ld.param` through the instructions that
     compute addresses (any instruction's first register is its destination)."""
     origins, out = {}, []
     for text in ptx.splitlines():
         if m := _PARAM.search(text):
             origins[m[1]] = {int(m[2])}
+        elif m := _CP_ASYNC.search(text):
+            out.append(("ld", int(m[2], 0) * 8, origins.get(m[1], set())))
         elif m := _ACCESS.search(text):
             address = _ADDRESS.search(text)
             out.append((m[1], int(m[2] or 1) * int(m[3]), origins.get(address[1], set()) if address else set()))

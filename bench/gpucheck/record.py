@@ -43,6 +43,11 @@ def _key(kernel: str, args: list, options: dict) -> str:
     return json.dumps([kernel, [reduce(d) for _, d in args], sorted(options.items())], default=str)
 
 
+# Constexprs that only choose the interpreter's stand-in code (CPU tensors): recorded with the value a
+# CUDA launch passes, so the GPU's code is what gets compiled.
+GPU_CONSTEXPRS = {"INTERPRETED": False}
+
+
 @contextlib.contextmanager
 def recording(launches: dict):
     """Within the block, every interpreted launch is added to `launches` (key -> record):
@@ -56,7 +61,7 @@ def recording(launches: dict):
         names = self.arg_names
         bound = dict(zip(names, args))
         positional = [[n, _describe(bound[n])] for n in names if n in bound]
-        options = {k: v for k, v in kwargs.items() if k not in bound}
+        options = {k: GPU_CONSTEXPRS.get(k, v) for k, v in kwargs.items() if k not in bound}
         grid_size = grid(kwargs) if callable(grid) else grid
         kernel = f"{self.fn.__module__}:{self.fn.__qualname__}"
         record = {"kernel": kernel, "args": positional, "options": options,

@@ -21,6 +21,7 @@ STREAMS = {
     "_store_kv_kernel": {"K rows": ("ld", "k_ptr"), "K cache rows": ("st", "k_cache_ptr")},
     "_silu_mul_kernel": {"gate": ("ld", "gate_ptr"), "up": ("ld", "up_ptr"), "product": ("st", "out_ptr")},
     "_paged_decode_kernel": {"K pages": ("ld", "k_cache_ptr"), "V pages": ("ld", "v_cache_ptr")},
+    "_fixed_tile_linear_kernel": {"x tiles": ("ld", "x_ptr"), "W tiles": ("ld", "w_ptr")},
 }
 
 # Int arguments that must be multiples of 16 for a launch to count as aligned.
@@ -34,6 +35,7 @@ SHAPE_ARGS = {
     "_silu_mul_kernel": ("n_elements",),
     "_rope_kernel": ("row_stride", "head_stride"),
     "_store_kv_kernel": ("k_row_stride", "v_row_stride"),
+    "_fixed_tile_linear_kernel": ("k_dim", "x_row_stride", "w_row_stride"),
 }
 
 # Kernel name prefixes whose failures are expected, with the reason. Remove an entry when its fix lands.

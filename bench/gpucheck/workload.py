@@ -15,6 +15,7 @@ from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
+from fusedrl.engine.model.invariant.matmul import linear_fixed_tiles
 
 VOCABS = (151936, 128256, 50257)
 DTYPES = (torch.bfloat16, torch.float32)
@@ -48,6 +49,16 @@ def ops(vocabs=VOCABS) -> None:
     kernels.linear_token_logprobs(hidden, weight, torch.randint(0, VOCABS[-1], (4,))).sum().backward()
 
 
+def invariant_matmul() -> None:
+    """The batch-invariant mode's fixed-tile matmul at Qwen2.5-0.5B's projection widths (few rows:
+    the tiles are fixed whatever the row count), with and without bias, into fp32 logits."""
+    for dtype in DTYPES:
+        x, wide = torch.randn(5, 896, dtype=dtype), torch.randn(5, 4864, dtype=dtype)
+        linear_fixed_tiles(x, torch.randn(128, 896, dtype=dtype), torch.randn(128, dtype=dtype))
+        linear_fixed_tiles(wide, torch.randn(64, 4864, dtype=dtype))
+        linear_fixed_tiles(x, torch.randn(64, 896, dtype=dtype), out_dtype=torch.float32)
+
+
 def tiny_model(name: str, hidden: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool,
                dtype=torch.bfloat16) -> CausalLM:
     config = ModelConfig(
@@ -76,3 +87,4 @@ def run(quick: bool = False) -> None:
     with kernels.use_backend("triton"):
         ops(VOCABS[1:] if quick else VOCABS)
         generation(MODELS[:2] if quick else MODELS)
+        invariant_matmul()

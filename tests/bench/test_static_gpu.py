@@ -32,6 +32,13 @@ def test_ptx_data_flow_names_the_pointer():
     st.global.b16 [ %rd5 + 0 ], { %rs1 };
     """
     assert ptx_accesses(ptx) == [("ld", 128, {0}), ("st", 16, {2})]
+    pipelined = """
+    ld.param.b64 %rd1, [k_param_1];
+    add.s64 %rd6, %rd1, %rd3;
+    cp.async.cg.shared.global [ %r34 + 0 ], [ %rd6 + 0 ], 0x10, %r35;
+    cp.async.ca.shared.global [ %r36 + 0 ], [ %rd6 + 0 ], 4, %r37;
+"""
+    assert ptx_accesses(pipelined) == [("ld", 128, {1}), ("ld", 32, {1})]
 
 
 @pytest.mark.skipif(triton is None, reason="needs triton")
