@@ -11,7 +11,6 @@ the script itself.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -33,23 +32,10 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny fp32 model on the CPU")
-    p.add_argument("--batch-sizes", type=int, nargs="+")
-    p.add_argument("--prompt-len", type=int)
-    p.add_argument("--new-tokens", type=int)
+    p = harness.generation_parser(__doc__.splitlines()[0])
     p.add_argument("--skip-hf", action="store_true", help="only our engine")
-    p.add_argument("--out", default=None, help="JSON results path (default: bench/results/generate[_quick].json)")
-    args = p.parse_args()
-    quick = dict(batch_sizes=[1, 4], prompt_len=16, new_tokens=32)
-    full = dict(batch_sizes=[1, 32, 256], prompt_len=128, new_tokens=512)
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.out is None:
-        root = Path(__file__).resolve().parent / "results"
-        args.out = str(root / ("generate_quick.json" if args.quick else "generate.json"))
-    return args
+    return harness.generation_args(p, "generate", quick=dict(batch_sizes=[1, 4], prompt_len=16, new_tokens=32),
+                                   full=dict(batch_sizes=[1, 32, 256], prompt_len=128, new_tokens=512))
 
 
 def build_model_dir(args, device, dtype) -> tuple[Path, transformers.PreTrainedModel]:
@@ -63,7 +49,7 @@ def build_model_dir(args, device, dtype) -> tuple[Path, transformers.PreTrainedM
 
 
 def time_ours(llm: LLM, prompts, params):
-    """(total seconds, decode seconds, decode steps), timing each engine step (each ends in a sync)."""
+    """(total seconds, decode seconds, decode tokens, outputs), timing each engine step (each ends in a sync)."""
     steps = []
     run = llm.runner.run
 
@@ -82,7 +68,7 @@ def time_ours(llm: LLM, prompts, params):
         llm.runner.run = run
     assert all(len(o.outputs[0].token_ids) == params.max_new_tokens for o in outputs)
     decode = [(dt, b) for is_prefill, dt, b in steps if not is_prefill]
-    return total, sum(dt for dt, _ in decode), sum(b for _, b in decode)
+    return total, sum(dt for dt, _ in decode), sum(b for _, b in decode), outputs
 
 
 def time_hf(hf, prompts, new_tokens, device):
@@ -120,7 +106,7 @@ def main():
     rows = []
     for batch in args.batch_sizes:
         prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
-        total, decode_s, decode_tokens = time_ours(llm, prompts, params)
+        total, decode_s, decode_tokens, _ = time_ours(llm, prompts, params)
         ours = batch * args.new_tokens / total
         # Decode steps read every weight once and the KV of each sequence's context (mean length).
         mean_context = args.prompt_len + args.new_tokens / 2

@@ -1,13 +1,15 @@
 """Measurement helpers shared by the benchmark scripts: timing, peak memory, copy bandwidth,
-run metadata, and the table/JSON report. Timings are never asserted anywhere; they are reported."""
+run metadata, the generation benchmarks' options, and the table/JSON report. Timings are never asserted anywhere; they are reported."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
 import subprocess
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -113,6 +115,30 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def generation_parser(description: str) -> argparse.ArgumentParser:
+    """The options every generation benchmark takes (--quick, --batch-sizes, --prompt-len,
+    --new-tokens, --out); a script adds its own, then calls `generation_args`."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="tiny fp32 model on the CPU")
+    p.add_argument("--batch-sizes", type=int, nargs="+")
+    p.add_argument("--prompt-len", type=int)
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--out", default=None, help="JSON results path (default: bench/results/NAME[_quick].json)")
+    return p
+
+
+def generation_args(parser: argparse.ArgumentParser, name: str, quick: dict, full: dict) -> argparse.Namespace:
+    """Parse, then fill what was not given from `quick` or `full` (by --quick) and the default
+    output path bench/results/<name>[_quick].json."""
+    args = parser.parse_args()
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.out is None:
+        args.out = str(Path(__file__).resolve().parent / "results" / f"{name}{'_quick' if args.quick else ''}.json")
+    return args
 
 
 def write_json(path: str, payload: dict) -> None:

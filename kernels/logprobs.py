@@ -22,8 +22,9 @@ OP = "token_logprobs"
 
 
 @triton.jit
-def _online_update(m, s, t, z, HAS_ENTROPY: tl.constexpr):
-    """One block of scaled logits z into the running (max m, sum-exp s, entropy sum t)."""
+def online_update(m, s, t, z, HAS_ENTROPY: tl.constexpr):
+    """One block of scaled logits z into the running (max m, sum-exp s, entropy sum t). Public: the
+    batch-invariant mode's log-prob kernel (engine/model/invariant) reduces its rows with it too."""
     m_new = tl.maximum(m, tl.max(z, axis=0))
     # While every logit so far is -inf, shift by 0 instead of -inf so exp() sees no inf-inf.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -88,13 +89,13 @@ def _token_logprobs_fwd_kernel(
         begin, end, body_begin, body_end = _row_span(row, stride_row, n_cols, ALIGN)
         edge_cols, edge = _edge_cols(begin, end, body_begin, body_end, ALIGN)
         z_edge = tl.load(logits_ptr + edge_cols, mask=edge, other=float("-inf")).to(tl.float32)
-        m, s, t = _online_update(tl.zeros([], dtype=tl.float32) - float("inf"),
+        m, s, t = online_update(tl.zeros([], dtype=tl.float32) - float("inf"),
                                  tl.zeros([], dtype=tl.float32), tl.zeros([], dtype=tl.float32),
                                  z_edge * inv_temperature, HAS_ENTROPY)
         for start in range(0, body_end - body_begin, BLOCK_V):
             cols = body_begin + start + tl.arange(0, BLOCK_V)
             z = tl.load(logits_ptr + cols, mask=cols < body_end, other=float("-inf")).to(tl.float32)
-            m, s, t = _online_update(m, s, t, z * inv_temperature, HAS_ENTROPY)
+            m, s, t = online_update(m, s, t, z * inv_temperature, HAS_ENTROPY)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         lse = m_safe + tl.log(s)
         in_vocab = (label >= 0) & (label < n_cols)

@@ -22,6 +22,10 @@ STREAMS = {
     "_silu_mul_kernel": {"gate": ("ld", "gate_ptr"), "up": ("ld", "up_ptr"), "product": ("st", "out_ptr")},
     "_paged_decode_kernel": {"K pages": ("ld", "k_cache_ptr"), "V pages": ("ld", "v_cache_ptr")},
     "_fixed_tile_linear_kernel": {"x tiles": ("ld", "x_ptr"), "W tiles": ("ld", "w_ptr")},
+    "_sum_pieces_kernel": {"partial tiles": ("ld", "partial_ptr"), "output": ("st", "out_ptr")},
+    "_segment_attention_kernel": {"K rows": ("ld", "k_ptr"), "V rows": ("ld", "v_ptr")},
+    "_merge_segments_kernel": {"partial outputs": ("ld", "part_acc_ptr")},
+    "_row_logprobs_kernel": {"logits rows": ("ld", "logits_ptr")},
 }
 
 # Int arguments that must be multiples of 16 for a launch to count as aligned.
@@ -32,10 +36,12 @@ SHAPE_ARGS = {
     "_policy_loss_kernel": ("n_elements", "n_steps"),
     "_value_loss_kernel": ("n_elements", "n_steps"),
     "_add_rms_norm_kernel": ("n_cols",),
-    "_silu_mul_kernel": ("n_elements",),
+    "_silu_mul_kernel": ("n_cols",),
     "_rope_kernel": ("row_stride", "head_stride"),
     "_store_kv_kernel": ("k_row_stride", "v_row_stride"),
     "_fixed_tile_linear_kernel": ("k_dim", "x_row_stride", "w_row_stride"),
+    "_sum_pieces_kernel": ("n_out", "piece_stride"),
+    "_row_logprobs_kernel": ("n_cols", "row_stride"),
 }
 
 # Kernel name prefixes whose failures are expected, with the reason. Remove an entry when its fix lands.

@@ -12,9 +12,13 @@ import torch
 
 from fusedrl import kernels
 from fusedrl.engine.inference.llm import LLM
+from fusedrl.engine.inference.sampler_kernels import sample_triton
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
+from fusedrl.engine.model.invariant import BatchInvariant
+from fusedrl.engine.model.invariant.attention_kernels import segment_attention
+from fusedrl.engine.model.invariant.logprob_kernels import row_logprobs
 from fusedrl.engine.model.invariant.matmul import linear_fixed_tiles
 
 VOCABS = (151936, 128256, 50257)
@@ -51,12 +55,33 @@ def ops(vocabs=VOCABS) -> None:
 
 def invariant_matmul() -> None:
     """The batch-invariant mode's fixed-tile matmul at Qwen2.5-0.5B's projection widths (few rows:
-    the tiles are fixed whatever the row count), with and without bias, into fp32 logits."""
+    the tiles are fixed whatever the row count), with and without bias, into fp32 logits, and its
+    K split in pieces (the MLP's 4864-wide down projection)."""
     for dtype in DTYPES:
         x, wide = torch.randn(5, 896, dtype=dtype), torch.randn(5, 4864, dtype=dtype)
         linear_fixed_tiles(x, torch.randn(128, 896, dtype=dtype), torch.randn(128, dtype=dtype))
         linear_fixed_tiles(wide, torch.randn(64, 4864, dtype=dtype))
         linear_fixed_tiles(x, torch.randn(64, 896, dtype=dtype), out_dtype=torch.float32)
+
+
+def invariant_mode(models=MODELS) -> None:
+    """The batch-invariant mode's own kernels at each model's attention shape, bf16 and fp32: the
+    segment attention (two queries, 21 and 6 keys, 16-token pages, the engine's default segment) and
+    its merge, and the per-row log-softmax at the headline vocabularies. Called directly: the decode
+    step and the trainer's forward launch them with the same specializations
+    (tests/engine/model/test_invariant_specialization.py), and the matmul's come from `invariant_matmul`."""
+    page, segment = 16, BatchInvariant(16).segment
+    for _, _, heads, kv_heads, head_dim, _ in models:
+        for dtype in DTYPES:
+            q = torch.randn(2, heads, head_dim, dtype=dtype)
+            k, v = (torch.randn(64, kv_heads, head_dim, dtype=dtype) for _ in range(2))
+            table = torch.tensor([[32, 0], [16, 48]], dtype=torch.int32)  # key rows of each page
+            segment_attention(q, k, v, torch.tensor([20, 5]), torch.tensor([0, 1]), table, page, segment, 31)
+    for vocab in VOCABS:
+        logits = torch.randn(2, vocab)  # fp32: the mode's logits, which the fused sampler reads too
+        row_logprobs(logits, torch.randint(0, vocab, (2,)), torch.ones(2))
+    sample_triton(logits, torch.ones(2), torch.zeros(2, dtype=torch.int64), torch.ones(2),
+                  torch.arange(2), torch.full((2,), 7))
 
 
 def tiny_model(name: str, hidden: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool,
@@ -88,3 +113,4 @@ def run(quick: bool = False) -> None:
         ops(VOCABS[1:] if quick else VOCABS)
         generation(MODELS[:2] if quick else MODELS)
         invariant_matmul()
+        invariant_mode(MODELS[:2] if quick else MODELS)

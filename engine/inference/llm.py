@@ -57,22 +57,29 @@ class LLM:
     larger than max_num_seqs full-length sequences.
     max_num_batched_tokens: prompt tokens per prefill step (a longer lone prompt still runs).
     use_cuda_graphs: capture decode steps as CUDA graphs (CUDA only); False runs them eagerly.
-    batch_invariant: exact on-policy mode: every step runs in fixed-order ops (`model.invariant`), so a
+    batch_invariant: exact on-policy mode: every step runs in batch-invariant primitives
+    (`model.invariant`: fixed-tile Triton kernels on GPUs, fixed-order torch ops on the CPU), so a
     token's log-prob does not depend on the batch and equals, bit for bit, what
     `self.batch_invariant.head_logprobs(self.batch_invariant.packed_hidden(...))` gives for it; the
-    log-prob is then under softmax(logits / temperature) (top-k/top-p filter the draw only). Slower:
-    no CUDA graphs, no fused kernels; `self.batch_invariant` is the mode object (None when off).
+    log-prob is then under softmax(logits / temperature) (top-k/top-p filter the draw only). Decode
+    steps are still CUDA graphs; the cost is in the kernels (fp32 logits, no cuBLAS, no split-KV by
+    batch). A `BatchInvariant` object instead of True sets the mode's attention segment (its
+    chunk_size must be block_size). `self.batch_invariant` is the mode object (None when off).
     """
 
     def __init__(self, model_dir, dtype="auto", kv_cache_memory: int | float | None = None,
                  block_size: int = 16, device=None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 16384, use_cuda_graphs: bool = True, tokenizer=None,
-                 batch_invariant: bool = False):
+                 batch_invariant: bool | BatchInvariant = False):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be an int >= 1")
-        if not isinstance(batch_invariant, bool):
-            raise ValueError(f"batch_invariant={batch_invariant!r} must be True or False")
-        self.batch_invariant = BatchInvariant(block_size) if batch_invariant else None
+        if isinstance(batch_invariant, BatchInvariant):
+            if batch_invariant.chunk_size != block_size:
+                raise ValueError(f"batch_invariant.chunk_size={batch_invariant.chunk_size} must be the "
+                                 f"block_size {block_size}")
+        elif not isinstance(batch_invariant, bool):
+            raise ValueError(f"batch_invariant={batch_invariant!r} must be True, False or a BatchInvariant")
+        self.batch_invariant = BatchInvariant(block_size) if batch_invariant is True else batch_invariant or None
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")

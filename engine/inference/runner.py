@@ -43,8 +43,9 @@ def num_blocks_for_budget(kv_cache_memory, config: ModelConfig, dtype, block_siz
 class ModelRunner:
     """Runs prefill and decode steps of `model` over a paged KV pool of `num_blocks` blocks.
 
-    batch_invariant: run the forward, LM head and log-probs in that mode's fixed-order ops (its chunk
-    must be block_size; no CUDA graphs), so each token's log-prob is independent of the batch.
+    batch_invariant: run the forward, LM head and log-probs in that mode's primitives (its chunk must
+    be block_size; decode steps are CUDA graphs of the mode's walk), so each token's log-prob is
+    independent of the batch.
     """
 
     # Decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits. Every 16
@@ -66,7 +67,7 @@ class ModelRunner:
         self.kv_caches = [(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(c.num_layers)]
         self.max_blocks_per_seq = -(-c.max_model_len // block_size)
         self.graphs = None
-        if use_cuda_graphs and self.device.type == "cuda" and batch_invariant is None:
+        if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = _DecodeGraphs(self, max_num_seqs)
 
     @torch.inference_mode()
@@ -80,32 +81,34 @@ class ModelRunner:
         host = torch.stack([tokens.double(), logprobs.double()]).tolist()
         return [int(t) for t in host[0]], host[1]
 
-    def _run_default(self, seqs: list[Sequence], is_prefill: bool):
+    def forward_step(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The model's forward over the pages (the default kernels, or the batch-invariant walk):
+        input_ids, positions [N] -> final hidden states [N, hidden]. What a decode graph captures."""
+        if self.batch_invariant is not None:
+            return self.batch_invariant.paged_hidden(self.model, input_ids, positions, meta, self.kv_caches)
+        return self.model(input_ids, positions, meta, self.kv_caches)
+
+    def _hidden(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """Final hidden states [B, hidden] of each sequence's last token."""
         if is_prefill:
             input_ids, positions, meta, last = self._prepare_prefill(seqs)
-            hidden = self.model(input_ids, positions, meta, self.kv_caches)[last]
-        else:
-            input_ids, positions, meta = self._prepare_decode(seqs)
-            if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
-                hidden = self.graphs.replay(input_ids, positions, meta)
-            else:
-                hidden = self.model(input_ids, positions, meta, self.kv_caches)
+            return self.forward_step(input_ids, positions, meta)[last]
+        input_ids, positions, meta = self._prepare_decode(seqs)
+        if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
+            return self.graphs.replay(input_ids, positions, meta)
+        return self.forward_step(input_ids, positions, meta)
+
+    def _run_default(self, seqs: list[Sequence], is_prefill: bool):
         # [B, V] in the model's dtype: the fused sampler reads it as it is; an fp32 copy would
         # write and read the logits twice more.
-        logits = self.model.lm_head(hidden)
+        logits = self.model.lm_head(self._hidden(seqs, is_prefill))
         return sample(logits, *self._prepare_sampling(seqs))
 
     def _run_invariant(self, seqs: list[Sequence], is_prefill: bool):
-        """The batch-invariant step: the draw as usual (from invariant logits), the log-prob by the
-        mode's own log-softmax, the one the trainer's old log-probs use."""
-        mode, last = self.batch_invariant, None
-        if is_prefill:
-            input_ids, positions, meta, last = self._prepare_prefill(seqs)
-        else:
-            input_ids, positions, meta = self._prepare_decode(seqs)
-        hidden = mode.paged_hidden(self.model, input_ids, positions, meta, self.kv_caches,
-                                   max(s.num_tokens for s in seqs))
-        logits = mode.logits(hidden if last is None else hidden[last], self.model.lm_head.weight)  # [B, V] fp32
+        """The batch-invariant step: the draw as usual (from invariant fp32 logits), the log-prob by
+        the mode's own log-softmax, the one the trainer's old log-probs use."""
+        mode = self.batch_invariant
+        logits = mode.logits(self._hidden(seqs, is_prefill), self.model.lm_head.weight)  # [B, V] fp32
         sampling = self._prepare_sampling(seqs)
         tokens, _ = sample(logits, *sampling)
         return tokens, mode.sampler_logprobs(logits, tokens, sampling[0])
@@ -162,7 +165,8 @@ class ModelRunner:
 
 
 class _DecodeGraphs:
-    """CUDA graphs of the decode forward (up to the final norm) at GRAPH_BATCH_SIZES.
+    """CUDA graphs of the decode forward (`ModelRunner.forward_step`, up to the final norm) at
+    GRAPH_BATCH_SIZES.
 
     Inputs live in static buffers; padding rows carry slot -1 (nothing written) and context length 0
     (nothing read), so a batch of 5 replays the graph of 8 and keeps the first 5 rows.
@@ -191,7 +195,7 @@ class _DecodeGraphs:
     def _forward(self, b: int):
         meta = AttentionMetadata(is_decode=True, slot_mapping=self.slot_mapping[:b],
                                  context_lens=self.context_lens[:b], block_tables=self.block_tables[:b])
-        self.hidden[:b] = self.runner.model(self.input_ids[:b], self.positions[:b], meta, self.runner.kv_caches)
+        self.hidden[:b] = self.runner.forward_step(self.input_ids[:b], self.positions[:b], meta)
 
     @torch.inference_mode()
     def _capture(self, sizes, capture: bool):

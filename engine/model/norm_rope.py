@@ -26,7 +26,9 @@ def rows_per_program(row_elements: int) -> int:
     return max(1, TILE // row_elements)
 
 
-@triton.jit
+# Row counts are not specialized on (== 1, multiple of 16): a row's code is the same at batch 1 and
+# in a training pack, which the batch-invariant mode relies on.
+@triton.jit(do_not_specialize=["n_rows"])
 def _add_rms_norm_kernel(
     x_ptr,  # [R, C] input rows
     residual_ptr,  # [R, C] residual rows; overwritten with x + residual when HAS_RESIDUAL
@@ -97,7 +99,7 @@ def _check_norm(x, weight, residual):
         raise ValueError(f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _rope_kernel(
     x_ptr,  # [N, heads, D] q or k rows, rotated in place
     cos_ptr,  # [N, D] cos of each token's position (both halves equal)

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from kernel_testing import DEVICE
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -12,3 +14,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    """Seeded normal values on the tests' device (CUDA when there is one), in `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)

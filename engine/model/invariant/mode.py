@@ -1,15 +1,16 @@
 """`BatchInvariant`: the batch-invariant mode as an object handed to whoever computes a token's
 log-prob, the engine's runner (`LLM(..., batch_invariant=True)`) and the trainer's old-log-prob
-forward (`rollout.exact=true`). No global flag: the two sides share the object, and with it the one
-parameter both must agree on, the attention chunk (= the KV page size).
+forward (`rollout.exact=true`). No global flag: the two sides share the object, and with it the
+parameters both must agree on: the KV page size and the attention segment.
 
 What it guarantees: the sampler's log-prob of a sampled token equals, bit for bit, the log-prob that
 `head_logprobs(packed_hidden(...))` gives for the same token of the same sequence, whatever else is
 in either batch (batch size and order, pack layout, prefix sharing between the n samples of a prompt,
-preemption and recompute). Both sides run the same fixed-order ops (`ops`, `attention`, `decoder`) on
-the same weights; see `ops` for why the order cannot depend on the batch. Top-k/top-p filter the
-draw only: the log-prob reported is under softmax(logits / temperature), the distribution the
-trainer's `old_logprobs` are taken under.
+preemption and recompute). Both sides run the same primitives (`primitives`: fixed-order torch ops
+on the CPU, fixed-tile Triton kernels on GPUs) through the same decoder walk (`decoder`) on the same
+weights, and read keys through the same kind of page table. Top-k/top-p filter the draw only: the
+log-prob reported is under softmax(logits / temperature), the distribution the trainer's
+`old_logprobs` are taken under.
 """
 from __future__ import annotations
 
@@ -18,21 +19,28 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import AttentionMetadata, store_kv
-from . import ops
-from .attention import chunked_attention, packed_chunks, paged_chunks
 from .decoder import decoder_hidden
+from .primitives import primitives_for
+
+# Logits held at once by `head_logprobs`, in fp32 elements (256 MiB): more rows run in pieces.
+LOGIT_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
 class BatchInvariant:
-    """chunk_size: keys per attention chunk, the KV block size of the engine the tokens come from."""
+    """chunk_size: the KV block size of the engine the tokens come from (the page of the key tables).
+    segment: keys per attention segment of the GPU kernel (a power of two >= 16); the CPU path
+    reduces page by page and does not use it."""
 
     chunk_size: int
+    segment: int = 256
 
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
             raise ValueError(f"BatchInvariant.chunk_size={self.chunk_size!r} is invalid: expected an int >= 1 "
                              "(the KV block size)")
+        if not isinstance(self.segment, int) or self.segment < 16 or self.segment & (self.segment - 1):
+            raise ValueError(f"BatchInvariant.segment={self.segment!r} is invalid: expected a power of two >= 16")
 
     def packed_hidden(self, model, input_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
         """The training forward: input_ids [N] holding sequences of `seqlens` back to back (positions
@@ -40,62 +48,88 @@ class BatchInvariant:
         if sum(seqlens) != input_ids.shape[0] or min(seqlens, default=0) < 1:
             raise ValueError(f"seqlens={seqlens} must be positive and sum to {input_ids.shape[0]}")
         lens = torch.tensor(seqlens, device=input_ids.device)
-        starts = torch.repeat_interleave(lens.cumsum(0) - lens, lens)  # [N] start of each token's sequence
-        positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
-        return decoder_hidden(model, input_ids, positions,
-                              self._packed_attend(positions, starts, max(seqlens)))
+        starts = lens.cumsum(0) - lens
+        seq_index = torch.repeat_interleave(torch.arange(len(seqlens), device=input_ids.device), lens)
+        positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts[seq_index]
+        attend = self._fresh_attend(model, positions, seq_index, starts, max(seqlens))
+        return decoder_hidden(model, input_ids, positions, attend, self._prims(model))
 
     def paged_hidden(self, model, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                     kv_caches: list, max_len: int) -> torch.Tensor:
+                     kv_caches: list) -> torch.Tensor:
         """A prefill or decode step against the paged cache: input_ids, positions [N], the runner's
-        metadata, per-layer (k_cache, v_cache) whose block size is chunk_size, max_len the longest
-        sequence (cached + new tokens) -> hidden [N, hidden]. New K/V are stored before attending."""
+        metadata, per-layer (k_cache, v_cache) whose block size is chunk_size -> hidden [N, hidden].
+        New K/V are stored before attending. No host sync (a decode step can be a CUDA graph)."""
         block_size = kv_caches[0][0].shape[1]
         if block_size != self.chunk_size:
             raise ValueError(f"KV block size {block_size} != BatchInvariant.chunk_size {self.chunk_size}: "
-                             "pages and attention chunks must align")
+                             "pages and the key tables must align")
+        device = input_ids.device
+        prims = self._prims(model)
         if meta.block_tables is None:  # a prefill with nothing cached: the new tokens are whole sequences
-            seqlens = torch.tensor(meta.seqlens_q, device=input_ids.device)
-            starts = torch.repeat_interleave(meta.cu_seqlens_q[:-1].long(), seqlens)
-            attend_fresh = self._packed_attend(positions, starts, max_len)
-        elif meta.is_decode:
-            row_seq = torch.arange(input_ids.shape[0], device=input_ids.device)
+            seq_index = torch.repeat_interleave(torch.arange(len(meta.seqlens_q), device=device),
+                                                torch.tensor(meta.seqlens_q, device=device))
+            fresh = self._fresh_attend(model, positions, seq_index, meta.cu_seqlens_q[:-1].long(),
+                                       max(meta.seqlens_q))
+
+            def attend(layer, q, k, v):
+                store_kv(k, v, *kv_caches[layer], meta.slot_mapping)
+                return fresh(layer, q, k, v)
+            return decoder_hidden(model, input_ids, positions, attend, prims)
+        if meta.is_decode:
+            seq_index = torch.arange(input_ids.shape[0], device=device)
         else:
-            row_seq = torch.repeat_interleave(torch.arange(len(meta.seqlens_q), device=input_ids.device),
-                                              torch.tensor(meta.seqlens_q, device=input_ids.device))
-        num_chunks = -(-max_len // self.chunk_size)
+            seq_index = torch.repeat_interleave(torch.arange(len(meta.seqlens_q), device=device),
+                                                torch.tensor(meta.seqlens_q, device=device))
+        page_table = (meta.block_tables.clamp(min=0) * self.chunk_size).to(torch.int32)  # -1 padding -> row 0
+        max_position = meta.block_tables.shape[1] * self.chunk_size - 1  # the table's reach: a host int
 
         def attend(layer, q, k, v):
             k_cache, v_cache = kv_caches[layer]
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-            if meta.block_tables is None:
-                return attend_fresh(layer, q, k, v)
-            source = paged_chunks(k_cache, v_cache, meta.block_tables, row_seq)
-            return chunked_attention(q, positions, source, num_chunks, self.chunk_size)
-        return decoder_hidden(model, input_ids, positions, attend)
+            return prims.attention(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), positions, seq_index,
+                                   page_table, self.chunk_size, self.segment, max_position)
+        return decoder_hidden(model, input_ids, positions, attend, prims)
 
-    def _packed_attend(self, positions, starts, max_len: int):
-        num_chunks = -(-max_len // self.chunk_size)
+    def _fresh_attend(self, model, positions, seq_index, starts, max_len: int):
+        """Attention over the K/V of this forward's own tokens (a pack, or a prefill with nothing
+        cached): starts [S] int64 index of each sequence's first token."""
+        width = -(-max_len // self.chunk_size)
+        offsets = torch.arange(width, device=starts.device) * self.chunk_size
+        page_table = (starts[:, None] + offsets).to(torch.int32)  # [S, W] a page = chunk_size tokens
+        prims = self._prims(model)
 
         def attend(layer, q, k, v):
-            return chunked_attention(q, positions, packed_chunks(k, v, starts, self.chunk_size), num_chunks,
-                                     self.chunk_size)
+            return prims.attention(q, k.contiguous(), v.contiguous(), positions, seq_index, page_table,
+                                   self.chunk_size, self.segment, max_len - 1)
         return attend
+
+    @staticmethod
+    def _prims(model):
+        return primitives_for(next(model.parameters()))
 
     @staticmethod
     def logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """hidden [M, H] @ LM head weight [V, H].T -> fp32 logits [M, V] (not rounded to the weight's dtype)."""
-        return ops.linear(hidden, weight, out_dtype=torch.float32)
+        return primitives_for(hidden).linear(hidden, weight, out_dtype=torch.float32)
 
     @staticmethod
     def sampler_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
         """The sampler's log-probs: logits [B, V] fp32, tokens [B], temperatures [B] fp32 (0 = greedy,
         reported at temperature 1 as the default sampler does) -> fp32 [B]."""
-        return ops.token_logprobs(logits, tokens, torch.where(temperatures > 0, temperatures, 1.0))
+        prims = primitives_for(logits)
+        return prims.row_logprobs(logits, tokens, torch.where(temperatures > 0, temperatures, 1.0))[0]
 
     def head_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                       temperature: float, with_entropy: bool = False):
         """The trainer's log-probs: hidden [M, H] (rows predicting labels [M]), LM head weight [V, H]
-        -> fp32 log-probs [M] under softmax(logits / temperature) (and the entropy [M] with_entropy)."""
+        -> fp32 log-probs [M] under softmax(logits / temperature) (and the entropy [M] with_entropy).
+        The logits exist for a piece of the rows at a time."""
+        prims = primitives_for(hidden)
         temperatures = torch.full(labels.shape, temperature, dtype=torch.float32, device=hidden.device)
-        return ops.token_logprobs(self.logits(hidden, weight), labels, temperatures, with_entropy)
+        step = max(32, LOGIT_ELEMENTS // weight.shape[0] // 32 * 32)  # whole 32-row tiles per piece
+        pieces = [prims.row_logprobs(self.logits(hidden[i:i + step], weight), labels[i:i + step],
+                                     temperatures[i:i + step]) for i in range(0, hidden.shape[0], step)]
+        logp = torch.cat([p[0] for p in pieces]) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+        if not with_entropy:
+            return logp
+        return logp, torch.cat([p[1] for p in pieces]) if pieces else logp.clone()

@@ -1,13 +1,16 @@
 """The batch-invariant mode end to end: the sampler's log-prob of every sampled token equals, bit for
 bit, a separate training forward of the same tokens, whatever the batch the token was generated in
 (alone, in a batch of 7, after a preemption, among n=4 samples sharing prompt blocks) and whatever the
-pack it is scored in, on tiny Llama, Qwen2 and Qwen3 models."""
+pack it is scored in, on tiny Llama, Qwen2 and Qwen3 models: on the CPU's fixed-order torch ops, and
+on the Triton kernels a GPU runs (here under the interpreter, on fewer cases: it is slow)."""
 import pytest
 import torch
 
+from fusedrl import kernels
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.runner import kv_bytes_per_block
 from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.model.invariant import BatchInvariant
 from fusedrl.engine.stages.ppo.rollout import pack_rollout
 from engine_testing import random_prompts
 from invariant_testing import one_thread  # noqa: F401 (autouse fixture)
@@ -22,13 +25,15 @@ SAMPLING = {
 }
 
 
-def exact_llm(path, dtype="float32", blocks=None):
-    """An engine in the exact mode; `blocks` limits the pool (preemption)."""
+def exact_llm(path, dtype="float32", blocks=None, segment=256):
+    """An engine in the exact mode; `blocks` limits the pool (preemption); `segment` is the Triton
+    attention's (the CPU path does not use it)."""
     memory = None
     if blocks is not None:
         config = LLM(path, dtype=dtype, kv_cache_memory=1 << 20).config
         memory = blocks * kv_bytes_per_block(config, getattr(torch, dtype), BLOCK)
-    return LLM(path, dtype=dtype, block_size=BLOCK, kv_cache_memory=memory, batch_invariant=True)
+    return LLM(path, dtype=dtype, block_size=BLOCK, kv_cache_memory=memory,
+               batch_invariant=BatchInvariant(BLOCK, segment))
 
 
 def training_logprobs(llm, prompts, responses, temperature):
@@ -42,15 +47,15 @@ def training_logprobs(llm, prompts, responses, temperature):
     return [row.tolist() for row in logp.split(packed.target_counts)]
 
 
-def compositions(path, dtype):
+def compositions(path, dtype, segment=256):
     """name -> (prompts, completions) of the same prompt generated in different batches."""
     prompts = random_prompts(LENGTHS, seed=11)
     target = prompts[1]
     return prompts, target, {
-        "alone": lambda p: [exact_llm(path, dtype).generate(target, p)[0]],
-        "batch_of_7": lambda p: exact_llm(path, dtype).generate(prompts, p),
-        "preempted": lambda p: _preempted(path, dtype, prompts, p),
-        "n4": lambda p: exact_llm(path, dtype).generate([target, prompts[3]], _with(p, n=4)),
+        "alone": lambda p: [exact_llm(path, dtype, segment=segment).generate(target, p)[0]],
+        "batch_of_7": lambda p: exact_llm(path, dtype, segment=segment).generate(prompts, p),
+        "preempted": lambda p: _preempted(path, dtype, prompts, p, segment),
+        "n4": lambda p: exact_llm(path, dtype, segment=segment).generate([target, prompts[3]], _with(p, n=4)),
     }
 
 
@@ -58,8 +63,8 @@ def _with(params, **fields):
     return SamplingParams(**{**params.__dict__, **fields})
 
 
-def _preempted(path, dtype, prompts, params):
-    llm = exact_llm(path, dtype, blocks=14)
+def _preempted(path, dtype, prompts, params, segment):
+    llm = exact_llm(path, dtype, blocks=14, segment=segment)
     outputs = llm.generate(prompts, params)
     assert llm.scheduler.num_preemptions > 0
     return outputs
@@ -70,26 +75,52 @@ def rows_of(outputs):
     return [(o.prompt_token_ids, c.token_ids, c.logprobs) for o in outputs for c in o.outputs]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("sampling", list(SAMPLING))
-def test_sampler_logprobs_equal_a_training_forward_bit_for_bit(model_dirs, arch, sampling):
-    path, _ = model_dirs[arch]
-    params = SAMPLING[sampling]
-    prompts, target, runs = compositions(path, "float32")
-    scorer = exact_llm(path)  # the trainer: its own engine object, the same weights
+def check_compositions(path, dtype, params, names, segment=256, reverse=True):
+    """Every sampled token's log-prob == the training forward's, scored in one pack (and in the
+    reversed pack); the target prompt's seeded completion is the same in every batch, tokens and
+    log-probs."""
+    prompts, target, runs = compositions(path, dtype, segment)
+    scorer = exact_llm(path, dtype, segment=segment)  # the trainer: its own engine object, the same weights
     of_target = {}
-    for name, run in runs.items():
-        rows = rows_of(run(params))
+    for name in names:
+        rows = rows_of(runs[name](params))
         ps, rs, sampler = zip(*rows)
-        # Scored in one pack (every row), and reversed (another pack layout): identical either way.
         trained = training_logprobs(scorer, list(ps), list(rs), params.temperature)
-        reversed_pack = training_logprobs(scorer, list(ps[::-1]), list(rs[::-1]), params.temperature)[::-1]
+        reversed_pack = training_logprobs(scorer, list(ps[::-1]), list(rs[::-1]), params.temperature)[::-1] \
+            if reverse else trained
         for r, (s, t, u) in enumerate(zip(sampler, trained, reversed_pack)):
             assert s == t == u, f"{name}, row {r}: sampler {s} vs training {t} / {u}"
         of_target[name] = [(r, lp) for p, r, lp in rows if p == target]
-    # The target prompt's (seeded) completion is the same in every batch, tokens and log-probs.
-    first = of_target["alone"][0]
+    first = of_target[names[0]][0]
     assert all(rows[0] == first for rows in of_target.values()), of_target
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("sampling", list(SAMPLING))
+def test_sampler_logprobs_equal_a_training_forward_bit_for_bit(model_dirs, arch, sampling):
+    check_compositions(model_dirs[arch][0], "float32", SAMPLING[sampling], ["alone", "batch_of_7", "preempted", "n4"])
+
+
+# (arch, dtype, sampling, compositions, attention segment, also score the reversed pack): each model
+# family, both dtypes, the four compositions, greedy / temperature / top-p, two pack layouts, and
+# segments merged (16 keys: sequences reach 19). Short completions: the interpreter runs every program
+# of every kernel in Python.
+TRITON_CASES = {
+    "llama-fp32-top_p": ("llama", "float32", _with(SAMPLING["t07_top_p"], max_new_tokens=4), ["alone", "batch_of_7"],
+                         256, False),
+    "qwen2-fp32-greedy": ("qwen2", "float32", _with(SAMPLING["greedy"], max_new_tokens=6), ["alone", "preempted"],
+                          16, True),
+    "qwen3-bf16-t1": ("qwen3", "bfloat16", _with(SAMPLING["t1"], max_new_tokens=6), ["alone", "n4"], 16, False),
+}
+
+
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_the_triton_path_is_bit_exact_too(model_dirs, case):
+    """The kernels a GPU runs (fixed-tile matmul, segment attention, fused norm/RoPE/SiLU, per-row
+    log-softmax), interpreted on the CPU."""
+    arch, dtype, params, names, segment, reverse = TRITON_CASES[case]
+    with kernels.use_backend("triton"):
+        check_compositions(model_dirs[arch][0], dtype, params, names, segment, reverse)
 
 
 def test_bf16_weights_are_bit_exact_too(model_dirs):
@@ -116,5 +147,27 @@ def test_exact_mode_agrees_with_the_default_engine_within_rounding(model_dirs):
 
 def test_bad_mode_arguments_are_rejected(model_dirs):
     path, _ = model_dirs["qwen2"]
-    with pytest.raises(ValueError, match="batch_invariant='yes' must be True or False"):
+    with pytest.raises(ValueError, match="batch_invariant='yes' must be True, False or a BatchInvariant"):
         LLM(path, batch_invariant="yes")
+    with pytest.raises(ValueError, match="batch_invariant.chunk_size=8 must be the block_size 4"):
+        LLM(path, block_size=4, batch_invariant=BatchInvariant(8))
+
+
+def test_the_decode_graph_path_keeps_the_bits(model_dirs):
+    """On a GPU the exact mode's decode steps are CUDA graphs: static buffers, batches padded with
+    rows of slot -1 and position 0 over a full-width block table. That bookkeeping, replayed eagerly
+    here on the Triton path, gives the same tokens and log-probs as the eager steps."""
+    from fusedrl.engine.inference.runner import _DecodeGraphs
+
+    path = model_dirs["qwen2"][0]
+    prompts = random_prompts([5, 13, 2], seed=3)
+    params = [SamplingParams(temperature=1.0, max_new_tokens=n, seed=7) for n in (5, 3, 2)]  # batches 3, 2, 1
+    with kernels.use_backend("triton"):
+        eager = rows_of(exact_llm(path).generate(prompts, params))
+        llm = exact_llm(path)
+        llm.runner.graphs = _DecodeGraphs(llm.runner, max_num_seqs=4, capture=False)
+        replayed = []
+        replay = llm.runner.graphs.replay
+        llm.runner.graphs.replay = lambda ids, *a: replayed.append(len(ids)) or replay(ids, *a)
+        assert rows_of(llm.generate(prompts, params)) == eager
+    assert 3 in replayed  # a batch that ran padded (in the 4-row buffers)

@@ -1,21 +1,15 @@
-"""The batch-invariant mode's GPU matmul (fixed tiles, no split-K) under the Triton interpreter: close
+"""The batch-invariant mode's GPU matmul (fixed tiles, K split by K alone) under the Triton interpreter: close
 to the float64 product, and each row's result the same bits whatever else is in the batch (alone,
 among 7 or 70 rows, reordered), which is what makes the sampler's and the trainer's forwards agree."""
-import os
-
 import pytest
 import torch
 
-from fusedrl.engine.model.invariant.matmul import BLOCK_K, BLOCK_M, linear_fixed_tiles
+from fusedrl.engine.model.invariant import matmul
+from fusedrl.engine.model.invariant.matmul import BLOCK_K, BLOCK_M, SPLIT_K, linear_fixed_tiles
+from invariant_testing import randn
+from kernel_testing import DEVICE, needs_triton
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def randn(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+pytestmark = needs_triton
 
 
 def reference(x, w, bias):
@@ -24,7 +18,8 @@ def reference(x, w, bias):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("n,k,o", [(1, 1, 1), (7, 70, 33), (40, BLOCK_K + 3, 130), (3, 2 * BLOCK_K, 64)])
+@pytest.mark.parametrize("n,k,o", [(1, 1, 1), (7, 70, 33), (40, BLOCK_K + 3, 130), (3, 2 * BLOCK_K, 64),
+                                   (5, 2 * SPLIT_K + 70, 9)])  # the last: K in 3 pieces
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_close_to_float64(dtype, tol, n, k, o, with_bias):
     x, w = randn(n, k, dtype=dtype, seed=1), randn(o, k, dtype=dtype, seed=2)
@@ -39,8 +34,9 @@ def test_close_to_float64(dtype, tol, n, k, o, with_bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_row_is_the_same_bits_in_any_batch(dtype):
-    k, o = BLOCK_K * 2 + 5, 70
+@pytest.mark.parametrize("k", [BLOCK_K * 2 + 5, SPLIT_K + 3])  # one piece of K; two
+def test_a_row_is_the_same_bits_in_any_batch(dtype, k):
+    o = 70
     x, w, bias = randn(2 * BLOCK_M + 6, k, dtype=dtype, seed=4), randn(o, k, dtype=dtype, seed=5), randn(o, seed=6)
     whole = linear_fixed_tiles(x, w, bias.to(dtype), out_dtype=torch.float32)
     for i in (0, 5, BLOCK_M + 1, x.shape[0] - 1):
@@ -63,3 +59,11 @@ def test_mixed_dtypes_empty_shapes_and_bad_arguments():
         linear_fixed_tiles(randn(2, 3), randn(4, 5))
     with pytest.raises(ValueError, match="bias"):
         linear_fixed_tiles(randn(2, 3), randn(4, 3), randn(5))
+
+
+def test_split_pieces_of_rows_change_nothing(monkeypatch):
+    """With K split, rows run in pieces of whole tiles when the partial sums would not fit at once."""
+    x, w, bias = randn(3 * BLOCK_M + 5, SPLIT_K + 40, seed=8), randn(20, SPLIT_K + 40, seed=9), randn(20, seed=10)
+    whole = linear_fixed_tiles(x, w, bias)
+    monkeypatch.setattr(matmul, "PARTIAL_ELEMENTS", 2 * 20 * BLOCK_M)  # one tile of rows per piece
+    assert torch.equal(linear_fixed_tiles(x, w, bias), whole)

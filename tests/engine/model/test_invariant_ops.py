@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedrl.engine.model.invariant import BatchInvariant, ops
-from fusedrl.engine.model.invariant.attention import chunked_attention, packed_chunks, paged_chunks
+from fusedrl.engine.model.invariant.attention import chunked_attention
 from fusedrl.engine.model.norm_rope import rms_norm_torch
 from invariant_testing import one_thread  # noqa: F401 (autouse fixture)
 
@@ -76,10 +76,13 @@ def sdpa_packed(q, k, v, seqlens):
 
 
 def packed_attention(q, k, v, seqlens, chunk):
+    """chunked_attention over a pack: the page table holds each sequence's start + j * chunk."""
     lens = torch.tensor(seqlens)
-    starts = torch.repeat_interleave(lens.cumsum(0) - lens, lens)
-    positions = torch.arange(q.shape[0]) - starts
-    return chunked_attention(q, positions, packed_chunks(k, v, starts, chunk), -(-max(seqlens) // chunk), chunk)
+    starts = lens.cumsum(0) - lens
+    seq_index = torch.repeat_interleave(torch.arange(len(seqlens)), lens)
+    positions = torch.arange(q.shape[0]) - starts[seq_index]
+    table = (starts[:, None] + torch.arange(-(-max(seqlens) // chunk)) * chunk).int()
+    return chunked_attention(q, k, v, positions, seq_index, table, chunk)
 
 
 def test_chunked_attention_matches_sdpa_and_ignores_the_pack():
@@ -104,8 +107,8 @@ def test_paged_chunks_give_the_packed_bits_even_with_garbage_past_the_context():
     for pos in range(length):
         block, offset = table[0, pos // chunk], pos % chunk
         k_cache[block, offset], v_cache[block, offset] = k[pos], v[pos]
-    source = paged_chunks(k_cache, v_cache, table, torch.tensor([0]))
-    decoded = chunked_attention(q[-1:], torch.tensor([length - 1]), source, 4, chunk)
+    decoded = chunked_attention(q[-1:], k_cache.flatten(0, 1), v_cache.flatten(0, 1), torch.tensor([length - 1]),
+                                torch.tensor([0]), table.clamp(min=0) * chunk, chunk)
     assert torch.equal(decoded, packed[-1:])
 
 
@@ -117,4 +120,7 @@ def test_mode_arguments_are_checked():
     cache = torch.empty(2, 8, 1, 16)  # block size 8
     with pytest.raises(ValueError, match="KV block size 8 != BatchInvariant.chunk_size 4"):
         BatchInvariant(4).paged_hidden(None, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                                       None, [(cache, cache)], 1)
+                                       None, [(cache, cache)])
+    for segment in (8, 48, "64"):
+        with pytest.raises(ValueError, match=f"BatchInvariant.segment={segment!r} is invalid: expected a power of two"):
+            BatchInvariant(4, segment)

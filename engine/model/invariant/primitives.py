@@ -1,0 +1,73 @@
+"""The batch-invariant mode's primitives, one set per place they run, chosen by the tensors' device.
+
+- `FIXED_ORDER_TORCH` (the CPU): `ops`' fixed trees of elementwise torch ops and `chunked_attention`.
+- `TRITON` (CUDA, and CPU tensors where kernels' backend override asks for Triton under
+  TRITON_INTERPRET=1, which is how the tests run this path without a GPU): the fixed-tile matmul, the
+  engine's own fused RMSNorm, RoPE and SiLU*up kernels (one program's arithmetic per row or element,
+  its tiles fixed by the row width: invariant as they are), the segment attention kernel and the
+  per-row log-softmax.
+
+The sampler and the trainer run on one device and so get the same set; the two sets are not bitwise
+equal to each other (nor need to be). Every function keeps its arguments' meaning across the sets.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from ..attention import use_triton
+from ..mlp_kernels import silu_mul_triton
+from ..norm_rope import add_rms_norm_triton, rope_torch, rope_triton_
+from . import ops
+from .attention import chunked_attention
+from .attention_kernels import segment_attention
+from .logprob_kernels import row_logprobs
+from .matmul import linear_fixed_tiles
+
+
+def _torch_add_rms_norm(x, residual, weight, eps):
+    if residual is not None:
+        x = residual + x
+    return ops.rms_norm(x, weight, eps), x
+
+
+def _triton_add_rms_norm(x, residual, weight, eps):
+    if residual is None:
+        return add_rms_norm_triton(x, weight, eps), x
+    return add_rms_norm_triton(x, weight, eps, residual), residual  # residual += x, in place
+
+
+def _torch_attention(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position):
+    return chunked_attention(q, k_rows, v_rows, positions, seq_index, page_table, page)
+
+
+FIXED_ORDER_TORCH = SimpleNamespace(
+    name="fixed-order torch",
+    # x [N, K], weight [O, K], bias [O] or None -> [N, O] in out_dtype (default x's)
+    linear=ops.linear,
+    # (x, residual or None, weight, eps) -> (RMSNorm(x + residual), x + residual)
+    add_rms_norm=_torch_add_rms_norm,
+    # q [N, H, D], k [N, Hkv, D], cos/sin [N, D] -> rotated (q, k)
+    rope=lambda q, k, cos, sin: (rope_torch(q, cos, sin), rope_torch(k, cos, sin)),
+    silu_mul=lambda gate, up: ops.silu(gate) * up,
+    # (q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position) -> [N, H, D]
+    attention=_torch_attention,
+    # (logits [R, V] fp32, tokens [R], temperatures [R]) -> (logp [R], entropy [R])
+    row_logprobs=lambda logits, tokens, temperatures: ops.token_logprobs(logits, tokens, temperatures, True),
+)
+
+TRITON = SimpleNamespace(
+    name="triton",
+    linear=linear_fixed_tiles,
+    add_rms_norm=_triton_add_rms_norm,
+    rope=lambda q, k, cos, sin: (rope_triton_(q, cos, sin), rope_triton_(k, cos, sin)),  # in place
+    silu_mul=silu_mul_triton,
+    attention=segment_attention,
+    row_logprobs=row_logprobs,
+)
+
+
+def primitives_for(x: torch.Tensor) -> SimpleNamespace:
+    """The set for tensors like `x`: TRITON where the engine runs its Triton kernels, else FIXED_ORDER_TORCH."""
+    return TRITON if use_triton(x) else FIXED_ORDER_TORCH

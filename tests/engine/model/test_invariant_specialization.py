@@ -1,0 +1,72 @@
+"""On a GPU the batch-invariant mode needs more than equal arithmetic per program: the sampler's steps
+and the trainer's forward must run the SAME compiled kernels. Triton compiles one binary per
+specialization (dtypes, 16-byte alignment of pointers, ints equal to 1 or multiples of 16, constexprs,
+warps, stages), and two binaries may vectorize, and so reduce, differently. This records every launch
+of the mode's computing kernels under the interpreter (as bench/static_gpu.py does) during generation
+(prefill, decode at batch 3 and 1) and during the trainer's packed forward and head, and checks that
+each kernel was specialized identically on both sides."""
+import json
+import os
+
+import pytest
+import torch
+
+from fusedrl import kernels
+from fusedrl.engine.inference.llm import LLM
+from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.stages.ppo.rollout import pack_rollout
+from gpucheck.record import recording
+from engine_testing import random_prompts
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="records interpreted launches (TRITON_INTERPRET=1 on the CPU)")
+
+# The kernels whose arithmetic makes a token's log-prob (not the K/V store, not the draw).
+COMPUTING = ("_fixed_tile_linear_kernel", "_sum_pieces_kernel", "_add_rms_norm_kernel", "_rope_kernel",
+             "_silu_mul_kernel", "_segment_attention_kernel", "_merge_segments_kernel", "_row_logprobs_kernel")
+
+
+def specializations(launches: dict, jit_functions: dict) -> dict:
+    """kernel name -> set of specialization keys: as recorded, but without the ints the kernel
+    declares do_not_specialize (their value classes do not reach the compiler)."""
+    out = {}
+    for record in launches.values():
+        name = record["kernel"].split(":")[1]
+        if name not in COMPUTING:
+            continue
+        skip = set(jit_functions[name].kwargs.get("do_not_specialize") or ())
+        args = [(n, d) for n, d in record["args"] if n not in skip]
+        described = [(n, ("int", d["int"] == 1, d["int"] % 16 == 0) if "int" in d else
+                      ("float",) if "float" in d else sorted(d.items())) for n, d in args]
+        out.setdefault(name, set()).add(json.dumps([described, sorted(record["options"].items())], default=str))
+    return out
+
+
+def jit_functions():
+    from fusedrl.engine.model import mlp_kernels, norm_rope
+    from fusedrl.engine.model.invariant import attention_kernels, logprob_kernels, matmul
+    modules = (mlp_kernels, norm_rope, attention_kernels, logprob_kernels, matmul)
+    return {name: getattr(m, name) for m in modules for name in COMPUTING if hasattr(m, name)}
+
+
+@pytest.mark.parametrize("arch,dtype", [("qwen3", "bfloat16"), ("qwen2", "float32")])
+def test_sampler_and_trainer_launch_identically_specialized_kernels(model_dirs, arch, dtype):
+    path = model_dirs[arch][0]
+    prompts = random_prompts([9, 3, 6], seed=5)
+    params = SamplingParams(temperature=1.0, max_new_tokens=3, seed=1)
+    sampler_side, trainer_side = {}, {}
+    with kernels.use_backend("triton"):
+        llm = LLM(path, dtype=dtype, block_size=4, batch_invariant=True)
+        with recording(sampler_side):
+            outputs = llm.generate(prompts, params) + llm.generate(prompts[0], params)  # batches of 3, 1
+        mode = llm.batch_invariant
+        packed = pack_rollout([o.prompt_token_ids for o in outputs], [o.outputs[0].token_ids for o in outputs], "cpu")
+        with recording(trainer_side), torch.no_grad():
+            hidden = mode.packed_hidden(llm.model, packed.input_ids, packed.seqlens)
+            mode.head_logprobs(hidden.index_select(0, packed.target_rows), llm.model.lm_head.weight,
+                               packed.target_ids, temperature=1.0, with_entropy=True)
+    functions = jit_functions()
+    sampled, trained = specializations(sampler_side, functions), specializations(trainer_side, functions)
+    assert set(sampled) == set(trained) and len(sampled) >= 6, (sorted(sampled), sorted(trained))
+    for name in sampled:
+        assert sampled[name] == trained[name], f"{name}: sampler {sampled[name]} vs trainer {trained[name]}"
