@@ -134,6 +134,36 @@ def test_the_triton_path_is_bit_exact_too(one_layer_dirs, case):
         check_compositions(one_layer_dirs[arch], dtype, params, names, segment, reverse)
 
 
+def test_bf16_weights_are_bit_exact_too(model_dirs):
+    path, _ = model_dirs["qwen3"]
+    params = SAMPLING["t07_top_p"]
+    prompts = random_prompts(LENGTHS, seed=12)
+    llm = exact_llm(path, "bfloat16")
+    ps, rs, sampler = zip(*rows_of(llm.generate(prompts, _with(params, n=2))))
+    assert list(sampler) == training_logprobs(exact_llm(path, "bfloat16"), list(ps), list(rs), params.temperature)
+
+
+def test_exact_mode_agrees_with_the_default_engine_within_rounding(model_dirs):
+    """Same model, same distribution: only the rounding differs from the default kernels."""
+    path, _ = model_dirs["qwen2"]
+    prompts = random_prompts(LENGTHS, seed=13)
+    exact = exact_llm(path).generate(prompts, SAMPLING["greedy"])
+    default = LLM(path, dtype="float32", block_size=BLOCK).generate(prompts, SAMPLING["greedy"])
+    for e, d in zip(exact, default):
+        n = next((i for i, (a, b) in enumerate(zip(e.outputs[0].token_ids, d.outputs[0].token_ids)) if a != b),
+                 len(e.outputs[0].token_ids))  # compare up to a near-tie flipped by rounding, if any
+        torch.testing.assert_close(torch.tensor(e.outputs[0].logprobs[:n]), torch.tensor(d.outputs[0].logprobs[:n]),
+                                   atol=1e-4, rtol=0)
+
+
+def test_bad_mode_arguments_are_rejected(model_dirs):
+    path, _ = model_dirs["qwen2"]
+    with pytest.raises(ValueError, match="batch_invariant='yes' must be True, False or a BatchInvariant"):
+        LLM(path, batch_invariant="yes")
+    with pytest.raises(ValueError, match="batch_invariant.chunk_size=8 must be the block_size 4"):
+        LLM(path, block_size=4, batch_invariant=BatchInvariant(8))
+
+
 def test_the_decode_graph_path_keeps_the_bits(one_layer_dirs):
     """On a GPU the exact mode's decode steps are CUDA graphs: static buffers, batches padded with
     rows of slot -1 and position 0 over a full-width block table. That bookkeeping, replayed eagerly
