@@ -90,8 +90,8 @@ def _token_logprobs_fwd_kernel(
         edge_cols, edge = _edge_cols(begin, end, body_begin, body_end, ALIGN)
         z_edge = tl.load(logits_ptr + edge_cols, mask=edge, other=float("-inf")).to(tl.float32)
         m, s, t = online_update(tl.zeros([], dtype=tl.float32) - float("inf"),
-                                 tl.zeros([], dtype=tl.float32), tl.zeros([], dtype=tl.float32),
-                                 z_edge * inv_temperature, HAS_ENTROPY)
+                                tl.zeros([], dtype=tl.float32), tl.zeros([], dtype=tl.float32),
+                                z_edge * inv_temperature, HAS_ENTROPY)
         for start in range(0, body_end - body_begin, BLOCK_V):
             cols = body_begin + start + tl.arange(0, BLOCK_V)
             z = tl.load(logits_ptr + cols, mask=cols < body_end, other=float("-inf")).to(tl.float32)

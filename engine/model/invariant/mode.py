@@ -49,10 +49,11 @@ class BatchInvariant:
             raise ValueError(f"seqlens={seqlens} must be positive and sum to {input_ids.shape[0]}")
         lens = torch.tensor(seqlens, device=input_ids.device)
         starts = lens.cumsum(0) - lens
-        seq_index = torch.repeat_interleave(torch.arange(len(seqlens), device=input_ids.device), lens)
+        seq_index = _sequence_of_each_token(lens)
         positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts[seq_index]
-        attend = self._fresh_attend(model, positions, seq_index, starts, max(seqlens))
-        return decoder_hidden(model, input_ids, positions, attend, self._prims(model))
+        prims = self._prims(model)
+        attend = self._fresh_attend(prims, positions, seq_index, starts, max(seqlens))
+        return decoder_hidden(model, input_ids, positions, attend, prims)
 
     def paged_hidden(self, model, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                      kv_caches: list) -> torch.Tensor:
@@ -63,23 +64,19 @@ class BatchInvariant:
         if block_size != self.chunk_size:
             raise ValueError(f"KV block size {block_size} != BatchInvariant.chunk_size {self.chunk_size}: "
                              "pages and the key tables must align")
-        device = input_ids.device
         prims = self._prims(model)
+        if meta.is_decode:
+            seq_index = torch.arange(input_ids.shape[0], device=input_ids.device)
+        else:
+            seq_index = _sequence_of_each_token(torch.tensor(meta.seqlens_q, device=input_ids.device))
         if meta.block_tables is None:  # a prefill with nothing cached: the new tokens are whole sequences
-            seq_index = torch.repeat_interleave(torch.arange(len(meta.seqlens_q), device=device),
-                                                torch.tensor(meta.seqlens_q, device=device))
-            fresh = self._fresh_attend(model, positions, seq_index, meta.cu_seqlens_q[:-1].long(),
+            fresh = self._fresh_attend(prims, positions, seq_index, meta.cu_seqlens_q[:-1].long(),
                                        max(meta.seqlens_q))
 
             def attend(layer, q, k, v):
                 store_kv(k, v, *kv_caches[layer], meta.slot_mapping)
                 return fresh(layer, q, k, v)
             return decoder_hidden(model, input_ids, positions, attend, prims)
-        if meta.is_decode:
-            seq_index = torch.arange(input_ids.shape[0], device=device)
-        else:
-            seq_index = torch.repeat_interleave(torch.arange(len(meta.seqlens_q), device=device),
-                                                torch.tensor(meta.seqlens_q, device=device))
         page_table = (meta.block_tables.clamp(min=0) * self.chunk_size).to(torch.int32)  # -1 padding -> row 0
         max_position = meta.block_tables.shape[1] * self.chunk_size - 1  # the table's reach: a host int
 
@@ -90,13 +87,12 @@ class BatchInvariant:
                                    page_table, self.chunk_size, self.segment, max_position)
         return decoder_hidden(model, input_ids, positions, attend, prims)
 
-    def _fresh_attend(self, model, positions, seq_index, starts, max_len: int):
+    def _fresh_attend(self, prims, positions, seq_index, starts, max_len: int):
         """Attention over the K/V of this forward's own tokens (a pack, or a prefill with nothing
         cached): starts [S] int64 index of each sequence's first token."""
         width = -(-max_len // self.chunk_size)
         offsets = torch.arange(width, device=starts.device) * self.chunk_size
         page_table = (starts[:, None] + offsets).to(torch.int32)  # [S, W] a page = chunk_size tokens
-        prims = self._prims(model)
 
         def attend(layer, q, k, v):
             return prims.attention(q, k.contiguous(), v.contiguous(), positions, seq_index, page_table,
@@ -133,3 +129,8 @@ class BatchInvariant:
         if not with_entropy:
             return logp
         return logp, torch.cat([p[1] for p in pieces]) if pieces else logp.clone()
+
+
+def _sequence_of_each_token(lens: torch.Tensor) -> torch.Tensor:
+    """lens [S] int64 sequence lengths -> [sum(lens)] int64: each token's sequence, back to back."""
+    return torch.repeat_interleave(torch.arange(lens.shape[0], device=lens.device), lens)

@@ -43,7 +43,6 @@ def _torch_attention(q, k_rows, v_rows, positions, seq_index, page_table, page, 
 
 
 FIXED_ORDER_TORCH = SimpleNamespace(
-    name="fixed-order torch",
     # x [N, K], weight [O, K], bias [O] or None -> [N, O] in out_dtype (default x's)
     linear=ops.linear,
     # (x, residual or None, weight, eps) -> (RMSNorm(x + residual), x + residual)
@@ -58,7 +57,6 @@ FIXED_ORDER_TORCH = SimpleNamespace(
 )
 
 TRITON = SimpleNamespace(
-    name="triton",
     linear=linear_fixed_tiles,
     add_rms_norm=_triton_add_rms_norm,
     rope=lambda q, k, cos, sin: (rope_triton_(q, cos, sin), rope_triton_(k, cos, sin)),  # in place
