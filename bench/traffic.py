@@ -3,7 +3,8 @@ and the phases of one PPO iteration (traffic_ppo), on the path a GPU runs. On th
 kernels run in the interpreter (TRITON_INTERPRET=1, set here when no GPU is present).
 
 Decode configurations (DECODE_CONFIGS): batch 128 at context 33, top-p 1 (the first report's), and
-issue 12's bar, batch 128 at context 256, top-p 0.9.
+issue 12's bar, batch 128 at context 256, top-p 0.9. The exact mode's step next to the default's
+(EXACT_CONFIGS): batch 1 and 128 at context 256, issue 16's bar.
 
     python bench/traffic.py [--json OUT.json] [--table OUT.md] [--layers 2] [--no-ppo]
 """
@@ -22,10 +23,11 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from traffic_decode import decode_report, decode_table  # noqa: E402
+from traffic_decode import decode_report, decode_table, exact_mode_report, exact_mode_table  # noqa: E402
 from traffic_ppo import ppo_report, ppo_table  # noqa: E402
 
 DECODE_CONFIGS = ({"batch": 128, "context": 33, "top_p": 1.0}, {"batch": 128, "context": 256, "top_p": 0.9})
+EXACT_CONFIGS = ({"batch": 1, "context": 256, "top_p": 0.9}, {"batch": 128, "context": 256, "top_p": 0.9})
 
 
 def main(argv=None) -> int:
@@ -36,10 +38,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ppo", action="store_true", help="the decode reports only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    report = {"decode": [decode_report(layers=args.layers, device=args.device, **c) for c in DECODE_CONFIGS]}
+    report = {"decode": [decode_report(layers=args.layers, device=args.device, **c) for c in DECODE_CONFIGS],
+              "exact": [exact_mode_report(device=args.device, **c) for c in EXACT_CONFIGS]}
     if not args.no_ppo:
         report["ppo"] = ppo_report(device=args.device)
-    text = "\n".join([decode_table(r) for r in report["decode"]] + ([ppo_table(report["ppo"])] if "ppo" in report else []))
+    text = "\n".join([decode_table(r) for r in report["decode"]] + [exact_mode_table(r) for r in report["exact"]]
+                      + ([ppo_table(report["ppo"])] if "ppo" in report else []))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     if args.table:

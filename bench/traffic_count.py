@@ -7,9 +7,11 @@ tensor output once, and each tensor argument it mutates (`Tensor(a!)` in its sch
 inputs and outputs once, whatever it does inside); gathers read only what they gather (embedding,
 index_select, index: the output plus the indices); a scatter into a buffer (index_put_,
 index_copy_) reads and writes only the values put, not the whole buffer. The paged-KV ops touch
-only part of the pool they are given (PAGED_OPS): fusedrl::store_kv writes the new rows,
-fusedrl::paged_decode reads each sequence's context (and round-trips its fp32 split partials, the
-one intermediate it keeps in memory). Host syncs: item /
+only part of the pool they are given (OP_RULES): fusedrl::store_kv writes the new rows,
+fusedrl::paged_decode and the exact mode's fusedrl::segment_attention read each query's context
+(and round-trip their fp32 partial results, the one intermediate each keeps in memory); the exact
+mode's fusedrl::fixed_tile_linear also round-trips its fp32 partial tiles when it splits K. Host
+syncs: item /
 bool(tensor) / int(tensor) (aten._local_scalar_dense), nonzero and the other ops whose output size
 depends on data, tolist, cpu and numpy (patched on Tensor while counting).
 """
@@ -48,8 +50,31 @@ def _paged_decode_bytes(q, k_cache, v_cache, block_tables, context_lens, scale, 
     return small + context + partials, nbytes(q) + partials
 
 
-# (bytes read, bytes written) of ops given a whole KV pool but touching a part of it.
-PAGED_OPS = {"fusedrl::store_kv": _store_kv_bytes, "fusedrl::paged_decode": _paged_decode_bytes}
+def _segment_attention_bytes(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position,
+                             segment_programs):
+    heads, dim = q.shape[1:]
+    row = k_rows[0].numel() * k_rows.element_size()  # one token's K (or V) in this layer
+    context = int((positions + 1).sum()) * 2 * row
+    segments = int((positions // segment + 1).sum())
+    partials = segments * heads * (max(16, 1 << (dim - 1).bit_length()) + 2) * 4  # fp32 output, max and sum
+    small = nbytes(q) + nbytes(positions) + nbytes(seq_index) + nbytes(page_table)
+    return small + context + partials, nbytes(q) + partials
+
+
+def _fixed_tile_linear_bytes(x, weight, bias, out_dtype):
+    from fusedrl.engine.model.invariant.matmul import SPLIT_K
+    n, k = x.shape
+    out = n * weight.shape[0] * torch.empty(0, dtype=out_dtype).element_size()
+    pieces = -(-k // SPLIT_K)
+    partials = pieces * n * weight.shape[0] * 4 if pieces > 1 else 0  # fp32 partial tiles, then summed
+    return nbytes(x) + nbytes(weight) + (nbytes(bias) if bias is not None else 0) + partials, out + partials
+
+
+# (bytes read, bytes written) of ops that are not "each argument and result once": ops given a whole
+# KV pool but touching a part of it, and ops that keep an intermediate in memory.
+OP_RULES = {"fusedrl::store_kv": _store_kv_bytes, "fusedrl::paged_decode": _paged_decode_bytes,
+            "fusedrl::segment_attention": _segment_attention_bytes,
+            "fusedrl::fixed_tile_linear": _fixed_tile_linear_bytes}
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -64,8 +89,8 @@ def op_bytes(func, args, kwargs, out) -> tuple[int, int]:
     """(bytes read, bytes written) of one op by the rules above."""
     if func in FREE or getattr(func, "is_view", False):
         return 0, 0
-    if func.name() in PAGED_OPS:
-        return PAGED_OPS[func.name()](*args, **kwargs)
+    if func.name() in OP_RULES:
+        return OP_RULES[func.name()](*args, **kwargs)
     inputs, outputs = _tensors((args, kwargs)), _tensors(out)
     if func in GATHERS:
         indices = [t for t in inputs if not t.is_floating_point()]

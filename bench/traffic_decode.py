@@ -27,6 +27,8 @@ from fusedrl.engine.inference.sampler import sample_torch
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
+from fusedrl.engine.model.invariant import ops as invariant_ops
+from fusedrl.engine.model.invariant.attention import chunked_attention
 from fusedrl.engine.model.paged_kernels import paged_decode_torch
 from fusedrl.kernels import use_backend
 
@@ -41,6 +43,14 @@ QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, interm
 # Torch oracles of the fused ops too slow to interpret at full shape (see the module docstring).
 ORACLES = {"fusedrl::sample": lambda logits, *rest: sample_torch(logits.float(), *rest),
            "fusedrl::paged_decode": lambda *args: paged_decode_torch(*args[:6])}  # all but num_splits
+# The exact mode's own kernels: the CPU's fixed-order ops compute the same functions (not the same bits,
+# which the bytes do not depend on).
+EXACT_ORACLES = {
+    "fusedrl::fixed_tile_linear": lambda x, w, bias, out_dtype: invariant_ops.linear(x, w, bias, out_dtype),
+    "fusedrl::segment_attention": lambda q, k, v, positions, seq_index, table, page, *_: chunked_attention(
+        q, k, v, positions, seq_index, table, page),
+    "fusedrl::row_logprobs": lambda logits, tokens, temperatures: invariant_ops.token_logprobs(
+        logits, tokens, temperatures, True)}
 
 
 def qwen_like(layers: int, dtype: torch.dtype, device: str, **overrides) -> CausalLM:
@@ -84,19 +94,29 @@ def count_step(llm: LLM, seqs: list, stand_ins: dict) -> TrafficCounter:
     return counter
 
 
+def counted_step(batch: int, layers: int, context: int, top_p: float = 1.0, path: str = "triton",
+                 dtype=torch.bfloat16, device="cpu", oracles: bool = True, exact: bool = False, **overrides):
+    """(model, the step's sequences, its TrafficCounter, the stand-ins used) of one decode step of a
+    `layers`-layer model, in the exact mode (`LLM(batch_invariant=True)`) when `exact`."""
+    model = qwen_like(layers, dtype, device, **overrides)
+    pool = batch * (-(-context // BLOCK_SIZE) + 1) * kv_bytes_per_block(model.config, dtype, BLOCK_SIZE)
+    llm = LLM(model, kv_cache_memory=pool, block_size=BLOCK_SIZE, use_cuda_graphs=False, max_num_seqs=batch,
+              batch_invariant=exact)
+    stand_ins = {**ORACLES, **(EXACT_ORACLES if exact else {})} if oracles and path == "triton" and device == "cpu" \
+        else {}
+    with use_backend(path):
+        seqs = decode_batch(llm, batch, context, top_p)
+        return model, seqs, count_step(llm, seqs, stand_ins), stand_ins
+
+
 def decode_report(batch: int, layers: int, context: int, top_p: float = 1.0, path: str = "triton",
                   dtype=torch.bfloat16, device="cpu", oracles: bool = True, **overrides) -> dict:
     """The report of one decode step (see the module docstring). path: "triton" (the GPU path) or
     "torch" (the CPU fallback); oracles: on the CPU, compute the slow fused ops' results with
     ORACLES; `overrides` change the model's shape (tests use a tiny one)."""
-    model = qwen_like(layers, dtype, device, **overrides)
+    model, seqs, counter, stand_ins = counted_step(batch, layers, context, top_p, path, dtype, device, oracles,
+                                                   **overrides)
     c = model.config
-    pool = batch * (-(-context // BLOCK_SIZE) + 1) * kv_bytes_per_block(c, dtype, BLOCK_SIZE)
-    llm = LLM(model, kv_cache_memory=pool, block_size=BLOCK_SIZE, use_cuda_graphs=False, max_num_seqs=batch)
-    stand_ins = ORACLES if oracles and path == "triton" and device == "cpu" else {}
-    with use_backend(path):
-        seqs = decode_batch(llm, batch, context, top_p)
-        counter = count_step(llm, seqs, stand_ins)
     elem = torch.empty(0, dtype=dtype).element_size()
     kv_token = 2 * c.num_kv_heads * c.head_dim * elem  # K and V of one token in one layer
     tokens = sum(s.num_tokens for s in seqs)  # tokens the batch attends to at this step
@@ -134,4 +154,40 @@ def decode_table(report: dict) -> str:
               f"ratio {total['ratio']:.2f}",
               "host syncs per step: " + (", ".join(f"{k} {n}" for k, n in sorted(report["host_syncs"].items()))
                                          or "none")]
+    return "\n".join(lines) + "\n"
+
+
+def exact_mode_report(batch: int, context: int, top_p: float = 1.0, dtype=torch.bfloat16, device="cpu",
+                      oracles: bool = True, **overrides) -> dict:
+    """The exact mode's decode step next to the default's, counted the same way for both: the exact
+    walk calls no layer module, so a layer's bytes are the difference between a 2-layer and a
+    1-layer model's step, and the step is the 1-layer step plus 23 more layers."""
+    modes = {}
+    for name, exact in (("default", False), ("exact", True)):
+        totals, syncs = [], {}
+        for layers in (1, 2):
+            _, _, counter, _ = counted_step(batch, layers, context, top_p, "triton", dtype, device, oracles,
+                                            exact=exact, **overrides)
+            totals.append(sum(r + w for r, w in counter.bytes.values()))
+            syncs = dict(counter.syncs)
+        per_layer = totals[1] - totals[0]
+        modes[name] = {"per_layer": per_layer, "rest": totals[0] - per_layer,
+                       "step": totals[0] + (REAL_LAYERS - 1) * per_layer, "host_syncs": syncs}
+    return {"shape": {"model": "Qwen2.5-0.5B-shaped", "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+                      "context": context, "top_p": top_p, "extrapolated_layers": REAL_LAYERS, "device": device},
+            "modes": modes, "exact_over_default": modes["exact"]["step"] / modes["default"]["step"]}
+
+
+def exact_mode_table(report: dict) -> str:
+    """Markdown: the two modes' counted decode steps."""
+    mib = 2 ** 20
+    shape = report["shape"]
+    lines = [f"Exact mode vs default, decode step, {shape['model']} {shape['dtype']}, batch {shape['batch']}, "
+             f"context {shape['context']}, top-p {shape['top_p']}; layers extrapolated to "
+             f"{shape['extrapolated_layers']} from a 2-layer minus a 1-layer step.", "",
+             "| mode | per layer MiB | rest MiB | step MiB | host syncs |", "|---|---|---|---|---|"]
+    for name, m in report["modes"].items():
+        syncs = ", ".join(f"{k} {n}" for k, n in sorted(m["host_syncs"].items())) or "none"
+        lines.append(f"| {name} | {m['per_layer'] / mib:.2f} | {m['rest'] / mib:.2f} | {m['step'] / mib:.1f} | {syncs} |")
+    lines += ["", f"exact / default bytes per step: {report['exact_over_default']:.3f}"]
     return "\n".join(lines) + "\n"

@@ -58,6 +58,20 @@ def test_oracles_leave_the_counted_bytes_unchanged():
     assert with_oracles["regions"] == interpreted["regions"]
 
 
+def test_exact_mode_report_counts_both_modes_alike_with_or_without_oracles():
+    args = dict(batch=3, context=18, top_p=0.9, dtype=torch.float32, **TINY)
+    interpreted = traffic_decode.exact_mode_report(oracles=False, **args)
+    with_oracles = traffic_decode.exact_mode_report(oracles=True, **args)
+    assert with_oracles["modes"] == interpreted["modes"]
+    for mode in ("default", "exact"):
+        m = with_oracles["modes"][mode]
+        assert m["per_layer"] > 0 and m["rest"] > 0 and m["host_syncs"] == {"tolist": 1}
+        assert m["step"] == m["rest"] + 24 * m["per_layer"]
+    # the exact step moves more (fp32 logits read twice): more bytes, never fewer
+    assert with_oracles["exact_over_default"] > 1
+    assert "| exact |" in traffic_decode.exact_mode_table(with_oracles)
+
+
 def test_ppo_report_counts_every_phase_against_its_floor():
     shape = traffic_ppo.Shape(prompts=2, samples=2, prompt_len=5, new_tokens=3, minibatches=2, micro=1,
                               model=tuple(TINY.items()), layers=1)
