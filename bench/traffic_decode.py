@@ -152,9 +152,13 @@ def decode_table(report: dict) -> str:
     lines += ["", f"per layer: counted {per['counted_mean'] / mib:.2f} MiB, floor {per['floor'] / mib:.2f} MiB",
               f"step: counted {total['counted'] / mib:.1f} MiB, floor {total['floor'] / mib:.1f} MiB, "
               f"ratio {total['ratio']:.2f}",
-              "host syncs per step: " + (", ".join(f"{k} {n}" for k, n in sorted(report["host_syncs"].items()))
-                                         or "none")]
+              "host syncs per step: " + syncs_text(report["host_syncs"])]
     return "\n".join(lines) + "\n"
+
+
+def syncs_text(syncs: dict) -> str:
+    """"tolist 1, ..." of a step's host syncs, or "none"."""
+    return ", ".join(f"{k} {n}" for k, n in sorted(syncs.items())) or "none"
 
 
 def exact_mode_report(batch: int, context: int, top_p: float = 1.0, dtype=torch.bfloat16, device="cpu",
@@ -187,7 +191,7 @@ def exact_mode_table(report: dict) -> str:
              f"{shape['extrapolated_layers']} from a 2-layer minus a 1-layer step.", "",
              "| mode | per layer MiB | rest MiB | step MiB | host syncs |", "|---|---|---|---|---|"]
     for name, m in report["modes"].items():
-        syncs = ", ".join(f"{k} {n}" for k, n in sorted(m["host_syncs"].items())) or "none"
-        lines.append(f"| {name} | {m['per_layer'] / mib:.2f} | {m['rest'] / mib:.2f} | {m['step'] / mib:.1f} | {syncs} |")
+        lines.append(f"| {name} | {m['per_layer'] / mib:.2f} | {m['rest'] / mib:.2f} | {m['step'] / mib:.1f} | "
+                     f"{syncs_text(m['host_syncs'])} |")
     lines += ["", f"exact / default bytes per step: {report['exact_over_default']:.3f}"]
     return "\n".join(lines) + "\n"
