@@ -38,8 +38,13 @@ def record_launches(quick: bool) -> list[dict]:
             "launches = {}\n"
             f"with recording(launches): workload.run(quick={quick})\n"
             "json.dump(list(launches.values()), sys.stdout)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    # The workload runs in the interpreter on CPU tensors, also on a GPU machine: hiding the GPU
+    # keeps its tensors on the CPU (on CUDA they would go to the real kernels, which record nothing).
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"recording the workload's launches failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout)
 
 

@@ -13,13 +13,25 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernel_testing import FUSED_BACKENDS  # noqa: E402
+from kernel_testing import DEVICE, FUSED_BACKENDS, TRAIN_DTYPE  # noqa: E402
 
 
 @pytest.fixture(params=FUSED_BACKENDS)
 def fused_backend(request):
     """The fused backend a correctness test runs on: "triton", then "cuda" where it is built."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def device():
+    """Where a device-agnostic test runs: CUDA when the machine has a GPU, else the CPU."""
+    return torch.device(DEVICE)
+
+
+@pytest.fixture(scope="session")
+def train_dtype():
+    """The parameter dtype of a default-precision training run on `device` (bf16 on CUDA, fp32 on CPU)."""
+    return TRAIN_DTYPE
 
 
 @pytest.fixture(autouse=True)
@@ -29,5 +41,16 @@ def _seed(request):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: only meaningful on a CUDA GPU (skipped without one); "
+                                       "`pytest -m gpu tests` runs just these on a GPU machine")
     # The interpreter evaluates both sides of tl.where in numpy, so a masked-off 0 * inf warns.
     config.addinivalue_line("filterwarnings", "ignore:invalid value encountered:RuntimeWarning")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu test: needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

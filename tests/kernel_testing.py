@@ -6,11 +6,21 @@ import torch
 
 from fusedrl.kernels import cuda_ext
 
+# The one place a test learns where it runs: the GPU when there is one, else the CPU (where the
+# Triton kernels run in the interpreter). The `device` / `train_dtype` fixtures of conftest.py hand it
+# to tests, so the same test checks the CUDA path on a GPU machine and the CPU path in CI.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
+# What a training run with the default `train.precision=auto` keeps its parameters (and its export) in.
+TRAIN_DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 TRITON_RUNS = ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"
 
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="large shape: GPU only (too slow in the interpreter)")
+# Tests that measure what the Triton interpreter sees (bytes a kernel loads, the static check's
+# recorded launches): machine-independent counts, taken where the interpreter runs (CI, `pytest` on
+# the CPU); a GPU run of the suite skips them instead of counting on CUDA tensors.
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="counts kernels under the Triton interpreter: CPU runs only")
 needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
 CUDA_EXT_RUNS = ON_GPU and cuda_ext.is_available()
 needs_cuda_ext = pytest.mark.skipif(

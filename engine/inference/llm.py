@@ -65,6 +65,7 @@ class LLM:
     steps are still CUDA graphs; the cost is in the kernels (fp32 logits, no cuBLAS, no split-KV by
     batch). A `BatchInvariant` object instead of True sets the mode's attention segment (its
     chunk_size must be block_size). `self.batch_invariant` is the mode object (None when off).
+    `self.device` is the model's device: tensors handed to `self.model` go there.
     """
 
     def __init__(self, model_dir, dtype="auto", kv_cache_memory: int | float | None = None,
@@ -92,6 +93,7 @@ class LLM:
         self.tokenizer = tokenizer
         self.config = self.model.config
         param = next(self.model.parameters())
+        self.device = param.device  # where the model, the KV pool and every step's tensors live
         if kv_cache_memory is None:
             kv_cache_memory = 0.9 if param.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
         num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, param.device)

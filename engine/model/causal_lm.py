@@ -183,11 +183,22 @@ class CausalLM(nn.Module):
                 x, residual = layer(x, residual, cos, sin, meta, None if kv_caches is None else kv_caches[i])
         return self.model.norm(x, residual)[0]
 
+    def check_input_ids(self, input_ids: torch.Tensor, name: str = "input_ids"):
+        """Raise a one-line ValueError unless input_ids [N] are integer ids on the model's device: an
+        entry point (a training or scoring forward) says what it expected instead of failing deep in
+        an embedding lookup. Not moved silently: a copy per call is a hidden host-to-device sync."""
+        weight = self.model.embed_tokens.weight
+        if input_ids.device != weight.device or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} is {input_ids.dtype} on {input_ids.device}: expected int64 or int32 ids on "
+                             f"the model's device {weight.device}")
+
     def forward_packed(self, input_ids, seqlens: list[int]):
-        """Training forward over packed sequences: input_ids [N] (sum(seqlens) == N) -> hidden [N, hidden].
+        """Training forward over packed sequences: input_ids [N] (sum(seqlens) == N) on the model's
+        device -> hidden [N, hidden].
 
         Positions restart at 0 for each sequence and no token attends across sequences.
         """
+        self.check_input_ids(input_ids)
         if sum(seqlens) != input_ids.shape[0] or min(seqlens) < 1:
             raise ValueError(f"seqlens must be positive and sum to {input_ids.shape[0]}, got {seqlens}")
         if max(seqlens) > self.config.max_model_len:

@@ -4,6 +4,7 @@ import torch
 
 import traffic_decode
 import traffic_ppo
+from kernel_testing import needs_interpreter
 from traffic_count import TrafficCounter
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -38,6 +39,7 @@ def test_host_syncs_are_counted():
     assert dict(counter.syncs) == {"item/bool": 2, "tolist": 1, "nonzero": 1}
 
 
+@needs_interpreter
 def test_decode_report_sees_each_fused_kernel_as_one_op():
     report = traffic_decode.decode_report(batch=4, layers=1, context=20, top_p=0.9, dtype=torch.float32,
                                           oracles=False, **TINY)
@@ -50,6 +52,7 @@ def test_decode_report_sees_each_fused_kernel_as_one_op():
     assert "| layer 0 |" in traffic_decode.decode_table(report)
 
 
+@needs_interpreter
 def test_oracles_leave_the_counted_bytes_unchanged():
     args = dict(batch=3, layers=1, context=18, top_p=0.9, dtype=torch.float32, **TINY)
     interpreted = traffic_decode.decode_report(oracles=False, **args)
@@ -58,6 +61,7 @@ def test_oracles_leave_the_counted_bytes_unchanged():
     assert with_oracles["regions"] == interpreted["regions"]
 
 
+@needs_interpreter
 def test_exact_mode_report_counts_both_modes_alike_with_or_without_oracles():
     args = dict(batch=3, context=18, top_p=0.9, dtype=torch.float32, **TINY)
     interpreted = traffic_decode.exact_mode_report(oracles=False, **args)
@@ -72,6 +76,7 @@ def test_exact_mode_report_counts_both_modes_alike_with_or_without_oracles():
     assert "| exact |" in traffic_decode.exact_mode_table(with_oracles)
 
 
+@needs_interpreter
 def test_ppo_report_counts_every_phase_against_its_floor():
     shape = traffic_ppo.Shape(prompts=2, samples=2, prompt_len=5, new_tokens=3, minibatches=2, micro=1,
                               model=tuple(TINY.items()), layers=1)

@@ -3,8 +3,28 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
+
+import torch
 
 from fusedrl.engine.config import io as config_io
+
+
+RANK_THREADS = 1
+
+
+@contextmanager
+def rank_threads():
+    """Run the enclosed one-process reference on as many intra-op threads as each torchrun rank has.
+    A CPU matmul splits its reduction by thread count, so on a many-core machine (16 threads by
+    default on the GPU hosts) the one process rounds differently from the 1-thread ranks: a bf16
+    weight then flips by one unit in the last place (3e-3 relative) without any data-parallel error."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(RANK_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 300, overrides=(), env=None):
@@ -16,7 +36,7 @@ def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 30
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             _fusedrl_command(), command, "--config", str(path), *overrides]
     # One thread per rank: the ranks share the test machine's cores.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": str(RANK_THREADS), "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
 
 

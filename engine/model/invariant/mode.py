@@ -44,9 +44,10 @@ class BatchInvariant:
 
     def packed_hidden(self, model, input_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
         """The training forward: input_ids [N] holding sequences of `seqlens` back to back (positions
-        restart at 0 in each) -> final hidden states [N, hidden] of `model` (a CausalLM)."""
+        restart at 0 in each), on the model's device -> final hidden states [N, hidden] of `model` (a CausalLM)."""
         if sum(seqlens) != input_ids.shape[0] or min(seqlens, default=0) < 1:
             raise ValueError(f"seqlens={seqlens} must be positive and sum to {input_ids.shape[0]}")
+        model.check_input_ids(input_ids)
         lens = torch.tensor(seqlens, device=input_ids.device)
         starts = lens.cumsum(0) - lens
         seq_index = _sequence_of_each_token(lens)

@@ -39,7 +39,7 @@ def exact_llm(path, dtype="float32", blocks=None, segment=256):
 def training_logprobs(llm, prompts, responses, temperature):
     """The trainer's old log-probs of the responses: one packed forward in the engine's mode -> [R] lists."""
     mode = llm.batch_invariant
-    packed = pack_rollout(prompts, responses, "cpu")
+    packed = pack_rollout(prompts, responses, llm.device)
     with torch.no_grad():
         hidden = mode.packed_hidden(llm.model, packed.input_ids, packed.seqlens)
         logp = mode.head_logprobs(hidden.index_select(0, packed.target_rows), llm.model.lm_head.weight,

@@ -56,12 +56,13 @@ def reference(qwen2_dir):
 def test_reference_is_greedy_recompute_without_cache(qwen2_dir, reference):
     """The cache-free way: rerun the packed forward over the whole sequence for every token."""
     prompts, expected = reference
-    model = LLM(qwen2_dir).model
+    llm = LLM(qwen2_dir)
+    model = llm.model
     for prompt, exp in zip(prompts, expected):
         ids = list(prompt)
         with torch.no_grad():
             for _ in range(len(exp[0])):
-                hidden = model.forward_packed(torch.tensor(ids), [len(ids)])
+                hidden = model.forward_packed(torch.tensor(ids, device=llm.device), [len(ids)])
                 ids.append(model.compute_logits(hidden[-1:]).argmax(-1).item())
         assert ids[len(prompt):] == exp[0]
 
@@ -131,7 +132,7 @@ def test_sampled_logprobs_are_under_the_sampling_distribution(qwen2_dir):
     completion = llm.generate(prompt, params)[0].outputs[0]
     ids = prompt + completion.token_ids
     with torch.no_grad():
-        logits = llm.model.compute_logits(llm.model.forward_packed(torch.tensor(ids), [len(ids)]))
+        logits = llm.model.compute_logits(llm.model.forward_packed(torch.tensor(ids, device=llm.device), [len(ids)]))
     for i, (token, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
         scaled = logits[len(prompt) - 1 + i] / 0.7
         kth = scaled.topk(20).values[-1]

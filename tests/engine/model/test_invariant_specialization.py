@@ -6,7 +6,6 @@ of the mode's computing kernels under the interpreter (as bench/static_gpu.py do
 (prefill, decode at batch 3 and 1) and during the trainer's packed forward and head, and checks that
 each kernel was specialized identically on both sides."""
 import json
-import os
 
 import pytest
 import torch
@@ -17,9 +16,9 @@ from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.stages.ppo.rollout import pack_rollout
 from gpucheck.record import recording
 from engine_testing import random_prompts
+from kernel_testing import needs_interpreter
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="records interpreted launches (TRITON_INTERPRET=1 on the CPU)")
+pytestmark = needs_interpreter  # it records interpreted launches
 
 # The kernels whose arithmetic makes a token's log-prob (not the K/V store, not the draw).
 COMPUTING = ("_fixed_tile_linear_kernel", "_sum_pieces_kernel", "_add_rms_norm_kernel", "_rope_kernel",
@@ -60,7 +59,8 @@ def test_sampler_and_trainer_launch_identically_specialized_kernels(model_dirs, 
         with recording(sampler_side):
             outputs = llm.generate(prompts, params) + llm.generate(prompts[0], params)  # batches of 3, 1
         mode = llm.batch_invariant
-        packed = pack_rollout([o.prompt_token_ids for o in outputs], [o.outputs[0].token_ids for o in outputs], "cpu")
+        packed = pack_rollout([o.prompt_token_ids for o in outputs], [o.outputs[0].token_ids for o in outputs],
+                              llm.device)
         with recording(trainer_side), torch.no_grad():
             hidden = mode.packed_hidden(llm.model, packed.input_ids, packed.seqlens)
             mode.head_logprobs(hidden.index_select(0, packed.target_rows), llm.model.lm_head.weight,

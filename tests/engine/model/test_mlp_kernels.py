@@ -4,17 +4,15 @@ On CPU it runs under TRITON_INTERPRET=1. Tolerances: fp32 a few ulps (sigmoid di
 bits); half precision: the eager form's two roundings (SiLU, then the product), 2^-8 relative each
 for bf16, on values of magnitude <~10.
 """
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fusedrl.engine.model.mlp_kernels import silu_mul_torch, silu_mul_triton
+from kernel_testing import DEVICE, needs_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+pytestmark = needs_triton
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 8e-2)])

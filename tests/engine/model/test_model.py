@@ -209,3 +209,17 @@ def test_bf16_save_records_its_dtype_for_transformers(qwen2_dir, tmp_path):
     assert hf.dtype == torch.bfloat16
     assert torch.equal(hf.model.layers[1].mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
     assert model.config.hf_config.dtype != "bfloat16"  # saving did not rewrite the loaded config
+
+
+def test_training_forwards_name_ids_on_another_device_or_of_a_float_dtype(qwen2_dir):
+    """forward_packed and the exact mode's packed_hidden say what they expected in one line instead
+    of failing inside the embedding lookup (the meta device stands in for CPU ids and a CUDA model)."""
+    from fusedrl.engine.model.invariant import BatchInvariant
+    model = load_model(qwen2_dir)
+    for ids, found in ((torch.zeros(3, dtype=torch.long, device="meta"), "torch.int64 on meta"),
+                       (torch.zeros(3), "torch.float32 on cpu")):
+        expected = f"input_ids is {found}: expected int64 or int32 ids on the model's device cpu"
+        with pytest.raises(ValueError, match=expected):
+            model.forward_packed(ids, [3])
+        with pytest.raises(ValueError, match=expected):
+            BatchInvariant(4).packed_hidden(model, ids, [3])

@@ -4,16 +4,14 @@ On CPU they run under TRITON_INTERPRET=1 (tiny shapes). fp32 tolerances: the ker
 different order (and use 1/sqrt for rsqrt), a few ulps; half precision: one rounding of the output
 (2^-8 relative for bf16) on values of magnitude <~4.
 """
-import os
 
 import pytest
 import torch
 
 from fusedrl.engine.model.norm_rope import add_rms_norm_triton, rms_norm_torch, rope_torch, rope_triton_
+from kernel_testing import DEVICE, needs_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+pytestmark = needs_triton
 TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 4e-2), (torch.float16, 5e-3)]
 
 

@@ -4,17 +4,15 @@ On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set bef
 imported, as the test command does); shapes stay tiny because the interpreter is slow. The decode
 reference is itself checked against a per-sequence dense attention written independently.
 """
-import os
 
 import pytest
 import torch
 
 from fusedrl.engine.model.paged_kernels import (paged_decode_torch, paged_decode_triton, store_kv_torch,
-                                  store_kv_triton)
+                                                 store_kv_triton)
+from kernel_testing import DEVICE, needs_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+pytestmark = needs_triton
 
 
 def _paged_batch(context_lens, num_heads, num_kv_heads, head_dim, page, dtype, seed=0):

@@ -76,3 +76,19 @@ def test_checked_call_is_kept_when_it_agrees_with_sdpa():
 def test_checked_call_is_dropped_with_a_warning(call, problem):
     with pytest.warns(UserWarning, match=problem):
         assert varlen_kernels.checked_varlen_call(call, torch.device("cpu"), torch.float32) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_cuda_varlen_kernel_serves_packs_and_cached_prefixes(dtype):
+    """On a GPU, bf16/fp16 packs take a varlen kernel (no padding, no per-sequence loop) that is
+    causal with GQA and aligns queries to the end of their keys (a cached prefix)."""
+    seqlens_q, seqlens_k = [1, 7, 33, 5], [1, 12, 33, 64]
+    q, k, v = (x.cuda() for x in random_qkv(sum(seqlens_q), sum(seqlens_k), 4, 2, dtype))
+    kernel = varlen_kernel(q)
+    assert kernel is not None
+    cu_q, cu_k = (torch.tensor([0] + lens, device="cuda").cumsum(0).int() for lens in (seqlens_q, seqlens_k))
+    out = kernel(q, k, v, cu_q, cu_k, max(seqlens_q), max(seqlens_k), SCALE)
+    expected = reference_attention(q.cpu(), k.cpu(), v.cpu(), seqlens_q, seqlens_k)
+    # Outputs of magnitude ~1 rounded to the half type, plus its rounded inputs: a few units of 2**-8.
+    torch.testing.assert_close(out.double().cpu(), expected, atol=3e-2, rtol=0)

@@ -121,7 +121,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base_dir, train_f
     assert info["resumed_from"].endswith("step-00000001")
 
 
-def test_fusedrl_sft_lowers_the_loss_and_exports_for_transformers(base_dir, train_file, tmp_path):
+def test_fusedrl_sft_lowers_the_loss_and_exports_for_transformers(base_dir, train_file, tmp_path, train_dtype):
     config = tmp_path / "sft.yaml"
     config.write_text(yaml.safe_dump({"model": str(base_dir), "output_dir": str(tmp_path / "run"),
                                       "data": {"train_file": str(train_file), "max_length": 48,
@@ -139,8 +139,13 @@ def test_fusedrl_sft_lowers_the_loss_and_exports_for_transformers(base_dir, trai
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["lr"] == 3e-3
 
     final = tmp_path / "run" / "final"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
-    ours = load_model(final)
+    # The export holds the parameters in the run's training dtype (bf16 under bf16-mixed on a GPU),
+    # and says so in config.json; compared in fp32 on both sides, the numbers are the same.
+    assert load_model(final).lm_head.weight.dtype == train_dtype
+    saved = json.loads((final / "config.json").read_text())
+    assert saved.get("dtype", saved.get("torch_dtype")) == str(train_dtype).removeprefix("torch.")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    ours = load_model(final, dtype="float32")
     ids = torch.tensor(random_prompts([12])[0])
     with torch.no_grad():
         torch.testing.assert_close(ours.compute_logits(ours.forward_packed(ids, [12])), hf(ids[None]).logits[0],

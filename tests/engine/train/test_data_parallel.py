@@ -11,7 +11,7 @@ from fusedrl.engine.stages.rm import run_rm
 from fusedrl.engine.stages.sft import run_sft
 from fusedrl.engine.train.checkpoint import checkpoint_dir
 from fusedrl.engine.train.runlog import read_metrics
-from dist_testing import check, torchrun
+from dist_testing import check, rank_threads, torchrun
 from train_testing import demonstrations, rm_config, save_tiny_model, sft_config, sorted_digit_preferences, write_jsonl
 
 
@@ -56,7 +56,8 @@ def sft_runs(base_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sft_dp")
     write_jsonl(root / "train.jsonl", demonstrations(24))
     check(torchrun("sft", sft_run(base_dir, root, "two", save_every=2), root))
-    run_sft(sft_run(base_dir, root, "one", save_every=2))
+    with rank_threads():
+        run_sft(sft_run(base_dir, root, "one", save_every=2))
     return root
 
 
@@ -77,7 +78,8 @@ def test_sharded_checkpoint_resumes_in_one_process(base_dir, sft_runs):
     resumed = sft_runs / "resumed"
     shutil.copytree(checkpoint_dir(sft_runs / "two", 2), checkpoint_dir(resumed, 2))
     assert (checkpoint_dir(resumed, 2) / "sharded").is_dir()
-    out = run_sft(sft_run(base_dir, sft_runs, "resumed"))
+    with rank_threads():
+        out = run_sft(sft_run(base_dir, sft_runs, "resumed"))
     assert [r["resumed_from"] for r in read_metrics(resumed) if r["kind"] == "info"][0].endswith("step-00000002")
     assert_same_weights(out, sft_runs / "one" / "final")
 
@@ -97,7 +99,8 @@ def test_rm_two_ranks_match_one_process(base_dir, tmp_path):
     loop = {"max_steps": 2, "device": "cpu", "precision": "bf16-mixed"}
     cfg = rm_config(base_dir, train_file, tmp_path / "two", train={**loop, "data_parallel": "replicate"}, **kw)
     check(torchrun("rm", cfg, tmp_path))
-    one = run_rm(rm_config(base_dir, train_file, tmp_path / "one", train=loop, **kw))
+    with rank_threads():
+        one = run_rm(rm_config(base_dir, train_file, tmp_path / "one", train=loop, **kw))
     assert_same_weights(tmp_path / "two" / "final", one)
     assert_same_curves(tmp_path / "two", tmp_path / "one", keys=("loss", "grad_norm", "accuracy", "lm_nll"))
     offsets = [r["reward_offset"] for run in ("one", "two") for r in read_metrics(tmp_path / run) if "reward_offset" in r]
