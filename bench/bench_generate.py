@@ -1,12 +1,18 @@
 """Generation throughput: our engine vs transformers `generate`, with the decode roofline.
 
-Same random-init model for both (Qwen2.5-0.5B shape, bf16, SDPA), same prompts, greedy decoding of
-exactly --new-tokens tokens (EOS ignored) at each batch size. Reports output tokens/s end to end,
-the speedup, our decode-only tokens/s, and the decode roofline: (weight bytes + KV bytes read per
-step) / copy bandwidth measured in this run. `--quick` runs a tiny fp32 model on the CPU to check
-the script itself.
+Same random-init model for both (Qwen2.5-0.5B shape by default, `--model qwen3-0.6b` for Qwen3's;
+bf16, SDPA), same prompts, greedy decoding of exactly --new-tokens tokens (EOS ignored) at each batch
+size. Reports output tokens/s end to end, the speedup, our decode-only tokens/s, and the decode
+roofline: (weight bytes + KV bytes read per step) / copy bandwidth measured in this run.
 
-    python bench/bench_generate.py                  # GPU: batch 1, 32, 256; 128 prompt + 512 new
+Then the mixed-length case (ours only), the workload vLLM and nano-vllm publish for this model size:
+--mixed requests (256) whose prompt and output lengths are drawn uniformly from --mixed-lengths
+([100, 1024]) with a fixed seed, temperature 0.6, EOS ignored, all submitted at once to continuous
+batching; reported as output tokens/s. `--quick` runs a tiny fp32 model on the CPU to check the
+script itself.
+
+    python bench/bench_generate.py                  # GPU: batch 1, 32, 256; 128 prompt + 512 new; mixed
+    python bench/bench_generate.py --model qwen3-0.6b --skip-hf
     python bench/bench_generate.py --quick          # CPU smoke run
 """
 from __future__ import annotations
@@ -26,23 +32,36 @@ from fusedrl.engine.inference.runner import kv_bytes_per_block
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
                   rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6, eos_token_id=151643)
+QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                 rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6, eos_token_id=151645)
+# --model: (transformers config class, shape, name in the report)
+MODELS = {"qwen2.5-0.5b": (transformers.Qwen2Config, QWEN25_05B, "Qwen2.5-0.5B shape (random init)"),
+          "qwen3-0.6b": (transformers.Qwen3Config, QWEN3_06B, "Qwen3-0.6B shape (random init)")}
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True,
             eos_token_id=2)
 
 
-def parse_args():
+def parse_args(argv=None):
     p = harness.generation_parser(__doc__.splitlines()[0])
     p.add_argument("--skip-hf", action="store_true", help="only our engine")
-    return harness.generation_args(p, "generate", quick=dict(batch_sizes=[1, 4], prompt_len=16, new_tokens=32),
-                                   full=dict(batch_sizes=[1, 32, 256], prompt_len=128, new_tokens=512))
+    p.add_argument("--model", choices=sorted(MODELS), default="qwen2.5-0.5b", help="the model shape")
+    p.add_argument("--mixed", type=int, help="requests of the mixed-length case (0: skip it)")
+    p.add_argument("--mixed-lengths", type=int, nargs=2, metavar=("LOW", "HIGH"),
+                   help="prompt and output lengths of the mixed case, uniform in [LOW, HIGH]")
+    return harness.generation_args(
+        p, "generate", argv=argv,
+        quick=dict(batch_sizes=[1, 4], prompt_len=16, new_tokens=32, mixed=8, mixed_lengths=[4, 24]),
+        full=dict(batch_sizes=[1, 32, 256], prompt_len=128, new_tokens=512, mixed=256, mixed_lengths=[100, 1024]))
 
 
 def build_model_dir(args, device, dtype) -> tuple[Path, transformers.PreTrainedModel]:
-    config = transformers.Qwen2Config(**(TINY if args.quick else QWEN25_05B))
+    config_cls, shape, _ = MODELS[getattr(args, "model", "qwen2.5-0.5b")]
+    config = (transformers.Qwen2Config(**TINY) if args.quick else config_cls(**shape))
     torch.manual_seed(0)
     with torch.device(device):
-        hf = transformers.Qwen2ForCausalLM(config).to(dtype).eval()
+        hf = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
     path = Path(tempfile.mkdtemp(prefix="bench_generate_"))
     hf.save_pretrained(path)
     return path, hf
@@ -84,13 +103,40 @@ def time_hf(hf, prompts, new_tokens, device):
     return time.perf_counter() - t
 
 
-def main():
-    args = parse_args()
+def mixed_lengths(args, vocab_size: int):
+    """The mixed-length case's requests: (prompts, SamplingParams per request), drawn with seed 0."""
+    low, high = args.mixed_lengths
+    if not 1 <= low <= high:
+        raise SystemExit(f"--mixed-lengths {low} {high}: expected 1 <= LOW <= HIGH")
+    g = torch.Generator().manual_seed(0)
+    prompt_lens, output_lens = torch.randint(low, high + 1, (2, args.mixed), generator=g).tolist()
+    prompts = [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in prompt_lens]
+    params = [SamplingParams(temperature=0.6, max_new_tokens=n, ignore_eos=True, seed=i)
+              for i, n in enumerate(output_lens)]
+    return prompts, params
+
+
+def time_mixed(llm: LLM, args, device) -> dict:
+    """Output tokens/s of the mixed-length requests, submitted together (continuous batching)."""
+    prompts, params = mixed_lengths(args, llm.config.vocab_size)
+    harness.synchronize(device)
+    t = time.perf_counter()
+    outputs = llm.generate(prompts, params, decode_text=False)
+    seconds = time.perf_counter() - t
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert tokens == sum(p.max_new_tokens for p in params)
+    return dict(requests=len(prompts), lengths=list(args.mixed_lengths), temperature=0.6,
+                prompt_tokens=sum(map(len, prompts)), output_tokens=tokens, seconds=seconds,
+                output_tok_s=tokens / seconds, preemptions=llm.scheduler.num_preemptions)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     path, hf = build_model_dir(args, device, dtype)
     hf.config._attn_implementation = "sdpa"
-    max_batch = max(args.batch_sizes)
+    max_batch = max(args.batch_sizes + [args.mixed])
     kv_memory = 0.5 if device.type == "cuda" else 256 << 20
     llm = LLM(path, dtype=dtype, device=str(device), kv_cache_memory=kv_memory, max_num_seqs=max_batch)
     config = llm.config
@@ -121,11 +167,16 @@ def main():
         rows.append(row)
 
     print(harness.format_table(rows, COLUMNS))
+    mixed = time_mixed(llm, args, device) if args.mixed else None
+    if mixed:
+        print(f"mixed lengths: {mixed['requests']} requests, prompt and output lengths uniform in "
+              f"{mixed['lengths']}, T=0.6: {mixed['output_tokens']} output tokens in {mixed['seconds']:.2f} s = "
+              f"{mixed['output_tok_s']:.0f} tok/s ({mixed['preemptions']} preemptions)")
     result = dict(meta=harness.run_metadata(device), dtype=str(dtype),
-                  model="tiny" if args.quick else "Qwen2.5-0.5B shape (random init)",
+                  model="tiny" if args.quick else MODELS[args.model][2],
                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, weight_bytes=weight_bytes,
                   kv_bytes_per_token=kv_bytes_per_token, copy_bandwidth_GBps=bandwidth / 1e9,
-                  transformers=transformers.__version__, rows=rows)
+                  transformers=transformers.__version__, rows=rows, mixed=mixed)
     harness.write_json(args.out, result)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, weights {weight_bytes / 1e6:.1f} MB; wrote {args.out}")
 

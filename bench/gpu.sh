@@ -10,7 +10,7 @@
 #
 #   bash bench/gpu.sh OUTDIR                    # every stage
 #   bash bench/gpu.sh OUTDIR tests kernels      # some stages (to split a run across 10-minute calls)
-# Stages: build tests kernels attention generate exact sft ppo traffic (a later call can skip build: kernels/_C*.so stays
+# Stages: build tests kernels attention generate generate_qwen3 exact sft ppo traffic (a later call can skip build: kernels/_C*.so stays
 # in the checkout only on the same machine). Then copy what is worth keeping into bench/results/.
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUTDIR [stage ...]}
@@ -88,14 +88,17 @@ for stage in $stages; do
     tests)    run_tests ;;
     kernels)  run bench_kernels 300 python bench/bench_kernels.py --json "$out/bench_kernels.json" ;;
     attention) run bench_attention 300 python bench/bench_attention.py --json "$out/bench_attention.json" ;;
-    generate) run bench_generate 300 python bench/bench_generate.py --out "$out/bench_generate.json" ;;
+    # Fixed shapes (batch 1, 32, 256) against transformers, then the mixed-length case (256 requests).
+    generate) run bench_generate 420 python bench/bench_generate.py --out "$out/bench_generate.json" ;;
+    generate_qwen3) run bench_generate_qwen3 420 python bench/bench_generate.py --model qwen3-0.6b --skip-hf \
+                      --out "$out/bench_generate_qwen3.json" ;;
     # Exact on-policy mode: decode cost vs the default at batch 1 and 128, the gap it closes.
     exact)    run bench_exact 300 python bench/bench_exact.py --out "$out/bench_exact.json" ;;
     sft)      run bench_sft 300 python bench/bench_sft.py --out "$out/bench_sft.json" ;;
     ppo)      run bench_ppo 420 python bench/bench_ppo.py --out "$out/bench_ppo.json" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
     traffic)  run traffic 300 python bench/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
-    *) echo "unknown stage $stage (build tests kernels attention generate exact sft ppo traffic)"; status=1 ;;
+    *) echo "unknown stage $stage (build tests kernels attention generate generate_qwen3 exact sft ppo traffic)"; status=1 ;;
   esac
 done
 exit $status

@@ -129,10 +129,11 @@ def generation_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def generation_args(parser: argparse.ArgumentParser, name: str, quick: dict, full: dict) -> argparse.Namespace:
-    """Parse, then fill what was not given from `quick` or `full` (by --quick) and the default
-    output path bench/results/<name>[_quick].json."""
-    args = parser.parse_args()
+def generation_args(parser: argparse.ArgumentParser, name: str, quick: dict, full: dict,
+                    argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse argv (default: the command line), then fill what was not given from `quick` or `full`
+    (by --quick) and the default output path bench/results/<name>[_quick].json."""
+    args = parser.parse_args(argv)
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -1,0 +1,34 @@
+"""bench/bench_generate.py runs on the CPU (tiny model) and reports the fixed-shape rows and the
+mixed-length continuous-batching case. Times are not checked."""
+import json
+import os
+import subprocess
+import sys
+
+import transformers
+
+import bench_generate
+from fusedrl.engine.model.config import ModelConfig
+
+BENCH = os.path.join(os.path.dirname(bench_generate.__file__), "bench_generate.py")
+
+
+def test_quick_run_reports_fixed_shapes_and_the_mixed_case(tmp_path):
+    out = tmp_path / "generate.json"
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--skip-hf", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    payload = json.loads(out.read_text())
+    assert [row["batch"] for row in payload["rows"]] == [1, 4] and all(r["decode_tok_s"] > 0 for r in payload["rows"])
+    mixed = payload["mixed"]
+    prompts, params = bench_generate.mixed_lengths(bench_generate.parse_args(["--quick"]), 512)
+    assert mixed["requests"] == len(prompts) == 8 and mixed["output_tokens"] == sum(p.max_new_tokens for p in params)
+    assert all(4 <= len(p) <= 24 for p in prompts) and len({len(p) for p in prompts}) > 1
+    assert mixed["output_tok_s"] > 0 and "mixed lengths: 8 requests" in proc.stdout
+
+
+def test_the_model_shapes_are_ones_the_engine_loads():
+    for name, (config_cls, shape, _) in bench_generate.MODELS.items():
+        config = ModelConfig.from_hf(config_cls(**shape))
+        assert config.vocab_size == 151936 and config.tie_word_embeddings, name
+    assert ModelConfig.from_hf(transformers.Qwen3Config(**bench_generate.QWEN3_06B)).qk_norm
