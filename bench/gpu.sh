@@ -15,7 +15,7 @@
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUTDIR [stage ...]}
 shift
-stages=${*:-build tests kernels attention generate exact sft ppo traffic}
+stages=${*:-build tests kernels attention generate generate_qwen3 exact sft ppo traffic}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$repo"
