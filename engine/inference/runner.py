@@ -14,6 +14,7 @@ from ..model.attention import AttentionMetadata
 from ..model.config import ModelConfig
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant
+from ..model.kv_pages import page_slot
 from .sampler import sample
 from .sequence import Sequence
 
@@ -118,7 +119,7 @@ class ModelRunner:
             self.device, non_blocking=True)
 
     def _slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+        return page_slot(seq.block_table[position // self.block_size], position, self.block_size)
 
     def _block_tables(self, seqs: list[Sequence]):
         width = max(len(s.block_table) for s in seqs)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import paged_kernels
+from .kv_pages import key_slots
 from .packed_attention import PaddedPlan, packed_causal_attention, paged_prefill_attention, plan_groups
 from .varlen_kernels import flash_attn, use_flash_attn, varlen_kernel
 from ...kernels.dispatch import backend_for, requested_backend
@@ -140,4 +141,4 @@ def _packed_key_slots(meta: AttentionMetadata, block_size: int) -> torch.Tensor:
     seq = torch.repeat_interleave(torch.arange(len(meta.seqlens_k), device=cu_k.device), cu_k.diff(),
                                   output_size=total)
     position = torch.arange(total, device=cu_k.device) - cu_k[seq]
-    return meta.block_tables[seq, position // block_size].long() * block_size + position % block_size
+    return key_slots(meta.block_tables, seq, position, block_size)

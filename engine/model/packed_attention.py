@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .kv_pages import key_slots
+
 
 @dataclass
 class _Group:
@@ -95,8 +97,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, plan: PaddedPlan,
     [B, max_blocks] int -> [N, H, D].
     """
     block_size = k_cache.shape[1]
-    blocks = block_tables[plan.key_seq_ids, plan.key_positions // block_size].long()
-    slots = blocks * block_size + plan.key_positions % block_size
+    slots = key_slots(block_tables, plan.key_seq_ids, plan.key_positions, block_size)
     return _grouped_attention(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), slots, plan, scale)
 
 

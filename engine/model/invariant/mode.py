@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import AttentionMetadata, store_kv
+from ..kv_pages import page_slot
 from .decoder import decoder_hidden
 from .primitives import primitives_for
 
@@ -78,7 +79,7 @@ class BatchInvariant:
                 store_kv(k, v, *kv_caches[layer], meta.slot_mapping)
                 return fresh(layer, q, k, v)
             return decoder_hidden(model, input_ids, positions, attend, prims)
-        page_table = (meta.block_tables.clamp(min=0) * self.chunk_size).to(torch.int32)  # -1 padding -> row 0
+        page_table = page_slot(meta.block_tables.clamp(min=0), 0, self.chunk_size).to(torch.int32)  # -1 -> row 0
         max_position = meta.block_tables.shape[1] * self.chunk_size - 1  # the table's reach: a host int
 
         def attend(layer, q, k, v):
