@@ -138,9 +138,10 @@ def main() -> None:
         ],
         extras_require={
             # trl: the peer of bench/bench_ppo.py (its last release with a PPO trainer); the test
-            # suite runs that comparison on a tiny model.
-            "test": ["pytest>=8", "pytest-benchmark>=4", "tensorboard>=2.14", "trl==0.29.1"],
-            "bench": ["pytest-benchmark>=4", "trl==0.29.1"],
+            # suite runs that comparison on a tiny model. requests: trl's GRPOTrainer imports it
+            # (bench_ppo.py --algo grpo) without declaring it.
+            "test": ["pytest>=8", "pytest-benchmark>=4", "tensorboard>=2.14", "trl==0.29.1", "requests"],
+            "bench": ["pytest-benchmark>=4", "trl==0.29.1", "requests"],
             # train.tensorboard=true (torch.utils.tensorboard writes the events).
             "tensorboard": ["tensorboard>=2.14"],
         },

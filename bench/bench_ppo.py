@@ -24,6 +24,14 @@ minibatches of micro-batches of `micro` rows (the same rows per forward on both 
   optimizer once per epoch rather than once per minibatch (its accelerate setup); the optimizer
   step is a small share of the iteration.
 
+`--algo grpo`: one GRPO iteration instead (critic-free, 8 samples per prompt by default, a verifiable
+reward function of the token ids, `even_token_share`, the KL to the reference as a loss term with
+coefficient 0.001 on both sides), against TRL's `GRPOTrainer` (trl 0.29.1, no vLLM: HF `generate`).
+Both sides get a word-level tokenizer whose token i reads `t<i>`, so prompts go in and completions
+come out as the same ids on both sides and the reward function reads them back from the text. TRL
+generates the whole batch once and takes `minibatches` optimizer steps over it (its
+`steps_per_generation`); an iteration there is those steps.
+
 Each side runs in its own process (so each peak is its own) for two iterations: the first warms up,
 the second is measured. Peak memory is `torch.cuda.max_memory_allocated` over the measured
 iteration: everything resident (four models, optimizer state, KV pool or cache, activations).
@@ -32,6 +40,7 @@ iteration: everything resident (four models, optimizer state, KV pool or cache, 
     python bench/bench_ppo.py                      # GPU: 32 prompts x 4 samples, prompt 128, 256 new
     python bench/bench_ppo.py --quick              # CPU smoke run of both sides
     python bench/bench_ppo.py --sides ours         # ours only (the default when trl is not installed)
+    python bench/bench_ppo.py --algo grpo          # GPU: 16 prompts x 8 samples, prompt 128, 256 new
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -77,12 +87,30 @@ class Shape:
                              f"{self.minibatches * self.micro}")
 
 
-def parse_args():
+DEFAULT_SHAPES = {("ppo", False): "32x4x128x256", ("ppo", True): "4x2x16x16",
+                  ("grpo", False): "16x8x128x256", ("grpo", True): "2x4x16x16"}
+GRPO_KL_COEF = 0.001  # ours: ppo.kl_loss_coef (GRPO's default); TRL: beta
+
+
+def even_token_share(prompts, completions, **_) -> list[float]:
+    """The verifiable reward of the GRPO comparison: the share of a completion's tokens (`t<id>`
+    words, see build_tokenizer) whose id is even. Both sides call it on decoded texts."""
+    scores = []
+    for text in completions:
+        ids = [int(i) for i in re.findall(r"t(\d+)", text)]
+        scores.append(sum(i % 2 == 0 for i in ids) / max(len(ids), 1))
+    return scores
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny fp32 model on the CPU")
+    p.add_argument("--algo", choices=["ppo", "grpo"], default="ppo",
+                   help="ppo: against TRL's PPOTrainer; grpo: critic-free, against TRL's GRPOTrainer")
     p.add_argument("--sides", nargs="+", choices=["ours", "trl"],
                    help="default: both when trl is installed (bench/peer_wheels.sh on the GPU machine), else ours")
-    p.add_argument("--shape", default=None, help="PROMPTSxSAMPLESxPROMPT_LENxNEW_TOKENS (default 32x4x128x256)")
+    p.add_argument("--shape", default=None,
+                   help="PROMPTSxSAMPLESxPROMPT_LENxNEW_TOKENS (default 32x4x128x256; grpo 16x8x128x256)")
     p.add_argument("--minibatches", type=int, default=4, help="PPO minibatches per epoch")
     p.add_argument("--micro", type=int, default=None, help="rows per forward/backward (default 16; quick 2)")
     p.add_argument("--out", default=None, help="JSON results path (default: bench/results/ppo[_quick].json)")
@@ -90,15 +118,17 @@ def parse_args():
     p.add_argument("--run-side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--dirs", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.sides is None:
         args.sides = ["ours", "trl"] if importlib.util.find_spec("trl") else ["ours"]
         if args.sides == ["ours"]:
             print("trl is not installed (pip install trl==0.29.1, or carry bench/peer_wheels.sh's .whl): ours only")
-    dims = [int(x) for x in (args.shape or ("4x2x16x16" if args.quick else "32x4x128x256")).split("x")]
+    dims = [int(x) for x in (args.shape or DEFAULT_SHAPES[args.algo, args.quick]).split("x")]
     args.shape = Shape(*dims, args.minibatches, args.micro or (2 if args.quick else 16))
+    if args.algo == "grpo" and args.shape.samples < 2:
+        p.error(f"--algo grpo compares each prompt's samples: --shape needs SAMPLES >= 2, got {args.shape.samples}")
     if args.out is None:
-        args.out = str(Path(__file__).resolve().parent / "results" / ("ppo_quick.json" if args.quick else "ppo.json"))
+        args.out = str(Path(__file__).resolve().parent / "results" / f"{args.algo}{'_quick' if args.quick else ''}.json")
     return args
 
 
@@ -111,12 +141,17 @@ def build_reward_model_dir(quick: bool) -> Path:
     return path
 
 
-def build_tokenizer(eos_id: int):
-    """A real fast tokenizer carrying only the special ids (both sides are fed token ids)."""
-    from tokenizers import Tokenizer, models
+def build_tokenizer(eos_id: int, vocab_size: int | None = None):
+    """A real fast tokenizer carrying the special ids and, with vocab_size, a word `t<i>` for every
+    other id, so that texts and ids map one to one (the GRPO sides exchange texts)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {"<pad>": PAD_ID, "<eos>": eos_id}
+    vocab = {f"t{i}": i for i in range(vocab_size or 0)}
+    vocab.update({"<pad>": PAD_ID, "<eos>": eos_id})
+    vocab = {word: i for word, i in vocab.items() if word in ("<pad>", "<eos>") or i not in (PAD_ID, eos_id)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
@@ -145,11 +180,12 @@ class IterationClock:
         return {"iteration_s": self.marks[2] - self.marks[1], "peak_gib": peak}
 
 
-def run_ours(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device) -> dict:
+def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device) -> dict:
     from fusedrl.engine.model.hf_io import load_config
     from fusedrl.engine.inference.runner import kv_bytes_per_block
     from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
-    from fusedrl.engine.config.ppo import LoopConfig, UpdateConfig, PPOConfig, RewardConfig, RolloutConfig
+    from fusedrl.engine.config.ppo import (GRPOConfig, LoopConfig, UpdateConfig, PPOConfig, RewardConfig,
+                                           RolloutConfig)
     from fusedrl.engine.stages.ppo.core import RunningMoments
     from fusedrl.engine.stages.ppo.sampling import sample_and_score
     from fusedrl.engine.stages.ppo.update import PhaseTimer, make_rollout, ppo_update
@@ -160,16 +196,22 @@ def run_ours(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device)
     model_config = load_config(policy_dir)
     blocks_per_row = -(-(shape.prompt_len + shape.new_tokens) // 16) + 1
     kv_bytes = shape.rows * blocks_per_row * kv_bytes_per_block(model_config, dtype, 16)
-    cfg = PPOConfig(policy=str(policy_dir), reward_model=str(rm_dir), critic="separate", prompts_file="-",
-                    output_dir="-",
-                    rollout=RolloutConfig(prompts_per_iteration=shape.prompts, samples_per_prompt=shape.samples,
-                                          max_prompt_length=shape.prompt_len, max_new_tokens=shape.new_tokens,
-                                          ignore_eos=True, kv_cache_memory=kv_bytes, block_size=16),
-                    ppo=UpdateConfig(epochs=1, minibatch_size=shape.rows // shape.minibatches,
-                                   microbatch_size=shape.micro, vf_coef=0.1),
-                    reward=RewardConfig(kl_coef=0.05),
-                    train=LoopConfig(iterations=2, device=device.type, progress=False))
-    models = build_models(cfg, device, dtype, build_tokenizer(model_config.eos_token_ids[0]), None)
+    rollout = RolloutConfig(prompts_per_iteration=shape.prompts, samples_per_prompt=shape.samples,
+                            max_prompt_length=shape.prompt_len, max_new_tokens=shape.new_tokens,
+                            ignore_eos=True, kv_cache_memory=kv_bytes, block_size=16)
+    loop, minibatch = LoopConfig(iterations=2, device=device.type, progress=False), shape.rows // shape.minibatches
+    if algo == "ppo":
+        cfg = PPOConfig(policy=str(policy_dir), reward_model=str(rm_dir), critic="separate", prompts_file="-",
+                        output_dir="-", rollout=rollout, reward=RewardConfig(kl_coef=0.05), train=loop,
+                        ppo=UpdateConfig(epochs=1, minibatch_size=minibatch, microbatch_size=shape.micro, vf_coef=0.1))
+        tokenizer, reward_fn = build_tokenizer(model_config.eos_token_ids[0]), None
+    else:
+        cfg = GRPOConfig(policy=str(policy_dir), prompts_file="-", output_dir="-", rollout=rollout, train=loop,
+                         ppo=UpdateConfig(estimator="grpo", kl_loss_coef=GRPO_KL_COEF, vf_coef=0.0, epochs=1,
+                                          agg="token-mean", minibatch_size=minibatch, microbatch_size=shape.micro))
+        tokenizer = build_tokenizer(model_config.eos_token_ids[0], model_config.vocab_size)
+        reward_fn = even_token_share
+    models = build_models(cfg, device, dtype, tokenizer, reward_fn)
     opts, _ = build_optimizers(models, cfg)
     prompts = make_prompts(shape, models.policy.config.vocab_size)
     clock = IterationClock(device)
@@ -183,6 +225,53 @@ def run_ours(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device)
     clock.mark()
     return {**clock.result(), "response_tokens": int(rollout.mask.sum()), **timer.metrics(),
             "kv_pool_gib": models.actor.kv_pool_bytes / 2**30}
+
+
+def run_trl_grpo(shape: Shape, policy_dir: Path, device: torch.device) -> dict:
+    """TRL's GRPOTrainer on the same policy and prompts: one generation of all rows per iteration,
+    `minibatches` optimizer steps of `micro`-row micro-batches over it."""
+    import trl
+    from trl import GRPOConfig, GRPOTrainer
+
+    clock, generate_s, generated = IterationClock(device), [], []
+    steps = {"done": 0}
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps["done"] += 1
+            if steps["done"] % shape.minibatches == 0:   # an iteration: one generation's optimizer steps
+                clock.mark()
+
+    cuda = device.type == "cuda"
+    policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    tokenizer = build_tokenizer(policy.config.eos_token_id, policy.config.vocab_size)
+    generate = policy.generate
+
+    def timed_generate(*args, **kwargs):                     # once per generation (the whole batch)
+        harness.synchronize(device)
+        start = time.perf_counter()
+        out = generate(*args, **kwargs)
+        harness.synchronize(device)
+        generate_s.append(time.perf_counter() - start)
+        prompt_width = kwargs["input_ids"].shape[1] if "input_ids" in kwargs else args[0].shape[1]
+        generated.append(out.shape[0] * (out.shape[1] - prompt_width))  # [rows, prompt + generated]
+        return out
+    policy.generate = timed_generate
+    prompts = [" ".join(f"t{i}" for i in p) for p in make_prompts(shape, policy.config.vocab_size)]
+    rows = [{"prompt": p} for p in prompts]
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_grpo_trl_"), per_device_train_batch_size=shape.micro,
+                      gradient_accumulation_steps=shape.rows // shape.minibatches // shape.micro,
+                      steps_per_generation=shape.rows // shape.micro, num_generations=shape.samples,
+                      max_completion_length=shape.new_tokens, generation_kwargs={"min_new_tokens": shape.new_tokens},
+                      temperature=1.0, beta=GRPO_KL_COEF, num_iterations=1, max_steps=2 * shape.minibatches,
+                      bf16=cuda, use_cpu=not cuda, report_to=[], save_strategy="no", disable_tqdm=True,
+                      logging_steps=10**6, seed=0)
+    trainer = GRPOTrainer(model=policy, reward_funcs=even_token_share, args=args, train_dataset=rows,
+                          processing_class=tokenizer, callbacks=[Clock()])
+    clock.mark()
+    trainer.train()
+    return {**clock.result(), "response_tokens": generated[-1], "time_generate": generate_s[-1],
+            "generations": len(generate_s), "trl": trl.__version__}
 
 
 def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device) -> dict:
@@ -235,10 +324,15 @@ def bench_device(quick: bool) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
 
 
-def run_side(side: str, shape: Shape, dirs, quick: bool) -> dict:
+def run_side(side: str, algo: str, shape: Shape, dirs, quick: bool) -> dict:
     device = bench_device(quick)
     policy_dir, rm_dir = (Path(d) for d in dirs)
-    result = (run_ours if side == "ours" else run_trl)(shape, policy_dir, rm_dir, device)
+    if side == "ours":
+        result = run_ours(algo, shape, policy_dir, rm_dir, device)
+    elif algo == "ppo":
+        result = run_trl(shape, policy_dir, rm_dir, device)
+    else:
+        result = run_trl_grpo(shape, policy_dir, device)
     result["tokens_per_s"] = result["response_tokens"] / result["iteration_s"]
     return {"side": side, **result}
 
@@ -249,7 +343,7 @@ def run_in_subprocess(side: str, args, dirs) -> dict:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--run-side", side, "--dirs", *map(str, dirs), "--result", str(result),
                "--shape", "x".join(map(str, dataclasses.astuple(args.shape)[:4])),
-               "--minibatches", str(args.shape.minibatches), "--micro", str(args.shape.micro)]
+               "--minibatches", str(args.shape.minibatches), "--micro", str(args.shape.micro), "--algo", args.algo]
         proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
@@ -258,17 +352,19 @@ def run_in_subprocess(side: str, args, dirs) -> dict:
         return json.loads(result.read_text())
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.run_side:
-        harness.write_json(args.result, run_side(args.run_side, args.shape, args.dirs, args.quick))
+        harness.write_json(args.result, run_side(args.run_side, args.algo, args.shape, args.dirs, args.quick))
         return
     device = bench_device(args.quick)
-    dirs = (build_model_dir(args.quick), build_reward_model_dir(args.quick))
+    policy_dir = build_model_dir(args.quick)
+    # GRPO scores with a function: no reward model (its directory argument is the policy's, unused).
+    dirs = (policy_dir, build_reward_model_dir(args.quick) if args.algo == "ppo" else policy_dir)
     try:
         results = {side: run_in_subprocess(side, args, dirs) for side in args.sides}
     finally:                                    # two fp32 checkpoints: 4 GB at the 0.5B shape
-        for d in dirs:
+        for d in set(dirs):
             shutil.rmtree(d, ignore_errors=True)
     comparison = {}
     ours, theirs = results.get("ours", {}), results.get("trl", {})
@@ -278,7 +374,8 @@ def main():
             comparison["trl_over_ours_peak_memory"] = theirs["peak_gib"] / ours["peak_gib"]
     print(harness.format_table(list(results.values()), COLUMNS))
     print(json.dumps(comparison))
-    payload = {"meta": harness.run_metadata(device), "quick": args.quick, "shape": dataclasses.asdict(args.shape),
+    payload = {"meta": harness.run_metadata(device), "algo": args.algo, "quick": args.quick,
+               "shape": dataclasses.asdict(args.shape),
                "results": results, **comparison}
     harness.write_json(args.out, payload)
     print(f"wrote {args.out}")

@@ -9,14 +9,19 @@ import sys
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench", "bench_ppo.py")
 
 
-def test_quick_run_reports_both_sides(tmp_path):
+def run_quick(tmp_path, *options, env=None):
+    """bench_ppo.py --quick with both sides (TRL's when trl is installed) -> (sides, payload)."""
     sides = ["ours"] + (["trl"] if importlib.util.find_spec("trl") else [])
     out = tmp_path / "ppo.json"
-    proc = subprocess.run([sys.executable, BENCH, "--quick", "--sides", *sides, "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--sides", *sides, "--out", str(out), *options],
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    payload = json.loads(out.read_text())
-    assert payload["meta"]["git_commit"] and payload["meta"]["device"]
+    return sides, json.loads(out.read_text())
+
+
+def test_quick_run_reports_both_sides(tmp_path):
+    sides, payload = run_quick(tmp_path)
+    assert payload["meta"]["git_commit"] and payload["meta"]["device"] and payload["algo"] == "ppo"
     shape = payload["shape"]
     for side in sides:
         result = payload["results"][side]
@@ -29,3 +34,28 @@ def test_quick_run_reports_both_sides(tmp_path):
         assert result["response_tokens"] == shape["prompts"] * shape["samples"] * shape["new_tokens"]
     if "trl" in sides:
         assert payload["speedup_vs_trl"] > 0
+
+
+def test_quick_grpo_run_against_trls_grpo_trainer(tmp_path):
+    """GRPO, critic-free with the verifiable reward function: groups of 4 on the quick shape, the
+    same fixed-length work on both sides, one generation per iteration on TRL's. (Ours off the
+    interpreter: the kernels' paths are the PPO test's.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    sides, payload = run_quick(tmp_path, "--algo", "grpo", env=env)
+    shape = payload["shape"]
+    assert payload["algo"] == "grpo" and shape["samples"] == 4
+    for side in sides:
+        result = payload["results"][side]
+        assert "error" not in result, result
+        assert result["iteration_s"] > 0 and result["response_tokens"] == shape["prompts"] * shape["samples"] * shape["new_tokens"]
+    assert "time_reference" in payload["results"]["ours"] and "time_score" in payload["results"]["ours"]
+    if "trl" in sides:
+        assert payload["results"]["trl"]["generations"] == 2 and payload["speedup_vs_trl"] > 0
+
+
+def test_the_reward_reads_token_ids_back_from_text():
+    import bench_ppo
+    tok = bench_ppo.build_tokenizer(eos_id=2, vocab_size=50)
+    text = tok.decode([4, 7, 10, 13])
+    assert text == "t4 t7 t10 t13" and tok.encode(text, add_special_tokens=False) == [4, 7, 10, 13]
+    assert bench_ppo.even_token_share([""], [text]) == [0.5]
