@@ -111,6 +111,7 @@ class _EagerLoss(torch.autograd.Function):
         ctx.save_for_backward(dterm, weights)
         ctx.x_dtype, ctx.n_args = x.dtype, len(args)
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zeros for the stats' (absent) gradient: a launch saved
         return loss, stats
 
     @staticmethod
