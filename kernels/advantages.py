@@ -129,7 +129,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     if rewards.dim() < 1:
         raise ValueError(f"{GAE}: rewards must have shape [..., T], got a 0-dim tensor")
     rewards, values = rewards.detach(), values.detach()
-    backend = backend_for(rewards)
+    backend = backend_for(rewards, GAE)
     if backend == "torch":
         return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
     args = (rewards.contiguous(), values.contiguous(), mask.contiguous(), float(gamma), float(lam))

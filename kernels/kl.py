@@ -242,7 +242,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
     for name, value in (("clamp", clamp), ("log_ratio_clamp", log_ratio_clamp)):
         if value is not None:
             checks.check_positive(OP, name, value)
-    backend = backend_for(logp)
+    backend = backend_for(logp, OP)
     if backend == "triton":
         args = (logp.contiguous(), ref_logp.contiguous(), None if mask is None else mask.contiguous(),
                 ESTIMATORS.index(estimator), float(log_ratio_clamp or 0.0), float(clamp or 0.0))

@@ -1,18 +1,16 @@
-"""PPO's clipped policy and value losses, forward and backward in one pass.
+"""PPO's clipped policy and value losses: argument checks and backend choice (host functions).
 
-The loss is a weighted sum of per-token terms, so each kernel computes, per token, the term, its
-derivative (pre-multiplied by the token's aggregation weight) and the diagnostics (clip fractions,
-k3 KL, ratio mean/max), and writes one row of partial sums per block. Backward is then a single
-multiply by the upstream scalar gradient. The stats stay on device (no host sync).
-
-Aggregation weights: with n_b valid tokens in row b, N valid tokens, S non-empty rows and a
-constant norm (default T, the padded length, as verl's loss_scale_factor),
+The loss is a weighted sum of per-token terms, with the weights of reference.row_weights: with n_b
+valid tokens in row b, N valid tokens, S non-empty rows and a constant norm (default T, the padded
+length, as verl's loss_scale_factor),
     token-mean                w = 1 / N
     seq-mean-token-mean       w = 1 / (S * n_b)
     seq-mean-token-sum        w = 1 / S
     token-sum                 w = 1
     seq-mean-token-sum-norm   w = 1 / norm      (Dr. GRPO: the sum over all tokens / a constant)
 Rows with no valid token are left out of every mean; with no valid token at all the loss is 0.
+Each kernel computes, per token, the term, its derivative and the diagnostics (clip fractions, k3
+KL, ratio mean/max); the stats stay on the device (no host sync).
 
 Backends: "triton" runs every mode (GSPO's sequence ratio, TIS/MIS at token or sequence level, every
 aggregation) in three launches per forward + backward, with the row weights and stats finalized on
@@ -26,26 +24,13 @@ from typing import Optional
 import torch
 
 from . import checks, fused_loss, reference
+from .reference import row_weights
 from .dispatch import backend_for, fused_op, kernel_inputs
 from .policy_corrections import IS_LEVELS, IS_MODES, importance_weights, sequence_ratio_logp
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum", "seq-mean-token-sum-norm")
 POLICY_STATS = ("clipfrac", "dual_clipfrac", "approx_kl", "ratio_mean", "ratio_max")
 IS_STATS = ("is_weight_mean", "is_weight_max", "is_masked_frac")
-
-
-def row_weights(mask: torch.Tensor, agg: str, norm: Optional[float] = None) -> torch.Tensor:
-    """Aggregation weight of each row's valid tokens (see module docstring). mask [..., T] -> [rows];
-    norm: the constant of seq-mean-token-sum-norm (default T)."""
-    lengths = (mask != 0).sum(dim=-1).reshape(-1).float()                   # [rows]
-    if agg == "token-mean":
-        return (1.0 / lengths.sum().clamp_min(1.0)).expand_as(lengths).contiguous()
-    if agg in ("token-sum", "seq-mean-token-sum-norm"):
-        scale = 1.0 if agg == "token-sum" else 1.0 / float(norm or mask.shape[-1])
-        return torch.full_like(lengths, scale)
-    n_seqs = (lengths > 0).sum().clamp_min(1)
-    per_seq = lengths.clamp_min(1.0) if agg == "seq-mean-token-mean" else torch.ones_like(lengths)
-    return 1.0 / (per_seq * n_seqs)
 
 
 # Fake implementations and autograd of the C++ twins fusedrl::cuda_ppo_policy_loss(logp, old_logp,
@@ -160,7 +145,9 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
             raise ValueError(f"{op}: need 0 < is_low <= 1 <= is_high and is_cap >= 1, got is_low={is_low}, "
                              f"is_high={is_high}, is_cap={is_cap}")
         rollout_logprobs = rollout_logprobs.detach()
-    backend = backend_for(logp)
+    # "auto"'s measurements are of the plain mode: the corrections run on the device only on Triton.
+    corrected = is_mode is not None or ratio_level == "sequence"
+    backend = backend_for(logp, None if corrected else op)
     if backend == "triton":
         loss, stats = fused_loss.run(
             "policy", logp.contiguous(), old_logp.contiguous(), advantages.contiguous(),
@@ -212,7 +199,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     if clip_eps is not None:
         checks.check_positive(op, "clip_eps", clip_eps)
     old_values, returns = old_values.detach(), returns.detach()
-    backend = backend_for(values)
+    backend = backend_for(values, op)
     if backend == "triton":
         loss, stats = fused_loss.run(
             "value", values.contiguous(), old_values.contiguous(), returns.contiguous(),
