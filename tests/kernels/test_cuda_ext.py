@@ -222,14 +222,17 @@ def test_cuda_op_registration_on_a_cpu_stand_in():
 
 
 def rl_step(logits, labels, old_logp, values, mask):
-    """Forward of every fused op with a CUDA kernel, as a rollout / loss step calls them."""
+    """Forward of every fused op, as a rollout / loss step calls them."""
     logp, entropy = kernels.token_logprobs(logits, labels, return_entropy=True)
-    kl = kernels.kl_penalty(logp, old_logp, estimator="k3", mask=mask)
+    kl = kernels.kl_penalty(logp, old_logp, estimator="k3", mask=mask, clamp=10.0, log_ratio_clamp=20.0)
     advantages, returns = kernels.gae(-kl, values, mask)
+    advantages = kernels.masked_whiten(advantages, mask)
     policy_loss, stats = kernels.ppo_policy_loss(logp, old_logp, advantages, mask, dual_clip=3.0)
+    corrected_loss, cstats = kernels.ppo_policy_loss(logp, old_logp, advantages, mask, ratio_level="sequence",
+                                                     is_mode="mis", rollout_logprobs=old_logp + 0.05)
     value_loss, vstats = kernels.ppo_value_loss(values, values + 0.1, returns, mask)
-    return [logp, entropy, kl, advantages, returns, policy_loss, value_loss, *stats.values(),
-            *vstats.values()]
+    return [logp, entropy, kl, advantages, returns, policy_loss, corrected_loss, value_loss, *stats.values(),
+            *cstats.values(), *vstats.values()]
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
@@ -250,6 +253,36 @@ def test_cuda_graph_capture_and_replay(fused_backend, monkeypatch):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = rl_step(*inputs)
+        graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_captures_the_losses_backward(fused_backend):
+    B, T = 4, 300
+    logp = (torch.randn(B, T, device=DEVICE) - 2).requires_grad_()
+    values = torch.randn(B, T, device=DEVICE).requires_grad_()
+    old, adv, returns = (torch.randn(B, T, device=DEVICE) for _ in range(3))
+    rollout, mask = old + 0.1 * torch.randn(B, T, device=DEVICE), torch.rand(B, T, device=DEVICE) > 0.2
+
+    def step():
+        policy, _ = kernels.ppo_policy_loss(logp, old, adv, mask, is_mode="tis", rollout_logprobs=rollout)
+        value, _ = kernels.ppo_value_loss(values, old, returns, mask)
+        kl = kernels.kl_penalty(logp, old, estimator="k3", mask=mask, clamp=10.0)
+        return torch.autograd.grad(policy + value + kl.sum(), (logp, values))
+
+    with use_backend(fused_backend):
+        expected = step()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                   # warm-up (Triton compiles) off-graph
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
         graph.replay()
     torch.cuda.synchronize()
     for got, want in zip(captured, expected):
