@@ -37,11 +37,16 @@ def _load_f32(ptr, offs, in_range, valid):
 
 
 @triton.jit
-def _is_valid(mask_ptr, offs, in_range, HAS_MASK: tl.constexpr):
-    """In range and (without a mask) valid, or mask != 0."""
+def _block(mask_ptr, row, start, n_steps, HAS_MASK: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """(offsets, in range, valid) of the BLOCK_SIZE steps from `start` of the row at offset `row`:
+    valid is in range and, with a mask, mask != 0."""
+    t = start + tl.arange(0, BLOCK_SIZE)
+    in_range = t < n_steps
+    offs = row + t
+    valid = in_range
     if HAS_MASK:
-        return in_range & (tl.load(mask_ptr + offs, mask=in_range, other=0) != 0)
-    return in_range
+        valid = in_range & (tl.load(mask_ptr + offs, mask=in_range, other=0) != 0)
+    return offs, in_range, valid
 
 
 @triton.jit
@@ -66,10 +71,7 @@ def _row_prepass(logp_ptr, old_ptr, rollout_ptr, mask_ptr, row, n_steps, is_low,
     sum_log_ratio = tl.zeros([], dtype=tl.float32)
     n_kept = tl.zeros([], dtype=tl.float32)
     for start in range(0, n_steps, BLOCK_SIZE):
-        t = start + tl.arange(0, BLOCK_SIZE)
-        in_range = t < n_steps
-        offs = row + t
-        valid = _is_valid(mask_ptr, offs, in_range, HAS_MASK)
+        offs, in_range, valid = _block(mask_ptr, row, start, n_steps, HAS_MASK, BLOCK_SIZE)
         kept = valid
         if IS_MODE != 0:
             log_w = _token_weight(_load_f32(old_ptr, offs, in_range, valid),
@@ -148,10 +150,7 @@ def _policy_rows_kernel(
     acc_w = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     max_w = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     for start in range(first, tl.minimum(first + chunk, n_steps), BLOCK_SIZE):
-        t = start + tl.arange(0, BLOCK_SIZE)
-        in_range = t < n_steps
-        offs = row + t
-        valid = _is_valid(mask_ptr, offs, in_range, HAS_MASK)
+        offs, in_range, valid = _block(mask_ptr, row, start, n_steps, HAS_MASK, BLOCK_SIZE)
         logp = _load_f32(logp_ptr, offs, in_range, valid)
         old_logp = _load_f32(old_ptr, offs, in_range, valid)
         adv = _load_f32(adv_ptr, offs, in_range, valid)
@@ -222,10 +221,7 @@ def _value_rows_kernel(
     acc_valid = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     acc_clipped = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     for start in range(first, tl.minimum(first + chunk, n_steps), BLOCK_SIZE):
-        t = start + tl.arange(0, BLOCK_SIZE)
-        in_range = t < n_steps
-        offs = row + t
-        valid = _is_valid(mask_ptr, offs, in_range, HAS_MASK)
+        offs, in_range, valid = _block(mask_ptr, row, start, n_steps, HAS_MASK, BLOCK_SIZE)
         values = _load_f32(values_ptr, offs, in_range, valid)
         returns = _load_f32(returns_ptr, offs, in_range, valid)
         error = values - returns
