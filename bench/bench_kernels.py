@@ -5,10 +5,15 @@ kernels._C is built and the device is a GPU), eager PyTorch (the reference compo
 of that composition, Liger-Kernel's matching op where one exists and is installed, and for GAE the
 Python reversed-time loop TRL/OpenRLHF use. Reported: median time, achieved GB/s of the bytes an
 ideal kernel must move and that as a fraction of the device-to-device copy bandwidth measured in
-the same run, peak extra memory (GPU), and speed-up over eager. Printed as a table, saved as JSON.
+the same run, peak extra memory (GPU), speed-up over eager, and for the small RL ops the host
+microseconds per call (calls issued back to back, harness.host_us) and the kernels launched and host
+syncs per call (counted as in bench/launch_count.py: Triton launches, aten kernels, a custom op as one;
+torch.compile's own kernels are not seen, so its rows have none). The RL ops run at 256 x 2048 and
+1024 x 4096 (host-bound) and 8192 x 2048 (bandwidth-bound). Printed as a table, saved as JSON.
 
     python bench/bench_kernels.py                 # headline GPU shapes (e.g. 16384 x 151936 bf16)
     python bench/bench_kernels.py --quick         # small shapes: proves it runs (CPU/interpreter)
+    python bench/bench_kernels.py --ops kl_penalty,gae,masked_whiten,ppo_policy_loss,ppo_value_loss
 
 On CPU the Triton column runs in the interpreter (TRITON_INTERPRET=1): its timings say nothing
 about GPU speed and are labelled so.
@@ -30,6 +35,7 @@ if not torch.cuda.is_available():
 
 import fusedrl.kernels as kernels
 from fusedrl.kernels import cuda_ext, reference, use_backend
+from launch_count import LaunchCounter
 
 Thunk = Callable[[], object]
 
@@ -43,6 +49,7 @@ class Case:
     bytes_moved: Optional[int]     # what an ideal kernel reads + writes (None: compute-bound)
     make_inputs: Callable[[torch.device], dict]
     impls: dict[str, Callable[[dict], Thunk]] = field(default_factory=dict)
+    host_bound: bool = False       # report host microseconds and launches per call
 
 
 def fused(fn: Callable, backend: str = "triton") -> Callable:
@@ -66,15 +73,16 @@ def forward_backward(fn: Callable, grad_names: tuple[str, ...]) -> Callable[[dic
     """A thunk running fn(**inputs) and backward through the named inputs with fresh grads."""
     def build(inputs: dict) -> Thunk:
         leaves = {k: (v.detach().requires_grad_() if k in grad_names else v) for k, v in inputs.items()}
+        seeds = {}  # the upstream gradient, made once (on the warm-up call): not part of the op's cost
 
         def step():
             for name in grad_names:
                 leaves[name].grad = None
             out = fn(**leaves)
-            loss = out[0] if isinstance(out, tuple) else out
-            if loss.dim():
-                loss = loss.float().sum()
-            loss.backward()
+            out = out[0] if isinstance(out, tuple) else out
+            if "seed" not in seeds:
+                seeds["seed"] = torch.ones_like(out)
+            out.backward(seeds["seed"])
         return step
     return build
 
@@ -174,26 +182,32 @@ def rl_cases(batch: int, steps: int) -> list[Case]:
     value = lambda fn: lambda values, old_values, returns, mask: fn(values, old_values, returns, mask)  # noqa: E731
 
     def trio(make_fn, public, ref, grads):
-        return {**ours(lambda fn: forward_backward(fn, grads), make_fn(public)),
-                "eager": forward_backward(make_fn(ref), grads),
-                "torch.compile": forward_backward(compiled(make_fn(ref)), grads)}
+        wrap = forward_only if not grads else lambda fn: forward_backward(fn, grads)
+        return {**ours(wrap, make_fn(public)), "eager": wrap(make_fn(ref)),
+                "torch.compile": wrap(compiled(make_fn(ref)))}
+
+    def rl_case(op, mode, bytes_per_token, names, impls):
+        return Case(op, mode, shape, n * bytes_per_token, rl_inputs(batch, steps, names), impls, host_bound=True)
 
     return [
         # fwd: 2 fp32 in + mask + fp32 out; bwd: grad + 2 in + mask + grad out.
-        Case("kl_penalty", "fwd+bwd", shape, n * 30, rl_inputs(batch, steps, ("logp", "ref_logp")),
-             trio(kl, kernels.kl_penalty, reference.kl_penalty, ("logp",))),
-        Case("gae", "fwd", shape, n * 17, rl_inputs(batch, steps, ("rewards", "values")), {
+        rl_case("kl_penalty", "fwd", 13, ("logp", "ref_logp"),
+                trio(kl, kernels.kl_penalty, reference.kl_penalty, ())),
+        rl_case("kl_penalty", "fwd+bwd", 30, ("logp", "ref_logp"),
+                trio(kl, kernels.kl_penalty, reference.kl_penalty, ("logp",))),
+        rl_case("gae", "fwd", 17, ("rewards", "values"), {
             **ours(forward_only, kernels.gae),
             "eager": forward_only(reference.gae),
             "python loop (TRL)": forward_only(trl_gae_loop),
         }),
+        # x and the mask read twice (the statistics need every entry before any output), fp32 out.
+        rl_case("masked_whiten", "fwd", 14, ("x",), trio(lambda fn: fn, kernels.masked_whiten,
+                                                          reference.masked_whiten, ())),
         # fwd: 3 in + mask + per-token grad out; bwd: read it, write the input's grad.
-        Case("ppo_policy_loss", "fwd+bwd", shape, n * 25,
-             rl_inputs(batch, steps, ("logp", "old_logp", "advantages")),
-             trio(policy, kernels.ppo_policy_loss, reference.ppo_policy_loss, ("logp",))),
-        Case("ppo_value_loss", "fwd+bwd", shape, n * 25,
-             rl_inputs(batch, steps, ("values", "old_values", "returns")),
-             trio(value, kernels.ppo_value_loss, reference.ppo_value_loss, ("values",))),
+        rl_case("ppo_policy_loss", "fwd+bwd", 25, ("logp", "old_logp", "advantages"),
+                trio(policy, kernels.ppo_policy_loss, reference.ppo_policy_loss, ("logp",))),
+        rl_case("ppo_value_loss", "fwd+bwd", 25, ("values", "old_values", "returns"),
+                trio(value, kernels.ppo_value_loss, reference.ppo_value_loss, ("values",))),
     ]
 
 
@@ -206,7 +220,14 @@ def all_cases(quick: bool) -> list[Case]:
             + token_logprobs_cases(4096, 32000, torch.bfloat16)
             + linear_token_logprobs_cases(4096, 896, 151936, torch.bfloat16)
             + linear_token_logprobs_cases(16384, 896, 151936, torch.bfloat16)
-            + rl_cases(256, 2048))
+            + rl_cases(256, 2048) + rl_cases(1024, 4096) + rl_cases(8192, 2048))
+
+
+def launches_per_call(thunk: Thunk) -> tuple[int, int]:
+    """(kernels launched, host syncs) by one call (after the timing's warm-up)."""
+    with LaunchCounter() as counter:
+        thunk()
+    return counter.launches, sum(counter.syncs.values())
 
 
 def measure(case: Case, device: torch.device, copy_gbps: float, skip: set[str], budget_s: float) -> list[dict]:
@@ -221,6 +242,10 @@ def measure(case: Case, device: torch.device, copy_gbps: float, skip: set[str], 
             row["ms"] = harness.time_ms(thunk, device, budget_s=budget_s)
             row["peak_extra_mib"] = (lambda b: None if b is None else b / 2**20)(
                 harness.peak_extra_bytes(thunk, device))
+            if case.host_bound:
+                row["host_us"] = harness.host_us(thunk, device, calls=50 if device.type == "cuda" else 5)
+                if name != "torch.compile":
+                    row["launches"], row["host_syncs"] = launches_per_call(thunk)
         except Exception as error:  # a baseline that cannot run here is reported, not fatal
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
         if case.bytes_moved and "ms" in row:
@@ -264,7 +289,8 @@ def main(argv=None) -> dict:
             rows += measure(case, device, copy_gbps, skip, args.budget)
     columns = [("op", "op"), ("mode", "mode"), ("shape", "shape"), ("impl", "impl"), ("ms", "ms"),
                ("speedup_vs_eager", "x eager"), ("speedup_vs_triton", "x triton"),
-               ("gbps", "GB/s"), ("frac_of_copy", "of copy"),
+               ("gbps", "GB/s"), ("frac_of_copy", "of copy"), ("host_us", "host us"),
+               ("launches", "launches"), ("host_syncs", "syncs"),
                ("peak_extra_mib", "peak MiB"), ("error", "error")]
     print(harness.format_table(rows, columns))
     payload = {"meta": {**meta, "copy_gbps": copy_gbps, "quick": args.quick}, "results": rows}

@@ -10,12 +10,12 @@
 #
 #   bash bench/gpu.sh OUTDIR                    # every stage
 #   bash bench/gpu.sh OUTDIR tests kernels      # some stages (to split a run across 10-minute calls)
-# Stages: build tests kernels attention generate generate_qwen3 exact sft ppo grpo traffic (a later call can skip build: kernels/_C*.so stays
+# Stages: build tests kernels rl_ops attention generate generate_qwen3 exact sft ppo grpo traffic (a later call can skip build: kernels/_C*.so stays
 # in the checkout only on the same machine). Then copy what is worth keeping into bench/results/.
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUTDIR [stage ...]}
 shift
-stages=${*:-build tests kernels attention generate generate_qwen3 exact sft ppo grpo traffic}
+stages=${*:-build tests kernels rl_ops attention generate generate_qwen3 exact sft ppo grpo traffic}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$repo"
@@ -86,7 +86,11 @@ for stage in $stages; do
   case $stage in
     build)    echo "== CUDA extension (fusedrl.kernels._C) =="; build_extension ;;
     tests)    run_tests ;;
-    kernels)  run bench_kernels 300 python bench/bench_kernels.py --json "$out/bench_kernels.json" ;;
+    kernels)  run bench_kernels 300 python bench/bench_kernels.py --ops token_logprobs,linear_token_logprobs \
+                --json "$out/bench_kernels.json" ;;
+    # The small RL ops at 256x2048, 1024x4096 (host-bound: host us and launches per call) and 8192x2048.
+    rl_ops)   run bench_rl_ops 570 python bench/bench_kernels.py --budget 0.5 \
+                --ops kl_penalty,gae,masked_whiten,ppo_policy_loss,ppo_value_loss --json "$out/bench_rl_ops.json" ;;
     attention) run bench_attention 300 python bench/bench_attention.py --json "$out/bench_attention.json" ;;
     # Fixed shapes (batch 1, 32, 256) against transformers, then the mixed-length case (256 requests).
     generate) run bench_generate 420 python bench/bench_generate.py --out "$out/bench_generate.json" ;;
@@ -100,7 +104,7 @@ for stage in $stages; do
     grpo)     run bench_grpo 420 python bench/bench_ppo.py --algo grpo --out "$out/bench_grpo.json" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
     traffic)  run traffic 300 python bench/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
-    *) echo "unknown stage $stage (build tests kernels attention generate generate_qwen3 exact sft ppo grpo traffic)"; status=1 ;;
+    *) echo "unknown stage $stage (build tests kernels rl_ops attention generate generate_qwen3 exact sft ppo grpo traffic)"; status=1 ;;
   esac
 done
 exit $status

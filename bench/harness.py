@@ -81,6 +81,20 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, min_reps: int = 3
     return statistics.median(times)
 
 
+def host_us(fn: Callable[[], object], device: torch.device, *, calls: int = 50) -> float:
+    """Microseconds of host time per call: `calls` calls issued back to back (after a warm-up), timed
+    before the device catches up. For an op whose GPU time is shorter than its host time (the small
+    RL ops) this is also its wall time per call in a loop; on CPU it is the wall time."""
+    fn()
+    synchronize(device)
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    issued = time.perf_counter() - begin
+    synchronize(device)
+    return issued / calls * 1e6
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     """Peak memory allocated while fn runs, above what was allocated before (GPU only)."""
     if device.type != "cuda":

@@ -14,7 +14,8 @@ if __name__ != "fusedrl.kernels":
 else:
     from . import reference
     from .dispatch import BACKENDS, backend_for, use_backend
-    from .advantages import gae, masked_whiten
+    from .advantages import gae
+    from .whiten import masked_whiten
     from .group_advantages import group_advantages
     from .kl import kl_penalty
     from .linear_logprobs import linear_token_logprobs

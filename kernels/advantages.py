@@ -1,4 +1,4 @@
-"""Generalized advantage estimation as a parallel scan, and masked advantage whitening.
+"""Generalized advantage estimation as a parallel scan (masked whitening is in whiten.py).
 
 GAE is usually a Python loop over time steps. Written over valid positions only (n(t) is the
 next valid position after t, and past the last one both value and advantage are 0):
@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 from . import checks, reference
 from .triton_compat import tl, triton
-from .dispatch import backend_for, fused_op, kernel_inputs
+from .dispatch import backend_for, kernel_inputs
 
 GAE = "gae"
-WHITEN = "masked_whiten"
 
 
 @triton.jit
@@ -71,9 +70,9 @@ def _gae_kernel(
         carry = tl.sum(tl.where(tl.arange(0, BLOCK_T) == 0, a_full * carry + b_full, 0.0), axis=0)
 
 
-@torch.library.custom_op("fusedrl::gae", mutates_args=())
-def _gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-            lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch: (advantages, returns) [..., T] fp32 of contiguous inputs."""
     advantages = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)
     returns = torch.empty_like(advantages)
     n_steps = rewards.shape[-1]
@@ -88,6 +87,13 @@ def _gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gam
             num_warps=max(1, min(4, block // 512)),
         )
     return advantages, returns
+
+
+@torch.library.custom_op("fusedrl::gae", mutates_args=())
+def _gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+            lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernel for torch.compile (eager calls launch it directly: no dispatcher)."""
+    return _gae(rewards, values, mask, gamma, lam)
 
 
 @_gae_op.register_fake
@@ -123,27 +129,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     if rewards.dim() < 1:
         raise ValueError(f"{GAE}: rewards must have shape [..., T], got a 0-dim tensor")
     rewards, values = rewards.detach(), values.detach()
-    backend = backend_for(rewards)
+    backend = backend_for(rewards, GAE)
     if backend == "torch":
         return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    args = (rewards.contiguous(), values.contiguous(), mask.contiguous(), float(gamma), float(lam))
+    if backend == "triton":
+        return _gae_op(*args) if torch.compiler.is_compiling() else _gae(*args)
     rewards, values = kernel_inputs(backend, rewards, values)
-    return fused_op(backend, "gae")(rewards.contiguous(), values.contiguous(), mask.contiguous(),
-                                    float(gamma), float(lam))
+    return torch.ops.fusedrl.cuda_gae(rewards.contiguous(), values.contiguous(), *args[2:])
 
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
-    """Normalize x to mean 0, variance 1 over the valid entries (advantage whitening).
-
-    Args:
-        x: [...] float. mask: [...] bool/integer, nonzero = valid.
-        shift_mean: if False, the mean is added back (scale only).
-        eps: added to the (unbiased) variance.
-    Returns:
-        [...] fp32, 0 outside the mask. Two reductions and an elementwise op: the same PyTorch
-        code on every backend (a fused kernel would save little), with no host sync.
-    """
-    checks.check_float(WHITEN, "x", x)
-    checks.check_mask(WHITEN, mask, "x", x)
-    checks.check_positive(WHITEN, "eps", eps)
-    return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)

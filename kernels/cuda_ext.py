@@ -52,6 +52,11 @@ def require() -> None:
         raise RuntimeError(f"backend 'cuda' is unavailable: {_Extension.error}; {BUILD_HINT}")
 
 
+def is_loaded() -> bool:
+    """Whether a require() has loaded the extension already (tries nothing)."""
+    return _Extension.module is not None
+
+
 def is_available() -> bool:
     """Whether the compiled extension is built and loads here (it may still need CUDA tensors)."""
     try:

@@ -12,8 +12,9 @@ Backends:
             backend "auto" picks where triton is not installed.
 
 Resolution order: the innermost ``use_backend(...)`` context of the calling thread, else the
-``FUSEDRL_BACKEND`` environment variable, else "auto": Triton where it can run, torch otherwise.
-"auto" does not pick "cuda" yet: that waits for the GPU benchmark (kernels/BACKENDS.md).
+``FUSEDRL_BACKEND`` environment variable, else "auto": on CUDA tensors, with the extension built,
+the backend measured fastest for the op at that size (AUTO_CUDA_UP_TO, from the H100 run of
+kernels/BACKENDS.md); otherwise Triton where it can run, torch elsewhere.
 
 The override stack is thread-local (no process-wide mutable state) and is a plain list, which
 torch.compile can read and guard on (it cannot trace ``contextvars``). Under torch.compile the
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -32,6 +33,14 @@ from . import cuda_ext
 from .triton_compat import TRITON_AVAILABLE
 
 BACKENDS = ("triton", "cuda", "torch")
+# "auto" on CUDA tensors with the extension built: the op runs on "cuda" up to this many elements
+# of its main input (None: at every size), on "triton" above; ops not listed stay on "triton".
+# Measured on an H100 at commit 4c7ed3a (kernels/BACKENDS.md has the figures): CUDA won every
+# 256 x 2048 row (0.5M elements) and token_logprobs at 4096 x 32000 and 16384 x 151936; at
+# 8192 x 2048 (16.8M) Triton won gae and kl_penalty, CUDA the losses. The crossover between the two
+# sizes is unmeasured: 2M (1024 x 2048) is the side of the smaller one.
+AUTO_CUDA_UP_TO = {"token_logprobs": None, "gae": 1 << 21, "kl_penalty": 1 << 21,
+                   "ppo_policy_loss": None, "ppo_value_loss": None}
 _CHOICES = ("auto",) + BACKENDS
 _CUDA_DTYPES = {torch.float32, torch.bfloat16, torch.float16}  # what the CUDA kernels load
 
@@ -77,8 +86,25 @@ def requested_backend() -> str:
     return _check_name(os.environ.get("FUSEDRL_BACKEND", "auto"), "FUSEDRL_BACKEND")
 
 
-def backend_for(x: torch.Tensor) -> str:
+def auto_backend(op: Optional[str], numel: int, *, on_cuda: bool, cuda_built: bool, triton_ok: bool) -> str:
+    """What "auto" picks for ``op`` (a key of AUTO_CUDA_UP_TO, or None: no preference) on an input
+    of ``numel`` elements."""
+    if on_cuda and cuda_built and op in AUTO_CUDA_UP_TO:
+        limit = AUTO_CUDA_UP_TO[op]
+        if limit is None or numel <= limit:
+            return "cuda"
+    return "triton" if triton_ok else "torch"
+
+
+def _cuda_built() -> bool:
+    # The first eager call tries to load the extension; a trace only reads what that found (the
+    # loader's imports would break the graph).
+    return cuda_ext.is_loaded() if torch.compiler.is_compiling() else cuda_ext.is_available()
+
+
+def backend_for(x: torch.Tensor, op: Optional[str] = None) -> str:
     """The backend that will run an op whose main input is ``x``: "triton", "cuda" or "torch".
+    ``op`` names the op for "auto"'s measured choice (AUTO_CUDA_UP_TO).
 
     Raises RuntimeError when "triton" or "cuda" is requested for a tensor it cannot run on, or
     "cuda" where the extension is not built.
@@ -91,7 +117,8 @@ def backend_for(x: torch.Tensor) -> str:
         return name
     triton_ok = TRITON_AVAILABLE and (x.is_cuda or triton_interpreting())
     if name == "auto":
-        return "triton" if triton_ok else "torch"
+        return auto_backend(op, x.numel(), on_cuda=x.is_cuda, cuda_built=x.is_cuda and _cuda_built(),
+                            triton_ok=triton_ok)
     if name == "triton" and not TRITON_AVAILABLE:
         raise RuntimeError("backend 'triton' is unavailable: triton is not installed")
     if name == "triton" and not triton_ok:
@@ -120,12 +147,13 @@ def kernel_inputs(backend: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, .
 def sync_checks_enabled(x: torch.Tensor) -> bool:
     """Whether to run input checks that read tensor values (a host sync on GPU).
 
-    Always on for CPU tensors. On GPU they are on unless ``FUSEDRL_SKIP_SYNC_CHECKS=1``. They are
-    skipped while torch.compile traces (data-dependent Python branches would break the graph); the
-    Triton kernels still never read out of bounds and turn an invalid label into a NaN output.
+    Always on for CPU tensors. On GPU they are off (a sync per call would stall the stream and break
+    CUDA-graph capture) unless ``FUSEDRL_SYNC_CHECKS=1``. They are skipped while torch.compile traces
+    (data-dependent Python branches would break the graph). Without them the kernels still never
+    read out of bounds and turn an invalid label into a NaN output.
     """
     if torch.compiler.is_compiling():
         return False
     if x.device.type == "cpu":
         return True
-    return os.environ.get("FUSEDRL_SKIP_SYNC_CHECKS", "0") != "1"
+    return os.environ.get("FUSEDRL_SYNC_CHECKS", "0") == "1"

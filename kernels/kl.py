@@ -5,7 +5,9 @@ KL(pi || ref) are (Schulman, "Approximating KL divergence"):
     k1 = -d                  unbiased, high variance, can be negative
     k2 = d**2 / 2            biased, low variance
     k3 = exp(d) - d - 1      unbiased, low variance, always >= 0
-One elementwise kernel each way; the output is fp32 and 0 outside the mask.
+One elementwise kernel each way, clamps included (on "triton"; "cuda" clamps around its kernel);
+the output is fp32 and 0 outside the mask. Eager calls go through a thin autograd.Function, traced
+ones through the custom ops fusedrl::kl_penalty / kl_penalty_grad.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Optional
 import torch
 from . import checks, reference
 from .triton_compat import tl, triton
-from .dispatch import backend_for, fused_op, kernel_inputs
+from .dispatch import backend_for, kernel_inputs
 
 OP = "kl_penalty"
 ESTIMATORS = ("k1", "k2", "k3")
@@ -22,9 +24,17 @@ BLOCK = 1024
 
 
 @triton.jit
-def _kl_terms(logp, ref_logp, ESTIMATOR: tl.constexpr):
-    """(kl, d kl / d logp) for fp32 logp, ref_logp; ESTIMATOR 0, 1, 2 = k1, k2, k3."""
+def _kl_terms(logp, ref_logp, log_ratio_clamp, clamp, ESTIMATOR: tl.constexpr,
+              HAS_LOG_RATIO_CLAMP: tl.constexpr, HAS_CLAMP: tl.constexpr):
+    """(kl, d kl / d logp) for fp32 logp, ref_logp; ESTIMATOR 0, 1, 2 = k1, k2, k3. The log-ratio
+    is clamped to +-log_ratio_clamp first and the estimate to +-clamp last (if asked): where either
+    clamp is active the estimate is flat in logp, gradient 0 (as torch.clamp's, ends included)."""
     d = ref_logp - logp
+    flat = d != d                                # all False, d's shape
+    if HAS_LOG_RATIO_CLAMP:
+        clamped = tl.minimum(tl.maximum(d, -log_ratio_clamp), log_ratio_clamp)
+        flat = clamped != d
+        d = clamped
     if ESTIMATOR == 0:
         kl = -d
         dkl = tl.full(d.shape, 1.0, tl.float32)
@@ -35,7 +45,11 @@ def _kl_terms(logp, ref_logp, ESTIMATOR: tl.constexpr):
         e = tl.exp(d)
         kl = e - d - 1.0
         dkl = 1.0 - e
-    return kl, dkl
+    if HAS_CLAMP:
+        capped = tl.minimum(tl.maximum(kl, -clamp), clamp)
+        flat = flat | (capped != kl)
+        kl = capped
+    return kl, tl.where(flat, 0.0, dkl)
 
 
 @triton.jit
@@ -61,32 +75,44 @@ def _kl_fwd_kernel(
     mask_ptr,      # [n] uint8/int (read only if HAS_MASK)
     out_ptr,       # [n] fp32 out
     n_elements,
+    log_ratio_clamp,  # used only if HAS_LOG_RATIO_CLAMP
+    clamp,            # used only if HAS_CLAMP
     ESTIMATOR: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_LOG_RATIO_CLAMP: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     offs, in_range, valid, logp, ref = _load_block(logp_ptr, ref_ptr, mask_ptr, n_elements,
                                                    HAS_MASK, BLOCK_SIZE)
-    kl, _ = _kl_terms(logp, ref, ESTIMATOR)
+    kl, _ = _kl_terms(logp, ref, log_ratio_clamp, clamp, ESTIMATOR, HAS_LOG_RATIO_CLAMP, HAS_CLAMP)
     tl.store(out_ptr + offs, tl.where(valid, kl, 0.0), mask=in_range)
 
 
 @triton.jit
 def _kl_bwd_kernel(
-    grad_out_ptr,  # [n] fp32 upstream gradient
+    grad_out_ptr,  # [n] upstream gradient (any float), or one value broadcast (GRAD_IS_SCALAR)
     logp_ptr,
     ref_ptr,
     mask_ptr,
     grad_logp_ptr,  # [n] out, logp's dtype; grad w.r.t. ref_logp is its negative
     n_elements,
+    log_ratio_clamp,
+    clamp,
     ESTIMATOR: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_LOG_RATIO_CLAMP: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    GRAD_IS_SCALAR: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     offs, in_range, valid, logp, ref = _load_block(logp_ptr, ref_ptr, mask_ptr, n_elements,
                                                    HAS_MASK, BLOCK_SIZE)
-    grad_out = tl.where(valid, tl.load(grad_out_ptr + offs, mask=in_range, other=0.0), 0.0)
-    _, dkl = _kl_terms(logp, ref, ESTIMATOR)
+    if GRAD_IS_SCALAR:
+        grad_out = tl.load(grad_out_ptr).to(tl.float32)
+    else:
+        grad_out = tl.load(grad_out_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+    _, dkl = _kl_terms(logp, ref, log_ratio_clamp, clamp, ESTIMATOR, HAS_LOG_RATIO_CLAMP, HAS_CLAMP)
     grad = tl.where(valid, grad_out * dkl, 0.0)
     tl.store(grad_logp_ptr + offs, grad.to(grad_logp_ptr.dtype.element_ty), mask=in_range)
 
@@ -95,71 +121,97 @@ def _mask_arg(mask: Optional[torch.Tensor], like: torch.Tensor) -> tuple[torch.T
     """A flat mask the kernels can load (bool viewed as uint8), or a dummy pointer if none."""
     if mask is None:
         return like, False
-    mask = mask.reshape(-1).contiguous()
+    mask = mask.reshape(-1)
     return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask), True
 
 
-@torch.library.custom_op("fusedrl::kl_penalty_fwd", mutates_args=())
-def _fwd_op(logp: torch.Tensor, ref_logp: torch.Tensor, mask: Optional[torch.Tensor],
-            estimator: int) -> torch.Tensor:
-    out = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
-    if logp.numel():
-        mask_flat, has_mask = _mask_arg(mask, logp)
-        _kl_fwd_kernel[(triton.cdiv(logp.numel(), BLOCK),)](
-            logp, ref_logp, mask_flat, out, logp.numel(), ESTIMATOR=estimator, HAS_MASK=has_mask,
-            BLOCK_SIZE=BLOCK,
-        )
+def _launch(kernel, out, tensors, mask, estimator, log_ratio_clamp, clamp, **flags):
+    """One elementwise launch over logp's elements (none when empty); a clamp <= 0 is off."""
+    n = out.numel()
+    if n:
+        mask_flat, has_mask = _mask_arg(mask, out)
+        kernel[(triton.cdiv(n, BLOCK),)](
+            *tensors, mask_flat, out, n, log_ratio_clamp, clamp, ESTIMATOR=estimator, HAS_MASK=has_mask,
+            HAS_LOG_RATIO_CLAMP=log_ratio_clamp > 0, HAS_CLAMP=clamp > 0, BLOCK_SIZE=BLOCK, **flags)
     return out
 
 
-@_fwd_op.register_fake
-def _fwd_fake(logp, ref_logp, mask, estimator):
-    return torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
+def _forward(logp, ref_logp, mask, estimator, log_ratio_clamp, clamp):
+    out = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
+    return _launch(_kl_fwd_kernel, out, (logp, ref_logp), mask, estimator, log_ratio_clamp, clamp)
 
 
-@torch.library.custom_op("fusedrl::kl_penalty_bwd", mutates_args=())
-def _bwd_op(grad_out: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
-            mask: Optional[torch.Tensor], estimator: int) -> torch.Tensor:
-    grad = torch.empty_like(logp)
-    if logp.numel():
-        mask_flat, has_mask = _mask_arg(mask, logp)
-        _kl_bwd_kernel[(triton.cdiv(logp.numel(), BLOCK),)](
-            grad_out.float().contiguous(), logp, ref_logp, mask_flat, grad, logp.numel(),
-            ESTIMATOR=estimator, HAS_MASK=has_mask, BLOCK_SIZE=BLOCK,
-        )
-    return grad
+def _backward(grad_out, logp, ref_logp, mask, estimator, log_ratio_clamp, clamp):
+    # kl.sum().backward() hands in one value expanded (all strides 0): read it as one, no copy.
+    is_scalar = grad_out.numel() > 0 and all(stride == 0 for stride in grad_out.stride())
+    return _launch(_kl_bwd_kernel, torch.empty_like(logp), (grad_out if is_scalar else grad_out.contiguous(),
+                   logp, ref_logp), mask, estimator, log_ratio_clamp, clamp, GRAD_IS_SCALAR=is_scalar)
 
 
-@_bwd_op.register_fake
-def _bwd_fake(grad_out, logp, ref_logp, mask, estimator):
-    return torch.empty_like(logp)
-
-
-def _setup_context(ctx, inputs, output):
-    logp, ref_logp, mask, estimator = inputs
-    ctx.save_for_backward(logp, ref_logp, mask)
-    ctx.estimator = estimator
-
-
-def _backward_on(backend: str):
-    """The autograd formula of the forward op of ``backend``: its own backward op."""
+def _backward_on(grad_op):
+    """The autograd formula of a forward (op or _EagerKl) whose backward is grad_op(grad_out, logp,
+    ref_logp, mask, *the forward's other arguments)."""
     def backward(ctx, grad_out):
         logp, ref_logp, mask = ctx.saved_tensors
-        grad_logp = fused_op(backend, "kl_penalty_bwd")(grad_out, logp, ref_logp, mask, ctx.estimator)
+        grad_logp = grad_op(grad_out, logp, ref_logp, mask, *ctx.args)
         # Every estimator is a function of ref_logp - logp alone.
         grad_ref = -grad_logp.to(ref_logp.dtype) if ctx.needs_input_grad[1] else None
-        return grad_logp, grad_ref, None, None
+        return (grad_logp, grad_ref) + (None,) * (1 + len(ctx.args))
     return backward
 
 
-_fwd_op.register_autograd(_backward_on("triton"), setup_context=_setup_context)
+def _setup_context(ctx, inputs, output):
+    logp, ref_logp, mask = inputs[:3]
+    ctx.save_for_backward(logp, ref_logp, mask)
+    ctx.args = inputs[3:]
+
+
+class _EagerKl(torch.autograd.Function):
+    """Eager calls: one launch each way, no dispatcher round trip."""
+
+    @staticmethod
+    def forward(logp, ref_logp, mask, estimator, log_ratio_clamp, clamp):
+        return _forward(logp, ref_logp, mask, estimator, log_ratio_clamp, clamp)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward_on(_backward))
+
+
+@torch.library.custom_op("fusedrl::kl_penalty", mutates_args=())
+def _kl_op(logp: torch.Tensor, ref_logp: torch.Tensor, mask: Optional[torch.Tensor], estimator: int,
+           log_ratio_clamp: float, clamp: float) -> torch.Tensor:
+    """The Triton kernel for torch.compile; a clamp <= 0 is off."""
+    return _forward(logp, ref_logp, mask, estimator, log_ratio_clamp, clamp)
+
+
+@_kl_op.register_fake
+def _kl_fake(logp, *_args):
+    return torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
+
+
+@torch.library.custom_op("fusedrl::kl_penalty_grad", mutates_args=())
+def _kl_grad_op(grad_out: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
+                mask: Optional[torch.Tensor], estimator: int, log_ratio_clamp: float,
+                clamp: float) -> torch.Tensor:
+    return _backward(grad_out, logp, ref_logp, mask, estimator, log_ratio_clamp, clamp)
+
+
+@_kl_grad_op.register_fake
+def _kl_grad_fake(grad_out, logp, *_args):
+    return torch.empty_like(logp)
+
+
+_kl_op.register_autograd(_backward_on(torch.ops.fusedrl.kl_penalty_grad), setup_context=_setup_context)
 
 
 def register_cuda_rules() -> None:
-    """Fake implementations and autograd of the C++ twins fusedrl::cuda_kl_penalty_*."""
-    torch.library.register_fake("fusedrl::cuda_kl_penalty_fwd", _fwd_fake)
-    torch.library.register_fake("fusedrl::cuda_kl_penalty_bwd", _bwd_fake)
-    torch.library.register_autograd("fusedrl::cuda_kl_penalty_fwd", _backward_on("cuda"),
+    """Fake implementations and autograd of the C++ twins fusedrl::cuda_kl_penalty_fwd(logp,
+    ref_logp, mask, estimator) and fusedrl::cuda_kl_penalty_bwd(grad_out, logp, ref_logp, mask,
+    estimator) (no clamps: the cuda backend applies them around the kernel)."""
+    torch.library.register_fake("fusedrl::cuda_kl_penalty_fwd", _kl_fake)
+    torch.library.register_fake("fusedrl::cuda_kl_penalty_bwd", _kl_grad_fake)
+    torch.library.register_autograd("fusedrl::cuda_kl_penalty_fwd",
+                                    _backward_on(lambda *args: torch.ops.fusedrl.cuda_kl_penalty_bwd(*args)),
                                     setup_context=_setup_context)
 
 
@@ -190,19 +242,24 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
     for name, value in (("clamp", clamp), ("log_ratio_clamp", log_ratio_clamp)):
         if value is not None:
             checks.check_positive(OP, name, value)
+    backend = backend_for(logp, OP)
+    if backend == "triton":
+        args = (logp.contiguous(), ref_logp.contiguous(), None if mask is None else mask.contiguous(),
+                ESTIMATORS.index(estimator), float(log_ratio_clamp or 0.0), float(clamp or 0.0))
+        return _kl_op(*args) if torch.compiler.is_compiling() else _EagerKl.apply(*args)
     if log_ratio_clamp is not None:
-        # Where |ref - logp| exceeds the bound, a constant logp with the clamped log-ratio stands in
-        # for it: the estimate sees the clamped value and its gradient there is 0.
+        # Where |ref - logp| exceeds the bound, constants with the clamped log-ratio stand in for
+        # both: the estimate sees the clamped value and its gradients there are 0.
         d = (ref_logp.float() - logp.float()).detach()
         clamped = d.abs() > log_ratio_clamp
         logp = torch.where(clamped, ref_logp.float().detach() - d.clamp(-log_ratio_clamp, log_ratio_clamp),
                            logp.float())
-    backend = backend_for(logp)
+        ref_logp = torch.where(clamped, ref_logp.float().detach(), ref_logp.float())
     if backend == "torch":
         kl = reference.kl_penalty(logp, ref_logp, estimator=estimator, mask=mask)
     else:
         logp, ref_logp = kernel_inputs(backend, logp, ref_logp)
-        kl = fused_op(backend, "kl_penalty_fwd")(
+        kl = torch.ops.fusedrl.cuda_kl_penalty_fwd(
             logp.contiguous(), ref_logp.contiguous(), None if mask is None else mask.contiguous(),
             ESTIMATORS.index(estimator))
     return kl if clamp is None else kl.clamp(-clamp, clamp)

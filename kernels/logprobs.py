@@ -334,7 +334,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     n_cols = logits.shape[-1]
     if sync_checks_enabled(labels):
         checks.check_label_range(OP, labels, n_cols, ignore_index)
-    backend = backend_for(logits)
+    backend = backend_for(logits, "token_logprobs")
     if backend == "torch":
         return reference.token_logprobs(logits, labels, temperature=temperature,
                                         ignore_index=ignore_index, return_entropy=return_entropy)

@@ -113,56 +113,76 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
     return torch.where(valid, white, 0.0)
 
 
-def aggregate(per_token, mask, agg, norm=None):
-    """Reduce a per-token loss [..., T] to a scalar.
-
-    token-mean: mean over valid tokens. seq-mean-token-mean / seq-mean-token-sum: per-sequence
-    mean / sum over valid tokens, then the mean over sequences that have any valid token.
-    token-sum: the sum over valid tokens. seq-mean-token-sum-norm: that sum / norm (default T),
-    verl's agg_loss with its loss_scale_factor (Dr. GRPO's constant normalizer).
+def row_weights(mask, agg, norm=None):
+    """The aggregation rule, the one place it is written in PyTorch: the weight of each valid token
+    of each row, mask [..., T] -> fp32 [rows], so that a loss is sum over valid tokens of
+    weight[row] * term (the Triton kernels apply the same rule on the device, in
+    loss_kernels._finalize_kernel). With n_b valid tokens in row b, N in all, S non-empty rows:
+        token-mean 1 / N; seq-mean-token-mean 1 / (S * n_b); seq-mean-token-sum 1 / S;
+        token-sum 1; seq-mean-token-sum-norm 1 / norm (default T, verl's loss_scale_factor:
+        Dr. GRPO's constant normalizer).
+    Rows with no valid token are left out of every mean.
     """
-    valid = _valid(mask, per_token)
-    per_token = torch.where(valid, per_token, 0.0)
+    lengths = (mask != 0).sum(dim=-1).reshape(-1).float()                   # [rows]
     if agg == "token-mean":
-        return per_token.sum() / valid.sum().clamp_min(1)
-    if agg == "token-sum":
-        return per_token.sum()
-    if agg == "seq-mean-token-sum-norm":
-        return per_token.sum() / (norm or per_token.shape[-1])
-    lengths = valid.sum(dim=-1)
-    per_seq = per_token.sum(dim=-1)
-    if agg == "seq-mean-token-mean":
-        per_seq = per_seq / lengths.clamp_min(1)
-    return per_seq.sum() / (lengths > 0).sum().clamp_min(1)
+        return (1.0 / lengths.sum().clamp_min(1.0)).expand_as(lengths).contiguous()
+    if agg in ("token-sum", "seq-mean-token-sum-norm"):
+        scale = 1.0 if agg == "token-sum" else 1.0 / float(norm or mask.shape[-1])
+        return torch.full_like(lengths, scale)
+    n_seqs = (lengths > 0).sum().clamp_min(1)
+    per_seq = lengths.clamp_min(1.0) if agg == "seq-mean-token-mean" else torch.ones_like(lengths)
+    return 1.0 / (per_seq * n_seqs)
 
 
-def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_high=None,
-                    dual_clip=None, agg="token-mean", loss_agg_norm=None, log_ratio_clamp=20.0):
-    """PPO-clip surrogate max(-A r, -A clip(r, 1-eps, 1+eps_high)), optional dual clip for A < 0,
-    the log-ratio clamped to +-log_ratio_clamp before exp().
+def weighted_sum(per_token, mask, weights):
+    """sum over valid tokens of weights[row] * per_token: per_token, mask [..., T], weights [rows]."""
+    weights = weights.to(per_token.dtype).view(*per_token.shape[:-1], 1)
+    return torch.where(_valid(mask, per_token), per_token * weights, 0.0).sum()
 
-    logp, old_logp, advantages, mask [..., T] -> (loss [], stats of 0-dim tensors).
-    """
+
+def aggregate(per_token, mask, agg, norm=None):
+    """Reduce a per-token loss [..., T] to a scalar by the rule of row_weights."""
+    return weighted_sum(per_token, mask, row_weights(_valid(mask, per_token), agg, norm))
+
+
+def policy_terms(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
+                 log_ratio_clamp=20.0):
+    """Per-token PPO-clip terms [..., T] in the compute dtype: (loss, log_ratio, ratio, clipped,
+    dual_clipped) with max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), bounded by -A * dual_clip
+    for A < 0, the log-ratio clamped to +-log_ratio_clamp before exp()."""
     cd = compute_dtype(logp)
-    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     logp, old_logp, advantages = logp.to(cd), old_logp.to(cd), advantages.to(cd)
     log_ratio = (logp - old_logp).clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + eps_high)
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
     dual_active = torch.zeros_like(per_token, dtype=torch.bool)
     if dual_clip is not None:
         bound = -advantages * dual_clip
         dual_active = (advantages < 0) & (bound < per_token)
         per_token = torch.where(dual_active, bound, per_token)
+    return per_token, log_ratio, ratio, clipped > unclipped, dual_active
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_high=None,
+                    dual_clip=None, agg="token-mean", loss_agg_norm=None, log_ratio_clamp=20.0):
+    """PPO-clip surrogate (policy_terms) aggregated by `agg`.
+
+    logp, old_logp, advantages, mask [..., T] -> (loss [], stats of 0-dim tensors).
+    """
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    per_token, log_ratio, ratio, clipped, dual_active = policy_terms(
+        logp, old_logp, advantages, clip_low=clip_eps, clip_high=eps_high, dual_clip=dual_clip,
+        log_ratio_clamp=log_ratio_clamp)
     loss = aggregate(per_token, mask, agg, loss_agg_norm)
+    cd = per_token.dtype
     with torch.no_grad():
         # ratio > 0, so a max over (ratio on valid, 0 elsewhere, one extra 0) is the max over valid
         # tokens, or 0 when there are none.
         masked_ratio = torch.where(_valid(mask, ratio), ratio, 0.0).flatten()
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(cd), mask),
+            "clipfrac": masked_mean(clipped.to(cd), mask),
             "dual_clipfrac": masked_mean(dual_active.to(cd), mask),
             "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),
@@ -171,19 +191,22 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_
     return loss, stats
 
 
-def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="token-mean", loss_agg_norm=None):
-    """Clipped value loss 0.5 * max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2).
-
-    clip_eps=None: plain 0.5 * (v - R)^2. values, old_values, returns, mask [..., T] -> (loss, stats).
-    """
+def value_terms(values, old_values, returns, *, clip_eps=0.2):
+    """Per-token clipped value terms [..., T]: (0.5 * max((v - R)^2, (clip(v, v_old +- eps) - R)^2),
+    clipped); clip_eps=None: plain 0.5 * (v - R)^2."""
     cd = compute_dtype(values)
     values, old_values, returns = values.to(cd), old_values.to(cd), returns.to(cd)
     unclipped = (values - returns) ** 2
     if clip_eps is None:
-        per_token, is_clipped = unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
-    else:
-        clipped_values = torch.maximum(torch.minimum(values, old_values + clip_eps), old_values - clip_eps)
-        clipped = (clipped_values - returns) ** 2
-        per_token, is_clipped = torch.maximum(unclipped, clipped), clipped > unclipped
-    loss = aggregate(0.5 * per_token, mask, agg, loss_agg_norm)
-    return loss, {"vf_clipfrac": masked_mean(is_clipped.to(cd), mask).detach()}
+        return 0.5 * unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    clipped_values = torch.maximum(torch.minimum(values, old_values + clip_eps), old_values - clip_eps)
+    clipped = (clipped_values - returns) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="token-mean", loss_agg_norm=None):
+    """Clipped value loss (value_terms) aggregated by `agg`: values, old_values, returns, mask
+    [..., T] -> (loss, stats)."""
+    per_token, clipped = value_terms(values, old_values, returns, clip_eps=clip_eps)
+    loss = aggregate(per_token, mask, agg, loss_agg_norm)
+    return loss, {"vf_clipfrac": masked_mean(clipped.to(per_token.dtype), mask).detach()}

@@ -14,8 +14,13 @@ STREAMS = {
     "_kl_fwd_kernel": {"logp": ("ld", "logp_ptr"), "ref_logp": ("ld", "ref_ptr"), "kl": ("st", "out_ptr")},
     "_kl_bwd_kernel": {"grad_out": ("ld", "grad_out_ptr"), "logp": ("ld", "logp_ptr"),
                        "grad_logp": ("st", "grad_logp_ptr")},
-    "_policy_loss_kernel": {"logp": ("ld", "logp_ptr"), "grad": ("st", "grad_ptr")},
-    "_value_loss_kernel": {"values": ("ld", "values_ptr"), "grad": ("st", "grad_ptr")},
+    "_policy_rows_kernel": {"logp": ("ld", "logp_ptr"), "old_logp": ("ld", "old_ptr"), "advantages": ("ld", "adv_ptr"),
+                            "d term": ("st", "dterm_ptr")},
+    "_value_rows_kernel": {"values": ("ld", "values_ptr"), "returns": ("ld", "returns_ptr"),
+                           "d term": ("st", "dterm_ptr")},
+    "_scaled_grad_kernel": {"d term": ("ld", "dterm_ptr"), "grad": ("st", "grad_ptr")},
+    "_moments_kernel": {"x": ("ld", "x_ptr"), "mask": ("ld", "mask_ptr")},
+    "_whiten_kernel": {"x": ("ld", "x_ptr"), "mask": ("ld", "mask_ptr"), "whitened": ("st", "out_ptr")},
     "_add_rms_norm_kernel": {"hidden rows": ("ld", "x_ptr"), "normed rows": ("st", "out_ptr")},
     "_rope_kernel": {"q/k rows": ("ld", "x_ptr"), "rotated rows": ("st", "x_ptr"), "cos": ("ld", "cos_ptr")},
     "_store_kv_kernel": {"K rows": ("ld", "k_ptr"), "K cache rows": ("st", "k_cache_ptr")},
@@ -33,8 +38,11 @@ SHAPE_ARGS = {
     "_gae_kernel": ("n_steps",),
     "_kl_fwd_kernel": ("n_elements",),
     "_kl_bwd_kernel": ("n_elements",),
-    "_policy_loss_kernel": ("n_elements", "n_steps"),
-    "_value_loss_kernel": ("n_elements", "n_steps"),
+    "_policy_rows_kernel": ("n_steps", "chunk"),
+    "_value_rows_kernel": ("n_steps", "chunk"),
+    "_scaled_grad_kernel": ("n_elements", "n_steps"),
+    "_moments_kernel": ("n_elements",),
+    "_whiten_kernel": ("n_elements",),
     "_add_rms_norm_kernel": ("n_cols",),
     "_silu_mul_kernel": ("n_cols",),
     "_rope_kernel": ("row_stride", "head_stride"),
@@ -48,5 +56,6 @@ SHAPE_ARGS = {
 ALLOWED_FAILURES = {
     # k1's gradient is 1 whatever logp is, so the compiler drops the logp load altogether: the
     # stream has no access at all there (the other estimators' launches load it 128 bits wide).
-    "_kl_bwd_kernel": "k1 does not read logp in backward (the load is eliminated)",
+    # A scalar upstream gradient (kl.sum().backward(), GRAD_IS_SCALAR) is one 32-bit load, no stream.
+    "_kl_bwd_kernel": "k1 does not read logp in backward (the load is eliminated); a scalar grad_out is one value",
 }

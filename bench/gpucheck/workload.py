@@ -46,7 +46,12 @@ def ops(vocabs=VOCABS) -> None:
         rows = x.view(2, TOKENS // 2)
         kernels.gae(torch.randn(2, STEPS, dtype=dtype), torch.randn(2, STEPS, dtype=dtype),
                     torch.rand(2, STEPS) > 0.2)
-        kernels.ppo_policy_loss(rows, ref.view(2, -1), ref.view(2, -1), mask)[0].backward()
+        kernels.kl_penalty(x, ref, estimator="k3", clamp=10.0, log_ratio_clamp=20.0).sum().backward()
+        kernels.masked_whiten(torch.randn(2, STEPS, dtype=dtype), torch.rand(2, STEPS) > 0.2)
+        for mode in ({}, dict(dual_clip=3.0), dict(ratio_level="sequence", is_mode="tis", is_level="sequence"),
+                     dict(is_mode="mis")):
+            kernels.ppo_policy_loss(rows, ref.view(2, -1), ref.view(2, -1), mask, rollout_logprobs=ref.view(2, -1),
+                                    **mode)[0].backward()
         kernels.ppo_value_loss(rows, ref.view(2, -1), ref.view(2, -1), mask)[0].backward()
     hidden = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(VOCABS[-1], 64, dtype=torch.bfloat16, requires_grad=True)

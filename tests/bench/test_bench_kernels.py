@@ -37,3 +37,8 @@ def test_report(tmp_path):
     assert set(rows) == {("gae", "eager"), ("gae", "python loop (TRL)"), ("kl_penalty", "eager"),
                          *((op, impl) for op in ("gae", "kl_penalty") for impl in fused)}
     assert all(r["ms"] > 0 and r["gbps"] > 0 and "error" not in r for r in rows.values())
+    # the small ops' host cost and launches beside the time; the fused KL is one launch each way
+    assert all(r["host_us"] > 0 and r["host_syncs"] == 0 for r in rows.values())
+    launches = {(r["op"], r["mode"], r["impl"]): r["launches"] for r in payload["results"]}
+    assert launches[("kl_penalty", "fwd", "fusedrl")] == 1 and launches[("kl_penalty", "fwd+bwd", "fusedrl")] == 2
+    assert launches[("gae", "fwd", "fusedrl")] == 1

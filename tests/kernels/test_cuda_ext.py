@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fusedrl.kernels as kernels
-from fusedrl.kernels import cuda_ext, use_backend
+from fusedrl.kernels import cuda_ext, dispatch, use_backend
 from kernel_testing import CUDA_EXT_RUNS, DEVICE, needs_triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,10 +43,20 @@ def test_cuda_backend_refuses_cpu_tensors():
         kernels.kl_penalty(torch.zeros(3), torch.zeros(3))
 
 
-def test_auto_never_picks_cuda(monkeypatch):
-    # Until the GPU benchmark decides otherwise (kernels/BACKENDS.md).
+def test_auto_picks_by_the_measured_table(monkeypatch):
     monkeypatch.delenv("FUSEDRL_BACKEND", raising=False)
-    assert kernels.backend_for(torch.zeros(1, device=DEVICE)) in ("triton", "torch")
+    # kernels/BACKENDS.md: CUDA at 256 x 2048 for every op with a CUDA kernel, Triton's gae and kl at 8192 x 2048
+    pick = lambda op, n, **kw: dispatch.auto_backend(op, n, **{**dict(on_cuda=True, cuda_built=True,
+                                                                       triton_ok=True), **kw})
+    for op in ("token_logprobs", "gae", "kl_penalty", "ppo_policy_loss", "ppo_value_loss"):
+        assert pick(op, 256 * 2048) == "cuda", op
+    assert [pick(op, 8192 * 2048) for op in ("gae", "kl_penalty", "ppo_policy_loss", "ppo_value_loss")] == [
+        "triton", "triton", "cuda", "cuda"]
+    assert pick("masked_whiten", 256 * 2048) == pick(None, 10) == "triton"     # no CUDA kernel / no op named
+    assert pick("gae", 10, cuda_built=False) == "triton" and pick("gae", 10, on_cuda=False) == "triton"
+    assert pick("gae", 10, on_cuda=False, cuda_built=False, triton_ok=False) == "torch"
+    if not CUDA_EXT_RUNS:   # here: never cuda
+        assert kernels.backend_for(torch.zeros(1, device=DEVICE), "gae") in ("triton", "torch")
 
 
 def test_cuda_kernels_get_one_dtype_per_op():
@@ -110,11 +120,18 @@ def binding_schemas() -> list[str]:
             for call in re.findall(r"m\.def\((.*?)\);", source, re.S)]
 
 
+# The Triton op doing each C++ op's job where the names differ (the Triton losses and KL finalize,
+# clamp and weight on the device, so they take other arguments).
+TRITON_JOB = {"kl_penalty_fwd": "kl_penalty", "kl_penalty_bwd": "kl_penalty_grad",
+              "ppo_policy_loss": "ppo_policy_loss_fwd", "ppo_value_loss": "ppo_value_loss_fwd"}
+
+
 def test_every_cuda_op_has_a_triton_twin():
     names = [schema.split("(")[0] for schema in binding_schemas()]
     assert len(names) == 8 and all(name.startswith("cuda_") for name in names)
     for name in names:
-        assert hasattr(torch.ops.fusedrl, name.removeprefix("cuda_")), name
+        job = name.removeprefix("cuda_")
+        assert hasattr(torch.ops.fusedrl, TRITON_JOB.get(job, job)), name
 
 
 # Run in a fresh interpreter: defines the fusedrl library as binding.cpp's TORCH_LIBRARY does
@@ -125,11 +142,42 @@ import sys, torch
 sys.path[:0] = [{tests!r}, {tests!r} + "/kernels"]  # kernel_testing, test_cuda_ext
 from fusedrl.kernels import advantages, kl, logprobs, ppo_loss
 from test_cuda_ext import binding_schemas
+from fusedrl.kernels import reference
+from fusedrl.kernels.kl import _backward as kl_grad, _forward as kl_value
+
+def loss_stand_in(terms):
+    # A C++ loss op's contract from the reference: (loss, d loss / d x fp32 or [0], stats).
+    def op(x, y, z, mask, weights, *args):
+        *params, compute_grad = args
+        per_token, d_per_token, stats = terms(x, y, z, mask, *params)
+        row_weight = weights.view(*x.shape[:-1], 1)
+        grad = torch.where(mask, d_per_token * row_weight, 0.0).float()
+        loss = reference.weighted_sum(per_token, mask, weights).float()
+        return loss, grad if compute_grad else x.new_empty(0), stats
+    return op
+
+def policy_terms(x, y, z, mask, low, high, dual_clip, log_ratio_clamp):
+    loss, log_ratio, ratio, clipped, dual = reference.policy_terms(
+        x, y, z, clip_low=low, clip_high=high, dual_clip=dual_clip if dual_clip > 0 else None,
+        log_ratio_clamp=log_ratio_clamp)
+    flat = clipped | dual | ((x - y).abs() > log_ratio_clamp)       # d(-A r) / d logp = -A r elsewhere
+    means = [reference.masked_mean(v.float(), mask) for v in (clipped, dual, ratio - 1 - log_ratio, ratio)]
+    return loss, torch.where(flat, 0.0, -z * ratio), torch.stack(means + [torch.where(mask, ratio, 0.0).max()])
+
+def value_terms(x, y, z, mask, clip_eps):
+    loss, clipped = reference.value_terms(x, y, z, clip_eps=clip_eps if clip_eps >= 0 else None)
+    return loss, torch.where(clipped, 0.0, x - z), reference.masked_mean(clipped.float(), mask).reshape(1)
+
+# The ops whose Triton side has another schema (it finalizes on the device) get reference stand-ins.
+STAND_INS = dict(
+    cuda_kl_penalty_fwd=lambda logp, ref, mask, est: kl_value(logp, ref, mask, est, 0.0, 0.0),
+    cuda_kl_penalty_bwd=lambda g, logp, ref, mask, est: kl_grad(g, logp, ref, mask, est, 0.0, 0.0),
+    cuda_ppo_policy_loss=loss_stand_in(policy_terms), cuda_ppo_value_loss=loss_stand_in(value_terms))
 lib = torch.library.Library("fusedrl", "DEF")
 for schema in binding_schemas():
     name = schema.split("(")[0]
     lib.define(schema)
-    lib.impl(name, getattr(torch.ops.fusedrl, name.removeprefix("cuda_")), "CPU")
+    lib.impl(name, STAND_INS.get(name) or getattr(torch.ops.fusedrl, name.removeprefix("cuda_")), "CPU")
 for module in (logprobs, kl, advantages, ppo_loss):
     module.register_cuda_rules()
 ops = torch.ops.fusedrl
@@ -174,20 +222,23 @@ def test_cuda_op_registration_on_a_cpu_stand_in():
 
 
 def rl_step(logits, labels, old_logp, values, mask):
-    """Forward of every fused op with a CUDA kernel, as a rollout / loss step calls them."""
+    """Forward of every fused op, as a rollout / loss step calls them."""
     logp, entropy = kernels.token_logprobs(logits, labels, return_entropy=True)
-    kl = kernels.kl_penalty(logp, old_logp, estimator="k3", mask=mask)
+    kl = kernels.kl_penalty(logp, old_logp, estimator="k3", mask=mask, clamp=10.0, log_ratio_clamp=20.0)
     advantages, returns = kernels.gae(-kl, values, mask)
+    advantages = kernels.masked_whiten(advantages, mask)
     policy_loss, stats = kernels.ppo_policy_loss(logp, old_logp, advantages, mask, dual_clip=3.0)
+    corrected_loss, cstats = kernels.ppo_policy_loss(logp, old_logp, advantages, mask, ratio_level="sequence",
+                                                     is_mode="mis", rollout_logprobs=old_logp + 0.05)
     value_loss, vstats = kernels.ppo_value_loss(values, values + 0.1, returns, mask)
-    return [logp, entropy, kl, advantages, returns, policy_loss, value_loss, *stats.values(),
-            *vstats.values()]
+    return [logp, entropy, kl, advantages, returns, policy_loss, corrected_loss, value_loss, *stats.values(),
+            *cstats.values(), *vstats.values()]
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 def test_cuda_graph_capture_and_replay(fused_backend, monkeypatch):
-    # The label-range check reads values (a host sync), which capture forbids.
-    monkeypatch.setenv("FUSEDRL_SKIP_SYNC_CHECKS", "1")
+    # Checks that read values (a host sync, which capture forbids) are off on CUDA by default.
+    monkeypatch.delenv("FUSEDRL_SYNC_CHECKS", raising=False)
     B, T, V = 3, 70, 1000
     inputs = [torch.randn(B, T, V, device=DEVICE, dtype=torch.bfloat16),
               torch.randint(0, V, (B, T), device=DEVICE), torch.randn(B, T, device=DEVICE) - 7,
@@ -202,6 +253,36 @@ def test_cuda_graph_capture_and_replay(fused_backend, monkeypatch):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = rl_step(*inputs)
+        graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_captures_the_losses_backward(fused_backend):
+    B, T = 4, 300
+    logp = (torch.randn(B, T, device=DEVICE) - 2).requires_grad_()
+    values = torch.randn(B, T, device=DEVICE).requires_grad_()
+    old, adv, returns = (torch.randn(B, T, device=DEVICE) for _ in range(3))
+    rollout, mask = old + 0.1 * torch.randn(B, T, device=DEVICE), torch.rand(B, T, device=DEVICE) > 0.2
+
+    def step():
+        policy, _ = kernels.ppo_policy_loss(logp, old, adv, mask, is_mode="tis", rollout_logprobs=rollout)
+        value, _ = kernels.ppo_value_loss(values, old, returns, mask)
+        kl = kernels.kl_penalty(logp, old, estimator="k3", mask=mask, clamp=10.0)
+        return torch.autograd.grad(policy + value + kl.sum(), (logp, values))
+
+    with use_backend(fused_backend):
+        expected = step()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                   # warm-up (Triton compiles) off-graph
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
         graph.replay()
     torch.cuda.synchronize()
     for got, want in zip(captured, expected):

@@ -66,13 +66,16 @@ def ppo_step(logits, labels, hidden, head, rewards, values, mask):
     """A PPO-shaped use of every op, as a model's training step would call them."""
     logp, entropy = kernels.token_logprobs(logits, labels, return_entropy=True)
     ref_logp = kernels.linear_token_logprobs(hidden, head, labels.reshape(-1)).view_as(logp)
-    kl = kernels.kl_penalty(logp, ref_logp.detach(), estimator="k3", mask=mask)
+    kl = kernels.kl_penalty(logp, ref_logp.detach(), estimator="k3", mask=mask, clamp=10.0, log_ratio_clamp=20.0)
     advantages, returns = kernels.gae(rewards - 0.1 * kl.detach(), values.detach(), mask)
     advantages = kernels.masked_whiten(advantages, mask)
     policy_loss, stats = kernels.ppo_policy_loss(logp, logp.detach() - 0.05, advantages, mask)
+    corrected_loss, corrected = kernels.ppo_policy_loss(
+        logp, logp.detach() - 0.05, advantages, mask, ratio_level="sequence", is_mode="tis", is_level="sequence",
+        rollout_logprobs=logp.detach() - 0.02)
     value_loss, _ = kernels.ppo_value_loss(values, values.detach() + 0.1, returns, mask)
-    loss = policy_loss + 0.5 * value_loss + kl.mean() - 0.01 * entropy.mean() + ref_logp.mean()
-    return loss, stats["clipfrac"]
+    loss = policy_loss + corrected_loss + 0.5 * value_loss + kl.mean() - 0.01 * entropy.mean() + ref_logp.mean()
+    return loss, stats["clipfrac"] + corrected["is_weight_mean"]
 
 
 @needs_triton

@@ -116,7 +116,8 @@ def test_nan_hidden_row_stays_in_its_row():
     (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
     (dict(hidden=torch.ones(2, 4, dtype=torch.int32)), TypeError, "hidden must have dtype"),
 ])
-def test_bad_input(bad, error, match):
+def test_bad_input(bad, error, match, monkeypatch):
+    monkeypatch.setenv("FUSEDRL_SYNC_CHECKS", "1")  # the label-range check reads values: off on GPU by default
     args = dict(hidden=torch.ones(2, 4), weight=torch.ones(5, 4), labels=torch.zeros(2, dtype=torch.long))
     args.update(bad)
     args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}

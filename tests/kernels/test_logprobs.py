@@ -198,7 +198,8 @@ def test_qwen_vocab(dtype, fused_backend):
     (dict(logits=torch.ones(2, 0)), ValueError, "V >= 1"),
     (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
 ])
-def test_bad_input(bad, error, match):
+def test_bad_input(bad, error, match, monkeypatch):
+    monkeypatch.setenv("FUSEDRL_SYNC_CHECKS", "1")  # the label-range check reads values: off on GPU by default
     args = dict(logits=torch.ones(2, 3), labels=torch.zeros(2, dtype=torch.long))
     args.update(bad)
     with pytest.raises(error, match=match):

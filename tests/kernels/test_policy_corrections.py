@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fusedrl.kernels import kl_penalty, ppo_policy_loss, use_backend
-from kernel_testing import DEVICE, FUSED_BACKENDS, assert_close, needs_triton
+from fusedrl.kernels import fused_loss, kl_penalty, ppo_policy_loss, use_backend
+from kernel_testing import DEVICE, FUSED_BACKENDS, assert_close, needs_triton, rand_mask
 
 pytestmark = needs_triton
 BACKENDS = FUSED_BACKENDS + ["torch"]
@@ -109,3 +109,52 @@ def test_bad_corrections_are_named():
         ppo_policy_loss(x, x, x, None, is_mode="clip", rollout_logprobs=x)
     with pytest.raises(ValueError, match="ratio_level"):
         ppo_policy_loss(x, x, x, None, ratio_level="group")
+
+
+CORRECTED_MODES = {
+    "gspo": dict(ratio_level="sequence"),
+    "tis-token": dict(is_mode="tis", is_cap=1.5),
+    "tis-sequence": dict(is_mode="tis", is_level="sequence"),
+    "mis-token": dict(is_mode="mis", is_low=0.7, is_high=1.4),
+    "mis-sequence": dict(is_mode="mis", is_level="sequence", is_low=0.8, is_high=1.25),
+    "gspo-mis-token": dict(ratio_level="sequence", is_mode="mis", is_low=0.7, is_high=1.4),
+    "gspo-tis-sequence": dict(ratio_level="sequence", is_mode="tis", is_level="sequence", dual_clip=2.0),
+}
+
+
+@pytest.mark.parametrize("blocks_per_program", [4, 1])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 37), (3, 1500)])
+@pytest.mark.parametrize("mode", CORRECTED_MODES)
+def test_corrected_modes_match_the_float64_composition(mode, shape, dtype, agg, blocks_per_program, fused_backend,
+                                                       monkeypatch):
+    # blocks_per_program 1: rows of 1500 tokens split over two programs where no mode needs whole rows.
+    monkeypatch.setattr(fused_loss, "MAX_CHUNK_BLOCKS", blocks_per_program)
+    kwargs = CORRECTED_MODES[mode]
+    old = (torch.randn(shape, device=DEVICE) * 0.5 - 2).to(dtype)
+    logp = (old.float() + torch.randn(shape, device=DEVICE) * 0.3).to(dtype)
+    adv = torch.randn(shape, device=DEVICE).to(dtype)
+    # sampler log-probs near old_logp: token weights around the band's edges; a sequence's product
+    # of T weights spread about as widely
+    noise = 0.3 if kwargs.get("is_level") != "sequence" else 0.3 / shape[-1] ** 0.5
+    rollout = (old.float() + noise * torch.randn(shape, device=DEVICE)).to(dtype)
+    mask = rand_mask(*shape)
+    if shape[0] > 2:
+        mask[1] = False                                                       # an empty row
+    x = logp.clone().requires_grad_()
+    with use_backend(fused_backend):
+        loss, stats = ppo_policy_loss(x, old, adv, mask, agg=agg, rollout_logprobs=rollout, **kwargs)
+    loss.backward()
+    x64 = logp.double().requires_grad_()
+    with use_backend("torch"):
+        ref_loss, ref_stats = ppo_policy_loss(x64, old.double(), adv.double(), mask, agg=agg,
+                                              rollout_logprobs=rollout.double(), **kwargs)
+    ref_loss.backward()
+    assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5, name="loss")
+    tol = dict(atol=1e-7, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-7, rtol=2.0**-7)
+    assert_close(x.grad, x64.grad, name="grad", **tol)
+    assert set(stats) == set(ref_stats)
+    for name, value in stats.items():
+        assert value.dim() == 0 and not value.requires_grad
+        assert_close(value, ref_stats[name], atol=1e-6, rtol=1e-5, name=name)
