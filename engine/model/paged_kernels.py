@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels.triton_compat import tl, triton
-from .norm_rope import rows_per_program
+from ...kernels.norm import rows_per_program
 
 
 @triton.jit
