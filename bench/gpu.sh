@@ -15,7 +15,7 @@
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUTDIR [stage ...]}
 shift
-stages=${*:-build tests kernels attention generate exact sft ppo traffic}
+stages=${*:-build tests kernels attention generate exact sft train_step ppo traffic}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$repo"
@@ -68,10 +68,12 @@ for stage in $stages; do
     # Exact on-policy mode: decode cost vs the default at batch 1 and 128, the gap it closes.
     exact)    run bench_exact 300 python bench/bench_exact.py --out "$out/bench_exact.json" ;;
     sft)      run bench_sft 300 python bench/bench_sft.py --out "$out/bench_sft.json" ;;
+    # A micro-batch's forward + backward (bar: 1k tokens <= 15 ms) and the optimizer step.
+    train_step) run bench_train_step 300 python bench/bench_train_step.py --out "$out/bench_train_step.json" ;;
     ppo)      run bench_ppo 420 python bench/bench_ppo.py --out "$out/bench_ppo.json" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
     traffic)  run traffic 300 python bench/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
-    *) echo "unknown stage $stage (build tests kernels attention generate exact sft ppo traffic)"; status=1 ;;
+    *) echo "unknown stage $stage (build tests kernels attention generate exact sft train_step ppo traffic)"; status=1 ;;
   esac
 done
 exit $status
