@@ -19,6 +19,16 @@ from .norm import TILE
 from .triton_compat import tl, triton
 
 
+@triton.jit
+def _load_block(gate_ptr, up_ptr, n_elements, BLOCK: tl.constexpr):
+    """Offsets, in-range flags, gate in its dtype and gate, up in fp32 of this program's block."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    gate = tl.load(gate_ptr + offs, mask=mask, other=0.0)
+    up = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return offs, mask, gate, gate.to(tl.float32), up
+
+
 # The row count is not specialized on: the same code at batch 1 as in a training pack (the
 # batch-invariant mode relies on it). n_rows * n_cols keeps the row width's divisibility, so the
 # bound is uniform over 16-element groups and the accesses stay 128 bits wide.
@@ -31,11 +41,7 @@ def _silu_mul_kernel(
     n_cols,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_rows * n_cols
-    gate = tl.load(gate_ptr + offs, mask=mask, other=0.0)
-    up = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = gate.to(tl.float32)
+    offs, mask, gate, g, up = _load_block(gate_ptr, up_ptr, n_rows * n_cols, BLOCK)
     # Rounded to the activation dtype between the two ops, as eager torch's silu then mul.
     silu = (g * tl.sigmoid(g)).to(gate.dtype).to(tl.float32)
     tl.store(out_ptr + offs, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
@@ -52,11 +58,7 @@ def _silu_mul_bwd_kernel(
     n_cols,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_rows * n_cols
-    gate = tl.load(gate_ptr + offs, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    up = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    offs, mask, gate, g, up = _load_block(gate_ptr, up_ptr, n_rows * n_cols, BLOCK)
     dout = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = (g * sig).to(gate.dtype).to(tl.float32)  # the factor the forward multiplied up by
