@@ -27,7 +27,7 @@ import harness
 from bench_generate import QWEN25_05B, TINY
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.data.packing import collate_sft
-from fusedrl.engine.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from fusedrl.engine.train.optim import build_optimizer, build_scheduler
 from fusedrl.engine.stages.sft import sft_stage
 from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
@@ -91,7 +91,10 @@ def bench_hf(model_dir: Path, examples, device, checkpointing: bool) -> dict:
     model.train()
     if checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = build_optimizer(model, OptimConfig())
+    # What a transformers Trainer runs: torch's AdamW (fused on CUDA) and clip_grad_norm_.
+    cfg = OptimConfig()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     ids = torch.tensor([e.prompt + e.responses[0] for e in examples], device=device)   # [B, T]
     labels = ids.clone()
     labels[:, : len(examples[0].prompt)] = -100  # transformers shifts labels itself
@@ -102,7 +105,7 @@ def bench_hf(model_dir: Path, examples, device, checkpointing: bool) -> dict:
         with autocast:
             loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
-        clip_grad_norm(model, 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
     return _measure(step, device, ids.numel())
 

@@ -10,12 +10,12 @@
 #
 #   bash bench/gpu.sh OUTDIR                    # every stage
 #   bash bench/gpu.sh OUTDIR tests kernels      # some stages (to split a run across 10-minute calls)
-# Stages: build tests kernels rl_ops attention generate generate_qwen3 exact sft ppo grpo traffic (a later call can skip build: kernels/_C*.so stays
+# Stages: build tests kernels rl_ops attention generate generate_qwen3 exact sft train_step ppo grpo traffic (a later call can skip build: kernels/_C*.so stays
 # in the checkout only on the same machine). Then copy what is worth keeping into bench/results/.
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUTDIR [stage ...]}
 shift
-stages=${*:-build tests kernels rl_ops attention generate generate_qwen3 exact sft ppo grpo traffic}
+stages=${*:-build tests kernels rl_ops attention generate generate_qwen3 exact sft train_step ppo grpo traffic}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$repo"
@@ -99,12 +99,14 @@ for stage in $stages; do
     # Exact on-policy mode: decode cost vs the default at batch 1 and 128, the gap it closes.
     exact)    run bench_exact 300 python bench/bench_exact.py --out "$out/bench_exact.json" ;;
     sft)      run bench_sft 300 python bench/bench_sft.py --out "$out/bench_sft.json" ;;
+    # A micro-batch's forward + backward (bar: 1k tokens <= 15 ms) and the optimizer step.
+    train_step) run bench_train_step 300 python bench/bench_train_step.py --out "$out/bench_train_step.json" ;;
     ppo)      run bench_ppo 420 python bench/bench_ppo.py --out "$out/bench_ppo.json" ;;
     # One GRPO iteration (16 prompts x 8 samples, verifiable reward) against TRL's GRPOTrainer.
     grpo)     run bench_grpo 420 python bench/bench_ppo.py --algo grpo --out "$out/bench_grpo.json" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
     traffic)  run traffic 300 python bench/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
-    *) echo "unknown stage $stage (build tests kernels rl_ops attention generate generate_qwen3 exact sft ppo grpo traffic)"; status=1 ;;
+    *) echo "unknown stage $stage (build tests kernels rl_ops attention generate generate_qwen3 exact sft train_step ppo grpo traffic)"; status=1 ;;
   esac
 done
 exit $status

@@ -21,9 +21,12 @@ else:
     from .linear_logprobs import linear_token_logprobs
     from .ppo_loss import ppo_policy_loss, ppo_value_loss
     from .logprobs import token_logprobs
+    from .norm import rms_norm
+    from .rotary import rope
+    from .swiglu import silu_mul
 
     __all__ = [
         "BACKENDS", "backend_for", "use_backend", "reference",
         "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten", "group_advantages",
-        "ppo_policy_loss", "ppo_value_loss",
+        "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul",
     ]

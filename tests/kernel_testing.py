@@ -76,3 +76,34 @@ def assert_low_precision_close(actual, exact, *, name, atol=1e-6):
 
 def rand_mask(*shape, p_valid=0.7, device=DEVICE):
     return torch.rand(*shape, device=device) < p_valid
+
+
+def check_against_float64(op, reference, inputs, grad_inputs, *, name, slack=2.0, atol=1e-5):
+    """Values and gradients of `op(*inputs)` (our kernels) against `reference` run in float64 on the
+    same inputs, each bounded by `slack` x PyTorch's own error (`reference` at the inputs' precision)
+    plus atol. grad_inputs: which inputs are differentiated; every output gets a random upstream
+    gradient. The oracle keeps no intermediate rounding, so the bound is PyTorch's, not zero. The
+    Triton interpreter truncates fp32 -> bf16/fp16 where GPUs round to nearest: each of up to two
+    roundings in a row errs up to 1 unit instead of 1/2, and the worst element is then another one
+    than PyTorch's: half-precision slack x4 there (a wrong formula still errs by O(1))."""
+    if not ON_GPU and any(isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION for t in inputs):
+        slack *= 4
+    def run(fn, cast):
+        xs = [cast(t).requires_grad_(i in grad_inputs) if isinstance(t, torch.Tensor) else t
+              for i, t in enumerate(inputs)]
+        outs = fn(*xs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return xs, outs
+
+    ours_in, ours = run(op, lambda t: t.detach().clone())
+    torch_in, torch_same = run(reference, lambda t: t.detach().clone())
+    exact_in, exact = run(reference, lambda t: t.detach().double())
+    upstream = [torch.randn(o.shape, device=o.device) for o in exact]
+    for xs, outs in ((ours_in, ours), (torch_in, torch_same), (exact_in, exact)):
+        torch.autograd.backward([o for o in outs], [g.to(o.dtype) for g, o in zip(upstream, outs)])
+    for i, (a, b, e) in enumerate(zip(ours, torch_same, exact)):
+        assert a.dtype == b.dtype and a.shape == e.shape, f"{name} output {i}: {a.dtype} {tuple(a.shape)}"
+        assert_within_torch_error(a, e, b, name=f"{name} output {i}", slack=slack, atol=atol)
+    for i in grad_inputs:
+        assert_within_torch_error(ours_in[i].grad, exact_in[i].grad, torch_in[i].grad,
+                                  name=f"{name} grad of input {i}", slack=slack, atol=atol)

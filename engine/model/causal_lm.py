@@ -6,9 +6,11 @@
 
 Parameter names are the Hugging Face ones (`model.layers.0.self_attn.q_proj.weight`, ...), so
 checkpoints map one to one. The PyTorch path follows transformers step for step (fp32 RMSNorm, RoPE
-tables in fp32 cast to the activation dtype), which is what makes the fp32 parity tests tight; with
-autograd off on the GPU, norms (with the residual add), RoPE and the MLP's SiLU * up run as fused Triton
-kernels instead.
+tables in fp32 cast to the activation dtype), which is what makes the fp32 parity tests tight. Where
+the engine runs Triton (CUDA; see attention.use_triton), norms (with the residual add), RoPE of q and
+k and the MLP's SiLU * up are fused kernels with their own backward (fusedrl.kernels), the same for
+decode, scoring and training: the log-probs a rollout scores and the ones the update differentiates
+come from the same code, bit for bit.
 """
 from __future__ import annotations
 
@@ -19,13 +21,9 @@ from torch.utils.checkpoint import checkpoint
 from .attention import (AttentionMetadata, decode_attention, prefill_attention, store_kv,
                               use_triton, varlen_attention)
 from .config import ModelConfig
-from .mlp_kernels import silu_mul_torch, silu_mul_triton
-from .norm_rope import add_rms_norm_triton, rms_norm_torch, rope_torch, rope_triton_
-
-
-def _fused(x: torch.Tensor) -> bool:
-    """Inference (autograd off) on a device where our Triton kernels run: use the fused kernels."""
-    return not torch.is_grad_enabled() and use_triton(x)
+from ...kernels.norm import rms_norm, rms_norm_reference
+from ...kernels.rotary import rope, rope_reference
+from ...kernels.swiglu import silu_mul, silu_mul_reference
 
 
 class RMSNorm(nn.Module):
@@ -35,22 +33,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x, residual=None):
-        """x [..., C] -> RMSNorm(x). With `residual`: (RMSNorm(x + residual), x + residual); the fused
-        kernel adds into `residual` in place."""
-        if _fused(x):
-            out = add_rms_norm_triton(x, self.weight, self.eps, residual)
-            return out if residual is None else (out, residual)
-        if residual is None:
-            return rms_norm_torch(x, self.weight, self.eps)
-        residual = residual + x
-        return rms_norm_torch(residual, self.weight, self.eps), residual
+        """x [..., C] -> RMSNorm(x). With `residual`: (RMSNorm(x + residual), x + residual)."""
+        norm = rms_norm if use_triton(x) else rms_norm_reference
+        return norm(x, self.weight, self.eps, residual)
 
 
 def apply_rope(q, k, cos, sin):
     """q [N, H, D], k [N, Hkv, D]; cos/sin [N, D] in their dtype -> rotated (q, k)."""
-    if _fused(q):  # in place: q and k are fresh projections
-        return rope_triton_(q, cos, sin), rope_triton_(k, cos, sin)
-    return rope_torch(q, cos, sin), rope_torch(k, cos, sin)
+    if use_triton(q):
+        return rope(q, k, cos, sin)
+    return rope_reference(q, cos, sin), rope_reference(k, cos, sin)
 
 
 class RotaryTable:
@@ -116,7 +108,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(silu_mul_triton(gate, up) if _fused(x) else silu_mul_torch(gate, up))
+        return self.down_proj((silu_mul if use_triton(x) else silu_mul_reference)(gate, up))
 
 
 class DecoderLayer(nn.Module):

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels.triton_compat import tl, triton
+from ...kernels.norm import rows_per_program
 from .kv_pages import key_slots
-from .norm_rope import rows_per_program
 
 
 @triton.jit

@@ -1,29 +1,26 @@
-"""AdamW with the usual no-decay groups (mixed precision when the parameters are not fp32), and the
-warmup + cosine learning-rate schedule."""
+"""AdamW with the usual no-decay groups (fp32 masters when the parameters are not fp32), its
+clipped step without a host sync, and the warmup + cosine learning-rate schedule."""
 from __future__ import annotations
 
+import functools
 import math
+from typing import Optional
 
 import torch
 
 from ..config.train import OptimConfig
-from .distributed import plain
-from .precision import MixedPrecisionAdamW
+from .fused_adamw import FusedAdamW
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; norms and biases (1-d parameters) get no weight decay, as is standard for LMs.
-
-    All-fp32 parameters get torch's AdamW; any bf16 parameter (train.precision=bf16-mixed) makes it
-    a MixedPrecisionAdamW with fp32 master weights (engine/train/precision.py)."""
+    """FusedAdamW (engine/train/fused_adamw.py: fp32 masters for the bf16 parameters of
+    train.precision=bf16-mixed); norms and biases (1-d parameters) get no weight decay, as is
+    standard for LMs."""
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if any(p.dtype != torch.float32 for p in params):
-        return MixedPrecisionAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    # fused/foreach kernels are picked by torch per device; nothing here is device specific.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return FusedAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -44,9 +41,25 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> torch.opti
         optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Global L2 norm of the gradients before clipping (clipping skipped when max_norm == 0); of the
-    whole model when it is sharded (a collective then)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return float(plain(norm))
+def clip_and_step(optimizers: list[FusedAdamW], max_grad_norm: float, loss: Optional[torch.Tensor] = None
+                  ) -> list[torch.Tensor]:
+    """Clip each optimizer's gradients to `max_grad_norm` by their global L2 norm (no clipping when
+    0) and step them all, unless a norm or `loss` ([], the same on every rank) is not finite: then
+    none steps. Decided on the device, no host sync. Returns each optimizer's norm before clipping
+    ([] fp64); the caller reads them with its metrics (a non-finite one means the step was skipped)."""
+    grads = [o.gradients() for o in optimizers]
+    norms = [g.norm for g in grads]
+    # A sum is finite iff its terms are (short of an overflow, which should skip too), and x * 0 is 0
+    # for a finite x and NaN otherwise: found_inf (1.0 skips, fp32 as the fused kernel reads it) in
+    # three kernels (isfinite is four by itself).
+    checked = functools.reduce(torch.add, norms if loss is None else [*norms, loss])
+    found_inf = torch.empty((), dtype=torch.float32, device=checked.device)
+    torch.mul(checked, 0.0, out=found_inf).nan_to_num_(nan=1.0)
+    for optimizer, g in zip(optimizers, grads):
+        # The clip divisor max(norm / max_grad_norm, 1), applied in fp32 by the fused AdamW kernel.
+        scale = None
+        if max_grad_norm > 0:
+            scale = torch.empty((), dtype=torch.float32, device=g.norm.device)
+            torch.div(g.norm, max_grad_norm, out=scale).clamp_(min=1.0)
+        optimizer.step(gradients=g, grad_scale=scale, found_inf=found_inf)
+    return norms

@@ -90,24 +90,25 @@ def to_device(batch, device: torch.device):
 
 def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: StageConfig, device) -> dict:
     """One optimizer step over `batches` (this rank's share of the step's micro-batches, collated);
-    returns the step's metrics over all ranks (the same on every rank, so all take the same skip)."""
+    returns the step's metrics over all ranks (the same on every rank, so all take the same skip).
+    A non-finite loss or gradient skips the step on the device (optim.clip_and_step): the step is
+    queued before any metric is read."""
     step_counts = distributed.all_reduce_sum(sum((Counter(stage.counts(b)) for b in batches), Counter()))
     stats = Counter()
     optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=device)
     for batch in batches:
         loss, batch_stats = stage.loss(model, to_device(batch, device), step_counts)
         (loss * distributed.world_size()).backward()  # FSDP averages over ranks; the step sums
+        step_loss = step_loss + loss.detach()
         stats.update(batch_stats)
-    grad_norm = optim.clip_grad_norm(model, cfg.optim.max_grad_norm)
+    step_loss = distributed.all_reduce_tensor(step_loss)  # every rank decides on the same losses
+    grad_norm = float(optim.clip_and_step([optimizer], cfg.optim.max_grad_norm, step_loss)[0])
     lr = scheduler.get_last_lr()[0]
     metrics = {**stage.summarize(distributed.all_reduce_sum(stats), step_counts), "lr": lr, "grad_norm": grad_norm}
-    # Both are already on the host: no extra sync.
-    if not (math.isfinite(grad_norm) and math.isfinite(metrics["loss"])):
-        optimizer.zero_grad(set_to_none=True)
+    if not (math.isfinite(grad_norm) and math.isfinite(float(step_loss))):
         metrics.update(skipped=True, skip_reason=f"non-finite loss or gradient (loss={metrics['loss']:.4g}, "
                                                          f"grad_norm={grad_norm:.4g})")
-    else:
-        optimizer.step()
     scheduler.step()  # a skipped step still uses its data and its place in the schedule
     return metrics
 

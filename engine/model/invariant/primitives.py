@@ -3,9 +3,9 @@
 - `FIXED_ORDER_TORCH` (the CPU): `ops`' fixed trees of elementwise torch ops and `chunked_attention`.
 - `TRITON` (CUDA, and CPU tensors where kernels' backend override asks for Triton under
   TRITON_INTERPRET=1, which is how the tests run this path without a GPU): the fixed-tile matmul, the
-  engine's own fused RMSNorm, RoPE and SiLU*up kernels (one program's arithmetic per row or element,
-  its tiles fixed by the row width: invariant as they are), the segment attention kernel and the
-  per-row log-softmax.
+  fused RMSNorm, RoPE and SiLU*up kernels of fusedrl.kernels (one program's arithmetic per row or
+  element, its tiles fixed by the row width: invariant as they are), the segment attention kernel
+  and the per-row log-softmax.
 
 The sampler and the trainer run on one device and so get the same set; the two sets are not bitwise
 equal to each other (nor need to be). Every function keeps its arguments' meaning across the sets.
@@ -17,8 +17,9 @@ from types import SimpleNamespace
 import torch
 
 from ..attention import use_triton
-from ..mlp_kernels import silu_mul_triton
-from ..norm_rope import add_rms_norm_triton, rope_torch, rope_triton_
+from ....kernels.norm import rms_norm
+from ....kernels.rotary import rope, rope_reference
+from ....kernels.swiglu import silu_mul
 from . import ops
 from .attention import chunked_attention
 from .attention_kernels import segment_attention
@@ -34,8 +35,8 @@ def _torch_add_rms_norm(x, residual, weight, eps):
 
 def _triton_add_rms_norm(x, residual, weight, eps):
     if residual is None:
-        return add_rms_norm_triton(x, weight, eps), x
-    return add_rms_norm_triton(x, weight, eps, residual), residual  # residual += x, in place
+        return rms_norm(x, weight, eps), x
+    return rms_norm(x, weight, eps, residual)
 
 
 def _torch_attention(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position):
@@ -48,7 +49,7 @@ FIXED_ORDER_TORCH = SimpleNamespace(
     # (x, residual or None, weight, eps) -> (RMSNorm(x + residual), x + residual)
     add_rms_norm=_torch_add_rms_norm,
     # q [N, H, D], k [N, Hkv, D], cos/sin [N, D] -> rotated (q, k)
-    rope=lambda q, k, cos, sin: (rope_torch(q, cos, sin), rope_torch(k, cos, sin)),
+    rope=lambda q, k, cos, sin: (rope_reference(q, cos, sin), rope_reference(k, cos, sin)),
     silu_mul=lambda gate, up: ops.silu(gate) * up,
     # (q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position) -> [N, H, D]
     attention=_torch_attention,
@@ -59,8 +60,8 @@ FIXED_ORDER_TORCH = SimpleNamespace(
 TRITON = SimpleNamespace(
     linear=linear_fixed_tiles,
     add_rms_norm=_triton_add_rms_norm,
-    rope=lambda q, k, cos, sin: (rope_triton_(q, cos, sin), rope_triton_(k, cos, sin)),  # in place
-    silu_mul=silu_mul_triton,
+    rope=rope,
+    silu_mul=silu_mul,
     attention=segment_attention,
     row_logprobs=row_logprobs,
 )

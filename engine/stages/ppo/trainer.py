@@ -136,11 +136,10 @@ def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, lis
     schedule step per iteration."""
     trained = nn.ModuleList([models.policy] + ([models.value_head] if models.value_head is not None else []))
     policy_opt = optim.build_optimizer(trained, cfg.optim)
-    modules, critic_opt = [trained], None
+    critic_opt = None
     if models.critic is not None:
         critic_opt = optim.build_optimizer(models.critic, dataclasses.replace(cfg.optim, lr=cfg.critic_lr or cfg.optim.lr))
-        modules.append(models.critic)
-    opts = Optimizers(policy_opt, critic_opt, modules, cfg.optim.max_grad_norm)
+    opts = Optimizers(policy_opt, critic_opt, cfg.optim.max_grad_norm)
     schedules = [optim.build_scheduler(o, cfg.optim, cfg.train.iterations) for o in opts.all()]
     return opts, schedules
 

@@ -195,7 +195,6 @@ class Optimizers:
     """The policy's optimizer (and the shared value head's params) and the separate critic's."""
     policy: torch.optim.Optimizer
     critic: Optional[torch.optim.Optimizer]
-    modules: list[nn.Module]            # what each clip acts on, in the same order
     max_grad_norm: float
 
     def zero_grad(self):
@@ -205,14 +204,11 @@ class Optimizers:
     def all(self) -> list[torch.optim.Optimizer]:
         return [self.policy] + ([self.critic] if self.critic is not None else [])
 
-    def clip_and_step(self) -> float | None:
-        """Clip each model's gradients; step unless a norm is not finite (then returns None)."""
-        norms = [optim.clip_grad_norm(m, self.max_grad_norm) for m in self.modules]
-        if not all(torch.isfinite(torch.tensor(norms))):
-            return None
-        for o in self.all():
-            o.step()
-        return norms[0]
+    def clip_and_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Clip each model's gradients by its own norm and step all, unless a norm or `loss` is not
+        finite (decided on the device, see optim.clip_and_step). Returns the norms before clipping
+        ([models] fp32, policy first): a non-finite one means the update was skipped."""
+        return torch.stack(optim.clip_and_step(self.all(), self.max_grad_norm, loss))
 
 
 def aggregation_units(mask: torch.Tensor, agg: str) -> Optional[torch.Tensor]:
@@ -241,9 +237,8 @@ def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
     Each micro-batch's loss is weighted by its share of the minibatch's aggregation units (see
     aggregation_units; for the policy loss, of the tokens the masked IS correction keeps; valid
     tokens for the entropy and KL terms), so the accumulated gradient equals the whole
-    minibatch's. The PPO-ptx loss is added once. Returns the minibatch's stats (0-dim tensors), or
-    None if the loss was not finite (one host sync per minibatch, after all its backwards): the
-    gradients must then not be stepped.
+    minibatch's. The PPO-ptx loss is added once. Returns the minibatch's stats (0-dim tensors),
+    "loss" the whole objective (the same on every rank: a non-finite one must skip the update).
     """
     p = cfg.ppo
     rows = batch.mask.shape[0]
@@ -276,8 +271,7 @@ def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
         (p.ptx_coef * ptx).backward()
         total_loss = total_loss + ptx.detach()
         totals["ptx_loss"] = ptx.detach()
-    if not all_finite(total_loss):
-        return None
+    totals["loss"] = total_loss
     if distributed.world_size() == 1:
         return totals
     # Sums of the ranks' weighted shares: the global minibatch's stats (the PPO-ptx batch is the
@@ -285,11 +279,6 @@ def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
     ptx = totals.pop("ptx_loss", None)
     reduced = distributed.all_reduce_sum({k: float(v) for k, v in totals.items()})
     return reduced if ptx is None else {**reduced, "ptx_loss": float(ptx)}
-
-
-def all_finite(x: torch.Tensor) -> bool:
-    """Whether x is finite on every rank (the ranks must agree on skipping an update)."""
-    return distributed.all_reduce_tensor((~torch.isfinite(x)).float()).item() == 0
 
 
 def minibatch_loss(models: PPOModels, batch: Rollout, cfg: PPOConfig, weights: Optional[dict] = None):
@@ -337,13 +326,13 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, cfg:
         for start in range(0, rows, minibatch):
             optimizers.zero_grad()
             stats = minibatch_backward(models, rollout.rows(order[start:start + minibatch]), cfg, ptx_loss)
-            grad_norm = None if stats is None else optimizers.clip_and_step()
-            if grad_norm is None:
+            norms = optimizers.clip_and_step(torch.as_tensor(stats["loss"]))
+            if not bool(torch.isfinite(norms).all()):  # the step was skipped on the device
                 skipped += 1
                 continue
             updates += 1
             totals.update({k: float(v) for k, v in stats.items()})
-            totals["grad_norm"] += grad_norm
+            totals["grad_norm"] += float(norms[0])
             if cfg.ppo.max_approx_kl > 0 and float(stats["approx_kl"]) > cfg.ppo.max_approx_kl:
                 stop = True
                 break

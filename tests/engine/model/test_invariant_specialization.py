@@ -42,9 +42,9 @@ def specializations(launches: dict, jit_functions: dict) -> dict:
 
 
 def jit_functions():
-    from fusedrl.engine.model import mlp_kernels, norm_rope
     from fusedrl.engine.model.invariant import attention_kernels, logprob_kernels, matmul
-    modules = (mlp_kernels, norm_rope, attention_kernels, logprob_kernels, matmul)
+    from fusedrl.kernels import norm, rotary, swiglu
+    modules = (norm, rotary, swiglu, attention_kernels, logprob_kernels, matmul)
     return {name: getattr(m, name) for m in modules for name in COMPUTING if hasattr(m, name)}
 
 

@@ -1,0 +1,54 @@
+"""One training micro-batch's forward + backward, timed: the packed forward, the fused LM head's
+log-probs and their backward (no optimizer), Qwen2.5-0.5B shape in bf16 on the GPU (the bar: 1k
+tokens <= 15 ms), and the optimizer step (FusedAdamW, clipped) on its parameters. `--quick` runs a
+tiny fp32 model on the CPU to check the script itself (its times are not GPU times).
+
+    python bench/bench_train_step.py                 # GPU: 1k, 4k, 16k tokens in sequences of 256
+    python bench/bench_train_step.py --quick         # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import harness
+from fusedrl.engine.model.lm_head import lm_head_logprobs
+from fusedrl.engine.train.fused_adamw import FusedAdamW
+from fusedrl.engine.train.optim import clip_and_step
+from traffic_decode import qwen_like
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny fp32 model on the CPU")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="tokens per micro-batch")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
+    p.add_argument("--out", default=None, help="JSON results path")
+    args = p.parse_args()
+    device = torch.device("cpu" if args.quick else "cuda")
+    dtype = torch.float32 if args.quick else torch.bfloat16
+    small = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16)
+    model = qwen_like(2 if args.quick else 24, dtype, str(device), **(small if args.quick else {}))
+    optimizer = FusedAdamW([p for p in model.parameters()], lr=1e-5)
+    rows = []
+    for tokens in args.tokens or ([64] if args.quick else [1024, 4096, 16384]):
+        seq = min(args.seq_len, tokens)
+        ids = torch.randint(10, model.config.vocab_size, (tokens,), device=device)
+        labels = torch.roll(ids, -1)
+
+        def fwd_bwd():
+            model.zero_grad(set_to_none=True)
+            hidden = model.forward_packed(ids, [seq] * (tokens // seq))
+            lm_head_logprobs(hidden, model.lm_head.weight, labels).mean().backward()
+
+        ms = harness.time_ms(fwd_bwd, device, min_reps=3, budget_s=5.0)
+        step_ms = harness.time_ms(lambda: clip_and_step([optimizer], 1.0), device, min_reps=3, budget_s=3.0)
+        rows.append({"tokens": tokens, "fwd_bwd_ms": round(ms, 3), "optimizer_step_ms": round(step_ms, 3)})
+        print(rows[-1], flush=True)
+    if args.out:
+        harness.write_json(args.out, {**harness.run_metadata(device), "results": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Kernel launches and host syncs of the training step, counted on the CPU (no timing).
+
+Counted with a TorchDispatchMode (`LaunchCounter`): every op that reaches the dispatcher is one
+launch, except allocations, views and profiler marks (no kernel on a GPU); a custom op
+(fusedrl::rms_norm, fusedrl::rope, ...) and a multi-tensor `torch._foreach_*` op count as one each,
+as on a GPU they are one launch per dtype group (a multi-tensor kernel launches once per ~36 to ~110
+tensors: noted, not counted). Host syncs as traffic_count counts them.
+
+- per decoder layer, one training micro-batch's forward + backward (a packed forward, the fused LM
+  head's log-probs, their backward): the count of a 2-layer model minus a 1-layer one, so the
+  embedding, final norm and head cancel out. Run as the GPU runs it (`use_backend("triton")`, the
+  kernels in the interpreter), on sequences of equal length: on the CPU the attention is then one
+  SDPA call each way, as the varlen flash-attention call of a GPU. Next to it, the eager path
+  (`use_backend("torch")`: the decoder's norms, RoPE and SiLU*up as eager ops, training's path
+  before the fused kernels had a backward).
+- per optimizer step: FusedAdamW (engine/train/fused_adamw.py) with clipping and the loss check
+  (optim.clip_and_step), a step after the first (which creates the state), for a Qwen2.5-0.5B-like
+  parameter list (24 layers: 291 tensors) and for 300 tensors; and the former per-tensor loop's
+  count for comparison (about 10 kernels per tensor, as the H100 profile showed).
+
+    python bench/launches.py                   # writes bench/results/launches.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fusedrl.engine.model.causal_lm import CausalLM
+from fusedrl.engine.model.lm_head import lm_head_logprobs
+from fusedrl.engine.train.fused_adamw import FusedAdamW
+from fusedrl.engine.train.optim import clip_and_step
+from fusedrl.kernels import use_backend
+
+from traffic_count import FREE, SYNC_OPS
+from traffic_decode import qwen_like
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BUDGETS = {"layer_fwd_bwd": 30, "optimizer_step": 12}
+# Small enough for the interpreter; launches do not depend on widths. Qwen2 has q/k/v biases,
+# Qwen3 q/k norms and no biases.
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16)
+ARCHS = {"qwen2": SMALL, "qwen3": dict(SMALL, model_type="qwen3", qkv_bias=False, qk_norm=True)}
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Within `with LaunchCounter() as c:`, c.launches[op name] and c.syncs[kind]."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches, self.syncs = Counter(), Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in FREE and not getattr(func, "is_view", False) and func.namespace != "profiler":
+            self.launches[func.name()] += 1
+        if func in SYNC_OPS:
+            self.syncs[SYNC_OPS[func]] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.launches.values())
+
+
+def micro_batch_launches(arch: str, layers: int, backend: str, dtype=torch.float32) -> LaunchCounter:
+    """Forward + backward of one packed micro-batch (2 sequences of 8 tokens, a label per token)."""
+    torch.manual_seed(0)
+    lm: CausalLM = qwen_like(layers, dtype, "cpu", **ARCHS[arch])
+    ids = torch.randint(3, 256, (16,), generator=torch.Generator().manual_seed(1))
+    labels = torch.roll(ids, -1)
+    with use_backend(backend):
+        lm.forward_packed(ids, [8, 8])  # warm-up: per-(device, dtype) caches such as the cast RoPE tables
+        with LaunchCounter() as counter:
+            hidden = lm.forward_packed(ids, [8, 8])
+            lm_head_logprobs(hidden, lm.lm_head.weight, labels).sum().backward()
+    return counter
+
+
+def per_layer(arch: str, backend: str) -> dict:
+    one, two = (micro_batch_launches(arch, n, backend) for n in (1, 2))
+    layer = two.launches - one.launches
+    return {"launches": sum(layer.values()), "by_op": dict(sorted(layer.items())),
+            "rest": one.total - sum(layer.values()), "syncs": dict(two.syncs)}
+
+
+def parameter_list(n_tensors: int) -> list[torch.nn.Parameter]:
+    """bf16 matrices and vectors in Qwen2.5-0.5B's proportion (of every 12 tensors 7 matrices)."""
+    return [torch.nn.Parameter(torch.randn((8, 4) if i % 12 < 7 else (4,), dtype=torch.bfloat16))
+            for i in range(n_tensors)]
+
+
+def optimizer_launches(n_tensors: int) -> LaunchCounter:
+    params = parameter_list(n_tensors)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = FusedAdamW(groups, lr=1e-4)
+    for step in range(2):  # the first step creates the state; the second is the steady state
+        for p in params:
+            p.grad = torch.randn(p.shape, dtype=p.dtype)
+        loss = torch.tensor(1.0)
+        if step:
+            with LaunchCounter() as counter:
+                clip_and_step([optimizer], 1.0, loss)
+        else:
+            clip_and_step([optimizer], 1.0, loss)
+    return counter
+
+
+def per_tensor_loop_launches(n_tensors: int) -> int:
+    """The former MixedPrecisionAdamW step (upcast, decay, two moments, bias-corrected update, copy
+    back per tensor) plus torch's clip_grad_norm_ without foreach: its steady-state launches."""
+    params = parameter_list(n_tensors)
+    states = [dict(master=p.detach().float(), exp_avg=torch.zeros(p.shape), exp_avg_sq=torch.zeros(p.shape))
+              for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape, dtype=p.dtype)
+    with LaunchCounter() as counter, torch.no_grad():
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=False)
+        for p, s in zip(params, states):
+            grad = p.grad.float()
+            s["master"].mul_(1 - 1e-5)
+            s["exp_avg"].lerp_(grad, 0.1)
+            s["exp_avg_sq"].mul_(0.999).addcmul_(grad, grad, value=0.001)
+            denom = (s["exp_avg_sq"] / 0.5).sqrt_().add_(1e-8)
+            s["master"].addcdiv_(s["exp_avg"], denom, value=-1e-4)
+            p.copy_(s["master"])
+    return counter.total
+
+
+def report() -> dict:
+    layers = {arch: {backend: per_layer(arch, backend) for backend in ("triton", "torch")} for arch in ARCHS}
+    optimizer = {n: optimizer_launches(n) for n in (291, 300)}
+    return {
+        "budgets": BUDGETS,
+        "layer_fwd_bwd": layers,
+        "optimizer_step": {str(n): {"launches": c.total, "by_op": dict(sorted(c.launches.items())),
+                                    "syncs": dict(c.syncs)} for n, c in optimizer.items()},
+        "per_tensor_loop_step": {"291": per_tensor_loop_launches(291)},
+    }
+
+
+def table(r: dict) -> str:
+    lines = ["| measure | launches | budget |", "| --- | --- | --- |"]
+    for arch, backends in r["layer_fwd_bwd"].items():
+        fused, eager = backends["triton"], backends["torch"]
+        lines.append(f"| {arch} decoder layer, forward + backward, fused kernels | {fused['launches']} | "
+                     f"{r['budgets']['layer_fwd_bwd']} |")
+        lines.append(f"| {arch} decoder layer, forward + backward, eager norms/RoPE/SiLU*up | "
+                     f"{eager['launches']} | |")
+    for n, c in r["optimizer_step"].items():
+        lines.append(f"| optimizer step, {n} tensors (FusedAdamW, clipped, loss checked; host syncs: "
+                     f"{sum(c['syncs'].values())}) | {c['launches']} | {r['budgets']['optimizer_step']} |")
+    lines.append(f"| optimizer step, 291 tensors, the former per-tensor loop + clip_grad_norm_ | "
+                 f"{r['per_tensor_loop_step']['291']} | |")
+    return "\n".join(lines) + "\n"
+
+
+def by_op_table(r: dict) -> str:
+    lines = []
+    for arch, backends in r["layer_fwd_bwd"].items():
+        ops = backends["triton"]["by_op"]
+        lines.append(f"{arch}, one decoder layer, fused: " + ", ".join(f"{k} x{v}" for k, v in ops.items()))
+    c = r["optimizer_step"]["291"]["by_op"]
+    lines.append("optimizer step: " + ", ".join(f"{k} x{v}" for k, v in c.items()))
+    return "\n".join(f"- {line}" for line in lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(RESULTS / "launches"), help="output path without extension")
+    args = p.parse_args()
+    r = report()
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(r, indent=1) + "\n")
+    text = ("# Kernel launches of the training step (counted on the CPU)\n\n"
+            "Written by `python bench/launches.py` (TRITON_INTERPRET=1 on the CPU); see its docstring for "
+            "the counting rules.\n\n" + table(r) + "\nBy op:\n\n" + by_op_table(r))
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
