@@ -157,3 +157,20 @@ def test_sample_dispatches_by_backend(monkeypatch):
     with use_backend("triton"):
         sample(logits, *rest)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tie_at_the_top_k_boundary_stays_in_top_p_mass(dtype):
+    """The GPU failure at bf16, vocab 1031 (reproduced on the CPU with the old kernel, seed 2: row 4,
+    top-k 7, top-p 0.9, log-prob -1.474 vs -1.340): bf16 rounding tied the 7th and 8th logits; the old
+    kernel kept both in the top-k set and so in the top-p target, its oracle broke the tie by sort
+    order, and the two cut top-p at different tokens. Now both keep ties, by one rule."""
+    logits = torch.tensor([[3.0, 2.5, 2.0, 2.0, 2.0, 1.0, 0.0]], device=DEVICE).to(dtype).expand(4, -1).contiguous()
+    args = rows(4, top_k=3, top_p=0.9, seed0=11)
+    tokens, logprobs = sample_triton(logits, *args)
+    assert torch.equal(tokens, sample_torch(logits, *args)[0])
+    # top-3 keys: 3.0, 2.5 and the three-way tie at 2.0 (5 tokens); top-p 0.9 of their mass keeps them all
+    expected = filtered_logprobs(logits, args[0], args[1], args[2], args[5], tokens)
+    kept = torch.tensor([3.0, 2.5, 2.0, 2.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(expected, (logits[0, tokens].double() - kept.logsumexp(0)).cpu().to(expected.device))
+    torch.testing.assert_close(logprobs.double(), expected, atol=1e-5, rtol=1e-5)
