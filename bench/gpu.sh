@@ -10,12 +10,12 @@
 #
 #   bash bench/gpu.sh OUTDIR                    # every stage
 #   bash bench/gpu.sh OUTDIR tests kernels      # some stages (to split a run across 10-minute calls)
-# Stages: build tests kernels rl_ops attention generate generate_qwen3 exact sft train_step ppo grpo traffic (a later call can skip build: kernels/_C*.so stays
+# Stages: build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo grpo traffic (a later call can skip build: kernels/_C*.so stays
 # in the checkout only on the same machine). Then copy what is worth keeping into bench/results/.
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUTDIR [stage ...]}
 shift
-stages=${*:-build tests kernels rl_ops attention generate generate_qwen3 exact sft train_step ppo grpo traffic}
+stages=${*:-build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo grpo traffic}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$repo"
@@ -96,6 +96,8 @@ for stage in $stages; do
     generate) run bench_generate 420 python bench/bench_generate.py --out "$out/bench_generate.json" ;;
     generate_qwen3) run bench_generate_qwen3 420 python bench/bench_generate.py --model qwen3-0.6b --skip-hf \
                       --out "$out/bench_generate_qwen3.json" ;;
+    # The sampler's GPU time per step at batch 1/32/256 (greedy, top-p 0.9, top-k 50) beside one logits read.
+    sampler)  run bench_sampler 120 python bench/bench_sampler.py --out "$out/bench_sampler.json" ;;
     # Exact on-policy mode: decode cost vs the default at batch 1 and 128, the gap it closes.
     exact)    run bench_exact 300 python bench/bench_exact.py --out "$out/bench_exact.json" ;;
     sft)      run bench_sft 300 python bench/bench_sft.py --out "$out/bench_sft.json" ;;
@@ -106,7 +108,7 @@ for stage in $stages; do
     grpo)     run bench_grpo 420 python bench/bench_ppo.py --algo grpo --out "$out/bench_grpo.json" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
     traffic)  run traffic 300 python bench/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
-    *) echo "unknown stage $stage (build tests kernels rl_ops attention generate generate_qwen3 exact sft train_step ppo grpo traffic)"; status=1 ;;
+    *) echo "unknown stage $stage (build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo grpo traffic)"; status=1 ;;
   esac
 done
 exit $status

@@ -87,7 +87,7 @@ def invariant_mode(models=MODELS[:2]) -> None:
         logits = torch.randn(2, vocab)  # fp32: the mode's logits, which the fused sampler reads too
         row_logprobs(logits, torch.randint(0, vocab, (2,)), torch.ones(2))
     sample_triton(logits, torch.ones(2), torch.zeros(2, dtype=torch.int64), torch.ones(2),
-                  torch.arange(2), torch.full((2,), 7))
+                  torch.arange(2), torch.full((2,), 7), torch.zeros(2))
 
 
 def tiny_model(name: str, hidden: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool,

@@ -162,7 +162,8 @@ class ModelRunner:
                 self._tensor([p.top_k for p in ps], torch.int64),
                 self._tensor([p.top_p for p in ps], torch.float32),
                 self._tensor([s.seed for s in seqs], torch.int64),
-                self._tensor([s.num_tokens for s in seqs], torch.int64))
+                self._tensor([s.num_tokens for s in seqs], torch.int64),
+                self._tensor([p.min_p for p in ps], torch.float32))
 
 
 class _DecodeGraphs:

@@ -1,78 +1,105 @@
-"""Sampling from fp32 logits: greedy, temperature, top-k, top-p, with per-request seeds.
+"""Sampling from logits: greedy, temperature, top-k, top-p, min-p, with per-request seeds.
 
 Randomness is counter-based rather than drawn from a generator: the uniform for (request seed,
 position, vocabulary id) is a hash of the three, turned into Gumbel noise, and the sampled token is
-argmax(log p + Gumbel) (the Gumbel-max trick draws exactly from p). So a seeded request gets the same
-tokens whatever else is in the batch, after a preemption and recompute, and on every run, with no
-per-request generator objects, no Python loop over the batch and no host sync.
+argmax(scaled logit + Gumbel) over the kept tokens (the Gumbel-max trick draws exactly from their
+softmax). So a seeded request gets the same tokens whatever else is in the batch, after a
+preemption and recompute, and on every run, with no per-request generator objects, no Python loop
+over the batch and no host sync.
+
+The filters, in Hugging Face's order (temperature, top-k, top-p, min-p), all cut the row at a value:
+- the order is that of the logit's 16-bit key (`order_key16`: the value itself for bf16/fp16
+  logits; for fp32 logits its top 16 bits, a bf16 truncation), and every token whose key equals the
+  cut's is kept (ties are kept together, never broken by position);
+- top-k keeps the keys >= the k-th largest; top-p keeps each token whose strictly larger keys hold
+  less than top_p of the top-k set's mass (so the most likely key always stays: top_p 0 keeps only
+  it), a key's mass taken at its value (exact for bf16/fp16 logits);
+- min-p keeps the tokens with probability >= min_p times the most likely one's.
+The draw and the log-prob use the exact scaled logits of the kept tokens.
 """
 from __future__ import annotations
 
 import torch
 
-from ...kernels import token_logprobs, use_backend
 from ..model.attention import use_triton
 from .sampler_kernels import sample_triton
 
 _MASK32 = 0xFFFFFFFF
 
 
-def sample(logits, temperatures, top_ks, top_ps, seeds, positions):
-    """Draw one token per row: the fused Triton sampler where our kernels run (no host sync, no
-    [B, V] temporaries; it reads bf16/fp16 logits as they are), else the torch reference on fp32
-    logits. Arguments and results as `sample_torch`, logits in any float dtype."""
+def sample(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps=None):
+    """Draw one token per row: the split-row Triton sampler where our kernels run (no host sync, no
+    sort; it reads bf16/fp16 logits as they are), else the torch reference. Arguments and results as
+    `sample_torch`."""
+    if min_ps is None:
+        min_ps = torch.zeros_like(top_ps, dtype=torch.float32)
     if use_triton(logits):
-        return sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions)
-    return sample_torch(logits.float(), temperatures, top_ks, top_ps, seeds, positions)
+        return sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
+    return sample_torch(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
 
 
-def sample_torch(logits, temperatures, top_ks, top_ps, seeds, positions):
-    """Draw one token per row (the reference: sorts for top-k/top-p, host syncs to skip work).
+def sample_torch(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps=None):
+    """Draw one token per row (the reference: sorts, [B, V] temporaries).
 
-    logits [B, V] fp32; temperatures [B] fp32 (0 = greedy); top_ks [B] int64 (0 = off);
-    top_ps [B] fp32 (1 = off); seeds [B] int64; positions [B] int64 (index of the token being drawn).
+    logits [B, V] fp32/bf16/fp16 (computed in fp32); temperatures [B] fp32 (0 = greedy); top_ks [B]
+    int64 (0 = off); top_ps [B] fp32 (1 = off); seeds [B] int64; positions [B] int64 (index of the
+    token being drawn); min_ps [B] fp32 (0 = off, the default).
     Returns (tokens [B] int64, logprobs [B] fp32): the log-prob of each token under the distribution
-    it was drawn from (temperature-scaled, top-k/top-p renormalized). Greedy rows report the
-    log-prob under the unmodified model distribution (their sampling distribution is a point mass).
+    it was drawn from (temperature-scaled, filtered, renormalized). Greedy rows take the first
+    argmax and report the log-prob under the unmodified model distribution.
     """
+    if min_ps is None:
+        min_ps = torch.zeros_like(top_ps, dtype=torch.float32)
     greedy = temperatures == 0
-    scaled = logits / torch.where(greedy, 1.0, temperatures)[:, None]
-    if bool(((top_ks > 0) | (top_ps < 1)).any()):
-        filtered = _top_k_top_p(scaled, top_ks, top_ps)
-        scaled = torch.where(greedy[:, None], scaled, filtered)
-    if bool(greedy.all()):
-        tokens = logits.argmax(-1)
-    else:
-        noise = gumbel_noise(seeds, positions, logits.shape[1])  # [B, V]
-        sampled = (torch.log_softmax(scaled, -1) + noise).argmax(-1)
-        tokens = torch.where(greedy, logits.argmax(-1), sampled)
-    return tokens, _token_logprobs(scaled, tokens)
+    inv_temp = 1.0 / torch.where(greedy, 1.0, temperatures.float())  # the kernel's rounding: x * (1/T)
+    scaled = logits.float() * inv_temp[:, None]  # [B, V]
+    kept = kept_mask(logits, scaled, inv_temp, top_ks, top_ps, min_ps) | greedy[:, None]
+    noise = gumbel_noise(seeds, positions, logits.shape[1])  # [B, V]
+    drawn = (scaled + noise).masked_fill(~kept, float("-inf")).argmax(-1)
+    tokens = torch.where(greedy, logits.float().argmax(-1), drawn)
+    logprobs = scaled.masked_fill(~kept, float("-inf")).log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    return tokens, logprobs
 
 
-def _token_logprobs(logits, tokens):
-    """Fused log-softmax + gather on the GPU; on the CPU the plain PyTorch backend, since the
-    Triton interpreter (on in CPU test runs) would cost more than the whole model step."""
-    if logits.is_cuda:
-        return token_logprobs(logits, tokens)
-    with use_backend("torch"):
-        return token_logprobs(logits, tokens)
-
-
-def _top_k_top_p(logits, top_ks, top_ps):
-    """Mask (to -inf) tokens outside each row's top-k, then outside the smallest set of the remaining
-    tokens whose renormalized probability reaches top_p. Always keeps the most likely token."""
+def kept_mask(logits, scaled, inv_temp, top_ks, top_ps, min_ps):
+    """[B, V] bool: the tokens each row's top-k, top-p and min-p keep (the module docstring's rules).
+    logits in their own dtype (for the keys); scaled [B, V] fp32 = logits * inv_temp [B]."""
     vocab = logits.shape[1]
-    sorted_logits, order = logits.sort(-1, descending=True)  # [B, V]
-    ranks = torch.arange(vocab, device=logits.device)
-    k = torch.where(top_ks > 0, top_ks.clamp(max=vocab), vocab)
-    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
-    probs = sorted_logits.softmax(-1)
-    mass_before = probs.cumsum(-1) - probs  # probability of the strictly more likely tokens
-    # Rows with top_p == 1 are left alone: rounding can push the cumulative mass to 1 before the
-    # last token and would cut their tail.
-    cut = (mass_before >= top_ps[:, None]) & (top_ps[:, None] < 1)
-    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    keys = order_key16(logits)  # [B, V] int32
+    m = scaled.max(-1, keepdim=True).values
+    mass = torch.exp(key16_value(keys, logits.dtype) * inv_temp[:, None] - m)  # each key's mass
+    sorted_keys, order = keys.sort(dim=-1, descending=True, stable=True)
+    k = torch.where((top_ks > 0) & (top_ks < vocab), top_ks, vocab).clamp(min=1)
+    kth = sorted_keys.gather(1, (k - 1)[:, None])  # [B, 1]
+    in_top_k = keys >= kth
+    sorted_mass = mass.gather(1, order).masked_fill(sorted_keys < kth, 0.0)
+    mass_k = sorted_mass.sum(-1, keepdim=True)
+    # mass of strictly larger keys: the exclusive cumulative sum at the first token of each key's run
+    before = sorted_mass.cumsum(-1) - sorted_mass
+    first = torch.searchsorted(-sorted_keys, -sorted_keys, right=False)
+    above = torch.empty_like(before).scatter_(1, order, before.gather(1, first))
+    in_top_p = (above < top_ps[:, None] * mass_k) | (keys == sorted_keys[:, :1]) | (top_ps[:, None] >= 1)
+    log_min_p = torch.where(min_ps > 0, torch.log(min_ps.float().clamp(min=1e-38)), float("-inf"))
+    in_min_p = scaled - m >= log_min_p[:, None]
+    return in_top_k & in_top_p & in_min_p
+
+
+def order_key16(logits):
+    """int32 [B, V] in [-32768, 32767] ordered as the logits: the 16-bit pattern of bf16/fp16 values
+    (the top 16 bits of fp32 ones), negative values' magnitude bits flipped."""
+    if logits.dtype == torch.float32:
+        bits = logits.view(torch.int32) >> 16
+    else:
+        bits = logits.view(torch.int16).to(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFF, bits)
+
+
+def key16_value(keys, dtype):
+    """The fp32 value of each 16-bit key (inverse of order_key16; fp32 logits: their truncation)."""
+    bits = torch.where(keys < 0, keys ^ 0x7FFF, keys)
+    if dtype == torch.float16:
+        return bits.to(torch.int16).view(torch.float16).float()
+    return (bits << 16).view(torch.float32)
 
 
 def gumbel_noise(seeds, positions, vocab_size: int):

@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy. top_k 0 and top_p 1.0 switch those filters off. With a seed, the
-    completions are reproducible whatever else is in the batch (see engine.sampler)."""
+    """temperature 0 means greedy. top_k 0, top_p 1.0 and min_p 0.0 switch those filters off (min_p keeps
+    the tokens at least min_p times as likely as the most likely one). With a seed, the completions are
+    reproducible whatever else is in the batch (see engine.sampler)."""
 
     n: int = 1  # completions per prompt; they share the prompt's KV blocks
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()  # finish on any of these, in addition to EOS
     ignore_eos: bool = False
@@ -24,6 +26,7 @@ class SamplingParams:
                "a number >= 0 (0 = greedy)")
         _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k, "an int >= 0 (0 = off)")
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
                self.max_new_tokens, "an int >= 1")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",

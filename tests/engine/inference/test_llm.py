@@ -6,6 +6,7 @@ import torch
 
 from fusedrl.engine.errors import NonFiniteError
 from fusedrl.engine.inference.llm import LLM
+from fusedrl.engine.inference.sampler import kept_mask
 
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.runner import kv_bytes_per_block
@@ -134,9 +135,12 @@ def test_sampled_logprobs_are_under_the_sampling_distribution(qwen2_dir):
     with torch.no_grad():
         logits = llm.model.compute_logits(llm.model.forward_packed(torch.tensor(ids, device=llm.device), [len(ids)]))
     for i, (token, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
-        scaled = logits[len(prompt) - 1 + i] / 0.7
-        kth = scaled.topk(20).values[-1]
-        expected = torch.log_softmax(scaled.masked_fill(scaled < kth, float("-inf")), -1)[token]
+        row = logits[len(prompt) - 1 + i][None]
+        inv_temp = torch.tensor([1 / 0.7])
+        scaled = row * inv_temp
+        # top-k 20 on the 16-bit order key (fp32 logits: their bf16 truncation; ties kept): sampler.py
+        kept = kept_mask(row, scaled, inv_temp, torch.tensor([20]), torch.tensor([1.0]), torch.tensor([0.0]))
+        expected = torch.log_softmax(scaled.masked_fill(~kept, float("-inf")), -1)[0, token]
         assert abs(logprob - expected.item()) < 1e-4
 
 

@@ -6,7 +6,7 @@ deterministic: the same seeds give the same counts on every run.
 import pytest
 import torch
 
-from fusedrl.engine.inference.sampler import _top_k_top_p, gumbel_noise, sample
+from fusedrl.engine.inference.sampler import gumbel_noise, kept_mask, sample
 
 PROBS = torch.tensor([0.4, 0.3, 0.2, 0.1])
 N = 40_000
@@ -107,7 +107,8 @@ def test_different_seeds_give_different_draws(seed0):
 def test_rows_without_filters_keep_their_whole_vocabulary_in_a_filtered_batch():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 5000, generator=g) * 4  # peaked rows: cumulative mass hits 1.0 early
-    out = _top_k_top_p(logits, torch.tensor([0, 10, 0, 0]), torch.tensor([1.0, 1.0, 0.5, 1.0]))
-    assert torch.equal(out[[0, 3]], logits[[0, 3]])
-    assert torch.isfinite(out[1]).sum() == 10
-    assert 1 <= torch.isfinite(out[2]).sum() < 5000
+    kept = kept_mask(logits, logits, torch.ones(4), torch.tensor([0, 10, 0, 0]), torch.tensor([1.0, 1.0, 0.5, 1.0]),
+                     torch.zeros(4))
+    assert kept[[0, 3]].all()
+    assert kept[1].sum() == 10
+    assert 1 <= kept[2].sum() < 5000

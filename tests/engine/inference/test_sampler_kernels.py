@@ -1,121 +1,176 @@
-"""The fused Triton sampler against its oracle, the torch reference `sample_torch`.
+"""The split-row Triton sampler against its oracle `sample_torch`, and its draws against the float64
+distribution they must follow (the rules in sampler.py's docstring).
 
-Both draw from the same counter-based noise, so for the same seeds they must pick the same tokens
-(exact equality is the distribution test: the reference's distributions are tested in test_sampler.py).
+Both draw with the same counter-based noise, so on the same inputs they pick the same tokens; the
+chi-square tests check what that sameness cannot: that the kernel's tokens follow the filtered,
+renormalized distribution worked out by hand. Every tensor lives on the kernel's device (CUDA when
+there is one: the same tests check the GPU).
 """
-import os
-
 import pytest
 import torch
 
-from fusedrl.engine.inference.sampler import _top_k_top_p, sample, sample_torch
-from fusedrl.engine.inference.sampler_kernels import sample_triton
+from fusedrl.engine.inference.sampler import kept_mask, sample, sample_torch
+from fusedrl.engine.inference.sampler_kernels import CHUNK, sample_triton
 from fusedrl.kernels import use_backend
+from kernel_testing import DEVICE, needs_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-
-
-@pytest.fixture(autouse=True)
-def _on_device():
-    """Every tensor of these tests on the kernel's device (generators included)."""
-    with torch.device(DEVICE):
-        yield
+pytestmark = needs_triton
 
 
-def batch(vocab, rows=8, scale=3.0, seed=0):
-    """Logits [rows, vocab] and a mix of greedy, plain, tempered, top-k, top-p and combined rows."""
+def rows(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed0=0, position=3):
+    """Sampling parameters of n rows: (temperatures, top_ks, top_ps, seeds, positions, min_ps)."""
+    full = lambda value, dtype: torch.full((n,), value, dtype=dtype, device=DEVICE)  # noqa: E731
+    return (full(temperature, torch.float32), full(top_k, torch.int64), full(top_p, torch.float32),
+            torch.arange(seed0, seed0 + n, device=DEVICE), full(position, torch.int64), full(min_p, torch.float32))
+
+
+def mixed_batch(vocab, dtype, seed=0):
+    """Logits [8, vocab] and a mix of greedy, plain, tempered, top-k, top-p, min-p and combined rows."""
     g = torch.Generator(DEVICE).manual_seed(seed)
-    logits = torch.randn(rows, vocab, generator=g) * scale
-    temperatures = torch.tensor([0.0, 1.0, 0.7, 1.0, 1.3, 1.0, 0.5, 2.0])[:rows]
-    top_ks = torch.tensor([0, 0, 0, 5, 7, 0, 50, 3])[:rows]
-    top_ps = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.9, 0.5, 0.8, 0.95])[:rows]
-    seeds = torch.arange(rows) * 7919 - 3  # a negative seed too
-    positions = torch.arange(rows) + 11
-    return logits, temperatures, top_ks, top_ps, seeds, positions
+    logits = (torch.randn(8, vocab, generator=g, device=DEVICE) * 3).to(dtype)
+    logits[5, 1::3] = float("-inf")  # a row with masked tokens
+    on = lambda *v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=DEVICE)  # noqa: E731
+    return (logits, on(0.0, 1.0, 0.7, 1.0, 1.3, 1.0, 0.5, 2.0), on(0, 0, 0, 5, 7, 0, 50, 3, dtype=torch.int64),
+            on(1.0, 1.0, 1.0, 1.0, 0.9, 0.5, 0.8, 0.95), torch.arange(8, device=DEVICE) * 7919 - 3,  # a negative seed
+            torch.arange(8, device=DEVICE) + 11, on(0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.05, 0.0))
 
 
-def tie_inclusive_logprobs(logits, temperatures, top_ks, top_ps, tokens):
-    """The reference's filtered log-prob at `tokens`, keeping every logit equal to the smallest one it
-    kept (bf16 rows tie at the top-k/top-p boundary; the kernel keeps all ties, the sort one of them)."""
+def filtered_logprobs(logits, temperatures, top_ks, top_ps, min_ps, tokens):
+    """float64 log-prob of `tokens` under each row's kept, renormalized distribution (greedy rows:
+    the unmodified model distribution)."""
     greedy = temperatures == 0
-    scaled = logits / torch.where(greedy, 1.0, temperatures)[:, None]
-    filtered = _top_k_top_p(scaled, top_ks, top_ps)
-    floor = filtered.masked_fill(filtered.isinf(), float("inf")).amin(-1, keepdim=True)
-    kept = torch.where(greedy[:, None], scaled, scaled.masked_fill(scaled < floor, float("-inf")))
-    return kept.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    inv_temp = 1.0 / torch.where(greedy, 1.0, temperatures)
+    scaled = logits.float() * inv_temp[:, None]
+    kept = kept_mask(logits, scaled, inv_temp, top_ks, top_ps, min_ps) | greedy[:, None]
+    assert kept.gather(1, tokens[:, None]).all(), "a token outside its row's kept set"
+    return scaled.double().masked_fill(~kept, float("-inf")).log_softmax(-1).gather(1, tokens[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("vocab", [2, 7, 1031])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 2, 7, 1031, CHUNK + 901])  # the last: two chunks, one partial
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_same_tokens_and_logprobs_as_the_reference(vocab, dtype):
-    logits, temperatures, top_ks, top_ps, seeds, positions = batch(vocab)
-    logits = logits.to(dtype).float()  # the kernel reads bf16 and computes in fp32
-    tokens, logprobs = sample_triton(logits.to(dtype), temperatures, top_ks, top_ps, seeds, positions)
-    assert torch.equal(tokens, sample_torch(logits, temperatures, top_ks, top_ps, seeds, positions)[0])
-    expected = tie_inclusive_logprobs(logits, temperatures, top_ks, top_ps, tokens)
-    torch.testing.assert_close(logprobs, expected, atol=1e-4, rtol=1e-4)
+    logits, temperatures, top_ks, top_ps, seeds, positions, min_ps = mixed_batch(vocab, dtype)
+    tokens, logprobs = sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
+    ref_tokens, ref_logprobs = sample_torch(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
+    assert torch.equal(tokens, ref_tokens)
+    expected = filtered_logprobs(logits, temperatures, top_ks, top_ps, min_ps, tokens)
+    torch.testing.assert_close(logprobs.double(), expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ref_logprobs.double(), expected, atol=2e-5, rtol=2e-5)
 
 
-def test_over_many_seeds_tokens_match_and_stay_inside_the_filtered_set():
-    logits, temperatures, top_ks, top_ps, _, _ = batch(61, rows=8, scale=2.0)
-    reps = 4
-    args = [x.repeat_interleave(reps, 0) for x in (logits, temperatures, top_ks, top_ps)]
-    seeds, positions = torch.arange(8 * reps) * 31 + 5, torch.full((8 * reps,), 3)
-    tokens, logprobs = sample_triton(*args, seeds, positions)
-    assert torch.equal(tokens, sample_torch(*args, seeds, positions)[0])
-    # Log-prob = log-softmax of the tempered, filtered distribution at the token (greedy: unmodified).
-    greedy = args[1] == 0
-    scaled = args[0] / torch.where(greedy, 1.0, args[1])[:, None]
-    filtered = torch.where(greedy[:, None], scaled, _top_k_top_p(scaled, args[2], args[3]))
-    assert torch.isfinite(filtered.gather(1, tokens[:, None])).all()  # never outside the allowed set
-    expected = filtered.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
-    torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)
-    assert len(set(tokens[reps:2 * reps].tolist())) > 1  # a plain row does sample (the test can fail)
+# Six tokens with probabilities 0.3, 0.2, 0.2, 0.15, 0.1, 0.05 (a tie at 0.2); each case's kept set
+# and renormalized probabilities worked out by hand.
+PROBS = torch.tensor([0.3, 0.2, 0.2, 0.15, 0.1, 0.05], dtype=torch.float64)
+CASES = {
+    "plain": (dict(), PROBS),
+    # the two most likely keys: 0.3 and both tokens of the 0.2 tie -> 0.3, 0.2, 0.2 over 0.7
+    "top_k=2 keeps the tie": (dict(top_k=2), torch.tensor([0.3, 0.2, 0.2, 0, 0, 0]) / 0.7),
+    # mass strictly above: 0 / 0.3 / 0.3 / 0.7 < 0.75 kept; 0.85 >= 0.75 cut
+    "top_p=0.75": (dict(top_p=0.75), torch.tensor([0.3, 0.2, 0.2, 0.15, 0, 0]) / 0.85),
+    # top-5 mass 0.95, target 0.8 * 0.95 = 0.76: 0.7 < 0.76 kept, 0.85 cut
+    "top_k=5, top_p=0.8": (dict(top_k=5, top_p=0.8), torch.tensor([0.3, 0.2, 0.2, 0.15, 0, 0]) / 0.85),
+    # at least half the top probability: >= 0.15
+    "min_p=0.5": (dict(min_p=0.5), torch.tensor([0.3, 0.2, 0.2, 0.15, 0, 0]) / 0.85),
+    # temperature 0.5 squares the probabilities (sum of squares 0.205)
+    "temperature=0.5": (dict(temperature=0.5), PROBS ** 2 / 0.205),
+}
 
 
-def test_greedy_is_argmax_with_the_model_logprob():
-    logits = torch.randn(4, 1031, generator=torch.Generator(DEVICE).manual_seed(3))
-    zeros = torch.zeros(4)
-    tokens, logprobs = sample_triton(logits, zeros, torch.tensor([0, 5, 0, 1]), torch.tensor([1.0, 0.1, 0.5, 1.0]),
-                                     torch.arange(4), torch.arange(4))
-    assert torch.equal(tokens, logits.argmax(-1))
+def test_draws_follow_the_filtered_distribution():
+    dtype = torch.float32
+    n = 150  # per case (the interpreter's cost); expected counts >= 150 * 0.05 = 7.5
+    params = [rows(n, seed0=1000 * i, **kw) for i, (kw, _) in enumerate(CASES.values())]
+    args = [torch.cat(parts) for parts in zip(*params)]
+    logits = PROBS.log().to(DEVICE, dtype)[None].expand(n * len(CASES), -1).contiguous()
+    tokens, logprobs = sample_triton(logits, *args)
+    for i, (name, (_, expected)) in enumerate(CASES.items()):
+        drawn = tokens[i * n:(i + 1) * n].cpu()
+        counts = torch.bincount(drawn, minlength=6).double()
+        assert (counts[expected == 0] == 0).all(), f"{name}: drew a filtered token"
+        live = expected > 0
+        want = expected[live] * n
+        chi2 = float(((counts[live] - want) ** 2 / want).sum())
+        assert chi2 < 25.7, f"{name}: chi-square {chi2:.1f} over {int(live.sum()) - 1} dof (p < 1e-4), {counts.tolist()}"
+        got = logprobs[i * n:(i + 1) * n].double().cpu()
+        torch.testing.assert_close(got, expected.double().log()[drawn], atol=1e-5, rtol=0)
+
+
+def test_greedy_is_the_first_argmax_with_the_model_logprob():
+    logits = torch.randn(4, 1031, generator=torch.Generator(DEVICE).manual_seed(3), device=DEVICE)
+    logits[1, 7] = logits[1, 900] = logits[1].max() + 1  # a tie for the max: the first index wins
+    temperatures, _, _, seeds, positions, min_ps = rows(4, temperature=0.0)
+    top_ks = torch.tensor([0, 5, 0, 1], device=DEVICE)
+    top_ps = torch.tensor([1.0, 0.1, 0.5, 1.0], device=DEVICE)
+    tokens, logprobs = sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
+    assert torch.equal(tokens, logits.argmax(-1)) and tokens[1] == 7
     torch.testing.assert_close(logprobs, logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0])
 
 
-def test_edge_cases_one_token_vocab_top_k_above_vocab_zero_top_p_empty_batch():
-    one = torch.ones(1)
-    tokens, logprobs = sample_triton(torch.randn(1, 1), one, torch.tensor([3]), one, torch.tensor([1]), torch.tensor([0]))
-    assert tokens.tolist() == [0] and abs(logprobs.item()) < 1e-6
-    logits = torch.randn(3, 9, generator=torch.Generator(DEVICE).manual_seed(4))
-    # top_k >= V is no filter; top_p = 0 keeps exactly the most likely token (log-prob 0).
-    tokens, logprobs = sample_triton(logits, torch.ones(3), torch.tensor([9, 100, 0]), torch.tensor([1.0, 1.0, 0.0]),
-                                     torch.arange(3), torch.zeros(3, dtype=torch.int64))
-    assert torch.equal(tokens, sample_torch(logits, torch.ones(3), torch.tensor([9, 100, 0]),
-                                            torch.tensor([1.0, 1.0, 0.0]), torch.arange(3),
-                                            torch.zeros(3, dtype=torch.int64))[0])
-    assert tokens[2] == logits[2].argmax() and abs(logprobs[2].item()) < 1e-6
-    empty = sample_triton(torch.zeros(0, 9), *(torch.zeros(0, dtype=d) for d in
-                          (torch.float32, torch.int64, torch.float32, torch.int64, torch.int64)))
-    assert empty[0].shape == (0,) and empty[1].shape == (0,)
+def test_top_p_zero_keeps_only_the_most_likely_token_wherever_it_is():
+    """The old reference cut every token at top_p 0 (the mass before the first one, 0, is >= 0) and
+    drew argmax of an all -inf row: token 0, whatever the logits. The kernel (rightly) took the most
+    likely token; on the GPU's random logits it was not token 0, and the two disagreed."""
+    logits = torch.randn(16, 9, generator=torch.Generator(DEVICE).manual_seed(4), device=DEVICE)
+    logits[:, 0] = logits.min() - 1  # token 0 never the most likely
+    args = rows(16, top_p=0.0)
+    for draw in (sample_triton, sample_torch):
+        tokens, logprobs = draw(logits, *args)
+        assert torch.equal(tokens, logits.argmax(-1)), draw.__name__
+        torch.testing.assert_close(logprobs, torch.zeros_like(logprobs))
+
+
+def test_top_k_at_or_above_the_vocabulary_is_no_filter_and_one_token_vocab():
+    logits = torch.randn(3, 9, generator=torch.Generator(DEVICE).manual_seed(5), device=DEVICE)
+    args = list(rows(3))
+    args[1] = torch.tensor([9, 100, 0], device=DEVICE)
+    tokens, logprobs = sample_triton(logits, *args)
+    plain, _ = sample_triton(logits, *rows(3))
+    assert torch.equal(tokens, plain)
+    torch.testing.assert_close(logprobs, logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0])
+    tokens, logprobs = sample_triton(torch.randn(2, 1, device=DEVICE), *rows(2, top_k=3, top_p=0.5, min_p=0.5))
+    assert tokens.tolist() == [0, 0] and logprobs.abs().max() < 1e-6
+
+
+def test_empty_batch():
+    tokens, logprobs = sample_triton(torch.zeros(0, 9, device=DEVICE), *rows(0))
+    assert tokens.shape == (0,) and logprobs.shape == (0,) and tokens.device.type == DEVICE
 
 
 def test_a_row_draws_the_same_token_whatever_else_is_in_the_batch():
-    logits, *rest = batch(61)
-    alone = sample_triton(logits[4:5], *(x[4:5] for x in rest))
+    logits, *rest = mixed_batch(CHUNK + 901, torch.bfloat16)
     together = sample_triton(logits, *rest)
-    assert alone[0].item() == together[0][4].item()
+    for i in range(8):
+        alone = sample_triton(logits[i:i + 1], *(x[i:i + 1] for x in rest))
+        assert alone[0].item() == together[0][i].item()
+        assert alone[1].item() == together[1][i].item()  # the same chunks, merged the same way
 
 
-def test_sample_dispatches_to_the_kernel_under_the_triton_backend(monkeypatch):
+def test_sample_dispatches_by_backend(monkeypatch):
     import fusedrl.engine.inference.sampler as sampler
 
     calls = []
     monkeypatch.setattr(sampler, "sample_triton", lambda *a: calls.append(1) or sample_triton(*a))
-    logits, *rest = batch(7)
-    sample(logits, *rest)
-    assert calls == []  # CPU tensors, no override: the torch reference
+    logits, *rest = mixed_batch(7, torch.float32)
+    with use_backend("torch"):
+        sample(logits, *rest)
+    assert calls == []  # the reference
     with use_backend("triton"):
         sample(logits, *rest)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tie_at_the_top_k_boundary_stays_in_top_p_mass(dtype):
+    """The GPU failure at bf16, vocab 1031 (reproduced on the CPU with the old kernel, seed 2: row 4,
+    top-k 7, top-p 0.9, log-prob -1.474 vs -1.340): bf16 rounding tied the 7th and 8th logits; the old
+    kernel kept both in the top-k set and so in the top-p target, its oracle broke the tie by sort
+    order, and the two cut top-p at different tokens. Now both keep ties, by one rule."""
+    logits = torch.tensor([[3.0, 2.5, 2.0, 2.0, 2.0, 1.0, 0.0]], device=DEVICE).to(dtype).expand(4, -1).contiguous()
+    args = rows(4, top_k=3, top_p=0.9, seed0=11)
+    tokens, logprobs = sample_triton(logits, *args)
+    assert torch.equal(tokens, sample_torch(logits, *args)[0])
+    # top-3 keys: 3.0, 2.5 and the three-way tie at 2.0 (5 tokens); top-p 0.9 of their mass keeps them all
+    expected = filtered_logprobs(logits, args[0], args[1], args[2], args[5], tokens)
+    kept = torch.tensor([3.0, 2.5, 2.0, 2.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(expected, (logits[0, tokens].double() - kept.logsumexp(0)).cpu().to(expected.device))
+    torch.testing.assert_close(logprobs.double(), expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,70 @@
+"""GPU time of the sampler per decode step (`engine.inference.sampler.sample`, the split-row Triton
+kernels) at batch 1 / 32 / 256 over a 151936-token bf16 vocabulary: greedy, top-p 0.9 and top-k 50,
+next to one read of the logits (a row max) and the bytes-per-second of that read. CUDA only.
+
+    python bench/bench_sampler.py [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from fusedrl.engine.inference.sampler import sample
+
+VOCAB = 151936
+BATCHES = (1, 32, 256)
+MODES = {"greedy": dict(temperature=0.0), "top_p=0.9": dict(top_p=0.9), "top_k=50": dict(top_k=50)}
+
+
+def gpu_us(fn, iters: int = 200) -> float:
+    """Mean GPU time of fn() in microseconds (CUDA events around `iters` calls, after a warm-up)."""
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / iters
+
+
+def sampling_args(batch: int, temperature=1.0, top_k=0, top_p=1.0):
+    full = lambda v, dtype: torch.full((batch,), v, dtype=dtype, device="cuda")  # noqa: E731
+    return (full(temperature, torch.float32), full(top_k, torch.int64), full(top_p, torch.float32),
+            torch.arange(batch, device="cuda"), full(200, torch.int64), full(0.0, torch.float32))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_sampler needs CUDA")
+        return 1
+    rows = []
+    for batch in BATCHES:
+        g = torch.Generator("cuda").manual_seed(batch)
+        # Model-like rows: a wide bulk and a few far-ahead tokens (a trained LM's logits are peaked).
+        logits = torch.randn(batch, VOCAB, generator=g, device="cuda") * 2.5
+        logits[:, :64] += 12 * torch.rand(batch, 64, generator=g, device="cuda")
+        logits = logits.to(torch.bfloat16)
+        read = gpu_us(lambda: logits.amax(-1))
+        row = {"batch": batch, "one_read_us": read, "read_GBps": logits.numel() * 2 / read / 1e3}
+        for name, kw in MODES.items():
+            params = sampling_args(batch, **kw)
+            row[f"{name}_us"] = gpu_us(lambda: sample(logits, *params))
+        row["top_p_over_greedy"] = row["top_p=0.9_us"] / row["greedy_us"]
+        rows.append(row)
+        print(" | ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "vocab": VOCAB, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
