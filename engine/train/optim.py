@@ -3,6 +3,7 @@ warmup + cosine learning-rate schedule."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -42,6 +43,15 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
 def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+
+
+def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One step of the schedule, also after an update that was skipped (a non-finite loss or
+    gradient, every row dropped): it keeps its place in the schedule. torch warns when the first
+    schedule step comes before any optimizer step, which is what a skipped first update is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
