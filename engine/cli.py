@@ -2,8 +2,9 @@
 
     fusedrl info | demo | generate | sft | rm | ppo | grpo | plot     (`fusedrl <command> --help`)
 
-Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help` and
-config errors import neither torch nor transformers. Each command's work is imported when it runs.
+Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help`, config
+errors and wrong paths (engine/path_checks.py) import neither torch nor transformers. Each command's
+work is imported when it runs, after its arguments and paths are checked.
 sft, rm and ppo read a YAML config plus `key=value` overrides; every option of the stage's config
 dataclass is listed in its `--help`, and unknown keys or wrong types stop the command with a
 message naming the key (did-you-mean included) before any model is loaded.
@@ -19,7 +20,7 @@ import json
 import re
 import sys
 
-from . import errors
+from . import errors, path_checks
 from .config import io as config_io
 from .config.demo import DemoConfig
 from .config.ppo import GRPOConfig, PPOConfig
@@ -106,6 +107,7 @@ def run_stage(args, name: str) -> int:
         import yaml
         print(yaml.safe_dump(config_io.to_dict(config), sort_keys=False), end="")
         return 0
+    path_checks.check_paths(*config.paths(), config.output_dir)  # before the stage imports torch
     out = train(config)
     print(f"fusedrl {name}: model written to {out}")
     return 0
@@ -115,6 +117,7 @@ def run_stage(args, name: str) -> int:
 
 def run_demo(args) -> int:
     cfg = load_config(DemoConfig, None, args.overrides)
+    path_checks.check_fresh_output_dir(cfg.output_dir, cfg.overwrite)  # before the demo imports torch
     from .stages.demo import format_table, run_demo as demo
     table = demo(cfg, quiet=args.quiet)
     print(format_table(table))
@@ -166,6 +169,11 @@ def add_generate_parser(commands) -> None:
     p.set_defaults(run=run_generate)
 
 
+def _as_option(error: ValueError) -> errors.UsageError:
+    """SamplingParams names its fields (SamplingParams.top_p): say which option the user gave (--top-p)."""
+    return errors.UsageError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(error)))
+
+
 def run_generate(args) -> int:
     from .data.records import DataError, decode_line, numbered_lines
     prompts = list(args.prompt)
@@ -180,22 +188,26 @@ def run_generate(args) -> int:
             raise errors.UsageError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
     if not prompts:
         raise errors.UsageError("give --prompt TEXT (repeatable) or --prompt-file FILE")
-    from .inference.llm import LLM
+    # The arguments and the path first: torch-free, so a mistake is answered at once.
+    path_checks.check_model_path(args.model, "--model")
     from .inference.sampling_params import SamplingParams
+    try:
+        params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed)
+    except ValueError as e:
+        raise _as_option(e) from e
+    from .inference.llm import LLM
     from .train.run_setup import check_model_dir, resolve_device
     check_model_dir(args.model, "--model")
     device = resolve_device(args.device, "--device")
-    try:  # an argument out of range; the model's own problems are FusedRLErrors and pass through
-        params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                max_new_tokens=args.max_new_tokens, seed=args.seed)
+    try:  # an argument the engine rejects; the model's own problems are FusedRLErrors and pass through
         llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                   block_size=args.block_size, device=device)
         outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     except errors.FusedRLError:
         raise
-    except ValueError as e:  # SamplingParams names its fields: say which option the user gave
-        raise errors.UsageError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"),
-                                       str(e))) from e
+    except ValueError as e:
+        raise _as_option(e) from e
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         for j, c in enumerate(out.outputs):
             if args.json:
@@ -220,6 +232,7 @@ def add_plot_parser(commands) -> None:
 
 
 def run_plot(args) -> int:
+    path_checks.check_run_dir(args.run_dir)  # before importing matplotlib and torch
     from .train.plot import plot_run
     try:
         written = plot_run(args.run_dir, args.out)
@@ -269,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         if errors.debug_enabled(getattr(args, "debug", False)):
             raise
         code, message = errors.one_line(e)
-        print(f"fusedrl {args.command}: {message}", file=sys.stderr)
+        if errors.should_print(e):
+            print(f"fusedrl {args.command}: {message}", file=sys.stderr)
         return code
 
 

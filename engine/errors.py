@@ -3,8 +3,10 @@
 `FusedRLError` is a failure the user can act on (bad data, a corrupt model, a diverged run): the
 command prints `fusedrl <command>: <message>` and exits 1. `UsageError` is a mistake in what was
 asked (an option value, a path that does not exist, a device that is not there): exit 2, as for
-argparse's own errors. Any other exception is also one line (its type and message, with a hint),
-since a traceback is for developers: `--debug` or FUSEDRL_DEBUG=1 shows it instead.
+argparse's own errors. Any other exception is one of our bugs, also shown as one line (its type and
+message, "unexpected", with a hint), since a traceback is for developers: `--debug` or
+FUSEDRL_DEBUG=1 shows it instead. Under torchrun every rank reads the same options, so a usage error
+is printed by rank 0 alone (`should_print`); a failure by each rank that has it.
 Torch-free, so the command's parsing stays light.
 """
 from __future__ import annotations
@@ -25,6 +27,11 @@ class UsageError(FusedRLError):
     exit_code = 2
 
 
+class ConfigValueError(UsageError, ValueError):
+    """A value the user chose (a config option, a command-line argument) that cannot work, found
+    where it is used: a usage error for the command, still a ValueError for library callers."""
+
+
 class ModelError(FusedRLError, ValueError):
     """A model directory that cannot be used: missing files, corrupt weights, unsupported architecture."""
 
@@ -36,6 +43,11 @@ class NonFiniteError(FusedRLError, RuntimeError):
 def debug_enabled(flag: bool = False) -> bool:
     """--debug, or FUSEDRL_DEBUG set to anything but '', '0' or 'false'."""
     return flag or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false")
+
+
+def should_print(error: BaseException) -> bool:
+    """False for a usage error on a torchrun rank other than 0 (rank 0 says the same line)."""
+    return not isinstance(error, UsageError) or os.environ.get("RANK", "0") == "0"
 
 
 def one_line(error: BaseException) -> tuple[int, str]:

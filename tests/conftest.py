@@ -40,11 +40,16 @@ def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark reads its options
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: only meaningful on a CUDA GPU (skipped without one); "
                                        "`pytest -m gpu tests` runs just these on a GPU machine")
     # The interpreter evaluates both sides of tl.where in numpy, so a masked-off 0 * inf warns.
     config.addinivalue_line("filterwarnings", "ignore:invalid value encountered:RuntimeWarning")
+    # tests/bench runs each benchmark case once as a test; timings and their table are bench/'s job
+    # (`--benchmark-enable` brings them back).
+    if hasattr(config.option, "benchmark_disable"):
+        config.option.benchmark_disable = True
 
 
 def pytest_collection_modifyitems(config, items):

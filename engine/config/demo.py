@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .fields import check, check_choices, option
+from .train import Precision
 
 
 @dataclass
@@ -22,6 +23,8 @@ class DemoConfig:
     rl_iterations: int = option("PPO or GRPO iterations", 100)
     rl_prompts: int = option("prompts per iteration (PPO samples 4 responses each, GRPO 8)", 16)
     eval_samples: int = option("samples per held-out prompt for the accuracy", 4)
+    precision: Precision = option("every stage's train.precision: auto (bf16-mixed on CUDA, fp32 on CPU) | "
+                                  "bf16-mixed | fp32", "auto")
     overwrite: bool = option("replace an existing output_dir", False)
 
     def __post_init__(self):

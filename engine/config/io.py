@@ -2,7 +2,8 @@
 
 Any dataclass works; its fields carry `metadata={"help": ...}`. Nested dataclass fields become
 sections (`optim.lr=1e-4`). Unknown keys and values of the wrong type are rejected with the dotted
-key, the expected type and, for a misspelling, the closest known key. Nothing here holds state.
+key, the expected type and a did-you-mean: our name for an option of transformers / TRL / torchtune
+(config/aliases.py), else the closest spelling. Nothing here holds state.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from .aliases import meaning_of
 from .fields import choices
 
 
@@ -21,8 +23,9 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config dataclass."""
 
 
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass `cls` from a (nested) dict; missing keys keep their defaults."""
+def from_dict(cls, data: dict, prefix: str = "", root=None):
+    """Build dataclass `cls` (the section `prefix` of config `root`, by default itself) from a
+    (nested) dict; missing keys keep their defaults."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -30,21 +33,31 @@ def from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; known keys: {', '.join(fields)}")
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_did_you_mean(root or cls, fields, prefix, str(key))}; "
+                              f"known keys: {', '.join(fields)}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", root or cls)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field left out
         raise ConfigError(f"{prefix or 'config'}: {e}") from None
 
 
-def _coerce(tp, value, key: str):
+def _did_you_mean(root, fields, prefix: str, key: str) -> str:
+    """' (did you mean ...?)' for an unknown `prefix + key`: our name for the option by meaning
+    (anywhere in `root`), else the closest spelling among the section's `fields`; '' for neither."""
+    meant = meaning_of(root, f"{prefix}{key}")
+    if meant:
+        ours, note = meant
+        return f" (did you mean '{ours}'?{f' {note}' if note else ''})"
+    close = difflib.get_close_matches(key, fields, n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _coerce(tp, value, key: str, root):
     """Check `value` against type hint `tp` (int, float, bool, str, Literal[...], X | None, or a
-    dataclass)."""
+    dataclass of config `root`)."""
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, f"{key}.")
+        return from_dict(tp, value if value is not None else {}, f"{key}.", root)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Literal:
         if value not in args:
@@ -56,7 +69,7 @@ def _coerce(tp, value, key: str):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
+        return _coerce(inner, value, key, root)
     if tp is float and isinstance(value, str):
         value = _float_or_text(value)
     ok = {bool: lambda v: isinstance(v, bool),

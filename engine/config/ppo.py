@@ -19,7 +19,8 @@ Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
 
 @dataclass
 class RolloutConfig:
-    prompts_per_iteration: int = option("prompts sampled per PPO iteration", 16)
+    prompts_per_iteration: int = option("prompts sampled per PPO iteration on each rank (under torchrun: x the "
+                                        "number of ranks in all)", 16)
     samples_per_prompt: int = option("responses generated per prompt (they share the prompt's KV blocks)", 4)
     max_prompt_length: int = option("prompts keep their last this many tokens", 256)
     truncate_prompts: bool = option("cut a prompt that leaves no room to generate within the model's "
@@ -56,7 +57,8 @@ class RolloutConfig:
 @dataclass
 class UpdateConfig:
     epochs: int = option("PPO epochs over each rollout", 4)
-    minibatch_size: int = option("sequences per PPO minibatch update", 16)
+    minibatch_size: int = option("sequences per PPO minibatch update on each rank (under torchrun: x the "
+                                 "number of ranks in all)", 16)
     microbatch_size: int | None = option("sequences per forward/backward inside a minibatch; gradients are "
                                         "accumulated to the whole minibatch's (None = the minibatch at once)")
     clip_eps: float = option("ratio clip: [1 - clip_eps, 1 + clip_eps_high]", 0.2)
@@ -97,6 +99,14 @@ class UpdateConfig:
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
         for name in ("vf_coef", "ent_coef", "ptx_coef", "max_approx_kl", "kl_loss_coef"):
             check(getattr(self, name) >= 0, f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+        # What the loss kernels would reject mid-run (fusedrl.kernels.ppo_policy_loss / ppo_value_loss).
+        for name in ("clip_eps", "clip_eps_high", "loss_agg_norm", "log_ratio_clamp", "vf_clip"):
+            value = getattr(self, name)
+            check(value is None or value > 0, f"ppo.{name} must be > 0, got {value}")
+        check(self.dual_clip is None or self.dual_clip > 1, f"ppo.dual_clip must be > 1 or null, got {self.dual_clip}")
+        check(0 < self.is_low <= 1 <= self.is_high and self.is_cap >= 1,
+              f"ppo.is_low, ppo.is_high, ppo.is_cap: need 0 < is_low <= 1 <= is_high and is_cap >= 1, got "
+              f"{self.is_low}, {self.is_high}, {self.is_cap}")
 
 
 @dataclass
@@ -112,6 +122,8 @@ class RewardConfig:
     def __post_init__(self):
         check_choices(self, "reward.")
         check(self.kl_coef >= 0, f"reward.kl_coef must be >= 0, got {self.kl_coef}")
+        check(self.kl_target is None or self.kl_target > 0, f"reward.kl_target must be > 0 or null, got {self.kl_target}")
+        check(self.kl_horizon > 0, f"reward.kl_horizon must be > 0, got {self.kl_horizon}")
         check(self.clip is None or self.clip > 0, f"reward.clip must be > 0 or None, got {self.clip}")
 
 
@@ -144,6 +156,12 @@ class PPOConfig:
     optim: OptimConfig = option("policy optimizer (the schedule steps once per iteration)", factory=OptimConfig)
     critic_lr: float | None = option("critic learning rate (default: optim.lr)")
     train: LoopConfig = option("loop", factory=LoopConfig)
+
+    def paths(self) -> tuple[dict, dict]:
+        """({option: model directory or None}, {option: input file or None}) the run reads (checked
+        first; the first model's tokenizer is the run's)."""
+        return ({"policy": self.policy, "reward_model": self.reward_model},
+                {"prompts_file": self.prompts_file, "ptx_file": self.ptx_file})
 
     def __post_init__(self):
         check_choices(self)

@@ -29,7 +29,7 @@ class DataConfig:
                         "(auto: decided per line by its keys)", "auto")
     max_length: int = option("max tokens of prompt + response; longer responses are cut at the end", 1024)
     max_prompt_length: int = option("prompts keep their last max_prompt_length tokens", 512)
-    tokens_per_batch: int = option("token budget of one packed micro-batch (all sequences together)", 8192)
+    tokens_per_batch: int = option("token budget of one packed micro-batch (all sequences together), per rank", 8192)
     skip_malformed: bool = option("skip and count malformed lines instead of failing on the first", False)
 
     def __post_init__(self):
@@ -53,7 +53,8 @@ class OptimConfig:
     warmup_steps: int = option("linear warmup from 0 to lr over this many optimizer steps", 0)
     min_lr_ratio: float = option("cosine decay ends at lr * min_lr_ratio", 0.1)
     max_grad_norm: float = option("clip the global gradient norm to this (0 = no clipping)", 1.0)
-    grad_accum_steps: int = option("micro-batches per optimizer step", 1)
+    grad_accum_steps: int = option("micro-batches per optimizer step on each rank (under torchrun the global batch is "
+                                   "data.tokens_per_batch x grad_accum_steps x the number of ranks)", 1)
 
     def __post_init__(self):
         check(0 < self.lr < math.inf, f"optim.lr must be a finite number > 0, got {self.lr}")
@@ -124,6 +125,10 @@ class StageConfig:
     optim: OptimConfig = option("optimizer", factory=OptimConfig)
     train: TrainConfig = option("loop", factory=TrainConfig)
 
+    def paths(self) -> tuple[dict, dict]:
+        """({option: model directory}, {option: input file or None}) the run reads (checked first)."""
+        return {"model": self.model}, {"data.train_file": self.data.train_file, "data.eval_file": self.data.eval_file}
+
     def __post_init__(self):
         check(bool(self.model), "model is required (a Hugging Face model directory)")
         check(bool(self.output_dir), "output_dir is required")
@@ -149,6 +154,10 @@ class RMConfig(StageConfig):
         "JSONL demonstrations whose responses define reward 0 (the normalization offset); "
         "default: the best response of each training example")
     max_reference: int = option("at most this many reference responses for the offset", 1024)
+
+    def paths(self) -> tuple[dict, dict]:
+        models, files = super().paths()
+        return models, {**files, "reference_file": self.reference_file}
 
     def __post_init__(self):
         super().__post_init__()

@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..errors import ConfigValueError
 from .tokenization import TokenizedExample
 
 
@@ -98,7 +99,7 @@ def pack(sizes: list[int], budget: int) -> list[list[int]]:
     groups, total = [], budget + 1
     for i, size in enumerate(sizes):
         if size > budget:
-            raise ValueError(f"an example of {size} tokens does not fit in tokens_per_batch={budget}; "
+            raise ConfigValueError(f"an example of {size} tokens does not fit in tokens_per_batch={budget}; "
                              f"raise data.tokens_per_batch or lower data.max_length")
         if total + size > budget:
             groups.append([])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import NonFiniteError
+from ..errors import ConfigValueError, NonFiniteError
 from .block_manager import BlockManager
 from ..model.hf_io import load_model
 from ..model.causal_lm import CausalLM
@@ -99,7 +99,7 @@ class LLM:
         num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, param.device)
         num_blocks = min(num_blocks, max_num_seqs * -(-self.config.max_model_len // block_size))
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={kv_cache_memory!r} does not hold one block of "
+            raise ConfigValueError(f"kv_cache_memory={kv_cache_memory!r} does not hold one block of "
                              f"{block_size} tokens")
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs,

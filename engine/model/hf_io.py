@@ -4,8 +4,8 @@ Saving writes a complete directory (config, weights, tokenizer and generation fi
 source) into a temporary sibling and renames it into place, so a reader never sees half a checkpoint;
 a model with a NaN or inf anywhere is refused before anything is written, and the directory gets
 the usual modes (0644 files, 0755 directories under the default umask) so others can read it.
-Loading turns a missing, corrupt or truncated weight file and an unsupported architecture into a
-one-line `ModelError` naming the file.
+Loading turns a missing, corrupt or truncated weight file, tensors that do not fit the config and an
+unsupported architecture into a one-line `ModelError` naming the file.
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
-from ..errors import ModelError
+from ..errors import ConfigValueError, ModelError
 from ..durable import check_finite, publish, temp_dir
+from ..path_checks import CONFIG_FILE
 from .config import ModelConfig
 from .causal_lm import CausalLM
 
-CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Tensors some checkpoints carry that the decoder recomputes (RoPE frequencies).
@@ -61,7 +61,7 @@ def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
         names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
         if dtype not in names:
-            raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(names)} or 'auto'")
+            raise ConfigValueError(f"dtype {dtype!r} is not supported; use one of {sorted(names)} or 'auto'")
         return names[dtype]
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
@@ -90,19 +90,19 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> Cau
                 if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
                     continue
                 if name not in expected:
-                    raise ValueError(f"unexpected tensor {name!r} in {path.name}: not a parameter of a "
+                    raise ModelError(f"unexpected tensor {name!r} in {path.name}: not a parameter of a "
                                      f"{config.model_type} decoder with this config")
                 tensor = _read_tensor(f, name, path)
                 param = expected[name]
                 if tensor.shape != param.shape:
-                    raise ValueError(f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)}, "
+                    raise ModelError(f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)}, "
                                      f"expected {tuple(param.shape)}")
                 with torch.no_grad():
                     param.copy_(tensor)
                 seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
-        raise ValueError(f"missing tensor {missing[0]!r} in {model_dir}"
+        raise ModelError(f"missing tensor {missing[0]!r} in {model_dir}"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return model
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config.demo import DemoConfig
-from ..errors import UsageError
-from ..train.run_setup import check_output_dir
+from ..path_checks import check_fresh_output_dir
 from .demo_task import build_base_model, build_tokenizer, is_correct, write_data
 
 TEMPERATURE = 1.0
@@ -103,15 +102,13 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    check_output_dir(out)
-    if any(out.iterdir()):
-        if not cfg.overwrite:
-            raise UsageError(f"output_dir={out} exists and is not empty; pass overwrite=true or another output_dir")
+    if check_fresh_output_dir(out, cfg.overwrite):
         shutil.rmtree(out)
     data = write_data(cfg, out / "data")
     tokenizer = build_tokenizer()
     base = build_base_model(out / "base", cfg.seed)
-    loop = dict(device="cpu" if not torch.cuda.is_available() else None, progress=not quiet, resume=False)
+    loop = dict(device="cpu" if not torch.cuda.is_available() else None, precision=cfg.precision,
+                progress=not quiet, resume=False)
 
     sft_dir = run_sft(SFTConfig(
         model=base, output_dir=str(out / "sft"), seed=cfg.seed,

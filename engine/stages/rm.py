@@ -121,9 +121,7 @@ def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int,
 
 def run_rm(cfg: RMConfig) -> Path:
     """Train per `cfg`, normalize, export RUN_DIR/final (see engine/reward_model.py for the format)."""
-    run = start_run(cfg.seed, cfg.train, cfg.output_dir, {"model": cfg.model},
-                    {"data.train_file": cfg.data.train_file, "data.eval_file": cfg.data.eval_file,
-                     "reference_file": cfg.reference_file})
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths())
     check_context(cfg.data, run.configs["model"].max_model_len)
     device, tokenizer = run.device, run.tokenizer
     examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed)

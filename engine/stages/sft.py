@@ -49,8 +49,7 @@ def sft_stage(model_dir: str, dtype: str, device) -> Stage:
 
 def run_sft(cfg: SFTConfig) -> Path:
     """Train per `cfg`; returns the exported model directory (RUN_DIR/final)."""
-    run = start_run(cfg.seed, cfg.train, cfg.output_dir, {"model": cfg.model},
-                    {"data.train_file": cfg.data.train_file, "data.eval_file": cfg.data.eval_file})
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths())
     check_context(cfg.data, run.configs["model"].max_model_len)
     examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device)

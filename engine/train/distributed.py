@@ -7,10 +7,12 @@ input, shard() returns the model untouched. Under torchrun, `init_distributed` j
 (NCCL for CUDA tensors, gloo for CPU ones) with a timeout, so a collective waiting on a dead rank fails
 instead of hanging; torchrun itself stops the other ranks when one exits with an error.
 
-Convention of every stage: a step's global batch is split over the ranks, each rank's loss is its
-share of the global loss (normalized by counts all-reduced over the ranks), and FSDP averages the
-gradients over the ranks, so `backward(loss * world_size())` makes the reduced gradient the
-global batch's gradient, as one process would compute it.
+Convention of every stage: batch sizes are per rank (SFT/RM micro-batches and accumulation, PPO's
+prompts per iteration and minibatch rows), so any world size runs any config and a step's global
+batch is world_size() times a rank's, taken from the data stream in rank order (`rank_slice`);
+each rank's loss is its share of the global loss (normalized by counts all-reduced over the ranks),
+and FSDP averages the gradients over the ranks, so `backward(loss * world_size())` makes the reduced
+gradient the global batch's gradient, as one process with the global batch would compute it.
 """
 from __future__ import annotations
 
@@ -105,18 +107,9 @@ def min_over_ranks(n: int) -> int:
     return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), op="min")) if world_size() > 1 else n
 
 
-def share(n: int, what: str) -> int:
-    """Items per rank of `n`; n must be a multiple of the world size, so every rank runs the same
-    number of forwards and backwards (FSDP's collectives must match)."""
-    if n % world_size():
-        raise ValueError(f"{what}={n} must be a multiple of the number of ranks ({world_size()})")
-    return n // world_size()
-
-
-def split_evenly(n: int, what: str) -> slice:
-    """This rank's contiguous share of `n` items (see `share`)."""
-    size = share(n, what)
-    return slice(rank() * size, (rank() + 1) * size)
+def rank_slice(per_rank: int) -> slice:
+    """This rank's items of a global batch of `per_rank * world_size()` items, in rank order."""
+    return slice(rank() * per_rank, (rank() + 1) * per_rank)
 
 
 def shard(model: nn.Module, mode: str = "shard") -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -63,3 +64,13 @@ def clip_and_step(optimizers: list[FusedAdamW], max_grad_norm: float, loss: Opti
             torch.div(g.norm, max_grad_norm, out=scale).clamp_(min=1.0)
         optimizer.step(gradients=g, grad_scale=scale, found_inf=found_inf)
     return norms
+
+
+def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One step of the schedule, also after an update that was skipped (a non-finite loss or
+    gradient, every row dropped): it keeps its place in the schedule. torch warns when the first
+    schedule step comes before any optimizer step, which is what a skipped first update is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()
+

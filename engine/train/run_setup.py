@@ -3,12 +3,12 @@ input files, the output directory, the device), join torchrun's process group (i
 RNGs, pick the parameter dtype (train.precision), load the tokenizer.
 
 The checks come first and are cheap, so a wrong path or an unwritable output_dir is a one-line
-usage error (engine/errors.py) before anything slow happens, never after the models are loaded.
+usage error (engine/errors.py) before anything slow happens, never after the models are loaded; the
+command line runs the path checks (engine/path_checks.py) even before importing torch.
 """
 from __future__ import annotations
 
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,8 @@ import torch
 
 from ..config.train import RunConfig
 from ..errors import UsageError
-from ..model.hf_io import CONFIG_FILE, load_config
+from ..model.hf_io import load_config
+from ..path_checks import check_model_path, check_paths
 from . import distributed
 from .precision import param_dtype, resolve_precision
 
@@ -49,46 +50,18 @@ def resolve_device(name: str | None, option: str = "train.device") -> torch.devi
 def check_model_dir(path, option: str):
     """`path` must be a Hugging Face model directory (with config.json) of a supported architecture;
     returns its ModelConfig (read from config.json alone: no weights are loaded)."""
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{option}={path}: no such directory (expected a Hugging Face model directory)")
-    if not p.is_dir() or not (p / CONFIG_FILE).is_file():
-        raise UsageError(f"{option}={path}: not a Hugging Face model directory (no {CONFIG_FILE})")
-    return load_config(p)
+    check_model_path(path, option)
+    return load_config(Path(path))
 
 
-def check_input_file(path, option: str):
-    """`path` must be a readable file."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{option}={path}: " + ("is a directory, expected a file" if p.is_dir()
-                                                 else "no such file"))
-
-
-def check_output_dir(path, option: str = "output_dir"):
-    """`path` must be a writable directory, or creatable as one."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise UsageError(f"{option}={path}: exists and is not a directory")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=p):  # the real test: permissions, read-only mounts, quotas
-            pass
-    except OSError as e:
-        raise UsageError(f"{option}={path}: not a writable directory ({e.strerror})") from None
-
-
-def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, files: dict = None) -> RunContext:
+def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, files: dict) -> RunContext:
     """Check everything first: `models` {option: model directory, or None when unused} (the first
-    one's tokenizer is the run's), `files` {option: input file or None}, output_dir and the device
-    of `options` (the stage's `train` section). Then join torchrun's process group when launched by
+    one's tokenizer is the run's), `files` {option: input file or None}, output_dir (engine/path_checks.py),
+    the models' config.json and the device of `options` (the stage's `train` section). Then join torchrun's process group when launched by
     it (a bare `cuda` becomes this rank's GPU, cuda:LOCAL_RANK) and seed python's and torch's RNGs
     with `seed` (the same on every rank: models are built identically before sharding)."""
-    configs = {option: check_model_dir(path, option) for option, path in models.items() if path}
-    for option, path in (files or {}).items():
-        if path:
-            check_input_file(path, option)
-    check_output_dir(output_dir)
+    check_paths(models, files, output_dir)
+    configs = {option: load_config(Path(path)) for option, path in models.items() if path}
     device = resolve_device(options.device)
     distributed.init_distributed(device.type, options.dist_timeout_s)
     if device.type == "cuda" and device.index is None and distributed.world_size() > 1:

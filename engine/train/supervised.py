@@ -4,9 +4,11 @@ A `Stage` says what differs (batch building, loss, metrics, weight I/O); `train`
 micro-batch stream with a resumable position, gradient accumulation, clipping, AdamW (mixed precision
 for bf16 weights) + schedule, held-out evaluation, driven by engine/train/loop.py.
 
-Under torchrun the model is sharded (engine/train/distributed.py) and a step's optim.grad_accum_steps
-micro-batches (the global batch, as for one process) are split over the ranks; the loss denominators
-(`step_counts`) are summed over the ranks, so the step equals one process's on the same data.
+Under torchrun the model is sharded (engine/train/distributed.py) and each rank takes its own
+optim.grad_accum_steps micro-batches of data.tokens_per_batch tokens (both per rank, as in torchtune
+and TRL): a step's global batch is grad_accum_steps x world_size micro-batches, consecutive in the
+stream, rank r taking the r-th run of grad_accum_steps. The loss denominators (`step_counts`) are
+summed over the ranks, so the step equals one process's with grad_accum_steps x world_size.
 """
 from __future__ import annotations
 
@@ -76,12 +78,17 @@ def check_context(data: DataConfig, max_model_len: int) -> None:
                          f"{max_model_len} tokens (max_position_embeddings); set data.max_length<={max_model_len}")
 
 
+def micro_batches_per_step(cfg: StageConfig) -> int:
+    """The global batch of one optimizer step, in micro-batches: every rank's grad_accum_steps."""
+    return cfg.optim.grad_accum_steps * distributed.world_size()
+
+
 def total_steps(examples: list[TokenizedExample], cfg: StageConfig) -> int:
     """Optimizer steps of the run: train.max_steps, else whole steps in train.epochs epochs."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
     n = sum(len(epoch_batches(examples, cfg.data.tokens_per_batch, cfg.seed, e)) for e in range(cfg.train.epochs))
-    return max(n // cfg.optim.grad_accum_steps, 1)
+    return max(n // micro_batches_per_step(cfg), 1)
 
 
 def to_device(batch, device: torch.device):
@@ -109,7 +116,7 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
     if not (math.isfinite(grad_norm) and math.isfinite(float(step_loss))):
         metrics.update(skipped=True, skip_reason=f"non-finite loss or gradient (loss={metrics['loss']:.4g}, "
                                                          f"grad_norm={grad_norm:.4g})")
-    scheduler.step()  # a skipped step still uses its data and its place in the schedule
+    optim.advance_schedule(scheduler)  # a skipped step still uses its data and its place in the schedule
     return metrics
 
 
@@ -132,7 +139,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
     cfg.output_dir when train.resume is set. Returns the final state. Under torchrun `model` is
     sharded in place (export it with distributed.write_once)."""
     check_context(cfg.data, model.config.max_model_len)
-    share = distributed.split_evenly(cfg.optim.grad_accum_steps, "optim.grad_accum_steps")
+    share = distributed.rank_slice(cfg.optim.grad_accum_steps)  # this rank's micro-batches of a step
     distributed.shard(model, cfg.train.data_parallel)
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
@@ -149,7 +156,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
         stream = stream or micro_batches(train_ex, cfg.data.tokens_per_batch, cfg.seed, state)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        group = [next(stream) for _ in range(cfg.optim.grad_accum_steps)]
+        group = [next(stream) for _ in range(micro_batches_per_step(cfg))]
         batches = [stage.collate(examples) for _, _, examples in group[share]]
         metrics = train_step(model, stage, batches, optimizer, scheduler, cfg, device)
         rank_tokens = distributed.all_gather(sum(len(b.input_ids) for b in batches))

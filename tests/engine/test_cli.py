@@ -23,10 +23,14 @@ def test_unknown_command_is_rejected(capsys):
 
 @pytest.mark.parametrize("argv", [["--help"], ["sft", "--help"], ["rm", "--help"], ["ppo", "--help"],
                                   ["demo", "--help"], ["generate", "--help"], ["plot", "--help"],
-                                  ["sft", "model=m", "output_dir=o", "data.train_file=t", "optim.lrr=1"]])
+                                  ["sft", "model=m", "output_dir=o", "data.train_file=t", "optim.lrr=1"],
+                                  ["sft", "model=/nonexistent", "output_dir=o", "data.train_file=t"],
+                                  ["ppo", "policy=/nonexistent", "prompts_file=f", "output_dir=o"],
+                                  ["generate", "--model", "/nonexistent", "--prompt", "hi"],
+                                  ["plot", "/nonexistent"]])
 def test_parsing_imports_neither_torch_nor_transformers(argv):
-    """Help and config errors come from the torch-free config package alone (a fresh interpreter,
-    so nothing this test process imported counts)."""
+    """Help, config errors and wrong paths come from torch-free code alone, so they are answered at
+    once (a fresh interpreter, so nothing this test process imported counts)."""
     code = ("import sys\nfrom fusedrl.engine import cli\ntry:\n    cli.main(sys.argv[1:])\n"
             "except SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules))")
@@ -37,6 +41,20 @@ def test_parsing_imports_neither_torch_nor_transformers(argv):
 def test_config_error_names_the_key_and_the_closest_one(capsys):
     code, err = cli_error(["sft", "model=m", "output_dir=o", "data.train_file=t", "optim.lrr=1"], capsys)
     assert code == 2 and err.startswith("fusedrl sft: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)")
+
+
+@pytest.mark.parametrize("command, key, ours", [
+    ("sft", "optim.learning_rate", "optim.lr"), ("sft", "learning_rate", "optim.lr"),
+    ("sft", "gradient_accumulation_steps", "optim.grad_accum_steps"), ("rm", "num_train_epochs", "train.epochs"),
+    ("sft", "optim.max_grad_norm_", "optim.max_grad_norm"), ("sft", "max_grad_norm", "optim.max_grad_norm"),
+    ("sft", "warmup_steps", "optim.warmup_steps"), ("sft", "per_device_train_batch_size", "data.tokens_per_batch"),
+    ("ppo", "per_device_train_batch_size", "ppo.minibatch_size"), ("grpo", "num_generations",
+                                                                   "rollout.samples_per_prompt")])
+def test_names_from_transformers_trl_and_torchtune_suggest_ours(command, key, ours, capsys):
+    required = {"sft": ["model=m", "output_dir=o", "data.train_file=t"], "rm": ["model=m", "output_dir=o", "data.train_file=t"],
+                "ppo": ["policy=p", "prompts_file=f", "output_dir=o"], "grpo": ["policy=p", "prompts_file=f", "output_dir=o"]}
+    code, err = cli_error([command, *required[command], f"{key}=1"], capsys)
+    assert code == 2 and err.startswith(f"fusedrl {command}: unknown config key '{key}' (did you mean '{ours}'?"), err
 
 
 def test_enum_like_option_lists_its_choices(capsys):

@@ -95,3 +95,50 @@ def test_generate_rejects_bad_input_in_one_line(qwen2_dir, tmp_path, capsys):
     code, err = cli_error(["generate", "--model", str(qwen2_dir), "--prompt", "hello " * 200,
                            "--kv-cache-memory", "1000000", "--no-progress"], capsys)
     assert code == 2 and "leaves no room to generate" in err
+
+
+def constant_reward(prompts, responses):
+    return [0.0] * len(responses)
+
+
+def ppo(policy, out, prompts, *extra):
+    return ["ppo", f"policy={policy}", f"output_dir={out}", f"prompts_file={prompts}", "critic=shared",
+            "reward_fn=test_cli_errors:constant_reward", "train.device=cpu", "train.progress=false",
+            "train.iterations=1", "rollout.max_new_tokens=4", "rollout.prompts_per_iteration=2", *extra]
+
+
+def test_a_user_mistake_is_never_unexpected(qwen2_dir, tmp_path, capsys):
+    """One test per kind of ValueError a user's options or data could raise mid-run: each is a
+    one-line usage error (2) or failure (1), never "unexpected" (which is kept for our bugs)."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hello world"}, {"prompt": "the lazy dog"}])
+    # A value the loss kernels would reject after the models are built: refused with the config.
+    code, err = cli_error(ppo(qwen2_dir, tmp_path / "a", prompts, "ppo.dual_clip=0.5"), capsys)
+    assert (code, err) == (2, "fusedrl ppo: ppo.dual_clip must be > 1 or null, got 0.5\n")
+    code, err = cli_error(ppo(qwen2_dir, tmp_path / "a", prompts, "reward.kl_target=0"), capsys)
+    assert (code, err) == (2, "fusedrl ppo: reward.kl_target must be > 0 or null, got 0.0\n")
+    # A value found wrong where it is used: the KV pool of the rollout engine.
+    code, err = cli_error(ppo(qwen2_dir, tmp_path / "b", prompts, "rollout.kv_cache_memory=1"), capsys)
+    assert code == 2 and err.startswith("fusedrl ppo: kv_cache_memory=1 does not hold one block"), err
+    # Data that does not fit the options: a preference pair longer than a micro-batch.
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "the quick brown fox " * 4, "chosen": " hello world" * 6,
+                                                    "rejected": " the lazy dog" * 6}] * 4)
+    code, err = cli_error(["rm", f"model={qwen2_dir}", f"output_dir={tmp_path / 'c'}", f"data.train_file={pairs}",
+                           "data.max_length=64", "data.max_prompt_length=32", "data.tokens_per_batch=64",
+                           "train.device=cpu", "train.progress=false"], capsys)
+    assert code == 2 and "does not fit in tokens_per_batch=64" in err and err.count("\n") == 1, err
+    # A model directory of the wrong kind: a failure naming the tensor, exit 1.
+    code, err = cli_error(ppo(qwen2_dir, tmp_path / "d", prompts, f"reward_model={qwen2_dir}", "reward_fn=null",
+                              "critic=separate"), capsys)
+    assert code == 1 and "missing tensor 'score.weight'" in err and "unexpected" not in err, err
+
+
+def test_a_config_error_under_torchrun_is_one_usage_line_from_rank_0(tmp_path, sft_data):
+    from fusedrl.engine.config.train import DataConfig, SFTConfig
+    from dist_testing import torchrun
+
+    cfg = SFTConfig(model=str(tmp_path / "m"), output_dir=str(tmp_path / "o"), data=DataConfig(train_file=str(sft_data)))
+    result = torchrun("sft", cfg, tmp_path, overrides=["optim.lr=-1"], timeout=120)
+    ours = [line for line in result.stderr.splitlines() if line.startswith("fusedrl sft:")]
+    assert result.returncode != 0 and ours == ["fusedrl sft: optim.lr must be a finite number > 0, got -1.0"], \
+        result.stderr[-3000:]
+    assert "exitcode  : 2" in result.stderr and "unexpected" not in result.stderr

@@ -29,7 +29,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 def own_rows(x: torch.Tensor) -> torch.Tensor:
     """This rank's rows of a gathered [W * R, ...] tensor."""
-    return x[distributed.split_evenly(x.shape[0], "rows")]
+    return x[distributed.rank_slice(x.shape[0] // distributed.world_size())]
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:

@@ -90,7 +90,7 @@ def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[
     samples = sample(draw_prompts(), seed)
     if not r.dynamic_sampling:
         return samples, {}
-    target = distributed.share(r.prompts_per_iteration, "rollout.prompts_per_iteration")  # groups per rank
+    target = r.prompts_per_iteration  # groups per rank
     kept, rounds, drawn = [], 1, samples.groups
     while True:
         keep = varied_groups(samples.scores, samples.n)

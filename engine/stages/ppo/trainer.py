@@ -7,8 +7,8 @@ RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
                                  the loop state (iteration, KL coefficient, reward moments, ptx position)
     final/                       the trained policy, a transformers-loadable directory
     final_critic/                the separate critic, when there is one
-Under torchrun every model is sharded (train.data_parallel) and each iteration's prompts are split
-over the ranks (rollout.prompts_per_iteration a multiple of the number of ranks); see update.py.
+Under torchrun every model is sharded (train.data_parallel) and each rank samples its own
+rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); see update.py.
 """
 from __future__ import annotations
 
@@ -123,10 +123,9 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     for model in (policy, reference, rm, critic, value_head):
         if model is not None:  # built whole above (the critic from the whole reward model), sharded now
             distributed.shard(model, cfg.train.data_parallel)
-    prompts_per_rank = distributed.share(cfg.rollout.prompts_per_iteration, "rollout.prompts_per_iteration")
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory,
                         block_size=cfg.rollout.block_size,
-                        max_num_seqs=prompts_per_rank * cfg.rollout.samples_per_prompt,
+                        max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
                         batch_invariant=cfg.rollout.exact)
     return PPOModels(policy, reference, actor, critic, value_head, score)
 
@@ -190,8 +189,7 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     reward_fn: a Python scorer fn(prompt_texts, response_texts) -> floats, instead of cfg.reward_fn.
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
     """
-    run = start_run(cfg.seed, cfg.train, cfg.output_dir, {"policy": cfg.policy, "reward_model": cfg.reward_model},
-                    {"prompts_file": cfg.prompts_file, "ptx_file": cfg.ptx_file})
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths())
     device, tokenizer = run.device, run.tokenizer
     if cfg.reward_model is None:  # resolved now: a wrong reward_fn is a usage error before any model loads
         reward_fn = resolve_reward_fn(cfg, reward_fn)
@@ -230,11 +228,11 @@ def iteration_step(cfg, models, opts, schedules, prompts, tokenizer, device) -> 
         timer = PhaseTimer(device)
 
         def draw_prompts() -> list[list[int]]:
-            """This rank's share of the next prompts_per_iteration prompts of the stream."""
-            count = cfg.rollout.prompts_per_iteration
+            """This rank's prompts_per_iteration of the stream's next prompts_per_iteration x world_size."""
+            count = cfg.rollout.prompts_per_iteration * distributed.world_size()
             picked = prompt_indices(len(prompts), count, cfg.seed, state.prompts_drawn)
             state.prompts_drawn += count
-            return [prompts[i] for i in picked[distributed.split_evenly(count, "rollout.prompts_per_iteration")]]
+            return [prompts[i] for i in picked[distributed.rank_slice(cfg.rollout.prompts_per_iteration)]]
 
         samples, sampling_metrics = draw_samples(
             draw_prompts, lambda batch, seed: sample_and_score(models, batch, cfg, seed, timer), cfg,
@@ -254,6 +252,6 @@ def iteration_step(cfg, models, opts, schedules, prompts, tokenizer, device) -> 
             kl_ctl.update(metrics["kl"], rollout.mask.shape[0] * distributed.world_size())
             state.kl_coef, state.moments = kl_ctl.value, moments.state_dict()
         for s in schedules:  # after the update; a skipped iteration keeps its place in the schedule too
-            s.step()
+            optim.advance_schedule(s)
         return {**metrics, **timer.metrics()}
     return step

@@ -317,7 +317,7 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, cfg:
     """cfg.ppo.epochs passes of shuffled minibatch updates; a non-finite loss or gradient skips
     that update (and is counted), an approx KL past cfg.ppo.max_approx_kl ends the epochs early."""
     rows = rollout.mask.shape[0]
-    minibatch = distributed.share(cfg.ppo.minibatch_size, "ppo.minibatch_size")  # this rank's rows of one
+    minibatch = cfg.ppo.minibatch_size  # this rank's rows of one (the global minibatch: x world_size)
     order_rng = torch.Generator().manual_seed(seed)
     totals, updates, skipped, epochs_done = Counter(), 0, 0, 0
     for _ in range(cfg.ppo.epochs):

@@ -1,5 +1,6 @@
 """SFT and the reward model data-parallel under torchrun (2 CPU ranks over gloo, FSDP2): the final
-weights equal one process's with the same global batch and seed, and checkpoints resume exactly
+weights equal one process's with the same global batch and seed (the accumulation is per rank: 2
+ranks with the default grad_accum_steps=1 are one process with 2), and checkpoints resume exactly
 across world sizes (a sharded one in one process, a one-process one on two ranks)."""
 import shutil
 
@@ -44,9 +45,10 @@ def base_dir(tmp_path_factory):
 SFT_LOOP = {"max_steps": 3, "device": "cpu", "precision": "bf16-mixed"}
 
 
-def sft_run(base_dir, root, name, **loop):
-    return sft_config(base_dir, root / "train.jsonl", root / name, optim={"grad_accum_steps": 2},
-                      train={**SFT_LOOP, **loop})
+def sft_run(base_dir, root, name, ranks, **loop):
+    """The same global batch of 2 micro-batches on `ranks` ranks; on 2, the default accumulation."""
+    optim = {"grad_accum_steps": 2} if ranks == 1 else {}
+    return sft_config(base_dir, root / "train.jsonl", root / name, optim=optim, train={**SFT_LOOP, **loop})
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +57,9 @@ def sft_runs(base_dir, tmp_path_factory):
     parameters, its fp32 masters and moments through the checkpoints), checkpointing at step 2."""
     root = tmp_path_factory.mktemp("sft_dp")
     write_jsonl(root / "train.jsonl", demonstrations(24))
-    check(torchrun("sft", sft_run(base_dir, root, "two", save_every=2), root))
+    check(torchrun("sft", sft_run(base_dir, root, "two", 2, save_every=2), root))
     with rank_threads():
-        run_sft(sft_run(base_dir, root, "one", save_every=2))
+        run_sft(sft_run(base_dir, root, "one", 1, save_every=2))
     return root
 
 
@@ -70,7 +72,7 @@ def test_sft_two_ranks_match_one_process(sft_runs):
     assert len(train_rows) == 3 and all(sum(r["tokens_per_rank"]) == r["tokens"] and len(r["tokens_per_rank"]) == 2
                                         for r in train_rows)
     config_text = (sft_runs / "two" / "config.yaml").read_text()
-    assert config_text.endswith("# world_size: 2\n") and yaml.safe_load(config_text)["optim"]["grad_accum_steps"] == 2
+    assert config_text.endswith("# world_size: 2\n") and yaml.safe_load(config_text)["optim"]["grad_accum_steps"] == 1
 
 
 def test_sharded_checkpoint_resumes_in_one_process(base_dir, sft_runs):
@@ -79,7 +81,7 @@ def test_sharded_checkpoint_resumes_in_one_process(base_dir, sft_runs):
     shutil.copytree(checkpoint_dir(sft_runs / "two", 2), checkpoint_dir(resumed, 2))
     assert (checkpoint_dir(resumed, 2) / "sharded").is_dir()
     with rank_threads():
-        out = run_sft(sft_run(base_dir, sft_runs, "resumed"))
+        out = run_sft(sft_run(base_dir, sft_runs, "resumed", 1))
     assert [r["resumed_from"] for r in read_metrics(resumed) if r["kind"] == "info"][0].endswith("step-00000002")
     assert_same_weights(out, sft_runs / "one" / "final")
 
@@ -87,7 +89,7 @@ def test_sharded_checkpoint_resumes_in_one_process(base_dir, sft_runs):
 def test_one_process_checkpoint_resumes_on_two_ranks(base_dir, sft_runs):
     moved = sft_runs / "moved"
     shutil.copytree(checkpoint_dir(sft_runs / "one", 2), checkpoint_dir(moved, 2))
-    check(torchrun("sft", sft_run(base_dir, sft_runs, "moved"), sft_runs))
+    check(torchrun("sft", sft_run(base_dir, sft_runs, "moved", 2), sft_runs))
     assert_same_weights(moved / "final", sft_runs / "one" / "final")
     assert_same_curves(moved, sft_runs / "one")
 
@@ -95,12 +97,12 @@ def test_one_process_checkpoint_resumes_on_two_ranks(base_dir, sft_runs):
 def test_rm_two_ranks_match_one_process(base_dir, tmp_path):
     train_file = write_jsonl(tmp_path / "pairs.jsonl", sorted_digit_preferences(16))
     """Replicated over the ranks, in bf16-mixed (an fp32 score head on a bf16 model)."""
-    kw = dict(beta_rm=0.1, data={"tokens_per_batch": 128}, optim={"grad_accum_steps": 2})
+    kw = dict(beta_rm=0.1, data={"tokens_per_batch": 128})
     loop = {"max_steps": 2, "device": "cpu", "precision": "bf16-mixed"}
     cfg = rm_config(base_dir, train_file, tmp_path / "two", train={**loop, "data_parallel": "replicate"}, **kw)
     check(torchrun("rm", cfg, tmp_path))
     with rank_threads():
-        one = run_rm(rm_config(base_dir, train_file, tmp_path / "one", train=loop, **kw))
+        one = run_rm(rm_config(base_dir, train_file, tmp_path / "one", train=loop, optim={"grad_accum_steps": 2}, **kw))
     assert_same_weights(tmp_path / "two" / "final", one)
     assert_same_curves(tmp_path / "two", tmp_path / "one", keys=("loss", "grad_norm", "accuracy", "lm_nll"))
     offsets = [r["reward_offset"] for run in ("one", "two") for r in read_metrics(tmp_path / run) if "reward_offset" in r]

@@ -1,6 +1,5 @@
 """engine/train/distributed.py without torchrun (one process: every helper is the identity) and
 the even split of a global batch over ranks."""
-import pytest
 import torch
 
 from fusedrl.engine.train import distributed
@@ -22,10 +21,8 @@ def test_one_process_is_the_plain_program(monkeypatch):
     assert written == [1]
 
 
-def test_the_global_batch_splits_evenly_or_not_at_all(monkeypatch):
+def test_each_rank_takes_its_own_run_of_the_global_batch(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
-    assert distributed.split_evenly(6, "rollout.prompts_per_iteration") == slice(3, 6)
-    assert distributed.share(4, "ppo.minibatch_size") == 2
-    with pytest.raises(ValueError, match=r"optim.grad_accum_steps=3 must be a multiple of the number of ranks \(2\)"):
-        distributed.split_evenly(3, "optim.grad_accum_steps")
+    assert distributed.rank_slice(3) == slice(3, 6)  # rank 1 of 2, 3 items per rank: items 3..5 of 6
+    assert list(range(7))[distributed.rank_slice(1)] == [1]

@@ -40,14 +40,14 @@ def records(directory, rank):
     return [tuple(row) for row in map(json.loads, (directory / f"rank-{rank}.jsonl").read_text().splitlines())]
 
 
-def ppo_config(root, name, **loop):
-    # 2 prompts per rank and iteration, 3 samples each; one minibatch of the whole rollout, so the
-    # update does not depend on how the rows are split.
+def ppo_config(root, name, ranks, **loop):
+    # 4 prompts per iteration in all (the sizes are per rank: 2 on each of 2 ranks), 3 samples each;
+    # one minibatch of the whole rollout, so the update does not depend on how the rows are split.
     return PPOConfig(policy=str(root / "policy"), prompts_file=str(root / "prompts.jsonl"),
                      output_dir=str(root / name), reward_fn="test_ppo_data_parallel:recording_reward",
-                     rollout=RolloutConfig(prompts_per_iteration=4, samples_per_prompt=3, max_new_tokens=6,
+                     rollout=RolloutConfig(prompts_per_iteration=4 // ranks, samples_per_prompt=3, max_new_tokens=6,
                                            kv_cache_memory=1 << 22),
-                     ppo=UpdateConfig(epochs=2, minibatch_size=12), critic="shared",
+                     ppo=UpdateConfig(epochs=2, minibatch_size=12 // ranks), critic="shared",
                      train=LoopConfig(**{"iterations": 2, "progress": False, "device": "cpu", **loop}))
 
 
@@ -62,10 +62,10 @@ def runs(tmp_path_factory):
         (root / f"rec-{name}").mkdir()
     os.environ["RECORD_DIR"] = str(root / "rec-one")
     try:
-        run_ppo(ppo_config(root, "one"))
+        run_ppo(ppo_config(root, "one", 1))
     finally:
         del os.environ["RECORD_DIR"]
-    check(torchrun("ppo", ppo_config(root, "two", save_every=1), root, env={"RECORD_DIR": str(root / "rec-two")}))
+    check(torchrun("ppo", ppo_config(root, "two", 2, save_every=1), root, env={"RECORD_DIR": str(root / "rec-two")}))
     return root
 
 
@@ -85,7 +85,7 @@ def test_each_rank_rolls_out_what_one_process_does(runs):
 
 def test_killed_rank_brings_the_job_down_and_the_rerun_resumes_exactly(runs, tmp_path):
     (tmp_path / "rec").mkdir()
-    cfg = ppo_config(runs, "killed", save_every=1)
+    cfg = ppo_config(runs, "killed", 2, save_every=1)
     env = {"RECORD_DIR": str(tmp_path / "rec"), "FAIL_AT": "1:1:kill"}
     # A job that hung instead of ending would raise subprocess.TimeoutExpired here.
     killed = torchrun("ppo", cfg, tmp_path, env=env, timeout=HANG)
@@ -99,7 +99,7 @@ def test_killed_rank_brings_the_job_down_and_the_rerun_resumes_exactly(runs, tmp
 
 def test_a_rank_raising_ends_the_job_with_its_message(runs, tmp_path):
     (tmp_path / "rec").mkdir()
-    result = torchrun("ppo", ppo_config(runs, "raises", dist_timeout_s=30), tmp_path,
+    result = torchrun("ppo", ppo_config(runs, "raises", 2, dist_timeout_s=30), tmp_path,
                       env={"RECORD_DIR": str(tmp_path / "rec"), "FAIL_AT": "1:0:raise"}, timeout=HANG)
     assert result.returncode != 0
     assert "RuntimeError: rank 1 fails on purpose in iteration 0" in result.stderr, result.stderr[-3000:]
@@ -123,10 +123,10 @@ def test_critic_free_with_dynamic_sampling_keeps_ranks_in_step(tmp_path):
                                                                      "lazy dog", "fox jumps"]])
     cfg = GRPOConfig(policy=str(tmp_path / "policy"), prompts_file=str(tmp_path / "prompts.jsonl"),
                      output_dir=str(tmp_path / "grpo"), reward_fn="test_ppo_data_parallel:flat_for_hello",
-                     rollout=RolloutConfig(prompts_per_iteration=4, samples_per_prompt=3, max_new_tokens=6,
+                     rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                            kv_cache_memory=1 << 22, dynamic_sampling=True,
                                            max_sampling_rounds=2),
-                     ppo=UpdateConfig(epochs=1, minibatch_size=6, estimator="grpo", kl_loss_coef=0.01),
+                     ppo=UpdateConfig(epochs=1, minibatch_size=3, estimator="grpo", kl_loss_coef=0.01),
                      train=LoopConfig(iterations=2, progress=False, device="cpu"))
     check(torchrun("grpo", cfg, tmp_path, timeout=HANG))
     rows = read_metrics(tmp_path / "grpo")

@@ -67,9 +67,9 @@ def test_exact_rollouts_under_two_ranks(setup):
     root, policy_dir, prompts = setup
     cfg = PPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / "ranks"),
                     reward_fn="test_ppo_exact:vowel_fraction", critic="shared",
-                    rollout=RolloutConfig(prompts_per_iteration=4, samples_per_prompt=2, max_new_tokens=6,
+                    rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=6,
                                           kv_cache_memory=1 << 22, block_size=4, exact=True),
-                    ppo=UpdateConfig(epochs=1, minibatch_size=4, is_mode="tis"),
+                    ppo=UpdateConfig(epochs=1, minibatch_size=2, is_mode="tis"),
                     train=LoopConfig(iterations=2, progress=False, device="cpu"))
     check(torchrun("ppo", cfg, root))
     assert_exact(train_rows(root, "ranks"), 2)

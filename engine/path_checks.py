@@ -1,0 +1,69 @@
+"""Checks of the paths a user names (model directories, input files, the output directory), torch-free
+so that every command runs them before importing torch or transformers: a wrong path is a one-line
+usage error (engine/errors.py) within a fraction of a second, never after seconds of imports."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from .errors import UsageError
+
+CONFIG_FILE = "config.json"
+
+
+def check_model_path(path, option: str) -> None:
+    """`path` must be a directory holding a Hugging Face config.json (its contents are read later)."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{option}={path}: no such directory (expected a Hugging Face model directory)")
+    if not p.is_dir() or not (p / CONFIG_FILE).is_file():
+        raise UsageError(f"{option}={path}: not a Hugging Face model directory (no {CONFIG_FILE})")
+
+
+def check_input_file(path, option: str) -> None:
+    """`path` must be a readable file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{option}={path}: " + ("is a directory, expected a file" if p.is_dir()
+                                                 else "no such file"))
+
+
+def check_output_dir(path, option: str = "output_dir") -> None:
+    """`path` must be a writable directory, or creatable as one (it is created)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{option}={path}: exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):  # the real test: permissions, read-only mounts, quotas
+            pass
+    except OSError as e:
+        raise UsageError(f"{option}={path}: not a writable directory ({e.strerror})") from None
+
+
+def check_fresh_output_dir(path, overwrite: bool, option: str = "output_dir") -> bool:
+    """check_output_dir, and `path` must be empty unless `overwrite`; returns whether it holds
+    anything (for the caller to clear)."""
+    check_output_dir(path, option)
+    used = any(Path(path).iterdir())
+    if used and not overwrite:
+        raise UsageError(f"{option}={path} exists and is not empty; pass overwrite=true or another {option}")
+    return used
+
+
+def check_run_dir(path) -> None:
+    """`path` must be a run directory: it holds the run's metrics.jsonl."""
+    if not (Path(path) / "metrics.jsonl").is_file():
+        raise UsageError(f"no metrics.jsonl in {path}: not a fusedrl run directory")
+
+
+def check_paths(models: dict, files: dict, output_dir) -> None:
+    """Every path a stage's config names: `models` and `files` {option: path or None (unused)}, and
+    the output directory."""
+    for option, path in models.items():
+        if path:
+            check_model_path(path, option)
+    for option, path in files.items():
+        if path:
+            check_input_file(path, option)
+    check_output_dir(output_dir)
