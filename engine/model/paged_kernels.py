@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from ...kernels.triton_compat import tl, triton
 from ...kernels.norm import rows_per_program
-from .kv_pages import key_slots
 
 
 @triton.jit
@@ -240,10 +239,10 @@ def _default_splits(programs: int, device) -> int:
 def paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale):
     """Reference for `paged_decode_triton` (and the CPU path): gather pages, mask, SDPA."""
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
-    positions = torch.arange(block_tables.shape[1] * k_cache.shape[1], device=q.device)  # [L]: the tables' reach
-    slots = key_slots(block_tables, torch.arange(q.shape[0], device=q.device)[:, None], positions, k_cache.shape[1])
-    k = k_cache.flatten(0, 1)[slots].transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache.flatten(0, 1)[slots].transpose(1, 2)
+    # Whole pages in table order: position p of a row is entry p of its flattened pages (kv_pages'
+    # addressing, gathered a page at a time rather than a slot at a time).
+    k = k_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)
     mask = torch.arange(k.shape[2], device=q.device) < context_lens[:, None]  # [B, L]
     # Slots past a sequence's length (and padding entries, -1, which gather the last block) hold
     # whatever the pool held: possibly NaN, and a masked-out NaN still poisons softmax(...) @ v.
