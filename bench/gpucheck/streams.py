@@ -24,7 +24,7 @@ STREAMS = {
     "_add_rms_norm_kernel": {"hidden rows": ("ld", "x_ptr"), "normed rows": ("st", "out_ptr")},
     "_rope_kernel": {"q rows": ("ld", "q_ptr"), "rotated q rows": ("st", "q_out_ptr"), "cos": ("ld", "cos_ptr")},
     "_store_kv_kernel": {"K rows": ("ld", "k_ptr"), "K cache rows": ("st", "k_cache_ptr")},
-    "_silu_mul_kernel": {"gate": ("ld", "gate_ptr"), "up": ("ld", "up_ptr"), "product": ("st", "out_ptr")},
+    "_silu_mul_kernel": {"gate and up": ("ld", "gate_up_ptr"), "product": ("st", "out_ptr")},
     "_paged_decode_kernel": {"K pages": ("ld", "k_cache_ptr"), "V pages": ("ld", "v_cache_ptr")},
     "_fixed_tile_linear_kernel": {"x tiles": ("ld", "x_ptr"), "W tiles": ("ld", "w_ptr")},
     "_sum_pieces_kernel": {"partial tiles": ("ld", "partial_ptr"), "output": ("st", "out_ptr")},

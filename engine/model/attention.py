@@ -73,6 +73,21 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
         paged_kernels.store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
 
 
+def attention_step(meta: AttentionMetadata, kv_caches=None):
+    """The decoder walk's attention for one forward: (layer index, q [N, H, D], k/v [N, Hkv, D]) ->
+    [N, H, D]. kv_caches: per layer (k_cache, v_cache) for a prefill or decode step (new K/V are
+    stored first), or None for a packed training batch."""
+    def attend(layer: int, q, k, v):
+        if kv_caches is None:
+            return varlen_attention(q, k, v, meta)
+        k_cache, v_cache = kv_caches[layer]
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            return decode_attention(q, k_cache, v_cache, meta)
+        return prefill_attention(q, k, v, k_cache, v_cache, meta)
+    return attend
+
+
 def varlen_attention(q, k, v, meta: AttentionMetadata):
     """Causal attention within each sequence of a packed batch (no cache).
 

@@ -4,26 +4,33 @@
   returning final hidden states [N, hidden] for `kernels.linear_token_logprobs(hidden, lm_head.weight, ...)`.
 - `forward(input_ids, positions, meta, kv_caches)`: prefill or decode against the paged KV cache.
 
-Parameter names are the Hugging Face ones (`model.layers.0.self_attn.q_proj.weight`, ...), so
-checkpoints map one to one. The PyTorch path follows transformers step for step (fp32 RMSNorm, RoPE
-tables in fp32 cast to the activation dtype), which is what makes the fp32 parity tests tight. Where
-the engine runs Triton (CUDA; see attention.use_triton), norms (with the residual add), RoPE of q and
-k and the MLP's SiLU * up are fused kernels with their own backward (fusedrl.kernels), the same for
-decode, scoring and training: the log-probs a rollout scores and the ones the update differentiates
-come from the same code, bit for bit.
+Both are one walk of the layers (`hidden_states`): the attention is what the caller passes (packed,
+prefill or decode), every other op comes from a primitive set (primitives.py), and the batch-invariant
+mode walks the same code with its own set. Four GEMMs per layer: q/k/v are one packed projection
+(`self_attn.qkv_proj`) and gate/up another (`mlp.gate_up_proj`); parameter names are otherwise the
+Hugging Face ones, and hf_io maps the packed row blocks to `q_proj`, `k_proj`, ... at load and save.
+The eager set follows transformers step for step (fp32 RMSNorm, RoPE tables in fp32 cast to the
+activation dtype), which is what makes the fp32 parity tests tight. Where the engine runs Triton
+(CUDA; see attention.use_triton), norms (with the residual add), RoPE of q and k and the MLP's SiLU * up
+are fused kernels with their own backward (fusedrl.kernels), the same for decode, scoring and
+training: the log-probs a rollout scores and the ones the update differentiates come from the same
+code, bit for bit.
 """
 from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import (AttentionMetadata, decode_attention, prefill_attention, store_kv,
-                              use_triton, varlen_attention)
+from .attention import AttentionMetadata, attention_step
 from .config import ModelConfig
-from ...kernels.norm import rms_norm, rms_norm_reference
-from ...kernels.rotary import rope, rope_reference
-from ...kernels.swiglu import silu_mul, silu_mul_reference
+from .primitives import primitives_for
+
+# (layer index, q [N, H, D], k [N, Hkv, D], v [N, Hkv, D]) -> attention output [N, H, D]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -32,17 +39,31 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.eps = eps
 
-    def forward(self, x, residual=None):
-        """x [..., C] -> RMSNorm(x). With `residual`: (RMSNorm(x + residual), x + residual)."""
-        norm = rms_norm if use_triton(x) else rms_norm_reference
-        return norm(x, self.weight, self.eps, residual)
+    def forward(self, x, residual, prims: SimpleNamespace):
+        """x [..., C] -> (RMSNorm(x + residual), x + residual); residual None: (RMSNorm(x), x)."""
+        return prims.add_rms_norm(x, residual, self.weight, self.eps)
 
 
-def apply_rope(q, k, cos, sin):
-    """q [N, H, D], k [N, Hkv, D]; cos/sin [N, D] in their dtype -> rotated (q, k)."""
-    if use_triton(q):
-        return rope(q, k, cos, sin)
-    return rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+class Projection(nn.Linear):
+    """A linear layer whose GEMM comes from the walk's primitive set."""
+
+    def forward(self, x, prims: SimpleNamespace):
+        """x [N, in] -> [N, out]."""
+        return prims.linear(x, self.weight, self.bias)
+
+
+class PackedProjection(Projection):
+    """Several projections of one input as one GEMM (q/k/v, gate/up): the output holds each part's
+    features in turn. `parts`: ((Hugging Face name, out features), ...), the names checkpoints give
+    the row blocks of the weight and bias (hf_io maps them at load and save)."""
+
+    def __init__(self, in_features: int, parts: tuple[tuple[str, int], ...], bias: bool, dtype):
+        super().__init__(in_features, sum(size for _, size in parts), bias=bias, dtype=dtype)
+        self.parts = parts
+
+    def split(self, y):
+        """y [..., out] -> one view per part, in order."""
+        return y.split([size for _, size in self.parts], dim=-1)
 
 
 class RotaryTable:
@@ -71,64 +92,54 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig, dtype):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias, dtype=dtype)
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.qkv_proj = PackedProjection(c.hidden_size, (("q_proj", q_size), ("k_proj", kv_size),
+                                                         ("v_proj", kv_size)), c.qkv_bias, dtype)
+        self.o_proj = Projection(q_size, c.hidden_size, bias=c.o_bias, dtype=dtype)
         if c.qk_norm:  # Qwen3: RMSNorm over each head's q and k before RoPE
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache=None):
-        """x [N, hidden] -> [N, hidden]. kv_cache: (k_cache, v_cache) of this layer or None."""
+    def forward(self, x, cos, sin, attend, prims):
+        """x [N, hidden] -> [N, hidden]; attend(q, k, v) -> [N, H, D] is this layer's attention."""
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, k, cos, sin)
-        if kv_cache is None:
-            out = varlen_attention(q, k, v, meta)
-        else:
-            store_kv(k, v, *kv_cache, meta.slot_mapping)
-            if meta.is_decode:
-                out = decode_attention(q, *kv_cache, meta)
-            else:
-                out = prefill_attention(q, k, v, *kv_cache, meta)
-        return self.o_proj(out.reshape(n, -1))
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x, prims))  # strided views of one GEMM's rows
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):  # the norm kernel reads contiguous rows
+            q, k = self.q_norm(q.contiguous(), None, prims)[0], self.k_norm(k.contiguous(), None, prims)[0]
+        out = attend(*prims.rope(q, k, cos, sin), v)
+        return self.o_proj(out.reshape(n, -1), prims)
 
 
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig, dtype):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype)
+        self.gate_up_proj = PackedProjection(c.hidden_size, (("gate_proj", c.intermediate_size),
+                                                             ("up_proj", c.intermediate_size)), c.mlp_bias, dtype)
+        self.down_proj = Projection(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype)
 
-    def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj((silu_mul if use_triton(x) else silu_mul_reference)(gate, up))
+    def forward(self, x, prims):
+        return self.down_proj(prims.silu_mul(self.gate_up_proj(x, prims)), prims)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, dtype):
+    def __init__(self, c: ModelConfig, dtype, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.self_attn = Attention(c, dtype)
         self.mlp = MLP(c, dtype)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
 
-    def forward(self, x, residual, cos, sin, meta, kv_cache=None):
+    def forward(self, x, residual, cos, sin, attend: Attend, prims):
         """(x, residual) -> (x, residual): the residual stream is summed inside the next norm, so
         the fused kernel does add + norm in one pass. residual is None before the first layer."""
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, meta, kv_cache)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        x, residual = self.input_layernorm(x, residual, prims)
+        x = self.self_attn(x, cos, sin, lambda q, k, v: attend(self.layer_idx, q, k, v), prims)
+        x, residual = self.post_attention_layernorm(x, residual, prims)
+        return self.mlp(x, prims), residual
 
 
 class DecoderBody(nn.Module):
@@ -137,7 +148,7 @@ class DecoderBody(nn.Module):
     def __init__(self, c: ModelConfig, dtype):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(c, dtype) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, dtype, i) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
 
 
@@ -159,21 +170,33 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches=None):
+    def forward(self, input_ids, positions, meta: AttentionMetadata | None = None, kv_caches=None, *,
+                attend: Attend | None = None, prims: SimpleNamespace | None = None):
         """input_ids, positions [N] -> final hidden states [N, hidden].
 
         kv_caches: per layer (k_cache, v_cache) for prefill/decode, or None for a packed training batch.
+        attend, prims: the walk's attention and primitives given whole instead of built from `meta`
+        (the batch-invariant mode); passed through here, not to `hidden_states`, so that FSDP's root
+        hooks run (they initialize its state before any layer's).
         """
+        if attend is None:
+            attend = attention_step(meta, kv_caches)
+        return self.hidden_states(input_ids, positions, attend, prims)
+
+    def hidden_states(self, input_ids, positions, attend: Attend, prims: SimpleNamespace | None = None):
+        """The one walk of the decoder: input_ids, positions [N] -> final hidden states [N, hidden],
+        attention from `attend` (what differs between packed, prefill and decode steps) and every
+        other op from `prims` (default: `primitives.primitives_for`; the batch-invariant mode passes
+        its own set)."""
         x = self.model.embed_tokens(input_ids)
+        prims = prims or primitives_for(x)
         cos, sin = self.rotary(positions, x.dtype)
-        recompute = self.gradient_checkpointing and kv_caches is None and torch.is_grad_enabled()
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         residual = None
-        for i, layer in enumerate(self.model.layers):
-            if recompute:
-                x, residual = checkpoint(layer, x, residual, cos, sin, meta, use_reentrant=False)
-            else:
-                x, residual = layer(x, residual, cos, sin, meta, None if kv_caches is None else kv_caches[i])
-        return self.model.norm(x, residual)[0]
+        for layer in self.model.layers:
+            args = (x, residual, cos, sin, attend, prims)
+            x, residual = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
+        return self.model.norm(x, residual, prims)[0]
 
     def check_input_ids(self, input_ids: torch.Tensor, name: str = "input_ids"):
         """Raise a one-line ValueError unless input_ids [N] are integer ids on the model's device: an

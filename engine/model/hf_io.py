@@ -24,7 +24,7 @@ from ..errors import ConfigValueError, ModelError
 from ..durable import check_finite, publish, temp_dir
 from ..path_checks import CONFIG_FILE
 from .config import ModelConfig
-from .causal_lm import CausalLM
+from .causal_lm import CausalLM, PackedProjection
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -82,7 +82,7 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> Cau
         model = model_cls(config, dtype)
     model.to_empty(device=device)
     model.tie_weights()
-    expected = {name: p for name, p in model.named_parameters()}  # tied lm_head appears once
+    expected = hf_tensors(model)
     seen = set()
     for path, names in _weight_files(model_dir).items():
         with _open_weights(path) as f:
@@ -105,6 +105,24 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> Cau
         raise ModelError(f"missing tensor {missing[0]!r} in {model_dir}"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return model
+
+
+def hf_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
+    """Hugging Face tensor name -> the parameter it names, or for the parts of a packed projection
+    (q/k/v, gate/up) the row block of the packed weight or bias (a view: copying into it loads the
+    part). The tied LM head appears once, as the embedding."""
+    packed = {name: module for name, module in model.named_modules() if isinstance(module, PackedProjection)}
+    tensors = {}
+    for name, param in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if owner not in packed:
+            tensors[name] = param
+            continue
+        parent, start = owner.rpartition(".")[0], 0
+        for part, size in packed[owner].parts:
+            tensors[f"{parent}.{part}.{leaf}"] = param[start:start + size]
+            start += size
+    return tensors
 
 
 def _open_weights(path: Path):
@@ -167,7 +185,7 @@ def _write_dir(model: CausalLM, tmp: Path, source_dir, max_shard_bytes: int):
     # transformers 5 calls the field `dtype`, 4.x `torch_dtype`.
     setattr(hf_config, "dtype" if "dtype" in hf_config.to_dict() else "torch_dtype", dtype_name)
     hf_config.save_pretrained(str(tmp))
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
+    tensors = {name: _owned_cpu_copy(t) for name, t in hf_tensors(model).items()}
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     shards = _shard(tensors, max_shard_bytes)
@@ -187,6 +205,13 @@ def _write_dir(model: CausalLM, tmp: Path, source_dir, max_shard_bytes: int):
         src = Path(source_dir) / name
         if src.exists():
             shutil.copy2(src, tmp / name)
+
+
+def _owned_cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """t on the CPU, detached, owning its storage: safetensors refuses tensors that share memory, as
+    the row blocks of a packed projection do (only those are copied on a CPU model)."""
+    t = t.detach().to("cpu")
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 def _shard(tensors: dict, max_bytes: int) -> list[dict]:

@@ -7,8 +7,8 @@ What it guarantees: the sampler's log-prob of a sampled token equals, bit for bi
 `head_logprobs(packed_hidden(...))` gives for the same token of the same sequence, whatever else is
 in either batch (batch size and order, pack layout, prefix sharing between the n samples of a prompt,
 preemption and recompute). Both sides run the same primitives (`primitives`: fixed-order torch ops
-on the CPU, fixed-tile Triton kernels on GPUs) through the same decoder walk (`decoder`) on the same
-weights, and read keys through the same kind of page table. Top-k/top-p filter the draw only: the
+on the CPU, fixed-tile Triton kernels on GPUs) through the model's one decoder walk
+(`CausalLM.forward` given an `attend` and `prims`, the walk the default forward runs too) on the same weights, and read keys through the same kind of page table. Top-k/top-p filter the draw only: the
 log-prob reported is under softmax(logits / temperature), the distribution the trainer's
 `old_logprobs` are taken under.
 """
@@ -20,7 +20,6 @@ import torch
 
 from ..attention import AttentionMetadata, store_kv
 from ..kv_pages import page_slot
-from .decoder import decoder_hidden
 from .primitives import primitives_for
 
 # Logits held at once by `head_logprobs`, in fp32 elements (256 MiB): more rows run in pieces.
@@ -55,7 +54,7 @@ class BatchInvariant:
         positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts[seq_index]
         prims = self._prims(model)
         attend = self._fresh_attend(prims, positions, seq_index, starts, max(seqlens))
-        return decoder_hidden(model, input_ids, positions, attend, prims)
+        return model(input_ids, positions, attend=attend, prims=prims)
 
     def paged_hidden(self, model, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                      kv_caches: list) -> torch.Tensor:
@@ -78,7 +77,7 @@ class BatchInvariant:
             def attend(layer, q, k, v):
                 store_kv(k, v, *kv_caches[layer], meta.slot_mapping)
                 return fresh(layer, q, k, v)
-            return decoder_hidden(model, input_ids, positions, attend, prims)
+            return model(input_ids, positions, attend=attend, prims=prims)
         page_table = page_slot(meta.block_tables.clamp(min=0), 0, self.chunk_size).to(torch.int32)  # -1 -> row 0
         max_position = meta.block_tables.shape[1] * self.chunk_size - 1  # the table's reach: a host int
 
@@ -87,7 +86,7 @@ class BatchInvariant:
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             return prims.attention(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), positions, seq_index,
                                    page_table, self.chunk_size, self.segment, max_position)
-        return decoder_hidden(model, input_ids, positions, attend, prims)
+        return model(input_ids, positions, attend=attend, prims=prims)
 
     def _fresh_attend(self, prims, positions, seq_index, starts, max_len: int):
         """Attention over the K/V of this forward's own tokens (a pack, or a prefill with nothing

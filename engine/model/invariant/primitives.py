@@ -17,9 +17,8 @@ from types import SimpleNamespace
 import torch
 
 from ..attention import use_triton
-from ....kernels.norm import rms_norm
-from ....kernels.rotary import rope, rope_reference
-from ....kernels.swiglu import silu_mul
+from ..primitives import FUSED, fused_add_rms_norm
+from ....kernels.rotary import rope_reference
 from . import ops
 from .attention import chunked_attention
 from .attention_kernels import segment_attention
@@ -33,24 +32,22 @@ def _torch_add_rms_norm(x, residual, weight, eps):
     return ops.rms_norm(x, weight, eps), x
 
 
-def _triton_add_rms_norm(x, residual, weight, eps):
-    if residual is None:
-        return rms_norm(x, weight, eps), x
-    return rms_norm(x, weight, eps, residual)
+def _fixed_order_silu_mul(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return ops.silu(gate) * up
 
 
 def _torch_attention(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position):
     return chunked_attention(q, k_rows, v_rows, positions, seq_index, page_table, page)
 
 
+# The fields of the decoder's sets (..primitives), plus attention and row_logprobs.
 FIXED_ORDER_TORCH = SimpleNamespace(
     # x [N, K], weight [O, K], bias [O] or None -> [N, O] in out_dtype (default x's)
     linear=ops.linear,
-    # (x, residual or None, weight, eps) -> (RMSNorm(x + residual), x + residual)
     add_rms_norm=_torch_add_rms_norm,
-    # q [N, H, D], k [N, Hkv, D], cos/sin [N, D] -> rotated (q, k)
     rope=lambda q, k, cos, sin: (rope_reference(q, cos, sin), rope_reference(k, cos, sin)),
-    silu_mul=lambda gate, up: ops.silu(gate) * up,
+    silu_mul=_fixed_order_silu_mul,
     # (q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position) -> [N, H, D]
     attention=_torch_attention,
     # (logits [R, V] fp32, tokens [R], temperatures [R]) -> (logp [R], entropy [R])
@@ -59,9 +56,9 @@ FIXED_ORDER_TORCH = SimpleNamespace(
 
 TRITON = SimpleNamespace(
     linear=linear_fixed_tiles,
-    add_rms_norm=_triton_add_rms_norm,
-    rope=rope,
-    silu_mul=silu_mul,
+    add_rms_norm=fused_add_rms_norm,
+    rope=FUSED.rope,
+    silu_mul=FUSED.silu_mul,
     attention=segment_attention,
     row_logprobs=row_logprobs,
 )

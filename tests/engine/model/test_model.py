@@ -60,14 +60,14 @@ def test_packed_hidden_states_feed_linear_token_logprobs(model_dirs):
     torch.testing.assert_close(logp[labels != -100], expected, atol=ATOL, rtol=0)
     assert (logp[labels == -100] == 0).all()
     logp.sum().backward()
-    assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    assert model.model.layers[0].mlp.gate_up_proj.weight.grad.abs().sum() > 0
 
 
 def test_packed_forward_is_differentiable(qwen2_dir):
     model = load_model(qwen2_dir)
     ids = torch.tensor(sum(random_prompts([5, 9]), []))
     model.compute_logits(model.forward_packed(ids, [5, 9])).logsumexp(-1).sum().backward()
-    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    grad = model.model.layers[0].self_attn.qkv_proj.weight.grad
     assert grad is not None and grad.abs().sum() > 0
 
 
@@ -150,21 +150,29 @@ def test_unexpected_tensor_is_named(model_dirs, tmp_path):
         load_model(tmp_path / "m")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_save_round_trips_through_transformers(model_dirs, tmp_path, arch):
+    """The packed q/k/v and gate/up projections are saved under the Hugging Face names, each part from
+    its own row block: changed blocks of every part show in transformers' logits."""
     path, hf = model_dirs[arch]
     model = load_model(path)
-    with torch.no_grad():
-        model.model.norm.weight.add_(1.0)  # a change, so the test sees our weights, not the source's
+    with torch.no_grad():  # changes, so the test sees our weights, not the source's
+        model.model.norm.weight.add_(1.0)
+        for layer in model.model.layers:
+            for packed in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
+                packed.weight.mul_(torch.linspace(0.5, 1.5, packed.weight.shape[0])[:, None])
+                if packed.bias is not None:
+                    packed.bias.add_(0.1)
     out = tmp_path / "saved"
     save_model(model, out, source_dir=path)
+    assert set(load_file(out / SINGLE_FILE)) == set(hf.state_dict()) - (
+        {"lm_head.weight"} if model.config.tie_word_embeddings else set())
     reloaded = type(hf).from_pretrained(out).eval()
     ids = torch.tensor(random_prompts([12])[0])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids[None]).logits[0],
                                    model.compute_logits(model.forward_packed(ids, [12])), atol=ATOL, rtol=0)
     assert (out / "tokenizer.json").exists()
-    assert ("lm_head.weight" in load_file(out / SINGLE_FILE)) != model.config.tie_word_embeddings
 
 
 def test_save_replaces_atomically_and_leaves_no_temporaries(qwen2_dir, tmp_path):

@@ -62,7 +62,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(base_dir):
         model.gradient_checkpointing = recompute
         batch = collate_sft(examples())
         sft_loss(model, batch, {"tokens": batch.num_targets})[0].backward()
-        grads.append(model.model.layers[0].mlp.up_proj.weight.grad)
+        grads.append(model.model.layers[0].mlp.gate_up_proj.weight.grad)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-5)
 
 

@@ -1,0 +1,56 @@
+"""The primitive sets the decoder is walked with (`CausalLM.hidden_states`): one walk of the layers,
+its ops taken from a set chosen by the caller.
+
+- `FUSED` (CUDA, and CPU tensors where kernels' backend override asks for Triton under
+  TRITON_INTERPRET=1): torch's GEMMs and our fused kernels (add + RMSNorm, RoPE of q and k in one
+  launch, SiLU * up on the packed gate/up output), each with its backward, the same for decode,
+  scoring and training.
+- `EAGER` (the CPU): the eager compositions transformers runs, op for op, which keeps the fp32 parity
+  with transformers tight.
+
+The batch-invariant mode (`invariant/primitives.py`) adds its own sets with the same fields plus its
+attention and log-softmax. Every field keeps its meaning across the sets:
+  linear(x [N, K], weight [O, K], bias [O] or None) -> [N, O]
+  add_rms_norm(x, residual or None, weight, eps) -> (RMSNorm(x + residual), x + residual)
+  rope(q [N, H, D], k [N, Hkv, D], cos [N, D], sin [N, D]) -> rotated (q, k)
+  silu_mul(gate_up [N, 2C]) -> SiLU(gate) * up [N, C]
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from .attention import use_triton
+from ...kernels.norm import rms_norm, rms_norm_reference
+from ...kernels.rotary import rope, rope_reference
+from ...kernels.swiglu import silu_mul, silu_mul_reference
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    """The fused kernel's (norm, sum) pair, also before the first layer (residual None: sum = x)."""
+    if residual is None:
+        return rms_norm(x, weight, eps), x
+    return rms_norm(x, weight, eps, residual)
+
+
+def _eager_add_rms_norm(x, residual, weight, eps):
+    if residual is None:
+        return rms_norm_reference(x, weight, eps), x
+    return rms_norm_reference(x, weight, eps, residual)
+
+
+FUSED = SimpleNamespace(linear=F.linear, add_rms_norm=fused_add_rms_norm, rope=rope, silu_mul=silu_mul)
+
+EAGER = SimpleNamespace(
+    linear=F.linear,
+    add_rms_norm=_eager_add_rms_norm,
+    rope=lambda q, k, cos, sin: (rope_reference(q, cos, sin), rope_reference(k, cos, sin)),
+    silu_mul=silu_mul_reference,
+)
+
+
+def primitives_for(x: torch.Tensor) -> SimpleNamespace:
+    """The default set for tensors like `x`: FUSED where the engine runs its Triton kernels, else EAGER."""
+    return FUSED if use_triton(x) else EAGER
