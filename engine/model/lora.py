@@ -1,0 +1,162 @@
+"""LoRA adapters on the one weight copy of a CausalLM (or a model built on it: reward, value).
+
+The adapters live in their own module (`LoRA`), outside the model's parameters, so the model's
+state dict, its Hugging Face export and its frozen weights stay the base model's. Each adapted
+projection gets a forward hook that adds the low-rank term, so every path that calls the projection
+applies it: the training forward and backward, the scoring forwards and the paged decode step (a
+CUDA graph captures the hook's GEMMs; the optimizer updates the adapters in place, so the graph
+stays valid). A packed projection (q/k/v in one nn.Linear, gate/up in one) gets one A/B pair per
+target, whose output lands in that target's slice of the packed output, as separate PEFT modules
+would give.
+
+`LoRA.enabled` is the one flag the hooks read: the reference policy is the same model with it off
+(`with lora.disabled(): ...`), no second copy of the weights. With B = 0 (a fresh adapter) the
+forward is the base model's bit for bit (y + 0 == y).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config.lora import LoRAConfig
+
+# A packed projection's parts, in the order of its output features.
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def target_sizes(config) -> dict[str, int]:
+    """Output features of each Hugging Face projection of a ModelConfig's decoder layer."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    return {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": config.hidden_size,
+            "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size,
+            "down_proj": config.hidden_size}
+
+
+def output_slices(name: str, linear: nn.Linear, config) -> dict[str, slice]:
+    """{Hugging Face projection: its slice of `linear`'s output} for the projection module `name`
+    (one slice for a plain projection, one per part for a packed one)."""
+    parts = PACKED.get(name, (name,))
+    sizes = target_sizes(config)
+    slices, start = {}, 0
+    for part in parts:
+        size = sizes[part] if len(parts) > 1 else linear.out_features
+        slices[part] = slice(start, start + size)
+        start += size
+    if start != linear.out_features:
+        raise ValueError(f"{name} has {linear.out_features} output features, expected {start} for {parts}")
+    return slices
+
+
+class ProjectionAdapters(nn.Module):
+    """The low-rank pairs of one projection (an nn.Linear [out, in]): for each adapted target t,
+    lora_A[t] [rank, in] and lora_B[t] [size_t, rank], adding scale * B_t A_t dropout(x) to the
+    output slice of t (PEFT's init: A Kaiming-uniform, B zero)."""
+
+    def __init__(self, linear: nn.Linear, slices: dict[str, slice], cfg: LoRAConfig):
+        super().__init__()
+        self.out_features, self.scale, self.dropout = linear.out_features, cfg.alpha / cfg.rank, cfg.dropout
+        self.slices = dict(sorted(slices.items(), key=lambda item: item[1].start))
+        like = dict(dtype=linear.weight.dtype, device=linear.weight.device)
+        self.lora_A = nn.ParameterDict({t: nn.Parameter(torch.empty(cfg.rank, linear.in_features, **like))
+                                        for t in self.slices})
+        self.lora_B = nn.ParameterDict({t: nn.Parameter(torch.zeros(s.stop - s.start, cfg.rank, **like))
+                                        for t, s in self.slices.items()})
+        for a in self.lora_A.values():
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """x [..., in] -> the adapters' term [..., out] (zeros in the slices of unadapted targets)."""
+        pieces, at = [], 0
+        for t, s in self.slices.items():
+            if s.start > at:
+                pieces.append(x.new_zeros(*x.shape[:-1], s.start - at))
+            h = F.dropout(x, self.dropout, training) if self.dropout else x  # a mask per target, as PEFT
+            pieces.append(F.linear(F.linear(h, self.lora_A[t]), self.lora_B[t]) * self.scale)
+            at = s.stop
+        if at < self.out_features:
+            pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - at))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+
+    @torch.no_grad()
+    def merge_into(self, linear: nn.Linear) -> None:
+        """W[slice_t] += scale * B_t @ A_t, computed in fp32 and rounded once into W's dtype."""
+        for t, s in self.slices.items():
+            delta = self.lora_B[t].float() @ self.lora_A[t].float() * self.scale  # [size_t, in]
+            linear.weight[s] = (linear.weight[s].float() + delta).to(linear.weight.dtype)
+
+
+def projections(model: nn.Module):
+    """(module path, projection name, nn.Linear) of every projection of attention and MLP, with
+    paths as in the Hugging Face checkpoint (model.layers.0.self_attn.q_proj)."""
+    for i, layer in enumerate(model.model.layers):
+        for block in ("self_attn", "mlp"):
+            for name, child in getattr(layer, block).named_children():
+                if isinstance(child, nn.Linear):
+                    yield f"model.layers.{i}.{block}", name, child
+
+
+class LoRA(nn.Module):
+    """The adapters of one model, attached by forward hooks; build with `add_lora`.
+
+    `paths[i]` is the Hugging Face path of `adapters[i]`'s projection module ("model.layers.0.mlp");
+    `enabled` is read by every hook at each forward."""
+
+    def __init__(self, model: nn.Module, cfg: LoRAConfig):
+        super().__init__()
+        self.config, self.enabled = cfg, True
+        self.paths: list[str] = []
+        self.adapters = nn.ModuleList()
+        self._hooks, self._linears = [], []  # plain lists: the base modules are the model's, not ours
+        for parent, name, linear in projections(model):
+            slices = {t: s for t, s in output_slices(name, linear, model.config).items() if t in cfg.targets}
+            if not slices:
+                continue
+            adapters = ProjectionAdapters(linear, slices, cfg)
+            self.paths.append(parent)
+            self.adapters.append(adapters)
+            self._linears.append(linear)
+            self._hooks.append(linear.register_forward_hook(self._hook(adapters)))
+
+    def _hook(self, adapters: ProjectionAdapters):
+        def add_low_rank(linear, args, output):
+            if not self.enabled:
+                return output
+            return output + adapters(args[0], linear.training)
+        return add_low_rank
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model inside the block (the reference policy): the hooks add nothing."""
+        before, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = before
+
+    def named_targets(self):
+        """(Hugging Face module path of the target, e.g. model.layers.0.self_attn.q_proj, its A, its B)."""
+        for parent, adapters in zip(self.paths, self.adapters):
+            for t in adapters.slices:
+                yield f"{parent}.{t}", adapters.lora_A[t], adapters.lora_B[t]
+
+    def merge_(self) -> None:
+        """Fold the adapters into the base weights in place and detach them: the model is then the
+        merged model (for export) and no longer adapted."""
+        for adapters, linear, hook in zip(self.adapters, self._linears, self._hooks):
+            adapters.merge_into(linear)
+            hook.remove()
+        self._hooks = []
+
+
+def add_lora(model: nn.Module, cfg: LoRAConfig) -> LoRA:
+    """Freeze `model`'s weights and attach fresh adapters to its projections named in cfg.targets
+    (B = 0: the model's output is unchanged until they train). Adapters take the dtype and device of
+    the weight they adapt; the optimizer keeps fp32 masters for bf16 ones."""
+    if not cfg.enabled:
+        raise ValueError(f"lora.rank is {cfg.rank}: expected a rank >= 1 to add adapters")
+    model.requires_grad_(False)
+    return LoRA(model, cfg)
