@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .fields import check, check_choices, option
+from .lora import LoRAConfig
 from .train import OptimConfig, RunConfig
 
 Critic = Literal["separate", "shared", "none"]
@@ -156,6 +157,8 @@ class PPOConfig:
     optim: OptimConfig = option("policy optimizer (the schedule steps once per iteration)", factory=OptimConfig)
     critic_lr: float | None = option("critic learning rate (default: optim.lr)")
     train: LoopConfig = option("loop", factory=LoopConfig)
+    lora: LoRAConfig = option("low-rank adapters on the policy (lora.rank > 0: its weights stay frozen and the "
+                              "reference is the policy with its adapters off, no second copy)", factory=LoRAConfig)
 
     def paths(self) -> tuple[dict, dict]:
         """({option: model directory or None}, {option: input file or None}) the run reads (checked
@@ -179,6 +182,8 @@ class PPOConfig:
         check(not grouped or self.rollout.samples_per_prompt >= 2,
               f"ppo.estimator={self.ppo.estimator} compares each prompt's responses: rollout.samples_per_prompt "
               f"must be >= 2, got {self.rollout.samples_per_prompt}")
+        check(not (self.lora.enabled and self.rollout.exact),
+              "rollout.exact with lora.rank > 0 is not supported yet: the batch-invariant decoder does not apply adapters")
         check(not self.rollout.dynamic_sampling or grouped,
               "rollout.dynamic_sampling drops groups of equal scores: it needs a group estimator (ppo.estimator)")
 

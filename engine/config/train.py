@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .fields import check, check_choices, option
+from .lora import LoRAConfig
 
 DataFormat = Literal["auto", "demonstration", "chat", "pairwise", "ranking", "hh"]
 SFT_FORMATS = ("auto", "demonstration", "chat")
@@ -138,6 +139,8 @@ class StageConfig:
 @dataclass
 class SFTConfig(StageConfig):
     """Supervised fine-tuning on demonstrations; loss on response tokens only."""
+
+    lora: LoRAConfig = option("low-rank adapters (lora.rank > 0: the weights stay frozen)", factory=LoRAConfig)
 
     def __post_init__(self):
         super().__post_init__()

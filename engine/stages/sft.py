@@ -14,6 +14,7 @@ from ..data.loading import load_examples
 from ..data.packing import PackedBatch, collate_sft
 from ..model.hf_io import load_model, save_model
 from ..model.lm_head import lm_head_logprobs
+from ..train import adapters
 from ..train.distributed import write_once
 from ..train.run_setup import start_run
 from ..train.supervised import Stage, check_context, train
@@ -48,13 +49,15 @@ def sft_stage(model_dir: str, dtype: str, device) -> Stage:
 
 
 def run_sft(cfg: SFTConfig) -> Path:
-    """Train per `cfg`; returns the exported model directory (RUN_DIR/final)."""
+    """Train per `cfg`; returns the exported model directory (RUN_DIR/final; with lora.rank > 0 the
+    adapters merged into it, and themselves in RUN_DIR/final_adapter)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths())
     check_context(cfg.data, run.configs["model"].max_model_len)
     examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device)
+    lora = adapters.attach(model, cfg.lora)
     train(model, sft_stage(cfg.model, run.dtype, run.device), examples.train, examples.eval, cfg, run.device,
-          examples.info)
+          examples.info, lora)
     final = Path(cfg.output_dir) / "final"
-    write_once([model], lambda: save_model(model, final, source_dir=cfg.model))
+    write_once([model], lambda: adapters.export(model, lora, final, cfg.model))
     return final

@@ -23,7 +23,7 @@ from ..config.train import DataConfig, StageConfig
 from ..data.packing import epoch_batches
 from ..data.tokenization import TokenizedExample
 from ..errors import UsageError
-from . import distributed, optim
+from . import adapters, distributed, optim
 from .checkpoint import SavedModel, Trainables
 from .loop import RunPlan, run_training
 from .runlog import peak_memory_mb
@@ -133,21 +133,23 @@ def evaluate(model, stage: Stage, examples: list[TokenizedExample], cfg: StageCo
     return stage.summarize(stats, counts)
 
 
-def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_info: dict | None = None
-          ) -> SupervisedState:
+def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_info: dict | None = None,
+          lora=None) -> SupervisedState:
     """Train `model` in place for the configured steps, resuming from the newest checkpoint in
     cfg.output_dir when train.resume is set. Returns the final state. Under torchrun `model` is
-    sharded in place (export it with distributed.write_once)."""
+    sharded in place (export it with distributed.write_once). With `lora` (engine/train/adapters.py)
+    the adapters train and are checkpointed, `model`'s own weights stay frozen."""
     check_context(cfg.data, model.config.max_model_len)
     share = distributed.rank_slice(cfg.optim.grad_accum_steps)  # this rank's micro-batches of a step
     distributed.shard(model, cfg.train.data_parallel)
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     steps = total_steps(train_ex, cfg)
-    optimizer = optim.build_optimizer(model, cfg.optim)
+    optimizer = optim.build_optimizer(model if lora is None else lora, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.optim, steps)
-    parts = Trainables({"model": SavedModel(model, stage.save_weights, stage.load_weights)},
-                       [optimizer], [scheduler])
+    saved = ({"model": SavedModel(model, stage.save_weights, stage.load_weights)} if lora is None
+             else {"adapter": adapters.saved_adapter(lora, cfg.model)})
+    parts = Trainables(saved, [optimizer], [scheduler])
     state = SupervisedState()
     stream = None  # opened at the first step, from the (possibly resumed) position
 

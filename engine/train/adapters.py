@@ -1,0 +1,47 @@
+"""How a stage trains with LoRA (the `lora` config section): attach the adapters to the frozen
+model, checkpoint them as a PEFT adapter directory (the base weights never change, so the run's
+model directory plus the adapters resume the run exactly), and export at the end both the adapters
+(`<final>_adapter/`, for `peft.PeftModel.from_pretrained`) and the merged model (`<final>/`, a plain
+Hugging Face directory the next stage or transformers loads)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ..config.lora import LoRAConfig
+from ..errors import UsageError
+from ..model.hf_io import save_model
+from ..model.lora import LoRA, add_lora
+from ..model.peft_io import read_adapter_weights, save_adapter
+from . import distributed
+from .checkpoint import SavedModel
+
+
+def attach(model, cfg: LoRAConfig) -> Optional[LoRA]:
+    """Fresh adapters on `model` (frozen) when cfg.rank > 0, else None (every weight trains)."""
+    if not cfg.enabled:
+        return None
+    if distributed.world_size() > 1:
+        raise UsageError("lora.rank > 0 under torchrun is not supported yet: run LoRA in one process")
+    return add_lora(model, cfg)
+
+
+def saved_adapter(lora: LoRA, base_model: str) -> SavedModel:
+    """The adapters as a checkpoint part: written as a PEFT directory, read back into `lora`."""
+    return SavedModel(lora, lambda module, out: save_adapter(module, out, base_model),
+                      lambda directory: read_adapter_weights(lora, directory))
+
+
+def adapter_dir(final: Path) -> Path:
+    """Where the adapters of the export `final` go: RUN_DIR/final -> RUN_DIR/final_adapter."""
+    return final.with_name(f"{final.name}_adapter")
+
+
+def export(model, lora: Optional[LoRA], final: Path, source_dir: str) -> None:
+    """Write `model` to `final` (tokenizer files from `source_dir`); with adapters, first write them
+    to adapter_dir(final), then merge them into the weights in place (the run is over) and write the
+    merged model."""
+    if lora is not None:
+        save_adapter(lora, adapter_dir(final), source_dir)
+        lora.merge_()
+    save_model(model, final, source_dir=source_dir)
