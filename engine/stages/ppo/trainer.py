@@ -2,10 +2,11 @@
 
 RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
     checkpoints/step-0000000N/   the one checkpoint format (engine/train/checkpoint.py): policy/ (HF
-                                 dir), critic/ (HF dir with value_head.weight) or the shared value
+                                 dir; with lora its adapters, policy_adapter/, a PEFT dir), critic/ (HF dir with value_head.weight) or the shared value
                                  head in trainer_state.pt, with the optimizers, schedules, RNG and
                                  the loop state (iteration, KL coefficient, reward moments, ptx position)
-    final/                       the trained policy, a transformers-loadable directory
+    final/                       the trained policy, a transformers-loadable directory (with lora:
+                                 the adapters merged; final_adapter/ holds them for PEFT)
     final_critic/                the separate critic, when there is one
 Under torchrun every model is sharded (train.data_parallel) and each rank samples its own
 rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); see update.py.
@@ -33,7 +34,7 @@ from ...model.hf_io import load_model, save_model
 from ...model.reward_model import load_reward_model
 from ...model.value_model import (load_value_model, save_value_model, shared_value_head, value_model_from_lm,
                                   value_model_from_reward_model)
-from ...train import distributed, optim
+from ...train import adapters, distributed, optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
 from ...train.run_setup import start_run
@@ -102,10 +103,12 @@ def resolve_reward_fn(cfg: PPOConfig, reward_fn: Optional[Callable]) -> Callable
 def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_fn: Optional[Callable]
                  ) -> PPOModels:
     """Policy (trainable, shared with the actor), frozen reference, critic and scorer, with
-    parameters in `dtype` (train.precision; the critic's value head stays fp32)."""
+    parameters in `dtype` (train.precision; the critic's value head stays fp32). With lora.rank > 0
+    the policy's weights are frozen under adapters and no reference model is loaded."""
     policy = load_model(cfg.policy, dtype=dtype, device=device)
     policy.gradient_checkpointing = cfg.train.gradient_checkpointing
-    reference = load_model(cfg.policy, dtype=dtype, device=device).eval().requires_grad_(False)
+    lora = adapters.attach(policy, cfg.lora)
+    reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device).eval().requires_grad_(False)
     rm = None
     if cfg.reward_model:
         rm = load_reward_model(cfg.reward_model, dtype=dtype, device=device).eval().requires_grad_(False)
@@ -114,7 +117,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         fn = resolve_reward_fn(cfg, reward_fn)
         score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"))
     critic = value_head = None  # critic="none": a group estimator needs no values
-    if cfg.critic == "separate":
+    if cfg.critic == "separate":  # (value_model_from_lm copies the policy's base weights, not its adapters)
         critic = value_model_from_reward_model(rm) if rm is not None else value_model_from_lm(policy)
         critic.requires_grad_(True).train()
         critic.gradient_checkpointing = cfg.train.gradient_checkpointing
@@ -127,13 +130,14 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
                         block_size=cfg.rollout.block_size,
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
                         batch_invariant=cfg.rollout.exact)
-    return PPOModels(policy, reference, actor, critic, value_head, score)
+    return PPOModels(policy, reference, actor, critic, value_head, score, lora)
 
 
 def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, list]:
     """AdamW for the policy (with the shared value head) and for the separate critic; one
     schedule step per iteration."""
-    trained = nn.ModuleList([models.policy] + ([models.value_head] if models.value_head is not None else []))
+    policy = models.lora if models.lora is not None else models.policy
+    trained = nn.ModuleList([policy] + ([models.value_head] if models.value_head is not None else []))
     policy_opt = optim.build_optimizer(trained, cfg.optim)
     critic_opt = None
     if models.critic is not None:
@@ -155,8 +159,9 @@ class PPOState:
 def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, device, dtype) -> Trainables:
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
     optimizers and their schedules."""
-    saved = {"policy": SavedModel(models.policy, lambda m, d: save_model(m, d, source_dir=cfg.policy),
-                                  lambda d: load_model(d, dtype=dtype, device=device))}
+    saved = ({"policy": SavedModel(models.policy, lambda m, d: save_model(m, d, source_dir=cfg.policy),
+                                   lambda d: load_model(d, dtype=dtype, device=device))} if models.lora is None
+             else {"policy_adapter": adapters.saved_adapter(models.lora, cfg.policy)})
     small = {}
     if models.critic is not None:
         saved["critic"] = SavedModel(models.critic, save_value_model,
@@ -184,7 +189,8 @@ def ptx_loss_fn(cfg: PPOConfig, tokenizer, models: PPOModels, state: PPOState, d
 
 def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
             evaluate: Optional[Callable[[PPOModels], dict]] = None) -> Path:
-    """Train per `cfg`; returns the exported policy directory (RUN_DIR/final).
+    """Train per `cfg`; returns the exported policy directory (RUN_DIR/final; with lora.rank > 0 the
+    adapters merged into it, and themselves in RUN_DIR/final_adapter).
 
     reward_fn: a Python scorer fn(prompt_texts, response_texts) -> floats, instead of cfg.reward_fn.
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
@@ -205,7 +211,7 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
                  info={"prompts": len(prompts), "truncated_prompts": truncated,
                        "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
     final = Path(cfg.output_dir) / "final"
-    distributed.write_once([models.policy], lambda: save_model(models.policy, final, source_dir=cfg.policy))
+    distributed.write_once([models.policy], lambda: adapters.export(models.policy, models.lora, final, cfg.policy))
     if models.critic is not None:
         distributed.write_once([models.critic],
                                lambda: save_value_model(models.critic, Path(cfg.output_dir) / "final_critic"))

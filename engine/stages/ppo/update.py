@@ -25,6 +25,7 @@ from ...train import distributed, optim
 from ...inference.hybrid_actor import HybridActor
 from ...model.value_model import ValueModel
 from ...model.causal_lm import CausalLM
+from ...model.lora import LoRA
 from ...config.ppo import PPOConfig
 from ...config.ppo import GROUP_ESTIMATORS
 from . import global_stats
@@ -42,13 +43,21 @@ Scorer = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
 
 @dataclass
 class PPOModels:
-    """The policy (shared with the actor), the frozen reference, the critic and the scorer."""
+    """The policy (shared with the actor), the frozen reference, the critic and the scorer. With
+    LoRA the policy's weights are frozen, `lora` holds its adapters and there is no reference model:
+    the reference is the policy with its adapters off."""
     policy: CausalLM
-    reference: CausalLM
+    reference: Optional[CausalLM]       # None with lora
     actor: HybridActor
     critic: Optional[ValueModel]        # critic="separate"
     value_head: Optional[nn.Linear]     # critic="shared"
     score: Scorer                       # (prompts, responses) token ids -> scores [R]
+    lora: Optional[LoRA] = None         # lora.rank > 0
+
+    def reference_logprobs(self, packed: PackedBatch, temperature: float) -> torch.Tensor:
+        """logp [R, T] of the frozen reference on a packed rollout (no gradient)."""
+        with torch.no_grad(), (self.lora.disabled() if self.lora is not None else contextlib.nullcontext()):
+            return response_logprobs(self.reference or self.policy, packed, temperature)[0]
 
     def forward(self, packed: PackedBatch, temperature: float, with_entropy: bool, exact: bool = False):
         """(logp, entropy or None, values or None when critic-free) [R, T] of the policy and critic
@@ -148,8 +157,8 @@ def make_rollout(models: PPOModels, samples: Samples, cfg: PPOConfig, kl_coef: f
     packed = pack_rollout(samples.prompts, samples.responses, device)
     mask = packed.grid_mask()                                                  # [R, T]
     scores = samples.scores
-    with timer.phase("reference"), torch.no_grad():
-        ref_logp, _, _ = response_logprobs(models.reference, packed, r.temperature)
+    with timer.phase("reference"):
+        ref_logp = models.reference_logprobs(packed, r.temperature)
     with timer.phase("old"), torch.no_grad():
         old_logp, entropy, old_values = models.forward(packed, r.temperature, with_entropy=True, exact=r.exact)
     kl = kl_penalty(old_logp, ref_logp, estimator=cfg.reward.kl_estimator, mask=mask)
