@@ -32,6 +32,12 @@ come out as the same ids on both sides and the reward function reads them back f
 generates the whole batch once and takes `minibatches` optimizer steps over it (its
 `steps_per_generation`); an iteration there is those steps.
 
+`--lora R`: rank-R LoRA on every projection of the policy (alpha 2R; the critic trains whole), as
+two more sides: `ours_lora` (no reference model: the policy with its adapters off) and `trl_lora`
+(TRL's trainer with a PEFT `LoraConfig`, its reference the adapters disabled too). The comparison
+adds the LoRA run's peak memory and iteration time over full fine-tuning's (`ours_lora` / `ours`)
+and the speedup over TRL with PEFT. peft must be installed for `trl_lora` (bench/peer_wheels.sh).
+
 Each side runs in its own process (so each peak is its own) for two iterations: the first warms up,
 the second is measured. Peak memory is `torch.cuda.max_memory_allocated` over the measured
 iteration: everything resident (four models, optimizer state, KV pool or cache, activations).
@@ -41,6 +47,7 @@ iteration: everything resident (four models, optimizer state, KV pool or cache, 
     python bench/bench_ppo.py --quick              # CPU smoke run of both sides
     python bench/bench_ppo.py --sides ours         # ours only (the default when trl is not installed)
     python bench/bench_ppo.py --algo grpo          # GPU: 16 prompts x 8 samples, prompt 128, 256 new
+    python bench/bench_ppo.py --lora 16 --sides ours ours_lora   # LoRA vs full fine-tuning, ours
 """
 from __future__ import annotations
 
@@ -87,6 +94,7 @@ class Shape:
                              f"{self.minibatches * self.micro}")
 
 
+SIDES = ["ours", "trl", "ours_lora", "trl_lora"]
 DEFAULT_SHAPES = {("ppo", False): "32x4x128x256", ("ppo", True): "4x2x16x16",
                   ("grpo", False): "16x8x128x256", ("grpo", True): "2x4x16x16"}
 GRPO_KL_COEF = 0.001  # ours: ppo.kl_loss_coef (GRPO's default); TRL: beta
@@ -107,15 +115,18 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny fp32 model on the CPU")
     p.add_argument("--algo", choices=["ppo", "grpo"], default="ppo",
                    help="ppo: against TRL's PPOTrainer; grpo: critic-free, against TRL's GRPOTrainer")
-    p.add_argument("--sides", nargs="+", choices=["ours", "trl"],
-                   help="default: both when trl is installed (bench/peer_wheels.sh on the GPU machine), else ours")
+    p.add_argument("--sides", nargs="+", choices=SIDES,
+                   help="default: ours and trl when trl is installed (bench/peer_wheels.sh on the GPU machine), "
+                        "else ours; with --lora also their _lora sides")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="rank of the LoRA sides ours_lora and trl_lora (0: none)")
     p.add_argument("--shape", default=None,
                    help="PROMPTSxSAMPLESxPROMPT_LENxNEW_TOKENS (default 32x4x128x256; grpo 16x8x128x256)")
     p.add_argument("--minibatches", type=int, default=4, help="PPO minibatches per epoch")
     p.add_argument("--micro", type=int, default=None, help="rows per forward/backward (default 16; quick 2)")
     p.add_argument("--out", default=None, help="JSON results path (default: bench/results/ppo[_quick].json)")
     # Internal: one side in this process, its result to a JSON file (see main).
-    p.add_argument("--run-side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--run-side", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--dirs", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -123,6 +134,9 @@ def parse_args(argv=None):
         args.sides = ["ours", "trl"] if importlib.util.find_spec("trl") else ["ours"]
         if args.sides == ["ours"]:
             print("trl is not installed (pip install trl==0.29.1, or carry bench/peer_wheels.sh's .whl): ours only")
+        args.sides += [f"{side}_lora" for side in args.sides] if args.lora else []
+    if any(side.endswith("_lora") for side in args.sides) and args.lora < 1:
+        p.error(f"the sides {args.sides} include LoRA ones: give --lora RANK (>= 1)")
     dims = [int(x) for x in (args.shape or DEFAULT_SHAPES[args.algo, args.quick]).split("x")]
     args.shape = Shape(*dims, args.minibatches, args.micro or (2 if args.quick else 16))
     if args.algo == "grpo" and args.shape.samples < 2:
@@ -180,7 +194,13 @@ class IterationClock:
         return {"iteration_s": self.marks[2] - self.marks[1], "peak_gib": peak}
 
 
-def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device) -> dict:
+def lora_targets() -> list[str]:
+    from fusedrl.engine.config.lora import PROJECTIONS
+    return list(PROJECTIONS)
+
+
+def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device, lora: int) -> dict:
+    from fusedrl.engine.config.lora import LoRAConfig
     from fusedrl.engine.model.hf_io import load_config
     from fusedrl.engine.inference.runner import kv_bytes_per_block
     from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
@@ -200,14 +220,15 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
                             max_prompt_length=shape.prompt_len, max_new_tokens=shape.new_tokens,
                             ignore_eos=True, kv_cache_memory=kv_bytes, block_size=16)
     loop, minibatch = LoopConfig(iterations=2, device=device.type, progress=False), shape.rows // shape.minibatches
+    adapters = LoRAConfig(rank=lora, alpha=2.0 * max(lora, 1))
     if algo == "ppo":
         cfg = PPOConfig(policy=str(policy_dir), reward_model=str(rm_dir), critic="separate", prompts_file="-",
-                        output_dir="-", rollout=rollout, reward=RewardConfig(kl_coef=0.05), train=loop,
+                        output_dir="-", rollout=rollout, reward=RewardConfig(kl_coef=0.05), train=loop, lora=adapters,
                         ppo=UpdateConfig(epochs=1, minibatch_size=minibatch, microbatch_size=shape.micro, vf_coef=0.1))
         tokenizer, reward_fn = build_tokenizer(model_config.eos_token_ids[0]), None
     else:
         cfg = GRPOConfig(policy=str(policy_dir), prompts_file="-", output_dir="-", rollout=rollout, train=loop,
-                         ppo=UpdateConfig(estimator="grpo", kl_loss_coef=GRPO_KL_COEF, vf_coef=0.0, epochs=1,
+                         lora=adapters, ppo=UpdateConfig(estimator="grpo", kl_loss_coef=GRPO_KL_COEF, vf_coef=0.0, epochs=1,
                                           agg="token-mean", minibatch_size=minibatch, microbatch_size=shape.micro))
         tokenizer = build_tokenizer(model_config.eos_token_ids[0], model_config.vocab_size)
         reward_fn = even_token_share
@@ -227,7 +248,15 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
             "kv_pool_gib": models.actor.kv_pool_bytes / 2**30}
 
 
-def run_trl_grpo(shape: Shape, policy_dir: Path, device: torch.device) -> dict:
+def peft_config(lora: int):
+    """TRL's side of --lora: PEFT adapters of the same rank, alpha and targets as ours (None: full)."""
+    if not lora:
+        return None
+    import peft
+    return peft.LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=lora_targets(), task_type="CAUSAL_LM")
+
+
+def run_trl_grpo(shape: Shape, policy_dir: Path, device: torch.device, lora: int) -> dict:
     """TRL's GRPOTrainer on the same policy and prompts: one generation of all rows per iteration,
     `minibatches` optimizer steps of `micro`-row micro-batches over it."""
     import trl
@@ -267,14 +296,14 @@ def run_trl_grpo(shape: Shape, policy_dir: Path, device: torch.device) -> dict:
                       bf16=cuda, use_cpu=not cuda, report_to=[], save_strategy="no", disable_tqdm=True,
                       logging_steps=10**6, seed=0)
     trainer = GRPOTrainer(model=policy, reward_funcs=even_token_share, args=args, train_dataset=rows,
-                          processing_class=tokenizer, callbacks=[Clock()])
+                          processing_class=tokenizer, callbacks=[Clock()], peft_config=peft_config(lora))
     clock.mark()
     trainer.train()
     return {**clock.result(), "response_tokens": generated[-1], "time_generate": generate_s[-1],
             "generations": len(generate_s), "trl": trl.__version__}
 
 
-def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device) -> dict:
+def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device, lora: int) -> dict:
     import trl
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo
@@ -300,7 +329,8 @@ def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device) 
     cuda = device.type == "cuda"
     load = dict(dtype=torch.float32)
     policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
+    # With PEFT, TRL's reference is the policy with its adapters disabled (ref_model=None).
+    reference = None if lora else transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
     reward = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, **load)
     value = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, **load)
     tokenizer = build_tokenizer(policy.config.eos_token_id)
@@ -313,7 +343,7 @@ def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device) 
                      num_sample_generations=0, save_strategy="no", disable_tqdm=True, seed=0)
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward, value_model=value, train_dataset=rows, eval_dataset=rows[:1],
-                         callbacks=[Clock()])
+                         callbacks=[Clock()], peft_config=peft_config(lora))
     clock.mark()
     trainer.train()
     return {**clock.result(), "response_tokens": generated[-1], "time_generate": generate_s[-1],
@@ -324,15 +354,16 @@ def bench_device(quick: bool) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
 
 
-def run_side(side: str, algo: str, shape: Shape, dirs, quick: bool) -> dict:
+def run_side(side: str, algo: str, shape: Shape, dirs, quick: bool, lora: int) -> dict:
     device = bench_device(quick)
     policy_dir, rm_dir = (Path(d) for d in dirs)
-    if side == "ours":
-        result = run_ours(algo, shape, policy_dir, rm_dir, device)
+    rank = lora if side.endswith("_lora") else 0
+    if side.startswith("ours"):
+        result = run_ours(algo, shape, policy_dir, rm_dir, device, rank)
     elif algo == "ppo":
-        result = run_trl(shape, policy_dir, rm_dir, device)
+        result = run_trl(shape, policy_dir, rm_dir, device, rank)
     else:
-        result = run_trl_grpo(shape, policy_dir, device)
+        result = run_trl_grpo(shape, policy_dir, device, rank)
     result["tokens_per_s"] = result["response_tokens"] / result["iteration_s"]
     return {"side": side, **result}
 
@@ -343,7 +374,8 @@ def run_in_subprocess(side: str, args, dirs) -> dict:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--run-side", side, "--dirs", *map(str, dirs), "--result", str(result),
                "--shape", "x".join(map(str, dataclasses.astuple(args.shape)[:4])),
-               "--minibatches", str(args.shape.minibatches), "--micro", str(args.shape.micro), "--algo", args.algo]
+               "--minibatches", str(args.shape.minibatches), "--micro", str(args.shape.micro), "--algo", args.algo,
+               "--lora", str(args.lora)]
         proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
@@ -352,10 +384,21 @@ def run_in_subprocess(side: str, args, dirs) -> dict:
         return json.loads(result.read_text())
 
 
+def compare(ours: dict, other: dict, key: str) -> dict:
+    """Iteration-time speedup of `ours` over `other` and `other`'s peak memory over ours, when both ran."""
+    if "iteration_s" not in ours or "iteration_s" not in other:
+        return {}
+    out = {f"speedup_{key}": other["iteration_s"] / ours["iteration_s"]}
+    if ours["peak_gib"] and other["peak_gib"]:
+        out[f"peak_memory_ratio_{key}"] = ours["peak_gib"] / other["peak_gib"]
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.run_side:
-        harness.write_json(args.result, run_side(args.run_side, args.algo, args.shape, args.dirs, args.quick))
+        harness.write_json(args.result, run_side(args.run_side, args.algo, args.shape, args.dirs, args.quick,
+                                                 args.lora))
         return
     device = bench_device(args.quick)
     policy_dir = build_model_dir(args.quick)
@@ -367,14 +410,12 @@ def main(argv=None):
         for d in set(dirs):
             shutil.rmtree(d, ignore_errors=True)
     comparison = {}
-    ours, theirs = results.get("ours", {}), results.get("trl", {})
-    if "iteration_s" in ours and "iteration_s" in theirs:
-        comparison["speedup_vs_trl"] = theirs["iteration_s"] / ours["iteration_s"]
-        if ours["peak_gib"] and theirs["peak_gib"]:
-            comparison["trl_over_ours_peak_memory"] = theirs["peak_gib"] / ours["peak_gib"]
+    for key, (a, b) in {"vs_trl": ("ours", "trl"), "vs_trl_peft": ("ours_lora", "trl_lora"),
+                        "lora_vs_full": ("ours_lora", "ours")}.items():
+        comparison.update(compare(results.get(a, {}), results.get(b, {}), key))
     print(harness.format_table(list(results.values()), COLUMNS))
     print(json.dumps(comparison))
-    payload = {"meta": harness.run_metadata(device), "algo": args.algo, "quick": args.quick,
+    payload = {"meta": harness.run_metadata(device), "algo": args.algo, "quick": args.quick, "lora": args.lora,
                "shape": dataclasses.asdict(args.shape),
                "results": results, **comparison}
     harness.write_json(args.out, payload)

@@ -1,6 +1,6 @@
 """The `fusedrl` command: parsing and dispatch of every subcommand.
 
-    fusedrl info | demo | generate | sft | rm | ppo | grpo | plot     (`fusedrl <command> --help`)
+    fusedrl info | demo | generate | sft | rm | ppo | grpo | export | plot     (`fusedrl <command> --help`)
 
 Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help`, config
 errors and wrong paths (engine/path_checks.py) import neither torch nor transformers. Each command's
@@ -245,6 +245,48 @@ def run_plot(args) -> int:
     return 0
 
 
+# --- export -----------------------------------------------------------------------------------
+
+def add_export_parser(commands) -> None:
+    p = commands.add_parser(
+        "export", help="merge a LoRA adapter into its base model (a Hugging Face directory)",
+        description="Fold a PEFT LoRA adapter directory (a run's final_adapter/, a checkpoint's policy_adapter/ "
+                    "or PEFT's own) into its base model's weights and write a transformers-loadable directory.")
+    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--merge", action="store_true", help="write the merged model (required: the adapter "
+                                                        "directory itself is already PEFT's format)")
+    p.add_argument("--out", required=True, help="output directory (replaced when it exists)")
+    p.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the base checkpoint's)")
+    add_debug_flag(p)
+    p.set_defaults(run=run_export)
+
+
+def _adapter_base(adapter: str) -> str:
+    """The base model an adapter directory records (checked before torch is imported)."""
+    config = f"{adapter}/adapter_config.json"
+    try:
+        base = json.loads(open(config, encoding="utf-8").read()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise errors.UsageError(f"{adapter}: not a PEFT adapter directory ({config}: {e})") from None
+    if not base:
+        raise errors.UsageError(f"{config} names no base_model_name_or_path: give --base")
+    return base
+
+
+def run_export(args) -> int:
+    if not args.merge:
+        raise errors.UsageError("nothing to export without --merge: the adapter directory is already PEFT's "
+                                "format; --merge writes the merged model")
+    base = args.base or _adapter_base(args.adapter)
+    path_checks.check_model_path(base, "--base")
+    path_checks.check_output_dir(args.out, "--out")
+    from .model.peft_io import merge_adapter
+    merge_adapter(args.adapter, base, args.out, args.dtype)
+    print(f"fusedrl export: merged model written to {args.out}")
+    return 0
+
+
 # --- the command ------------------------------------------------------------------------------
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
@@ -264,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(commands)
     for name in STAGES:
         add_stage_parser(commands, name)
+    add_export_parser(commands)
     add_plot_parser(commands)
     return parser
 

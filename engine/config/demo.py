@@ -23,12 +23,16 @@ class DemoConfig:
     rl_iterations: int = option("PPO or GRPO iterations", 100)
     rl_prompts: int = option("prompts per iteration (PPO samples 4 responses each, GRPO 8)", 16)
     eval_samples: int = option("samples per held-out prompt for the accuracy", 4)
+    lora_rank: int = option("0: the RL stage trains every weight of the policy; r > 0: it trains rank-r LoRA "
+                            "adapters on every projection (alpha 2r) and the reference is the adapters switched off",
+                            0)
     precision: Precision = option("every stage's train.precision: auto (bf16-mixed on CUDA, fp32 on CPU) | "
                                   "bf16-mixed | fp32", "auto")
     overwrite: bool = option("replace an existing output_dir", False)
 
     def __post_init__(self):
         check_choices(self)
+        check(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
         check(2 <= self.digits <= 8, f"digits must be in [2, 8], got {self.digits}")
         check(0 <= self.demo_noise < 1, f"demo_noise must be in [0, 1), got {self.demo_noise}")
         for name in ("train_prompts", "eval_prompts", "sft_epochs", "rm_epochs", "rl_iterations", "rl_prompts",

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..config.lora import LoRAConfig
 from ..durable import check_finite
 from ..errors import ModelError
+from .hf_io import load_model, save_model
 from .lora import LoRA, add_lora
 
 CONFIG_FILE = "adapter_config.json"
@@ -108,3 +109,11 @@ def read_adapter_weights(lora: LoRA, adapter_dir) -> LoRA:
 def load_adapter(model, adapter_dir) -> LoRA:
     """Freeze `model` and attach the adapters of a PEFT directory (engine/model/lora.py)."""
     return read_adapter_weights(add_lora(model, adapter_config(adapter_dir)), adapter_dir)
+
+
+def merge_adapter(adapter_dir, base_dir, out_dir, dtype="auto") -> None:
+    """Write `base_dir`'s model with `adapter_dir`'s adapters merged into its weights (summed in fp32,
+    rounded once into `dtype`, default the base checkpoint's) as a transformers-loadable `out_dir`."""
+    model = load_model(base_dir, dtype=dtype)
+    load_adapter(model, adapter_dir).merge_()
+    save_model(model, out_dir, source_dir=base_dir)

@@ -25,6 +25,9 @@ from ..path_checks import check_fresh_output_dir
 from .demo_task import build_base_model, build_tokenizer, is_correct, write_data
 
 TEMPERATURE = 1.0
+# The RL stage's peak learning rate: full fine-tuning, and LoRA, whose low-rank updates (B starts
+# at zero) need a larger step to move the policy as far in as many iterations.
+RL_LR, RL_LORA_LR = 2e-4, 2e-3
 
 
 def sampled_accuracy(model, tokenizer, prompts: list[str], samples: int, temperature: float, seed: int) -> float:
@@ -51,6 +54,16 @@ def last_metric(run_dir: str, kind: str, key: str):
     return rows[-1][key] if rows else None
 
 
+def rl_training(cfg: DemoConfig) -> dict:
+    """The RL stage's optimizer and adapters (cfg.lora_rank > 0): a constant learning rate."""
+    from ..config.lora import LoRAConfig
+    from ..config.train import OptimConfig
+
+    lr = RL_LORA_LR if cfg.lora_rank else RL_LR
+    return {"optim": OptimConfig(lr=lr, max_grad_norm=1.0, min_lr_ratio=1.0),
+            "lora": LoRAConfig(rank=cfg.lora_rank, alpha=2.0 * max(cfg.lora_rank, 1))}
+
+
 def run_ppo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: dict, evaluate) -> Path:
     """RM on the preference pairs, then PPO against it; returns the PPO policy's directory."""
     from ..config.ppo import LoopConfig, PPOConfig, RewardConfig, RolloutConfig, UpdateConfig
@@ -72,14 +85,13 @@ def run_ppo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: d
         # Running score normalization with clipping (PPO-max) and a constant learning rate: on this
         # task a decaying rate stalled PPO, and larger steps exploited the reward model.
         reward=RewardConfig(kl_coef=0.1, normalize=True, clip=5.0),
-        optim=OptimConfig(lr=2e-4, max_grad_norm=1.0, min_lr_ratio=1.0),
-        train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop)), evaluate=evaluate)
+        train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop), **rl_training(cfg)),
+        evaluate=evaluate)
 
 
 def run_grpo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: dict, evaluate) -> Path:
     """GRPO with the program's check as the reward; returns the policy's directory."""
     from ..config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
-    from ..config.train import OptimConfig
     from .ppo.trainer import run_ppo
 
     return run_ppo(GRPOConfig(
@@ -87,8 +99,7 @@ def run_grpo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: 
         rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8, max_new_tokens=12,
                               temperature=TEMPERATURE, kv_cache_memory=1 << 24, dynamic_sampling=True),
         ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=32, vf_coef=0.0, kl_loss_coef=0.001),
-        optim=OptimConfig(lr=2e-4, max_grad_norm=1.0, min_lr_ratio=1.0),
-        train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop)),
+        train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop), **rl_training(cfg)),
         reward_fn=program_reward, evaluate=evaluate)
 
 

@@ -9,9 +9,9 @@ import sys
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench", "bench_ppo.py")
 
 
-def run_quick(tmp_path, *options, env=None):
+def run_quick(tmp_path, *options, env=None, sides=None):
     """bench_ppo.py --quick with both sides (TRL's when trl is installed) -> (sides, payload)."""
-    sides = ["ours"] + (["trl"] if importlib.util.find_spec("trl") else [])
+    sides = sides or ["ours"] + (["trl"] if importlib.util.find_spec("trl") else [])
     out = tmp_path / "ppo.json"
     proc = subprocess.run([sys.executable, BENCH, "--quick", "--sides", *sides, "--out", str(out), *options],
                           capture_output=True, text=True, timeout=600, env=env)
@@ -51,6 +51,20 @@ def test_quick_grpo_run_against_trls_grpo_trainer(tmp_path):
     assert "time_reference" in payload["results"]["ours"] and "time_score" in payload["results"]["ours"]
     if "trl" in sides:
         assert payload["results"]["trl"]["generations"] == 2 and payload["speedup_vs_trl"] > 0
+
+
+def test_quick_lora_run_against_full_fine_tuning_and_trl_with_peft(tmp_path):
+    trl = importlib.util.find_spec("trl") and importlib.util.find_spec("peft")
+    sides, payload = run_quick(tmp_path, "--lora", "4", sides=["ours", "ours_lora"] + (["trl_lora"] if trl else []))
+    assert payload["lora"] == 4
+    shape = payload["shape"]
+    for side in sides:
+        result = payload["results"][side]
+        assert "error" not in result, result
+        assert result["response_tokens"] == shape["prompts"] * shape["samples"] * shape["new_tokens"]
+    assert payload["speedup_lora_vs_full"] > 0 and "time_reference" in payload["results"]["ours_lora"]
+    if trl:
+        assert payload["speedup_vs_trl_peft"] > 0
 
 
 def test_the_reward_reads_token_ids_back_from_text():

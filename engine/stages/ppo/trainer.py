@@ -2,7 +2,8 @@
 
 RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
     checkpoints/step-0000000N/   the one checkpoint format (engine/train/checkpoint.py): policy/ (HF
-                                 dir; with lora its adapters, policy_adapter/, a PEFT dir), critic/ (HF dir with value_head.weight) or the shared value
+                                 dir; with lora its adapters instead, policy_adapter/, a PEFT dir),
+                                 critic/ (HF dir with value_head.weight) or the shared value
                                  head in trainer_state.pt, with the optimizers, schedules, RNG and
                                  the loop state (iteration, KL coefficient, reward moments, ptx position)
     final/                       the trained policy, a transformers-loadable directory (with lora:

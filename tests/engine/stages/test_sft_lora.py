@@ -34,7 +34,8 @@ def test_fusedrl_sft_with_lora_trains_adapters_and_exports_them_and_the_merged_m
     assert main(["sft", f"model={base_dir}", f"output_dir={run}", f"data.train_file={train_file}",
                  "data.max_length=48", "data.max_prompt_length=24", "data.tokens_per_batch=96",
                  "data.eval_fraction=0", "optim.lr=1e-2", "train.max_steps=8", "train.progress=false",
-                 "train.precision=fp32", "lora.rank=8", "lora.alpha=16", "lora.target_modules=q_proj,v_proj,up_proj,down_proj"]) == 0
+                 "train.precision=fp32", "lora.rank=8", "lora.alpha=16",
+                 "lora.target_modules=q_proj,v_proj,up_proj,down_proj"]) == 0
     train = [r for r in read_metrics(run) if r["kind"] == "train"]
     assert train[-1]["loss"] < 0.7 * train[0]["loss"]
 
@@ -49,6 +50,19 @@ def test_fusedrl_sft_with_lora_trains_adapters_and_exports_them_and_the_merged_m
     ids = torch.tensor(random_prompts([12])[0])[None]
     with torch.no_grad():
         torch.testing.assert_close(tuned.eval()(ids).logits, hf_merged.eval()(ids).logits, atol=1e-5, rtol=0)
+
+    # `fusedrl export --merge` of the adapters (base from adapter_config.json) == the run's own merge.
+    assert main(["export", str(run / "final_adapter"), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    exported = load_model(tmp_path / "merged").state_dict()
+    assert all(torch.equal(exported[k], merged[k]) for k in merged)
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+
+
+def test_export_usage_errors(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "nothing to export without --merge" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--merge", "--out", str(tmp_path / "out")]) == 2
+    assert "not a PEFT adapter directory" in capsys.readouterr().err
 
 
 def test_resume_with_adapters_gives_the_same_adapters_as_an_uninterrupted_run(base_dir, train_file, tmp_path):

@@ -56,7 +56,9 @@ def test_the_reference_is_the_base_model_while_the_adapters_train(setup):
     opts, _ = build_optimizers(models, cfg)
     frozen = {k: v.clone() for k, v in models.policy.state_dict().items()}
     for seed in range(2):
-        rollout, _ = rollout_of(models, random_prompts([4, 6], seed=seed), cfg, 0.05, seed=seed)
+        rollout, metrics = rollout_of(models, random_prompts([4, 6], seed=seed), cfg, 0.05, seed=seed)
+        # The paged decode applies the adapters too: the sampler's log-probs are the training forward's.
+        assert metrics["logprob_mismatch_max"] < 1e-4
         assert ppo_update(models, opts, rollout, cfg, seed=seed)["updates"] > 0
     assert all(torch.equal(v, models.policy.state_dict()[k]) for k, v in frozen.items())
     base = load_model(policy_dir, dtype="float32")
