@@ -183,8 +183,7 @@ class PPOConfig:
               f"ppo.estimator={self.ppo.estimator} compares each prompt's responses: rollout.samples_per_prompt "
               f"must be >= 2, got {self.rollout.samples_per_prompt}")
         check(not (self.lora.enabled and self.rollout.exact),
-              "rollout.exact with lora.rank > 0 is not supported yet: the batch-invariant decoder does not "
-              "apply adapters")
+              "rollout.exact with lora.rank > 0 is not supported yet: the adapters' GEMMs are not batch-invariant")
         check(not self.rollout.dynamic_sampling or grouped,
               "rollout.dynamic_sampling drops groups of equal scores: it needs a group estimator (ppo.estimator)")
 

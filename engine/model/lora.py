@@ -5,7 +5,8 @@ state dict, its Hugging Face export and its frozen weights stay the base model's
 projection gets a forward hook that adds the low-rank term, so every path that calls the projection
 applies it: the training forward and backward, the scoring forwards and the paged decode step (a
 CUDA graph captures the hook's GEMMs; the optimizer updates the adapters in place, so the graph
-stays valid). A packed projection (q/k/v in one nn.Linear, gate/up in one) gets one A/B pair per
+stays valid); the batch-invariant mode walks the same layers, but the adapters' GEMMs are torch's,
+not batch-invariant ones, so PPO refuses rollout.exact with LoRA. A packed projection (q/k/v in one nn.Linear, gate/up in one) gets one A/B pair per
 target, whose output lands in that target's slice of the packed output, as separate PEFT modules
 would give.
 
@@ -24,30 +25,13 @@ from torch import nn
 
 from ..config.lora import LoRAConfig
 
-# A packed projection's parts, in the order of its output features.
-PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def target_sizes(config) -> dict[str, int]:
-    """Output features of each Hugging Face projection of a ModelConfig's decoder layer."""
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    return {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": config.hidden_size,
-            "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size,
-            "down_proj": config.hidden_size}
-
-
-def output_slices(name: str, linear: nn.Linear, config) -> dict[str, slice]:
-    """{Hugging Face projection: its slice of `linear`'s output} for the projection module `name`
-    (one slice for a plain projection, one per part for a packed one)."""
-    parts = PACKED.get(name, (name,))
-    sizes = target_sizes(config)
+def output_slices(name: str, linear: nn.Linear) -> dict[str, slice]:
+    """{Hugging Face projection: its slice of `linear`'s output} for the projection module `name`:
+    one slice for a plain projection, one per part of a packed one (its `parts`, in output order)."""
     slices, start = {}, 0
-    for part in parts:
-        size = sizes[part] if len(parts) > 1 else linear.out_features
+    for part, size in getattr(linear, "parts", ((name, linear.out_features),)):
         slices[part] = slice(start, start + size)
         start += size
-    if start != linear.out_features:
-        raise ValueError(f"{name} has {linear.out_features} output features, expected {start} for {parts}")
     return slices
 
 
@@ -112,7 +96,7 @@ class LoRA(nn.Module):
         self.adapters = nn.ModuleList()
         self._hooks, self._linears = [], []  # plain lists: the base modules are the model's, not ours
         for parent, name, linear in projections(model):
-            slices = {t: s for t, s in output_slices(name, linear, model.config).items() if t in cfg.targets}
+            slices = {t: s for t, s in output_slices(name, linear).items() if t in cfg.targets}
             if not slices:
                 continue
             adapters = ProjectionAdapters(linear, slices, cfg)
