@@ -2,7 +2,6 @@
 gradients, files both ways, the disabled switch, merging, and the errors."""
 import json
 
-import peft
 import pytest
 import torch
 
@@ -12,6 +11,8 @@ from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.lora import add_lora
 from fusedrl.engine.model.peft_io import CONFIG_FILE, WEIGHTS_FILE, adapter_config, load_adapter, save_adapter
 from engine_testing import make_hf_model, random_prompts
+
+peft = pytest.importorskip("peft")  # the test extra; bench/peer_wheels.sh carries it to the GPU image
 
 # fp32 on both sides, the same ops up to matmul blocking: as for the base model (test_model.py).
 ATOL = 1e-5

@@ -2,7 +2,6 @@
 merged model (loadable by transformers), with the same logits, and a resumed run is exact."""
 import shutil
 
-import peft
 import pytest
 import torch
 import transformers
@@ -15,17 +14,10 @@ from fusedrl.engine.model.peft_io import WEIGHTS_FILE
 from fusedrl.engine.stages.sft import run_sft
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import random_prompts
-from train_testing import demonstrations, save_tiny_model, sft_config, write_jsonl
+from train_testing import sft_config
+from test_sft_trainer import base_dir, train_file  # noqa: F401 (the SFT tests' fixtures)
 
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("sft_lora_base"), "qwen2")  # tied embeddings
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("sft_lora_data") / "train.jsonl", demonstrations(24))
+peft = pytest.importorskip("peft")  # the test extra; bench/peer_wheels.sh carries it to the GPU image
 
 
 def test_fusedrl_sft_with_lora_trains_adapters_and_exports_them_and_the_merged_model(base_dir, train_file,
