@@ -4,7 +4,7 @@ Layers: Triton kernels -> host functions (checks, launch) -> torch custom ops wi
 the public ``token_logprobs``.
 
 Forward reads each row of logits once, keeping an online max / sum-exp (and the entropy's
-sum p*z) in fp32, and writes three floats per row: logp, entropy and the row's logsumexp, which
+sum p*z) in fp32 per lane (the shared core, kernels/online_softmax.py), and writes three floats per row: logp, entropy and the row's logsumexp, which
 backward uses to recompute softmax without a second reduction. Backward writes only the gradient,
 in the logits' dtype, optionally into the logits buffer itself: no fp32 [N, V] tensor ever exists.
 Rows whose label is ignore_index are skipped entirely (prompt tokens cost no bandwidth).
@@ -15,28 +15,11 @@ from typing import Optional
 
 import torch
 from . import checks, reference
+from .online_softmax import lanes_of, lanes_reduce, lanes_update, safe_shift
 from .triton_compat import tl, triton
 from .dispatch import backend_for, fused_op, kernel_inputs, sync_checks_enabled
 
 OP = "token_logprobs"
-
-
-@triton.jit
-def online_update(m, s, t, z, HAS_ENTROPY: tl.constexpr):
-    """One block of scaled logits z into the running (max m, sum-exp s, entropy sum t). Public: the
-    batch-invariant mode's log-prob kernel (engine/model/invariant) reduces its rows with it too."""
-    m_new = tl.maximum(m, tl.max(z, axis=0))
-    # While every logit so far is -inf, shift by 0 instead of -inf so exp() sees no inf-inf.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    e = tl.exp(z - m_safe)
-    if HAS_ENTROPY:
-        # Re-centre the running sum on the new max; a -inf logit contributes 0 (its limit),
-        # not 0 * -inf.
-        shift = tl.where(s > 0, (m - m_safe) * s, 0.0)
-        t = alpha * (t + shift) + tl.sum(tl.where(e > 0, e * (z - m_safe), 0.0), axis=0)
-    s = s * alpha + tl.sum(e, axis=0)
-    return m_new, s, t
 
 
 @triton.jit
@@ -53,13 +36,14 @@ def _row_span(row, stride_row, n_cols, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _edge_cols(begin, end, body_begin, body_end, ALIGN: tl.constexpr):
-    """(offsets, mask) [2 * ALIGN] of a row's elements outside its aligned body: the head
-    [begin, body_begin) and the tail [body_end, end). A row shorter than ALIGN is all head."""
-    h = tl.arange(0, 2 * ALIGN)
+def _edge_cols(begin, end, body_begin, body_end, ALIGN: tl.constexpr, WIDTH: tl.constexpr):
+    """(offsets, mask) [WIDTH >= 2 * ALIGN] of a row's elements outside its aligned body: the head
+    [begin, body_begin) in lanes [0, ALIGN) and the tail [body_end, end) in lanes [ALIGN, 2 * ALIGN);
+    lanes past 2 * ALIGN are masked off. A row shorter than ALIGN is all head."""
+    h = tl.arange(0, WIDTH)
     cols = tl.where(h < ALIGN, body_begin - ALIGN + h, body_end + h - ALIGN)
     head = (h < ALIGN) & (cols >= begin) & (cols < end)
-    tail = (h >= ALIGN) & (cols < end)
+    tail = (h >= ALIGN) & (h < 2 * ALIGN) & (cols < end)
     return cols, head | tail
 
 
@@ -87,17 +71,22 @@ def _token_logprobs_fwd_kernel(
             tl.store(entropy_ptr + row, 0.0)
     else:
         begin, end, body_begin, body_end = _row_span(row, stride_row, n_cols, ALIGN)
-        edge_cols, edge = _edge_cols(begin, end, body_begin, body_end, ALIGN)
+        # The lanes start from the row's unaligned head and tail (one logit per lane), then fold
+        # in the aligned body block by block; no cross-lane work until the row is read.
+        edge_cols, edge = _edge_cols(begin, end, body_begin, body_end, ALIGN, BLOCK_V)
         z_edge = tl.load(logits_ptr + edge_cols, mask=edge, other=float("-inf")).to(tl.float32)
-        m, s, t = online_update(tl.zeros([], dtype=tl.float32) - float("inf"),
-                                tl.zeros([], dtype=tl.float32), tl.zeros([], dtype=tl.float32),
-                                z_edge * inv_temperature, HAS_ENTROPY)
+        m, s, t = lanes_of(z_edge * inv_temperature)
+        # Each step issues the next block's load before folding in the current one: two blocks in
+        # flight per warp (the last step's load is all masked and reads nothing).
+        cols = body_begin + tl.arange(0, BLOCK_V)
+        x_next = tl.load(logits_ptr + cols, mask=cols < body_end, other=float("-inf"))
         for start in range(0, body_end - body_begin, BLOCK_V):
-            cols = body_begin + start + tl.arange(0, BLOCK_V)
-            z = tl.load(logits_ptr + cols, mask=cols < body_end, other=float("-inf")).to(tl.float32)
-            m, s, t = online_update(m, s, t, z * inv_temperature, HAS_ENTROPY)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        lse = m_safe + tl.log(s)
+            x = x_next
+            cols += BLOCK_V
+            x_next = tl.load(logits_ptr + cols, mask=cols < body_end, other=float("-inf"))
+            m, s, t = lanes_update(m, s, t, x.to(tl.float32) * inv_temperature, HAS_ENTROPY)
+        m, s, t = lanes_reduce(m, s, t, HAS_ENTROPY)
+        lse = safe_shift(m) + tl.log(s)
         in_vocab = (label >= 0) & (label < n_cols)
         z_label = tl.load(logits_ptr + begin + label, mask=in_vocab, other=float("nan")).to(tl.float32)
         # An out-of-vocabulary label (possible only when the host checks were skipped) gives NaN.
@@ -119,6 +108,7 @@ def _token_logprobs_bwd_kernel(
     grad_logits_ptr,   # [N, V] out, logits' dtype and strides; may be logits_ptr (in place)
     stride_row,        # of logits and grad_logits alike
     n_cols,
+    label_offset,      # the vocabulary column of logits' first column (a slice of the vocabulary)
     inv_temperature,
     ignore_index,
     HAS_ENTROPY_GRAD: tl.constexpr,
@@ -138,12 +128,14 @@ def _token_logprobs_bwd_kernel(
     if HAS_ENTROPY_GRAD:
         entropy = tl.load(entropy_ptr + row)
         g_entropy = tl.load(grad_entropy_ptr + row)
-    edge_cols, edge = _edge_cols(begin, end, body_begin, body_end, ALIGN)
-    _grad_block(logits_ptr, grad_logits_ptr, edge_cols, edge, live, begin + label, lse, g_logp,
+    edge_cols, edge = _edge_cols(begin, end, body_begin, body_end, ALIGN, 2 * ALIGN)
+    # A label outside this slice of the vocabulary matches no column: its one-hot term is 0 here.
+    label_col = begin + label - label_offset
+    _grad_block(logits_ptr, grad_logits_ptr, edge_cols, edge, live, label_col, lse, g_logp,
                 entropy, g_entropy, inv_temperature, HAS_ENTROPY_GRAD)
     for start in range(0, body_end - body_begin, BLOCK_V):
         cols = body_begin + start + tl.arange(0, BLOCK_V)
-        _grad_block(logits_ptr, grad_logits_ptr, cols, cols < body_end, live, begin + label, lse,
+        _grad_block(logits_ptr, grad_logits_ptr, cols, cols < body_end, live, label_col, lse,
                     g_logp, entropy, g_entropy, inv_temperature, HAS_ENTROPY_GRAD)
 
 
@@ -166,9 +158,10 @@ def _grad_block(logits_ptr, grad_ptr, cols, mask, live, label_col, lse, g_logp, 
     tl.store(grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): wide blocks amortize the per-block reductions over large vocabularies."""
-    block = min(triton.next_power_of_2(n_cols), 4096)
+def _launch_config(logits: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for rows of ``logits``: 4096 logits a block (16 per thread, two 128-bit
+    loads in bf16) over 8 warps for large vocabularies; at least the 2 * 16 bytes of a row's edges."""
+    block = max(min(triton.next_power_of_2(logits.shape[-1]), 4096), 2 * _align(logits))
     return block, (8 if block >= 2048 else 4)
 
 
@@ -184,16 +177,18 @@ def grad_buffer(logits: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-                           ignore_index: int, return_entropy: bool):
+                           ignore_index: int, return_entropy: bool, out=None):
     """Host launcher. logits [N, V] (last dim contiguous), labels [N] ->
-    (logp [N] fp32, entropy [N] fp32 or [0], lse [N] fp32)."""
+    (logp [N] fp32, entropy [N] fp32 or [0], lse [N] fp32), written into ``out`` (three contiguous
+    fp32 tensors of those sizes, e.g. slices of larger outputs) when given."""
     n_rows, n_cols = logits.shape
-    logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
-    entropy = torch.empty(n_rows if return_entropy else 0, dtype=torch.float32, device=logits.device)
+    if out is None:
+        row = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+        out = (row, row.new_empty(n_rows if return_entropy else 0), torch.empty_like(row))
+    logp, entropy, lse = out
     if n_rows == 0:
         return logp, entropy, lse
-    block, num_warps = _launch_config(n_cols)
+    block, num_warps = _launch_config(logits)
     _token_logprobs_fwd_kernel[(n_rows,)](
         logits, labels, logp, entropy, lse, logits.stride(0), n_cols, 1.0 / temperature,
         ignore_index, HAS_ENTROPY=return_entropy, BLOCK_V=block, ALIGN=_align(logits),
@@ -205,20 +200,21 @@ def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperatu
 def token_logprobs_backward(grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor],
                             logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                             entropy: torch.Tensor, temperature: float, ignore_index: int,
-                            out: torch.Tensor) -> torch.Tensor:
+                            out: torch.Tensor, label_offset: int = 0) -> torch.Tensor:
     """Host launcher. Writes d(loss)/d(logits) [N, V] into ``out`` (``logits`` itself, or a buffer
-    of its dtype and strides: see ``grad_buffer``)."""
+    of its dtype and strides: see ``grad_buffer``). ``logits`` may be the columns
+    [label_offset, label_offset + V) of the full rows that ``lse`` and ``entropy`` [N] describe."""
     n_rows, n_cols = logits.shape
     if out.stride() != logits.stride() or out.dtype != logits.dtype:
         raise ValueError("token_logprobs backward: out must have logits' dtype and strides")
     if n_rows == 0:
         return out
     has_entropy_grad = grad_entropy is not None and grad_entropy.numel() > 0
-    block, num_warps = _launch_config(n_cols)
+    block, num_warps = _launch_config(logits)
     _token_logprobs_bwd_kernel[(n_rows,)](
         logits, labels, lse, entropy, grad_logp.float().contiguous(),
         grad_entropy.float().contiguous() if has_entropy_grad else grad_logp, out,
-        logits.stride(0), n_cols, 1.0 / temperature, ignore_index,
+        logits.stride(0), n_cols, label_offset, 1.0 / temperature, ignore_index,
         HAS_ENTROPY_GRAD=has_entropy_grad, BLOCK_V=block, ALIGN=_align(logits), num_warps=num_warps,
     )
     return out

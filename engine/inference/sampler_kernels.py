@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from ...kernels.online_softmax import lanes_of, lanes_reduce, safe_shift
 from ...kernels.triton_compat import tl, triton
 
 CHUNK = 4096  # tokens per program; fixed (not chosen by batch), so a row's numbers never depend on it
@@ -106,13 +107,15 @@ def _chunk_stats_kernel(
     valid = offs < V
     x = tl.load(logits_ptr + row.to(tl.int64) * stride + offs, mask=valid, other=float("-inf"))
     s = x.to(tl.float32) * inv_temp
-    s_max = tl.max(s)
+    # The chunk's partial log-softmax state (max, sum exp), merged per row by _cut_kernel.
+    s_lanes, sum_lanes, t_lanes = lanes_of(s)
+    s_max, s_sum, _ = lanes_reduce(s_lanes, sum_lanes, t_lanes, False)
     key = tl.where(valid, _key16(x, IS_FP32), -32768)
     s_key = _key16_value(key, IS_FP16) * inv_temp  # == s for bf16/fp16 logits
-    shift = tl.where(s_max == float("-inf"), 0.0, s_max)  # a row of -inf: sums 0, not NaN
+    shift = safe_shift(s_max)  # a row of -inf: sums 0, not NaN
     out = (row * chunks + chunk).to(tl.int64)
     tl.store(stat_ptr + out * 4, s_max)
-    tl.store(stat_ptr + out * 4 + 1, tl.sum(tl.exp(s - shift)))
+    tl.store(stat_ptr + out * 4 + 1, s_sum)
     tl.store(stat_ptr + out * 4 + 2, tl.sum(tl.where(valid, tl.exp(s_key - shift), 0.0)))
     tl.store(arg_ptr + out * 3, chunk * CHUNK + tl.argmax(s, 0))
     tl.store(arg_ptr + out * 3 + 1, tl.max(key))
@@ -158,10 +161,10 @@ def _cut_kernel(
     here = (row * chunks + c).to(tl.int64)
     live = c < chunks
     c_max = tl.load(stat_ptr + here * 4, mask=live, other=float("-inf"))
-    m = tl.max(c_max)
-    rescale = tl.where(live & (c_max > float("-inf")), tl.exp(c_max - m), 0.0)
-    z = tl.sum(tl.load(stat_ptr + here * 4 + 1, mask=live, other=0.0) * rescale)
-    z_key = tl.sum(tl.load(stat_ptr + here * 4 + 2, mask=live, other=0.0) * rescale)
+    # The chunks' partial states merge as the lanes of one row do (the key-valued sums alike).
+    no_entropy = tl.zeros([CHUNKS], dtype=tl.float32)
+    m, z, _ = lanes_reduce(c_max, tl.load(stat_ptr + here * 4 + 1, mask=live, other=0.0), no_entropy, False)
+    _, z_key, _ = lanes_reduce(c_max, tl.load(stat_ptr + here * 4 + 2, mask=live, other=0.0), no_entropy, False)
     top_key = tl.max(tl.load(arg_ptr + here * 3 + 1, mask=live, other=-32768))
     greedy_token = tl.min(tl.where(c_max == m, tl.load(arg_ptr + here * 3, mask=live, other=0), 2147483647))
     c_score = tl.load(stat_ptr + here * 4 + 3, mask=live, other=float("-inf"))  # plain draws only

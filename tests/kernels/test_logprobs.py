@@ -83,6 +83,20 @@ def test_neg_inf_logits(dtype, fused_backend):
     check_against_reference(fused_backend, logits, labels)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lanes_across_blocks(dtype, fused_backend):
+    # Rows of 3 blocks where each lane sees its max move (a rising ramp), sees only -inf for its
+    # first blocks, or sees -inf after finite logits: the per-lane rescales of the shared core.
+    vocab = 9001
+    logits, labels = make_inputs((4,), vocab, torch.float32, ignore_frac=0.0)
+    logits[0] += torch.linspace(-30, 30, vocab, device=DEVICE)
+    logits[1, :8500] = float("-inf")
+    logits[2, 5000:] = float("-inf")
+    logits[3] = torch.linspace(40, -40, vocab, device=DEVICE)
+    labels[1], labels[2] = 8700, 17
+    check_against_reference(fused_backend, logits.to(dtype), labels)
+
+
 def test_label_at_neg_inf_logit_gives_neg_inf(fused_backend):
     logits, labels = make_inputs((5,), 64, torch.float32, ignore_frac=0.0)
     logits[2, labels[2]] = float("-inf")

@@ -2,7 +2,8 @@
 one Triton program per row, for the sampler and for the trainer alike.
 
 A row is read in blocks of BLOCK_V logits from its first column to its last, each block folded into
-a running (max, sum-exp, entropy sum) by `fusedrl.kernels.logprobs.online_update`; the block size and
+per-lane running (max, sum-exp, entropy sum) states and the lanes combined once at the end, by the
+shared core `fusedrl.kernels.online_softmax` (as `fusedrl.kernels.logprobs` does); the block size and
 warps depend on the vocabulary only, and the entropy is always accumulated (the trainer asks for it,
 the sampler does not: one code path keeps the two log-probs one computation). The temperature is read
 per row and divides each logit, as the CPU path (`ops.token_logprobs`) does.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ....kernels.logprobs import online_update
+from ....kernels.online_softmax import lanes_reduce, lanes_update, safe_shift
 from ....kernels.triton_compat import tl, triton
 
 
@@ -30,13 +31,14 @@ def _row_logprobs_kernel(
     temperature = tl.load(temperatures_ptr + row)
     base = logits_ptr + row * row_stride
     cols = tl.arange(0, BLOCK_V)
-    m = tl.zeros([], dtype=tl.float32) - float("inf")
-    s = tl.zeros([], dtype=tl.float32)
-    t = tl.zeros([], dtype=tl.float32)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    t = tl.zeros([BLOCK_V], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK_V):
         z = tl.load(base + start + cols, mask=start + cols < n_cols, other=float("-inf"))
-        m, s, t = online_update(m, s, t, z / temperature, True)
-    log_z = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+        m, s, t = lanes_update(m, s, t, z / temperature, True)
+    m, s, t = lanes_reduce(m, s, t, True)
+    log_z = safe_shift(m) + tl.log(s)
     token = tl.load(tokens_ptr + row)
     # An out-of-vocabulary token reads nothing and gives NaN (checking on the host would sync).
     z_token = tl.load(base + token, mask=(token >= 0) & (token < n_cols), other=float("nan")) / temperature
