@@ -5,7 +5,8 @@ kernels._C is built and the device is a GPU), eager PyTorch (the reference compo
 of that composition, Liger-Kernel's matching op where one exists and is installed, and for GAE the
 Python reversed-time loop TRL/OpenRLHF use. Reported: median time, achieved GB/s of the bytes an
 ideal kernel must move and that as a fraction of the device-to-device copy bandwidth measured in
-the same run, peak extra memory (GPU), speed-up over eager, and for the small RL ops the host
+the same run, for the compute-bound linear_token_logprobs the three-GEMM floor at the bf16 matmul
+rate measured in the same run and the fraction of it reached, peak extra memory (GPU), speed-up over eager, and for the small RL ops the host
 microseconds per call (calls issued back to back, harness.host_us) and the kernels launched and host
 syncs per call (counted as in bench/launch_count.py: Triton launches, aten kernels, a custom op as one;
 torch.compile's own kernels are not seen, so its rows have none). The RL ops run at 256 x 2048 and
@@ -50,6 +51,7 @@ class Case:
     make_inputs: Callable[[torch.device], dict]
     impls: dict[str, Callable[[dict], Thunk]] = field(default_factory=dict)
     host_bound: bool = False       # report host microseconds and launches per call
+    floor_flops: Optional[int] = None  # compute-bound: the matmul FLOPs no implementation avoids
 
 
 def fused(fn: Callable, backend: str = "triton") -> Callable:
@@ -150,7 +152,10 @@ def linear_token_logprobs_cases(n_rows: int, hidden: int, vocab: int, dtype: tor
             lambda hidden, weight, labels: -liger.liger_fused_linear_cross_entropy(
                 hidden, weight, labels, reduction="none"), grads)
     shape = f"N={n_rows} H={hidden} V={vocab} {str(dtype).removeprefix('torch.')}"
-    return [Case("linear_token_logprobs", "fwd+bwd", shape, None, make, impls)]
+    # The floor: three [N, H] x [H, V]-sized GEMMs (logits, d hidden, d weight) at the matmul peak
+    # measured in the same run; holding no [N, V] logits costs a fourth (the recompute).
+    return [Case("linear_token_logprobs", "fwd+bwd", shape, None, make, impls,
+                 floor_flops=3 * 2 * n_rows * hidden * vocab)]
 
 
 def rl_inputs(batch: int, steps: int, names: tuple[str, ...]) -> Callable[[torch.device], dict]:
@@ -230,7 +235,8 @@ def launches_per_call(thunk: Thunk) -> tuple[int, int]:
     return counter.launches, sum(counter.syncs.values())
 
 
-def measure(case: Case, device: torch.device, copy_gbps: float, skip: set[str], budget_s: float) -> list[dict]:
+def measure(case: Case, device: torch.device, copy_gbps: float, matmul_tflops: float, skip: set[str],
+            budget_s: float) -> list[dict]:
     inputs = case.make_inputs(device)
     rows = []
     for name, build in case.impls.items():
@@ -251,6 +257,9 @@ def measure(case: Case, device: torch.device, copy_gbps: float, skip: set[str], 
         if case.bytes_moved and "ms" in row:
             row["gbps"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9
             row["frac_of_copy"] = row["gbps"] / copy_gbps
+        if case.floor_flops and "ms" in row:
+            row["floor_ms"] = case.floor_flops / (matmul_tflops * 1e12) * 1e3
+            row["frac_of_floor"] = row["floor_ms"] / row["ms"]
         rows.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -277,8 +286,11 @@ def main(argv=None) -> dict:
         parser.error("the headline shapes are for a GPU; use --quick on CPU")
     meta = harness.run_metadata(device)
     copy_gbps = harness.copy_bandwidth_gbps(device, 2**30 if device.type == "cuda" else 2**26)
+    matmul_tflops = harness.matmul_tflops(device, 8192 if device.type == "cuda" else 256,
+                                          torch.bfloat16 if device.type == "cuda" else torch.float32)
     print(f"device: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
-          f"commit {meta['git_commit']}  copy bandwidth {copy_gbps:.1f} GB/s")
+          f"commit {meta['git_commit']}  copy bandwidth {copy_gbps:.1f} GB/s  "
+          f"matmul {matmul_tflops:.1f} TFLOP/s")
     if meta["triton_interpret"]:
         print("note: Triton runs in the interpreter here; fusedrl timings are not GPU timings")
     wanted = set(args.ops.split(",")) if args.ops else None
@@ -286,14 +298,16 @@ def main(argv=None) -> dict:
     rows = []
     for case in all_cases(args.quick):
         if wanted is None or case.op in wanted:
-            rows += measure(case, device, copy_gbps, skip, args.budget)
+            rows += measure(case, device, copy_gbps, matmul_tflops, skip, args.budget)
     columns = [("op", "op"), ("mode", "mode"), ("shape", "shape"), ("impl", "impl"), ("ms", "ms"),
                ("speedup_vs_eager", "x eager"), ("speedup_vs_triton", "x triton"),
-               ("gbps", "GB/s"), ("frac_of_copy", "of copy"), ("host_us", "host us"),
+               ("gbps", "GB/s"), ("frac_of_copy", "of copy"), ("floor_ms", "floor ms"),
+               ("frac_of_floor", "of floor"), ("host_us", "host us"),
                ("launches", "launches"), ("host_syncs", "syncs"),
                ("peak_extra_mib", "peak MiB"), ("error", "error")]
     print(harness.format_table(rows, columns))
-    payload = {"meta": {**meta, "copy_gbps": copy_gbps, "quick": args.quick}, "results": rows}
+    payload = {"meta": {**meta, "copy_gbps": copy_gbps, "matmul_tflops": matmul_tflops, "quick": args.quick},
+               "results": rows}
     if args.json:
         harness.write_json(args.json, payload)
         print(f"wrote {args.json}")

@@ -116,6 +116,14 @@ def copy_bandwidth_gbps(device: torch.device, n_bytes: int) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Achieved TFLOP/s of an n x n x n matmul in ``dtype``: the compute roofline."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """Plain-text table; columns are (key, header). Missing values print as '-'."""
     def cell(row, key):

@@ -1,11 +1,15 @@
 """Token log-probs straight from the LM head: token_logprobs(hidden @ weight.T + bias) without
 ever holding the [N, V] logits.
 
-Rows of ``hidden`` are processed in chunks. Forward computes a chunk's logits, reduces them with
-the token_logprobs kernel and drops them, keeping 3 floats per row. Backward recomputes the
-chunk's logits, turns them into their gradient in place with the token_logprobs backward kernel,
-and feeds that to two matmuls. Peak extra memory is one [chunk, V] buffer plus the weight's
-gradient, whatever N is; the price is one extra matmul (the recompute) in backward.
+Forward takes ``hidden`` in row chunks: a chunk's logits [C, V] (one matmul), reduced by the
+token_logprobs kernel and dropped, keeping 3 floats per row (logp, entropy, logsumexp).
+Backward takes the vocabulary in column chunks instead: a chunk's logits [N, Vc] are recomputed,
+turned into their gradient in place by the token_logprobs backward kernel (the saved logsumexp
+makes each column chunk independent), and fed to two matmuls: d weight[chunk] = grad.T @ hidden
+is written once, with all N rows as its inner dimension (no read-modify-write of a [V, H] gradient
+per chunk, no rounding of a bf16 accumulator), and d hidden += grad @ weight[chunk] accumulates in
+fp32 ([N, H], small). Both directions bound the logits buffer by the same element budget
+(``chunk_size`` rows of V); the price is one extra matmul (the recompute) in backward.
 """
 from __future__ import annotations
 
@@ -19,9 +23,10 @@ from .dispatch import backend_for, sync_checks_enabled
 from .logprobs import check_label_args, token_logprobs_backward, token_logprobs_forward
 
 OP = "linear_token_logprobs"
-# Elements in one chunk of logits: 2**26 bf16 values are 128 MiB, large enough that the chunk's
-# matmul runs near peak even for a 152k vocabulary (~440 rows).
-CHUNK_ELEMENTS = 1 << 26
+# Elements in one chunk of logits: 2**27 bf16 values are 256 MiB (half the 512 MiB extra-memory
+# budget), large enough that the chunk's matmuls run near peak (~880 rows of a 152k vocabulary
+# forward; 8192 vocabulary columns of 16384 rows backward).
+CHUNK_ELEMENTS = 1 << 27
 
 
 def default_chunk_size(n_rows: int, vocab_size: int) -> int:
@@ -30,25 +35,64 @@ def default_chunk_size(n_rows: int, vocab_size: int) -> int:
     return max(1, min(n_rows, rows))
 
 
-def _chunks(n_rows: int, chunk_size: int):
-    for start in range(0, n_rows, chunk_size):
-        yield start, min(start + chunk_size, n_rows)
+def vocab_chunk_size(n_rows: int, vocab_size: int, chunk_size: int) -> int:
+    """Vocabulary columns per backward chunk: the forward's chunk_size x V elements over all N rows,
+    in steps of 128 columns (whole matmul tiles, 16-byte aligned rows) when there are that many."""
+    cols = max(1, chunk_size * vocab_size // max(n_rows, 1))
+    return min(vocab_size, cols // 128 * 128 if cols >= 128 else cols)
+
+
+def _chunks(total: int, chunk_size: int):
+    for start in range(0, total, chunk_size):
+        yield start, min(start + chunk_size, total)
+
+
+def forward_chunks(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, chunk_size):
+    """(logp, entropy, lse) [N] fp32 of hidden [N, H] through weight [V, H] (+ bias), ``chunk_size``
+    rows at a time: per chunk one matmul and one token_logprobs kernel."""
+    n_rows = hidden.shape[0]
+    logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty(n_rows if return_entropy else 0, dtype=torch.float32, device=hidden.device)
+    for start, end in _chunks(n_rows, chunk_size):
+        logits = F.linear(hidden[start:end], weight, bias)                 # [C, V]
+        token_logprobs_forward(logits, labels[start:end], temperature, ignore_index, return_entropy,
+                               out=(logp[start:end], entropy[start:end], lse[start:end]))
+    return logp, entropy, lse
+
+
+def backward_chunks(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                    temperature, ignore_index, chunk_size, need_weight_grad):
+    """(d hidden [N, H], d weight [V, H] or [0], d bias [V] or [0]) for upstream gradients
+    grad_logp, grad_entropy ([N] or [0]) fp32, in vocabulary chunks (see the module docstring)."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    grad_weight = torch.empty_like(weight) if need_weight_grad else weight.new_empty(0)
+    grad_bias = torch.empty_like(bias) if bias is not None and need_weight_grad else weight.new_empty(0)
+    has_entropy_grad = grad_entropy.numel() > 0
+    if n_rows == 0:
+        return grad_hidden.to(hidden.dtype), grad_weight.zero_(), grad_bias.zero_()
+    grad_logp = grad_logp.float().contiguous()
+    grad_entropy = grad_entropy.float().contiguous() if has_entropy_grad else None
+    for start, end in _chunks(vocab, vocab_chunk_size(n_rows, vocab, chunk_size)):
+        w = weight[start:end]                                               # [Vc, H]
+        logits = F.linear(hidden, w, None if bias is None else bias[start:end])  # [N, Vc], becomes its grad
+        token_logprobs_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature,
+                                ignore_index, out=logits, label_offset=start)
+        if need_weight_grad:
+            torch.mm(logits.t(), hidden, out=grad_weight[start:end])
+            if bias is not None:
+                grad_bias[start:end].copy_(logits.sum(dim=0, dtype=torch.float32))
+        grad_hidden += torch.mm(logits, w)
+    return grad_hidden.to(hidden.dtype), grad_weight, grad_bias
 
 
 @torch.library.custom_op("fusedrl::linear_token_logprobs_fwd", mutates_args=())
 def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             labels: torch.Tensor, temperature: float, ignore_index: int, return_entropy: bool,
             chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    outputs = []
-    for start, end in _chunks(hidden.shape[0], chunk_size):
-        logits = F.linear(hidden[start:end], weight, bias)                 # [C, V]
-        outputs.append(token_logprobs_forward(logits, labels[start:end], temperature,
-                                              ignore_index, return_entropy))
-    if not outputs:
-        return token_logprobs_forward(hidden.new_empty(0, weight.shape[0]), labels, temperature,
-                                      ignore_index, return_entropy)
-    logp, entropy, lse = (torch.cat(parts) for parts in zip(*outputs))
-    return logp, entropy, lse
+    return forward_chunks(hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
+                          chunk_size)
 
 
 @_fwd_op.register_fake
@@ -64,27 +108,8 @@ def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor, hidden: torch.T
             lse: torch.Tensor, entropy: torch.Tensor, temperature: float, ignore_index: int,
             chunk_size: int, need_weight_grad: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_hidden = torch.empty_like(hidden)
-    # Accumulated in the weight's dtype, as the LM head's own backward would store it; each
-    # chunk's matmul accumulates in fp32 internally.
-    grad_weight = torch.zeros_like(weight) if need_weight_grad else weight.new_empty(0)
-    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
-        if bias is not None and need_weight_grad else weight.new_empty(0)
-    has_entropy_grad = grad_entropy.numel() > 0
-    for start, end in _chunks(hidden.shape[0], chunk_size):
-        h = hidden[start:end]                                               # [C, H]
-        logits = F.linear(h, weight, bias)                                  # [C, V], becomes its grad
-        token_logprobs_backward(
-            grad_logp[start:end], grad_entropy[start:end] if has_entropy_grad else None, logits,
-            labels[start:end], lse[start:end], entropy[start:end] if has_entropy_grad else entropy,
-            temperature, ignore_index, out=logits,
-        )
-        torch.mm(logits, weight, out=grad_hidden[start:end])
-        if need_weight_grad:
-            grad_weight.addmm_(logits.t(), h)
-            if bias is not None:
-                grad_bias += logits.sum(dim=0, dtype=torch.float32)
-    return grad_hidden, grad_weight, grad_bias.to(weight.dtype)
+    return backward_chunks(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                           temperature, ignore_index, chunk_size, need_weight_grad)
 
 
 @_bwd_op.register_fake

@@ -42,3 +42,15 @@ def test_report(tmp_path):
     launches = {(r["op"], r["mode"], r["impl"]): r["launches"] for r in payload["results"]}
     assert launches[("kl_penalty", "fwd", "fusedrl")] == 1 and launches[("kl_penalty", "fwd+bwd", "fusedrl")] == 2
     assert launches[("gae", "fwd", "fusedrl")] == 1
+
+
+def test_linear_row_reports_the_three_gemm_floor(tmp_path):
+    out = tmp_path / "linear.json"
+    bench_kernels.main(["--quick", "--ops", "linear_token_logprobs", "--skip",
+                        "torch.compile,eager,matmul+token_logprobs", "--budget", "0", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    (row,) = payload["results"]
+    n_rows, hidden, vocab = 64, 32, 1000  # bench_kernels' quick linear shape
+    floor_ms = 3 * 2 * n_rows * hidden * vocab / (payload["meta"]["matmul_tflops"] * 1e12) * 1e3
+    assert row["floor_ms"] == pytest.approx(floor_ms)
+    assert row["frac_of_floor"] == pytest.approx(floor_ms / row["ms"])

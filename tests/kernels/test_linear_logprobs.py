@@ -71,21 +71,32 @@ def test_empty():
 
 
 def test_logits_never_exceed_one_chunk(monkeypatch):
-    """No [N, V] tensor: every LM-head matmul is at most chunk_size rows, forward and backward."""
+    """No [N, V] tensor: every LM-head matmul makes at most chunk_size x V logits, forward (row
+    chunks) and backward (vocabulary chunks), and each logit is computed once each way."""
     seen = []
     real_linear = linear_module.F.linear
 
     def recording_linear(x, w, b=None):
         out = real_linear(x, w, b)
-        seen.append(out.shape[0])
+        seen.append(out.numel())
         return out
 
     monkeypatch.setattr(linear_module.F, "linear", recording_linear)
     hidden, weight, _, labels = make_inputs(50, 8, 64, torch.float32, bias=False)
     with use_backend("triton"):
         linear_token_logprobs(hidden.requires_grad_(), weight, labels, chunk_size=16).sum().backward()
-    assert seen and max(seen) <= 16
-    assert sum(seen) == 2 * 50        # each row's logits computed once forward, once backward
+    assert seen and max(seen) <= 16 * 64
+    assert sum(seen) == 2 * 50 * 64
+
+
+@pytest.mark.parametrize("n_rows, vocab, chunk, expected", [
+    (16384, 151936, 880, 8064),     # the bar's shape: 880 rows' worth of logits, whole 128-column tiles
+    (37, 1000, 1, 27),              # fewer than 128 columns: taken as they come
+    (10, 50, 16, 50),               # more than the vocabulary: one chunk
+])
+def test_vocab_chunk_holds_the_row_chunks_budget(n_rows, vocab, chunk, expected):
+    cols = linear_module.vocab_chunk_size(n_rows, vocab, chunk)
+    assert cols == expected and n_rows * cols <= max(chunk * vocab, n_rows)
 
 
 def test_default_chunk_is_bounded_independent_of_rows():
