@@ -57,3 +57,26 @@ def test_sampler_loads_at_most_three_reads_of_its_logits(kw):
         sample_triton(logits, *args)
     assert sum(t.launches.values()) == 4, dict(t.launches)
     assert t.total_loaded() <= 3 * one_read, (kw, dict(t.loaded), one_read)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("vocab, dtype", [(50257, torch.bfloat16), (1031, torch.float32), (1, torch.bfloat16)])
+def test_token_logprobs_reads_each_logit_once_and_skips_ignored_rows(vocab, dtype):
+    """Forward: every logit of a live row loaded once (the row's unaligned edges and aligned body
+    never overlap), plus its label and the label's logit; an ignored row costs its label only.
+    Backward: each live logit loaded once more and every gradient stored once."""
+    from fusedrl.kernels import token_logprobs, use_backend
+
+    logits = (torch.randn(5, vocab) * 3).to(dtype)
+    logits[1, : max(1, vocab // 3)] = float("-inf")
+    labels = torch.randint(0, vocab, (5,))
+    labels[[0, 3]] = -100
+    live, size = 3, logits.element_size()
+    with use_backend("triton"), KernelTraffic() as t:
+        token_logprobs(logits.requires_grad_(), labels).sum().backward()
+    assert t.launches == {"_token_logprobs_fwd_kernel": 1, "_token_logprobs_bwd_kernel": 1}, dict(t.launches)
+    label_bytes = 5 * labels.element_size()
+    assert t.loaded["_token_logprobs_fwd_kernel"] == label_bytes + live * (vocab + 1) * size
+    # backward also reads each row's lse and upstream gradient (fp32)
+    assert t.loaded["_token_logprobs_bwd_kernel"] == label_bytes + 5 * 2 * 4 + live * vocab * size
+    assert t.stored["_token_logprobs_bwd_kernel"] == 5 * vocab * size
