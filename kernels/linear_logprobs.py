@@ -36,10 +36,17 @@ def default_chunk_size(n_rows: int, vocab_size: int) -> int:
 
 
 def vocab_chunk_size(n_rows: int, vocab_size: int, chunk_size: int) -> int:
-    """Vocabulary columns per backward chunk: the forward's chunk_size x V elements over all N rows,
-    in steps of 128 columns (whole matmul tiles, 16-byte aligned rows) when there are that many."""
-    cols = max(1, chunk_size * vocab_size // max(n_rows, 1))
-    return min(vocab_size, cols // 128 * 128 if cols >= 128 else cols)
+    """Vocabulary columns per backward chunk: at most the forward's chunk_size x V elements over all
+    N rows, in steps of 128 columns (whole matmul tiles, 16-byte aligned rows) when there are that
+    many. The chunks are made as even as that allows, so the last one is not a sliver (a few
+    columns a row: too narrow for 128-bit accesses, a poorly shaped matmul)."""
+    budget = max(1, chunk_size * vocab_size // max(n_rows, 1))
+    if budget >= vocab_size:
+        return vocab_size
+    tile = 128 if budget >= 128 else 1
+    n_chunks = -(-vocab_size // (budget // tile * tile))
+    even = -(-vocab_size // n_chunks)
+    return -(-even // tile) * tile
 
 
 def _chunks(total: int, chunk_size: int):

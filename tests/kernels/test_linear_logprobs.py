@@ -93,6 +93,8 @@ def test_logits_never_exceed_one_chunk(monkeypatch):
     (16384, 151936, 880, 8064),     # the bar's shape: 880 rows' worth of logits, whole 128-column tiles
     (37, 1000, 1, 27),              # fewer than 128 columns: taken as they come
     (10, 50, 16, 50),               # more than the vocabulary: one chunk
+    (4, 50257, 4, 50257),           # exactly the vocabulary: one chunk, no 81-column tail
+    (16384, 50257, 1000, 2816),     # 18 even chunks: the last has 2385 columns (2944 a chunk would leave 209)
 ])
 def test_vocab_chunk_holds_the_row_chunks_budget(n_rows, vocab, chunk, expected):
     cols = linear_module.vocab_chunk_size(n_rows, vocab, chunk)
