@@ -1,0 +1,27 @@
+"""bench/count_linear_logprobs counts linear_token_logprobs' launches per chunk: a matmul and the
+token_logprobs kernel per row chunk forward; per vocabulary chunk backward the recompute, the
+gradient kernel, the d weight slice and d hidden's matmul and accumulation."""
+import os
+
+import pytest
+import torch
+
+import count_linear_logprobs
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="counts the Triton interpreter's loads (TRITON_INTERPRET=1)")
+
+
+def test_launches_per_chunk():
+    counted = count_linear_logprobs.count(50, 16, 300, 16, torch.bfloat16)
+    forward, backward = counted["forward"], counted["backward"]
+    assert forward["ops"] == {"aten::mm": 4, "triton:_token_logprobs_fwd_kernel": 4}  # 4 row chunks
+    # 4 vocabulary chunks of 75 columns (16 rows' worth of 300 logits over 50 rows, made even)
+    assert backward["ops"] == {"aten::zeros": 1, "aten::new_empty": 1, "aten::mm": 8,
+                               "triton:_token_logprobs_bwd_kernel": 4, "aten::mm.out": 4,
+                               "aten::add_.Tensor": 4, "aten::_to_copy": 1}
+    # Forward: each bf16 logit and each row's label logit read once, the int64 labels, logp and lse
+    # (fp32) written. Backward, per vocabulary chunk: labels, lse and the upstream gradient read,
+    # each logit read once and its gradient written once.
+    assert forward["triton_bytes"] == 50 * (301 * 2 + 8 + 2 * 4)
+    assert backward["triton_bytes"] == 4 * 50 * (8 + 4 + 4) + 2 * 50 * 300 * 2
