@@ -13,6 +13,7 @@ if __name__ != "fusedrl.kernels":
     stand_aside(__name__, __file__)
 else:
     from . import reference
+    from .aggregation import aggregation_rule
     from .dispatch import BACKENDS, backend_for, use_backend
     from .advantages import gae
     from .whiten import masked_whiten
@@ -26,7 +27,7 @@ else:
     from .swiglu import silu_mul
 
     __all__ = [
-        "BACKENDS", "backend_for", "use_backend", "reference",
+        "BACKENDS", "backend_for", "use_backend", "reference", "aggregation_rule",
         "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten", "group_advantages",
         "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul",
     ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import masked_moments
+
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 
 
@@ -26,12 +28,13 @@ def group_advantages(scores: torch.Tensor, *, estimator: str, eps: float = 1e-6)
         raise ValueError("group_advantages: scores must be finite (drop the rows with a non-finite score first)")
     s = scores.float()
     n = s.shape[1]
-    mean = s.mean(dim=1, keepdim=True)
-    if estimator == "grpo":
-        return (s - mean) / (s.std(dim=1, keepdim=True) + eps)
+    mean, var = masked_moments(s, None, dim=1)                             # [P, 1] each, unbiased
+    if estimator == "grpo":  # verl's normalizer: std + eps, not whitening's sqrt(var + eps)
+        return (s - mean) / (var.sqrt() + eps)
     if estimator == "rloo":
         return (s - mean) * n / (n - 1)      # s - (sum - s) / (n - 1)
     centered = s - mean
     if estimator == "dr_grpo" or centered.numel() < 2:
         return centered
-    return (centered - centered.mean()) / (centered.std() + eps)
+    batch_mean, batch_var = masked_moments(centered, None)
+    return (centered - batch_mean) / (batch_var.sqrt() + eps)

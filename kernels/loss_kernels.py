@@ -271,7 +271,7 @@ def _finalize_kernel(
     n_rows,
     n_chunks,
     norm,             # seq-mean-token-sum-norm's constant
-    AGG: tl.constexpr,        # index in ppo_loss.AGGS
+    AGG: tl.constexpr,        # index in aggregation.AGGS (the rules of aggregation.py)
     ROW_BLOCK: tl.constexpr,
 ):
     cols = tl.arange(0, 16)

@@ -1,14 +1,7 @@
 """PPO's clipped policy and value losses: argument checks and backend choice (host functions).
 
-The loss is a weighted sum of per-token terms, with the weights of reference.row_weights: with n_b
-valid tokens in row b, N valid tokens, S non-empty rows and a constant norm (default T, the padded
-length, as verl's loss_scale_factor),
-    token-mean                w = 1 / N
-    seq-mean-token-mean       w = 1 / (S * n_b)
-    seq-mean-token-sum        w = 1 / S
-    token-sum                 w = 1
-    seq-mean-token-sum-norm   w = 1 / norm      (Dr. GRPO: the sum over all tokens / a constant)
-Rows with no valid token are left out of every mean; with no valid token at all the loss is 0.
+The loss is a weighted sum of per-token terms, with the row weights of aggregation.py (the rules of
+every `agg`, written once).
 Each kernel computes, per token, the term, its derivative and the diagnostics (clip fractions, k3
 KL, ratio mean/max); the stats stay on the device (no host sync).
 
@@ -24,11 +17,10 @@ from typing import Optional
 import torch
 
 from . import checks, fused_loss, reference
-from .reference import row_weights
+from .aggregation import AGGS, row_weights
 from .dispatch import backend_for, fused_op, kernel_inputs
 from .policy_corrections import IS_LEVELS, IS_MODES, importance_weights, sequence_ratio_logp
 
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum", "seq-mean-token-sum-norm")
 POLICY_STATS = ("clipfrac", "dual_clipfrac", "approx_kl", "ratio_mean", "ratio_max")
 IS_STATS = ("is_weight_mean", "is_weight_max", "is_masked_frac")
 

@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .aggregation import row_weights
+
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 for float64 inputs (the oracle), float32 for everything else."""
@@ -90,48 +92,50 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     return advantages, returns
 
 
-def masked_mean(x, mask, dim=None):
-    """Mean of x over valid entries (0 when there are none)."""
+def _masked_sum(x, valid, dim, keepdim, sum_over):
+    """(sum of x over the valid entries, their count) along dim, each summed over the ranks by
+    sum_over when given (one call: the two go stacked, the count in x's dtype)."""
+    total = torch.where(valid, x, 0.0).sum(dim=dim, keepdim=keepdim)
+    count = valid.sum(dim=dim, keepdim=keepdim)
+    if sum_over is not None:
+        total, count = sum_over(torch.stack([total, count.to(total.dtype)])).unbind(0)
+    return total, count
+
+
+def masked_mean(x, mask, dim=None, *, keepdim=False, sum_over=None):
+    """Mean of x over valid entries along dim (all of x when None); 0 where there are none.
+
+    sum_over: a function summing a tensor over the ranks (e.g. distributed.all_reduce_tensor;
+    not differentiated): the mean over every rank's entries. The one masked mean of the package
+    and of the engine's statistics.
+    """
+    total, count = _masked_sum(x, _valid(mask, x), dim, keepdim, sum_over)
+    return total / count.clamp_min(1)
+
+
+def masked_moments(x, mask, dim=None, *, unbiased=True, sum_over=None):
+    """(mean, variance) of x over valid entries along dim (all of x when None), both with dim kept
+    as size 1 (every dim for None), so that x - mean broadcasts. Two passes (the mean, then the
+    centered squares: no sum-of-squares cancellation); the variance divides by count - 1 when
+    unbiased (at least 1). sum_over as in masked_mean."""
     valid = _valid(mask, x)
-    total = torch.where(valid, x, 0.0).sum(dim=dim)
-    count = valid.sum(dim=dim).clamp_min(1)
-    return total / count
+    mean = masked_mean(x, valid, dim, keepdim=True, sum_over=sum_over)
+    # Centered by a select first: a non-finite x outside the mask must not reach the gradient.
+    squares, count = _masked_sum(torch.where(valid, x - mean, 0.0) ** 2, valid, dim, True, sum_over)
+    return mean, squares / (count - int(unbiased)).clamp_min(1)
 
 
-def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
-    """(x - mean) / sqrt(var + eps) over valid entries (unbiased var); 0 outside the mask."""
+def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8, sum_over=None):
+    """(x - mean) / sqrt(var + eps) over valid entries (unbiased var, masked_moments); 0 outside
+    the mask. sum_over as in masked_mean: whitening over every rank's entries."""
     cd = compute_dtype(x)
     x = x.to(cd)
     valid = _valid(mask, x)
-    count = valid.sum()
-    mean = masked_mean(x, mask)
-    centered = torch.where(valid, x - mean, 0.0)
-    var = (centered**2).sum() / (count - 1).clamp_min(1)
-    white = centered * torch.rsqrt(var + eps)
+    mean, var = masked_moments(x, valid, sum_over=sum_over)
+    white = torch.where(valid, x - mean, 0.0) * torch.rsqrt(var + eps)
     if not shift_mean:
         white = white + mean
     return torch.where(valid, white, 0.0)
-
-
-def row_weights(mask, agg, norm=None):
-    """The aggregation rule, the one place it is written in PyTorch: the weight of each valid token
-    of each row, mask [..., T] -> fp32 [rows], so that a loss is sum over valid tokens of
-    weight[row] * term (the Triton kernels apply the same rule on the device, in
-    loss_kernels._finalize_kernel). With n_b valid tokens in row b, N in all, S non-empty rows:
-        token-mean 1 / N; seq-mean-token-mean 1 / (S * n_b); seq-mean-token-sum 1 / S;
-        token-sum 1; seq-mean-token-sum-norm 1 / norm (default T, verl's loss_scale_factor:
-        Dr. GRPO's constant normalizer).
-    Rows with no valid token are left out of every mean.
-    """
-    lengths = (mask != 0).sum(dim=-1).reshape(-1).float()                   # [rows]
-    if agg == "token-mean":
-        return (1.0 / lengths.sum().clamp_min(1.0)).expand_as(lengths).contiguous()
-    if agg in ("token-sum", "seq-mean-token-sum-norm"):
-        scale = 1.0 if agg == "token-sum" else 1.0 / float(norm or mask.shape[-1])
-        return torch.full_like(lengths, scale)
-    n_seqs = (lengths > 0).sum().clamp_min(1)
-    per_seq = lengths.clamp_min(1.0) if agg == "seq-mean-token-mean" else torch.ones_like(lengths)
-    return 1.0 / (per_seq * n_seqs)
 
 
 def weighted_sum(per_token, mask, weights):
@@ -141,7 +145,7 @@ def weighted_sum(per_token, mask, weights):
 
 
 def aggregate(per_token, mask, agg, norm=None):
-    """Reduce a per-token loss [..., T] to a scalar by the rule of row_weights."""
+    """Reduce a per-token loss [..., T] to a scalar by the rule of `agg` (aggregation.py)."""
     return weighted_sum(per_token, mask, row_weights(_valid(mask, per_token), agg, norm))
 
 

@@ -9,13 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ....kernels import masked_whiten
+from ....kernels import masked_whiten, reference
 from ...train import distributed
-
-
-def _sum(*values: torch.Tensor) -> list[float]:
-    """Each 0-dim value summed over the ranks (one all-reduce), as float64 Python floats."""
-    return distributed.all_reduce_tensor(torch.stack([v.double() for v in values])).tolist()
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -34,8 +29,7 @@ def own_rows(x: torch.Tensor) -> torch.Tensor:
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean of x over valid entries of all ranks (0 when there are none)."""
-    total, count = _sum(torch.where(mask, x.double(), 0.0).sum(), mask.sum())
-    return total / max(count, 1)
+    return float(reference.masked_mean(x.double(), mask, sum_over=distributed.all_reduce_tensor))
 
 
 def row_mean(x: torch.Tensor) -> float:
@@ -45,9 +39,8 @@ def row_mean(x: torch.Tensor) -> float:
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> float:
     """Variance over valid entries of all ranks (two passes: the mean, then centered squares)."""
-    mean = masked_mean(x, mask)
-    squares, count = _sum(torch.where(mask, (x.double() - mean) ** 2, 0.0).sum(), mask.sum())
-    return squares / max(count - (1 if unbiased else 0), 1)
+    return float(reference.masked_moments(x.double(), mask, unbiased=unbiased,
+                                          sum_over=distributed.all_reduce_tensor)[1])
 
 
 def row_std(x: torch.Tensor) -> float:
@@ -64,8 +57,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     """kernels.masked_whiten with the mean and unbiased variance of all ranks' valid entries."""
     if distributed.world_size() == 1:
         return masked_whiten(x, mask)
-    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=True)
-    return torch.where(mask, (x.float() - mean) * (var + eps) ** -0.5, 0.0)
+    return reference.masked_whiten(x.double(), mask, eps=eps, sum_over=distributed.all_reduce_tensor).float()
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

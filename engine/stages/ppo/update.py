@@ -34,7 +34,7 @@ from ...data.packing import PackedBatch, pack_sequences
 from .rollout import Rollout, pack_rollout, response_logprobs
 from ...train.runlog import peak_memory_mb
 from .sampling import Samples
-from ....kernels import kl_penalty, ppo_policy_loss, ppo_value_loss
+from ....kernels import aggregation_rule, kl_penalty, ppo_policy_loss, ppo_value_loss
 from ....kernels.policy_corrections import importance_weights
 from ....kernels.reference import masked_mean
 
@@ -221,12 +221,9 @@ class Optimizers:
 
 
 def aggregation_units(mask: torch.Tensor, agg: str) -> Optional[torch.Tensor]:
-    """[B] what each row adds to the denominator of `agg` (valid tokens for token-mean, 1 per
+    """[B] what each row adds to the denominator of `agg` (kernels.aggregation_rule: valid tokens for token-mean, 1 per
     non-empty row for the seq-mean modes), or None for the sums, which add up as they are."""
-    tokens = mask.sum(-1)
-    if agg in ("token-sum", "seq-mean-token-sum-norm"):
-        return None
-    return tokens if agg == "token-mean" else (tokens > 0).long()
+    return aggregation_rule(mask, agg)[1]
 
 
 def _share(units: Optional[torch.Tensor], total: Optional[torch.Tensor], start: int, size: int):
