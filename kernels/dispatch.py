@@ -16,6 +16,9 @@ Resolution order: the innermost ``use_backend(...)`` context of the calling thre
 the backend measured fastest for the op at that size (AUTO_CUDA_UP_TO, from the H100 run of
 kernels/BACKENDS.md); otherwise Triton where it can run, torch elsewhere.
 
+This is the one backend decider: the engine's model-scale paths (the decoder, paged attention, the
+sampler, the batch-invariant mode) ask it too, through ``fused_for_model``.
+
 The override stack is thread-local (no process-wide mutable state) and is a plain list, which
 torch.compile can read and guard on (it cannot trace ``contextvars``). Under torch.compile the
 environment variable is read once, at trace time.
@@ -102,9 +105,10 @@ def _cuda_built() -> bool:
     return cuda_ext.is_loaded() if torch.compiler.is_compiling() else cuda_ext.is_available()
 
 
-def backend_for(x: torch.Tensor, op: Optional[str] = None) -> str:
+def backend_for(x: torch.Tensor, op: Optional[str] = None, *, interpret_on_auto: bool = True) -> str:
     """The backend that will run an op whose main input is ``x``: "triton", "cuda" or "torch".
-    ``op`` names the op for "auto"'s measured choice (AUTO_CUDA_UP_TO).
+    ``op`` names the op for "auto"'s measured choice (AUTO_CUDA_UP_TO). ``interpret_on_auto``
+    False: "auto" keeps CPU tensors on torch even under TRITON_INTERPRET=1 (fused_for_model).
 
     Raises RuntimeError when "triton" or "cuda" is requested for a tensor it cannot run on, or
     "cuda" where the extension is not built.
@@ -118,7 +122,7 @@ def backend_for(x: torch.Tensor, op: Optional[str] = None) -> str:
     triton_ok = TRITON_AVAILABLE and (x.is_cuda or triton_interpreting())
     if name == "auto":
         return auto_backend(op, x.numel(), on_cuda=x.is_cuda, cuda_built=x.is_cuda and _cuda_built(),
-                            triton_ok=triton_ok)
+                            triton_ok=triton_ok and (x.is_cuda or interpret_on_auto))
     if name == "triton" and not TRITON_AVAILABLE:
         raise RuntimeError("backend 'triton' is unavailable: triton is not installed")
     if name == "triton" and not triton_ok:
@@ -126,6 +130,18 @@ def backend_for(x: torch.Tensor, op: Optional[str] = None) -> str:
             f"backend 'triton' needs CUDA tensors or TRITON_INTERPRET=1; got a tensor on {x.device}"
         )
     return name
+
+
+def fused_for_model(x: torch.Tensor) -> bool:
+    """Whether the model-scale paths (a decoder's norms, RoPE and SiLU*up, paged attention, the
+    sampler, the batch-invariant mode's kernels) run our fused kernels for tensors like ``x``.
+
+    backend_for's choice, with one difference: "auto" keeps CPU tensors on torch even under
+    TRITON_INTERPRET=1, because a whole forward or generation in the interpreter takes minutes;
+    tests that want it ask by name (``use_backend("triton")``). Under "cuda" these paths run
+    their Triton kernels (they have no CUDA twin), as linear_token_logprobs and masked_whiten do.
+    """
+    return backend_for(x, interpret_on_auto=False) != "torch"
 
 
 def fused_op(backend: str, name: str):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.attention import use_triton
+from ...kernels.dispatch import fused_for_model
 from .sampler_kernels import sample_triton
 
 _MASK32 = 0xFFFFFFFF
@@ -33,7 +33,7 @@ def sample(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps=None):
     `sample_torch`."""
     if min_ps is None:
         min_ps = torch.zeros_like(top_ps, dtype=torch.float32)
-    if use_triton(logits):
+    if fused_for_model(logits):
         return sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
     return sample_torch(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
 

@@ -11,8 +11,8 @@ varlen_kernels.py); prefill reads the pages through flash-attn's block table whe
 multiple of 256 (flash-attn 2's page constraint), and otherwise gathers each sequence's keys from the
 pages with one index first. Elsewhere (the CPU, fp32) packed_attention.py runs a few padded SDPA calls,
 as many as there are power-of-two length groups. Decode uses flash-attn's paged call under the same
-block-size condition, else our Triton kernel on CUDA, else a PyTorch gather on the CPU (unless kernels'
-backend override asks for Triton).
+block-size condition, else our Triton kernel where kernels.dispatch.fused_for_model says so (CUDA, or
+the CPU when kernels' backend override asks for Triton), else a PyTorch gather.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from . import paged_kernels
 from .kv_pages import key_slots
 from .packed_attention import PaddedPlan, packed_causal_attention, paged_prefill_attention, plan_groups
 from .varlen_kernels import flash_attn, use_flash_attn, varlen_kernel
-from ...kernels.dispatch import backend_for, requested_backend
+from ...kernels.dispatch import fused_for_model
 
 FLASH_PAGE_MULTIPLE = 256
 
@@ -56,18 +56,9 @@ class AttentionMetadata:
         return cls(seqlens_q=list(seqlens), seqlens_k=list(seqlens), cu_seqlens_q=cu, cu_seqlens_k=cu)
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """Our Triton kernels on CUDA. Elsewhere only when asked for with kernels' backend override
-    (`kernels.use_backend("triton")` or FUSEDRL_BACKEND=triton; on the CPU that needs
-    TRITON_INTERPRET=1), which is how the tests run whole generations through the kernels."""
-    if requested_backend() == "auto":
-        return x.is_cuda
-    return backend_for(x) == "triton"
-
-
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
     """Write new K/V [N, Hkv, D] into the pages at `slot_mapping`."""
-    if use_triton(k):
+    if fused_for_model(k):
         paged_kernels.store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         paged_kernels.store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
@@ -136,7 +127,7 @@ def decode_attention(q, k_cache, v_cache, meta: AttentionMetadata):
             q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
             block_table=meta.block_tables, softmax_scale=scale, causal=True)
         return out.squeeze(1)
-    if use_triton(q):
+    if fused_for_model(q):
         return paged_kernels.paged_decode_triton(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     return paged_kernels.paged_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)

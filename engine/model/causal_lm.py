@@ -11,10 +11,10 @@ mode walks the same code with its own set. Four GEMMs per layer: q/k/v are one p
 Hugging Face ones, and hf_io maps the packed row blocks to `q_proj`, `k_proj`, ... at load and save.
 The eager set follows transformers step for step (fp32 RMSNorm, RoPE tables in fp32 cast to the
 activation dtype), which is what makes the fp32 parity tests tight. Where the engine runs Triton
-(CUDA; see attention.use_triton), norms (with the residual add), RoPE of q and k and the MLP's SiLU * up
-are fused kernels with their own backward (fusedrl.kernels), the same for decode, scoring and
-training: the log-probs a rollout scores and the ones the update differentiates come from the same
-code, bit for bit.
+(CUDA; kernels.dispatch.fused_for_model decides), norms (with the residual add), RoPE of q and k and
+the MLP's SiLU * up are fused kernels with their own backward (fusedrl.kernels), the same for decode,
+scoring and training: the log-probs a rollout scores and the ones the update differentiates come from
+the same code, bit for bit.
 """
 from __future__ import annotations
 

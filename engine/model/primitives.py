@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .attention import use_triton
+from ...kernels.dispatch import fused_for_model
 from ...kernels.norm import rms_norm, rms_norm_reference
 from ...kernels.rotary import rope, rope_reference
 from ...kernels.swiglu import silu_mul, silu_mul_reference
@@ -53,4 +53,4 @@ EAGER = SimpleNamespace(
 
 def primitives_for(x: torch.Tensor) -> SimpleNamespace:
     """The default set for tensors like `x`: FUSED where the engine runs its Triton kernels, else EAGER."""
-    return FUSED if use_triton(x) else EAGER
+    return FUSED if fused_for_model(x) else EAGER

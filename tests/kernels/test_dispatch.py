@@ -4,6 +4,7 @@ import torch
 
 import fusedrl.kernels as kernels
 from fusedrl.kernels import backend_for, use_backend
+from fusedrl.kernels.dispatch import fused_for_model
 from kernel_testing import DEVICE, ON_GPU, TRITON_RUNS, assert_close, needs_triton
 
 
@@ -35,6 +36,25 @@ def test_environment_override(monkeypatch):
     monkeypatch.setenv("FUSEDRL_BACKEND", "cuda-graphs")
     with pytest.raises(ValueError, match="FUSEDRL_BACKEND: unknown backend 'cuda-graphs'"):
         backend_for(torch.zeros(1))
+
+
+@needs_triton
+def test_model_paths_ask_the_same_decider_but_interpret_only_by_name(monkeypatch):
+    """fused_for_model is backend_for's choice, except that "auto" never sends CPU tensors to the
+    interpreter (a whole forward there takes minutes): CUDA tensors run fused, CPU ones by name."""
+    monkeypatch.delenv("FUSEDRL_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cpu = torch.zeros(1)
+    assert backend_for(cpu) == "triton" and not fused_for_model(cpu)
+    with use_backend("triton"):
+        assert fused_for_model(cpu)
+    with use_backend("torch"):
+        assert not fused_for_model(cpu)
+    if ON_GPU:
+        gpu = torch.zeros(1, device=DEVICE)
+        assert fused_for_model(gpu)
+        with use_backend("torch"):
+            assert not fused_for_model(gpu)
 
 
 def test_unknown_backend_name():

@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import torch
 
-from ..attention import use_triton
 from ..primitives import FUSED, fused_add_rms_norm
+from ....kernels.dispatch import fused_for_model
 from ....kernels.rotary import rope_reference
 from . import ops
 from .attention import chunked_attention
@@ -66,4 +66,4 @@ TRITON = SimpleNamespace(
 
 def primitives_for(x: torch.Tensor) -> SimpleNamespace:
     """The set for tensors like `x`: TRITON where the engine runs its Triton kernels, else FIXED_ORDER_TORCH."""
-    return TRITON if use_triton(x) else FIXED_ORDER_TORCH
+    return TRITON if fused_for_model(x) else FIXED_ORDER_TORCH
