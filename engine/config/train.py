@@ -31,6 +31,10 @@ class DataConfig:
     max_length: int = option("max tokens of prompt + response; longer responses are cut at the end", 1024)
     max_prompt_length: int = option("prompts keep their last max_prompt_length tokens", 512)
     tokens_per_batch: int = option("token budget of one packed micro-batch (all sequences together), per rank", 8192)
+    tokens_per_microbatch: int | None = option(
+        "token budget of one forward/backward, per rank: a step's examples (optim.grad_accum_steps micro-batches "
+        "of tokens_per_batch) are packed in order into forwards of at most this many tokens, so each fills the "
+        "device; the gradient stays the step's (null: one forward per micro-batch)")
     skip_malformed: bool = option("skip and count malformed lines instead of failing on the first", False)
 
     def __post_init__(self):
@@ -41,6 +45,9 @@ class DataConfig:
                f"got {self.max_prompt_length}")
         check(self.tokens_per_batch >= self.max_length,
                f"data.tokens_per_batch ({self.tokens_per_batch}) must hold one sequence of "
+               f"data.max_length ({self.max_length})")
+        check(self.tokens_per_microbatch is None or self.tokens_per_microbatch >= self.max_length,
+               f"data.tokens_per_microbatch ({self.tokens_per_microbatch}) must be null or hold one sequence of "
                f"data.max_length ({self.max_length})")
 
 

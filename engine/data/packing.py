@@ -94,13 +94,14 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def pack(sizes: list[int], budget: int) -> list[list[int]]:
-    """Greedy in order: indices into `sizes` grouped so that each group's total is <= budget."""
+def pack(sizes: list[int], budget: int, budget_name: str = "tokens_per_batch") -> list[list[int]]:
+    """Greedy in order: indices into `sizes` grouped so that each group's total is <= budget
+    (data.`budget_name`, named in the error when one size exceeds it)."""
     groups, total = [], budget + 1
     for i, size in enumerate(sizes):
         if size > budget:
-            raise ConfigValueError(f"an example of {size} tokens does not fit in tokens_per_batch={budget}; "
-                             f"raise data.tokens_per_batch or lower data.max_length")
+            raise ConfigValueError(f"an example of {size} tokens does not fit in {budget_name}={budget}; "
+                                   f"raise data.{budget_name} or lower data.max_length")
         if total + size > budget:
             groups.append([])
             total = 0

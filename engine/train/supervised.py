@@ -9,6 +9,10 @@ optim.grad_accum_steps micro-batches of data.tokens_per_batch tokens (both per r
 and TRL): a step's global batch is grad_accum_steps x world_size micro-batches, consecutive in the
 stream, rank r taking the r-th run of grad_accum_steps. The loss denominators (`step_counts`) are
 summed over the ranks, so the step equals one process's with grad_accum_steps x world_size.
+
+The forwards are cut apart from the data: with data.tokens_per_microbatch a rank's examples of the
+step are packed, in order, into forwards of at most that many tokens (`step_forwards`). The loss is
+divided by the step's counts, not a forward's, so the cut leaves the step's gradient as it is.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..config.train import DataConfig, StageConfig
-from ..data.packing import epoch_batches
+from ..data.packing import epoch_batches, pack
 from ..data.tokenization import TokenizedExample
 from ..errors import UsageError
 from . import adapters, distributed, optim
@@ -91,12 +95,23 @@ def total_steps(examples: list[TokenizedExample], cfg: StageConfig) -> int:
     return max(n // micro_batches_per_step(cfg), 1)
 
 
+def step_forwards(stage: Stage, groups: list[list[TokenizedExample]], budget: int | None) -> list:
+    """This rank's forwards of one step, collated. groups: its data micro-batches of the step, in
+    stream order; budget None: one forward each; else data.tokens_per_microbatch: their examples,
+    in the same order, packed greedily into forwards of at most `budget` tokens."""
+    if budget is not None:
+        examples = [ex for group in groups for ex in group]
+        cut = pack([ex.num_tokens for ex in examples], budget, "tokens_per_microbatch")
+        groups = [[examples[i] for i in forward] for forward in cut]
+    return [stage.collate(group) for group in groups]
+
+
 def to_device(batch, device: torch.device):
     return type(batch)(*(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x for x in batch))
 
 
 def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: StageConfig, device) -> dict:
-    """One optimizer step over `batches` (this rank's share of the step's micro-batches, collated);
+    """One optimizer step over `batches` (this rank's forwards of the step, from step_forwards);
     returns the step's metrics over all ranks (the same on every rank, so all take the same skip).
     A non-finite loss or gradient skips the step on the device (optim.clip_and_step): the step is
     queued before any metric is read."""
@@ -123,7 +138,8 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
 @torch.no_grad()
 def evaluate(model, stage: Stage, examples: list[TokenizedExample], cfg: StageConfig, device) -> dict:
     """Stage metrics over held-out `examples`, in eval mode and without gradients."""
-    batches = [stage.collate(b) for b in epoch_batches(examples, cfg.data.tokens_per_batch, cfg.seed, 0)]
+    budget = cfg.data.tokens_per_microbatch or cfg.data.tokens_per_batch  # sums: any cut gives the same metrics
+    batches = [stage.collate(b) for b in epoch_batches(examples, budget, cfg.seed, 0)]
     counts = sum((Counter(stage.counts(b)) for b in batches), Counter())
     stats = Counter()
     model.eval()
@@ -159,7 +175,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         group = [next(stream) for _ in range(micro_batches_per_step(cfg))]
-        batches = [stage.collate(examples) for _, _, examples in group[share]]
+        batches = step_forwards(stage, [examples for _, _, examples in group[share]], cfg.data.tokens_per_microbatch)
         metrics = train_step(model, stage, batches, optimizer, scheduler, cfg, device)
         rank_tokens = distributed.all_gather(sum(len(b.input_ids) for b in batches))
         state.epoch, state.batch_index = group[-1][0], group[-1][1] + 1

@@ -53,6 +53,8 @@ def test_required_fields_and_validation_from_python():
         OptimConfig(grad_accum_steps=0)
     with pytest.raises(ValueError, match="tokens_per_batch"):
         DataConfig(train_file="t", max_length=100, max_prompt_length=50, tokens_per_batch=50)
+    with pytest.raises(ValueError, match=r"data.tokens_per_microbatch \(99\) must be null or hold one sequence"):
+        DataConfig(train_file="t", max_length=100, max_prompt_length=50, tokens_per_microbatch=99)
 
 
 def test_help_documents_every_option(capsys):
