@@ -7,6 +7,9 @@ first half is a masked prompt. Ours: packed varlen forward + `linear_token_logpr
 rows only (the [N, V] logits never exist). Transformers: `model(input_ids, labels=...)`, which
 materializes [B, T, V] logits and their fp32 copy. Reports tokens/s of a full optimizer step
 (forward, backward, clip, AdamW), the speedup, and the peak memory above the model + optimizer state.
+Ours runs the step as one forward (data.tokens_per_microbatch = the step's tokens) and, for the
+`per-row` column, as one forward per sequence (row-count micro-batches): the same gradient, so the
+ratio is what packing to a token budget buys.
 `--quick` runs a tiny fp32 model on the CPU to check the script itself.
 
     python bench/bench_sft.py                    # GPU: batches 4x1024 and 8x2048
@@ -26,15 +29,15 @@ import transformers
 import harness
 from bench_generate import QWEN25_05B, TINY
 from fusedrl.engine.model.hf_io import load_model
-from fusedrl.engine.data.packing import collate_sft
 from fusedrl.engine.train.optim import build_optimizer, build_scheduler
 from fusedrl.engine.stages.sft import sft_stage
 from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
 from fusedrl.engine.train.precision import param_dtype, resolve_precision
-from fusedrl.engine.train.supervised import train_step
+from fusedrl.engine.train.supervised import step_forwards, train_step
 
-COLUMNS = [("shape", "batch"), ("ours_tok_s", "ours tok/s"), ("hf_tok_s", "hf tok/s"), ("speedup", "speedup"),
+COLUMNS = [("shape", "batch"), ("ours_tok_s", "ours tok/s"), ("ours_per_row_tok_s", "per-row tok/s"),
+           ("hf_tok_s", "hf tok/s"), ("speedup", "speedup"),
            ("ours_peak_gib", "ours peak GiB"), ("hf_peak_gib", "hf peak GiB"), ("memory_ratio", "hf/ours mem")]
 
 
@@ -80,9 +83,13 @@ def bench_ours(model_dir: Path, examples, device, checkpointing: bool) -> dict:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, 10**6)
     stage = sft_stage(str(model_dir), dtype, device)
-    batch = collate_sft(examples)
-    step = lambda: train_step(model, stage, [batch], optimizer, scheduler, cfg, device)  # noqa: E731
-    return _measure(step, device, len(batch.input_ids))
+    tokens = sum(ex.num_tokens for ex in examples)
+    results = {}
+    for prefix, forwards in (("", step_forwards(stage, [examples], tokens)),
+                             ("per_row_", step_forwards(stage, [[ex] for ex in examples], None))):
+        step = lambda: train_step(model, stage, forwards, optimizer, scheduler, cfg, device)  # noqa: E731
+        results.update({prefix + k: v for k, v in _measure(step, device, tokens).items()})
+    return results
 
 
 def bench_hf(model_dir: Path, examples, device, checkpointing: bool) -> dict:
@@ -126,7 +133,8 @@ def main():
     for b, t in args.shapes:
         examples = make_batch(b, t, vocab)
         ours = bench_ours(model_dir, examples, device, args.gradient_checkpointing)
-        row = {"shape": f"{b}x{t}", "ours_tok_s": ours["tok_s"], "ours_ms": ours["ms"], "ours_peak_gib": ours["peak_gib"]}
+        row = {"shape": f"{b}x{t}", "ours_tok_s": ours["tok_s"], "ours_ms": ours["ms"], "ours_peak_gib": ours["peak_gib"],
+               "ours_per_row_tok_s": ours["per_row_tok_s"], "ours_per_row_ms": ours["per_row_ms"]}
         if not args.skip_hf:
             hf = bench_hf(model_dir, examples, device, args.gradient_checkpointing)
             row.update(hf_tok_s=hf["tok_s"], hf_ms=hf["ms"], hf_peak_gib=hf["peak_gib"],

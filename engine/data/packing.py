@@ -110,10 +110,12 @@ def pack(sizes: list[int], budget: int, budget_name: str = "tokens_per_batch") -
     return groups
 
 
-def epoch_batches(examples: list[TokenizedExample], budget: int, seed: int, epoch: int) -> list[list[TokenizedExample]]:
-    """Micro-batches (lists of examples) of one epoch, shuffled by (seed, epoch), then packed."""
+def epoch_batches(examples: list[TokenizedExample], budget: int, seed: int, epoch: int,
+                  budget_name: str = "tokens_per_batch") -> list[list[TokenizedExample]]:
+    """Micro-batches (lists of examples) of one epoch, shuffled by (seed, epoch), then packed
+    (budget: data.`budget_name`)."""
     order = epoch_order(len(examples), seed, epoch)
-    groups = pack([examples[i].num_tokens for i in order], budget)
+    groups = pack([examples[i].num_tokens for i in order], budget, budget_name)
     return [[examples[order[j]] for j in group] for group in groups]
 
 

@@ -138,8 +138,11 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
 @torch.no_grad()
 def evaluate(model, stage: Stage, examples: list[TokenizedExample], cfg: StageConfig, device) -> dict:
     """Stage metrics over held-out `examples`, in eval mode and without gradients."""
-    budget = cfg.data.tokens_per_microbatch or cfg.data.tokens_per_batch  # sums: any cut gives the same metrics
-    batches = [stage.collate(b) for b in epoch_batches(examples, budget, cfg.seed, 0)]
+    # The metrics are sums over the examples, so the forwards may take the training forwards' budget.
+    data = cfg.data
+    budget, name = ((data.tokens_per_microbatch, "tokens_per_microbatch") if data.tokens_per_microbatch
+                    else (data.tokens_per_batch, "tokens_per_batch"))
+    batches = [stage.collate(b) for b in epoch_batches(examples, budget, cfg.seed, 0, name)]
     counts = sum((Counter(stage.counts(b)) for b in batches), Counter())
     stats = Counter()
     model.eval()
