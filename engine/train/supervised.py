@@ -110,9 +110,11 @@ def to_device(batch, device: torch.device):
     return type(batch)(*(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x for x in batch))
 
 
-def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: StageConfig, device) -> dict:
+def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: StageConfig, device,
+               forwards: int | None = None) -> dict:
     """One optimizer step over `batches` (this rank's forwards of the step, from step_forwards);
     returns the step's metrics over all ranks (the same on every rank, so all take the same skip).
+    forwards: the most forwards any rank runs this step (default len(batches)).
     A non-finite loss or gradient skips the step on the device (optim.clip_and_step): the step is
     queued before any metric is read."""
     step_counts = distributed.all_reduce_sum(sum((Counter(stage.counts(b)) for b in batches), Counter()))
@@ -124,6 +126,12 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
         (loss * distributed.world_size()).backward()  # FSDP averages over ranks; the step sums
         step_loss = step_loss + loss.detach()
         stats.update(batch_stats)
+    # Under FSDP each forward and backward is a collective, and a token budget can cut the ranks'
+    # examples into different numbers of forwards: a rank with fewer repeats its smallest one with
+    # its loss times 0 (the gradient and the stats unchanged) until it ran as many as the others.
+    spare = min(batches, key=lambda b: len(b.input_ids))
+    for _ in range((forwards or len(batches)) - len(batches)):
+        (stage.loss(model, to_device(spare, device), step_counts)[0] * 0.0).backward()
     step_loss = distributed.all_reduce_tensor(step_loss)  # every rank decides on the same losses
     grad_norm = float(optim.clip_and_step([optimizer], cfg.optim.max_grad_norm, step_loss)[0])
     lr = scheduler.get_last_lr()[0]
@@ -179,11 +187,13 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
             torch.cuda.reset_peak_memory_stats(device)
         group = [next(stream) for _ in range(micro_batches_per_step(cfg))]
         batches = step_forwards(stage, [examples for _, _, examples in group[share]], cfg.data.tokens_per_microbatch)
-        metrics = train_step(model, stage, batches, optimizer, scheduler, cfg, device)
-        rank_tokens = distributed.all_gather(sum(len(b.input_ids) for b in batches))
+        rank_sizes = distributed.all_gather((sum(len(b.input_ids) for b in batches), len(batches)))
+        rank_tokens, rank_forwards = (list(column) for column in zip(*rank_sizes))
+        metrics = train_step(model, stage, batches, optimizer, scheduler, cfg, device, max(rank_forwards))
         state.epoch, state.batch_index = group[-1][0], group[-1][1] + 1
         state.tokens += sum(rank_tokens)
-        return {**metrics, "tokens": sum(rank_tokens), "tokens_per_rank": rank_tokens, "epoch": state.epoch,
+        return {**metrics, "tokens": sum(rank_tokens), "tokens_per_rank": rank_tokens,
+                "forwards_per_rank": rank_forwards, "epoch": state.epoch,
                 "peak_mem_mb": peak_memory_mb(device)}
 
     evaluate_held_out = (lambda: evaluate(model, stage, eval_ex, cfg, device)) if eval_ex else None

@@ -94,6 +94,23 @@ def test_one_process_checkpoint_resumes_on_two_ranks(base_dir, sft_runs):
     assert_same_curves(moved, sft_runs / "one")
 
 
+def test_token_budget_on_two_ranks_matches_one_process(base_dir, tmp_path):
+    """data.tokens_per_microbatch cuts the ranks' examples into different numbers of forwards (FSDP
+    collectives in each): the rank with fewer runs zero-loss ones, and the step stays the global one."""
+    # fp32, and 1e-4: another cut sums the gradients in another order (bf16: one ulp apart; fp32:
+    # 1e-5 after Adam, which divides rounding noise on near-zero gradients by their size).
+    write_jsonl(tmp_path / "train.jsonl", demonstrations(24))
+    loop = {**SFT_LOOP, "precision": "fp32"}
+    check(torchrun("sft", sft_config(base_dir, tmp_path / "train.jsonl", tmp_path / "two",
+                                     data={"tokens_per_microbatch": 56}, train=loop), tmp_path))
+    with rank_threads():
+        run_sft(sft_run(base_dir, tmp_path, "one", 1, precision="fp32"))
+    assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final", rtol=1e-4)
+    assert_same_curves(tmp_path / "two", tmp_path / "one")
+    forwards = [r["forwards_per_rank"] for r in read_metrics(tmp_path / "two") if r["kind"] == "train"]
+    assert any(a != b for a, b in forwards), forwards                    # the case under test happened
+
+
 def test_rm_two_ranks_match_one_process(base_dir, tmp_path):
     train_file = write_jsonl(tmp_path / "pairs.jsonl", sorted_digit_preferences(16))
     """Replicated over the ranks, in bf16-mixed (an fp32 score head on a bf16 model)."""

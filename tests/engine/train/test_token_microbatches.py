@@ -38,10 +38,11 @@ def rm_examples(k):
     return [TokenizedExample(p, tuple(responses[e * k:(e + 1) * k])) for e, p in enumerate(prompts)]
 
 
-def step_gradients(model, stage, forwards, cfg):
+def step_gradients(model, stage, forwards, cfg, most_forwards=None):
     """The accumulated gradient of one train_step over `forwards`, and its metrics."""
     optimizer = build_optimizer(model, cfg.optim)
-    metrics = train_step(model, stage, forwards, optimizer, build_scheduler(optimizer, cfg.optim, 10), cfg, CPU)
+    scheduler = build_scheduler(optimizer, cfg.optim, 10)
+    metrics = train_step(model, stage, forwards, optimizer, scheduler, cfg, CPU, most_forwards)
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, metrics
 
 
@@ -89,3 +90,22 @@ def test_an_example_over_the_budget_names_the_option(base_dir, tmp_path):
     examples = sft_examples()
     with pytest.raises(ConfigValueError, match="does not fit in tokens_per_microbatch=5; raise data.tokens_per_microbatch"):
         step_forwards(stage, [examples], 5)
+
+
+def test_a_rank_with_fewer_forwards_matches_the_others_without_changing_the_step(base_dir, tmp_path, monkeypatch):
+    # Under FSDP every forward is a collective: a rank whose examples the budget cut into fewer
+    # forwards than another rank's runs extra ones (loss times 0) so that none waits forever.
+    cfg = sft_config(base_dir, "unused.jsonl", tmp_path, optim=OPTIM)
+    stage = sft_stage(str(base_dir), "float32", CPU)
+    forwards = step_forwards(stage, [sft_examples()], 20)
+    expected, expected_metrics = step_gradients(load_model(base_dir), stage, forwards, cfg)
+    calls = []
+    loss = stage.loss
+    monkeypatch.setattr(stage, "loss", lambda *args: calls.append(len(args[1].input_ids)) or loss(*args))
+    got, metrics = step_gradients(load_model(base_dir), stage, forwards, cfg, len(forwards) + 2)  # another rank: 2 more
+    smallest = min(len(f.input_ids) for f in forwards)
+    assert calls == [len(f.input_ids) for f in forwards] + [smallest, smallest]
+    assert got.keys() == expected.keys()
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], atol=0.0, rtol=0.0, msg=name)
+    assert metrics == expected_metrics
