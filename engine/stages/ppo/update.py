@@ -221,7 +221,7 @@ class Optimizers:
 
 
 def aggregation_units(mask: torch.Tensor, agg: str) -> Optional[torch.Tensor]:
-    """[B] what each row adds to the denominator of `agg` (kernels.aggregation_rule: valid tokens for token-mean, 1 per
+    """[B] what each row adds to the denominator of `agg` (valid tokens for token-mean, 1 per
     non-empty row for the seq-mean modes), or None for the sums, which add up as they are."""
     return aggregation_rule(mask, agg)[1]
 
