@@ -9,7 +9,7 @@ reward model (InstructGPT's default, and TRL's only critic). On the GPU ours tra
 autocast; AdamW on policy and critic, a k1 KL penalty, one PPO epoch over `minibatches`
 minibatches of micro-batches of `micro` rows (the same rows per forward on both sides).
 
-- ours: `fusedrl.engine.stages.ppo.update` (hybrid actor generating through the paged-KV engine from the policy's
+- ours: `fusedrl.engine.stages.ppo` (rollout.py, update.py: hybrid actor generating through the paged-KV engine from the policy's
   own weights, fused log-prob/KL/GAE/loss kernels, packed varlen forwards);
 - TRL: `trl.experimental.ppo.PPOTrainer` of trl==0.29.1 (TRL 1.x ships no PPO trainer). It samples
   one response per prompt, so it gets the batch's rows as prompts repeated `samples` times. Both
@@ -208,7 +208,9 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
                                            RolloutConfig)
     from fusedrl.engine.stages.ppo.core import RunningMoments
     from fusedrl.engine.stages.ppo.sampling import sample_and_score
-    from fusedrl.engine.stages.ppo.update import PhaseTimer, make_rollout, ppo_update
+    from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
+    from fusedrl.engine.stages.ppo.rollout import make_rollout
+    from fusedrl.engine.stages.ppo.update import ppo_update
     from fusedrl.engine.train.precision import param_dtype, resolve_precision
 
     # The KV pool holds every row's prompt and response (no credit for prompt sharing), in the weights' dtype.

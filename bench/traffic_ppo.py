@@ -39,7 +39,11 @@ from fusedrl.engine.model.value_model import value_model_from_reward_model
 from fusedrl.engine.stages.ppo.core import RunningMoments
 from fusedrl.engine.stages.ppo.sampling import sample_and_score
 from fusedrl.engine.stages.ppo.trainer import build_optimizers
-from fusedrl.engine.stages.ppo.update import PhaseTimer, PPOModels, make_rollout, ppo_update, reward_model_scorer
+from fusedrl.engine.stages.ppo.models import PPOModels
+from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
+from fusedrl.engine.stages.ppo.rollout import make_rollout
+from fusedrl.engine.stages.ppo.scoring import reward_model_scorer
+from fusedrl.engine.stages.ppo.update import ppo_update
 from fusedrl.kernels import use_backend
 
 from traffic_count import TrafficCounter, weight_bytes

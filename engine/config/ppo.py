@@ -62,6 +62,10 @@ class UpdateConfig:
                                  "number of ranks in all)", 16)
     microbatch_size: int | None = option("sequences per forward/backward inside a minibatch; gradients are "
                                         "accumulated to the whole minibatch's (None = the minibatch at once)")
+    tokens_per_microbatch: int | None = option("token budget of one forward/backward inside a minibatch: rows "
+                                               "(prompt + response tokens) are packed up to it, so each forward "
+                                               "fills the GPU; a longer row goes alone; gradients are the whole "
+                                               "minibatch's (None = by microbatch_size)")
     clip_eps: float = option("ratio clip: [1 - clip_eps, 1 + clip_eps_high]", 0.2)
     clip_eps_high: float | None = option("upper ratio clip (default: clip_eps)")
     dual_clip: float | None = option("dual-clip bound c > 1 for negative advantages (None = off)")
@@ -97,6 +101,11 @@ class UpdateConfig:
         check(self.epochs >= 1 and self.minibatch_size >= 1, "ppo.epochs and ppo.minibatch_size must be >= 1")
         check(self.microbatch_size is None or self.microbatch_size >= 1,
                f"ppo.microbatch_size must be >= 1 or null, got {self.microbatch_size}")
+        check(self.tokens_per_microbatch is None or self.tokens_per_microbatch >= 1,
+              f"ppo.tokens_per_microbatch must be >= 1 or null, got {self.tokens_per_microbatch}")
+        check(self.tokens_per_microbatch is None or self.microbatch_size is None,
+              f"ppo.tokens_per_microbatch={self.tokens_per_microbatch} and ppo.microbatch_size="
+              f"{self.microbatch_size}: set one of them (micro-batches by tokens or by rows)")
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
         for name in ("vf_coef", "ent_coef", "ptx_coef", "max_approx_kl", "kl_loss_coef"):
             check(getattr(self, name) >= 0, f"ppo.{name} must be >= 0, got {getattr(self, name)}")

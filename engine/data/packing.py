@@ -30,6 +30,8 @@ class PackedBatch(NamedTuple):
     group_sizes: list[int] = []  # RM: K consecutive sequences per example, best first
     grid_index: Optional[torch.Tensor] = None  # PPO: [M] flat index of each target in the [S, width] grid
     width: int = 0               # PPO: T of that grid, the longest response
+    positions: Optional[torch.Tensor] = None   # [N] int64 position of each token in its sequence
+    cu_seqlens: Optional[torch.Tensor] = None  # [S + 1] int32 sequence boundaries (attention metadata)
 
     @property
     def num_targets(self) -> int:
@@ -45,23 +47,39 @@ class PackedBatch(NamedTuple):
         return self.to_grid(torch.ones(self.num_targets, device=self.target_ids.device)) > 0
 
     def select(self, seqs: list[int]) -> "PackedBatch":
-        """The sub-batch of sequences `seqs` (in that order), cut from this batch's tensors: packing
-        is done once (e.g. per rollout), not again for every minibatch of every epoch."""
-        token_starts = _starts(self.seqlens)
-        target_starts = _starts(self.target_counts)
-        ids, rows, targets, grid = [], [], [], []
+        """The sub-batch of sequences `seqs` (in that order), cut from this batch's tensors by one
+        index tensor per stream: packing is done once (e.g. per rollout), not again for every
+        minibatch of every epoch. The indices are built from the host's lengths (no device read)."""
+        token_starts, target_starts = _starts(self.seqlens), _starts(self.target_counts)
+        tokens, targets, row_shift, grid_shift = [], [], [], []
         position = 0
         for new, s in enumerate(seqs):
-            t0, t1 = target_starts[s], target_starts[s] + self.target_counts[s]
-            ids.append(self.input_ids[token_starts[s]:token_starts[s] + self.seqlens[s]])
-            rows.append(self.target_rows[t0:t1] + (position - token_starts[s]))
-            targets.append(self.target_ids[t0:t1])
-            if self.grid_index is not None:
-                grid.append(self.grid_index[t0:t1] + (new - s) * self.width)
+            count = self.target_counts[s]
+            tokens += range(token_starts[s], token_starts[s] + self.seqlens[s])
+            targets += range(target_starts[s], target_starts[s] + count)
+            row_shift += [position - token_starts[s]] * count    # the target's sequence moved here
+            grid_shift += [(new - s) * self.width] * count        # and its grid row too
             position += self.seqlens[s]
-        return PackedBatch(torch.cat(ids), [self.seqlens[s] for s in seqs], torch.cat(rows), torch.cat(targets),
-                           [self.target_counts[s] for s in seqs], [], torch.cat(grid) if grid else None,
-                           self.width)
+        device = self.input_ids.device
+        token_index, target_index = _long(tokens, device), _long(targets, device)
+        seqlens = [self.seqlens[s] for s in seqs]
+        return PackedBatch(
+            self.input_ids.index_select(0, token_index), seqlens,
+            self.target_rows.index_select(0, target_index) + _long(row_shift, device),
+            self.target_ids.index_select(0, target_index), [self.target_counts[s] for s in seqs], [],
+            None if self.grid_index is None else
+            self.grid_index.index_select(0, target_index) + _long(grid_shift, device), self.width,
+            None if self.positions is None else self.positions.index_select(0, token_index),
+            None if self.cu_seqlens is None else _cu_seqlens(seqlens, device))
+
+
+def _long(values: list[int], device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _cu_seqlens(seqlens: list[int], device) -> torch.Tensor:
+    """[S + 1] int32 boundaries, summed on the host (its lengths are host lists)."""
+    return torch.tensor(list(itertools.accumulate(seqlens, initial=0)), dtype=torch.int32, device=device)
 
 
 def _starts(sizes: list[int]) -> list[int]:
@@ -71,8 +89,9 @@ def _starts(sizes: list[int]) -> list[int]:
 def pack_sequences(sequences: list[tuple[list[int], list[int], bool]], *, group_sizes: list[int] = (),
                    width: int = 0, device=None) -> PackedBatch:
     """Pack (prompt, response, is_target) triples: each becomes prompt + response, and when
-    is_target its response tokens are targets. width > 0 adds the [S, width] grid of PPO."""
-    ids, seqlens, rows, targets, counts, grid = [], [], [], [], [], []
+    is_target its response tokens are targets. width > 0 adds the [S, width] grid of PPO. The
+    positions and sequence boundaries are built here once, for every forward over the pack."""
+    ids, seqlens, rows, targets, counts, grid, positions = [], [], [], [], [], [], []
     for s, (prompt, response, is_target) in enumerate(sequences):
         # Position i predicts token i + 1; with an empty prompt the first response token has no context.
         first = max(len(prompt), 1)
@@ -82,10 +101,11 @@ def pack_sequences(sequences: list[tuple[list[int], list[int], bool]], *, group_
         grid += range(s * width, s * width + n) if width else []
         counts.append(n)
         ids += prompt + response
+        positions += range(len(prompt) + len(response))
         seqlens.append(len(prompt) + len(response))
-    as_long = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-    return PackedBatch(as_long(ids), seqlens, as_long(rows), as_long(targets), counts, list(group_sizes),
-                       as_long(grid) if width else None, width)
+    return PackedBatch(_long(ids, device), seqlens, _long(rows, device), _long(targets, device), counts,
+                       list(group_sizes), _long(grid, device) if width else None, width,
+                       _long(positions, device), _cu_seqlens(seqlens, device))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

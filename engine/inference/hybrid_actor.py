@@ -46,14 +46,16 @@ class HybridActor:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams
-                 ) -> tuple[list[list[int]], list[list[int]], list[list[float]]]:
+                 ) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
         """Sample params.n responses per prompt from the current weights.
 
-        Returns (prompt of each row, response of each row, sampler log-prob of each response token),
-        rows ordered prompt by prompt, sample by sample.
+        Returns (prompt of each row, response of each row, the sampler's log-prob of every response
+        token: [sum of response lengths] fp32 on the policy's device, row after row), rows ordered
+        prompt by prompt, sample by sample. The log-probs never leave the device.
         """
         with distributed.gathered(self.policy):
             outputs = self.llm.generate(prompts, params, decode_text=False)  # PPO reads token ids only
-        rows = [(out.prompt_token_ids, c.token_ids, c.logprobs) for out in outputs for c in out.outputs]
-        prompt_ids, responses, logprobs = (list(x) for x in zip(*rows))
-        return prompt_ids, responses, logprobs
+        completions = [(out.prompt_token_ids, c) for out in outputs for c in out.outputs]
+        slots = [slot for _, c in completions for slot in c.logprob_slots]
+        return ([p for p, _ in completions], [c.token_ids for _, c in completions],
+                self.llm.device_logprobs(slots))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,12 +29,14 @@ CPU_DEFAULT_KV_BYTES = 1 << 30  # CPU has no "free memory" to take a fraction of
 class Completion:
     """One sampled continuation: token_ids [T] and the fp32 log-prob of each under its sampling
     distribution [T] (batch-invariant mode: under softmax(logits / temperature), unfiltered);
-    finish_reason is 'stop' (EOS or a stop token) or 'length'."""
+    finish_reason is 'stop' (EOS or a stop token) or 'length'. logprob_slots [T]: where those
+    log-probs are on the device, for `LLM.device_logprobs` (valid until the next generate)."""
 
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
     text: str | None = None
+    logprob_slots: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -133,6 +135,14 @@ class LLM:
         return [RequestOutput(ids, [self._completion(s, decode_text) for s in group])
                 for ids, group in zip(token_ids, groups)]
 
+    def device_logprobs(self, slots: list[int]) -> torch.Tensor:
+        """The last generate's sampled log-probs at these Completion.logprob_slots, as one fp32
+        tensor [len(slots)] on `self.device`: what a trainer reads without a host round trip."""
+        if slots and not 0 <= min(slots) <= max(slots) < self.runner.logprobs_kept:
+            raise ValueError(f"slots must be in [0, {self.runner.logprobs_kept}) (the last generate's "
+                             f"sampled tokens), got {min(slots)}..{max(slots)}")
+        return self.runner.gather_logprobs(slots)
+
     def _tokenize(self, prompt, index: int) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -175,10 +185,14 @@ class LLM:
         if use_tqdm:
             from tqdm.auto import tqdm
             progress = tqdm(total=num_seqs, desc="generate", unit="seq")
+        self.runner.logprobs_kept = 0
         try:
             while not self.scheduler.is_finished():
                 batch, is_prefill = self.scheduler.schedule()
+                first = self.runner.logprobs_kept
                 tokens, logprobs = self.runner.run(batch, is_prefill)
+                for slot, seq in enumerate(batch, start=first):
+                    seq.logprob_slots.append(slot)
                 check_logprobs(logprobs, batch)
                 finished = self.scheduler.postprocess(batch, tokens, logprobs)
                 if progress is not None:
@@ -190,7 +204,7 @@ class LLM:
     def _completion(self, seq: Sequence, decode_text: bool) -> Completion:
         ids = seq.completion_token_ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer and decode_text else None
-        return Completion(ids, seq.logprobs, seq.finish_reason, text)
+        return Completion(ids, seq.logprobs, seq.finish_reason, text, seq.logprob_slots)
 
 
 def check_logprobs(logprobs: list[float], batch: list[Sequence]) -> None:

@@ -67,20 +67,40 @@ class ModelRunner:
                                    dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(c.num_layers)]
         self.max_blocks_per_seq = -(-c.max_model_len // block_size)
+        # The sampled tokens' log-probs of the current generate call, step after step, kept on the
+        # device for a trainer (a PPO rollout) to gather without a round trip through Python floats.
+        self.logprob_buffer = torch.empty(1024, dtype=torch.float32, device=self.device)
+        self.logprobs_kept = 0
         self.graphs = None
         if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = _DecodeGraphs(self, max_num_seqs)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
-        """One step: returns the sampled token and its log-prob for each sequence."""
+        """One step: returns the sampled token and its log-prob for each sequence; the log-probs
+        are also kept on the device, at logprob_buffer[logprobs_kept - len(seqs):logprobs_kept]."""
         if self.batch_invariant is not None:
             tokens, logprobs = self._run_invariant(seqs, is_prefill)
         else:
             tokens, logprobs = self._run_default(seqs, is_prefill)
+        self._keep_logprobs(logprobs)
         # One device-to-host copy (one sync) for both: token ids < 2^53 are exact in float64.
         host = torch.stack([tokens.double(), logprobs.double()]).tolist()
         return [int(t) for t in host[0]], host[1]
+
+    def _keep_logprobs(self, logprobs: torch.Tensor) -> None:
+        """Append a step's log-probs [B] to logprob_buffer (doubled when full: amortized, no sync)."""
+        end = self.logprobs_kept + logprobs.shape[0]
+        if end > self.logprob_buffer.shape[0]:
+            grown = self.logprob_buffer.new_empty(max(2 * self.logprob_buffer.shape[0], end))
+            grown[:self.logprobs_kept].copy_(self.logprob_buffer[:self.logprobs_kept])
+            self.logprob_buffer = grown
+        self.logprob_buffer[self.logprobs_kept:end].copy_(logprobs)
+        self.logprobs_kept = end
+
+    def gather_logprobs(self, slots: list[int]) -> torch.Tensor:
+        """The kept log-probs at these slots [len(slots)] fp32 (one index copied to the device)."""
+        return self.logprob_buffer.index_select(0, self._tensor(slots, torch.int64))
 
     def forward_step(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The model's forward over the pages (the default kernels, or the batch-invariant walk):

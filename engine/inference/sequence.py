@@ -29,6 +29,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
         self.logprobs: list[float] = []
+        self.logprob_slots: list[int] = []  # where each sampled log-prob is on the device (runner)
         self.finish_reason: str | None = None
 
     def __len__(self) -> int:

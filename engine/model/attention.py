@@ -50,9 +50,12 @@ class AttentionMetadata:
     padded_plan: PaddedPlan | None = field(default=None, repr=False)
 
     @classmethod
-    def packed(cls, seqlens: list[int], device) -> "AttentionMetadata":
-        """Metadata of a packed training batch of sequences with these lengths."""
-        cu = torch.tensor([0] + seqlens, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    def packed(cls, seqlens: list[int], device, cu_seqlens: torch.Tensor | None = None) -> "AttentionMetadata":
+        """Metadata of a packed training batch of sequences with these lengths (cu_seqlens [S + 1]
+        int32: their boundaries when already on the device, e.g. a PackedBatch's)."""
+        cu = cu_seqlens
+        if cu is None:
+            cu = torch.tensor([0] + seqlens, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return cls(seqlens_q=list(seqlens), seqlens_k=list(seqlens), cu_seqlens_q=cu, cu_seqlens_k=cu)
 
 

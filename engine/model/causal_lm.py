@@ -207,11 +207,13 @@ class CausalLM(nn.Module):
             raise ValueError(f"{name} is {input_ids.dtype} on {input_ids.device}: expected int64 or int32 ids on "
                              f"the model's device {weight.device}")
 
-    def forward_packed(self, input_ids, seqlens: list[int]):
+    def forward_packed(self, input_ids, seqlens: list[int], positions=None, cu_seqlens=None):
         """Training forward over packed sequences: input_ids [N] (sum(seqlens) == N) on the model's
         device -> hidden [N, hidden].
 
-        Positions restart at 0 for each sequence and no token attends across sequences.
+        Positions restart at 0 for each sequence and no token attends across sequences. positions
+        [N] int64 and cu_seqlens [S + 1] int32, when given (a PackedBatch's, built once per pack),
+        spare rebuilding them for every forward over the same pack.
         """
         self.check_input_ids(input_ids)
         if sum(seqlens) != input_ids.shape[0] or min(seqlens) < 1:
@@ -219,10 +221,16 @@ class CausalLM(nn.Module):
         if max(seqlens) > self.config.max_model_len:
             raise ValueError(f"a sequence of {max(seqlens)} tokens exceeds max_model_len "
                              f"{self.config.max_model_len}")
-        meta = AttentionMetadata.packed(seqlens, input_ids.device)
-        starts = meta.cu_seqlens_q[:-1].long().repeat_interleave(  # [N] start of each token's sequence
-            torch.tensor(seqlens, device=input_ids.device), output_size=input_ids.shape[0])
-        positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
+        for name, given, shape in (("positions", positions, (input_ids.shape[0],)),
+                                   ("cu_seqlens", cu_seqlens, (len(seqlens) + 1,))):
+            if given is not None and (tuple(given.shape) != shape or given.device != input_ids.device):
+                raise ValueError(f"{name} is {tuple(given.shape)} on {given.device}: expected {shape} on "
+                                 f"{input_ids.device}")
+        meta = AttentionMetadata.packed(seqlens, input_ids.device, cu_seqlens)
+        if positions is None:
+            starts = meta.cu_seqlens_q[:-1].long().repeat_interleave(  # [N] start of each token's sequence
+                torch.tensor(seqlens, device=input_ids.device), output_size=input_ids.shape[0])
+            positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
         return self(input_ids, positions, meta)
 
     def compute_logits(self, hidden):

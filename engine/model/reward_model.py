@@ -40,9 +40,11 @@ class RewardModel(CausalLM):
         return self.score(hidden.index_select(0, last)).squeeze(-1)
 
     @torch.no_grad()
-    def rewards(self, input_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-        """Normalized rewards [S] of packed sequences input_ids [N]."""
-        return self.raw_rewards(self.forward_packed(input_ids, seqlens), seqlens) - self.reward_offset
+    def rewards(self, input_ids: torch.Tensor, seqlens: list[int], positions=None, cu_seqlens=None) -> torch.Tensor:
+        """Normalized rewards [S] of packed sequences input_ids [N] (positions, cu_seqlens: see
+        forward_packed)."""
+        hidden = self.forward_packed(input_ids, seqlens, positions, cu_seqlens)
+        return self.raw_rewards(hidden, seqlens) - self.reward_offset
 
 
 def reward_model_from_lm(lm: CausalLM) -> RewardModel:

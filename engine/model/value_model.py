@@ -26,7 +26,7 @@ class ValueModel(CausalLM):
 
     def response_values(self, packed: PackedBatch) -> torch.Tensor:
         """Values [R, T] (fp32) at the positions that predict each response token."""
-        hidden = self.forward_packed(packed.input_ids, packed.seqlens)
+        hidden = self.forward_packed(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
         values = self.value_head(hidden.index_select(0, packed.target_rows)).squeeze(-1)
         return packed.to_grid(values)
 

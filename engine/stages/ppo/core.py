@@ -1,8 +1,8 @@
 """The pure pieces of a PPO iteration that sit between the kernels and the trainer.
 
 Everything per token is [R, T] with one mask (True on the response tokens that are scored and
-trained); nothing here syncs with the host but the KL controller and the running reward
-moments, which keep Python floats.
+trained); nothing here syncs with the host but the finite-score check (which rows to keep: one
+read), the KL controller and the running reward moments, which keep Python floats (one read).
 Formulas: per-token reward as in Ziegler et al. 2019 / InstructGPT (``-beta * KL_t``, plus the
 reward model's score on the last response token); the adaptive KL coefficient as in Ziegler et al.
 (proportional control toward a target KL); REINFORCE with a baseline as GAE with lambda = 1.
@@ -29,9 +29,10 @@ def finite_rows(scores: torch.Tensor, group_size: int | None = None) -> list[int
     the groups (consecutive runs of group_size rows: one prompt's samples) whose every score is:
     with a group estimator one non-finite score spoils its whole group's baseline."""
     finite = torch.isfinite(scores)
-    if group_size is not None:
-        finite = finite.view(-1, group_size).all(dim=-1).repeat_interleave(group_size)
-    return finite.nonzero().flatten().tolist()
+    if group_size is None:
+        return [r for r, ok in enumerate(finite.tolist()) if ok]   # one host read
+    groups = finite.view(-1, group_size).all(dim=-1).tolist()
+    return [g * group_size + k for g, ok in enumerate(groups) if ok for k in range(group_size)]
 
 
 def shape_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -116,11 +117,14 @@ class RunningMoments:
     def update(self, scores: torch.Tensor) -> None:
         """Add the batch's finite scores (a NaN or inf would poison the moments for good)."""
         batch = scores.detach().double().flatten()
-        batch = batch[torch.isfinite(batch)]
-        n = batch.numel()
+        finite = torch.isfinite(batch)
+        count = finite.sum()
+        mean = torch.where(finite, batch, 0.0).sum() / count.clamp_min(1)
+        m2 = torch.where(finite, (batch - mean) ** 2, 0.0).sum()
+        n, batch_mean, batch_m2 = torch.stack([count.double(), mean, m2]).tolist()   # one host read
+        n = int(n)
         if n == 0:
             return
-        batch_mean, batch_m2 = batch.mean().item(), ((batch - batch.mean()) ** 2).sum().item()
         total = self.count + n
         delta = batch_mean - self.mean
         self.mean += delta * n / total

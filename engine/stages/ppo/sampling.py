@@ -12,16 +12,21 @@ from typing import Callable
 import torch
 
 from ...config.ppo import PPOConfig
+from ...data.packing import PackedBatch
 from ...inference.sampling_params import SamplingParams
 from ...train import distributed
+from .rollout import concat_packs, pack_rollout, pad_width
+from .scoring import score_rows
 
 
 @dataclass
 class Samples:
-    """R = groups * n generated rows and their scores."""
+    """R = groups * n generated rows and their scores, packed once (the pack every forward of the
+    iteration reads: scoring, reference, old log-probs, values, the update)."""
     prompts: list[list[int]]            # [R] prompt token ids of each row
     responses: list[list[int]]          # [R] sampled response ids
-    sampler_logprobs: list[list[float]]  # [R] the sampler's log-prob of each response token
+    packed: PackedBatch                 # the R rows, prompt + response, responses as targets
+    sampler_logprobs: torch.Tensor      # [R, T] fp32 the sampler's log-prob of each response token
     scores: torch.Tensor                # [R] fp32, after overlong shaping
     n: int                              # responses per prompt
 
@@ -35,14 +40,17 @@ class Samples:
     def take_rows(self, rows: list[int]) -> "Samples":
         """These rows (whole groups, for a group estimator: see finite_rows)."""
         pick = torch.tensor(rows, dtype=torch.long, device=self.scores.device)
-        return Samples([self.prompts[r] for r in rows], [self.responses[r] for r in rows],
-                       [self.sampler_logprobs[r] for r in rows], self.scores.index_select(0, pick), self.n)
+        return Samples([self.prompts[r] for r in rows], [self.responses[r] for r in rows], self.packed.select(rows),
+                       self.sampler_logprobs.index_select(0, pick.to(self.sampler_logprobs.device)),
+                       self.scores.index_select(0, pick), self.n)
 
     @staticmethod
     def concat(parts: list["Samples"]) -> "Samples":
-        return Samples([p for s in parts for p in s.prompts], [r for s in parts for r in s.responses],
-                       [x for s in parts for x in s.sampler_logprobs], torch.cat([s.scores for s in parts]),
-                       parts[0].n)
+        """The rows of each part in turn (sampling rounds: their grids widened to the widest)."""
+        packed = concat_packs([s.packed for s in parts])
+        return Samples([p for s in parts for p in s.prompts], [r for s in parts for r in s.responses], packed,
+                       torch.cat([pad_width(s.sampler_logprobs, packed.width) for s in parts]),
+                       torch.cat([s.scores for s in parts]), parts[0].n)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
@@ -57,7 +65,8 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, pe
 def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
     """Indices of the groups of n consecutive scores that are not all equal (one host sync)."""
     grouped = scores.view(-1, n)
-    return (grouped.amax(dim=1) > grouped.amin(dim=1)).nonzero().flatten().tolist()
+    varied = (grouped.amax(dim=1) > grouped.amin(dim=1)).tolist()
+    return [g for g, ok in enumerate(varied) if ok]
 
 
 def sample_and_score(models, prompts: list[list[int]], cfg: PPOConfig, seed: int, timer) -> Samples:
@@ -68,12 +77,14 @@ def sample_and_score(models, prompts: list[list[int]], cfg: PPOConfig, seed: int
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
+    device = next(models.policy.parameters()).device
+    packed = pack_rollout(prompt_ids, responses, device)
     with timer.phase("score"), torch.no_grad():
-        device = next(models.policy.parameters()).device
-        scores = models.score(prompt_ids, responses).float().to(device)    # [R]
+        scores = score_rows(models.score, prompt_ids, responses, packed).float().to(device)    # [R]
     lengths = torch.tensor([len(x) for x in responses], device=scores.device)
     scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
-    return Samples(prompt_ids, responses, sampler_logprobs, scores, r.samples_per_prompt)
+    return Samples(prompt_ids, responses, packed, packed.to_grid(sampler_logprobs.to(device)), scores,
+                   r.samples_per_prompt)
 
 
 def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[list[list[int]], int], Samples],

@@ -10,7 +10,8 @@ RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
                                  the adapters merged; final_adapter/ holds them for PEFT)
     final_critic/                the separate critic, when there is one
 Under torchrun every model is sharded (train.data_parallel) and each rank samples its own
-rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); see update.py.
+rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); see rollout.py
+and update.py.
 """
 from __future__ import annotations
 
@@ -42,9 +43,12 @@ from ...train.run_setup import start_run
 from ...train.supervised import DataPosition, micro_batches, to_device
 from ..sft import sft_loss
 from .core import KLController, RunningMoments
+from .models import PPOModels
+from .phase_timer import PhaseTimer
+from .rollout import make_rollout
 from .sampling import draw_samples, sample_and_score
-from .update import (Optimizers, PhaseTimer, PPOModels, function_scorer, make_rollout, ppo_update,
-                     reward_model_scorer)
+from .scoring import function_scorer, reward_model_scorer
+from .update import Optimizers, ppo_update
 
 
 class KLCeilingExceeded(StopTraining):

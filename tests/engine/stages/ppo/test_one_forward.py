@@ -7,6 +7,7 @@ from transformers import AutoTokenizer
 
 from fusedrl.engine.config.ppo import UpdateConfig
 from fusedrl.engine.stages.ppo.trainer import build_models
+from fusedrl.engine.stages.ppo.scoring import policy_forward
 from fusedrl.engine.stages.ppo.update import minibatch_loss
 from fusedrl.kernels import use_backend
 from engine_testing import random_prompts
@@ -24,7 +25,7 @@ def test_first_update_ratio_is_exactly_one(setup, critic):
         models.score = low_id_fraction
         rollout, _ = rollout_of(models, random_prompts([5, 3], seed=3), cfg, 0.05)
         assert rollout.old_logprobs.grad_fn is None   # scored with autograd off
-        logp, _, _ = models.forward(rollout.packed, cfg.rollout.temperature, with_entropy=True)
+        logp, _, _ = policy_forward(models, rollout.packed, cfg.rollout.temperature, with_entropy=True)
         assert logp.requires_grad   # the update's forward, differentiable
         _, stats = minibatch_loss(models, rollout, cfg)
     mask = rollout.mask

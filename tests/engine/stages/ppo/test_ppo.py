@@ -12,9 +12,11 @@ from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, build_models, b
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, PPOConfig, RewardConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.stages.ppo.core import RunningMoments
 from fusedrl.engine.stages.ppo.sampling import sample_and_score
-from fusedrl.engine.stages.ppo.update import PhaseTimer, make_rollout, minibatch_backward, ppo_update
+from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
+from fusedrl.engine.stages.ppo.update import microbatch_rows, minibatch_backward, ppo_update
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
-from fusedrl.engine.stages.ppo.rollout import pack_rollout, response_logprobs
+from fusedrl.engine.stages.ppo.rollout import make_rollout, pack_rollout
+from fusedrl.engine.stages.ppo.scoring import policy_forward, response_logprobs
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import VOCAB, random_prompts
 from train_testing import save_tiny_model, write_jsonl
@@ -124,7 +126,7 @@ def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     rollout, _ = rollout_of(models, random_prompts([5, 3, 7, 4], seed=10), cfg, 0.0)
     assert ppo_update(models, opts, rollout, cfg, seed=0)["updates"] == 1
     with torch.no_grad():
-        new_logp, _, _ = models.forward(rollout.packed, cfg.rollout.temperature, with_entropy=False)
+        new_logp, _, _ = policy_forward(models, rollout.packed, cfg.rollout.temperature, with_entropy=False)
     change = (new_logp - rollout.old_logprobs)[rollout.mask]
     advantage = rollout.advantages[rollout.mask]
     assert (change * advantage).sum() > 0
@@ -136,7 +138,7 @@ def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     ("seq-mean-token-sum-norm", {}), ("token-mean", {"is_mode": "mis", "is_low": 0.9, "is_high": 1.1}),
     ("seq-mean-token-mean", {"ratio_level": "sequence", "is_mode": "tis", "is_level": "sequence"})])
 def test_microbatches_accumulate_the_minibatch_gradient(setup, agg, options):
-    """Micro-batches of 1 and of 4 (uneven) rows give the gradient of the whole minibatch, with an
+    """Micro-batches of 1 and of 4 (uneven) rows, and of token budgets, give the gradient of the whole minibatch, with an
     entropy bonus, a separate critic, uneven lengths and a row without valid tokens, for every
     aggregation, GSPO's ratio and the IS corrections (mis drops tokens from the counts)."""
     root, policy_dir, prompts = setup
@@ -153,20 +155,37 @@ def test_microbatches_accumulate_the_minibatch_gradient(setup, agg, options):
     rollout.sampler_logprobs = rollout.sampler_logprobs + 0.2 * torch.randn_like(rollout.sampler_logprobs)
     params = list(models.policy.parameters()) + list(models.critic.parameters())
 
-    def gradient(microbatch_size):
+    def gradient(microbatch_size=None, tokens_per_microbatch=None):
         for p in params:
             p.grad = None
-        micro_cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, microbatch_size=microbatch_size))
+        micro_cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(
+            cfg.ppo, microbatch_size=microbatch_size, tokens_per_microbatch=tokens_per_microbatch))
         stats = minibatch_backward(models, rollout, micro_cfg, None)
         return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params]), stats
 
-    whole, whole_stats = gradient(None)
+    whole, whole_stats = gradient()
     assert whole.abs().max() > 0
-    for size in (1, 4):
-        grad, stats = gradient(size)
+    seqlens = rollout.packed.seqlens
+    # Token budgets: every row alone (1), and about a third of the rows' tokens (uneven groups).
+    budgets = (1, sum(seqlens) // 3)
+    assert len(microbatch_rows(seqlens, None, budgets[1])) >= 3
+    for split in [{"microbatch_size": 1}, {"microbatch_size": 4}] + [{"tokens_per_microbatch": b} for b in budgets]:
+        grad, stats = gradient(**split)
         # fp32 sums in another order: the tolerance follows the gradient's scale.
         torch.testing.assert_close(grad, whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
         torch.testing.assert_close(stats["policy_loss"], whole_stats["policy_loss"], rtol=1e-4, atol=1e-6)
+
+
+def test_microbatch_rows_by_rows_and_by_token_budget():
+    assert microbatch_rows([5, 3, 4, 2, 6], 2, None) == [[0, 1], [2, 3], [4]]
+    assert microbatch_rows([5, 3, 4, 2, 6], None, None) == [[0, 1, 2, 3, 4]]
+    # greedy up to 8 tokens: 5 + 3 | 4 + 2 | 6; a row over the budget goes alone
+    assert microbatch_rows([5, 3, 4, 2, 6], None, 8) == [[0, 1], [2, 3], [4]]
+    assert microbatch_rows([9, 3, 12, 1], None, 8) == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match="set one of them"):
+        UpdateConfig(microbatch_size=2, tokens_per_microbatch=64)
+    with pytest.raises(ValueError, match="tokens_per_microbatch must be >= 1"):
+        UpdateConfig(tokens_per_microbatch=0)
 
 
 def dict_optim(**kw):

@@ -53,8 +53,8 @@ def test_gae_path_whitens_advantages_only():
 def test_explained_variance():
     returns = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
-    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
-    assert explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0)
+    assert float(explained_variance(returns, returns, mask)) == pytest.approx(1.0)
+    assert float(explained_variance(torch.full_like(returns, 2.0), returns, mask)) == pytest.approx(0.0)
     assert math.isnan(explained_variance(returns, torch.ones_like(returns), mask))
 
 

@@ -9,7 +9,7 @@ from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.peft_io import WEIGHTS_FILE
-from fusedrl.engine.stages.ppo.rollout import response_logprobs
+from fusedrl.engine.stages.ppo.scoring import policy_forward, reference_logprobs, response_logprobs
 from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
 from fusedrl.engine.stages.ppo.update import ppo_update
 from engine_testing import random_prompts
@@ -64,8 +64,8 @@ def test_the_reference_is_the_base_model_while_the_adapters_train(setup):
     base = load_model(policy_dir, dtype="float32")
     with torch.no_grad():
         expected = response_logprobs(base, rollout.packed, cfg.rollout.temperature)[0]
-        tuned = models.forward(rollout.packed, cfg.rollout.temperature, with_entropy=False)[0]
-    assert torch.equal(models.reference_logprobs(rollout.packed, cfg.rollout.temperature), expected)
+        tuned = policy_forward(models, rollout.packed, cfg.rollout.temperature, with_entropy=False)[0]
+    assert torch.equal(reference_logprobs(models, rollout.packed, cfg.rollout.temperature), expected)
     assert (tuned - expected)[rollout.mask].abs().max() > 1e-4  # the adapters did move the policy
     assert models.lora.enabled  # switched back on after the reference forward
 

@@ -4,6 +4,7 @@ import torch
 
 from fusedrl.engine.config.ppo import GRPOConfig, PPOConfig, RolloutConfig
 from fusedrl.engine.stages.ppo.core import group_token_advantages
+from fusedrl.engine.stages.ppo.rollout import concat_packs, pack_rollout
 from fusedrl.engine.stages.ppo.sampling import Samples, draw_samples, overlong_penalty, varied_groups
 
 
@@ -34,7 +35,9 @@ def fake_sampler(score_rows):
         scores = torch.tensor(next(calls), dtype=torch.float32)
         n = scores.numel() // len(prompts)
         rows = [p for p in prompts for _ in range(n)]
-        return Samples(rows, [[7]] * len(rows), [[-1.0]] * len(rows), scores, n)
+        responses = [[7] * (1 + r % 3) for r in range(len(rows))]   # rounds of different grid widths
+        packed = pack_rollout(rows, responses, "cpu")
+        return Samples(rows, responses, packed, packed.to_grid(-torch.arange(1.0, 1 + packed.num_targets)), scores, n)
     return sample
 
 
@@ -45,6 +48,9 @@ def test_dynamic_sampling_draws_until_the_batch_is_full():
     # round 1: groups (1, 1) dropped, (0, 1) kept; round 2: (2, 2) dropped, (0, 3) kept -> full
     samples, metrics = draw_samples(stream, fake_sampler([[1, 1, 0, 1], [2, 2, 0, 3]]), cfg, seed=0)
     assert samples.prompts == [[2], [2], [4], [4]] and samples.scores.tolist() == [0, 1, 0, 3]
+    # The kept rows' pack and sampler log-probs, cut from each round's and joined on the widest grid.
+    assert samples.packed.seqlens == [1 + 3, 1 + 1, 1 + 3, 1 + 1] and samples.packed.width == 3
+    assert samples.sampler_logprobs.tolist() == [[-4, -5, -6], [-7, 0, 0], [-4, -5, -6], [-7, 0, 0]]
     assert metrics == {"sampling_rounds": 2, "groups_drawn": 4, "groups_kept": 2}
 
 
@@ -55,6 +61,20 @@ def test_dynamic_sampling_stops_at_its_cap_with_what_it_has():
     assert samples.groups == 1 and samples.scores.tolist() == [0, 5] and metrics["sampling_rounds"] == 2
     samples, _ = draw_samples(stream, fake_sampler([[1, 1, 1, 1], [0, 0, 2, 2]]), cfg, seed=0)
     assert samples.groups == 0     # nothing to learn from: the trainer skips the iteration
+
+
+def test_concatenated_packs_equal_one_pack_of_all_rows():
+    prompts, responses = [[1, 2], [3], [4, 5, 6]], [[7, 8, 9], [10], [11, 12]]
+    parts = [pack_rollout(prompts[:2], responses[:2], "cpu"), pack_rollout(prompts[2:], responses[2:], "cpu")]
+    joined, whole = concat_packs(parts), pack_rollout(prompts, responses, "cpu")
+    assert parts[1].width == 2 and joined.width == whole.width == 3
+    for name in ("input_ids", "target_rows", "target_ids", "grid_index", "positions", "cu_seqlens"):
+        assert torch.equal(getattr(joined, name), getattr(whole, name)), name
+    assert joined.seqlens == whole.seqlens and joined.target_counts == whole.target_counts
+    # and a cut of it is the pack of those rows
+    cut, rows = joined.select([2, 0]), pack_rollout([prompts[2], prompts[0]], [responses[2], responses[0]], "cpu", 3)
+    for name in ("input_ids", "target_rows", "target_ids", "grid_index", "positions", "cu_seqlens"):
+        assert torch.equal(getattr(cut, name), getattr(rows, name)), name
 
 
 def test_without_dynamic_sampling_every_group_is_kept():

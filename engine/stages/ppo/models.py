@@ -1,0 +1,27 @@
+"""The models of a PPO run, held together; the forwards over them live in scoring.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from ...inference.hybrid_actor import HybridActor
+from ...model.causal_lm import CausalLM
+from ...model.lora import LoRA
+from ...model.value_model import ValueModel
+from .scoring import Scorer
+
+
+@dataclass
+class PPOModels:
+    """The policy (shared with the actor), the frozen reference, the critic and the scorer. With
+    LoRA the policy's weights are frozen, `lora` holds its adapters and there is no reference model:
+    the reference is the policy with its adapters off."""
+    policy: CausalLM
+    reference: Optional[CausalLM]       # None with lora
+    actor: HybridActor
+    critic: Optional[ValueModel]        # critic="separate"
+    value_head: Optional[nn.Linear]     # critic="shared"
+    score: Scorer                       # (prompts, responses) token ids -> scores [R]
+    lora: Optional[LoRA] = None         # lora.rank > 0
