@@ -17,6 +17,8 @@ tensors: noted, not counted). Host syncs as traffic_count counts them.
   (optim.clip_and_step), a step after the first (which creates the state), for a Qwen2.5-0.5B-like
   parameter list (24 layers: 291 tensors) and for 300 tensors; and the former per-tensor loop's
   count for comparison (about 10 kernels per tensor, as the H100 profile showed).
+- per PPO iteration: the host syncs outside generation, by phase, at traffic_ppo's shape (its
+  counter, value-reading input checks as on a GPU), against issue 24's budget of minibatches + 5.
 
     python bench/launches.py                   # writes bench/results/launches.{json,md}
 """
@@ -36,6 +38,7 @@ from fusedrl.engine.train.fused_adamw import FusedAdamW
 from fusedrl.engine.train.optim import clip_and_step
 from fusedrl.kernels import use_backend
 
+import traffic_ppo
 from traffic_count import FREE, SYNC_OPS
 from traffic_decode import qwen_like
 
@@ -140,7 +143,14 @@ def report() -> dict:
         "optimizer_step": {str(n): {"launches": c.total, "by_op": dict(sorted(c.launches.items())),
                                     "syncs": dict(c.syncs)} for n, c in optimizer.items()},
         "per_tensor_loop_step": {"291": per_tensor_loop_launches(291)},
+        "ppo_iteration": ppo_iteration_syncs(),
     }
+
+
+def ppo_iteration_syncs() -> dict:
+    """Host syncs of one PPO iteration at traffic_ppo.SHAPE, outside generation and by phase."""
+    r = traffic_ppo.ppo_report()
+    return {key: r[key] for key in ("host_syncs_by_phase", "host_syncs_outside_generation", "host_sync_budget")}
 
 
 def table(r: dict) -> str:
@@ -156,6 +166,11 @@ def table(r: dict) -> str:
                      f"{sum(c['syncs'].values())}) | {c['launches']} | {r['budgets']['optimizer_step']} |")
     lines.append(f"| optimizer step, 291 tensors, the former per-tensor loop + clip_grad_norm_ | "
                  f"{r['per_tensor_loop_step']['291']} | |")
+    ppo = r["ppo_iteration"]
+    lines += ["", "| measure | host syncs | budget |", "| --- | --- | --- |",
+              f"| PPO iteration outside generation ({traffic_ppo.SHAPE.minibatches} minibatches; "
+              f"{traffic_ppo.sync_phases(ppo)}) | {ppo['host_syncs_outside_generation']} | "
+              f"{ppo['host_sync_budget']} |"]
     return "\n".join(lines) + "\n"
 
 

@@ -116,8 +116,9 @@ def _mutated(func, args, kwargs) -> list[torch.Tensor]:
 
 
 class TrafficCounter(TorchDispatchMode):
-    """Within `with TrafficCounter() as c:`, c.bytes[region] = [read, written], c.syncs[kind] = n.
-    `region` is whatever c.region is when the op runs (set it from module hooks).
+    """Within `with TrafficCounter() as c:`, c.bytes[region] = [read, written], c.syncs[kind] = n,
+    c.region_syncs[region][kind] = n. `region` is whatever c.region is when the op runs (set it
+    from module hooks).
 
     stand_ins: {op name: function} computes those ops' results with another implementation of the
     same op (same arguments, same results), e.g. a torch oracle for a Triton kernel too slow to
@@ -130,6 +131,7 @@ class TrafficCounter(TorchDispatchMode):
         self.region = "other"
         self.bytes = defaultdict(lambda: [0, 0])
         self.syncs = defaultdict(int)
+        self.region_syncs = defaultdict(lambda: defaultdict(int))
         self.ops = defaultdict(int)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -141,8 +143,12 @@ class TrafficCounter(TorchDispatchMode):
         entry[1] += written
         self.ops[self.region] += 1
         if func in SYNC_OPS:
-            self.syncs[SYNC_OPS[func]] += 1
+            self.count_sync(SYNC_OPS[func])
         return out
+
+    def count_sync(self, kind: str) -> None:
+        self.syncs[kind] += 1
+        self.region_syncs[self.region][kind] += 1
 
     @contextlib.contextmanager
     def python_syncs(self):
@@ -151,7 +157,7 @@ class TrafficCounter(TorchDispatchMode):
 
         def counting(name):
             def call(tensor, *args, **kwargs):
-                self.syncs[name] += 1
+                self.count_sync(name)
                 return originals[name](tensor, *args, **kwargs)
             return call
         for name in PATCHED_SYNCS:

@@ -22,12 +22,18 @@ P prompt and T new tokens; ids and per-token outputs at their dtypes):
   written (and read back to accumulate after the first micro-batch), for policy and critic; per
   minibatch, AdamW reads parameters, gradients and both moments and writes parameters and moments
   (7 x W, fp32 state).
+
+Host syncs are counted by phase, with the kernels' value-reading input checks as on a GPU (off:
+`kernels.dispatch.sync_checks_enabled`; on CPU tensors they read values for free and always run).
+The bar (issue 24): outside generation, at most one per minibatch + 5 (`sync_budget`).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
@@ -87,6 +93,22 @@ class CountingTimer(PhaseTimer):
         self.counter.region = "advantages"
 
 
+@contextlib.contextmanager
+def value_checks_as_on_gpu():
+    """The kernels' value-reading input checks off, as dispatch.sync_checks_enabled has them on a
+    GPU (they always run on CPU tensors, where reading a value costs no sync)."""
+    with contextlib.ExitStack() as stack:
+        for name, module in list(sys.modules.items()):
+            if name.startswith("fusedrl.kernels") and hasattr(module, "sync_checks_enabled"):
+                stack.enter_context(mock.patch.object(module, "sync_checks_enabled", lambda x: False))
+        yield
+
+
+def sync_budget(shape: Shape) -> int:
+    """Issue 24's bar: host syncs of an iteration outside generation <= minibatches + 5."""
+    return shape.minibatches + 5
+
+
 def build(shape: Shape, device="cpu"):
     """(models, reward model, optimizers, config) of the stated shape, built in memory from random
     weights."""
@@ -138,7 +160,7 @@ def ppo_report(shape: Shape = SHAPE, device="cpu") -> dict:
     prompts = torch.randint(10, dict(shape.model)["vocab_size"], (shape.prompts, shape.prompt_len)).tolist()
     counter = TrafficCounter(ORACLES if device == "cpu" else {})
     timer = CountingTimer(torch.device(device), counter)
-    with use_backend("triton"), counter, counter.python_syncs():
+    with use_backend("triton"), value_checks_as_on_gpu(), counter, counter.python_syncs():
         samples = sample_and_score(models, prompts, cfg, 0, timer)
         rollout, _ = make_rollout(models, samples, cfg, cfg.reward.kl_coef, RunningMoments(), timer)
         with timer.phase("update"):
@@ -155,7 +177,17 @@ def ppo_report(shape: Shape = SHAPE, device="cpu") -> dict:
                       "micro_batch_rows": shape.micro, "device": device, "path": "triton",
                       "oracles": sorted(counter.stand_ins)},
             "phases": phases, "other": dict(zip(("read", "written"), counter.bytes["other"])),
-            "host_syncs": dict(counter.syncs)}
+            "host_syncs": dict(counter.syncs),
+            "host_syncs_by_phase": {name: dict(kinds) for name, kinds in counter.region_syncs.items()},
+            "host_syncs_outside_generation": sum(n for name, kinds in counter.region_syncs.items()
+                                                 if name != "generate" for n in kinds.values()),
+            "host_sync_budget": sync_budget(shape)}
+
+
+def sync_phases(report: dict) -> str:
+    """'phase kind n, ...' of a ppo_report's host syncs outside generation."""
+    return ", ".join(f"{name} {kind} {n}" for name, kinds in sorted(report["host_syncs_by_phase"].items())
+                     if name != "generate" for kind, n in sorted(kinds.items()))
 
 
 def ppo_table(report: dict) -> str:
@@ -170,5 +202,7 @@ def ppo_table(report: dict) -> str:
     for name, v in report["phases"].items():
         lines.append(f"| {name} | {v['ops']} | {v['read'] / mib:.2f} | {v['written'] / mib:.2f} | "
                      f"{v['floor'] / mib:.2f} | {v['ratio']:.2f} |")
-    lines += ["", "host syncs in the iteration: " + ", ".join(f"{k} {n}" for k, n in sorted(report["host_syncs"].items()))]
+    lines += ["", "host syncs in the iteration: " + ", ".join(f"{k} {n}" for k, n in sorted(report["host_syncs"].items())),
+              "", f"host syncs outside generation: {report['host_syncs_outside_generation']} (budget "
+              f"{report['host_sync_budget']} = minibatches + 5): {sync_phases(report)}"]
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 """The traffic counter counts known ops exactly, and the decode-step and PPO-iteration reports run
 at tiny shapes with sane fields (bytes, not timings)."""
+import pytest
 import torch
 
 import traffic_decode
@@ -76,14 +77,33 @@ def test_exact_mode_report_counts_both_modes_alike_with_or_without_oracles():
     assert "| exact |" in traffic_decode.exact_mode_table(with_oracles)
 
 
+TINY_PPO = traffic_ppo.Shape(prompts=2, samples=2, prompt_len=5, new_tokens=3, minibatches=2, micro=1,
+                             model=tuple(TINY.items()), layers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_ppo_report():
+    return traffic_ppo.ppo_report(TINY_PPO)
+
+
 @needs_interpreter
-def test_ppo_report_counts_every_phase_against_its_floor():
-    shape = traffic_ppo.Shape(prompts=2, samples=2, prompt_len=5, new_tokens=3, minibatches=2, micro=1,
-                              model=tuple(TINY.items()), layers=1)
-    report = traffic_ppo.ppo_report(shape)
+def test_ppo_report_counts_every_phase_against_its_floor(tiny_ppo_report):
+    report = tiny_ppo_report
     assert set(report["phases"]) == set(traffic_ppo.PHASES)
     for name, phase in report["phases"].items():
         assert phase["ops"] > 0 and phase["floor"] > 0, name
         assert phase["read"] + phase["written"] >= phase["floor"], name
     assert report["other"] == {"read": 0, "written": 0}
     assert "| update |" in traffic_ppo.ppo_table(report)
+
+
+@needs_interpreter
+def test_ppo_iteration_host_syncs_outside_generation_are_within_minibatches_plus_5(tiny_ppo_report):
+    """Issue 24's bar, on the GPU's path: the rollout's finite-score check and metrics one read
+    each, the epoch's shuffle one, each minibatch's stats one; no sync in scoring or the forwards."""
+    report = tiny_ppo_report
+    assert report["host_syncs_outside_generation"] <= traffic_ppo.sync_budget(TINY_PPO) == 7, report["host_syncs_by_phase"]
+    by_phase = report["host_syncs_by_phase"]
+    assert by_phase["update"] == {"tolist": TINY_PPO.minibatches + 1}   # a read per minibatch + the shuffle
+    assert not any(by_phase.get(name) for name in ("score", "reference", "old"))
+    assert "host syncs outside generation: 5 (budget 7" in traffic_ppo.ppo_table(report)

@@ -126,6 +126,22 @@ def test_seeded_sampling_is_reproducible_across_batches_and_preemption(qwen2_dir
     assert all_blocks_free(tiny)
 
 
+def test_device_logprobs_are_the_completions_logprobs_through_preemption(qwen2_dir):
+    """The engine's device buffer holds each sampled token's log-prob where Completion.logprob_slots
+    says, the same fp32 numbers as Completion.logprobs, also for sequences preempted and recomputed."""
+    tiny = LLM(qwen2_dir, block_size=4, kv_cache_memory=2048 * 11)  # 11 blocks: preemption
+    outs = tiny.generate(random_prompts([6, 20], seed=4), SamplingParams(temperature=1.0, max_new_tokens=16, n=3,
+                                                                        seed=3))
+    assert tiny.scheduler.num_preemptions > 0
+    completions = [c for out in outs for c in out.outputs]
+    slots = [s for c in completions for s in c.logprob_slots]
+    assert len(set(slots)) == len(slots) == sum(len(c.token_ids) for c in completions)
+    for c in completions:
+        assert torch.equal(tiny.device_logprobs(c.logprob_slots), torch.tensor(c.logprobs, dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"slots must be in \[0, \d+\)"):
+        tiny.device_logprobs([max(slots) + 1])
+
+
 def test_sampled_logprobs_are_under_the_sampling_distribution(qwen2_dir):
     llm = LLM(qwen2_dir)
     prompt = random_prompts([9], seed=5)[0]

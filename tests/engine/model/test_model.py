@@ -6,6 +6,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from fusedrl.engine.data.packing import pack_sequences
 from fusedrl.engine.model.hf_io import load_model, save_model
 from fusedrl.engine.model.hf_io import INDEX_FILE, SINGLE_FILE
 from fusedrl.engine.model.config import ModelConfig
@@ -39,6 +40,21 @@ def test_packed_forward_restarts_positions_and_isolates_sequences(model_dirs, ar
         logits = model.compute_logits(hidden).split([len(p) for p in prompts])
         for p, got in zip(prompts, logits):
             torch.testing.assert_close(got, hf(torch.tensor([p])).logits[0], atol=ATOL, rtol=0)
+
+
+def test_packed_forward_takes_the_pack_s_positions_and_boundaries(model_dirs):
+    """A PackedBatch's positions and cu_seqlens, built once per pack, give the forward's own."""
+    model = load_model(model_dirs["qwen2"][0])
+    prompts = random_prompts([9, 4, 13], seed=7)
+    packed = pack_sequences([(p[:2], p[2:], True) for p in prompts])
+    assert packed.positions.tolist() == [i for p in prompts for i in range(len(p))]
+    assert packed.cu_seqlens.tolist() == [0, 9, 13, 26]
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_packed(packed.input_ids, packed.seqlens, packed.positions,
+                                                        packed.cu_seqlens),
+                                   model.forward_packed(packed.input_ids, packed.seqlens), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"positions is \(25,\) on cpu: expected \(26,\) on cpu"):
+        model.forward_packed(packed.input_ids, packed.seqlens, packed.positions[1:])
 
 
 def test_packed_hidden_states_feed_linear_token_logprobs(model_dirs):
