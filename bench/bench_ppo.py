@@ -83,6 +83,7 @@ class Shape:
     new_tokens: int
     minibatches: int
     micro: int
+    tokens_per_micro: int | None = None   # ours: rows packed up to this many tokens per forward instead
 
     @property
     def rows(self) -> int:
@@ -124,6 +125,9 @@ def parse_args(argv=None):
                    help="PROMPTSxSAMPLESxPROMPT_LENxNEW_TOKENS (default 32x4x128x256; grpo 16x8x128x256)")
     p.add_argument("--minibatches", type=int, default=4, help="PPO minibatches per epoch")
     p.add_argument("--micro", type=int, default=None, help="rows per forward/backward (default 16; quick 2)")
+    p.add_argument("--tokens-per-microbatch", type=int, default=None,
+                   help="ours: pack rows up to this many tokens per forward/backward (ppo.tokens_per_microbatch) "
+                        "instead of --micro rows; TRL keeps --micro rows")
     p.add_argument("--out", default=None, help="JSON results path (default: bench/results/ppo[_quick].json)")
     # Internal: one side in this process, its result to a JSON file (see main).
     p.add_argument("--run-side", choices=SIDES, help=argparse.SUPPRESS)
@@ -138,7 +142,7 @@ def parse_args(argv=None):
     if any(side.endswith("_lora") for side in args.sides) and args.lora < 1:
         p.error(f"the sides {args.sides} include LoRA ones: give --lora RANK (>= 1)")
     dims = [int(x) for x in (args.shape or DEFAULT_SHAPES[args.algo, args.quick]).split("x")]
-    args.shape = Shape(*dims, args.minibatches, args.micro or (2 if args.quick else 16))
+    args.shape = Shape(*dims, args.minibatches, args.micro or (2 if args.quick else 16), args.tokens_per_microbatch)
     if args.algo == "grpo" and args.shape.samples < 2:
         p.error(f"--algo grpo compares each prompt's samples: --shape needs SAMPLES >= 2, got {args.shape.samples}")
     if args.out is None:
@@ -223,15 +227,17 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
                             ignore_eos=True, kv_cache_memory=kv_bytes, block_size=16)
     loop, minibatch = LoopConfig(iterations=2, device=device.type, progress=False), shape.rows // shape.minibatches
     adapters = LoRAConfig(rank=lora, alpha=2.0 * max(lora, 1))
+    micro = ({"tokens_per_microbatch": shape.tokens_per_micro} if shape.tokens_per_micro
+             else {"microbatch_size": shape.micro})
     if algo == "ppo":
         cfg = PPOConfig(policy=str(policy_dir), reward_model=str(rm_dir), critic="separate", prompts_file="-",
                         output_dir="-", rollout=rollout, reward=RewardConfig(kl_coef=0.05), train=loop, lora=adapters,
-                        ppo=UpdateConfig(epochs=1, minibatch_size=minibatch, microbatch_size=shape.micro, vf_coef=0.1))
+                        ppo=UpdateConfig(epochs=1, minibatch_size=minibatch, vf_coef=0.1, **micro))
         tokenizer, reward_fn = build_tokenizer(model_config.eos_token_ids[0]), None
     else:
         cfg = GRPOConfig(policy=str(policy_dir), prompts_file="-", output_dir="-", rollout=rollout, train=loop,
-                         lora=adapters, ppo=UpdateConfig(estimator="grpo", kl_loss_coef=GRPO_KL_COEF, vf_coef=0.0, epochs=1,
-                                          agg="token-mean", minibatch_size=minibatch, microbatch_size=shape.micro))
+                         lora=adapters, ppo=UpdateConfig(estimator="grpo", kl_loss_coef=GRPO_KL_COEF, vf_coef=0.0,
+                                                         epochs=1, agg="token-mean", minibatch_size=minibatch, **micro))
         tokenizer = build_tokenizer(model_config.eos_token_ids[0], model_config.vocab_size)
         reward_fn = even_token_share
     models = build_models(cfg, device, dtype, tokenizer, reward_fn)
@@ -378,6 +384,8 @@ def run_in_subprocess(side: str, args, dirs) -> dict:
                "--shape", "x".join(map(str, dataclasses.astuple(args.shape)[:4])),
                "--minibatches", str(args.shape.minibatches), "--micro", str(args.shape.micro), "--algo", args.algo,
                "--lora", str(args.lora)]
+        if args.shape.tokens_per_micro:
+            cmd += ["--tokens-per-microbatch", str(args.shape.tokens_per_micro)]
         proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]

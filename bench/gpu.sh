@@ -10,12 +10,12 @@
 #
 #   bash bench/gpu.sh OUTDIR                    # every stage
 #   bash bench/gpu.sh OUTDIR tests kernels      # some stages (to split a run across 10-minute calls)
-# Stages: build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_lora ppo_lora_trl grpo traffic (a later call can skip build: kernels/_C*.so stays
+# Stages: build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo traffic (a later call can skip build: kernels/_C*.so stays
 # in the checkout only on the same machine). Then copy what is worth keeping into bench/results/.
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUTDIR [stage ...]}
 shift
-stages=${*:-build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_lora ppo_lora_trl grpo traffic}
+stages=${*:-build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo traffic}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$repo"
@@ -104,6 +104,10 @@ for stage in $stages; do
     # A micro-batch's forward + backward (bar: 1k tokens <= 15 ms) and the optimizer step.
     train_step) run bench_train_step 300 python bench/bench_train_step.py --out "$out/bench_train_step.json" ;;
     ppo)      run bench_ppo 420 python bench/bench_ppo.py --out "$out/bench_ppo.json" ;;
+    # Ours alone, each minibatch's 32 rows (128 + 256 tokens) packed into one forward by
+    # ppo.tokens_per_microbatch instead of 16-row micro-batches: compare with stage ppo's ours.
+    ppo_tokens) run bench_ppo_tokens 300 python bench/bench_ppo.py --sides ours --tokens-per-microbatch 12288 \
+                  --out "$out/bench_ppo_tokens.json" ;;
     # PPO with rank-16 LoRA vs full fine-tuning at the same batch (bar: peak <= 0.6x, no slower), then
     # against TRL with PEFT (needs peft among the carried wheels: bench/peer_wheels.sh).
     ppo_lora) run bench_ppo_lora 570 python bench/bench_ppo.py --lora 16 --sides ours ours_lora \
@@ -114,7 +118,7 @@ for stage in $stages; do
     grpo)     run bench_grpo 420 python bench/bench_ppo.py --algo grpo --out "$out/bench_grpo.json" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
     traffic)  run traffic 300 python bench/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
-    *) echo "unknown stage $stage (build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_lora ppo_lora_trl grpo traffic)"; status=1 ;;
+    *) echo "unknown stage $stage (build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo traffic)"; status=1 ;;
   esac
 done
 exit $status

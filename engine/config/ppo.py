@@ -64,8 +64,9 @@ class UpdateConfig:
                                         "accumulated to the whole minibatch's (None = the minibatch at once)")
     tokens_per_microbatch: int | None = option("token budget of one forward/backward inside a minibatch: rows "
                                                "(prompt + response tokens) are packed up to it, so each forward "
-                                               "fills the GPU; a longer row goes alone; gradients are the whole "
-                                               "minibatch's (None = by microbatch_size)")
+                                               "fills the GPU; it must hold one row (rollout.max_prompt_length + "
+                                               "rollout.max_new_tokens); gradients are the whole minibatch's "
+                                               "(None = by microbatch_size)")
     clip_eps: float = option("ratio clip: [1 - clip_eps, 1 + clip_eps_high]", 0.2)
     clip_eps_high: float | None = option("upper ratio clip (default: clip_eps)")
     dual_clip: float | None = option("dual-clip bound c > 1 for negative advantages (None = off)")
@@ -195,6 +196,10 @@ class PPOConfig:
               "rollout.exact with lora.rank > 0 is not supported yet: the adapters' GEMMs are not batch-invariant")
         check(not self.rollout.dynamic_sampling or grouped,
               "rollout.dynamic_sampling drops groups of equal scores: it needs a group estimator (ppo.estimator)")
+        longest = self.rollout.max_prompt_length + self.rollout.max_new_tokens
+        check(self.ppo.tokens_per_microbatch is None or self.ppo.tokens_per_microbatch >= longest,
+              f"ppo.tokens_per_microbatch={self.ppo.tokens_per_microbatch} must hold one row: rollout."
+              f"max_prompt_length + rollout.max_new_tokens = {longest} tokens")
 
 
 def _grpo_update() -> UpdateConfig:

@@ -41,7 +41,7 @@ class Samples:
         """These rows (whole groups, for a group estimator: see finite_rows)."""
         pick = torch.tensor(rows, dtype=torch.long, device=self.scores.device)
         return Samples([self.prompts[r] for r in rows], [self.responses[r] for r in rows], self.packed.select(rows),
-                       self.sampler_logprobs.index_select(0, pick.to(self.sampler_logprobs.device)),
+                       self.sampler_logprobs.index_select(0, pick),
                        self.scores.index_select(0, pick), self.n)
 
     @staticmethod

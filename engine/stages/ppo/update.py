@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from ...config.ppo import PPOConfig
+from ...data.packing import pack
 from ...train import distributed, optim
 from ....kernels import aggregation_rule, kl_penalty, ppo_policy_loss, ppo_value_loss
 from ....kernels.policy_corrections import importance_weights
@@ -61,20 +62,13 @@ def _global_total(units: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def microbatch_rows(seqlens: list[int], rows_per_microbatch: Optional[int],
                     tokens_per_microbatch: Optional[int]) -> list[list[int]]:
-    """A minibatch's rows (of these token counts) split into micro-batches, in order: by
-    tokens_per_microbatch (greedy, a row longer than the budget alone), else rows_per_microbatch
+    """A minibatch's rows (of these token counts) split into micro-batches, in order: packed up to
+    tokens_per_microbatch (PPOConfig checks that one row always fits), else rows_per_microbatch
     rows each (None: all at once)."""
-    if tokens_per_microbatch is None:
-        size = rows_per_microbatch or len(seqlens)
-        return [list(range(start, min(start + size, len(seqlens)))) for start in range(0, len(seqlens), size)]
-    groups, tokens = [], tokens_per_microbatch + 1
-    for row, n in enumerate(seqlens):
-        if tokens + n > tokens_per_microbatch:
-            groups.append([])
-            tokens = 0
-        groups[-1].append(row)
-        tokens += n
-    return groups
+    if tokens_per_microbatch is not None:
+        return pack(seqlens, tokens_per_microbatch)
+    size = rows_per_microbatch or len(seqlens)
+    return [list(range(start, min(start + size, len(seqlens)))) for start in range(0, len(seqlens), size)]
 
 
 def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,

@@ -158,17 +158,19 @@ def test_microbatches_accumulate_the_minibatch_gradient(setup, agg, options):
     def gradient(microbatch_size=None, tokens_per_microbatch=None):
         for p in params:
             p.grad = None
-        micro_cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(
-            cfg.ppo, microbatch_size=microbatch_size, tokens_per_microbatch=tokens_per_microbatch))
+        micro_cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_prompt_length=6),
+                                        ppo=dataclasses.replace(cfg.ppo, microbatch_size=microbatch_size,
+                                                                tokens_per_microbatch=tokens_per_microbatch))
         stats = minibatch_backward(models, rollout, micro_cfg, None)
         return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params]), stats
 
     whole, whole_stats = gradient()
     assert whole.abs().max() > 0
     seqlens = rollout.packed.seqlens
-    # Token budgets: every row alone (1), and about a third of the rows' tokens (uneven groups).
-    budgets = (1, sum(seqlens) // 3)
-    assert len(microbatch_rows(seqlens, None, budgets[1])) >= 3
+    # Token budgets: one row of the longest kind (6 prompt + 6 response tokens), and about a third of
+    # the rows' tokens (uneven groups).
+    budgets = (12, sum(seqlens) // 3)
+    assert max(seqlens) <= 12 and all(len(microbatch_rows(seqlens, None, b)) >= 3 for b in budgets)
     for split in [{"microbatch_size": 1}, {"microbatch_size": 4}] + [{"tokens_per_microbatch": b} for b in budgets]:
         grad, stats = gradient(**split)
         # fp32 sums in another order: the tolerance follows the gradient's scale.
@@ -179,9 +181,13 @@ def test_microbatches_accumulate_the_minibatch_gradient(setup, agg, options):
 def test_microbatch_rows_by_rows_and_by_token_budget():
     assert microbatch_rows([5, 3, 4, 2, 6], 2, None) == [[0, 1], [2, 3], [4]]
     assert microbatch_rows([5, 3, 4, 2, 6], None, None) == [[0, 1, 2, 3, 4]]
-    # greedy up to 8 tokens: 5 + 3 | 4 + 2 | 6; a row over the budget goes alone
+    # greedy up to 8 tokens: 5 + 3 | 4 + 2 | 6
     assert microbatch_rows([5, 3, 4, 2, 6], None, 8) == [[0, 1], [2, 3], [4]]
-    assert microbatch_rows([9, 3, 12, 1], None, 8) == [[0], [1], [2], [3]]
+    assert microbatch_rows([8, 1, 7, 1], None, 8) == [[0], [1, 2], [3]]
+    with pytest.raises(ValueError, match=r"tokens_per_microbatch=100 must hold one row: .* = 264 tokens"):
+        PPOConfig(policy="p", prompts_file="f", output_dir="o", reward_fn="m:f",
+                  rollout=RolloutConfig(max_prompt_length=200, max_new_tokens=64),
+                  ppo=UpdateConfig(tokens_per_microbatch=100))
     with pytest.raises(ValueError, match="set one of them"):
         UpdateConfig(microbatch_size=2, tokens_per_microbatch=64)
     with pytest.raises(ValueError, match="tokens_per_microbatch must be >= 1"):
