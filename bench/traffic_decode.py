@@ -72,7 +72,7 @@ def decode_batch(llm: LLM, batch: int, context: int, top_p: float) -> list:
         seqs, is_prefill = llm.scheduler.schedule()
         if not is_prefill:
             break
-        llm.scheduler.postprocess(seqs, [11] * len(seqs), [0.0] * len(seqs))
+        llm.scheduler.postprocess(seqs, [11] * len(seqs))
     llm.runner.kv_pool.normal_()
     return seqs
 

@@ -132,6 +132,7 @@ class LLM:
             self._check_request(i, ids, p)
         groups = [[self._add(ids, p, j) for j in range(p.n)] for ids, p in zip(token_ids, params)]
         self._run(sum(len(g) for g in groups), use_tqdm)
+        self._collect_logprobs([s for g in groups for s in g])
         return [RequestOutput(ids, [self._completion(s, decode_text) for s in group])
                 for ids, group in zip(token_ids, groups)]
 
@@ -190,31 +191,32 @@ class LLM:
             while not self.scheduler.is_finished():
                 batch, is_prefill = self.scheduler.schedule()
                 first = self.runner.logprobs_kept
-                tokens, logprobs = self.runner.run(batch, is_prefill)
+                tokens = self.runner.run(batch, is_prefill)
                 for slot, seq in enumerate(batch, start=first):
                     seq.logprob_slots.append(slot)
-                check_logprobs(logprobs, batch)
-                finished = self.scheduler.postprocess(batch, tokens, logprobs)
+                finished = self.scheduler.postprocess(batch, tokens)
                 if progress is not None:
                     progress.update(len(finished))
         finally:
             if progress is not None:
                 progress.close()
 
+    def _collect_logprobs(self, seqs: list[Sequence]) -> None:
+        """Fill each sequence's host log-probs from the device buffer (one copy for the whole call),
+        raising NonFiniteError at a log-prob that is not finite, which only non-finite logits give (a
+        NaN or +inf logit spoils the whole softmax; a sampled token has probability > 0)."""
+        kept = self.runner.kept_logprobs()
+        for seq in seqs:
+            seq.logprobs = [kept[slot] for slot in seq.logprob_slots]
+            bad = next((x for x in seq.logprobs if not math.isfinite(x)), None)
+            if bad is not None:
+                raise NonFiniteError(f"the model's logits are not finite (sampled log-prob {bad} for request "
+                                     f"{seq.seq_id}): its weights or activations hold NaN or inf")
+
     def _completion(self, seq: Sequence, decode_text: bool) -> Completion:
         ids = seq.completion_token_ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer and decode_text else None
         return Completion(ids, seq.logprobs, seq.finish_reason, text, seq.logprob_slots)
-
-
-def check_logprobs(logprobs: list[float], batch: list[Sequence]) -> None:
-    """NonFiniteError when a sampled token's log-prob is not finite, which only non-finite logits
-    give (a NaN or +inf logit spoils the whole softmax; a sampled token has probability > 0). The
-    values are already on the host from the step's one sync: no extra device work or sync."""
-    for logprob, seq in zip(logprobs, batch):
-        if not math.isfinite(logprob):
-            raise NonFiniteError(f"the model's logits are not finite (sampled log-prob {logprob} for request "
-                                 f"{seq.seq_id}): its weights or activations hold NaN or inf")
 
 
 def _is_single_prompt(prompts) -> bool:

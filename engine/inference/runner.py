@@ -1,7 +1,9 @@
 """ModelRunner: the only place that builds tensors for a generation step.
 
 It owns the KV pool, turns scheduled sequences into input ids, positions, slot mappings and block
-tables, runs the model (eagerly, or a captured CUDA graph for decode), and samples.
+tables, runs the model and samples: a decode step as one captured CUDA graph (embedding through the
+sampler) over persistent input buffers (`DecodeInputs`), or eagerly. A step's one device-to-host
+copy is its sampled token ids; their log-probs stay on the device until the generate call ends.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from ..model.attention import AttentionMetadata
 from ..model.config import ModelConfig
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant
-from ..model.kv_pages import page_slot
+from ..model.kv_pages import sequence_slot
+from .decode_inputs import DecodeInputs
 from .sampler import sample
 from .sequence import Sequence
 
@@ -71,22 +74,22 @@ class ModelRunner:
         # device for a trainer (a PPO rollout) to gather without a round trip through Python floats.
         self.logprob_buffer = torch.empty(1024, dtype=torch.float32, device=self.device)
         self.logprobs_kept = 0
+        self.decode_inputs = DecodeInputs(max_num_seqs, self.max_blocks_per_seq, block_size, self.device)
         self.graphs = None
         if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = _DecodeGraphs(self, max_num_seqs)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
-        """One step: returns the sampled token and its log-prob for each sequence; the log-probs
-        are also kept on the device, at logprob_buffer[logprobs_kept - len(seqs):logprobs_kept]."""
-        if self.batch_invariant is not None:
-            tokens, logprobs = self._run_invariant(seqs, is_prefill)
-        else:
-            tokens, logprobs = self._run_default(seqs, is_prefill)
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        """One step: the sampled token of each sequence, the step's one device-to-host copy. Their
+        log-probs stay on the device, at logprob_buffer[logprobs_kept - len(seqs):logprobs_kept]."""
+        tokens, logprobs = self._prefill(seqs) if is_prefill else self._decode(seqs)
         self._keep_logprobs(logprobs)
-        # One device-to-host copy (one sync) for both: token ids < 2^53 are exact in float64.
-        host = torch.stack([tokens.double(), logprobs.double()]).tolist()
-        return [int(t) for t in host[0]], host[1]
+        return tokens.tolist()
+
+    def kept_logprobs(self) -> list[float]:
+        """Every log-prob kept since logprobs_kept was last reset, on the host (one copy)."""
+        return self.logprob_buffer[:self.logprobs_kept].tolist()
 
     def _keep_logprobs(self, logprobs: torch.Tensor) -> None:
         """Append a step's log-probs [B] to logprob_buffer (doubled when full: amortized, no sync)."""
@@ -109,37 +112,45 @@ class ModelRunner:
             return self.batch_invariant.paged_hidden(self.model, input_ids, positions, meta, self.kv_caches)
         return self.model(input_ids, positions, meta, self.kv_caches)
 
-    def _hidden(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Final hidden states [B, hidden] of each sequence's last token."""
-        if is_prefill:
-            input_ids, positions, meta, last = self._prepare_prefill(seqs)
-            return self.forward_step(input_ids, positions, meta)[last]
-        input_ids, positions, meta = self._prepare_decode(seqs)
-        if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
-            return self.graphs.replay(input_ids, positions, meta)
-        return self.forward_step(input_ids, positions, meta)
+    def decode_step(self, size: int, full_tables: bool):
+        """The decode step over the first `size` rows of `decode_inputs`: embedding through the
+        layers, the LM head and the sampler -> (tokens [size] int64, logprobs [size] fp32). What a
+        decode graph captures (full_tables: it reads the block tables at their full width)."""
+        x = self.decode_inputs.views(size, full_tables)
+        meta = AttentionMetadata(is_decode=True, slot_mapping=x.slot_mapping, context_lens=x.context_lens,
+                                 block_tables=x.block_tables)
+        return self._sample(self.forward_step(x.input_ids, x.positions, meta), x.sampling)
 
-    def _run_default(self, seqs: list[Sequence], is_prefill: bool):
-        # [B, V] in the model's dtype: the fused sampler reads it as it is; an fp32 copy would
-        # write and read the logits twice more.
-        logits = self.model.lm_head(self._hidden(seqs, is_prefill))
-        return sample(logits, *self._prepare_sampling(seqs))
+    def _decode(self, seqs: list[Sequence]):
+        """Each sequence's last token: its inputs written into the persistent buffers, then the
+        graph of the smallest captured size that holds the batch, or the step run eagerly."""
+        graphed = self.graphs is not None and len(seqs) <= self.graphs.max_batch
+        size = self.graphs.size_for(len(seqs)) if graphed else len(seqs)
+        self.decode_inputs.fill(seqs, size, full_tables=graphed)
+        tokens, logprobs = self.graphs.replay(size) if graphed else self.decode_step(size, full_tables=False)
+        return tokens[:len(seqs)], logprobs[:len(seqs)]
 
-    def _run_invariant(self, seqs: list[Sequence], is_prefill: bool):
-        """The batch-invariant step: the draw as usual (from invariant fp32 logits), the log-prob by
-        the mode's own log-softmax, the one the trainer's old log-probs use."""
+    def _prefill(self, seqs: list[Sequence]):
+        """The new tokens of each sequence, from its first uncached one; samples after the last."""
+        input_ids, positions, meta, last = self._prepare_prefill(seqs)
+        return self._sample(self.forward_step(input_ids, positions, meta)[last], self._prepare_sampling(seqs))
+
+    def _sample(self, hidden: torch.Tensor, sampling):
+        """hidden [B, hidden] -> (tokens [B], logprobs [B]). The batch-invariant mode draws as usual
+        (from its invariant fp32 logits) and takes the log-prob by its own log-softmax, the one the
+        trainer's old log-probs use."""
+        if self.batch_invariant is None:
+            # [B, V] in the model's dtype: the fused sampler reads it as it is; an fp32 copy would
+            # write and read the logits twice more.
+            return sample(self.model.lm_head(hidden), *sampling)
         mode = self.batch_invariant
-        logits = mode.logits(self._hidden(seqs, is_prefill), self.model.lm_head.weight)  # [B, V] fp32
-        sampling = self._prepare_sampling(seqs)
+        logits = mode.logits(hidden, self.model.lm_head.weight)  # [B, V] fp32
         tokens, _ = sample(logits, *sampling)
         return tokens, mode.sampler_logprobs(logits, tokens, sampling[0])
 
     def _tensor(self, data, dtype):
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
             self.device, non_blocking=True)
-
-    def _slot(self, seq: Sequence, position: int) -> int:
-        return page_slot(seq.block_table[position // self.block_size], position, self.block_size)
 
     def _block_tables(self, seqs: list[Sequence]):
         width = max(len(s.block_table) for s in seqs)
@@ -153,7 +164,7 @@ class ModelRunner:
             start = seq.num_cached_tokens
             input_ids += seq.token_ids[start:]
             positions += range(start, seq.num_tokens)
-            slots += [self._slot(seq, p) for p in range(start, seq.num_tokens)]
+            slots += [sequence_slot(seq.block_table, p, self.block_size) for p in range(start, seq.num_tokens)]
             seqlens_q.append(seq.num_tokens - start)
             seqlens_k.append(seq.num_tokens)
         cu_q = self._tensor([0] + seqlens_q, torch.int32).cumsum(0, dtype=torch.int32)
@@ -164,17 +175,6 @@ class ModelRunner:
             block_tables=self._block_tables(seqs) if seqlens_q != seqlens_k else None)
         last = cu_q[1:] - 1  # index of each sequence's last token in the packed batch
         return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, last
-
-    def _prepare_decode(self, seqs: list[Sequence]):
-        """The last token of each sequence, at position len - 1."""
-        input_ids = [s.token_ids[-1] for s in seqs]
-        positions = [s.num_tokens - 1 for s in seqs]
-        meta = AttentionMetadata(
-            is_decode=True,
-            slot_mapping=self._tensor([self._slot(s, s.num_tokens - 1) for s in seqs], torch.int64),
-            context_lens=self._tensor([s.num_tokens for s in seqs], torch.int32),
-            block_tables=self._block_tables(seqs))
-        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta
 
     def _prepare_sampling(self, seqs: list[Sequence]):
         ps = [s.params for s in seqs]
@@ -187,13 +187,14 @@ class ModelRunner:
 
 
 class _DecodeGraphs:
-    """CUDA graphs of the decode forward (`ModelRunner.forward_step`, up to the final norm) at
-    GRAPH_BATCH_SIZES.
+    """CUDA graphs of the whole decode step (`ModelRunner.decode_step`: embedding, layers, final
+    norm, LM head and sampler) at GRAPH_BATCH_SIZES, reading the runner's `DecodeInputs` device
+    buffers and writing tokens and log-probs [max_batch] into buffers of their own.
 
-    Inputs live in static buffers; padding rows carry slot -1 (nothing written) and context length 0
-    (nothing read), so a batch of 5 replays the graph of 8 and keeps the first 5 rows.
-    `capture=False` keeps the same buffers and padding but replays by running the forward eagerly:
-    how the tests check this bookkeeping on a machine without CUDA.
+    The inputs' padding rows carry slot -1 (nothing written) and context length 0 (nothing read), so
+    a batch of 5 replays the graph of 8 and keeps the first 5 rows. `capture=False` keeps the same
+    buffers and padding but replays by running the step eagerly: how the tests check this
+    bookkeeping on a machine without CUDA.
     """
 
     def __init__(self, runner: ModelRunner, max_num_seqs: int, capture: bool = True):
@@ -202,50 +203,39 @@ class _DecodeGraphs:
         if not sizes or sizes[-1] < max_num_seqs <= runner.GRAPH_BATCH_SIZES[-1]:
             sizes.append(max_num_seqs)
         self.max_batch = sizes[-1]
-        n, device = self.max_batch, runner.device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        # Block 0, not -1, in unused entries: a valid index whatever a backend does with it.
-        self.block_tables = torch.zeros(n, runner.max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(n, runner.config.hidden_size, dtype=runner.dtype, device=device)
+        self.tokens = torch.zeros(self.max_batch, dtype=torch.int64, device=runner.device)
+        self.logprobs = torch.zeros(self.max_batch, dtype=torch.float32, device=runner.device)
         self.graphs = {}
         self.pool = None
         self._capture(sorted(sizes, reverse=True), capture)  # largest first: smaller graphs reuse its pool
 
-    def _forward(self, b: int):
-        meta = AttentionMetadata(is_decode=True, slot_mapping=self.slot_mapping[:b],
-                                 context_lens=self.context_lens[:b], block_tables=self.block_tables[:b])
-        self.hidden[:b] = self.runner.forward_step(self.input_ids[:b], self.positions[:b], meta)
+    def _step(self, size: int):
+        tokens, logprobs = self.runner.decode_step(size, full_tables=True)
+        self.tokens[:size] = tokens
+        self.logprobs[:size] = logprobs
 
     @torch.inference_mode()
     def _capture(self, sizes, capture: bool):
         for b in sizes:
-            forward = functools.partial(self._forward, b)
-            forward()  # warm-up: Triton kernels compile outside the capture
+            step = functools.partial(self._step, b)
+            step()  # warm-up on the padding rows: Triton kernels compile outside the capture
             if not capture:
-                self.graphs[b] = SimpleNamespace(replay=forward)
+                self.graphs[b] = SimpleNamespace(replay=step)
                 continue
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, self.pool):
-                forward()
+                step()
             self.pool = graph.pool()
             self.graphs[b] = graph
         if capture:
             torch.cuda.synchronize()
 
-    def replay(self, input_ids, positions, meta: AttentionMetadata):
-        """Run the decode forward of len(input_ids) sequences; returns hidden [B, hidden]."""
-        b = input_ids.shape[0]
-        size = min(s for s in self.graphs if s >= b)
-        self.input_ids[:b] = input_ids
-        self.positions[:b] = positions
-        self.slot_mapping.fill_(-1)
-        self.slot_mapping[:b] = meta.slot_mapping
-        self.context_lens.zero_()
-        self.context_lens[:b] = meta.context_lens
-        self.block_tables[:b, :meta.block_tables.shape[1]] = meta.block_tables
+    def size_for(self, batch: int) -> int:
+        """The smallest captured size that holds `batch` rows."""
+        return min(s for s in self.graphs if s >= batch)
+
+    def replay(self, size: int):
+        """Run the graph of `size` rows on the inputs filled for it -> (tokens, logprobs) [size]."""
         self.graphs[size].replay()
-        return self.hidden[:b]
+        return self.tokens[:size], self.logprobs[:size]

@@ -77,11 +77,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, batch: list[Sequence], token_ids: list[int], logprobs: list[float]) -> list[Sequence]:
+    def postprocess(self, batch: list[Sequence], token_ids: list[int]) -> list[Sequence]:
         """Append each sequence's sampled token; finish and free those that are done. Returns them."""
         finished = []
-        for seq, token_id, logprob in zip(batch, token_ids, logprobs):
-            seq.append(token_id, logprob)
+        for seq, token_id in zip(batch, token_ids):
+            seq.append(token_id)
             reason = self._finish_reason(seq, token_id)
             if reason:
                 seq.finish_reason = reason

@@ -28,8 +28,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
-        self.logprobs: list[float] = []
         self.logprob_slots: list[int] = []  # where each sampled log-prob is on the device (runner)
+        self.logprobs: list[float] = []  # their values, read back once the generate call ends
         self.finish_reason: str | None = None
 
     def __len__(self) -> int:
@@ -47,6 +47,5 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def append(self, token_id: int, logprob: float):
+    def append(self, token_id: int):
         self.token_ids.append(token_id)
-        self.logprobs.append(logprob)

@@ -17,6 +17,11 @@ def page_slot(block, position, block_size: int):
     return block * block_size + position % block_size
 
 
+def sequence_slot(block_table: list[int], position: int, block_size: int) -> int:
+    """The flattened cache row of `position` of a sequence whose pages are `block_table` (host ints)."""
+    return page_slot(block_table[position // block_size], position, block_size)
+
+
 def key_slots(block_tables: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor,
               block_size: int) -> torch.Tensor:
     """Rows of the keys at `positions` of the sequences `seq_ids` (int64, broadcast to one shape),

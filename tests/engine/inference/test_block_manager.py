@@ -98,11 +98,11 @@ def test_append_slot_takes_a_block_only_when_a_token_starts_one():
     s = seq([1, 2, 3, 4])
     bm.allocate(s)
     assert len(s.block_table) == 1
-    s.append(5, 0.0)  # token 5 starts block 2
+    s.append(5)  # token 5 starts block 2
     assert bm.can_append(s)
     bm.append_slot(s)
     assert len(s.block_table) == 2
-    s.append(6, 0.0)
+    s.append(6)
     bm.append_slot(s)
     assert len(s.block_table) == 2
 

@@ -177,8 +177,9 @@ def test_the_decode_graph_path_keeps_the_bits(one_layer_dirs):
         eager = rows_of(exact_llm(path).generate(prompts, params))
         llm = exact_llm(path)
         llm.runner.graphs = _DecodeGraphs(llm.runner, max_num_seqs=4, capture=False)
-        replayed = []
-        replay = llm.runner.graphs.replay
-        llm.runner.graphs.replay = lambda ids, *a: replayed.append(len(ids)) or replay(ids, *a)
+        fills = []  # (sequences, rows, full-width tables) of each decode step
+        fill = llm.runner.decode_inputs.fill
+        llm.runner.decode_inputs.fill = lambda seqs, size, full_tables: (
+            fills.append((len(seqs), size, full_tables)) or fill(seqs, size, full_tables))
         assert rows_of(llm.generate(prompts, params)) == eager
-    assert 3 in replayed  # a batch that ran padded (in the 4-row buffers)
+    assert (3, 4, True) in fills  # a batch that ran padded (in the 4-row graph)

@@ -277,14 +277,15 @@ def test_decode_graph_bookkeeping_pads_batches_without_changing_tokens(qwen2_dir
     llm = LLM(qwen2_dir, block_size=4, max_num_seqs=5)
     llm.runner.graphs = _DecodeGraphs(llm.runner, max_num_seqs=5, capture=False)
     assert sorted(llm.runner.graphs.graphs) == [1, 2, 4, 5]
-    replayed = []
-    replay = llm.runner.graphs.replay
-    llm.runner.graphs.replay = lambda ids, *a: replayed.append(len(ids)) or replay(ids, *a)
+    fills = []  # (sequences, rows, full-width tables) of each decode step
+    fill = llm.runner.decode_inputs.fill
+    llm.runner.decode_inputs.fill = lambda seqs, size, full_tables: (
+        fills.append((len(seqs), size, full_tables)) or fill(seqs, size, full_tables))
     lengths = [24, 21, 18, 9, 5]  # sequences leave one by one: decode batches of 5, 4, 3, 2, 1
     params = [SamplingParams(temperature=0, max_new_tokens=n) for n in lengths]
     outputs = tokens_of(llm.generate(prompts, params))
     assert outputs == [[exp[0][:n]] for exp, n in zip(expected, lengths)]
-    assert 3 in replayed  # a batch that ran padded (in the 4-row buffers)
+    assert (3, 4, True) in fills  # a batch that ran padded (in the 4-row graph)
     assert all_blocks_free(llm)
 
 

@@ -20,7 +20,7 @@ def add(sched, seq_id, n_prompt, **params):
 
 def step(sched, token=7):
     batch, is_prefill = sched.schedule()
-    finished = sched.postprocess(batch, [token] * len(batch), [0.0] * len(batch))
+    finished = sched.postprocess(batch, [token] * len(batch))
     return batch, is_prefill, finished
 
 
@@ -45,7 +45,7 @@ def test_finish_on_eos_stop_token_and_length_frees_blocks_at_once():
     stop = add(sched, 1, 4, max_new_tokens=10, stop_token_ids=(9,))
     ignore = add(sched, 2, 4, max_new_tokens=10, ignore_eos=True)
     batch, _ = sched.schedule()
-    finished = sched.postprocess(batch, [EOS, 9, EOS], [0.0] * 3)
+    finished = sched.postprocess(batch, [EOS, 9, EOS])
     assert finished == [eos, stop] and eos.finish_reason == stop.finish_reason == "stop"
     assert bm.num_free_blocks == 16 - len(ignore.block_table)
     assert list(sched.running) == [ignore] and ignore.status is SequenceStatus.RUNNING

@@ -1,0 +1,88 @@
+"""DecodeInputs: a decode step's inputs written into persistent buffers equal the ones built from the
+sequences directly, padding rows write and read nothing, and a step costs three host-to-device copies."""
+import random
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fusedrl.engine.inference.decode_inputs import DecodeInputs
+from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.inference.sequence import Sequence
+
+BLOCK = 4
+
+
+def random_sequences(count: int, seed: int) -> list[Sequence]:
+    rng = random.Random(seed)
+    seqs = []
+    for i in range(count):
+        n = rng.randint(1, 30)
+        params = SamplingParams(temperature=rng.choice([0.0, 0.7, 1.3]), top_k=rng.randint(0, 50),
+                                top_p=rng.random(), min_p=rng.random() / 4)
+        seq = Sequence(i, [rng.randrange(1000) for _ in range(n)], params, rng.getrandbits(63))
+        seq.block_table = rng.sample(range(100), -(-n // BLOCK))
+        seqs.append(seq)
+    return seqs
+
+
+def expected_inputs(seqs: list[Sequence]) -> dict:
+    """The inputs built field by field from the sequences (what the runner built before DecodeInputs)."""
+    width = max(len(s.block_table) for s in seqs)
+    last = [s.num_tokens - 1 for s in seqs]
+    return dict(
+        input_ids=torch.tensor([s.token_ids[-1] for s in seqs]), positions=torch.tensor(last),
+        slot_mapping=torch.tensor([s.block_table[p // BLOCK] * BLOCK + p % BLOCK for s, p in zip(seqs, last)]),
+        context_lens=torch.tensor([s.num_tokens for s in seqs], dtype=torch.int32),
+        block_tables=torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
+                                  dtype=torch.int32),
+        sampling=(torch.tensor([s.params.temperature for s in seqs]), torch.tensor([s.params.top_k for s in seqs]),
+                  torch.tensor([s.params.top_p for s in seqs]), torch.tensor([s.seed for s in seqs]),
+                  torch.tensor([s.num_tokens for s in seqs]), torch.tensor([s.params.min_p for s in seqs])))
+
+
+@pytest.mark.parametrize("count,size", [(1, 1), (5, 5), (3, 4), (7, 8)])
+def test_the_filled_rows_are_the_sequences_inputs_and_padding_rows_are_inert(count, size):
+    inputs = DecodeInputs(rows=8, width=10, block_size=BLOCK, device="cpu")
+    for seed in range(3):  # refills of the same buffers, wider and narrower tables
+        seqs = random_sequences(count, seed)
+        inputs.fill(seqs, size, full_tables=False)
+        got, want = inputs.views(count, full_tables=False), expected_inputs(seqs)
+        for name in ("input_ids", "positions", "slot_mapping", "context_lens", "block_tables"):
+            assert torch.equal(getattr(got, name), want[name]), name
+        for got_field, want_field in zip(got.sampling, want["sampling"]):
+            assert torch.equal(got_field, want_field.to(got_field.dtype))
+        inputs.fill(seqs, size, full_tables=True)
+        padded = inputs.views(size, full_tables=True)
+        assert padded.block_tables.shape == (size, 10)
+        assert torch.equal(padded.block_tables[:count, :want["block_tables"].shape[1]], want["block_tables"])
+        assert (padded.slot_mapping[count:] == -1).all() and (padded.context_lens[count:] == 0).all()
+        assert (padded.sampling[0][count:] == 0).all()  # greedy: no filter reads a padding row's parameters
+
+
+def test_a_batch_larger_than_its_rows_is_refused():
+    inputs = DecodeInputs(rows=4, width=10, block_size=BLOCK, device="cpu")
+    with pytest.raises(ValueError, match=r"decode batch of 3 sequences in 2 rows: expected 3 <= size <= 4"):
+        inputs.fill(random_sequences(3, 0), 2, full_tables=False)
+
+
+class CopyCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("full_tables", [False, True])
+def test_a_step_sends_its_inputs_in_three_copies(full_tables):
+    """Three copies (int64, fp32 and int32 rows), plus the full-width table's one on-device copy
+    for a graph, whatever the batch: no tensor is built per field or per row."""
+    inputs = DecodeInputs(rows=64, width=10, block_size=BLOCK, device="cpu")
+    for count in (1, 64):
+        with CopyCounter() as counter:
+            inputs.fill(random_sequences(count, 1), count, full_tables=full_tables)
+        assert counter.ops.count("aten.copy_") == 3 + full_tables, counter.ops
+        assert not {"aten.lift_fresh", "aten._to_copy", "aten.empty"} & set(counter.ops), counter.ops
