@@ -33,13 +33,18 @@ def is_correct(prompt: str, response: str) -> bool:
 
 
 # "add" matters: without it PPO found that a repeated last digit ("1 4 8 9 9") scored well with
-# the reward model, and accuracy fell from 85% to 46% over 100 iterations (seed 0).
+# the reward model, and accuracy fell from 85% to 46% over 100 iterations (seed 0). "change" keeps
+# the answer in order, so only counting the digits catches it: with a changed digit left in place
+# (mostly out of order, caught by order alone) PPO stalled at 72-75% for seed 2, and 162 of its
+# 163 sampled mistakes on 200 training prompts were sorted answers repeating the wrong digit
+# ("sort 4 0 0 5 :" -> "0 4 4 5"); with sorted changes seed 2 went from +24.3 to +31.8 points.
 CORRUPTIONS = ("swap", "change", "drop", "add")
 
 
 def corrupt(digits: list[int], rng: random.Random, kind: str | None = None) -> list[int]:
     """A wrong answer: the sorted digits with two unequal neighbours swapped ("swap"), one digit
-    changed ("change"), one dropped ("drop") or one inserted ("add"); a random kind when none is given."""
+    changed and the answer kept sorted ("change"), one dropped ("drop") or one inserted ("add"); a
+    random kind when none is given."""
     good = sorted(digits)
     kind = kind or rng.choice(CORRUPTIONS)
     while True:
@@ -49,6 +54,7 @@ def corrupt(digits: list[int], rng: random.Random, kind: str | None = None) -> l
             bad[i], bad[i + 1] = bad[i + 1], bad[i]
         elif kind == "change":
             bad[rng.randrange(len(bad))] = rng.randrange(10)
+            bad.sort()
         elif kind == "drop":
             del bad[rng.randrange(len(bad))]
         else:

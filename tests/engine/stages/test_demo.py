@@ -19,6 +19,15 @@ def test_checker_and_corruptions():
         assert not is_correct(prompt_text(digits), " ".join(map(str, bad)))
 
 
+def test_a_changed_digit_stays_in_order():
+    # Only counting the digits catches it (the mistake PPO made against order-only pairs).
+    rng = random.Random(1)
+    for _ in range(200):
+        digits = [rng.randrange(10) for _ in range(4)]
+        bad = corrupt(digits, rng, "change")
+        assert bad == sorted(bad) and len(bad) == 4 and bad != sorted(digits)
+
+
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     cli.main(["demo", f"output_dir={out}", "train_prompts=64", "eval_prompts=6", "sft_epochs=1",
