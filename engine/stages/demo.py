@@ -54,13 +54,14 @@ def last_metric(run_dir: str, kind: str, key: str):
     return rows[-1][key] if rows else None
 
 
-def rl_training(cfg: DemoConfig) -> dict:
-    """The RL stage's optimizer and adapters (cfg.lora_rank > 0): a constant learning rate."""
+def rl_training(cfg: DemoConfig, min_lr_ratio: float = 1.0) -> dict:
+    """The RL stage's optimizer (the rate decays to min_lr_ratio x its peak; 1.0: constant) and
+    adapters (cfg.lora_rank > 0)."""
     from ..config.lora import LoRAConfig
     from ..config.train import OptimConfig
 
     lr = RL_LORA_LR if cfg.lora_rank else RL_LR
-    return {"optim": OptimConfig(lr=lr, max_grad_norm=1.0, min_lr_ratio=1.0),
+    return {"optim": OptimConfig(lr=lr, max_grad_norm=1.0, min_lr_ratio=min_lr_ratio),
             "lora": LoRAConfig(rank=cfg.lora_rank, alpha=2.0 * max(cfg.lora_rank, 1))}
 
 
@@ -89,8 +90,12 @@ def run_ppo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: d
         # +24.5 to +31.0 points. kl_coef 1.0 keeps the KL's weight against scores of std ~10 what
         # 0.1 was against normalized ones.
         reward=RewardConfig(kl_coef=1.0, normalize=False),
-        train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop), **rl_training(cfg)),
-        evaluate=evaluate)
+        # The rate decays (cosine to 0.1x): at a constant one the held-out accuracy swung by 5-10
+        # points between evaluations to the end (seed 0 bf16-mixed: 90.2% at iteration 80, 80.8% at
+        # 100); decaying, it settles (fp32: 85.2 -> 90.8% over the last 50). Larger steps exploited
+        # the reward model.
+        train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop),
+        **rl_training(cfg, min_lr_ratio=0.1)), evaluate=evaluate)
 
 
 def run_grpo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: dict, evaluate) -> Path:

@@ -32,19 +32,22 @@ def is_correct(prompt: str, response: str) -> bool:
     return response.split() == [str(d) for d in sorted(digits)]
 
 
-# "add" matters: without it PPO found that a repeated last digit ("1 4 8 9 9") scored well with
-# the reward model, and accuracy fell from 85% to 46% over 100 iterations (seed 0). "change" keeps
-# the answer in order, so only counting the digits catches it: with a changed digit left in place
-# (mostly out of order, caught by order alone) PPO stalled at 72-75% for seed 2, and 162 of its
-# 163 sampled mistakes on 200 training prompts were sorted answers repeating the wrong digit
-# ("sort 4 0 0 5 :" -> "0 4 4 5"); with sorted changes seed 2 went from +24.3 to +31.8 points.
+# The noisy demonstrations' mistakes.
 CORRUPTIONS = ("swap", "change", "drop", "add")
+# The preference pairs' rejected answers, one per kind and prompt. "add" matters: without it PPO
+# found that a repeated last digit ("1 4 8 9 9") scored well with the reward model, and accuracy fell
+# from 85% to 46% over 100 iterations (seed 0). "miscount" (a changed digit, the answer kept in
+# order, so only counting the digits catches it) instead of "change" (mostly out of order, caught
+# by order alone): with "change" PPO stalled at 72-75% for seed 2, and 162 of its 163 sampled
+# mistakes on 200 training prompts were sorted answers repeating the wrong digit
+# ("sort 4 0 0 5 :" -> "0 4 4 5").
+PAIR_CORRUPTIONS = ("swap", "miscount", "drop", "add")
 
 
 def corrupt(digits: list[int], rng: random.Random, kind: str | None = None) -> list[int]:
     """A wrong answer: the sorted digits with two unequal neighbours swapped ("swap"), one digit
-    changed and the answer kept sorted ("change"), one dropped ("drop") or one inserted ("add"); a
-    random kind when none is given."""
+    changed ("change"; "miscount": and the answer kept sorted), one dropped ("drop") or one inserted
+    ("add"); a random kind of CORRUPTIONS when none is given."""
     good = sorted(digits)
     kind = kind or rng.choice(CORRUPTIONS)
     while True:
@@ -52,9 +55,10 @@ def corrupt(digits: list[int], rng: random.Random, kind: str | None = None) -> l
         if kind == "swap":
             i = rng.randrange(len(bad) - 1)
             bad[i], bad[i + 1] = bad[i + 1], bad[i]
-        elif kind == "change":
+        elif kind in ("change", "miscount"):
             bad[rng.randrange(len(bad))] = rng.randrange(10)
-            bad.sort()
+            if kind == "miscount":
+                bad.sort()
         elif kind == "drop":
             del bad[rng.randrange(len(bad))]
         else:
@@ -90,7 +94,7 @@ def write_data(cfg: DemoConfig, data_dir: Path) -> dict:
         corrupt(p, rng) if rng.random() < cfg.demo_noise else sorted(p))} for p in train]
     # One pair per kind of mistake and prompt, so the reward model learns to catch each of them.
     pairs = [{"prompt": prompt_text(p), "chosen": " " + answer_text(sorted(p)),
-              "rejected": " " + answer_text(corrupt(p, rng, kind))} for p in train for kind in CORRUPTIONS]
+              "rejected": " " + answer_text(corrupt(p, rng, kind))} for p in train for kind in PAIR_CORRUPTIONS]
     return {
         "sft": write_jsonl(data_dir / "demonstrations.jsonl", demos),
         "rm": write_jsonl(data_dir / "preferences.jsonl", pairs),

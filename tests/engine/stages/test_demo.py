@@ -19,12 +19,12 @@ def test_checker_and_corruptions():
         assert not is_correct(prompt_text(digits), " ".join(map(str, bad)))
 
 
-def test_a_changed_digit_stays_in_order():
+def test_a_miscount_stays_in_order():
     # Only counting the digits catches it (the mistake PPO made against order-only pairs).
     rng = random.Random(1)
     for _ in range(200):
         digits = [rng.randrange(10) for _ in range(4)]
-        bad = corrupt(digits, rng, "change")
+        bad = corrupt(digits, rng, "miscount")
         assert bad == sorted(bad) and len(bad) == 4 and bad != sorted(digits)
 
 
