@@ -10,12 +10,12 @@
 #
 #   bash bench/gpu.sh OUTDIR                    # every stage
 #   bash bench/gpu.sh OUTDIR tests kernels      # some stages (to split a run across 10-minute calls)
-# Stages: build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo traffic (a later call can skip build: kernels/_C*.so stays
+# Stages: build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic (a later call can skip build: kernels/_C*.so stays
 # in the checkout only on the same machine). Then copy what is worth keeping into bench/results/.
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUTDIR [stage ...]}
 shift
-stages=${*:-build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo traffic}
+stages=${*:-build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$repo"
@@ -116,9 +116,13 @@ for stage in $stages; do
                 --out "$out/bench_ppo_lora_trl.json" ;;
     # One GRPO iteration (16 prompts x 8 samples, verifiable reward) against TRL's GRPOTrainer.
     grpo)     run bench_grpo 420 python bench/bench_ppo.py --algo grpo --out "$out/bench_grpo.json" ;;
+    # `fusedrl demo` (bf16-mixed on CUDA) for seeds 0, 1, 2: each prints its gain over SFT and wall time
+    # (bars: >= +25 points for each seed, <= 20 s for seed 0); results in OUTDIR/demo_seedS/results.json.
+    demo)     run demo 570 bash -c 'for s in 0 1 2; do fusedrl demo seed=$s output_dir="$1/demo_seed$s" \
+                overwrite=true --quiet || exit 1; done' _ "$out" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
     traffic)  run traffic 300 python bench/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
-    *) echo "unknown stage $stage (build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo traffic)"; status=1 ;;
+    *) echo "unknown stage $stage (build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic)"; status=1 ;;
   esac
 done
 exit $status
