@@ -162,3 +162,33 @@ def test_a_checkpoint_of_the_per_tensor_optimizer_resumes_exactly():
     clip_and_step([opt], 1.0)
     clip_and_step([resumed], 1.0)
     assert all(torch.equal(a, b) for a, b in zip(snapshot(opt, ours), snapshot(resumed, clones)))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-8])
+def test_clipped_steps_follow_adamw_written_out_in_float64(scale):
+    # AdamW's math, not torch's code: decoupled decay on the weight, bias-corrected moments, eps
+    # outside the square root and after the correction, the gradient clipped by the global norm
+    # first. At scale 1e-8 eps (1e-8) rivals sqrt(v), so a misplaced eps would show; at scale 1 the
+    # clip is active (norm ~9 against 1).
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(7, 3), (5,), (2, 7)]]
+    ref = [p.detach().double().clone() for p in params]
+    opt = FusedAdamW(groups(params), **ADAMW)
+    beta1, beta2 = ADAMW["betas"]
+    m, v = [torch.zeros_like(r) for r in ref], [torch.zeros_like(r) for r in ref]
+    for t in range(1, 21):
+        grads = [scale * 3 * torch.randn(p.shape) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        clip_and_step([opt], 1.0)
+        g64 = [g.double() for g in grads]
+        clip = max(torch.sqrt(sum((g * g).sum() for g in g64)).item() / 1.0, 1.0)
+        for i, (r, g) in enumerate(zip(ref, g64)):
+            g = g / clip
+            r.mul_(1 - ADAMW["lr"] * (0.1 if r.dim() >= 2 else 0.0))
+            m[i] = beta1 * m[i] + (1 - beta1) * g
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            denom = (v[i] / (1 - beta2 ** t)).sqrt() + ADAMW["eps"]
+            r.sub_(ADAMW["lr"] * (m[i] / (1 - beta1 ** t)) / denom)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach().double(), r, rtol=1e-5, atol=1e-6)
