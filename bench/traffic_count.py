@@ -62,7 +62,7 @@ def _segment_attention_bytes(q, k_rows, v_rows, positions, seq_index, page_table
 
 
 def _fixed_tile_linear_bytes(x, weight, bias, out_dtype):
-    from fusedrl.engine.model.invariant.matmul import SPLIT_K
+    from fusedrl.kernels.invariant.fixed_tile_matmul import SPLIT_K
     n, k = x.shape
     out = n * weight.shape[0] * torch.empty(0, dtype=out_dtype).element_size()
     pieces = -(-k // SPLIT_K)

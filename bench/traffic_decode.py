@@ -29,7 +29,7 @@ from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
 from fusedrl.engine.model.invariant import ops as invariant_ops
 from fusedrl.engine.model.invariant.attention import chunked_attention
-from fusedrl.engine.model.paged_kernels import paged_decode_torch
+from fusedrl.kernels.paged_attention import paged_decode_torch
 from fusedrl.kernels import use_backend
 
 from traffic_count import TrafficCounter, weight_bytes

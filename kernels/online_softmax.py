@@ -9,7 +9,7 @@ the next; on an H100 that held a one-program-per-row forward at 0.83 of the read
 
 Users: `fusedrl.kernels.logprobs` (token log-probs and entropy, forward), the batch-invariant
 mode's `row_logprobs` (engine/model/invariant) and the sampler's chunk statistics and their merge
-(engine/inference/sampler_kernels). One program per row and a fixed reduction order: a row's result
+(kernels/sampling). One program per row and a fixed reduction order: a row's result
 depends on its own logits and the block size only, never on the batch (the exact mode relies on it).
 """
 from __future__ import annotations

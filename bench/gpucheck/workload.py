@@ -12,14 +12,14 @@ import torch
 
 from fusedrl import kernels
 from fusedrl.engine.inference.llm import LLM
-from fusedrl.engine.inference.sampler_kernels import sample_triton
+from fusedrl.kernels.sampling import sample_triton
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
 from fusedrl.engine.model.invariant import BatchInvariant
-from fusedrl.engine.model.invariant.attention_kernels import segment_attention
-from fusedrl.engine.model.invariant.logprob_kernels import row_logprobs
-from fusedrl.engine.model.invariant.matmul import linear_fixed_tiles
+from fusedrl.kernels.invariant.segment_attention import segment_attention
+from fusedrl.kernels.invariant.row_logprobs import row_logprobs
+from fusedrl.kernels.invariant.fixed_tile_matmul import linear_fixed_tiles
 
 VOCABS = (151936, 128256, 50257)
 DTYPES = (torch.bfloat16, torch.float32)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ...kernels.dispatch import fused_for_model
-from .sampler_kernels import sample_triton
+from ...kernels.sampling import sample_triton
 
 _MASK32 = 0xFFFFFFFF
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import paged_kernels
+from ...kernels import paged_attention
 from .kv_pages import key_slots
 from .packed_attention import PaddedPlan, packed_causal_attention, paged_prefill_attention, plan_groups
 from .varlen_kernels import flash_attn, use_flash_attn, varlen_kernel
@@ -62,9 +62,9 @@ class AttentionMetadata:
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
     """Write new K/V [N, Hkv, D] into the pages at `slot_mapping`."""
     if fused_for_model(k):
-        paged_kernels.store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+        paged_attention.store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
-        paged_kernels.store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+        paged_attention.store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
 
 
 def attention_step(meta: AttentionMetadata, kv_caches=None):
@@ -131,9 +131,9 @@ def decode_attention(q, k_cache, v_cache, meta: AttentionMetadata):
             block_table=meta.block_tables, softmax_scale=scale, causal=True)
         return out.squeeze(1)
     if fused_for_model(q):
-        return paged_kernels.paged_decode_triton(
+        return paged_attention.paged_decode_triton(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
-    return paged_kernels.paged_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    return paged_attention.paged_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
 
 
 def _padded_plan(meta: AttentionMetadata, device) -> PaddedPlan:

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from fusedrl.engine.inference.sampler_kernels import sample_triton
+from fusedrl.kernels.sampling import sample_triton
 from fusedrl.kernels.triton_compat import tl, triton
 from traffic_kernels import KernelTraffic
 

@@ -19,7 +19,7 @@ Holds on the CPU (tested) and, by the same construction, on CUDA (not yet tested
 on the CPU is memory and time: `linear` materializes [rows, out, K] products (in pieces of at most
 `PRODUCT_ELEMENTS`), fine for the tiny models of the tests. Where the fused kernels run
 (kernels.dispatch.fused_for_model: CUDA), primitives.py uses the fixed-tile Triton matmul of
-`matmul.py` instead (no products materialized).
+`kernels/invariant/fixed_tile_matmul.py` instead (no products materialized).
 """
 from __future__ import annotations
 

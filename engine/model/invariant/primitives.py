@@ -21,9 +21,9 @@ from ....kernels.dispatch import fused_for_model
 from ....kernels.rotary import rope_reference
 from . import ops
 from .attention import chunked_attention
-from .attention_kernels import segment_attention
-from .logprob_kernels import row_logprobs
-from .matmul import linear_fixed_tiles
+from ....kernels.invariant.segment_attention import segment_attention
+from ....kernels.invariant.row_logprobs import row_logprobs
+from ....kernels.invariant.fixed_tile_matmul import linear_fixed_tiles
 
 
 def _torch_add_rms_norm(x, residual, weight, eps):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusedrl.engine.inference.sampler import kept_mask, sample, sample_torch
-from fusedrl.engine.inference.sampler_kernels import CHUNK, sample_triton
+from fusedrl.kernels.sampling import CHUNK, sample_triton
 from fusedrl.kernels import use_backend
 from kernel_testing import DEVICE, needs_triton
 

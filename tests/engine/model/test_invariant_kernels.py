@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedrl.engine.model.invariant.attention_kernels import segment_attention
-from fusedrl.engine.model.invariant.logprob_kernels import row_logprobs
+from fusedrl.kernels.invariant.segment_attention import segment_attention
+from fusedrl.kernels.invariant.row_logprobs import row_logprobs
 from invariant_testing import randn
 from kernel_testing import DEVICE, needs_triton
 

@@ -4,8 +4,8 @@ among 7 or 70 rows, reordered), which is what makes the sampler's and the traine
 import pytest
 import torch
 
-from fusedrl.engine.model.invariant import matmul
-from fusedrl.engine.model.invariant.matmul import BLOCK_K, BLOCK_M, SPLIT_K, linear_fixed_tiles
+from fusedrl.kernels.invariant import fixed_tile_matmul as matmul
+from fusedrl.kernels.invariant.fixed_tile_matmul import BLOCK_K, BLOCK_M, SPLIT_K, linear_fixed_tiles
 from invariant_testing import randn
 from kernel_testing import DEVICE, needs_triton
 

@@ -42,9 +42,9 @@ def specializations(launches: dict, jit_functions: dict) -> dict:
 
 
 def jit_functions():
-    from fusedrl.engine.model.invariant import attention_kernels, logprob_kernels, matmul
+    from fusedrl.kernels.invariant import fixed_tile_matmul, row_logprobs, segment_attention
     from fusedrl.kernels import norm, rotary, swiglu
-    modules = (norm, rotary, swiglu, attention_kernels, logprob_kernels, matmul)
+    modules = (norm, rotary, swiglu, segment_attention, row_logprobs, fixed_tile_matmul)
     return {name: getattr(m, name) for m in modules for name in COMPUTING if hasattr(m, name)}
 
 

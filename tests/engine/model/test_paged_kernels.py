@@ -8,7 +8,7 @@ reference is itself checked against a per-sequence dense attention written indep
 import pytest
 import torch
 
-from fusedrl.engine.model.paged_kernels import (paged_decode_torch, paged_decode_triton, store_kv_torch,
+from fusedrl.kernels.paged_attention import (paged_decode_torch, paged_decode_triton, store_kv_torch,
                                                  store_kv_triton)
 from kernel_testing import DEVICE, needs_triton
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ....kernels.online_softmax import lanes_reduce, lanes_update, safe_shift
-from ....kernels.triton_compat import tl, triton
+from ..online_softmax import lanes_reduce, lanes_update, safe_shift
+from ..triton_compat import tl, triton
 
 
 @triton.jit

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ....kernels.triton_compat import tl, triton
+from ..triton_compat import tl, triton
 
 # Partial results held at once, in fp32 elements (256 MiB): longer batches run in query pieces.
 PARTIAL_ELEMENTS = 1 << 26

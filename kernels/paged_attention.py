@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...kernels.triton_compat import tl, triton
-from ...kernels.norm import rows_per_program
+from .triton_compat import tl, triton
+from .norm import rows_per_program
 
 
 @triton.jit

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ....kernels.triton_compat import tl, triton
+from ..triton_compat import tl, triton
 
 # Fixed for every call: changing any of them changes the rounding of every output.
 BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 32, 64, 64, 4, 3

@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from ...kernels.online_softmax import lanes_of, lanes_reduce, safe_shift
-from ...kernels.triton_compat import tl, triton
+from .online_softmax import lanes_of, lanes_reduce, safe_shift
+from .triton_compat import tl, triton
 
 CHUNK = 4096  # tokens per program; fixed (not chosen by batch), so a row's numbers never depend on it
 KEYS = 65536  # 16-bit order keys: the histogram's bins
