@@ -10,6 +10,10 @@ not batch-invariant ones, so PPO refuses rollout.exact with LoRA. A packed proje
 target, whose output lands in that target's slice of the packed output, as separate PEFT modules
 would give.
 
+A head trained in full beside the adapters (the reward model's `score`, the LoRA critic's value
+head) is one of `LoRA.heads`, PEFT's `modules_to_save`: its parameters are the model's own (trained
+in place, so the model's export already holds it), and it is saved with the adapters.
+
 `LoRA.enabled` is the one flag the hooks read: the reference policy is the same model with it off
 (`with lora.disabled(): ...`), no second copy of the weights. With B = 0 (a fresh adapter) the
 forward is the base model's bit for bit (y + 0 == y).
@@ -87,11 +91,13 @@ class LoRA(nn.Module):
     """The adapters of one model, attached by forward hooks; build with `add_lora`.
 
     `paths[i]` is the Hugging Face path of `adapters[i]`'s projection module ("model.layers.0.mlp");
+    `heads`: {PEFT module name: head trained in full} (PEFT's modules_to_save, e.g. {"score": ...});
     `enabled` is read by every hook at each forward."""
 
-    def __init__(self, model: nn.Module, cfg: LoRAConfig):
+    def __init__(self, model: nn.Module, cfg: LoRAConfig, heads: dict[str, nn.Module] | None = None):
         super().__init__()
         self.config, self.enabled = cfg, True
+        self.heads = nn.ModuleDict(heads or {})
         self.paths: list[str] = []
         self.adapters = nn.ModuleList()
         self._hooks, self._linears = [], []  # plain lists: the base modules are the model's, not ours
@@ -136,11 +142,14 @@ class LoRA(nn.Module):
         self._hooks = []
 
 
-def add_lora(model: nn.Module, cfg: LoRAConfig) -> LoRA:
+def add_lora(model: nn.Module, cfg: LoRAConfig, heads: dict[str, nn.Module] | None = None) -> LoRA:
     """Freeze `model`'s weights and attach fresh adapters to its projections named in cfg.targets
     (B = 0: the model's output is unchanged until they train). Adapters take the dtype and device of
-    the weight they adapt; the optimizer keeps fp32 masters for bf16 ones."""
+    the weight they adapt; the optimizer keeps fp32 masters for bf16 ones. `heads` ({PEFT name:
+    module}, e.g. {"score": rm.score}) stay trainable in full and are saved with the adapters."""
     if not cfg.enabled:
         raise ValueError(f"lora.rank is {cfg.rank}: expected a rank >= 1 to add adapters")
     model.requires_grad_(False)
-    return LoRA(model, cfg)
+    for head in (heads or {}).values():
+        head.requires_grad_(True)
+    return LoRA(model, cfg, heads)
