@@ -11,7 +11,9 @@ RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
                                  the adapters merged; final_adapter/ holds them for PEFT)
     final_critic/                the separate critic, when there is one (with critic_lora: merged;
                                  final_critic_adapter/ holds its adapters and value head)
-Under torchrun every model is sharded (train.data_parallel) and each rank samples its own
+Under torchrun every model is sharded (train.data_parallel), but for the policy and shared value head
+with lora and the critic and its trunk with critic_lora (whole on every rank, their adapters'
+gradients averaged over the ranks), and each rank samples its own
 rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); see rollout.py
 and update.py.
 """
@@ -132,8 +134,12 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     else:
         fn = resolve_reward_fn(cfg, reward_fn)
         score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"))
+    # Built whole above (the critic from the whole reward model), sharded now; with LoRA every rank
+    # holds the adapted model whole (its adapters', and their heads', gradients are averaged).
+    lora_critic = isinstance(critic, LoRACritic)
+    whole = ((policy, value_head) if lora else ()) + ((critic, critic.trunk) if lora_critic else ())
     for model in (policy, reference, rm, critic, value_head):
-        if model is not None:  # built whole above (the critic from the whole reward model), sharded now
+        if model is not None and not any(model is m for m in whole):
             distributed.shard(model, cfg.train.data_parallel)
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory,
                         block_size=cfg.rollout.block_size,
@@ -151,8 +157,6 @@ def build_critic(cfg: PPOConfig, rm, policy) -> nn.Module:
         critic = value_model_from_reward_model(rm) if rm is not None else value_model_from_lm(policy)
         critic.gradient_checkpointing = cfg.train.gradient_checkpointing
         return critic.requires_grad_(True).train()
-    if distributed.world_size() > 1:
-        raise UsageError("critic_lora.rank > 0 under torchrun is not supported yet: run LoRA in one process")
     if rm is not None:
         trunk, head = rm, rm.score.weight
     else:
