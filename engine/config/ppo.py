@@ -198,8 +198,9 @@ class PPOConfig:
         check(not grouped or self.rollout.samples_per_prompt >= 2,
               f"ppo.estimator={self.ppo.estimator} compares each prompt's responses: rollout.samples_per_prompt "
               f"must be >= 2, got {self.rollout.samples_per_prompt}")
-        check(not (self.lora.enabled and self.rollout.exact),
-              "rollout.exact with lora.rank > 0 is not supported yet: the adapters' GEMMs are not batch-invariant")
+        check(not (self.lora.enabled and self.lora.dropout > 0 and self.rollout.exact),
+              f"rollout.exact with lora.dropout={self.lora.dropout}: the sampler's and the trainer's forwards would "
+              "draw different dropout masks; set lora.dropout=0")
         check(not self.critic_lora.enabled or self.critic == "separate",
               f"critic_lora.rank > 0 adapts the separate critic: set critic=separate (got critic={self.critic}; "
               "the shared value head trains with the policy, under `lora`)")
