@@ -29,7 +29,7 @@ from ..durable import check_finite
 from ..errors import ModelError
 from .hf_io import load_model, save_model
 from .lora import LoRA, add_lora
-from .reward_model import reward_model_from_lm, save_reward_model
+from .reward_model import load_or_start_reward_model, save_reward_model
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -182,13 +182,16 @@ def merge_adapter(adapter_dir, base_dir, out_dir, dtype="auto") -> None:
     """Write `base_dir`'s model with `adapter_dir`'s adapters merged into its weights (summed in fp32,
     rounded once into `dtype`, default the base checkpoint's) as a transformers-loadable `out_dir`:
     a causal LM, or for a SEQ_CLS adapter a reward model (engine/model/reward_model.py) with the
-    adapter's score head and reward offset."""
+    adapter's score head and its reward offset (else the base's). The base of a SEQ_CLS adapter is a
+    causal LM (a reward model run's) or a reward model (the LoRA critic's: the merge is then the
+    critic as a sequence classifier, its value head as the score head)."""
     if not adapter_heads(adapter_dir):
         model = load_model(base_dir, dtype=dtype)
         load_adapter(model, adapter_dir).merge_()
         save_model(model, out_dir, source_dir=base_dir)
         return
-    model = reward_model_from_lm(load_model(base_dir, dtype=dtype))
+    model = load_or_start_reward_model(base_dir, dtype=dtype)
     load_adapter(model, adapter_dir).merge_()
-    model.reward_offset = read_reward_offset(adapter_dir) or 0.0
+    offset = read_reward_offset(adapter_dir)
+    model.reward_offset = model.reward_offset if offset is None else offset
     save_reward_model(model, out_dir, source_dir=base_dir)

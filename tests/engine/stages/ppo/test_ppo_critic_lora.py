@@ -6,8 +6,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from fusedrl.engine.cli import main
 from fusedrl.engine.config.lora import LoRAConfig
-from fusedrl.engine.config.ppo import LoopConfig
+from fusedrl.engine.config.ppo import LoopConfig, UpdateConfig
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.peft_io import WEIGHTS_FILE
 from fusedrl.engine.model.reward_model import load_reward_model, reward_model_from_lm, save_reward_model
@@ -103,8 +104,10 @@ def test_rewards_come_from_the_reward_model_with_the_critic_adapters_off(setup, 
 def test_lora_critic_run_scores_as_a_full_critic_run_and_resumes_exactly(setup, rm_dir):
     root = setup[0]
     loop = LoopConfig(iterations=2, save_every=1, keep_checkpoints=0, progress=False, device="cpu")
-    run_ppo(rm_config(setup, rm_dir, "critic-full", train=LoopConfig(iterations=1, progress=False, device="cpu")))
-    a, b = run_straight_and_resumed(root, lambda run: rm_config(setup, rm_dir, run, train=loop,
+    update = UpdateConfig(epochs=1, minibatch_size=6)  # one minibatch per iteration: the interpreted kernels are slow
+    run_ppo(rm_config(setup, rm_dir, "critic-full", ppo=update,
+                      train=LoopConfig(iterations=1, progress=False, device="cpu")))
+    a, b = run_straight_and_resumed(root, lambda run: rm_config(setup, rm_dir, run, train=loop, ppo=update,
                                                                 critic_lora=CRITIC_LORA), "critic-lora")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # Step 0: the same policy samples the same responses, scored by the same reward model (with the
@@ -123,3 +126,9 @@ def test_lora_critic_run_scores_as_a_full_critic_run_and_resumes_exactly(setup, 
     rm = load_reward_model(rm_dir, dtype="float32")
     assert torch.equal(merged.value_head.weight, x["base_model.model.score.weight"])
     assert not torch.equal(merged.model.layers[0].self_attn.o_proj.weight, rm.model.layers[0].self_attn.o_proj.weight)
+    # `fusedrl export --merge` of the critic's adapters (their base: the reward model) == the run's merge.
+    assert main(["export", str(straight / "final_critic_adapter"), "--merge", "--out", str(root / "merged-critic")]) == 0
+    exported = load_reward_model(root / "merged-critic", dtype="float32")
+    assert exported.reward_offset == rm.reward_offset
+    assert torch.equal(exported.score.weight, merged.value_head.weight)
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in merged.state_dict().items() if k != "value_head.weight")

@@ -71,7 +71,7 @@ def test_lora_with_exact_rollouts_reports_zero_mismatch_every_iteration(setup):
                     lora=LoRAConfig(rank=4, alpha=8.0),
                     rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                           kv_cache_memory=1 << 22, block_size=4, exact=True),
-                    ppo=UpdateConfig(epochs=1, minibatch_size=3, is_mode="tis"), optim=OptimConfig(lr=1e-2),
+                    ppo=UpdateConfig(epochs=1, minibatch_size=6, is_mode="tis"), optim=OptimConfig(lr=1e-2),
                     train=LoopConfig(iterations=2, progress=False, device="cpu"))
     run_ppo(cfg, reward_fn=vowel_fraction)
     rows = train_rows(root, "lora")
