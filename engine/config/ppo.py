@@ -172,9 +172,9 @@ class PPOConfig:
     critic_lora: LoRAConfig = option(
         "low-rank adapters on the separate critic (critic_lora.rank > 0: the critic holds no decoder of its own: "
         "its adapters and value head run on the reward model's frozen one, which scores with them off; with "
-        "reward_fn the critic starts from the policy instead and gets a frozen copy of the policy's weights). A section "
-        "apart from `lora`: the critic's rank and targets are tuned apart from the policy's, either can be LoRA "
-        "alone, and lora-only runs and their checkpoints keep their full critic", factory=LoRAConfig)
+        "reward_fn the critic starts from the policy instead and gets a frozen copy of the policy's weights). "
+        "A section apart from `lora`: the critic's rank and targets are tuned apart from the policy's, either can "
+        "be LoRA alone, and lora-only runs and their checkpoints keep their full critic", factory=LoRAConfig)
 
     def paths(self) -> tuple[dict, dict]:
         """({option: model directory or None}, {option: input file or None}) the run reads (checked

@@ -5,17 +5,18 @@ RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
                                  dir; with lora its adapters instead, policy_adapter/, a PEFT dir),
                                  critic/ (HF dir with value_head.weight; with critic_lora its
                                  adapters and value head instead, critic_adapter/, a PEFT SEQ_CLS
-                                 dir) or the shared value head in trainer_state.pt, with the optimizers, schedules, RNG and
-                                 the loop state (iteration, KL coefficient, reward moments, ptx position)
+                                 dir) or the shared value head in trainer_state.pt, with the
+                                 optimizers, schedules, RNG and the loop state (iteration, KL
+                                 coefficient, reward moments, ptx position)
     final/                       the trained policy, a transformers-loadable directory (with lora:
                                  the adapters merged; final_adapter/ holds them for PEFT)
     final_critic/                the separate critic, when there is one (with critic_lora: merged;
                                  final_critic_adapter/ holds its adapters and value head)
-Under torchrun every model is sharded (train.data_parallel), but for the policy and shared value head
-with lora and the critic and its trunk with critic_lora (whole on every rank, their adapters'
-gradients averaged over the ranks), and each rank samples its own
-rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); see rollout.py
-and update.py.
+Under torchrun every model is sharded (train.data_parallel) except the adapted ones: the policy and
+the shared value head with lora, the LoRA critic and its trunk with critic_lora are whole on every
+rank, their adapters' gradients averaged over the ranks. Each rank samples its own
+rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); see
+rollout.py and update.py.
 """
 from __future__ import annotations
 

@@ -199,7 +199,11 @@ def test_adapter_gemms_run_through_the_batch_invariant_linear(model_dirs, monkey
 
     def counting(x):
         prims = real(x)
-        return SimpleNamespace(**{**vars(prims), "linear": lambda x, w, *a, **k: weights.append(w) or prims.linear(x, w, *a, **k)})
+
+        def linear(x, weight, *args, **kwargs):
+            weights.append(weight)
+            return prims.linear(x, weight, *args, **kwargs)
+        return SimpleNamespace(**{**vars(prims), "linear": linear})
     monkeypatch.setattr(mode, "primitives_for", counting)
     ids, _ = packed_ids()
     invariant = BatchInvariant(chunk_size=4)

@@ -45,7 +45,8 @@ def test_fusedrl_rm_with_lora_exports_a_peft_sequence_classifier_and_the_merged_
     assert main(["rm", f"model={base_dir}", f"output_dir={run}", f"data.train_file={train_file}",
                  "data.max_length=48", "data.max_prompt_length=24", "data.tokens_per_batch=256",
                  "data.eval_fraction=0", "optim.lr=1e-2", "train.max_steps=3", "train.progress=false",
-                 "train.precision=fp32", "lora.rank=4", "lora.alpha=8", "lora.target_modules=q_proj,v_proj,up_proj"]) == 0
+                 "train.precision=fp32", "lora.rank=4", "lora.alpha=8",
+                 "lora.target_modules=q_proj,v_proj,up_proj"]) == 0
     adapter = run / "final_adapter"
     config = json.loads((adapter / CONFIG_FILE).read_text())
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]

@@ -1,7 +1,7 @@
 """LoRA under torchrun (2 CPU ranks over gloo): the frozen base whole on every rank, the adapters'
 gradients averaged over the ranks. SFT on two ranks gives one process's adapters on the same global
-batch, and its checkpoint resumes in one process; PPO with LoRA on the policy and on the critic (sharing the reward model's decoder) runs,
-checkpoints and exports on two ranks."""
+batch, and its checkpoint resumes in one process; PPO with LoRA on the policy and on the critic
+(sharing the reward model's decoder) runs, checkpoints and exports on two ranks."""
 import shutil
 
 import torch

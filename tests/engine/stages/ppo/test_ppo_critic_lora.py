@@ -89,7 +89,8 @@ def test_rewards_come_from_the_reward_model_with_the_critic_adapters_off(setup, 
         for _, a, b in critic.lora.named_targets():
             a.normal_(0, 0.1)
             b.normal_(0, 0.1)
-    samples = sample_and_score(models, random_prompts([4, 6], seed=1), cfg, seed=0, timer=PhaseTimer(torch.device("cpu")))
+    samples = sample_and_score(models, random_prompts([4, 6], seed=1), cfg, seed=0,
+                               timer=PhaseTimer(torch.device("cpu")))
     packed = samples.packed
     rm = load_reward_model(rm_dir, dtype="float32")
     expected = rm.rewards(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
@@ -127,8 +128,10 @@ def test_lora_critic_run_scores_as_a_full_critic_run_and_resumes_exactly(setup, 
     assert torch.equal(merged.value_head.weight, x["base_model.model.score.weight"])
     assert not torch.equal(merged.model.layers[0].self_attn.o_proj.weight, rm.model.layers[0].self_attn.o_proj.weight)
     # `fusedrl export --merge` of the critic's adapters (their base: the reward model) == the run's merge.
-    assert main(["export", str(straight / "final_critic_adapter"), "--merge", "--out", str(root / "merged-critic")]) == 0
-    exported = load_reward_model(root / "merged-critic", dtype="float32")
+    out = root / "merged-critic"
+    assert main(["export", str(straight / "final_critic_adapter"), "--merge", "--out", str(out)]) == 0
+    exported = load_reward_model(out, dtype="float32")
     assert exported.reward_offset == rm.reward_offset
     assert torch.equal(exported.score.weight, merged.value_head.weight)
-    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in merged.state_dict().items() if k != "value_head.weight")
+    assert all(torch.equal(v, exported.state_dict()[k])
+               for k, v in merged.state_dict().items() if k != "value_head.weight")
