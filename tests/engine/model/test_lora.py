@@ -214,3 +214,17 @@ def test_adapter_gemms_run_through_the_batch_invariant_linear(model_dirs, monkey
     per_forward = sum(id(w) in adapter_weights for w in weights) // 2  # two forwards
     assert per_forward == 2 * 3 * len(model.model.layers)  # A and B of 3 targets in every layer
     assert torch.equal(alone, packed[LENGTHS[0]:LENGTHS[0] + LENGTHS[1]])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] is not supported for task_type CAUSAL_LM"),
+    ({"task_type": "SEQ_CLS", "modules_to_save": ["score", "pooler"]}, "is not supported for task_type SEQ_CLS"),
+    ({"task_type": "TOKEN_CLS"}, "task_type='TOKEN_CLS' is not supported"),
+])
+def test_heads_this_engine_does_not_train_are_one_line_errors(model_dirs, tmp_path, change, message):
+    model = load_model(model_dirs["llama"][0], dtype="float32")
+    save_adapter(add_lora(model, LoRAConfig(rank=2)), tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**config, **change}))
+    with pytest.raises(ModelError, match=message):
+        load_adapter(load_model(model_dirs["llama"][0], dtype="float32"), tmp_path)
