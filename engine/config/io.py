@@ -133,12 +133,14 @@ def save_yaml(config, path):
 
 
 def describe(cls, prefix: str = "") -> list[str]:
-    """One help line per option of `cls`: dotted key, type, default and help text."""
+    """One help line per option of `cls`: dotted key, type, default and help text; a nested section
+    first gets a line of its own help (`lora.* (section): ...`), which says what the section is for."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
+            lines.append(f"  {prefix}{f.name}.* (section): {f.metadata.get('help', '')}")
             lines += describe(tp, f"{prefix}{f.name}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else (

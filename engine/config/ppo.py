@@ -169,6 +169,12 @@ class PPOConfig:
     train: LoopConfig = option("loop", factory=LoopConfig)
     lora: LoRAConfig = option("low-rank adapters on the policy (lora.rank > 0: its weights stay frozen and the "
                               "reference is the policy with its adapters off, no second copy)", factory=LoRAConfig)
+    critic_lora: LoRAConfig = option(
+        "low-rank adapters on the separate critic (critic_lora.rank > 0: the critic holds no decoder of its own: "
+        "its adapters and value head run on the reward model's frozen one, which scores with them off; with "
+        "reward_fn the critic starts from the policy instead and gets a frozen copy of the policy's weights). "
+        "A section apart from `lora`: the critic's rank and targets are tuned apart from the policy's, either can "
+        "be LoRA alone, and lora-only runs and their checkpoints keep their full critic", factory=LoRAConfig)
 
     def paths(self) -> tuple[dict, dict]:
         """({option: model directory or None}, {option: input file or None}) the run reads (checked
@@ -192,8 +198,12 @@ class PPOConfig:
         check(not grouped or self.rollout.samples_per_prompt >= 2,
               f"ppo.estimator={self.ppo.estimator} compares each prompt's responses: rollout.samples_per_prompt "
               f"must be >= 2, got {self.rollout.samples_per_prompt}")
-        check(not (self.lora.enabled and self.rollout.exact),
-              "rollout.exact with lora.rank > 0 is not supported yet: the adapters' GEMMs are not batch-invariant")
+        check(not (self.lora.enabled and self.lora.dropout > 0 and self.rollout.exact),
+              f"rollout.exact with lora.dropout={self.lora.dropout}: the sampler's and the trainer's forwards would "
+              "draw different dropout masks; set lora.dropout=0")
+        check(not self.critic_lora.enabled or self.critic == "separate",
+              f"critic_lora.rank > 0 adapts the separate critic: set critic=separate (got critic={self.critic}; "
+              "the shared value head trains with the policy, under `lora`)")
         check(not self.rollout.dynamic_sampling or grouped,
               "rollout.dynamic_sampling drops groups of equal scores: it needs a group estimator (ppo.estimator)")
         longest = self.rollout.max_prompt_length + self.rollout.max_new_tokens

@@ -164,6 +164,8 @@ class RMConfig(StageConfig):
         "JSONL demonstrations whose responses define reward 0 (the normalization offset); "
         "default: the best response of each training example")
     max_reference: int = option("at most this many reference responses for the offset", 1024)
+    lora: LoRAConfig = option("low-rank adapters (lora.rank > 0: the decoder stays frozen, the adapters and the "
+                              "score head train; exported as a PEFT SEQ_CLS adapter and merged)", factory=LoRAConfig)
 
     def paths(self) -> tuple[dict, dict]:
         models, files = super().paths()

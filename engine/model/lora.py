@@ -5,10 +5,16 @@ state dict, its Hugging Face export and its frozen weights stay the base model's
 projection gets a forward hook that adds the low-rank term, so every path that calls the projection
 applies it: the training forward and backward, the scoring forwards and the paged decode step (a
 CUDA graph captures the hook's GEMMs; the optimizer updates the adapters in place, so the graph
-stays valid); the batch-invariant mode walks the same layers, but the adapters' GEMMs are torch's,
-not batch-invariant ones, so PPO refuses rollout.exact with LoRA. A packed projection (q/k/v in one nn.Linear, gate/up in one) gets one A/B pair per
+stays valid). The adapters' GEMMs come from the walk's primitive set, as the projection's own
+(`prims.linear`: torch's in the default walk, the fixed-tile one in the batch-invariant mode), and
+the rest of their term is elementwise, so an adapted model stays batch-invariant in that mode
+(rollout.exact). A packed projection (q/k/v in one nn.Linear, gate/up in one) gets one A/B pair per
 target, whose output lands in that target's slice of the packed output, as separate PEFT modules
 would give.
+
+A head trained in full beside the adapters (the reward model's `score`, the LoRA critic's value
+head) is one of `LoRA.heads`, PEFT's `modules_to_save`: its parameters are the model's own (trained
+in place, so the model's export already holds it), and it is saved with the adapters.
 
 `LoRA.enabled` is the one flag the hooks read: the reference policy is the same model with it off
 (`with lora.disabled(): ...`), no second copy of the weights. With B = 0 (a fresh adapter) the
@@ -52,14 +58,15 @@ class ProjectionAdapters(nn.Module):
         for a in self.lora_A.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        """x [..., in] -> the adapters' term [..., out] (zeros in the slices of unadapted targets)."""
+    def forward(self, x: torch.Tensor, training: bool, linear=F.linear) -> torch.Tensor:
+        """x [..., in] -> the adapters' term [..., out] (zeros in the slices of unadapted targets);
+        linear(x [N, K], weight [O, K]) -> [N, O]: the GEMM to use (the walk's primitive)."""
         pieces, at = [], 0
         for t, s in self.slices.items():
             if s.start > at:
                 pieces.append(x.new_zeros(*x.shape[:-1], s.start - at))
             h = F.dropout(x, self.dropout, training) if self.dropout else x  # a mask per target, as PEFT
-            pieces.append(F.linear(F.linear(h, self.lora_A[t]), self.lora_B[t]) * self.scale)
+            pieces.append(linear(linear(h, self.lora_A[t]), self.lora_B[t]) * self.scale)
             at = s.stop
         if at < self.out_features:
             pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - at))
@@ -87,11 +94,13 @@ class LoRA(nn.Module):
     """The adapters of one model, attached by forward hooks; build with `add_lora`.
 
     `paths[i]` is the Hugging Face path of `adapters[i]`'s projection module ("model.layers.0.mlp");
+    `heads`: {PEFT module name: head trained in full} (PEFT's modules_to_save, e.g. {"score": ...});
     `enabled` is read by every hook at each forward."""
 
-    def __init__(self, model: nn.Module, cfg: LoRAConfig):
+    def __init__(self, model: nn.Module, cfg: LoRAConfig, heads: dict[str, nn.Module] | None = None):
         super().__init__()
         self.config, self.enabled = cfg, True
+        self.heads = nn.ModuleDict(heads or {})
         self.paths: list[str] = []
         self.adapters = nn.ModuleList()
         self._hooks, self._linears = [], []  # plain lists: the base modules are the model's, not ours
@@ -106,10 +115,11 @@ class LoRA(nn.Module):
             self._hooks.append(linear.register_forward_hook(self._hook(adapters)))
 
     def _hook(self, adapters: ProjectionAdapters):
-        def add_low_rank(linear, args, output):
+        def add_low_rank(linear, args, output):  # args: the Projection's (x, prims)
             if not self.enabled:
                 return output
-            return output + adapters(args[0], linear.training)
+            x, prims = args
+            return output + adapters(x, linear.training, prims.linear)
         return add_low_rank
 
     @contextlib.contextmanager
@@ -136,11 +146,14 @@ class LoRA(nn.Module):
         self._hooks = []
 
 
-def add_lora(model: nn.Module, cfg: LoRAConfig) -> LoRA:
+def add_lora(model: nn.Module, cfg: LoRAConfig, heads: dict[str, nn.Module] | None = None) -> LoRA:
     """Freeze `model`'s weights and attach fresh adapters to its projections named in cfg.targets
     (B = 0: the model's output is unchanged until they train). Adapters take the dtype and device of
-    the weight they adapt; the optimizer keeps fp32 masters for bf16 ones."""
+    the weight they adapt; the optimizer keeps fp32 masters for bf16 ones. `heads` ({PEFT name:
+    module}, e.g. {"score": rm.score}) stay trainable in full and are saved with the adapters."""
     if not cfg.enabled:
         raise ValueError(f"lora.rank is {cfg.rank}: expected a rank >= 1 to add adapters")
     model.requires_grad_(False)
-    return LoRA(model, cfg)
+    for head in (heads or {}).values():
+        head.requires_grad_(True)
+    return LoRA(model, cfg, heads)

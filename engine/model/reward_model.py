@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..durable import check_finite
-from .hf_io import load_model, save_model
+from .hf_io import load_config, load_model, save_model
 from .config import ModelConfig
 from .causal_lm import CausalLM, rebuild_as
 from .scalar_head import ScalarHead
@@ -73,3 +73,11 @@ def save_reward_model(rm: RewardModel, out_dir, source_dir=None):
 def load_reward_model(model_dir, dtype="auto", device="cpu") -> RewardModel:
     """Load a directory written by `save_reward_model` (offset included)."""
     return load_model(model_dir, dtype=dtype, device=device, model_cls=RewardModel)
+
+
+def load_or_start_reward_model(model_dir, dtype="auto", device="cpu") -> RewardModel:
+    """A reward model directory (its config holds reward_offset) as it is, else a causal LM's
+    directory with a fresh zero score head (reward_model_from_lm)."""
+    if getattr(load_config(model_dir).hf_config, "reward_offset", None) is not None:
+        return load_reward_model(model_dir, dtype=dtype, device=device)
+    return reward_model_from_lm(load_model(model_dir, dtype=dtype, device=device))

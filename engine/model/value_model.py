@@ -4,6 +4,8 @@
 from the reward model (its `score` head becomes the value head), saved as a Hugging Face directory
 whose extra tensor is `value_head.weight`. "shared": a `value_head` on the policy's final hidden
 states, computed in the policy's own forward (one forward per minibatch instead of two).
+"separate" with LoRA (`LoRACritic`): no decoder of its own: adapters and a value head on a frozen
+trunk it does not own, the reward model's (whose forward then runs with the critic's adapters off).
 """
 from __future__ import annotations
 
@@ -15,7 +17,16 @@ from .config import ModelConfig
 from .causal_lm import CausalLM, rebuild_as
 from .scalar_head import ScalarHead
 from .reward_model import RewardModel
+from ..config.lora import LoRAConfig
 from ..data.packing import PackedBatch
+from .lora import add_lora
+
+
+def values_at_targets(trunk: CausalLM, head: nn.Module, packed: PackedBatch) -> torch.Tensor:
+    """Values [R, T] (fp32) of `head` on `trunk`'s hidden states at the positions that predict
+    each response token of `packed`."""
+    hidden = trunk.forward_packed(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
+    return packed.to_grid(head(hidden.index_select(0, packed.target_rows)).squeeze(-1))
 
 class ValueModel(CausalLM):
     """Decoder + `value_head`; the LM head is kept (unused) so the directory stays a causal LM."""
@@ -26,9 +37,46 @@ class ValueModel(CausalLM):
 
     def response_values(self, packed: PackedBatch) -> torch.Tensor:
         """Values [R, T] (fp32) at the positions that predict each response token."""
-        hidden = self.forward_packed(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
-        values = self.value_head(hidden.index_select(0, packed.target_rows)).squeeze(-1)
-        return packed.to_grid(values)
+        return values_at_targets(self, self.value_head, packed)
+
+
+class LoRACritic(nn.Module):
+    """The critic as LoRA adapters plus a value head on a frozen `trunk` it does not own (not a
+    submodule: its parameters are neither the critic's to train nor to save). The adapters are
+    forward hooks on the trunk's projections, so any other forward of the trunk (the reward model
+    scoring) must run inside `lora.disabled()`.
+
+    value_head: fp32 [1, H], a copy of `head_init` [1, H], trained in full and saved with the
+    adapters as PEFT's modules_to_save "score" (the adapters then load onto the trunk's directory as
+    a sequence classifier). train()/eval() set the trunk's mode too: it only drives the adapters'
+    dropout (the decoder has none), alike in a forward and its checkpointed recompute."""
+
+    def __init__(self, trunk: CausalLM, head_init: torch.Tensor, cfg: LoRAConfig):
+        super().__init__()
+        self.value_head = ScalarHead(trunk.config.hidden_size, device=head_init.device)
+        with torch.no_grad():
+            self.value_head.weight.copy_(head_init)
+        self.lora = add_lora(trunk, cfg, {"score": self.value_head})
+        self._trunk = (trunk,)  # a tuple hides it from nn.Module's registry
+
+    @property
+    def trunk(self) -> CausalLM:
+        return self._trunk[0]
+
+    def train(self, mode: bool = True) -> "LoRACritic":
+        self.trunk.train(mode)
+        return super().train(mode)
+
+    def response_values(self, packed: PackedBatch) -> torch.Tensor:
+        """Values [R, T] (fp32) at the positions that predict each response token, adapters on."""
+        return values_at_targets(self.trunk, self.value_head, packed)
+
+    def merged(self) -> ValueModel:
+        """The critic as a ValueModel of its own (for the export once the run is over): the adapters
+        merged into the trunk's weights in place, then copied with the value head."""
+        self.lora.merge_()
+        state = {k: v for k, v in self.trunk.state_dict().items() if k != "score.weight"}
+        return rebuild_as(ValueModel, self.trunk, {**state, "value_head.weight": self.value_head.weight})
 
 
 def value_model_from_reward_model(rm: RewardModel) -> ValueModel:

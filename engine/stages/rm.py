@@ -5,6 +5,12 @@ Loss of one optimizer step over E rankings (a pair is K = 2):
 The LM term is the imitation loss of Askell et al. 2021 used by MOSS-RLHF (the book's
 "beta_rm E[log r'(x, y_w)]" with the sign of a loss to minimize: -log pi(y_w | x)), per token.
 After training, `reward_offset` = mean raw reward of the reference responses, so they score 0.
+
+With lora.rank > 0 the decoder is frozen and the adapters train with the score head (in full, fp32);
+checkpoints hold them as a PEFT SEQ_CLS adapter directory (modules_to_save ["score"]), and the run
+exports RUN_DIR/final_adapter/ (for `peft.PeftModel.from_pretrained` on
+`AutoModelForSequenceClassification` of the base model, num_labels=1; reward_offset.json beside it)
+and RUN_DIR/final/, the adapters merged: the same reward model format as a full run.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from ..data.tokenization import tokenize_prompt, tokenize_response
 from ..errors import NonFiniteError
 from ..model.hf_io import load_model
 from ..model.reward_model import RewardModel, load_reward_model, reward_model_from_lm, save_reward_model
+from ..train import adapters
 from ..train.distributed import is_main, write_once
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
@@ -120,7 +127,8 @@ def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int,
 
 
 def run_rm(cfg: RMConfig) -> Path:
-    """Train per `cfg`, normalize, export RUN_DIR/final (see engine/reward_model.py for the format)."""
+    """Train per `cfg`, normalize, export RUN_DIR/final (see engine/model/reward_model.py for the
+    format; with lora.rank > 0 also RUN_DIR/final_adapter, see the module docstring)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths())
     check_context(cfg.data, run.configs["model"].max_model_len)
     device, tokenizer = run.device, run.tokenizer
@@ -128,7 +136,9 @@ def run_rm(cfg: RMConfig) -> Path:
     lm = load_model(cfg.model, dtype=run.dtype, device=device)
     model = reward_model_from_lm(lm)
     del lm
-    state = train(model, rm_stage(cfg, run.dtype, device), examples.train, examples.eval, cfg, device, examples.info)
+    lora = adapters.attach(model, cfg.lora, {"score": model.score})
+    state = train(model, rm_stage(cfg, run.dtype, device), examples.train, examples.eval, cfg, device, examples.info,
+                  lora)
     references = reference_sequences(cfg, tokenizer, examples.records)
     # Every rank scores all references (the sharded forward is collective), so all agree on it.
     model.reward_offset = mean_raw_reward(model, references, cfg.data.tokens_per_batch, device)
@@ -139,5 +149,5 @@ def run_rm(cfg: RMConfig) -> Path:
         append_metrics(cfg.output_dir, "info", state.step, {"reward_offset": model.reward_offset,
                                                             "reference_responses": len(references)})
     final = Path(cfg.output_dir) / "final"
-    write_once([model], lambda: save_reward_model(model, final, source_dir=cfg.model))
+    write_once([model], lambda: adapters.export(model, lora, final, cfg.model, save_reward_model, model.reward_offset))
     return final

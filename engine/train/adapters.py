@@ -2,28 +2,26 @@
 model, checkpoint them as a PEFT adapter directory (the base weights never change, so the run's
 model directory plus the adapters resume the run exactly), and export at the end both the adapters
 (`<final>_adapter/`, for `peft.PeftModel.from_pretrained`) and the merged model (`<final>/`, a plain
-Hugging Face directory the next stage or transformers loads)."""
+Hugging Face directory the next stage or transformers loads). The reward model trains its `score`
+head in full beside the adapters (PEFT's modules_to_save; the adapters then are a SEQ_CLS directory).
+Under torchrun the adapted model is not sharded: every rank holds the frozen base whole and the
+adapters' gradients are averaged over the ranks (engine/train/distributed.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..config.lora import LoRAConfig
-from ..errors import UsageError
 from ..model.hf_io import save_model
 from ..model.lora import LoRA, add_lora
 from ..model.peft_io import read_adapter_weights, save_adapter
-from . import distributed
 from .checkpoint import SavedModel
 
 
-def attach(model, cfg: LoRAConfig) -> Optional[LoRA]:
-    """Fresh adapters on `model` (frozen) when cfg.rank > 0, else None (every weight trains)."""
-    if not cfg.enabled:
-        return None
-    if distributed.world_size() > 1:
-        raise UsageError("lora.rank > 0 under torchrun is not supported yet: run LoRA in one process")
-    return add_lora(model, cfg)
+def attach(model, cfg: LoRAConfig, heads: Optional[dict] = None) -> Optional[LoRA]:
+    """Fresh adapters on `model` (frozen) when cfg.rank > 0, else None (every weight trains).
+    heads: {PEFT name: module} trained in full with them (the reward model's {"score": rm.score})."""
+    return add_lora(model, cfg, heads) if cfg.enabled else None
 
 
 def saved_adapter(lora: LoRA, base_model: str) -> SavedModel:
@@ -37,11 +35,13 @@ def adapter_dir(final: Path) -> Path:
     return final.with_name(f"{final.name}_adapter")
 
 
-def export(model, lora: Optional[LoRA], final: Path, source_dir: str) -> None:
-    """Write `model` to `final` (tokenizer files from `source_dir`); with adapters, first write them
-    to adapter_dir(final), then merge them into the weights in place (the run is over) and write the
+def export(model, lora: Optional[LoRA], final: Path, source_dir: str, save: Callable = save_model,
+           reward_offset: Optional[float] = None) -> None:
+    """Write `model` to `final` with save(model, final, source_dir=...) (tokenizer files from
+    `source_dir`); with adapters, first write them (and a reward model's `reward_offset`) to
+    adapter_dir(final), then merge them into the weights in place (the run is over) and write the
     merged model."""
     if lora is not None:
-        save_adapter(lora, adapter_dir(final), source_dir)
+        save_adapter(lora, adapter_dir(final), source_dir, reward_offset)
         lora.merge_()
-    save_model(model, final, source_dir=source_dir)
+    save(model, final, source_dir=source_dir)

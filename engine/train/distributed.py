@@ -13,6 +13,11 @@ batch is world_size() times a rank's, taken from the data stream in rank order (
 each rank's loss is its share of the global loss (normalized by counts all-reduced over the ranks),
 and FSDP averages the gradients over the ranks, so `backward(loss * world_size())` makes the reduced
 gradient the global batch's gradient, as one process with the global batch would compute it.
+
+With LoRA the adapted model is not sharded: every rank holds the frozen base whole (no gradients,
+no optimizer state: sharding it would save only the weights' copies), and the few trainable
+parameters (adapters, heads) are plain tensors whose gradients `average_replicated_gradients`
+averages over the ranks before each optimizer step, as FSDP does for its own in the backward.
 """
 from __future__ import annotations
 
@@ -100,6 +105,28 @@ def all_reduce_tensor(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     out = x.detach().cpu().clone()
     dist.all_reduce(out, op=_REDUCE_OPS[op])
     return out.to(x.device)
+
+
+def average_replicated_gradients(optimizers) -> None:
+    """Average over the ranks the gradients of the optimizers' parameters that FSDP does not shard
+    (plain tensors every rank holds whole: LoRA adapters and their heads); FSDP's own (DTensors)
+    are averaged in the backward already. One flat all-reduce per device and dtype. Every rank must
+    hold gradients for the same parameters (they ran the same forwards). One process: nothing."""
+    if world_size() == 1:
+        return
+    from torch.distributed.tensor import DTensor
+    groups: dict = {}
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not isinstance(p, DTensor):
+                    groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for grads in groups.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world_size()
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
 
 def min_over_ranks(n: int) -> int:

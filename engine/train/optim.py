@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from ..config.train import OptimConfig
+from . import distributed
 from .fused_adamw import FusedAdamW
 
 
@@ -47,7 +48,9 @@ def clip_and_step(optimizers: list[FusedAdamW], max_grad_norm: float, loss: Opti
     """Clip each optimizer's gradients to `max_grad_norm` by their global L2 norm (no clipping when
     0) and step them all, unless a norm or `loss` ([], the same on every rank) is not finite: then
     none steps. Decided on the device, no host sync. Returns each optimizer's norm before clipping
-    ([] fp64); the caller reads them with its metrics (a non-finite one means the step was skipped)."""
+    ([] fp64); the caller reads them with its metrics (a non-finite one means the step was skipped).
+    Under torchrun the gradients of unsharded parameters (LoRA) are first averaged over the ranks."""
+    distributed.average_replicated_gradients(optimizers)
     grads = [o.gradients() for o in optimizers]
     norms = [g.norm for g in grads]
     # A sum is finite iff its terms are (short of an overflow, which should skip too), and x * 0 is 0

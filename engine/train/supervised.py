@@ -165,10 +165,12 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
     """Train `model` in place for the configured steps, resuming from the newest checkpoint in
     cfg.output_dir when train.resume is set. Returns the final state. Under torchrun `model` is
     sharded in place (export it with distributed.write_once). With `lora` (engine/train/adapters.py)
-    the adapters train and are checkpointed, `model`'s own weights stay frozen."""
+    the adapters train and are checkpointed, `model`'s own weights stay frozen (and, under torchrun,
+    whole on every rank)."""
     check_context(cfg.data, model.config.max_model_len)
     share = distributed.rank_slice(cfg.optim.grad_accum_steps)  # this rank's micro-batches of a step
-    distributed.shard(model, cfg.train.data_parallel)
+    if lora is None:  # with LoRA every rank holds the frozen base whole; the adapters' gradients are averaged
+        distributed.shard(model, cfg.train.data_parallel)
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     steps = total_steps(train_ex, cfg)

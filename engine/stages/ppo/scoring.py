@@ -24,14 +24,18 @@ Scorer = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
 
 
 class RewardModelScorer:
-    """Scores from a reward model (its normalization offset applied) at each sequence's last token."""
+    """Scores from a reward model (its normalization offset applied) at each sequence's last token.
+    critic_lora: the LoRA critic's adapters when they hook the reward model's own projections (the
+    critic shares its trunk): switched off while it scores."""
 
-    def __init__(self, rm):
-        self.rm = rm
+    def __init__(self, rm, critic_lora=None):
+        self.rm, self.critic_lora = rm, critic_lora
 
     def score_packed(self, packed: PackedBatch) -> torch.Tensor:
         """Scores [S] of an already packed batch (the rollout's own pack: no second packing)."""
-        return self.rm.rewards(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
+        off = self.critic_lora.disabled() if self.critic_lora is not None else contextlib.nullcontext()
+        with off:
+            return self.rm.rewards(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         packed = pack_sequences([(p, r, False) for p, r in zip(prompts, responses)],
@@ -39,8 +43,8 @@ class RewardModelScorer:
         return self.score_packed(packed)
 
 
-def reward_model_scorer(rm) -> RewardModelScorer:
-    return RewardModelScorer(rm)
+def reward_model_scorer(rm, critic_lora=None) -> RewardModelScorer:
+    return RewardModelScorer(rm, critic_lora)
 
 
 def score_rows(score: Scorer, prompts: list[list[int]], responses: list[list[int]],

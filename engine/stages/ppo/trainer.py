@@ -3,15 +3,20 @@
 RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
     checkpoints/step-0000000N/   the one checkpoint format (engine/train/checkpoint.py): policy/ (HF
                                  dir; with lora its adapters instead, policy_adapter/, a PEFT dir),
-                                 critic/ (HF dir with value_head.weight) or the shared value
-                                 head in trainer_state.pt, with the optimizers, schedules, RNG and
-                                 the loop state (iteration, KL coefficient, reward moments, ptx position)
+                                 critic/ (HF dir with value_head.weight; with critic_lora its
+                                 adapters and value head instead, critic_adapter/, a PEFT SEQ_CLS
+                                 dir) or the shared value head in trainer_state.pt, with the
+                                 optimizers, schedules, RNG and the loop state (iteration, KL
+                                 coefficient, reward moments, ptx position)
     final/                       the trained policy, a transformers-loadable directory (with lora:
                                  the adapters merged; final_adapter/ holds them for PEFT)
-    final_critic/                the separate critic, when there is one
-Under torchrun every model is sharded (train.data_parallel) and each rank samples its own
-rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); see rollout.py
-and update.py.
+    final_critic/                the separate critic, when there is one (with critic_lora: merged;
+                                 final_critic_adapter/ holds its adapters and value head)
+Under torchrun every model is sharded (train.data_parallel) except the adapted ones: the policy and
+the shared value head with lora, the LoRA critic and its trunk with critic_lora are whole on every
+rank, their adapters' gradients averaged over the ranks. Each rank samples its own
+rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); see
+rollout.py and update.py.
 """
 from __future__ import annotations
 
@@ -34,8 +39,10 @@ from ...errors import FusedRLError, UsageError
 from ...inference.hybrid_actor import HybridActor
 from ...model.hf_io import load_model, save_model
 from ...model.reward_model import load_reward_model
-from ...model.value_model import (load_value_model, save_value_model, shared_value_head, value_model_from_lm,
-                                  value_model_from_reward_model)
+from ...model.causal_lm import CausalLM, rebuild_as
+from ...model.peft_io import save_adapter
+from ...model.value_model import (LoRACritic, load_value_model, save_value_model, shared_value_head,
+                                  value_model_from_lm, value_model_from_reward_model)
 from ...train import adapters, distributed, optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
@@ -109,7 +116,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
                  ) -> PPOModels:
     """Policy (trainable, shared with the actor), frozen reference, critic and scorer, with
     parameters in `dtype` (train.precision; the critic's value head stays fp32). With lora.rank > 0
-    the policy's weights are frozen under adapters and no reference model is loaded."""
+    the policy's weights are frozen under adapters and no reference model is loaded; with
+    critic_lora.rank > 0 the critic is adapters on the reward model's frozen decoder (build_critic)."""
     policy = load_model(cfg.policy, dtype=dtype, device=device)
     policy.gradient_checkpointing = cfg.train.gradient_checkpointing
     lora = adapters.attach(policy, cfg.lora)
@@ -117,25 +125,49 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     rm = None
     if cfg.reward_model:
         rm = load_reward_model(cfg.reward_model, dtype=dtype, device=device).eval().requires_grad_(False)
-        score = reward_model_scorer(rm)
+    critic = value_head = None  # critic="none": a group estimator needs no values
+    if cfg.critic == "separate":
+        critic = build_critic(cfg, rm, policy)
+    elif cfg.critic == "shared":
+        value_head = shared_value_head(policy)
+    if rm is not None:
+        score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)
     else:
         fn = resolve_reward_fn(cfg, reward_fn)
         score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"))
-    critic = value_head = None  # critic="none": a group estimator needs no values
-    if cfg.critic == "separate":  # (value_model_from_lm copies the policy's base weights, not its adapters)
-        critic = value_model_from_reward_model(rm) if rm is not None else value_model_from_lm(policy)
-        critic.requires_grad_(True).train()
-        critic.gradient_checkpointing = cfg.train.gradient_checkpointing
-    elif cfg.critic == "shared":
-        value_head = shared_value_head(policy)
+    # Built whole above (the critic from the whole reward model), sharded now; with LoRA every rank
+    # holds the adapted model whole (its adapters', and their heads', gradients are averaged).
+    lora_critic = isinstance(critic, LoRACritic)
+    whole = ((policy, value_head) if lora else ()) + ((critic, critic.trunk) if lora_critic else ())
     for model in (policy, reference, rm, critic, value_head):
-        if model is not None:  # built whole above (the critic from the whole reward model), sharded now
+        if model is not None and not any(model is m for m in whole):
             distributed.shard(model, cfg.train.data_parallel)
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory,
                         block_size=cfg.rollout.block_size,
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
                         batch_invariant=cfg.rollout.exact)
     return PPOModels(policy, reference, actor, critic, value_head, score, lora)
+
+
+def build_critic(cfg: PPOConfig, rm, policy) -> nn.Module:
+    """The separate critic, trainable: a ValueModel copied from the reward model (else from the
+    policy's base weights, not its adapters); with critic_lora.rank > 0 a LoRACritic on the reward
+    model itself (no second decoder), or without a reward model on a frozen copy of the policy's
+    base weights (said on stderr: that copy costs a decoder's memory)."""
+    if not cfg.critic_lora.enabled:
+        critic = value_model_from_reward_model(rm) if rm is not None else value_model_from_lm(policy)
+        critic.gradient_checkpointing = cfg.train.gradient_checkpointing
+        return critic.requires_grad_(True).train()
+    if rm is not None:
+        trunk, head = rm, rm.score.weight
+    else:
+        trunk = rebuild_as(CausalLM, policy, policy.state_dict())
+        head = policy.lm_head.weight.new_zeros(1, policy.config.hidden_size, dtype=torch.float32)
+        if distributed.is_main():
+            print("fusedrl: critic_lora without a reward model: the critic starts from the policy and runs on a "
+                  "frozen copy of its weights (a second decoder in memory)", file=sys.stderr)
+    trunk.gradient_checkpointing = cfg.train.gradient_checkpointing
+    return LoRACritic(trunk, head, cfg.critic_lora).train()
 
 
 def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, list]:
@@ -168,7 +200,9 @@ def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, d
                                    lambda d: load_model(d, dtype=dtype, device=device))} if models.lora is None
              else {"policy_adapter": adapters.saved_adapter(models.lora, cfg.policy)})
     small = {}
-    if models.critic is not None:
+    if isinstance(models.critic, LoRACritic):
+        saved["critic_adapter"] = adapters.saved_adapter(models.critic.lora, cfg.reward_model or cfg.policy)
+    elif models.critic is not None:
         saved["critic"] = SavedModel(models.critic, save_value_model,
                                      lambda d: load_value_model(d, dtype=dtype, device=device))
     if models.value_head is not None:
@@ -223,9 +257,19 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     final = Path(cfg.output_dir) / "final"
     distributed.write_once([models.policy], lambda: adapters.export(models.policy, models.lora, final, cfg.policy))
     if models.critic is not None:
-        distributed.write_once([models.critic],
-                               lambda: save_value_model(models.critic, Path(cfg.output_dir) / "final_critic"))
+        distributed.write_once([models.critic], lambda: export_critic(cfg, models.critic))
     return final
+
+
+def export_critic(cfg: PPOConfig, critic: nn.Module) -> None:
+    """RUN_DIR/final_critic, a ValueModel directory; a LoRACritic also writes its adapters and value
+    head to final_critic_adapter/ (PEFT SEQ_CLS on its start: the reward model, else the policy)
+    and is merged into its trunk for final_critic/ (the run is over)."""
+    final = Path(cfg.output_dir) / "final_critic"
+    if isinstance(critic, LoRACritic):
+        save_adapter(critic.lora, adapters.adapter_dir(final), cfg.reward_model or cfg.policy)
+        critic = critic.merged()
+    save_value_model(critic, final)
 
 
 def iteration_step(cfg, models, opts, schedules, prompts, tokenizer, device) -> Callable[[PPOState], dict]:

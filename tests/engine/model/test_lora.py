@@ -185,3 +185,46 @@ def test_adapter_files_that_do_not_fit_the_model_are_errors(model_dirs, tmp_path
 def test_config_errors_name_the_option(options, message):
     with pytest.raises(ValueError, match=message):
         LoRAConfig(**options)
+
+
+def test_adapter_gemms_run_through_the_batch_invariant_linear(model_dirs, monkeypatch):
+    """In the batch-invariant mode (rollout.exact) the adapters' GEMMs are the mode's fixed-tile
+    linear too, so a sequence's hidden states do not depend on what else is in the pack."""
+    from types import SimpleNamespace
+    from fusedrl.engine.model.invariant import BatchInvariant, mode
+    model = load_model(model_dirs["llama"][0], dtype="float32")
+    lora = add_lora(model, LoRAConfig(rank=2, target_modules="k_proj,up_proj,down_proj"))
+    randomize(lora)
+    real, weights = mode.primitives_for, []
+
+    def counting(x):
+        prims = real(x)
+
+        def linear(x, weight, *args, **kwargs):
+            weights.append(weight)
+            return prims.linear(x, weight, *args, **kwargs)
+        return SimpleNamespace(**{**vars(prims), "linear": linear})
+    monkeypatch.setattr(mode, "primitives_for", counting)
+    ids, _ = packed_ids()
+    invariant = BatchInvariant(chunk_size=4)
+    with torch.no_grad():
+        packed = invariant.packed_hidden(model, ids, LENGTHS)
+        alone = invariant.packed_hidden(model, ids[LENGTHS[0]:LENGTHS[0] + LENGTHS[1]], LENGTHS[1:2])
+    adapter_weights = {id(p) for p in lora.parameters()}
+    per_forward = sum(id(w) in adapter_weights for w in weights) // 2  # two forwards
+    assert per_forward == 2 * 3 * len(model.model.layers)  # A and B of 3 targets in every layer
+    assert torch.equal(alone, packed[LENGTHS[0]:LENGTHS[0] + LENGTHS[1]])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] is not supported for task_type CAUSAL_LM"),
+    ({"task_type": "SEQ_CLS", "modules_to_save": ["score", "pooler"]}, "is not supported for task_type SEQ_CLS"),
+    ({"task_type": "TOKEN_CLS"}, "task_type='TOKEN_CLS' is not supported"),
+])
+def test_heads_this_engine_does_not_train_are_one_line_errors(model_dirs, tmp_path, change, message):
+    model = load_model(model_dirs["llama"][0], dtype="float32")
+    save_adapter(add_lora(model, LoRAConfig(rank=2)), tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**config, **change}))
+    with pytest.raises(ModelError, match=message):
+        load_adapter(load_model(model_dirs["llama"][0], dtype="float32"), tmp_path)

@@ -2,7 +2,9 @@
 log-prob mismatch of exactly 0, with the importance-sampling correction on (its weights are all 1)."""
 import pytest
 
+from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, PPOConfig, RolloutConfig, UpdateConfig
+from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.stages.ppo.trainer import run_ppo
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, torchrun
@@ -60,6 +62,21 @@ def test_grpo_with_exact_rollouts_reports_zero_mismatch_every_iteration(setup):
                      train=LoopConfig(iterations=2, progress=False, device="cpu"))
     run_ppo(cfg, reward_fn=vowel_fraction)
     assert_exact(train_rows(root, "grpo"), 2)
+
+
+def test_lora_with_exact_rollouts_reports_zero_mismatch_every_iteration(setup):
+    """The adapters' GEMMs run through the mode's fixed-tile linear: still exact once they trained."""
+    root, policy_dir, prompts = setup
+    cfg = PPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / "lora"), critic="shared",
+                    lora=LoRAConfig(rank=4, alpha=8.0),
+                    rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
+                                          kv_cache_memory=1 << 22, block_size=4, exact=True),
+                    ppo=UpdateConfig(epochs=1, minibatch_size=6, is_mode="tis"), optim=OptimConfig(lr=1e-2),
+                    train=LoopConfig(iterations=2, progress=False, device="cpu"))
+    run_ppo(cfg, reward_fn=vowel_fraction)
+    rows = train_rows(root, "lora")
+    assert_exact(rows, 2)
+    assert rows[1]["kl"] != 0  # the adapters trained, so the second iteration's policy is adapted
 
 
 def test_exact_rollouts_under_two_ranks(setup):

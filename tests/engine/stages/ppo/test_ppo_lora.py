@@ -96,9 +96,9 @@ def test_lora_runs_resume_exactly(setup, algo):
     assert not all(torch.equal(base[k], a[k]) for k in base)  # final/ holds the adapters merged in
 
 
-def test_lora_with_the_exact_rollout_is_refused(setup):
+def test_lora_dropout_with_the_exact_rollout_is_refused(setup):
     root, policy_dir, prompts = setup
-    with pytest.raises(ValueError, match="rollout.exact with lora.rank > 0 is not supported"):
-        config(root, policy_dir, prompts, "exact", lora=LORA,
+    with pytest.raises(ValueError, match="rollout.exact with lora.dropout=0.1: .* set lora.dropout=0"):
+        config(root, policy_dir, prompts, "exact", lora=LoRAConfig(rank=4, dropout=0.1),
                rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                      kv_cache_memory=1 << 22, exact=True))
