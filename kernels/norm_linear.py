@@ -31,8 +31,6 @@ from .norm import rms_norm_reference
 from .swiglu import silu_mul_reference
 from .triton_compat import tl, triton
 
-BLOCK_K = 64
-
 
 @triton.jit
 def _residual_sum(x_ptr, res_ptr, offs, mask, HAS_RESIDUAL: tl.constexpr):
@@ -123,13 +121,16 @@ def _norm_linear_kernel(
     tl.store(out_ptr + rows[:, None] * n_out + cols[None, :], result.to(dtype), mask=out_mask)
 
 
-def tile_shape(rows: int, out_features: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for M rows and N outputs: the smallest row tile the tensor cores take (16)
-    that covers a decode batch up to 64 rows, and column tiles narrow enough that even a batch of one
-    spreads the weight over ~N/32 programs (Qwen2.5-0.5B's q/k/v: 36, its gate/up: 152)."""
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    block_n = 32 if rows <= 64 else 64
-    return block_m, block_n
+def tile_shape(rows: int, out_features: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for M rows and N outputs. Small batches (a decode step of <= 16
+    rows) are bound by reading the weight: the smallest row tile the tensor cores take, K tiles of
+    128 (256-byte rows of the weight per load), and column tiles narrow enough that the weight spreads
+    over ~100+ programs even for Qwen2.5-0.5B's q/k/v (1152 outputs: 72 programs of 16). Larger
+    batches take 32-64 row tiles and 64-wide column tiles. Not yet timed on a GPU: bench_generate's
+    --unfused-decode-gemms run is the comparison against cuBLAS."""
+    if rows <= 16:
+        return 16, (16 if out_features <= 2048 else 32), 128
+    return min(64, triton.next_power_of_2(rows)), (32 if rows <= 64 else 64), 64
 
 
 @torch.library.custom_op("fusedrl::norm_linear", mutates_args=())
@@ -141,12 +142,12 @@ def _norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weig
     n_out = out.shape[1]
     if rows == 0:
         return out, total
-    block_m, block_n = tile_shape(rows, n_out)
+    block_m, block_n, block_k = tile_shape(rows, n_out)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n_out, block_n))
     _norm_linear_kernel[grid](
         x, x if residual is None else residual, total, norm_weight, weight, weight if bias is None else bias,
         out, rows, n_out, eps, K=k, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GLU=glu,
-        INTERPRETED=not x.is_cuda, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K)
+        INTERPRETED=not x.is_cuda, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out, total
 
 

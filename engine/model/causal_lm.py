@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionMetadata, attention_step
 from .config import ModelConfig
-from .primitives import decode_primitives_for, primitives_for
+from .primitives import primitives_for
 
 # (layer index, q [N, H, D], k [N, Hkv, D], v [N, Hkv, D] with q and k before RoPE, the forward's
 # RotaryAngles) -> attention output [N, H, D]. An attend rotates q and k by `angles.rotate` first,
@@ -201,13 +201,12 @@ class CausalLM(nn.Module):
 
         kv_caches: per layer (k_cache, v_cache) for prefill/decode, or None for a packed training batch.
         attend, prims: the walk's attention and primitives given whole instead of built from `meta`
-        (the batch-invariant mode); passed through here, not to `hidden_states`, so that FSDP's root
-        hooks run (they initialize its state before any layer's).
+        and the device (the batch-invariant mode; a decode step's `primitives.DECODE`); passed
+        through here, not to `hidden_states`, so that FSDP's root hooks run (they initialize its
+        state before any layer's).
         """
         if attend is None:
             attend = attention_step(meta, kv_caches)
-        if prims is None and meta is not None and meta.is_decode:
-            prims = decode_primitives_for(self.model.embed_tokens.weight)
         return self.hidden_states(input_ids, positions, attend, prims)
 
     def hidden_states(self, input_ids, positions, attend: Attend, prims: SimpleNamespace | None = None):
