@@ -13,6 +13,7 @@ script itself.
 
     python bench/bench_generate.py                  # GPU: batch 1, 32, 256; 128 prompt + 512 new; mixed
     python bench/bench_generate.py --model qwen3-0.6b --skip-hf
+    python bench/bench_generate.py --skip-hf --unfused-decode-gemms   # cuBLAS after each norm, for A/B
     python bench/bench_generate.py --quick          # CPU smoke run
 """
 from __future__ import annotations
@@ -50,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--mixed", type=int, help="requests of the mixed-length case (0: skip it)")
     p.add_argument("--mixed-lengths", type=int, nargs=2, metavar=("LOW", "HIGH"),
                    help="prompt and output lengths of the mixed case, uniform in [LOW, HIGH]")
+    p.add_argument("--unfused-decode-gemms", action="store_true",
+                   help="decode with torch's GEMM after each norm (LLM(fuse_decode_gemms=False)): the "
+                        "side-by-side run against kernels/norm_linear.py's fused norm + GEMM")
     return harness.generation_args(
         p, "generate", argv=argv,
         quick=dict(batch_sizes=[1, 4], prompt_len=16, new_tokens=32, mixed=8, mixed_lengths=[4, 24]),
@@ -138,7 +142,8 @@ def main(argv=None):
     hf.config._attn_implementation = "sdpa"
     max_batch = max(args.batch_sizes + [args.mixed])
     kv_memory = 0.5 if device.type == "cuda" else 256 << 20
-    llm = LLM(path, dtype=dtype, device=str(device), kv_cache_memory=kv_memory, max_num_seqs=max_batch)
+    llm = LLM(path, dtype=dtype, device=str(device), kv_cache_memory=kv_memory, max_num_seqs=max_batch,
+              fuse_decode_gemms=not args.unfused_decode_gemms)
     config = llm.config
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())  # tied: once
     kv_bytes_per_token = kv_bytes_per_block(config, dtype, 1)
@@ -174,6 +179,7 @@ def main(argv=None):
               f"{mixed['output_tok_s']:.0f} tok/s ({mixed['preemptions']} preemptions)")
     result = dict(meta=harness.run_metadata(device), dtype=str(dtype),
                   model="tiny" if args.quick else MODELS[args.model][2],
+                  fuse_decode_gemms=not args.unfused_decode_gemms,
                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, weight_bytes=weight_bytes,
                   kv_bytes_per_token=kv_bytes_per_token, copy_bandwidth_GBps=bandwidth / 1e9,
                   transformers=transformers.__version__, rows=rows, mixed=mixed)

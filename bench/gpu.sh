@@ -10,12 +10,12 @@
 #
 #   bash bench/gpu.sh OUTDIR                    # every stage
 #   bash bench/gpu.sh OUTDIR tests kernels      # some stages (to split a run across 10-minute calls)
-# Stages: build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic (a later call can skip build: kernels/_C*.so stays
+# Stages: build tests kernels rl_ops attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic (a later call can skip build: kernels/_C*.so stays
 # in the checkout only on the same machine). Then copy what is worth keeping into bench/results/.
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUTDIR [stage ...]}
 shift
-stages=${*:-build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic}
+stages=${*:-build tests kernels rl_ops attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$repo"
@@ -94,6 +94,9 @@ for stage in $stages; do
     attention) run bench_attention 300 python bench/bench_attention.py --json "$out/bench_attention.json" ;;
     # Fixed shapes (batch 1, 32, 256) against transformers, then the mixed-length case (256 requests).
     generate) run bench_generate 420 python bench/bench_generate.py --out "$out/bench_generate.json" ;;
+    # The same decode with torch's GEMM after each norm: decides fuse_decode_gemms's default by measurement.
+    generate_unfused) run bench_generate_unfused 300 python bench/bench_generate.py --skip-hf --mixed 0 \
+                        --unfused-decode-gemms --out "$out/bench_generate_unfused.json" ;;
     generate_qwen3) run bench_generate_qwen3 420 python bench/bench_generate.py --model qwen3-0.6b --skip-hf \
                       --out "$out/bench_generate_qwen3.json" ;;
     # The sampler's GPU time per step at batch 1/32/256 (greedy, top-p 0.9, top-k 50) beside one logits read.
@@ -122,7 +125,7 @@ for stage in $stages; do
                 overwrite=true --quiet || exit 1; done' _ "$out" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
     traffic)  run traffic 300 python bench/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
-    *) echo "unknown stage $stage (build tests kernels rl_ops attention generate generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic)"; status=1 ;;
+    *) echo "unknown stage $stage (build tests kernels rl_ops attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic)"; status=1 ;;
   esac
 done
 exit $status

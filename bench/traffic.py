@@ -2,8 +2,9 @@
 and the phases of one PPO iteration (traffic_ppo), on the path a GPU runs. On the CPU the Triton
 kernels run in the interpreter (TRITON_INTERPRET=1, set here when no GPU is present).
 
-Decode configurations (DECODE_CONFIGS): batch 128 at context 33, top-p 1 (the first report's), and
-issue 12's bar, batch 128 at context 256, top-p 0.9. The exact mode's step next to the default's
+Decode configurations (DECODE_CONFIGS): batch 128 at context 33, top-p 1 (the first report's),
+issue 12's bar, batch 128 at context 256, top-p 0.9, and batch 1 at context 256 (issue 23's kernel
+budget is held at batch 1 and 128). The exact mode's step next to the default's
 (EXACT_CONFIGS): batch 1 and 128 at context 256, issue 16's bar.
 
     python bench/traffic.py [--json OUT.json] [--table OUT.md] [--layers 2] [--no-ppo]
@@ -26,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from traffic_decode import decode_report, decode_table, exact_mode_report, exact_mode_table  # noqa: E402
 from traffic_ppo import ppo_report, ppo_table  # noqa: E402
 
-DECODE_CONFIGS = ({"batch": 128, "context": 33, "top_p": 1.0}, {"batch": 128, "context": 256, "top_p": 0.9})
+DECODE_CONFIGS = ({"batch": 128, "context": 33, "top_p": 1.0}, {"batch": 128, "context": 256, "top_p": 0.9},
+                  {"batch": 1, "context": 256, "top_p": 0.9})
 EXACT_CONFIGS = ({"batch": 1, "context": 256, "top_p": 0.9}, {"batch": 128, "context": 256, "top_p": 0.9})
 
 

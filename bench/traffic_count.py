@@ -50,6 +50,19 @@ def _paged_decode_bytes(q, k_cache, v_cache, block_tables, context_lens, scale, 
     return small + context + partials, nbytes(q) + partials
 
 
+def _rope_store_decode_bytes(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping,
+                             block_tables, context_lens, scale, num_splits):
+    """paged_decode's bytes over the cached context (each row's own token comes in k, v instead of
+    from the pages), plus the new K/V written and each row's cos/sin read."""
+    live = int((slot_mapping >= 0).sum())
+    row = k_cache[0, 0].numel() * k_cache.element_size()
+    new = nbytes(k) + nbytes(v)
+    read, written = _paged_decode_bytes(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
+    angles = 2 * q.shape[0] * q.shape[2] * cos_table.element_size()
+    return (read - 2 * live * row + new + angles + nbytes(positions) + nbytes(slot_mapping),
+            written + new)
+
+
 def _segment_attention_bytes(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position,
                              segment_programs):
     heads, dim = q.shape[1:]
@@ -73,6 +86,7 @@ def _fixed_tile_linear_bytes(x, weight, bias, out_dtype):
 # (bytes read, bytes written) of ops that are not "each argument and result once": ops given a whole
 # KV pool but touching a part of it, and ops that keep an intermediate in memory.
 OP_RULES = {"fusedrl::store_kv": _store_kv_bytes, "fusedrl::paged_decode": _paged_decode_bytes,
+            "fusedrl::rope_store_decode": _rope_store_decode_bytes,
             "fusedrl::segment_attention": _segment_attention_bytes,
             "fusedrl::fixed_tile_linear": _fixed_tile_linear_bytes}
 
@@ -85,9 +99,14 @@ def _tensors(tree) -> list[torch.Tensor]:
     return [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
 
 
+def moves_nothing(func) -> bool:
+    """A view or an allocation: no kernel, no bytes."""
+    return func in FREE or getattr(func, "is_view", False)
+
+
 def op_bytes(func, args, kwargs, out) -> tuple[int, int]:
     """(bytes read, bytes written) of one op by the rules above."""
-    if func in FREE or getattr(func, "is_view", False):
+    if moves_nothing(func):
         return 0, 0
     if func.name() in OP_RULES:
         return OP_RULES[func.name()](*args, **kwargs)
@@ -116,9 +135,10 @@ def _mutated(func, args, kwargs) -> list[torch.Tensor]:
 
 
 class TrafficCounter(TorchDispatchMode):
-    """Within `with TrafficCounter() as c:`, c.bytes[region] = [read, written], c.syncs[kind] = n,
-    c.region_syncs[region][kind] = n. `region` is whatever c.region is when the op runs (set it
-    from module hooks).
+    """Within `with TrafficCounter() as c:`, c.bytes[region] = [read, written], c.ops[region] = ops
+    dispatched, c.kernels[region] = those that launch work on the device (all but views and
+    allocations; a fused custom op counts as one), c.syncs[kind] = n, c.region_syncs[region][kind] =
+    n. `region` is whatever c.region is when the op runs (set it from module hooks).
 
     stand_ins: {op name: function} computes those ops' results with another implementation of the
     same op (same arguments, same results), e.g. a torch oracle for a Triton kernel too slow to
@@ -133,6 +153,7 @@ class TrafficCounter(TorchDispatchMode):
         self.syncs = defaultdict(int)
         self.region_syncs = defaultdict(lambda: defaultdict(int))
         self.ops = defaultdict(int)
+        self.kernels = defaultdict(int)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -142,6 +163,7 @@ class TrafficCounter(TorchDispatchMode):
         entry[0] += read
         entry[1] += written
         self.ops[self.region] += 1
+        self.kernels[self.region] += not moves_nothing(func)
         if func in SYNC_OPS:
             self.count_sync(SYNC_OPS[func])
         return out

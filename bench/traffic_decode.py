@@ -29,12 +29,17 @@ from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
 from fusedrl.engine.model.invariant import ops as invariant_ops
 from fusedrl.engine.model.invariant.attention import chunked_attention
-from fusedrl.kernels.paged_attention import paged_decode_torch
+from fusedrl.kernels.norm_linear import norm_linear_reference
+from fusedrl.kernels.paged_attention import paged_decode_torch, rope_store_decode_torch
 from fusedrl.kernels import use_backend
 
 from traffic_count import TrafficCounter, weight_bytes
 
 REAL_LAYERS = 24
+# Issue 23's bar: kernels launched by a decode step, per layer and outside the layers (a fused custom
+# op counts as one; the step's host-to-device input copies, region "inputs", are transfers, not kernels).
+KERNELS_PER_LAYER = 6
+KERNELS_OUTSIDE_LAYERS = 6
 BLOCK_SIZE = 16
 QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                   num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, max_model_len=1024,
@@ -42,7 +47,10 @@ QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, interm
                   rope_theta=1e6)
 # Torch oracles of the fused ops too slow to interpret at full shape (see the module docstring).
 ORACLES = {"fusedrl::sample": sample_torch,
-           "fusedrl::paged_decode": lambda *args: paged_decode_torch(*args[:6])}  # all but num_splits
+           "fusedrl::paged_decode": lambda *args: paged_decode_torch(*args[:6]),  # all but num_splits
+           "fusedrl::rope_store_decode": lambda *args: rope_store_decode_torch(*args[:12]),
+           "fusedrl::norm_linear": lambda x, residual, *args: tuple(
+               t.clone() for t in norm_linear_reference(x, residual, *args))}
 # The exact mode's own kernels: the CPU's fixed-order ops compute the same functions (not the same bits,
 # which the bytes do not depend on).
 EXACT_ORACLES = {
@@ -123,8 +131,12 @@ def decode_report(batch: int, layers: int, context: int, top_p: float = 1.0, pat
     per_layer_weights = weight_bytes(model.model.layers[0])
     shared_weights = weight_bytes(model) - layers * per_layer_weights
     floor_layer = per_layer_weights + tokens * kv_token + batch * kv_token
-    regions = {name: {"read": r, "written": w, "ops": counter.ops[name]} for name, (r, w) in counter.bytes.items()}
+    regions = {name: {"read": r, "written": w, "ops": counter.ops[name], "kernels": counter.kernels[name]}
+               for name, (r, w) in counter.bytes.items()}
     layer_names = [n for n in regions if n.startswith("layer ")]
+    kernels = {"per_layer": max(regions[n]["kernels"] for n in layer_names),
+               "outside_layers": sum(v["kernels"] for n, v in regions.items() if n not in layer_names + ["inputs"]),
+               "host_to_device_copies": regions.get("inputs", {}).get("kernels", 0)}
     mean_layer = sum(regions[n]["read"] + regions[n]["written"] for n in layer_names) / max(len(layer_names), 1)
     other = sum(v["read"] + v["written"] for n, v in regions.items() if not n.startswith("layer "))
     counted = other + REAL_LAYERS * mean_layer
@@ -135,7 +147,7 @@ def decode_report(batch: int, layers: int, context: int, top_p: float = 1.0, pat
                       "device": device, "path": path, "oracles": sorted(stand_ins)},
             "regions": regions, "per_layer": {"counted_mean": mean_layer, "floor": floor_layer},
             "total": {"counted": counted, "floor": floor, "ratio": counted / floor},
-            "host_syncs": dict(counter.syncs)}
+            "kernels": kernels, "host_syncs": dict(counter.syncs)}
 
 
 def decode_table(report: dict) -> str:
@@ -145,13 +157,16 @@ def decode_table(report: dict) -> str:
     lines = [f"Decode step ({shape['path']} path), {shape['model']} {shape['dtype']}, batch {shape['batch']}, "
              f"context {shape['context']} ({shape['context_tokens']} tokens), top-p {shape['top_p']}; "
              f"{shape['counted_layers']} layers counted, extrapolated to {shape['extrapolated_layers']}.", "",
-             "| region | ops | read MiB | written MiB |", "|---|---|---|---|"]
+             "| region | ops | kernels | read MiB | written MiB |", "|---|---|---|---|---|"]
     for name, v in report["regions"].items():
-        lines.append(f"| {name} | {v['ops']} | {v['read'] / mib:.2f} | {v['written'] / mib:.2f} |")
-    per, total = report["per_layer"], report["total"]
+        lines.append(f"| {name} | {v['ops']} | {v['kernels']} | {v['read'] / mib:.2f} | {v['written'] / mib:.2f} |")
+    per, total, kernels = report["per_layer"], report["total"], report["kernels"]
     lines += ["", f"per layer: counted {per['counted_mean'] / mib:.2f} MiB, floor {per['floor'] / mib:.2f} MiB",
               f"step: counted {total['counted'] / mib:.1f} MiB, floor {total['floor'] / mib:.1f} MiB, "
               f"ratio {total['ratio']:.2f}",
+              f"kernels: {kernels['per_layer']} per layer (budget {KERNELS_PER_LAYER}), "
+              f"{kernels['outside_layers']} outside the layers (budget {KERNELS_OUTSIDE_LAYERS}), plus "
+              f"{kernels['host_to_device_copies']} host-to-device input copies",
               "host syncs per step: " + syncs_text(report["host_syncs"])]
     return "\n".join(lines) + "\n"
 

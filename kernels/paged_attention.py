@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .triton_compat import tl, triton
 from .norm import rows_per_program
+from .rotary import rope_reference
 
 
 @triton.jit
@@ -88,8 +89,22 @@ def _check_store(k, v, k_cache, v_cache, slot_mapping):
 
 
 @triton.jit
+def _rotated(x_ptr, row_off, d, mask, cos_ptr, sin_ptr, pos, HEAD_DIM: tl.constexpr):
+    """RoPE (rotate-half) of rows at x_ptr + row_off[:, None] + d[None, :] for position `pos`, in fp32
+    and rounded once to x's dtype, as kernels.rotary: x * cos + rotate_half(x) * sin."""
+    half = HEAD_DIM // 2
+    partner = tl.where(d < half, d + half, d - half)
+    sign = tl.where(d < half, -1.0, 1.0)
+    x = tl.load(x_ptr + row_off[:, None] + d[None, :], mask=mask, other=0.0)
+    x_partner = tl.load(x_ptr + row_off[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + pos * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+    return (x.to(tl.float32) * cos[None, :] + sign[None, :] * x_partner * sin[None, :]).to(x.dtype)
+
+
+@triton.jit
 def _paged_decode_kernel(
-    q_ptr,  # [B, H, D] one query token per sequence
+    q_ptr,  # [B, H, D] one query token per sequence (NEW_TOKEN: before RoPE)
     k_cache_ptr,  # [num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM] contiguous
     v_cache_ptr,  # same shape as k_cache
     block_tables_ptr,  # [B, max_blocks] int32 block ids of each sequence
@@ -98,6 +113,12 @@ def _paged_decode_kernel(
     part_lse_ptr,  # [B, H, NUM_SPLITS] fp32 out: each split's log-sum-exp (-inf if it saw nothing)
     scale,  # softmax scale, head_dim ** -0.5
     q_stride_b, q_stride_h, bt_stride_b,
+    # NEW_TOKEN only: the step's own token, not yet in the cache (its context_len counts it)
+    k_new_ptr, v_new_ptr,  # [B, NUM_KV_HEADS, HEAD_DIM] its key (before RoPE) and value
+    k_new_stride_b, v_new_stride_b,  # elements between rows (heads and dims contiguous)
+    cos_ptr, sin_ptr,  # [max positions, HEAD_DIM] RoPE tables
+    pos_ptr,  # [B] int64 position of each row's token
+    slot_ptr,  # [B] int64 cache slot of each row's token, -1 = padding
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per KV head (GQA)
     GROUP_PAD: tl.constexpr,  # GROUP rounded up to a power of two
@@ -106,6 +127,7 @@ def _paged_decode_kernel(
     PAGE: tl.constexpr,  # block size of the cache
     PAGE_PAD: tl.constexpr,  # PAGE rounded up to a power of two (tl.arange needs one)
     NUM_SPLITS: tl.constexpr,  # programs sharing one sequence's pages (flash-decoding)
+    NEW_TOKEN: tl.constexpr,  # rotate q and k, store k and v, attend to the new token from registers
 ):
     # One program per (sequence, KV head, split): the GROUP query heads sharing a KV head read its
     # pages once; the pages are cut into NUM_SPLITS runs so that a small batch still fills the GPU.
@@ -115,23 +137,30 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)
     num_pages = tl.cdiv(ctx, PAGE)
-    pages_per_split = tl.cdiv(num_pages, NUM_SPLITS)
+    pages_per_split = tl.maximum(tl.cdiv(num_pages, NUM_SPLITS), 1)  # 1 on a padding row: no division by 0
     first_page = split * pages_per_split
     last_page = tl.minimum(first_page + pages_per_split, num_pages)
+    cached = ctx - 1 if NEW_TOKEN else ctx  # positions read from the pages
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, DIM_PAD)
     p = tl.arange(0, PAGE_PAD)
     heads = kv_head * GROUP + g
     q_mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=q_mask, other=0.0)
+    q_rows = b * q_stride_b + heads * q_stride_h
+    if NEW_TOKEN:
+        pos = tl.maximum(tl.load(pos_ptr + b), 0)  # a padding row's -1 reads position 0, unused
+        q = _rotated(q_ptr, q_rows, d, q_mask, cos_ptr, sin_ptr, pos, HEAD_DIM)
+    else:
+        q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
     q = q.to(tl.float32) * scale  # [G, D]
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-    for page in range(first_page, last_page):
+    # Only pages holding a cached position (with NEW_TOKEN the last page may hold the new one only).
+    for page in range(first_page, tl.minimum(last_page, tl.cdiv(cached, PAGE))):
         block = tl.load(block_tables_ptr + b * bt_stride_b + page).to(tl.int64)
-        pos = page * PAGE + p
-        valid = (p < PAGE) & (pos < ctx)
+        pos_k = page * PAGE + p
+        valid = (p < PAGE) & (pos_k < cached)
         kv_mask = valid[:, None] & (d[None, :] < HEAD_DIM)
         kv_off = ((block * PAGE + p[:, None]) * NUM_KV_HEADS + kv_head) * HEAD_DIM + d[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [P, D]
@@ -144,6 +173,27 @@ def _paged_decode_kernel(
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [P, D]
         acc = acc * alpha[:, None] + tl.sum(probs[:, :, None] * v[None, :, :], axis=1)
         m = m_new
+    if NEW_TOKEN:
+        # The split holding the last page stores the new K (rotated) and V and attends to them from
+        # registers: no other program reads that slot in this launch, so no ordering is needed.
+        slot = tl.load(slot_ptr + b)
+        if (ctx > 0) & (slot >= 0) & (split == (num_pages - 1) // pages_per_split):
+            one = tl.arange(0, 1)
+            d_ok = d[None, :] < HEAD_DIM
+            k_new = _rotated(k_new_ptr, b * k_new_stride_b + kv_head * HEAD_DIM + one, d, d_ok,
+                             cos_ptr, sin_ptr, pos, HEAD_DIM)  # [1, D]
+            v_new = tl.load(v_new_ptr + b * v_new_stride_b + kv_head * HEAD_DIM + one[:, None] + d[None, :],
+                            mask=d_ok, other=0.0)
+            cache_off = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM + one[:, None] + d[None, :]
+            tl.store(k_cache_ptr + cache_off, k_new, mask=d_ok)
+            tl.store(v_cache_ptr + cache_off, v_new, mask=d_ok)
+            s_new = tl.sum(q * k_new.to(tl.float32), axis=1)  # [G]
+            m_new = tl.maximum(m, s_new)
+            alpha = tl.exp(m - m_new)
+            p_new = tl.exp(s_new - m_new)
+            l = l * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)
+            m = m_new
     # A split that saw no page (short context, padding row) reports lse -inf and weighs nothing.
     seen = l > 0
     out = acc / tl.where(seen, l, 1.0)[:, None]
@@ -199,29 +249,83 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, 
 @torch.library.custom_op("fusedrl::paged_decode", mutates_args=())
 def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, num_splits: int) -> torch.Tensor:
+    return _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
+
+
+@_paged_decode_op.register_fake
+def _paged_decode_fake(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits):
+    return q.new_empty(q.shape)
+
+
+def rope_store_decode_triton(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping,
+                             block_tables, context_lens, scale, num_splits=None):
+    """A decode step's attention with its RoPE and KV store in the same launch: q [B, H, D], k, v
+    [B, Hkv, D] before RoPE (views of the q/k/v GEMM's rows are fine), cos/sin tables [L, D],
+    positions and slot_mapping [B] int64 (slot -1: a padding row), context_lens [B] int32 counting the
+    new token -> [B, H, D] in q's dtype; k (rotated) and v written into the caches. The same numbers as
+    `rope` then `store_kv_triton` then `paged_decode_triton`."""
+    _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    _check_store(k, v, k_cache, v_cache, slot_mapping)
+    if positions.shape != (q.shape[0],) or positions.dtype != torch.int64:
+        raise ValueError(f"positions must be int64 [{q.shape[0]}], got {positions.dtype} {tuple(positions.shape)}")
+    if cos_table.shape != sin_table.shape or cos_table.shape[1:] != (q.shape[2],) or not (
+            cos_table.is_contiguous() and sin_table.is_contiguous()):
+        raise ValueError(f"cos/sin tables must be contiguous [L, {q.shape[2]}], got {tuple(cos_table.shape)} "
+                         f"and {tuple(sin_table.shape)}")
+    if num_splits is None:
+        num_splits = _default_splits(q.shape[0] * k_cache.shape[2], q.device)
+    return torch.ops.fusedrl.rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache,
+                                               slot_mapping, block_tables, context_lens, scale, num_splits)
+
+
+@torch.library.custom_op("fusedrl::rope_store_decode", mutates_args=("k_cache", "v_cache"))
+def _rope_store_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.Tensor,
+                          sin_table: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                          context_lens: torch.Tensor, scale: float, num_splits: int) -> torch.Tensor:
+    return _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
+                          new=(k, v, cos_table, sin_table, positions, slot_mapping))
+
+
+@_rope_store_decode_op.register_fake
+def _rope_store_decode_fake(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping, block_tables,
+                            context_lens, scale, num_splits):
+    return q.new_empty(q.shape)
+
+
+def rope_store_decode_torch(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping,
+                            block_tables, context_lens, scale):
+    """Reference for `rope_store_decode_triton`: RoPE, the store, then `paged_decode_torch`."""
+    rows = positions.clamp(min=0)
+    cos, sin = cos_table[rows], sin_table[rows]
+    q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    store_kv_torch(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)
+    return paged_decode_torch(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, new=None):
+    """The split decode kernel then the combine: [B, H, D] (contiguous, q's dtype). new: (k, v, cos
+    table, sin table, positions, slots) of the step's own token (rotated, stored, attended to)."""
     batch, num_heads, head_dim = q.shape
     _, page, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     dim_pad = triton.next_power_of_2(head_dim)
     part_out = torch.empty(batch, num_heads, num_splits, dim_pad, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    k_new, v_new, cos, sin, positions, slots = new if new is not None else (q, q, q, q, context_lens, context_lens)
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, scale,
         q.stride(0), q.stride(1), block_tables.stride(0),
+        k_new, v_new, k_new.stride(0), v_new.stride(0), cos, sin, positions, slots,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, PAGE=page, PAGE_PAD=triton.next_power_of_2(page),
-        NUM_SPLITS=num_splits)
-    out = torch.empty_like(q)
+        NUM_SPLITS=num_splits, NEW_TOKEN=new is not None)
+    out = q.new_empty(q.shape)
     _combine_splits_kernel[(batch, num_heads)](
         part_out, part_lse, out, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
         NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
         DIM_PAD=dim_pad)
     return out
-
-
-@_paged_decode_op.register_fake
-def _paged_decode_fake(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits):
-    return torch.empty_like(q)
 
 
 MAX_SPLITS = 16

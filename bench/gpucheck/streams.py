@@ -27,6 +27,7 @@ STREAMS = {
     "_silu_mul_kernel": {"gate and up": ("ld", "gate_up_ptr"), "product": ("st", "out_ptr")},
     "_paged_decode_kernel": {"K pages": ("ld", "k_cache_ptr"), "V pages": ("ld", "v_cache_ptr")},
     "_fixed_tile_linear_kernel": {"x tiles": ("ld", "x_ptr"), "W tiles": ("ld", "w_ptr")},
+    "_norm_linear_kernel": {"W tiles": ("ld", "w_ptr"), "x rows": ("ld", "x_ptr")},
     "_sum_pieces_kernel": {"partial tiles": ("ld", "partial_ptr"), "output": ("st", "out_ptr")},
     "_segment_attention_kernel": {"K rows": ("ld", "k_ptr"), "V rows": ("ld", "v_ptr")},
     "_merge_segments_kernel": {"partial outputs": ("ld", "part_acc_ptr")},
@@ -48,6 +49,7 @@ SHAPE_ARGS = {
     "_rope_kernel": ("q_row_stride", "q_head_stride", "k_row_stride", "k_head_stride"),
     "_store_kv_kernel": ("k_row_stride", "v_row_stride"),
     "_fixed_tile_linear_kernel": ("k_dim", "x_row_stride", "w_row_stride"),
+    "_norm_linear_kernel": ("n_out",),
     "_sum_pieces_kernel": ("n_out", "piece_stride"),
     "_row_logprobs_kernel": ("n_cols", "row_stride"),
 }

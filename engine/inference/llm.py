@@ -67,13 +67,16 @@ class LLM:
     steps are still CUDA graphs; the cost is in the kernels (fp32 logits, no cuBLAS, no split-KV by
     batch). A `BatchInvariant` object instead of True sets the mode's attention segment (its
     chunk_size must be block_size). `self.batch_invariant` is the mode object (None when off).
+    fuse_decode_gemms: where the Triton kernels run, a decode step's RMSNorms and SiLU * up ride in
+    the q/k/v and gate/up GEMMs (kernels/norm_linear.py: 5 kernels a layer); False keeps torch's
+    GEMM after each norm (7), for side-by-side measurement against cuBLAS.
     `self.device` is the model's device: tensors handed to `self.model` go there.
     """
 
     def __init__(self, model_dir, dtype="auto", kv_cache_memory: int | float | None = None,
                  block_size: int = 16, device=None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 16384, use_cuda_graphs: bool = True, tokenizer=None,
-                 batch_invariant: bool | BatchInvariant = False):
+                 batch_invariant: bool | BatchInvariant = False, fuse_decode_gemms: bool = True):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be an int >= 1")
         if isinstance(batch_invariant, BatchInvariant):
@@ -108,7 +111,7 @@ class LLM:
                                    max(max_num_batched_tokens, self.config.max_model_len),
                                    self.config.max_model_len, self.config.eos_token_ids)
         self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs,
-                                  self.batch_invariant)
+                                  self.batch_invariant, fuse_decode_gemms)
         self._next_seq_id = 0
         self._rng = random.Random()
 

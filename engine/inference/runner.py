@@ -17,6 +17,7 @@ from ..model.config import ModelConfig
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant
 from ..model.kv_pages import sequence_slot
+from ..model.primitives import decode_primitives_for
 from .decode_inputs import DecodeInputs
 from .sampler import sample
 from .sequence import Sequence
@@ -50,6 +51,8 @@ class ModelRunner:
     batch_invariant: run the forward, LM head and log-probs in that mode's primitives (its chunk must
     be block_size; decode steps are CUDA graphs of the mode's walk), so each token's log-prob is
     independent of the batch.
+    fuse_decode_gemms: decode steps walk the decoder with `primitives.DECODE` (each norm inside the
+    GEMM after it) where the Triton kernels run; False: with the default set, as prefill does.
     """
 
     # Decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits. Every 16
@@ -57,8 +60,10 @@ class ModelRunner:
     GRAPH_BATCH_SIZES = (1, 2, 4, 8, *range(16, 513, 16))
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
-                 use_cuda_graphs: bool = True, batch_invariant: BatchInvariant | None = None):
+                 use_cuda_graphs: bool = True, batch_invariant: BatchInvariant | None = None,
+                 fuse_decode_gemms: bool = True):
         self.model = model
+        self.fuse_decode_gemms = fuse_decode_gemms
         self.batch_invariant = batch_invariant
         self.config = model.config
         self.block_size = block_size
@@ -110,7 +115,10 @@ class ModelRunner:
         input_ids, positions [N] -> final hidden states [N, hidden]. What a decode graph captures."""
         if self.batch_invariant is not None:
             return self.batch_invariant.paged_hidden(self.model, input_ids, positions, meta, self.kv_caches)
-        return self.model(input_ids, positions, meta, self.kv_caches)
+        prims = None  # the model's default set
+        if meta.is_decode and self.fuse_decode_gemms:
+            prims = decode_primitives_for(self.model.model.embed_tokens.weight)
+        return self.model(input_ids, positions, meta, self.kv_caches, prims=prims)
 
     def decode_step(self, size: int, full_tables: bool):
         """The decode step over the first `size` rows of `decode_inputs`: embedding through the

@@ -11,8 +11,9 @@ varlen_kernels.py); prefill reads the pages through flash-attn's block table whe
 multiple of 256 (flash-attn 2's page constraint), and otherwise gathers each sequence's keys from the
 pages with one index first. Elsewhere (the CPU, fp32) packed_attention.py runs a few padded SDPA calls,
 as many as there are power-of-two length groups. Decode uses flash-attn's paged call under the same
-block-size condition, else our Triton kernel where kernels.dispatch.fused_for_model says so (CUDA, or
-the CPU when kernels' backend override asks for Triton), else a PyTorch gather.
+block-size condition, else, where kernels.dispatch.fused_for_model says so (CUDA, or the CPU when
+kernels' backend override asks for Triton), one Triton launch that rotates q and k, stores the new K/V
+and attends (kernels.paged_attention.rope_store_decode_triton), else a PyTorch gather.
 """
 from __future__ import annotations
 
@@ -68,10 +69,17 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
 
 
 def attention_step(meta: AttentionMetadata, kv_caches=None):
-    """The decoder walk's attention for one forward: (layer index, q [N, H, D], k/v [N, Hkv, D]) ->
-    [N, H, D]. kv_caches: per layer (k_cache, v_cache) for a prefill or decode step (new K/V are
-    stored first), or None for a packed training batch."""
-    def attend(layer: int, q, k, v):
+    """The decoder walk's attention for one forward: (layer index, q [N, H, D], k/v [N, Hkv, D]
+    before RoPE, the forward's RotaryAngles) -> [N, H, D]. kv_caches: per layer (k_cache, v_cache) for
+    a prefill or decode step (new K/V are stored first), or None for a packed training batch. Where
+    the Triton kernels run, a decode step's RoPE, store and attention are one launch."""
+    def attend(layer: int, q, k, v, angles):
+        if kv_caches is not None and meta.is_decode and _fused_decode(q, kv_caches[layer][0]):
+            k_cache, v_cache = kv_caches[layer]
+            return paged_attention.rope_store_decode_triton(
+                q, k, v, angles.cos_table, angles.sin_table, angles.positions, k_cache, v_cache,
+                meta.slot_mapping, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5)
+        q, k = angles.rotate(q, k)
         if kv_caches is None:
             return varlen_attention(q, k, v, meta)
         k_cache, v_cache = kv_caches[layer]
@@ -122,17 +130,20 @@ def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata):
     return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, _padded_plan(meta, q.device), scale)
 
 
+def _fused_decode(q, k_cache) -> bool:
+    """Whether a decode step runs RoPE + store + our paged kernel as one launch (not flash-attn's call)."""
+    return fused_for_model(q) and not (use_flash_attn(q) and k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0)
+
+
 def decode_attention(q, k_cache, v_cache, meta: AttentionMetadata):
-    """One query token per sequence over its pages: q [B, H, D] -> [B, H, D]."""
+    """One query token per sequence over its pages, where the fused step does not run (flash-attn's
+    paged call, or the PyTorch gather): q [B, H, D] -> [B, H, D]."""
     scale = q.shape[-1] ** -0.5
     if use_flash_attn(q) and k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0:
         out = flash_attn().flash_attn_with_kvcache(
             q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
             block_table=meta.block_tables, softmax_scale=scale, causal=True)
         return out.squeeze(1)
-    if fused_for_model(q):
-        return paged_attention.paged_decode_triton(
-            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     return paged_attention.paged_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
 
 

@@ -29,8 +29,10 @@ from .attention import AttentionMetadata, attention_step
 from .config import ModelConfig
 from .primitives import primitives_for
 
-# (layer index, q [N, H, D], k [N, Hkv, D], v [N, Hkv, D]) -> attention output [N, H, D]
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (layer index, q [N, H, D], k [N, Hkv, D], v [N, Hkv, D] with q and k before RoPE, the forward's
+# RotaryAngles) -> attention output [N, H, D]. An attend rotates q and k by `angles.rotate` first,
+# unless its kernel does it (a fused decode step).
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, "RotaryAngles"], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -79,13 +81,35 @@ class RotaryTable:
         self.cos, self.sin = emb.cos(), emb.sin()
         self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def tables(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [max_model_len, D] in `dtype` on `device` (cast once, then cached)."""
+        key = (torch.device(device), dtype)
+        if key not in self._cast:
+            self._cast[key] = (self.cos.to(device, dtype), self.sin.to(device, dtype))
+        return self._cast[key]
+
     def __call__(self, positions, dtype):
         """positions [N] -> (cos, sin) [N, D] in `dtype`."""
-        key = (positions.device, dtype)
-        if key not in self._cast:
-            self._cast[key] = (self.cos.to(positions.device, dtype), self.sin.to(positions.device, dtype))
-        cos, sin = self._cast[key]
+        cos, sin = self.tables(positions.device, dtype)
         return cos[positions], sin[positions]
+
+
+class RotaryAngles:
+    """The rotary angles of one forward's tokens: the tables and the positions, each token's rows
+    gathered on the first `rotate` (once for every layer). A fused decode attention reads the
+    tables by position itself, so a decode step gathers nothing."""
+
+    def __init__(self, table: RotaryTable, positions: torch.Tensor, dtype, rope):
+        self.cos_table, self.sin_table = table.tables(positions.device, dtype)
+        self.positions = positions
+        self.rope = rope  # the walk's primitive: (q, k, cos [N, D], sin [N, D]) -> rotated (q, k)
+        self._rows = None
+
+    def rotate(self, q, k):
+        """q [N, H, D], k [N, Hkv, D] -> rotated (q, k)."""
+        if self._rows is None:
+            self._rows = (self.cos_table[self.positions], self.sin_table[self.positions])
+        return self.rope(q, k, *self._rows)
 
 
 class Attention(nn.Module):
@@ -100,16 +124,17 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
 
-    def forward(self, x, cos, sin, attend, prims):
-        """x [N, hidden] -> [N, hidden]; attend(q, k, v) -> [N, H, D] is this layer's attention."""
-        n = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x, prims))  # strided views of one GEMM's rows
+    def forward(self, qkv, angles, attend, prims):
+        """qkv [N, (H + 2 Hkv) D], the packed projection's output -> [N, hidden]; attend(q, k, v,
+        angles) -> [N, H, D] is this layer's attention (RoPE included)."""
+        n = qkv.shape[0]
+        q, k, v = self.qkv_proj.split(qkv)  # strided views of one GEMM's rows
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):  # the norm kernel reads contiguous rows
             q, k = self.q_norm(q.contiguous(), None, prims)[0], self.k_norm(k.contiguous(), None, prims)[0]
-        out = attend(*prims.rope(q, k, cos, sin), v)
+        out = attend(q, k, v, angles)
         return self.o_proj(out.reshape(n, -1), prims)
 
 
@@ -120,8 +145,6 @@ class MLP(nn.Module):
                                                              ("up_proj", c.intermediate_size)), c.mlp_bias, dtype)
         self.down_proj = Projection(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype)
 
-    def forward(self, x, prims):
-        return self.down_proj(prims.silu_mul(self.gate_up_proj(x, prims)), prims)
 
 
 class DecoderLayer(nn.Module):
@@ -133,13 +156,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
 
-    def forward(self, x, residual, cos, sin, attend: Attend, prims):
+    def forward(self, x, residual, angles: "RotaryAngles", attend: Attend, prims):
         """(x, residual) -> (x, residual): the residual stream is summed inside the next norm, so
-        the fused kernel does add + norm in one pass. residual is None before the first layer."""
-        x, residual = self.input_layernorm(x, residual, prims)
-        x = self.self_attn(x, cos, sin, lambda q, k, v: attend(self.layer_idx, q, k, v), prims)
-        x, residual = self.post_attention_layernorm(x, residual, prims)
-        return self.mlp(x, prims), residual
+        the fused kernel does add + norm in one pass. residual is None before the first layer.
+        Each norm and the projection after it are one primitive (`norm_linear`), which a decode
+        step runs as one kernel, as it does SiLU * up after the gate/up projection."""
+        qkv, residual = prims.norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj)
+        x = self.self_attn(qkv, angles, lambda q, k, v, a: attend(self.layer_idx, q, k, v, a), prims)
+        h, residual = prims.norm_linear(x, residual, self.post_attention_layernorm, self.mlp.gate_up_proj, glu=True)
+        return self.mlp.down_proj(h, prims), residual
 
 
 class DecoderBody(nn.Module):
@@ -176,8 +201,9 @@ class CausalLM(nn.Module):
 
         kv_caches: per layer (k_cache, v_cache) for prefill/decode, or None for a packed training batch.
         attend, prims: the walk's attention and primitives given whole instead of built from `meta`
-        (the batch-invariant mode); passed through here, not to `hidden_states`, so that FSDP's root
-        hooks run (they initialize its state before any layer's).
+        and the device (the batch-invariant mode; a decode step's `primitives.DECODE`); passed
+        through here, not to `hidden_states`, so that FSDP's root hooks run (they initialize its
+        state before any layer's).
         """
         if attend is None:
             attend = attention_step(meta, kv_caches)
@@ -190,11 +216,11 @@ class CausalLM(nn.Module):
         its own set)."""
         x = self.model.embed_tokens(input_ids)
         prims = prims or primitives_for(x)
-        cos, sin = self.rotary(positions, x.dtype)
+        angles = RotaryAngles(self.rotary, positions, x.dtype, prims.rope)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         residual = None
         for layer in self.model.layers:
-            args = (x, residual, cos, sin, attend, prims)
+            args = (x, residual, angles, attend, prims)
             x, residual = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         return self.model.norm(x, residual, prims)[0]
 

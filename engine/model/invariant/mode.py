@@ -53,8 +53,9 @@ class BatchInvariant:
         seq_index = _sequence_of_each_token(lens)
         positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts[seq_index]
         prims = self._prims(model)
-        attend = self._fresh_attend(prims, positions, seq_index, starts, max(seqlens))
-        return model(input_ids, positions, attend=attend, prims=prims)
+        fresh = self._fresh_attention(prims, positions, seq_index, starts, max(seqlens))
+        return model(input_ids, positions, attend=lambda layer, q, k, v, angles: fresh(*angles.rotate(q, k), v),
+                     prims=prims)
 
     def paged_hidden(self, model, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                      kv_caches: list) -> torch.Tensor:
@@ -71,31 +72,33 @@ class BatchInvariant:
         else:
             seq_index = _sequence_of_each_token(torch.tensor(meta.seqlens_q, device=input_ids.device))
         if meta.block_tables is None:  # a prefill with nothing cached: the new tokens are whole sequences
-            fresh = self._fresh_attend(prims, positions, seq_index, meta.cu_seqlens_q[:-1].long(),
+            fresh = self._fresh_attention(prims, positions, seq_index, meta.cu_seqlens_q[:-1].long(),
                                        max(meta.seqlens_q))
 
-            def attend(layer, q, k, v):
+            def attend(layer, q, k, v, angles):
+                q, k = angles.rotate(q, k)
                 store_kv(k, v, *kv_caches[layer], meta.slot_mapping)
-                return fresh(layer, q, k, v)
+                return fresh(q, k, v)
             return model(input_ids, positions, attend=attend, prims=prims)
         page_table = page_slot(meta.block_tables.clamp(min=0), 0, self.chunk_size).to(torch.int32)  # -1 -> row 0
         max_position = meta.block_tables.shape[1] * self.chunk_size - 1  # the table's reach: a host int
 
-        def attend(layer, q, k, v):
+        def attend(layer, q, k, v, angles):
+            q, k = angles.rotate(q, k)
             k_cache, v_cache = kv_caches[layer]
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             return prims.attention(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), positions, seq_index,
                                    page_table, self.chunk_size, self.segment, max_position)
         return model(input_ids, positions, attend=attend, prims=prims)
 
-    def _fresh_attend(self, prims, positions, seq_index, starts, max_len: int):
+    def _fresh_attention(self, prims, positions, seq_index, starts, max_len: int):
         """Attention over the K/V of this forward's own tokens (a pack, or a prefill with nothing
-        cached): starts [S] int64 index of each sequence's first token."""
+        cached), (q, k, v) rotated -> [N, H, D]: starts [S] int64 index of each sequence's first token."""
         width = -(-max_len // self.chunk_size)
         offsets = torch.arange(width, device=starts.device) * self.chunk_size
         page_table = (starts[:, None] + offsets).to(torch.int32)  # [S, W] a page = chunk_size tokens
 
-        def attend(layer, q, k, v):
+        def attend(q, k, v):
             return prims.attention(q, k.contiguous(), v.contiguous(), positions, seq_index, page_table,
                                    self.chunk_size, self.segment, max_len - 1)
         return attend

@@ -334,6 +334,24 @@ def test_generation_through_the_triton_kernels_gives_the_same_tokens(qwen2_dir, 
     assert all_blocks_free(llm)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("arch", ["llama2", "qwen3"])  # no biases; q/k norms (qwen2: the test above)
+def test_the_fused_decode_step_is_the_eager_one(model_dirs, arch):
+    """primitives.DECODE (each norm inside the GEMM after it, SiLU * up in gate/up's epilogue) and
+    RoPE + store + attention in one launch, against the eager CPU step op for op: the same sampled
+    tokens and log-probs to fp32 summation order, Qwen3's q/k norms and Llama's missing biases included."""
+    prompts = random_prompts([5, 9], seed=4)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=4, seed=3)
+    runs = []
+    for backend in ("triton", "torch"):
+        with use_backend(backend):
+            out = LLM(model_dirs[arch][0], block_size=4).generate(prompts, params)
+        runs.append((tokens_of(out), [c.logprobs for o in out for c in o.outputs]))
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(torch.tensor(runs[0][1]), torch.tensor(runs[1][1]), atol=1e-4, rtol=1e-4)
+
+
 def test_graph_batch_sizes_are_small_powers_of_two_then_every_16():
     from fusedrl.engine.inference.runner import ModelRunner
 

@@ -12,6 +12,7 @@ from fusedrl.engine.model.hf_io import INDEX_FILE, SINGLE_FILE
 from fusedrl.engine.model.config import ModelConfig
 from fusedrl.kernels import linear_token_logprobs, use_backend
 from engine_testing import ARCHS, VOCAB, make_hf_model, random_prompts
+from kernel_testing import needs_triton
 
 # fp32 on CPU: both sides do the same ops in the same order; what differs is matmul blocking and
 # SDPA kernels, which moves logits by a few ulps of their magnitude (~1), so 1e-5 is tight yet robust.
@@ -247,3 +248,22 @@ def test_training_forwards_name_ids_on_another_device_or_of_a_float_dtype(qwen2_
             model.forward_packed(ids, [3])
         with pytest.raises(ValueError, match=expected):
             BatchInvariant(4).packed_hidden(model, ids, [3])
+
+
+@needs_triton
+def test_decode_set_falls_back_to_the_composition_where_the_fused_kernel_cannot_serve():
+    """DECODE.norm_linear runs one kernel only without autograd and with nothing hooked on the
+    projection (LoRA's adapters read the normalized input, which the kernel never writes)."""
+    from fusedrl.engine.model.causal_lm import Projection, RMSNorm
+    from fusedrl.engine.model.primitives import DECODE, FUSED
+    torch.manual_seed(0)
+    norm, proj = RMSNorm(16, 1e-6), Projection(16, 8, bias=True)
+    x, residual = torch.randn(3, 16), torch.randn(3, 16)
+    proj.register_forward_hook(lambda module, args, out: out + 1.0)
+    with use_backend("triton"), torch.no_grad():
+        hooked, _ = DECODE.norm_linear(x, residual, norm, proj)
+        composed, _ = FUSED.norm_linear(x, residual, norm, proj)
+    assert torch.equal(hooked, composed)  # the hook's +1 applied: the composition ran
+    with use_backend("triton"):
+        trained, _ = DECODE.norm_linear(x, residual, norm, proj)
+    assert trained.requires_grad and torch.equal(trained.detach(), composed)

@@ -8,9 +8,10 @@ reference is itself checked against a per-sequence dense attention written indep
 import pytest
 import torch
 
-from fusedrl.kernels.paged_attention import (paged_decode_torch, paged_decode_triton, store_kv_torch,
-                                                 store_kv_triton)
-from kernel_testing import DEVICE, needs_triton
+from fusedrl.kernels.paged_attention import (paged_decode_torch, paged_decode_triton, rope_store_decode_triton,
+                                             store_kv_torch, store_kv_triton)
+from fusedrl.kernels.rotary import rope_reference
+from kernel_testing import DEVICE, ULP, assert_close, needs_triton
 
 pytestmark = needs_triton
 
@@ -92,6 +93,49 @@ def test_triton_decode_padding_row_is_finite_and_ignored():
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[:1].double(), _dense_decode(q[:1], k_cache, v_cache, table[:1], lens[:1]),
                                atol=1e-5, rtol=0)
+
+
+def _new_tokens(lens, h, hkv, d, table, page, dtype, seed=1):
+    """The decode step's own tokens: q, k, v [B, *, D] as strided views of one packed q/k/v row (as the
+    projection writes them), RoPE tables [64, D], positions (len - 1) and slots (-1 for a 0 length)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(len(lens), (h + 2 * hkv) * d, generator=g).to(DEVICE, dtype)
+    q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=1)
+    angles = torch.randn(64, d // 2, generator=g).repeat(1, 2)
+    cos, sin = angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+    pos = (lens.long() - 1).clamp(min=0)
+    block = table.long().clamp(min=0).gather(1, (pos // page)[:, None])[:, 0]
+    slots = torch.where(lens > 0, block * page + pos % page, -1)
+    return q.view(-1, h, d), k.view(-1, hkv, d), v.view(-1, hkv, d), cos, sin, pos, slots
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rope_store_decode_is_rope_then_store_then_decode(shape, dtype, num_splits):
+    """The fused decode step: its own token rotated and stored (the slot read by nobody else in the
+    launch: unwritten slots hold NaN), attended to from registers, the rest from the pages."""
+    lens, h, hkv, d, page = shape
+    lens = lens + [0]  # a CUDA-graph padding row: nothing stored, output finite
+    _, k_cache, v_cache, table, lens_t = _paged_batch(lens, h, hkv, d, page, dtype)
+    q, k, v, cos, sin, pos, slots = _new_tokens(lens_t, h, hkv, d, table, page, dtype)
+    for cache in (k_cache, v_cache):  # the new token's slot is not written yet
+        cache.view(-1, hkv, d)[slots[slots >= 0]] = float("nan")
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    q_rot, k_rot = (rope_reference(t.double(), cos[pos].double(), sin[pos].double()) for t in (q, k))
+    store_kv_torch(k_rot.to(dtype).contiguous(), v.contiguous(), expected_k, expected_v, slots)
+    expected = _dense_decode(q_rot, expected_k, expected_v, table, lens_t)
+
+    out = rope_store_decode_triton(q, k, v, cos, sin, pos, k_cache, v_cache, slots, table, lens_t, d ** -0.5,
+                                   num_splits=num_splits)
+    ulp = 2.0 ** -20 if dtype == torch.float32 else ULP[dtype]
+    live = slots >= 0
+    assert_close(k_cache.view(-1, hkv, d)[slots[live]], expected_k.view(-1, hkv, d)[slots[live]],
+                 atol=2 * ulp, rtol=2 * ulp, name="stored k")
+    assert torch.equal(v_cache.view(-1, hkv, d)[slots[live]], v[live])
+    assert torch.isfinite(out[-1]).all()
+    atol = 1e-5 if dtype == torch.float32 else 4 * ulp  # bf16: q and k rounded after RoPE, then the output
+    assert_close(out[:-1], expected[:-1], atol=atol, rtol=0, name=f"rope_store_decode {shape} {dtype}")
 
 
 @pytest.mark.parametrize("store", [store_kv_triton, store_kv_torch])
