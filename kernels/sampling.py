@@ -43,6 +43,7 @@ PROFILE = 512  # cells per chunk (the last: everything deeper): 32 units, past a
 WINDOW = 2048  # keys of a row's window: per key its count, best packed score and (fp32) fixed-point mass
 _FIXED = 2.0 ** 40  # fp32 window masses exp(s - max) <= 1 as int64 sums: exact, in any order
 _EMPTY = -(2 ** 63)  # an empty best-score bin (below every packed score)
+_RECORDS = 3  # rounds of a chunk's best-of-the-keys-above before its window candidates all go atomic
 _SLACK = 1e-4  # relative slack of the merge's mass bounds against rounding (a miss costs time, not truth)
 
 
@@ -72,7 +73,7 @@ def _chunk_stats_kernel(
     logits_ptr,  # [B, V] fp32/bf16/fp16, rows `stride` apart
     temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, pos_ptr,  # [B] sampling parameters
     stat_ptr,  # [B, C, 4] fp32 out: max, sum exp(s - max), sum exp(key value - max), best Gumbel score
-    arg_ptr,  # [B, C, 4] int32 out: first argmax, max key, index of the best Gumbel score, top cell
+    arg_ptr,  # [B, C, 5] int32 out: first argmax, max key, best Gumbel score's index, top cell, its least key
     profile_ptr,  # [B, C, PROFILE] int16 out (rows with a cut): tokens per cell below the top cell
     V, stride,
     CHUNK: tl.constexpr, PROFILE: tl.constexpr, CELLS_PER_UNIT: tl.constexpr,
@@ -96,12 +97,12 @@ def _chunk_stats_kernel(
     tl.store(stat_ptr + out * 4, s_max)
     tl.store(stat_ptr + out * 4 + 1, s_sum)
     tl.store(stat_ptr + out * 4 + 2, tl.sum(tl.where(valid, tl.exp(s_key - shift), 0.0)))
-    tl.store(arg_ptr + out * 4, chunk * CHUNK + tl.argmax(s, 0))
-    tl.store(arg_ptr + out * 4 + 1, tl.max(key))
+    tl.store(arg_ptr + out * 5, chunk * CHUNK + tl.argmax(s, 0))
+    tl.store(arg_ptr + out * 5 + 1, tl.max(key))
     if (greedy == 0) & (second == 0):  # a plain draw: argmax(s + Gumbel) over the whole row
         score = tl.where(valid, s + gumbel(seed_ptr, pos_ptr, row, offs), float("-inf"))
         tl.store(stat_ptr + out * 4 + 3, tl.max(score))
-        tl.store(arg_ptr + out * 4 + 2, chunk * CHUNK + tl.argmax(score, 0))
+        tl.store(arg_ptr + out * 5 + 2, chunk * CHUNK + tl.argmax(score, 0))
     if cut:
         # Cells on the lattice floor(-s * CELLS_PER_UNIT) (a power of 2: exact), counted from this
         # chunk's top cell; -inf, and anything past the profile, lands in the last cell.
@@ -109,25 +110,27 @@ def _chunk_stats_kernel(
         top = tl.minimum(tl.maximum(tl.min(cell), -1073741824.0), 1073741824.0)
         depth = cell - top
         depth = tl.where(depth < PROFILE - 1, depth, PROFILE - 1).to(tl.int32)  # NaN (all -inf) too
-        tl.store(arg_ptr + out * 4 + 3, top.to(tl.int32))
+        tl.store(arg_ptr + out * 5 + 3, top.to(tl.int32))
+        # near 0 a cell spans thousands of keys: its least key bounds a cut in it (a flat row's)
+        tl.store(arg_ptr + out * 5 + 4, tl.min(tl.where(depth == 0, key, 32767)))
         counts = tl.histogram(depth, PROFILE)
         tl.store(profile_ptr + out * PROFILE + tl.arange(0, PROFILE), counts.to(tl.int16))
 
 
 @triton.jit
-def _bracket(profile_ptr, arg_ptr, row, chunks, m, z_key, inv_temp, top_k, top_p, V,
+def _bracket(profile_ptr, arg_ptr, row, chunks, tops, top_cell_keys, m, z_key, top_key, inv_temp, top_k, top_p, V,
              PROFILE: tl.constexpr, CELLS_PER_UNIT: tl.constexpr, WINDOW: tl.constexpr, SLACK: tl.constexpr,
              IS_FP32: tl.constexpr, IS_FP16: tl.constexpr):
-    """(fits, key_lo, key_hi) of a row with a cut: the keys that must hold it, from the chunks' profiles."""
+    """(fits, key_lo, key_hi) of a row with a cut: the keys that must hold it, from the chunks' profiles
+    (tops, top_cell_keys [CHUNKS]: each chunk's top cell and that cell's least key)."""
     i = tl.arange(0, PROFILE)
     first = (row * chunks).to(tl.int64)
-    a = tl.full((), 1073741824, tl.int32)
-    for c in range(0, chunks):
-        a = tl.minimum(a, tl.load(arg_ptr + (first + c) * 4 + 3))
+    a = tl.min(tops)
+    top_cell_key = tl.min(tl.where(tops == a, top_cell_keys, 32767))  # the least key of the row's top cell
     # Row cell i (below the row's top cell a) is chunk c's cell i - (a_c - a): exact for i < PROFILE - 1.
     counts = tl.zeros([PROFILE], dtype=tl.int32)
     for c in range(0, chunks):
-        j = i - (tl.load(arg_ptr + (first + c) * 4 + 3) - a)
+        j = i - (tl.load(arg_ptr + (first + c) * 5 + 3) - a)
         counts += tl.load(profile_ptr + (first + c) * PROFILE + j, mask=(j >= 0) & (j < PROFILE - 1),
                           other=0).to(tl.int32)
     # Cell i holds key-valued scaled logits in (-(a + i + 1) / CPU, -(a + i) / CPU]: its mass bounds.
@@ -148,8 +151,9 @@ def _bracket(profile_ptr, arg_ptr, row, chunks, m, z_key, inv_temp, top_k, top_p
     bottom_cell = tl.where(has_k, cell_k, cell_p_lo)  # with top-k: down to its cut (the top-p mass)
     upper_edge = (-(a + top_cell)).to(tl.float32) / CELLS_PER_UNIT / inv_temp
     lower_edge = (-(a + bottom_cell + 1)).to(tl.float32) / CELLS_PER_UNIT / inv_temp
-    key_hi = tl.minimum(value_key16(upper_edge, IS_FP32, IS_FP16) + 2, 32767)  # 2 keys against rounding
+    key_hi = tl.minimum(value_key16(upper_edge, IS_FP32, IS_FP16) + 2, top_key)  # 2 keys against rounding
     key_lo = tl.maximum(value_key16(lower_edge, IS_FP32, IS_FP16) - 2, -32768)
+    key_lo = tl.where(bottom_cell == 0, tl.maximum(key_lo, top_cell_key), key_lo)
     fits = (bottom_cell < PROFILE - 1) & (key_hi - key_lo < WINDOW)
     return fits, key_lo, key_hi
 
@@ -176,10 +180,10 @@ def _merge_kernel(
     no_entropy = tl.zeros([CHUNKS], dtype=tl.float32)
     m, z, _ = lanes_reduce(c_max, tl.load(stat_ptr + here * 4 + 1, mask=live, other=0.0), no_entropy, False)
     _, z_key, _ = lanes_reduce(c_max, tl.load(stat_ptr + here * 4 + 2, mask=live, other=0.0), no_entropy, False)
-    top_key = tl.max(tl.load(arg_ptr + here * 4 + 1, mask=live, other=-32768))
-    greedy_token = tl.min(tl.where(c_max == m, tl.load(arg_ptr + here * 4, mask=live, other=0), 2147483647))
+    top_key = tl.max(tl.load(arg_ptr + here * 5 + 1, mask=live, other=-32768))
+    greedy_token = tl.min(tl.where(c_max == m, tl.load(arg_ptr + here * 5, mask=live, other=0), 2147483647))
     c_score = tl.load(stat_ptr + here * 4 + 3, mask=live, other=float("-inf"))  # plain draws only
-    drawn = tl.min(tl.where(c_score == tl.max(c_score), tl.load(arg_ptr + here * 4 + 2, mask=live, other=0),
+    drawn = tl.min(tl.where(c_score == tl.max(c_score), tl.load(arg_ptr + here * 5 + 2, mask=live, other=0),
                             2147483647))
     if greedy:
         tl.store(token_ptr + row, greedy_token.to(tl.int64))
@@ -196,8 +200,10 @@ def _merge_kernel(
         key_lo = tl.full((), -32768, tl.int32)
         key_hi = tl.full((), -32769, tl.int32)  # no cut: every token is above the (empty) window
         if cut:
-            fits, lo, hi = _bracket(profile_ptr, arg_ptr, row, chunks, m, z_key, inv_temp, top_k, top_p, V,
-                                    PROFILE, CELLS_PER_UNIT, WINDOW, SLACK, IS_FP32, IS_FP16)
+            tops = tl.load(arg_ptr + here * 5 + 3, mask=live, other=1073741824)
+            top_cell_keys = tl.load(arg_ptr + here * 5 + 4, mask=live, other=32767)
+            fits, lo, hi = _bracket(profile_ptr, arg_ptr, row, chunks, tops, top_cell_keys, m, z_key, top_key,
+                                    inv_temp, top_k, top_p, V, PROFILE, CELLS_PER_UNIT, WINDOW, SLACK, IS_FP32, IS_FP16)
             mode = tl.where(fits, 1, 2)
             key_lo = tl.where(fits, lo, 32768)  # the fallback: nothing above, an empty window
             key_hi = tl.where(fits, hi, 32767)
@@ -218,8 +224,8 @@ def _window_kernel(
     part_arg_ptr,  # [B, C, 2] int32 out: above the window: tokens, index of the best score
     count_ptr, best_ptr, fixed_ptr,  # [rows, WINDOW] the window: int32 counts, int64 packed best, int64 mass
     V, stride,
-    CHUNK: tl.constexpr, WINDOW: tl.constexpr, FIXED: tl.constexpr, IS_FP32: tl.constexpr,
-    IS_FP16: tl.constexpr,
+    CHUNK: tl.constexpr, WINDOW: tl.constexpr, FIXED: tl.constexpr, EMPTY: tl.constexpr, RECORDS: tl.constexpr,
+    IS_FP32: tl.constexpr, IS_FP16: tl.constexpr,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -248,10 +254,29 @@ def _window_kernel(
         tl.store(part_arg_ptr + out * 2 + 1, chunk * CHUNK + tl.argmax(kept_score, 0))
         if mode == 1:
             inside = valid & (key >= key_lo) & (key <= key_hi)
-            bins = row.to(tl.int64) * WINDOW + key - key_lo
-            tl.atomic_add(count_ptr + bins, 1, mask=inside)
+            # The chunk's counts per key first (outside tokens land in bin 0 and are taken back out),
+            # then one atomic per key it holds.
+            lane = tl.arange(0, WINDOW)
+            counts = tl.histogram(tl.where(inside, key - key_lo, 0), WINDOW)
+            counts -= tl.where(lane == 0, tl.sum((inside == 0).to(tl.int32)), 0)
+            window = row.to(tl.int64) * WINDOW
+            tl.atomic_add(count_ptr + window + lane, counts, mask=counts > 0)
             floor = tl.load(row_ptr + row * 3 + 1)
-            tl.atomic_max(best_ptr + bins, pack_score(score, offs), mask=inside & passes & (score >= floor))
+            candidate = inside & passes & (score >= floor)
+            packed = tl.where(candidate, pack_score(score, offs), EMPTY)
+            # A candidate beaten by one of a key as high is never drawn (whenever it is kept, so is
+            # the other): send the chunk's best, then the best of the keys above it, a few rounds,
+            # then whatever is left.
+            todo = candidate
+            send = tl.zeros([CHUNK], dtype=tl.int1)
+            for _ in tl.static_range(RECORDS):
+                best = tl.max(tl.where(todo, packed, EMPTY))
+                is_best = todo & (packed == best)
+                send = send | is_best
+                todo = todo & (key > tl.max(tl.where(is_best, key, -32769)))
+            send = send | todo
+            bins = window + key - key_lo
+            tl.atomic_max(best_ptr + bins, packed, mask=send)
             if IS_FP32:  # the keys' exact masses differ within a key: summed exactly as fixed point
                 fixed = (tl.exp(s - m) * FIXED).to(tl.int64)
                 tl.atomic_add(fixed_ptr + bins, fixed, mask=inside & passes)
@@ -460,7 +485,7 @@ def _sample_op(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.T
     params = (temperatures, top_ks, top_ps, min_ps)
     device = logits.device
     stats = torch.empty(batch, chunks, 4, dtype=torch.float32, device=device)
-    args = torch.empty(batch, chunks, 4, dtype=torch.int32, device=device)
+    args = torch.empty(batch, chunks, 5, dtype=torch.int32, device=device)
     profile = torch.empty(batch, chunks, PROFILE, dtype=torch.int16, device=device)
     rows = torch.empty(batch, 3, dtype=torch.float32, device=device)
     windows = torch.empty(batch, 4, dtype=torch.int32, device=device)
@@ -475,7 +500,8 @@ def _sample_op(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.T
                             vocab, chunks, CHUNKS=padded, PROFILE=PROFILE, CELLS_PER_UNIT=CELLS_PER_UNIT,
                             WINDOW=WINDOW, SLACK=_SLACK, **dtypes)
     _window_kernel[(batch, chunks)](logits, *params, seeds, positions, rows, windows, part, part_args, *window,
-                                    vocab, logits.stride(0), CHUNK=block, WINDOW=WINDOW, FIXED=_FIXED, **dtypes)
+                                    vocab, logits.stride(0), CHUNK=block, WINDOW=WINDOW, FIXED=_FIXED, EMPTY=_EMPTY,
+                                    RECORDS=_RECORDS, **dtypes)
     _finish_kernel[(batch,)](logits, *params, seeds, positions, rows, windows, part, part_args, *window, tokens,
                              logprobs, vocab, logits.stride(0), chunks, CHUNKS=padded, CHUNK=block, WINDOW=WINDOW,
                              FIXED=_FIXED, EMPTY=_EMPTY, **dtypes)
