@@ -223,17 +223,18 @@ def test_a_cut_on_a_tie_keeps_the_whole_tie(dtype):
 
 
 def fallback_rows(dtype):
-    """Rows whose bracket does not fit the window: a top-k cut far below the max (temperature 0.05),
-    and a top-p cut among the near-0 keys (thousands of keys in one profile cell)."""
+    """Rows whose bracket does not fit the window: top-k cuts far below the max (temperature 0.05:
+    the walk goes through many slices), and top-p and top-k cuts among the near-0 keys (thousands of
+    keys in one profile cell; there the cut's tokens weigh as much as the max's)."""
     g = torch.Generator(DEVICE).manual_seed(9)
     vocab = 2 * CHUNK + 5
     deep = torch.randn(2, vocab, generator=g, device=DEVICE) * 3
     near_zero = torch.rand(2, vocab, generator=g, device=DEVICE) * 0.2 - 0.1
     logits = torch.cat([deep, near_zero]).to(dtype)
     on = lambda *v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=DEVICE)  # noqa: E731
-    return logits, (on(0.05, 0.05, 1.0, 1.0), on(vocab // 2, 3000, 0, 1000, dtype=torch.int64),
+    return logits, (on(0.05, 0.05, 1.0, 1.0), on(vocab // 2, 3000, 0, vocab // 2, dtype=torch.int64),
                     on(1.0, 0.99, 0.5, 1.0), torch.arange(4, device=DEVICE) + 21, torch.full((4,), 5, device=DEVICE),
-                    on(0.0, 0.0, 0.0, 0.5))
+                    on(0.5, 0.0, 0.0, 0.0))
 
 
 def finish_reads(logits, args):
@@ -253,6 +254,24 @@ def test_the_fallback_is_exact(dtype):
     assert_same_as_the_reference(logits, args)
     loaded = finish_reads(logits, args)
     assert loaded is None or loaded >= logits.numel() * logits.element_size()  # every row walked by the fallback
+
+
+@pytest.mark.parametrize("records", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cut_between_adjacent_keys_draws_above_it_only(monkeypatch, dtype, records):
+    """Two adjacent keys interleaved, top-k = the upper key's tokens: the cut falls between them,
+    inside every chunk's window, so a chunk's best candidate is often of the cut key and the upper
+    key's best must reach the window too (the records; with fewer rounds, the rest go atomic)."""
+    import fusedrl.kernels.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_RECORDS", records)
+    vocab = CHUNK + 901
+    # adjacent 16-bit keys (bf16 values; fp32's top 16 bits) in one profile cell (1/16 wide)
+    lower, upper = 1.0 + 2.0 ** -7, 1.0 + 2.0 ** -6
+    logits = torch.where(torch.arange(vocab, device=DEVICE) % 3 == 0, upper, lower).to(dtype).expand(6, -1).contiguous()
+    args = rows(6, top_k=(vocab + 2) // 3, seed0=40)
+    tokens, _ = assert_same_as_the_reference(logits, args)
+    assert (tokens % 3 == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
