@@ -40,7 +40,8 @@ def model_like_logits(batch, vocab=151936, seed=0):
     return logits.to(torch.bfloat16)
 
 
-BAR_CASES = {"top_k=50": dict(top_k=50), "top_p=0.9": dict(top_p=0.9), "flat row, top_p=0.9": dict(top_p=0.9, flat=True)}
+BAR_CASES = {"top_k=50": dict(top_k=50), "top_p=0.9": dict(top_p=0.9),
+             "flat row, top_p=0.9": dict(top_p=0.9, flat=True)}
 
 
 def sampling_args(batch, top_k=0, top_p=1.0, min_p=0.0):

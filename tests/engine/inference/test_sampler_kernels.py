@@ -189,15 +189,21 @@ def assert_same_as_the_reference(logits, args):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flat_rows_keep_their_whole_tie(dtype):
-    """Every token on one key: every cut keeps them all (ties kept), wherever the window lands."""
+def test_flat_rows_keep_their_whole_tie_in_the_window(dtype):
+    """Every token on one key: every cut keeps them all (ties kept). The bracket is that one key
+    (the row's total mass bounds the cell's; near 0 the cell's least key bounds its thousands of
+    keys), so no row falls back: the finish kernel never reads the logits but for the tokens'."""
     vocab = CHUNK + 901
     logits = torch.full((4, vocab), 0.75, device=DEVICE, dtype=dtype)
-    logits[1] = 0.0  # a key at the bottom of its profile cell's thousands of keys (near 0)
+    logits[1] = 0.0
     logits[2] = -3.0
-    args = rows(4, top_k=7, top_p=0.3, min_p=0.9)
+    args = rows(4, top_p=0.99, min_p=0.9)
+    args[1][0], args[2][0] = 7, 1.0  # top-k alone
+    args[2][1], args[2][2] = 0.3, 0.95
     tokens, logprobs = assert_same_as_the_reference(logits, args)
     torch.testing.assert_close(logprobs, torch.full_like(logprobs, -math.log(vocab)))
+    loaded = finish_reads(logits, args)
+    assert loaded is None or loaded < logits[0].numel() * logits.element_size()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
