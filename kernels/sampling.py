@@ -26,8 +26,8 @@ the batch (a row's chunks run in parallel, so one row alone spreads over vocab /
    fit, or missed) walks the row's keys WINDOW at a time, counting each slice in one program's
    registers, then draws in one more pass: correct for any row, slower, a read per slice.
 
-The window is a persistent workspace (`_window_workspace`, per device, grown to the largest batch
-seen): created once, never cleared by a separate op, emptied by the kernel that read it.
+The window is a persistent workspace (`_window_workspace`, per device and batch size class): created
+once, never cleared by a separate op, emptied by the kernel that read it.
 
 Bytes loaded, counted in the interpreter (`bench/traffic_kernels.KernelTraffic`; bf16 logits,
 vocabulary 151936, the model-like rows of tests/bench/test_traffic_kernels.py), in reads of the
@@ -457,22 +457,22 @@ def _finish_kernel(
         tl.store(logprob_ptr + row, tl.load(logprob_ptr + row) + s_token)
 
 
-_WORKSPACE: dict = {}
+_WORKSPACES: dict = {}  # device -> the windows made for it, smallest first (all kept alive)
 
 
 def _window_workspace(batch: int, device: torch.device):
     """(counts [rows, WINDOW] int32, best [rows, WINDOW] int64, fixed-point mass [rows, WINDOW] int64),
-    rows >= batch: the windows, empty (0, _EMPTY, 0). Created once per device and grown to the
-    largest batch seen (a power of 2), never cleared by a separate op: _finish_kernel empties the
-    bins it used. One sampler call at a time per device (they share it)."""
-    space = _WORKSPACE.get(device)
-    if space is None or space[0].shape[0] < batch:
+    rows >= batch: the windows, empty (0, _EMPTY, 0). Made once per device and size (a power of 2),
+    never cleared by a separate op: _finish_kernel empties the bins it used. A larger batch gets a
+    larger one, and the smaller stay alive: a CUDA graph captured on one keeps its pointers. One
+    sampler call at a time per window (calls in order on one stream share it)."""
+    spaces = _WORKSPACES.setdefault(device, [])
+    if not spaces or spaces[-1][0].shape[0] < batch:
         rows = triton.next_power_of_2(batch)
-        space = (torch.zeros(rows, WINDOW, dtype=torch.int32, device=device),
-                 torch.full((rows, WINDOW), _EMPTY, dtype=torch.int64, device=device),
-                 torch.zeros(rows, WINDOW, dtype=torch.int64, device=device))
-        _WORKSPACE[device] = space
-    return space
+        spaces.append((torch.zeros(rows, WINDOW, dtype=torch.int32, device=device),
+                       torch.full((rows, WINDOW), _EMPTY, dtype=torch.int64, device=device),
+                       torch.zeros(rows, WINDOW, dtype=torch.int64, device=device)))
+    return spaces[-1]
 
 
 def sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps):

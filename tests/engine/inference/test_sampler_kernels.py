@@ -326,7 +326,20 @@ def test_the_window_workspace_is_left_empty():
     dtype = torch.float32
     logits, args = fallback_rows(dtype)
     args[1][2] = 10  # a window row too
-    sample_triton(logits, *args)
-    sample_triton(*mixed_batch(CHUNK + 901, dtype))
-    counts, best, fixed = sampling._window_workspace(1, logits.device)
-    assert (counts == 0).all() and (best == sampling._EMPTY).all() and (fixed == 0).all()
+    sample_triton(logits, *args)  # 4 rows
+    sample_triton(*mixed_batch(CHUNK + 901, dtype))  # 8 rows: a larger window, the smaller kept alive
+    for counts, best, fixed in sampling._WORKSPACES[logits.device]:
+        assert (counts == 0).all() and (best == sampling._EMPTY).all() and (fixed == 0).all()
+
+
+def test_a_larger_batch_gets_a_larger_window_and_the_smaller_stays_alive(monkeypatch):
+    """A CUDA graph captured on a window keeps its pointers: growing must not free the old one."""
+    import fusedrl.kernels.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_WORKSPACES", {})
+    device = torch.device(DEVICE)
+    small = sampling._window_workspace(3, device)
+    large = sampling._window_workspace(9, device)
+    assert small[0].shape == (4, sampling.WINDOW) and large[0].shape == (16, sampling.WINDOW)
+    assert sampling._WORKSPACES[device][0] is small and sampling._window_workspace(5, device) is large
+    assert (large[1] == sampling._EMPTY).all() and not large[0].any() and not large[2].any()
