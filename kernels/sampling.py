@@ -26,8 +26,10 @@ the batch (a row's chunks run in parallel, so one row alone spreads over vocab /
    fit, or missed) walks the row's keys WINDOW at a time, counting each slice in one program's
    registers, then draws in one more pass: correct for any row, slower, a read per slice.
 
-The window is a persistent workspace (`_window_workspace`, per device and batch size class): created
-once, never cleared by a separate op, emptied by the kernel that read it.
+The window is a `SamplerWorkspace` the caller owns and passes in (the engine's model runner keeps one
+for its largest batch, created once, so a captured CUDA graph keeps valid pointers): never cleared by
+a separate op, emptied by the kernel that read it. Without one, a call makes a fresh empty window
+(three fill ops more). No state lives in this module.
 
 Bytes loaded, counted in the interpreter (`bench/traffic_kernels.KernelTraffic`; bf16 logits,
 vocabulary 151936, the model-like rows of tests/bench/test_traffic_kernels.py), in reads of the
@@ -457,39 +459,53 @@ def _finish_kernel(
         tl.store(logprob_ptr + row, tl.load(logprob_ptr + row) + s_token)
 
 
-_WORKSPACES: dict = {}  # device -> the windows made for it, smallest first (all kept alive)
+class SamplerWorkspace:
+    """The sampler's per-row key windows for up to `rows` rows, created empty: counts [rows, WINDOW]
+    int32, best packed (score, index) [rows, WINDOW] int64, fixed-point mass [rows, WINDOW] int64
+    (fp32 logits). Each call leaves the bins it used empty again, so one workspace serves every call
+    made in order on one stream (not two calls at once)."""
+
+    def __init__(self, rows: int, device):
+        if not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"SamplerWorkspace: rows={rows!r} must be an int >= 1")
+        self.counts = torch.zeros(rows, WINDOW, dtype=torch.int32, device=device)
+        self.best = torch.full((rows, WINDOW), _EMPTY, dtype=torch.int64, device=device)
+        self.mass = torch.zeros(rows, WINDOW, dtype=torch.int64, device=device)
+
+    @property
+    def rows(self) -> int:
+        return self.counts.shape[0]
+
+    def is_empty(self) -> bool:
+        """Every bin empty (a check for tests: it reads the whole window)."""
+        return bool((self.counts == 0).all() and (self.best == _EMPTY).all() and (self.mass == 0).all())
 
 
-def _window_workspace(batch: int, device: torch.device):
-    """(counts [rows, WINDOW] int32, best [rows, WINDOW] int64, fixed-point mass [rows, WINDOW] int64),
-    rows >= batch: the windows, empty (0, _EMPTY, 0). Made once per device and size (a power of 2),
-    never cleared by a separate op: _finish_kernel empties the bins it used. A larger batch gets a
-    larger one, and the smaller stay alive: a CUDA graph captured on one keeps its pointers. One
-    sampler call at a time per window (calls in order on one stream share it)."""
-    spaces = _WORKSPACES.setdefault(device, [])
-    if not spaces or spaces[-1][0].shape[0] < batch:
-        rows = triton.next_power_of_2(batch)
-        spaces.append((torch.zeros(rows, WINDOW, dtype=torch.int32, device=device),
-                       torch.full((rows, WINDOW), _EMPTY, dtype=torch.int64, device=device),
-                       torch.zeros(rows, WINDOW, dtype=torch.int64, device=device)))
-    return spaces[-1]
-
-
-def sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps):
+def sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps,
+                  workspace: SamplerWorkspace | None = None):
     """The split-row sampler; arguments and results as `sampler.sample_torch` (logits [B, V] fp32 or
     bf16/fp16, read in their own dtype and computed in fp32). Returns (tokens [B] int64, logprobs [B]
-    fp32). A torch custom op (fusedrl::sample): one node to torch.compile, one op to a TorchDispatchMode."""
+    fp32). workspace: the key windows (>= B rows, on the logits' device), else a fresh one. A torch
+    custom op (fusedrl::sample): one node to torch.compile, one op to a TorchDispatchMode."""
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    if workspace is None:
+        workspace = SamplerWorkspace(max(1, logits.shape[0]), logits.device)
+    elif workspace.rows < logits.shape[0] or workspace.counts.device != logits.device:
+        raise ValueError(f"sample_triton: workspace of {workspace.rows} rows on {workspace.counts.device} "
+                         f"for {logits.shape[0]} rows of logits on {logits.device}")
     return torch.ops.fusedrl.sample(logits, temperatures.float().contiguous(), top_ks.contiguous(),
                                      top_ps.float().contiguous(), seeds.contiguous(), positions.contiguous(),
-                                     min_ps.float().contiguous())
+                                     min_ps.float().contiguous(), workspace.counts, workspace.best, workspace.mass)
 
 
-@torch.library.custom_op("fusedrl::sample", mutates_args=())
+# The windows are mutated (and left empty again): declared, so that torch.compile orders calls on them.
+@torch.library.custom_op("fusedrl::sample", mutates_args=("window_counts", "window_best", "window_mass"))
 def _sample_op(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
-               seeds: torch.Tensor, positions: torch.Tensor, min_ps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               seeds: torch.Tensor, positions: torch.Tensor, min_ps: torch.Tensor, window_counts: torch.Tensor,
+               window_best: torch.Tensor, window_mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch, vocab = logits.shape
-    tokens, logprobs = _sample_fake(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
+    tokens, logprobs = _sample_fake(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps,
+                                    window_counts, window_best, window_mass)
     if batch == 0:
         return tokens, logprobs
     block = min(CHUNK, triton.next_power_of_2(vocab))  # a function of the vocabulary only
@@ -504,7 +520,7 @@ def _sample_op(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.T
     windows = torch.empty(batch, 4, dtype=torch.int32, device=device)
     part = torch.empty(batch, chunks, 3, dtype=torch.float32, device=device)
     part_args = torch.empty(batch, chunks, 2, dtype=torch.int32, device=device)
-    window = _window_workspace(batch, device)
+    window = (window_counts, window_best, window_mass)
     dtypes = dict(IS_FP32=logits.dtype == torch.float32, IS_FP16=logits.dtype == torch.float16)
     _chunk_stats_kernel[(batch, chunks)](logits, *params, seeds, positions, stats, args, profile, vocab,
                                          logits.stride(0), CHUNK=block, PROFILE=PROFILE,
@@ -522,7 +538,8 @@ def _sample_op(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.T
 
 
 @_sample_op.register_fake
-def _sample_fake(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps):
+def _sample_fake(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps, window_counts, window_best,
+                 window_mass):
     batch = logits.shape[0]
     return (torch.empty(batch, dtype=torch.int64, device=logits.device),
             torch.empty(batch, dtype=torch.float32, device=logits.device))

@@ -67,20 +67,22 @@ def test_sampler_loads_at_most_three_reads_of_its_logits(kw):
 
 @needs_interpreter
 def test_sampler_is_one_op_and_a_warm_call_clears_nothing():
-    """The sampler region is the custom op alone (no zeroing op beside it), and inside it a warm call
-    runs no fill / zero: the window workspace is made once and emptied by the kernels that use it."""
+    """Given the caller's workspace (as the model runner keeps one), the sampler is the custom op
+    alone (no zeroing op beside it), and inside it runs no fill / zero: the windows are made once and
+    emptied by the kernels that use them."""
     from torch.profiler import profile
 
+    from fusedrl.kernels.sampling import SamplerWorkspace
     from traffic_count import TrafficCounter
 
     logits = model_like_logits(2, vocab=5000)
     args = sampling_args(2, top_k=50, top_p=0.9)
-    sample_triton(logits, *args)  # the workspace exists from here on
+    workspace = SamplerWorkspace(2, logits.device)
     with TrafficCounter() as counter:
-        sample_triton(logits, *args)
+        sample_triton(logits, *args, workspace)
     assert dict(counter.ops) == {"other": 1}
     with profile() as prof:
-        sample_triton(logits, *args)
+        sample_triton(logits, *args, workspace)
     names = {event.name for event in prof.events()}
     assert not names & {"aten::zeros", "aten::zero_", "aten::fill_", "aten::full"}, names
 

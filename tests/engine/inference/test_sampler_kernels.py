@@ -319,27 +319,29 @@ def test_mixed_rows_draw_as_they_do_alone():
 
 
 def test_the_window_workspace_is_left_empty():
-    """The persistent window is emptied by the kernels that used it (no clearing op): after calls
-    with window rows (fp32: the fixed-point masses too) and fallback rows, every bin is empty again."""
-    import fusedrl.kernels.sampling as sampling
+    """The caller's window is emptied by the kernels that used it (no clearing op): after calls with
+    window rows (fp32: the fixed-point masses too) and fallback rows, every bin is empty again, and
+    the next call on it draws as a fresh one does."""
+    from fusedrl.kernels.sampling import SamplerWorkspace
 
     dtype = torch.float32
+    workspace = SamplerWorkspace(8, torch.device(DEVICE))
     logits, args = fallback_rows(dtype)
     args[1][2] = 10  # a window row too
-    sample_triton(logits, *args)  # 4 rows
-    sample_triton(*mixed_batch(CHUNK + 901, dtype))  # 8 rows: a larger window, the smaller kept alive
-    for counts, best, fixed in sampling._WORKSPACES[logits.device]:
-        assert (counts == 0).all() and (best == sampling._EMPTY).all() and (fixed == 0).all()
+    sample_triton(logits, *args, workspace)  # 4 rows
+    assert workspace.is_empty()
+    batch = mixed_batch(CHUNK + 901, dtype)  # 8 rows
+    reused = sample_triton(*batch, workspace)
+    assert workspace.is_empty()
+    fresh = sample_triton(*batch)
+    assert torch.equal(reused[0], fresh[0]) and torch.equal(reused[1], fresh[1])
 
 
-def test_a_larger_batch_gets_a_larger_window_and_the_smaller_stays_alive(monkeypatch):
-    """A CUDA graph captured on a window keeps its pointers: growing must not free the old one."""
-    import fusedrl.kernels.sampling as sampling
+def test_a_workspace_too_small_or_elsewhere_is_refused():
+    from fusedrl.kernels.sampling import SamplerWorkspace
 
-    monkeypatch.setattr(sampling, "_WORKSPACES", {})
-    device = torch.device(DEVICE)
-    small = sampling._window_workspace(3, device)
-    large = sampling._window_workspace(9, device)
-    assert small[0].shape == (4, sampling.WINDOW) and large[0].shape == (16, sampling.WINDOW)
-    assert sampling._WORKSPACES[device][0] is small and sampling._window_workspace(5, device) is large
-    assert (large[1] == sampling._EMPTY).all() and not large[0].any() and not large[2].any()
+    logits, *rest = mixed_batch(7, torch.float32)
+    with pytest.raises(ValueError, match="workspace of 2 rows on .* for 8 rows of logits"):
+        sample_triton(logits, *rest, SamplerWorkspace(2, torch.device(DEVICE)))
+    with pytest.raises(ValueError, match="rows=0 must be an int >= 1"):
+        SamplerWorkspace(0, torch.device(DEVICE))
