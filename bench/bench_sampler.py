@@ -1,6 +1,6 @@
 """GPU time of the sampler per decode step (`engine.inference.sampler.sample`, the split-row Triton
-kernels) at batch 1 / 32 / 256 over a 151936-token bf16 vocabulary: greedy, top-p 0.9 and top-k 50,
-next to one read of the logits (a row max) and the bytes-per-second of that read. CUDA only.
+kernels) at batch 1 / 32 / 256 over a 151936-token bf16 vocabulary: greedy, top-p 0.9, top-k 50 and
+min-p 0.1, next to one read of the logits (a row max) and the bytes-per-second of that read. CUDA only.
 
     python bench/bench_sampler.py [--out results.json]
 """
@@ -16,7 +16,8 @@ from fusedrl.engine.inference.sampler import sample
 
 VOCAB = 151936
 BATCHES = (1, 32, 256)
-MODES = {"greedy": dict(temperature=0.0), "top_p=0.9": dict(top_p=0.9), "top_k=50": dict(top_k=50)}
+MODES = {"greedy": dict(temperature=0.0), "top_p=0.9": dict(top_p=0.9), "top_k=50": dict(top_k=50),
+         "min_p=0.1": dict(min_p=0.1)}
 
 
 def gpu_us(fn, iters: int = 200) -> float:
@@ -32,10 +33,10 @@ def gpu_us(fn, iters: int = 200) -> float:
     return start.elapsed_time(end) * 1000 / iters
 
 
-def sampling_args(batch: int, temperature=1.0, top_k=0, top_p=1.0):
+def sampling_args(batch: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     full = lambda v, dtype: torch.full((batch,), v, dtype=dtype, device="cuda")  # noqa: E731
     return (full(temperature, torch.float32), full(top_k, torch.int64), full(top_p, torch.float32),
-            torch.arange(batch, device="cuda"), full(200, torch.int64), full(0.0, torch.float32))
+            torch.arange(batch, device="cuda"), full(200, torch.int64), full(min_p, torch.float32))
 
 
 def main(argv=None) -> int:

@@ -63,6 +63,14 @@ def _rope_store_decode_bytes(q, k, v, cos_table, sin_table, positions, k_cache, 
             written + new)
 
 
+def _sample_bytes(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps, *windows):
+    """The logits and the rows' parameters read, tokens and log-probs written; the key windows are
+    touched only at the few keys near a row's cut (bench/traffic_kernels.py counts those)."""
+    rows = logits.shape[0]
+    params = sum(map(nbytes, (temperatures, top_ks, top_ps, seeds, positions, min_ps)))
+    return nbytes(logits) + params, rows * (8 + 4)
+
+
 def _segment_attention_bytes(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position,
                              segment_programs):
     heads, dim = q.shape[1:]
@@ -87,6 +95,7 @@ def _fixed_tile_linear_bytes(x, weight, bias, out_dtype):
 # KV pool but touching a part of it, and ops that keep an intermediate in memory.
 OP_RULES = {"fusedrl::store_kv": _store_kv_bytes, "fusedrl::paged_decode": _paged_decode_bytes,
             "fusedrl::rope_store_decode": _rope_store_decode_bytes,
+            "fusedrl::sample": _sample_bytes,
             "fusedrl::segment_attention": _segment_attention_bytes,
             "fusedrl::fixed_tile_linear": _fixed_tile_linear_bytes}
 

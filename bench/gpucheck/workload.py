@@ -88,6 +88,9 @@ def invariant_mode(models=MODELS[:2]) -> None:
         row_logprobs(logits, torch.randint(0, vocab, (2,)), torch.ones(2))
     sample_triton(logits, torch.ones(2), torch.zeros(2, dtype=torch.int64), torch.ones(2),
                   torch.arange(2), torch.full((2,), 7), torch.zeros(2))
+    # bf16, the decode step's logits, with a top-p cut (the kernels specialize on the dtype)
+    sample_triton(logits.bfloat16(), torch.ones(2), torch.zeros(2, dtype=torch.int64), torch.full((2,), 0.9),
+                  torch.arange(2), torch.full((2,), 7), torch.zeros(2))
 
 
 def tiny_model(name: str, hidden: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool,

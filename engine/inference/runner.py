@@ -20,6 +20,7 @@ from ..model.kv_pages import sequence_slot
 from ..model.primitives import decode_primitives_for
 from .decode_inputs import DecodeInputs
 from .sampler import sample
+from ...kernels.sampling import SamplerWorkspace
 from .sequence import Sequence
 
 
@@ -80,6 +81,9 @@ class ModelRunner:
         self.logprob_buffer = torch.empty(1024, dtype=torch.float32, device=self.device)
         self.logprobs_kept = 0
         self.decode_inputs = DecodeInputs(max_num_seqs, self.max_blocks_per_seq, block_size, self.device)
+        # The Triton sampler's key windows for every step's rows (40 KiB a row), made once: a decode
+        # graph captures their pointers, and each call leaves them empty for the next.
+        self.sampler_workspace = SamplerWorkspace(max_num_seqs, self.device)
         self.graphs = None
         if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = _DecodeGraphs(self, max_num_seqs)
@@ -150,10 +154,10 @@ class ModelRunner:
         if self.batch_invariant is None:
             # [B, V] in the model's dtype: the fused sampler reads it as it is; an fp32 copy would
             # write and read the logits twice more.
-            return sample(self.model.lm_head(hidden), *sampling)
+            return sample(self.model.lm_head(hidden), *sampling, workspace=self.sampler_workspace)
         mode = self.batch_invariant
         logits = mode.logits(hidden, self.model.lm_head.weight)  # [B, V] fp32
-        tokens, _ = sample(logits, *sampling)
+        tokens, _ = sample(logits, *sampling, workspace=self.sampler_workspace)
         return tokens, mode.sampler_logprobs(logits, tokens, sampling[0])
 
     def _tensor(self, data, dtype):

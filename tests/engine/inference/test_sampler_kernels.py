@@ -6,6 +6,8 @@ chi-square tests check what that sameness cannot: that the kernel's tokens follo
 renormalized distribution worked out by hand. Every tensor lives on the kernel's device (CUDA when
 there is one: the same tests check the GPU).
 """
+import math
+
 import pytest
 import torch
 
@@ -174,3 +176,172 @@ def test_a_tie_at_the_top_k_boundary_stays_in_top_p_mass(dtype):
     kept = torch.tensor([3.0, 2.5, 2.0, 2.0, 2.0], dtype=torch.float64)
     torch.testing.assert_close(expected, (logits[0, tokens].double() - kept.logsumexp(0)).cpu().to(expected.device))
     torch.testing.assert_close(logprobs.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def assert_same_as_the_reference(logits, args):
+    """The kernel's tokens are the oracle's and its log-probs the float64 filtered distribution's."""
+    temperatures, top_ks, top_ps, seeds, positions, min_ps = args
+    tokens, logprobs = sample_triton(logits, *args)
+    assert torch.equal(tokens, sample_torch(logits, *args)[0])
+    expected = filtered_logprobs(logits, temperatures, top_ks, top_ps, min_ps, tokens)
+    torch.testing.assert_close(logprobs.double(), expected, atol=2e-5, rtol=2e-5)
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flat_rows_keep_their_whole_tie_in_the_window(dtype):
+    """Every token on one key: every cut keeps them all (ties kept). The bracket is that one key
+    (the row's total mass bounds the cell's; near 0 the cell's least key bounds its thousands of
+    keys), so no row falls back: the finish kernel never reads the logits but for the tokens'."""
+    vocab = CHUNK + 901
+    logits = torch.full((4, vocab), 0.75, device=DEVICE, dtype=dtype)
+    logits[1] = 0.0
+    logits[2] = -3.0
+    args = rows(4, top_p=0.99, min_p=0.9)
+    args[1][0], args[2][0] = 7, 1.0  # top-k alone
+    args[2][1], args[2][2] = 0.3, 0.95
+    tokens, logprobs = assert_same_as_the_reference(logits, args)
+    torch.testing.assert_close(logprobs, torch.full_like(logprobs, -math.log(vocab)))
+    loaded = finish_reads(logits, args)
+    assert loaded is None or loaded < logits[0].numel() * logits.element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_cut_on_a_tie_keeps_the_whole_tie(dtype):
+    """Top-k whose k-th key is tied with the next ones, and top-p whose target falls inside a tied
+    key's mass: both keep every token of that key, as the oracle does."""
+    vocab = 1031
+    g = torch.Generator(DEVICE).manual_seed(7)
+    logits = (torch.randn(2, vocab, generator=g, device=DEVICE) * 2).round().to(dtype)  # integers: many ties
+    keys = logits.float().sort(-1, descending=True).values
+    k = int((keys[0] == keys[0, 20]).nonzero()[0]) + 1  # the first token of the 21st token's tie
+    scaled = logits.float()
+    mass = torch.exp(scaled - scaled.max(-1, keepdim=True).values)
+    tie = scaled[1] == keys[1, 20]
+    above = mass[1][scaled[1] > keys[1, 20]].sum()
+    top_p = float((above + 0.5 * mass[1][tie].sum()) / mass[1].sum())  # halfway through the tie's mass
+    args = rows(2)
+    args[1][0], args[2][1] = k, top_p
+    tokens, _ = assert_same_as_the_reference(logits, args)
+    kept = kept_mask(logits, scaled, torch.ones(2, device=DEVICE), args[1], args[2], args[5])
+    assert kept[0].sum() > k and kept[0][logits[0].float() == keys[0, 20]].all()
+    assert kept[1][tie].all() and not kept[1][scaled[1] < keys[1, 20]].any()
+
+
+def fallback_rows(dtype):
+    """Rows whose bracket does not fit the window: top-k cuts far below the max (temperature 0.05:
+    the walk goes through many slices), and top-p and top-k cuts among the near-0 keys (thousands of
+    keys in one profile cell; there the cut's tokens weigh as much as the max's)."""
+    g = torch.Generator(DEVICE).manual_seed(9)
+    vocab = 2 * CHUNK + 5
+    deep = torch.randn(2, vocab, generator=g, device=DEVICE) * 3
+    near_zero = torch.rand(2, vocab, generator=g, device=DEVICE) * 0.2 - 0.1
+    logits = torch.cat([deep, near_zero]).to(dtype)
+    on = lambda *v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=DEVICE)  # noqa: E731
+    return logits, (on(0.05, 0.05, 1.0, 1.0), on(vocab // 2, 3000, 0, vocab // 2, dtype=torch.int64),
+                    on(1.0, 0.99, 0.5, 1.0), torch.arange(4, device=DEVICE) + 21, torch.full((4,), 5, device=DEVICE),
+                    on(0.5, 0.0, 0.0, 0.0))
+
+
+def finish_reads(logits, args):
+    """Bytes the finish kernel loads (its fallback reads the row), or None off the interpreter."""
+    if DEVICE != "cpu":
+        return None
+    from traffic_kernels import KernelTraffic
+
+    with KernelTraffic() as t:
+        sample_triton(logits, *args)
+    return t.loaded["_finish_kernel"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_fallback_is_exact(dtype):
+    logits, args = fallback_rows(dtype)
+    assert_same_as_the_reference(logits, args)
+    loaded = finish_reads(logits, args)
+    assert loaded is None or loaded >= logits.numel() * logits.element_size()  # every row walked by the fallback
+
+
+@pytest.mark.parametrize("dtype, records", [(torch.bfloat16, 0), (torch.float32, 1), (torch.bfloat16, 3)])
+def test_a_cut_between_adjacent_keys_draws_above_it_only(monkeypatch, dtype, records):
+    """Two adjacent keys interleaved, top-k = the upper key's tokens: the cut falls between them,
+    inside every chunk's window, so a chunk's best candidate is often of the cut key and the upper
+    key's best must reach the window too (the records; with fewer rounds, the rest go atomic)."""
+    import fusedrl.kernels.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_RECORDS", records)
+    vocab = CHUNK + 901
+    # adjacent 16-bit keys (bf16 values; fp32's top 16 bits) in one profile cell (1/16 wide)
+    lower, upper = 1.0 + 2.0 ** -7, 1.0 + 2.0 ** -6
+    logits = torch.where(torch.arange(vocab, device=DEVICE) % 3 == 0, upper, lower).to(dtype).expand(6, -1).contiguous()
+    args = rows(6, top_k=(vocab + 2) // 3, seed0=40)
+    tokens, _ = assert_same_as_the_reference(logits, args)
+    assert (tokens % 3 == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_bracket_that_misses_falls_back_and_stays_exact(monkeypatch, dtype):
+    """Mass bounds made wrong on purpose (slack -0.5): the finish kernel finds the window does not hold
+    the cut (the mass above it already reaches the target, or the target is not reached in it) and
+    walks the row itself. A bracket costs time when it misses, never the right token."""
+    import fusedrl.kernels.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_SLACK", -0.5)
+    g = torch.Generator(DEVICE).manual_seed(10)
+    logits = (torch.randn(3, CHUNK + 901, generator=g, device=DEVICE) * 3).to(dtype)
+    args = rows(3, top_p=0.9)
+    args[1][1] = 40  # top-k and top-p
+    args[1][2], args[2][2] = 40, 1.0  # top-k alone: its counts are exact, its window holds the cut
+    assert_same_as_the_reference(logits, args)
+    loaded = finish_reads(logits, args)
+    assert loaded is None or loaded >= 2 * logits[0].numel() * logits.element_size()
+
+
+def test_mixed_rows_draw_as_they_do_alone():
+    """Greedy, plain, top-k, top-p, min-p, a flat row and two fallback rows in one batch: each row's
+    token and log-prob are the ones it gets alone (its window is its own)."""
+    logits, args = fallback_rows(torch.bfloat16)
+    vocab = logits.shape[1]
+    mixed, *rest = mixed_batch(vocab, torch.bfloat16)
+    flat = torch.zeros(1, vocab, device=DEVICE, dtype=torch.bfloat16)
+    on = lambda *v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=DEVICE)  # noqa: E731
+    flat_args = (on(1.0), on(5, dtype=torch.int64), on(0.7), on(3, dtype=torch.int64), on(2, dtype=torch.int64),
+                 on(0.0))
+    picks = [0, 1, 3, 4, 6]  # greedy, plain, top-k, top-p, top-k + top-p + min-p
+    batch = torch.cat([mixed[picks], flat, logits[:2]])
+    batch_args = [torch.cat([r[picks], f, a[:2]]) for r, f, a in zip(rest, flat_args, args)]
+    together = sample_triton(batch, *batch_args)
+    assert torch.equal(together[0], sample_torch(batch, *batch_args)[0])
+    for i in range(batch.shape[0]):
+        alone = sample_triton(batch[i:i + 1], *(a[i:i + 1] for a in batch_args))
+        assert alone[0].item() == together[0][i].item()
+        assert alone[1].item() == together[1][i].item()
+
+
+def test_the_window_workspace_is_left_empty():
+    """The caller's window is emptied by the kernels that used it (no clearing op): after calls with
+    window rows (fp32: the fixed-point masses too) and fallback rows, every bin is empty again, and
+    the next call on it draws as a fresh one does."""
+    from fusedrl.kernels.sampling import SamplerWorkspace
+
+    dtype = torch.float32
+    workspace = SamplerWorkspace(8, torch.device(DEVICE))
+    logits, args = fallback_rows(dtype)
+    args[1][2] = 10  # a window row too
+    sample_triton(logits, *args, workspace)  # 4 rows
+    assert workspace.is_empty()
+    batch = mixed_batch(CHUNK + 901, dtype)  # 8 rows
+    reused = sample_triton(*batch, workspace)
+    assert workspace.is_empty()
+    fresh = sample_triton(*batch)
+    assert torch.equal(reused[0], fresh[0]) and torch.equal(reused[1], fresh[1])
+
+
+def test_a_workspace_too_small_or_elsewhere_is_refused():
+    from fusedrl.kernels.sampling import SamplerWorkspace
+
+    logits, *rest = mixed_batch(7, torch.float32)
+    with pytest.raises(ValueError, match="workspace of 2 rows on .* for 8 rows of logits"):
+        sample_triton(logits, *rest, SamplerWorkspace(2, torch.device(DEVICE)))
+    with pytest.raises(ValueError, match="rows=0 must be an int >= 1"):
+        SamplerWorkspace(0, torch.device(DEVICE))
