@@ -140,7 +140,9 @@ def main() -> None:
             # trl: the peer of bench/bench_ppo.py (its last release with a PPO trainer); the test
             # suite runs that comparison on a tiny model. requests: trl's GRPOTrainer imports it
             # (bench_ppo.py --algo grpo) without declaring it. peft: the LoRA files are tested against it.
-            "test": ["pytest>=8", "pytest-benchmark>=4", "tensorboard>=2.14", "trl==0.29.1", "requests", "peft>=0.17"],
+            # pytest-xdist: the test command runs the suite on both cores of a CI machine (-n 2).
+            "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "tensorboard>=2.14", "trl==0.29.1",
+                     "requests", "peft>=0.17"],
             "bench": ["pytest-benchmark>=4", "trl==0.29.1", "requests", "peft>=0.17"],
             # train.tensorboard=true (torch.utils.tensorboard writes the events).
             "tensorboard": ["tensorboard>=2.14"],
