@@ -161,9 +161,10 @@ class DecoderLayer(nn.Module):
         the fused kernel does add + norm in one pass. residual is None before the first layer.
         Each norm and the projection after it are one primitive (`norm_linear`), which a decode
         step runs as one kernel, as it does SiLU * up after the gate/up projection."""
-        qkv, residual = prims.norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj)
+        qkv, residual = prims.norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj, prims)
         x = self.self_attn(qkv, angles, lambda q, k, v, a: attend(self.layer_idx, q, k, v, a), prims)
-        h, residual = prims.norm_linear(x, residual, self.post_attention_layernorm, self.mlp.gate_up_proj, glu=True)
+        h, residual = prims.norm_linear(x, residual, self.post_attention_layernorm, self.mlp.gate_up_proj, prims,
+                                        glu=True)
         return self.mlp.down_proj(h, prims), residual
 
 

@@ -14,16 +14,16 @@ attention and log-softmax. Every field keeps its meaning across the sets:
   add_rms_norm(x, residual or None, weight, eps) -> (RMSNorm(x + residual), x + residual)
   rope(q [N, H, D], k [N, Hkv, D], cos [N, D], sin [N, D]) -> rotated (q, k)
   silu_mul(gate_up [N, 2C]) -> SiLU(gate) * up [N, C]
-  norm_linear(x, residual or None, norm: RMSNorm, proj: Projection, glu=False) -> (proj(RMSNorm(x +
-      residual)), x + residual), the projection's output passed through silu_mul when glu
+  norm_linear(x, residual or None, norm: RMSNorm, proj: Projection, prims, glu=False) ->
+      (proj(RMSNorm(x + residual)), x + residual), the projection's output passed through silu_mul
+      when glu; prims: the walk's set (what norm and proj are called with, as every module is)
 
-`norm_linear` is the composition of the other fields in every set but `DECODE`, where it is one
-kernel (kernels/norm_linear.py) whenever it can be: no autograd, and nothing hooked on the projection
-(LoRA's adapters read the normalized input, which the fused kernel never writes).
+`norm_linear` is the composition of the walk's other fields in every set but `DECODE`, where it is
+one kernel (kernels/norm_linear.py) whenever it can be: no autograd, and nothing hooked on the
+projection (LoRA's adapters read the normalized input, which the fused kernel never writes).
 """
 from __future__ import annotations
 
-from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -49,38 +49,33 @@ def _eager_add_rms_norm(x, residual, weight, eps):
     return rms_norm_reference(x, weight, eps, residual)
 
 
-def composed_norm_linear(prims: SimpleNamespace, x, residual, norm, proj, glu: bool = False):
-    """`norm_linear` as the set's own norm, projection and SiLU * up, one after the other."""
+def composed_norm_linear(x, residual, norm, proj, prims: SimpleNamespace, glu: bool = False):
+    """`norm_linear` as the walk's own norm, projection and SiLU * up, one after the other."""
     h, residual = norm(x, residual, prims)
     y = proj(h, prims)
     return (prims.silu_mul(y) if glu else y), residual
 
 
-def with_composed_norm_linear(prims: SimpleNamespace) -> SimpleNamespace:
-    """A set given its `norm_linear` as the composition of its other fields."""
-    prims.norm_linear = partial(composed_norm_linear, prims)
-    return prims
-
-
-def _decode_norm_linear(x, residual, norm, proj, glu: bool = False):
+def _decode_norm_linear(x, residual, norm, proj, prims: SimpleNamespace, glu: bool = False):
     hooked = proj._forward_hooks or proj._forward_pre_hooks
     if hooked or torch.is_grad_enabled():
-        return composed_norm_linear(FUSED, x, residual, norm, proj, glu)
+        return composed_norm_linear(x, residual, norm, proj, prims, glu)
     return fused_norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias, glu)
 
 
-FUSED = with_composed_norm_linear(
-    SimpleNamespace(linear=F.linear, add_rms_norm=fused_add_rms_norm, rope=rope, silu_mul=silu_mul))
+FUSED = SimpleNamespace(linear=F.linear, add_rms_norm=fused_add_rms_norm, rope=rope, silu_mul=silu_mul,
+                        norm_linear=composed_norm_linear)
 
 # A decode step's set: FUSED, with each norm and the projection after it as one kernel.
 DECODE = SimpleNamespace(**{**vars(FUSED), "norm_linear": _decode_norm_linear})
 
-EAGER = with_composed_norm_linear(SimpleNamespace(
+EAGER = SimpleNamespace(
     linear=F.linear,
     add_rms_norm=_eager_add_rms_norm,
     rope=lambda q, k, cos, sin: (rope_reference(q, cos, sin), rope_reference(k, cos, sin)),
     silu_mul=silu_mul_reference,
-))
+    norm_linear=composed_norm_linear,
+)
 
 
 def primitives_for(x: torch.Tensor) -> SimpleNamespace:

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..primitives import FUSED, fused_add_rms_norm, with_composed_norm_linear
+from ..primitives import FUSED, composed_norm_linear, fused_add_rms_norm
 from ....kernels.dispatch import fused_for_model
 from ....kernels.rotary import rope_reference
 from . import ops
@@ -42,7 +42,7 @@ def _torch_attention(q, k_rows, v_rows, positions, seq_index, page_table, page, 
 
 
 # The fields of the decoder's sets (..primitives), plus attention and row_logprobs.
-FIXED_ORDER_TORCH = with_composed_norm_linear(SimpleNamespace(
+FIXED_ORDER_TORCH = SimpleNamespace(
     # x [N, K], weight [O, K], bias [O] or None -> [N, O] in out_dtype (default x's)
     linear=ops.linear,
     add_rms_norm=_torch_add_rms_norm,
@@ -52,16 +52,18 @@ FIXED_ORDER_TORCH = with_composed_norm_linear(SimpleNamespace(
     attention=_torch_attention,
     # (logits [R, V] fp32, tokens [R], temperatures [R]) -> (logp [R], entropy [R])
     row_logprobs=lambda logits, tokens, temperatures: ops.token_logprobs(logits, tokens, temperatures, True),
-))
+    norm_linear=composed_norm_linear,
+)
 
-TRITON = with_composed_norm_linear(SimpleNamespace(
+TRITON = SimpleNamespace(
     linear=linear_fixed_tiles,
     add_rms_norm=fused_add_rms_norm,
     rope=FUSED.rope,
     silu_mul=FUSED.silu_mul,
     attention=segment_attention,
     row_logprobs=row_logprobs,
-))
+    norm_linear=composed_norm_linear,
+)
 
 
 def primitives_for(x: torch.Tensor) -> SimpleNamespace:

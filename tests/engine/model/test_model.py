@@ -261,9 +261,9 @@ def test_decode_set_falls_back_to_the_composition_where_the_fused_kernel_cannot_
     x, residual = torch.randn(3, 16), torch.randn(3, 16)
     proj.register_forward_hook(lambda module, args, out: out + 1.0)
     with use_backend("triton"), torch.no_grad():
-        hooked, _ = DECODE.norm_linear(x, residual, norm, proj)
-        composed, _ = FUSED.norm_linear(x, residual, norm, proj)
+        hooked, _ = DECODE.norm_linear(x, residual, norm, proj, DECODE)
+        composed, _ = FUSED.norm_linear(x, residual, norm, proj, FUSED)
     assert torch.equal(hooked, composed)  # the hook's +1 applied: the composition ran
     with use_backend("triton"):
-        trained, _ = DECODE.norm_linear(x, residual, norm, proj)
+        trained, _ = DECODE.norm_linear(x, residual, norm, proj, DECODE)
     assert trained.requires_grad and torch.equal(trained.detach(), composed)
