@@ -9,10 +9,11 @@ extrapolated to the real 24 from their mean. Floor: every weight once + the KV c
 sequence's context) + the new KV written.
 
 The GPU path is the Triton one (`kernels.use_backend("triton")`; on the CPU under
-TRITON_INTERPRET=1): store / paged decode / add+RMSNorm / RoPE / sampler are each one custom op,
-counted by traffic_count's rules. On the CPU the results of the two ops too slow to interpret at
-this shape are computed by their torch oracles (ORACLES; measured interpreted: the sampler ~30 s a
-row at top-p 0.9, paged decode ~80 s a layer at context 256); each is still counted as its fused
+TRITON_INTERPRET=1): the decode norm + GEMM, RoPE + store + paged decode, add+RMSNorm and the
+sampler are each one custom op, counted by traffic_count's rules. On the CPU the results of the ops
+too slow to interpret at this shape are computed by their torch oracles (ORACLES; measured
+interpreted: the sampler ~30 s a row at top-p 0.9, paged decode ~80 s a layer at context 256, the
+norm + GEMM's tiles one by one); each is still counted as its fused
 op, whose bytes depend on its arguments and results only (tests/bench/test_traffic.py checks that the
 counts with and without the oracles are equal at a small shape). The prefill is not run: the KV pages
 are filled with random values (a decode step's bytes do not depend on them).
@@ -30,7 +31,7 @@ from fusedrl.engine.model.config import ModelConfig
 from fusedrl.engine.model.invariant import ops as invariant_ops
 from fusedrl.engine.model.invariant.attention import chunked_attention
 from fusedrl.kernels.norm_linear import norm_linear_reference
-from fusedrl.kernels.paged_attention import paged_decode_torch, rope_store_decode_torch
+from fusedrl.kernels.paged_attention import rope_store_decode_torch
 from fusedrl.kernels import use_backend
 
 from traffic_count import TrafficCounter, weight_bytes
@@ -47,7 +48,6 @@ QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, interm
                   rope_theta=1e6)
 # Torch oracles of the fused ops too slow to interpret at full shape (see the module docstring).
 ORACLES = {"fusedrl::sample": lambda *args: sample_torch(*args[:7]),  # all but the key windows
-           "fusedrl::paged_decode": lambda *args: paged_decode_torch(*args[:6]),  # all but num_splits
            "fusedrl::rope_store_decode": lambda *args: rope_store_decode_torch(*args[:12]),
            "fusedrl::norm_linear": lambda x, residual, *args: tuple(
                t.clone() for t in norm_linear_reference(x, residual, *args))}

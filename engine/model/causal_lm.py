@@ -71,7 +71,7 @@ class PackedProjection(Projection):
 class RotaryTable:
     """cos/sin [L, D] of every position below max_model_len, computed in fp32 as transformers does,
     kept out of the module's buffers so that `model.to(bfloat16)` cannot round the angles. Per
-    (device, dtype) a cast copy is cached, so a step costs one gather for each of cos and sin."""
+    (device, dtype) a cast copy is cached (`tables`); RotaryAngles gathers a forward's rows."""
 
     def __init__(self, config: ModelConfig):
         # Built on the CPU explicitly: the model itself may be constructed under a meta device.
@@ -87,11 +87,6 @@ class RotaryTable:
         if key not in self._cast:
             self._cast[key] = (self.cos.to(device, dtype), self.sin.to(device, dtype))
         return self._cast[key]
-
-    def __call__(self, positions, dtype):
-        """positions [N] -> (cos, sin) [N, D] in `dtype`."""
-        cos, sin = self.tables(positions.device, dtype)
-        return cos[positions], sin[positions]
 
 
 class RotaryAngles:
