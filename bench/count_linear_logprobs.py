@@ -48,24 +48,29 @@ class _OpCounter(LaunchCounter):
 def _count(fn) -> dict:
     with KernelTraffic() as triton_bytes, _OpCounter() as ops:
         result = fn()
+    stored = sum(triton_bytes.stored.values())
     return {"launches": ops.launches, "ops": dict(Counter(ops.names)),
             "aten_bytes": ops.read + ops.written,
-            "triton_bytes": triton_bytes.total_loaded() + sum(triton_bytes.stored.values()),
+            "triton_bytes": triton_bytes.total_loaded() + stored, "triton_stored": stored,
             "result": result}
 
 
-def count(n_rows: int, hidden_size: int, vocab: int, chunk_size: int, dtype: torch.dtype) -> dict:
+def count(n_rows: int, hidden_size: int, vocab: int, chunk_size: int, dtype: torch.dtype,
+          fuse_matmul: bool = False) -> dict:
     """Launches and bytes of one forward and one backward (the custom ops' bodies, called directly so
-    their inner ops are seen) at this shape."""
+    their inner ops are seen) at this shape, through cuBLAS + the row kernels or the fused GEMMs.
+    The fused kernels' loads are their GEMM operand tiles (on a GPU mostly L2 hits, re-read per
+    tile); what they store is the HBM traffic the fusion is about."""
     torch.manual_seed(0)
     hidden = torch.randn(n_rows, hidden_size).to(dtype)
     weight = (torch.randn(vocab, hidden_size) / hidden_size**0.5).to(dtype)
     labels = torch.randint(0, vocab, (n_rows,))
-    fwd = _count(lambda: linear._fwd_op._init_fn(hidden, weight, None, labels, 1.0, -100, False, chunk_size))
+    fwd = _count(lambda: linear._fwd_op._init_fn(hidden, weight, None, labels, 1.0, -100, False, chunk_size,
+                                                 fuse_matmul))
     logp, entropy, lse = fwd.pop("result")
     grad_logp, no_grad_entropy = torch.ones_like(logp), logp.new_empty(0)
     bwd = _count(lambda: linear._bwd_op._init_fn(grad_logp, no_grad_entropy, hidden, weight, None, labels, lse,
-                                                 entropy, 1.0, -100, chunk_size, True))
+                                                 entropy, 1.0, -100, chunk_size, True, fuse_matmul))
     bwd.pop("result")
     return {"forward": fwd, "backward": bwd}
 
@@ -80,24 +85,30 @@ def main(argv=None) -> dict:
     target_chunk = linear.default_chunk_size(n, v)
     rows, hidden, vocab = n // args.scale, h // args.scale, v // args.scale
     chunk = max(1, target_chunk // args.scale)
-    counted = count(rows, hidden, vocab, chunk, torch.bfloat16)
     logits = rows * vocab
     report = {"counted_shape": {"rows": rows, "hidden": hidden, "vocab": vocab, "row_chunk": chunk,
                                 "dtype": "bfloat16"},
               "target": {"rows": n, "hidden": h, "vocab": v, "row_chunk": target_chunk}}
-    for way, c in counted.items():
-        chunks = -(-rows // chunk)
-        if way == "backward" and hasattr(linear, "vocab_chunk_size"):  # vocabulary chunks backward
-            chunks = -(-vocab // linear.vocab_chunk_size(rows, vocab, chunk))
-        total = c["aten_bytes"] + c["triton_bytes"]
-        c.update(chunks=chunks, launches_per_chunk=c["launches"] / chunks, bytes=total,
-                 bytes_per_chunk=total / chunks, bytes_per_logit=total / logits,
-                 target_gib_extrapolated=total / logits * n * v / 2**30)
-        report[way] = c
-        print(f"{way}: {c['launches']} launches in {chunks} chunks ({c['launches'] / chunks:.2f} per chunk): "
-              f"{c['ops']}; {total / 2**20:.1f} MiB ({total / chunks / 2**20:.2f} per chunk; aten "
-              f"{c['aten_bytes'] / 2**20:.1f}, triton {c['triton_bytes'] / 2**20:.1f}) = {total / logits:.2f} "
-              f"bytes per logit -> {c['target_gib_extrapolated']:.1f} GiB at N={n} H={h} V={v} (extrapolated)")
+    fused_ok = "fuse_matmul" in linear._fwd_op._init_fn.__code__.co_varnames  # older checkouts: cuBLAS only
+    for path in ("cublas", "fused") if fused_ok else ("cublas",):
+        counted = count(rows, hidden, vocab, chunk, torch.bfloat16, **({"fuse_matmul": path == "fused"} if fused_ok else {}))
+        for way, c in counted.items():
+            chunks = -(-rows // chunk)
+            if path == "fused" and way == "forward":
+                chunks = 1  # no row chunks: one pass of the fused GEMM (and its combine)
+            if way == "backward" and hasattr(linear, "vocab_chunk_size"):  # vocabulary chunks backward
+                chunks = -(-vocab // linear.vocab_chunk_size(rows, vocab, chunk))
+            total = c["aten_bytes"] + c["triton_bytes"]
+            c.update(chunks=chunks, launches_per_chunk=c["launches"] / chunks, bytes=total,
+                     bytes_per_chunk=total / chunks, bytes_per_logit=total / logits,
+                     stored_per_logit=c["triton_stored"] / logits,
+                     target_gib_extrapolated=total / logits * n * v / 2**30)
+            report.setdefault(path, {})[way] = c
+            print(f"{path} {way}: {c['launches']} launches in {chunks} chunks ({c['launches'] / chunks:.2f} per "
+                  f"chunk): {c['ops']}; {total / 2**20:.1f} MiB ({total / chunks / 2**20:.2f} per chunk; aten "
+                  f"{c['aten_bytes'] / 2**20:.1f}, triton {c['triton_bytes'] / 2**20:.1f}, of which stored "
+                  f"{c['triton_stored'] / 2**20:.1f}) = {total / logits:.2f} bytes per logit -> "
+                  f"{c['target_gib_extrapolated']:.1f} GiB at N={n} H={h} V={v} (extrapolated)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

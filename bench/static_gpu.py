@@ -64,10 +64,18 @@ def problems(row: dict) -> list[str]:
     if "error" in row:
         return [f"compile error: {row['error']}"]
     found = [f"spills {row['spill_bytes']} bytes"] if row["spill_bytes"] else []
+    if _wants_tensor_cores(row) and not row.get("mma"):
+        found.append("16-bit GEMM without tensor-core instructions")
     if row.get("aligned"):
         found += [f"{name}: no 128-bit access ({s['widths']})" for name, s in row.get("streams", {}).items()
                   if 128 not in s["widths"]]
     return found
+
+
+def _wants_tensor_cores(row: dict) -> bool:
+    from gpucheck.streams import TENSOR_CORE_KERNELS
+    weight = TENSOR_CORE_KERNELS.get(row["kernel"])
+    return weight is not None and row["args"].get(weight, {}).get("tensor") in ("bfloat16", "float16")
 
 
 def allowed(kernel: str) -> str | None:
@@ -76,13 +84,14 @@ def allowed(kernel: str) -> str | None:
 
 
 def _widths(row: dict) -> str:
-    return "; ".join(f"{n} {s['kind']} {'/'.join(map(str, s['widths'])) or '-'}"
-                     for n, s in row.get("streams", {}).items())
+    widths = [f"{n} {s['kind']} {'/'.join(map(str, s['widths'])) or '-'}" for n, s in row.get("streams", {}).items()]
+    # tensor-core instructions in SASS, where there are any (the GEMM kernels)
+    return "; ".join(widths + [f"{name} x{count}" for name, count in row.get("mma", {}).items()])
 
 
 def table(report: dict) -> str:
     lines = ["| kernel | arch | warps | config | int args (one of their class) | aligned | regs | spill | "
-             "smem | blocks/SM (warps) | main streams: bits per access | status |", "|" + "---|" * 12]
+             "smem | blocks/SM (warps) | main streams: bits per access; tensor-core instructions | status |", "|" + "---|" * 12]
     for row in report["triton"]:
         config = ", ".join(f"{k}={v}" for k, v in row["config"].items())
         config += " | " + ", ".join(f"{k}={d['int']}" for k, d in row["args"].items() if "int" in d)

@@ -10,6 +10,14 @@ is written once, with all N rows as its inner dimension (no read-modify-write of
 per chunk, no rounding of a bf16 accumulator), and d hidden += grad @ weight[chunk] accumulates in
 fp32 ([N, H], small). Both directions bound the logits buffer by the same element budget
 (``chunk_size`` rows of V); the price is one extra matmul (the recompute) in backward.
+
+With ``fuse_matmul`` (the default for 16-bit inputs) the logits are made by Triton GEMMs that use
+them in registers (kernels/linear_logprobs_kernels.py): forward writes no logits at all (each tile
+folded into per-row log-sum-exp states, merged across vocabulary splits by a second small launch);
+backward's recompute writes each chunk's gradient once, straight from the accumulators. That removes
+the row kernels' passes over the logits (read 2 bytes + write 2 in forward, read 2 + write 2 in
+backward per logit, in bf16): about 20 GB at N=16384, V=151936. The two gradient GEMMs stay
+cuBLAS's. Without it: cuBLAS's GEMMs and the token_logprobs row kernels, as above.
 """
 from __future__ import annotations
 
@@ -20,7 +28,9 @@ import torch.nn.functional as F
 
 from . import checks, reference
 from .dispatch import backend_for, sync_checks_enabled
+from .linear_logprobs_kernels import N_STATES, _logit_grad_kernel, _lse_combine_kernel, _lse_partials_kernel
 from .logprobs import check_label_args, token_logprobs_backward, token_logprobs_forward
+from .triton_compat import triton
 
 OP = "linear_token_logprobs"
 # Elements in one chunk of logits: 2**27 bf16 values are 256 MiB (half the 512 MiB extra-memory
@@ -49,6 +59,34 @@ def vocab_chunk_size(n_rows: int, vocab_size: int, chunk_size: int) -> int:
     return -(-even // tile) * tile
 
 
+# The fused GEMMs' tiles: 128 x 128 outputs (64 x 128 for a few rows) over K steps of 64, 8 warps,
+# 3 stages in flight. Not yet timed on a GPU: bench_kernels' "fusedrl (cuBLAS)" row is the comparison.
+BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 64, 8, 3
+MIN_SPLIT_TILES = 8   # a vocabulary split walks at least this many column tiles
+SMS_WITHOUT_GPU = 132  # the split count's SM figure off a GPU (the interpreter): an H100's
+
+
+def fused_tiles(n_rows: int) -> int:
+    """BLOCK_M of the fused GEMMs for N rows."""
+    return 64 if n_rows <= 64 else 128
+
+
+def vocab_splits(n_row_tiles: int, vocab: int, n_sms: int) -> tuple[int, int]:
+    """(splits, columns per split) of the fused forward: enough (row tile, split) programs for two
+    per SM, each split a whole number of BLOCK_N-column tiles and at least MIN_SPLIT_TILES of them."""
+    tiles = triton.cdiv(vocab, BLOCK_N)
+    wanted = triton.cdiv(2 * n_sms, max(n_row_tiles, 1))
+    splits = max(1, min(wanted, tiles // MIN_SPLIT_TILES))
+    split_cols = triton.cdiv(tiles, splits) * BLOCK_N
+    return triton.cdiv(vocab, split_cols), split_cols
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return SMS_WITHOUT_GPU
+
+
 def _chunks(total: int, chunk_size: int):
     for start in range(0, total, chunk_size):
         yield start, min(start + chunk_size, total)
@@ -68,8 +106,49 @@ def forward_chunks(hidden, weight, bias, labels, temperature, ignore_index, retu
     return logp, entropy, lse
 
 
+def forward_fused(hidden, weight, bias, labels, temperature, ignore_index, return_entropy):
+    """forward_chunks' outputs from the fused GEMM (no logits in memory): two launches."""
+    n_rows, k = hidden.shape
+    vocab = weight.shape[0]
+    logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty(n_rows if return_entropy else 0, dtype=torch.float32, device=hidden.device)
+    if n_rows == 0:
+        return logp, entropy, lse
+    block_m = fused_tiles(n_rows)
+    n_row_tiles = triton.cdiv(n_rows, block_m)
+    n_splits, split_cols = vocab_splits(n_row_tiles, vocab, _sm_count(hidden.device))
+    states = torch.empty(N_STATES, n_splits, n_rows, dtype=torch.float32, device=hidden.device)
+    _lse_partials_kernel[(n_row_tiles, n_splits)](
+        hidden, weight, weight if bias is None else bias, labels, states, n_rows, vocab, split_cols,
+        1.0 / temperature, ignore_index, K=k, HAS_BIAS=bias is not None, HAS_ENTROPY=return_entropy,
+        INTERPRETED=not hidden.is_cuda, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    _lse_combine_kernel[(n_rows,)](
+        states, labels, logp, entropy, lse, n_rows, n_splits, vocab, ignore_index,
+        HAS_ENTROPY=return_entropy, SPLITS=triton.next_power_of_2(n_splits))
+    return logp, entropy, lse
+
+
+def _fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                      temperature, ignore_index, start, end):
+    """d loss / d logits [N, end - start] of the vocabulary columns [start, end), hidden's dtype,
+    from the fused recompute (one launch)."""
+    n_rows, k = hidden.shape
+    grad = torch.empty(n_rows, end - start, dtype=hidden.dtype, device=hidden.device)
+    block_m = fused_tiles(n_rows)
+    has_entropy_grad = grad_entropy is not None
+    _logit_grad_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(end - start, BLOCK_N))](
+        hidden, weight[start:end], weight if bias is None else bias[start:end], labels, lse, entropy,
+        grad_logp, grad_entropy if has_entropy_grad else grad_logp, grad, n_rows, end - start, start,
+        1.0 / temperature, ignore_index, K=k, HAS_BIAS=bias is not None,
+        HAS_ENTROPY_GRAD=has_entropy_grad, INTERPRETED=not hidden.is_cuda, BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return grad
+
+
 def backward_chunks(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
-                    temperature, ignore_index, chunk_size, need_weight_grad):
+                    temperature, ignore_index, chunk_size, need_weight_grad, fuse_matmul):
     """(d hidden [N, H], d weight [V, H] or [0], d bias [V] or [0]) for upstream gradients
     grad_logp, grad_entropy ([N] or [0]) fp32, in vocabulary chunks (see the module docstring)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -83,9 +162,13 @@ def backward_chunks(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, 
     grad_entropy = grad_entropy.float().contiguous() if has_entropy_grad else None
     for start, end in _chunks(vocab, vocab_chunk_size(n_rows, vocab, chunk_size)):
         w = weight[start:end]                                               # [Vc, H]
-        logits = F.linear(hidden, w, None if bias is None else bias[start:end])  # [N, Vc], becomes its grad
-        token_logprobs_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature,
-                                ignore_index, out=logits, label_offset=start)
+        if fuse_matmul:
+            logits = _fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels, lse,
+                                       entropy, temperature, ignore_index, start, end)
+        else:
+            logits = F.linear(hidden, w, None if bias is None else bias[start:end])  # [N, Vc], becomes its grad
+            token_logprobs_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature,
+                                    ignore_index, out=logits, label_offset=start)
         if need_weight_grad:
             torch.mm(logits.t(), hidden, out=grad_weight[start:end])
             if bias is not None:
@@ -97,13 +180,15 @@ def backward_chunks(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, 
 @torch.library.custom_op("fusedrl::linear_token_logprobs_fwd", mutates_args=())
 def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             labels: torch.Tensor, temperature: float, ignore_index: int, return_entropy: bool,
-            chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            chunk_size: int, fuse_matmul: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if fuse_matmul:
+        return forward_fused(hidden, weight, bias, labels, temperature, ignore_index, return_entropy)
     return forward_chunks(hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
                           chunk_size)
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, chunk_size):
+def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, chunk_size, fuse_matmul):
     n_rows = hidden.shape[0]
     row = hidden.new_empty(n_rows, dtype=torch.float32)
     return row, hidden.new_empty(n_rows if return_entropy else 0, dtype=torch.float32), row.clone()
@@ -113,25 +198,26 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, c
 def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor, hidden: torch.Tensor,
             weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
             lse: torch.Tensor, entropy: torch.Tensor, temperature: float, ignore_index: int,
-            chunk_size: int, need_weight_grad: bool
+            chunk_size: int, need_weight_grad: bool, fuse_matmul: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return backward_chunks(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
-                           temperature, ignore_index, chunk_size, need_weight_grad)
+                           temperature, ignore_index, chunk_size, need_weight_grad, fuse_matmul)
 
 
 @_bwd_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature,
-      ignore_index, chunk_size, need_weight_grad):
+      ignore_index, chunk_size, need_weight_grad, fuse_matmul):
     n_weight = weight.shape if need_weight_grad else (0,)
     n_bias = weight.shape[0] if bias is not None and need_weight_grad else 0
     return torch.empty_like(hidden), weight.new_empty(n_weight), weight.new_empty(n_bias)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, _, chunk_size = inputs
+    hidden, weight, bias, labels, temperature, ignore_index, _, chunk_size, fuse_matmul = inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
     ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
+    ctx.fuse_matmul = fuse_matmul
     ctx.has_bias = bias is not None
 
 
@@ -142,10 +228,10 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
     need_weight_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     grad_hidden, grad_weight, grad_bias = torch.ops.fusedrl.linear_token_logprobs_bwd(
         grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ctx.temperature,
-        ctx.ignore_index, ctx.chunk_size, need_weight_grad,
+        ctx.ignore_index, ctx.chunk_size, need_weight_grad, ctx.fuse_matmul,
     )
     return (grad_hidden, grad_weight if need_weight_grad else None,
-            grad_bias if ctx.has_bias and need_weight_grad else None, None, None, None, None, None)
+            grad_bias if ctx.has_bias and need_weight_grad else None, None, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -154,14 +240,18 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
                           ignore_index: int = -100, return_entropy: bool = False,
-                          chunk_size: Optional[int] = None):
+                          chunk_size: Optional[int] = None, fuse_matmul: Optional[bool] = None):
     """token_logprobs(hidden @ weight.T + bias, labels) without materializing the logits.
 
     Args:
         hidden: [N, H] fp32/bf16/fp16 final hidden states.
         weight: [V, H] LM head, same dtype as hidden. bias: optional [V].
         labels: [N] int32/int64 in [0, V) or ignore_index.
-        chunk_size: rows per chunk (default: a fixed ~2**26-element budget of logits).
+        chunk_size: rows per chunk (default: a fixed 2**27-element budget of logits); with
+            ``fuse_matmul``, the backward's vocabulary chunk only (forward keeps no logits).
+        fuse_matmul: the logits made and used inside Triton GEMMs (see the module docstring).
+            Default: on for 16-bit inputs, off for fp32 (whose fused GEMM multiplies in full fp32
+            without tensor cores, so cuBLAS is faster there).
     Returns:
         logp [N] fp32, or (logp, entropy) with ``return_entropy``; differentiable w.r.t. hidden,
         weight and bias. The "torch" backend is the reference composition (logits materialized).
@@ -185,6 +275,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                          f"got {tuple(labels.shape)} on {labels.device}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if fuse_matmul is not None and not isinstance(fuse_matmul, bool):
+        raise TypeError(f"{OP}: fuse_matmul must be a bool or None, got {fuse_matmul!r}")
     if sync_checks_enabled(labels):
         checks.check_label_range(OP, labels, weight.shape[0], ignore_index)
     if backend_for(hidden) == "torch":
@@ -192,8 +284,10 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                                                temperature=temperature, ignore_index=ignore_index,
                                                return_entropy=return_entropy)
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
+    if fuse_matmul is None:
+        fuse_matmul = hidden.dtype != torch.float32
     logp, entropy, _ = torch.ops.fusedrl.linear_token_logprobs_fwd(
         hidden.contiguous(), weight.contiguous(), bias, labels.contiguous(), float(temperature),
-        ignore_index, bool(return_entropy), chunk,
+        ignore_index, bool(return_entropy), chunk, fuse_matmul,
     )
     return (logp, entropy) if return_entropy else logp

@@ -146,16 +146,24 @@ def _grad_block(logits_ptr, grad_ptr, cols, mask, live, label_col, lse, g_logp, 
     the label's; all zero unless `live`."""
     # (a scalar `&` a block mask trips the interpreter; the select is the same mask)
     z = tl.load(logits_ptr + cols, mask=tl.where(live, mask, False), other=float("-inf")).to(tl.float32)
-    z = z * inv_temperature
+    grad_z = logit_grad(z * inv_temperature, cols == label_col, lse, g_logp, entropy, g_entropy,
+                        HAS_ENTROPY_GRAD)
+    grad = tl.where(live, grad_z * inv_temperature, 0.0)
+    tl.store(grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def logit_grad(z, is_label, lse, g_logp, entropy, g_entropy, HAS_ENTROPY_GRAD: tl.constexpr):
+    """d(g_logp * logp + g_entropy * H) / dz for scaled logits z (any shape; the row's scalars lse,
+    entropy and upstream gradients broadcast against it). Shared with the LM head's fused backward."""
     log_p = z - lse
     p = tl.exp(log_p)
     # d logp / dz = onehot(label) - p
-    grad_z = g_logp * (tl.where(cols == label_col, 1.0, 0.0) - p)
+    grad_z = g_logp * (tl.where(is_label, 1.0, 0.0) - p)
     if HAS_ENTROPY_GRAD:
         # dH/dz = -p * (log p + H); 0 for a -inf logit (p = 0), not 0 * -inf.
         grad_z -= g_entropy * tl.where(z == float("-inf"), 0.0, p * (log_p + entropy))
-    grad = tl.where(live, grad_z * inv_temperature, 0.0)
-    tl.store(grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    return grad_z
 
 
 def _launch_config(logits: torch.Tensor) -> tuple[int, int]:

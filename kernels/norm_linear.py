@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .dispatch import fused_for_model
 from .norm import rms_norm_reference
 from .swiglu import silu_mul_reference
+from .tile_dot import dot_nt
 from .triton_compat import tl, triton
 
 
@@ -39,15 +40,6 @@ def _residual_sum(x_ptr, res_ptr, offs, mask, HAS_RESIDUAL: tl.constexpr):
     if HAS_RESIDUAL:
         x = (x.to(tl.float32) + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
     return x
-
-
-@triton.jit
-def _dot(a, w, acc, INTERPRETED: tl.constexpr):
-    """acc + a [M, K] @ w [N, K].T in fp32. The interpreter's tl.dot is numpy's matmul, which
-    mishandles 16-bit floats: there, fp32 products summed over the K tile stand in for the mma."""
-    if INTERPRETED:
-        return acc + tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    return tl.dot(a, tl.trans(w), acc)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -101,10 +93,10 @@ def _norm_linear_kernel(
         w_mask = col_ok[:, None] & k_ok[None, :]
         w_offs = cols[:, None].to(tl.int64) * K + (k0 + kk)[None, :]
         w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K]
-        acc = _dot(a, w, acc, INTERPRETED)
+        acc = dot_nt(a, w, acc, INTERPRETED)
         if GLU:
             w_up = tl.load(w_ptr + w_offs + n_out * K, mask=w_mask, other=0.0)
-            acc_up = _dot(a, w_up, acc_up, INTERPRETED)
+            acc_up = dot_nt(a, w_up, acc_up, INTERPRETED)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GLU:

@@ -7,9 +7,13 @@ combined once at the end (`lanes_reduce`). Block-wise reductions instead (a max 
 block, then a rescale) put two block-wide reductions, each a barrier, between one block's loads and
 the next; on an H100 that held a one-program-per-row forward at 0.83 of the read rate.
 
+A GEMM that makes its logits a tile at a time (the LM head, `kernels.linear_logprobs_kernels`) folds
+each [rows, columns] tile into per-row states instead (`rows_fold`): its tile is already spread over
+the warps, and the per-row state is all it keeps between tiles.
+
 Users: `fusedrl.kernels.logprobs` (token log-probs and entropy, forward), the batch-invariant
 mode's `row_logprobs` (engine/model/invariant) and the sampler's chunk statistics and their merge
-(kernels/sampling). One program per row and a fixed reduction order: a row's result
+(kernels/sampling), the LM head's fused forward. One program per row and a fixed reduction order: a row's result
 depends on its own logits and the block size only, never on the batch (the exact mode relies on it).
 """
 from __future__ import annotations
@@ -61,3 +65,19 @@ def lanes_reduce(m, s, t, HAS_ENTROPY: tl.constexpr):
     if HAS_ENTROPY:
         t_total = tl.sum(weight * (t + tl.where(s > 0, (m - shift) * s, 0.0)), axis=0)
     return row_max, total, t_total
+
+
+@triton.jit
+def rows_fold(m, s, t, z, HAS_ENTROPY: tl.constexpr):
+    """Fold a tile of scaled logits z [ROWS, COLS] into per-row states (m, s, t) [ROWS], t centred
+    on m as everywhere here: the old sums are rescaled by exp(m - m') onto the new max m' (and t
+    re-centred by (m - m') s), the tile adds its terms. States start at (-inf, 0, 0)."""
+    hi = tl.maximum(m, tl.max(z, axis=1))
+    shift = safe_shift(hi)
+    e = tl.exp(z - shift[:, None])  # 0 for a -inf logit; NaN for a NaN one, which then stays
+    rescale = tl.exp(m - shift)     # 0 while the state is empty (m = -inf)
+    if HAS_ENTROPY:
+        t = rescale * (t + tl.where(s > 0, (m - shift) * s, 0.0)) + \
+            tl.sum(tl.where(e > 0, e * (z - shift[:, None]), 0.0), axis=1)
+    s = rescale * s + tl.sum(e, axis=1)
+    return hi, s, t

@@ -26,6 +26,7 @@ _ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[bfsu](\d+)
 # second operand, the byte count the third.
 _CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\s*\[[^\]]*\],\s*\[\s*(%rd\d+)[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
 _SASS = re.compile(r"\b((?:LDG|STG)(?:\.[A-Z0-9_]+)*)")
+_MMA = re.compile(r"\b(HGMMA|HMMA)\b")  # tensor-core instructions: sm_90's warpgroup MMA, sm_80's MMA
 
 
 def tool(name: str) -> str:
@@ -109,12 +110,14 @@ def cubin_resources(cubin: bytes) -> dict:
         sass = subprocess.run([tool("cuobjdump"), "--dump-sass", f.name], check=True,
                               capture_output=True, text=True).stdout
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    counts = {}
+    counts, mma = {}, {}
     for m in _SASS.finditer(sass):
         counts[m[1]] = counts.get(m[1], 0) + 1
+    for m in _MMA.finditer(sass):
+        mma[m[1]] = mma.get(m[1], 0) + 1
     return {"registers": int(fields.get("REG", 0)), "spill_bytes": int(fields.get("LOCAL", 0)),
             "stack_bytes": int(fields.get("STACK", 0)), "static_shared": int(fields.get("SHARED", 0)),
-            "sass_global": dict(sorted(counts.items()))}
+            "sass_global": dict(sorted(counts.items())), "mma": dict(sorted(mma.items()))}
 
 
 def aligned_launch(record: dict) -> bool:

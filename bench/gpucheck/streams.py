@@ -32,6 +32,8 @@ STREAMS = {
     "_segment_attention_kernel": {"K rows": ("ld", "k_ptr"), "V rows": ("ld", "v_ptr")},
     "_merge_segments_kernel": {"partial outputs": ("ld", "part_acc_ptr")},
     "_row_logprobs_kernel": {"logits rows": ("ld", "logits_ptr")},
+    "_lse_partials_kernel": {"hidden tiles": ("ld", "h_ptr"), "W tiles": ("ld", "w_ptr")},
+    "_logit_grad_kernel": {"W tiles": ("ld", "w_ptr"), "logit grads": ("st", "grad_ptr")},
 }
 
 # Int arguments that must be multiples of 16 for a launch to count as aligned.
@@ -52,7 +54,13 @@ SHAPE_ARGS = {
     "_norm_linear_kernel": ("n_out",),
     "_sum_pieces_kernel": ("n_out", "piece_stride"),
     "_row_logprobs_kernel": ("n_cols", "row_stride"),
+    "_logit_grad_kernel": ("n_cols",),
 }
+
+# GEMM kernels and their weight pointer: a launch with 16-bit weights must compile to tensor-core
+# instructions (HGMMA on sm_90, HMMA on sm_80); fp32 launches multiply in full fp32, without them.
+TENSOR_CORE_KERNELS = {"_lse_partials_kernel": "w_ptr", "_logit_grad_kernel": "w_ptr",
+                       "_norm_linear_kernel": "w_ptr", "_fixed_tile_linear_kernel": "w_ptr"}
 
 # Kernel name prefixes whose failures are expected, with the reason. Remove an entry when its fix lands.
 ALLOWED_FAILURES = {

@@ -55,7 +55,22 @@ def ops(vocabs=VOCABS) -> None:
         kernels.ppo_value_loss(rows, ref.view(2, -1), ref.view(2, -1), mask)[0].backward()
     hidden = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(VOCABS[-1], 64, dtype=torch.bfloat16, requires_grad=True)
-    kernels.linear_token_logprobs(hidden, weight, torch.randint(0, VOCABS[-1], (4,))).sum().backward()
+    kernels.linear_token_logprobs(hidden, weight, torch.randint(0, VOCABS[-1], (4,)),
+                                  fuse_matmul=False).sum().backward()
+
+
+def lm_head(quick: bool = False) -> None:
+    """linear_token_logprobs' fused GEMMs at Qwen2.5-0.5B's hidden size (the GEMMs' K, a constexpr)
+    in bf16, at both row tiles (4 rows: 64; 129 rows: 128), with and without entropy, forward and
+    backward (`quick`: each tile with one of the two). The vocabulary is cut to 4096: it is a
+    runtime bound, and it only sizes the grids."""
+    for rows in (4, 129):
+        for entropy in ((rows > 64,) if quick else (False, True)):
+            hidden = torch.randn(rows, 896, dtype=torch.bfloat16, requires_grad=True)
+            weight = (torch.randn(4096, 896) / 30).to(torch.bfloat16).requires_grad_()
+            out = kernels.linear_token_logprobs(hidden, weight, torch.randint(0, 4096, (rows,)),
+                                                return_entropy=entropy)
+            (sum(out) if entropy else out).sum().backward()
 
 
 def invariant_matmul() -> None:
@@ -120,6 +135,7 @@ def run(quick: bool = False) -> None:
     one vocabulary per alignment class and the two small models, which still reach every kernel."""
     with kernels.use_backend("triton"):
         ops(VOCABS[1:] if quick else VOCABS)
+        lm_head(quick)
         generation(MODELS[:2] if quick else MODELS)
         invariant_matmul()
         invariant_mode()

@@ -49,8 +49,12 @@ def test_linear_row_reports_the_three_gemm_floor(tmp_path):
     bench_kernels.main(["--quick", "--ops", "linear_token_logprobs", "--skip",
                         "torch.compile,eager,matmul+token_logprobs", "--budget", "0", "--json", str(out)])
     payload = json.loads(out.read_text())
-    (row,) = payload["results"]
+    rows = {(r["mode"], r["impl"]): r for r in payload["results"]}
+    # forward alone and forward + backward, each the default and the cuBLAS way side by side
+    assert set(rows) == {(mode, impl) for mode in ("fwd", "fwd+bwd") for impl in ("fusedrl", "fusedrl cuBLAS")}
     n_rows, hidden, vocab = 64, 32, 1000  # bench_kernels' quick linear shape
-    floor_ms = 3 * 2 * n_rows * hidden * vocab / (payload["meta"]["matmul_tflops"] * 1e12) * 1e3
-    assert row["floor_ms"] == pytest.approx(floor_ms)
-    assert row["frac_of_floor"] == pytest.approx(floor_ms / row["ms"])
+    gemm_ms = 2 * n_rows * hidden * vocab / (payload["meta"]["matmul_tflops"] * 1e12) * 1e3
+    for (mode, _), row in rows.items():
+        floor_ms = gemm_ms * (3 if mode == "fwd+bwd" else 1)
+        assert row["floor_ms"] == pytest.approx(floor_ms)
+        assert row["frac_of_floor"] == pytest.approx(floor_ms / row["ms"])

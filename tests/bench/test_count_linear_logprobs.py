@@ -25,3 +25,18 @@ def test_launches_per_chunk():
     # each logit read once and its gradient written once.
     assert forward["triton_bytes"] == 50 * (301 * 2 + 8 + 2 * 4)
     assert backward["triton_bytes"] == 4 * 50 * (8 + 4 + 4) + 2 * 50 * 300 * 2
+
+
+def test_fused_path_writes_no_logits_forward_and_each_gradient_once():
+    """The fused GEMMs: forward is two launches and stores only per-row states (4 fp32 per split
+    and row) and the outputs; backward stores each logit's gradient once (2 bytes, bf16) per
+    vocabulary chunk and runs no row kernel."""
+    counted = count_linear_logprobs.count(50, 16, 300, 16, torch.bfloat16, fuse_matmul=True)
+    forward, backward = counted["forward"], counted["backward"]
+    assert forward["ops"] == {"triton:_lse_partials_kernel": 1,
+                              "triton:_lse_combine_kernel": 1}
+    assert forward["triton_stored"] == 50 * 4 * 4 + 50 * 2 * 4  # 1 split: states; logp and lse
+    assert backward["ops"] == {"aten::zeros": 1, "aten::new_empty": 1,
+                               "triton:_logit_grad_kernel": 4, "aten::mm": 4, "aten::mm.out": 4,
+                               "aten::add_.Tensor": 4, "aten::_to_copy": 1}
+    assert backward["triton_stored"] == 50 * 300 * 2

@@ -41,6 +41,15 @@ def test_ptx_data_flow_names_the_pointer():
     assert ptx_accesses(pipelined) == [("ld", 128, {1}), ("ld", 32, {1})]
 
 
+def test_a_16_bit_gemm_without_tensor_cores_fails():
+    row = {"kernel": "_logit_grad_kernel", "spill_bytes": 0, "aligned": False,
+           "args": {"w_ptr": {"tensor": "bfloat16", "misalign": 0}}, "mma": {}}
+    assert static_gpu.problems(row) == ["16-bit GEMM without tensor-core instructions"]
+    assert static_gpu.problems({**row, "mma": {"HGMMA": 4}}) == []
+    fp32 = {**row, "args": {"w_ptr": {"tensor": "float32", "misalign": 0}}}
+    assert static_gpu.problems(fp32) == []  # full-fp32 products: no tensor cores expected
+
+
 @pytest.mark.skipif(triton is None, reason="needs triton")
 def test_static_check_passes(capsys):
     # The quick workload reaches every kernel (fewer vocabularies and model shapes): the suite's ~4

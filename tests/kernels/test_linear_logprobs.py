@@ -1,4 +1,5 @@
-"""linear_token_logprobs (chunked, Triton backend) against the float64 reference composition."""
+"""linear_token_logprobs (chunked, Triton backend; cuBLAS GEMMs + row kernels, or the fused Triton
+GEMMs) against the float64 reference composition."""
 import pytest
 import torch
 
@@ -28,13 +29,16 @@ def outputs_and_grads(fn, hidden, weight, bias, labels, g_logp, g_entropy, **kwa
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("chunk_size", [2, 7, None])  # 2: 19 chunks, a one-row tail
-def test_matches_reference(chunk_size, bias, dtype):
+@pytest.mark.parametrize("chunk_size, fuse_matmul", [
+    (2, False), (7, False), (None, False),  # 2: 19 chunks, a one-row tail
+    (2, True), (None, True),                # the fused GEMMs: several backward chunks, or one
+])
+def test_matches_reference(chunk_size, fuse_matmul, bias, dtype):
     inputs = make_inputs(37, 24, 1000, dtype, bias=bias)
     g = [torch.randn(37, device=DEVICE) for _ in range(2)]
     with use_backend("triton"):
         ours = outputs_and_grads(linear_token_logprobs, *inputs, *g, temperature=0.8,
-                                 chunk_size=chunk_size)
+                                 chunk_size=chunk_size, fuse_matmul=fuse_matmul)
     exact = outputs_and_grads(reference.linear_token_logprobs,
                               *[t.double() if t is not None and t.is_floating_point() else t for t in inputs],
                               *[x.double() for x in g], temperature=0.8)
@@ -50,6 +54,55 @@ def test_matches_reference(chunk_size, bias, dtype):
         assert_within_torch_error(a, e, t, name=name, slack=2.0, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_splits_skipped_row_tiles_and_masked_vocabulary(dtype):
+    """The fused GEMMs at a shape that takes three vocabulary splits in forward (3000 columns, 24
+    tiles), a first row tile that is all ignored (computed by no program: its zeros come from the
+    combine), a one-row last tile, and -inf logits from the bias (masked vocabulary entries)."""
+    hidden, weight, bias, labels = make_inputs(129, 40, 3000, dtype, bias=True)
+    assert linear_module.vocab_splits(2, 3000, linear_module.SMS_WITHOUT_GPU)[0] == 3
+    labels[:128] = -100
+    labels[128] = 2500
+    masked = torch.randperm(3000, device=DEVICE)[:300]
+    bias[masked[masked != 2500]] = float("-inf")
+    g = [torch.randn(129, device=DEVICE) for _ in range(2)]
+    with use_backend("triton"):
+        ours = outputs_and_grads(linear_token_logprobs, hidden, weight, bias, labels, *g,
+                                 fuse_matmul=True, chunk_size=1)  # 1: 23-column backward chunks
+    exact = outputs_and_grads(reference.linear_token_logprobs, hidden.double(), weight.double(),
+                              bias.double(), labels, *[x.double() for x in g])
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, a, e in zip(["logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"], ours, exact):
+        assert_close(a, e, atol=tol, rtol=tol, name=name)
+    assert torch.all(ours[0][:128] == 0) and torch.all(ours[1][:128] == 0)
+    assert torch.all(ours[2][:128] == 0)
+
+
+def test_fused_forward_makes_no_logits(monkeypatch):
+    """fuse_matmul: no LM-head matmul through torch at all; the logits exist only in the kernels."""
+    def no_linear(*args, **kwargs):
+        raise AssertionError("F.linear called on the fused path")
+
+    monkeypatch.setattr(linear_module.F, "linear", no_linear)
+    hidden, weight, _, labels = make_inputs(20, 16, 300, torch.bfloat16, bias=False)
+    with use_backend("triton"):
+        logp = linear_token_logprobs(hidden.requires_grad_(), weight, labels)  # 16-bit: fused by default
+    logp.sum().backward()
+    assert hidden.grad.shape == hidden.shape
+
+
+@pytest.mark.parametrize("n_row_tiles, vocab, expected", [
+    (128, 151936, (3, 50688)),   # the bar's shape (16384 rows of 128): 384 programs for 132 SMs
+    (1, 151936, (132, 1152)),    # one row tile: 264 programs wanted, splits of 9 tiles give 132
+    (2000, 151936, (1, 151936)),  # many row tiles: no split
+    (1, 1000, (1, 1024)),        # fewer than 8 tiles: one split
+])
+def test_vocab_splits(n_row_tiles, vocab, expected):
+    splits, cols = linear_module.vocab_splits(n_row_tiles, vocab, 132)
+    assert (splits, cols) == expected
+    assert (splits - 1) * cols < vocab <= splits * cols and cols % linear_module.BLOCK_N == 0
+
+
 def test_logp_only_and_frozen_weight():
     hidden, weight, _, labels = make_inputs(20, 16, 300, torch.float32, bias=False)
     h = hidden.clone().requires_grad_()
@@ -60,11 +113,13 @@ def test_logp_only_and_frozen_weight():
     assert_close(h.grad, h64.grad, atol=1e-5, rtol=1e-5, name="grad_hidden")
 
 
-def test_empty():
+@pytest.mark.parametrize("fuse_matmul", [False, True])
+def test_empty(fuse_matmul):
     hidden, weight, _, labels = make_inputs(0, 8, 50, torch.float32, bias=False)
     h = hidden.requires_grad_()
     with use_backend("triton"):
-        logp, entropy = linear_token_logprobs(h, weight.requires_grad_(), labels, return_entropy=True)
+        logp, entropy = linear_token_logprobs(h, weight.requires_grad_(), labels, return_entropy=True,
+                                              fuse_matmul=fuse_matmul)
     assert logp.shape == entropy.shape == (0,)
     (logp.sum() + entropy.sum()).backward()
     assert h.grad.shape == (0, 8) and torch.all(weight.grad == 0)
@@ -108,13 +163,14 @@ def test_default_chunk_is_bounded_independent_of_rows():
     assert big * 151936 <= linear_module.CHUNK_ELEMENTS
 
 
-def test_nan_hidden_row_stays_in_its_row():
+@pytest.mark.parametrize("fuse_matmul", [False, True])
+def test_nan_hidden_row_stays_in_its_row(fuse_matmul):
     hidden, weight, _, labels = make_inputs(6, 8, 40, torch.float32, bias=False)
     labels[:] = 3
     hidden[4, 2] = float("nan")
     h = hidden.requires_grad_()
     with use_backend("triton"):
-        logp = linear_token_logprobs(h, weight, labels, chunk_size=4)
+        logp = linear_token_logprobs(h, weight, labels, chunk_size=4, fuse_matmul=fuse_matmul)
     logp.sum().backward()
     assert torch.isnan(logp[4]) and torch.isfinite(logp[[0, 1, 2, 3, 5]]).all()
     assert torch.isfinite(h.grad[[0, 1, 2, 3, 5]]).all()
@@ -127,6 +183,7 @@ def test_nan_hidden_row_stays_in_its_row():
     (dict(labels=torch.zeros(3, dtype=torch.long)), ValueError, r"labels must have shape \(2,\)"),
     (dict(labels=torch.tensor([0, 5])), ValueError, r"labels must be in \[0, 5\)"),
     (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+    (dict(fuse_matmul=1), TypeError, "fuse_matmul must be a bool or None, got 1"),
     (dict(hidden=torch.ones(2, 4, dtype=torch.int32)), TypeError, "hidden must have dtype"),
 ])
 def test_bad_input(bad, error, match, monkeypatch):

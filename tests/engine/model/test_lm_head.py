@@ -4,6 +4,7 @@ and the backward recomputed fp32 logits against the bf16 logsumexp)."""
 import torch
 
 from fusedrl.engine.model.lm_head import lm_head_logprobs
+from fusedrl.kernels.dispatch import backend_for
 
 
 def test_autocast_forward_and_backward_are_the_same_bf16_function():
@@ -16,10 +17,15 @@ def test_autocast_forward_and_backward_are_the_same_bf16_function():
     upstream = torch.randn(37)
     got_h, got_w = torch.autograd.grad(logp, (hidden, weight), upstream)
 
-    # Reference: the same bf16 operands, the logits' softmax in float64.
+    # Reference: the same bf16 operands, the logits' softmax in float64. The logits as the op makes
+    # them: the fused Triton GEMM (16-bit inputs on the Triton backend) keeps its fp32 accumulators,
+    # the torch backend's matmul rounds them to bf16.
     h16 = hidden.detach().bfloat16().requires_grad_()
     w16 = weight.detach().bfloat16().requires_grad_()
-    logits = (h16 @ w16.T).double() / 0.7
+    if backend_for(hidden) == "triton":
+        logits = (h16.double() @ w16.double().T) / 0.7
+    else:
+        logits = (h16 @ w16.T).double() / 0.7
     ref = torch.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
     ref_h, ref_w = torch.autograd.grad(ref, (h16, w16), upstream.double())
     assert logp.dtype == torch.float32

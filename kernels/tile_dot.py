@@ -1,0 +1,21 @@
+"""The tensor-core tile product the GEMM kernels share, with the interpreter's stand-in.
+
+Users: `kernels.norm_linear` (decode's norm + projection) and `kernels.linear_logprobs_kernels`
+(the LM head with the log-softmax in the GEMM's epilogue).
+"""
+from __future__ import annotations
+
+from .triton_compat import tl, triton
+
+
+@triton.jit
+def dot_nt(a, w, acc, INTERPRETED: tl.constexpr):
+    """acc + a [M, K] @ w [N, K].T in fp32. 16-bit inputs take the tensor cores; fp32 inputs are
+    multiplied in full fp32 ("ieee", as torch's matmul does by default), not TF32. The interpreter's
+    tl.dot is numpy's matmul, which mishandles 16-bit floats: there, fp32 products summed over the
+    K tile stand in for the mma."""
+    if INTERPRETED:
+        return acc + tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if a.dtype == tl.float32:
+        return tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(w), acc)
