@@ -10,12 +10,12 @@
 #
 #   bash bench/gpu.sh OUTDIR                    # every stage
 #   bash bench/gpu.sh OUTDIR tests kernels      # some stages (to split a run across 10-minute calls)
-# Stages: build tests kernels rl_ops attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic (a later call can skip build: kernels/_C*.so stays
+# Stages: build tests kernels linear_tune rl_ops attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic (a later call can skip build: kernels/_C*.so stays
 # in the checkout only on the same machine). Then copy what is worth keeping into bench/results/.
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUTDIR [stage ...]}
 shift
-stages=${*:-build tests kernels rl_ops attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic}
+stages=${*:-build tests kernels linear_tune rl_ops attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$repo"
@@ -88,6 +88,10 @@ for stage in $stages; do
     tests)    run_tests ;;
     kernels)  run bench_kernels 300 python bench/bench_kernels.py --ops token_logprobs,linear_token_logprobs \
                 --json "$out/bench_kernels.json" ;;
+    # linear_token_logprobs' fused GEMMs per tile shape against cuBLAS's GEMM of the same FLOPs, at
+    # the bar's shape: sets linear_logprobs.fused_tiles.
+    linear_tune) run tune_linear_logprobs 300 python bench/tune_linear_logprobs.py \
+                   --json "$out/tune_linear_logprobs.json" ;;
     # The small RL ops at 256x2048, 1024x4096 (host-bound: host us and launches per call) and 8192x2048.
     rl_ops)   run bench_rl_ops 570 python bench/bench_kernels.py --budget 0.5 \
                 --ops kl_penalty,gae,masked_whiten,ppo_policy_loss,ppo_value_loss --json "$out/bench_rl_ops.json" ;;
@@ -125,7 +129,7 @@ for stage in $stages; do
                 overwrite=true --quiet || exit 1; done' _ "$out" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
     traffic)  run traffic 300 python bench/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
-    *) echo "unknown stage $stage (build tests kernels rl_ops attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic)"; status=1 ;;
+    *) echo "unknown stage $stage (build tests kernels linear_tune rl_ops attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic)"; status=1 ;;
   esac
 done
 exit $status

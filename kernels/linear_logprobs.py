@@ -21,7 +21,7 @@ cuBLAS's. Without it: cuBLAS's GEMMs and the token_logprobs row kernels, as abov
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,25 +59,33 @@ def vocab_chunk_size(n_rows: int, vocab_size: int, chunk_size: int) -> int:
     return -(-even // tile) * tile
 
 
-# The fused GEMMs' tiles: 128 x 128 outputs (64 x 128 for a few rows) over K steps of 64, 8 warps,
-# 3 stages in flight. Not yet timed on a GPU: bench_kernels' "fusedrl (cuBLAS)" row is the comparison.
-BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 64, 8, 3
+class FusedTiles(NamedTuple):
+    """Launch shape of the fused GEMMs: output tile BLOCK_M x BLOCK_N, K steps of BLOCK_K."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
 MIN_SPLIT_TILES = 8   # a vocabulary split walks at least this many column tiles
 SMS_WITHOUT_GPU = 132  # the split count's SM figure off a GPU (the interpreter): an H100's
 
 
-def fused_tiles(n_rows: int) -> int:
-    """BLOCK_M of the fused GEMMs for N rows."""
-    return 64 if n_rows <= 64 else 128
+def fused_tiles(n_rows: int) -> FusedTiles:
+    """The fused GEMMs' tiles for N rows: 128 x 128 outputs (64 x 128 for a few rows) over K steps
+    of 64, 8 warps, 3 stages in flight. Not yet timed on a GPU: bench/tune_linear_logprobs.py
+    times the alternatives, bench_kernels' "fusedrl cuBLAS" row the unfused way."""
+    return FusedTiles(64 if n_rows <= 64 else 128, 128, 64, 8, 3)
 
 
-def vocab_splits(n_row_tiles: int, vocab: int, n_sms: int) -> tuple[int, int]:
+def vocab_splits(n_row_tiles: int, vocab: int, n_sms: int, block_n: int = 128) -> tuple[int, int]:
     """(splits, columns per split) of the fused forward: enough (row tile, split) programs for two
-    per SM, each split a whole number of BLOCK_N-column tiles and at least MIN_SPLIT_TILES of them."""
-    tiles = triton.cdiv(vocab, BLOCK_N)
+    per SM, each split a whole number of block_n-column tiles and at least MIN_SPLIT_TILES of them."""
+    tiles = triton.cdiv(vocab, block_n)
     wanted = triton.cdiv(2 * n_sms, max(n_row_tiles, 1))
     splits = max(1, min(wanted, tiles // MIN_SPLIT_TILES))
-    split_cols = triton.cdiv(tiles, splits) * BLOCK_N
+    split_cols = triton.cdiv(tiles, splits) * block_n
     return triton.cdiv(vocab, split_cols), split_cols
 
 
@@ -106,8 +114,9 @@ def forward_chunks(hidden, weight, bias, labels, temperature, ignore_index, retu
     return logp, entropy, lse
 
 
-def forward_fused(hidden, weight, bias, labels, temperature, ignore_index, return_entropy):
-    """forward_chunks' outputs from the fused GEMM (no logits in memory): two launches."""
+def forward_fused(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, tiles=None):
+    """forward_chunks' outputs from the fused GEMM (no logits in memory): two launches.
+    ``tiles``: a FusedTiles (default: fused_tiles(N))."""
     n_rows, k = hidden.shape
     vocab = weight.shape[0]
     logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
@@ -115,35 +124,37 @@ def forward_fused(hidden, weight, bias, labels, temperature, ignore_index, retur
     entropy = torch.empty(n_rows if return_entropy else 0, dtype=torch.float32, device=hidden.device)
     if n_rows == 0:
         return logp, entropy, lse
-    block_m = fused_tiles(n_rows)
-    n_row_tiles = triton.cdiv(n_rows, block_m)
-    n_splits, split_cols = vocab_splits(n_row_tiles, vocab, _sm_count(hidden.device))
+    tiles = tiles or fused_tiles(n_rows)
+    n_row_tiles = triton.cdiv(n_rows, tiles.block_m)
+    n_splits, split_cols = vocab_splits(n_row_tiles, vocab, _sm_count(hidden.device), tiles.block_n)
     states = torch.empty(N_STATES, n_splits, n_rows, dtype=torch.float32, device=hidden.device)
     _lse_partials_kernel[(n_row_tiles, n_splits)](
         hidden, weight, weight if bias is None else bias, labels, states, n_rows, vocab, split_cols,
         1.0 / temperature, ignore_index, K=k, HAS_BIAS=bias is not None, HAS_ENTROPY=return_entropy,
-        INTERPRETED=not hidden.is_cuda, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        INTERPRETED=not hidden.is_cuda, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     _lse_combine_kernel[(n_rows,)](
         states, labels, logp, entropy, lse, n_rows, n_splits, vocab, ignore_index,
         HAS_ENTROPY=return_entropy, SPLITS=triton.next_power_of_2(n_splits))
     return logp, entropy, lse
 
 
-def _fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
-                      temperature, ignore_index, start, end):
+def fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                     temperature, ignore_index, start, end, tiles=None):
     """d loss / d logits [N, end - start] of the vocabulary columns [start, end), hidden's dtype,
-    from the fused recompute (one launch)."""
+    from the fused recompute (one launch). grad_entropy: [N] fp32 or None."""
     n_rows, k = hidden.shape
     grad = torch.empty(n_rows, end - start, dtype=hidden.dtype, device=hidden.device)
-    block_m = fused_tiles(n_rows)
+    tiles = tiles or fused_tiles(n_rows)
     has_entropy_grad = grad_entropy is not None
-    _logit_grad_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(end - start, BLOCK_N))](
+    grid = (triton.cdiv(n_rows, tiles.block_m), triton.cdiv(end - start, tiles.block_n))
+    _logit_grad_kernel[grid](
         hidden, weight[start:end], weight if bias is None else bias[start:end], labels, lse, entropy,
         grad_logp, grad_entropy if has_entropy_grad else grad_logp, grad, n_rows, end - start, start,
         1.0 / temperature, ignore_index, K=k, HAS_BIAS=bias is not None,
-        HAS_ENTROPY_GRAD=has_entropy_grad, INTERPRETED=not hidden.is_cuda, BLOCK_M=block_m,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        HAS_ENTROPY_GRAD=has_entropy_grad, INTERPRETED=not hidden.is_cuda, BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
     return grad
 
 
@@ -163,8 +174,8 @@ def backward_chunks(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, 
     for start, end in _chunks(vocab, vocab_chunk_size(n_rows, vocab, chunk_size)):
         w = weight[start:end]                                               # [Vc, H]
         if fuse_matmul:
-            logits = _fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels, lse,
-                                       entropy, temperature, ignore_index, start, end)
+            logits = fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels, lse,
+                                      entropy, temperature, ignore_index, start, end)
         else:
             logits = F.linear(hidden, w, None if bias is None else bias[start:end])  # [N, Vc], becomes its grad
             token_logprobs_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature,

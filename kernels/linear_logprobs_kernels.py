@@ -76,7 +76,7 @@ def _lse_partials_kernel(
             m, s, t = rows_fold(m, s, t, z, HAS_ENTROPY)
             z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
         at = split * n_rows + rows
-        plane = tl.num_programs(1) * n_rows
+        plane = tl.num_programs(1).to(tl.int64) * n_rows  # in int64: 3 planes can pass 2**31
         tl.store(states_ptr + at, m, mask=row_ok)
         tl.store(states_ptr + plane + at, s, mask=row_ok)
         tl.store(states_ptr + 2 * plane + at, t, mask=row_ok)
@@ -100,7 +100,7 @@ def _lse_combine_kernel(
         splits = tl.arange(0, SPLITS)
         ok = splits < n_splits
         at = splits * n_rows + row
-        plane = n_splits * n_rows
+        plane = (row * 0 + n_splits) * n_rows  # in int64, as row is (3 planes can pass 2**31)
         m = tl.load(states_ptr + at, mask=ok, other=float("-inf"))
         s = tl.load(states_ptr + plane + at, mask=ok, other=0.0)
         t = tl.load(states_ptr + 2 * plane + at, mask=ok, other=0.0)
