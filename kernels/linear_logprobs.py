@@ -174,17 +174,18 @@ def backward_chunks(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, 
     for start, end in _chunks(vocab, vocab_chunk_size(n_rows, vocab, chunk_size)):
         w = weight[start:end]                                               # [Vc, H]
         if fuse_matmul:
-            logits = fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels, lse,
-                                      entropy, temperature, ignore_index, start, end)
+            grad_logits = fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels, lse,
+                                           entropy, temperature, ignore_index, start, end)
         else:
-            logits = F.linear(hidden, w, None if bias is None else bias[start:end])  # [N, Vc], becomes its grad
-            token_logprobs_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature,
-                                    ignore_index, out=logits, label_offset=start)
+            # the chunk's logits [N, Vc], turned into their gradient in place
+            grad_logits = F.linear(hidden, w, None if bias is None else bias[start:end])
+            token_logprobs_backward(grad_logp, grad_entropy, grad_logits, labels, lse, entropy, temperature,
+                                    ignore_index, out=grad_logits, label_offset=start)
         if need_weight_grad:
-            torch.mm(logits.t(), hidden, out=grad_weight[start:end])
+            torch.mm(grad_logits.t(), hidden, out=grad_weight[start:end])
             if bias is not None:
-                grad_bias[start:end].copy_(logits.sum(dim=0, dtype=torch.float32))
-        grad_hidden += torch.mm(logits, w)
+                grad_bias[start:end].copy_(grad_logits.sum(dim=0, dtype=torch.float32))
+        grad_hidden += torch.mm(grad_logits, w)
     return grad_hidden.to(hidden.dtype), grad_weight, grad_bias
 
 
