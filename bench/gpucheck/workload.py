@@ -20,6 +20,7 @@ from fusedrl.engine.model.invariant import BatchInvariant
 from fusedrl.kernels.invariant.segment_attention import segment_attention
 from fusedrl.kernels.invariant.row_logprobs import row_logprobs
 from fusedrl.kernels.invariant.fixed_tile_matmul import linear_fixed_tiles
+from fusedrl.kernels.norm_linear import norm_linear
 
 VOCABS = (151936, 128256, 50257)
 DTYPES = (torch.bfloat16, torch.float32)
@@ -57,6 +58,18 @@ def ops(vocabs=VOCABS) -> None:
     weight = torch.randn(VOCABS[-1], 64, dtype=torch.bfloat16, requires_grad=True)
     kernels.linear_token_logprobs(hidden, weight, torch.randint(0, VOCABS[-1], (4,)),
                                   fuse_matmul=False).sum().backward()
+
+
+def fp32_gemms() -> None:
+    """The GEMM kernels' fp32 launches, which multiply in full fp32 (no tensor cores): decode's
+    norm + q/k/v projection and norm + gate/up with SiLU * up at Qwen2.5-0.5B's widths (4 rows), and
+    the LM head's fused forward and backward (129 rows)."""
+    x, residual, norm_weight = torch.randn(4, 896), torch.randn(4, 896), torch.ones(896)
+    norm_linear(x, residual, norm_weight, 1e-6, torch.randn(1152, 896) / 30, torch.randn(1152), False)
+    norm_linear(x, residual, norm_weight, 1e-6, torch.randn(2 * 256, 896) / 30, None, True)
+    hidden = torch.randn(129, 896, requires_grad=True)
+    weight = (torch.randn(4096, 896) / 30).requires_grad_()
+    kernels.linear_token_logprobs(hidden, weight, torch.randint(0, 4096, (129,)), fuse_matmul=True).sum().backward()
 
 
 def lm_head(quick: bool = False) -> None:
@@ -136,6 +149,7 @@ def run(quick: bool = False) -> None:
     with kernels.use_backend("triton"):
         ops(VOCABS[1:] if quick else VOCABS)
         lm_head(quick)
+        fp32_gemms()
         generation(MODELS[:2] if quick else MODELS)
         invariant_matmul()
         invariant_mode()
