@@ -18,7 +18,10 @@ from .online_softmax import lanes_reduce, rows_fold, safe_shift
 from .tile_dot import dot_nt
 from .triton_compat import tl, triton
 
-N_STATES = 4  # per (split, row): max, sum exp, entropy sum, the label's logit
+# Per (split, row): max, sum exp, entropy sum, the label's logit. A plane (splits x N) stays far below
+# 2**31 / N_STATES elements, so int32 offsets suffice: rows beyond 2 x SMs row tiles (~34k on an
+# H100) get one split, a plane of N.
+N_STATES = 4
 
 
 @triton.jit
@@ -76,7 +79,7 @@ def _lse_partials_kernel(
             m, s, t = rows_fold(m, s, t, z, HAS_ENTROPY)
             z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
         at = split * n_rows + rows
-        plane = tl.num_programs(1).to(tl.int64) * n_rows  # in int64: 3 planes can pass 2**31
+        plane = tl.num_programs(1) * n_rows
         tl.store(states_ptr + at, m, mask=row_ok)
         tl.store(states_ptr + plane + at, s, mask=row_ok)
         tl.store(states_ptr + 2 * plane + at, t, mask=row_ok)
@@ -100,7 +103,7 @@ def _lse_combine_kernel(
         splits = tl.arange(0, SPLITS)
         ok = splits < n_splits
         at = splits * n_rows + row
-        plane = (row * 0 + n_splits) * n_rows  # in int64, as row is (3 planes can pass 2**31)
+        plane = n_splits * n_rows
         m = tl.load(states_ptr + at, mask=ok, other=float("-inf"))
         s = tl.load(states_ptr + plane + at, mask=ok, other=0.0)
         t = tl.load(states_ptr + 2 * plane + at, mask=ok, other=0.0)
