@@ -1,0 +1,139 @@
+"""The import graph of fusedrl.engine and fusedrl.kernels, read from the source (nothing imported):
+import cycles (every import counts, TYPE_CHECKING and function-level ones included), engine imports
+of private kernel modules (anything below `fusedrl.kernels` but the package itself), upward imports
+between the engine's layers, and library files over the line limit.
+
+    python bench/layering.py            # prints the report; exit 1 when any rule is broken
+    python bench/layering.py --json     # the same as one JSON object
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGES = {"fusedrl.kernels": ROOT / "kernels", "fusedrl.engine": ROOT / "engine"}
+MAX_LINES = 400
+# (importer prefix, forbidden import prefix): layering without upward imports.
+FORBIDDEN = [
+    ("fusedrl.kernels", "fusedrl.engine"),
+    ("fusedrl.engine.inference", "fusedrl.engine.train"),
+    ("fusedrl.engine.inference", "fusedrl.engine.stages"),
+    ("fusedrl.engine.model", "fusedrl.engine.data"),
+    ("fusedrl.engine.model", "fusedrl.engine.train"),
+    ("fusedrl.engine.model", "fusedrl.engine.inference"),
+    ("fusedrl.engine.model", "fusedrl.engine.stages"),
+    ("fusedrl.engine.train", "fusedrl.engine.stages"),
+    ("fusedrl.engine.data", "fusedrl.engine.train"),
+    ("fusedrl.engine.data", "fusedrl.engine.stages"),
+]
+
+
+def modules() -> dict[str, pathlib.Path]:
+    """Module name -> file, for every .py below the two packages (a package is its __init__)."""
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([package] + parts)] = path
+    return found
+
+
+def _resolve(importer: str, is_package: bool, node: ast.ImportFrom) -> str:
+    base = importer.split(".") if is_package else importer.split(".")[:-1]
+    if node.level:
+        base = base[:len(base) - (node.level - 1)]
+        return ".".join(base + ([node.module] if node.module else []))
+    return node.module or ""
+
+
+def imports_of(name: str, path: pathlib.Path, known: dict[str, pathlib.Path]) -> set[str]:
+    """The known modules `name` imports anywhere in its file."""
+    is_package = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = _resolve(name, is_package, node)
+            for alias in node.names:  # `from pkg import submodule` imports the submodule
+                sub = f"{module}.{alias.name}"
+                targets.append(sub if sub in known else module)
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                out.add(target)
+    return out
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    sys.setrecursionlimit(10000)
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def report() -> dict:
+    known = modules()
+    graph = {name: imports_of(name, path, known) for name, path in known.items()}
+    private = sorted(f"{name} -> {target}" for name, targets in graph.items()
+                     if name.startswith("fusedrl.engine") for target in targets
+                     if target.startswith("fusedrl.kernels."))
+    upward = sorted(f"{name} -> {target}" for name, targets in graph.items() for target in targets
+                    for low, high in FORBIDDEN if name.startswith(low) and target.startswith(high))
+    long_files = sorted(f"{path.relative_to(ROOT)}: {n}" for path in known.values()
+                        if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES)
+    return {"cycles": cycles(graph), "private_kernel_imports": private, "upward_imports": upward,
+            "files_over_limit": long_files}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    found = report()
+    if parser.parse_args().json:
+        print(json.dumps(found, indent=1))
+    else:
+        for key, rows in found.items():
+            print(f"{key}: {len(rows)}")
+            for row in rows:
+                print(f"  {' <-> '.join(row) if isinstance(row, list) else row}")
+    return 1 if any(found.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
