@@ -52,6 +52,20 @@ def _resolve(importer: str, is_package: bool, node: ast.ImportFrom) -> str:
     return node.module or ""
 
 
+def _bound_in_package(path: pathlib.Path) -> set[str]:
+    """Names a package's __init__ binds to something other than its submodule of that name: `from
+    pkg import name` then gets that object (a function named like its module), not the submodule."""
+    if path.name != "__init__.py":
+        return set()
+    bound = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or node.level != 1):
+            bound |= {alias.asname or alias.name for alias in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+    return bound
+
+
 def imports_of(name: str, path: pathlib.Path, known: dict[str, pathlib.Path]) -> set[str]:
     """The known modules `name` imports anywhere in its file."""
     is_package = path.name == "__init__.py"
@@ -62,9 +76,10 @@ def imports_of(name: str, path: pathlib.Path, known: dict[str, pathlib.Path]) ->
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             module = _resolve(name, is_package, node)
+            bound = _bound_in_package(known[module]) if module in known else set()
             for alias in node.names:  # `from pkg import submodule` imports the submodule
                 sub = f"{module}.{alias.name}"
-                targets.append(sub if sub in known else module)
+                targets.append(sub if sub in known and alias.name not in bound else module)
         for target in targets:
             while target and target not in known:
                 target = target.rpartition(".")[0]
