@@ -1,5 +1,5 @@
-"""Masked whitening (advantage normalization) in two launches: the valid entries' moments, then the
-normalized output.
+"""masked_whiten, the op: masked whitening (advantage normalization) in two Triton launches, the
+valid entries' moments, then the normalized output; the torch composition is statistics.masked_whiten.
 
   _moments_kernel  P programs, each walking every P-th block of the flat input: the count, mean
                    and sum of squared deviations (M2) of its valid entries, blocks joined by Chan's
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import checks, reference
+from . import checks, statistics
 from .dispatch import backend_for
 from .triton_compat import tl, triton
 
@@ -117,21 +117,25 @@ def _whiten_fake(x, mask, shift_mean, eps):
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+                  eps: float = 1e-8, sum_over: statistics.SumOver = None) -> torch.Tensor:
     """Normalize x to mean 0, variance 1 over the valid entries (advantage whitening).
 
     Args:
         x: [...] float. mask: [...] bool/integer, nonzero = valid.
         shift_mean: if False, the mean is added back (scale only).
         eps: added to the (unbiased) variance.
+        sum_over: the ranks' sum (see statistics.py): the mean and variance of every rank's valid
+            entries; None (or a group of one rank): this process's.
     Returns:
         [...] fp32, 0 outside the mask; no host sync. On the fused backends two launches (cuda runs
-        the Triton kernels); where x requires grad, the differentiable reference runs instead.
+        the Triton kernels); where x requires grad, or the statistics span ranks, the differentiable
+        composition statistics.masked_whiten runs instead (the same numbers to fp32 rounding).
     """
     checks.check_float(OP, "x", x)
     checks.check_mask(OP, mask, "x", x)
     checks.check_positive(OP, "eps", eps)
-    if backend_for(x) == "torch" or (x.requires_grad and torch.is_grad_enabled()):
-        return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    sum_fn = statistics.summing(sum_over)
+    if sum_fn is not None or backend_for(x) == "torch" or (x.requires_grad and torch.is_grad_enabled()):
+        return statistics.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps, sum_over=sum_fn)
     args = (x.detach().contiguous(), mask.contiguous(), bool(shift_mean), float(eps))
     return _whiten_op(*args) if torch.compiler.is_compiling() else _whiten(*args)
