@@ -89,19 +89,20 @@ def test_bad_sum_over_is_named():
 
 # ---- 2 gloo ranks against 1 process -----------------------------------------------------------
 
-ROWS = (3, 5)           # rows of rank 0 and rank 1 (uneven: the statistics go through sums and counts)
-GROUPS = (2, 1)         # prompt groups of reinforce_pp_baseline on each rank
+# Rows of rank 0 and rank 1, and their prompt groups of reinforce_pp_baseline: uneven (the statistics
+# go through sums and counts), and a rank with none (it still joins the sums).
+SPLITS = {"uneven": ((3, 5), (2, 1)), "one_rank_empty": ((0, 8), (0, 3))}
 N = 4                   # responses per prompt
 
 
 def rank_data():
     g = torch.Generator().manual_seed(7)
-    rows = sum(ROWS)
+    rows = 8
     x = torch.randn(rows, 37, generator=g) * 2 + 3
     mask = torch.rand(rows, 37, generator=g) < 0.6
     mask[4] = False                                                        # a fully masked row of rank 1
     values = x + 0.5 * torch.randn(rows, 37, generator=g)
-    scores = torch.rand(sum(GROUPS), N, generator=g)
+    scores = torch.rand(3, N, generator=g)
     return {"x": x, "mask": mask, "values": values, "scores": scores}
 
 
@@ -116,13 +117,14 @@ def statistics_of(data, sum_over):
             "advantages": group_advantages(data["scores"], estimator="reinforce_pp_baseline", sum_over=sum_over)}
 
 
-def _rank_main(rank: int, directory: str) -> None:
+def _rank_main(rank: int, directory: str, split: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2)
     try:
         data = load_file(f"{directory}/data.safetensors")
-        first_row, first_group = sum(ROWS[:rank]), sum(GROUPS[:rank])
-        mine = {name: t[first_row:first_row + ROWS[rank]] for name, t in data.items() if name != "scores"}
-        mine["scores"] = data["scores"][first_group:first_group + GROUPS[rank]]
+        rows, groups = SPLITS[split]
+        first_row, first_group = sum(rows[:rank]), sum(groups[:rank])
+        mine = {name: t[first_row:first_row + rows[rank]] for name, t in data.items() if name != "scores"}
+        mine["scores"] = data["scores"][first_group:first_group + groups[rank]]
 
         def all_reduce(t):
             out = t.clone()
@@ -135,10 +137,12 @@ def _rank_main(rank: int, directory: str) -> None:
         dist.destroy_process_group()
 
 
-def test_sum_over_two_gloo_ranks_is_one_process(tmp_path):
+@pytest.mark.parametrize("split", SPLITS)
+def test_sum_over_two_gloo_ranks_is_one_process(tmp_path, split):
+    # Under TRITON_INTERPRET=1 masked_whiten runs its Triton kernels in both, elsewhere the torch path.
     data = rank_data()
     save_file({k: v.contiguous() for k, v in data.items()}, str(tmp_path / "data.safetensors"))
-    mp.start_processes(_rank_main, args=(str(tmp_path),), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_main, args=(str(tmp_path), split), nprocs=2, start_method="spawn")
     one = statistics_of(data, None)
     ranks = [load_file(tmp_path / f"rank-{r}.safetensors") for r in (0, 1)]
     for kind in ("fn", "group"):                               # a function and a process group as sum_over

@@ -49,8 +49,8 @@ def test_fast_path_is_the_torch_path(shape, max_programs, shift_mean, monkeypatc
     torch_path = statistics.masked_whiten(x, mask, shift_mean=shift_mean)
     with use_backend("triton"):
         fast = masked_whiten(x, mask, shift_mean=shift_mean)
-        # a sum over ranks (here one rank: the identity) takes the torch composition
+        # a sum over ranks (here one rank: the identity) joins the partials between the launches
         over_ranks = masked_whiten(x, mask, shift_mean=shift_mean, sum_over=lambda t: t.clone())
     # fp32 rounding: Chan's per-block moments against two whole-tensor passes
     assert_close(fast, torch_path, atol=2e-6, rtol=2e-6)
-    assert torch.equal(over_ranks, torch_path)
+    assert_close(over_ranks, torch_path, atol=2e-6, rtol=2e-6)
