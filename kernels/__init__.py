@@ -20,8 +20,8 @@ else:
     from .dispatch import BACKENDS, backend_for, use_backend
     from .advantages import gae
     from .whiten import masked_whiten
-    from .statistics import (AGGS, GROUP_ESTIMATORS, IS_LEVELS, IS_MODES, aggregation_rule, explained_variance,
-                             group_advantages, importance_weights, masked_mean, masked_moments)
+    from .statistics import (AGGS, GROUP_ESTIMATORS, IS_LEVELS, IS_MODES, SumOver, aggregation_rule,
+                             explained_variance, group_advantages, importance_weights, masked_mean, masked_moments)
     from .kl import kl_penalty
     from .linear_logprobs import linear_token_logprobs
     from .ppo_loss import ppo_policy_loss, ppo_value_loss
@@ -32,7 +32,8 @@ else:
 
     __all__ = [
         "BACKENDS", "backend_for", "use_backend", "reference",
-        "AGGS", "GROUP_ESTIMATORS", "IS_LEVELS", "IS_MODES", "aggregation_rule", "masked_mean", "masked_moments",
+        "AGGS", "GROUP_ESTIMATORS", "IS_LEVELS", "IS_MODES", "SumOver", "aggregation_rule", "masked_mean",
+        "masked_moments",
         "explained_variance", "importance_weights", "group_advantages",
         "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten",
         "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul",

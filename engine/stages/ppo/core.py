@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ....kernels import gae, group_advantages, masked_moments, masked_whiten
+from ....kernels import SumOver, gae, group_advantages, masked_moments, masked_whiten
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ def shape_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl
 
 def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,
                            estimator: str = "gae", gamma: float = 1.0, lam: float = 0.95,
-                           whiten: bool = True, sum_over=None) -> tuple[torch.Tensor, torch.Tensor]:
+                           whiten: bool = True, sum_over: SumOver = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns) [R, T] from per-token rewards and the critic's values.
 
     estimator "gae": GAE(gamma, lam). "reinforce": REINFORCE with the critic as baseline,
@@ -70,7 +70,7 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: to
 
 
 def group_token_advantages(scores: torch.Tensor, mask: torch.Tensor, n: int, estimator: str,
-                           sum_over=None) -> torch.Tensor:
+                           sum_over: SumOver = None) -> torch.Tensor:
     """Critic-free advantages [R, T]: the group estimator over each prompt's n scores (rows g*n ..
     g*n + n - 1 are prompt g), each row's advantage on every one of its valid tokens; batch
     statistics (reinforce_pp_baseline) over every rank's groups with sum_over the ranks' sum.
