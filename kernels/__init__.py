@@ -6,6 +6,10 @@ otherwise; ``use_backend(...)`` and ``FUSEDRL_BACKEND`` override, including "cud
 compiled kernels of csrc/ (``fusedrl.kernels.cuda_ext``, see BACKENDS.md). The ops are registered as
 torch custom ops (namespace ``fusedrl``), so torch.compile traces through them. Without triton
 installed the package still imports and every op runs on the torch backend.
+
+The RL statistics (masked mean, moments and whitening, loss aggregation, the IS/GSPO corrections,
+group advantages) are written once, in statistics.py; the ones that pool entries take `sum_over`,
+the ranks' sum, and give every rank what one process computes on all ranks' rows.
 """
 if __name__ != "fusedrl.kernels":
     # The repository root is on sys.path and this folder was imported as `kernels`: see shadowed.py.
@@ -13,11 +17,11 @@ if __name__ != "fusedrl.kernels":
     stand_aside(__name__, __file__)
 else:
     from . import reference
-    from .aggregation import aggregation_rule
     from .dispatch import BACKENDS, backend_for, use_backend
     from .advantages import gae
     from .whiten import masked_whiten
-    from .group_advantages import group_advantages
+    from .statistics import (AGGS, GROUP_ESTIMATORS, IS_LEVELS, IS_MODES, SumOver, aggregation_rule,
+                             explained_variance, group_advantages, importance_weights, masked_mean, masked_moments)
     from .kl import kl_penalty
     from .linear_logprobs import linear_token_logprobs
     from .ppo_loss import ppo_policy_loss, ppo_value_loss
@@ -27,7 +31,10 @@ else:
     from .swiglu import silu_mul
 
     __all__ = [
-        "BACKENDS", "backend_for", "use_backend", "reference", "aggregation_rule",
-        "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten", "group_advantages",
+        "BACKENDS", "backend_for", "use_backend", "reference",
+        "AGGS", "GROUP_ESTIMATORS", "IS_LEVELS", "IS_MODES", "SumOver", "aggregation_rule", "masked_mean",
+        "masked_moments",
+        "explained_variance", "importance_weights", "group_advantages",
+        "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten",
         "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul",
     ]

@@ -62,7 +62,7 @@ def policy_forward(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
                    is_mode: int, is_sequence: bool, is_cap: float, is_low: float, is_high: float,
                    sequence_ratio: bool, compute_grad: bool):
     """Contiguous [..., T] inputs -> (loss [], stats [len(STATS)], d term / d logp [...] fp32 or [0],
-    row weights [rows]). agg: index in aggregation.AGGS; is_mode: IS_NONE / IS_TIS / IS_MIS;
+    row weights [rows]). agg: index in statistics.AGGS; is_mode: IS_NONE / IS_TIS / IS_MIS;
     dual_clip <= 0 disables it."""
     n_steps = logp.shape[-1]
     chunk, n_chunks = _chunking(n_steps, sequence_ratio or (is_mode != IS_NONE and is_sequence))

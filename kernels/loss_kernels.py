@@ -51,7 +51,7 @@ def _block(mask_ptr, row, start, n_steps, HAS_MASK: tl.constexpr, BLOCK_SIZE: tl
 
 @triton.jit
 def _clamped_exp(log_w):
-    """exp of a log importance weight clamped to +-20 (policy_corrections.LOG_RATIO_LIMIT)."""
+    """exp of a log importance weight clamped to +-20 (statistics.LOG_RATIO_LIMIT)."""
     return tl.exp(tl.minimum(tl.maximum(log_w, -20.0), 20.0))
 
 
@@ -271,7 +271,7 @@ def _finalize_kernel(
     n_rows,
     n_chunks,
     norm,             # seq-mean-token-sum-norm's constant
-    AGG: tl.constexpr,        # index in aggregation.AGGS (the rules of aggregation.py)
+    AGG: tl.constexpr,        # index in statistics.AGGS (the aggregation rules there)
     ROW_BLOCK: tl.constexpr,
 ):
     cols = tl.arange(0, 16)

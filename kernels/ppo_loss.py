@@ -1,6 +1,6 @@
 """PPO's clipped policy and value losses: argument checks and backend choice (host functions).
 
-The loss is a weighted sum of per-token terms, with the row weights of aggregation.py (the rules of
+The loss is a weighted sum of per-token terms, with the row weights of statistics.py (the rules of
 every `agg`, written once).
 Each kernel computes, per token, the term, its derivative and the diagnostics (clip fractions, k3
 KL, ratio mean/max); the stats stay on the device (no host sync).
@@ -17,9 +17,8 @@ from typing import Optional
 import torch
 
 from . import checks, fused_loss, reference
-from .aggregation import AGGS, row_weights
 from .dispatch import backend_for, fused_op, kernel_inputs
-from .policy_corrections import IS_LEVELS, IS_MODES, importance_weights, sequence_ratio_logp
+from .statistics import AGGS, IS_LEVELS, IS_MODES, importance_weights, row_weights, sequence_ratio_logp
 
 POLICY_STATS = ("clipfrac", "dual_clipfrac", "approx_kl", "ratio_mean", "ratio_max")
 IS_STATS = ("is_weight_mean", "is_weight_max", "is_masked_frac")
@@ -104,11 +103,11 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
             "seq-mean-token-sum-norm" (the token sum / loss_agg_norm, default T; see the module
             docstring).
         ratio_level: "token" (PPO) or "sequence" (GSPO: each sequence's length-normalized ratio,
-            clipped per sequence; see kernels/policy_corrections.py).
+            clipped per sequence; see kernels/statistics.py).
         log_ratio_clamp: logp - old_logp is clamped to +-this before exp() (gradient 0 beyond).
         rollout_logprobs: [..., T] the sampler's log-probs; with is_mode "tis" (truncated) or
             "mis" (masked, the [is_low, is_high] band) at is_level "token" or "sequence", the
-            importance-sampling correction of pi_old / pi_rollout (policy_corrections.py).
+            importance-sampling correction of pi_old / pi_rollout (statistics.py).
     Returns:
         (loss [] fp32, stats) with stats of detached 0-dim fp32 tensors: clipfrac, dual_clipfrac,
         approx_kl (k3 estimate of KL(old || new) of the ratio used), ratio_mean, ratio_max (over

@@ -3,27 +3,16 @@
 
 Written for clarity, not speed: each is the textbook composition, differentiated by autograd. They
 compute in float64 when given float64 inputs and in float32 otherwise, and take the same
-arguments as the public ops (validated there, not here).
+arguments as the public ops (validated there, not here). The masked statistics and the loss
+aggregation are statistics.py's, under their names here.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .aggregation import row_weights
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs (the oracle), float32 for everything else."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _valid(mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    if mask is None:
-        return torch.ones_like(like, dtype=torch.bool)
-    return mask != 0
+from .statistics import (aggregate, compute_dtype, masked_mean, masked_moments, masked_whiten,
+                         valid_entries, weighted_sum)
 
 
 def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
@@ -65,7 +54,7 @@ def kl_penalty(logp, ref_logp, *, estimator="k1", mask=None):
         kl = 0.5 * log_ratio**2
     else:
         kl = log_ratio.exp() - log_ratio - 1.0
-    return torch.where(_valid(mask, logp), kl, 0.0)
+    return torch.where(valid_entries(mask, logp), kl, 0.0)
 
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
@@ -77,7 +66,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     """
     cd = compute_dtype(rewards)
     rewards, values = rewards.to(cd), values.to(cd)
-    valid = _valid(mask, rewards)
+    valid = valid_entries(mask, rewards)
     advantages = torch.zeros_like(rewards)
     next_value = torch.zeros_like(rewards[..., 0])
     next_advantage = torch.zeros_like(rewards[..., 0])
@@ -90,63 +79,6 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
         next_advantage = torch.where(ok, advantage, next_advantage)
     returns = torch.where(valid, advantages + values, 0.0)
     return advantages, returns
-
-
-def _masked_sum(x, valid, dim, keepdim, sum_over):
-    """(sum of x over the valid entries, their count) along dim, each summed over the ranks by
-    sum_over when given (one call: the two go stacked, the count in x's dtype)."""
-    total = torch.where(valid, x, 0.0).sum(dim=dim, keepdim=keepdim)
-    count = valid.sum(dim=dim, keepdim=keepdim)
-    if sum_over is not None:
-        total, count = sum_over(torch.stack([total, count.to(total.dtype)])).unbind(0)
-    return total, count
-
-
-def masked_mean(x, mask, dim=None, *, keepdim=False, sum_over=None):
-    """Mean of x over valid entries along dim (all of x when None); 0 where there are none.
-
-    sum_over: a function summing a tensor over the ranks (e.g. distributed.all_reduce_tensor;
-    not differentiated): the mean over every rank's entries. The one masked mean of the package
-    and of the engine's statistics.
-    """
-    total, count = _masked_sum(x, _valid(mask, x), dim, keepdim, sum_over)
-    return total / count.clamp_min(1)
-
-
-def masked_moments(x, mask, dim=None, *, unbiased=True, sum_over=None):
-    """(mean, variance) of x over valid entries along dim (all of x when None), both with dim kept
-    as size 1 (every dim for None), so that x - mean broadcasts. Two passes (the mean, then the
-    centered squares: no sum-of-squares cancellation); the variance divides by count - 1 when
-    unbiased (at least 1). sum_over as in masked_mean."""
-    valid = _valid(mask, x)
-    mean = masked_mean(x, valid, dim, keepdim=True, sum_over=sum_over)
-    # Centered by a select first: a non-finite x outside the mask must not reach the gradient.
-    squares, count = _masked_sum(torch.where(valid, x - mean, 0.0) ** 2, valid, dim, True, sum_over)
-    return mean, squares / (count - int(unbiased)).clamp_min(1)
-
-
-def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8, sum_over=None):
-    """(x - mean) / sqrt(var + eps) over valid entries (unbiased var, masked_moments); 0 outside
-    the mask. sum_over as in masked_mean: whitening over every rank's entries."""
-    cd = compute_dtype(x)
-    x = x.to(cd)
-    valid = _valid(mask, x)
-    mean, var = masked_moments(x, valid, sum_over=sum_over)
-    white = torch.where(valid, x - mean, 0.0) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        white = white + mean
-    return torch.where(valid, white, 0.0)
-
-
-def weighted_sum(per_token, mask, weights):
-    """sum over valid tokens of weights[row] * per_token: per_token, mask [..., T], weights [rows]."""
-    weights = weights.to(per_token.dtype).view(*per_token.shape[:-1], 1)
-    return torch.where(_valid(mask, per_token), per_token * weights, 0.0).sum()
-
-
-def aggregate(per_token, mask, agg, norm=None):
-    """Reduce a per-token loss [..., T] to a scalar by the rule of `agg` (aggregation.py)."""
-    return weighted_sum(per_token, mask, row_weights(_valid(mask, per_token), agg, norm))
 
 
 def policy_terms(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
@@ -184,7 +116,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_
     with torch.no_grad():
         # ratio > 0, so a max over (ratio on valid, 0 elsewhere, one extra 0) is the max over valid
         # tokens, or 0 when there are none.
-        masked_ratio = torch.where(_valid(mask, ratio), ratio, 0.0).flatten()
+        masked_ratio = torch.where(valid_entries(mask, ratio), ratio, 0.0).flatten()
         stats = {
             "clipfrac": masked_mean(clipped.to(cd), mask),
             "dual_clipfrac": masked_mean(dual_active.to(cd), mask),

@@ -1,5 +1,5 @@
-"""Masked whitening (advantage normalization) in two launches: the valid entries' moments, then the
-normalized output.
+"""masked_whiten, the op: masked whitening (advantage normalization) in two Triton launches, the
+valid entries' moments, then the normalized output; the torch composition is statistics.masked_whiten.
 
   _moments_kernel  P programs, each walking every P-th block of the flat input: the count, mean
                    and sum of squared deviations (M2) of its valid entries, blocks joined by Chan's
@@ -8,12 +8,15 @@ normalized output.
                    global mean and unbiased variance, then writes its blocks.
 
 The grid-wide reduction is why there are two launches; no host sync (P is fixed by the size).
+Statistics over ranks (sum_over) join the ranks' partials between the two launches.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from . import checks, reference
+from . import checks, statistics
 from .dispatch import backend_for
 from .triton_compat import tl, triton
 
@@ -92,14 +95,36 @@ def _whiten_kernel(
         tl.store(out_ptr + offs, tl.where(valid, white, 0.0), mask=in_range)
 
 
-def _whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float) -> torch.Tensor:
+def _join_ranks(partials: torch.Tensor, sum_fn: statistics.SumFn) -> torch.Tensor:
+    """This rank's programs' (count, mean, M2) partials [3, P] -> [3, P] holding every rank's
+    (count, mean, M2) in the first column and empty partials (count 0) after it, which
+    _whiten_kernel joins as it joins any. Two calls of sum_fn, in float64: the counts and sums, then
+    the squares about the ranks' mean (Chan's formula, as the kernels join their blocks)."""
+    n_i, mean_i, m2_i = partials.double()
+    count, total = sum_fn(torch.stack([n_i.sum(), (n_i * mean_i).sum()]))
+    mean = total / count.clamp_min(1)
+    m2 = sum_fn((m2_i + n_i * (mean_i - mean) ** 2).sum().reshape(1))[0]
+    joined = torch.zeros_like(partials)
+    joined[:, 0] = torch.stack([count, mean, m2]).float()
+    return joined
+
+
+def _whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float,
+            sum_fn: Optional[statistics.SumFn] = None) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     n = x.numel()
+    if not n and sum_fn is None:
+        return out
+    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    n_programs = max(min(triton.cdiv(n, BLOCK), MAX_PROGRAMS), 1)
     if n:
-        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-        n_programs = min(triton.cdiv(n, BLOCK), MAX_PROGRAMS)
         partials = torch.empty(3, n_programs, dtype=torch.float32, device=x.device)
         _moments_kernel[(n_programs,)](x, mask, partials, n, BLOCK_SIZE=BLOCK)
+    else:  # a rank with no entries still joins the others' sums
+        partials = torch.zeros(3, n_programs, dtype=torch.float32, device=x.device)
+    if sum_fn is not None:
+        partials = _join_ranks(partials, sum_fn)
+    if n:
         _whiten_kernel[(n_programs,)](x, mask, partials, out, n, eps, SHIFT_MEAN=shift_mean,
                                       P_POW2=triton.next_power_of_2(n_programs), BLOCK_SIZE=BLOCK)
     return out
@@ -117,21 +142,28 @@ def _whiten_fake(x, mask, shift_mean, eps):
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+                  eps: float = 1e-8, sum_over: statistics.SumOver = None) -> torch.Tensor:
     """Normalize x to mean 0, variance 1 over the valid entries (advantage whitening).
 
     Args:
         x: [...] float. mask: [...] bool/integer, nonzero = valid.
         shift_mean: if False, the mean is added back (scale only).
         eps: added to the (unbiased) variance.
+        sum_over: the ranks' sum (see statistics.py): the mean and variance of every rank's valid
+            entries (every rank must call); None (or a group of one rank): this process's.
     Returns:
-        [...] fp32, 0 outside the mask; no host sync. On the fused backends two launches (cuda runs
-        the Triton kernels); where x requires grad, the differentiable reference runs instead.
+        [...] fp32, 0 outside the mask. On the fused backends two launches (cuda runs the Triton
+        kernels), no host sync; with sum_over, the ranks' partials are joined between them. Where x
+        requires grad the differentiable composition statistics.masked_whiten runs instead (the
+        same numbers to fp32 rounding).
     """
     checks.check_float(OP, "x", x)
     checks.check_mask(OP, mask, "x", x)
     checks.check_positive(OP, "eps", eps)
-    if backend_for(x) == "torch" or (x.requires_grad and torch.is_grad_enabled()):
-        return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    sum_fn = statistics.summing(sum_over)
+    compiling = torch.compiler.is_compiling()
+    if (backend_for(x) == "torch" or (x.requires_grad and torch.is_grad_enabled())
+            or (sum_fn is not None and compiling)):           # the custom op takes no function
+        return statistics.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps, sum_over=sum_fn)
     args = (x.detach().contiguous(), mask.contiguous(), bool(shift_mean), float(eps))
-    return _whiten_op(*args) if torch.compiler.is_compiling() else _whiten(*args)
+    return _whiten_op(*args) if compiling else _whiten(*args, sum_fn)

@@ -11,8 +11,9 @@ from .train import OptimConfig, RunConfig
 
 Critic = Literal["separate", "shared", "none"]
 Estimator = Literal["gae", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"]
-# Estimators that compare a prompt's n responses with each other instead of using a critic.
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+# The estimators that learn from a critic's values; the others are fusedrl.kernels.GROUP_ESTIMATORS,
+# which compare a prompt's n responses with each other (named there: this package stays torch-free).
+CRITIC_ESTIMATORS = ("gae", "reinforce")
 KLEstimator = Literal["k1", "k2", "k3"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum",
                       "seq-mean-token-sum-norm"]
@@ -191,7 +192,7 @@ class PPOConfig:
                "give one of reward_model and reward_fn, not both")
         check(self.ppo.ptx_coef == 0 or bool(self.ptx_file), "ppo.ptx_coef > 0 needs ptx_file")
         check(self.critic_lr is None or self.critic_lr > 0, f"critic_lr must be > 0, got {self.critic_lr}")
-        grouped = self.ppo.estimator in GROUP_ESTIMATORS
+        grouped = self.ppo.estimator not in CRITIC_ESTIMATORS
         check(grouped == (self.critic == "none"),
               f"ppo.estimator={self.ppo.estimator} {'is critic-free: set critic=none' if grouped else 'needs a critic: critic=separate or shared'}"
               f" (got critic={self.critic})")

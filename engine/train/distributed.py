@@ -26,7 +26,7 @@ import datetime
 import functools
 import os
 from collections import Counter
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -137,6 +137,26 @@ def min_over_ranks(n: int) -> int:
 def rank_slice(per_rank: int) -> slice:
     """This rank's items of a global batch of `per_rank * world_size()` items, in rank order."""
     return slice(rank() * per_rank, (rank() + 1) * per_rank)
+
+
+def data_parallel_sum() -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The `sum_over` of fusedrl.kernels' statistics: the sum over the data-parallel ranks (statistics
+    of every rank's rows), None in one process (nothing to sum: the kernels' single-device path)."""
+    return all_reduce_tensor if world_size() > 1 else None
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """[R, ...] on each rank -> [W * R, ...], rank 0's rows first (the same R on every rank)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x, device="cpu") for _ in range(world_size())]
+    dist.all_gather(parts, x.detach().cpu().contiguous())
+    return torch.cat(parts).to(x.device)
+
+
+def own_rows(x: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a gathered [W * R, ...] tensor."""
+    return x[rank_slice(x.shape[0] // world_size())]
 
 
 def shard(model: nn.Module, mode: str = "shard") -> nn.Module:

@@ -151,6 +151,16 @@ def read_metrics(run_dir) -> list[dict]:
     return rows
 
 
+def host_values(values: dict) -> dict:
+    """{name: 0-dim tensor or Python number} -> {name: float or the number}: one host sync for all
+    the tensors (a step's stats stay on the device until then)."""
+    names = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    if not names:
+        return dict(values)
+    host = torch.stack([values[k].detach().double().reshape(()) for k in names]).tolist()
+    return {**values, **dict(zip(names, host))}
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory in MiB: allocated CUDA memory on a GPU, else the process's peak resident set."""
     if device.type == "cuda":

@@ -1,5 +1,5 @@
-"""The one masked mean / moments / whiten (kernels.reference), used by the reference ops,
-group_advantages and the PPO global statistics: against float64 formulas written out, and with
+"""The one masked mean / moments / whiten (kernels.statistics, under reference's names), used by the ops,
+group_advantages and the engine's rollout statistics: against float64 formulas written out, and with
 `sum_over` (the ranks' all-reduce) two shards give the statistics of their concatenation."""
 import threading
 

@@ -1,9 +1,10 @@
 """masked_whiten's two-launch Triton kernels against the float64 reference: odd sizes, both dtypes,
-several programs and several blocks per program, masked rows, one and no valid entry."""
+several programs and several blocks per program, masked rows, one and no valid entry; and the same
+numbers, to fp32 rounding, as the torch composition of kernels.statistics it is the fast path of."""
 import pytest
 import torch
 
-from fusedrl.kernels import masked_whiten, reference, use_backend, whiten
+from fusedrl.kernels import masked_whiten, reference, statistics, use_backend, whiten
 from kernel_testing import DEVICE, assert_close, needs_triton, rand_mask
 
 pytestmark = needs_triton
@@ -36,3 +37,20 @@ def test_empty_and_gradient_fallback():
         masked_whiten(x, mask)[0, 0].backward()                       # differentiable where asked
     expected = torch.autograd.grad(reference.masked_whiten(x, mask)[0, 0], x)[0]
     assert_close(x.grad, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape, max_programs", [((1, 3), 1024), ((5, 1001), 1024), ((7, 2048), 3)])
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_fast_path_is_the_torch_path(shape, max_programs, shift_mean, monkeypatch):
+    monkeypatch.setattr(whiten, "MAX_PROGRAMS", max_programs)
+    x = torch.randn(shape, device=DEVICE) * 3 + 5
+    mask = rand_mask(*shape)
+    mask[0, 1:] = False                                               # a row with one valid entry
+    torch_path = statistics.masked_whiten(x, mask, shift_mean=shift_mean)
+    with use_backend("triton"):
+        fast = masked_whiten(x, mask, shift_mean=shift_mean)
+        # a sum over ranks (here one rank: the identity) joins the partials between the launches
+        over_ranks = masked_whiten(x, mask, shift_mean=shift_mean, sum_over=lambda t: t.clone())
+    # fp32 rounding: Chan's per-block moments against two whole-tensor passes
+    assert_close(fast, torch_path, atol=2e-6, rtol=2e-6)
+    assert_close(over_ranks, torch_path, atol=2e-6, rtol=2e-6)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ....kernels import gae, group_advantages, masked_whiten
+from ....kernels import SumOver, gae, group_advantages, masked_moments, masked_whiten
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
@@ -53,26 +53,29 @@ def shape_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl
 
 def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,
                            estimator: str = "gae", gamma: float = 1.0, lam: float = 0.95,
-                           whiten: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                           whiten: bool = True, sum_over: SumOver = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns) [R, T] from per-token rewards and the critic's values.
 
     estimator "gae": GAE(gamma, lam). "reinforce": REINFORCE with the critic as baseline,
     A_t = G_t - V_t with G_t the discounted reward-to-go, which is GAE with lam = 1.
-    Advantages are whitened over the valid tokens when ``whiten``; returns are not.
+    Advantages are whitened over the valid tokens when ``whiten`` (every rank's, with sum_over the
+    ranks' sum: see kernels.masked_whiten); returns are not.
     """
     if estimator not in ("gae", "reinforce"):
         raise ValueError(f"advantages_and_returns: unknown estimator {estimator!r}; expected 'gae' or 'reinforce'")
     advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=1.0 if estimator == "reinforce" else lam)
     if whiten:
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, sum_over=sum_over)
     return advantages, returns
 
 
-def group_token_advantages(scores: torch.Tensor, mask: torch.Tensor, n: int, estimator: str) -> torch.Tensor:
+def group_token_advantages(scores: torch.Tensor, mask: torch.Tensor, n: int, estimator: str,
+                           sum_over: SumOver = None) -> torch.Tensor:
     """Critic-free advantages [R, T]: the group estimator over each prompt's n scores (rows g*n ..
-    g*n + n - 1 are prompt g), each row's advantage on every one of its valid tokens.
+    g*n + n - 1 are prompt g), each row's advantage on every one of its valid tokens; batch
+    statistics (reinforce_pp_baseline) over every rank's groups with sum_over the ranks' sum.
     scores [R], mask [R, T] -> fp32 [R, T], 0 off the mask."""
-    per_row = group_advantages(scores.view(-1, n), estimator=estimator).reshape(-1)    # [R]
+    per_row = group_advantages(scores.view(-1, n), estimator=estimator, sum_over=sum_over).reshape(-1)   # [R]
     return torch.where(mask.bool(), per_row[:, None], 0.0)
 
 
@@ -118,13 +121,12 @@ class RunningMoments:
         """Add the batch's finite scores (a NaN or inf would poison the moments for good)."""
         batch = scores.detach().double().flatten()
         finite = torch.isfinite(batch)
-        count = finite.sum()
-        mean = torch.where(finite, batch, 0.0).sum() / count.clamp_min(1)
-        m2 = torch.where(finite, (batch - mean) ** 2, 0.0).sum()
-        n, batch_mean, batch_m2 = torch.stack([count.double(), mean, m2]).tolist()   # one host read
+        mean, var = masked_moments(batch, finite, unbiased=False)
+        n, batch_mean, batch_var = torch.stack([finite.sum().double(), mean[0], var[0]]).tolist()  # one host read
         n = int(n)
         if n == 0:
             return
+        batch_m2 = batch_var * n
         total = self.count + n
         delta = batch_mean - self.mean
         self.mean += delta * n / total

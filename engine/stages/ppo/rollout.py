@@ -10,8 +10,9 @@ reference, old log-probs, values and the update's minibatches read that pack (cu
 
 Under torchrun each rank holds its share of the rollout's rows (the same number on every rank: rows
 dropped on one rank are balanced by dropping as many whole groups on the others); statistics that
-shape the update (score normalization, advantage whitening, the KL that drives the controller) and
-the metrics are taken over all ranks (global_stats.py).
+shape the update (score normalization, advantage whitening, the group baseline of
+reinforce_pp_baseline, the KL that drives the controller) and the metrics are taken over all ranks:
+fusedrl.kernels' statistics with `sum_over` the ranks' sum (distributed.data_parallel_sum).
 """
 from __future__ import annotations
 
@@ -21,11 +22,10 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from ...config.ppo import GROUP_ESTIMATORS, PPOConfig
+from ...config.ppo import PPOConfig
 from ...data.packing import PackedBatch, pack_sequences
-from ...train import distributed
-from ....kernels import kl_penalty
-from . import global_stats
+from ...train import distributed, runlog
+from ....kernels import GROUP_ESTIMATORS, explained_variance, kl_penalty, masked_mean, masked_moments
 from .core import RunningMoments, advantages_and_returns, finite_rows, group_token_advantages, shape_rewards
 from .phase_timer import PhaseTimer
 from .scoring import policy_forward, reference_logprobs
@@ -133,21 +133,20 @@ def make_rollout(models: "PPOModels", samples: "Samples", cfg: PPOConfig, kl_coe
         old_logp, entropy, old_values = policy_forward(models, packed, r.temperature, with_entropy=True,
                                                        exact=r.exact)
     kl = kl_penalty(old_logp, ref_logp, estimator=cfg.reward.kl_estimator, mask=mask)
-    shaped = (global_stats.own_rows(moments.normalize(global_stats.gather_rows(scores))) if cfg.reward.normalize
+    ranks = distributed.data_parallel_sum()
+    shaped = (distributed.own_rows(moments.normalize(distributed.gather_rows(scores))) if cfg.reward.normalize
               else scores)
     if cfg.reward.clip is not None:
         shaped = shaped.clamp(-cfg.reward.clip, cfg.reward.clip)
     rewards = shape_rewards(kl, shaped, mask, kl_coef)
     with_values = old_values is not None
     if not with_values:  # critic-free: each row's group-relative advantage on all its tokens
-        advantages = group_token_advantages(shaped, mask, samples.n, cfg.ppo.estimator)
+        advantages = group_token_advantages(shaped, mask, samples.n, cfg.ppo.estimator, sum_over=ranks)
         old_values = returns = torch.zeros_like(advantages)
     else:
         advantages, returns = advantages_and_returns(
             rewards, old_values, mask, estimator=cfg.ppo.estimator, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
-            whiten=False)
-        if cfg.ppo.whiten_advantages:  # over all ranks' tokens
-            advantages = global_stats.whiten(advantages, mask)
+            whiten=cfg.ppo.whiten_advantages, sum_over=ranks)
     rollout = Rollout(packed, mask, samples.sampler_logprobs, old_logp, ref_logp, old_values, scores, rewards,
                       advantages, returns)
     metrics = rollout_metrics(rollout, kl, entropy, with_values, timer)
@@ -156,21 +155,33 @@ def make_rollout(models: "PPOModels", samples: "Samples", cfg: PPOConfig, kl_coe
 
 def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, with_values: bool,
                     timer: PhaseTimer) -> dict:
-    """The rollout's metrics over all ranks: computed on the device, read with one host sync."""
-    g, mask = global_stats, rollout.mask
+    """The rollout's metrics over all ranks: computed on the device in float64, read with one host sync."""
+    ranks, mask = distributed.data_parallel_sum(), rollout.mask
+
+    def mean(x, valid=None):
+        return masked_mean(x.double(), valid, sum_over=ranks)
+
+    def std(x):
+        return masked_moments(x.double(), unbiased=False, sum_over=ranks)[1].sqrt()
+
+    def total(x):
+        return distributed.all_reduce_tensor(x.sum().double())
+
     mismatch = (rollout.sampler_logprobs - rollout.old_logprobs).abs()  # exactly 0 with rollout.exact
     reward_rows = rollout.rewards.sum(-1)
-    metrics = g.read({
-        "score_mean": g.row_mean(rollout.scores), "score_std": g.row_std(rollout.scores),
-        "reward_mean": g.row_mean(reward_rows), "reward_std": g.row_std(reward_rows),
-        "kl": g.row_mean(kl.sum(-1)),
-        "entropy": g.masked_mean(entropy, mask),
-        "response_length": g.row_mean(mask.sum(-1).float()),
-        **({"explained_variance": g.explained_variance(rollout.old_values, rollout.returns, mask)}
-           if with_values else {}),
-        "mean_logprob": g.masked_mean(rollout.old_logprobs, mask),
-        "logprob_mismatch": g.masked_mean(mismatch, mask), "logprob_mismatch_max": g.masked_max(mismatch, mask),
-        "logprob_mismatch_tokens": g.total((mismatch != 0) & mask), "tokens": g.total(mask),
+    metrics = runlog.host_values({
+        "score_mean": mean(rollout.scores), "score_std": std(rollout.scores),
+        "reward_mean": mean(reward_rows), "reward_std": std(reward_rows),
+        "kl": mean(kl.sum(-1)),
+        "entropy": mean(entropy, mask),
+        "response_length": mean(mask.sum(-1)),
+        **({"explained_variance": explained_variance(rollout.old_values.double(), rollout.returns.double(), mask,
+                                                     sum_over=ranks)} if with_values else {}),
+        "mean_logprob": mean(rollout.old_logprobs, mask),
+        "logprob_mismatch": mean(mismatch, mask),
+        "logprob_mismatch_max": distributed.all_reduce_tensor(
+            torch.where(mask, mismatch.double(), float("-inf")).max(), op="max"),
+        "logprob_mismatch_tokens": total((mismatch != 0) & mask), "tokens": total(mask),
     })
     metrics["perplexity"] = math.exp(-metrics.pop("mean_logprob"))
     tokens = metrics["tokens"] = int(metrics["tokens"])

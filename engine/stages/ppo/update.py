@@ -18,11 +18,9 @@ import torch
 
 from ...config.ppo import PPOConfig
 from ...data.packing import pack
-from ...train import distributed, optim
-from ....kernels import aggregation_rule, kl_penalty, ppo_policy_loss, ppo_value_loss
-from ....kernels.policy_corrections import importance_weights
-from ....kernels.reference import masked_mean
-from . import global_stats
+from ...train import distributed, optim, runlog
+from ....kernels import (aggregation_rule, importance_weights, kl_penalty, masked_mean, ppo_policy_loss,
+                         ppo_value_loss)
 from .models import PPOModels
 from .rollout import Rollout
 from .scoring import policy_forward
@@ -172,7 +170,7 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, cfg:
             optimizers.zero_grad()
             stats = minibatch_backward(models, rollout.rows(order[start:start + minibatch]), cfg, ptx_loss)
             norms = optimizers.clip_and_step(stats["loss"])
-            host = global_stats.read({**stats, "grad_norm": norms[0], "stepped": torch.isfinite(norms).all()})
+            host = runlog.host_values({**stats, "grad_norm": norms[0], "stepped": torch.isfinite(norms).all()})
             if not host.pop("stepped"):  # the step was skipped on the device
                 skipped += 1
                 continue

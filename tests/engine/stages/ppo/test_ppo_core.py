@@ -6,8 +6,9 @@ import torch
 
 from fusedrl.engine.stages.ppo.core import (KLController, RunningMoments, advantages_and_returns,
                              last_valid_index, shape_rewards)
-from fusedrl.engine.stages.ppo.global_stats import explained_variance, whiten
-from fusedrl.kernels import reference
+from fusedrl.engine.config.ppo import CRITIC_ESTIMATORS, Estimator
+from fusedrl.engine.train import distributed
+from fusedrl.kernels import GROUP_ESTIMATORS, explained_variance, masked_whiten, reference
 
 
 def test_shape_rewards_hand_computed():
@@ -59,8 +60,17 @@ def test_explained_variance():
 
 
 def test_one_process_whitening_is_the_kernels():
+    # One process sums over no ranks: masked_whiten keeps its single-device path.
+    assert distributed.data_parallel_sum() is None
     x, mask = torch.randn(3, 5), torch.rand(3, 5) > 0.3
-    torch.testing.assert_close(whiten(x, mask), reference.masked_whiten(x, mask))
+    torch.testing.assert_close(masked_whiten(x, mask, sum_over=distributed.data_parallel_sum()),
+                               reference.masked_whiten(x, mask))
+
+
+def test_every_estimator_is_a_critic_or_a_group_one():
+    # The config names the critic estimators, the kernels the group ones: together, the config's choices.
+    assert sorted(CRITIC_ESTIMATORS + GROUP_ESTIMATORS) == sorted(Estimator.__args__)
+    assert not set(CRITIC_ESTIMATORS) & set(GROUP_ESTIMATORS)
 
 
 def test_kl_controller_moves_toward_target():

@@ -1,6 +1,7 @@
 """PPO data-parallel under torchrun (2 CPU ranks over gloo, FSDP2): each rank's rollouts are the
 one-process rollouts of its prompts, in every iteration; a rank killed after the first checkpoint
-brings the job down and the rerun resumes exactly; a rank raising ends the job with its message."""
+brings the job down and the rerun resumes exactly; a rank raising ends the job with its message;
+statistics over the batch (reinforce_pp_baseline's) span every rank's rows."""
 import json
 import os
 import signal
@@ -10,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from fusedrl.engine.config.ppo import LoopConfig, PPOConfig, RolloutConfig, UpdateConfig
+from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.stages.ppo.trainer import run_ppo
 from fusedrl.engine.train.checkpoint import list_checkpoints
-from dist_testing import check, torchrun
+from dist_testing import check, rank_threads, torchrun
 from train_testing import save_tiny_model, write_jsonl
 
 HANG = 150  # seconds: a failing job ends well within it (about 20 s unloaded), a hung one never
@@ -33,6 +35,10 @@ def recording_reward(prompts, responses):
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"rank {rank} fails on purpose in iteration {iteration}")
+    return vowel_fraction(prompts, responses)
+
+
+def vowel_fraction(prompts, responses):
     return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
 
 
@@ -108,8 +114,7 @@ def test_a_rank_raising_ends_the_job_with_its_message(runs, tmp_path):
 def flat_for_hello(prompts, responses):
     """The same score for every response to a "hello" prompt (a group dynamic sampling drops), the
     vowel fraction otherwise."""
-    return [1.0 if "hello" in p else sum(c in "aeiou" for c in r) / max(len(r), 1)
-            for p, r in zip(prompts, responses)]
+    return [1.0 if "hello" in p else score for p, score in zip(prompts, vowel_fraction(prompts, responses))]
 
 
 def test_critic_free_with_dynamic_sampling_keeps_ranks_in_step(tmp_path):
@@ -137,3 +142,35 @@ def test_critic_free_with_dynamic_sampling_keeps_ranks_in_step(tmp_path):
         assert r["groups_kept"] % 2 == 0 and r["groups_kept"] <= 4  # balanced: as many on each rank
         assert len(r["tokens_per_rank"]) == 2 and r["updates"] >= 1
     assert (tmp_path / "grpo" / "final" / "config.json").exists()
+
+
+def test_reinforce_pp_baseline_ends_with_one_process_s_weights(tmp_path):
+    """GRPO with ppo.estimator=reinforce_pp_baseline, whose group-centred scores are whitened over the
+    whole batch: two ranks with half the prompts each end with the weights of one process with the
+    same global batch and seed (whitening each rank's own rows would not)."""
+    from fusedrl.engine.config.ppo import GRPOConfig
+
+    save_tiny_model(tmp_path / "policy")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "lazy dog", "fox jumps",
+                                                                     "over the"]])
+
+    def config(name, ranks):
+        # 4 prompts x 3 samples per iteration in all; one minibatch of the whole rollout.
+        return GRPOConfig(policy=str(tmp_path / "policy"), prompts_file=str(tmp_path / "prompts.jsonl"),
+                          output_dir=str(tmp_path / name), reward_fn="test_ppo_data_parallel:vowel_fraction",
+                          rollout=RolloutConfig(prompts_per_iteration=4 // ranks, samples_per_prompt=3,
+                                                max_new_tokens=6, kv_cache_memory=1 << 22),
+                          ppo=UpdateConfig(epochs=2, minibatch_size=12 // ranks, estimator="reinforce_pp_baseline",
+                                           kl_loss_coef=0.01),
+                          optim=OptimConfig(lr=1e-4),
+                          train=LoopConfig(iterations=2, progress=False, device="cpu"))
+
+    with rank_threads():
+        run_ppo(config("one", 1))
+    check(torchrun("grpo", config("two", 2), tmp_path, timeout=HANG))
+    one, two = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("one", "two"))
+    start = load_file(tmp_path / "policy" / "model.safetensors")
+    assert any(not torch.equal(one[name], start[name]) for name in one)     # the runs trained
+    worst = max((float((one[name] - two[name]).abs().max() / one[name].abs().max().clamp_min(1e-12)), name)
+                for name in one)
+    assert worst[0] <= 1e-4, f"max |diff| / max |w| of {worst[1]} is {worst[0]:.3g}"

@@ -1,0 +1,155 @@
+"""kernels.statistics, the one module of masked statistics: against float64 formulas written out on
+odd shapes, masked rows and empty inputs; and with `sum_over` the sum over 2 gloo processes, each
+holding some of the rows, every rank gets one process's statistics of all the rows."""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from fusedrl.kernels import (explained_variance, group_advantages, masked_mean, masked_moments, masked_whiten,
+                             statistics)
+
+
+def whiten_by_hand(x: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
+    """Float64 whitening over the valid entries, written out entry by entry."""
+    values = [float(v) for v, ok in zip(x.flatten().tolist(), mask.flatten().tolist()) if ok]
+    mean = sum(values) / max(len(values), 1)
+    var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+    white = [(v - mean) / math.sqrt(var + eps) if ok else 0.0
+             for v, ok in zip(x.flatten().tolist(), mask.flatten().tolist())]
+    return torch.tensor(white, dtype=torch.float64).view(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (7, 129), (0, 5)])
+def test_whiten_matches_the_formula(shape, dtype):
+    g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 5)
+    mask = torch.rand(shape, generator=g) < 0.7
+    if shape[0] > 2:
+        mask[1] = False                                                      # a fully masked row
+    dirty = x.masked_fill(~mask, float("nan")).to(dtype)                     # masked entries never count
+    white = statistics.masked_whiten(dirty, mask, eps=1e-8)
+    assert white.dtype == dtype and white.shape == shape
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(white.double(), whiten_by_hand(x.to(dtype).double(), mask, 1e-8), **tol)
+
+
+def test_means_along_a_dim_keep_empty_rows_at_zero():
+    x = torch.tensor([[1.0, 2.0, 4.0, 9.0], [5.0, 0.0, 0.0, 1.0], [3.0, 3.0, 3.0, 3.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0]], dtype=torch.uint8)
+    assert masked_mean(x, mask, dim=1, keepdim=True).shape == (3, 1)
+    assert masked_mean(x, mask, dim=1).tolist() == pytest.approx([7 / 3, 0.0, 3.0])
+    assert masked_mean(x, mask, dim=0).tolist() == pytest.approx([2.0, 2.0, 3.5, 0.0])
+    assert masked_mean(x).item() == pytest.approx(x.mean().item())          # no mask: every entry
+    mean, var = masked_moments(x, mask, dim=1, unbiased=False)
+    assert var.squeeze(1).tolist() == pytest.approx([(16 + 1 + 25) / 9 / 3, 0.0, 0.0])
+    empty = torch.zeros(0, 4)
+    assert masked_mean(empty, empty.bool()).item() == 0.0
+    assert [t.item() for t in masked_moments(empty, empty.bool())] == [0.0, 0.0]
+
+
+def test_low_precision_inputs_are_summed_in_float32():
+    # 4096 ones and a 1 in bf16: a bf16 running sum stalls at 256; the mean must be 1 exactly.
+    x = torch.ones(4097, dtype=torch.bfloat16)
+    assert masked_mean(x, torch.ones_like(x, dtype=torch.bool)).item() == 1.0
+
+
+def test_explained_variance_by_hand():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    # returns - values = [0, 1, -1]: population variance 2/3 against the returns' 2/3 -> 0
+    values = torch.tensor([[1.0, 1.0, 4.0, 0.0]])
+    assert explained_variance(values, returns, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    assert math.isnan(explained_variance(returns, torch.ones_like(returns), mask))
+
+
+def test_one_rank_sum_changes_neither_value_nor_gradient():
+    # A sum over one rank is the identity: the statistic and its gradient are the local ones.
+    x = torch.randn(4, 9, requires_grad=True)
+    mask = torch.rand(4, 9) > 0.3
+    plain = statistics.masked_whiten(x, mask)
+    torch.autograd.backward(plain, torch.arange(36.0).view(4, 9))
+    expected, x.grad = x.grad, None
+    summed = statistics.masked_whiten(x, mask, sum_over=lambda t: t.clone())
+    torch.autograd.backward(summed, torch.arange(36.0).view(4, 9))
+    torch.testing.assert_close(summed, plain)
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_bad_sum_over_is_named():
+    with pytest.raises(TypeError, match="sum_over: expected None, a function or a torch.distributed.ProcessGroup, "
+                                        "got str"):
+        masked_mean(torch.ones(3), sum_over="world")
+
+
+# ---- 2 gloo ranks against 1 process -----------------------------------------------------------
+
+# Rows of rank 0 and rank 1, and their prompt groups of reinforce_pp_baseline: uneven (the statistics
+# go through sums and counts), and a rank with none (it still joins the sums).
+SPLITS = {"uneven": ((3, 5), (2, 1)), "one_rank_empty": ((0, 8), (0, 3))}
+N = 4                   # responses per prompt
+
+
+def rank_data():
+    g = torch.Generator().manual_seed(7)
+    rows = 8
+    x = torch.randn(rows, 37, generator=g) * 2 + 3
+    mask = torch.rand(rows, 37, generator=g) < 0.6
+    mask[4] = False                                                        # a fully masked row of rank 1
+    values = x + 0.5 * torch.randn(rows, 37, generator=g)
+    scores = torch.rand(3, N, generator=g)
+    return {"x": x, "mask": mask, "values": values, "scores": scores}
+
+
+def statistics_of(data, sum_over):
+    """Every pooled statistic of the module, on what this process holds."""
+    x, mask = data["x"], data["mask"]
+    mean, var = masked_moments(x, mask, sum_over=sum_over)
+    return {"mean": masked_mean(x, mask, sum_over=sum_over), "moments_mean": mean, "var": var,
+            "white": masked_whiten(x, mask, sum_over=sum_over),
+            "white_scale": masked_whiten(x, mask, shift_mean=False, sum_over=sum_over),
+            "explained_variance": explained_variance(data["values"], x, mask, sum_over=sum_over),
+            "advantages": group_advantages(data["scores"], estimator="reinforce_pp_baseline", sum_over=sum_over)}
+
+
+def _rank_main(rank: int, directory: str, split: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2)
+    try:
+        data = load_file(f"{directory}/data.safetensors")
+        rows, groups = SPLITS[split]
+        first_row, first_group = sum(rows[:rank]), sum(groups[:rank])
+        mine = {name: t[first_row:first_row + rows[rank]] for name, t in data.items() if name != "scores"}
+        mine["scores"] = data["scores"][first_group:first_group + groups[rank]]
+
+        def all_reduce(t):
+            out = t.clone()
+            dist.all_reduce(out)
+            return out
+        out = {f"fn.{k}": v for k, v in statistics_of(mine, all_reduce).items()}
+        out.update({f"group.{k}": v for k, v in statistics_of(mine, dist.group.WORLD).items()})
+        save_file({k: v.contiguous() for k, v in out.items()}, f"{directory}/rank-{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_sum_over_two_gloo_ranks_is_one_process(tmp_path, split):
+    # Under TRITON_INTERPRET=1 masked_whiten runs its Triton kernels in both, elsewhere the torch path.
+    data = rank_data()
+    save_file({k: v.contiguous() for k, v in data.items()}, str(tmp_path / "data.safetensors"))
+    mp.start_processes(_rank_main, args=(str(tmp_path), split), nprocs=2, start_method="spawn")
+    one = statistics_of(data, None)
+    ranks = [load_file(tmp_path / f"rank-{r}.safetensors") for r in (0, 1)]
+    for kind in ("fn", "group"):                               # a function and a process group as sum_over
+        for name, expected in one.items():
+            got = [r[f"{kind}.{name}"] for r in ranks]
+            if name in ("white", "white_scale", "advantages"):   # per row: each rank has its own rows
+                got = [torch.cat(got)]
+            for value in got:
+                # fp32 rounding: the ranks sum their partial sums in another order than one process
+                torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-5, msg=f"{kind}.{name}")
