@@ -1,7 +1,8 @@
 """Config dataclasses in and out: from nested dicts (YAML), `key=value` overrides, help text. Torch-free.
 
 Any dataclass works; its fields carry `metadata={"help": ...}`. Nested dataclass fields become
-sections (`optim.lr=1e-4`). Unknown keys and values of the wrong type are rejected with the dotted
+sections (`optim.lr=1e-4`); the keys given for a section are set on the command's own default of
+that section (GRPOConfig's `ppo` default, not UpdateConfig's), so one key changes one option. Unknown keys and values of the wrong type are rejected with the dotted
 key, the expected type and a did-you-mean: our name for an option of transformers / TRL / torchtune
 (config/aliases.py), else the closest spelling. Nothing here holds state.
 """
@@ -35,11 +36,30 @@ def from_dict(cls, data: dict, prefix: str = "", root=None):
         if key not in fields:
             raise ConfigError(f"unknown config key '{prefix}{key}'{_did_you_mean(root or cls, fields, prefix, str(key))}; "
                               f"known keys: {', '.join(fields)}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, (dict, type(None))):
+            value = _merged(_section_default(fields[key]), value or {})
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", root or cls)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field left out
         raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def _section_default(f: dataclasses.Field) -> dict:
+    """The default of section field `f` as a dict ({} when it has none: the section class's defaults)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return to_dict(f.default_factory())
+    return to_dict(f.default) if dataclasses.is_dataclass(f.default) else {}
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over`'s keys set on a copy of `base`, section by section (a section given as a mapping
+    keeps base's other keys; anything else replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = (_merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict)
+                    else value)
+    return out
 
 
 def _did_you_mean(root, fields, prefix: str, key: str) -> str:
@@ -101,7 +121,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        value = yaml.safe_load(text) if text else ""
+        value = _parse_yaml(text, f"override {key}:") if text else ""
         *parents, leaf = key.split(".")
         node = data
         for part in parents:
@@ -118,14 +138,30 @@ def _deep_copy(data: dict) -> dict:
 
 def load(cls, path=None, overrides: list[str] = ()):
     """`cls` from an optional YAML file plus `key=value` overrides (overrides win)."""
-    data = {}
-    if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = {} if path is None else read_yaml(path)
     return from_dict(cls, apply_overrides(data, list(overrides)))
+
+
+def read_yaml(path) -> dict:
+    """The mapping of keys in YAML file `path` ({} for an empty file); ConfigError for invalid
+    YAML, nesting deeper than Python's recursion limit, or a top level that is not a mapping."""
+    data = _parse_yaml(Path(path).read_text(encoding="utf-8"), f"{path}:")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys (key: value lines), got a YAML {type(data).__name__}")
+    return data
+
+
+def _parse_yaml(text: str, where: str):
+    """YAML `text` as Python values; ConfigError starting with `where` when it is not YAML or is
+    nested deeper than Python's recursion limit."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} nested too deeply to be a config") from None
 
 
 def save_yaml(config, path):
