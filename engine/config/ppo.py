@@ -130,6 +130,7 @@ class RewardConfig:
     normalize: bool = option("normalize scores by their running mean and std", False)
     clip: float | None = option("clip (normalized) scores to +-clip (None = off)")
     kl_ceiling: float | None = option("stop the run when the KL per sequence exceeds this (reward-hacking guard)")
+    fn_timeout_s: float = option("reward_fn: a call that has not returned after this many seconds fails the run", 300.0)
 
     def __post_init__(self):
         check_fields(self, "reward.")
@@ -137,6 +138,7 @@ class RewardConfig:
         check(self.kl_target is None or self.kl_target > 0, f"reward.kl_target must be > 0 or null, got {self.kl_target}")
         check(self.kl_horizon > 0, f"reward.kl_horizon must be > 0, got {self.kl_horizon}")
         check(self.clip is None or self.clip > 0, f"reward.clip must be > 0 or None, got {self.clip}")
+        check(self.fn_timeout_s > 0, f"reward.fn_timeout_s must be > 0, got {self.fn_timeout_s}")
 
 
 @dataclass
