@@ -164,8 +164,13 @@ def _parse_yaml(text: str, where: str):
         raise ConfigError(f"{where} nested too deeply to be a config") from None
 
 
+def to_yaml(config) -> str:
+    """The config as YAML text, in field order (what `load` reads back)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
 def save_yaml(config, path):
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    Path(path).write_text(to_yaml(config), encoding="utf-8")
 
 
 def describe(cls, prefix: str = "") -> list[str]:

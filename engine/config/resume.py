@@ -51,7 +51,7 @@ def resume_changes(run_dir, config) -> dict[str, tuple]:
     except (OSError, ValueError):
         return {}
     # Through YAML as config.yaml went, so both sides hold the same types (tuples, floats).
-    new = _flat(yaml.safe_load(yaml.safe_dump(config_io.to_dict(config))))
+    new = _flat(yaml.safe_load(config_io.to_yaml(config)))
     changed = {key: (saved[key], value) for key, value in new.items() if key in saved and saved[key] != value}
     refused = [key for key in changed if key not in APPLIED_ON_RESUME]
     if refused:
