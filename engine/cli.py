@@ -5,9 +5,10 @@
 Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help`, config
 errors and wrong paths (engine/path_checks.py) import neither torch nor transformers. Each command's
 work is imported when it runs, after its arguments and paths are checked.
-sft, rm and ppo read a YAML config plus `key=value` overrides; every option of the stage's config
-dataclass is listed in its `--help`, and unknown keys or wrong types stop the command with a
-message naming the key (did-you-mean included) before any model is loaded.
+sft, rm, ppo and grpo read a YAML config plus `key=value` overrides, set on the command's own
+defaults (engine/config/io.py); every option of the stage's config dataclass is listed in its
+`--help`, `--print-config` prints them resolved, and unknown keys, wrong types or impossible values
+stop the command with a message naming the key (did-you-mean included) before any model is loaded.
 
 Errors: every command ends a user mistake with one line `fusedrl <command>: <message>` on stderr,
 exit 2 for usage errors (options, arguments, paths) and 1 for failures (engine/errors.py); `--debug`
