@@ -63,6 +63,12 @@ def test_non_finite_options_are_refused_before_any_work(option, capsys):
     assert (code, err) == (2, f"fusedrl grpo: {key} must be a finite number, got {shown}\n")
 
 
+def test_an_infinite_sampling_temperature_is_refused(qwen2_dir, capsys):
+    code, err = cli_error(["generate", "--model", str(qwen2_dir), "--prompt", "hi", "--temperature", "inf"], capsys)
+    assert (code, err) == (2, "fusedrl generate: --temperature=inf is invalid: expected a finite number >= 0 "
+                              "(0 = greedy)\n")
+
+
 def test_an_infinite_option_is_one_line_from_the_shell(tmp_path):
     result = run_fusedrl("sft", f"model={tmp_path}", f"output_dir={tmp_path / 'o'}", "data.train_file=t",
                          "optim.weight_decay=.inf")
