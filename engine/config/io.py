@@ -2,9 +2,10 @@
 
 Any dataclass works; its fields carry `metadata={"help": ...}`. Nested dataclass fields become
 sections (`optim.lr=1e-4`); the keys given for a section are set on the command's own default of
-that section (GRPOConfig's `ppo` default, not UpdateConfig's), so one key changes one option. Unknown keys and values of the wrong type are rejected with the dotted
-key, the expected type and a did-you-mean: our name for an option of transformers / TRL / torchtune
-(config/aliases.py), else the closest spelling. Nothing here holds state.
+that section (GRPOConfig's `ppo` default, not UpdateConfig's), so one key changes one option.
+Unknown keys and values of the wrong type are rejected with the dotted key, the expected type and a
+did-you-mean: our name for an option of transformers / TRL / torchtune (config/aliases.py), else
+the closest spelling. Nothing here holds state.
 """
 from __future__ import annotations
 

@@ -58,8 +58,8 @@ def resume_changes(run_dir, config) -> dict[str, tuple]:
         key, (before, after) = refused[0], changed[refused[0]]
         more = f" (also changed: {', '.join(refused[1:])})" if refused[1:] else ""
         raise ConfigValueError(
-            f"{key}={after!r} but the run in {run_dir} was trained with {key}={before!r} (its {SAVED_CONFIG}){more}: a resumed "
-            "run cannot change it; set it back, or start the new run in another output_dir")
+            f"{key}={after!r} but the run in {run_dir} was trained with {key}={before!r} (its {SAVED_CONFIG}){more}: "
+            "a resumed run cannot change it; set it back, or start the new run in another output_dir")
     return changed
 
 

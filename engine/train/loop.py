@@ -5,10 +5,10 @@ A stage supplies its loop state (a dataclass with a `step` field: optimizer step
 iterations for PPO, plus whatever position it needs to resume exactly), the parts its checkpoint
 holds (engine/train/checkpoint.py) and a function doing one step; `run_training` does the rest:
     remove temp leftovers of killed saves, resume from the newest checkpoint that verifies
-    (train.resume; an option changed since the saved config.yaml is applied or refused,
-    engine/config/resume.py)  ->  for each step: step(state) -> metrics, log every train.log_every, evaluate
-    every eval_every, checkpoint every train.save_every steps and every train.save_every_minutes,
-    and all three after the last step.
+    (train.resume; an option changed since the saved config.yaml is applied or refused:
+    engine/config/resume.py)  ->  for each step: step(state) -> metrics, log every
+    train.log_every, evaluate every eval_every, checkpoint every train.save_every steps and every
+    train.save_every_minutes, and all three after the last step.
 A step that could not update (a non-finite loss or gradient, an iteration whose every row was
 dropped) returns metrics with `skipped` set (and a `skip_reason`): it is counted (`skipped_steps`
 in the metrics and the progress bar), announced, and train.max_consecutive_skips of them in a row

@@ -133,6 +133,7 @@ def test_a_resumed_run_applies_or_refuses_each_changed_option(qwen2_dir, tmp_pat
     before = (run / "config.yaml").read_text()
     refused = run_fusedrl(*sft, "train.max_steps=3", "optim.lr=0.5", "lora.rank=4", "optim.beta2=0.9")
     assert_one_line_error(refused, 2, f"fusedrl sft: optim.beta2=0.9 but the run in {run} was trained with "
-                          "optim.beta2=0.95 (its config.yaml) (also changed: lora.rank): a resumed run cannot change it")
+                          "optim.beta2=0.95 (its config.yaml) (also changed: lora.rank): "
+                          "a resumed run cannot change it")
     assert (run / "config.yaml").read_text() == before
     assert not (run / "checkpoints" / "step-00000003").exists()
