@@ -20,6 +20,8 @@ import numbers
 import threading
 from typing import Callable
 
+import torch
+
 from ..errors import FusedRLError
 
 
@@ -32,10 +34,17 @@ def call_reward_fn(fn: Callable, name: str, prompts: list[str], responses: list[
     """fn(prompts, responses) -> one float per response, checked; `name` (e.g. reward_fn's
     'module:function') names the function in errors."""
     outcome: dict = {}
+    # Thread-local in torch and CUDA: the worker runs under the caller's grad mode and on its GPU
+    # (under torchrun, the rank's own; a new thread would start on GPU 0 with gradients on).
+    grad = torch.is_grad_enabled()
+    gpu = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
     def call():
         try:
-            outcome["value"] = fn(prompts, responses)
+            if gpu is not None:
+                torch.cuda.set_device(gpu)
+            with torch.set_grad_enabled(grad):
+                outcome["value"] = fn(prompts, responses)
         except BaseException as e:  # SystemExit and the like too: the user's code ends nothing but the run
             outcome["error"] = e
 

@@ -88,3 +88,11 @@ def test_a_real_ctrl_c_still_stops_the_call():
     threading.Timer(0.2, _thread.interrupt_main).start()
     with pytest.raises(KeyboardInterrupt):
         call_reward_fn(lambda p, r: __import__("time").sleep(5), "f", ["p"], ["r"], 30)
+
+
+def test_the_function_runs_under_the_callers_grad_mode():
+    import torch
+
+    with torch.no_grad():
+        assert call_reward_fn(lambda p, r: [float(torch.is_grad_enabled())], "f", ["p"], ["r"], 10) == [0.0]
+    assert call_reward_fn(lambda p, r: [float(torch.is_grad_enabled())], "f", ["p"], ["r"], 10) == [1.0]
