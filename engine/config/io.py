@@ -46,11 +46,15 @@ def from_dict(cls, data: dict, prefix: str = "", root=None):
         raise ConfigError(f"{prefix or 'config'}: {e}") from None
 
 
+def _field_default(f: dataclasses.Field):
+    """The default value of field `f` (its factory's product), or dataclasses.MISSING."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def _section_default(f: dataclasses.Field) -> dict:
     """The default of section field `f` as a dict ({} when it has none: the section class's defaults)."""
-    if f.default_factory is not dataclasses.MISSING:
-        return to_dict(f.default_factory())
-    return to_dict(f.default) if dataclasses.is_dataclass(f.default) else {}
+    default = _field_default(f)
+    return to_dict(default) if dataclasses.is_dataclass(default) else {}
 
 
 def _merged(base: dict, over: dict) -> dict:
@@ -174,19 +178,21 @@ def save_yaml(config, path):
     Path(path).write_text(to_yaml(config), encoding="utf-8")
 
 
-def describe(cls, prefix: str = "") -> list[str]:
+def describe(cls, prefix: str = "", defaults=None) -> list[str]:
     """One help line per option of `cls`: dotted key, type, default and help text; a nested section
-    first gets a line of its own help (`lora.* (section): ...`), which says what the section is for."""
+    first gets a line of its own help (`lora.* (section): ...`), which says what the section is for.
+    `defaults`: the instance of `cls` holding the defaults to show (a section's default in the
+    command's config: GRPO's `ppo`, not UpdateConfig's); None: the class's own."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        default = _field_default(f) if defaults is None else getattr(defaults, f.name)
         if dataclasses.is_dataclass(tp):
             lines.append(f"  {prefix}{f.name}.* (section): {f.metadata.get('help', '')}")
-            lines += describe(tp, f"{prefix}{f.name}.")
+            lines += describe(tp, f"{prefix}{f.name}.", default if dataclasses.is_dataclass(default) else None)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        default = "(required)" if default is dataclasses.MISSING else default
         allowed = choices(tp)
         type_name = ("|".join(map(str, allowed)) if allowed
                      else getattr(tp, "__name__", None) or str(tp).replace("typing.", ""))

@@ -43,6 +43,11 @@ def test_grpo_section_overrides_keep_grpos_other_defaults(tmp_path):
     assert config_io.to_dict(config_io.load(GRPOConfig, path, RL_REQUIRED)) == rl_defaults(GRPOConfig)
     # PPO keeps its own defaults under the same overrides.
     assert config_io.to_dict(config_io.load(PPOConfig, None, RL_REQUIRED + CHANGES)) == rl_defaults(PPOConfig)
+    # --help shows each command's own defaults.
+    grpo_help, ppo_help = (config_io.describe(cls) for cls in (GRPOConfig, PPOConfig))
+    assert any(line.startswith("  rollout.samples_per_prompt (int, default 8)") for line in grpo_help)
+    assert any(line.startswith("  rollout.samples_per_prompt (int, default 4)") for line in ppo_help)
+    assert any(line.startswith("  reward.kl_coef (float, default 0.0)") for line in grpo_help)
 
 
 def test_every_training_command_prints_its_config(capsys):
