@@ -5,9 +5,10 @@
 Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help`, config
 errors and wrong paths (engine/path_checks.py) import neither torch nor transformers. Each command's
 work is imported when it runs, after its arguments and paths are checked.
-sft, rm and ppo read a YAML config plus `key=value` overrides; every option of the stage's config
-dataclass is listed in its `--help`, and unknown keys or wrong types stop the command with a
-message naming the key (did-you-mean included) before any model is loaded.
+sft, rm, ppo and grpo read a YAML config plus `key=value` overrides, set on the command's own
+defaults (engine/config/io.py); every option of the stage's config dataclass is listed in its
+`--help`, `--print-config` prints them resolved, and unknown keys, wrong types or impossible values
+stop the command with a message naming the key (did-you-mean included) before any model is loaded.
 
 Errors: every command ends a user mistake with one line `fusedrl <command>: <message>` on stderr,
 exit 2 for usage errors (options, arguments, paths) and 1 for failures (engine/errors.py); `--debug`
@@ -100,13 +101,17 @@ def load_config(config_cls, path, overrides):
         raise errors.UsageError(str(e) if not isinstance(e, OSError) else f"--config {path}: {e.strerror}") from e
 
 
+def print_config(config) -> int:
+    """--print-config: the resolved config (file, overrides and the command's defaults) as YAML."""
+    print(config_io.to_yaml(config), end="")
+    return 0
+
+
 def run_stage(args, name: str) -> int:
     config_cls, train, _ = STAGES[name]
     config = load_config(config_cls, args.config, args.overrides)
     if args.print_config:
-        import yaml
-        print(yaml.safe_dump(config_io.to_dict(config), sort_keys=False), end="")
-        return 0
+        return print_config(config)
     path_checks.check_paths(*config.paths(), config.output_dir)  # before the stage imports torch
     out = train(config)
     print(f"fusedrl {name}: model written to {out}")
@@ -117,6 +122,8 @@ def run_stage(args, name: str) -> int:
 
 def run_demo(args) -> int:
     cfg = load_config(DemoConfig, None, args.overrides)
+    if args.print_config:
+        return print_config(cfg)
     path_checks.check_fresh_output_dir(cfg.output_dir, cfg.overwrite)  # before the demo imports torch
     from .stages.demo import format_table, run_demo as demo
     table = demo(cfg, quiet=args.quiet)
@@ -134,6 +141,7 @@ def add_demo_parser(commands) -> None:
         epilog="options (key=value):\n" + "\n".join(config_io.describe(DemoConfig)))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options, e.g. seed=1 output_dir=runs/demo")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--print-config", action="store_true", help="print the resolved options as YAML and exit")
     add_debug_flag(p)
     p.set_defaults(run=run_demo)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .fields import check, check_choices, option
+from .fields import check, check_fields, option
 from .train import Precision
 
 
@@ -31,7 +31,7 @@ class DemoConfig:
     overwrite: bool = option("replace an existing output_dir", False)
 
     def __post_init__(self):
-        check_choices(self)
+        check_fields(self)
         check(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
         check(2 <= self.digits <= 8, f"digits must be in [2, 8], got {self.digits}")
         check(0 <= self.demo_noise < 1, f"demo_noise must be in [0, 1), got {self.demo_noise}")

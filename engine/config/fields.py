@@ -1,9 +1,10 @@
 """How config dataclasses declare their options: a default (or factory) with its help text, and
-one-line validation errors. Every config module uses these two; `fusedrl <stage> --help` shows
+one-line validation errors. Every config module uses these; `fusedrl <stage> --help` shows
 the help text (engine/config/io.py)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import field
 
@@ -29,12 +30,16 @@ def choices(tp) -> tuple | None:
     return next((c for c in inner if c), None)
 
 
-def check_choices(config, section: str = "") -> None:
-    """Validate every `Literal` field of dataclass `config` (also when built from Python, where no
-    YAML reader ran): a one-line error naming `section.field`, the value and the choices."""
+def check_fields(config, section: str = "") -> None:
+    """Validate what every option of dataclass `config` shares (also when built from Python, where no
+    YAML reader ran): a `Literal` field holds one of its choices, a float field a finite number (each
+    option has an off value of its own, so infinity never means "unlimited"). A one-line error naming
+    `section.field`, the value and what was expected."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         allowed = choices(hints[f.name])
         value = getattr(config, f.name)
         if allowed and value is not None and value not in allowed:
             raise ValueError(f"{section}{f.name} must be one of {allowed}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{section}{f.name} must be a finite number, got {value}")

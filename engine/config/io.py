@@ -1,9 +1,11 @@
 """Config dataclasses in and out: from nested dicts (YAML), `key=value` overrides, help text. Torch-free.
 
 Any dataclass works; its fields carry `metadata={"help": ...}`. Nested dataclass fields become
-sections (`optim.lr=1e-4`). Unknown keys and values of the wrong type are rejected with the dotted
-key, the expected type and a did-you-mean: our name for an option of transformers / TRL / torchtune
-(config/aliases.py), else the closest spelling. Nothing here holds state.
+sections (`optim.lr=1e-4`); the keys given for a section are set on the command's own default of
+that section (GRPOConfig's `ppo` default, not UpdateConfig's), so one key changes one option.
+Unknown keys and values of the wrong type are rejected with the dotted key, the expected type and a
+did-you-mean: our name for an option of transformers / TRL / torchtune (config/aliases.py), else
+the closest spelling. Nothing here holds state.
 """
 from __future__ import annotations
 
@@ -35,11 +37,34 @@ def from_dict(cls, data: dict, prefix: str = "", root=None):
         if key not in fields:
             raise ConfigError(f"unknown config key '{prefix}{key}'{_did_you_mean(root or cls, fields, prefix, str(key))}; "
                               f"known keys: {', '.join(fields)}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, (dict, type(None))):
+            value = _merged(_section_default(fields[key]), value or {})
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", root or cls)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field left out
         raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def _field_default(f: dataclasses.Field):
+    """The default value of field `f` (its factory's product), or dataclasses.MISSING."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _section_default(f: dataclasses.Field) -> dict:
+    """The default of section field `f` as a dict ({} when it has none: the section class's defaults)."""
+    default = _field_default(f)
+    return to_dict(default) if dataclasses.is_dataclass(default) else {}
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over`'s keys set on a copy of `base`, section by section (a section given as a mapping
+    keeps base's other keys; anything else replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = (_merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict)
+                    else value)
+    return out
 
 
 def _did_you_mean(root, fields, prefix: str, key: str) -> str:
@@ -101,7 +126,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        value = yaml.safe_load(text) if text else ""
+        value = _parse_yaml(text, f"override {key}:") if text else ""
         *parents, leaf = key.split(".")
         node = data
         for part in parents:
@@ -118,33 +143,56 @@ def _deep_copy(data: dict) -> dict:
 
 def load(cls, path=None, overrides: list[str] = ()):
     """`cls` from an optional YAML file plus `key=value` overrides (overrides win)."""
-    data = {}
-    if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = {} if path is None else read_yaml(path)
     return from_dict(cls, apply_overrides(data, list(overrides)))
 
 
+def read_yaml(path) -> dict:
+    """The mapping of keys in YAML file `path` ({} for an empty file); ConfigError for invalid
+    YAML, nesting deeper than Python's recursion limit, or a top level that is not a mapping."""
+    data = _parse_yaml(Path(path).read_text(encoding="utf-8"), f"{path}:")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys (key: value lines), got a YAML {type(data).__name__}")
+    return data
+
+
+def _parse_yaml(text: str, where: str):
+    """YAML `text` as Python values; ConfigError starting with `where` when it is not YAML or is
+    nested deeper than Python's recursion limit."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} nested too deeply to be a config") from None
+
+
+def to_yaml(config) -> str:
+    """The config as YAML text, in field order (what `load` reads back)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
 def save_yaml(config, path):
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    Path(path).write_text(to_yaml(config), encoding="utf-8")
 
 
-def describe(cls, prefix: str = "") -> list[str]:
+def describe(cls, prefix: str = "", defaults=None) -> list[str]:
     """One help line per option of `cls`: dotted key, type, default and help text; a nested section
-    first gets a line of its own help (`lora.* (section): ...`), which says what the section is for."""
+    first gets a line of its own help (`lora.* (section): ...`), which says what the section is for.
+    `defaults`: the instance of `cls` holding the defaults to show (a section's default in the
+    command's config: GRPO's `ppo`, not UpdateConfig's); None: the class's own."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        default = _field_default(f) if defaults is None else getattr(defaults, f.name)
         if dataclasses.is_dataclass(tp):
             lines.append(f"  {prefix}{f.name}.* (section): {f.metadata.get('help', '')}")
-            lines += describe(tp, f"{prefix}{f.name}.")
+            lines += describe(tp, f"{prefix}{f.name}.", default if dataclasses.is_dataclass(default) else None)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        default = "(required)" if default is dataclasses.MISSING else default
         allowed = choices(tp)
         type_name = ("|".join(map(str, allowed)) if allowed
                      else getattr(tp, "__name__", None) or str(tp).replace("typing.", ""))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .fields import check, option
+from .fields import check, check_fields, option
 
 # Every projection of attention and MLP in a Llama-family decoder, in PEFT's names.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -31,6 +31,7 @@ class LoRAConfig:
         return tuple(name.strip() for name in self.target_modules.split(",") if name.strip())
 
     def __post_init__(self):
+        check_fields(self, "lora.")
         check(self.rank >= 0, f"lora.rank must be >= 0, got {self.rank}")
         check(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
         check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .fields import check, check_choices, option
+from .fields import check, check_fields, option
 from .lora import LoRAConfig
 from .train import OptimConfig, RunConfig
 
@@ -46,6 +46,7 @@ class RolloutConfig:
     overlong_penalty: float = option("overlong shaping: the penalty at max_new_tokens", 1.0)
 
     def __post_init__(self):
+        check_fields(self, "rollout.")
         for name in ("prompts_per_iteration", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
                      "kv_cache_memory", "block_size", "max_sampling_rounds"):
             check(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
@@ -99,7 +100,7 @@ class UpdateConfig:
     max_approx_kl: float = option("stop the epochs early once a minibatch's approx KL passes this (0 = off)", 0.0)
 
     def __post_init__(self):
-        check_choices(self, "ppo.")
+        check_fields(self, "ppo.")
         check(self.epochs >= 1 and self.minibatch_size >= 1, "ppo.epochs and ppo.minibatch_size must be >= 1")
         check(self.microbatch_size is None or self.microbatch_size >= 1,
                f"ppo.microbatch_size must be >= 1 or null, got {self.microbatch_size}")
@@ -130,13 +131,15 @@ class RewardConfig:
     normalize: bool = option("normalize scores by their running mean and std", False)
     clip: float | None = option("clip (normalized) scores to +-clip (None = off)")
     kl_ceiling: float | None = option("stop the run when the KL per sequence exceeds this (reward-hacking guard)")
+    fn_timeout_s: float = option("reward_fn: a call that has not returned after this many seconds fails the run", 300.0)
 
     def __post_init__(self):
-        check_choices(self, "reward.")
+        check_fields(self, "reward.")
         check(self.kl_coef >= 0, f"reward.kl_coef must be >= 0, got {self.kl_coef}")
         check(self.kl_target is None or self.kl_target > 0, f"reward.kl_target must be > 0 or null, got {self.kl_target}")
         check(self.kl_horizon > 0, f"reward.kl_horizon must be > 0, got {self.kl_horizon}")
         check(self.clip is None or self.clip > 0, f"reward.clip must be > 0 or None, got {self.clip}")
+        check(self.fn_timeout_s > 0, f"reward.fn_timeout_s must be > 0, got {self.fn_timeout_s}")
 
 
 @dataclass
@@ -184,7 +187,7 @@ class PPOConfig:
                 {"prompts_file": self.prompts_file, "ptx_file": self.ptx_file})
 
     def __post_init__(self):
-        check_choices(self)
+        check_fields(self)
         check(bool(self.policy), "policy is required (the SFT model directory)")
         check(bool(self.prompts_file), "prompts_file is required")
         check(bool(self.output_dir), "output_dir is required")

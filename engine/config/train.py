@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from .fields import check, check_choices, option
+from .fields import check, check_fields, option
 from .lora import LoRAConfig
 
 DataFormat = Literal["auto", "demonstration", "chat", "pairwise", "ranking", "hh"]
@@ -38,7 +38,7 @@ class DataConfig:
     skip_malformed: bool = option("skip and count malformed lines instead of failing on the first", False)
 
     def __post_init__(self):
-        check_choices(self, "data.")
+        check_fields(self, "data.")
         check(0 <= self.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         check(0 < self.max_prompt_length < self.max_length,
                f"data.max_prompt_length must be in (0, max_length={self.max_length}), "
@@ -72,6 +72,7 @@ class OptimConfig:
         check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         check(self.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm}")
         check(self.grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        check_fields(self, "optim.")
 
 
 @dataclass
@@ -98,7 +99,7 @@ class RunConfig:
                                    "the job fails", 600.0)
 
     def __post_init__(self):
-        check_choices(self, "train.")
+        check_fields(self, "train.")
         check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),
                f"train.device must be cpu, cuda or cuda:N, got {self.device!r}")
@@ -138,6 +139,7 @@ class StageConfig:
         return {"model": self.model}, {"data.train_file": self.data.train_file, "data.eval_file": self.data.eval_file}
 
     def __post_init__(self):
+        check_fields(self)
         check(bool(self.model), "model is required (a Hugging Face model directory)")
         check(bool(self.output_dir), "output_dir is required")
         check(bool(self.data.train_file), "data.train_file is required")

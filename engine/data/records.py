@@ -165,8 +165,8 @@ def read_jsonl(path, parse, skip_malformed: bool = False) -> ReadResult:
                 raise ValueError(f"expected a JSON object, got {type(row).__name__}")
             records.append(parse(row))
             lines.append(lineno)
-        except ValueError as e:  # json.JSONDecodeError is a ValueError too
-            message = f"{path}:{lineno}: {e}"
+        except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError too
+            message = f"{path}:{lineno}: {e if isinstance(e, ValueError) else 'JSON nested too deeply'}"
             if not skip_malformed:
                 raise DataError(message) from None
             errors.append(message)

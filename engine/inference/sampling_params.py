@@ -1,6 +1,7 @@
 """SamplingParams: how to draw the completions of one prompt. Validated on construction."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -22,8 +23,8 @@ class SamplingParams:
 
     def __post_init__(self):
         _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an int >= 1")
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
-               "a number >= 0 (0 = greedy)")
+        _check(_is_number(self.temperature) and 0 <= self.temperature < math.inf, "temperature", self.temperature,
+               "a finite number >= 0 (0 = greedy)")
         _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k, "an int >= 0 (0 = off)")
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")

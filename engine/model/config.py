@@ -21,6 +21,11 @@ _ARCHS = {
 }
 SUPPORTED_ARCHS = tuple(_ARCHS)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# config.json's sizes, required and optional (HF names): ints the kernels' int32 offsets can index.
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "max_position_embeddings")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")
+_MAX_SIZE = 2**31 - 1
 
 
 @dataclass
@@ -70,6 +75,7 @@ class ModelConfig:
         """Validate a transformers config and copy out what the decoder needs."""
         model_type = getattr(hf_config, "model_type", None)
         cls.check_model_type(model_type, getattr(hf_config, "architectures", None))
+        _check_sizes(hf_config)
         act = getattr(hf_config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r}; supported: silu")
@@ -129,6 +135,20 @@ def _rope_parameters(hf_config) -> dict:
         scaling["rope_type"] = scaling.pop("type")
     scaling["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
     return scaling
+
+
+def _check_sizes(hf_config) -> None:
+    """ValueError naming the first size of config.json that is not an int in [1, 2**31 - 1], or an
+    rms_norm_eps that is not a finite number > 0 (before any of them shapes a tensor)."""
+    for name in _SIZES + _OPTIONAL_SIZES:
+        value = getattr(hf_config, name, None)
+        if value is None and name in _OPTIONAL_SIZES:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_SIZE:
+            raise ValueError(f"config.json: {name}={value!r} must be an int in [1, {_MAX_SIZE}]")
+    eps = getattr(hf_config, "rms_norm_eps", None)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"config.json: rms_norm_eps={eps!r} must be a finite number > 0")
 
 
 def _max_model_len(hf_config) -> int:

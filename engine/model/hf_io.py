@@ -26,6 +26,11 @@ from ..path_checks import CONFIG_FILE
 from .config import ModelConfig
 from .causal_lm import CausalLM, PackedProjection
 
+try:  # what transformers' validated configs raise for a bad config.json value (newer huggingface_hub)
+    from huggingface_hub.errors import StrictDataclassError as _ConfigValidationError
+except ImportError:
+    _ConfigValidationError = ValueError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Tensors some checkpoints carry that the decoder recomputes (RoPE frequencies).
@@ -43,13 +48,13 @@ def load_config(model_dir) -> ModelConfig:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         model_type, architectures = raw.get("model_type"), raw.get("architectures")
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError, RecursionError) as e:  # RecursionError: JSON nested too deeply
         raise ModelError(f"{path}: not a readable model config ({e})") from None
     try:
         # Checked before transformers reads it: an unknown model_type is a page of text there.
         ModelConfig.check_model_type(model_type, architectures)
         return ModelConfig.from_hf(AutoConfig.from_pretrained(str(model_dir)))
-    except ValueError as e:
+    except (ValueError, _ConfigValidationError) as e:
         raise ModelError(f"{model_dir}: {e}") from None
 
 

@@ -5,9 +5,10 @@ A stage supplies its loop state (a dataclass with a `step` field: optimizer step
 iterations for PPO, plus whatever position it needs to resume exactly), the parts its checkpoint
 holds (engine/train/checkpoint.py) and a function doing one step; `run_training` does the rest:
     remove temp leftovers of killed saves, resume from the newest checkpoint that verifies
-    (train.resume)  ->  for each step: step(state) -> metrics, log every train.log_every, evaluate
-    every eval_every, checkpoint every train.save_every steps and every train.save_every_minutes,
-    and all three after the last step.
+    (train.resume; an option changed since the saved config.yaml is applied or refused:
+    engine/config/resume.py)  ->  for each step: step(state) -> metrics, log every
+    train.log_every, evaluate every eval_every, checkpoint every train.save_every steps and every
+    train.save_every_minutes, and all three after the last step.
 A step that could not update (a non-finite loss or gradient, an iteration whose every row was
 dropped) returns metrics with `skipped` set (and a `skip_reason`): it is counted (`skipped_steps`
 in the metrics and the progress bar), announced, and train.max_consecutive_skips of them in a row
@@ -22,11 +23,12 @@ from typing import Callable, Optional
 
 import torch
 
+from ..config.resume import resume_changes
 from ..config.train import RunConfig
 from ..durable import remove_leftovers
 from ..errors import FusedRLError
 from . import distributed
-from .checkpoint import Trainables, resume, save_checkpoint
+from .checkpoint import Trainables, latest_checkpoint, resume, save_checkpoint
 from .runlog import RunLog, SilentLog
 
 
@@ -94,6 +96,8 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
     removed = (remove_leftovers(plan.run_dir) + remove_leftovers(f"{plan.run_dir}/checkpoints")
                if distributed.is_main() else [])
     distributed.barrier()  # no rank reads the run directory while rank 0 cleans it
+    resuming = options.resume and latest_checkpoint(plan.run_dir) is not None
+    changed = resume_changes(plan.run_dir, plan.config) if resuming else {}  # before the checkpoint loads
     resume_from, loaded = resume(plan.run_dir, parts) if options.resume else (None, {})
     skips = SkipCount(**loaded.pop("loop", {}))
     for key, value in loaded.items():
@@ -106,6 +110,8 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
                                      "world_size": distributed.world_size(),
                                      "resumed_from": str(resume_from) if resume_from else None,
                                      "removed_leftovers": len(removed)})
+        for key, (before, after) in changed.items():
+            run.notice(state.step, f"resumed with {key}={after!r} (was {before!r})")
         while state.step < plan.total_steps:
             start = time.perf_counter()
             try:

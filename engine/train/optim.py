@@ -38,9 +38,23 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
+    """The lr_factor schedule of the config's peak lr. Resumed (load_state_dict, after the
+    optimizer's), it keeps its position from the checkpoint but its peak, warmup and length from
+    the config, and sets the optimizer's lr to match: optim.lr, critic_lr and the schedule's shape
+    may change on resume (engine/config/resume.py), and take effect from the first resumed step."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        peaks = list(self.base_lrs)
+        super().load_state_dict(state_dict)
+        self.base_lrs = peaks
+        self._last_lr = [peak * factor(self.last_epoch) for peak, factor in zip(peaks, self.lr_lambdas)]
+        for group, peak, lr in zip(self.optimizer.param_groups, peaks, self._last_lr):
+            group.update(initial_lr=peak, lr=lr)
+
+
+def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> WarmupCosine:
+    return WarmupCosine(optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
 
 
 def clip_and_step(optimizers: list[FusedAdamW], max_grad_norm: float, loss: Optional[torch.Tensor] = None

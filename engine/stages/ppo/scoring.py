@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from ...data.packing import PackedBatch, pack_sequences
-from ...errors import FusedRLError
 from ...model.invariant import BatchInvariant
 from ...model.lm_head import lm_head_logprobs
 from ...train import distributed
+from ..reward_fn import call_reward_fn
 
 if TYPE_CHECKING:
     from .models import PPOModels
@@ -54,27 +54,14 @@ def score_rows(score: Scorer, prompts: list[list[int]], responses: list[list[int
     return score_packed(packed) if score_packed is not None else score(prompts, responses)
 
 
-class RewardFunctionError(FusedRLError):
-    """The reward function raised, or returned something other than one number per response."""
-
-
-def function_scorer(fn: Callable, tokenizer, name: str) -> Scorer:
-    """Scores from a Python function of the decoded texts: fn(prompts, responses) -> list of floats.
-    `name` (e.g. reward_fn's 'module:function') names it in errors."""
+def function_scorer(fn: Callable, tokenizer, name: str, timeout_s: float) -> Scorer:
+    """Scores from a Python function of the decoded texts: fn(prompts, responses) -> list of floats,
+    contained (engine/stages/reward_fn.py). `name` (e.g. reward_fn's 'module:function') names it in
+    errors; `timeout_s` bounds one call."""
     def score(prompts, responses):
-        try:
-            values = fn([tokenizer.decode(p, skip_special_tokens=True) for p in prompts],
-                        [tokenizer.decode(r, skip_special_tokens=True) for r in responses])
-        except Exception as e:  # the user's code: its failure is theirs to see, named, in one line
-            raise RewardFunctionError(f"the reward function {name} raised {type(e).__name__}: {e}") from e
-        try:
-            scores = [float(v) for v in values]
-        except (TypeError, ValueError) as e:
-            raise RewardFunctionError(f"the reward function {name} must return a list of numbers ({e})") from None
-        if len(scores) != len(responses):
-            raise RewardFunctionError(f"the reward function {name} returned {len(scores)} scores for "
-                                      f"{len(responses)} responses")
-        return torch.tensor(scores, dtype=torch.float32)
+        return torch.tensor(call_reward_fn(fn, name, [tokenizer.decode(p, skip_special_tokens=True) for p in prompts],
+                                           [tokenizer.decode(r, skip_special_tokens=True) for r in responses],
+                                           timeout_s), dtype=torch.float32)
     return score
 
 

@@ -96,7 +96,7 @@ def load_reward_fn(spec: str) -> Callable:
     except ModuleNotFoundError as e:
         raise UsageError(f"reward_fn={spec!r}: cannot import {module!r} ({e}); modules are looked up in the "
                          "current directory and on PYTHONPATH") from None
-    except Exception as e:  # the user's module failed while importing
+    except (Exception, SystemExit) as e:  # the user's module failed (or exited) while importing
         raise FusedRLError(f"reward_fn={spec!r}: importing {module!r} raised {type(e).__name__}: {e}") from e
     fn = getattr(found, name, None)
     if not callable(fn):
@@ -134,7 +134,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)
     else:
         fn = resolve_reward_fn(cfg, reward_fn)
-        score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"))
+        score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"),
+                                cfg.reward.fn_timeout_s)
     # Built whole above (the critic from the whole reward model), sharded now; with LoRA every rank
     # holds the adapted model whole (its adapters', and their heads', gradients are averaged).
     lora_critic = isinstance(critic, LoRACritic)

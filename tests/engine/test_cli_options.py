@@ -1,0 +1,144 @@
+"""Options mean what they say: a section override changes that one option of the command's own
+defaults (GRPO's too), from the command line and from YAML alike, as --print-config shows; a resumed
+run applies a changed option and records it, or refuses it naming both values; non-finite numbers,
+a YAML list, deep nesting and impossible model sizes are one-line errors before any work."""
+import json
+import shutil
+
+import pytest
+import yaml
+
+from fusedrl.engine import cli
+from fusedrl.engine.config import io as config_io
+from fusedrl.engine.config.ppo import GRPOConfig, PPOConfig
+from fusedrl.engine.train.runlog import read_metrics
+from cli_testing import assert_one_line_error, cli_error, run_fusedrl
+from train_testing import demonstrations, write_jsonl
+
+RL_REQUIRED = ["policy=p", "prompts_file=f", "output_dir=o", "reward_fn=m:f"]
+CHANGES = ["rollout.max_new_tokens=8", "reward.normalize=true", "ppo.clip_eps=0.3"]
+
+
+def rl_defaults(cls) -> dict:
+    """The command's defaults with CHANGES applied by hand: what --print-config must print."""
+    expected = config_io.to_dict(cls(policy="p", prompts_file="f", output_dir="o", reward_fn="m:f"))
+    expected["rollout"]["max_new_tokens"] = 8
+    expected["reward"]["normalize"] = True
+    expected["ppo"]["clip_eps"] = 0.3
+    return expected
+
+
+def test_grpo_section_overrides_keep_grpos_other_defaults(tmp_path):
+    printed = run_fusedrl("grpo", *RL_REQUIRED, *CHANGES, "--print-config")
+    assert printed.returncode == 0 and printed.stderr == "", printed.stderr
+    shown = yaml.safe_load(printed.stdout)
+    assert shown == rl_defaults(GRPOConfig)
+    # GRPO's own: 8 samples per prompt, no KL in the reward, the grpo estimator without a critic.
+    assert (shown["rollout"]["samples_per_prompt"], shown["reward"]["kl_coef"], shown["ppo"]["estimator"],
+            shown["critic"]) == (8, 0.0, "grpo", "none")
+    # The same sections from a YAML file.
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump({"rollout": {"max_new_tokens": 8}, "reward": {"normalize": True},
+                                    "ppo": {"clip_eps": 0.3}}))
+    assert config_io.to_dict(config_io.load(GRPOConfig, path, RL_REQUIRED)) == rl_defaults(GRPOConfig)
+    # PPO keeps its own defaults under the same overrides.
+    assert config_io.to_dict(config_io.load(PPOConfig, None, RL_REQUIRED + CHANGES)) == rl_defaults(PPOConfig)
+    # --help shows each command's own defaults.
+    grpo_help, ppo_help = (config_io.describe(cls) for cls in (GRPOConfig, PPOConfig))
+    assert any(line.startswith("  rollout.samples_per_prompt (int, default 8)") for line in grpo_help)
+    assert any(line.startswith("  rollout.samples_per_prompt (int, default 4)") for line in ppo_help)
+    assert any(line.startswith("  reward.kl_coef (float, default 0.0)") for line in grpo_help)
+
+
+def test_every_training_command_prints_its_config(capsys):
+    for argv in (["sft", "model=m", "output_dir=o", "data.train_file=t"],
+                 ["rm", "model=m", "output_dir=o", "data.train_file=t"],
+                 ["ppo", *RL_REQUIRED], ["grpo", *RL_REQUIRED], ["demo", "rl_prompts=4"]):
+        assert cli.main([*argv, "--print-config"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["output_dir"] in ("o", "fusedrl-demo")
+
+
+@pytest.mark.parametrize("option", ["optim.eps=.inf", "optim.weight_decay=.inf", "ppo.kl_loss_coef=.inf",
+                                    "ppo.ent_coef=.inf", "rollout.temperature=.inf", "rollout.temperature=.nan",
+                                    "critic_lr=.inf", "lora.alpha=-.inf", "reward.fn_timeout_s=.inf"])
+def test_non_finite_options_are_refused_before_any_work(option, capsys):
+    key, _, value = option.partition("=")
+    shown = {".inf": "inf", "-.inf": "-inf", ".nan": "nan"}[value]
+    code, err = cli_error(["grpo", *RL_REQUIRED, option], capsys)
+    assert (code, err) == (2, f"fusedrl grpo: {key} must be a finite number, got {shown}\n")
+
+
+def test_an_infinite_sampling_temperature_is_refused(qwen2_dir, capsys):
+    code, err = cli_error(["generate", "--model", str(qwen2_dir), "--prompt", "hi", "--temperature", "inf"], capsys)
+    assert (code, err) == (2, "fusedrl generate: --temperature=inf is invalid: expected a finite number >= 0 "
+                              "(0 = greedy)\n")
+
+
+def test_an_infinite_option_is_one_line_from_the_shell(tmp_path):
+    result = run_fusedrl("sft", f"model={tmp_path}", f"output_dir={tmp_path / 'o'}", "data.train_file=t",
+                         "optim.weight_decay=.inf")
+    assert_one_line_error(result, 2, "fusedrl sft: optim.weight_decay must be a finite number, got inf")
+
+
+def test_malformed_config_files_and_values_are_one_line(tmp_path, capsys):
+    as_list = tmp_path / "list.yaml"
+    as_list.write_text("- model: m\n- output_dir: o\n")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 20000 + "]" * 20000)
+    for argv, message in [
+        (["--config", str(as_list)], f"{as_list}: expected a mapping of keys (key: value lines), got a YAML list"),
+        (["--config", str(deep)], f"{deep}: nested too deeply to be a config"),
+        (["optim.lr=" + "[" * 20000], "override optim.lr: nested too deeply to be a config"),
+        (["optim.lr=["], "override optim.lr: not valid YAML"),
+    ]:
+        code, err = cli_error(["sft", *argv], capsys)
+        assert code == 2 and err.startswith(f"fusedrl sft: {message}") and err.count("\n") == 1, err
+
+
+def test_deep_json_and_impossible_model_sizes_are_one_line(qwen2_dir, tmp_path, capsys):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"prompt": ' + "[" * 100000 + "]" * 100000 + "}\n")
+    code, err = cli_error(["sft", f"model={qwen2_dir}", f"output_dir={tmp_path / 'run'}", f"data.train_file={deep}",
+                           "data.max_length=64", "data.max_prompt_length=32", "train.device=cpu"], capsys)
+    assert (code, err) == (1, f"fusedrl sft: {deep}:1: JSON nested too deeply\n")
+    config = json.loads((qwen2_dir / "config.json").read_text())
+    for key, value, says in [("hidden_size", -64, "hidden_size=-64 must be an int in [1, 2147483647]"),
+                             ("vocab_size", 10**13, "vocab_size=10000000000000 must be an int in [1, 2147483647]"),
+                             ("num_attention_heads", 0, "num_attention_heads=0 must be an int"),
+                             ("rms_norm_eps", -1.0, "rms_norm_eps=-1.0 must be a finite number > 0")]:
+        model = tmp_path / f"model-{key}"
+        shutil.copytree(qwen2_dir, model)
+        (model / "config.json").write_text(json.dumps({**config, key: value}))
+        code, err = cli_error(["generate", "--model", str(model), "--prompt", "hi", "--no-progress"], capsys)
+        assert (code, err) == (1, f"fusedrl generate: {model}: config.json: {says}\n") or (
+            code == 1 and says in err and err.count("\n") == 1), err
+    (model / "config.json").write_text('{"a": ' + "[" * 100000 + "]" * 100000 + "}")
+    code, err = cli_error(["generate", "--model", str(model), "--prompt", "hi"], capsys)
+    assert code == 1 and "not a readable model config" in err and err.count("\n") == 1, err
+
+
+def test_a_resumed_run_applies_or_refuses_each_changed_option(qwen2_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", demonstrations(4))
+    run = tmp_path / "run"
+    sft = ["sft", f"model={qwen2_dir}", f"output_dir={run}", f"data.train_file={data}", "data.max_length=64",
+           "data.max_prompt_length=32", "data.eval_fraction=0", "train.device=cpu", "train.progress=false",
+           "train.save_every=1", "train.keep_checkpoints=0"]
+    assert cli.main([*sft, "train.max_steps=1"]) == 0
+    capsys.readouterr()
+    # Applied: a new peak lr and a longer run, from the saved step on, and recorded in config.yaml.
+    resumed = run_fusedrl(*sft, "train.max_steps=2", "optim.lr=0.5")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed with train.max_steps=2 (was 1)" in resumed.stderr
+    assert "resumed with optim.lr=0.5 (was 1e-05)" in resumed.stderr
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["optim"]["lr"] == 0.5 and saved["train"]["max_steps"] == 2
+    step2 = [r for r in read_metrics(run) if r["kind"] == "train" and r["step"] == 2]
+    assert step2 and step2[-1]["lr"] == pytest.approx(0.5 * 0.1)  # the new peak at the cosine's end (min_lr_ratio)
+    # Refused: what the checkpoint was trained with, in one line naming both values; nothing rewritten.
+    before = (run / "config.yaml").read_text()
+    refused = run_fusedrl(*sft, "train.max_steps=3", "optim.lr=0.5", "lora.rank=4", "optim.beta2=0.9")
+    assert_one_line_error(refused, 2, f"fusedrl sft: optim.beta2=0.9 but the run in {run} was trained with "
+                          "optim.beta2=0.95 (its config.yaml) (also changed: lora.rank): "
+                          "a resumed run cannot change it")
+    assert (run / "config.yaml").read_text() == before
+    assert not (run / "checkpoints" / "step-00000003").exists()
