@@ -130,7 +130,8 @@ def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None, d
     elif cfg.critic == "separate" and not cfg.critic_lora.enabled:
         trunk_config = rm_config or policy_config
         critic = _meta(ValueModel, trunk_config, dtype)
-        parts.append(Part("critic", critic, sharded=True, trained=trained_params(critic), config=trunk_config))
+        parts.append(Part("critic", critic, sharded=True, trained=trained_params(critic, lm_loss=False),
+                          config=trunk_config))
     elif cfg.critic == "separate":
         trunk = rm if rm is not None else _meta(CausalLM, policy_config, dtype)
         if rm is None:  # a frozen copy of the policy's weights, whole on every rank
