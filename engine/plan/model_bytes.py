@@ -7,6 +7,7 @@ on every rank (the LoRA-adapted ones), and which parameters the optimizers step.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -84,8 +85,10 @@ def trained_params(model: nn.Module, lm_loss: bool = True) -> list[nn.Parameter]
 
 
 def _meta(cls, config: ModelConfig, dtype: torch.dtype) -> nn.Module:
+    """`cls(config, dtype)` on the meta device. Its rotary table (no parameter: cos and sin of every
+    position, built on the CPU whatever the device) is built for one position, not max_model_len."""
     with torch.device("meta"):
-        return cls(config, dtype)
+        return cls(dataclasses.replace(config, max_model_len=1), dtype)
 
 
 def _lora_parts(lora, role: str) -> list[Part]:

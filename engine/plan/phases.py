@@ -39,6 +39,12 @@ class Setup:
     dtype: torch.dtype          # of the models' parameters (train.precision)
     offload_optimizer: bool
     rules: EngineRules
+    memo: dict = field(default_factory=dict, repr=False)  # parameter lists and unit sizes, computed once
+
+    def once(self, key, compute):
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
     def fsdp(self, part: Part) -> bool:
         """An FSDP2 model: shard() wraps it under torchrun (in replicate mode its units still gather)."""
@@ -76,27 +82,35 @@ class MemoryPlan:
         return self.peak <= self.gpu_memory
 
 
-def _params(s: Setup, parts=None) -> list[tuple[torch.Tensor, Part]]:
+def _params(s: Setup) -> list[tuple[torch.Tensor, Part]]:
     """Every parameter once, with the first part holding it (a head trained with adapters is the model's)."""
-    seen, out = set(), []
-    for part in parts or s.parts:
-        for p in unique_params(part.module):
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append((p, part))
-    return out
+    def compute():
+        seen, out = set(), []
+        for part in s.parts:
+            for p in unique_params(part.module):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((p, part))
+        return out
+    return s.once("params", compute)
 
 
 def _trained(s: Setup) -> list[tuple[torch.Tensor, bool]]:
     """(parameter, split over the ranks) of everything an optimizer steps, each once."""
-    owner = {id(p): part for p, part in _params(s)}
-    seen, out = set(), []
-    for part in s.parts:
-        for p in part.trained:
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append((p, s.split(owner[id(p)])))
-    return out
+    def compute():
+        owner = {id(p): part for p, part in _params(s)}
+        seen, out = set(), []
+        for part in s.parts:
+            for p in part.trained:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((p, s.split(owner[id(p)])))
+        return out
+    return s.once("trained", compute)
+
+
+def _units(s: Setup, part: Part) -> tuple[list[int], int]:
+    return s.once(("units", id(part.module)), lambda: unit_bytes(part.module))
 
 
 def weight_bytes(s: Setup) -> int:
@@ -131,7 +145,7 @@ def forward_gathered(s: Setup, part: Part) -> int:
     resharded after forward) and the current and the prefetched layer."""
     if not s.fsdp(part):
         return 0
-    layers, rest = unit_bytes(part.module)
+    layers, rest = _units(s, part)
     return rest + s.rules.layers_gathered * max(layers, default=0)
 
 
@@ -179,7 +193,7 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part]) -> dict:
     gathered = 0
     for part in trained_decoders:
         if s.fsdp(part):
-            layers, rest = unit_bytes(part.module)
+            layers, rest = _units(s, part)
             gathered += forward_gathered(s, part)
             unsharded_grads = max(unsharded_grads, rest + max(layers, default=0))
     backward = {**_resident(s), "grads": grads + unsharded_grads, "gathered": gathered,

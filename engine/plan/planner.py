@@ -6,6 +6,7 @@ no GPU. The precision is the one a CUDA run resolves (train.precision auto -> bf
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -26,25 +27,33 @@ def stage_of(cfg) -> str:
     return "ppo" if isinstance(cfg, PPOConfig) else "rm" if isinstance(cfg, RMConfig) else "sft"
 
 
+@functools.lru_cache(maxsize=16)
+def model_config(model_dir: str):
+    """config.json of `model_dir` read once per process (the advice plans the same models again)."""
+    return load_config(Path(model_dir))
+
+
 def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda") -> Setup:
     """The stage's models on the meta device, with the dtype train.precision gives on `device`."""
     stage = stage_of(cfg)
     dtype = param_dtype(resolve_precision(cfg.train.precision, torch.device(device)))
     if stage == "ppo":
-        rm = load_config(Path(cfg.reward_model)) if cfg.reward_model else None
-        parts = ppo_models(cfg, load_config(Path(cfg.policy)), rm, dtype)
+        rm = model_config(cfg.reward_model) if cfg.reward_model else None
+        parts = ppo_models(cfg, model_config(cfg.policy), rm, dtype)
     else:
-        parts = supervised_models(stage, cfg, load_config(Path(cfg.model)), dtype)
+        parts = supervised_models(stage, cfg, model_config(cfg.model), dtype)
     return Setup(stage, cfg, parts, gpus, dtype, cfg.train.optimizer_offload, rules)
 
 
-def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, device: str = "cuda") -> MemoryPlan:
-    """Per-GPU bytes of every phase of `cfg` (a stage config) on `gpus` GPUs of `gpu_memory` bytes."""
+def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, device: str = "cuda",
+               advise: bool = True) -> MemoryPlan:
+    """Per-GPU bytes of every phase of `cfg` (a stage config) on `gpus` GPUs of `gpu_memory` bytes;
+    advise: when it does not fit, plan the changes of `advice` too (a few more plans)."""
     if gpus < 1:
         raise ValueError(f"--gpus={gpus}: expected at least 1")
     s = stage_setup(cfg, gpus, rules, device)
     plan = MemoryPlan(s.stage, gpus, gpu_memory, plan_phases(s), model_rows(s), host_optimizer_bytes(s), rules)
-    if not plan.fits:
+    if advise and not plan.fits:
         plan.notes = advice(cfg, plan, rules, device)
     return plan
 
@@ -79,7 +88,7 @@ def advice(cfg, plan: MemoryPlan, rules: EngineRules, device: str) -> list[str]:
     changes = candidate_changes(cfg, plan.ranks)
     fitting = []
     for what, overrides, gpus in changes:
-        other = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device)
+        other = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device, advise=False)
         if other.fits:
             fitting.append(f"{what} ({' '.join(overrides) or f'--gpus {gpus}'}): peak {format_bytes(other.peak)} "
                            f"in {other.peak_phase}")
@@ -87,7 +96,7 @@ def advice(cfg, plan: MemoryPlan, rules: EngineRules, device: str) -> list[str]:
         return ["fits with any one of: " + "; ".join(fitting)]
     overrides = [o for _, os_, _ in changes for o in os_]
     gpus = max([plan.ranks] + [g for *_, g in changes])
-    together = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device) if changes else plan
+    together = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device, advise=False) if changes else plan
     if together.fits:
         return [f"fits with all of: {' '.join(overrides)} --gpus {gpus} (peak {format_bytes(together.peak)} in "
                 f"{together.peak_phase})"]
