@@ -8,14 +8,15 @@ train.gradient_checkpointing a layer keeps its input and residual (2 H) and one 
 recomputed in full. Backward adds a layer's activation gradients (2 I + 2 H). A no-grad forward
 (scoring, prefill) holds one layer's largest moment: the residual stream (2 H), the norm's output
 (H) and the MLP's gate/up and product (3 I), or the attention's q/k/v, rotated q/k and output.
-The LM head never holds [tokens, vocab] logits (kernels/linear_logprobs.py): its chunks take at
-most LM_HEAD_WORKSPACE bytes.
+The LM head never holds [tokens, vocab] logits (kernels/linear_logprobs.py): a chunk of at most
+LOGIT_CHUNK elements and its gradient (`lm_head`: the forward ends in the LM head's log-probs; the
+reward and value models end in a scalar head instead).
 """
 from __future__ import annotations
 
 from ..model.config import ModelConfig
 
-LM_HEAD_WORKSPACE = 1 << 29  # kernels/linear_logprobs.py: a 2**27-element chunk of logits, 512 MiB in all
+LOGIT_CHUNK = 1 << 27  # kernels/linear_logprobs.py: CHUNK_ELEMENTS, elements of logits in one chunk
 
 
 def _widths(c: ModelConfig) -> tuple[int, int, int, int]:
@@ -42,9 +43,14 @@ def forward_bytes_per_token(c: ModelConfig, elem: int) -> int:
     return elem * (3 * h + max(3 * i, 3 * q + 3 * kv))
 
 
-def training_activations(c: ModelConfig, elem: int, checkpointing: bool, tokens: int) -> int:
-    return tokens * training_bytes_per_token(c, elem, checkpointing) + LM_HEAD_WORKSPACE
+def lm_head_bytes(c: ModelConfig, elem: int, tokens: int) -> int:
+    """The LM head's logits chunk and its gradient: at most LOGIT_CHUNK elements each."""
+    return 2 * elem * min(LOGIT_CHUNK, tokens * c.vocab_size)
 
 
-def forward_activations(c: ModelConfig, elem: int, tokens: int) -> int:
-    return tokens * forward_bytes_per_token(c, elem) + LM_HEAD_WORKSPACE
+def training_activations(c: ModelConfig, elem: int, checkpointing: bool, tokens: int, lm_head: bool) -> int:
+    return tokens * training_bytes_per_token(c, elem, checkpointing) + (lm_head_bytes(c, elem, tokens) if lm_head else 0)
+
+
+def forward_activations(c: ModelConfig, elem: int, tokens: int, lm_head: bool) -> int:
+    return tokens * forward_bytes_per_token(c, elem) + (lm_head_bytes(c, elem, tokens) if lm_head else 0)

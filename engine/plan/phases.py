@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.causal_lm import CausalLM
+from ..model.reward_model import RewardModel
+from ..model.value_model import ValueModel
 from ..inference.runner import kv_bytes_per_block, num_blocks_for_budget
 from .activations import forward_activations, training_activations
 from .model_bytes import Part, local_numel, param_bytes, unique_params, unit_bytes
@@ -167,6 +170,25 @@ def _role(s: Setup, *roles: str) -> list[Part]:
     return [p for p in s.parts if p.role in roles]
 
 
+def _critic_decoder(s: Setup) -> Part | None:
+    """The decoder the critic's forward runs: its own (a ValueModel), or with critic_lora the trunk
+    its adapters hook (the reward model's, else a frozen copy of the policy); None without a critic
+    or with the shared value head (the policy's forward)."""
+    if _role(s, "critic"):
+        return _role(s, "critic")[0]
+    if _role(s, "critic adapters"):
+        return (_role(s, "critic trunk") or _role(s, "reward model"))[0]
+    return None
+
+
+def _has_lm_head(s: Setup, part: Part) -> bool:
+    """Its forward ends in the LM head's log-probs: the policy and reference, the reward model only
+    with its LM term (beta_rm); the critics end in a value head."""
+    if isinstance(part.module, RewardModel):
+        return s.stage == "rm" and s.cfg.beta_rm > 0
+    return isinstance(part.module, CausalLM) and not isinstance(part.module, ValueModel) and part.role != "critic trunk"
+
+
 def _elem(s: Setup) -> int:
     return torch.empty((), dtype=s.dtype).element_size()
 
@@ -197,7 +219,8 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part]) -> dict:
             gathered += forward_gathered(s, part)
             unsharded_grads = max(unsharded_grads, rest + max(layers, default=0))
     backward = {**_resident(s), "grads": grads + unsharded_grads, "gathered": gathered,
-                "activations": sum(training_activations(p.config, elem, ckpt, tokens) for p in trained_decoders)}
+                "activations": sum(training_activations(p.config, elem, ckpt, tokens, lm_head=_has_lm_head(s, p))
+                                   for p in trained_decoders)}
     step = {**_resident(s), "grads": grads + (0 if s.offload_optimizer else step_buffer_bytes(s))}
     return max(backward, step, key=lambda d: sum(d.values()))
 
@@ -229,26 +252,25 @@ def ppo_phases(s: Setup) -> dict:
 
     gathered = whole_bytes(policy) if s.fsdp(policy) and s.rules.generation_gathers_policy else 0
     c = policy.config
-    prefill = min(max(PREFILL_TOKENS, c.max_model_len), r.prompts_per_iteration * r.max_prompt_length)
+    prefill = min(max(PREFILL_TOKENS, c.max_model_len), rows * r.max_prompt_length)
     sampler_logits = 2 * 4 * rows * c.vocab_size  # fp32 logits of a decode step and the sampler's work copy
-    rollout = {**base, "gathered": gathered, "activations": forward_activations(c, elem, prefill) + sampler_logits}
+    rollout = {**base, "gathered": gathered,
+               "activations": forward_activations(c, elem, prefill, lm_head=False) + sampler_logits}
 
     def scoring_cost(part: Part) -> tuple[int, int]:
         whole = part is policy and r.exact and s.fsdp(part)  # the batch-invariant forward gathers it whole
         return (whole_bytes(part) if whole else forward_gathered(s, part),
-                forward_activations(part.config, elem, rows * longest))
+                forward_activations(part.config, elem, rows * longest, lm_head=_has_lm_head(s, part)))
     decoders = [part for part in s.parts if part.config is not None]
     gathered_s, act_s = max((scoring_cost(part) for part in decoders), key=sum)
     scoring = {**base, "gathered": gathered_s, "activations": act_s}
 
     tokens = p.tokens_per_microbatch or (p.microbatch_size or p.minibatch_size) * longest
-    trained = [policy] + _role(s, "critic") + [t for t in _role(s, "critic trunk", "reward model")
-                                              if _role(s, "critic adapters")]
-    update = {**update_phase(s, tokens, trained), "kv_pool": kv}
+    critic = _critic_decoder(s)
+    update = {**update_phase(s, tokens, [policy] + ([critic] if critic else [])), "kv_pool": kv}
     export = {**base, "gathered": export_gathered(s, [policy, *_role(s, "critic")])}
     if _role(s, "critic adapters"):  # LoRACritic.merged: a whole ValueModel copy of its trunk
-        trunk = (_role(s, "critic trunk") or _role(s, "reward model"))[0]
-        export["gathered"] = max(export["gathered"], whole_bytes(trunk))
+        export["gathered"] = max(export["gathered"], whole_bytes(critic))
     return {"load": load_phase(s), "rollout": rollout, "scoring": scoring, "update": update, "export": export}
 
 
