@@ -1,11 +1,13 @@
 """The memory plan of Qwen2.5 models on one node, from their config.json alone (no weights, no GPU).
 
     python bench/plan_table.py [--gpus 8] [--gpu-memory 80GB] [--sizes 7B,14B,32B,72B] [--lora-rank 64]
+                               [--set train.gradient_checkpointing=true ...]
 
 Writes each model's config.json (the published Qwen2.5 Instruct shapes) into a temporary directory,
-runs `fusedrl plan --json` for PPO (a reward model of the same size, a separate critic) and GRPO
-(a reward function), full and LoRA, and prints the README's Markdown table: the peak per-GPU bytes,
-its phase, and whether it fits.
+runs `fusedrl plan --json` for PPO (a reward model of the same size, a separate critic; LoRA: on the
+policy and the critic) and GRPO (a reward function), full and LoRA, each with the --set options and
+the stages' defaults otherwise, and prints the README's Markdown table: the peak per-GPU bytes, its
+phase, and whether it fits.
 """
 from __future__ import annotations
 
@@ -60,11 +62,13 @@ def main() -> None:
     parser.add_argument("--gpu-memory", default="80GB")
     parser.add_argument("--sizes", default="7B,14B,32B,72B")
     parser.add_argument("--lora-rank", type=int, default=64)
+    parser.add_argument("--set", nargs="*", default=["train.gradient_checkpointing=true"], metavar="key=value",
+                        help="options of every plan (default: train.gradient_checkpointing=true)")
     args = parser.parse_args()
     lora = f"lora.rank={args.lora_rank}"
     columns = [("PPO", "ppo", ()), ("PPO, optimizer offloaded", "ppo", ("train.optimizer_offload=true",)),
-               (f"PPO, LoRA r={args.lora_rank}", "ppo", (lora,)), ("GRPO", "grpo", ()),
-               (f"GRPO, LoRA r={args.lora_rank}", "grpo", (lora,))]
+               (f"PPO, LoRA r={args.lora_rank}", "ppo", (lora, f"critic_lora.rank={args.lora_rank}")),
+               ("GRPO", "grpo", ()), (f"GRPO, LoRA r={args.lora_rank}", "grpo", (lora,))]
     print(f"| model ({args.gpus} x {args.gpu_memory}) | " + " | ".join(name for name, *_ in columns) + " |")
     print("| --- |" + " --- |" * len(columns))
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +77,7 @@ def main() -> None:
             cells = []
             for _, stage, extra in columns:
                 reward = (f"reward_model={model}",) if stage == "ppo" else ("reward_fn=rewards:score",)
-                cells.append(cell(plan_json(stage, model, *reward, *extra, gpus=args.gpus,
+                cells.append(cell(plan_json(stage, model, *reward, *args.set, *extra, gpus=args.gpus,
                                             gpu_memory=args.gpu_memory)))
             print(f"| Qwen2.5-{size} | " + " | ".join(cells) + " |")
 
