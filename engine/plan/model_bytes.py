@@ -1,8 +1,8 @@
 """The models of a stage, built on the meta device with the engine's own classes (no weights, no
 memory), and what their parameters weigh: whole, as one rank's FSDP2 shards, as FSDP units.
 
-`stage_models` mirrors what each stage builds today (engine/stages/sft.py, rm.py,
-ppo/trainer.py:build_models): which models exist, which are sharded under torchrun and which whole
+`supervised_models` and `ppo_models` mirror what each stage builds today (engine/stages/sft.py,
+rm.py, ppo/trainer.py:build_models): which models exist, which are sharded under torchrun and which whole
 on every rank (the LoRA-adapted ones), and which parameters the optimizers step.
 """
 from __future__ import annotations
