@@ -96,28 +96,32 @@ def _lora_parts(lora, role: str) -> list[Part]:
     return [Part(f"{role} adapters", lora, sharded=False, trained=list(lora.parameters()))]
 
 
-def supervised_models(stage: str, cfg, config: ModelConfig, dtype: torch.dtype) -> list[Part]:
+def supervised_models(stage: str, cfg, config: ModelConfig, dtype: torch.dtype, lora_base_whole: bool) -> list[Part]:
     """SFT: the causal LM; RM: the reward model built from it (a whole copy while loading). With
-    lora.rank > 0 the model is whole on every rank and only its adapters (and head) train."""
+    lora.rank > 0 only its adapters (and head) train, and its frozen base is whole on every rank
+    when `lora_base_whole` (rules.py)."""
     model = _meta(CausalLM if stage == "sft" else RewardModel, config, dtype)
     heads = {"score": model.score} if stage == "rm" else None
     lora = adapters.attach(model, cfg.lora, heads)
     copies = 1 if stage == "sft" else 2
     if lora is not None:
-        return [Part("model", model, sharded=False, config=config, copies_at_load=copies), *_lora_parts(lora, "model")]
+        return [Part("model", model, sharded=not lora_base_whole, config=config, copies_at_load=copies),
+                *_lora_parts(lora, "model")]
     lm_loss = stage == "sft" or cfg.beta_rm > 0
     return [Part("model", model, sharded=True, trained=trained_params(model, lm_loss), config=config,
                  copies_at_load=copies)]
 
 
-def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None, dtype: torch.dtype) -> list[Part]:
+def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None, dtype: torch.dtype,
+               lora_base_whole: bool) -> list[Part]:
     """The models of build_models (engine/stages/ppo/trainer.py), on the meta device: the policy
     (whole with lora), the reference (none with lora), the reward model (when reward_model is set),
     the critic (separate: a ValueModel, or with critic_lora adapters on the reward model's decoder
-    or on a frozen copy of the policy) or the shared value head."""
+    or on a frozen copy of the policy) or the shared value head. An adapted model's frozen base is
+    whole on every rank when `lora_base_whole` (rules.py)."""
     policy = _meta(CausalLM, policy_config, dtype)
     lora = adapters.attach(policy, cfg.lora)
-    parts = [Part("policy", policy, sharded=lora is None, trained=[] if lora else trained_params(policy),
+    parts = [Part("policy", policy, sharded=lora is None or not lora_base_whole, trained=[] if lora else trained_params(policy),
                   config=policy_config)]
     if lora is not None:
         parts += _lora_parts(lora, "policy")
@@ -126,7 +130,7 @@ def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None, d
     rm = _meta(RewardModel, rm_config, dtype) if rm_config is not None else None
     lora_critic_on_rm = cfg.critic == "separate" and cfg.critic_lora.enabled and rm is not None
     if rm is not None:
-        parts.append(Part("reward model", rm, sharded=not lora_critic_on_rm, config=rm_config))
+        parts.append(Part("reward model", rm, sharded=not (lora_critic_on_rm and lora_base_whole), config=rm_config))
     if cfg.critic == "shared":
         head = shared_value_head(policy)
         parts.append(Part("value head", head, sharded=lora is None, trained=list(head.parameters())))
@@ -138,7 +142,7 @@ def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None, d
     elif cfg.critic == "separate":
         trunk = rm if rm is not None else _meta(CausalLM, policy_config, dtype)
         if rm is None:  # a frozen copy of the policy's weights, whole on every rank
-            parts.append(Part("critic trunk", trunk, sharded=False, config=policy_config))
+            parts.append(Part("critic trunk", trunk, sharded=not lora_base_whole, config=policy_config))
         head_init = torch.zeros(1, trunk.config.hidden_size, device="meta")
         critic = LoRACritic(trunk, head_init, cfg.critic_lora)
         parts += _lora_parts(critic.lora, "critic")

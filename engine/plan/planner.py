@@ -39,9 +39,9 @@ def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda"
     dtype = param_dtype(resolve_precision(cfg.train.precision, torch.device(device)))
     if stage == "ppo":
         rm = model_config(cfg.reward_model) if cfg.reward_model else None
-        parts = ppo_models(cfg, model_config(cfg.policy), rm, dtype)
+        parts = ppo_models(cfg, model_config(cfg.policy), rm, dtype, rules.lora_base_whole)
     else:
-        parts = supervised_models(stage, cfg, model_config(cfg.model), dtype)
+        parts = supervised_models(stage, cfg, model_config(cfg.model), dtype, rules.lora_base_whole)
     return Setup(stage, cfg, parts, gpus, dtype, cfg.train.optimizer_offload, rules)
 
 

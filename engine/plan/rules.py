@@ -15,6 +15,9 @@ class EngineRules:
     generation_gathers_policy: bool = True
     # distributed.write_once -> gathered: the whole exported model on every GPU while rank 0 writes.
     export_gathers_model: bool = True
+    # build_models / supervised.train / adapters: a LoRA-adapted model (and the critic_lora trunk) is not
+    # sharded: its frozen base is whole on every GPU; its adapters and heads are replicated.
+    lora_base_whole: bool = True
     # FSDP2 all-gathers the next layer while the current one runs (forward and backward prefetch).
     layers_gathered: int = 2
 

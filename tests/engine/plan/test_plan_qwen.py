@@ -68,6 +68,10 @@ def test_72b_grpo_does_not_fit_at_tensor_parallel_1(qwen, lora):
     assert max(rollout["gathered"], rollout["weights"]) > 145 * GB
     assert "no change tried fits" in result.notes[-1]
     assert ("generation gathers the whole policy" if not lora else "frozen base is whole") in " ".join(result.notes)
+    # With the LoRA base sharded (issue 35's second deliverable), generation still gathers it whole.
+    sharded_base = plan("grpo", qwen["72B"], CKPT, *lora, rules=replace(TODAY, lora_base_whole=False))
+    assert not sharded_base.fits and sharded_base.phases["rollout"]["gathered"] > 145 * GB
+    assert sharded_base.phases["rollout"]["weights"] < 40 * GB
 
 
 def test_14b_ppo_does_not_fit_as_is_and_fits_with_the_optimizer_offloaded(qwen):
