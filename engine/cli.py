@@ -1,6 +1,6 @@
 """The `fusedrl` command: parsing and dispatch of every subcommand.
 
-    fusedrl info | demo | generate | sft | rm | ppo | grpo | export | plot     (`fusedrl <command> --help`)
+    fusedrl info | demo | generate | sft | rm | ppo | grpo | plan | export | plot     (`fusedrl <command> --help`)
 
 Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help`, config
 errors and wrong paths (engine/path_checks.py) import neither torch nor transformers. Each command's
@@ -116,6 +116,28 @@ def run_stage(args, name: str) -> int:
     out = train(config)
     print(f"fusedrl {name}: model written to {out}")
     return 0
+
+
+# --- plan -------------------------------------------------------------------------------------
+
+def add_plan_parser(commands) -> None:
+    p = commands.add_parser("plan", help="per-GPU memory of a training stage in each phase, before launch",
+                            description="per-GPU bytes of a stage's load, rollout, scoring, update and export "
+                                        "(weights, grads, optimizer, KV pool, gathered weights, activations), "
+                                        "whether it fits and what to change if not; needs only config.json")
+    p.add_argument("stage", choices=list(STAGES))
+    p.add_argument("--config", help="the stage's YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="the stage's options (`fusedrl STAGE --help`)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of the run (torchrun --nproc-per-node)")
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB or 79.6GiB")
+    p.add_argument("--json", action="store_true", help="print one JSON object (with `fits`)")
+    add_debug_flag(p)
+    p.set_defaults(run=_plan)
+
+
+def _plan(args) -> int:
+    from .plan.command import run_plan
+    return run_plan(args.stage, STAGES[args.stage][0], args)
 
 
 # --- demo -------------------------------------------------------------------------------------
@@ -314,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(commands)
     for name in STAGES:
         add_stage_parser(commands, name)
+    add_plan_parser(commands)
     add_export_parser(commands)
     add_plot_parser(commands)
     return parser
@@ -321,7 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (argparse exits 2 itself on a bad command line)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides after an option (`fusedrl plan ppo --gpus 8 lora.rank=64`): argparse leaves them over.
+    if extra and not (hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = getattr(args, "overrides", []) + extra
     try:
         return args.run(args)
     except KeyboardInterrupt:

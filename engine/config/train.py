@@ -97,6 +97,10 @@ class RunConfig:
                                          "state 1/N per rank) | replicate (whole copies, for small models)", "shard")
     dist_timeout_s: float = option("under torchrun: seconds a collective waits for the other ranks before "
                                    "the job fails", 600.0)
+    optimizer_offload: bool = option("keep the optimizer state (fp32 masters and AdamW moments) in CPU memory; "
+                                     "`fusedrl plan` accounts for it, training refuses it: not implemented yet", False)
+    memory_check: bool = option("on CUDA, refuse at start a run whose memory plan (`fusedrl plan`) does not fit "
+                                "the GPUs", True)
 
     def __post_init__(self):
         check_fields(self, "train.")

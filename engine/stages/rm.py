@@ -129,7 +129,7 @@ def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int,
 def run_rm(cfg: RMConfig) -> Path:
     """Train per `cfg`, normalize, export RUN_DIR/final (see engine/model/reward_model.py for the
     format; with lora.rank > 0 also RUN_DIR/final_adapter, see the module docstring)."""
-    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths())
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), config=cfg)
     check_context(cfg.data, run.configs["model"].max_model_len)
     device, tokenizer = run.device, run.tokenizer
     examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed)

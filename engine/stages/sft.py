@@ -51,7 +51,7 @@ def sft_stage(model_dir: str, dtype: str, device) -> Stage:
 def run_sft(cfg: SFTConfig) -> Path:
     """Train per `cfg`; returns the exported model directory (RUN_DIR/final; with lora.rank > 0 the
     adapters merged into it, and themselves in RUN_DIR/final_adapter)."""
-    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths())
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), config=cfg)
     check_context(cfg.data, run.configs["model"].max_model_len)
     examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device)

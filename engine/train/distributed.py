@@ -172,15 +172,21 @@ def shard(model: nn.Module, mode: str = "shard") -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = _mesh(next(model.parameters()).device.type, mode)
-    for layer in getattr(getattr(model, "model", None), "layers", []):
-        fully_shard(layer, mesh=mesh)
-    # An FSDP unit holds one dtype: the fp32 score / value heads of bf16 models are units of their own.
-    main_dtype = Counter(p.dtype for p in model.parameters()).most_common(1)[0][0]
-    for module in list(model.modules())[1:]:
-        if any(p.dtype != main_dtype for p in module.parameters(recurse=False)):
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    for unit in shard_units(model):
+        fully_shard(unit, mesh=mesh)
     return model
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules `shard` makes FSDP units, inner ones first and `model` (the root unit) last:
+    each decoder layer, then each module holding parameters of another dtype than the rest (an
+    FSDP unit holds one dtype: the fp32 score / value heads of bf16 models). The memory plan
+    (engine/plan) reads the same list."""
+    layers = list(getattr(getattr(model, "model", None), "layers", []))
+    main_dtype = Counter(p.dtype for p in model.parameters()).most_common(1)[0][0]
+    odd = [module for module in list(model.modules())[1:]
+           if any(p.dtype != main_dtype for p in module.parameters(recurse=False))]
+    return layers + odd + [model]
 
 
 @functools.cache

@@ -54,18 +54,23 @@ def check_model_dir(path, option: str):
     return load_config(Path(path))
 
 
-def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, files: dict) -> RunContext:
+def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, files: dict, config=None) -> RunContext:
     """Check everything first: `models` {option: model directory, or None when unused} (the first
     one's tokenizer is the run's), `files` {option: input file or None}, output_dir (engine/path_checks.py),
     the models' config.json and the device of `options` (the stage's `train` section). Then join torchrun's process group when launched by
     it (a bare `cuda` becomes this rank's GPU, cuda:LOCAL_RANK) and seed python's and torch's RNGs
-    with `seed` (the same on every rank: models are built identically before sharding)."""
+    with `seed` (the same on every rank: models are built identically before sharding). `config`, the
+    stage's whole config: its memory plan must fit the GPUs (engine/plan/check.py), checked before
+    any model loads."""
     check_paths(models, files, output_dir)
     configs = {option: load_config(Path(path)) for option, path in models.items() if path}
     device = resolve_device(options.device)
     distributed.init_distributed(device.type, options.dist_timeout_s)
     if device.type == "cuda" and device.index is None and distributed.world_size() > 1:
         device = torch.device("cuda", distributed.local_rank())
+    if config is not None:
+        from ..plan.check import refuse_unfit
+        refuse_unfit(config, device, distributed.world_size())
     from transformers import AutoTokenizer  # deferred: importing transformers is slow
 
     random.seed(seed)

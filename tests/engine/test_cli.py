@@ -27,7 +27,8 @@ def test_unknown_command_is_rejected(capsys):
                                   ["sft", "model=/nonexistent", "output_dir=o", "data.train_file=t"],
                                   ["ppo", "policy=/nonexistent", "prompts_file=f", "output_dir=o"],
                                   ["generate", "--model", "/nonexistent", "--prompt", "hi"],
-                                  ["plot", "/nonexistent"]])
+                                  ["plot", "/nonexistent"], ["plan", "--help"],
+                                  ["plan", "ppo", "policy=/nonexistent", "--gpus", "8", "lora.rank=8"]])
 def test_parsing_imports_neither_torch_nor_transformers(argv):
     """Help, config errors and wrong paths come from torch-free code alone, so they are answered at
     once (a fresh interpreter, so nothing this test process imported counts)."""

@@ -240,7 +240,7 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
         # every forward and backward of a sharded or replicated model is a collective.
         raise UsageError(f"ppo.tokens_per_microbatch={cfg.ppo.tokens_per_microbatch} under torchrun "
                          f"({distributed.world_size()} ranks) is not supported yet: use ppo.microbatch_size")
-    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths())
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), config=cfg)
     device, tokenizer = run.device, run.tokenizer
     if cfg.reward_model is None:  # resolved now: a wrong reward_fn is a usage error before any model loads
         reward_fn = resolve_reward_fn(cfg, reward_fn)

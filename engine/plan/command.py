@@ -1,0 +1,61 @@
+"""`fusedrl plan STAGE [--config FILE] [key=value ...] --gpus N --gpu-memory 80GB [--json]`: the
+stage's config as the stage reads it, the options the plan does not read (output_dir, the data
+files) filled in when left out, the model directories checked (config.json is all they need)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .. import path_checks
+from ..config import io as config_io
+from ..errors import UsageError
+from .units import parse_bytes
+
+# Required options the plan does not read: a placeholder stands in when the user gives none.
+_UNREAD = {"sft": ("output_dir", "data.train_file"), "rm": ("output_dir", "data.train_file"),
+           "ppo": ("output_dir", "prompts_file"), "grpo": ("output_dir", "prompts_file")}
+PLACEHOLDER = "(not read by the plan)"
+
+
+def _has(data: dict, dotted: str) -> bool:
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return bool(node)
+
+
+def plan_config(stage: str, config_cls, path, overrides: list[str]):
+    """The stage's config from the YAML file and overrides, placeholders for what the plan does not read."""
+    try:
+        data = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}) if path else {}
+        data = config_io.apply_overrides(data, overrides)
+        data = config_io.apply_overrides(data, [f"{k}={PLACEHOLDER}" for k in _UNREAD[stage] if not _has(data, k)])
+        return config_io.from_dict(config_cls, data)
+    except OSError as e:
+        raise UsageError(f"--config {path}: {e.strerror}") from None
+    except (ValueError, yaml.YAMLError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+
+
+def run_plan(stage: str, config_cls, args) -> int:
+    """Print the plan (text, or one JSON object with --json); exit 0 whether or not it fits."""
+    try:
+        gpu_memory = parse_bytes(args.gpu_memory)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.gpus < 1:
+        raise UsageError(f"--gpus={args.gpus}: expected at least 1")
+    cfg = plan_config(stage, config_cls, args.config, args.overrides)
+    models, _ = cfg.paths()
+    for option, model_dir in models.items():
+        if model_dir:
+            path_checks.check_model_path(model_dir, option)
+    from .planner import plan_stage
+    from .report import format_plan, to_json
+    plan = plan_stage(cfg, args.gpus, gpu_memory)
+    print(json.dumps(to_json(plan)) if args.json else format_plan(plan, f"fusedrl plan {stage}"))
+    return 0

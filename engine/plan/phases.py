@@ -1,0 +1,291 @@
+"""Per-GPU bytes of a stage in each phase, by category: the plan itself.
+
+Phases: load (the models built, before sharding), rollout (generation), scoring (the rollout's
+reward, reference, old log-prob and value forwards), update (forward + backward, or the optimizer
+step, whichever holds more), export (the final model written). SFT and RM have load, update, export.
+Categories: weights (resident: a rank's FSDP2 shards, whole models where not sharded), grads (of the
+trained parameters, sharded like them, plus a unit's whole gradients before FSDP reduce-scatters
+them, plus the optimizer's transient fp32 copy during the step), optimizer (fp32 masters of
+non-fp32 parameters and the two AdamW moments, 12 bytes per bf16 parameter: engine/train/fused_adamw.py,
+created at the first step and kept), kv_pool (rollout.kv_cache_memory, capped by the engine at
+max_num_seqs full-length sequences, allocated once and kept), gathered (whole weights held on top
+of the shards: FSDP units during a forward, the whole policy while generating, the exported model),
+activations (per token budget: activations.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.causal_lm import CausalLM
+from ..model.reward_model import RewardModel
+from ..model.value_model import ValueModel
+from ..inference.runner import kv_bytes_per_block, num_blocks_for_budget
+from .activations import forward_activations, training_activations
+from .model_bytes import Part, local_numel, param_bytes, unique_params, unit_bytes
+from .rules import EngineRules
+
+PHASES = ("load", "rollout", "scoring", "update", "export")
+CATEGORIES = ("weights", "grads", "optimizer", "kv_pool", "gathered", "activations")
+# LLM's default prefill chunk (engine/inference/llm.py), raised to max_model_len by the scheduler.
+PREFILL_TOKENS = 16384
+
+
+@dataclass
+class Setup:
+    """What the plan is computed from: the stage, its config, its models (built on meta), the ranks."""
+    stage: str
+    cfg: object
+    parts: list[Part]
+    ranks: int
+    dtype: torch.dtype          # of the models' parameters (train.precision)
+    offload_optimizer: bool
+    rules: EngineRules
+    memo: dict = field(default_factory=dict, repr=False)  # parameter lists and unit sizes, computed once
+
+    def once(self, key, compute):
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
+
+    def fsdp(self, part: Part) -> bool:
+        """An FSDP2 model: shard() wraps it under torchrun (in replicate mode its units still gather)."""
+        return part.sharded and self.ranks > 1
+
+    def split(self, part: Part) -> bool:
+        """Its parameters, gradients and optimizer state are 1/N per rank (full shard)."""
+        return self.fsdp(part) and self.cfg.train.data_parallel == "shard"
+
+
+@dataclass
+class MemoryPlan:
+    stage: str
+    ranks: int
+    gpu_memory: int
+    phases: dict                 # {phase: {category: bytes per GPU}}
+    models: list                 # [{role, parameters, bytes, sharded, trained_parameters}]
+    host_optimizer_bytes: int    # per rank, when the optimizer state is offloaded
+    rules: EngineRules
+    notes: list = field(default_factory=list)
+
+    def total(self, phase: str) -> int:
+        return sum(self.phases[phase].values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.total)
+
+    @property
+    def peak(self) -> int:
+        return self.total(self.peak_phase)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.gpu_memory
+
+
+def _params(s: Setup) -> list[tuple[torch.Tensor, Part]]:
+    """Every parameter once, with the first part holding it (a head trained with adapters is the model's)."""
+    def compute():
+        seen, out = set(), []
+        for part in s.parts:
+            for p in unique_params(part.module):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((p, part))
+        return out
+    return s.once("params", compute)
+
+
+def _trained(s: Setup) -> list[tuple[torch.Tensor, bool]]:
+    """(parameter, split over the ranks) of everything an optimizer steps, each once."""
+    def compute():
+        owner = {id(p): part for p, part in _params(s)}
+        seen, out = set(), []
+        for part in s.parts:
+            for p in part.trained:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((p, s.split(owner[id(p)])))
+        return out
+    return s.once("trained", compute)
+
+
+def _units(s: Setup, part: Part) -> tuple[list[int], int]:
+    return s.once(("units", id(part.module)), lambda: unit_bytes(part.module))
+
+
+def weight_bytes(s: Setup) -> int:
+    return sum(local_numel(p, s.ranks, s.split(part)) * p.element_size() for p, part in _params(s))
+
+
+def grad_bytes(s: Setup) -> int:
+    """Gradients in the parameters' dtype, sharded like them."""
+    return sum(local_numel(p, s.ranks, split) * p.element_size() for p, split in _trained(s))
+
+
+def step_buffer_bytes(s: Setup) -> int:
+    """FusedAdamW.gradients: one fp32 copy of every local gradient, during the step."""
+    return sum(4 * local_numel(p, s.ranks, split) for p, split in _trained(s))
+
+
+def optimizer_bytes(s: Setup) -> int:
+    """FusedAdamW state: fp32 master (non-fp32 parameters), exp_avg, exp_avg_sq, and a 0-dim fp32 step."""
+    total = 0
+    for p, split in _trained(s):
+        n = local_numel(p, s.ranks, split)
+        total += (4 * n if p.dtype != torch.float32 else 0) + 8 * n + 4
+    return total
+
+
+def whole_bytes(part: Part) -> int:
+    return sum(param_bytes(p) for p in unique_params(part.module))
+
+
+def forward_gathered(s: Setup, part: Part) -> int:
+    """Whole weights an FSDP model holds during a forward: its root unit (embeddings, LM head; not
+    resharded after forward) and the current and the prefetched layer."""
+    if not s.fsdp(part):
+        return 0
+    layers, rest = _units(s, part)
+    return rest + s.rules.layers_gathered * max(layers, default=0)
+
+
+def kv_pool_bytes(s: Setup) -> int:
+    """The paged KV pool of HybridActor: rollout.kv_cache_memory bytes in whole blocks, at most
+    max_num_seqs (prompts x samples) full-length sequences (engine/inference/llm.py)."""
+    r, c = s.cfg.rollout, _policy(s).config
+    per_block = kv_bytes_per_block(c, s.dtype, r.block_size)
+    blocks = num_blocks_for_budget(r.kv_cache_memory, c, s.dtype, r.block_size, "cpu")
+    blocks = min(blocks, r.prompts_per_iteration * r.samples_per_prompt * -(-c.max_model_len // r.block_size))
+    return blocks * per_block
+
+
+def _policy(s: Setup) -> Part:
+    return next(p for p in s.parts if p.role in ("policy", "model"))
+
+
+def _role(s: Setup, *roles: str) -> list[Part]:
+    return [p for p in s.parts if p.role in roles]
+
+
+def _critic_decoder(s: Setup) -> Part | None:
+    """The decoder the critic's forward runs: its own (a ValueModel), or with critic_lora the trunk
+    its adapters hook (the reward model's, else a frozen copy of the policy); None without a critic
+    or with the shared value head (the policy's forward)."""
+    if _role(s, "critic"):
+        return _role(s, "critic")[0]
+    if _role(s, "critic adapters"):
+        return (_role(s, "critic trunk") or _role(s, "reward model"))[0]
+    return None
+
+
+def _has_lm_head(s: Setup, part: Part) -> bool:
+    """Its forward ends in the LM head's log-probs: the policy and reference, the reward model only
+    with its LM term (beta_rm); the critics end in a value head."""
+    if isinstance(part.module, RewardModel):
+        return s.stage == "rm" and s.cfg.beta_rm > 0
+    return isinstance(part.module, CausalLM) and not isinstance(part.module, ValueModel) and part.role != "critic trunk"
+
+
+def _elem(s: Setup) -> int:
+    return torch.empty((), dtype=s.dtype).element_size()
+
+
+def _resident(s: Setup) -> dict:
+    """What every phase after load holds: the weights and (kept from the first step on) the optimizer."""
+    return {"weights": weight_bytes(s), "optimizer": 0 if s.offload_optimizer else optimizer_bytes(s)}
+
+
+def load_phase(s: Setup) -> dict:
+    if not s.rules.load_whole:
+        return {"weights": weight_bytes(s)}
+    whole = sum(whole_bytes(p) * p.copies_at_load for p in s.parts if p.config is not None)
+    small = sum(param_bytes(p) for p, part in _params(s) if part.config is None)
+    return {"weights": whole + small}
+
+
+def update_phase(s: Setup, tokens: int, trained_decoders: list[Part]) -> dict:
+    """The larger of the backward (activations of every trained decoder's graph at once, their
+    FSDP roots and layers gathered, a unit's whole gradients) and the step (the fp32 gradient copy)."""
+    elem, ckpt = _elem(s), s.cfg.train.gradient_checkpointing
+    grads = grad_bytes(s)
+    unsharded_grads = 0
+    gathered = 0
+    for part in trained_decoders:
+        if s.fsdp(part):
+            layers, rest = _units(s, part)
+            gathered += forward_gathered(s, part)
+            unsharded_grads = max(unsharded_grads, rest + max(layers, default=0))
+    backward = {**_resident(s), "grads": grads + unsharded_grads, "gathered": gathered,
+                "activations": sum(training_activations(p.config, elem, ckpt, tokens, lm_head=_has_lm_head(s, p))
+                                   for p in trained_decoders)}
+    step = {**_resident(s), "grads": grads + (0 if s.offload_optimizer else step_buffer_bytes(s))}
+    return max(backward, step, key=lambda d: sum(d.values()))
+
+
+def export_gathered(s: Setup, parts: list[Part]) -> int:
+    """The largest model write_once gathers whole (one at a time)."""
+    if not s.rules.export_gathers_model:
+        return 0
+    return max((whole_bytes(p) for p in parts if s.fsdp(p)), default=0)
+
+
+def supervised_phases(s: Setup) -> dict:
+    d = s.cfg.data
+    tokens = d.tokens_per_microbatch or d.tokens_per_batch
+    model = _policy(s)
+    # SFT/RM zero the gradients at the start of a step: the last step's are still held at export.
+    export = {**_resident(s), "grads": grad_bytes(s), "gathered": export_gathered(s, [model])}
+    return {"load": load_phase(s), "update": update_phase(s, tokens, [model]), "export": export}
+
+
+def ppo_phases(s: Setup) -> dict:
+    r, p = s.cfg.rollout, s.cfg.ppo
+    rows = r.prompts_per_iteration * r.samples_per_prompt
+    longest = r.max_prompt_length + r.max_new_tokens
+    kv = kv_pool_bytes(s)
+    policy = _policy(s)
+    elem = _elem(s)
+    base = {**_resident(s), "kv_pool": kv}
+
+    gathered = whole_bytes(policy) if s.fsdp(policy) and s.rules.generation_gathers_policy else 0
+    c = policy.config
+    prefill = min(max(PREFILL_TOKENS, c.max_model_len), rows * r.max_prompt_length)
+    sampler_logits = 2 * 4 * rows * c.vocab_size  # fp32 logits of a decode step and the sampler's work copy
+    rollout = {**base, "gathered": gathered,
+               "activations": forward_activations(c, elem, prefill, lm_head=False) + sampler_logits}
+
+    def scoring_cost(part: Part) -> tuple[int, int]:
+        whole = part is policy and r.exact and s.fsdp(part)  # the batch-invariant forward gathers it whole
+        return (whole_bytes(part) if whole else forward_gathered(s, part),
+                forward_activations(part.config, elem, rows * longest, lm_head=_has_lm_head(s, part)))
+    decoders = [part for part in s.parts if part.config is not None]
+    gathered_s, act_s = max((scoring_cost(part) for part in decoders), key=sum)
+    scoring = {**base, "gathered": gathered_s, "activations": act_s}
+
+    tokens = p.tokens_per_microbatch or (p.microbatch_size or p.minibatch_size) * longest
+    critic = _critic_decoder(s)
+    update = {**update_phase(s, tokens, [policy] + ([critic] if critic else [])), "kv_pool": kv}
+    export = {**base, "gathered": export_gathered(s, [policy, *_role(s, "critic")])}
+    if _role(s, "critic adapters"):  # LoRACritic.merged: a whole ValueModel copy of its trunk
+        export["gathered"] = max(export["gathered"], whole_bytes(critic))
+    return {"load": load_phase(s), "rollout": rollout, "scoring": scoring, "update": update, "export": export}
+
+
+def plan_phases(s: Setup) -> dict:
+    """{phase: {category: bytes per GPU}} for the stage, every category present in every phase."""
+    phases = ppo_phases(s) if s.stage in ("ppo", "grpo") else supervised_phases(s)
+    return {name: {cat: int(phases[name].get(cat, 0)) for cat in CATEGORIES} for name in PHASES if name in phases}
+
+
+def model_rows(s: Setup) -> list[dict]:
+    """One row per model: its parameters, whole bytes, whether sharded, its trained parameters."""
+    return [{"role": part.role, "parameters": sum(p.numel() for p in unique_params(part.module)),
+             "bytes": whole_bytes(part), "sharded": s.fsdp(part),
+             "trained_parameters": sum(p.numel() for p in part.trained)} for part in s.parts]
+
+
+def host_optimizer_bytes(s: Setup) -> int:
+    return optimizer_bytes(s) if s.offload_optimizer else 0

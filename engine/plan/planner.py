@@ -1,0 +1,128 @@
+"""The plan of one stage config on N GPUs: build its models on the meta device, count each phase's
+bytes (phases.py), and when it does not fit, say which single change (or which set) makes it fit.
+
+`plan_stage(cfg, gpus, gpu_memory)` reads only config.json of the model directories: no weights,
+no GPU. The precision is the one a CUDA run resolves (train.precision auto -> bf16-mixed).
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from ..config import io as config_io
+from ..config.ppo import PPOConfig
+from ..config.train import RMConfig
+from ..model.hf_io import load_config
+from ..train.precision import param_dtype, resolve_precision
+from .model_bytes import ppo_models, supervised_models
+from .phases import MemoryPlan, Setup, host_optimizer_bytes, model_rows, plan_phases
+from .rules import TODAY, EngineRules
+from .units import format_bytes
+
+
+def stage_of(cfg) -> str:
+    """'sft', 'rm' or 'ppo' (GRPO is the PPO stage with other defaults)."""
+    return "ppo" if isinstance(cfg, PPOConfig) else "rm" if isinstance(cfg, RMConfig) else "sft"
+
+
+@functools.lru_cache(maxsize=16)
+def model_config(model_dir: str):
+    """config.json of `model_dir` read once per process (the advice plans the same models again)."""
+    return load_config(Path(model_dir))
+
+
+def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda") -> Setup:
+    """The stage's models on the meta device, with the dtype train.precision gives on `device`."""
+    stage = stage_of(cfg)
+    dtype = param_dtype(resolve_precision(cfg.train.precision, torch.device(device)))
+    if stage == "ppo":
+        rm = model_config(cfg.reward_model) if cfg.reward_model else None
+        parts = ppo_models(cfg, model_config(cfg.policy), rm, dtype, rules.lora_base_whole)
+    else:
+        parts = supervised_models(stage, cfg, model_config(cfg.model), dtype, rules.lora_base_whole)
+    return Setup(stage, cfg, parts, gpus, dtype, cfg.train.optimizer_offload, rules)
+
+
+def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, device: str = "cuda",
+               advise: bool = True) -> MemoryPlan:
+    """Per-GPU bytes of every phase of `cfg` (a stage config) on `gpus` GPUs of `gpu_memory` bytes;
+    advise: when it does not fit, plan the changes of `advice` too (a few more plans)."""
+    if gpus < 1:
+        raise ValueError(f"--gpus={gpus}: expected at least 1")
+    s = stage_setup(cfg, gpus, rules, device)
+    plan = MemoryPlan(s.stage, gpus, gpu_memory, plan_phases(s), model_rows(s), host_optimizer_bytes(s), rules)
+    if advise and not plan.fits:
+        plan.notes = advice(cfg, plan, rules, device)
+    return plan
+
+
+def with_overrides(cfg, overrides: list[str]):
+    """`cfg` with `key=value` overrides applied (validated again, as the command line would)."""
+    return config_io.from_dict(type(cfg), config_io.apply_overrides(config_io.to_dict(cfg), overrides))
+
+
+def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
+    """(what it is, overrides, GPUs) of each change the advice tries."""
+    out = []
+    if not cfg.train.optimizer_offload:
+        out.append(("offload the optimizer state to CPU memory", ["train.optimizer_offload=true"], gpus))
+    if not cfg.train.gradient_checkpointing:
+        out.append(("recompute activations in backward", ["train.gradient_checkpointing=true"], gpus))
+    if cfg.lora.rank == 0:
+        out.append(("train LoRA adapters only", ["lora.rank=64"], gpus))
+    if isinstance(cfg, PPOConfig):
+        if cfg.ppo.microbatch_size != 1:
+            out.append(("a smaller token budget per forward", ["ppo.tokens_per_microbatch=null",
+                                                               "ppo.microbatch_size=1"], gpus))
+    elif cfg.data.tokens_per_microbatch != cfg.data.max_length:
+        out.append(("a smaller token budget per forward", [f"data.tokens_per_microbatch={cfg.data.max_length}"], gpus))
+    if gpus < 8:
+        out.append(("more GPUs", [], 8))
+    return out
+
+
+def advice(cfg, plan: MemoryPlan, rules: EngineRules, device: str) -> list[str]:
+    """What to change: each single change that fits, else all of them together, else what blocks."""
+    changes = candidate_changes(cfg, plan.ranks)
+    fitting = []
+    for what, overrides, gpus in changes:
+        other = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device, advise=False)
+        if other.fits:
+            fitting.append(f"{what} ({' '.join(overrides) or f'--gpus {gpus}'}): peak {format_bytes(other.peak)} "
+                           f"in {other.peak_phase}")
+    if fitting:
+        return ["fits with any one of: " + "; ".join(fitting)]
+    overrides = [o for _, os_, _ in changes for o in os_]
+    gpus = max([plan.ranks] + [g for *_, g in changes])
+    together = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device, advise=False) if changes else plan
+    if together.fits:
+        return [f"fits with all of: {' '.join(overrides)} --gpus {gpus} (peak {format_bytes(together.peak)} in "
+                f"{together.peak_phase})"]
+    return [blocker(plan, "needs"), "no change tried fits: with all of them "
+            f"({' '.join(overrides)} --gpus {gpus}) " + blocker(together, "still needs")]
+
+
+def blocker(plan: MemoryPlan, verb: str) -> str:
+    """'PHASE needs X, most of it CATEGORY (Y): why' for the plan's peak phase."""
+    phase = plan.phases[plan.peak_phase]
+    biggest = max(phase, key=phase.get)
+    why = _why(plan, plan.peak_phase, biggest)
+    return (f"{plan.peak_phase} {verb} {format_bytes(plan.peak)}, most of it {biggest} "
+            f"({format_bytes(phase[biggest])})" + (f": {why}" if why else ""))
+
+
+def _why(plan: MemoryPlan, phase: str, category: str) -> str:
+    """Why `category` cannot shrink with any option today, by the rule it comes from (rules.py)."""
+    rules = plan.rules
+    if (phase, category) == ("load", "weights") and rules.load_whole:
+        return "loading puts every model whole on every GPU before sharding it (no sharded load yet)"
+    if (phase, category) == ("rollout", "gathered") and rules.generation_gathers_policy:
+        return "generation gathers the whole policy on every GPU (no tensor-parallel generation yet)"
+    if (phase, category) == ("export", "gathered") and rules.export_gathers_model:
+        return "the export gathers the whole model on every GPU (no streamed export yet)"
+    whole = [m["role"] for m in plan.models if not m["sharded"] and m["parameters"] > m["trained_parameters"]]
+    if category == "weights" and plan.ranks > 1 and whole:
+        return f"not sharded: {', '.join(whole)} (a LoRA-adapted model's frozen base is whole on every GPU)"
+    return ""
