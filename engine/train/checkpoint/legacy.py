@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ...errors import ModelError
-from .parts import Trainables, optimizer_key, optimizer_parameters, parameter_names
+from .parts import Trainables, named_optimizer_state, optimizer_parameters, parameter_names
 from .restore import Source, UnsafeCheckpoint, check_parts, mismatch
 from .shards import dtype_name
 
@@ -69,25 +69,13 @@ def open_legacy(path: Path, parts: Trainables) -> Source:
 
 
 def _named_optimizer(path: Path, i: int, state: dict, groups: list[list[str]], whole: dict) -> dict:
-    """A positional optimizer state dict in the form of parts.trainer_state, its parameters named by
+    """Optimizer i's saved state dict in the form of parts.trainer_state, its parameters named by
     the run's (the same order as when it was saved); its tensors go into `whole`."""
     positions = [p for group in state["param_groups"] for p in group["params"]]
     order = [name for group in groups for name in group]
     if len(positions) != len(order):
         raise mismatch(path, f"optimizer {i} trains {len(positions)} parameters there, {len(order)} here")
-    name_of = dict(zip(positions, order))
-    tensor_state, value_state = {}, {}
-    for position, own in state["state"].items():
-        name = name_of[position]
-        for key, value in own.items():
-            if isinstance(value, torch.Tensor):
-                whole[optimizer_key(i, name, key)] = value
-                tensor_state.setdefault(name, []).append(key)
-            else:
-                value_state.setdefault(name, {})[key] = value
-    return {"param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [name_of[p] for p in g["params"]]}
-                             for g in state["param_groups"]],
-            "tensor_state": tensor_state, "value_state": value_state}
+    return named_optimizer_state(i, state, order, whole)
 
 
 def _box(tensor: torch.Tensor, offsets: list[int], sizes: list[int]) -> torch.Tensor:

@@ -74,27 +74,32 @@ def trainer_state(parts: Trainables) -> tuple[dict[str, torch.Tensor], dict]:
     optimizers' groups and non-tensor state and the schedulers' state dicts."""
     tensors = module_tensors(parts)
     names = parameter_names(parts)
-    optimizers = []
-    for i, optimizer in enumerate(parts.optimizers):
-        groups = optimizer_parameters(optimizer, names)
-        saved = optimizer.state_dict()  # its state is keyed by the parameters' positions in the groups
-        order = [name for group in groups for name in group]
-        state_keys, values = {}, {}
-        for position, state in saved["state"].items():
-            param = order[position]
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[optimizer_key(i, param, key)] = value
-                    state_keys.setdefault(param, []).append(key)
-                else:
-                    values.setdefault(param, {})[key] = value
-        optimizers.append({
-            "param_groups": [{**{k: v for k, v in group.items() if k != "params"}, "params": params}
-                             for group, params in zip(saved["param_groups"], groups, strict=True)],
-            "tensor_state": state_keys, "value_state": values})
+    optimizers = [named_optimizer_state(i, optimizer.state_dict(),
+                                        [n for group in optimizer_parameters(optimizer, names) for n in group], tensors)
+                  for i, optimizer in enumerate(parts.optimizers)]
     data = {"models": sorted(parts.models), "modules": sorted(parts.small_modules),
             "optimizers": optimizers, "schedulers": [s.state_dict() for s in parts.schedulers]}
     return tensors, data
+
+
+def named_optimizer_state(i: int, state_dict: dict, order: list[str], tensors: dict) -> dict:
+    """Optimizer i's `state_dict` (torch's: parameters by their position in the groups), its
+    parameters named by `order` (the names in group order): the plain data
+    {"param_groups": [hyperparameters and "params" by name], "tensor_state": {param: [state keys]},
+    "value_state": {param: {key: value}}}; its state tensors are added to `tensors`."""
+    name_of = dict(zip((p for group in state_dict["param_groups"] for p in group["params"]), order, strict=True))
+    tensor_state, value_state = {}, {}
+    for position, state in state_dict["state"].items():
+        param = name_of[position]
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[optimizer_key(i, param, key)] = value
+                tensor_state.setdefault(param, []).append(key)
+            else:
+                value_state.setdefault(param, {})[key] = value
+    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [name_of[p] for p in group["params"]]}
+              for group in state_dict["param_groups"]]
+    return {"param_groups": groups, "tensor_state": tensor_state, "value_state": value_state}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], list]:
