@@ -82,8 +82,11 @@ def write_shards(directory: Path, tensors: dict[str, torch.Tensor], own: dict[st
 
 
 def check_index(index: dict, where: Path) -> None:
-    """CorruptDirectory unless every tensor's chunks lie in its shape, in files of ours, and tile it
-    exactly (no gap, no overlap): then any box of it is read from its chunks alone."""
+    """CorruptDirectory unless every tensor's chunks lie in its shape, in files of ours, and add up
+    to its size (that they do not overlap is checked where they are read: `ShardReader.read`)."""
+    if not isinstance(index, dict):
+        raise CorruptDirectory(f"{where}: the tensor index is not a mapping of names")
+    name = None
     try:
         for name, entry in index.items():
             shape, chunks = entry["shape"], entry["chunks"]
@@ -93,13 +96,13 @@ def check_index(index: dict, where: Path) -> None:
             for c in chunks:
                 offsets, sizes = c["offsets"], c["sizes"]
                 if not _FILE.fullmatch(c["file"]) or len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+                        type(x) is not int for x in [*offsets, *sizes, *shape]) or any(
                         o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)):
                     raise ValueError(f"chunk {c}")
                 boxes.append((offsets, sizes))
-            total = sum(math.prod(s) for _, s in boxes)
-            if total != math.prod(shape) or any(_overlap(a, b) is not None for i, a in enumerate(boxes) for b in boxes[i + 1:]):
+            if sum(math.prod(s) for _, s in boxes) != math.prod(shape):
                 raise ValueError(f"chunks {chunks} do not tile shape {shape}")
-    except (KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise CorruptDirectory(f"{where}: tensor {name!r} has an unreadable index entry ({e})") from None
 
 
@@ -130,10 +133,14 @@ class ShardReader:
         """The box (offsets, sizes) of tensor `name`, assembled from the chunks it overlaps."""
         entry = self.index[name]
         out = torch.empty(sizes, dtype=DTYPES[entry["dtype"]])
-        for chunk in entry["chunks"]:
-            box = _overlap((offsets, sizes), (chunk["offsets"], chunk["sizes"]))
-            if box is None:
-                continue
+        found = [(chunk, box) for chunk in entry["chunks"]
+                 if (box := _overlap((offsets, sizes), (chunk["offsets"], chunk["sizes"]))) is not None]
+        # The chunks in this box must fill it without overlapping (a few per box: no quadratic cost).
+        boxes = [([lo for lo, _ in box], [hi - lo for lo, hi in box]) for _, box in found]
+        if sum(math.prod(s) for _, s in boxes) != math.prod(sizes) or any(
+                _overlap(a, b) is not None for i, a in enumerate(boxes) for b in boxes[i + 1:]):
+            raise CorruptDirectory(f"{self.directory}: the chunks of tensor {name!r} do not tile it")
+        for chunk, box in found:
             piece = self._open(chunk["file"]).get_slice(name)
             if list(piece.get_shape()) != chunk["sizes"]:
                 raise CorruptDirectory(f"{self.directory / chunk['file']}: tensor {name!r} has shape "

@@ -23,7 +23,7 @@ from fusedrl.engine.train import optim
 from fusedrl.engine.train.checkpoint import (CheckpointMismatch, SavedModel, Trainables, UnsafeCheckpoint,
                                              checkpoint_dir, list_checkpoints, load_checkpoint, resume,
                                              save_checkpoint)
-from fusedrl.engine.train.checkpoint.shards import check_index
+from fusedrl.engine.train.checkpoint.shards import ShardReader, check_index
 from train_testing import demonstrations, save_tiny_model, write_jsonl
 
 LOOP = {"step": 2, "epoch": 1, "tokens": 96, "kl_coef": 0.05, "moments": {"count": 6, "mean": 0.25, "m2": 1.5}}
@@ -238,6 +238,16 @@ def test_an_index_whose_chunks_do_not_tile_their_tensor_is_corrupt(tmp_path, chu
     check_index({"w": {"dtype": "float32", "shape": [4, 3], "chunks": [
         {"file": "rank-00000.safetensors", "offsets": [0, 0], "sizes": [2, 3]},
         {"file": "rank-00001.safetensors", "offsets": [2, 0], "sizes": [2, 3]}]}}, tmp_path)
+
+
+def test_chunks_that_overlap_where_they_are_read_are_corrupt(tmp_path):
+    # The sizes add up (rows 0-1 and 1-2: a row twice, row 3 missing), so only the read can tell.
+    index = {"w": {"dtype": "float32", "shape": [4, 3], "chunks": [
+        {"file": "rank-00000.safetensors", "offsets": [0, 0], "sizes": [2, 3]},
+        {"file": "rank-00001.safetensors", "offsets": [1, 0], "sizes": [2, 3]}]}}
+    reader = ShardReader(tmp_path, index)
+    with pytest.raises(CorruptDirectory, match="do not tile"):
+        reader.read("w", [0, 0], [4, 3])
 
 
 def test_a_checkpoint_json_of_another_kind_is_corrupt_and_set_aside(base_dir, tmp_path, capsys):
