@@ -1,5 +1,5 @@
 """Training checkpoints, one layout for every stage and every world size: everything needed to
-continue a run exactly, as data only (safetensors and JSON; nothing is unpickled).
+continue a run exactly, as data only (safetensors and JSON), so resuming runs no code from a checkpoint.
 
 Layout of `RUN_DIR/checkpoints/step-00000012/`, the same for one process and for N ranks:
     rank-RRRRR.safetensors  each rank's pieces of the tensors (shards.py): the models' and small

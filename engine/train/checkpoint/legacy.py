@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ...durable import CorruptDirectory
 from ...errors import ModelError
 from .parts import Trainables, named_optimizer_state, optimizer_parameters, parameter_names
 from .restore import Source, UnsafeCheckpoint, check_parts, mismatch
@@ -25,6 +26,7 @@ from .shards import dtype_name
 
 STATE_FILE = "trainer_state.pt"
 SHARDED_DIR = "sharded"
+_KEYS = {"optimizers", "schedulers", "small_modules", "rng", "state"}
 
 
 def is_legacy(path: Path) -> bool:
@@ -43,6 +45,10 @@ def open_legacy(path: Path, parts: Trainables) -> Source:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsafeCheckpoint(f"{path / STATE_FILE} holds more than tensors and plain data ({first}): not "
                                "loaded, since unpickling it could run code") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise CorruptDirectory(f"{path / STATE_FILE}: not a readable torch file ({e})") from None
+    if not isinstance(saved, dict) or not _KEYS <= saved.keys():
+        raise CorruptDirectory(f"{path / STATE_FILE}: expected a dict with the keys {sorted(_KEYS)}")
     check_parts(path, parts, sorted(p.name for p in path.iterdir() if p.is_dir()), sorted(saved["small_modules"]))
     whole = {}
     for name, model in parts.models.items():

@@ -17,14 +17,16 @@ from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.durable import CorruptDirectory, write_manifest
 from fusedrl.engine.errors import NonFiniteError, one_line
 from fusedrl.engine.model.hf_io import load_model, save_model
-from fusedrl.engine.model.lora import add_lora
+from fusedrl.engine.model.lora import LoRA, add_lora
 from fusedrl.engine.model.peft_io import read_adapter_weights, save_adapter
+from fusedrl.engine.stages.sft import run_sft
 from fusedrl.engine.train import optim
 from fusedrl.engine.train.checkpoint import (CheckpointMismatch, SavedModel, Trainables, UnsafeCheckpoint,
                                              checkpoint_dir, list_checkpoints, load_checkpoint, resume,
                                              save_checkpoint)
 from fusedrl.engine.train.checkpoint.shards import ShardReader, check_index
-from train_testing import demonstrations, save_tiny_model, write_jsonl
+from fusedrl.engine.train.runlog import read_metrics
+from train_testing import demonstrations, save_tiny_model, sft_config, write_jsonl
 
 LOOP = {"step": 2, "epoch": 1, "tokens": 96, "kl_coef": 0.05, "moments": {"count": 6, "mean": 0.25, "m2": 1.5}}
 
@@ -97,16 +99,15 @@ def test_every_part_comes_back_exactly_from_data_files_only(base_dir, tmp_path):
     assert masters and all(m.dtype == torch.float32 for m in masters)  # fp32, not rounded to the bf16 weights
 
 
-def write_earlier_layout(run: Run, path: Path, loop: dict) -> None:
+def write_earlier_layout(parts: Trainables, path: Path, loop: dict) -> None:
     """A checkpoint as the one-process layout of earlier versions wrote it: each model its own Hugging
     Face (or PEFT) directory, torch.save of the rest in trainer_state.pt, then the manifest."""
     path.mkdir(parents=True)
-    if run.lora is None:
-        save_model(run.model, path / "model")
-    else:
-        save_adapter(run.lora, path / "adapter")
-    torch.save({"optimizers": [run.optimizer.state_dict()], "schedulers": [run.scheduler.state_dict()],
-                "small_modules": {"value_head": run.head.state_dict()},
+    for name, part in parts.models.items():
+        (save_adapter if isinstance(part.module, LoRA) else save_model)(part.module, path / name)
+    torch.save({"optimizers": [o.state_dict() for o in parts.optimizers],
+                "schedulers": [s.state_dict() for s in parts.schedulers],
+                "small_modules": {name: m.state_dict() for name, m in parts.small_modules.items()},
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}, "state": loop},
                path / "trainer_state.pt")
     write_manifest(path)
@@ -115,7 +116,7 @@ def write_earlier_layout(run: Run, path: Path, loop: dict) -> None:
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_a_checkpoint_of_the_earlier_layout_resumes(base_dir, tmp_path, lora_rank):
     run = Run(base_dir, lora_rank).train()
-    write_earlier_layout(run, checkpoint_dir(tmp_path, 2), LOOP)
+    write_earlier_layout(run.parts, checkpoint_dir(tmp_path, 2), LOOP)
     draw = torch.rand(3)
     fresh = Run(base_dir, lora_rank)
     found, loop = resume(tmp_path, fresh.parts)
@@ -125,6 +126,25 @@ def test_a_checkpoint_of_the_earlier_layout_resumes(base_dir, tmp_path, lora_ran
     # Both continue alike, and the next save is in the current layout.
     assert_same(fresh.train(1).snapshot(), run.train(1).snapshot())
     assert (save_checkpoint(tmp_path, 3, fresh.parts, {**LOOP, "step": 3}) / "checkpoint.json").is_file()
+
+
+def test_an_sft_run_resumes_from_the_earlier_layout_as_from_its_own(base_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", demonstrations(24))
+    kw = dict(optim={"grad_accum_steps": 2, "warmup_steps": 1}, data={"eval_fraction": 0.0})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_sft(sft_config(base_dir, data, straight, train={"max_steps": 2, "save_every": 1, "keep_checkpoints": 0}, **kw))
+    # Its step-1 checkpoint rewritten in the earlier layout, through the parts the SFT stage builds.
+    cfg = sft_config(base_dir, data, resumed, **kw)
+    model = load_model(base_dir)
+    optimizer = optim.build_optimizer(model, cfg.optim)
+    parts = Trainables({"model": SavedModel(model, load_model)}, [optimizer],
+                       [optim.build_scheduler(optimizer, cfg.optim, 2)])
+    loop = load_checkpoint(checkpoint_dir(straight, 1), parts)
+    write_earlier_layout(parts, checkpoint_dir(resumed, 1), loop)
+    run_sft(sft_config(base_dir, data, resumed, train={"max_steps": 2}, **kw))
+    assert [r["resumed_from"] for r in read_metrics(resumed) if r["kind"] == "info"][0].endswith("step-00000001")
+    a, b = load_model(straight / "final").state_dict(), load_model(resumed / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 class Payload:
