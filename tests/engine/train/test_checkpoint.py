@@ -196,11 +196,16 @@ def test_a_planted_pickle_never_runs(base_dir, tmp_path, layout):
     assert not marker.exists()
 
 
-def test_a_planted_pickle_never_runs_on_a_fusedrl_sft_resume(base_dir, tmp_path, capsys):
+def sft_command(base_dir, tmp_path):
+    """`fusedrl sft` for 2 steps into tmp_path/run, checkpointing every step."""
     data = write_jsonl(tmp_path / "train.jsonl", demonstrations(12))
-    args = ["sft", f"model={base_dir}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}",
+    return ["sft", f"model={base_dir}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}",
             "data.max_length=48", "data.max_prompt_length=24", "data.tokens_per_batch=128", "train.save_every=1",
             "train.max_steps=2", "train.progress=false", "train.device=cpu"]
+
+
+def test_a_planted_pickle_never_runs_on_a_fusedrl_sft_resume(base_dir, tmp_path, capsys):
+    args = sft_command(base_dir, tmp_path)
     assert main(args) == 0
     marker = tmp_path / "pwned"
     plant(checkpoint_dir(tmp_path / "run", 2), "earlier", marker)
@@ -209,6 +214,20 @@ def test_a_planted_pickle_never_runs_on_a_fusedrl_sft_resume(base_dir, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trainer_state.pt holds more than tensors and plain data" in err[0]
     assert not marker.exists()
+
+
+def test_fusedrl_sft_resuming_with_another_lora_rank_says_so_and_touches_nothing(base_dir, tmp_path, capsys):
+    args = sft_command(base_dir, tmp_path)
+    assert main([*args, "lora.rank=4"]) == 0
+    run = tmp_path / "run"
+    files = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main([*args, "lora.rank=8", "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # What differs, both values: the checkpoint's adapters (or the changed option, where the saved
+    # config is compared first).
+    assert len(err) == 1 and ("[4, 64] there, [8, 64] here" in err[0] or "lora.rank" in err[0]), err
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == files
 
 
 @pytest.mark.parametrize("change, expected", [
