@@ -34,7 +34,9 @@ def is_legacy(path: Path) -> bool:
 
 
 def open_legacy(path: Path, parts: Trainables) -> Source:
-    """The checkpoint at `path` (verified) in the one-process layout of earlier versions."""
+    """The checkpoint at `path` (verified) in the one-process layout of earlier versions. Each model
+    directory is read by its part's loader, which for LoRA adapters reads into the run's own adapters
+    (they are overwritten by the restore in any case; a mismatch found later stops the run)."""
     if (path / SHARDED_DIR).is_dir():
         raise UnsafeCheckpoint(f"checkpoint {path} is in the multi-rank layout of earlier fusedrl versions "
                                "(torch.distributed.checkpoint, whose metadata is a pickle): not loaded, since "
