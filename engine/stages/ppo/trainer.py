@@ -194,8 +194,8 @@ class PPOState:
 def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, device, dtype) -> Trainables:
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
     optimizers and their schedules."""
-    saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device))} if models.lora is None
-             else {"policy_adapter": adapters.saved_adapter(models.lora)})
+    saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device))}
+             if models.lora is None else {"policy_adapter": adapters.saved_adapter(models.lora)})
     small = {}
     if isinstance(models.critic, LoRACritic):
         saved["critic_adapter"] = adapters.saved_adapter(models.critic.lora)

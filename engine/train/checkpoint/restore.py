@@ -47,7 +47,9 @@ def mismatch(path: Path, what: str) -> CheckpointMismatch:
 
 
 def check_parts(path: Path, parts: Trainables, models: list, modules: list) -> None:
-    for kind, there, here in (("models", models, sorted(parts.models)), ("modules", modules, sorted(parts.small_modules))):
+    """CheckpointMismatch unless the checkpoint's `models` and `modules` (names, sorted) are the run's."""
+    for kind, there, here in (("models", models, sorted(parts.models)),
+                              ("modules", modules, sorted(parts.small_modules))):
         if list(there) != here:
             raise mismatch(path, f"it holds the {kind} {list(there)}, this run {here}")
 
