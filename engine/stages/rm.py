@@ -93,7 +93,6 @@ def rm_stage(cfg: RMConfig, dtype: torch.dtype, device) -> Stage:
     return Stage(collate=collate_rm, counts=rm_counts,
                  loss=lambda model, batch, counts: rm_loss(model, batch, counts, cfg.beta_rm),
                  summarize=lambda stats, counts: rm_summarize(stats, counts, cfg.beta_rm),
-                 save_weights=lambda model, out: save_reward_model(model, out, source_dir=cfg.model),
                  load_weights=lambda path: load_reward_model(path, dtype=dtype, device=device))
 
 

@@ -12,7 +12,7 @@ import torch
 from ..config.train import SFTConfig
 from ..data.loading import load_examples
 from ..data.packing import PackedBatch, collate_sft
-from ..model.hf_io import load_model, save_model
+from ..model.hf_io import load_model
 from ..model.lm_head import lm_head_logprobs
 from ..train import adapters
 from ..train.distributed import write_once
@@ -42,9 +42,8 @@ def sft_summarize(stats: dict, counts: dict) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": counts["tokens"]}
 
 
-def sft_stage(model_dir: str, dtype: str, device) -> Stage:
+def sft_stage(dtype: str, device) -> Stage:
     return Stage(collate=collate_sft, counts=sft_counts, loss=sft_loss, summarize=sft_summarize,
-                 save_weights=lambda model, out: save_model(model, out, source_dir=model_dir),
                  load_weights=lambda path: load_model(path, dtype=dtype, device=device))
 
 
@@ -56,7 +55,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device)
     lora = adapters.attach(model, cfg.lora)
-    train(model, sft_stage(cfg.model, run.dtype, run.device), examples.train, examples.eval, cfg, run.device,
+    train(model, sft_stage(run.dtype, run.device), examples.train, examples.eval, cfg, run.device,
           examples.info, lora)
     final = Path(cfg.output_dir) / "final"
     write_once([model], lambda: adapters.export(model, lora, final, cfg.model))

@@ -24,10 +24,9 @@ def attach(model, cfg: LoRAConfig, heads: Optional[dict] = None) -> Optional[LoR
     return add_lora(model, cfg, heads) if cfg.enabled else None
 
 
-def saved_adapter(lora: LoRA, base_model: str) -> SavedModel:
-    """The adapters as a checkpoint part: written as a PEFT directory, read back into `lora`."""
-    return SavedModel(lora, lambda module, out: save_adapter(module, out, base_model),
-                      lambda directory: read_adapter_weights(lora, directory))
+def saved_adapter(lora: LoRA) -> SavedModel:
+    """The adapters as a checkpoint part (an earlier layout's PEFT directory read back into `lora`)."""
+    return SavedModel(lora, lambda directory: read_adapter_weights(lora, directory))
 
 
 def adapter_dir(final: Path) -> Path:

@@ -3,7 +3,7 @@ skipped updates.
 
 A stage supplies its loop state (a dataclass with a `step` field: optimizer steps for SFT/RM,
 iterations for PPO, plus whatever position it needs to resume exactly), the parts its checkpoint
-holds (engine/train/checkpoint.py) and a function doing one step; `run_training` does the rest:
+holds (engine/train/checkpoint/) and a function doing one step; `run_training` does the rest:
     remove temp leftovers of killed saves, resume from the newest checkpoint that verifies
     (train.resume; an option changed since the saved config.yaml is applied or refused:
     engine/config/resume.py)  ->  for each step: step(state) -> metrics, log every

@@ -6,7 +6,7 @@ RUN_DIR/
     metrics.jsonl     one JSON object per line: {"kind": "train"|"eval"|"info", "step": ..., ...};
                       one series: a run resumed at step S first drops the records past S
     tensorboard/      event files, when enabled
-    checkpoints/      see engine/train/checkpoint.py
+    checkpoints/      see engine/train/checkpoint/
     final/            the exported model
 `fusedrl plot RUN_DIR` reads metrics.jsonl back.
 """

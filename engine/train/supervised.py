@@ -46,8 +46,7 @@ class Stage:
     counts: Callable
     loss: Callable
     summarize: Callable
-    save_weights: Callable  # (model, directory)
-    load_weights: Callable  # directory -> model
+    load_weights: Callable  # directory -> model (a checkpoint of the earlier layout's model directory)
 
 
 @dataclass
@@ -176,8 +175,8 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
     steps = total_steps(train_ex, cfg)
     optimizer = optim.build_optimizer(model if lora is None else lora, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.optim, steps)
-    saved = ({"model": SavedModel(model, stage.save_weights, stage.load_weights)} if lora is None
-             else {"adapter": adapters.saved_adapter(lora, cfg.model)})
+    saved = ({"model": SavedModel(model, stage.load_weights)} if lora is None
+             else {"adapter": adapters.saved_adapter(lora)})
     parts = Trainables(saved, [optimizer], [scheduler])
     state = SupervisedState()
     stream = None  # opened at the first step, from the (possibly resumed) position

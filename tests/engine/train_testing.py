@@ -11,6 +11,11 @@ def write_jsonl(path, rows):
     return path
 
 
+def checkpoint_data(path) -> dict:
+    """The plain data of checkpoint `path`: its checkpoint.json (engine/train/checkpoint/__init__.py)."""
+    return json.loads((path / "checkpoint.json").read_text())
+
+
 def save_tiny_model(path, arch="llama2", **overrides):
     """A tiny random model plus the test tokenizer saved at `path`; returns `path`."""
     make_hf_model(arch, **overrides).save_pretrained(path)

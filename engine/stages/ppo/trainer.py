@@ -1,13 +1,11 @@
 """The PPO stage: `run_ppo(PPOConfig(...))` trains the policy against a reward model or function.
 
 RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
-    checkpoints/step-0000000N/   the one checkpoint format (engine/train/checkpoint.py): policy/ (HF
-                                 dir; with lora its adapters instead, policy_adapter/, a PEFT dir),
-                                 critic/ (HF dir with value_head.weight; with critic_lora its
-                                 adapters and value head instead, critic_adapter/, a PEFT SEQ_CLS
-                                 dir) or the shared value head in trainer_state.pt, with the
-                                 optimizers, schedules, RNG and the loop state (iteration, KL
-                                 coefficient, reward moments, ptx position)
+    checkpoints/step-0000000N/   the one checkpoint layout (engine/train/checkpoint/): the policy
+                                 (with lora its adapters instead, `policy_adapter`), the critic
+                                 (with critic_lora its adapters and value head, `critic_adapter`)
+                                 or the shared value head, the optimizers, schedules, RNG and the
+                                 loop state (iteration, KL coefficient, reward moments, ptx position)
     final/                       the trained policy, a transformers-loadable directory (with lora:
                                  the adapters merged; final_adapter/ holds them for PEFT)
     final_critic/                the separate critic, when there is one (with critic_lora: merged;
@@ -37,7 +35,7 @@ from ...data.loading import load_examples, load_prompts
 from ...data.packing import collate_sft, epoch_order
 from ...errors import FusedRLError, UsageError
 from ...inference.hybrid_actor import HybridActor
-from ...model.hf_io import load_model, save_model
+from ...model.hf_io import load_model
 from ...model.reward_model import load_reward_model
 from ...model.causal_lm import CausalLM, rebuild_as
 from ...model.peft_io import save_adapter
@@ -197,15 +195,13 @@ class PPOState:
 def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, device, dtype) -> Trainables:
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
     optimizers and their schedules."""
-    saved = ({"policy": SavedModel(models.policy, lambda m, d: save_model(m, d, source_dir=cfg.policy),
-                                   lambda d: load_model(d, dtype=dtype, device=device))} if models.lora is None
-             else {"policy_adapter": adapters.saved_adapter(models.lora, cfg.policy)})
+    saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device))}
+             if models.lora is None else {"policy_adapter": adapters.saved_adapter(models.lora)})
     small = {}
     if isinstance(models.critic, LoRACritic):
-        saved["critic_adapter"] = adapters.saved_adapter(models.critic.lora, cfg.reward_model or cfg.policy)
+        saved["critic_adapter"] = adapters.saved_adapter(models.critic.lora)
     elif models.critic is not None:
-        saved["critic"] = SavedModel(models.critic, save_value_model,
-                                     lambda d: load_value_model(d, dtype=dtype, device=device))
+        saved["critic"] = SavedModel(models.critic, lambda d: load_value_model(d, dtype=dtype, device=device))
     if models.value_head is not None:
         small["value_head"] = models.value_head
     return Trainables(saved, opts.all(), schedules, small)

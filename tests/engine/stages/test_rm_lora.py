@@ -17,8 +17,9 @@ from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from fusedrl.engine.model.reward_model import load_reward_model, reward_model_from_lm
 from fusedrl.engine.stages.rm import run_rm
+from fusedrl.engine.train.checkpoint import read_tensors
 from engine_testing import random_prompts
-from train_testing import rm_config, sorted_digit_preferences, write_jsonl
+from train_testing import checkpoint_data, rm_config, sorted_digit_preferences, write_jsonl
 from test_rm_trainer import base_dir  # noqa: F401 (the reward-model tests' one-layer base)
 
 peft = pytest.importorskip("peft")  # the test extra; bench/peer_wheels.sh carries it to the GPU image
@@ -105,13 +106,13 @@ def test_rm_lora_resume_gives_the_same_adapters_and_head(base_dir, tmp_path):
     run_rm(rm_config(base_dir, train_file, straight, train={"max_steps": 2, "save_every": 1, "keep_checkpoints": 0},
                      **kw))
     checkpoint = straight / "checkpoints" / "step-00000001"
-    assert (checkpoint / "adapter" / WEIGHTS_FILE).exists() and not (checkpoint / "model").exists()
+    assert checkpoint_data(checkpoint)["models"] == ["adapter"]  # the adapters and head, not the model
     shutil.copytree(checkpoint, resumed / "checkpoints" / "step-00000001")
     run_rm(rm_config(base_dir, train_file, resumed, train={"max_steps": 2}, **kw))
     a, b = (load_file(run / "final_adapter" / WEIGHTS_FILE) for run in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    first = load_file(checkpoint / "adapter" / WEIGHTS_FILE)
-    assert not torch.equal(a["base_model.model.score.weight"], first["base_model.model.score.weight"])
+    first = read_tensors(checkpoint, "models.adapter.")
+    assert not torch.equal(a["base_model.model.score.weight"], first["heads.score.weight"])
     x, y = load_reward_model(straight / "final"), load_reward_model(resumed / "final")
     assert x.reward_offset == y.reward_offset
     assert all(torch.equal(v, y.state_dict()[k]) for k, v in x.state_dict().items())

@@ -2,7 +2,9 @@
 export to transformers, and the `fusedrl sft` command end to end."""
 import json
 import math
+import resource
 import shutil
+import signal
 
 import pytest
 import torch
@@ -21,7 +23,8 @@ from fusedrl.engine.stages.sft import run_sft, sft_loss, sft_stage
 from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.train.supervised import train_step
 from fusedrl.engine.errors import UsageError
-from fusedrl.engine.train.checkpoint import SavedModel, Trainables, latest_checkpoint, save_checkpoint
+from fusedrl.engine.train.checkpoint import (SavedModel, Trainables, latest_checkpoint, read_tensors,
+                                             save_checkpoint)
 from engine_testing import random_prompts
 from train_testing import demonstrations, save_tiny_model, sft_config, write_jsonl
 
@@ -68,7 +71,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(base_dir):
 
 def test_accumulated_micro_batches_match_one_packed_batch(base_dir, train_file, tmp_path):
     cfg = sft_config(base_dir, train_file, tmp_path, optim={"lr": 1e-2})
-    stage, exs, weights = sft_stage(str(base_dir), "float32", torch.device("cpu")), examples(), []
+    stage, exs, weights = sft_stage("float32", torch.device("cpu")), examples(), []
     for batches in ([collate_sft(exs[:2]), collate_sft(exs[2:])], [collate_sft(exs)]):
         model = load_model(base_dir)
         optimizer = build_optimizer(model, cfg.optim)
@@ -88,16 +91,20 @@ def test_warmup_then_cosine_by_hand():
 
 
 def test_interrupted_save_leaves_no_checkpoint(base_dir, tmp_path):
+    """A save that fails halfway through writing its shard (a file size limit, as a full disk would)."""
     model = load_model(base_dir)
     optimizer = build_optimizer(model, sft_config(base_dir, "t", tmp_path).optim)
     scheduler = build_scheduler(optimizer, sft_config(base_dir, "t", tmp_path).optim, 4)
-
-    def crash(model, out):
-        (out / "half").mkdir(parents=True)
-        raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, 3, Trainables({"model": SavedModel(model, crash, load_model)}, [optimizer],
-                                                [scheduler]), {"step": 3})
+    parts = Trainables({"model": SavedModel(model, load_model)}, [optimizer], [scheduler])
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        with pytest.raises(Exception, match="File too large"):
+            save_checkpoint(tmp_path, 3, parts, {"step": 3})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
     assert latest_checkpoint(tmp_path) is None and list((tmp_path / "checkpoints").iterdir()) == []
 
 
@@ -115,7 +122,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base_dir, train_f
     run_sft(sft_config(base_dir, train_file, resumed, **kw))
     a, b = load_model(straight / "final").state_dict(), load_model(resumed / "final").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    first = load_model(straight / "checkpoints" / "step-00000001" / "model").state_dict()
+    first = read_tensors(straight / "checkpoints" / "step-00000001", "models.model.")
     assert not all(torch.equal(a[k], first[k]) for k in a)  # the second step did change the weights
     info = [r for r in read_metrics(resumed) if r["kind"] == "info"][0]
     assert info["resumed_from"].endswith("step-00000001")

@@ -13,7 +13,7 @@ from fusedrl.engine.stages.sft import run_sft
 from fusedrl.engine.train.checkpoint import checkpoint_dir
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun
-from train_testing import demonstrations, rm_config, save_tiny_model, sft_config, sorted_digit_preferences, write_jsonl
+from train_testing import checkpoint_data, demonstrations, rm_config, save_tiny_model, sft_config, sorted_digit_preferences, write_jsonl
 
 
 def assert_same_curves(run_a, run_b, keys=("loss", "grad_norm")):
@@ -79,7 +79,9 @@ def test_sharded_checkpoint_resumes_in_one_process(base_dir, sft_runs):
     """The 2-rank run killed after its step-2 checkpoint, resumed by one process."""
     resumed = sft_runs / "resumed"
     shutil.copytree(checkpoint_dir(sft_runs / "two", 2), checkpoint_dir(resumed, 2))
-    assert (checkpoint_dir(resumed, 2) / "sharded").is_dir()
+    saved = checkpoint_data(checkpoint_dir(resumed, 2))
+    assert saved["world_size"] == 2 and (checkpoint_dir(resumed, 2) / "rank-00001.safetensors").is_file()
+    assert any(len(entry["chunks"]) == 2 for entry in saved["tensors"].values())  # sharded: a piece per rank
     with rank_threads():
         out = run_sft(sft_run(base_dir, sft_runs, "resumed", 1))
     assert [r["resumed_from"] for r in read_metrics(resumed) if r["kind"] == "info"][0].endswith("step-00000002")

@@ -13,10 +13,10 @@ from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.peft_io import WEIGHTS_FILE
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
 from fusedrl.engine.stages.sft import run_sft
-from fusedrl.engine.train.checkpoint import checkpoint_dir
+from fusedrl.engine.train.checkpoint import checkpoint_dir, read_tensors
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun
-from train_testing import demonstrations, save_tiny_model, sft_config, write_jsonl
+from train_testing import checkpoint_data, demonstrations, save_tiny_model, sft_config, write_jsonl
 
 LORA = LoRAConfig(rank=4, alpha=8.0, target_modules="q_proj,v_proj,gate_proj,down_proj")
 
@@ -33,13 +33,16 @@ def test_lora_on_two_ranks(tmp_path):
     with rank_threads():
         run_sft(sft("one", 1))
     two, one = (load_file(tmp_path / run / "final_adapter" / WEIGHTS_FILE) for run in ("two", "one"))
-    first = load_file(checkpoint_dir(tmp_path / "one", 2) / "adapter" / WEIGHTS_FILE)
-    assert two.keys() == one.keys() and not all(torch.equal(one[k], first[k]) for k in one)
+    first, last = (read_tensors(checkpoint_dir(tmp_path / "one", step), "models.adapter.") for step in (2, 3))
+    assert two.keys() == one.keys() and not all(torch.equal(last[k], first[k]) for k in last)
     for name in one:
         assert (two[name] - one[name]).abs().max() <= 1e-5 * one[name].abs().max(), name
     rows = [r for r in read_metrics(tmp_path / "two") if r["kind"] == "train"]
     assert len(rows) == 3 and all(len(r["tokens_per_rank"]) == 2 for r in rows)
-    # The two ranks' checkpoint (DCP: the replicated adapters written once) resumes in one process.
+    # The two ranks' checkpoint (the replicated adapters written once, by rank 0) resumes in one process.
+    index = checkpoint_data(checkpoint_dir(tmp_path / "two", 2))["tensors"]
+    assert {c["file"] for name, entry in index.items() if name.startswith("models.adapter.")
+            for c in entry["chunks"]} == {"rank-00000.safetensors"}
     shutil.copytree(checkpoint_dir(tmp_path / "two", 2), checkpoint_dir(tmp_path / "resumed", 2))
     with rank_threads():
         run_sft(sft("resumed", 1))

@@ -15,6 +15,7 @@ from fusedrl.engine.stages import rm as rm_stage
 from fusedrl.engine.stages.rm import run_rm
 from fusedrl.engine.stages.sft import run_sft, sft_stage
 from fusedrl.engine.train import loop, supervised
+from fusedrl.engine.train.checkpoint import read_tensors
 from fusedrl.engine.train.loop import Diverged, SaveClock
 from fusedrl.engine.train.runlog import keep_series, metrics_line, read_metrics
 from train_testing import demonstrations, rm_config, save_tiny_model, sft_config, sorted_digit_preferences, write_jsonl
@@ -63,7 +64,7 @@ def test_a_non_finite_step_is_skipped_counted_and_announced(base_dir, train_file
     assert [r["skipped_steps"] for r in train] == [0, 1, 1]
     assert "step 2: no update (non-finite loss or gradient" in capsys.readouterr().err
     ckpt = tmp_path / "checkpoints"
-    one, two = (load_model(ckpt / f"step-0000000{i}" / "model").state_dict() for i in (1, 2))
+    one, two = (read_tensors(ckpt / f"step-0000000{i}", "models.model.") for i in (1, 2))
     assert all(torch.equal(one[k], two[k]) for k in one)  # the skipped step changed nothing
     assert all_finite(tmp_path)
 
@@ -113,7 +114,7 @@ def test_corrupt_newest_checkpoint_falls_back_leftovers_go_and_exports_are_reada
     assert stat.S_IMODE(final.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in final.iterdir()} == {0o644}
     ckpt = tmp_path / "checkpoints"
-    weights = ckpt / "step-00000002" / "model" / "model.safetensors"
+    weights = ckpt / "step-00000002" / "rank-00000.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # one flipped byte: same size, still loadable, wrong
     weights.write_bytes(bytes(data))

@@ -68,7 +68,7 @@ def assert_budget_gives_the_row_count_gradient(make_model, stage, examples, cfg,
 
 def test_sft_token_budget_keeps_the_step_gradient(base_dir, tmp_path):
     cfg = sft_config(base_dir, "unused.jsonl", tmp_path, optim=OPTIM)
-    stage = sft_stage(str(base_dir), "float32", CPU)
+    stage = sft_stage("float32", CPU)
     assert_budget_gives_the_row_count_gradient(lambda: load_model(base_dir), stage, sft_examples(), cfg, "loss")
 
 
@@ -86,7 +86,7 @@ def test_rm_token_budget_keeps_the_step_gradient(base_dir, tmp_path, k):
 
 
 def test_an_example_over_the_budget_names_the_option(base_dir, tmp_path):
-    stage = sft_stage(str(base_dir), "float32", CPU)
+    stage = sft_stage("float32", CPU)
     examples = sft_examples()
     with pytest.raises(ConfigValueError, match="does not fit in tokens_per_microbatch=5; raise data.tokens_per_microbatch"):
         step_forwards(stage, [examples], 5)
@@ -96,7 +96,7 @@ def test_a_rank_with_fewer_forwards_matches_the_others_without_changing_the_step
     # Under FSDP every forward is a collective: a rank whose examples the budget cut into fewer
     # forwards than another rank's runs extra ones (loss times 0) so that none waits forever.
     cfg = sft_config(base_dir, "unused.jsonl", tmp_path, optim=OPTIM)
-    stage = sft_stage(str(base_dir), "float32", CPU)
+    stage = sft_stage("float32", CPU)
     forwards = step_forwards(stage, [sft_examples()], 20)
     expected, expected_metrics = step_gradients(load_model(base_dir), stage, forwards, cfg)
     calls = []

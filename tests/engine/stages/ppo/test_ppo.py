@@ -19,7 +19,7 @@ from fusedrl.engine.stages.ppo.rollout import make_rollout, pack_rollout
 from fusedrl.engine.stages.ppo.scoring import policy_forward, response_logprobs
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import VOCAB, random_prompts
-from train_testing import save_tiny_model, write_jsonl
+from train_testing import checkpoint_data, save_tiny_model, write_jsonl
 
 LOW_IDS = VOCAB // 2
 
@@ -256,12 +256,14 @@ def test_resume_equivalence(setup, critic, precision):
     assert all(torch.equal(a[k], b[k]) for k in a)
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     assert {t.dtype for t in a.values()} == {dtype}
-    saved = torch.load(root / f"straight-{name}" / "checkpoints" / "step-00000002" / "trainer_state.pt",
-                       weights_only=False)
-    policy_state = saved["optimizers"][0]["state"]
-    assert policy_state and all(v["exp_avg"].dtype == torch.float32 for v in policy_state.values())
+    saved = checkpoint_data(root / f"straight-{name}" / "checkpoints" / "step-00000002")
+    policy_state = saved["optimizers"][0]["tensor_state"]  # {parameter: its state tensors' names}
+
+    def dtype(param, key):
+        return saved["tensors"][f"optimizers.0.{param}.{key}"]["dtype"]
+    assert policy_state and all(dtype(p, "exp_avg") == "float32" for p in policy_state)
     if precision == "bf16-mixed":
-        assert all(v["master"].dtype == torch.float32 for v in policy_state.values())
+        assert all(dtype(p, "master") == "float32" for p in policy_state)
 
 
 def test_grpo_runs_critic_free_and_resumes_exactly(setup):
@@ -281,11 +283,11 @@ def test_grpo_runs_critic_free_and_resumes_exactly(setup):
     a, b = run_straight_and_resumed(root, make_config, "grpo")
     assert all(torch.equal(a[k], b[k]) for k in a)
     checkpoint = root / "straight-grpo" / "checkpoints" / "step-00000002"
-    assert {p.name for p in checkpoint.iterdir()} >= {"policy", "trainer_state.pt"}
-    assert not (checkpoint / "critic").exists()                                          # no critic
+    saved = checkpoint_data(checkpoint)
+    assert saved["models"] == ["policy"] and saved["modules"] == []                      # no critic
     train = [r for r in read_metrics(root / "straight-grpo") if r["kind"] == "train"]
     assert all("kl_loss" in r and "value_loss" not in r and "sampling_rounds" in r for r in train), train
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["state"]
+    state = saved["loop"]
     assert state["prompts_drawn"] >= 2 * 2
 
 

@@ -16,8 +16,10 @@ from fusedrl.engine.model.value_model import LoRACritic, load_value_model, value
 from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
 from fusedrl.engine.stages.ppo.sampling import sample_and_score
 from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers, run_ppo
+from fusedrl.engine.train.checkpoint import read_tensors
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import random_prompts
+from train_testing import checkpoint_data
 from test_ppo import config, run_straight_and_resumed, setup  # noqa: F401 (fixture)
 from test_ppo_lora import resident_parameter_bytes
 
@@ -118,11 +120,11 @@ def test_lora_critic_run_scores_as_a_full_critic_run_and_resumes_exactly(setup, 
     assert scores[0][0] == scores[1][0] != 0
     straight, resumed = (root / f"{kind}-critic-lora" for kind in ("straight", "resumed"))
     checkpoint = straight / "checkpoints" / "step-00000002"
-    assert (checkpoint / "critic_adapter" / WEIGHTS_FILE).exists() and not (checkpoint / "critic").exists()
+    assert checkpoint_data(checkpoint)["models"] == ["critic_adapter", "policy"]  # the critic's adapters, not a critic
     x, y = (load_file(run / "final_critic_adapter" / WEIGHTS_FILE) for run in (straight, resumed))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-    first = load_file(straight / "checkpoints" / "step-00000001" / "critic_adapter" / WEIGHTS_FILE)
-    assert not all(torch.equal(x[k], first[k]) for k in x)  # the second iteration did train the critic
+    first, last = (read_tensors(straight / "checkpoints" / f"step-0000000{i}", "models.critic_adapter.") for i in (1, 2))
+    assert not all(torch.equal(last[k], first[k]) for k in last)  # the second iteration did train the critic
     merged = load_value_model(straight / "final_critic", dtype="float32")
     rm = load_reward_model(rm_dir, dtype="float32")
     assert torch.equal(merged.value_head.weight, x["base_model.model.score.weight"])

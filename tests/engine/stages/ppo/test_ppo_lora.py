@@ -13,6 +13,7 @@ from fusedrl.engine.stages.ppo.scoring import policy_forward, reference_logprobs
 from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
 from fusedrl.engine.stages.ppo.update import ppo_update
 from engine_testing import random_prompts
+from train_testing import checkpoint_data
 from test_ppo import config, rollout_of, run_straight_and_resumed, setup, vowel_fraction  # noqa: F401 (fixture)
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
@@ -91,7 +92,7 @@ def test_lora_runs_resume_exactly(setup, algo):
                 for kind in ("straight", "resumed")]
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
     checkpoint = root / f"straight-lora-{algo}" / "checkpoints" / "step-00000002"
-    assert (checkpoint / "policy_adapter" / WEIGHTS_FILE).exists() and not (checkpoint / "policy").exists()
+    assert checkpoint_data(checkpoint)["models"] == ["policy_adapter"]  # the adapters, not the policy
     base = load_model(policy_dir).state_dict()
     assert not all(torch.equal(base[k], a[k]) for k in base)  # final/ holds the adapters merged in
 

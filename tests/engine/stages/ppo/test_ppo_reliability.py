@@ -18,7 +18,7 @@ from fusedrl.engine.stages.reward_fn import RewardFunctionError
 from fusedrl.engine.train.loop import Diverged
 from fusedrl.engine.train.runlog import read_metrics
 from test_ppo import config, setup, vowel_fraction  # noqa: F401  (setup is a fixture)
-from train_testing import write_jsonl
+from train_testing import checkpoint_data, write_jsonl
 
 
 def test_finite_rows_drop_rows_or_whole_groups():
@@ -54,8 +54,7 @@ def test_non_finite_scores_drop_their_rows_and_the_run_goes_on(setup):
     train = [r for r in read_metrics(root / "nan-rows") if r["kind"] == "train"]
     assert [r["dropped_rows"] for r in train] == [2] and train[0]["updates"] > 0
     assert math.isfinite(train[0]["score_mean"]) and math.isfinite(train[0]["kl"])
-    state = torch.load(root / "nan-rows" / "checkpoints" / "step-00000001" / "trainer_state.pt", weights_only=False)
-    moments = state["state"]["moments"]
+    moments = checkpoint_data(root / "nan-rows" / "checkpoints" / "step-00000001")["loop"]["moments"]
     assert moments["count"] == 6 - 2 and math.isfinite(moments["mean"]) and math.isfinite(moments["m2"])
 
 
