@@ -6,6 +6,12 @@ otherwise; ``use_backend(...)`` and ``FUSEDRL_BACKEND`` override, including "cud
 compiled kernels of csrc/ (``fusedrl.kernels.cuda_ext``, see BACKENDS.md). The ops are registered as
 torch custom ops (namespace ``fusedrl``), so torch.compile traces through them. Without triton
 installed the package still imports and every op runs on the torch backend.
+
+The model's ops (the engine's only way in): `rms_norm`, `rope`, `silu_mul`, `norm_linear` (a decode
+step's norm + projection), `store_kv` and `rope_store_decode` (the paged KV cache), `sample_triton`
+with its `SamplerWorkspace`, and `exact`, the batch-invariant mode's ops. The decider's questions
+(`backend_for`, `model_backend`, `attention_backend`, ...) come from `dispatch`, the one place that
+reads the environment and looks at devices to choose an implementation.
 """
 if __name__ != "fusedrl.kernels":
     # The repository root is on sys.path and this folder was imported as `kernels`: see shadowed.py.
@@ -14,7 +20,8 @@ if __name__ != "fusedrl.kernels":
 else:
     from . import reference
     from .aggregation import aggregation_rule
-    from .dispatch import BACKENDS, backend_for, use_backend
+    from .dispatch import (BACKENDS, attention_backend, backend_for, flash_attn, fused_for_model, model_backend,
+                           requested_backend, triton_interpreting, use_backend)
     from .advantages import gae
     from .whiten import masked_whiten
     from .group_advantages import group_advantages
@@ -25,9 +32,15 @@ else:
     from .norm import rms_norm
     from .rotary import rope
     from .swiglu import silu_mul
+    from .norm_linear import norm_linear
+    from .paged_attention import rope_store_decode, store_kv
+    from .sampling import SamplerWorkspace, sample_triton
+    from .invariant import exact
 
     __all__ = [
-        "BACKENDS", "backend_for", "use_backend", "reference", "aggregation_rule",
+        "BACKENDS", "backend_for", "use_backend", "requested_backend", "triton_interpreting", "model_backend",
+        "fused_for_model", "attention_backend", "flash_attn", "reference", "aggregation_rule",
         "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten", "group_advantages",
-        "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul",
+        "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul", "norm_linear",
+        "store_kv", "rope_store_decode", "sample_triton", "SamplerWorkspace", "exact",
     ]
