@@ -12,17 +12,15 @@ names for its tensors (`kernels.model_backend`). Four GEMMs per layer: q/k/v are
 Hugging Face ones, and hf_io maps the packed row blocks to `q_proj`, `k_proj`, ... at load and save.
 On the "torch" backend the ops follow transformers step for step (fp32 RMSNorm, RoPE tables in fp32
 cast to the activation dtype), which is what makes the fp32 parity tests tight. On "triton" (CUDA),
-norms (with the residual add), RoPE of q and k and
-the MLP's SiLU * up are fused kernels with their own backward (fusedrl.kernels), the same for decode,
-scoring and training: the log-probs a rollout scores and the ones the update differentiates come from
-the same code, bit for bit.
+norms (with the residual add), RoPE of q and k and the MLP's SiLU * up are fused kernels with their
+own backward (fusedrl.kernels), the same for decode, scoring and training: the log-probs a rollout
+scores and the ones the update differentiates come from the same code, bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 from typing import Callable
-
-import contextlib
 
 import torch
 from torch import nn
@@ -201,9 +199,8 @@ class CausalLM(nn.Module):
 
         kv_caches: per layer (k_cache, v_cache) for prefill/decode, or None for a packed training batch.
         attend, prims: the walk's attention and primitive set given whole instead of built from `meta`
-        (the batch-invariant mode; a decode step's `primitives.DECODE`); passed
-        through here, not to `hidden_states`, so that FSDP's root hooks run (they initialize its
-        state before any layer's).
+        (the batch-invariant mode; a decode step's `primitives.DECODE`); passed through here, not to
+        `hidden_states`, so that FSDP's root hooks run (they initialize its state before any layer's).
         """
         if attend is None:
             attend = attention_step(meta, kv_caches)
