@@ -28,8 +28,8 @@ from fusedrl.engine.inference.sampler import sample_torch
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
-from fusedrl.engine.model.invariant import ops as invariant_ops
-from fusedrl.engine.model.invariant.attention import chunked_attention
+from fusedrl.kernels.invariant import fixed_order as invariant_ops
+from fusedrl.kernels.invariant.chunked_attention import chunked_attention
 from fusedrl.kernels.norm_linear import norm_linear_reference
 from fusedrl.kernels.paged_attention import rope_store_decode_torch
 from fusedrl.kernels import use_backend

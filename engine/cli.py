@@ -40,7 +40,6 @@ def run_info(_args) -> int:
     import torch
 
     from .. import kernels
-    from ..kernels.dispatch import requested_backend, triton_interpreting
 
     try:
         import triton
@@ -48,7 +47,8 @@ def run_info(_args) -> int:
     except ImportError:
         triton_version = "not installed"
     print(f"torch {torch.__version__}, triton {triton_version}, CUDA available: {torch.cuda.is_available()}")
-    print(f"requested backend: {requested_backend()} (TRITON_INTERPRET={int(triton_interpreting())})")
+    print(f"requested backend: {kernels.requested_backend()} "
+          f"(TRITON_INTERPRET={int(kernels.triton_interpreting())})")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         print(f"  {device}: ops run on '{kernels.backend_for(torch.empty(0, device=device))}'")

@@ -10,6 +10,12 @@ installed the package still imports and every op runs on the torch backend.
 The RL statistics (masked mean, moments and whitening, loss aggregation, the IS/GSPO corrections,
 group advantages) are written once, in statistics.py; the ones that pool entries take `sum_over`,
 the ranks' sum, and give every rank what one process computes on all ranks' rows.
+
+The model's ops (the engine's only way in): `rms_norm`, `rope`, `silu_mul`, `norm_linear` (a decode
+step's norm + projection), `store_kv` and `rope_store_decode` (the paged KV cache), `sample_triton`
+with its `SamplerWorkspace`, and `exact`, the batch-invariant mode's ops. The decider's questions
+(`backend_for`, `model_backend`, `attention_backend`, ...) come from `dispatch`, the one place that
+reads the environment and looks at devices to choose an implementation.
 """
 if __name__ != "fusedrl.kernels":
     # The repository root is on sys.path and this folder was imported as `kernels`: see shadowed.py.
@@ -17,7 +23,8 @@ if __name__ != "fusedrl.kernels":
     stand_aside(__name__, __file__)
 else:
     from . import reference
-    from .dispatch import BACKENDS, backend_for, use_backend
+    from .dispatch import (BACKENDS, attention_backend, backend_for, flash_attn, fused_for_model, model_backend,
+                           requested_backend, triton_interpreting, use_backend)
     from .advantages import gae
     from .whiten import masked_whiten
     from .statistics import (AGGS, GROUP_ESTIMATORS, IS_LEVELS, IS_MODES, SumOver, aggregation_rule,
@@ -29,12 +36,17 @@ else:
     from .norm import rms_norm
     from .rotary import rope
     from .swiglu import silu_mul
+    from .norm_linear import norm_linear
+    from .paged_attention import rope_store_decode, store_kv
+    from .sampling import SamplerWorkspace, sample_triton
+    from .invariant import exact
 
     __all__ = [
-        "BACKENDS", "backend_for", "use_backend", "reference",
+        "BACKENDS", "backend_for", "use_backend", "requested_backend", "triton_interpreting", "model_backend",
+        "fused_for_model", "attention_backend", "flash_attn", "reference",
         "AGGS", "GROUP_ESTIMATORS", "IS_LEVELS", "IS_MODES", "SumOver", "aggregation_rule", "masked_mean",
-        "masked_moments",
-        "explained_variance", "importance_weights", "group_advantages",
+        "masked_moments", "explained_variance", "importance_weights", "group_advantages",
         "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten",
-        "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul",
+        "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul", "norm_linear",
+        "store_kv", "rope_store_decode", "sample_triton", "SamplerWorkspace", "exact",
     ]

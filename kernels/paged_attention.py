@@ -1,4 +1,5 @@
-"""Triton kernels for the paged KV cache, each next to its plain-PyTorch reference.
+"""Triton kernels for the paged KV cache, each next to its plain-PyTorch reference; `store_kv` and
+`rope_store_decode` run one or the other on the model backend (`dispatch.model_backend`).
 
 Cache layout (one layer, one of K or V): `[num_blocks, block_size, num_kv_heads, head_dim]`, contiguous,
 the layout flash-attn's `flash_attn_with_kvcache` takes, so one pool serves every backend. A slot is
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dispatch import fused_for_model
 from .triton_compat import tl, triton
 from .norm import rows_per_program
 from .rotary import rope_reference
@@ -41,6 +43,14 @@ def _store_kv_kernel(
     v = tl.load(v_ptr + (token * v_row_stride)[:, None] + offs[None, :], mask=mask)
     tl.store(k_cache_ptr + (slot * ROW)[:, None] + offs[None, :], k, mask=mask)
     tl.store(v_cache_ptr + (slot * ROW)[:, None] + offs[None, :], v, mask=mask)
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Write rows of `k`, `v` [N, Hkv, D] into the caches at `slot_mapping` [N] (int64, -1 = skip)."""
+    if fused_for_model(k):
+        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
 
 
 def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
@@ -255,6 +265,15 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @_paged_decode_op.register_fake
 def _paged_decode_fake(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits):
     return q.new_empty(q.shape)
+
+
+def rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping, block_tables,
+                      context_lens, scale):
+    """A decode step's attention with its RoPE and KV store (arguments and result as
+    `rope_store_decode_triton`): one launch on the "triton" model backend, the reference on "torch"."""
+    decode = rope_store_decode_triton if fused_for_model(q) else rope_store_decode_torch
+    return decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping, block_tables,
+                  context_lens, scale)
 
 
 def rope_store_decode_triton(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping,

@@ -17,10 +17,10 @@ from ..model.config import ModelConfig
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant
 from ..model.kv_pages import sequence_slot
-from ..model.primitives import decode_primitives_for
+from ..model.primitives import DECODE
 from .decode_inputs import DecodeInputs
 from .sampler import sample
-from ...kernels.sampling import SamplerWorkspace
+from ...kernels import SamplerWorkspace
 from .sequence import Sequence
 
 
@@ -53,7 +53,7 @@ class ModelRunner:
     be block_size; decode steps are CUDA graphs of the mode's walk), so each token's log-prob is
     independent of the batch.
     fuse_decode_gemms: decode steps walk the decoder with `primitives.DECODE` (each norm inside the
-    GEMM after it) where the Triton kernels run; False: with the default set, as prefill does.
+    GEMM after it, where the Triton kernels run); False: with `primitives.FORWARD`, as prefill does.
     """
 
     # Decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits. Every 16
@@ -119,9 +119,7 @@ class ModelRunner:
         input_ids, positions [N] -> final hidden states [N, hidden]. What a decode graph captures."""
         if self.batch_invariant is not None:
             return self.batch_invariant.paged_hidden(self.model, input_ids, positions, meta, self.kv_caches)
-        prims = None  # the model's default set
-        if meta.is_decode and self.fuse_decode_gemms:
-            prims = decode_primitives_for(self.model.model.embed_tokens.weight)
+        prims = DECODE if meta.is_decode and self.fuse_decode_gemms else None  # None: the model's FORWARD
         return self.model(input_ids, positions, meta, self.kv_caches, prims=prims)
 
     def decode_step(self, size: int, full_tables: bool):

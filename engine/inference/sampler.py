@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels.dispatch import fused_for_model
-from ...kernels.sampling import SamplerWorkspace, sample_triton
+from ...kernels import SamplerWorkspace, fused_for_model, sample_triton
 
 _MASK32 = 0xFFFFFFFF
 
 
 def sample(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps=None,
            workspace: SamplerWorkspace | None = None):
-    """Draw one token per row: the split-row Triton sampler where our kernels run (no host sync, no
-    sort; it reads bf16/fp16 logits as they are), else the torch reference. Arguments and results as
-    `sample_torch`; workspace: the Triton sampler's key windows (kernels.sampling.SamplerWorkspace,
-    kept by the caller across steps), else a fresh one per call."""
+    """Draw one token per row on the model backend (`kernels.model_backend`): the split-row Triton
+    sampler on "triton" (no host sync, no sort; it reads bf16/fp16 logits as they are), the torch
+    reference on "torch". Arguments and results as `sample_torch`; workspace: the Triton sampler's key
+    windows (SamplerWorkspace, kept by the caller across steps), else a fresh one per call."""
     if min_ps is None:
         min_ps = torch.zeros_like(top_ps, dtype=torch.float32)
     if fused_for_model(logits):

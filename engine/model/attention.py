@@ -1,19 +1,20 @@
-"""Attention for the three kinds of step, each with its backend chosen here and nowhere else.
+"""Attention for the three kinds of step; which kernel runs is `kernels.attention_backend`'s answer.
 
 - packed training forward: causal attention inside each sequence of a packed batch, no cache.
 - prefill: new tokens of each sequence attend to the cached prefix (shared prompt blocks) and
   themselves; their K/V are written into the pages first.
 - decode: one new token per sequence against its pages.
 
-None of them loops over sequences in Python. On CUDA in fp16/bf16 the packed and prefill steps run one
-varlen flash-attention call (flash-attn when installed, else torch's `varlen_attn`; see
-varlen_kernels.py); prefill reads the pages through flash-attn's block table when the block size is a
-multiple of 256 (flash-attn 2's page constraint), and otherwise gathers each sequence's keys from the
-pages with one index first. Elsewhere (the CPU, fp32) packed_attention.py runs a few padded SDPA calls,
-as many as there are power-of-two length groups. Decode uses flash-attn's paged call under the same
-block-size condition, else, where kernels.dispatch.fused_for_model says so (CUDA, or the CPU when
-kernels' backend override asks for Triton), one Triton launch that rotates q and k, stores the new K/V
-and attends (kernels.paged_attention.rope_store_decode_triton), else a PyTorch gather.
+None of them loops over sequences in Python. What remains, and why each is kept:
+- a varlen flash kernel (flash-attn, else torch's `varlen_attn`; see varlen_kernels.py) for packed and
+  prefill steps on CUDA in fp16/bf16: the fast path, differentiable;
+- flash-attn's paged calls (prefill over cached pages, decode) where its page constraint holds: they
+  read the pages in place, where the varlen kernel needs the keys gathered first;
+- our Triton decode kernel (`kernels.rope_store_decode`: RoPE, store and attention in one launch), the
+  decode step elsewhere on CUDA; on the "torch" backend the same op runs its reference (a gather);
+- padded SDPA (packed_attention.py), the portable path for packed and prefill steps: a few SDPA calls,
+  one per power-of-two length group (no gather at all when every sequence has the same length), and
+  the varlen kernels' oracle.
 """
 from __future__ import annotations
 
@@ -22,13 +23,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ...kernels import paged_attention
+from ... import kernels
 from .kv_pages import key_slots
 from .packed_attention import PaddedPlan, packed_causal_attention, paged_prefill_attention, plan_groups
-from .varlen_kernels import flash_attn, use_flash_attn, varlen_kernel
-from ...kernels.dispatch import fused_for_model
-
-FLASH_PAGE_MULTIPLE = 256
+from .varlen_kernels import varlen_kernel
 
 
 @dataclass
@@ -60,32 +58,24 @@ class AttentionMetadata:
         return cls(seqlens_q=list(seqlens), seqlens_k=list(seqlens), cu_seqlens_q=cu, cu_seqlens_k=cu)
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping):
-    """Write new K/V [N, Hkv, D] into the pages at `slot_mapping`."""
-    if fused_for_model(k):
-        paged_attention.store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    else:
-        paged_attention.store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
-
-
 def attention_step(meta: AttentionMetadata, kv_caches=None):
     """The decoder walk's attention for one forward: (layer index, q [N, H, D], k/v [N, Hkv, D]
     before RoPE, the forward's RotaryAngles) -> [N, H, D]. kv_caches: per layer (k_cache, v_cache) for
-    a prefill or decode step (new K/V are stored first), or None for a packed training batch. Where
-    the Triton kernels run, a decode step's RoPE, store and attention are one launch."""
+    a prefill or decode step (new K/V are stored first), or None for a packed training batch. A decode
+    step's RoPE, store and attention are one op, unless flash-attn reads the pages."""
     def attend(layer: int, q, k, v, angles):
-        if kv_caches is not None and meta.is_decode and _fused_decode(q, kv_caches[layer][0]):
-            k_cache, v_cache = kv_caches[layer]
-            return paged_attention.rope_store_decode_triton(
+        if kv_caches is None:
+            return varlen_attention(*angles.rotate(q, k), v, meta)
+        k_cache, v_cache = kv_caches[layer]
+        flash = kernels.attention_backend(q, k_cache.shape[1]) == "flash_attn"
+        if meta.is_decode and not flash:
+            return kernels.rope_store_decode(
                 q, k, v, angles.cos_table, angles.sin_table, angles.positions, k_cache, v_cache,
                 meta.slot_mapping, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5)
         q, k = angles.rotate(q, k)
-        if kv_caches is None:
-            return varlen_attention(q, k, v, meta)
-        k_cache, v_cache = kv_caches[layer]
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
-            return decode_attention(q, k_cache, v_cache, meta)
+            return flash_decode_attention(q, k_cache, v_cache, meta)
         return prefill_attention(q, k, v, k_cache, v_cache, meta)
     return attend
 
@@ -118,8 +108,8 @@ def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata):
     scale = q.shape[-1] ** -0.5
     block_size = k_cache.shape[1]
     max_q, max_k = max(meta.seqlens_q), max(meta.seqlens_k)
-    if use_flash_attn(q) and block_size % FLASH_PAGE_MULTIPLE == 0:
-        return flash_attn().flash_attn_varlen_func(
+    if kernels.attention_backend(q, block_size) == "flash_attn":
+        return kernels.flash_attn().flash_attn_varlen_func(
             q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, max_q, max_k,
             softmax_scale=scale, causal=True, block_table=meta.block_tables)
     kernel = varlen_kernel(q)
@@ -130,21 +120,13 @@ def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata):
     return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, _padded_plan(meta, q.device), scale)
 
 
-def _fused_decode(q, k_cache) -> bool:
-    """Whether a decode step runs RoPE + store + our paged kernel as one launch (not flash-attn's call)."""
-    return fused_for_model(q) and not (use_flash_attn(q) and k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0)
-
-
-def decode_attention(q, k_cache, v_cache, meta: AttentionMetadata):
-    """One query token per sequence over its pages, where the fused step does not run (flash-attn's
-    paged call, or the PyTorch gather): q [B, H, D] -> [B, H, D]."""
-    scale = q.shape[-1] ** -0.5
-    if use_flash_attn(q) and k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0:
-        out = flash_attn().flash_attn_with_kvcache(
-            q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
-            block_table=meta.block_tables, softmax_scale=scale, causal=True)
-        return out.squeeze(1)
-    return paged_attention.paged_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+def flash_decode_attention(q, k_cache, v_cache, meta: AttentionMetadata):
+    """One query token per sequence over its pages by flash-attn's paged call (q and the new K/V
+    already rotated and stored): q [B, H, D] -> [B, H, D]."""
+    out = kernels.flash_attn().flash_attn_with_kvcache(
+        q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
+        block_table=meta.block_tables, softmax_scale=q.shape[-1] ** -0.5, causal=True)
+    return out.squeeze(1)
 
 
 def _padded_plan(meta: AttentionMetadata, device) -> PaddedPlan:

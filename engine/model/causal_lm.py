@@ -5,19 +5,20 @@
 - `forward(input_ids, positions, meta, kv_caches)`: prefill or decode against the paged KV cache.
 
 Both are one walk of the layers (`hidden_states`): the attention is what the caller passes (packed,
-prefill or decode), every other op comes from a primitive set (primitives.py), and the batch-invariant
-mode walks the same code with its own set. Four GEMMs per layer: q/k/v are one packed projection
+prefill or decode), every other op comes from a primitive set (primitives.py: FORWARD, DECODE or
+EXACT, the batch-invariant mode's), and the whole walk runs on the one model backend kernels' decider
+names for its tensors (`kernels.model_backend`). Four GEMMs per layer: q/k/v are one packed projection
 (`self_attn.qkv_proj`) and gate/up another (`mlp.gate_up_proj`); parameter names are otherwise the
 Hugging Face ones, and hf_io maps the packed row blocks to `q_proj`, `k_proj`, ... at load and save.
-The eager set follows transformers step for step (fp32 RMSNorm, RoPE tables in fp32 cast to the
-activation dtype), which is what makes the fp32 parity tests tight. Where the engine runs Triton
-(CUDA; kernels.dispatch.fused_for_model decides), norms (with the residual add), RoPE of q and k and
-the MLP's SiLU * up are fused kernels with their own backward (fusedrl.kernels), the same for decode,
-scoring and training: the log-probs a rollout scores and the ones the update differentiates come from
-the same code, bit for bit.
+On the "torch" backend the ops follow transformers step for step (fp32 RMSNorm, RoPE tables in fp32
+cast to the activation dtype), which is what makes the fp32 parity tests tight. On "triton" (CUDA),
+norms (with the residual add), RoPE of q and k and the MLP's SiLU * up are fused kernels with their
+own backward (fusedrl.kernels), the same for decode, scoring and training: the log-probs a rollout
+scores and the ones the update differentiates come from the same code, bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 from typing import Callable
 
@@ -25,9 +26,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ... import kernels
 from .attention import AttentionMetadata, attention_step
 from .config import ModelConfig
-from .primitives import primitives_for
+from .primitives import FORWARD
 
 # (layer index, q [N, H, D], k [N, Hkv, D], v [N, Hkv, D] with q and k before RoPE, the forward's
 # RotaryAngles) -> attention output [N, H, D]. An attend rotates q and k by `angles.rotate` first,
@@ -196,10 +198,9 @@ class CausalLM(nn.Module):
         """input_ids, positions [N] -> final hidden states [N, hidden].
 
         kv_caches: per layer (k_cache, v_cache) for prefill/decode, or None for a packed training batch.
-        attend, prims: the walk's attention and primitives given whole instead of built from `meta`
-        and the device (the batch-invariant mode; a decode step's `primitives.DECODE`); passed
-        through here, not to `hidden_states`, so that FSDP's root hooks run (they initialize its
-        state before any layer's).
+        attend, prims: the walk's attention and primitive set given whole instead of built from `meta`
+        (the batch-invariant mode; a decode step's `primitives.DECODE`); passed through here, not to
+        `hidden_states`, so that FSDP's root hooks run (they initialize its state before any layer's).
         """
         if attend is None:
             attend = attention_step(meta, kv_caches)
@@ -208,17 +209,23 @@ class CausalLM(nn.Module):
     def hidden_states(self, input_ids, positions, attend: Attend, prims: SimpleNamespace | None = None):
         """The one walk of the decoder: input_ids, positions [N] -> final hidden states [N, hidden],
         attention from `attend` (what differs between packed, prefill and decode steps) and every
-        other op from `prims` (default: `primitives.primitives_for`; the batch-invariant mode passes
-        its own set)."""
+        other op from `prims` (default `primitives.FORWARD`), all on the model backend the decider
+        names for the activations (asked once; a layer recomputed in backward runs on it too)."""
         x = self.model.embed_tokens(input_ids)
-        prims = prims or primitives_for(x)
+        prims = prims or FORWARD
+        backend = kernels.model_backend(x)
         angles = RotaryAngles(self.rotary, positions, x.dtype, prims.rope)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         residual = None
-        for layer in self.model.layers:
-            args = (x, residual, angles, attend, prims)
-            x, residual = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
-        return self.model.norm(x, residual, prims)[0]
+        with kernels.use_backend(backend):
+            for layer in self.model.layers:
+                args = (x, residual, angles, attend, prims)
+                if recompute:
+                    x, residual = checkpoint(layer, *args, use_reentrant=False, context_fn=lambda: (
+                        contextlib.nullcontext(), kernels.use_backend(backend)))
+                else:
+                    x, residual = layer(*args)
+            return self.model.norm(x, residual, prims)[0]
 
     def check_input_ids(self, input_ids: torch.Tensor, name: str = "input_ids"):
         """Raise a one-line ValueError unless input_ids [N] are integer ids on the model's device: an

@@ -1,15 +1,19 @@
-"""The primitive sets the decoder is walked with (`CausalLM.hidden_states`): one walk of the layers,
-its ops taken from a set chosen by the caller.
+"""The three primitive sets the decoder is walked with (`CausalLM.hidden_states`): one walk of the
+layers, its ops taken from the set the caller chooses by purpose.
 
-- `FUSED` (CUDA, and CPU tensors where kernels' backend override asks for Triton under
-  TRITON_INTERPRET=1): torch's GEMMs and our fused kernels (add + RMSNorm, RoPE of q and k in one
-  launch, SiLU * up on the packed gate/up output), each with its backward, the same for decode,
-  scoring and training.
-- `EAGER` (the CPU): the eager compositions transformers runs, op for op, which keeps the fp32 parity
-  with transformers tight.
+- `FORWARD`: training and scoring (and a prefill step): torch's GEMMs and fusedrl.kernels' add +
+  RMSNorm, RoPE of q and k in one launch and SiLU * up on the packed gate/up output, each with its
+  backward.
+- `DECODE`: a decode step: `FORWARD` with each norm and the projection after it as one kernel
+  (`norm_linear`) whenever it can be: no autograd, and nothing hooked on the projection (LoRA's
+  adapters read the normalized input, which the fused kernel never writes).
+- `EXACT`: the batch-invariant mode (`invariant.BatchInvariant`): fusedrl.kernels.exact's ops, each
+  row's result independent of the batch, plus its attention and log-softmax.
 
-The batch-invariant mode (`invariant/primitives.py`) adds its own sets with the same fields plus its
-attention and log-softmax. Every field keeps its meaning across the sets:
+Which implementation runs is not a set of its own: every op asks fusedrl.kernels' decider, and the
+walk runs all its ops on one model backend (`kernels.model_backend`): "triton" on CUDA, "torch" on the
+CPU, where the ops fall back to their references, the eager compositions transformers runs op for op
+(which keeps the fp32 parity with transformers tight). Every field means the same in every set:
   linear(x [N, K], weight [O, K], bias [O] or None) -> [N, O]
   add_rms_norm(x, residual or None, weight, eps) -> (RMSNorm(x + residual), x + residual)
   rope(q [N, H, D], k [N, Hkv, D], cos [N, D], sin [N, D]) -> rotated (q, k)
@@ -17,10 +21,10 @@ attention and log-softmax. Every field keeps its meaning across the sets:
   norm_linear(x, residual or None, norm: RMSNorm, proj: Projection, prims, glu=False) ->
       (proj(RMSNorm(x + residual)), x + residual), the projection's output passed through silu_mul
       when glu; prims: the walk's set (what norm and proj are called with, as every module is)
-
-`norm_linear` is the composition of the walk's other fields in every set but `DECODE`, where it is
-one kernel (kernels/norm_linear.py) whenever it can be: no autograd, and nothing hooked on the
-projection (LoRA's adapters read the normalized input, which the fused kernel never writes).
+`EXACT` adds
+  attention(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position) -> [N, H, D]
+  row_logprobs(logits [R, V] fp32, tokens [R], temperatures [R]) -> (logp [R], entropy [R])
+and its linear takes out_dtype (the LM head's fp32 logits).
 """
 from __future__ import annotations
 
@@ -29,24 +33,15 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ...kernels.dispatch import fused_for_model
-from ...kernels.norm import rms_norm, rms_norm_reference
-from ...kernels.norm_linear import norm_linear as fused_norm_linear
-from ...kernels.rotary import rope, rope_reference
-from ...kernels.swiglu import silu_mul, silu_mul_reference
+from ... import kernels
+from ...kernels import exact
 
 
-def fused_add_rms_norm(x, residual, weight, eps):
-    """The fused kernel's (norm, sum) pair, also before the first layer (residual None: sum = x)."""
+def add_rms_norm(x, residual, weight, eps):
+    """The norm kernel's (norm, sum) pair, also before the first layer (residual None: sum = x)."""
     if residual is None:
-        return rms_norm(x, weight, eps), x
-    return rms_norm(x, weight, eps, residual)
-
-
-def _eager_add_rms_norm(x, residual, weight, eps):
-    if residual is None:
-        return rms_norm_reference(x, weight, eps), x
-    return rms_norm_reference(x, weight, eps, residual)
+        return kernels.rms_norm(x, weight, eps), x
+    return kernels.rms_norm(x, weight, eps, residual)
 
 
 def composed_norm_linear(x, residual, norm, proj, prims: SimpleNamespace, glu: bool = False):
@@ -60,29 +55,14 @@ def _decode_norm_linear(x, residual, norm, proj, prims: SimpleNamespace, glu: bo
     hooked = proj._forward_hooks or proj._forward_pre_hooks
     if hooked or torch.is_grad_enabled():
         return composed_norm_linear(x, residual, norm, proj, prims, glu)
-    return fused_norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias, glu)
+    return kernels.norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias, glu)
 
 
-FUSED = SimpleNamespace(linear=F.linear, add_rms_norm=fused_add_rms_norm, rope=rope, silu_mul=silu_mul,
-                        norm_linear=composed_norm_linear)
+FORWARD = SimpleNamespace(linear=F.linear, add_rms_norm=add_rms_norm, rope=kernels.rope,
+                          silu_mul=kernels.silu_mul, norm_linear=composed_norm_linear)
 
-# A decode step's set: FUSED, with each norm and the projection after it as one kernel.
-DECODE = SimpleNamespace(**{**vars(FUSED), "norm_linear": _decode_norm_linear})
+DECODE = SimpleNamespace(**{**vars(FORWARD), "norm_linear": _decode_norm_linear})
 
-EAGER = SimpleNamespace(
-    linear=F.linear,
-    add_rms_norm=_eager_add_rms_norm,
-    rope=lambda q, k, cos, sin: (rope_reference(q, cos, sin), rope_reference(k, cos, sin)),
-    silu_mul=silu_mul_reference,
-    norm_linear=composed_norm_linear,
-)
-
-
-def primitives_for(x: torch.Tensor) -> SimpleNamespace:
-    """The default set for tensors like `x`: FUSED where the engine runs its Triton kernels, else EAGER."""
-    return FUSED if fused_for_model(x) else EAGER
-
-
-def decode_primitives_for(x: torch.Tensor) -> SimpleNamespace:
-    """A decode step's set for tensors like `x`: DECODE where the engine runs its Triton kernels, else EAGER."""
-    return DECODE if fused_for_model(x) else EAGER
+EXACT = SimpleNamespace(linear=exact.linear, add_rms_norm=exact.add_rms_norm, rope=exact.rope,
+                        silu_mul=exact.silu_mul, norm_linear=composed_norm_linear, attention=exact.attention,
+                        row_logprobs=exact.row_logprobs)

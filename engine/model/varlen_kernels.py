@@ -3,55 +3,37 @@
 `varlen_kernel(q)` gives `call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale)`: causal
 attention of packed sequences whose queries are the last of their keys (bottom-right aligned, as
 flash-attention 2 aligns them), q [Nq, H, D], k/v [Nk, Hkv, D] -> [Nq, H, D], differentiable; or None
-when neither kernel serves q's device and dtype. flash-attn comes first when installed; otherwise
-torch's own `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), whose keyword arguments changed
-between releases (2.10 takes `is_causal`; later ones `window_size=(-1, 0)`, `scale` and
+where the padded SDPA path runs. Which kernel is `kernels.attention_backend(q)`'s answer: flash-attn,
+else torch's own `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), whose keyword arguments
+changed between releases (2.10 takes `is_causal`; later ones `window_size=(-1, 0)`, `scale` and
 `enable_gqa`), so it is adapted from its signature and, before its first use on a device and dtype,
-checked against SDPA on a small case; a torch whose kernel fails the check is not used (a warning
-says so) and attention takes the padded SDPA path. Both kernels exist only on CUDA for fp16/bf16.
+checked against SDPA on a small case: a torch build whose kernel fails the check is not used (a
+warning says so) and attention takes the padded SDPA path.
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import warnings
 
 import torch
 
+from ... import kernels
 from .packed_attention import packed_causal_attention, plan_groups
-
-
-@functools.cache
-def flash_attn():
-    """The flash_attn module, or None when it is not installed."""
-    if importlib.util.find_spec("flash_attn") is None:
-        return None
-    import flash_attn as module
-    return module
-
-
-def use_flash_attn(x: torch.Tensor) -> bool:
-    """flash-attn serves x: installed, CUDA, fp16/bf16 (its only dtypes)."""
-    return _cuda_half(x) and flash_attn() is not None
 
 
 def varlen_kernel(q: torch.Tensor):
     """The varlen call for q's device and dtype (see the module docstring), or None."""
-    if use_flash_attn(q):
+    backend = kernels.attention_backend(q)
+    if backend == "flash_attn":
         return _flash_attn_call
-    if _cuda_half(q):
+    if backend == "torch_varlen":
         return _checked_torch_varlen(q.device, q.dtype)
     return None
 
 
-def _cuda_half(x: torch.Tensor) -> bool:
-    """CUDA and fp16/bf16: where the varlen flash kernels exist."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-
-
 def _flash_attn_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale):
-    return flash_attn().flash_attn_varlen_func(
+    return kernels.flash_attn().flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale=scale, causal=True)
 
 

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 import fusedrl.kernels as kernels
-from fusedrl.kernels import backend_for, use_backend
-from fusedrl.kernels.dispatch import fused_for_model
+from fusedrl.kernels import attention_backend, backend_for, fused_for_model, model_backend, use_backend
 from kernel_testing import DEVICE, ON_GPU, TRITON_RUNS, assert_close, needs_triton
 
 
@@ -120,3 +119,33 @@ def test_torch_compile_traces_without_graph_breaks(compiler, fused_backend):
         compiled = run(torch.compile(ppo_step, fullgraph=True, backend=compiler))  # raises on a break
     for a, b in zip(compiled, eager):
         assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_model_backend_is_triton_or_torch(monkeypatch):
+    monkeypatch.delenv("FUSEDRL_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cpu = torch.zeros(1)
+    assert model_backend(cpu) == "torch"
+    with use_backend("triton"):
+        assert model_backend(cpu) == "triton"
+    if ON_GPU:
+        assert model_backend(torch.zeros(1, device=DEVICE)) == "triton"
+
+
+def test_attention_backend(monkeypatch):
+    """No flash kernel serves CPU or fp32 queries: padded SDPA for the forward's own keys, the model
+    backend for keys read from pages. On CUDA in bf16 a varlen flash kernel serves a pack, and our
+    decode kernel pages flash-attn cannot read (a page of 16 is not a multiple of 256)."""
+    monkeypatch.delenv("FUSEDRL_BACKEND", raising=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.zeros(2, 4, 8, dtype=dtype)
+        assert attention_backend(q) == "torch"
+        assert attention_backend(q, 256) == model_backend(q)
+        with use_backend("torch"):
+            assert attention_backend(q, 256) == "torch"
+    if ON_GPU:
+        q = torch.zeros(2, 4, 8, dtype=torch.bfloat16, device=DEVICE)
+        assert attention_backend(q) in ("flash_attn", "torch_varlen")
+        assert attention_backend(q, 16) == "triton"
+        assert attention_backend(q.float()) == "torch"

@@ -6,9 +6,11 @@ parameters both must agree on: the KV page size and the attention segment.
 What it guarantees: the sampler's log-prob of a sampled token equals, bit for bit, the log-prob that
 `head_logprobs(packed_hidden(...))` gives for the same token of the same sequence, whatever else is
 in either batch (batch size and order, pack layout, prefix sharing between the n samples of a prompt,
-preemption and recompute). Both sides run the same primitives (`primitives`: fixed-order torch ops
-on the CPU, fixed-tile Triton kernels on GPUs) through the model's one decoder walk
-(`CausalLM.forward` given an `attend` and `prims`, the walk the default forward runs too) on the same weights, and read keys through the same kind of page table. Top-k/top-p filter the draw only: the
+preemption and recompute). Both sides run the same primitive set (`primitives.EXACT`, the ops of
+`fusedrl.kernels.exact`: fixed-order torch ops on the CPU, fixed-tile Triton kernels on GPUs) through
+the model's one decoder walk (`CausalLM.forward` given an `attend` and `prims`, the walk the default
+forward runs too) on the same weights, and read keys through the same kind of page table. Top-k/top-p
+filter the draw only: the
 log-prob reported is under softmax(logits / temperature), the distribution the trainer's
 `old_logprobs` are taken under.
 """
@@ -18,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import AttentionMetadata, store_kv
+from .... import kernels
+from ..attention import AttentionMetadata
 from ..kv_pages import page_slot
-from .primitives import primitives_for
+from ..primitives import EXACT
 
 # Logits held at once by `head_logprobs`, in fp32 elements (256 MiB): more rows run in pieces.
 LOGIT_ELEMENTS = 1 << 26
@@ -52,10 +55,9 @@ class BatchInvariant:
         starts = lens.cumsum(0) - lens
         seq_index = _sequence_of_each_token(lens)
         positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts[seq_index]
-        prims = self._prims(model)
-        fresh = self._fresh_attention(prims, positions, seq_index, starts, max(seqlens))
+        fresh = self._fresh_attention(positions, seq_index, starts, max(seqlens))
         return model(input_ids, positions, attend=lambda layer, q, k, v, angles: fresh(*angles.rotate(q, k), v),
-                     prims=prims)
+                     prims=EXACT)
 
     def paged_hidden(self, model, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                      kv_caches: list) -> torch.Tensor:
@@ -66,32 +68,31 @@ class BatchInvariant:
         if block_size != self.chunk_size:
             raise ValueError(f"KV block size {block_size} != BatchInvariant.chunk_size {self.chunk_size}: "
                              "pages and the key tables must align")
-        prims = self._prims(model)
         if meta.is_decode:
             seq_index = torch.arange(input_ids.shape[0], device=input_ids.device)
         else:
             seq_index = _sequence_of_each_token(torch.tensor(meta.seqlens_q, device=input_ids.device))
         if meta.block_tables is None:  # a prefill with nothing cached: the new tokens are whole sequences
-            fresh = self._fresh_attention(prims, positions, seq_index, meta.cu_seqlens_q[:-1].long(),
+            fresh = self._fresh_attention(positions, seq_index, meta.cu_seqlens_q[:-1].long(),
                                        max(meta.seqlens_q))
 
             def attend(layer, q, k, v, angles):
                 q, k = angles.rotate(q, k)
-                store_kv(k, v, *kv_caches[layer], meta.slot_mapping)
+                kernels.store_kv(k, v, *kv_caches[layer], meta.slot_mapping)
                 return fresh(q, k, v)
-            return model(input_ids, positions, attend=attend, prims=prims)
+            return model(input_ids, positions, attend=attend, prims=EXACT)
         page_table = page_slot(meta.block_tables.clamp(min=0), 0, self.chunk_size).to(torch.int32)  # -1 -> row 0
         max_position = meta.block_tables.shape[1] * self.chunk_size - 1  # the table's reach: a host int
 
         def attend(layer, q, k, v, angles):
             q, k = angles.rotate(q, k)
             k_cache, v_cache = kv_caches[layer]
-            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-            return prims.attention(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), positions, seq_index,
+            kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            return EXACT.attention(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), positions, seq_index,
                                    page_table, self.chunk_size, self.segment, max_position)
-        return model(input_ids, positions, attend=attend, prims=prims)
+        return model(input_ids, positions, attend=attend, prims=EXACT)
 
-    def _fresh_attention(self, prims, positions, seq_index, starts, max_len: int):
+    def _fresh_attention(self, positions, seq_index, starts, max_len: int):
         """Attention over the K/V of this forward's own tokens (a pack, or a prefill with nothing
         cached), (q, k, v) rotated -> [N, H, D]: starts [S] int64 index of each sequence's first token."""
         width = -(-max_len // self.chunk_size)
@@ -99,35 +100,29 @@ class BatchInvariant:
         page_table = (starts[:, None] + offsets).to(torch.int32)  # [S, W] a page = chunk_size tokens
 
         def attend(q, k, v):
-            return prims.attention(q, k.contiguous(), v.contiguous(), positions, seq_index, page_table,
+            return EXACT.attention(q, k.contiguous(), v.contiguous(), positions, seq_index, page_table,
                                    self.chunk_size, self.segment, max_len - 1)
         return attend
 
     @staticmethod
-    def _prims(model):
-        return primitives_for(next(model.parameters()))
-
-    @staticmethod
     def logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """hidden [M, H] @ LM head weight [V, H].T -> fp32 logits [M, V] (not rounded to the weight's dtype)."""
-        return primitives_for(hidden).linear(hidden, weight, out_dtype=torch.float32)
+        return EXACT.linear(hidden, weight, out_dtype=torch.float32)
 
     @staticmethod
     def sampler_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
         """The sampler's log-probs: logits [B, V] fp32, tokens [B], temperatures [B] fp32 (0 = greedy,
         reported at temperature 1 as the default sampler does) -> fp32 [B]."""
-        prims = primitives_for(logits)
-        return prims.row_logprobs(logits, tokens, torch.where(temperatures > 0, temperatures, 1.0))[0]
+        return EXACT.row_logprobs(logits, tokens, torch.where(temperatures > 0, temperatures, 1.0))[0]
 
     def head_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                       temperature: float, with_entropy: bool = False):
         """The trainer's log-probs: hidden [M, H] (rows predicting labels [M]), LM head weight [V, H]
         -> fp32 log-probs [M] under softmax(logits / temperature) (and the entropy [M] with_entropy).
         The logits exist for a piece of the rows at a time."""
-        prims = primitives_for(hidden)
         temperatures = torch.full(labels.shape, temperature, dtype=torch.float32, device=hidden.device)
         step = max(32, LOGIT_ELEMENTS // weight.shape[0] // 32 * 32)  # whole 32-row tiles per piece
-        pieces = [prims.row_logprobs(self.logits(hidden[i:i + step], weight), labels[i:i + step],
+        pieces = [EXACT.row_logprobs(self.logits(hidden[i:i + step], weight), labels[i:i + step],
                                      temperatures[i:i + step]) for i in range(0, hidden.shape[0], step)]
         logp = torch.cat([p[0] for p in pieces]) if pieces else hidden.new_zeros(0, dtype=torch.float32)
         if not with_entropy:

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedrl.engine.model.invariant import BatchInvariant, ops
-from fusedrl.engine.model.invariant.attention import chunked_attention
+from fusedrl.engine.model.invariant import BatchInvariant
+from fusedrl.kernels.invariant import fixed_order as ops
+from fusedrl.kernels.invariant.chunked_attention import chunked_attention
 from fusedrl.kernels.norm import rms_norm_reference
 from invariant_testing import one_thread  # noqa: F401 (autouse fixture)
 

@@ -5,10 +5,12 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusedrl.engine.data.packing import pack_sequences
 from fusedrl.engine.model.hf_io import load_model, save_model
 from fusedrl.engine.model.hf_io import INDEX_FILE, SINGLE_FILE
+from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
 from fusedrl.kernels import linear_token_logprobs, use_backend
 from engine_testing import ARCHS, VOCAB, make_hf_model, random_prompts
@@ -255,15 +257,50 @@ def test_decode_set_falls_back_to_the_composition_where_the_fused_kernel_cannot_
     """DECODE.norm_linear runs one kernel only without autograd and with nothing hooked on the
     projection (LoRA's adapters read the normalized input, which the kernel never writes)."""
     from fusedrl.engine.model.causal_lm import Projection, RMSNorm
-    from fusedrl.engine.model.primitives import DECODE, FUSED
+    from fusedrl.engine.model.primitives import DECODE, FORWARD
     torch.manual_seed(0)
     norm, proj = RMSNorm(16, 1e-6), Projection(16, 8, bias=True)
     x, residual = torch.randn(3, 16), torch.randn(3, 16)
     proj.register_forward_hook(lambda module, args, out: out + 1.0)
     with use_backend("triton"), torch.no_grad():
         hooked, _ = DECODE.norm_linear(x, residual, norm, proj, DECODE)
-        composed, _ = FUSED.norm_linear(x, residual, norm, proj, FUSED)
+        composed, _ = FORWARD.norm_linear(x, residual, norm, proj, FORWARD)
     assert torch.equal(hooked, composed)  # the hook's +1 applied: the composition ran
     with use_backend("triton"):
         trained, _ = DECODE.norm_linear(x, residual, norm, proj, DECODE)
     assert trained.requires_grad and torch.equal(trained.detach(), composed)
+
+
+class FusedOps(TorchDispatchMode):
+    """Counts the fusedrl custom ops dispatched, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fusedrl":
+            self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@needs_triton
+def test_a_forward_and_its_recompute_run_on_one_model_backend(monkeypatch):
+    """The walk asks the decider once: under TRITON_INTERPRET=1, "auto" keeps a CPU forward and the
+    backward's recompute of its checkpointed layers on torch (not one fusedrl op); asked for by name,
+    the fused ops run, and the recompute, which runs after the `with` block, takes them again."""
+    monkeypatch.delenv("FUSEDRL_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    hf = make_hf_model("llama", num_hidden_layers=2)
+    model = CausalLM(ModelConfig.from_hf(hf.config))
+    model.gradient_checkpointing = True
+    ids = torch.randint(10, 300, (7,))
+    with FusedOps() as ops:
+        model.forward_packed(ids, [3, 4]).square().mean().backward()
+    assert ops.names == []
+    with FusedOps() as ops:
+        with use_backend("triton"):
+            hidden = model.forward_packed(ids, [3, 4])
+        forward_ropes = ops.names.count("fusedrl::rope")
+        hidden.square().mean().backward()
+    assert forward_ropes == 2 and ops.names.count("fusedrl::rope") == 4  # 2 layers, each recomputed once

@@ -18,8 +18,8 @@ How that holds by construction:
 Holds on the CPU (tested) and, by the same construction, on CUDA (not yet tested on a GPU). The cost
 on the CPU is memory and time: `linear` materializes [rows, out, K] products (in pieces of at most
 `PRODUCT_ELEMENTS`), fine for the tiny models of the tests. Where the fused kernels run
-(kernels.dispatch.fused_for_model: CUDA), primitives.py uses the fixed-tile Triton matmul of
-`kernels/invariant/fixed_tile_matmul.py` instead (no products materialized).
+(kernels.dispatch.model_backend: CUDA), the exact ops (this package's `__init__`) take the fixed-tile
+Triton matmul of `fixed_tile_matmul.py` instead (no products materialized).
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x [N, K] @ weight [O, K].T (+ bias [O]) -> [N, O] in out_dtype (default x's): fp32 products,
     `tree_sum` over K, bias added in fp32, one rounding at the end. Rows and output columns are cut
     into pieces of at most PRODUCT_ELEMENTS products; each element's tree spans all of K, so the
-    cut changes nothing. Where the fused kernels run, primitives.py takes `matmul.linear_fixed_tiles`
+    cut changes nothing. Where the fused kernels run, the exact `linear` takes `linear_fixed_tiles`
     instead, invariant by its fixed tiles."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"linear: expected x [N, K] and weight [O, K], got x {tuple(x.shape)} and "

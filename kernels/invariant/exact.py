@@ -1,0 +1,82 @@
+"""The exact (batch-invariant) mode's ops, public as `fusedrl.kernels.exact`: each computes a row's
+result in an order that does not depend on the other rows of the batch, so a token's log-prob is the
+same bits in the sampler and in the trainer's forward. Each op asks the decider once
+(`dispatch.model_backend`):
+
+- "triton" (CUDA, or CPU tensors asked for by name under TRITON_INTERPRET=1): the fixed-tile matmul,
+  the segment attention over page tables and the per-row log-softmax of this package, and the fused
+  RMSNorm, RoPE and SiLU*up kernels (one program's arithmetic per row or element, its tiles fixed by
+  the row width: invariant as they are);
+- "torch" (elsewhere): `fixed_order`'s trees of elementwise torch ops and `chunked_attention`.
+
+The two backends agree to rounding, not bit for bit (nor need to): sampler and trainer run on one
+device, so on one backend. Every op keeps its arguments' meaning on both.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import fused_for_model
+from ..norm import rms_norm
+from ..rotary import rope as fused_rope, rope_reference
+from ..swiglu import silu_mul as fused_silu_mul
+from . import fixed_order
+from .chunked_attention import chunked_attention
+from .fixed_tile_matmul import linear_fixed_tiles
+from .row_logprobs import row_logprobs as fused_row_logprobs
+from .segment_attention import segment_attention
+
+__all__ = ["linear", "add_rms_norm", "rope", "silu_mul", "attention", "row_logprobs"]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [N, K] @ weight [O, K].T (+ bias [O]) -> [N, O] in out_dtype (default x's), fp32 accumulation."""
+    if fused_for_model(x):
+        return linear_fixed_tiles(x, weight, bias, out_dtype)
+    return fixed_order.linear(x, weight, bias, out_dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(RMSNorm(x + residual), x + residual) over the last dim of x [..., C]; residual None: (RMSNorm(x), x)."""
+    if fused_for_model(x):
+        return (rms_norm(x, weight, eps), x) if residual is None else rms_norm(x, weight, eps, residual)
+    if residual is not None:
+        x = residual + x
+    return fixed_order.rms_norm(x, weight, eps), x
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [N, H, D], k [N, Hkv, D] rotated by cos/sin [N, D] -> (q, k): elementwise IEEE arithmetic,
+    invariant on either backend as it is."""
+    if fused_for_model(q):
+        return fused_rope(q, k, cos, sin)
+    return rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of gate_up [..., 2C] (gate first) -> [..., C]."""
+    if fused_for_model(gate_up):
+        return fused_silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return fixed_order.silu(gate) * up
+
+
+def attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor,
+              seq_index: torch.Tensor, page_table: torch.Tensor, page: int, segment: int,
+              max_position: int) -> torch.Tensor:
+    """Causal attention of each query over its sequence's keys 0..position, read through a page table:
+    q [N, H, D], k_rows/v_rows [rows, Hkv, D], positions/seq_index [N] int64, page_table [S, W] int32,
+    `page` keys a page, `segment` keys per segment of the Triton kernel (a power of two >= 16; the
+    torch path reduces page by page), max_position a host int >= every position -> [N, H, D]."""
+    if fused_for_model(q):
+        return segment_attention(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position)
+    return chunked_attention(q, k_rows, v_rows, positions, seq_index, page_table, page)
+
+
+def row_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor):
+    """logits [R, V] fp32, tokens [R] int64, temperatures [R] fp32 > 0 -> (log softmax(logits / T)[token],
+    entropy of softmax(logits / T)), both fp32 [R]."""
+    if fused_for_model(logits):
+        return fused_row_logprobs(logits, tokens, temperatures)
+    return fixed_order.token_logprobs(logits, tokens, temperatures, True)
