@@ -13,7 +13,7 @@ Rows with no valid token are left out of every mean; with no valid token at all 
 denominator (N or S). The reference and the host paths of the losses take their row weights from
 it, and the engine's micro-batches take their share of a minibatch from the same units, so a
 minibatch cut into pieces (or rows split over ranks) sums to the whole one's loss. The Triton
-finalize kernel (loss_kernels._finalize_kernel) applies the same table on the device.
+finalize kernel (ppo_loss_kernels._finalize_kernel) applies the same table on the device.
 """
 from __future__ import annotations
 

@@ -55,17 +55,28 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
                           ignore_index=ignore_index, return_entropy=return_entropy)
 
 
-def kl_penalty(logp, ref_logp, *, estimator="k1", mask=None):
-    """Per-token KL(pi || ref) estimate from log-probs of sampled tokens; 0 outside the mask."""
+def kl_penalty(logp, ref_logp, *, estimator="k1", mask=None, clamp=None, log_ratio_clamp=None):
+    """Per-token KL(pi || ref) estimate from log-probs of sampled tokens; 0 outside the mask. The
+    log-ratio is clamped to +-log_ratio_clamp first and the estimate to +-clamp last (None: off);
+    where either clamp is active the gradients are 0."""
     cd = compute_dtype(logp)
-    log_ratio = ref_logp.to(cd) - logp.to(cd)                               # log(ref / pi)
+    logp, ref_logp = logp.to(cd), ref_logp.to(cd)
+    if log_ratio_clamp is not None:
+        # Where |ref - logp| exceeds the bound, constants with the clamped log-ratio stand in for
+        # both: the estimate sees the clamped value and its gradients there are 0.
+        d = (ref_logp - logp).detach()
+        clamped = d.abs() > log_ratio_clamp
+        logp = torch.where(clamped, ref_logp.detach() - d.clamp(-log_ratio_clamp, log_ratio_clamp), logp)
+        ref_logp = torch.where(clamped, ref_logp.detach(), ref_logp)
+    log_ratio = ref_logp - logp                                             # log(ref / pi)
     if estimator == "k1":
         kl = -log_ratio
     elif estimator == "k2":
         kl = 0.5 * log_ratio**2
     else:
         kl = log_ratio.exp() - log_ratio - 1.0
-    return torch.where(_valid(mask, logp), kl, 0.0)
+    kl = torch.where(_valid(mask, logp), kl, 0.0)
+    return kl if clamp is None else kl.clamp(-clamp, clamp)
 
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
