@@ -66,6 +66,18 @@ def check_positive(op: str, name: str, value: float) -> None:
         raise ValueError(f"{op}: {name} must be a positive number, got {value!r}")
 
 
+def check_nonnegative(op: str, name: str, value: float) -> None:
+    """A finite number >= 0 (an eps: a negative one can take a square root below 0, NaN reaches every output)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < float("inf"):
+        raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value!r}")
+
+
+def check_last_dim(op: str, name: str, x: torch.Tensor) -> None:
+    """x is [..., C] with C >= 1 (a reduction over an empty last dim has no value)."""
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{op}: {name} must have shape [..., C] with C >= 1, got {tuple(x.shape)}")
+
+
 def check_unit_interval(op: str, name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{op}: {name} must be a number in [0, 1], got {value!r}")

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from . import checks
 from .dispatch import backend_for
 from .triton_compat import tl, triton
 
@@ -206,7 +207,11 @@ def rms_norm_reference(x, weight, eps, residual=None):
     return weight * xf.to(dtype)
 
 
-def _check(x, weight, residual):
+def _check(x, weight, eps, residual):
+    for name, tensor in (("x", x), ("weight", weight)) + ((("residual", residual),) if residual is not None else ()):
+        checks.check_float("rms_norm", name, tensor)
+    checks.check_last_dim("rms_norm", "x", x)
+    checks.check_nonnegative("rms_norm", "eps", eps)
     if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
         raise ValueError(f"rms_norm: x (and residual) must be contiguous, got x strides {x.stride()}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
@@ -223,7 +228,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
     Without residual: y [..., C]. With residual [..., C] (x's shape and dtype): (y, s) where s = x +
     residual, the normalized input and the next residual stream; nothing is modified in place.
     """
-    _check(x, weight, residual)
+    _check(x, weight, eps, residual)
     if backend_for(x) == "torch":
         return rms_norm_reference(x, weight, eps, residual)
     if residual is None:

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import checks
 from .dispatch import fused_for_model
 from .norm import rms_norm_reference
 from .swiglu import silu_mul_reference
@@ -166,14 +167,19 @@ def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: 
     """x, residual [M, K] (residual may be None), norm_weight [K], weight [N_W, K], bias [N_W] or None
     -> (y [M, N_W], or SiLU(gate) * up [M, N_W / 2] when glu; s = x + residual [M, K], x itself when
     residual is None). Forward only (see the module docstring)."""
-    _check(x, residual, norm_weight, weight, bias, glu)
+    _check(x, residual, norm_weight, eps, weight, bias, glu)
     if not fused_for_model(x):
         return norm_linear_reference(x, residual, norm_weight, eps, weight, bias, glu)
     y, total = torch.ops.fusedrl.norm_linear(x, residual, norm_weight, eps, weight, bias, glu)
     return y, (x if residual is None else total)
 
 
-def _check(x, residual, norm_weight, weight, bias, glu):
+def _check(x, residual, norm_weight, eps, weight, bias, glu):
+    for name, tensor in (("x", x), ("residual", residual), ("norm_weight", norm_weight), ("weight", weight),
+                         ("bias", bias)):
+        if tensor is not None:
+            checks.check_float("norm_linear", name, tensor)
+    checks.check_nonnegative("norm_linear", "eps", eps)
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"norm_linear: x must be a contiguous [M, K] tensor, got {tuple(x.shape)} "
                          f"with strides {x.stride()}")

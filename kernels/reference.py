@@ -90,8 +90,8 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     rewards, values = rewards.to(cd), values.to(cd)
     valid = _valid(mask, rewards)
     advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros_like(rewards[..., 0])
-    next_advantage = torch.zeros_like(rewards[..., 0])
+    next_value = rewards.new_zeros(rewards.shape[:-1])                     # [B]; T may be 0
+    next_advantage = rewards.new_zeros(rewards.shape[:-1])
     for t in reversed(range(rewards.shape[-1])):
         delta = rewards[..., t] + gamma * next_value - values[..., t]
         advantage = delta + gamma * lam * next_advantage

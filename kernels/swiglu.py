@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import checks
 from .dispatch import backend_for
 from .triton_compat import tl, triton
 
@@ -129,6 +130,7 @@ def silu_mul_reference(gate_up):
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of a contiguous gate_up [..., 2C] (gate in the first half of the last dim, up
     in the second, the packed projection's output) -> a new tensor [..., C]; differentiable."""
+    checks.check_float("silu_mul", "gate_up", gate_up)
     if gate_up.dim() < 1 or gate_up.shape[-1] % 2 or not gate_up.is_contiguous():
         raise ValueError(f"silu_mul: gate_up {tuple(gate_up.shape)} with strides {gate_up.stride()} must be "
                          "contiguous with an even last dim (gate then up)")

@@ -55,3 +55,23 @@ def test_bad_arguments_name_themselves():
         fused(x, torch.ones(8, device=DEVICE), EPS, torch.randn(4, 9, device=DEVICE))
     with pytest.raises(ValueError, match="contiguous"):
         fused(torch.randn(8, 4, device=DEVICE).t(), torch.ones(8, device=DEVICE), EPS)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("change, error, match", [
+    (dict(eps=-1e-6), ValueError, r"rms_norm: eps must be a finite number >= 0, got -1e-06"),
+    (dict(eps=float("nan")), ValueError, r"rms_norm: eps must be a finite number >= 0, got nan"),
+    (dict(eps=float("inf")), ValueError, r"rms_norm: eps must be a finite number >= 0, got inf"),
+    (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, r"rms_norm: x must have dtype in \(float32.*got torch.int64"),
+    (dict(weight=torch.ones(8, dtype=torch.int32)), TypeError, r"rms_norm: weight must have dtype in .*got torch.int32"),
+    (dict(residual=torch.ones(4, 8, dtype=torch.int32)), TypeError, r"rms_norm: residual must have dtype in .*int32"),
+    (dict(x=torch.ones(4, 0), weight=torch.ones(0)), ValueError,
+     r"rms_norm: x must have shape \[\.\.\., C\] with C >= 1, got \(4, 0\)"),
+])
+def test_bad_eps_dtype_and_empty_rows_are_refused(backend, change, error, match):
+    args = dict(x=torch.randn(4, 8), weight=torch.ones(8), eps=EPS, residual=None)
+    args.update(change)
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with use_backend(backend), pytest.raises(error, match=match):
+        rms_norm(args["x"], args["weight"], args["eps"], args["residual"])
+

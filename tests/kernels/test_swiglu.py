@@ -32,3 +32,10 @@ def test_bad_arguments_name_themselves():
         fused(torch.ones(4, 9, device=DEVICE))
     with pytest.raises(ValueError, match="contiguous"):
         fused(torch.ones(8, 4, device=DEVICE).t())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool])
+def test_integer_inputs_are_refused(backend, dtype):
+    with use_backend(backend), pytest.raises(TypeError, match=f"silu_mul: gate_up must have dtype in .*got {dtype}"):
+        silu_mul(torch.ones(4, 8, dtype=dtype, device=DEVICE))
