@@ -24,10 +24,11 @@ else:
     from .logprobs import token_logprobs
     from .norm import rms_norm
     from .rotary import rope
+    from .sampling import SamplerWorkspace, sample
     from .swiglu import silu_mul
 
     __all__ = [
         "BACKENDS", "backend_for", "use_backend", "reference", "aggregation_rule",
         "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten", "group_advantages",
-        "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul",
+        "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul", "sample", "SamplerWorkspace",
     ]

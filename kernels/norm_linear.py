@@ -17,19 +17,16 @@ Forward only: the decoder uses it in decode steps (no autograd; the training and
 keep the norm and cuBLAS's GEMM, whose numbers the update differentiates). Runs where the
 model's fused kernels run (`dispatch.fused_for_model`). Custom op
 fusedrl::norm_linear, one op to torch.compile, CUDA graphs and a TorchDispatchMode;
-`norm_linear_reference` is its oracle and the backend elsewhere.
+`reference.norm_linear` is its oracle and the backend elsewhere.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from . import checks
+from . import checks, reference
 from .dispatch import fused_for_model
-from .norm import rms_norm_reference
-from .swiglu import silu_mul_reference
 from .tile_dot import dot_nt
 from .triton_compat import tl, triton
 
@@ -153,15 +150,6 @@ def _norm_linear_fake(x, residual, norm_weight, eps, weight, bias, glu):
     return out, total
 
 
-def norm_linear_reference(x, residual, norm_weight, eps, weight, bias=None, glu=False):
-    """The unfused composition: (F.linear(RMSNorm(x + residual)), x + residual), with SiLU(gate) * up
-    of the packed output when glu."""
-    normed, total = rms_norm_reference(x, norm_weight, eps, residual) if residual is not None else (
-        rms_norm_reference(x, norm_weight, eps), x)
-    y = F.linear(normed, weight, bias)
-    return (silu_mul_reference(y) if glu else y), total
-
-
 def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
                 weight: torch.Tensor, bias: Optional[torch.Tensor] = None, glu: bool = False):
     """x, residual [M, K] (residual may be None), norm_weight [K], weight [N_W, K], bias [N_W] or None
@@ -169,7 +157,7 @@ def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: 
     residual is None). Forward only (see the module docstring)."""
     _check(x, residual, norm_weight, eps, weight, bias, glu)
     if not fused_for_model(x):
-        return norm_linear_reference(x, residual, norm_weight, eps, weight, bias, glu)
+        return reference.norm_linear(x, residual, norm_weight, eps, weight, bias, glu)
     y, total = torch.ops.fusedrl.norm_linear(x, residual, norm_weight, eps, weight, bias, glu)
     return y, (x if residual is None else total)
 

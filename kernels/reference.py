@@ -1,9 +1,11 @@
-"""Plain PyTorch references for every fused op: the oracle the kernels are tested against, the
-"torch" backend, and the eager baseline in the benchmarks.
+"""Plain PyTorch references for every fused op, each named as its op (``reference.<op>``): the
+oracle the kernels are tested against, the "torch" backend, and the eager baseline in the benchmarks.
 
-Written for clarity, not speed: each is the textbook composition, differentiated by autograd. They
-compute in float64 when given float64 inputs and in float32 otherwise, and take the same
-arguments as the public ops (validated there, not here).
+Written for clarity, not speed: each is the textbook composition, differentiated by autograd. The RL
+ops' references (this file) compute in float64 when given float64 inputs and in float32 otherwise,
+and take the same arguments as the public ops (validated there, not here). The model-scale ops'
+(reference_model.py: transformers' compositions) and the sampler's (reference_sampling.py) are
+re-exported here.
 """
 from __future__ import annotations
 
@@ -13,6 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from .aggregation import row_weights
+from .reference_model import norm_linear, paged_decode, rms_norm, rope, rope_store_decode, silu_mul, store_kv
+from .reference_sampling import sample
+
+__all__ = [
+    "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_mean", "masked_moments",
+    "masked_whiten", "weighted_sum", "aggregate", "policy_terms", "ppo_policy_loss", "value_terms",
+    "ppo_value_loss", "rms_norm", "silu_mul", "rope", "norm_linear", "store_kv", "paged_decode",
+    "rope_store_decode", "sample",
+]
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -19,8 +19,7 @@ from ..model.invariant import BatchInvariant
 from ..model.kv_pages import sequence_slot
 from ..model.primitives import decode_primitives_for
 from .decode_inputs import DecodeInputs
-from .sampler import sample
-from ...kernels.sampling import SamplerWorkspace
+from ...kernels import SamplerWorkspace, sample
 from .sequence import Sequence
 
 

@@ -62,10 +62,7 @@ class AttentionMetadata:
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
     """Write new K/V [N, Hkv, D] into the pages at `slot_mapping`."""
-    if fused_for_model(k):
-        paged_attention.store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    else:
-        paged_attention.store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+    paged_attention.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def attention_step(meta: AttentionMetadata, kv_caches=None):
@@ -144,7 +141,7 @@ def decode_attention(q, k_cache, v_cache, meta: AttentionMetadata):
             q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
             block_table=meta.block_tables, softmax_scale=scale, causal=True)
         return out.squeeze(1)
-    return paged_attention.paged_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    return paged_attention.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
 
 
 def _padded_plan(meta: AttentionMetadata, device) -> PaddedPlan:

@@ -29,11 +29,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from ...kernels import reference
 from ...kernels.dispatch import fused_for_model
-from ...kernels.norm import rms_norm, rms_norm_reference
+from ...kernels.norm import rms_norm
 from ...kernels.norm_linear import norm_linear as fused_norm_linear
-from ...kernels.rotary import rope, rope_reference
-from ...kernels.swiglu import silu_mul, silu_mul_reference
+from ...kernels.rotary import rope
+from ...kernels.swiglu import silu_mul
 
 
 def fused_add_rms_norm(x, residual, weight, eps):
@@ -45,8 +46,8 @@ def fused_add_rms_norm(x, residual, weight, eps):
 
 def _eager_add_rms_norm(x, residual, weight, eps):
     if residual is None:
-        return rms_norm_reference(x, weight, eps), x
-    return rms_norm_reference(x, weight, eps, residual)
+        return reference.rms_norm(x, weight, eps), x
+    return reference.rms_norm(x, weight, eps, residual)
 
 
 def composed_norm_linear(x, residual, norm, proj, prims: SimpleNamespace, glu: bool = False):
@@ -72,8 +73,8 @@ DECODE = SimpleNamespace(**{**vars(FUSED), "norm_linear": _decode_norm_linear})
 EAGER = SimpleNamespace(
     linear=F.linear,
     add_rms_norm=_eager_add_rms_norm,
-    rope=lambda q, k, cos, sin: (rope_reference(q, cos, sin), rope_reference(k, cos, sin)),
-    silu_mul=silu_mul_reference,
+    rope=reference.rope,
+    silu_mul=reference.silu_mul,
     norm_linear=composed_norm_linear,
 )
 

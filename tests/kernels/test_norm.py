@@ -3,8 +3,7 @@ values and gradients of x, residual and weight, bounded by PyTorch's own error a
 import pytest
 import torch
 
-from fusedrl.kernels import rms_norm, use_backend
-from fusedrl.kernels.norm import rms_norm_reference
+from fusedrl.kernels import reference, rms_norm, use_backend
 from kernel_testing import DEVICE, check_against_float64, needs_triton
 
 pytestmark = needs_triton
@@ -26,15 +25,15 @@ def test_values_and_gradients_match_float64(shape, dtype, with_residual):
     weight = (1 + 0.1 * torch.randn(shape[-1], device=DEVICE)).to(dtype)
     if with_residual:
         residual = torch.randn(shape, device=DEVICE).to(dtype)
-        check_against_float64(fused, rms_norm_reference, (x, weight, EPS, residual), (0, 1, 3),
+        check_against_float64(fused, reference.rms_norm, (x, weight, EPS, residual), (0, 1, 3),
                               name=f"add_rms_norm {shape} {dtype}")
     else:
-        check_against_float64(fused, rms_norm_reference, (x, weight, EPS), (0, 1), name=f"rms_norm {shape} {dtype}")
+        check_against_float64(fused, reference.rms_norm, (x, weight, EPS), (0, 1), name=f"rms_norm {shape} {dtype}")
 
 
 def test_fp32_forward_is_the_eager_composition_to_a_few_ulps():
     x, weight = torch.randn(6, 50, device=DEVICE), torch.randn(50, device=DEVICE)
-    torch.testing.assert_close(fused(x, weight, EPS), rms_norm_reference(x, weight, EPS), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused(x, weight, EPS), reference.rms_norm(x, weight, EPS), atol=1e-6, rtol=1e-6)
 
 
 def test_the_same_forward_with_and_without_autograd():

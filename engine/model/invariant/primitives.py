@@ -18,7 +18,7 @@ import torch
 
 from ..primitives import FUSED, composed_norm_linear, fused_add_rms_norm
 from ....kernels.dispatch import fused_for_model
-from ....kernels.rotary import rope_reference
+from ....kernels import reference
 from . import ops
 from .attention import chunked_attention
 from ....kernels.invariant.segment_attention import segment_attention
@@ -46,7 +46,7 @@ FIXED_ORDER_TORCH = SimpleNamespace(
     # x [N, K], weight [O, K], bias [O] or None -> [N, O] in out_dtype (default x's)
     linear=ops.linear,
     add_rms_norm=_torch_add_rms_norm,
-    rope=lambda q, k, cos, sin: (rope_reference(q, cos, sin), rope_reference(k, cos, sin)),
+    rope=reference.rope,
     silu_mul=_fixed_order_silu_mul,
     # (q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position) -> [N, H, D]
     attention=_torch_attention,
