@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import checks, reference
 from .dispatch import backend_for
 from .norm import rows_per_program
 from .triton_compat import tl, triton
@@ -129,6 +129,8 @@ _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
 def _check(q, k, cos, sin):
+    for name, tensor in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        checks.check_float("rope", name, tensor)
     if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[2] % 2:
         raise ValueError(f"rope: q [N, Hq, D] and k [N, Hk, D] with one N and an even D expected, got q "
                          f"{tuple(q.shape)} and k {tuple(k.shape)}")

@@ -52,3 +52,11 @@ def test_bad_arguments_name_themselves():
         fused(q, k, torch.ones(3, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE))
     with pytest.raises(ValueError, match="one N and an even D"):
         fused(q, torch.randn(5, 1, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_integer_inputs_are_refused(backend):
+    cos, sin = tables(3, 8, torch.float32)
+    q = torch.ones(3, 2, 8, dtype=torch.int64, device=DEVICE)
+    with use_backend(backend), pytest.raises(TypeError, match="rope: q must have dtype in .*got torch.int64"):
+        rope(q, q.float(), cos, sin)
