@@ -1,4 +1,4 @@
-"""GPU time of the sampler per decode step (`engine.inference.sampler.sample`, the split-row Triton
+"""GPU time of the sampler per decode step (`fusedrl.kernels.sample`, the split-row Triton
 kernels) at batch 1 / 32 / 256 over a 151936-token bf16 vocabulary: greedy, top-p 0.9, top-k 50 and
 min-p 0.1, next to one read of the logits (a row max) and the bytes-per-second of that read. CUDA only.
 
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from fusedrl.engine.inference.sampler import sample
+from fusedrl.kernels import sample
 
 VOCAB = 151936
 BATCHES = (1, 32, 256)

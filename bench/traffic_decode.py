@@ -24,15 +24,12 @@ import torch
 
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.runner import kv_bytes_per_block
-from fusedrl.engine.inference.sampler import sample_torch
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
 from fusedrl.kernels.invariant import fixed_order as invariant_ops
 from fusedrl.kernels.invariant.chunked_attention import chunked_attention
-from fusedrl.kernels.norm_linear import norm_linear_reference
-from fusedrl.kernels.paged_attention import rope_store_decode_torch
-from fusedrl.kernels import use_backend
+from fusedrl.kernels import reference, use_backend
 
 from traffic_count import TrafficCounter, weight_bytes
 
@@ -47,10 +44,10 @@ QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, interm
                   tie_word_embeddings=True, qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False,
                   rope_theta=1e6)
 # Torch oracles of the fused ops too slow to interpret at full shape (see the module docstring).
-ORACLES = {"fusedrl::sample": lambda *args: sample_torch(*args[:7]),  # all but the key windows
-           "fusedrl::rope_store_decode": lambda *args: rope_store_decode_torch(*args[:12]),
+ORACLES = {"fusedrl::sample": lambda *args: reference.sample(*args[:7]),  # all but the key windows
+           "fusedrl::rope_store_decode": lambda *args: reference.rope_store_decode(*args[:12]),
            "fusedrl::norm_linear": lambda x, residual, *args: tuple(
-               t.clone() for t in norm_linear_reference(x, residual, *args))}
+               t.clone() for t in reference.norm_linear(x, residual, *args))}
 # The exact mode's own kernels: the CPU's fixed-order ops compute the same functions (not the same bits,
 # which the bytes do not depend on).
 EXACT_ORACLES = {

@@ -38,7 +38,7 @@ else:
     from .swiglu import silu_mul
     from .norm_linear import norm_linear
     from .paged_attention import rope_store_decode, store_kv
-    from .sampling import SamplerWorkspace, sample_triton
+    from .sampling import SamplerWorkspace, sample, sample_triton
     from .invariant import exact
 
     __all__ = [
@@ -48,5 +48,5 @@ else:
         "masked_moments", "explained_variance", "importance_weights", "group_advantages",
         "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten",
         "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul", "norm_linear",
-        "store_kv", "rope_store_decode", "sample_triton", "SamplerWorkspace", "exact",
+        "store_kv", "rope_store_decode", "sample", "sample_triton", "SamplerWorkspace", "exact",
     ]

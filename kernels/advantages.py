@@ -12,9 +12,9 @@ from its end; the block-to-block carry is the G that enters the block.
 from __future__ import annotations
 
 import torch
-from . import checks, reference
+from . import checks, cuda_ext, reference
 from .triton_compat import tl, triton
-from .dispatch import backend_for, kernel_inputs
+from .dispatch import backend_for
 
 GAE = "gae"
 
@@ -92,7 +92,7 @@ def _gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma:
 @torch.library.custom_op("fusedrl::gae", mutates_args=())
 def _gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
             lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton kernel for torch.compile (eager calls launch it directly: no dispatcher)."""
+    """The scan kernel (no gradient flows through gae: no autograd formula)."""
     return _gae(rewards, values, mask, gamma, lam)
 
 
@@ -105,6 +105,9 @@ def _gae_fake(rewards, values, mask, gamma, lam):
 def register_cuda_rules() -> None:
     """Fake implementation of the C++ twin fusedrl::cuda_gae (no gradient flows through gae)."""
     torch.library.register_fake("fusedrl::cuda_gae", _gae_fake)
+
+
+cuda_ext.on_load(register_cuda_rules)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
@@ -129,12 +132,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     if rewards.dim() < 1:
         raise ValueError(f"{GAE}: rewards must have shape [..., T], got a 0-dim tensor")
     rewards, values = rewards.detach(), values.detach()
-    backend = backend_for(rewards, GAE)
+    backend = cuda_ext.twin_or_fallback(backend_for(rewards, GAE), rewards, values)
     if backend == "torch":
         return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
-    args = (rewards.contiguous(), values.contiguous(), mask.contiguous(), float(gamma), float(lam))
-    if backend == "triton":
-        return _gae_op(*args) if torch.compiler.is_compiling() else _gae(*args)
-    rewards, values = kernel_inputs(backend, rewards, values)
-    return torch.ops.fusedrl.cuda_gae(rewards.contiguous(), values.contiguous(), *args[2:])
-
+    op = torch.ops.fusedrl.cuda_gae if backend == "cuda" else _gae_op
+    return op(rewards.contiguous(), values.contiguous(), mask.contiguous(), float(gamma), float(lam))

@@ -66,6 +66,18 @@ def check_positive(op: str, name: str, value: float) -> None:
         raise ValueError(f"{op}: {name} must be a positive number, got {value!r}")
 
 
+def check_nonnegative(op: str, name: str, value: float) -> None:
+    """A finite number >= 0 (an eps: a negative one can take a square root below 0, NaN reaches every output)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < float("inf"):
+        raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value!r}")
+
+
+def check_last_dim(op: str, name: str, x: torch.Tensor) -> None:
+    """x is [..., C] with C >= 1 (a reduction over an empty last dim has no value)."""
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{op}: {name} must have shape [..., C] with C >= 1, got {tuple(x.shape)}")
+
+
 def check_unit_interval(op: str, name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{op}: {name} must be a number in [0, 1], got {value!r}")
@@ -80,3 +92,33 @@ def check_label_range(op: str, labels: torch.Tensor, vocab_size: int, ignore_ind
             f"{op}: labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
             f"got {int(bad.sum())} out of range (first: {first})"
         )
+
+
+def check_kv_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """k, v [N, Hkv, D] (heads and head dims contiguous) into contiguous caches [blocks, page, Hkv, D]
+    at slot_mapping [N] int64."""
+    if k.shape != v.shape or k.shape[1:] != k_cache.shape[2:] or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} do not fit caches {tuple(k_cache.shape)}")
+    if k.stride()[1:] != (k.shape[2], 1) or v.stride()[1:] != (v.shape[2], 1):
+        raise ValueError("k and v must have contiguous heads and head dims")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != torch.int64:
+        raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}], got {slot_mapping.dtype} "
+                         f"{tuple(slot_mapping.shape)}")
+
+
+def check_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor) -> None:
+    """q [B, H, D] (head dim contiguous) over contiguous caches [blocks, page, Hkv, D] with H a multiple
+    of Hkv; block_tables [B, max_blocks] and context_lens [B] int32."""
+    if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
+    if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("q's head dim and the caches must be contiguous")
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise ValueError("block_tables and context_lens must be int32")
+    if block_tables.shape[0] != q.shape[0] or context_lens.shape != (q.shape[0],):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} / context_lens "
+                         f"{tuple(context_lens.shape)} do not match batch {q.shape[0]}")

@@ -53,7 +53,6 @@ BACKENDS = ("triton", "cuda", "torch")
 AUTO_CUDA_UP_TO = {"token_logprobs": None, "gae": 1 << 21, "kl_penalty": 1 << 21,
                    "ppo_policy_loss": None, "ppo_value_loss": None}
 _CHOICES = ("auto",) + BACKENDS
-_CUDA_DTYPES = {torch.float32, torch.bfloat16, torch.float16}  # what the CUDA kernels load
 
 
 class _BackendStack(threading.local):
@@ -208,16 +207,6 @@ def fused_op(backend: str, name: str):
     """The custom op running ``name`` on a fused backend: fusedrl::name on "triton", its C++ twin
     fusedrl::cuda_name (same schema) on "cuda"."""
     return getattr(torch.ops.fusedrl, name if backend == "triton" else f"cuda_{name}")
-
-
-def kernel_inputs(backend: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """An op's float inputs as its backend's kernels take them. Triton loads each in its own
-    dtype; the CUDA kernels take one dtype per op among fp32/bf16/fp16, so fp64 or mixed inputs go
-    in as fp32, the dtype every kernel computes in (autograd casts gradients back)."""
-    dtypes = {t.dtype for t in tensors}
-    if backend != "cuda" or (len(dtypes) == 1 and dtypes <= _CUDA_DTYPES):
-        return tensors
-    return tuple(t.float() for t in tensors)
 
 
 def sync_checks_enabled(x: torch.Tensor) -> bool:

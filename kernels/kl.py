@@ -5,18 +5,18 @@ KL(pi || ref) are (Schulman, "Approximating KL divergence"):
     k1 = -d                  unbiased, high variance, can be negative
     k2 = d**2 / 2            biased, low variance
     k3 = exp(d) - d - 1      unbiased, low variance, always >= 0
-One elementwise kernel each way, clamps included (on "triton"; "cuda" clamps around its kernel);
-the output is fp32 and 0 outside the mask. Eager calls go through a thin autograd.Function, traced
-ones through the custom ops fusedrl::kl_penalty / kl_penalty_grad.
+One elementwise kernel each way, clamps included, entered through the custom ops
+fusedrl::kl_penalty / kl_penalty_grad; the output is fp32 and 0 outside the mask. The "cuda" twin
+(csrc/kl_penalty.cu) has no clamps: with a clamp the op runs on Triton.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from . import checks, reference
+from . import checks, cuda_ext, reference
 from .triton_compat import tl, triton
-from .dispatch import backend_for, kernel_inputs
+from .dispatch import backend_for
 
 OP = "kl_penalty"
 ESTIMATORS = ("k1", "k2", "k3")
@@ -148,9 +148,15 @@ def _backward(grad_out, logp, ref_logp, mask, estimator, log_ratio_clamp, clamp)
                    logp, ref_logp), mask, estimator, log_ratio_clamp, clamp, GRAD_IS_SCALAR=is_scalar)
 
 
+def _setup_context(ctx, inputs, output):
+    logp, ref_logp, mask = inputs[:3]
+    ctx.save_for_backward(logp, ref_logp, mask)
+    ctx.args = inputs[3:]
+
+
 def _backward_on(grad_op):
-    """The autograd formula of a forward (op or _EagerKl) whose backward is grad_op(grad_out, logp,
-    ref_logp, mask, *the forward's other arguments)."""
+    """The autograd formula of a forward op whose backward is grad_op(grad_out, logp, ref_logp, mask,
+    *the forward's other arguments): the Triton op's and its C++ twin's."""
     def backward(ctx, grad_out):
         logp, ref_logp, mask = ctx.saved_tensors
         grad_logp = grad_op(grad_out, logp, ref_logp, mask, *ctx.args)
@@ -160,27 +166,10 @@ def _backward_on(grad_op):
     return backward
 
 
-def _setup_context(ctx, inputs, output):
-    logp, ref_logp, mask = inputs[:3]
-    ctx.save_for_backward(logp, ref_logp, mask)
-    ctx.args = inputs[3:]
-
-
-class _EagerKl(torch.autograd.Function):
-    """Eager calls: one launch each way, no dispatcher round trip."""
-
-    @staticmethod
-    def forward(logp, ref_logp, mask, estimator, log_ratio_clamp, clamp):
-        return _forward(logp, ref_logp, mask, estimator, log_ratio_clamp, clamp)
-
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward_on(_backward))
-
-
 @torch.library.custom_op("fusedrl::kl_penalty", mutates_args=())
 def _kl_op(logp: torch.Tensor, ref_logp: torch.Tensor, mask: Optional[torch.Tensor], estimator: int,
            log_ratio_clamp: float, clamp: float) -> torch.Tensor:
-    """The Triton kernel for torch.compile; a clamp <= 0 is off."""
+    """The forward kernel; a clamp <= 0 is off."""
     return _forward(logp, ref_logp, mask, estimator, log_ratio_clamp, clamp)
 
 
@@ -201,18 +190,21 @@ def _kl_grad_fake(grad_out, logp, *_args):
     return torch.empty_like(logp)
 
 
-_kl_op.register_autograd(_backward_on(torch.ops.fusedrl.kl_penalty_grad), setup_context=_setup_context)
+_kl_op.register_autograd(_backward_on(_kl_grad_op), setup_context=_setup_context)
 
 
 def register_cuda_rules() -> None:
     """Fake implementations and autograd of the C++ twins fusedrl::cuda_kl_penalty_fwd(logp,
     ref_logp, mask, estimator) and fusedrl::cuda_kl_penalty_bwd(grad_out, logp, ref_logp, mask,
-    estimator) (no clamps: the cuda backend applies them around the kernel)."""
+    estimator): the Triton op's without the clamps (the twin runs only where they are off)."""
     torch.library.register_fake("fusedrl::cuda_kl_penalty_fwd", _kl_fake)
     torch.library.register_fake("fusedrl::cuda_kl_penalty_bwd", _kl_grad_fake)
     torch.library.register_autograd("fusedrl::cuda_kl_penalty_fwd",
                                     _backward_on(lambda *args: torch.ops.fusedrl.cuda_kl_penalty_bwd(*args)),
                                     setup_context=_setup_context)
+
+
+cuda_ext.on_load(register_cuda_rules)
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k1",
@@ -242,24 +234,14 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
     for name, value in (("clamp", clamp), ("log_ratio_clamp", log_ratio_clamp)):
         if value is not None:
             checks.check_positive(OP, name, value)
-    backend = backend_for(logp, OP)
-    if backend == "triton":
-        args = (logp.contiguous(), ref_logp.contiguous(), None if mask is None else mask.contiguous(),
-                ESTIMATORS.index(estimator), float(log_ratio_clamp or 0.0), float(clamp or 0.0))
-        return _kl_op(*args) if torch.compiler.is_compiling() else _EagerKl.apply(*args)
-    if log_ratio_clamp is not None:
-        # Where |ref - logp| exceeds the bound, constants with the clamped log-ratio stand in for
-        # both: the estimate sees the clamped value and its gradients there are 0.
-        d = (ref_logp.float() - logp.float()).detach()
-        clamped = d.abs() > log_ratio_clamp
-        logp = torch.where(clamped, ref_logp.float().detach() - d.clamp(-log_ratio_clamp, log_ratio_clamp),
-                           logp.float())
-        ref_logp = torch.where(clamped, ref_logp.float().detach(), ref_logp.float())
+    backend = cuda_ext.twin_or_fallback(backend_for(logp, OP), logp, ref_logp,
+                                        supported=clamp is None and log_ratio_clamp is None)
     if backend == "torch":
-        kl = reference.kl_penalty(logp, ref_logp, estimator=estimator, mask=mask)
-    else:
-        logp, ref_logp = kernel_inputs(backend, logp, ref_logp)
-        kl = torch.ops.fusedrl.cuda_kl_penalty_fwd(
-            logp.contiguous(), ref_logp.contiguous(), None if mask is None else mask.contiguous(),
-            ESTIMATORS.index(estimator))
-    return kl if clamp is None else kl.clamp(-clamp, clamp)
+        return reference.kl_penalty(logp, ref_logp, estimator=estimator, mask=mask, clamp=clamp,
+                                    log_ratio_clamp=log_ratio_clamp)
+    mask = None if mask is None else mask.contiguous()
+    if backend == "cuda":
+        return torch.ops.fusedrl.cuda_kl_penalty_fwd(logp.contiguous(), ref_logp.contiguous(), mask,
+                                                     ESTIMATORS.index(estimator))
+    return _kl_op(logp.contiguous(), ref_logp.contiguous(), mask, ESTIMATORS.index(estimator),
+                  float(log_ratio_clamp or 0.0), float(clamp or 0.0))

@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from . import checks, reference
+from . import checks, cuda_ext, reference
 from .online_softmax import lanes_of, lanes_reduce, lanes_update, safe_shift
 from .triton_compat import tl, triton
-from .dispatch import backend_for, fused_op, kernel_inputs, sync_checks_enabled
+from .dispatch import backend_for, fused_op, sync_checks_enabled
 
 OP = "token_logprobs"
 
@@ -298,6 +298,9 @@ def register_cuda_rules() -> None:
                                     setup_context=_setup_context)
 
 
+cuda_ext.on_load(register_cuda_rules)
+
+
 def check_label_args(op: str, labels: torch.Tensor, temperature: float, ignore_index: int) -> None:
     """Checks shared with linear_token_logprobs: label dtype, temperature, ignore_index."""
     checks.check_dtype(op, "labels", labels, checks.INDEX_DTYPES)
@@ -338,11 +341,10 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     n_cols = logits.shape[-1]
     if sync_checks_enabled(labels):
         checks.check_label_range(OP, labels, n_cols, ignore_index)
-    backend = backend_for(logits, "token_logprobs")
+    backend = cuda_ext.twin_or_fallback(backend_for(logits, OP), logits)
     if backend == "torch":
         return reference.token_logprobs(logits, labels, temperature=temperature,
                                         ignore_index=ignore_index, return_entropy=return_entropy)
-    (logits,) = kernel_inputs(backend, logits)
     logits_2d = logits.reshape(-1, n_cols)
     if logits_2d.stride(-1) != 1:
         logits_2d = logits_2d.contiguous()

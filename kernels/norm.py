@@ -9,7 +9,7 @@ spends ~8 kernels each way on this. The same forward kernel runs with autograd o
 log-probs of a scoring forward and of the update's forward are the same numbers.
 
 Backends as every op (kernels/dispatch.py): Triton for CUDA tensors and under TRITON_INTERPRET=1,
-`rms_norm_reference` (the eager composition, differentiated by autograd) otherwise. Custom ops
+`reference.rms_norm` (the eager composition, differentiated by autograd) otherwise. Custom ops
 fusedrl::rms_norm, fusedrl::add_rms_norm (forward), fusedrl::rms_norm_bwd, each one op to
 torch.compile and to a TorchDispatchMode such as bench/traffic_count.py.
 """
@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from . import checks, reference
 from .dispatch import backend_for
 from .triton_compat import tl, triton
 
@@ -194,19 +195,11 @@ _rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup
 _add_rms_norm_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
 
 
-def rms_norm_reference(x, weight, eps, residual=None):
-    """The eager composition, op for op as transformers computes it (fp32 statistics, rounded to
-    x's dtype before the weight); with `residual`, (RMSNorm(x + residual), x + residual)."""
-    if residual is not None:
-        total = residual + x
-        return rms_norm_reference(total, weight, eps), total
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dtype)
-
-
-def _check(x, weight, residual):
+def _check(x, weight, eps, residual):
+    for name, tensor in (("x", x), ("weight", weight)) + ((("residual", residual),) if residual is not None else ()):
+        checks.check_float("rms_norm", name, tensor)
+    checks.check_last_dim("rms_norm", "x", x)
+    checks.check_nonnegative("rms_norm", "eps", eps)
     if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
         raise ValueError(f"rms_norm: x (and residual) must be contiguous, got x strides {x.stride()}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
@@ -223,9 +216,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
     Without residual: y [..., C]. With residual [..., C] (x's shape and dtype): (y, s) where s = x +
     residual, the normalized input and the next residual stream; nothing is modified in place.
     """
-    _check(x, weight, residual)
+    _check(x, weight, eps, residual)
     if backend_for(x) == "torch":
-        return rms_norm_reference(x, weight, eps, residual)
+        return reference.rms_norm(x, weight, eps, residual)
     if residual is None:
         return _rms_norm_op(x, weight, eps)
     return _add_rms_norm_op(x, residual, weight, eps)

@@ -17,18 +17,16 @@ Forward only: the decoder uses it in decode steps (no autograd; the training and
 keep the norm and cuBLAS's GEMM, whose numbers the update differentiates). Runs where the
 model's fused kernels run (`dispatch.fused_for_model`). Custom op
 fusedrl::norm_linear, one op to torch.compile, CUDA graphs and a TorchDispatchMode;
-`norm_linear_reference` is its oracle and the backend elsewhere.
+`reference.norm_linear` is its oracle and the backend elsewhere.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from . import checks, reference
 from .dispatch import fused_for_model
-from .norm import rms_norm_reference
-from .swiglu import silu_mul_reference
 from .tile_dot import dot_nt
 from .triton_compat import tl, triton
 
@@ -152,28 +150,24 @@ def _norm_linear_fake(x, residual, norm_weight, eps, weight, bias, glu):
     return out, total
 
 
-def norm_linear_reference(x, residual, norm_weight, eps, weight, bias=None, glu=False):
-    """The unfused composition: (F.linear(RMSNorm(x + residual)), x + residual), with SiLU(gate) * up
-    of the packed output when glu."""
-    normed, total = rms_norm_reference(x, norm_weight, eps, residual) if residual is not None else (
-        rms_norm_reference(x, norm_weight, eps), x)
-    y = F.linear(normed, weight, bias)
-    return (silu_mul_reference(y) if glu else y), total
-
-
 def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
                 weight: torch.Tensor, bias: Optional[torch.Tensor] = None, glu: bool = False):
     """x, residual [M, K] (residual may be None), norm_weight [K], weight [N_W, K], bias [N_W] or None
     -> (y [M, N_W], or SiLU(gate) * up [M, N_W / 2] when glu; s = x + residual [M, K], x itself when
     residual is None). Forward only (see the module docstring)."""
-    _check(x, residual, norm_weight, weight, bias, glu)
+    _check(x, residual, norm_weight, eps, weight, bias, glu)
     if not fused_for_model(x):
-        return norm_linear_reference(x, residual, norm_weight, eps, weight, bias, glu)
+        return reference.norm_linear(x, residual, norm_weight, eps, weight, bias, glu)
     y, total = torch.ops.fusedrl.norm_linear(x, residual, norm_weight, eps, weight, bias, glu)
     return y, (x if residual is None else total)
 
 
-def _check(x, residual, norm_weight, weight, bias, glu):
+def _check(x, residual, norm_weight, eps, weight, bias, glu):
+    for name, tensor in (("x", x), ("residual", residual), ("norm_weight", norm_weight), ("weight", weight),
+                         ("bias", bias)):
+        if tensor is not None:
+            checks.check_float("norm_linear", name, tensor)
+    checks.check_nonnegative("norm_linear", "eps", eps)
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"norm_linear: x must be a contiguous [M, K] tensor, got {tuple(x.shape)} "
                          f"with strides {x.stride()}")

@@ -1,5 +1,7 @@
-"""Triton kernels for the paged KV cache, each next to its plain-PyTorch reference; `store_kv` and
-`rope_store_decode` run one or the other on the model backend (`dispatch.model_backend`).
+"""The paged KV cache's ops: Triton kernels, their host functions (`*_triton`), custom ops and the public
+`store_kv` / `paged_decode` / `rope_store_decode`, which run the kernels where the model's kernels run
+(dispatch.fused_for_model) and the plain-PyTorch references (kernels.reference.store_kv,
+paged_decode, rope_store_decode) elsewhere.
 
 Cache layout (one layer, one of K or V): `[num_blocks, block_size, num_kv_heads, head_dim]`, contiguous,
 the layout flash-attn's `flash_attn_with_kvcache` takes, so one pool serves every backend. A slot is
@@ -10,12 +12,11 @@ torch.compile and one op to a TorchDispatchMode such as bench/traffic_count.py.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from . import checks, reference
 from .dispatch import fused_for_model
 from .triton_compat import tl, triton
 from .norm import rows_per_program
-from .rotary import rope_reference
 
 
 @triton.jit
@@ -45,17 +46,9 @@ def _store_kv_kernel(
     tl.store(v_cache_ptr + (slot * ROW)[:, None] + offs[None, :], v, mask=mask)
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping):
-    """Write rows of `k`, `v` [N, Hkv, D] into the caches at `slot_mapping` [N] (int64, -1 = skip)."""
-    if fused_for_model(k):
-        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    else:
-        store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
-
-
 def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     """Write rows of `k`, `v` [N, Hkv, D] into the caches at `slot_mapping` [N] (int64, -1 = skip)."""
-    _check_store(k, v, k_cache, v_cache, slot_mapping)
+    checks.check_kv_store(k, v, k_cache, v_cache, slot_mapping)
     torch.ops.fusedrl.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -75,27 +68,6 @@ def _store_kv_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
 @_store_kv_op.register_fake
 def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping):
     return None
-
-
-def store_kv_torch(k, v, k_cache, v_cache, slot_mapping):
-    """Reference for `store_kv_triton`: the same writes through advanced indexing."""
-    _check_store(k, v, k_cache, v_cache, slot_mapping)
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    k_cache.view(-1, *k.shape[1:])[slots] = k[keep]
-    v_cache.view(-1, *v.shape[1:])[slots] = v[keep]
-
-
-def _check_store(k, v, k_cache, v_cache, slot_mapping):
-    if k.shape != v.shape or k.shape[1:] != k_cache.shape[2:] or k_cache.shape != v_cache.shape:
-        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} do not fit caches {tuple(k_cache.shape)}")
-    if k.stride()[1:] != (k.shape[2], 1) or v.stride()[1:] != (v.shape[2], 1):
-        raise ValueError("k and v must have contiguous heads and head dims")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
-    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != torch.int64:
-        raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}], got {slot_mapping.dtype} "
-                         f"{tuple(slot_mapping.shape)}")
 
 
 @triton.jit
@@ -250,7 +222,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, 
     context_lens [B] int32. Returns [B, H, D] in q's dtype. num_splits: programs per (sequence,
     KV head); by default enough to give every SM two programs (1 off CUDA).
     """
-    _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    checks.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
     if num_splits is None:
         num_splits = _default_splits(q.shape[0] * k_cache.shape[2], q.device)
     return torch.ops.fusedrl.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
@@ -271,7 +243,7 @@ def rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache
                       context_lens, scale):
     """A decode step's attention with its RoPE and KV store (arguments and result as
     `rope_store_decode_triton`): one launch on the "triton" model backend, the reference on "torch"."""
-    decode = rope_store_decode_triton if fused_for_model(q) else rope_store_decode_torch
+    decode = rope_store_decode_triton if fused_for_model(q) else reference.rope_store_decode
     return decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping, block_tables,
                   context_lens, scale)
 
@@ -283,8 +255,8 @@ def rope_store_decode_triton(q, k, v, cos_table, sin_table, positions, k_cache, 
     positions and slot_mapping [B] int64 (slot -1: a padding row), context_lens [B] int32 counting the
     new token -> [B, H, D] in q's dtype; k (rotated) and v written into the caches. The same numbers as
     `rope` then `store_kv_triton` then `paged_decode_triton`."""
-    _check_decode(q, k_cache, v_cache, block_tables, context_lens)
-    _check_store(k, v, k_cache, v_cache, slot_mapping)
+    checks.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
+    checks.check_kv_store(k, v, k_cache, v_cache, slot_mapping)
     if positions.shape != (q.shape[0],) or positions.dtype != torch.int64:
         raise ValueError(f"positions must be int64 [{q.shape[0]}], got {positions.dtype} {tuple(positions.shape)}")
     if cos_table.shape != sin_table.shape or cos_table.shape[1:] != (q.shape[2],) or not (
@@ -310,16 +282,6 @@ def _rope_store_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
 def _rope_store_decode_fake(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping, block_tables,
                             context_lens, scale, num_splits):
     return q.new_empty(q.shape)
-
-
-def rope_store_decode_torch(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping,
-                            block_tables, context_lens, scale):
-    """Reference for `rope_store_decode_triton`: RoPE, the store, then `paged_decode_torch`."""
-    rows = positions.clamp(min=0)
-    cos, sin = cos_table[rows], sin_table[rows]
-    q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
-    store_kv_torch(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)
-    return paged_decode_torch(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, new=None):
@@ -359,30 +321,18 @@ def _default_splits(programs: int, device) -> int:
     return max(1, min(MAX_SPLITS, -(-2 * sms // programs)))
 
 
-def paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """Reference for `paged_decode_triton` (and the CPU path): gather pages, mask, SDPA."""
-    _check_decode(q, k_cache, v_cache, block_tables, context_lens)
-    # Whole pages in table order: position p of a row is entry p of its flattened pages (kv_pages'
-    # addressing, gathered a page at a time rather than a slot at a time).
-    k = k_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)
-    mask = torch.arange(k.shape[2], device=q.device) < context_lens[:, None]  # [B, L]
-    # Slots past a sequence's length (and padding entries, -1, which gather the last block) hold
-    # whatever the pool held: possibly NaN, and a masked-out NaN still poisons softmax(...) @ v.
-    unwritten = ~mask[:, None, :, None]
-    k, v = k.masked_fill(unwritten, 0), v.masked_fill(unwritten, 0)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
-    return out.squeeze(2)  # [B, H, D]
+def store_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Write k, v [N, Hkv, D] into the caches [blocks, page, Hkv, D] at slot_mapping [N] int64 (slot
+    -1: a padding row, skipped)."""
+    if fused_for_model(k):
+        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
-def _check_decode(q, k_cache, v_cache, block_tables, context_lens):
-    if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
-    if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("q's head dim and the caches must be contiguous")
-    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
-        raise ValueError("block_tables and context_lens must be int32")
-    if block_tables.shape[0] != q.shape[0] or context_lens.shape != (q.shape[0],):
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} / context_lens "
-                         f"{tuple(context_lens.shape)} do not match batch {q.shape[0]}")
+def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """Attention of one query token per sequence, q [B, H, D], over its paged context (block_tables
+    [B, max_blocks], context_lens [B] int32) -> [B, H, D] in q's dtype."""
+    if fused_for_model(q):
+        return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return reference.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)

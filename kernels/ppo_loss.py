@@ -7,8 +7,9 @@ KL, ratio mean/max); the stats stay on the device (no host sync).
 
 Backends: "triton" runs every mode (GSPO's sequence ratio, TIS/MIS at token or sequence level, every
 aggregation) in three launches per forward + backward, with the row weights and stats finalized on
-the device (fused_loss.py, loss_kernels.py); "cuda" applies the corrections and row weights in
-PyTorch around its one-pass kernel (csrc/ppo_loss.cu); "torch" is the reference.
+the device (ppo_loss_ops.py, ppo_loss_kernels.py); "cuda" (csrc/ppo_loss.cu) runs the plain mode,
+taking the row weights of aggregation.py as an input, and leaves the corrections to Triton; "torch"
+is the reference.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from typing import Optional
 
 import torch
 
-from . import checks, fused_loss, reference
-from .dispatch import backend_for, fused_op, kernel_inputs
+from . import checks, cuda_ext, reference
+from .dispatch import backend_for
+from .ppo_loss_ops import IS_MODE_IDS, policy_loss_op, value_loss_op
 from .statistics import AGGS, IS_LEVELS, IS_MODES, importance_weights, row_weights, sequence_ratio_logp
 
 POLICY_STATS = ("clipfrac", "dual_clipfrac", "approx_kl", "ratio_mean", "ratio_max")
@@ -46,6 +48,8 @@ def _value_fake(values, old_values, returns, mask, weights, clip_eps, compute_gr
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.input_dtype, ctx.n_inputs = inputs[0].dtype, len(inputs)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_grad, _grad_stats):
@@ -60,6 +64,9 @@ def register_cuda_rules() -> None:
         torch.library.register_fake(f"fusedrl::cuda_{name}", fake)
         torch.library.register_autograd(f"fusedrl::cuda_{name}", _backward,
                                         setup_context=_setup_context)
+
+
+cuda_ext.on_load(register_cuda_rules)
 
 
 def _check_loss_inputs(op: str, names: tuple[str, str, str], tensors, mask, agg: str) -> None:
@@ -136,41 +143,41 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
             raise ValueError(f"{op}: need 0 < is_low <= 1 <= is_high and is_cap >= 1, got is_low={is_low}, "
                              f"is_high={is_high}, is_cap={is_cap}")
         rollout_logprobs = rollout_logprobs.detach()
-    # "auto"'s measurements are of the plain mode: the corrections run on the device only on Triton.
-    corrected = is_mode is not None or ratio_level == "sequence"
-    backend = backend_for(logp, None if corrected else op)
-    if backend == "triton":
-        loss, stats = fused_loss.run(
-            "policy", logp.contiguous(), old_logp.contiguous(), advantages.contiguous(),
-            None if mask is None else mask.contiguous(),
-            None if is_mode is None else rollout_logprobs.contiguous(), AGGS.index(agg),
-            float(loss_agg_norm or logp.shape[-1]), float(clip_eps), float(eps_high), float(dual_clip or 0.0),
-            float(log_ratio_clamp), fused_loss.IS_MODE_IDS[is_mode], is_level == "sequence", float(is_cap),
-            float(is_low), float(is_high), ratio_level == "sequence", _wants_grad(logp))
-        names = POLICY_STATS + (IS_STATS if is_mode is not None else ())
-        return loss, dict(zip(names, stats.unbind()))
-    mask = _all_valid(logp) if mask is None else mask
-    is_stats = {}
-    if is_mode is not None:
-        scale, mask, is_stats = importance_weights(old_logp, rollout_logprobs, mask, mode=is_mode,
-                                                   level=is_level, cap=is_cap, low=is_low, high=is_high)
-        if scale is not None:
-            advantages = advantages.float() * scale
-    if ratio_level == "sequence":
-        logp, old_logp = sequence_ratio_logp(logp, old_logp, mask), old_logp.float()
+    # "auto"'s measurements and the C++ twin are of the plain mode: the corrections run on Triton.
+    plain = is_mode is None and ratio_level == "token"
+    backend = cuda_ext.twin_or_fallback(backend_for(logp, op if plain else None), logp, old_logp, advantages,
+                                        supported=plain)
     if backend == "torch":
+        mask = _all_valid(logp) if mask is None else mask
+        is_stats = {}
+        if is_mode is not None:
+            scale, mask, is_stats = importance_weights(old_logp, rollout_logprobs, mask, mode=is_mode,
+                                                       level=is_level, cap=is_cap, low=is_low, high=is_high)
+            if scale is not None:
+                advantages = advantages.float() * scale
+        if ratio_level == "sequence":
+            logp, old_logp = sequence_ratio_logp(logp, old_logp, mask), old_logp.float()
         loss, stats = reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=clip_eps,
                                                 clip_eps_high=eps_high, dual_clip=dual_clip, agg=agg,
                                                 loss_agg_norm=loss_agg_norm, log_ratio_clamp=log_ratio_clamp)
         return loss, {**stats, **is_stats}
     wants_grad = _wants_grad(logp)
-    logp, old_logp, advantages = kernel_inputs(backend, logp, old_logp, advantages)
-    loss, _, stats = fused_op(backend, "ppo_policy_loss")(
-        logp.contiguous(), old_logp.contiguous(), advantages.contiguous(), mask.contiguous(),
-        row_weights(mask, agg, loss_agg_norm), float(clip_eps), float(eps_high), float(dual_clip or 0.0),
-        float(log_ratio_clamp), wants_grad,
-    )
-    return loss, {**dict(zip(POLICY_STATS, stats.detach().unbind())), **is_stats}
+    if backend == "cuda":
+        mask = _all_valid(logp) if mask is None else mask.contiguous()
+        loss, _, stats = torch.ops.fusedrl.cuda_ppo_policy_loss(
+            logp.contiguous(), old_logp.contiguous(), advantages.contiguous(), mask,
+            row_weights(mask, agg, loss_agg_norm), float(clip_eps), float(eps_high), float(dual_clip or 0.0),
+            float(log_ratio_clamp), wants_grad)
+        return loss, dict(zip(POLICY_STATS, stats.unbind()))
+    loss, stats, _, _ = policy_loss_op(
+        logp.contiguous(), old_logp.contiguous(), advantages.contiguous(),
+        None if mask is None else mask.contiguous(),
+        None if is_mode is None else rollout_logprobs.contiguous(), AGGS.index(agg),
+        float(loss_agg_norm or logp.shape[-1]), float(clip_eps), float(eps_high), float(dual_clip or 0.0),
+        float(log_ratio_clamp), IS_MODE_IDS[is_mode], is_level == "sequence", float(is_cap),
+        float(is_low), float(is_high), ratio_level == "sequence", wants_grad)
+    names = POLICY_STATS + (IS_STATS if is_mode is not None else ())
+    return loss, dict(zip(names, stats.unbind()))
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
@@ -190,21 +197,20 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     if clip_eps is not None:
         checks.check_positive(op, "clip_eps", clip_eps)
     old_values, returns = old_values.detach(), returns.detach()
-    backend = backend_for(values, op)
-    if backend == "triton":
-        loss, stats = fused_loss.run(
-            "value", values.contiguous(), old_values.contiguous(), returns.contiguous(),
-            None if mask is None else mask.contiguous(), AGGS.index(agg), float(loss_agg_norm or values.shape[-1]),
-            -1.0 if clip_eps is None else float(clip_eps), _wants_grad(values))
-        return loss, {"vf_clipfrac": stats[0]}
-    mask = _all_valid(values) if mask is None else mask
+    backend = cuda_ext.twin_or_fallback(backend_for(values, op), values, old_values, returns)
     if backend == "torch":
         return reference.ppo_value_loss(values, old_values, returns, mask, clip_eps=clip_eps, agg=agg,
                                         loss_agg_norm=loss_agg_norm)
     wants_grad = _wants_grad(values)
-    values, old_values, returns = kernel_inputs(backend, values, old_values, returns)
-    loss, _, stats = fused_op(backend, "ppo_value_loss")(
-        values.contiguous(), old_values.contiguous(), returns.contiguous(), mask.contiguous(),
-        row_weights(mask, agg, loss_agg_norm), -1.0 if clip_eps is None else float(clip_eps), wants_grad,
-    )
-    return loss, {"vf_clipfrac": stats.detach()[0]}
+    clip = -1.0 if clip_eps is None else float(clip_eps)
+    if backend == "cuda":
+        mask = _all_valid(values) if mask is None else mask.contiguous()
+        loss, _, stats = torch.ops.fusedrl.cuda_ppo_value_loss(
+            values.contiguous(), old_values.contiguous(), returns.contiguous(), mask,
+            row_weights(mask, agg, loss_agg_norm), clip, wants_grad)
+        return loss, {"vf_clipfrac": stats[0]}
+    loss, stats, _, _ = value_loss_op(
+        values.contiguous(), old_values.contiguous(), returns.contiguous(),
+        None if mask is None else mask.contiguous(), AGGS.index(agg), float(loss_agg_norm or values.shape[-1]),
+        clip, wants_grad)
+    return loss, {"vf_clipfrac": stats[0]}

@@ -1,18 +1,29 @@
-"""Plain PyTorch references for every fused op: the oracle the kernels are tested against, the
-"torch" backend, and the eager baseline in the benchmarks.
+"""Plain PyTorch references for every fused op, each named as its op (``reference.<op>``): the
+oracle the kernels are tested against, the "torch" backend, and the eager baseline in the benchmarks.
 
-Written for clarity, not speed: each is the textbook composition, differentiated by autograd. They
-compute in float64 when given float64 inputs and in float32 otherwise, and take the same
-arguments as the public ops (validated there, not here). The masked statistics and the loss
-aggregation are statistics.py's, under their names here.
+Written for clarity, not speed: each is the textbook composition, differentiated by autograd. The RL
+ops' references (this file) compute in float64 when given float64 inputs and in float32 otherwise,
+and take the same arguments as the public ops (validated there, not here). The masked statistics and
+the loss aggregation are statistics.py's, under their names here; the model-scale ops'
+(reference_model.py: transformers' compositions) and the sampler's (reference_sampling.py) are
+re-exported here too.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .reference_model import norm_linear, paged_decode, rms_norm, rope, rope_store_decode, silu_mul, store_kv
+from .reference_sampling import sample
 from .statistics import (aggregate, compute_dtype, masked_mean, masked_moments, masked_whiten,
                          valid_entries, weighted_sum)
+
+__all__ = [
+    "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_mean", "masked_moments",
+    "masked_whiten", "weighted_sum", "aggregate", "policy_terms", "ppo_policy_loss", "value_terms",
+    "ppo_value_loss", "rms_norm", "silu_mul", "rope", "norm_linear", "store_kv", "paged_decode",
+    "rope_store_decode", "sample",
+]
 
 
 def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
@@ -44,17 +55,28 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
                           ignore_index=ignore_index, return_entropy=return_entropy)
 
 
-def kl_penalty(logp, ref_logp, *, estimator="k1", mask=None):
-    """Per-token KL(pi || ref) estimate from log-probs of sampled tokens; 0 outside the mask."""
+def kl_penalty(logp, ref_logp, *, estimator="k1", mask=None, clamp=None, log_ratio_clamp=None):
+    """Per-token KL(pi || ref) estimate from log-probs of sampled tokens; 0 outside the mask. The
+    log-ratio is clamped to +-log_ratio_clamp first and the estimate to +-clamp last (None: off);
+    where either clamp is active the gradients are 0."""
     cd = compute_dtype(logp)
-    log_ratio = ref_logp.to(cd) - logp.to(cd)                               # log(ref / pi)
+    logp, ref_logp = logp.to(cd), ref_logp.to(cd)
+    if log_ratio_clamp is not None:
+        # Where |ref - logp| exceeds the bound, constants with the clamped log-ratio stand in for
+        # both: the estimate sees the clamped value and its gradients there are 0.
+        d = (ref_logp - logp).detach()
+        clamped = d.abs() > log_ratio_clamp
+        logp = torch.where(clamped, ref_logp.detach() - d.clamp(-log_ratio_clamp, log_ratio_clamp), logp)
+        ref_logp = torch.where(clamped, ref_logp.detach(), ref_logp)
+    log_ratio = ref_logp - logp                                             # log(ref / pi)
     if estimator == "k1":
         kl = -log_ratio
     elif estimator == "k2":
         kl = 0.5 * log_ratio**2
     else:
         kl = log_ratio.exp() - log_ratio - 1.0
-    return torch.where(valid_entries(mask, logp), kl, 0.0)
+    kl = torch.where(valid_entries(mask, logp), kl, 0.0)
+    return kl if clamp is None else kl.clamp(-clamp, clamp)
 
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
@@ -68,8 +90,8 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     rewards, values = rewards.to(cd), values.to(cd)
     valid = valid_entries(mask, rewards)
     advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros_like(rewards[..., 0])
-    next_advantage = torch.zeros_like(rewards[..., 0])
+    next_value = rewards.new_zeros(rewards.shape[:-1])                     # [B]; T may be 0
+    next_advantage = rewards.new_zeros(rewards.shape[:-1])
     for t in reversed(range(rewards.shape[-1])):
         delta = rewards[..., t] + gamma * next_value - values[..., t]
         advantage = delta + gamma * lam * next_advantage

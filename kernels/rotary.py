@@ -7,12 +7,13 @@ Eager PyTorch spends ~5 kernels per tensor each way. The same forward kernel ser
 and the update.
 
 Backends as every op (kernels/dispatch.py): Triton for CUDA tensors and under TRITON_INTERPRET=1,
-`rope_reference` otherwise. Custom ops fusedrl::rope and fusedrl::rope_bwd.
+`reference.rope` otherwise. Custom ops fusedrl::rope and fusedrl::rope_bwd.
 """
 from __future__ import annotations
 
 import torch
 
+from . import checks, reference
 from .dispatch import backend_for
 from .norm import rows_per_program
 from .triton_compat import tl, triton
@@ -127,15 +128,9 @@ def _rope_backward(ctx, grad_q, grad_k):
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
-def rope_reference(x, cos, sin):
-    """One tensor x [N, heads, D] rotated by cos/sin [N, D] (x's dtype), as transformers does it."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 def _check(q, k, cos, sin):
+    for name, tensor in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        checks.check_float("rope", name, tensor)
     if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[2] % 2:
         raise ValueError(f"rope: q [N, Hq, D] and k [N, Hk, D] with one N and an even D expected, got q "
                          f"{tuple(q.shape)} and k {tuple(k.shape)}")
@@ -153,5 +148,5 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     differentiable in q and k."""
     _check(q, k, cos, sin)
     if backend_for(q) == "torch":
-        return rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+        return reference.rope(q, k, cos, sin)
     return _rope_op(q, k, cos, sin)

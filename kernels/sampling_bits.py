@@ -1,6 +1,7 @@
-"""The split-row sampler's per-token arithmetic (Triton device functions, used by sampling.py): the
-16-bit order key of a logit and back, the counter-based Gumbel noise, and a (score, index) pair
-packed into one int64 whose integer order is the draw's order (an atomic max picks the winner)."""
+"""The split-row sampler's shared Triton device functions (used by sampling_bracket.py and
+sampling_draw.py): the 16-bit order key of a logit and back, the counter-based Gumbel noise, a
+(score, index) pair packed into one int64 whose integer order is the draw's order (an atomic max
+picks the winner), and a row's sampling parameters as every kernel reads them."""
 from __future__ import annotations
 
 from .triton_compat import tl, triton
@@ -74,3 +75,24 @@ def value_key16(v, IS_FP32: tl.constexpr, IS_FP16: tl.constexpr):
         return key16(v.to(tl.float16), False)
     else:
         return key16(v.to(tl.bfloat16), False)
+
+
+@triton.jit
+def row_params(temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, row, V):
+    """(inverse temperature, top-k or V when off, top-p, greedy, has top-k/top-p cut, needs a 2nd pass)."""
+    temp = tl.load(temp_ptr + row)
+    greedy = temp == 0
+    inv_temp = 1.0 / tl.where(greedy, 1.0, temp)
+    top_k = tl.load(top_k_ptr + row)
+    top_k = tl.where((top_k > 0) & (top_k < V), top_k, V)
+    top_p = tl.load(top_p_ptr + row)
+    cut = (greedy == 0) & ((top_k < V) | (top_p < 1))
+    second = cut | ((greedy == 0) & (tl.load(min_p_ptr + row) > 0))
+    return inv_temp, top_k, top_p, greedy, cut, second
+
+
+@triton.jit
+def row_log_min_p(min_p_ptr, row):
+    """log(min_p), -inf when off: a token is kept by min-p when its scaled logit - max >= this."""
+    min_p = tl.load(min_p_ptr + row)
+    return tl.where(min_p > 0, tl.log(tl.maximum(min_p, 1e-38)), float("-inf"))

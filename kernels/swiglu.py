@@ -10,13 +10,13 @@ activation dtype before the product, as eager torch. Backward: one kernel writes
 The same forward kernel serves decode, scoring and the update.
 
 Backends as every op (kernels/dispatch.py): Triton for CUDA tensors and under TRITON_INTERPRET=1,
-`silu_mul_reference` otherwise. Custom ops fusedrl::silu_mul and fusedrl::silu_mul_bwd.
+`reference.silu_mul` otherwise. Custom ops fusedrl::silu_mul and fusedrl::silu_mul_bwd.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from . import checks, reference
 from .dispatch import backend_for
 from .triton_compat import tl, triton
 
@@ -120,18 +120,13 @@ def _backward(ctx, grad_out):
 _silu_mul_op.register_autograd(_backward, setup_context=_setup)
 
 
-def silu_mul_reference(gate_up):
-    """The eager composition transformers runs, on the packed [..., 2C] input."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of a contiguous gate_up [..., 2C] (gate in the first half of the last dim, up
     in the second, the packed projection's output) -> a new tensor [..., C]; differentiable."""
+    checks.check_float("silu_mul", "gate_up", gate_up)
     if gate_up.dim() < 1 or gate_up.shape[-1] % 2 or not gate_up.is_contiguous():
         raise ValueError(f"silu_mul: gate_up {tuple(gate_up.shape)} with strides {gate_up.stride()} must be "
                          "contiguous with an even last dim (gate then up)")
     if backend_for(gate_up) == "torch":
-        return silu_mul_reference(gate_up)
+        return reference.silu_mul(gate_up)
     return _silu_mul_op(gate_up)

@@ -19,8 +19,7 @@ from ..model.invariant import BatchInvariant
 from ..model.kv_pages import sequence_slot
 from ..model.primitives import DECODE
 from .decode_inputs import DecodeInputs
-from .sampler import sample
-from ...kernels import SamplerWorkspace
+from ...kernels import SamplerWorkspace, sample
 from .sequence import Sequence
 
 

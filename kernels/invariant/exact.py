@@ -18,7 +18,8 @@ import torch
 
 from ..dispatch import fused_for_model
 from ..norm import rms_norm
-from ..rotary import rope as fused_rope, rope_reference
+from .. import reference
+from ..rotary import rope as fused_rope
 from ..swiglu import silu_mul as fused_silu_mul
 from . import fixed_order
 from .chunked_attention import chunked_attention
@@ -51,7 +52,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     invariant on either backend as it is."""
     if fused_for_model(q):
         return fused_rope(q, k, cos, sin)
-    return rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    return reference.rope(q, k, cos, sin)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,14 @@ def test_empty_and_no_grad(fused_backend):
     assert not advantages.requires_grad
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS + ["torch"])
+def test_no_time_steps_gives_empty_outputs(backend):
+    empty = torch.zeros(2, 0, device=DEVICE)
+    with use_backend(backend):
+        advantages, returns = gae(empty, empty, torch.zeros(2, 0, dtype=torch.bool, device=DEVICE))
+    assert advantages.shape == returns.shape == (2, 0) and advantages.dtype == returns.dtype == torch.float32
+
+
 @pytest.mark.parametrize("bad, error, match", [
     (dict(values=torch.zeros(2, 4)), ValueError, r"values must have the shape of rewards \(2, 3\)"),
     (dict(mask=torch.ones(2, 3)), TypeError, "mask must be bool or an integer dtype"),

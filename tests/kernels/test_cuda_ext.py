@@ -11,6 +11,7 @@ import torch
 
 import fusedrl.kernels as kernels
 from fusedrl.kernels import cuda_ext, dispatch, use_backend
+from fusedrl.kernels.triton_compat import TRITON_AVAILABLE
 from kernel_testing import CUDA_EXT_RUNS, DEVICE, needs_triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,13 +60,15 @@ def test_auto_picks_by_the_measured_table(monkeypatch):
         assert kernels.backend_for(torch.zeros(1, device=DEVICE), "gae") in ("triton", "torch")
 
 
-def test_cuda_kernels_get_one_dtype_per_op():
-    from fusedrl.kernels.dispatch import kernel_inputs
-    bf16, f64 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.float64)
-    assert kernel_inputs("cuda", bf16, bf16) == (bf16, bf16)                  # passed through
-    assert [t.dtype for t in kernel_inputs("cuda", bf16, f64)] == [torch.float32] * 2
-    assert [t.dtype for t in kernel_inputs("cuda", f64)] == [torch.float32]
-    assert kernel_inputs("triton", bf16, f64) == (bf16, f64)                 # Triton loads any
+def test_cuda_runs_only_where_its_kernel_takes_the_ops_own_inputs():
+    bf16, f32, f64 = (torch.zeros(2, dtype=dtype) for dtype in (torch.bfloat16, torch.float32, torch.float64))
+    assert cuda_ext.takes(bf16, bf16) and cuda_ext.takes(f32)                 # one dtype the kernels load
+    assert not cuda_ext.takes(bf16, f32) and not cuda_ext.takes(f64)          # no cast around the kernel
+    fallback = "triton" if TRITON_AVAILABLE else "torch"
+    assert cuda_ext.twin_or_fallback("cuda", bf16, bf16) == "cuda"
+    assert cuda_ext.twin_or_fallback("cuda", bf16, f64) == fallback
+    assert cuda_ext.twin_or_fallback("cuda", f32, supported=False) == fallback  # a mode the twin lacks
+    assert cuda_ext.twin_or_fallback("triton", f64) == "triton" and cuda_ext.twin_or_fallback("torch", f64) == "torch"
 
 
 def load_setup_module():

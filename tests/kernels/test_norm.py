@@ -3,8 +3,7 @@ values and gradients of x, residual and weight, bounded by PyTorch's own error a
 import pytest
 import torch
 
-from fusedrl.kernels import rms_norm, use_backend
-from fusedrl.kernels.norm import rms_norm_reference
+from fusedrl.kernels import reference, rms_norm, use_backend
 from kernel_testing import DEVICE, check_against_float64, needs_triton
 
 pytestmark = needs_triton
@@ -26,15 +25,15 @@ def test_values_and_gradients_match_float64(shape, dtype, with_residual):
     weight = (1 + 0.1 * torch.randn(shape[-1], device=DEVICE)).to(dtype)
     if with_residual:
         residual = torch.randn(shape, device=DEVICE).to(dtype)
-        check_against_float64(fused, rms_norm_reference, (x, weight, EPS, residual), (0, 1, 3),
+        check_against_float64(fused, reference.rms_norm, (x, weight, EPS, residual), (0, 1, 3),
                               name=f"add_rms_norm {shape} {dtype}")
     else:
-        check_against_float64(fused, rms_norm_reference, (x, weight, EPS), (0, 1), name=f"rms_norm {shape} {dtype}")
+        check_against_float64(fused, reference.rms_norm, (x, weight, EPS), (0, 1), name=f"rms_norm {shape} {dtype}")
 
 
 def test_fp32_forward_is_the_eager_composition_to_a_few_ulps():
     x, weight = torch.randn(6, 50, device=DEVICE), torch.randn(50, device=DEVICE)
-    torch.testing.assert_close(fused(x, weight, EPS), rms_norm_reference(x, weight, EPS), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused(x, weight, EPS), reference.rms_norm(x, weight, EPS), atol=1e-6, rtol=1e-6)
 
 
 def test_the_same_forward_with_and_without_autograd():
@@ -55,3 +54,23 @@ def test_bad_arguments_name_themselves():
         fused(x, torch.ones(8, device=DEVICE), EPS, torch.randn(4, 9, device=DEVICE))
     with pytest.raises(ValueError, match="contiguous"):
         fused(torch.randn(8, 4, device=DEVICE).t(), torch.ones(8, device=DEVICE), EPS)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("change, error, match", [
+    (dict(eps=-1e-6), ValueError, r"rms_norm: eps must be a finite number >= 0, got -1e-06"),
+    (dict(eps=float("nan")), ValueError, r"rms_norm: eps must be a finite number >= 0, got nan"),
+    (dict(eps=float("inf")), ValueError, r"rms_norm: eps must be a finite number >= 0, got inf"),
+    (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, r"rms_norm: x must have dtype in \(float32.*got torch.int64"),
+    (dict(weight=torch.ones(8, dtype=torch.int32)), TypeError, r"rms_norm: weight must have dtype in .*got torch.int32"),
+    (dict(residual=torch.ones(4, 8, dtype=torch.int32)), TypeError, r"rms_norm: residual must have dtype in .*int32"),
+    (dict(x=torch.ones(4, 0), weight=torch.ones(0)), ValueError,
+     r"rms_norm: x must have shape \[\.\.\., C\] with C >= 1, got \(4, 0\)"),
+])
+def test_bad_eps_dtype_and_empty_rows_are_refused(backend, change, error, match):
+    args = dict(x=torch.randn(4, 8), weight=torch.ones(8), eps=EPS, residual=None)
+    args.update(change)
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with use_backend(backend), pytest.raises(error, match=match):
+        rms_norm(args["x"], args["weight"], args["eps"], args["residual"])
+

@@ -6,7 +6,8 @@ import torch
 
 from fusedrl.kernels import use_backend
 from fusedrl.kernels.norm import rms_norm
-from fusedrl.kernels.norm_linear import norm_linear, norm_linear_reference
+from fusedrl.kernels import reference
+from fusedrl.kernels.norm_linear import norm_linear
 from kernel_testing import DEVICE, ULP, assert_close, needs_triton
 
 pytestmark = needs_triton
@@ -38,7 +39,7 @@ def test_matches_the_unfused_composition_in_float64(rows, k, n, residual, bias, 
     with use_backend("triton"):
         y, total = norm_linear(x, r, norm_w, 1e-6, weight, b, glu)
     as64 = [t.double() if t is not None else None for t in (x, r, norm_w, weight, b)]
-    y64, total64 = norm_linear_reference(as64[0], as64[1], as64[2], 1e-6, as64[3], as64[4], glu)
+    y64, total64 = reference.norm_linear(as64[0], as64[1], as64[2], 1e-6, as64[3], as64[4], glu)
     assert y.shape == (rows, n) and y.dtype == dtype and total.shape == x.shape
     # fp32: summation order only; bf16: the rounded norm, GEMM output and SiLU (a few units each).
     tol = 2e-5 if dtype == torch.float32 else 6 * ULP[dtype]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fusedrl.kernels import fused_loss, kl_penalty, ppo_policy_loss, use_backend
+from fusedrl.kernels import kl_penalty, ppo_loss_ops, ppo_policy_loss, use_backend
 from kernel_testing import DEVICE, FUSED_BACKENDS, assert_close, needs_triton, rand_mask
 
 pytestmark = needs_triton
@@ -130,7 +130,7 @@ CORRECTED_MODES = {
 def test_corrected_modes_match_the_float64_composition(mode, shape, dtype, agg, blocks_per_program, fused_backend,
                                                        monkeypatch):
     # blocks_per_program 1: rows of 1500 tokens split over two programs where no mode needs whole rows.
-    monkeypatch.setattr(fused_loss, "MAX_CHUNK_BLOCKS", blocks_per_program)
+    monkeypatch.setattr(ppo_loss_ops, "MAX_CHUNK_BLOCKS", blocks_per_program)
     kwargs = CORRECTED_MODES[mode]
     old = (torch.randn(shape, device=DEVICE) * 0.5 - 2).to(dtype)
     logp = (old.float() + torch.randn(shape, device=DEVICE) * 0.3).to(dtype)

@@ -3,8 +3,7 @@ dims and strided q/k views (as sliced from a packed projection)."""
 import pytest
 import torch
 
-from fusedrl.kernels import rope, use_backend
-from fusedrl.kernels.rotary import rope_reference
+from fusedrl.kernels import reference, rope, use_backend
 from kernel_testing import DEVICE, check_against_float64, needs_triton
 
 pytestmark = needs_triton
@@ -13,10 +12,6 @@ pytestmark = needs_triton
 def fused(q, k, cos, sin):
     with use_backend("triton"):
         return rope(q, k, cos, sin)
-
-
-def reference(q, k, cos, sin):
-    return rope_reference(q, cos, sin), rope_reference(k, cos, sin)
 
 
 def tables(n, dim, dtype):
@@ -31,7 +26,7 @@ def test_values_and_gradients_match_float64(n, q_heads, k_heads, dim, dtype):
     q = torch.randn(n, q_heads, dim, device=DEVICE).to(dtype)
     k = torch.randn(n, k_heads, dim, device=DEVICE).to(dtype)
     cos, sin = tables(n, dim, dtype)
-    check_against_float64(fused, reference, (q, k, cos, sin), (0, 1), name=f"rope {n}x{q_heads}/{k_heads}x{dim} {dtype}")
+    check_against_float64(fused, reference.rope, (q, k, cos, sin), (0, 1), name=f"rope {n}x{q_heads}/{k_heads}x{dim} {dtype}")
 
 
 def test_strided_views_of_one_projection():
@@ -40,7 +35,7 @@ def test_strided_views_of_one_projection():
     q = qkv[:, : heads * dim].view(n, heads, dim)
     k = qkv[:, heads * dim: 2 * heads * dim].view(n, heads, dim)
     cos, sin = tables(n, dim, torch.float32)
-    for ours, expected in zip(fused(q, k, cos, sin), reference(q, k, cos, sin)):
+    for ours, expected in zip(fused(q, k, cos, sin), reference.rope(q, k, cos, sin)):
         torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
 
 
@@ -57,3 +52,11 @@ def test_bad_arguments_name_themselves():
         fused(q, k, torch.ones(3, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE))
     with pytest.raises(ValueError, match="one N and an even D"):
         fused(q, torch.randn(5, 1, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_integer_inputs_are_refused(backend):
+    cos, sin = tables(3, 8, torch.float32)
+    q = torch.ones(3, 2, 8, dtype=torch.int64, device=DEVICE)
+    with use_backend(backend), pytest.raises(TypeError, match="rope: q must have dtype in .*got torch.int64"):
+        rope(q, q.float(), cos, sin)

@@ -6,7 +6,8 @@ deterministic: the same seeds give the same counts on every run.
 import pytest
 import torch
 
-from fusedrl.engine.inference.sampler import gumbel_noise, kept_mask, sample
+from fusedrl.kernels import sample
+from fusedrl.kernels.reference_sampling import gumbel_noise, kept_mask
 
 PROBS = torch.tensor([0.4, 0.3, 0.2, 0.1])
 N = 40_000

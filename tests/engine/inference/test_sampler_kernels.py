@@ -1,5 +1,5 @@
-"""The split-row Triton sampler against its oracle `sample_torch`, and its draws against the float64
-distribution they must follow (the rules in sampler.py's docstring).
+"""The split-row Triton sampler against its oracle `reference.sample`, and its draws against the float64
+distribution they must follow (the rules in kernels/reference_sampling.py's docstring).
 
 Both draw with the same counter-based noise, so on the same inputs they pick the same tokens; the
 chi-square tests check what that sameness cannot: that the kernel's tokens follow the filtered,
@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from fusedrl.engine.inference.sampler import kept_mask, sample, sample_torch
+from fusedrl.kernels import reference, sample, use_backend
+from fusedrl.kernels.reference_sampling import kept_mask
 from fusedrl.kernels.sampling import CHUNK, sample_triton
-from fusedrl.kernels import use_backend
 from kernel_testing import DEVICE, needs_triton
 
 pytestmark = needs_triton
@@ -53,7 +53,7 @@ def filtered_logprobs(logits, temperatures, top_ks, top_ps, min_ps, tokens):
 def test_same_tokens_and_logprobs_as_the_reference(vocab, dtype):
     logits, temperatures, top_ks, top_ps, seeds, positions, min_ps = mixed_batch(vocab, dtype)
     tokens, logprobs = sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
-    ref_tokens, ref_logprobs = sample_torch(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
+    ref_tokens, ref_logprobs = reference.sample(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
     assert torch.equal(tokens, ref_tokens)
     expected = filtered_logprobs(logits, temperatures, top_ks, top_ps, min_ps, tokens)
     torch.testing.assert_close(logprobs.double(), expected, atol=2e-5, rtol=2e-5)
@@ -115,7 +115,7 @@ def test_top_p_zero_keeps_only_the_most_likely_token_wherever_it_is():
     logits = torch.randn(16, 9, generator=torch.Generator(DEVICE).manual_seed(4), device=DEVICE)
     logits[:, 0] = logits.min() - 1  # token 0 never the most likely
     args = rows(16, top_p=0.0)
-    for draw in (sample_triton, sample_torch):
+    for draw in (sample_triton, reference.sample):
         tokens, logprobs = draw(logits, *args)
         assert torch.equal(tokens, logits.argmax(-1)), draw.__name__
         torch.testing.assert_close(logprobs, torch.zeros_like(logprobs))
@@ -148,7 +148,7 @@ def test_a_row_draws_the_same_token_whatever_else_is_in_the_batch():
 
 
 def test_sample_dispatches_by_backend(monkeypatch):
-    import fusedrl.engine.inference.sampler as sampler
+    import fusedrl.kernels.sampling as sampler
 
     calls = []
     monkeypatch.setattr(sampler, "sample_triton", lambda *a: calls.append(1) or sample_triton(*a))
@@ -170,7 +170,7 @@ def test_a_tie_at_the_top_k_boundary_stays_in_top_p_mass(dtype):
     logits = torch.tensor([[3.0, 2.5, 2.0, 2.0, 2.0, 1.0, 0.0]], device=DEVICE).to(dtype).expand(4, -1).contiguous()
     args = rows(4, top_k=3, top_p=0.9, seed0=11)
     tokens, logprobs = sample_triton(logits, *args)
-    assert torch.equal(tokens, sample_torch(logits, *args)[0])
+    assert torch.equal(tokens, reference.sample(logits, *args)[0])
     # top-3 keys: 3.0, 2.5 and the three-way tie at 2.0 (5 tokens); top-p 0.9 of their mass keeps them all
     expected = filtered_logprobs(logits, args[0], args[1], args[2], args[5], tokens)
     kept = torch.tensor([3.0, 2.5, 2.0, 2.0, 2.0], dtype=torch.float64)
@@ -182,7 +182,7 @@ def assert_same_as_the_reference(logits, args):
     """The kernel's tokens are the oracle's and its log-probs the float64 filtered distribution's."""
     temperatures, top_ks, top_ps, seeds, positions, min_ps = args
     tokens, logprobs = sample_triton(logits, *args)
-    assert torch.equal(tokens, sample_torch(logits, *args)[0])
+    assert torch.equal(tokens, reference.sample(logits, *args)[0])
     expected = filtered_logprobs(logits, temperatures, top_ks, top_ps, min_ps, tokens)
     torch.testing.assert_close(logprobs.double(), expected, atol=2e-5, rtol=2e-5)
     return tokens, logprobs
@@ -311,7 +311,7 @@ def test_mixed_rows_draw_as_they_do_alone():
     batch = torch.cat([mixed[picks], flat, logits[:2]])
     batch_args = [torch.cat([r[picks], f, a[:2]]) for r, f, a in zip(rest, flat_args, args)]
     together = sample_triton(batch, *batch_args)
-    assert torch.equal(together[0], sample_torch(batch, *batch_args)[0])
+    assert torch.equal(together[0], reference.sample(batch, *batch_args)[0])
     for i in range(batch.shape[0]):
         alone = sample_triton(batch[i:i + 1], *(a[i:i + 1] for a in batch_args))
         assert alone[0].item() == together[0][i].item()

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from fusedrl.engine.model.invariant import BatchInvariant
+from fusedrl.kernels import reference
 from fusedrl.kernels.invariant import fixed_order as ops
 from fusedrl.kernels.invariant.chunked_attention import chunked_attention
-from fusedrl.kernels.norm import rms_norm_reference
 from invariant_testing import one_thread  # noqa: F401 (autouse fixture)
 
 
@@ -59,7 +59,7 @@ def test_linear_pieces_change_nothing(monkeypatch):
 
 def test_norm_silu_and_logprobs_are_close_to_torch():
     x, weight = randn(9, 64), randn(64, seed=1)
-    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6))
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
     torch.testing.assert_close(ops.silu(x), F.silu(x))
     logits, tokens, temps = randn(9, 300) * 4, torch.arange(9) * 30, torch.linspace(0.5, 1.5, 9)
     logp, entropy = ops.token_logprobs(logits, tokens, temps, with_entropy=True)

@@ -8,9 +8,8 @@ reference is itself checked against a per-sequence dense attention written indep
 import pytest
 import torch
 
-from fusedrl.kernels.paged_attention import (paged_decode_torch, paged_decode_triton, rope_store_decode_triton,
-                                             store_kv_torch, store_kv_triton)
-from fusedrl.kernels.rotary import rope_reference
+from fusedrl.kernels import reference
+from fusedrl.kernels.paged_attention import paged_decode_triton, rope_store_decode_triton, store_kv_triton
 from kernel_testing import DEVICE, ULP, assert_close, needs_triton
 
 pytestmark = needs_triton
@@ -63,7 +62,7 @@ def test_decode_reference_matches_dense_attention(shape):
     lens, h, hkv, d, page = shape
     args = _paged_batch(lens, h, hkv, d, page, torch.float32)
     expected = _dense_decode(*args)
-    torch.testing.assert_close(paged_decode_torch(*args, d ** -0.5).double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reference.paged_decode(*args, d ** -0.5).double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -122,8 +121,8 @@ def test_rope_store_decode_is_rope_then_store_then_decode(shape, dtype, num_spli
     for cache in (k_cache, v_cache):  # the new token's slot is not written yet
         cache.view(-1, hkv, d)[slots[slots >= 0]] = float("nan")
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    q_rot, k_rot = (rope_reference(t.double(), cos[pos].double(), sin[pos].double()) for t in (q, k))
-    store_kv_torch(k_rot.to(dtype).contiguous(), v.contiguous(), expected_k, expected_v, slots)
+    q_rot, k_rot = reference.rope(q.double(), k.double(), cos[pos].double(), sin[pos].double())
+    reference.store_kv(k_rot.to(dtype).contiguous(), v.contiguous(), expected_k, expected_v, slots)
     expected = _dense_decode(q_rot, expected_k, expected_v, table, lens_t)
 
     out = rope_store_decode_triton(q, k, v, cos, sin, pos, k_cache, v_cache, slots, table, lens_t, d ** -0.5,
@@ -138,7 +137,7 @@ def test_rope_store_decode_is_rope_then_store_then_decode(shape, dtype, num_spli
     assert_close(out[:-1], expected[:-1], atol=atol, rtol=0, name=f"rope_store_decode {shape} {dtype}")
 
 
-@pytest.mark.parametrize("store", [store_kv_triton, store_kv_torch])
+@pytest.mark.parametrize("store", [store_kv_triton, reference.store_kv])
 def test_store_kv_writes_exactly_the_mapped_slots(store):
     g = torch.Generator().manual_seed(0)
     num_blocks, page, hkv, d = 5, 4, 2, 12
@@ -166,7 +165,7 @@ def test_store_kv_packs_tokens_across_programs():
     slots = torch.randperm(32, generator=g)[:21].to(DEVICE)
     slots[5] = -1
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    store_kv_torch(k, v, expected_k, expected_v, slots)
+    reference.store_kv(k, v, expected_k, expected_v, slots)
     store_kv_triton(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
@@ -175,4 +174,4 @@ def test_store_kv_rejects_mismatched_shapes():
     k = torch.zeros(2, 2, 8)
     cache = torch.zeros(3, 4, 2, 16)
     with pytest.raises(ValueError, match="do not fit caches"):
-        store_kv_torch(k, k, cache, cache, torch.zeros(2, dtype=torch.int64))
+        reference.store_kv(k, k, cache, cache, torch.zeros(2, dtype=torch.int64))

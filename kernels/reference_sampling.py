@@ -1,4 +1,7 @@
-"""Sampling from logits: greedy, temperature, top-k, top-p, min-p, with per-request seeds.
+"""The plain PyTorch reference of the sampler, drawing from logits (greedy, temperature, top-k,
+top-p, min-p, per-request seeds) with sorts and [B, V] temporaries: the oracle of the split-row
+Triton sampler (kernels/sampling.py), its "torch" backend, and the statement of its rules.
+Re-exported by kernels/reference.py as ``fusedrl.kernels.reference.sample``.
 
 Randomness is counter-based rather than drawn from a generator: the uniform for (request seed,
 position, vocabulary id) is a hash of the three, turned into Gumbel noise, and the sampled token is
@@ -21,26 +24,11 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels import SamplerWorkspace, fused_for_model, sample_triton
-
 _MASK32 = 0xFFFFFFFF
 
 
-def sample(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps=None,
-           workspace: SamplerWorkspace | None = None):
-    """Draw one token per row on the model backend (`kernels.model_backend`): the split-row Triton
-    sampler on "triton" (no host sync, no sort; it reads bf16/fp16 logits as they are), the torch
-    reference on "torch". Arguments and results as `sample_torch`; workspace: the Triton sampler's key
-    windows (SamplerWorkspace, kept by the caller across steps), else a fresh one per call."""
-    if min_ps is None:
-        min_ps = torch.zeros_like(top_ps, dtype=torch.float32)
-    if fused_for_model(logits):
-        return sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps, workspace)
-    return sample_torch(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
-
-
-def sample_torch(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps=None):
-    """Draw one token per row (the reference: sorts, [B, V] temporaries).
+def sample(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps=None):
+    """Draw one token per row.
 
     logits [B, V] fp32/bf16/fp16 (computed in fp32); temperatures [B] fp32 (0 = greedy); top_ks [B]
     int64 (0 = off); top_ps [B] fp32 (1 = off); seeds [B] int64; positions [B] int64 (index of the

@@ -1,7 +1,6 @@
-"""Host side of the Triton PPO losses (kernels in loss_kernels.py): buffers, grids, launches, and
-the two ways in: a thin autograd.Function for eager calls (no dispatcher round trip: a few
-microseconds of host time) and custom ops (fake impl + autograd) for torch.compile and CUDA-graph
-capture. Three launches per forward + backward, no host sync:
+"""Host side of the Triton PPO losses (kernels in ppo_loss_kernels.py): buffers, grids, launches,
+and the custom ops (fake impl + autograd) every call goes through. Three launches per forward +
+backward, no host sync:
 
     forward   row kernel (per-token term, its derivative, per-program partials) + finalize kernel
               (row weights, loss, stats)
@@ -9,11 +8,11 @@ capture. Three launches per forward + backward, no host sync:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from .loss_kernels import (IS_MIS, IS_NONE, IS_TIS, N_PARTIALS, STATS, _finalize_kernel,
+from .ppo_loss_kernels import (IS_MIS, IS_NONE, IS_TIS, N_PARTIALS, STATS, _finalize_kernel,
                            _policy_rows_kernel, _scaled_grad_kernel, _value_rows_kernel)
 from .triton_compat import triton
 
@@ -102,26 +101,8 @@ def scaled_grad(grad_loss: torch.Tensor, dterm: torch.Tensor, weights: torch.Ten
     return grad
 
 
-class _EagerLoss(torch.autograd.Function):
-    """Eager calls: forward launches the row and finalize kernels, backward the scaled gradient."""
-
-    @staticmethod
-    def forward(ctx, forward: Callable, x: torch.Tensor, *args):
-        loss, stats, dterm, weights = forward(x, *args)
-        ctx.save_for_backward(dterm, weights)
-        ctx.x_dtype, ctx.n_args = x.dtype, len(args)
-        ctx.mark_non_differentiable(stats)
-        ctx.set_materialize_grads(False)  # no zeros for the stats' (absent) gradient: a launch saved
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        dterm, weights = ctx.saved_tensors
-        return (None, scaled_grad(grad_loss, dterm, weights, ctx.x_dtype)) + (None,) * ctx.n_args
-
-
 @torch.library.custom_op("fusedrl::ppo_policy_loss_fwd", mutates_args=())
-def _policy_fwd_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+def policy_loss_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                    mask: Optional[torch.Tensor], rollout_logp: Optional[torch.Tensor], agg: int, norm: float,
                    clip_low: float, clip_high: float, dual_clip: float, log_ratio_clamp: float,
                    is_mode: int, is_sequence: bool, is_cap: float, is_low: float, is_high: float,
@@ -133,7 +114,7 @@ def _policy_fwd_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
 
 
 @torch.library.custom_op("fusedrl::ppo_value_loss_fwd", mutates_args=())
-def _value_fwd_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+def value_loss_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                   mask: Optional[torch.Tensor], agg: int, norm: float, clip_eps: float, compute_grad: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return value_forward(values, old_values, returns, mask, agg, norm, clip_eps, compute_grad)
@@ -159,26 +140,18 @@ def _grad_fake(grad_loss, dterm, weights, dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[2], output[3])
+    _, stats, dterm, weights = output
+    ctx.save_for_backward(dterm, weights)
     ctx.x_dtype, ctx.n_inputs = inputs[0].dtype, len(inputs)
+    ctx.mark_non_differentiable(stats, dterm, weights)
+    ctx.set_materialize_grads(False)  # no zeros for the other outputs' (absent) gradients: launches saved
 
 
-def _compiled_backward(ctx, grad_loss, _grad_stats, _grad_dterm, _grad_weights):
+def _backward(ctx, grad_loss, _grad_stats, _grad_dterm, _grad_weights):
     dterm, weights = ctx.saved_tensors
-    grad = torch.ops.fusedrl.ppo_loss_grad(grad_loss, dterm, weights, ctx.x_dtype)
-    return (grad,) + (None,) * (ctx.n_inputs - 1)
+    return (_grad_op(grad_loss, dterm, weights, ctx.x_dtype),) + (None,) * (ctx.n_inputs - 1)
 
 
-for _op in (_policy_fwd_op, _value_fwd_op):
+for _op in (policy_loss_op, value_loss_op):
     _op.register_fake(_fwd_fake)
-    _op.register_autograd(_compiled_backward, setup_context=_setup_context)
-
-
-def run(op: str, *args) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss [], stats [len(STATS)]) of "policy" or "value" with the arguments of its forward:
-    through the custom op while torch.compile traces, through _EagerLoss otherwise."""
-    if torch.compiler.is_compiling():
-        fwd = _policy_fwd_op if op == "policy" else _value_fwd_op
-        loss, stats, _, _ = fwd(*args)
-        return loss, stats
-    return _EagerLoss.apply(policy_forward if op == "policy" else value_forward, *args)
+    _op.register_autograd(_backward, setup_context=_setup_context)

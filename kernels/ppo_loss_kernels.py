@@ -1,11 +1,11 @@
 """The Triton kernels of PPO's policy and value losses: one launch per row pass, one tiny launch that
-finalizes, one launch backward (host side and API in ppo_loss.py).
+finalizes, one launch backward (launches and custom ops in ppo_loss_ops.py, API in ppo_loss.py).
 
   forward 1  _policy_rows_kernel / _value_rows_kernel, grid (rows, chunks of a row): per token the
              (unweighted) loss term and its derivative d term / d x, stored for backward; per program
              one row of partial sums (columns below).
   forward 2  _finalize_kernel, one program: reduces the partials, in a fixed order (deterministic),
-             into each row's aggregation weight (the rules of ppo_loss's docstring, from the rows'
+             into each row's aggregation weight (the rules of aggregation.py, from the rows'
              kept-token counts), the loss sum_b w_b * loss_b and the stats.
   backward   _scaled_grad_kernel: d loss / d x = upstream * w_row * d term / d x, in x's dtype.
 
