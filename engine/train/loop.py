@@ -23,11 +23,12 @@ from typing import Callable, Optional
 import torch
 
 from ..config.train import RunConfig
-from ..durable import remove_leftovers
+from ..durable import remove_leftovers, sync_dir
 from ..errors import FusedRLError
 from . import distributed
-from .checkpoint import Trainables, resume, save_checkpoint
-from .runlog import RunLog, SilentLog
+from ..run_dir import read_marker
+from .checkpoint import PREFIX, Trainables, resume, save_checkpoint
+from .runlog import REPLACED_WHOLE, RunLog, SilentLog
 
 
 class StopTraining(FusedRLError, RuntimeError):
@@ -91,8 +92,10 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
     and rank 0 alone removes leftovers and writes the run log.
     """
     options = plan.options
-    removed = (remove_leftovers(plan.run_dir) + remove_leftovers(f"{plan.run_dir}/checkpoints")
-               if distributed.is_main() else [])
+    removed = []
+    if distributed.is_main() and read_marker(plan.run_dir) is not None:  # only in a directory fusedrl made
+        removed = (remove_leftovers(plan.run_dir, REPLACED_WHOLE)
+                   + remove_leftovers(f"{plan.run_dir}/checkpoints", rf"{PREFIX}\d+"))
     distributed.barrier()  # no rank reads the run directory while rank 0 cleans it
     resume_from, loaded = resume(plan.run_dir, parts) if options.resume else (None, {})
     skips = SkipCount(**loaded.pop("loop", {}))
@@ -136,9 +139,11 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
             if evaluate is not None and is_due(state.step, plan.eval_every, plan.total_steps):
                 run.log("eval", state.step, evaluate())
             if clock.due(state.step):
-                save_checkpoint(plan.run_dir, state.step, parts,
-                                {**dataclasses.asdict(state), "loop": dataclasses.asdict(skips)},
-                                options.keep_checkpoints)
+                saved = save_checkpoint(plan.run_dir, state.step, parts,
+                                        {**dataclasses.asdict(state), "loop": dataclasses.asdict(skips)},
+                                        options.keep_checkpoints)
+                if distributed.is_main():
+                    sync_dir(saved.parent)  # its rename into place survives a power cut
                 clock.saved()
     finally:
         run.close()
