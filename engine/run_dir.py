@@ -87,11 +87,12 @@ def check_no_link_out(directory, option: str = "output_dir") -> None:
 
 def check_target(path, kind: str, *, overwrite: bool, resume: bool = False, inputs: Iterable = (),
                  option: str = "output_dir", overwrite_option: str = "overwrite=true",
-                 resume_option: str | None = None) -> bool:
-    """Whether the command `kind` may write into the directory `path`; reads only. Returns True
+                 resume_option: str | None = None, probe_lock: bool = True) -> bool:
+    """Whether the command `kind` may write into the directory `path`; writes nothing. Returns True
     when it holds an earlier output to be replaced first (overwrite), False when it is new, empty or
-    continued (resume, for a command with a `resume_option`); a UsageError naming `option` and the
-    way out otherwise."""
+    continued (resume); a UsageError naming `option` and the way out (`overwrite_option`, and
+    `resume_option` for a command that can continue) otherwise, and when another run holds its lock
+    (probe_lock; off for the holder itself)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"{option}={path}: exists and is not a directory")
@@ -99,6 +100,8 @@ def check_target(path, kind: str, *, overwrite: bool, resume: bool = False, inpu
     if not p.is_dir():
         return False
     check_no_link_out(p, option)
+    if probe_lock and (p / LOCK).is_file():
+        DirLock(p, option, create=False).release()  # a run holding it: refused now, not after the imports
     if not [e for e in p.iterdir() if e.name not in _OURS]:
         return False
     marker = read_marker(p)
@@ -111,37 +114,52 @@ def check_target(path, kind: str, *, overwrite: bool, resume: bool = False, inpu
     if marker["kind"] != kind:
         raise UsageError(f"{option}={path} holds a fusedrl {marker['kind']} output, not {kind}; pass "
                          f"{overwrite_option} to replace it or another {option}")
+    if resume:
+        return False
     if resume_option is None:
         raise UsageError(f"{option}={path} exists and is not empty; pass {overwrite_option} or another {option}")
-    if not resume:
-        raise UsageError(f"{option}={path} holds an earlier {kind} run; pass {resume_option} to continue it, "
-                         f"{overwrite_option} to replace it, or another {option}")
-    return False
+    raise UsageError(f"{option}={path} holds an earlier {kind} run; pass {resume_option} to continue it, "
+                     f"{overwrite_option} to replace it, or another {option}")
 
 
 class DirLock:
-    """An exclusive flock on DIR/.fusedrl-run.lock, held until `release` or the process's end."""
+    """An exclusive flock on DIR/.fusedrl-run.lock, held until `release` or the process's end; a
+    UsageError naming the holder's pid when another process holds it. create=False: only probe
+    an existing lock file (nothing is written)."""
 
-    def __init__(self, directory, option: str = "output_dir"):
+    def __init__(self, directory, option: str = "output_dir", create: bool = True):
         self.path = Path(directory) / LOCK
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            self._fd = os.open(self.path, flags, 0o644)
         except OSError as e:
             raise UsageError(f"{option}={directory}: cannot open its lock file {LOCK} ({e.strerror})") from None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_flock(self._fd):
             holder = os.pread(self._fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(self._fd)
             raise UsageError(f"{option}={directory} is in use by another fusedrl run (pid {holder}); wait for "
-                             f"it to end or choose another {option}") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode("ascii"), 0)
+                             f"it to end or choose another {option}")
+        if create:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode("ascii"), 0)
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the last descriptor releases the flock
             self._fd = None
+
+
+def _try_flock(fd: int, tries: int = 20) -> bool:
+    """An exclusive flock on `fd` without waiting on a run; a few tries 10 ms apart ride out another
+    command's probe (check_target holds the lock for microseconds)."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(0.01)
+    return False
 
 
 # The directories this process holds, by resolved path: taken by `claim` (for a training stage in
@@ -166,7 +184,7 @@ def claim(path, kind: str, *, overwrite: bool, resume: bool = False, inputs: Ite
         raise UsageError(f"{option}={path}: not a writable directory ({e.strerror})") from None
     lock = DirLock(p, option)
     try:
-        if check():
+        if check(probe_lock=False):
             _empty(p)
         if read_marker(p) is None:
             write_marker(p, kind)

@@ -65,7 +65,7 @@ def load_tokenizer(model_dir):
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except ValueError as e:
         raise ModelError(f"{model_dir}: its tokenizer cannot be loaded without running code from the directory, "
-                         f"which fusedrl never does ({e})") from None
+                         f"which fusedrl never does ({' '.join(str(e).split())})") from None
 
 
 def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
