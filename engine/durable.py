@@ -10,6 +10,7 @@ rules. Torch-free (torch is imported by check_finite alone), so the command line
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .errors import FusedRLError, NonFiniteError
 
@@ -91,6 +92,24 @@ def _fsync(path, flags: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def written_whole(final) -> Iterator[Path]:
+    """Yields a new hidden temp sibling of the directory `final` to write into; when the block ends,
+    seals it (write_manifest), publishes it and renames it over `final` (replace_dir); when the block
+    raises, removes it, and `final` is as it was."""
+    final = Path(final).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(final)
+    try:
+        yield tmp
+        write_manifest(tmp)
+        publish(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from ..errors import ConfigValueError, ModelError
-from ..durable import check_finite, publish, replace_dir, temp_dir, write_manifest
+from ..durable import check_finite, written_whole
 from ..run_dir import write_marker
 from ..path_checks import CONFIG_FILE
 from .config import ModelConfig
@@ -191,19 +191,10 @@ def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int =
     as the output of that fusedrl command (engine/run_dir.py), so the command may replace it later.
     """
     check_finite(model.named_parameters(), f"the model for {out_dir}")
-    out_dir = Path(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out_dir)
-    try:
+    with written_whole(out_dir) as tmp:
         _write_dir(model, tmp, source_dir, max_shard_bytes)
         if kind is not None:
             write_marker(tmp, kind)
-        write_manifest(tmp)
-        publish(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_dir(model: CausalLM, tmp: Path, source_dir, max_shard_bytes: int):

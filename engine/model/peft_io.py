@@ -19,7 +19,6 @@ implement (DoRA, rsLoRA, per-module ranks, bias training) are a one-line ModelEr
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config.lora import LoRAConfig
-from ..durable import check_finite, publish, replace_dir, temp_dir, write_manifest
+from ..durable import check_finite, written_whole
 from ..errors import ModelError
 from ..run_dir import check_target
 from .hf_io import load_model, save_model
@@ -84,20 +83,11 @@ def save_adapter(lora: LoRA, out_dir, base_model: str | None = None, reward_offs
               "modules_to_save": list(lora.heads) or None, **_PLAIN_LORA}
     if reward_offset is not None:
         check_finite([("reward_offset", torch.tensor(reward_offset))], f"the adapters for {out_dir}")
-    out_dir = Path(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out_dir)
-    try:
+    with written_whole(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if reward_offset is not None:
             (tmp / OFFSET_FILE).write_text(json.dumps({"reward_offset": reward_offset}) + "\n")
-        write_manifest(tmp)
-        publish(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _raw_config(adapter_dir) -> tuple[Path, dict]:

@@ -22,9 +22,9 @@ from cli_testing import assert_one_line_error, cli_error, run_fusedrl
 from train_testing import demonstrations, save_tiny_model, write_jsonl
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("base"), "qwen2")
+@pytest.fixture
+def base_dir(qwen2_dir):
+    return qwen2_dir
 
 
 @pytest.fixture(scope="module")
@@ -99,21 +99,21 @@ def test_the_current_and_home_directories_and_the_inputs_are_never_replaced(
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(base_dir, tmp_path_factory):
-    """A real PEFT adapter directory (rank-2 LoRA on every projection) of base_dir."""
+def adapter_dir(qwen2_dir, tmp_path_factory):
+    """A real PEFT adapter directory (rank-2 LoRA on every projection) of qwen2_dir."""
     import torch
 
     from fusedrl.engine.config.lora import LoRAConfig
     from fusedrl.engine.model.lora import add_lora
     from fusedrl.engine.model.peft_io import save_adapter
 
-    model = load_model(base_dir)
+    model = load_model(qwen2_dir)
     lora = add_lora(model, LoRAConfig(rank=2, alpha=4.0))
     with torch.no_grad():
         for _, _, b in lora.named_targets():
             b.normal_(0, 0.1)  # B starts at 0: give the merge something to change
     out = tmp_path_factory.mktemp("adapter") / "adapter"
-    save_adapter(lora, out, str(base_dir))
+    save_adapter(lora, out, str(qwen2_dir))
     return out
 
 
@@ -132,7 +132,7 @@ def test_export_writes_a_marked_sealed_directory_and_replaces_only_an_earlier_ex
     assert listing(out).keys() == first.keys()
     load_model(out)
     for target, reason in ((adapter_dir, "is or holds the input"), (base_dir, "is or holds the input"),
-                           (base_dir.parent, "is or holds the input"),
+                           (adapter_dir.parent, "is or holds the input"),
                            (users_directory(tmp_path / "user"), "was not made by fusedrl")):
         before = listing(target)
         code, err = cli_error(["export", str(adapter_dir), "--merge", "--out", str(target), "--overwrite"], capsys)
@@ -292,3 +292,35 @@ def test_two_fusedrl_runs_into_one_directory_the_second_is_refused_and_the_first
     assert first.wait(timeout=300) == 0, first.stderr.read()
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == list(range(1, steps + 1))
     verify_manifest(run / "final")
+
+
+CLAIM_ON_EVERY_RANK = """import os, sys
+from fusedrl.engine.config.train import TrainConfig
+from fusedrl.engine.train import distributed, run_setup
+distributed.init_distributed("cpu", 60)
+try:
+    run_setup.claim_output_dir("sft", TrainConfig(), sys.argv[1], [])
+    print(f"rank {distributed.rank()} took it", flush=True)
+except Exception as e:
+    print(f"rank {distributed.rank()} refused: {type(e).__name__}: {e}", flush=True)
+"""
+
+
+def test_under_torchrun_rank_0_takes_the_lock_and_every_rank_gets_its_answer(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        script = tmp_path / "claim.py"
+        script.write_text(CLAIM_ON_EVERY_RANK)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                 str(script), str(run)], capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        refusal = (f"UsageError: output_dir={run} is in use by another fusedrl run (pid {holder.pid}); wait for it "
+                   "to end or choose another output_dir")
+        assert sorted(result.stdout.splitlines()) == [f"rank {r} refused: {refusal}" for r in (0, 1)]
+        assert (run / run_dir.LOCK).read_text() == f"{holder.pid}\n"
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
