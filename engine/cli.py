@@ -21,7 +21,7 @@ import json
 import re
 import sys
 
-from . import errors, path_checks
+from . import errors, path_checks, run_dir
 from .config import io as config_io
 from .config.demo import DemoConfig
 from .config.ppo import GRPOConfig, PPOConfig
@@ -112,7 +112,11 @@ def run_stage(args, name: str) -> int:
     config = load_config(config_cls, args.config, args.overrides)
     if args.print_config:
         return print_config(config)
-    path_checks.check_paths(*config.paths(), config.output_dir)  # before the stage imports torch
+    models, files = config.paths()
+    path_checks.check_paths(models, files, config.output_dir)  # before the stage imports torch
+    run_dir.check_target(config.output_dir, name, overwrite=config.train.overwrite, resume=config.train.resume,
+                         inputs=[*models.values(), *files.values()], overwrite_option="train.overwrite=true",
+                         resume_option="train.resume=true")
     out = train(config)
     print(f"fusedrl {name}: model written to {out}")
     return 0
@@ -146,7 +150,8 @@ def run_demo(args) -> int:
     cfg = load_config(DemoConfig, None, args.overrides)
     if args.print_config:
         return print_config(cfg)
-    path_checks.check_fresh_output_dir(cfg.output_dir, cfg.overwrite)  # before the demo imports torch
+    run_dir.check_target(cfg.output_dir, "demo", overwrite=cfg.overwrite)  # before the demo imports torch
+    path_checks.check_output_dir(cfg.output_dir)
     from .stages.demo import format_table, run_demo as demo
     table = demo(cfg, quiet=args.quiet)
     print(format_table(table))
@@ -285,7 +290,10 @@ def add_export_parser(commands) -> None:
     p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--merge", action="store_true", help="write the merged model (required: the adapter "
                                                         "directory itself is already PEFT's format)")
-    p.add_argument("--out", required=True, help="output directory (replaced when it exists)")
+    p.add_argument("--out", required=True, help="output directory: new, empty, or an earlier export (with "
+                                                "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (never a directory "
+                                                            "fusedrl did not make, nor an input)")
     p.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the base checkpoint's)")
     add_debug_flag(p)
@@ -310,9 +318,11 @@ def run_export(args) -> int:
                                 "format; --merge writes the merged model")
     base = args.base or _adapter_base(args.adapter)
     path_checks.check_model_path(base, "--base")
+    run_dir.check_target(args.out, "export", overwrite=args.overwrite, inputs=[args.adapter, base], option="--out",
+                         overwrite_option="--overwrite")  # before importing torch; merge_adapter checks again
     path_checks.check_output_dir(args.out, "--out")
     from .model.peft_io import merge_adapter
-    merge_adapter(args.adapter, base, args.out, args.dtype)
+    merge_adapter(args.adapter, base, args.out, args.dtype, args.overwrite)
     print(f"fusedrl export: merged model written to {args.out}")
     return 0
 

@@ -1,26 +1,30 @@
 """What makes a written directory safe to rely on: written under a hidden temp name and renamed
 (readers never see half of it), nothing non-finite in it, a manifest to verify it by, modes that
-let others read it, and no temp leftovers from writes that were killed.
+let others read it, every file and directory fsynced before the rename (so a power cut leaves the
+old copy or the new one, never a torn one), and no temp leftovers from writes that were killed.
+Renames replace a symbolic link at the destination; they never write through it.
 
-Used by the model export (engine/model/hf_io.py) and the training checkpoints
-(engine/train/checkpoint.py), so both follow the same rules.
+Used by the model export (engine/model/hf_io.py), the adapters (engine/model/peft_io.py), the
+training checkpoints (engine/train/checkpoint.py) and the run log's files, so all follow the same
+rules. Torch-free (torch is imported by check_finite alone), so the command line's checks can use it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
-
-import torch
+from typing import Iterable, Iterator
 
 from .errors import FusedRLError, NonFiniteError
 
 MANIFEST = "manifest.json"
-_TEMP_MARKERS = (".tmp-", ".old-")  # the hidden siblings of temp_dir(): `.NAME.tmp-XXXX`, `.NAME.old-XXXX`
+# The hidden siblings temp_dir() and write_text_atomic() make: `.NAME.tmp-XXXX`, `.NAME.old-XXXX`.
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-\w+")
 
 
 class CorruptDirectory(FusedRLError):
@@ -32,22 +36,26 @@ def temp_dir(final: Path, kind: str = "tmp") -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-", dir=final.parent))
 
 
-def remove_leftovers(directory) -> list[Path]:
-    """Remove the temp siblings that killed writes left in `directory`; returns what was removed.
-    Only for a directory this process alone writes into (a run's output_dir)."""
+def remove_leftovers(directory, names: str) -> list[Path]:
+    """Remove the temp siblings that killed writes left in `directory` for the entries whose full
+    names match the regex `names` (e.g. `.final.tmp-XXXX` for "final"); returns what was removed.
+    Only for a directory this process alone writes into, made by fusedrl (a run's output_dir, held
+    under its lock): a user's `.notes.tmp-1` never matches. A link is unlinked, never followed."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     found = [p for p in directory.iterdir()
-             if p.name.startswith(".") and any(m in p.name for m in _TEMP_MARKERS)]
+             if (m := _TEMP_NAME.fullmatch(p.name)) and re.fullmatch(names, m["name"])]
     for path in found:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     return found
 
 
-def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+def check_finite(named_tensors: Iterable[tuple[str, "torch.Tensor"]], what: str) -> None:
     """NonFiniteError naming the first tensor with a NaN or inf: checked before anything is written.
     One reduction per floating tensor (and one host sync each, at save time only)."""
+    import torch
+
     for name, tensor in named_tensors:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(f"refusing to write {what}: {name!r} holds NaN or inf "
@@ -55,16 +63,91 @@ def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], what: str) -
 
 
 def publish(directory: Path) -> None:
-    """Give a finished temp directory the modes a normal write would (0644 files and 0755 dirs under
-    the default umask 022): mkdtemp makes it 0700, which would hide the export from other users
-    and serving processes. The umask is the knob for other modes (e.g. umask 077 keeps it private)."""
+    """Make a finished temp directory ready to be renamed into place: the modes a normal write
+    would give (0644 files and 0755 dirs under the default umask 022: mkdtemp makes it 0700, which
+    would hide the export from other users and serving processes; the umask is the knob for other
+    modes, e.g. umask 077 keeps it private), and every file and directory in it fsynced, deepest
+    first, then its parent (which holds the temp directory's name)."""
     umask = _umask()
-    os.chmod(directory, 0o777 & ~umask)
-    for root, dirs, files in os.walk(directory):
+    for root, dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            os.chmod(path, 0o666 & ~umask)
+            _fsync(path, os.O_RDONLY)
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+        sync_dir(root)
+    os.chmod(directory, 0o777 & ~umask)
+    sync_dir(Path(directory).parent)
+
+
+def sync_dir(path) -> None:
+    """fsync a directory: the names created, renamed or removed in it survive a power cut."""
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync(path, flags: int) -> None:
+    fd = os.open(path, flags | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def written_whole(final) -> Iterator[Path]:
+    """Yields a new hidden temp sibling of the directory `final` to write into; when the block ends,
+    seals it (write_manifest), publishes it and renames it over `final` (replace_dir); when the block
+    raises, removes it, and `final` is as it was."""
+    final = Path(final).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(final)
+    try:
+        yield tmp
+        write_manifest(tmp)
+        publish(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the published `tmp` to `final`; an existing `final` (a directory the caller owns) is
+    moved aside first and removed after, so `final` is whole at every moment; the rename is fsynced."""
+    if final.exists() or final.is_symlink():
+        old = temp_dir(final, "old")
+        os.rename(final, old / final.name)  # a link is moved aside itself, never followed
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    sync_dir(final.parent)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write a small text file whole or not at all: a hidden temp sibling, fsynced, renamed over
+    `path` (replacing a symbolic link there instead of writing through it), then the directory fsynced."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    sync_dir(path.parent)
+
+
+def open_append(path):
+    """`path` opened for appending text (created if missing); a symbolic link there is an OSError
+    (ELOOP) instead of a write into whatever it points at."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def _umask() -> int:

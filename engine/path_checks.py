@@ -41,16 +41,6 @@ def check_output_dir(path, option: str = "output_dir") -> None:
         raise UsageError(f"{option}={path}: not a writable directory ({e.strerror})") from None
 
 
-def check_fresh_output_dir(path, overwrite: bool, option: str = "output_dir") -> bool:
-    """check_output_dir, and `path` must be empty unless `overwrite`; returns whether it holds
-    anything (for the caller to clear)."""
-    check_output_dir(path, option)
-    used = any(Path(path).iterdir())
-    if used and not overwrite:
-        raise UsageError(f"{option}={path} exists and is not empty; pass overwrite=true or another {option}")
-    return used
-
-
 def check_run_dir(path) -> None:
     """`path` must be a run directory: it holds the run's metrics.jsonl."""
     if not (Path(path) / "metrics.jsonl").is_file():

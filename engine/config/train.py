@@ -91,6 +91,8 @@ class RunConfig:
                                         "(non-finite loss or gradient, every PPO row dropped); 0 = never", 10)
     keep_checkpoints: int = option("keep only the newest this many checkpoints (0 = all)", 2)
     resume: bool = option("continue from the newest checkpoint in output_dir when there is one", True)
+    overwrite: bool = option("replace an earlier run of fusedrl in output_dir (never a directory fusedrl did "
+                             "not make); without it train.resume=false over an earlier run is refused", False)
     tensorboard: bool = option("also write TensorBoard events to output_dir/tensorboard", False)
     progress: bool = option("show a live progress bar on stderr", True)
     data_parallel: DataParallel = option("under torchrun: shard (FSDP2 full shard: weights, gradients, optimizer "

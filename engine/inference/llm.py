@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ConfigValueError, NonFiniteError
 from .block_manager import BlockManager
-from ..model.hf_io import load_model
+from ..model.hf_io import load_model, load_tokenizer
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant
 from .runner import ModelRunner, num_blocks_for_budget
@@ -231,5 +231,4 @@ def _load_tokenizer(model_dir: Path):
     """The directory's tokenizer, or None when it has none (token-id prompts still work)."""
     if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    return load_tokenizer(model_dir)

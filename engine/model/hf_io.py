@@ -1,17 +1,19 @@
 """Hugging Face model directories in and out: config.json + safetensors (single file or sharded).
 
 Saving writes a complete directory (config, weights, tokenizer and generation files copied from the
-source) into a temporary sibling and renames it into place, so a reader never sees half a checkpoint;
-a model with a NaN or inf anywhere is refused before anything is written, and the directory gets
-the usual modes (0644 files, 0755 directories under the default umask) so others can read it.
-Loading turns a missing, corrupt or truncated weight file, tensors that do not fit the config and an
-unsupported architecture into a one-line `ModelError` naming the file.
+source, and a manifest of every file's size and sha256, engine/durable.py) into a temporary sibling,
+fsyncs it and renames it into place, so a reader never sees half a checkpoint; a model with a NaN or
+inf anywhere is refused before anything is written, and the directory gets the usual modes (0644
+files, 0755 directories under the default umask) so others can read it.
+Loading turns a missing, corrupt or truncated weight file, a sharded index naming a file outside the
+directory, tensors that do not fit the config and an unsupported architecture into a one-line
+`ModelError` naming the file. transformers is never asked to run code shipped with a model
+(trust_remote_code=False), so it never asks on stdin either.
 """
 from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,7 +23,8 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from ..errors import ConfigValueError, ModelError
-from ..durable import check_finite, publish, temp_dir
+from ..durable import check_finite, written_whole
+from ..run_dir import write_marker
 from ..path_checks import CONFIG_FILE
 from .config import ModelConfig
 from .causal_lm import CausalLM, PackedProjection
@@ -53,9 +56,21 @@ def load_config(model_dir) -> ModelConfig:
     try:
         # Checked before transformers reads it: an unknown model_type is a page of text there.
         ModelConfig.check_model_type(model_type, architectures)
-        return ModelConfig.from_hf(AutoConfig.from_pretrained(str(model_dir)))
+        return ModelConfig.from_hf(AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False))
     except (ValueError, _ConfigValidationError) as e:
         raise ModelError(f"{model_dir}: {e}") from None
+
+
+def load_tokenizer(model_dir):
+    """The tokenizer of `model_dir`, by transformers' AutoTokenizer without running any code the
+    directory ships (a tokenizer that needs its own code is a ModelError)."""
+    from transformers import AutoTokenizer  # deferred: only the stages and the engine need it
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except ValueError as e:
+        raise ModelError(f"{model_dir}: its tokenizer cannot be loaded without running code from the directory, "
+                         f"which fusedrl never does ({' '.join(str(e).split())})") from None
 
 
 def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
@@ -155,7 +170,7 @@ def _weight_files(model_dir: Path) -> dict[Path, list[str]]:
         except (ValueError, KeyError) as e:
             raise ModelError(f"{index}: not a readable safetensors index ({e})") from None
         for name, file in weight_map.items():
-            files.setdefault(model_dir / file, []).append(name)
+            files.setdefault(_shard_path(model_dir, index, file), []).append(name)
         return files
     single = model_dir / SINGLE_FILE
     if not single.exists():
@@ -164,24 +179,27 @@ def _weight_files(model_dir: Path) -> dict[Path, list[str]]:
         return {single: list(f.keys())}
 
 
-def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30):
+def _shard_path(model_dir: Path, index: Path, file) -> Path:
+    """The shard an index's weight_map names: a plain file name in `model_dir`, never a path (which
+    could lead out of it; a link in the directory, as the Hugging Face cache makes, is followed)."""
+    if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file or "\\" in file:
+        raise ModelError(f"{index}: weight_map names {file!r}: expected the name of a file in the model directory")
+    return model_dir / file
+
+
+def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30, kind=None):
     """Write `model` as a transformers-loadable directory, atomically replacing `out_dir`.
 
     Tokenizer and generation files are copied from `source_dir` when given. Weights above
     `max_shard_bytes` are split into shards with an index, as `save_pretrained` does. A NaN or inf
-    in any parameter raises NonFiniteError before anything is written.
+    in any parameter raises NonFiniteError before anything is written. `kind`: mark the directory
+    as the output of that fusedrl command (engine/run_dir.py), so the command may replace it later.
     """
     check_finite(model.named_parameters(), f"the model for {out_dir}")
-    out_dir = Path(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out_dir)
-    try:
+    with written_whole(out_dir) as tmp:
         _write_dir(model, tmp, source_dir, max_shard_bytes)
-        publish(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if kind is not None:
+            write_marker(tmp, kind)
 
 
 def _write_dir(model: CausalLM, tmp: Path, source_dir, max_shard_bytes: int):
@@ -229,14 +247,3 @@ def _shard(tensors: dict, max_bytes: int) -> list[dict]:
         shards[-1][name] = t
         size += nbytes
     return shards
-
-
-def _replace_dir(tmp: Path, out_dir: Path):
-    """Rename `tmp` to `out_dir`; an existing `out_dir` is moved aside first and removed after."""
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = temp_dir(out_dir, "old")
-    os.rename(out_dir, old / out_dir.name)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old)

@@ -8,6 +8,7 @@ loads onto the transformers base model:
                                  module paths (a packed q/k/v writes q_proj, k_proj and v_proj), and
                                  base_model.model.score.weight [1, H] for a head trained in full
     reward_offset.json           a reward model's normalization offset (ours; PEFT ignores the file)
+    manifest.json                every file's size and sha256 (engine/durable.py; PEFT ignores it)
 
 task_type CAUSAL_LM: adapters on a causal LM (`AutoModelForCausalLM`). task_type SEQ_CLS with
 modules_to_save ["score"]: a reward model (or the LoRA critic), adapters plus the fp32 `score` head,
@@ -25,8 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config.lora import LoRAConfig
-from ..durable import check_finite
+from ..durable import check_finite, written_whole
 from ..errors import ModelError
+from ..run_dir import check_target
 from .hf_io import load_model, save_model
 from .lora import LoRA, add_lora
 from .reward_model import load_or_start_reward_model, save_reward_model
@@ -65,9 +67,9 @@ def head_tensors(lora: LoRA) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(lora: LoRA, out_dir, base_model: str | None = None, reward_offset: float | None = None) -> None:
-    """Write `lora` as a PEFT adapter directory `out_dir` (created; files replaced). `base_model`:
-    the directory or hub id recorded as base_model_name_or_path; `reward_offset`: a reward model's
-    normalization offset, written to OFFSET_FILE."""
+    """Write `lora` as a PEFT adapter directory `out_dir`, atomically replacing it (as save_model
+    does). `base_model`: the directory or hub id recorded as base_model_name_or_path; `reward_offset`:
+    a reward model's normalization offset, written to OFFSET_FILE."""
     tensors = {}
     for path, a, b in lora.named_targets():
         name_a, name_b = tensor_names(path)
@@ -79,13 +81,13 @@ def save_adapter(lora: LoRA, out_dir, base_model: str | None = None, reward_offs
               "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
               "target_modules": list(cfg.targets), "init_lora_weights": True, "inference_mode": True,
               "modules_to_save": list(lora.heads) or None, **_PLAIN_LORA}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     if reward_offset is not None:
         check_finite([("reward_offset", torch.tensor(reward_offset))], f"the adapters for {out_dir}")
-        (out_dir / OFFSET_FILE).write_text(json.dumps({"reward_offset": reward_offset}) + "\n")
+    with written_whole(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if reward_offset is not None:
+            (tmp / OFFSET_FILE).write_text(json.dumps({"reward_offset": reward_offset}) + "\n")
 
 
 def _raw_config(adapter_dir) -> tuple[Path, dict]:
@@ -178,20 +180,24 @@ def read_reward_offset(adapter_dir) -> float | None:
         raise ModelError(f"{path}: not a readable reward offset ({e})") from None
 
 
-def merge_adapter(adapter_dir, base_dir, out_dir, dtype="auto") -> None:
+def merge_adapter(adapter_dir, base_dir, out_dir, dtype="auto", overwrite: bool = False) -> None:
     """Write `base_dir`'s model with `adapter_dir`'s adapters merged into its weights (summed in fp32,
     rounded once into `dtype`, default the base checkpoint's) as a transformers-loadable `out_dir`:
     a causal LM, or for a SEQ_CLS adapter a reward model (engine/model/reward_model.py) with the
     adapter's score head and its reward offset (else the base's). The base of a SEQ_CLS adapter is a
     causal LM (a reward model run's) or a reward model (the LoRA critic's: the merge is then the
-    critic as a sequence classifier, its value head as the score head)."""
+    critic as a sequence classifier, its value head as the score head).
+    `out_dir` must be new, empty, or an earlier export (replaced only with `overwrite`); never an
+    input or a directory holding one (engine/run_dir.py). The export is marked as one."""
+    check_target(out_dir, "export", overwrite=overwrite, inputs=[adapter_dir, base_dir], option="--out",
+                 overwrite_option="--overwrite")
     if not adapter_heads(adapter_dir):
         model = load_model(base_dir, dtype=dtype)
         load_adapter(model, adapter_dir).merge_()
-        save_model(model, out_dir, source_dir=base_dir)
+        save_model(model, out_dir, source_dir=base_dir, kind="export")
         return
     model = load_or_start_reward_model(base_dir, dtype=dtype)
     load_adapter(model, adapter_dir).merge_()
     offset = read_reward_offset(adapter_dir)
     model.reward_offset = model.reward_offset if offset is None else offset
-    save_reward_model(model, out_dir, source_dir=base_dir)
+    save_reward_model(model, out_dir, source_dir=base_dir, kind="export")

@@ -61,13 +61,14 @@ def reward_model_from_lm(lm: CausalLM) -> RewardModel:
     return rm
 
 
-def save_reward_model(rm: RewardModel, out_dir, source_dir=None):
-    """Write the reward model as described in the module docstring (atomically, via save_model)."""
+def save_reward_model(rm: RewardModel, out_dir, source_dir=None, kind=None):
+    """Write the reward model as described in the module docstring (atomically, via save_model,
+    which marks it as the output of the command `kind` when given)."""
     check_finite([("reward_offset", torch.tensor(rm.reward_offset))], f"the reward model for {out_dir}")
     hf = rm.config.hf_config
     hf.num_labels = 1
     hf.reward_offset = rm.reward_offset
-    save_model(rm, out_dir, source_dir=source_dir)
+    save_model(rm, out_dir, source_dir=source_dir, kind=kind)
 
 
 def load_reward_model(model_dir, dtype="auto", device="cpu") -> RewardModel:

@@ -14,14 +14,14 @@ on held-out prompts, sampling at the rollout temperature.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from ..config.demo import DemoConfig
-from ..path_checks import check_fresh_output_dir
+from ..durable import write_text_atomic
+from ..run_dir import claim, releases_output_dir
 from .demo_task import build_base_model, build_tokenizer, is_correct, write_data
 
 TEMPERATURE = 1.0
@@ -112,9 +112,11 @@ def run_grpo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: 
         reward_fn=program_reward, evaluate=evaluate)
 
 
+@releases_output_dir
 def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     """SFT, then PPO (with a reward model) or GRPO (with the program's reward) on the sorting task;
-    returns (and saves) the final table."""
+    returns (and saves) the final table. cfg.output_dir is held (engine/run_dir.py) and replaced
+    only when it is an earlier demo and cfg.overwrite is set."""
     from ..config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
     from ..model.hf_io import load_model
     from ..train.plot import plot_run
@@ -122,8 +124,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    if check_fresh_output_dir(out, cfg.overwrite):
-        shutil.rmtree(out)
+    claim(out, "demo", overwrite=cfg.overwrite)
     data = write_data(cfg, out / "data")
     tokenizer = build_tokenizer()
     base = build_base_model(out / "base", cfg.seed)
@@ -154,7 +155,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
         "rl_kl": last_metric(str(out / "rl"), "train", "kl"),
         "seconds": time.perf_counter() - start,
     }
-    (out / "results.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
+    write_text_atomic(out / "results.json", json.dumps(table, indent=2))
     runs = ("sft", "rm", "rl") if cfg.algo == "ppo" else ("sft", "rl")
     table["plots"] = [str(p) for run in runs for p in plot_run(out / run)]
     return table

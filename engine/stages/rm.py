@@ -30,6 +30,7 @@ from ..model.hf_io import load_model
 from ..model.reward_model import RewardModel, load_reward_model, reward_model_from_lm, save_reward_model
 from ..train import adapters
 from ..train.distributed import is_main, write_once
+from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
 from ..train.supervised import Stage, check_context, train
@@ -125,10 +126,11 @@ def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int,
     return total / len(sequences)
 
 
+@releases_output_dir
 def run_rm(cfg: RMConfig) -> Path:
     """Train per `cfg`, normalize, export RUN_DIR/final (see engine/model/reward_model.py for the
     format; with lora.rank > 0 also RUN_DIR/final_adapter, see the module docstring)."""
-    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), config=cfg)
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="rm", config=cfg)
     check_context(cfg.data, run.configs["model"].max_model_len)
     device, tokenizer = run.device, run.tokenizer
     examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed)

@@ -16,6 +16,7 @@ from ..model.hf_io import load_model
 from ..model.lm_head import lm_head_logprobs
 from ..train import adapters
 from ..train.distributed import write_once
+from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.supervised import Stage, check_context, train
 
@@ -47,10 +48,11 @@ def sft_stage(dtype: str, device) -> Stage:
                  load_weights=lambda path: load_model(path, dtype=dtype, device=device))
 
 
+@releases_output_dir
 def run_sft(cfg: SFTConfig) -> Path:
     """Train per `cfg`; returns the exported model directory (RUN_DIR/final; with lora.rank > 0 the
     adapters merged into it, and themselves in RUN_DIR/final_adapter)."""
-    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), config=cfg)
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="sft", config=cfg)
     check_context(cfg.data, run.configs["model"].max_model_len)
     examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device)

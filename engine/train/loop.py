@@ -25,11 +25,13 @@ import torch
 
 from ..config.resume import resume_changes
 from ..config.train import RunConfig
-from ..durable import remove_leftovers
+from ..durable import remove_leftovers, sync_dir
 from ..errors import FusedRLError
 from . import distributed
+from ..run_dir import read_marker
 from .checkpoint import Trainables, latest_checkpoint, resume, save_checkpoint
-from .runlog import RunLog, SilentLog
+from .checkpoint.store import PREFIX
+from .runlog import REPLACED_WHOLE, RunLog, SilentLog
 
 
 class StopTraining(FusedRLError, RuntimeError):
@@ -93,8 +95,10 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
     and rank 0 alone removes leftovers and writes the run log.
     """
     options = plan.options
-    removed = (remove_leftovers(plan.run_dir) + remove_leftovers(f"{plan.run_dir}/checkpoints")
-               if distributed.is_main() else [])
+    removed = []
+    if distributed.is_main() and read_marker(plan.run_dir) is not None:  # only in a directory fusedrl made
+        removed = (remove_leftovers(plan.run_dir, REPLACED_WHOLE)
+                   + remove_leftovers(f"{plan.run_dir}/checkpoints", rf"{PREFIX}\d+"))
     distributed.barrier()  # no rank reads the run directory while rank 0 cleans it
     resuming = options.resume and latest_checkpoint(plan.run_dir) is not None
     changed = resume_changes(plan.run_dir, plan.config) if resuming else {}  # before the checkpoint loads
@@ -142,9 +146,11 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
             if evaluate is not None and is_due(state.step, plan.eval_every, plan.total_steps):
                 run.log("eval", state.step, evaluate())
             if clock.due(state.step):
-                save_checkpoint(plan.run_dir, state.step, parts,
-                                {**dataclasses.asdict(state), "loop": dataclasses.asdict(skips)},
-                                options.keep_checkpoints)
+                saved = save_checkpoint(plan.run_dir, state.step, parts,
+                                        {**dataclasses.asdict(state), "loop": dataclasses.asdict(skips)},
+                                        options.keep_checkpoints)
+                if distributed.is_main():
+                    sync_dir(saved.parent)  # its rename into place survives a power cut
                 clock.saved()
     finally:
         run.close()

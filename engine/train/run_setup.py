@@ -1,6 +1,7 @@
 """What every stage does before building its models: check what the user named (model directories,
-input files, the output directory, the device), join torchrun's process group (if any), seed the
-RNGs, pick the parameter dtype (train.precision), load the tokenizer.
+input files, the output directory, the device), join torchrun's process group (if any), take the
+output directory (engine/run_dir.py: its lock, the check that it is new, empty or this stage's
+earlier run, its marker), seed the RNGs, pick the parameter dtype (train.precision), load the tokenizer.
 
 The checks come first and are cheap, so a wrong path or an unwritable output_dir is a one-line
 usage error (engine/errors.py) before anything slow happens, never after the models are loaded; the
@@ -15,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ..config.train import RunConfig
+from .. import run_dir
 from ..errors import UsageError
-from ..model.hf_io import load_config
+from ..model.hf_io import load_config, load_tokenizer
 from ..path_checks import check_model_path, check_paths
 from . import distributed
 from .precision import param_dtype, resolve_precision
@@ -54,14 +56,35 @@ def check_model_dir(path, option: str):
     return load_config(Path(path))
 
 
-def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, files: dict, config=None) -> RunContext:
+def claim_output_dir(kind: str, options: RunConfig, output_dir: str, inputs: list) -> None:
+    """Take output_dir for the stage `kind` (run_dir.claim with the stage's train.resume and
+    train.overwrite): rank 0 takes it and the other ranks wait for its answer, so a refusal is the
+    same one-line error on every rank and nothing is written by a rank before the lock is held."""
+    problem = None
+    if distributed.is_main():
+        try:
+            run_dir.claim(output_dir, kind, overwrite=options.overwrite, resume=options.resume, inputs=inputs,
+                          overwrite_option="train.overwrite=true", resume_option="train.resume=true")
+        except Exception as e:
+            problem = e
+    message = distributed.broadcast(None if problem is None else str(problem))
+    if problem is not None:
+        raise problem
+    if message is not None:
+        raise UsageError(message)
+
+
+def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, files: dict, kind: str,
+              config=None) -> RunContext:
     """Check everything first: `models` {option: model directory, or None when unused} (the first
     one's tokenizer is the run's), `files` {option: input file or None}, output_dir (engine/path_checks.py),
-    the models' config.json and the device of `options` (the stage's `train` section). Then join torchrun's process group when launched by
-    it (a bare `cuda` becomes this rank's GPU, cuda:LOCAL_RANK) and seed python's and torch's RNGs
-    with `seed` (the same on every rank: models are built identically before sharding). `config`, the
-    stage's whole config: its memory plan must fit the GPUs (engine/plan/check.py), checked before
-    any model loads."""
+    the models' config.json and the device of `options` (the stage's `train` section). Then join
+    torchrun's process group when launched by it (a bare `cuda` becomes this rank's GPU,
+    cuda:LOCAL_RANK); `config`, the stage's whole config: its memory plan must fit the GPUs
+    (engine/plan/check.py), checked before any model loads; then take output_dir for the stage `kind`
+    (claim_output_dir; the stage's entry point releases it: run_dir.releases_output_dir) and seed
+    python's and torch's RNGs with `seed` (the same on every rank: models are built identically
+    before sharding)."""
     check_paths(models, files, output_dir)
     configs = {option: load_config(Path(path)) for option, path in models.items() if path}
     device = resolve_device(options.device)
@@ -71,9 +94,8 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
     if config is not None:
         from ..plan.check import refuse_unfit
         refuse_unfit(config, device, distributed.world_size())
-    from transformers import AutoTokenizer  # deferred: importing transformers is slow
-
+    claim_output_dir(kind, options, output_dir, [*models.values(), *files.values()])
     random.seed(seed)
     torch.manual_seed(seed)
     return RunContext(device, param_dtype(resolve_precision(options.precision, device)),
-                      AutoTokenizer.from_pretrained(next(iter(models.values()))), configs)
+                      load_tokenizer(next(iter(models.values()))), configs)

@@ -1,6 +1,8 @@
 """The run directory's log side: resolved config, metrics JSONL, progress bar, optional TensorBoard.
 
 RUN_DIR/
+    .fusedrl-run      marks the directory as a fusedrl run; .fusedrl-run.lock: the running process's
+                      lock (engine/run_dir.py)
     config.yaml       the resolved config (file + overrides + defaults) the run used; its last
                       line, a comment, records the number of ranks: `# world_size: N`
     metrics.jsonl     one JSON object per line: {"kind": "train"|"eval"|"info", "step": ..., ...};
@@ -8,22 +10,27 @@ RUN_DIR/
     tensorboard/      event files, when enabled
     checkpoints/      see engine/train/checkpoint/
     final/            the exported model
-`fusedrl plot RUN_DIR` reads metrics.jsonl back.
+`fusedrl plot RUN_DIR` reads metrics.jsonl back. config.yaml and a rewritten metrics.jsonl are
+replaced whole (engine/durable.py); appends never go through a symbolic link.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..config import io as config_io
+from ..durable import open_append, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
+# The entries of RUN_DIR written through a hidden temp sibling (engine/durable.py), as a regex: the
+# only names whose leftovers a new run removes from it.
+REPLACED_WHOLE = r"final\w*|config\.yaml|metrics\.jsonl"
 # Shown in the progress bar, when present, in this order.
 _BAR_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "accuracy", "score_mean", "kl", "skipped_steps")
 
@@ -35,11 +42,11 @@ class RunLog:
                  progress: bool = True, tensorboard: bool = False, world_size: int = 1):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        config_io.save_yaml(config, self.run_dir / "config.yaml")
-        with (self.run_dir / "config.yaml").open("a", encoding="utf-8") as f:
-            f.write(f"# world_size: {world_size}\n")  # a comment: the file stays loadable as a config
+        # The world size as a comment: the file stays loadable as a config.
+        write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(config_io.to_dict(config), sort_keys=False)
+                          + f"# world_size: {world_size}\n")
         keep_series(self.run_dir / METRICS_FILE, first_step)
-        self._metrics = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
+        self._metrics = open_append(self.run_dir / METRICS_FILE)
         self._tb = _tensorboard_writer(self.run_dir / "tensorboard") if tensorboard else None
         self._bar = None
         if progress:
@@ -105,9 +112,7 @@ def keep_series(path: Path, last_step: int):
     kept = [line for line in lines if last_step > 0 and _step_of(line) <= last_step]
     if len(kept) == len(lines):
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 def _step_of(line: str) -> float:
@@ -120,7 +125,7 @@ def _step_of(line: str) -> float:
 
 def append_metrics(run_dir, kind: str, step: int, metrics: dict):
     """Add one record to a run's metrics.jsonl outside a RunLog (e.g. after training)."""
-    with (Path(run_dir) / METRICS_FILE).open("a", encoding="utf-8") as f:
+    with open_append(Path(run_dir) / METRICS_FILE) as f:
         f.write(metrics_line(kind, step, metrics))
 
 

@@ -1,8 +1,12 @@
 """Helpers for the SFT / reward-model tests: tiny data sets written as JSONL and small configs."""
 import json
 import random
+import shutil
+from pathlib import Path
 
 from fusedrl.engine.config.train import DataConfig, OptimConfig, RMConfig, SFTConfig, TrainConfig
+from fusedrl.engine.run_dir import MARKER
+from fusedrl.engine.train.checkpoint import checkpoint_dir
 from engine_testing import make_hf_model, make_tokenizer
 
 
@@ -21,6 +25,14 @@ def save_tiny_model(path, arch="llama2", **overrides):
     make_hf_model(arch, **overrides).save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+def copy_checkpoint(run, step, into):
+    """Start the run directory `into` from checkpoint `step` of the run directory `run`, as a user
+    moving a run does: the checkpoint and the run's marker (engine/run_dir.py: fusedrl continues only
+    a directory it made)."""
+    shutil.copytree(checkpoint_dir(run, step), checkpoint_dir(into, step))
+    shutil.copy2(Path(run) / MARKER, Path(into) / MARKER)
 
 
 def demonstrations(n, seed=0):

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ...config.ppo import PPOConfig
+from ...config.ppo import GRPOConfig, PPOConfig
 from ...config.train import DataConfig
 from ...data.loading import load_examples, load_prompts
 from ...data.packing import collate_sft, epoch_order
@@ -44,6 +44,7 @@ from ...model.value_model import (LoRACritic, load_value_model, save_value_model
 from ...train import adapters, distributed, optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
+from ...run_dir import releases_output_dir
 from ...train.run_setup import start_run
 from ...train.supervised import DataPosition, micro_batches, to_device
 from ..sft import sft_loss
@@ -223,6 +224,7 @@ def ptx_loss_fn(cfg: PPOConfig, tokenizer, models: PPOModels, state: PPOState, d
     return loss
 
 
+@releases_output_dir
 def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
             evaluate: Optional[Callable[[PPOModels], dict]] = None) -> Path:
     """Train per `cfg`; returns the exported policy directory (RUN_DIR/final; with lora.rank > 0 the
@@ -236,7 +238,8 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
         # every forward and backward of a sharded or replicated model is a collective.
         raise UsageError(f"ppo.tokens_per_microbatch={cfg.ppo.tokens_per_microbatch} under torchrun "
                          f"({distributed.world_size()} ranks) is not supported yet: use ppo.microbatch_size")
-    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), config=cfg)
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
+                    kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg)
     device, tokenizer = run.device, run.tokenizer
     if cfg.reward_model is None:  # resolved now: a wrong reward_fn is a usage error before any model loads
         reward_fn = resolve_reward_fn(cfg, reward_fn)

@@ -3,7 +3,6 @@ export is a PEFT SEQ_CLS adapter (modules_to_save ["score"]) that PEFT loads ont
 sequence classifier with our rewards, and the merged reward model; `fusedrl export --merge` of the
 adapter gives the same; a resumed run is exact."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from fusedrl.engine.model.reward_model import load_reward_model, reward_model_fr
 from fusedrl.engine.stages.rm import run_rm
 from fusedrl.engine.train.checkpoint import read_tensors
 from engine_testing import random_prompts
-from train_testing import checkpoint_data, rm_config, sorted_digit_preferences, write_jsonl
+from train_testing import checkpoint_data, copy_checkpoint, rm_config, sorted_digit_preferences, write_jsonl
 from test_rm_trainer import base_dir  # noqa: F401 (the reward-model tests' one-layer base)
 
 peft = pytest.importorskip("peft")  # the test extra; bench/peer_wheels.sh carries it to the GPU image
@@ -107,7 +106,7 @@ def test_rm_lora_resume_gives_the_same_adapters_and_head(base_dir, tmp_path):
                      **kw))
     checkpoint = straight / "checkpoints" / "step-00000001"
     assert checkpoint_data(checkpoint)["models"] == ["adapter"]  # the adapters and head, not the model
-    shutil.copytree(checkpoint, resumed / "checkpoints" / "step-00000001")
+    copy_checkpoint(straight, 1, resumed)
     run_rm(rm_config(base_dir, train_file, resumed, train={"max_steps": 2}, **kw))
     a, b = (load_file(run / "final_adapter" / WEIGHTS_FILE) for run in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -2,7 +2,6 @@
 K-way + beta_rm training, and `fusedrl rm` end to end."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from fusedrl.engine.stages.rm import mean_raw_reward, run_rm
 from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.engine.model.hf_io import load_model
 from engine_testing import random_prompts
-from train_testing import rm_config, save_tiny_model, sorted_digit_preferences, write_jsonl
+from train_testing import copy_checkpoint, rm_config, save_tiny_model, sorted_digit_preferences, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +114,7 @@ def test_rm_resume_restores_the_head_and_the_run(base_dir, tmp_path):
     kw = dict(data={"eval_fraction": 0.0, "tokens_per_batch": 128}, optim={"warmup_steps": 1})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_rm(rm_config(base_dir, train_file, straight, train={"max_steps": 2, "save_every": 1, "keep_checkpoints": 0}, **kw))
-    shutil.copytree(straight / "checkpoints" / "step-00000001", resumed / "checkpoints" / "step-00000001")
+    copy_checkpoint(straight, 1, resumed)
     run_rm(rm_config(base_dir, train_file, resumed, train={"max_steps": 2}, **kw))
     a, b = load_reward_model(straight / "final"), load_reward_model(resumed / "final")
     assert a.score.weight.abs().sum() > 0 and a.reward_offset == b.reward_offset

@@ -1,6 +1,5 @@
 """SFT with LoRA: only the adapters train, the export is the adapters (loadable by PEFT) and the
 merged model (loadable by transformers), with the same logits, and a resumed run is exact."""
-import shutil
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from fusedrl.engine.stages.sft import run_sft
 from fusedrl.engine.train.checkpoint import read_tensors
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import random_prompts
-from train_testing import sft_config
+from train_testing import copy_checkpoint, sft_config
 from test_sft_trainer import base_dir, train_file  # noqa: F401 (the SFT tests' fixtures)
 
 peft = pytest.importorskip("peft")  # the test extra; bench/peer_wheels.sh carries it to the GPU image
@@ -65,8 +64,7 @@ def test_resume_with_adapters_gives_the_same_adapters_as_an_uninterrupted_run(ba
     run_sft(sft_config(base_dir, train_file, straight, train={"max_steps": 3, "save_every": 1, "keep_checkpoints": 0},
                        **kw))
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    copy_checkpoint(straight, 2, resumed)
     run_sft(sft_config(base_dir, train_file, resumed, train={"max_steps": 3}, **kw))
     a = load_file(straight / "final_adapter" / WEIGHTS_FILE)
     b = load_file(resumed / "final_adapter" / WEIGHTS_FILE)

@@ -3,7 +3,6 @@ export to transformers, and the `fusedrl sft` command end to end."""
 import json
 import math
 import resource
-import shutil
 import signal
 
 import pytest
@@ -26,7 +25,7 @@ from fusedrl.engine.errors import UsageError
 from fusedrl.engine.train.checkpoint import (SavedModel, Trainables, latest_checkpoint, read_tensors,
                                              save_checkpoint)
 from engine_testing import random_prompts
-from train_testing import demonstrations, save_tiny_model, sft_config, write_jsonl
+from train_testing import copy_checkpoint, demonstrations, save_tiny_model, sft_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +116,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base_dir, train_f
     run_sft(sft_config(base_dir, train_file, straight, train={**kw["train"], "save_every": 1, "keep_checkpoints": 0},
                        optim=kw["optim"], data=kw["data"]))
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "step-00000001", resumed / "checkpoints" / "step-00000001")
+    copy_checkpoint(straight, 1, resumed)
     run_sft(sft_config(base_dir, train_file, resumed, **kw))
     a, b = load_model(straight / "final").state_dict(), load_model(resumed / "final").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

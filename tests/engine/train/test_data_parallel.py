@@ -2,7 +2,6 @@
 weights equal one process's with the same global batch and seed (the accumulation is per rank: 2
 ranks with the default grad_accum_steps=1 are one process with 2), and checkpoints resume exactly
 across world sizes (a sharded one in one process, a one-process one on two ranks)."""
-import shutil
 
 import pytest
 import yaml
@@ -13,7 +12,8 @@ from fusedrl.engine.stages.sft import run_sft
 from fusedrl.engine.train.checkpoint import checkpoint_dir
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun
-from train_testing import checkpoint_data, demonstrations, rm_config, save_tiny_model, sft_config, sorted_digit_preferences, write_jsonl
+from train_testing import (checkpoint_data, copy_checkpoint, demonstrations, rm_config, save_tiny_model, sft_config,
+                           sorted_digit_preferences, write_jsonl)
 
 
 def assert_same_curves(run_a, run_b, keys=("loss", "grad_norm")):
@@ -78,7 +78,7 @@ def test_sft_two_ranks_match_one_process(sft_runs):
 def test_sharded_checkpoint_resumes_in_one_process(base_dir, sft_runs):
     """The 2-rank run killed after its step-2 checkpoint, resumed by one process."""
     resumed = sft_runs / "resumed"
-    shutil.copytree(checkpoint_dir(sft_runs / "two", 2), checkpoint_dir(resumed, 2))
+    copy_checkpoint(sft_runs / "two", 2, resumed)
     saved = checkpoint_data(checkpoint_dir(resumed, 2))
     assert saved["world_size"] == 2 and (checkpoint_dir(resumed, 2) / "rank-00001.safetensors").is_file()
     assert any(len(entry["chunks"]) == 2 for entry in saved["tensors"].values())  # sharded: a piece per rank
@@ -90,7 +90,7 @@ def test_sharded_checkpoint_resumes_in_one_process(base_dir, sft_runs):
 
 def test_one_process_checkpoint_resumes_on_two_ranks(base_dir, sft_runs):
     moved = sft_runs / "moved"
-    shutil.copytree(checkpoint_dir(sft_runs / "one", 2), checkpoint_dir(moved, 2))
+    copy_checkpoint(sft_runs / "one", 2, moved)
     check(torchrun("sft", sft_run(base_dir, sft_runs, "moved", 2), sft_runs))
     assert_same_weights(moved / "final", sft_runs / "one" / "final")
     assert_same_curves(moved, sft_runs / "one")

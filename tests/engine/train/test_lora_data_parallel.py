@@ -2,7 +2,6 @@
 gradients averaged over the ranks. SFT on two ranks gives one process's adapters on the same global
 batch, and its checkpoint resumes in one process; PPO with LoRA on the policy and on the critic
 (sharing the reward model's decoder) runs, checkpoints and exports on two ranks."""
-import shutil
 
 import torch
 from safetensors.torch import load_file
@@ -16,7 +15,7 @@ from fusedrl.engine.stages.sft import run_sft
 from fusedrl.engine.train.checkpoint import checkpoint_dir, read_tensors
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun
-from train_testing import checkpoint_data, demonstrations, save_tiny_model, sft_config, write_jsonl
+from train_testing import checkpoint_data, copy_checkpoint, demonstrations, save_tiny_model, sft_config, write_jsonl
 
 LORA = LoRAConfig(rank=4, alpha=8.0, target_modules="q_proj,v_proj,gate_proj,down_proj")
 
@@ -43,7 +42,7 @@ def test_lora_on_two_ranks(tmp_path):
     index = checkpoint_data(checkpoint_dir(tmp_path / "two", 2))["tensors"]
     assert {c["file"] for name, entry in index.items() if name.startswith("models.adapter.")
             for c in entry["chunks"]} == {"rank-00000.safetensors"}
-    shutil.copytree(checkpoint_dir(tmp_path / "two", 2), checkpoint_dir(tmp_path / "resumed", 2))
+    copy_checkpoint(tmp_path / "two", 2, tmp_path / "resumed")
     with rank_threads():
         run_sft(sft("resumed", 1))
     resumed = load_file(tmp_path / "resumed" / "final_adapter" / WEIGHTS_FILE)

@@ -1,7 +1,6 @@
 """The PPO stage on tiny models: rollout packing, the hybrid actor, update direction, NaN guard,
 KL ceiling, resume equivalence, critics, config errors."""
 import dataclasses
-import shutil
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from fusedrl.engine.stages.ppo.rollout import make_rollout, pack_rollout
 from fusedrl.engine.stages.ppo.scoring import policy_forward, response_logprobs
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import VOCAB, random_prompts
-from train_testing import checkpoint_data, save_tiny_model, write_jsonl
+from train_testing import checkpoint_data, copy_checkpoint, save_tiny_model, write_jsonl
 
 LOW_IDS = VOCAB // 2
 
@@ -237,9 +236,7 @@ def test_kl_ceiling_stops_the_run(setup):
 def run_straight_and_resumed(root, make_config, name):
     """Two iterations straight, and one + checkpoint + a fresh resume + one; returns both finals."""
     run_ppo(make_config(f"straight-{name}"))
-    (root / f"resumed-{name}" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(root / f"straight-{name}" / "checkpoints" / "step-00000001",
-                    root / f"resumed-{name}" / "checkpoints" / "step-00000001")
+    copy_checkpoint(root / f"straight-{name}", 1, root / f"resumed-{name}")
     run_ppo(make_config(f"resumed-{name}"))
     return [load_model(root / f"{kind}-{name}" / "final").state_dict() for kind in ("straight", "resumed")]
 
