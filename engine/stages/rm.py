@@ -29,7 +29,7 @@ from ..errors import NonFiniteError
 from ..model.hf_io import load_model
 from ..model.reward_model import RewardModel, load_reward_model, reward_model_from_lm, save_reward_model
 from ..train import adapters
-from ..train.distributed import is_main, write_once
+from ..distributed import is_main, write_once
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
 from ..train.supervised import Stage, check_context, train

@@ -15,7 +15,7 @@ from ..data.packing import PackedBatch, collate_sft
 from ..model.hf_io import load_model, save_model
 from ..model.lm_head import lm_head_logprobs
 from ..train import adapters
-from ..train.distributed import write_once
+from ..distributed import write_once
 from ..train.run_setup import start_run
 from ..train.supervised import Stage, check_context, train
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..durable import CorruptDirectory, check_finite, publish, temp_dir, verify_manifest, write_manifest
 from ..errors import NonFiniteError
-from . import distributed
+from .. import distributed
 from .sharded_checkpoint import STATE_FILE, is_sharded, load_sharded, load_whole_into_sharded, save_sharded
 
 PREFIX = "step-"

@@ -25,7 +25,7 @@ import torch
 from ..config.train import RunConfig
 from ..durable import remove_leftovers
 from ..errors import FusedRLError
-from . import distributed
+from .. import distributed
 from .checkpoint import Trainables, resume, save_checkpoint
 from .runlog import RunLog, SilentLog
 

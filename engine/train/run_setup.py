@@ -18,7 +18,7 @@ from ..config.train import RunConfig
 from ..errors import UsageError
 from ..model.hf_io import load_config
 from ..path_checks import check_model_path, check_paths
-from . import distributed
+from .. import distributed
 from .precision import param_dtype, resolve_precision
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed
+from .. import distributed
 
 SHARDED = "sharded"
 STATE_FILE = "trainer_state.pt"

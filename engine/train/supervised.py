@@ -4,7 +4,7 @@ A `Stage` says what differs (batch building, loss, metrics, weight I/O); `train`
 micro-batch stream with a resumable position, gradient accumulation, clipping, AdamW (mixed precision
 for bf16 weights) + schedule, held-out evaluation, driven by engine/train/loop.py.
 
-Under torchrun the model is sharded (engine/train/distributed.py) and each rank takes its own
+Under torchrun the model is sharded (engine/distributed.py) and each rank takes its own
 optim.grad_accum_steps micro-batches of data.tokens_per_batch tokens (both per rank, as in torchtune
 and TRL): a step's global batch is grad_accum_steps x world_size micro-batches, consecutive in the
 stream, rank r taking the r-th run of grad_accum_steps. The loss denominators (`step_counts`) are
@@ -27,7 +27,8 @@ from ..config.train import DataConfig, StageConfig
 from ..data.packing import epoch_batches, pack
 from ..data.tokenization import TokenizedExample
 from ..errors import UsageError
-from . import adapters, distributed, optim
+from .. import distributed
+from . import adapters, optim
 from .checkpoint import SavedModel, Trainables
 from .loop import RunPlan, run_training
 from .runlog import peak_memory_mb

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ....kernels import masked_whiten, reference
-from ...train import distributed
+from ... import distributed
 
 
 def _sum(*values: torch.Tensor) -> torch.Tensor:

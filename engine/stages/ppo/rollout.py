@@ -23,7 +23,7 @@ import torch
 
 from ...config.ppo import GROUP_ESTIMATORS, PPOConfig
 from ...data.packing import PackedBatch, pack_sequences
-from ...train import distributed
+from ... import distributed
 from ....kernels import kl_penalty
 from . import global_stats
 from .core import RunningMoments, advantages_and_returns, finite_rows, group_token_advantages, shape_rewards

@@ -14,7 +14,7 @@ import torch
 from ...config.ppo import PPOConfig
 from ...data.packing import PackedBatch
 from ...inference.sampling_params import SamplingParams
-from ...train import distributed
+from ... import distributed
 from .rollout import concat_packs, pack_rollout, pad_width
 from .scoring import score_rows
 

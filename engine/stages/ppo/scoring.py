@@ -13,7 +13,7 @@ from ...data.packing import PackedBatch, pack_sequences
 from ...errors import FusedRLError
 from ...model.invariant import BatchInvariant
 from ...model.lm_head import lm_head_logprobs
-from ...train import distributed
+from ... import distributed
 
 if TYPE_CHECKING:
     from .models import PPOModels

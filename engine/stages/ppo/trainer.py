@@ -43,7 +43,8 @@ from ...model.causal_lm import CausalLM, rebuild_as
 from ...model.peft_io import save_adapter
 from ...model.value_model import (LoRACritic, load_value_model, save_value_model, shared_value_head,
                                   value_model_from_lm, value_model_from_reward_model)
-from ...train import adapters, distributed, optim
+from ... import distributed
+from ...train import adapters, optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
 from ...train.run_setup import start_run

@@ -18,7 +18,8 @@ import torch
 
 from ...config.ppo import PPOConfig
 from ...data.packing import pack
-from ...train import distributed, optim
+from ... import distributed
+from ...train import optim
 from ....kernels import aggregation_rule, kl_penalty, ppo_policy_loss, ppo_value_loss
 from ....kernels.policy_corrections import importance_weights
 from ....kernels.reference import masked_mean
