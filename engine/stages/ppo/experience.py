@@ -1,4 +1,4 @@
-"""Experience building, the second quarter of an iteration: scored samples -> a Rollout (reference
+"""Experience building, between sampling and the update: scored samples -> a Rollout (reference
 and old log-probs, values, shaped rewards, advantages) and its metrics. Critic-free estimators
 (GRPO and kin) take each row's group-relative advantage instead of GAE over the critic's values.
 
