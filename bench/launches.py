@@ -210,8 +210,9 @@ def table(r: dict) -> str:
               f"{traffic_ppo.sync_phases(ppo)}) | {ppo['host_syncs_outside_generation']} | "
               f"{ppo['host_sync_budget']} |"]
     for name, syncs in r["supervised_step_syncs"].items():
-        lines.append(f"| {name.upper()} optimizer step of 2 micro-batches ({', '.join(f'{k} x{v}' for k, v in syncs.items())}) "
-                     f"| {sum(syncs.values())} | {r['budgets']['supervised_step_syncs']} |")
+        kinds = ", ".join(f"{k} x{v}" for k, v in syncs.items())
+        lines.append(f"| {name.upper()} optimizer step of 2 micro-batches ({kinds}) | {sum(syncs.values())} | "
+                     f"{r['budgets']['supervised_step_syncs']} |")
     return "\n".join(lines) + "\n"
 
 
