@@ -9,7 +9,7 @@ reward model (InstructGPT's default, and TRL's only critic). On the GPU ours tra
 autocast; AdamW on policy and critic, a k1 KL penalty, one PPO epoch over `minibatches`
 minibatches of micro-batches of `micro` rows (the same rows per forward on both sides).
 
-- ours: `fusedrl.engine.stages.ppo` (rollout.py, update.py: hybrid actor generating through the paged-KV engine from the policy's
+- ours: `fusedrl.engine.stages.ppo` (experience.py, update.py: hybrid actor generating through the paged-KV engine from the policy's
   own weights, fused log-prob/KL/GAE/loss kernels, packed varlen forwards);
 - TRL: `trl.experimental.ppo.PPOTrainer` of trl==0.29.1 (TRL 1.x ships no PPO trainer). It samples
   one response per prompt, so it gets the batch's rows as prompts repeated `samples` times. Both
@@ -213,8 +213,8 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
     from fusedrl.engine.stages.ppo.core import RunningMoments
     from fusedrl.engine.stages.ppo.sampling import sample_and_score
     from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
-    from fusedrl.engine.stages.ppo.rollout import make_rollout
-    from fusedrl.engine.stages.ppo.update import ppo_update
+    from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollout
+    from fusedrl.engine.stages.ppo.update import UpdateSettings, ppo_update
     from fusedrl.engine.train.precision import param_dtype, resolve_precision
 
     # The KV pool holds every row's prompt and response (no credit for prompt sharing), in the weights' dtype.
@@ -247,10 +247,11 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
     for iteration in range(2):
         clock.mark()
         timer = PhaseTimer(device)
-        samples = sample_and_score(models, prompts, cfg, iteration, timer)
-        rollout, _ = make_rollout(models, samples, cfg, cfg.reward.kl_coef, RunningMoments(), timer)
+        samples = sample_and_score(models, prompts, cfg.rollout, iteration, timer)
+        rollout = make_rollout(models, samples, ExperienceSettings.of(cfg), cfg.reward.kl_coef, RunningMoments(),
+                               timer).rollout
         with timer.phase("train"):
-            ppo_update(models, opts, rollout, cfg, seed=iteration)
+            ppo_update(models, opts, rollout, UpdateSettings.of(cfg), seed=iteration)
     clock.mark()
     return {**clock.result(), "response_tokens": int(rollout.mask.sum()), **timer.metrics(),
             "kv_pool_gib": models.actor.kv_pool_bytes / 2**30}

@@ -19,6 +19,9 @@ tensors: noted, not counted). Host syncs as traffic_count counts them.
   count for comparison (about 10 kernels per tensor, as the H100 profile showed).
 - per PPO iteration: the host syncs outside generation, by phase, at traffic_ppo's shape (its
   counter, value-reading input checks as on a GPU), against issue 24's budget of minibatches + 5.
+- per SFT and RM optimizer step (engine/train/supervised.py's train_step, two micro-batches, a step
+  after the first): the host syncs (launch_count's counter: tolist and cpu included), against a
+  budget of one read per step (its stats, loss and gradient norm together), as PPO's minibatch.
 
     python bench/launches.py                   # writes bench/results/launches.{json,md}
 """
@@ -32,18 +35,25 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fusedrl.engine.config.train import DataConfig, RMConfig, SFTConfig
+from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.lm_head import lm_head_logprobs
+from fusedrl.engine.model.reward_model import reward_model_from_lm
+from fusedrl.engine.stages.rm import rm_stage
+from fusedrl.engine.stages.sft import sft_stage
 from fusedrl.engine.train.fused_adamw import FusedAdamW
-from fusedrl.engine.train.optim import clip_and_step
+from fusedrl.engine.train.optim import build_optimizer, build_scheduler, clip_and_step
+from fusedrl.engine.train.supervised import step_forwards, train_step
 from fusedrl.kernels import use_backend
 
+import launch_count
 import traffic_ppo
 from traffic_count import FREE, SYNC_OPS
 from traffic_decode import qwen_like
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BUDGETS = {"layer_fwd_bwd": 30, "optimizer_step": 12}
+BUDGETS = {"layer_fwd_bwd": 30, "optimizer_step": 12, "supervised_step_syncs": 1}
 # Small enough for the interpreter; launches do not depend on widths. Qwen2 has q/k/v biases,
 # Qwen3 q/k norms and no biases.
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16)
@@ -134,6 +144,33 @@ def per_tensor_loop_launches(n_tensors: int) -> int:
     return counter.total
 
 
+def supervised_step_syncs(stage_name: str) -> dict:
+    """Host syncs of one SFT or RM (beta_rm > 0: its LM term too) optimizer step over two
+    micro-batches on a 1-layer model at SMALL shapes, by kind; the step after the first (which
+    creates the optimizer state), on the fused kernels with the value-reading checks as on a GPU.
+    The sequences of a forward have equal lengths: unequal ones take the CPU's padded attention,
+    whose plan is host tensors (no device sync; a GPU runs the varlen kernel)."""
+    torch.manual_seed(0)
+    lm = qwen_like(1, torch.float32, "cpu", **SMALL)
+    common = dict(model="-", output_dir="-", data=DataConfig(train_file="-"))
+    if stage_name == "sft":
+        cfg, model = SFTConfig(**common), lm
+        stage = sft_stage("-", torch.float32, "cpu")
+        examples = [TokenizedExample([5, 6, 7], ([8, 9],)), TokenizedExample([10, 11], ([12, 13, 14, 15],))]
+    else:
+        cfg, model = RMConfig(**common, beta_rm=0.5), reward_model_from_lm(lm)
+        stage = rm_stage(cfg, torch.float32, "cpu")
+        examples = [TokenizedExample([5, 6], ([7, 8], [9, 10])), TokenizedExample([11], ([12, 13], [14, 15]))]
+    forwards = step_forwards(stage, [examples[:1], examples[1:]], None)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, 10)
+    with use_backend("triton"), traffic_ppo.value_checks_as_on_gpu():
+        train_step(model, stage, forwards, optimizer, scheduler, cfg, torch.device("cpu"))
+        with launch_count.LaunchCounter() as counter:
+            train_step(model, stage, forwards, optimizer, scheduler, cfg, torch.device("cpu"))
+    return dict(counter.syncs)
+
+
 def report() -> dict:
     layers = {arch: {backend: per_layer(arch, backend) for backend in ("triton", "torch")} for arch in ARCHS}
     optimizer = {n: optimizer_launches(n) for n in (291, 300)}
@@ -144,6 +181,7 @@ def report() -> dict:
                                     "syncs": dict(c.syncs)} for n, c in optimizer.items()},
         "per_tensor_loop_step": {"291": per_tensor_loop_launches(291)},
         "ppo_iteration": ppo_iteration_syncs(),
+        "supervised_step_syncs": {name: supervised_step_syncs(name) for name in ("sft", "rm")},
     }
 
 
@@ -171,6 +209,10 @@ def table(r: dict) -> str:
               f"| PPO iteration outside generation ({traffic_ppo.SHAPE.minibatches} minibatches; "
               f"{traffic_ppo.sync_phases(ppo)}) | {ppo['host_syncs_outside_generation']} | "
               f"{ppo['host_sync_budget']} |"]
+    for name, syncs in r["supervised_step_syncs"].items():
+        kinds = ", ".join(f"{k} x{v}" for k, v in syncs.items())
+        lines.append(f"| {name.upper()} optimizer step of 2 micro-batches ({kinds}) | {sum(syncs.values())} | "
+                     f"{r['budgets']['supervised_step_syncs']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -47,9 +47,9 @@ from fusedrl.engine.stages.ppo.sampling import sample_and_score
 from fusedrl.engine.stages.ppo.trainer import build_optimizers
 from fusedrl.engine.stages.ppo.models import PPOModels
 from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
-from fusedrl.engine.stages.ppo.rollout import make_rollout
+from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollout
 from fusedrl.engine.stages.ppo.scoring import reward_model_scorer
-from fusedrl.engine.stages.ppo.update import ppo_update
+from fusedrl.engine.stages.ppo.update import UpdateSettings, ppo_update
 from fusedrl.kernels import use_backend
 
 from traffic_count import TrafficCounter, weight_bytes
@@ -161,10 +161,11 @@ def ppo_report(shape: Shape = SHAPE, device="cpu") -> dict:
     counter = TrafficCounter(ORACLES if device == "cpu" else {})
     timer = CountingTimer(torch.device(device), counter)
     with use_backend("triton"), value_checks_as_on_gpu(), counter, counter.python_syncs():
-        samples = sample_and_score(models, prompts, cfg, 0, timer)
-        rollout, _ = make_rollout(models, samples, cfg, cfg.reward.kl_coef, RunningMoments(), timer)
+        samples = sample_and_score(models, prompts, cfg.rollout, 0, timer)
+        rollout = make_rollout(models, samples, ExperienceSettings.of(cfg), cfg.reward.kl_coef, RunningMoments(),
+                               timer).rollout
         with timer.phase("update"):
-            ppo_update(models, optimizers, rollout, cfg, seed=0)
+            ppo_update(models, optimizers, rollout, UpdateSettings.of(cfg), seed=0)
     floor = floors(shape, models, rm)
     phases = {}
     for name in PHASES:

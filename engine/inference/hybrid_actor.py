@@ -21,7 +21,7 @@ import torch
 from .llm import LLM
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant
-from ..train import distributed
+from .. import distributed
 from .sampling_params import SamplingParams
 
 

@@ -9,6 +9,8 @@ trunk it does not own, the reward model's (whose forward then runs with the crit
 """
 from __future__ import annotations
 
+from typing import Optional, Protocol
+
 import torch
 from torch import nn
 
@@ -18,11 +20,23 @@ from .causal_lm import CausalLM, rebuild_as
 from .scalar_head import ScalarHead
 from .reward_model import RewardModel
 from ..config.lora import LoRAConfig
-from ..data.packing import PackedBatch
 from .lora import add_lora
 
 
-def values_at_targets(trunk: CausalLM, head: nn.Module, packed: PackedBatch) -> torch.Tensor:
+class PackedTargets(Protocol):
+    """What a value forward reads of a packed batch (engine/data/packing.py's PackedBatch is one):
+    the packed tokens [N] with their sequence lengths, positions [N] and boundaries [S + 1], the rows
+    [M] whose hidden states predict the targets, and the scatter of [M] target values to a grid."""
+    input_ids: torch.Tensor
+    seqlens: list[int]
+    positions: Optional[torch.Tensor]
+    cu_seqlens: Optional[torch.Tensor]
+    target_rows: torch.Tensor
+
+    def to_grid(self, values: torch.Tensor) -> torch.Tensor: ...
+
+
+def values_at_targets(trunk: CausalLM, head: nn.Module, packed: PackedTargets) -> torch.Tensor:
     """Values [R, T] (fp32) of `head` on `trunk`'s hidden states at the positions that predict
     each response token of `packed`."""
     hidden = trunk.forward_packed(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
@@ -35,7 +49,7 @@ class ValueModel(CausalLM):
         super().__init__(config, dtype)
         self.value_head = ScalarHead(config.hidden_size)
 
-    def response_values(self, packed: PackedBatch) -> torch.Tensor:
+    def response_values(self, packed: PackedTargets) -> torch.Tensor:
         """Values [R, T] (fp32) at the positions that predict each response token."""
         return values_at_targets(self, self.value_head, packed)
 
@@ -67,7 +81,7 @@ class LoRACritic(nn.Module):
         self.trunk.train(mode)
         return super().train(mode)
 
-    def response_values(self, packed: PackedBatch) -> torch.Tensor:
+    def response_values(self, packed: PackedTargets) -> torch.Tensor:
         """Values [R, T] (fp32) at the positions that predict each response token, adapters on."""
         return values_at_targets(self.trunk, self.value_head, packed)
 

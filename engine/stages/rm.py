@@ -29,7 +29,7 @@ from ..errors import NonFiniteError
 from ..model.hf_io import load_model
 from ..model.reward_model import RewardModel, load_reward_model, reward_model_from_lm, save_reward_model
 from ..train import adapters
-from ..train.distributed import is_main, write_once
+from ..distributed import is_main, write_once
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
@@ -68,15 +68,15 @@ def rm_counts(batch: PackedBatch) -> dict:
 
 def rm_loss(model: RewardModel, batch: PackedBatch, step_counts: dict, beta_rm: float):
     """This micro-batch's share of the step loss (see the module docstring), and summable stats."""
-    hidden = model.forward_packed(batch.input_ids, batch.seqlens)           # [N, H]
+    hidden = model.forward_packed(batch.input_ids, batch.seqlens, batch.positions, batch.cu_seqlens)  # [N, H]
     rewards = model.raw_rewards(hidden, batch.seqlens)                      # [S]
     rank_sum, correct, pairs = ranking_loss_sum(rewards, batch.group_sizes)
     loss = rank_sum / max(step_counts["examples"], 1)
-    stats = {"rank_sum": rank_sum.item(), "correct": correct.item(), "pairs": pairs}
+    stats = {"rank_sum": rank_sum.detach(), "correct": correct, "pairs": pairs}
     if beta_rm > 0:
         nll_sum = target_nll_sum(model, hidden, batch)
         loss = loss + beta_rm * nll_sum / max(step_counts["lm_tokens"], 1)
-        stats["nll_sum"] = nll_sum.item()
+        stats["nll_sum"] = nll_sum.detach()
     return loss, stats
 
 

@@ -15,7 +15,7 @@ from ..data.packing import PackedBatch, collate_sft
 from ..model.hf_io import load_model
 from ..model.lm_head import lm_head_logprobs
 from ..train import adapters
-from ..train.distributed import write_once
+from ..distributed import write_once
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.supervised import Stage, check_context, train
@@ -33,9 +33,9 @@ def sft_counts(batch: PackedBatch) -> dict:
 
 def sft_loss(model, batch: PackedBatch, step_counts: dict):
     """Mean NLL over the step's response tokens (this micro-batch's share of it)."""
-    hidden = model.forward_packed(batch.input_ids, batch.seqlens)          # [N, H]
+    hidden = model.forward_packed(batch.input_ids, batch.seqlens, batch.positions, batch.cu_seqlens)  # [N, H]
     nll_sum = target_nll_sum(model, hidden, batch)
-    return nll_sum / max(step_counts["tokens"], 1), {"nll_sum": nll_sum.item()}
+    return nll_sum / max(step_counts["tokens"], 1), {"nll_sum": nll_sum.detach()}
 
 
 def sft_summarize(stats: dict, counts: dict) -> dict:

@@ -5,7 +5,7 @@ model directory plus the adapters resume the run exactly), and export at the end
 Hugging Face directory the next stage or transformers loads). The reward model trains its `score`
 head in full beside the adapters (PEFT's modules_to_save; the adapters then are a SEQ_CLS directory).
 Under torchrun the adapted model is not sharded: every rank holds the frozen base whole and the
-adapters' gradients are averaged over the ranks (engine/train/distributed.py)."""
+adapters' gradients are averaged over the ranks (engine/distributed.py)."""
 from __future__ import annotations
 
 from pathlib import Path

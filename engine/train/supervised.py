@@ -4,7 +4,7 @@ A `Stage` says what differs (batch building, loss, metrics, weight I/O); `train`
 micro-batch stream with a resumable position, gradient accumulation, clipping, AdamW (mixed precision
 for bf16 weights) + schedule, held-out evaluation, driven by engine/train/loop.py.
 
-Under torchrun the model is sharded (engine/train/distributed.py) and each rank takes its own
+Under torchrun the model is sharded (engine/distributed.py) and each rank takes its own
 optim.grad_accum_steps micro-batches of data.tokens_per_batch tokens (both per rank, as in torchtune
 and TRL): a step's global batch is grad_accum_steps x world_size micro-batches, consecutive in the
 stream, rank r taking the r-th run of grad_accum_steps. The loss denominators (`step_counts`) are
@@ -13,6 +13,9 @@ summed over the ranks, so the step equals one process's with grad_accum_steps x 
 The forwards are cut apart from the data: with data.tokens_per_microbatch a rank's examples of the
 step are packed, in order, into forwards of at most that many tokens (`step_forwards`). The loss is
 divided by the step's counts, not a forward's, so the cut leaves the step's gradient as it is.
+
+A forward's stats stay on the device and add up there (floating ones in float64, as Python would
+add their values); the step reads them, its loss and its gradient norm with one host sync.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from ..config.train import DataConfig, StageConfig
 from ..data.packing import epoch_batches, pack
 from ..data.tokenization import TokenizedExample
 from ..errors import UsageError
-from . import adapters, distributed, optim
+from .. import distributed
+from . import adapters, optim
 from .checkpoint import SavedModel, Trainables
 from .loop import RunPlan, run_training
 from .runlog import peak_memory_mb
@@ -38,8 +42,9 @@ class Stage:
     """The stage-specific parts, as plain functions.
 
     counts(batch) -> denominators the batch adds to its step ({"tokens": ...}); loss(model, batch,
-    step_counts) -> (loss already divided by the step's counts, summable stats); summarize(stats,
-    counts) -> metrics (for train steps and for eval).
+    step_counts) -> (loss already divided by the step's counts, summable stats: 0-dim tensors or
+    Python numbers, read on the host once per step); summarize(stats, counts) -> metrics from the
+    stats' host values (for train steps and for eval).
     """
 
     collate: Callable
@@ -105,6 +110,28 @@ def step_forwards(stage: Stage, groups: list[list[TokenizedExample]], budget: in
     return [stage.collate(group) for group in groups]
 
 
+def add_stats(total: dict, stats: dict) -> dict:
+    """Add a forward's stats into `total` (in place; returned): tensors stay on the device, a
+    floating one in float64 so the sum is the one Python would make of the values."""
+    for name, value in stats.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            value = value.double() if value.is_floating_point() else value
+        total[name] = total[name] + value if name in total else value
+    return total
+
+
+def read_on_host(values: list) -> list:
+    """0-dim tensors (on one device) and Python numbers -> Python numbers, the tensors read with one
+    host sync: a floating tensor as a float, an integer one as an int."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return list(values)
+    host = iter(torch.stack([v.double() for v in tensors]).tolist())
+    return [(next(host) if v.is_floating_point() else int(next(host))) if isinstance(v, torch.Tensor) else v
+            for v in values]
+
+
 def to_device(batch, device: torch.device):
     return type(batch)(*(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x for x in batch))
 
@@ -115,16 +142,16 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
     returns the step's metrics over all ranks (the same on every rank, so all take the same skip).
     forwards: the most forwards any rank runs this step (default len(batches)).
     A non-finite loss or gradient skips the step on the device (optim.clip_and_step): the step is
-    queued before any metric is read."""
+    queued before any metric is read, all of them with one host sync."""
     step_counts = distributed.all_reduce_sum(sum((Counter(stage.counts(b)) for b in batches), Counter()))
-    stats = Counter()
+    stats: dict = {}
     optimizer.zero_grad(set_to_none=True)
     step_loss = torch.zeros((), device=device)
     for batch in batches:
         loss, batch_stats = stage.loss(model, to_device(batch, device), step_counts)
         (loss * distributed.world_size()).backward()  # FSDP averages over ranks; the step sums
         step_loss = step_loss + loss.detach()
-        stats.update(batch_stats)
+        add_stats(stats, batch_stats)
     # Under FSDP each forward and backward is a collective, and a token budget can cut the ranks'
     # examples into different numbers of forwards: a rank with fewer repeats its smallest one with
     # its loss times 0 (the gradient and the stats unchanged) until it ran as many as the others.
@@ -132,10 +159,12 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
     for _ in range((forwards or len(batches)) - len(batches)):
         (stage.loss(model, to_device(spare, device), step_counts)[0] * 0.0).backward()
     step_loss = distributed.all_reduce_tensor(step_loss)  # every rank decides on the same losses
-    grad_norm = float(optim.clip_and_step([optimizer], cfg.optim.max_grad_norm, step_loss)[0])
+    grad_norm = optim.clip_and_step([optimizer], cfg.optim.max_grad_norm, step_loss)[0]
+    *host_stats, grad_norm, loss_value = read_on_host([*stats.values(), grad_norm, step_loss])
     lr = scheduler.get_last_lr()[0]
-    metrics = {**stage.summarize(distributed.all_reduce_sum(stats), step_counts), "lr": lr, "grad_norm": grad_norm}
-    if not (math.isfinite(grad_norm) and math.isfinite(float(step_loss))):
+    metrics = {**stage.summarize(distributed.all_reduce_sum(dict(zip(stats, host_stats))), step_counts), "lr": lr,
+               "grad_norm": grad_norm}
+    if not (math.isfinite(grad_norm) and math.isfinite(loss_value)):
         metrics.update(skipped=True, skip_reason=f"non-finite loss or gradient (loss={metrics['loss']:.4g}, "
                                                          f"grad_norm={grad_norm:.4g})")
     optim.advance_schedule(scheduler)  # a skipped step still uses its data and its place in the schedule
@@ -151,12 +180,12 @@ def evaluate(model, stage: Stage, examples: list[TokenizedExample], cfg: StageCo
                     else (data.tokens_per_batch, "tokens_per_batch"))
     batches = [stage.collate(b) for b in epoch_batches(examples, budget, cfg.seed, 0, name)]
     counts = sum((Counter(stage.counts(b)) for b in batches), Counter())
-    stats = Counter()
+    stats: dict = {}
     model.eval()
     for batch in batches:
-        stats.update(stage.loss(model, to_device(batch, device), counts)[1])
+        add_stats(stats, stage.loss(model, to_device(batch, device), counts)[1])
     model.train()
-    return stage.summarize(stats, counts)
+    return stage.summarize(Counter(dict(zip(stats, read_on_host(list(stats.values()))))), counts)
 
 
 def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_info: dict | None = None,

@@ -22,3 +22,11 @@ def test_decoder_layer_training_launches_meet_the_30_kernel_budget(arch):
     assert fused["by_op"]["fusedrl::rope"] == fused["by_op"]["fusedrl::rope_bwd"] == 1   # q and k in one launch
     # The four projections: one GEMM each forward, two each backward (input and weight gradients).
     assert fused["by_op"].get("aten::mm", 0) + fused["by_op"].get("aten::addmm", 0) == 12, fused
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_sft_and_rm_steps_read_the_host_once(stage):
+    """The step's stats, loss and gradient norm stay on the device and are read together: one host
+    sync per optimizer step of two micro-batches (it was two per micro-batch plus two per step)."""
+    syncs = launches.supervised_step_syncs(stage)
+    assert sum(syncs.values()) == launches.BUDGETS["supervised_step_syncs"] == 1, syncs

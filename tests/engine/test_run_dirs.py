@@ -296,7 +296,8 @@ def test_two_fusedrl_runs_into_one_directory_the_second_is_refused_and_the_first
 
 CLAIM_ON_EVERY_RANK = """import os, sys
 from fusedrl.engine.config.train import TrainConfig
-from fusedrl.engine.train import distributed, run_setup
+from fusedrl.engine import distributed
+from fusedrl.engine.train import run_setup
 distributed.init_distributed("cpu", 60)
 try:
     run_setup.claim_output_dir("sft", TrainConfig(), sys.argv[1], [])

@@ -2,55 +2,23 @@
 dynamic sampling (keep only prompt groups whose scores differ, drawing more prompts until the batch
 is full) and overlong shaping (a soft penalty on responses near the length limit).
 
-Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 are group g.
+Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 are group g
+(samples.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ...config.ppo import PPOConfig
-from ...data.packing import PackedBatch
+from ... import distributed
+from ...config.ppo import RolloutConfig
 from ...inference.sampling_params import SamplingParams
-from ...train import distributed
-from .rollout import concat_packs, pack_rollout, pad_width
+from .models import PPOModels
+from .packs import pack_rollout
+from .phase_timer import PhaseTimer
+from .samples import Samples
 from .scoring import score_rows
-
-
-@dataclass
-class Samples:
-    """R = groups * n generated rows and their scores, packed once (the pack every forward of the
-    iteration reads: scoring, reference, old log-probs, values, the update)."""
-    prompts: list[list[int]]            # [R] prompt token ids of each row
-    responses: list[list[int]]          # [R] sampled response ids
-    packed: PackedBatch                 # the R rows, prompt + response, responses as targets
-    sampler_logprobs: torch.Tensor      # [R, T] fp32 the sampler's log-prob of each response token
-    scores: torch.Tensor                # [R] fp32, after overlong shaping
-    n: int                              # responses per prompt
-
-    @property
-    def groups(self) -> int:
-        return len(self.responses) // self.n
-
-    def take_groups(self, groups: list[int]) -> "Samples":
-        return self.take_rows([g * self.n + k for g in groups for k in range(self.n)])
-
-    def take_rows(self, rows: list[int]) -> "Samples":
-        """These rows (whole groups, for a group estimator: see finite_rows)."""
-        pick = torch.tensor(rows, dtype=torch.long, device=self.scores.device)
-        return Samples([self.prompts[r] for r in rows], [self.responses[r] for r in rows], self.packed.select(rows),
-                       self.sampler_logprobs.index_select(0, pick),
-                       self.scores.index_select(0, pick), self.n)
-
-    @staticmethod
-    def concat(parts: list["Samples"]) -> "Samples":
-        """The rows of each part in turn (sampling rounds: their grids widened to the widest)."""
-        packed = concat_packs([s.packed for s in parts])
-        return Samples([p for s in parts for p in s.prompts], [r for s in parts for r in s.responses], packed,
-                       torch.cat([pad_width(s.sampler_logprobs, packed.width) for s in parts]),
-                       torch.cat([s.scores for s in parts]), parts[0].n)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
@@ -69,10 +37,11 @@ def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
     return [g for g, ok in enumerate(varied) if ok]
 
 
-def sample_and_score(models, prompts: list[list[int]], cfg: PPOConfig, seed: int, timer) -> Samples:
-    """n responses per prompt from the policy's current weights (models.actor), scored by
-    models.score (and overlong-shaped); `seed` fixes the sampling; timed as "generate" and "score"."""
-    r = cfg.rollout
+def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConfig, seed: int,
+                     timer: PhaseTimer) -> Samples:
+    """r.samples_per_prompt responses per prompt from the policy's current weights (models.actor),
+    sampled as `r` says, scored by models.score (and overlong-shaped); `seed` fixes the sampling;
+    timed as "generate" and "score"."""
     params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
@@ -88,7 +57,7 @@ def sample_and_score(models, prompts: list[list[int]], cfg: PPOConfig, seed: int
 
 
 def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[list[list[int]], int], Samples],
-                 cfg: PPOConfig, seed: int) -> tuple[Samples, dict]:
+                 r: RolloutConfig, seed: int) -> tuple[Samples, dict]:
     """One iteration's samples: prompts_per_iteration groups from draw_prompts() (the next prompts
     of the stream), sampled with sample(prompts, seed). With rollout.dynamic_sampling, groups whose
     scores are all equal (no signal for a group estimator) are dropped and further prompts drawn,
@@ -97,7 +66,6 @@ def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[
 
     Under torchrun draw_prompts() gives this rank's share; the rounds and the groups kept are
     decided on the rank that keeps fewest, so every rank generates as often and keeps as many."""
-    r = cfg.rollout
     samples = sample(draw_prompts(), seed)
     if not r.dynamic_sampling:
         return samples, {}

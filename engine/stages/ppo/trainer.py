@@ -14,7 +14,7 @@ Under torchrun every model is sharded (train.data_parallel) except the adapted o
 the shared value head with lora, the LoRA critic and its trunk with critic_lora are whole on every
 rank, their adapters' gradients averaged over the ranks. Each rank samples its own
 rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); see
-rollout.py and update.py.
+experience.py and update.py; what carries from one iteration to the next, state.py.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from torch import nn
 from ...config.ppo import GRPOConfig, PPOConfig
 from ...config.train import DataConfig
 from ...data.loading import load_examples, load_prompts
-from ...data.packing import collate_sft, epoch_order
+from ...data.packing import epoch_order
 from ...errors import FusedRLError, UsageError
 from ...inference.hybrid_actor import HybridActor
 from ...model.hf_io import load_model
@@ -41,20 +41,20 @@ from ...model.causal_lm import CausalLM, rebuild_as
 from ...model.peft_io import save_adapter
 from ...model.value_model import (LoRACritic, load_value_model, save_value_model, shared_value_head,
                                   value_model_from_lm, value_model_from_reward_model)
-from ...train import adapters, distributed, optim
+from ... import distributed
+from ...train import adapters, optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
 from ...run_dir import releases_output_dir
 from ...train.run_setup import start_run
-from ...train.supervised import DataPosition, micro_batches, to_device
-from ..sft import sft_loss
-from .core import KLController, RunningMoments
+from .experience import ExperienceSettings, make_rollout
 from .models import PPOModels
 from .phase_timer import PhaseTimer
-from .rollout import make_rollout
+from .ptx import PtxLoss
 from .sampling import draw_samples, sample_and_score
 from .scoring import function_scorer, reward_model_scorer
-from .update import Optimizers, ppo_update
+from .state import Controllers, PPOState
+from .update import Optimizers, UpdateSettings, ppo_update
 
 
 class KLCeilingExceeded(StopTraining):
@@ -80,6 +80,15 @@ def prompt_indices(n_prompts: int, count: int, seed: int, start: int) -> list[in
         epoch, offset = divmod(start + len(out), n_prompts)
         out += epoch_order(n_prompts, seed, epoch)[offset:offset + count - len(out)]
     return out
+
+
+def next_prompts(prompts: list[list[int]], per_rank: int, seed: int, state: PPOState) -> list[list[int]]:
+    """This rank's `per_rank` of the stream's next per_rank x world_size prompts; advances
+    state.prompts_drawn past all of them."""
+    count = per_rank * distributed.world_size()
+    picked = prompt_indices(len(prompts), count, seed, state.prompts_drawn)
+    state.prompts_drawn += count
+    return [prompts[i] for i in picked[distributed.rank_slice(per_rank)]]
 
 
 def load_reward_fn(spec: str) -> Callable:
@@ -184,15 +193,6 @@ def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, lis
     return opts, schedules
 
 
-@dataclasses.dataclass
-class PPOState:
-    step: int = 0                 # iterations done
-    prompts_drawn: int = 0        # position in the prompt stream (dynamic sampling draws a varying number)
-    kl_coef: float = 0.0
-    moments: dict = dataclasses.field(default_factory=dict)
-    ptx: dict = dataclasses.field(default_factory=lambda: dataclasses.asdict(DataPosition()))
-
-
 def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, device, dtype) -> Trainables:
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
     optimizers and their schedules."""
@@ -208,20 +208,13 @@ def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, d
     return Trainables(saved, opts.all(), schedules, small)
 
 
-def ptx_loss_fn(cfg: PPOConfig, tokenizer, models: PPOModels, state: PPOState, device) -> Optional[Callable]:
-    """The PPO-ptx term: next-token NLL of the policy on the next demonstration micro-batch."""
+def ptx_loss(cfg: PPOConfig, tokenizer, policy: CausalLM, device) -> Optional[PtxLoss]:
+    """The PPO-ptx term on cfg.ptx_file's demonstrations (None with ppo.ptx_coef 0)."""
     if cfg.ppo.ptx_coef == 0:
         return None
     data = DataConfig(train_file=cfg.ptx_file, eval_fraction=0.0)
     examples = load_examples(data, tokenizer, "sft", cfg.seed).train
-    stream = micro_batches(examples, data.tokens_per_batch, cfg.seed, DataPosition(**state.ptx))
-
-    def loss():
-        epoch, index, batch = next(stream)
-        state.ptx.update(epoch=epoch, batch_index=index + 1)
-        batch = to_device(collate_sft(batch), device)
-        return sft_loss(models.policy, batch, {"tokens": batch.num_targets})[0]
-    return loss
+    return PtxLoss(policy, examples, data.tokens_per_batch, cfg.seed, device)
 
 
 @releases_output_dir
@@ -250,7 +243,8 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     state = PPOState(kl_coef=cfg.reward.kl_coef)
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations, eval_every=cfg.train.log_every)
     run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype), state,
-                 iteration_step(cfg, models, opts, schedules, prompts, tokenizer, device),
+                 iteration_step(cfg, models, opts, schedules, prompts, ptx_loss(cfg, tokenizer, models.policy, device),
+                                device),
                  evaluate=None if evaluate is None else lambda: evaluate(models),
                  info={"prompts": len(prompts), "truncated_prompts": truncated,
                        "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
@@ -272,45 +266,38 @@ def export_critic(cfg: PPOConfig, critic: nn.Module) -> None:
     save_value_model(critic, final)
 
 
-def iteration_step(cfg, models, opts, schedules, prompts, tokenizer, device) -> Callable[[PPOState], dict]:
-    """One PPO iteration (rollout, then update) as the training loop's step."""
-    kl_ctl = moments = ptx_loss = None  # built at the first step, from the (possibly resumed) state
+def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules: list, prompts: list[list[int]],
+                   ptx: Optional[PtxLoss], device) -> Callable[[PPOState], dict]:
+    """One PPO iteration as the training loop's step: sample and score, build the rollout, update,
+    then move the KL controller and the schedules on. What carries to the next iteration lives in
+    the loop state (state.py); the returned metrics only report."""
+    experience_settings, update_settings = ExperienceSettings.of(cfg), UpdateSettings.of(cfg)
 
     def step(state: PPOState) -> dict:
-        nonlocal kl_ctl, moments, ptx_loss
-        if kl_ctl is None:
-            kl_ctl = KLController(state.kl_coef, cfg.reward.kl_target, cfg.reward.kl_horizon)
-            moments = RunningMoments()
-            if state.moments:
-                moments.load_state_dict(state.moments)
-            ptx_loss = ptx_loss_fn(cfg, tokenizer, models, state, device)
         it = state.step
+        controllers = Controllers.restore(state, cfg.reward)
         timer = PhaseTimer(device)
-
-        def draw_prompts() -> list[list[int]]:
-            """This rank's prompts_per_iteration of the stream's next prompts_per_iteration x world_size."""
-            count = cfg.rollout.prompts_per_iteration * distributed.world_size()
-            picked = prompt_indices(len(prompts), count, cfg.seed, state.prompts_drawn)
-            state.prompts_drawn += count
-            return [prompts[i] for i in picked[distributed.rank_slice(cfg.rollout.prompts_per_iteration)]]
-
         samples, sampling_metrics = draw_samples(
-            draw_prompts, lambda batch, seed: sample_and_score(models, batch, cfg, seed, timer), cfg,
+            lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state),
+            lambda batch, seed: sample_and_score(models, batch, cfg.rollout, seed, timer), cfg.rollout,
             cfg.seed * 1_000_003 + it)
-        rollout, metrics = make_rollout(models, samples, cfg, kl_ctl.value, moments, timer)
-        metrics.update(sampling_metrics)
-        metrics["lr"] = schedules[0].get_last_lr()[0]
+        experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
+                                  timer)
+        metrics = {**experience.metrics, **sampling_metrics, "lr": schedules[0].get_last_lr()[0]}
+        rollout = experience.rollout
         if rollout is None:
-            metrics["skipped"] = True
+            metrics.update(skipped=True, skip_reason=experience.skip_reason)
         else:
-            check_kl(metrics["kl"], cfg.reward.kl_ceiling, it)
+            check_kl(experience.kl, cfg.reward.kl_ceiling, it)
             with timer.phase("train"):
-                metrics.update(ppo_update(models, opts, rollout, cfg, cfg.seed + it, ptx_loss))
+                update = ppo_update(models, opts, rollout, update_settings, cfg.seed + it,
+                                    None if ptx is None else lambda: ptx(state.ptx))
+            metrics.update(update.metrics())
             metrics["tokens_per_s_train"] = cfg.ppo.epochs * metrics["tokens"] / max(timer.seconds["train"], 1e-9)
-            if metrics["updates"] == 0:
+            if update.updates == 0:
                 metrics.update(skipped=True, skip_reason="every minibatch had a non-finite loss or gradient")
-            kl_ctl.update(metrics["kl"], rollout.mask.shape[0] * distributed.world_size())
-            state.kl_coef, state.moments = kl_ctl.value, moments.state_dict()
+            controllers.kl.update(experience.kl, rollout.mask.shape[0] * distributed.world_size())
+            controllers.save(state)
         for s in schedules:  # after the update; a skipped iteration keeps its place in the schedule too
             optim.advance_schedule(s)
         return {**metrics, **timer.metrics()}

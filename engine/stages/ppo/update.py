@@ -1,6 +1,6 @@
 """The update half of a PPO iteration: `ppo_update` (K epochs of minibatch updates of the policy
-and the critic) over a Rollout (rollout.py). It composes the kernels and engine/stages/ppo/core.py;
-no math lives here.
+and the critic) over a Rollout (rollout.py, built by experience.py). It composes the kernels and
+engine/stages/ppo/core.py; no math lives here.
 
 Minibatches and micro-batches are cut from the rollout's one pack by index. A minibatch's stats stay
 on the device until its one host read (the skip and early-stop decisions need them).
@@ -16,14 +16,44 @@ from typing import Callable, Optional
 
 import torch
 
-from ...config.ppo import PPOConfig
+from ...config.ppo import PPOConfig, UpdateConfig
 from ...data.packing import pack
-from ...train import distributed, optim, runlog
+from ... import distributed
+from ...train import optim, runlog
 from ....kernels import (aggregation_rule, importance_weights, kl_penalty, masked_mean, ppo_policy_loss,
                          ppo_value_loss)
+from .forwards import policy_forward
 from .models import PPOModels
 from .rollout import Rollout
-from .scoring import policy_forward
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """What the update reads of a PPOConfig: its ppo section, the temperature the log-probs are
+    taken at (rollout.temperature) and the constant of seq-mean-token-sum-norm (ppo.loss_agg_norm,
+    default rollout.max_new_tokens)."""
+    ppo: UpdateConfig
+    temperature: float
+    loss_agg_norm: float
+
+    @classmethod
+    def of(cls, cfg: PPOConfig) -> "UpdateSettings":
+        return cls(cfg.ppo, cfg.rollout.temperature, cfg.ppo.loss_agg_norm or cfg.rollout.max_new_tokens)
+
+
+@dataclass
+class UpdateResult:
+    """What ppo_update did: minibatch updates taken and skipped (a non-finite loss or gradient),
+    epochs run (fewer when the approx KL stopped them early), and each minibatch stat's mean over
+    the updates taken."""
+    updates: int
+    skipped_updates: int
+    epochs_done: int
+    means: dict
+
+    def metrics(self) -> dict:
+        return {**self.means, "updates": self.updates, "skipped_updates": self.skipped_updates,
+                "epochs_done": self.epochs_done}
 
 
 @dataclass
@@ -69,10 +99,10 @@ def microbatch_rows(seqlens: list[int], rows_per_microbatch: Optional[int],
     return [list(range(start, min(start + size, len(seqlens)))) for start in range(0, len(seqlens), size)]
 
 
-def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
+def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
                        ptx_loss: Optional[Callable]) -> dict:
-    """Forward and backward of one minibatch, in micro-batches of cfg.ppo.microbatch_size rows or
-    of cfg.ppo.tokens_per_microbatch tokens (see microbatch_rows).
+    """Forward and backward of one minibatch, in micro-batches of ppo.microbatch_size rows or
+    of ppo.tokens_per_microbatch tokens (see microbatch_rows).
 
     Each micro-batch's loss is weighted by its share of the minibatch's aggregation units (see
     aggregation_units; for the policy loss, of the tokens the masked IS correction keeps; valid
@@ -81,7 +111,7 @@ def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
     (0-dim tensors on the device, summed over the ranks), "loss" the whole objective (the same on
     every rank: a non-finite one must skip the update).
     """
-    p = cfg.ppo
+    p = s.ppo
     kept = batch.mask
     if p.is_mode == "mis":
         kept = importance_weights(batch.old_logprobs, batch.sampler_logprobs, kept, mode="mis",
@@ -99,7 +129,7 @@ def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
         # A micro-batch's share of the global minibatch's units (1 for the sums, which add up as they are).
         weights = {kind: 1.0 if u is None else (u if pick is None else u.index_select(0, pick)).sum() / totals_of[kind]
                    for kind, u in units.items()}
-        loss, stats = minibatch_loss(models, micro, cfg, weights)
+        loss, stats = minibatch_loss(models, micro, s, weights)
         (loss * distributed.world_size()).backward()  # FSDP averages over ranks; the minibatch sums
         total_loss = total_loss + loss.detach()
         for name, value in stats.items():
@@ -123,16 +153,15 @@ def minibatch_backward(models: PPOModels, batch: Rollout, cfg: PPOConfig,
     return totals
 
 
-def minibatch_loss(models: PPOModels, batch: Rollout, cfg: PPOConfig, weights: Optional[dict] = None):
+def minibatch_loss(models: PPOModels, batch: Rollout, s: UpdateSettings, weights: Optional[dict] = None):
     """The PPO objective on (a micro-batch of) a minibatch: (loss, stats of 0-dim tensors).
 
     weights (default 1 each): "policy" and "value" scale those losses, "token" the token-mean
     KL and entropy terms (the micro-batch's shares, see minibatch_backward).
     """
-    p = cfg.ppo
+    p, norm = s.ppo, s.loss_agg_norm
     w = {"policy": 1.0, "value": 1.0, "token": 1.0, **(weights or {})}
-    norm = p.loss_agg_norm or cfg.rollout.max_new_tokens
-    logp, entropy, values = policy_forward(models, batch.packed, cfg.rollout.temperature, with_entropy=p.ent_coef > 0)
+    logp, entropy, values = policy_forward(models, batch.packed, s.temperature, with_entropy=p.ent_coef > 0)
     policy_loss, stats = ppo_policy_loss(
         logp, batch.old_logprobs, batch.advantages, batch.mask, clip_eps=p.clip_eps, clip_eps_high=p.clip_eps_high,
         dual_clip=p.dual_clip, agg=p.agg, loss_agg_norm=norm, ratio_level=p.ratio_level,
@@ -154,21 +183,23 @@ def minibatch_loss(models: PPOModels, batch: Rollout, cfg: PPOConfig, weights: O
     return loss, stats
 
 
-def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, cfg: PPOConfig, seed: int,
-               ptx_loss: Optional[Callable] = None) -> dict:
-    """cfg.ppo.epochs passes of shuffled minibatch updates; a non-finite loss or gradient skips
-    that update (and is counted), an approx KL past cfg.ppo.max_approx_kl ends the epochs early.
-    One host sync per minibatch (its stats, norms and skip flag read together)."""
+def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: UpdateSettings, seed: int,
+               ptx_loss: Optional[Callable] = None) -> UpdateResult:
+    """ppo.epochs passes of shuffled minibatch updates; a non-finite loss or gradient skips that
+    update (and is counted), an approx KL past ppo.max_approx_kl ends the epochs early. ptx_loss():
+    the PPO-ptx term, added to each minibatch's loss. One host sync per minibatch (its stats, norms
+    and skip flag read together)."""
+    p = s.ppo
     rows = rollout.mask.shape[0]
-    minibatch = cfg.ppo.minibatch_size  # this rank's rows of one (the global minibatch: x world_size)
+    minibatch = p.minibatch_size  # this rank's rows of one (the global minibatch: x world_size)
     order_rng = torch.Generator().manual_seed(seed)
     totals, updates, skipped, epochs_done = Counter(), 0, 0, 0
-    for _ in range(cfg.ppo.epochs):
+    for _ in range(p.epochs):
         order = torch.randperm(rows, generator=order_rng).tolist()  # a host tensor: no device sync
         stop = False
         for start in range(0, rows, minibatch):
             optimizers.zero_grad()
-            stats = minibatch_backward(models, rollout.rows(order[start:start + minibatch]), cfg, ptx_loss)
+            stats = minibatch_backward(models, rollout.rows(order[start:start + minibatch]), s, ptx_loss)
             norms = optimizers.clip_and_step(stats["loss"])
             host = runlog.host_values({**stats, "grad_norm": norms[0], "stepped": torch.isfinite(norms).all()})
             if not host.pop("stepped"):  # the step was skipped on the device
@@ -176,12 +207,11 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, cfg:
                 continue
             updates += 1
             totals.update(host)
-            if cfg.ppo.max_approx_kl > 0 and host["approx_kl"] > cfg.ppo.max_approx_kl:
+            if p.max_approx_kl > 0 and host["approx_kl"] > p.max_approx_kl:
                 stop = True
                 break
         epochs_done += 1
         if stop:
             break
     optimizers.zero_grad()
-    return {**{k: v / max(updates, 1) for k, v in totals.items()},
-            "updates": updates, "skipped_updates": skipped, "epochs_done": epochs_done}
+    return UpdateResult(updates, skipped, epochs_done, {k: v / max(updates, 1) for k, v in totals.items()})

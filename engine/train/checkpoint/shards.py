@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ...durable import CorruptDirectory
-from .. import distributed
+from ... import distributed
 
 _FILE = re.compile(r"rank-\d{5}\.safetensors")
 PYTHON_RNG = "python_rng"  # the metadata key of a rank file holding python's RNG state (JSON)

@@ -11,7 +11,7 @@ from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.runner import kv_bytes_per_block
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.invariant import BatchInvariant
-from fusedrl.engine.stages.ppo.rollout import pack_rollout
+from fusedrl.engine.stages.ppo.packs import pack_rollout
 from engine_testing import make_hf_model, make_tokenizer, random_prompts
 from invariant_testing import one_thread  # noqa: F401 (autouse fixture)
 

@@ -55,7 +55,7 @@ class FixedRewardModel(nn.Module):
         self.lm_head = nn.Linear(3, 4, bias=False)
         nn.init.zeros_(self.lm_head.weight)
 
-    def forward_packed(self, input_ids, seqlens):
+    def forward_packed(self, input_ids, seqlens, positions=None, cu_seqlens=None):
         return torch.ones(len(input_ids), 3)
 
     def raw_rewards(self, hidden, seqlens):

@@ -1,8 +1,8 @@
-"""engine/train/distributed.py without torchrun (one process: every helper is the identity) and
+"""engine/distributed.py without torchrun (one process: every helper is the identity) and
 the even split of a global batch over ranks."""
 import torch
 
-from fusedrl.engine.train import distributed
+from fusedrl.engine import distributed
 
 
 def test_one_process_is_the_plain_program(monkeypatch):

@@ -7,8 +7,8 @@ from transformers import AutoTokenizer
 
 from fusedrl.engine.config.ppo import UpdateConfig
 from fusedrl.engine.stages.ppo.trainer import build_models
-from fusedrl.engine.stages.ppo.scoring import policy_forward
-from fusedrl.engine.stages.ppo.update import minibatch_loss
+from fusedrl.engine.stages.ppo.forwards import policy_forward
+from fusedrl.engine.stages.ppo.update import UpdateSettings, minibatch_loss
 from fusedrl.kernels import use_backend
 from engine_testing import random_prompts
 from test_ppo import config, low_id_fraction, rollout_of, setup, vowel_fraction  # noqa: F401 (fixture)
@@ -27,7 +27,7 @@ def test_first_update_ratio_is_exactly_one(setup, critic):
         assert rollout.old_logprobs.grad_fn is None   # scored with autograd off
         logp, _, _ = policy_forward(models, rollout.packed, cfg.rollout.temperature, with_entropy=True)
         assert logp.requires_grad   # the update's forward, differentiable
-        _, stats = minibatch_loss(models, rollout, cfg)
+        _, stats = minibatch_loss(models, rollout, UpdateSettings.of(cfg))
     mask = rollout.mask
     assert mask.sum() > 10
     assert torch.equal(logp.detach()[mask], rollout.old_logprobs[mask])   # exp(0) = 1 on every token

@@ -12,10 +12,11 @@ from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, PPOConfig, RewardC
 from fusedrl.engine.stages.ppo.core import RunningMoments
 from fusedrl.engine.stages.ppo.sampling import sample_and_score
 from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
-from fusedrl.engine.stages.ppo.update import microbatch_rows, minibatch_backward, ppo_update
+from fusedrl.engine.stages.ppo.update import UpdateSettings, microbatch_rows, minibatch_backward, ppo_update
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
-from fusedrl.engine.stages.ppo.rollout import make_rollout, pack_rollout
-from fusedrl.engine.stages.ppo.scoring import policy_forward, response_logprobs
+from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollout
+from fusedrl.engine.stages.ppo.packs import pack_rollout
+from fusedrl.engine.stages.ppo.forwards import policy_forward, response_logprobs
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import VOCAB, random_prompts
 from train_testing import checkpoint_data, copy_checkpoint, save_tiny_model, write_jsonl
@@ -55,8 +56,9 @@ def config(root, policy_dir, prompts, name, **fields):
 def rollout_of(models, prompts, cfg, kl_coef, seed=0):
     """Sample, score and build the rollout of `prompts`, as one iteration does."""
     timer = PhaseTimer(torch.device("cpu"))
-    samples = sample_and_score(models, prompts, cfg, seed, timer)
-    return make_rollout(models, samples, cfg, kl_coef, RunningMoments(), timer)
+    samples = sample_and_score(models, prompts, cfg.rollout, seed, timer)
+    experience = make_rollout(models, samples, ExperienceSettings.of(cfg), kl_coef, RunningMoments(), timer)
+    return experience.rollout, experience.metrics
 
 
 def test_pack_rollout_positions():
@@ -106,7 +108,7 @@ def test_hybrid_actor_generates_from_the_trained_weights(setup):
     rollout, metrics = rollout_of(models, random_prompts([4, 6]), cfg, 0.05)
     # The sampler's log-probs are the training forward's, from the same weights (fp32 on CPU).
     assert metrics["logprob_mismatch_max"] < 1e-4
-    ppo_update(models, opts, rollout, cfg, seed=0)
+    ppo_update(models, opts, rollout, UpdateSettings.of(cfg), seed=0)
     rollout2, metrics2 = rollout_of(models, random_prompts([4, 6]), cfg, 0.05)
     assert metrics2["logprob_mismatch_max"] < 1e-4                      # generation saw the update
     assert not torch.allclose(rollout2.old_logprobs, rollout.old_logprobs)
@@ -123,7 +125,7 @@ def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     models.score = low_id_fraction
     opts, _ = build_optimizers(models, cfg)
     rollout, _ = rollout_of(models, random_prompts([5, 3, 7, 4], seed=10), cfg, 0.0)
-    assert ppo_update(models, opts, rollout, cfg, seed=0)["updates"] == 1
+    assert ppo_update(models, opts, rollout, UpdateSettings.of(cfg), seed=0).updates == 1
     with torch.no_grad():
         new_logp, _, _ = policy_forward(models, rollout.packed, cfg.rollout.temperature, with_entropy=False)
     change = (new_logp - rollout.old_logprobs)[rollout.mask]
@@ -160,7 +162,7 @@ def test_microbatches_accumulate_the_minibatch_gradient(setup, agg, options):
         micro_cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_prompt_length=6),
                                         ppo=dataclasses.replace(cfg.ppo, microbatch_size=microbatch_size,
                                                                 tokens_per_microbatch=tokens_per_microbatch))
-        stats = minibatch_backward(models, rollout, micro_cfg, None)
+        stats = minibatch_backward(models, rollout, UpdateSettings.of(micro_cfg), None)
         return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params]), stats
 
     whole, whole_stats = gradient()
@@ -197,7 +199,7 @@ def test_a_token_budget_under_torchrun_is_refused_before_anything_loads(setup, m
     """Ranks cutting their own rollouts by tokens could run different numbers of forwards, each a
     collective under data parallelism: refused as a usage error, before any model loads."""
     from fusedrl.engine.errors import UsageError
-    from fusedrl.engine.train import distributed
+    from fusedrl.engine import distributed
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     cfg = config(*setup, "budget_dp", ppo=UpdateConfig(epochs=2, minibatch_size=4, tokens_per_microbatch=512))
     with pytest.raises(UsageError, match=r"ppo.tokens_per_microbatch=512 under torchrun \(2 ranks\)"):
@@ -220,7 +222,7 @@ def test_non_finite_loss_skips_the_update(setup):
     before = {k: v.clone() for k, v in models.policy.state_dict().items()}
     rollout, _ = rollout_of(models, random_prompts([4, 6]), cfg, 0.05)
     rollout.advantages.fill_(float("nan"))  # NaN scores are dropped before this point: poison the loss itself
-    metrics = ppo_update(models, opts, rollout, cfg, seed=0)
+    metrics = ppo_update(models, opts, rollout, UpdateSettings.of(cfg), seed=0).metrics()
     assert metrics["updates"] == 0 and metrics["skipped_updates"] == 4      # 2 epochs x 2 minibatches
     assert all(torch.equal(before[k], v) for k, v in models.policy.state_dict().items())
 

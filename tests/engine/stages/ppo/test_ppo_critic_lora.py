@@ -91,7 +91,7 @@ def test_rewards_come_from_the_reward_model_with_the_critic_adapters_off(setup, 
         for _, a, b in critic.lora.named_targets():
             a.normal_(0, 0.1)
             b.normal_(0, 0.1)
-    samples = sample_and_score(models, random_prompts([4, 6], seed=1), cfg, seed=0,
+    samples = sample_and_score(models, random_prompts([4, 6], seed=1), cfg.rollout, seed=0,
                                timer=PhaseTimer(torch.device("cpu")))
     packed = samples.packed
     rm = load_reward_model(rm_dir, dtype="float32")

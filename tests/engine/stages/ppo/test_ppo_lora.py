@@ -9,9 +9,9 @@ from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.peft_io import WEIGHTS_FILE
-from fusedrl.engine.stages.ppo.scoring import policy_forward, reference_logprobs, response_logprobs
+from fusedrl.engine.stages.ppo.forwards import policy_forward, reference_logprobs, response_logprobs
 from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
-from fusedrl.engine.stages.ppo.update import ppo_update
+from fusedrl.engine.stages.ppo.update import UpdateSettings, ppo_update
 from engine_testing import random_prompts
 from train_testing import checkpoint_data
 from test_ppo import config, rollout_of, run_straight_and_resumed, setup, vowel_fraction  # noqa: F401 (fixture)
@@ -60,7 +60,7 @@ def test_the_reference_is_the_base_model_while_the_adapters_train(setup):
         rollout, metrics = rollout_of(models, random_prompts([4, 6], seed=seed), cfg, 0.05, seed=seed)
         # The paged decode applies the adapters too: the sampler's log-probs are the training forward's.
         assert metrics["logprob_mismatch_max"] < 1e-4
-        assert ppo_update(models, opts, rollout, cfg, seed=seed)["updates"] > 0
+        assert ppo_update(models, opts, rollout, UpdateSettings.of(cfg), seed=seed).updates > 0
     assert all(torch.equal(v, models.policy.state_dict()[k]) for k, v in frozen.items())
     base = load_model(policy_dir, dtype="float32")
     with torch.no_grad():

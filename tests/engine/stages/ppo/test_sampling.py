@@ -4,8 +4,9 @@ import torch
 
 from fusedrl.engine.config.ppo import GRPOConfig, PPOConfig, RolloutConfig
 from fusedrl.engine.stages.ppo.core import group_token_advantages
-from fusedrl.engine.stages.ppo.rollout import concat_packs, pack_rollout
-from fusedrl.engine.stages.ppo.sampling import Samples, draw_samples, overlong_penalty, varied_groups
+from fusedrl.engine.stages.ppo.packs import concat_packs, pack_rollout
+from fusedrl.engine.stages.ppo.samples import Samples
+from fusedrl.engine.stages.ppo.sampling import draw_samples, overlong_penalty, varied_groups
 
 
 def grpo_config(**rollout):
@@ -46,7 +47,7 @@ def test_dynamic_sampling_draws_until_the_batch_is_full():
     prompts = iter([[[1]], [[2]]] + [[[3]], [[4]]] + [[[5]], [[6]]])
     stream = lambda: [next(prompts)[0], next(prompts)[0]]  # noqa: E731  (two prompts per draw)
     # round 1: groups (1, 1) dropped, (0, 1) kept; round 2: (2, 2) dropped, (0, 3) kept -> full
-    samples, metrics = draw_samples(stream, fake_sampler([[1, 1, 0, 1], [2, 2, 0, 3]]), cfg, seed=0)
+    samples, metrics = draw_samples(stream, fake_sampler([[1, 1, 0, 1], [2, 2, 0, 3]]), cfg.rollout, seed=0)
     assert samples.prompts == [[2], [2], [4], [4]] and samples.scores.tolist() == [0, 1, 0, 3]
     # The kept rows' pack and sampler log-probs, cut from each round's and joined on the widest grid.
     assert samples.packed.seqlens == [1 + 3, 1 + 1, 1 + 3, 1 + 1] and samples.packed.width == 3
@@ -57,9 +58,9 @@ def test_dynamic_sampling_draws_until_the_batch_is_full():
 def test_dynamic_sampling_stops_at_its_cap_with_what_it_has():
     cfg = grpo_config(dynamic_sampling=True, max_sampling_rounds=2)
     stream = lambda: [[1], [2]]  # noqa: E731
-    samples, metrics = draw_samples(stream, fake_sampler([[1, 1, 1, 1], [0, 0, 0, 5]]), cfg, seed=0)
+    samples, metrics = draw_samples(stream, fake_sampler([[1, 1, 1, 1], [0, 0, 0, 5]]), cfg.rollout, seed=0)
     assert samples.groups == 1 and samples.scores.tolist() == [0, 5] and metrics["sampling_rounds"] == 2
-    samples, _ = draw_samples(stream, fake_sampler([[1, 1, 1, 1], [0, 0, 2, 2]]), cfg, seed=0)
+    samples, _ = draw_samples(stream, fake_sampler([[1, 1, 1, 1], [0, 0, 2, 2]]), cfg.rollout, seed=0)
     assert samples.groups == 0     # nothing to learn from: the trainer skips the iteration
 
 
@@ -78,7 +79,7 @@ def test_concatenated_packs_equal_one_pack_of_all_rows():
 
 
 def test_without_dynamic_sampling_every_group_is_kept():
-    samples, metrics = draw_samples(lambda: [[1], [2]], fake_sampler([[1, 1, 0, 0]]), grpo_config(), seed=0)
+    samples, metrics = draw_samples(lambda: [[1], [2]], fake_sampler([[1, 1, 0, 0]]), grpo_config().rollout, seed=0)
     assert samples.groups == 2 and metrics == {}
 
 

@@ -1,0 +1,154 @@
+"""Experience building, between sampling and the update: scored samples -> a Rollout (reference
+and old log-probs, values, shaped rewards, advantages) and its metrics. Critic-free estimators
+(GRPO and kin) take each row's group-relative advantage instead of GAE over the critic's values.
+
+Under torchrun each rank holds its share of the rollout's rows (the same number on every rank: rows
+dropped on one rank are balanced by dropping as many whole groups on the others); statistics that
+shape the update (score normalization, advantage whitening, the group baseline of
+reinforce_pp_baseline, the KL that drives the controller) and the metrics are taken over all ranks:
+fusedrl.kernels' statistics with `sum_over` the ranks' sum (distributed.data_parallel_sum).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ... import distributed
+from ...config.ppo import PPOConfig
+from ...train import runlog
+from ....kernels import GROUP_ESTIMATORS, explained_variance, kl_penalty, masked_mean, masked_moments
+from .core import RunningMoments, advantages_and_returns, finite_rows, group_token_advantages, shape_rewards
+from .forwards import policy_forward, reference_logprobs
+from .models import PPOModels
+from .phase_timer import PhaseTimer
+from .rollout import Rollout
+from .samples import Samples
+
+
+@dataclass(frozen=True)
+class ExperienceSettings:
+    """What experience building reads of a PPOConfig (the fields' help is there)."""
+    temperature: float              # rollout.temperature: log-probs at the sampling temperature
+    exact: bool                     # rollout.exact: old log-probs in the actor's batch-invariant mode
+    kl_estimator: str               # reward.kl_estimator: the per-token KL in the reward
+    normalize_scores: bool          # reward.normalize: by the running moments of the scores
+    score_clip: Optional[float]     # reward.clip
+    estimator: str                  # ppo.estimator
+    gamma: float                    # ppo.gamma
+    lam: float                      # ppo.lam
+    whiten_advantages: bool         # ppo.whiten_advantages (critic estimators)
+
+    @classmethod
+    def of(cls, cfg: PPOConfig) -> "ExperienceSettings":
+        r, w, p = cfg.rollout, cfg.reward, cfg.ppo
+        return cls(r.temperature, r.exact, w.kl_estimator, w.normalize, w.clip, p.estimator, p.gamma, p.lam,
+                   p.whiten_advantages)
+
+
+@dataclass
+class Experience:
+    """An iteration's experience: the Rollout, or None with the reason when no row is left; the
+    KL per sequence to the reference over all ranks (the KL controller and the ceiling read it;
+    NaN without a rollout); the metrics to log."""
+    rollout: Optional[Rollout]
+    metrics: dict
+    kl: float = math.nan
+    skip_reason: Optional[str] = None
+
+
+def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_coef: float,
+                 moments: RunningMoments, timer: PhaseTimer) -> Experience:
+    """Turn scored samples into a Rollout (reference and old log-probs, values, shaped rewards at
+    KL coefficient `kl_coef`, advantages); `moments` normalize the scores with s.normalize_scores
+    (and are updated). Returns it with its KL and metrics (read with one host sync, besides the
+    finite-score check's and, with s.normalize_scores, the running moments').
+
+    Rows whose score is not finite are dropped before anything else sees them (with a group
+    estimator, their whole group; counted in `dropped_rows`); the Rollout is None when no row is
+    left (every score non-finite, or dynamic sampling found no group to learn from), and
+    `skip_reason` then says why.
+    """
+    group = samples.n if s.estimator in GROUP_ESTIMATORS else None
+    keep = finite_rows(samples.scores, group)
+    unit = group or 1  # whole groups: every rank keeps as many rows as the rank that keeps fewest
+    keep = keep[:distributed.min_over_ranks(len(keep) // unit) * unit]
+    dropped = distributed.all_reduce_sum({"dropped_rows": len(samples.responses) - len(keep),
+                                          "drawn_rows": len(samples.responses)})
+    if not keep:
+        reason = ("no prompt group had scores that differ (dynamic sampling)" if not dropped["drawn_rows"]
+                  else f"all {dropped['drawn_rows']} scores were NaN or inf" if distributed.world_size() == 1
+                  else "some rank had no finite score left (ranks keep equal numbers of rows)")
+        return Experience(None, {"dropped_rows": dropped["dropped_rows"]}, skip_reason=reason)
+    if len(keep) < len(samples.responses):
+        samples = samples.take_rows(keep)
+    packed = samples.packed
+    mask = packed.grid_mask()                                                  # [R, T]
+    scores = samples.scores
+    with timer.phase("reference"):
+        ref_logp = reference_logprobs(models, packed, s.temperature)
+    with timer.phase("old"), torch.no_grad():
+        old_logp, entropy, old_values = policy_forward(models, packed, s.temperature, with_entropy=True,
+                                                       exact=s.exact)
+    kl = kl_penalty(old_logp, ref_logp, estimator=s.kl_estimator, mask=mask)
+    ranks = distributed.data_parallel_sum()
+    shaped = (distributed.own_rows(moments.normalize(distributed.gather_rows(scores))) if s.normalize_scores
+              else scores)
+    if s.score_clip is not None:
+        shaped = shaped.clamp(-s.score_clip, s.score_clip)
+    rewards = shape_rewards(kl, shaped, mask, kl_coef)
+    with_values = old_values is not None
+    if not with_values:  # critic-free: each row's group-relative advantage on all its tokens
+        advantages = group_token_advantages(shaped, mask, samples.n, s.estimator, sum_over=ranks)
+        old_values = returns = torch.zeros_like(advantages)
+    else:
+        advantages, returns = advantages_and_returns(
+            rewards, old_values, mask, estimator=s.estimator, gamma=s.gamma, lam=s.lam,
+            whiten=s.whiten_advantages, sum_over=ranks)
+    rollout = Rollout(packed, mask, samples.sampler_logprobs, old_logp, ref_logp, old_values, scores, rewards,
+                      advantages, returns)
+    metrics = rollout_metrics(rollout, kl, entropy, with_values, timer)
+    return Experience(rollout, {**metrics, "kl_coef": kl_coef, "dropped_rows": dropped["dropped_rows"]},
+                      kl=metrics["kl"])
+
+
+def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, with_values: bool,
+                    timer: PhaseTimer) -> dict:
+    """The rollout's metrics over all ranks: computed on the device in float64, read with one host sync."""
+    ranks, mask = distributed.data_parallel_sum(), rollout.mask
+
+    def mean(x, valid=None):
+        return masked_mean(x.double(), valid, sum_over=ranks)
+
+    def std(x):
+        return masked_moments(x.double(), unbiased=False, sum_over=ranks)[1].sqrt()
+
+    def total(x):
+        return distributed.all_reduce_tensor(x.sum().double())
+
+    mismatch = (rollout.sampler_logprobs - rollout.old_logprobs).abs()  # exactly 0 with rollout.exact
+    reward_rows = rollout.rewards.sum(-1)
+    metrics = runlog.host_values({
+        "score_mean": mean(rollout.scores), "score_std": std(rollout.scores),
+        "reward_mean": mean(reward_rows), "reward_std": std(reward_rows),
+        "kl": mean(kl.sum(-1)),
+        "entropy": mean(entropy, mask),
+        "response_length": mean(mask.sum(-1)),
+        **({"explained_variance": explained_variance(rollout.old_values.double(), rollout.returns.double(), mask,
+                                                     sum_over=ranks)} if with_values else {}),
+        "mean_logprob": mean(rollout.old_logprobs, mask),
+        "logprob_mismatch": mean(mismatch, mask),
+        "logprob_mismatch_max": distributed.all_reduce_tensor(
+            torch.where(mask, mismatch.double(), float("-inf")).max(), op="max"),
+        "logprob_mismatch_tokens": total((mismatch != 0) & mask), "tokens": total(mask),
+    })
+    metrics["perplexity"] = math.exp(-metrics.pop("mean_logprob"))
+    tokens = metrics["tokens"] = int(metrics["tokens"])
+    metrics["logprob_mismatch_tokens"] = int(metrics["logprob_mismatch_tokens"])
+    # Per rank, for the balance of the ranks' work (a gather, only under torchrun).
+    metrics["tokens_per_rank"] = [tokens] if distributed.world_size() == 1 else distributed.all_gather(
+        int(mask.sum()))
+    metrics["tokens_per_s_generate"] = tokens / max(timer.seconds["generate"], 1e-9)
+    return metrics

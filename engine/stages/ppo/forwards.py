@@ -1,0 +1,61 @@
+"""The token-level forwards of a PPO iteration over a rollout's one pack (its ids, positions and
+sequence boundaries): log-probs and entropies of the policy and the reference, values of the critic."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ... import distributed
+from ...data.packing import PackedBatch
+from ...model.invariant import BatchInvariant
+from ...model.lm_head import lm_head_logprobs
+from .models import PPOModels
+
+
+def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_entropy: bool = False,
+                      value_head: torch.nn.Module | None = None, invariant: BatchInvariant | None = None):
+    """One packed forward of a causal LM over the rollout.
+
+    Returns (logp [R, T], entropy [R, T] or None, values [R, T] or None): log-probs of the response
+    tokens under softmax(logits / temperature) through the fused LM-head kernel, and when a value
+    head sharing the trunk is given, its value at each response token's predicting position.
+    invariant: run the forward and head in that batch-invariant mode instead (no autograd needed):
+    the log-probs then equal, bit for bit, those of a sampler in the same mode.
+    """
+    if invariant is None:
+        hidden = model.forward_packed(packed.input_ids, packed.seqlens, packed.positions,
+                                      packed.cu_seqlens)                       # [N, H]
+        h = hidden.index_select(0, packed.target_rows)                         # [M, H]
+        out = lm_head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
+                               with_entropy=with_entropy)
+    else:
+        # The mode reads the parameters directly, past FSDP's forward hooks: whole weights while it runs.
+        with distributed.gathered(model):
+            hidden = invariant.packed_hidden(model, packed.input_ids, packed.seqlens)
+            h = hidden.index_select(0, packed.target_rows)
+            out = invariant.head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
+                                          with_entropy=with_entropy)
+    logp, entropy = out if with_entropy else (out, None)
+    values = None if value_head is None else packed.to_grid(value_head(h).squeeze(-1).float())
+    return packed.to_grid(logp), None if entropy is None else packed.to_grid(entropy), values
+
+
+def policy_forward(models: PPOModels, packed: PackedBatch, temperature: float, with_entropy: bool,
+                   exact: bool = False):
+    """(logp, entropy or None, values or None when critic-free) [R, T] of the policy and critic
+    on a packed rollout; exact: the policy in the actor's batch-invariant mode (rollout.exact)."""
+    logp, entropy, values = response_logprobs(models.policy, packed, temperature, with_entropy=with_entropy,
+                                              value_head=models.value_head,
+                                              invariant=models.actor.batch_invariant if exact else None)
+    if models.critic is not None:
+        values = models.critic.response_values(packed)
+    return logp, entropy, values
+
+
+def reference_logprobs(models: PPOModels, packed: PackedBatch, temperature: float) -> torch.Tensor:
+    """logp [R, T] of the frozen reference on a packed rollout (no gradient); with LoRA, the policy
+    with its adapters off."""
+    lora = models.lora
+    with torch.no_grad(), (lora.disabled() if lora is not None else contextlib.nullcontext()):
+        return response_logprobs(models.reference or models.policy, packed, temperature)[0]

@@ -1,0 +1,50 @@
+"""A rollout's pack: its R prompt + response rows packed once for every training forward, the
+response tokens as targets on an [R, T] grid (T the longest response), and packs of several
+sampling rounds joined on the widest grid."""
+from __future__ import annotations
+
+import torch
+
+from ...data.packing import PackedBatch, pack_sequences
+
+
+def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
+                 width: int | None = None) -> PackedBatch:
+    """Pack prompt + response pairs, the response tokens as targets on an [R, width] grid
+    (default width: the longest response)."""
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"pack_rollout: need as many responses as prompts (> 0), got "
+                         f"{len(prompts)} prompts and {len(responses)} responses")
+    width = width or max(len(r) for r in responses)
+    for r, (prompt, response) in enumerate(zip(prompts, responses)):
+        if not prompt or not response or len(response) > width:
+            raise ValueError(f"pack_rollout: row {r} has {len(prompt)} prompt and {len(response)} "
+                             f"response tokens; both must be >= 1 and the response <= width {width}")
+    return pack_sequences([(p, r, True) for p, r in zip(prompts, responses)], width=width, device=device)
+
+
+def concat_packs(parts: list[PackedBatch]) -> PackedBatch:
+    """Rollout packs one after the other (e.g. dynamic sampling's rounds), on the widest grid.
+    Offsets are added on the device; the lengths are host lists (no sync)."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.width for p in parts)
+    token_offset = row_offset = 0
+    rows, grids = [], []
+    for p in parts:
+        rows.append(p.target_rows + token_offset)
+        # A target at (row, column) of its part's grid moves to (row + row_offset, column) of the wider one.
+        grids.append(torch.div(p.grid_index, p.width, rounding_mode="floor") * width
+                     + p.grid_index % p.width + row_offset * width)
+        token_offset, row_offset = token_offset + sum(p.seqlens), row_offset + len(p.seqlens)
+    seqlens = [n for p in parts for n in p.seqlens]
+    cu = torch.tensor([0] + seqlens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return PackedBatch(torch.cat([p.input_ids for p in parts]), seqlens, torch.cat(rows),
+                       torch.cat([p.target_ids for p in parts]), [n for p in parts for n in p.target_counts], [],
+                       torch.cat(grids), width, torch.cat([p.positions for p in parts]),
+                       cu.to(parts[0].input_ids.device))
+
+
+def pad_width(grid: torch.Tensor, width: int) -> torch.Tensor:
+    """[R, T] -> [R, width] (width >= T), zeros on the right."""
+    return torch.nn.functional.pad(grid, (0, width - grid.shape[1]))
