@@ -155,7 +155,7 @@ def supervised_step_syncs(stage_name: str) -> dict:
     common = dict(model="-", output_dir="-", data=DataConfig(train_file="-"))
     if stage_name == "sft":
         cfg, model = SFTConfig(**common), lm
-        stage = sft_stage("-", torch.float32, "cpu")
+        stage = sft_stage(torch.float32, "cpu")
         examples = [TokenizedExample([5, 6, 7], ([8, 9],)), TokenizedExample([10, 11], ([12, 13, 14, 15],))]
     else:
         cfg, model = RMConfig(**common, beta_rm=0.5), reward_model_from_lm(lm)

@@ -202,9 +202,8 @@ def _check(x, weight, eps, residual):
     checks.check_nonnegative("rms_norm", "eps", eps)
     if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
         raise ValueError(f"rms_norm: x (and residual) must be contiguous, got x strides {x.stride()}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match x "
-                         f"{tuple(x.shape)} {x.dtype}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}: "
                          f"expected [{x.shape[-1]}]")
@@ -213,12 +212,15 @@ def _check(x, weight, eps, residual):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
     """RMSNorm over the last dim of x [..., C] with weight [C]; differentiable in x, residual and weight.
 
-    Without residual: y [..., C]. With residual [..., C] (x's shape and dtype): (y, s) where s = x +
-    residual, the normalized input and the next residual stream; nothing is modified in place.
+    Without residual: y [..., C]. With residual [..., C] (x's shape; x's dtype on the fused kernels):
+    (y, s) where s = x + residual, the normalized input and the next residual stream; nothing is
+    modified in place.
     """
     _check(x, weight, eps, residual)
-    if backend_for(x) == "torch":
+    if backend_for(x) == "torch":  # promotes mixed dtypes as eager PyTorch does (autocast's bf16 x, fp32 residual)
         return reference.rms_norm(x, weight, eps, residual)
+    if residual is not None and residual.dtype != x.dtype:
+        raise ValueError(f"rms_norm: residual {residual.dtype} must have x's dtype {x.dtype} on the fused kernels")
     if residual is None:
         return _rms_norm_op(x, weight, eps)
     return _add_rms_norm_op(x, residual, weight, eps)

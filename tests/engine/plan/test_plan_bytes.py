@@ -12,7 +12,7 @@ from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
 from fusedrl.engine.plan import phases
 from fusedrl.engine.plan.planner import stage_setup
-from fusedrl.engine.stages.ppo.scoring import policy_forward
+from fusedrl.engine.stages.ppo.forwards import policy_forward
 from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
 from fusedrl.engine.stages.rm import rm_counts, rm_loss
 from fusedrl.engine.stages.sft import sft_loss

@@ -5,6 +5,7 @@ The same layout on two ranks, and across world sizes: test_data_parallel.py, tes
 import json
 import pickle
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from fusedrl.engine.errors import NonFiniteError, one_line
 from fusedrl.engine.model.hf_io import load_model, save_model
 from fusedrl.engine.model.lora import LoRA, add_lora
 from fusedrl.engine.model.peft_io import read_adapter_weights, save_adapter
+from fusedrl.engine.run_dir import MARKER
 from fusedrl.engine.stages.sft import run_sft
 from fusedrl.engine.train import optim
 from fusedrl.engine.train.checkpoint import (CheckpointMismatch, SavedModel, Trainables, UnsafeCheckpoint,
@@ -141,6 +143,7 @@ def test_an_sft_run_resumes_from_the_earlier_layout_as_from_its_own(base_dir, tm
                        [optim.build_scheduler(optimizer, cfg.optim, 2)])
     loop = load_checkpoint(checkpoint_dir(straight, 1), parts)
     write_earlier_layout(parts, checkpoint_dir(resumed, 1), loop)
+    shutil.copy2(straight / MARKER, resumed / MARKER)  # the run's own directory, moved as a user would
     run_sft(sft_config(base_dir, data, resumed, train={"max_steps": 2}, **kw))
     assert [r["resumed_from"] for r in read_metrics(resumed) if r["kind"] == "info"][0].endswith("step-00000001")
     a, b = load_model(straight / "final").state_dict(), load_model(resumed / "final").state_dict()
