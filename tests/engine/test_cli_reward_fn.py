@@ -1,68 +1,75 @@
 """A user's reward function cannot end, stall or fool a run: an exception (SystemExit included), a
 hang past reward.fn_timeout_s and a return value that is not one number per response each fail the
-run with exit 1 and one line naming the function, in a real `fusedrl grpo` process."""
+run with exit 1 and one line naming the function. The hang runs in a real `fusedrl grpo` process
+(the hung thread must not keep it alive; its module found in the current directory); the other
+failures call the same command in this process (`cli.main`, which prints the same line)."""
 import math
+import sys
 
 import pytest
 
 from fusedrl.engine.stages.reward_fn import RewardFunctionError, call_reward_fn, checked_scores
-from cli_testing import assert_one_line_error, run_fusedrl
+from cli_testing import assert_one_line_error, cli_error, run_fusedrl
 from train_testing import write_jsonl
 
-REWARDS = '''
-import sys, time
+HANGS = '''
+import time
+
+def hangs(prompts, responses):
+    time.sleep(3600)
+'''
+
 
 def exits(prompts, responses):
     sys.exit(0)
 
+
 def raises(prompts, responses):
     raise ValueError("bad answer format")
+
 
 def interrupts(prompts, responses):
     raise KeyboardInterrupt
 
-def hangs(prompts, responses):
-    time.sleep(3600)
 
 def text(prompts, responses):
     return "1.0"
-
-def one_tensor(prompts, responses):
-    import torch
-    return torch.ones(len(responses))
-'''
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A directory holding the reward module `user_rewards` and a prompts file (the runs' cwd)."""
     root = tmp_path_factory.mktemp("rewards")
-    (root / "user_rewards.py").write_text(REWARDS)
+    (root / "user_rewards.py").write_text(HANGS)
     write_jsonl(root / "prompts.jsonl", [{"prompt": "hello world"}, {"prompt": "the lazy dog"}])
     return root
 
 
-def grpo(workdir, policy, fn, *extra, timeout=180):
-    return run_fusedrl("grpo", f"policy={policy}", f"output_dir={workdir / fn}", "prompts_file=prompts.jsonl",
-                       f"reward_fn=user_rewards:{fn}", "train.device=cpu", "train.progress=false",
-                       "train.iterations=1", "rollout.max_new_tokens=2", "rollout.prompts_per_iteration=1",
-                       "rollout.samples_per_prompt=2", *extra, cwd=workdir, timeout=timeout)
+def grpo(workdir, policy, reward_fn, *extra):
+    """The argv of a one-iteration `fusedrl grpo` run of two responses scored by `reward_fn`."""
+    out = workdir / reward_fn.partition(":")[2]
+    return ["grpo", f"policy={policy}", f"output_dir={out}", f"prompts_file={workdir / 'prompts.jsonl'}",
+            f"reward_fn={reward_fn}", "train.device=cpu", "train.progress=false", "train.iterations=1",
+            "rollout.max_new_tokens=2", "rollout.prompts_per_iteration=1", "rollout.samples_per_prompt=2", *extra]
 
 
 @pytest.mark.parametrize("fn, says", [
-    ("exits", "the reward function user_rewards:exits raised SystemExit: 0"),
-    ("raises", "the reward function user_rewards:raises raised ValueError: bad answer format"),
-    ("interrupts", "the reward function user_rewards:interrupts raised KeyboardInterrupt"),
-    ("text", "the reward function user_rewards:text returned str '1.0': expected a list of 2 numbers"),
+    ("exits", "raised SystemExit: 0"),
+    ("raises", "raised ValueError: bad answer format"),
+    ("interrupts", "raised KeyboardInterrupt"),
+    ("text", "returned str '1.0': expected a list of 2 numbers"),
 ])
-def test_a_failing_reward_function_fails_the_run_in_one_line(workdir, qwen2_dir, fn, says):
-    result = grpo(workdir, qwen2_dir, fn)
-    assert_one_line_error(result, 1, f"fusedrl grpo: {says}")
+def test_a_failing_reward_function_fails_the_run_in_one_line(workdir, qwen2_dir, fn, says, capsys):
+    code, err = cli_error(grpo(workdir, qwen2_dir, f"test_cli_reward_fn:{fn}"), capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"fusedrl grpo: the reward function test_cli_reward_fn:{fn} {says}"), err
     assert not (workdir / fn / "final").exists()
 
 
-def test_a_hanging_reward_function_fails_after_its_timeout(workdir, qwen2_dir):
-    result = grpo(workdir, qwen2_dir, "hangs", "reward.fn_timeout_s=0.5", timeout=120)  # the hang would take an hour
+def test_a_hanging_reward_function_fails_the_process_after_its_timeout(workdir, qwen2_dir):
+    # The hang would take an hour: the process ends although the function's thread still sleeps.
+    result = run_fusedrl(*grpo(workdir, qwen2_dir, "user_rewards:hangs", "reward.fn_timeout_s=0.5"),
+                         cwd=workdir, timeout=180)
     assert_one_line_error(result, 1, "fusedrl grpo: the reward function user_rewards:hangs did not return within "
                                      "reward.fn_timeout_s=0.5 seconds")
 
@@ -85,9 +92,15 @@ def test_a_real_ctrl_c_still_stops_the_call():
     import _thread
     import threading
 
-    threading.Timer(0.2, _thread.interrupt_main).start()
+    interrupted = threading.Event()
+
+    def ctrl_c():  # the main thread sees it when its join returns: the function returns right after
+        _thread.interrupt_main()
+        interrupted.set()
+
+    threading.Timer(0.2, ctrl_c).start()
     with pytest.raises(KeyboardInterrupt):
-        call_reward_fn(lambda p, r: __import__("time").sleep(5), "f", ["p"], ["r"], 30)
+        call_reward_fn(lambda p, r: interrupted.wait(30), "f", ["p"], ["r"], 60)
 
 
 def test_the_function_runs_under_the_callers_grad_mode():
