@@ -1,4 +1,5 @@
 """The `fusedrl` command line."""
+import json
 import subprocess
 import sys
 
@@ -21,22 +22,31 @@ def test_unknown_command_is_rejected(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["sft", "--help"], ["rm", "--help"], ["ppo", "--help"],
-                                  ["demo", "--help"], ["generate", "--help"], ["plot", "--help"],
-                                  ["sft", "model=m", "output_dir=o", "data.train_file=t", "optim.lrr=1"],
-                                  ["sft", "model=/nonexistent", "output_dir=o", "data.train_file=t"],
-                                  ["ppo", "policy=/nonexistent", "prompts_file=f", "output_dir=o"],
-                                  ["generate", "--model", "/nonexistent", "--prompt", "hi"],
-                                  ["plot", "/nonexistent"], ["plan", "--help"],
-                                  ["plan", "ppo", "policy=/nonexistent", "--gpus", "8", "lora.rank=8"]])
-def test_parsing_imports_neither_torch_nor_transformers(argv):
+# Help, config errors and wrong paths of every command.
+TORCH_FREE_ARGVS = [["--help"], ["sft", "--help"], ["rm", "--help"], ["ppo", "--help"], ["demo", "--help"],
+                    ["generate", "--help"], ["plot", "--help"],
+                    ["sft", "model=m", "output_dir=o", "data.train_file=t", "optim.lrr=1"],
+                    ["sft", "model=/nonexistent", "output_dir=o", "data.train_file=t"],
+                    ["ppo", "policy=/nonexistent", "prompts_file=f", "output_dir=o"],
+                    ["generate", "--model", "/nonexistent", "--prompt", "hi"],
+                    ["plot", "/nonexistent"], ["plan", "--help"],
+                    ["plan", "ppo", "policy=/nonexistent", "--gpus", "8", "lora.rank=8"]]
+
+
+def test_parsing_imports_neither_torch_nor_transformers():
     """Help, config errors and wrong paths come from torch-free code alone, so they are answered at
-    once (a fresh interpreter, so nothing this test process imported counts)."""
-    code = ("import sys\nfrom fusedrl.engine import cli\ntry:\n    cli.main(sys.argv[1:])\n"
-            "except SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "[]", out
+    once. One fresh interpreter (nothing this test process imported counts) runs every command line
+    in turn and lists what is loaded after each: the first to import one of them is named."""
+    code = ("import json, sys\nfrom fusedrl.engine import cli\n"
+            "for argv in json.loads(sys.argv[1]):\n"
+            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+            "    print('loaded', sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(TORCH_FREE_ARGVS)], capture_output=True, text=True,
+                         check=True).stdout
+    loaded = [line for line in out.splitlines() if line.startswith("loaded ")]
+    assert len(loaded) == len(TORCH_FREE_ARGVS), out
+    for argv, line in zip(TORCH_FREE_ARGVS, loaded):
+        assert line == "loaded []", f"{argv} imported {line[len('loaded '):]}"
 
 
 def test_config_error_names_the_key_and_the_closest_one(capsys):
