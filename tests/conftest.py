@@ -3,6 +3,7 @@
 On a machine without CUDA the Triton kernels run in the interpreter on CPU tensors; the variable
 must be set before triton decorates the kernels, hence before `kernels` is imported.
 """
+import inspect
 import os
 import zlib
 
@@ -52,7 +53,28 @@ def pytest_configure(config):
         config.option.benchmark_disable = True
 
 
+# What a test module uses to start another process: torchrun ranks (dist_testing), a `fusedrl`
+# command (cli_testing), a benchmark or static-check script, spawned ranks.
+PROCESS_STARTERS = {"subprocess", "multiprocessing", "torch.multiprocessing", "dist_testing", "cli_testing",
+                    "static_gpu"}
+
+
+def _starts_processes(module, seen: dict) -> bool:
+    """Whether `module` (a test module, or None) holds a process starter among its globals."""
+    if module not in seen:
+        seen[module] = module is not None and any(
+            (value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)) in PROCESS_STARTERS
+            for value in vars(module).values())
+    return seen[module]
+
+
 def pytest_collection_modifyitems(config, items):
+    # Tests that start processes take 5-60 s each (an interpreter importing torch per process)
+    # against well under a second for most others. pytest-xdist hands tests out in collection order,
+    # so one of them collected late runs alone after the other worker has finished: put them first
+    # (a stable sort: each module's tests stay together, in their order), and the short ones fill in.
+    seen = {}
+    items.sort(key=lambda item: not _starts_processes(getattr(item, "module", None), seen))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="gpu test: needs a CUDA GPU")
