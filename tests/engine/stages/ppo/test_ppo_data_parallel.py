@@ -155,7 +155,8 @@ def test_reinforce_pp_baseline_ends_with_one_process_s_weights(tmp_path):
                                                                      "over the"]])
 
     def config(name, ranks):
-        # 4 prompts x 3 samples per iteration in all; one minibatch of the whole rollout.
+        # 4 prompts x 3 samples in all; one minibatch of the whole rollout, two updates on it (one
+        # iteration: the whitening, not the rollout, is under test).
         return GRPOConfig(policy=str(tmp_path / "policy"), prompts_file=str(tmp_path / "prompts.jsonl"),
                           output_dir=str(tmp_path / name), reward_fn="test_ppo_data_parallel:vowel_fraction",
                           rollout=RolloutConfig(prompts_per_iteration=4 // ranks, samples_per_prompt=3,
@@ -163,7 +164,7 @@ def test_reinforce_pp_baseline_ends_with_one_process_s_weights(tmp_path):
                           ppo=UpdateConfig(epochs=2, minibatch_size=12 // ranks, estimator="reinforce_pp_baseline",
                                            kl_loss_coef=0.01),
                           optim=OptimConfig(lr=1e-4),
-                          train=LoopConfig(iterations=2, progress=False, device="cpu"))
+                          train=LoopConfig(iterations=1, progress=False, device="cpu"))
 
     with rank_threads():
         run_ppo(config("one", 1))
