@@ -222,7 +222,7 @@ def fsdp_units(model: nn.Module) -> list:
 def gathered(*models: nn.Module) -> Iterator[None]:
     """Inside: every FSDP unit of `models` holds its whole (unsharded) parameters as plain tensors
     and no forward reshards them, so a rank can run any number of forwards with no collective
-    (generation of its own share of prompts) or read whole weights (exports). Costs one whole
+    (generation of its own share of prompts). Costs one whole
     copy of each model's parameters per rank while inside. Collective on entry and exit. No-op
     for an unsharded model."""
     units = [u for m in models for u in fsdp_units(m)]
