@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import Shard, distribute_tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from fusedrl.engine import distributed
 from fusedrl.engine.config.lora import LoRAConfig
@@ -20,6 +22,11 @@ from fusedrl.engine.model.lora import add_lora
 from fusedrl.engine.model.reward_model import RewardModel, load_reward_model
 from fusedrl.engine.model.value_model import ValueModel, load_value_model, value_model_from_reward_model
 from fusedrl.engine.model.weight_map import local_box
+
+
+def report_bytes(model: nn.Module) -> int:
+    """The bytes of every parameter of `model` (a tied one once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def check_equal(sharded: nn.Module, whole: nn.Module, what: str) -> int:
@@ -33,6 +40,18 @@ def check_equal(sharded: nn.Module, whole: nn.Module, what: str) -> int:
         assert torch.equal(got, expected[name].detach()), f"{what}: {name} differs"
         local_bytes += local_box(param)[0].numel() * param.element_size()
     return local_bytes
+
+
+class LargestTensor(TorchDispatchMode):
+    """The bytes of the largest tensor any op makes inside the block (gathers included)."""
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
 
 
 def two_d(model: nn.Module) -> None:
@@ -55,7 +74,7 @@ def main(models: Path, out: Path) -> None:
     def record(what, sharded, whole):
         local = check_equal(sharded, whole, what)
         report["local_bytes"][what] = distributed.all_gather(local)
-        report["whole_bytes"][what] = sum(p.numel() * p.element_size() for p in whole.parameters())
+        report["whole_bytes"][what] = report_bytes(whole)
 
     for arch in ("qwen2", "llama"):  # tied embeddings with q/k/v biases; untied with every bias, odd vocab
         whole = load_model(models / arch)
@@ -63,7 +82,12 @@ def main(models: Path, out: Path) -> None:
         record(arch, sharded, whole)
         assert (sharded.lm_head.weight is sharded.model.embed_tokens.weight) == (arch == "qwen2")
         for name, max_bytes in (("", 5 * 2**30), ("_split", 40_000)):  # one file; several files and an index
-            save_model(sharded, out / f"{arch}{name}", source_dir=models / arch, max_shard_bytes=max_bytes)
+            with LargestTensor() as seen:
+                save_model(sharded, out / f"{arch}{name}", source_dir=models / arch, max_shard_bytes=max_bytes)
+            # The export gathers one parameter at a time: nothing larger than the largest is ever made
+            # (give or take the all-gather's padding of uneven shards), a fraction of the model.
+            largest = max(p.numel() * p.element_size() for p in whole.parameters())
+            assert seen.largest <= 1.05 * largest < report_bytes(whole) / 4, (seen.largest, largest)
         if world % 2 == 0:
             record(f"{arch}_2d", load_model(models / arch, shard=two_d), whole)
         # LoRA on the sharded base: each rank merges into its shards, as the whole model merges.
