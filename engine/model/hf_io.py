@@ -4,8 +4,10 @@ Saving writes a complete directory (config, weights, tokenizer and generation fi
 source, and a manifest of every file's size and sha256, engine/durable.py) into a temporary sibling,
 fsyncs it and renames it into place, so a reader never sees half a checkpoint; a model with a NaN or
 inf anywhere is refused before anything is written, and the directory gets the usual modes (0644
-files, 0755 directories under the default umask) so others can read it.
-Loading turns a missing, corrupt or truncated weight file, a sharded index naming a file outside the
+files, 0755 directories under the default umask) so others can read it. Under torchrun saving is
+collective: rank 0 writes while the ranks gather one parameter at a time (streamed_save.py).
+Loading may shard the model on the meta device first; each rank then reads only the slices of its
+shards (weight_map.py), and one process reads whole tensors by the same code. Loading turns a missing, corrupt or truncated weight file, a sharded index naming a file outside the
 directory, tensors that do not fit the config and an unsupported architecture into a one-line
 `ModelError` naming the file. transformers is never asked to run code shipped with a model
 (trust_remote_code=False), so it never asks on stdin either.
