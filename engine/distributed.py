@@ -14,10 +14,10 @@ each rank's loss is its share of the global loss (normalized by counts all-reduc
 and FSDP averages the gradients over the ranks, so `backward(loss * world_size())` makes the reduced
 gradient the global batch's gradient, as one process with the global batch would compute it.
 
-With LoRA the adapted model is not sharded: every rank holds the frozen base whole (no gradients,
-no optimizer state: sharding it would save only the weights' copies), and the few trainable
-parameters (adapters, heads) are plain tensors whose gradients `average_replicated_gradients`
-averages over the ranks before each optimizer step, as FSDP does for its own in the backward.
+With LoRA the adapted model's frozen base is sharded like any frozen model, while the few trainable
+parameters (adapters, which live outside the model, and heads, kept out of FSDP with `keep`) are
+plain tensors every rank holds whole, whose gradients `average_replicated_gradients` averages over
+the ranks before each optimizer step, as FSDP does for its own in the backward.
 """
 from __future__ import annotations
 
@@ -159,33 +159,47 @@ def own_rows(x: torch.Tensor) -> torch.Tensor:
     return x[rank_slice(x.shape[0] // world_size())]
 
 
-def shard(model: nn.Module, mode: str = "shard") -> nn.Module:
+def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = None, keep=()) -> nn.Module:
     """Shard `model` over the ranks with FSDP2, each decoder layer its own unit (so one layer's
     parameters are gathered at a time), a head of another dtype than the rest (the fp32 score or
     value head of a bf16 model) its own unit, and the rest (embeddings, final norm, LM head) the
     root unit. mode "shard": full shard (parameters, gradients and optimizer state 1/N per rank);
     "replicate": every rank keeps whole parameters and optimizer state and gradients are
     all-reduced (HSDP with a shard group of one rank), for models small enough. One process: the
-    model as is."""
-    if world_size() == 1:
+    model as is. Works on a model still on the meta device (engine/model/hf_io.load_model shards
+    before it allocates): `device_type` then names the device it will live on.
+    `keep`: modules whose parameters stay plain tensors every rank holds whole (the heads trained
+    beside LoRA adapters: `average_replicated_gradients` averages theirs). A model already sharded
+    is returned as is."""
+    if world_size() == 1 or fsdp_units(model):
         return model
     from torch.distributed.fsdp import fully_shard
 
-    mesh = _mesh(next(model.parameters()).device.type, mode)
-    for unit in shard_units(model):
-        fully_shard(unit, mesh=mesh)
+    device_type = device_type or next(model.parameters()).device.type
+    mesh = _mesh(device_type, mode)
+    ignored = {p for module in keep for p in module.parameters()}
+    for unit in shard_units(model, keep):
+        fully_shard(unit, mesh=mesh, ignored_params=ignored or None)
     return model
 
 
-def shard_units(model: nn.Module) -> list[nn.Module]:
+def sharder(mode: str, device, keep: Callable[[nn.Module], list] = lambda model: []) -> Callable:
+    """shard(model) as `hf_io.load_model` takes it: `shard` in `mode` onto `device`'s type, keeping
+    whole the modules keep(model) names (a LoRA run's trained heads)."""
+    device_type = torch.device(device).type
+    return lambda model: shard(model, mode, device_type, keep(model))
+
+
+def shard_units(model: nn.Module, keep=()) -> list[nn.Module]:
     """The modules `shard` makes FSDP units, inner ones first and `model` (the root unit) last:
     each decoder layer, then each module holding parameters of another dtype than the rest (an
-    FSDP unit holds one dtype: the fp32 score / value heads of bf16 models). The memory plan
-    (engine/plan) reads the same list."""
+    FSDP unit holds one dtype: the fp32 score / value heads of bf16 models), but for the `keep`
+    modules (left whole). The memory plan (engine/plan) reads the same list."""
     layers = list(getattr(getattr(model, "model", None), "layers", []))
     main_dtype = Counter(p.dtype for p in model.parameters()).most_common(1)[0][0]
     odd = [module for module in list(model.modules())[1:]
-           if any(p.dtype != main_dtype for p in module.parameters(recurse=False))]
+           if not any(module is k for k in keep)
+           and any(p.dtype != main_dtype for p in module.parameters(recurse=False))]
     return layers + odd + [model]
 
 
@@ -208,7 +222,7 @@ def fsdp_units(model: nn.Module) -> list:
 def gathered(*models: nn.Module) -> Iterator[None]:
     """Inside: every FSDP unit of `models` holds its whole (unsharded) parameters as plain tensors
     and no forward reshards them, so a rank can run any number of forwards with no collective
-    (generation of its own share of prompts) or read whole weights (exports). Costs one whole
+    (generation of its own share of prompts). Costs one whole
     copy of each model's parameters per rank while inside. Collective on entry and exit. No-op
     for an unsharded model."""
     units = [u for m in models for u in fsdp_units(m)]
@@ -225,13 +239,12 @@ def gathered(*models: nn.Module) -> Iterator[None]:
             unit.set_reshard_after_forward(not any(unit is m for m in models), recurse=False)
 
 
-def write_once(models: list[nn.Module], write: Callable[[], None]) -> None:
-    """Run `write` (an export of `models`) on rank 0 alone, with the models' whole weights in place;
-    collective, and every rank returns once it is written."""
-    with gathered(*models):
-        if is_main():
-            write()
-    barrier()
+def reshard(*models: nn.Module) -> None:
+    """Every FSDP unit of `models` back to its shards (a root unit stays gathered after a forward
+    without backward): its parameters then are the DTensors that hold the values. No-op unsharded."""
+    for model in models:
+        for unit in fsdp_units(model):
+            unit.reshard()
 
 
 def plain(x):

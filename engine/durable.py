@@ -58,8 +58,12 @@ def check_finite(named_tensors: Iterable[tuple[str, "torch.Tensor"]], what: str)
 
     for name, tensor in named_tensors:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"refusing to write {what}: {name!r} holds NaN or inf "
-                                 "(the run diverged; nothing was written)")
+            raise non_finite_error(name, what)
+
+
+def non_finite_error(name: str, what: str) -> NonFiniteError:
+    """The error refusing to write `what` because tensor `name` holds a NaN or inf."""
+    return NonFiniteError(f"refusing to write {what}: {name!r} holds NaN or inf (the run diverged; nothing was written)")
 
 
 def publish(directory: Path) -> None:

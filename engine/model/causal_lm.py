@@ -69,6 +69,17 @@ class PackedProjection(Projection):
         """y [..., out] -> one view per part, in order."""
         return y.split([size for _, size in self.parts], dim=-1)
 
+    def row_blocks(self) -> list[tuple[str, int, int, int]]:
+        """Where each Hugging Face part's rows sit in the packed weight (and bias): (part name, packed
+        row start, part row start, rows) per block. The one place that mapping lives: load, save and
+        the tensor names of a checkpoint all read it, so a layout that interleaves the parts (by
+        tensor-parallel rank) changes only this method. Today one block per part, in order."""
+        blocks, start = [], 0
+        for part, size in self.parts:
+            blocks.append((part, start, 0, size))
+            start += size
+        return blocks
+
 
 class RotaryTable:
     """cos/sin [L, D] of every position below max_model_len, computed in fp32 as transformers does,

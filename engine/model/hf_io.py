@@ -4,8 +4,10 @@ Saving writes a complete directory (config, weights, tokenizer and generation fi
 source, and a manifest of every file's size and sha256, engine/durable.py) into a temporary sibling,
 fsyncs it and renames it into place, so a reader never sees half a checkpoint; a model with a NaN or
 inf anywhere is refused before anything is written, and the directory gets the usual modes (0644
-files, 0755 directories under the default umask) so others can read it.
-Loading turns a missing, corrupt or truncated weight file, a sharded index naming a file outside the
+files, 0755 directories under the default umask) so others can read it. Under torchrun saving is
+collective: rank 0 writes while the ranks gather one parameter at a time (streamed_save.py).
+Loading may shard the model on the meta device first; each rank then reads only the slices of its
+shards (weight_map.py), and one process reads whole tensors by the same code. Loading turns a missing, corrupt or truncated weight file, a sharded index naming a file outside the
 directory, tensors that do not fit the config and an unsupported architecture into a one-line
 `ModelError` naming the file. transformers is never asked to run code shipped with a model
 (trust_remote_code=False), so it never asks on stdin either.
@@ -16,26 +18,27 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from ..errors import ConfigValueError, ModelError
-from ..durable import check_finite, written_whole
+from .. import distributed
+from ..durable import written_whole
 from ..run_dir import write_marker
 from ..path_checks import CONFIG_FILE
 from .config import ModelConfig
-from .causal_lm import CausalLM, PackedProjection
+from .causal_lm import CausalLM
+from .streamed_save import INDEX_FILE, SINGLE_FILE, check_finite_shards, write_weights
+from .weight_map import hf_blocks, hf_shape, local_box, overlap
 
 try:  # what transformers' validated configs raise for a bad config.json value (newer huggingface_hub)
     from huggingface_hub.errors import StrictDataclassError as _ConfigValidationError
 except ImportError:
     _ConfigValidationError = ValueError
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # Tensors some checkpoints carry that the decoder recomputes (RoPE frequencies).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # Non-weight files copied along when saving, so the saved directory is complete for transformers.
@@ -88,10 +91,18 @@ def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
     return dtype
 
 
-def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> CausalLM:
+def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM, shard: Optional[Callable] = None,
+               renames: Optional[dict] = None, fresh=()) -> CausalLM:
     """Build the decoder described by `model_dir` and fill it with the directory's weights.
 
     `model_cls`: CausalLM or a subclass with extra parameters (the reward model's `score` head).
+    `shard(model)`: shards the model in place while it is still on the meta device (e.g. FSDP2's
+    fully_shard through distributed.shard); each rank then allocates and reads from the
+    safetensors files (mmap) only the rows and columns of its own shards, so no rank ever holds a
+    whole model. Without it (one process) the same code fills whole tensors.
+    `renames`: {checkpoint name: parameter name} (a reward model's score.weight as a critic's
+    value_head.weight); `fresh`: parameters the checkpoint does not hold, started at zero (a new
+    score or value head).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -100,26 +111,28 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> Cau
     dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):  # no random init: every parameter is overwritten from the checkpoint
         model = model_cls(config, dtype)
+    if shard is not None:
+        shard(model)
     model.to_empty(device=device)
     model.tie_weights()
-    expected = hf_tensors(model)
+    expected = hf_blocks(model)
+    for name in fresh:
+        for block in expected.pop(name):
+            with torch.no_grad():
+                local_box(block.param)[0].zero_()
+    renames = renames or {}
     seen = set()
     for path, names in _weight_files(model_dir).items():
         with _open_weights(path) as f:
             for name in names:
                 if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
                     continue
-                if name not in expected:
+                target = renames.get(name, name)
+                if target not in expected:
                     raise ModelError(f"unexpected tensor {name!r} in {path.name}: not a parameter of a "
                                      f"{config.model_type} decoder with this config")
-                tensor = _read_tensor(f, name, path)
-                param = expected[name]
-                if tensor.shape != param.shape:
-                    raise ModelError(f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(param.shape)}")
-                with torch.no_grad():
-                    param.copy_(tensor)
-                seen.add(name)
+                _fill(f, name, path, expected[target])
+                seen.add(target)
     missing = sorted(set(expected) - seen)
     if missing:
         raise ModelError(f"missing tensor {missing[0]!r} in {model_dir}"
@@ -127,22 +140,23 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> Cau
     return model
 
 
-def hf_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
-    """Hugging Face tensor name -> the parameter it names, or for the parts of a packed projection
-    (q/k/v, gate/up) the row block of the packed weight or bias (a view: copying into it loads the
-    part). The tied LM head appears once, as the embedding."""
-    packed = {name: module for name, module in model.named_modules() if isinstance(module, PackedProjection)}
-    tensors = {}
-    for name, param in model.named_parameters():
-        owner, _, leaf = name.rpartition(".")
-        if owner not in packed:
-            tensors[name] = param
-            continue
-        parent, start = owner.rpartition(".")[0], 0
-        for part, size in packed[owner].parts:
-            tensors[f"{parent}.{part}.{leaf}"] = param[start:start + size]
-            start += size
-    return tensors
+@torch.no_grad()
+def _fill(f, name: str, path: Path, blocks: list) -> None:
+    """Copy the rows and columns of checkpoint tensor `name` that this rank's shards hold (all of
+    it in one process) into them, reading only those from the file."""
+    try:
+        view = f.get_slice(name)
+        shape = tuple(view.get_shape())
+        if shape != hf_shape(blocks):
+            raise ModelError(f"tensor {name!r} in {path.name} has shape {shape}, expected {hf_shape(blocks)}")
+        for block in blocks:
+            local, offsets = local_box(block.param)
+            found = overlap(block, offsets, local.shape)
+            if found is not None:
+                source, target = found
+                local[target].copy_(view[source])
+    except (SafetensorError, OSError) as e:  # e.g. a file cut short after its header
+        raise ModelError(f"{path}: tensor {name!r} cannot be read ({e})") from None
 
 
 def _open_weights(path: Path):
@@ -151,13 +165,6 @@ def _open_weights(path: Path):
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
         raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _read_tensor(f, name: str, path: Path) -> torch.Tensor:
-    try:
-        return f.get_tensor(name)
-    except (SafetensorError, OSError) as e:  # e.g. a file cut short after its header
-        raise ModelError(f"{path}: tensor {name!r} cannot be read ({e})") from None
 
 
 def _weight_files(model_dir: Path) -> dict[Path, list[str]]:
@@ -194,56 +201,30 @@ def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int =
     `max_shard_bytes` are split into shards with an index, as `save_pretrained` does. A NaN or inf
     in any parameter raises NonFiniteError before anything is written. `kind`: mark the directory
     as the output of that fusedrl command (engine/run_dir.py), so the command may replace it later.
+    Collective under torchrun (every rank calls it; rank 0 writes, one parameter gathered at a time:
+    engine/model/streamed_save.py); every rank returns once the directory is in place.
     """
-    check_finite(model.named_parameters(), f"the model for {out_dir}")
-    with written_whole(out_dir) as tmp:
-        _write_dir(model, tmp, source_dir, max_shard_bytes)
-        if kind is not None:
-            write_marker(tmp, kind)
+    distributed.reshard(model)  # a root FSDP unit left gathered by an eval forward: read its shards
+    check_finite_shards(model, f"the model for {out_dir}")
+    skip = ("lm_head.weight",) if model.config.tie_word_embeddings else ()
+    if not distributed.is_main():
+        write_weights(model, None, max_shard_bytes, skip)
+    else:
+        with written_whole(out_dir) as tmp:
+            _write_config(model, tmp)
+            write_weights(model, tmp, max_shard_bytes, skip)
+            for name in _SIDE_FILES if source_dir else ():
+                src = Path(source_dir) / name
+                if src.exists():
+                    shutil.copy2(src, tmp / name)
+            if kind is not None:
+                write_marker(tmp, kind)
+    distributed.barrier()
 
 
-def _write_dir(model: CausalLM, tmp: Path, source_dir, max_shard_bytes: int):
+def _write_config(model: CausalLM, tmp: Path) -> None:
     hf_config = copy.deepcopy(model.config.hf_config)
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
     # transformers 5 calls the field `dtype`, 4.x `torch_dtype`.
     setattr(hf_config, "dtype" if "dtype" in hf_config.to_dict() else "torch_dtype", dtype_name)
     hf_config.save_pretrained(str(tmp))
-    tensors = {name: _owned_cpu_copy(t) for name, t in hf_tensors(model).items()}
-    if model.config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    shards = _shard(tensors, max_shard_bytes)
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(tmp / SINGLE_FILE), metadata=metadata)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / file), metadata=metadata)
-            weight_map.update(dict.fromkeys(shard, file))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (tmp / INDEX_FILE).write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    for name in _SIDE_FILES if source_dir else ():
-        src = Path(source_dir) / name
-        if src.exists():
-            shutil.copy2(src, tmp / name)
-
-
-def _owned_cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    """t on the CPU, detached, owning its storage: safetensors refuses tensors that share memory, as
-    the row blocks of a packed projection do (only those are copied on a CPU model)."""
-    t = t.detach().to("cpu")
-    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
-
-
-def _shard(tensors: dict, max_bytes: int) -> list[dict]:
-    shards, size = [{}], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    return shards

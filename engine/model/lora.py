@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config.lora import LoRAConfig
+from .weight_map import add_rows
 
 def output_slices(name: str, linear: nn.Linear) -> dict[str, slice]:
     """{Hugging Face projection: its slice of `linear`'s output} for the projection module `name`:
@@ -74,10 +75,11 @@ class ProjectionAdapters(nn.Module):
 
     @torch.no_grad()
     def merge_into(self, linear: nn.Linear) -> None:
-        """W[slice_t] += scale * B_t @ A_t, computed in fp32 and rounded once into W's dtype."""
+        """W[slice_t] += scale * B_t @ A_t, computed in fp32 and rounded once into W's dtype; on a
+        sharded W each rank adds into its own shard (the adapters are whole on every rank)."""
         for t, s in self.slices.items():
             delta = self.lora_B[t].float() @ self.lora_A[t].float() * self.scale  # [size_t, in]
-            linear.weight[s] = (linear.weight[s].float() + delta).to(linear.weight.dtype)
+            add_rows(linear.weight, s.start, delta)
 
 
 def projections(model: nn.Module):
@@ -139,7 +141,8 @@ class LoRA(nn.Module):
 
     def merge_(self) -> None:
         """Fold the adapters into the base weights in place and detach them: the model is then the
-        merged model (for export) and no longer adapted."""
+        merged model (for export) and no longer adapted. On a sharded base each rank merges into
+        its own shards (the base must be resharded: distributed.reshard)."""
         for adapters, linear, hook in zip(self.adapters, self._linears, self._hooks):
             adapters.merge_into(linear)
             hook.remove()

@@ -71,14 +71,14 @@ def save_reward_model(rm: RewardModel, out_dir, source_dir=None, kind=None):
     save_model(rm, out_dir, source_dir=source_dir, kind=kind)
 
 
-def load_reward_model(model_dir, dtype="auto", device="cpu") -> RewardModel:
-    """Load a directory written by `save_reward_model` (offset included)."""
-    return load_model(model_dir, dtype=dtype, device=device, model_cls=RewardModel)
+def load_reward_model(model_dir, dtype="auto", device="cpu", shard=None) -> RewardModel:
+    """Load a directory written by `save_reward_model` (offset included); `shard`: see hf_io.load_model."""
+    return load_model(model_dir, dtype=dtype, device=device, model_cls=RewardModel, shard=shard)
 
 
 def load_or_start_reward_model(model_dir, dtype="auto", device="cpu") -> RewardModel:
     """A reward model directory (its config holds reward_offset) as it is, else a causal LM's
-    directory with a fresh zero score head (reward_model_from_lm)."""
+    directory with a fresh zero score head (as reward_model_from_lm gives)."""
     if getattr(load_config(model_dir).hf_config, "reward_offset", None) is not None:
         return load_reward_model(model_dir, dtype=dtype, device=device)
-    return reward_model_from_lm(load_model(model_dir, dtype=dtype, device=device))
+    return load_model(model_dir, dtype=dtype, device=device, model_cls=RewardModel, fresh=["score.weight"])

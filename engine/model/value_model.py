@@ -14,6 +14,7 @@ from typing import Optional, Protocol
 import torch
 from torch import nn
 
+from .. import distributed
 from .hf_io import load_model, save_model
 from .config import ModelConfig
 from .causal_lm import CausalLM, rebuild_as
@@ -86,11 +87,16 @@ class LoRACritic(nn.Module):
         return values_at_targets(self.trunk, self.value_head, packed)
 
     def merged(self) -> ValueModel:
-        """The critic as a ValueModel of its own (for the export once the run is over): the adapters
-        merged into the trunk's weights in place, then copied with the value head."""
+        """The critic as a ValueModel (for the export once the run is over): the adapters merged
+        into the trunk's weights in place (each rank into its shards), and a ValueModel that shares
+        the trunk's decoder and LM head and this value head, nothing copied (built on the meta
+        device, its own parameters replaced before any is allocated)."""
+        distributed.reshard(self.trunk)
         self.lora.merge_()
-        state = {k: v for k, v in self.trunk.state_dict().items() if k != "score.weight"}
-        return rebuild_as(ValueModel, self.trunk, {**state, "value_head.weight": self.value_head.weight})
+        with torch.device("meta"):
+            view = ValueModel(self.trunk.config, self.trunk.lm_head.weight.dtype)
+        view.model, view.lm_head, view.value_head = self.trunk.model, self.trunk.lm_head, self.value_head
+        return view
 
 
 def value_model_from_reward_model(rm: RewardModel) -> ValueModel:
@@ -116,5 +122,12 @@ def save_value_model(critic: ValueModel, out_dir, source_dir=None):
     save_model(critic, out_dir, source_dir=source_dir)
 
 
-def load_value_model(model_dir, dtype="auto", device="cpu") -> ValueModel:
-    return load_model(model_dir, dtype=dtype, device=device, model_cls=ValueModel)
+def load_value_model(model_dir, dtype="auto", device="cpu", shard=None, start: Optional[str] = None) -> ValueModel:
+    """A ValueModel from `model_dir` (`shard`: see hf_io.load_model). start="reward_model": the
+    directory is a reward model's, whose score head becomes the value head; "lm": a causal LM's,
+    with a zero value head; None: a critic's own directory (value_head.weight in it)."""
+    if start not in (None, "reward_model", "lm"):
+        raise ValueError(f"start={start!r}: expected None, 'reward_model' or 'lm'")
+    return load_model(model_dir, dtype=dtype, device=device, model_cls=ValueModel, shard=shard,
+                      renames={"score.weight": "value_head.weight"} if start == "reward_model" else None,
+                      fresh=["value_head.weight"] if start == "lm" else ())

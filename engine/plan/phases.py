@@ -226,10 +226,11 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part]) -> dict:
 
 
 def export_gathered(s: Setup, parts: list[Part]) -> int:
-    """The largest model write_once gathers whole (one at a time)."""
-    if not s.rules.export_gathers_model:
-        return 0
-    return max((whole_bytes(p) for p in parts if s.fsdp(p)), default=0)
+    """What an export gathers whole on a rank, the models one at a time: each model whole
+    (export_gathers_model), else its largest parameter (streamed one at a time to rank 0)."""
+    if s.rules.export_gathers_model:
+        return max((whole_bytes(p) for p in parts if s.fsdp(p)), default=0)
+    return max((param_bytes(p) for part in parts if s.fsdp(part) for p in unique_params(part.module)), default=0)
 
 
 def supervised_phases(s: Setup) -> dict:
@@ -269,8 +270,8 @@ def ppo_phases(s: Setup) -> dict:
     critic = _critic_decoder(s)
     update = {**update_phase(s, tokens, [policy] + ([critic] if critic else [])), "kv_pool": kv}
     export = {**base, "gathered": export_gathered(s, [policy, *_role(s, "critic")])}
-    if _role(s, "critic adapters"):  # LoRACritic.merged: a whole ValueModel copy of its trunk
-        export["gathered"] = max(export["gathered"], whole_bytes(critic))
+    if _role(s, "critic adapters"):  # LoRACritic.merged: a ValueModel on its trunk's own shards
+        export["gathered"] = max(export["gathered"], export_gathered(s, [critic]))
     return {"load": load_phase(s), "rollout": rollout, "scoring": scoring, "update": update, "export": export}
 
 

@@ -8,16 +8,17 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class EngineRules:
-    # build_models / run_sft / run_rm: hf_io.load_model(device=cuda:LOCAL_RANK) fills every model whole
-    # on every GPU (the reward model's critic copied from it whole), then distributed.shard cuts them.
-    load_whole: bool = True
+    # build_models / run_sft / run_rm: hf_io.load_model(shard=...) shards each model on the meta device
+    # and each GPU reads only its shards from the safetensors files (the critic too, from its directory).
+    load_whole: bool = False
     # HybridActor.generate runs inside distributed.gathered(policy): the whole policy on every GPU.
     generation_gathers_policy: bool = True
-    # distributed.write_once -> gathered: the whole exported model on every GPU while rank 0 writes.
-    export_gathers_model: bool = True
-    # build_models / supervised.train / adapters: a LoRA-adapted model (and the critic_lora trunk) is not
-    # sharded: its frozen base is whole on every GPU; its adapters and heads are replicated.
-    lora_base_whole: bool = True
+    # hf_io.save_model streams one parameter at a time to rank 0 (model/streamed_save.py): a GPU holds
+    # its shards plus the one parameter being gathered, never the whole model.
+    export_gathers_model: bool = False
+    # A LoRA-adapted model's frozen base (and the critic_lora trunk) is sharded like any frozen model;
+    # its adapters and heads are replicated.
+    lora_base_whole: bool = False
     # FSDP2 all-gathers the next layer while the current one runs (forward and backward prefetch).
     layers_gathered: int = 2
 

@@ -27,9 +27,10 @@ from ..data.records import Ranking, parser_for, read_jsonl
 from ..data.tokenization import tokenize_prompt, tokenize_response
 from ..errors import NonFiniteError
 from ..model.hf_io import load_model
-from ..model.reward_model import RewardModel, load_reward_model, reward_model_from_lm, save_reward_model
+from ..model.reward_model import RewardModel, load_reward_model, save_reward_model
 from ..train import adapters
-from ..distributed import is_main, write_once
+from .. import distributed
+from ..distributed import is_main
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
@@ -90,11 +91,11 @@ def rm_summarize(stats: dict, counts: dict, beta_rm: float) -> dict:
     return {"loss": rank_loss + beta_rm * lm_nll, **out}
 
 
-def rm_stage(cfg: RMConfig, dtype: torch.dtype, device) -> Stage:
+def rm_stage(cfg: RMConfig, dtype: torch.dtype, device, sharder=None) -> Stage:
     return Stage(collate=collate_rm, counts=rm_counts,
                  loss=lambda model, batch, counts: rm_loss(model, batch, counts, cfg.beta_rm),
                  summarize=lambda stats, counts: rm_summarize(stats, counts, cfg.beta_rm),
-                 load_weights=lambda path: load_reward_model(path, dtype=dtype, device=device))
+                 load_weights=lambda path: load_reward_model(path, dtype=dtype, device=device, shard=sharder))
 
 
 def reference_sequences(cfg: RMConfig, tokenizer, records: list) -> list[list[int]]:
@@ -134,11 +135,13 @@ def run_rm(cfg: RMConfig) -> Path:
     check_context(cfg.data, run.configs["model"].max_model_len)
     device, tokenizer = run.device, run.tokenizer
     examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed)
-    lm = load_model(cfg.model, dtype=run.dtype, device=device)
-    model = reward_model_from_lm(lm)
-    del lm
+    # The trained score head stays whole on every rank beside LoRA adapters (a replicated head).
+    sharder = distributed.sharder(cfg.train.data_parallel, device,
+                                  lambda model: [model.score] if cfg.lora.enabled else [])
+    model = load_model(cfg.model, dtype=run.dtype, device=device, model_cls=RewardModel, shard=sharder,
+                       fresh=["score.weight"])  # the head starts at zero: see reward_model_from_lm
     lora = adapters.attach(model, cfg.lora, {"score": model.score})
-    state = train(model, rm_stage(cfg, run.dtype, device), examples.train, examples.eval, cfg, device, examples.info,
+    state = train(model, rm_stage(cfg, run.dtype, device, sharder), examples.train, examples.eval, cfg, device, examples.info,
                   lora)
     references = reference_sequences(cfg, tokenizer, examples.records)
     # Every rank scores all references (the sharded forward is collective), so all agree on it.
@@ -150,5 +153,5 @@ def run_rm(cfg: RMConfig) -> Path:
         append_metrics(cfg.output_dir, "info", state.step, {"reward_offset": model.reward_offset,
                                                             "reference_responses": len(references)})
     final = Path(cfg.output_dir) / "final"
-    write_once([model], lambda: adapters.export(model, lora, final, cfg.model, save_reward_model, model.reward_offset))
+    adapters.export(model, lora, final, cfg.model, save_reward_model, model.reward_offset)
     return final

@@ -15,7 +15,7 @@ from ..data.packing import PackedBatch, collate_sft
 from ..model.hf_io import load_model
 from ..model.lm_head import lm_head_logprobs
 from ..train import adapters
-from ..distributed import write_once
+from .. import distributed
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.supervised import Stage, check_context, train
@@ -43,9 +43,9 @@ def sft_summarize(stats: dict, counts: dict) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": counts["tokens"]}
 
 
-def sft_stage(dtype: str, device) -> Stage:
+def sft_stage(dtype: str, device, sharder=None) -> Stage:
     return Stage(collate=collate_sft, counts=sft_counts, loss=sft_loss, summarize=sft_summarize,
-                 load_weights=lambda path: load_model(path, dtype=dtype, device=device))
+                 load_weights=lambda path: load_model(path, dtype=dtype, device=device, shard=sharder))
 
 
 @releases_output_dir
@@ -55,10 +55,11 @@ def run_sft(cfg: SFTConfig) -> Path:
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="sft", config=cfg)
     check_context(cfg.data, run.configs["model"].max_model_len)
     examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed)
-    model = load_model(cfg.model, dtype=run.dtype, device=run.device)
+    sharder = distributed.sharder(cfg.train.data_parallel, run.device)
+    model = load_model(cfg.model, dtype=run.dtype, device=run.device, shard=sharder)
     lora = adapters.attach(model, cfg.lora)
-    train(model, sft_stage(run.dtype, run.device), examples.train, examples.eval, cfg, run.device,
+    train(model, sft_stage(run.dtype, run.device, sharder), examples.train, examples.eval, cfg, run.device,
           examples.info, lora)
     final = Path(cfg.output_dir) / "final"
-    write_once([model], lambda: adapters.export(model, lora, final, cfg.model))
+    adapters.export(model, lora, final, cfg.model)
     return final

@@ -4,13 +4,14 @@ model directory plus the adapters resume the run exactly), and export at the end
 (`<final>_adapter/`, for `peft.PeftModel.from_pretrained`) and the merged model (`<final>/`, a plain
 Hugging Face directory the next stage or transformers loads). The reward model trains its `score`
 head in full beside the adapters (PEFT's modules_to_save; the adapters then are a SEQ_CLS directory).
-Under torchrun the adapted model is not sharded: every rank holds the frozen base whole and the
-adapters' gradients are averaged over the ranks (engine/distributed.py)."""
+Under torchrun the frozen base is sharded like any frozen model, the adapters (and heads) are whole
+on every rank and their gradients averaged over the ranks (engine/distributed.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable, Optional
 
+from .. import distributed
 from ..config.lora import LoRAConfig
 from ..model.hf_io import save_model
 from ..model.lora import LoRA, add_lora
@@ -39,8 +40,11 @@ def export(model, lora: Optional[LoRA], final: Path, source_dir: str, save: Call
     """Write `model` to `final` with save(model, final, source_dir=...) (tokenizer files from
     `source_dir`); with adapters, first write them (and a reward model's `reward_offset`) to
     adapter_dir(final), then merge them into the weights in place (the run is over) and write the
-    merged model."""
+    merged model. Collective under torchrun: rank 0 writes the adapters (whole on every rank), each
+    rank merges into its own shards of the base, and `save` streams the model (hf_io.save_model)."""
     if lora is not None:
-        save_adapter(lora, adapter_dir(final), source_dir, reward_offset)
+        if distributed.is_main():
+            save_adapter(lora, adapter_dir(final), source_dir, reward_offset)
+        distributed.reshard(model)  # merge into the shards, not into a gathered copy
         lora.merge_()
     save(model, final, source_dir=source_dir)

@@ -192,13 +192,13 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
           lora=None) -> SupervisedState:
     """Train `model` in place for the configured steps, resuming from the newest checkpoint in
     cfg.output_dir when train.resume is set. Returns the final state. Under torchrun `model` is
-    sharded in place (export it with distributed.write_once). With `lora` (engine/train/adapters.py)
-    the adapters train and are checkpointed, `model`'s own weights stay frozen (and, under torchrun,
-    whole on every rank)."""
+    sharded in place unless it is already (hf_io.load_model(shard=...)). With `lora`
+    (engine/train/adapters.py) the adapters train and are checkpointed, `model`'s own weights stay
+    frozen (sharded like any frozen model; the adapters and heads whole on every rank, their gradients
+    averaged)."""
     check_context(cfg.data, model.config.max_model_len)
     share = distributed.rank_slice(cfg.optim.grad_accum_steps)  # this rank's micro-batches of a step
-    if lora is None:  # with LoRA every rank holds the frozen base whole; the adapters' gradients are averaged
-        distributed.shard(model, cfg.train.data_parallel)
+    distributed.shard(model, cfg.train.data_parallel, keep=list(lora.heads.values()) if lora is not None else [])
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     steps = total_steps(train_ex, cfg)

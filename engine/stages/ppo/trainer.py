@@ -37,10 +37,9 @@ from ...errors import FusedRLError, UsageError
 from ...inference.hybrid_actor import HybridActor
 from ...model.hf_io import load_model
 from ...model.reward_model import load_reward_model
-from ...model.causal_lm import CausalLM, rebuild_as
+from ...model.causal_lm import CausalLM
 from ...model.peft_io import save_adapter
-from ...model.value_model import (LoRACritic, load_value_model, save_value_model, shared_value_head,
-                                  value_model_from_lm, value_model_from_reward_model)
+from ...model.value_model import LoRACritic, load_value_model, save_value_model, shared_value_head
 from ... import distributed
 from ...train import adapters, optim
 from ...train.checkpoint import SavedModel, Trainables
@@ -125,32 +124,31 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     """Policy (trainable, shared with the actor), frozen reference, critic and scorer, with
     parameters in `dtype` (train.precision; the critic's value head stays fp32). With lora.rank > 0
     the policy's weights are frozen under adapters and no reference model is loaded; with
-    critic_lora.rank > 0 the critic is adapters on the reward model's frozen decoder (build_critic)."""
-    policy = load_model(cfg.policy, dtype=dtype, device=device)
+    critic_lora.rank > 0 the critic is adapters on the reward model's frozen decoder (build_critic).
+    Under torchrun each model is sharded on the meta device and each rank reads only its shards
+    (hf_io.load_model); a LoRA-adapted base too, its adapters and heads whole on every rank."""
+    sharder = distributed.sharder(cfg.train.data_parallel, device)
+    policy = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder)
     policy.gradient_checkpointing = cfg.train.gradient_checkpointing
     lora = adapters.attach(policy, cfg.lora)
-    reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device).eval().requires_grad_(False)
+    reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
+                                             shard=sharder).eval().requires_grad_(False)
     rm = None
     if cfg.reward_model:
-        rm = load_reward_model(cfg.reward_model, dtype=dtype, device=device).eval().requires_grad_(False)
+        rm = load_reward_model(cfg.reward_model, dtype=dtype, device=device, shard=sharder).eval().requires_grad_(False)
     critic = value_head = None  # critic="none": a group estimator needs no values
     if cfg.critic == "separate":
-        critic = build_critic(cfg, rm, policy)
+        critic = build_critic(cfg, rm, device, dtype, sharder)
     elif cfg.critic == "shared":
         value_head = shared_value_head(policy)
+        if not lora:  # beside adapters it is a replicated head, its gradients averaged
+            distributed.shard(value_head, cfg.train.data_parallel)
     if rm is not None:
         score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)
     else:
         fn = resolve_reward_fn(cfg, reward_fn)
         score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"),
                                 cfg.reward.fn_timeout_s)
-    # Built whole above (the critic from the whole reward model), sharded now; with LoRA every rank
-    # holds the adapted model whole (its adapters', and their heads', gradients are averaged).
-    lora_critic = isinstance(critic, LoRACritic)
-    whole = ((policy, value_head) if lora else ()) + ((critic, critic.trunk) if lora_critic else ())
-    for model in (policy, reference, rm, critic, value_head):
-        if model is not None and not any(model is m for m in whole):
-            distributed.shard(model, cfg.train.data_parallel)
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory,
                         block_size=cfg.rollout.block_size,
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
@@ -158,20 +156,23 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     return PPOModels(policy, reference, actor, critic, value_head, score, lora)
 
 
-def build_critic(cfg: PPOConfig, rm, policy) -> nn.Module:
-    """The separate critic, trainable: a ValueModel copied from the reward model (else from the
-    policy's base weights, not its adapters); with critic_lora.rank > 0 a LoRACritic on the reward
-    model itself (no second decoder), or without a reward model on a frozen copy of the policy's
-    base weights (said on stderr: that copy costs a decoder's memory)."""
+def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callable) -> nn.Module:
+    """The separate critic, trainable: a ValueModel read from the reward model's directory, its score
+    head as the value head (else from the policy's, base weights, with a zero value head); with
+    critic_lora.rank > 0 a LoRACritic on the reward model itself (no second decoder), or without a
+    reward model on a frozen copy of the policy's base weights (said on stderr: that copy costs a
+    decoder's memory). Each loaded sharded by `sharder` (hf_io.load_model)."""
     if not cfg.critic_lora.enabled:
-        critic = value_model_from_reward_model(rm) if rm is not None else value_model_from_lm(policy)
+        start = "reward_model" if rm is not None else "lm"
+        critic = load_value_model(cfg.reward_model or cfg.policy, dtype=dtype, device=device, shard=sharder,
+                                  start=start)
         critic.gradient_checkpointing = cfg.train.gradient_checkpointing
         return critic.requires_grad_(True).train()
     if rm is not None:
-        trunk, head = rm, rm.score.weight
+        trunk, head = rm, distributed.plain(rm.score.weight.detach())
     else:
-        trunk = rebuild_as(CausalLM, policy, policy.state_dict())
-        head = policy.lm_head.weight.new_zeros(1, policy.config.hidden_size, dtype=torch.float32)
+        trunk = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder).requires_grad_(False)
+        head = torch.zeros(1, trunk.config.hidden_size, dtype=torch.float32, device=device)
         if distributed.is_main():
             print("fusedrl: critic_lora without a reward model: the critic starts from the policy and runs on a "
                   "frozen copy of its weights (a second decoder in memory)", file=sys.stderr)
@@ -196,13 +197,15 @@ def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, lis
 def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, device, dtype) -> Trainables:
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
     optimizers and their schedules."""
-    saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device))}
+    sharder = distributed.sharder(cfg.train.data_parallel, device)
+    saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device, shard=sharder))}
              if models.lora is None else {"policy_adapter": adapters.saved_adapter(models.lora)})
     small = {}
     if isinstance(models.critic, LoRACritic):
         saved["critic_adapter"] = adapters.saved_adapter(models.critic.lora)
     elif models.critic is not None:
-        saved["critic"] = SavedModel(models.critic, lambda d: load_value_model(d, dtype=dtype, device=device))
+        saved["critic"] = SavedModel(models.critic, lambda d: load_value_model(d, dtype=dtype, device=device,
+                                                                               shard=sharder))
     if models.value_head is not None:
         small["value_head"] = models.value_head
     return Trainables(saved, opts.all(), schedules, small)
@@ -249,9 +252,9 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
                  info={"prompts": len(prompts), "truncated_prompts": truncated,
                        "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
     final = Path(cfg.output_dir) / "final"
-    distributed.write_once([models.policy], lambda: adapters.export(models.policy, models.lora, final, cfg.policy))
+    adapters.export(models.policy, models.lora, final, cfg.policy)  # collective: streamed to rank 0
     if models.critic is not None:
-        distributed.write_once([models.critic], lambda: export_critic(cfg, models.critic))
+        export_critic(cfg, models.critic)
     return final
 
 
@@ -261,7 +264,8 @@ def export_critic(cfg: PPOConfig, critic: nn.Module) -> None:
     and is merged into its trunk for final_critic/ (the run is over)."""
     final = Path(cfg.output_dir) / "final_critic"
     if isinstance(critic, LoRACritic):
-        save_adapter(critic.lora, adapters.adapter_dir(final), cfg.reward_model or cfg.policy)
+        if distributed.is_main():
+            save_adapter(critic.lora, adapters.adapter_dir(final), cfg.reward_model or cfg.policy)
         critic = critic.merged()
     save_value_model(critic, final)
 

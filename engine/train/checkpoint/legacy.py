@@ -22,7 +22,7 @@ from ...durable import CorruptDirectory
 from ...errors import ModelError
 from .parts import Trainables, named_optimizer_state, optimizer_parameters, parameter_names
 from .restore import Source, UnsafeCheckpoint, check_parts, mismatch
-from .shards import dtype_name
+from .shards import dtype_name, local_chunk
 
 STATE_FILE = "trainer_state.pt"
 SHARDED_DIR = "sharded"
@@ -87,4 +87,11 @@ def _named_optimizer(path: Path, i: int, state: dict, groups: list[list[str]], w
 
 
 def _box(tensor: torch.Tensor, offsets: list[int], sizes: list[int]) -> torch.Tensor:
+    """The box of `tensor` at `offsets`: a slice of a whole tensor, or the local shard of a model the
+    part's loader read sharded (hf_io.load_model(shard=...)) as the run's own model is, box for box."""
+    local, at = local_chunk(tensor)
+    if at == list(offsets) and list(local.shape) == list(sizes):
+        return local
+    if hasattr(tensor, "to_local"):
+        raise ValueError(f"the box at {offsets} of size {sizes} is not this rank's shard ({at}, {list(local.shape)})")
     return tensor[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]

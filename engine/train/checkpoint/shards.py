@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from ...durable import CorruptDirectory
 from ... import distributed
+from ...model.weight_map import local_box as local_chunk  # (piece, offsets): a DTensor's shard, a plain tensor whole
 
 _FILE = re.compile(r"rank-\d{5}\.safetensors")
 PYTHON_RNG = "python_rng"  # the metadata key of a rank file holding python's RNG state (JSON)
@@ -34,14 +35,6 @@ DTYPES = {str(d).removeprefix("torch."): d for d in (
 
 def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.safetensors"
-
-
-def local_chunk(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """(this rank's piece of `tensor`, its offsets in the global tensor): a DTensor's local shard,
-    a plain tensor whole."""
-    if hasattr(tensor, "to_local"):
-        return tensor.to_local(), list(tensor.__create_chunk_list__()[0].offsets)
-    return tensor, [0] * tensor.dim()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
