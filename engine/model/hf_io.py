@@ -113,12 +113,13 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> Cau
                     raise ModelError(f"unexpected tensor {name!r} in {path.name}: not a parameter of a "
                                      f"{config.model_type} decoder with this config")
                 tensor = _read_tensor(f, name, path)
-                param = expected[name]
-                if tensor.shape != param.shape:
+                blocks = expected[name]
+                if tuple(tensor.shape) != hf_shape(blocks):
                     raise ModelError(f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(param.shape)}")
+                                     f"expected {hf_shape(blocks)}")
                 with torch.no_grad():
-                    param.copy_(tensor)
+                    for view, start in blocks:
+                        view.copy_(tensor[start:start + view.shape[0]])
                 seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
@@ -127,22 +128,34 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> Cau
     return model
 
 
-def hf_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
-    """Hugging Face tensor name -> the parameter it names, or for the parts of a packed projection
-    (q/k/v, gate/up) the row block of the packed weight or bias (a view: copying into it loads the
-    part). The tied LM head appears once, as the embedding."""
+def hf_tensors(model: CausalLM) -> dict[str, list[tuple[torch.Tensor, int]]]:
+    """Hugging Face tensor name -> its blocks of rows in the model: (a view of the parameter, the
+    block's first row in the Hugging Face tensor), in that tensor's row order. A plain parameter is
+    one block; a part of a packed projection (q/k/v, gate/up) is its `row_blocks` (copying into the
+    views loads the part). The tied LM head appears once, as the embedding."""
     packed = {name: module for name, module in model.named_modules() if isinstance(module, PackedProjection)}
-    tensors = {}
+    tensors: dict[str, list] = {}
     for name, param in model.named_parameters():
         owner, _, leaf = name.rpartition(".")
         if owner not in packed:
-            tensors[name] = param
+            tensors[name] = [(param, 0)]
             continue
-        parent, start = owner.rpartition(".")[0], 0
-        for part, size in packed[owner].parts:
-            tensors[f"{parent}.{part}.{leaf}"] = param[start:start + size]
-            start += size
-    return tensors
+        parent = owner.rpartition(".")[0]
+        for part, packed_start, part_start, rows in packed[owner].row_blocks():
+            tensors.setdefault(f"{parent}.{part}.{leaf}", []).append((param[packed_start:packed_start + rows],
+                                                                      part_start))
+    return {name: sorted(blocks, key=lambda b: b[1]) for name, blocks in tensors.items()}
+
+
+def hf_shape(blocks: list[tuple[torch.Tensor, int]]) -> tuple[int, ...]:
+    """The Hugging Face tensor's shape from its blocks (hf_tensors)."""
+    first = blocks[0][0]
+    return (sum(view.shape[0] for view, _ in blocks), *first.shape[1:])
+
+
+def hf_value(blocks: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """The Hugging Face tensor itself: the one block, or the blocks' rows concatenated (a copy)."""
+    return blocks[0][0] if len(blocks) == 1 else torch.cat([view for view, _ in blocks])
 
 
 def _open_weights(path: Path):
@@ -208,7 +221,7 @@ def _write_dir(model: CausalLM, tmp: Path, source_dir, max_shard_bytes: int):
     # transformers 5 calls the field `dtype`, 4.x `torch_dtype`.
     setattr(hf_config, "dtype" if "dtype" in hf_config.to_dict() else "torch_dtype", dtype_name)
     hf_config.save_pretrained(str(tmp))
-    tensors = {name: _owned_cpu_copy(t) for name, t in hf_tensors(model).items()}
+    tensors = {name: _owned_cpu_copy(hf_value(blocks)) for name, blocks in hf_tensors(model).items()}
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     shards = _shard(tensors, max_shard_bytes)

@@ -12,10 +12,13 @@ from .report import refusal
 def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     """UsageError (exit 2) when `cfg`'s plan on `gpus` GPUs like `device` does not fit. Only on CUDA,
     where the memory is known, and unless train.memory_check is off; also refuses
-    train.optimizer_offload, which only the plan knows so far."""
+    train.optimizer_offload and train.tensor_parallel > 1, which only the plan knows so far."""
     if cfg.train.optimizer_offload:
         raise UsageError("train.optimizer_offload=true: not implemented yet in training "
                          "(`fusedrl plan` accounts for it)")
+    if cfg.train.tensor_parallel > 1:
+        raise UsageError(f"train.tensor_parallel={cfg.train.tensor_parallel}: training is not tensor-parallel yet, "
+                         "generation only (`fusedrl generate --tensor-parallel T`; `fusedrl plan` accounts for it)")
     if device.type != "cuda" or not cfg.train.memory_check:
         return
     total = torch.cuda.get_device_properties(device).total_memory
