@@ -20,6 +20,7 @@ from .model_bytes import ppo_models, supervised_models
 from .phases import MemoryPlan, Setup, host_optimizer_bytes, model_rows, plan_phases
 from .rules import TODAY, EngineRules
 from .units import format_bytes
+from ..tensor_parallel import check_tensor_parallel
 
 
 def stage_of(cfg) -> str:
@@ -52,6 +53,8 @@ def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, devi
     if gpus < 1:
         raise ValueError(f"--gpus={gpus}: expected at least 1")
     s = stage_setup(cfg, gpus, rules, device)
+    policy = s.parts[0].config
+    check_tensor_parallel(cfg.train.tensor_parallel, gpus, policy, option="train.tensor_parallel")
     plan = MemoryPlan(s.stage, gpus, gpu_memory, plan_phases(s), model_rows(s), host_optimizer_bytes(s), rules)
     if advise and not plan.fits:
         plan.notes = advice(cfg, plan, rules, device)
@@ -78,7 +81,7 @@ def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
                                                                "ppo.microbatch_size=1"], gpus))
     elif cfg.data.tokens_per_microbatch != cfg.data.max_length:
         out.append(("a smaller token budget per forward", [f"data.tokens_per_microbatch={cfg.data.max_length}"], gpus))
-    if gpus < 8:
+    if gpus < 8 and 8 % cfg.train.tensor_parallel == 0:
         out.append(("more GPUs", [], 8))
     return out
 
