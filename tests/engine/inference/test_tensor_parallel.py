@@ -74,9 +74,19 @@ def test_training_refuses_tensor_parallel_in_one_line(qwen2_dir, tmp_path, capsy
 
 def test_two_tensor_ranks_generate_one_process_s_tokens_from_their_shards(model_dirs):
     """Qwen2 (tied embedding, q/k/v biases) and Qwen3 (q/k norms, untied head), checked in the worker."""
-    result = _torchrun(WORKER, model_dirs["qwen2"][0], model_dirs["qwen3"][0])
+    result = _torchrun(WORKER, "cpu", model_dirs["qwen2"][0], model_dirs["qwen3"][0])
     check(result)
     assert result.stdout.count("ok ") == 2, result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallelism needs 2 GPUs")
+def test_two_gpus_replay_the_tensor_parallel_decode_graphs_across_rollouts(model_dirs):
+    """The decode steps captured as CUDA graphs with NCCL all-reduces inside, replayed over two
+    rollouts with the parameters' storage unchanged (not yet run: no machine with 2 GPUs so far)."""
+    result = _torchrun(WORKER, "cuda", model_dirs["qwen2"][0])
+    check(result)
+    assert result.stdout.count("ok ") == 1, result.stdout
 
 
 def test_generate_command_at_tensor_parallel_2_prints_one_process_s_tokens(model_dirs):

@@ -1,11 +1,13 @@
 """Run by test_tensor_parallel.py under `torchrun --nproc-per-node 2`: tensor-parallel generation
-from FSDP2 shards against one process's, for each model directory given (argv). Asserts; rank 0
-prints "ok" per model."""
+from FSDP2 shards against one process's, for each model directory given (argv: DEVICE DIR...; on
+cuda the decode steps are CUDA graphs with the all-reduces inside). Asserts; rank 0 prints "ok" per
+model."""
 import sys
 
 import torch
 
 from fusedrl.engine import distributed
+from fusedrl.engine.inference.hybrid_actor import HybridActor
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.attention import AttentionMetadata, attention_step
@@ -21,15 +23,18 @@ def local_storage(model):
             for name, p in model.named_parameters()}
 
 
-def check(model_dir: str) -> None:
+def check(device: str, model_dir: str) -> None:
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
-    reference = LLM(model_dir, device="cpu", kv_cache_memory=1 << 22)
+    reference = LLM(model_dir, device=device, kv_cache_memory=1 << 22)
     expected = reference.generate(PROMPTS, greedy)
-    model = shard_tensor_parallel(load_model(model_dir), 2)
+    model = shard_tensor_parallel(load_model(model_dir, device=device), 2)
     tp = model.tensor_parallel
     before = local_storage(model)
-    llm = LLM(model, kv_cache_memory=1 << 21)  # the same blocks as above: each rank holds half the heads
+    # The same blocks as above: each rank holds half the heads. The hybrid actor gathers nothing.
+    actor = HybridActor(model, kv_cache_memory=1 << 21)
+    llm = actor.llm
     assert llm.block_manager.num_blocks == reference.block_manager.num_blocks
+    assert (llm.runner.graphs is not None) == (device == "cuda")
     for rollout in range(2):
         got = llm.generate(PROMPTS, greedy)
         assert [c.token_ids for o in got for c in o.outputs] == [c.token_ids for o in expected for c in o.outputs]
@@ -42,10 +47,13 @@ def check(model_dir: str) -> None:
     tokens = [c.token_ids for o in sampled for c in o.outputs]
     assert distributed.all_gather(tokens) == [tokens] * 2
     # The packed training-shaped forward's logits against the whole model's, within fp32 rounding.
-    ids = torch.tensor([t for p in PROMPTS for t in p])
+    responses = actor.generate(PROMPTS, greedy)[1]
+    assert responses == [c.token_ids for o in expected for c in o.outputs]
+    assert local_storage(model) == before, "the hybrid actor moved a parameter's storage"
+    ids = torch.tensor([t for p in PROMPTS for t in p], device=device)
     seqlens = [len(p) for p in PROMPTS]
     meta = AttentionMetadata.packed(seqlens, ids.device)
-    positions = torch.cat([torch.arange(n) for n in seqlens])
+    positions = torch.cat([torch.arange(n, device=device) for n in seqlens])
     with torch.no_grad():
         hidden = model.hidden_states(ids, positions, attention_step(meta), tp.prims(FORWARD))
         logits = tp.logits(model.lm_head, hidden)
@@ -57,6 +65,7 @@ def check(model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    distributed.init_distributed("cpu", 120)
-    for path in sys.argv[1:]:
-        check(path)
+    device = sys.argv[1]
+    distributed.init_distributed(device, 120)
+    for path in sys.argv[2:]:
+        check(device if device == "cpu" else f"cuda:{distributed.local_rank()}", path)
