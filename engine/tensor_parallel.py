@@ -12,9 +12,12 @@ they act on the replicated hidden states.
 column-parallel GEMM on the local rows, one all-reduce after o_proj and one after down_proj, a
 vocabulary-parallel embedding (one all-reduce), and each layer entered without FSDP's hooks, so no
 parameter is ever all-gathered and its storage never moves (the precondition of CUDA-graph replay).
-`logits` gathers the vocabulary slices of the LM head's output, so the sampler draws from the
-whole row, the same tokens on every tensor rank. Generation only: the training forward gathers
-FSDP units, whose rank-interleaved rows it cannot split (training commands refuse T > 1).
+The collectives are differentiable (model/tensor_parallel_ops.py), so the same walk trains: each
+rank's gradients land on its own slices, `average_over_data` averages them over the data groups
+(FSDP's reduction, whose hooks are bypassed) and the LM head's log-probs are vocabulary-parallel
+(model/lm_head.py). `logits` gathers the vocabulary slices of the LM head's output, so the sampler
+draws from the whole row, the same tokens on every tensor rank. Full SFT trains tensor-parallel;
+LoRA, RM and PPO/GRPO refuse T > 1 for now (engine/plan/check.py).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from .errors import ConfigValueError
 from .model.causal_lm import CausalLM, PackedProjection, Projection, RMSNorm
 from .model.config import ModelConfig
 from .model.primitives import composed_norm_linear
+from .model.tensor_parallel_ops import from_ranks, to_ranks
 
 
 def fitting_sizes(world: int, config: ModelConfig) -> list[int]:
@@ -81,14 +85,14 @@ def _placement(param: nn.Parameter, row_parallel: set[int]):
     return Shard(1) if id(param) in row_parallel else Shard(0)
 
 
-def shard_tensor_parallel(model: CausalLM, t: int) -> CausalLM:
+def shard_tensor_parallel(model: CausalLM, t: int, option: str = "train.tensor_parallel") -> CausalLM:
     """Lay `model` (whole on every rank) out for T tensor ranks and shard it with FSDP2 over the
     mesh's tensor dimension, each decoder layer a unit and the rest the root (as distributed.shard):
     a rank keeps only its tensor slice of every sharded weight. Sets `model.tensor_parallel`."""
     from torch.distributed.fsdp import fully_shard
     from .distributed import shard_units
 
-    check_tensor_parallel(t, dist.get_world_size(), model.config)
+    check_tensor_parallel(t, dist.get_world_size() if dist.is_initialized() else 1, model.config, option)
     mesh = tensor_parallel_mesh(next(model.parameters()).device.type, t)
     interleave(model, t)
     rows = {id(m.weight) for m in model.modules() if type(m) is Projection}  # o_proj, down_proj
@@ -97,23 +101,35 @@ def shard_tensor_parallel(model: CausalLM, t: int) -> CausalLM:
     placement = functools.partial(_placement, row_parallel=rows)
     for unit in shard_units(model):
         fully_shard(unit, mesh=mesh["tensor"], shard_placement_fn=placement, ignored_params=replicated)
-    model.tensor_parallel = TensorParallel(mesh["tensor"].get_group(), t, model.config.vocab_size)
+    model.tensor_parallel = TensorParallel(mesh["tensor"].get_group(), t, model.config.vocab_size,
+                                           mesh["data"].get_group())
     return model
 
 
 class TensorParallel:
-    """One tensor group's collectives and the walk's primitives over the local shards."""
+    """One tensor group's collectives and the walk's primitives over the local shards; data_group:
+    the ranks holding the same slices in the other data groups."""
 
-    def __init__(self, group, size: int, vocab_size: int):
+    def __init__(self, group, size: int, vocab_size: int, data_group):
         self.group, self.size = group, size
+        self.data_group, self.data_size = data_group, dist.get_world_size(data_group)
         self.rank = dist.get_rank(group)
         self.vocab_rows = -(-vocab_size // size)  # rows of every vocabulary slice but the last
         self.vocab_size = vocab_size
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """x summed over the tensor ranks, in place."""
-        dist.all_reduce(x, group=self.group)
-        return x
+    def average_over_data(self, model: nn.Module) -> None:
+        """Average the sharded parameters' gradients over the data groups (FSDP's hooks, which would
+        reduce them, are never entered), in fp32, one flat all-reduce. One data group: nothing.
+        The whole (replicated) parameters' gradients are distributed.average_replicated_gradients'."""
+        from torch.distributed.tensor import DTensor
+        grads = [p.grad.to_local() for p in model.parameters() if isinstance(p.grad, DTensor)]
+        if self.data_size == 1 or not grads:
+            return
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, group=self.data_group)
+        flat /= self.data_size
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
     def same_on_ranks(self, value):
         """The first tensor rank's `value` (picklable) on every rank of the group."""
@@ -129,9 +145,10 @@ class TensorParallel:
         if not isinstance(weight, DTensor):
             return F.linear(x, weight, bias)
         if weight.placements[0] == Shard(1):
-            y = self.all_reduce(F.linear(x, weight.to_local()))
+            y = from_ranks(F.linear(x, weight.to_local()), self.group)
             return y if bias is None else y + bias
-        return F.linear(x, weight.to_local(), bias.to_local() if isinstance(bias, DTensor) else bias)
+        bias = bias.to_local() if isinstance(bias, DTensor) else bias
+        return F.linear(to_ranks(x, self.group), weight.to_local(), bias)
 
     def embed(self, embedding: nn.Embedding, input_ids):
         """input_ids [N] -> [N, hidden]: each rank looks up the ids in its vocabulary slice (zeros
@@ -140,7 +157,7 @@ class TensorParallel:
         ids = input_ids - self.rank * self.vocab_rows
         inside = (ids >= 0) & (ids < local.shape[0])
         x = F.embedding(torch.where(inside, ids, 0), local) * inside.unsqueeze(-1).to(local.dtype)
-        return self.all_reduce(x)
+        return from_ranks(x, self.group)
 
     def logits(self, lm_head: nn.Linear, hidden):
         """hidden [B, hidden] -> the whole logits [B, V], every rank's vocabulary slice gathered."""
@@ -181,7 +198,7 @@ def generate_tensor_parallel(model_dir, prompts: list, params, t: int, *, device
     groups = world // t
     per_group = -(-len(prompts) // groups)
     share = prompts[distributed.rank() // t * per_group:][:per_group]
-    model = shard_tensor_parallel(load_model(model_dir, dtype=dtype, device=device), t)
+    model = shard_tensor_parallel(load_model(model_dir, dtype=dtype, device=device), t, "--tensor-parallel")
     llm = LLM(model, tokenizer=directory_tokenizer(Path(model_dir)), **llm_options)
     outputs = llm.generate(share, params, use_tqdm=use_tqdm and distributed.is_main()) if share else []
     gathered = distributed.all_gather(outputs)

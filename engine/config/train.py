@@ -97,9 +97,10 @@ class RunConfig:
     progress: bool = option("show a live progress bar on stderr", True)
     data_parallel: DataParallel = option("under torchrun: shard (FSDP2 full shard: weights, gradients, optimizer "
                                          "state 1/N per rank) | replicate (whole copies, for small models)", "shard")
-    tensor_parallel: int = option("tensor-parallel size T (dividing the ranks and the model's key/value heads): "
-                                  "`fusedrl plan` accounts for it; training refuses T > 1 for now (generation only: "
-                                  "`fusedrl generate --tensor-parallel T`)", 1)
+    tensor_parallel: int = option("under torchrun: T ranks (dividing the ranks and the model's key/value heads) "
+                                  "each keep and train their tensor slices of the weights, data-parallel across the "
+                                  "world_size / T groups; full SFT only for now (others refuse T > 1; `fusedrl plan` "
+                                  "plans it)", 1)
     dist_timeout_s: float = option("under torchrun: seconds a collective waits for the other ranks before "
                                    "the job fails", 600.0)
     optimizer_offload: bool = option("keep the optimizer state (fp32 masters and AdamW moments) in CPU memory; "

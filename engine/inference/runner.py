@@ -12,12 +12,12 @@ from types import SimpleNamespace
 
 import torch
 
-from ..model.attention import AttentionMetadata, attention_step
+from ..model.attention import AttentionMetadata
 from ..model.config import ModelConfig
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant
 from ..model.kv_pages import sequence_slot
-from ..model.primitives import DECODE, FORWARD
+from ..model.primitives import DECODE
 from .decode_inputs import DecodeInputs
 from ...kernels import SamplerWorkspace, sample
 from .sequence import Sequence
@@ -124,11 +124,10 @@ class ModelRunner:
         input_ids, positions [N] -> final hidden states [N, hidden]. What a decode graph captures."""
         if self.batch_invariant is not None:
             return self.batch_invariant.paged_hidden(self.model, input_ids, positions, meta, self.kv_caches)
-        prims = DECODE if meta.is_decode and self.fuse_decode_gemms else FORWARD
-        if self.tensor_parallel is not None:  # the walk itself: the root's FSDP hook would gather
-            return self.model.hidden_states(input_ids, positions, attention_step(meta, self.kv_caches),
-                                            self.tensor_parallel.prims(prims))
-        return self.model(input_ids, positions, meta, self.kv_caches, prims=prims)
+        prims = DECODE if meta.is_decode and self.fuse_decode_gemms else None  # None: the model's FORWARD
+        # Tensor-parallel: past the root's FSDP hook (it would gather the embedding and the head).
+        run = self.model.forward if self.tensor_parallel is not None else self.model
+        return run(input_ids, positions, meta, self.kv_caches, prims=prims)
 
     def decode_step(self, size: int, full_tables: bool):
         """The decode step over the first `size` rows of `decode_inputs`: embedding through the

@@ -227,7 +227,8 @@ class CausalLM(nn.Module):
         """
         if attend is None:
             attend = attention_step(meta, kv_caches)
-        return self.hidden_states(input_ids, positions, attend, prims)
+        tp = getattr(self, "tensor_parallel", None)  # engine/tensor_parallel.py: the walk on the local shards
+        return self.hidden_states(input_ids, positions, attend, tp.prims(prims or FORWARD) if tp else prims)
 
     def hidden_states(self, input_ids, positions, attend: Attend, prims: SimpleNamespace | None = None):
         """The one walk of the decoder: input_ids, positions [N] -> final hidden states [N, hidden],
@@ -244,7 +245,7 @@ class CausalLM(nn.Module):
             for layer in self.model.layers:
                 args = (x, residual, angles, attend, prims)
                 if recompute:
-                    x, residual = checkpoint(layer, *args, use_reentrant=False, context_fn=lambda: (
+                    x, residual = checkpoint(prims.enter, layer, *args, use_reentrant=False, context_fn=lambda: (
                         contextlib.nullcontext(), kernels.use_backend(backend)))
                 else:
                     x, residual = prims.enter(layer, *args)
@@ -283,7 +284,9 @@ class CausalLM(nn.Module):
             starts = meta.cu_seqlens_q[:-1].long().repeat_interleave(  # [N] start of each token's sequence
                 torch.tensor(seqlens, device=input_ids.device), output_size=input_ids.shape[0])
             positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
-        return self(input_ids, positions, meta)
+        # Tensor-parallel: past the root's FSDP hook, which would gather the embedding and the head.
+        run = self.forward if getattr(self, "tensor_parallel", None) else self
+        return run(input_ids, positions, meta)
 
     def compute_logits(self, hidden):
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""

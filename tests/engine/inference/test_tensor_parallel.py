@@ -64,12 +64,16 @@ def test_a_size_that_does_not_fit_names_those_that_do(model_dirs):
     check_tensor_parallel(2, 4, config)
 
 
-def test_training_refuses_tensor_parallel_in_one_line(qwen2_dir, tmp_path, capsys):
+def test_what_does_not_train_tensor_parallel_is_refused_in_one_line(qwen2_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", demonstrations(4))
-    code, err = cli_error(["sft", f"model={qwen2_dir}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}",
-                           "train.tensor_parallel=2"], capsys)
-    assert (code, err) == (2, "fusedrl sft: train.tensor_parallel=2: training is not tensor-parallel yet, generation "
-                              "only (`fusedrl generate --tensor-parallel T`; `fusedrl plan` accounts for it)\n")
+    common = [f"model={qwen2_dir}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}", "train.device=cpu",
+              "data.max_length=64", "data.max_prompt_length=32", "data.tokens_per_batch=128", "train.tensor_parallel=2"]
+    code, err = cli_error(["sft", *common, "lora.rank=4"], capsys)
+    assert (code, err) == (2, "fusedrl sft: train.tensor_parallel=2: only full SFT trains tensor-parallel yet "
+                              "(`fusedrl generate --tensor-parallel T` generates; `fusedrl plan` accounts for it)\n")
+    code, err = cli_error(["sft", *common], capsys)  # one process: no tensor ranks
+    assert code == 2 and err.startswith("fusedrl sft: train.tensor_parallel=2: expected a size dividing the 1 ranks")
+    assert err.count("\n") == 1
 
 
 def test_two_tensor_ranks_generate_one_process_s_tokens_from_their_shards(model_dirs):
