@@ -5,8 +5,8 @@ tensor-parallel slice: on the tensor dimension of a (data x tensor) device mesh,
 Shard(0) for the column-parallel weights (packed q/k/v and gate/up, stored rank-interleaved by
 `interleave` so that a rank's contiguous rows are its heads; the embedding and the LM head by
 vocabulary rows, the last slice possibly shorter) and Shard(1) for the row-parallel ones (o_proj,
-down_proj). Norm weights and the row-parallel biases stay whole on every rank (FSDP ignores them):
-they act on the replicated hidden states.
+down_proj). Norm weights, the row-parallel biases and heads (a reward model's score) stay whole on
+every rank (FSDP ignores them): they act on the replicated hidden states.
 
 `TensorParallel.prims(base)` is the decoder walk's primitive set over those local shards: a
 column-parallel GEMM on the local rows, one all-reduce after o_proj and one after down_proj, a
@@ -16,8 +16,8 @@ The collectives are differentiable (model/tensor_parallel_ops.py), so the same w
 rank's gradients land on its own slices, `average_over_data` averages them over the data groups
 (FSDP's reduction, whose hooks are bypassed) and the LM head's log-probs are vocabulary-parallel
 (model/lm_head.py). `logits` gathers the vocabulary slices of the LM head's output, so the sampler
-draws from the whole row, the same tokens on every tensor rank. Full SFT trains tensor-parallel;
-LoRA, RM and PPO/GRPO refuse T > 1 for now (engine/plan/check.py).
+draws from the whole row, the same tokens on every tensor rank. Full SFT and RM train
+tensor-parallel; LoRA and PPO/GRPO refuse T > 1 for now (engine/plan/check.py).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigValueError
-from .model.causal_lm import CausalLM, PackedProjection, Projection, RMSNorm
+from .model.causal_lm import CausalLM, PackedProjection, Projection
 from .model.config import ModelConfig
 from .model.primitives import composed_norm_linear
 from .model.tensor_parallel_ops import from_ranks, to_ranks
@@ -96,11 +96,16 @@ def shard_tensor_parallel(model: CausalLM, t: int, option: str = "train.tensor_p
     mesh = tensor_parallel_mesh(next(model.parameters()).device.type, t)
     interleave(model, t)
     rows = {id(m.weight) for m in model.modules() if type(m) is Projection}  # o_proj, down_proj
-    replicated = {p for m in model.modules() for p in m.parameters(recurse=False)
-                  if isinstance(m, RMSNorm) or (type(m) is Projection and p is m.bias)}
+    sliced = {id(p) for m in model.modules() for p in m.parameters(recurse=False)
+              if isinstance(m, (PackedProjection, nn.Embedding)) or id(p) in rows}
+    sliced.add(id(model.lm_head.weight))
+    # Whole on every rank: the norms, the row-parallel biases (added once, after the all-reduce) and
+    # any head (a reward model's score), which read the replicated hidden states.
+    replicated = {p for p in model.parameters() if id(p) not in sliced}
     placement = functools.partial(_placement, row_parallel=rows)
     for unit in shard_units(model):
-        fully_shard(unit, mesh=mesh["tensor"], shard_placement_fn=placement, ignored_params=replicated)
+        if any(p not in replicated for p in unit.parameters()):
+            fully_shard(unit, mesh=mesh["tensor"], shard_placement_fn=placement, ignored_params=replicated)
     model.tensor_parallel = TensorParallel(mesh["tensor"].get_group(), t, model.config.vocab_size,
                                            mesh["data"].get_group())
     return model
