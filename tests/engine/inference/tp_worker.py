@@ -7,6 +7,7 @@ import sys
 import torch
 
 from fusedrl.engine import distributed
+from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.inference.hybrid_actor import HybridActor
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
@@ -35,6 +36,11 @@ def check(device: str, model_dir: str) -> None:
     llm = actor.llm
     assert llm.block_manager.num_blocks == reference.block_manager.num_blocks
     assert (llm.runner.graphs is not None) == (device == "cuda")
+    try:
+        LLM(model, kv_cache_memory=1 << 21, batch_invariant=True)
+        raise AssertionError("the batch-invariant mode ran tensor-parallel")
+    except ConfigValueError as e:
+        assert "batch_invariant (rollout.exact) with tensor parallelism" in str(e)
     for rollout in range(2):
         got = llm.generate(PROMPTS, greedy)
         assert [c.token_ids for o in got for c in o.outputs] == [c.token_ids for o in expected for c in o.outputs]
