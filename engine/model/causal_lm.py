@@ -136,7 +136,7 @@ class RotaryAngles:
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig, dtype):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.head_dim = c.head_dim
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.qkv_proj = PackedProjection(c.hidden_size, (("q_proj", q_size), ("k_proj", kv_size),
                                                          ("v_proj", kv_size)), c.qkv_bias, dtype)
