@@ -54,6 +54,8 @@ class LLM:
     `CausalLM` already in memory: the trainer's own parameters, used in place (`dtype` and `device`
     are then the model's; pass `tokenizer` for string prompts). In-place updates (optimizer steps,
     `copy_`) are seen by the next `generate`, CUDA graphs included; replacing Parameter objects is not.
+    A model sharded by `engine.tensor_parallel.shard_tensor_parallel` generates with its tensor group
+    (every rank of it calls `generate` with the same prompts), from its slices and its heads' KV.
     kv_cache_memory: bytes (int) or a fraction of free GPU memory (float); default 0.9 of free GPU
     memory on CUDA (pass a budget when a trainer shares the GPU), 1 GiB on CPU. The pool is never
     larger than max_num_seqs full-length sequences.
