@@ -198,6 +198,8 @@ def add_generate_parser(commands) -> None:
     p.add_argument("--kv-cache-memory", type=_memory, default=None,
                    help="KV pool: bytes (e.g. 2000000000) or a fraction of free GPU memory (e.g. 0.5)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
+                   help="under torchrun: T ranks generate together from their slices of the weights")
     p.add_argument("--json", action="store_true", help="print one JSON object per completion")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_debug_flag(p)
@@ -207,6 +209,13 @@ def add_generate_parser(commands) -> None:
 def _as_option(error: ValueError) -> errors.UsageError:
     """SamplingParams names its fields (SamplingParams.top_p): say which option the user gave (--top-p)."""
     return errors.UsageError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(error)))
+
+
+def _generate_tensor_parallel(args, prompts, params, device):
+    from .tensor_parallel import generate_tensor_parallel
+    return generate_tensor_parallel(args.model, prompts, params, args.tensor_parallel, device=device, dtype=args.dtype,
+                                    use_tqdm=not args.no_progress, kv_cache_memory=args.kv_cache_memory,
+                                    block_size=args.block_size)
 
 
 def run_generate(args) -> int:
@@ -236,9 +245,14 @@ def run_generate(args) -> int:
     check_model_dir(args.model, "--model")
     device = resolve_device(args.device, "--device")
     try:  # an argument the engine rejects; the model's own problems are FusedRLErrors and pass through
-        llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-                  block_size=args.block_size, device=device)
-        outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+        if args.tensor_parallel != 1:
+            outputs = _generate_tensor_parallel(args, prompts, params, device)
+            if outputs is None:  # not the first rank: it printed nothing
+                return 0
+        else:
+            llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+                      block_size=args.block_size, device=device)
+            outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     except errors.FusedRLError:
         raise
     except ValueError as e:

@@ -134,9 +134,11 @@ def min_over_ranks(n: int) -> int:
     return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), op="min")) if world_size() > 1 else n
 
 
-def rank_slice(per_rank: int) -> slice:
-    """This rank's items of a global batch of `per_rank * world_size()` items, in rank order."""
-    return slice(rank() * per_rank, (rank() + 1) * per_rank)
+def rank_slice(per_rank: int, tensor_parallel: int = 1) -> slice:
+    """This rank's items of a global batch of `per_rank * world_size() / tensor_parallel` items, in
+    rank order: the T ranks of a tensor group (consecutive ranks) take the same items."""
+    data_rank = rank() // tensor_parallel
+    return slice(data_rank * per_rank, (data_rank + 1) * per_rank)
 
 
 def data_parallel_sum() -> Optional[Callable[[torch.Tensor], torch.Tensor]]:

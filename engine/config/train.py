@@ -97,6 +97,10 @@ class RunConfig:
     progress: bool = option("show a live progress bar on stderr", True)
     data_parallel: DataParallel = option("under torchrun: shard (FSDP2 full shard: weights, gradients, optimizer "
                                          "state 1/N per rank) | replicate (whole copies, for small models)", "shard")
+    tensor_parallel: int = option("under torchrun: T ranks (dividing the ranks and the model's key/value heads) "
+                                  "each keep and train their tensor slices of the weights, data-parallel across the "
+                                  "world_size / T groups; full SFT only for now (others refuse T > 1; `fusedrl plan` "
+                                  "plans it)", 1)
     dist_timeout_s: float = option("under torchrun: seconds a collective waits for the other ranks before "
                                    "the job fails", 600.0)
     optimizer_offload: bool = option("keep the optimizer state (fp32 masters and AdamW moments) in CPU memory; "
@@ -106,6 +110,7 @@ class RunConfig:
 
     def __post_init__(self):
         check_fields(self, "train.")
+        check(self.tensor_parallel >= 1, f"train.tensor_parallel must be >= 1, got {self.tensor_parallel}")
         check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),
                f"train.device must be cpu, cuda or cuda:N, got {self.device!r}")

@@ -12,9 +12,13 @@ the whole parameters: `generate` gathers them (`unshard()`) before the rollout a
 (`reshard()`) after, so a rank holds one whole copy of the policy's parameters only while it
 generates (on top of its shard), and its forwards inside issue no collective, whatever its number
 of decode steps. The KV pool is per rank. CUDA graphs are off there: the gathered parameters are
-reallocated at every unshard, and a captured graph would read freed memory.
+reallocated at every unshard, and a captured graph would read freed memory. A policy sharded
+tensor-parallel (engine/tensor_parallel.py) is not gathered: each rank generates with its tensor
+group from its own shards, whose storage never moves, so CUDA graphs stay on there.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -29,8 +33,10 @@ class HybridActor:
     def __init__(self, policy: CausalLM, tokenizer=None, *, kv_cache_memory: int, block_size: int = 16,
                  max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False):
         self.policy = policy
+        self.tensor_parallel = getattr(policy, "tensor_parallel", None) is not None
+        local = distributed.world_size() == 1 or self.tensor_parallel  # nothing gathered: graphs stay valid
         self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
-                       max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and distributed.world_size() == 1,
+                       max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and local,
                        batch_invariant=batch_invariant)
 
     @property
@@ -53,7 +59,7 @@ class HybridActor:
         token: [sum of response lengths] fp32 on the policy's device, row after row), rows ordered
         prompt by prompt, sample by sample. The log-probs never leave the device.
         """
-        with distributed.gathered(self.policy):
+        with contextlib.nullcontext() if self.tensor_parallel else distributed.gathered(self.policy):
             outputs = self.llm.generate(prompts, params, decode_text=False)  # PPO reads token ids only
         completions = [(out.prompt_token_ids, c) for out in outputs for c in out.outputs]
         slots = [slot for _, c in completions for slot in c.logprob_slots]

@@ -54,6 +54,8 @@ class LLM:
     `CausalLM` already in memory: the trainer's own parameters, used in place (`dtype` and `device`
     are then the model's; pass `tokenizer` for string prompts). In-place updates (optimizer steps,
     `copy_`) are seen by the next `generate`, CUDA graphs included; replacing Parameter objects is not.
+    A model sharded by `engine.tensor_parallel.shard_tensor_parallel` generates with its tensor group
+    (every rank of it calls `generate` with the same prompts), from its slices and its heads' KV.
     kv_cache_memory: bytes (int) or a fraction of free GPU memory (float); default 0.9 of free GPU
     memory on CUDA (pass a budget when a trainer shares the GPU), 1 GiB on CPU. The pool is never
     larger than max_num_seqs full-length sequences.
@@ -94,14 +96,19 @@ class LLM:
         else:
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             self.model = load_model(model_dir, dtype=dtype, device=device)
-            tokenizer = tokenizer or _load_tokenizer(Path(model_dir))
+            tokenizer = tokenizer or directory_tokenizer(Path(model_dir))
         self.tokenizer = tokenizer
         self.config = self.model.config
         param = next(self.model.parameters())
         self.device = param.device  # where the model, the KV pool and every step's tensors live
         if kv_cache_memory is None:
             kv_cache_memory = 0.9 if param.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
-        num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, param.device)
+        tp = getattr(self.model, "tensor_parallel", None)  # engine/tensor_parallel.py
+        if tp is not None and self.batch_invariant is not None:
+            raise ConfigValueError("batch_invariant (rollout.exact) with tensor parallelism: not supported yet "
+                                   "(the all-reduces' order differs from the training forward's); use one or the other")
+        num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, param.device,
+                                           tp.size if tp else 1)
         num_blocks = min(num_blocks, max_num_seqs * -(-self.config.max_model_len // block_size))
         if num_blocks < 1:
             raise ConfigValueError(f"kv_cache_memory={kv_cache_memory!r} does not hold one block of "
@@ -113,7 +120,8 @@ class LLM:
         self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs,
                                   self.batch_invariant, fuse_decode_gemms)
         self._next_seq_id = 0
-        self._rng = random.Random()
+        # Every tensor rank must draw the same seeds (they sample the same rows in lockstep).
+        self._rng = random.Random(tp.same_on_ranks(random.getrandbits(63)) if tp else None)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False, decode_text: bool = True) -> list[RequestOutput]:
@@ -227,7 +235,7 @@ def _is_single_prompt(prompts) -> bool:
     return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and isinstance(prompts[0], int))
 
 
-def _load_tokenizer(model_dir: Path):
+def directory_tokenizer(model_dir: Path):
     """The directory's tokenizer, or None when it has none (token-id prompts still work)."""
     if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None

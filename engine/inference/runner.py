@@ -23,14 +23,17 @@ from ...kernels import SamplerWorkspace, sample
 from .sequence import Sequence
 
 
-def kv_bytes_per_block(config: ModelConfig, dtype: torch.dtype, block_size: int) -> int:
-    """K and V of every layer for one block of tokens."""
+def kv_bytes_per_block(config: ModelConfig, dtype: torch.dtype, block_size: int, tensor_parallel: int = 1) -> int:
+    """K and V of every layer for one block of tokens, on one of `tensor_parallel` ranks (its share
+    of the key/value heads)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+    return 2 * config.num_layers * block_size * config.num_kv_heads // tensor_parallel * config.head_dim * elem
 
 
-def num_blocks_for_budget(kv_cache_memory, config: ModelConfig, dtype, block_size: int, device) -> int:
-    """Blocks that fit `kv_cache_memory`: bytes (int), or a fraction in (0, 1] of free GPU memory."""
+def num_blocks_for_budget(kv_cache_memory, config: ModelConfig, dtype, block_size: int, device,
+                          tensor_parallel: int = 1) -> int:
+    """Blocks that fit `kv_cache_memory`: bytes (int), or a fraction in (0, 1] of free GPU memory (on
+    one of `tensor_parallel` ranks, each holding its heads' share of every block)."""
     if isinstance(kv_cache_memory, float):
         if not 0 < kv_cache_memory <= 1:
             raise ValueError(f"kv_cache_memory={kv_cache_memory} as a fraction must be in (0, 1]")
@@ -42,7 +45,7 @@ def num_blocks_for_budget(kv_cache_memory, config: ModelConfig, dtype, block_siz
     if not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0:
         raise ValueError(f"kv_cache_memory={kv_cache_memory!r} must be a positive int (bytes) or a float "
                          "fraction of free GPU memory")
-    return kv_cache_memory // kv_bytes_per_block(config, dtype, block_size)
+    return kv_cache_memory // kv_bytes_per_block(config, dtype, block_size, tensor_parallel)
 
 
 class ModelRunner:
@@ -70,8 +73,11 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         c = self.config
+        # Tensor-parallel (engine/tensor_parallel.py): this rank's shards, its kv heads' cache.
+        self.tensor_parallel = getattr(model, "tensor_parallel", None)
+        kv_heads = c.num_kv_heads // (self.tensor_parallel.size if self.tensor_parallel else 1)
         # One pool for all layers: [K/V, layer, block, slot in block, kv head, head dim].
-        self.kv_pool = torch.empty(2, c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+        self.kv_pool = torch.empty(2, c.num_layers, num_blocks, block_size, kv_heads, c.head_dim,
                                    dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(c.num_layers)]
         self.max_blocks_per_seq = -(-c.max_model_len // block_size)
@@ -119,7 +125,9 @@ class ModelRunner:
         if self.batch_invariant is not None:
             return self.batch_invariant.paged_hidden(self.model, input_ids, positions, meta, self.kv_caches)
         prims = DECODE if meta.is_decode and self.fuse_decode_gemms else None  # None: the model's FORWARD
-        return self.model(input_ids, positions, meta, self.kv_caches, prims=prims)
+        # Tensor-parallel: past the root's FSDP hook (it would gather the embedding and the head).
+        run = self.model.forward if self.tensor_parallel is not None else self.model
+        return run(input_ids, positions, meta, self.kv_caches, prims=prims)
 
     def decode_step(self, size: int, full_tables: bool):
         """The decode step over the first `size` rows of `decode_inputs`: embedding through the
@@ -151,7 +159,9 @@ class ModelRunner:
         if self.batch_invariant is None:
             # [B, V] in the model's dtype: the fused sampler reads it as it is; an fp32 copy would
             # write and read the logits twice more.
-            return sample(self.model.lm_head(hidden), *sampling, workspace=self.sampler_workspace)
+            tp = self.tensor_parallel
+            logits = tp.logits(self.model.lm_head, hidden) if tp else self.model.lm_head(hidden)
+            return sample(logits, *sampling, workspace=self.sampler_workspace)
         mode = self.batch_invariant
         logits = mode.logits(hidden, self.model.lm_head.weight)  # [B, V] fp32
         tokens, _ = sample(logits, *sampling, workspace=self.sampler_workspace)

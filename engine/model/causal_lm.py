@@ -59,26 +59,39 @@ class Projection(nn.Linear):
 class PackedProjection(Projection):
     """Several projections of one input as one GEMM (q/k/v, gate/up): the output holds each part's
     features in turn. `parts`: ((Hugging Face name, out features), ...), the names checkpoints give
-    the row blocks of the weight and bias (hf_io maps them at load and save)."""
+    the row blocks of the weight and bias (hf_io maps them at load and save, by `row_blocks`).
+
+    `tensor_parallel` T: the rows' layout. T = 1: every part whole, in turn. T > 1 (set by
+    engine/tensor_parallel.py): rank-interleaved, tensor rank r's slice of every part in turn, then
+    rank r + 1's, so that a contiguous 1/T of the rows (an FSDP2 Shard(0) shard) is one rank's q, k
+    and v heads (its gate and up features), and the local GEMM's output splits like the whole one."""
 
     def __init__(self, in_features: int, parts: tuple[tuple[str, int], ...], bias: bool, dtype):
         super().__init__(in_features, sum(size for _, size in parts), bias=bias, dtype=dtype)
         self.parts = parts
-
-    def split(self, y):
-        """y [..., out] -> one view per part, in order."""
-        return y.split([size for _, size in self.parts], dim=-1)
+        self.tensor_parallel = 1
 
     def row_blocks(self) -> list[tuple[str, int, int, int]]:
-        """Where each Hugging Face part's rows sit in the packed weight (and bias): (part name, packed
-        row start, part row start, rows) per block. The one place that mapping lives: load, save and
-        the tensor names of a checkpoint all read it, so a layout that interleaves the parts (by
-        tensor-parallel rank) changes only this method. Today one block per part, in order."""
-        blocks, start = [], 0
-        for part, size in self.parts:
-            blocks.append((part, start, 0, size))
-            start += size
+        """(Hugging Face part name, packed row start, part row start, rows) of every block of rows,
+        in packed order: one block per part when tensor_parallel is 1, T per part otherwise."""
+        t = self.tensor_parallel
+        blocks, packed = [], 0
+        for rank in range(t):
+            for name, size in self.parts:
+                rows = size // t
+                blocks.append((name, packed, rank * rows, rows))
+                packed += rows
         return blocks
+
+    def split(self, y):
+        """y [..., out] (the whole output, or one tensor rank's [..., out / T]) -> one view per
+        part, in order (that rank's slice of each part)."""
+        shards = self.out_features // y.shape[-1]
+        if shards != self.tensor_parallel:  # whole rank-interleaved rows do not split into parts
+            raise ValueError(f"a projection output of {y.shape[-1]} features: expected "
+                             f"{self.out_features // self.tensor_parallel} (its tensor_parallel={self.tensor_parallel} "
+                             "layout runs only tensor-parallel)")
+        return y.split([size // shards for _, size in self.parts], dim=-1)
 
 
 class RotaryTable:
@@ -123,7 +136,7 @@ class RotaryAngles:
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig, dtype):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.head_dim = c.head_dim
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.qkv_proj = PackedProjection(c.hidden_size, (("q_proj", q_size), ("k_proj", kv_size),
                                                          ("v_proj", kv_size)), c.qkv_bias, dtype)
@@ -137,9 +150,8 @@ class Attention(nn.Module):
         angles) -> [N, H, D] is this layer's attention (RoPE included)."""
         n = qkv.shape[0]
         q, k, v = self.qkv_proj.split(qkv)  # strided views of one GEMM's rows
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
+        # -1: all heads, or a tensor rank's share of them (its local shard's output)
+        q, k, v = (t.view(n, -1, self.head_dim) for t in (q, k, v))
         if hasattr(self, "q_norm"):  # the norm kernel reads contiguous rows
             q, k = self.q_norm(q.contiguous(), None, prims)[0], self.k_norm(k.contiguous(), None, prims)[0]
         out = attend(q, k, v, angles)
@@ -215,15 +227,16 @@ class CausalLM(nn.Module):
         """
         if attend is None:
             attend = attention_step(meta, kv_caches)
-        return self.hidden_states(input_ids, positions, attend, prims)
+        tp = getattr(self, "tensor_parallel", None)  # engine/tensor_parallel.py: the walk on the local shards
+        return self.hidden_states(input_ids, positions, attend, tp.prims(prims or FORWARD) if tp else prims)
 
     def hidden_states(self, input_ids, positions, attend: Attend, prims: SimpleNamespace | None = None):
         """The one walk of the decoder: input_ids, positions [N] -> final hidden states [N, hidden],
         attention from `attend` (what differs between packed, prefill and decode steps) and every
         other op from `prims` (default `primitives.FORWARD`), all on the model backend the decider
         names for the activations (asked once; a layer recomputed in backward runs on it too)."""
-        x = self.model.embed_tokens(input_ids)
         prims = prims or FORWARD
+        x = prims.embed(self.model.embed_tokens, input_ids)
         backend = kernels.model_backend(x)
         angles = RotaryAngles(self.rotary, positions, x.dtype, prims.rope)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
@@ -232,10 +245,10 @@ class CausalLM(nn.Module):
             for layer in self.model.layers:
                 args = (x, residual, angles, attend, prims)
                 if recompute:
-                    x, residual = checkpoint(layer, *args, use_reentrant=False, context_fn=lambda: (
+                    x, residual = checkpoint(prims.enter, layer, *args, use_reentrant=False, context_fn=lambda: (
                         contextlib.nullcontext(), kernels.use_backend(backend)))
                 else:
-                    x, residual = layer(*args)
+                    x, residual = prims.enter(layer, *args)
             return self.model.norm(x, residual, prims)[0]
 
     def check_input_ids(self, input_ids: torch.Tensor, name: str = "input_ids"):
@@ -271,7 +284,9 @@ class CausalLM(nn.Module):
             starts = meta.cu_seqlens_q[:-1].long().repeat_interleave(  # [N] start of each token's sequence
                 torch.tensor(seqlens, device=input_ids.device), output_size=input_ids.shape[0])
             positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
-        return self(input_ids, positions, meta)
+        # Tensor-parallel: past the root's FSDP hook, which would gather the embedding and the head.
+        run = self.forward if getattr(self, "tensor_parallel", None) else self
+        return run(input_ids, positions, meta)
 
     def compute_logits(self, hidden):
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""

@@ -21,6 +21,9 @@ CPU, where the ops fall back to their references, the eager compositions transfo
   norm_linear(x, residual or None, norm: RMSNorm, proj: Projection, prims, glu=False) ->
       (proj(RMSNorm(x + residual)), x + residual), the projection's output passed through silu_mul
       when glu; prims: the walk's set (what norm and proj are called with, as every module is)
+  embed(embedding: nn.Embedding, input_ids [N]) -> [N, hidden]
+  enter(layer, *args) -> the layer's output: how the walk calls a decoder layer (through its hooks,
+      where FSDP gathers its parameters; the tensor-parallel set calls its forward on the local shards)
 `EXACT` adds
   attention(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position) -> [N, H, D]
   row_logprobs(logits [R, V] fp32, tokens [R], temperatures [R]) -> (logp [R], entropy [R])
@@ -58,11 +61,20 @@ def _decode_norm_linear(x, residual, norm, proj, prims: SimpleNamespace, glu: bo
     return kernels.norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias, glu)
 
 
+def embed(embedding, input_ids):
+    return embedding(input_ids)
+
+
+def enter(layer, *args):
+    return layer(*args)
+
+
 FORWARD = SimpleNamespace(linear=F.linear, add_rms_norm=add_rms_norm, rope=kernels.rope,
-                          silu_mul=kernels.silu_mul, norm_linear=composed_norm_linear)
+                          silu_mul=kernels.silu_mul, norm_linear=composed_norm_linear, embed=embed, enter=enter)
 
 DECODE = SimpleNamespace(**{**vars(FORWARD), "norm_linear": _decode_norm_linear})
 
 EXACT = SimpleNamespace(linear=exact.linear, add_rms_norm=exact.add_rms_norm, rope=exact.rope,
-                        silu_mul=exact.silu_mul, norm_linear=composed_norm_linear, attention=exact.attention,
+                        silu_mul=exact.silu_mul, norm_linear=composed_norm_linear, embed=embed, enter=enter,
+                        attention=exact.attention,
                         row_logprobs=exact.row_logprobs)

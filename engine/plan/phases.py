@@ -154,10 +154,11 @@ def forward_gathered(s: Setup, part: Part) -> int:
 
 def kv_pool_bytes(s: Setup) -> int:
     """The paged KV pool of HybridActor: rollout.kv_cache_memory bytes in whole blocks, at most
-    max_num_seqs (prompts x samples) full-length sequences (engine/inference/llm.py)."""
-    r, c = s.cfg.rollout, _policy(s).config
-    per_block = kv_bytes_per_block(c, s.dtype, r.block_size)
-    blocks = num_blocks_for_budget(r.kv_cache_memory, c, s.dtype, r.block_size, "cpu")
+    max_num_seqs (prompts x samples) full-length sequences (engine/inference/llm.py); with tensor
+    parallelism a GPU holds its key/value heads' share of every block (so T times the blocks)."""
+    r, c, t = s.cfg.rollout, _policy(s).config, s.cfg.train.tensor_parallel
+    per_block = kv_bytes_per_block(c, s.dtype, r.block_size, t)
+    blocks = num_blocks_for_budget(r.kv_cache_memory, c, s.dtype, r.block_size, "cpu", t)
     blocks = min(blocks, r.prompts_per_iteration * r.samples_per_prompt * -(-c.max_model_len // r.block_size))
     return blocks * per_block
 
@@ -242,6 +243,19 @@ def supervised_phases(s: Setup) -> dict:
     return {"load": load_phase(s), "update": update_phase(s, tokens, [model]), "export": export}
 
 
+def generation_gathered(s: Setup, policy: Part) -> int:
+    """Weights generation holds on top of the policy's shards (engine/tensor_parallel.py): at
+    train.tensor_parallel T > 1 each GPU reads its tensor slice, 1/T of the policy, which is its
+    shard itself when T is the number of GPUs (nothing gathered) and otherwise gathered over the
+    data ranks; at T = 1 the whole policy (rules.generation_gathers_policy)."""
+    t = s.cfg.train.tensor_parallel
+    if not s.fsdp(policy):
+        return 0
+    if t > 1:
+        return 0 if t == s.ranks else whole_bytes(policy) // t
+    return whole_bytes(policy) if s.rules.generation_gathers_policy else 0
+
+
 def ppo_phases(s: Setup) -> dict:
     r, p = s.cfg.rollout, s.cfg.ppo
     rows = r.prompts_per_iteration * r.samples_per_prompt
@@ -251,7 +265,7 @@ def ppo_phases(s: Setup) -> dict:
     elem = _elem(s)
     base = {**_resident(s), "kv_pool": kv}
 
-    gathered = whole_bytes(policy) if s.fsdp(policy) and s.rules.generation_gathers_policy else 0
+    gathered = generation_gathered(s, policy)
     c = policy.config
     prefill = min(max(PREFILL_TOKENS, c.max_model_len), rows * r.max_prompt_length)
     sampler_logits = 2 * 4 * rows * c.vocab_size  # fp32 logits of a decode step and the sampler's work copy

@@ -20,6 +20,7 @@ from .model_bytes import ppo_models, supervised_models
 from .phases import MemoryPlan, Setup, host_optimizer_bytes, model_rows, plan_phases
 from .rules import TODAY, EngineRules
 from .units import format_bytes
+from ..tensor_parallel import check_tensor_parallel
 
 
 def stage_of(cfg) -> str:
@@ -52,6 +53,8 @@ def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, devi
     if gpus < 1:
         raise ValueError(f"--gpus={gpus}: expected at least 1")
     s = stage_setup(cfg, gpus, rules, device)
+    policy = s.parts[0].config
+    check_tensor_parallel(cfg.train.tensor_parallel, gpus, policy, option="train.tensor_parallel")
     plan = MemoryPlan(s.stage, gpus, gpu_memory, plan_phases(s), model_rows(s), host_optimizer_bytes(s), rules)
     if advise and not plan.fits:
         plan.notes = advice(cfg, plan, rules, device)
@@ -78,7 +81,7 @@ def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
                                                                "ppo.microbatch_size=1"], gpus))
     elif cfg.data.tokens_per_microbatch != cfg.data.max_length:
         out.append(("a smaller token budget per forward", [f"data.tokens_per_microbatch={cfg.data.max_length}"], gpus))
-    if gpus < 8:
+    if gpus < 8 and 8 % cfg.train.tensor_parallel == 0:
         out.append(("more GPUs", [], 8))
     return out
 
@@ -119,7 +122,8 @@ def _why(plan: MemoryPlan, phase: str, category: str) -> str:
     if (phase, category) == ("load", "weights") and rules.load_whole:
         return "loading puts every model whole on every GPU before sharding it (no sharded load yet)"
     if (phase, category) == ("rollout", "gathered") and rules.generation_gathers_policy:
-        return "generation gathers the whole policy on every GPU (no tensor-parallel generation yet)"
+        return ("generation gathers the whole policy on every GPU at train.tensor_parallel=1 (T > 1 reads 2P/T "
+                "bytes per GPU; PPO/GRPO do not train tensor-parallel yet)")
     if (phase, category) == ("export", "gathered") and rules.export_gathers_model:
         return "the export gathers the whole model on every GPU (no streamed export yet)"
     whole = [m["role"] for m in plan.models if not m["sharded"] and m["parameters"] > m["trained_parameters"]]

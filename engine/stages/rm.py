@@ -29,11 +29,11 @@ from ..errors import NonFiniteError
 from ..model.hf_io import load_model
 from ..model.reward_model import RewardModel, load_reward_model, save_reward_model
 from ..train import adapters
-from .. import distributed
 from ..distributed import is_main
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
+from ..tensor_parallel import training_sharder
 from ..train.supervised import Stage, check_context, train
 from .sft import target_nll_sum
 
@@ -136,8 +136,7 @@ def run_rm(cfg: RMConfig) -> Path:
     device, tokenizer = run.device, run.tokenizer
     examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed)
     # The trained score head stays whole on every rank beside LoRA adapters (a replicated head).
-    sharder = distributed.sharder(cfg.train.data_parallel, device,
-                                  lambda model: [model.score] if cfg.lora.enabled else [])
+    sharder = training_sharder(cfg.train, device, lambda model: [model.score] if cfg.lora.enabled else [])
     model = load_model(cfg.model, dtype=run.dtype, device=device, model_cls=RewardModel, shard=sharder,
                        fresh=["score.weight"])  # the head starts at zero: see reward_model_from_lm
     lora = adapters.attach(model, cfg.lora, {"score": model.score})

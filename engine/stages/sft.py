@@ -15,9 +15,9 @@ from ..data.packing import PackedBatch, collate_sft
 from ..model.hf_io import load_model
 from ..model.lm_head import lm_head_logprobs
 from ..train import adapters
-from .. import distributed
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
+from ..tensor_parallel import training_sharder
 from ..train.supervised import Stage, check_context, train
 
 
@@ -55,7 +55,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="sft", config=cfg)
     check_context(cfg.data, run.configs["model"].max_model_len)
     examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed)
-    sharder = distributed.sharder(cfg.train.data_parallel, run.device)
+    sharder = training_sharder(cfg.train, run.device)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device, shard=sharder)
     lora = adapters.attach(model, cfg.lora)
     train(model, sft_stage(run.dtype, run.device, sharder), examples.train, examples.eval, cfg, run.device,

@@ -80,8 +80,16 @@ class FusedAdamW(torch.optim.Optimizer):
         torch._foreach_copy_(grads32, grads)
         # Summed in fp64: the norm's fp32 value (the clip divisor) is then the same whatever the
         # order of the sum, so a run on N ranks clips, and rounds into bf16, as one process does.
-        local = torch.linalg.vector_norm(flat, dtype=torch.float64)
-        return StepGradients(params, grads32, _global_norm(local, params[0]))
+        sharded = [hasattr(p, "placements") for p in params]
+        if len(set(sharded)) == 1:
+            local = torch.linalg.vector_norm(flat, dtype=torch.float64)
+            return StepGradients(params, grads32, _global_norm(local, params[0]))
+        # Tensor-parallel (engine/tensor_parallel.py): sharded slices beside whole norm weights that
+        # every rank holds alike: the shards' squares summed over the ranks, the copies' counted once.
+        parts = [torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g, s in zip(grads32, sharded) if s == want]),
+                                          dtype=torch.float64) for want in (True, False)]
+        first = params[sharded.index(True)]
+        return StepGradients(params, grads32, torch.hypot(_global_norm(parts[0], first), parts[1]))
 
     def _state_of(self, param) -> dict:
         """The parameter's state, created at its first step (fp32 master, zero moments, step 0)."""

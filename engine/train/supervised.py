@@ -31,6 +31,7 @@ from ..data.packing import epoch_batches, pack
 from ..data.tokenization import TokenizedExample
 from ..errors import UsageError
 from .. import distributed
+from ..tensor_parallel import shard_tensor_parallel
 from . import adapters, optim
 from .checkpoint import SavedModel, Trainables
 from .loop import RunPlan, run_training
@@ -88,7 +89,7 @@ def check_context(data: DataConfig, max_model_len: int) -> None:
 
 def micro_batches_per_step(cfg: StageConfig) -> int:
     """The global batch of one optimizer step, in micro-batches: every rank's grad_accum_steps."""
-    return cfg.optim.grad_accum_steps * distributed.world_size()
+    return cfg.optim.grad_accum_steps * distributed.world_size() // cfg.train.tensor_parallel
 
 
 def total_steps(examples: list[TokenizedExample], cfg: StageConfig) -> int:
@@ -149,7 +150,9 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
     step_loss = torch.zeros((), device=device)
     for batch in batches:
         loss, batch_stats = stage.loss(model, to_device(batch, device), step_counts)
-        (loss * distributed.world_size()).backward()  # FSDP averages over ranks; the step sums
+        # FSDP averages over ranks (tensor-parallel: the counts are T times the data's, and
+        # average_over_data averages over the data groups); the step sums.
+        (loss * distributed.world_size()).backward()
         step_loss = step_loss + loss.detach()
         add_stats(stats, batch_stats)
     # Under FSDP each forward and backward is a collective, and a token budget can cut the ranks'
@@ -159,6 +162,8 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
     for _ in range((forwards or len(batches)) - len(batches)):
         (stage.loss(model, to_device(spare, device), step_counts)[0] * 0.0).backward()
     step_loss = distributed.all_reduce_tensor(step_loss)  # every rank decides on the same losses
+    if getattr(model, "tensor_parallel", None) is not None:
+        model.tensor_parallel.average_over_data(model)
     grad_norm = optim.clip_and_step([optimizer], cfg.optim.max_grad_norm, step_loss)[0]
     *host_stats, grad_norm, loss_value = read_on_host([*stats.values(), grad_norm, step_loss])
     lr = scheduler.get_last_lr()[0]
@@ -197,8 +202,13 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
     frozen (sharded like any frozen model; the adapters and heads whole on every rank, their gradients
     averaged)."""
     check_context(cfg.data, model.config.max_model_len)
-    share = distributed.rank_slice(cfg.optim.grad_accum_steps)  # this rank's micro-batches of a step
-    distributed.shard(model, cfg.train.data_parallel, keep=list(lora.heads.values()) if lora is not None else [])
+    tensor_parallel = cfg.train.tensor_parallel
+    share = distributed.rank_slice(cfg.optim.grad_accum_steps, tensor_parallel)  # this rank's micro-batches
+    if tensor_parallel > 1:  # each rank keeps (and steps) its tensor slices; nothing is ever gathered
+        if getattr(model, "tensor_parallel", None) is None:  # else laid out at load (training_sharder)
+            shard_tensor_parallel(model, tensor_parallel)
+    else:
+        distributed.shard(model, cfg.train.data_parallel, keep=list(lora.heads.values()) if lora is not None else [])
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     steps = total_steps(train_ex, cfg)
@@ -221,8 +231,9 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
         rank_tokens, rank_forwards = (list(column) for column in zip(*rank_sizes))
         metrics = train_step(model, stage, batches, optimizer, scheduler, cfg, device, max(rank_forwards))
         state.epoch, state.batch_index = group[-1][0], group[-1][1] + 1
-        state.tokens += sum(rank_tokens)
-        return {**metrics, "tokens": sum(rank_tokens), "tokens_per_rank": rank_tokens,
+        tokens = sum(rank_tokens[::tensor_parallel])  # a tensor group's ranks ran the same tokens
+        state.tokens += tokens
+        return {**metrics, "tokens": tokens, "tokens_per_rank": rank_tokens,
                 "forwards_per_rank": rank_forwards, "epoch": state.epoch,
                 "peak_mem_mb": peak_memory_mb(device)}
 

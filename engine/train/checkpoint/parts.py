@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ...model.causal_lm import PackedProjection
+
 
 @dataclass
 class SavedModel:
@@ -78,8 +80,18 @@ def trainer_state(parts: Trainables) -> tuple[dict[str, torch.Tensor], dict]:
                                         [n for group in optimizer_parameters(optimizer, names) for n in group], tensors)
                   for i, optimizer in enumerate(parts.optimizers)]
     data = {"models": sorted(parts.models), "modules": sorted(parts.small_modules),
-            "optimizers": optimizers, "schedulers": [s.state_dict() for s in parts.schedulers]}
+            "optimizers": optimizers, "schedulers": [s.state_dict() for s in parts.schedulers],
+            "row_layouts": row_layouts(parts)}
     return tensors, data
+
+
+def row_layouts(parts: Trainables) -> dict[str, int]:
+    """{model: T} of the models whose packed projections (q/k/v, gate/up) hold their rows
+    rank-interleaved for T tensor ranks (engine/tensor_parallel.py): a checkpoint's rows are only
+    read back into the same layout (the tensors' names and shapes do not show it)."""
+    return {name: t for name, model in parts.models.items()
+            if (t := max((m.tensor_parallel for m in model.module.modules() if isinstance(m, PackedProjection)),
+                         default=1)) > 1}
 
 
 def named_optimizer_state(i: int, state_dict: dict, order: list[str], tensors: dict) -> dict:

@@ -14,7 +14,7 @@ import torch
 from ...durable import CorruptDirectory
 from ...errors import UsageError
 from ... import distributed
-from .parts import (Trainables, module_tensors, optimizer_key, optimizer_parameters, parameter_names,
+from .parts import (Trainables, module_tensors, row_layouts, optimizer_key, optimizer_parameters, parameter_names,
                     set_rng_state)
 from .shards import DTYPES, dtype_name, local_chunk
 
@@ -148,6 +148,11 @@ def restore(source: Source, parts: Trainables) -> dict:
     restore the models, small modules, optimizers, schedulers and this rank's RNG states from it;
     returns the loop state. Collective only in that every rank reads the same checkpoint."""
     check_parts(source.path, parts, source.data["models"], source.data["modules"])
+    there, here = source.data.get("row_layouts", {}), row_layouts(parts)  # older checkpoints: every model T=1
+    for name in parts.models:
+        if there.get(name, 1) != here.get(name, 1):
+            raise mismatch(source.path, f"its {name} rows are laid out for train.tensor_parallel={there.get(name, 1)}, "
+                                        f"this run's for {here.get(name, 1)}")
     targets = module_tensors(parts)
     _check_tensors(source, targets)
     plans = _optimizer_plan(source, parts)

@@ -1,0 +1,227 @@
+"""Tensor parallelism from the FSDP2 shards themselves: one weight copy, nothing gathered to generate.
+
+`shard_tensor_parallel(model, T)` chooses each parameter's FSDP2 shard so that it IS its
+tensor-parallel slice: on the tensor dimension of a (data x tensor) device mesh, `fully_shard` with
+Shard(0) for the column-parallel weights (packed q/k/v and gate/up, stored rank-interleaved by
+`interleave` so that a rank's contiguous rows are its heads; the embedding and the LM head by
+vocabulary rows, the last slice possibly shorter) and Shard(1) for the row-parallel ones (o_proj,
+down_proj). Norm weights, the row-parallel biases and heads (a reward model's score) stay whole on
+every rank (FSDP ignores them): they act on the replicated hidden states.
+
+`TensorParallel.prims(base)` is the decoder walk's primitive set over those local shards: a
+column-parallel GEMM on the local rows, one all-reduce after o_proj and one after down_proj, a
+vocabulary-parallel embedding (one all-reduce), and each layer entered without FSDP's hooks, so no
+parameter is ever all-gathered and its storage never moves (the precondition of CUDA-graph replay).
+The collectives are differentiable (model/tensor_parallel_ops.py), so the same walk trains: each
+rank's gradients land on its own slices, `average_over_data` averages them over the data groups
+(FSDP's reduction, whose hooks are bypassed) and the LM head's log-probs are vocabulary-parallel
+(model/lm_head.py). `logits` gathers the vocabulary slices of the LM head's output, so the sampler
+draws from the whole row, the same tokens on every tensor rank. Full SFT and RM train
+tensor-parallel; LoRA and PPO/GRPO refuse T > 1 for now (engine/plan/check.py).
+"""
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigValueError
+from .model.causal_lm import CausalLM, PackedProjection, Projection
+from .model.config import ModelConfig
+from .model.primitives import composed_norm_linear
+from .model.tensor_parallel_ops import from_ranks, to_ranks
+
+
+def fitting_sizes(world: int, config: ModelConfig) -> list[int]:
+    """The tensor-parallel sizes T that divide the world size and the model's key/value heads."""
+    return [t for t in range(1, world + 1) if world % t == 0 and config.num_kv_heads % t == 0
+            and config.intermediate_size % t == 0 and config.vocab_size > (t - 1) * -(-config.vocab_size // t)]
+
+
+def check_tensor_parallel(t: int, world: int, config: ModelConfig, option: str = "--tensor-parallel") -> None:
+    """A one-line ConfigValueError unless T divides the world size, the key/value heads and the MLP
+    width, and every tensor rank gets vocabulary rows."""
+    if t not in fitting_sizes(world, config):
+        raise ConfigValueError(
+            f"{option}={t}: expected a size dividing the {world} ranks and this model's {config.num_kv_heads} "
+            f"key/value heads (and its {config.intermediate_size} MLP features); these fit: "
+            f"{fitting_sizes(world, config)}")
+
+
+@functools.cache
+def tensor_parallel_mesh(device_type: str, t: int):
+    """The (data x tensor) device mesh of the job: world_size / T data groups of T tensor ranks, a
+    tensor group being T consecutive ranks (one node's GPUs, where the all-reduces are cheap)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (dist.get_world_size() // t, t), mesh_dim_names=("data", "tensor"))
+
+
+def interleave(model: nn.Module, t: int) -> None:
+    """Reorder, in place (same storage), the rows of every packed projection's weight and bias into
+    the rank-interleaved layout of T ranks (PackedProjection.row_blocks says which rows are whose)."""
+    for proj in model.modules():
+        if not isinstance(proj, PackedProjection) or proj.tensor_parallel == t:
+            continue
+        if proj.tensor_parallel != 1:
+            raise ValueError(f"a projection already in a tensor_parallel={proj.tensor_parallel} layout")
+        starts = [0]
+        for _, size in proj.parts:
+            starts.append(starts[-1] + size)
+        order = torch.cat([torch.arange(start + r * size // t, start + (r + 1) * size // t)
+                           for r in range(t) for (_, size), start in zip(proj.parts, starts)])  # [out]
+        with torch.no_grad():
+            for param in (proj.weight, proj.bias):
+                if param is not None:
+                    param.copy_(param[order.to(param.device)].clone())
+        proj.tensor_parallel = t
+
+
+def _placement(param: nn.Parameter, row_parallel: set[int]):
+    from torch.distributed.tensor import Shard
+    return Shard(1) if id(param) in row_parallel else Shard(0)
+
+
+def shard_tensor_parallel(model: CausalLM, t: int, option: str = "train.tensor_parallel",
+                          device_type: str | None = None) -> CausalLM:
+    """Lay `model` out for T tensor ranks and shard it with FSDP2 over the mesh's tensor dimension,
+    each decoder layer a unit and the rest the root (as distributed.shard): a rank keeps only its
+    tensor slice of every sharded weight. Sets `model.tensor_parallel`. `model` is whole on every
+    rank, or still on the meta device (hf_io.load_model's `shard`, each rank then reading only its
+    slices): `device_type` then names the device it will live on."""
+    from torch.distributed.fsdp import fully_shard
+    from .distributed import shard_units
+
+    check_tensor_parallel(t, dist.get_world_size() if dist.is_initialized() else 1, model.config, option)
+    mesh = tensor_parallel_mesh(device_type or next(model.parameters()).device.type, t)
+    interleave(model, t)
+    rows = {id(m.weight) for m in model.modules() if type(m) is Projection}  # o_proj, down_proj
+    sliced = {id(p) for m in model.modules() for p in m.parameters(recurse=False)
+              if isinstance(m, (PackedProjection, nn.Embedding)) or id(p) in rows}
+    sliced.add(id(model.lm_head.weight))
+    # Whole on every rank: the norms, the row-parallel biases (added once, after the all-reduce) and
+    # any head (a reward model's score), which read the replicated hidden states.
+    replicated = {p for p in model.parameters() if id(p) not in sliced}
+    placement = functools.partial(_placement, row_parallel=rows)
+    for unit in shard_units(model):
+        if any(p not in replicated for p in unit.parameters()):
+            fully_shard(unit, mesh=mesh["tensor"], shard_placement_fn=placement, ignored_params=replicated)
+    model.tensor_parallel = TensorParallel(mesh["tensor"].get_group(), t, model.config.vocab_size,
+                                           mesh["data"].get_group())
+    return model
+
+
+def training_sharder(train, device, keep: Callable[[nn.Module], list] = lambda model: []) -> Callable:
+    """shard(model) for hf_io.load_model from a training config's `train` section: the tensor-parallel
+    layout at train.tensor_parallel > 1, else distributed.sharder (FSDP2 over the data ranks in
+    train.data_parallel's mode, keeping whole the modules keep(model) names)."""
+    from . import distributed
+    if train.tensor_parallel > 1:
+        device_type = torch.device(device).type
+        return lambda model: shard_tensor_parallel(model, train.tensor_parallel, device_type=device_type)
+    return distributed.sharder(train.data_parallel, device, keep)
+
+
+class TensorParallel:
+    """One tensor group's collectives and the walk's primitives over the local shards; data_group:
+    the ranks holding the same slices in the other data groups."""
+
+    def __init__(self, group, size: int, vocab_size: int, data_group):
+        self.group, self.size = group, size
+        self.data_group, self.data_size = data_group, dist.get_world_size(data_group)
+        self.rank = dist.get_rank(group)
+        self.vocab_rows = -(-vocab_size // size)  # rows of every vocabulary slice but the last
+        self.vocab_size = vocab_size
+
+    def average_over_data(self, model: nn.Module) -> None:
+        """Average the sharded parameters' gradients over the data groups (FSDP's hooks, which would
+        reduce them, are never entered), in fp32, one flat all-reduce. One data group: nothing.
+        The whole (replicated) parameters' gradients are distributed.average_replicated_gradients'."""
+        from torch.distributed.tensor import DTensor
+        grads = [p.grad.to_local() for p in model.parameters() if isinstance(p.grad, DTensor)]
+        if self.data_size == 1 or not grads:
+            return
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, group=self.data_group)
+        flat /= self.data_size
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+    def same_on_ranks(self, value):
+        """The first tensor rank's `value` (picklable) on every rank of the group."""
+        box = [value]
+        dist.broadcast_object_list(box, group=self.group, group_src=0)
+        return box[0]
+
+    def linear(self, x, weight, bias):
+        """x [N, in or in / T] -> [N, out or out / T]: a plain GEMM for a whole weight, the local
+        rows of a column-parallel one, or the local columns of a row-parallel one summed over the
+        ranks (its bias, whole, added once after the sum)."""
+        from torch.distributed.tensor import DTensor, Shard
+        if not isinstance(weight, DTensor):
+            return F.linear(x, weight, bias)
+        if weight.placements[0] == Shard(1):
+            y = from_ranks(F.linear(x, weight.to_local()), self.group)
+            return y if bias is None else y + bias
+        bias = bias.to_local() if isinstance(bias, DTensor) else bias
+        return F.linear(to_ranks(x, self.group), weight.to_local(), bias)
+
+    def embed(self, embedding: nn.Embedding, input_ids):
+        """input_ids [N] -> [N, hidden]: each rank looks up the ids in its vocabulary slice (zeros
+        elsewhere) and the rows are summed over the ranks (one all-reduce, exact: one term each)."""
+        local = embedding.weight.to_local()  # [V / T, hidden]
+        ids = input_ids - self.rank * self.vocab_rows
+        inside = (ids >= 0) & (ids < local.shape[0])
+        x = F.embedding(torch.where(inside, ids, 0), local) * inside.unsqueeze(-1).to(local.dtype)
+        return from_ranks(x, self.group)
+
+    def logits(self, lm_head: nn.Linear, hidden):
+        """hidden [B, hidden] -> the whole logits [B, V], every rank's vocabulary slice gathered."""
+        local = F.linear(hidden, lm_head.weight.to_local())  # [B, V / T] (the last slice maybe shorter)
+        padded = local.new_zeros(local.shape[0], self.vocab_rows)
+        padded[:, :local.shape[1]] = local
+        slices = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(slices, padded, group=self.group)
+        return torch.cat(slices, dim=-1)[:, :self.vocab_size]
+
+    def prims(self, base: SimpleNamespace) -> SimpleNamespace:
+        """`base` (primitives.FORWARD or DECODE) over the local shards: this class's GEMM and
+        embedding, each norm then its projection (a fused norm + GEMM kernel reads whole weights),
+        and each layer entered by its forward, past FSDP's hooks (which would all-gather it)."""
+        return SimpleNamespace(**{**vars(base), "linear": self.linear, "embed": self.embed,
+                                  "norm_linear": composed_norm_linear,
+                                  "enter": lambda layer, *args: layer.forward(*args)})
+
+
+def generate_tensor_parallel(model_dir, prompts: list, params, t: int, *, device, dtype="auto", use_tqdm=False,
+                             **llm_options) -> list | None:
+    """`fusedrl generate --tensor-parallel T` under torchrun: the model loaded on every rank, laid out
+    and sharded for T tensor ranks (shard_tensor_parallel), and the prompts cut in world_size / T
+    contiguous shares, one per data group, each generated by its T ranks together. Returns every
+    prompt's RequestOutput in order on the first rank, None on the others (collective)."""
+    from pathlib import Path
+
+    from . import distributed
+    from .inference.llm import LLM, directory_tokenizer
+    from .model.hf_io import load_config, load_model
+
+    distributed.init_distributed(torch.device(device).type, timeout_s=600)
+    world = distributed.world_size()
+    if world == 1 or t < 1:
+        raise ConfigValueError(f"--tensor-parallel {t}: expected a size dividing the number of ranks; run under "
+                               f"torchrun --nproc-per-node N with N a multiple of {t}")
+    check_tensor_parallel(t, world, load_config(model_dir))
+    groups = world // t
+    per_group = -(-len(prompts) // groups)
+    share = prompts[distributed.rank() // t * per_group:][:per_group]
+    device_type = torch.device(device).type
+    model = load_model(model_dir, dtype=dtype, device=device,
+                       shard=lambda m: shard_tensor_parallel(m, t, "--tensor-parallel", device_type))
+    llm = LLM(model, tokenizer=directory_tokenizer(Path(model_dir)), **llm_options)
+    outputs = llm.generate(share, params, use_tqdm=use_tqdm and distributed.is_main()) if share else []
+    gathered = distributed.all_gather(outputs)
+    return [out for group in range(groups) for out in gathered[group * t]] if distributed.is_main() else None

@@ -1,0 +1,53 @@
+"""`fusedrl plan` at train.tensor_parallel T (engine/tensor_parallel.py): generation reads each GPU's
+tensor slice, 2P/T bytes, gathered over the data ranks only when T is less than the GPUs, and the KV
+pool holds each GPU's share of the heads. On 8 x 80 GB with config.json-only Qwen2.5 shapes, GRPO
+with lora.rank=64 at T=8 fits for 32B and 72B with a 16 GB KV pool per GPU, given the sharded load,
+sharded LoRA base and streamed export of issue 35 (explicit rules: today's load whole)."""
+import json
+
+import pytest
+
+from fusedrl.engine import cli
+from fusedrl.engine.errors import ConfigValueError
+from fusedrl.engine.plan.rules import EngineRules
+from test_plan_qwen import CKPT, GB, config, plan, plan_table
+
+SHARDED = EngineRules(load_whole=False, lora_base_whole=False, export_gathers_model=False)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen")
+    return {size: plan_table.write_config(root, size) for size in ("14B", "32B", "72B")}
+
+
+@pytest.mark.parametrize("size", ["32B", "72B"])
+def test_lora_grpo_fits_the_node_at_tensor_parallel_8_with_a_16gb_kv_pool(qwen, size):
+    options = (CKPT, "lora.rank=64", "rollout.kv_cache_memory=16100000000")  # >= 16 GB in whole blocks
+    one = plan("grpo", qwen[size], *options, rules=SHARDED)
+    eight = plan("grpo", qwen[size], *options, "train.tensor_parallel=8", rules=SHARDED)
+    # At T=1 the whole bf16 policy is gathered on every GPU to generate (65.5 GB, 145.4 GB): no fit.
+    whole = {"32B": 65.5 * GB, "72B": 145.4 * GB}[size]
+    assert not one.fits and one.phases["rollout"]["gathered"] == pytest.approx(whole, rel=0.01)
+    assert eight.fits and eight.phases["rollout"]["gathered"] == 0
+    assert eight.phases["rollout"]["kv_pool"] >= 16 * GB
+    # The weights generation reads per GPU are the resident shard, 2P/8 (and the replicated adapters).
+    rows = {row["role"]: row["bytes"] for row in eight.models}
+    assert eight.phases["rollout"]["weights"] == pytest.approx(rows["policy"] / 8 + rows["policy adapters"], rel=1e-3)
+
+
+def test_the_pool_holds_t_times_the_blocks_and_a_smaller_t_gathers_its_slice(qwen):
+    options = (CKPT, f"rollout.kv_cache_memory={GB}", "rollout.prompts_per_iteration=1024")
+    one, two = (plan("grpo", qwen["14B"], *options, f"train.tensor_parallel={t}") for t in (1, 2))
+    assert one.phases["rollout"]["kv_pool"] == pytest.approx(GB, rel=0.01)
+    assert two.phases["rollout"]["kv_pool"] == pytest.approx(GB, rel=0.01)  # the same bytes, 2x the tokens
+    assert two.phases["rollout"]["gathered"] == pytest.approx(one.phases["rollout"]["gathered"] / 2, rel=1e-6)
+
+
+def test_a_size_that_does_not_fit_is_one_line_naming_those_that_do(qwen, capsys):
+    with pytest.raises(ConfigValueError, match=r"train.tensor_parallel=3: .* these fit: \[1, 2, 4, 8\]$"):
+        plan("grpo", qwen["14B"], "train.tensor_parallel=3")
+    assert cli.main(["plan", "grpo", f"policy={qwen['14B']}", "reward_fn=rewards:score", "--gpus", "8", "--json",
+                     CKPT, "train.tensor_parallel=8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fits"] and report["phases"]["rollout"]["gathered"] == 0
