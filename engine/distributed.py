@@ -7,6 +7,10 @@ input, shard() returns the model untouched. Under torchrun, `init_distributed` j
 (NCCL for CUDA tensors, gloo for CPU ones) with a timeout, so a collective waiting on a dead rank fails
 instead of hanging; torchrun itself stops the other ranks when one exits with an error.
 
+Reductions run where their tensors are: a CUDA tensor is reduced in place by NCCL (queued on the
+stream like any kernel: no copy to the host, no host sync), a CPU tensor by gloo. The one host read
+among them is `all_reduce_sum` of Python numbers (counts the host already holds).
+
 Convention of every stage: batch sizes are per rank (SFT/RM micro-batches and accumulation, PPO's
 prompts per iteration and minibatch rows), so any world size runs any config and a step's global
 batch is world_size() times a rank's, taken from the data stream in rank order (`rank_slice`);
@@ -37,7 +41,8 @@ def init_distributed(device_type: str, timeout_s: float) -> None:
     """Join torchrun's process group when WORLD_SIZE > 1 (once per process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
-    # On GPUs, NCCL for CUDA tensors (FSDP) and gloo for the small CPU tensors of the reductions below.
+    # On GPUs, NCCL for CUDA tensors (FSDP and the tensor reductions below) and gloo for CPU ones
+    # (all_reduce_sum's host numbers, min_over_ranks / max_over_ranks, objects).
     backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local_rank())
@@ -99,12 +104,13 @@ _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.R
 
 
 def all_reduce_tensor(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """x summed (or max-ed, min-ed) over the ranks, as a new tensor (gloo runs on CPU copies)."""
+    """x [...] summed (or max-ed, min-ed) over the ranks, as a new tensor on x's device (reduced
+    there: NCCL for CUDA, gloo for CPU; no host copy, no host sync)."""
     if world_size() == 1:
         return x.clone()
-    out = x.detach().cpu().clone()
+    out = x.detach().clone()
     dist.all_reduce(out, op=_REDUCE_OPS[op])
-    return out.to(x.device)
+    return out
 
 
 def average_replicated_gradients(optimizers) -> None:
@@ -130,8 +136,26 @@ def average_replicated_gradients(optimizers) -> None:
 
 
 def min_over_ranks(n: int) -> int:
-    """The smallest of every rank's `n`: what all ranks can do alike (e.g. rows each rank keeps)."""
+    """The smallest of every rank's `n` (a host number: reduced on the CPU by gloo): what all ranks
+    can do alike (e.g. rows each rank keeps)."""
     return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), op="min")) if world_size() > 1 else n
+
+
+def max_over_ranks(n: int) -> int:
+    """The largest of every rank's `n` (a host number, reduced on the CPU by gloo)."""
+    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), op="max")) if world_size() > 1 else n
+
+
+def match_forwards(done: int, most: int, spare: Callable[[], object]) -> int:
+    """Run spare() `most - done` times; returns how many. Under FSDP every forward (and backward)
+    is a collective, and a token budget cuts each rank's rows into its own number of forwards: the
+    ranks with fewer make up the difference with forwards that change nothing (spare: a forward
+    whose output is dropped, or a backward of a loss times 0). `most` (max_over_ranks of the
+    counts) must be agreed before the first forward: a reduction while another rank still runs
+    forwards would meet that rank's FSDP collectives instead. One process: most == done."""
+    for _ in range(most - done):
+        spare()
+    return most - done
 
 
 def rank_slice(per_rank: int) -> slice:
@@ -146,12 +170,13 @@ def data_parallel_sum() -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """[R, ...] on each rank -> [W * R, ...], rank 0's rows first (the same R on every rank)."""
+    """[R, ...] on each rank -> [W * R, ...] on x's device, rank 0's rows first (the same R on every
+    rank); gathered where x is (NCCL for CUDA, gloo for CPU)."""
     if world_size() == 1:
         return x
-    parts = [torch.empty_like(x, device="cpu") for _ in range(world_size())]
-    dist.all_gather(parts, x.detach().cpu().contiguous())
-    return torch.cat(parts).to(x.device)
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
 
 
 def own_rows(x: torch.Tensor) -> torch.Tensor:

@@ -152,12 +152,11 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
         (loss * distributed.world_size()).backward()  # FSDP averages over ranks; the step sums
         step_loss = step_loss + loss.detach()
         add_stats(stats, batch_stats)
-    # Under FSDP each forward and backward is a collective, and a token budget can cut the ranks'
-    # examples into different numbers of forwards: a rank with fewer repeats its smallest one with
-    # its loss times 0 (the gradient and the stats unchanged) until it ran as many as the others.
+    # A token budget can cut the ranks' examples into different numbers of forwards: a rank with
+    # fewer repeats its smallest one with its loss times 0 (the gradient and the stats unchanged).
     spare = min(batches, key=lambda b: len(b.input_ids))
-    for _ in range((forwards or len(batches)) - len(batches)):
-        (stage.loss(model, to_device(spare, device), step_counts)[0] * 0.0).backward()
+    distributed.match_forwards(len(batches), forwards or len(batches),
+                               lambda: (stage.loss(model, to_device(spare, device), step_counts)[0] * 0.0).backward())
     step_loss = distributed.all_reduce_tensor(step_loss)  # every rank decides on the same losses
     grad_norm = optim.clip_and_step([optimizer], cfg.optim.max_grad_norm, step_loss)[0]
     *host_stats, grad_norm, loss_value = read_on_host([*stats.values(), grad_norm, step_loss])

@@ -49,7 +49,8 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
     device = next(models.policy.parameters()).device
     packed = pack_rollout(prompt_ids, responses, device)
     with timer.phase("score"), torch.no_grad():
-        scores = score_rows(models.score, prompt_ids, responses, packed).float().to(device)    # [R]
+        scores = score_rows(models.score, prompt_ids, responses, packed,
+                            r.tokens_per_forward).float().to(device)    # [R]
     lengths = torch.tensor([len(x) for x in responses], device=scores.device)
     scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
     return Samples(prompt_ids, responses, packed, packed.to_grid(sampler_logprobs.to(device)), scores,

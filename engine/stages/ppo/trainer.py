@@ -226,11 +226,6 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     reward_fn: a Python scorer fn(prompt_texts, response_texts) -> floats, instead of cfg.reward_fn.
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
     """
-    if cfg.ppo.tokens_per_microbatch is not None and distributed.world_size() > 1:
-        # Each rank cuts its own rollout: the ranks could run different numbers of forwards, and
-        # every forward and backward of a sharded or replicated model is a collective.
-        raise UsageError(f"ppo.tokens_per_microbatch={cfg.ppo.tokens_per_microbatch} under torchrun "
-                         f"({distributed.world_size()} ranks) is not supported yet: use ppo.microbatch_size")
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
                     kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg)
     device, tokenizer = run.device, run.tokenizer

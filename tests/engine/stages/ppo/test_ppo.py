@@ -195,18 +195,6 @@ def test_microbatch_rows_by_rows_and_by_token_budget():
         UpdateConfig(tokens_per_microbatch=0)
 
 
-def test_a_token_budget_under_torchrun_is_refused_before_anything_loads(setup, monkeypatch):
-    """Ranks cutting their own rollouts by tokens could run different numbers of forwards, each a
-    collective under data parallelism: refused as a usage error, before any model loads."""
-    from fusedrl.engine.errors import UsageError
-    from fusedrl.engine import distributed
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    cfg = config(*setup, "budget_dp", ppo=UpdateConfig(epochs=2, minibatch_size=4, tokens_per_microbatch=512))
-    with pytest.raises(UsageError, match=r"ppo.tokens_per_microbatch=512 under torchrun \(2 ranks\)"):
-        run_ppo(cfg)
-    assert not (setup[0] / "budget_dp").exists()
-
-
 def dict_optim(**kw):
     from fusedrl.engine.config.train import OptimConfig
     return OptimConfig(**kw)
