@@ -184,21 +184,27 @@ def own_rows(x: torch.Tensor) -> torch.Tensor:
     return x[rank_slice(x.shape[0] // world_size())]
 
 
-def shard(model: nn.Module, mode: str = "shard") -> nn.Module:
+def shard(model: nn.Module, mode: str = "shard", offload: bool = False) -> nn.Module:
     """Shard `model` over the ranks with FSDP2, each decoder layer its own unit (so one layer's
     parameters are gathered at a time), a head of another dtype than the rest (the fp32 score or
     value head of a bf16 model) its own unit, and the rest (embeddings, final norm, LM head) the
     root unit. mode "shard": full shard (parameters, gradients and optimizer state 1/N per rank);
     "replicate": every rank keeps whole parameters and optimizer state and gradients are
-    all-reduced (HSDP with a shard group of one rank), for models small enough. One process: the
-    model as is."""
+    all-reduced (HSDP with a shard group of one rank), for models small enough. offload
+    (train.optimizer_offload): FSDP2's CPUOffloadPolicy: the sharded parameters, their gradients
+    and so the optimizer state rest in CPU memory (pinned on CUDA), copied to the device for each
+    unit's all-gather, gradients copied back in backward, the optimizer step on the CPU. One
+    process: the model as is."""
     if world_size() == 1:
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    mesh = _mesh(next(model.parameters()).device.type, mode)
+    device_type = next(model.parameters()).device.type
+    mesh = _mesh(device_type, mode)
+    # Pinned host memory needs CUDA; on a CPU run the shards are where they already are.
+    policy = CPUOffloadPolicy(pin_memory=device_type == "cuda") if offload else OffloadPolicy()
     for unit in shard_units(model):
-        fully_shard(unit, mesh=mesh)
+        fully_shard(unit, mesh=mesh, offload_policy=policy)
     return model
 
 

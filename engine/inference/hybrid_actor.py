@@ -27,9 +27,9 @@ from .sampling_params import SamplingParams
 
 class HybridActor:
     def __init__(self, policy: CausalLM, tokenizer=None, *, kv_cache_memory: int, block_size: int = 16,
-                 max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False):
+                 max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False, device=None):
         self.policy = policy
-        self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
+        self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size, device=device,
                        max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and distributed.world_size() == 1,
                        batch_invariant=batch_invariant)
 

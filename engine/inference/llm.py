@@ -98,10 +98,13 @@ class LLM:
         self.tokenizer = tokenizer
         self.config = self.model.config
         param = next(self.model.parameters())
-        self.device = param.device  # where the model, the KV pool and every step's tensors live
+        # Where the model runs, the KV pool and every step's tensors live: the parameters' device, or
+        # `device` for a model whose resting shards are elsewhere (FSDP2's CPU offload: CPU shards,
+        # gathered onto the GPU to run).
+        self.device = param.device if device is None or not isinstance(model_dir, CausalLM) else torch.device(device)
         if kv_cache_memory is None:
-            kv_cache_memory = 0.9 if param.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
-        num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, param.device)
+            kv_cache_memory = 0.9 if self.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
+        num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, self.device)
         num_blocks = min(num_blocks, max_num_seqs * -(-self.config.max_model_len // block_size))
         if num_blocks < 1:
             raise ConfigValueError(f"kv_cache_memory={kv_cache_memory!r} does not hold one block of "

@@ -12,10 +12,10 @@ from .report import refusal
 def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     """UsageError (exit 2) when `cfg`'s plan on `gpus` GPUs like `device` does not fit. Only on CUDA,
     where the memory is known, and unless train.memory_check is off; also refuses
-    train.optimizer_offload, which only the plan knows so far."""
-    if cfg.train.optimizer_offload:
-        raise UsageError("train.optimizer_offload=true: not implemented yet in training "
-                         "(`fusedrl plan` accounts for it)")
+    train.optimizer_offload in one process (it is FSDP2's CPU offload of the sharded state)."""
+    if cfg.train.optimizer_offload and gpus == 1:
+        raise UsageError("train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
+                         "optimizer state: run under torchrun (one process keeps them on its device)")
     if device.type != "cuda" or not cfg.train.memory_check:
         return
     total = torch.cuda.get_device_properties(device).total_memory

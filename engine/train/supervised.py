@@ -197,7 +197,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
     check_context(cfg.data, model.config.max_model_len)
     share = distributed.rank_slice(cfg.optim.grad_accum_steps)  # this rank's micro-batches of a step
     if lora is None:  # with LoRA every rank holds the frozen base whole; the adapters' gradients are averaged
-        distributed.shard(model, cfg.train.data_parallel)
+        distributed.shard(model, cfg.train.data_parallel, offload=cfg.train.optimizer_offload)
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     steps = total_steps(train_ex, cfg)

@@ -150,8 +150,9 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     whole = ((policy, value_head) if lora else ()) + ((critic, critic.trunk) if lora_critic else ())
     for model in (policy, reference, rm, critic, value_head):
         if model is not None and not any(model is m for m in whole):
-            distributed.shard(model, cfg.train.data_parallel)
-    actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory,
+            trained = any(model is m for m in (policy, critic, value_head))
+            distributed.shard(model, cfg.train.data_parallel, offload=trained and cfg.train.optimizer_offload)
+    actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory, device=device,
                         block_size=cfg.rollout.block_size,
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
                         batch_invariant=cfg.rollout.exact)
