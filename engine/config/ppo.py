@@ -155,6 +155,11 @@ class RewardConfig:
 @dataclass
 class LoopConfig(RunConfig):
     iterations: int = option("PPO iterations (rollout + update)", 100)
+    frozen_offload: bool = option("under torchrun: the reference's and the reward model's FSDP2 shards rest in "
+                                  "pinned CPU memory; in their scoring forwards each unit is copied to the GPU "
+                                  "(non-blocking, the next one prefetched) for its all-gather and freed after "
+                                  "(FSDP2's CPUOffloadPolicy; a reward model that is the LoRA critic's trunk "
+                                  "stays)", False)
 
     def __post_init__(self):
         super().__post_init__()

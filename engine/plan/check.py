@@ -16,6 +16,9 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     if cfg.train.optimizer_offload and gpus == 1:
         raise UsageError("train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
                          "optimizer state: run under torchrun (one process keeps them on its device)")
+    if getattr(cfg.train, "frozen_offload", False) and gpus == 1:
+        raise UsageError("train.frozen_offload=true offloads the frozen models' FSDP2 shards: run under torchrun "
+                         "(one process keeps them on its device)")
     if device.type != "cuda" or not cfg.train.memory_check:
         return
     total = torch.cuda.get_device_properties(device).total_memory

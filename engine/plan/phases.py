@@ -61,9 +61,17 @@ class Setup:
         return self.fsdp(part) and self.cfg.train.data_parallel == "shard"
 
     def offloaded(self, part: Part) -> bool:
-        """train.optimizer_offload: a trained FSDP2 model's shards (parameters, gradients, optimizer
-        state) rest in CPU memory (distributed.shard's CPUOffloadPolicy); adapters stay on the GPU."""
-        return self.offload_optimizer and self.fsdp(part) and bool(part.trained)
+        """Its shards rest in CPU memory (distributed.shard's CPUOffloadPolicy), as build_models
+        decides: with train.optimizer_offload a trained FSDP2 model (parameters, gradients,
+        optimizer state; adapters stay on the GPU), with train.frozen_offload the frozen ones."""
+        if not self.fsdp(part):
+            return False
+        if part.trained:
+            return self.offload_optimizer
+        # train.frozen_offload (PPO): the reference and the reward model (unless the LoRA critic's trunk).
+        frozen = part.role == "reference" or (part.role == "reward model" and
+                                              not any(p.role == "critic adapters" for p in self.parts))
+        return frozen and getattr(self.cfg.train, "frozen_offload", False)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """engine/distributed.py's reductions on 2 real gloo ranks (torch.multiprocessing): values, the
 tensor's own device kept (the collective receives the tensor where it is, never a host copy: no
-`cpu` / `tolist` / `item` counted by bench/launch_count.py's counter), and the forward counts that
-token budgets even out."""
+`cpu` / `tolist` / `item` counted by bench/launch_count.py's counter), the forward counts that
+token budgets even out, and the offload policy's round trip (in the same launch)."""
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -43,8 +43,31 @@ def _rank(rank: int, init_file: str) -> None:
         spares = []
         assert distributed.match_forwards(done, distributed.max_over_ranks(done), lambda: spares.append(1)) == 2 - 2 * rank
         assert len(spares) == 2 - 2 * rank
+        _offload_round_trips(rank)
     finally:
         dist.destroy_process_group()
+
+
+def _offload_round_trips(rank: int) -> None:
+    """A model sharded with the offload policy (distributed.shard(offload=True): its shards rest in
+    CPU memory, copied to the device for each unit's all-gather) holds and computes bit for bit what
+    the same model sharded without it does."""
+    import copy
+    from launches import SMALL
+    from traffic_decode import qwen_like
+    from fusedrl.engine.data.packing import pack_sequences
+
+    torch.manual_seed(0)
+    plain_model = qwen_like(2, torch.float32, "cpu", **SMALL)
+    offloaded = distributed.shard(copy.deepcopy(plain_model), offload=True)
+    distributed.shard(plain_model)
+    packed = pack_sequences([([3 + rank, 5, 7], [9, 11], True), ([2], [4, 6, 8], True)])
+    with torch.no_grad():
+        outs = [m.forward_packed(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
+                for m in (plain_model, offloaded)]
+    assert torch.equal(*outs)
+    for (name, a), b in zip(plain_model.state_dict().items(), offloaded.state_dict().values()):
+        assert torch.equal(distributed.plain(a), distributed.plain(b)), name
 
 
 def test_reductions_keep_values_and_device_on_two_gloo_ranks(tmp_path):

@@ -151,7 +151,9 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     for model in (policy, reference, rm, critic, value_head):
         if model is not None and not any(model is m for m in whole):
             trained = any(model is m for m in (policy, critic, value_head))
-            distributed.shard(model, cfg.train.data_parallel, offload=trained and cfg.train.optimizer_offload)
+            frozen = model is reference or (model is rm and not lora_critic)
+            distributed.shard(model, cfg.train.data_parallel,
+                              offload=cfg.train.optimizer_offload if trained else frozen and cfg.train.frozen_offload)
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory, device=device,
                         block_size=cfg.rollout.block_size,
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,

@@ -118,6 +118,10 @@ def test_14b_ppo_fits_with_the_optimizer_offloaded_once_load_and_export_are_shar
         assert offloaded.phases[phase]["optimizer"] == 0
         assert offloaded.phases[phase]["weights"] < as_is.phases[phase]["weights"]   # trained shards in CPU memory
     assert offloaded.host_optimizer_bytes == as_is.phases["update"]["optimizer"] > 0
+    # train.frozen_offload: the reference's and the reward model's bf16 shards (2 x 14.77B x 2 / 8 bytes) leave too.
+    frozen = plan("ppo", qwen["14B"], CKPT, "train.optimizer_offload=true", "train.frozen_offload=true", rules=sharded)
+    assert offloaded.phases["rollout"]["weights"] - frozen.phases["rollout"]["weights"] == \
+        pytest.approx(2 * 14.77e9 * 2 / 8, rel=0.01)
     # One process offloads nothing (training refuses the option there): the plan says the same.
     assert plan_stage(config("ppo", qwen["14B"], CKPT, "train.optimizer_offload=true"), 1, 80 * GB).host_optimizer_bytes == 0
 

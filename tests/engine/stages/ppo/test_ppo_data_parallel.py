@@ -92,7 +92,7 @@ def test_each_rank_rolls_out_what_one_process_does(runs):
 def test_token_budgets_and_offload_under_torchrun_end_with_one_process_s_weights(runs):
     """Two ranks cutting their rows by tokens (the update's micro-batches and the scoring forwards)
     run different numbers of forwards, evened out with spare ones, and end with the weights of one
-    process that runs each minibatch at once, with train.optimizer_offload on. Rows are 3 or 4 prompt tokens ("hello world") + 6:
+    process that runs each minibatch at once, with train.optimizer_offload and train.frozen_offload on. Rows are 3 or 4 prompt tokens ("hello world") + 6:
     a budget of 18 holds two short rows but not a long one with another, so the rank without
     "hello world" needs fewer forwards."""
     from fusedrl.engine.train.runlog import read_metrics
@@ -101,8 +101,9 @@ def test_token_budgets_and_offload_under_torchrun_end_with_one_process_s_weights
     cfg.rollout = RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6, max_prompt_length=12,
                                 kv_cache_memory=1 << 22, tokens_per_forward=18)
     cfg.ppo = UpdateConfig(epochs=2, minibatch_size=6, tokens_per_microbatch=18)
-    # And the trained models' state offloaded (FSDP2's CPUOffloadPolicy: the optimizer steps there).
-    cfg.train = LoopConfig(iterations=2, progress=False, device="cpu", optimizer_offload=True)
+    # And the trained models' state and the reference offloaded (FSDP2's CPUOffloadPolicy: the
+    # optimizer steps there).
+    cfg.train = LoopConfig(iterations=2, progress=False, device="cpu", optimizer_offload=True, frozen_offload=True)
     (runs / "rec-budget").mkdir()
     check(torchrun("ppo", cfg, runs, env={"RECORD_DIR": str(runs / "rec-budget")}, timeout=HANG))
     assert records(runs / "rec-budget", 0) + records(runs / "rec-budget", 1) == \
