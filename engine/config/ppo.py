@@ -34,6 +34,10 @@ class RolloutConfig:
     top_p: float = option("nucleus filter of the sampler (1.0 = off)", 1.0)
     ignore_eos: bool = option("sample past EOS up to max_new_tokens (fixed-length rollouts, for benchmarks)", False)
     kv_cache_memory: int = option("bytes of the paged KV pool, kept allocated through training", 1 << 28)
+    release_kv_pool: bool = option("free the KV pool after each rollout (scoring and the update use its memory) "
+                                   "and allocate it again for the next, where CUDA graphs allow: not in one "
+                                   "process on CUDA (a captured decode step holds the pool's addresses), yes "
+                                   "under torchrun (graphs off) and on the CPU", False)
     tokens_per_forward: int | None = option("token budget of one scoring forward (reward model, reference, old "
                                             "log-probs, values): a rank's rows are cut, in order, into forwards "
                                             "of at most this many tokens, so none holds more activations; it "

@@ -114,7 +114,7 @@ class LLM:
                                    max(max_num_batched_tokens, self.config.max_model_len),
                                    self.config.max_model_len, self.config.eos_token_ids)
         self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs,
-                                  self.batch_invariant, fuse_decode_gemms)
+                                  self.batch_invariant, fuse_decode_gemms, device=self.device)
         self._next_seq_id = 0
         self._rng = random.Random()
 

@@ -268,13 +268,16 @@ def ppo_phases(s: Setup) -> dict:
     kv = kv_pool_bytes(s)
     policy = _policy(s)
     elem = _elem(s)
-    base = {**_resident(s), "kv_pool": kv}
+    # rollout.release_kv_pool frees the pool outside the rollout where no CUDA graph holds it: under
+    # torchrun (graphs off); one process on CUDA captures graphs and keeps it.
+    kv_after = 0 if r.release_kv_pool and s.ranks > 1 else kv
+    base = {**_resident(s), "kv_pool": kv_after}
 
     gathered = whole_bytes(policy) if s.fsdp(policy) and s.rules.generation_gathers_policy else 0
     c = policy.config
     prefill = min(max(PREFILL_TOKENS, c.max_model_len), rows * r.max_prompt_length)
     sampler_logits = 2 * 4 * rows * c.vocab_size  # fp32 logits of a decode step and the sampler's work copy
-    rollout = {**base, "gathered": gathered,
+    rollout = {**base, "kv_pool": kv, "gathered": gathered,
                "activations": forward_activations(c, elem, prefill, lm_head=False) + sampler_logits}
 
     # rollout.tokens_per_forward: each scoring forward holds at most that many of the rows' tokens.
@@ -290,7 +293,7 @@ def ppo_phases(s: Setup) -> dict:
 
     tokens = p.tokens_per_microbatch or (p.microbatch_size or p.minibatch_size) * longest
     critic = _critic_decoder(s)
-    update = {**update_phase(s, tokens, [policy] + ([critic] if critic else [])), "kv_pool": kv}
+    update = {**update_phase(s, tokens, [policy] + ([critic] if critic else [])), "kv_pool": kv_after}
     export = {**base, "gathered": export_gathered(s, [policy, *_role(s, "critic")])}
     if _role(s, "critic adapters"):  # LoRACritic.merged: a whole ValueModel copy of its trunk
         export["gathered"] = max(export["gathered"], whole_bytes(critic))

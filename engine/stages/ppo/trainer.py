@@ -155,6 +155,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
             distributed.shard(model, cfg.train.data_parallel,
                               offload=cfg.train.optimizer_offload if trained else frozen and cfg.train.frozen_offload)
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory, device=device,
+                        release_kv_pool=cfg.rollout.release_kv_pool,
                         block_size=cfg.rollout.block_size,
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
                         batch_invariant=cfg.rollout.exact)

@@ -133,3 +133,14 @@ def test_the_scoring_forwards_hold_one_token_budget(qwen):
     cut = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=2048").phases["scoring"]["activations"]
     held = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=20480").phases["scoring"]["activations"]
     assert held == whole and cut < whole / 3   # the rows' 20480 tokens in one forward; a tenth of them (+ the head's chunk)
+
+
+def test_a_released_kv_pool_is_counted_in_the_rollout_only_where_graphs_allow(qwen):
+    kept = plan("grpo", qwen["7B"], CKPT, "rollout.kv_cache_memory=8000000000")
+    released = plan("grpo", qwen["7B"], CKPT, "rollout.kv_cache_memory=8000000000", "rollout.release_kv_pool=true")
+    assert released.phases["rollout"]["kv_pool"] == kept.phases["rollout"]["kv_pool"] > 0
+    for phase in ("scoring", "update", "export"):
+        assert released.phases[phase]["kv_pool"] == 0 < kept.phases[phase]["kv_pool"]
+    # One process on CUDA captures decode graphs, which hold the pool: it stays.
+    one = plan_stage(config("grpo", qwen["7B"], CKPT, "rollout.release_kv_pool=true"), 1, 80 * GB)
+    assert one.phases["update"]["kv_pool"] == one.phases["rollout"]["kv_pool"] > 0

@@ -115,6 +115,27 @@ def test_hybrid_actor_generates_from_the_trained_weights(setup):
     assert models.actor.kv_pool_bytes == pool                            # the pool stayed as budgeted
 
 
+def test_a_released_kv_pool_comes_back_for_the_next_rollout(setup):
+    """rollout.release_kv_pool (no CUDA graph on the CPU): the pool is freed after each rollout and
+    allocated again by the next, which samples what a kept pool samples, bit for bit."""
+    from fusedrl.engine.inference.sampling_params import SamplingParams
+    root, policy_dir, prompts = setup
+    cfg = config(root, policy_dir, prompts, "release",
+                 rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
+                                       kv_cache_memory=1 << 22, release_kv_pool=True))
+    from transformers import AutoTokenizer
+    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
+    actor, params = models.actor, SamplingParams(n=3, max_new_tokens=6, seed=5)
+    pool = actor.kv_pool_bytes
+    runs = [actor.generate(random_prompts([4, 6]), params) for _ in range(2)]
+    assert actor.llm.runner.kv_pool is None and actor.kv_pool_bytes == pool      # freed, budget unchanged
+    actor.release_kv_pool = False
+    runs.append(actor.generate(random_prompts([4, 6]), params))
+    assert actor.llm.runner.kv_pool is not None
+    for prompts_, responses, logprobs in runs[1:]:
+        assert (prompts_, responses) == runs[0][:2] and torch.equal(logprobs, runs[0][2])
+
+
 def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     """After one update, tokens with positive advantage gained log-probability and the rest lost it."""
     root, policy_dir, prompts = setup
