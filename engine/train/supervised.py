@@ -34,6 +34,7 @@ from .. import distributed
 from . import adapters, optim
 from .checkpoint import SavedModel, Trainables
 from .loop import RunPlan, run_training
+from . import runlog
 from .runlog import peak_memory_mb
 
 
@@ -122,12 +123,12 @@ def add_stats(total: dict, stats: dict) -> dict:
 
 
 def read_on_host(values: list) -> list:
-    """0-dim tensors (on one device) and Python numbers -> Python numbers, the tensors read with one
+    """0-dim tensors and Python numbers -> Python numbers, the tensors read with one (per device)
     host sync: a floating tensor as a float, an integer one as an int."""
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     if not tensors:
         return list(values)
-    host = iter(torch.stack([v.double() for v in tensors]).tolist())
+    host = iter(runlog.read_tensors(tensors))
     return [(next(host) if v.is_floating_point() else int(next(host))) if isinstance(v, torch.Tensor) else v
             for v in values]
 

@@ -74,7 +74,9 @@ class Optimizers:
         """Clip each model's gradients by its own norm and step all, unless a norm or `loss` is not
         finite (decided on the device, see optim.clip_and_step). Returns the norms before clipping
         ([models] fp32, policy first): a non-finite one means the update was skipped."""
-        return torch.stack(optim.clip_and_step(self.all(), self.max_grad_norm, loss))
+        norms = optim.clip_and_step(self.all(), self.max_grad_norm, loss)
+        # On one device (the policy's adapters on the GPU, an offloaded critic's norm on the CPU).
+        return torch.stack([n.to(norms[0].device) for n in norms])
 
 
 def aggregation_units(mask: torch.Tensor, agg: str) -> Optional[torch.Tensor]:
