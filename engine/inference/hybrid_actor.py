@@ -34,8 +34,8 @@ class HybridActor:
                  release_kv_pool: bool = False):
         self.policy = policy
         self.release_kv_pool = release_kv_pool
-        self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size, device=device,
-                       max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and distributed.world_size() == 1,
+        self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
+                       device=device, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and distributed.world_size() == 1,
                        batch_invariant=batch_invariant)
 
     @property

@@ -101,7 +101,9 @@ class LLM:
         # Where the model runs, the KV pool and every step's tensors live: the parameters' device, or
         # `device` for a model whose resting shards are elsewhere (FSDP2's CPU offload: CPU shards,
         # gathered onto the GPU to run).
-        self.device = param.device if device is None or not isinstance(model_dir, CausalLM) else torch.device(device)
+        offloaded = (device is not None and isinstance(model_dir, CausalLM)
+                     and torch.device(device).type != param.device.type)
+        self.device = torch.device(device) if offloaded else param.device
         if kv_cache_memory is None:
             kv_cache_memory = 0.9 if self.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
         num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, self.device)

@@ -69,7 +69,8 @@ class ModelRunner:
         self.block_size = block_size
         param = next(model.parameters())
         # device: where the model runs when its resting shards are elsewhere (FSDP2's CPU offload).
-        self.device, self.dtype = torch.device(device) if device is not None else param.device, param.dtype
+        offloaded = device is not None and torch.device(device).type != param.device.type
+        self.device, self.dtype = torch.device(device) if offloaded else param.device, param.dtype
         c = self.config
         self.num_blocks = num_blocks
         self.kv_pool = self.kv_caches = None

@@ -123,7 +123,8 @@ def test_14b_ppo_fits_with_the_optimizer_offloaded_once_load_and_export_are_shar
     assert offloaded.phases["rollout"]["weights"] - frozen.phases["rollout"]["weights"] == \
         pytest.approx(2 * 14.77e9 * 2 / 8, rel=0.01)
     # One process offloads nothing (training refuses the option there): the plan says the same.
-    assert plan_stage(config("ppo", qwen["14B"], CKPT, "train.optimizer_offload=true"), 1, 80 * GB).host_optimizer_bytes == 0
+    one = plan_stage(config("ppo", qwen["14B"], CKPT, "train.optimizer_offload=true"), 1, 80 * GB)
+    assert one.host_optimizer_bytes == 0
 
 
 def test_the_scoring_forwards_hold_one_token_budget(qwen):
@@ -132,7 +133,8 @@ def test_the_scoring_forwards_hold_one_token_budget(qwen):
     whole = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=null").phases["scoring"]["activations"]
     cut = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=2048").phases["scoring"]["activations"]
     held = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=20480").phases["scoring"]["activations"]
-    assert held == whole and cut < whole / 3   # the rows' 20480 tokens in one forward; a tenth of them (+ the head's chunk)
+    # The rows' 20480 tokens in one forward; a tenth of them (plus the LM head's chunk).
+    assert held == whole and cut < whole / 3
 
 
 def test_a_released_kv_pool_is_counted_in_the_rollout_only_where_graphs_allow(qwen):
