@@ -7,6 +7,10 @@ input, shard() returns the model untouched. Under torchrun, `init_distributed` j
 (NCCL for CUDA tensors, gloo for CPU ones) with a timeout, so a collective waiting on a dead rank fails
 instead of hanging; torchrun itself stops the other ranks when one exits with an error.
 
+Reductions run where their tensors are: a CUDA tensor is reduced in place by NCCL (queued on the
+stream like any kernel: no copy to the host, no host sync), a CPU tensor by gloo. The one host read
+among them is `all_reduce_sum` of Python numbers (counts the host already holds).
+
 Convention of every stage: batch sizes are per rank (SFT/RM micro-batches and accumulation, PPO's
 prompts per iteration and minibatch rows), so any world size runs any config and a step's global
 batch is world_size() times a rank's, taken from the data stream in rank order (`rank_slice`);
@@ -37,7 +41,8 @@ def init_distributed(device_type: str, timeout_s: float) -> None:
     """Join torchrun's process group when WORLD_SIZE > 1 (once per process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
-    # On GPUs, NCCL for CUDA tensors (FSDP) and gloo for the small CPU tensors of the reductions below.
+    # On GPUs, NCCL for CUDA tensors (FSDP and the tensor reductions below) and gloo for CPU ones
+    # (all_reduce_sum's host numbers, min_over_ranks / max_over_ranks, objects).
     backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local_rank())
@@ -99,12 +104,13 @@ _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.R
 
 
 def all_reduce_tensor(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """x summed (or max-ed, min-ed) over the ranks, as a new tensor (gloo runs on CPU copies)."""
+    """x [...] summed (or max-ed, min-ed) over the ranks, as a new tensor on x's device (reduced
+    there: NCCL for CUDA, gloo for CPU; no host copy, no host sync)."""
     if world_size() == 1:
         return x.clone()
-    out = x.detach().cpu().clone()
+    out = x.detach().clone()
     dist.all_reduce(out, op=_REDUCE_OPS[op])
-    return out.to(x.device)
+    return out
 
 
 def average_replicated_gradients(optimizers) -> None:
@@ -130,8 +136,26 @@ def average_replicated_gradients(optimizers) -> None:
 
 
 def min_over_ranks(n: int) -> int:
-    """The smallest of every rank's `n`: what all ranks can do alike (e.g. rows each rank keeps)."""
+    """The smallest of every rank's `n` (a host number: reduced on the CPU by gloo): what all ranks
+    can do alike (e.g. rows each rank keeps)."""
     return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), op="min")) if world_size() > 1 else n
+
+
+def max_over_ranks(n: int) -> int:
+    """The largest of every rank's `n` (a host number, reduced on the CPU by gloo)."""
+    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), op="max")) if world_size() > 1 else n
+
+
+def match_forwards(done: int, most: int, spare: Callable[[], object]) -> int:
+    """Run spare() `most - done` times; returns how many. Under FSDP every forward (and backward)
+    is a collective, and a token budget cuts each rank's rows into its own number of forwards: the
+    ranks with fewer make up the difference with forwards that change nothing (spare: a forward
+    whose output is dropped, or a backward of a loss times 0). `most` (max_over_ranks of the
+    counts) must be agreed before the first forward: a reduction while another rank still runs
+    forwards would meet that rank's FSDP collectives instead. One process: most == done."""
+    for _ in range(most - done):
+        spare()
+    return most - done
 
 
 def rank_slice(per_rank: int, tensor_parallel: int = 1) -> slice:
@@ -148,12 +172,13 @@ def data_parallel_sum() -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """[R, ...] on each rank -> [W * R, ...], rank 0's rows first (the same R on every rank)."""
+    """[R, ...] on each rank -> [W * R, ...] on x's device, rank 0's rows first (the same R on every
+    rank); gathered where x is (NCCL for CUDA, gloo for CPU)."""
     if world_size() == 1:
         return x
-    parts = [torch.empty_like(x, device="cpu") for _ in range(world_size())]
-    dist.all_gather(parts, x.detach().cpu().contiguous())
-    return torch.cat(parts).to(x.device)
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
 
 
 def own_rows(x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +186,8 @@ def own_rows(x: torch.Tensor) -> torch.Tensor:
     return x[rank_slice(x.shape[0] // world_size())]
 
 
-def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = None, keep=()) -> nn.Module:
+def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = None, keep=(),
+          offload: bool = False) -> nn.Module:
     """Shard `model` over the ranks with FSDP2, each decoder layer its own unit (so one layer's
     parameters are gathered at a time), a head of another dtype than the rest (the fp32 score or
     value head of a bf16 model) its own unit, and the rest (embeddings, final norm, LM head) the
@@ -172,24 +198,35 @@ def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = No
     before it allocates): `device_type` then names the device it will live on.
     `keep`: modules whose parameters stay plain tensors every rank holds whole (the heads trained
     beside LoRA adapters: `average_replicated_gradients` averages theirs). A model already sharded
-    is returned as is."""
+    is returned as is. offload (train.optimizer_offload, train.frozen_offload): FSDP2's
+    CPUOffloadPolicy: the sharded parameters, their gradients and so the optimizer state rest in CPU
+    memory (pinned on CUDA), copied to the device for each unit's all-gather, gradients copied back
+    in backward, the optimizer step on the CPU; `model.offloaded` says so (hf_io.load_model then
+    materializes the shards in CPU memory, where FSDP2 wants them)."""
     if world_size() == 1 or fsdp_units(model):
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     device_type = device_type or next(model.parameters()).device.type
     mesh = _mesh(device_type, mode)
+    if offload and keep:
+        raise ValueError("offload: the kept (whole) modules would rest in CPU memory too; offload a model "
+                         "without kept heads (a full fine-tune, a frozen model)")
+    # Pinned host memory needs CUDA; on a CPU run the shards are where they already are.
+    policy = CPUOffloadPolicy(pin_memory=device_type == "cuda") if offload else OffloadPolicy()
     ignored = {p for module in keep for p in module.parameters()}
     for unit in shard_units(model, keep):
-        fully_shard(unit, mesh=mesh, ignored_params=ignored or None)
+        fully_shard(unit, mesh=mesh, ignored_params=ignored or None, offload_policy=policy)
+    model.offloaded = offload
     return model
 
 
-def sharder(mode: str, device, keep: Callable[[nn.Module], list] = lambda model: []) -> Callable:
+def sharder(mode: str, device, keep: Callable[[nn.Module], list] = lambda model: [],
+            offload: bool = False) -> Callable:
     """shard(model) as `hf_io.load_model` takes it: `shard` in `mode` onto `device`'s type, keeping
-    whole the modules keep(model) names (a LoRA run's trained heads)."""
+    whole the modules keep(model) names (a LoRA run's trained heads), offloaded or not (`shard`)."""
     device_type = torch.device(device).type
-    return lambda model: shard(model, mode, device_type, keep(model))
+    return lambda model: shard(model, mode, device_type, keep(model), offload)
 
 
 def shard_units(model: nn.Module, keep=()) -> list[nn.Module]:

@@ -34,6 +34,15 @@ class RolloutConfig:
     top_p: float = option("nucleus filter of the sampler (1.0 = off)", 1.0)
     ignore_eos: bool = option("sample past EOS up to max_new_tokens (fixed-length rollouts, for benchmarks)", False)
     kv_cache_memory: int = option("bytes of the paged KV pool, kept allocated through training", 1 << 28)
+    release_kv_pool: bool = option("free the KV pool after each rollout (scoring and the update use its memory) "
+                                   "and allocate it again for the next, where CUDA graphs allow: not in one "
+                                   "process on CUDA (a captured decode step holds the pool's addresses), yes "
+                                   "under torchrun (graphs off) and on the CPU", False)
+    tokens_per_forward: int | None = option("token budget of one scoring forward (reward model, reference, old "
+                                            "log-probs, values): a rank's rows are cut, in order, into forwards "
+                                            "of at most this many tokens, so none holds more activations; it "
+                                            "must hold one row (max_prompt_length + max_new_tokens); null = all "
+                                            "rows at once", 16384)
     block_size: int = option("tokens per KV block", 16)
     exact: bool = option("exact on-policy: generation and the old-log-prob forward run batch-invariant "
                          "fixed-order ops, so the sampler's log-probs equal the training forward's bit for "
@@ -50,6 +59,10 @@ class RolloutConfig:
         for name in ("prompts_per_iteration", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
                      "kv_cache_memory", "block_size", "max_sampling_rounds"):
             check(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        longest = self.max_prompt_length + self.max_new_tokens
+        check(self.tokens_per_forward is None or self.tokens_per_forward >= longest,
+              f"rollout.tokens_per_forward={self.tokens_per_forward} must hold one row: rollout.max_prompt_length "
+              f"+ rollout.max_new_tokens = {longest} tokens (or null)")
         check(self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}")
         check(self.top_k >= 0 and 0 < self.top_p <= 1, "rollout.top_k must be >= 0 and rollout.top_p in (0, 1]")
         check(0 <= self.overlong_buffer < self.max_new_tokens and self.overlong_penalty >= 0,
@@ -67,7 +80,8 @@ class UpdateConfig:
     tokens_per_microbatch: int | None = option("token budget of one forward/backward inside a minibatch: rows "
                                                "(prompt + response tokens) are packed up to it, so each forward "
                                                "fills the GPU; it must hold one row (rollout.max_prompt_length + "
-                                               "rollout.max_new_tokens); gradients are the whole minibatch's "
+                                               "rollout.max_new_tokens); gradients are the whole minibatch's; "
+                                               "under torchrun every rank runs the most forwards any rank needs "
                                                "(None = by microbatch_size)")
     clip_eps: float = option("ratio clip: [1 - clip_eps, 1 + clip_eps_high]", 0.2)
     clip_eps_high: float | None = option("upper ratio clip (default: clip_eps)")
@@ -145,6 +159,11 @@ class RewardConfig:
 @dataclass
 class LoopConfig(RunConfig):
     iterations: int = option("PPO iterations (rollout + update)", 100)
+    frozen_offload: bool = option("under torchrun: the reference's and the reward model's FSDP2 shards rest in "
+                                  "pinned CPU memory; in their scoring forwards each unit is copied to the GPU "
+                                  "(non-blocking, the next one prefetched) for its all-gather and freed after "
+                                  "(FSDP2's CPUOffloadPolicy; a reward model that is the LoRA critic's trunk "
+                                  "stays)", False)
 
     def __post_init__(self):
         super().__post_init__()

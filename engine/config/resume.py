@@ -28,7 +28,7 @@ APPLIED_ON_RESUME = frozenset({
     "optim.lr", "critic_lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.max_grad_norm",
     # memory only: the same gradient, computed in other pieces
     "data.tokens_per_microbatch", "ppo.microbatch_size", "ppo.tokens_per_microbatch", "rollout.kv_cache_memory",
-    "rollout.block_size",
+    "rollout.block_size", "rollout.tokens_per_forward", "rollout.release_kv_pool",
     # PPO's sampling, loss and reward settings, read at every iteration
     "rollout.temperature", "rollout.top_k", "rollout.top_p", "rollout.ignore_eos", "rollout.exact",
     "rollout.dynamic_sampling", "rollout.max_sampling_rounds", "rollout.overlong_buffer", "rollout.overlong_penalty",

@@ -103,8 +103,10 @@ class RunConfig:
                                   "plans it)", 1)
     dist_timeout_s: float = option("under torchrun: seconds a collective waits for the other ranks before "
                                    "the job fails", 600.0)
-    optimizer_offload: bool = option("keep the optimizer state (fp32 masters and AdamW moments) in CPU memory; "
-                                     "`fusedrl plan` accounts for it, training refuses it: not implemented yet", False)
+    optimizer_offload: bool = option("under torchrun: the trained models' sharded parameters, gradients and "
+                                     "optimizer state (fp32 masters, AdamW moments) rest in CPU memory, the "
+                                     "optimizer steps on the CPU (FSDP2's CPUOffloadPolicy; LoRA adapters, "
+                                     "not sharded, stay on the device)", False)
     memory_check: bool = option("on CUDA, refuse at start a run whose memory plan (`fusedrl plan`) does not fit "
                                 "the GPUs", True)
 

@@ -4,8 +4,10 @@ trainer updates, with no weight copy and no sync step.
 The engine holds the policy module itself; optimizer steps update its parameters in place, so
 every rollout samples from the current weights (CUDA graphs captured by the engine keep pointing
 at the same storage). The KV pool is allocated once at `rollout.kv_cache_memory` bytes and kept
-through training: its size is a stated budget, not a surprise, and re-allocating it each iteration
-would also invalidate the captured graphs.
+through training: its size is a stated budget, not a surprise. With rollout.release_kv_pool it is
+freed after each rollout (scoring and the update can use its memory) and allocated again by the
+next one, where CUDA graphs allow: a captured decode step holds the pool's addresses, so with
+graphs (one process on CUDA) the pool stays; without them (under torchrun, on the CPU) it goes.
 
 Under torchrun (the policy sharded by FSDP2) each rank generates its own share of the prompts from
 the whole parameters: `generate` gathers them (`unshard()`) before the rollout and frees them
@@ -23,6 +25,7 @@ import contextlib
 import torch
 
 from .llm import LLM
+from .runner import kv_bytes_per_block
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant
 from .. import distributed
@@ -31,12 +34,14 @@ from .sampling_params import SamplingParams
 
 class HybridActor:
     def __init__(self, policy: CausalLM, tokenizer=None, *, kv_cache_memory: int, block_size: int = 16,
-                 max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False):
+                 max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False, device=None,
+                 release_kv_pool: bool = False):
         self.policy = policy
+        self.release_kv_pool = release_kv_pool
         self.tensor_parallel = getattr(policy, "tensor_parallel", None) is not None
         local = distributed.world_size() == 1 or self.tensor_parallel  # nothing gathered: graphs stay valid
         self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
-                       max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and local,
+                       device=device, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and local,
                        batch_invariant=batch_invariant)
 
     @property
@@ -47,8 +52,8 @@ class HybridActor:
 
     @property
     def kv_pool_bytes(self) -> int:
-        pool = self.llm.runner.kv_pool
-        return pool.numel() * pool.element_size()
+        runner = self.llm.runner
+        return kv_bytes_per_block(runner.config, runner.dtype, runner.block_size) * runner.num_blocks
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams
@@ -61,6 +66,8 @@ class HybridActor:
         """
         with contextlib.nullcontext() if self.tensor_parallel else distributed.gathered(self.policy):
             outputs = self.llm.generate(prompts, params, decode_text=False)  # PPO reads token ids only
+        if self.release_kv_pool:  # rollout.release_kv_pool: its memory for scoring and the update
+            self.llm.runner.release_kv_pool()
         completions = [(out.prompt_token_ids, c) for out in outputs for c in out.outputs]
         slots = [slot for _, c in completions for slot in c.logprob_slots]
         return ([p for p, _ in completions], [c.token_ids for _, c in completions],

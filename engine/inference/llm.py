@@ -100,14 +100,19 @@ class LLM:
         self.tokenizer = tokenizer
         self.config = self.model.config
         param = next(self.model.parameters())
-        self.device = param.device  # where the model, the KV pool and every step's tensors live
+        # Where the model runs, the KV pool and every step's tensors live: the parameters' device, or
+        # `device` for a model whose resting shards are elsewhere (FSDP2's CPU offload: CPU shards,
+        # gathered onto the GPU to run).
+        offloaded = (device is not None and isinstance(model_dir, CausalLM)
+                     and torch.device(device).type != param.device.type)
+        self.device = torch.device(device) if offloaded else param.device
         if kv_cache_memory is None:
-            kv_cache_memory = 0.9 if param.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
+            kv_cache_memory = 0.9 if self.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
         tp = getattr(self.model, "tensor_parallel", None)  # engine/tensor_parallel.py
         if tp is not None and self.batch_invariant is not None:
             raise ConfigValueError("batch_invariant (rollout.exact) with tensor parallelism: not supported yet "
                                    "(the all-reduces' order differs from the training forward's); use one or the other")
-        num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, param.device,
+        num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, self.device,
                                            tp.size if tp else 1)
         num_blocks = min(num_blocks, max_num_seqs * -(-self.config.max_model_len // block_size))
         if num_blocks < 1:
@@ -118,7 +123,7 @@ class LLM:
                                    max(max_num_batched_tokens, self.config.max_model_len),
                                    self.config.max_model_len, self.config.eos_token_ids)
         self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs,
-                                  self.batch_invariant, fuse_decode_gemms)
+                                  self.batch_invariant, fuse_decode_gemms, device=self.device)
         self._next_seq_id = 0
         # Every tensor rank must draw the same seeds (they sample the same rows in lockstep).
         self._rng = random.Random(tp.same_on_ranks(random.getrandbits(63)) if tp else None)

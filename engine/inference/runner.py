@@ -64,22 +64,22 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
                  use_cuda_graphs: bool = True, batch_invariant: BatchInvariant | None = None,
-                 fuse_decode_gemms: bool = True):
+                 fuse_decode_gemms: bool = True, device=None):
         self.model = model
         self.fuse_decode_gemms = fuse_decode_gemms
         self.batch_invariant = batch_invariant
         self.config = model.config
         self.block_size = block_size
         param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        # device: where the model runs when its resting shards are elsewhere (FSDP2's CPU offload).
+        offloaded = device is not None and torch.device(device).type != param.device.type
+        self.device, self.dtype = torch.device(device) if offloaded else param.device, param.dtype
         c = self.config
         # Tensor-parallel (engine/tensor_parallel.py): this rank's shards, its kv heads' cache.
         self.tensor_parallel = getattr(model, "tensor_parallel", None)
-        kv_heads = c.num_kv_heads // (self.tensor_parallel.size if self.tensor_parallel else 1)
-        # One pool for all layers: [K/V, layer, block, slot in block, kv head, head dim].
-        self.kv_pool = torch.empty(2, c.num_layers, num_blocks, block_size, kv_heads, c.head_dim,
-                                   dtype=self.dtype, device=self.device)
-        self.kv_caches = [(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(c.num_layers)]
+        self.num_blocks = num_blocks
+        self.kv_pool = self.kv_caches = None
+        self.allocate_kv_pool()
         self.max_blocks_per_seq = -(-c.max_model_len // block_size)
         # The sampled tokens' log-probs of the current generate call, step after step, kept on the
         # device for a trainer (a PPO rollout) to gather without a round trip through Python floats.
@@ -93,10 +93,30 @@ class ModelRunner:
         if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = _DecodeGraphs(self, max_num_seqs)
 
+    def allocate_kv_pool(self) -> None:
+        """The paged KV pool (again after release_kv_pool): one tensor for all layers, [K/V, layer,
+        block, slot in block, kv head, head dim]; its contents never outlive a generate call."""
+        if self.kv_pool is None:
+            c = self.config
+            kv_heads = c.num_kv_heads // (self.tensor_parallel.size if self.tensor_parallel else 1)
+            self.kv_pool = torch.empty(2, c.num_layers, self.num_blocks, self.block_size, kv_heads, c.head_dim,
+                                       dtype=self.dtype, device=self.device)
+            self.kv_caches = [(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(c.num_layers)]
+
+    def release_kv_pool(self) -> bool:
+        """Free the KV pool between generate calls (its memory goes back to the allocator, for the
+        training phases); the next run allocates it again. Not with CUDA graphs: a captured decode
+        step holds the pool's addresses, so the pool stays. Returns whether it was freed."""
+        if self.graphs is not None:
+            return False
+        self.kv_pool = self.kv_caches = None
+        return True
+
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """One step: the sampled token of each sequence, the step's one device-to-host copy. Their
         log-probs stay on the device, at logprob_buffer[logprobs_kept - len(seqs):logprobs_kept]."""
+        self.allocate_kv_pool()
         tokens, logprobs = self._prefill(seqs) if is_prefill else self._decode(seqs)
         self._keep_logprobs(logprobs)
         return tokens.tolist()

@@ -113,7 +113,8 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM, shard:
         model = model_cls(config, dtype)
     if shard is not None:
         shard(model)
-    model.to_empty(device=device)
+    # FSDP2's CPU offload (distributed.shard(offload=True)) wants the shards materialized in CPU memory.
+    model.to_empty(device="cpu" if getattr(model, "offloaded", False) else device)
     model.tie_weights()
     expected = hf_blocks(model)
     for name in fresh:

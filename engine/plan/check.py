@@ -13,10 +13,19 @@ from .report import refusal
 def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     """UsageError (exit 2) when `cfg`'s plan on `gpus` GPUs like `device` does not fit. Only on CUDA,
     where the memory is known, and unless train.memory_check is off; also refuses
-    train.optimizer_offload and train.tensor_parallel > 1, which only the plan knows so far."""
-    if cfg.train.optimizer_offload:
-        raise UsageError("train.optimizer_offload=true: not implemented yet in training "
-                         "(`fusedrl plan` accounts for it)")
+    train.optimizer_offload and train.frozen_offload in one process (they are FSDP2's CPU offload of the
+    sharded state), train.optimizer_offload beside LoRA adapters or tensor parallelism, and
+    train.tensor_parallel > 1 where training does not run tensor-parallel yet."""
+    if cfg.train.optimizer_offload and gpus == 1:
+        raise UsageError("train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
+                         "optimizer state: run under torchrun (one process keeps them on its device)")
+    if getattr(cfg.train, "frozen_offload", False) and gpus == 1:
+        raise UsageError("train.frozen_offload=true offloads the frozen models' FSDP2 shards: run under torchrun "
+                         "(one process keeps them on its device)")
+    if cfg.train.optimizer_offload and (cfg.lora.rank > 0 or cfg.train.tensor_parallel > 1):
+        raise UsageError(f"train.optimizer_offload=true with lora.rank={cfg.lora.rank} and train.tensor_parallel="
+                         f"{cfg.train.tensor_parallel}: expected lora.rank=0 and train.tensor_parallel=1 (LoRA's "
+                         "optimizer state is small; the tensor-parallel layout is not offloaded yet)")
     if cfg.train.tensor_parallel > 1 and (not isinstance(cfg, (SFTConfig, RMConfig)) or cfg.lora.rank > 0):
         raise UsageError(f"train.tensor_parallel={cfg.train.tensor_parallel}: only full SFT and RM train "
                          "tensor-parallel yet (`fusedrl generate --tensor-parallel T` generates; `fusedrl plan` "

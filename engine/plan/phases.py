@@ -10,7 +10,10 @@ non-fp32 parameters and the two AdamW moments, 12 bytes per bf16 parameter: engi
 created at the first step and kept), kv_pool (rollout.kv_cache_memory, capped by the engine at
 max_num_seqs full-length sequences, allocated once and kept), gathered (whole weights held on top
 of the shards: FSDP units during a forward, the whole policy while generating, the exported model),
-activations (per token budget: activations.py).
+activations (per token budget: activations.py; the scoring forwards' is rollout.tokens_per_forward).
+With train.optimizer_offload under torchrun a trained FSDP model's weight shards, gradients, fp32
+step copy and optimizer state rest in CPU memory (host_optimizer_bytes counts the state); only its
+gathered units and a unit's whole gradients before the reduce-scatter come onto the GPU.
 """
 from __future__ import annotations
 
@@ -57,6 +60,19 @@ class Setup:
         """Its parameters, gradients and optimizer state are 1/N per rank (full shard)."""
         return self.fsdp(part) and self.cfg.train.data_parallel == "shard"
 
+    def offloaded(self, part: Part) -> bool:
+        """Its shards rest in CPU memory (distributed.shard's CPUOffloadPolicy), as build_models
+        decides: with train.optimizer_offload a trained FSDP2 model (parameters, gradients,
+        optimizer state; adapters stay on the GPU), with train.frozen_offload the frozen ones."""
+        if not self.fsdp(part):
+            return False
+        if part.trained:
+            return self.offload_optimizer
+        # train.frozen_offload (PPO): the reference and the reward model (unless the LoRA critic's trunk).
+        frozen = part.role == "reference" or (part.role == "reward model" and
+                                              not any(p.role == "critic adapters" for p in self.parts))
+        return frozen and getattr(self.cfg.train, "frozen_offload", False)
+
 
 @dataclass
 class MemoryPlan:
@@ -98,8 +114,9 @@ def _params(s: Setup) -> list[tuple[torch.Tensor, Part]]:
     return s.once("params", compute)
 
 
-def _trained(s: Setup) -> list[tuple[torch.Tensor, bool]]:
-    """(parameter, split over the ranks) of everything an optimizer steps, each once."""
+def _trained(s: Setup, on_gpu: bool = True) -> list[tuple[torch.Tensor, bool]]:
+    """(parameter, split over the ranks) of everything an optimizer steps, each once: those whose
+    state rests on the GPU (on_gpu), else those offloaded to CPU memory."""
     def compute():
         owner = {id(p): part for p, part in _params(s)}
         seen, out = set(), []
@@ -107,9 +124,9 @@ def _trained(s: Setup) -> list[tuple[torch.Tensor, bool]]:
             for p in part.trained:
                 if id(p) not in seen:
                     seen.add(id(p))
-                    out.append((p, s.split(owner[id(p)])))
+                    out.append((p, s.split(owner[id(p)]), s.offloaded(owner[id(p)])))
         return out
-    return s.once("trained", compute)
+    return [(p, split) for p, split, offloaded in s.once("trained", compute) if offloaded != on_gpu]
 
 
 def _units(s: Setup, part: Part) -> tuple[list[int], int]:
@@ -117,7 +134,9 @@ def _units(s: Setup, part: Part) -> tuple[list[int], int]:
 
 
 def weight_bytes(s: Setup) -> int:
-    return sum(local_numel(p, s.ranks, s.split(part)) * p.element_size() for p, part in _params(s))
+    """Resident weights on the GPU: every model's local shard, but the offloaded ones."""
+    return sum(local_numel(p, s.ranks, s.split(part)) * p.element_size() for p, part in _params(s)
+               if not s.offloaded(part))
 
 
 def grad_bytes(s: Setup) -> int:
@@ -130,10 +149,11 @@ def step_buffer_bytes(s: Setup) -> int:
     return sum(4 * local_numel(p, s.ranks, split) for p, split in _trained(s))
 
 
-def optimizer_bytes(s: Setup) -> int:
-    """FusedAdamW state: fp32 master (non-fp32 parameters), exp_avg, exp_avg_sq, and a 0-dim fp32 step."""
+def optimizer_bytes(s: Setup, on_gpu: bool = True) -> int:
+    """FusedAdamW state: fp32 master (non-fp32 parameters), exp_avg, exp_avg_sq, and a 0-dim fp32
+    step; on the GPU, or (on_gpu False) in CPU memory."""
     total = 0
-    for p, split in _trained(s):
+    for p, split in _trained(s, on_gpu):
         n = local_numel(p, s.ranks, split)
         total += (4 * n if p.dtype != torch.float32 else 0) + 8 * n + 4
     return total
@@ -196,7 +216,7 @@ def _elem(s: Setup) -> int:
 
 def _resident(s: Setup) -> dict:
     """What every phase after load holds: the weights and (kept from the first step on) the optimizer."""
-    return {"weights": weight_bytes(s), "optimizer": 0 if s.offload_optimizer else optimizer_bytes(s)}
+    return {"weights": weight_bytes(s), "optimizer": optimizer_bytes(s)}
 
 
 def load_phase(s: Setup) -> dict:
@@ -222,7 +242,7 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part]) -> dict:
     backward = {**_resident(s), "grads": grads + unsharded_grads, "gathered": gathered,
                 "activations": sum(training_activations(p.config, elem, ckpt, tokens, lm_head=_has_lm_head(s, p))
                                    for p in trained_decoders)}
-    step = {**_resident(s), "grads": grads + (0 if s.offload_optimizer else step_buffer_bytes(s))}
+    step = {**_resident(s), "grads": grads + step_buffer_bytes(s)}
     return max(backward, step, key=lambda d: sum(d.values()))
 
 
@@ -263,26 +283,32 @@ def ppo_phases(s: Setup) -> dict:
     kv = kv_pool_bytes(s)
     policy = _policy(s)
     elem = _elem(s)
-    base = {**_resident(s), "kv_pool": kv}
+    # rollout.release_kv_pool frees the pool outside the rollout where no CUDA graph holds it: under
+    # torchrun (graphs off); one process on CUDA captures graphs and keeps it.
+    kv_after = 0 if r.release_kv_pool and s.ranks > 1 else kv
+    base = {**_resident(s), "kv_pool": kv_after}
 
     gathered = generation_gathered(s, policy)
     c = policy.config
     prefill = min(max(PREFILL_TOKENS, c.max_model_len), rows * r.max_prompt_length)
     sampler_logits = 2 * 4 * rows * c.vocab_size  # fp32 logits of a decode step and the sampler's work copy
-    rollout = {**base, "gathered": gathered,
+    rollout = {**base, "kv_pool": kv, "gathered": gathered,
                "activations": forward_activations(c, elem, prefill, lm_head=False) + sampler_logits}
+
+    # rollout.tokens_per_forward: each scoring forward holds at most that many of the rows' tokens.
+    scored = min(rows * longest, r.tokens_per_forward or rows * longest)
 
     def scoring_cost(part: Part) -> tuple[int, int]:
         whole = part is policy and r.exact and s.fsdp(part)  # the batch-invariant forward gathers it whole
         return (whole_bytes(part) if whole else forward_gathered(s, part),
-                forward_activations(part.config, elem, rows * longest, lm_head=_has_lm_head(s, part)))
+                forward_activations(part.config, elem, scored, lm_head=_has_lm_head(s, part)))
     decoders = [part for part in s.parts if part.config is not None]
     gathered_s, act_s = max((scoring_cost(part) for part in decoders), key=sum)
     scoring = {**base, "gathered": gathered_s, "activations": act_s}
 
     tokens = p.tokens_per_microbatch or (p.microbatch_size or p.minibatch_size) * longest
     critic = _critic_decoder(s)
-    update = {**update_phase(s, tokens, [policy] + ([critic] if critic else [])), "kv_pool": kv}
+    update = {**update_phase(s, tokens, [policy] + ([critic] if critic else [])), "kv_pool": kv_after}
     export = {**base, "gathered": export_gathered(s, [policy, *_role(s, "critic")])}
     if _role(s, "critic adapters"):  # LoRACritic.merged: a ValueModel on its trunk's own shards
         export["gathered"] = max(export["gathered"], export_gathered(s, [critic]))
@@ -303,4 +329,5 @@ def model_rows(s: Setup) -> list[dict]:
 
 
 def host_optimizer_bytes(s: Setup) -> int:
-    return optimizer_bytes(s) if s.offload_optimizer else 0
+    """The optimizer state in CPU memory (train.optimizer_offload), per rank."""
+    return optimizer_bytes(s, on_gpu=False)

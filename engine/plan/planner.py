@@ -43,7 +43,8 @@ def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda"
         parts = ppo_models(cfg, model_config(cfg.policy), rm, dtype, rules.lora_base_whole)
     else:
         parts = supervised_models(stage, cfg, model_config(cfg.model), dtype, rules.lora_base_whole)
-    return Setup(stage, cfg, parts, gpus, dtype, cfg.train.optimizer_offload, rules)
+    # One process is refused train.optimizer_offload (engine/plan/check.py): nothing is offloaded.
+    return Setup(stage, cfg, parts, gpus, dtype, cfg.train.optimizer_offload and gpus > 1, rules)
 
 
 def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, device: str = "cuda",
@@ -69,7 +70,7 @@ def with_overrides(cfg, overrides: list[str]):
 def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
     """(what it is, overrides, GPUs) of each change the advice tries."""
     out = []
-    if not cfg.train.optimizer_offload:
+    if not cfg.train.optimizer_offload and gpus > 1:
         out.append(("offload the optimizer state to CPU memory", ["train.optimizer_offload=true"], gpus))
     if not cfg.train.gradient_checkpointing:
         out.append(("recompute activations in backward", ["train.gradient_checkpointing=true"], gpus))

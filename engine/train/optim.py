@@ -70,8 +70,12 @@ def clip_and_step(optimizers: list[FusedAdamW], max_grad_norm: float, loss: Opti
     # A sum is finite iff its terms are (short of an overflow, which should skip too), and x * 0 is 0
     # for a finite x and NaN otherwise: found_inf (1.0 skips, fp32 as the fused kernel reads it) in
     # three kernels (isfinite is four by itself).
-    checked = functools.reduce(torch.add, norms if loss is None else [*norms, loss])
-    found_inf = torch.empty((), dtype=torch.float32, device=checked.device)
+    # With train.optimizer_offload the norms are on the CPU (FSDP2 offloads the gradients) and the
+    # loss on the GPU: the decision is taken on the first norm's device, one copy of each other term
+    # (a host read only then, and the CPU step waits for the offloaded gradients anyway).
+    device = norms[0].device
+    checked = functools.reduce(torch.add, [t.to(device) for t in (norms if loss is None else [*norms, loss])])
+    found_inf = torch.empty((), dtype=torch.float32, device=device)
     torch.mul(checked, 0.0, out=found_inf).nan_to_num_(nan=1.0)
     for optimizer, g in zip(optimizers, grads):
         # The clip divisor max(norm / max_grad_norm, 1), applied in fp32 by the fused AdamW kernel.
@@ -79,7 +83,7 @@ def clip_and_step(optimizers: list[FusedAdamW], max_grad_norm: float, loss: Opti
         if max_grad_norm > 0:
             scale = torch.empty((), dtype=torch.float32, device=g.norm.device)
             torch.div(g.norm, max_grad_norm, out=scale).clamp_(min=1.0)
-        optimizer.step(gradients=g, grad_scale=scale, found_inf=found_inf)
+        optimizer.step(gradients=g, grad_scale=scale, found_inf=found_inf.to(g.norm.device))
     return norms
 
 

@@ -156,14 +156,26 @@ def read_metrics(run_dir) -> list[dict]:
     return rows
 
 
+def read_tensors(tensors: list) -> list[float]:
+    """0-dim tensors -> their values as floats (float64), one host sync per device they are on:
+    one, unless train.optimizer_offload put the gradient norms on the CPU beside GPU stats."""
+    by_device: dict = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out = [0.0] * len(tensors)
+    for index in by_device.values():
+        for i, value in zip(index, torch.stack([tensors[i].detach().double().reshape(()) for i in index]).tolist()):
+            out[i] = value
+    return out
+
+
 def host_values(values: dict) -> dict:
     """{name: 0-dim tensor or Python number} -> {name: float or the number}: one host sync for all
-    the tensors (a step's stats stay on the device until then)."""
+    the tensors (a step's stats stay on the device until then; read_tensors)."""
     names = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
     if not names:
         return dict(values)
-    host = torch.stack([values[k].detach().double().reshape(()) for k in names]).tolist()
-    return {**values, **dict(zip(names, host))}
+    return {**values, **dict(zip(names, read_tensors([values[k] for k in names])))}
 
 
 def peak_memory_mb(device: torch.device) -> float:

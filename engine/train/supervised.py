@@ -35,6 +35,7 @@ from ..tensor_parallel import shard_tensor_parallel
 from . import adapters, optim
 from .checkpoint import SavedModel, Trainables
 from .loop import RunPlan, run_training
+from . import runlog
 from .runlog import peak_memory_mb
 
 
@@ -123,12 +124,12 @@ def add_stats(total: dict, stats: dict) -> dict:
 
 
 def read_on_host(values: list) -> list:
-    """0-dim tensors (on one device) and Python numbers -> Python numbers, the tensors read with one
+    """0-dim tensors and Python numbers -> Python numbers, the tensors read with one (per device)
     host sync: a floating tensor as a float, an integer one as an int."""
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     if not tensors:
         return list(values)
-    host = iter(torch.stack([v.double() for v in tensors]).tolist())
+    host = iter(runlog.read_tensors(tensors))
     return [(next(host) if v.is_floating_point() else int(next(host))) if isinstance(v, torch.Tensor) else v
             for v in values]
 
@@ -155,12 +156,11 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
         (loss * distributed.world_size()).backward()
         step_loss = step_loss + loss.detach()
         add_stats(stats, batch_stats)
-    # Under FSDP each forward and backward is a collective, and a token budget can cut the ranks'
-    # examples into different numbers of forwards: a rank with fewer repeats its smallest one with
-    # its loss times 0 (the gradient and the stats unchanged) until it ran as many as the others.
+    # A token budget can cut the ranks' examples into different numbers of forwards: a rank with
+    # fewer repeats its smallest one with its loss times 0 (the gradient and the stats unchanged).
     spare = min(batches, key=lambda b: len(b.input_ids))
-    for _ in range((forwards or len(batches)) - len(batches)):
-        (stage.loss(model, to_device(spare, device), step_counts)[0] * 0.0).backward()
+    distributed.match_forwards(len(batches), forwards or len(batches),
+                               lambda: (stage.loss(model, to_device(spare, device), step_counts)[0] * 0.0).backward())
     step_loss = distributed.all_reduce_tensor(step_loss)  # every rank decides on the same losses
     if getattr(model, "tensor_parallel", None) is not None:
         model.tensor_parallel.average_over_data(model)
@@ -208,7 +208,8 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
         if getattr(model, "tensor_parallel", None) is None:  # else laid out at load (training_sharder)
             shard_tensor_parallel(model, tensor_parallel)
     else:
-        distributed.shard(model, cfg.train.data_parallel, keep=list(lora.heads.values()) if lora is not None else [])
+        distributed.shard(model, cfg.train.data_parallel, keep=list(lora.heads.values()) if lora is not None else [],
+                          offload=cfg.train.optimizer_offload and lora is None)
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     steps = total_steps(train_ex, cfg)

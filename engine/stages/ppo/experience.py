@@ -20,6 +20,7 @@ from ... import distributed
 from ...config.ppo import PPOConfig
 from ...train import runlog
 from ....kernels import GROUP_ESTIMATORS, explained_variance, kl_penalty, masked_mean, masked_moments
+from .chunks import forward_in_pieces
 from .core import RunningMoments, advantages_and_returns, finite_rows, group_token_advantages, shape_rewards
 from .forwards import policy_forward, reference_logprobs
 from .models import PPOModels
@@ -40,12 +41,13 @@ class ExperienceSettings:
     gamma: float                    # ppo.gamma
     lam: float                      # ppo.lam
     whiten_advantages: bool         # ppo.whiten_advantages (critic estimators)
+    tokens_per_forward: Optional[int] = None  # rollout.tokens_per_forward: the scoring forwards' budget
 
     @classmethod
     def of(cls, cfg: PPOConfig) -> "ExperienceSettings":
         r, w, p = cfg.rollout, cfg.reward, cfg.ppo
         return cls(r.temperature, r.exact, w.kl_estimator, w.normalize, w.clip, p.estimator, p.gamma, p.lam,
-                   p.whiten_advantages)
+                   p.whiten_advantages, r.tokens_per_forward)
 
 
 @dataclass
@@ -88,10 +90,12 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     mask = packed.grid_mask()                                                  # [R, T]
     scores = samples.scores
     with timer.phase("reference"):
-        ref_logp = reference_logprobs(models, packed, s.temperature)
+        ref_logp = forward_in_pieces(packed, s.tokens_per_forward,
+                                     lambda piece: reference_logprobs(models, piece, s.temperature))
     with timer.phase("old"), torch.no_grad():
-        old_logp, entropy, old_values = policy_forward(models, packed, s.temperature, with_entropy=True,
-                                                       exact=s.exact)
+        old_logp, entropy, old_values = forward_in_pieces(
+            packed, s.tokens_per_forward,
+            lambda piece: policy_forward(models, piece, s.temperature, with_entropy=True, exact=s.exact))
     kl = kl_penalty(old_logp, ref_logp, estimator=s.kl_estimator, mask=mask)
     ranks = distributed.data_parallel_sum()
     shaped = (distributed.own_rows(moments.normalize(distributed.gather_rows(scores))) if s.normalize_scores

@@ -46,10 +46,11 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
-    device = next(models.policy.parameters()).device
+    device = models.actor.llm.device  # where the policy runs (its resting shards may be in CPU memory)
     packed = pack_rollout(prompt_ids, responses, device)
     with timer.phase("score"), torch.no_grad():
-        scores = score_rows(models.score, prompt_ids, responses, packed).float().to(device)    # [R]
+        scores = score_rows(models.score, prompt_ids, responses, packed,
+                            r.tokens_per_forward).float().to(device)    # [R]
     lengths = torch.tensor([len(x) for x in responses], device=scores.device)
     scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
     return Samples(prompt_ids, responses, packed, packed.to_grid(sampler_logprobs.to(device)), scores,

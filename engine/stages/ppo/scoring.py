@@ -9,6 +9,7 @@ import torch
 
 from ...data.packing import PackedBatch, pack_sequences
 from ..reward_fn import call_reward_fn
+from .chunks import forward_in_pieces
 
 # (prompts, responses) token ids -> scores [R]. A scorer that can read the rollout's pack instead
 # (a reward model) also has `score_packed(packed) -> [R]`.
@@ -40,10 +41,13 @@ def reward_model_scorer(rm, critic_lora=None) -> RewardModelScorer:
 
 
 def score_rows(score: Scorer, prompts: list[list[int]], responses: list[list[int]],
-               packed: PackedBatch) -> torch.Tensor:
-    """Scores [R] of the rollout's rows, from its pack when the scorer reads one."""
+               packed: PackedBatch, tokens_per_forward: int | None = None) -> torch.Tensor:
+    """Scores [R] of the rollout's rows, from its pack when the scorer reads one (in forwards of at
+    most `tokens_per_forward` tokens: chunks.py)."""
     score_packed = getattr(score, "score_packed", None)
-    return score_packed(packed) if score_packed is not None else score(prompts, responses)
+    if score_packed is None:
+        return score(prompts, responses)
+    return forward_in_pieces(packed, tokens_per_forward, score_packed)
 
 
 def function_scorer(fn: Callable, tokenizer, name: str, timeout_s: float) -> Scorer:

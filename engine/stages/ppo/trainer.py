@@ -127,18 +127,26 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     critic_lora.rank > 0 the critic is adapters on the reward model's frozen decoder (build_critic).
     Under torchrun each model is sharded on the meta device and each rank reads only its shards
     (hf_io.load_model); a LoRA-adapted base too, its adapters and heads whole on every rank."""
-    sharder = distributed.sharder(cfg.train.data_parallel, device)
-    policy = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder)
+    mode, lora_run = cfg.train.data_parallel, cfg.lora.enabled
+    sharder = distributed.sharder(mode, device)
+    # train.optimizer_offload: the fully trained models' shards (and so their optimizer state) rest in
+    # CPU memory; train.frozen_offload: the reference's and the reward model's (unless it is the
+    # critic_lora trunk, trained through). A LoRA base has no optimizer state to offload.
+    trained = distributed.sharder(mode, device, offload=cfg.train.optimizer_offload)
+    frozen = distributed.sharder(mode, device, offload=cfg.train.frozen_offload)
+    policy = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder if lora_run else trained)
     policy.gradient_checkpointing = cfg.train.gradient_checkpointing
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
-                                             shard=sharder).eval().requires_grad_(False)
+                                             shard=frozen).eval().requires_grad_(False)
     rm = None
     if cfg.reward_model:
-        rm = load_reward_model(cfg.reward_model, dtype=dtype, device=device, shard=sharder).eval().requires_grad_(False)
+        rm_is_trunk = cfg.critic == "separate" and cfg.critic_lora.enabled
+        rm = load_reward_model(cfg.reward_model, dtype=dtype, device=device,
+                               shard=sharder if rm_is_trunk else frozen).eval().requires_grad_(False)
     critic = value_head = None  # critic="none": a group estimator needs no values
     if cfg.critic == "separate":
-        critic = build_critic(cfg, rm, device, dtype, sharder)
+        critic = build_critic(cfg, rm, device, dtype, sharder if cfg.critic_lora.enabled else trained)
     elif cfg.critic == "shared":
         value_head = shared_value_head(policy)
         if not lora:  # beside adapters it is a replicated head, its gradients averaged
@@ -149,7 +157,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         fn = resolve_reward_fn(cfg, reward_fn)
         score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"),
                                 cfg.reward.fn_timeout_s)
-    actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory,
+    actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory, device=device,
+                        release_kv_pool=cfg.rollout.release_kv_pool,
                         block_size=cfg.rollout.block_size,
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
                         batch_invariant=cfg.rollout.exact)
@@ -229,11 +238,6 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     reward_fn: a Python scorer fn(prompt_texts, response_texts) -> floats, instead of cfg.reward_fn.
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
     """
-    if cfg.ppo.tokens_per_microbatch is not None and distributed.world_size() > 1:
-        # Each rank cuts its own rollout: the ranks could run different numbers of forwards, and
-        # every forward and backward of a sharded or replicated model is a collective.
-        raise UsageError(f"ppo.tokens_per_microbatch={cfg.ppo.tokens_per_microbatch} under torchrun "
-                         f"({distributed.world_size()} ranks) is not supported yet: use ppo.microbatch_size")
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
                     kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg)
     device, tokenizer = run.device, run.tokenizer

@@ -74,7 +74,9 @@ class Optimizers:
         """Clip each model's gradients by its own norm and step all, unless a norm or `loss` is not
         finite (decided on the device, see optim.clip_and_step). Returns the norms before clipping
         ([models] fp32, policy first): a non-finite one means the update was skipped."""
-        return torch.stack(optim.clip_and_step(self.all(), self.max_grad_norm, loss))
+        norms = optim.clip_and_step(self.all(), self.max_grad_norm, loss)
+        # On one device (the policy's adapters on the GPU, an offloaded critic's norm on the CPU).
+        return torch.stack([n.to(norms[0].device) for n in norms])
 
 
 def aggregation_units(mask: torch.Tensor, agg: str) -> Optional[torch.Tensor]:
@@ -102,7 +104,8 @@ def microbatch_rows(seqlens: list[int], rows_per_microbatch: Optional[int],
 def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
                        ptx_loss: Optional[Callable]) -> dict:
     """Forward and backward of one minibatch, in micro-batches of ppo.microbatch_size rows or
-    of ppo.tokens_per_microbatch tokens (see microbatch_rows).
+    of ppo.tokens_per_microbatch tokens (see microbatch_rows); under torchrun every rank runs as
+    many as the rank with most (distributed.match_forwards).
 
     Each micro-batch's loss is weighted by its share of the minibatch's aggregation units (see
     aggregation_units; for the policy loss, of the tokens the masked IS correction keeps; valid
@@ -120,6 +123,7 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
              "token": batch.mask.sum(-1)}
     totals_of = {kind: _global_total(u) for kind, u in units.items()}
     micros = microbatch_rows(batch.packed.seqlens, p.microbatch_size, p.tokens_per_microbatch)
+    most = distributed.max_over_ranks(len(micros))  # agreed before the forwards (their collectives)
     totals: dict = {}
     total_loss = torch.zeros((), device=batch.mask.device)
     for rows in micros:
@@ -138,6 +142,14 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
             kind = "value" if name.startswith(("value", "vf_")) else "policy"
             mean_of = kind if (units["policy"] is not None or name.endswith("_loss")) else "token"
             totals[name] = totals.get(name, 0.0) + weights[mean_of] * value
+    # Ranks cutting their rows by tokens may run different numbers of forwards, each a collective
+    # under FSDP: the ranks with fewer repeat their smallest micro-batch with its loss times 0.
+    seqlens = batch.packed.seqlens
+
+    def spare():
+        rows = min(micros, key=lambda rows: sum(seqlens[r] for r in rows))
+        (minibatch_loss(models, batch.rows(rows) if len(micros) > 1 else batch, s)[0] * 0.0).backward()
+    spares = distributed.match_forwards(len(micros), most, spare)
     ptx = None
     if ptx_loss is not None:
         ptx = ptx_loss()
@@ -145,6 +157,8 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
         total_loss = total_loss + ptx.detach()
     totals["loss"] = total_loss
     if distributed.world_size() > 1:
+        # The forwards run only to keep the ranks in step (a fill on the device: no host copy).
+        totals["spare_forwards"] = torch.full((), float(spares), device=total_loss.device)
         # Sums of the ranks' weighted shares: the global minibatch's stats, in one all-reduce.
         names = list(totals)
         totals = dict(zip(names, distributed.all_reduce_tensor(torch.stack([totals[k] for k in names]))))

@@ -1,5 +1,5 @@
 """`fusedrl plan` as a user runs it (one-line errors, the table), and the start-up check every
-stage runs: train.optimizer_offload refused, an unfit plan refused in one line (on CUDA only)."""
+stage runs: train.optimizer_offload refused in one process, an unfit plan refused in one line (on CUDA only)."""
 import pytest
 import torch
 
@@ -44,12 +44,13 @@ def test_the_table_names_every_phase_and_the_verdict(qwen2_dir, capsys):
     assert "does NOT fit" in out and "no change tried fits" in out
 
 
-def test_optimizer_offload_is_refused_by_training_before_any_model_loads(qwen2_dir, tmp_path, capsys):
+def test_optimizer_offload_in_one_process_is_refused_before_any_model_loads(qwen2_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", demonstrations(4))
     code, err = cli_error(["sft", f"model={qwen2_dir}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}",
                            "train.optimizer_offload=true"], capsys)
-    assert (code, err) == (2, "fusedrl sft: train.optimizer_offload=true: not implemented yet in training "
-                              "(`fusedrl plan` accounts for it)\n")
+    assert (code, err) == (2, "fusedrl sft: train.optimizer_offload=true offloads FSDP2's sharded parameters, "
+                              "gradients and optimizer state: run under torchrun (one process keeps them on its "
+                              "device)\n")
 
 
 def test_an_unfit_run_is_refused_in_one_line_on_cuda_only(qwen2_dir, tmp_path):

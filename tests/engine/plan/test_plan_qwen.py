@@ -15,7 +15,7 @@ from fusedrl.engine.cli import STAGES
 from fusedrl.engine.plan.command import plan_config
 from fusedrl.engine.plan.phases import model_rows
 from fusedrl.engine.plan.planner import plan_stage, stage_setup
-from fusedrl.engine.plan.rules import TODAY
+from fusedrl.engine.plan.rules import TODAY, EngineRules
 
 GB = 10**9
 NODE = dict(gpus=8, gpu_memory=80 * GB)
@@ -107,3 +107,46 @@ def test_the_command_prints_one_json_object(qwen):
         assert set(phase) == {"weights", "grads", "optimizer", "kv_pool", "gathered", "activations", "total"}
         assert phase["total"] == sum(v for k, v in phase.items() if k != "total")
     assert report["peak_bytes"] == max(p["total"] for p in report["phases"].values())
+
+
+def test_14b_ppo_fits_with_the_optimizer_offloaded_once_load_and_export_are_sharded(qwen):
+    """The issue's bar against the rules the `load` branch brings (sharded load, streamed export,
+    sharded LoRA base): 14B PPO does not fit as is and fits with train.optimizer_offload, which
+    moves the trained models' shards, gradients and optimizer state to CPU memory (FSDP2's
+    CPUOffloadPolicy, as distributed.shard applies it); the frozen reference and reward model stay."""
+    sharded = EngineRules(load_whole=False, export_gathers_model=False, lora_base_whole=False)
+    as_is = plan("ppo", qwen["14B"], CKPT, rules=sharded)
+    offloaded = plan("ppo", qwen["14B"], CKPT, "train.optimizer_offload=true", rules=sharded)
+    assert not as_is.fits and offloaded.fits
+    for phase in ("rollout", "scoring", "update"):
+        assert offloaded.phases[phase]["optimizer"] == 0
+        assert offloaded.phases[phase]["weights"] < as_is.phases[phase]["weights"]   # trained shards in CPU memory
+    assert offloaded.host_optimizer_bytes == as_is.phases["update"]["optimizer"] > 0
+    # train.frozen_offload: the reference's and the reward model's bf16 shards (2 x 14.77B x 2 / 8 bytes) leave too.
+    frozen = plan("ppo", qwen["14B"], CKPT, "train.optimizer_offload=true", "train.frozen_offload=true", rules=sharded)
+    assert offloaded.phases["rollout"]["weights"] - frozen.phases["rollout"]["weights"] == \
+        pytest.approx(2 * 14.77e9 * 2 / 8, rel=0.01)
+    # One process offloads nothing (training refuses the option there): the plan says the same.
+    one = plan_stage(config("ppo", qwen["14B"], CKPT, "train.optimizer_offload=true"), 1, 80 * GB)
+    assert one.host_optimizer_bytes == 0
+
+
+def test_the_scoring_forwards_hold_one_token_budget(qwen):
+    """rollout.tokens_per_forward bounds the scoring phase's activations (16 x 4 rows of 320 tokens here)."""
+    rows = "rollout.prompts_per_iteration=16", "rollout.samples_per_prompt=4"
+    whole = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=null").phases["scoring"]["activations"]
+    cut = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=2048").phases["scoring"]["activations"]
+    held = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=20480").phases["scoring"]["activations"]
+    # The rows' 20480 tokens in one forward; a tenth of them (plus the LM head's chunk).
+    assert held == whole and cut < whole / 3
+
+
+def test_a_released_kv_pool_is_counted_in_the_rollout_only_where_graphs_allow(qwen):
+    kept = plan("grpo", qwen["7B"], CKPT, "rollout.kv_cache_memory=8000000000")
+    released = plan("grpo", qwen["7B"], CKPT, "rollout.kv_cache_memory=8000000000", "rollout.release_kv_pool=true")
+    assert released.phases["rollout"]["kv_pool"] == kept.phases["rollout"]["kv_pool"] > 0
+    for phase in ("scoring", "update", "export"):
+        assert released.phases[phase]["kv_pool"] == 0 < kept.phases[phase]["kv_pool"]
+    # One process on CUDA captures decode graphs, which hold the pool: it stays.
+    one = plan_stage(config("grpo", qwen["7B"], CKPT, "rollout.release_kv_pool=true"), 1, 80 * GB)
+    assert one.phases["update"]["kv_pool"] == one.phases["rollout"]["kv_pool"] > 0

@@ -115,6 +115,27 @@ def test_hybrid_actor_generates_from_the_trained_weights(setup):
     assert models.actor.kv_pool_bytes == pool                            # the pool stayed as budgeted
 
 
+def test_a_released_kv_pool_comes_back_for_the_next_rollout(setup):
+    """rollout.release_kv_pool (no CUDA graph on the CPU): the pool is freed after each rollout and
+    allocated again by the next, which samples what a kept pool samples, bit for bit."""
+    from fusedrl.engine.inference.sampling_params import SamplingParams
+    root, policy_dir, prompts = setup
+    cfg = config(root, policy_dir, prompts, "release",
+                 rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
+                                       kv_cache_memory=1 << 22, release_kv_pool=True))
+    from transformers import AutoTokenizer
+    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
+    actor, params = models.actor, SamplingParams(n=3, max_new_tokens=6, seed=5)
+    pool = actor.kv_pool_bytes
+    runs = [actor.generate(random_prompts([4, 6]), params) for _ in range(2)]
+    assert actor.llm.runner.kv_pool is None and actor.kv_pool_bytes == pool      # freed, budget unchanged
+    actor.release_kv_pool = False
+    runs.append(actor.generate(random_prompts([4, 6]), params))
+    assert actor.llm.runner.kv_pool is not None
+    for prompts_, responses, logprobs in runs[1:]:
+        assert (prompts_, responses) == runs[0][:2] and torch.equal(logprobs, runs[0][2])
+
+
 def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     """After one update, tokens with positive advantage gained log-probability and the rest lost it."""
     root, policy_dir, prompts = setup
@@ -193,18 +214,6 @@ def test_microbatch_rows_by_rows_and_by_token_budget():
         UpdateConfig(microbatch_size=2, tokens_per_microbatch=64)
     with pytest.raises(ValueError, match="tokens_per_microbatch must be >= 1"):
         UpdateConfig(tokens_per_microbatch=0)
-
-
-def test_a_token_budget_under_torchrun_is_refused_before_anything_loads(setup, monkeypatch):
-    """Ranks cutting their own rollouts by tokens could run different numbers of forwards, each a
-    collective under data parallelism: refused as a usage error, before any model loads."""
-    from fusedrl.engine.errors import UsageError
-    from fusedrl.engine import distributed
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    cfg = config(*setup, "budget_dp", ppo=UpdateConfig(epochs=2, minibatch_size=4, tokens_per_microbatch=512))
-    with pytest.raises(UsageError, match=r"ppo.tokens_per_microbatch=512 under torchrun \(2 ranks\)"):
-        run_ppo(cfg)
-    assert not (setup[0] / "budget_dp").exists()
 
 
 def dict_optim(**kw):

@@ -89,6 +89,32 @@ def test_each_rank_rolls_out_what_one_process_does(runs):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
+def test_token_budgets_and_offload_under_torchrun_end_with_one_process_s_weights(runs):
+    """Two ranks cutting their rows by tokens (the update's micro-batches and the scoring forwards)
+    run different numbers of forwards, evened out with spare ones, and end with the weights of one
+    process that runs each minibatch at once, with train.optimizer_offload and train.frozen_offload on. Rows are 3 or 4 prompt tokens ("hello world") + 6:
+    a budget of 18 holds two short rows but not a long one with another, so the rank without
+    "hello world" needs fewer forwards."""
+    from fusedrl.engine.train.runlog import read_metrics
+
+    cfg = ppo_config(runs, "budget", 2)
+    cfg.rollout = RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6, max_prompt_length=12,
+                                kv_cache_memory=1 << 22, tokens_per_forward=18)
+    cfg.ppo = UpdateConfig(epochs=2, minibatch_size=6, tokens_per_microbatch=18)
+    # And the trained models' state and the reference offloaded (FSDP2's CPUOffloadPolicy: the
+    # optimizer steps there).
+    cfg.train = LoopConfig(iterations=2, progress=False, device="cpu", optimizer_offload=True, frozen_offload=True)
+    (runs / "rec-budget").mkdir()
+    check(torchrun("ppo", cfg, runs, env={"RECORD_DIR": str(runs / "rec-budget")}, timeout=HANG))
+    assert records(runs / "rec-budget", 0) + records(runs / "rec-budget", 1) == \
+        records(runs / "rec-two", 0) + records(runs / "rec-two", 1)                # the same rollouts
+    train = [r for r in read_metrics(runs / "budget") if r["kind"] == "train"]
+    assert sum(r["spare_forwards"] for r in train) > 0                              # the ranks did differ
+    a, b = load_file(runs / "one" / "final" / "model.safetensors"), load_file(runs / "budget" / "final" / "model.safetensors")
+    worst = max((float((a[name] - b[name]).abs().max() / a[name].abs().max().clamp_min(1e-12)), name) for name in a)
+    assert worst[0] <= 1e-4, f"max |diff| / max |w| of {worst[1]} is {worst[0]:.3g}"
+
+
 def test_killed_rank_brings_the_job_down_and_the_rerun_resumes_exactly(runs, tmp_path):
     (tmp_path / "rec").mkdir()
     cfg = ppo_config(runs, "killed", 2, save_every=1)
