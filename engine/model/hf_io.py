@@ -28,6 +28,7 @@ from ..run_dir import write_marker
 from ..path_checks import CONFIG_FILE
 from .config import ModelConfig
 from .causal_lm import CausalLM, PackedProjection
+from .moe_io import packed_tensors, per_expert_tensors
 
 try:  # what transformers' validated configs raise for a bad config.json value (newer huggingface_hub)
     from huggingface_hub.errors import StrictDataclassError as _ConfigValidationError
@@ -103,23 +104,24 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> Cau
     model.to_empty(device=device)
     model.tie_weights()
     expected = hf_tensors(model)
+    packed = packed_tensors(model)  # MoE experts stored packed: one tensor stands for many names
     seen = set()
     for path, names in _weight_files(model_dir).items():
         with _open_weights(path) as f:
             for name in names:
                 if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
                     continue
-                if name not in expected:
+                if name not in expected and name not in packed:
                     raise ModelError(f"unexpected tensor {name!r} in {path.name}: not a parameter of a "
                                      f"{config.model_type} decoder with this config")
                 tensor = _read_tensor(f, name, path)
-                param = expected[name]
+                param = expected[name] if name in expected else packed[name][0]
                 if tensor.shape != param.shape:
                     raise ModelError(f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)}, "
                                      f"expected {tuple(param.shape)}")
                 with torch.no_grad():
                     param.copy_(tensor)
-                seen.add(name)
+                seen.update(packed[name][1] if name in packed else (name,))
     missing = sorted(set(expected) - seen)
     if missing:
         raise ModelError(f"missing tensor {missing[0]!r} in {model_dir}"
@@ -130,7 +132,8 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM) -> Cau
 def hf_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
     """Hugging Face tensor name -> the parameter it names, or for the parts of a packed projection
     (q/k/v, gate/up) the row block of the packed weight or bias (a view: copying into it loads the
-    part). The tied LM head appears once, as the embedding."""
+    part; MoE experts by their per-expert names, moe_io.py). The tied LM head appears once, as the
+    embedding."""
     packed = {name: module for name, module in model.named_modules() if isinstance(module, PackedProjection)}
     tensors = {}
     for name, param in model.named_parameters():
@@ -142,7 +145,7 @@ def hf_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
         for part, size in packed[owner].parts:
             tensors[f"{parent}.{part}.{leaf}"] = param[start:start + size]
             start += size
-    return tensors
+    return per_expert_tensors(model, tensors)
 
 
 def _open_weights(path: Path):
