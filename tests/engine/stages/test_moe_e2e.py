@@ -36,9 +36,11 @@ def test_generate_is_transformers_greedy_and_sft_exports_for_transformers(arch, 
     config.write_text(yaml.safe_dump({"model": str(base), "output_dir": str(tmp_path / "run"), "data": {
         "train_file": str(write_jsonl(tmp_path / "train.jsonl", demonstrations(16))), "max_length": 48,
         "max_prompt_length": 24, "tokens_per_batch": 96}}))
-    assert main(["sft", "--config", str(config), "optim.lr=3e-3", "train.max_steps=6", "train.progress=false"]) == 0
+    assert main(["sft", "--config", str(config), "optim.lr=3e-3", "train.max_steps=6", "train.progress=false",
+                 "moe.router_aux_loss_coef=0.01", "moe.router_z_loss_coef=0.001"]) == 0
     train = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
     assert train[-1]["loss"] < 0.7 * train[0]["loss"]
+    assert 0 < train[0]["router_aux_loss"] < 8  # top_k = 2 at an even load, at most E * top_k
     final = tmp_path / "run" / "final"
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
     ours = load_model(final, dtype="float32")
