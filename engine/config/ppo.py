@@ -38,6 +38,9 @@ class RolloutConfig:
     exact: bool = option("exact on-policy: generation and the old-log-prob forward run batch-invariant "
                          "fixed-order ops, so the sampler's log-probs equal the training forward's bit for "
                          "bit (logprob_mismatch is 0, the IS correction a no-op); slower generation", False)
+    routing_replay: bool = option("MoE policies: keep the sampler's expert choices of every token and route the "
+                                  "old-log-prob and update forwards by them (Megatron's moe_enable_routing_replay), "
+                                  "so sampler and trainer agree on the experts; no effect on dense models", True)
     dynamic_sampling: bool = option("DAPO dynamic sampling: drop prompt groups whose scores are all equal and "
                                     "sample more prompts until prompts_per_iteration groups are kept", False)
     max_sampling_rounds: int = option("dynamic sampling: at most this many generate rounds per iteration", 4)

@@ -27,11 +27,17 @@ from .sampling_params import SamplingParams
 
 class HybridActor:
     def __init__(self, policy: CausalLM, tokenizer=None, *, kv_cache_memory: int, block_size: int = 16,
-                 max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False):
+                 max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False,
+                 record_routing: bool = False):
+        """record_routing: keep an MoE policy's expert choices of every rollout token (`last_routing`)."""
         self.policy = policy
         self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
                        max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and distributed.world_size() == 1,
-                       batch_invariant=batch_invariant)
+                       batch_invariant=batch_invariant, record_routing=record_routing)
+        self.record_routing = record_routing
+        # The last generate's routing records [sum of prompt + response lengths, sparse layers, k],
+        # rows as pack_rollout packs them (None without record_routing).
+        self.last_routing = None
 
     @property
     def batch_invariant(self) -> BatchInvariant | None:
@@ -57,5 +63,7 @@ class HybridActor:
             outputs = self.llm.generate(prompts, params, decode_text=False)  # PPO reads token ids only
         completions = [(out.prompt_token_ids, c) for out in outputs for c in out.outputs]
         slots = [slot for _, c in completions for slot in c.logprob_slots]
+        if self.record_routing:
+            self.last_routing = self.llm.device_routing([row for _, c in completions for row in c.routing_rows])
         return ([p for p, _ in completions], [c.token_ids for _, c in completions],
                 self.llm.device_logprobs(slots))

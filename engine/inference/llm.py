@@ -37,6 +37,7 @@ class Completion:
     finish_reason: str
     text: str | None = None
     logprob_slots: list[int] = field(default_factory=list)
+    routing_rows: list[int] = field(default_factory=list)  # record_routing: see LLM.device_routing
 
 
 @dataclass
@@ -70,13 +71,16 @@ class LLM:
     fuse_decode_gemms: where the Triton kernels run, a decode step's RMSNorms and SiLU * up ride in
     the q/k/v and gate/up GEMMs (kernels/norm_linear.py: 5 kernels a layer); False keeps torch's
     GEMM after each norm (7), for side-by-side measurement against cuBLAS.
+    record_routing: an MoE model's expert choices for every token are kept (routing_record.py) and
+    read back with `device_routing` (routing replay).
     `self.device` is the model's device: tensors handed to `self.model` go there.
     """
 
     def __init__(self, model_dir, dtype="auto", kv_cache_memory: int | float | None = None,
                  block_size: int = 16, device=None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 16384, use_cuda_graphs: bool = True, tokenizer=None,
-                 batch_invariant: bool | BatchInvariant = False, fuse_decode_gemms: bool = True):
+                 batch_invariant: bool | BatchInvariant = False, fuse_decode_gemms: bool = True,
+                 record_routing: bool = False):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be an int >= 1")
         if isinstance(batch_invariant, BatchInvariant):
@@ -111,7 +115,7 @@ class LLM:
                                    max(max_num_batched_tokens, self.config.max_model_len),
                                    self.config.max_model_len, self.config.eos_token_ids)
         self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs,
-                                  self.batch_invariant, fuse_decode_gemms)
+                                  self.batch_invariant, fuse_decode_gemms, record_routing)
         self._next_seq_id = 0
         self._rng = random.Random()
 
@@ -146,6 +150,14 @@ class LLM:
             raise ValueError(f"slots must be in [0, {self.runner.logprobs_kept}) (the last generate's "
                              f"sampled tokens), got {min(slots)}..{max(slots)}")
         return self.runner.gather_logprobs(slots)
+
+    def device_routing(self, rows: list[int]) -> torch.Tensor:
+        """With record_routing: the last generate's routing records at these Completion.routing_rows
+        (one per prompt + completion token), [len(rows), sparse layers, k] int16 on `self.device`,
+        -1 where a token has none: the experts an MoE model chose for each token."""
+        if self.runner.routing is None:
+            raise ValueError("device_routing: this LLM was made without record_routing=True")
+        return self.runner.routing.gather(rows)
 
     def _tokenize(self, prompt, index: int) -> list[int]:
         if isinstance(prompt, str):
@@ -190,6 +202,8 @@ class LLM:
             from tqdm.auto import tqdm
             progress = tqdm(total=num_seqs, desc="generate", unit="seq")
         self.runner.logprobs_kept = 0
+        if self.runner.routing is not None:
+            self.runner.routing.reset()
         try:
             while not self.scheduler.is_finished():
                 batch, is_prefill = self.scheduler.schedule()
@@ -219,7 +233,8 @@ class LLM:
     def _completion(self, seq: Sequence, decode_text: bool) -> Completion:
         ids = seq.completion_token_ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer and decode_text else None
-        return Completion(ids, seq.logprobs, seq.finish_reason, text, seq.logprob_slots)
+        rows = seq.routing_rows + [-1] * (seq.num_tokens - len(seq.routing_rows))  # the last token: never forwarded
+        return Completion(ids, seq.logprobs, seq.finish_reason, text, seq.logprob_slots, rows)
 
 
 def _is_single_prompt(prompts) -> bool:

@@ -51,9 +51,12 @@ class RoutingTrace:
     """What the MoE blocks of a model saw under `routing_trace`, by layer index: `chosen` [N, k]
     int64 experts of each token, `logits` [N, E] the router's logits (differentiable, for the
     auxiliary losses). `replay`: layer -> [N, k] experts to use instead of the router's top-k,
-    -1 where a token has none recorded (it routes itself)."""
+    -1 where a token has none recorded (it routes itself). `out` [sparse layers, rows, k]: a
+    buffer each block also copies its choices into (rows 0..N-1 of its sparse index), the one
+    record a captured CUDA graph can write."""
 
     replay: dict[int, torch.Tensor] | None = None
+    out: torch.Tensor | None = None
     chosen: dict[int, torch.Tensor] = field(default_factory=dict)
     logits: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -64,6 +67,7 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, moe: MoEConfig, hidden_size: int, dtype, layer_idx: int):
         super().__init__()
         self.moe, self.layer_idx = moe, layer_idx
+        self.sparse_index = moe.sparse_layers.index(layer_idx)  # its row in routing records
         self.gate = Router(moe.num_experts, hidden_size, dtype)
         self.experts = Experts(moe, hidden_size, dtype)
         self.trace: RoutingTrace | None = None  # set by routing_trace for the forwards under it
@@ -93,6 +97,8 @@ class SparseMoeBlock(nn.Module):
         if self.trace is not None:
             self.trace.chosen[self.layer_idx] = ids.detach()
             self.trace.logits[self.layer_idx] = logits
+            if self.trace.out is not None:
+                self.trace.out[self.sparse_index, :ids.shape[0]].copy_(ids)
         order, slot_rows, offsets = kernels.moe_sort(ids, self.moe.num_experts)
         rows = kernels.moe_permute(h, order, self.moe.top_k)  # [N*k, H] sorted by expert
         gate_up = kernels.grouped_linear(rows, self.experts.gate_up_proj, offsets)  # [N*k, 2I]
@@ -105,11 +111,19 @@ def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:
     return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
 
 
+def replay_of(model: nn.Module, routing: torch.Tensor) -> dict[int, torch.Tensor]:
+    """A routing record [N, sparse layers, k] (the sampler's, int16, -1 where none) -> the replay
+    argument of routing_trace: layer index -> [N, k] int64."""
+    return {block.layer_idx: routing[:, block.sparse_index].long() for block in moe_blocks(model)}
+
+
 @contextlib.contextmanager
-def routing_trace(model: nn.Module, replay: dict[int, torch.Tensor] | None = None) -> Iterator[RoutingTrace]:
+def routing_trace(model: nn.Module, replay: dict[int, torch.Tensor] | None = None,
+                  out: torch.Tensor | None = None) -> Iterator[RoutingTrace]:
     """Record (and with `replay`, steer) the routing of every forward of `model` under this context,
-    backward recomputations included (a checkpointed layer replays the same experts)."""
-    trace = RoutingTrace(replay=replay)
+    backward recomputations included (a checkpointed layer replays the same experts); `out`: see
+    RoutingTrace."""
+    trace = RoutingTrace(replay=replay, out=out)
     blocks = moe_blocks(model)
     for block in blocks:
         block.trace = trace
