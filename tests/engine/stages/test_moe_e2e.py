@@ -50,3 +50,29 @@ def test_generate_is_transformers_greedy_and_sft_exports_for_transformers(arch, 
                                    atol=1e-4, rtol=0)
     trained = load_model(final).model.layers[1].mlp.experts.down_proj
     assert not torch.equal(trained, load_model(base).model.layers[1].mlp.experts.down_proj)
+
+
+def test_lora_on_moe_trains_attention_adapters_that_peft_loads(tmp_path, capsys):
+    """Adapters on the attention projections of a Qwen3-MoE; the MLP targets are refused (PEFT
+    maps them to the experts, which get no adapters here)."""
+    peft = pytest.importorskip("peft")
+    base = tmp_path / "base"
+    make_moe_model("qwen3_moe").save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    run = tmp_path / "run"
+    argv = ["sft", f"model={base}", f"output_dir={run}",
+            f"data.train_file={write_jsonl(tmp_path / 'train.jsonl', demonstrations(16))}", "data.max_length=48",
+            "data.max_prompt_length=24", "data.tokens_per_batch=96", "data.eval_fraction=0", "optim.lr=1e-2",
+            "train.max_steps=4", "train.progress=false", "lora.rank=4"]
+    assert main(argv) != 0
+    assert "lora.target_modules has gate_proj,up_proj,down_proj: on a mixture-of-experts model" in capsys.readouterr().err
+    assert main(argv + ["train.overwrite=true", "lora.target_modules=q_proj,k_proj,v_proj,o_proj"]) == 0
+    before, after = load_model(base).state_dict(), load_model(run / "final").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("self_attn" in k for k in changed)
+    tuned = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(run / "final_adapter"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32)
+    ids = torch.tensor(random_prompts([12], seed=3)[0])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.eval()(ids).logits, merged.eval()(ids).logits, atol=1e-5, rtol=0)
