@@ -71,6 +71,7 @@ class SparseMoeBlock(nn.Module):
         self.gate = Router(moe.num_experts, hidden_size, dtype)
         self.experts = Experts(moe, hidden_size, dtype)
         self.trace: RoutingTrace | None = None  # set by routing_trace for the forwards under it
+        self.expert_shard = None  # expert_parallel.shard_experts: this rank's experts of a process group
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits [N, E] -> (experts [N, k] int64, weights [N, k]): softmax in fp32, top-k
@@ -99,6 +100,8 @@ class SparseMoeBlock(nn.Module):
             self.trace.logits[self.layer_idx] = logits
             if self.trace.out is not None:
                 self.trace.out[self.sparse_index, :ids.shape[0]].copy_(ids)
+        if self.expert_shard is not None:
+            return self.expert_shard.dispatch(self, h, ids, weights, prims)
         order, slot_rows, offsets = kernels.moe_sort(ids, self.moe.num_experts)
         rows = kernels.moe_permute(h, order, self.moe.top_k)  # [N*k, H] sorted by expert
         gate_up = kernels.grouped_linear(rows, self.experts.gate_up_proj, offsets)  # [N*k, 2I]
