@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from ... import kernels
 from .attention import AttentionMetadata, attention_step
 from .config import ModelConfig
-from .moe import SparseMoeBlock
+from .moe import SparseMoeBlock, trace_restorer
 from .primitives import FORWARD
 
 # (layer index, q [N, H, D], k [N, Hkv, D], v [N, Hkv, D] with q and k before RoPE, the forward's
@@ -222,13 +222,15 @@ class CausalLM(nn.Module):
         backend = kernels.model_backend(x)
         angles = RotaryAngles(self.rotary, positions, x.dtype, prims.rope)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        # A layer recomputed in backward routes as its forward did (a routing trace's replay).
+        routing = trace_restorer(self) if recompute else None
         residual = None
         with kernels.use_backend(backend):
             for layer in self.model.layers:
                 args = (x, residual, angles, attend, prims)
                 if recompute:
                     x, residual = checkpoint(layer, *args, use_reentrant=False, context_fn=lambda: (
-                        contextlib.nullcontext(), kernels.use_backend(backend)))
+                        contextlib.nullcontext(), _both(kernels.use_backend(backend), routing())))
                 else:
                     x, residual = layer(*args)
             return self.model.norm(x, residual, prims)[0]
@@ -271,6 +273,12 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden):
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""
         return self.lm_head(hidden).float()
+
+
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
 
 
 def rebuild_as(model_cls: type, like: CausalLM, state: dict, strict: bool = True) -> CausalLM:

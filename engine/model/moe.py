@@ -120,6 +120,26 @@ def replay_of(model: nn.Module, routing: torch.Tensor) -> dict[int, torch.Tensor
     return {block.layer_idx: routing[:, block.sparse_index].long() for block in moe_blocks(model)}
 
 
+def trace_restorer(model: nn.Module):
+    """A factory of contexts that attach the trace active now (or none) to the model's MoE blocks:
+    a layer recomputed in backward, after routing_trace has exited, routes as its forward did."""
+    blocks = moe_blocks(model)
+    trace = blocks[0].trace if blocks else None
+    return lambda: _attached(blocks, trace)
+
+
+@contextlib.contextmanager
+def _attached(blocks: list[SparseMoeBlock], trace: RoutingTrace | None):
+    before = [block.trace for block in blocks]
+    for block in blocks:
+        block.trace = trace
+    try:
+        yield
+    finally:
+        for block, old in zip(blocks, before):
+            block.trace = old
+
+
 @contextlib.contextmanager
 def routing_trace(model: nn.Module, replay: dict[int, torch.Tensor] | None = None,
                   out: torch.Tensor | None = None) -> Iterator[RoutingTrace]:
@@ -127,11 +147,5 @@ def routing_trace(model: nn.Module, replay: dict[int, torch.Tensor] | None = Non
     backward recomputations included (a checkpointed layer replays the same experts); `out`: see
     RoutingTrace."""
     trace = RoutingTrace(replay=replay, out=out)
-    blocks = moe_blocks(model)
-    for block in blocks:
-        block.trace = trace
-    try:
+    with _attached(moe_blocks(model), trace):
         yield trace
-    finally:
-        for block in blocks:
-            block.trace = None

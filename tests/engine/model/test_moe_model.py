@@ -93,3 +93,24 @@ def test_moe_variants_we_do_not_reproduce_are_refused_in_one_line(tmp_path, arch
     with pytest.raises(Exception, match=message) as err:
         load_model(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_checkpointed_layers_recompute_with_the_replayed_experts(moe_dirs):
+    """Backward runs after routing_trace has exited: a recomputed layer must still route by the
+    replay (here every token's experts differ from the router's own), or its gradients would be
+    another forward's."""
+    model = load_model(moe_dirs["mixtral"][0])
+    ids = torch.tensor(random_prompts([14], seed=6)[0])
+    with torch.no_grad(), routing_trace(model) as own:
+        model.forward_packed(ids, [14])
+    replay = {layer: 7 - chosen for layer, chosen in own.chosen.items()}
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        with routing_trace(model, replay=replay):
+            loss = model.forward_packed(ids, [14]).square().sum()
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, atol=1e-6, rtol=1e-5)
