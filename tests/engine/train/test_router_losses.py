@@ -32,10 +32,18 @@ def test_wrapper_adds_weighted_losses_and_trains_the_router():
 
     wrapped = with_router_losses(stage_loss, RouterLossConfig(router_aux_loss_coef=0.5, router_z_loss_coef=0.25),
                                  lambda batch, counts: 0.5)
-    loss, stats = wrapped(model, ids, {})
-    torch.testing.assert_close(loss, 0.5 * (0.5 * stats["router_aux_loss"] / 0.5 + 0.25 * stats["router_z_loss"] / 0.5))
-    loss.backward()
-    assert all(block.gate.weight.grad.abs().sum() > 0 for block in moe_blocks(model))
+    grads = []
+    for checkpointing in (False, True):  # the router losses' backward through recomputed layers
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        loss, stats = wrapped(model, ids, {})
+        torch.testing.assert_close(loss, 0.5 * (0.5 * stats["router_aux_loss"] / 0.5
+                                                + 0.25 * stats["router_z_loss"] / 0.5))
+        loss.backward()
+        grads.append([block.gate.weight.grad.clone() for block in moe_blocks(model)])
+    assert all(g.abs().sum() > 0 for g in grads[0])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, atol=1e-6, rtol=1e-5)
     assert with_router_losses(stage_loss, RouterLossConfig(), lambda b, c: 1.0) is stage_loss
 
 
