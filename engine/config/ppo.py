@@ -7,6 +7,7 @@ from typing import Literal
 
 from .fields import check, check_fields, option
 from .lora import LoRAConfig
+from .moe import RouterLossConfig
 from .train import OptimConfig, RunConfig
 
 Critic = Literal["separate", "shared", "none"]
@@ -174,6 +175,8 @@ class PPOConfig:
     optim: OptimConfig = option("policy optimizer (the schedule steps once per iteration)", factory=OptimConfig)
     critic_lr: float | None = option("critic learning rate (default: optim.lr)")
     train: LoopConfig = option("loop", factory=LoopConfig)
+    moe: RouterLossConfig = option("router losses of a mixture-of-experts policy, in the update's loss",
+                                   factory=RouterLossConfig)
     lora: LoRAConfig = option("low-rank adapters on the policy (lora.rank > 0: its weights stay frozen and the "
                               "reference is the policy with its adapters off, no second copy)", factory=LoRAConfig)
     critic_lora: LoRAConfig = option(

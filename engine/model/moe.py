@@ -145,7 +145,12 @@ def routing_trace(model: nn.Module, replay: dict[int, torch.Tensor] | None = Non
                   out: torch.Tensor | None = None) -> Iterator[RoutingTrace]:
     """Record (and with `replay`, steer) the routing of every forward of `model` under this context,
     backward recomputations included (a checkpointed layer replays the same experts); `out`: see
-    RoutingTrace."""
-    trace = RoutingTrace(replay=replay, out=out)
-    with _attached(moe_blocks(model), trace):
+    RoutingTrace. Inside another trace, this one records into the enclosing one's `chosen` and
+    `logits` too (a loss reading the router logits around a forward that replays)."""
+    blocks = moe_blocks(model)
+    outer = blocks[0].trace if blocks else None
+    trace = RoutingTrace(replay=replay, out=out) if outer is None else RoutingTrace(
+        replay if replay is not None else outer.replay, out if out is not None else outer.out, outer.chosen,
+        outer.logits)
+    with _attached(blocks, trace):
         yield trace

@@ -27,6 +27,16 @@ def router_losses(logits: list[torch.Tensor], chosen: list[torch.Tensor], num_ex
     return balance, torch.logsumexp(z, dim=-1).square().mean()
 
 
+def trace_losses(model, trace, cfg: RouterLossConfig) -> tuple[torch.Tensor, dict]:
+    """The coef-weighted router losses of the forwards `trace` recorded (an MoE `model`'s), and
+    their values as stats ("router_aux_loss", "router_z_loss")."""
+    layers = sorted(trace.logits)
+    balance, z = router_losses([trace.logits[i] for i in layers], [trace.chosen[i] for i in layers],
+                               moe_blocks(model)[0].moe.num_experts)
+    loss = cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z
+    return loss, {"router_aux_loss": balance.detach(), "router_z_loss": z.detach()}
+
+
 def with_router_losses(loss_fn: Callable, cfg: RouterLossConfig, share: Callable) -> Callable:
     """loss_fn(model, batch, step_counts) -> (loss, stats) plus the router losses of its forward,
     coef-weighted and times share(batch, step_counts) (the forward's part of the step); the stats
@@ -36,17 +46,12 @@ def with_router_losses(loss_fn: Callable, cfg: RouterLossConfig, share: Callable
         return loss_fn
 
     def loss_with_router_losses(model, batch, step_counts):
-        blocks = moe_blocks(model)
-        if not blocks:
+        if not moe_blocks(model):
             return loss_fn(model, batch, step_counts)
         with routing_trace(model) as trace:
             loss, stats = loss_fn(model, batch, step_counts)
-        layers = sorted(trace.logits)
-        balance, z = router_losses([trace.logits[i] for i in layers], [trace.chosen[i] for i in layers],
-                                   blocks[0].moe.num_experts)
+        extra, router = trace_losses(model, trace, cfg)
         weight = share(batch, step_counts)
-        extra = weight * (cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z)
-        return loss + extra, {**stats, "router_aux_loss": (weight * balance).detach(),
-                              "router_z_loss": (weight * z).detach()}
+        return loss + weight * extra, {**stats, **{name: weight * value for name, value in router.items()}}
 
     return loss_with_router_losses

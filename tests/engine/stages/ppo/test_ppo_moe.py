@@ -1,10 +1,12 @@
 """PPO on a Qwen3-MoE policy with routing replay: the rollout keeps the sampler's experts of every
 token, the old-log-prob and update forwards route by them, and the first update's ratio is exactly
-1 on every token, also on a minibatch cut from the rollout; rollout.exact is refused."""
+1 on every token, also on a minibatch cut from the rollout, with the router losses in the update's
+loss; rollout.exact is refused."""
 import pytest
 import torch
 from transformers import AutoTokenizer
 
+from fusedrl.engine.config.moe import RouterLossConfig
 from fusedrl.engine.config.ppo import RolloutConfig, UpdateConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.stages.ppo.forwards import policy_forward
@@ -28,7 +30,8 @@ def moe_setup(tmp_path_factory):
 
 def test_routing_replay_makes_the_first_ratio_exactly_one(moe_setup):
     root, policy_dir, prompts = moe_setup
-    cfg = config(root, policy_dir, prompts, "replay", ppo=UpdateConfig(epochs=1, minibatch_size=6))
+    cfg = config(root, policy_dir, prompts, "replay", ppo=UpdateConfig(epochs=1, minibatch_size=6),
+                 moe=RouterLossConfig(router_aux_loss_coef=0.01, router_z_loss_coef=0.001))
     assert cfg.rollout.routing_replay  # on by default
     with use_backend("triton"):
         models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
@@ -42,7 +45,8 @@ def test_routing_replay_makes_the_first_ratio_exactly_one(moe_setup):
         assert (packed.routing[recorded] >= 0).all() and (packed.routing[~recorded] == -1).all()
         logp, _, _ = policy_forward(models, packed, cfg.rollout.temperature, with_entropy=False)
         minibatch = rollout.rows([4, 1, 5])
-        _, stats = minibatch_loss(models, minibatch, UpdateSettings.of(cfg))
+        loss, stats = minibatch_loss(models, minibatch, UpdateSettings.of(cfg))
+        loss.backward()  # through the router losses too
         # Routed elsewhere, the same tokens score differently: the forwards do follow the records.
         flipped = packed._replace(routing=torch.where(packed.routing >= 0, 7 - packed.routing, -1).to(torch.int16))
         with torch.no_grad():
@@ -50,6 +54,8 @@ def test_routing_replay_makes_the_first_ratio_exactly_one(moe_setup):
     mask = rollout.mask
     assert torch.equal(logp.detach()[mask], rollout.old_logprobs[mask])
     assert float(stats["approx_kl"]) == 0.0 and float(stats["clipfrac"]) == 0.0
+    assert float(stats["router_aux_loss"]) > 0 and float(stats["router_z_loss"]) > 0
+    assert models.policy.model.layers[1].mlp.gate.weight.grad.abs().sum() > 0
     assert not torch.allclose(moved[mask], rollout.old_logprobs[mask])
     assert metrics["logprob_mismatch_max"] < 1e-4  # the sampler's log-probs, from the same experts
 
