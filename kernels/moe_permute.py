@@ -32,6 +32,13 @@ BLOCK_COLS = 1024
 
 
 @triton.jit
+def _row_block(n_cols, BLOCK: tl.constexpr):
+    """This program's row (int64) and its block of columns with their in-range flags."""
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return tl.program_id(0).to(tl.int64), cols, cols < n_cols
+
+
+@triton.jit
 def _gather_rows_kernel(
     src_ptr,  # [n_src, n_cols] contiguous
     order_ptr,  # [n_rows] int64: the slot of each output row
@@ -42,9 +49,7 @@ def _gather_rows_kernel(
     HAS_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
+    row, cols, mask = _row_block(n_cols, BLOCK)
     slot = tl.load(order_ptr + row)
     vals = tl.load(src_ptr + (slot // TOP_K) * n_cols + cols, mask=mask, other=0.0)
     if HAS_SCALE:
@@ -63,9 +68,7 @@ def _combine_kernel(
     HAS_WEIGHTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
+    token, cols, mask = _row_block(n_cols, BLOCK)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in tl.static_range(TOP_K):  # the token's choices in routing order, as one fp32 sum
         row = tl.load(slot_rows_ptr + token * TOP_K + i)

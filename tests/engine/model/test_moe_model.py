@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from fusedrl.engine.model.hf_io import load_model, save_model
 from fusedrl.engine.model.moe import moe_blocks, routing_trace
-from engine_testing import make_tokenizer, random_prompts
+from engine_testing import random_prompts, saved_models
 from moe_testing import MOE_ARCHS, make_moe_model
 
 ATOL = 1e-5  # fp32, as the dense parity tests
@@ -15,14 +15,7 @@ ATOL = 1e-5  # fp32, as the dense parity tests
 @pytest.fixture(scope="module")
 def moe_dirs(tmp_path_factory):
     """arch -> (directory saved by transformers' save_pretrained, the transformers model)."""
-    dirs = {}
-    for arch in MOE_ARCHS:
-        path = tmp_path_factory.mktemp(arch)
-        hf = make_moe_model(arch)
-        hf.save_pretrained(path)
-        make_tokenizer().save_pretrained(path)
-        dirs[arch] = (path, hf)
-    return dirs
+    return saved_models(tmp_path_factory, MOE_ARCHS, make_moe_model)
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
