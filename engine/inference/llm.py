@@ -101,6 +101,9 @@ class LLM:
             tokenizer = tokenizer or _load_tokenizer(Path(model_dir))
         self.tokenizer = tokenizer
         self.config = self.model.config
+        if self.batch_invariant is not None and self.config.moe is not None:
+            raise ValueError(f"batch_invariant=True with a mixture-of-experts model ({self.config.model_type}) is not "
+                             "supported: its expert GEMMs have no batch-invariant mode")
         param = next(self.model.parameters())
         self.device = param.device  # where the model, the KV pool and every step's tensors live
         if kv_cache_memory is None:

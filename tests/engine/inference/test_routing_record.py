@@ -32,3 +32,9 @@ def test_records_are_the_training_forward_s_choices(tmp_path, graphs):
     # The n samples of a prompt share its full blocks: their prompt rows are the same records.
     first, second = outputs[0].outputs
     assert first.routing_rows[:8] == second.routing_rows[:8]
+
+
+def test_batch_invariant_mode_is_refused_for_moe(tmp_path):
+    make_moe_model("mixtral").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="batch_invariant=True with a mixture-of-experts model \\(mixtral\\)"):
+        LLM(tmp_path, dtype="float32", batch_invariant=True)
