@@ -13,6 +13,9 @@ tensors: noted, not counted). Host syncs as traffic_count counts them.
   SDPA call each way, as the varlen flash-attention call of a GPU. Next to it, the eager path
   (`use_backend("torch")`: the decoder's norms, RoPE and SiLU*up as eager ops, training's path
   before the fused kernels had a backward).
+  The MoE layer (Qwen3-MoE-like, 8 experts, top-2, every layer sparse) is counted the same way,
+  and its MoE block alone at a decode step (4 tokens, inference mode): what a CUDA graph would
+  capture, with its host syncs (none: the grouped GEMMs' group sizes stay on the device).
 - per optimizer step: FusedAdamW (engine/train/fused_adamw.py) with clipping and the loss check
   (optim.clip_and_step), a step after the first (which creates the state), for a Qwen2.5-0.5B-like
   parameter list (24 layers: 291 tensors) and for 300 tensors; and the former per-tensor loop's
@@ -39,6 +42,8 @@ from fusedrl.engine.config.train import DataConfig, RMConfig, SFTConfig
 from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.lm_head import lm_head_logprobs
+from fusedrl.engine.model.moe_config import MoEConfig
+from fusedrl.engine.model.primitives import DECODE
 from fusedrl.engine.model.reward_model import reward_model_from_lm
 from fusedrl.engine.stages.rm import rm_stage
 from fusedrl.engine.stages.sft import sft_stage
@@ -53,11 +58,15 @@ from traffic_count import FREE, SYNC_OPS
 from traffic_decode import qwen_like
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BUDGETS = {"layer_fwd_bwd": 30, "optimizer_step": 12, "supervised_step_syncs": 1}
+BUDGETS = {"layer_fwd_bwd": 30, "optimizer_step": 12, "supervised_step_syncs": 1, "moe_block_decode": 16}
 # Small enough for the interpreter; launches do not depend on widths. Qwen2 has q/k/v biases,
 # Qwen3 q/k norms and no biases.
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16)
 ARCHS = {"qwen2": SMALL, "qwen3": dict(SMALL, model_type="qwen3", qkv_bias=False, qk_norm=True)}
+MOE = dict(ARCHS["qwen3"], model_type="qwen3_moe", moe=MoEConfig(
+    num_experts=8, top_k=2, intermediate_size=32, sparse_layers=(0, 1), norm_topk_prob=True, fp32_weights=False,
+    router_aux_loss_coef=0.0, legacy_names=("mlp", "gate_proj", "up_proj", "down_proj")))
+ARCHS["qwen3_moe"] = MOE
 
 
 class LaunchCounter(TorchDispatchMode):
@@ -98,6 +107,18 @@ def per_layer(arch: str, backend: str) -> dict:
     layer = two.launches - one.launches
     return {"launches": sum(layer.values()), "by_op": dict(sorted(layer.items())),
             "rest": one.total - sum(layer.values()), "syncs": dict(two.syncs)}
+
+
+def moe_block_decode() -> LaunchCounter:
+    """The MoE block of a decode step over 4 tokens (inference mode, the fused kernels)."""
+    torch.manual_seed(0)
+    block = qwen_like(1, torch.float32, "cpu", **MOE).model.layers[0].mlp
+    h = torch.randn(4, MOE["hidden_size"])
+    with use_backend("triton"), torch.inference_mode():
+        block(h, DECODE)  # warm-up
+        with LaunchCounter() as counter:
+            block(h, DECODE)
+    return counter
 
 
 def parameter_list(n_tensors: int) -> list[torch.nn.Parameter]:
@@ -174,7 +195,10 @@ def supervised_step_syncs(stage_name: str) -> dict:
 def report() -> dict:
     layers = {arch: {backend: per_layer(arch, backend) for backend in ("triton", "torch")} for arch in ARCHS}
     optimizer = {n: optimizer_launches(n) for n in (291, 300)}
+    decode = moe_block_decode()
     return {
+        "moe_block_decode": {"launches": decode.total, "by_op": dict(sorted(decode.launches.items())),
+                             "syncs": dict(decode.syncs)},
         "budgets": BUDGETS,
         "layer_fwd_bwd": layers,
         "optimizer_step": {str(n): {"launches": c.total, "by_op": dict(sorted(c.launches.items())),
@@ -199,6 +223,9 @@ def table(r: dict) -> str:
                      f"{r['budgets']['layer_fwd_bwd']} |")
         lines.append(f"| {arch} decoder layer, forward + backward, eager norms/RoPE/SiLU*up | "
                      f"{eager['launches']} | |")
+    moe = r["moe_block_decode"]
+    lines.append(f"| qwen3_moe MoE block at a decode step, 4 tokens (router to unpermute; host syncs: "
+                 f"{sum(moe['syncs'].values())}) | {moe['launches']} | {r['budgets']['moe_block_decode']} |")
     for n, c in r["optimizer_step"].items():
         lines.append(f"| optimizer step, {n} tensors (FusedAdamW, clipped, loss checked; host syncs: "
                      f"{sum(c['syncs'].values())}) | {c['launches']} | {r['budgets']['optimizer_step']} |")
@@ -221,6 +248,8 @@ def by_op_table(r: dict) -> str:
     for arch, backends in r["layer_fwd_bwd"].items():
         ops = backends["triton"]["by_op"]
         lines.append(f"{arch}, one decoder layer, fused: " + ", ".join(f"{k} x{v}" for k, v in ops.items()))
+    lines.append("qwen3_moe MoE block, decode step: " + ", ".join(
+        f"{k} x{v}" for k, v in r["moe_block_decode"]["by_op"].items()))
     c = r["optimizer_step"]["291"]["by_op"]
     lines.append("optimizer step: " + ", ".join(f"{k} x{v}" for k, v in c.items()))
     return "\n".join(f"- {line}" for line in lines) + "\n"

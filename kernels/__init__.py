@@ -12,7 +12,8 @@ group advantages) are written once, in statistics.py; the ones that pool entries
 the ranks' sum, and give every rank what one process computes on all ranks' rows.
 
 The model's ops (the engine's only way in): `rms_norm`, `rope`, `silu_mul`, `norm_linear` (a decode
-step's norm + projection), `store_kv` and `rope_store_decode` (the paged KV cache), `sample_triton`
+step's norm + projection), the mixture-of-experts layer's `moe_sort`, `moe_permute`, `grouped_linear`
+and `moe_unpermute`, `store_kv` and `rope_store_decode` (the paged KV cache), `sample_triton`
 with its `SamplerWorkspace`, and `exact`, the batch-invariant mode's ops. The decider's questions
 (`backend_for`, `model_backend`, `attention_backend`, ...) come from `dispatch`, the one place that
 reads the environment and looks at devices to choose an implementation.
@@ -37,6 +38,8 @@ else:
     from .rotary import rope
     from .swiglu import silu_mul
     from .norm_linear import norm_linear
+    from .moe_permute import moe_permute, moe_unpermute
+    from .moe_gemm import grouped_linear, moe_sort
     from .paged_attention import rope_store_decode, store_kv
     from .sampling import SamplerWorkspace, sample, sample_triton
     from .invariant import exact
@@ -48,5 +51,6 @@ else:
         "masked_moments", "explained_variance", "importance_weights", "group_advantages",
         "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten",
         "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul", "norm_linear",
+        "moe_sort", "moe_permute", "moe_unpermute", "grouped_linear",
         "store_kv", "rope_store_decode", "sample", "sample_triton", "SamplerWorkspace", "exact",
     ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference_moe import moe_permute, moe_unpermute
 from .reference_model import norm_linear, paged_decode, rms_norm, rope, rope_store_decode, silu_mul, store_kv
 from .reference_sampling import sample
 from .statistics import (aggregate, compute_dtype, masked_mean, masked_moments, masked_whiten,
@@ -22,7 +23,7 @@ __all__ = [
     "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_mean", "masked_moments",
     "masked_whiten", "weighted_sum", "aggregate", "policy_terms", "ppo_policy_loss", "value_terms",
     "ppo_value_loss", "rms_norm", "silu_mul", "rope", "norm_linear", "store_kv", "paged_decode",
-    "rope_store_decode", "sample",
+    "rope_store_decode", "sample", "moe_permute", "moe_unpermute",
 ]
 
 

@@ -26,6 +26,9 @@ class DemoConfig:
     lora_rank: int = option("0: the RL stage trains every weight of the policy; r > 0: it trains rank-r LoRA "
                             "adapters on every projection (alpha 2r) and the reference is the adapters switched off",
                             0)
+    arch: Literal["llama", "qwen3_moe"] = option(
+        "the tiny base model: llama (dense MLP 192) | qwen3_moe (8 experts of 96, top-2: the same active MLP width; "
+        "lora_rank > 0 then adapts attention only)", "llama")
     precision: Precision = option("every stage's train.precision: auto (bf16-mixed on CUDA, fp32 on CPU) | "
                                   "bf16-mixed | fp32", "auto")
     overwrite: bool = option("replace an existing output_dir", False)

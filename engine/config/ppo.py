@@ -7,6 +7,7 @@ from typing import Literal
 
 from .fields import check, check_fields, option
 from .lora import LoRAConfig
+from .moe import RouterLossConfig
 from .train import OptimConfig, RunConfig
 
 Critic = Literal["separate", "shared", "none"]
@@ -47,6 +48,9 @@ class RolloutConfig:
     exact: bool = option("exact on-policy: generation and the old-log-prob forward run batch-invariant "
                          "fixed-order ops, so the sampler's log-probs equal the training forward's bit for "
                          "bit (logprob_mismatch is 0, the IS correction a no-op); slower generation", False)
+    routing_replay: bool = option("MoE policies: keep the sampler's expert choices of every token and route the "
+                                  "old-log-prob and update forwards by them (Megatron's moe_enable_routing_replay), "
+                                  "so sampler and trainer agree on the experts; no effect on dense models", True)
     dynamic_sampling: bool = option("DAPO dynamic sampling: drop prompt groups whose scores are all equal and "
                                     "sample more prompts until prompts_per_iteration groups are kept", False)
     max_sampling_rounds: int = option("dynamic sampling: at most this many generate rounds per iteration", 4)
@@ -190,6 +194,8 @@ class PPOConfig:
     optim: OptimConfig = option("policy optimizer (the schedule steps once per iteration)", factory=OptimConfig)
     critic_lr: float | None = option("critic learning rate (default: optim.lr)")
     train: LoopConfig = option("loop", factory=LoopConfig)
+    moe: RouterLossConfig = option("router losses of a mixture-of-experts policy, in the update's loss",
+                                   factory=RouterLossConfig)
     lora: LoRAConfig = option("low-rank adapters on the policy (lora.rank > 0: its weights stay frozen and the "
                               "reference is the policy with its adapters off, no second copy)", factory=LoRAConfig)
     critic_lora: LoRAConfig = option(

@@ -13,6 +13,7 @@ from typing import Literal
 
 from .fields import check, check_fields, option
 from .lora import LoRAConfig
+from .moe import RouterLossConfig
 
 DataFormat = Literal["auto", "demonstration", "chat", "pairwise", "ranking", "hh"]
 SFT_FORMATS = ("auto", "demonstration", "chat")
@@ -163,6 +164,7 @@ class SFTConfig(StageConfig):
     """Supervised fine-tuning on demonstrations; loss on response tokens only."""
 
     lora: LoRAConfig = option("low-rank adapters (lora.rank > 0: the weights stay frozen)", factory=LoRAConfig)
+    moe: RouterLossConfig = option("router losses of mixture-of-experts models", factory=RouterLossConfig)
 
     def __post_init__(self):
         super().__post_init__()

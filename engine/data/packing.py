@@ -32,6 +32,7 @@ class PackedBatch(NamedTuple):
     width: int = 0               # PPO: T of that grid, the longest response
     positions: Optional[torch.Tensor] = None   # [N] int64 position of each token in its sequence
     cu_seqlens: Optional[torch.Tensor] = None  # [S + 1] int32 sequence boundaries (attention metadata)
+    routing: Optional[torch.Tensor] = None  # PPO on MoE: [N, sparse layers, k] int16 sampler's experts, -1 none
 
     @property
     def num_targets(self) -> int:
@@ -70,7 +71,8 @@ class PackedBatch(NamedTuple):
             None if self.grid_index is None else
             self.grid_index.index_select(0, target_index) + _long(grid_shift, device), self.width,
             None if self.positions is None else self.positions.index_select(0, token_index),
-            None if self.cu_seqlens is None else _cu_seqlens(seqlens, device))
+            None if self.cu_seqlens is None else _cu_seqlens(seqlens, device),
+            None if self.routing is None else self.routing.index_select(0, token_index))
 
 
 def _long(values: list[int], device) -> torch.Tensor:

@@ -35,14 +35,19 @@ from .sampling_params import SamplingParams
 class HybridActor:
     def __init__(self, policy: CausalLM, tokenizer=None, *, kv_cache_memory: int, block_size: int = 16,
                  max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False, device=None,
-                 release_kv_pool: bool = False):
+                 release_kv_pool: bool = False, record_routing: bool = False):
+        """record_routing: keep an MoE policy's expert choices of every rollout token (`last_routing`)."""
         self.policy = policy
         self.release_kv_pool = release_kv_pool
         self.tensor_parallel = getattr(policy, "tensor_parallel", None) is not None
         local = distributed.world_size() == 1 or self.tensor_parallel  # nothing gathered: graphs stay valid
         self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
                        device=device, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and local,
-                       batch_invariant=batch_invariant)
+                       batch_invariant=batch_invariant, record_routing=record_routing)
+        self.record_routing = record_routing
+        # The last generate's routing records [sum of prompt + response lengths, sparse layers, k],
+        # rows as pack_rollout packs them (None without record_routing).
+        self.last_routing = None
 
     @property
     def batch_invariant(self) -> BatchInvariant | None:
@@ -70,5 +75,7 @@ class HybridActor:
             self.llm.runner.release_kv_pool()
         completions = [(out.prompt_token_ids, c) for out in outputs for c in out.outputs]
         slots = [slot for _, c in completions for slot in c.logprob_slots]
+        if self.record_routing:
+            self.last_routing = self.llm.device_routing([row for _, c in completions for row in c.routing_rows])
         return ([p for p, _ in completions], [c.token_ids for _, c in completions],
                 self.llm.device_logprobs(slots))

@@ -37,6 +37,7 @@ class Completion:
     finish_reason: str
     text: str | None = None
     logprob_slots: list[int] = field(default_factory=list)
+    routing_rows: list[int] = field(default_factory=list)  # record_routing: see LLM.device_routing
 
 
 @dataclass
@@ -72,13 +73,16 @@ class LLM:
     fuse_decode_gemms: where the Triton kernels run, a decode step's RMSNorms and SiLU * up ride in
     the q/k/v and gate/up GEMMs (kernels/norm_linear.py: 5 kernels a layer); False keeps torch's
     GEMM after each norm (7), for side-by-side measurement against cuBLAS.
+    record_routing: an MoE model's expert choices for every token are kept (routing_record.py) and
+    read back with `device_routing` (routing replay).
     `self.device` is the model's device: tensors handed to `self.model` go there.
     """
 
     def __init__(self, model_dir, dtype="auto", kv_cache_memory: int | float | None = None,
                  block_size: int = 16, device=None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 16384, use_cuda_graphs: bool = True, tokenizer=None,
-                 batch_invariant: bool | BatchInvariant = False, fuse_decode_gemms: bool = True):
+                 batch_invariant: bool | BatchInvariant = False, fuse_decode_gemms: bool = True,
+                 record_routing: bool = False):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be an int >= 1")
         if isinstance(batch_invariant, BatchInvariant):
@@ -99,6 +103,9 @@ class LLM:
             tokenizer = tokenizer or directory_tokenizer(Path(model_dir))
         self.tokenizer = tokenizer
         self.config = self.model.config
+        if self.batch_invariant is not None and self.config.moe is not None:
+            raise ValueError(f"batch_invariant=True with a mixture-of-experts model ({self.config.model_type}) is not "
+                             "supported: its expert GEMMs have no batch-invariant mode")
         param = next(self.model.parameters())
         # Where the model runs, the KV pool and every step's tensors live: the parameters' device, or
         # `device` for a model whose resting shards are elsewhere (FSDP2's CPU offload: CPU shards,
@@ -123,7 +130,7 @@ class LLM:
                                    max(max_num_batched_tokens, self.config.max_model_len),
                                    self.config.max_model_len, self.config.eos_token_ids)
         self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs,
-                                  self.batch_invariant, fuse_decode_gemms, device=self.device)
+                                  self.batch_invariant, fuse_decode_gemms, record_routing, device=self.device)
         self._next_seq_id = 0
         # Every tensor rank must draw the same seeds (they sample the same rows in lockstep).
         self._rng = random.Random(tp.same_on_ranks(random.getrandbits(63)) if tp else None)
@@ -159,6 +166,14 @@ class LLM:
             raise ValueError(f"slots must be in [0, {self.runner.logprobs_kept}) (the last generate's "
                              f"sampled tokens), got {min(slots)}..{max(slots)}")
         return self.runner.gather_logprobs(slots)
+
+    def device_routing(self, rows: list[int]) -> torch.Tensor:
+        """With record_routing: the last generate's routing records at these Completion.routing_rows
+        (one per prompt + completion token), [len(rows), sparse layers, k] int16 on `self.device`,
+        -1 where a token has none: the experts an MoE model chose for each token."""
+        if self.runner.routing is None:
+            raise ValueError("device_routing: this LLM was made without record_routing=True")
+        return self.runner.routing.gather(rows)
 
     def _tokenize(self, prompt, index: int) -> list[int]:
         if isinstance(prompt, str):
@@ -203,6 +218,8 @@ class LLM:
             from tqdm.auto import tqdm
             progress = tqdm(total=num_seqs, desc="generate", unit="seq")
         self.runner.logprobs_kept = 0
+        if self.runner.routing is not None:
+            self.runner.routing.reset()
         try:
             while not self.scheduler.is_finished():
                 batch, is_prefill = self.scheduler.schedule()
@@ -232,7 +249,8 @@ class LLM:
     def _completion(self, seq: Sequence, decode_text: bool) -> Completion:
         ids = seq.completion_token_ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer and decode_text else None
-        return Completion(ids, seq.logprobs, seq.finish_reason, text, seq.logprob_slots)
+        rows = seq.routing_rows + [-1] * (seq.num_tokens - len(seq.routing_rows))  # the last token: never forwarded
+        return Completion(ids, seq.logprobs, seq.finish_reason, text, seq.logprob_slots, rows)
 
 
 def _is_single_prompt(prompts) -> bool:

@@ -17,8 +17,10 @@ from ..model.config import ModelConfig
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant
 from ..model.kv_pages import sequence_slot
+from ..model.moe import routing_trace
 from ..model.primitives import DECODE
 from .decode_inputs import DecodeInputs
+from .routing_record import RoutingRecorder
 from ...kernels import SamplerWorkspace, sample
 from .sequence import Sequence
 
@@ -56,6 +58,8 @@ class ModelRunner:
     independent of the batch.
     fuse_decode_gemms: decode steps walk the decoder with `primitives.DECODE` (each norm inside the
     GEMM after it, where the Triton kernels run); False: with `primitives.FORWARD`, as prefill does.
+    record_routing: keep the experts an MoE model chose for every token (`self.routing`, a
+    RoutingRecorder), decode graphs included.
     """
 
     # Decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits. Every 16
@@ -64,7 +68,7 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
                  use_cuda_graphs: bool = True, batch_invariant: BatchInvariant | None = None,
-                 fuse_decode_gemms: bool = True, device=None):
+                 fuse_decode_gemms: bool = True, record_routing: bool = False, device=None):
         self.model = model
         self.fuse_decode_gemms = fuse_decode_gemms
         self.batch_invariant = batch_invariant
@@ -89,6 +93,11 @@ class ModelRunner:
         # The Triton sampler's key windows for every step's rows (40 KiB a row), made once: a decode
         # graph captures their pointers, and each call leaves them empty for the next.
         self.sampler_workspace = SamplerWorkspace(max_num_seqs, self.device)
+        self.routing = RoutingRecorder(model, block_size, self.device) if record_routing else None
+        # A decode step's choices [sparse layers, rows, k], written inside the step (and its graph).
+        self.routing_out = None if self.routing is None else torch.zeros(
+            self.routing.num_layers, max_num_seqs, self.routing.top_k, dtype=torch.int64, device=self.device)
+        self._prefill_routing = None
         self.graphs = None
         if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = _DecodeGraphs(self, max_num_seqs)
@@ -119,6 +128,8 @@ class ModelRunner:
         self.allocate_kv_pool()
         tokens, logprobs = self._prefill(seqs) if is_prefill else self._decode(seqs)
         self._keep_logprobs(logprobs)
+        if self.routing is not None:
+            self.routing.keep(seqs, is_prefill, self._prefill_routing if is_prefill else self.routing_out)
         return tokens.tolist()
 
     def kept_logprobs(self) -> list[float]:
@@ -147,7 +158,14 @@ class ModelRunner:
         prims = DECODE if meta.is_decode and self.fuse_decode_gemms else None  # None: the model's FORWARD
         # Tensor-parallel: past the root's FSDP hook (it would gather the embedding and the head).
         run = self.model.forward if self.tensor_parallel is not None else self.model
-        return run(input_ids, positions, meta, self.kv_caches, prims=prims)
+        if self.routing is None:
+            return run(input_ids, positions, meta, self.kv_caches, prims=prims)
+        # Decode: into routing_out, the buffer a graph writes; prefill (eager): the trace's tensors.
+        with routing_trace(self.model, out=self.routing_out if meta.is_decode else None) as trace:
+            hidden = run(input_ids, positions, meta, self.kv_caches, prims=prims)
+        if not meta.is_decode:
+            self._prefill_routing = torch.stack([trace.chosen[layer] for layer in sorted(trace.chosen)])
+        return hidden
 
     def decode_step(self, size: int, full_tables: bool):
         """The decode step over the first `size` rows of `decode_inputs`: embedding through the

@@ -30,6 +30,7 @@ class Sequence:
         self.num_cached_tokens = 0
         self.logprob_slots: list[int] = []  # where each sampled log-prob is on the device (runner)
         self.logprobs: list[float] = []  # their values, read back once the generate call ends
+        self.routing_rows: list[int] = []  # MoE routing record of each forwarded position (routing_record.py)
         self.finish_reason: str | None = None
 
     def __len__(self) -> int:

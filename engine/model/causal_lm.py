@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) with one set of parameters and two uses:
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3; Qwen3-MoE and Mixtral, whose sparse layers'
+MLP is moe.py's SparseMoeBlock) with one set of parameters and two uses:
 
 - `forward_packed(input_ids, seqlens)`: the training forward over packed variable-length sequences,
   returning final hidden states [N, hidden] for `kernels.linear_token_logprobs(hidden, lm_head.weight, ...)`.
@@ -29,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from ... import kernels
 from .attention import AttentionMetadata, attention_step
 from .config import ModelConfig
+from .moe import SparseMoeBlock, trace_restorer
 from .primitives import FORWARD
 
 # (layer index, q [N, H, D], k [N, Hkv, D], v [N, Hkv, D] with q and k before RoPE, the forward's
@@ -172,7 +174,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.self_attn = Attention(c, dtype)
-        self.mlp = MLP(c, dtype)
+        sparse = c.moe is not None and layer_idx in c.moe.sparse_layers
+        self.mlp = SparseMoeBlock(c.moe, c.hidden_size, dtype, layer_idx) if sparse else MLP(c, dtype)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
 
@@ -183,6 +186,9 @@ class DecoderLayer(nn.Module):
         step runs as one kernel, as it does SiLU * up after the gate/up projection."""
         qkv, residual = prims.norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj, prims)
         x = self.self_attn(qkv, angles, lambda q, k, v, a: attend(self.layer_idx, q, k, v, a), prims)
+        if isinstance(self.mlp, SparseMoeBlock):  # the router and the experts read the normalized rows
+            h, residual = self.post_attention_layernorm(x, residual, prims)
+            return self.mlp(h, prims), residual
         h, residual = prims.norm_linear(x, residual, self.post_attention_layernorm, self.mlp.gate_up_proj, prims,
                                         glu=True)
         return self.mlp.down_proj(h, prims), residual
@@ -240,13 +246,15 @@ class CausalLM(nn.Module):
         backend = kernels.model_backend(x)
         angles = RotaryAngles(self.rotary, positions, x.dtype, prims.rope)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        # A layer recomputed in backward routes as its forward did (a routing trace's replay).
+        routing = trace_restorer(self) if recompute else None
         residual = None
         with kernels.use_backend(backend):
             for layer in self.model.layers:
                 args = (x, residual, angles, attend, prims)
                 if recompute:
                     x, residual = checkpoint(prims.enter, layer, *args, use_reentrant=False, context_fn=lambda: (
-                        contextlib.nullcontext(), kernels.use_backend(backend)))
+                        contextlib.nullcontext(), _both(kernels.use_backend(backend), routing())))
                 else:
                     x, residual = prims.enter(layer, *args)
             return self.model.norm(x, residual, prims)[0]
@@ -291,6 +299,12 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden):
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""
         return self.lm_head(hidden).float()
+
+
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
 
 
 def rebuild_as(model_cls: type, like: CausalLM, state: dict, strict: bool = True) -> CausalLM:

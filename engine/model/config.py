@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .moe_config import UNSUPPORTED_MOE, MoEConfig, moe_from_hf
+
 # model_type -> (q/k/v bias, o_proj bias, mlp bias, q/k RMSNorm) as functions of the HF config,
 # mirroring the nn.Linear(..., bias=...) choices in each transformers modeling file.
 _ARCHS = {
@@ -18,6 +20,8 @@ _ARCHS = {
     "mistral": lambda c: (False, False, False, False),
     "qwen2": lambda c: (True, False, False, False),
     "qwen3": lambda c: (c.attention_bias, c.attention_bias, False, True),
+    "qwen3_moe": lambda c: (c.attention_bias, c.attention_bias, False, True),
+    "mixtral": lambda c: (False, False, False, False),
 }
 SUPPORTED_ARCHS = tuple(_ARCHS)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -50,6 +54,7 @@ class ModelConfig:
     rope_theta: float
     rope_scaling: dict = field(default_factory=dict)  # rope_parameters minus rope_theta
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoEConfig | None = None  # the sparse layers' experts (moe_config.py); None: every layer dense
     torch_dtype: torch.dtype | None = None
     hf_config: object = field(default=None, repr=False)
 
@@ -66,6 +71,9 @@ class ModelConfig:
     @staticmethod
     def check_model_type(model_type, architectures=None) -> None:
         """ValueError unless `model_type` (config.json's) is one the decoder implements."""
+        if model_type in UNSUPPORTED_MOE:
+            raise ValueError(f"unsupported model_type {model_type!r}: its {UNSUPPORTED_MOE[model_type]} "
+                             f"are not implemented; supported: {', '.join(SUPPORTED_ARCHS)}")
         if model_type not in _ARCHS:
             raise ValueError(f"unsupported model_type {model_type!r} (architectures={architectures}); "
                              f"supported: {', '.join(SUPPORTED_ARCHS)}")
@@ -109,7 +117,7 @@ class ModelConfig:
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             qkv_bias=bool(qkv_bias), o_bias=bool(o_bias), mlp_bias=bool(mlp_bias), qk_norm=qk_norm,
             rope_theta=rope_theta, rope_scaling=rope, eos_token_ids=eos, torch_dtype=dtype,
-            hf_config=hf_config,
+            moe=moe_from_hf(hf_config, model_type), hf_config=hf_config,
         )
 
     def inv_freq(self) -> torch.Tensor:

@@ -32,7 +32,7 @@ from ..path_checks import CONFIG_FILE
 from .config import ModelConfig
 from .causal_lm import CausalLM
 from .streamed_save import INDEX_FILE, SINGLE_FILE, check_finite_shards, write_weights
-from .weight_map import hf_blocks, hf_shape, local_box, overlap
+from .weight_map import hf_blocks, hf_shape, local_box, overlap, packed_blocks
 
 try:  # what transformers' validated configs raise for a bad config.json value (newer huggingface_hub)
     from huggingface_hub.errors import StrictDataclassError as _ConfigValidationError
@@ -117,6 +117,7 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM, shard:
     model.to_empty(device="cpu" if getattr(model, "offloaded", False) else device)
     model.tie_weights()
     expected = hf_blocks(model)
+    packed = packed_blocks(model)  # MoE experts stored packed: one tensor stands for many names
     for name in fresh:
         for block in expected.pop(name):
             with torch.no_grad():
@@ -129,11 +130,12 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM, shard:
                 if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
                     continue
                 target = renames.get(name, name)
-                if target not in expected:
+                if target not in expected and target not in packed:
                     raise ModelError(f"unexpected tensor {name!r} in {path.name}: not a parameter of a "
                                      f"{config.model_type} decoder with this config")
-                _fill(f, name, path, expected[target])
-                seen.add(target)
+                blocks, names_filled = (expected[target], (target,)) if target in expected else packed[target]
+                _fill(f, name, path, blocks)
+                seen.update(names_filled)
     missing = sorted(set(expected) - seen)
     if missing:
         raise ModelError(f"missing tensor {missing[0]!r} in {model_dir}"

@@ -156,6 +156,12 @@ def add_lora(model: nn.Module, cfg: LoRAConfig, heads: dict[str, nn.Module] | No
     module}, e.g. {"score": rm.score}) stay trainable in full and are saved with the adapters."""
     if not cfg.enabled:
         raise ValueError(f"lora.rank is {cfg.rank}: expected a rank >= 1 to add adapters")
+    moe = getattr(getattr(model, "config", None), "moe", None)
+    mlp = [t for t in cfg.targets if t in ("gate_proj", "up_proj", "down_proj")]
+    if moe is not None and mlp:
+        raise ValueError(f"lora.target_modules has {','.join(mlp)}: on a mixture-of-experts model "
+                         f"({model.config.model_type}) PEFT applies them to the experts, which fusedrl does not "
+                         "adapt; set lora.target_modules=q_proj,k_proj,v_proj,o_proj")
     model.requires_grad_(False)
     for head in (heads or {}).values():
         head.requires_grad_(True)

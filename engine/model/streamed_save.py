@@ -78,11 +78,11 @@ def _whole(blocks: list[Block], gathered: dict) -> torch.Tensor:
     whole = gathered[param]
     if whole is None:
         return None
-    if len(blocks) == 1 and blocks[0].rows == whole.shape[0]:
+    if len(blocks) == 1 and not blocks[0].lead and blocks[0].rows == whole.shape[0]:
         return whole.contiguous()
     out = whole.new_empty(hf_shape(blocks))
     for b in blocks:
-        out[b.part_row:b.part_row + b.rows] = whole[b.row:b.row + b.rows]
+        out[b.part_row:b.part_row + b.rows] = whole[b.lead][b.row:b.row + b.rows]
     return out
 
 

@@ -70,12 +70,15 @@ def with_overrides(cfg, overrides: list[str]):
 def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
     """(what it is, overrides, GPUs) of each change the advice tries."""
     out = []
+    moe = model_config(cfg.policy if isinstance(cfg, PPOConfig) else cfg.model).moe is not None
     if not cfg.train.optimizer_offload and gpus > 1:
         out.append(("offload the optimizer state to CPU memory", ["train.optimizer_offload=true"], gpus))
     if not cfg.train.gradient_checkpointing:
         out.append(("recompute activations in backward", ["train.gradient_checkpointing=true"], gpus))
     if cfg.lora.rank == 0:
-        out.append(("train LoRA adapters only", ["lora.rank=64"], gpus))
+        # An MoE model's adapters go on attention only (lora.add_lora refuses MLP targets there).
+        out.append(("train LoRA adapters only", ["lora.rank=64"] + (
+            ["lora.target_modules=q_proj,k_proj,v_proj,o_proj"] if moe else []), gpus))
     if isinstance(cfg, PPOConfig):
         if cfg.ppo.microbatch_size != 1:
             out.append(("a smaller token budget per forward", ["ppo.tokens_per_microbatch=null",

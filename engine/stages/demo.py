@@ -62,7 +62,8 @@ def rl_training(cfg: DemoConfig, min_lr_ratio: float = 1.0) -> dict:
 
     lr = RL_LORA_LR if cfg.lora_rank else RL_LR
     return {"optim": OptimConfig(lr=lr, max_grad_norm=1.0, min_lr_ratio=min_lr_ratio),
-            "lora": LoRAConfig(rank=cfg.lora_rank, alpha=2.0 * max(cfg.lora_rank, 1))}
+            "lora": LoRAConfig(rank=cfg.lora_rank, alpha=2.0 * max(cfg.lora_rank, 1),
+                               **({"target_modules": "q_proj,k_proj,v_proj,o_proj"} if cfg.arch == "qwen3_moe" else {}))}
 
 
 def run_ppo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: dict, evaluate) -> Path:
@@ -127,7 +128,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     claim(out, "demo", overwrite=cfg.overwrite)
     data = write_data(cfg, out / "data")
     tokenizer = build_tokenizer()
-    base = build_base_model(out / "base", cfg.seed)
+    base = build_base_model(out / "base", cfg.seed, cfg.arch)
     loop = dict(device="cpu" if not torch.cuda.is_available() else None, precision=cfg.precision,
                 progress=not quiet, resume=False)
 

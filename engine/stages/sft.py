@@ -18,6 +18,7 @@ from ..train import adapters
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..tensor_parallel import training_sharder
+from ..train.router_losses import with_router_losses
 from ..train.supervised import Stage, check_context, train
 
 
@@ -40,11 +41,19 @@ def sft_loss(model, batch: PackedBatch, step_counts: dict):
 
 def sft_summarize(stats: dict, counts: dict) -> dict:
     loss = stats["nll_sum"] / max(counts["tokens"], 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": counts["tokens"]}
+    router = {name: stats[name] for name in ("router_aux_loss", "router_z_loss") if name in stats}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": counts["tokens"], **router}
 
 
-def sft_stage(dtype: str, device, sharder=None) -> Stage:
-    return Stage(collate=collate_sft, counts=sft_counts, loss=sft_loss, summarize=sft_summarize,
+def _batch_share(batch: PackedBatch, step_counts: dict) -> float:
+    return batch.num_targets / max(step_counts["tokens"], 1)
+
+
+def sft_stage(dtype: str, device, sharder=None, router=None) -> Stage:
+    """sharder: how a resumed model is sharded at load (hf_io.load_model); router: the `moe` section
+    (router losses added to the loss of an MoE model's forwards)."""
+    loss = with_router_losses(sft_loss, router, _batch_share) if router is not None else sft_loss
+    return Stage(collate=collate_sft, counts=sft_counts, loss=loss, summarize=sft_summarize,
                  load_weights=lambda path: load_model(path, dtype=dtype, device=device, shard=sharder))
 
 
@@ -58,7 +67,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     sharder = training_sharder(cfg.train, run.device)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device, shard=sharder)
     lora = adapters.attach(model, cfg.lora)
-    train(model, sft_stage(run.dtype, run.device, sharder), examples.train, examples.eval, cfg, run.device,
+    train(model, sft_stage(run.dtype, run.device, sharder, cfg.moe), examples.train, examples.eval, cfg, run.device,
           examples.info, lora)
     final = Path(cfg.output_dir) / "final"
     adapters.export(model, lora, final, cfg.model)

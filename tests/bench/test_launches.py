@@ -30,3 +30,18 @@ def test_sft_and_rm_steps_read_the_host_once(stage):
     sync per optimizer step of two micro-batches (it was two per micro-batch plus two per step)."""
     syncs = launches.supervised_step_syncs(stage)
     assert sum(syncs.values()) == launches.BUDGETS["supervised_step_syncs"] == 1, syncs
+
+
+def test_moe_block_decode_has_no_host_sync_and_a_fixed_launch_count():
+    """What a decode graph would capture of an MoE layer: router, sort, permute, two grouped GEMMs,
+    SiLU * up and the weighted unpermute, with no host read (the group sizes stay on the device)."""
+    counter = launches.moe_block_decode()
+    assert sum(counter.syncs.values()) == 0, dict(counter.syncs)
+    assert counter.total <= launches.BUDGETS["moe_block_decode"], dict(counter.launches)
+    assert counter.launches["aten::_grouped_mm"] == 2 and counter.launches["fusedrl::moe_combine"] == 1
+
+
+def test_moe_layer_training_runs_the_experts_as_six_grouped_gemms():
+    moe, dense = launches.per_layer("qwen3_moe", "triton"), launches.per_layer("qwen3", "triton")
+    assert moe["by_op"]["aten::_grouped_mm"] == 6, moe  # gate/up and down, each: forward, input and weight grads
+    assert moe["syncs"] == dense["syncs"], (moe, dense)  # none added by the MoE layer

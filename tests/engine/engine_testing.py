@@ -39,6 +39,18 @@ def make_hf_model(arch: str, seed: int = 0, **overrides):
     return model
 
 
+def saved_models(tmp_path_factory, archs, make) -> dict:
+    """arch -> (directory, transformers model make(arch)) saved with the test tokenizer, per arch."""
+    dirs = {}
+    for arch in archs:
+        path = tmp_path_factory.mktemp(arch)
+        model = make(arch)
+        model.save_pretrained(path)
+        make_tokenizer().save_pretrained(path)
+        dirs[arch] = (path, model)
+    return dirs
+
+
 def make_tokenizer():
     """A byte-level BPE (the Llama 3 / Qwen kind) with VOCAB ids, trained here on a toy corpus:
     <pad>=0, <s>=1, </s>=EOS. transformers' AutoTokenizer loads it for every architecture above."""

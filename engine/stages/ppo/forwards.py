@@ -10,11 +10,13 @@ from ... import distributed
 from ...data.packing import PackedBatch
 from ...model.invariant import BatchInvariant
 from ...model.lm_head import lm_head_logprobs
+from ...model.moe import replay_of, routing_trace
 from .models import PPOModels
 
 
 def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_entropy: bool = False,
-                      value_head: torch.nn.Module | None = None, invariant: BatchInvariant | None = None):
+                      value_head: torch.nn.Module | None = None, invariant: BatchInvariant | None = None,
+                      replay_routing: bool = False):
     """One packed forward of a causal LM over the rollout.
 
     Returns (logp [R, T], entropy [R, T] or None, values [R, T] or None): log-probs of the response
@@ -22,10 +24,14 @@ def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_en
     head sharing the trunk is given, its value at each response token's predicting position.
     invariant: run the forward and head in that batch-invariant mode instead (no autograd needed):
     the log-probs then equal, bit for bit, those of a sampler in the same mode.
+    replay_routing: an MoE model routes each token to the experts the pack's `routing` records (the
+    sampler's; routing replay), where it has them.
     """
     if invariant is None:
-        hidden = model.forward_packed(packed.input_ids, packed.seqlens, packed.positions,
-                                      packed.cu_seqlens)                       # [N, H]
+        replay = None if packed.routing is None or not replay_routing else replay_of(model, packed.routing)
+        with routing_trace(model, replay=replay) if replay else contextlib.nullcontext():
+            hidden = model.forward_packed(packed.input_ids, packed.seqlens, packed.positions,
+                                          packed.cu_seqlens)                   # [N, H]
         h = hidden.index_select(0, packed.target_rows)                         # [M, H]
         out = lm_head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
                                with_entropy=with_entropy)
@@ -47,7 +53,8 @@ def policy_forward(models: PPOModels, packed: PackedBatch, temperature: float, w
     on a packed rollout; exact: the policy in the actor's batch-invariant mode (rollout.exact)."""
     logp, entropy, values = response_logprobs(models.policy, packed, temperature, with_entropy=with_entropy,
                                               value_head=models.value_head,
-                                              invariant=models.actor.batch_invariant if exact else None)
+                                              invariant=models.actor.batch_invariant if exact else None,
+                                              replay_routing=True)
     if models.critic is not None:
         values = models.critic.response_values(packed)
     return logp, entropy, values

@@ -42,7 +42,8 @@ def concat_packs(parts: list[PackedBatch]) -> PackedBatch:
     return PackedBatch(torch.cat([p.input_ids for p in parts]), seqlens, torch.cat(rows),
                        torch.cat([p.target_ids for p in parts]), [n for p in parts for n in p.target_counts], [],
                        torch.cat(grids), width, torch.cat([p.positions for p in parts]),
-                       cu.to(parts[0].input_ids.device))
+                       cu.to(parts[0].input_ids.device),
+                       None if parts[0].routing is None else torch.cat([p.routing for p in parts]))
 
 
 def pad_width(grid: torch.Tensor, width: int) -> torch.Tensor:

@@ -48,6 +48,8 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
     device = models.actor.llm.device  # where the policy runs (its resting shards may be in CPU memory)
     packed = pack_rollout(prompt_ids, responses, device)
+    if models.actor.record_routing:  # routing replay: the training forwards route as the sampler did
+        packed = packed._replace(routing=models.actor.last_routing.to(device))
     with timer.phase("score"), torch.no_grad():
         scores = score_rows(models.score, prompt_ids, responses, packed,
                             r.tokens_per_forward).float().to(device)    # [R]

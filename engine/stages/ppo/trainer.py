@@ -135,6 +135,10 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     trained = distributed.sharder(mode, device, offload=cfg.train.optimizer_offload)
     frozen = distributed.sharder(mode, device, offload=cfg.train.frozen_offload)
     policy = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder if lora_run else trained)
+    if policy.config.moe is not None and cfg.rollout.exact:
+        raise UsageError(f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is not "
+                         "supported: its expert GEMMs have no batch-invariant mode; set rollout.exact=false "
+                         "(rollout.routing_replay keeps the trainer's experts the sampler's)")
     policy.gradient_checkpointing = cfg.train.gradient_checkpointing
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
@@ -161,7 +165,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
                         release_kv_pool=cfg.rollout.release_kv_pool,
                         block_size=cfg.rollout.block_size,
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
-                        batch_invariant=cfg.rollout.exact)
+                        batch_invariant=cfg.rollout.exact,
+                        record_routing=cfg.rollout.routing_replay and policy.config.moe is not None)
     return PPOModels(policy, reference, actor, critic, value_head, score, lora)
 
 

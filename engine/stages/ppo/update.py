@@ -11,12 +11,17 @@ values, so every rank takes the same steps."""
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+import contextlib
 
 import torch
 
+from ...config.moe import RouterLossConfig
 from ...config.ppo import PPOConfig, UpdateConfig
+from ...model.moe import moe_blocks, routing_trace
+from ...train.router_losses import trace_losses
 from ...data.packing import pack
 from ... import distributed
 from ...train import optim, runlog
@@ -31,14 +36,15 @@ from .rollout import Rollout
 class UpdateSettings:
     """What the update reads of a PPOConfig: its ppo section, the temperature the log-probs are
     taken at (rollout.temperature) and the constant of seq-mean-token-sum-norm (ppo.loss_agg_norm,
-    default rollout.max_new_tokens)."""
+    default rollout.max_new_tokens); `router`: the moe section's router losses."""
     ppo: UpdateConfig
     temperature: float
     loss_agg_norm: float
+    router: RouterLossConfig = field(default_factory=RouterLossConfig)
 
     @classmethod
     def of(cls, cfg: PPOConfig) -> "UpdateSettings":
-        return cls(cfg.ppo, cfg.rollout.temperature, cfg.ppo.loss_agg_norm or cfg.rollout.max_new_tokens)
+        return cls(cfg.ppo, cfg.rollout.temperature, cfg.ppo.loss_agg_norm or cfg.rollout.max_new_tokens, cfg.moe)
 
 
 @dataclass
@@ -175,7 +181,9 @@ def minibatch_loss(models: PPOModels, batch: Rollout, s: UpdateSettings, weights
     """
     p, norm = s.ppo, s.loss_agg_norm
     w = {"policy": 1.0, "value": 1.0, "token": 1.0, **(weights or {})}
-    logp, entropy, values = policy_forward(models, batch.packed, s.temperature, with_entropy=p.ent_coef > 0)
+    router = s.router.enabled and bool(moe_blocks(models.policy))
+    with routing_trace(models.policy) if router else contextlib.nullcontext() as trace:
+        logp, entropy, values = policy_forward(models, batch.packed, s.temperature, with_entropy=p.ent_coef > 0)
     policy_loss, stats = ppo_policy_loss(
         logp, batch.old_logprobs, batch.advantages, batch.mask, clip_eps=p.clip_eps, clip_eps_high=p.clip_eps_high,
         dual_clip=p.dual_clip, agg=p.agg, loss_agg_norm=norm, ratio_level=p.ratio_level,
@@ -194,6 +202,10 @@ def minibatch_loss(models: PPOModels, batch: Rollout, s: UpdateSettings, weights
         stats["kl_loss"] = kl.detach()
     if p.ent_coef > 0:
         loss = loss - p.ent_coef * w["token"] * masked_mean(entropy, batch.mask)
+    if router:  # the moe section's router losses, the micro-batch's share of the tokens
+        router_loss, router_stats = trace_losses(models.policy, trace, s.router)
+        loss = loss + w["token"] * router_loss
+        stats.update(router_stats)
     return loss, stats
 
 

@@ -61,3 +61,15 @@ def test_demo_config_errors():
         DemoConfig(demo_noise=1.0)
     with pytest.raises(ValueError, match="algo must be one of"):
         DemoConfig(algo="dpo")
+
+
+def test_moe_demo_base_model_and_its_adapters(tmp_path):
+    from fusedrl.engine.model.hf_io import load_model
+    from fusedrl.engine.model.moe import moe_blocks
+    from fusedrl.engine.stages.demo import rl_training
+    from fusedrl.engine.stages.demo_task import build_base_model
+
+    model = load_model(build_base_model(tmp_path, 0, "qwen3_moe"))
+    assert [b.moe.num_experts * 10 + b.moe.top_k for b in moe_blocks(model)] == [82, 82, 82]
+    assert rl_training(DemoConfig(arch="qwen3_moe", lora_rank=4))["lora"].targets == ("q_proj", "k_proj", "v_proj",
+                                                                                        "o_proj")

@@ -1,0 +1,83 @@
+"""Expert parallelism: the experts of every MoE block sharded across the ranks of a process group,
+tokens sent to the rank that holds their expert and back with `all_to_all_single`.
+
+`shard_experts(model, group)` keeps rank r's experts [r E / W, (r + 1) E / W) in each block (the
+rest of the model is left to data parallelism). A sharded block's forward then sorts its slots by
+expert as one process does, sends each rank the rows of its experts (the row counts exchanged
+first: one host read a layer, for the split sizes), runs its local experts as two grouped GEMMs over
+the rows received from every rank, and sends the outputs back, where the weighted unpermute sums
+them. Both exchanges are torch.distributed.nn's differentiable all_to_all_single, so the backward
+sends the gradients the other way: a rank's expert gradients sum every rank's tokens routed to them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from torch import nn
+
+from ... import kernels
+from .moe import SparseMoeBlock, moe_blocks
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """This rank's share of a block's experts: `local` experts from `first`, of `world` ranks."""
+
+    group: object
+    world: int
+    first: int
+    local: int
+
+    def dispatch(self, block: SparseMoeBlock, h, ids, weights, prims) -> torch.Tensor:
+        """The block's forward over the group (what SparseMoeBlock calls once sharded)."""
+        return dispatch(block, h, ids, weights, prims)
+
+
+def shard_experts(model: nn.Module, group=None) -> None:
+    """Keep only this rank's experts in every MoE block of `model` (built whole, same weights on
+    every rank); the blocks then dispatch their tokens over `group` (default: the world)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    for block in moe_blocks(model):
+        n = block.moe.num_experts
+        if n % world:
+            raise ValueError(f"expert parallelism over {world} ranks needs num_experts divisible by it, got {n}")
+        local = n // world
+        shard = ExpertShard(group, world, rank * local, local)
+        for name in ("gate_up_proj", "down_proj"):
+            whole = getattr(block.experts, name)
+            setattr(block.experts, name, nn.Parameter(whole.detach()[shard.first:shard.first + local].clone(),
+                                                      requires_grad=whole.requires_grad))
+        block.expert_shard = shard
+
+
+def dispatch(block: SparseMoeBlock, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, prims) -> torch.Tensor:
+    """The expert-parallel forward of `block`: h [T, H], its routing ids / weights [T, k] -> [T, H]."""
+    shard, k = block.expert_shard, block.moe.top_k
+    order, slot_rows, offsets = kernels.moe_sort(ids, block.moe.num_experts)
+    rows = kernels.moe_permute(h, order, k)  # [T*k, H], by global expert: each rank's experts contiguous
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))  # [E] rows per expert
+    received_counts = torch.empty_like(counts)  # [W * local]: for my experts, from each rank in turn
+    dist.all_to_all_single(received_counts, counts, group=shard.group)
+    per_rank = torch.stack([counts, received_counts]).view(2, shard.world, shard.local)
+    send, receive = per_rank.sum(-1).tolist()  # the split sizes: the one host read of the layer
+    received = _exchange(rows, receive, send, shard.group)  # [R, H] by source rank, then expert
+    by_rank = per_rank[1]  # [W, local] rows of each local expert from each rank
+    expert_of_row = torch.arange(shard.local, device=h.device).repeat(shard.world).repeat_interleave(
+        by_rank.reshape(-1), output_size=received.shape[0])
+    regroup = torch.argsort(expert_of_row, stable=True)
+    local_offsets = by_rank.sum(0).cumsum(0).to(torch.int32)
+    x = received.index_select(0, regroup)
+    gate_up = kernels.grouped_linear(x, block.experts.gate_up_proj, local_offsets)
+    out = kernels.grouped_linear(prims.silu_mul(gate_up), block.experts.down_proj, local_offsets)
+    restored = torch.empty_like(regroup).scatter_(0, regroup, torch.arange(regroup.numel(), device=h.device))
+    returned = _exchange(out.index_select(0, restored), send, receive, shard.group)
+    return kernels.moe_unpermute(returned, order, slot_rows, weights)
+
+
+def _exchange(rows: torch.Tensor, receive: list[int], send: list[int], group) -> torch.Tensor:
+    """rows [sum(send), H] -> [sum(receive), H]: send[j] rows to rank j, receive[j] from it."""
+    out = rows.new_empty(sum(receive), rows.shape[1])
+    return dist_nn.all_to_all_single(out, rows.contiguous(), receive, send, group=group)

@@ -1,0 +1,68 @@
+"""PPO on a Qwen3-MoE policy with routing replay: the rollout keeps the sampler's experts of every
+token, the old-log-prob and update forwards route by them, and the first update's ratio is exactly
+1 on every token, also on a minibatch cut from the rollout, with the router losses in the update's
+loss; rollout.exact is refused."""
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from fusedrl.engine.config.moe import RouterLossConfig
+from fusedrl.engine.config.ppo import RolloutConfig, UpdateConfig
+from fusedrl.engine.errors import UsageError
+from fusedrl.engine.stages.ppo.forwards import policy_forward
+from fusedrl.engine.stages.ppo.trainer import build_models
+from fusedrl.engine.stages.ppo.update import UpdateSettings, minibatch_loss
+from fusedrl.kernels import use_backend
+from engine_testing import make_tokenizer, random_prompts
+from moe_testing import make_moe_model
+from test_ppo import config, low_id_fraction, rollout_of, vowel_fraction  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def moe_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_moe")
+    make_moe_model("qwen3_moe").save_pretrained(root / "policy")
+    make_tokenizer().save_pretrained(root / "policy")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello world"}\n{"prompt": "lazy dog"}\n')
+    return root, root / "policy", prompts
+
+
+def test_routing_replay_makes_the_first_ratio_exactly_one(moe_setup):
+    root, policy_dir, prompts = moe_setup
+    cfg = config(root, policy_dir, prompts, "replay", ppo=UpdateConfig(epochs=1, minibatch_size=6),
+                 moe=RouterLossConfig(router_aux_loss_coef=0.01, router_z_loss_coef=0.001))
+    assert cfg.rollout.routing_replay  # on by default
+    with use_backend("triton"):
+        models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
+                              vowel_fraction)
+        models.score = low_id_fraction
+        rollout, metrics = rollout_of(models, random_prompts([5, 3], seed=3), cfg, 0.05)
+        packed = rollout.packed
+        assert packed.routing.shape == (packed.input_ids.shape[0], 1, 2) and packed.routing.dtype == torch.int16
+        last = torch.tensor(packed.seqlens).cumsum(0) - 1  # each row's last token: never forwarded by the sampler
+        recorded = torch.ones(packed.input_ids.shape[0], dtype=torch.bool).index_fill(0, last, False)
+        assert (packed.routing[recorded] >= 0).all() and (packed.routing[~recorded] == -1).all()
+        logp, _, _ = policy_forward(models, packed, cfg.rollout.temperature, with_entropy=False)
+        minibatch = rollout.rows([4, 1, 5])
+        loss, stats = minibatch_loss(models, minibatch, UpdateSettings.of(cfg))
+        loss.backward()  # through the router losses too
+        # Routed elsewhere, the same tokens score differently: the forwards do follow the records.
+        flipped = packed._replace(routing=torch.where(packed.routing >= 0, 7 - packed.routing, -1).to(torch.int16))
+        with torch.no_grad():
+            moved, _, _ = policy_forward(models, flipped, cfg.rollout.temperature, with_entropy=False)
+    mask = rollout.mask
+    assert torch.equal(logp.detach()[mask], rollout.old_logprobs[mask])
+    assert float(stats["approx_kl"]) == 0.0 and float(stats["clipfrac"]) == 0.0
+    assert float(stats["router_aux_loss"]) > 0 and float(stats["router_z_loss"]) > 0
+    assert models.policy.model.layers[1].mlp.gate.weight.grad.abs().sum() > 0
+    assert not torch.allclose(moved[mask], rollout.old_logprobs[mask])
+    assert metrics["logprob_mismatch_max"] < 1e-4  # the sampler's log-probs, from the same experts
+
+
+def test_exact_rollouts_are_refused_for_moe(moe_setup):
+    root, policy_dir, prompts = moe_setup
+    cfg = config(root, policy_dir, prompts, "exact", rollout=RolloutConfig(
+        prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=4, kv_cache_memory=1 << 22, exact=True))
+    with pytest.raises(UsageError, match="rollout.exact=true with a mixture-of-experts policy \\(qwen3_moe\\)"):
+        build_models(cfg, torch.device("cpu"), torch.float32, None, vowel_fraction)
