@@ -1,6 +1,7 @@
 """The plan of Qwen3-30B-A3B (config.json alone, random-weight shapes) GRPO on 8 x 80 GB: its
-published size (30.53B parameters, every expert counted), does not fit in full today (the load and
-the rollout hold the whole 61 GB policy twice), fits with LoRA on attention, which the advice names."""
+published size (30.53B parameters, every expert counted), does not fit in full today (the load is
+sharded, but the rollout gathers the whole 61 GB policy beside its shards and optimizer state), fits
+with LoRA on attention, which the advice names."""
 import pytest
 import transformers
 
@@ -24,7 +25,8 @@ def test_qwen3_30b_a3b_grpo_fits_on_one_node_with_attention_lora(qwen3_30b_a3b):
     policy = model_rows(stage_setup(config("grpo", qwen3_30b_a3b), NODE["gpus"]))[0]
     assert policy["parameters"] / 1e9 == pytest.approx(30.53, abs=0.01)
     full = plan("grpo", qwen3_30b_a3b, CKPT, advise=True)
-    assert not full.fits and full.total("load") == pytest.approx(122.1 * GB, rel=0.01)
+    assert not full.fits and full.total("rollout") == pytest.approx(124.2 * GB, rel=0.01)
+    assert full.total("load") < 16 * GB  # each GPU reads only its shards
     assert any("lora.target_modules=q_proj,k_proj,v_proj,o_proj" in note for note in full.notes)
     lora = plan("grpo", qwen3_30b_a3b, CKPT, "lora.rank=64", "lora.target_modules=q_proj,k_proj,v_proj,o_proj")
-    assert lora.fits and lora.peak < 70 * GB
+    assert lora.fits and lora.peak < 72 * GB
