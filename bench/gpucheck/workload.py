@@ -143,6 +143,16 @@ def generation(models=MODELS) -> None:
                      SamplingParams(max_new_tokens=3, temperature=1.0, seed=0))
 
 
+def moe(hidden: int = 2048, experts: int = 8, top_k: int = 2) -> None:
+    """The MoE layer's permute and weighted unpermute, forward and backward, at Qwen3-30B-A3B's width."""
+    for dtype in DTYPES:
+        x = torch.randn(TOKENS, hidden, dtype=dtype, requires_grad=True)
+        order, slot_rows, _ = kernels.moe_sort(torch.randint(0, experts, (TOKENS, top_k)), experts)
+        weights = torch.rand(TOKENS, top_k, requires_grad=True)
+        rows = kernels.moe_permute(x, order, top_k)
+        kernels.moe_unpermute(rows, order, slot_rows, weights).float().sum().backward()
+
+
 def run(quick: bool = False) -> None:
     """The whole workload on the triton backend (the interpreter on the CPU). `quick` (a fast local check):
     one vocabulary per alignment class and the two small models, which still reach every kernel."""
@@ -150,6 +160,7 @@ def run(quick: bool = False) -> None:
         ops(VOCABS[1:] if quick else VOCABS)
         lm_head(quick)
         fp32_gemms()
+        moe()
         generation(MODELS[:2] if quick else MODELS)
         invariant_matmul()
         invariant_mode()
