@@ -13,7 +13,10 @@ RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
 Under torchrun every model is sharded (train.data_parallel) except the adapted ones: the policy and
 the shared value head with lora, the LoRA critic and its trunk with critic_lora are whole on every
 rank, their adapters' gradients averaged over the ranks. Each rank samples its own
-rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); see
+rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); with
+train.tensor_parallel=T every model is laid out for T tensor ranks instead (training_sharder) and a
+tensor group samples, scores and trains the same rows in lockstep, one data rank of world_size / T
+(distributed.tensor_groups); see
 experience.py and update.py; what carries from one iteration to the next, state.py.
 """
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""GRPO tensor-parallel under torchrun (gloo CPU ranks, engine/tensor_parallel.py): the policy and the
+"""GRPO and PPO tensor-parallel under torchrun (gloo CPU ranks, engine/tensor_parallel.py): the policy and the
 reference laid out for T=2 tensor ranks, the tensor group sampling in lockstep from the same seeds
 and its first rank alone calling the reward function. The comparison the per-rank sizes make exact:
 rollout.prompts_per_iteration and ppo.minibatch_size are per data rank (a tensor group is one data
 rank), so T=2 on 2 ranks runs one process's config, and T=2 x 2 data groups on 4 ranks runs half
 of each size per group, the global batch of one process with the whole sizes (one minibatch of the
-whole rollout, so the update does not depend on how the rows are split)."""
+whole rollout, so the update does not depend on how the rows are split). PPO with a reward model,
+the reference and a separate critic, every model laid out for the tensor ranks, at T=2 on 2 ranks."""
 import json
 import os
 
@@ -12,13 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
+from fusedrl.engine.config.ppo import GRPOConfig, PPOConfig, LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.plan.check import refuse_unfit
 from fusedrl.engine.stages.ppo.trainer import run_ppo
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun
+from fusedrl.engine.model.hf_io import load_model
+from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
 from train_testing import save_tiny_model, write_jsonl
 
 
@@ -40,7 +43,7 @@ def grpo_config(root, name, data_ranks=1, t=1):
     # 1e-6: an element whose gradient is near 0 (rounding where the slices sum in another order)
     # would otherwise take an update of order lr (see test_tensor_parallel_training.py).
     return GRPOConfig(policy=str(root / "policy"), prompts_file=str(root / "prompts.jsonl"),
-                      output_dir=str(root / name), reward_fn="test_grpo_tensor_parallel:recording_reward",
+                      output_dir=str(root / name), reward_fn="test_ppo_tensor_parallel:recording_reward",
                       rollout=RolloutConfig(prompts_per_iteration=4 // data_ranks, samples_per_prompt=3,
                                             max_new_tokens=6, kv_cache_memory=1 << 22),
                       ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.05, vf_coef=0.0, epochs=2,
@@ -67,6 +70,30 @@ def runs(tmp_path_factory):
             run_ppo(grpo_config(root, "one"))
     finally:
         del os.environ["RECORD_DIR"]
+    return root
+
+
+def ppo_config(root, name, t=1):
+    return PPOConfig(policy=str(root / "policy"), prompts_file=str(root / "prompts.jsonl"), output_dir=str(root / name),
+                     reward_model=str(root / "rm"), critic="separate",
+                     rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=6,
+                                           kv_cache_memory=1 << 22),
+                     ppo=UpdateConfig(epochs=2, minibatch_size=4), optim=OptimConfig(lr=1e-3, eps=1e-6),
+                     train=LoopConfig(iterations=2, progress=False, device="cpu", precision="fp32",
+                                      tensor_parallel=t))
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_tp")
+    policy = save_tiny_model(root / "policy")
+    rm = reward_model_from_lm(load_model(policy))
+    torch.nn.init.normal_(rm.score.weight, generator=torch.Generator().manual_seed(0))
+    save_reward_model(rm, root / "rm", source_dir=policy)
+    write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog"]])
+    check(torchrun("ppo", ppo_config(root, "t2", 2), root))
+    with rank_threads():
+        run_ppo(ppo_config(root, "one"))
     return root
 
 
@@ -105,7 +132,20 @@ def test_two_tensor_ranks_by_two_data_groups_train_one_process_s_weights(runs):
 def test_what_does_not_run_tensor_parallel_is_refused_in_one_line(tmp_path):
     cfg = grpo_config(tmp_path, "refused", t=2)
     cfg.rollout.exact = cfg.train.frozen_offload = True
-    with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with rollout.exact=true, train.frozen_offload=true: "
+    cfg.critic, cfg.ppo.estimator = "shared", "gae"
+    with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with critic=shared, rollout.exact=true, "
+                                         r"train.frozen_offload=true: "
                                          r"not supported tensor-parallel yet \(full SFT, RM, PPO and GRPO train "
                                          r"tensor-parallel\)$"):
         refuse_unfit(cfg, torch.device("cpu"), 2)
+
+
+def test_ppo_with_a_reward_model_reference_and_critic_trains_tensor_parallel(ppo_runs):
+    """The reward model scores, the reference and the critic run, and the policy and the critic train,
+    each on its tensor slices."""
+    for final in ("final", "final_critic"):
+        assert max_relative_diff(ppo_runs / "one" / final, ppo_runs / "t2" / final) <= 1e-4, final
+    for key in ("loss", "score_mean", "kl", "value_loss", "explained_variance"):
+        # abs: the KL per sequence is a sum of differences of near-equal log-probs (6e-6 apart here).
+        assert train_metrics(ppo_runs / "t2", key) == pytest.approx(train_metrics(ppo_runs / "one", key),
+                                                                   rel=1e-4, abs=2e-5), key
