@@ -11,14 +11,11 @@ from .report import refusal
 
 def tensor_parallel_gaps(cfg) -> list[str]:
     """The options of `cfg` set to what does not train tensor-parallel yet: LoRA adapters (on the
-    policy or the critic), a value head on the policy's trunk (critic=shared), the batch-invariant
-    rollout (its fixed reduction order is one device's, not the tensor ranks'), and offloading the
-    frozen models' shards."""
+    policy or the critic), the batch-invariant rollout (its fixed reduction order is one device's,
+    not the tensor ranks'), and offloading the frozen models' shards."""
     gaps = [f"lora.rank={cfg.lora.rank}"] if cfg.lora.rank > 0 else []
     if getattr(getattr(cfg, "critic_lora", None), "rank", 0) > 0:
         gaps.append(f"critic_lora.rank={cfg.critic_lora.rank}")
-    if getattr(cfg, "critic", None) == "shared":
-        gaps.append("critic=shared")
     if getattr(getattr(cfg, "rollout", None), "exact", False):
         gaps.append("rollout.exact=true")
     if getattr(cfg.train, "frozen_offload", False):

@@ -159,7 +159,9 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         critic = build_critic(cfg, rm, device, dtype, sharder if cfg.critic_lora.enabled else trained)
     elif cfg.critic == "shared":
         value_head = shared_value_head(policy)
-        if not lora:  # beside adapters it is a replicated head, its gradients averaged
+        # Beside adapters, or beside a tensor-parallel trunk (whose hidden states every tensor rank
+        # holds whole), a replicated head, its gradients averaged (optim.clip_and_step).
+        if not lora and cfg.train.tensor_parallel == 1:
             distributed.shard(value_head, cfg.train.data_parallel)
     if rm is not None:
         score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)

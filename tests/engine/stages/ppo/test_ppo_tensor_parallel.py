@@ -5,7 +5,8 @@ rollout.prompts_per_iteration and ppo.minibatch_size are per data rank (a tensor
 rank), so T=2 on 2 ranks runs one process's config, and T=2 x 2 data groups on 4 ranks runs half
 of each size per group, the global batch of one process with the whole sizes (one minibatch of the
 whole rollout, so the update does not depend on how the rows are split). PPO with a reward model,
-the reference and a separate critic, every model laid out for the tensor ranks, at T=2 on 2 ranks."""
+the reference and a separate critic, every model laid out for the tensor ranks, and with a value head
+on the policy (critic=shared), at T=2 on 2 ranks."""
 import json
 import os
 
@@ -73,9 +74,9 @@ def runs(tmp_path_factory):
     return root
 
 
-def ppo_config(root, name, t=1):
+def ppo_config(root, name, t=1, critic="separate"):
     return PPOConfig(policy=str(root / "policy"), prompts_file=str(root / "prompts.jsonl"), output_dir=str(root / name),
-                     reward_model=str(root / "rm"), critic="separate",
+                     reward_model=str(root / "rm"), critic=critic,
                      rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=6,
                                            kv_cache_memory=1 << 22),
                      ppo=UpdateConfig(epochs=2, minibatch_size=4), optim=OptimConfig(lr=1e-3, eps=1e-6),
@@ -92,8 +93,10 @@ def ppo_runs(tmp_path_factory):
     save_reward_model(rm, root / "rm", source_dir=policy)
     write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog"]])
     check(torchrun("ppo", ppo_config(root, "t2", 2), root))
+    check(torchrun("ppo", ppo_config(root, "shared_t2", 2, "shared"), root))
     with rank_threads():
         run_ppo(ppo_config(root, "one"))
+        run_ppo(ppo_config(root, "shared_one", critic="shared"))
     return root
 
 
@@ -132,9 +135,7 @@ def test_two_tensor_ranks_by_two_data_groups_train_one_process_s_weights(runs):
 def test_what_does_not_run_tensor_parallel_is_refused_in_one_line(tmp_path):
     cfg = grpo_config(tmp_path, "refused", t=2)
     cfg.rollout.exact = cfg.train.frozen_offload = True
-    cfg.critic, cfg.ppo.estimator = "shared", "gae"
-    with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with critic=shared, rollout.exact=true, "
-                                         r"train.frozen_offload=true: "
+    with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with rollout.exact=true, train.frozen_offload=true: "
                                          r"not supported tensor-parallel yet \(full SFT, RM, PPO and GRPO train "
                                          r"tensor-parallel\)$"):
         refuse_unfit(cfg, torch.device("cpu"), 2)
@@ -149,3 +150,12 @@ def test_ppo_with_a_reward_model_reference_and_critic_trains_tensor_parallel(ppo
         # abs: the KL per sequence is a sum of differences of near-equal log-probs (6e-6 apart here).
         assert train_metrics(ppo_runs / "t2", key) == pytest.approx(train_metrics(ppo_runs / "one", key),
                                                                    rel=1e-4, abs=2e-5), key
+
+
+def test_ppo_with_a_value_head_on_the_tensor_parallel_policy(ppo_runs):
+    """critic=shared: the value head, whole on every rank, reads the trunk's replicated hidden states;
+    its gradients averaged over the ranks."""
+    assert max_relative_diff(ppo_runs / "shared_one" / "final", ppo_runs / "shared_t2" / "final") <= 1e-4
+    for key in ("loss", "value_loss", "explained_variance"):
+        assert train_metrics(ppo_runs / "shared_t2", key) == pytest.approx(
+            train_metrics(ppo_runs / "shared_one", key), rel=1e-4, abs=2e-5), key
