@@ -23,7 +23,7 @@ from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
-from train_testing import save_tiny_model, write_jsonl
+from train_testing import copy_checkpoint, save_tiny_model, write_jsonl
 
 
 def recording_reward(prompts, responses):
@@ -39,7 +39,7 @@ def records(directory, rank):
     return [tuple(row) for row in map(json.loads, path.read_text().splitlines())] if path.exists() else []
 
 
-def grpo_config(root, name, data_ranks=1, t=1):
+def grpo_config(root, name, data_ranks=1, t=1, **loop):
     # 4 prompts x 3 samples per iteration in all; 2 epochs (the second with ratios off 1). Adam's eps
     # 1e-6: an element whose gradient is near 0 (rounding where the slices sum in another order)
     # would otherwise take an update of order lr (see test_tensor_parallel_training.py).
@@ -51,7 +51,7 @@ def grpo_config(root, name, data_ranks=1, t=1):
                                        agg="token-mean", minibatch_size=12 // data_ranks),
                       optim=OptimConfig(lr=1e-3, eps=1e-6),
                       train=LoopConfig(iterations=2, progress=False, device="cpu", precision="fp32",
-                                       tensor_parallel=t))
+                                       tensor_parallel=t, **loop))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def runs(tmp_path_factory):
                                                                   "fox jumps", "over the", "brown fox"]])
     for name in ("one", "t2", "t2dp2"):
         (root / f"rec-{name}").mkdir()
-    check(torchrun("grpo", grpo_config(root, "t2", 1, 2), root, env={"RECORD_DIR": str(root / "rec-t2")}))
+    check(torchrun("grpo", grpo_config(root, "t2", 1, 2, save_every=1), root, env={"RECORD_DIR": str(root / "rec-t2")}))
     check(torchrun("grpo", grpo_config(root, "t2dp2", 2, 2), root, nproc=4, timeout=400,
                    env={"RECORD_DIR": str(root / "rec-t2dp2")}))
     os.environ["RECORD_DIR"] = str(root / "rec-one")
@@ -119,6 +119,17 @@ def test_two_tensor_ranks_roll_out_score_once_and_train_one_process_s_weights(ru
     for key in ("loss", "kl_loss", "score_mean", "grad_norm"):
         assert train_metrics(runs / "t2", key) == pytest.approx(train_metrics(runs / "one", key), rel=1e-4), key
     assert train_metrics(runs / "t2", "tokens") == train_metrics(runs / "one", "tokens")
+
+
+def test_a_tensor_parallel_run_resumes_exactly(runs, tmp_path):
+    """From its first checkpoint (the policy's slices, their optimizer state, the loop state) the
+    second iteration at T=2 ends with the uninterrupted run's weights."""
+    copy_checkpoint(runs / "t2", 1, tmp_path / "resumed")
+    (tmp_path / "rec").mkdir()
+    check(torchrun("grpo", grpo_config(runs, "unused", 1, 2), tmp_path, overrides=[f"output_dir={tmp_path / 'resumed'}"],
+                   env={"RECORD_DIR": str(tmp_path / "rec")}))
+    assert records(tmp_path / "rec", 0) == records(runs / "rec-t2", 0)[12:]          # the second iteration only
+    assert max_relative_diff(runs / "t2" / "final", tmp_path / "resumed" / "final") == 0
 
 
 def test_two_tensor_ranks_by_two_data_groups_train_one_process_s_weights(runs):
