@@ -100,8 +100,8 @@ class RunConfig:
                                          "state 1/N per rank) | replicate (whole copies, for small models)", "shard")
     tensor_parallel: int = option("under torchrun: T ranks (dividing the ranks and the model's key/value heads) "
                                   "each keep and train their tensor slices of the weights, data-parallel across the "
-                                  "world_size / T groups; full SFT only for now (others refuse T > 1; `fusedrl plan` "
-                                  "plans it)", 1)
+                                  "world_size / T groups (not with LoRA, rollout.exact or "
+                                  "train.frozen_offload yet)", 1)
     dist_timeout_s: float = option("under torchrun: seconds a collective waits for the other ranks before "
                                    "the job fails", 600.0)
     optimizer_offload: bool = option("under torchrun: the trained models' sharded parameters, gradients and "

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from ..config.train import RMConfig, SFTConfig
 from ..errors import UsageError
 from .planner import plan_stage
 from .report import refusal
+
+
+def tensor_parallel_gaps(cfg) -> list[str]:
+    """The options of `cfg` set to what does not train tensor-parallel yet: LoRA adapters (on the
+    policy or the critic), the batch-invariant rollout (its fixed reduction order is one device's,
+    not the tensor ranks'), and offloading the frozen models' shards."""
+    gaps = [f"lora.rank={cfg.lora.rank}"] if cfg.lora.rank > 0 else []
+    if getattr(getattr(cfg, "critic_lora", None), "rank", 0) > 0:
+        gaps.append(f"critic_lora.rank={cfg.critic_lora.rank}")
+    if getattr(getattr(cfg, "rollout", None), "exact", False):
+        gaps.append("rollout.exact=true")
+    if getattr(cfg.train, "frozen_offload", False):
+        gaps.append("train.frozen_offload=true")
+    return gaps
 
 
 def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
@@ -15,7 +28,7 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     where the memory is known, and unless train.memory_check is off; also refuses
     train.optimizer_offload and train.frozen_offload in one process (they are FSDP2's CPU offload of the
     sharded state), train.optimizer_offload beside LoRA adapters or tensor parallelism, and
-    train.tensor_parallel > 1 where training does not run tensor-parallel yet."""
+    train.tensor_parallel > 1 beside what does not run tensor-parallel yet (tensor_parallel_gaps)."""
     if cfg.train.optimizer_offload and gpus == 1:
         raise UsageError("train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
                          "optimizer state: run under torchrun (one process keeps them on its device)")
@@ -26,10 +39,9 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
         raise UsageError(f"train.optimizer_offload=true with lora.rank={cfg.lora.rank} and train.tensor_parallel="
                          f"{cfg.train.tensor_parallel}: expected lora.rank=0 and train.tensor_parallel=1 (LoRA's "
                          "optimizer state is small; the tensor-parallel layout is not offloaded yet)")
-    if cfg.train.tensor_parallel > 1 and (not isinstance(cfg, (SFTConfig, RMConfig)) or cfg.lora.rank > 0):
-        raise UsageError(f"train.tensor_parallel={cfg.train.tensor_parallel}: only full SFT and RM train "
-                         "tensor-parallel yet (`fusedrl generate --tensor-parallel T` generates; `fusedrl plan` "
-                         "accounts for it)")
+    if cfg.train.tensor_parallel > 1 and (unsupported := tensor_parallel_gaps(cfg)):
+        raise UsageError(f"train.tensor_parallel={cfg.train.tensor_parallel} with {', '.join(unsupported)}: not "
+                         "supported tensor-parallel yet (full SFT, RM, PPO and GRPO train tensor-parallel)")
     if device.type != "cuda" or not cfg.train.memory_check:
         return
     total = torch.cuda.get_device_properties(device).total_memory

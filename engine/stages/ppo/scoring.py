@@ -50,12 +50,20 @@ def score_rows(score: Scorer, prompts: list[list[int]], responses: list[list[int
     return forward_in_pieces(packed, tokens_per_forward, score_packed)
 
 
-def function_scorer(fn: Callable, tokenizer, name: str, timeout_s: float) -> Scorer:
+def function_scorer(fn: Callable, tokenizer, name: str, timeout_s: float, tensor_parallel=None) -> Scorer:
     """Scores from a Python function of the decoded texts: fn(prompts, responses) -> list of floats,
     contained (engine/stages/reward_fn.py). `name` (e.g. reward_fn's 'module:function') names it in
-    errors; `timeout_s` bounds one call."""
+    errors; `timeout_s` bounds one call. tensor_parallel (the policy's engine/tensor_parallel
+    TensorParallel, whose ranks hold the same rows): only its first rank calls fn, and every rank
+    takes its scores, so the group agrees even with a reward function that is not deterministic."""
+    def call(prompts, responses):
+        return call_reward_fn(fn, name, [tokenizer.decode(p, skip_special_tokens=True) for p in prompts],
+                              [tokenizer.decode(r, skip_special_tokens=True) for r in responses], timeout_s)
+
     def score(prompts, responses):
-        return torch.tensor(call_reward_fn(fn, name, [tokenizer.decode(p, skip_special_tokens=True) for p in prompts],
-                                           [tokenizer.decode(r, skip_special_tokens=True) for r in responses],
-                                           timeout_s), dtype=torch.float32)
+        if tensor_parallel is None:
+            values = call(prompts, responses)
+        else:
+            values = tensor_parallel.same_on_ranks(call(prompts, responses) if tensor_parallel.rank == 0 else None)
+        return torch.tensor(values, dtype=torch.float32)
     return score

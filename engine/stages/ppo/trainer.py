@@ -13,7 +13,10 @@ RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
 Under torchrun every model is sharded (train.data_parallel) except the adapted ones: the policy and
 the shared value head with lora, the LoRA critic and its trunk with critic_lora are whole on every
 rank, their adapters' gradients averaged over the ranks. Each rank samples its own
-rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); see
+rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); with
+train.tensor_parallel=T every model is laid out for T tensor ranks instead (training_sharder) and a
+tensor group samples, scores and trains the same rows in lockstep, one data rank of world_size / T
+(distributed.tensor_groups); see
 experience.py and update.py; what carries from one iteration to the next, state.py.
 """
 from __future__ import annotations
@@ -45,6 +48,7 @@ from ...train import adapters, optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
 from ...run_dir import releases_output_dir
+from ...tensor_parallel import training_sharder
 from ...train.run_setup import start_run
 from .experience import ExperienceSettings, make_rollout
 from .models import PPOModels
@@ -82,9 +86,9 @@ def prompt_indices(n_prompts: int, count: int, seed: int, start: int) -> list[in
 
 
 def next_prompts(prompts: list[list[int]], per_rank: int, seed: int, state: PPOState) -> list[list[int]]:
-    """This rank's `per_rank` of the stream's next per_rank x world_size prompts; advances
-    state.prompts_drawn past all of them."""
-    count = per_rank * distributed.world_size()
+    """This rank's `per_rank` of the stream's next per_rank x data ranks prompts (a tensor group's
+    ranks take the same ones); advances state.prompts_drawn past all of them."""
+    count = per_rank * distributed.data_world_size()
     picked = prompt_indices(len(prompts), count, seed, state.prompts_drawn)
     state.prompts_drawn += count
     return [prompts[i] for i in picked[distributed.rank_slice(per_rank)]]
@@ -131,9 +135,11 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     sharder = distributed.sharder(mode, device)
     # train.optimizer_offload: the fully trained models' shards (and so their optimizer state) rest in
     # CPU memory; train.frozen_offload: the reference's and the reward model's (unless it is the
-    # critic_lora trunk, trained through). A LoRA base has no optimizer state to offload.
-    trained = distributed.sharder(mode, device, offload=cfg.train.optimizer_offload)
-    frozen = distributed.sharder(mode, device, offload=cfg.train.frozen_offload)
+    # critic_lora trunk, trained through). A LoRA base has no optimizer state to offload. At
+    # train.tensor_parallel > 1 every model is laid out for the tensor ranks (neither offload: check.py).
+    trained = training_sharder(cfg.train, device)
+    frozen = trained if cfg.train.tensor_parallel > 1 else distributed.sharder(mode, device,
+                                                                              offload=cfg.train.frozen_offload)
     policy = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder if lora_run else trained)
     if policy.config.moe is not None and cfg.rollout.exact:
         raise UsageError(f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is not "
@@ -153,14 +159,16 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         critic = build_critic(cfg, rm, device, dtype, sharder if cfg.critic_lora.enabled else trained)
     elif cfg.critic == "shared":
         value_head = shared_value_head(policy)
-        if not lora:  # beside adapters it is a replicated head, its gradients averaged
+        # Beside adapters, or beside a tensor-parallel trunk (whose hidden states every tensor rank
+        # holds whole), a replicated head, its gradients averaged (optim.clip_and_step).
+        if not lora and cfg.train.tensor_parallel == 1:
             distributed.shard(value_head, cfg.train.data_parallel)
     if rm is not None:
         score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)
     else:
         fn = resolve_reward_fn(cfg, reward_fn)
         score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"),
-                                cfg.reward.fn_timeout_s)
+                                cfg.reward.fn_timeout_s, getattr(policy, "tensor_parallel", None))
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory, device=device,
                         release_kv_pool=cfg.rollout.release_kv_pool,
                         block_size=cfg.rollout.block_size,
@@ -211,7 +219,8 @@ def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, lis
 def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, device, dtype) -> Trainables:
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
     optimizers and their schedules."""
-    sharder = distributed.sharder(cfg.train.data_parallel, device)
+    sharder = (training_sharder(cfg.train, device) if cfg.train.tensor_parallel > 1
+               else distributed.sharder(cfg.train.data_parallel, device))
     saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device, shard=sharder))}
              if models.lora is None else {"policy_adapter": adapters.saved_adapter(models.lora)})
     small = {}
@@ -254,12 +263,14 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     opts, schedules = build_optimizers(models, cfg)
     state = PPOState(kl_coef=cfg.reward.kl_coef)
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations, eval_every=cfg.train.log_every)
-    run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype), state,
-                 iteration_step(cfg, models, opts, schedules, prompts, ptx_loss(cfg, tokenizer, models.policy, device),
-                                device),
-                 evaluate=None if evaluate is None else lambda: evaluate(models),
-                 info={"prompts": len(prompts), "truncated_prompts": truncated,
-                       "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
+    # A tensor group's ranks hold the same rows: the row helpers reduce over the data ranks only.
+    with distributed.tensor_groups(getattr(models.policy, "tensor_parallel", None)):
+        run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype), state,
+                     iteration_step(cfg, models, opts, schedules, prompts,
+                                    ptx_loss(cfg, tokenizer, models.policy, device), device),
+                     evaluate=None if evaluate is None else lambda: evaluate(models),
+                     info={"prompts": len(prompts), "truncated_prompts": truncated,
+                           "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
     final = Path(cfg.output_dir) / "final"
     adapters.export(models.policy, models.lora, final, cfg.policy)  # collective: streamed to rank 0
     if models.critic is not None:
@@ -309,7 +320,7 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
             metrics["tokens_per_s_train"] = cfg.ppo.epochs * metrics["tokens"] / max(timer.seconds["train"], 1e-9)
             if update.updates == 0:
                 metrics.update(skipped=True, skip_reason="every minibatch had a non-finite loss or gradient")
-            controllers.kl.update(experience.kl, rollout.mask.shape[0] * distributed.world_size())
+            controllers.kl.update(experience.kl, rollout.mask.shape[0] * distributed.data_world_size())
             controllers.save(state)
         for s in schedules:  # after the update; a skipped iteration keeps its place in the schedule too
             optim.advance_schedule(s)

@@ -140,7 +140,8 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
         weights = {kind: 1.0 if u is None else (u if pick is None else u.index_select(0, pick)).sum() / totals_of[kind]
                    for kind, u in units.items()}
         loss, stats = minibatch_loss(models, micro, s, weights)
-        (loss * distributed.world_size()).backward()  # FSDP averages over ranks; the minibatch sums
+        # FSDP (or average_over_data, tensor-parallel) averages over the data ranks; the minibatch sums.
+        (loss * distributed.data_world_size()).backward()
         total_loss = total_loss + loss.detach()
         for name, value in stats.items():
             # Losses add up as the loss does; the other stats are per-micro-batch means, weighted
@@ -161,8 +162,11 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
         ptx = ptx_loss()
         (p.ptx_coef * ptx).backward()
         total_loss = total_loss + ptx.detach()
+    for model in (models.policy, models.critic):  # tensor-parallel: FSDP's reduction, its hooks bypassed
+        if getattr(model, "tensor_parallel", None) is not None:
+            model.tensor_parallel.average_over_data(model)
     totals["loss"] = total_loss
-    if distributed.world_size() > 1:
+    if distributed.data_world_size() > 1:
         # The forwards run only to keep the ranks in step (a fill on the device: no host copy).
         totals["spare_forwards"] = torch.full((), float(spares), device=total_loss.device)
         # Sums of the ranks' weighted shares: the global minibatch's stats, in one all-reduce.
