@@ -30,9 +30,33 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
         raise UsageError(f"train.tensor_parallel={cfg.train.tensor_parallel}: only full SFT and RM train "
                          "tensor-parallel yet (`fusedrl generate --tensor-parallel T` generates; `fusedrl plan` "
                          "accounts for it)")
+    refuse_expert_parallel(cfg, gpus)
     if device.type != "cuda" or not cfg.train.memory_check:
         return
     total = torch.cuda.get_device_properties(device).total_memory
     plan = plan_stage(cfg, gpus, total)
     if not plan.fits:
         raise UsageError(refusal(plan))
+
+
+def refuse_expert_parallel(cfg, gpus: int) -> None:
+    """UsageError (one line) for a train.expert_parallel E > 1 training cannot run: E not the world
+    size (an expert group smaller than the world is not built yet) or not dividing the experts, a
+    dense model, beside tensor parallelism, LoRA, optimizer offload or replicated data parallelism,
+    or in another stage than SFT."""
+    e = getattr(cfg.train, "expert_parallel", 1)
+    if e == 1:
+        return
+    from ..model.hf_io import load_config
+    moe = load_config(cfg.model).moe if isinstance(cfg, SFTConfig) else None
+    problem = ("only full SFT trains expert-parallel yet" if not isinstance(cfg, SFTConfig)
+               else f"expected the world size {gpus} (experts sharded over every rank)" if e != gpus
+               else f"{cfg.model} is a dense model (no experts to shard)" if moe is None
+               else f"expected a divisor of the model's {moe.num_experts} experts" if moe.num_experts % e
+               else "expected train.tensor_parallel=1, lora.rank=0, train.optimizer_offload=false and "
+                    "train.data_parallel=shard beside it" if (cfg.train.tensor_parallel > 1 or cfg.lora.rank > 0
+                                                              or cfg.train.optimizer_offload
+                                                              or cfg.train.data_parallel != "shard")
+               else None)
+    if problem is not None:
+        raise UsageError(f"train.expert_parallel={e}: {problem}")

@@ -1,0 +1,57 @@
+"""train.expert_parallel: SFT of a tiny Qwen3-MoE with its experts sharded over 2 gloo ranks (each
+rank 4 of the 8 experts, tokens sent by all-to-all) gives one process's weights and curves with the
+same global batch; its export reloads in transformers; the refusals are one line each."""
+import pytest
+import torch
+import transformers
+
+from fusedrl.engine.config.lora import LoRAConfig
+from fusedrl.engine.errors import UsageError
+from fusedrl.engine.plan.check import refuse_expert_parallel
+from fusedrl.engine.stages.sft import run_sft
+from dist_testing import check, rank_threads, torchrun
+from engine_testing import make_tokenizer
+from moe_testing import make_moe_model
+from test_data_parallel import assert_same_curves, assert_same_weights
+from train_testing import demonstrations, save_tiny_model, sft_config, write_jsonl
+
+
+def test_expert_parallel_sft_two_ranks_match_one_process(tmp_path):
+    base = tmp_path / "base"
+    make_moe_model("qwen3_moe").save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    write_jsonl(tmp_path / "train.jsonl", demonstrations(16))
+
+    def run(name, ranks):
+        return sft_config(base, tmp_path / "train.jsonl", tmp_path / name,
+                          optim={"grad_accum_steps": 2} if ranks == 1 else {},
+                          train={"max_steps": 2, "device": "cpu", "precision": "fp32",
+                                 "expert_parallel": ranks})
+
+    check(torchrun("sft", run("two", 2), tmp_path))
+    with rank_threads():
+        run_sft(run("one", 1))
+    assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final", rtol=1e-4)
+    assert_same_curves(tmp_path / "two", tmp_path / "one")
+    ids = torch.arange(3, 19).view(2, 8)
+    logits = [transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / name / "final").eval()(ids).logits
+              for name in ("two", "one")]
+    assert (logits[0] - logits[1]).abs().max() <= 1e-4 * logits[1].abs().max()
+
+
+@pytest.mark.parametrize("expert_parallel, gpus, extra, message", [
+    (2, 4, {}, "expected the world size 4"),
+    (3, 3, {}, "expected a divisor of the model's 8 experts"),
+    (2, 2, {"lora": LoRAConfig(rank=4)}, "expected train.tensor_parallel=1, lora.rank=0"),
+    (2, 2, {"dense": True}, "is a dense model"),
+])
+def test_expert_parallel_refusals(tmp_path, expert_parallel, gpus, extra, message):
+    if extra.pop("dense", False):
+        base = save_tiny_model(tmp_path / "dense")
+    else:
+        base = tmp_path / "moe"
+        make_moe_model("qwen3_moe").save_pretrained(base)
+    cfg = sft_config(base, tmp_path / "train.jsonl", tmp_path / "out", train={"expert_parallel": expert_parallel},
+                     **extra)
+    with pytest.raises(UsageError, match=f"train.expert_parallel={expert_parallel}: .*{message}"):
+        refuse_expert_parallel(cfg, gpus)
