@@ -1,6 +1,9 @@
 """train.expert_parallel: SFT of a tiny Qwen3-MoE with its experts sharded over 2 gloo ranks (each
 rank 4 of the 8 experts, tokens sent by all-to-all) gives one process's weights and curves with the
-same global batch; its export reloads in transformers; the refusals are one line each."""
+same global batch, also stopped and resumed from the checkpoint that holds each rank's experts; its
+export reloads in transformers; the refusals are one line each."""
+import json
+
 import pytest
 import torch
 import transformers
@@ -22,12 +25,18 @@ def test_expert_parallel_sft_two_ranks_match_one_process(tmp_path):
     make_tokenizer().save_pretrained(base)
     write_jsonl(tmp_path / "train.jsonl", demonstrations(16))
 
-    def run(name, ranks):
+    def run(name, ranks, steps=2):
         return sft_config(base, tmp_path / "train.jsonl", tmp_path / name,
                           optim={"grad_accum_steps": 2} if ranks == 1 else {},
-                          train={"max_steps": 2, "device": "cpu", "precision": "fp32",
+                          train={"max_steps": steps, "device": "cpu", "precision": "fp32", "save_every": 1,
                                  "expert_parallel": ranks})
 
+    # Stopped after step 1 and resumed: each rank's experts and their Adam moments come back.
+    check(torchrun("sft", run("two", 2, steps=1), tmp_path))
+    chunks = json.loads(next((tmp_path / "two" / "checkpoints").glob("step-*/checkpoint.json")).read_text())[
+        "tensors"]["models.model.model.layers.1.mlp.experts.down_proj"]["chunks"]
+    assert [(c["file"], c["offsets"][0], c["sizes"][0]) for c in chunks] == [
+        ("rank-00000.safetensors", 0, 4), ("rank-00001.safetensors", 4, 4)]
     check(torchrun("sft", run("two", 2), tmp_path))
     with rank_threads():
         run_sft(run("one", 1))
