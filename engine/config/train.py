@@ -105,7 +105,7 @@ class RunConfig:
     expert_parallel: int = option("under torchrun, for an MoE model: the experts of every MoE layer sharded over E "
                                   "ranks (E = the world size for now, dividing the number of experts), each keeping "
                                   "and training its share whole, tokens sent to them by all-to-all; FSDP shards the "
-                                  "rest; full SFT only for now", 1)
+                                  "rest; SFT, PPO and GRPO (the policy; its rollouts gather the experts) for now", 1)
     dist_timeout_s: float = option("under torchrun: seconds a collective waits for the other ranks before "
                                    "the job fails", 600.0)
     optimizer_offload: bool = option("under torchrun: the trained models' sharded parameters, gradients and "

@@ -18,7 +18,9 @@ as FSDP averages its own: every stage backpropagates loss * world_size (distribu
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -75,6 +77,95 @@ def shard_for_training(model: nn.Module, device_type: str) -> nn.Module:
     mesh = distributed.world_mesh(device_type)
     shard_experts(model, mesh=mesh)
     return distributed.shard(model, "shard", device_type, keep=[block.experts for block in moe_blocks(model)])
+
+
+@contextlib.contextmanager
+def gathered_experts(model: nn.Module) -> Iterator[None]:
+    """Inside: every expert-parallel block of `model` holds all its experts whole (gathered from the
+    ranks: collective on entry) and runs them locally, as distributed.gathered does for FSDP's
+    units, so a rank generates its own prompts with no collective. Outside again: its own experts,
+    trained in place (the gathered copies are dropped). For the training layout (shard_for_training:
+    DTensor experts); no-op without it."""
+    blocks = [b for b in moe_blocks(model) if b.expert_shard is not None and b.expert_shard.average]
+    kept = [(b.expert_shard, b.experts.gate_up_proj, b.experts.down_proj) for b in blocks]
+    with torch.no_grad():
+        for block in blocks:
+            for name in ("gate_up_proj", "down_proj"):
+                mine = getattr(block.experts, name)
+                setattr(block.experts, name, nn.Parameter(mine.full_tensor(), requires_grad=False))
+            block.expert_shard = None
+    try:
+        yield
+    finally:
+        for block, (shard, gate_up, down) in zip(blocks, kept):
+            block.experts.gate_up_proj, block.experts.down_proj, block.expert_shard = gate_up, down, shard
+
+
+def dispatch(self, block: SparseMoeBlock, h, ids, weights, prims) -> torch.Tensor:
+        """The block's forward over the group (what SparseMoeBlock calls once sharded)."""
+        return dispatch(block, h, ids, weights, prims)
+
+
+def shard_experts(model: nn.Module, group=None, mesh=None) -> None:
+    """Keep only this rank's experts in every MoE block of `model` (built whole, same weights on
+    every rank, or on the meta device); the blocks then dispatch their tokens over `group` (default:
+    the world). mesh: a 1-D device mesh instead of `group`: the experts then are DTensors sharded on
+    it (Shard(0): expert rows), their gradients averaged over it (see the module docstring)."""
+    group = mesh.get_group() if mesh is not None else group
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    for block in moe_blocks(model):
+        n = block.moe.num_experts
+        if n % world:
+            raise ValueError(f"expert parallelism over {world} ranks needs num_experts divisible by it, got {n}")
+        local = n // world
+        shard = ExpertShard(group, world, rank * local, local, average=mesh is not None)
+        for name in ("gate_up_proj", "down_proj"):
+            whole = getattr(block.experts, name)
+            mine = whole.detach()[shard.first:shard.first + local].clone()
+            if mesh is not None:
+                from torch.distributed.tensor import DTensor, Shard
+                mine = DTensor.from_local(mine, mesh, [Shard(0)], run_check=False, shape=whole.shape,
+                                          stride=whole.stride())
+            setattr(block.experts, name, nn.Parameter(mine, requires_grad=whole.requires_grad))
+        block.expert_shard = shard
+
+
+def shard_for_training(model: nn.Module, device_type: str) -> nn.Module:
+    """train.expert_parallel = world size: `model` (on the meta device, hf_io.load_model's `shard`)
+    with its experts sharded over the FSDP mesh and the rest sharded by FSDP2 around them."""
+    from .. import distributed
+    mesh = distributed.world_mesh(device_type)
+    shard_experts(model, mesh=mesh)
+    return distributed.shard(model, "shard", device_type, keep=[block.experts for block in moe_blocks(model)])
+
+
+@contextlib.contextmanager
+def gathered_experts(model: nn.Module) -> Iterator[None]:
+    """Inside: every expert-parallel block of `model` holds all its experts whole (gathered from the
+    ranks: collective on entry) and runs them locally, as distributed.gathered does for FSDP's
+    units, so a rank generates its own prompts with no collective. Outside again: its own experts,
+    trained in place (the gathered copies are dropped). For the training layout (shard_for_training:
+    DTensor experts); no-op without it."""
+    blocks = [b for b in moe_blocks(model) if b.expert_shard is not None and b.expert_shard.average]
+    kept = [(b.expert_shard, b.experts.gate_up_proj, b.experts.down_proj) for b in blocks]
+    with torch.no_grad():
+        for block in blocks:
+            for name in ("gate_up_proj", "down_proj"):
+                mine = getattr(block.experts, name)
+                setattr(block.experts, name, nn.Parameter(mine.full_tensor(), requires_grad=False))
+            block.expert_shard = None
+    try:
+        yield
+    finally:
+        for block, (shard, gate_up, down) in zip(blocks, kept):
+            block.experts.gate_up_proj, block.experts.down_proj, block.expert_shard = gate_up, down, shard
+
+
+def _all_gathered(local: torch.Tensor, shard: ExpertShard) -> torch.Tensor:
+    """A plain expert shard [E / W, ...] -> every rank's [E, ...] (in rank order)."""
+    parts = [torch.empty_like(local) for _ in range(shard.world)]
+    dist.all_gather(parts, local.detach().contiguous(), group=shard.group)
+    return torch.cat(parts)
 
 
 def dispatch(block: SparseMoeBlock, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, prims) -> torch.Tensor:

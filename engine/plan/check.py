@@ -42,16 +42,17 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
 def refuse_expert_parallel(cfg, gpus: int) -> None:
     """UsageError (one line) for a train.expert_parallel E > 1 training cannot run: E not the world
     size (an expert group smaller than the world is not built yet) or not dividing the experts, a
-    dense model, beside tensor parallelism, LoRA, optimizer offload or replicated data parallelism,
-    or in another stage than SFT."""
+    dense model (SFT's model, PPO/GRPO's policy), beside tensor parallelism, LoRA, optimizer offload
+    or replicated data parallelism, or in the reward-model stage."""
     e = getattr(cfg.train, "expert_parallel", 1)
     if e == 1:
         return
     from ..model.hf_io import load_config
-    moe = load_config(cfg.model).moe if isinstance(cfg, SFTConfig) else None
-    problem = ("only full SFT trains expert-parallel yet" if not isinstance(cfg, SFTConfig)
+    model = cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
+    moe = load_config(model).moe if model is not None else None
+    problem = ("only SFT, PPO and GRPO train expert-parallel yet" if model is None
                else f"expected the world size {gpus} (experts sharded over every rank)" if e != gpus
-               else f"{cfg.model} is a dense model (no experts to shard)" if moe is None
+               else f"{model} is a dense model (no experts to shard)" if moe is None
                else f"expected a divisor of the model's {moe.num_experts} experts" if moe.num_experts % e
                else "expected train.tensor_parallel=1, lora.rank=0, train.optimizer_offload=false and "
                     "train.data_parallel=shard beside it" if (cfg.train.tensor_parallel > 1 or cfg.lora.rank > 0

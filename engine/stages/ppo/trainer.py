@@ -45,6 +45,7 @@ from ...train import adapters, optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
 from ...run_dir import releases_output_dir
+from ...tensor_parallel import training_sharder
 from ...train.run_setup import start_run
 from .experience import ExperienceSettings, make_rollout
 from .models import PPOModels
@@ -133,8 +134,9 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     # CPU memory; train.frozen_offload: the reference's and the reward model's (unless it is the
     # critic_lora trunk, trained through). A LoRA base has no optimizer state to offload.
     trained = distributed.sharder(mode, device, offload=cfg.train.optimizer_offload)
+    policy_sharder = training_sharder(cfg.train, device) if cfg.train.expert_parallel > 1 else trained
     frozen = distributed.sharder(mode, device, offload=cfg.train.frozen_offload)
-    policy = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder if lora_run else trained)
+    policy = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder if lora_run else policy_sharder)
     if policy.config.moe is not None and cfg.rollout.exact:
         raise UsageError(f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is not "
                          "supported: its expert GEMMs have no batch-invariant mode; set rollout.exact=false "
@@ -212,7 +214,9 @@ def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, d
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
     optimizers and their schedules."""
     sharder = distributed.sharder(cfg.train.data_parallel, device)
-    saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device, shard=sharder))}
+    policy_sharder = training_sharder(cfg.train, device) if cfg.train.expert_parallel > 1 else sharder
+    saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device,
+                                                                       shard=policy_sharder))}
              if models.lora is None else {"policy_adapter": adapters.saved_adapter(models.lora)})
     small = {}
     if isinstance(models.critic, LoRACritic):
