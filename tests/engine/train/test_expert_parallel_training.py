@@ -20,7 +20,7 @@ from dist_testing import check, rank_threads, torchrun
 from engine_testing import make_tokenizer
 from moe_testing import make_moe_model
 from test_data_parallel import assert_same_curves, assert_same_weights
-from train_testing import demonstrations, save_tiny_model, sft_config, write_jsonl
+from train_testing import demonstrations, rm_config, save_tiny_model, sft_config, write_jsonl
 
 
 def test_expert_parallel_sft_two_ranks_match_one_process(tmp_path):
@@ -84,6 +84,7 @@ def test_grpo_expert_parallel_equals_fsdp_experts(tmp_path):
     (3, 3, {}, "expected a divisor of the model's 8 experts"),
     (2, 2, {"lora": LoRAConfig(rank=4)}, "expected train.tensor_parallel=1, lora.rank=0"),
     (2, 2, {"dense": True}, "is a dense model"),
+    (2, 2, {"rm": True}, "only SFT, PPO and GRPO"),
 ])
 def test_expert_parallel_refusals(tmp_path, expert_parallel, gpus, extra, message):
     if extra.pop("dense", False):
@@ -91,7 +92,8 @@ def test_expert_parallel_refusals(tmp_path, expert_parallel, gpus, extra, messag
     else:
         base = tmp_path / "moe"
         make_moe_model("qwen3_moe").save_pretrained(base)
-    cfg = sft_config(base, tmp_path / "train.jsonl", tmp_path / "out", train={"expert_parallel": expert_parallel},
-                     **extra)
+    stage_config = rm_config if extra.pop("rm", False) else sft_config
+    cfg = stage_config(base, tmp_path / "train.jsonl", tmp_path / "out", train={"expert_parallel": expert_parallel},
+                       **extra)
     with pytest.raises(UsageError, match=f"train.expert_parallel={expert_parallel}: .*{message}"):
         refuse_expert_parallel(cfg, gpus)
