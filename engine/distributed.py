@@ -283,6 +283,12 @@ def _mesh(device_type: str, mode: str):
     return init_device_mesh(device_type, (world_size(), 1), mesh_dim_names=("replicate", "shard"))
 
 
+def world_mesh(device_type: str):
+    """The 1-D mesh of every rank `shard` uses in full-shard mode (expert parallelism's experts
+    share it, so one norm and one checkpoint layout cover both)."""
+    return _mesh(device_type, "shard")
+
+
 def fsdp_units(model: nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]

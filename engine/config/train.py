@@ -102,6 +102,10 @@ class RunConfig:
                                   "each keep and train their tensor slices of the weights, data-parallel across the "
                                   "world_size / T groups (not with LoRA, rollout.exact or "
                                   "train.frozen_offload yet)", 1)
+    expert_parallel: int = option("under torchrun, for an MoE model: the experts of every MoE layer sharded over E "
+                                  "ranks (E = the world size for now, dividing the number of experts), each keeping "
+                                  "and training its share whole, tokens sent to them by all-to-all; FSDP shards the "
+                                  "rest; SFT, PPO and GRPO (the policy; its rollouts gather the experts) for now", 1)
     dist_timeout_s: float = option("under torchrun: seconds a collective waits for the other ranks before "
                                    "the job fails", 600.0)
     optimizer_offload: bool = option("under torchrun: the trained models' sharded parameters, gradients and "
@@ -114,6 +118,7 @@ class RunConfig:
     def __post_init__(self):
         check_fields(self, "train.")
         check(self.tensor_parallel >= 1, f"train.tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        check(self.expert_parallel >= 1, f"train.expert_parallel must be >= 1, got {self.expert_parallel}")
         check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),
                f"train.device must be cpu, cuda or cuda:N, got {self.device!r}")

@@ -27,6 +27,7 @@ import torch
 from .llm import LLM
 from .runner import kv_bytes_per_block
 from ..model.causal_lm import CausalLM
+from ..model.expert_parallel import gathered_experts
 from ..model.invariant import BatchInvariant
 from .. import distributed
 from .sampling_params import SamplingParams
@@ -69,7 +70,8 @@ class HybridActor:
         token: [sum of response lengths] fp32 on the policy's device, row after row), rows ordered
         prompt by prompt, sample by sample. The log-probs never leave the device.
         """
-        with contextlib.nullcontext() if self.tensor_parallel else distributed.gathered(self.policy):
+        gathered = contextlib.nullcontext() if self.tensor_parallel else distributed.gathered(self.policy)
+        with gathered, gathered_experts(self.policy):  # a rank generates alone: every expert on it
             outputs = self.llm.generate(prompts, params, decode_text=False)  # PPO reads token ids only
         if self.release_kv_pool:  # rollout.release_kv_pool: its memory for scoring and the update
             self.llm.runner.release_kv_pool()

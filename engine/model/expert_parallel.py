@@ -8,10 +8,19 @@ first: one host read a layer, for the split sizes), runs its local experts as tw
 the rows received from every rank, and sends the outputs back, where the weighted unpermute sums
 them. Both exchanges are torch.distributed.nn's differentiable all_to_all_single, so the backward
 sends the gradients the other way: a rank's expert gradients sum every rank's tokens routed to them.
+
+Training (`train.expert_parallel`, `shard_for_training`): the experts are sharded over the world
+as DTensors (Shard(0) of the FSDP mesh), so the sharded load reads only a rank's experts, the
+checkpoints store each rank's piece with its offsets, the export gathers them (distributed.plain)
+and the clip's norm sums them over the ranks with FSDP's shards; FSDP shards the rest and leaves
+the experts alone (ignored_params). Their gradients are divided by the world size in the backward,
+as FSDP averages its own: every stage backpropagates loss * world_size (distributed.py).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,27 +39,66 @@ class ExpertShard:
     world: int
     first: int
     local: int
+    average: bool = False  # divide the experts' gradients by `world` (shard_for_training)
 
     def dispatch(self, block: SparseMoeBlock, h, ids, weights, prims) -> torch.Tensor:
         """The block's forward over the group (what SparseMoeBlock calls once sharded)."""
         return dispatch(block, h, ids, weights, prims)
 
 
-def shard_experts(model: nn.Module, group=None) -> None:
+def shard_experts(model: nn.Module, group=None, mesh=None) -> None:
     """Keep only this rank's experts in every MoE block of `model` (built whole, same weights on
-    every rank); the blocks then dispatch their tokens over `group` (default: the world)."""
+    every rank, or on the meta device); the blocks then dispatch their tokens over `group` (default:
+    the world). mesh: a 1-D device mesh instead of `group`: the experts then are DTensors sharded on
+    it (Shard(0): expert rows), their gradients averaged over it (see the module docstring)."""
+    group = mesh.get_group() if mesh is not None else group
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     for block in moe_blocks(model):
         n = block.moe.num_experts
         if n % world:
             raise ValueError(f"expert parallelism over {world} ranks needs num_experts divisible by it, got {n}")
         local = n // world
-        shard = ExpertShard(group, world, rank * local, local)
+        shard = ExpertShard(group, world, rank * local, local, average=mesh is not None)
         for name in ("gate_up_proj", "down_proj"):
             whole = getattr(block.experts, name)
-            setattr(block.experts, name, nn.Parameter(whole.detach()[shard.first:shard.first + local].clone(),
-                                                      requires_grad=whole.requires_grad))
+            mine = whole.detach()[shard.first:shard.first + local].clone()
+            if mesh is not None:
+                from torch.distributed.tensor import DTensor, Shard
+                mine = DTensor.from_local(mine, mesh, [Shard(0)], run_check=False, shape=whole.shape,
+                                          stride=whole.stride())
+            setattr(block.experts, name, nn.Parameter(mine, requires_grad=whole.requires_grad))
         block.expert_shard = shard
+
+
+def shard_for_training(model: nn.Module, device_type: str) -> nn.Module:
+    """train.expert_parallel = world size: `model` (on the meta device, hf_io.load_model's `shard`)
+    with its experts sharded over the FSDP mesh and the rest sharded by FSDP2 around them."""
+    from .. import distributed
+    mesh = distributed.world_mesh(device_type)
+    shard_experts(model, mesh=mesh)
+    return distributed.shard(model, "shard", device_type, keep=[block.experts for block in moe_blocks(model)])
+
+
+@contextlib.contextmanager
+def gathered_experts(model: nn.Module) -> Iterator[None]:
+    """Inside: every expert-parallel block of `model` holds all its experts whole (gathered from the
+    ranks: collective on entry) and runs them locally, as distributed.gathered does for FSDP's
+    units, so a rank generates its own prompts with no collective. Outside again: its own experts,
+    trained in place (the gathered copies are dropped). For the training layout (shard_for_training:
+    DTensor experts); no-op without it."""
+    blocks = [b for b in moe_blocks(model) if b.expert_shard is not None and b.expert_shard.average]
+    kept = [(b.expert_shard, b.experts.gate_up_proj, b.experts.down_proj) for b in blocks]
+    with torch.no_grad():
+        for block in blocks:
+            for name in ("gate_up_proj", "down_proj"):
+                mine = getattr(block.experts, name)
+                setattr(block.experts, name, nn.Parameter(mine.full_tensor(), requires_grad=False))
+            block.expert_shard = None
+    try:
+        yield
+    finally:
+        for block, (shard, gate_up, down) in zip(blocks, kept):
+            block.experts.gate_up_proj, block.experts.down_proj, block.expert_shard = gate_up, down, shard
 
 
 def dispatch(block: SparseMoeBlock, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, prims) -> torch.Tensor:
@@ -70,8 +118,8 @@ def dispatch(block: SparseMoeBlock, h: torch.Tensor, ids: torch.Tensor, weights:
     regroup = torch.argsort(expert_of_row, stable=True)
     local_offsets = by_rank.sum(0).cumsum(0).to(torch.int32)
     x = received.index_select(0, regroup)
-    gate_up = kernels.grouped_linear(x, block.experts.gate_up_proj, local_offsets)
-    out = kernels.grouped_linear(prims.silu_mul(gate_up), block.experts.down_proj, local_offsets)
+    gate_up = kernels.grouped_linear(x, _local(block.experts.gate_up_proj, shard), local_offsets)
+    out = kernels.grouped_linear(prims.silu_mul(gate_up), _local(block.experts.down_proj, shard), local_offsets)
     restored = torch.empty_like(regroup).scatter_(0, regroup, torch.arange(regroup.numel(), device=h.device))
     returned = _exchange(out.index_select(0, restored), send, receive, shard.group)
     return kernels.moe_unpermute(returned, order, slot_rows, weights)
@@ -81,3 +129,23 @@ def _exchange(rows: torch.Tensor, receive: list[int], send: list[int], group) ->
     """rows [sum(send), H] -> [sum(receive), H]: send[j] rows to rank j, receive[j] from it."""
     out = rows.new_empty(sum(receive), rows.shape[1])
     return dist_nn.all_to_all_single(out, rows.contiguous(), receive, send, group=group)
+
+
+def _local(weight: torch.Tensor, shard: ExpertShard) -> torch.Tensor:
+    """This rank's experts of `weight` (a DTensor's local shard), its gradient divided by the world
+    size when the shard averages (the stages' loss * world_size convention)."""
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    return _Averaged.apply(local, shard.world) if shard.average else local
+
+
+class _Averaged(torch.autograd.Function):
+    """x as is; its gradient divided by n."""
+
+    @staticmethod
+    def forward(ctx, x, n):
+        ctx.n = n
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.n, None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config.train import SFTConfig
 from ..errors import UsageError
 from .planner import plan_stage
 from .report import refusal
@@ -42,9 +43,34 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     if cfg.train.tensor_parallel > 1 and (unsupported := tensor_parallel_gaps(cfg)):
         raise UsageError(f"train.tensor_parallel={cfg.train.tensor_parallel} with {', '.join(unsupported)}: not "
                          "supported tensor-parallel yet (full SFT, RM, PPO and GRPO train tensor-parallel)")
+    refuse_expert_parallel(cfg, gpus)
     if device.type != "cuda" or not cfg.train.memory_check:
         return
     total = torch.cuda.get_device_properties(device).total_memory
     plan = plan_stage(cfg, gpus, total)
     if not plan.fits:
         raise UsageError(refusal(plan))
+
+
+def refuse_expert_parallel(cfg, gpus: int) -> None:
+    """UsageError (one line) for a train.expert_parallel E > 1 training cannot run: E not the world
+    size (an expert group smaller than the world is not built yet) or not dividing the experts, a
+    dense model (SFT's model, PPO/GRPO's policy), beside tensor parallelism, LoRA, optimizer offload
+    or replicated data parallelism, or in the reward-model stage."""
+    e = getattr(cfg.train, "expert_parallel", 1)
+    if e == 1:
+        return
+    from ..model.hf_io import load_config
+    model = cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
+    moe = load_config(model).moe if model is not None else None
+    problem = ("only SFT, PPO and GRPO train expert-parallel yet" if model is None
+               else f"expected the world size {gpus} (experts sharded over every rank)" if e != gpus
+               else f"{model} is a dense model (no experts to shard)" if moe is None
+               else f"expected a divisor of the model's {moe.num_experts} experts" if moe.num_experts % e
+               else "expected train.tensor_parallel=1, lora.rank=0, train.optimizer_offload=false and "
+                    "train.data_parallel=shard beside it" if (cfg.train.tensor_parallel > 1 or cfg.lora.rank > 0
+                                                              or cfg.train.optimizer_offload
+                                                              or cfg.train.data_parallel != "shard")
+               else None)
+    if problem is not None:
+        raise UsageError(f"train.expert_parallel={e}: {problem}")

@@ -136,11 +136,14 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     # train.optimizer_offload: the fully trained models' shards (and so their optimizer state) rest in
     # CPU memory; train.frozen_offload: the reference's and the reward model's (unless it is the
     # critic_lora trunk, trained through). A LoRA base has no optimizer state to offload. At
-    # train.tensor_parallel > 1 every model is laid out for the tensor ranks (neither offload: check.py).
-    trained = training_sharder(cfg.train, device)
+    # train.tensor_parallel > 1 every model is laid out for the tensor ranks (neither offload: check.py);
+    # at train.expert_parallel > 1 the policy's experts are sharded over the ranks, the rest by FSDP.
+    policy_sharder = training_sharder(cfg.train, device)
+    trained = policy_sharder if cfg.train.expert_parallel == 1 else distributed.sharder(
+        mode, device, offload=cfg.train.optimizer_offload)
     frozen = trained if cfg.train.tensor_parallel > 1 else distributed.sharder(mode, device,
                                                                               offload=cfg.train.frozen_offload)
-    policy = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder if lora_run else trained)
+    policy = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder if lora_run else policy_sharder)
     if policy.config.moe is not None and cfg.rollout.exact:
         raise UsageError(f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is not "
                          "supported: its expert GEMMs have no batch-invariant mode; set rollout.exact=false "
@@ -219,16 +222,18 @@ def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, lis
 def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, device, dtype) -> Trainables:
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
     optimizers and their schedules."""
-    sharder = (training_sharder(cfg.train, device) if cfg.train.tensor_parallel > 1
-               else distributed.sharder(cfg.train.data_parallel, device))
-    saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device, shard=sharder))}
+    sharder = training_sharder(cfg.train, device)  # the policy's layout (tensor or expert ranks, else FSDP)
+    critic_sharder = sharder if cfg.train.expert_parallel == 1 else distributed.sharder(
+        cfg.train.data_parallel, device, offload=cfg.train.optimizer_offload)  # experts: the policy's alone
+    saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device,
+                                                                       shard=sharder))}
              if models.lora is None else {"policy_adapter": adapters.saved_adapter(models.lora)})
     small = {}
     if isinstance(models.critic, LoRACritic):
         saved["critic_adapter"] = adapters.saved_adapter(models.critic.lora)
     elif models.critic is not None:
         saved["critic"] = SavedModel(models.critic, lambda d: load_value_model(d, dtype=dtype, device=device,
-                                                                               shard=sharder))
+                                                                               shard=critic_sharder))
     if models.value_head is not None:
         small["value_head"] = models.value_head
     return Trainables(saved, opts.all(), schedules, small)

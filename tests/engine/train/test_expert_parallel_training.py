@@ -1,0 +1,100 @@
+"""train.expert_parallel: SFT of a tiny Qwen3-MoE with its experts sharded over 2 gloo ranks (each
+rank 4 of the 8 experts, tokens sent by all-to-all) gives one process's weights and curves with the
+same global batch, also stopped and resumed from the checkpoint that holds each rank's experts; its
+export reloads in transformers; GRPO, each rank gathering the experts to generate its own prompts,
+equals the same 2 ranks with the experts sharded by FSDP (curves, exported weights); the refusals are
+one line each."""
+import dataclasses
+import json
+
+import pytest
+import torch
+import transformers
+
+from fusedrl.engine.config.lora import LoRAConfig
+from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, _grpo_update
+from fusedrl.engine.errors import UsageError
+from fusedrl.engine.plan.check import refuse_expert_parallel
+from fusedrl.engine.stages.sft import run_sft
+from dist_testing import check, rank_threads, torchrun
+from engine_testing import make_tokenizer
+from moe_testing import make_moe_model
+from test_data_parallel import assert_same_curves, assert_same_weights
+from train_testing import demonstrations, rm_config, save_tiny_model, sft_config, write_jsonl
+
+
+def test_expert_parallel_sft_two_ranks_match_one_process(tmp_path):
+    base = tmp_path / "base"
+    make_moe_model("qwen3_moe").save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    write_jsonl(tmp_path / "train.jsonl", demonstrations(16))
+
+    def run(name, ranks, steps=2):
+        return sft_config(base, tmp_path / "train.jsonl", tmp_path / name,
+                          optim={"grad_accum_steps": 2} if ranks == 1 else {},
+                          train={"max_steps": steps, "device": "cpu", "precision": "fp32", "save_every": 1,
+                                 "expert_parallel": ranks, "gradient_checkpointing": ranks > 1})
+
+    # The 2 ranks recompute each layer in backward (its all-to-alls again, in the same order on both).
+    # Stopped after step 1 and resumed: each rank's experts and their Adam moments come back.
+    check(torchrun("sft", run("two", 2, steps=1), tmp_path))
+    chunks = json.loads(next((tmp_path / "two" / "checkpoints").glob("step-*/checkpoint.json")).read_text())[
+        "tensors"]["models.model.model.layers.1.mlp.experts.down_proj"]["chunks"]
+    assert [(c["file"], c["offsets"][0], c["sizes"][0]) for c in chunks] == [
+        ("rank-00000.safetensors", 0, 4), ("rank-00001.safetensors", 4, 4)]
+    check(torchrun("sft", run("two", 2), tmp_path))
+    with rank_threads():
+        run_sft(run("one", 1))
+    assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final", rtol=1e-4)
+    assert_same_curves(tmp_path / "two", tmp_path / "one")
+    ids = torch.arange(3, 19).view(2, 8)
+    logits = [transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / name / "final").eval()(ids).logits
+              for name in ("two", "one")]
+    assert (logits[0] - logits[1]).abs().max() <= 1e-4 * logits[1].abs().max()
+
+
+def vowel_fraction(prompts, responses):
+    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
+
+
+def test_grpo_expert_parallel_equals_fsdp_experts(tmp_path):
+    make_moe_model("qwen3_moe").save_pretrained(tmp_path / "policy")
+    make_tokenizer().save_pretrained(tmp_path / "policy")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
+                                                                      "fox jumps"]])
+
+    def run(name, experts):
+        return GRPOConfig(policy=str(tmp_path / "policy"), prompts_file=str(tmp_path / "prompts.jsonl"),
+                          output_dir=str(tmp_path / name), reward_fn="test_expert_parallel_training:vowel_fraction",
+                          rollout=RolloutConfig(prompts_per_iteration=1, samples_per_prompt=3, max_new_tokens=6,
+                                                kv_cache_memory=1 << 22),
+                          ppo=dataclasses.replace(_grpo_update(), epochs=1, minibatch_size=3),
+                          train=LoopConfig(iterations=2, progress=False, device="cpu", precision="fp32",
+                                           expert_parallel=experts))
+
+    for name, experts in (("ep", 2), ("fsdp", 1)):
+        check(torchrun("grpo", run(name, experts), tmp_path))
+    # The GRPO loss is near 0 (-9e-8): its rounding is compared through the gradient norm instead.
+    assert_same_curves(tmp_path / "ep", tmp_path / "fsdp", keys=("grad_norm", "reward_mean"))
+    # GRPO's small steps move the experts by 2.5e-5 of max|w| in 2 iterations; the two runs differ by 7e-9.
+    assert_same_weights(tmp_path / "ep" / "final", tmp_path / "fsdp" / "final", rtol=1e-6)
+
+
+@pytest.mark.parametrize("expert_parallel, gpus, extra, message", [
+    (2, 4, {}, "expected the world size 4"),
+    (3, 3, {}, "expected a divisor of the model's 8 experts"),
+    (2, 2, {"lora": LoRAConfig(rank=4)}, "expected train.tensor_parallel=1, lora.rank=0"),
+    (2, 2, {"dense": True}, "is a dense model"),
+    (2, 2, {"rm": True}, "only SFT, PPO and GRPO"),
+])
+def test_expert_parallel_refusals(tmp_path, expert_parallel, gpus, extra, message):
+    if extra.pop("dense", False):
+        base = save_tiny_model(tmp_path / "dense")
+    else:
+        base = tmp_path / "moe"
+        make_moe_model("qwen3_moe").save_pretrained(base)
+    stage_config = rm_config if extra.pop("rm", False) else sft_config
+    cfg = stage_config(base, tmp_path / "train.jsonl", tmp_path / "out", train={"expert_parallel": expert_parallel},
+                       **extra)
+    with pytest.raises(UsageError, match=f"train.expert_parallel={expert_parallel}: .*{message}"):
+        refuse_expert_parallel(cfg, gpus)
