@@ -375,7 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = getattr(args, "overrides", []) + extra
     try:
-        return args.run(args)
+        code = args.run(args)
+        joined = sys.modules.get("fusedrl.engine.distributed")  # imported only by commands that need torch
+        if joined is not None:
+            joined.leave()
+        return code
     except KeyboardInterrupt:
         if errors.debug_enabled(getattr(args, "debug", False)):
             raise

@@ -49,6 +49,14 @@ def init_distributed(device_type: str, timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def leave() -> None:
+    """Leave torchrun's process group, if this process joined one: a rank that exits with gloo's
+    threads still connected can abort in their destructor ("terminate called without an active
+    exception") while the other ranks close, which torchrun reports as a failed run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

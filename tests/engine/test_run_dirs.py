@@ -304,6 +304,7 @@ try:
     print(f"rank {distributed.rank()} took it", flush=True)
 except Exception as e:
     print(f"rank {distributed.rank()} refused: {type(e).__name__}: {e}", flush=True)
+distributed.leave()
 """
 
 

@@ -30,7 +30,8 @@ def test_settings_take_the_fields_their_job_reads():
                     rollout=RolloutConfig(max_new_tokens=24, temperature=0.7, exact=True),
                     reward=RewardConfig(kl_estimator="k3", normalize=True, clip=5.0),
                     ppo=UpdateConfig(estimator="reinforce", gamma=0.9, lam=0.8, whiten_advantages=False))
-    assert ExperienceSettings.of(cfg) == ExperienceSettings(0.7, True, "k3", True, 5.0, "reinforce", 0.9, 0.8, False)
+    assert ExperienceSettings.of(cfg) == ExperienceSettings(0.7, True, "k3", True, 5.0, "reinforce", 0.9, 0.8, False,
+                                                            cfg.rollout.tokens_per_forward)
     update = UpdateSettings.of(cfg)
     assert (update.ppo, update.temperature, update.loss_agg_norm) == (cfg.ppo, 0.7, 24)  # the norm's default
     norm = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, loss_agg_norm=100.0))
