@@ -376,9 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = getattr(args, "overrides", []) + extra
     try:
         code = args.run(args)
-        joined = sys.modules.get("fusedrl.engine.distributed")  # imported only by commands that need torch
-        if joined is not None:
-            joined.leave()
+        if "fusedrl.engine.distributed" in sys.modules:  # imported only by the commands that need torch
+            sys.modules["fusedrl.engine.distributed"].leave()
         return code
     except KeyboardInterrupt:
         if errors.debug_enabled(getattr(args, "debug", False)):
@@ -391,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         code, message = errors.one_line(e)
         if errors.should_print(e):
             print(f"fusedrl {args.command}: {message}", file=sys.stderr)
+        else:
+            errors.let_rank_0_speak()
         return code
 
 

@@ -12,6 +12,7 @@ Torch-free, so the command's parsing stays light.
 from __future__ import annotations
 
 import os
+import time
 
 DEBUG_ENV = "FUSEDRL_DEBUG"
 _MAX_MESSAGE = 600  # a message longer than this (e.g. a library's dump) is cut: one line stays one line
@@ -48,6 +49,16 @@ def debug_enabled(flag: bool = False) -> bool:
 def should_print(error: BaseException) -> bool:
     """False for a usage error on a torchrun rank other than 0 (rank 0 says the same line)."""
     return not isinstance(error, UsageError) or os.environ.get("RANK", "0") == "0"
+
+
+# Seconds a torchrun rank other than 0 waits before exiting on a usage error that rank 0 prints.
+SILENT_RANK_GRACE_S = 3.0
+
+
+def let_rank_0_speak() -> None:
+    """Wait SILENT_RANK_GRACE_S before a silent rank exits (should_print False): torchrun stops every
+    rank at the first exit, which could cut rank 0 off before it prints the one line."""
+    time.sleep(SILENT_RANK_GRACE_S)
 
 
 def one_line(error: BaseException) -> tuple[int, str]:
