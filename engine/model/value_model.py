@@ -105,12 +105,6 @@ def value_model_from_reward_model(rm: RewardModel) -> ValueModel:
                              for k, v in rm.state_dict().items()})
 
 
-def value_model_from_lm(lm: CausalLM) -> ValueModel:
-    """A critic starting as a copy of a causal LM with a zero value head (no reward model given)."""
-    zeros = lm.lm_head.weight.new_zeros(1, lm.config.hidden_size)
-    return rebuild_as(ValueModel, lm, {**lm.state_dict(), "value_head.weight": zeros})
-
-
 def shared_value_head(policy: CausalLM) -> ScalarHead:
     """A zero-initialized value head reading the policy's hidden states (all values start at 0)."""
     head = ScalarHead(policy.config.hidden_size, device=next(policy.parameters()).device)
