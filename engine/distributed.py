@@ -153,9 +153,11 @@ def all_reduce_tensor(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 def average_replicated_gradients(optimizers) -> None:
     """Average over the ranks the gradients of the optimizers' parameters that FSDP does not shard
-    (plain tensors every rank holds whole: LoRA adapters and their heads); FSDP's own (DTensors)
-    are averaged in the backward already. One flat all-reduce per device and dtype. Every rank must
-    hold gradients for the same parameters (they ran the same forwards). One process: nothing."""
+    (plain tensors every rank holds whole: LoRA adapters and their heads) and over the replicas the
+    gradients of expert-parallel experts (DTensors on expert_mesh: their replicas' mean); FSDP's own
+    (other DTensors) are averaged in the backward already. One flat all-reduce per group, device
+    and dtype. Every rank must hold gradients for the same parameters (they ran the same forwards).
+    One process: nothing."""
     if world_size() == 1:
         return
     from torch.distributed.tensor import DTensor
@@ -163,12 +165,19 @@ def average_replicated_gradients(optimizers) -> None:
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is not None and not isinstance(p, DTensor):
-                    groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-    for grads in groups.values():
+                if p.grad is None:
+                    continue
+                if not isinstance(p, DTensor):
+                    groups.setdefault((None, p.grad.device, p.grad.dtype), []).append(p.grad)
+                elif "expert_replica" in (p.device_mesh.mesh_dim_names or ()):
+                    replicas = p.device_mesh.get_group("expert_replica")
+                    groups.setdefault((replicas, p.grad.device, p.grad.dtype), []).append(p.grad.to_local())
+    for (process_group, _, _), grads in groups.items():
+        if process_group is not None and dist.get_world_size(process_group) == 1:
+            continue  # experts sharded over the whole world: no replica
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= world_size()
+        dist.all_reduce(flat, group=process_group)
+        flat /= dist.get_world_size(process_group)
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
 
@@ -291,10 +300,16 @@ def _mesh(device_type: str, mode: str):
     return init_device_mesh(device_type, (world_size(), 1), mesh_dim_names=("replicate", "shard"))
 
 
-def world_mesh(device_type: str):
-    """The 1-D mesh of every rank `shard` uses in full-shard mode (expert parallelism's experts
-    share it, so one norm and one checkpoint layout cover both)."""
-    return _mesh(device_type, "shard")
+@functools.cache
+def expert_mesh(device_type: str, experts: int):
+    """The (world / experts) x experts mesh of expert parallelism (model/expert_parallel.py), dims
+    ("expert_replica", "expert"): expert groups of `experts` consecutive ranks along "expert", the
+    replicas of one expert shard along "expert_replica"."""
+    if world_size() % experts:
+        raise ValueError(f"expert groups of {experts} ranks do not divide the world size {world_size()}")
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (world_size() // experts, experts),
+                            mesh_dim_names=("expert_replica", "expert"))
 
 
 def fsdp_units(model: nn.Module) -> list:

@@ -118,7 +118,7 @@ def shard_tensor_parallel(model: CausalLM, t: int, option: str = "train.tensor_p
 
 def training_sharder(train, device, keep: Callable[[nn.Module], list] = lambda model: []) -> Callable:
     """shard(model) for hf_io.load_model from a training config's `train` section: the tensor-parallel
-    layout at train.tensor_parallel > 1, the experts sharded over the ranks at train.expert_parallel > 1
+    layout at train.tensor_parallel > 1, the experts sharded over expert groups at train.expert_parallel > 1
     (model/expert_parallel.shard_for_training), else distributed.sharder (FSDP2 over the data ranks in
     train.data_parallel's mode, keeping whole the modules keep(model) names, offloaded to CPU memory
     with train.optimizer_offload)."""
@@ -126,7 +126,7 @@ def training_sharder(train, device, keep: Callable[[nn.Module], list] = lambda m
     if getattr(train, "expert_parallel", 1) > 1:
         from .model.expert_parallel import shard_for_training
         device_type = torch.device(device).type
-        return lambda model: shard_for_training(model, device_type)
+        return lambda model: shard_for_training(model, device_type, train.expert_parallel)
     if train.tensor_parallel > 1:
         device_type = torch.device(device).type
         return lambda model: shard_tensor_parallel(model, train.tensor_parallel, device_type=device_type)

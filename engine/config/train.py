@@ -102,10 +102,12 @@ class RunConfig:
                                   "each keep and train their tensor slices of the weights, data-parallel across the "
                                   "world_size / T groups (not with LoRA, rollout.exact or "
                                   "train.frozen_offload yet)", 1)
-    expert_parallel: int = option("under torchrun, for an MoE model: the experts of every MoE layer sharded over E "
-                                  "ranks (E = the world size for now, dividing the number of experts), each keeping "
-                                  "and training its share whole, tokens sent to them by all-to-all; FSDP shards the "
-                                  "rest; SFT, PPO and GRPO (the policy; its rollouts gather the experts) for now", 1)
+    expert_parallel: int = option("under torchrun, for an MoE model: the experts of every MoE layer sharded over "
+                                  "groups of E consecutive ranks (E dividing the world size and the number of "
+                                  "experts), each rank keeping and training its share whole, tokens sent to them by "
+                                  "all-to-all within the group, the world / E groups' gradients averaged; FSDP "
+                                  "shards the rest over every rank; SFT, PPO and GRPO (the policy; its rollouts "
+                                  "gather the experts) for now", 1)
     dist_timeout_s: float = option("under torchrun: seconds a collective waits for the other ranks before "
                                    "the job fails", 600.0)
     optimizer_offload: bool = option("under torchrun: the trained models' sharded parameters, gradients and "

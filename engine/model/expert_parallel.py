@@ -9,12 +9,16 @@ the rows received from every rank, and sends the outputs back, where the weighte
 them. Both exchanges are torch.distributed.nn's differentiable all_to_all_single, so the backward
 sends the gradients the other way: a rank's expert gradients sum every rank's tokens routed to them.
 
-Training (`train.expert_parallel`, `shard_for_training`): the experts are sharded over the world
-as DTensors (Shard(0) of the FSDP mesh), so the sharded load reads only a rank's experts, the
-checkpoints store each rank's piece with its offsets, the export gathers them (distributed.plain)
-and the clip's norm sums them over the ranks with FSDP's shards; FSDP shards the rest and leaves
-the experts alone (ignored_params). Their gradients are divided by the world size in the backward,
-as FSDP averages its own: every stage backpropagates loss * world_size (distributed.py).
+Training (`train.expert_parallel=E`, `shard_for_training`): the ranks form expert groups of E
+consecutive ranks (distributed.expert_mesh: replica x expert); the experts are sharded E ways
+within a group and the world / E groups hold replicas of the same shards, as DTensors
+(Replicate(), Shard(0)), so the sharded load reads only a rank's experts, the checkpoints store
+each shard once with its offsets, the export gathers them (distributed.plain) and the clip's norm
+sums them over an expert group (fused_adamw). FSDP shards the rest over every rank and leaves the
+experts alone (ignored_params). Tokens go to the experts of their own group only. The experts'
+gradients are divided by E in the backward and averaged over the replicas before the step
+(distributed.average_replicated_gradients, one flat all-reduce), so they are the world's mean as
+FSDP's own: every stage backpropagates loss * world_size (distributed.py).
 """
 from __future__ import annotations
 
@@ -49,9 +53,10 @@ class ExpertShard:
 def shard_experts(model: nn.Module, group=None, mesh=None) -> None:
     """Keep only this rank's experts in every MoE block of `model` (built whole, same weights on
     every rank, or on the meta device); the blocks then dispatch their tokens over `group` (default:
-    the world). mesh: a 1-D device mesh instead of `group`: the experts then are DTensors sharded on
-    it (Shard(0): expert rows), their gradients averaged over it (see the module docstring)."""
-    group = mesh.get_group() if mesh is not None else group
+    the world). mesh: distributed.expert_mesh (replica x expert) instead of `group`: the blocks
+    dispatch over its expert dimension and the experts are DTensors (Replicate(), Shard(0): expert
+    rows), their gradients divided by the expert group's size (see the module docstring)."""
+    group = mesh.get_group("expert") if mesh is not None else group
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     for block in moe_blocks(model):
         n = block.moe.num_experts
@@ -63,19 +68,19 @@ def shard_experts(model: nn.Module, group=None, mesh=None) -> None:
             whole = getattr(block.experts, name)
             mine = whole.detach()[shard.first:shard.first + local].clone()
             if mesh is not None:
-                from torch.distributed.tensor import DTensor, Shard
-                mine = DTensor.from_local(mine, mesh, [Shard(0)], run_check=False, shape=whole.shape,
-                                          stride=whole.stride())
+                from torch.distributed.tensor import DTensor, Replicate, Shard
+                mine = DTensor.from_local(mine, mesh, [Replicate(), Shard(0)], run_check=False,
+                                          shape=whole.shape, stride=whole.stride())
             setattr(block.experts, name, nn.Parameter(mine, requires_grad=whole.requires_grad))
         block.expert_shard = shard
 
 
-def shard_for_training(model: nn.Module, device_type: str) -> nn.Module:
-    """train.expert_parallel = world size: `model` (on the meta device, hf_io.load_model's `shard`)
-    with its experts sharded over the FSDP mesh and the rest sharded by FSDP2 around them."""
+def shard_for_training(model: nn.Module, device_type: str, experts: int) -> nn.Module:
+    """train.expert_parallel = `experts` (dividing the world size): `model` (on the meta device,
+    hf_io.load_model's `shard`) with its experts sharded over expert groups of that many ranks
+    (replicated across the groups) and the rest sharded by FSDP2 over every rank around them."""
     from .. import distributed
-    mesh = distributed.world_mesh(device_type)
-    shard_experts(model, mesh=mesh)
+    shard_experts(model, mesh=distributed.expert_mesh(device_type, experts))
     return distributed.shard(model, "shard", device_type, keep=[block.experts for block in moe_blocks(model)])
 
 
@@ -132,8 +137,9 @@ def _exchange(rows: torch.Tensor, receive: list[int], send: list[int], group) ->
 
 
 def _local(weight: torch.Tensor, shard: ExpertShard) -> torch.Tensor:
-    """This rank's experts of `weight` (a DTensor's local shard), its gradient divided by the world
-    size when the shard averages (the stages' loss * world_size convention)."""
+    """This rank's experts of `weight` (a DTensor's local shard), its gradient divided by the expert
+    group's size when the shard averages (the stages' loss * world_size convention; the replicas'
+    mean comes at the step)."""
     local = weight.to_local() if hasattr(weight, "to_local") else weight
     return _Averaged.apply(local, shard.world) if shard.average else local
 

@@ -53,8 +53,8 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
 
 
 def refuse_expert_parallel(cfg, gpus: int) -> None:
-    """UsageError (one line) for a train.expert_parallel E > 1 training cannot run: E not the world
-    size (an expert group smaller than the world is not built yet) or not dividing the experts, a
+    """UsageError (one line) for a train.expert_parallel E > 1 training cannot run: E not dividing
+    the world size (groups of E ranks, each holding every expert once) or the experts, a
     dense model (SFT's model, PPO/GRPO's policy), beside tensor parallelism, LoRA, optimizer offload
     or replicated data parallelism, or in the reward-model stage."""
     e = getattr(cfg.train, "expert_parallel", 1)
@@ -64,7 +64,7 @@ def refuse_expert_parallel(cfg, gpus: int) -> None:
     model = cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
     moe = load_config(model).moe if model is not None else None
     problem = ("only SFT, PPO and GRPO train expert-parallel yet" if model is None
-               else f"expected the world size {gpus} (experts sharded over every rank)" if e != gpus
+               else f"expected a divisor of the world size {gpus} (expert groups of E ranks)" if gpus % e
                else f"{model} is a dense model (no experts to shard)" if moe is None
                else f"expected a divisor of the model's {moe.num_experts} experts" if moe.num_experts % e
                else "expected train.tensor_parallel=1, lora.rank=0, train.optimizer_offload=false and "

@@ -53,12 +53,13 @@ def local_numel(p: torch.Tensor, ranks: int, sharded: bool) -> int:
     return math.ceil(rows / ranks) * (p.numel() // rows)
 
 
-def unit_bytes(module: nn.Module) -> tuple[list[int], int]:
+def unit_bytes(module: nn.Module, skip: set[int] = frozenset()) -> tuple[list[int], int]:
     """(bytes of each decoder layer's FSDP unit, bytes of the other units together: the heads of
     another dtype and the root: embeddings, final norm, LM head), by distributed.shard_units, each
-    parameter counted in its innermost unit."""
+    parameter counted in its innermost unit; the parameters whose ids are in `skip` (FSDP's
+    ignored ones: expert-parallel experts) in none."""
     layers = {id(layer) for layer in getattr(getattr(module, "model", None), "layers", [])}
-    seen: set[int] = set()
+    seen: set[int] = set(skip)
     layer_sizes, rest = [], 0
     for unit in shard_units(module):
         own = [p for p in unit.parameters() if id(p) not in seen]

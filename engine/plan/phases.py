@@ -60,6 +60,24 @@ class Setup:
         """Its parameters, gradients and optimizer state are 1/N per rank (full shard)."""
         return self.fsdp(part) and self.cfg.train.data_parallel == "shard"
 
+    @property
+    def experts(self) -> tuple[int, set[int]]:
+        """(E, ids of the parameters expert parallelism holds): at train.expert_parallel=E > 1 under
+        torchrun the trained policy's (SFT's model's) experts, E / num_experts of them whole per rank
+        and outside FSDP's units (engine/model/expert_parallel.py); (1, empty) otherwise."""
+        def compute():
+            e = getattr(self.cfg.train, "expert_parallel", 1)
+            if e == 1 or self.ranks == 1:
+                return 1, set()
+            return e, {id(p) for part in self.parts if part.role in ("policy", "model") and part.trained
+                       for name, p in part.module.named_parameters() if ".experts." in name}
+        return self.once("experts", compute)
+
+    def local_numel(self, p: torch.Tensor, split: bool) -> int:
+        """Elements of `p` on rank 0: an expert-parallel parameter's 1/E, else model_bytes.local_numel."""
+        e, ids = self.experts
+        return p.numel() // e if id(p) in ids else local_numel(p, self.ranks, split)
+
     def offloaded(self, part: Part) -> bool:
         """Its shards rest in CPU memory (distributed.shard's CPUOffloadPolicy), as build_models
         decides: with train.optimizer_offload a trained FSDP2 model (parameters, gradients,
@@ -130,23 +148,23 @@ def _trained(s: Setup, on_gpu: bool = True) -> list[tuple[torch.Tensor, bool]]:
 
 
 def _units(s: Setup, part: Part) -> tuple[list[int], int]:
-    return s.once(("units", id(part.module)), lambda: unit_bytes(part.module))
+    return s.once(("units", id(part.module)), lambda: unit_bytes(part.module, skip=s.experts[1]))
 
 
 def weight_bytes(s: Setup) -> int:
     """Resident weights on the GPU: every model's local shard, but the offloaded ones."""
-    return sum(local_numel(p, s.ranks, s.split(part)) * p.element_size() for p, part in _params(s)
+    return sum(s.local_numel(p, s.split(part)) * p.element_size() for p, part in _params(s)
                if not s.offloaded(part))
 
 
 def grad_bytes(s: Setup) -> int:
     """Gradients in the parameters' dtype, sharded like them."""
-    return sum(local_numel(p, s.ranks, split) * p.element_size() for p, split in _trained(s))
+    return sum(s.local_numel(p, split) * p.element_size() for p, split in _trained(s))
 
 
 def step_buffer_bytes(s: Setup) -> int:
     """FusedAdamW.gradients: one fp32 copy of every local gradient, during the step."""
-    return sum(4 * local_numel(p, s.ranks, split) for p, split in _trained(s))
+    return sum(4 * s.local_numel(p, split) for p, split in _trained(s))
 
 
 def optimizer_bytes(s: Setup, on_gpu: bool = True) -> int:
@@ -154,7 +172,7 @@ def optimizer_bytes(s: Setup, on_gpu: bool = True) -> int:
     step; on the GPU, or (on_gpu False) in CPU memory."""
     total = 0
     for p, split in _trained(s, on_gpu):
-        n = local_numel(p, s.ranks, split)
+        n = s.local_numel(p, split)
         total += (4 * n if p.dtype != torch.float32 else 0) + 8 * n + 4
     return total
 

@@ -15,8 +15,8 @@ rounded into the parameter in place, so updates below bf16's resolution accumula
 tensors captured elsewhere (CUDA graphs, the inference engine) keep their storage. The state dict
 per parameter is torch.optim.AdamW's (`step` as a 0-dim fp32 tensor, `exp_avg`, `exp_avg_sq`) plus
 `master` for low-precision parameters, so checkpoints of torch's AdamW and of the former per-tensor
-MixedPrecisionAdamW (an int `step`) load unchanged. Sharded (FSDP2 DTensor) parameters are stepped
-on their local shards; the norm is summed over the shards.
+MixedPrecisionAdamW (an int `step`) load unchanged. Sharded (DTensor) parameters are stepped on
+their local shards; the norm is summed over the shards (over the mesh dimensions that shard each).
 
 Memory per trained bf16 parameter: 2 (weight) + 2 (gradient) + 4 (master) + 8 (moments) = 16 bytes,
 plus 4 transient bytes during the step (the fp32 gradient buffer, freed when the step returns).
@@ -42,6 +42,14 @@ class StepGradients(NamedTuple):
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (the same storage), a plain tensor as is."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _layout(param) -> tuple | None:
+    """What the norm's reduction depends on: a DTensor's mesh and the mesh dimensions that shard it
+    (None for a plain tensor, whole on every rank)."""
+    if not hasattr(param, "placements"):
+        return None
+    return id(param.device_mesh), tuple(dim for dim, p in enumerate(param.placements) if p.is_shard())
 
 
 def _global_norm(local_norm: torch.Tensor, param) -> torch.Tensor:
@@ -80,16 +88,19 @@ class FusedAdamW(torch.optim.Optimizer):
         torch._foreach_copy_(grads32, grads)
         # Summed in fp64: the norm's fp32 value (the clip divisor) is then the same whatever the
         # order of the sum, so a run on N ranks clips, and rounds into bf16, as one process does.
-        sharded = [hasattr(p, "placements") for p in params]
-        if len(set(sharded)) == 1:
+        layouts = [_layout(p) for p in params]
+        if len(set(layouts)) == 1:
             local = torch.linalg.vector_norm(flat, dtype=torch.float64)
             return StepGradients(params, grads32, _global_norm(local, params[0]))
-        # Tensor-parallel (engine/tensor_parallel.py): sharded slices beside whole norm weights that
-        # every rank holds alike: the shards' squares summed over the ranks, the copies' counted once.
-        parts = [torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g, s in zip(grads32, sharded) if s == want]),
-                                          dtype=torch.float64) for want in (True, False)]
-        first = params[sharded.index(True)]
-        return StepGradients(params, grads32, torch.hypot(_global_norm(parts[0], first), parts[1]))
+        # Parameters laid out differently (tensor-parallel slices beside whole norm weights every rank
+        # holds alike; expert-parallel experts sharded over an expert group beside FSDP's shards over
+        # the world): each layout's squares summed over the ranks that shard it, a copy counted once.
+        squares = []
+        for layout in dict.fromkeys(layouts):
+            mine = [i for i, other in enumerate(layouts) if other == layout]
+            local = torch.linalg.vector_norm(torch.cat([grads32[i].reshape(-1) for i in mine]), dtype=torch.float64)
+            squares.append(_global_norm(local, params[mine[0]]).square())
+        return StepGradients(params, grads32, torch.stack(squares).sum().sqrt())
 
     def _state_of(self, param) -> dict:
         """The parameter's state, created at its first step (fp32 master, zero moments, step 0)."""

@@ -6,7 +6,7 @@ import pytest
 import transformers
 
 from test_plan_qwen import CKPT, GB, NODE, config, plan
-from fusedrl.engine.plan.phases import model_rows
+from fusedrl.engine.plan.phases import forward_gathered, model_rows
 from fusedrl.engine.plan.planner import stage_setup
 
 
@@ -30,3 +30,20 @@ def test_qwen3_30b_a3b_grpo_fits_on_one_node_with_attention_lora(qwen3_30b_a3b):
     assert any("lora.target_modules=q_proj,k_proj,v_proj,o_proj" in note for note in full.notes)
     lora = plan("grpo", qwen3_30b_a3b, CKPT, "lora.rank=64", "lora.target_modules=q_proj,k_proj,v_proj,o_proj")
     assert lora.fits and lora.peak < 72 * GB
+
+
+def test_expert_parallel_holds_the_experts_of_its_group(qwen3_30b_a3b):
+    """train.expert_parallel=E: the policy's experts (28.99B of the 30.53B: 48 layers x 128 experts x
+    3 x 768 x 2048) are 1/E per GPU, weights, gradients and optimizer state alike (1/8 as FSDP's share
+    at E = 8, twice that in groups of 4), and FSDP's gathered layer no longer holds them."""
+    experts = 48 * 128 * 3 * 768 * 2048
+    plans = {e: plan("grpo", qwen3_30b_a3b, CKPT, f"train.expert_parallel={e}") for e in (1, 4, 8)}
+    # bf16 weight + gradient + fp32 master and two moments + the step's fp32 gradient copy
+    per_param = {"weights": 2, "grads": 2 + 4, "optimizer": 12}
+    for cat, size in per_param.items():
+        assert plans[4].phases["update"][cat] - plans[8].phases["update"][cat] == pytest.approx(
+            size * experts * (1 / 4 - 1 / 8), rel=1e-3), cat
+    assert plans[8].phases["update"]["weights"] == pytest.approx(plans[1].phases["update"]["weights"], rel=1e-6)
+    gathered = {e: forward_gathered(setup, setup.parts[0]) for e in (1, 8)
+                for setup in [stage_setup(config("grpo", qwen3_30b_a3b, CKPT, f"train.expert_parallel={e}"), 8)]}
+    assert gathered[1] - gathered[8] == 2 * 2 * experts / 48  # the current and the prefetched layer's

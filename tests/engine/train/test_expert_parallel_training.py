@@ -2,10 +2,15 @@
 rank 4 of the 8 experts, tokens sent by all-to-all) gives one process's weights and curves with the
 same global batch, also stopped and resumed from the checkpoint that holds each rank's experts; its
 export reloads in transformers; GRPO, each rank gathering the experts to generate its own prompts,
-equals the same 2 ranks with the experts sharded by FSDP (curves, exported weights); the refusals are
-one line each."""
+equals the same 2 ranks with the experts sharded by FSDP (curves, exported weights); on 4 ranks in
+expert groups of 2 (each shard on 2 replicas) SFT equals one process too; the refusals are one line
+each."""
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +18,14 @@ import transformers
 
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, _grpo_update
+from fusedrl.engine.config import io as config_io
 from fusedrl.engine.errors import UsageError
+from fusedrl.engine.model.hf_io import load_model, save_model
 from fusedrl.engine.plan.check import refuse_expert_parallel
+from fusedrl.engine.plan.phases import weight_bytes
+from fusedrl.engine.plan.planner import stage_setup
 from fusedrl.engine.stages.sft import run_sft
-from dist_testing import check, rank_threads, torchrun
+from dist_testing import RANK_THREADS, check, rank_threads, torchrun
 from engine_testing import make_tokenizer
 from moe_testing import make_moe_model
 from test_data_parallel import assert_same_curves, assert_same_weights
@@ -53,6 +62,45 @@ def test_expert_parallel_sft_two_ranks_match_one_process(tmp_path):
     assert (logits[0] - logits[1]).abs().max() <= 1e-4 * logits[1].abs().max()
 
 
+def test_expert_groups_four_ranks_match_one_process(tmp_path):
+    """4 ranks in 2 expert groups of 2 (each expert shard on 2 ranks): SFT equals one process with
+    the global batch in 4 accumulated micro-batches (64 examples: the groups see different rows); each shard checkpointed once; the export the
+    bytes one process writes; the sharded load, gathered_experts and the plan's weight bytes checked on
+    the ranks (ep_groups_worker)."""
+    base = tmp_path / "base"
+    make_moe_model("qwen3_moe").save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    write_jsonl(tmp_path / "train.jsonl", demonstrations(64))
+
+    def run(name, ranks):
+        return sft_config(base, tmp_path / "train.jsonl", tmp_path / name,
+                          optim={"grad_accum_steps": 4} if ranks == 1 else {},
+                          train={"max_steps": 2, "device": "cpu", "precision": "fp32", "save_every": 1,
+                                 "expert_parallel": 2 if ranks > 1 else 1})
+
+    config_io.save_yaml(run("four", 4), tmp_path / "four.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": str(RANK_THREADS), "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                             str(Path(__file__).with_name("ep_groups_worker.py")), str(tmp_path / "four.yaml"),
+                             str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    check(result)
+    with rank_threads():
+        run_sft(run("one", 1))
+    assert_same_weights(tmp_path / "four" / "final", tmp_path / "one" / "final", rtol=1e-4)
+    assert_same_curves(tmp_path / "four", tmp_path / "one")
+    chunks = json.loads(sorted((tmp_path / "four" / "checkpoints").glob("step-*/checkpoint.json"))[-1].read_text())[
+        "tensors"]["models.model.model.layers.1.mlp.experts.down_proj"]["chunks"]
+    assert [(c["file"], c["offsets"][0], c["sizes"][0]) for c in chunks] == [
+        ("rank-00000.safetensors", 0, 4), ("rank-00001.safetensors", 4, 4)]  # ranks 2, 3: the replicas
+    save_model(load_model(tmp_path / "four" / "final"), tmp_path / "resaved")
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "resaved" / name).read_bytes() == (tmp_path / "four" / "final" / name).read_bytes()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["local_rows"] for r in report] == [[4]] * 4  # 8 experts over groups of 2
+    assert max(r["gathered_error"] for r in report) <= 1e-6
+    assert report[0]["weight_bytes"] == weight_bytes(stage_setup(run("four", 4), 4))  # the plan: rank 0's
+
+
 def vowel_fraction(prompts, responses):
     return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
 
@@ -81,7 +129,7 @@ def test_grpo_expert_parallel_equals_fsdp_experts(tmp_path):
 
 
 @pytest.mark.parametrize("expert_parallel, gpus, extra, message", [
-    (2, 4, {}, "expected the world size 4"),
+    (4, 6, {}, "expected a divisor of the world size 6"),
     (3, 3, {}, "expected a divisor of the model's 8 experts"),
     (2, 2, {"lora": LoRAConfig(rank=4)}, "expected train.tensor_parallel=1, lora.rank=0"),
     (2, 2, {"dense": True}, "is a dense model"),
