@@ -13,7 +13,8 @@ class RouterLossConfig:
     router_aux_loss_coef: float = option(
         "weight of the load-balancing loss (Switch / transformers' load_balancing_loss_func: num_experts x "
         "sum over experts of (fraction of routed slots) x (mean router probability), over every sparse layer's "
-        "tokens); 0 = off", 0.0)
+        "tokens; a sigmoid router's probability: its scores normalized to sum to 1, as DeepSeek-V3's); 0 = off",
+        0.0)
     router_z_loss_coef: float = option("weight of the router z-loss (ST-MoE: mean over tokens and sparse layers "
                                        "of logsumexp(router logits)^2); 0 = off", 0.0)
 

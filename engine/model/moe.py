@@ -1,7 +1,7 @@
 """The sparse mixture-of-experts block of Qwen3-MoE and Mixtral layers, and its routing trace.
 
-`SparseMoeBlock(h)`: the router (a linear layer, softmax in fp32, top-k, renormalized over the k
-when the config says so) picks each token's experts; the tokens' rows are sorted by expert
+`SparseMoeBlock(h)`: the router (a linear layer, softmax or sigmoid scores in fp32, top-k,
+renormalized over the k when the config says so) picks each token's experts; the tokens' rows are sorted by expert
 (kernels.moe_sort, moe_permute), the experts run as two grouped GEMMs over all of them
 (kernels.grouped_linear: gate/up [E, 2I, H], then SiLU * up as in the dense MLP, then down [E, H, I])
 and kernels.moe_unpermute sums each token's k outputs weighted by its routing weights. No loop over
@@ -74,9 +74,10 @@ class SparseMoeBlock(nn.Module):
         self.expert_shard = None  # expert_parallel.shard_experts: this rank's experts of a process group
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router logits [N, E] -> (experts [N, k] int64, weights [N, k]): softmax in fp32, top-k
-        (or the trace's replayed experts), renormalized over the k when norm_topk_prob."""
-        probs = torch.softmax(logits.float(), dim=-1)
+        """Router logits [N, E] -> (experts [N, k] int64, weights [N, k]): the scores in fp32
+        (router_scores), top-k (or the trace's replayed experts), renormalized over the k when
+        norm_topk_prob."""
+        probs = router_scores(logits, self.moe.scoring_func)
         weights, ids = torch.topk(probs, self.moe.top_k, dim=-1)
         replay = self.trace.replay.get(self.layer_idx) if self.trace and self.trace.replay else None
         if replay is not None:
@@ -107,6 +108,23 @@ class SparseMoeBlock(nn.Module):
         gate_up = kernels.grouped_linear(rows, self.experts.gate_up_proj, offsets)  # [N*k, 2I]
         out = kernels.grouped_linear(prims.silu_mul(gate_up), self.experts.down_proj, offsets)  # [N*k, H]
         return kernels.moe_unpermute(out, order, slot_rows, weights)
+
+
+def router_scores(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """Router logits [N, E] -> scores [N, E] in fp32, what top-k ranks and the weights are read
+    from: softmax over the experts, or each logit's sigmoid (DeepSeek's routers: an expert's score
+    does not depend on the others')."""
+    if scoring_func == "sigmoid":
+        return torch.sigmoid(logits.float())
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def balance_probs(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """Router logits [N, E] -> each token's distribution over the experts [N, E] fp32 that the
+    load-balancing loss averages: the softmax, or the sigmoid scores normalized to sum to 1
+    (DeepSeek-V3's P_i)."""
+    scores = router_scores(logits, scoring_func)
+    return scores if scoring_func == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
 
 
 def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:

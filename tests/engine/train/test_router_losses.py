@@ -21,6 +21,21 @@ def test_losses_match_transformers_and_the_z_loss_formula():
     torch.testing.assert_close(z, torch.cat(logits).logsumexp(-1).pow(2).mean(), atol=1e-6, rtol=1e-6)
 
 
+def test_sigmoid_balance_loss_uses_the_normalized_scores():
+    """Two tokens, two experts, top-1: token 0 takes expert 0, token 1 expert 1. Sigmoid scores
+    s = sigmoid(z) normalized per token, P_e = mean_t s_te / sum_j s_tj; f_e = 1/2 each, so the loss
+    is 2 * (P_0 / 2 + P_1 / 2) = P_0 + P_1 = 1 whatever the logits (DeepSeek-V3's form, batch-wide)."""
+    logits = torch.tensor([[3.0, -1.0], [0.5, 2.0]])
+    chosen = torch.tensor([[0], [1]])
+    balance, _ = router_losses([logits], [chosen], 2, "sigmoid")
+    torch.testing.assert_close(balance, torch.tensor(1.0))
+    logits = torch.tensor([[3.0, -1.0], [2.0, 0.5]])  # both tokens on expert 0: 2 * P_0
+    balance, _ = router_losses([logits], [torch.tensor([[0], [0]])], 2, "sigmoid")
+    s = torch.sigmoid(logits)
+    torch.testing.assert_close(balance, 2 * (s[:, 0] / s.sum(-1)).mean())
+    assert not torch.allclose(balance, router_losses([logits], [torch.tensor([[0], [0]])], 2)[0])  # not softmax
+
+
 def test_wrapper_adds_weighted_losses_and_trains_the_router():
     hf = make_moe_model("mixtral")
     model = CausalLM(ModelConfig.from_hf(hf.config))

@@ -1,7 +1,7 @@
 """PPO on a Qwen3-MoE policy with routing replay: the rollout keeps the sampler's experts of every
 token, the old-log-prob and update forwards route by them, and the first update's ratio is exactly
 1 on every token, also on a minibatch cut from the rollout, with the router losses in the update's
-loss; rollout.exact is refused."""
+loss, for softmax and sigmoid routers; rollout.exact is refused."""
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -18,24 +18,32 @@ from moe_testing import make_moe_model
 from test_ppo import config, low_id_fraction, rollout_of, vowel_fraction  # noqa: F401
 
 
-@pytest.fixture(scope="module")
-def moe_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo_moe")
-    make_moe_model("qwen3_moe").save_pretrained(root / "policy")
+def policy_setup(root, scoring_func):
+    """A Qwen3-MoE policy whose router scores by softmax (config.json without scoring_func) or by
+    sigmoid (scoring_func, DeepSeek's key), and two prompts."""
+    extra = {} if scoring_func == "softmax" else {"scoring_func": scoring_func}
+    make_moe_model("qwen3_moe", **extra).save_pretrained(root / "policy")
     make_tokenizer().save_pretrained(root / "policy")
     prompts = root / "prompts.jsonl"
     prompts.write_text('{"prompt": "hello world"}\n{"prompt": "lazy dog"}\n')
     return root, root / "policy", prompts
 
 
-def test_routing_replay_makes_the_first_ratio_exactly_one(moe_setup):
-    root, policy_dir, prompts = moe_setup
+@pytest.fixture(scope="module")
+def moe_setup(tmp_path_factory):
+    return policy_setup(tmp_path_factory.mktemp("ppo_moe"), "softmax")
+
+
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+def test_routing_replay_makes_the_first_ratio_exactly_one(moe_setup, tmp_path, scoring_func):
+    root, policy_dir, prompts = moe_setup if scoring_func == "softmax" else policy_setup(tmp_path, scoring_func)
     cfg = config(root, policy_dir, prompts, "replay", ppo=UpdateConfig(epochs=1, minibatch_size=6),
                  moe=RouterLossConfig(router_aux_loss_coef=0.01, router_z_loss_coef=0.001))
     assert cfg.rollout.routing_replay  # on by default
     with use_backend("triton"):
         models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
                               vowel_fraction)
+        assert models.policy.config.moe.scoring_func == scoring_func
         models.score = low_id_fraction
         rollout, metrics = rollout_of(models, random_prompts([5, 3], seed=3), cfg, 0.05)
         packed = rollout.packed

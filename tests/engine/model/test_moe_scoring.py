@@ -1,0 +1,85 @@
+"""Sigmoid router scoring (config.json's `scoring_func`, DeepSeek's key): read from the file (absent:
+softmax), anything else refused in one line; the MoE block with it on the Triton kernels against a
+float64 reference written densely here (every expert on every token, the top-k picked by mask):
+values and gradients of the input, the router and the experts, odd token and expert counts (the
+feature sizes are grouped_mm's whole 16 bytes), one token, none."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusedrl.engine.model.hf_io import load_config
+from fusedrl.engine.model.moe import SparseMoeBlock
+from fusedrl.engine.model.moe_config import MoEConfig
+from fusedrl.engine.model.primitives import FORWARD
+from fusedrl.kernels import use_backend
+from kernel_testing import check_against_float64, needs_triton
+from moe_testing import make_moe_model
+
+MOE = MoEConfig(num_experts=7, top_k=3, intermediate_size=12, sparse_layers=(0,), norm_topk_prob=True,
+                fp32_weights=True, router_aux_loss_coef=0.0, legacy_names=("mlp", "gate_proj", "up_proj", "down_proj"),
+                scoring_func="sigmoid")
+
+
+def dense_reference(moe: MoEConfig):
+    """(h [N, H], router [E, H], gate_up [E, 2I, H], down [E, H, I]) -> [N, H] in the inputs' dtype:
+    sigmoid scores, the top k kept (renormalized when norm_topk_prob), every expert run on every token."""
+    def block(h, router, gate_up, down):
+        scores = torch.sigmoid(h @ router.T)  # [N, E]
+        keep = torch.zeros_like(scores).scatter_(1, torch.topk(scores, moe.top_k, dim=-1).indices, 1.0)
+        weights = scores * keep
+        if moe.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        gate, up = torch.einsum("nh,eih->nei", h, gate_up).chunk(2, dim=-1)  # [N, E, I] each
+        out = torch.einsum("nei,ehi->neh", F.silu(gate) * up, down)  # [N, E, H]
+        return torch.einsum("ne,neh->nh", weights, out)
+    return block
+
+
+def kernel_block(moe: MoEConfig, hidden: int):
+    """The same inputs -> SparseMoeBlock's forward on the Triton kernels (moe_sort / permute /
+    grouped_linear / weighted unpermute), its parameters the inputs."""
+    def block(h, router, gate_up, down):
+        module = SparseMoeBlock(moe, hidden, h.dtype, layer_idx=0)
+        params = {"gate.weight": router, "experts.gate_up_proj": gate_up, "experts.down_proj": down}
+        with use_backend("triton"):
+            return torch.func.functional_call(module, params, (h, FORWARD))
+    return block
+
+
+@needs_triton
+@pytest.mark.parametrize("tokens,hidden,norm", [(13, 20, True), (1, 20, True), (0, 16, True), (9, 28, False)])
+def test_sigmoid_block_matches_float64_reference(tokens, hidden, norm):
+    moe = dataclasses.replace(MOE, norm_topk_prob=norm)
+    g = torch.Generator().manual_seed(tokens)
+    inputs = (torch.randn(tokens, hidden, generator=g), torch.randn(moe.num_experts, hidden, generator=g),
+              0.3 * torch.randn(moe.num_experts, 2 * moe.intermediate_size, hidden, generator=g),
+              0.3 * torch.randn(moe.num_experts, hidden, moe.intermediate_size, generator=g))
+    check_against_float64(kernel_block(moe, hidden), dense_reference(moe), inputs, (0, 1, 2, 3),
+                          name=f"sigmoid moe block {tokens}x{hidden}")
+
+
+def test_sigmoid_weights_are_the_chosen_scores():
+    """Sigmoid scores are not a distribution: without norm_topk_prob the weights are the top-k
+    sigmoids themselves (they need not sum to 1); with it, those over their sum."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [0.0, 0.25, -4.0, 1.0]])
+    for norm in (False, True):
+        block = SparseMoeBlock(dataclasses.replace(MOE, num_experts=4, top_k=2, norm_topk_prob=norm), 8,
+                               torch.float32, 0)
+        ids, weights = block.route(logits)
+        assert ids.tolist() == [[3, 0], [3, 1]]
+        expected = torch.sigmoid(torch.tensor([[3.0, 2.0], [1.0, 0.25]]))
+        torch.testing.assert_close(weights, expected / expected.sum(-1, keepdim=True) if norm else expected)
+
+
+def test_scoring_func_read_from_config_json_or_refused(tmp_path):
+    for value, expected in ((None, "softmax"), ("sigmoid", "sigmoid"), ("softmax", "softmax")):
+        extra = {} if value is None else {"scoring_func": value}
+        make_moe_model("mixtral", **extra).config.save_pretrained(tmp_path / str(value))
+        assert load_config(tmp_path / str(value)).moe.scoring_func == expected
+    make_moe_model("qwen3_moe", scoring_func="sparsemax").config.save_pretrained(tmp_path / "bad")
+    with pytest.raises(ValueError, match="config.json: scoring_func='sparsemax' is not supported "
+                                         r"\(expected one of softmax, sigmoid\)") as err:
+        load_config(tmp_path / "bad")
+    assert "\n" not in str(err.value)
