@@ -144,12 +144,13 @@ class TensorParallel:
         self.vocab_rows = -(-vocab_size // size)  # rows of every vocabulary slice but the last
         self.vocab_size = vocab_size
 
-    def average_over_data(self, model: nn.Module) -> None:
-        """Average the sharded parameters' gradients over the data groups (FSDP's hooks, which would
+    def average_over_data(self, params) -> None:
+        """Average the gradients of the sharded ones of `params` (the trained parameters: a model's,
+        or LoRA adapters sliced like their base) over the data groups (FSDP's hooks, which would
         reduce them, are never entered), in fp32, one flat all-reduce. One data group: nothing.
         The whole (replicated) parameters' gradients are distributed.average_replicated_gradients'."""
         from torch.distributed.tensor import DTensor
-        grads = [p.grad.to_local() for p in model.parameters() if isinstance(p.grad, DTensor)]
+        grads = [p.grad.to_local() for p in params if isinstance(p.grad, DTensor)]
         if self.data_size == 1 or not grads:
             return
         flat = torch.cat([g.reshape(-1).float() for g in grads])
@@ -164,7 +165,7 @@ class TensorParallel:
         dist.broadcast_object_list(box, group=self.group, group_src=0)
         return box[0]
 
-    def linear(self, x, weight, bias):
+    def linear(self, x, weight, bias=None):
         """x [N, in or in / T] -> [N, out or out / T]: a plain GEMM for a whole weight, the local
         rows of a column-parallel one, or the local columns of a row-parallel one summed over the
         ranks (its bias, whole, added once after the sum)."""
