@@ -84,13 +84,19 @@ def ppo_config(root, name, t=1, critic="separate"):
                                       tensor_parallel=t))
 
 
-@pytest.fixture(scope="module")
-def ppo_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo_tp")
+def save_policy_and_reward_model(root) -> None:
+    """root/policy (llama2: 4 key/value heads, untied head) and root/rm, its reward model with a
+    random score head."""
     policy = save_tiny_model(root / "policy")
     rm = reward_model_from_lm(load_model(policy))
     torch.nn.init.normal_(rm.score.weight, generator=torch.Generator().manual_seed(0))
     save_reward_model(rm, root / "rm", source_dir=policy)
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_tp")
+    save_policy_and_reward_model(root)
     write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog"]])
     check(torchrun("ppo", ppo_config(root, "t2", 2), root))
     check(torchrun("ppo", ppo_config(root, "shared_t2", 2, "shared"), root))
