@@ -154,7 +154,8 @@ def all_reduce_tensor(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def average_replicated_gradients(optimizers) -> None:
     """Average over the ranks the gradients of the optimizers' parameters that FSDP does not shard
     (plain tensors every rank holds whole: LoRA adapters and their heads); FSDP's own (DTensors)
-    are averaged in the backward already. One flat all-reduce per device and dtype. Every rank must
+    are averaged in the backward already (tensor-parallel ones, LoRA's sliced adapters included, by
+    TensorParallel.average_over_data). One flat all-reduce per device and dtype. Every rank must
     hold gradients for the same parameters (they ran the same forwards). One process: nothing."""
     if world_size() == 1:
         return

@@ -16,9 +16,10 @@ The collectives are differentiable (model/tensor_parallel_ops.py), so the same w
 rank's gradients land on its own slices, `average_over_data` averages them over the data groups
 (FSDP's reduction, whose hooks are bypassed) and the LM head's log-probs are vocabulary-parallel
 (model/lm_head.py). `logits` gathers the vocabulary slices of the LM head's output, so the sampler
-draws from the whole row, the same tokens on every tensor rank. Full SFT, RM, PPO and GRPO train
-tensor-parallel (in PPO a tensor group is one data rank: distributed.tensor_groups); what does not
-yet refuses T > 1 in one line (engine/plan/check.py).
+draws from the whole row, the same tokens on every tensor rank. SFT, RM, PPO and GRPO train
+tensor-parallel (in PPO a tensor group is one data rank: distributed.tensor_groups), in full or with
+LoRA adapters sliced like the weights they adapt (model/lora.py); what does not yet refuses T > 1 in
+one line (engine/plan/check.py).
 """
 from __future__ import annotations
 
