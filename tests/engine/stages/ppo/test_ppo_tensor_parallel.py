@@ -106,9 +106,10 @@ def ppo_runs(tmp_path_factory):
     return root
 
 
-def max_relative_diff(dir_a, dir_b) -> float:
-    """max |a - b| / max |a| over every tensor of two exported models (the issue's bar: <= 1e-4)."""
-    a, b = load_file(dir_a / "model.safetensors"), load_file(dir_b / "model.safetensors")
+def max_relative_diff(dir_a, dir_b, file="model.safetensors") -> float:
+    """max |a - b| / max |a| over every tensor of two exported models (the issue's bar: <= 1e-4), or
+    of another safetensors `file` in two directories."""
+    a, b = load_file(dir_a / file), load_file(dir_b / file)
     assert a.keys() == b.keys()
     return max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in a)
 
