@@ -112,12 +112,15 @@ class ProjectionAdapters(nn.Module):
     def slice_like_base(self, linear: nn.Linear) -> None:
         """Lay the adapters out like `linear`'s tensor-parallel weight (the module docstring): each
         B by rows beside a Shard(0) weight, each A by columns beside a Shard(1) one, as DTensors on
-        the weight's tensor ranks, each rank keeping its slice of the whole value it holds."""
+        the weight's tensor ranks, each rank keeping its slice of the whole value it holds. A whole
+        weight keeps whole adapters."""
         from torch.distributed.tensor import Shard, distribute_tensor
         if self.dropout:  # each tensor rank would draw its own mask on the same replicated input
             raise ValueError(f"lora.dropout={self.dropout}: expected 0 on a tensor-parallel model "
                              "(train.tensor_parallel > 1)")
         weight = linear.weight
+        if not hasattr(weight, "placements"):
+            return
         dim = weight.placements[0].dim
         sliced = self.lora_B if dim == 0 else self.lora_A
         for t, param in sliced.items():
