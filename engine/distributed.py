@@ -155,7 +155,8 @@ def average_replicated_gradients(optimizers) -> None:
     """Average over the ranks the gradients of the optimizers' parameters that FSDP does not shard
     (plain tensors every rank holds whole: LoRA adapters and their heads) and over the replicas the
     gradients of expert-parallel experts (DTensors on expert_mesh: their replicas' mean); FSDP's own
-    (other DTensors) are averaged in the backward already. One flat all-reduce per group, device
+    (other DTensors) are averaged in the backward already (tensor-parallel ones, LoRA's sliced
+    adapters included, by TensorParallel.average_over_data). One flat all-reduce per group, device
     and dtype. Every rank must hold gradients for the same parameters (they ran the same forwards).
     One process: nothing."""
     if world_size() == 1:

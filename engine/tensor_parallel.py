@@ -16,9 +16,10 @@ The collectives are differentiable (model/tensor_parallel_ops.py), so the same w
 rank's gradients land on its own slices, `average_over_data` averages them over the data groups
 (FSDP's reduction, whose hooks are bypassed) and the LM head's log-probs are vocabulary-parallel
 (model/lm_head.py). `logits` gathers the vocabulary slices of the LM head's output, so the sampler
-draws from the whole row, the same tokens on every tensor rank. Full SFT, RM, PPO and GRPO train
-tensor-parallel (in PPO a tensor group is one data rank: distributed.tensor_groups); what does not
-yet refuses T > 1 in one line (engine/plan/check.py).
+draws from the whole row, the same tokens on every tensor rank. SFT, RM, PPO and GRPO train
+tensor-parallel (in PPO a tensor group is one data rank: distributed.tensor_groups), in full or with
+LoRA adapters sliced like the weights they adapt (model/lora.py); what does not yet refuses T > 1 in
+one line (engine/plan/check.py).
 """
 from __future__ import annotations
 
@@ -144,12 +145,13 @@ class TensorParallel:
         self.vocab_rows = -(-vocab_size // size)  # rows of every vocabulary slice but the last
         self.vocab_size = vocab_size
 
-    def average_over_data(self, model: nn.Module) -> None:
-        """Average the sharded parameters' gradients over the data groups (FSDP's hooks, which would
+    def average_over_data(self, params) -> None:
+        """Average the gradients of the sharded ones of `params` (the trained parameters: a model's,
+        or LoRA adapters sliced like their base) over the data groups (FSDP's hooks, which would
         reduce them, are never entered), in fp32, one flat all-reduce. One data group: nothing.
         The whole (replicated) parameters' gradients are distributed.average_replicated_gradients'."""
         from torch.distributed.tensor import DTensor
-        grads = [p.grad.to_local() for p in model.parameters() if isinstance(p.grad, DTensor)]
+        grads = [p.grad.to_local() for p in params if isinstance(p.grad, DTensor)]
         if self.data_size == 1 or not grads:
             return
         flat = torch.cat([g.reshape(-1).float() for g in grads])
@@ -164,7 +166,7 @@ class TensorParallel:
         dist.broadcast_object_list(box, group=self.group, group_src=0)
         return box[0]
 
-    def linear(self, x, weight, bias):
+    def linear(self, x, weight, bias=None):
         """x [N, in or in / T] -> [N, out or out / T]: a plain GEMM for a whole weight, the local
         rows of a column-parallel one, or the local columns of a row-parallel one summed over the
         ranks (its bias, whole, added once after the sum)."""

@@ -12,6 +12,19 @@ the rest of their term is elementwise, so an adapted model stays batch-invariant
 target, whose output lands in that target's slice of the packed output, as separate PEFT modules
 would give.
 
+On a tensor-parallel base (engine/tensor_parallel.py) the adapters are laid out like the weight
+they adapt, so the walk's own GEMM (`TensorParallel.linear`) runs them on the local slices and the
+result is one process's exactly: on a column-parallel projection (Shard(0): q/k/v, gate/up) each
+B is sliced by rows, a rank's rows of its target (its heads, its MLP features), and A is whole:
+y_l += s * to_ranks(x A^T) B_l^T, whose backward sums A's input gradient over the ranks, so A's
+gradient is whole and the same on every rank. On a row-parallel one (Shard(1): o_proj, down_proj)
+each A is sliced by columns, the rank's slice of the input, and B is whole:
+y += s * from_ranks(x_l A_l^T) B^T. The sliced ones are DTensors on the tensor ranks (their
+gradients averaged over the data groups like the base's: TensorParallel.average_over_data), the
+whole ones plain tensors (distributed.average_replicated_gradients). Each target's B (or A) is
+sliced on its own, so a sliced adapter's whole value (`DTensor.full_tensor`) is PEFT's tensor: no
+rank-interleaved rows.
+
 A head trained in full beside the adapters (the reward model's `score`, the LoRA critic's value
 head) is one of `LoRA.heads`, PEFT's `modules_to_save`: its parameters are the model's own (trained
 in place, so the model's export already holds it), and it is saved with the adapters.
@@ -32,6 +45,13 @@ from torch import nn
 from ..config.lora import LoRAConfig
 from .weight_map import add_rows
 
+
+def whole(param: torch.Tensor) -> torch.Tensor:
+    """A tensor-parallel adapter's whole value (a collective: every tensor rank calls it), a plain
+    one as is."""
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
 def output_slices(name: str, linear: nn.Linear) -> dict[str, slice]:
     """{Hugging Face projection: its slice of `linear`'s output} for the projection module `name`:
     one slice for a plain projection, one per part of a packed one (its `parts`, in output order)."""
@@ -50,6 +70,7 @@ class ProjectionAdapters(nn.Module):
     def __init__(self, linear: nn.Linear, slices: dict[str, slice], cfg: LoRAConfig):
         super().__init__()
         self.out_features, self.scale, self.dropout = linear.out_features, cfg.alpha / cfg.rank, cfg.dropout
+        self.shards = 1  # tensor ranks the output is sliced over (slice_like_base)
         self.slices = dict(sorted(slices.items(), key=lambda item: item[1].start))
         like = dict(dtype=linear.weight.dtype, device=linear.weight.device)
         self.lora_A = nn.ParameterDict({t: nn.Parameter(torch.empty(cfg.rank, linear.in_features, **like))
@@ -61,25 +82,52 @@ class ProjectionAdapters(nn.Module):
 
     def forward(self, x: torch.Tensor, training: bool, linear=F.linear) -> torch.Tensor:
         """x [..., in] -> the adapters' term [..., out] (zeros in the slices of unadapted targets);
-        linear(x [N, K], weight [O, K]) -> [N, O]: the GEMM to use (the walk's primitive)."""
+        linear(x [N, K], weight [O, K]) -> [N, O]: the GEMM to use (the walk's primitive). On a
+        column-parallel base sliced over `shards` ranks, x [..., in] -> [..., out / shards], this
+        rank's slice of each target in turn, as the base's local output."""
         pieces, at = [], 0
         for t, s in self.slices.items():
             if s.start > at:
-                pieces.append(x.new_zeros(*x.shape[:-1], s.start - at))
+                pieces.append(x.new_zeros(*x.shape[:-1], (s.start - at) // self.shards))
             h = F.dropout(x, self.dropout, training) if self.dropout else x  # a mask per target, as PEFT
             pieces.append(linear(linear(h, self.lora_A[t]), self.lora_B[t]) * self.scale)
             at = s.stop
         if at < self.out_features:
-            pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - at))
+            pieces.append(x.new_zeros(*x.shape[:-1], (self.out_features - at) // self.shards))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
     @torch.no_grad()
     def merge_into(self, linear: nn.Linear) -> None:
-        """W[slice_t] += scale * B_t @ A_t, computed in fp32 and rounded once into W's dtype; on a
-        sharded W each rank adds into its own shard (the adapters are whole on every rank)."""
+        """W[rows of t] += scale * B_t @ A_t, computed in fp32 and rounded once into W's dtype; on a
+        sharded W each rank adds into its own shard (the whole adapters: gathered when sliced,
+        collective), at the rows `row_blocks` gives t in W's layout (rank-interleaved when packed
+        for tensor ranks)."""
         for t, s in self.slices.items():
-            delta = self.lora_B[t].float() @ self.lora_A[t].float() * self.scale  # [size_t, in]
-            add_rows(linear.weight, s.start, delta)
+            delta = whole(self.lora_B[t]).float() @ whole(self.lora_A[t]).float() * self.scale  # [size_t, in]
+            blocks = linear.row_blocks() if hasattr(linear, "row_blocks") else [(t, s.start, 0, delta.shape[0])]
+            for part, row, part_row, rows in blocks:
+                if part == t:
+                    add_rows(linear.weight, row, delta[part_row:part_row + rows])
+
+    def slice_like_base(self, linear: nn.Linear) -> None:
+        """Lay the adapters out like `linear`'s tensor-parallel weight (the module docstring): each
+        B by rows beside a Shard(0) weight, each A by columns beside a Shard(1) one, as DTensors on
+        the weight's tensor ranks, each rank keeping its slice of the whole value it holds. A whole
+        weight keeps whole adapters."""
+        from torch.distributed.tensor import Shard, distribute_tensor
+        if self.dropout:  # each tensor rank would draw its own mask on the same replicated input
+            raise ValueError(f"lora.dropout={self.dropout}: expected 0 on a tensor-parallel model "
+                             "(train.tensor_parallel > 1)")
+        weight = linear.weight
+        if not hasattr(weight, "placements"):
+            return
+        dim = weight.placements[0].dim
+        sliced = self.lora_B if dim == 0 else self.lora_A
+        for t, param in sliced.items():
+            sliced[t] = nn.Parameter(distribute_tensor(param.detach(), weight.device_mesh, [Shard(dim)],
+                                                       src_data_rank=None))  # no copy between the ranks
+        if dim == 0:
+            self.shards = weight.device_mesh.size()
 
 
 def projections(model: nn.Module):
@@ -111,6 +159,8 @@ class LoRA(nn.Module):
             if not slices:
                 continue
             adapters = ProjectionAdapters(linear, slices, cfg)
+            if getattr(model, "tensor_parallel", None) is not None:
+                adapters.slice_like_base(linear)
             self.paths.append(parent)
             self.adapters.append(adapters)
             self._linears.append(linear)

@@ -29,8 +29,10 @@ from ..config.lora import LoRAConfig
 from ..durable import check_finite, written_whole
 from ..errors import ModelError
 from ..run_dir import check_target
+from .. import distributed
 from .hf_io import load_model, save_model
-from .lora import LoRA, add_lora
+from .lora import LoRA, add_lora, whole
+from .weight_map import local_box
 from .reward_model import load_or_start_reward_model, save_reward_model
 
 CONFIG_FILE = "adapter_config.json"
@@ -69,11 +71,14 @@ def head_tensors(lora: LoRA) -> dict[str, torch.Tensor]:
 def save_adapter(lora: LoRA, out_dir, base_model: str | None = None, reward_offset: float | None = None) -> None:
     """Write `lora` as a PEFT adapter directory `out_dir`, atomically replacing it (as save_model
     does). `base_model`: the directory or hub id recorded as base_model_name_or_path; `reward_offset`:
-    a reward model's normalization offset, written to OFFSET_FILE."""
+    a reward model's normalization offset, written to OFFSET_FILE. Collective under torchrun (every
+    rank calls it): tensor-parallel adapters are gathered whole (lora.whole), rank 0 writes."""
     tensors = {}
     for path, a, b in lora.named_targets():
         name_a, name_b = tensor_names(path)
-        tensors[name_a], tensors[name_b] = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+        tensors[name_a], tensors[name_b] = (whole(p.detach()).cpu().contiguous() for p in (a, b))
+    if not distributed.is_main():
+        return
     tensors.update({name: p.detach().cpu().contiguous() for name, p in head_tensors(lora).items()})
     check_finite(tensors.items(), f"the adapters for {out_dir}")
     cfg = lora.config
@@ -149,7 +154,8 @@ def read_adapter_weights(lora: LoRA, adapter_dir) -> LoRA:
             if tensors[name].shape != param.shape:
                 raise ModelError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                                  f"expected {tuple(param.shape)}")
-            param.copy_(tensors[name])
+            local, offsets = local_box(param)  # a tensor-parallel adapter takes its slice
+            local.copy_(tensors[name][tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))])
     unexpected = sorted(set(tensors) - set(params))
     if unexpected:
         raise ModelError(f"{path}: unexpected tensor {unexpected[0]!r}: not an adapter of this model's "

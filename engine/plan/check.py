@@ -11,12 +11,12 @@ from .report import refusal
 
 
 def tensor_parallel_gaps(cfg) -> list[str]:
-    """The options of `cfg` set to what does not train tensor-parallel yet: LoRA adapters (on the
-    policy or the critic), the batch-invariant rollout (its fixed reduction order is one device's,
-    not the tensor ranks'), and offloading the frozen models' shards."""
-    gaps = [f"lora.rank={cfg.lora.rank}"] if cfg.lora.rank > 0 else []
-    if getattr(getattr(cfg, "critic_lora", None), "rank", 0) > 0:
-        gaps.append(f"critic_lora.rank={cfg.critic_lora.rank}")
+    """The options of `cfg` set to what does not train tensor-parallel yet: dropout on LoRA adapters
+    (the policy's or the critic's: each tensor rank would draw its own mask on the same input), the
+    batch-invariant rollout (its fixed reduction order is one device's, not the tensor ranks'), and
+    offloading the frozen models' shards."""
+    gaps = [f"{name}.dropout={lora.dropout}" for name in ("lora", "critic_lora")
+            if (lora := getattr(cfg, name, None)) is not None and lora.enabled and lora.dropout > 0]
     if getattr(getattr(cfg, "rollout", None), "exact", False):
         gaps.append("rollout.exact=true")
     if getattr(cfg.train, "frozen_offload", False):
@@ -42,7 +42,7 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
                          "optimizer state is small; the tensor-parallel layout is not offloaded yet)")
     if cfg.train.tensor_parallel > 1 and (unsupported := tensor_parallel_gaps(cfg)):
         raise UsageError(f"train.tensor_parallel={cfg.train.tensor_parallel} with {', '.join(unsupported)}: not "
-                         "supported tensor-parallel yet (full SFT, RM, PPO and GRPO train tensor-parallel)")
+                         "supported tensor-parallel yet (SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)")
     refuse_expert_parallel(cfg, gpus)
     if device.type != "cuda" or not cfg.train.memory_check:
         return

@@ -127,7 +127,7 @@ def _why(plan: MemoryPlan, phase: str, category: str) -> str:
         return "loading puts every model whole on every GPU before sharding it (no sharded load yet)"
     if (phase, category) == ("rollout", "gathered") and rules.generation_gathers_policy:
         return ("generation gathers the whole policy on every GPU at train.tensor_parallel=1 (T > 1 reads 2P/T "
-                "bytes per GPU; PPO/GRPO do not train tensor-parallel yet)")
+                "bytes per GPU, LoRA or not)")
     if (phase, category) == ("export", "gathered") and rules.export_gathers_model:
         return "the export gathers the whole model on every GPU (no streamed export yet)"
     whole = [m["role"] for m in plan.models if not m["sharded"] and m["parameters"] > m["trained_parameters"]]

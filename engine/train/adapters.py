@@ -5,7 +5,8 @@ model directory plus the adapters resume the run exactly), and export at the end
 Hugging Face directory the next stage or transformers loads). The reward model trains its `score`
 head in full beside the adapters (PEFT's modules_to_save; the adapters then are a SEQ_CLS directory).
 Under torchrun the frozen base is sharded like any frozen model, the adapters (and heads) are whole
-on every rank and their gradients averaged over the ranks (engine/distributed.py)."""
+on every rank and their gradients averaged over the ranks (engine/distributed.py); on a
+tensor-parallel base the adapters are sliced like the weights they adapt (engine/model/lora.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,11 +41,11 @@ def export(model, lora: Optional[LoRA], final: Path, source_dir: str, save: Call
     """Write `model` to `final` with save(model, final, source_dir=...) (tokenizer files from
     `source_dir`); with adapters, first write them (and a reward model's `reward_offset`) to
     adapter_dir(final), then merge them into the weights in place (the run is over) and write the
-    merged model. Collective under torchrun: rank 0 writes the adapters (whole on every rank), each
-    rank merges into its own shards of the base, and `save` streams the model (hf_io.save_model)."""
+    merged model. Collective under torchrun: rank 0 writes the adapters (tensor-parallel ones
+    gathered whole first), each rank merges into its own shards of the base, and `save` streams the
+    model (hf_io.save_model)."""
     if lora is not None:
-        if distributed.is_main():
-            save_adapter(lora, adapter_dir(final), source_dir, reward_offset)
+        save_adapter(lora, adapter_dir(final), source_dir, reward_offset)
         distributed.reshard(model)  # merge into the shards, not into a gathered copy
         lora.merge_()
     save(model, final, source_dir=source_dir)

@@ -25,6 +25,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return FusedAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
+def parameters(optimizer: torch.optim.Optimizer) -> list:
+    """Every parameter `optimizer` steps, in group order."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based).
 

@@ -163,7 +163,7 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
                                lambda: (stage.loss(model, to_device(spare, device), step_counts)[0] * 0.0).backward())
     step_loss = distributed.all_reduce_tensor(step_loss)  # every rank decides on the same losses
     if getattr(model, "tensor_parallel", None) is not None:
-        model.tensor_parallel.average_over_data(model)
+        model.tensor_parallel.average_over_data(optim.parameters(optimizer))
     grad_norm = optim.clip_and_step([optimizer], cfg.optim.max_grad_norm, step_loss)[0]
     *host_stats, grad_norm, loss_value = read_on_host([*stats.values(), grad_norm, step_loss])
     lr = scheduler.get_last_lr()[0]

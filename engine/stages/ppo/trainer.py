@@ -130,15 +130,18 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     the policy's weights are frozen under adapters and no reference model is loaded; with
     critic_lora.rank > 0 the critic is adapters on the reward model's frozen decoder (build_critic).
     Under torchrun each model is sharded on the meta device and each rank reads only its shards
-    (hf_io.load_model); a LoRA-adapted base too, its adapters and heads whole on every rank."""
+    (hf_io.load_model); a LoRA-adapted base too, its adapters and heads whole on every rank (but
+    tensor-parallel, where the adapters are sliced like their base's weights)."""
     mode, lora_run = cfg.train.data_parallel, cfg.lora.enabled
-    sharder = distributed.sharder(mode, device)
     # train.optimizer_offload: the fully trained models' shards (and so their optimizer state) rest in
     # CPU memory; train.frozen_offload: the reference's and the reward model's (unless it is the
     # critic_lora trunk, trained through). A LoRA base has no optimizer state to offload. At
     # train.tensor_parallel > 1 every model is laid out for the tensor ranks (neither offload: check.py);
     # at train.expert_parallel > 1 the policy's experts are sharded over the ranks, the rest by FSDP.
     policy_sharder = training_sharder(cfg.train, device)
+    # An adapted base (frozen, its adapters beside it): FSDP over the ranks, or at train.tensor_parallel
+    # > 1 the tensor layout, the adapters then sliced like the weights they adapt (model/lora.py).
+    sharder = policy_sharder if cfg.train.tensor_parallel > 1 else distributed.sharder(mode, device)
     trained = policy_sharder if cfg.train.expert_parallel == 1 else distributed.sharder(
         mode, device, offload=cfg.train.optimizer_offload)
     frozen = trained if cfg.train.tensor_parallel > 1 else distributed.sharder(mode, device,
@@ -214,7 +217,8 @@ def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, lis
     critic_opt = None
     if models.critic is not None:
         critic_opt = optim.build_optimizer(models.critic, dataclasses.replace(cfg.optim, lr=cfg.critic_lr or cfg.optim.lr))
-    opts = Optimizers(policy_opt, critic_opt, cfg.optim.max_grad_norm)
+    opts = Optimizers(policy_opt, critic_opt, cfg.optim.max_grad_norm,
+                      getattr(models.policy, "tensor_parallel", None))
     schedules = [optim.build_scheduler(o, cfg.optim, cfg.train.iterations) for o in opts.all()]
     return opts, schedules
 
@@ -289,8 +293,7 @@ def export_critic(cfg: PPOConfig, critic: nn.Module) -> None:
     and is merged into its trunk for final_critic/ (the run is over)."""
     final = Path(cfg.output_dir) / "final_critic"
     if isinstance(critic, LoRACritic):
-        if distributed.is_main():
-            save_adapter(critic.lora, adapters.adapter_dir(final), cfg.reward_model or cfg.policy)
+        save_adapter(critic.lora, adapters.adapter_dir(final), cfg.reward_model or cfg.policy)  # collective
         critic = critic.merged()
     save_value_model(critic, final)
 

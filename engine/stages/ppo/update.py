@@ -64,10 +64,13 @@ class UpdateResult:
 
 @dataclass
 class Optimizers:
-    """The policy's optimizer (and the shared value head's params) and the separate critic's."""
+    """The policy's optimizer (and the shared value head's params) and the separate critic's;
+    tensor_parallel: the policy's engine/tensor_parallel.TensorParallel at train.tensor_parallel > 1
+    (every model on the same tensor ranks), else None."""
     policy: torch.optim.Optimizer
     critic: Optional[torch.optim.Optimizer]
     max_grad_norm: float
+    tensor_parallel: Optional[object] = None
 
     def zero_grad(self):
         for o in self.all():
@@ -79,7 +82,11 @@ class Optimizers:
     def clip_and_step(self, loss: torch.Tensor) -> torch.Tensor:
         """Clip each model's gradients by its own norm and step all, unless a norm or `loss` is not
         finite (decided on the device, see optim.clip_and_step). Returns the norms before clipping
-        ([models] fp32, policy first): a non-finite one means the update was skipped."""
+        ([models] fp32, policy first): a non-finite one means the update was skipped.
+        Tensor-parallel, the sliced gradients are first averaged over the data groups (FSDP's
+        reduction, whose hooks the walk bypasses)."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.average_over_data(p for o in self.all() for p in optim.parameters(o))
         norms = optim.clip_and_step(self.all(), self.max_grad_norm, loss)
         # On one device (the policy's adapters on the GPU, an offloaded critic's norm on the CPU).
         return torch.stack([n.to(norms[0].device) for n in norms])
@@ -162,9 +169,6 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
         ptx = ptx_loss()
         (p.ptx_coef * ptx).backward()
         total_loss = total_loss + ptx.detach()
-    for model in (models.policy, models.critic):  # tensor-parallel: FSDP's reduction, its hooks bypassed
-        if getattr(model, "tensor_parallel", None) is not None:
-            model.tensor_parallel.average_over_data(model)
     totals["loss"] = total_loss
     if distributed.data_world_size() > 1:
         # The forwards run only to keep the ranks in step (a fill on the device: no host copy).

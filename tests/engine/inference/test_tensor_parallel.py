@@ -68,9 +68,9 @@ def test_what_does_not_train_tensor_parallel_is_refused_in_one_line(qwen2_dir, t
     data = write_jsonl(tmp_path / "train.jsonl", demonstrations(4))
     common = [f"model={qwen2_dir}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}", "train.device=cpu",
               "data.max_length=64", "data.max_prompt_length=32", "data.tokens_per_batch=128", "train.tensor_parallel=2"]
-    code, err = cli_error(["sft", *common, "lora.rank=4"], capsys)
-    assert (code, err) == (2, "fusedrl sft: train.tensor_parallel=2 with lora.rank=4: not supported tensor-parallel "
-                              "yet (full SFT, RM, PPO and GRPO train tensor-parallel)\n")
+    code, err = cli_error(["sft", *common, "lora.rank=4", "lora.dropout=0.1"], capsys)
+    assert (code, err) == (2, "fusedrl sft: train.tensor_parallel=2 with lora.dropout=0.1: not supported "
+                              "tensor-parallel yet (SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)\n")
     code, err = cli_error(["sft", *common], capsys)  # one process: no tensor ranks
     assert code == 2 and err.startswith("fusedrl sft: train.tensor_parallel=2: expected a size dividing the 1 ranks")
     assert err.count("\n") == 1

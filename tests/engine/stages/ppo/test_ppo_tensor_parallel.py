@@ -84,13 +84,19 @@ def ppo_config(root, name, t=1, critic="separate"):
                                       tensor_parallel=t))
 
 
-@pytest.fixture(scope="module")
-def ppo_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo_tp")
+def save_policy_and_reward_model(root) -> None:
+    """root/policy (llama2: 4 key/value heads, untied head) and root/rm, its reward model with a
+    random score head."""
     policy = save_tiny_model(root / "policy")
     rm = reward_model_from_lm(load_model(policy))
     torch.nn.init.normal_(rm.score.weight, generator=torch.Generator().manual_seed(0))
     save_reward_model(rm, root / "rm", source_dir=policy)
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_tp")
+    save_policy_and_reward_model(root)
     write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog"]])
     check(torchrun("ppo", ppo_config(root, "t2", 2), root))
     check(torchrun("ppo", ppo_config(root, "shared_t2", 2, "shared"), root))
@@ -100,9 +106,10 @@ def ppo_runs(tmp_path_factory):
     return root
 
 
-def max_relative_diff(dir_a, dir_b) -> float:
-    """max |a - b| / max |a| over every tensor of two exported models (the issue's bar: <= 1e-4)."""
-    a, b = load_file(dir_a / "model.safetensors"), load_file(dir_b / "model.safetensors")
+def max_relative_diff(dir_a, dir_b, file="model.safetensors") -> float:
+    """max |a - b| / max |a| over every tensor of two exported models (the issue's bar: <= 1e-4), or
+    of another safetensors `file` in two directories."""
+    a, b = load_file(dir_a / file), load_file(dir_b / file)
     assert a.keys() == b.keys()
     return max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in a)
 
@@ -147,8 +154,8 @@ def test_what_does_not_run_tensor_parallel_is_refused_in_one_line(tmp_path):
     cfg = grpo_config(tmp_path, "refused", t=2)
     cfg.rollout.exact = cfg.train.frozen_offload = True
     with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with rollout.exact=true, train.frozen_offload=true: "
-                                         r"not supported tensor-parallel yet \(full SFT, RM, PPO and GRPO train "
-                                         r"tensor-parallel\)$"):
+                                         r"not supported tensor-parallel yet \(SFT, RM, PPO and GRPO train "
+                                         r"tensor-parallel, LoRA included\)$"):
         refuse_unfit(cfg, torch.device("cpu"), 2)
 
 
