@@ -104,6 +104,23 @@ def check_replicate(model_dir: str) -> None:
     say("replicate")
 
 
+def check_exact_lora(model_dir: str) -> None:
+    """rollout.exact (the batch-invariant walk) on a LoRA-adapted policy (hooks on the projections,
+    adapters whole on every rank, the frozen base sharded)."""
+    from fusedrl.engine.config.lora import LoRAConfig
+    from fusedrl.engine.train import adapters
+    policy = load_model(model_dir, device="cpu", shard=distributed.sharder("shard", "cpu"))
+    lora = adapters.attach(policy, LoRAConfig(rank=4))
+    torch.manual_seed(0)  # the same adapters on every rank, B nonzero so that they count
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.1)
+    persistent, gathered = (HybridActor(policy, kv_cache_memory=1 << 22, batch_invariant=True, persistent_weights=w)
+                            for w in (True, False))
+    same_rollouts(persistent, gathered, greedy(), exact=True)
+    say("exact lora")
+
+
 def check_experts(moe_dir: str) -> None:
     """An expert-parallel MoE policy (train.expert_parallel: experts sharded over the ranks): the
     experts gathered into buffers too, every block running them locally while generating."""
@@ -124,7 +141,7 @@ def check_grpo(root: str) -> None:
                            output_dir=f"{root}/run-{persistent}", reward_fn="persistent_worker:vowels",
                            rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                                  kv_cache_memory=1 << 22, persistent_weights=persistent),
-                           ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.05, vf_coef=0.0, epochs=2,
+                           ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.05, vf_coef=0.0, epochs=1,
                                             minibatch_size=6),
                            optim=OptimConfig(lr=1e-3),
                            train=LoopConfig(iterations=2, progress=False, device="cpu", precision="fp32")))
@@ -143,6 +160,7 @@ if __name__ == "__main__":
         torch.set_num_threads(1)
         check_rollouts("cpu", sys.argv[2])
         check_replicate(sys.argv[2])
+        check_exact_lora(sys.argv[2])
         check_experts(sys.argv[3])
         check_grpo(sys.argv[4])
     distributed.leave()
