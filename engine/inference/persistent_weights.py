@@ -52,6 +52,8 @@ class PersistentWeights:
         distributed.reshard(model)  # every FSDP unit back to its DTensor shards
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if self.device.type == "cuda" and self.device.index is None:  # compared with the shards' devices
+            self.device = torch.device("cuda", torch.cuda.current_device())
         # model.parameters() yields a tied parameter once: the LM head and the embedding share a buffer.
         self.wholes = {id(p): self._allocate(p) for p in model.parameters() if isinstance(p, DTensor)}
 
