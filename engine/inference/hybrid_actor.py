@@ -55,7 +55,7 @@ class HybridActor:
         self.weights = PersistentWeights(policy, device) if persistent_weights else None
         # Nothing gathered, or gathered into storage that stays put: captured graphs stay valid.
         graphs = alone or self.tensor_parallel or self.weights is not None
-        with self._whole_weights() if self.weights is not None else contextlib.nullcontext():  # capture on the buffers
+        with self.whole_weights() if self.weights is not None else contextlib.nullcontext():  # capture on the buffers
             self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
                            device=device, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and graphs,
                            batch_invariant=batch_invariant, record_routing=record_routing)
@@ -65,10 +65,11 @@ class HybridActor:
         self.last_routing = None
 
     @contextlib.contextmanager
-    def _whole_weights(self):
-        """Inside: the policy's walk reads weights a rank generates from alone (collective on entry):
-        the persistent buffers refilled, or its FSDP units and experts gathered, or (tensor-parallel)
-        its own shards."""
+    def whole_weights(self):
+        """Inside: the policy's walk reads weights a rank runs forwards on alone (collective on
+        entry): the persistent buffers refilled, or its FSDP units and experts gathered, or
+        (tensor-parallel) its own shards. Generation runs in it, and rollout.exact's old-log-prob
+        forward (stages/ppo/forwards.py)."""
         if self.weights is not None:
             with self.weights.active():
                 yield
@@ -98,7 +99,7 @@ class HybridActor:
         token: [sum of response lengths] fp32 on the policy's device, row after row), rows ordered
         prompt by prompt, sample by sample. The log-probs never leave the device.
         """
-        with self._whole_weights():
+        with self.whole_weights():
             outputs = self.llm.generate(prompts, params, decode_text=False)  # PPO reads token ids only
         if self.release_kv_pool:  # rollout.release_kv_pool: its memory for scoring and the update
             self.llm.runner.release_kv_pool()

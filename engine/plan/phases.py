@@ -314,8 +314,9 @@ def ppo_phases(s: Setup) -> dict:
     scored = min(rows * longest, r.tokens_per_forward or rows * longest)
 
     def scoring_cost(part: Part) -> tuple[int, int]:
-        whole = part is policy and r.exact and s.fsdp(part)  # the batch-invariant forward gathers it whole
-        return (whole_bytes(part) if whole else forward_gathered(s, part),
+        # The batch-invariant forward reads the policy whole: gathered, or its persistent buffers.
+        exact = part is policy and r.exact and s.fsdp(part)
+        return ((0 if r.persistent_weights else whole_bytes(part)) if exact else forward_gathered(s, part),
                 forward_activations(part.config, elem, scored, lm_head=_has_lm_head(s, part)))
     decoders = [part for part in s.parts if part.config is not None]
     gathered_s, act_s = max((scoring_cost(part) for part in decoders), key=sum)

@@ -154,8 +154,9 @@ def test_a_released_kv_pool_is_counted_in_the_rollout_only_where_graphs_allow(qw
 
 def test_persistent_weights_keep_the_whole_policy_in_every_phase(qwen):
     """rollout.persistent_weights: the 7B policy whole (15.2 GB in bf16) beside its shards in every
-    phase after load, nothing gathered to generate, and the KV pool kept (decode graphs hold it);
-    replicated data parallelism reads its whole shards as they are (no bytes)."""
+    phase after load, nothing gathered to generate (nor for rollout.exact's old log-probs), and the
+    KV pool kept (decode graphs hold it); replicated data parallelism reads its whole shards as they
+    are (no bytes)."""
     released = "rollout.release_kv_pool=true"
     base = plan("grpo", qwen["7B"], CKPT, released)
     kept = plan("grpo", qwen["7B"], CKPT, released, "rollout.persistent_weights=true")
@@ -169,3 +170,7 @@ def test_persistent_weights_keep_the_whole_policy_in_every_phase(qwen):
     replicated = [plan("grpo", qwen["7B"], CKPT, "train.data_parallel=replicate", *extra).phases["update"]["weights"]
                   for extra in ((), ("rollout.persistent_weights=true",))]
     assert replicated[0] == replicated[1]
+    # rollout.exact's old-log-prob forward reads the buffers instead of gathering the policy again.
+    gathered, read = (plan("grpo", qwen["7B"], CKPT, "rollout.exact=true", *extra).phases["scoring"]["gathered"]
+                      for extra in ((), ("rollout.persistent_weights=true",)))
+    assert gathered == whole > read
