@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig
-from fusedrl.engine.errors import UsageError
+from fusedrl.engine.errors import ConfigValueError, UsageError
+from fusedrl.engine.inference.hybrid_actor import HybridActor
+from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.plan.check import refuse_unfit
 from dist_testing import RANK_THREADS, check
 from moe_testing import make_moe_model
@@ -49,7 +51,10 @@ def test_two_ranks_generate_from_persistent_buffers_as_from_unshard(dense_dir):
         "ok rollouts cpu", "ok replicate", "ok exact lora", "ok experts", "ok grpo"], result.stdout
 
 
-def test_persistent_weights_where_nothing_is_gathered_is_refused_in_one_line(tmp_path):
+def test_persistent_weights_where_nothing_is_gathered_is_refused_in_one_line(qwen2_dir):
+    with pytest.raises(ConfigValueError, match=r"^persistent_weights=True: expected torchrun at tensor_parallel 1 "
+                                               r"\(got one process, which gathers nothing\)$"):
+        HybridActor(load_model(qwen2_dir), kv_cache_memory=1 << 20, persistent_weights=True)
     cfg = GRPOConfig(policy="p", prompts_file="f", output_dir="o",
                      rollout=RolloutConfig(persistent_weights=True), train=LoopConfig(device="cpu"))
     with pytest.raises(UsageError, match=r"^rollout.persistent_weights=true .* expected torchrun at "
