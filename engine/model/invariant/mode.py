@@ -56,8 +56,10 @@ class BatchInvariant:
         seq_index = _sequence_of_each_token(lens)
         positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts[seq_index]
         fresh = self._fresh_attention(positions, seq_index, starts, max(seqlens))
-        return model.entry()(input_ids, positions, attend=lambda layer, q, k, v, angles: fresh(*angles.rotate(q, k), v),
-                             prims=EXACT)
+
+        def attend(layer, q, k, v, angles):
+            return fresh(*angles.rotate(q, k), v)
+        return model.entry()(input_ids, positions, attend=attend, prims=EXACT)
 
     def paged_hidden(self, model, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                      kv_caches: list) -> torch.Tensor:

@@ -48,7 +48,8 @@ def same_rollouts(persistent, gathered, params, exact: bool):
     """Both actors' responses and sampler log-probs for this rank's prompts: equal (bit for bit
     eagerly; a CUDA graph's padded batch may tile its GEMMs otherwise). Returns the persistent one's."""
     prompts = PROMPTS[distributed.rank()]
-    (_, responses, logp), (_, want, want_logp) = persistent.generate(prompts, params), gathered.generate(prompts, params)
+    _, responses, logp = persistent.generate(prompts, params)
+    _, want, want_logp = gathered.generate(prompts, params)
     assert responses == want, f"{responses} != {want}"
     if exact:
         assert torch.equal(logp, want_logp)

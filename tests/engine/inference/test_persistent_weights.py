@@ -2,9 +2,10 @@
 gloo ranks, in one torchrun launch of persistent_worker.py, generation from buffers allocated once
 and refilled in place equals the unshard path's across two rollouts with a training step between
 them (buffers' storage unchanged, uneven shards and a tied head included), in replicate mode with no
-buffer at all, in the batch-invariant mode on a LoRA-adapted policy, with expert-parallel experts, and a GRPO run with the option ends with the weights of
-the run without it; the option refused in one line where nothing is gathered; on 2 GPUs, the decode
-steps replayed from CUDA graphs across rollouts."""
+buffer at all, in the batch-invariant mode on a LoRA-adapted policy, with expert-parallel experts;
+and a GRPO run with the option ends with the weights of the run without it. The option is refused
+in one line where nothing is gathered; on 2 GPUs, the decode steps replay from CUDA graphs across
+rollouts."""
 import os
 import subprocess
 import sys
