@@ -35,7 +35,7 @@ from torch import nn
 from .errors import ConfigValueError
 from .model.causal_lm import CausalLM, PackedProjection, Projection
 from .model.config import ModelConfig
-from .model.primitives import composed_norm_linear
+from .model.primitives import composed_norm_linear, enter_past_hooks
 from .model.tensor_parallel_ops import from_ranks, to_ranks
 
 
@@ -203,7 +203,7 @@ class TensorParallel:
         and each layer entered by its forward, past FSDP's hooks (which would all-gather it)."""
         return SimpleNamespace(**{**vars(base), "linear": self.linear, "embed": self.embed,
                                   "norm_linear": composed_norm_linear,
-                                  "enter": lambda layer, *args: layer.forward(*args)})
+                                  "enter": enter_past_hooks})
 
 
 def generate_tensor_parallel(model_dir, prompts: list, params, t: int, *, device, dtype="auto", use_tqdm=False,

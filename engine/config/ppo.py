@@ -38,7 +38,13 @@ class RolloutConfig:
     release_kv_pool: bool = option("free the KV pool after each rollout (scoring and the update use its memory) "
                                    "and allocate it again for the next, where CUDA graphs allow: not in one "
                                    "process on CUDA (a captured decode step holds the pool's addresses), yes "
-                                   "under torchrun (graphs off) and on the CPU", False)
+                                   "under torchrun (graphs off, but with rollout.persistent_weights) and on the CPU",
+                                   False)
+    persistent_weights: bool = option("under torchrun at train.tensor_parallel=1: generate from whole-size copies of "
+                                      "the policy's shards, allocated once and refilled in place before each "
+                                      "rollout, so CUDA graphs stay on; costs one whole policy per GPU kept through "
+                                      "training (none with train.data_parallel=replicate, whose shards are whole)",
+                                      False)
     tokens_per_forward: int | None = option("token budget of one scoring forward (reward model, reference, old "
                                             "log-probs, values): a rank's rows are cut, in order, into forwards "
                                             "of at most this many tokens, so none holds more activations; it "

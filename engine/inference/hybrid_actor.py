@@ -14,9 +14,12 @@ the whole parameters: `generate` gathers them (`unshard()`) before the rollout a
 (`reshard()`) after, so a rank holds one whole copy of the policy's parameters only while it
 generates (on top of its shard), and its forwards inside issue no collective, whatever its number
 of decode steps. The KV pool is per rank. CUDA graphs are off there: the gathered parameters are
-reallocated at every unshard, and a captured graph would read freed memory. A policy sharded
-tensor-parallel (engine/tensor_parallel.py) is not gathered: each rank generates with its tensor
-group from its own shards, whose storage never moves, so CUDA graphs stay on there.
+reallocated at every unshard, and a captured graph would read freed memory. With
+persistent_weights (rollout.persistent_weights) the whole parameters are instead buffers allocated
+once and refilled in place before each rollout (persistent_weights.py): one whole copy of the
+policy kept per rank through training, and CUDA graphs on. A policy sharded tensor-parallel
+(engine/tensor_parallel.py) is not gathered: each rank generates with its tensor group from its
+own shards, whose storage never moves, so CUDA graphs stay on there.
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ import contextlib
 
 import torch
 
+from ..errors import ConfigValueError
 from .llm import LLM
+from .persistent_weights import PersistentWeights
 from .runner import kv_bytes_per_block
 from ..model.causal_lm import CausalLM
 from ..model.expert_parallel import gathered_experts
@@ -36,19 +41,43 @@ from .sampling_params import SamplingParams
 class HybridActor:
     def __init__(self, policy: CausalLM, tokenizer=None, *, kv_cache_memory: int, block_size: int = 16,
                  max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False, device=None,
-                 release_kv_pool: bool = False, record_routing: bool = False):
-        """record_routing: keep an MoE policy's expert choices of every rollout token (`last_routing`)."""
+                 release_kv_pool: bool = False, record_routing: bool = False, persistent_weights: bool = False):
+        """record_routing: keep an MoE policy's expert choices of every rollout token (`last_routing`).
+        persistent_weights: generate from whole-size buffers refilled in place (under torchrun at
+        tensor_parallel 1; collective: every rank builds its actor together)."""
         self.policy = policy
         self.release_kv_pool = release_kv_pool
         self.tensor_parallel = getattr(policy, "tensor_parallel", None) is not None
-        local = distributed.world_size() == 1 or self.tensor_parallel  # nothing gathered: graphs stay valid
-        self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
-                       device=device, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and local,
-                       batch_invariant=batch_invariant, record_routing=record_routing)
+        alone = distributed.world_size() == 1
+        if persistent_weights and (alone or self.tensor_parallel):
+            raise ConfigValueError(f"persistent_weights=True: expected torchrun at tensor_parallel 1 (got "
+                                   f"{'one process' if alone else 'a tensor-parallel policy'}, which gathers nothing)")
+        self.weights = PersistentWeights(policy, device) if persistent_weights else None
+        # Nothing gathered, or gathered into storage that stays put: captured graphs stay valid.
+        graphs = alone or self.tensor_parallel or self.weights is not None
+        with self.whole_weights() if self.weights is not None else contextlib.nullcontext():  # capture on the buffers
+            self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
+                           device=device, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and graphs,
+                           batch_invariant=batch_invariant, record_routing=record_routing)
         self.record_routing = record_routing
         # The last generate's routing records [sum of prompt + response lengths, sparse layers, k],
         # rows as pack_rollout packs them (None without record_routing).
         self.last_routing = None
+
+    @contextlib.contextmanager
+    def whole_weights(self):
+        """Inside: the policy's walk reads weights a rank runs forwards on alone (collective on
+        entry): the persistent buffers refilled, or its FSDP units and experts gathered, or
+        (tensor-parallel) its own shards. Generation runs in it, and rollout.exact's old-log-prob
+        forward (stages/ppo/forwards.py)."""
+        if self.weights is not None:
+            with self.weights.active():
+                yield
+        elif self.tensor_parallel:
+            yield
+        else:
+            with distributed.gathered(self.policy), gathered_experts(self.policy):
+                yield
 
     @property
     def batch_invariant(self) -> BatchInvariant | None:
@@ -70,8 +99,7 @@ class HybridActor:
         token: [sum of response lengths] fp32 on the policy's device, row after row), rows ordered
         prompt by prompt, sample by sample. The log-probs never leave the device.
         """
-        gathered = contextlib.nullcontext() if self.tensor_parallel else distributed.gathered(self.policy)
-        with gathered, gathered_experts(self.policy):  # a rank generates alone: every expert on it
+        with self.whole_weights():
             outputs = self.llm.generate(prompts, params, decode_text=False)  # PPO reads token ids only
         if self.release_kv_pool:  # rollout.release_kv_pool: its memory for scoring and the update
             self.llm.runner.release_kv_pool()

@@ -156,8 +156,7 @@ class ModelRunner:
         if self.batch_invariant is not None:
             return self.batch_invariant.paged_hidden(self.model, input_ids, positions, meta, self.kv_caches)
         prims = DECODE if meta.is_decode and self.fuse_decode_gemms else None  # None: the model's FORWARD
-        # Tensor-parallel: past the root's FSDP hook (it would gather the embedding and the head).
-        run = self.model.forward if self.tensor_parallel is not None else self.model
+        run = self.model.entry()  # tensor-parallel or persistent weights: past the root's FSDP hook
         if self.routing is None:
             return run(input_ids, positions, meta, self.kv_caches, prims=prims)
         # Decode: into routing_out, the buffer a graph writes; prefill (eager): the trace's tensors.

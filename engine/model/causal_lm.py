@@ -31,7 +31,7 @@ from ... import kernels
 from .attention import AttentionMetadata, attention_step
 from .config import ModelConfig
 from .moe import SparseMoeBlock, trace_restorer
-from .primitives import FORWARD
+from .primitives import FORWARD, past_hooks
 
 # (layer index, q [N, H, D], k [N, Hkv, D], v [N, Hkv, D] with q and k before RoPE, the forward's
 # RotaryAngles) -> attention output [N, H, D]. An attend rotates q and k by `angles.rotate` first,
@@ -216,6 +216,10 @@ class CausalLM(nn.Module):
         self.rotary = RotaryTable(config)
         # Trainers set this to recompute each layer in backward (activation memory of one layer).
         self.gradient_checkpointing = False
+        # True while the modules hold weights that stay put, whole, in place of FSDP's shards (the
+        # persistent gathered buffers: inference/persistent_weights.py): the walk then enters the
+        # root and the layers past FSDP's hooks, which would all-gather them.
+        self.past_fsdp_hooks = False
 
     def tie_weights(self):
         """Share the embedding with the LM head when the config says so (re-run after `to_empty`)."""
@@ -234,7 +238,17 @@ class CausalLM(nn.Module):
         if attend is None:
             attend = attention_step(meta, kv_caches)
         tp = getattr(self, "tensor_parallel", None)  # engine/tensor_parallel.py: the walk on the local shards
-        return self.hidden_states(input_ids, positions, attend, tp.prims(prims or FORWARD) if tp else prims)
+        if tp:
+            prims = tp.prims(prims or FORWARD)
+        elif self.past_fsdp_hooks:
+            prims = past_hooks(prims or FORWARD)
+        return self.hidden_states(input_ids, positions, attend, prims)
+
+    def entry(self) -> Callable:
+        """What a step calls to run `forward`: the model itself, through FSDP's root hook (which
+        gathers the root unit), or past that hook its `forward`, where the walk reads weights that
+        stay put (tensor-parallel shards; persistent gathered buffers: past_fsdp_hooks)."""
+        return self.forward if getattr(self, "tensor_parallel", None) or self.past_fsdp_hooks else self
 
     def hidden_states(self, input_ids, positions, attend: Attend, prims: SimpleNamespace | None = None):
         """The one walk of the decoder: input_ids, positions [N] -> final hidden states [N, hidden],
@@ -292,9 +306,7 @@ class CausalLM(nn.Module):
             starts = meta.cu_seqlens_q[:-1].long().repeat_interleave(  # [N] start of each token's sequence
                 torch.tensor(seqlens, device=input_ids.device), output_size=input_ids.shape[0])
             positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
-        # Tensor-parallel: past the root's FSDP hook, which would gather the embedding and the head.
-        run = self.forward if getattr(self, "tensor_parallel", None) else self
-        return run(input_ids, positions, meta)
+        return self.entry()(input_ids, positions, meta)
 
     def compute_logits(self, hidden):
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""

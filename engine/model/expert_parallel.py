@@ -85,25 +85,40 @@ def shard_for_training(model: nn.Module, device_type: str, experts: int) -> nn.M
 
 
 @contextlib.contextmanager
+def experts_run_locally(model: nn.Module) -> Iterator[list[SparseMoeBlock]]:
+    """Inside: every expert-parallel block of `model` in the training layout (shard_for_training:
+    DTensor experts) runs its experts locally, dispatching nothing, from whatever whole expert
+    weights the caller puts in it (gathered_experts; the persistent buffers of
+    inference/persistent_weights.py). Yields those blocks; no-op (none) without that layout."""
+    blocks = [b for b in moe_blocks(model) if b.expert_shard is not None and b.expert_shard.average]
+    shards = [b.expert_shard for b in blocks]
+    for block in blocks:
+        block.expert_shard = None
+    try:
+        yield blocks
+    finally:
+        for block, shard in zip(blocks, shards):
+            block.expert_shard = shard
+
+
+@contextlib.contextmanager
 def gathered_experts(model: nn.Module) -> Iterator[None]:
     """Inside: every expert-parallel block of `model` holds all its experts whole (gathered from the
     ranks: collective on entry) and runs them locally, as distributed.gathered does for FSDP's
     units, so a rank generates its own prompts with no collective. Outside again: its own experts,
     trained in place (the gathered copies are dropped). For the training layout (shard_for_training:
     DTensor experts); no-op without it."""
-    blocks = [b for b in moe_blocks(model) if b.expert_shard is not None and b.expert_shard.average]
-    kept = [(b.expert_shard, b.experts.gate_up_proj, b.experts.down_proj) for b in blocks]
-    with torch.no_grad():
-        for block in blocks:
-            for name in ("gate_up_proj", "down_proj"):
-                mine = getattr(block.experts, name)
-                setattr(block.experts, name, nn.Parameter(mine.full_tensor(), requires_grad=False))
-            block.expert_shard = None
-    try:
-        yield
-    finally:
-        for block, (shard, gate_up, down) in zip(blocks, kept):
-            block.experts.gate_up_proj, block.experts.down_proj, block.expert_shard = gate_up, down, shard
+    with experts_run_locally(model) as blocks:
+        kept = [(b.experts.gate_up_proj, b.experts.down_proj) for b in blocks]
+        with torch.no_grad():
+            for block, mine in zip(blocks, kept):
+                for name, weight in zip(("gate_up_proj", "down_proj"), mine):
+                    setattr(block.experts, name, nn.Parameter(weight.full_tensor(), requires_grad=False))
+        try:
+            yield
+        finally:
+            for block, (gate_up, down) in zip(blocks, kept):
+                block.experts.gate_up_proj, block.experts.down_proj = gate_up, down
 
 
 def dispatch(block: SparseMoeBlock, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, prims) -> torch.Tensor:

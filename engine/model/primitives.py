@@ -23,7 +23,8 @@ CPU, where the ops fall back to their references, the eager compositions transfo
       when glu; prims: the walk's set (what norm and proj are called with, as every module is)
   embed(embedding: nn.Embedding, input_ids [N]) -> [N, hidden]
   enter(layer, *args) -> the layer's output: how the walk calls a decoder layer (through its hooks,
-      where FSDP gathers its parameters; the tensor-parallel set calls its forward on the local shards)
+      where FSDP gathers its parameters; `past_hooks(prims)` calls its forward on the parameters it
+      holds: the tensor-parallel shards, the persistent gathered buffers)
 `EXACT` adds
   attention(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position) -> [N, H, D]
   row_logprobs(logits [R, V] fp32, tokens [R], temperatures [R]) -> (logp [R], entropy [R])
@@ -67,6 +68,18 @@ def embed(embedding, input_ids):
 
 def enter(layer, *args):
     return layer(*args)
+
+
+def enter_past_hooks(layer, *args):
+    """A layer's forward on the parameters it holds now, past its hooks (FSDP's, which would
+    all-gather them): how the walk runs on weights that stay put (tensor-parallel shards,
+    persistent gathered buffers)."""
+    return layer.forward(*args)
+
+
+def past_hooks(prims: SimpleNamespace) -> SimpleNamespace:
+    """`prims` with each layer entered past its hooks (enter_past_hooks)."""
+    return SimpleNamespace(**{**vars(prims), "enter": enter_past_hooks})
 
 
 FORWARD = SimpleNamespace(linear=F.linear, add_rms_norm=add_rms_norm, rope=kernels.rope,

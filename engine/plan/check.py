@@ -29,7 +29,8 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     where the memory is known, and unless train.memory_check is off; also refuses
     train.optimizer_offload and train.frozen_offload in one process (they are FSDP2's CPU offload of the
     sharded state), train.optimizer_offload beside LoRA adapters or tensor parallelism, and
-    train.tensor_parallel > 1 beside what does not run tensor-parallel yet (tensor_parallel_gaps)."""
+    train.tensor_parallel > 1 beside what does not run tensor-parallel yet (tensor_parallel_gaps), and
+    rollout.persistent_weights where nothing is gathered (one process, train.tensor_parallel > 1)."""
     if cfg.train.optimizer_offload and gpus == 1:
         raise UsageError("train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
                          "optimizer state: run under torchrun (one process keeps them on its device)")
@@ -44,6 +45,11 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
         raise UsageError(f"train.tensor_parallel={cfg.train.tensor_parallel} with {', '.join(unsupported)}: not "
                          "supported tensor-parallel yet (SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)")
     refuse_expert_parallel(cfg, gpus)
+    t = cfg.train.tensor_parallel
+    if getattr(getattr(cfg, "rollout", None), "persistent_weights", False) and (gpus == 1 or t > 1):
+        where = "one process" if gpus == 1 else f"train.tensor_parallel={t}"
+        raise UsageError(f"rollout.persistent_weights=true keeps a gathered copy of the policy's FSDP2 shards: "
+                         f"expected torchrun at train.tensor_parallel=1 (got {where}, which gathers nothing)")
     if device.type != "cuda" or not cfg.train.memory_check:
         return
     total = torch.cuda.get_device_properties(device).total_memory

@@ -3,7 +3,8 @@
 Phases: load (the models built, before sharding), rollout (generation), scoring (the rollout's
 reward, reference, old log-prob and value forwards), update (forward + backward, or the optimizer
 step, whichever holds more), export (the final model written). SFT and RM have load, update, export.
-Categories: weights (resident: a rank's FSDP2 shards, whole models where not sharded), grads (of the
+Categories: weights (resident: a rank's FSDP2 shards, whole models where not sharded, and with
+rollout.persistent_weights the policy's whole generation buffers, kept through training), grads (of the
 trained parameters, sharded like them, plus a unit's whole gradients before FSDP reduce-scatters
 them, plus the optimizer's transient fp32 copy during the step), optimizer (fp32 masters of
 non-fp32 parameters and the two AdamW moments, 12 bytes per bf16 parameter: engine/train/fused_adamw.py,
@@ -232,9 +233,20 @@ def _elem(s: Setup) -> int:
     return torch.empty((), dtype=s.dtype).element_size()
 
 
+def persistent_bytes(s: Setup) -> int:
+    """rollout.persistent_weights: the policy's whole-size generation buffers, allocated with the
+    hybrid actor and kept (inference/persistent_weights.py): its whole weights, but where its local
+    shards are whole on the GPU already (data_parallel=replicate, not offloaded), read as they are."""
+    policy = _policy(s)
+    if not getattr(getattr(s.cfg, "rollout", None), "persistent_weights", False) or not s.fsdp(policy):
+        return 0
+    return whole_bytes(policy) if s.split(policy) or s.offloaded(policy) else 0
+
+
 def _resident(s: Setup) -> dict:
-    """What every phase after load holds: the weights and (kept from the first step on) the optimizer."""
-    return {"weights": weight_bytes(s), "optimizer": optimizer_bytes(s)}
+    """What every phase after load holds: the weights (the persistent generation buffers among them)
+    and (kept from the first step on) the optimizer."""
+    return {"weights": weight_bytes(s) + persistent_bytes(s), "optimizer": optimizer_bytes(s)}
 
 
 def load_phase(s: Setup) -> dict:
@@ -285,9 +297,10 @@ def generation_gathered(s: Setup, policy: Part) -> int:
     """Weights generation holds on top of the policy's shards (engine/tensor_parallel.py): at
     train.tensor_parallel T > 1 each GPU reads its tensor slice, 1/T of the policy, which is its
     shard itself when T is the number of GPUs (nothing gathered) and otherwise gathered over the
-    data ranks; at T = 1 the whole policy (rules.generation_gathers_policy)."""
+    data ranks; at T = 1 the whole policy (rules.generation_gathers_policy), unless it is read from
+    the persistent buffers (rollout.persistent_weights: counted with the weights, persistent_bytes)."""
     t = s.cfg.train.tensor_parallel
-    if not s.fsdp(policy):
+    if not s.fsdp(policy) or s.cfg.rollout.persistent_weights:
         return 0
     if t > 1:
         return 0 if t == s.ranks else whole_bytes(policy) // t
@@ -302,8 +315,10 @@ def ppo_phases(s: Setup) -> dict:
     policy = _policy(s)
     elem = _elem(s)
     # rollout.release_kv_pool frees the pool outside the rollout where no CUDA graph holds it: under
-    # torchrun (graphs off); one process on CUDA captures graphs and keeps it.
-    kv_after = 0 if r.release_kv_pool and s.ranks > 1 else kv
+    # torchrun at T = 1 gathering by unshard (graphs off); where decode steps are CUDA graphs (one
+    # process, tensor parallelism, rollout.persistent_weights) the pool stays.
+    graphs = s.ranks == 1 or s.cfg.train.tensor_parallel > 1 or r.persistent_weights
+    kv_after = 0 if r.release_kv_pool and not graphs else kv
     base = {**_resident(s), "kv_pool": kv_after}
 
     gathered = generation_gathered(s, policy)
@@ -317,8 +332,9 @@ def ppo_phases(s: Setup) -> dict:
     scored = min(rows * longest, r.tokens_per_forward or rows * longest)
 
     def scoring_cost(part: Part) -> tuple[int, int]:
-        whole = part is policy and r.exact and s.fsdp(part)  # the batch-invariant forward gathers it whole
-        return (whole_bytes(part) if whole else forward_gathered(s, part),
+        # The batch-invariant forward reads the policy whole: gathered, or its persistent buffers.
+        exact = part is policy and r.exact and s.fsdp(part)
+        return ((0 if r.persistent_weights else whole_bytes(part)) if exact else forward_gathered(s, part),
                 forward_activations(part.config, elem, scored, lm_head=_has_lm_head(s, part)))
     decoders = [part for part in s.parts if part.config is not None]
     gathered_s, act_s = max((scoring_cost(part) for part in decoders), key=sum)

@@ -56,8 +56,10 @@ class BatchInvariant:
         seq_index = _sequence_of_each_token(lens)
         positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts[seq_index]
         fresh = self._fresh_attention(positions, seq_index, starts, max(seqlens))
-        return model(input_ids, positions, attend=lambda layer, q, k, v, angles: fresh(*angles.rotate(q, k), v),
-                     prims=EXACT)
+
+        def attend(layer, q, k, v, angles):
+            return fresh(*angles.rotate(q, k), v)
+        return model.entry()(input_ids, positions, attend=attend, prims=EXACT)
 
     def paged_hidden(self, model, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                      kv_caches: list) -> torch.Tensor:
@@ -80,7 +82,7 @@ class BatchInvariant:
                 q, k = angles.rotate(q, k)
                 kernels.store_kv(k, v, *kv_caches[layer], meta.slot_mapping)
                 return fresh(q, k, v)
-            return model(input_ids, positions, attend=attend, prims=EXACT)
+            return model.entry()(input_ids, positions, attend=attend, prims=EXACT)
         page_table = page_slot(meta.block_tables.clamp(min=0), 0, self.chunk_size).to(torch.int32)  # -1 -> row 0
         max_position = meta.block_tables.shape[1] * self.chunk_size - 1  # the table's reach: a host int
 
@@ -90,7 +92,7 @@ class BatchInvariant:
             kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             return EXACT.attention(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), positions, seq_index,
                                    page_table, self.chunk_size, self.segment, max_position)
-        return model(input_ids, positions, attend=attend, prims=EXACT)
+        return model.entry()(input_ids, positions, attend=attend, prims=EXACT)
 
     def _fresh_attention(self, positions, seq_index, starts, max_len: int):
         """Attention over the K/V of this forward's own tokens (a pack, or a prefill with nothing

@@ -3,6 +3,7 @@ sequence boundaries): log-probs and entropies of the policy and the reference, v
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, ContextManager
 
 import torch
 
@@ -16,7 +17,7 @@ from .models import PPOModels
 
 def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_entropy: bool = False,
                       value_head: torch.nn.Module | None = None, invariant: BatchInvariant | None = None,
-                      replay_routing: bool = False):
+                      replay_routing: bool = False, whole: Callable[[], ContextManager] | None = None):
     """One packed forward of a causal LM over the rollout.
 
     Returns (logp [R, T], entropy [R, T] or None, values [R, T] or None): log-probs of the response
@@ -26,6 +27,8 @@ def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_en
     the log-probs then equal, bit for bit, those of a sampler in the same mode.
     replay_routing: an MoE model routes each token to the experts the pack's `routing` records (the
     sampler's; routing replay), where it has them.
+    whole: the context in which the batch-invariant forward reads whole weights (default
+    distributed.gathered(model); the hybrid actor's, HybridActor.whole_weights, for the policy).
     """
     if invariant is None:
         replay = None if packed.routing is None or not replay_routing else replay_of(model, packed.routing)
@@ -37,7 +40,7 @@ def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_en
                                with_entropy=with_entropy)
     else:
         # The mode reads the parameters directly, past FSDP's forward hooks: whole weights while it runs.
-        with distributed.gathered(model):
+        with whole() if whole is not None else distributed.gathered(model):
             hidden = invariant.packed_hidden(model, packed.input_ids, packed.seqlens)
             h = hidden.index_select(0, packed.target_rows)
             out = invariant.head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
@@ -54,7 +57,7 @@ def policy_forward(models: PPOModels, packed: PackedBatch, temperature: float, w
     logp, entropy, values = response_logprobs(models.policy, packed, temperature, with_entropy=with_entropy,
                                               value_head=models.value_head,
                                               invariant=models.actor.batch_invariant if exact else None,
-                                              replay_routing=True)
+                                              replay_routing=True, whole=models.actor.whole_weights)
     if models.critic is not None:
         values = models.critic.response_values(packed)
     return logp, entropy, values

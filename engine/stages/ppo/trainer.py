@@ -177,6 +177,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
                                 cfg.reward.fn_timeout_s, getattr(policy, "tensor_parallel", None))
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory, device=device,
                         release_kv_pool=cfg.rollout.release_kv_pool,
+                        persistent_weights=cfg.rollout.persistent_weights,
                         block_size=cfg.rollout.block_size,
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
                         batch_invariant=cfg.rollout.exact,

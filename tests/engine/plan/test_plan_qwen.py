@@ -150,3 +150,27 @@ def test_a_released_kv_pool_is_counted_in_the_rollout_only_where_graphs_allow(qw
     # One process on CUDA captures decode graphs, which hold the pool: it stays.
     one = plan_stage(config("grpo", qwen["7B"], CKPT, "rollout.release_kv_pool=true"), 1, 80 * GB)
     assert one.phases["update"]["kv_pool"] == one.phases["rollout"]["kv_pool"] > 0
+
+
+def test_persistent_weights_keep_the_whole_policy_in_every_phase(qwen):
+    """rollout.persistent_weights: the 7B policy whole (15.2 GB in bf16) beside its shards in every
+    phase after load, nothing gathered to generate (nor for rollout.exact's old log-probs), and the
+    KV pool kept (decode graphs hold it); replicated data parallelism reads its whole shards as they
+    are (no bytes)."""
+    released = "rollout.release_kv_pool=true"
+    base = plan("grpo", qwen["7B"], CKPT, released)
+    kept = plan("grpo", qwen["7B"], CKPT, released, "rollout.persistent_weights=true")
+    whole = kept.models[0]["bytes"]
+    assert whole == pytest.approx(15.23 * GB, rel=0.01)
+    assert kept.phases["load"] == base.phases["load"]
+    for phase in ("rollout", "scoring", "update", "export"):
+        assert kept.phases[phase]["weights"] - base.phases[phase]["weights"] == whole, phase
+    assert kept.phases["rollout"]["gathered"] == 0 < base.phases["rollout"]["gathered"] == whole
+    assert kept.phases["update"]["kv_pool"] == kept.phases["rollout"]["kv_pool"] > 0 == base.phases["update"]["kv_pool"]
+    replicated = [plan("grpo", qwen["7B"], CKPT, "train.data_parallel=replicate", *extra).phases["update"]["weights"]
+                  for extra in ((), ("rollout.persistent_weights=true",))]
+    assert replicated[0] == replicated[1]
+    # rollout.exact's old-log-prob forward reads the buffers instead of gathering the policy again.
+    gathered, read = (plan("grpo", qwen["7B"], CKPT, "rollout.exact=true", *extra).phases["scoring"]["gathered"]
+                      for extra in ((), ("rollout.persistent_weights=true",)))
+    assert gathered == whole > read
