@@ -126,7 +126,7 @@ def check_exact_lora(model_dir: str) -> None:
 def check_experts(moe_dir: str) -> None:
     """An expert-parallel MoE policy (train.expert_parallel: experts sharded over the ranks): the
     experts gathered into buffers too, every block running them locally while generating."""
-    policy = load_model(moe_dir, device="cpu", shard=lambda m: shard_for_training(m, "cpu"))
+    policy = load_model(moe_dir, device="cpu", shard=lambda m: shard_for_training(m, "cpu", 2))
     shards = [b.expert_shard for b in moe_blocks(policy)]
     persistent, gathered = actors(policy, "cpu")
     same_rollouts(persistent, gathered, greedy(), exact=True)
