@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config.train import SFTConfig
+from ..distributed import local_world_size, shard_group_size
 from ..errors import UsageError
 from .planner import plan_stage
 from .report import refusal
@@ -29,7 +30,8 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     where the memory is known, and unless train.memory_check is off; also refuses
     train.optimizer_offload and train.frozen_offload in one process (they are FSDP2's CPU offload of the
     sharded state), train.optimizer_offload beside LoRA adapters or tensor parallelism, and
-    train.tensor_parallel > 1 beside what does not run tensor-parallel yet (tensor_parallel_gaps)."""
+    train.tensor_parallel > 1 beside what does not run tensor-parallel yet (tensor_parallel_gaps), and
+    train.data_parallel=hybrid with a shard group that does not divide the ranks."""
     if cfg.train.optimizer_offload and gpus == 1:
         raise UsageError("train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
                          "optimizer state: run under torchrun (one process keeps them on its device)")
@@ -44,10 +46,12 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
         raise UsageError(f"train.tensor_parallel={cfg.train.tensor_parallel} with {', '.join(unsupported)}: not "
                          "supported tensor-parallel yet (full SFT, RM, PPO and GRPO train tensor-parallel)")
     refuse_expert_parallel(cfg, gpus)
+    # train.data_parallel=hybrid: a shard group (one node's ranks unless train.shard_group_size) dividing the ranks.
+    shard_group_size(cfg.train.data_parallel, gpus, cfg.train.shard_group_size)
     if device.type != "cuda" or not cfg.train.memory_check:
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    plan = plan_stage(cfg, gpus, total)
+    plan = plan_stage(cfg, gpus, total, gpus_per_node=local_world_size())
     if not plan.fits:
         raise UsageError(refusal(plan))
 

@@ -209,7 +209,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
             shard_tensor_parallel(model, tensor_parallel)
     else:
         distributed.shard(model, cfg.train.data_parallel, keep=list(lora.heads.values()) if lora is not None else [],
-                          offload=cfg.train.optimizer_offload and lora is None)
+                          offload=cfg.train.optimizer_offload and lora is None, group_size=cfg.train.shard_group_size)
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     steps = total_steps(train_ex, cfg)
