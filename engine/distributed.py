@@ -327,6 +327,16 @@ def world_mesh(device_type: str):
     return _mesh(device_type, world_size())
 
 
+def all_reduce_in_backward(model: nn.Module, now: bool) -> None:
+    """Whether `model`'s next backward all-reduces its gradient shards across the shard groups
+    (HSDP's replicas: the nodes, at train.data_parallel=hybrid). When not, FSDP2 still
+    reduce-scatters within the group and keeps the result, added into the next all-reduce: a step
+    of several backwards then crosses the network once, in its last. No-op without a replicate
+    dimension (full shard, one process)."""
+    for unit in fsdp_units(model):
+        unit.set_requires_all_reduce(now, recurse=False)
+
+
 def fsdp_units(model: nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]

@@ -1,8 +1,8 @@
 """Several nodes as 2 "nodes" x 2 gloo ranks on this machine: two torchrun launches joined by torchrun's
 static rendezvous (`--nnodes 2 --node-rank 0/1 --master-addr 127.0.0.1 --master-port P`, the README's
 multi-node recipe). SFT with train.data_parallel=hybrid (HSDP: each node's 2 ranks shard the model,
-the 2 nodes hold whole copies) ends with the weights of one process whose accumulation makes the
-same global batch; its checkpoint holds each tensor in 2 pieces (the shard group: one node), written
+the 2 nodes hold whole copies, the gradients crossing them once per step) ends with the weights of
+one process whose accumulation makes the same global batch; its checkpoint holds each tensor in 2 pieces (the shard group: one node), written
 by node 0's ranks alone, and resumes in one process; its streamed export is the bytes one process
 writes for the same weights."""
 import pytest
@@ -19,9 +19,9 @@ from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import rank_threads, torchrun_nodes
 from train_testing import checkpoint_data, copy_checkpoint, demonstrations, save_tiny_model, sft_config, write_jsonl
 
-NODES, PER_NODE = 2, 2
+NODES, PER_NODE, ACCUM = 2, 2, 2
 # fp32: the 4 ranks sum the gradients in another order than one process; in fp32 that stays rounding.
-LOOP = {"max_steps": 3, "device": "cpu", "precision": "fp32"}
+LOOP = {"max_steps": 2, "device": "cpu", "precision": "fp32"}
 
 
 def max_relative_diff(dir_a, dir_b) -> float:
@@ -43,11 +43,13 @@ def runs(tmp_path_factory):
     # Adam would turn the rounding of the other summation order into lr-sized steps).
     save_tiny_model(root / "base", arch="llama2", tie_word_embeddings=True)
     write_jsonl(root / "train.jsonl", demonstrations(24))
-    codes, log = torchrun_nodes("sft", config(root, "hybrid", 1, data_parallel="hybrid", save_every=2), root,
+    # 2 micro-batches per rank: the first backward of a step reduce-scatters within the node only,
+    # the second adds it into the one all-reduce across the nodes (distributed.all_reduce_in_backward).
+    codes, log = torchrun_nodes("sft", config(root, "hybrid", ACCUM, data_parallel="hybrid", save_every=1), root,
                                 NODES, PER_NODE)
     assert codes == [0] * NODES, log[-8000:]
     with rank_threads():
-        run_sft(config(root, "one", NODES * PER_NODE))
+        run_sft(config(root, "one", NODES * PER_NODE * ACCUM))
     return root
 
 
@@ -62,7 +64,7 @@ def test_two_nodes_of_hybrid_shards_train_one_process_s_weights(runs):
 def test_each_node_shards_and_the_nodes_hold_copies(runs):
     """Every weight and AdamW moment in PER_NODE pieces (not 4: the shard group is one node's ranks),
     each written once, by the node-0 rank that holds it (node 1's ranks hold the same pieces)."""
-    tensors = checkpoint_data(checkpoint_dir(runs / "hybrid", 2))["tensors"]
+    tensors = checkpoint_data(checkpoint_dir(runs / "hybrid", 1))["tensors"]
     sharded = {name: sorted(c["file"] for c in entry["chunks"]) for name, entry in tensors.items()
                if name.startswith("models.") or name.endswith(("exp_avg", "exp_avg_sq"))}
     assert len(sharded) == 43 and all(files == ["rank-00000.safetensors", "rank-00001.safetensors"]
@@ -70,10 +72,10 @@ def test_each_node_shards_and_the_nodes_hold_copies(runs):
 
 
 def test_the_hybrid_checkpoint_resumes_in_one_process(runs):
-    copy_checkpoint(runs / "hybrid", 2, runs / "resumed")
+    copy_checkpoint(runs / "hybrid", 1, runs / "resumed")
     with rank_threads():
-        out = run_sft(config(runs, "resumed", NODES * PER_NODE))
-    assert [r["resumed_from"] for r in read_metrics(runs / "resumed") if r["kind"] == "info"][0].endswith("step-00000002")
+        out = run_sft(config(runs, "resumed", NODES * PER_NODE * ACCUM))
+    assert [r["resumed_from"] for r in read_metrics(runs / "resumed") if r["kind"] == "info"][0].endswith("step-00000001")
     assert max_relative_diff(runs / "one" / "final", out) <= 1e-4
 
 
