@@ -40,7 +40,8 @@ def torchrun_nodes(command: str, config, tmp_path, nodes: int = 2, nproc: int = 
                    overrides=()):
     """The multi-node recipe on this machine: NODES torchrun launches, one per "node" (`--nnodes NODES
     --node-rank R --nproc-per-node NPROC --master-addr 127.0.0.1 --master-port P`, torchrun's static
-    rendezvous), started together; returns (return codes, stdout + stderr of every launch)."""
+    rendezvous), started together; returns a CompletedProcess: the first failed launch's return code
+    (else 0) and every launch's stdout and stderr."""
     common = [f"--nnodes={nodes}", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
     fusedrl = _fusedrl_args(command, config, tmp_path, nodes * nproc, overrides)
     launches = [subprocess.Popen(_torchrun([*common, f"--node-rank={r}", *fusedrl]), stdout=subprocess.PIPE,
@@ -51,7 +52,8 @@ def torchrun_nodes(command: str, config, tmp_path, nodes: int = 2, nproc: int = 
         for launch in launches:
             if launch.poll() is None:
                 launch.kill()
-    return [launch.returncode for launch in launches], "\n".join(logs)
+    code = next((launch.returncode for launch in launches if launch.returncode), 0)
+    return subprocess.CompletedProcess(launches[0].args, code, "\n".join(logs), "")
 
 
 def _free_port() -> int:
