@@ -4,6 +4,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 
 import torch
@@ -41,19 +42,40 @@ def torchrun_nodes(command: str, config, tmp_path, nodes: int = 2, nproc: int = 
     """The multi-node recipe on this machine: NODES torchrun launches, one per "node" (`--nnodes NODES
     --node-rank R --nproc-per-node NPROC --master-addr 127.0.0.1 --master-port P`, torchrun's static
     rendezvous), started together; returns a CompletedProcess: the first failed launch's return code
-    (else 0) and every launch's stdout and stderr."""
+    (else 0) and every launch's output. When one fails the others are stopped (their ranks would wait
+    on the lost ones until train.dist_timeout_s), as after `timeout` seconds."""
     common = [f"--nnodes={nodes}", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
     fusedrl = _fusedrl_args(command, config, tmp_path, nodes * nproc, overrides)
-    launches = [subprocess.Popen(_torchrun([*common, f"--node-rank={r}", *fusedrl]), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, env=_rank_env(None)) for r in range(nodes)]
+    logs = [open(tmp_path / f"{command}-node-{r}.log", "w+") for r in range(nodes)]
+    launches = [subprocess.Popen(_torchrun([*common, f"--node-rank={r}", *fusedrl]), stdout=log,
+                                 stderr=subprocess.STDOUT, env=_rank_env(None)) for r, log in enumerate(logs)]
+    deadline = time.monotonic() + timeout
     try:
-        logs = [launch.communicate(timeout=timeout)[0] for launch in launches]
+        while (any(launch.poll() is None for launch in launches) and not any(launch.poll() for launch in launches)
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
     finally:
         for launch in launches:
             if launch.poll() is None:
-                launch.kill()
+                _stop(launch)
+    output = []
+    for log in logs:
+        log.seek(0)
+        output.append(log.read())
+        log.close()
     code = next((launch.returncode for launch in launches if launch.returncode), 0)
-    return subprocess.CompletedProcess(launches[0].args, code, "\n".join(logs), "")
+    return subprocess.CompletedProcess(launches[0].args, code, "\n".join(output), "")
+
+
+def _stop(launch: subprocess.Popen) -> None:
+    """Stop a torchrun launch: SIGTERM, on which torchrun stops its ranks (each in a session of its
+    own, out of reach of a signal to its process group), then SIGKILL if it is still there."""
+    launch.terminate()
+    try:
+        launch.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        launch.kill()
+        launch.wait()
 
 
 def _free_port() -> int:
