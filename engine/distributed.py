@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import ConfigValueError
+
 
 def init_distributed(device_type: str, timeout_s: float) -> None:
     """Join torchrun's process group when WORLD_SIZE > 1 (once per process)."""
@@ -67,6 +69,11 @@ def rank() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """The ranks on this node (torchrun's LOCAL_WORLD_SIZE; the world size without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
 
 
 def is_main() -> bool:
@@ -236,15 +243,18 @@ def own_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = None, keep=(),
-          offload: bool = False) -> nn.Module:
+          offload: bool = False, group_size: int = 0) -> nn.Module:
     """Shard `model` over the ranks with FSDP2, each decoder layer its own unit (so one layer's
     parameters are gathered at a time), a head of another dtype than the rest (the fp32 score or
     value head of a bf16 model) its own unit, and the rest (embeddings, final norm, LM head) the
-    root unit. mode "shard": full shard (parameters, gradients and optimizer state 1/N per rank);
-    "replicate": every rank keeps whole parameters and optimizer state and gradients are
-    all-reduced (HSDP with a shard group of one rank), for models small enough. One process: the
-    model as is. Works on a model still on the meta device (engine/model/hf_io.load_model shards
-    before it allocates): `device_type` then names the device it will live on.
+    root unit. mode (train.data_parallel) "shard": full shard (parameters, gradients and optimizer
+    state 1/N per rank); "replicate": every rank keeps whole parameters and optimizer state and
+    gradients are all-reduced (HSDP with a shard group of one rank), for models small enough;
+    "hybrid": HSDP, full shard within each group of `group_size` consecutive ranks (one node's by
+    default: shard_group_size) and whole copies across the groups, whose gradients FSDP all-reduces
+    once per step (the one collective that crosses nodes). One process: the model as is. Works on
+    a model still on the meta device (engine/model/hf_io.load_model shards before it allocates):
+    `device_type` then names the device it will live on.
     `keep`: modules whose parameters stay plain tensors every rank holds whole (the heads trained
     beside LoRA adapters: `average_replicated_gradients` averages theirs). A model already sharded
     is returned as is. offload (train.optimizer_offload, train.frozen_offload): FSDP2's
@@ -257,7 +267,7 @@ def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = No
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     device_type = device_type or next(model.parameters()).device.type
-    mesh = _mesh(device_type, mode)
+    mesh = _mesh(device_type, shard_group_size(mode, world_size(), group_size))
     if offload and keep:
         raise ValueError("offload: the kept (whole) modules would rest in CPU memory too; offload a model "
                          "without kept heads (a full fine-tune, a frozen model)")
@@ -271,11 +281,28 @@ def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = No
 
 
 def sharder(mode: str, device, keep: Callable[[nn.Module], list] = lambda model: [],
-            offload: bool = False) -> Callable:
-    """shard(model) as `hf_io.load_model` takes it: `shard` in `mode` onto `device`'s type, keeping
-    whole the modules keep(model) names (a LoRA run's trained heads), offloaded or not (`shard`)."""
+            offload: bool = False, group_size: int = 0) -> Callable:
+    """shard(model) as `hf_io.load_model` takes it: `shard` in `mode` (with `group_size`) onto
+    `device`'s type, keeping whole the modules keep(model) names (a LoRA run's trained heads),
+    offloaded or not (`shard`)."""
     device_type = torch.device(device).type
-    return lambda model: shard(model, mode, device_type, keep(model), offload)
+    return lambda model: shard(model, mode, device_type, keep(model), offload, group_size)
+
+
+def shard_group_size(mode: str, world: int, group_size: int = 0, local_world: Optional[int] = None) -> int:
+    """The ranks of one FSDP shard group in train.data_parallel `mode` on `world` ranks: shard: all of
+    them; replicate: 1; hybrid: `group_size` (train.shard_group_size), 0 meaning one node's ranks
+    (`local_world`, default local_world_size()), since torchrun numbers the ranks node by
+    node: a group of consecutive ranks is one node's. A ConfigValueError unless it divides `world`."""
+    if mode != "hybrid":
+        return 1 if mode == "replicate" else world
+    size = group_size or (local_world_size() if local_world is None else local_world)
+    if size < 1 or world % size:
+        given = (f"train.shard_group_size={size}" if group_size else
+                 f"train.shard_group_size=0 (one node's ranks: torchrun's LOCAL_WORLD_SIZE={size})")
+        raise ConfigValueError(f"{given} with train.data_parallel=hybrid: expected a size dividing the {world} ranks "
+                               "(set train.shard_group_size to one)")
+    return size
 
 
 def shard_units(model: nn.Module, keep=()) -> list[nn.Module]:
@@ -292,13 +319,16 @@ def shard_units(model: nn.Module, keep=()) -> list[nn.Module]:
 
 
 @functools.cache
-def _mesh(device_type: str, mode: str):
-    """One device mesh per job and mode: the models' DTensors must share it (e.g. to clip the
-    policy's and the shared value head's gradients together)."""
+def _mesh(device_type: str, group: int):
+    """One device mesh per job and shard group size: the models' DTensors must share it (e.g. to
+    clip the policy's and the shared value head's gradients together). Every rank one group: the 1-D
+    mesh (full shard); else FSDP2's HSDP mesh (world / group, group): rank r holds shard r % group
+    in shard group r // group (its node), a copy of the ranks at the same place in the other
+    groups (a group of 1: whole copies)."""
     from torch.distributed.device_mesh import init_device_mesh
-    if mode == "shard":
+    if group == world_size():
         return init_device_mesh(device_type, (world_size(),))
-    return init_device_mesh(device_type, (world_size(), 1), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device_type, (world_size() // group, group), mesh_dim_names=("replicate", "shard"))
 
 
 @functools.cache
@@ -311,6 +341,16 @@ def expert_mesh(device_type: str, experts: int):
     from torch.distributed.device_mesh import init_device_mesh
     return init_device_mesh(device_type, (world_size() // experts, experts),
                             mesh_dim_names=("expert_replica", "expert"))
+
+
+def all_reduce_in_backward(model: nn.Module, now: bool) -> None:
+    """Whether `model`'s next backward all-reduces its gradient shards across the shard groups
+    (HSDP's replicas: the nodes, at train.data_parallel=hybrid). When not, FSDP2 still
+    reduce-scatters within the group and keeps the result, added into the next all-reduce: a step
+    of several backwards then crosses the network once, in its last. No-op without a replicate
+    dimension (full shard, one process)."""
+    for unit in fsdp_units(model):
+        unit.set_requires_all_reduce(now, recurse=False)
 
 
 def fsdp_units(model: nn.Module) -> list:

@@ -121,7 +121,7 @@ def training_sharder(train, device, keep: Callable[[nn.Module], list] = lambda m
     """shard(model) for hf_io.load_model from a training config's `train` section: the tensor-parallel
     layout at train.tensor_parallel > 1, the experts sharded over expert groups at train.expert_parallel > 1
     (model/expert_parallel.shard_for_training), else distributed.sharder (FSDP2 over the data ranks in
-    train.data_parallel's mode, keeping whole the modules keep(model) names, offloaded to CPU memory
+    train.data_parallel's mode and train.shard_group_size, keeping whole the modules keep(model) names, offloaded to CPU memory
     with train.optimizer_offload)."""
     from . import distributed
     if getattr(train, "expert_parallel", 1) > 1:
@@ -131,7 +131,8 @@ def training_sharder(train, device, keep: Callable[[nn.Module], list] = lambda m
     if train.tensor_parallel > 1:
         device_type = torch.device(device).type
         return lambda model: shard_tensor_parallel(model, train.tensor_parallel, device_type=device_type)
-    return distributed.sharder(train.data_parallel, device, keep, offload=train.optimizer_offload)
+    return distributed.sharder(train.data_parallel, device, keep, offload=train.optimizer_offload,
+                               group_size=train.shard_group_size)
 
 
 class TensorParallel:

@@ -19,7 +19,7 @@ DataFormat = Literal["auto", "demonstration", "chat", "pairwise", "ranking", "hh
 SFT_FORMATS = ("auto", "demonstration", "chat")
 RM_FORMATS = ("auto", "pairwise", "ranking", "hh")
 Precision = Literal["auto", "bf16-mixed", "fp32"]
-DataParallel = Literal["shard", "replicate"]
+DataParallel = Literal["shard", "replicate", "hybrid"]
 
 
 @dataclass
@@ -97,7 +97,11 @@ class RunConfig:
     tensorboard: bool = option("also write TensorBoard events to output_dir/tensorboard", False)
     progress: bool = option("show a live progress bar on stderr", True)
     data_parallel: DataParallel = option("under torchrun: shard (FSDP2 full shard: weights, gradients, optimizer "
-                                         "state 1/N per rank) | replicate (whole copies, for small models)", "shard")
+                                         "state 1/N per rank) | replicate (whole copies, for small models) | hybrid "
+                                         "(HSDP: full shard within each group of train.shard_group_size ranks, one "
+                                         "node's by default, whole copies across the groups: several nodes)", "shard")
+    shard_group_size: int = option("with train.data_parallel=hybrid: the ranks of one shard group, dividing the "
+                                   "world size (0: one node's, torchrun's LOCAL_WORLD_SIZE)", 0)
     tensor_parallel: int = option("under torchrun: T ranks (dividing the ranks and the model's key/value heads) "
                                   "each keep and train their tensor slices of the weights, data-parallel across the "
                                   "world_size / T groups (not with LoRA, rollout.exact or "
@@ -120,6 +124,14 @@ class RunConfig:
     def __post_init__(self):
         check_fields(self, "train.")
         check(self.tensor_parallel >= 1, f"train.tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        check(self.shard_group_size >= 0, f"train.shard_group_size must be >= 0, got {self.shard_group_size}")
+        check(self.shard_group_size == 0 or self.data_parallel == "hybrid",
+              f"train.shard_group_size={self.shard_group_size} is read with train.data_parallel=hybrid only, got "
+              f"train.data_parallel={self.data_parallel}")
+        check(self.data_parallel != "hybrid" or self.tensor_parallel == 1,
+              f"train.data_parallel=hybrid with train.tensor_parallel={self.tensor_parallel}: the tensor-parallel "
+              "data groups already hold whole copies (one per node at T = the GPUs of a node); expected "
+              "train.data_parallel=shard beside it")
         check(self.expert_parallel >= 1, f"train.expert_parallel must be >= 1, got {self.expert_parallel}")
         check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config.train import SFTConfig
+from ..distributed import local_world_size, shard_group_size
 from ..errors import UsageError
 from .planner import plan_stage
 from .report import refusal
@@ -29,8 +30,9 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     where the memory is known, and unless train.memory_check is off; also refuses
     train.optimizer_offload and train.frozen_offload in one process (they are FSDP2's CPU offload of the
     sharded state), train.optimizer_offload beside LoRA adapters or tensor parallelism, and
-    train.tensor_parallel > 1 beside what does not run tensor-parallel yet (tensor_parallel_gaps), and
-    rollout.persistent_weights where nothing is gathered (one process, train.tensor_parallel > 1)."""
+    train.tensor_parallel > 1 beside what does not run tensor-parallel yet (tensor_parallel_gaps),
+    rollout.persistent_weights where nothing is gathered (one process, train.tensor_parallel > 1), and
+    train.data_parallel=hybrid with a shard group that does not divide the ranks."""
     if cfg.train.optimizer_offload and gpus == 1:
         raise UsageError("train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
                          "optimizer state: run under torchrun (one process keeps them on its device)")
@@ -50,10 +52,12 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
         where = "one process" if gpus == 1 else f"train.tensor_parallel={t}"
         raise UsageError(f"rollout.persistent_weights=true keeps a gathered copy of the policy's FSDP2 shards: "
                          f"expected torchrun at train.tensor_parallel=1 (got {where}, which gathers nothing)")
+    # train.data_parallel=hybrid: a shard group (one node's ranks unless train.shard_group_size) dividing the ranks.
+    shard_group_size(cfg.train.data_parallel, gpus, cfg.train.shard_group_size)
     if device.type != "cuda" or not cfg.train.memory_check:
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    plan = plan_stage(cfg, gpus, total)
+    plan = plan_stage(cfg, gpus, total, gpus_per_node=local_world_size())
     if not plan.fits:
         raise UsageError(refusal(plan))
 

@@ -1,4 +1,4 @@
-"""`fusedrl plan STAGE [--config FILE] [key=value ...] --gpus N --gpu-memory 80GB [--json]`: the
+"""`fusedrl plan STAGE [--config FILE] [key=value ...] --gpus N [--gpus-per-node G] --gpu-memory 80GB [--json]`: the
 stage's config as the stage reads it, the options the plan does not read (output_dir, the data
 files) filled in when left out, the model directories checked (config.json is all they need)."""
 from __future__ import annotations
@@ -49,6 +49,9 @@ def run_plan(stage: str, config_cls, args) -> int:
         raise UsageError(str(e)) from None
     if args.gpus < 1:
         raise UsageError(f"--gpus={args.gpus}: expected at least 1")
+    per_node = args.gpus_per_node or args.gpus
+    if args.gpus_per_node is not None and not (0 < per_node <= args.gpus and args.gpus % per_node == 0):
+        raise UsageError(f"--gpus-per-node={args.gpus_per_node}: expected a divisor of --gpus={args.gpus}")
     cfg = plan_config(stage, config_cls, args.config, args.overrides)
     models, _ = cfg.paths()
     for option, model_dir in models.items():
@@ -56,6 +59,6 @@ def run_plan(stage: str, config_cls, args) -> int:
             path_checks.check_model_path(model_dir, option)
     from .planner import plan_stage
     from .report import format_plan, to_json
-    plan = plan_stage(cfg, args.gpus, gpu_memory)
+    plan = plan_stage(cfg, args.gpus, gpu_memory, gpus_per_node=per_node)
     print(json.dumps(to_json(plan)) if args.json else format_plan(plan, f"fusedrl plan {stage}"))
     return 0

@@ -44,10 +44,10 @@ def param_bytes(p: torch.Tensor) -> int:
     return p.numel() * p.element_size()
 
 
-def local_numel(p: torch.Tensor, ranks: int, sharded: bool) -> int:
-    """Elements of `p` on rank 0: FSDP2 shards dim 0 in ceil(dim0 / ranks) rows (rank 0 holds the
-    most), a whole parameter all of them."""
-    if not sharded or ranks == 1:
+def local_numel(p: torch.Tensor, ranks: int) -> int:
+    """Elements of `p` on rank 0 of a shard group of `ranks`: FSDP2 shards dim 0 in ceil(dim0 / ranks)
+    rows (rank 0 holds the most); ranks 1: a whole parameter, all of them."""
+    if ranks == 1:
         return p.numel()
     rows = p.shape[0]
     return math.ceil(rows / ranks) * (p.numel() // rows)

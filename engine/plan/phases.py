@@ -43,6 +43,7 @@ class Setup:
     cfg: object
     parts: list[Part]
     ranks: int
+    shard_group: int            # ranks an FSDP model is split over (distributed.shard_group_size)
     dtype: torch.dtype          # of the models' parameters (train.precision)
     offload_optimizer: bool
     rules: EngineRules
@@ -57,9 +58,11 @@ class Setup:
         """An FSDP2 model: shard() wraps it under torchrun (in replicate mode its units still gather)."""
         return part.sharded and self.ranks > 1
 
-    def split(self, part: Part) -> bool:
-        """Its parameters, gradients and optimizer state are 1/N per rank (full shard)."""
-        return self.fsdp(part) and self.cfg.train.data_parallel == "shard"
+    def shards(self, part: Part) -> int:
+        """The ranks its parameters, gradients and optimizer state are split over: the shard group of
+        train.data_parallel (every GPU: shard; train.shard_group_size, one node's by default: hybrid;
+        1, whole copies: replicate); 1 for a model every GPU holds whole."""
+        return self.shard_group if self.fsdp(part) else 1
 
     @property
     def experts(self) -> tuple[int, set[int]]:
@@ -74,10 +77,11 @@ class Setup:
                        for name, p in part.module.named_parameters() if ".experts." in name}
         return self.once("experts", compute)
 
-    def local_numel(self, p: torch.Tensor, split: bool) -> int:
-        """Elements of `p` on rank 0: an expert-parallel parameter's 1/E, else model_bytes.local_numel."""
+    def local_numel(self, p: torch.Tensor, shards: int) -> int:
+        """Elements of `p` on rank 0 of `shards` (Setup.shards): an expert-parallel parameter's 1/E,
+        else model_bytes.local_numel."""
         e, ids = self.experts
-        return p.numel() // e if id(p) in ids else local_numel(p, self.ranks, split)
+        return p.numel() // e if id(p) in ids else local_numel(p, shards)
 
     def offloaded(self, part: Part) -> bool:
         """Its shards rest in CPU memory (distributed.shard's CPUOffloadPolicy), as build_models
@@ -103,6 +107,7 @@ class MemoryPlan:
     host_optimizer_bytes: int    # per rank, when the optimizer state is offloaded
     rules: EngineRules
     notes: list = field(default_factory=list)
+    shard_group: int = 1         # GPUs an FSDP model is split over (Setup.shard_group)
 
     def total(self, phase: str) -> int:
         return sum(self.phases[phase].values())
@@ -133,8 +138,8 @@ def _params(s: Setup) -> list[tuple[torch.Tensor, Part]]:
     return s.once("params", compute)
 
 
-def _trained(s: Setup, on_gpu: bool = True) -> list[tuple[torch.Tensor, bool]]:
-    """(parameter, split over the ranks) of everything an optimizer steps, each once: those whose
+def _trained(s: Setup, on_gpu: bool = True) -> list[tuple[torch.Tensor, int]]:
+    """(parameter, the ranks it is split over) of everything an optimizer steps, each once: those whose
     state rests on the GPU (on_gpu), else those offloaded to CPU memory."""
     def compute():
         owner = {id(p): part for p, part in _params(s)}
@@ -143,9 +148,9 @@ def _trained(s: Setup, on_gpu: bool = True) -> list[tuple[torch.Tensor, bool]]:
             for p in part.trained:
                 if id(p) not in seen:
                     seen.add(id(p))
-                    out.append((p, s.split(owner[id(p)]), s.offloaded(owner[id(p)])))
+                    out.append((p, s.shards(owner[id(p)]), s.offloaded(owner[id(p)])))
         return out
-    return [(p, split) for p, split, offloaded in s.once("trained", compute) if offloaded != on_gpu]
+    return [(p, shards) for p, shards, offloaded in s.once("trained", compute) if offloaded != on_gpu]
 
 
 def _units(s: Setup, part: Part) -> tuple[list[int], int]:
@@ -154,26 +159,26 @@ def _units(s: Setup, part: Part) -> tuple[list[int], int]:
 
 def weight_bytes(s: Setup) -> int:
     """Resident weights on the GPU: every model's local shard, but the offloaded ones."""
-    return sum(s.local_numel(p, s.split(part)) * p.element_size() for p, part in _params(s)
+    return sum(s.local_numel(p, s.shards(part)) * p.element_size() for p, part in _params(s)
                if not s.offloaded(part))
 
 
 def grad_bytes(s: Setup) -> int:
     """Gradients in the parameters' dtype, sharded like them."""
-    return sum(s.local_numel(p, split) * p.element_size() for p, split in _trained(s))
+    return sum(s.local_numel(p, shards) * p.element_size() for p, shards in _trained(s))
 
 
 def step_buffer_bytes(s: Setup) -> int:
     """FusedAdamW.gradients: one fp32 copy of every local gradient, during the step."""
-    return sum(4 * s.local_numel(p, split) for p, split in _trained(s))
+    return sum(4 * s.local_numel(p, shards) for p, shards in _trained(s))
 
 
 def optimizer_bytes(s: Setup, on_gpu: bool = True) -> int:
     """FusedAdamW state: fp32 master (non-fp32 parameters), exp_avg, exp_avg_sq, and a 0-dim fp32
     step; on the GPU, or (on_gpu False) in CPU memory."""
     total = 0
-    for p, split in _trained(s, on_gpu):
-        n = s.local_numel(p, split)
+    for p, shards in _trained(s, on_gpu):
+        n = s.local_numel(p, shards)
         total += (4 * n if p.dtype != torch.float32 else 0) + 8 * n + 4
     return total
 
@@ -240,7 +245,7 @@ def persistent_bytes(s: Setup) -> int:
     policy = _policy(s)
     if not getattr(getattr(s.cfg, "rollout", None), "persistent_weights", False) or not s.fsdp(policy):
         return 0
-    return whole_bytes(policy) if s.split(policy) or s.offloaded(policy) else 0
+    return whole_bytes(policy) if s.shards(policy) > 1 or s.offloaded(policy) else 0
 
 
 def _resident(s: Setup) -> dict:

@@ -21,6 +21,7 @@ from .phases import MemoryPlan, Setup, host_optimizer_bytes, model_rows, plan_ph
 from .rules import TODAY, EngineRules
 from .units import format_bytes
 from ..tensor_parallel import check_tensor_parallel
+from ..distributed import shard_group_size
 
 
 def stage_of(cfg) -> str:
@@ -34,8 +35,11 @@ def model_config(model_dir: str):
     return load_config(Path(model_dir))
 
 
-def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda") -> Setup:
-    """The stage's models on the meta device, with the dtype train.precision gives on `device`."""
+def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda",
+                gpus_per_node: int | None = None) -> Setup:
+    """The stage's models on the meta device, with the dtype train.precision gives on `device`, on
+    `gpus` GPUs of nodes of `gpus_per_node` (default: one node; train.data_parallel=hybrid's shard
+    group unless train.shard_group_size says)."""
     stage = stage_of(cfg)
     dtype = param_dtype(resolve_precision(cfg.train.precision, torch.device(device)))
     if stage == "ppo":
@@ -44,19 +48,22 @@ def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda"
     else:
         parts = supervised_models(stage, cfg, model_config(cfg.model), dtype, rules.lora_base_whole)
     # One process is refused train.optimizer_offload (engine/plan/check.py): nothing is offloaded.
-    return Setup(stage, cfg, parts, gpus, dtype, cfg.train.optimizer_offload and gpus > 1, rules)
+    group = shard_group_size(cfg.train.data_parallel, gpus, cfg.train.shard_group_size, gpus_per_node or gpus)
+    return Setup(stage, cfg, parts, gpus, group, dtype, cfg.train.optimizer_offload and gpus > 1, rules)
 
 
 def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, device: str = "cuda",
-               advise: bool = True) -> MemoryPlan:
-    """Per-GPU bytes of every phase of `cfg` (a stage config) on `gpus` GPUs of `gpu_memory` bytes;
-    advise: when it does not fit, plan the changes of `advice` too (a few more plans)."""
+               advise: bool = True, gpus_per_node: int | None = None) -> MemoryPlan:
+    """Per-GPU bytes of every phase of `cfg` (a stage config) on `gpus` GPUs of `gpu_memory` bytes,
+    `gpus_per_node` to a node (default: one node of `gpus`); advise: when it does not fit, plan the
+    changes of `advice` too (a few more plans)."""
     if gpus < 1:
         raise ValueError(f"--gpus={gpus}: expected at least 1")
-    s = stage_setup(cfg, gpus, rules, device)
+    s = stage_setup(cfg, gpus, rules, device, gpus_per_node)
     policy = s.parts[0].config
     check_tensor_parallel(cfg.train.tensor_parallel, gpus, policy, option="train.tensor_parallel")
-    plan = MemoryPlan(s.stage, gpus, gpu_memory, plan_phases(s), model_rows(s), host_optimizer_bytes(s), rules)
+    plan = MemoryPlan(s.stage, gpus, gpu_memory, plan_phases(s), model_rows(s), host_optimizer_bytes(s), rules,
+                      shard_group=s.shard_group)
     if advise and not plan.fits:
         plan.notes = advice(cfg, plan, rules, device)
     return plan
@@ -85,7 +92,8 @@ def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
                                                                "ppo.microbatch_size=1"], gpus))
     elif cfg.data.tokens_per_microbatch != cfg.data.max_length:
         out.append(("a smaller token budget per forward", [f"data.tokens_per_microbatch={cfg.data.max_length}"], gpus))
-    if gpus < 8 and 8 % cfg.train.tensor_parallel == 0:
+    # Under train.data_parallel=hybrid a GPU's shards are 1/(its shard group): more nodes change nothing.
+    if gpus < 8 and 8 % cfg.train.tensor_parallel == 0 and cfg.train.data_parallel != "hybrid":
         out.append(("more GPUs", [], 8))
     return out
 
@@ -95,7 +103,8 @@ def advice(cfg, plan: MemoryPlan, rules: EngineRules, device: str) -> list[str]:
     changes = candidate_changes(cfg, plan.ranks)
     fitting = []
     for what, overrides, gpus in changes:
-        other = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device, advise=False)
+        other = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device, advise=False,
+                           gpus_per_node=plan.shard_group)
         if other.fits:
             fitting.append(f"{what} ({' '.join(overrides) or f'--gpus {gpus}'}): peak {format_bytes(other.peak)} "
                            f"in {other.peak_phase}")
@@ -103,7 +112,8 @@ def advice(cfg, plan: MemoryPlan, rules: EngineRules, device: str) -> list[str]:
         return ["fits with any one of: " + "; ".join(fitting)]
     overrides = [o for _, os_, _ in changes for o in os_]
     gpus = max([plan.ranks] + [g for *_, g in changes])
-    together = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device, advise=False) if changes else plan
+    together = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device, advise=False,
+                          gpus_per_node=plan.shard_group) if changes else plan
     if together.fits:
         return [f"fits with all of: {' '.join(overrides)} --gpus {gpus} (peak {format_bytes(together.peak)} in "
                 f"{together.peak_phase})"]

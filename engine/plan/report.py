@@ -6,9 +6,11 @@ from .units import format_bytes
 
 
 def to_json(plan: MemoryPlan) -> dict:
-    """{"fits": bool, "peak_bytes", "peak_phase", "gpu_memory", "gpus", "phases": {phase: {category:
+    """{"fits": bool, "peak_bytes", "peak_phase", "gpu_memory", "gpus", "shard_group" (the GPUs an FSDP
+    model is split over), "phases": {phase: {category:
     bytes per GPU, "total": ...}}, "models": [...], "host_optimizer_bytes", "advice": [...], "rules"}."""
-    return {"stage": plan.stage, "gpus": plan.ranks, "gpu_memory": plan.gpu_memory, "fits": plan.fits,
+    return {"stage": plan.stage, "gpus": plan.ranks, "shard_group": plan.shard_group, "gpu_memory": plan.gpu_memory,
+            "fits": plan.fits,
             "peak_phase": plan.peak_phase, "peak_bytes": plan.peak,
             "phases": {name: {**cats, "total": plan.total(name)} for name, cats in plan.phases.items()},
             "models": plan.models, "host_optimizer_bytes": plan.host_optimizer_bytes,
@@ -21,7 +23,8 @@ def _params(n: int) -> str:
 
 def format_plan(plan: MemoryPlan, title: str) -> str:
     """The plan as a table of per-GPU bytes (phases x categories), the models, and the verdict."""
-    lines = [f"{title}: {plan.ranks} GPU(s) x {format_bytes(plan.gpu_memory)}, bytes per GPU"]
+    group = f", FSDP shard groups of {plan.shard_group}" if 1 < plan.shard_group < plan.ranks else ""
+    lines = [f"{title}: {plan.ranks} GPU(s) x {format_bytes(plan.gpu_memory)}{group}, bytes per GPU"]
     for m in plan.models:
         trains = f", trains {_params(m['trained_parameters'])}" if m["trained_parameters"] else ", frozen"
         lines.append(f"  {m['role']}: {_params(m['parameters'])} parameters, {format_bytes(m['bytes'])} whole, "

@@ -149,18 +149,25 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
     stats: dict = {}
     optimizer.zero_grad(set_to_none=True)
     step_loss = torch.zeros((), device=device)
+    backwards = iter(range((forwards or len(batches)) - 1, -1, -1))  # backwards left after each
+
+    def backward(loss):
+        # FSDP averages over ranks (tensor-parallel: the counts are T times the data's, and
+        # average_over_data averages over the data groups); the step sums. HSDP's gradients cross
+        # the shard groups (the nodes) in the step's last backward only.
+        distributed.all_reduce_in_backward(model, next(backwards) == 0)
+        (loss * distributed.world_size()).backward()
+
     for batch in batches:
         loss, batch_stats = stage.loss(model, to_device(batch, device), step_counts)
-        # FSDP averages over ranks (tensor-parallel: the counts are T times the data's, and
-        # average_over_data averages over the data groups); the step sums.
-        (loss * distributed.world_size()).backward()
+        backward(loss)
         step_loss = step_loss + loss.detach()
         add_stats(stats, batch_stats)
     # A token budget can cut the ranks' examples into different numbers of forwards: a rank with
     # fewer repeats its smallest one with its loss times 0 (the gradient and the stats unchanged).
     spare = min(batches, key=lambda b: len(b.input_ids))
     distributed.match_forwards(len(batches), forwards or len(batches),
-                               lambda: (stage.loss(model, to_device(spare, device), step_counts)[0] * 0.0).backward())
+                               lambda: backward(stage.loss(model, to_device(spare, device), step_counts)[0] * 0.0))
     step_loss = distributed.all_reduce_tensor(step_loss)  # every rank decides on the same losses
     if getattr(model, "tensor_parallel", None) is not None:
         model.tensor_parallel.average_over_data(optim.parameters(optimizer))
@@ -209,7 +216,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
             shard_tensor_parallel(model, tensor_parallel)
     else:
         distributed.shard(model, cfg.train.data_parallel, keep=list(lora.heads.values()) if lora is not None else [],
-                          offload=cfg.train.optimizer_offload and lora is None)
+                          offload=cfg.train.optimizer_offload and lora is None, group_size=cfg.train.shard_group_size)
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     steps = total_steps(train_ex, cfg)

@@ -1,8 +1,10 @@
 """Running a stage under `torchrun` from a test: 2 CPU processes over gloo, through the real command."""
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 
 import torch
@@ -31,13 +33,70 @@ def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 30
     """`torchrun --standalone --nproc-per-node NPROC fusedrl COMMAND --config C.yaml OVERRIDES`;
     returns the CompletedProcess (stdout and stderr captured as text). The ranks import what this
     process imports (test modules as reward functions) and see `env` on top of this environment."""
+    args = ["--standalone", f"--nproc-per-node={nproc}", *_fusedrl_args(command, config, tmp_path, nproc, overrides)]
+    return subprocess.run(_torchrun(args), capture_output=True, text=True, timeout=timeout, env=_rank_env(env))
+
+
+def torchrun_nodes(command: str, config, tmp_path, nodes: int = 2, nproc: int = 2, timeout: float = 300,
+                   overrides=()):
+    """The multi-node recipe on this machine: NODES torchrun launches, one per "node" (`--nnodes NODES
+    --node-rank R --nproc-per-node NPROC --master-addr 127.0.0.1 --master-port P`, torchrun's static
+    rendezvous), started together; returns a CompletedProcess: the first failed launch's return code
+    (else 0) and every launch's output. When one fails the others are stopped (their ranks would wait
+    on the lost ones until train.dist_timeout_s), as after `timeout` seconds."""
+    common = [f"--nnodes={nodes}", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+    fusedrl = _fusedrl_args(command, config, tmp_path, nodes * nproc, overrides)
+    logs = [open(tmp_path / f"{command}-node-{r}.log", "w+") for r in range(nodes)]
+    launches = [subprocess.Popen(_torchrun([*common, f"--node-rank={r}", *fusedrl]), stdout=log,
+                                 stderr=subprocess.STDOUT, env=_rank_env(None)) for r, log in enumerate(logs)]
+    deadline = time.monotonic() + timeout
+    try:
+        while (any(launch.poll() is None for launch in launches) and not any(launch.poll() for launch in launches)
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+    finally:
+        for launch in launches:
+            if launch.poll() is None:
+                _stop(launch)
+    output = []
+    for log in logs:
+        log.seek(0)
+        output.append(log.read())
+        log.close()
+    code = next((launch.returncode for launch in launches if launch.returncode), 0)
+    return subprocess.CompletedProcess(launches[0].args, code, "\n".join(output), "")
+
+
+def _stop(launch: subprocess.Popen) -> None:
+    """Stop a torchrun launch: SIGTERM, on which torchrun stops its ranks (each in a session of its
+    own, out of reach of a signal to its process group), then SIGKILL if it is still there."""
+    launch.terminate()
+    try:
+        launch.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        launch.kill()
+        launch.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def _fusedrl_args(command: str, config, tmp_path, nproc: int, overrides) -> list:
     path = tmp_path / f"{command}-{nproc}.yaml"
     config_io.save_yaml(config, path)
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            _fusedrl_command(), command, "--config", str(path), *overrides]
+    return [_fusedrl_command(), command, "--config", str(path), *overrides]
+
+
+def _rank_env(env) -> dict:
     # One thread per rank: the ranks share the test machine's cores.
-    env = {**os.environ, "OMP_NUM_THREADS": str(RANK_THREADS), "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    return {**os.environ, "OMP_NUM_THREADS": str(RANK_THREADS), "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
 
 
 def _fusedrl_command() -> str:

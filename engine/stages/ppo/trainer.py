@@ -133,6 +133,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     (hf_io.load_model); a LoRA-adapted base too, its adapters and heads whole on every rank (but
     tensor-parallel, where the adapters are sliced like their base's weights)."""
     mode, lora_run = cfg.train.data_parallel, cfg.lora.enabled
+    group = cfg.train.shard_group_size  # train.data_parallel=hybrid: the ranks of a shard group
     # train.optimizer_offload: the fully trained models' shards (and so their optimizer state) rest in
     # CPU memory; train.frozen_offload: the reference's and the reward model's (unless it is the
     # critic_lora trunk, trained through). A LoRA base has no optimizer state to offload. At
@@ -141,10 +142,10 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     policy_sharder = training_sharder(cfg.train, device)
     # An adapted base (frozen, its adapters beside it): FSDP over the ranks, or at train.tensor_parallel
     # > 1 the tensor layout, the adapters then sliced like the weights they adapt (model/lora.py).
-    sharder = policy_sharder if cfg.train.tensor_parallel > 1 else distributed.sharder(mode, device)
+    sharder = policy_sharder if cfg.train.tensor_parallel > 1 else distributed.sharder(mode, device, group_size=group)
     trained = policy_sharder if cfg.train.expert_parallel == 1 else distributed.sharder(
-        mode, device, offload=cfg.train.optimizer_offload)
-    frozen = trained if cfg.train.tensor_parallel > 1 else distributed.sharder(mode, device,
+        mode, device, offload=cfg.train.optimizer_offload, group_size=group)
+    frozen = trained if cfg.train.tensor_parallel > 1 else distributed.sharder(mode, device, group_size=group,
                                                                               offload=cfg.train.frozen_offload)
     policy = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder if lora_run else policy_sharder)
     if policy.config.moe is not None and cfg.rollout.exact:
@@ -168,7 +169,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         # Beside adapters, or beside a tensor-parallel trunk (whose hidden states every tensor rank
         # holds whole), a replicated head, its gradients averaged (optim.clip_and_step).
         if not lora and cfg.train.tensor_parallel == 1:
-            distributed.shard(value_head, cfg.train.data_parallel)
+            distributed.shard(value_head, mode, group_size=group)
     if rm is not None:
         score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)
     else:
@@ -229,7 +230,8 @@ def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, d
     optimizers and their schedules."""
     sharder = training_sharder(cfg.train, device)  # the policy's layout (tensor or expert ranks, else FSDP)
     critic_sharder = sharder if cfg.train.expert_parallel == 1 else distributed.sharder(
-        cfg.train.data_parallel, device, offload=cfg.train.optimizer_offload)  # experts: the policy's alone
+        cfg.train.data_parallel, device, offload=cfg.train.optimizer_offload,
+        group_size=cfg.train.shard_group_size)  # experts: the policy's alone
     saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device,
                                                                        shard=sharder))}
              if models.lora is None else {"policy_adapter": adapters.saved_adapter(models.lora)})

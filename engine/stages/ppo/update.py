@@ -137,6 +137,17 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
     totals_of = {kind: _global_total(u) for kind, u in units.items()}
     micros = microbatch_rows(batch.packed.seqlens, p.microbatch_size, p.tokens_per_microbatch)
     most = distributed.max_over_ranks(len(micros))  # agreed before the forwards (their collectives)
+    left = iter(range(most - 1, -1, -1))  # micro-batch backwards left after each
+
+    def backward(loss):
+        # HSDP: a model's gradients cross the shard groups (the nodes) in its last backward of the
+        # minibatch only: the critic's (or value head's) last micro-batch, the policy's PPO-ptx if any.
+        last = next(left) == 0
+        for model in (models.critic, models.value_head):
+            if model is not None:
+                distributed.all_reduce_in_backward(model, last)
+        distributed.all_reduce_in_backward(models.policy, last and ptx_loss is None)
+        (loss * distributed.data_world_size()).backward()
     totals: dict = {}
     total_loss = torch.zeros((), device=batch.mask.device)
     for rows in micros:
@@ -148,7 +159,7 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
                    for kind, u in units.items()}
         loss, stats = minibatch_loss(models, micro, s, weights)
         # FSDP (or average_over_data, tensor-parallel) averages over the data ranks; the minibatch sums.
-        (loss * distributed.data_world_size()).backward()
+        backward(loss)
         total_loss = total_loss + loss.detach()
         for name, value in stats.items():
             # Losses add up as the loss does; the other stats are per-micro-batch means, weighted
@@ -162,11 +173,12 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
 
     def spare():
         rows = min(micros, key=lambda rows: sum(seqlens[r] for r in rows))
-        (minibatch_loss(models, batch.rows(rows) if len(micros) > 1 else batch, s)[0] * 0.0).backward()
+        backward(minibatch_loss(models, batch.rows(rows) if len(micros) > 1 else batch, s)[0] * 0.0)
     spares = distributed.match_forwards(len(micros), most, spare)
     ptx = None
     if ptx_loss is not None:
         ptx = ptx_loss()
+        distributed.all_reduce_in_backward(models.policy, True)
         (p.ptx_coef * ptx).backward()
         total_loss = total_loss + ptx.detach()
     totals["loss"] = total_loss

@@ -2,7 +2,8 @@
 trains its own slices of the weights through the differentiable collectives and the
 vocabulary-parallel log-prob, and the exported model equals one process's with the same global
 batch: SFT on 2 ranks at T=2, and on 4 ranks at T=2 x 2 data groups (recomputing each layer in
-backward) against one process with optim.grad_accum_steps=2; RM (a whole score head, the LM term through the vocabulary-parallel
+backward; launched as 2 "nodes" of 2 ranks, each node a tensor group) against one process with
+optim.grad_accum_steps=2; RM (a whole score head, the LM term through the vocabulary-parallel
 log-prob) on 2 ranks at T=2."""
 import pytest
 from safetensors.torch import load_file
@@ -11,7 +12,7 @@ from fusedrl.engine.train.checkpoint.restore import CheckpointMismatch
 from fusedrl.engine.stages.rm import run_rm
 from fusedrl.engine.stages.sft import run_sft
 from fusedrl.engine.train.runlog import read_metrics
-from dist_testing import check, rank_threads, torchrun
+from dist_testing import check, rank_threads, torchrun, torchrun_nodes
 from train_testing import (copy_checkpoint, demonstrations, rm_config, save_tiny_model, sft_config,
                            sorted_digit_preferences, write_jsonl)
 
@@ -43,8 +44,10 @@ def runs(tmp_path_factory):
         return sft_config(base, root / "train.jsonl", root / name, optim={"grad_accum_steps": accum, "eps": 1e-6},
                           train={**LOOP, "tensor_parallel": t, **loop})
     check(torchrun("sft", config("t2", 1, 2, save_every=2), root))
-    # With each layer recomputed in backward (collectives included), as the one process is not.
-    check(torchrun("sft", config("t2dp2", 1, 2, gradient_checkpointing=True), root, nproc=4, timeout=400))
+    # With each layer recomputed in backward (collectives included), as the one process is not; as 2
+    # "nodes" of 2 ranks (the multi-node recipe): a tensor group is one node, the data groups'
+    # gradient average crosses the nodes.
+    check(torchrun_nodes("sft", config("t2dp2", 1, 2, gradient_checkpointing=True), root, timeout=400))
 
     def reward_config(name, t=1):
         return rm_config(base, root / "pairs.jsonl", root / name, beta_rm=0.1, data={"tokens_per_batch": 128},
