@@ -61,8 +61,11 @@ class Setup:
     def shards(self, part: Part) -> int:
         """The ranks its parameters, gradients and optimizer state are split over: the shard group of
         train.data_parallel (every GPU: shard; train.shard_group_size, one node's by default: hybrid;
-        1, whole copies: replicate); 1 for a model every GPU holds whole."""
-        return self.shard_group if self.fsdp(part) else 1
+        1, whole copies: replicate); at train.tensor_parallel T > 1 the T ranks of a tensor group (the
+        data groups hold copies: engine/tensor_parallel.py); 1 for a model every GPU holds whole."""
+        if not self.fsdp(part):
+            return 1
+        return self.cfg.train.tensor_parallel if self.cfg.train.tensor_parallel > 1 else self.shard_group
 
     @property
     def experts(self) -> tuple[int, set[int]]:
@@ -300,15 +303,14 @@ def supervised_phases(s: Setup) -> dict:
 
 def generation_gathered(s: Setup, policy: Part) -> int:
     """Weights generation holds on top of the policy's shards (engine/tensor_parallel.py): at
-    train.tensor_parallel T > 1 each GPU reads its tensor slice, 1/T of the policy, which is its
-    shard itself when T is the number of GPUs (nothing gathered) and otherwise gathered over the
-    data ranks; at T = 1 the whole policy (rules.generation_gathers_policy), unless it is read from
+    train.tensor_parallel T > 1 none (each GPU reads its tensor slice, 1/T of the policy, which is
+    its shard itself: the data groups hold copies); at T = 1 the whole policy (rules.generation_gathers_policy), unless it is read from
     the persistent buffers (rollout.persistent_weights: counted with the weights, persistent_bytes)."""
     t = s.cfg.train.tensor_parallel
     if not s.fsdp(policy) or s.cfg.rollout.persistent_weights:
         return 0
     if t > 1:
-        return 0 if t == s.ranks else whole_bytes(policy) // t
+        return 0
     return whole_bytes(policy) if s.rules.generation_gathers_policy else 0
 
 
