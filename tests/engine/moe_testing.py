@@ -3,7 +3,7 @@ engine_testing's dense ones."""
 import torch
 import transformers
 
-from engine_testing import BASE
+from engine_testing import BASE, make_tokenizer
 
 MOE_ARCHS = {
     # Layer 0 dense (mlp_only_layers), layer 1 sparse: both kinds of layer in one model.
@@ -26,3 +26,10 @@ def make_moe_model(arch: str, seed: int = 0, **overrides):
             if p.dim() > 1:
                 p.normal_(0, 1.0 if name.endswith("gate.weight") else 0.15)
     return model
+
+
+def save_moe_base(directory, arch: str = "qwen3_moe", **overrides):
+    """make_moe_model(arch, **overrides) saved with the tests' tokenizer in `directory` (returned)."""
+    make_moe_model(arch, **overrides).save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    return directory

@@ -11,7 +11,7 @@ from fusedrl.engine.cli import main
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import make_tokenizer, random_prompts
-from moe_testing import MOE_ARCHS, make_moe_model
+from moe_testing import MOE_ARCHS, make_moe_model, save_moe_base
 from train_testing import demonstrations, write_jsonl
 
 
@@ -56,9 +56,7 @@ def test_lora_on_moe_trains_attention_adapters_that_peft_loads(tmp_path, capsys)
     """Adapters on the attention projections of a Qwen3-MoE; the MLP targets are refused (PEFT
     maps them to the experts, which get no adapters here)."""
     peft = pytest.importorskip("peft")
-    base = tmp_path / "base"
-    make_moe_model("qwen3_moe").save_pretrained(base)
-    make_tokenizer().save_pretrained(base)
+    base = save_moe_base(tmp_path / "base", "qwen3_moe")
     run = tmp_path / "run"
     argv = ["sft", f"model={base}", f"output_dir={run}",
             f"data.train_file={write_jsonl(tmp_path / 'train.jsonl', demonstrations(16))}", "data.max_length=48",

@@ -26,16 +26,13 @@ from fusedrl.engine.plan.phases import weight_bytes
 from fusedrl.engine.plan.planner import stage_setup
 from fusedrl.engine.stages.sft import run_sft
 from dist_testing import RANK_THREADS, check, rank_threads, torchrun
-from engine_testing import make_tokenizer
-from moe_testing import make_moe_model
+from moe_testing import make_moe_model, save_moe_base
 from test_data_parallel import assert_same_curves, assert_same_weights
 from train_testing import demonstrations, rm_config, save_tiny_model, sft_config, write_jsonl
 
 
 def test_expert_parallel_sft_two_ranks_match_one_process(tmp_path):
-    base = tmp_path / "base"
-    make_moe_model("qwen3_moe").save_pretrained(base)
-    make_tokenizer().save_pretrained(base)
+    base = save_moe_base(tmp_path / "base", "qwen3_moe")
     write_jsonl(tmp_path / "train.jsonl", demonstrations(16))
 
     def run(name, ranks, steps=2):
@@ -67,9 +64,7 @@ def test_expert_groups_four_ranks_match_one_process(tmp_path):
     the global batch in 4 accumulated micro-batches (64 examples: the groups see different rows); each shard checkpointed once; the export the
     bytes one process writes; the sharded load, gathered_experts and the plan's weight bytes checked on
     the ranks (ep_groups_worker)."""
-    base = tmp_path / "base"
-    make_moe_model("qwen3_moe").save_pretrained(base)
-    make_tokenizer().save_pretrained(base)
+    base = save_moe_base(tmp_path / "base", "qwen3_moe")
     write_jsonl(tmp_path / "train.jsonl", demonstrations(64))
 
     def run(name, ranks):
@@ -106,8 +101,7 @@ def vowel_fraction(prompts, responses):
 
 
 def test_grpo_expert_parallel_equals_fsdp_experts(tmp_path):
-    make_moe_model("qwen3_moe").save_pretrained(tmp_path / "policy")
-    make_tokenizer().save_pretrained(tmp_path / "policy")
+    save_moe_base(tmp_path / "policy")
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
                                                                       "fox jumps"]])
 

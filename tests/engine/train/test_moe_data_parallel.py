@@ -3,16 +3,13 @@ losses gives one process's weights and curves with the same global batch."""
 from fusedrl.engine.config.moe import RouterLossConfig
 from fusedrl.engine.stages.sft import run_sft
 from dist_testing import check, rank_threads, torchrun
-from engine_testing import make_tokenizer
-from moe_testing import make_moe_model
+from moe_testing import save_moe_base
 from test_data_parallel import assert_same_curves, assert_same_weights
 from train_testing import demonstrations, sft_config, write_jsonl
 
 
 def test_moe_sft_two_ranks_match_one_process(tmp_path):
-    base = tmp_path / "base"
-    make_moe_model("mixtral").save_pretrained(base)
-    make_tokenizer().save_pretrained(base)
+    base = save_moe_base(tmp_path / "base", "mixtral")
     write_jsonl(tmp_path / "train.jsonl", demonstrations(16))
 
     def run(name, ranks):
