@@ -54,8 +54,11 @@ def init_distributed(device_type: str, timeout_s: float) -> None:
 def leave() -> None:
     """Leave torchrun's process group, if this process joined one: a rank that exits with gloo's
     threads still connected can abort in their destructor ("terminate called without an active
-    exception") while the other ranks close, which torchrun reports as a failed run."""
+    exception") while the other ranks close, which torchrun reports as a failed run. Every rank
+    first waits for the others to get here (a rank done early, e.g. a generate rank that prints
+    nothing, would otherwise close its connections while the others still talk)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

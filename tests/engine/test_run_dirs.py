@@ -299,11 +299,12 @@ from fusedrl.engine.config.train import TrainConfig
 from fusedrl.engine import distributed
 from fusedrl.engine.train import run_setup
 distributed.init_distributed("cpu", 60)
+# One os.write per line (atomic on a pipe): print's text and newline can interleave with the other rank's.
 try:
     run_setup.claim_output_dir("sft", TrainConfig(), sys.argv[1], [])
-    print(f"rank {distributed.rank()} took it", flush=True)
+    os.write(1, f"rank {distributed.rank()} took it\\n".encode())
 except Exception as e:
-    print(f"rank {distributed.rank()} refused: {type(e).__name__}: {e}", flush=True)
+    os.write(1, f"rank {distributed.rank()} refused: {type(e).__name__}: {e}\\n".encode())
 distributed.leave()
 """
 
