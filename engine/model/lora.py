@@ -42,14 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..config.lora import LoRAConfig
 from .weight_map import add_rows
-
-
-def whole(param: torch.Tensor) -> torch.Tensor:
-    """A tensor-parallel adapter's whole value (a collective: every tensor rank calls it), a plain
-    one as is."""
-    return param.full_tensor() if hasattr(param, "full_tensor") else param
 
 
 def output_slices(name: str, linear: nn.Linear) -> dict[str, slice]:
@@ -103,7 +98,8 @@ class ProjectionAdapters(nn.Module):
         collective), at the rows `row_blocks` gives t in W's layout (rank-interleaved when packed
         for tensor ranks)."""
         for t, s in self.slices.items():
-            delta = whole(self.lora_B[t]).float() @ whole(self.lora_A[t]).float() * self.scale  # [size_t, in]
+            b, a = (distributed.plain(p).float() for p in (self.lora_B[t], self.lora_A[t]))  # gathered when sliced
+            delta = b @ a * self.scale  # [size_t, in]
             blocks = linear.row_blocks() if hasattr(linear, "row_blocks") else [(t, s.start, 0, delta.shape[0])]
             for part, row, part_row, rows in blocks:
                 if part == t:

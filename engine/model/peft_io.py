@@ -31,7 +31,7 @@ from ..errors import ModelError
 from ..run_dir import check_target
 from .. import distributed
 from .hf_io import load_model, save_model
-from .lora import LoRA, add_lora, whole
+from .lora import LoRA, add_lora
 from .weight_map import local_box
 from .reward_model import load_or_start_reward_model, save_reward_model
 
@@ -76,7 +76,7 @@ def save_adapter(lora: LoRA, out_dir, base_model: str | None = None, reward_offs
     tensors = {}
     for path, a, b in lora.named_targets():
         name_a, name_b = tensor_names(path)
-        tensors[name_a], tensors[name_b] = (whole(p.detach()).cpu().contiguous() for p in (a, b))
+        tensors[name_a], tensors[name_b] = (distributed.plain(p.detach()).cpu().contiguous() for p in (a, b))
     if not distributed.is_main():
         return
     tensors.update({name: p.detach().cpu().contiguous() for name, p in head_tensors(lora).items()})
