@@ -71,3 +71,9 @@ def random_prompts(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     # Token ids from 10 up: never EOS or a special token, so prompts are plain text.
     return [torch.randint(10, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def vowel_fraction(prompts, responses):
+    """Toy reward function on texts (what reward_fn receives): the fraction of vowels. As
+    `reward_fn="engine_testing:vowel_fraction"`, importable by torchrun ranks (tests/engine is on their path)."""
+    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]

@@ -24,11 +24,6 @@ PROMPTS = [[[11, 12, 13, 14, 15], [40, 41, 42], [100, 200, 150, 33, 34, 35, 36, 
 SAMPLED = SamplingParams(temperature=1.0, max_new_tokens=5, n=2, seed=3)
 
 
-def vowels(prompts, responses):
-    """The GRPO runs' reward function."""
-    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
-
-
 def say(what: str) -> None:
     if distributed.is_main():
         print(f"ok {what}", flush=True)
@@ -144,7 +139,7 @@ def check_grpo(root: str) -> None:
             rollout = RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                     kv_cache_memory=1 << 22, persistent_weights=persistent, exact=exact)
             run_ppo(GRPOConfig(policy=f"{root}/policy", prompts_file=f"{root}/prompts.jsonl",
-                               output_dir=f"{root}/run-{exact}-{persistent}", reward_fn="persistent_worker:vowels",
+                               output_dir=f"{root}/run-{exact}-{persistent}", reward_fn="engine_testing:vowel_fraction",
                                rollout=rollout, optim=OptimConfig(lr=1e-3),
                                ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.05, vf_coef=0.0, epochs=1,
                                                 minibatch_size=6),

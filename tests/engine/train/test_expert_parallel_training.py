@@ -96,10 +96,6 @@ def test_expert_groups_four_ranks_match_one_process(tmp_path):
     assert report[0]["weight_bytes"] == weight_bytes(stage_setup(run("four", 4), 4))  # the plan: rank 0's
 
 
-def vowel_fraction(prompts, responses):
-    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
-
-
 def test_grpo_expert_parallel_equals_fsdp_experts(tmp_path):
     save_moe_base(tmp_path / "policy")
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
@@ -107,7 +103,7 @@ def test_grpo_expert_parallel_equals_fsdp_experts(tmp_path):
 
     def run(name, experts):
         return GRPOConfig(policy=str(tmp_path / "policy"), prompts_file=str(tmp_path / "prompts.jsonl"),
-                          output_dir=str(tmp_path / name), reward_fn="test_expert_parallel_training:vowel_fraction",
+                          output_dir=str(tmp_path / name), reward_fn="engine_testing:vowel_fraction",
                           rollout=RolloutConfig(prompts_per_iteration=1, samples_per_prompt=3, max_new_tokens=6,
                                                 kv_cache_memory=1 << 22),
                           ppo=dataclasses.replace(_grpo_update(), epochs=1, minibatch_size=3),

@@ -18,7 +18,7 @@ from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollou
 from fusedrl.engine.stages.ppo.packs import pack_rollout
 from fusedrl.engine.stages.ppo.forwards import policy_forward, response_logprobs
 from fusedrl.engine.train.runlog import read_metrics
-from engine_testing import VOCAB, random_prompts
+from engine_testing import VOCAB, random_prompts, vowel_fraction
 from train_testing import checkpoint_data, copy_checkpoint, save_tiny_model, write_jsonl
 
 LOW_IDS = VOCAB // 2
@@ -27,11 +27,6 @@ LOW_IDS = VOCAB // 2
 def low_id_fraction(prompts, responses):
     """Toy scorer on token ids: the fraction of response tokens below VOCAB / 2."""
     return torch.tensor([sum(t < LOW_IDS for t in r) / len(r) for r in responses])
-
-
-def vowel_fraction(prompts, responses):
-    """Toy reward function on texts (what reward_fn receives): the fraction of vowels."""
-    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ def config(root, policy_dir, prompts, name, **fields):
         rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6, kv_cache_memory=1 << 22),
         ppo=UpdateConfig(epochs=2, minibatch_size=4),
         train=LoopConfig(iterations=2, progress=False, resume=True, device="cpu"),
-        reward_fn="test_ppo:vowel_fraction", critic="shared")
+        reward_fn="engine_testing:vowel_fraction", critic="shared")
     return PPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / name),
                      **{**defaults, **fields})
 
@@ -281,7 +276,7 @@ def test_grpo_runs_critic_free_and_resumes_exactly(setup):
 
     def make_config(run):
         return GRPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / run),
-                          reward_fn="test_ppo:vowel_fraction",
+                          reward_fn="engine_testing:vowel_fraction",
                           rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                                 kv_cache_memory=1 << 22, dynamic_sampling=True, overlong_buffer=2),
                           ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=3, vf_coef=0.0,

@@ -15,6 +15,7 @@ from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.stages.ppo.trainer import run_ppo
 from fusedrl.engine.train.checkpoint import list_checkpoints
 from dist_testing import check, rank_threads, torchrun
+from engine_testing import vowel_fraction
 from train_testing import save_tiny_model, write_jsonl
 
 HANG = 150  # seconds: a failing job ends well within it (about 20 s unloaded), a hung one never
@@ -36,10 +37,6 @@ def recording_reward(prompts, responses):
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"rank {rank} fails on purpose in iteration {iteration}")
     return vowel_fraction(prompts, responses)
-
-
-def vowel_fraction(prompts, responses):
-    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
 
 
 def records(directory, rank):
@@ -184,7 +181,7 @@ def test_reinforce_pp_baseline_ends_with_one_process_s_weights(tmp_path):
         # 4 prompts x 3 samples in all; one minibatch of the whole rollout, two updates on it (one
         # iteration: the whitening, not the rollout, is under test).
         return GRPOConfig(policy=str(tmp_path / "policy"), prompts_file=str(tmp_path / "prompts.jsonl"),
-                          output_dir=str(tmp_path / name), reward_fn="test_ppo_data_parallel:vowel_fraction",
+                          output_dir=str(tmp_path / name), reward_fn="engine_testing:vowel_fraction",
                           rollout=RolloutConfig(prompts_per_iteration=4 // ranks, samples_per_prompt=3,
                                                 max_new_tokens=6, kv_cache_memory=1 << 22),
                           ppo=UpdateConfig(epochs=2, minibatch_size=12 // ranks, estimator="reinforce_pp_baseline",

@@ -81,7 +81,7 @@ def test_lora_runs_resume_exactly(setup, algo):
         if algo == "ppo":
             return config(root, policy_dir, prompts, run, train=loop, lora=lora)
         return GRPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / run),
-                          reward_fn="test_ppo:vowel_fraction", train=loop, lora=lora,
+                          reward_fn="engine_testing:vowel_fraction", train=loop, lora=lora,
                           rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                                 kv_cache_memory=1 << 22),
                           ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=3, vf_coef=0.0,
