@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.run(args)
         if "fusedrl.engine.distributed" in sys.modules:  # imported only by the commands that need torch
-            sys.modules["fusedrl.engine.distributed"].leave()
+            sys.modules["fusedrl.engine.distributed"].leave(code)
         return code
     except KeyboardInterrupt:
         if errors.debug_enabled(getattr(args, "debug", False)):

@@ -29,6 +29,7 @@ import contextlib
 import datetime
 import functools
 import os
+import sys
 from collections import Counter
 from typing import Callable, Iterator, Optional
 
@@ -51,15 +52,18 @@ def init_distributed(device_type: str, timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def leave() -> None:
-    """Leave torchrun's process group, if this process joined one: a rank that exits with gloo's
-    threads still connected can abort in their destructor ("terminate called without an active
-    exception") while the other ranks close, which torchrun reports as a failed run. Every rank
-    first waits for the others to get here (a rank done early, e.g. a generate rank that prints
-    nothing, would otherwise close its connections while the others still talk)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+def leave(code: int) -> None:
+    """A command's end with exit code `code`: a torchrun rank waits for the others, leaves the group
+    and exits now (os._exit: its run-dir lock is a flock, released by the OS); one process returns.
+    Gloo's threads can abort a rank in the interpreter's teardown ("terminate called without an
+    active exception", seen in CI even past destroy_process_group): a good run reported failed."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()  # a rank done early (a generate rank that prints nothing) closes with the others
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def world_size() -> int:

@@ -305,7 +305,7 @@ try:
     os.write(1, f"rank {distributed.rank()} took it\\n".encode())
 except Exception as e:
     os.write(1, f"rank {distributed.rank()} refused: {type(e).__name__}: {e}\\n".encode())
-distributed.leave()
+distributed.leave(0)
 """
 
 

@@ -162,4 +162,4 @@ if __name__ == "__main__":
         check_exact_lora(sys.argv[2])
         check_experts(sys.argv[3])
         check_grpo(sys.argv[4])
-    distributed.leave()
+    distributed.leave(0)

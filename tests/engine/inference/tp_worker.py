@@ -75,3 +75,4 @@ if __name__ == "__main__":
     distributed.init_distributed(device, 120)
     for path in sys.argv[2:]:
         check(device if device == "cpu" else f"cuda:{distributed.local_rank()}", path)
+    distributed.leave(0)

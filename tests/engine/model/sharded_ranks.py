@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -115,8 +114,7 @@ def main(models: Path, out: Path) -> None:
     assert isinstance(critic, ValueModel)
     if distributed.is_main():
         (out / "report.json").write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
+    distributed.leave(0)
 
 
 if __name__ == "__main__":

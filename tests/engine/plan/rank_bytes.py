@@ -36,3 +36,4 @@ def main(model_dir: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    distributed.leave(0)

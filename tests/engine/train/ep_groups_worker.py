@@ -46,7 +46,7 @@ def main(config_path: str, out: Path) -> None:
     report = distributed.all_gather({"local_rows": local_rows, "gathered_error": error, "weight_bytes": weight_bytes})
     if rank == 0:
         (out / "report.json").write_text(json.dumps(report))
-    distributed.leave()
+    distributed.leave(0)
 
 
 if __name__ == "__main__":
