@@ -367,7 +367,7 @@ def fsdp_units(model: nn.Module) -> list:
 
 @contextlib.contextmanager
 def gathered(*models: nn.Module) -> Iterator[None]:
-    """Inside: every FSDP unit of `models` holds its whole (unsharded) parameters as plain tensors
+    """Inside: every FSDP unit of `models` holds its unsharded parameters (whole, or tensor slices)
     and no forward reshards them, so a rank can run any number of forwards with no collective
     (generation of its own share of prompts). Costs one whole
     copy of each model's parameters per rank while inside. Collective on entry and exit. No-op

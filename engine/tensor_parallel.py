@@ -1,25 +1,29 @@
-"""Tensor parallelism from the FSDP2 shards themselves: one weight copy, nothing gathered to generate.
+"""Tensor parallelism from the training shards themselves: one weight copy, nothing gathered to generate.
 
-`shard_tensor_parallel(model, T)` chooses each parameter's FSDP2 shard so that it IS its
-tensor-parallel slice: on the tensor dimension of a (data x tensor) device mesh, `fully_shard` with
-Shard(0) for the column-parallel weights (packed q/k/v and gate/up, stored rank-interleaved by
-`interleave` so that a rank's contiguous rows are its heads; the embedding and the LM head by
-vocabulary rows, the last slice possibly shorter) and Shard(1) for the row-parallel ones (o_proj,
-down_proj). Norm weights, the row-parallel biases and heads (a reward model's score) stay whole on
-every rank (FSDP ignores them): they act on the replicated hidden states.
+`shard_tensor_parallel(model, T)` lays each sliced parameter out as a DTensor on the tensor
+dimension of a (data x tensor) device mesh holding this rank's tensor-parallel slice: Shard(0) for
+the column-parallel weights (packed q/k/v and gate/up, stored rank-interleaved by `interleave` so
+that a rank's contiguous rows are its heads; the embedding and the LM head by vocabulary rows, the
+last slice possibly shorter) and Shard(1) for the row-parallel ones (o_proj, down_proj). Norm
+weights, the row-parallel biases and heads (a reward model's score) stay whole on every tensor rank:
+they act on the replicated hidden states. Across the data groups the slices are either copies or,
+at train.data_parallel=shard, sharded further by FSDP2 over the data dimension (the torch 2-D
+composition): a rank then keeps 1 / (T x D) of every weight, gradient and optimizer state, and a
+layer's forward gathers only its tensor slices from the data group.
 
-`TensorParallel.prims(base)` is the decoder walk's primitive set over those local shards: a
+`TensorParallel.prims(base)` is the decoder walk's primitive set over the local tensor slices: a
 column-parallel GEMM on the local rows, one all-reduce after o_proj and one after down_proj, a
-vocabulary-parallel embedding (one all-reduce), and each layer entered without FSDP's hooks, so no
-parameter is ever all-gathered and its storage never moves (the precondition of CUDA-graph replay).
-The collectives are differentiable (model/tensor_parallel_ops.py), so the same walk trains: each
-rank's gradients land on its own slices, `average_over_data` averages them over the data groups
-(FSDP's reduction, whose hooks are bypassed) and the LM head's log-probs are vocabulary-parallel
-(model/lm_head.py). `logits` gathers the vocabulary slices of the LM head's output, so the sampler
-draws from the whole row, the same tokens on every tensor rank. SFT, RM, PPO and GRPO train
-tensor-parallel (in PPO a tensor group is one data rank: distributed.tensor_groups), in full or with
-LoRA adapters sliced like the weights they adapt (model/lora.py); what does not yet refuses T > 1 in
-one line (engine/plan/check.py).
+vocabulary-parallel embedding (one all-reduce), and each layer entered past any hooks (copies: no
+parameter is ever gathered and its storage never moves, the precondition of CUDA-graph replay) or
+through FSDP's (sharded over data: its slices gathered, and in generation gathered once for the
+rollout by distributed.gathered). The collectives are differentiable (model/tensor_parallel_ops.py),
+so the same walk trains: each rank's gradients land on its own slices, averaged over the data groups
+by FSDP's reduce-scatter or, for copies, by `average_over_data`, and the LM head's log-probs are
+vocabulary-parallel (model/lm_head.py). `logits` gathers the vocabulary slices of the LM head's
+output, so the sampler draws from the whole row, the same tokens on every tensor rank. SFT, RM, PPO
+and GRPO train tensor-parallel (in PPO a tensor group is one data rank: distributed.tensor_groups),
+in full or with LoRA adapters sliced like the weights they adapt (model/lora.py; the base then
+copied across data groups); what does not yet refuses T > 1 in one line (engine/plan/check.py).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from torch import nn
 from .errors import ConfigValueError
 from .model.causal_lm import CausalLM, PackedProjection, Projection
 from .model.config import ModelConfig
-from .model.primitives import composed_norm_linear, enter_past_hooks
+from .model.primitives import composed_norm_linear, enter, enter_past_hooks
 from .model.tensor_parallel_ops import from_ranks, to_ranks
 
 
@@ -83,18 +87,36 @@ def interleave(model: nn.Module, t: int) -> None:
         proj.tensor_parallel = t
 
 
-def _placement(param: nn.Parameter, row_parallel: set[int]):
-    from torch.distributed.tensor import Shard
-    return Shard(1) if id(param) in row_parallel else Shard(0)
+def _lay_out(model: nn.Module, tensor_mesh, row_parallel: set[int], sliced: set[int]) -> None:
+    """Replace each sliced parameter of `model` by a DTensor on the tensor mesh holding this rank's
+    slice: Shard(1) for the row-parallel weights, Shard(0) for the rest (DTensor's chunks: the last
+    vocabulary slice may be shorter). Taken in place from the whole (or meta) value, no collective;
+    a parameter held by two modules (tied embedding and LM head) stays one."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) not in sliced:
+                continue
+            if id(param) not in made:
+                dim = 1 if id(param) in row_parallel else 0
+                local = distribute_tensor(param.detach(), tensor_mesh, [Shard(dim)], src_data_rank=None)
+                made[id(param)] = nn.Parameter(local, requires_grad=param.requires_grad)
+            setattr(module, name, made[id(param)])
 
 
 def shard_tensor_parallel(model: CausalLM, t: int, option: str = "train.tensor_parallel",
-                          device_type: str | None = None) -> CausalLM:
-    """Lay `model` out for T tensor ranks and shard it with FSDP2 over the mesh's tensor dimension,
-    each decoder layer a unit and the rest the root (as distributed.shard): a rank keeps only its
-    tensor slice of every sharded weight. Sets `model.tensor_parallel`. `model` is whole on every
-    rank, or still on the meta device (hf_io.load_model's `shard`, each rank then reading only its
-    slices): `device_type` then names the device it will live on."""
+                          device_type: str | None = None, data_shard: bool = False) -> CausalLM:
+    """Lay `model` out for T tensor ranks: every sliced weight a DTensor on the mesh's tensor
+    dimension holding this rank's tensor slice (the module docstring), the rest whole. With
+    `data_shard` and several data groups, FSDP2 then shards every unit over the data dimension (each
+    decoder layer a unit and the rest the root, as distributed.shard): a rank keeps 1 / (T x D) of
+    each weight, its gradient and optimizer state; a forward through the units' hooks gathers a
+    layer's tensor slices from its data group (not the whole weight), and the backward
+    reduce-scatters their gradients there. Without it the data groups hold copies of the slices.
+    Sets `model.tensor_parallel`. `model` is whole on every rank, or still on the meta device
+    (hf_io.load_model's `shard`, each rank then reading only its slices): `device_type` then names
+    the device it will live on."""
     from torch.distributed.fsdp import fully_shard
     from .distributed import shard_units
 
@@ -107,19 +129,21 @@ def shard_tensor_parallel(model: CausalLM, t: int, option: str = "train.tensor_p
     sliced.add(id(model.lm_head.weight))
     # Whole on every rank: the norms, the row-parallel biases (added once, after the all-reduce) and
     # any head (a reward model's score), which read the replicated hidden states.
-    replicated = {p for p in model.parameters() if id(p) not in sliced}
-    placement = functools.partial(_placement, row_parallel=rows)
-    for unit in shard_units(model):
-        if any(p not in replicated for p in unit.parameters()):
-            fully_shard(unit, mesh=mesh["tensor"], shard_placement_fn=placement, ignored_params=replicated)
+    _lay_out(model, mesh["tensor"], rows, sliced)
+    data_sharded = data_shard and mesh["data"].size() > 1
+    if data_sharded:
+        for unit in shard_units(model):
+            fully_shard(unit, mesh=mesh["data"])
     model.tensor_parallel = TensorParallel(mesh["tensor"].get_group(), t, model.config.vocab_size,
-                                           mesh["data"].get_group())
+                                           mesh["data"].get_group(), data_sharded)
     return model
 
 
-def training_sharder(train, device, keep: Callable[[nn.Module], list] = lambda model: []) -> Callable:
+def training_sharder(train, device, keep: Callable[[nn.Module], list] = lambda model: [],
+                     data_shard: bool = True) -> Callable:
     """shard(model) for hf_io.load_model from a training config's `train` section: the tensor-parallel
-    layout at train.tensor_parallel > 1, the experts sharded over expert groups at train.expert_parallel > 1
+    layout at train.tensor_parallel > 1 (sharded over the data groups too at train.data_parallel=shard,
+    unless not `data_shard`: a LoRA base, whose adapters are sliced like its tensor slices), the experts sharded over expert groups at train.expert_parallel > 1
     (model/expert_parallel.shard_for_training), else distributed.sharder (FSDP2 over the data ranks in
     train.data_parallel's mode and train.shard_group_size, keeping whole the modules keep(model) names, offloaded to CPU memory
     with train.optimizer_offload)."""
@@ -130,7 +154,8 @@ def training_sharder(train, device, keep: Callable[[nn.Module], list] = lambda m
         return lambda model: shard_for_training(model, device_type, train.expert_parallel)
     if train.tensor_parallel > 1:
         device_type = torch.device(device).type
-        return lambda model: shard_tensor_parallel(model, train.tensor_parallel, device_type=device_type)
+        return lambda model: shard_tensor_parallel(model, train.tensor_parallel, device_type=device_type,
+                                                   data_shard=data_shard and train.data_parallel == "shard")
     return distributed.sharder(train.data_parallel, device, keep, offload=train.optimizer_offload,
                                group_size=train.shard_group_size)
 
@@ -139,9 +164,12 @@ class TensorParallel:
     """One tensor group's collectives and the walk's primitives over the local shards; data_group:
     the ranks holding the same slices in the other data groups."""
 
-    def __init__(self, group, size: int, vocab_size: int, data_group):
+    def __init__(self, group, size: int, vocab_size: int, data_group, data_sharded: bool = False):
         self.group, self.size = group, size
         self.data_group, self.data_size = data_group, dist.get_world_size(data_group)
+        # FSDP2 over the data groups (shard_tensor_parallel's data_shard): a forward enters each
+        # layer through its hooks, which gather the tensor slices; else they stay put.
+        self.data_sharded = data_sharded
         self.rank = dist.get_rank(group)
         self.vocab_rows = -(-vocab_size // size)  # rows of every vocabulary slice but the last
         self.vocab_size = vocab_size
@@ -149,11 +177,12 @@ class TensorParallel:
     def average_over_data(self, params) -> None:
         """Average the gradients of the sharded ones of `params` (the trained parameters: a model's,
         or LoRA adapters sliced like their base) over the data groups (FSDP's hooks, which would
-        reduce them, are never entered), in fp32, one flat all-reduce. One data group: nothing.
+        reduce them, are never entered), in fp32, one flat all-reduce. One data group, or FSDP over
+        the data groups (which reduce-scattered them in the backward): nothing.
         The whole (replicated) parameters' gradients are distributed.average_replicated_gradients'."""
         from torch.distributed.tensor import DTensor
         grads = [p.grad.to_local() for p in params if isinstance(p.grad, DTensor)]
-        if self.data_size == 1 or not grads:
+        if self.data_size == 1 or self.data_sharded or not grads:
             return
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         dist.all_reduce(flat, group=self.data_group)
@@ -174,6 +203,9 @@ class TensorParallel:
         from torch.distributed.tensor import DTensor, Shard
         if not isinstance(weight, DTensor):
             return F.linear(x, weight, bias)
+        if weight.device_mesh.ndim != 1:  # a layer entered past FSDP's hooks while sharded over data
+            raise RuntimeError(f"a weight still sharded over the data groups ({weight.placements}): expected "
+                               "its tensor slice, gathered by its unit's FSDP hooks")
         if weight.placements[0] == Shard(1):
             y = from_ranks(F.linear(x, weight.to_local()), self.group)
             return y if bias is None else y + bias
@@ -201,10 +233,11 @@ class TensorParallel:
     def prims(self, base: SimpleNamespace) -> SimpleNamespace:
         """`base` (primitives.FORWARD or DECODE) over the local shards: this class's GEMM and
         embedding, each norm then its projection (a fused norm + GEMM kernel reads whole weights),
-        and each layer entered by its forward, past FSDP's hooks (which would all-gather it)."""
+        and each layer entered by its forward, past any hooks (nothing to gather), or through its
+        FSDP hooks when sharded over the data groups (which gather its tensor slices)."""
         return SimpleNamespace(**{**vars(base), "linear": self.linear, "embed": self.embed,
                                   "norm_linear": composed_norm_linear,
-                                  "enter": enter_past_hooks})
+                                  "enter": enter if self.data_sharded else enter_past_hooks})
 
 
 def generate_tensor_parallel(model_dir, prompts: list, params, t: int, *, device, dtype="auto", use_tqdm=False,

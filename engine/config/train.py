@@ -97,15 +97,17 @@ class RunConfig:
     tensorboard: bool = option("also write TensorBoard events to output_dir/tensorboard", False)
     progress: bool = option("show a live progress bar on stderr", True)
     data_parallel: DataParallel = option("under torchrun: shard (FSDP2 full shard: weights, gradients, optimizer "
-                                         "state 1/N per rank) | replicate (whole copies, for small models) | hybrid "
+                                         "state 1/N per rank; at train.tensor_parallel > 1 the tensor slices sharded "
+                                         "over the data groups) | replicate (whole copies, for small models; at "
+                                         "train.tensor_parallel > 1 copies of the slices) | hybrid "
                                          "(HSDP: full shard within each group of train.shard_group_size ranks, one "
                                          "node's by default, whole copies across the groups: several nodes)", "shard")
     shard_group_size: int = option("with train.data_parallel=hybrid: the ranks of one shard group, dividing the "
                                    "world size (0: one node's, torchrun's LOCAL_WORLD_SIZE)", 0)
     tensor_parallel: int = option("under torchrun: T ranks (dividing the ranks and the model's key/value heads) "
                                   "each keep and train their tensor slices of the weights, data-parallel across the "
-                                  "world_size / T groups (not with LoRA, rollout.exact or "
-                                  "train.frozen_offload yet)", 1)
+                                  "world_size / T groups (which shard or copy the slices: train.data_parallel; a "
+                                  "LoRA base is copied; not with rollout.exact or train.frozen_offload yet)", 1)
     expert_parallel: int = option("under torchrun, for an MoE model: the experts of every MoE layer sharded over "
                                   "groups of E consecutive ranks (E dividing the world size and the number of "
                                   "experts), each rank keeping and training its share whole, tokens sent to them by "
@@ -130,8 +132,8 @@ class RunConfig:
               f"train.data_parallel={self.data_parallel}")
         check(self.data_parallel != "hybrid" or self.tensor_parallel == 1,
               f"train.data_parallel=hybrid with train.tensor_parallel={self.tensor_parallel}: the tensor-parallel "
-              "data groups already hold whole copies (one per node at T = the GPUs of a node); expected "
-              "train.data_parallel=shard beside it")
+              "data groups shard the slices (train.data_parallel=shard) or copy them (replicate: across nodes, "
+              "at T = the GPUs of a node); expected one of those")
         check(self.expert_parallel >= 1, f"train.expert_parallel must be >= 1, got {self.expert_parallel}")
         check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),

@@ -19,7 +19,9 @@ persistent_weights (rollout.persistent_weights) the whole parameters are instead
 once and refilled in place before each rollout (persistent_weights.py): one whole copy of the
 policy kept per rank through training, and CUDA graphs on. A policy sharded tensor-parallel
 (engine/tensor_parallel.py) is not gathered: each rank generates with its tensor group from its
-own shards, whose storage never moves, so CUDA graphs stay on there.
+own slices, whose storage never moves, so CUDA graphs stay on there; unless FSDP shards the slices
+over the data groups too (train.data_parallel=shard), then gathered from the data group for the
+rollout (1 / T of the policy per rank, not the whole) and CUDA graphs off.
 """
 from __future__ import annotations
 
@@ -47,14 +49,18 @@ class HybridActor:
         tensor_parallel 1; collective: every rank builds its actor together)."""
         self.policy = policy
         self.release_kv_pool = release_kv_pool
-        self.tensor_parallel = getattr(policy, "tensor_parallel", None) is not None
+        tp = getattr(policy, "tensor_parallel", None)
+        self.tensor_parallel = tp is not None
+        # Tensor slices sharded over the data groups are gathered for each rollout, as FSDP units are.
         alone = distributed.world_size() == 1
+        gathers = not alone and (tp is None or tp.data_sharded)
         if persistent_weights and (alone or self.tensor_parallel):
             raise ConfigValueError(f"persistent_weights=True: expected torchrun at tensor_parallel 1 (got "
-                                   f"{'one process' if alone else 'a tensor-parallel policy'}, which gathers nothing)")
+                                   f"{'one process' if alone else 'a tensor-parallel policy'}, which "
+                                   f"{'gathers nothing' if not gathers else 'has no persistent buffers yet'})")
         self.weights = PersistentWeights(policy, device) if persistent_weights else None
         # Nothing gathered, or gathered into storage that stays put: captured graphs stay valid.
-        graphs = alone or self.tensor_parallel or self.weights is not None
+        graphs = not gathers or self.weights is not None
         with self.whole_weights() if self.weights is not None else contextlib.nullcontext():  # capture on the buffers
             self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
                            device=device, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and graphs,
@@ -73,8 +79,9 @@ class HybridActor:
         if self.weights is not None:
             with self.weights.active():
                 yield
-        elif self.tensor_parallel:
-            yield
+        elif self.tensor_parallel:  # each unit's tensor slices from its data group, if sharded there
+            with distributed.gathered(self.policy):
+                yield
         else:
             with distributed.gathered(self.policy), gathered_experts(self.policy):
                 yield

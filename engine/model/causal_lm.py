@@ -246,9 +246,10 @@ class CausalLM(nn.Module):
 
     def entry(self) -> Callable:
         """What a step calls to run `forward`: the model itself, through FSDP's root hook (which
-        gathers the root unit), or past that hook its `forward`, where the walk reads weights that
-        stay put (tensor-parallel shards; persistent gathered buffers: past_fsdp_hooks)."""
-        return self.forward if getattr(self, "tensor_parallel", None) or self.past_fsdp_hooks else self
+        gathers the root unit; tensor-parallel slices sharded over the data groups: from its data
+        group), or past that hook its `forward`, where the walk reads persistent gathered buffers
+        (past_fsdp_hooks)."""
+        return self.forward if self.past_fsdp_hooks else self
 
     def hidden_states(self, input_ids, positions, attend: Attend, prims: SimpleNamespace | None = None):
         """The one walk of the decoder: input_ids, positions [N] -> final hidden states [N, hidden],

@@ -26,13 +26,15 @@ from ..distributed import shard_units
 class Part:
     """One model of a run. `sharded`: an FSDP2 model under torchrun (else whole on every rank);
     `trained`: the parameters its optimizer steps that get gradients; `copies_at_load`: whole
-    copies built while loading it (the reward model from a causal LM: the LM and the copy)."""
+    copies built while loading it (the reward model from a causal LM: the LM and the copy);
+    `adapted`: a LoRA base (tensor-parallel, its slices are copied across the data groups)."""
     role: str
     module: nn.Module
     sharded: bool
     trained: list = field(default_factory=list)
     config: ModelConfig | None = None   # decoder shapes (activations); None for a head alone
     copies_at_load: int = 1
+    adapted: bool = False
 
 
 def unique_params(module: nn.Module) -> list[nn.Parameter]:
@@ -106,7 +108,7 @@ def supervised_models(stage: str, cfg, config: ModelConfig, dtype: torch.dtype, 
     lora = adapters.attach(model, cfg.lora, heads)
     copies = 1 if stage == "sft" else 2
     if lora is not None:
-        return [Part("model", model, sharded=not lora_base_whole, config=config, copies_at_load=copies),
+        return [Part("model", model, sharded=not lora_base_whole, config=config, copies_at_load=copies, adapted=True),
                 *_lora_parts(lora, "model")]
     lm_loss = stage == "sft" or cfg.beta_rm > 0
     return [Part("model", model, sharded=True, trained=trained_params(model, lm_loss), config=config,
@@ -123,7 +125,7 @@ def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None, d
     policy = _meta(CausalLM, policy_config, dtype)
     lora = adapters.attach(policy, cfg.lora)
     parts = [Part("policy", policy, sharded=lora is None or not lora_base_whole, trained=[] if lora else trained_params(policy),
-                  config=policy_config)]
+                  config=policy_config, adapted=lora is not None)]
     if lora is not None:
         parts += _lora_parts(lora, "policy")
     else:
@@ -131,7 +133,8 @@ def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None, d
     rm = _meta(RewardModel, rm_config, dtype) if rm_config is not None else None
     lora_critic_on_rm = cfg.critic == "separate" and cfg.critic_lora.enabled and rm is not None
     if rm is not None:
-        parts.append(Part("reward model", rm, sharded=not (lora_critic_on_rm and lora_base_whole), config=rm_config))
+        parts.append(Part("reward model", rm, sharded=not (lora_critic_on_rm and lora_base_whole), config=rm_config,
+                          adapted=lora_critic_on_rm))
     if cfg.critic == "shared":
         head = shared_value_head(policy)
         parts.append(Part("value head", head, sharded=lora is None, trained=list(head.parameters())))
@@ -143,7 +146,7 @@ def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None, d
     elif cfg.critic == "separate":
         trunk = rm if rm is not None else _meta(CausalLM, policy_config, dtype)
         if rm is None:  # a frozen copy of the policy's weights, whole on every rank
-            parts.append(Part("critic trunk", trunk, sharded=not lora_base_whole, config=policy_config))
+            parts.append(Part("critic trunk", trunk, sharded=not lora_base_whole, config=policy_config, adapted=True))
         head_init = torch.zeros(1, trunk.config.hidden_size, device="meta")
         critic = LoRACritic(trunk, head_init, cfg.critic_lora)
         parts += _lora_parts(critic.lora, "critic")

@@ -61,11 +61,30 @@ class Setup:
     def shards(self, part: Part) -> int:
         """The ranks its parameters, gradients and optimizer state are split over: the shard group of
         train.data_parallel (every GPU: shard; train.shard_group_size, one node's by default: hybrid;
-        1, whole copies: replicate); at train.tensor_parallel T > 1 the T ranks of a tensor group (the
-        data groups hold copies: engine/tensor_parallel.py); 1 for a model every GPU holds whole."""
+        1, whole copies: replicate); at train.tensor_parallel T > 1 every GPU where the data groups
+        shard the tensor slices too (data_sharded), else the T ranks of a tensor group (the data
+        groups hold copies: engine/tensor_parallel.py); 1 for a model every GPU holds whole."""
         if not self.fsdp(part):
             return 1
-        return self.cfg.train.tensor_parallel if self.cfg.train.tensor_parallel > 1 else self.shard_group
+        if self.cfg.train.tensor_parallel == 1:
+            return self.shard_group
+        return self.ranks if self.data_sharded(part) else self.cfg.train.tensor_parallel
+
+    def data_sharded(self, part: Part) -> bool:
+        """At train.tensor_parallel T > 1 on more than T GPUs, train.data_parallel=shard: FSDP2 shards
+        its tensor slices over the data groups (engine/tensor_parallel.py), but a LoRA base's (its
+        adapters are sliced like its slices) and the shared value head (whole on every rank)."""
+        t = self.cfg.train.tensor_parallel
+        return (t > 1 and self.ranks > t and self.fsdp(part) and self.cfg.train.data_parallel == "shard"
+                and not part.adapted and part.role != "value head")
+
+    def gathered_share(self, part: Part) -> int:
+        """What a unit's gathered weights are of the whole unit: 1 / this (1 at T = 1; 1 / T, its
+        tensor slices, when sharded over the data groups), 0 where nothing is gathered (a model
+        whole on every GPU; tensor slices copied across the data groups, read where they lie)."""
+        if not self.fsdp(part) or (self.cfg.train.tensor_parallel > 1 and not self.data_sharded(part)):
+            return 0
+        return self.cfg.train.tensor_parallel
 
     @property
     def experts(self) -> tuple[int, set[int]]:
@@ -191,12 +210,13 @@ def whole_bytes(part: Part) -> int:
 
 
 def forward_gathered(s: Setup, part: Part) -> int:
-    """Whole weights an FSDP model holds during a forward: its root unit (embeddings, LM head; not
-    resharded after forward) and the current and the prefetched layer."""
-    if not s.fsdp(part):
+    """Weights an FSDP model holds gathered during a forward: its root unit (embeddings, LM head; not
+    resharded after forward) and the current and the prefetched layer (their tensor slices at
+    train.tensor_parallel > 1: Setup.gathered_share)."""
+    if not (share := s.gathered_share(part)):
         return 0
     layers, rest = _units(s, part)
-    return rest + s.rules.layers_gathered * max(layers, default=0)
+    return (rest + s.rules.layers_gathered * max(layers, default=0)) // share
 
 
 def kv_pool_bytes(s: Setup) -> int:
@@ -273,10 +293,10 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part]) -> dict:
     unsharded_grads = 0
     gathered = 0
     for part in trained_decoders:
-        if s.fsdp(part):
+        if share := s.gathered_share(part):
             layers, rest = _units(s, part)
             gathered += forward_gathered(s, part)
-            unsharded_grads = max(unsharded_grads, rest + max(layers, default=0))
+            unsharded_grads = max(unsharded_grads, (rest + max(layers, default=0)) // share)
     backward = {**_resident(s), "grads": grads + unsharded_grads, "gathered": gathered,
                 "activations": sum(training_activations(p.config, elem, ckpt, tokens, lm_head=_has_lm_head(s, p))
                                    for p in trained_decoders)}
@@ -303,14 +323,16 @@ def supervised_phases(s: Setup) -> dict:
 
 def generation_gathered(s: Setup, policy: Part) -> int:
     """Weights generation holds on top of the policy's shards (engine/tensor_parallel.py): at
-    train.tensor_parallel T > 1 none (each GPU reads its tensor slice, 1/T of the policy, which is
-    its shard itself: the data groups hold copies); at T = 1 the whole policy (rules.generation_gathers_policy), unless it is read from
+    train.tensor_parallel T > 1 its tensor slices (1/T of the policy) gathered from the data group
+    when sharded there (Setup.data_sharded), else none (the data groups hold copies: each GPU reads
+    its slices where they lie); at T = 1 the whole policy (rules.generation_gathers_policy), unless it is read from
     the persistent buffers (rollout.persistent_weights: counted with the weights, persistent_bytes)."""
     t = s.cfg.train.tensor_parallel
     if not s.fsdp(policy) or s.cfg.rollout.persistent_weights:
         return 0
     if t > 1:
-        return 0
+        return sum(s.local_numel(p, t) * p.element_size() for p in unique_params(policy.module)) \
+            if s.data_sharded(policy) else 0
     return whole_bytes(policy) if s.rules.generation_gathers_policy else 0
 
 
@@ -322,9 +344,9 @@ def ppo_phases(s: Setup) -> dict:
     policy = _policy(s)
     elem = _elem(s)
     # rollout.release_kv_pool frees the pool outside the rollout where no CUDA graph holds it: under
-    # torchrun at T = 1 gathering by unshard (graphs off); where decode steps are CUDA graphs (one
-    # process, tensor parallelism, rollout.persistent_weights) the pool stays.
-    graphs = s.ranks == 1 or s.cfg.train.tensor_parallel > 1 or r.persistent_weights
+    # torchrun gathering by unshard (graphs off); where decode steps are CUDA graphs (one process,
+    # tensor slices copied across the data groups, rollout.persistent_weights) the pool stays.
+    graphs = s.ranks == 1 or (s.cfg.train.tensor_parallel > 1 and not s.data_sharded(policy)) or r.persistent_weights
     kv_after = 0 if r.release_kv_pool and not graphs else kv
     base = {**_resident(s), "kv_pool": kv_after}
 

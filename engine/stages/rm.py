@@ -136,7 +136,8 @@ def run_rm(cfg: RMConfig) -> Path:
     device, tokenizer = run.device, run.tokenizer
     examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed)
     # The trained score head stays whole on every rank beside LoRA adapters (a replicated head).
-    sharder = training_sharder(cfg.train, device, lambda model: [model.score] if cfg.lora.enabled else [])
+    sharder = training_sharder(cfg.train, device, lambda model: [model.score] if cfg.lora.enabled else [],
+                               data_shard=not cfg.lora.enabled)
     model = load_model(cfg.model, dtype=run.dtype, device=device, model_cls=RewardModel, shard=sharder,
                        fresh=["score.weight"])  # the head starts at zero: see reward_model_from_lm
     lora = adapters.attach(model, cfg.lora, {"score": model.score})

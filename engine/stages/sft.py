@@ -64,7 +64,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="sft", config=cfg)
     check_context(cfg.data, run.configs["model"].max_model_len)
     examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed)
-    sharder = training_sharder(cfg.train, run.device)
+    sharder = training_sharder(cfg.train, run.device, data_shard=not cfg.lora.enabled)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device, shard=sharder)
     lora = adapters.attach(model, cfg.lora)
     train(model, sft_stage(run.dtype, run.device, sharder, cfg.moe), examples.train, examples.eval, cfg, run.device,

@@ -44,12 +44,19 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _splits(placement) -> bool:
+    """Whether a parameter's placement on a mesh dimension splits it: Shard, and FSDP2's
+    _StridedShard (its data-dimension shard of a tensor-parallel slice cut on the same dim), which
+    torch 2.13 does not count as is_shard()."""
+    return not (placement.is_replicate() or placement.is_partial())
+
+
 def _layout(param) -> tuple | None:
     """What the norm's reduction depends on: a DTensor's mesh and the mesh dimensions that shard it
     (None for a plain tensor, whole on every rank)."""
     if not hasattr(param, "placements"):
         return None
-    return id(param.device_mesh), tuple(dim for dim, p in enumerate(param.placements) if p.is_shard())
+    return id(param.device_mesh), tuple(dim for dim, p in enumerate(param.placements) if _splits(p))
 
 
 def _global_norm(local_norm: torch.Tensor, param) -> torch.Tensor:
@@ -59,7 +66,7 @@ def _global_norm(local_norm: torch.Tensor, param) -> torch.Tensor:
         return local_norm
     squares = local_norm.square()
     for dim, placement in enumerate(param.placements):
-        if placement.is_shard():
+        if _splits(placement):
             dist.all_reduce(squares, group=param.device_mesh.get_group(dim))
     return squares.sqrt()
 

@@ -141,8 +141,10 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     # at train.expert_parallel > 1 the policy's experts are sharded over the ranks, the rest by FSDP.
     policy_sharder = training_sharder(cfg.train, device)
     # An adapted base (frozen, its adapters beside it): FSDP over the ranks, or at train.tensor_parallel
-    # > 1 the tensor layout, the adapters then sliced like the weights they adapt (model/lora.py).
-    sharder = policy_sharder if cfg.train.tensor_parallel > 1 else distributed.sharder(mode, device, group_size=group)
+    # > 1 the tensor layout (copies across the data groups), the adapters then sliced like the weights
+    # they adapt (model/lora.py).
+    sharder = (training_sharder(cfg.train, device, data_shard=False) if cfg.train.tensor_parallel > 1
+               else distributed.sharder(mode, device, group_size=group))
     trained = policy_sharder if cfg.train.expert_parallel == 1 else distributed.sharder(
         mode, device, offload=cfg.train.optimizer_offload, group_size=group)
     frozen = trained if cfg.train.tensor_parallel > 1 else distributed.sharder(mode, device, group_size=group,

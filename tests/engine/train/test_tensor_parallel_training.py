@@ -1,10 +1,15 @@
 """SFT and RM tensor-parallel under torchrun (engine/tensor_parallel.py, gloo CPU ranks): each rank
 trains its own slices of the weights through the differentiable collectives and the
 vocabulary-parallel log-prob, and the exported model equals one process's with the same global
-batch: SFT on 2 ranks at T=2, and on 4 ranks at T=2 x 2 data groups (recomputing each layer in
-backward; launched as 2 "nodes" of 2 ranks, each node a tensor group) against one process with
-optim.grad_accum_steps=2; RM (a whole score head, the LM term through the vocabulary-parallel
-log-prob) on 2 ranks at T=2."""
+batch: SFT on 2 ranks at T=2, and on 4 ranks at T=2 x 2 data groups against one process with
+optim.grad_accum_steps=2, the slices sharded over the data groups by FSDP2 (train.data_parallel=shard:
+each rank's checkpoint chunk of a weight and of its optimizer state is a quarter; resumed on 2 ranks
+at T=2) or copied there (replicate; recomputing each layer in backward; launched as 2 "nodes" of 2
+ranks, each node a tensor group); RM (a whole score head, the LM term through the
+vocabulary-parallel log-prob) on 2 ranks at T=2."""
+import json
+import math
+
 import pytest
 from safetensors.torch import load_file
 
@@ -44,10 +49,14 @@ def runs(tmp_path_factory):
         return sft_config(base, root / "train.jsonl", root / name, optim={"grad_accum_steps": accum, "eps": 1e-6},
                           train={**LOOP, "tensor_parallel": t, **loop})
     check(torchrun("sft", config("t2", 1, 2, save_every=2), root))
+    check(torchrun("sft", config("t2dp2", 1, 2, save_every=2), root, nproc=4, timeout=400))
+    copy_checkpoint(root / "t2dp2", 2, root / "t2dp2_resumed_t2")
+    check(torchrun("sft", config("t2dp2_resumed_t2", 2, 2), root))
     # With each layer recomputed in backward (collectives included), as the one process is not; as 2
-    # "nodes" of 2 ranks (the multi-node recipe): a tensor group is one node, the data groups'
-    # gradient average crosses the nodes.
-    check(torchrun_nodes("sft", config("t2dp2", 1, 2, gradient_checkpointing=True), root, timeout=400))
+    # "nodes" of 2 ranks (the multi-node recipe): a tensor group is one node, the data groups hold
+    # copies and their gradient average is what crosses the nodes.
+    check(torchrun_nodes("sft", config("t2dp2_copies", 1, 2, gradient_checkpointing=True,
+                                       data_parallel="replicate"), root, timeout=400))
 
     def reward_config(name, t=1):
         return rm_config(base, root / "pairs.jsonl", root / name, beta_rm=0.1, data={"tokens_per_batch": 128},
@@ -77,10 +86,25 @@ def test_a_checkpoint_resumes_only_at_its_tensor_parallel_size(runs, tmp_path):
         run_sft(cfg)
 
 
-def test_two_tensor_ranks_by_two_data_groups_train_one_process_s_weights(runs):
-    assert max_relative_diff(runs / "one_accum2" / "final", runs / "t2dp2" / "final") <= 1e-4
-    one, four = ([r for r in read_metrics(runs / name) if r["kind"] == "train"] for name in ("one_accum2", "t2dp2"))
-    assert [r["loss"] for r in four] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+@pytest.mark.parametrize("run", ["t2dp2", "t2dp2_copies", "t2dp2_resumed_t2"])
+def test_two_tensor_ranks_by_two_data_groups_train_one_process_s_weights(runs, run):
+    assert max_relative_diff(runs / "one_accum2" / "final", runs / run / "final") <= 1e-4
+    one, four = ([r for r in read_metrics(runs / name) if r["kind"] == "train"] for name in ("one_accum2", run))
+    assert [r["loss"] for r in four] == pytest.approx([r["loss"] for r in one[-len(four):]], rel=1e-5)
+    assert [r["grad_norm"] for r in four] == pytest.approx([r["grad_norm"] for r in one[-len(four):]], rel=1e-5)
+    assert [r["step"] for r in four] == ([3] if run == "t2dp2_resumed_t2" else [1, 2, 3])  # resumed at step 2
+
+
+def test_sharded_over_the_data_groups_each_rank_holds_a_quarter(runs):
+    """At train.data_parallel=shard each of the 4 ranks saves its own chunk of every sliced weight and
+    of its optimizer state (a quarter: its half of its tensor slice), and of each norm its data half
+    (the tensor ranks' copies saved once)."""
+    tensors = json.loads((runs / "t2dp2" / "checkpoints" / "step-00000002" / "checkpoint.json").read_text())["tensors"]
+    for name, parts in (("layers.0.self_attn.qkv_proj.weight", 4), ("layers.1.mlp.down_proj.weight", 4),
+                        ("embed_tokens.weight", 4), ("layers.0.input_layernorm.weight", 2)):
+        for key in (f"models.model.model.{name}", f"optimizers.0.model.model.{name}.exp_avg"):
+            entry = tensors[key]
+            assert [math.prod(c["sizes"]) for c in entry["chunks"]] == [math.prod(entry["shape"]) // parts] * parts, key
 
 
 def test_a_reward_model_trains_tensor_parallel(runs):
