@@ -17,11 +17,11 @@ of decode steps. The KV pool is per rank. CUDA graphs are off there: the gathere
 reallocated at every unshard, and a captured graph would read freed memory. With
 persistent_weights (rollout.persistent_weights) the whole parameters are instead buffers allocated
 once and refilled in place before each rollout (persistent_weights.py): one whole copy of the
-policy kept per rank through training, and CUDA graphs on. A policy sharded tensor-parallel
+policy (of its tensor slice) kept per rank through training, and CUDA graphs on. A policy sharded tensor-parallel
 (engine/tensor_parallel.py) is not gathered: each rank generates with its tensor group from its
 own slices, whose storage never moves, so CUDA graphs stay on there; unless FSDP shards the slices
 over the data groups too (train.data_parallel=shard), then gathered from the data group for the
-rollout (1 / T of the policy per rank, not the whole) and CUDA graphs off.
+rollout (1 / T of the policy per rank, not the whole), CUDA graphs off but with persistent_weights.
 """
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ class HybridActor:
                  max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False, device=None,
                  release_kv_pool: bool = False, record_routing: bool = False, persistent_weights: bool = False):
         """record_routing: keep an MoE policy's expert choices of every rollout token (`last_routing`).
-        persistent_weights: generate from whole-size buffers refilled in place (under torchrun at
-        tensor_parallel 1; collective: every rank builds its actor together)."""
+        persistent_weights: generate from whole-size buffers refilled in place (under torchrun, where
+        the policy is gathered: at tensor_parallel 1, or its tensor slices sharded over the data
+        groups; collective: every rank builds its actor together)."""
         self.policy = policy
         self.release_kv_pool = release_kv_pool
         tp = getattr(policy, "tensor_parallel", None)
@@ -54,10 +55,10 @@ class HybridActor:
         # Tensor slices sharded over the data groups are gathered for each rollout, as FSDP units are.
         alone = distributed.world_size() == 1
         gathers = not alone and (tp is None or tp.data_sharded)
-        if persistent_weights and (alone or self.tensor_parallel):
-            raise ConfigValueError(f"persistent_weights=True: expected torchrun at tensor_parallel 1 (got "
-                                   f"{'one process' if alone else 'a tensor-parallel policy'}, which "
-                                   f"{'gathers nothing' if not gathers else 'has no persistent buffers yet'})")
+        if persistent_weights and not gathers:
+            raise ConfigValueError(f"persistent_weights=True: expected torchrun at tensor_parallel 1 or tensor "
+                                   f"slices sharded over the data groups (got {'one process' if alone else 'tensor slices copied across the data groups'}, "
+                                   "which gathers nothing)")
         self.weights = PersistentWeights(policy, device) if persistent_weights else None
         # Nothing gathered, or gathered into storage that stays put: captured graphs stay valid.
         graphs = not gathers or self.weights is not None

@@ -1,6 +1,7 @@
-"""Persistent gathered weights (rollout.persistent_weights): under torchrun at train.tensor_parallel=1,
-generation reads whole copies of the policy's FSDP2-sharded parameters that are allocated once and
-refilled in place before every rollout, so the storage a CUDA graph captured never moves.
+"""Persistent gathered weights (rollout.persistent_weights): under torchrun, generation reads whole copies
+of the policy's FSDP2-sharded parameters (at train.tensor_parallel > 1 with the slices sharded over the
+data groups: whole tensor slices) that are allocated once and refilled in place before every rollout,
+so the storage a CUDA graph captured never moves.
 (`distributed.gathered`'s unshard() allocates the whole parameters anew each time, which is why
 graphs are off on that path.)
 
@@ -10,7 +11,10 @@ parameters share one): its whole rows rounded up to the sharded mesh dimension's
 empty), the parameter a view of its first rows, so an all-gather writes straight into it. A
 parameter whose local tensor is already whole on `device` (data_parallel=replicate: shards of one
 rank) is read as it is: no copy, no bytes. Expert-parallel experts (DTensors sharded over the
-world, model/expert_parallel.py) are gathered like FSDP's shards.
+world, model/expert_parallel.py) are gathered like FSDP's shards. A tensor-parallel slice sharded
+over the data groups (engine/tensor_parallel.py) is gathered over the data dimension only, into a
+buffer of its slice, which generation reads as a DTensor on the tensor ranks (the walk's
+tensor-parallel GEMMs take its local rows).
 
 `active()` refills the buffers (one all_gather_into_tensor per parameter: collective, every rank
 enters together), puts the whole tensors in the modules' parameter slots in place of the DTensors,
@@ -39,6 +43,7 @@ class _Whole:
 
     sharded: nn.Parameter          # the DTensor training holds (FSDP2's shard, or an expert shard)
     whole: nn.Parameter            # [*shape] on the device: a view of `padded`, or the local tensor itself
+                                   # (a tensor slice: a DTensor on the tensor ranks over that view)
     padded: torch.Tensor | None    # [N * ceil(rows / N), ...] gathered into; None: the local tensor as is
     group: object                  # the sharded mesh dimension's process group; None: whole locally
 
@@ -64,20 +69,32 @@ class PersistentWeights:
 
     def _allocate(self, param) -> _Whole:
         mesh, placements = param.device_mesh, param.placements
-        split = [d for d, p in enumerate(placements) if p.is_shard() and mesh.size(d) > 1]
+        # The tensor dimension of a tensor-parallel slice stays split: generation reads the slice.
+        tensor = (mesh.mesh_dim_names or ()).index("tensor") if "tensor" in (mesh.mesh_dim_names or ()) else None
+        split = [d for d, p in enumerate(placements) if d != tensor and not p.is_replicate() and mesh.size(d) > 1]
         if len(split) > 1 or (split and placements[split[0]].dim != 0):
             raise ValueError(f"persistent weights: a parameter placed {placements} on a mesh of {tuple(mesh.shape)} "
                              "ranks; expected rows (Shard(0)) split over one mesh dimension (FSDP2 at "
-                             "train.tensor_parallel=1)")
+                             "train.tensor_parallel=1, or over the data groups of tensor slices)")
         with torch.no_grad():
             local = param.to_local().detach()
         if not split and local.device == self.device:  # already whole here, updated in place by the optimizer
             return _Whole(param, nn.Parameter(local, requires_grad=False), None, None)
+        shape = list(param.shape)
+        if tensor is not None:  # this tensor rank's slice: DTensor's chunk of the split dimension
+            dim, ranks, rank = placements[tensor].dim, mesh.size(tensor), mesh.get_local_rank(tensor)
+            chunk = -(-shape[dim] // ranks)
+            shape[dim] = max(0, min(chunk, shape[dim] - rank * chunk))
         shards = mesh.size(split[0]) if split else 1
-        rows = -(-param.shape[0] // shards)
-        padded = torch.empty((shards * rows, *param.shape[1:]), dtype=param.dtype, device=self.device)
-        whole = nn.Parameter(padded[:param.shape[0]], requires_grad=False)
-        return _Whole(param, whole, padded, mesh.get_group(split[0]) if split else None)
+        rows = -(-shape[0] // shards)
+        padded = torch.empty((shards * rows, *shape[1:]), dtype=param.dtype, device=self.device)
+        whole = padded[:shape[0]]
+        if tensor is not None:
+            from torch.distributed.tensor import DTensor
+            whole = DTensor.from_local(whole, mesh["tensor"], [placements[tensor]], run_check=False,
+                                       shape=param.shape, stride=param.stride())
+        return _Whole(param, nn.Parameter(whole, requires_grad=False), padded,
+                      mesh.get_group(split[0]) if split else None)
 
     @torch.no_grad()
     def refill(self) -> None:
@@ -112,7 +129,9 @@ class PersistentWeights:
         for module, name, p in slots:  # as FSDP2 itself swaps sharded and unsharded parameters
             module._parameters[name] = self.wholes[id(p)].whole
         try:
-            stray = next((n for n, p in self.model.named_parameters() if isinstance(p, DTensor)), None)
+            made = {id(w.whole) for w in self.wholes.values()}
+            stray = next((n for n, p in self.model.named_parameters() if isinstance(p, DTensor) and id(p) not in made),
+                         None)
             if stray is not None:
                 raise RuntimeError(f"persistent weights: {stray} is a DTensor made after the buffers were")
             self.model.past_fsdp_hooks = True

@@ -240,7 +240,7 @@ class CausalLM(nn.Module):
         tp = getattr(self, "tensor_parallel", None)  # engine/tensor_parallel.py: the walk on the local shards
         if tp:
             prims = tp.prims(prims or FORWARD)
-        elif self.past_fsdp_hooks:
+        if self.past_fsdp_hooks:
             prims = past_hooks(prims or FORWARD)
         return self.hidden_states(input_ids, positions, attend, prims)
 

@@ -31,7 +31,7 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     train.optimizer_offload and train.frozen_offload in one process (they are FSDP2's CPU offload of the
     sharded state), train.optimizer_offload beside LoRA adapters or tensor parallelism, and
     train.tensor_parallel > 1 beside what does not run tensor-parallel yet (tensor_parallel_gaps),
-    rollout.persistent_weights where nothing is gathered (one process, train.tensor_parallel > 1), and
+    rollout.persistent_weights where nothing is gathered (one process, tensor slices copied), and
     train.data_parallel=hybrid with a shard group that does not divide the ranks."""
     if cfg.train.optimizer_offload and gpus == 1:
         raise UsageError("train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
@@ -48,10 +48,13 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
                          "supported tensor-parallel yet (SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)")
     refuse_expert_parallel(cfg, gpus)
     t = cfg.train.tensor_parallel
-    if getattr(getattr(cfg, "rollout", None), "persistent_weights", False) and (gpus == 1 or t > 1):
-        where = "one process" if gpus == 1 else f"train.tensor_parallel={t}"
+    copies = t > 1 and (gpus == t or cfg.train.data_parallel != "shard" or cfg.lora.rank > 0)  # slices read in place
+    if getattr(getattr(cfg, "rollout", None), "persistent_weights", False) and (gpus == 1 or copies):
+        where = ("one process" if gpus == 1 else f"train.tensor_parallel={t} on {gpus} GPUs at train.data_parallel="
+                 f"{cfg.train.data_parallel}{' with lora' if cfg.lora.rank > 0 else ''}")
         raise UsageError(f"rollout.persistent_weights=true keeps a gathered copy of the policy's FSDP2 shards: "
-                         f"expected torchrun at train.tensor_parallel=1 (got {where}, which gathers nothing)")
+                         f"expected torchrun at train.tensor_parallel=1, or tensor slices sharded over the data groups "
+                         f"(got {where}, which gathers nothing)")
     # train.data_parallel=hybrid: a shard group (one node's ranks unless train.shard_group_size) dividing the ranks.
     shard_group_size(cfg.train.data_parallel, gpus, cfg.train.shard_group_size)
     if device.type != "cuda" or not cfg.train.memory_check:

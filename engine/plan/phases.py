@@ -263,12 +263,20 @@ def _elem(s: Setup) -> int:
 
 def persistent_bytes(s: Setup) -> int:
     """rollout.persistent_weights: the policy's whole-size generation buffers, allocated with the
-    hybrid actor and kept (inference/persistent_weights.py): its whole weights, but where its local
-    shards are whole on the GPU already (data_parallel=replicate, not offloaded), read as they are."""
+    hybrid actor and kept (inference/persistent_weights.py): its whole weights (its tensor slices at
+    train.tensor_parallel > 1), but where its local shards are whole on the GPU already
+    (data_parallel=replicate, not offloaded), read as they are."""
     policy = _policy(s)
     if not getattr(getattr(s.cfg, "rollout", None), "persistent_weights", False) or not s.fsdp(policy):
         return 0
+    if s.cfg.train.tensor_parallel > 1:
+        return slice_bytes(s, policy) if s.data_sharded(policy) else 0
     return whole_bytes(policy) if s.shards(policy) > 1 or s.offloaded(policy) else 0
+
+
+def slice_bytes(s: Setup, part: Part) -> int:
+    """A GPU's tensor slice of `part`: 1 / T of its weights."""
+    return sum(s.local_numel(p, s.cfg.train.tensor_parallel) * p.element_size() for p in unique_params(part.module))
 
 
 def _resident(s: Setup) -> dict:
@@ -331,8 +339,7 @@ def generation_gathered(s: Setup, policy: Part) -> int:
     if not s.fsdp(policy) or s.cfg.rollout.persistent_weights:
         return 0
     if t > 1:
-        return sum(s.local_numel(p, t) * p.element_size() for p in unique_params(policy.module)) \
-            if s.data_sharded(policy) else 0
+        return slice_bytes(s, policy) if s.data_sharded(policy) else 0
     return whole_bytes(policy) if s.rules.generation_gathers_policy else 0
 
 

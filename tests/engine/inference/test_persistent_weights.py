@@ -54,16 +54,25 @@ def test_two_ranks_generate_from_persistent_buffers_as_from_unshard(dense_dir):
 
 def test_persistent_weights_where_nothing_is_gathered_is_refused_in_one_line(qwen2_dir):
     with pytest.raises(ConfigValueError, match=r"^persistent_weights=True: expected torchrun at tensor_parallel 1 "
-                                               r"\(got one process, which gathers nothing\)$"):
+                                               r"or tensor slices sharded over the data groups \(got one process, "
+                                               r"which gathers nothing\)$"):
         HybridActor(load_model(qwen2_dir), kv_cache_memory=1 << 20, persistent_weights=True)
     cfg = GRPOConfig(policy="p", prompts_file="f", output_dir="o",
                      rollout=RolloutConfig(persistent_weights=True), train=LoopConfig(device="cpu"))
     with pytest.raises(UsageError, match=r"^rollout.persistent_weights=true .* expected torchrun at "
-                                         r"train.tensor_parallel=1 \(got one process, which gathers nothing\)$"):
+                                         r"train.tensor_parallel=1, or tensor slices sharded over the data groups "
+                                         r"\(got one process, which gathers nothing\)$"):
         refuse_unfit(cfg, torch.device("cpu"), 1)
     cfg.train.tensor_parallel = 2
-    with pytest.raises(UsageError, match=r"\(got train.tensor_parallel=2, which gathers nothing\)$"):
+    with pytest.raises(UsageError, match=r"\(got train.tensor_parallel=2 on 2 GPUs at train.data_parallel=shard, "
+                                         r"which gathers nothing\)$"):
         refuse_unfit(cfg, torch.device("cpu"), 2)
+    cfg.train.data_parallel = "replicate"
+    with pytest.raises(UsageError, match=r"\(got train.tensor_parallel=2 on 4 GPUs at train.data_parallel=replicate, "
+                                         r"which gathers nothing\)$"):
+        refuse_unfit(cfg, torch.device("cpu"), 4)
+    cfg.train.data_parallel = "shard"
+    refuse_unfit(cfg, torch.device("cpu"), 4)  # 2 data groups shard the slices: gathered, so kept
 
 
 @pytest.mark.gpu

@@ -50,6 +50,11 @@ def test_the_pool_holds_t_times_the_blocks_and_a_smaller_t_shards_or_copies_its_
     assert two.phases["update"]["optimizer"] == pytest.approx(one.phases["update"]["optimizer"], rel=1e-3)
     assert two.phases["rollout"]["gathered"] == pytest.approx(rows["policy"] / 2, rel=1e-3)
     assert one.phases["rollout"]["gathered"] == pytest.approx(rows["policy"], rel=1e-3)
+    # With rollout.persistent_weights that half is a buffer kept through the run, gathered into in place.
+    kept = plan("grpo", qwen["14B"], *options, "train.tensor_parallel=2", "rollout.persistent_weights=true")
+    assert kept.phases["rollout"]["gathered"] == 0
+    assert kept.phases["update"]["weights"] == pytest.approx(two.phases["update"]["weights"] + rows["policy"] / 2,
+                                                             rel=1e-3)
     # Copied across the data groups (train.data_parallel=replicate): each GPU its half of every model,
     # its optimizer state a half's too; the rollout reads that half as it is, gathering nothing.
     assert copies.phases["rollout"]["gathered"] == 0

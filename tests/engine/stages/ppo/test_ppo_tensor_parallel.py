@@ -4,7 +4,8 @@ and its first rank alone calling the reward function. The comparison the per-ran
 rollout.prompts_per_iteration and ppo.minibatch_size are per data rank (a tensor group is one data
 rank), so T=2 on 2 ranks runs one process's config, and T=2 x 2 data groups on 4 ranks runs half
 of each size per group, the global batch of one process with the whole sizes (one minibatch of the
-whole rollout, so the update does not depend on how the rows are split). PPO with a reward model,
+whole rollout, so the update does not depend on how the rows are split); there the slices are
+sharded over the data groups, gathered for each rollout anew or into persistent buffers. PPO with a reward model,
 the reference and a separate critic, every model laid out for the tensor ranks, and with a value head
 on the policy (critic=shared), at T=2 on 2 ranks."""
 import json
@@ -39,14 +40,15 @@ def records(directory, rank):
     return [tuple(row) for row in map(json.loads, path.read_text().splitlines())] if path.exists() else []
 
 
-def grpo_config(root, name, data_ranks=1, t=1, **loop):
+def grpo_config(root, name, data_ranks=1, t=1, persistent_weights=False, **loop):
     # 4 prompts x 3 samples per iteration in all; 2 epochs (the second with ratios off 1). Adam's eps
     # 1e-6: an element whose gradient is near 0 (rounding where the slices sum in another order)
     # would otherwise take an update of order lr (see test_tensor_parallel_training.py).
     return GRPOConfig(policy=str(root / "policy"), prompts_file=str(root / "prompts.jsonl"),
                       output_dir=str(root / name), reward_fn="test_ppo_tensor_parallel:recording_reward",
                       rollout=RolloutConfig(prompts_per_iteration=4 // data_ranks, samples_per_prompt=3,
-                                            max_new_tokens=6, kv_cache_memory=1 << 22),
+                                            max_new_tokens=6, kv_cache_memory=1 << 22,
+                                            persistent_weights=persistent_weights),
                       ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.05, vf_coef=0.0, epochs=2,
                                        agg="token-mean", minibatch_size=12 // data_ranks),
                       optim=OptimConfig(lr=1e-3, eps=1e-6),
@@ -60,11 +62,13 @@ def runs(tmp_path_factory):
     save_tiny_model(root / "policy")  # llama2: 4 key/value heads, untied head
     write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
                                                                   "fox jumps", "over the", "brown fox"]])
-    for name in ("one", "t2", "t2dp2"):
+    for name in ("one", "t2", "t2dp2", "t2dp2_persistent"):
         (root / f"rec-{name}").mkdir()
     check(torchrun("grpo", grpo_config(root, "t2", 1, 2, save_every=1), root, env={"RECORD_DIR": str(root / "rec-t2")}))
     check(torchrun("grpo", grpo_config(root, "t2dp2", 2, 2), root, nproc=4, timeout=400,
                    env={"RECORD_DIR": str(root / "rec-t2dp2")}))
+    check(torchrun("grpo", grpo_config(root, "t2dp2_persistent", 2, 2, persistent_weights=True), root, nproc=4,
+                   timeout=400, env={"RECORD_DIR": str(root / "rec-t2dp2_persistent")}))
     os.environ["RECORD_DIR"] = str(root / "rec-one")
     try:
         with rank_threads():
@@ -148,6 +152,15 @@ def test_two_tensor_ranks_by_two_data_groups_train_one_process_s_weights(runs):
     assert max_relative_diff(runs / "one" / "final", runs / "t2dp2" / "final") <= 1e-4
     for key in ("loss", "kl_loss", "score_mean"):
         assert train_metrics(runs / "t2dp2", key) == pytest.approx(train_metrics(runs / "one", key), rel=1e-4), key
+
+
+def test_persistent_buffers_of_the_data_sharded_slices_change_nothing(runs):
+    """rollout.persistent_weights at T=2 x 2 data groups (the slices sharded over the data groups by
+    FSDP2, gathered for each rollout into buffers allocated once): the same samples and, bit for bit,
+    the same weights as gathering them anew."""
+    for rank in range(4):
+        assert records(runs / "rec-t2dp2_persistent", rank) == records(runs / "rec-t2dp2", rank)
+    assert max_relative_diff(runs / "t2dp2" / "final", runs / "t2dp2_persistent" / "final") == 0
 
 
 def test_what_does_not_run_tensor_parallel_is_refused_in_one_line(tmp_path):
