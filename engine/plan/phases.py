@@ -5,16 +5,15 @@ reward, reference, old log-prob and value forwards), update (forward + backward,
 step, whichever holds more), export (the final model written). SFT and RM have load, update, export.
 Categories: weights (resident: a rank's FSDP2 shards, whole models where not sharded, and with
 rollout.persistent_weights the policy's whole generation buffers, kept through training), grads (of the
-trained parameters, sharded like them, plus a unit's whole gradients before FSDP reduce-scatters
-them, plus the optimizer's transient fp32 copy during the step), optimizer (fp32 masters of
-non-fp32 parameters and the two AdamW moments, 12 bytes per bf16 parameter: engine/train/fused_adamw.py,
-created at the first step and kept), kv_pool (rollout.kv_cache_memory, capped by the engine at
-max_num_seqs full-length sequences, allocated once and kept), gathered (whole weights held on top
-of the shards: FSDP units during a forward, the whole policy while generating, the exported model),
-activations (per token budget: activations.py; the scoring forwards' is rollout.tokens_per_forward).
-With train.optimizer_offload under torchrun a trained FSDP model's weight shards, gradients, fp32
-step copy and optimizer state rest in CPU memory (host_optimizer_bytes counts the state); only its
-gathered units and a unit's whole gradients before the reduce-scatter come onto the GPU.
+trained parameters, sharded like them, plus a unit's whole gradients before FSDP reduce-scatters them, plus
+the optimizer's transient fp32 copy during the step), optimizer (fp32 masters of non-fp32 parameters and the
+two AdamW moments, 12 bytes per bf16 parameter: engine/train/fused_adamw.py, created at the first step and
+kept), kv_pool (rollout.kv_cache_memory, capped by the engine at max_num_seqs full-length sequences, allocated
+once and kept), gathered (whole weights held on top of the shards: FSDP units during a forward, the whole
+policy while generating, the exported model), activations (per token budget: activations.py; the scoring
+forwards' is rollout.tokens_per_forward). With train.optimizer_offload under torchrun a trained FSDP model's
+weight shards, gradients, fp32 step copy and optimizer state rest in CPU memory (host_optimizer_bytes counts
+the state); only its gathered units and a unit's whole gradients before the reduce-scatter come onto the GPU.
 """
 from __future__ import annotations
 
@@ -71,20 +70,23 @@ class Setup:
         return self.ranks if self.data_sharded(part) else self.cfg.train.tensor_parallel
 
     def data_sharded(self, part: Part) -> bool:
-        """At train.tensor_parallel T > 1 on more than T GPUs, train.data_parallel=shard: FSDP2 shards
-        its tensor slices over the data groups (engine/tensor_parallel.py), but a LoRA base's (its
-        adapters are sliced like its slices) and the shared value head (whole on every rank)."""
+        """At T > 1 on more than T GPUs at train.data_parallel=shard, FSDP2 shards its tensor slices over
+        the data groups (engine/tensor_parallel.py); not a LoRA base's, nor the shared value head."""
         t = self.cfg.train.tensor_parallel
         return (t > 1 and self.ranks > t and self.fsdp(part) and self.cfg.train.data_parallel == "shard"
                 and not part.adapted and part.role != "value head")
 
     def gathered_share(self, part: Part) -> int:
-        """What a unit's gathered weights are of the whole unit: 1 / this (1 at T = 1; 1 / T, its
-        tensor slices, when sharded over the data groups), 0 where nothing is gathered (a model
-        whole on every GPU; tensor slices copied across the data groups, read where they lie)."""
+        """A unit's gathered weights are 1 / this of it (T > 1: its tensor slices, when sharded over the
+        data groups); 0 where nothing is gathered (a model whole on every GPU; slices read in place)."""
         if not self.fsdp(part) or (self.cfg.train.tensor_parallel > 1 and not self.data_sharded(part)):
             return 0
         return self.cfg.train.tensor_parallel
+
+    def slice_bytes(self, part: Part) -> int:
+        """A GPU's tensor slice of `part`: 1 / T of its weights."""
+        return sum(self.local_numel(p, self.cfg.train.tensor_parallel) * p.element_size()
+                   for p in unique_params(part.module))
 
     @property
     def experts(self) -> tuple[int, set[int]]:
@@ -270,13 +272,8 @@ def persistent_bytes(s: Setup) -> int:
     if not getattr(getattr(s.cfg, "rollout", None), "persistent_weights", False) or not s.fsdp(policy):
         return 0
     if s.cfg.train.tensor_parallel > 1:
-        return slice_bytes(s, policy) if s.data_sharded(policy) else 0
+        return s.slice_bytes(policy) if s.data_sharded(policy) else 0
     return whole_bytes(policy) if s.shards(policy) > 1 or s.offloaded(policy) else 0
-
-
-def slice_bytes(s: Setup, part: Part) -> int:
-    """A GPU's tensor slice of `part`: 1 / T of its weights."""
-    return sum(s.local_numel(p, s.cfg.train.tensor_parallel) * p.element_size() for p in unique_params(part.module))
 
 
 def _resident(s: Setup) -> dict:
@@ -339,7 +336,7 @@ def generation_gathered(s: Setup, policy: Part) -> int:
     if not s.fsdp(policy) or s.cfg.rollout.persistent_weights:
         return 0
     if t > 1:
-        return slice_bytes(s, policy) if s.data_sharded(policy) else 0
+        return s.slice_bytes(policy) if s.data_sharded(policy) else 0
     return whole_bytes(policy) if s.rules.generation_gathers_policy else 0
 
 
