@@ -106,7 +106,7 @@ def _lay_out(model: nn.Module, tensor_mesh, row_parallel: set[int], sliced: set[
 
 
 def shard_tensor_parallel(model: CausalLM, t: int, option: str = "train.tensor_parallel",
-                          device_type: str | None = None, data_shard: bool = False) -> CausalLM:
+                          device_type: str | None = None, data_shard: bool = False, offload: bool = False) -> CausalLM:
     """Lay `model` out for T tensor ranks: every sliced weight a DTensor on the mesh's tensor
     dimension holding this rank's tensor slice (the module docstring), the rest whole. With
     `data_shard` and several data groups, FSDP2 then shards every unit over the data dimension (each
@@ -114,10 +114,11 @@ def shard_tensor_parallel(model: CausalLM, t: int, option: str = "train.tensor_p
     each weight, its gradient and optimizer state; a forward through the units' hooks gathers a
     layer's tensor slices from its data group (not the whole weight), and the backward
     reduce-scatters their gradients there. Without it the data groups hold copies of the slices.
-    Sets `model.tensor_parallel`. `model` is whole on every rank, or still on the meta device
+    `offload` (train.optimizer_offload, train.frozen_offload; sharded over the data groups only):
+    FSDP2's CPUOffloadPolicy, as distributed.shard's. Sets `model.tensor_parallel`. `model` is whole on every rank, or still on the meta device
     (hf_io.load_model's `shard`, each rank then reading only its slices): `device_type` then names
     the device it will live on."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
     from .distributed import shard_units
 
     check_tensor_parallel(t, dist.get_world_size() if dist.is_initialized() else 1, model.config, option)
@@ -131,32 +132,40 @@ def shard_tensor_parallel(model: CausalLM, t: int, option: str = "train.tensor_p
     # any head (a reward model's score), which read the replicated hidden states.
     _lay_out(model, mesh["tensor"], rows, sliced)
     data_sharded = data_shard and mesh["data"].size() > 1
+    if offload and not data_sharded:
+        raise ConfigValueError(f"{option}={t}: offloading moves FSDP2's shards over the data groups to CPU memory; "
+                               "expected the slices sharded over several data groups (train.data_parallel=shard)")
     if data_sharded:
+        # Pinned host memory needs CUDA; on a CPU run the shards are where they already are.
+        policy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
         for unit in shard_units(model):
-            fully_shard(unit, mesh=mesh["data"])
+            fully_shard(unit, mesh=mesh["data"], offload_policy=policy)
+    model.offloaded = offload  # hf_io.load_model then materializes the shards in CPU memory
     model.tensor_parallel = TensorParallel(mesh["tensor"].get_group(), t, model.config.vocab_size,
                                            mesh["data"].get_group(), data_sharded)
     return model
 
 
 def training_sharder(train, device, keep: Callable[[nn.Module], list] = lambda model: [],
-                     data_shard: bool = True) -> Callable:
+                     data_shard: bool = True, offload: bool | None = None) -> Callable:
     """shard(model) for hf_io.load_model from a training config's `train` section: the tensor-parallel
     layout at train.tensor_parallel > 1 (sharded over the data groups too at train.data_parallel=shard,
     unless not `data_shard`: a LoRA base, whose adapters are sliced like its tensor slices), the experts sharded over expert groups at train.expert_parallel > 1
     (model/expert_parallel.shard_for_training), else distributed.sharder (FSDP2 over the data ranks in
-    train.data_parallel's mode and train.shard_group_size, keeping whole the modules keep(model) names, offloaded to CPU memory
-    with train.optimizer_offload)."""
+    train.data_parallel's mode and train.shard_group_size, keeping whole the modules keep(model) names), offloaded
+    to CPU memory with `offload` (default train.optimizer_offload: a trained model's)."""
     from . import distributed
     if getattr(train, "expert_parallel", 1) > 1:
         from .model.expert_parallel import shard_for_training
         device_type = torch.device(device).type
         return lambda model: shard_for_training(model, device_type, train.expert_parallel)
+    offload = train.optimizer_offload if offload is None else offload
     if train.tensor_parallel > 1:
         device_type = torch.device(device).type
         return lambda model: shard_tensor_parallel(model, train.tensor_parallel, device_type=device_type,
-                                                   data_shard=data_shard and train.data_parallel == "shard")
-    return distributed.sharder(train.data_parallel, device, keep, offload=train.optimizer_offload,
+                                                   data_shard=data_shard and train.data_parallel == "shard",
+                                                   offload=offload)
+    return distributed.sharder(train.data_parallel, device, keep, offload=offload,
                                group_size=train.shard_group_size)
 
 

@@ -107,7 +107,8 @@ class RunConfig:
     tensor_parallel: int = option("under torchrun: T ranks (dividing the ranks and the model's key/value heads) "
                                   "each keep and train their tensor slices of the weights, data-parallel across the "
                                   "world_size / T groups (which shard or copy the slices: train.data_parallel; a "
-                                  "LoRA base is copied; not with rollout.exact or train.frozen_offload yet)", 1)
+                                  "LoRA base is copied; the offloads need sharded slices; not with rollout.exact "
+                                  "yet)", 1)
     expert_parallel: int = option("under torchrun, for an MoE model: the experts of every MoE layer sharded over "
                                   "groups of E consecutive ranks (E dividing the world size and the number of "
                                   "experts), each rank keeping and training its share whole, tokens sent to them by "

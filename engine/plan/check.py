@@ -7,21 +7,21 @@ import torch
 from ..config.train import SFTConfig
 from ..distributed import local_world_size, shard_group_size
 from ..errors import UsageError
-from .planner import plan_stage
+from .planner import plan_stage, slices_sharded
 from .report import refusal
 
 
-def tensor_parallel_gaps(cfg) -> list[str]:
-    """The options of `cfg` set to what does not train tensor-parallel yet: dropout on LoRA adapters
-    (the policy's or the critic's: each tensor rank would draw its own mask on the same input), the
-    batch-invariant rollout (its fixed reduction order is one device's, not the tensor ranks'), and
-    offloading the frozen models' shards."""
+def tensor_parallel_gaps(cfg, gpus: int) -> list[str]:
+    """The options of `cfg` set to what does not train tensor-parallel yet on `gpus` GPUs: dropout on
+    LoRA adapters (the policy's or the critic's: each tensor rank would draw its own mask on the same
+    input), the batch-invariant rollout (its fixed reduction order is one device's, not the tensor
+    ranks'), and offloading the frozen models' shards where the slices are not sharded over data groups."""
     gaps = [f"{name}.dropout={lora.dropout}" for name in ("lora", "critic_lora")
             if (lora := getattr(cfg, name, None)) is not None and lora.enabled and lora.dropout > 0]
     if getattr(getattr(cfg, "rollout", None), "exact", False):
         gaps.append("rollout.exact=true")
-    if getattr(cfg.train, "frozen_offload", False):
-        gaps.append("train.frozen_offload=true")
+    if getattr(cfg.train, "frozen_offload", False) and not slices_sharded(cfg, gpus):
+        gaps.append("train.frozen_offload=true without tensor slices sharded over the data groups")
     return gaps
 
 
@@ -29,7 +29,7 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     """UsageError (exit 2) when `cfg`'s plan on `gpus` GPUs like `device` does not fit. Only on CUDA,
     where the memory is known, and unless train.memory_check is off; also refuses
     train.optimizer_offload and train.frozen_offload in one process (they are FSDP2's CPU offload of the
-    sharded state), train.optimizer_offload beside LoRA adapters or tensor parallelism, and
+    sharded state), train.optimizer_offload beside LoRA adapters or copied tensor slices, and
     train.tensor_parallel > 1 beside what does not run tensor-parallel yet (tensor_parallel_gaps),
     rollout.persistent_weights where nothing is gathered (one process, tensor slices copied), and
     train.data_parallel=hybrid with a shard group that does not divide the ranks."""
@@ -39,16 +39,19 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     if getattr(cfg.train, "frozen_offload", False) and gpus == 1:
         raise UsageError("train.frozen_offload=true offloads the frozen models' FSDP2 shards: run under torchrun "
                          "(one process keeps them on its device)")
-    if cfg.train.optimizer_offload and (cfg.lora.rank > 0 or cfg.train.tensor_parallel > 1):
+    if cfg.train.optimizer_offload and (cfg.lora.rank > 0 or (cfg.train.tensor_parallel > 1
+                                                              and not slices_sharded(cfg, gpus))):
         raise UsageError(f"train.optimizer_offload=true with lora.rank={cfg.lora.rank} and train.tensor_parallel="
-                         f"{cfg.train.tensor_parallel}: expected lora.rank=0 and train.tensor_parallel=1 (LoRA's "
-                         "optimizer state is small; the tensor-parallel layout is not offloaded yet)")
-    if cfg.train.tensor_parallel > 1 and (unsupported := tensor_parallel_gaps(cfg)):
+                         f"{cfg.train.tensor_parallel} on {gpus} GPUs at train.data_parallel={cfg.train.data_parallel}: "
+                         "expected lora.rank=0 and train.tensor_parallel=1, or tensor slices sharded over the data "
+                         "groups (train.data_parallel=shard, more GPUs than T) (LoRA's optimizer state is small; "
+                         "copied slices are not offloaded)")
+    if cfg.train.tensor_parallel > 1 and (unsupported := tensor_parallel_gaps(cfg, gpus)):
         raise UsageError(f"train.tensor_parallel={cfg.train.tensor_parallel} with {', '.join(unsupported)}: not "
                          "supported tensor-parallel yet (SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)")
     refuse_expert_parallel(cfg, gpus)
     t = cfg.train.tensor_parallel
-    copies = t > 1 and (gpus == t or cfg.train.data_parallel != "shard" or cfg.lora.rank > 0)  # slices read in place
+    copies = t > 1 and not slices_sharded(cfg, gpus)  # slices read where they lie
     if getattr(getattr(cfg, "rollout", None), "persistent_weights", False) and (gpus == 1 or copies):
         where = ("one process" if gpus == 1 else f"train.tensor_parallel={t} on {gpus} GPUs at train.data_parallel="
                  f"{cfg.train.data_parallel}{' with lora' if cfg.lora.rank > 0 else ''}")

@@ -111,7 +111,7 @@ class Setup:
         """Its shards rest in CPU memory (distributed.shard's CPUOffloadPolicy), as build_models
         decides: with train.optimizer_offload a trained FSDP2 model (parameters, gradients,
         optimizer state; adapters stay on the GPU), with train.frozen_offload the frozen ones."""
-        if not self.fsdp(part):
+        if not self.fsdp(part) or (self.cfg.train.tensor_parallel > 1 and not self.data_sharded(part)):
             return False
         if part.trained:
             return self.offload_optimizer

@@ -74,11 +74,19 @@ def with_overrides(cfg, overrides: list[str]):
     return config_io.from_dict(type(cfg), config_io.apply_overrides(config_io.to_dict(cfg), overrides))
 
 
+def slices_sharded(cfg, gpus: int) -> bool:
+    """Whether FSDP2 shards the trained models' tensor slices over the data groups (engine/tensor_parallel.py):
+    train.data_parallel=shard on more GPUs than train.tensor_parallel, no LoRA base."""
+    return cfg.train.data_parallel == "shard" and gpus > cfg.train.tensor_parallel and cfg.lora.rank == 0
+
+
 def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
     """(what it is, overrides, GPUs) of each change the advice tries."""
     out = []
     moe = model_config(cfg.policy if isinstance(cfg, PPOConfig) else cfg.model).moe is not None
-    if not cfg.train.optimizer_offload and gpus > 1:
+    # Offloading moves FSDP2's shards: none of a LoRA run's adapters, nor of tensor slices copied across the data groups.
+    if not cfg.train.optimizer_offload and gpus > 1 and cfg.lora.rank == 0 and (
+            cfg.train.tensor_parallel == 1 or slices_sharded(cfg, gpus)):
         out.append(("offload the optimizer state to CPU memory", ["train.optimizer_offload=true"], gpus))
     if not cfg.train.gradient_checkpointing:
         out.append(("recompute activations in backward", ["train.gradient_checkpointing=true"], gpus))

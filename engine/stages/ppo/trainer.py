@@ -137,7 +137,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     # train.optimizer_offload: the fully trained models' shards (and so their optimizer state) rest in
     # CPU memory; train.frozen_offload: the reference's and the reward model's (unless it is the
     # critic_lora trunk, trained through). A LoRA base has no optimizer state to offload. At
-    # train.tensor_parallel > 1 every model is laid out for the tensor ranks (neither offload: check.py);
+    # train.tensor_parallel > 1 every model is laid out for the tensor ranks (offloaded where its slices
+    # are sharded over the data groups: check.py);
     # at train.expert_parallel > 1 the policy's experts are sharded over the ranks, the rest by FSDP.
     policy_sharder = training_sharder(cfg.train, device)
     # An adapted base (frozen, its adapters beside it): FSDP over the ranks, or at train.tensor_parallel
@@ -147,8 +148,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
                else distributed.sharder(mode, device, group_size=group))
     trained = policy_sharder if cfg.train.expert_parallel == 1 else distributed.sharder(
         mode, device, offload=cfg.train.optimizer_offload, group_size=group)
-    frozen = trained if cfg.train.tensor_parallel > 1 else distributed.sharder(mode, device, group_size=group,
-                                                                              offload=cfg.train.frozen_offload)
+    frozen = (training_sharder(cfg.train, device, offload=cfg.train.frozen_offload) if cfg.train.tensor_parallel > 1
+              else distributed.sharder(mode, device, group_size=group, offload=cfg.train.frozen_offload))
     policy = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder if lora_run else policy_sharder)
     if policy.config.moe is not None and cfg.rollout.exact:
         raise UsageError(f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is not "

@@ -69,3 +69,16 @@ def test_a_size_that_does_not_fit_is_one_line_naming_those_that_do(qwen, capsys)
                      CKPT, "train.tensor_parallel=8"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["fits"] and report["phases"]["rollout"]["gathered"] == 0
+
+
+def test_the_offloads_move_the_data_groups_shards_and_copied_slices_are_not_offered_them(qwen):
+    """32B GRPO at T=4 on 8 x 80 GB: its slices sharded over 2 data groups do not fit until the
+    optimizer state goes to CPU memory, which the advice offers; at T=8 (copies: nothing to offload)
+    it is not offered."""
+    four = plan("grpo", qwen["32B"], CKPT, "train.tensor_parallel=4", advise=True)
+    assert not four.fits and any("train.optimizer_offload=true" in note for note in four.notes)
+    offloaded = plan("grpo", qwen["32B"], CKPT, "train.tensor_parallel=4", "train.optimizer_offload=true")
+    assert offloaded.fits and offloaded.phases["update"].get("optimizer", 0) == 0
+    assert offloaded.host_optimizer_bytes == pytest.approx(four.phases["update"]["optimizer"], rel=1e-3)
+    eight = plan("grpo", qwen["32B"], CKPT, "train.tensor_parallel=8", advise=True)
+    assert not eight.fits and not any("optimizer_offload" in note for note in eight.notes)

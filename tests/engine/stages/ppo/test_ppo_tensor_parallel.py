@@ -67,7 +67,8 @@ def runs(tmp_path_factory):
     check(torchrun("grpo", grpo_config(root, "t2", 1, 2, save_every=1), root, env={"RECORD_DIR": str(root / "rec-t2")}))
     check(torchrun("grpo", grpo_config(root, "t2dp2", 2, 2), root, nproc=4, timeout=400,
                    env={"RECORD_DIR": str(root / "rec-t2dp2")}))
-    check(torchrun("grpo", grpo_config(root, "t2dp2_persistent", 2, 2, persistent_weights=True), root, nproc=4,
+    check(torchrun("grpo", grpo_config(root, "t2dp2_persistent", 2, 2, persistent_weights=True, optimizer_offload=True,
+                                       frozen_offload=True), root, nproc=4,
                    timeout=400, env={"RECORD_DIR": str(root / "rec-t2dp2_persistent")}))
     os.environ["RECORD_DIR"] = str(root / "rec-one")
     try:
@@ -154,10 +155,11 @@ def test_two_tensor_ranks_by_two_data_groups_train_one_process_s_weights(runs):
         assert train_metrics(runs / "t2dp2", key) == pytest.approx(train_metrics(runs / "one", key), rel=1e-4), key
 
 
-def test_persistent_buffers_of_the_data_sharded_slices_change_nothing(runs):
+def test_persistent_buffers_and_offloaded_shards_of_the_data_sharded_slices_change_nothing(runs):
     """rollout.persistent_weights at T=2 x 2 data groups (the slices sharded over the data groups by
-    FSDP2, gathered for each rollout into buffers allocated once): the same samples and, bit for bit,
-    the same weights as gathering them anew."""
+    FSDP2, gathered for each rollout into buffers allocated once), with the policy's shards and
+    optimizer state and the reference's shards in CPU memory (train.optimizer_offload,
+    train.frozen_offload): the same samples and, bit for bit, the same weights as without them."""
     for rank in range(4):
         assert records(runs / "rec-t2dp2_persistent", rank) == records(runs / "rec-t2dp2", rank)
     assert max_relative_diff(runs / "t2dp2" / "final", runs / "t2dp2_persistent" / "final") == 0
@@ -166,9 +168,15 @@ def test_persistent_buffers_of_the_data_sharded_slices_change_nothing(runs):
 def test_what_does_not_run_tensor_parallel_is_refused_in_one_line(tmp_path):
     cfg = grpo_config(tmp_path, "refused", t=2)
     cfg.rollout.exact = cfg.train.frozen_offload = True
-    with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with rollout.exact=true, train.frozen_offload=true: "
+    with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with rollout.exact=true, train.frozen_offload=true "
+                                         r"without tensor slices sharded over the data groups: "
                                          r"not supported tensor-parallel yet \(SFT, RM, PPO and GRPO train "
                                          r"tensor-parallel, LoRA included\)$"):
+        refuse_unfit(cfg, torch.device("cpu"), 2)
+    cfg.rollout.exact, cfg.train.optimizer_offload = False, True
+    refuse_unfit(cfg, torch.device("cpu"), 4)  # 2 data groups shard the slices: both offloads run
+    with pytest.raises(UsageError, match=r"^train.optimizer_offload=true with lora.rank=0 and train.tensor_parallel=2 "
+                                         r"on 2 GPUs at train.data_parallel=shard: expected"):
         refuse_unfit(cfg, torch.device("cpu"), 2)
 
 
