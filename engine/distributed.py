@@ -250,7 +250,7 @@ def own_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = None, keep=(),
-          offload: bool = False, group_size: int = 0) -> nn.Module:
+          offload: bool = False, group_size: int = 0, mesh=None) -> nn.Module:
     """Shard `model` over the ranks with FSDP2, each decoder layer its own unit (so one layer's
     parameters are gathered at a time), a head of another dtype than the rest (the fp32 score or
     value head of a bf16 model) its own unit, and the rest (embeddings, final norm, LM head) the
@@ -259,7 +259,8 @@ def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = No
     gradients are all-reduced (HSDP with a shard group of one rank), for models small enough;
     "hybrid": HSDP, full shard within each group of `group_size` consecutive ranks (one node's by
     default: shard_group_size) and whole copies across the groups, whose gradients FSDP all-reduces
-    once per step (the one collective that crosses nodes). One process: the model as is. Works on
+    once per step (the one collective that crosses nodes); `mesh` given: over it instead (the data
+    dimension of engine/tensor_parallel.py's mesh). One process: the model as is. Works on
     a model still on the meta device (engine/model/hf_io.load_model shards before it allocates):
     `device_type` then names the device it will live on.
     `keep`: modules whose parameters stay plain tensors every rank holds whole (the heads trained
@@ -274,7 +275,7 @@ def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = No
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     device_type = device_type or next(model.parameters()).device.type
-    mesh = _mesh(device_type, shard_group_size(mode, world_size(), group_size))
+    mesh = mesh if mesh is not None else _mesh(device_type, shard_group_size(mode, world_size(), group_size))
     if offload and keep:
         raise ValueError("offload: the kept (whole) modules would rest in CPU memory too; offload a model "
                          "without kept heads (a full fine-tune, a frozen model)")
@@ -369,9 +370,8 @@ def fsdp_units(model: nn.Module) -> list:
 def gathered(*models: nn.Module) -> Iterator[None]:
     """Inside: every FSDP unit of `models` holds its unsharded parameters (whole, or tensor slices)
     and no forward reshards them, so a rank can run any number of forwards with no collective
-    (generation of its own share of prompts). Costs one whole
-    copy of each model's parameters per rank while inside. Collective on entry and exit. No-op
-    for an unsharded model."""
+    (generation of its own share of prompts), at the cost of those unsharded parameters while
+    inside. Collective on entry and exit. No-op for an unsharded model."""
     units = [u for m in models for u in fsdp_units(m)]
     for unit in units:
         unit.unshard()

@@ -13,10 +13,9 @@ layer's forward gathers only its tensor slices from the data group.
 
 `TensorParallel.prims(base)` is the decoder walk's primitive set over the local tensor slices: a
 column-parallel GEMM on the local rows, one all-reduce after o_proj and one after down_proj, a
-vocabulary-parallel embedding (one all-reduce), and each layer entered past any hooks (copies: no
-parameter is ever gathered and its storage never moves, the precondition of CUDA-graph replay) or
-through FSDP's (sharded over data: its slices gathered, and in generation gathered once for the
-rollout by distributed.gathered). The collectives are differentiable (model/tensor_parallel_ops.py),
+vocabulary-parallel embedding (one all-reduce); copied slices are never gathered and their storage
+never moves (the precondition of CUDA-graph replay), slices sharded over data are gathered by each
+unit's FSDP hooks (in generation once for the rollout, by distributed.gathered). The collectives are differentiable (model/tensor_parallel_ops.py),
 so the same walk trains: each rank's gradients land on its own slices, averaged over the data groups
 by FSDP's reduce-scatter or, for copies, by `average_over_data`, and the LM head's log-probs are
 vocabulary-parallel (model/lm_head.py). `logits` gathers the vocabulary slices of the LM head's
@@ -39,7 +38,7 @@ from torch import nn
 from .errors import ConfigValueError
 from .model.causal_lm import CausalLM, PackedProjection, Projection
 from .model.config import ModelConfig
-from .model.primitives import composed_norm_linear, enter, enter_past_hooks
+from .model.primitives import composed_norm_linear
 from .model.tensor_parallel_ops import from_ranks, to_ranks
 
 
@@ -115,11 +114,10 @@ def shard_tensor_parallel(model: CausalLM, t: int, option: str = "train.tensor_p
     layer's tensor slices from its data group (not the whole weight), and the backward
     reduce-scatters their gradients there. Without it the data groups hold copies of the slices.
     `offload` (train.optimizer_offload, train.frozen_offload; sharded over the data groups only):
-    FSDP2's CPUOffloadPolicy, as distributed.shard's. Sets `model.tensor_parallel`. `model` is whole on every rank, or still on the meta device
-    (hf_io.load_model's `shard`, each rank then reading only its slices): `device_type` then names
-    the device it will live on."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-    from .distributed import shard_units
+    distributed.shard's CPU offload. Sets `model.tensor_parallel`. `model` is whole on every rank, or
+    still on the meta device (hf_io.load_model's `shard`, each rank then reading only its slices):
+    `device_type` then names the device it will live on."""
+    from . import distributed
 
     check_tensor_parallel(t, dist.get_world_size() if dist.is_initialized() else 1, model.config, option)
     mesh = tensor_parallel_mesh(device_type or next(model.parameters()).device.type, t)
@@ -135,12 +133,8 @@ def shard_tensor_parallel(model: CausalLM, t: int, option: str = "train.tensor_p
     if offload and not data_sharded:
         raise ConfigValueError(f"{option}={t}: offloading moves FSDP2's shards over the data groups to CPU memory; "
                                "expected the slices sharded over several data groups (train.data_parallel=shard)")
-    if data_sharded:
-        # Pinned host memory needs CUDA; on a CPU run the shards are where they already are.
-        policy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
-        for unit in shard_units(model):
-            fully_shard(unit, mesh=mesh["data"], offload_policy=policy)
-    model.offloaded = offload  # hf_io.load_model then materializes the shards in CPU memory
+    if data_sharded:  # FSDP2's units, as for one dimension (each decoder layer, the root), over the data one
+        distributed.shard(model, device_type=mesh.device_type, offload=offload, mesh=mesh["data"])
     model.tensor_parallel = TensorParallel(mesh["tensor"].get_group(), t, model.config.vocab_size,
                                            mesh["data"].get_group(), data_sharded)
     return model
@@ -176,8 +170,8 @@ class TensorParallel:
     def __init__(self, group, size: int, vocab_size: int, data_group, data_sharded: bool = False):
         self.group, self.size = group, size
         self.data_group, self.data_size = data_group, dist.get_world_size(data_group)
-        # FSDP2 over the data groups (shard_tensor_parallel's data_shard): a forward enters each
-        # layer through its hooks, which gather the tensor slices; else they stay put.
+        # FSDP2 over the data groups (shard_tensor_parallel's data_shard): its hooks gather each
+        # layer's tensor slices and reduce-scatter their gradients; else the slices stay put.
         self.data_sharded = data_sharded
         self.rank = dist.get_rank(group)
         self.vocab_rows = -(-vocab_size // size)  # rows of every vocabulary slice but the last
@@ -212,9 +206,6 @@ class TensorParallel:
         from torch.distributed.tensor import DTensor, Shard
         if not isinstance(weight, DTensor):
             return F.linear(x, weight, bias)
-        if weight.device_mesh.ndim != 1:  # a layer entered past FSDP's hooks while sharded over data
-            raise RuntimeError(f"a weight still sharded over the data groups ({weight.placements}): expected "
-                               "its tensor slice, gathered by its unit's FSDP hooks")
         if weight.placements[0] == Shard(1):
             y = from_ranks(F.linear(x, weight.to_local()), self.group)
             return y if bias is None else y + bias
@@ -240,13 +231,12 @@ class TensorParallel:
         return torch.cat(slices, dim=-1)[:, :self.vocab_size]
 
     def prims(self, base: SimpleNamespace) -> SimpleNamespace:
-        """`base` (primitives.FORWARD or DECODE) over the local shards: this class's GEMM and
-        embedding, each norm then its projection (a fused norm + GEMM kernel reads whole weights),
-        and each layer entered by its forward, past any hooks (nothing to gather), or through its
-        FSDP hooks when sharded over the data groups (which gather its tensor slices)."""
+        """`base` (primitives.FORWARD or DECODE) over the local slices: this class's GEMM and
+        embedding, each norm then its projection (a fused norm + GEMM kernel reads whole weights).
+        Layers are entered as `base` enters them: copied slices have no hooks; slices sharded over
+        the data groups are gathered by their units' FSDP hooks."""
         return SimpleNamespace(**{**vars(base), "linear": self.linear, "embed": self.embed,
-                                  "norm_linear": composed_norm_linear,
-                                  "enter": enter if self.data_sharded else enter_past_hooks})
+                                  "norm_linear": composed_norm_linear})
 
 
 def generate_tensor_parallel(model_dir, prompts: list, params, t: int, *, device, dtype="auto", use_tqdm=False,

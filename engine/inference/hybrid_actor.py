@@ -51,7 +51,6 @@ class HybridActor:
         self.policy = policy
         self.release_kv_pool = release_kv_pool
         tp = getattr(policy, "tensor_parallel", None)
-        self.tensor_parallel = tp is not None
         # Tensor slices sharded over the data groups are gathered for each rollout, as FSDP units are.
         alone = distributed.world_size() == 1
         gathers = not alone and (tp is None or tp.data_sharded)
@@ -73,15 +72,12 @@ class HybridActor:
 
     @contextlib.contextmanager
     def whole_weights(self):
-        """Inside: the policy's walk reads weights a rank runs forwards on alone (collective on
-        entry): the persistent buffers refilled, or its FSDP units and experts gathered, or
-        (tensor-parallel) its own shards. Generation runs in it, and rollout.exact's old-log-prob
-        forward (stages/ppo/forwards.py)."""
+        """Inside: the policy's walk reads weights a rank (its tensor group) runs forwards on alone
+        (collective on entry): the persistent buffers refilled, or its FSDP units (tensor-parallel:
+        their slices, from the data group; copied slices: none) and experts gathered. Generation runs
+        in it, and rollout.exact's old-log-prob forward (stages/ppo/forwards.py)."""
         if self.weights is not None:
             with self.weights.active():
-                yield
-        elif self.tensor_parallel:  # each unit's tensor slices from its data group, if sharded there
-            with distributed.gathered(self.policy):
                 yield
         else:
             with distributed.gathered(self.policy), gathered_experts(self.policy):

@@ -81,10 +81,9 @@ class PersistentWeights:
         if not split and local.device == self.device:  # already whole here, updated in place by the optimizer
             return _Whole(param, nn.Parameter(local, requires_grad=False), None, None)
         shape = list(param.shape)
-        if tensor is not None:  # this tensor rank's slice: DTensor's chunk of the split dimension
-            dim, ranks, rank = placements[tensor].dim, mesh.size(tensor), mesh.get_local_rank(tensor)
-            chunk = -(-shape[dim] // ranks)
-            shape[dim] = max(0, min(chunk, shape[dim] - rank * chunk))
+        if tensor is not None:  # this tensor rank's slice, as DTensor cuts it
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+            shape = list(compute_local_shape_and_global_offset(shape, mesh["tensor"], [placements[tensor]])[0])
         shards = mesh.size(split[0]) if split else 1
         rows = -(-shape[0] // shards)
         padded = torch.empty((shards * rows, *shape[1:]), dtype=param.dtype, device=self.device)

@@ -156,7 +156,7 @@ class ModelRunner:
         if self.batch_invariant is not None:
             return self.batch_invariant.paged_hidden(self.model, input_ids, positions, meta, self.kv_caches)
         prims = DECODE if meta.is_decode and self.fuse_decode_gemms else None  # None: the model's FORWARD
-        run = self.model.entry()  # tensor-parallel or persistent weights: past the root's FSDP hook
+        run = self.model.entry()  # persistent weights: past the root's FSDP hook
         if self.routing is None:
             return run(input_ids, positions, meta, self.kv_caches, prims=prims)
         # Decode: into routing_out, the buffer a graph writes; prefill (eager): the trace's tensors.

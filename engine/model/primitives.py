@@ -24,7 +24,7 @@ CPU, where the ops fall back to their references, the eager compositions transfo
   embed(embedding: nn.Embedding, input_ids [N]) -> [N, hidden]
   enter(layer, *args) -> the layer's output: how the walk calls a decoder layer (through its hooks,
       where FSDP gathers its parameters; `past_hooks(prims)` calls its forward on the parameters it
-      holds: the tensor-parallel shards, the persistent gathered buffers)
+      holds: the persistent gathered buffers)
 `EXACT` adds
   attention(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position) -> [N, H, D]
   row_logprobs(logits [R, V] fp32, tokens [R], temperatures [R]) -> (logp [R], entropy [R])
@@ -72,8 +72,7 @@ def enter(layer, *args):
 
 def enter_past_hooks(layer, *args):
     """A layer's forward on the parameters it holds now, past its hooks (FSDP's, which would
-    all-gather them): how the walk runs on weights that stay put (tensor-parallel shards,
-    persistent gathered buffers)."""
+    all-gather them): how the walk runs on weights that stay put (the persistent gathered buffers)."""
     return layer.forward(*args)
 
 
