@@ -15,14 +15,15 @@ layer's forward gathers only its tensor slices from the data group.
 column-parallel GEMM on the local rows, one all-reduce after o_proj and one after down_proj, a
 vocabulary-parallel embedding (one all-reduce); copied slices are never gathered and their storage
 never moves (the precondition of CUDA-graph replay), slices sharded over data are gathered by each
-unit's FSDP hooks (in generation once for the rollout, by distributed.gathered). The collectives are differentiable (model/tensor_parallel_ops.py),
-so the same walk trains: each rank's gradients land on its own slices, averaged over the data groups
-by FSDP's reduce-scatter or, for copies, by `average_over_data`, and the LM head's log-probs are
-vocabulary-parallel (model/lm_head.py). `logits` gathers the vocabulary slices of the LM head's
-output, so the sampler draws from the whole row, the same tokens on every tensor rank. SFT, RM, PPO
-and GRPO train tensor-parallel (in PPO a tensor group is one data rank: distributed.tensor_groups),
-in full or with LoRA adapters sliced like the weights they adapt (model/lora.py; the base then
-copied across data groups); what does not yet refuses T > 1 in one line (engine/plan/check.py).
+unit's FSDP hooks (in generation once for the rollout, by distributed.gathered). The collectives are
+differentiable (model/tensor_parallel_ops.py), so the same walk trains: each rank's gradients land
+on its own slices, averaged over the data groups by FSDP's reduce-scatter or, for copies, by
+`average_over_data`, and the LM head's log-probs are vocabulary-parallel (model/lm_head.py).
+`logits` gathers the vocabulary slices of the LM head's output, so the sampler draws from the whole
+row, the same tokens on every tensor rank. SFT, RM, PPO and GRPO train tensor-parallel (in PPO a
+tensor group is one data rank: distributed.tensor_groups), in full or with LoRA adapters sliced like
+the weights they adapt (model/lora.py; the base then copied across data groups); what does not yet
+refuses T > 1 in one line (engine/plan/check.py).
 """
 from __future__ import annotations
 
@@ -144,7 +145,8 @@ def training_sharder(train, device, keep: Callable[[nn.Module], list] = lambda m
                      data_shard: bool = True, offload: bool | None = None) -> Callable:
     """shard(model) for hf_io.load_model from a training config's `train` section: the tensor-parallel
     layout at train.tensor_parallel > 1 (sharded over the data groups too at train.data_parallel=shard,
-    unless not `data_shard`: a LoRA base, whose adapters are sliced like its tensor slices), the experts sharded over expert groups at train.expert_parallel > 1
+    unless not `data_shard`: a LoRA base, whose adapters are sliced like its tensor slices), the experts
+    sharded over expert groups at train.expert_parallel > 1
     (model/expert_parallel.shard_for_training), else distributed.sharder (FSDP2 over the data ranks in
     train.data_parallel's mode and train.shard_group_size, keeping whole the modules keep(model) names), offloaded
     to CPU memory with `offload` (default train.optimizer_offload: a trained model's)."""

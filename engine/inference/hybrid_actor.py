@@ -55,9 +55,9 @@ class HybridActor:
         alone = distributed.world_size() == 1
         gathers = not alone and (tp is None or tp.data_sharded)
         if persistent_weights and not gathers:
+            got = "one process" if alone else "tensor slices copied across the data groups"
             raise ConfigValueError(f"persistent_weights=True: expected torchrun at tensor_parallel 1 or tensor "
-                                   f"slices sharded over the data groups (got {'one process' if alone else 'tensor slices copied across the data groups'}, "
-                                   "which gathers nothing)")
+                                   f"slices sharded over the data groups (got {got}, which gathers nothing)")
         self.weights = PersistentWeights(policy, device) if persistent_weights else None
         # Nothing gathered, or gathered into storage that stays put: captured graphs stay valid.
         graphs = not gathers or self.weights is not None

@@ -70,7 +70,8 @@ class PersistentWeights:
     def _allocate(self, param) -> _Whole:
         mesh, placements = param.device_mesh, param.placements
         # The tensor dimension of a tensor-parallel slice stays split: generation reads the slice.
-        tensor = (mesh.mesh_dim_names or ()).index("tensor") if "tensor" in (mesh.mesh_dim_names or ()) else None
+        names = mesh.mesh_dim_names or ()
+        tensor = names.index("tensor") if "tensor" in names else None
         split = [d for d, p in enumerate(placements) if d != tensor and not p.is_replicate() and mesh.size(d) > 1]
         if len(split) > 1 or (split and placements[split[0]].dim != 0):
             raise ValueError(f"persistent weights: a parameter placed {placements} on a mesh of {tuple(mesh.shape)} "

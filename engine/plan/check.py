@@ -42,7 +42,8 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     if cfg.train.optimizer_offload and (cfg.lora.rank > 0 or (cfg.train.tensor_parallel > 1
                                                               and not slices_sharded(cfg, gpus))):
         raise UsageError(f"train.optimizer_offload=true with lora.rank={cfg.lora.rank} and train.tensor_parallel="
-                         f"{cfg.train.tensor_parallel} on {gpus} GPUs at train.data_parallel={cfg.train.data_parallel}: "
+                         f"{cfg.train.tensor_parallel} on {gpus} GPUs at train.data_parallel="
+                         f"{cfg.train.data_parallel}: "
                          "expected lora.rank=0 and train.tensor_parallel=1, or tensor slices sharded over the data "
                          "groups (train.data_parallel=shard, more GPUs than T) (LoRA's optimizer state is small; "
                          "copied slices are not offloaded)")

@@ -84,7 +84,8 @@ def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
     """(what it is, overrides, GPUs) of each change the advice tries."""
     out = []
     moe = model_config(cfg.policy if isinstance(cfg, PPOConfig) else cfg.model).moe is not None
-    # Offloading moves FSDP2's shards: none of a LoRA run's adapters, nor of tensor slices copied across the data groups.
+    # Offloading moves FSDP2's shards: none of a LoRA run's adapters, nor of tensor slices copied across
+    # the data groups.
     if not cfg.train.optimizer_offload and gpus > 1 and cfg.lora.rank == 0 and (
             cfg.train.tensor_parallel == 1 or slices_sharded(cfg, gpus)):
         out.append(("offload the optimizer state to CPU memory", ["train.optimizer_offload=true"], gpus))

@@ -31,7 +31,7 @@ from ..data.packing import epoch_batches, pack
 from ..data.tokenization import TokenizedExample
 from ..errors import UsageError
 from .. import distributed
-from ..tensor_parallel import shard_tensor_parallel
+from ..tensor_parallel import training_sharder
 from . import adapters, optim
 from .checkpoint import SavedModel, Trainables
 from .loop import RunPlan, run_training
@@ -213,8 +213,8 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
     share = distributed.rank_slice(cfg.optim.grad_accum_steps, tensor_parallel)  # this rank's micro-batches
     if tensor_parallel > 1:  # each rank keeps (and steps) its tensor slices, or its data shard of them
         if getattr(model, "tensor_parallel", None) is None:  # else laid out at load (training_sharder)
-            shard_tensor_parallel(model, tensor_parallel, data_shard=cfg.train.data_parallel == "shard" and lora is None,
-                                  offload=cfg.train.optimizer_offload and lora is None)
+            training_sharder(cfg.train, device, data_shard=lora is None,
+                             offload=cfg.train.optimizer_offload and lora is None)(model)
     else:
         distributed.shard(model, cfg.train.data_parallel, keep=list(lora.heads.values()) if lora is not None else [],
                           offload=cfg.train.optimizer_offload and lora is None, group_size=cfg.train.shard_group_size)
