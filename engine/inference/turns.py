@@ -2,7 +2,8 @@
 tool) answers, then go on in the same sequence with their KV kept.
 
 `generate_turns(llm, prompts, params, on_turn_end)` samples `params.n` trajectories per prompt. When
-a trajectory's turn ends (a stop or EOS token: a chat template's end of turn), its blocks are kept
+a trajectory's turn ends (a stop or EOS token: a chat template's end of turn; or the turn's
+max_new_tokens), its blocks are kept
 and `on_turn_end(index, turn_token_ids)` is asked for the next turn's prompt tokens; it returns a
 `TurnReply` or a `concurrent.futures.Future` of one, so an environment step can run in a worker pool
 while every other sequence keeps decoding. The reply's tokens are appended as they are (token in,
@@ -35,7 +36,8 @@ class Trajectory:
     sampler's log-prob of each model token (0.0 on environment tokens); logprob_slots: the device
     slots of the model tokens' log-probs (LLM.device_logprobs), in order. finish_reason: 'done'
     (the environment ended it), 'length' (a turn's max_new_tokens, the total cap or the context),
-    'max_turns'. prefilled_tokens: tokens this trajectory sent through prefill."""
+    'max_turns' (the last turn still answered by on_turn_end, whose tokens are then dropped).
+    prefilled_tokens: tokens this trajectory sent through prefill."""
     prompt_token_ids: list[int]
     token_ids: list[int]
     model_mask: list[bool]
@@ -95,7 +97,7 @@ def _run(llm, rows: list[_Turns], on_turn_end: OnTurnEnd, max_turns: int, limit:
         runner.routing.reset()
     while True:
         for future in [f for f in pending if f.done()]:
-            _continue(scheduler, pending.pop(future), future.result(), limit)
+            _continue(scheduler, pending.pop(future), future.result(), limit, max_turns)
         if scheduler.is_finished():
             if not pending:
                 return
@@ -117,29 +119,32 @@ def _run(llm, rows: list[_Turns], on_turn_end: OnTurnEnd, max_turns: int, limit:
         for seq in scheduler.postprocess(batch, tokens):
             row = by_seq[seq.seq_id]
             row.turns += 1
-            reply = _turn_end(scheduler, row, on_turn_end, max_turns, limit)
+            reply = _turn_end(scheduler, row, on_turn_end, limit)
             if isinstance(reply, Future):
                 pending[reply] = row
             elif reply is not None:
-                _continue(scheduler, row, reply, limit)
+                _continue(scheduler, row, reply, limit, max_turns)
 
 
-def _turn_end(scheduler, row: _Turns, on_turn_end: OnTurnEnd, max_turns: int, limit: int):
-    """The environment's reply (or its future) to a finished turn, or None when the trajectory ends."""
+def _turn_end(scheduler, row: _Turns, on_turn_end: OnTurnEnd, limit: int):
+    """The environment's reply (or its future) to a finished turn (ended by a stop token, or cut at
+    max_new_tokens), or None when the trajectory ends here: at its total-token limit."""
     seq = row.seq
-    if seq.finish_reason == "length" or seq.num_tokens >= limit:
+    if seq.num_tokens >= limit:
         return _end(scheduler, row, "length")
-    if row.turns >= max_turns:
-        return _end(scheduler, row, "max_turns")
     return on_turn_end(row.index, seq.token_ids[seq.turn_start:])
 
 
-def _continue(scheduler, row: _Turns, reply: TurnReply, limit: int) -> None:
+def _continue(scheduler, row: _Turns, reply: TurnReply, limit: int, max_turns: int) -> None:
+    """Resume a trajectory with the reply's tokens, or end it (the environment said done, the turns
+    are used up: the last one is still answered, for its reward, or no room is left)."""
     if not isinstance(reply, TurnReply):
         raise TypeError(f"on_turn_end returned {type(reply).__name__}: expected a TurnReply (or a "
                         "Future of one)")
     if reply.done:
         _end(scheduler, row, "done")
+    elif row.turns >= max_turns:
+        _end(scheduler, row, "max_turns")
     elif not reply.token_ids or row.seq.num_tokens + len(reply.token_ids) >= limit:
         _end(scheduler, row, "length")  # no room left for the model to say anything
     else:

@@ -41,7 +41,7 @@ def recomputed(llm, prompt, row, max_turns=3):
         out = llm.generate([history], GREEDY)[0].outputs[0]
         tokens += out.token_ids
         mask += [True] * len(out.token_ids)
-        if out.finish_reason != "stop" or turn == max_turns:
+        if turn == max_turns:
             break
         obs = observation(row, turn)
         history += out.token_ids + obs
