@@ -2,7 +2,8 @@
 (docs/python_api.md).
 
     from fusedrl.engine import GRPOConfig, run_grpo
-    result = run_grpo({"policy": "sft/final", "output_dir": "runs/grpo"}, reward_fn=[acc], dataset=ds)
+    result = run_grpo({"policy": "sft/final", "output_dir": "runs/grpo"}, reward_fn=[acc],
+                      dataset=ds)
     result.final_dir, result.metrics
 
 A config is a config object, a nested dict, or the path of a YAML file (as `fusedrl <stage>
@@ -40,7 +41,8 @@ def as_config(cls, config, overrides: list[str] = ()):
         return cls.from_dict(config, overrides)
     if isinstance(config, (str, Path)):
         return cls.from_yaml(config, overrides)
-    raise ConfigError(f"config: expected a {cls.__name__}, a dict or a YAML file path, got {type(config).__name__}")
+    raise ConfigError(f"config: expected a {cls.__name__}, a dict or a YAML file path, got "
+                      f"{type(config).__name__}")
 
 
 def _ready(config, dataset) -> None:
@@ -75,13 +77,15 @@ def run_rm(config, dataset=None, eval_dataset=None, overrides: list[str] = ()) -
     return _result(train(cfg, dataset, eval_dataset), cfg.output_dir)
 
 
-def run_ppo(config, reward_fn: Optional[Callable] = None, dataset=None, overrides: list[str] = ()) -> TrainResult:
+def run_ppo(config, reward_fn: Optional[Callable] = None, dataset=None,
+            overrides: list[str] = ()) -> TrainResult:
     """PPO per `config` (PPOConfig, dict or YAML path) on its prompts or `dataset`, scored by its
     reward model or `reward_fn` (callables instead of config's reward_fn)."""
     return _run_rl(PPOConfig, config, reward_fn, dataset, overrides)
 
 
-def run_grpo(config, reward_fn: Optional[Callable] = None, dataset=None, overrides: list[str] = ()) -> TrainResult:
+def run_grpo(config, reward_fn: Optional[Callable] = None, dataset=None,
+             overrides: list[str] = ()) -> TrainResult:
     """GRPO per `config` (GRPOConfig, dict or YAML path): run_ppo with GRPO's defaults."""
     return _run_rl(GRPOConfig, config, reward_fn, dataset, overrides)
 

@@ -21,7 +21,7 @@ def check_model_path(path, option: str) -> None:
         raise UsageError(f"{option}={path}: not a Hugging Face model directory (no {CONFIG_FILE})")
 
 
-# What datasets' save_to_disk writes in the directory: a Dataset's state, or a DatasetDict's split list.
+# What datasets' save_to_disk writes in its directory: a Dataset's state, a DatasetDict's splits.
 SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
 
 
@@ -29,8 +29,8 @@ def check_input_file(path, option: str) -> None:
     """`path` must be a readable data file, or a directory written by datasets' save_to_disk."""
     p = Path(path)
     if p.is_dir() and not any((p / name).is_file() for name in SAVED_DATASET_FILES):
-        raise UsageError(f"{option}={path}: is a directory, expected a data file or a directory written by "
-                         "datasets' save_to_disk")
+        raise UsageError(f"{option}={path}: is a directory, expected a data file or a directory "
+                         "written by datasets' save_to_disk")
     if not p.exists():
         raise UsageError(f"{option}={not_found(str(path))}")
 

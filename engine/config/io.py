@@ -31,7 +31,8 @@ class Loadable:
 
     @classmethod
     def from_dict(cls, data: dict, overrides: list[str] = ()):
-        """The config from nested dict `data` ({"optim": {"lr": 1e-5}}) and `key=value` overrides."""
+        """The config from nested dict `data` ({"optim": {"lr": 1e-5}}) and `key=value`
+        overrides."""
         return from_dict(cls, apply_overrides(data, list(overrides)))
 
     @classmethod

@@ -23,12 +23,13 @@ Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
 
 @dataclass
 class PromptDataConfig:
-    prompt_column: str = option("the column of prompts_file read as the prompt (a string or a message list); "
-                                "every other column goes to the reward functions", "prompt")
+    prompt_column: str = option("the column of prompts_file read as the prompt (a string or a "
+                                "message list); every other column goes to the reward functions",
+                                "prompt")
     chat_template: Literal["auto", "none"] = option(
-        "auto: string prompts go through the tokenizer's chat template as one user turn when it has one | none: "
-        "string prompts are the policy's text as they are (a policy trained on plain strings); message lists "
-        "always go through the template", "auto")
+        "auto: string prompts go through the tokenizer's chat template as one user turn when it "
+        "has one | none: string prompts are the policy's text as they are (a policy trained on "
+        "plain strings); message lists always go through the template", "auto")
 
     def __post_init__(self):
         check_fields(self, "data.")
@@ -205,10 +206,12 @@ class PPOConfig(Loadable):
     critic: Critic = option("separate (a value model initialized from the reward model) | shared "
                             "(a value head on the policy's trunk) | none (critic-free: a group estimator)",
                             "separate")
-    prompts_file: str = option(f"prompts, one per row (column data.prompt_column): {DATA_SOURCE} (required; from "
-                               "Python a datasets.Dataset may be passed instead: docs/python_api.md)", "")
+    prompts_file: str = option(f"prompts, one per row (column data.prompt_column): {DATA_SOURCE} "
+                               "(required; from Python a datasets.Dataset may be passed instead: "
+                               "docs/python_api.md)", "")
     data: PromptDataConfig = option("reading the prompts", factory=PromptDataConfig)
-    ptx_file: str | None = option("demonstrations (a data file, as SFT's) for the PPO-ptx loss (with ppo.ptx_coef > 0)")
+    ptx_file: str | None = option("demonstrations (a data file, as SFT's) for the PPO-ptx loss "
+                                  "(with ppo.ptx_coef > 0)")
     output_dir: str = option("run directory: config, metrics, checkpoints, final policy (required)", "")
     seed: int = option("seed of the prompt order, sampling and torch RNG", 0)
     rollout: RolloutConfig = option("generation", factory=RolloutConfig)
@@ -235,8 +238,8 @@ class PPOConfig(Loadable):
                 {"prompts_file": self.prompts_file, "ptx_file": self.ptx_file})
 
     def require_data(self) -> None:
-        """ValueError unless the config names its prompts (a Python caller may pass a datasets.Dataset
-        instead: then this is not called)."""
+        """ValueError unless the config names its prompts (a Python caller may pass a
+        datasets.Dataset instead: then this is not called)."""
         check(bool(self.prompts_file), f"prompts_file is required ({DATA_SOURCE})")
 
     def __post_init__(self):

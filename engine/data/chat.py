@@ -1,4 +1,4 @@
-"""Conversations to text: the one place a chat is rendered, for SFT, the reward model and RL prompts.
+"""Conversations to text: the one place a chat is rendered (SFT, reward model, RL prompts).
 
 With a chat template (the tokenizer's) a prompt is the template applied to the turns with the
 generation prompt, exactly what a chat model sees before it answers; without one, turns are written
@@ -13,11 +13,7 @@ the model learns to stop there as with a single response.
 """
 from __future__ import annotations
 
-from .records import HH_ASSISTANT
-
-
-def _messages(turns) -> list[dict]:
-    return [{"role": role, "content": content} for role, content in turns]
+from .records import HH_ASSISTANT, as_messages
 
 
 def has_template(tokenizer) -> bool:
@@ -28,15 +24,18 @@ def render_prompt(tokenizer, turns) -> str:
     """(role, content) turns -> the text after which the assistant answers (template with the
     generation prompt, or HH style)."""
     if has_template(tokenizer):
-        return tokenizer.apply_chat_template(_messages(turns), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(as_messages(turns), tokenize=False,
+                                             add_generation_prompt=True)
     return _hh(turns) + HH_ASSISTANT
 
 
 def _render(tokenizer, turns) -> str:
     """The whole conversation as text, without a generation prompt."""
     if has_template(tokenizer):
-        return tokenizer.apply_chat_template(_messages(turns), tokenize=False)
-    return _hh(turns[:-1]) + HH_ASSISTANT + " " + turns[-1][1] if turns[-1][0] == "assistant" else _hh(turns)
+        return tokenizer.apply_chat_template(as_messages(turns), tokenize=False)
+    if turns[-1][0] != "assistant":
+        return _hh(turns)
+    return _hh(turns[:-1]) + HH_ASSISTANT + " " + turns[-1][1]
 
 
 def _hh(turns) -> str:
@@ -63,9 +62,9 @@ def conversation_pieces(tokenizer, turns, train_from: int) -> list[tuple[str, bo
         prompt, full = render_prompt(tokenizer, turns[:i]), _render(tokenizer, turns[:i + 1])
         end = full.find(content, len(prompt)) if full.startswith(prompt) else -1
         if not prompt.startswith(done) or end < 0:
-            raise ValueError(f"the chat template renders the turns before message {i} differently once it "
-                             "follows (e.g. it drops earlier reasoning): every assistant turn cannot be trained "
-                             "in one sequence; set data.train_on=last_turn")
+            raise ValueError(f"the chat template renders the turns before message {i} differently "
+                             "once it follows (e.g. it drops earlier reasoning): every assistant "
+                             "turn cannot be trained in one sequence; set data.train_on=last_turn")
         end += len(content)
         pieces += [(prompt[len(done):], False), (full[len(prompt):end], True)]
         done = full[:end] + (eos if eos and full.startswith(eos, end) else "")

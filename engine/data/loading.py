@@ -22,7 +22,8 @@ class Examples:
     info: dict             # counts for the run log: rows skipped, examples dropped
 
 
-def tokenize_all(records, where: list[str], tokenizer, cfg: DataConfig) -> tuple[list[TokenizedExample], int]:
+def tokenize_all(records, where: list[str], tokenizer,
+                 cfg: DataConfig) -> tuple[list[TokenizedExample], int]:
     """Tokenized examples and how many records were dropped for having no room for a response;
     a record that cannot be rendered is a DataError naming its row (`where`)."""
     out = []
@@ -44,7 +45,8 @@ def split_off(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
-def load_examples(cfg: DataConfig, tokenizer, stage: str, seed: int, dataset=None, eval_dataset=None) -> Examples:
+def load_examples(cfg: DataConfig, tokenizer, stage: str, seed: int, dataset=None,
+                  eval_dataset=None) -> Examples:
     """Read cfg.train_file, or `dataset` (and cfg.eval_file or `eval_dataset`, or hold out
     cfg.eval_fraction) for stage sft|rm."""
     parse = parser_for(stage, cfg.format, all_turns=cfg.train_on == "assistant_turns")
@@ -68,8 +70,8 @@ def load_examples(cfg: DataConfig, tokenizer, stage: str, seed: int, dataset=Non
     if not train_ex:
         raise DataError(f"{source_name(source)}: no training examples left after tokenization")
     if info["skipped_lines"]:
-        report(f"skipped {info['skipped_lines']} malformed row(s) (data.skip_malformed=true), the first: "
-               f"{info['skipped_first'][0]}")
+        report(f"skipped {info['skipped_lines']} malformed row(s) (data.skip_malformed=true), the "
+               f"first: {info['skipped_first'][0]}")
     if info["dropped_examples"]:
         report(f"dropped {info['dropped_examples']} example(s) whose prompt left no room for a response "
                f"within data.max_length={cfg.max_length}")

@@ -88,8 +88,8 @@ def _starts(sizes: list[int]) -> list[int]:
     return list(itertools.accumulate(sizes, initial=0))[:-1]
 
 
-def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *, group_sizes: list[int] = (),
-                   width: int = 0, device=None) -> PackedBatch:
+def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *,
+                   group_sizes: list[int] = (), width: int = 0, device=None) -> PackedBatch:
     """Pack (prompt, response, is_target) triples: each becomes prompt + response, and when
     is_target its response tokens are targets (is_target may also be one bool per response token:
     the trained turns of a conversation). width > 0 adds the [S, width] grid of PPO. The
@@ -102,7 +102,7 @@ def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *
         if isinstance(is_target, bool):
             picked = range(first, len(sequence)) if is_target else range(0)
         else:
-            picked = [len(prompt) + j for j, target in enumerate(is_target) if target and len(prompt) + j >= first]
+            picked = [t for t, target in enumerate(is_target, len(prompt)) if target and t >= first]
         rows += (len(ids) + t - 1 for t in picked)
         targets += (sequence[t] for t in picked)
         grid += range(s * width, s * width + len(picked)) if width else []

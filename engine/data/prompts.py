@@ -41,8 +41,9 @@ def _parse(row: dict) -> tuple[str | list, dict]:
     if isinstance(prompt, list):
         parse_turns(prompt, "prompt")
     elif not isinstance(prompt, str) or not prompt:
-        raise ValueError(f'expected a non-empty string or a message list in column "prompt", got '
-                         f"{type(prompt).__name__ if 'prompt' in row else f'the columns {sorted(row)}'}")
+        got = type(prompt).__name__ if "prompt" in row else f"the columns {sorted(row)}"
+        raise ValueError('expected a non-empty string or a message list in column "prompt", got '
+                         f"{got}")
     return prompt, {k: v for k, v in row.items() if k != "prompt"}
 
 
@@ -55,8 +56,9 @@ def prompt_text(tokenizer, prompt: str | list, chat_template: str) -> str:
     return prompt
 
 
-def load_prompts(source, tokenizer, max_prompt_length: int, max_model_len: int, truncate_to_context: bool = False,
-                 prompt_column: str = "prompt", chat_template: str = "auto") -> tuple[list[PromptRow], int]:
+def load_prompts(source, tokenizer, max_prompt_length: int, max_model_len: int,
+                 truncate_to_context: bool = False, prompt_column: str = "prompt",
+                 chat_template: str = "auto") -> tuple[list[PromptRow], int]:
     """Every prompt of `source` (a data file or a datasets.Dataset, column `prompt_column`) as a
     PromptRow, and how many were cut to fit the context.
 
@@ -67,15 +69,18 @@ def load_prompts(source, tokenizer, max_prompt_length: int, max_model_len: int, 
     read = read_records(source, _parse, columns=columns)
     prompts, truncated = [], 0
     for (prompt, extra), where in zip(read.records, read.where):
-        ids = tokenize_prompt(tokenizer, prompt_text(tokenizer, prompt, chat_template), max_prompt_length)
+        text = prompt_text(tokenizer, prompt, chat_template)
+        ids = tokenize_prompt(tokenizer, text, max_prompt_length)
         if len(ids) >= max_model_len:
             if not truncate_to_context:
-                raise DataError(f"{where}: the prompt has {len(ids)} tokens, which leaves no room to "
-                                f"generate within the model's context of {max_model_len}; shorten it, lower "
-                                "rollout.max_prompt_length, or set rollout.truncate_prompts=true")
+                raise DataError(f"{where}: the prompt has {len(ids)} tokens, which leaves no room "
+                                f"to generate within the model's context of {max_model_len}; "
+                                "shorten it, lower rollout.max_prompt_length, or set "
+                                "rollout.truncate_prompts=true")
             ids, truncated = ids[-(max_model_len - 1):], truncated + 1
         prompts.append(PromptRow(ids, prompt, extra))
     if truncated:
-        report(f"{source_name(source)}: {truncated} prompt(s) cut to their last {max_model_len - 1} tokens to fit "
-               "the model's context (rollout.truncate_prompts=true)")
+        report(f"{source_name(source)}: {truncated} prompt(s) cut to their last "
+               f"{max_model_len - 1} tokens to fit the model's context "
+               "(rollout.truncate_prompts=true)")
     return prompts, truncated

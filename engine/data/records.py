@@ -1,4 +1,4 @@
-"""Rows of a data set (dicts, from data/sources.py) to the text records the training stages tokenize.
+"""Rows of a data set (dicts, from data/sources.py) to the text records the stages tokenize.
 
 SFT rows (data.format, `auto` decides per row by its keys, in this order):
 - chat               {"messages": [{"role", "content"}, ...]} ending with an assistant turn; every
@@ -12,9 +12,10 @@ Reward-model rows:
 - pairwise           {"prompt", "chosen", "rejected"}: strings, or message lists (conversational:
                      the prompt's turns, then one assistant turn each)
 - ranking            {"prompt": str, "responses": [best, ..., worst]} with K >= 2 distinct responses
-- hh                 {"chosen": transcript, "rejected": transcript}: Anthropic HH-RLHF, where each
-                     transcript is "\\n\\nHuman: ... \\n\\nAssistant: ...". The prompt is everything up
-                     to and including the last "\\n\\nAssistant:" and must be the same in both.
+- hh                 {"chosen": transcript, "rejected": transcript}: Anthropic HH-RLHF, where
+                     each transcript is "\\n\\nHuman: ... \\n\\nAssistant: ...". The prompt is
+                     everything up to and including the last "\\n\\nAssistant:" and must be the
+                     same in both.
 - implicit           {"chosen", "rejected"} without a prompt: the prompt is their common beginning
                      (characters of strings, whole messages of message lists), as TRL takes it.
                      `auto` reads string transcripts with an "\\n\\nAssistant:" turn as hh.
@@ -35,19 +36,22 @@ class DataError(FusedRLError, ValueError):
 
 @dataclass(frozen=True)
 class Demonstration:
-    """One SFT example. `messages` is set for chat rows (then prompt/response are rendered later)."""
+    """One SFT example. `messages` is set for chat rows (then prompt/response are rendered
+    later)."""
 
     prompt: str
     response: str
     messages: tuple | None = None  # ((role, content), ...)
-    train_from: int | None = None  # with messages: the assistant turns from this index on are trained;
-    #                                None: the last turn only, rendered as prompt + response
+    # With messages: the assistant turns from this index on are trained; None: the last turn only,
+    # rendered as prompt + response.
+    train_from: int | None = None
 
 
 @dataclass(frozen=True)
 class Ranking:
     """One preference example: responses ordered best first (pairwise is K = 2). With `messages`
-    (conversational) the prompt is those turns and each response one assistant turn, rendered later."""
+    (conversational) the prompt is those turns and each response one assistant turn, rendered
+    later."""
 
     prompt: str
     responses: tuple[str, ...]
@@ -66,7 +70,8 @@ def parse_turns(value, key: str) -> tuple:
     if not isinstance(value, list) or not value:
         raise ValueError(f"field {key!r} must be a non-empty list of {{role, content}} messages")
     for i, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
             raise ValueError(f"{key}[{i}] must be an object with string role and content")
     return tuple((m["role"], m["content"]) for m in value)
 
@@ -88,9 +93,10 @@ def _prompt_completion(row: dict) -> Demonstration:
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, list) or isinstance(completion, list):
         if not (isinstance(prompt, list) and isinstance(completion, list)):
-            raise ValueError("prompt and completion must both be strings or both be message lists, got "
-                             f"{type(prompt).__name__} and {type(completion).__name__}")
-        prompt_turns, completion_turns = parse_turns(prompt, "prompt"), parse_turns(completion, "completion")
+            raise ValueError("prompt and completion must both be strings or both be message lists, "
+                             f"got {type(prompt).__name__} and {type(completion).__name__}")
+        prompt_turns = parse_turns(prompt, "prompt")
+        completion_turns = parse_turns(completion, "completion")
         _ends_with_assistant(completion_turns, "completion")
         turns = prompt_turns + completion_turns
         return Demonstration("", turns[-1][1], turns, len(prompt_turns))
@@ -116,7 +122,8 @@ def _text(row: dict) -> Demonstration:
 
 def _ranking(row: dict) -> Ranking:
     responses = row["responses"]
-    if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+    if (not isinstance(responses, list) or len(responses) < 2
+            or not all(isinstance(r, str) for r in responses)):
         raise ValueError("responses must be a list of at least two strings, best first")
     if len(set(responses)) != len(responses):
         raise ValueError("responses must be distinct (a tie cannot be ranked)")
@@ -138,7 +145,8 @@ def _conversational(prompt: tuple, chosen, rejected) -> Ranking:
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         turns = parse_turns(value, key)
         if len(turns) != 1:
-            raise ValueError(f"{key} must be one assistant message after the prompt, got {len(turns)} messages")
+            raise ValueError(f"{key} must be one assistant message after the prompt, got "
+                             f"{len(turns)} messages")
         _ends_with_assistant(turns, key)
         pair.append(turns[0][1])
     if pair[0] == pair[1]:
@@ -147,29 +155,32 @@ def _conversational(prompt: tuple, chosen, rejected) -> Ranking:
 
 
 def _implicit(row: dict) -> Ranking:
-    """chosen/rejected without a prompt: their common beginning is the prompt (TRL's extract_prompt)."""
+    """chosen/rejected without a prompt: their common beginning is the prompt (TRL's
+    extract_prompt)."""
     chosen, rejected = row["chosen"], row["rejected"]
     if isinstance(chosen, list):
         c, r = parse_turns(chosen, "chosen"), parse_turns(rejected, "rejected")
         shared = next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
         if shared == 0:
-            raise ValueError("chosen and rejected share no first message: an implicit prompt is their common "
-                             "beginning (or give a prompt column)")
-        return _conversational(c[:shared], list(map(_message, c[shared:])), list(map(_message, r[shared:])))
+            raise ValueError("chosen and rejected share no first message: an implicit prompt is "
+                             "their common beginning (or give a prompt column)")
+        return _conversational(c[:shared], as_messages(c[shared:]), as_messages(r[shared:]))
     chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
     if chosen == rejected:
         raise ValueError("chosen and rejected are identical")
-    cut = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
-    if cut > 0 and chosen[cut - 1] == " ":  # the responses keep their leading space, as TRL cuts them
+    cut = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+               min(len(chosen), len(rejected)))
+    if cut > 0 and chosen[cut - 1] == " ":  # the responses keep their leading space, as TRL's
         cut -= 1
     if cut == 0 or cut in (len(chosen), len(rejected)):
-        raise ValueError("chosen and rejected must share a beginning (the implicit prompt) and differ after it "
-                         "(or give a prompt column)")
+        raise ValueError("chosen and rejected must share a beginning (the implicit prompt) and "
+                         "differ after it (or give a prompt column)")
     return Ranking(chosen[:cut], (chosen[cut:], rejected[cut:]))
 
 
-def _message(turn: tuple) -> dict:
-    return {"role": turn[0], "content": turn[1]}
+def as_messages(turns) -> list[dict]:
+    """((role, content), ...) -> [{"role", "content"}, ...] (what chat templates read)."""
+    return [{"role": role, "content": content} for role, content in turns]
 
 
 def _hh_row(row: dict) -> Ranking:
@@ -209,14 +220,17 @@ _FORMATS = {
     "implicit": ({"chosen", "rejected"}, _implicit),
 }
 _AUTO = {"sft": ["chat", "prompt_completion", "demonstration", "text"],
-         "rm": ["ranking", "pairwise", ("chosen+rejected", {"chosen", "rejected"}, _chosen_rejected)]}
+         "rm": ["ranking", "pairwise",
+                ("chosen+rejected", {"chosen", "rejected"}, _chosen_rejected)]}
 _EXPECTED = {"sft": "messages, prompt+completion, prompt+response or text",
-             "rm": "prompt+chosen+rejected, prompt+responses or chosen+rejected (implicit prompt or HH transcripts)"}
+             "rm": "prompt+chosen+rejected, prompt+responses or chosen+rejected (implicit prompt "
+                   "or HH transcripts)"}
 
 
 def parser_for(stage: str, fmt: str, all_turns: bool = True):
     """The row parser for `stage` ("sft" or "rm") and data format (see DataConfig.format);
-    all_turns: chat rows train every assistant turn (else the last only, data.train_on=last_turn)."""
+    all_turns: chat rows train every assistant turn (else the last only,
+    data.train_on=last_turn)."""
     def formats():
         for name in (_AUTO[stage] if fmt == "auto" else [fmt]):
             if isinstance(name, tuple):

@@ -65,7 +65,8 @@ def read_records(source, parse: Callable[[dict], object], skip_malformed: bool =
                 raise DataError(message) from None
             errors.append(message)
     if not records:
-        raise DataError(f"{source_name(source)}: no usable rows" + (f" ({len(errors)} malformed)" if errors else ""))
+        malformed = f" ({len(errors)} malformed)" if errors else ""
+        raise DataError(f"{source_name(source)}: no usable rows{malformed}")
     return ReadResult(records, len(errors), errors, where)
 
 
@@ -80,7 +81,8 @@ def renamed(row: dict, columns: dict[str, str]) -> dict:
         if theirs in row:
             out[ours] = row[theirs]
         elif ours != theirs:
-            raise ValueError(f"no column {theirs!r} (data.{ours}_column); the row has {sorted(row)}")
+            raise ValueError(f"no column {theirs!r} (data.{ours}_column); the row has "
+                             f"{sorted(row)}")
     return out
 
 
@@ -96,8 +98,8 @@ def _rows(source) -> Iterator[tuple[str, object]]:
     elif path.is_dir() or (path.is_file() and suffix in _DATASETS_BUILDERS):
         yield from _dataset_rows(_load(path), str(path))
     elif path.is_file():
-        raise DataError(f"{path}: expected a .jsonl, .json, .parquet or .csv file, or a directory written by "
-                        "datasets' save_to_disk")
+        raise DataError(f"{path}: expected a .jsonl, .json, .parquet or .csv file, or a directory "
+                        "written by datasets' save_to_disk")
     else:
         raise DataError(not_found(str(source)))
 
@@ -105,9 +107,9 @@ def _rows(source) -> Iterator[tuple[str, object]]:
 def not_found(source: str) -> str:
     """The one line for a data source that is no local file or directory."""
     hub = "/" in source.strip("/") and not Path(source).suffix and not source.startswith((".", "/"))
-    return (f"{source}: no such file or directory" + (
-        "; data sets are read from local files only (nothing is downloaded): on a machine with a "
-        f"network, datasets.load_dataset({source!r}).save_to_disk(DIR), then give DIR" if hub else ""))
+    advice = ("; data sets are read from local files only (nothing is downloaded): on a machine "
+              f"with a network, datasets.load_dataset({source!r}).save_to_disk(DIR), then give DIR")
+    return f"{source}: no such file or directory" + (advice if hub else "")
 
 
 def _jsonl_rows(path: Path):
@@ -131,7 +133,8 @@ def _train_split(data, name: str):
     splits = list(data.keys())
     if "train" in splits or len(splits) == 1:
         return data["train" if "train" in splits else splits[0]]
-    raise DataError(f"{name}: holds the splits {splits} and none is named 'train'; give one split's data")
+    raise DataError(f"{name}: holds the splits {splits} and none is named 'train'; give one "
+                    "split's data")
 
 
 def _load(path: Path):
@@ -142,27 +145,32 @@ def _load(path: Path):
     with _quiet(datasets), tempfile.TemporaryDirectory(prefix="fusedrl-datasets-") as cache:
         try:
             if path.is_dir():
-                return _train_split(datasets.load_from_disk(str(path), keep_in_memory=True), str(path))
-            return datasets.load_dataset(_DATASETS_BUILDERS[path.suffix.lower()], data_files=str(path),
-                                         split="train", cache_dir=cache, keep_in_memory=True)
+                saved = datasets.load_from_disk(str(path), keep_in_memory=True)
+                return _train_split(saved, str(path))
+            builder = _DATASETS_BUILDERS[path.suffix.lower()]
+            return datasets.load_dataset(builder, data_files=str(path), split="train",
+                                         cache_dir=cache, keep_in_memory=True)
         except DataError:
             raise
         except (FileNotFoundError, ValueError, OSError, TypeError) as e:
-            kind = "a directory written by datasets' save_to_disk" if path.is_dir() else f"a {path.suffix} file"
-            raise DataError(f"{path}: cannot be read as {kind}: {type(e).__name__}: {_first_line(e)}") from None
+            kind = ("a directory written by datasets' save_to_disk" if path.is_dir()
+                    else f"a {path.suffix} file")
+            raise DataError(f"{path}: cannot be read as {kind}: {_first_line(e)}") from None
         except Exception as e:  # datasets' own errors (a schema that does not fit, a corrupt file)
-            raise DataError(f"{path}: datasets could not read it: {type(e).__name__}: {_first_line(e)}") from None
+            raise DataError(f"{path}: datasets could not read it: {_first_line(e)}") from None
 
 
 def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [""])[0]
+    """The exception's type and the first line of its message."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
 @contextlib.contextmanager
 def _quiet(datasets):
     """datasets' progress bars and log lines off while it reads (its failure is our one line), as
     they were after."""
-    was_on, verbosity = not datasets.utils.are_progress_bars_disabled(), datasets.logging.get_verbosity()
+    was_on = not datasets.utils.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
     datasets.utils.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:

@@ -70,16 +70,17 @@ def tokenize_response(tokenizer, response: str, room: int) -> list[int]:
 
 def tokenize_conversation(tokenizer, pieces: list[tuple[str, bool]], max_length: int,
                           max_prompt_length: int) -> TokenizedExample | None:
-    """Rule 4: data/chat.py's (text, is_target) pieces -> the prompt, one response and its mask; None
-    when no target token is left within max_length."""
+    """Rule 4: data/chat.py's (text, is_target) pieces -> the prompt, one response and its mask;
+    None when no target token is left within max_length."""
     prompt_ids = tokenize_prompt(tokenizer, pieces[0][0], max_prompt_length)
     room = max_length - len(prompt_ids)
     ids, mask = [], []
     for text, is_target in pieces[1:]:
         if len(ids) >= room:
             break
-        piece = (tokenize_response(tokenizer, text, room - len(ids)) if is_target
-                 else _encode(tokenizer, text[:text_budget(tokenizer, room - len(ids))], special=False))
+        left = room - len(ids)
+        piece = (tokenize_response(tokenizer, text, left) if is_target
+                 else _encode(tokenizer, text[:text_budget(tokenizer, left)], special=False))
         ids += piece
         mask += [is_target] * len(piece)
     ids, mask = ids[:room], mask[:room]
@@ -90,14 +91,15 @@ def tokenize_record(tokenizer, record, max_length: int, max_prompt_length: int) 
     """A Demonstration or Ranking -> TokenizedExample, or None when a response has no room left
     (an empty prompt and response together, which cannot happen when P < L)."""
     if isinstance(record, Demonstration) and record.train_from is not None:
-        return tokenize_conversation(tokenizer, conversation_pieces(tokenizer, record.messages, record.train_from),
-                                     max_length, max_prompt_length)
+        pieces = conversation_pieces(tokenizer, record.messages, record.train_from)
+        return tokenize_conversation(tokenizer, pieces, max_length, max_prompt_length)
     if isinstance(record, Demonstration):
         prompt, responses = (render_chat(tokenizer, record.messages) if record.messages
                              else (record.prompt, record.response))
         responses = (responses,)
     elif isinstance(record, Ranking) and record.messages:
-        rendered = [render_chat(tokenizer, record.messages + (("assistant", r),)) for r in record.responses]
+        rendered = [render_chat(tokenizer, record.messages + (("assistant", response),))
+                    for response in record.responses]
         prompt, responses = rendered[0][0], tuple(response for _, response in rendered)
     elif isinstance(record, Ranking):
         prompt, responses = record.prompt, record.responses

@@ -105,10 +105,12 @@ def reference_sequences(cfg: RMConfig, tokenizer, records: list) -> list[list[in
     most max_reference."""
     if cfg.reference_file:
         parse = parser_for("sft", "auto", all_turns=cfg.data.train_on == "assistant_turns")
-        records = read_records(cfg.reference_file, parse, cfg.data.skip_malformed, cfg.data.columns()).records
+        records = read_records(cfg.reference_file, parse, cfg.data.skip_malformed,
+                               cfg.data.columns()).records
     out = []
     for record in records[: cfg.max_reference]:
-        example = tokenize_record(tokenizer, record, cfg.data.max_length, cfg.data.max_prompt_length)
+        example = tokenize_record(tokenizer, record, cfg.data.max_length,
+                                  cfg.data.max_prompt_length)
         if example is not None:
             out.append(example.prompt + example.responses[0])
     return out
@@ -132,7 +134,8 @@ def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int,
 def run_rm(cfg: RMConfig, dataset=None, eval_dataset=None) -> Path:
     """Train per `cfg`, normalize, export RUN_DIR/final (see engine/model/reward_model.py for the
     format; with lora.rank > 0 also RUN_DIR/final_adapter, see the module docstring). dataset,
-    eval_dataset: datasets.Dataset objects read instead of cfg.data.train_file and cfg.data.eval_file."""
+    eval_dataset: datasets.Dataset objects read instead of cfg.data.train_file and
+    cfg.data.eval_file."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="rm", config=cfg)
     check_context(cfg.data, run.configs["model"].max_model_len)
     device, tokenizer = run.device, run.tokenizer

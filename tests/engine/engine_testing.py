@@ -67,9 +67,10 @@ def make_tokenizer():
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-# A Qwen-style chat template over the test tokenizer's special tokens: <|r2|> opens a turn, EOS ends it.
-CHAT_TEMPLATE = ("{% for m in messages %}<|r2|>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|r2|>assistant\n{% endif %}")
+# A Qwen-style chat template over the test tokenizer's special tokens: <|r2|> opens a turn, EOS
+# ends it.
+CHAT_TEMPLATE = ("{% for m in messages %}<|r2|>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|r2|>assistant\n{% endif %}")
 
 
 def make_chat_tokenizer():

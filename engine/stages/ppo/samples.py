@@ -22,7 +22,7 @@ class Samples:
     sampler_logprobs: torch.Tensor      # [R, T] fp32 the sampler's log-prob of each response token
     scores: torch.Tensor                # [R] fp32, after overlong shaping
     n: int                              # responses per prompt
-    sources: list | None = None         # [R] each row's prompt row (data/prompts.py PromptRow), when known
+    sources: list | None = None         # [R] each row's data/prompts.py PromptRow, when known
 
     @property
     def groups(self) -> int:

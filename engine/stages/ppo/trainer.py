@@ -86,7 +86,8 @@ def prompt_indices(n_prompts: int, count: int, seed: int, start: int) -> list[in
     return out
 
 
-def next_prompts(prompts: list[PromptRow], per_rank: int, seed: int, state: PPOState) -> list[PromptRow]:
+def next_prompts(prompts: list[PromptRow], per_rank: int, seed: int,
+                 state: PPOState) -> list[PromptRow]:
     """This rank's `per_rank` of the stream's next per_rank x data ranks prompts (a tensor group's
     ranks take the same ones); advances state.prompts_drawn past all of them."""
     count = per_rank * distributed.data_world_size()
@@ -274,9 +275,10 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     device, tokenizer = run.device, run.tokenizer
     if cfg.reward_model is None:  # resolved now: a wrong reward_fn is a usage error before any model loads
         reward_fn = resolve_reward_fn(cfg, reward_fn)
-    prompts, truncated = load_prompts(cfg.prompts_file if dataset is None else dataset, tokenizer,
-                                      cfg.rollout.max_prompt_length, run.configs["policy"].max_model_len,
-                                      cfg.rollout.truncate_prompts, cfg.data.prompt_column, cfg.data.chat_template)
+    prompts, truncated = load_prompts(
+        cfg.prompts_file if dataset is None else dataset, tokenizer, cfg.rollout.max_prompt_length,
+        run.configs["policy"].max_model_len, cfg.rollout.truncate_prompts, cfg.data.prompt_column,
+        cfg.data.chat_template)
     models = build_models(cfg, device, run.dtype, tokenizer, reward_fn)
     opts, schedules = build_optimizers(models, cfg)
     state = PPOState(kl_coef=cfg.reward.kl_coef)
@@ -307,7 +309,8 @@ def export_critic(cfg: PPOConfig, critic: nn.Module) -> None:
     save_value_model(critic, final)
 
 
-def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules: list, prompts: list[PromptRow],
+def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules: list,
+                   prompts: list[PromptRow],
                    ptx: Optional[PtxLoss], device) -> Callable[[PPOState], dict]:
     """One PPO iteration as the training loop's step: sample and score, build the rollout, update,
     then move the KL controller and the schedules on. What carries to the next iteration lives in
@@ -320,8 +323,8 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
         timer = PhaseTimer(device)
         samples, sampling_metrics = draw_samples(
             lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state),
-            lambda batch, seed: sample_and_score(models, [p.ids for p in batch], cfg.rollout, seed, timer,
-                                                 sources=batch), cfg.rollout,
+            lambda batch, seed: sample_and_score(models, [p.ids for p in batch], cfg.rollout, seed,
+                                                 timer, sources=batch), cfg.rollout,
             cfg.seed * 1_000_003 + it)
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
                                   timer)

@@ -84,7 +84,8 @@ def test_skip_malformed_counts_and_keeps_the_rest(tmp_path):
     assert [r.prompt for r in result.records] == ["p", "q"]
     assert result.skipped == 2 and result.errors[0].endswith("d.jsonl:2: Expecting value: line 1 column 1 (char 0)")
     with pytest.raises(DataError, match="no usable rows"):
-        read_records(write_jsonl(tmp_path / "e.jsonl", ["x"]), parser_for("sft", "auto"), skip_malformed=True)
+        read_records(write_jsonl(tmp_path / "e.jsonl", ["x"]), parser_for("sft", "auto"),
+                     skip_malformed=True)
 
 
 def test_undecodable_bytes_are_a_file_line_error_or_skipped_and_reported(tokenizer, tmp_path, capsys):
@@ -96,7 +97,8 @@ def test_undecodable_bytes_are_a_file_line_error_or_skipped_and_reported(tokeniz
     examples = load_examples(DataConfig(train_file=str(path), eval_fraction=0.0, skip_malformed=True, max_length=32,
                                         max_prompt_length=16, tokens_per_batch=64), tokenizer, "sft", 0)
     assert len(examples.train) == 2 and examples.info["skipped_lines"] == 1
-    assert capsys.readouterr().err == (f"fusedrl: skipped 1 malformed row(s) (data.skip_malformed=true), the first: "
+    assert capsys.readouterr().err == ("fusedrl: skipped 1 malformed row(s) "
+                                       "(data.skip_malformed=true), the first: "
                                        f"{path}:2: not valid UTF-8 (byte 0xff at column 16)\n")
 
 
@@ -197,4 +199,5 @@ def test_fusedrl_sft_reports_a_malformed_line_without_a_traceback(qwen2_dir, tmp
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}, '{"prompt": "p"}'])
     code, err = cli_error(["sft", f"model={qwen2_dir}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}",
                            "data.max_length=64", "data.max_prompt_length=32"], capsys)
-    assert code == 1 and re.fullmatch(r"fusedrl sft: .*d\.jsonl:2: expected keys messages, prompt\+completion.*\n", err)
+    assert code == 1
+    assert re.fullmatch(r"fusedrl sft: .*d\.jsonl:2: expected keys messages, .*\n", err)

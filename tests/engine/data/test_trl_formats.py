@@ -69,7 +69,8 @@ def test_every_assistant_turn_is_trained_and_nothing_else(tok):
                         msg(USER, "and?"), msg(ASSISTANT, "the lazy dog")]}
     every, trained = targets(tok, sft(row))
     # The whole rendered conversation, each turn's end-of-turn EOS the trained one.
-    assert tok.decode(every) == tok.apply_chat_template(row["messages"], tokenize=False).rstrip("\n")
+    rendered = tok.apply_chat_template(row["messages"], tokenize=False)
+    assert tok.decode(every) == rendered.rstrip("\n")
     assert trained == ids(tok, "the fox") + [EOS] + ids(tok, "the lazy dog") + [EOS]
     # data.train_on=last_turn: today's rule, the last turn alone after the rest as the prompt.
     every_last, trained_last = targets(tok, sft(row, all_turns=False))
@@ -80,7 +81,8 @@ def test_every_assistant_turn_is_trained_and_nothing_else(tok):
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_in_one_line(tok):
     rewriting = make_chat_tokenizer()
-    rewriting.chat_template = ("{% for m in messages %}{% if loop.last %}<{{ m['role'] }}>{{ m['content'] }}"
+    rewriting.chat_template = ("{% for m in messages %}{% if loop.last %}"
+                               "<{{ m['role'] }}>{{ m['content'] }}"
                                "{% else %}<{{ m['role'] }}>{% endif %}{% endfor %}"
                                "{% if add_generation_prompt %}<assistant>{% endif %}")
     turns = (("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"))
@@ -95,8 +97,9 @@ def test_implicit_string_preferences_split_at_the_common_prefix_as_trl(tok):
 
 def test_conversational_preferences_render_the_prompt_with_the_template(tok):
     prompt = [msg(USER, "hello")]
-    explicit = rm({"prompt": prompt, "chosen": [msg(ASSISTANT, "the fox")], "rejected": [msg(ASSISTANT, "dog")]})
-    implicit = rm({"chosen": prompt + [msg(ASSISTANT, "the fox")], "rejected": prompt + [msg(ASSISTANT, "dog")]})
+    chosen, rejected = [msg(ASSISTANT, "the fox")], [msg(ASSISTANT, "dog")]
+    explicit = rm({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    implicit = rm({"chosen": prompt + chosen, "rejected": prompt + rejected})
     assert explicit == implicit == Ranking("", ("the fox", "dog"), (("user", "hello"),))
     example = tokenize_record(tok, implicit, 64, 32)
     assert example.prompt == ids(tok, "<|r2|>user\nhello</s>\n<|r2|>assistant\n", True)
@@ -105,7 +108,8 @@ def test_conversational_preferences_render_the_prompt_with_the_template(tok):
 
 @pytest.mark.parametrize("row, reason", [
     ({"chosen": [msg(USER, "a")], "rejected": [msg(USER, "b")]}, "share no first message"),
-    ({"chosen": [msg(USER, "a"), msg(ASSISTANT, "b"), msg(USER, "c")], "rejected": [msg(USER, "a"), msg(ASSISTANT, "d")]},
+    ({"chosen": [msg(USER, "a"), msg(ASSISTANT, "b"), msg(USER, "c")],
+      "rejected": [msg(USER, "a"), msg(ASSISTANT, "d")]},
      "chosen must be one assistant message"),
     ({"prompt": [msg(USER, "a")], "completion": "b"}, "both be strings or both be message lists"),
 ])
@@ -119,7 +123,8 @@ def test_rl_prompts_go_through_the_same_rendering_as_sft(tok, tmp_path):
             {"prompt": "hello world", "solution": "5", "level": 2}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     prompts, _ = load_prompts(path, tok, 64, 128)
-    sft_example = tokenize_record(tok, sft({"prompt": rows[0]["prompt"], "completion": [msg(ASSISTANT, "4")]}), 128, 64)
+    as_sft = sft({"prompt": rows[0]["prompt"], "completion": [msg(ASSISTANT, "4")]})
+    sft_example = tokenize_record(tok, as_sft, 128, 64)
     assert prompts[0].ids == sft_example.prompt
     assert prompts[1].ids == ids(tok, "<|r2|>user\nhello world</s>\n<|r2|>assistant\n", True)
     assert [p.prompt for p in prompts] == [rows[0]["prompt"], "hello world"]
@@ -130,18 +135,20 @@ def test_rl_prompts_go_through_the_same_rendering_as_sft(tok, tmp_path):
 
 def test_column_mapping_and_a_missing_mapped_column(tok, tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"question": "hello", "answer": "4"}, {"q": "x"}])
-    with pytest.raises(DataError, match=r"q\.jsonl:2: no column 'question' \(data.prompt_column\); the row has \['q'\]"):
+    with pytest.raises(DataError, match=r"q\.jsonl:2: no column 'question' \(data.prompt_column\); "
+                                        r"the row has \['q'\]"):
         load_prompts(path, tok, 64, 128, prompt_column="question")
     write_jsonl(path, [{"question": "hello", "answer": "4"}])
     (row,), _ = load_prompts(path, tok, 64, 128, prompt_column="question")
     assert row.prompt == "hello" and row.columns == {"answer": "4"}
     sft_rows = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "a b", "output": " c"}])
     parse = parser_for("sft", "auto")
-    got = read_records(sft_rows, parse, columns={"prompt": "instruction", "completion": "output"}).records
+    mapping = {"prompt": "instruction", "completion": "output"}
+    got = read_records(sft_rows, parse, columns=mapping).records
     assert got == [Demonstration("a b", " c")]
 
 
 def test_an_rl_prompt_that_is_not_a_prompt_names_its_row(tok, tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": [{"role": "user"}]}])
-    with pytest.raises(DataError, match=r"p\.jsonl:2: prompt\[0\] must be an object with string role and content"):
+    with pytest.raises(DataError, match=r"p\.jsonl:2: prompt\[0\] must be an object with string"):
         load_prompts(path, tok, 64, 128)
