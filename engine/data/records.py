@@ -208,9 +208,10 @@ def _chosen_rejected(row: dict) -> Ranking:
     return _hh_row(row) if isinstance(chosen, str) and HH_ASSISTANT in chosen else _implicit(row)
 
 
-# format -> (the keys it needs, its row parser); `auto` tries a stage's formats in order.
+# format -> (the keys it needs, its row parser); `auto` tries a stage's formats in order, rows of
+# chosen+rejected without a prompt last (HH transcripts or an implicit prompt).
 _FORMATS = {
-    "chat": ({"messages"}, None),  # its parser depends on data.train_on: see parser_for
+    "chat": ({"messages"}, _chat),
     "prompt_completion": ({"prompt", "completion"}, _prompt_completion),
     "demonstration": ({"prompt", "response"}, _prompt_response),
     "text": ({"text"}, _text),
@@ -218,10 +219,10 @@ _FORMATS = {
     "pairwise": ({"prompt", "chosen", "rejected"}, _pairwise),
     "hh": ({"chosen", "rejected"}, _hh_row),
     "implicit": ({"chosen", "rejected"}, _implicit),
+    "chosen+rejected": ({"chosen", "rejected"}, _chosen_rejected),
 }
 _AUTO = {"sft": ["chat", "prompt_completion", "demonstration", "text"],
-         "rm": ["ranking", "pairwise",
-                ("chosen+rejected", {"chosen", "rejected"}, _chosen_rejected)]}
+         "rm": ["ranking", "pairwise", "chosen+rejected"]}
 _EXPECTED = {"sft": "messages, prompt+completion, prompt+response or text",
              "rm": "prompt+chosen+rejected, prompt+responses or chosen+rejected (implicit prompt "
                    "or HH transcripts)"}
@@ -231,22 +232,15 @@ def parser_for(stage: str, fmt: str, all_turns: bool = True):
     """The row parser for `stage` ("sft" or "rm") and data format (see DataConfig.format);
     all_turns: chat rows train every assistant turn (else the last only,
     data.train_on=last_turn)."""
-    def formats():
-        for name in (_AUTO[stage] if fmt == "auto" else [fmt]):
-            if isinstance(name, tuple):
-                yield name
-                continue
-            keys, parse = _FORMATS[name]
-            yield name, keys, parse or (lambda row: _chat(row, all_turns))
-    candidates = list(formats())
+    candidates = [_FORMATS[name] for name in (_AUTO[stage] if fmt == "auto" else [fmt])]
 
     def parse(row: dict):
-        for name, keys, parse_row in candidates:
+        for keys, parse_row in candidates:
             if keys <= set(row):
-                return parse_row(row)
+                return _chat(row, all_turns) if parse_row is _chat else parse_row(row)
         if fmt == "auto":
             raise ValueError(f"expected keys {_EXPECTED[stage]}, got {sorted(row)}")
-        raise ValueError(f"format {fmt!r} needs keys {sorted(candidates[0][1])}, got {sorted(row)}")
+        raise ValueError(f"format {fmt!r} needs keys {sorted(candidates[0][0])}, got {sorted(row)}")
     return parse
 
 

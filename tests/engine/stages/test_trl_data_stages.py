@@ -64,6 +64,21 @@ def test_sft_from_python_on_a_dataset_of_conversations(chat_model, tmp_path):
         run_sft(SFTConfig(model=str(chat_model), output_dir=str(tmp_path / "none")))
 
 
+def test_the_api_reads_dicts_and_yaml_and_raises_instead_of_exiting(chat_model, tmp_path):
+    (tmp_path / "grpo.yaml").write_text(f"policy: {chat_model}\noutput_dir: {tmp_path / 'o'}\n")
+    config = GRPOConfig.from_yaml(tmp_path / "grpo.yaml", ["rollout.max_new_tokens=7"])
+    assert config.rollout.max_new_tokens == 7 and config.ppo.estimator == "grpo"
+    with pytest.raises(ValueError, match=r"unknown config key 'optim.learning_rate' \(did you mean"):
+        run_sft({"model": str(chat_model), "output_dir": str(tmp_path / "o"),
+                 "optim": {"learning_rate": 1e-4}})
+    with pytest.raises(UsageError, match="prompts_file is required"):
+        run_grpo(config)
+    with pytest.raises(UsageError, match=r"data.train_file=.*missing\.jsonl: no such file"):
+        run_sft({"model": str(chat_model), "output_dir": str(tmp_path / "o"),
+                 "data": {"train_file": str(tmp_path / "missing.jsonl")}})
+    assert not (tmp_path / "o").exists()  # refused before the run directory was made
+
+
 def test_reward_model_from_python_on_implicit_conversational_preferences(chat_model, tmp_path):
     rows = [{"chosen": [msg("user", q), msg("assistant", a)],
              "rejected": [msg("user", q), msg("assistant", "no")]} for q, a in QUESTIONS]
