@@ -79,6 +79,11 @@ def load_prompts(source, tokenizer, max_prompt_length: int, max_model_len: int,
                                 "rollout.truncate_prompts=true")
             ids, truncated = ids[-(max_model_len - 1):], truncated + 1
         prompts.append(PromptRow(ids, prompt, extra))
+    strings = sum(isinstance(p.prompt, str) for p in prompts)
+    if strings and chat_template == "auto" and has_template(tokenizer):
+        # Said once: a policy trained on plain strings would otherwise meet a format it never saw.
+        report(f"{source_name(source)}: {strings} string prompt(s) go through the tokenizer's chat "
+               "template as a user turn (data.chat_template=auto; none keeps them as they are)")
     if truncated:
         report(f"{source_name(source)}: {truncated} prompt(s) cut to their last "
                f"{max_model_len - 1} tokens to fit the model's context "

@@ -118,7 +118,7 @@ def test_malformed_trl_rows_say_why(row, reason):
         (sft if "completion" in row else rm)(row)
 
 
-def test_rl_prompts_go_through_the_same_rendering_as_sft(tok, tmp_path):
+def test_rl_prompts_go_through_the_same_rendering_as_sft(tok, tmp_path, capsys):
     rows = [{"prompt": [msg("system", "be brief"), msg(USER, "what is 4?")], "solution": "4"},
             {"prompt": "hello world", "solution": "5", "level": 2}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
@@ -129,6 +129,9 @@ def test_rl_prompts_go_through_the_same_rendering_as_sft(tok, tmp_path):
     assert prompts[1].ids == ids(tok, "<|r2|>user\nhello world</s>\n<|r2|>assistant\n", True)
     assert [p.prompt for p in prompts] == [rows[0]["prompt"], "hello world"]
     assert column_lists(prompts) == {"solution": ["4", "5"], "level": [None, 2]}
+    assert capsys.readouterr().err == (f"fusedrl: {path}: 1 string prompt(s) go through the "
+                                       "tokenizer's chat template as a user turn "
+                                       "(data.chat_template=auto; none keeps them as they are)\n")
     raw, _ = load_prompts(path, tok, 64, 128, chat_template="none")
     assert raw[1].ids == ids(tok, "hello world", True) and raw[0].ids == prompts[0].ids
 
