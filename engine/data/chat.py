@@ -20,19 +20,30 @@ def has_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def _template(tokenizer, turns, generation_prompt: bool) -> str:
+    """The chat template applied; a ValueError (the row's error) when the template refuses the
+    turns (e.g. roles that do not alternate, which some templates raise on)."""
+    import jinja2  # transformers' template engine, loaded with it
+
+    try:
+        return tokenizer.apply_chat_template(as_messages(turns), tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the tokenizer's chat template refused these messages: {e}") from None
+
+
 def render_prompt(tokenizer, turns) -> str:
     """(role, content) turns -> the text after which the assistant answers (template with the
     generation prompt, or HH style)."""
     if has_template(tokenizer):
-        return tokenizer.apply_chat_template(as_messages(turns), tokenize=False,
-                                             add_generation_prompt=True)
+        return _template(tokenizer, turns, generation_prompt=True)
     return _hh(turns) + HH_ASSISTANT
 
 
 def _render(tokenizer, turns) -> str:
     """The whole conversation as text, without a generation prompt."""
     if has_template(tokenizer):
-        return tokenizer.apply_chat_template(as_messages(turns), tokenize=False)
+        return _template(tokenizer, turns, generation_prompt=False)
     if turns[-1][0] != "assistant":
         return _hh(turns)
     return _hh(turns[:-1]) + HH_ASSISTANT + " " + turns[-1][1]

@@ -69,7 +69,10 @@ def load_prompts(source, tokenizer, max_prompt_length: int, max_model_len: int,
     read = read_records(source, _parse, columns=columns)
     prompts, truncated = [], 0
     for (prompt, extra), where in zip(read.records, read.where):
-        text = prompt_text(tokenizer, prompt, chat_template)
+        try:
+            text = prompt_text(tokenizer, prompt, chat_template)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
         ids = tokenize_prompt(tokenizer, text, max_prompt_length)
         if len(ids) >= max_model_len:
             if not truncate_to_context:

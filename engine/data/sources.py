@@ -59,8 +59,8 @@ def read_records(source, parse: Callable[[dict], object], skip_malformed: bool =
                 raise ValueError(f"expected a JSON object, got {type(row).__name__}")
             records.append(parse(renamed(row, columns or {})))
             where.append(location)
-        except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError too
-            message = f"{location}: {e if isinstance(e, ValueError) else 'JSON nested too deeply'}"
+        except ValueError as e:  # json.JSONDecodeError is a ValueError too
+            message = f"{location}: {e}"
             if not skip_malformed:
                 raise DataError(message) from None
             errors.append(message)

@@ -155,3 +155,12 @@ def test_an_rl_prompt_that_is_not_a_prompt_names_its_row(tok, tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": [{"role": "user"}]}])
     with pytest.raises(DataError, match=r"p\.jsonl:2: prompt\[0\] must be an object with string"):
         load_prompts(path, tok, 64, 128)
+    strict = make_chat_tokenizer()  # a template that refuses roles out of turn, as Llama 2's does
+    strict.chat_template = ("{% for m in messages %}"
+                            "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                            "{{ raise_exception('roles must alternate') }}{% endif %}"
+                            "{{ m['content'] }}{% endfor %}")
+    write_jsonl(path, [{"prompt": [msg(USER, "a")]}, {"prompt": [msg(ASSISTANT, "b")]}])
+    with pytest.raises(DataError, match=r"p\.jsonl:2: the tokenizer's chat template refused these "
+                                        r"messages: roles must alternate"):
+        load_prompts(path, strict, 64, 128)
