@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import FusedRLError, NonFiniteError
 
@@ -99,9 +99,10 @@ def _fsync(path, flags: int) -> None:
 
 
 @contextlib.contextmanager
-def written_whole(final) -> Iterator[Path]:
+def written_whole(final, before_rename: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yields a new hidden temp sibling of the directory `final` to write into; when the block ends,
-    seals it (write_manifest), publishes it and renames it over `final` (replace_dir); when the block
+    seals it (write_manifest), publishes it, calls `before_rename()` (a last check of `final`,
+    which may raise) and renames it over `final` (replace_dir); when the block or the check
     raises, removes it, and `final` is as it was."""
     final = Path(final).absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +111,8 @@ def written_whole(final) -> Iterator[Path]:
         yield tmp
         write_manifest(tmp)
         publish(tmp)
+        if before_rename is not None:
+            before_rename()
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,11 +9,13 @@ coefficient the checkpoint carries) is refused with one line naming it and both 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
 
 from ..errors import ConfigValueError
+from ..run_paths import path_options
 from . import io as config_io
 
 SAVED_CONFIG = "config.yaml"
@@ -52,7 +54,9 @@ def resume_changes(run_dir, config) -> dict[str, tuple]:
         return {}
     # Through YAML as config.yaml went, so both sides hold the same types (tuples, floats).
     new = _flat(yaml.safe_load(config_io.to_yaml(config)))
-    changed = {key: (saved[key], value) for key, value in new.items() if key in saved and saved[key] != value}
+    paths = path_options(config)
+    changed = {key: (saved[key], value) for key, value in new.items()
+               if key in saved and saved[key] != value and not (key in paths and _same_path(saved[key], value))}
     refused = [key for key in changed if key not in APPLIED_ON_RESUME]
     if refused:
         key, (before, after) = refused[0], changed[refused[0]]
@@ -61,6 +65,12 @@ def resume_changes(run_dir, config) -> dict[str, tuple]:
             f"{key}={after!r} but the run in {run_dir} was trained with {key}={before!r} (its {SAVED_CONFIG}){more}: "
             "a resumed run cannot change it; set it back, or start the new run in another output_dir")
     return changed
+
+
+def _same_path(saved, new) -> bool:
+    """Whether a path config.yaml holds names the same file as the run's: a run records its inputs
+    as absolute paths (engine/run_paths.py); an older one as given, relative to where it ran."""
+    return isinstance(saved, str) and isinstance(new, str) and os.path.abspath(saved) == os.path.abspath(new)
 
 
 def _flat(data: dict, prefix: str = "") -> dict:

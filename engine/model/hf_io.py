@@ -197,13 +197,15 @@ def _shard_path(model_dir: Path, index: Path, file) -> Path:
     return model_dir / file
 
 
-def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30, kind=None):
+def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30, kind=None,
+               before_rename: Optional[Callable[[], None]] = None):
     """Write `model` as a transformers-loadable directory, atomically replacing `out_dir`.
 
     Tokenizer and generation files are copied from `source_dir` when given. Weights above
     `max_shard_bytes` are split into shards with an index, as `save_pretrained` does. A NaN or inf
     in any parameter raises NonFiniteError before anything is written. `kind`: mark the directory
     as the output of that fusedrl command (engine/run_dir.py), so the command may replace it later.
+    `before_rename()`: a last check of `out_dir` before the written directory replaces it (export's).
     Collective under torchrun (every rank calls it; rank 0 writes, one parameter gathered at a time:
     engine/model/streamed_save.py); every rank returns once the directory is in place.
     """
@@ -213,7 +215,7 @@ def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int =
     if not distributed.is_main():
         write_weights(model, None, max_shard_bytes, skip)
     else:
-        with written_whole(out_dir) as tmp:
+        with written_whole(out_dir, before_rename) as tmp:
             _write_config(model, tmp)
             write_weights(model, tmp, max_shard_bytes, skip)
             for name in _SIDE_FILES if source_dir else ():
