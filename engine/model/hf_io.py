@@ -30,6 +30,7 @@ from ..durable import written_whole
 from ..run_dir import write_marker
 from ..path_checks import CONFIG_FILE
 from .config import ModelConfig
+from .footprint import refuse_unfit_weights
 from .causal_lm import CausalLM
 from .streamed_save import INDEX_FILE, SINGLE_FILE, check_finite_shards, write_weights
 from .weight_map import hf_blocks, hf_shape, local_box, overlap, packed_blocks
@@ -51,6 +52,7 @@ def load_config(model_dir) -> ModelConfig:
     """Read and validate `model_dir/config.json` (a ModelError when it is missing, unreadable or
     describes an architecture the decoder does not implement)."""
     path = Path(model_dir) / CONFIG_FILE
+    _check_regular(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         model_type, architectures = raw.get("model_type"), raw.get("architectures")
@@ -59,6 +61,7 @@ def load_config(model_dir) -> ModelConfig:
     try:
         # Checked before transformers reads it: an unknown model_type is a page of text there.
         ModelConfig.check_model_type(model_type, architectures)
+        ModelConfig.check_depth(raw)
         return ModelConfig.from_hf(AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False))
     except (ValueError, _ConfigValidationError) as e:
         raise ModelError(f"{model_dir}: {e}") from None
@@ -109,6 +112,7 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM, shard:
         raise ModelError(f"{model_dir}: no such model directory")
     config = load_config(model_dir)
     dtype = resolve_dtype(dtype, config)
+    refuse_unfit_weights(config, dtype, device, model_dir, distributed.world_size() if shard is not None else 1)
     with torch.device("meta"):  # no random init: every parameter is overwritten from the checkpoint
         model = model_cls(config, dtype)
     if shard is not None:
@@ -162,8 +166,17 @@ def _fill(f, name: str, path: Path, blocks: list) -> None:
         raise ModelError(f"{path}: tensor {name!r} cannot be read ({e})") from None
 
 
+def _check_regular(path: Path) -> None:
+    """ModelError when `path` exists but is not a regular file (a FIFO or a device would block or
+    never end; links to regular files, as the Hugging Face cache makes, are fine)."""
+    if path.exists() and not path.is_file():
+        raise ModelError(f"{path}: not a regular file (a directory, FIFO or device); expected a model file")
+
+
 def _open_weights(path: Path):
-    """safe_open, with a missing, truncated or corrupt file as a ModelError naming it."""
+    """safe_open, with a missing, truncated or corrupt file, or one that is not a regular file, as
+    a ModelError naming it."""
+    _check_regular(path)
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
@@ -175,6 +188,7 @@ def _weight_files(model_dir: Path) -> dict[Path, list[str]]:
     index = model_dir / INDEX_FILE
     if index.exists():
         files: dict[Path, list[str]] = {}
+        _check_regular(index)
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as e:
