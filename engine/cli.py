@@ -117,7 +117,8 @@ def run_stage(args, name: str) -> int:
     models, files = config.paths()
     path_checks.check_paths(models, files, config.output_dir)  # before the stage imports torch
     run_dir.check_target(config.output_dir, name, overwrite=config.train.overwrite, resume=config.train.resume,
-                         inputs=run_paths.run_inputs(config, args.config), overwrite_option="train.overwrite=true",
+                         inputs=run_paths.run_inputs(config, args.config),
+                         overwrite_option="train.overwrite=true",
                          resume_option="train.resume=true")
     out = train(config)
     print(f"fusedrl {name}: model written to {out}")
@@ -183,8 +184,8 @@ MAX_PROMPT_BYTES = 2**20
 
 
 def _memory(text: str | None) -> int | float | None:
-    """--kv-cache-memory: '0.5' -> a fraction of free GPU memory (values <= 1); '2e9' or '2000000000'
-    -> bytes; a UsageError for anything else (inf, nan, 0, a word)."""
+    """--kv-cache-memory: '0.5' -> a fraction of free GPU memory (values <= 1); '2e9' or
+    '2000000000' -> bytes; a UsageError for anything else (inf, nan, 0, a word)."""
     if text is None:
         return None
     try:
@@ -192,8 +193,8 @@ def _memory(text: str | None) -> int | float | None:
     except ValueError:
         value = math.nan
     if not (0 < value < math.inf):
-        raise errors.UsageError(f"--kv-cache-memory {text}: expected bytes (e.g. 2000000000) or a fraction of free "
-                                "GPU memory in (0, 1] (e.g. 0.5)")
+        raise errors.UsageError(f"--kv-cache-memory {text}: expected bytes (e.g. 2000000000) or a "
+                                "fraction of free GPU memory in (0, 1] (e.g. 0.5)")
     return value if value <= 1 else int(value)
 
 
@@ -239,8 +240,9 @@ def run_generate(args) -> int:
     prompts = list(args.prompt)
     if args.prompt_file:
         if os.path.exists(args.prompt_file) and not os.path.isfile(args.prompt_file):
-            raise errors.UsageError(f"--prompt-file {args.prompt_file}: not a regular file (a directory, FIFO or "
-                                    "device); expected a text file of one prompt per line")
+            raise errors.UsageError(f"--prompt-file {args.prompt_file}: not a regular file (a "
+                                    "directory, FIFO or device); expected a text file of one "
+                                    "prompt per line")
         try:
             for lineno, raw in numbered_lines(args.prompt_file, MAX_PROMPT_BYTES):
                 try:

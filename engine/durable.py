@@ -187,7 +187,8 @@ def write_manifest(directory: Path) -> None:
 
 def verify_manifest(directory: Path) -> None:
     """CorruptDirectory unless every file of the manifest is there with its size and hash; a name
-    that leads out of `directory` (`../x`, an absolute path, a link out) is corrupt too, never read."""
+    that leads out of `directory` (`../x`, an absolute path, a link out) is corrupt too, never
+    read."""
     manifest = directory / MANIFEST
     try:
         entries = json.loads(manifest.read_text(encoding="utf-8"))
@@ -200,7 +201,8 @@ def verify_manifest(directory: Path) -> None:
         path = directory / name
         if root not in path.resolve().parents:
             raise CorruptDirectory(f"{manifest}: names {name!r}, outside {directory}")
-        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
+        sealed = isinstance(entry, dict) and isinstance(entry.get("size"), int)
+        if not (sealed and isinstance(entry.get("sha256"), str)):
             raise CorruptDirectory(f"{manifest}: the entry of {name!r} is not {{size, sha256}}")
         if not path.is_file():
             raise CorruptDirectory(f"{path}: missing")

@@ -105,7 +105,8 @@ def check_target(path, kind: str, *, overwrite: bool, resume: bool = False, inpu
     if not [e for e in p.iterdir() if e.name not in _OURS]:
         return False
     marker = read_marker(p)
-    if marker is None:  # refused before its links are looked at: nothing in it is fusedrl's to advise on
+    # Refused before its links are looked at: nothing in it is fusedrl's to advise on.
+    if marker is None:
         raise UsageError(f"{option}={path} exists, is not empty and was not made by fusedrl (no {MARKER}): "
                          f"fusedrl never deletes what it did not make; choose another {option}")
     check_no_link_out(p, option)
@@ -212,7 +213,8 @@ def entries(directory) -> set[str]:
     """Every path under `directory`, relative to it (links listed, never followed)."""
     found = set()
     for parent, dirs, files in os.walk(directory):
-        found.update(os.path.relpath(os.path.join(parent, name), directory) for name in dirs + files)
+        found.update(os.path.relpath(os.path.join(parent, name), directory)
+                     for name in dirs + files)
     return found
 
 
@@ -222,8 +224,9 @@ def check_unchanged(directory, before: set[str], option: str) -> None:
     wrote, which replacing the directory would delete."""
     new = sorted(entries(directory) - before - set(_OURS))
     if new:
-        raise UsageError(f"{option}={directory}: {new[0]} appeared in it while fusedrl was writing, not made by "
-                         f"fusedrl; nothing was replaced: move it out and run again, or choose another {option}")
+        raise UsageError(f"{option}={directory}: {new[0]} appeared in it while fusedrl was "
+                         "writing, not made by fusedrl; nothing was replaced: move it out and run "
+                         f"again, or choose another {option}")
 
 
 def release(path) -> None:

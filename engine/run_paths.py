@@ -29,7 +29,8 @@ def pinned(config):
 def _replaced(config, option: str, value):
     """`config` with the dotted option (`data.train_file`) set to `value`, validated again."""
     head, _, rest = option.partition(".")
-    return dataclasses.replace(config, **{head: _replaced(getattr(config, head), rest, value) if rest else value})
+    value = _replaced(getattr(config, head), rest, value) if rest else value
+    return dataclasses.replace(config, **{head: value})
 
 
 def path_options(config) -> set[str]:

@@ -167,7 +167,8 @@ class RewardConfig:
         check(self.kl_horizon > 0, f"reward.kl_horizon must be > 0, got {self.kl_horizon}")
         check(self.clip is None or self.clip > 0, f"reward.clip must be > 0 or None, got {self.clip}")
         check(0 < self.fn_timeout_s <= MAX_FN_TIMEOUT_S,
-              f"reward.fn_timeout_s must be in (0, {MAX_FN_TIMEOUT_S:g}] seconds, got {self.fn_timeout_s:g}")
+              f"reward.fn_timeout_s must be in (0, {MAX_FN_TIMEOUT_S:g}] seconds, "
+              f"got {self.fn_timeout_s:g}")
 
 
 @dataclass

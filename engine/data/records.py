@@ -147,7 +147,8 @@ def numbered_lines(path, max_line_bytes: int | None = None):
         while raw := f.readline(limit):
             lineno += 1
             if max_line_bytes is not None and len(raw.rstrip(b"\r\n")) > max_line_bytes:
-                raise DataError(f"{path}:{lineno}: longer than {max_line_bytes} bytes, the most a line may hold here")
+                raise DataError(f"{path}:{lineno}: longer than {max_line_bytes} bytes, the most "
+                                "a line may hold here")
             if raw.strip():
                 yield lineno, raw
 

@@ -15,9 +15,10 @@ class TimeLimitExceeded(Exception):
 
 @contextlib.contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
-    """Run the block for at most `seconds` of wall time (TimeLimitExceeded when it runs over). In the
-    main thread only, where Python delivers signals; elsewhere the block runs unbounded. An outer
-    timer or handler is put back as it was (the outer timer restarted with what it had left)."""
+    """Run the block for at most `seconds` of wall time (TimeLimitExceeded when it runs over). In
+    the main thread only, where Python delivers signals; elsewhere the block runs unbounded. An
+    outer timer or handler is put back as it was (the outer timer restarted with what it had
+    left)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

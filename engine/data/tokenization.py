@@ -50,10 +50,12 @@ def render_chat(tokenizer, turns) -> tuple[str, str]:
     if getattr(tokenizer, "chat_template", None):
         try:
             with time_limit(TEMPLATE_SECONDS):
-                prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+                prompt = tokenizer.apply_chat_template(history, tokenize=False,
+                                                       add_generation_prompt=True)
         except TimeLimitExceeded as e:
-            raise DataError(f"the tokenizer's chat template {e} to render {len(history)} turns: a template that "
-                            "loops without end? fix chat_template in the model's tokenizer files") from None
+            raise DataError(f"the tokenizer's chat template {e} to render {len(history)} turns: a "
+                            "template that loops without end? fix chat_template in the model's "
+                            "tokenizer files") from None
         return prompt, response
     prompt = "".join(f"\n\n{role.capitalize()}: {content}" for role, content in turns[:-1])
     return prompt + "\n\nAssistant:", " " + response

@@ -83,11 +83,12 @@ class ModelConfig:
 
     @staticmethod
     def check_depth(raw: dict) -> None:
-        """ValueError when config.json's num_hidden_layers (as read, before transformers) exceeds MAX_LAYERS."""
+        """ValueError when config.json's num_hidden_layers (as read, before transformers)
+        exceeds MAX_LAYERS."""
         layers = raw.get("num_hidden_layers")
         if isinstance(layers, int) and layers > MAX_LAYERS:
-            raise ValueError(f"config.json: num_hidden_layers={layers} exceeds {MAX_LAYERS}, deeper than any model "
-                             "the engine serves")
+            raise ValueError(f"config.json: num_hidden_layers={layers} exceeds {MAX_LAYERS}, "
+                             "deeper than any model the engine serves")
 
     @classmethod
     def from_hf(cls, hf_config) -> "ModelConfig":

@@ -23,7 +23,8 @@ def parameter_count(config: ModelConfig) -> int:
     sparse_layers = len(config.moe.sparse_layers) if config.moe is not None else 0
     sparse = 0
     if config.moe is not None:
-        sparse = config.moe.num_experts * (3 * h * config.moe.intermediate_size + h)  # experts and router
+        # the experts and the router
+        sparse = config.moe.num_experts * (3 * h * config.moe.intermediate_size + h)
     layers = config.num_layers * (attention + 2 * h) + (config.num_layers - sparse_layers) * dense
     layers += sparse_layers * sparse
     embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
@@ -45,7 +46,8 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def refuse_unfit_weights(config: ModelConfig, dtype: torch.dtype, device, where, ranks: int = 1) -> None:
+def refuse_unfit_weights(config: ModelConfig, dtype: torch.dtype, device, where,
+                         ranks: int = 1) -> None:
     """ModelError naming `where` (the model directory) when the weights of `config` in `dtype`,
     split over `ranks` processes (sharded), exceed the memory of `device` (`device_memory`)."""
     device = torch.device(device)
@@ -55,9 +57,10 @@ def refuse_unfit_weights(config: ModelConfig, dtype: torch.dtype, device, where,
     need = parameter_count(config) * element // max(ranks, 1)
     have = device_memory(device)
     if need > have:
-        raise ModelError(f"{where}: config.json describes {parameter_count(config):,} parameters, {_size(need)} "
-                         f"of {str(dtype).removeprefix('torch.')} weights{' per rank' if ranks > 1 else ''}, more "
-                         f"than the {_size(have)} of memory {device} has: not loaded")
+        per_rank = " per rank" if ranks > 1 else ""
+        raise ModelError(f"{where}: config.json describes {parameter_count(config):,} parameters, "
+                         f"{_size(need)} of {str(dtype).removeprefix('torch.')} weights{per_rank}, "
+                         f"more than the {_size(have)} of memory {device} has: not loaded")
 
 
 def _size(count: int) -> str:

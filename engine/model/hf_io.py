@@ -112,7 +112,8 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM, shard:
         raise ModelError(f"{model_dir}: no such model directory")
     config = load_config(model_dir)
     dtype = resolve_dtype(dtype, config)
-    refuse_unfit_weights(config, dtype, device, model_dir, distributed.world_size() if shard is not None else 1)
+    ranks = distributed.world_size() if shard is not None else 1
+    refuse_unfit_weights(config, dtype, device, model_dir, ranks)
     with torch.device("meta"):  # no random init: every parameter is overwritten from the checkpoint
         model = model_cls(config, dtype)
     if shard is not None:
@@ -170,7 +171,8 @@ def _check_regular(path: Path) -> None:
     """ModelError when `path` exists but is not a regular file (a FIFO or a device would block or
     never end; links to regular files, as the Hugging Face cache makes, are fine)."""
     if path.exists() and not path.is_file():
-        raise ModelError(f"{path}: not a regular file (a directory, FIFO or device); expected a model file")
+        raise ModelError(f"{path}: not a regular file (a directory, FIFO or device); expected a "
+                         "model file")
 
 
 def _open_weights(path: Path):
@@ -211,15 +213,16 @@ def _shard_path(model_dir: Path, index: Path, file) -> Path:
     return model_dir / file
 
 
-def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30, kind=None,
-               before_rename: Optional[Callable[[], None]] = None):
+def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30,
+               kind=None, before_rename: Optional[Callable[[], None]] = None):
     """Write `model` as a transformers-loadable directory, atomically replacing `out_dir`.
 
     Tokenizer and generation files are copied from `source_dir` when given. Weights above
     `max_shard_bytes` are split into shards with an index, as `save_pretrained` does. A NaN or inf
     in any parameter raises NonFiniteError before anything is written. `kind`: mark the directory
     as the output of that fusedrl command (engine/run_dir.py), so the command may replace it later.
-    `before_rename()`: a last check of `out_dir` before the written directory replaces it (export's).
+    `before_rename()`: a last check of `out_dir` before the written directory replaces it
+    (export's).
     Collective under torchrun (every rank calls it; rank 0 writes, one parameter gathered at a time:
     engine/model/streamed_save.py); every rank returns once the directory is in place.
     """

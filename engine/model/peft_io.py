@@ -201,7 +201,8 @@ def merge_adapter(adapter_dir, base_dir, out_dir, dtype="auto", overwrite: bool 
     claim(out_dir, "export", overwrite=overwrite, inputs=[adapter_dir, base_dir], option="--out",
           overwrite_option="--overwrite", empty=False)
     try:
-        # Held under its lock; what is there now is replaced whole, and nothing else may appear meanwhile.
+        # Held under its lock; what is there now is replaced whole, and nothing else may appear
+        # meanwhile.
         recheck = functools.partial(check_unchanged, out_dir, entries(out_dir), "--out")
         if not adapter_heads(adapter_dir):
             model = load_model(base_dir, dtype=dtype)

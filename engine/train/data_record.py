@@ -31,9 +31,12 @@ def record_data(run_dir, files: dict) -> list[str]:
     changed = []
     for option, record in now.items():
         before = earlier.get(option) if isinstance(earlier, dict) else None
-        if isinstance(before, dict) and (before.get("size"), before.get("sha256")) != (record["size"], record["sha256"]):
-            changed.append(f"{option}={record['path']} changed since the run began ({before.get('size')} bytes then, "
-                           f"{record['size']} now): resuming on its new contents, in the data order and at the "
-                           "position computed on the old")
+        if not isinstance(before, dict):
+            continue
+        if (before.get("size"), before.get("sha256")) != (record["size"], record["sha256"]):
+            changed.append(f"{option}={record['path']} changed since the run began "
+                           f"({before.get('size')} bytes then, {record['size']} now): resuming on "
+                           "its new contents, in the data order and at the position computed on "
+                           "the old")
     write_text_atomic(path, json.dumps(now, indent=1) + "\n")
     return changed

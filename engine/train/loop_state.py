@@ -28,9 +28,10 @@ def loop_state_check(state, skips, total: int) -> Callable[[Path, object], None]
         if problem is not None:
             raise CorruptDirectory(f"{path / STATE_FILE}: its loop state has {problem}")
         if saved["step"] > total:
-            raise UsageError(f"checkpoint {path} is at step {saved['step']}, past this run's {total} steps: raise "
-                             "the run's length (train.max_steps, train.epochs or train.iterations) to continue it, or "
-                             "start the new run in another output_dir")
+            raise UsageError(f"checkpoint {path} is at step {saved['step']}, past this run's "
+                             f"{total} steps: raise the run's length (train.max_steps, "
+                             "train.epochs or train.iterations) to continue it, or start the new "
+                             "run in another output_dir")
     return check
 
 
@@ -50,15 +51,21 @@ def _problem(saved, expected: dict, where: str) -> str | None:
         default = expected[key]
         if isinstance(default, dict):
             problem = _problem(value, default, f"{name}.")
-        elif isinstance(default, bool) or not isinstance(default, (int, float)):
-            problem = None if type(value) is type(default) else f"{name}={value!r}, expected a {type(default).__name__}"
-        elif isinstance(default, int):
-            problem = None if type(value) is int and value >= 0 else f"{name}={value!r}, expected an int >= 0"
         else:
-            problem = None if _finite(value) else f"{name}={value!r}, expected a finite number"
+            ok, wanted = _matches(value, default)
+            problem = None if ok else f"{name}={value!r}, expected {wanted}"
         if problem is not None:
             return problem
     return None
+
+
+def _matches(value, default) -> tuple[bool, str]:
+    """Whether `value` may stand where the loop state's `default` is, and what is expected there."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return type(value) is type(default), f"a {type(default).__name__}"
+    if isinstance(default, int):
+        return type(value) is int and value >= 0, "an int >= 0"
+    return _finite(value), "a finite number"
 
 
 def _finite(value) -> bool:

@@ -4,7 +4,8 @@ Writes RUN_DIR/plots/train.png and, when the run evaluated, RUN_DIR/plots/eval.p
 numeric metric against the step. Each PNG carries a text chunk marking it as fusedrl's (PLOT_MARK):
 a plot writes a new file or replaces its own earlier PNG, never anything else at that name (a user's
 file, a link, a FIFO), and never writes through a link (the folder itself may not be one). A PNG is
-written whole under a hidden temp name and then linked (new) or renamed (an earlier plot) into place.
+written whole under a hidden temp name and then linked (new) or renamed (an earlier plot) into
+place.
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
     option = "--out" if out_dir else "the plot folder"
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "plots"
     if out_dir.is_symlink():
-        raise UsageError(f"{option} {out_dir} is a symbolic link: fusedrl plot never writes through one; give the "
-                         "directory it leads to")
+        raise UsageError(f"{option} {out_dir} is a symbolic link: fusedrl plot never writes "
+                         "through one; give the directory it leads to")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for kind in ("train", "eval"):
@@ -90,12 +91,14 @@ def write_png(fig, path: Path) -> None:
             fig.savefig(f, dpi=100, format="png", metadata=dict([PLOT_MARK]))
         os.chmod(tmp, 0o644)
         if earlier:
-            os.replace(tmp, path)  # replaces the name: a link put there meanwhile is replaced, not followed
+            # Replaces the name: a link put there meanwhile is replaced, not followed.
+            os.replace(tmp, path)
         else:
             try:
                 os.link(tmp, path)  # fails if anything appeared at the name since the check
             except FileExistsError:
-                raise UsageError(f"{path} appeared while fusedrl plot was writing it: not replaced") from None
+                raise UsageError(f"{path} appeared while fusedrl plot was writing it: not "
+                                 "replaced") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -110,7 +113,8 @@ def _refuse_foreign(path: Path) -> bool:
     if stat.S_ISREG(mode) and is_plot(path):
         return True
     what = "a symbolic link" if stat.S_ISLNK(mode) else "a file fusedrl plot did not write"
-    raise UsageError(f"{path} is {what}: fusedrl plot never replaces it; move it or give --out another folder")
+    raise UsageError(f"{path} is {what}: fusedrl plot never replaces it; move it or give --out "
+                     "another folder")
 
 
 def is_plot(path: Path) -> bool:

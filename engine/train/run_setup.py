@@ -95,8 +95,8 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
     if config is not None:
         from ..plan.check import refuse_unfit
         refuse_unfit(config, device, distributed.world_size())
-    claim_output_dir(kind, options, output_dir,
-                     run_inputs(config) if config is not None else [*models.values(), *files.values()])
+    inputs = run_inputs(config) if config is not None else [*models.values(), *files.values()]
+    claim_output_dir(kind, options, output_dir, inputs)
     random.seed(seed)
     torch.manual_seed(seed)
     return RunContext(device, param_dtype(resolve_precision(options.precision, device)),

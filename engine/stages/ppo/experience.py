@@ -124,8 +124,9 @@ def non_finite_reason(scores: torch.Tensor, group: int | None) -> str:
     bad, drawn = int((~torch.isfinite(scores)).sum()), scores.numel()
     if bad == drawn:
         return f"all {drawn} scores were NaN or inf"
-    return (f"{bad} of {drawn} scores {'was' if bad == 1 else 'were'} NaN or inf, and each drops its whole group of "
-            f"{group} (the group estimator's baseline needs every score): no group was left")
+    were = "was" if bad == 1 else "were"
+    return (f"{bad} of {drawn} scores {were} NaN or inf, and each drops its whole group of {group} "
+            "(the group estimator's baseline needs every score): no group was left")
 
 
 def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, with_values: bool,

@@ -77,6 +77,7 @@ def float32_scores(values: list[float], name: str) -> list[float]:
     its range would become inf there and be dropped as if it were not a number."""
     for i, value in enumerate(values):
         if math.isfinite(value) and abs(value) > FLOAT32_MAX:
-            raise RewardFunctionError(f"the reward function {name} returned {value:g} as score {i}: finite, but "
-                                      f"beyond float32's range (|score| <= {FLOAT32_MAX:.4g}); scale its scores down")
+            raise RewardFunctionError(
+                f"the reward function {name} returned {value:g} as score {i}: finite, but beyond "
+                f"float32's range (|score| <= {FLOAT32_MAX:.4g}); scale its scores down")
     return values

@@ -133,9 +133,11 @@ def check_rng_state(where, tensors: dict, python) -> None:
     cuda_shape = torch.cuda.get_rng_state().shape if torch.cuda.is_available() else None
     for key, state in tensors.items():
         shape = own.shape if key == "rng.torch" else cuda_shape
-        if state.dtype != torch.uint8 or state.dim() != 1 or (shape is not None and state.shape != shape):
-            raise CorruptDirectory(f"{where}: RNG state {key} is {state.dtype} {list(state.shape)}, expected "
-                                   f"torch.uint8 {list(shape) if shape is not None else '[N]'}")
+        wrong_shape = shape is not None and state.shape != shape
+        if state.dtype != torch.uint8 or state.dim() != 1 or wrong_shape:
+            expected = list(shape) if shape is not None else "[N]"
+            raise CorruptDirectory(f"{where}: RNG state {key} is {state.dtype} "
+                                   f"{list(state.shape)}, expected torch.uint8 {expected}")
     if "rng.torch" not in tensors:
         raise CorruptDirectory(f"{where}: no torch RNG state (rng.torch)")
     ok = (isinstance(python, list) and len(python) == 3 and type(python[0]) is int
@@ -143,7 +145,8 @@ def check_rng_state(where, tensors: dict, python) -> None:
           and all(type(x) is int and 0 <= x < 2**32 for x in python[1])
           and (python[2] is None or type(python[2]) is float))
     if not ok:
-        raise CorruptDirectory(f"{where}: python's RNG state is not [version, 625 ints, None or float]")
+        raise CorruptDirectory(f"{where}: python's RNG state is not [version, 625 ints, None or "
+                               "float]")
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], python: list) -> None:

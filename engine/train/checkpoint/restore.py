@@ -14,8 +14,8 @@ import torch
 from ...durable import CorruptDirectory
 from ...errors import UsageError
 from ... import distributed
-from .parts import (Trainables, check_rng_state, module_tensors, row_layouts, optimizer_key, optimizer_parameters, parameter_names,
-                    set_rng_state)
+from .parts import (Trainables, check_rng_state, module_tensors, row_layouts, optimizer_key,
+                    optimizer_parameters, parameter_names, set_rng_state)
 from .shards import DTYPES, dtype_name, local_chunk
 
 
@@ -143,10 +143,11 @@ def _fill(source: Source, name: str, tensor: torch.Tensor) -> None:
     local.copy_(source.read(name, offsets, list(local.shape)))
 
 
-def restore(source: Source, parts: Trainables, check_loop: Callable[[Path, object], None] | None = None) -> dict:
-    """Check that `source` fits `parts` (CheckpointMismatch otherwise, with nothing loaded), that its
-    RNG states are RNG states and its loop state passes `check_loop(path, loop state)` (which raises
-    CorruptDirectory or a UsageError), then restore the models, small modules, optimizers,
+def restore(source: Source, parts: Trainables,
+            check_loop: Callable[[Path, object], None] | None = None) -> dict:
+    """Check that `source` fits `parts` (CheckpointMismatch otherwise, with nothing loaded), that
+    its RNG states are RNG states and its loop state passes `check_loop(path, loop state)` (which
+    raises CorruptDirectory or a UsageError), then restore the models, small modules, optimizers,
     schedulers and this rank's RNG states from it; returns the loop state. Collective only in that
     every rank reads the same checkpoint."""
     if check_loop is not None:
