@@ -70,14 +70,19 @@ def test_a_tampered_step_is_set_aside_as_corrupt_and_the_previous_checkpoint_use
 def test_loop_state_fields_types_and_step_are_checked(tmp_path):
     path = tmp_path / "step-00000004"
     check = loop_state_check(PPOState(), SkipCount(), total=10)
-    good = {"step": 4, "prompts_drawn": 8, "kl_coef": 0.05, "moments": {"count": 3, "mean": 0.1, "m2": 0.2},
-            "ptx": {"epoch": 0, "batch_index": 2}, "loop": {"skipped_steps": 0, "in_a_row": 0}}
+    good = {"step": 4, "prompts_drawn": 8, "kl_coef": 0.05,
+            "moments": {"count": 3, "mean": 0.1, "m2": 0.2}, "ptx": {"epoch": 0, "batch_index": 2},
+            "loop": {"skipped_steps": 0, "in_a_row": 0}}
     check(path, good)
-    for change, problem in (({"step": -1000}, "step=-1000"), ({"step": "4"}, "step='4', expected an int"),
-                            ({"prompts_drawn": True}, "prompts_drawn=True"), ({"kl_coef": float("nan")}, "kl_coef=nan"),
+    for change, problem in (({"step": -1000}, "step=-1000"),
+                            ({"step": "4"}, "step='4', expected an int"),
+                            ({"prompts_drawn": True}, "prompts_drawn=True"),
+                            ({"kl_coef": float("nan")}, "kl_coef=nan"),
                             ({"ptx": {"epoch": 0.5, "batch_index": 0}}, "ptx.epoch=0.5"),
-                            ({"moments": {"mean": "x"}}, "moments.mean='x'"), ({"rogue": 1}, "unknown field 'rogue'"),
-                            ({"loop": {"in_a_row": -1}}, "loop.in_a_row=-1"), ({"step": 3}, "step=3 in a checkpoint")):
+                            ({"moments": {"mean": "x"}}, "moments.mean='x'"),
+                            ({"rogue": 1}, "unknown field 'rogue'"),
+                            ({"loop": {"in_a_row": -1}}, "loop.in_a_row=-1"),
+                            ({"step": 3}, "step=3 in a checkpoint")):
         with pytest.raises(CorruptDirectory, match=problem.replace("(", r"\(")):
             check(path, {**good, **change})
     with pytest.raises(CorruptDirectory, match="expected a mapping"):
@@ -124,11 +129,14 @@ def test_a_run_that_lost_config_yaml_resumes_only_when_told_and_changed_data_is_
     run, data = copied(two_steps, tmp_path)
     (run / "config.yaml").unlink()
     code, err = cli_error(sft(qwen2_dir, data, run, "seed=5", steps=3), capsys)
-    assert (code, err) == (2, f"fusedrl sft: output_dir={run} holds checkpoints but no config.yaml: the options they "
-                              "were trained with cannot be compared with this run's; put config.yaml back, or pass "
-                              "train.resume_without_config=true to resume on this command's options\n")
+    assert (code, err) == (2, f"fusedrl sft: output_dir={run} holds checkpoints but no config.yaml: "
+                              "the options they were trained with cannot be compared with this "
+                              "run's; put config.yaml back, or pass "
+                              "train.resume_without_config=true to resume on this command's "
+                              "options\n")
     assert not (run / "checkpoints" / "step-00000003").exists()
     write_jsonl(data, demonstrations(17))  # the data changed at the same path
     assert cli.main(sft(qwen2_dir, data, run, "train.resume_without_config=true", steps=3)) == 0
     notices = [r["notice"] for r in read_metrics(run) if "notice" in r]
-    assert any(n.startswith(f"data.train_file={data} changed since the run began") for n in notices), notices
+    changed = f"data.train_file={data} changed since the run began"
+    assert any(n.startswith(changed) for n in notices), notices
