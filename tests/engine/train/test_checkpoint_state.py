@@ -130,8 +130,8 @@ def test_a_run_that_lost_config_yaml_resumes_only_when_told_and_changed_data_is_
     (run / "config.yaml").unlink()
     code, err = cli_error(sft(qwen2_dir, data, run, "seed=5", steps=3), capsys)
     assert (code, err) == (2, f"fusedrl sft: output_dir={run} holds checkpoints but no "
-                              "config.yaml: the options they were trained with cannot be compared with this "
-                              "run's; put config.yaml back, or pass "
+                              "config.yaml: the options they were trained with cannot be "
+                              "compared with this run's; put config.yaml back, or pass "
                               "train.resume_without_config=true to resume on this command's "
                               "options\n")
     assert not (run / "checkpoints" / "step-00000003").exists()
