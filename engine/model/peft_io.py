@@ -196,7 +196,9 @@ def merge_adapter(adapter_dir, base_dir, out_dir, dtype="auto", overwrite: bool 
     causal LM (a reward model run's) or a reward model (the LoRA critic's: the merge is then the
     critic as a sequence classifier, its value head as the score head).
     `out_dir` must be new, empty, or an earlier export (replaced only with `overwrite`); never an
-    input or a directory holding one (engine/run_dir.py). The export is marked as one."""
+    input or a directory holding one (engine/run_dir.py). It is locked like a run directory while
+    the export is written beside it, and looked at again before the rename: anything that appeared
+    in it meanwhile stops the export, with nothing replaced. The export is marked as one."""
     out_dir = os.path.realpath(out_dir)
     claim(out_dir, "export", overwrite=overwrite, inputs=[adapter_dir, base_dir], option="--out",
           overwrite_option="--overwrite", empty=False)
