@@ -21,6 +21,7 @@ from .config.io import ConfigError, to_dict
 from .config.ppo import GRPOConfig, PPOConfig
 from .config.train import RMConfig, SFTConfig
 from .errors import UsageError
+from .path_checks import check_input_file
 
 
 @dataclass
@@ -46,12 +47,16 @@ def as_config(cls, config, overrides: list[str] = ()):
 
 
 def _ready(config, dataset) -> None:
-    """The config names its data unless a dataset is given."""
+    """The config names its data unless a dataset is given, and every data file it names is there
+    (checked as given, before the run makes its paths absolute: a hub name is said as one)."""
     if dataset is None:
         try:
             config.require_data()
         except ValueError as e:
             raise UsageError(f"{e}, or pass dataset=") from None
+    for option, path in config.paths()[1].items():
+        if path:
+            check_input_file(path, option)
 
 
 def _result(final_dir, output_dir) -> TrainResult:

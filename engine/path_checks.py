@@ -26,12 +26,17 @@ SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
 
 
 def check_input_file(path, option: str) -> None:
-    """`path` must be a readable data file, or a directory written by datasets' save_to_disk."""
+    """`path` must be a regular data file (a FIFO or a device such as /dev/zero would block or
+    never end), or a directory written by datasets' save_to_disk."""
     p = Path(path)
-    if p.is_dir() and not any((p / name).is_file() for name in SAVED_DATASET_FILES):
-        raise UsageError(f"{option}={path}: is a directory, expected a data file or a directory "
-                         "written by datasets' save_to_disk")
-    if not p.exists():
+    if p.is_dir():
+        if not any((p / name).is_file() for name in SAVED_DATASET_FILES):
+            raise UsageError(f"{option}={path}: is a directory, expected a data file or a "
+                             "directory written by datasets' save_to_disk")
+    elif p.exists() and not p.is_file():
+        raise UsageError(f"{option}={path}: not a regular file (a FIFO or a device), expected a "
+                         "file")
+    elif not p.exists():
         raise UsageError(f"{option}={not_found(str(path))}")
 
 

@@ -13,7 +13,11 @@ the model learns to stop there as with a single response.
 """
 from __future__ import annotations
 
-from .records import HH_ASSISTANT, as_messages
+from .records import HH_ASSISTANT, DataError, as_messages
+from .time_limit import TimeLimitExceeded, time_limit
+
+# The longest a chat template may take to render one conversation (real ones take milliseconds).
+TEMPLATE_SECONDS = 10.0
 
 
 def has_template(tokenizer) -> bool:
@@ -21,15 +25,21 @@ def has_template(tokenizer) -> bool:
 
 
 def _template(tokenizer, turns, generation_prompt: bool) -> str:
-    """The chat template applied; a ValueError (the row's error) when the template refuses the
-    turns (e.g. roles that do not alternate, which some templates raise on)."""
+    """The chat template applied, within TEMPLATE_SECONDS; a DataError (the row's error) when the
+    template refuses the turns (e.g. roles that do not alternate, which some templates raise on)
+    or runs longer."""
     import jinja2  # transformers' template engine, loaded with it
 
     try:
-        return tokenizer.apply_chat_template(as_messages(turns), tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+        with time_limit(TEMPLATE_SECONDS):
+            return tokenizer.apply_chat_template(as_messages(turns), tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
     except jinja2.TemplateError as e:
-        raise ValueError(f"the tokenizer's chat template refused these messages: {e}") from None
+        raise DataError(f"the tokenizer's chat template refused these messages: {e}") from None
+    except TimeLimitExceeded as e:
+        raise DataError(f"the tokenizer's chat template {e} to render {len(turns)} turns: a "
+                        "template that loops without end? fix chat_template in the model's "
+                        "tokenizer files") from None
 
 
 def render_prompt(tokenizer, turns) -> str:

@@ -76,6 +76,9 @@ def test_the_api_reads_dicts_and_yaml_and_raises_instead_of_exiting(chat_model, 
     with pytest.raises(UsageError, match=r"data.train_file=.*missing\.jsonl: no such file"):
         run_sft({"model": str(chat_model), "output_dir": str(tmp_path / "o"),
                  "data": {"train_file": str(tmp_path / "missing.jsonl")}})
+    with pytest.raises(UsageError, match=r"^data.train_file=trl-lib/Capybara: .*downloaded"):
+        run_sft({"model": str(chat_model), "output_dir": str(tmp_path / "o"),
+                 "data": {"train_file": "trl-lib/Capybara"}})
     assert not (tmp_path / "o").exists()  # refused before the run directory was made
 
 
