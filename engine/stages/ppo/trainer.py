@@ -42,6 +42,7 @@ from ...model.hf_io import load_model
 from ...model.reward_model import load_reward_model
 from ...model.causal_lm import CausalLM
 from ...model.peft_io import save_adapter
+from ...plan.kv_pool import rollout_kv_bytes
 from ...model.value_model import LoRACritic, load_value_model, save_value_model, shared_value_head
 from ... import distributed
 from ...train import adapters, optim
@@ -179,7 +180,9 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         fn = resolve_reward_fn(cfg, reward_fn)
         score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"),
                                 cfg.reward.fn_timeout_s, getattr(policy, "tensor_parallel", None))
-    actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory, device=device,
+    # rollout.kv_cache_memory by the memory plan's rules (auto: the largest pool that fits), on the real GPU.
+    kv_bytes = rollout_kv_bytes(cfg, torch.device(device), distributed.world_size(), distributed.local_world_size())
+    actor = HybridActor(policy, tokenizer, kv_cache_memory=kv_bytes, device=device,
                         release_kv_pool=cfg.rollout.release_kv_pool,
                         persistent_weights=cfg.rollout.persistent_weights,
                         block_size=cfg.rollout.block_size,
