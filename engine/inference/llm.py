@@ -75,6 +75,12 @@ class LLM:
     GEMM after each norm (7), for side-by-side measurement against cuBLAS.
     record_routing: an MoE model's expert choices for every token are kept (routing_record.py) and
     read back with `device_routing` (routing replay).
+    speculative_tokens: on decode steps of fewer than `speculate_below` rows (the long tail), each
+    row drafts up to this many tokens by n-gram lookup in its own tokens (ngram_draft.py) and one
+    forward verifies them (`ModelRunner.verify`): the same tokens and log-probs as plain decoding
+    draws from the same logits (greedy or sampled), in fewer forwards where the text repeats itself;
+    verify steps run eagerly (no CUDA graph). Not with batch_invariant (its decode walk is what the
+    trainer reproduces bit for bit) nor record_routing.
     `self.device` is the model's device: tensors handed to `self.model` go there.
     """
 
@@ -82,7 +88,7 @@ class LLM:
                  block_size: int = 16, device=None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 16384, use_cuda_graphs: bool = True, tokenizer=None,
                  batch_invariant: bool | BatchInvariant = False, fuse_decode_gemms: bool = True,
-                 record_routing: bool = False):
+                 record_routing: bool = False, speculative_tokens: int = 0, speculate_below: int = 8):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be an int >= 1")
         if isinstance(batch_invariant, BatchInvariant):
@@ -92,9 +98,16 @@ class LLM:
         elif not isinstance(batch_invariant, bool):
             raise ValueError(f"batch_invariant={batch_invariant!r} must be True, False or a BatchInvariant")
         self.batch_invariant = BatchInvariant(block_size) if batch_invariant is True else batch_invariant or None
-        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("speculate_below", speculate_below), ("speculative_tokens", speculative_tokens + 1)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
+                raise ValueError(f"{name}={value!r} must be an int >= {0 if name == 'speculative_tokens' else 1}")
+        if speculative_tokens and (self.batch_invariant is not None or record_routing):
+            raise ConfigValueError(f"speculative_tokens={speculative_tokens} with "
+                                   f"{'batch_invariant (rollout.exact)' if self.batch_invariant else 'record_routing'}: "
+                                   "not supported (a verify step is not the decode step those reproduce); "
+                                   "use one or the other")
+        self.speculative_tokens, self.speculate_below = speculative_tokens, speculate_below
         if isinstance(model_dir, CausalLM):
             self.model = model_dir
         else:
@@ -223,16 +236,44 @@ class LLM:
         try:
             while not self.scheduler.is_finished():
                 batch, is_prefill = self.scheduler.schedule()
-                first = self.runner.logprobs_kept
-                tokens = self.runner.run(batch, is_prefill)
-                for slot, seq in enumerate(batch, start=first):
-                    seq.logprob_slots.append(slot)
-                finished = self.scheduler.postprocess(batch, tokens)
+                finished = self._step(batch, is_prefill)
                 if progress is not None:
                     progress.update(len(finished))
         finally:
             if progress is not None:
                 progress.close()
+
+    def _step(self, batch: list[Sequence], is_prefill: bool) -> list[Sequence]:
+        """Run one scheduled step (a decode step of the tail speculatively: `_drafts`), append its
+        tokens and their log-prob slots; returns the sequences it finished."""
+        first = self.runner.logprobs_kept
+        drafts = None if is_prefill else self._drafts(batch)
+        if drafts is None:
+            tokens = self.runner.run(batch, is_prefill)
+            for slot, seq in enumerate(batch, start=first):
+                seq.logprob_slots.append(slot)
+            return self.scheduler.postprocess(batch, tokens)
+        emitted = self.runner.verify(batch, drafts)
+        before = [seq.num_tokens for seq in batch]
+        finished = self.scheduler.postprocess(batch, emitted)
+        for seq, tokens, had in zip(batch, emitted, before):  # a finishing token drops those after it
+            seq.logprob_slots += range(first, first + seq.num_tokens - had)
+            first += len(tokens)
+        return finished
+
+    def _drafts(self, batch: list[Sequence]) -> list[list[int]] | None:
+        """Each row's n-gram draft, cut to its token limits and to the KV slots free blocks give it;
+        None (a plain decode step) off the tail or where no row has a draft."""
+        if not self.speculative_tokens or len(batch) >= self.speculate_below:
+            return None
+        drafts = []
+        for seq in batch:
+            room = min(seq.params.max_new_tokens - (seq.num_tokens - seq.num_prompt_tokens),
+                       self.config.max_model_len - seq.num_tokens) - 1  # the draw after the draft
+            draft = seq.draft_index.draft(seq.token_ids, min(self.speculative_tokens, room))
+            slots = self.block_manager.reserve(seq, seq.num_tokens + len(draft)) if draft else seq.num_tokens
+            drafts.append(draft[:slots - seq.num_tokens])
+        return drafts if any(drafts) else None
 
     def _collect_logprobs(self, seqs: list[Sequence]) -> None:
         """Fill each sequence's host log-probs from the device buffer (one copy for the whole call),

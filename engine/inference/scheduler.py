@@ -77,17 +77,24 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, batch: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Append each sequence's sampled token; finish and free those that are done. Returns them."""
+    def postprocess(self, batch: list[Sequence], token_ids: list[int] | list[list[int]]) -> list[Sequence]:
+        """Append each sequence's sampled token (or tokens: a speculative step's, up to the one that
+        finishes it; the rest are dropped); finish and free those that are done, and free the blocks a
+        rejected draft held. Returns the finished ones."""
         finished = []
-        for seq, token_id in zip(batch, token_ids):
-            seq.append(token_id)
-            reason = self._finish_reason(seq, token_id)
+        for seq, tokens in zip(batch, token_ids):
+            for token_id in [tokens] if isinstance(tokens, int) else tokens:
+                seq.append(token_id)
+                reason = self._finish_reason(seq, token_id)
+                if reason:
+                    break
             if reason:
                 seq.finish_reason = reason
                 seq.status = SequenceStatus.FINISHED
                 self.block_manager.deallocate(seq)
                 finished.append(seq)
+            elif not isinstance(tokens, int):
+                self.block_manager.trim(seq)
         if finished:
             self.running = deque(s for s in self.running if not s.is_finished)
         return finished

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from enum import Enum, auto
 
+from .ngram_draft import NgramIndex
 from .sampling_params import SamplingParams
 
 
@@ -32,6 +33,7 @@ class Sequence:
         self.logprobs: list[float] = []  # their values, read back once the generate call ends
         self.routing_rows: list[int] = []  # MoE routing record of each forwarded position (routing_record.py)
         self.finish_reason: str | None = None
+        self.draft_index = NgramIndex()  # speculative decoding's drafts (ngram_draft.py)
 
     def __len__(self) -> int:
         return len(self.token_ids)
