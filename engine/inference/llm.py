@@ -172,6 +172,30 @@ class LLM:
         return [RequestOutput(ids, [self._completion(s, decode_text) for s in group])
                 for ids, group in zip(token_ids, groups)]
 
+    def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
+                         params: SamplingParams, token_budget: int | None = None) -> list[Completion]:
+        """Generate each answer on from where it stands (prompt + answer prefilled again: a partial
+        rollout's carried answers under new weights; an empty answer starts one), each row drawing
+        from its own seed's stream at its own positions, as one uninterrupted generate would, with
+        params.max_new_tokens counting the answer's earlier tokens. token_budget: stop every row once
+        this many tokens were drawn (the step that passes it ends; a step draws one token a row) (finish_reason None for the unfinished; their blocks freed).
+        Returns one Completion per row of the tokens and log-probs added by this call."""
+        if len({len(prompts), len(answers), len(seeds)}) != 1:
+            raise ValueError(f"{len(prompts)} prompts, {len(answers)} answers and {len(seeds)} seeds: expected as many")
+        seqs = []
+        for i, (prompt, answer, seed) in enumerate(zip(prompts, answers, seeds)):
+            self._check_request(i, list(prompt), params)
+            if len(prompt) + len(answer) >= min(len(prompt) + params.max_new_tokens, self.config.max_model_len):
+                raise ValueError(f"answers[{i}] has {len(answer)} tokens: nothing is left to generate")
+            seqs.append(Sequence(self._next_seq_id, list(prompt) + list(answer), params, seed, len(prompt)))
+            self._next_seq_id += 1
+            self.scheduler.add(seqs[-1])
+        starts = [seq.num_tokens for seq in seqs]
+        self._run(len(seqs), False, token_budget)
+        self._collect_logprobs(seqs)
+        return [Completion(seq.token_ids[start:], seq.logprobs, seq.finish_reason, None, seq.logprob_slots)
+                for seq, start in zip(seqs, starts)]
+
     def device_logprobs(self, slots: list[int]) -> torch.Tensor:
         """The last generate's sampled log-probs at these Completion.logprob_slots, as one fp32
         tensor [len(slots)] on `self.device`: what a trainer reads without a host round trip."""
@@ -225,8 +249,11 @@ class LLM:
         self.scheduler.add(seq)
         return seq
 
-    def _run(self, num_seqs: int, use_tqdm: bool):
+    def _run(self, num_seqs: int, use_tqdm: bool, token_budget: int | None = None):
+        """Steps until every sequence is done, or (token_budget) until that many tokens were drawn:
+        the unfinished are then stopped (Scheduler.abort), finish_reason None."""
         progress = None
+        decoded = 0
         if use_tqdm:
             from tqdm.auto import tqdm
             progress = tqdm(total=num_seqs, desc="generate", unit="seq")
@@ -236,7 +263,11 @@ class LLM:
         try:
             while not self.scheduler.is_finished():
                 batch, is_prefill = self.scheduler.schedule()
+                before = self.runner.logprobs_kept
                 finished = self._step(batch, is_prefill)
+                decoded += self.runner.logprobs_kept - before  # the tokens this step drew
+                if token_budget is not None and decoded >= token_budget:
+                    self.scheduler.abort()
                 if progress is not None:
                     progress.update(len(finished))
         finally:

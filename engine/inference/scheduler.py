@@ -77,6 +77,18 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def abort(self) -> list[Sequence]:
+        """Stop every unfinished sequence (a partial rollout's spent budget): their blocks freed, the
+        queue emptied. Returns them, oldest first; their tokens so far stay."""
+        stopped = list(self.running) + list(self.waiting)
+        for seq in self.running:
+            self.block_manager.deallocate(seq)
+        for seq in stopped:
+            seq.status = SequenceStatus.WAITING
+        self.running.clear()
+        self.waiting.clear()
+        return stopped
+
     def postprocess(self, batch: list[Sequence], token_ids: list[int] | list[list[int]]) -> list[Sequence]:
         """Append each sequence's sampled token (or tokens: a speculative step's, up to the one that
         finishes it; the rest are dropped); finish and free those that are done, and free the blocks a

@@ -20,10 +20,13 @@ class Sequence:
     were found in shared blocks when the sequence was (re)admitted, so prefill skips them.
     """
 
-    def __init__(self, seq_id: int, token_ids: list[int], params: SamplingParams, seed: int):
+    def __init__(self, seq_id: int, token_ids: list[int], params: SamplingParams, seed: int,
+                 num_prompt_tokens: int | None = None):
+        """num_prompt_tokens: where the answer starts (default: all of token_ids are the prompt; a
+        continued answer's earlier tokens count against params.max_new_tokens)."""
         self.seq_id = seq_id
         self.token_ids = list(token_ids)
-        self.num_prompt_tokens = len(token_ids)
+        self.num_prompt_tokens = len(token_ids) if num_prompt_tokens is None else num_prompt_tokens
         self.params = params
         self.seed = seed
         self.status = SequenceStatus.WAITING

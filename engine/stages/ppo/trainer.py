@@ -55,6 +55,7 @@ from .experience import ExperienceSettings, make_rollout
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 from .ptx import PtxLoss
+from .partial import partial_samples
 from .sampling import draw_samples, sample_and_score
 from .scoring import function_scorer, reward_model_scorer
 from .state import Controllers, PPOState
@@ -187,7 +188,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
                         persistent_weights=cfg.rollout.persistent_weights,
                         block_size=cfg.rollout.block_size,
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
-                        batch_invariant=cfg.rollout.exact,
+                        batch_invariant=cfg.rollout.exact, speculative_tokens=cfg.rollout.speculative_tokens,
+                        speculate_below=cfg.rollout.speculate_below,
                         record_routing=cfg.rollout.routing_replay and policy.config.moe is not None)
     return PPOModels(policy, reference, actor, critic, value_head, score, lora)
 
@@ -318,10 +320,18 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
         it = state.step
         controllers = Controllers.restore(state, cfg.reward)
         timer = PhaseTimer(device)
-        samples, sampling_metrics = draw_samples(
-            lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state),
-            lambda batch, seed: sample_and_score(models, batch, cfg.rollout, seed, timer), cfg.rollout,
-            cfg.seed * 1_000_003 + it)
+        seed = cfg.seed * 1_000_003 + it
+        if cfg.rollout.partial_rollouts:
+            samples, sampling_metrics = partial_samples(
+                models, state, lambda count: next_prompts(prompts, count, cfg.seed, state), cfg.rollout, seed, timer)
+            if samples is None:  # every group still has answers in flight: nothing to learn from yet
+                for s in schedules:
+                    optim.advance_schedule(s)
+                return {**sampling_metrics, **timer.metrics()}
+        else:
+            samples, sampling_metrics = draw_samples(
+                lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state),
+                lambda batch, seed: sample_and_score(models, batch, cfg.rollout, seed, timer), cfg.rollout, seed)
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
                                   timer)
         metrics = {**experience.metrics, **sampling_metrics, "lr": schedules[0].get_last_lr()[0]}
