@@ -39,7 +39,7 @@ class RolloutConfig:
         "largest pool that fits beside everything else in every phase that holds it (the memory plan's rules: "
         "`fusedrl plan`; with release_kv_pool the rollout alone), checked against the free memory when it is "
         "allocated; on the CPU 1 GiB. Never more than prompts_per_iteration x samples_per_prompt full-length "
-        "sequences", "auto")
+        "sequences (twice that with partial_rollouts)", "auto")
     release_kv_pool: bool = option("free the KV pool after each rollout (scoring and the update use its memory) "
                                    "and allocate it again for the next, where CUDA graphs allow: not in one "
                                    "process on CUDA (a captured decode step holds the pool's addresses), yes "
@@ -69,18 +69,25 @@ class RolloutConfig:
                                   "lose up to overlong_penalty, linearly (0 = off)", 0)
     overlong_penalty: float = option("overlong shaping: the penalty at max_new_tokens", 1.0)
     partial_rollouts: bool = option(
-        "cut the long tail (Kimi k1.5's partial rollouts): an iteration decodes until its groups are complete or "
-        "tokens_per_iteration tokens are spent; unfinished answers keep their tokens, log-probs and the policy "
-        "version of each token, free their KV and continue next iteration under the new weights; a group trains "
-        "once all its samples are done (ppo.is_mode then defaults to tis)", False)
+        "cut the long tail (Kimi k1.5's partial rollouts): an iteration adds prompts_per_iteration groups to those "
+        "carried and decodes until prompts_per_iteration groups are complete or tokens_per_iteration tokens are "
+        "drawn; unfinished answers keep their tokens, log-probs and the policy version of each token, free their "
+        "KV and continue next iteration under the new weights; a group trains once all its samples are done "
+        "(ppo.is_mode then defaults to tis)", False)
     tokens_per_iteration: int | None = option(
-        "partial rollouts: tokens an iteration decodes on each rank before it stops (null = a quarter of "
-        "prompts_per_iteration x samples_per_prompt x max_new_tokens)")
+        "partial rollouts: tokens an iteration draws on each rank before it stops, complete groups or not (null = "
+        "no budget: it stops at prompts_per_iteration complete groups)")
     max_staleness: int = option("partial rollouts: a carried answer whose oldest token is more than this many "
-                                "updates old when it would train is dropped and sampled again (counted)", 2)
+                                "iterations old when it would train is dropped and sampled again (counted)", 4)
     speculative_tokens: int = option("speculative decoding for the tail: tokens each row drafts by n-gram lookup "
                                      "in its own prompt and answer, verified in one forward (0 = off)", 0)
     speculate_below: int = option("speculate only on decode steps of fewer than this many rows (the tail)", 8)
+
+    @property
+    def max_rows(self) -> int:
+        """The rows a rank's engine runs at once (its max_num_seqs): prompts_per_iteration x
+        samples_per_prompt, twice that with partial rollouts (their groups in flight)."""
+        return self.prompts_per_iteration * self.samples_per_prompt * (2 if self.partial_rollouts else 1)
 
     def __post_init__(self):
         check_fields(self, "rollout.")

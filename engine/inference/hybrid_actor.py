@@ -98,11 +98,11 @@ class HybridActor:
 
     @torch.no_grad()
     def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
-                         params: SamplingParams, token_budget: int | None):
+                         params: SamplingParams, token_budget: int | None, groups: list[int], groups_needed: int):
         """LLM.continue_answers from the current weights (a partial rollout's step), the pool released
         after it as `generate` does. Returns its Completions (host tokens and log-probs)."""
         with self.whole_weights():
-            out = self.llm.continue_answers(prompts, answers, seeds, params, token_budget)
+            out = self.llm.continue_answers(prompts, answers, seeds, params, token_budget, groups, groups_needed)
         if self.release_kv_pool:
             self.llm.runner.release_kv_pool()
         return out

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import ConfigValueError, NonFiniteError
 from .block_manager import BlockManager
+from .group_stop import GroupsDone
 from ..model.hf_io import load_model, load_tokenizer
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant
@@ -173,12 +174,15 @@ class LLM:
                 for ids, group in zip(token_ids, groups)]
 
     def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
-                         params: SamplingParams, token_budget: int | None = None) -> list[Completion]:
+                         params: SamplingParams, token_budget: int | None = None, groups: list[int] | None = None,
+                         groups_needed: int | None = None) -> list[Completion]:
         """Generate each answer on from where it stands (prompt + answer prefilled again: a partial
         rollout's carried answers under new weights; an empty answer starts one), each row drawing
         from its own seed's stream at its own positions, as one uninterrupted generate would, with
         params.max_new_tokens counting the answer's earlier tokens. token_budget: stop every row once
-        this many tokens were drawn (the step that passes it ends; a step draws one token a row) (finish_reason None for the unfinished; their blocks freed).
+        this many tokens were drawn (the step that passes it ends; a step draws one token a row);
+        groups (one id per row) and groups_needed: stop once that many groups have all their rows
+        finished. Stopped rows have finish_reason None (their blocks freed).
         Returns one Completion per row of the tokens and log-probs added by this call."""
         if len({len(prompts), len(answers), len(seeds)}) != 1:
             raise ValueError(f"{len(prompts)} prompts, {len(answers)} answers and {len(seeds)} seeds: expected as many")
@@ -191,7 +195,8 @@ class LLM:
             self._next_seq_id += 1
             self.scheduler.add(seqs[-1])
         starts = [seq.num_tokens for seq in seqs]
-        self._run(len(seqs), False, token_budget)
+        stop = None if groups_needed is None else GroupsDone(seqs, groups, groups_needed)
+        self._run(len(seqs), False, token_budget, stop)
         self._collect_logprobs(seqs)
         return [Completion(seq.token_ids[start:], seq.logprobs, seq.finish_reason, None, seq.logprob_slots)
                 for seq, start in zip(seqs, starts)]
@@ -249,9 +254,10 @@ class LLM:
         self.scheduler.add(seq)
         return seq
 
-    def _run(self, num_seqs: int, use_tqdm: bool, token_budget: int | None = None):
-        """Steps until every sequence is done, or (token_budget) until that many tokens were drawn:
-        the unfinished are then stopped (Scheduler.abort), finish_reason None."""
+    def _run(self, num_seqs: int, use_tqdm: bool, token_budget: int | None = None, stop=None):
+        """Steps until every sequence is done, or (token_budget) until that many tokens were drawn, or
+        until stop(the step's finished sequences) says so: the unfinished are then stopped
+        (Scheduler.abort), finish_reason None."""
         progress = None
         decoded = 0
         if use_tqdm:
@@ -266,7 +272,7 @@ class LLM:
                 before = self.runner.logprobs_kept
                 finished = self._step(batch, is_prefill)
                 decoded += self.runner.logprobs_kept - before  # the tokens this step drew
-                if token_budget is not None and decoded >= token_budget:
+                if (token_budget is not None and decoded >= token_budget) or (stop and stop(finished)):
                     self.scheduler.abort()
                 if progress is not None:
                     progress.update(len(finished))

@@ -68,9 +68,9 @@ def held_in(cfg, ranks: int, graphs_hold_pool: bool) -> tuple[str, ...]:
 
 
 def pool_cap_blocks(cfg, max_model_len: int) -> int:
-    """The engine's cap: max_num_seqs (prompts x samples) sequences of max_model_len tokens."""
+    """The engine's cap: max_num_seqs (RolloutConfig.max_rows) sequences of max_model_len tokens."""
     r = cfg.rollout
-    return r.prompts_per_iteration * r.samples_per_prompt * -(-max_model_len // r.block_size)
+    return r.max_rows * -(-max_model_len // r.block_size)
 
 
 def pool_bytes(cfg, model_config, dtype: torch.dtype, tensor_parallel: int, gpu_memory: int | None,

@@ -361,8 +361,9 @@ def ppo_phases(s: Setup) -> dict:
 
     gathered = generation_gathered(s, policy)
     c = policy.config
-    prefill = min(max(PREFILL_TOKENS, c.max_model_len), rows * r.max_prompt_length)
-    sampler_logits = 2 * 4 * rows * c.vocab_size  # fp32 logits of a decode step and the sampler's work copy
+    # The engine's batch: RolloutConfig.max_rows (partial rollouts run their groups in flight at once).
+    prefill = min(max(PREFILL_TOKENS, c.max_model_len), r.max_rows * r.max_prompt_length)
+    sampler_logits = 2 * 4 * r.max_rows * c.vocab_size  # fp32 logits of a decode step and the sampler's work copy
     rollout = {**base, "gathered": gathered,
                "activations": forward_activations(c, elem, prefill, lm_head=False) + sampler_logits}
 

@@ -187,7 +187,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
                         release_kv_pool=cfg.rollout.release_kv_pool,
                         persistent_weights=cfg.rollout.persistent_weights,
                         block_size=cfg.rollout.block_size,
-                        max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
+                        max_num_seqs=cfg.rollout.max_rows,
                         batch_invariant=cfg.rollout.exact, speculative_tokens=cfg.rollout.speculative_tokens,
                         speculate_below=cfg.rollout.speculate_below,
                         record_routing=cfg.rollout.routing_replay and policy.config.moe is not None)

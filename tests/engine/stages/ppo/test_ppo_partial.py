@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
-from fusedrl.engine.stages.ppo.partial import drop_stale, new_group, token_budget
+from fusedrl.engine.stages.ppo.partial import drop_stale, new_group, new_groups_wanted
 from fusedrl.engine.stages.ppo.update import UpdateSettings
 from fusedrl.engine.train.runlog import read_metrics
 from test_ppo import run_straight_and_resumed, setup  # noqa: F401 (the fixture)
@@ -13,13 +13,14 @@ from train_testing import checkpoint_data
 
 
 def grpo(root, policy_dir, prompts, run, iterations=2, **rollout):
-    # 6-token answers (EOS ignored), 6 rows: a 14-token budget draws 3 tokens a row per iteration
-    # (its third step passes the budget), so each answer takes two iterations.
+    # 6-token answers (EOS ignored), 4 groups of 3 in flight, all 12 rows at once: a 26-token
+    # budget draws 3 tokens a row per iteration (its third step passes it), so every answer takes
+    # two iterations.
     return GRPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / run),
                       reward_fn="engine_testing:vowel_fraction",
                       rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                             ignore_eos=True, kv_cache_memory=1 << 22, partial_rollouts=True,
-                                            tokens_per_iteration=14, **rollout),
+                                            tokens_per_iteration=26, **rollout),
                       ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=3, vf_coef=0.0, kl_loss_coef=0.01),
                       train=LoopConfig(iterations=iterations, save_every=1, keep_checkpoints=0, progress=False,
                                        device="cpu"))
@@ -62,6 +63,6 @@ def test_partial_rollouts_turn_the_is_correction_on_and_refuse_what_cannot_carry
     off = GRPOConfig(**base, rollout=RolloutConfig(samples_per_prompt=2, partial_rollouts=True),
                      ppo=UpdateConfig(estimator="grpo", is_mode="off"))
     assert UpdateSettings.of(off).ppo.is_mode is None
-    assert token_budget(on.rollout) == 16 * 2 * 64 // 4
+    assert [new_groups_wanted(carried, 16) for carried in (0, 10, 16, 30, 40)] == [32, 22, 16, 2, 0]
     with pytest.raises(ValueError, match="rollout.partial_rollouts=true with rollout.dynamic_sampling or rollout.exact"):
         RolloutConfig(partial_rollouts=True, exact=True)
