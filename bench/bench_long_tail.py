@@ -1,5 +1,5 @@
-"""The rollout's long tail, modeled: synchronous rollouts vs partial rollouts vs partial rollouts with
-speculative decoding of the tail, for Qwen2.5-7B GRPO on one H100. Runs on the CPU.
+"""The rollout's long tail, modeled: synchronous rollouts vs partial rollouts vs partial rollouts
+with speculative decoding of the tail, for Qwen2.5-7B GRPO on one H100. Runs on the CPU.
 
 Response lengths are long-tailed: log-normal with median --median (4096) and sigma --sigma (0.8),
 cut at --max-new-tokens (16384): a median of ~4k tokens under a 16k cap, the shape long
@@ -39,10 +39,12 @@ from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.scheduler import Scheduler
 from fusedrl.engine.inference.sequence import Sequence
 from fusedrl.engine.inference.group_stop import GroupsDone
-from fusedrl.engine.stages.ppo.partial import complete, drop_stale, new_group, new_groups_wanted, unfinished
+from fusedrl.engine.stages.ppo.partial import (complete, drop_stale, new_group, new_groups_wanted,
+                                               unfinished)
 
 # Qwen2.5-7B: 7.616B parameters in bf16; K and V of 28 layers x 4 kv heads x 128 per token.
-PARAMS, WEIGHT_BYTES, KV_PER_TOKEN, LAYERS, HIDDEN = 7.616e9, 15.23e9, 2 * 28 * 4 * 128 * 2, 28, 3584
+PARAMS, WEIGHT_BYTES, LAYERS, HIDDEN = 7.616e9, 15.23e9, 28, 3584
+KV_PER_TOKEN = 2 * 28 * 4 * 128 * 2
 COPY_BW, MATMUL_FLOPS = 2.96e12, 792e12
 EOS, PROMPT_TOKEN = 2, 3
 
@@ -57,7 +59,8 @@ class StandIn:
         self.args, self.rng = args, rng
         self.blocks = BlockManager(args.pool_tokens // args.block_size, args.block_size)
         self.scheduler = Scheduler(self.blocks, rows, 16384, 32768, (EOS,))
-        self.counts = dict(decode_steps=0, verify_steps=0, rows=0, prefill_tokens=0, drawn_tokens=0, seconds=0.0)
+        self.counts = dict(decode_steps=0, verify_steps=0, rows=0, prefill_tokens=0, drawn_tokens=0,
+                           seconds=0.0)
 
     def next_tokens(self, seq: Sequence, target: int, count: int) -> list[int]:
         """Up to `count` tokens of `seq`'s answer, EOS at its `target` length."""
@@ -65,7 +68,8 @@ class StandIn:
         out = [10 + seq.seq_id] * min(count, target - done)
         return out[:-1] + [EOS] if done + len(out) == target else out
 
-    def run(self, rows: list[tuple[Sequence, int]], budget: int | None, speculate: bool, stop=None) -> None:
+    def run(self, rows: list[tuple[Sequence, int]], budget: int | None, speculate: bool,
+            stop=None) -> None:
         """Step until every row is done, `budget` tokens were drawn or stop(finished) (then
         Scheduler.abort), as LLM._run does."""
         target = {seq.seq_id: t for seq, t in rows}
@@ -99,8 +103,9 @@ class StandIn:
         tokens, fed = [], len(batch)
         for s in batch:
             want = 1
-            if spec:  # accepted drafts: each with probability a.acceptance, up to the first rejection
-                k = min(a.speculative_tokens, target[s.seq_id] - (s.num_tokens - s.num_prompt_tokens) - 1)
+            if spec:  # drafts accepted each with probability a.acceptance, until one is not
+                left = target[s.seq_id] - (s.num_tokens - s.num_prompt_tokens) - 1
+                k = min(a.speculative_tokens, left)
                 k = min(k, self.blocks.reserve(s, s.num_tokens + max(k, 0)) - s.num_tokens)
                 accepted = 0
                 while accepted < k and self.rng.random() < a.acceptance:
@@ -109,24 +114,27 @@ class StandIn:
             tokens.append(self.next_tokens(s, target[s.seq_id], want))
         kv = sum(s.num_tokens for s in batch) * KV_PER_TOKEN
         # Memory-bound (weights and KV read once a step) until the tokens fed outweigh it in FLOPs.
-        self.counts["seconds"] += max((WEIGHT_BYTES + kv) / COPY_BW, 2 * PARAMS * fed / MATMUL_FLOPS)
+        self.counts["seconds"] += max((WEIGHT_BYTES + kv) / COPY_BW,
+                                      2 * PARAMS * fed / MATMUL_FLOPS)
         self.counts["verify_steps" if spec else "decode_steps"] += 1
         self.counts["rows"] += len(batch)
         return tokens
 
 
 def lengths(args, rng: random.Random, n: int) -> list[int]:
-    return [max(1, min(args.max_new_tokens, round(rng.lognormvariate(math.log(args.median), args.sigma))))
-            for _ in range(n)]
+    draws = (rng.lognormvariate(math.log(args.median), args.sigma) for _ in range(n))
+    return [max(1, min(args.max_new_tokens, round(x))) for x in draws]
 
 
 def synchronous(args, seed: int) -> dict:
     rng = random.Random(seed)
-    model, trained, next_id = StandIn(args, random.Random(seed + 1), args.prompts * args.samples), 0, 0
+    model = StandIn(args, random.Random(seed + 1), args.prompts * args.samples)
+    trained, next_id = 0, 0
     for _ in range(args.iterations):
         rows = []
         for length in lengths(args, rng, args.prompts * args.samples):
-            rows.append((Sequence(next_id, [PROMPT_TOKEN] * args.prompt_tokens, PARAMS_OF(args), 0), length))
+            prompt = [PROMPT_TOKEN] * args.prompt_tokens
+            rows.append((Sequence(next_id, prompt, PARAMS_OF(args), 0), length))
             next_id += 1
         model.run(rows, None, speculate=False)
         trained += sum(t for _, t in rows)
@@ -140,7 +148,8 @@ def PARAMS_OF(args) -> SamplingParams:  # noqa: N802 (a constant per run)
 def partial(args, seed: int, speculate: bool) -> dict:
     """Partial rollouts until as many groups trained as the synchronous run trains."""
     rng = random.Random(seed)
-    # The lengths' stream apart from the acceptance draws: with and without speculation, the same answers.
+    # The lengths' stream apart from the acceptance draws: the same answers with or without
+    # speculation.
     model = StandIn(args, random.Random(seed + 1), 2 * args.prompts * args.samples)
     groups, trained, next_id, it = [], 0, 0, 0
     dropped = dropped_tokens = groups_trained = 0
@@ -148,19 +157,22 @@ def partial(args, seed: int, speculate: bool) -> dict:
         answers, tokens = drop_stale(groups, it, args.max_staleness)
         dropped, dropped_tokens = dropped + answers, dropped_tokens + tokens
         for _ in range(new_groups_wanted(len(groups), args.prompts)):
-            group = new_group([PROMPT_TOKEN] * args.prompt_tokens, args.samples, rng.getrandbits(32))
+            group = new_group([PROMPT_TOKEN] * args.prompt_tokens, args.samples,
+                              rng.getrandbits(32))
             for sample, length in zip(group["samples"], lengths(args, rng, args.samples)):
                 sample["length"] = length
             groups.append(group)
         rows = []
         for g, sample in unfinished(groups):
             prompt = groups[g]["prompt"]
-            rows.append((Sequence(next_id, prompt + sample["answer"], PARAMS_OF(args), 0, len(prompt)), g, sample))
+            seq = Sequence(next_id, prompt + sample["answer"], PARAMS_OF(args), 0, len(prompt))
+            rows.append((seq, g, sample))
             next_id += 1
         needed = args.prompts - sum(map(complete, groups))
         if needed > 0:
             seqs = [seq for seq, _, _ in rows]
-            model.run([(seq, sample["length"]) for seq, _, sample in rows], args.tokens_per_iteration, speculate,
+            model.run([(seq, sample["length"]) for seq, _, sample in rows],
+                      args.tokens_per_iteration, speculate,
                       GroupsDone(seqs, [g for _, g, _ in rows], needed))
         for seq, _, sample in rows:
             new = seq.completion_token_ids[len(sample["answer"]):]
@@ -191,13 +203,16 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16384)
     p.add_argument("--median", type=float, default=4096)
     p.add_argument("--sigma", type=float, default=0.8)
-    p.add_argument("--iterations", type=int, default=6, help="synchronous iterations (partial: as many groups)")
+    p.add_argument("--iterations", type=int, default=6,
+                   help="synchronous iterations (partial: as many groups)")
     p.add_argument("--tokens-per-iteration", type=int, default=None,
-                   help="partial rollouts' token budget (default: none, an iteration ends at --prompts complete groups)")
+                   help="partial rollouts' token budget (default: none, an iteration ends at "
+                        "--prompts complete groups)")
     p.add_argument("--max-staleness", type=int, default=4)
     p.add_argument("--speculative-tokens", type=int, default=4)
     p.add_argument("--speculate-below", type=int, default=32)
-    p.add_argument("--acceptance", type=float, default=0.5, help="assumed acceptance rate of a drafted token")
+    p.add_argument("--acceptance", type=float, default=0.5,
+                   help="assumed acceptance rate of a drafted token")
     p.add_argument("--pool-tokens", type=int, default=644400,
                    help="KV pool in tokens (the plan's auto pool of Qwen2.5-7B GRPO on 8 x 80 GB)")
     p.add_argument("--block-size", type=int, default=16)
@@ -210,12 +225,14 @@ def main(argv=None) -> int:
     sync = runs[0]["seconds_per_trained_token"]
     for r in runs:
         r["relative_time_per_token"] = r["seconds_per_trained_token"] / sync
-        print(f"{r['mode']:>20}: {r['seconds'] * 1e3 / max(r['trained_tokens'], 1) * 1e3:8.2f} us/token, "
-              f"{r['decode_steps']} decode + {r['verify_steps']} verify steps, mean batch {r['mean_batch']:.1f}, "
+        print(f"{r['mode']:>20}: {r['seconds_per_trained_token'] * 1e6:8.2f} us/token, "
+              f"{r['decode_steps']} decode + {r['verify_steps']} verify steps, "
+              f"mean batch {r['mean_batch']:.1f}, "
               f"{r['prefill_tokens']} prefill tokens, x{r['relative_time_per_token']:.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), "runs": runs}, indent=1) + "\n", encoding="utf-8")
+    payload = json.dumps({"settings": vars(args), "runs": runs}, indent=1)
+    out.write_text(payload + "\n", encoding="utf-8")
     print(f"long tail: partial+speculative / synchronous modeled time per token = "
           f"{runs[2]['relative_time_per_token']:.3f}")
     return 0

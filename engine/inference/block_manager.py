@@ -79,8 +79,8 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
 
     def reserve(self, seq: Sequence, num_tokens: int) -> int:
-        """Give `seq` slots up to `num_tokens` tokens (a speculative step's draft) as far as free blocks
-        last; returns how many tokens it now has slots for."""
+        """Give `seq` slots up to `num_tokens` tokens (a speculative step's draft) as far as free
+        blocks last; returns how many tokens it now has slots for."""
         while len(seq.block_table) < self.blocks_for(num_tokens) and self.free_block_ids:
             seq.block_table.append(self._take_free_block())
         return min(num_tokens, len(seq.block_table) * self.block_size)

@@ -43,8 +43,9 @@ from .sampling_params import SamplingParams
 class HybridActor:
     def __init__(self, policy: CausalLM, tokenizer=None, *, kv_cache_memory: int, block_size: int = 16,
                  max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False, device=None,
-                 release_kv_pool: bool = False, record_routing: bool = False, persistent_weights: bool = False,
-                 speculative_tokens: int = 0, speculate_below: int = 8):
+                 release_kv_pool: bool = False, record_routing: bool = False,
+                 persistent_weights: bool = False, speculative_tokens: int = 0,
+                 speculate_below: int = 8):
         """record_routing: keep an MoE policy's expert choices of every rollout token (`last_routing`).
         persistent_weights: generate from whole-size buffers refilled in place (under torchrun, where
         the policy is gathered: at tensor_parallel 1, or its tensor slices sharded over the data
@@ -98,11 +99,13 @@ class HybridActor:
 
     @torch.no_grad()
     def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
-                         params: SamplingParams, token_budget: int | None, groups: list[int], groups_needed: int):
-        """LLM.continue_answers from the current weights (a partial rollout's step), the pool released
-        after it as `generate` does. Returns its Completions (host tokens and log-probs)."""
+                         params: SamplingParams, token_budget: int | None, groups: list[int],
+                         groups_needed: int):
+        """LLM.continue_answers from the current weights (a partial rollout's step), the pool
+        released after it as `generate` does. Returns its Completions (host tokens, log-probs)."""
         with self.whole_weights():
-            out = self.llm.continue_answers(prompts, answers, seeds, params, token_budget, groups, groups_needed)
+            out = self.llm.continue_answers(prompts, answers, seeds, params, token_budget, groups,
+                                            groups_needed)
         if self.release_kv_pool:
             self.llm.runner.release_kv_pool()
         return out

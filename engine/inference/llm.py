@@ -89,7 +89,8 @@ class LLM:
                  block_size: int = 16, device=None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 16384, use_cuda_graphs: bool = True, tokenizer=None,
                  batch_invariant: bool | BatchInvariant = False, fuse_decode_gemms: bool = True,
-                 record_routing: bool = False, speculative_tokens: int = 0, speculate_below: int = 8):
+                 record_routing: bool = False, speculative_tokens: int = 0,
+                 speculate_below: int = 8):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be an int >= 1")
         if isinstance(batch_invariant, BatchInvariant):
@@ -99,15 +100,18 @@ class LLM:
         elif not isinstance(batch_invariant, bool):
             raise ValueError(f"batch_invariant={batch_invariant!r} must be True, False or a BatchInvariant")
         self.batch_invariant = BatchInvariant(block_size) if batch_invariant is True else batch_invariant or None
-        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
-                            ("speculate_below", speculate_below), ("speculative_tokens", speculative_tokens + 1)):
+        for name, value in (("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("speculate_below", speculate_below)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= {0 if name == 'speculative_tokens' else 1}")
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if not isinstance(speculative_tokens, int) or speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens={speculative_tokens!r} must be an int >= 0")
         if speculative_tokens and (self.batch_invariant is not None or record_routing):
-            raise ConfigValueError(f"speculative_tokens={speculative_tokens} with "
-                                   f"{'batch_invariant (rollout.exact)' if self.batch_invariant else 'record_routing'}: "
-                                   "not supported (a verify step is not the decode step those reproduce); "
-                                   "use one or the other")
+            other = "batch_invariant (rollout.exact)" if self.batch_invariant else "record_routing"
+            raise ConfigValueError(f"speculative_tokens={speculative_tokens} with {other}: not "
+                                   "supported (a verify step is not the decode step those "
+                                   "reproduce); use one or the other")
         self.speculative_tokens, self.speculate_below = speculative_tokens, speculate_below
         if isinstance(model_dir, CausalLM):
             self.model = model_dir
@@ -174,32 +178,37 @@ class LLM:
                 for ids, group in zip(token_ids, groups)]
 
     def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
-                         params: SamplingParams, token_budget: int | None = None, groups: list[int] | None = None,
-                         groups_needed: int | None = None) -> list[Completion]:
+                         params: SamplingParams, token_budget: int | None = None,
+                         groups: list[int] | None = None, groups_needed: int | None = None
+                         ) -> list[Completion]:
         """Generate each answer on from where it stands (prompt + answer prefilled again: a partial
         rollout's carried answers under new weights; an empty answer starts one), each row drawing
         from its own seed's stream at its own positions, as one uninterrupted generate would, with
-        params.max_new_tokens counting the answer's earlier tokens. token_budget: stop every row once
-        this many tokens were drawn (the step that passes it ends; a step draws one token a row);
+        params.max_new_tokens counting the answer's earlier tokens. token_budget: stop every row
+        once this many tokens were drawn (the step that passes it ends; a step draws a token a row);
         groups (one id per row) and groups_needed: stop once that many groups have all their rows
         finished. Stopped rows have finish_reason None (their blocks freed).
         Returns one Completion per row of the tokens and log-probs added by this call."""
         if len({len(prompts), len(answers), len(seeds)}) != 1:
-            raise ValueError(f"{len(prompts)} prompts, {len(answers)} answers and {len(seeds)} seeds: expected as many")
+            raise ValueError(f"{len(prompts)} prompts, {len(answers)} answers and {len(seeds)} "
+                             "seeds: expected as many")
         seqs = []
         for i, (prompt, answer, seed) in enumerate(zip(prompts, answers, seeds)):
             self._check_request(i, list(prompt), params)
-            if len(prompt) + len(answer) >= min(len(prompt) + params.max_new_tokens, self.config.max_model_len):
-                raise ValueError(f"answers[{i}] has {len(answer)} tokens: nothing is left to generate")
-            seqs.append(Sequence(self._next_seq_id, list(prompt) + list(answer), params, seed, len(prompt)))
+            end = min(len(prompt) + params.max_new_tokens, self.config.max_model_len)
+            if len(prompt) + len(answer) >= end:
+                raise ValueError(f"answers[{i}] has {len(answer)} tokens: nothing is left to "
+                                 "generate")
+            seqs.append(Sequence(self._next_seq_id, list(prompt) + list(answer), params, seed,
+                                 len(prompt)))
             self._next_seq_id += 1
             self.scheduler.add(seqs[-1])
         starts = [seq.num_tokens for seq in seqs]
         stop = None if groups_needed is None else GroupsDone(seqs, groups, groups_needed)
         self._run(len(seqs), False, token_budget, stop)
         self._collect_logprobs(seqs)
-        return [Completion(seq.token_ids[start:], seq.logprobs, seq.finish_reason, None, seq.logprob_slots)
-                for seq, start in zip(seqs, starts)]
+        return [Completion(seq.token_ids[start:], seq.logprobs, seq.finish_reason, None,
+                           seq.logprob_slots) for seq, start in zip(seqs, starts)]
 
     def device_logprobs(self, slots: list[int]) -> torch.Tensor:
         """The last generate's sampled log-probs at these Completion.logprob_slots, as one fp32
@@ -255,8 +264,8 @@ class LLM:
         return seq
 
     def _run(self, num_seqs: int, use_tqdm: bool, token_budget: int | None = None, stop=None):
-        """Steps until every sequence is done, or (token_budget) until that many tokens were drawn, or
-        until stop(the step's finished sequences) says so: the unfinished are then stopped
+        """Steps until every sequence is done, or (token_budget) until that many tokens were
+        drawn, or until stop(the step's finished sequences) says so: the unfinished are then stopped
         (Scheduler.abort), finish_reason None."""
         progress = None
         decoded = 0
@@ -272,7 +281,8 @@ class LLM:
                 before = self.runner.logprobs_kept
                 finished = self._step(batch, is_prefill)
                 decoded += self.runner.logprobs_kept - before  # the tokens this step drew
-                if (token_budget is not None and decoded >= token_budget) or (stop and stop(finished)):
+                spent = token_budget is not None and decoded >= token_budget
+                if spent or (stop is not None and stop(finished)):
                     self.scheduler.abort()
                 if progress is not None:
                     progress.update(len(finished))
@@ -293,7 +303,8 @@ class LLM:
         emitted = self.runner.verify(batch, drafts)
         before = [seq.num_tokens for seq in batch]
         finished = self.scheduler.postprocess(batch, emitted)
-        for seq, tokens, had in zip(batch, emitted, before):  # a finishing token drops those after it
+        # A finishing token drops the tokens after it: their slots are skipped.
+        for seq, tokens, had in zip(batch, emitted, before):
             seq.logprob_slots += range(first, first + seq.num_tokens - had)
             first += len(tokens)
         return finished
@@ -308,7 +319,8 @@ class LLM:
             room = min(seq.params.max_new_tokens - (seq.num_tokens - seq.num_prompt_tokens),
                        self.config.max_model_len - seq.num_tokens) - 1  # the draw after the draft
             draft = seq.draft_index.draft(seq.token_ids, min(self.speculative_tokens, room))
-            slots = self.block_manager.reserve(seq, seq.num_tokens + len(draft)) if draft else seq.num_tokens
+            slots = (self.block_manager.reserve(seq, seq.num_tokens + len(draft)) if draft
+                     else seq.num_tokens)
             drafts.append(draft[:slots - seq.num_tokens])
         return drafts if any(drafts) else None
 

@@ -19,11 +19,11 @@ class NgramIndex:
         self.indexed = 0  # tokens[:indexed] are in the index
 
     def draft(self, tokens: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram of
-        `tokens` (the same list, grown, at every call)."""
+        """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram
+        of `tokens` (the same list, grown, at every call)."""
         if k <= 0:
             return []
-        # Index every n-gram that ends before the last token: the suffix itself must match an earlier one.
+        # Index every n-gram ending before the last token: the suffix must match an earlier one.
         for end in range(max(self.indexed, 1), len(tokens)):
             for n in range(1, min(MAX_NGRAM, end) + 1):
                 self.latest[tuple(tokens[end - n:end])] = end

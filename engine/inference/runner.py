@@ -99,7 +99,7 @@ class ModelRunner:
             self.routing.num_layers, max_num_seqs, self.routing.top_k, dtype=torch.int64, device=self.device)
         self._prefill_routing = None
         self.forwards = 0  # model forwards run (prefill, decode and speculative verify steps)
-        self.verify_workspace = None  # the sampler's windows for verify steps' rows (1 + draft per sequence)
+        self.verify_workspace = None  # the sampler's windows for verify steps' rows
         self.graphs = None
         if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = _DecodeGraphs(self, max_num_seqs)
@@ -203,9 +203,9 @@ class ModelRunner:
         draft and the draw after it (1..len(draft) + 1 tokens), whose log-probs are kept.
 
         For a draft that is one token (a point mass), accepting it when the target's own draw equals
-        it is the standard rule (accept with probability p(draft); on rejection a draw from the target
-        with the draft removed, renormalized): the emitted tokens follow the target distribution
-        exactly, and they are the tokens plain decoding draws from the same logits."""
+        it is the standard rule (accept with probability p(draft); on rejection a draw from the
+        target with the draft removed, renormalized): the emitted tokens follow the target
+        distribution exactly, and they are the tokens plain decoding draws from the same logits."""
         self.allocate_kv_pool()
         self.forwards += 1
         rows = [(s.block_table, s.token_ids + d, s.num_tokens - 1) for s, d in zip(seqs, drafts)]
@@ -214,8 +214,8 @@ class ModelRunner:
         spans = [(s, s.num_tokens + i) for s, d in zip(seqs, drafts) for i in range(len(d) + 1)]
         if self.verify_workspace is None or self.verify_workspace.rows < len(spans):
             self.verify_workspace = SamplerWorkspace(len(spans), self.device)
-        tokens, logprobs = self._sample(hidden, self._prepare_sampling([s for s, _ in spans], [p for _, p in spans]),
-                                        self.verify_workspace)
+        sampling = self._prepare_sampling([s for s, _ in spans], [p for _, p in spans])
+        tokens, logprobs = self._sample(hidden, sampling, self.verify_workspace)
         drawn, emitted, keep, at = tokens.tolist(), [], [], 0
         for d in drafts:
             n = 0
@@ -252,8 +252,8 @@ class ModelRunner:
         return self._tensor(rows, torch.int32)  # [B, width]
 
     def _prepare_packed(self, rows: list[tuple[list[int], list[int], int]]):
-        """A packed forward over rows (block table, token ids, start): each row's tokens from `start`
-        on, attending to its KV before it (in the pages) and to each other causally."""
+        """A packed forward over rows (block table, token ids, start): each row's tokens from
+        `start` on, attending to its KV before it (in the pages) and to each other causally."""
         input_ids, positions, slots, seqlens_q, seqlens_k = [], [], [], [], []
         for table, ids, start in rows:
             input_ids += ids[start:]
@@ -266,7 +266,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             is_decode=False, seqlens_q=seqlens_q, seqlens_k=seqlens_k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
             slot_mapping=self._tensor(slots, torch.int64),
-            block_tables=self._block_tables([table for table, _, _ in rows]) if seqlens_q != seqlens_k else None)
+            block_tables=(self._block_tables([table for table, _, _ in rows])
+                          if seqlens_q != seqlens_k else None))
         last = cu_q[1:] - 1  # index of each sequence's last token in the packed batch
         return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, last
 

@@ -78,8 +78,8 @@ class Scheduler:
         self.num_preemptions += 1
 
     def abort(self) -> list[Sequence]:
-        """Stop every unfinished sequence (a partial rollout's spent budget): their blocks freed, the
-        queue emptied. Returns them, oldest first; their tokens so far stay."""
+        """Stop every unfinished sequence (a partial rollout's spent budget): their blocks freed,
+        the queue emptied. Returns them, oldest first; their tokens so far stay."""
         stopped = list(self.running) + list(self.waiting)
         for seq in self.running:
             self.block_manager.deallocate(seq)
@@ -89,10 +89,11 @@ class Scheduler:
         self.waiting.clear()
         return stopped
 
-    def postprocess(self, batch: list[Sequence], token_ids: list[int] | list[list[int]]) -> list[Sequence]:
-        """Append each sequence's sampled token (or tokens: a speculative step's, up to the one that
-        finishes it; the rest are dropped); finish and free those that are done, and free the blocks a
-        rejected draft held. Returns the finished ones."""
+    def postprocess(self, batch: list[Sequence], token_ids: list[int] | list[list[int]]
+                    ) -> list[Sequence]:
+        """Append each sequence's sampled token (or tokens: a speculative step's, up to the one
+        that finishes it; the rest are dropped); finish and free those that are done, and free the
+        blocks a rejected draft held. Returns the finished ones."""
         finished = []
         for seq, tokens in zip(batch, token_ids):
             for token_id in [tokens] if isinstance(tokens, int) else tokens:

@@ -25,8 +25,8 @@ PHASES_AFTER_LOAD = ("rollout", "scoring", "update", "export")
 
 @dataclass(frozen=True)
 class PoolFigures:
-    """A KV pool as the plan reports it: bytes per GPU, the tokens it holds (every layer's K and V of
-    this GPU's heads), how many full-length sequences (max_prompt_length + max_new_tokens) fit at
+    """A KV pool as the plan reports it: bytes per GPU, the tokens it holds (every layer's K and V
+    of this GPU's heads), how many full-length sequences (max_prompt_length + max_new_tokens) fit at
     once, and the group size (samples_per_prompt) it is compared with."""
     bytes: int
     tokens: int
@@ -41,21 +41,23 @@ class PoolFigures:
         """Why the pool cannot run the rollout (it holds no full-length sequence), else None."""
         if self.sequences >= 1:
             return None
-        return (f"the KV pool ({format_bytes(self.bytes)}, {self.tokens} tokens) does not hold one full-length "
-                f"sequence of {self.sequence_tokens} tokens (rollout.max_prompt_length + rollout.max_new_tokens): "
-                "raise rollout.kv_cache_memory (auto: the largest that fits) or free memory for it, or lower "
-                "rollout.max_new_tokens")
+        return (f"the KV pool ({format_bytes(self.bytes)}, {self.tokens} tokens) does not hold one "
+                f"full-length sequence of {self.sequence_tokens} tokens "
+                "(rollout.max_prompt_length + rollout.max_new_tokens): raise "
+                "rollout.kv_cache_memory (auto: the largest that fits) or free memory for it, or "
+                "lower rollout.max_new_tokens")
 
     def warning(self) -> str | None:
         """A pool holding fewer sequences than one group: the group's samples decode in turns."""
         if 1 <= self.sequences < self.group:
-            return (f"warning: the KV pool holds {self.sequences} full-length sequences at once, fewer than one "
-                    f"group (rollout.samples_per_prompt={self.group}): long answers decode in turns")
+            return (f"warning: the KV pool holds {self.sequences} full-length sequences at once, "
+                    f"fewer than one group (rollout.samples_per_prompt={self.group}): long answers "
+                    "decode in turns")
         return None
 
     def line(self) -> str:
-        return (f"KV pool: {format_bytes(self.bytes)} per GPU = {self.tokens} tokens = {self.sequences} full-length "
-                f"sequences ({self.sequence_tokens} tokens) at once")
+        return (f"KV pool: {format_bytes(self.bytes)} per GPU = {self.tokens} tokens = "
+                f"{self.sequences} full-length sequences ({self.sequence_tokens} tokens) at once")
 
 
 def held_in(cfg, ranks: int, graphs_hold_pool: bool) -> tuple[str, ...]:
@@ -75,15 +77,17 @@ def pool_cap_blocks(cfg, max_model_len: int) -> int:
 
 def pool_bytes(cfg, model_config, dtype: torch.dtype, tensor_parallel: int, gpu_memory: int | None,
                phases: dict, held: tuple[str, ...]) -> int:
-    """The pool's bytes per GPU in whole blocks, capped as the engine caps it: rollout.kv_cache_memory
-    as bytes, as a fraction of `gpu_memory`, or auto: (1 - AUTO_HEADROOM) x gpu_memory less the
-    largest of `phases` ({phase: {category: bytes}}, the pool left out) among those in `held`."""
+    """The pool's bytes per GPU in whole blocks, capped as the engine caps it:
+    rollout.kv_cache_memory as bytes, as a fraction of `gpu_memory`, or auto: (1 - AUTO_HEADROOM)
+    x gpu_memory less the largest of `phases` ({phase: {category: bytes}}, the pool left out)
+    among those in `held`."""
     r = cfg.rollout
     per_block = kv_bytes_per_block(model_config, dtype, r.block_size, tensor_parallel)
     budget = r.kv_cache_memory
     if isinstance(budget, str) or isinstance(budget, float):
         if gpu_memory is None:
-            raise ValueError(f"rollout.kv_cache_memory={budget!r} needs the GPU's memory to be planned")
+            raise ValueError(f"rollout.kv_cache_memory={budget!r} needs the GPU's memory to be "
+                             "planned")
         if isinstance(budget, float):
             budget = int(budget * gpu_memory)
         else:
@@ -92,27 +96,29 @@ def pool_bytes(cfg, model_config, dtype: torch.dtype, tensor_parallel: int, gpu_
     return min(budget // per_block, pool_cap_blocks(cfg, model_config.max_model_len)) * per_block
 
 
-def pool_figures(cfg, model_config, dtype: torch.dtype, tensor_parallel: int, nbytes: int) -> PoolFigures:
+def pool_figures(cfg, model_config, dtype: torch.dtype, tensor_parallel: int,
+                 nbytes: int) -> PoolFigures:
     """`nbytes` of pool per GPU as tokens and full-length sequences at once."""
     r = cfg.rollout
     per_block = kv_bytes_per_block(model_config, dtype, r.block_size, tensor_parallel)
     blocks = nbytes // per_block
     longest = min(r.max_prompt_length + r.max_new_tokens, model_config.max_model_len)
-    return PoolFigures(nbytes, blocks * r.block_size, blocks // -(-longest // r.block_size), longest,
-                       r.samples_per_prompt)
+    return PoolFigures(nbytes, blocks * r.block_size, blocks // -(-longest // r.block_size),
+                       longest, r.samples_per_prompt)
 
 
 def rollout_kv_bytes(cfg, device: torch.device, gpus: int, gpus_per_node: int) -> int:
     """The bytes of KV pool a PPO run allocates on `device`: on CUDA the plan's pool (pool_bytes, by
     the plan of this run on `gpus` GPUs), shrunk by what the GPU really lacks for the plan's peak
     (torch.cuda.mem_get_info plus what torch holds already: another process, a larger CUDA context);
-    UsageError when it then holds no full-length sequence. On the CPU: bytes as given, else 1 GiB."""
+    UsageError when it then holds no full-length sequence. On the CPU: bytes as given, else
+    1 GiB."""
     from ..inference.llm import CPU_DEFAULT_KV_BYTES
     budget = cfg.rollout.kv_cache_memory
     if device.type != "cuda":
         if isinstance(budget, float):
-            raise UsageError(f"rollout.kv_cache_memory={budget} is a fraction of the GPU's memory: the run is on "
-                             f"{device.type}; give bytes (an int) or auto")
+            raise UsageError(f"rollout.kv_cache_memory={budget} is a fraction of the GPU's memory: "
+                             f"the run is on {device.type}; give bytes (an int) or auto")
         return CPU_DEFAULT_KV_BYTES if budget == "auto" else budget
     from .planner import plan_stage
     total = torch.cuda.get_device_properties(device).total_memory
@@ -127,9 +133,10 @@ def fit_to_free(pool: PoolFigures, planned_peak: int, capacity: int) -> int:
     short = max(planned_peak - capacity, 0)
     per_token = pool.bytes // max(pool.tokens, 1)
     tokens = pool.tokens - -(-short // max(per_token, 1)) if short else pool.tokens
-    fitted = PoolFigures(max(tokens, 0) * per_token, max(tokens, 0), max(tokens, 0) // pool.sequence_tokens,
+    tokens = max(tokens, 0)
+    fitted = PoolFigures(tokens * per_token, tokens, tokens // pool.sequence_tokens,
                          pool.sequence_tokens, pool.group)
     if fitted.problem():
-        raise UsageError(f"{fitted.problem()} (the GPU has {format_bytes(capacity)} for this process; the plan "
-                         f"needs {format_bytes(planned_peak)})")
+        raise UsageError(f"{fitted.problem()} (the GPU has {format_bytes(capacity)} for this "
+                         f"process; the plan needs {format_bytes(planned_peak)})")
     return fitted.bytes

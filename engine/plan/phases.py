@@ -8,13 +8,14 @@ rollout.persistent_weights the policy's whole generation buffers, kept through t
 trained parameters, sharded like them, plus a unit's whole gradients before FSDP reduce-scatters them, plus
 the optimizer's transient fp32 copy during the step), optimizer (fp32 masters of non-fp32 parameters and the
 two AdamW moments, 12 bytes per bf16 parameter: engine/train/fused_adamw.py, created at the first step and
-kept), kv_pool (rollout.kv_cache_memory: bytes, a fraction of the GPU, or auto, the largest that fits beside
-the rest of every phase holding it; capped by the engine at max_num_seqs full-length sequences: kv_pool.py),
-gathered (whole weights held on top of the shards: FSDP units during a forward, the whole
-policy while generating, the exported model), activations (per token budget: activations.py; the scoring
-forwards' is rollout.tokens_per_forward). With train.optimizer_offload under torchrun a trained FSDP model's
-weight shards, gradients, fp32 step copy and optimizer state rest in CPU memory (host_optimizer_bytes counts
-the state); only its gathered units and a unit's whole gradients before the reduce-scatter come onto the GPU.
+kept), kv_pool (rollout.kv_cache_memory: bytes, a fraction of the GPU, or auto, the largest that
+fits beside the rest of every phase holding it; capped by the engine at max_num_seqs full-length
+sequences: kv_pool.py), gathered (whole weights held on top of the shards: FSDP units during a
+forward, the whole policy while generating, the exported model), activations (per token budget:
+activations.py; the scoring forwards' is rollout.tokens_per_forward). With train.optimizer_offload
+under torchrun a trained FSDP model's weight shards, gradients, fp32 step copy and optimizer state
+rest in CPU memory (host_optimizer_bytes counts the state); only its gathered units and a unit's
+whole gradients before the reduce-scatter come onto the GPU.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class Setup:
     dtype: torch.dtype          # of the models' parameters (train.precision)
     offload_optimizer: bool
     rules: EngineRules
-    gpu_memory: int | None = None  # what a fraction or `auto` of rollout.kv_cache_memory is taken of
+    gpu_memory: int | None = None  # what rollout.kv_cache_memory's fraction or `auto` is of
     memo: dict = field(default_factory=dict, repr=False)  # parameter lists and unit sizes, computed once
 
     def once(self, key, compute):
@@ -150,7 +151,8 @@ class MemoryPlan:
     @property
     def fits(self) -> bool:
         """Every phase within the GPU, and a KV pool that holds one full-length sequence."""
-        return self.peak <= self.gpu_memory and (self.kv_pool is None or self.kv_pool.problem() is None)
+        pool_ok = self.kv_pool is None or self.kv_pool.problem() is None
+        return self.peak <= self.gpu_memory and pool_ok
 
 
 def _params(s: Setup) -> list[tuple[torch.Tensor, Part]]:
@@ -226,18 +228,19 @@ def forward_gathered(s: Setup, part: Part) -> int:
 
 
 def pool_phases(s: Setup) -> tuple[str, ...]:
-    """The phases that hold the KV pool (kv_pool.held_in): rollout.release_kv_pool frees it outside the
-    rollout where no CUDA graph holds it: under torchrun gathering by unshard (graphs off); where decode
-    steps are CUDA graphs (one process, tensor slices copied across the data groups,
+    """The phases that hold the KV pool (kv_pool.held_in): rollout.release_kv_pool frees it outside
+    the rollout where no CUDA graph holds it: under torchrun gathering by unshard (graphs off);
+    where decode steps are CUDA graphs (one process, tensor slices copied across the data groups,
     rollout.persistent_weights) the pool stays."""
-    r = s.cfg.rollout
-    graphs = s.ranks == 1 or (s.cfg.train.tensor_parallel > 1 and not s.data_sharded(_policy(s))) or r.persistent_weights
+    copies = s.cfg.train.tensor_parallel > 1 and not s.data_sharded(_policy(s))
+    graphs = s.ranks == 1 or copies or s.cfg.rollout.persistent_weights
     return held_in(s.cfg, s.ranks, graphs)
 
 
 def kv_pool(s: Setup, phases: dict) -> PoolFigures:
-    """The paged KV pool of HybridActor beside `phases` (the pool left out): kv_pool.pool_bytes; with
-    tensor parallelism a GPU holds its key/value heads' share of every block (so T times the blocks)."""
+    """The paged KV pool of HybridActor beside `phases` (the pool left out): kv_pool.pool_bytes;
+    with tensor parallelism a GPU holds its key/value heads' share of every block (so T times the
+    blocks)."""
     c, t = _policy(s).config, s.cfg.train.tensor_parallel
     nbytes = pool_bytes(s.cfg, c, s.dtype, t, s.gpu_memory, phases, pool_phases(s))
     return pool_figures(s.cfg, c, s.dtype, t, nbytes)
@@ -361,9 +364,10 @@ def ppo_phases(s: Setup) -> dict:
 
     gathered = generation_gathered(s, policy)
     c = policy.config
-    # The engine's batch: RolloutConfig.max_rows (partial rollouts run their groups in flight at once).
+    # The engine's batch: RolloutConfig.max_rows (partial rollouts run their groups in flight).
     prefill = min(max(PREFILL_TOKENS, c.max_model_len), r.max_rows * r.max_prompt_length)
-    sampler_logits = 2 * 4 * r.max_rows * c.vocab_size  # fp32 logits of a decode step and the sampler's work copy
+    # fp32 logits of a decode step and the sampler's work copy
+    sampler_logits = 2 * 4 * r.max_rows * c.vocab_size
     rollout = {**base, "gathered": gathered,
                "activations": forward_activations(c, elem, prefill, lm_head=False) + sampler_logits}
 
@@ -393,7 +397,8 @@ def plan_phases(s: Setup) -> tuple[dict, PoolFigures | None]:
     KV pool of a PPO stage, counted in the phases that hold it, else None)."""
     ppo = s.stage in ("ppo", "grpo")
     phases = ppo_phases(s) if ppo else supervised_phases(s)
-    phases = {name: {cat: int(phases[name].get(cat, 0)) for cat in CATEGORIES} for name in PHASES if name in phases}
+    phases = {name: {cat: int(phases[name].get(cat, 0)) for cat in CATEGORIES}
+              for name in PHASES if name in phases}
     if not ppo:
         return phases, None
     pool = kv_pool(s, phases)

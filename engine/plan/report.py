@@ -8,8 +8,9 @@ from .units import format_bytes
 def to_json(plan: MemoryPlan) -> dict:
     """{"fits": bool, "peak_bytes", "peak_phase", "gpu_memory", "gpus", "shard_group" (the GPUs an FSDP
     model is split over), "phases": {phase: {category:
-    bytes per GPU, "total": ...}}, "models": [...], "host_optimizer_bytes", "advice": [...], "rules", "kv_pool": PPO's {"bytes",
-    "tokens", "sequences", "sequence_tokens", "group"} (kv_pool.PoolFigures), else null}."""
+    bytes per GPU, "total": ...}}, "models": [...], "host_optimizer_bytes", "advice": [...],
+    "rules", "kv_pool": PPO's {"bytes", "tokens", "sequences", "sequence_tokens", "group"}
+    (kv_pool.PoolFigures), else null}."""
     return {"stage": plan.stage, "gpus": plan.ranks, "shard_group": plan.shard_group, "gpu_memory": plan.gpu_memory,
             "fits": plan.fits,
             "peak_phase": plan.peak_phase, "peak_bytes": plan.peak,
@@ -42,7 +43,7 @@ def format_plan(plan: MemoryPlan, title: str) -> str:
     if plan.kv_pool is not None:
         lines.append(f"  {plan.kv_pool.line()}")
     pool_short = plan.kv_pool is not None and plan.kv_pool.problem() is not None
-    verdict = "fits" if plan.fits else "does NOT fit" + (" (the KV pool: below)" if pool_short else "")
+    verdict = "fits" if plan.fits else "does NOT fit" + (" (the KV pool: below)" * pool_short)
     lines.append(f"peak: {plan.peak_phase} {format_bytes(plan.peak)} of {format_bytes(plan.gpu_memory)}: {verdict}")
     lines += plan.notes
     return "\n".join(lines)

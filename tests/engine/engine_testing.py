@@ -80,10 +80,11 @@ def vowel_fraction(prompts, responses):
 
 
 def make_cycle_model(period: int = 7, sharpness: float = 30.0, seed: int = 0):
-    """A Llama whose layers add nothing (their output projections zero) and whose LM head maps token t
-    to logits sharpness * <e_u, e_t> for u = the token before v on a cycle of `period` ids (10 up):
-    after t comes, mostly, the next id of its cycle, so its text repeats with that period
-    (speculative decoding's n-gram drafts then hold); a lower sharpness spreads the distribution."""
+    """A Llama whose layers add nothing (their output projections zero) and whose LM head gives
+    token v after t the logit sharpness * <e_u, e_t>, u the id before v on its cycle of `period`
+    ids (from 10 up): after t comes, mostly, the next id of its cycle, so its text repeats with
+    that period (speculative decoding's n-gram drafts then hold); a lower sharpness spreads the
+    distribution."""
     model = make_hf_model("llama2", seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -46,8 +46,8 @@ def new_group(prompt: list[int], n: int, seed: int) -> dict:
 
 def drop_stale(groups: list[dict], iteration: int, max_staleness: int) -> tuple[int, int]:
     """Reset every sample whose oldest token would be more than max_staleness iterations old if it
-    trained at `iteration` (it is sampled again from its prompt, same seed). Returns (answers, tokens)
-    dropped."""
+    trained at `iteration` (it is sampled again from its prompt, same seed). Returns (answers,
+    tokens) dropped."""
     answers = tokens = 0
     for group in groups:
         for sample in group["samples"]:
@@ -65,57 +65,70 @@ def new_groups_wanted(in_flight: int, per_iteration: int) -> int:
 
 def unfinished(groups: list[dict]) -> list[tuple[int, dict]]:
     """(group index, sample) of every sample still to generate, oldest group first."""
-    return [(g, s) for g, group in enumerate(groups) for s in group["samples"] if s["finish"] is None]
+    return [(g, s) for g, group in enumerate(groups) for s in group["samples"]
+            if s["finish"] is None]
 
 
 def complete(group: dict) -> bool:
     return all(s["finish"] is not None for s in group["samples"])
 
 
-def partial_samples(models: PPOModels, state: PPOState, draw_prompts: Callable[[int], list[list[int]]],
-                    r: RolloutConfig, seed: int, timer: PhaseTimer) -> tuple[Samples | None, dict]:
-    """This iteration's complete groups (None when no rank completed one) and its metrics: carried
-    (partial answers left unfinished), dropped answers and tokens (too stale), the staleness of the
-    trained tokens (mean, max) and the share of the token budget drawn. draw_prompts(k): the stream's
-    next k prompts of this rank. Advances state.in_flight."""
-    it, n, per_iteration = state.step, r.samples_per_prompt, r.prompts_per_iteration
-    groups = state.in_flight
-    dropped, dropped_tokens = drop_stale(groups, it, r.max_staleness)
-    wanted = distributed.max_over_ranks(new_groups_wanted(len(groups), per_iteration))
-    groups += [new_group(p, n, seed * 7919 + g) for g, p in enumerate(draw_prompts(wanted) if wanted else [])]
+def generate_in_flight(models: PPOModels, groups: list[dict], r: RolloutConfig, iteration: int,
+                       timer: PhaseTimer) -> int:
+    """Continue every unfinished answer until r.prompts_per_iteration groups are complete or the
+    token budget is drawn, recording each new token's log-prob and version. Returns the tokens
+    drawn."""
     rows = unfinished(groups)
-    needed = per_iteration - sum(map(complete, groups))
-    budget = r.tokens_per_iteration
+    needed = r.prompts_per_iteration - sum(map(complete, groups))
+    if not rows or needed <= 0:
+        return 0
     params = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos)
-    drawn = 0
-    if rows and needed > 0:
-        with timer.phase("generate"):
-            outs = models.actor.continue_answers([groups[g]["prompt"] for g, _ in rows], [s["answer"] for _, s in rows],
-                                                 [s["seed"] for _, s in rows], params, budget,
-                                                 [g for g, _ in rows], needed)
-        for (_, sample), out in zip(rows, outs):
-            sample["answer"] += out.token_ids
-            sample["logprobs"] += out.logprobs
-            sample["versions"] += [it] * len(out.token_ids)
-            sample["finish"] = out.finish_reason
-            drawn += len(out.token_ids)
-    done = [g for g in groups if complete(g)][:per_iteration]
+    with timer.phase("generate"):
+        outs = models.actor.continue_answers(
+            [groups[g]["prompt"] for g, _ in rows], [s["answer"] for _, s in rows],
+            [s["seed"] for _, s in rows], params, r.tokens_per_iteration, [g for g, _ in rows],
+            needed)
+    for (_, sample), out in zip(rows, outs):
+        sample["answer"] += out.token_ids
+        sample["logprobs"] += out.logprobs
+        sample["versions"] += [iteration] * len(out.token_ids)
+        sample["finish"] = out.finish_reason
+    return sum(len(out.token_ids) for out in outs)
+
+
+def partial_samples(models: PPOModels, state: PPOState,
+                    draw_prompts: Callable[[int], list[list[int]]], r: RolloutConfig, seed: int,
+                    timer: PhaseTimer) -> tuple[Samples | None, dict]:
+    """This iteration's complete groups (None when no rank completed one) and its metrics: carried
+    (partial answers left unfinished), dropped answers and tokens (too stale), the staleness of the
+    trained tokens (mean, max), the tokens drawn and the share of the token budget.
+    draw_prompts(k): the stream's next k prompts of this rank. Advances state.in_flight."""
+    it, groups = state.step, state.in_flight
+    dropped, dropped_tokens = drop_stale(groups, it, r.max_staleness)
+    wanted = distributed.max_over_ranks(new_groups_wanted(len(groups), r.prompts_per_iteration))
+    fresh = draw_prompts(wanted) if wanted else []
+    groups += [new_group(p, r.samples_per_prompt, seed * 7919 + g) for g, p in enumerate(fresh)]
+    drawn = generate_in_flight(models, groups, r, it, timer)
+    done = [g for g in groups if complete(g)][:r.prompts_per_iteration]
     trained = done[:distributed.min_over_ranks(len(done))]
     state.in_flight = [g for g in groups if not any(g is t for t in trained)]
     staleness = [it - v for g in trained for s in g["samples"] for v in s["versions"]]
     metrics = distributed.all_reduce_sum({
         "carried": sum(bool(s["answer"]) for _, s in unfinished(state.in_flight)),
-        "dropped_answers": dropped, "dropped_tokens": dropped_tokens, "groups_trained": len(trained),
+        "dropped_answers": dropped, "dropped_tokens": dropped_tokens,
+        "groups_trained": len(trained),
         "staleness_sum": sum(staleness), "trained_tokens": len(staleness), "drawn_tokens": drawn})
+    total = metrics.pop("staleness_sum")
     metrics.update(staleness_max=distributed.max_over_ranks(max(staleness, default=0)),
-                   staleness_mean=metrics.pop("staleness_sum") / max(metrics.pop("trained_tokens"), 1))
-    if budget is not None:
-        metrics["budget_used"] = metrics["drawn_tokens"] / (budget * distributed.data_world_size())
+                   staleness_mean=total / max(metrics.pop("trained_tokens"), 1))
+    if r.tokens_per_iteration is not None:
+        budget = r.tokens_per_iteration * distributed.data_world_size()
+        metrics["budget_used"] = metrics["drawn_tokens"] / budget
     if not trained:
         return None, metrics
-    samples = [(g["prompt"], s) for g in trained for s in g["samples"]]
-    logprobs = torch.tensor([x for _, s in samples for x in s["logprobs"]], dtype=torch.float32,
+    rows = [(g["prompt"], s) for g in trained for s in g["samples"]]
+    logprobs = torch.tensor([x for _, s in rows for x in s["logprobs"]], dtype=torch.float32,
                             device=models.actor.llm.device)
-    return score_samples(models, [p for p, _ in samples], [s["answer"] for _, s in samples], logprobs, r,
+    return score_samples(models, [p for p, _ in rows], [s["answer"] for _, s in rows], logprobs, r,
                          timer), metrics

@@ -52,7 +52,8 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
 def score_samples(models: PPOModels, prompt_ids: list[list[int]], responses: list[list[int]],
                   sampler_logprobs: torch.Tensor, r: RolloutConfig, timer: PhaseTimer) -> Samples:
     """Generated rows (groups of r.samples_per_prompt; sampler_logprobs [sum of response lengths]
-    fp32, row after row) packed and scored by models.score (and overlong-shaped); timed as "score"."""
+    fp32, row after row) packed and scored by models.score (and overlong-shaped); timed as
+    "score"."""
     device = models.actor.llm.device  # where the policy runs (its resting shards may be in CPU memory)
     packed = pack_rollout(prompt_ids, responses, device)
     if models.actor.record_routing:  # routing replay: the training forwards route as the sampler did

@@ -181,14 +181,16 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         fn = resolve_reward_fn(cfg, reward_fn)
         score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"),
                                 cfg.reward.fn_timeout_s, getattr(policy, "tensor_parallel", None))
-    # rollout.kv_cache_memory by the memory plan's rules (auto: the largest pool that fits), on the real GPU.
-    kv_bytes = rollout_kv_bytes(cfg, torch.device(device), distributed.world_size(), distributed.local_world_size())
+    # rollout.kv_cache_memory by the memory plan's rules (auto: the largest pool that fits).
+    kv_bytes = rollout_kv_bytes(cfg, torch.device(device), distributed.world_size(),
+                                distributed.local_world_size())
     actor = HybridActor(policy, tokenizer, kv_cache_memory=kv_bytes, device=device,
                         release_kv_pool=cfg.rollout.release_kv_pool,
                         persistent_weights=cfg.rollout.persistent_weights,
                         block_size=cfg.rollout.block_size,
                         max_num_seqs=cfg.rollout.max_rows,
-                        batch_invariant=cfg.rollout.exact, speculative_tokens=cfg.rollout.speculative_tokens,
+                        batch_invariant=cfg.rollout.exact,
+                        speculative_tokens=cfg.rollout.speculative_tokens,
                         speculate_below=cfg.rollout.speculate_below,
                         record_routing=cfg.rollout.routing_replay and policy.config.moe is not None)
     return PPOModels(policy, reference, actor, critic, value_head, score, lora)
@@ -323,15 +325,17 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
         seed = cfg.seed * 1_000_003 + it
         if cfg.rollout.partial_rollouts:
             samples, sampling_metrics = partial_samples(
-                models, state, lambda count: next_prompts(prompts, count, cfg.seed, state), cfg.rollout, seed, timer)
-            if samples is None:  # every group still has answers in flight: nothing to learn from yet
+                models, state, lambda count: next_prompts(prompts, count, cfg.seed, state),
+                cfg.rollout, seed, timer)
+            if samples is None:  # every group still has answers in flight: nothing to learn yet
                 for s in schedules:
                     optim.advance_schedule(s)
                 return {**sampling_metrics, **timer.metrics()}
         else:
             samples, sampling_metrics = draw_samples(
                 lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state),
-                lambda batch, seed: sample_and_score(models, batch, cfg.rollout, seed, timer), cfg.rollout, seed)
+                lambda batch, seed: sample_and_score(models, batch, cfg.rollout, seed, timer),
+                cfg.rollout, seed)
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
                                   timer)
         metrics = {**experience.metrics, **sampling_metrics, "lr": schedules[0].get_last_lr()[0]}

@@ -46,11 +46,12 @@ class UpdateSettings:
 
     @classmethod
     def of(cls, cfg: PPOConfig) -> "UpdateSettings":
-        """ppo.is_mode resolved: null is tis with rollout.partial_rollouts (a carried answer's tokens
-        were drawn by older weights), else off; off is None, as the loss kernels read it."""
+        """ppo.is_mode resolved: null is tis with rollout.partial_rollouts (a carried answer's
+        tokens were drawn by older weights), else off; off is None, as the loss kernels read it."""
         mode = cfg.ppo.is_mode or ("tis" if cfg.rollout.partial_rollouts else "off")
         ppo = dataclasses.replace(cfg.ppo, is_mode=None if mode == "off" else mode)
-        return cls(ppo, cfg.rollout.temperature, cfg.ppo.loss_agg_norm or cfg.rollout.max_new_tokens, cfg.moe)
+        norm = cfg.ppo.loss_agg_norm or cfg.rollout.max_new_tokens
+        return cls(ppo, cfg.rollout.temperature, norm, cfg.moe)
 
 
 @dataclass

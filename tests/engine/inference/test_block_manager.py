@@ -116,7 +116,7 @@ def test_a_speculative_draft_reserves_slots_and_its_rejection_gives_them_back():
     bm = BlockManager(num_blocks=5, block_size=4)
     s = seq(list(range(6)))  # 2 blocks
     bm.allocate(s)
-    assert bm.reserve(s, 6 + 5) == 11 and len(s.block_table) == 3   # a 5-token draft: slots up to 11 tokens
+    assert bm.reserve(s, 6 + 5) == 11 and len(s.block_table) == 3   # a 5-token draft: 11 slots
     assert bm.reserve(s, 6 + 20) == 20 and bm.num_free_blocks == 0  # as far as free blocks last
     s.append(99)  # one token accepted: 7 tokens need 2 blocks
     bm.trim(s)

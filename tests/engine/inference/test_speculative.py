@@ -28,7 +28,7 @@ def cycle_dir(tmp_path_factory):
 def run(model_dir, prompts, params, **engine):
     llm = LLM(model_dir, kv_cache_memory=1 << 22, block_size=4, **engine)
     outputs = llm.generate(prompts, params)
-    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks  # every block given back
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks  # all given back
     return [c for o in outputs for c in o.outputs], llm.runner.forwards
 
 
@@ -38,18 +38,21 @@ def test_ngram_drafts_follow_the_latest_earlier_occurrence():
     tokens = [1, 2, 3, 9, 1, 2, 3, 7, 1, 2]
     assert index.draft(tokens, 3) == [3, 7, 1]          # "1 2" last ended before 3 7
     tokens += [3]
-    assert index.draft(tokens, 2) == [7, 1]             # "1 2 3": its latest occurrence, grown in place
+    assert index.draft(tokens, 2) == [7, 1]             # "1 2 3": the index grown in place
     assert NgramIndex().draft([4, 4, 4, 4], 5) == [4]   # "4 4 4" last ended before the last 4
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_speculation_gives_the_plain_tokens_in_fewer_forwards_on_repetitive_text(cycle_dir, temperature):
-    params = SamplingParams(n=2, temperature=temperature, max_new_tokens=30, ignore_eos=True, seed=3)
+def test_speculation_gives_the_plain_tokens_in_fewer_forwards_on_repetitive_text(cycle_dir,
+                                                                                  temperature):
+    params = SamplingParams(n=2, temperature=temperature, max_new_tokens=30, ignore_eos=True,
+                            seed=3)
     plain, plain_forwards = run(cycle_dir, CYCLE_PROMPTS, params)
     spec, spec_forwards = run(cycle_dir, CYCLE_PROMPTS, params, speculative_tokens=4)
     assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
     for a, b in zip(spec, plain):
-        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)  # the target's, through another kernel path
+        # The target's, through another kernel path (a packed forward over the draft).
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
     assert plain_forwards == 30 and spec_forwards <= plain_forwards / 2
 
 
@@ -79,7 +82,8 @@ def test_speculative_draws_follow_the_target_distribution(tmp_path):
     thirds = [c.token_ids[2] for c in spec if c.token_ids[:2] == pair]
     with torch.no_grad():
         probs = model(torch.tensor([prompt + pair])).logits[0, -1].float().softmax(-1)
-    top = probs.topk(1).indices.tolist()  # the cycle's next token, and the rest (each too rare to count)
+    # The cycle's next token, and the rest (each too rare to count apart).
+    top = probs.topk(1).indices.tolist()
     expected = [probs[t].item() for t in top] + [1 - probs[top].sum().item()]
     observed = [sum(t == u for t in thirds) for u in top] + [sum(t not in top for t in thirds)]
     assert len(thirds) > 50 and 0.2 < expected[-1] < 0.8
@@ -89,19 +93,22 @@ def test_speculative_draws_follow_the_target_distribution(tmp_path):
 def chi_square_pvalue(observed, expected) -> float:
     """P(X >= the statistic) for X chi-square with len - 1 degrees of freedom."""
     stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
-    return torch.special.gammaincc(torch.tensor((len(observed) - 1) / 2), torch.tensor(stat / 2)).item()
+    dof = torch.tensor((len(observed) - 1) / 2)
+    return torch.special.gammaincc(dof, torch.tensor(stat / 2)).item()
 
 
 def test_speculation_refuses_the_exact_mode(cycle_dir):
     with pytest.raises(ConfigValueError, match="speculative_tokens=2 with batch_invariant"):
-        LLM(cycle_dir, kv_cache_memory=1 << 22, block_size=4, speculative_tokens=2, batch_invariant=True)
+        LLM(cycle_dir, kv_cache_memory=1 << 22, block_size=4, speculative_tokens=2,
+            batch_invariant=True)
 
 
 def test_generate_command_speculates_with_the_plain_greedy_tokens(cycle_dir, capsys):
     def generate(*extra):
-        args = cli.build_parser().parse_args(["generate", "--model", str(cycle_dir), "--prompt", "hello world",
-                                              "--temperature", "0", "--max-new-tokens", "24", "--json",
-                                              "--kv-cache-memory", "1000000", "--no-progress", *extra])
+        args = cli.build_parser().parse_args(
+            ["generate", "--model", str(cycle_dir), "--prompt", "hello world", "--temperature", "0",
+             "--max-new-tokens", "24", "--json", "--kv-cache-memory", "1000000", "--no-progress",
+             *extra])
         assert args.run(args) == 0
         return capsys.readouterr()
     plain, spec = generate(), generate("--speculative-tokens", "4")

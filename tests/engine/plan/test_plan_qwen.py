@@ -20,7 +20,7 @@ from fusedrl.engine.plan.rules import TODAY, EngineRules
 GB = 10**9
 NODE = dict(gpus=8, gpu_memory=80 * GB)
 CKPT = "train.gradient_checkpointing=true"
-POOL = "rollout.kv_cache_memory=268435456"  # a fixed 256 MiB pool, where the rest of the plan is the point
+POOL = "rollout.kv_cache_memory=268435456"  # a fixed 256 MiB pool: the rest is the point
 _spec = importlib.util.spec_from_file_location(
     "plan_table", Path(__file__).resolve().parents[3] / "bench" / "plan_table.py")
 plan_table = importlib.util.module_from_spec(_spec)
@@ -149,7 +149,8 @@ def test_a_released_kv_pool_is_counted_in_the_rollout_only_where_graphs_allow(qw
     for phase in ("scoring", "update", "export"):
         assert released.phases[phase]["kv_pool"] == 0 < kept.phases[phase]["kv_pool"]
     # One process on CUDA captures decode graphs, which hold the pool: it stays.
-    one = plan_stage(config("grpo", qwen["7B"], CKPT, POOL, "rollout.release_kv_pool=true"), 1, 80 * GB)
+    one = plan_stage(config("grpo", qwen["7B"], CKPT, POOL, "rollout.release_kv_pool=true"), 1,
+                     80 * GB)
     assert one.phases["update"]["kv_pool"] == one.phases["rollout"]["kv_pool"] > 0
 
 
