@@ -115,3 +115,16 @@ def test_generate_command_speculates_with_the_plain_greedy_tokens(cycle_dir, cap
     assert spec.out == plain.out
     forwards, tokens = [int(w) for w in spec.err.split() if w.isdigit()][:2]
     assert tokens == 24 and forwards <= tokens / 2
+
+
+def test_the_hybrid_actor_speculates_with_the_plain_rollout(cycle_dir):
+    """rollout.speculative_tokens reaches the trainer's engine: the same rows and log-probs."""
+    from fusedrl.engine.inference.hybrid_actor import HybridActor
+    from fusedrl.engine.model.hf_io import load_model
+    policy = load_model(cycle_dir)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, ignore_eos=True, seed=5)
+    rollouts = [HybridActor(policy, kv_cache_memory=1 << 22, block_size=4, speculative_tokens=k,
+                            speculate_below=16).generate(CYCLE_PROMPTS, params) for k in (0, 4)]
+    (_, plain, plain_logprobs), (_, spec, spec_logprobs) = rollouts
+    assert spec == plain
+    torch.testing.assert_close(spec_logprobs, plain_logprobs, atol=1e-4, rtol=0)
