@@ -90,6 +90,9 @@ class RolloutConfig:
         "prompt and answer, verified in one forward (0 = off)", 0)
     speculate_below: int = option(
         "speculate only on decode steps of fewer than this many rows (the tail)", 8)
+    prefill_chunk: int | None = option(
+        "a prompt (or carried answer) longer than this many tokens is prefilled in chunks, taking "
+        "turns with the other rows' decode steps (null = in one piece)")
 
     @property
     def max_rows(self) -> int:
@@ -106,8 +109,9 @@ class RolloutConfig:
         check(self.max_staleness >= 0 and self.speculative_tokens >= 0,
               f"rollout.max_staleness and rollout.speculative_tokens must be >= 0, got "
               f"{self.max_staleness} and {self.speculative_tokens}")
-        check(self.tokens_per_iteration is None or self.tokens_per_iteration >= 1,
-              f"rollout.tokens_per_iteration must be >= 1 or null, got {self.tokens_per_iteration}")
+        for name in ("tokens_per_iteration", "prefill_chunk"):
+            check(getattr(self, name) is None or getattr(self, name) >= 1,
+                  f"rollout.{name} must be >= 1 or null, got {getattr(self, name)}")
         self.kv_cache_memory = kv_budget(self.kv_cache_memory)
         check(not (self.partial_rollouts and (self.dynamic_sampling or self.exact)),
               "rollout.partial_rollouts=true with rollout.dynamic_sampling or rollout.exact: "

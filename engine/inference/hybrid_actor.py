@@ -45,7 +45,7 @@ class HybridActor:
                  max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False, device=None,
                  release_kv_pool: bool = False, record_routing: bool = False,
                  persistent_weights: bool = False, speculative_tokens: int = 0,
-                 speculate_below: int = 8):
+                 speculate_below: int = 8, prefill_chunk: int | None = None):
         """record_routing: keep an MoE policy's expert choices of every rollout token (`last_routing`).
         persistent_weights: generate from whole-size buffers refilled in place (under torchrun, where
         the policy is gathered: at tensor_parallel 1, or its tensor slices sharded over the data
@@ -67,7 +67,8 @@ class HybridActor:
             self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
                            device=device, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and graphs,
                            batch_invariant=batch_invariant, record_routing=record_routing,
-                           speculative_tokens=speculative_tokens, speculate_below=speculate_below)
+                           speculative_tokens=speculative_tokens, speculate_below=speculate_below,
+                           prefill_chunk=prefill_chunk)
         self.record_routing = record_routing
         # The last generate's routing records [sum of prompt + response lengths, sparse layers, k],
         # rows as pack_rollout packs them (None without record_routing).

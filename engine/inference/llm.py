@@ -82,6 +82,8 @@ class LLM:
     draws from the same logits (greedy or sampled), in fewer forwards where the text repeats itself;
     verify steps run eagerly (no CUDA graph). Not with batch_invariant (its decode walk is what the
     trainer reproduces bit for bit) nor record_routing.
+    prefill_chunk: a prompt longer than this is prefilled a chunk a step, the chunks taking turns
+    with the other sequences' decode steps (Scheduler); the same tokens and log-probs.
     `self.device` is the model's device: tensors handed to `self.model` go there.
     """
 
@@ -90,7 +92,7 @@ class LLM:
                  max_num_batched_tokens: int = 16384, use_cuda_graphs: bool = True, tokenizer=None,
                  batch_invariant: bool | BatchInvariant = False, fuse_decode_gemms: bool = True,
                  record_routing: bool = False, speculative_tokens: int = 0,
-                 speculate_below: int = 8):
+                 speculate_below: int = 8, prefill_chunk: int | None = None):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be an int >= 1")
         if isinstance(batch_invariant, BatchInvariant):
@@ -105,6 +107,11 @@ class LLM:
                             ("speculate_below", speculate_below)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1 or None")
+        if prefill_chunk is not None and (self.batch_invariant is not None or record_routing):
+            raise ConfigValueError(f"prefill_chunk={prefill_chunk} with batch_invariant or "
+                                   "record_routing: not supported; use one or the other")
         if not isinstance(speculative_tokens, int) or speculative_tokens < 0:
             raise ValueError(f"speculative_tokens={speculative_tokens!r} must be an int >= 0")
         if speculative_tokens and (self.batch_invariant is not None or record_routing):
@@ -146,7 +153,8 @@ class LLM:
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs,
                                    max(max_num_batched_tokens, self.config.max_model_len),
-                                   self.config.max_model_len, self.config.eos_token_ids)
+                                   self.config.max_model_len, self.config.eos_token_ids,
+                                   prefill_chunk)
         self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs,
                                   self.batch_invariant, fuse_decode_gemms, record_routing, device=self.device)
         self._next_seq_id = 0
@@ -293,6 +301,10 @@ class LLM:
     def _step(self, batch: list[Sequence], is_prefill: bool) -> list[Sequence]:
         """Run one scheduled step (a decode step of the tail speculatively: `_drafts`), append its
         tokens and their log-prob slots; returns the sequences it finished."""
+        if is_prefill and batch[0].chunk_end is not None:  # a prompt's chunk, not its last
+            self.runner.prefill_chunk(batch[0])
+            self.scheduler.chunk_done(batch[0])
+            return []
         first = self.runner.logprobs_kept
         drafts = None if is_prefill else self._drafts(batch)
         if drafts is None:

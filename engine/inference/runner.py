@@ -124,6 +124,16 @@ class ModelRunner:
         return True
 
     @torch.inference_mode()
+    def prefill_chunk(self, seq: Sequence) -> None:
+        """A chunk of `seq`'s prompt that is not its last (Scheduler.prefill_chunk): its K/V
+        written into the pool, nothing sampled."""
+        self.allocate_kv_pool()
+        self.forwards += 1
+        input_ids, positions, meta, _ = self._prepare_packed(
+            [(seq.block_table, seq.token_ids[:seq.chunk_end], seq.num_cached_tokens)])
+        self.forward_step(input_ids, positions, meta)
+
+    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """One step: the sampled token of each sequence, the step's one device-to-host copy. Their
         log-probs stay on the device, at logprob_buffer[logprobs_kept - len(seqs):logprobs_kept]."""

@@ -37,6 +37,7 @@ class Sequence:
         self.routing_rows: list[int] = []  # MoE routing record of each forwarded position (routing_record.py)
         self.finish_reason: str | None = None
         self.draft_index = NgramIndex()  # speculative decoding's drafts (ngram_draft.py)
+        self.chunk_end: int | None = None  # chunked prefill: this step prefills up to here
 
     def __len__(self) -> int:
         return len(self.token_ids)

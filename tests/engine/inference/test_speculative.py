@@ -1,6 +1,7 @@
 """Speculative decoding for the tail (ModelRunner.verify, ngram_draft.py): the same tokens and
 log-probs as plain decoding, greedy and sampled, the target's distribution (a chi-square over many
-draws), fewer forwards on repetitive text, and the KV blocks of rejected drafts given back."""
+draws), fewer forwards on repetitive text, and the KV blocks of rejected drafts given back; and
+chunked prefill (Scheduler.prefill_chunk) equal to one-piece prefill."""
 import pytest
 import torch
 
@@ -128,3 +129,29 @@ def test_the_hybrid_actor_speculates_with_the_plain_rollout(cycle_dir):
     (_, plain, plain_logprobs), (_, spec, spec_logprobs) = rollouts
     assert spec == plain
     torch.testing.assert_close(spec_logprobs, plain_logprobs, atol=1e-4, rtol=0)
+
+
+def test_chunked_prefill_equals_one_piece_and_takes_turns_with_decoding(model_dirs):
+    """A 21-token prompt prefilled 4 tokens a step, beside a short one already decoding: the same
+    tokens and log-probs as one-piece prefill, with decode steps between its chunks."""
+    from engine_testing import random_prompts
+    model_dir = model_dirs["qwen2"][0]
+    prompts = random_prompts([3, 21, 6], seed=2)
+    params = SamplingParams(n=2, temperature=0.8, max_new_tokens=8, seed=4)
+    plain, _ = run(model_dir, prompts, params)
+    llm = LLM(model_dir, kv_cache_memory=1 << 22, block_size=4, prefill_chunk=4)
+    steps = []
+    run_step = llm.runner.run
+    llm.runner.run = lambda seqs, is_prefill: steps.append("P" if is_prefill else "D") or run_step(
+        seqs, is_prefill)
+    chunk_step = llm.runner.prefill_chunk
+    llm.runner.prefill_chunk = lambda seq: steps.append("C") or chunk_step(seq)
+    chunked = [c for o in llm.generate(prompts, params) for c in o.outputs]
+    assert [c.token_ids for c in chunked] == [c.token_ids for c in plain]
+    for a, b in zip(chunked, plain):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    order = "".join(steps)
+    # The first sample's 21 tokens: 5 chunks and a last prefill step that samples (the second
+    # sample finds the first's full blocks and prefills its last token).
+    assert order.count("C") >= 5 and "CD" in order and "DC" in order, order
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
