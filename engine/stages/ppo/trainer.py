@@ -157,10 +157,11 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         raise UsageError(f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is not "
                          "supported: its expert GEMMs have no batch-invariant mode; set rollout.exact=false "
                          "(rollout.routing_replay keeps the trainer's experts the sampler's)")
-    if policy.config.moe is not None and cfg.rollout.routing_replay and cfg.rollout.partial_rollouts:
+    r = cfg.rollout
+    if policy.config.moe is not None and r.routing_replay and r.partial_rollouts:
         raise UsageError("rollout.partial_rollouts=true with a mixture-of-experts policy and "
-                         "rollout.routing_replay: not supported (a carried answer's routing records "
-                         "do not carry); set rollout.routing_replay=false or partial_rollouts=false")
+                         "rollout.routing_replay: not supported (a carried answer's routing "
+                         "records do not carry); set either to false")
     policy.gradient_checkpointing = cfg.train.gradient_checkpointing
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
