@@ -28,6 +28,7 @@ import torch
 
 from ... import distributed
 from ...config.ppo import RolloutConfig
+from ...data.prompts import PromptRow
 from ...inference.sampling_params import SamplingParams
 from .models import PPOModels
 from .phase_timer import PhaseTimer
@@ -36,10 +37,12 @@ from .sampling import score_samples
 from .state import PPOState
 
 
-def new_group(prompt: list[int], n: int, seed: int) -> dict:
-    """A group in flight: its prompt and n empty samples, each with its own sampling seed."""
+def new_group(prompt: list[int], n: int, seed: int, source: PromptRow | None = None) -> dict:
+    """A group in flight: its prompt's token ids (and its data row, `source`, for the scorer) and
+    n empty samples, each with its own sampling seed."""
     rng = random.Random(seed)
-    return {"prompt": list(prompt), "samples": [
+    row = None if source is None else {"prompt": source.prompt, "columns": source.columns}
+    return {"prompt": list(prompt), "source": row, "samples": [
         {"answer": [], "logprobs": [], "versions": [], "finish": None, "seed": rng.getrandbits(63)}
         for _ in range(n)]}
 
@@ -98,7 +101,7 @@ def generate_in_flight(models: PPOModels, groups: list[dict], r: RolloutConfig, 
 
 
 def partial_samples(models: PPOModels, state: PPOState,
-                    draw_prompts: Callable[[int], list[list[int]]], r: RolloutConfig, seed: int,
+                    draw_prompts: Callable[[int], list[PromptRow]], r: RolloutConfig, seed: int,
                     timer: PhaseTimer) -> tuple[Samples | None, dict]:
     """This iteration's complete groups (None when no rank completed one) and its metrics: carried
     (partial answers left unfinished), dropped answers and tokens (too stale), the staleness of the
@@ -108,7 +111,8 @@ def partial_samples(models: PPOModels, state: PPOState,
     dropped, dropped_tokens = drop_stale(groups, it, r.max_staleness)
     wanted = distributed.max_over_ranks(new_groups_wanted(len(groups), r.prompts_per_iteration))
     fresh = draw_prompts(wanted) if wanted else []
-    groups += [new_group(p, r.samples_per_prompt, seed * 7919 + g) for g, p in enumerate(fresh)]
+    groups += [new_group(p.ids, r.samples_per_prompt, seed * 7919 + g, p)
+               for g, p in enumerate(fresh)]
     drawn = generate_in_flight(models, groups, r, it, timer)
     done = [g for g in groups if complete(g)][:r.prompts_per_iteration]
     trained = done[:distributed.min_over_ranks(len(done))]
@@ -130,5 +134,7 @@ def partial_samples(models: PPOModels, state: PPOState,
     rows = [(g["prompt"], s) for g in trained for s in g["samples"]]
     logprobs = torch.tensor([x for _, s in rows for x in s["logprobs"]], dtype=torch.float32,
                             device=models.actor.llm.device)
+    sources = [PromptRow(g["prompt"], g["source"]["prompt"], g["source"]["columns"])
+               for g in trained] if all(g["source"] for g in trained) else None
     return score_samples(models, [p for p, _ in rows], [s["answer"] for _, s in rows], logprobs, r,
-                         timer), metrics
+                         timer, sources), metrics
