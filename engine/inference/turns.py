@@ -56,7 +56,7 @@ class _Turns:
 
     def __init__(self, index: int, seq: Sequence):
         self.index, self.seq = index, seq
-        self.model_mask: list[bool] = []
+        self.environment_spans: list[tuple[int, int]] = []  # [start, end) of appended tokens
         self.turns = 0
         self.prefilled = 0
         self.finish_reason = ""
@@ -106,17 +106,16 @@ def _run(llm, rows: list[_Turns], on_turn_end: OnTurnEnd, max_turns: int, limit:
         batch, is_prefill = scheduler.schedule()
         if not batch:  # the waiting ones need blocks that paused sequences hold: lend them
             if not _release_paused(scheduler, rows):
-                wait(list(pending), return_when=FIRST_COMPLETED)  # pending: checked at the start
+                if not pending:  # checked at the start: one trajectory always fits the pool
+                    raise RuntimeError("multi-turn generation made no progress: nothing runs, "
+                                       "nothing waits for an environment")
+                wait(list(pending), return_when=FIRST_COMPLETED)
             continue
         if is_prefill:
             for seq in batch:
-                by_seq[seq.seq_id].prefilled += seq.num_tokens - seq.num_cached_tokens
-        first = runner.logprobs_kept
-        tokens = runner.run(batch, is_prefill)
-        for slot, seq in enumerate(batch, start=first):
-            seq.logprob_slots.append(slot)
-            by_seq[seq.seq_id].model_mask.append(True)
-        for seq in scheduler.postprocess(batch, tokens):
+                by_seq[seq.seq_id].prefilled += (seq.chunk_end or seq.num_tokens) - seq.num_cached_tokens
+        # The engine's own step: chunked prefill and speculative tails apply to turns too.
+        for seq in llm._step(batch, is_prefill):
             row = by_seq[seq.seq_id]
             row.turns += 1
             reply = _turn_end(scheduler, row, on_turn_end, limit)
@@ -148,7 +147,8 @@ def _continue(scheduler, row: _Turns, reply: TurnReply, limit: int, max_turns: i
     elif not reply.token_ids or row.seq.num_tokens + len(reply.token_ids) >= limit:
         _end(scheduler, row, "length")  # no room left for the model to say anything
     else:
-        row.model_mask += [False] * len(reply.token_ids)
+        start = row.seq.num_tokens - row.seq.num_prompt_tokens
+        row.environment_spans.append((start, start + len(reply.token_ids)))
         scheduler.resume(row.seq, list(reply.token_ids))
 
 
@@ -167,8 +167,10 @@ def _release_paused(scheduler, rows: list[_Turns]) -> bool:
 
 def _trajectory(row: _Turns) -> Trajectory:
     seq = row.seq
-    logprobs, model_logprobs = [], iter(seq.logprobs)
-    for is_model in row.model_mask:
-        logprobs.append(next(model_logprobs) if is_model else 0.0)
-    return Trajectory(seq.token_ids[:seq.num_prompt_tokens], seq.completion_token_ids, row.model_mask,
-                      logprobs, list(seq.logprob_slots), row.turns, row.finish_reason, row.prefilled)
+    mask = [True] * (seq.num_tokens - seq.num_prompt_tokens)
+    for start, end in row.environment_spans:
+        mask[start:end] = [False] * (end - start)
+    model_logprobs = iter(seq.logprobs)
+    logprobs = [next(model_logprobs) if is_model else 0.0 for is_model in mask]
+    return Trajectory(seq.token_ids[:seq.num_prompt_tokens], seq.completion_token_ids, mask, logprobs,
+                      list(seq.logprob_slots), row.turns, row.finish_reason, row.prefilled)
