@@ -43,14 +43,15 @@ def tool_schema(fn: Callable) -> dict:
 
 class ToolEnvironment:
     """Answers each assistant turn's tool calls; a turn without one ends the trajectory (reward 0 from
-    here: the run's reward functions score the final answer)."""
+    here: the run's reward functions score the final answer). `prompt`: the row's, a string or a
+    message list, which opens the conversation."""
 
-    def __init__(self, tools: dict[str, Callable], parse: Callable[[str], list[ToolCall]]):
-        self.tools, self.parse = tools, parse
+    def __init__(self, tools: dict[str, Callable], parse: Callable[[str], list[ToolCall]], prompt):
+        self.tools, self.parse, self.prompt = tools, parse, prompt
 
-    def reset(self, prompt=None, **_columns) -> list[dict]:
-        """The row's own prompt opens the conversation."""
-        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt or [])
+    def reset(self) -> list[dict]:
+        return [{"role": "user", "content": self.prompt}] if isinstance(self.prompt, str) else \
+            list(self.prompt)
 
     def step(self, assistant_message: dict) -> tuple[list[dict], float, bool]:
         """Run the turn's tool calls: ([tool messages], 0.0, False), or ([], 0.0, True) without any."""

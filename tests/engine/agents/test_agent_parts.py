@@ -43,8 +43,8 @@ def test_tool_schemas_and_the_tool_environment():
     assert tool_schema(add)["function"]["parameters"]["required"] == ["a", "b"]
     with pytest.raises(UsageError, match="no_docs has no usable schema"):
         tool_schema(no_docs)
-    env = ToolEnvironment({"add": add}, parse_hermes)
-    assert env.reset(prompt="What is 2 + 3?") == [{"role": "user", "content": "What is 2 + 3?"}]
+    env = ToolEnvironment({"add": add}, parse_hermes, "What is 2 + 3?")
+    assert env.reset() == [{"role": "user", "content": "What is 2 + 3?"}]
     messages, reward, done = env.step({"role": "assistant", "content": tool_call("add", a=2, b=3)})
     assert messages == [{"role": "tool", "name": "add", "content": "5"}] and not done
     messages, _, done = env.step({"role": "assistant", "content": tool_call("mul", a=2)})
