@@ -22,7 +22,7 @@ APPLIED_ON_RESUME = frozenset({
     # where the run is (a moved run directory) and the loop: its length, cadence, logging, limits
     "output_dir", "train.iterations", "train.epochs", "train.max_steps", "train.eval_every", "train.log_every",
     "train.save_every", "train.save_every_minutes", "train.keep_checkpoints", "train.max_consecutive_skips",
-    "train.resume", "train.tensorboard", "train.progress", "train.dist_timeout_s", "train.device",
+    "train.resume", "train.tensorboard", "train.report_to", "train.progress", "train.dist_timeout_s", "train.device",
     "train.gradient_checkpointing",
     # the schedule: its peak (the new one from the saved step on) and shape, and gradient clipping
     "optim.lr", "critic_lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.max_grad_norm",
@@ -47,11 +47,11 @@ def resume_changes(run_dir, config) -> dict[str, tuple]:
     (a run from an older version) is not compared."""
     path = Path(run_dir) / SAVED_CONFIG
     try:
-        saved = _flat(config_io.read_yaml(path))
+        saved = flat_options(config_io.read_yaml(path))
     except (OSError, ValueError):
         return {}
     # Through YAML as config.yaml went, so both sides hold the same types (tuples, floats).
-    new = _flat(yaml.safe_load(config_io.to_yaml(config)))
+    new = flat_options(yaml.safe_load(config_io.to_yaml(config)))
     changed = {key: (saved[key], value) for key, value in new.items() if key in saved and saved[key] != value}
     refused = [key for key in changed if key not in APPLIED_ON_RESUME]
     if refused:
@@ -63,12 +63,12 @@ def resume_changes(run_dir, config) -> dict[str, tuple]:
     return changed
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
+def flat_options(data: dict, prefix: str = "") -> dict:
     """{'optim': {'lr': 1}} -> {'optim.lr': 1}."""
     out = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_options(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

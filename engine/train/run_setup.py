@@ -22,6 +22,7 @@ from ..model.hf_io import load_config, load_tokenizer
 from ..path_checks import check_model_path, check_paths
 from .. import distributed
 from .precision import param_dtype, resolve_precision
+from .trackers import check_installed, tracker_names
 
 
 @dataclass
@@ -86,6 +87,7 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
     python's and torch's RNGs with `seed` (the same on every rank: models are built identically
     before sharding)."""
     check_paths(models, files, output_dir)
+    check_installed(tracker_names(options))
     configs = {option: load_config(Path(path)) for option, path in models.items() if path}
     device = resolve_device(options.device)
     distributed.init_distributed(device.type, options.dist_timeout_s)
