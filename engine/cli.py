@@ -245,6 +245,7 @@ def run_generate(args) -> int:
         raise errors.UsageError("give --prompt TEXT (repeatable) or --prompt-file FILE")
     # The arguments and the path first: torch-free, so a mistake is answered at once.
     path_checks.check_model_path(args.model, "--model")
+    path_checks.check_tokenizer_files(args.model, "--model")
     from .inference.sampling_params import SamplingParams
     try:
         params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .fields import check, check_fields, option
+from .ignored import refuse_ignored, supervised_rules
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
 
@@ -212,6 +213,7 @@ class SFTConfig(StageConfig):
         super().__post_init__()
         check(self.data.format in SFT_FORMATS,
                f"data.format for sft must be one of {SFT_FORMATS}, got {self.data.format!r}")
+        refuse_ignored(supervised_rules(self), self)
 
 
 @dataclass
@@ -236,3 +238,4 @@ class RMConfig(StageConfig):
                f"data.format for rm must be one of {RM_FORMATS}, got {self.data.format!r}")
         check(self.beta_rm >= 0, f"beta_rm must be >= 0, got {self.beta_rm}")
         check(self.max_reference >= 1, f"max_reference must be >= 1, got {self.max_reference}")
+        refuse_ignored(supervised_rules(self), self)

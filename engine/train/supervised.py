@@ -20,6 +20,7 @@ add their values); the step reads them, its loss and its gradient norm with one 
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -86,6 +87,16 @@ def check_context(data: DataConfig, max_model_len: int) -> None:
     if data.max_length > max_model_len:
         raise UsageError(f"data.max_length={data.max_length} exceeds the model's context of "
                          f"{max_model_len} tokens (max_position_embeddings); set data.max_length<={max_model_len}")
+
+
+def announce_held_out(data: DataConfig, train_count: int, eval_count: int) -> None:
+    """Say on stderr (rank 0) that data.eval_fraction of the training file is held out for
+    evaluation, when it is: those examples are not trained on."""
+    if data.eval_file or not eval_count or not distributed.is_main():
+        return
+    print(f"fusedrl: evaluating on {eval_count} of the {train_count + eval_count} examples of data.train_file, "
+          f"held out (data.eval_fraction={data.eval_fraction}) and not trained on; data.eval_file=FILE "
+          "evaluates on a file instead, data.eval_fraction=0 trains on all", file=sys.stderr, flush=True)
 
 
 def micro_batches_per_step(cfg: StageConfig) -> int:
@@ -209,6 +220,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
     frozen (sharded like any frozen model; the adapters and heads whole on every rank, their gradients
     averaged)."""
     check_context(cfg.data, model.config.max_model_len)
+    announce_held_out(cfg.data, len(train_ex), len(eval_ex))
     tensor_parallel = cfg.train.tensor_parallel
     share = distributed.rank_slice(cfg.optim.grad_accum_steps, tensor_parallel)  # this rank's micro-batches
     if tensor_parallel > 1:  # each rank keeps (and steps) its tensor slices, or its data shard of them

@@ -57,7 +57,7 @@ from .ptx import PtxLoss
 from .sampling import draw_samples, sample_and_score
 from .scoring import function_scorer, reward_model_scorer
 from .state import Controllers, PPOState
-from .update import Optimizers, UpdateSettings, ppo_update
+from .update import Optimizers, UpdateSettings, minibatch_rule, ppo_update
 
 
 class KLCeilingExceeded(StopTraining):
@@ -270,6 +270,9 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
                     kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg)
     device, tokenizer = run.device, run.tokenizer
+    rule = minibatch_rule(cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt, cfg.ppo.minibatch_size)
+    if rule and distributed.is_main():
+        print(f"fusedrl: {rule}", file=sys.stderr, flush=True)
     if cfg.reward_model is None:  # resolved now: a wrong reward_fn is a usage error before any model loads
         reward_fn = resolve_reward_fn(cfg, reward_fn)
     prompts, truncated = load_prompts(cfg.prompts_file, tokenizer, cfg.rollout.max_prompt_length,
