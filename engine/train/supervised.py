@@ -220,7 +220,6 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
     frozen (sharded like any frozen model; the adapters and heads whole on every rank, their gradients
     averaged)."""
     check_context(cfg.data, model.config.max_model_len)
-    announce_held_out(cfg.data, len(train_ex), len(eval_ex))
     tensor_parallel = cfg.train.tensor_parallel
     share = distributed.rank_slice(cfg.optim.grad_accum_steps, tensor_parallel)  # this rank's micro-batches
     if tensor_parallel > 1:  # each rank keeps (and steps) its tensor slices, or its data shard of them
@@ -259,5 +258,6 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
                 "peak_mem_mb": peak_memory_mb(device)}
 
     evaluate_held_out = (lambda: evaluate(model, stage, eval_ex, cfg, device)) if eval_ex else None
+    announce_held_out(cfg.data, len(train_ex), len(eval_ex))  # once the data is known to fit
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, steps, cfg.train.eval_every)
     return run_training(plan, parts, state, step, evaluate=evaluate_held_out, info=log_info, device=device)
