@@ -121,9 +121,9 @@ def run_stage(args, name: str) -> int:
     config = load_config(config_cls, args.config, args.overrides + (["train.progress=false"] if args.quiet else []))
     if args.print_config:
         return print_config(config)
+    trackers.check_installed(trackers.tracker_names(config.train))  # before anything is created
     models, files = config.paths()
     path_checks.check_paths(models, files, config.output_dir)  # before the stage imports torch
-    trackers.check_installed(trackers.tracker_names(config.train))
     run_dir.check_target(config.output_dir, name, overwrite=config.train.overwrite, resume=config.train.resume,
                          inputs=[*models.values(), *files.values()], overwrite_option="train.overwrite=true",
                          resume_option="train.resume=true")

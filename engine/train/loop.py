@@ -55,12 +55,14 @@ class Diverged(StopTraining):
 @dataclass
 class RunPlan:
     """Where a run writes and how often: the stage's config (saved as config.yaml), its loop
-    options (the `train` section), the number of steps and the eval cadence (0 = only at the end)."""
+    options (the `train` section), the number of steps and the eval cadence (0 = only at the end);
+    `notices`: what the stage tells the user as the run starts (on stderr and in the run log)."""
     run_dir: str
     config: object
     options: RunConfig
     total_steps: int
     eval_every: int = 0
+    notices: list = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -160,6 +162,8 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
                                    f"(checkpoint {resume_from})")
         for key, (before, after) in changed.items():
             run.notice(state.step, f"resumed with {key}={after!r} (was {before!r})")
+        for message in plan.notices:
+            run.notice(state.step, message)
         with StopRequests(announce=distributed.is_main()) as stops:
             while state.step < plan.total_steps:
                 run_step(plan, state, step, skips, run, device)

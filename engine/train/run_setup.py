@@ -77,18 +77,18 @@ def claim_output_dir(kind: str, options: RunConfig, output_dir: str, inputs: lis
 
 def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, files: dict, kind: str,
               config=None) -> RunContext:
-    """Check everything first: `models` {option: model directory, or None when unused} (the first
-    one's tokenizer is the run's), `files` {option: input file or None}, output_dir
-    (engine/path_checks.py), the packages of the trackers of `options` (the stage's `train` section),
-    the models' config.json and the device of `options`. Then join torchrun's process group when
+    """Check everything first: the packages of the trackers of `options` (the stage's `train`
+    section), `models` {option: model directory, or None when unused} (the first one's tokenizer is
+    the run's), `files` {option: input file or None}, output_dir (engine/path_checks.py), the
+    models' config.json and the device of `options`. Then join torchrun's process group when
     launched by it (a bare `cuda` becomes this rank's GPU, cuda:LOCAL_RANK); `config`, the stage's
     whole config: its memory plan must fit the GPUs (engine/plan/check.py), checked before any model
     loads; load the tokenizer (run_tokenizer); then take output_dir for the stage `kind`
     (claim_output_dir; the stage's entry point releases it: run_dir.releases_output_dir) and seed
     python's and torch's RNGs with `seed` (the same on every rank: models are built identically
     before sharding)."""
-    check_paths(models, files, output_dir)
     check_installed(tracker_names(options))
+    check_paths(models, files, output_dir)
     configs = {option: load_config(Path(path)) for option, path in models.items() if path}
     device = resolve_device(options.device)
     distributed.init_distributed(device.type, options.dist_timeout_s)

@@ -270,9 +270,6 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
                     kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg)
     device, tokenizer = run.device, run.tokenizer
-    rule = minibatch_rule(cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt, cfg.ppo.minibatch_size)
-    if rule and distributed.is_main():
-        print(f"fusedrl: {rule}", file=sys.stderr, flush=True)
     if cfg.reward_model is None:  # resolved now: a wrong reward_fn is a usage error before any model loads
         reward_fn = resolve_reward_fn(cfg, reward_fn)
     prompts, truncated = load_prompts(cfg.prompts_file, tokenizer, cfg.rollout.max_prompt_length,
@@ -280,7 +277,9 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     models = build_models(cfg, device, run.dtype, tokenizer, reward_fn)
     opts, schedules = build_optimizers(models, cfg)
     state = PPOState(kl_coef=cfg.reward.kl_coef)
-    plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations, eval_every=cfg.train.log_every)
+    rule = minibatch_rule(cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt, cfg.ppo.minibatch_size)
+    plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations, eval_every=cfg.train.log_every,
+                   notices=[rule] if rule else [])
     # A tensor group's ranks hold the same rows: the row helpers reduce over the data ranks only.
     with distributed.tensor_groups(getattr(models.policy, "tensor_parallel", None)):
         run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype), state,
