@@ -26,7 +26,7 @@ from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import vowel_fraction
 from train_testing import demonstrations, save_tiny_model, write_jsonl
 
-STEPS = 24
+STEPS = 12
 NO_PERIODIC_SAVES = ["train.save_every=0", "train.save_every_minutes=0"]
 
 
@@ -56,7 +56,7 @@ def test_sigterm_saves_exits_143_and_the_same_command_resumes_exactly(tmp_path, 
     # Triton kernels would make each step seconds).
     monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
     model = save_tiny_model(tmp_path / "model", "qwen2")
-    data = write_jsonl(tmp_path / "train.jsonl", demonstrations(24))
+    data = write_jsonl(tmp_path / "train.jsonl", demonstrations(20))
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run_sft(config_io.load(SFTConfig, None, sft_args(model, data, straight)[1:]))
 
@@ -102,12 +102,12 @@ def grpo_config(root, policy, prompts, name):
                       rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                             kv_cache_memory=1 << 22),
                       ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=3, vf_coef=0.0, kl_loss_coef=0.01),
-                      train=LoopConfig(iterations=3, save_every=0, save_every_minutes=0, progress=False,
+                      train=LoopConfig(iterations=2, save_every=0, save_every_minutes=0, progress=False,
                                        device="cpu"))
 
 
 def test_sigint_in_grpo_saves_the_iteration_and_the_resume_is_exact(tmp_path, monkeypatch):
-    """Ctrl-C while the second iteration scores its samples: that iteration finishes, is saved, and
+    """Ctrl-C while the first iteration scores its samples: that iteration finishes, is saved, and
     the run stops with exit code 130; resumed, it ends where an uninterrupted run ends."""
     monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
     policy = save_tiny_model(tmp_path / "policy")
@@ -115,23 +115,23 @@ def test_sigint_in_grpo_saves_the_iteration_and_the_resume_is_exact(tmp_path, mo
     run_ppo(grpo_config(tmp_path, policy, prompts, "straight"), reward_fn=vowel_fraction)
     calls = []
 
-    def interrupted_at_the_second_iteration(prompt_texts, responses):
+    def interrupted_at_the_first_iteration(prompt_texts, responses):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 1:
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
         return vowel_fraction(prompt_texts, responses)
 
     cfg = grpo_config(tmp_path, policy, prompts, "stopped")
-    with pytest.raises(errors.Interrupted, match="stopped by SIGINT at step 2 of 3") as stop:
-        run_ppo(cfg, reward_fn=interrupted_at_the_second_iteration)
+    with pytest.raises(errors.Interrupted, match="stopped by SIGINT at step 1 of 2") as stop:
+        run_ppo(cfg, reward_fn=interrupted_at_the_first_iteration)
     assert errors.one_line(stop.value)[0] == 130
-    assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["step-00000002"]
+    assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["step-00000001"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler before it, back
     run_ppo(cfg, reward_fn=vowel_fraction)
     a, b = (load_model(tmp_path / run / "final").state_dict() for run in ("straight", "stopped"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     stops = [r for r in read_metrics(tmp_path / "stopped") if r.get("stopped")]
-    assert [(r["step"], r["stopped"]) for r in stops] == [(2, "SIGINT")]
+    assert [(r["step"], r["stopped"]) for r in stops] == [(1, "SIGINT")]
 
 
 def test_a_second_ctrl_c_stops_at_once_and_a_repeated_sigterm_changes_nothing(capsys):
