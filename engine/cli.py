@@ -98,8 +98,9 @@ def add_stage_parser(commands, name: str) -> None:
 
 def add_quiet_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true",
-                        help="no progress on stderr (train.progress=false), and no warnings, notes or progress "
-                             "bars of transformers and datasets themselves (errors stay)")
+                        help="no progress on stderr (train.progress=false), and no warnings, notes "
+                             "or progress bars of transformers and datasets themselves (errors "
+                             "stay)")
 
 
 def load_config(config_cls, path, overrides):
@@ -118,7 +119,8 @@ def print_config(config) -> int:
 
 def run_stage(args, name: str) -> int:
     config_cls, train, _ = STAGES[name]
-    config = load_config(config_cls, args.config, args.overrides + (["train.progress=false"] if args.quiet else []))
+    quiet = ["train.progress=false"] if args.quiet else []
+    config = load_config(config_cls, args.config, args.overrides + quiet)
     if args.print_config:
         return print_config(config)
     trackers.check_installed(trackers.tracker_names(config.train))  # before anything is created
@@ -404,10 +406,10 @@ def dashed_as_overrides(argv: list[str], unknown: set[str]) -> list[str]:
 
 
 def quiet_libraries(quiet: bool) -> None:
-    """transformers', datasets' and the hub client's own output: no progress bars where stderr is not a
-    terminal (a log file would get their `\r` redraws) or with --quiet; with --quiet none of their
-    warnings and notes either. Through the environment variables they read when imported (later, in
-    the command's work), or their own switches when they already are."""
+    """transformers', datasets' and the hub client's own output: no progress bars where stderr is
+    not a terminal (a log file would get their `\r` redraws) or with --quiet; with --quiet none of
+    their warnings and notes either. Through the environment variables they read when imported
+    (later, in the command's work), or their own switches when they already are."""
     if quiet or not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -426,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     unknown = {x for x in extra if x.startswith("--")}
-    if unknown and hasattr(args, "overrides"):  # `--learning_rate 1e-4` (TRL's form): the override key=value
+    if unknown and hasattr(args, "overrides"):  # `--learning_rate 1e-4` (TRL's form): key=value
         args, extra = parser.parse_known_args(dashed_as_overrides(argv, unknown))
     # key=value overrides after an option (`fusedrl plan ppo --gpus 8 lora.rank=64`): argparse leaves them over.
     if extra and not (hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra)):
@@ -448,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fusedrl {args.command}: {message}", file=sys.stderr)
         elif not isinstance(e, (errors.Interrupted, errors.RunComplete)):
             errors.let_rank_0_speak()
-        if isinstance(e, (errors.Interrupted, errors.RunComplete)):  # every rank ended here together
+        if isinstance(e, (errors.Interrupted, errors.RunComplete)):  # every rank ended here too
             return _leave(code)
         return code
 

@@ -68,7 +68,8 @@ def debug_enabled(flag: bool = False) -> bool:
 def should_print(error: BaseException) -> bool:
     """False on a torchrun rank other than 0 for what every rank meets alike (a usage error, a run
     stopped or found complete by all ranks together): rank 0 says the same line."""
-    return not isinstance(error, (UsageError, Interrupted, RunComplete)) or os.environ.get("RANK", "0") == "0"
+    alike = isinstance(error, (UsageError, Interrupted, RunComplete))
+    return not alike or os.environ.get("RANK", "0") == "0"
 
 
 # Seconds a torchrun rank other than 0 waits before exiting on a usage error that rank 0 prints.

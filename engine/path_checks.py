@@ -20,10 +20,10 @@ def check_model_path(path, option: str) -> None:
         raise UsageError(f"{option}={path}: not a Hugging Face model directory (no {CONFIG_FILE})")
 
 
-# A tokenizer's own files, by format: fast (tokenizer.json), sentencepiece, BPE (vocab.json + merges.txt),
-# WordPiece; tokenizer_config.json alone names a class, not a vocabulary.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
-                   "vocab.txt", "tokenizer.tiktoken")
+# A tokenizer's own files, by format: fast (tokenizer.json), sentencepiece, BPE (vocab.json +
+# merges.txt), WordPiece; tokenizer_config.json alone names a class, not a vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.json", "vocab.txt", "tokenizer.tiktoken")
 
 
 def check_tokenizer_files(path, option: str) -> None:
@@ -31,8 +31,8 @@ def check_tokenizer_files(path, option: str) -> None:
     config.json alone, and the run would fail later on its first text)."""
     if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         raise UsageError(f"{option}={path}: the model directory has no tokenizer (none of "
-                         f"{', '.join(TOKENIZER_FILES)}): save the tokenizer it was trained with there "
-                         "(tokenizer.save_pretrained(DIR))")
+                         f"{', '.join(TOKENIZER_FILES)}): save the tokenizer it was trained with "
+                         "there (tokenizer.save_pretrained(DIR))")
 
 
 def check_input_file(path, option: str) -> None:

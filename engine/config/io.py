@@ -89,7 +89,7 @@ def _did_you_mean(root, fields, prefix: str, key: str) -> str:
 
 
 def dotted_keys(cls, prefix: str = "") -> list[str]:
-    """Every option of config dataclass `cls` as a dotted key, in field order (sections expanded)."""
+    """Every option of config dataclass `cls` as a dotted key, in field order."""
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

@@ -85,9 +85,9 @@ class RolloutConfig:
 class UpdateConfig:
     epochs: int = option("PPO epochs over each rollout", 4)
     minibatch_size: int = option("sequences per PPO minibatch update on each rank (under torchrun: x the "
-                                 "number of ranks in all); a size not dividing the rollout's rows gives "
-                                 "ceil(rows / size) minibatches of sizes as equal as the rows allow (said at "
-                                 "start)", 16)
+                                 "number of ranks in all); a size not dividing the rollout's rows "
+                                 "gives ceil(rows / size) minibatches of sizes as equal as the "
+                                 "rows allow (said at start)", 16)
     microbatch_size: int | None = option("sequences per forward/backward inside a minibatch; gradients are "
                                         "accumulated to the whole minibatch's (None = the minibatch at once)")
     tokens_per_microbatch: int | None = option("token budget of one forward/backward inside a minibatch: rows "

@@ -22,7 +22,8 @@ APPLIED_ON_RESUME = frozenset({
     # where the run is (a moved run directory) and the loop: its length, cadence, logging, limits
     "output_dir", "train.iterations", "train.epochs", "train.max_steps", "train.eval_every", "train.log_every",
     "train.save_every", "train.save_every_minutes", "train.keep_checkpoints", "train.max_consecutive_skips",
-    "train.resume", "train.tensorboard", "train.report_to", "train.progress", "train.dist_timeout_s", "train.device",
+    "train.resume", "train.tensorboard", "train.report_to", "train.progress",
+    "train.dist_timeout_s", "train.device",
     "train.gradient_checkpointing",
     # the schedule: its peak (the new one from the saved step on) and shape, and gradient clipping
     "optim.lr", "critic_lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.max_grad_norm",

@@ -104,13 +104,14 @@ class RunConfig:
     resume: bool = option("continue from the newest checkpoint in output_dir when there is one", True)
     overwrite: bool = option("replace an earlier run of fusedrl in output_dir (never a directory fusedrl did "
                              "not make); without it train.resume=false over an earlier run is refused", False)
-    tensorboard: bool = option("also write TensorBoard events to output_dir/tensorboard (the same as "
-                               "train.report_to=tensorboard)", False)
-    report_to: list[str] = option("experiment trackers fed every metrics record: tensorboard | wandb | mlflow | "
-                                  "none, several as a YAML list or comma-separated (wandb,mlflow); each through "
-                                  "its own library: pip install 'fusedrl[NAME]'", factory=list)
-    progress: bool = option("show progress on stderr: a live bar on a terminal, else (a log file) one plain line "
-                            "per train.log_every steps, at most one each 30 s", True)
+    tensorboard: bool = option("also write TensorBoard events to output_dir/tensorboard (the same "
+                               "as train.report_to=tensorboard)", False)
+    report_to: list[str] = option("experiment trackers fed every metrics record: tensorboard | "
+                                  "wandb | mlflow | none, several as a YAML list or "
+                                  "comma-separated (wandb,mlflow); each through its own library: "
+                                  "pip install 'fusedrl[NAME]'", factory=list)
+    progress: bool = option("show progress on stderr: a live bar on a terminal, else (a log file) "
+                            "one plain line per train.log_every steps, at most one each 30 s", True)
     data_parallel: DataParallel = option("under torchrun: shard (FSDP2 full shard: weights, gradients, optimizer "
                                          "state 1/N per rank; at train.tensor_parallel > 1 the tensor slices sharded "
                                          "over the data groups) | replicate (whole copies, for small models; at "
@@ -161,8 +162,8 @@ class RunConfig:
         check(self.log_every >= 1, "train.log_every must be >= 1")
         self.report_to = _names(self.report_to)
         unknown = [n for n in self.report_to if n not in TRACKERS]
-        check(not unknown, f"train.report_to: {unknown[0] if unknown else ''!r} is not a tracker; expected "
-                           f"{' | '.join(TRACKERS)} (several as a list)")
+        check(not unknown, f"train.report_to: {unknown[0] if unknown else ''!r} is not a tracker; "
+                           f"expected {' | '.join(TRACKERS)} (several as a list)")
         check("none" not in self.report_to or self.report_to == ["none"],
               f"train.report_to={','.join(self.report_to)}: 'none' cannot be listed with trackers")
 

@@ -49,9 +49,10 @@ class StopRequests:
             return
         self.received = signum
         if self.announce:
-            print(f"fusedrl: {signal.Signals(signum).name} received: finishing this step, then saving a "
-                  "checkpoint and stopping" + (" (Ctrl-C again stops at once, without saving)"
-                                               if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+            name = signal.Signals(signum).name
+            again = " (Ctrl-C again stops at once, without saving)" if name == "SIGINT" else ""
+            print(f"fusedrl: {name} received: finishing this step, then saving a checkpoint and "
+                  f"stopping{again}", file=sys.stderr, flush=True)
 
     def agreed(self) -> int:
         """The signal every rank stops for (the largest number any rank received; 0: none): a

@@ -101,15 +101,15 @@ def checkpoint_step(path: Path) -> int:
 
 
 def refuse_if_complete(plan: RunPlan) -> None:
-    """RunComplete when plan.run_dir already holds a checkpoint of its last step and its final model:
-    a rerun changes nothing (a larger train.max_steps / iterations / epochs continues it)."""
+    """RunComplete when plan.run_dir already holds a checkpoint of its last step and its final
+    model: a rerun changes nothing (a larger train.max_steps / iterations / epochs continues it)."""
     latest = latest_checkpoint(plan.run_dir)
     final = Path(plan.run_dir) / FINAL_DIR
     if latest is None or checkpoint_step(latest) < plan.total_steps or not final.is_dir():
         return
     raise RunComplete(f"the run in {plan.run_dir} is complete (step {checkpoint_step(latest)} of "
-                      f"{plan.total_steps}, model in {final}); nothing changed (raise its number of steps to "
-                      "train further)", final)
+                      f"{plan.total_steps}, model in {final}); nothing changed (raise its number "
+                      "of steps to train further)", final)
 
 
 def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object], dict], *,
@@ -139,8 +139,10 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
     skips = SkipCount(**loaded.pop("loop", {}))
     for key, value in loaded.items():
         setattr(state, key, value)
-    run = (RunLog(plan.run_dir, plan.config, plan.total_steps, state.step, options.progress,
-                  tracker_names(options), distributed.world_size()) if distributed.is_main() else SilentLog())
+    run = SilentLog()
+    if distributed.is_main():
+        run = RunLog(plan.run_dir, plan.config, plan.total_steps, state.step, options.progress,
+                     tracker_names(options), distributed.world_size())
     clock = SaveClock(options.save_every, options.save_every_minutes, plan.total_steps)
 
     def save() -> Path:
@@ -167,9 +169,9 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
         with StopRequests(announce=distributed.is_main()) as stops:
             while state.step < plan.total_steps:
                 run_step(plan, state, step, skips, run, device)
-                signum = stops.agreed()  # every rank stops at the same step boundary, or none
-                if not signum and evaluate is not None and is_due(state.step, plan.eval_every, plan.total_steps):
+                if evaluate is not None and is_due(state.step, plan.eval_every, plan.total_steps):
                     run.log("eval", state.step, evaluate())
+                signum = stops.agreed()  # every rank stops at the same step boundary, or none
                 saved = save() if clock.due(state.step) or signum else None
                 if signum:
                     raise interrupted(plan, state.step, signum, saved, run)
@@ -179,14 +181,15 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
 
 
 def interrupted(plan: RunPlan, step: int, signum: int, saved: Path, run) -> Interrupted:
-    """The one-line stop of a run a signal ended at `step`, its checkpoint `saved` (logged first)."""
+    """The one-line stop of a run a signal ended at `step`, checkpoint `saved` (logged first)."""
     name = signal.Signals(signum).name
     run.log("info", step, {"stopped": name, "checkpoint": str(saved)})
-    return Interrupted(f"stopped by {name} at step {step} of {plan.total_steps}, checkpoint {saved} saved; "
-                       "the same command resumes the run from there", signum)
+    return Interrupted(f"stopped by {name} at step {step} of {plan.total_steps}, checkpoint "
+                       f"{saved} saved; the same command resumes the run from there", signum)
 
 
-def run_step(plan: RunPlan, state, step: Callable[[object], dict], skips: SkipCount, run, device) -> None:
+def run_step(plan: RunPlan, state, step: Callable[[object], dict], skips: SkipCount, run,
+             device) -> None:
     """One step of the loop: `step(state)`, its skip bookkeeping and its train record (every
     train.log_every steps, at the last and at a skipped one); Diverged after too many skips."""
     options = plan.options

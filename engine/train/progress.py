@@ -9,14 +9,15 @@ import sys
 import time
 
 # Shown, when present, in this order.
-SHOWN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "accuracy", "score_mean", "kl", "skipped_steps")
-LINE_EVERY_S = 30.0  # a log file gets a line at most this often (tqdm's bar refreshes 10 times a second)
+SHOWN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "accuracy", "score_mean", "kl",
+              "skipped_steps")
+LINE_EVERY_S = 30.0  # a log file's lines at most this often (tqdm redraws 10 times a second)
 
 
 def shown_metrics(metrics: dict) -> dict[str, str]:
-    """{name: value as 4 significant digits} of the SHOWN_KEYS in a record (skipped_steps when > 0)."""
+    """{name: value in 4 significant digits} of a record's SHOWN_KEYS (skipped_steps when > 0)."""
     return {k: f"{metrics[k]:.4g}" for k in SHOWN_KEYS
-            if k in metrics and isinstance(metrics[k], (int, float)) and (k != "skipped_steps" or metrics[k])}
+            if isinstance(metrics.get(k), (int, float)) and (k != "skipped_steps" or metrics[k])}
 
 
 def open_progress(name: str, total_steps: int, first_step: int, stream=None):
@@ -32,13 +33,14 @@ class Bar:
     def __init__(self, name: str, total_steps: int, first_step: int, stream):
         from tqdm.auto import tqdm
         self._stream = stream
-        self._bar = tqdm(total=total_steps, initial=first_step, desc=name, unit="step", dynamic_ncols=True,
-                         file=stream)
+        self._bar = tqdm(total=total_steps, initial=first_step, desc=name, unit="step",
+                         dynamic_ncols=True, file=stream)
 
     def show(self, kind: str, step: int, metrics: dict) -> None:
         if kind == "train":
             self._bar.update(step - self._bar.n)
-        self._bar.set_postfix({f"{kind[0]}.{k}": v for k, v in shown_metrics(metrics).items()}, refresh=True)
+        postfix = {f"{kind[0]}.{k}": v for k, v in shown_metrics(metrics).items()}
+        self._bar.set_postfix(postfix, refresh=True)
 
     def write(self, message: str) -> None:
         self._bar.write(message, file=self._stream)
@@ -48,19 +50,22 @@ class Bar:
 
 
 class Lines:
-    """Plain lines: `NAME step 12/100 loss 2.31 lr 0.0003 ... | 4.1 steps/s, eta 21s`; eval records
-    each get a line of their own."""
+    """Plain lines: `NAME train step 12/100 loss 2.31 lr 0.0003 ... | 4.1 steps/s, eta 21s`; eval
+    records each get a line of their own."""
 
-    def __init__(self, name: str, total_steps: int, first_step: int, stream, every_s: float = LINE_EVERY_S):
-        self.name, self.total, self.first, self.stream, self.every_s = name, total_steps, first_step, stream, every_s
+    def __init__(self, name: str, total_steps: int, first_step: int, stream,
+                 every_s: float = LINE_EVERY_S):
+        self.name, self.total, self.first = name, total_steps, first_step
+        self.stream, self.every_s = stream, every_s
         self.start = time.monotonic()
         self.last_line = None  # monotonic time of the last train line
 
     def show(self, kind: str, step: int, metrics: dict) -> None:
         now = time.monotonic()
-        if kind == "train" and self.last_line is not None and step < self.total and now - self.last_line < self.every_s:
-            return
         if kind == "train":
+            recent = self.last_line is not None and now - self.last_line < self.every_s
+            if recent and step < self.total:
+                return
             self.last_line = now
         values = " ".join(f"{k} {v}" for k, v in shown_metrics(metrics).items())
         line = f"{self.name} {kind} step {step}/{self.total}" + (f" {values}" if values else "")

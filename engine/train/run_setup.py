@@ -101,17 +101,19 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
     claim_output_dir(kind, options, output_dir, [*models.values(), *files.values()])
     random.seed(seed)
     torch.manual_seed(seed)
-    return RunContext(device, param_dtype(resolve_precision(options.precision, device)), tokenizer, configs)
+    dtype = param_dtype(resolve_precision(options.precision, device))
+    return RunContext(device, dtype, tokenizer, configs)
 
 
-_PROBE = "hello world 0123456789"  # letters, digits, a space: any real vocabulary has a token for some
+_PROBE = "hello world 0123456789"  # letters, digits, a space: a real vocabulary has some
 
 
 def run_tokenizer(option: str, path):
-    """The tokenizer of model directory `path` (the option naming it), which must turn a text into
-    tokens: ModelError naming the directory for an empty one (e.g. a vocabulary-less tokenizer.json)."""
+    """The tokenizer of model directory `path` (the option naming it), which must turn a text
+    into tokens: ModelError naming the directory for an empty one (a tokenizer.json without a
+    vocabulary)."""
     tokenizer = load_tokenizer(path)
     if not tokenizer(_PROBE, add_special_tokens=False)["input_ids"]:
-        raise ModelError(f"{option}={path}: its tokenizer is empty (it turns {_PROBE!r} into no tokens): "
-                         "save the tokenizer the model was trained with there")
+        raise ModelError(f"{option}={path}: its tokenizer is empty (it turns {_PROBE!r} into no "
+                         "tokens): save the tokenizer the model was trained with there")
     return tokenizer

@@ -8,7 +8,7 @@ RUN_DIR/
                       line, a comment, records the number of ranks: `# world_size: N`
     metrics.jsonl     one JSON object per line: {"kind": "train"|"eval"|"info", "step": ..., ...};
                       one series: a run resumed at step S first drops the records past S
-    tensorboard/      event files, with train.report_to=tensorboard (wandb/: W&B's files, with wandb)
+    tensorboard/      event files, with train.report_to=tensorboard (wandb/: with wandb)
     checkpoints/      see engine/train/checkpoint/
     final/            the exported model
 `fusedrl plot RUN_DIR` reads metrics.jsonl back. config.yaml and a rewritten metrics.jsonl are
@@ -50,7 +50,8 @@ class RunLog:
         keep_series(self.run_dir / METRICS_FILE, first_step)
         self._metrics = open_append(self.run_dir / METRICS_FILE)
         self._trackers = Trackers(list(trackers), self.run_dir, settings)
-        self._progress = open_progress(self.run_dir.name, total_steps, first_step) if progress else None
+        self._progress = (open_progress(self.run_dir.name, total_steps, first_step) if progress
+                          else None)
 
     def log(self, kind: str, step: int, metrics: dict):
         """Write one record; train records also advance the progress display to `step`."""

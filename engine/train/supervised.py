@@ -93,9 +93,10 @@ def held_out_notice(data: DataConfig, train_count: int, eval_count: int) -> list
     (not trained on), when it is."""
     if data.eval_file or not eval_count:
         return []
-    return [f"evaluating on {eval_count} of the {train_count + eval_count} examples of data.train_file, held out "
-            f"(data.eval_fraction={data.eval_fraction}) and not trained on; data.eval_file=FILE evaluates on a "
-            "file instead, data.eval_fraction=0 trains on all"]
+    return [f"evaluating on {eval_count} of the {train_count + eval_count} examples of "
+            f"data.train_file, held out (data.eval_fraction={data.eval_fraction}) and not trained "
+            "on; data.eval_file=FILE evaluates on a file instead, data.eval_fraction=0 trains on "
+            "all"]
 
 
 def micro_batches_per_step(cfg: StageConfig) -> int:

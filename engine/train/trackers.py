@@ -19,7 +19,8 @@ from ..config.resume import flat_options
 from ..errors import UsageError
 
 # report_to name -> (the module it needs, the extra that installs it)
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+            "mlflow": ("mlflow", "mlflow")}
 
 
 def tracker_names(options) -> list[str]:
@@ -41,7 +42,7 @@ def check_installed(names: list[str], option: str = "train.report_to") -> None:
 
 
 def scalars(kind: str, metrics: dict) -> dict[str, float]:
-    """{KIND/NAME: value} of the finite numbers among a record's metrics (lists and texts are left out)."""
+    """{KIND/NAME: value} of the finite numbers among a record's metrics (no lists, no texts)."""
     return {f"{kind}/{k}": float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 

@@ -3,9 +3,10 @@ and the critic) over a Rollout (rollout.py, built by experience.py). It composes
 engine/stages/ppo/core.py; no math lives here.
 
 Minibatches and micro-batches are cut from the rollout's one pack by index. An epoch takes
-ceil(rows / ppo.minibatch_size) minibatches of sizes as equal as the rows allow (16 rows at size 5:
-four of 4, not 5, 5, 5 and 1), said once when the run starts (`minibatch_rule`). A minibatch's stats stay
-on the device until its one host read (the skip and early-stop decisions need them).
+ceil(rows / ppo.minibatch_size) minibatches of sizes as equal as the rows allow (16 rows at size
+5: four of 4, not 5, 5, 5 and 1), said once when the run starts (`minibatch_rule`). A
+minibatch's stats stay on the device until its one host read (the skip and early-stop decisions
+need them).
 
 Under torchrun each minibatch is every rank's share of the global one, its loss weights are
 normalized by the global minibatch's units, and skips and early stops are decided on global
@@ -232,8 +233,8 @@ def minibatch_loss(models: PPOModels, batch: Rollout, s: UpdateSettings, weights
 
 
 def minibatch_bounds(rows: int, size: int) -> list[tuple[int, int]]:
-    """[start, end) of an epoch's minibatches over `rows` rows: ceil(rows / size) of them, their sizes
-    as equal as the rows allow (at most `size`, differing by at most one)."""
+    """[start, end) of an epoch's minibatches over `rows` rows: ceil(rows / size) of them, their
+    sizes as equal as the rows allow (at most `size`, differing by at most one)."""
     count = -(-rows // size)
     return [(i * rows // count, (i + 1) * rows // count) for i in range(count)]
 
@@ -245,9 +246,9 @@ def minibatch_rule(rows: int, size: int) -> str | None:
         return None
     sizes = sorted({end - start for start, end in minibatch_bounds(rows, size)}, reverse=True)
     count = len(minibatch_bounds(rows, size))
-    return (f"ppo.minibatch_size={size} does not divide the rollout's {rows} rows per rank (rollout."
-            f"prompts_per_iteration x rollout.samples_per_prompt): each epoch takes {count} minibatches of "
-            f"{' or '.join(map(str, sizes))} rows")
+    return (f"ppo.minibatch_size={size} does not divide the rollout's {rows} rows per rank "
+            "(rollout.prompts_per_iteration x rollout.samples_per_prompt): each epoch takes "
+            f"{count} minibatches of {' or '.join(map(str, sizes))} rows")
 
 
 def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: UpdateSettings, seed: int,

@@ -31,9 +31,9 @@ NO_PERIODIC_SAVES = ["train.save_every=0", "train.save_every_minutes=0"]
 
 
 def sft_args(model, data, out, steps=STEPS):
-    return ["sft", f"model={model}", f"output_dir={out}", f"data.train_file={data}", "data.max_length=48",
-            "data.max_prompt_length=24", "data.tokens_per_batch=128", "optim.lr=3e-3", f"train.max_steps={steps}",
-            *NO_PERIODIC_SAVES]
+    return ["sft", f"model={model}", f"output_dir={out}", f"data.train_file={data}",
+            "data.max_length=48", "data.max_prompt_length=24", "data.tokens_per_batch=128",
+            "optim.lr=3e-3", f"train.max_steps={steps}", *NO_PERIODIC_SAVES]
 
 
 def first_train_record(run_dir, proc, deadline_s=120):
@@ -41,17 +41,20 @@ def first_train_record(run_dir, proc, deadline_s=120):
     deadline = time.monotonic() + deadline_s
     metrics = run_dir / "metrics.jsonl"
     while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
+        assert proc.poll() is None, "the run ended before its first step"
+        assert time.monotonic() < deadline, "no step within the deadline"
         time.sleep(0.02)
 
 
 def snapshot(run_dir):
-    return {p.relative_to(run_dir): (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*")
-            if p.is_file() and not p.name.startswith(".fusedrl-run")}
+    """{file: (mtime, bytes)} of a run directory but its lock."""
+    return {p.relative_to(run_dir): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in run_dir.rglob("*") if p.is_file() and not p.name.startswith(".fusedrl-run")}
 
 
 @pytest.mark.integration
-def test_sigterm_saves_exits_143_and_the_same_command_resumes_exactly(tmp_path, monkeypatch, capsys):
+def test_sigterm_saves_exits_143_and_the_same_command_resumes_exactly(tmp_path, monkeypatch,
+                                                                      capsys):
     # The ops on their torch backend: the process is what this test is about (and the interpreted
     # Triton kernels would make each step seconds).
     monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
@@ -62,21 +65,22 @@ def test_sigterm_saves_exits_143_and_the_same_command_resumes_exactly(tmp_path, 
 
     log = tmp_path / "log"  # stdout and stderr in a file, as `fusedrl sft ... > log 2>&1`
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "fusedrl.engine.cli", *sft_args(model, data, stopped)],
-                                stdout=out, stderr=subprocess.STDOUT)
+        command = [sys.executable, "-m", "fusedrl.engine.cli", *sft_args(model, data, stopped)]
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         first_train_record(stopped, proc)
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=120) == 143, log.read_text()
     text = log.read_text()
     lines = text.splitlines()
     assert "\r" not in text and max(map(len, lines)) < 1000
-    assert any(f"step 1/{STEPS} loss" in line and "steps/s" in line for line in lines), text  # plain progress
+    progress = [line for line in lines if f"train step 1/{STEPS} loss" in line]  # a plain line
+    assert progress and "steps/s" in progress[0], text
     assert any("held out (data.eval_fraction=0.05)" in line for line in lines), text
     assert "SIGTERM received" in text
     (saved,) = list_checkpoints(stopped)  # periodic checkpoints are off: the one the signal saved
     step = int(saved.name.split("-")[1])
-    assert lines[-1] == (f"fusedrl sft: stopped by SIGTERM at step {step} of {STEPS}, checkpoint {saved} saved; "
-                         "the same command resumes the run from there")
+    assert lines[-1] == (f"fusedrl sft: stopped by SIGTERM at step {step} of {STEPS}, checkpoint "
+                         f"{saved} saved; the same command resumes the run from there")
     assert 1 <= step < STEPS and not (stopped / "final").exists()
 
     assert cli.main(sft_args(model, data, stopped)) == 0
@@ -84,13 +88,14 @@ def test_sigterm_saves_exits_143_and_the_same_command_resumes_exactly(tmp_path, 
     assert f"resuming from step {step} of {STEPS} (checkpoint {saved})" in err
     assert (stopped / "final" / "model.safetensors").read_bytes() == \
         (straight / "final" / "model.safetensors").read_bytes()
-    assert [r["step"] for r in read_metrics(stopped) if r["kind"] == "train"] == list(range(1, STEPS + 1))
+    steps = [r["step"] for r in read_metrics(stopped) if r["kind"] == "train"]
+    assert steps == list(range(1, STEPS + 1))
 
     before = snapshot(stopped)
-    assert cli.main([*sft_args(model, data, stopped), "optim.lr=1e-2"]) == 0  # finished: nothing to do
-    err = capsys.readouterr().err
-    assert err == (f"fusedrl sft: the run in {stopped} is complete (step {STEPS} of {STEPS}, model in "
-                   f"{stopped / 'final'}); nothing changed (raise its number of steps to train further)\n")
+    assert cli.main([*sft_args(model, data, stopped), "optim.lr=1e-2"]) == 0  # nothing to do
+    assert capsys.readouterr().err == (
+        f"fusedrl sft: the run in {stopped} is complete (step {STEPS} of {STEPS}, model in "
+        f"{stopped / 'final'}); nothing changed (raise its number of steps to train further)\n")
     assert snapshot(stopped) == before
     assert cli.main(sft_args(model, data, stopped, steps=STEPS + 1)) == 0  # a longer run continues
     assert f"resuming from step {STEPS} of {STEPS + 1}" in capsys.readouterr().err
@@ -99,11 +104,12 @@ def test_sigterm_saves_exits_143_and_the_same_command_resumes_exactly(tmp_path, 
 
 def grpo_config(root, policy, prompts, name):
     return GRPOConfig(policy=str(policy), prompts_file=str(prompts), output_dir=str(root / name),
-                      rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
-                                            kv_cache_memory=1 << 22),
-                      ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=3, vf_coef=0.0, kl_loss_coef=0.01),
-                      train=LoopConfig(iterations=2, save_every=0, save_every_minutes=0, progress=False,
-                                       device="cpu"))
+                      rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3,
+                                            max_new_tokens=6, kv_cache_memory=1 << 22),
+                      ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=3, vf_coef=0.0,
+                                       kl_loss_coef=0.01),
+                      train=LoopConfig(iterations=2, save_every=0, save_every_minutes=0,
+                                       progress=False, device="cpu"))
 
 
 def test_sigint_in_grpo_saves_the_iteration_and_the_resume_is_exact(tmp_path, monkeypatch):
@@ -111,7 +117,8 @@ def test_sigint_in_grpo_saves_the_iteration_and_the_resume_is_exact(tmp_path, mo
     the run stops with exit code 130; resumed, it ends where an uninterrupted run ends."""
     monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
     policy = save_tiny_model(tmp_path / "policy")
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ["the quick", "hello", "lazy dog"]])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                          [{"prompt": p} for p in ["the quick", "hello", "lazy dog"]])
     run_ppo(grpo_config(tmp_path, policy, prompts, "straight"), reward_fn=vowel_fraction)
     calls = []
 
@@ -126,7 +133,7 @@ def test_sigint_in_grpo_saves_the_iteration_and_the_resume_is_exact(tmp_path, mo
         run_ppo(cfg, reward_fn=interrupted_at_the_first_iteration)
     assert errors.one_line(stop.value)[0] == 130
     assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["step-00000001"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler before it, back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the one before, back
     run_ppo(cfg, reward_fn=vowel_fraction)
     a, b = (load_model(tmp_path / run / "final").state_dict() for run in ("straight", "stopped"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -51,17 +51,22 @@ def test_a_log_line_every_logged_step_when_the_interval_allows_and_a_bar_on_a_te
     assert "3/3" in terminal.getvalue() and "t.loss=2" in terminal.getvalue()
 
 
+def options(*overrides):
+    """The `train` section of an SFT config with these overrides."""
+    base = ["model=m", "output_dir=o", "data.train_file=d"]
+    return config_io.load(SFTConfig, None, [*base, *overrides]).train
+
+
 def test_report_to_names_the_trackers_and_train_tensorboard_is_one_of_them():
-    def options(*overrides):
-        return config_io.load(SFTConfig, None, ["model=m", "output_dir=o", "data.train_file=d", *overrides]).train
     assert tracker_names(options()) == [] and tracker_names(options("train.report_to=none")) == []
     assert options("train.report_to=wandb,mlflow").report_to == ["wandb", "mlflow"]
-    assert tracker_names(options("train.report_to=[mlflow]", "train.tensorboard=true")) == ["mlflow", "tensorboard"]
-    assert TrainConfig(report_to="tensorboard").report_to == ["tensorboard"]  # from Python, a text too
-    with pytest.raises(ValueError, match="train.report_to: 'comet' is not a tracker; expected tensorboard"):
+    both = options("train.report_to=[mlflow]", "train.tensorboard=true")
+    assert tracker_names(both) == ["mlflow", "tensorboard"]
+    assert TrainConfig(report_to="tensorboard").report_to == ["tensorboard"]  # a text from Python
+    with pytest.raises(ValueError, match="train.report_to: 'comet' is not a tracker; expected "):
         options("train.report_to=comet")
-    assert scalars("train", {"loss": 1.5, "flag": True, "rank_tokens": [1, 2], "nan": float("nan")}) == \
-        {"train/loss": 1.5}
+    record = {"loss": 1.5, "flag": True, "rank_tokens": [1, 2], "nan": float("nan")}
+    assert scalars("train", record) == {"train/loss": 1.5}
 
 
 def missing_tracker():
@@ -79,47 +84,51 @@ def _installed(name):
         return False
 
 
-def test_a_missing_tracker_package_is_one_line_before_the_run_directory_exists(tmp_path, qwen2_dir, capsys):
+def test_a_missing_tracker_package_is_one_line_before_the_run_directory_exists(tmp_path, qwen2_dir,
+                                                                               capsys):
     name = missing_tracker()
     data = write_jsonl(tmp_path / "train.jsonl", demonstrations(4))
     out = tmp_path / "run"
-    code, err = cli_error(["sft", f"model={qwen2_dir}", f"output_dir={out}", f"data.train_file={data}",
-                           f"train.report_to=tensorboard,{name}"], capsys)
-    assert code == 2 and err == (f"fusedrl sft: train.report_to={name} needs the {name} package, which is not "
-                                 f"installed: pip install 'fusedrl[{name}]' (or drop {name} from train.report_to)\n")
+    argv = ["sft", f"model={qwen2_dir}", f"output_dir={out}", f"data.train_file={data}",
+            f"train.report_to=tensorboard,{name}"]
+    code, err = cli_error(argv, capsys)
+    assert code == 2 and err == (
+        f"fusedrl sft: train.report_to={name} needs the {name} package, which is not installed: "
+        f"pip install 'fusedrl[{name}]' (or drop {name} from train.report_to)\n")
     assert not out.exists()
 
 
-def test_the_python_api_refuses_a_missing_tracker_before_taking_the_directory(tmp_path, qwen2_dir):
+def test_the_python_api_refuses_a_missing_tracker_before_the_directory(tmp_path, qwen2_dir):
     name = missing_tracker()
     data = write_jsonl(tmp_path / "train.jsonl", demonstrations(4))
-    cfg = SFTConfig(model=str(qwen2_dir), output_dir=str(tmp_path / "run"), data=DataConfig(train_file=str(data)),
-                    train=TrainConfig(report_to=[name]))
+    cfg = SFTConfig(model=str(qwen2_dir), output_dir=str(tmp_path / "run"),
+                    data=DataConfig(train_file=str(data)), train=TrainConfig(report_to=[name]))
     with pytest.raises(UsageError, match=f"needs the {name} package"):
         run_sft(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def two_records(run_dir, tracker):
+    """A run log of two train records fed to `tracker`."""
+    config = SFTConfig(model="/m", output_dir=str(run_dir), data=DataConfig(train_file="t"))
+    run = RunLog(run_dir, config, 2, progress=False, trackers=[tracker])
+    run.log("train", 1, {"loss": 2.0})
+    run.log("train", 2, {"loss": 1.0})
+    run.close()
 
 
 def test_wandb_offline_gets_every_record(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run = RunLog(tmp_path, SFTConfig(model="/m", output_dir=str(tmp_path), data=DataConfig(train_file="t")), 2,
-                 progress=False, trackers=["wandb"])
-    run.log("train", 1, {"loss": 2.0})
-    run.log("train", 2, {"loss": 1.0})
-    run.close()
+    two_records(tmp_path, "wandb")
     assert wandb.run is None and list((tmp_path / "wandb").glob("offline-run-*"))
 
 
 def test_mlflow_gets_the_params_and_every_record(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
-    run = RunLog(tmp_path / "run", SFTConfig(model="/m", output_dir=str(tmp_path), data=DataConfig(train_file="t")),
-                 2, progress=False, trackers=["mlflow"])
-    run.log("train", 1, {"loss": 2.0})
-    run.log("train", 2, {"loss": 1.0})
-    run.close()
+    two_records(tmp_path / "run", "mlflow")
     (found,) = mlflow.search_runs(output_format="list")
     assert found.data.params["optim.lr"] == "1e-05"
     history = mlflow.MlflowClient().get_metric_history(found.info.run_id, "train/loss")
