@@ -184,8 +184,9 @@ def interrupted(plan: RunPlan, step: int, signum: int, saved: Path, run) -> Inte
     """The one-line stop of a run a signal ended at `step`, checkpoint `saved` (logged first)."""
     name = signal.Signals(signum).name
     run.log("info", step, {"stopped": name, "checkpoint": str(saved)})
+    how = "the same command" if plan.options.resume else "the same command with train.resume=true"
     return Interrupted(f"stopped by {name} at step {step} of {plan.total_steps}, checkpoint "
-                       f"{saved} saved; the same command resumes the run from there", signum)
+                       f"{saved} saved; {how} resumes the run from there", signum)
 
 
 def run_step(plan: RunPlan, state, step: Callable[[object], dict], skips: SkipCount, run,
