@@ -12,6 +12,8 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from fusedrl.engine import cli, errors
 from fusedrl.engine.config import io as config_io
@@ -162,3 +164,21 @@ def test_an_interrupt_exits_128_plus_the_signal_and_is_said_by_rank_0_alone(monk
     assert not errors.should_print(errors.Interrupted("stopped", signal.SIGINT))
     assert errors.should_print(errors.FusedRLError("a failure of this rank"))
     assert json.dumps(errors.one_line(errors.RunComplete("done", "final"))) == '[0, "done"]'
+
+
+def _rank_stops(rank: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        with StopRequests(announce=False) as stops:
+            assert stops.agreed() == 0  # no signal anywhere: no rank stops
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # a signal reaching one rank alone
+                time.sleep(0.5)  # its handler runs here
+            assert stops.agreed() == signal.SIGTERM, rank  # both stop at this boundary
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_every_rank_stops_at_the_step_boundary_where_any_rank_was_signalled(tmp_path):
+    mp.spawn(_rank_stops, args=(str(tmp_path / "init"),), nprocs=2)
