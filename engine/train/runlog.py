@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,14 +27,15 @@ import torch
 import yaml
 
 from ..config import io as config_io
+from ..config.resume import METRICS_FILE
 from ..durable import open_append, write_text_atomic
 from .progress import open_progress
 from .trackers import Trackers
+from .data_record import DATA_RECORD
 
-METRICS_FILE = "metrics.jsonl"
 # The entries of RUN_DIR written through a hidden temp sibling (engine/durable.py), as a regex: the
 # only names whose leftovers a new run removes from it.
-REPLACED_WHOLE = r"final\w*|config\.yaml|metrics\.jsonl"
+REPLACED_WHOLE = r"final\w*|config\.yaml|metrics\.jsonl|" + re.escape(DATA_RECORD)
 
 
 class RunLog:
