@@ -125,6 +125,10 @@ def run_stage(args, name: str) -> int:
     if args.print_config:
         return print_config(config)
     trackers.check_installed(trackers.tracker_names(config.train))  # before anything is created
+    try:
+        config.require_data()
+    except ValueError as e:
+        raise errors.UsageError(str(e)) from None
     models, files = config.paths()
     path_checks.check_paths(models, files, config.output_dir)  # before the stage imports torch
     run_dir.check_target(config.output_dir, name, overwrite=config.train.overwrite, resume=config.train.resume,

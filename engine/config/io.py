@@ -25,6 +25,22 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config dataclass."""
 
 
+class Loadable:
+    """What a stage's config class offers a Python caller: construction from a dict or a YAML file
+    (with `key=value` overrides), as the command line builds it."""
+
+    @classmethod
+    def from_dict(cls, data: dict, overrides: list[str] = ()):
+        """The config from nested dict `data` ({"optim": {"lr": 1e-5}}) and `key=value`
+        overrides."""
+        return from_dict(cls, apply_overrides(data, list(overrides)))
+
+    @classmethod
+    def from_yaml(cls, path, overrides: list[str] = ()):
+        """The config from YAML file `path` and `key=value` overrides (they win)."""
+        return load(cls, path, overrides)
+
+
 def from_dict(cls, data: dict, prefix: str = "", root=None):
     """Build dataclass `cls` (the section `prefix` of config `root`, by default itself) from a
     (nested) dict; missing keys keep their defaults."""

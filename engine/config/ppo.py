@@ -7,9 +7,10 @@ from typing import Literal
 
 from .fields import check, check_fields, option
 from .ignored import refuse_ignored, rl_rules
+from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
-from .train import OptimConfig, RunConfig
+from .train import DATA_SOURCE, OptimConfig, RunConfig
 
 Critic = Literal["separate", "shared", "none"]
 Estimator = Literal["gae", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"]
@@ -22,6 +23,21 @@ KLEstimator = Literal["k1", "k2", "k3"]
 MAX_FN_TIMEOUT_S = 1e6
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum",
                       "seq-mean-token-sum-norm"]
+
+
+@dataclass
+class PromptDataConfig:
+    prompt_column: str = option("the column of prompts_file read as the prompt (a string or a "
+                                "message list); every other column goes to the reward functions",
+                                "prompt")
+    chat_template: Literal["auto", "none"] = option(
+        "auto: string prompts go through the tokenizer's chat template as one user turn when it "
+        "has one | none: string prompts are the policy's text as they are (a policy trained on "
+        "plain strings); message lists always go through the template", "auto")
+
+    def __post_init__(self):
+        check_fields(self, "data.")
+        check(bool(self.prompt_column), "data.prompt_column must name a column, got ''")
 
 
 @dataclass
@@ -189,7 +205,7 @@ class LoopConfig(RunConfig):
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(Loadable):
     """InstructGPT step 3: PPO of the SFT policy against a reward model (or a reward function)."""
 
     policy: str = option("SFT policy: a Hugging Face model directory (also the frozen reference) (required)", "")
@@ -198,8 +214,12 @@ class PPOConfig:
     critic: Critic = option("separate (a value model initialized from the reward model) | shared "
                             "(a value head on the policy's trunk) | none (critic-free: a group estimator)",
                             "separate")
-    prompts_file: str = option("JSONL of {\"prompt\": ...} lines (required)", "")
-    ptx_file: str | None = option("JSONL demonstrations for the PPO-ptx loss (with ppo.ptx_coef > 0)")
+    prompts_file: str = option(f"prompts, one per row (column data.prompt_column): {DATA_SOURCE} "
+                               "(required; from Python a datasets.Dataset may be passed instead: "
+                               "docs/python_api.md)", "")
+    data: PromptDataConfig = option("reading the prompts", factory=PromptDataConfig)
+    ptx_file: str | None = option("demonstrations (a data file, as SFT's) for the PPO-ptx loss "
+                                  "(with ppo.ptx_coef > 0)")
     output_dir: str = option("run directory: config, metrics, checkpoints, final policy (required)", "")
     seed: int = option("seed of the prompt order, sampling and torch RNG", 0)
     rollout: RolloutConfig = option("generation", factory=RolloutConfig)
@@ -225,10 +245,14 @@ class PPOConfig:
         return ({"policy": self.policy, "reward_model": self.reward_model},
                 {"prompts_file": self.prompts_file, "ptx_file": self.ptx_file})
 
+    def require_data(self) -> None:
+        """ValueError unless the config names its prompts (a Python caller may pass a
+        datasets.Dataset instead: then this is not called)."""
+        check(bool(self.prompts_file), f"prompts_file is required ({DATA_SOURCE})")
+
     def __post_init__(self):
         check_fields(self)
         check(bool(self.policy), "policy is required (the SFT model directory)")
-        check(bool(self.prompts_file), "prompts_file is required")
         check(bool(self.output_dir), "output_dir is required")
         check(self.reward_model is None or self.reward_fn is None,
                "give one of reward_model and reward_fn, not both")

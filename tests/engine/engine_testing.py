@@ -67,6 +67,19 @@ def make_tokenizer():
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+# A Qwen-style chat template over the test tokenizer's special tokens: <|r2|> opens a turn, EOS
+# ends it.
+CHAT_TEMPLATE = ("{% for m in messages %}<|r2|>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|r2|>assistant\n{% endif %}")
+
+
+def make_chat_tokenizer():
+    """make_tokenizer() with CHAT_TEMPLATE, as a chat model's tokenizer (saved with it)."""
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def random_prompts(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     # Token ids from 10 up: never EOS or a special token, so prompts are plain text.

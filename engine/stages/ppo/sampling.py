@@ -38,10 +38,11 @@ def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
 
 
 def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConfig, seed: int,
-                     timer: PhaseTimer) -> Samples:
+                     timer: PhaseTimer, sources: list | None = None) -> Samples:
     """r.samples_per_prompt responses per prompt from the policy's current weights (models.actor),
     sampled as `r` says, scored by models.score (and overlong-shaped); `seed` fixes the sampling;
-    timed as "generate" and "score"."""
+    timed as "generate" and "score". sources: the prompts' rows (data/prompts.py PromptRow: the
+    prompt as the data holds it and its other columns), kept per row on the Samples."""
     params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
@@ -55,8 +56,9 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
                             r.tokens_per_forward).float().to(device)    # [R]
     lengths = torch.tensor([len(x) for x in responses], device=scores.device)
     scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
+    rows = None if sources is None else [p for p in sources for _ in range(r.samples_per_prompt)]
     return Samples(prompt_ids, responses, packed, packed.to_grid(sampler_logprobs.to(device)), scores,
-                   r.samples_per_prompt)
+                   r.samples_per_prompt, rows)
 
 
 def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[list[list[int]], int], Samples],

@@ -34,7 +34,8 @@ from torch import nn
 
 from ...config.ppo import GRPOConfig, PPOConfig
 from ...config.train import DataConfig
-from ...data.loading import load_examples, load_prompts
+from ...data.loading import load_examples
+from ...data.prompts import PromptRow, load_prompts
 from ...data.packing import epoch_order
 from ...errors import FusedRLError, UsageError
 from ...inference.hybrid_actor import HybridActor
@@ -85,7 +86,8 @@ def prompt_indices(n_prompts: int, count: int, seed: int, start: int) -> list[in
     return out
 
 
-def next_prompts(prompts: list[list[int]], per_rank: int, seed: int, state: PPOState) -> list[list[int]]:
+def next_prompts(prompts: list[PromptRow], per_rank: int, seed: int,
+                 state: PPOState) -> list[PromptRow]:
     """This rank's `per_rank` of the stream's next per_rank x data ranks prompts (a tensor group's
     ranks take the same ones); advances state.prompts_drawn past all of them."""
     count = per_rank * distributed.data_world_size()
@@ -260,20 +262,23 @@ def ptx_loss(cfg: PPOConfig, tokenizer, policy: CausalLM, device) -> Optional[Pt
 
 @releases_output_dir
 def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
-            evaluate: Optional[Callable[[PPOModels], dict]] = None) -> Path:
+            evaluate: Optional[Callable[[PPOModels], dict]] = None, dataset=None) -> Path:
     """Train per `cfg`; returns the exported policy directory (RUN_DIR/final; with lora.rank > 0 the
     adapters merged into it, and themselves in RUN_DIR/final_adapter).
 
     reward_fn: a Python scorer fn(prompt_texts, response_texts) -> floats, instead of cfg.reward_fn.
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
+    dataset: a datasets.Dataset of prompts, instead of cfg.prompts_file.
     """
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
                     kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg)
     device, tokenizer = run.device, run.tokenizer
     if cfg.reward_model is None:  # resolved now: a wrong reward_fn is a usage error before any model loads
         reward_fn = resolve_reward_fn(cfg, reward_fn)
-    prompts, truncated = load_prompts(cfg.prompts_file, tokenizer, cfg.rollout.max_prompt_length,
-                                      run.configs["policy"].max_model_len, cfg.rollout.truncate_prompts)
+    prompts, truncated = load_prompts(
+        cfg.prompts_file if dataset is None else dataset, tokenizer, cfg.rollout.max_prompt_length,
+        run.configs["policy"].max_model_len, cfg.rollout.truncate_prompts, cfg.data.prompt_column,
+        cfg.data.chat_template)
     models = build_models(cfg, device, run.dtype, tokenizer, reward_fn)
     opts, schedules = build_optimizers(models, cfg)
     state = PPOState(kl_coef=cfg.reward.kl_coef)
@@ -307,7 +312,8 @@ def export_critic(cfg: PPOConfig, critic: nn.Module) -> None:
     save_value_model(critic, final)
 
 
-def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules: list, prompts: list[list[int]],
+def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules: list,
+                   prompts: list[PromptRow],
                    ptx: Optional[PtxLoss], device) -> Callable[[PPOState], dict]:
     """One PPO iteration as the training loop's step: sample and score, build the rollout, update,
     then move the KL controller and the schedules on. What carries to the next iteration lives in
@@ -320,7 +326,8 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
         timer = PhaseTimer(device)
         samples, sampling_metrics = draw_samples(
             lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state),
-            lambda batch, seed: sample_and_score(models, batch, cfg.rollout, seed, timer), cfg.rollout,
+            lambda batch, seed: sample_and_score(models, [p.ids for p in batch], cfg.rollout, seed,
+                                                 timer, sources=batch), cfg.rollout,
             cfg.seed * 1_000_003 + it)
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
                                   timer)
