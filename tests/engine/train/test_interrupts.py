@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fusedrl.engine import cli, errors
+from fusedrl.engine import api, cli, errors
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.config.train import SFTConfig
@@ -98,6 +98,8 @@ def test_sigterm_saves_exits_143_and_the_same_command_resumes_exactly(tmp_path, 
     assert capsys.readouterr().err == (
         f"fusedrl sft: the run in {stopped} is complete (step {STEPS} of {STEPS}, model in "
         f"{stopped / 'final'}); nothing changed (raise its number of steps to train further)\n")
+    result = api.run_sft(config_io.load(SFTConfig, None, sft_args(model, data, stopped)[1:]))
+    assert result.final_dir == stopped / "final" and result.metrics["step"] == STEPS  # the API too
     assert snapshot(stopped) == before
     assert cli.main(sft_args(model, data, stopped, steps=STEPS + 1)) == 0  # a longer run continues
     assert f"resuming from step {STEPS} of {STEPS + 1}" in capsys.readouterr().err
