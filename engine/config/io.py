@@ -131,8 +131,19 @@ def _coerce(tp, value, key: str, root):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key, root)
+        inner = [a for a in args if a is not type(None)]
+        for tp_ in inner[:-1]:  # X | Y: the first type that takes the value (int before float)
+            try:
+                return _coerce(tp_, value, key, root)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(inner[-1], value, key, root)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise ConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
     if origin is list:  # a YAML list, or one comma-separated text (the command line's form)
         if isinstance(value, str):
             value = [item.strip() for item in value.split(",") if item.strip()]

@@ -47,6 +47,15 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
+    return score_samples(models, prompt_ids, responses, sampler_logprobs, r, timer, sources)
+
+
+def score_samples(models: PPOModels, prompt_ids: list[list[int]], responses: list[list[int]],
+                  sampler_logprobs: torch.Tensor, r: RolloutConfig, timer: PhaseTimer,
+                  sources: list | None = None) -> Samples:
+    """Generated rows (groups of r.samples_per_prompt; sampler_logprobs [sum of response lengths]
+    fp32, row after row) packed and scored by models.score (and overlong-shaped); timed as
+    "score". sources: each group's prompt row (sample_and_score's), kept per row."""
     device = models.actor.llm.device  # where the policy runs (its resting shards may be in CPU memory)
     packed = pack_rollout(prompt_ids, responses, device)
     if models.actor.record_routing:  # routing replay: the training forwards route as the sampler did
