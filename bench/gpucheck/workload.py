@@ -12,6 +12,7 @@ import torch
 
 from fusedrl import kernels
 from fusedrl.engine.inference.llm import LLM
+from fusedrl.kernels.grouped_gemm import grouped_gemm
 from fusedrl.kernels.sampling import sample_triton
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
@@ -153,6 +154,19 @@ def moe(hidden: int = 2048, experts: int = 8, top_k: int = 2) -> None:
         kernels.moe_unpermute(rows, order, slot_rows, weights).float().sum().backward()
 
 
+def moe_gemms(experts: int = 128, top_k: int = 8, tokens: int = 4) -> None:
+    """The Triton grouped GEMM (where torch's grouped_mm would read its offsets on the host: fp32, or
+    bf16 before sm_90), forward and both gradients, with Qwen3-30B-A3B's 128 experts and top-8 (the
+    experts' count picks a block size). Its widths (2048 hidden, 2 x 768 gate/up) are runtime ints
+    of one specialization class, multiples of 16: 64 and 32 stand in, to keep the weights small."""
+    for dtype in DTYPES:
+        ids = torch.randint(0, experts, (tokens, top_k))
+        _, _, offsets = kernels.moe_sort(ids, experts)
+        rows = torch.randn(tokens * top_k, 64, dtype=dtype, requires_grad=True)
+        weight = torch.randn(experts, 32, 64, dtype=dtype, requires_grad=True)
+        grouped_gemm(rows, weight, offsets).float().sum().backward()
+
+
 def run(quick: bool = False) -> None:
     """The whole workload on the triton backend (the interpreter on the CPU). `quick` (a fast local check):
     one vocabulary per alignment class and the two small models, which still reach every kernel."""
@@ -161,6 +175,7 @@ def run(quick: bool = False) -> None:
         lm_head(quick)
         fp32_gemms()
         moe()
+        moe_gemms()
         generation(MODELS[:2] if quick else MODELS)
         invariant_matmul()
         invariant_mode()
