@@ -2,7 +2,9 @@
 
 Every public op at the headline shapes (vocabularies 151936 / 128256 / 50257, bf16 and fp32, with
 and without entropy, forward and backward); `LLM.generate` on 1-layer models with the attention
-shapes of Qwen2.5-0.5B, Qwen3-0.6B and Llama-3-8B; a training forward and backward. Rows are few
+shapes of Qwen2.5-0.5B, Qwen3-0.6B and Llama-3-8B, and (full run) Qwen2.5-7B and Qwen3-30B-A3B at
+their widths; the paged decode at the split counts an H100 takes at long contexts; the MoE grouped
+GEMM with 128 experts; a training forward and backward. Rows are few
 (the interpreter runs them on the CPU): what decides specialization and block sizes is the row
 length, the dtypes and the strides, which are the real ones.
 """
@@ -13,6 +15,7 @@ import torch
 from fusedrl import kernels
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.kernels.grouped_gemm import grouped_gemm
+from fusedrl.kernels.paged_attention import decode_splits, rope_store_decode_triton
 from fusedrl.kernels.sampling import sample_triton
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
@@ -29,6 +32,13 @@ DTYPES = (torch.bfloat16, torch.float32)
 # blocks. Intermediate size and vocabulary are cut down: they only size matmuls.
 MODELS = (("Qwen2.5-0.5B", 896, 14, 2, 64, False), ("Qwen3-0.6B", 1024, 16, 8, 128, True),
           ("Llama-3-8B", 4096, 32, 8, 128, False))
+# The large decode shapes (name, hidden, heads, kv heads, head dim, qk norm, MLP width): 1-layer
+# models whose decode runs the fused norm + q/k/v and norm + gate/up GEMMs at the real widths (the
+# hidden size is their K, a constexpr). Qwen3-30B-A3B's experts run as grouped GEMMs (`moe_gemms`):
+# its entry here is its attention, with the expert width as the MLP's.
+LARGE_MODELS = (("Qwen2.5-7B", 3584, 28, 4, 128, False, 18944), ("Qwen3-30B-A3B", 2048, 32, 4, 128, True, 768))
+# An H100's SMs: decode_splits' choice there for batch 1 and 32 at 4k and 32k tokens of context.
+GPU_SMS = 132
 TOKENS = 64  # per-token streams: a multiple of 16, as real batches are
 STEPS = 1024  # GAE's time steps: a full block of the scan
 
@@ -123,10 +133,10 @@ def invariant_mode(models=MODELS[:2]) -> None:
 
 
 def tiny_model(name: str, hidden: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool,
-               dtype=torch.bfloat16) -> CausalLM:
+               intermediate: int = 256, dtype=torch.bfloat16) -> CausalLM:
     config = ModelConfig(
         model_type="qwen3" if qk_norm else "llama", vocab_size=512, hidden_size=hidden,
-        intermediate_size=256, num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=intermediate, num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         rms_norm_eps=1e-6, max_model_len=256, tie_word_embeddings=False, qkv_bias=name.startswith("Qwen2"),
         o_bias=False, mlp_bias=False, qk_norm=qk_norm, rope_theta=1e6)
     model = CausalLM(config, dtype)
@@ -142,6 +152,25 @@ def generation(models=MODELS) -> None:
         llm = LLM(tiny_model(*shape), kv_cache_memory=1 << 24, use_cuda_graphs=False)
         llm.generate([list(range(1, 20)), list(range(3, 40))],
                      SamplingParams(max_new_tokens=3, temperature=1.0, seed=0))
+
+
+def decode_splits_at_long_context(models=LARGE_MODELS) -> None:
+    """The paged decode (RoPE and store in the launch) at each large model's attention shape in bf16,
+    with the splits decode_splits picks on an H100 for batch 1 and 32 at 4k and 32k tokens (on the
+    CPU a launch takes 1): a short context stands in, the split count being a constexpr."""
+    page = 16
+    for _, _, heads, kv_heads, head_dim, _, _ in models:
+        splits = {decode_splits(batch * kv_heads, context // page, page, GPU_SMS)
+                  for batch in (1, 32) for context in (4096, 32768)}
+        for num_splits in sorted(splits):
+            q = torch.randn(2, heads, head_dim, dtype=torch.bfloat16)
+            k, v = (torch.randn(2, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(2))
+            k_cache, v_cache = (torch.randn(8, page, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(2))
+            table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+            cos, sin = torch.ones(64, head_dim), torch.zeros(64, head_dim)
+            rope_store_decode_triton(q, k, v, cos, sin, torch.tensor([40, 20]), k_cache, v_cache, torch.tensor([40, 84]),
+                                     table, torch.tensor([41, 21], dtype=torch.int32), head_dim ** -0.5,
+                                     num_splits=num_splits)
 
 
 def moe(hidden: int = 2048, experts: int = 8, top_k: int = 2) -> None:
@@ -176,6 +205,7 @@ def run(quick: bool = False) -> None:
         fp32_gemms()
         moe()
         moe_gemms()
-        generation(MODELS[:2] if quick else MODELS)
+        generation(MODELS[:2] if quick else MODELS + LARGE_MODELS)
+        decode_splits_at_long_context()
         invariant_matmul()
         invariant_mode()
