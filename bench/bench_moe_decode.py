@@ -1,10 +1,11 @@
-"""MoE decode at Qwen3-30B-A3B's layer shape: a 2-layer random bf16 model (hidden 2048, 32/4 heads of
-128, 128 experts, top-8, expert width 768, vocabulary 151936) generating greedily through the engine,
-its decode steps CUDA graphs. Reports per batch size the decode tokens/s and ms per step (each step
-both layers plus the LM head and the sampler), and the grouped GEMM path the dispatcher picked.
+"""MoE decode at Qwen3-30B-A3B's layer shape: a 2-layer random bf16 model (hidden 2048, 32/4 heads
+of 128, 128 experts, top-8, expert width 768, vocabulary 151936) generating greedily through the
+engine, its decode steps CUDA graphs. Reports per batch size the decode tokens/s and ms per step
+(each step both layers plus the LM head and the sampler), and the grouped GEMM path the dispatcher
+picked.
 
     python bench/bench_moe_decode.py [--out FILE.json]     # GPU (gpu.sh stage moe_decode)
-    python bench/bench_moe_decode.py --quick               # a tiny fp32 model on the CPU: the script works
+    python bench/bench_moe_decode.py --quick               # a tiny fp32 model on the CPU
 """
 from __future__ import annotations
 
@@ -22,15 +23,17 @@ from fusedrl.engine.model.config import ModelConfig
 from fusedrl.kernels import dispatch
 
 QWEN3_30B_A3B = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                     num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
-                     vocab_size=151936, norm_topk_prob=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                     max_position_embeddings=4096, tie_word_embeddings=False)
-TINY = dict(QWEN3_30B_A3B, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=128, vocab_size=256)
+                     num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                     intermediate_size=6144, vocab_size=151936, norm_topk_prob=True,
+                     rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                     tie_word_embeddings=False)
+TINY = dict(QWEN3_30B_A3B, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            intermediate_size=128, vocab_size=256)
 
 
 def moe_model(shape: dict, layers: int, dtype: torch.dtype, device) -> CausalLM:
-    """A random Qwen3-MoE CausalLM of `shape` (a Qwen3MoeConfig's fields) with `layers` sparse layers."""
+    """A random Qwen3-MoE CausalLM of `shape` (Qwen3MoeConfig's fields), `layers` sparse layers."""
     config = ModelConfig.from_hf(transformers.Qwen3MoeConfig(**shape, num_hidden_layers=layers))
     torch.manual_seed(0)
     with torch.device(device):  # allocated where it runs: the full shape is GBs
@@ -58,19 +61,24 @@ def main(argv=None) -> None:
     rows = []
     for batch in sizes:
         g = torch.Generator().manual_seed(batch)
-        prompts = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
+        shape = (batch, args.prompt_len)
+        prompts = torch.randint(0, model.config.vocab_size, shape, generator=g).tolist()
         params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
         time_ours(llm, prompts, params)  # warm-up: graphs captured, kernels compiled
         _, decode_s, decode_tokens, _ = time_ours(llm, prompts, params)
         steps = decode_tokens / batch
-        rows.append(dict(batch=batch, decode_tok_s=decode_tokens / decode_s, ms_per_step=1e3 * decode_s / steps))
-        print(f"batch {batch}: {rows[-1]['decode_tok_s']:.0f} decode tokens/s, {rows[-1]['ms_per_step']:.2f} ms/step",
-              flush=True)
+        rows.append(dict(batch=batch, decode_tok_s=decode_tokens / decode_s,
+                         ms_per_step=1e3 * decode_s / steps))
+        row = rows[-1]
+        print(f"batch {batch}: {row['decode_tok_s']:.0f} decode tokens/s, "
+              f"{row['ms_per_step']:.2f} ms/step", flush=True)
     probe = torch.empty(0, device=device, dtype=dtype)
-    report = dict(meta=harness.run_metadata(device), shape="Qwen3-30B-A3B layers x2" if not args.quick else "tiny",
-                  dtype=str(dtype).removeprefix("torch."), grouped_gemm=dispatch.grouped_gemm_path(probe),
-                  cuda_graphs=llm.runner.graphs is not None, prompt_len=args.prompt_len, new_tokens=new_tokens,
-                  rows=rows)
+    report = dict(meta=harness.run_metadata(device),
+                  shape="Qwen3-30B-A3B layers x2" if not args.quick else "tiny",
+                  dtype=str(dtype).removeprefix("torch."),
+                  grouped_gemm=dispatch.grouped_gemm_path(probe),
+                  cuda_graphs=llm.runner.graphs is not None, prompt_len=args.prompt_len,
+                  new_tokens=new_tokens, rows=rows)
     print(f"grouped GEMM path: {report['grouped_gemm']}; decode graphs: {report['cuda_graphs']}")
     if args.out:
         harness.write_json(args.out, report)

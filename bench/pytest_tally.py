@@ -1,8 +1,8 @@
-"""A chunk of the suite's outcome, written test by test, so a run cut by its timeout still says how far
-it got (a pytest killed mid-run prints no summary and writes no JUnit report).
+"""A chunk of the suite's outcome, written test by test, so a run cut by its timeout still says how
+far it got (a pytest killed mid-run prints no summary and writes no JUnit report).
 
-As a pytest plugin (`-p pytest_tally`, bench/ on PYTHONPATH, FUSEDRL_TALLY=FILE): one line
-`OUTCOME WHEN NODEID` appended and flushed per test phase report (under xdist, the controller's reports:
+As a pytest plugin (`-p pytest_tally`, bench/ on PYTHONPATH, FUSEDRL_TALLY=FILE): one line `OUTCOME
+WHEN NODEID` appended and flushed per test phase report (under xdist, the controller's reports:
 every worker's tests). As a command, the chunk's one summary line from that file:
 
     python bench/pytest_tally.py FILE NAME SECONDS EXIT_CODE
@@ -21,16 +21,17 @@ CUT_CODES = (124, 137)
 
 def pytest_runtest_logreport(report) -> None:
     path = os.environ.get(TALLY_ENV)
-    if not path or (report.passed and report.when != "call"):  # a passed setup or teardown says nothing
+    # a passed setup or teardown says nothing
+    if not path or (report.passed and report.when != "call"):
         return
     with open(path, "a") as f:
         f.write(f"{report.outcome} {report.when} {report.nodeid}\n")
 
 
 def tally(lines) -> Counter:
-    """Counts of passed / failed / skipped / errors from the plugin's lines, as pytest counts them: a
-    test passes by its call; a failed call fails it; a failed setup or teardown is an error; a skip at
-    any phase skips it."""
+    """Counts of passed / failed / skipped / errors from the plugin's lines, as pytest counts them:
+    a test passes by its call; a failed call fails it; a failed setup or teardown is an error; a
+    skip at any phase skips it."""
     counts = Counter(passed=0, failed=0, skipped=0, errors=0)
     for line in lines:
         outcome, when, _ = line.split(" ", 2)
@@ -50,8 +51,8 @@ def summary(path: str, name: str, seconds: float, code: int) -> str:
     except FileNotFoundError:
         counts = tally([])
     cut = ", cut by its timeout" if code in CUT_CODES else ""
-    return (f"{name}: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, "
-            f"{counts['errors']} errors in {seconds:.0f} s{cut}")
+    counted = ", ".join(f"{counts[k]} {k}" for k in ("passed", "failed", "skipped", "errors"))
+    return f"{name}: {counted} in {seconds:.0f} s{cut}"
 
 
 if __name__ == "__main__":

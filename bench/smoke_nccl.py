@@ -1,16 +1,17 @@
-"""NCCL on one GPU: the collectives of every multi-rank path, in a 1-rank `cpu:gloo,cuda:nccl` group
-(the backend string init_distributed uses on GPUs), where the suite's multi-rank tests need gloo or two
-GPUs. Each check prints one line `smoke: NAME ok (...)` or `smoke: NAME FAILED: ...`; exit 1 on any.
+"""NCCL on one GPU: the collectives of every multi-rank path, in a 1-rank `cpu:gloo,cuda:nccl`
+group (the backend string init_distributed uses on GPUs), where the suite's multi-rank tests need
+gloo or two GPUs. Each check prints one line `smoke: NAME ok (...)` or `smoke: NAME FAILED: ...`;
+exit 1 on any.
 
-1. tensor_parallel_decode_graphs: the tensor-parallel layout (T=1: every all-reduce a real NCCL call)
-   generating through the hybrid actor, its decode steps captured as CUDA graphs with the collectives
-   inside: the greedy tokens equal the unsharded model's;
+1. tensor_parallel_decode_graphs: the tensor-parallel layout (T=1: every all-reduce a real NCCL
+   call) generating through the hybrid actor, its decode steps captured as CUDA graphs with the
+   collectives inside: the greedy tokens equal the unsharded model's;
 2. expert_all_to_all: expert parallelism's forward over the group (all_to_all_single with the real
    split sizes) equal to the unsharded block, then all_to_all_single with empty splits;
-3. fsdp_offload_step: FSDP2 with CPUOffloadPolicy (pinned) on every unit, a forward + backward and one
-   FusedAdamW step: finite loss, every parameter moved, the shards still in CPU memory.
+3. fsdp_offload_step: FSDP2 with CPUOffloadPolicy (pinned) on every unit, a forward + backward and
+   one FusedAdamW step: finite loss, every parameter moved, the shards still in CPU memory.
 
-    torchrun --standalone --nproc-per-node 1 bench/smoke_nccl.py [--device cpu]   (gpu.sh stage smoke)
+    torchrun --standalone --nproc-per-node 1 bench/smoke_nccl.py [--device cpu]   # gpu.sh: smoke
 
 --device cpu runs the same checks over gloo (what the suite can run; no graphs captured).
 """
@@ -49,7 +50,8 @@ def tensor_parallel_decode_graphs(device: torch.device) -> str:
     assert graphs == (device.type == "cuda"), f"decode graphs captured: {graphs} on {device}"
     got = actor.llm.generate(PROMPTS, GREEDY)
     tokens = [c.token_ids for o in got for c in o.outputs]
-    assert tokens == [c.token_ids for o in expected for c in o.outputs], "tensor-parallel tokens differ"
+    whole = [c.token_ids for o in expected for c in o.outputs]
+    assert tokens == whole, "tensor-parallel tokens differ"
     return f"{len(tokens)} sequences, decode graphs {'captured' if graphs else 'off (cpu)'}"
 
 
@@ -60,7 +62,8 @@ def expert_all_to_all(device: torch.device) -> str:
     ids = torch.tensor(sum(PROMPTS, []), device=device)
     seqlens = [len(p) for p in PROMPTS]
     with torch.no_grad():
-        torch.testing.assert_close(sharded.forward_packed(ids, seqlens), whole.forward_packed(ids, seqlens))
+        expected = whole.forward_packed(ids, seqlens)
+        torch.testing.assert_close(sharded.forward_packed(ids, seqlens), expected)
     empty = torch.empty(0, 64, device=device)
     out = torch.empty(0, 64, device=device)
     dist.all_to_all_single(out, empty, [0], [0])
@@ -76,7 +79,8 @@ def fsdp_offload_step(device: torch.device) -> str:
     # distributed.shard leaves one process's model alone: the units are sharded here, as it would.
     mesh = init_device_mesh(device.type, (1,))
     for unit in distributed.shard_units(model):
-        fully_shard(unit, mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=device.type == "cuda"))
+        policy = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+        fully_shard(unit, mesh=mesh, offload_policy=policy)
     optimizer = FusedAdamW(model.parameters(), lr=1e-2)
     ids = torch.tensor(sum(PROMPTS, []), device=device)
     loss = model.forward_packed(ids, [len(p) for p in PROMPTS]).square().mean()
@@ -87,7 +91,7 @@ def fsdp_offload_step(device: torch.device) -> str:
     assert all(p.device.type == "cpu" for p in after), "an offloaded shard left CPU memory"
     trained = sum(p.grad is not None for p in model.parameters())
     moved = sum(not torch.equal(a.to(b.device), b) for a, b in zip(after, before))
-    assert moved == trained > 0, f"{trained - moved} of {trained} parameters with a gradient unchanged by the step"
+    assert moved == trained > 0, f"{trained - moved} of {trained} trained parameters unchanged"
     return f"loss {loss.item():.4f}, {moved} parameters stepped in CPU memory"
 
 

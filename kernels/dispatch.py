@@ -216,7 +216,8 @@ def grouped_mm_path(device_type: str, dtype: torch.dtype, capability: Optional[t
     would sync per call and fail inside CUDA-graph capture."""
     if device_type != "cuda":
         return "grouped_mm"
-    fast = dtype == torch.bfloat16 and capability is not None and capability[0] in GROUPED_MM_FAST_MAJORS
+    fast = (dtype == torch.bfloat16 and capability is not None
+            and capability[0] in GROUPED_MM_FAST_MAJORS)
     return "grouped_mm" if fast else "triton"
 
 

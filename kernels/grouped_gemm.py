@@ -5,8 +5,8 @@
     [offsets[e-1], offsets[e]) (offsets [E] int32, moe_sort's end rows, offsets[-1] == R)
 
 Torch 2.11's grouped_mm runs its CUTLASS kernel only for bf16 on sm_90/sm_100; anything else (fp32,
-fp16, an A100) takes a fallback that copies `offs` to the host: a sync per call, and a failure inside
-CUDA-graph capture. Here the groups are read by the kernels themselves:
+fp16, an A100) takes a fallback that copies `offs` to the host: a sync per call, and a failure
+inside CUDA-graph capture. Here the groups are read by the kernels themselves:
 
 - `_grouped_rows_kernel` [row tiles, N tiles]: a tile of BLOCK_M sorted rows finds the groups it
   spans from the offsets (a count, no search) and, for each, multiplies its rows of that group by
@@ -18,8 +18,8 @@ CUDA-graph capture. Here the groups are read by the kernels themselves:
 
 Products accumulate in fp32 (fp32 inputs in full fp32, as torch's matmul: tile_dot.dot_nt); the
 outputs are in the inputs' dtype. Custom ops fusedrl::grouped_gemm_rows and
-fusedrl::grouped_gemm_weight_grad; `grouped_gemm` is the differentiable entry (moe_gemm.grouped_linear
-calls it).
+fusedrl::grouped_gemm_weight_grad; `grouped_gemm` is the differentiable entry
+(moe_gemm.grouped_linear calls it).
 """
 from __future__ import annotations
 
@@ -62,15 +62,18 @@ def _grouped_rows_kernel(
         end = tl.load(offsets_ptr + group)
         if end > start:  # the empty groups between a tile's rows read no weights
             mine = (rows >= start) & (rows < end)
-            b_rows = b_ptr + tl.cast(stride_be, tl.int64) * group + cols.to(tl.int64)[:, None] * stride_bn
+            b_rows = (b_ptr + tl.cast(stride_be, tl.int64) * group
+                      + cols.to(tl.int64)[:, None] * stride_bn)
+            col_ok = cols[:, None] < N
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(a_rows + ks[None, :] * stride_ak, mask=mine[:, None] & (ks[None, :] < K), other=0.0)
-                b = tl.load(b_rows + ks[None, :] * stride_bk, mask=(cols[:, None] < N) & (ks[None, :] < K),
-                            other=0.0)
+                k_ok = ks[None, :] < K
+                a = tl.load(a_rows + ks[None, :] * stride_ak, mask=mine[:, None] & k_ok, other=0.0)
+                b = tl.load(b_rows + ks[None, :] * stride_bk, mask=col_ok & k_ok, other=0.0)
                 acc = dot_nt(a, b, acc, INTERPRETED)
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mine[:, None] & (cols[None, :] < N))
+            out_ok = mine[:, None] & (cols[None, :] < N)
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -80,7 +83,8 @@ def _grouped_weight_grad_kernel(
     grad_b_ptr,  # [E, N, K] contiguous out, the inputs' dtype
     offsets_ptr,  # [E] int32: each group's end row
     N, K,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROWS: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     group = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,14 +105,15 @@ def _grouped_weight_grad_kernel(
 
 
 def _rows_product(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """a [R, K], b [E, N, K] any strides -> [R, N] (the forward, and the input gradient with b^T)."""
+    """a [R, K], b [E, N, K] any strides -> [R, N] (the forward; the input gradient with b^T)."""
     rows, experts, n_out, n_in = a.shape[0], b.shape[0], b.shape[1], b.shape[2]
     out = a.new_empty(rows, n_out)
     if out.numel():
         grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(n_out, BLOCK_N))
-        _grouped_rows_kernel[grid](a, b, out, offsets, rows, n_out, n_in, experts, a.stride(0), a.stride(1),
-                                   b.stride(0), b.stride(1), b.stride(2), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                   BLOCK_K=BLOCK_K, BLOCK_E=triton.next_power_of_2(experts),
+        _grouped_rows_kernel[grid](a, b, out, offsets, rows, n_out, n_in, experts,
+                                   a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
+                                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                   BLOCK_E=triton.next_power_of_2(experts),
                                    INTERPRETED=not a.is_cuda)
     return out
 
@@ -129,8 +134,9 @@ def _weight_grad_op(grad_out: torch.Tensor, a: torch.Tensor, offsets: torch.Tens
     grad_b = a.new_empty(experts, n_out, n_in)
     if grad_b.numel():
         grid = (experts, triton.cdiv(n_out, BLOCK_N), triton.cdiv(n_in, BLOCK_K))
-        _grouped_weight_grad_kernel[grid](grad_out, a, grad_b, offsets, n_out, n_in, BLOCK_N=BLOCK_N,
-                                          BLOCK_K=BLOCK_K, BLOCK_ROWS=BLOCK_ROWS, INTERPRETED=not a.is_cuda)
+        _grouped_weight_grad_kernel[grid](grad_out, a, grad_b, offsets, n_out, n_in,
+                                          BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_ROWS=BLOCK_ROWS,
+                                          INTERPRETED=not a.is_cuda)
     return grad_b
 
 

@@ -310,17 +310,18 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
 
 
 # Splits per (sequence, KV head): a power of two (few distinct compilations: NUM_SPLITS is a
-# constexpr) up to 64, so batch 1 of a 4-KV-head model (Qwen2.5-7B) runs 256 programs, two per SM
-# of an H100's 132, from 4k tokens of context on; each split reads at least MIN_SPLIT_TOKENS (4 pages
+# constexpr) up to 64, so batch 1 of a 4-KV-head model (Qwen2.5-7B) runs 256 programs, two per SM of
+# an H100's 132, from 4k tokens of context on; each split reads at least MIN_SPLIT_TOKENS (4 pages
 # of 16), below which its fixed cost (a program, a partial row to combine) outweighs its pages.
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 64
 
 
 def decode_splits(programs: int, context_pages: int, page: int, sms: int) -> int:
-    """Splits per (sequence, KV head) for `programs` (sequence, KV head) pairs whose contexts span up
-    to `context_pages` pages of `page` tokens, on `sms` SMs: enough for two programs per SM, no more
-    than the context holds MIN_SPLIT_TOKENS runs, rounded down to a power of two, at most MAX_SPLITS."""
+    """Splits per (sequence, KV head) for `programs` (sequence, KV head) pairs whose contexts span
+    up to `context_pages` pages of `page` tokens, on `sms` SMs: enough for two programs per SM, no
+    more than the context holds MIN_SPLIT_TOKENS runs, rounded down to a power of two, at most
+    MAX_SPLITS."""
     wanted = -(-2 * sms // max(programs, 1))
     useful = max(1, context_pages * page // MIN_SPLIT_TOKENS)
     splits = max(1, min(MAX_SPLITS, wanted, useful))
@@ -333,7 +334,8 @@ def _default_splits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.
     if q.device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    return decode_splits(q.shape[0] * k_cache.shape[2], block_tables.shape[1], k_cache.shape[1], sms)
+    programs = q.shape[0] * k_cache.shape[2]
+    return decode_splits(programs, block_tables.shape[1], k_cache.shape[1], sms)
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):

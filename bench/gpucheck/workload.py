@@ -36,7 +36,8 @@ MODELS = (("Qwen2.5-0.5B", 896, 14, 2, 64, False), ("Qwen3-0.6B", 1024, 16, 8, 1
 # models whose decode runs the fused norm + q/k/v and norm + gate/up GEMMs at the real widths (the
 # hidden size is their K, a constexpr). Qwen3-30B-A3B's experts run as grouped GEMMs (`moe_gemms`):
 # its entry here is its attention, with the expert width as the MLP's.
-LARGE_MODELS = (("Qwen2.5-7B", 3584, 28, 4, 128, False, 18944), ("Qwen3-30B-A3B", 2048, 32, 4, 128, True, 768))
+LARGE_MODELS = (("Qwen2.5-7B", 3584, 28, 4, 128, False, 18944),
+                ("Qwen3-30B-A3B", 2048, 32, 4, 128, True, 768))
 # An H100's SMs: decode_splits' choice there for batch 1 and 32 at 4k and 32k tokens of context.
 GPU_SMS = 132
 TOKENS = 64  # per-token streams: a multiple of 16, as real batches are
@@ -136,7 +137,8 @@ def tiny_model(name: str, hidden: int, heads: int, kv_heads: int, head_dim: int,
                intermediate: int = 256, dtype=torch.bfloat16) -> CausalLM:
     config = ModelConfig(
         model_type="qwen3" if qk_norm else "llama", vocab_size=512, hidden_size=hidden,
-        intermediate_size=intermediate, num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=intermediate, num_layers=1, num_heads=heads, num_kv_heads=kv_heads,
+        head_dim=head_dim,
         rms_norm_eps=1e-6, max_model_len=256, tie_word_embeddings=False, qkv_bias=name.startswith("Qwen2"),
         o_bias=False, mlp_bias=False, qk_norm=qk_norm, rope_theta=1e6)
     model = CausalLM(config, dtype)
@@ -155,9 +157,9 @@ def generation(models=MODELS) -> None:
 
 
 def decode_splits_at_long_context(models=LARGE_MODELS) -> None:
-    """The paged decode (RoPE and store in the launch) at each large model's attention shape in bf16,
-    with the splits decode_splits picks on an H100 for batch 1 and 32 at 4k and 32k tokens (on the
-    CPU a launch takes 1): a short context stands in, the split count being a constexpr."""
+    """The paged decode (RoPE and store in the launch) at each large model's attention shape in
+    bf16, with the splits decode_splits picks on an H100 for batch 1 and 32 at 4k and 32k tokens (on
+    the CPU a launch takes 1): a short context stands in, the split count being a constexpr."""
     page = 16
     for _, _, heads, kv_heads, head_dim, _, _ in models:
         splits = {decode_splits(batch * kv_heads, context // page, page, GPU_SMS)
@@ -165,12 +167,14 @@ def decode_splits_at_long_context(models=LARGE_MODELS) -> None:
         for num_splits in sorted(splits):
             q = torch.randn(2, heads, head_dim, dtype=torch.bfloat16)
             k, v = (torch.randn(2, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(2))
-            k_cache, v_cache = (torch.randn(8, page, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(2))
+            k_cache, v_cache = (torch.randn(8, page, kv_heads, head_dim, dtype=torch.bfloat16)
+                                for _ in range(2))
             table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
             cos, sin = torch.ones(64, head_dim), torch.zeros(64, head_dim)
-            rope_store_decode_triton(q, k, v, cos, sin, torch.tensor([40, 20]), k_cache, v_cache, torch.tensor([40, 84]),
-                                     table, torch.tensor([41, 21], dtype=torch.int32), head_dim ** -0.5,
-                                     num_splits=num_splits)
+            positions, slots = torch.tensor([40, 20]), torch.tensor([40, 84])
+            lens = torch.tensor([41, 21], dtype=torch.int32)
+            rope_store_decode_triton(q, k, v, cos, sin, positions, k_cache, v_cache, slots, table,
+                                     lens, head_dim ** -0.5, num_splits=num_splits)
 
 
 def moe(hidden: int = 2048, experts: int = 8, top_k: int = 2) -> None:
@@ -184,10 +188,11 @@ def moe(hidden: int = 2048, experts: int = 8, top_k: int = 2) -> None:
 
 
 def moe_gemms(experts: int = 128, top_k: int = 8, tokens: int = 4) -> None:
-    """The Triton grouped GEMM (where torch's grouped_mm would read its offsets on the host: fp32, or
-    bf16 before sm_90), forward and both gradients, with Qwen3-30B-A3B's 128 experts and top-8 (the
-    experts' count picks a block size). Its widths (2048 hidden, 2 x 768 gate/up) are runtime ints
-    of one specialization class, multiples of 16: 64 and 32 stand in, to keep the weights small."""
+    """The Triton grouped GEMM (where torch's grouped_mm would read its offsets on the host: fp32,
+    or bf16 before sm_90), forward and both gradients, with Qwen3-30B-A3B's 128 experts and top-8
+    (the experts' count picks a block size). Its widths (2048 hidden, 2 x 768 gate/up) are runtime
+    ints of one specialization class, multiples of 16: 64 and 32 stand in, to keep the weights
+    small."""
     for dtype in DTYPES:
         ids = torch.randint(0, experts, (tokens, top_k))
         _, _, offsets = kernels.moe_sort(ids, experts)

@@ -53,8 +53,8 @@ def from_ranks(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-# Vocabulary rows per chunk of the vocabulary-parallel log-prob: a chunk's fp32 [M, rows] logits (and
-# their exponentials) stay under 64 MiB, whatever M and the slice's size.
+# Vocabulary rows per chunk of the vocabulary-parallel log-prob: a chunk's fp32 [M, rows] logits
+# (and their exponentials) stay under 64 MiB, whatever M and the slice's size.
 CHUNK_BYTES = 1 << 26
 
 
@@ -76,10 +76,12 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         rows, vocab = hidden.shape[0], weight.shape[0]
         local = labels - vocab_start
         shift = torch.full((rows,), float("-inf"), device=hidden.device)
-        sums = torch.zeros(3, rows, device=hidden.device)  # sum exp(z - shift), sum exp(z - shift) z, label's z
+        # sum exp(z - shift), sum exp(z - shift) z, label's z
+        sums = torch.zeros(3, rows, device=hidden.device)
         starts, step = _chunks(rows, vocab)
         for start in starts:
-            z = torch.nn.functional.linear(hidden, weight[start:start + step]).float() / temperature  # [M, C]
+            w = weight[start:start + step]
+            z = torch.nn.functional.linear(hidden, w).float() / temperature  # [M, C]
             new_shift = torch.maximum(shift, z.max(dim=-1).values)
             exp = torch.exp(z - new_shift.unsqueeze(-1))
             rescale = torch.exp(shift - new_shift)
@@ -87,7 +89,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             if with_entropy:
                 sums[1] = sums[1] * rescale + (exp * z).sum(dim=-1)
             here = (local >= start) & (local < start + z.shape[1])
-            sums[2] += z.gather(-1, torch.where(here, local - start, 0).unsqueeze(-1)).squeeze(-1) * here
+            column = torch.where(here, local - start, 0).unsqueeze(-1)
+            sums[2] += z.gather(-1, column).squeeze(-1) * here
             shift = new_shift
         top = shift.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
@@ -96,7 +99,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         lse = top + torch.log(sums[0])
         expected = sums[1] / sums[0]  # sum_v p_v z_v
         ctx.save_for_backward(hidden, weight, labels, lse, expected)
-        ctx.vocab_start, ctx.group, ctx.temperature, ctx.with_entropy = vocab_start, group, temperature, with_entropy
+        ctx.vocab_start, ctx.group = vocab_start, group
+        ctx.temperature, ctx.with_entropy = temperature, with_entropy
         logp = sums[2] - lse
         return (logp, lse - expected) if with_entropy else logp
 
@@ -110,7 +114,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         starts, step = _chunks(rows, vocab)
         for start in starts:
             w = weight[start:start + step]
-            z = torch.nn.functional.linear(hidden, w).float() / ctx.temperature  # [M, C], recomputed
+            z = torch.nn.functional.linear(hidden, w).float() / ctx.temperature  # [M, C] again
             p = torch.exp(z - lse.unsqueeze(-1))
             # d logp / dz = onehot(label) - p; d entropy / dz = -p (z - E)
             grad_z = -p * grad_logp.unsqueeze(-1)
@@ -125,7 +129,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                 grad_weight[start:start + step] = grad_logits.T @ hidden
         if not ctx.needs_input_grad[0]:
             return None, grad_weight, None, None, None, None, None
-        dist.all_reduce(grad_hidden, group=ctx.group)  # each rank's slice gives a part (to_ranks' backward)
+        # each rank's slice gives a part (to_ranks' backward)
+        dist.all_reduce(grad_hidden, group=ctx.group)
         return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None
 
 
@@ -136,4 +141,5 @@ def vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     with_entropy: (log-probs, entropy [M]). Each rank's log-sum-exp partial (its max and its sum of
     exponentials) is combined over the group, as the split kernel combines vocabulary splits; the
     logits are made and used chunk by chunk, forward and backward (_VocabParallelLogprobs)."""
-    return _VocabParallelLogprobs.apply(hidden, weight, labels, vocab_start, group, temperature, with_entropy)
+    args = (hidden, weight, labels, vocab_start, group, temperature, with_entropy)
+    return _VocabParallelLogprobs.apply(*args)

@@ -96,7 +96,8 @@ def adapt_torch_varlen(varlen_attn):
         kwargs = dict(options, scale=scale) if takes_scale else dict(options)
         if k.shape[1] != q.shape[1]:
             if not takes_gqa:
-                return _grouped_calls(varlen_attn, q, k, v, (cu_seqlens_q, cu_seqlens_k, max_q, max_k), kwargs)
+                sizes = (cu_seqlens_q, cu_seqlens_k, max_q, max_k)
+                return _grouped_calls(varlen_attn, q, k, v, sizes, kwargs)
             kwargs["enable_gqa"] = True
         return varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, **kwargs)
     return call
@@ -104,11 +105,11 @@ def adapt_torch_varlen(varlen_attn):
 
 def _grouped_calls(varlen_attn, q, k, v, sizes, kwargs):
     """GQA on a kernel that wants as many K/V heads as query heads (torch 2.11's varlen_attn has no
-    enable_gqa): query head h reads K/V head h // G, so member j of every group (heads j, G + j, ...:
-    a strided view [N, Hkv, D], rows contiguous as the flash kernels need) attends to K/V as they
-    are, one call per member. K and V are not copied G times over (7x for Qwen2.5-7B: a write and a
-    read of 2 x N x H x D per layer and pass, and a sum of G gradient copies in the backward); the
-    calls read them G times, as the one call read their copies. -> [N, H, D]"""
+    enable_gqa): query head h reads K/V head h // G, so member j of every group (heads j, G + j,
+    ...: a strided view [N, Hkv, D], rows contiguous as the flash kernels need) attends to K/V as
+    they are, one call per member. K and V are not copied G times over (7x for Qwen2.5-7B: a write
+    and a read of 2 x N x H x D per layer and pass, and a sum of G gradient copies in the backward);
+    the calls read them G times, as the one call read their copies. -> [N, H, D]"""
     tokens, heads, dim = q.shape
     group = heads // k.shape[1]
     members = q.view(tokens, k.shape[1], group, dim)

@@ -26,7 +26,8 @@ def test_e(): time.sleep(600)
 
 @pytest.mark.integration
 def test_the_plan_ends_in_its_count_and_fits_40_minutes():
-    plan = subprocess.run(["bash", str(BENCH / "gpu.sh"), "plan"], capture_output=True, text=True, timeout=60)
+    plan = subprocess.run(["bash", str(BENCH / "gpu.sh"), "plan"], capture_output=True, text=True,
+                          timeout=60)
     assert plan.returncode == 0, plan.stderr
     lines = plan.stdout.strip().splitlines()
     last = re.fullmatch(r"plan: (\d+) calls, (\d+) minutes", lines[-1])
@@ -41,14 +42,17 @@ def test_a_chunk_killed_mid_run_still_says_how_far_it_got(tmp_path):
     (tmp_path / "test_chunk.py").write_text(CHUNK)
     tally = tmp_path / "chunk.tally"
     env = {**os.environ, pytest_tally.TALLY_ENV: str(tally), "PYTHONPATH": str(BENCH)}
-    run = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pytest_tally",
-                            str(tmp_path / "test_chunk.py")], cwd=tmp_path, env=env,
+    pytest_args = ["-q", "-p", "no:cacheprovider", "-p", "pytest_tally",
+                   str(tmp_path / "test_chunk.py")]
+    run = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args], cwd=tmp_path, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while (not tally.exists() or len(tally.read_text().splitlines()) < 4) and time.monotonic() < deadline:
+    recorded = lambda: len(tally.read_text().splitlines()) if tally.exists() else 0  # noqa: E731
+    while recorded() < 4 and time.monotonic() < deadline:
         time.sleep(0.2)
     run.send_signal(signal.SIGKILL)  # as timeout -k does: no summary, no report from pytest itself
     run.wait()
     line = pytest_tally.summary(str(tally), "tests_x", 12.4, 137)
     assert line == "tests_x: 2 passed, 1 failed, 1 skipped, 0 errors in 12 s, cut by its timeout"
-    assert pytest_tally.summary(str(tmp_path / "none"), "tests_y", 3, 0).startswith("tests_y: 0 passed, 0 failed")
+    nothing = pytest_tally.summary(str(tmp_path / "none"), "tests_y", 3, 0)
+    assert nothing.startswith("tests_y: 0 passed, 0 failed")

@@ -1,6 +1,7 @@
-"""The Triton grouped GEMM (kernels/grouped_gemm.py) against a float64 per-group reference and torch's
-grouped_mm: values and gradients, odd sizes, empty groups (first, inner, last), fp32 and bf16; and the
-choice between the two per device, dtype and GPU architecture (dispatch.grouped_mm_path)."""
+"""The Triton grouped GEMM (kernels/grouped_gemm.py) against a float64 per-group reference and
+torch's grouped_mm: values and gradients, odd sizes, empty groups (first, inner, last), fp32 and
+bf16; and the choice between the two per device, dtype and GPU architecture
+(dispatch.grouped_mm_path)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,8 @@ def test_triton_grouped_gemm_matches_float64_per_group_products(sizes, n_out, n_
     g = torch.Generator(DEVICE).manual_seed(len(sizes) + n_out)
     a = torch.randn(sum(sizes), n_in, generator=g, device=DEVICE).to(dtype)
     b = (torch.randn(len(sizes), n_out, n_in, generator=g, device=DEVICE) / n_in ** 0.5).to(dtype)
-    check_against_float64(lambda a, b: grouped_gemm(a, b, offsets), per_group_reference(offsets), (a, b), (0, 1),
+    check_against_float64(lambda a, b: grouped_gemm(a, b, offsets), per_group_reference(offsets),
+                          (a, b), (0, 1),
                           name=f"grouped_gemm {sizes} {n_out}x{n_in}")
 
 
@@ -64,7 +66,8 @@ def test_triton_grouped_gemm_equals_grouped_mm_and_its_gradients(dtype):
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for ours, theirs, name in zip(results[0], results[1], ("out", "grad x", "grad w")):
         torch.testing.assert_close(ours, theirs, **tolerance, msg=name)
-    assert (results[0][2][2] == 0).all() and (results[0][2][5] == 0).all()  # empty groups: zero gradient
+    # empty groups: zero gradient
+    assert (results[0][2][2] == 0).all() and (results[0][2][5] == 0).all()
 
 
 @pytest.mark.parametrize("device_type,dtype,capability,path", [
@@ -72,12 +75,14 @@ def test_triton_grouped_gemm_equals_grouped_mm_and_its_gradients(dtype):
     ("cpu", torch.bfloat16, None, "grouped_mm"),
     ("cuda", torch.bfloat16, (9, 0), "grouped_mm"),  # H100/H200: the CUTLASS kernel
     ("cuda", torch.bfloat16, (10, 0), "grouped_mm"),  # B200
-    ("cuda", torch.bfloat16, (8, 0), "triton"),  # A100: grouped_mm's fallback would read offsets on the host
+    # A100: grouped_mm's fallback would read offsets on the host
+    ("cuda", torch.bfloat16, (8, 0), "triton"),
     ("cuda", torch.bfloat16, (12, 0), "triton"),
     ("cuda", torch.float32, (9, 0), "triton"),  # fp32 MoE: the fallback at any architecture
     ("cuda", torch.float16, (9, 0), "triton"),
 ])
-def test_the_grouped_gemm_path_per_device_dtype_and_architecture(device_type, dtype, capability, path):
+def test_the_grouped_gemm_path_per_device_dtype_and_architecture(device_type, dtype, capability,
+                                                                 path):
     assert dispatch.grouped_mm_path(device_type, dtype, capability) == path
 
 
@@ -86,9 +91,11 @@ def test_grouped_linear_takes_the_path_dispatch_names(monkeypatch):
     """grouped_linear runs ours where the path is "triton" (an fp32 model on a GPU, simulated here),
     with no 16-byte rule, and grouped_mm's sizes rule where it is "grouped_mm"."""
     ran = []
-    monkeypatch.setattr(moe_gemm, "grouped_gemm", lambda *args: ran.append("triton") or grouped_gemm(*args))
+    monkeypatch.setattr(moe_gemm, "grouped_gemm",
+                        lambda *args: ran.append("triton") or grouped_gemm(*args))
     offsets = offsets_of([2, 0, 3])
-    x, w = torch.randn(5, 6, device=DEVICE), torch.randn(3, 5, 6, device=DEVICE)  # 24- and 20-byte rows
+    # 24- and 20-byte rows
+    x, w = torch.randn(5, 6, device=DEVICE), torch.randn(3, 5, 6, device=DEVICE)
     monkeypatch.setattr(moe_gemm, "grouped_gemm_path", lambda x: "triton")
     torch.testing.assert_close(grouped_linear(x, w, offsets), per_group_reference(offsets)(x, w))
     assert ran == ["triton"]

@@ -14,9 +14,11 @@ from moe_testing import make_moe_model
 @pytest.mark.parametrize("graphs", [False, True])
 def test_records_are_the_training_forward_s_choices(tmp_path, graphs, device):
     make_moe_model("qwen3_moe").save_pretrained(tmp_path)
-    llm = LLM(tmp_path, dtype="float32", block_size=4, max_num_seqs=6, record_routing=True, device=device,
+    llm = LLM(tmp_path, dtype="float32", block_size=4, max_num_seqs=6, record_routing=True,
+              device=device,
               use_cuda_graphs=graphs)
-    if graphs and device.type != "cuda":  # the graph bookkeeping (padded batch sizes), replayed eagerly
+    # the graph bookkeeping (padded batch sizes), replayed eagerly
+    if graphs and device.type != "cuda":
         llm.runner.graphs = _DecodeGraphs(llm.runner, max_num_seqs=6, capture=False)
     prompts = random_prompts([9, 5], seed=3)
     outputs = llm.generate(prompts, SamplingParams(n=2, temperature=1.0, seed=1, max_new_tokens=7))

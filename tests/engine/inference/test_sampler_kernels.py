@@ -351,10 +351,12 @@ def test_a_workspace_too_small_or_elsewhere_is_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_an_extreme_inverse_temperature_draws_the_argmax_without_warnings(dtype):
     """Temperature 1e-8 on logits +-1e4: scaled logits near +-1e12, so profile cells far below the
-    chunk's top cell (clamped to +-2^30) would land at negative depths; clamped at 0, the histogram's
-    bins stay in range (undefined on a GPU, an invalid cast warning in the interpreter)."""
+    chunk's top cell (clamped to +-2^30) would land at negative depths; clamped at 0, the
+    histogram's bins stay in range (undefined on a GPU, an invalid cast warning in the
+    interpreter)."""
     g = torch.Generator(DEVICE).manual_seed(6)
-    logits = (torch.randint(0, 2, (4, CHUNK + 37), generator=g, device=DEVICE) * 2e4 - 1e4).to(dtype)
+    logits = (torch.randint(0, 2, (4, CHUNK + 37), generator=g,
+                            device=DEVICE) * 2e4 - 1e4).to(dtype)
     logits[:, 0] = -1e4
     winners = torch.tensor([5, 300, CHUNK + 3, 0], device=DEVICE)
     logits[torch.arange(4, device=DEVICE), winners] = 2e4 if dtype == torch.float32 else 1.5e4

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fusedrl.kernels import reference
-from fusedrl.kernels.paged_attention import (MAX_SPLITS, decode_splits, paged_decode_triton, rope_store_decode_triton,
+from fusedrl.kernels.paged_attention import (MAX_SPLITS, decode_splits, paged_decode_triton,
+                                             rope_store_decode_triton,
                                              store_kv_triton)
 from kernel_testing import DEVICE, ULP, assert_close, needs_triton
 
@@ -102,8 +103,8 @@ def test_decode_splits_fill_the_sms_from_batch_heads_and_context(batch, kv_heads
 
 
 def test_triton_decode_at_the_batch_1_split_count_of_a_long_context():
-    """decode_splits' 64 (batch 1, 4 KV heads, 4k context) over a shorter context in the interpreter:
-    every split the combine reads, most of them empty, weighs what it saw."""
+    """decode_splits' 64 (batch 1, 4 KV heads, 4k context) over a shorter context in the
+    interpreter: every split the combine reads, most of them empty, weighs what it saw."""
     args = _paged_batch([37], 8, 4, 16, 4, torch.float32)
     out = paged_decode_triton(*args, 0.25, num_splits=decode_splits(4, 4096 // 16, 16, 132))
     torch.testing.assert_close(out.double(), _dense_decode(*args), atol=1e-5, rtol=0)

@@ -41,7 +41,8 @@ def torch_2_13_style(record):
 ])
 def test_adapted_call_is_causal_with_gqa_values_and_gradients(style, expected):
     seqlens_q, seqlens_k, record = [2, 5], [7, 5], {}
-    q, k, v = (x.requires_grad_() for x in random_qkv(sum(seqlens_q), sum(seqlens_k), 6, 2, torch.float64))
+    q, k, v = (x.requires_grad_() for x in random_qkv(sum(seqlens_q), sum(seqlens_k), 6, 2,
+                                                      torch.float64))
     cu_q, cu_k = (torch.tensor([0] + lens).cumsum(0).int() for lens in (seqlens_q, seqlens_k))
     out = adapt_torch_varlen(style(record))(q, k, v, cu_q, cu_k, 5, 7, SCALE)
     expected_out = reference_attention(q, k, v, seqlens_q, seqlens_k)

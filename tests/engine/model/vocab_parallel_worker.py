@@ -14,7 +14,7 @@ ROWS, HIDDEN, VOCAB, TEMPERATURE = 37, 24, 203, 0.7  # an odd vocabulary: slices
 
 
 def saved_bytes(run, inputs) -> int:
-    """Bytes of the tensors autograd keeps for the backward of run(), the inputs' own storage aside."""
+    """(run(), bytes of the tensors autograd keeps for its backward, the inputs' storage aside)."""
     own = {t.untyped_storage().data_ptr() for t in inputs}
     kept = {}
 
@@ -40,8 +40,9 @@ if __name__ == "__main__":
     start = rank * per_rank
     h = hidden.clone().requires_grad_()
     w = weight[start:start + per_rank].clone().requires_grad_()
-    (logp, entropy), kept = saved_bytes(lambda: vocab_parallel_logprobs(h, w, labels, start, dist.group.WORLD,
-                                                                        TEMPERATURE, True), (h, w, labels))
+    def sliced():
+        return vocab_parallel_logprobs(h, w, labels, start, dist.group.WORLD, TEMPERATURE, True)
+    (logp, entropy), kept = saved_bytes(sliced, (h, w, labels))
     (logp * upstream[0] + entropy * upstream[1]).sum().backward()
     # The one process: float64 log-softmax over the whole vocabulary.
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
@@ -49,10 +50,12 @@ if __name__ == "__main__":
     ref_logp, ref_entropy = logsm.gather(1, labels[:, None])[:, 0], -(logsm.exp() * logsm).sum(-1)
     (ref_logp * upstream[0] + ref_entropy * upstream[1]).sum().backward()
     fh, fw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    _, fused_kept = saved_bytes(lambda: linear_token_logprobs(fh, fw, labels, temperature=TEMPERATURE,
-                                                              return_entropy=True), (fh, fw, labels))
+    def fused():
+        return linear_token_logprobs(fh, fw, labels, temperature=TEMPERATURE, return_entropy=True)
+    _, fused_kept = saved_bytes(fused, (fh, fw, labels))
     torch.save({"logp": logp.detach(), "entropy": entropy.detach(), "ref_logp": ref_logp.detach(),
                 "ref_entropy": ref_entropy.detach(), "grad_h": h.grad, "ref_grad_h": h64.grad,
                 "grad_w": w.grad, "ref_grad_w": w64.grad[start:start + per_rank], "kept": kept,
-                "fused_kept": fused_kept, "rows": ROWS, "slice": w.shape[0]}, f"{sys.argv[1]}/rank-{rank}.pt")
+                "fused_kept": fused_kept, "rows": ROWS, "slice": w.shape[0]},
+               f"{sys.argv[1]}/rank-{rank}.pt")
     dist.destroy_process_group()

@@ -27,8 +27,10 @@ def test_more_local_ranks_than_gpus_is_one_line_naming_both_before_the_group_sta
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail(f"set_device({index}) reached"))
-    with pytest.raises(ConfigValueError, match=r"starts 2 ranks on this node but 1 GPU\(s\) are visible") as error:
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda index: pytest.fail(f"set_device({index}) reached"))
+    with pytest.raises(ConfigValueError,
+                       match=r"starts 2 ranks on this node but 1 GPU\(s\) are visible") as error:
         distributed.init_distributed("cuda", timeout_s=5)
     assert "\n" not in str(error.value) and not torch.distributed.is_initialized()
 
