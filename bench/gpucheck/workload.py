@@ -2,9 +2,9 @@
 
 Every public op at the headline shapes (vocabularies 151936 / 128256 / 50257, bf16 and fp32, with
 and without entropy, forward and backward); `LLM.generate` on 1-layer models with the attention
-shapes of Qwen2.5-0.5B, Qwen3-0.6B and Llama-3-8B, and (full run) Qwen2.5-7B and Qwen3-30B-A3B at
-their widths; the paged decode at the split counts an H100 takes at long contexts; the MoE grouped
-GEMM with 128 experts; a training forward and backward. Rows are few
+shapes of Qwen2.5-0.5B, Qwen3-0.6B and Llama-3-8B; the decode GEMMs at Qwen2.5-7B's and
+Qwen3-30B-A3B's hidden sizes and their paged decode at the split counts an H100 takes at long
+contexts; the MoE grouped GEMM with 128 experts; a training forward and backward. Rows are few
 (the interpreter runs them on the CPU): what decides specialization and block sizes is the row
 length, the dtypes and the strides, which are the real ones.
 """
@@ -32,10 +32,10 @@ DTYPES = (torch.bfloat16, torch.float32)
 # blocks. Intermediate size and vocabulary are cut down: they only size matmuls.
 MODELS = (("Qwen2.5-0.5B", 896, 14, 2, 64, False), ("Qwen3-0.6B", 1024, 16, 8, 128, True),
           ("Llama-3-8B", 4096, 32, 8, 128, False))
-# The large decode shapes (name, hidden, heads, kv heads, head dim, qk norm, MLP width): 1-layer
-# models whose decode runs the fused norm + q/k/v and norm + gate/up GEMMs at the real widths (the
-# hidden size is their K, a constexpr). Qwen3-30B-A3B's experts run as grouped GEMMs (`moe_gemms`):
-# its entry here is its attention, with the expert width as the MLP's.
+# The large decode shapes (name, hidden, heads, kv heads, head dim, qk norm, MLP width): the fused
+# norm + q/k/v and norm + gate/up GEMMs at their hidden size (`large_decode_gemms`) and the paged
+# decode at their attention shape (`decode_splits_at_long_context`). Qwen3-30B-A3B's experts run as
+# grouped GEMMs (`moe_gemms`): its MLP width here is the expert width.
 LARGE_MODELS = (("Qwen2.5-7B", 3584, 28, 4, 128, False, 18944),
                 ("Qwen3-30B-A3B", 2048, 32, 4, 128, True, 768))
 # An H100's SMs: decode_splits' choice there for batch 1 and 32 at 4k and 32k tokens of context.
@@ -156,6 +156,20 @@ def generation(models=MODELS) -> None:
                      SamplingParams(max_new_tokens=3, temperature=1.0, seed=0))
 
 
+def large_decode_gemms(models=LARGE_MODELS) -> None:
+    """Decode's fused norm + q/k/v and norm + gate/up GEMMs (4 rows, bf16) at each large model's
+    hidden size, their K and a constexpr. The output widths are runtime ints that only pick the
+    column tile (16 up to 2048 outputs, 32 above): one width of each model's class stands in for
+    q/k/v and gate/up (a whole 7B layer in the interpreter takes minutes)."""
+    for _, hidden, heads, kv_heads, head_dim, _, intermediate in models:
+        x, residual = (torch.randn(4, hidden, dtype=torch.bfloat16) for _ in range(2))
+        norm_weight = torch.ones(hidden, dtype=torch.bfloat16)
+        for width, glu in (((heads + 2 * kv_heads) * head_dim, False), (intermediate, True)):
+            stand_in = width if width <= 2048 else 2064  # a multiple of 16 above 2048, as the real ones
+            weight = torch.randn((2 if glu else 1) * stand_in, hidden, dtype=torch.bfloat16) / 30
+            norm_linear(x, residual, norm_weight, 1e-6, weight, None, glu)
+
+
 def decode_splits_at_long_context(models=LARGE_MODELS) -> None:
     """The paged decode (RoPE and store in the launch) at each large model's attention shape in
     bf16, with the splits decode_splits picks on an H100 for batch 1 and 32 at 4k and 32k tokens (on
@@ -210,7 +224,9 @@ def run(quick: bool = False) -> None:
         fp32_gemms()
         moe()
         moe_gemms()
-        generation(MODELS[:2] if quick else MODELS + LARGE_MODELS)
+        generation(MODELS[:2] if quick else MODELS)
+        if not quick:  # ~90 s of interpreter (K = 3584): the full check's, .ci/run's
+            large_decode_gemms()
         decode_splits_at_long_context()
         invariant_matmul()
         invariant_mode()
