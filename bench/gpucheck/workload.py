@@ -165,7 +165,7 @@ def large_decode_gemms(models=LARGE_MODELS) -> None:
         x, residual = (torch.randn(4, hidden, dtype=torch.bfloat16) for _ in range(2))
         norm_weight = torch.ones(hidden, dtype=torch.bfloat16)
         for width, glu in (((heads + 2 * kv_heads) * head_dim, False), (intermediate, True)):
-            stand_in = width if width <= 2048 else 2064  # a multiple of 16 above 2048, as the real ones
+            stand_in = width if width <= 2048 else 2064  # above 2048, a multiple of 16 as theirs
             weight = torch.randn((2 if glu else 1) * stand_in, hidden, dtype=torch.bfloat16) / 30
             norm_linear(x, residual, norm_weight, 1e-6, weight, None, glu)
 
