@@ -48,8 +48,21 @@ def init_distributed(device_type: str, timeout_s: float) -> None:
     # (all_reduce_sum's host numbers, min_over_ranks / max_over_ranks, objects).
     backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
+        check_gpus_for_local_ranks()
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def check_gpus_for_local_ranks() -> None:
+    """One GPU per local rank: more ranks on this node than visible GPUs is a usage error, said in
+    one line before any process group starts (else CUDA's "invalid device ordinal" on the extra
+    ranks)."""
+    gpus = torch.cuda.device_count()
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if ranks > gpus:
+        raise ConfigValueError(f"torchrun starts {ranks} ranks on this node but {gpus} GPU(s) are "
+                               f"visible: expected --nproc-per-node <= {gpus}, or the CPU "
+                               "(--device cpu / train.device=cpu)")
 
 
 def leave(code: int) -> None:

@@ -53,25 +53,93 @@ def from_ranks(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+# Vocabulary rows per chunk of the vocabulary-parallel log-prob: a chunk's fp32 [M, rows] logits
+# (and their exponentials) stay under 64 MiB, whatever M and the slice's size.
+CHUNK_BYTES = 1 << 26
+
+
+def _chunks(rows: int, vocab: int) -> tuple[range, int]:
+    """(the chunks' first rows, rows per chunk) of a [vocab, H] slice for `rows` hidden rows."""
+    step = max(1, min(vocab, CHUNK_BYTES // (4 * max(rows, 1))))
+    return range(0, vocab, step), step
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """log p(label) (and entropy) over a vocabulary split across the group, chunk by chunk: the
+    forward keeps per row an online max, sum of exponentials (and of exponentials x logits) and the
+    label's logit, combined over the ranks at the end; the backward recomputes each chunk's logits
+    from hidden and weight. Kept for the backward: the inputs and 2 floats a row (lse, and the
+    expected logit for the entropy), never a [M, V_r] tensor."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, vocab_start, group, temperature, with_entropy):
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        local = labels - vocab_start
+        shift = torch.full((rows,), float("-inf"), device=hidden.device)
+        # sum exp(z - shift), sum exp(z - shift) z, label's z
+        sums = torch.zeros(3, rows, device=hidden.device)
+        starts, step = _chunks(rows, vocab)
+        for start in starts:
+            w = weight[start:start + step]
+            z = torch.nn.functional.linear(hidden, w).float() / temperature  # [M, C]
+            new_shift = torch.maximum(shift, z.max(dim=-1).values)
+            exp = torch.exp(z - new_shift.unsqueeze(-1))
+            rescale = torch.exp(shift - new_shift)
+            sums[0] = sums[0] * rescale + exp.sum(dim=-1)
+            if with_entropy:
+                sums[1] = sums[1] * rescale + (exp * z).sum(dim=-1)
+            here = (local >= start) & (local < start + z.shape[1])
+            column = torch.where(here, local - start, 0).unsqueeze(-1)
+            sums[2] += z.gather(-1, column).squeeze(-1) * here
+            shift = new_shift
+        top = shift.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        sums[:2] *= torch.exp(shift - top)
+        dist.all_reduce(sums, group=group)  # one collective for the three sums
+        lse = top + torch.log(sums[0])
+        expected = sums[1] / sums[0]  # sum_v p_v z_v
+        ctx.save_for_backward(hidden, weight, labels, lse, expected)
+        ctx.vocab_start, ctx.group = vocab_start, group
+        ctx.temperature, ctx.with_entropy = temperature, with_entropy
+        logp = sums[2] - lse
+        return (logp, lse - expected) if with_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, weight, labels, lse, expected = ctx.saved_tensors
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        local = labels - ctx.vocab_start
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        starts, step = _chunks(rows, vocab)
+        for start in starts:
+            w = weight[start:start + step]
+            z = torch.nn.functional.linear(hidden, w).float() / ctx.temperature  # [M, C] again
+            p = torch.exp(z - lse.unsqueeze(-1))
+            # d logp / dz = onehot(label) - p; d entropy / dz = -p (z - E)
+            grad_z = -p * grad_logp.unsqueeze(-1)
+            if ctx.with_entropy and grad_entropy is not None:
+                grad_z -= p * (z - expected.unsqueeze(-1)) * grad_entropy.unsqueeze(-1)
+            here = (local >= start) & (local < start + z.shape[1])
+            grad_z.scatter_add_(-1, torch.where(here, local - start, 0).unsqueeze(-1),
+                                (grad_logp * here).unsqueeze(-1))
+            grad_logits = (grad_z / ctx.temperature).to(weight.dtype)
+            grad_hidden += (grad_logits @ w).float()
+            if grad_weight is not None:
+                grad_weight[start:start + step] = grad_logits.T @ hidden
+        if not ctx.needs_input_grad[0]:
+            return None, grad_weight, None, None, None, None, None
+        # each rank's slice gives a part (to_ranks' backward)
+        dist.all_reduce(grad_hidden, group=ctx.group)
+        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None
+
+
 def vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_start: int,
                             group, temperature: float = 1.0, with_entropy: bool = False):
     """hidden [M, H] (replicated), weight [V_r, H] (this rank's vocabulary rows from vocab_start),
     labels [M] (global ids) -> fp32 log p(label) [M] under softmax(logits / temperature), and
     with_entropy: (log-probs, entropy [M]). Each rank's log-sum-exp partial (its max and its sum of
-    exponentials) is combined over the group, as the split kernel combines vocabulary splits."""
-    logits = torch.nn.functional.linear(to_ranks(hidden, group), weight).float() / temperature  # [M, V_r]
-    with torch.no_grad():  # a shift only: any constant gives the same log-sum-exp
-        shift = logits.max(dim=-1).values
-        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
-    exp = torch.exp(logits - shift.unsqueeze(-1))
-    total = from_ranks(exp.sum(dim=-1), group)  # [M]
-    lse = shift + torch.log(total)
-    local = labels - vocab_start
-    mine = (local >= 0) & (local < weight.shape[0])
-    picked = logits.gather(-1, torch.where(mine, local, 0).unsqueeze(-1)).squeeze(-1) * mine
-    logp = from_ranks(picked, group) - lse
-    if not with_entropy:
-        return logp
-    # H = lse - sum_v p_v z_v, the sum taken over every rank's slice.
-    expected = from_ranks((exp * logits).sum(dim=-1), group) / total
-    return logp, lse - expected
+    exponentials) is combined over the group, as the split kernel combines vocabulary splits; the
+    logits are made and used chunk by chunk, forward and backward (_VocabParallelLogprobs)."""
+    args = (hidden, weight, labels, vocab_start, group, temperature, with_entropy)
+    return _VocabParallelLogprobs.apply(*args)

@@ -37,6 +37,14 @@ def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 30
     return subprocess.run(_torchrun(args), capture_output=True, text=True, timeout=timeout, env=_rank_env(env))
 
 
+def torchrun_script(script, *args, nproc: int = 2, timeout: float = 300):
+    """`torchrun --standalone --nproc-per-node NPROC SCRIPT ARGS` (a test's worker script, gloo
+    ranks); returns the CompletedProcess (stdout and stderr captured as text)."""
+    command = _torchrun(["--standalone", f"--nproc-per-node={nproc}", str(script), *map(str, args)])
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env=_rank_env(None))
+
+
 def torchrun_nodes(command: str, config, tmp_path, nodes: int = 2, nproc: int = 2, timeout: float = 300,
                    overrides=()):
     """The multi-node recipe on this machine: NODES torchrun launches, one per "node" (`--nnodes NODES

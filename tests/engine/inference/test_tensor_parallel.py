@@ -96,7 +96,8 @@ def test_two_gpus_replay_the_tensor_parallel_decode_graphs_across_rollouts(model
 def test_generate_command_at_tensor_parallel_2_prints_one_process_s_tokens(model_dirs):
     path = model_dirs["llama"][0]  # untied head, llama3 RoPE scaling
     args = ["generate", "--model", path, "--prompt", "hello world", "--prompt", "the lazy dog", "--prompt", "fox",
-            "--temperature", "0", "--max-new-tokens", "6", "--json", "--no-progress"]
+            "--temperature", "0", "--max-new-tokens", "6", "--json", "--no-progress",
+            "--device", "cpu"]  # two ranks: a one-GPU machine has too few GPUs for them
     result = _torchrun(_fusedrl_command(), *args, "--tensor-parallel", "2")
     check(result)
     one = subprocess.run([_fusedrl_command(), *map(str, args)], capture_output=True, text=True, timeout=120, env=ENV)
