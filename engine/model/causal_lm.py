@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ... import kernels
+from ..data.prefix_sharing import share_prefixes
 from .attention import AttentionMetadata, attention_step
 from .config import ModelConfig
 from .moe import SparseMoeBlock, trace_restorer
@@ -308,6 +309,27 @@ class CausalLM(nn.Module):
                 torch.tensor(seqlens, device=input_ids.device), output_size=input_ids.shape[0])
             positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
         return self.entry()(input_ids, positions, meta)
+
+    def forward_rows(self, packed, layout=None):
+        """Hidden states of a PackedBatch's rows: (hidden [N', hidden], rows [M] of it predicting
+        the pack's targets, rows [S] holding each sequence's last token).
+
+        With packed.prefix_groups, the rows of a group read their prompt once (N' < N; layout:
+        engine/data/prefix_sharing.py's share_prefixes(packed), built here when not given); without,
+        forward_packed over the pack as it is (N' = N).
+        """
+        layout = layout or share_prefixes(packed)
+        if layout is None:
+            hidden = self.forward_packed(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
+            last = torch.tensor(packed.seqlens, device=hidden.device).cumsum(0) - 1
+            return hidden, packed.target_rows, last
+        self.check_input_ids(packed.input_ids)
+        if max(layout.seqlens_k) > self.config.max_model_len:
+            raise ValueError(f"a sequence of {max(layout.seqlens_k)} tokens exceeds max_model_len "
+                             f"{self.config.max_model_len}")
+        ids, positions = (t.index_select(0, layout.token_index) for t in (packed.input_ids, packed.positions))
+        hidden = self.entry()(ids, positions, AttentionMetadata.shared(layout))
+        return hidden, layout.target_rows, layout.last_rows
 
     def compute_logits(self, hidden):
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""

@@ -38,16 +38,17 @@ def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
 
 
 def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConfig, seed: int,
-                     timer: PhaseTimer) -> Samples:
+                     timer: PhaseTimer, share_prompts: bool = True) -> Samples:
     """r.samples_per_prompt responses per prompt from the policy's current weights (models.actor),
     sampled as `r` says, scored by models.score (and overlong-shaped); `seed` fixes the sampling;
-    timed as "generate" and "score"."""
+    timed as "generate" and "score". share_prompts (train.prefix_sharing): the pack's rows of one
+    prompt read it once in every forward."""
     params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
     device = models.actor.llm.device  # where the policy runs (its resting shards may be in CPU memory)
-    packed = pack_rollout(prompt_ids, responses, device)
+    packed = pack_rollout(prompt_ids, responses, device, share_prompts=share_prompts)
     if models.actor.record_routing:  # routing replay: the training forwards route as the sampler did
         packed = packed._replace(routing=models.actor.last_routing.to(device))
     with timer.phase("score"), torch.no_grad():

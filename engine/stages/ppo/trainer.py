@@ -317,7 +317,8 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
         timer = PhaseTimer(device)
         samples, sampling_metrics = draw_samples(
             lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state),
-            lambda batch, seed: sample_and_score(models, batch, cfg.rollout, seed, timer), cfg.rollout,
+            lambda batch, seed: sample_and_score(models, batch, cfg.rollout, seed, timer,
+                                                 cfg.train.prefix_sharing), cfg.rollout,
             cfg.seed * 1_000_003 + it)
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
                                   timer)
