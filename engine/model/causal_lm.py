@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ... import kernels
 from ..data.prefix_sharing import share_prefixes
+from .activation_offload import ActivationOffload
 from .attention import AttentionMetadata, attention_step
 from .config import ModelConfig
 from .moe import SparseMoeBlock, trace_restorer
@@ -217,10 +218,22 @@ class CausalLM(nn.Module):
         self.rotary = RotaryTable(config)
         # Trainers set this to recompute each layer in backward (activation memory of one layer).
         self.gradient_checkpointing = False
+        # With checkpointing: the layers' saved inputs rest in CPU memory until the backward
+        # (activation_offload.py); offloaded_bytes counts what the forwards moved there.
+        self.activation_offload = False
+        self.offloaded_bytes = 0
         # True while the modules hold weights that stay put, whole, in place of FSDP's shards (the
         # persistent gathered buffers: inference/persistent_weights.py): the walk then enters the
         # root and the layers past FSDP's hooks, which would all-gather them.
         self.past_fsdp_hooks = False
+
+    def set_recompute(self, checkpointing: bool, offload: bool = False):
+        """train.gradient_checkpointing (each layer recomputed in backward) and, with it,
+        train.activation_offload (the layers' saved inputs in CPU memory until the backward)."""
+        if offload and not checkpointing:
+            raise ValueError("activation offload moves what checkpointed layers keep: it needs gradient "
+                             "checkpointing")
+        self.gradient_checkpointing, self.activation_offload = checkpointing, offload
 
     def tie_weights(self):
         """Share the embedding with the LM head when the config says so (re-run after `to_empty`)."""
@@ -265,7 +278,8 @@ class CausalLM(nn.Module):
         # A layer recomputed in backward routes as its forward did (a routing trace's replay).
         routing = trace_restorer(self) if recompute else None
         residual = None
-        with kernels.use_backend(backend):
+        offload = ActivationOffload() if recompute and self.activation_offload else None
+        with kernels.use_backend(backend), offload.hooks() if offload else contextlib.nullcontext():
             for layer in self.model.layers:
                 args = (x, residual, angles, attend, prims)
                 if recompute:
@@ -273,6 +287,9 @@ class CausalLM(nn.Module):
                         contextlib.nullcontext(), _both(kernels.use_backend(backend), routing())))
                 else:
                     x, residual = prims.enter(layer, *args)
+        if offload is not None:
+            self.offloaded_bytes += offload.bytes_moved
+        with kernels.use_backend(backend):
             return self.model.norm(x, residual, prims)[0]
 
     def check_input_ids(self, input_ids: torch.Tensor, name: str = "input_ids"):
@@ -355,4 +372,5 @@ def rebuild_as(model_cls: type, like: CausalLM, state: dict, strict: bool = True
     model.tie_weights()
     model.load_report = model.load_state_dict(state, strict=strict)
     model.gradient_checkpointing = like.gradient_checkpointing
+    model.activation_offload = like.activation_offload
     return model

@@ -155,7 +155,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         raise UsageError(f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is not "
                          "supported: its expert GEMMs have no batch-invariant mode; set rollout.exact=false "
                          "(rollout.routing_replay keeps the trainer's experts the sampler's)")
-    policy.gradient_checkpointing = cfg.train.gradient_checkpointing
+    policy.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
                                              shard=frozen).eval().requires_grad_(False)
@@ -199,7 +199,7 @@ def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callab
         start = "reward_model" if rm is not None else "lm"
         critic = load_value_model(cfg.reward_model or cfg.policy, dtype=dtype, device=device, shard=sharder,
                                   start=start)
-        critic.gradient_checkpointing = cfg.train.gradient_checkpointing
+        critic.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
         return critic.requires_grad_(True).train()
     if rm is not None:
         trunk, head = rm, distributed.plain(rm.score.weight.detach())
@@ -209,7 +209,7 @@ def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callab
         if distributed.is_main():
             print("fusedrl: critic_lora without a reward model: the critic starts from the policy and runs on a "
                   "frozen copy of its weights (a second decoder in memory)", file=sys.stderr)
-    trunk.gradient_checkpointing = cfg.train.gradient_checkpointing
+    trunk.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
     return LoRACritic(trunk, head, cfg.critic_lora).train()
 
 
