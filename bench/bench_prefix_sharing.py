@@ -11,7 +11,7 @@ forwards and the update's forward and backward (2 x forward): 5 forwards' worth 
 `--verify` runs a tiny model's forward under torch's FlopCounterMode on both layouts and reports
 its counted FLOPs over the modeled GEMM FLOPs.
 
-    python bench/bench_prefix_sharing.py            # Qwen2.5-7B shapes, 8 groups, 1024-token answers
+    python bench/bench_prefix_sharing.py          # Qwen2.5-7B shapes, 8 groups, 1024-token answers
     python bench/bench_prefix_sharing.py --quick    # fewer cases, with --verify
 """
 from __future__ import annotations
@@ -49,11 +49,13 @@ class Shape:
         return 4 * self.layers * self.heads * self.head_dim  # q.k and p.v, per query-key pair
 
 
-QWEN25_7B = Shape(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064)
+QWEN25_7B = Shape(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944,
+                  vocab=152064)
 TINY = Shape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=300)
 
 
-def segments(groups: int, group: int, prompt: int, answer: int, share: bool) -> tuple[list[int], list[int], int]:
+def segments(groups: int, group: int, prompt: int, answer: int,
+             share: bool) -> tuple[list[int], list[int], int]:
     """(queries, keys of each segment, targets) of a forward over `groups` groups of `group` rows
     of `prompt` + `answer` tokens, from the engine's packing."""
     g = torch.Generator().manual_seed(0)
@@ -73,13 +75,15 @@ def causal_pairs(queries: list[int], keys: list[int]) -> int:
     return sum(q * (k - q) + q * (q + 1) // 2 for q, k in zip(queries, keys))
 
 
-def iteration_cost(shape: Shape, groups: int, group: int, prompt: int, answer: int, share: bool) -> dict:
+def iteration_cost(shape: Shape, groups: int, group: int, prompt: int, answer: int,
+                   share: bool) -> dict:
     queries, keys, targets = segments(groups, group, prompt, answer, share)
     tokens = sum(queries)
-    forward = (tokens * shape.gemm_flops_per_token() + causal_pairs(queries, keys) * shape.attention_flops_per_pair()
+    forward = (tokens * shape.gemm_flops_per_token()
+               + causal_pairs(queries, keys) * shape.attention_flops_per_pair()
                + targets * 2 * shape.hidden * shape.vocab)
-    return {"tokens_forwarded": FORWARDS_PER_ITERATION * tokens, "flops": FORWARDS_PER_ITERATION * forward,
-            "forward_flops": forward}
+    return {"tokens_forwarded": FORWARDS_PER_ITERATION * tokens,
+            "flops": FORWARDS_PER_ITERATION * forward, "forward_flops": forward}
 
 
 def verify(group: int, prompt: int, answer: int) -> dict:
@@ -98,22 +102,26 @@ def verify(group: int, prompt: int, answer: int) -> dict:
     out = {}
     for share in (False, True):
         rows = [list(range(10, 10 + prompt))] * group
-        packed = pack_rollout(rows, [[11 + k] * answer for k in range(group)], "cpu", share_prompts=share)
+        answers = [[11 + k] * answer for k in range(group)]
+        packed = pack_rollout(rows, answers, "cpu", share_prompts=share)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model.forward_rows(packed)
         queries, _, _ = segments(1, group, prompt, answer, share)
-        out["shared" if share else "whole"] = {"counted_flops": counter.get_total_flops(),
-                                               "modeled_flops": sum(queries) * TINY.gemm_flops_per_token()}
+        out["shared" if share else "whole"] = {
+            "counted_flops": counter.get_total_flops(),
+            "modeled_flops": sum(queries) * TINY.gemm_flops_per_token()}
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer cases and --verify")
-    p.add_argument("--verify", action="store_true", help="check the FLOP model on a tiny model's forward")
+    p.add_argument("--verify", action="store_true",
+                   help="check the FLOP model on a tiny model's forward")
     p.add_argument("--groups", type=int, default=8, help="groups (prompts) per iteration")
     p.add_argument("--answer", type=int, default=1024, help="answer tokens per row")
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/prefix_sharing[_quick].json)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default: bench/results/prefix_sharing[_quick].json)")
     args = p.parse_args(argv)
     sizes, ratios = ((4, 16), (0.1, 10)) if args.quick else ((4, 8, 16), (0.1, 0.3, 1, 3, 10))
     answer = 32 if args.quick else args.answer
@@ -121,22 +129,28 @@ def main(argv: list[str] | None = None) -> dict:
     for group in sizes:
         for ratio in ratios:
             prompt = max(1, round(ratio * answer))
-            whole, shared = (iteration_cost(QWEN25_7B, args.groups, group, prompt, answer, s) for s in (False, True))
-            rows.append({"group": group, "prompt": prompt, "answer": answer, "prompt_per_answer": ratio,
-                         "tokens_whole": whole["tokens_forwarded"], "tokens_shared": shared["tokens_forwarded"],
-                         "token_ratio": whole["tokens_forwarded"] / shared["tokens_forwarded"],
-                         "tflops_whole": whole["flops"] / 1e12, "tflops_shared": shared["flops"] / 1e12,
-                         "flop_ratio": whole["flops"] / shared["flops"]})
-    print(harness.format_table(rows, [("group", "n"), ("prompt", "prompt"), ("answer", "answer"),
-                                      ("tokens_whole", "tokens (whole)"), ("tokens_shared", "tokens (shared)"),
-                                      ("token_ratio", "x tokens"), ("tflops_whole", "TFLOP (whole)"),
-                                      ("tflops_shared", "TFLOP (shared)"), ("flop_ratio", "x FLOPs")]))
-    payload = {"meta": harness.run_metadata(torch.device("cpu")), "shape": asdict(QWEN25_7B), "groups": args.groups,
-               "forwards_per_iteration": FORWARDS_PER_ITERATION, "results": rows}
+            whole, shared = (iteration_cost(QWEN25_7B, args.groups, group, prompt, answer, s)
+                             for s in (False, True))
+            rows.append({
+                "group": group, "prompt": prompt, "answer": answer, "prompt_per_answer": ratio,
+                "tokens_whole": whole["tokens_forwarded"],
+                "tokens_shared": shared["tokens_forwarded"],
+                "token_ratio": whole["tokens_forwarded"] / shared["tokens_forwarded"],
+                "tflops_whole": whole["flops"] / 1e12, "tflops_shared": shared["flops"] / 1e12,
+                "flop_ratio": whole["flops"] / shared["flops"]})
+    print(harness.format_table(rows, [
+        ("group", "n"), ("prompt", "prompt"), ("answer", "answer"),
+        ("tokens_whole", "tokens (whole)"), ("tokens_shared", "tokens (shared)"),
+        ("token_ratio", "x tokens"), ("tflops_whole", "TFLOP (whole)"),
+        ("tflops_shared", "TFLOP (shared)"), ("flop_ratio", "x FLOPs")]))
+    payload = {"meta": harness.run_metadata(torch.device("cpu")), "shape": asdict(QWEN25_7B),
+               "groups": args.groups, "forwards_per_iteration": FORWARDS_PER_ITERATION,
+               "results": rows}
     if args.verify or args.quick:
         payload["verify"] = verify(group=4, prompt=24, answer=8)
         for name, v in payload["verify"].items():
-            print(f"verify {name}: counted / modeled FLOPs = {v['counted_flops'] / v['modeled_flops']:.3f}")
+            ratio = v["counted_flops"] / v["modeled_flops"]
+            print(f"verify {name}: counted / modeled FLOPs = {ratio:.3f}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"prefix_sharing{'_quick' if args.quick else ''}.json")
     harness.write_json(out, payload)

@@ -84,10 +84,10 @@ class RunConfig:
     precision: Precision = option("bf16-mixed (bf16 weights, fp32 master weights and moments in the optimizer) "
                                   "| fp32 | auto (bf16-mixed on CUDA, fp32 on CPU)", "auto")
     gradient_checkpointing: bool = option("recompute each decoder layer in backward to save memory", False)
-    activation_offload: bool = option("with train.gradient_checkpointing: each layer's saved input and residual rest "
-                                      "in (pinned) CPU memory from the forward to the backward, copied back one layer "
-                                      "ahead (prefetched on CUDA); bit-identical results, activations of about one "
-                                      "layer on the device", False)
+    activation_offload: bool = option(
+        "with train.gradient_checkpointing: each layer's saved input and residual rest in (pinned) "
+        "CPU memory from the forward to the backward, copied back one layer ahead (prefetched on "
+        "CUDA); bit-identical results, activations of about one layer on the device", False)
     log_every: int = option("write a metrics line every this many steps", 1)
     save_every: int = option("checkpoint every this many steps (0 = by time and at the end only)", 0)
     save_every_minutes: float = option("also checkpoint when this many minutes passed since the last "

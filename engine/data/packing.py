@@ -34,8 +34,9 @@ class PackedBatch(NamedTuple):
     positions: Optional[torch.Tensor] = None   # [N] int64 position of each token in its sequence
     cu_seqlens: Optional[torch.Tensor] = None  # [S + 1] int32 sequence boundaries (attention metadata)
     routing: Optional[torch.Tensor] = None  # PPO on MoE: [N, sparse layers, k] int16 sampler's experts, -1 none
-    # Prefix sharing (prefix_sharing.py): [S] group of each sequence and [S] its prompt's tokens; the
-    # sequences of one group share their first prompt_lens tokens, which a forward reads once. [] = off.
+    # Prefix sharing (prefix_sharing.py): [S] group of each sequence and [S] its prompt's tokens;
+    # the sequences of one group share their first prompt_lens tokens, read once by a forward.
+    # [] = off.
     prefix_groups: list[int] = []
     prompt_lens: list[int] = []
 
@@ -105,7 +106,8 @@ def pack_sequences(sequences: list[tuple[list[int], list[int], bool]], *, group_
     """Pack (prompt, response, is_target) triples: each becomes prompt + response, and when
     is_target its response tokens are targets. width > 0 adds the [S, width] grid of PPO. The
     positions and sequence boundaries are built here once, for every forward over the pack.
-    share_prompts: sequences with the same prompt are marked to forward it once (prefix_sharing.py)."""
+    share_prompts: sequences with the same prompt are marked to forward it once
+    (prefix_sharing.py)."""
     ids, seqlens, rows, targets, counts, grid, positions = [], [], [], [], [], [], []
     for s, (prompt, response, is_target) in enumerate(sequences):
         # Position i predicts token i + 1; with an empty prompt the first response token has no context.

@@ -32,7 +32,7 @@ class SharedLayout:
     seqlens_k: list[int]        # [S'] keys each segment reads (its prompt's + its own)
     cu_seqlens_q: torch.Tensor  # [S' + 1] int32
     cu_seqlens_k: torch.Tensor  # [S' + 1] int32
-    key_rows: torch.Tensor      # [sum seqlens_k] int64 stream position of each segment's keys, in order
+    key_rows: torch.Tensor      # [sum seqlens_k] int64 stream position of each segment's keys
     target_rows: torch.Tensor   # [M] int64 stream position predicting each of the pack's targets
     last_rows: torch.Tensor     # [S] int64 stream position of each row's last token
 
@@ -103,8 +103,9 @@ def share_prefixes(packed) -> SharedLayout | None:
         for r in rows:
             answer = seqlens[r] - p
             if prompt_lens[r] != p or answer < 1:
-                raise ValueError(f"prefix sharing: row {r} has {seqlens[r]} tokens and a prompt of {prompt_lens[r]}; "
-                                 f"its group's prompt is {p} tokens and every row needs an answer after it")
+                raise ValueError(f"prefix sharing: row {r} has {seqlens[r]} tokens and a prompt "
+                                 f"of {prompt_lens[r]}; its group's prompt is {p} tokens and "
+                                 "every row needs an answer after it")
             new_of_old[starts[r]:starts[r] + p] = range(prompt, prompt + p)
             last_rows[r] = segment(starts[r] + p, answer, range(prompt, prompt + p)) + answer - 1
     device = packed.input_ids.device
@@ -113,6 +114,8 @@ def share_prefixes(packed) -> SharedLayout | None:
         return torch.tensor(values, dtype=torch.int64, device=device)
 
     def cu(lengths):
-        return torch.tensor(list(itertools.accumulate(lengths, initial=0)), dtype=torch.int32, device=device)
-    return SharedLayout(long(token_index), seqlens_q, seqlens_k, cu(seqlens_q), cu(seqlens_k), long(key_rows),
-                        long(new_of_old).index_select(0, packed.target_rows), long(last_rows))
+        bounds = list(itertools.accumulate(lengths, initial=0))
+        return torch.tensor(bounds, dtype=torch.int32, device=device)
+    return SharedLayout(long(token_index), seqlens_q, seqlens_k, cu(seqlens_q), cu(seqlens_k),
+                        long(key_rows), long(new_of_old).index_select(0, packed.target_rows),
+                        long(last_rows))

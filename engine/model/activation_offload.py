@@ -19,7 +19,8 @@ class ActivationOffload:
     context in which the forward runs. `bytes_moved` counts the bytes copied to CPU memory."""
 
     def __init__(self):
-        self.saved: list = []       # per packed tensor: [cpu buffer, device, prefetched device copy or None]
+        # Per packed tensor: [its CPU buffer, its device, its prefetched device copy or None].
+        self.saved: list = []
         self.bytes_moved = 0
         self._stream = None
 

@@ -64,8 +64,9 @@ class AttentionMetadata:
     def shared(cls, layout) -> "AttentionMetadata":
         """Metadata of a prefix-shared forward (a prefix_sharing.SharedLayout): each segment's
         queries are the last of its keys, read at layout.key_rows."""
-        return cls(seqlens_q=layout.seqlens_q, seqlens_k=layout.seqlens_k, cu_seqlens_q=layout.cu_seqlens_q,
-                   cu_seqlens_k=layout.cu_seqlens_k, key_rows=layout.key_rows)
+        return cls(seqlens_q=layout.seqlens_q, seqlens_k=layout.seqlens_k,
+                   cu_seqlens_q=layout.cu_seqlens_q, cu_seqlens_k=layout.cu_seqlens_k,
+                   key_rows=layout.key_rows)
 
 
 def attention_step(meta: AttentionMetadata, kv_caches=None):
@@ -99,13 +100,14 @@ def varlen_attention(q, k, v, meta: AttentionMetadata):
     """
     scale = q.shape[-1] ** -0.5
     if meta.key_rows is not None:
-        k, v = k.index_select(0, meta.key_rows), v.index_select(0, meta.key_rows)  # [sum Lk, Hkv, D]
+        k, v = (x.index_select(0, meta.key_rows) for x in (k, v))  # [sum Lk, Hkv, D]
     kernel = varlen_kernel(q)
     if kernel is not None:
-        return kernel(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, max(meta.seqlens_q), max(meta.seqlens_k),
-                      scale)
+        return kernel(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, max(meta.seqlens_q),
+                      max(meta.seqlens_k), scale)
     lens = meta.seqlens_q
-    if len(set(lens)) == 1 and meta.seqlens_k == lens:  # equal lengths (a batch of same-length prompts): a view, no gathers
+    # Equal lengths (a batch of same-length prompts): a view, no gathers.
+    if len(set(lens)) == 1 and meta.seqlens_k == lens:
         batch = [x.unflatten(0, (len(lens), lens[0])).transpose(1, 2) for x in (q, k, v)]  # [B, H, L, D]
         out = F.scaled_dot_product_attention(*batch, is_causal=True, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).flatten(0, 1)

@@ -231,8 +231,8 @@ class CausalLM(nn.Module):
         """train.gradient_checkpointing (each layer recomputed in backward) and, with it,
         train.activation_offload (the layers' saved inputs in CPU memory until the backward)."""
         if offload and not checkpointing:
-            raise ValueError("activation offload moves what checkpointed layers keep: it needs gradient "
-                             "checkpointing")
+            raise ValueError("activation offload moves what checkpointed layers keep: it needs "
+                             "gradient checkpointing")
         self.gradient_checkpointing, self.activation_offload = checkpointing, offload
 
     def tie_weights(self):
@@ -337,14 +337,16 @@ class CausalLM(nn.Module):
         """
         layout = layout or share_prefixes(packed)
         if layout is None:
-            hidden = self.forward_packed(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
+            hidden = self.forward_packed(packed.input_ids, packed.seqlens, packed.positions,
+                                         packed.cu_seqlens)
             last = torch.tensor(packed.seqlens, device=hidden.device).cumsum(0) - 1
             return hidden, packed.target_rows, last
         self.check_input_ids(packed.input_ids)
         if max(layout.seqlens_k) > self.config.max_model_len:
             raise ValueError(f"a sequence of {max(layout.seqlens_k)} tokens exceeds max_model_len "
                              f"{self.config.max_model_len}")
-        ids, positions = (t.index_select(0, layout.token_index) for t in (packed.input_ids, packed.positions))
+        ids, positions = (t.index_select(0, layout.token_index)
+                          for t in (packed.input_ids, packed.positions))
         hidden = self.entry()(ids, positions, AttentionMetadata.shared(layout))
         return hidden, layout.target_rows, layout.last_rows
 

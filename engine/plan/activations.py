@@ -35,19 +35,21 @@ def _mlp_saved(c: ModelConfig, sparse: bool) -> int:
     return 2 * m.num_experts + 2 * m.top_k * c.hidden_size + 3 * m.top_k * m.intermediate_size
 
 
-def saved_per_layer(c: ModelConfig, sparse: bool = False, shared_keys: float = 0.0, fused: bool = True) -> float:
+def saved_per_layer(c: ModelConfig, sparse: bool = False, shared_keys: float = 0.0,
+                    fused: bool = True) -> float:
     """Elements autograd keeps per token for one decoder layer (sparse: an MoE layer). shared_keys:
-    with prefix sharing, the keys and values attention gathers per forwarded token (a shared prompt's
-    keys once per answer: SharedLayout.key_rows), kept for its backward. fused False: the torch ops
-    of the CPU path, whose two norms also keep their normalized rows (2 H) and whose RoPE keeps the
-    rotate_half copies of q and k (q + kv)."""
+    with prefix sharing, the keys and values attention gathers per forwarded token (a shared
+    prompt's keys once per answer: SharedLayout.key_rows), kept for its backward. fused False:
+    the torch ops of the CPU path, whose two norms also keep their normalized rows (2 H) and whose
+    RoPE keeps the rotate_half copies of q and k (q + kv)."""
     h, q, kv, _ = _widths(c)
     unfused = 0 if fused else 2 * h + q + kv
     return 4 * h + 3 * q + 3 * kv + _mlp_saved(c, sparse) + 2 * kv * shared_keys + unfused
 
 
-def training_activations(c: ModelConfig, elem: int, checkpointing: bool, tokens: int, lm_head: bool, *,
-                         offload: bool = False, shared_keys: float = 0.0, fused: bool = True) -> int:
+def training_activations(c: ModelConfig, elem: int, checkpointing: bool, tokens: int,
+                         lm_head: bool, *, offload: bool = False, shared_keys: float = 0.0,
+                         fused: bool = True) -> int:
     """Peak activation bytes of a training forward + backward over `tokens` forwarded tokens: what
     the layers keep until their backward, plus the larger of the two moments that do not overlap,
     the LM head's (its logits chunk and gradient, before any layer's backward runs) and a layer's
@@ -56,7 +58,8 @@ def training_activations(c: ModelConfig, elem: int, checkpointing: bool, tokens:
     for the layer being recomputed and the one prefetched."""
     h, _, _, i = _widths(c)
     sparse = set(c.moe.sparse_layers) if c.moe is not None else set()
-    per_layer = [saved_per_layer(c, layer in sparse, shared_keys, fused) for layer in range(c.num_layers)]
+    per_layer = [saved_per_layer(c, layer in sparse, shared_keys, fused)
+                 for layer in range(c.num_layers)]
     if checkpointing:
         kept, backward = 2 * h * (min(2, c.num_layers) if offload else c.num_layers), max(per_layer)
     else:
@@ -80,14 +83,17 @@ def lm_head_bytes(c: ModelConfig, elem: int, tokens: int) -> int:
     return 2 * elem * min(LOGIT_CHUNK, tokens * c.vocab_size)
 
 
-def forward_activations(c: ModelConfig, elem: int, tokens: int, lm_head: bool, shared_keys: float = 0.0) -> int:
+def forward_activations(c: ModelConfig, elem: int, tokens: int, lm_head: bool,
+                        shared_keys: float = 0.0) -> int:
     """Peak activation bytes of a no-grad forward over `tokens` forwarded tokens: the larger of a
-    layer's moment and the LM head's chunk (the same on the fused and the torch path, as measured)."""
+    layer's moment and the LM head's chunk (the same on the fused and the torch path, as
+    measured)."""
     head = lm_head_bytes(c, elem, tokens) if lm_head else 0
     return max(int(tokens * forward_bytes_per_token(c, elem, shared_keys)), head)
 
 
-def shared_prefix_tokens(rows: int, group: int, prompt: int, answer: int, sharing: bool) -> tuple[int, float]:
+def shared_prefix_tokens(rows: int, group: int, prompt: int, answer: int,
+                         sharing: bool) -> tuple[int, float]:
     """(tokens a forward over `rows` rows of `prompt` + `answer` tokens reads, keys gathered per
     forwarded token) with train.prefix_sharing and groups of `group` rows (a prompt read once per
     group); (rows x the row, 0) without."""

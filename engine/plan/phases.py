@@ -47,7 +47,7 @@ class Setup:
     offload_optimizer: bool
     rules: EngineRules
     memo: dict = field(default_factory=dict, repr=False)  # parameter lists and unit sizes, computed once
-    fused: bool = True          # the decoder's fused kernels run (CUDA), else its torch ops (activations.py)
+    fused: bool = True          # the decoder's fused kernels run (CUDA), else its torch ops
 
     def once(self, key, compute):
         if key not in self.memo:
@@ -291,7 +291,8 @@ def load_phase(s: Setup) -> dict:
     return {"weights": whole + small}
 
 
-def update_phase(s: Setup, tokens: int, trained_decoders: list[Part], shared_keys: float = 0.0) -> dict:
+def update_phase(s: Setup, tokens: int, trained_decoders: list[Part],
+                 shared_keys: float = 0.0) -> dict:
     """The larger of the backward (activations of every trained decoder's graph at once, their
     FSDP roots and layers gathered, a unit's whole gradients) and the step (the fp32 gradient copy).
     shared_keys: keys gathered per token by prefix sharing (activations.shared_prefix_tokens)."""
@@ -306,9 +307,9 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part], shared_key
             gathered += forward_gathered(s, part)
             unsharded_grads = max(unsharded_grads, (rest + max(layers, default=0)) // share)
     backward = {**_resident(s), "grads": grads + unsharded_grads, "gathered": gathered,
-                "activations": sum(training_activations(p.config, elem, ckpt, tokens, lm_head=_has_lm_head(s, p),
-                                                        offload=offload, shared_keys=shared_keys, fused=s.fused)
-                                   for p in trained_decoders)}
+                "activations": sum(training_activations(
+                    p.config, elem, ckpt, tokens, lm_head=_has_lm_head(s, p), offload=offload,
+                    shared_keys=shared_keys, fused=s.fused) for p in trained_decoders)}
     step = {**_resident(s), "grads": grads + step_buffer_bytes(s)}
     return max(backward, step, key=lambda d: sum(d.values()))
 
@@ -365,7 +366,7 @@ def ppo_phases(s: Setup) -> dict:
     rollout = {**base, "kv_pool": kv, "gathered": gathered,
                "activations": forward_activations(c, elem, prefill, lm_head=False) + sampler_logits}
 
-    # train.prefix_sharing: a forward reads each group's prompt once and gathers its keys per answer.
+    # train.prefix_sharing: a forward reads each group's prompt once, gathers its keys per answer.
     sharing = s.cfg.train.prefix_sharing
     forwarded, shared_keys = shared_prefix_tokens(rows, r.samples_per_prompt, r.max_prompt_length,
                                                   r.max_new_tokens, sharing)
@@ -382,10 +383,11 @@ def ppo_phases(s: Setup) -> dict:
     gathered_s, act_s = max((scoring_cost(part) for part in decoders), key=sum)
     scoring = {**base, "gathered": gathered_s, "activations": act_s}
 
-    # A micro-batch of rows may hold one row per group (minibatches draw rows at random): whole rows.
+    # A micro-batch of rows may hold one row per group (minibatches draw random rows): whole rows.
     tokens = p.tokens_per_microbatch or (p.microbatch_size or p.minibatch_size) * longest
     critic = _critic_decoder(s)
-    update = {**update_phase(s, tokens, [policy] + ([critic] if critic else []), shared_keys), "kv_pool": kv_after}
+    update = {**update_phase(s, tokens, [policy] + ([critic] if critic else []), shared_keys),
+              "kv_pool": kv_after}
     export = {**base, "gathered": export_gathered(s, [policy, *_role(s, "critic")])}
     if _role(s, "critic adapters"):  # LoRACritic.merged: a ValueModel on its trunk's own shards
         export["gathered"] = max(export["gathered"], export_gathered(s, [critic]))

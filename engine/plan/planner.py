@@ -49,7 +49,8 @@ def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda"
         parts = supervised_models(stage, cfg, model_config(cfg.model), dtype, rules.lora_base_whole)
     # One process is refused train.optimizer_offload (engine/plan/check.py): nothing is offloaded.
     group = shard_group_size(cfg.train.data_parallel, gpus, cfg.train.shard_group_size, gpus_per_node or gpus)
-    return Setup(stage, cfg, parts, gpus, group, dtype, cfg.train.optimizer_offload and gpus > 1, rules,
+    offload = cfg.train.optimizer_offload and gpus > 1
+    return Setup(stage, cfg, parts, gpus, group, dtype, offload, rules,
                  fused=torch.device(device).type == "cuda")
 
 
@@ -93,7 +94,8 @@ def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
     if not cfg.train.gradient_checkpointing:
         out.append(("recompute activations in backward", ["train.gradient_checkpointing=true"], gpus))
     elif not cfg.train.activation_offload:
-        out.append(("keep the checkpointed layers' inputs in CPU memory", ["train.activation_offload=true"], gpus))
+        out.append(("keep the checkpointed layers' inputs in CPU memory",
+                    ["train.activation_offload=true"], gpus))
     if cfg.lora.rank == 0:
         # An MoE model's adapters go on attention only (lora.add_lora refuses MLP targets there).
         out.append(("train LoRA adapters only", ["lora.rank=64"] + (

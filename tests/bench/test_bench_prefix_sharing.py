@@ -1,6 +1,6 @@
-"""bench/bench_prefix_sharing.py counts (on the CPU, from the engine's layout) fewer forwarded tokens
-and FLOPs with prefix sharing, by the factor the group's shape gives; its FLOP model's GEMMs equal
-what torch's FlopCounterMode counts on a tiny model."""
+"""bench/bench_prefix_sharing.py counts (on the CPU, from the engine's layout) fewer forwarded
+tokens and FLOPs with prefix sharing, by the factor the group's shape gives; its FLOP model's GEMMs
+equal what torch's FlopCounterMode counts on a tiny model."""
 import json
 
 import bench_prefix_sharing

@@ -19,7 +19,8 @@ def pieces(packed: PackedBatch, budget: Optional[int]) -> list[PackedBatch]:
     if budget is None or packed.forwarded_tokens <= budget:
         return [packed]
     shared = (packed.prefix_groups, packed.prompt_lens)  # a shared prompt counts once
-    return [packed.select(rows) for rows in pack(packed.seqlens, budget, "tokens_per_forward", shared)]
+    return [packed.select(rows)
+            for rows in pack(packed.seqlens, budget, "tokens_per_forward", shared)]
 
 
 def _join(outputs: list):

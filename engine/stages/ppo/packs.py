@@ -23,8 +23,8 @@ def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
         if not prompt or not response or len(response) > width:
             raise ValueError(f"pack_rollout: row {r} has {len(prompt)} prompt and {len(response)} "
                              f"response tokens; both must be >= 1 and the response <= width {width}")
-    return pack_sequences([(p, r, True) for p, r in zip(prompts, responses)], width=width, device=device,
-                          share_prompts=share_prompts)
+    return pack_sequences([(p, r, True) for p, r in zip(prompts, responses)], width=width,
+                          device=device, share_prompts=share_prompts)
 
 
 def concat_packs(parts: list[PackedBatch]) -> PackedBatch:
@@ -43,7 +43,8 @@ def concat_packs(parts: list[PackedBatch]) -> PackedBatch:
         token_offset, row_offset = token_offset + sum(p.seqlens), row_offset + len(p.seqlens)
     seqlens = [n for p in parts for n in p.seqlens]
     # Each part's groups are its own (another round's prompts): ids offset past the earlier parts'.
-    offsets = itertools.accumulate((max(p.prefix_groups, default=-1) + 1 for p in parts[:-1]), initial=0)
+    offsets = itertools.accumulate((max(p.prefix_groups, default=-1) + 1 for p in parts[:-1]),
+                                   initial=0)
     prefix_groups = [g + offset for p, offset in zip(parts, offsets) for g in p.prefix_groups]
     cu = torch.tensor([0] + seqlens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return PackedBatch(torch.cat([p.input_ids for p in parts]), seqlens, torch.cat(rows),

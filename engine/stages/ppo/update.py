@@ -250,7 +250,7 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: U
         stop = False
         for start in range(0, rows, minibatch):
             optimizers.zero_grad()
-            # A group's rows together, so that its micro-batches read its prompt once (prefix sharing).
+            # A group's rows together: its micro-batches read its prompt once (prefix sharing).
             rows_of = grouped_order(order[start:start + minibatch], rollout.packed.prefix_groups)
             stats = minibatch_backward(models, rollout.rows(rows_of), s, ptx_loss)
             norms = optimizers.clip_and_step(stats["loss"])

@@ -28,13 +28,15 @@ def rollout_rows(seed=0):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("shared") / "qwen2", arch="qwen2")  # GQA, tied head
+    # GQA and a tied head.
+    return save_tiny_model(tmp_path_factory.mktemp("shared") / "qwen2", arch="qwen2")
 
 
 def counted_tokens(model):
     """A list filled with the ids each forward embeds (a real count of what the layers read)."""
     seen = []
-    model.model.embed_tokens.register_forward_pre_hook(lambda module, args: seen.append(args[0].numel()))
+    model.model.embed_tokens.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].numel()))
     return seen
 
 
@@ -80,9 +82,10 @@ def test_shared_values_and_rewards_equal_whole_rows(model_dir):
     prompts, answers = rollout_rows(seed=4)
     whole, shared = (pack_rollout(prompts, answers, "cpu", share_prompts=s) for s in (False, True))
     with torch.no_grad():
-        torch.testing.assert_close(values_at_targets(model, head, shared), values_at_targets(model, head, whole),
+        torch.testing.assert_close(values_at_targets(model, head, shared),
+                                   values_at_targets(model, head, whole), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rm.packed_rewards(shared), rm.packed_rewards(whole),
                                    rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(rm.packed_rewards(shared), rm.packed_rewards(whole), rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_shared_logprobs_within_bf16_rounding(model_dir):
@@ -91,14 +94,15 @@ def test_bf16_shared_logprobs_within_bf16_rounding(model_dir):
     whole, shared = (pack_rollout(prompts, answers, "cpu", share_prompts=s) for s in (False, True))
     with torch.no_grad():
         a, b = (response_logprobs(model, p, 1.0)[0] for p in (whole, shared))
-    # bf16 activations (8 bits of mantissa) summed in other padded shapes: log-probs of magnitude ~5.
+    # bf16 activations (8 bits of mantissa) summed in other padded shapes; log-probs of size ~5.
     torch.testing.assert_close(b, a, rtol=2e-2, atol=5e-2)
 
 
 def test_selected_and_joined_packs_keep_their_groups():
     prompts, answers = rollout_rows()
     packed = pack_rollout(prompts, answers, "cpu", share_prompts=True)
-    assert packed.prefix_groups == [0, 0, 0, 1, 1, 1, 2] and packed.prompt_lens == [5] * 3 + [9] * 3 + [4]
+    assert packed.prefix_groups == [0, 0, 0, 1, 1, 1, 2]
+    assert packed.prompt_lens == [5] * 3 + [9] * 3 + [4]
     # Rows of one group apart in the order still share; a row alone reads its prompt itself.
     picked = packed.select([4, 0, 3, 6])
     layout = share_prefixes(picked)

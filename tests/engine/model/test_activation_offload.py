@@ -18,7 +18,8 @@ def test_saved_tensors_are_copies_that_come_back():
     with offload.hooks():
         y = (a * b).sum()  # saves a and b (leaves, not Parameters: copied)
     assert len(offload.saved) == 2 and offload.bytes_moved == 2 * 5 * 3 * 4
-    assert all(buffer.data_ptr() not in (a.data_ptr(), b.data_ptr()) for buffer, _, _ in offload.saved)
+    originals = (a.data_ptr(), b.data_ptr())
+    assert all(buffer.data_ptr() not in originals for buffer, _, _ in offload.saved)
     y.backward()
     assert torch.equal(a.grad, b.detach()) and torch.equal(b.grad, a.detach())
 
@@ -35,7 +36,8 @@ def test_parameters_stay_in_place():
 def test_offloaded_layers_give_bit_identical_gradients(tmp_path, share_prompts):
     model = load_model(save_tiny_model(tmp_path / "llama"))
     prompts = [p for p in random_prompts([6, 3]) for _ in range(2)]
-    packed = pack_rollout(prompts, random_prompts([4, 2, 5, 3], seed=1), "cpu", share_prompts=share_prompts)
+    answers = random_prompts([4, 2, 5, 3], seed=1)
+    packed = pack_rollout(prompts, answers, "cpu", share_prompts=share_prompts)
 
     def gradients(offload: bool):
         model.zero_grad()
@@ -53,5 +55,6 @@ def test_offloaded_layers_give_bit_identical_gradients(tmp_path, share_prompts):
 
 
 def test_offload_needs_checkpointing():
-    with pytest.raises(ValueError, match="train.activation_offload=true .* set train.gradient_checkpointing=true"):
+    expected = "train.activation_offload=true .* set train.gradient_checkpointing=true"
+    with pytest.raises(ValueError, match=expected):
         RunConfig(activation_offload=True)

@@ -17,8 +17,10 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.alive: dict[int, tuple[StorageWeakRef, int, int]] = {}  # storage key -> (ref, bytes, allocation)
-        self.events: list[tuple[int, int]] = []  # (allocation, +bytes when created / -bytes when freed)
+        # storage key -> (weak reference, bytes, allocation number)
+        self.alive: dict[int, tuple[StorageWeakRef, int, int]] = {}
+        # (allocation number, +bytes when created / -bytes when freed), in order
+        self.events: list[tuple[int, int]] = []
         self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -28,7 +30,9 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 if storage._cdata not in self.alive and storage.nbytes():
-                    self.alive[storage._cdata] = (StorageWeakRef(storage), storage.nbytes(), len(self.events))
+                    allocation = len(self.events)
+                    ref = StorageWeakRef(storage)
+                    self.alive[storage._cdata] = (ref, storage.nbytes(), allocation)
                     self.events.append((len(self.events), storage.nbytes()))
         return out
 
