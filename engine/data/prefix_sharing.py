@@ -73,10 +73,13 @@ def grouped_order(rows: list[int], groups: list[int]) -> list[int]:
 
 
 def share_prefixes(packed) -> SharedLayout | None:
-    """The shared layout of a PackedBatch with `prefix_groups`, or None when no two rows share
-    (then the plain pack is the layout). Built on the host from the lengths: no device read."""
+    """The shared layout of a PackedBatch with `prefix_groups`, or None without (then the plain
+    pack is the layout). A row alone in its group is cut the same way (its prompt, then its
+    answer), so a row's segments, and the bits of its log-probs, do not depend on which rows of its
+    group a pack holds (a minibatch scores what the whole rollout scored). Built on the host from
+    the lengths: no device read."""
     groups, prompt_lens, seqlens = packed.prefix_groups, packed.prompt_lens, packed.seqlens
-    if not groups or len(set(groups)) == len(groups):
+    if not groups:
         return None
     starts = list(itertools.accumulate(seqlens, initial=0))
     token_index, new_of_old = [], [0] * starts[-1]
@@ -94,10 +97,6 @@ def share_prefixes(packed) -> SharedLayout | None:
         return new
 
     for rows in members(groups).values():
-        if len(rows) == 1:
-            r = rows[0]
-            last_rows[r] = segment(starts[r], seqlens[r]) + seqlens[r] - 1
-            continue
         p = prompt_lens[rows[0]]
         prompt = segment(starts[rows[0]], p)
         for r in rows:

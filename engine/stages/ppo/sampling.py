@@ -48,7 +48,9 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
     with timer.phase("generate"):
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
     device = models.actor.llm.device  # where the policy runs (its resting shards may be in CPU memory)
-    packed = pack_rollout(prompt_ids, responses, device, share_prompts=share_prompts)
+    # A prompt answered once has nothing to share.
+    packed = pack_rollout(prompt_ids, responses, device,
+                          share_prompts=share_prompts and r.samples_per_prompt > 1)
     if models.actor.record_routing:  # routing replay: the training forwards route as the sampler did
         packed = packed._replace(routing=models.actor.last_routing.to(device))
     with timer.phase("score"), torch.no_grad():

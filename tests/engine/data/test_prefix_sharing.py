@@ -14,7 +14,7 @@ from fusedrl.engine.stages.ppo.packs import concat_packs, pack_rollout
 from engine_testing import random_prompts
 from train_testing import save_tiny_model
 
-# Two groups of 3 answers of uneven lengths, plus a prompt answered once (a segment of its own).
+# Two groups of 3 answers of uneven lengths, plus a prompt answered once.
 PROMPT_LENGTHS = [5, 9, 4]
 ANSWER_LENGTHS = [[3, 7, 1], [4, 2, 6], [5]]
 
@@ -103,10 +103,10 @@ def test_selected_and_joined_packs_keep_their_groups():
     packed = pack_rollout(prompts, answers, "cpu", share_prompts=True)
     assert packed.prefix_groups == [0, 0, 0, 1, 1, 1, 2]
     assert packed.prompt_lens == [5] * 3 + [9] * 3 + [4]
-    # Rows of one group apart in the order still share; a row alone reads its prompt itself.
+    # Rows of one group apart in the order still share; a row alone is cut the same way.
     picked = packed.select([4, 0, 3, 6])
     layout = share_prefixes(picked)
-    assert layout.seqlens_q == [9, 2, 4, 8, 9] and layout.seqlens_k == [9, 11, 13, 8, 9]
+    assert layout.seqlens_q == [9, 2, 4, 5, 3, 4, 5] and layout.seqlens_k == [9, 11, 13, 5, 8, 4, 9]
     assert grouped_order([4, 0, 3, 6, 1], packed.prefix_groups) == [4, 3, 0, 1, 6]
     joined = concat_packs([packed.select([0, 1]), packed.select([3, 4])])
     assert joined.prefix_groups == [0, 0, 2, 2] and joined.forwarded_tokens == 5 + 3 + 7 + 9 + 4 + 2
