@@ -25,6 +25,22 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config dataclass."""
 
 
+class Loadable:
+    """What a stage's config class offers a Python caller: construction from a dict or a YAML file
+    (with `key=value` overrides), as the command line builds it."""
+
+    @classmethod
+    def from_dict(cls, data: dict, overrides: list[str] = ()):
+        """The config from nested dict `data` ({"optim": {"lr": 1e-5}}) and `key=value`
+        overrides."""
+        return from_dict(cls, apply_overrides(data, list(overrides)))
+
+    @classmethod
+    def from_yaml(cls, path, overrides: list[str] = ()):
+        """The config from YAML file `path` and `key=value` overrides (they win)."""
+        return load(cls, path, overrides)
+
+
 def from_dict(cls, data: dict, prefix: str = "", root=None):
     """Build dataclass `cls` (the section `prefix` of config `root`, by default itself) from a
     (nested) dict; missing keys keep their defaults."""
@@ -93,8 +109,19 @@ def _coerce(tp, value, key: str, root):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key, root)
+        inner = [a for a in args if a is not type(None)]
+        for tp_ in inner[:-1]:  # X | Y: the first type that takes the value (int before float)
+            try:
+                return _coerce(tp_, value, key, root)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(inner[-1], value, key, root)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise ConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
     if tp is float and isinstance(value, str):
         value = _float_or_text(value)
     ok = {bool: lambda v: isinstance(v, bool),
