@@ -4,7 +4,7 @@ group."""
 import torch
 
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
-from fusedrl.engine.data.loading import load_prompts
+from fusedrl.engine.data.prompts import load_prompts
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.stages.ppo.trainer import run_ppo
 from fusedrl.engine.train.runlog import read_metrics
@@ -49,7 +49,7 @@ def test_grpo_with_prefix_sharing_ends_where_whole_rows_end(tmp_path):
     # Both prompts in every iteration: the group's other 3 rows do not read their prompt again.
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     drawn = load_prompts(cfg.prompts_file, tokenizer, cfg.rollout.max_prompt_length, 128)[0]
-    prompt_tokens = sum(map(len, drawn))
+    prompt_tokens = sum(len(p.ids) for p in drawn)
     assert len(shared_metrics) == 3
     for a, b in zip(whole_metrics, shared_metrics):
         assert a["forwarded_tokens"] == a["row_tokens"]
