@@ -28,6 +28,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ... import kernels
+from ..data.prefix_sharing import share_prefixes
+from .activation_offload import ActivationOffload
 from .attention import AttentionMetadata, attention_step
 from .config import ModelConfig
 from .moe import SparseMoeBlock, trace_restorer
@@ -216,10 +218,22 @@ class CausalLM(nn.Module):
         self.rotary = RotaryTable(config)
         # Trainers set this to recompute each layer in backward (activation memory of one layer).
         self.gradient_checkpointing = False
+        # With checkpointing: the layers' saved inputs rest in CPU memory until the backward
+        # (activation_offload.py); offloaded_bytes counts what the forwards moved there.
+        self.activation_offload = False
+        self.offloaded_bytes = 0
         # True while the modules hold weights that stay put, whole, in place of FSDP's shards (the
         # persistent gathered buffers: inference/persistent_weights.py): the walk then enters the
         # root and the layers past FSDP's hooks, which would all-gather them.
         self.past_fsdp_hooks = False
+
+    def set_recompute(self, checkpointing: bool, offload: bool = False):
+        """train.gradient_checkpointing (each layer recomputed in backward) and, with it,
+        train.activation_offload (the layers' saved inputs in CPU memory until the backward)."""
+        if offload and not checkpointing:
+            raise ValueError("activation offload moves what checkpointed layers keep: it needs "
+                             "gradient checkpointing")
+        self.gradient_checkpointing, self.activation_offload = checkpointing, offload
 
     def tie_weights(self):
         """Share the embedding with the LM head when the config says so (re-run after `to_empty`)."""
@@ -264,7 +278,8 @@ class CausalLM(nn.Module):
         # A layer recomputed in backward routes as its forward did (a routing trace's replay).
         routing = trace_restorer(self) if recompute else None
         residual = None
-        with kernels.use_backend(backend):
+        offload = ActivationOffload() if recompute and self.activation_offload else None
+        with kernels.use_backend(backend), offload.hooks() if offload else contextlib.nullcontext():
             for layer in self.model.layers:
                 args = (x, residual, angles, attend, prims)
                 if recompute:
@@ -272,6 +287,9 @@ class CausalLM(nn.Module):
                         contextlib.nullcontext(), _both(kernels.use_backend(backend), routing())))
                 else:
                     x, residual = prims.enter(layer, *args)
+        if offload is not None:
+            self.offloaded_bytes += offload.bytes_moved
+        with kernels.use_backend(backend):
             return self.model.norm(x, residual, prims)[0]
 
     def check_input_ids(self, input_ids: torch.Tensor, name: str = "input_ids"):
@@ -309,6 +327,29 @@ class CausalLM(nn.Module):
             positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
         return self.entry()(input_ids, positions, meta)
 
+    def forward_rows(self, packed, layout=None):
+        """Hidden states of a PackedBatch's rows: (hidden [N', hidden], rows [M] of it predicting
+        the pack's targets, rows [S] holding each sequence's last token).
+
+        With packed.prefix_groups, the rows of a group read their prompt once (N' < N; layout:
+        engine/data/prefix_sharing.py's share_prefixes(packed), built here when not given); without,
+        forward_packed over the pack as it is (N' = N).
+        """
+        layout = layout or share_prefixes(packed)
+        if layout is None:
+            hidden = self.forward_packed(packed.input_ids, packed.seqlens, packed.positions,
+                                         packed.cu_seqlens)
+            last = torch.tensor(packed.seqlens, device=hidden.device).cumsum(0) - 1
+            return hidden, packed.target_rows, last
+        self.check_input_ids(packed.input_ids)
+        if max(layout.seqlens_k) > self.config.max_model_len:
+            raise ValueError(f"a sequence of {max(layout.seqlens_k)} tokens exceeds max_model_len "
+                             f"{self.config.max_model_len}")
+        ids, positions = (t.index_select(0, layout.token_index)
+                          for t in (packed.input_ids, packed.positions))
+        hidden = self.entry()(ids, positions, AttentionMetadata.shared(layout))
+        return hidden, layout.target_rows, layout.last_rows
+
     def compute_logits(self, hidden):
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""
         return self.lm_head(hidden).float()
@@ -333,4 +374,5 @@ def rebuild_as(model_cls: type, like: CausalLM, state: dict, strict: bool = True
     model.tie_weights()
     model.load_report = model.load_state_dict(state, strict=strict)
     model.gradient_checkpointing = like.gradient_checkpointing
+    model.activation_offload = like.activation_offload
     return model

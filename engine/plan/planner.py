@@ -51,7 +51,8 @@ def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda"
     # One process is refused train.optimizer_offload (engine/plan/check.py): nothing is offloaded.
     group = shard_group_size(cfg.train.data_parallel, gpus, cfg.train.shard_group_size, gpus_per_node or gpus)
     offload = cfg.train.optimizer_offload and gpus > 1
-    return Setup(stage, cfg, parts, gpus, group, dtype, offload, rules, gpu_memory)
+    return Setup(stage, cfg, parts, gpus, group, dtype, offload, rules, gpu_memory,
+                 fused=torch.device(device).type == "cuda")
 
 
 def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, device: str = "cuda",
@@ -96,6 +97,9 @@ def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
         out.append(("offload the optimizer state to CPU memory", ["train.optimizer_offload=true"], gpus))
     if not cfg.train.gradient_checkpointing:
         out.append(("recompute activations in backward", ["train.gradient_checkpointing=true"], gpus))
+    elif not cfg.train.activation_offload:
+        out.append(("keep the checkpointed layers' inputs in CPU memory",
+                    ["train.activation_offload=true"], gpus))
     if cfg.lora.rank == 0:
         # An MoE model's adapters go on attention only (lora.add_lora refuses MLP targets there).
         out.append(("train LoRA adapters only", ["lora.rank=64"] + (

@@ -230,7 +230,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
         distributed.shard(model, cfg.train.data_parallel, keep=list(lora.heads.values()) if lora is not None else [],
                           offload=cfg.train.optimizer_offload and lora is None, group_size=cfg.train.shard_group_size)
     model.train()
-    model.gradient_checkpointing = cfg.train.gradient_checkpointing
+    model.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
     steps = total_steps(train_ex, cfg)
     optimizer = optim.build_optimizer(model if lora is None else lora, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.optim, steps)

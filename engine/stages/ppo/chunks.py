@@ -14,10 +14,13 @@ from ...data.packing import PackedBatch, pack
 
 
 def pieces(packed: PackedBatch, budget: Optional[int]) -> list[PackedBatch]:
-    """The pack's rows, in order, in pieces of at most `budget` tokens (None: the pack itself)."""
-    if budget is None or sum(packed.seqlens) <= budget:
+    """The pack's rows, in order, in pieces of at most `budget` forwarded tokens (None: the pack
+    itself)."""
+    if budget is None or packed.forwarded_tokens <= budget:
         return [packed]
-    return [packed.select(rows) for rows in pack(packed.seqlens, budget, "tokens_per_forward")]
+    shared = (packed.prefix_groups, packed.prompt_lens)  # a shared prompt counts once
+    return [packed.select(rows)
+            for rows in pack(packed.seqlens, budget, "tokens_per_forward", shared)]
 
 
 def _join(outputs: list):

@@ -113,7 +113,11 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
             whiten=s.whiten_advantages, sum_over=ranks)
     rollout = Rollout(packed, mask, samples.sampler_logprobs, old_logp, ref_logp, old_values, scores, rewards,
                       advantages, returns)
-    metrics = rollout_metrics(rollout, kl, entropy, with_values, timer)
+    metrics = {**rollout_metrics(rollout, kl, entropy, with_values, timer),
+               # What one forward over the rows reads, each shared prompt once
+               # (train.prefix_sharing), and the rows' own tokens: their ratio is the saving.
+               **distributed.all_reduce_sum({"forwarded_tokens": packed.forwarded_tokens,
+                                             "row_tokens": sum(packed.seqlens)})}
     return Experience(rollout, {**metrics, "kl_coef": kl_coef, "dropped_rows": dropped["dropped_rows"]},
                       kl=metrics["kl"])
 

@@ -38,26 +38,33 @@ def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
 
 
 def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConfig, seed: int,
-                     timer: PhaseTimer, sources: list | None = None) -> Samples:
+                     timer: PhaseTimer, sources: list | None = None,
+                     share_prompts: bool = True) -> Samples:
     """r.samples_per_prompt responses per prompt from the policy's current weights (models.actor),
     sampled as `r` says, scored by models.score (and overlong-shaped); `seed` fixes the sampling;
     timed as "generate" and "score". sources: the prompts' rows (data/prompts.py PromptRow: the
-    prompt as the data holds it and its other columns), kept per row on the Samples."""
+    prompt as the data holds it and its other columns), kept per row on the Samples.
+    share_prompts (train.prefix_sharing): the pack's rows of one prompt read it once in every
+    forward."""
     params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
-    return score_samples(models, prompt_ids, responses, sampler_logprobs, r, timer, sources)
+    return score_samples(models, prompt_ids, responses, sampler_logprobs, r, timer, sources,
+                         share_prompts)
 
 
 def score_samples(models: PPOModels, prompt_ids: list[list[int]], responses: list[list[int]],
                   sampler_logprobs: torch.Tensor, r: RolloutConfig, timer: PhaseTimer,
-                  sources: list | None = None) -> Samples:
+                  sources: list | None = None, share_prompts: bool = True) -> Samples:
     """Generated rows (groups of r.samples_per_prompt; sampler_logprobs [sum of response lengths]
     fp32, row after row) packed and scored by models.score (and overlong-shaped); timed as
-    "score". sources: each group's prompt row (sample_and_score's), kept per row."""
+    "score". sources: each group's prompt row (sample_and_score's), kept per row. share_prompts:
+    see sample_and_score."""
     device = models.actor.llm.device  # where the policy runs (its resting shards may be in CPU memory)
-    packed = pack_rollout(prompt_ids, responses, device)
+    # A prompt answered once has nothing to share.
+    packed = pack_rollout(prompt_ids, responses, device,
+                          share_prompts=share_prompts and r.samples_per_prompt > 1)
     if models.actor.record_routing:  # routing replay: the training forwards route as the sampler did
         packed = packed._replace(routing=models.actor.last_routing.to(device))
     with timer.phase("score"), torch.no_grad():

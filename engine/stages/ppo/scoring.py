@@ -31,7 +31,7 @@ class RewardModelScorer:
         """Scores [S] of an already packed batch (the rollout's own pack: no second packing)."""
         off = self.critic_lora.disabled() if self.critic_lora is not None else contextlib.nullcontext()
         with off:
-            return self.rm.rewards(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
+            return self.rm.packed_rewards(packed)
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         packed = pack_sequences([(p, r, False) for p, r in zip(prompts, responses)],

@@ -164,7 +164,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
         raise UsageError("rollout.partial_rollouts=true with a mixture-of-experts policy and "
                          "rollout.routing_replay: not supported (a carried answer's routing "
                          "records do not carry); set either to false")
-    policy.gradient_checkpointing = cfg.train.gradient_checkpointing
+    policy.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
                                              shard=frozen).eval().requires_grad_(False)
@@ -214,7 +214,7 @@ def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callab
         start = "reward_model" if rm is not None else "lm"
         critic = load_value_model(cfg.reward_model or cfg.policy, dtype=dtype, device=device, shard=sharder,
                                   start=start)
-        critic.gradient_checkpointing = cfg.train.gradient_checkpointing
+        critic.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
         return critic.requires_grad_(True).train()
     if rm is not None:
         trunk, head = rm, distributed.plain(rm.score.weight.detach())
@@ -224,7 +224,7 @@ def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callab
         if distributed.is_main():
             print("fusedrl: critic_lora without a reward model: the critic starts from the policy and runs on a "
                   "frozen copy of its weights (a second decoder in memory)", file=sys.stderr)
-    trunk.gradient_checkpointing = cfg.train.gradient_checkpointing
+    trunk.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
     return LoRACritic(trunk, head, cfg.critic_lora).train()
 
 
@@ -350,7 +350,9 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
             samples, sampling_metrics = draw_samples(
                 lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state),
                 lambda batch, seed: sample_and_score(models, [p.ids for p in batch], cfg.rollout,
-                                                     seed, timer, sources=batch), cfg.rollout, seed)
+                                                     seed, timer, sources=batch,
+                                                     share_prompts=cfg.train.prefix_sharing),
+                cfg.rollout, seed)
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
                                   timer)
         metrics = {**experience.metrics, **sampling_metrics, "lr": schedules[0].get_last_lr()[0]}

@@ -28,6 +28,7 @@ from ...config.ppo import PPOConfig, UpdateConfig
 from ...model.moe import moe_blocks, routing_trace
 from ...train.router_losses import trace_losses
 from ...data.packing import pack
+from ...data.prefix_sharing import grouped_order
 from ... import distributed
 from ...train import optim, runlog
 from ....kernels import (aggregation_rule, importance_weights, kl_penalty, masked_mean, ppo_policy_loss,
@@ -114,12 +115,14 @@ def _global_total(units: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def microbatch_rows(seqlens: list[int], rows_per_microbatch: Optional[int],
-                    tokens_per_microbatch: Optional[int]) -> list[list[int]]:
+                    tokens_per_microbatch: Optional[int],
+                    shared: tuple[list[int], list[int]] = ([], [])) -> list[list[int]]:
     """A minibatch's rows (of these token counts) split into micro-batches, in order: packed up to
-    tokens_per_microbatch (PPOConfig checks that one row always fits), else rows_per_microbatch
-    rows each (None: all at once)."""
+    tokens_per_microbatch forwarded tokens (PPOConfig checks that one row always fits; shared: the
+    rows' prefix groups and prompt lengths, a prompt counted once per micro-batch), else
+    rows_per_microbatch rows each (None: all at once)."""
     if tokens_per_microbatch is not None:
-        return pack(seqlens, tokens_per_microbatch)
+        return pack(seqlens, tokens_per_microbatch, "tokens_per_microbatch", shared)
     size = rows_per_microbatch or len(seqlens)
     return [list(range(start, min(start + size, len(seqlens)))) for start in range(0, len(seqlens), size)]
 
@@ -145,7 +148,9 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
     units = {"policy": aggregation_units(kept, p.agg), "value": aggregation_units(batch.mask, p.agg),
              "token": batch.mask.sum(-1)}
     totals_of = {kind: _global_total(u) for kind, u in units.items()}
-    micros = microbatch_rows(batch.packed.seqlens, p.microbatch_size, p.tokens_per_microbatch)
+    packed = batch.packed
+    micros = microbatch_rows(packed.seqlens, p.microbatch_size, p.tokens_per_microbatch,
+                             (packed.prefix_groups, packed.prompt_lens))
     most = distributed.max_over_ranks(len(micros))  # agreed before the forwards (their collectives)
     left = iter(range(most - 1, -1, -1))  # micro-batch backwards left after each
 
@@ -274,7 +279,9 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: U
         stop = False
         for start, end in minibatch_bounds(rows, minibatch):
             optimizers.zero_grad()
-            stats = minibatch_backward(models, rollout.rows(order[start:end]), s, ptx_loss)
+            # A group's rows together: its micro-batches read its prompt once (prefix sharing).
+            rows_of = grouped_order(order[start:end], rollout.packed.prefix_groups)
+            stats = minibatch_backward(models, rollout.rows(rows_of), s, ptx_loss)
             norms = optimizers.clip_and_step(stats["loss"])
             host = runlog.host_values({**stats, "grad_norm": norms[0], "stepped": torch.isfinite(norms).all()})
             if not host.pop("stepped"):  # the step was skipped on the device
