@@ -213,7 +213,7 @@ def _as_option(error: ValueError) -> errors.UsageError:
 
 
 def _generate_tensor_parallel(args, prompts, params, device):
-    from .tensor_parallel import generate_tensor_parallel
+    from .parallel.tensor_parallel import generate_tensor_parallel
     return generate_tensor_parallel(args.model, prompts, params, args.tensor_parallel, device=device, dtype=args.dtype,
                                     use_tqdm=not args.no_progress, kv_cache_memory=args.kv_cache_memory,
                                     block_size=args.block_size)
@@ -377,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = getattr(args, "overrides", []) + extra
     try:
         code = args.run(args)
-        if "fusedrl.engine.distributed" in sys.modules:  # imported only by the commands that need torch
-            sys.modules["fusedrl.engine.distributed"].leave(code)
+        if "fusedrl.engine.parallel.distributed" in sys.modules:  # imported only by the commands that need torch
+            sys.modules["fusedrl.engine.parallel.distributed"].leave(code)
         return code
     except KeyboardInterrupt:
         if errors.debug_enabled(getattr(args, "debug", False)):

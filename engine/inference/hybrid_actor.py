@@ -31,12 +31,12 @@ import torch
 
 from ..errors import ConfigValueError
 from .llm import LLM
-from .persistent_weights import PersistentWeights
+from ..parallel.persistent_weights import PersistentWeights
 from .runner import kv_bytes_per_block
 from ..model.causal_lm import CausalLM
-from ..model.expert_parallel import gathered_experts
+from ..parallel.expert_parallel import gathered_experts
 from ..model.invariant import BatchInvariant
-from .. import distributed
+from ..parallel import distributed
 from .sampling_params import SamplingParams
 
 

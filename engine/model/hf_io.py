@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
 from ..errors import ConfigValueError, ModelError
-from .. import distributed
+from ..parallel import distributed
 from ..durable import written_whole
 from ..run_dir import write_marker
 from ..path_checks import CONFIG_FILE

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
+from ..parallel import distributed
 from ..config.lora import LoRAConfig
 from .weight_map import add_rows
 

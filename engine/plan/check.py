@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config.train import SFTConfig
-from ..distributed import local_world_size, shard_group_size
+from ..parallel.distributed import local_world_size, shard_group_size
 from ..errors import UsageError
 from .planner import plan_stage, slices_sharded
 from .report import refusal

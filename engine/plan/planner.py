@@ -20,8 +20,8 @@ from .model_bytes import ppo_models, supervised_models
 from .phases import MemoryPlan, Setup, host_optimizer_bytes, model_rows, plan_phases
 from .rules import TODAY, EngineRules
 from .units import format_bytes
-from ..tensor_parallel import check_tensor_parallel
-from ..distributed import shard_group_size
+from ..parallel.tensor_parallel import check_tensor_parallel
+from ..parallel.distributed import shard_group_size
 
 
 def stage_of(cfg) -> str:

@@ -29,11 +29,11 @@ from ..errors import NonFiniteError
 from ..model.hf_io import load_model
 from ..model.reward_model import RewardModel, load_reward_model, save_reward_model
 from ..train import adapters
-from ..distributed import is_main
+from ..parallel.distributed import is_main
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
-from ..tensor_parallel import training_sharder
+from ..parallel.tensor_parallel import training_sharder
 from ..train.supervised import Stage, check_context, train
 from .sft import target_nll_sum
 

@@ -17,7 +17,7 @@ from ..model.lm_head import lm_head_logprobs
 from ..train import adapters
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
-from ..tensor_parallel import training_sharder
+from ..parallel.tensor_parallel import training_sharder
 from ..train.router_losses import with_router_losses
 from ..train.supervised import Stage, check_context, train
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from .. import distributed
+from ..parallel import distributed
 from ..config.lora import LoRAConfig
 from ..model.hf_io import save_model
 from ..model.lora import LoRA, add_lora

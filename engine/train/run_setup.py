@@ -20,7 +20,7 @@ from .. import run_dir
 from ..errors import UsageError
 from ..model.hf_io import load_config, load_tokenizer
 from ..path_checks import check_model_path, check_paths
-from .. import distributed
+from ..parallel import distributed
 from .precision import param_dtype, resolve_precision
 
 

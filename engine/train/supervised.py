@@ -30,8 +30,8 @@ from ..config.train import DataConfig, StageConfig
 from ..data.packing import epoch_batches, pack
 from ..data.tokenization import TokenizedExample
 from ..errors import UsageError
-from .. import distributed
-from ..tensor_parallel import training_sharder
+from ..parallel import distributed
+from ..parallel.tensor_parallel import training_sharder
 from . import adapters, optim
 from .checkpoint import SavedModel, Trainables
 from .loop import RunPlan, run_training

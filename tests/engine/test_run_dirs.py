@@ -296,7 +296,7 @@ def test_two_fusedrl_runs_into_one_directory_the_second_is_refused_and_the_first
 
 CLAIM_ON_EVERY_RANK = """import os, sys
 from fusedrl.engine.config.train import TrainConfig
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.train import run_setup
 distributed.init_distributed("cpu", 60)
 # One os.write per line (atomic on a pipe): print's text and newline can interleave with the other rank's.

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ... import distributed
+from ...parallel import distributed
 from ...data.packing import PackedBatch, pack
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ... import distributed
+from ...parallel import distributed
 from ...config.ppo import PPOConfig
 from ...train import runlog
 from ....kernels import GROUP_ESTIMATORS, explained_variance, kl_penalty, masked_mean, masked_moments

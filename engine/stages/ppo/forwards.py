@@ -7,7 +7,7 @@ from typing import Callable, ContextManager
 
 import torch
 
-from ... import distributed
+from ...parallel import distributed
 from ...data.packing import PackedBatch
 from ...model.invariant import BatchInvariant
 from ...model.lm_head import lm_head_logprobs

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ... import distributed
+from ...parallel import distributed
 from ...config.ppo import RolloutConfig
 from ...inference.sampling_params import SamplingParams
 from .models import PPOModels

@@ -43,12 +43,12 @@ from ...model.reward_model import load_reward_model
 from ...model.causal_lm import CausalLM
 from ...model.peft_io import save_adapter
 from ...model.value_model import LoRACritic, load_value_model, save_value_model, shared_value_head
-from ... import distributed
+from ...parallel import distributed
 from ...train import adapters, optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
 from ...run_dir import releases_output_dir
-from ...tensor_parallel import training_sharder
+from ...parallel.tensor_parallel import training_sharder
 from ...train.run_setup import start_run
 from .experience import ExperienceSettings, make_rollout
 from .models import PPOModels

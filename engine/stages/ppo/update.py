@@ -23,7 +23,7 @@ from ...config.ppo import PPOConfig, UpdateConfig
 from ...model.moe import moe_blocks, routing_trace
 from ...train.router_losses import trace_losses
 from ...data.packing import pack
-from ... import distributed
+from ...parallel import distributed
 from ...train import optim, runlog
 from ....kernels import (aggregation_rule, importance_weights, kl_penalty, masked_mean, ppo_policy_loss,
                          ppo_value_loss)

@@ -7,12 +7,12 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.data.packing import pack_sequences
 from fusedrl.engine.inference.hybrid_actor import HybridActor
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.model.expert_parallel import shard_for_training
+from fusedrl.engine.parallel.expert_parallel import shard_for_training
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.moe import moe_blocks
 from fusedrl.engine.stages.sft import sft_loss

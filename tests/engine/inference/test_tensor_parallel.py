@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.model.hf_io import load_model, save_model
-from fusedrl.engine.tensor_parallel import check_tensor_parallel, interleave
+from fusedrl.engine.parallel.tensor_parallel import check_tensor_parallel, interleave
 from cli_testing import cli_error
 from dist_testing import RANK_THREADS, _fusedrl_command, check
 from train_testing import demonstrations, write_jsonl

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.inference.hybrid_actor import HybridActor
 from fusedrl.engine.inference.llm import LLM
@@ -14,7 +14,7 @@ from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.attention import AttentionMetadata, attention_step
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.primitives import FORWARD
-from fusedrl.engine.tensor_parallel import shard_tensor_parallel
+from fusedrl.engine.parallel.tensor_parallel import shard_tensor_parallel
 
 PROMPTS = [[11, 12, 13, 14, 15], [40, 41, 42], [100, 200, 150, 33, 34, 35, 36, 37, 38]]
 

@@ -14,7 +14,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.model.hf_io import load_model, save_model
 from fusedrl.engine.model.lora import add_lora

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.config.train import SFTConfig
-from fusedrl.engine.model.expert_parallel import gathered_experts
+from fusedrl.engine.parallel.expert_parallel import gathered_experts
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.moe import moe_blocks
 from fusedrl.engine.stages.sft import run_sft
-from fusedrl.engine.tensor_parallel import training_sharder
+from fusedrl.engine.parallel.tensor_parallel import training_sharder
 from engine_testing import random_prompts
 
 

@@ -2,7 +2,7 @@
 the even split of a global batch over ranks."""
 import torch
 
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
 
 
 def test_one_process_is_the_plain_program(monkeypatch):

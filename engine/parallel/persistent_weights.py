@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import distributed
-from ..model.expert_parallel import experts_run_locally
+from . import distributed
+from .expert_parallel import experts_run_locally
 
 
 @dataclass

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ConfigValueError
+from ..errors import ConfigValueError
 
 
 def init_distributed(device_type: str, timeout_s: float) -> None:

@@ -36,11 +36,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigValueError
-from .model.causal_lm import CausalLM, PackedProjection, Projection
-from .model.config import ModelConfig
-from .model.primitives import composed_norm_linear
-from .model.tensor_parallel_ops import from_ranks, to_ranks
+from ..errors import ConfigValueError
+from ..model.causal_lm import CausalLM, PackedProjection, Projection
+from ..model.config import ModelConfig
+from ..model.primitives import composed_norm_linear
+from .tensor_parallel_ops import from_ranks, to_ranks
 
 
 def fitting_sizes(world: int, config: ModelConfig) -> list[int]:
@@ -152,7 +152,7 @@ def training_sharder(train, device, keep: Callable[[nn.Module], list] = lambda m
     to CPU memory with `offload` (default train.optimizer_offload: a trained model's)."""
     from . import distributed
     if getattr(train, "expert_parallel", 1) > 1:
-        from .model.expert_parallel import shard_for_training
+        from .expert_parallel import shard_for_training
         device_type = torch.device(device).type
         return lambda model: shard_for_training(model, device_type, train.expert_parallel)
     offload = train.optimizer_offload if offload is None else offload
@@ -250,8 +250,8 @@ def generate_tensor_parallel(model_dir, prompts: list, params, t: int, *, device
     from pathlib import Path
 
     from . import distributed
-    from .inference.llm import LLM, directory_tokenizer
-    from .model.hf_io import load_config, load_model
+    from ..inference.llm import LLM, directory_tokenizer
+    from ..model.hf_io import load_config, load_model
 
     distributed.init_distributed(torch.device(device).type, timeout_s=600)
     world = distributed.world_size()

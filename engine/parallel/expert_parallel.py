@@ -32,7 +32,7 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
 from ... import kernels
-from .moe import SparseMoeBlock, moe_blocks
+from ..model.moe import SparseMoeBlock, moe_blocks
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def shard_for_training(model: nn.Module, device_type: str, experts: int) -> nn.M
     """train.expert_parallel = `experts` (dividing the world size): `model` (on the meta device,
     hf_io.load_model's `shard`) with its experts sharded over expert groups of that many ranks
     (replicated across the groups) and the rest sharded by FSDP2 over every rank around them."""
-    from .. import distributed
+    from . import distributed
     shard_experts(model, mesh=distributed.expert_mesh(device_type, experts))
     return distributed.shard(model, "shard", device_type, keep=[block.experts for block in moe_blocks(model)])
 
