@@ -213,7 +213,7 @@ def _as_option(error: ValueError) -> errors.UsageError:
 
 
 def _generate_tensor_parallel(args, prompts, params, device):
-    from .parallel.tensor_parallel import generate_tensor_parallel
+    from .inference.parallel_generate import generate_tensor_parallel
     return generate_tensor_parallel(args.model, prompts, params, args.tensor_parallel, device=device, dtype=args.dtype,
                                     use_tqdm=not args.no_progress, kv_cache_memory=args.kv_cache_memory,
                                     block_size=args.block_size)

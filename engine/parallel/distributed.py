@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import os
 import sys
 from collections import Counter
@@ -37,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ConfigValueError
+from .dims import ParallelDims
 
 
 def init_distributed(device_type: str, timeout_s: float) -> None:
@@ -121,7 +120,7 @@ _tensor = {"size": 1, "data_group": None}
 def tensor_groups(tensor_parallel) -> Iterator[None]:
     """Inside: the row helpers (rank_slice, data_world_size, all_reduce_sum, all_reduce_tensor,
     data_parallel_sum, gather_rows, own_rows) treat each tensor group of `tensor_parallel` (a
-    model's engine/tensor_parallel.TensorParallel, or None: nothing changes) as one data rank."""
+    model's engine/parallel/tensor_parallel.TensorParallel, or None: nothing changes) as one data rank."""
     if tensor_parallel is None:
         yield
         return
@@ -168,7 +167,7 @@ def all_reduce_tensor(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def average_replicated_gradients(optimizers) -> None:
     """Average over the ranks the gradients of the optimizers' parameters that FSDP does not shard
     (plain tensors every rank holds whole: LoRA adapters and their heads) and over the replicas the
-    gradients of expert-parallel experts (DTensors on expert_mesh: their replicas' mean); FSDP's own
+    gradients of expert-parallel experts (DTensors on the expert mesh: their replicas' mean); FSDP's own
     (other DTensors) are averaged in the backward already (tensor-parallel ones, LoRA's sliced
     adapters included, by TensorParallel.average_over_data). One flat all-reduce per group, device
     and dtype. Every rank must hold gradients for the same parameters (they ran the same forwards).
@@ -258,9 +257,9 @@ def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = No
     state 1/N per rank); "replicate": every rank keeps whole parameters and optimizer state and
     gradients are all-reduced (HSDP with a shard group of one rank), for models small enough;
     "hybrid": HSDP, full shard within each group of `group_size` consecutive ranks (one node's by
-    default: shard_group_size) and whole copies across the groups, whose gradients FSDP all-reduces
+    default: dims.shard_group_size) and whole copies across the groups, whose gradients FSDP all-reduces
     once per step (the one collective that crosses nodes); `mesh` given: over it instead (the data
-    dimension of engine/tensor_parallel.py's mesh). One process: the model as is. Works on
+    dimension of ParallelDims.mesh). One process: the model as is. Works on
     a model still on the meta device (engine/model/hf_io.load_model shards before it allocates):
     `device_type` then names the device it will live on.
     `keep`: modules whose parameters stay plain tensors every rank holds whole (the heads trained
@@ -275,7 +274,8 @@ def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = No
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     device_type = device_type or next(model.parameters()).device.type
-    mesh = mesh if mesh is not None else _mesh(device_type, shard_group_size(mode, world_size(), group_size))
+    if mesh is None:
+        mesh = ParallelDims.data_only(mode, world_size(), device_type, group_size).sub("data")
     if offload and keep:
         raise ValueError("offload: the kept (whole) modules would rest in CPU memory too; offload a model "
                          "without kept heads (a full fine-tune, a frozen model)")
@@ -297,22 +297,6 @@ def sharder(mode: str, device, keep: Callable[[nn.Module], list] = lambda model:
     return lambda model: shard(model, mode, device_type, keep(model), offload, group_size)
 
 
-def shard_group_size(mode: str, world: int, group_size: int = 0, local_world: Optional[int] = None) -> int:
-    """The ranks of one FSDP shard group in train.data_parallel `mode` on `world` ranks: shard: all of
-    them; replicate: 1; hybrid: `group_size` (train.shard_group_size), 0 meaning one node's ranks
-    (`local_world`, default local_world_size()), since torchrun numbers the ranks node by
-    node: a group of consecutive ranks is one node's. A ConfigValueError unless it divides `world`."""
-    if mode != "hybrid":
-        return 1 if mode == "replicate" else world
-    size = group_size or (local_world_size() if local_world is None else local_world)
-    if size < 1 or world % size:
-        given = (f"train.shard_group_size={size}" if group_size else
-                 f"train.shard_group_size=0 (one node's ranks: torchrun's LOCAL_WORLD_SIZE={size})")
-        raise ConfigValueError(f"{given} with train.data_parallel=hybrid: expected a size dividing the {world} ranks "
-                               "(set train.shard_group_size to one)")
-    return size
-
-
 def shard_units(model: nn.Module, keep=()) -> list[nn.Module]:
     """The modules `shard` makes FSDP units, inner ones first and `model` (the root unit) last:
     each decoder layer, then each module holding parameters of another dtype than the rest (an
@@ -324,31 +308,6 @@ def shard_units(model: nn.Module, keep=()) -> list[nn.Module]:
            if not any(module is k for k in keep)
            and any(p.dtype != main_dtype for p in module.parameters(recurse=False))]
     return layers + odd + [model]
-
-
-@functools.cache
-def _mesh(device_type: str, group: int):
-    """One device mesh per job and shard group size: the models' DTensors must share it (e.g. to
-    clip the policy's and the shared value head's gradients together). Every rank one group: the 1-D
-    mesh (full shard); else FSDP2's HSDP mesh (world / group, group): rank r holds shard r % group
-    in shard group r // group (its node), a copy of the ranks at the same place in the other
-    groups (a group of 1: whole copies)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    if group == world_size():
-        return init_device_mesh(device_type, (world_size(),))
-    return init_device_mesh(device_type, (world_size() // group, group), mesh_dim_names=("replicate", "shard"))
-
-
-@functools.cache
-def expert_mesh(device_type: str, experts: int):
-    """The (world / experts) x experts mesh of expert parallelism (model/expert_parallel.py), dims
-    ("expert_replica", "expert"): expert groups of `experts` consecutive ranks along "expert", the
-    replicas of one expert shard along "expert_replica"."""
-    if world_size() % experts:
-        raise ValueError(f"expert groups of {experts} ranks do not divide the world size {world_size()}")
-    from torch.distributed.device_mesh import init_device_mesh
-    return init_device_mesh(device_type, (world_size() // experts, experts),
-                            mesh_dim_names=("expert_replica", "expert"))
 
 
 def all_reduce_in_backward(model: nn.Module, now: bool) -> None:

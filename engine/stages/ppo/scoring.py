@@ -53,7 +53,7 @@ def score_rows(score: Scorer, prompts: list[list[int]], responses: list[list[int
 def function_scorer(fn: Callable, tokenizer, name: str, timeout_s: float, tensor_parallel=None) -> Scorer:
     """Scores from a Python function of the decoded texts: fn(prompts, responses) -> list of floats,
     contained (engine/stages/reward_fn.py). `name` (e.g. reward_fn's 'module:function') names it in
-    errors; `timeout_s` bounds one call. tensor_parallel (the policy's engine/tensor_parallel
+    errors; `timeout_s` bounds one call. tensor_parallel (the policy's engine/parallel/tensor_parallel
     TensorParallel, whose ranks hold the same rows): only its first rank calls fn, and every rank
     takes its scores, so the group agrees even with a reward function that is not deterministic."""
     def call(prompts, responses):

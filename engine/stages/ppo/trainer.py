@@ -14,7 +14,7 @@ Under torchrun every model is sharded (train.data_parallel) except the adapted o
 the shared value head with lora, the LoRA critic and its trunk with critic_lora are whole on every
 rank, their adapters' gradients averaged over the ranks. Each rank samples its own
 rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); with
-train.tensor_parallel=T every model is laid out for T tensor ranks instead (training_sharder) and a
+train.tensor_parallel=T every model is laid out for T tensor ranks instead (engine/parallel/layout.py) and a
 tensor group samples, scores and trains the same rows in lockstep, one data rank of world_size / T
 (distributed.tensor_groups); see
 experience.py and update.py; what carries from one iteration to the next, state.py.
@@ -48,7 +48,9 @@ from ...train import adapters, optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
 from ...run_dir import releases_output_dir
-from ...parallel.tensor_parallel import training_sharder
+from ...parallel.dims import ParallelDims
+from ...parallel.layout import layout, laying_out
+from ...plan.check import refuse_unfit
 from ...train.run_setup import start_run
 from .experience import ExperienceSettings, make_rollout
 from .models import PPOModels
@@ -123,34 +125,21 @@ def resolve_reward_fn(cfg: PPOConfig, reward_fn: Optional[Callable]) -> Callable
     return fn
 
 
-def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_fn: Optional[Callable]
-                 ) -> PPOModels:
+def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_fn: Optional[Callable],
+                 dims: Optional[ParallelDims] = None) -> PPOModels:
     """Policy (trainable, shared with the actor), frozen reference, critic and scorer, with
     parameters in `dtype` (train.precision; the critic's value head stays fp32). With lora.rank > 0
     the policy's weights are frozen under adapters and no reference model is loaded; with
     critic_lora.rank > 0 the critic is adapters on the reward model's frozen decoder (build_critic).
     Under torchrun each model is sharded on the meta device and each rank reads only its shards
     (hf_io.load_model); a LoRA-adapted base too, its adapters and heads whole on every rank (but
-    tensor-parallel, where the adapters are sliced like their base's weights)."""
-    mode, lora_run = cfg.train.data_parallel, cfg.lora.enabled
-    group = cfg.train.shard_group_size  # train.data_parallel=hybrid: the ranks of a shard group
-    # train.optimizer_offload: the fully trained models' shards (and so their optimizer state) rest in
-    # CPU memory; train.frozen_offload: the reference's and the reward model's (unless it is the
-    # critic_lora trunk, trained through). A LoRA base has no optimizer state to offload. At
-    # train.tensor_parallel > 1 every model is laid out for the tensor ranks (offloaded where its slices
-    # are sharded over the data groups: check.py);
-    # at train.expert_parallel > 1 the policy's experts are sharded over the ranks, the rest by FSDP.
-    policy_sharder = training_sharder(cfg.train, device)
-    # An adapted base (frozen, its adapters beside it): FSDP over the ranks, or at train.tensor_parallel
-    # > 1 the tensor layout (copies across the data groups), the adapters then sliced like the weights
-    # they adapt (model/lora.py).
-    sharder = (training_sharder(cfg.train, device, data_shard=False) if cfg.train.tensor_parallel > 1
-               else distributed.sharder(mode, device, group_size=group))
-    trained = policy_sharder if cfg.train.expert_parallel == 1 else distributed.sharder(
-        mode, device, offload=cfg.train.optimizer_offload, group_size=group)
-    frozen = (training_sharder(cfg.train, device, offload=cfg.train.frozen_offload) if cfg.train.tensor_parallel > 1
-              else distributed.sharder(mode, device, group_size=group, offload=cfg.train.frozen_offload))
-    policy = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder if lora_run else policy_sharder)
+    tensor-parallel, where the adapters are sliced like their base's weights). Each model is laid
+    out for its role over `dims` (default: from cfg.train; engine/parallel/layout.py)."""
+    lora_run = cfg.lora.enabled
+    dims = dims or ParallelDims.from_train(cfg.train, distributed.world_size(), torch.device(device).type)
+    sharder, frozen = laying_out("adapted", dims), laying_out("frozen", dims)
+    policy = load_model(cfg.policy, dtype=dtype, device=device,
+                        shard=sharder if lora_run else laying_out("trained", dims))
     if policy.config.moe is not None and cfg.rollout.exact:
         raise UsageError(f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is not "
                          "supported: its expert GEMMs have no batch-invariant mode; set rollout.exact=false "
@@ -166,19 +155,19 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
                                shard=sharder if rm_is_trunk else frozen).eval().requires_grad_(False)
     critic = value_head = None  # critic="none": a group estimator needs no values
     if cfg.critic == "separate":
-        critic = build_critic(cfg, rm, device, dtype, sharder if cfg.critic_lora.enabled else trained)
+        critic = build_critic(cfg, rm, device, dtype,
+                              sharder if cfg.critic_lora.enabled else laying_out("critic", dims))
     elif cfg.critic == "shared":
         value_head = shared_value_head(policy)
-        # Beside adapters, or beside a tensor-parallel trunk (whose hidden states every tensor rank
-        # holds whole), a replicated head, its gradients averaged (optim.clip_and_step).
-        if not lora and cfg.train.tensor_parallel == 1:
-            distributed.shard(value_head, mode, group_size=group)
+        # Beside adapters a replicated head, its gradients averaged (optim.clip_and_step).
+        if not lora:
+            layout(value_head, "head", dims)
     if rm is not None:
         score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)
     else:
         fn = resolve_reward_fn(cfg, reward_fn)
         score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"),
-                                cfg.reward.fn_timeout_s, getattr(policy, "tensor_parallel", None))
+                                cfg.reward.fn_timeout_s, policy.tensor_parallel)
     actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory, device=device,
                         release_kv_pool=cfg.rollout.release_kv_pool,
                         persistent_weights=cfg.rollout.persistent_weights,
@@ -222,19 +211,16 @@ def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, lis
     critic_opt = None
     if models.critic is not None:
         critic_opt = optim.build_optimizer(models.critic, dataclasses.replace(cfg.optim, lr=cfg.critic_lr or cfg.optim.lr))
-    opts = Optimizers(policy_opt, critic_opt, cfg.optim.max_grad_norm,
-                      getattr(models.policy, "tensor_parallel", None))
+    opts = Optimizers(policy_opt, critic_opt, cfg.optim.max_grad_norm, models.policy.tensor_parallel)
     schedules = [optim.build_scheduler(o, cfg.optim, cfg.train.iterations) for o in opts.all()]
     return opts, schedules
 
 
-def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, device, dtype) -> Trainables:
+def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, device, dtype,
+               dims: ParallelDims) -> Trainables:
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
-    optimizers and their schedules."""
-    sharder = training_sharder(cfg.train, device)  # the policy's layout (tensor or expert ranks, else FSDP)
-    critic_sharder = sharder if cfg.train.expert_parallel == 1 else distributed.sharder(
-        cfg.train.data_parallel, device, offload=cfg.train.optimizer_offload,
-        group_size=cfg.train.shard_group_size)  # experts: the policy's alone
+    optimizers and their schedules; a saved model loads laid out over `dims` for its role."""
+    sharder, critic_sharder = laying_out("trained", dims), laying_out("critic", dims)
     saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device,
                                                                        shard=sharder))}
              if models.lora is None else {"policy_adapter": adapters.saved_adapter(models.lora)})
@@ -268,19 +254,19 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
     """
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
-                    kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg)
+                    kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg, check=refuse_unfit)
     device, tokenizer = run.device, run.tokenizer
     if cfg.reward_model is None:  # resolved now: a wrong reward_fn is a usage error before any model loads
         reward_fn = resolve_reward_fn(cfg, reward_fn)
     prompts, truncated = load_prompts(cfg.prompts_file, tokenizer, cfg.rollout.max_prompt_length,
                                       run.configs["policy"].max_model_len, cfg.rollout.truncate_prompts)
-    models = build_models(cfg, device, run.dtype, tokenizer, reward_fn)
+    models = build_models(cfg, device, run.dtype, tokenizer, reward_fn, run.dims)
     opts, schedules = build_optimizers(models, cfg)
     state = PPOState(kl_coef=cfg.reward.kl_coef)
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations, eval_every=cfg.train.log_every)
     # A tensor group's ranks hold the same rows: the row helpers reduce over the data ranks only.
-    with distributed.tensor_groups(getattr(models.policy, "tensor_parallel", None)):
-        run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype), state,
+    with distributed.tensor_groups(models.policy.tensor_parallel):
+        run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype, run.dims), state,
                      iteration_step(cfg, models, opts, schedules, prompts,
                                     ptx_loss(cfg, tokenizer, models.policy, device), device),
                      evaluate=None if evaluate is None else lambda: evaluate(models),

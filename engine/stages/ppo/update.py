@@ -65,7 +65,7 @@ class UpdateResult:
 @dataclass
 class Optimizers:
     """The policy's optimizer (and the shared value head's params) and the separate critic's;
-    tensor_parallel: the policy's engine/tensor_parallel.TensorParallel at train.tensor_parallel > 1
+    tensor_parallel: the policy's engine/parallel/tensor_parallel.TensorParallel at train.tensor_parallel > 1
     (every model on the same tensor ranks), else None."""
     policy: torch.optim.Optimizer
     critic: Optional[torch.optim.Optimizer]

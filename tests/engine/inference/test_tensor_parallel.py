@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.model.hf_io import load_model, save_model
-from fusedrl.engine.parallel.tensor_parallel import check_tensor_parallel, interleave
+from fusedrl.engine.parallel.tensor_parallel import interleave
+from fusedrl.engine.parallel.validate import check_tensor_parallel
 from cli_testing import cli_error
 from dist_testing import RANK_THREADS, _fusedrl_command, check
 from train_testing import demonstrations, write_jsonl
@@ -60,7 +61,7 @@ def test_a_size_that_does_not_fit_names_those_that_do(model_dirs):
     config = load_model(model_dirs["qwen2"][0]).config  # 2 key/value heads
     with pytest.raises(ConfigValueError, match=r"--tensor-parallel=4: .* 4 ranks .* 2 key/value heads .* these fit: "
                                                r"\[1, 2\]$"):
-        check_tensor_parallel(4, 4, config)
+        check_tensor_parallel(4, 4, config, "--tensor-parallel")
     check_tensor_parallel(2, 4, config)
 
 
@@ -70,7 +71,7 @@ def test_what_does_not_train_tensor_parallel_is_refused_in_one_line(qwen2_dir, t
               "data.max_length=64", "data.max_prompt_length=32", "data.tokens_per_batch=128", "train.tensor_parallel=2"]
     code, err = cli_error(["sft", *common, "lora.rank=4", "lora.dropout=0.1"], capsys)
     assert (code, err) == (2, "fusedrl sft: train.tensor_parallel=2 with lora.dropout=0.1: not supported "
-                              "tensor-parallel yet (SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)\n")
+                              "tensor-parallel (SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)\n")
     code, err = cli_error(["sft", *common], capsys)  # one process: no tensor ranks
     assert code == 2 and err.startswith("fusedrl sft: train.tensor_parallel=2: expected a size dividing the 1 ranks")
     assert err.count("\n") == 1

@@ -18,7 +18,8 @@ from fusedrl.engine.parallel.expert_parallel import gathered_experts
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.moe import moe_blocks
 from fusedrl.engine.stages.sft import run_sft
-from fusedrl.engine.parallel.tensor_parallel import training_sharder
+from fusedrl.engine.parallel.dims import ParallelDims
+from fusedrl.engine.parallel.layout import laying_out
 from engine_testing import random_prompts
 
 
@@ -27,7 +28,7 @@ def main(config_path: str, out: Path) -> None:
     cfg = config_io.load(SFTConfig, config_path)
     final = run_sft(cfg)
     rank, experts = distributed.rank(), cfg.train.expert_parallel
-    model = load_model(final, dtype=torch.float32, shard=training_sharder(cfg.train, "cpu"))
+    model = load_model(final, dtype=torch.float32, shard=laying_out("trained", ParallelDims.from_train(cfg.train, distributed.world_size(), "cpu")))
     whole = load_model(final, dtype=torch.float32)
     local_rows = []
     for block, reference in zip(moe_blocks(model), moe_blocks(whole)):

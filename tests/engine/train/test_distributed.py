@@ -3,6 +3,8 @@ the even split of a global batch over ranks."""
 import torch
 
 from fusedrl.engine.parallel import distributed
+from fusedrl.engine.parallel.dims import ParallelDims
+from fusedrl.engine.parallel.layout import layout
 
 
 def test_one_process_is_the_plain_program(monkeypatch):
@@ -17,7 +19,7 @@ def test_one_process_is_the_plain_program(monkeypatch):
     assert distributed.all_reduce_sum({"tokens": 3, "nll": 1.5}) == {"tokens": 3, "nll": 1.5}
     assert distributed.all_gather(7) == [7] and distributed.broadcast("x") == "x"
     distributed.reshard(model)  # nothing to reshard
-    assert distributed.sharder("shard", "cpu")(model) is model and type(model.weight) is torch.nn.Parameter
+    assert layout(model, "trained", ParallelDims()) is model and type(model.weight) is torch.nn.Parameter
 
 
 def test_each_rank_takes_its_own_run_of_the_global_batch(monkeypatch):

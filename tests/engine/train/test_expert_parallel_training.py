@@ -21,7 +21,7 @@ from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, _gr
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.model.hf_io import load_model, save_model
-from fusedrl.engine.plan.check import refuse_expert_parallel
+from fusedrl.engine.parallel.validate import refuse_expert_parallel
 from fusedrl.engine.plan.phases import weight_bytes
 from fusedrl.engine.plan.planner import stage_setup
 from fusedrl.engine.stages.sft import run_sft
