@@ -223,6 +223,8 @@ class CausalLM(nn.Module):
         # The tensor group this model's weights are sliced over (engine/parallel/layout.py sets it:
         # a TensorParallel), whose primitives the walk runs on the local slices; None: whole weights.
         self.tensor_parallel = None
+        # Whether its FSDP2 shards rest in CPU memory (engine/parallel/distributed.shard's offload).
+        self.offloaded = False
 
     def tie_weights(self):
         """Share the embedding with the LM head when the config says so (re-run after `to_empty`)."""
