@@ -1,23 +1,17 @@
 """Expert parallelism on 2 gloo ranks equals one process: each rank's outputs are the one process's on
 its pack, each rank's expert gradients the one process's over both packs, and the ranks' router
 gradients sum to the one process's (what data parallelism's all-reduce adds)."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from fusedrl.engine.model.moe import moe_blocks
-from dist_testing import rank_threads
+from dist_testing import rank_threads, run_ranks
 from ep_worker import pack, tiny_model
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             str(Path(__file__).with_name("ep_worker.py")), str(tmp_path)],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = run_ranks(Path(__file__).with_name("ep_worker.py"), tmp_path)
     assert result.returncode == 0, result.stderr[-6000:]
     ranks = [torch.load(tmp_path / f"rank-{r}.pt") for r in range(2)]
     with rank_threads():
