@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import UsageError
 from .aliases import meaning_of
 from .fields import choices
 
@@ -79,8 +80,8 @@ def _did_you_mean(root, fields, prefix: str, key: str) -> str:
 
 
 def _coerce(tp, value, key: str, root):
-    """Check `value` against type hint `tp` (int, float, bool, str, Literal[...], X | None, or a
-    dataclass of config `root`)."""
+    """Check `value` against type hint `tp` (int, float, bool, str, Literal[...], X | None, list[X],
+    or a dataclass of config `root`)."""
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, f"{key}.", root)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -95,6 +96,10 @@ def _coerce(tp, value, key: str, root):
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, key, root)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+        return [_coerce(args[0], item, f"{key}[{i}]", root) for i, item in enumerate(value)]
     if tp is float and isinstance(value, str):
         value = _float_or_text(value)
     ok = {bool: lambda v: isinstance(v, bool),
@@ -141,10 +146,48 @@ def _deep_copy(data: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
-def load(cls, path=None, overrides: list[str] = ()):
-    """`cls` from an optional YAML file plus `key=value` overrides (overrides win)."""
-    data = {} if path is None else read_yaml(path)
-    return from_dict(cls, apply_overrides(data, list(overrides)))
+def load(cls, path=None, overrides: list[str] = (), fill: dict | None = None):
+    """`cls` from an optional YAML file plus `key=value` overrides (overrides win); `fill`: {dotted
+    key: text} set where the file and the overrides leave that key empty."""
+    data = apply_overrides({} if path is None else read_yaml(path), list(overrides))
+    data = apply_overrides(data, [f"{key}={text}" for key, text in (fill or {}).items() if not _has(data, key)])
+    return from_dict(cls, data)
+
+
+def _has(data: dict, dotted: str) -> bool:
+    """Whether nested dict `data` holds a non-empty value at `dotted`."""
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return bool(node)
+
+
+def command_config(cls, path, overrides: list[str], fill: dict | None = None):
+    """`load` for a command (every fusedrl command reads its config so): a bad file, key or value is
+    a one-line UsageError naming it."""
+    try:
+        return load(cls, path, overrides, fill)
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError, as are the dataclasses' checks
+        raise UsageError(str(e) if not isinstance(e, OSError) else f"--config {path}: {e.strerror}") from e
+
+
+def print_config(config) -> int:
+    """--print-config: the resolved config (file, overrides and the command's defaults) as YAML."""
+    print(to_yaml(config), end="")
+    return 0
+
+
+OPTIONS_EPILOG = """options (YAML keys; nested sections as dotted overrides, e.g. optim.lr=2e-5):
+{options}
+
+Values are YAML scalars: 1e-4, true, null, "a string". Overrides win over the file."""
+
+
+def options_epilog(cls) -> str:
+    """A command's --help epilog: every option of config class `cls` (describe)."""
+    return OPTIONS_EPILOG.format(options="\n".join(describe(cls)))
 
 
 def read_yaml(path) -> dict:

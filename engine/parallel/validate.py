@@ -14,7 +14,7 @@ from ..model.config import ModelConfig
 from .dims import shard_group_size
 
 
-def validate(cfg, gpus: int) -> None:
+def validate(cfg, gpus: int, gpus_per_node: int | None = None) -> None:
     """UsageError (exit 2) when stage config `cfg` combines parallel options the engine does not
     run on `gpus` ranks: train.optimizer_offload or train.frozen_offload in one process (they are
     FSDP2's CPU offload of sharded state), train.optimizer_offload beside LoRA adapters or copied
@@ -22,7 +22,8 @@ def validate(cfg, gpus: int) -> None:
     (tensor_parallel_gaps) or beside train.data_parallel=hybrid, train.expert_parallel beside what it
     does not run with (refuse_expert_parallel), rollout.persistent_weights where nothing is gathered
     (one process, tensor slices copied), and train.data_parallel=hybrid with a shard group that does
-    not divide the ranks (ConfigValueError)."""
+    not divide the ranks (ConfigValueError; a node holds `gpus_per_node` of them, default torchrun's
+    LOCAL_WORLD_SIZE)."""
     train, t = cfg.train, cfg.train.tensor_parallel
     if train.optimizer_offload and gpus == 1:
         raise UsageError("train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
@@ -52,7 +53,7 @@ def validate(cfg, gpus: int) -> None:
                          f"expected torchrun at train.tensor_parallel=1, or tensor slices sharded over the data groups "
                          f"(got {where}, which gathers nothing)")
     # train.data_parallel=hybrid: a shard group (one node's ranks unless train.shard_group_size) dividing the ranks.
-    shard_group_size(train.data_parallel, gpus, train.shard_group_size)
+    shard_group_size(train.data_parallel, gpus, train.shard_group_size, gpus_per_node)
 
 
 def check_models(train, world: int, configs: dict) -> None:

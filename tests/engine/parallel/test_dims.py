@@ -1,0 +1,42 @@
+"""ParallelDims: the named dimensions a run's `train` section and world size give, and their checks."""
+import pytest
+
+from fusedrl.engine.config.ppo import LoopConfig
+from fusedrl.engine.errors import ConfigValueError
+from fusedrl.engine.parallel.dims import ParallelDims
+
+
+def dims(world, local_world=None, **train):
+    return ParallelDims.from_train(LoopConfig(**train), world, "cpu", local_world)
+
+
+def test_data_parallel_modes_name_their_dimensions():
+    shard, replicate = dims(8), dims(8, data_parallel="replicate")
+    hybrid = dims(8, local_world=4, data_parallel="hybrid")
+    assert (shard.data_replicate, shard.data_shard, shard.names()) == (1, 8, (("shard",), (8,)))
+    assert (replicate.data_replicate, replicate.data_shard) == (8, 1)
+    assert replicate.names() == (("replicate", "shard"), (8, 1))
+    assert hybrid.names() == (("replicate", "shard"), (2, 4))  # one node's ranks shard, the nodes replicate
+    assert dims(8, data_parallel="hybrid", shard_group_size=2).names() == (("replicate", "shard"), (4, 2))
+
+
+def test_tensor_and_expert_dimensions():
+    sharded, copied = dims(8, tensor_parallel=2), dims(8, tensor_parallel=2, data_parallel="replicate")
+    assert (sharded.tensor, sharded.data, sharded.data_shard, sharded.context) == (2, 4, 4, 1)
+    assert (copied.data_replicate, copied.data_shard) == (4, 1)
+    assert sharded.names() == copied.names() == (("data", "tensor"), (4, 2))
+    experts = dims(8, expert_parallel=4)
+    assert (experts.expert, experts.data_shard) == (4, 8)
+    assert experts.names() == (("expert_replica", "expert"), (2, 4))
+
+
+def test_offloads_and_the_device_ride_along():
+    d = dims(4, optimizer_offload=True)
+    assert (d.optimizer_offload, d.frozen_offload, d.device_type, d.world) == (True, False, "cpu", 4)
+
+
+def test_dimensions_whose_product_is_not_the_world_are_refused():
+    with pytest.raises(ValueError, match=r"parallel dimensions 1 x 3 x 1 x 2 .* on 8 ranks"):
+        ParallelDims(8, data_shard=3, tensor=2)
+    with pytest.raises(ConfigValueError, match=r"^train.shard_group_size=3 with train.data_parallel=hybrid"):
+        dims(8, data_parallel="hybrid", shard_group_size=3)
