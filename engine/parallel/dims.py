@@ -136,8 +136,8 @@ def sub_mesh(device_type: str, sizes: tuple[int, ...], names: tuple[str, ...], n
     """ParallelDims.sub of the mesh of `sizes` along `names`, one object per name (the optimizer
     groups DTensors by their mesh)."""
     mesh = device_mesh(device_type, sizes, names)
-    if name != "data" or names in (("data", "tensor"), ("shard",)):
+    if name != "data" or names == ("data", "tensor"):
         return mesh if names == (name,) else mesh[name]
-    if names == ("replicate", "shard"):
+    if names in (("shard",), ("replicate", "shard")):  # FSDP2's full shard, or HSDP over both
         return mesh
     return mesh._flatten("data")  # the experts' (replica, expert) ranks: FSDP2 over every rank around them

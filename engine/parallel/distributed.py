@@ -30,6 +30,7 @@ import datetime
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -110,57 +111,49 @@ def all_gather(value) -> list:
     return out
 
 
-# Tensor parallelism in a stage whose rows are per data rank (PPO/GRPO): the T ranks of a tensor
-# group hold the same rows, so the row reductions below (sums, gathers, row slices) run over the
-# data dimension only, one rank of each tensor group. Set by `tensor_groups`; T = 1 outside it.
-_tensor = {"size": 1, "data_group": None}
+@dataclass(frozen=True)
+class DataRanks:
+    """The ranks that hold different rows, the ones the row helpers below (sums, gathers, row
+    slices) reduce over: every rank (WORLD), or in a stage whose rows are per data rank (PPO/GRPO) at
+    tensor parallelism one rank of each tensor group, whose `tensor` consecutive ranks hold the same
+    rows: those then reduce over `group`, the data dimension's process group
+    (engine/parallel/tensor_parallel.TensorParallel.data_ranks)."""
+
+    tensor: int = 1
+    group: object = None
+
+    def size(self) -> int:
+        """The data ranks: world_size() / T, each holding its own rows."""
+        return world_size() // self.tensor
+
+    def rank(self) -> int:
+        return rank() // self.tensor
 
 
-@contextlib.contextmanager
-def tensor_groups(tensor_parallel) -> Iterator[None]:
-    """Inside: the row helpers (rank_slice, data_world_size, all_reduce_sum, all_reduce_tensor,
-    data_parallel_sum, gather_rows, own_rows) treat each tensor group of `tensor_parallel` (a
-    model's engine/parallel/tensor_parallel.TensorParallel, or None: nothing changes) as one data rank."""
-    if tensor_parallel is None:
-        yield
-        return
-    _tensor.update(size=tensor_parallel.size, data_group=tensor_parallel.data_group)
-    try:
-        yield
-    finally:
-        _tensor.update(size=1, data_group=None)
+WORLD = DataRanks()
 
 
-def data_world_size() -> int:
-    """The data ranks: world_size() / T (tensor_groups), each holding its own rows."""
-    return world_size() // _tensor["size"]
-
-
-def data_rank() -> int:
-    return rank() // _tensor["size"]
-
-
-def all_reduce_sum(values: dict) -> dict:
-    """Per-key sums over the (data) ranks of a dict of numbers (every rank passes the same keys), in
+def all_reduce_sum(values: dict, ranks: DataRanks = WORLD) -> dict:
+    """Per-key sums over the (data) `ranks` of a dict of numbers (every rank passes the same keys), in
     float64 so counts stay exact; ints come back as ints."""
-    if data_world_size() == 1:
+    if ranks.size() == 1:
         return dict(values)
     keys = sorted(values)
     buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(buf, group=_tensor["data_group"])
+    dist.all_reduce(buf, group=ranks.group)
     return {k: int(v) if isinstance(values[k], int) else v for k, v in zip(keys, buf.tolist())}
 
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
-def all_reduce_tensor(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """x [...] summed (or max-ed, min-ed) over the (data) ranks, as a new tensor on x's device
+def all_reduce_tensor(x: torch.Tensor, op: str = "sum", ranks: DataRanks = WORLD) -> torch.Tensor:
+    """x [...] summed (or max-ed, min-ed) over the (data) `ranks`, as a new tensor on x's device
     (reduced there: NCCL for CUDA, gloo for CPU; no host copy, no host sync)."""
-    if data_world_size() == 1:
+    if ranks.size() == 1:
         return x.clone()
     out = x.detach().clone()
-    dist.all_reduce(out, op=_REDUCE_OPS[op], group=_tensor["data_group"])
+    dist.all_reduce(out, op=_REDUCE_OPS[op], group=ranks.group)
     return out
 
 
@@ -196,15 +189,15 @@ def average_replicated_gradients(optimizers) -> None:
             g.copy_(part.view_as(g))
 
 
-def min_over_ranks(n: int) -> int:
-    """The smallest of every rank's `n` (a host number: reduced on the CPU by gloo): what all ranks
-    can do alike (e.g. rows each rank keeps)."""
-    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), op="min")) if world_size() > 1 else n
+def min_over_ranks(n: int, ranks: DataRanks = WORLD) -> int:
+    """The smallest of every (data) rank's `n` (a host number: reduced on the CPU by gloo): what all
+    ranks can do alike (e.g. rows each rank keeps)."""
+    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), "min", ranks)) if world_size() > 1 else n
 
 
-def max_over_ranks(n: int) -> int:
-    """The largest of every rank's `n` (a host number, reduced on the CPU by gloo)."""
-    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), op="max")) if world_size() > 1 else n
+def max_over_ranks(n: int, ranks: DataRanks = WORLD) -> int:
+    """The largest of every (data) rank's `n` (a host number, reduced on the CPU by gloo)."""
+    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), "max", ranks)) if world_size() > 1 else n
 
 
 def match_forwards(done: int, most: int, spare: Callable[[], object]) -> int:
@@ -219,33 +212,33 @@ def match_forwards(done: int, most: int, spare: Callable[[], object]) -> int:
     return most - done
 
 
-def rank_slice(per_rank: int, tensor_parallel: int | None = None) -> slice:
-    """This rank's items of a global batch of `per_rank * world_size() / tensor_parallel` items, in
-    rank order: the T ranks of a tensor group (consecutive ranks) take the same items. T defaults
-    to tensor_groups' (1 outside it)."""
-    index = rank() // (tensor_parallel or _tensor["size"])
+def rank_slice(per_rank: int, ranks: DataRanks = WORLD) -> slice:
+    """This rank's items of a global batch of `per_rank * ranks.size()` items, in rank order: the T
+    ranks of a tensor group (consecutive ranks) take the same items."""
+    index = ranks.rank()
     return slice(index * per_rank, (index + 1) * per_rank)
 
 
-def data_parallel_sum() -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """The `sum_over` of fusedrl.kernels' statistics: the sum over the data-parallel ranks (statistics
-    of every rank's rows), None with one data rank (nothing to sum: the kernels' single-device path)."""
-    return all_reduce_tensor if data_world_size() > 1 else None
+def data_parallel_sum(ranks: DataRanks = WORLD) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The `sum_over` of fusedrl.kernels' statistics: the sum over the data-parallel `ranks`
+    (statistics of every rank's rows), None with one data rank (nothing to sum: the kernels'
+    single-device path)."""
+    return (lambda x: all_reduce_tensor(x, ranks=ranks)) if ranks.size() > 1 else None
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, ranks: DataRanks = WORLD) -> torch.Tensor:
     """[R, ...] on each (data) rank -> [W * R, ...] on x's device, rank 0's rows first (the same R on
     every rank); gathered where x is (NCCL for CUDA, gloo for CPU)."""
-    if data_world_size() == 1:
+    if ranks.size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(data_world_size())]
-    dist.all_gather(parts, x.detach().contiguous(), group=_tensor["data_group"])
+    parts = [torch.empty_like(x) for _ in range(ranks.size())]
+    dist.all_gather(parts, x.detach().contiguous(), group=ranks.group)
     return torch.cat(parts)
 
 
-def own_rows(x: torch.Tensor) -> torch.Tensor:
+def own_rows(x: torch.Tensor, ranks: DataRanks = WORLD) -> torch.Tensor:
     """This (data) rank's rows of a gathered [W * R, ...] tensor."""
-    return x[rank_slice(x.shape[0] // data_world_size())]
+    return x[rank_slice(x.shape[0] // ranks.size(), ranks)]
 
 
 def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = None, keep=(),

@@ -21,7 +21,7 @@ on its own slices, averaged over the data groups by FSDP's reduce-scatter or, fo
 `average_over_data`, and the LM head's log-probs are vocabulary-parallel (model/lm_head.py).
 `logits` gathers the vocabulary slices of the LM head's output, so the sampler draws from the whole
 row, the same tokens on every tensor rank. SFT, RM, PPO and GRPO train tensor-parallel (in PPO a
-tensor group is one data rank: distributed.tensor_groups), in full or with LoRA adapters sliced like
+tensor group is one data rank: TensorParallel.data_ranks), in full or with LoRA adapters sliced like
 the weights they adapt (model/lora.py; the base then copied across data groups); what does not
 refuses T > 1 in one line (engine/parallel/validate.py).
 """
@@ -140,6 +140,10 @@ class TensorParallel:
         flat /= self.data_size
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
+
+    def data_ranks(self) -> distributed.DataRanks:
+        """The ranks holding different rows where a tensor group is one data rank (PPO/GRPO)."""
+        return distributed.DataRanks(self.size, self.data_group)
 
     def same_on_ranks(self, value):
         """The first tensor rank's `value` (picklable) on every rank of the group."""

@@ -212,7 +212,8 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
     averaged)."""
     check_context(cfg.data, model.config.max_model_len)
     dims = dims or ParallelDims.from_train(cfg.train, distributed.world_size(), device.type)
-    share = distributed.rank_slice(cfg.optim.grad_accum_steps, dims.tensor)  # this rank's micro-batches
+    # This rank's micro-batches: a tensor group's ranks take the same ones.
+    share = distributed.rank_slice(cfg.optim.grad_accum_steps, distributed.DataRanks(dims.tensor))
     # Each rank keeps (and steps) its shards: FSDP2's, its tensor slices or its data shard of them.
     layout(model, "trained" if lora is None else "adapted", dims, list(lora.heads.values()) if lora is not None else [])
     model.train()

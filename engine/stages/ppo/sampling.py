@@ -52,7 +52,7 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
         packed = packed._replace(routing=models.actor.last_routing.to(device))
     with timer.phase("score"), torch.no_grad():
         scores = score_rows(models.score, prompt_ids, responses, packed,
-                            r.tokens_per_forward).float().to(device)    # [R]
+                            r.tokens_per_forward, models.ranks).float().to(device)    # [R]
     lengths = torch.tensor([len(x) for x in responses], device=scores.device)
     scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
     return Samples(prompt_ids, responses, packed, packed.to_grid(sampler_logprobs.to(device)), scores,
@@ -60,7 +60,8 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
 
 
 def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[list[list[int]], int], Samples],
-                 r: RolloutConfig, seed: int) -> tuple[Samples, dict]:
+                 r: RolloutConfig, seed: int, ranks: distributed.DataRanks = distributed.WORLD
+                 ) -> tuple[Samples, dict]:
     """One iteration's samples: prompts_per_iteration groups from draw_prompts() (the next prompts
     of the stream), sampled with sample(prompts, seed). With rollout.dynamic_sampling, groups whose
     scores are all equal (no signal for a group estimator) are dropped and further prompts drawn,
@@ -68,7 +69,8 @@ def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[
     none: the caller skips the iteration). Returns the samples and their metrics.
 
     Under torchrun draw_prompts() gives this rank's share; the rounds and the groups kept are
-    decided on the rank that keeps fewest, so every rank generates as often and keeps as many."""
+    decided on the rank that keeps fewest, so every rank generates as often and keeps as many
+    (over the data `ranks`: PPOModels.ranks)."""
     samples = sample(draw_prompts(), seed)
     if not r.dynamic_sampling:
         return samples, {}
@@ -77,12 +79,12 @@ def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[
     while True:
         keep = varied_groups(samples.scores, samples.n)
         kept.append(samples.take_groups(keep))
-        if (distributed.min_over_ranks(sum(k.groups for k in kept)) >= target
+        if (distributed.min_over_ranks(sum(k.groups for k in kept), ranks) >= target
                 or rounds == r.max_sampling_rounds):
             break
         samples = sample(draw_prompts(), seed + 7919 * rounds)  # a fresh seed per round
         rounds, drawn = rounds + 1, drawn + samples.groups
     batch = Samples.concat(kept)
-    batch = batch.take_groups(list(range(min(distributed.min_over_ranks(batch.groups), target))))
-    counts = distributed.all_reduce_sum({"groups_drawn": drawn, "groups_kept": batch.groups})
+    batch = batch.take_groups(list(range(min(distributed.min_over_ranks(batch.groups, ranks), target))))
+    counts = distributed.all_reduce_sum({"groups_drawn": drawn, "groups_kept": batch.groups}, ranks)
     return batch, {"sampling_rounds": rounds, **counts}

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from ...data.packing import PackedBatch, pack_sequences
+from ...parallel import distributed
 from ..reward_fn import call_reward_fn
 from .chunks import forward_in_pieces
 
@@ -41,13 +42,14 @@ def reward_model_scorer(rm, critic_lora=None) -> RewardModelScorer:
 
 
 def score_rows(score: Scorer, prompts: list[list[int]], responses: list[list[int]],
-               packed: PackedBatch, tokens_per_forward: int | None = None) -> torch.Tensor:
+               packed: PackedBatch, tokens_per_forward: int | None = None,
+               ranks: distributed.DataRanks = distributed.WORLD) -> torch.Tensor:
     """Scores [R] of the rollout's rows, from its pack when the scorer reads one (in forwards of at
-    most `tokens_per_forward` tokens: chunks.py)."""
+    most `tokens_per_forward` tokens over the data `ranks`: chunks.py)."""
     score_packed = getattr(score, "score_packed", None)
     if score_packed is None:
         return score(prompts, responses)
-    return forward_in_pieces(packed, tokens_per_forward, score_packed)
+    return forward_in_pieces(packed, tokens_per_forward, score_packed, ranks)
 
 
 def function_scorer(fn: Callable, tokenizer, name: str, timeout_s: float, tensor_parallel=None) -> Scorer:

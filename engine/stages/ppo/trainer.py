@@ -14,9 +14,9 @@ Under torchrun every model is sharded (train.data_parallel) except the adapted o
 the shared value head with lora, the LoRA critic and its trunk with critic_lora are whole on every
 rank, their adapters' gradients averaged over the ranks. Each rank samples its own
 rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); with
-train.tensor_parallel=T every model is laid out for T tensor ranks instead (engine/parallel/layout.py) and a
+train.tensor_parallel=T every model is laid out for T tensor ranks instead (parallel/layout.py) and a
 tensor group samples, scores and trains the same rows in lockstep, one data rank of world_size / T
-(distributed.tensor_groups); see
+(TensorParallel.data_ranks, PPOModels.ranks); see
 experience.py and update.py; what carries from one iteration to the next, state.py.
 """
 from __future__ import annotations
@@ -87,13 +87,14 @@ def prompt_indices(n_prompts: int, count: int, seed: int, start: int) -> list[in
     return out
 
 
-def next_prompts(prompts: list[list[int]], per_rank: int, seed: int, state: PPOState) -> list[list[int]]:
-    """This rank's `per_rank` of the stream's next per_rank x data ranks prompts (a tensor group's
+def next_prompts(prompts: list[list[int]], per_rank: int, seed: int, state: PPOState,
+                 ranks: distributed.DataRanks = distributed.WORLD) -> list[list[int]]:
+    """This rank's `per_rank` of the stream's next per_rank x data `ranks` prompts (a tensor group's
     ranks take the same ones); advances state.prompts_drawn past all of them."""
-    count = per_rank * distributed.data_world_size()
+    count = per_rank * ranks.size()
     picked = prompt_indices(len(prompts), count, seed, state.prompts_drawn)
     state.prompts_drawn += count
-    return [prompts[i] for i in picked[distributed.rank_slice(per_rank)]]
+    return [prompts[i] for i in picked[distributed.rank_slice(per_rank, ranks)]]
 
 
 def load_reward_fn(spec: str) -> Callable:
@@ -175,7 +176,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
                         batch_invariant=cfg.rollout.exact,
                         record_routing=cfg.rollout.routing_replay and policy.config.moe is not None)
-    return PPOModels(policy, reference, actor, critic, value_head, score, lora)
+    ranks = policy.tensor_parallel.data_ranks() if policy.tensor_parallel is not None else distributed.WORLD
+    return PPOModels(policy, reference, actor, critic, value_head, score, lora, ranks)
 
 
 def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callable) -> nn.Module:
@@ -264,14 +266,12 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     opts, schedules = build_optimizers(models, cfg)
     state = PPOState(kl_coef=cfg.reward.kl_coef)
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations, eval_every=cfg.train.log_every)
-    # A tensor group's ranks hold the same rows: the row helpers reduce over the data ranks only.
-    with distributed.tensor_groups(models.policy.tensor_parallel):
-        run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype, run.dims), state,
-                     iteration_step(cfg, models, opts, schedules, prompts,
-                                    ptx_loss(cfg, tokenizer, models.policy, device), device),
-                     evaluate=None if evaluate is None else lambda: evaluate(models),
-                     info={"prompts": len(prompts), "truncated_prompts": truncated,
-                           "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
+    run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype, run.dims), state,
+                 iteration_step(cfg, models, opts, schedules, prompts,
+                                ptx_loss(cfg, tokenizer, models.policy, device), device),
+                 evaluate=None if evaluate is None else lambda: evaluate(models),
+                 info={"prompts": len(prompts), "truncated_prompts": truncated,
+                       "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
     final = Path(cfg.output_dir) / "final"
     adapters.export(models.policy, models.lora, final, cfg.policy)  # collective: streamed to rank 0
     if models.critic is not None:
@@ -302,9 +302,9 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
         controllers = Controllers.restore(state, cfg.reward)
         timer = PhaseTimer(device)
         samples, sampling_metrics = draw_samples(
-            lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state),
+            lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state, models.ranks),
             lambda batch, seed: sample_and_score(models, batch, cfg.rollout, seed, timer), cfg.rollout,
-            cfg.seed * 1_000_003 + it)
+            cfg.seed * 1_000_003 + it, models.ranks)
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
                                   timer)
         metrics = {**experience.metrics, **sampling_metrics, "lr": schedules[0].get_last_lr()[0]}
@@ -320,7 +320,7 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
             metrics["tokens_per_s_train"] = cfg.ppo.epochs * metrics["tokens"] / max(timer.seconds["train"], 1e-9)
             if update.updates == 0:
                 metrics.update(skipped=True, skip_reason="every minibatch had a non-finite loss or gradient")
-            controllers.kl.update(experience.kl, rollout.mask.shape[0] * distributed.data_world_size())
+            controllers.kl.update(experience.kl, rollout.mask.shape[0] * models.ranks.size())
             controllers.save(state)
         for s in schedules:  # after the update; a skipped iteration keeps its place in the schedule too
             optim.advance_schedule(s)

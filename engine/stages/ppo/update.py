@@ -98,9 +98,9 @@ def aggregation_units(mask: torch.Tensor, agg: str) -> Optional[torch.Tensor]:
     return aggregation_rule(mask, agg)[1]
 
 
-def _global_total(units: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _global_total(units: Optional[torch.Tensor], ranks: distributed.DataRanks) -> Optional[torch.Tensor]:
     """The units of every rank's share of the minibatch (at least 1)."""
-    return None if units is None else distributed.all_reduce_tensor(units.sum()).clamp_min(1)
+    return None if units is None else distributed.all_reduce_tensor(units.sum(), ranks=ranks).clamp_min(1)
 
 
 def microbatch_rows(seqlens: list[int], rows_per_microbatch: Optional[int],
@@ -134,9 +134,9 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
                                   level=p.is_level, cap=p.is_cap, low=p.is_low, high=p.is_high)[1]
     units = {"policy": aggregation_units(kept, p.agg), "value": aggregation_units(batch.mask, p.agg),
              "token": batch.mask.sum(-1)}
-    totals_of = {kind: _global_total(u) for kind, u in units.items()}
+    totals_of = {kind: _global_total(u, models.ranks) for kind, u in units.items()}
     micros = microbatch_rows(batch.packed.seqlens, p.microbatch_size, p.tokens_per_microbatch)
-    most = distributed.max_over_ranks(len(micros))  # agreed before the forwards (their collectives)
+    most = distributed.max_over_ranks(len(micros), models.ranks)  # agreed before the forwards (their collectives)
     left = iter(range(most - 1, -1, -1))  # micro-batch backwards left after each
 
     def backward(loss):
@@ -147,7 +147,7 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
             if model is not None:
                 distributed.all_reduce_in_backward(model, last)
         distributed.all_reduce_in_backward(models.policy, last and ptx_loss is None)
-        (loss * distributed.data_world_size()).backward()
+        (loss * models.ranks.size()).backward()
     totals: dict = {}
     total_loss = torch.zeros((), device=batch.mask.device)
     for rows in micros:
@@ -182,12 +182,13 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
         (p.ptx_coef * ptx).backward()
         total_loss = total_loss + ptx.detach()
     totals["loss"] = total_loss
-    if distributed.data_world_size() > 1:
+    if models.ranks.size() > 1:
         # The forwards run only to keep the ranks in step (a fill on the device: no host copy).
         totals["spare_forwards"] = torch.full((), float(spares), device=total_loss.device)
         # Sums of the ranks' weighted shares: the global minibatch's stats, in one all-reduce.
         names = list(totals)
-        totals = dict(zip(names, distributed.all_reduce_tensor(torch.stack([totals[k] for k in names]))))
+        totals = dict(zip(names, distributed.all_reduce_tensor(torch.stack([totals[k] for k in names]),
+                                                               ranks=models.ranks)))
     if ptx is not None:  # the PPO-ptx batch is the same on every rank: its loss is not summed
         totals["ptx_loss"] = ptx.detach()
     return totals

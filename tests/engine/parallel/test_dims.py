@@ -40,3 +40,24 @@ def test_dimensions_whose_product_is_not_the_world_are_refused():
         ParallelDims(8, data_shard=3, tensor=2)
     with pytest.raises(ConfigValueError, match=r"^train.shard_group_size=3 with train.data_parallel=hybrid"):
         dims(8, data_parallel="hybrid", shard_group_size=3)
+
+
+def test_the_data_sub_mesh_of_each_layout(tmp_path):
+    """On a gloo world of one rank, each layout's mesh (sizes 1): FSDP2's data mesh is the whole mesh
+    (full shard, HSDP), the data dimension (tensor slices) or, beside experts, the mesh flattened;
+    each sub-mesh one object (the optimizer groups DTensors by mesh)."""
+    import torch.distributed as dist
+    from fusedrl.engine.parallel.dims import device_mesh, sub_mesh
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        for names, data in [(("shard",), ("shard",)), (("replicate", "shard"), ("replicate", "shard")),
+                            (("data", "tensor"), ("data",)), (("expert_replica", "expert"), ("data",))]:
+            sizes = (1,) * len(names)
+            mesh = sub_mesh("cpu", sizes, names, "data")
+            assert mesh.mesh_dim_names == data and mesh is sub_mesh("cpu", sizes, names, "data")
+            assert (mesh is device_mesh("cpu", sizes, names)) == (names == data)
+        assert sub_mesh("cpu", (1, 1), ("data", "tensor"), "tensor").mesh_dim_names == ("tensor",)
+    finally:
+        device_mesh.cache_clear()
+        sub_mesh.cache_clear()
+        dist.destroy_process_group()
