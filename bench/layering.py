@@ -48,7 +48,8 @@ FORBIDDEN = [
 # Attributes the parallel layout owns (set by engine/parallel/ on the models it lays out, declared
 # on the model classes): read by name with getattr / hasattr / setattr they are an upward call the
 # import graph does not show.
-LAYOUT_ATTRIBUTES = {"tensor_parallel", "offloaded", "expert_shard", "data_sharded", "past_fsdp_hooks"}
+LAYOUT_ATTRIBUTES = {"tensor_parallel", "offloaded", "expert_shard", "data_sharded",
+                     "past_fsdp_hooks"}
 
 
 def modules() -> dict[str, pathlib.Path]:
@@ -119,7 +120,8 @@ def duck_typed_calls(name: str, path: pathlib.Path) -> list[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
                 and node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) >= 2
-                and isinstance(node.args[1], ast.Constant) and node.args[1].value in LAYOUT_ATTRIBUTES):
+                and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value in LAYOUT_ATTRIBUTES):
             found.append(f"{name}:{node.lineno} {node.func.id}(..., {node.args[1].value!r})")
     return found
 

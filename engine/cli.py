@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = getattr(args, "overrides", []) + extra
     try:
         code = args.run(args)
-        if "fusedrl.engine.parallel.distributed" in sys.modules:  # imported only by the commands that need torch
+        # Imported only by the commands that need torch.
+        if "fusedrl.engine.parallel.distributed" in sys.modules:
             sys.modules["fusedrl.engine.parallel.distributed"].leave(code)
         return code
     except KeyboardInterrupt:

@@ -150,7 +150,8 @@ def load(cls, path=None, overrides: list[str] = (), fill: dict | None = None):
     """`cls` from an optional YAML file plus `key=value` overrides (overrides win); `fill`: {dotted
     key: text} set where the file and the overrides leave that key empty."""
     data = apply_overrides({} if path is None else read_yaml(path), list(overrides))
-    data = apply_overrides(data, [f"{key}={text}" for key, text in (fill or {}).items() if not _has(data, key)])
+    missing = [f"{key}={text}" for key, text in (fill or {}).items() if not _has(data, key)]
+    data = apply_overrides(data, missing)
     return from_dict(cls, data)
 
 
@@ -169,8 +170,10 @@ def command_config(cls, path, overrides: list[str], fill: dict | None = None):
     a one-line UsageError naming it."""
     try:
         return load(cls, path, overrides, fill)
-    except (ValueError, OSError) as e:  # ConfigError is a ValueError, as are the dataclasses' checks
-        raise UsageError(str(e) if not isinstance(e, OSError) else f"--config {path}: {e.strerror}") from e
+    except OSError as e:
+        raise UsageError(f"--config {path}: {e.strerror}") from e
+    except ValueError as e:  # ConfigError is a ValueError, as are the dataclasses' checks
+        raise UsageError(str(e)) from e
 
 
 def print_config(config) -> int:

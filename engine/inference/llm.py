@@ -116,7 +116,7 @@ class LLM:
         self.device = torch.device(device) if offloaded else param.device
         if kv_cache_memory is None:
             kv_cache_memory = 0.9 if self.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
-        tp = self.model.tensor_parallel  # engine/parallel/tensor_parallel.py: its slices, its heads' KV
+        tp = self.model.tensor_parallel  # parallel/tensor_parallel.py: its slices, its heads' KV
         check_exact_generation(self.batch_invariant is not None, tp)
         num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, self.device,
                                            tp.size if tp else 1)
@@ -129,8 +129,8 @@ class LLM:
                                    max(max_num_batched_tokens, self.config.max_model_len),
                                    self.config.max_model_len, self.config.eos_token_ids)
         self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs,
-                                  self.batch_invariant, fuse_decode_gemms, record_routing, device=self.device,
-                                  tensor_parallel=tp)
+                                  self.batch_invariant, fuse_decode_gemms, record_routing,
+                                  device=self.device, tensor_parallel=tp)
         self._next_seq_id = 0
         # Every tensor rank must draw the same seeds (they sample the same rows in lockstep).
         self._rng = random.Random(tp.same_on_ranks(random.getrandbits(63)) if tp else None)

@@ -80,7 +80,7 @@ class ModelRunner:
         offloaded = device is not None and torch.device(device).type != param.device.type
         self.device, self.dtype = torch.device(device) if offloaded else param.device, param.dtype
         c = self.config
-        # The model's TensorParallel (engine/parallel/tensor_parallel.py) or None: this rank's slices,
+        # The model's TensorParallel (parallel/tensor_parallel.py) or None: this rank's slices,
         # its kv heads' cache, the logits gathered from the tensor ranks.
         self.tensor_parallel = tensor_parallel
         self.num_blocks = num_blocks

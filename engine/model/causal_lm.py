@@ -221,7 +221,8 @@ class CausalLM(nn.Module):
         # root and the layers past FSDP's hooks, which would all-gather them.
         self.past_fsdp_hooks = False
         # The tensor group this model's weights are sliced over (engine/parallel/layout.py sets it:
-        # a TensorParallel), whose primitives the walk runs on the local slices; None: whole weights.
+        # a TensorParallel), whose primitives the walk runs on the local slices; None: whole
+        # weights.
         self.tensor_parallel = None
         # Whether its FSDP2 shards rest in CPU memory (engine/parallel/distributed.shard's offload).
         self.offloaded = False

@@ -52,28 +52,32 @@ class ParallelDims:
     def __post_init__(self):
         product = self.data_replicate * self.data_shard * self.context * self.tensor
         if product != self.world:
-            raise ValueError(f"parallel dimensions {self.data_replicate} x {self.data_shard} x {self.context} x "
-                             f"{self.tensor} (replicate x shard x context x tensor) on {self.world} ranks: "
-                             "expected their product to be the world size")
+            raise ValueError(f"parallel dimensions {self.data_replicate} x {self.data_shard} x "
+                             f"{self.context} x {self.tensor} (replicate x shard x context x "
+                             f"tensor) on {self.world} ranks: expected their product to be the "
+                             "world size")
 
     @classmethod
-    def from_train(cls, train, world: int, device_type: str, local_world: int | None = None) -> "ParallelDims":
-        """The dims of a stage's `train` section on `world` ranks of nodes of `local_world` (default:
-        torchrun's LOCAL_WORLD_SIZE) on `device_type`. At train.tensor_parallel = T > 1 the world / T
-        data groups shard the slices (train.data_parallel=shard) or copy them (replicate); at T = 1
-        train.data_parallel's shard group (data_parallel_groups). Checks nothing engine/parallel/
-        validate.py checks: call that first."""
+    def from_train(cls, train, world: int, device_type: str,
+                   local_world: int | None = None) -> "ParallelDims":
+        """The dims of a stage's `train` section on `world` ranks of nodes of `local_world`
+        (default: torchrun's LOCAL_WORLD_SIZE) on `device_type`. At train.tensor_parallel = T > 1
+        the world / T data groups shard the slices (train.data_parallel=shard) or copy them
+        (replicate); at T = 1 train.data_parallel's shard group (shard_group_size). Checks nothing
+        engine/parallel/validate.py checks: call that first."""
         t = train.tensor_parallel
         data = world // t
         if t > 1:
             shard = data if train.data_parallel == "shard" else 1
         else:
-            shard = shard_group_size(train.data_parallel, world, train.shard_group_size, local_world)
-        return cls(world, data // shard, shard, 1, t, train.expert_parallel, train.data_parallel, device_type,
-                   train.optimizer_offload, getattr(train, "frozen_offload", False))
+            shard = shard_group_size(train.data_parallel, world, train.shard_group_size,
+                                     local_world)
+        return cls(world, data // shard, shard, 1, t, train.expert_parallel, train.data_parallel,
+                   device_type, train.optimizer_offload, getattr(train, "frozen_offload", False))
 
     @classmethod
-    def data_only(cls, mode: str, world: int, device_type: str, group_size: int = 0) -> "ParallelDims":
+    def data_only(cls, mode: str, world: int, device_type: str,
+                  group_size: int = 0) -> "ParallelDims":
         """Data parallelism alone in train.data_parallel `mode` (shard_group_size's group)."""
         shard = shard_group_size(mode, world, group_size)
         return cls(world, world // shard, shard, data_parallel=mode, device_type=device_type)
@@ -99,25 +103,29 @@ class ParallelDims:
         return device_mesh(self.device_type, sizes, names)
 
     def sub(self, name: str):
-        """The named sub-mesh: "data" (the ranks FSDP2 shards over, HSDP's (replicate, shard) pair, or
-        with experts every rank) or a dimension of the mesh."""
+        """The named sub-mesh: "data" (the ranks FSDP2 shards over, HSDP's (replicate, shard)
+        pair, or with experts every rank) or a dimension of the mesh."""
         names, sizes = self.names()
         return sub_mesh(self.device_type, sizes, names, name)
 
 
-def shard_group_size(mode: str, world: int, group_size: int = 0, local_world: int | None = None) -> int:
-    """The ranks of one FSDP shard group in train.data_parallel `mode` on `world` ranks: shard: all of
-    them; replicate: 1; hybrid: `group_size` (train.shard_group_size), 0 meaning one node's ranks
-    (`local_world`, default torchrun's LOCAL_WORLD_SIZE), since torchrun numbers the ranks node by
-    node: a group of consecutive ranks is one node's. A ConfigValueError unless it divides `world`."""
+def shard_group_size(mode: str, world: int, group_size: int = 0,
+                     local_world: int | None = None) -> int:
+    """The ranks of one FSDP shard group in train.data_parallel `mode` on `world` ranks: shard:
+    all of them; replicate: 1; hybrid: `group_size` (train.shard_group_size), 0 meaning one node's
+    ranks (`local_world`, default torchrun's LOCAL_WORLD_SIZE), since torchrun numbers the ranks
+    node by node: a group of consecutive ranks is one node's. A ConfigValueError unless it divides
+    `world`."""
     if mode != "hybrid":
         return 1 if mode == "replicate" else world
-    size = group_size or (int(os.environ.get("LOCAL_WORLD_SIZE", world)) if local_world is None else local_world)
+    if local_world is None:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    size = group_size or local_world
     if size < 1 or world % size:
         given = (f"train.shard_group_size={size}" if group_size else
                  f"train.shard_group_size=0 (one node's ranks: torchrun's LOCAL_WORLD_SIZE={size})")
-        raise ConfigValueError(f"{given} with train.data_parallel=hybrid: expected a size dividing the {world} ranks "
-                               "(set train.shard_group_size to one)")
+        raise ConfigValueError(f"{given} with train.data_parallel=hybrid: expected a size dividing "
+                               f"the {world} ranks (set train.shard_group_size to one)")
     return size
 
 
@@ -140,4 +148,5 @@ def sub_mesh(device_type: str, sizes: tuple[int, ...], names: tuple[str, ...], n
         return mesh if names == (name,) else mesh[name]
     if names in (("shard",), ("replicate", "shard")):  # FSDP2's full shard, or HSDP over both
         return mesh
-    return mesh._flatten("data")  # the experts' (replica, expert) ranks: FSDP2 over every rank around them
+    # The experts' (replica, expert) ranks as one: FSDP2 over every rank around the experts.
+    return mesh._flatten("data")

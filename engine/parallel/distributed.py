@@ -114,9 +114,9 @@ def all_gather(value) -> list:
 @dataclass(frozen=True)
 class DataRanks:
     """The ranks that hold different rows, the ones the row helpers below (sums, gathers, row
-    slices) reduce over: every rank (WORLD), or in a stage whose rows are per data rank (PPO/GRPO) at
-    tensor parallelism one rank of each tensor group, whose `tensor` consecutive ranks hold the same
-    rows: those then reduce over `group`, the data dimension's process group
+    slices) reduce over: every rank (WORLD), or in a stage whose rows are per data rank
+    (PPO/GRPO) at tensor parallelism one rank of each tensor group, whose `tensor` consecutive
+    ranks hold the same rows: those then reduce over `group`, the data dimension's process group
     (engine/parallel/tensor_parallel.TensorParallel.data_ranks)."""
 
     tensor: int = 1
@@ -134,8 +134,8 @@ WORLD = DataRanks()
 
 
 def all_reduce_sum(values: dict, ranks: DataRanks = WORLD) -> dict:
-    """Per-key sums over the (data) `ranks` of a dict of numbers (every rank passes the same keys), in
-    float64 so counts stay exact; ints come back as ints."""
+    """Per-key sums over the (data) `ranks` of a dict of numbers (every rank passes the same
+    keys), in float64 so counts stay exact; ints come back as ints."""
     if ranks.size() == 1:
         return dict(values)
     keys = sorted(values)
@@ -192,12 +192,16 @@ def average_replicated_gradients(optimizers) -> None:
 def min_over_ranks(n: int, ranks: DataRanks = WORLD) -> int:
     """The smallest of every (data) rank's `n` (a host number: reduced on the CPU by gloo): what all
     ranks can do alike (e.g. rows each rank keeps)."""
-    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), "min", ranks)) if world_size() > 1 else n
+    if world_size() == 1:
+        return n
+    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), "min", ranks))
 
 
 def max_over_ranks(n: int, ranks: DataRanks = WORLD) -> int:
     """The largest of every (data) rank's `n` (a host number, reduced on the CPU by gloo)."""
-    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), "max", ranks)) if world_size() > 1 else n
+    if world_size() == 1:
+        return n
+    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), "max", ranks))
 
 
 def match_forwards(done: int, most: int, spare: Callable[[], object]) -> int:

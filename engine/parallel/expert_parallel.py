@@ -54,7 +54,8 @@ class ExpertShard:
 def shard_experts(model: nn.Module, group=None, mesh=None) -> None:
     """Keep only this rank's experts in every MoE block of `model` (built whole, same weights on
     every rank, or on the meta device); the blocks then dispatch their tokens over `group` (default:
-    the world). mesh: ParallelDims.mesh at train.expert_parallel > 1 (replica x expert) instead of `group`: the blocks
+    the world). mesh: ParallelDims.mesh at train.expert_parallel > 1 (replica x expert) instead
+    of `group`: the blocks
     dispatch over its expert dimension and the experts are DTensors (Replicate(), Shard(0): expert
     rows), their gradients divided by the expert group's size (see the module docstring)."""
     group = mesh.get_group("expert") if mesh is not None else group
@@ -82,8 +83,8 @@ def shard_for_training(model: nn.Module, dims) -> nn.Module:
     (replicated across the groups: dims.mesh()'s (expert_replica, expert)) and the rest sharded by
     FSDP2 over every rank around them (dims.sub("data"))."""
     shard_experts(model, mesh=dims.mesh())
-    return distributed.shard(model, "shard", dims.device_type, keep=[block.experts for block in moe_blocks(model)],
-                             mesh=dims.sub("data"))
+    experts = [block.experts for block in moe_blocks(model)]
+    return distributed.shard(model, "shard", dims.device_type, keep=experts, mesh=dims.sub("data"))
 
 
 @contextlib.contextmanager

@@ -53,12 +53,13 @@ def layout(model: nn.Module, role: str, dims: ParallelDims, keep=()) -> nn.Modul
     if dims.tensor > 1:
         if role == "head":
             return model
-        return shard_tensor_parallel(model, dims, data_shard=role != "adapted" and dims.data_parallel == "shard",
-                                     offload=offload)
+        data_shard = role != "adapted" and dims.data_parallel == "shard"
+        return shard_tensor_parallel(model, dims, data_shard=data_shard, offload=offload)
     return distributed.shard(model, dims.data_parallel, dims.device_type, list(keep), offload,
                              mesh=dims.sub("data"))
 
 
-def laying_out(role: str, dims: ParallelDims, keep: Callable[[nn.Module], list] = lambda model: []) -> Callable:
+def laying_out(role: str, dims: ParallelDims,
+               keep: Callable[[nn.Module], list] = lambda model: []) -> Callable:
     """layout(model, role, dims, keep(model)) as hf_io.load_model's `shard` takes it."""
     return lambda model: layout(model, role, dims, keep(model))

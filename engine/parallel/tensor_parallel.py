@@ -90,7 +90,8 @@ def shard_tensor_parallel(model: CausalLM, dims: ParallelDims, data_shard: bool 
     hooks gathers a layer's tensor slices from its data group (not the whole weight), and the
     backward reduce-scatters their gradients there. Without it the data groups hold copies of the
     slices. `offload` (train.optimizer_offload, train.frozen_offload; sharded over the data groups
-    only, engine/parallel/validate.py): distributed.shard's CPU offload. Sets `model.tensor_parallel`.
+    only, engine/parallel/validate.py): distributed.shard's CPU offload. Sets
+    `model.tensor_parallel`.
     `model` is whole on every rank, or still on the meta device (hf_io.load_model's `shard`, each
     rank then reading only its slices)."""
     check_tensor_parallel(dims.tensor, dims.world, model.config)
@@ -105,9 +106,11 @@ def shard_tensor_parallel(model: CausalLM, dims: ParallelDims, data_shard: bool 
     _lay_out(model, dims.sub("tensor"), rows, sliced)
     data_sharded = data_shard and dims.data > 1
     if data_sharded:  # FSDP2's units, as for one dimension (each decoder layer, the root), over the data one
-        distributed.shard(model, device_type=dims.device_type, offload=offload, mesh=dims.sub("data"))
-    model.tensor_parallel = TensorParallel(dims.sub("tensor").get_group(), dims.tensor, model.config.vocab_size,
-                                           dims.sub("data").get_group(), data_sharded)
+        distributed.shard(model, device_type=dims.device_type, offload=offload,
+                          mesh=dims.sub("data"))
+    model.tensor_parallel = TensorParallel(dims.sub("tensor").get_group(), dims.tensor,
+                                           model.config.vocab_size, dims.sub("data").get_group(),
+                                           data_sharded)
     return model
 
 

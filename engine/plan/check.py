@@ -1,7 +1,7 @@
 """The start-up check every training stage runs (its entry point passes `refuse_unfit` to
-engine/train/run_setup.py:start_run): the parallel options' combinations (engine/parallel/validate.py),
-then the memory plan of the run on its GPUs, a run that cannot fit refused with one line before any
-model loads."""
+engine/train/run_setup.py:start_run): the parallel options' combinations
+(engine/parallel/validate.py), then the memory plan of the run on its GPUs, a run that cannot fit
+refused with one line before any model loads."""
 from __future__ import annotations
 
 import torch

@@ -20,7 +20,8 @@ PLACEHOLDER = "(not read by the plan)"
 
 def plan_config(stage: str, config_cls, path, overrides: list[str]):
     """The stage's config from the YAML file and overrides, placeholders for what the plan does not read."""
-    return config_io.command_config(config_cls, path, overrides, fill=dict.fromkeys(_UNREAD[stage], PLACEHOLDER))
+    fill = dict.fromkeys(_UNREAD[stage], PLACEHOLDER)
+    return config_io.command_config(config_cls, path, overrides, fill)
 
 
 def run_plan(stage: str, config_cls, args) -> int:

@@ -47,7 +47,7 @@ def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda"
         parts = ppo_models(cfg, model_config(cfg.policy), rm, dtype, rules.lora_base_whole)
     else:
         parts = supervised_models(stage, cfg, model_config(cfg.model), dtype, rules.lora_base_whole)
-    # One process is refused train.optimizer_offload (engine/parallel/validate.py): nothing is offloaded.
+    # One process is refused train.optimizer_offload (parallel/validate.py): nothing is offloaded.
     group = shard_group_size(cfg.train.data_parallel, gpus, cfg.train.shard_group_size, gpus_per_node or gpus)
     return Setup(stage, cfg, parts, gpus, group, dtype, cfg.train.optimizer_offload and gpus > 1, rules)
 

@@ -215,7 +215,8 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
     # This rank's micro-batches: a tensor group's ranks take the same ones.
     share = distributed.rank_slice(cfg.optim.grad_accum_steps, distributed.DataRanks(dims.tensor))
     # Each rank keeps (and steps) its shards: FSDP2's, its tensor slices or its data shard of them.
-    layout(model, "trained" if lora is None else "adapted", dims, list(lora.heads.values()) if lora is not None else [])
+    heads = list(lora.heads.values()) if lora is not None else []
+    layout(model, "trained" if lora is None else "adapted", dims, heads)
     model.train()
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     steps = total_steps(train_ex, cfg)

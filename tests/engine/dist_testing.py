@@ -40,8 +40,8 @@ def run_ranks(*args, nproc: int = 2, timeout: float = 300, env=None) -> subproce
 
 def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 300, overrides=(), env=None):
     """run_ranks of `fusedrl COMMAND --config C.yaml OVERRIDES`, C.yaml holding `config`."""
-    return run_ranks(*_fusedrl_args(command, config, tmp_path, nproc, overrides), nproc=nproc, timeout=timeout,
-                     env=env)
+    return run_ranks(*_fusedrl_args(command, config, tmp_path, nproc, overrides), nproc=nproc,
+                     timeout=timeout, env=env)
 
 
 def torchrun_nodes(command: str, config, tmp_path, nodes: int = 2, nproc: int = 2, timeout: float = 300,

@@ -43,10 +43,12 @@ def test_generate_without_prompts_fails_clearly(qwen2_dir):
 def test_flags_are_aliases_of_the_config_keys(tmp_path, capsys):
     config = tmp_path / "generate.yaml"
     config.write_text("model: m\nprompts: [from the file]\nmax_new_tokens: 9\ntemperature: 0.5\n")
-    flags = ["generate", "--config", str(config), "--prompt", "a = b", "--prompt", 'say "hi"', "--max-new-tokens", "5",
-             "--kv-cache-memory", "2e9", "--no-progress", "--json", "--print-config"]
-    keys = ["generate", "--config", str(config), 'prompts=["a = b", "say \\"hi\\""]', "max_new_tokens=5",
-            "kv_cache_memory=2000000000", "progress=false", "json=true", "--print-config"]
+    flags = ["generate", "--config", str(config), "--prompt", "a = b", "--prompt", 'say "hi"',
+             "--max-new-tokens", "5", "--kv-cache-memory", "2e9", "--no-progress", "--json",
+             "--print-config"]
+    keys = ["generate", "--config", str(config), 'prompts=["a = b", "say \\"hi\\""]',
+            "max_new_tokens=5", "kv_cache_memory=2000000000", "progress=false", "json=true",
+            "--print-config"]
     printed = []
     for argv in (flags, keys):
         assert cli.main(argv) == 0
@@ -58,4 +60,5 @@ def test_flags_are_aliases_of_the_config_keys(tmp_path, capsys):
 def test_a_generate_key_typo_is_one_line_with_its_fix(capsys):
     assert cli.main(["generate", "model=m", "max_new_token=5"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fusedrl generate: unknown config key 'max_new_token' (did you mean 'max_new_tokens'?)")
+    assert err.startswith("fusedrl generate: unknown config key 'max_new_token' (did you mean "
+                          "'max_new_tokens'?)")

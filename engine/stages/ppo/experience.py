@@ -92,11 +92,13 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     scores = samples.scores
     with timer.phase("reference"):
         ref_logp = forward_in_pieces(packed, s.tokens_per_forward,
-                                     lambda piece: reference_logprobs(models, piece, s.temperature), ranks)
+                                     lambda piece: reference_logprobs(models, piece, s.temperature),
+                                     ranks)
     with timer.phase("old"), torch.no_grad():
         old_logp, entropy, old_values = forward_in_pieces(
             packed, s.tokens_per_forward,
-            lambda piece: policy_forward(models, piece, s.temperature, with_entropy=True, exact=s.exact), ranks)
+            lambda piece: policy_forward(models, piece, s.temperature, with_entropy=True,
+                                         exact=s.exact), ranks)
     kl = kl_penalty(old_logp, ref_logp, estimator=s.kl_estimator, mask=mask)
     sum_over = distributed.data_parallel_sum(ranks)
     shaped = (distributed.own_rows(moments.normalize(distributed.gather_rows(scores, ranks)), ranks)

@@ -85,6 +85,7 @@ def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[
         samples = sample(draw_prompts(), seed + 7919 * rounds)  # a fresh seed per round
         rounds, drawn = rounds + 1, drawn + samples.groups
     batch = Samples.concat(kept)
-    batch = batch.take_groups(list(range(min(distributed.min_over_ranks(batch.groups, ranks), target))))
+    fewest = distributed.min_over_ranks(batch.groups, ranks)
+    batch = batch.take_groups(list(range(min(fewest, target))))
     counts = distributed.all_reduce_sum({"groups_drawn": drawn, "groups_kept": batch.groups}, ranks)
     return batch, {"sampling_rounds": rounds, **counts}

@@ -126,8 +126,8 @@ def resolve_reward_fn(cfg: PPOConfig, reward_fn: Optional[Callable]) -> Callable
     return fn
 
 
-def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_fn: Optional[Callable],
-                 dims: Optional[ParallelDims] = None) -> PPOModels:
+def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
+                 reward_fn: Optional[Callable], dims: Optional[ParallelDims] = None) -> PPOModels:
     """Policy (trainable, shared with the actor), frozen reference, critic and scorer, with
     parameters in `dtype` (train.precision; the critic's value head stays fp32). With lora.rank > 0
     the policy's weights are frozen under adapters and no reference model is loaded; with
@@ -137,7 +137,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
     tensor-parallel, where the adapters are sliced like their base's weights). Each model is laid
     out for its role over `dims` (default: from cfg.train; engine/parallel/layout.py)."""
     lora_run = cfg.lora.enabled
-    dims = dims or ParallelDims.from_train(cfg.train, distributed.world_size(), torch.device(device).type)
+    if dims is None:
+        dims = ParallelDims.from_train(cfg.train, distributed.world_size(), torch.device(device).type)
     sharder, frozen = laying_out("adapted", dims), laying_out("frozen", dims)
     policy = load_model(cfg.policy, dtype=dtype, device=device,
                         shard=sharder if lora_run else laying_out("trained", dims))
@@ -176,7 +177,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
                         max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
                         batch_invariant=cfg.rollout.exact,
                         record_routing=cfg.rollout.routing_replay and policy.config.moe is not None)
-    ranks = policy.tensor_parallel.data_ranks() if policy.tensor_parallel is not None else distributed.WORLD
+    tp = policy.tensor_parallel
+    ranks = tp.data_ranks() if tp is not None else distributed.WORLD
     return PPOModels(policy, reference, actor, critic, value_head, score, lora, ranks)
 
 
@@ -213,7 +215,8 @@ def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, lis
     critic_opt = None
     if models.critic is not None:
         critic_opt = optim.build_optimizer(models.critic, dataclasses.replace(cfg.optim, lr=cfg.critic_lr or cfg.optim.lr))
-    opts = Optimizers(policy_opt, critic_opt, cfg.optim.max_grad_norm, models.policy.tensor_parallel)
+    opts = Optimizers(policy_opt, critic_opt, cfg.optim.max_grad_norm,
+                      models.policy.tensor_parallel)
     schedules = [optim.build_scheduler(o, cfg.optim, cfg.train.iterations) for o in opts.all()]
     return opts, schedules
 
@@ -256,7 +259,8 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
     """
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
-                    kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg, check=refuse_unfit)
+                    kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg,
+                    check=refuse_unfit)
     device, tokenizer = run.device, run.tokenizer
     if cfg.reward_model is None:  # resolved now: a wrong reward_fn is a usage error before any model loads
         reward_fn = resolve_reward_fn(cfg, reward_fn)
@@ -302,7 +306,8 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
         controllers = Controllers.restore(state, cfg.reward)
         timer = PhaseTimer(device)
         samples, sampling_metrics = draw_samples(
-            lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state, models.ranks),
+            lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state,
+                                 models.ranks),
             lambda batch, seed: sample_and_score(models, batch, cfg.rollout, seed, timer), cfg.rollout,
             cfg.seed * 1_000_003 + it, models.ranks)
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,

@@ -98,9 +98,12 @@ def aggregation_units(mask: torch.Tensor, agg: str) -> Optional[torch.Tensor]:
     return aggregation_rule(mask, agg)[1]
 
 
-def _global_total(units: Optional[torch.Tensor], ranks: distributed.DataRanks) -> Optional[torch.Tensor]:
+def _global_total(units: Optional[torch.Tensor],
+                  ranks: distributed.DataRanks) -> Optional[torch.Tensor]:
     """The units of every rank's share of the minibatch (at least 1)."""
-    return None if units is None else distributed.all_reduce_tensor(units.sum(), ranks=ranks).clamp_min(1)
+    if units is None:
+        return None
+    return distributed.all_reduce_tensor(units.sum(), ranks=ranks).clamp_min(1)
 
 
 def microbatch_rows(seqlens: list[int], rows_per_microbatch: Optional[int],
@@ -136,7 +139,8 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
              "token": batch.mask.sum(-1)}
     totals_of = {kind: _global_total(u, models.ranks) for kind, u in units.items()}
     micros = microbatch_rows(batch.packed.seqlens, p.microbatch_size, p.tokens_per_microbatch)
-    most = distributed.max_over_ranks(len(micros), models.ranks)  # agreed before the forwards (their collectives)
+    # Agreed before the forwards (their collectives).
+    most = distributed.max_over_ranks(len(micros), models.ranks)
     left = iter(range(most - 1, -1, -1))  # micro-batch backwards left after each
 
     def backward(loss):
@@ -187,8 +191,9 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
         totals["spare_forwards"] = torch.full((), float(spares), device=total_loss.device)
         # Sums of the ranks' weighted shares: the global minibatch's stats, in one all-reduce.
         names = list(totals)
-        totals = dict(zip(names, distributed.all_reduce_tensor(torch.stack([totals[k] for k in names]),
-                                                               ranks=models.ranks)))
+        summed = distributed.all_reduce_tensor(torch.stack([totals[k] for k in names]),
+                                               ranks=models.ranks)
+        totals = dict(zip(names, summed))
     if ptx is not None:  # the PPO-ptx batch is the same on every rank: its loss is not summed
         totals["ptx_loss"] = ptx.detach()
     return totals

@@ -64,7 +64,8 @@ def train_step(policy, optimizer, device: str) -> None:
 
 def data_parallel(mode: str, device: str):
     """The layout of a trained model over the world in train.data_parallel `mode`."""
-    return laying_out("trained", ParallelDims.data_only(mode, distributed.world_size(), torch.device(device).type))
+    dims = ParallelDims.data_only(mode, distributed.world_size(), torch.device(device).type)
+    return laying_out("trained", dims)
 
 
 def check_rollouts(device: str, model_dir: str) -> None:
@@ -128,7 +129,8 @@ def check_exact_lora(model_dir: str) -> None:
 def check_experts(moe_dir: str) -> None:
     """An expert-parallel MoE policy (train.expert_parallel: experts sharded over the ranks): the
     experts gathered into buffers too, every block running them locally while generating."""
-    policy = load_model(moe_dir, device="cpu", shard=lambda m: shard_for_training(m, ParallelDims(2, data_shard=2, expert=2)))
+    dims = ParallelDims(2, data_shard=2, expert=2)
+    policy = load_model(moe_dir, device="cpu", shard=lambda m: shard_for_training(m, dims))
     shards = [b.expert_shard for b in moe_blocks(policy)]
     persistent, gathered = actors(policy, "cpu")
     same_rollouts(persistent, gathered, greedy(), exact=True)

@@ -36,7 +36,8 @@ def test_two_ranks_generate_from_persistent_buffers_as_from_unshard(dense_dir):
     write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
                                                                   "fox jumps"]])
     # The engine's wiring under test, not the kernels: their torch references, not interpreted Triton.
-    result = run_ranks(WORKER, "cpu", dense_dir, root / "moe", root, env={"FUSEDRL_BACKEND": "torch"})
+    result = run_ranks(WORKER, "cpu", dense_dir, root / "moe", root,
+                       env={"FUSEDRL_BACKEND": "torch"})
     check(result)
     assert [line.split(",")[0] for line in result.stdout.splitlines() if line.startswith("ok ")] == [
         "ok rollouts cpu", "ok replicate", "ok exact lora", "ok experts", "ok grpo"], result.stdout

@@ -70,7 +70,8 @@ def two_d(model: nn.Module) -> None:
 def main(models: Path, out: Path) -> None:
     distributed.init_distributed("cpu", timeout_s=120)
     world, report = distributed.world_size(), {"local_bytes": {}, "whole_bytes": {}}
-    sharder = laying_out("trained", ParallelDims.data_only("shard", distributed.world_size(), "cpu"))
+    dims = ParallelDims.data_only("shard", distributed.world_size(), "cpu")
+    sharder = laying_out("trained", dims)
 
     def record(what, sharded, whole):
         local = check_equal(sharded, whole, what)

@@ -28,7 +28,8 @@ def main(config_path: str, out: Path) -> None:
     cfg = config_io.load(SFTConfig, config_path)
     final = run_sft(cfg)
     rank, experts = distributed.rank(), cfg.train.expert_parallel
-    model = load_model(final, dtype=torch.float32, shard=laying_out("trained", ParallelDims.from_train(cfg.train, distributed.world_size(), "cpu")))
+    dims = ParallelDims.from_train(cfg.train, distributed.world_size(), "cpu")
+    model = load_model(final, dtype=torch.float32, shard=laying_out("trained", dims))
     whole = load_model(final, dtype=torch.float32)
     local_rows = []
     for block, reference in zip(moe_blocks(model), moe_blocks(whole)):

@@ -71,7 +71,8 @@ def test_expert_groups_four_ranks_match_one_process(tmp_path):
                                  "expert_parallel": 2 if ranks > 1 else 1})
 
     config_io.save_yaml(run("four", 4), tmp_path / "four.yaml")
-    result = run_ranks(Path(__file__).with_name("ep_groups_worker.py"), tmp_path / "four.yaml", tmp_path, nproc=4)
+    result = run_ranks(Path(__file__).with_name("ep_groups_worker.py"), tmp_path / "four.yaml",
+                       tmp_path, nproc=4)
     check(result)
     with rank_threads():
         run_sft(run("one", 1))
