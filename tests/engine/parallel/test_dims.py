@@ -45,7 +45,7 @@ def test_offloads_and_the_device_ride_along():
 def test_dimensions_whose_product_is_not_the_world_are_refused():
     with pytest.raises(ValueError, match=r"dimensions 1 x 3 x 1 x 2 .* on 8 ranks"):
         ParallelDims(8, data_shard=3, tensor=2)
-    with pytest.raises(ConfigValueError, match=r"^train.shard_group_size=3 with train.data_parallel"):
+    with pytest.raises(ConfigValueError, match=r"^train.shard_group_size=3 with train.data_"):
         dims(8, data_parallel="hybrid", shard_group_size=3)
 
 
