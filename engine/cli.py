@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from . import errors, path_checks, run_dir
+from . import errors, path_checks, run_dir, run_paths
 from .config import io as config_io
 from .config.demo import DemoConfig
 from .config.ppo import GRPOConfig, PPOConfig
@@ -95,7 +95,8 @@ def run_stage(args, name: str) -> int:
     models, files = config.paths()
     path_checks.check_paths(models, files, config.output_dir)  # before the stage imports torch
     run_dir.check_target(config.output_dir, name, overwrite=config.train.overwrite, resume=config.train.resume,
-                         inputs=[*models.values(), *files.values()], overwrite_option="train.overwrite=true",
+                         inputs=run_paths.run_inputs(config, args.config),
+                         overwrite_option="train.overwrite=true",
                          resume_option="train.resume=true")
     out = train(config)
     print(f"fusedrl {name}: model written to {out}")

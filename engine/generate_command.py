@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
 import sys
 
@@ -13,9 +15,22 @@ from .config import io as config_io
 from .config.generate import GenerateConfig
 
 
-def parse_memory(text: str) -> int | float:
-    """'0.5' -> a fraction of free GPU memory (values <= 1); '2e9' or '2000000000' -> bytes."""
-    value = float(text)
+# The longest --prompt-file line read (1 MiB: some 250k tokens, past any model's context).
+MAX_PROMPT_BYTES = 2**20
+
+
+def parse_memory(text: str | None) -> int | float | None:
+    """--kv-cache-memory: '0.5' -> a fraction of free GPU memory (values <= 1); '2e9' or
+    '2000000000' -> bytes; a UsageError for anything else (inf, nan, 0, a word)."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise errors.UsageError(f"--kv-cache-memory {text}: expected bytes (e.g. 2000000000) or a "
+                                "fraction of free GPU memory in (0, 1] (e.g. 0.5)")
     return value if value <= 1 else int(value)
 
 
@@ -24,13 +39,14 @@ class _Alias(argparse.Action):
     scalar or list the config reader parses back), in args.aliases; a repeated flag of a list key
     adds an item."""
 
-    def __init__(self, *args, key: str, repeat: bool = False, **kwargs):
+    def __init__(self, *args, key: str, repeat: bool = False, convert=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.key, self.repeat = key, repeat
+        self.key, self.repeat, self.convert = key, repeat, convert
 
     def __call__(self, parser, namespace, value, option_string=None):
         aliases = dict(getattr(namespace, "aliases", None) or {})
-        value = self.const if self.nargs == 0 else value
+        # Converted when the command runs (convert's UsageError is then its one-line error).
+        value = self.const if self.nargs == 0 else (value, self.convert) if self.convert else value
         aliases[self.key] = [*aliases.get(self.key, []), value] if self.repeat else value
         namespace.aliases = aliases
 
@@ -41,7 +57,7 @@ _GENERATE_FLAGS = {
     "--n": ("n", {"type": int}), "--max-new-tokens": ("max_new_tokens", {"type": int}),
     "--temperature": ("temperature", {"type": float}), "--top-k": ("top_k", {"type": int}),
     "--top-p": ("top_p", {"type": float}), "--seed": ("seed", {"type": int}), "--dtype": ("dtype", {}),
-    "--device": ("device", {}), "--kv-cache-memory": ("kv_cache_memory", {"type": parse_memory}),
+    "--device": ("device", {}), "--kv-cache-memory": ("kv_cache_memory", {"convert": parse_memory}),
     "--block-size": ("block_size", {"type": int}), "--tensor-parallel": ("tensor_parallel", {"type": int}),
     "--json": ("json", {"nargs": 0, "const": True}), "--no-progress": ("progress", {"nargs": 0, "const": False}),
 }
@@ -65,7 +81,12 @@ def add_generate_parser(commands, add_debug_flag) -> None:
 
 def _alias_overrides(args) -> list[str]:
     """The flags given, as `key=value` overrides."""
-    return [f"{key}={json.dumps(value)}" for key, value in getattr(args, "aliases", {}).items()]
+    overrides = []
+    for key, value in getattr(args, "aliases", {}).items():
+        if isinstance(value, tuple):  # (text, its converter)
+            value = value[1](value[0])
+        overrides.append(f"{key}={json.dumps(value)}")
+    return overrides
 
 
 def _as_option(error: ValueError) -> errors.UsageError:
@@ -85,8 +106,12 @@ def _prompts(cfg) -> list[str]:
     from .data.records import DataError, decode_line, numbered_lines
     prompts = list(cfg.prompts)
     if cfg.prompt_file:
+        if os.path.exists(cfg.prompt_file) and not os.path.isfile(cfg.prompt_file):
+            raise errors.UsageError(f"--prompt-file {cfg.prompt_file}: not a regular file (a "
+                                    "directory, FIFO or device); expected a text file of one "
+                                    "prompt per line")
         try:
-            for lineno, raw in numbered_lines(cfg.prompt_file):
+            for lineno, raw in numbered_lines(cfg.prompt_file, MAX_PROMPT_BYTES):
                 try:
                     prompts.append(decode_line(raw))
                 except ValueError as e:
@@ -107,6 +132,7 @@ def run_generate(args) -> int:
     if not cfg.model:
         raise errors.UsageError("give --model DIR (the option model): a Hugging Face model directory")
     prompts = _prompts(cfg)
+    parse_memory(None if cfg.kv_cache_memory is None else f"{cfg.kv_cache_memory:g}")
     # The arguments and the path first: torch-free, so a mistake is answered at once.
     path_checks.check_model_path(cfg.model, "--model")
     from .inference.sampling_params import SamplingParams

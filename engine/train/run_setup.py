@@ -24,6 +24,7 @@ from ..path_checks import check_model_path, check_paths
 from ..parallel import distributed
 from ..parallel.dims import ParallelDims
 from ..parallel.validate import check_models
+from ..run_paths import run_inputs
 from .precision import param_dtype, resolve_precision
 
 
@@ -101,7 +102,8 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
         check(config, device, distributed.world_size())
     check_models(options, distributed.world_size(), configs)
     dims = ParallelDims.from_train(options, distributed.world_size(), device.type)
-    claim_output_dir(kind, options, output_dir, [*models.values(), *files.values()])
+    inputs = run_inputs(config) if config is not None else [*models.values(), *files.values()]
+    claim_output_dir(kind, options, output_dir, inputs)
     random.seed(seed)
     torch.manual_seed(seed)
     return RunContext(device, param_dtype(resolve_precision(options.precision, device)),

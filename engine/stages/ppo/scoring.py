@@ -3,13 +3,16 @@ rollout's one pack), or a Python function of the decoded texts."""
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
 
 from ...data.packing import PackedBatch, pack_sequences
 from ...parallel import distributed
-from ..reward_fn import call_reward_fn
+from ..reward_fn import RewardFunctionError, call_reward_fn
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 from .chunks import forward_in_pieces
 
 # (prompts, responses) token ids -> scores [R]. A scorer that can read the rollout's pack instead
@@ -67,5 +70,16 @@ def function_scorer(fn: Callable, tokenizer, name: str, timeout_s: float, tensor
             values = call(prompts, responses)
         else:
             values = tensor_parallel.same_on_ranks(call(prompts, responses) if tensor_parallel.rank == 0 else None)
-        return torch.tensor(values, dtype=torch.float32)
+        return torch.tensor(float32_scores(values, name), dtype=torch.float32)
     return score
+
+
+def float32_scores(values: list[float], name: str) -> list[float]:
+    """`values`, checked to be representable in float32 (the scores' dtype): a finite score beyond
+    its range would become inf there and be dropped as if it were not a number."""
+    for i, value in enumerate(values):
+        if math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            raise RewardFunctionError(
+                f"the reward function {name} returned {value:g} as score {i}: finite, but beyond "
+                f"float32's range (|score| <= {FLOAT32_MAX:.4g}); scale its scores down")
+    return values
