@@ -30,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_moe_decode import TINY, moe_model  # noqa: E402
 from gpucheck.workload import tiny_model  # noqa: E402
-from fusedrl.engine import distributed  # noqa: E402
+from fusedrl.engine.parallel import distributed  # noqa: E402
+from fusedrl.engine.parallel.dims import ParallelDims  # noqa: E402
 from fusedrl.engine.inference.hybrid_actor import HybridActor  # noqa: E402
 from fusedrl.engine.inference.llm import LLM  # noqa: E402
 from fusedrl.engine.inference.sampling_params import SamplingParams  # noqa: E402
-from fusedrl.engine.model.expert_parallel import shard_experts  # noqa: E402
-from fusedrl.engine.tensor_parallel import shard_tensor_parallel  # noqa: E402
+from fusedrl.engine.parallel.expert_parallel import shard_experts  # noqa: E402
+from fusedrl.engine.parallel.tensor_parallel import shard_tensor_parallel  # noqa: E402
 from fusedrl.engine.train.fused_adamw import FusedAdamW  # noqa: E402
 
 PROMPTS = [[11, 12, 13, 14, 15], [40, 41, 42], [100, 200, 150, 33, 34, 35, 36, 37, 38]]
@@ -45,7 +46,8 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 def tensor_parallel_decode_graphs(device: torch.device) -> str:
     model = tiny_model("Qwen3-0.6B", 256, 4, 2, 64, True, dtype=torch.float32).to(device)
     expected = LLM(copy.deepcopy(model), kv_cache_memory=1 << 22).generate(PROMPTS, GREEDY)
-    actor = HybridActor(shard_tensor_parallel(model, 1), kv_cache_memory=1 << 22)
+    dims = ParallelDims(tensor=1, device_type=device.type)
+    actor = HybridActor(shard_tensor_parallel(model, dims), kv_cache_memory=1 << 22)
     graphs = actor.llm.runner.graphs is not None
     assert graphs == (device.type == "cuda"), f"decode graphs captured: {graphs} on {device}"
     got = actor.llm.generate(PROMPTS, GREEDY)
@@ -71,13 +73,12 @@ def expert_all_to_all(device: torch.device) -> str:
 
 
 def fsdp_offload_step(device: torch.device) -> str:
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     model = tiny_model("Qwen3-0.6B", 256, 4, 2, 64, True, dtype=torch.float32).to(device)
     before = [p.detach().clone() for p in model.parameters()]
     # distributed.shard leaves one process's model alone: the units are sharded here, as it would.
-    mesh = init_device_mesh(device.type, (1,))
+    mesh = ParallelDims(device_type=device.type).sub("data")
     for unit in distributed.shard_units(model):
         policy = CPUOffloadPolicy(pin_memory=device.type == "cuda")
         fully_shard(unit, mesh=mesh, offload_policy=policy)

@@ -191,10 +191,6 @@ class RunConfig:
         check(self.shard_group_size == 0 or self.data_parallel == "hybrid",
               f"train.shard_group_size={self.shard_group_size} is read with train.data_parallel=hybrid only, got "
               f"train.data_parallel={self.data_parallel}")
-        check(self.data_parallel != "hybrid" or self.tensor_parallel == 1,
-              f"train.data_parallel=hybrid with train.tensor_parallel={self.tensor_parallel}: the tensor-parallel "
-              "data groups shard the slices (train.data_parallel=shard) or copy them (replicate: across nodes, "
-              "at T = the GPUs of a node); expected one of those")
         check(self.expert_parallel >= 1, f"train.expert_parallel must be >= 1, got {self.expert_parallel}")
         check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),

@@ -66,7 +66,7 @@ class PackedProjection(Projection):
     the row blocks of the weight and bias (hf_io maps them at load and save, by `row_blocks`).
 
     `tensor_parallel` T: the rows' layout. T = 1: every part whole, in turn. T > 1 (set by
-    engine/tensor_parallel.py): rank-interleaved, tensor rank r's slice of every part in turn, then
+    engine/parallel/tensor_parallel.py): rank-interleaved, tensor rank r's slice of every part in turn, then
     rank r + 1's, so that a contiguous 1/T of the rows (an FSDP2 Shard(0) shard) is one rank's q, k
     and v heads (its gate and up features), and the local GEMM's output splits like the whole one."""
 
@@ -223,9 +223,15 @@ class CausalLM(nn.Module):
         self.activation_offload = False
         self.offloaded_bytes = 0
         # True while the modules hold weights that stay put, whole, in place of FSDP's shards (the
-        # persistent gathered buffers: inference/persistent_weights.py): the walk then enters the
+        # persistent gathered buffers: parallel/persistent_weights.py): the walk then enters the
         # root and the layers past FSDP's hooks, which would all-gather them.
         self.past_fsdp_hooks = False
+        # The tensor group this model's weights are sliced over (engine/parallel/layout.py sets it:
+        # a TensorParallel), whose primitives the walk runs on the local slices; None: whole
+        # weights.
+        self.tensor_parallel = None
+        # Whether its FSDP2 shards rest in CPU memory (engine/parallel/distributed.shard's offload).
+        self.offloaded = False
 
     def set_recompute(self, checkpointing: bool, offload: bool = False):
         """train.gradient_checkpointing (each layer recomputed in backward) and, with it,
@@ -251,9 +257,8 @@ class CausalLM(nn.Module):
         """
         if attend is None:
             attend = attention_step(meta, kv_caches)
-        tp = getattr(self, "tensor_parallel", None)  # engine/tensor_parallel.py: the walk on the local shards
-        if tp:
-            prims = tp.prims(prims or FORWARD)
+        if self.tensor_parallel is not None:
+            prims = self.tensor_parallel.prims(prims or FORWARD)
         if self.past_fsdp_hooks:
             prims = past_hooks(prims or FORWARD)
         return self.hidden_states(input_ids, positions, attend, prims)

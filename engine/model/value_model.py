@@ -14,7 +14,7 @@ from typing import Optional, Protocol
 import torch
 from torch import nn
 
-from .. import distributed
+from ..parallel import distributed
 from .hf_io import load_model, save_model
 from .config import ModelConfig
 from .causal_lm import CausalLM, rebuild_as

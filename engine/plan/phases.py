@@ -66,7 +66,7 @@ class Setup:
         train.data_parallel (every GPU: shard; train.shard_group_size, one node's by default: hybrid;
         1, whole copies: replicate); at train.tensor_parallel T > 1 every GPU where the data groups
         shard the tensor slices too (data_sharded), else the T ranks of a tensor group (the data
-        groups hold copies: engine/tensor_parallel.py); 1 for a model every GPU holds whole."""
+        groups hold copies: engine/parallel/tensor_parallel.py); 1 for a model every GPU holds whole."""
         if not self.fsdp(part):
             return 1
         if self.cfg.train.tensor_parallel == 1:
@@ -75,7 +75,7 @@ class Setup:
 
     def data_sharded(self, part: Part) -> bool:
         """At T > 1 on more than T GPUs at train.data_parallel=shard, FSDP2 shards its tensor slices over
-        the data groups (engine/tensor_parallel.py); not a LoRA base's, nor the shared value head."""
+        the data groups (engine/parallel/tensor_parallel.py); not a LoRA base's, nor the shared value head."""
         t = self.cfg.train.tensor_parallel
         return (t > 1 and self.ranks > t and self.fsdp(part) and self.cfg.train.data_parallel == "shard"
                 and not part.adapted and part.role != "value head")
@@ -96,7 +96,7 @@ class Setup:
     def experts(self) -> tuple[int, set[int]]:
         """(E, ids of the parameters expert parallelism holds): at train.expert_parallel=E > 1 under
         torchrun the trained policy's (SFT's model's) experts, E / num_experts of them whole per rank
-        and outside FSDP's units (engine/model/expert_parallel.py); (1, empty) otherwise."""
+        and outside FSDP's units (engine/parallel/expert_parallel.py); (1, empty) otherwise."""
         def compute():
             e = getattr(self.cfg.train, "expert_parallel", 1)
             if e == 1 or self.ranks == 1:
@@ -280,7 +280,7 @@ def _elem(s: Setup) -> int:
 
 def persistent_bytes(s: Setup) -> int:
     """rollout.persistent_weights: the policy's whole-size generation buffers, allocated with the
-    hybrid actor and kept (inference/persistent_weights.py): its whole weights (its tensor slices at
+    hybrid actor and kept (parallel/persistent_weights.py): its whole weights (its tensor slices at
     train.tensor_parallel > 1), but where its local shards are whole on the GPU already
     (data_parallel=replicate, not offloaded), read as they are."""
     policy = _policy(s)
@@ -346,7 +346,7 @@ def supervised_phases(s: Setup) -> dict:
 
 
 def generation_gathered(s: Setup, policy: Part) -> int:
-    """Weights generation holds on top of the policy's shards (engine/tensor_parallel.py): at
+    """Weights generation holds on top of the policy's shards (engine/parallel/tensor_parallel.py): at
     train.tensor_parallel T > 1 its tensor slices (1/T of the policy) gathered from the data group
     when sharded there (Setup.data_sharded), else none (the data groups hold copies: each GPU reads
     its slices where they lie); at T = 1 the whole policy (rules.generation_gathers_policy), unless it is read from

@@ -7,7 +7,7 @@ from typing import Callable, ContextManager
 
 import torch
 
-from ... import distributed
+from ...parallel import distributed
 from ...data.packing import PackedBatch
 from ...data.prefix_sharing import share_prefixes
 from ...model.invariant import BatchInvariant

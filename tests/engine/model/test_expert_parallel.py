@@ -6,14 +6,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fusedrl.engine.model.expert_parallel import shard_experts
+from fusedrl.engine.parallel.expert_parallel import shard_experts
 from fusedrl.engine.model.moe import moe_blocks
-from dist_testing import rank_threads, torchrun_script
+from dist_testing import rank_threads, run_ranks
 from ep_worker import pack, tiny_model
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    result = torchrun_script(Path(__file__).with_name("ep_worker.py"), tmp_path)
+    result = run_ranks(Path(__file__).with_name("ep_worker.py"), tmp_path)
     assert result.returncode == 0, result.stderr[-6000:]
     ranks = [torch.load(tmp_path / f"rank-{r}.pt") for r in range(2)]
     with rank_threads():

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from fusedrl.engine.model import tensor_parallel_ops
-from dist_testing import torchrun_script
+from dist_testing import run_ranks
 
 
 @pytest.mark.integration
 def test_two_ranks_equal_one_process_and_keep_a_few_floats_a_row(tmp_path):
-    result = torchrun_script(Path(__file__).with_name("vocab_parallel_worker.py"), tmp_path)
+    result = run_ranks(Path(__file__).with_name("vocab_parallel_worker.py"), tmp_path)
     assert result.returncode == 0, result.stderr[-6000:]
     for rank in range(2):
         got = torch.load(tmp_path / f"rank-{rank}.pt")

@@ -3,8 +3,10 @@ the even split of a global batch over ranks."""
 import pytest
 import torch
 
-from fusedrl.engine import distributed
 from fusedrl.engine.errors import ConfigValueError
+from fusedrl.engine.parallel import distributed
+from fusedrl.engine.parallel.dims import ParallelDims
+from fusedrl.engine.parallel.layout import layout
 
 
 def test_one_process_is_the_plain_program(monkeypatch):
@@ -19,7 +21,8 @@ def test_one_process_is_the_plain_program(monkeypatch):
     assert distributed.all_reduce_sum({"tokens": 3, "nll": 1.5}) == {"tokens": 3, "nll": 1.5}
     assert distributed.all_gather(7) == [7] and distributed.broadcast("x") == "x"
     distributed.reshard(model)  # nothing to reshard
-    assert distributed.sharder("shard", "cpu")(model) is model and type(model.weight) is torch.nn.Parameter
+    assert layout(model, "trained", ParallelDims()) is model
+    assert type(model.weight) is torch.nn.Parameter
 
 
 def test_more_local_ranks_than_gpus_is_one_line_naming_both_before_the_group_starts(monkeypatch):
