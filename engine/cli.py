@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -28,13 +27,8 @@ from .config import io as config_io
 from .config.demo import DemoConfig
 from .config.ppo import GRPOConfig, PPOConfig
 from .config.train import RMConfig, SFTConfig
+from .generate_command import add_generate_parser
 from .train import trackers
-
-_STAGE_EPILOG = """options (YAML keys; nested sections as dotted overrides, e.g. optim.lr=2e-5):
-{options}
-
-Values are YAML scalars: 1e-4, true, null, "a string". Overrides win over the file."""
-
 
 # --- info -------------------------------------------------------------------------------------
 
@@ -88,7 +82,7 @@ def add_stage_parser(commands, name: str) -> None:
     config_cls, _, summary = STAGES[name]
     p = commands.add_parser(name, help=summary, description=summary,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog=_STAGE_EPILOG.format(options="\n".join(config_io.describe(config_cls))))
+                            epilog=config_io.options_epilog(config_cls))
     p.add_argument("--config", help="YAML file with the options below")
     add_debug_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options overriding the file")
@@ -104,26 +98,12 @@ def add_quiet_flag(parser: argparse.ArgumentParser) -> None:
                              "stay)")
 
 
-def load_config(config_cls, path, overrides):
-    """The command's config; a bad file, key or value is a usage error."""
-    try:
-        return config_io.load(config_cls, path, overrides)
-    except (ValueError, OSError) as e:  # ConfigError is a ValueError, as are the dataclasses' checks
-        raise errors.UsageError(str(e) if not isinstance(e, OSError) else f"--config {path}: {e.strerror}") from e
-
-
-def print_config(config) -> int:
-    """--print-config: the resolved config (file, overrides and the command's defaults) as YAML."""
-    print(config_io.to_yaml(config), end="")
-    return 0
-
-
 def run_stage(args, name: str) -> int:
     config_cls, train, _ = STAGES[name]
     quiet = ["train.progress=false"] if args.quiet else []
-    config = load_config(config_cls, args.config, args.overrides + quiet)
+    config = config_io.command_config(config_cls, args.config, args.overrides + quiet)
     if args.print_config:
-        return print_config(config)
+        return config_io.print_config(config)
     trackers.check_installed(trackers.tracker_names(config.train))  # before anything is created
     try:
         config.require_data()
@@ -166,9 +146,9 @@ def _plan(args) -> int:
 # --- demo -------------------------------------------------------------------------------------
 
 def run_demo(args) -> int:
-    cfg = load_config(DemoConfig, None, args.overrides)
+    cfg = config_io.command_config(DemoConfig, None, args.overrides)
     if args.print_config:
-        return print_config(cfg)
+        return config_io.print_config(cfg)
     run_dir.check_target(cfg.output_dir, "demo", overwrite=cfg.overwrite)  # before the demo imports torch
     path_checks.check_output_dir(cfg.output_dir)
     from .stages.demo import format_table, run_demo as demo
@@ -190,137 +170,6 @@ def add_demo_parser(commands) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved options as YAML and exit")
     add_debug_flag(p)
     p.set_defaults(run=run_demo)
-
-
-# --- generate ---------------------------------------------------------------------------------
-
-# The longest --prompt-file line read (1 MiB: some 250k tokens, past any model's context).
-MAX_PROMPT_BYTES = 2**20
-
-
-def _memory(text: str | None) -> int | float | None:
-    """--kv-cache-memory: '0.5' -> a fraction of free GPU memory (values <= 1); '2e9' or
-    '2000000000' -> bytes; a UsageError for anything else (inf, nan, 0, a word)."""
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (0 < value < math.inf):
-        raise errors.UsageError(f"--kv-cache-memory {text}: expected bytes (e.g. 2000000000) or a "
-                                "fraction of free GPU memory in (0, 1] (e.g. 0.5)")
-    return value if value <= 1 else int(value)
-
-
-def add_generate_parser(commands) -> None:
-    p = commands.add_parser("generate", help="generate completions with the paged-KV engine",
-                            description="complete prompts; text (or --json lines) to stdout, progress to stderr")
-    p.add_argument("--model", required=True, help="Hugging Face model directory")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    p.add_argument("--prompt-file", help="a file with one prompt per line")
-    p.add_argument("--n", type=int, default=1, help="completions per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    p.add_argument("--seed", type=int, default=None, help="makes the completions reproducible")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--kv-cache-memory", default=None,
-                   help="KV pool: bytes (e.g. 2000000000) or a fraction of free GPU memory (e.g. 0.5)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
-                   help="speculative decoding: rows draft up to K tokens by n-gram lookup in their "
-                        "own text, verified in one forward (same tokens; fewer forwards where text "
-                        "repeats); 0 = off")
-    p.add_argument("--speculate-below", type=int, default=8, metavar="B",
-                   help="speculate on decode steps of fewer than B rows")
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
-                   help="under torchrun: T ranks generate together from their slices of the weights")
-    p.add_argument("--json", action="store_true", help="print one JSON object per completion")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_debug_flag(p)
-    p.set_defaults(run=run_generate)
-
-
-def _as_option(error: ValueError) -> errors.UsageError:
-    """SamplingParams names its fields (SamplingParams.top_p): say which option the user gave (--top-p)."""
-    return errors.UsageError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(error)))
-
-
-def _generate_tensor_parallel(args, prompts, params, device):
-    from .tensor_parallel import generate_tensor_parallel
-    return generate_tensor_parallel(args.model, prompts, params, args.tensor_parallel, device=device, dtype=args.dtype,
-                                    use_tqdm=not args.no_progress, kv_cache_memory=args.kv_cache_memory,
-                                    block_size=args.block_size)
-
-
-def run_generate(args) -> int:
-    from .data.records import DataError, decode_line, numbered_lines
-    prompts = list(args.prompt)
-    if args.prompt_file:
-        if os.path.exists(args.prompt_file) and not os.path.isfile(args.prompt_file):
-            raise errors.UsageError(f"--prompt-file {args.prompt_file}: not a regular file (a "
-                                    "directory, FIFO or device); expected a text file of one "
-                                    "prompt per line")
-        try:
-            for lineno, raw in numbered_lines(args.prompt_file, MAX_PROMPT_BYTES):
-                try:
-                    prompts.append(decode_line(raw))
-                except ValueError as e:
-                    raise DataError(f"{args.prompt_file}:{lineno}: {e}") from None
-        except OSError as e:
-            raise errors.UsageError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
-    if not prompts:
-        raise errors.UsageError("give --prompt TEXT (repeatable) or --prompt-file FILE")
-    args.kv_cache_memory = _memory(args.kv_cache_memory)
-    # The arguments and the path first: torch-free, so a mistake is answered at once.
-    path_checks.check_model_path(args.model, "--model")
-    path_checks.check_tokenizer_files(args.model, "--model")
-    from .inference.sampling_params import SamplingParams
-    try:
-        params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                max_new_tokens=args.max_new_tokens, seed=args.seed)
-    except ValueError as e:
-        raise _as_option(e) from e
-    from .inference.llm import LLM
-    from .train.run_setup import check_model_dir, resolve_device
-    check_model_dir(args.model, "--model")
-    device = resolve_device(args.device, "--device")
-    try:  # an argument the engine rejects; the model's own problems are FusedRLErrors and pass through
-        if args.tensor_parallel != 1:
-            if args.speculative_tokens:
-                raise errors.UsageError(
-                    f"--speculative-tokens={args.speculative_tokens} with --tensor-parallel="
-                    f"{args.tensor_parallel}: expected one of them (0 or 1 for the other)")
-            outputs = _generate_tensor_parallel(args, prompts, params, device)
-            if outputs is None:  # not the first rank: it printed nothing
-                return 0
-        else:
-            llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-                      block_size=args.block_size, device=device,
-                      speculative_tokens=args.speculative_tokens,
-                      speculate_below=args.speculate_below)
-            outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
-            if args.speculative_tokens:
-                tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
-                print(f"speculative decoding: {llm.runner.forwards} model forwards for {tokens} "
-                      "generated tokens", file=sys.stderr)
-    except errors.FusedRLError:
-        raise
-    except ValueError as e:
-        raise _as_option(e) from e
-    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
-        for j, c in enumerate(out.outputs):
-            if args.json:
-                print(json.dumps({"prompt_index": i, "sample": j, "prompt": prompt, "text": c.text,
-                                  "token_ids": c.token_ids, "logprobs": c.logprobs,
-                                  "finish_reason": c.finish_reason}))
-            else:
-                print(f"[{i}.{j}] {prompt}{c.text}  ({c.finish_reason}, {len(c.token_ids)} tokens)")
-    sys.stdout.flush()
-    return 0
 
 
 # --- plot -------------------------------------------------------------------------------------
@@ -411,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug_flag(commands.add_parser("info", help="versions, devices and kernel backends"))
     commands.choices["info"].set_defaults(run=run_info)
     add_demo_parser(commands)
-    add_generate_parser(commands)
+    add_generate_parser(commands, add_debug_flag)
     for name in STAGES:
         add_stage_parser(commands, name)
     add_plan_parser(commands)
@@ -497,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave(code: int) -> int:
     """`code`, after a torchrun rank left its process group (distributed.leave; it exits there)."""
-    if "fusedrl.engine.distributed" in sys.modules:  # imported only by the commands that need torch
-        sys.modules["fusedrl.engine.distributed"].leave(code)
+    if "fusedrl.engine.parallel.distributed" in sys.modules:  # only the commands that need torch
+        sys.modules["fusedrl.engine.parallel.distributed"].leave(code)
     return code
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import UsageError
 from .aliases import meaning_of
 from .fields import choices
 
@@ -196,10 +197,51 @@ def _deep_copy(data: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
-def load(cls, path=None, overrides: list[str] = ()):
-    """`cls` from an optional YAML file plus `key=value` overrides (overrides win)."""
-    data = {} if path is None else read_yaml(path)
-    return from_dict(cls, apply_overrides(data, list(overrides)))
+def load(cls, path=None, overrides: list[str] = (), fill: dict | None = None):
+    """`cls` from an optional YAML file plus `key=value` overrides (overrides win); `fill`: {dotted
+    key: text} set where the file and the overrides leave that key empty."""
+    data = apply_overrides({} if path is None else read_yaml(path), list(overrides))
+    missing = [f"{key}={text}" for key, text in (fill or {}).items() if not _has(data, key)]
+    data = apply_overrides(data, missing)
+    return from_dict(cls, data)
+
+
+def _has(data: dict, dotted: str) -> bool:
+    """Whether nested dict `data` holds a non-empty value at `dotted`."""
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return bool(node)
+
+
+def command_config(cls, path, overrides: list[str], fill: dict | None = None):
+    """`load` for a command (every fusedrl command reads its config so): a bad file, key or value is
+    a one-line UsageError naming it."""
+    try:
+        return load(cls, path, overrides, fill)
+    except OSError as e:
+        raise UsageError(f"--config {path}: {e.strerror}") from e
+    except ValueError as e:  # ConfigError is a ValueError, as are the dataclasses' checks
+        raise UsageError(str(e)) from e
+
+
+def print_config(config) -> int:
+    """--print-config: the resolved config (file, overrides and the command's defaults) as YAML."""
+    print(to_yaml(config), end="")
+    return 0
+
+
+OPTIONS_EPILOG = """options (YAML keys; nested sections as dotted overrides, e.g. optim.lr=2e-5):
+{options}
+
+Values are YAML scalars: 1e-4, true, null, "a string". Overrides win over the file."""
+
+
+def options_epilog(cls) -> str:
+    """A command's --help epilog: every option of config class `cls` (describe)."""
+    return OPTIONS_EPILOG.format(options="\n".join(describe(cls)))
 
 
 def read_yaml(path) -> dict:

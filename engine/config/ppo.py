@@ -294,6 +294,12 @@ class LoopConfig(RunConfig):
                                   "(non-blocking, the next one prefetched) for its all-gather and freed after "
                                   "(FSDP2's CPUOffloadPolicy; a reward model that is the LoRA critic's trunk "
                                   "stays)", False)
+    prefix_sharing: bool = option(
+        "the scoring forwards (reward model, reference, old log-probs, values) and the update "
+        "read a group's prompt once, followed by its answers, each answer attending to the prompt "
+        "and itself (the prompt's gradient summed over its answers); token budgets count the "
+        "prompt once; equal to reading every row whole up to rounding; the rollout.exact "
+        "old-log-prob forward reads rows whole", True)
 
     def __post_init__(self):
         super().__post_init__()

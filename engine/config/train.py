@@ -127,6 +127,10 @@ class RunConfig:
     precision: Precision = option("bf16-mixed (bf16 weights, fp32 master weights and moments in the optimizer) "
                                   "| fp32 | auto (bf16-mixed on CUDA, fp32 on CPU)", "auto")
     gradient_checkpointing: bool = option("recompute each decoder layer in backward to save memory", False)
+    activation_offload: bool = option(
+        "with train.gradient_checkpointing: each layer's saved input and residual rest in (pinned) "
+        "CPU memory from the forward to the backward, copied back one layer ahead (prefetched on "
+        "CUDA); bit-identical results, activations of about one layer on the device", False)
     log_every: int = option("write a metrics line every this many steps", 1)
     save_every: int = option("checkpoint every this many steps (0 = by time and at the end only)", 0)
     save_every_minutes: float = option("also checkpoint when this many minutes passed since the last "
@@ -179,15 +183,14 @@ class RunConfig:
 
     def __post_init__(self):
         check_fields(self, "train.")
+        check(not self.activation_offload or self.gradient_checkpointing,
+              "train.activation_offload=true moves what checkpointed layers keep: set "
+              "train.gradient_checkpointing=true")
         check(self.tensor_parallel >= 1, f"train.tensor_parallel must be >= 1, got {self.tensor_parallel}")
         check(self.shard_group_size >= 0, f"train.shard_group_size must be >= 0, got {self.shard_group_size}")
         check(self.shard_group_size == 0 or self.data_parallel == "hybrid",
               f"train.shard_group_size={self.shard_group_size} is read with train.data_parallel=hybrid only, got "
               f"train.data_parallel={self.data_parallel}")
-        check(self.data_parallel != "hybrid" or self.tensor_parallel == 1,
-              f"train.data_parallel=hybrid with train.tensor_parallel={self.tensor_parallel}: the tensor-parallel "
-              "data groups shard the slices (train.data_parallel=shard) or copy them (replicate: across nodes, "
-              "at T = the GPUs of a node); expected one of those")
         check(self.expert_parallel >= 1, f"train.expert_parallel must be >= 1, got {self.expert_parallel}")
         check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),

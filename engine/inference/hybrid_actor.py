@@ -18,7 +18,7 @@ reallocated at every unshard, and a captured graph would read freed memory. With
 persistent_weights (rollout.persistent_weights) the whole parameters are instead buffers allocated
 once and refilled in place before each rollout (persistent_weights.py): one whole copy of the
 policy (of its tensor slice) kept per rank through training, and CUDA graphs on. A policy sharded tensor-parallel
-(engine/tensor_parallel.py) is not gathered: each rank generates with its tensor group from its
+(engine/parallel/tensor_parallel.py) is not gathered: each rank generates with its tensor group from its
 own slices, whose storage never moves, so CUDA graphs stay on there; unless FSDP shards the slices
 over the data groups too (train.data_parallel=shard), then gathered from the data group for the
 rollout (1 / T of the policy per rank, not the whole), CUDA graphs off but with persistent_weights.
@@ -29,14 +29,14 @@ import contextlib
 
 import torch
 
-from ..errors import ConfigValueError
+from ..parallel.validate import check_persistent_weights
 from .llm import LLM
-from .persistent_weights import PersistentWeights
+from ..parallel.persistent_weights import PersistentWeights
 from .runner import kv_bytes_per_block
 from ..model.causal_lm import CausalLM
-from ..model.expert_parallel import gathered_experts
+from ..parallel.expert_parallel import gathered_experts
 from ..model.invariant import BatchInvariant
-from .. import distributed
+from ..parallel import distributed
 from .sampling_params import SamplingParams
 
 
@@ -52,14 +52,12 @@ class HybridActor:
         groups; collective: every rank builds its actor together)."""
         self.policy = policy
         self.release_kv_pool = release_kv_pool
-        tp = getattr(policy, "tensor_parallel", None)
+        tp = policy.tensor_parallel
         # Tensor slices sharded over the data groups are gathered for each rollout, as FSDP units are.
         alone = distributed.world_size() == 1
         gathers = not alone and (tp is None or tp.data_sharded)
-        if persistent_weights and not gathers:
-            got = "one process" if alone else "tensor slices copied across the data groups"
-            raise ConfigValueError(f"persistent_weights=True: expected torchrun at tensor_parallel 1 or tensor "
-                                   f"slices sharded over the data groups (got {got}, which gathers nothing)")
+        if persistent_weights:
+            check_persistent_weights(alone, gathers)
         self.weights = PersistentWeights(policy, device) if persistent_weights else None
         # Nothing gathered, or gathered into storage that stays put: captured graphs stay valid.
         graphs = not gathers or self.weights is not None

@@ -23,6 +23,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .turns import OnTurnEnd, Trajectory, generate_turns
+from ..parallel.validate import check_exact_generation
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # CPU has no "free memory" to take a fraction of: 1 GiB
 
@@ -57,7 +58,7 @@ class LLM:
     `CausalLM` already in memory: the trainer's own parameters, used in place (`dtype` and `device`
     are then the model's; pass `tokenizer` for string prompts). In-place updates (optimizer steps,
     `copy_`) are seen by the next `generate`, CUDA graphs included; replacing Parameter objects is not.
-    A model sharded by `engine.tensor_parallel.shard_tensor_parallel` generates with its tensor group
+    A model sharded by `engine.parallel.layout` generates with its tensor group
     (every rank of it calls `generate` with the same prompts), from its slices and its heads' KV.
     kv_cache_memory: bytes (int) or a fraction of free GPU memory (float); default 0.9 of free GPU
     memory on CUDA (pass a budget when a trainer shares the GPU), 1 GiB on CPU. The pool is never
@@ -141,10 +142,8 @@ class LLM:
         self.device = torch.device(device) if offloaded else param.device
         if kv_cache_memory is None:
             kv_cache_memory = 0.9 if self.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
-        tp = getattr(self.model, "tensor_parallel", None)  # engine/tensor_parallel.py
-        if tp is not None and self.batch_invariant is not None:
-            raise ConfigValueError("batch_invariant (rollout.exact) with tensor parallelism: not supported yet "
-                                   "(the all-reduces' order differs from the training forward's); use one or the other")
+        tp = self.model.tensor_parallel  # parallel/tensor_parallel.py: its slices, its heads' KV
+        check_exact_generation(self.batch_invariant is not None, tp)
         num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, self.device,
                                            tp.size if tp else 1)
         num_blocks = min(num_blocks, max_num_seqs * -(-self.config.max_model_len // block_size))
@@ -157,7 +156,8 @@ class LLM:
                                    self.config.max_model_len, self.config.eos_token_ids,
                                    prefill_chunk)
         self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs,
-                                  self.batch_invariant, fuse_decode_gemms, record_routing, device=self.device)
+                                  self.batch_invariant, fuse_decode_gemms, record_routing,
+                                  device=self.device, tensor_parallel=tp)
         self._next_seq_id = 0
         # Every tensor rank must draw the same seeds (they sample the same rows in lockstep).
         self._rng = random.Random(tp.same_on_ranks(random.getrandbits(63)) if tp else None)

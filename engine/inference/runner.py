@@ -68,7 +68,8 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
                  use_cuda_graphs: bool = True, batch_invariant: BatchInvariant | None = None,
-                 fuse_decode_gemms: bool = True, record_routing: bool = False, device=None):
+                 fuse_decode_gemms: bool = True, record_routing: bool = False, device=None,
+                 tensor_parallel=None):
         self.model = model
         self.fuse_decode_gemms = fuse_decode_gemms
         self.batch_invariant = batch_invariant
@@ -79,8 +80,9 @@ class ModelRunner:
         offloaded = device is not None and torch.device(device).type != param.device.type
         self.device, self.dtype = torch.device(device) if offloaded else param.device, param.dtype
         c = self.config
-        # Tensor-parallel (engine/tensor_parallel.py): this rank's shards, its kv heads' cache.
-        self.tensor_parallel = getattr(model, "tensor_parallel", None)
+        # The model's TensorParallel (parallel/tensor_parallel.py) or None: this rank's slices,
+        # its kv heads' cache, the logits gathered from the tensor ranks.
+        self.tensor_parallel = tensor_parallel
         self.num_blocks = num_blocks
         self.kv_pool = self.kv_caches = None
         self.allocate_kv_pool()

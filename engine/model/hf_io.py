@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
 from ..errors import ConfigValueError, ModelError
-from .. import distributed
+from ..parallel import distributed
 from ..durable import written_whole
 from ..run_dir import write_marker
 from ..path_checks import CONFIG_FILE
@@ -119,7 +119,7 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM, shard:
     if shard is not None:
         shard(model)
     # FSDP2's CPU offload (distributed.shard(offload=True)) wants the shards materialized in CPU memory.
-    model.to_empty(device="cpu" if getattr(model, "offloaded", False) else device)
+    model.to_empty(device="cpu" if model.offloaded else device)
     model.tie_weights()
     expected = hf_blocks(model)
     packed = packed_blocks(model)  # MoE experts stored packed: one tensor stands for many names

@@ -31,7 +31,7 @@ from ..config.lora import LoRAConfig
 from ..durable import check_finite, written_whole
 from ..errors import ModelError
 from ..run_dir import check_unchanged, claim, entries, release
-from .. import distributed
+from ..parallel import distributed
 from .hf_io import load_model, save_model
 from .lora import LoRA, add_lora
 from .weight_map import local_box

@@ -46,6 +46,13 @@ class RewardModel(CausalLM):
         hidden = self.forward_packed(input_ids, seqlens, positions, cu_seqlens)
         return self.raw_rewards(hidden, seqlens) - self.reward_offset
 
+    @torch.no_grad()
+    def packed_rewards(self, packed) -> torch.Tensor:
+        """Normalized rewards [S] of a PackedBatch's rows (each group's prompt read once where the
+        pack shares prompts: CausalLM.forward_rows)."""
+        hidden, _, last = self.forward_rows(packed)
+        return self.score(hidden.index_select(0, last)).squeeze(-1) - self.reward_offset
+
 
 def reward_model_from_lm(lm: CausalLM) -> RewardModel:
     """A RewardModel sharing `lm`'s config with a copy of its weights and a fresh score head.

@@ -26,7 +26,7 @@ import torch
 from ..model.causal_lm import CausalLM
 from ..model.reward_model import RewardModel
 from ..model.value_model import ValueModel
-from .activations import forward_activations, training_activations
+from .activations import forward_activations, shared_prefix_tokens, training_activations
 from .model_bytes import Part, local_numel, param_bytes, unique_params, unit_bytes
 from .kv_pool import PoolFigures, held_in, pool_bytes, pool_figures
 from .rules import EngineRules
@@ -50,6 +50,7 @@ class Setup:
     rules: EngineRules
     gpu_memory: int | None = None  # what rollout.kv_cache_memory's fraction or `auto` is of
     memo: dict = field(default_factory=dict, repr=False)  # parameter lists and unit sizes, computed once
+    fused: bool = True          # the decoder's fused kernels run (CUDA), else its torch ops
 
     def once(self, key, compute):
         if key not in self.memo:
@@ -65,7 +66,7 @@ class Setup:
         train.data_parallel (every GPU: shard; train.shard_group_size, one node's by default: hybrid;
         1, whole copies: replicate); at train.tensor_parallel T > 1 every GPU where the data groups
         shard the tensor slices too (data_sharded), else the T ranks of a tensor group (the data
-        groups hold copies: engine/tensor_parallel.py); 1 for a model every GPU holds whole."""
+        groups hold copies: engine/parallel/tensor_parallel.py); 1 for a model every GPU holds whole."""
         if not self.fsdp(part):
             return 1
         if self.cfg.train.tensor_parallel == 1:
@@ -74,7 +75,7 @@ class Setup:
 
     def data_sharded(self, part: Part) -> bool:
         """At T > 1 on more than T GPUs at train.data_parallel=shard, FSDP2 shards its tensor slices over
-        the data groups (engine/tensor_parallel.py); not a LoRA base's, nor the shared value head."""
+        the data groups (engine/parallel/tensor_parallel.py); not a LoRA base's, nor the shared value head."""
         t = self.cfg.train.tensor_parallel
         return (t > 1 and self.ranks > t and self.fsdp(part) and self.cfg.train.data_parallel == "shard"
                 and not part.adapted and part.role != "value head")
@@ -95,7 +96,7 @@ class Setup:
     def experts(self) -> tuple[int, set[int]]:
         """(E, ids of the parameters expert parallelism holds): at train.expert_parallel=E > 1 under
         torchrun the trained policy's (SFT's model's) experts, E / num_experts of them whole per rank
-        and outside FSDP's units (engine/model/expert_parallel.py); (1, empty) otherwise."""
+        and outside FSDP's units (engine/parallel/expert_parallel.py); (1, empty) otherwise."""
         def compute():
             e = getattr(self.cfg.train, "expert_parallel", 1)
             if e == 1 or self.ranks == 1:
@@ -279,7 +280,7 @@ def _elem(s: Setup) -> int:
 
 def persistent_bytes(s: Setup) -> int:
     """rollout.persistent_weights: the policy's whole-size generation buffers, allocated with the
-    hybrid actor and kept (inference/persistent_weights.py): its whole weights (its tensor slices at
+    hybrid actor and kept (parallel/persistent_weights.py): its whole weights (its tensor slices at
     train.tensor_parallel > 1), but where its local shards are whole on the GPU already
     (data_parallel=replicate, not offloaded), read as they are."""
     policy = _policy(s)
@@ -304,10 +305,13 @@ def load_phase(s: Setup) -> dict:
     return {"weights": whole + small}
 
 
-def update_phase(s: Setup, tokens: int, trained_decoders: list[Part]) -> dict:
+def update_phase(s: Setup, tokens: int, trained_decoders: list[Part],
+                 shared_keys: float = 0.0) -> dict:
     """The larger of the backward (activations of every trained decoder's graph at once, their
-    FSDP roots and layers gathered, a unit's whole gradients) and the step (the fp32 gradient copy)."""
+    FSDP roots and layers gathered, a unit's whole gradients) and the step (the fp32 gradient copy).
+    shared_keys: keys gathered per token by prefix sharing (activations.shared_prefix_tokens)."""
     elem, ckpt = _elem(s), s.cfg.train.gradient_checkpointing
+    offload = getattr(s.cfg.train, "activation_offload", False)
     grads = grad_bytes(s)
     unsharded_grads = 0
     gathered = 0
@@ -317,8 +321,9 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part]) -> dict:
             gathered += forward_gathered(s, part)
             unsharded_grads = max(unsharded_grads, (rest + max(layers, default=0)) // share)
     backward = {**_resident(s), "grads": grads + unsharded_grads, "gathered": gathered,
-                "activations": sum(training_activations(p.config, elem, ckpt, tokens, lm_head=_has_lm_head(s, p))
-                                   for p in trained_decoders)}
+                "activations": sum(training_activations(
+                    p.config, elem, ckpt, tokens, lm_head=_has_lm_head(s, p), offload=offload,
+                    shared_keys=shared_keys, fused=s.fused) for p in trained_decoders)}
     step = {**_resident(s), "grads": grads + step_buffer_bytes(s)}
     return max(backward, step, key=lambda d: sum(d.values()))
 
@@ -341,7 +346,7 @@ def supervised_phases(s: Setup) -> dict:
 
 
 def generation_gathered(s: Setup, policy: Part) -> int:
-    """Weights generation holds on top of the policy's shards (engine/tensor_parallel.py): at
+    """Weights generation holds on top of the policy's shards (engine/parallel/tensor_parallel.py): at
     train.tensor_parallel T > 1 its tensor slices (1/T of the policy) gathered from the data group
     when sharded there (Setup.data_sharded), else none (the data groups hold copies: each GPU reads
     its slices where they lie); at T = 1 the whole policy (rules.generation_gathers_policy), unless it is read from
@@ -371,21 +376,27 @@ def ppo_phases(s: Setup) -> dict:
     rollout = {**base, "gathered": gathered,
                "activations": forward_activations(c, elem, prefill, lm_head=False) + sampler_logits}
 
-    # rollout.tokens_per_forward: each scoring forward holds at most that many of the rows' tokens.
-    scored = min(rows * longest, r.tokens_per_forward or rows * longest)
+    # train.prefix_sharing: a forward reads each group's prompt once, gathers its keys per answer.
+    sharing = s.cfg.train.prefix_sharing
+    forwarded, shared_keys = shared_prefix_tokens(rows, r.samples_per_prompt, r.max_prompt_length,
+                                                  r.max_new_tokens, sharing)
+    # rollout.tokens_per_forward: each scoring forward holds at most that many forwarded tokens.
+    scored = min(forwarded, r.tokens_per_forward or forwarded)
 
     def scoring_cost(part: Part) -> tuple[int, int]:
         # The batch-invariant forward reads the policy whole: gathered, or its persistent buffers.
         exact = part is policy and r.exact and s.fsdp(part)
         return ((0 if r.persistent_weights else whole_bytes(part)) if exact else forward_gathered(s, part),
-                forward_activations(part.config, elem, scored, lm_head=_has_lm_head(s, part)))
+                forward_activations(part.config, elem, scored, lm_head=_has_lm_head(s, part),
+                                    shared_keys=shared_keys))
     decoders = [part for part in s.parts if part.config is not None]
     gathered_s, act_s = max((scoring_cost(part) for part in decoders), key=sum)
     scoring = {**base, "gathered": gathered_s, "activations": act_s}
 
+    # A micro-batch of rows may hold one row per group (minibatches draw random rows): whole rows.
     tokens = p.tokens_per_microbatch or (p.microbatch_size or p.minibatch_size) * longest
     critic = _critic_decoder(s)
-    update = update_phase(s, tokens, [policy] + ([critic] if critic else []))
+    update = update_phase(s, tokens, [policy] + ([critic] if critic else []), shared_keys)
     export = {**base, "gathered": export_gathered(s, [policy, *_role(s, "critic")])}
     if _role(s, "critic adapters"):  # LoRACritic.merged: a ValueModel on its trunk's own shards
         export["gathered"] = max(export["gathered"], export_gathered(s, [critic]))

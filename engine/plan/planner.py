@@ -20,8 +20,8 @@ from .model_bytes import ppo_models, supervised_models
 from .phases import MemoryPlan, Setup, host_optimizer_bytes, model_rows, plan_phases
 from .rules import TODAY, EngineRules
 from .units import format_bytes
-from ..tensor_parallel import check_tensor_parallel
-from ..distributed import shard_group_size
+from ..parallel.dims import shard_group_size
+from ..parallel.validate import check_tensor_parallel, slices_sharded
 
 
 def stage_of(cfg) -> str:
@@ -48,10 +48,11 @@ def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda"
         parts = ppo_models(cfg, model_config(cfg.policy), rm, dtype, rules.lora_base_whole)
     else:
         parts = supervised_models(stage, cfg, model_config(cfg.model), dtype, rules.lora_base_whole)
-    # One process is refused train.optimizer_offload (engine/plan/check.py): nothing is offloaded.
+    # One process is refused train.optimizer_offload (parallel/validate.py): nothing is offloaded.
     group = shard_group_size(cfg.train.data_parallel, gpus, cfg.train.shard_group_size, gpus_per_node or gpus)
     offload = cfg.train.optimizer_offload and gpus > 1
-    return Setup(stage, cfg, parts, gpus, group, dtype, offload, rules, gpu_memory)
+    return Setup(stage, cfg, parts, gpus, group, dtype, offload, rules, gpu_memory,
+                 fused=torch.device(device).type == "cuda")
 
 
 def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, device: str = "cuda",
@@ -79,12 +80,6 @@ def with_overrides(cfg, overrides: list[str]):
     return config_io.from_dict(type(cfg), config_io.apply_overrides(config_io.to_dict(cfg), overrides))
 
 
-def slices_sharded(cfg, gpus: int) -> bool:
-    """Whether FSDP2 shards the trained models' tensor slices over the data groups (engine/tensor_parallel.py):
-    train.data_parallel=shard on more GPUs than train.tensor_parallel, no LoRA base."""
-    return cfg.train.data_parallel == "shard" and gpus > cfg.train.tensor_parallel and cfg.lora.rank == 0
-
-
 def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
     """(what it is, overrides, GPUs) of each change the advice tries."""
     out = []
@@ -96,6 +91,9 @@ def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
         out.append(("offload the optimizer state to CPU memory", ["train.optimizer_offload=true"], gpus))
     if not cfg.train.gradient_checkpointing:
         out.append(("recompute activations in backward", ["train.gradient_checkpointing=true"], gpus))
+    elif not cfg.train.activation_offload:
+        out.append(("keep the checkpointed layers' inputs in CPU memory",
+                    ["train.activation_offload=true"], gpus))
     if cfg.lora.rank == 0:
         # An MoE model's adapters go on attention only (lora.add_lora refuses MLP targets there).
         out.append(("train LoRA adapters only", ["lora.rank=64"] + (

@@ -30,11 +30,12 @@ from ..errors import NonFiniteError
 from ..model.hf_io import load_model
 from ..model.reward_model import RewardModel, load_reward_model, save_reward_model
 from ..train import adapters
-from ..distributed import is_main
+from ..parallel.distributed import is_main
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
-from ..tensor_parallel import training_sharder
+from ..parallel.layout import laying_out
+from ..plan.check import refuse_unfit
 from ..train.supervised import Stage, check_context, train
 from .sft import target_nll_sum
 
@@ -136,18 +137,19 @@ def run_rm(cfg: RMConfig, dataset=None, eval_dataset=None) -> Path:
     format; with lora.rank > 0 also RUN_DIR/final_adapter, see the module docstring). dataset,
     eval_dataset: datasets.Dataset objects read instead of cfg.data.train_file and
     cfg.data.eval_file."""
-    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="rm", config=cfg)
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="rm", config=cfg,
+                    check=refuse_unfit)
     check_context(cfg.data, run.configs["model"].max_model_len)
     device, tokenizer = run.device, run.tokenizer
     examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed, dataset, eval_dataset)
     # The trained score head stays whole on every rank beside LoRA adapters (a replicated head).
-    sharder = training_sharder(cfg.train, device, lambda model: [model.score] if cfg.lora.enabled else [],
-                               data_shard=not cfg.lora.enabled)
+    sharder = laying_out("adapted" if cfg.lora.enabled else "trained", run.dims,
+                         lambda model: [model.score] if cfg.lora.enabled else [])
     model = load_model(cfg.model, dtype=run.dtype, device=device, model_cls=RewardModel, shard=sharder,
                        fresh=["score.weight"])  # the head starts at zero: see reward_model_from_lm
     lora = adapters.attach(model, cfg.lora, {"score": model.score})
     state = train(model, rm_stage(cfg, run.dtype, device, sharder), examples.train, examples.eval, cfg, device, examples.info,
-                  lora)
+                  lora, run.dims)
     references = reference_sequences(cfg, tokenizer, examples.records)
     # Every rank scores all references (the sharded forward is collective), so all agree on it.
     model.reward_offset = mean_raw_reward(model, references, cfg.data.tokens_per_batch, device)

@@ -17,7 +17,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from .. import distributed
+from ..parallel import distributed
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -34,7 +34,7 @@ from ..config.resume import resume_changes
 from ..config.train import RunConfig
 from ..durable import remove_leftovers, sync_dir
 from ..errors import FusedRLError, Interrupted, RunComplete
-from .. import distributed
+from ..parallel import distributed
 from ..run_dir import read_marker
 from .checkpoint import Trainables, latest_checkpoint, resume, save_checkpoint
 from .checkpoint.store import PREFIX

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ... import distributed
+from ...parallel import distributed
 from ...config.ppo import RolloutConfig
 from ...data.prompts import PromptRow
 from ...inference.sampling_params import SamplingParams
@@ -107,27 +107,29 @@ def partial_samples(models: PPOModels, state: PPOState,
     (partial answers left unfinished), dropped answers and tokens (too stale), the staleness of the
     trained tokens (mean, max), the tokens drawn and the share of the token budget.
     draw_prompts(k): the stream's next k prompts of this rank. Advances state.in_flight."""
-    it, groups = state.step, state.in_flight
+    it, groups, ranks = state.step, state.in_flight, models.ranks
     dropped, dropped_tokens = drop_stale(groups, it, r.max_staleness)
-    wanted = distributed.max_over_ranks(new_groups_wanted(len(groups), r.prompts_per_iteration))
+    wanted = distributed.max_over_ranks(new_groups_wanted(len(groups), r.prompts_per_iteration),
+                                        ranks)
     fresh = draw_prompts(wanted) if wanted else []
     groups += [new_group(p.ids, r.samples_per_prompt, seed * 7919 + g, p)
                for g, p in enumerate(fresh)]
     drawn = generate_in_flight(models, groups, r, it, timer)
     done = [g for g in groups if complete(g)][:r.prompts_per_iteration]
-    trained = done[:distributed.min_over_ranks(len(done))]
+    trained = done[:distributed.min_over_ranks(len(done), ranks)]
     state.in_flight = [g for g in groups if not any(g is t for t in trained)]
     staleness = [it - v for g in trained for s in g["samples"] for v in s["versions"]]
     metrics = distributed.all_reduce_sum({
         "carried": sum(bool(s["answer"]) for _, s in unfinished(state.in_flight)),
         "dropped_answers": dropped, "dropped_tokens": dropped_tokens,
         "groups_trained": len(trained),
-        "staleness_sum": sum(staleness), "trained_tokens": len(staleness), "drawn_tokens": drawn})
+        "staleness_sum": sum(staleness), "trained_tokens": len(staleness), "drawn_tokens": drawn},
+        ranks)
     total = metrics.pop("staleness_sum")
-    metrics.update(staleness_max=distributed.max_over_ranks(max(staleness, default=0)),
+    metrics.update(staleness_max=distributed.max_over_ranks(max(staleness, default=0), ranks),
                    staleness_mean=total / max(metrics.pop("trained_tokens"), 1))
     if r.tokens_per_iteration is not None:
-        budget = r.tokens_per_iteration * distributed.data_world_size()
+        budget = r.tokens_per_iteration * ranks.size()
         metrics["budget_used"] = metrics["drawn_tokens"] / budget
     if not trained:
         return None, metrics

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ...data.packing import PackedBatch, pack_sequences
+from ...parallel import distributed
 from ..reward_fn import RewardFunctionError, call_reward_fn
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -31,7 +32,7 @@ class RewardModelScorer:
         """Scores [S] of an already packed batch (the rollout's own pack: no second packing)."""
         off = self.critic_lora.disabled() if self.critic_lora is not None else contextlib.nullcontext()
         with off:
-            return self.rm.rewards(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
+            return self.rm.packed_rewards(packed)
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         packed = pack_sequences([(p, r, False) for p, r in zip(prompts, responses)],
@@ -44,19 +45,20 @@ def reward_model_scorer(rm, critic_lora=None) -> RewardModelScorer:
 
 
 def score_rows(score: Scorer, prompts: list[list[int]], responses: list[list[int]],
-               packed: PackedBatch, tokens_per_forward: int | None = None) -> torch.Tensor:
+               packed: PackedBatch, tokens_per_forward: int | None = None,
+               ranks: distributed.DataRanks = distributed.WORLD) -> torch.Tensor:
     """Scores [R] of the rollout's rows, from its pack when the scorer reads one (in forwards of at
-    most `tokens_per_forward` tokens: chunks.py)."""
+    most `tokens_per_forward` tokens over the data `ranks`: chunks.py)."""
     score_packed = getattr(score, "score_packed", None)
     if score_packed is None:
         return score(prompts, responses)
-    return forward_in_pieces(packed, tokens_per_forward, score_packed)
+    return forward_in_pieces(packed, tokens_per_forward, score_packed, ranks)
 
 
 def function_scorer(fn: Callable, tokenizer, name: str, timeout_s: float, tensor_parallel=None) -> Scorer:
     """Scores from a Python function of the decoded texts: fn(prompts, responses) -> list of floats,
     contained (engine/stages/reward_fn.py). `name` (e.g. reward_fn's 'module:function') names it in
-    errors; `timeout_s` bounds one call. tensor_parallel (the policy's engine/tensor_parallel
+    errors; `timeout_s` bounds one call. tensor_parallel (the policy's engine/parallel/tensor_parallel
     TensorParallel, whose ranks hold the same rows): only its first rank calls fn, and every rank
     takes its scores, so the group agrees even with a reward function that is not deterministic."""
     def call(prompts, responses):

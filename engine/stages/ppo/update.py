@@ -28,7 +28,8 @@ from ...config.ppo import PPOConfig, UpdateConfig
 from ...model.moe import moe_blocks, routing_trace
 from ...train.router_losses import trace_losses
 from ...data.packing import pack
-from ... import distributed
+from ...data.prefix_sharing import grouped_order
+from ...parallel import distributed
 from ...train import optim, runlog
 from ....kernels import (aggregation_rule, importance_weights, kl_penalty, masked_mean, ppo_policy_loss,
                          ppo_value_loss)
@@ -75,7 +76,7 @@ class UpdateResult:
 @dataclass
 class Optimizers:
     """The policy's optimizer (and the shared value head's params) and the separate critic's;
-    tensor_parallel: the policy's engine/tensor_parallel.TensorParallel at train.tensor_parallel > 1
+    tensor_parallel: the policy's engine/parallel/tensor_parallel.TensorParallel at train.tensor_parallel > 1
     (every model on the same tensor ranks), else None."""
     policy: torch.optim.Optimizer
     critic: Optional[torch.optim.Optimizer]
@@ -108,18 +109,23 @@ def aggregation_units(mask: torch.Tensor, agg: str) -> Optional[torch.Tensor]:
     return aggregation_rule(mask, agg)[1]
 
 
-def _global_total(units: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _global_total(units: Optional[torch.Tensor],
+                  ranks: distributed.DataRanks) -> Optional[torch.Tensor]:
     """The units of every rank's share of the minibatch (at least 1)."""
-    return None if units is None else distributed.all_reduce_tensor(units.sum()).clamp_min(1)
+    if units is None:
+        return None
+    return distributed.all_reduce_tensor(units.sum(), ranks=ranks).clamp_min(1)
 
 
 def microbatch_rows(seqlens: list[int], rows_per_microbatch: Optional[int],
-                    tokens_per_microbatch: Optional[int]) -> list[list[int]]:
+                    tokens_per_microbatch: Optional[int],
+                    shared: tuple[list[int], list[int]] = ([], [])) -> list[list[int]]:
     """A minibatch's rows (of these token counts) split into micro-batches, in order: packed up to
-    tokens_per_microbatch (PPOConfig checks that one row always fits), else rows_per_microbatch
-    rows each (None: all at once)."""
+    tokens_per_microbatch forwarded tokens (PPOConfig checks that one row always fits; shared: the
+    rows' prefix groups and prompt lengths, a prompt counted once per micro-batch), else
+    rows_per_microbatch rows each (None: all at once)."""
     if tokens_per_microbatch is not None:
-        return pack(seqlens, tokens_per_microbatch)
+        return pack(seqlens, tokens_per_microbatch, "tokens_per_microbatch", shared)
     size = rows_per_microbatch or len(seqlens)
     return [list(range(start, min(start + size, len(seqlens)))) for start in range(0, len(seqlens), size)]
 
@@ -144,9 +150,12 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
                                   level=p.is_level, cap=p.is_cap, low=p.is_low, high=p.is_high)[1]
     units = {"policy": aggregation_units(kept, p.agg), "value": aggregation_units(batch.mask, p.agg),
              "token": batch.mask.sum(-1)}
-    totals_of = {kind: _global_total(u) for kind, u in units.items()}
-    micros = microbatch_rows(batch.packed.seqlens, p.microbatch_size, p.tokens_per_microbatch)
-    most = distributed.max_over_ranks(len(micros))  # agreed before the forwards (their collectives)
+    totals_of = {kind: _global_total(u, models.ranks) for kind, u in units.items()}
+    packed = batch.packed
+    micros = microbatch_rows(packed.seqlens, p.microbatch_size, p.tokens_per_microbatch,
+                             (packed.prefix_groups, packed.prompt_lens))
+    # Agreed before the forwards (their collectives).
+    most = distributed.max_over_ranks(len(micros), models.ranks)
     left = iter(range(most - 1, -1, -1))  # micro-batch backwards left after each
 
     def backward(loss):
@@ -157,7 +166,7 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
             if model is not None:
                 distributed.all_reduce_in_backward(model, last)
         distributed.all_reduce_in_backward(models.policy, last and ptx_loss is None)
-        (loss * distributed.data_world_size()).backward()
+        (loss * models.ranks.size()).backward()
     totals: dict = {}
     total_loss = torch.zeros((), device=batch.mask.device)
     for rows in micros:
@@ -192,12 +201,14 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
         (p.ptx_coef * ptx).backward()
         total_loss = total_loss + ptx.detach()
     totals["loss"] = total_loss
-    if distributed.data_world_size() > 1:
+    if models.ranks.size() > 1:
         # The forwards run only to keep the ranks in step (a fill on the device: no host copy).
         totals["spare_forwards"] = torch.full((), float(spares), device=total_loss.device)
         # Sums of the ranks' weighted shares: the global minibatch's stats, in one all-reduce.
         names = list(totals)
-        totals = dict(zip(names, distributed.all_reduce_tensor(torch.stack([totals[k] for k in names]))))
+        summed = distributed.all_reduce_tensor(torch.stack([totals[k] for k in names]),
+                                               ranks=models.ranks)
+        totals = dict(zip(names, summed))
     if ptx is not None:  # the PPO-ptx batch is the same on every rank: its loss is not summed
         totals["ptx_loss"] = ptx.detach()
     return totals
@@ -274,7 +285,9 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: U
         stop = False
         for start, end in minibatch_bounds(rows, minibatch):
             optimizers.zero_grad()
-            stats = minibatch_backward(models, rollout.rows(order[start:end]), s, ptx_loss)
+            # A group's rows together: its micro-batches read its prompt once (prefix sharing).
+            rows_of = grouped_order(order[start:end], rollout.packed.prefix_groups)
+            stats = minibatch_backward(models, rollout.rows(rows_of), s, ptx_loss)
             norms = optimizers.clip_and_step(stats["loss"])
             host = runlog.host_values({**stats, "grad_norm": norms[0], "stepped": torch.isfinite(norms).all()})
             if not host.pop("stepped"):  # the step was skipped on the device

@@ -87,7 +87,7 @@ def trainer_state(parts: Trainables) -> tuple[dict[str, torch.Tensor], dict]:
 
 def row_layouts(parts: Trainables) -> dict[str, int]:
     """{model: T} of the models whose packed projections (q/k/v, gate/up) hold their rows
-    rank-interleaved for T tensor ranks (engine/tensor_parallel.py): a checkpoint's rows are only
+    rank-interleaved for T tensor ranks (engine/parallel/tensor_parallel.py): a checkpoint's rows are only
     read back into the same layout (the tensors' names and shapes do not show it)."""
     return {name: t for name, model in parts.models.items()
             if (t := max((m.tensor_parallel for m in model.module.modules() if isinstance(m, PackedProjection)),

@@ -13,7 +13,7 @@ import torch
 
 from ...durable import CorruptDirectory
 from ...errors import UsageError
-from ... import distributed
+from ...parallel import distributed
 from .parts import (Trainables, check_rng_state, module_tensors, row_layouts, optimizer_key,
                     optimizer_parameters, parameter_names, set_rng_state)
 from .shards import DTYPES, dtype_name, local_chunk

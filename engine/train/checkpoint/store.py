@@ -13,7 +13,7 @@ import torch
 
 from ...durable import CorruptDirectory, check_finite, publish, temp_dir, verify_manifest, write_manifest
 from ...errors import NonFiniteError, UsageError
-from ... import distributed
+from ...parallel import distributed
 from .legacy import is_legacy, open_legacy
 from .parts import Trainables, rng_state, trainer_state
 from .restore import Source, restore

@@ -134,7 +134,8 @@ def test_14b_ppo_fits_with_the_optimizer_offloaded_once_load_and_export_are_shar
 
 def test_the_scoring_forwards_hold_one_token_budget(qwen):
     """rollout.tokens_per_forward bounds the scoring phase's activations (16 x 4 rows of 320 tokens here)."""
-    rows = "rollout.prompts_per_iteration=16", "rollout.samples_per_prompt=4"
+    rows = ("rollout.prompts_per_iteration=16", "rollout.samples_per_prompt=4",
+            "train.prefix_sharing=false")
     whole = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=null").phases["scoring"]["activations"]
     cut = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=2048").phases["scoring"]["activations"]
     held = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=20480").phases["scoring"]["activations"]

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from fusedrl.engine.config.moe import RouterLossConfig
-from fusedrl.engine.config.ppo import RolloutConfig, UpdateConfig
+from fusedrl.engine.config.ppo import LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.stages.ppo.forwards import policy_forward
 from fusedrl.engine.stages.ppo.trainer import build_models
@@ -37,8 +37,11 @@ def moe_setup(tmp_path_factory):
 @pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
 def test_routing_replay_makes_the_first_ratio_exactly_one(moe_setup, tmp_path, scoring_func):
     root, policy_dir, prompts = moe_setup if scoring_func == "softmax" else policy_setup(tmp_path, scoring_func)
+    # Rows read whole: a minibatch's shared layout differs from the rollout's, which rounds apart.
     cfg = config(root, policy_dir, prompts, "replay", ppo=UpdateConfig(epochs=1, minibatch_size=6),
-                 moe=RouterLossConfig(router_aux_loss_coef=0.01, router_z_loss_coef=0.001))
+                 moe=RouterLossConfig(router_aux_loss_coef=0.01, router_z_loss_coef=0.001),
+                 train=LoopConfig(iterations=2, progress=False, resume=True, device="cpu",
+                                  prefix_sharing=False))
     assert cfg.rollout.routing_replay  # on by default
     with use_backend("triton"):
         models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),

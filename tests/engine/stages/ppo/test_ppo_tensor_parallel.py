@@ -170,7 +170,7 @@ def test_what_does_not_run_tensor_parallel_is_refused_in_one_line(tmp_path):
     cfg.rollout.exact = cfg.train.frozen_offload = True
     with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with rollout.exact=true, train.frozen_offload=true "
                                          r"without tensor slices sharded over the data groups: "
-                                         r"not supported tensor-parallel yet \(SFT, RM, PPO and GRPO train "
+                                         r"not supported tensor-parallel \(SFT, RM, PPO and GRPO train "
                                          r"tensor-parallel, LoRA included\)$"):
         refuse_unfit(cfg, torch.device("cpu"), 2)
     cfg.rollout.exact, cfg.train.optimizer_offload = False, True
