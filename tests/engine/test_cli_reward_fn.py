@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fusedrl.engine.stages.reward_fn import RewardFunctionError, call_reward_fn, checked_scores
+from fusedrl.engine.stages.rewards.functions import RewardFunctionError, call_reward_fn, checked_scores
 from cli_testing import assert_one_line_error, cli_error, run_fusedrl
 from train_testing import write_jsonl
 

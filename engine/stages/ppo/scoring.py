@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ...data.packing import PackedBatch, pack_sequences
-from ..reward_fn import call_reward_fn
+from ..rewards.functions import call_reward_fn
 from .chunks import forward_in_pieces
 
 # (prompts, responses) token ids -> scores [R]. A scorer that can read the rollout's pack instead

@@ -14,7 +14,7 @@ from fusedrl.engine.config.ppo import LoopConfig, RewardConfig, RolloutConfig
 from fusedrl.engine.stages.ppo import trainer
 from fusedrl.engine.stages.ppo.core import KLController, RunningMoments, finite_rows
 from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, check_kl, load_reward_fn, run_ppo
-from fusedrl.engine.stages.reward_fn import RewardFunctionError
+from fusedrl.engine.stages.rewards.functions import RewardFunctionError
 from fusedrl.engine.train.loop import Diverged
 from fusedrl.engine.train.runlog import read_metrics
 from test_ppo import config, setup, vowel_fraction  # noqa: F401  (setup is a fixture)

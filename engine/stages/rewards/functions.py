@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import FusedRLError
+from ...errors import FusedRLError
 
 
 class RewardFunctionError(FusedRLError):
