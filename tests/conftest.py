@@ -45,6 +45,7 @@ def _seed(request):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: only meaningful on a CUDA GPU (skipped without one); "
                                        "`pytest -m gpu tests` runs just these on a GPU machine")
+    config.addinivalue_line("markers", "integration: starts other processes")
     # The interpreter evaluates both sides of tl.where in numpy, so a masked-off 0 * inf warns.
     config.addinivalue_line("filterwarnings", "ignore:invalid value encountered:RuntimeWarning")
     # tests/bench runs each benchmark case once as a test; timings and their table are bench/'s job

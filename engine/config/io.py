@@ -79,8 +79,8 @@ def _did_you_mean(root, fields, prefix: str, key: str) -> str:
 
 
 def _coerce(tp, value, key: str, root):
-    """Check `value` against type hint `tp` (int, float, bool, str, Literal[...], X | None, or a
-    dataclass of config `root`)."""
+    """Check `value` against type hint `tp` (int, float, bool, str, Literal[...], list[X],
+    X | Y | None, or a dataclass of config `root`)."""
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, f"{key}.", root)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -93,8 +93,20 @@ def _coerce(tp, value, key: str, root):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key, root)
+        *first, last = [a for a in args if a is not type(None)]
+        for member in first:  # the first that takes it (`str | list[str]`: a string stays one)
+            try:
+                return _coerce(member, value, key, root)
+            except ConfigError:
+                pass
+        return _coerce(last, value, key, root)
+    if origin is list:
+        # A YAML list, or on the command line `a,b` (read as one string).
+        items = [x.strip() for x in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{key}: expected a list (YAML [a, b], or a,b), got {value!r} "
+                              f"({type(value).__name__})")
+        return [_coerce(args[0], item, f"{key}[{i}]", root) for i, item in enumerate(items)]
     if tp is float and isinstance(value, str):
         value = _float_or_text(value)
     ok = {bool: lambda v: isinstance(v, bool),

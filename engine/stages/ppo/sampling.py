@@ -7,7 +7,7 @@ Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -38,10 +38,11 @@ def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
 
 
 def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConfig, seed: int,
-                     timer: PhaseTimer) -> Samples:
+                     timer: PhaseTimer, rows: Optional[list[dict]] = None) -> Samples:
     """r.samples_per_prompt responses per prompt from the policy's current weights (models.actor),
     sampled as `r` says, scored by models.score (and overlong-shaped); `seed` fixes the sampling;
-    timed as "generate" and "score"."""
+    timed as "generate" and "score". rows: each prompt's dataset record, for the reward functions
+    (scoring.reward_inputs; None: the decoded prompts, no columns)."""
     params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
@@ -51,8 +52,9 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
     if models.actor.record_routing:  # routing replay: the training forwards route as the sampler did
         packed = packed._replace(routing=models.actor.last_routing.to(device))
     with timer.phase("score"), torch.no_grad():
-        scores = score_rows(models.score, prompt_ids, responses, packed,
-                            r.tokens_per_forward).float().to(device)    # [R]
+        per_row = None if rows is None else [row for row in rows for _ in range(r.samples_per_prompt)]
+        scores = score_rows(models.score, prompt_ids, responses, packed, r.tokens_per_forward,
+                            per_row).float().to(device)    # [R]
     lengths = torch.tensor([len(x) for x in responses], device=scores.device)
     scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
     return Samples(prompt_ids, responses, packed, packed.to_grid(sampler_logprobs.to(device)), scores,
