@@ -101,11 +101,9 @@ def _coerce(tp, value, key: str, root):
                 pass
         return _coerce(last, value, key, root)
     if origin is list:
-        # A YAML list, or on the command line `a,b` (read as one string).
-        items = [x.strip() for x in value.split(",")] if isinstance(value, str) else value
-        if not isinstance(items, list):
-            raise ConfigError(f"{key}: expected a list (YAML [a, b], or a,b), got {value!r} "
-                              f"({type(value).__name__})")
+        # A YAML list, on the command line `a,b` (read as one string), or one item alone.
+        items = ([x.strip() for x in value.split(",")] if isinstance(value, str)
+                 else value if isinstance(value, list) else [value])
         return [_coerce(args[0], item, f"{key}[{i}]", root) for i, item in enumerate(items)]
     if tp is float and isinstance(value, str):
         value = _float_or_text(value)

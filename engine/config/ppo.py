@@ -163,12 +163,12 @@ class RewardConfig:
         "weighted sum of the functions that do not return None for it (None = all 1)")
     isolation: RewardIsolation = option(
         "reward_fn: process (each function in a worker process of its own, reused across "
-        "iterations: a call past reward.fn_timeout_s is killed whatever it holds, its exit or crash "
-        "fails the run, its chdir, environment and signal handlers stay its own; the function must "
-        "be importable) | thread (in the trainer's process: no process start, callables of any "
-        "kind, but RISKS: a function holding the GIL (a catastrophic regex, a C loop) is never "
-        "stopped and blocks Ctrl-C, os._exit ends the run with its exit code, and a chdir moves "
-        "the run's relative paths)", "process")
+        "iterations: a call past reward.fn_timeout_s is killed whatever it holds, its exit or "
+        "crash fails the run, its chdir, environment and signal handlers stay its own; the "
+        "function must be importable) | thread (in the trainer's process: no process start, "
+        "callables of any kind, but RISKS: a function holding the GIL (a catastrophic regex, a C "
+        "loop) is never stopped and blocks Ctrl-C, os._exit ends the run with its exit code, and "
+        "a chdir moves the run's relative paths)", "process")
 
     def __post_init__(self):
         check_fields(self, "reward.")

@@ -74,6 +74,6 @@ def random_prompts(lengths, seed=0):
 
 
 def rewards_in_thread(fn):
-    """`fn` opened as a run's reward functions in the test's own process (build_models' argument)."""
+    """`fn` opened as a run's reward functions in the test's process (build_models' argument)."""
     from fusedrl.engine.stages.rewards.combined import open_reward_functions
     return open_reward_functions([fn], None, "thread", 60.0)

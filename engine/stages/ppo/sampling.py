@@ -52,7 +52,8 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
     if models.actor.record_routing:  # routing replay: the training forwards route as the sampler did
         packed = packed._replace(routing=models.actor.last_routing.to(device))
     with timer.phase("score"), torch.no_grad():
-        per_row = None if rows is None else [row for row in rows for _ in range(r.samples_per_prompt)]
+        n = r.samples_per_prompt
+        per_row = None if rows is None else [row for row in rows for _ in range(n)]
         scores = score_rows(models.score, prompt_ids, responses, packed, r.tokens_per_forward,
                             per_row).float().to(device)    # [R]
     lengths = torch.tensor([len(x) for x in responses], device=scores.device)

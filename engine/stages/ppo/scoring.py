@@ -72,8 +72,9 @@ def reward_inputs(tokenizer, prompts: list[list[int]], responses: list[list[int]
     if rows is None:
         return RewardInputs(prompt_texts, prompt_texts, completion_texts, completion_ids)
     names = dict.fromkeys(name for row in rows for name in row if name != "prompt")
-    return RewardInputs([row["prompt"] for row in rows], prompt_texts, completion_texts, completion_ids,
-                        {name: [row.get(name) for row in rows] for name in names})
+    columns = {name: [row.get(name) for row in rows] for name in names}
+    return RewardInputs([row["prompt"] for row in rows], prompt_texts, completion_texts,
+                        completion_ids, columns)
 
 
 class FunctionScorer:
@@ -89,20 +90,20 @@ class FunctionScorer:
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]],
                  rows: Optional[list[dict]] = None) -> torch.Tensor:
-        """Scores [R] fp32 of the rows (prompt and response ids, the dataset's rows: reward_inputs)."""
+        """Scores [R] fp32 of the rows: their prompt and response ids and dataset rows
+        (reward_inputs)."""
         tp = self.tensor_parallel
-        if tp is None:
+        if tp is None or tp.rank == 0:
             scores = self.functions(reward_inputs(self.tokenizer, prompts, responses, rows))
-        else:
-            scores = tp.same_on_ranks(self.functions(reward_inputs(self.tokenizer, prompts, responses, rows))
-                                      if tp.rank == 0 else None)
+        if tp is not None:
+            scores = tp.same_on_ranks(scores if tp.rank == 0 else None)
         totals, unscored = weighted_totals(scores, self.functions.weights)
         for key, value in moments(self.functions.names, scores, totals).items():
             self.sums[key] = self.sums.get(key, 0) + value
         if unscored and not self.unscored_said and distributed.is_main():
             self.unscored_said = True
-            report(f"{unscored} of {len(totals)} responses had no reward function that applies (each returned "
-                   "None): their reward is 0 (said once)")
+            report(f"{unscored} of {len(totals)} responses had no reward function that applies "
+                   "(each returned None): their reward is 0 (said once)")
         return torch.tensor(totals, dtype=torch.float32)
 
     def metrics(self) -> dict:

@@ -103,11 +103,12 @@ def open_rewards(cfg: PPOConfig, reward_fn=None) -> Optional[RewardFunctions]:
         list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
     if not functions:
         raise UsageError("PPO needs a reward: set reward_model or reward_fn (or pass reward_fn=...)")
-    return open_reward_functions(functions, cfg.reward.weights, cfg.reward.isolation, cfg.reward.fn_timeout_s)
+    r = cfg.reward
+    return open_reward_functions(functions, r.weights, r.isolation, r.fn_timeout_s)
 
 
-def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, rewards: Optional[RewardFunctions]
-                 ) -> PPOModels:
+def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
+                 rewards: Optional[RewardFunctions]) -> PPOModels:
     """Policy (trainable, shared with the actor), frozen reference, critic and scorer, with
     parameters in `dtype` (train.precision; the critic's value head stays fp32). With lora.rank > 0
     the policy's weights are frozen under adapters and no reference model is loaded; with
@@ -240,12 +241,14 @@ def ptx_loss(cfg: PPOConfig, tokenizer, policy: CausalLM, device) -> Optional[Pt
 
 
 @releases_output_dir
-def run_ppo(cfg: PPOConfig, reward_fn=None, evaluate: Optional[Callable[[PPOModels], dict]] = None) -> Path:
+def run_ppo(cfg: PPOConfig, reward_fn=None,
+            evaluate: Optional[Callable[[PPOModels], dict]] = None) -> Path:
     """Train per `cfg`; returns the exported policy directory (RUN_DIR/final; with lora.rank > 0 the
     adapters merged into it, and themselves in RUN_DIR/final_adapter).
 
     reward_fn: a reward function, or a list of them (docs/rewards.md: TRL's keyword form or
-    fn(prompt_texts, response_texts) -> floats), instead of cfg.reward_fn; weighted by reward.weights.
+    fn(prompt_texts, response_texts) -> floats), instead of cfg.reward_fn; weighted by
+    reward.weights.
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
     """
     rewards = open_rewards(cfg, reward_fn)

@@ -57,15 +57,17 @@ def open_reward_functions(functions: Sequence, weights: Optional[Sequence[float]
     says ('process': a worker each, started now; 'thread'), weighted by `weights` (None: 1 each)."""
     sources = [source_of(f) for f in functions]
     if weights is not None and len(weights) != len(sources):
+        names = ", ".join(s.name for s in sources)
         raise UsageError(f"reward.weights has {len(weights)} weight(s) for {len(sources)} reward "
-                         f"function(s) ({', '.join(s.name for s in sources)}): give one per function")
+                         f"function(s) ({names}): give one per function")
     if isolation == "process":
         runners = [ProcessRunner(s, timeout_s) for s in sources]
         start_workers(runners)
     else:
         runners = [ThreadRunner(s, timeout_s) for s in sources]
     weights = [1.0] * len(sources) if weights is None else list(weights)
-    return RewardFunctions(runners, metric_names(sources), weights, timeout_s, pickled=isolation == "process")
+    return RewardFunctions(runners, metric_names(sources), weights, timeout_s,
+                           pickled=isolation == "process")
 
 
 def metric_names(sources: list[FunctionSource]) -> list[str]:

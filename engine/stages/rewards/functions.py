@@ -58,10 +58,12 @@ def source_of(spec) -> FunctionSource:
     """The FunctionSource of a spec 'module:function' or 'path/to/file.py:function' (the file and
     the current directory made absolute now), or of a callable."""
     if callable(spec):
-        return FunctionSource(f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', spec)}", fn=spec)
+        qualname = getattr(spec, "__qualname__", repr(spec))
+        return FunctionSource(f"{getattr(spec, '__module__', '?')}.{qualname}", fn=spec)
     module, sep, name = str(spec).rpartition(":")
     if not (sep and module and name):
-        raise UsageError(f"reward_fn={spec!r}: expected 'module:function' (or 'path/to/file.py:function')")
+        raise UsageError(f"reward_fn={spec!r}: expected 'module:function' "
+                         "(or 'path/to/file.py:function')")
     if module.endswith(".py"):
         path = Path(module).expanduser().resolve()
         if not path.is_file():
@@ -79,13 +81,15 @@ def load_function(source: FunctionSource) -> Callable:
     try:
         module = _import(source)
     except ModuleNotFoundError as e:
-        raise UsageError(f"{spec}: cannot import {source.module!r} ({e}); modules are looked up in the "
-                         "directory the run started in and on PYTHONPATH") from None
+        raise UsageError(f"{spec}: cannot import {source.module!r} ({e}); modules are looked up "
+                         "in the directory the run started in and on PYTHONPATH") from None
     except (Exception, SystemExit) as e:  # the user's module failed (or exited) while importing
-        raise FusedRLError(f"{spec}: importing {source.module!r} raised {type(e).__name__}: {e}") from e
+        raise FusedRLError(f"{spec}: importing {source.module!r} raised "
+                           f"{type(e).__name__}: {e}") from e
     fn = getattr(module, source.function, None)
     if not callable(fn):
-        raise UsageError(f"{spec}: {getattr(module, '__file__', source.module)} has no function {source.function!r}")
+        where = getattr(module, "__file__", source.module)
+        raise UsageError(f"{spec}: {where} has no function {source.function!r}")
     return fn
 
 
@@ -99,7 +103,7 @@ def _import(source: FunctionSource):
             sys.path.insert(0, str(path.parent))
         found = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(found)
-        sys.modules[path.stem] = module  # as an import would: pickling and dataclasses look it up there
+        sys.modules[path.stem] = module  # as an import would: pickling and dataclasses look there
         found.loader.exec_module(module)
         return module
     if source.search_dir not in sys.path:
@@ -158,8 +162,9 @@ class RewardCaller:
                 value = self.loop.run_until_complete(value)
         except RewardFunctionError:
             raise
-        except BaseException as e:  # SystemExit and the like too: the user's code ends nothing but the run
-            raise RewardFunctionError(f"the reward function {self.name} raised {type(e).__name__}: {e}") from e
+        except BaseException as e:  # SystemExit and the like too: the user's code ends only the run
+            raise RewardFunctionError(f"the reward function {self.name} raised "
+                                      f"{type(e).__name__}: {e}") from e
         return checked_scores(value, self.name, len(inputs.completion_ids))
 
     def arguments(self, inputs: RewardInputs) -> dict:
@@ -171,8 +176,8 @@ class RewardCaller:
                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         if missing:
             raise RewardFunctionError(
-                f"the reward function {self.name} takes {missing[0]!r}, which the prompt rows do not "
-                f"have (their columns: {', '.join(inputs.columns) or 'none'})")
+                f"the reward function {self.name} takes {missing[0]!r}, which the prompt rows do "
+                f"not have (their columns: {', '.join(inputs.columns) or 'none'})")
         if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
             return given
         return {n: v for n, v in given.items() if n in parameters}
@@ -180,8 +185,8 @@ class RewardCaller:
 
 def timed_out(name: str, timeout_s: float, rows: int) -> RewardFunctionError:
     """The failure of a call still running after reward.fn_timeout_s."""
-    return RewardFunctionError(f"the reward function {name} did not return within reward.fn_timeout_s="
-                               f"{timeout_s:g} seconds (scoring {rows} responses)")
+    return RewardFunctionError(f"the reward function {name} did not return within reward."
+                               f"fn_timeout_s={timeout_s:g} seconds (scoring {rows} responses)")
 
 
 def checked_scores(values, name: str, count: int) -> list:
@@ -189,14 +194,15 @@ def checked_scores(values, name: str, count: int) -> list:
     `count` real numbers or None (bools refused); anything else (a string, a tensor, an array, a
     generator, None) is refused, not coerced."""
     if not isinstance(values, (list, tuple)):
-        raise RewardFunctionError(f"the reward function {name} returned {_shown(values)}: expected a list of "
-                                  f"{count} numbers, one per response")
+        raise RewardFunctionError(f"the reward function {name} returned {_shown(values)}: expected "
+                                  f"a list of {count} numbers, one per response")
     if len(values) != count:
-        raise RewardFunctionError(f"the reward function {name} returned {len(values)} scores for {count} responses")
+        raise RewardFunctionError(f"the reward function {name} returned {len(values)} scores for "
+                                  f"{count} responses")
     for i, value in enumerate(values):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-            raise RewardFunctionError(f"the reward function {name} returned {_shown(value)} as score {i}: expected "
-                                      "a number (int or float) or None")
+            raise RewardFunctionError(f"the reward function {name} returned {_shown(value)} as "
+                                      f"score {i}: expected a number (int or float) or None")
     return [None if v is None else float(v) for v in values]
 
 

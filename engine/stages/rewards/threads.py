@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from .functions import FunctionSource, RewardCaller, RewardFunctionError, RewardInputs, load_function
-from .functions import timed_out
+from .functions import (FunctionSource, RewardCaller, RewardFunctionError, RewardInputs,
+                        load_function, timed_out)
 
 
 class ThreadRunner:
@@ -45,7 +45,8 @@ class ThreadRunner:
             except BaseException as e:  # the caller's own RewardFunctionError, or torch's
                 outcome["error"] = e
 
-        self.thread = threading.Thread(target=call, name=f"reward function {self.name}", daemon=True)
+        self.thread = threading.Thread(target=call, name=f"reward function {self.name}",
+                                       daemon=True)
         self.outcome, self.rows = outcome, len(inputs.completion_ids)
         self.thread.start()
 

@@ -31,8 +31,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Callable
 
 from ...errors import FusedRLError, UsageError
-from .functions import FunctionSource, RewardCaller, RewardFunctionError, RewardInputs, checked_scores
-from .functions import load_function, timed_out
+from .functions import (FunctionSource, RewardCaller, RewardFunctionError, RewardInputs,
+                        checked_scores, load_function, timed_out)
 
 # The least time a worker has to start and import the function's module: spawning an interpreter
 # and importing torch take seconds on a loaded machine, and reward.fn_timeout_s bounds one call.
@@ -52,14 +52,15 @@ class ProcessRunner:
     def spawn(self) -> None:
         """Start the worker, which loads the function (wait_loaded waits for it)."""
         if getattr(self.source.fn, "__module__", None) == "__main__":
-            raise UsageError(f"the reward function {self.name} is defined in the main script, which a worker "
-                             "process does not run: move it to a module, or set reward.isolation=thread")
+            raise UsageError(f"the reward function {self.name} is defined in the main script, "
+                             "which a worker process does not run: move it to a module, or set "
+                             "reward.isolation=thread")
         try:
             source = pickle.dumps((self.name, sys.path, pickle.dumps(self.source)))
         except Exception as e:  # a lambda or a local function: nothing the worker could import
             raise UsageError(f"the reward function {self.name} cannot be sent to a worker process "
-                             f"({type(e).__name__}: {e}): define it at the top level of an importable module, "
-                             "or set reward.isolation=thread") from None
+                             f"({type(e).__name__}: {e}): define it at the top level of an "
+                             "importable module, or set reward.isolation=thread") from None
         ours, theirs = socket.socketpair()
         with theirs:
             # A session of its own: the terminal's Ctrl-C goes to the trainer alone.
@@ -72,16 +73,19 @@ class ProcessRunner:
 
     def wait_loaded(self) -> None:
         """Wait until the worker has loaded the function: a usage error or failure naming it when
-        it cannot (not importable, its module raised), within max(reward.fn_timeout_s, LOAD_TIMEOUT_S)."""
+        it cannot (not importable, its module raised), within max(reward.fn_timeout_s,
+        LOAD_TIMEOUT_S)."""
         limit = max(self.timeout_s, LOAD_TIMEOUT_S)
         reply = self._reply(time.monotonic() + limit, "loading it", lambda: RewardFunctionError(
-            f"the reward function {self.name} was not loaded in its worker process within {limit:g} seconds"))
+            f"the reward function {self.name} was not loaded in its worker process within "
+            f"{limit:g} seconds"))
         if "error" in reply:
             self.close()
-            raise (UsageError if reply.get("exit_code") == UsageError.exit_code else FusedRLError)(reply["error"])
+            usage = reply.get("exit_code") == UsageError.exit_code
+            raise (UsageError if usage else FusedRLError)(reply["error"])
 
     def start(self, inputs: RewardInputs, payload: bytes) -> None:
-        """Send the batch (`payload`: `inputs` pickled) to the worker, started first if there is none."""
+        """Send the batch (`payload`: `inputs` pickled) to the worker (started first if none)."""
         if self.process is None:
             self.spawn()
             self.wait_loaded()
@@ -116,8 +120,8 @@ class ProcessRunner:
                     self._wait_exit()
                 except ValueError as e:
                     self.abandon()
-                    raise RewardFunctionError(f"the reward function {self.name}'s worker sent an unreadable reply "
-                                              f"({e})") from None
+                    raise RewardFunctionError(f"the reward function {self.name}'s worker sent an "
+                                              f"unreadable reply ({e})") from None
             if self.process.poll() is not None:
                 raise self._ended(doing)
             if time.monotonic() >= deadline:
@@ -134,9 +138,11 @@ class ProcessRunner:
     def _ended(self, doing: str) -> RewardFunctionError:
         """The failure of a worker that ended by itself (it is cleaned up)."""
         code = self.process.returncode
-        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        killed = code is not None and code < 0
+        how = f"killed by {signal.Signals(-code).name}" if killed else f"exit code {code}"
         self.abandon()
-        return RewardFunctionError(f"the reward function {self.name} ended its worker process ({how}) while {doing}")
+        return RewardFunctionError(f"the reward function {self.name} ended its worker process "
+                                   f"({how}) while {doing}")
 
     def abandon(self) -> None:
         """Kill the worker (a call may be running); the next call starts a fresh one."""
@@ -177,9 +183,10 @@ def serve(conn: Connection, parent_pid: int) -> None:
     except FusedRLError as e:
         return _send(conn, {"error": str(e), "exit_code": e.exit_code})
     except BaseException as e:  # a callable whose module is not importable here
-        return _send(conn, {"error": f"the reward function {name} could not be loaded in its worker process "
-                                     f"({type(e).__name__}: {e}): define it in an importable module, or set "
-                                     "reward.isolation=thread", "exit_code": FusedRLError.exit_code})
+        return _send(conn, {"error": f"the reward function {name} could not be loaded in its "
+                                     f"worker process ({type(e).__name__}: {e}): define it in an "
+                                     "importable module, or set reward.isolation=thread",
+                            "exit_code": FusedRLError.exit_code})
     _send(conn, {"ready": caller.style})
     while True:
         try:

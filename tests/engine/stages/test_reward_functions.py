@@ -14,10 +14,11 @@ import time
 import pytest
 
 from fusedrl.engine.errors import UsageError
-from fusedrl.engine.stages.rewards.combined import (TOTAL, metric_names, moments, open_reward_functions, summary,
-                                                    weighted_totals)
-from fusedrl.engine.stages.rewards.functions import (RewardCaller, RewardFunctionError, RewardInputs, calling_style,
-                                                     checked_scores, source_of)
+from fusedrl.engine.stages.rewards.combined import (TOTAL, metric_names, moments,
+                                                    open_reward_functions, summary, weighted_totals)
+from fusedrl.engine.stages.rewards.functions import (RewardCaller, RewardFunctionError,
+                                                     RewardInputs, calling_style, checked_scores,
+                                                     source_of)
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ def meddles(prompts, responses):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return [0.0] * len(responses)
 '''
-SPECS = ["trl_rewards:legacy", "trl_rewards:accuracy", "trl_rewards:tool_calls", "trl_rewards:judged"]
+SPECS = [f"trl_rewards:{name}" for name in ("legacy", "accuracy", "tool_calls", "judged")]
 WEIGHTS = [1.0, 2.0, 0.5, 1.0]
 
 
@@ -87,7 +88,7 @@ def conversational_rows() -> RewardInputs:
 def test_every_calling_form_in_worker_processes(pool):
     scores = pool(conversational_rows())
     assert scores == [[11.0, 12.0],    # positional: decoded texts, len(prompt) + len(response)
-                      [1.0, 0.0],      # keywords: completions as assistant messages against `solution`
+                      [1.0, 0.0],      # keywords: assistant messages against `solution`
                       [None, 2.0],     # None: not applicable to the first row
                       [0.25, 0.75]]    # async, reading the column through **kwargs
     totals, unscored = weighted_totals(scores, pool.weights)
@@ -102,7 +103,8 @@ def test_the_thread_form_scores_the_same(user_module, pool):
 
 
 def test_string_prompts_give_string_completions():
-    caller = RewardCaller(lambda prompts, completions, **kw: [float(c == "4") for c in completions], "f")
+    caller = RewardCaller(lambda prompts, completions, **kw: [float(c == "4") for c in completions],
+                          "f")
     rows = RewardInputs(["2+2?"], ["2+2?"], ["4"], [[19]])
     assert rows.completions() == ["4"] and caller(rows) == [1.0]
 
@@ -110,8 +112,8 @@ def test_string_prompts_give_string_completions():
 def test_a_column_the_rows_lack_is_named(pool):
     rows = conversational_rows()
     rows.columns = {}
-    with pytest.raises(RewardFunctionError, match="trl_rewards:accuracy takes 'solution', which the prompt rows "
-                                                  "do not have"):
+    with pytest.raises(RewardFunctionError,
+                       match="accuracy takes 'solution', which the prompt rows do not have"):
         pool(rows)
     assert pool(conversational_rows())[1] == [1.0, 0.0]  # the workers still serve
 
@@ -141,17 +143,20 @@ def test_calling_style_follows_the_signature():
 
 
 def test_return_values_are_checked_not_coerced():
-    assert checked_scores([1, 0.5, None, math.nan], "f", 4)[:3] == [1.0, 0.5, None]  # NaN: the rollout's to drop
+    # NaN is a number: the rollout drops its row.
+    assert checked_scores([1, 0.5, None, math.nan], "f", 4)[:3] == [1.0, 0.5, None]
     refused = [("0.5", "returned str '0.5'"), (None, "returned NoneType None"),
-               ((s for s in [1.0]), "returned generator"), ([1.0, 2.0], "returned 2 scores for 1 responses"),
-               (["1.0"], "returned str '1.0' as score 0"), ([True], "returned bool True as score 0")]
+               ((s for s in [1.0]), "returned generator"),
+               ([1.0, 2.0], "returned 2 scores for 1 responses"),
+               (["1.0"], "returned str '1.0' as score 0"),
+               ([True], "returned bool True as score 0")]
     for value, message in refused:  # each for one response
         with pytest.raises(RewardFunctionError, match=message):
             checked_scores(value, "f", 1)
 
 
 def test_weights_are_one_per_function(user_module):
-    with pytest.raises(UsageError, match=r"reward.weights has 1 weight\(s\) for 2 reward function\(s\)"):
+    with pytest.raises(UsageError, match=r"reward.weights has 1 weight\(s\) for 2 reward function"):
         opened(user_module, SPECS[:2], [1.0])
 
 
@@ -166,7 +171,7 @@ def test_a_file_path_spec_is_absolute_from_the_start(user_module, monkeypatch):
 def test_a_local_function_is_refused_for_a_worker_in_one_line(user_module):
     def local(prompts, responses):
         return [0.0] * len(responses)
-    with pytest.raises(UsageError, match="cannot be sent to a worker process .* or set reward.isolation=thread"):
+    with pytest.raises(UsageError, match="cannot be sent to a worker process .* isolation=thread"):
         opened(user_module, [local])
 
 
@@ -181,7 +186,7 @@ def test_what_a_function_does_to_its_process_stays_there(user_module):
     assert signal.getsignal(signal.SIGTERM) == handler
 
 
-def test_ctrl_c_reaches_the_trainer_while_a_worker_runs_and_the_worker_ignores_its_own(user_module, pool):
+def test_ctrl_c_reaches_the_trainer_at_once_and_the_worker_ignores_its_own(user_module, pool):
     worker = pool.runners[0].process
     os.kill(worker.pid, signal.SIGINT)  # what a terminal's Ctrl-C would send its process group
     assert pool(conversational_rows())[0] == [11.0, 12.0] and worker.poll() is None
@@ -209,8 +214,8 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_a_worker_dies_with_its_trainer(user_module):
-    trainer = subprocess.run([sys.executable, "-c", TRAINER, str(user_module)], capture_output=True, text=True,
-                             timeout=120)
+    trainer = subprocess.run([sys.executable, "-c", TRAINER, str(user_module)], capture_output=True,
+                             text=True, timeout=120)
     assert trainer.returncode == -signal.SIGKILL, trainer.stderr
     worker = int(trainer.stdout.split()[0])
     for _ in range(100):  # PR_SET_PDEATHSIG delivers at once; the slices allow for a loaded machine

@@ -97,7 +97,8 @@ def test_hybrid_actor_generates_from_the_trained_weights(setup):
     root, policy_dir, prompts = setup
     cfg = config(root, policy_dir, prompts, "actor", critic="shared")
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    models = build_models(cfg, torch.device("cpu"), torch.float32, tokenizer,
                           rewards_in_thread(vowel_fraction))
     assert models.actor.llm.model is models.policy                     # one weight copy
     pool = models.actor.kv_pool_bytes
@@ -121,7 +122,8 @@ def test_a_released_kv_pool_comes_back_for_the_next_rollout(setup):
                  rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                        kv_cache_memory=1 << 22, release_kv_pool=True))
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    models = build_models(cfg, torch.device("cpu"), torch.float32, tokenizer,
                           rewards_in_thread(vowel_fraction))
     actor, params = models.actor, SamplingParams(n=3, max_new_tokens=6, seed=5)
     pool = actor.kv_pool_bytes
@@ -140,7 +142,8 @@ def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     cfg = config(root, policy_dir, prompts, "direction", ppo=UpdateConfig(epochs=1, minibatch_size=100),
                  optim=dict_optim(lr=1e-4), reward=RewardConfig(kl_coef=0.0))
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    models = build_models(cfg, torch.device("cpu"), torch.float32, tokenizer,
                           rewards_in_thread(vowel_fraction))
     models.score = low_id_fraction
     opts, _ = build_optimizers(models, cfg)
@@ -166,7 +169,8 @@ def test_microbatches_accumulate_the_minibatch_gradient(setup, agg, options):
     cfg = config(root, policy_dir, prompts, "micro", critic="separate",
                  ppo=UpdateConfig(epochs=1, minibatch_size=6, agg=agg, ent_coef=0.05, vf_coef=0.5, **options))
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    models = build_models(cfg, torch.device("cpu"), torch.float32, tokenizer,
                           rewards_in_thread(vowel_fraction))
     models.score = low_id_fraction
     rollout, _ = rollout_of(models, random_prompts([4, 6]), cfg, 0.05)
@@ -225,7 +229,8 @@ def test_non_finite_loss_skips_the_update(setup):
     root, policy_dir, prompts = setup
     cfg = config(root, policy_dir, prompts, "nan")
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    models = build_models(cfg, torch.device("cpu"), torch.float32, tokenizer,
                           rewards_in_thread(vowel_fraction))
     opts, _ = build_optimizers(models, cfg)
     before = {k: v.clone() for k, v in models.policy.state_dict().items()}

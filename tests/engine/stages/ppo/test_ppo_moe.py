@@ -73,4 +73,5 @@ def test_exact_rollouts_are_refused_for_moe(moe_setup):
     cfg = config(root, policy_dir, prompts, "exact", rollout=RolloutConfig(
         prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=4, kv_cache_memory=1 << 22, exact=True))
     with pytest.raises(UsageError, match="rollout.exact=true with a mixture-of-experts policy \\(qwen3_moe\\)"):
-        build_models(cfg, torch.device("cpu"), torch.float32, None, rewards_in_thread(vowel_fraction))
+        build_models(cfg, torch.device("cpu"), torch.float32, None,
+                     rewards_in_thread(vowel_fraction))

@@ -77,8 +77,8 @@ def test_a_reward_function_that_raises_is_named(setup):
     def flaky_reward(prompts, responses):
         raise ZeroDivisionError("boom")
     with pytest.raises(RewardFunctionError, match=r"the reward function .*flaky_reward raised ZeroDivisionError: boom"):
-        run_ppo(config(root, policy_dir, prompts, "raises", reward_fn=None, reward=RewardConfig(isolation="thread")),
-                reward_fn=flaky_reward)
+        run_ppo(config(root, policy_dir, prompts, "raises", reward_fn=None,
+                       reward=RewardConfig(isolation="thread")), reward_fn=flaky_reward)
 
 
 def test_reward_fn_modules_resolve_in_the_current_directory(tmp_path, monkeypatch):
@@ -91,7 +91,7 @@ def test_reward_fn_modules_resolve_in_the_current_directory(tmp_path, monkeypatc
     assert load_function(source)([], ["a", "b"]) == [1.0, 1.0]
     with pytest.raises(UsageError, match=r"my_reward.py has no function 'scor'"):
         load_function(source_of("my_reward:scor"))
-    with pytest.raises(UsageError, match=r"cannot import 'no_such_module'.*directory the run started in"):
+    with pytest.raises(UsageError, match=r"cannot import 'no_such_module'.*the run started in"):
         load_function(source_of("no_such_module:score"))
     with pytest.raises(UsageError, match="expected 'module:function'"):
         source_of("my_reward")
