@@ -38,11 +38,12 @@ def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
 
 
 def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConfig, seed: int,
-                     timer: PhaseTimer, rows: Optional[list[dict]] = None) -> Samples:
+                     timer: PhaseTimer, sources: Optional[list] = None) -> Samples:
     """r.samples_per_prompt responses per prompt from the policy's current weights (models.actor),
     sampled as `r` says, scored by models.score (and overlong-shaped); `seed` fixes the sampling;
-    timed as "generate" and "score". rows: each prompt's dataset record, for the reward functions
-    (scoring.reward_inputs; None: the decoded prompts, no columns)."""
+    timed as "generate" and "score". sources: the prompts' rows (each with `.prompt`, as the data
+    holds it, and `.columns`, its other columns), for the reward functions (scoring.reward_inputs;
+    None: the decoded prompts stand in, without columns)."""
     params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
@@ -51,11 +52,10 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
     packed = pack_rollout(prompt_ids, responses, device)
     if models.actor.record_routing:  # routing replay: the training forwards route as the sampler did
         packed = packed._replace(routing=models.actor.last_routing.to(device))
+    rows = None if sources is None else [p for p in sources for _ in range(r.samples_per_prompt)]
     with timer.phase("score"), torch.no_grad():
-        n = r.samples_per_prompt
-        per_row = None if rows is None else [row for row in rows for _ in range(n)]
         scores = score_rows(models.score, prompt_ids, responses, packed, r.tokens_per_forward,
-                            per_row).float().to(device)    # [R]
+                            rows).float().to(device)    # [R]
     lengths = torch.tensor([len(x) for x in responses], device=scores.device)
     scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
     return Samples(prompt_ids, responses, packed, packed.to_grid(sampler_logprobs.to(device)), scores,

@@ -15,10 +15,10 @@ from ..rewards.combined import RewardFunctions, moments, summary, weighted_total
 from ..rewards.functions import RewardInputs
 from .chunks import forward_in_pieces
 
-# (prompts, responses) token ids and the dataset's rows (reward_inputs) -> scores [R]; metrics()
+# (prompts, responses) token ids and their prompt rows (reward_inputs) -> scores [R]; metrics()
 # -> the scores' metrics since its last call. A scorer that can read the rollout's pack instead (a
 # reward model) also has `score_packed(packed) -> [R]`.
-Scorer = Callable[[list[list[int]], list[list[int]], Optional[list[dict]]], torch.Tensor]
+Scorer = Callable[[list[list[int]], list[list[int]], Optional[list]], torch.Tensor]
 
 
 class RewardModelScorer:
@@ -51,9 +51,9 @@ def reward_model_scorer(rm, critic_lora=None) -> RewardModelScorer:
 
 def score_rows(score: Scorer, prompts: list[list[int]], responses: list[list[int]],
                packed: PackedBatch, tokens_per_forward: int | None = None,
-               rows: Optional[list[dict]] = None) -> torch.Tensor:
+               rows: Optional[list] = None) -> torch.Tensor:
     """Scores [R] of the rollout's rows, from its pack when the scorer reads one (in forwards of at
-    most `tokens_per_forward` tokens: chunks.py); `rows`: their dataset records (reward_inputs)."""
+    most `tokens_per_forward` tokens: chunks.py); `rows`: their prompt rows (reward_inputs)."""
     score_packed = getattr(score, "score_packed", None)
     if score_packed is None:
         return score(prompts, responses, rows)
@@ -61,19 +61,19 @@ def score_rows(score: Scorer, prompts: list[list[int]], responses: list[list[int
 
 
 def reward_inputs(tokenizer, prompts: list[list[int]], responses: list[list[int]],
-                  rows: Optional[list[dict]] = None) -> RewardInputs:
+                  rows: Optional[list] = None) -> RewardInputs:
     """What the reward functions are called with for R rows, built here alone. prompts, responses:
-    [R] token ids; rows: [R] each row's dataset record ({"prompt": a string or a message list, and
-    every other column}), or None where the prompts are token ids alone: their decoded text then
-    stands in for the dataset's prompt, and there are no columns."""
+    [R] token ids; rows: [R] each row's prompt row, with `.prompt` (a string or a message list, as
+    the data holds it) and `.columns` (its other columns, {name: value}); None where the prompts
+    are token ids alone: their decoded text then stands in, and there are no columns."""
     prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
     completion_texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     completion_ids = [list(map(int, r)) for r in responses]
     if rows is None:
         return RewardInputs(prompt_texts, prompt_texts, completion_texts, completion_ids)
-    names = dict.fromkeys(name for row in rows for name in row if name != "prompt")
-    columns = {name: [row.get(name) for row in rows] for name in names}
-    return RewardInputs([row["prompt"] for row in rows], prompt_texts, completion_texts,
+    names = dict.fromkeys(name for row in rows for name in row.columns)
+    columns = {name: [row.columns.get(name) for row in rows] for name in names}
+    return RewardInputs([row.prompt for row in rows], prompt_texts, completion_texts,
                         completion_ids, columns)
 
 
@@ -89,7 +89,7 @@ class FunctionScorer:
         self.unscored_said = False
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]],
-                 rows: Optional[list[dict]] = None) -> torch.Tensor:
+                 rows: Optional[list] = None) -> torch.Tensor:
         """Scores [R] fp32 of the rows: their prompt and response ids and dataset rows
         (reward_inputs)."""
         tp = self.tensor_parallel

@@ -66,7 +66,7 @@ class ProcessRunner:
             # A session of its own: the terminal's Ctrl-C goes to the trainer alone.
             self.process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(theirs.fileno()), str(os.getpid())],
-                pass_fds=(theirs.fileno(),), start_new_session=True)
+                pass_fds=(theirs.fileno(),), start_new_session=True, stdin=subprocess.DEVNULL)
         self.conn = Connection(ours.detach())
         atexit.register(self.close)
         self.conn.send_bytes(source)

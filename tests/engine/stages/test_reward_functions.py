@@ -4,6 +4,7 @@ names and sums; a worker that is interrupted, meddles with its process or loses 
 pool of workers serves the module's tests (started once, as a run starts it)."""
 import _thread
 import math
+from collections import namedtuple
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from fusedrl.engine.stages.rewards.functions import (RewardCaller, RewardFunctio
                                                      source_of)
 
 pytestmark = pytest.mark.integration
+PromptRow = namedtuple("PromptRow", "prompt columns")  # what the prompt loader gives each row
 
 USER_REWARDS = '''
 import asyncio, os, signal, time
@@ -102,6 +104,26 @@ def test_the_thread_form_scores_the_same(user_module, pool):
     assert in_thread(conversational_rows()) == pool(conversational_rows())
 
 
+def test_reward_inputs_carry_each_rows_prompt_and_columns():
+    from engine_testing import make_tokenizer
+    from fusedrl.engine.stages.ppo.scoring import reward_inputs
+    tokenizer = make_tokenizer()
+    prompts = [tokenizer.encode("hello world"), tokenizer.encode("the lazy dog")]
+    responses = [tokenizer.encode(" fox"), tokenizer.encode(" jumps over")]
+    rows = [PromptRow([{"role": "user", "content": "hello world"}], {"solution": "fox"}),
+            PromptRow("the lazy dog", {"solution": "jumps", "level": 2})]
+    inputs = reward_inputs(tokenizer, prompts, responses, rows)
+    fox, jumps = (tokenizer.decode(r, skip_special_tokens=True) for r in responses)
+    assert inputs.prompts == [rows[0].prompt, "the lazy dog"]
+    assert inputs.completions() == [[{"role": "assistant", "content": fox}], jumps]
+    assert inputs.columns == {"solution": ["fox", "jumps"], "level": [None, 2]}
+    assert inputs.completion_ids == responses
+    plain = reward_inputs(tokenizer, prompts, responses)  # token ids alone: decoded, no columns
+    assert plain.prompts == plain.prompt_texts == [tokenizer.decode(p, skip_special_tokens=True)
+                                                   for p in prompts]
+    assert plain.columns == {} and plain.completions() == [fox, jumps]
+
+
 def test_string_prompts_give_string_completions():
     caller = RewardCaller(lambda prompts, completions, **kw: [float(c == "4") for c in completions],
                           "f")
@@ -171,7 +193,7 @@ def test_a_file_path_spec_is_absolute_from_the_start(user_module, monkeypatch):
 def test_a_local_function_is_refused_for_a_worker_in_one_line(user_module):
     def local(prompts, responses):
         return [0.0] * len(responses)
-    with pytest.raises(UsageError, match="cannot be sent to a worker process .* isolation=thread"):
+    with pytest.raises(UsageError, match="cannot be sent to a worker process .*isolation=thread"):
         opened(user_module, [local])
 
 
