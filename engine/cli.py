@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
 import sys
 
-from . import errors, path_checks, run_dir
+from . import errors, path_checks, run_dir, run_paths
 from .config import io as config_io
 from .config.demo import DemoConfig
 from .config.ppo import GRPOConfig, PPOConfig
@@ -115,7 +117,8 @@ def run_stage(args, name: str) -> int:
     models, files = config.paths()
     path_checks.check_paths(models, files, config.output_dir)  # before the stage imports torch
     run_dir.check_target(config.output_dir, name, overwrite=config.train.overwrite, resume=config.train.resume,
-                         inputs=[*models.values(), *files.values()], overwrite_option="train.overwrite=true",
+                         inputs=run_paths.run_inputs(config, args.config),
+                         overwrite_option="train.overwrite=true",
                          resume_option="train.resume=true")
     out = train(config)
     print(f"fusedrl {name}: model written to {out}")
@@ -176,9 +179,22 @@ def add_demo_parser(commands) -> None:
 
 # --- generate ---------------------------------------------------------------------------------
 
-def _memory(text: str) -> int | float:
-    """'0.5' -> a fraction of free GPU memory (values <= 1); '2e9' or '2000000000' -> bytes."""
-    value = float(text)
+# The longest --prompt-file line read (1 MiB: some 250k tokens, past any model's context).
+MAX_PROMPT_BYTES = 2**20
+
+
+def _memory(text: str | None) -> int | float | None:
+    """--kv-cache-memory: '0.5' -> a fraction of free GPU memory (values <= 1); '2e9' or
+    '2000000000' -> bytes; a UsageError for anything else (inf, nan, 0, a word)."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise errors.UsageError(f"--kv-cache-memory {text}: expected bytes (e.g. 2000000000) or a "
+                                "fraction of free GPU memory in (0, 1] (e.g. 0.5)")
     return value if value <= 1 else int(value)
 
 
@@ -196,7 +212,7 @@ def add_generate_parser(commands) -> None:
     p.add_argument("--seed", type=int, default=None, help="makes the completions reproducible")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--kv-cache-memory", type=_memory, default=None,
+    p.add_argument("--kv-cache-memory", default=None,
                    help="KV pool: bytes (e.g. 2000000000) or a fraction of free GPU memory (e.g. 0.5)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
@@ -223,8 +239,12 @@ def run_generate(args) -> int:
     from .data.records import DataError, decode_line, numbered_lines
     prompts = list(args.prompt)
     if args.prompt_file:
+        if os.path.exists(args.prompt_file) and not os.path.isfile(args.prompt_file):
+            raise errors.UsageError(f"--prompt-file {args.prompt_file}: not a regular file (a "
+                                    "directory, FIFO or device); expected a text file of one "
+                                    "prompt per line")
         try:
-            for lineno, raw in numbered_lines(args.prompt_file):
+            for lineno, raw in numbered_lines(args.prompt_file, MAX_PROMPT_BYTES):
                 try:
                     prompts.append(decode_line(raw))
                 except ValueError as e:
@@ -233,6 +253,7 @@ def run_generate(args) -> int:
             raise errors.UsageError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
     if not prompts:
         raise errors.UsageError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    args.kv_cache_memory = _memory(args.kv_cache_memory)
     # The arguments and the path first: torch-free, so a mistake is answered at once.
     path_checks.check_model_path(args.model, "--model")
     from .inference.sampling_params import SamplingParams

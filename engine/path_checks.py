@@ -21,11 +21,14 @@ def check_model_path(path, option: str) -> None:
 
 
 def check_input_file(path, option: str) -> None:
-    """`path` must be a readable file."""
+    """`path` must be a regular file (a FIFO or a device such as /dev/zero would block or never
+    end)."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"{option}={path}: " + ("is a directory, expected a file" if p.is_dir()
-                                                 else "no such file"))
+        problem = ("is a directory, expected a file" if p.is_dir()
+                   else "not a regular file (a FIFO or a device), expected a file" if p.exists()
+                   else "no such file")
+        raise UsageError(f"{option}={path}: {problem}")
 
 
 def check_output_dir(path, option: str = "output_dir") -> None:

@@ -18,6 +18,9 @@ Estimator = Literal["gae", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp
 CRITIC_ESTIMATORS = ("gae", "reinforce")
 KLEstimator = Literal["k1", "k2", "k3"]
 RewardIsolation = Literal["process", "thread"]
+# The longest reward.fn_timeout_s (some 11 days): a longer wait is no bound, and past the OS's
+# largest timeout (threading.TIMEOUT_MAX) waiting would overflow.
+MAX_FN_TIMEOUT_S = 1e6
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum",
                       "seq-mean-token-sum-norm"]
 
@@ -176,7 +179,9 @@ class RewardConfig:
         check(self.kl_target is None or self.kl_target > 0, f"reward.kl_target must be > 0 or null, got {self.kl_target}")
         check(self.kl_horizon > 0, f"reward.kl_horizon must be > 0, got {self.kl_horizon}")
         check(self.clip is None or self.clip > 0, f"reward.clip must be > 0 or None, got {self.clip}")
-        check(self.fn_timeout_s > 0, f"reward.fn_timeout_s must be > 0, got {self.fn_timeout_s}")
+        check(0 < self.fn_timeout_s <= MAX_FN_TIMEOUT_S,
+              f"reward.fn_timeout_s must be in (0, {MAX_FN_TIMEOUT_S:g}] seconds, "
+              f"got {self.fn_timeout_s:g}")
         for weight in self.weights or ():
             check(math.isfinite(weight),
                   f"reward.weights must be finite numbers, got {self.weights}")

@@ -94,6 +94,10 @@ class RunConfig:
     resume: bool = option("continue from the newest checkpoint in output_dir when there is one", True)
     overwrite: bool = option("replace an earlier run of fusedrl in output_dir (never a directory fusedrl did "
                              "not make); without it train.resume=false over an earlier run is refused", False)
+    resume_without_config: bool = option(
+        "resume a run directory that has lost its config.yaml (it holds metrics.jsonl): the "
+        "options its checkpoints were trained with are then not compared with this run's; refused "
+        "without it", False)
     tensorboard: bool = option("also write TensorBoard events to output_dir/tensorboard", False)
     progress: bool = option("show a live progress bar on stderr", True)
     data_parallel: DataParallel = option("under torchrun: shard (FSDP2 full shard: weights, gradients, optimizer "

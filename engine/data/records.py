@@ -137,11 +137,18 @@ def parser_for(stage: str, fmt: str):
     return strict
 
 
-def numbered_lines(path):
+def numbered_lines(path, max_line_bytes: int | None = None):
     """(line number, raw bytes) of each non-blank line of `path`. Decoding is left to decode_line, per
-    line, so that bytes which are not UTF-8 become an error with a line number."""
+    line, so that bytes which are not UTF-8 become an error with a line number. With
+    `max_line_bytes`, a longer line is a DataError naming it, read no further than the cap."""
+    limit = -1 if max_line_bytes is None else max_line_bytes + 2  # room for the line's own \r\n
     with Path(path).open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        lineno = 0
+        while raw := f.readline(limit):
+            lineno += 1
+            if max_line_bytes is not None and len(raw.rstrip(b"\r\n")) > max_line_bytes:
+                raise DataError(f"{path}:{lineno}: longer than {max_line_bytes} bytes, the most "
+                                "a line may hold here")
             if raw.strip():
                 yield lineno, raw
 

@@ -18,7 +18,11 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
-from .records import Demonstration, Ranking
+from .records import DataError, Demonstration, Ranking
+from .time_limit import TimeLimitExceeded, time_limit
+
+# The longest a chat template may take to render one conversation (real ones take milliseconds).
+TEMPLATE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -37,13 +41,21 @@ def render_chat(tokenizer, turns) -> tuple[str, str]:
     """(role, content) turns ending in the assistant's -> (prompt text, response text).
 
     With a chat template the prompt is the template applied to all turns but the last, with the
-    generation prompt; the response is the last turn's content. Without one, turns are written
-    as "\\n\\nRole: content" in the HH style.
+    generation prompt (within TEMPLATE_SECONDS: a DataError when the template runs longer); the
+    response is the last turn's content. Without one, turns are written as "\\n\\nRole: content"
+    in the HH style.
     """
     history = [{"role": role, "content": content} for role, content in turns[:-1]]
     response = turns[-1][1]
     if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        try:
+            with time_limit(TEMPLATE_SECONDS):
+                prompt = tokenizer.apply_chat_template(history, tokenize=False,
+                                                       add_generation_prompt=True)
+        except TimeLimitExceeded as e:
+            raise DataError(f"the tokenizer's chat template {e} to render {len(history)} turns: a "
+                            "template that loops without end? fix chat_template in the model's "
+                            "tokenizer files") from None
         return prompt, response
     prompt = "".join(f"\n\n{role.capitalize()}: {content}" for role, content in turns[:-1])
     return prompt + "\n\nAssistant:", " " + response

@@ -61,14 +61,14 @@ def reward_model_from_lm(lm: CausalLM) -> RewardModel:
     return rm
 
 
-def save_reward_model(rm: RewardModel, out_dir, source_dir=None, kind=None):
+def save_reward_model(rm: RewardModel, out_dir, source_dir=None, kind=None, before_rename=None):
     """Write the reward model as described in the module docstring (atomically, via save_model,
-    which marks it as the output of the command `kind` when given)."""
+    which marks it as the output of the command `kind` when given and calls `before_rename`)."""
     check_finite([("reward_offset", torch.tensor(rm.reward_offset))], f"the reward model for {out_dir}")
     hf = rm.config.hf_config
     hf.num_labels = 1
     hf.reward_offset = rm.reward_offset
-    save_model(rm, out_dir, source_dir=source_dir, kind=kind)
+    save_model(rm, out_dir, source_dir=source_dir, kind=kind, before_rename=before_rename)
 
 
 def load_reward_model(model_dir, dtype="auto", device="cpu", shard=None) -> RewardModel:

@@ -6,7 +6,8 @@ iterations for PPO, plus whatever position it needs to resume exactly), the part
 holds (engine/train/checkpoint/) and a function doing one step; `run_training` does the rest:
     remove temp leftovers of killed saves, resume from the newest checkpoint that verifies
     (train.resume; an option changed since the saved config.yaml is applied or refused:
-    engine/config/resume.py)  ->  for each step: step(state) -> metrics, log every
+    engine/config/resume.py; its loop state checked: loop_state.py; a data file changed since
+    the run began announced: data_record.py)  ->  for each step: step(state) -> metrics, log every
     train.log_every, evaluate every eval_every, checkpoint every train.save_every steps and every
     train.save_every_minutes, and all three after the last step.
 A step that could not update (a non-finite loss or gradient, an iteration whose every row was
@@ -31,6 +32,8 @@ from .. import distributed
 from ..run_dir import read_marker
 from .checkpoint import Trainables, latest_checkpoint, resume, save_checkpoint
 from .checkpoint.store import PREFIX
+from .data_record import record_data
+from .loop_state import loop_state_check
 from .runlog import REPLACED_WHOLE, RunLog, SilentLog
 
 
@@ -102,10 +105,13 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
     distributed.barrier()  # no rank reads the run directory while rank 0 cleans it
     resuming = options.resume and latest_checkpoint(plan.run_dir) is not None
     changed = resume_changes(plan.run_dir, plan.config) if resuming else {}  # before the checkpoint loads
-    resume_from, loaded = resume(plan.run_dir, parts) if options.resume else (None, {})
+    check_loop = loop_state_check(state, SkipCount(), plan.total_steps)
+    resume_from, loaded = resume(plan.run_dir, parts, check_loop) if options.resume else (None, {})
     skips = SkipCount(**loaded.pop("loop", {}))
     for key, value in loaded.items():
         setattr(state, key, value)
+    data_files = plan.config.paths()[1] if hasattr(plan.config, "paths") else {}
+    data_changes = record_data(plan.run_dir, data_files) if distributed.is_main() else []
     run = (RunLog(plan.run_dir, plan.config, plan.total_steps, state.step, options.progress, options.tensorboard,
                   distributed.world_size()) if distributed.is_main() else SilentLog())
     clock = SaveClock(options.save_every, options.save_every_minutes, plan.total_steps)
@@ -116,6 +122,8 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
                                      "removed_leftovers": len(removed)})
         for key, (before, after) in changed.items():
             run.notice(state.step, f"resumed with {key}={after!r} (was {before!r})")
+        for line in data_changes if resume_from else ():
+            run.notice(state.step, line)
         while state.step < plan.total_steps:
             start = time.perf_counter()
             try:

@@ -20,6 +20,7 @@ from .. import run_dir
 from ..errors import UsageError
 from ..model.hf_io import load_config, load_tokenizer
 from ..path_checks import check_model_path, check_paths
+from ..run_paths import run_inputs
 from .. import distributed
 from .precision import param_dtype, resolve_precision
 
@@ -94,7 +95,8 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
     if config is not None:
         from ..plan.check import refuse_unfit
         refuse_unfit(config, device, distributed.world_size())
-    claim_output_dir(kind, options, output_dir, [*models.values(), *files.values()])
+    inputs = run_inputs(config) if config is not None else [*models.values(), *files.values()]
+    claim_output_dir(kind, options, output_dir, inputs)
     random.seed(seed)
     torch.manual_seed(seed)
     return RunContext(device, param_dtype(resolve_precision(options.precision, device)),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,12 +26,13 @@ import torch
 import yaml
 
 from ..config import io as config_io
+from ..config.resume import METRICS_FILE
 from ..durable import open_append, write_text_atomic
+from .data_record import DATA_RECORD
 
-METRICS_FILE = "metrics.jsonl"
 # The entries of RUN_DIR written through a hidden temp sibling (engine/durable.py), as a regex: the
 # only names whose leftovers a new run removes from it.
-REPLACED_WHOLE = r"final\w*|config\.yaml|metrics\.jsonl"
+REPLACED_WHOLE = r"final\w*|config\.yaml|metrics\.jsonl|" + re.escape(DATA_RECORD)
 # Shown in the progress bar, when present, in this order.
 _BAR_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "accuracy", "score_mean", "kl", "skipped_steps")
 

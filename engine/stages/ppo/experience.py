@@ -81,7 +81,7 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
                                           "drawn_rows": len(samples.responses)})
     if not keep:
         reason = ("no prompt group had scores that differ (dynamic sampling)" if not dropped["drawn_rows"]
-                  else f"all {dropped['drawn_rows']} scores were NaN or inf" if distributed.world_size() == 1
+                  else non_finite_reason(samples.scores, group) if distributed.world_size() == 1
                   else "some rank had no finite score left (ranks keep equal numbers of rows)")
         return Experience(None, {"dropped_rows": dropped["dropped_rows"]}, skip_reason=reason)
     if len(keep) < len(samples.responses):
@@ -116,6 +116,17 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     metrics = rollout_metrics(rollout, kl, entropy, with_values, timer)
     return Experience(rollout, {**metrics, "kl_coef": kl_coef, "dropped_rows": dropped["dropped_rows"]},
                       kl=metrics["kl"])
+
+
+def non_finite_reason(scores: torch.Tensor, group: int | None) -> str:
+    """Why no row of `scores` [R] is left (finite_rows kept none): how many scores were NaN or inf,
+    and with `group` (a group estimator's group size) that each took its whole group with it."""
+    bad, drawn = int((~torch.isfinite(scores)).sum()), scores.numel()
+    if bad == drawn:
+        return f"all {drawn} scores were NaN or inf"
+    were = "was" if bad == 1 else "were"
+    return (f"{bad} of {drawn} scores {were} NaN or inf, and each drops its whole group of {group} "
+            "(the group estimator's baseline needs every score): no group was left")
 
 
 def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, with_values: bool,

@@ -4,6 +4,7 @@ they are called with)."""
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Optional
 
 import torch
@@ -12,8 +13,10 @@ from ... import distributed
 from ...data.loading import report
 from ...data.packing import PackedBatch, pack_sequences
 from ..rewards.combined import RewardFunctions, moments, summary, weighted_totals
-from ..rewards.functions import RewardInputs
+from ..rewards.functions import RewardFunctionError, RewardInputs
 from .chunks import forward_in_pieces
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 # (prompts, responses) token ids and their prompt rows (reward_inputs) -> scores [R]; metrics()
 # -> the scores' metrics since its last call. A scorer that can read the rollout's pack instead (a
@@ -97,6 +100,8 @@ class FunctionScorer:
             scores = self.functions(reward_inputs(self.tokenizer, prompts, responses, rows))
         if tp is not None:
             scores = tp.same_on_ranks(scores if tp.rank == 0 else None)
+        for runner, values in zip(self.functions.runners, scores):
+            float32_scores(values, runner.name)
         totals, unscored = weighted_totals(scores, self.functions.weights)
         for key, value in moments(self.functions.names, scores, totals).items():
             self.sums[key] = self.sums.get(key, 0) + value
@@ -111,3 +116,15 @@ class FunctionScorer:
         scored since the last call, on every (data) rank (a collective)."""
         sums, self.sums = distributed.all_reduce_sum(self.sums), {}
         return summary(sums)
+
+
+def float32_scores(values: list, name: str) -> list:
+    """`values` (None: not applicable), checked to be representable in float32 (the scores'
+    dtype): a finite score beyond its range would become inf there and be dropped as if it were
+    not a number."""
+    for i, value in enumerate(values):
+        if value is not None and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            raise RewardFunctionError(
+                f"the reward function {name} returned {value:g} as score {i}: finite, but beyond "
+                f"float32's range (|score| <= {FLOAT32_MAX:.4g}); scale its scores down")
+    return values

@@ -123,6 +123,32 @@ def rng_state() -> tuple[dict[str, torch.Tensor], list]:
     return tensors, [version, list(internal), gauss_next]
 
 
+def check_rng_state(where, tensors: dict, python) -> None:
+    """CorruptDirectory naming `where` unless `tensors` and `python` are RNG states as `rng_state`
+    returns them: torch's a uint8 vector of this torch's length (CUDA's of theirs), python's
+    [version, 625 ints in [0, 2^32), None or a float]."""
+    from ...durable import CorruptDirectory
+
+    own = torch.get_rng_state()
+    cuda_shape = torch.cuda.get_rng_state().shape if torch.cuda.is_available() else None
+    for key, state in tensors.items():
+        shape = own.shape if key == "rng.torch" else cuda_shape
+        wrong_shape = shape is not None and state.shape != shape
+        if state.dtype != torch.uint8 or state.dim() != 1 or wrong_shape:
+            expected = list(shape) if shape is not None else "[N]"
+            raise CorruptDirectory(f"{where}: RNG state {key} is {state.dtype} "
+                                   f"{list(state.shape)}, expected torch.uint8 {expected}")
+    if "rng.torch" not in tensors:
+        raise CorruptDirectory(f"{where}: no torch RNG state (rng.torch)")
+    ok = (isinstance(python, list) and len(python) == 3 and type(python[0]) is int
+          and isinstance(python[1], list) and len(python[1]) == 625
+          and all(type(x) is int and 0 <= x < 2**32 for x in python[1])
+          and (python[2] is None or type(python[2]) is float))
+    if not ok:
+        raise CorruptDirectory(f"{where}: python's RNG state is not [version, 625 ints, None or "
+                               "float]")
+
+
 def set_rng_state(tensors: dict[str, torch.Tensor], python: list) -> None:
     """Restore what `rng_state` returned (CUDA states only where CUDA is, for as many devices as both have)."""
     version, internal, gauss_next = python
