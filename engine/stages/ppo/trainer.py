@@ -112,7 +112,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
     """Policy (trainable, shared with the actor), frozen reference, critic and scorer (the reward
     model, else the open `rewards`: open_rewards), with parameters in `dtype` (train.precision;
     the critic's value head stays fp32). With lora.rank > 0 the policy's weights are frozen under
-    adapters and no reference model is loaded; with critic_lora.rank > 0 the critic is adapters on the reward model's frozen decoder (build_critic).
+    adapters and no reference model is loaded; with critic_lora.rank > 0 the critic is adapters
+    on the reward model's frozen decoder (build_critic).
     Under torchrun each model is sharded on the meta device and each rank reads only its shards
     (hf_io.load_model); a LoRA-adapted base too, its adapters and heads whole on every rank (but
     tensor-parallel, where the adapters are sliced like their base's weights)."""
