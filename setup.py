@@ -132,8 +132,9 @@ def main() -> None:
             "safetensors>=0.4",
             "tokenizers>=0.19",
             "tqdm",
-            # engine/ training stages: YAML configs, `fusedrl plot`.
+            # engine/ stages: YAML configs, `fusedrl plot`; data files and Datasets (TRL's).
             "pyyaml>=6",
+            "datasets>=2.14",
             "matplotlib>=3.7",
         ],
         extras_require={

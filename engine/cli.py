@@ -114,6 +114,10 @@ def run_stage(args, name: str) -> int:
     config = load_config(config_cls, args.config, args.overrides)
     if args.print_config:
         return print_config(config)
+    try:
+        config.require_data()
+    except ValueError as e:
+        raise errors.UsageError(str(e)) from None
     models, files = config.paths()
     path_checks.check_paths(models, files, config.output_dir)  # before the stage imports torch
     run_dir.check_target(config.output_dir, name, overwrite=config.train.overwrite, resume=config.train.resume,
@@ -215,6 +219,12 @@ def add_generate_parser(commands) -> None:
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV pool: bytes (e.g. 2000000000) or a fraction of free GPU memory (e.g. 0.5)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="speculative decoding: rows draft up to K tokens by n-gram lookup in their "
+                        "own text, verified in one forward (same tokens; fewer forwards where text "
+                        "repeats); 0 = off")
+    p.add_argument("--speculate-below", type=int, default=8, metavar="B",
+                   help="speculate on decode steps of fewer than B rows")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
                    help="under torchrun: T ranks generate together from their slices of the weights")
     p.add_argument("--json", action="store_true", help="print one JSON object per completion")
@@ -268,13 +278,23 @@ def run_generate(args) -> int:
     device = resolve_device(args.device, "--device")
     try:  # an argument the engine rejects; the model's own problems are FusedRLErrors and pass through
         if args.tensor_parallel != 1:
+            if args.speculative_tokens:
+                raise errors.UsageError(
+                    f"--speculative-tokens={args.speculative_tokens} with --tensor-parallel="
+                    f"{args.tensor_parallel}: expected one of them (0 or 1 for the other)")
             outputs = _generate_tensor_parallel(args, prompts, params, device)
             if outputs is None:  # not the first rank: it printed nothing
                 return 0
         else:
             llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-                      block_size=args.block_size, device=device)
+                      block_size=args.block_size, device=device,
+                      speculative_tokens=args.speculative_tokens,
+                      speculate_below=args.speculate_below)
             outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+            if args.speculative_tokens:
+                tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+                print(f"speculative decoding: {llm.runner.forwards} model forwards for {tokens} "
+                      "generated tokens", file=sys.stderr)
     except errors.FusedRLError:
         raise
     except ValueError as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from .data.sources import not_found
 from .errors import UsageError
 
 CONFIG_FILE = "config.json"
@@ -20,15 +21,23 @@ def check_model_path(path, option: str) -> None:
         raise UsageError(f"{option}={path}: not a Hugging Face model directory (no {CONFIG_FILE})")
 
 
+# What datasets' save_to_disk writes in its directory: a Dataset's state, a DatasetDict's splits.
+SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
+
+
 def check_input_file(path, option: str) -> None:
-    """`path` must be a regular file (a FIFO or a device such as /dev/zero would block or never
-    end)."""
+    """`path` must be a regular data file (a FIFO or a device such as /dev/zero would block or
+    never end), or a directory written by datasets' save_to_disk."""
     p = Path(path)
-    if not p.is_file():
-        problem = ("is a directory, expected a file" if p.is_dir()
-                   else "not a regular file (a FIFO or a device), expected a file" if p.exists()
-                   else "no such file")
-        raise UsageError(f"{option}={path}: {problem}")
+    if p.is_dir():
+        if not any((p / name).is_file() for name in SAVED_DATASET_FILES):
+            raise UsageError(f"{option}={path}: is a directory, expected a data file or a "
+                             "directory written by datasets' save_to_disk")
+    elif p.exists() and not p.is_file():
+        raise UsageError(f"{option}={path}: not a regular file (a FIFO or a device), expected a "
+                         "file")
+    elif not p.exists():
+        raise UsageError(f"{option}={not_found(str(path))}")
 
 
 def check_output_dir(path, option: str = "output_dir") -> None:

@@ -25,6 +25,22 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config dataclass."""
 
 
+class Loadable:
+    """What a stage's config class offers a Python caller: construction from a dict or a YAML file
+    (with `key=value` overrides), as the command line builds it."""
+
+    @classmethod
+    def from_dict(cls, data: dict, overrides: list[str] = ()):
+        """The config from nested dict `data` ({"optim": {"lr": 1e-5}}) and `key=value`
+        overrides."""
+        return from_dict(cls, apply_overrides(data, list(overrides)))
+
+    @classmethod
+    def from_yaml(cls, path, overrides: list[str] = ()):
+        """The config from YAML file `path` and `key=value` overrides (they win)."""
+        return load(cls, path, overrides)
+
+
 def from_dict(cls, data: dict, prefix: str = "", root=None):
     """Build dataclass `cls` (the section `prefix` of config `root`, by default itself) from a
     (nested) dict; missing keys keep their defaults."""
@@ -93,13 +109,19 @@ def _coerce(tp, value, key: str, root):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        *first, last = [a for a in args if a is not type(None)]
-        for member in first:  # the first that takes it (`str | list[str]`: a string stays one)
+        inner = [a for a in args if a is not type(None)]
+        for tp_ in inner[:-1]:  # X | Y: the first type that takes the value (int before float)
             try:
-                return _coerce(member, value, key, root)
+                return _coerce(tp_, value, key, root)
             except ConfigError:
                 pass
-        return _coerce(last, value, key, root)
+        try:
+            return _coerce(inner[-1], value, key, root)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise ConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
     if origin is list:
         # A YAML list, on the command line `a,b` (read as one string), or one item alone.
         items = ([x.strip() for x in value.split(",")] if isinstance(value, str)

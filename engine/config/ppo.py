@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .fields import check, check_fields, option
+from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
-from .train import OptimConfig, RunConfig
+from .train import DATA_SOURCE, OptimConfig, RunConfig
 
 Critic = Literal["separate", "shared", "none"]
 Estimator = Literal["gae", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"]
@@ -26,6 +27,21 @@ Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
 
 
 @dataclass
+class PromptDataConfig:
+    prompt_column: str = option("the column of prompts_file read as the prompt (a string or a "
+                                "message list); every other column goes to the reward functions",
+                                "prompt")
+    chat_template: Literal["auto", "none"] = option(
+        "auto: string prompts go through the tokenizer's chat template as one user turn when it "
+        "has one | none: string prompts are the policy's text as they are (a policy trained on "
+        "plain strings); message lists always go through the template", "auto")
+
+    def __post_init__(self):
+        check_fields(self, "data.")
+        check(bool(self.prompt_column), "data.prompt_column must name a column, got ''")
+
+
+@dataclass
 class RolloutConfig:
     prompts_per_iteration: int = option("prompts sampled per PPO iteration on each rank (under torchrun: x the "
                                         "number of ranks in all)", 16)
@@ -39,7 +55,13 @@ class RolloutConfig:
     top_k: int = option("top-k filter of the sampler (0 = off)", 0)
     top_p: float = option("nucleus filter of the sampler (1.0 = off)", 1.0)
     ignore_eos: bool = option("sample past EOS up to max_new_tokens (fixed-length rollouts, for benchmarks)", False)
-    kv_cache_memory: int = option("bytes of the paged KV pool, kept allocated through training", 1 << 28)
+    kv_cache_memory: int | float | str = option(
+        "the paged KV pool: bytes (an int), a fraction of the GPU's memory in (0, 1], or auto: on "
+        "CUDA the largest pool that fits beside everything else in every phase that holds it (the "
+        "memory plan's rules: `fusedrl plan`; with release_kv_pool the rollout alone), checked "
+        "against the free memory when it is allocated; on the CPU 1 GiB. Never more than "
+        "prompts_per_iteration x samples_per_prompt full-length sequences (twice that with "
+        "partial_rollouts)", "auto")
     release_kv_pool: bool = option("free the KV pool after each rollout (scoring and the update use its memory) "
                                    "and allocate it again for the next, where CUDA graphs allow: not in one "
                                    "process on CUDA (a captured decode step holds the pool's addresses), yes "
@@ -68,12 +90,51 @@ class RolloutConfig:
     overlong_buffer: int = option("DAPO overlong shaping: responses longer than max_new_tokens - overlong_buffer "
                                   "lose up to overlong_penalty, linearly (0 = off)", 0)
     overlong_penalty: float = option("overlong shaping: the penalty at max_new_tokens", 1.0)
+    partial_rollouts: bool = option(
+        "cut the long tail (Kimi k1.5's partial rollouts): an iteration tops the groups in flight "
+        "up to twice prompts_per_iteration and decodes until prompts_per_iteration groups are "
+        "complete or tokens_per_iteration tokens are drawn; unfinished answers keep their tokens, "
+        "log-probs and the policy version of each token, free their KV and continue next "
+        "iteration under the new weights; a group trains once all its samples are done "
+        "(ppo.is_mode then defaults to tis)", False)
+    tokens_per_iteration: int | None = option(
+        "partial rollouts: tokens an iteration draws on each rank before it stops, complete groups "
+        "or not (null = no budget: it stops at prompts_per_iteration complete groups)")
+    max_staleness: int = option(
+        "partial rollouts: a carried answer whose oldest token is more than this many iterations "
+        "old when it would train is dropped and sampled again (counted)", 4)
+    speculative_tokens: int = option(
+        "speculative decoding for the tail: tokens each row drafts by n-gram lookup in its own "
+        "prompt and answer, verified in one forward (0 = off)", 0)
+    speculate_below: int = option(
+        "speculate only on decode steps of fewer than this many rows (the tail)", 8)
+    prefill_chunk: int | None = option(
+        "a prompt (or carried answer) longer than this many tokens is prefilled in chunks, taking "
+        "turns with the other rows' decode steps (null = in one piece)")
+
+    @property
+    def max_rows(self) -> int:
+        """The rows a rank's engine runs at once (its max_num_seqs): prompts_per_iteration x
+        samples_per_prompt, twice that with partial rollouts (their groups in flight)."""
+        rows = self.prompts_per_iteration * self.samples_per_prompt
+        return 2 * rows if self.partial_rollouts else rows
 
     def __post_init__(self):
         check_fields(self, "rollout.")
         for name in ("prompts_per_iteration", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
-                     "kv_cache_memory", "block_size", "max_sampling_rounds"):
+                     "block_size", "max_sampling_rounds", "speculate_below"):
             check(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        check(self.max_staleness >= 0 and self.speculative_tokens >= 0,
+              f"rollout.max_staleness and rollout.speculative_tokens must be >= 0, got "
+              f"{self.max_staleness} and {self.speculative_tokens}")
+        for name in ("tokens_per_iteration", "prefill_chunk"):
+            check(getattr(self, name) is None or getattr(self, name) >= 1,
+                  f"rollout.{name} must be >= 1 or null, got {getattr(self, name)}")
+        self.kv_cache_memory = kv_budget(self.kv_cache_memory)
+        check(not (self.partial_rollouts and (self.dynamic_sampling or self.exact)),
+              "rollout.partial_rollouts=true with rollout.dynamic_sampling or rollout.exact: "
+              "expected neither (a carried answer mixes tokens of older weights, which exact's "
+              "bitwise old log-probs cannot reproduce; dynamic sampling draws whole groups again)")
         longest = self.max_prompt_length + self.max_new_tokens
         check(self.tokens_per_forward is None or self.tokens_per_forward >= longest,
               f"rollout.tokens_per_forward={self.tokens_per_forward} must hold one row: rollout.max_prompt_length "
@@ -83,6 +144,18 @@ class RolloutConfig:
         check(0 <= self.overlong_buffer < self.max_new_tokens and self.overlong_penalty >= 0,
               f"rollout.overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}) and "
               f"rollout.overlong_penalty >= 0, got {self.overlong_buffer} and {self.overlong_penalty}")
+
+
+def kv_budget(value) -> int | float | str:
+    """rollout.kv_cache_memory checked: bytes (an int >= 1; an integral float such as 8.0e9 too), a
+    fraction in (0, 1], or 'auto'."""
+    if isinstance(value, float) and value > 1 and value.is_integer():
+        value = int(value)
+    ok = (value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+          or (isinstance(value, float) and 0 < value <= 1))
+    check(ok, f"rollout.kv_cache_memory must be bytes (an int >= 1), a fraction of the GPU's "
+              f"memory in (0, 1] or auto, got {value!r}")
+    return value
 
 
 @dataclass
@@ -107,9 +180,10 @@ class UpdateConfig:
     ratio_level: Literal["token", "sequence"] = option("token (PPO) | sequence (GSPO: length-normalized "
                                                        "sequence ratio, clipped per sequence)", "token")
     log_ratio_clamp: float = option("clamp logp - old_logp to +-this before exp() (verl, OpenRLHF: 20)", 20.0)
-    is_mode: Literal["tis", "mis"] | None = option("importance-sampling correction of the sampler / training "
-                                                   "log-prob gap: tis (truncated at is_cap) | mis (masked "
-                                                   "outside [is_low, is_high]) | null (off)")
+    is_mode: Literal["tis", "mis", "off"] | None = option(
+        "importance-sampling correction of the sampler / training log-prob gap: tis (truncated at "
+        "is_cap) | mis (masked outside [is_low, is_high]) | off | null (tis with "
+        "rollout.partial_rollouts, else off)")
     is_level: Literal["token", "sequence"] = option("the IS weight per token or per sequence (product)", "token")
     is_cap: float = option("tis: the weight's upper bound", 2.0)
     is_low: float = option("mis: the band's lower bound", 0.5)
@@ -202,7 +276,7 @@ class LoopConfig(RunConfig):
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(Loadable):
     """InstructGPT step 3: PPO of the SFT policy against a reward model (or a reward function)."""
 
     policy: str = option("SFT policy: a Hugging Face model directory (also the frozen reference) (required)", "")
@@ -216,8 +290,12 @@ class PPOConfig:
     critic: Critic = option("separate (a value model initialized from the reward model) | shared "
                             "(a value head on the policy's trunk) | none (critic-free: a group estimator)",
                             "separate")
-    prompts_file: str = option("JSONL of {\"prompt\": ...} lines (required)", "")
-    ptx_file: str | None = option("JSONL demonstrations for the PPO-ptx loss (with ppo.ptx_coef > 0)")
+    prompts_file: str = option(f"prompts, one per row (column data.prompt_column): {DATA_SOURCE} "
+                               "(required; from Python a datasets.Dataset may be passed instead: "
+                               "docs/python_api.md)", "")
+    data: PromptDataConfig = option("reading the prompts", factory=PromptDataConfig)
+    ptx_file: str | None = option("demonstrations (a data file, as SFT's) for the PPO-ptx loss "
+                                  "(with ppo.ptx_coef > 0)")
     output_dir: str = option("run directory: config, metrics, checkpoints, final policy (required)", "")
     seed: int = option("seed of the prompt order, sampling and torch RNG", 0)
     rollout: RolloutConfig = option("generation", factory=RolloutConfig)
@@ -250,10 +328,14 @@ class PPOConfig:
         return ({"policy": self.policy, "reward_model": self.reward_model},
                 {"prompts_file": self.prompts_file, "ptx_file": self.ptx_file})
 
+    def require_data(self) -> None:
+        """ValueError unless the config names its prompts (a Python caller may pass a
+        datasets.Dataset instead: then this is not called)."""
+        check(bool(self.prompts_file), f"prompts_file is required ({DATA_SOURCE})")
+
     def __post_init__(self):
         check_fields(self)
         check(bool(self.policy), "policy is required (the SFT model directory)")
-        check(bool(self.prompts_file), "prompts_file is required")
         check(bool(self.output_dir), "output_dir is required")
         check(self.reward_model is None or self.reward_fn is None,
                "give one of reward_model and reward_fn, not both")

@@ -12,23 +12,47 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .fields import check, check_fields, option
+from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
 
-DataFormat = Literal["auto", "demonstration", "chat", "pairwise", "ranking", "hh"]
-SFT_FORMATS = ("auto", "demonstration", "chat")
-RM_FORMATS = ("auto", "pairwise", "ranking", "hh")
+DataFormat = Literal["auto", "chat", "prompt_completion", "demonstration", "text", "pairwise",
+                     "ranking", "hh", "implicit"]
+SFT_FORMATS = ("auto", "chat", "prompt_completion", "demonstration", "text")
+RM_FORMATS = ("auto", "pairwise", "ranking", "hh", "implicit")
+TrainOn = Literal["assistant_turns", "last_turn"]
+# Our column names, each readable from another column by data.<name>_column (data/sources.py).
+COLUMNS = ("messages", "prompt", "completion", "response", "text", "chosen", "rejected")
+DATA_SOURCE = ("a .jsonl, .json, .parquet or .csv file, or a directory written by datasets' "
+               "save_to_disk (local files only)")
+
+
+def _column(name: str):
+    return option(f"the data's column read as {name!r}", name)
 Precision = Literal["auto", "bf16-mixed", "fp32"]
 DataParallel = Literal["shard", "replicate", "hybrid"]
 
 
 @dataclass
 class DataConfig:
-    train_file: str = option("JSONL training data (required)", "")
-    eval_file: str | None = option("held-out JSONL; when unset, eval_fraction of train_file is held out")
+    train_file: str = option(f"training data: {DATA_SOURCE} (required; from Python a "
+                             "datasets.Dataset may be passed instead: docs/python_api.md)", "")
+    eval_file: str | None = option("held-out data, as train_file; when unset, eval_fraction of "
+                                   "train_file is held out")
     eval_fraction: float = option("fraction of train_file held out for eval when eval_file is unset", 0.05)
-    format: DataFormat = option("sft: auto|demonstration|chat; rm: auto|pairwise|ranking|hh "
-                        "(auto: decided per line by its keys)", "auto")
+    format: DataFormat = option("sft: auto|chat|prompt_completion|demonstration|text; rm: auto|"
+                                "pairwise|ranking|hh|implicit (auto: decided per row by its "
+                                "columns; docs/data_formats.md)", "auto")
+    train_on: TrainOn = option("chat rows (messages): assistant_turns trains every assistant turn "
+                               "(TRL's assistant_only_loss) | last_turn the last one only",
+                               "assistant_turns")
+    messages_column: str = _column("messages")
+    prompt_column: str = _column("prompt")
+    completion_column: str = _column("completion")
+    response_column: str = _column("response")
+    text_column: str = _column("text")
+    chosen_column: str = _column("chosen")
+    rejected_column: str = _column("rejected")
     max_length: int = option("max tokens of prompt + response; longer responses are cut at the end", 1024)
     max_prompt_length: int = option("prompts keep their last max_prompt_length tokens", 512)
     tokens_per_batch: int = option("token budget of one packed micro-batch (all sequences together), per rank", 8192)
@@ -36,10 +60,19 @@ class DataConfig:
         "token budget of one forward/backward, per rank: a step's examples (optim.grad_accum_steps micro-batches "
         "of tokens_per_batch) are packed in order into forwards of at most this many tokens, so each fills the "
         "device; the gradient stays the step's (null: one forward per micro-batch)")
-    skip_malformed: bool = option("skip and count malformed lines instead of failing on the first", False)
+    skip_malformed: bool = option("skip and count malformed rows instead of failing on the first",
+                                  False)
+
+    def columns(self) -> dict[str, str]:
+        """{our column name: the data's} for the columns mapped to another name."""
+        mapped = {name: getattr(self, f"{name}_column") for name in COLUMNS}
+        return {ours: theirs for ours, theirs in mapped.items() if ours != theirs}
 
     def __post_init__(self):
         check_fields(self, "data.")
+        for name in COLUMNS:
+            check(bool(getattr(self, f"{name}_column")),
+                  f"data.{name}_column must name a column, got ''")
         check(0 <= self.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         check(0 < self.max_prompt_length < self.max_length,
                f"data.max_prompt_length must be in (0, max_length={self.max_length}), "
@@ -164,7 +197,7 @@ class TrainConfig(RunConfig):
 
 
 @dataclass
-class StageConfig:
+class StageConfig(Loadable):
     """What every training stage shares."""
 
     model: str = option("Hugging Face model directory to start from (required)", "")
@@ -178,11 +211,15 @@ class StageConfig:
         """({option: model directory}, {option: input file or None}) the run reads (checked first)."""
         return {"model": self.model}, {"data.train_file": self.data.train_file, "data.eval_file": self.data.eval_file}
 
+    def require_data(self) -> None:
+        """ValueError unless the config names its training data (a Python caller may pass a
+        datasets.Dataset instead: then this is not called)."""
+        check(bool(self.data.train_file), f"data.train_file is required ({DATA_SOURCE})")
+
     def __post_init__(self):
         check_fields(self)
         check(bool(self.model), "model is required (a Hugging Face model directory)")
         check(bool(self.output_dir), "output_dir is required")
-        check(bool(self.data.train_file), "data.train_file is required")
 
 
 @dataclass
@@ -204,7 +241,8 @@ class RMConfig(StageConfig):
 
     beta_rm: float = option("weight of the LM loss (per-token NLL) on the chosen response; 0 = off", 0.0)
     reference_file: str | None = option(
-        "JSONL demonstrations whose responses define reward 0 (the normalization offset); "
+        "demonstrations (a data file, as data.train_file) whose responses define reward 0 (the "
+        "normalization offset); "
         "default: the best response of each training example")
     max_reference: int = option("at most this many reference responses for the offset", 1024)
     lora: LoRAConfig = option("low-rank adapters (lora.rank > 0: the decoder stays frozen, the adapters and the "

@@ -88,23 +88,28 @@ def _starts(sizes: list[int]) -> list[int]:
     return list(itertools.accumulate(sizes, initial=0))[:-1]
 
 
-def pack_sequences(sequences: list[tuple[list[int], list[int], bool]], *, group_sizes: list[int] = (),
-                   width: int = 0, device=None) -> PackedBatch:
+def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *,
+                   group_sizes: list[int] = (), width: int = 0, device=None) -> PackedBatch:
     """Pack (prompt, response, is_target) triples: each becomes prompt + response, and when
-    is_target its response tokens are targets. width > 0 adds the [S, width] grid of PPO. The
+    is_target its response tokens are targets (is_target may also be one bool per response token:
+    the trained turns of a conversation). width > 0 adds the [S, width] grid of PPO. The
     positions and sequence boundaries are built here once, for every forward over the pack."""
     ids, seqlens, rows, targets, counts, grid, positions = [], [], [], [], [], [], []
     for s, (prompt, response, is_target) in enumerate(sequences):
+        sequence = prompt + response
         # Position i predicts token i + 1; with an empty prompt the first response token has no context.
         first = max(len(prompt), 1)
-        n = len(prompt) + len(response) - first if is_target else 0
-        rows += range(len(ids) + first - 1, len(ids) + first - 1 + n)
-        targets += (prompt + response)[first:first + n]
-        grid += range(s * width, s * width + n) if width else []
-        counts.append(n)
-        ids += prompt + response
-        positions += range(len(prompt) + len(response))
-        seqlens.append(len(prompt) + len(response))
+        if isinstance(is_target, bool):
+            picked = range(first, len(sequence)) if is_target else range(0)
+        else:
+            picked = [t for t, target in enumerate(is_target, len(prompt)) if target and t >= first]
+        rows += (len(ids) + t - 1 for t in picked)
+        targets += (sequence[t] for t in picked)
+        grid += range(s * width, s * width + len(picked)) if width else []
+        counts.append(len(picked))
+        ids += sequence
+        positions += range(len(sequence))
+        seqlens.append(len(sequence))
     return PackedBatch(_long(ids, device), seqlens, _long(rows, device), _long(targets, device), counts,
                        list(group_sizes), _long(grid, device) if width else None, width,
                        _long(positions, device), _cu_seqlens(seqlens, device))
@@ -142,8 +147,9 @@ def epoch_batches(examples: list[TokenizedExample], budget: int, seed: int, epoc
 
 
 def collate_sft(examples: list[TokenizedExample]) -> PackedBatch:
-    """SFT micro-batch: every response token is a target."""
-    return pack_sequences([(ex.prompt, ex.responses[0], True) for ex in examples])
+    """SFT micro-batch: every response token is a target (of a conversation, its trained turns')."""
+    return pack_sequences([(ex.prompt, ex.responses[0], True if ex.masks is None else ex.masks[0])
+                           for ex in examples])
 
 
 def collate_rm(examples: list[TokenizedExample]) -> PackedBatch:

@@ -43,7 +43,9 @@ from .sampling_params import SamplingParams
 class HybridActor:
     def __init__(self, policy: CausalLM, tokenizer=None, *, kv_cache_memory: int, block_size: int = 16,
                  max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False, device=None,
-                 release_kv_pool: bool = False, record_routing: bool = False, persistent_weights: bool = False):
+                 release_kv_pool: bool = False, record_routing: bool = False,
+                 persistent_weights: bool = False, speculative_tokens: int = 0,
+                 speculate_below: int = 8, prefill_chunk: int | None = None):
         """record_routing: keep an MoE policy's expert choices of every rollout token (`last_routing`).
         persistent_weights: generate from whole-size buffers refilled in place (under torchrun, where
         the policy is gathered: at tensor_parallel 1, or its tensor slices sharded over the data
@@ -64,7 +66,9 @@ class HybridActor:
         with self.whole_weights() if self.weights is not None else contextlib.nullcontext():  # capture on the buffers
             self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
                            device=device, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and graphs,
-                           batch_invariant=batch_invariant, record_routing=record_routing)
+                           batch_invariant=batch_invariant, record_routing=record_routing,
+                           speculative_tokens=speculative_tokens, speculate_below=speculate_below,
+                           prefill_chunk=prefill_chunk)
         self.record_routing = record_routing
         # The last generate's routing records [sum of prompt + response lengths, sparse layers, k],
         # rows as pack_rollout packs them (None without record_routing).
@@ -93,6 +97,19 @@ class HybridActor:
     def kv_pool_bytes(self) -> int:
         runner = self.llm.runner
         return kv_bytes_per_block(runner.config, runner.dtype, runner.block_size) * runner.num_blocks
+
+    @torch.no_grad()
+    def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
+                         params: SamplingParams, token_budget: int | None, groups: list[int],
+                         groups_needed: int):
+        """LLM.continue_answers from the current weights (a partial rollout's step), the pool
+        released after it as `generate` does. Returns its Completions (host tokens, log-probs)."""
+        with self.whole_weights():
+            out = self.llm.continue_answers(prompts, answers, seeds, params, token_budget, groups,
+                                            groups_needed)
+        if self.release_kv_pool:
+            self.llm.runner.release_kv_pool()
+        return out
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams

@@ -58,12 +58,13 @@ def sft_stage(dtype: str, device, sharder=None, router=None) -> Stage:
 
 
 @releases_output_dir
-def run_sft(cfg: SFTConfig) -> Path:
+def run_sft(cfg: SFTConfig, dataset=None, eval_dataset=None) -> Path:
     """Train per `cfg`; returns the exported model directory (RUN_DIR/final; with lora.rank > 0 the
-    adapters merged into it, and themselves in RUN_DIR/final_adapter)."""
+    adapters merged into it, and themselves in RUN_DIR/final_adapter). dataset, eval_dataset:
+    datasets.Dataset objects read instead of cfg.data.train_file and cfg.data.eval_file."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="sft", config=cfg)
     check_context(cfg.data, run.configs["model"].max_model_len)
-    examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed)
+    examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed, dataset, eval_dataset)
     sharder = training_sharder(cfg.train, run.device, data_shard=not cfg.lora.enabled)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device, shard=sharder)
     lora = adapters.attach(model, cfg.lora)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from fusedrl.engine.data import tokenization
+from fusedrl.engine.data import chat
 from fusedrl.engine.data.records import DataError
 from fusedrl.engine.errors import ModelError
 from fusedrl.engine.model.causal_lm import CausalLM
@@ -91,9 +91,9 @@ def test_a_chat_template_that_never_ends_is_stopped(qwen2_dir, monkeypatch):
     tokenizer = load_tokenizer(qwen2_dir)
     turns = [("user", "hi"), ("assistant", "hello")]
     tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
-    assert tokenization.render_chat(tokenizer, turns) == ("<user>hi", "hello")
+    assert chat.render_chat(tokenizer, turns) == ("<user>hi", "hello")
     loops = "".join("{% for x" + str(i) + " in range(100000) %}" for i in range(5))
     tokenizer.chat_template = loops + "." + "{% endfor %}" * 5
-    monkeypatch.setattr(tokenization, "TEMPLATE_SECONDS", 0.5)
+    monkeypatch.setattr(chat, "TEMPLATE_SECONDS", 0.5)
     with pytest.raises(DataError, match="chat template took more than 0.5 seconds to render 1"):
-        tokenization.render_chat(tokenizer, turns)
+        chat.render_chat(tokenizer, turns)

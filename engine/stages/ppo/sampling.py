@@ -48,6 +48,16 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
+    return score_samples(models, prompt_ids, responses, sampler_logprobs, r, timer, sources)
+
+
+def score_samples(models: PPOModels, prompt_ids: list[list[int]], responses: list[list[int]],
+                  sampler_logprobs: torch.Tensor, r: RolloutConfig, timer: PhaseTimer,
+                  sources: list | None = None) -> Samples:
+    """Generated rows (groups of r.samples_per_prompt; sampler_logprobs [sum of response lengths]
+    fp32, row after row) packed and scored by models.score (and overlong-shaped); timed as
+    "score". sources: each group's prompt row (sample_and_score's), kept per row and read by the
+    reward functions (scoring.reward_inputs)."""
     device = models.actor.llm.device  # where the policy runs (its resting shards may be in CPU memory)
     packed = pack_rollout(prompt_ids, responses, device)
     if models.actor.record_routing:  # routing replay: the training forwards route as the sampler did
@@ -59,7 +69,7 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
     lengths = torch.tensor([len(x) for x in responses], device=scores.device)
     scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
     return Samples(prompt_ids, responses, packed, packed.to_grid(sampler_logprobs.to(device)), scores,
-                   r.samples_per_prompt)
+                   r.samples_per_prompt, rows)
 
 
 def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[list[list[int]], int], Samples],

@@ -32,7 +32,8 @@ from torch import nn
 
 from ...config.ppo import GRPOConfig, PPOConfig
 from ...config.train import DataConfig
-from ...data.loading import load_examples, load_prompts
+from ...data.loading import load_examples
+from ...data.prompts import PromptRow, load_prompts
 from ...data.packing import epoch_order
 from ...errors import UsageError
 from ...inference.hybrid_actor import HybridActor
@@ -40,6 +41,7 @@ from ...model.hf_io import load_model
 from ...model.reward_model import load_reward_model
 from ...model.causal_lm import CausalLM
 from ...model.peft_io import save_adapter
+from ...plan.kv_pool import rollout_kv_bytes
 from ...model.value_model import LoRACritic, load_value_model, save_value_model, shared_value_head
 from ... import distributed
 from ...train import adapters, optim
@@ -53,6 +55,7 @@ from .experience import ExperienceSettings, make_rollout
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 from .ptx import PtxLoss
+from .partial import partial_samples
 from .sampling import draw_samples, sample_and_score
 from .scoring import FunctionScorer, reward_model_scorer
 from .state import Controllers, PPOState
@@ -84,7 +87,8 @@ def prompt_indices(n_prompts: int, count: int, seed: int, start: int) -> list[in
     return out
 
 
-def next_prompts(prompts: list[list[int]], per_rank: int, seed: int, state: PPOState) -> list[list[int]]:
+def next_prompts(prompts: list[PromptRow], per_rank: int, seed: int,
+                 state: PPOState) -> list[PromptRow]:
     """This rank's `per_rank` of the stream's next per_rank x data ranks prompts (a tensor group's
     ranks take the same ones); advances state.prompts_drawn past all of them."""
     count = per_rank * distributed.data_world_size()
@@ -140,6 +144,11 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
         raise UsageError(f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is not "
                          "supported: its expert GEMMs have no batch-invariant mode; set rollout.exact=false "
                          "(rollout.routing_replay keeps the trainer's experts the sampler's)")
+    r = cfg.rollout
+    if policy.config.moe is not None and r.routing_replay and r.partial_rollouts:
+        raise UsageError("rollout.partial_rollouts=true with a mixture-of-experts policy and "
+                         "rollout.routing_replay: not supported (a carried answer's routing "
+                         "records do not carry); set either to false")
     policy.gradient_checkpointing = cfg.train.gradient_checkpointing
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
@@ -162,12 +171,18 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
         score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)
     else:
         score = FunctionScorer(rewards, tokenizer, getattr(policy, "tensor_parallel", None))
-    actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory, device=device,
+    # rollout.kv_cache_memory by the memory plan's rules (auto: the largest pool that fits).
+    kv_bytes = rollout_kv_bytes(cfg, torch.device(device), distributed.world_size(),
+                                distributed.local_world_size())
+    actor = HybridActor(policy, tokenizer, kv_cache_memory=kv_bytes, device=device,
                         release_kv_pool=cfg.rollout.release_kv_pool,
                         persistent_weights=cfg.rollout.persistent_weights,
                         block_size=cfg.rollout.block_size,
-                        max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
+                        max_num_seqs=cfg.rollout.max_rows,
                         batch_invariant=cfg.rollout.exact,
+                        speculative_tokens=cfg.rollout.speculative_tokens,
+                        speculate_below=cfg.rollout.speculate_below,
+                        prefill_chunk=cfg.rollout.prefill_chunk,
                         record_routing=cfg.rollout.routing_replay and policy.config.moe is not None)
     return PPOModels(policy, reference, actor, critic, value_head, score, lora)
 
@@ -243,7 +258,7 @@ def ptx_loss(cfg: PPOConfig, tokenizer, policy: CausalLM, device) -> Optional[Pt
 
 @releases_output_dir
 def run_ppo(cfg: PPOConfig, reward_fn=None,
-            evaluate: Optional[Callable[[PPOModels], dict]] = None) -> Path:
+            evaluate: Optional[Callable[[PPOModels], dict]] = None, dataset=None) -> Path:
     """Train per `cfg`; returns the exported policy directory (RUN_DIR/final; with lora.rank > 0 the
     adapters merged into it, and themselves in RUN_DIR/final_adapter).
 
@@ -251,23 +266,26 @@ def run_ppo(cfg: PPOConfig, reward_fn=None,
     fn(prompt_texts, response_texts) -> floats), instead of cfg.reward_fn; weighted by
     reward.weights.
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
+    dataset: a datasets.Dataset of prompts, instead of cfg.prompts_file.
     """
     rewards = open_rewards(cfg, reward_fn)
     try:
-        return train_ppo(cfg, rewards, evaluate)
+        return train_ppo(cfg, rewards, evaluate, dataset)
     finally:
         if rewards is not None:  # their workers end with the run, however it ends
             rewards.close()
 
 
 def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
-              evaluate: Optional[Callable[[PPOModels], dict]]) -> Path:
+              evaluate: Optional[Callable[[PPOModels], dict]], dataset=None) -> Path:
     """run_ppo's run, scored by the open `rewards` (None: by cfg.reward_model)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
                     kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg)
     device, tokenizer = run.device, run.tokenizer
-    prompts, truncated = load_prompts(cfg.prompts_file, tokenizer, cfg.rollout.max_prompt_length,
-                                      run.configs["policy"].max_model_len, cfg.rollout.truncate_prompts)
+    prompts, truncated = load_prompts(
+        cfg.prompts_file if dataset is None else dataset, tokenizer, cfg.rollout.max_prompt_length,
+        run.configs["policy"].max_model_len, cfg.rollout.truncate_prompts, cfg.data.prompt_column,
+        cfg.data.chat_template)
     models = build_models(cfg, device, run.dtype, tokenizer, rewards)
     opts, schedules = build_optimizers(models, cfg)
     state = PPOState(kl_coef=cfg.reward.kl_coef)
@@ -298,7 +316,8 @@ def export_critic(cfg: PPOConfig, critic: nn.Module) -> None:
     save_value_model(critic, final)
 
 
-def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules: list, prompts: list[list[int]],
+def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules: list,
+                   prompts: list[PromptRow],
                    ptx: Optional[PtxLoss], device) -> Callable[[PPOState], dict]:
     """One PPO iteration as the training loop's step: sample and score, build the rollout, update,
     then move the KL controller and the schedules on. What carries to the next iteration lives in
@@ -309,10 +328,20 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
         it = state.step
         controllers = Controllers.restore(state, cfg.reward)
         timer = PhaseTimer(device)
-        samples, sampling_metrics = draw_samples(
-            lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state),
-            lambda batch, seed: sample_and_score(models, batch, cfg.rollout, seed, timer), cfg.rollout,
-            cfg.seed * 1_000_003 + it)
+        seed = cfg.seed * 1_000_003 + it
+        if cfg.rollout.partial_rollouts:
+            samples, sampling_metrics = partial_samples(
+                models, state, lambda count: next_prompts(prompts, count, cfg.seed, state),
+                cfg.rollout, seed, timer)
+            if samples is None:  # every group still has answers in flight: nothing to learn yet
+                for s in schedules:
+                    optim.advance_schedule(s)
+                return {**sampling_metrics, **timer.metrics()}
+        else:
+            samples, sampling_metrics = draw_samples(
+                lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state),
+                lambda batch, seed: sample_and_score(models, [p.ids for p in batch], cfg.rollout,
+                                                     seed, timer, sources=batch), cfg.rollout, seed)
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
                                   timer)
         metrics = {**experience.metrics, **sampling_metrics, **models.score.metrics(),

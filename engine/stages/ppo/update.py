@@ -10,6 +10,8 @@ normalized by the global minibatch's units, and skips and early stops are decide
 values, so every rank takes the same steps."""
 from __future__ import annotations
 
+import dataclasses
+
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -44,7 +46,12 @@ class UpdateSettings:
 
     @classmethod
     def of(cls, cfg: PPOConfig) -> "UpdateSettings":
-        return cls(cfg.ppo, cfg.rollout.temperature, cfg.ppo.loss_agg_norm or cfg.rollout.max_new_tokens, cfg.moe)
+        """ppo.is_mode resolved: null is tis with rollout.partial_rollouts (a carried answer's
+        tokens were drawn by older weights), else off; off is None, as the loss kernels read it."""
+        mode = cfg.ppo.is_mode or ("tis" if cfg.rollout.partial_rollouts else "off")
+        ppo = dataclasses.replace(cfg.ppo, is_mode=None if mode == "off" else mode)
+        norm = cfg.ppo.loss_agg_norm or cfg.rollout.max_new_tokens
+        return cls(ppo, cfg.rollout.temperature, norm, cfg.moe)
 
 
 @dataclass

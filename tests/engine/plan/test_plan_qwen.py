@@ -20,6 +20,7 @@ from fusedrl.engine.plan.rules import TODAY, EngineRules
 GB = 10**9
 NODE = dict(gpus=8, gpu_memory=80 * GB)
 CKPT = "train.gradient_checkpointing=true"
+POOL = "rollout.kv_cache_memory=268435456"  # a fixed 256 MiB pool: the rest is the point
 _spec = importlib.util.spec_from_file_location(
     "plan_table", Path(__file__).resolve().parents[3] / "bench" / "plan_table.py")
 plan_table = importlib.util.module_from_spec(_spec)
@@ -50,7 +51,7 @@ def test_qwen_shapes_have_their_published_sizes(qwen):
 
 
 def test_14b_grpo_fits(qwen):
-    result = plan("grpo", qwen["14B"], CKPT)
+    result = plan("grpo", qwen["14B"], CKPT, POOL)
     assert result.fits and result.peak < 70 * GB
     # Both models loaded sharded (the 59 GB whole on every GPU before: 1/8 of it now), the
     # whole policy gathered for generation on top of the shards and the optimizer state.
@@ -148,7 +149,8 @@ def test_a_released_kv_pool_is_counted_in_the_rollout_only_where_graphs_allow(qw
     for phase in ("scoring", "update", "export"):
         assert released.phases[phase]["kv_pool"] == 0 < kept.phases[phase]["kv_pool"]
     # One process on CUDA captures decode graphs, which hold the pool: it stays.
-    one = plan_stage(config("grpo", qwen["7B"], CKPT, "rollout.release_kv_pool=true"), 1, 80 * GB)
+    one = plan_stage(config("grpo", qwen["7B"], CKPT, POOL, "rollout.release_kv_pool=true"), 1,
+                     80 * GB)
     assert one.phases["update"]["kv_pool"] == one.phases["rollout"]["kv_pool"] > 0
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from fusedrl.engine.data.loading import load_prompts
+from fusedrl.engine.data.prompts import load_prompts
 from fusedrl.engine.data.records import DataError
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.config.ppo import LoopConfig, RewardConfig, RolloutConfig
@@ -106,7 +106,7 @@ def test_a_prompt_without_room_to_generate_is_caught_at_load_before_any_model(se
                                         r"generate within the model's context of 128; .*rollout.truncate_prompts"):
         run_ppo(config(root, policy_dir, prompts, "long"))
     from transformers import AutoTokenizer
-    ids, truncated = load_prompts(prompts, AutoTokenizer.from_pretrained(policy_dir), 256, 128,
-                                  truncate_to_context=True)
-    assert truncated == 1 and [len(p) for p in ids][1] == 127
+    rows, truncated = load_prompts(prompts, AutoTokenizer.from_pretrained(policy_dir), 256, 128,
+                                   truncate_to_context=True)
+    assert truncated == 1 and [len(p.ids) for p in rows][1] == 127
     assert RolloutConfig(truncate_prompts=True).truncate_prompts
