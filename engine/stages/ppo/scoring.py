@@ -12,6 +12,7 @@ import torch
 from ... import distributed
 from ...data.loading import report
 from ...data.packing import PackedBatch, pack_sequences
+from ...data.prompts import column_lists
 from ..rewards.combined import RewardFunctions, moments, summary, weighted_totals
 from ..rewards.functions import RewardFunctionError, RewardInputs
 from .chunks import forward_in_pieces
@@ -74,10 +75,8 @@ def reward_inputs(tokenizer, prompts: list[list[int]], responses: list[list[int]
     completion_ids = [list(map(int, r)) for r in responses]
     if rows is None:
         return RewardInputs(prompt_texts, prompt_texts, completion_texts, completion_ids)
-    names = dict.fromkeys(name for row in rows for name in row.columns)
-    columns = {name: [row.columns.get(name) for row in rows] for name in names}
     return RewardInputs([row.prompt for row in rows], prompt_texts, completion_texts,
-                        completion_ids, columns)
+                        completion_ids, column_lists(rows))
 
 
 class FunctionScorer:
