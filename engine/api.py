@@ -20,7 +20,7 @@ from typing import Callable, Optional
 from .config.io import ConfigError, to_dict
 from .config.ppo import GRPOConfig, PPOConfig
 from .config.train import RMConfig, SFTConfig
-from .errors import UsageError
+from .errors import RunComplete, UsageError
 from .path_checks import check_input_file
 
 
@@ -59,6 +59,15 @@ def _ready(config, dataset) -> None:
             check_input_file(path, option)
 
 
+def _trained(train: Callable, *args, **kwargs) -> Path:
+    """The final model's directory of `train(*args, **kwargs)`, a stage's entry point; a run found
+    complete (engine/train/loop.py: nothing was changed) gives the one it wrote before."""
+    try:
+        return train(*args, **kwargs)
+    except RunComplete as done:
+        return done.final
+
+
 def _result(final_dir, output_dir) -> TrainResult:
     from .train.runlog import read_metrics
     records = [r for r in read_metrics(output_dir) if r.get("kind") == "train"]
@@ -71,7 +80,7 @@ def run_sft(config, dataset=None, eval_dataset=None, overrides: list[str] = ()) 
     from .stages.sft import run_sft as train
     cfg = as_config(SFTConfig, config, overrides)
     _ready(cfg, dataset)
-    return _result(train(cfg, dataset, eval_dataset), cfg.output_dir)
+    return _result(_trained(train, cfg, dataset, eval_dataset), cfg.output_dir)
 
 
 def run_rm(config, dataset=None, eval_dataset=None, overrides: list[str] = ()) -> TrainResult:
@@ -79,7 +88,7 @@ def run_rm(config, dataset=None, eval_dataset=None, overrides: list[str] = ()) -
     from .stages.rm import run_rm as train
     cfg = as_config(RMConfig, config, overrides)
     _ready(cfg, dataset)
-    return _result(train(cfg, dataset, eval_dataset), cfg.output_dir)
+    return _result(_trained(train, cfg, dataset, eval_dataset), cfg.output_dir)
 
 
 def run_ppo(config, reward_fn: Optional[Callable] = None, dataset=None,
@@ -99,4 +108,4 @@ def _run_rl(cls, config, reward_fn, dataset, overrides) -> TrainResult:
     from .stages.ppo.trainer import run_ppo as train
     cfg = as_config(cls, config, overrides)
     _ready(cfg, dataset)
-    return _result(train(cfg, reward_fn=reward_fn, dataset=dataset), cfg.output_dir)
+    return _result(_trained(train, cfg, reward_fn=reward_fn, dataset=dataset), cfg.output_dir)

@@ -28,6 +28,7 @@ from .config import io as config_io
 from .config.demo import DemoConfig
 from .config.ppo import GRPOConfig, PPOConfig
 from .config.train import RMConfig, SFTConfig
+from .train import trackers
 
 _STAGE_EPILOG = """options (YAML keys; nested sections as dotted overrides, e.g. optim.lr=2e-5):
 {options}
@@ -92,7 +93,15 @@ def add_stage_parser(commands, name: str) -> None:
     add_debug_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options overriding the file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    add_quiet_flag(p)
     p.set_defaults(run=lambda args: run_stage(args, name))
+
+
+def add_quiet_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress on stderr (train.progress=false), and no warnings, notes "
+                             "or progress bars of transformers and datasets themselves (errors "
+                             "stay)")
 
 
 def load_config(config_cls, path, overrides):
@@ -111,9 +120,11 @@ def print_config(config) -> int:
 
 def run_stage(args, name: str) -> int:
     config_cls, train, _ = STAGES[name]
-    config = load_config(config_cls, args.config, args.overrides)
+    quiet = ["train.progress=false"] if args.quiet else []
+    config = load_config(config_cls, args.config, args.overrides + quiet)
     if args.print_config:
         return print_config(config)
+    trackers.check_installed(trackers.tracker_names(config.train))  # before anything is created
     try:
         config.require_data()
     except ValueError as e:
@@ -175,7 +186,7 @@ def add_demo_parser(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="options (key=value):\n" + "\n".join(config_io.describe(DemoConfig)))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options, e.g. seed=1 output_dir=runs/demo")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_flag(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved options as YAML and exit")
     add_debug_flag(p)
     p.set_defaults(run=run_demo)
@@ -266,6 +277,7 @@ def run_generate(args) -> int:
     args.kv_cache_memory = _memory(args.kv_cache_memory)
     # The arguments and the path first: torch-free, so a mistake is answered at once.
     path_checks.check_model_path(args.model, "--model")
+    path_checks.check_tokenizer_files(args.model, "--model")
     from .inference.sampling_params import SamplingParams
     try:
         params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -408,19 +420,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.-]*=")
+
+
+def dashed_as_overrides(argv: list[str], unknown: set[str]) -> list[str]:
+    """`argv` with each option of `unknown` (`--key value`, `--key=value`, or a bare `--flag`, as
+    transformers' and TRL's scripts take them) as the override `key=value` (`flag=true`); dashes in
+    the key become underscores (`--learning-rate` -> learning_rate). A bare flag's next argument is
+    its value unless it is an option or an override itself."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token in unknown:
+            key, sep, value = token[2:].partition("=")
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            if not sep and following is not None and not following.startswith("--") \
+                    and not _OVERRIDE.match(following):
+                value, i = following, i + 1
+            elif not sep:
+                value = "true"
+            token = f"{key.replace('-', '_')}={value}"
+        out.append(token)
+        i += 1
+    return out
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """transformers', datasets' and the hub client's own output: no progress bars where stderr is
+    not a terminal (a log file would get their `\r` redraws) or with --quiet; with --quiet none of
+    their warnings and notes either. Through the environment variables they read when imported
+    (later, in the command's work), or their own switches when they already are."""
+    if quiet or not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if quiet:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+        if "transformers" in sys.modules:
+            import transformers
+            transformers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (argparse exits 2 itself on a bad command line)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    unknown = {x for x in extra if x.startswith("--")}
+    if unknown and hasattr(args, "overrides"):  # `--learning_rate 1e-4` (TRL's form): key=value
+        args, extra = parser.parse_known_args(dashed_as_overrides(argv, unknown))
     # key=value overrides after an option (`fusedrl plan ppo --gpus 8 lora.rank=64`): argparse leaves them over.
     if extra and not (hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = getattr(args, "overrides", []) + extra
+    quiet_libraries(getattr(args, "quiet", False))
     try:
-        code = args.run(args)
-        if "fusedrl.engine.distributed" in sys.modules:  # imported only by the commands that need torch
-            sys.modules["fusedrl.engine.distributed"].leave(code)
-        return code
+        return _leave(args.run(args))
     except KeyboardInterrupt:
         if errors.debug_enabled(getattr(args, "debug", False)):
             raise
@@ -432,9 +488,18 @@ def main(argv: list[str] | None = None) -> int:
         code, message = errors.one_line(e)
         if errors.should_print(e):
             print(f"fusedrl {args.command}: {message}", file=sys.stderr)
-        else:
+        elif not isinstance(e, (errors.Interrupted, errors.RunComplete)):
             errors.let_rank_0_speak()
+        if isinstance(e, (errors.Interrupted, errors.RunComplete)):  # every rank ended here too
+            return _leave(code)
         return code
+
+
+def _leave(code: int) -> int:
+    """`code`, after a torchrun rank left its process group (distributed.leave; it exits there)."""
+    if "fusedrl.engine.distributed" in sys.modules:  # imported only by the commands that need torch
+        sys.modules["fusedrl.engine.distributed"].leave(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -21,6 +21,21 @@ def check_model_path(path, option: str) -> None:
         raise UsageError(f"{option}={path}: not a Hugging Face model directory (no {CONFIG_FILE})")
 
 
+# A tokenizer's own files, by format: fast (tokenizer.json), sentencepiece, BPE (vocab.json +
+# merges.txt), WordPiece; tokenizer_config.json alone names a class, not a vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.json", "vocab.txt", "tokenizer.tiktoken")
+
+
+def check_tokenizer_files(path, option: str) -> None:
+    """Model directory `path` must hold a tokenizer (transformers would build an empty one from
+    config.json alone, and the run would fail later on its first text)."""
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"{option}={path}: the model directory has no tokenizer (none of "
+                         f"{', '.join(TOKENIZER_FILES)}): save the tokenizer it was trained with "
+                         "there (tokenizer.save_pretrained(DIR))")
+
+
 # What datasets' save_to_disk writes in its directory: a Dataset's state, a DatasetDict's splits.
 SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
 
@@ -61,7 +76,7 @@ def check_run_dir(path) -> None:
 
 def check_paths(models: dict, files: dict, output_dir) -> None:
     """Every path a stage's config names: `models` and `files` {option: path or None (unused)}, and
-    the output directory."""
+    the output directory. The first model's tokenizer is the run's: it must have one."""
     for option, path in models.items():
         if path:
             check_model_path(path, option)
@@ -69,3 +84,6 @@ def check_paths(models: dict, files: dict, output_dir) -> None:
         if path:
             check_input_file(path, option)
     check_output_dir(output_dir)
+    option, path = next(iter(models.items()))
+    if path:
+        check_tokenizer_files(path, option)

@@ -85,18 +85,40 @@ def _merged(base: dict, over: dict) -> dict:
 
 def _did_you_mean(root, fields, prefix: str, key: str) -> str:
     """' (did you mean ...?)' for an unknown `prefix + key`: our name for the option by meaning
-    (anywhere in `root`), else the closest spelling among the section's `fields`; '' for neither."""
+    (anywhere in `root`), else the closest spelling among the section's `fields`, else the option of
+    that name (or the closest spelling) in another section (`lr` -> optim.lr, `optim.max_steps` ->
+    train.max_steps); '' for none."""
     meant = meaning_of(root, f"{prefix}{key}")
     if meant:
         ours, note = meant
         return f" (did you mean '{ours}'?{f' {note}' if note else ''})"
+    leaves = {}  # last part -> the first dotted option of `root` ending in it
+    for dotted in dotted_keys(root):
+        leaves.setdefault(dotted.rsplit(".", 1)[-1], dotted)
+    if key in leaves:
+        return f" (did you mean '{leaves[key]}'?)"
     close = difflib.get_close_matches(key, fields, n=1)
-    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    close = difflib.get_close_matches(key, list(leaves), n=1)
+    return f" (did you mean '{leaves[close[0]]}'?)" if close else ""
+
+
+def dotted_keys(cls, prefix: str = "") -> list[str]:
+    """Every option of config dataclass `cls` as a dotted key, in field order."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += dotted_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
 
 
 def _coerce(tp, value, key: str, root):
-    """Check `value` against type hint `tp` (int, float, bool, str, Literal[...], list[X],
-    X | Y | None, or a dataclass of config `root`)."""
+    """Check `value` against type hint `tp` (int, float, bool, str, Literal[...], X | None, list[X],
+    or a dataclass of config `root`)."""
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, f"{key}.", root)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -122,11 +144,12 @@ def _coerce(tp, value, key: str, root):
                 raise
         names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
         raise ConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
-    if origin is list:
-        # A YAML list, on the command line `a,b` (read as one string), or one item alone.
-        items = ([x.strip() for x in value.split(",")] if isinstance(value, str)
-                 else value if isinstance(value, list) else [value])
-        return [_coerce(args[0], item, f"{key}[{i}]", root) for i, item in enumerate(items)]
+    if origin is list:  # a YAML list, or one comma-separated text (the command line's form)
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list (or comma-separated text), got {value!r}")
+        return [_coerce(args[0], item, f"{key}[{i}]", root) for i, item in enumerate(value)]
     if tp is float and isinstance(value, str):
         value = _float_or_text(value)
     ok = {bool: lambda v: isinstance(v, bool),

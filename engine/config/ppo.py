@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .fields import check, check_fields, option
+from .ignored import refuse_ignored, rl_rules
 from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
@@ -162,7 +163,9 @@ def kv_budget(value) -> int | float | str:
 class UpdateConfig:
     epochs: int = option("PPO epochs over each rollout", 4)
     minibatch_size: int = option("sequences per PPO minibatch update on each rank (under torchrun: x the "
-                                 "number of ranks in all)", 16)
+                                 "number of ranks in all); a size not dividing the rollout's rows "
+                                 "gives ceil(rows / size) minibatches of sizes as equal as the "
+                                 "rows allow (said at start)", 16)
     microbatch_size: int | None = option("sequences per forward/backward inside a minibatch; gradients are "
                                         "accumulated to the whole minibatch's (None = the minibatch at once)")
     tokens_per_microbatch: int | None = option("token budget of one forward/backward inside a minibatch: rows "
@@ -368,6 +371,7 @@ class PPOConfig(Loadable):
         check(self.ppo.tokens_per_microbatch is None or self.ppo.tokens_per_microbatch >= longest,
               f"ppo.tokens_per_microbatch={self.ppo.tokens_per_microbatch} must hold one row: rollout."
               f"max_prompt_length + rollout.max_new_tokens = {longest} tokens")
+        refuse_ignored(rl_rules(self), self)
 
 
 def _grpo_update() -> UpdateConfig:

@@ -27,8 +27,8 @@ APPLIED_ON_RESUME = frozenset({
     # where the run is (a moved run directory) and the loop: its length, cadence, logging, limits
     "output_dir", "train.iterations", "train.epochs", "train.max_steps", "train.eval_every", "train.log_every",
     "train.save_every", "train.save_every_minutes", "train.keep_checkpoints", "train.max_consecutive_skips",
-    "train.resume", "train.resume_without_config", "train.tensorboard", "train.progress",
-    "train.dist_timeout_s", "train.device",
+    "train.resume", "train.resume_without_config", "train.tensorboard", "train.report_to",
+    "train.progress", "train.dist_timeout_s", "train.device",
     "train.gradient_checkpointing",
     # the schedule: its peak (the new one from the saved step on) and shape, and gradient clipping
     "optim.lr", "critic_lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.max_grad_norm",
@@ -55,7 +55,7 @@ def resume_changes(run_dir, config) -> dict[str, tuple]:
     train.resume_without_config."""
     path = Path(run_dir) / SAVED_CONFIG
     try:
-        saved = _flat(config_io.read_yaml(path))
+        saved = flat_options(config_io.read_yaml(path))
     except (OSError, ValueError) as e:
         if (Path(run_dir) / METRICS_FILE).is_file() and not config.train.resume_without_config:
             reason = "no" if isinstance(e, FileNotFoundError) else "an unreadable"
@@ -66,7 +66,7 @@ def resume_changes(run_dir, config) -> dict[str, tuple]:
                 "command's options") from None
         return {}
     # Through YAML as config.yaml went, so both sides hold the same types (tuples, floats).
-    new = _flat(yaml.safe_load(config_io.to_yaml(config)))
+    new = flat_options(yaml.safe_load(config_io.to_yaml(config)))
     paths = path_options(config)
     changed = {key: (saved[key], value) for key, value in new.items()
                if key in saved and saved[key] != value
@@ -88,12 +88,12 @@ def _same_path(saved, new) -> bool:
     return both and os.path.abspath(saved) == os.path.abspath(new)
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
+def flat_options(data: dict, prefix: str = "") -> dict:
     """{'optim': {'lr': 1}} -> {'optim.lr': 1}."""
     out = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_options(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

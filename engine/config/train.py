@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .fields import check, check_fields, option
+from .ignored import refuse_ignored, supervised_rules
 from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
@@ -109,6 +110,15 @@ class OptimConfig:
         check_fields(self, "optim.")
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
+
+
+def _names(value) -> list[str]:
+    """A list of names from a list, or from one comma-separated text (as given from Python)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
 @dataclass
 class RunConfig:
     """The loop options every stage shares (its `train` section); "step" is the stage's unit of
@@ -131,8 +141,14 @@ class RunConfig:
         "resume a run directory that has lost its config.yaml (it holds metrics.jsonl): the "
         "options its checkpoints were trained with are then not compared with this run's; refused "
         "without it", False)
-    tensorboard: bool = option("also write TensorBoard events to output_dir/tensorboard", False)
-    progress: bool = option("show a live progress bar on stderr", True)
+    tensorboard: bool = option("also write TensorBoard events to output_dir/tensorboard (the same "
+                               "as train.report_to=tensorboard)", False)
+    report_to: list[str] = option("experiment trackers fed every metrics record: tensorboard | "
+                                  "wandb | mlflow | none, several as a YAML list or "
+                                  "comma-separated (wandb,mlflow); each through its own library: "
+                                  "pip install 'fusedrl[NAME]'", factory=list)
+    progress: bool = option("show progress on stderr: a live bar on a terminal, else (a log file) "
+                            "one plain line per train.log_every steps, at most one each 30 s", True)
     data_parallel: DataParallel = option("under torchrun: shard (FSDP2 full shard: weights, gradients, optimizer "
                                          "state 1/N per rank; at train.tensor_parallel > 1 the tensor slices sharded "
                                          "over the data groups) | replicate (whole copies, for small models; at "
@@ -181,6 +197,12 @@ class RunConfig:
         check(0 <= self.save_every_minutes < math.inf,
               f"train.save_every_minutes must be a finite number >= 0, got {self.save_every_minutes}")
         check(self.log_every >= 1, "train.log_every must be >= 1")
+        self.report_to = _names(self.report_to)
+        unknown = [n for n in self.report_to if n not in TRACKERS]
+        check(not unknown, f"train.report_to: {unknown[0] if unknown else ''!r} is not a tracker; "
+                           f"expected {' | '.join(TRACKERS)} (several as a list)")
+        check("none" not in self.report_to or self.report_to == ["none"],
+              f"train.report_to={','.join(self.report_to)}: 'none' cannot be listed with trackers")
 
 
 @dataclass
@@ -233,6 +255,7 @@ class SFTConfig(StageConfig):
         super().__post_init__()
         check(self.data.format in SFT_FORMATS,
                f"data.format for sft must be one of {SFT_FORMATS}, got {self.data.format!r}")
+        refuse_ignored(supervised_rules(self), self)
 
 
 @dataclass
@@ -258,3 +281,4 @@ class RMConfig(StageConfig):
                f"data.format for rm must be one of {RM_FORMATS}, got {self.data.format!r}")
         check(self.beta_rm >= 0, f"beta_rm must be >= 0, got {self.beta_rm}")
         check(self.max_reference >= 1, f"max_reference must be >= 1, got {self.max_reference}")
+        refuse_ignored(supervised_rules(self), self)

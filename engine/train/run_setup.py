@@ -17,12 +17,13 @@ import torch
 
 from ..config.train import RunConfig
 from .. import run_dir
-from ..errors import UsageError
+from ..errors import ModelError, UsageError
 from ..model.hf_io import load_config, load_tokenizer
 from ..path_checks import check_model_path, check_paths
 from ..run_paths import run_inputs
 from .. import distributed
 from .precision import param_dtype, resolve_precision
+from .trackers import check_installed, tracker_names
 
 
 @dataclass
@@ -77,15 +78,17 @@ def claim_output_dir(kind: str, options: RunConfig, output_dir: str, inputs: lis
 
 def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, files: dict, kind: str,
               config=None) -> RunContext:
-    """Check everything first: `models` {option: model directory, or None when unused} (the first
-    one's tokenizer is the run's), `files` {option: input file or None}, output_dir (engine/path_checks.py),
-    the models' config.json and the device of `options` (the stage's `train` section). Then join
-    torchrun's process group when launched by it (a bare `cuda` becomes this rank's GPU,
-    cuda:LOCAL_RANK); `config`, the stage's whole config: its memory plan must fit the GPUs
-    (engine/plan/check.py), checked before any model loads; then take output_dir for the stage `kind`
+    """Check everything first: the packages of the trackers of `options` (the stage's `train`
+    section), `models` {option: model directory, or None when unused} (the first one's tokenizer is
+    the run's), `files` {option: input file or None}, output_dir (engine/path_checks.py), the
+    models' config.json and the device of `options`. Then join torchrun's process group when
+    launched by it (a bare `cuda` becomes this rank's GPU, cuda:LOCAL_RANK); `config`, the stage's
+    whole config: its memory plan must fit the GPUs (engine/plan/check.py), checked before any model
+    loads; load the tokenizer (run_tokenizer); then take output_dir for the stage `kind`
     (claim_output_dir; the stage's entry point releases it: run_dir.releases_output_dir) and seed
     python's and torch's RNGs with `seed` (the same on every rank: models are built identically
     before sharding)."""
+    check_installed(tracker_names(options))
     check_paths(models, files, output_dir)
     configs = {option: load_config(Path(path)) for option, path in models.items() if path}
     device = resolve_device(options.device)
@@ -95,9 +98,24 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
     if config is not None:
         from ..plan.check import refuse_unfit
         refuse_unfit(config, device, distributed.world_size())
+    tokenizer = run_tokenizer(*next(iter(models.items())))
     inputs = run_inputs(config) if config is not None else [*models.values(), *files.values()]
     claim_output_dir(kind, options, output_dir, inputs)
     random.seed(seed)
     torch.manual_seed(seed)
-    return RunContext(device, param_dtype(resolve_precision(options.precision, device)),
-                      load_tokenizer(next(iter(models.values()))), configs)
+    dtype = param_dtype(resolve_precision(options.precision, device))
+    return RunContext(device, dtype, tokenizer, configs)
+
+
+_PROBE = "hello world 0123456789"  # letters, digits, a space: a real vocabulary has some
+
+
+def run_tokenizer(option: str, path):
+    """The tokenizer of model directory `path` (the option naming it), which must turn a text
+    into tokens: ModelError naming the directory for an empty one (a tokenizer.json without a
+    vocabulary)."""
+    tokenizer = load_tokenizer(path)
+    if not tokenizer(_PROBE, add_special_tokens=False)["input_ids"]:
+        raise ModelError(f"{option}={path}: its tokenizer is empty (it turns {_PROBE!r} into no "
+                         "tokens): save the tokenizer the model was trained with there")
+    return tokenizer

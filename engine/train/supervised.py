@@ -88,6 +88,17 @@ def check_context(data: DataConfig, max_model_len: int) -> None:
                          f"{max_model_len} tokens (max_position_embeddings); set data.max_length<={max_model_len}")
 
 
+def held_out_notice(data: DataConfig, train_count: int, eval_count: int) -> list[str]:
+    """The run's notice that data.eval_fraction of the training file is held out for evaluation
+    (not trained on), when it is."""
+    if data.eval_file or not eval_count:
+        return []
+    return [f"evaluating on {eval_count} of the {train_count + eval_count} examples of "
+            f"data.train_file, held out (data.eval_fraction={data.eval_fraction}) and not trained "
+            "on; data.eval_file=FILE evaluates on a file instead, data.eval_fraction=0 trains on "
+            "all"]
+
+
 def micro_batches_per_step(cfg: StageConfig) -> int:
     """The global batch of one optimizer step, in micro-batches: every rank's grad_accum_steps."""
     return cfg.optim.grad_accum_steps * distributed.world_size() // cfg.train.tensor_parallel
@@ -247,5 +258,6 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
                 "peak_mem_mb": peak_memory_mb(device)}
 
     evaluate_held_out = (lambda: evaluate(model, stage, eval_ex, cfg, device)) if eval_ex else None
-    plan = RunPlan(cfg.output_dir, cfg, cfg.train, steps, cfg.train.eval_every)
+    plan = RunPlan(cfg.output_dir, cfg, cfg.train, steps, cfg.train.eval_every,
+                   held_out_notice(cfg.data, len(train_ex), len(eval_ex)))
     return run_training(plan, parts, state, step, evaluate=evaluate_held_out, info=log_info, device=device)

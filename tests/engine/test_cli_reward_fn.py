@@ -125,7 +125,7 @@ def test_reward_options_from_the_command_line_and_yaml(tmp_path):
                                      "reward:\n  weights: [2, 1]\n  isolation: thread\n")
     cfg = config_io.load(GRPOConfig, tmp_path / "c.yaml", [f"{k}={v}" for k, v in required.items()])
     assert cfg.reward_fns() == ["a:f", "b:g"] and cfg.reward.weights == [2.0, 1.0]
-    refused = [("reward.weights=1", r"reward.weights has 1 weight\(s\) for 2 reward function"),
+    refused = [("reward.weights=[1]", r"reward.weights has 1 weight\(s\) for 2 reward function"),
                ("reward.weights=1,x", r"reward.weights\[1\]: expected float"),
                ("reward.isolation=fork", "expected one of \\('process', 'thread'\\)")]
     for override, message in refused:

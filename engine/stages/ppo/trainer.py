@@ -59,7 +59,7 @@ from .partial import partial_samples
 from .sampling import draw_samples, sample_and_score
 from .scoring import FunctionScorer, reward_model_scorer
 from .state import Controllers, PPOState
-from .update import Optimizers, UpdateSettings, ppo_update
+from .update import Optimizers, UpdateSettings, minibatch_rule, ppo_update
 
 
 class KLCeilingExceeded(StopTraining):
@@ -289,7 +289,10 @@ def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
     models = build_models(cfg, device, run.dtype, tokenizer, rewards)
     opts, schedules = build_optimizers(models, cfg)
     state = PPOState(kl_coef=cfg.reward.kl_coef)
-    plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations, eval_every=cfg.train.log_every)
+    rows = cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt
+    rule = minibatch_rule(rows, cfg.ppo.minibatch_size)
+    plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations,
+                   eval_every=cfg.train.log_every, notices=[rule] if rule else [])
     # A tensor group's ranks hold the same rows: the row helpers reduce over the data ranks only.
     with distributed.tensor_groups(getattr(models.policy, "tensor_parallel", None)):
         run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype), state,

@@ -2,8 +2,11 @@
 and the critic) over a Rollout (rollout.py, built by experience.py). It composes the kernels and
 engine/stages/ppo/core.py; no math lives here.
 
-Minibatches and micro-batches are cut from the rollout's one pack by index. A minibatch's stats stay
-on the device until its one host read (the skip and early-stop decisions need them).
+Minibatches and micro-batches are cut from the rollout's one pack by index. An epoch takes
+ceil(rows / ppo.minibatch_size) minibatches of sizes as equal as the rows allow (16 rows at size
+5: four of 4, not 5, 5, 5 and 1), said once when the run starts (`minibatch_rule`). A
+minibatch's stats stay on the device until its one host read (the skip and early-stop decisions
+need them).
 
 Under torchrun each minibatch is every rank's share of the global one, its loss weights are
 normalized by the global minibatch's units, and skips and early stops are decided on global
@@ -236,6 +239,25 @@ def minibatch_loss(models: PPOModels, batch: Rollout, s: UpdateSettings, weights
     return loss, stats
 
 
+def minibatch_bounds(rows: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of an epoch's minibatches over `rows` rows: ceil(rows / size) of them, their
+    sizes as equal as the rows allow (at most `size`, differing by at most one)."""
+    count = -(-rows // size)
+    return [(i * rows // count, (i + 1) * rows // count) for i in range(count)]
+
+
+def minibatch_rule(rows: int, size: int) -> str | None:
+    """What an epoch does with `rows` rows per rank at ppo.minibatch_size=`size`, when the size does
+    not divide them (None when it does, or holds them all: one minibatch of the whole rollout)."""
+    if rows % size == 0 or size >= rows:
+        return None
+    sizes = sorted({end - start for start, end in minibatch_bounds(rows, size)}, reverse=True)
+    count = len(minibatch_bounds(rows, size))
+    return (f"ppo.minibatch_size={size} does not divide the rollout's {rows} rows per rank "
+            "(rollout.prompts_per_iteration x rollout.samples_per_prompt): each epoch takes "
+            f"{count} minibatches of {' or '.join(map(str, sizes))} rows")
+
+
 def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: UpdateSettings, seed: int,
                ptx_loss: Optional[Callable] = None) -> UpdateResult:
     """ppo.epochs passes of shuffled minibatch updates; a non-finite loss or gradient skips that
@@ -250,9 +272,9 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: U
     for _ in range(p.epochs):
         order = torch.randperm(rows, generator=order_rng).tolist()  # a host tensor: no device sync
         stop = False
-        for start in range(0, rows, minibatch):
+        for start, end in minibatch_bounds(rows, minibatch):
             optimizers.zero_grad()
-            stats = minibatch_backward(models, rollout.rows(order[start:start + minibatch]), s, ptx_loss)
+            stats = minibatch_backward(models, rollout.rows(order[start:end]), s, ptx_loss)
             norms = optimizers.clip_and_step(stats["loss"])
             host = runlog.host_values({**stats, "grad_norm": norms[0], "stepped": torch.isfinite(norms).all()})
             if not host.pop("stepped"):  # the step was skipped on the device
