@@ -41,17 +41,21 @@ def path_options(config) -> set[str]:
 
 def run_inputs(config, config_file=None) -> list[str]:
     """Every file and directory the run of `config` reads: its models (with their tokenizers), data
-    files, the reward function's module (`reward_fn`) and the YAML it was read from."""
+    files, the reward functions' modules (`reward_fn`) and the YAML it was read from."""
     models, files = config.paths() if hasattr(config, "paths") else ({}, {})
-    module = module_file(getattr(config, "reward_fn", None) or "")
-    return [p for p in (*models.values(), *files.values(), module, config_file) if p]
+    specs = config.reward_fns() if hasattr(config, "reward_fns") else ()
+    modules = [module_file(spec) for spec in specs]
+    return [p for p in (*models.values(), *files.values(), *modules, config_file) if p]
 
 
 def module_file(spec: str) -> str | None:
     """The file of the module of 'package.module:function', found as importlib would (the current
     directory first, then sys.path) but without importing anything (a package's __init__ is user
-    code); None when it is not a file on those paths (importing it names the problem)."""
-    module = spec.partition(":")[0]
+    code), or of 'path/to/file.py:function'; None when it is not a file on those paths (importing
+    it names the problem)."""
+    module = spec.rpartition(":")[0]
+    if module.endswith(".py"):  # a file's path: reward_fn=path/to/file.py:function
+        return str(Path(module).absolute()) if Path(module).is_file() else None
     if not module or not all(part.isidentifier() for part in module.split(".")):
         return None
     relative = Path(*module.split("."))

@@ -2,6 +2,7 @@
 `key=value` overrides (engine/config/io.py), usable from Python as a library. Torch-free."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +20,7 @@ Estimator = Literal["gae", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp
 CRITIC_ESTIMATORS = ("gae", "reinforce")
 KLEstimator = Literal["k1", "k2", "k3"]
 EnvErrors = Literal["skip", "fail"]
+RewardIsolation = Literal["process", "thread"]
 # The longest reward.fn_timeout_s (some 11 days): a longer wait is no bound, and past the OS's
 # largest timeout (threading.TIMEOUT_MAX) waiting would overflow.
 MAX_FN_TIMEOUT_S = 1e6
@@ -274,6 +276,17 @@ class RewardConfig:
     clip: float | None = option("clip (normalized) scores to +-clip (None = off)")
     kl_ceiling: float | None = option("stop the run when the KL per sequence exceeds this (reward-hacking guard)")
     fn_timeout_s: float = option("reward_fn: a call that has not returned after this many seconds fails the run", 300.0)
+    weights: list[float] | None = option(
+        "reward_fn: one weight per function (YAML [1.0, 0.5] or 1.0,0.5); a row's reward is the "
+        "weighted sum of the functions that do not return None for it (None = all 1)")
+    isolation: RewardIsolation = option(
+        "reward_fn: process (each function in a worker process of its own, reused across "
+        "iterations: a call past reward.fn_timeout_s is killed whatever it holds, its exit or "
+        "crash fails the run, its chdir, environment and signal handlers stay its own; the "
+        "function must be importable) | thread (in the trainer's process: no process start, "
+        "callables of any kind, but RISKS: a function holding the GIL (a catastrophic regex, a C "
+        "loop) is never stopped and blocks Ctrl-C, os._exit ends the run with its exit code, and "
+        "a chdir moves the run's relative paths)", "process")
 
     def __post_init__(self):
         check_fields(self, "reward.")
@@ -284,6 +297,9 @@ class RewardConfig:
         check(0 < self.fn_timeout_s <= MAX_FN_TIMEOUT_S,
               f"reward.fn_timeout_s must be in (0, {MAX_FN_TIMEOUT_S:g}] seconds, "
               f"got {self.fn_timeout_s:g}")
+        for weight in self.weights or ():
+            check(math.isfinite(weight),
+                  f"reward.weights must be finite numbers, got {self.weights}")
 
 
 @dataclass
@@ -312,7 +328,12 @@ class PPOConfig(Loadable):
 
     policy: str = option("SFT policy: a Hugging Face model directory (also the frozen reference) (required)", "")
     reward_model: str | None = option("reward model directory from `fusedrl rm` (or give reward_fn)")
-    reward_fn: str | None = option("'module:function' scoring (prompts, responses) texts -> list of floats")
+    reward_fn: str | list[str] | None = option(
+        "'module:function' (or 'path/file.py:function'), several comma-separated or a YAML "
+        "list: reward functions called as TRL calls them (prompts=, completions=, "
+        "completion_ids=, each column of the prompt rows) or fn(prompts, responses) texts -> "
+        "list of floats (None: not applicable to a row); weighted by reward.weights "
+        "(docs/rewards.md)")
     critic: Critic = option("separate (a value model initialized from the reward model) | shared "
                             "(a value head on the policy's trunk) | none (critic-free: a group estimator)",
                             "separate")
@@ -341,6 +362,13 @@ class PPOConfig(Loadable):
         "A section apart from `lora`: the critic's rank and targets are tuned apart from the policy's, either can "
         "be LoRA alone, and lora-only runs and their checkpoints keep their full critic", factory=LoRAConfig)
 
+    def reward_fns(self) -> list[str]:
+        """reward_fn's specs: its list, or its comma-separated string cut ([] without one)."""
+        if self.reward_fn is None:
+            return []
+        specs = self.reward_fn.split(",") if isinstance(self.reward_fn, str) else self.reward_fn
+        return [spec.strip() for spec in specs]
+
     def paths(self) -> tuple[dict, dict]:
         """({option: model directory or None}, {option: input file or None}) the run reads (checked
         first; the first model's tokenizer is the run's)."""
@@ -358,6 +386,14 @@ class PPOConfig(Loadable):
         check(bool(self.output_dir), "output_dir is required")
         check(self.reward_model is None or self.reward_fn is None,
                "give one of reward_model and reward_fn, not both")
+        specs, weights = self.reward_fns(), self.reward.weights
+        check(all(specs), f"reward_fn={self.reward_fn!r}: expected 'module:function' specs, "
+                          "comma-separated (one is empty)")
+        check(weights is None or self.reward_model is None,
+              "reward.weights weighs reward functions: set it with reward_fn, not reward_model")
+        check(weights is None or not specs or len(weights) == len(specs),
+              f"reward.weights has {len(weights or ())} weight(s) for {len(specs)} reward "
+              f"function(s) (reward_fn={self.reward_fn!r}): give one per function")
         check(self.ppo.ptx_coef == 0 or bool(self.ptx_file), "ppo.ptx_coef > 0 needs ptx_file")
         check(self.critic_lr is None or self.critic_lr > 0, f"critic_lr must be > 0, got {self.critic_lr}")
         grouped = self.ppo.estimator not in CRITIC_ESTIMATORS

@@ -42,7 +42,7 @@ APPLIED_ON_RESUME = frozenset({
     "ppo.ratio_level", "ppo.log_ratio_clamp", "ppo.is_mode", "ppo.is_level", "ppo.is_cap", "ppo.is_low", "ppo.is_high",
     "ppo.vf_coef", "ppo.vf_clip", "ppo.ent_coef", "ppo.kl_loss_coef", "ppo.gamma", "ppo.lam", "ppo.whiten_advantages",
     "ppo.max_approx_kl", "reward.kl_target", "reward.kl_horizon", "reward.kl_estimator", "reward.normalize",
-    "reward.clip", "reward.kl_ceiling", "reward.fn_timeout_s",
+    "reward.clip", "reward.kl_ceiling", "reward.fn_timeout_s", "reward.weights", "reward.isolation",
 })
 
 

@@ -86,10 +86,10 @@ def random_prompts(lengths, seed=0):
     return [torch.randint(10, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-def vowel_fraction(prompts, responses):
-    """Toy reward function on texts (what reward_fn receives): the fraction of vowels. As
-    `reward_fn="engine_testing:vowel_fraction"`, importable by torchrun ranks (tests/engine is on their path)."""
-    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
+def rewards_in_thread(fn):
+    """`fn` opened as a run's reward functions in the test's process (build_models' argument)."""
+    from fusedrl.engine.stages.rewards.combined import open_reward_functions
+    return open_reward_functions([fn], None, "thread", 60.0)
 
 
 def make_cycle_model(period: int = 7, sharpness: float = 30.0, seed: int = 0):

@@ -14,7 +14,7 @@ from fusedrl.engine.errors import UsageError
 from fusedrl.engine.run_paths import module_file, pinned, run_inputs
 from fusedrl.engine.stages.ppo.trainer import run_ppo
 from cli_testing import assert_one_line_error, cli_error, run_fusedrl
-from engine_testing import vowel_fraction
+from reward_testing import vowel_fraction
 from test_run_dirs import listing, sft
 from train_testing import demonstrations, write_jsonl
 
@@ -75,6 +75,7 @@ def test_a_reward_function_that_changes_directory_moves_nothing(qwen2_dir, tmp_p
                      train=LoopConfig(iterations=1, progress=False, device="cpu"))
     cfg.rollout.prompts_per_iteration, cfg.rollout.max_new_tokens = 1, 4
     cfg.rollout.kv_cache_memory = 1 << 22
+    cfg.reward.isolation = "thread"  # in the trainer's own process: its chdir is the trainer's
     run_ppo(cfg, reward_fn=wandering_reward)
     assert (tmp_path / "home" / "run" / "final" / "config.json").is_file()
     assert sorted(p.name for p in (elsewhere / "run").rglob("*")) == ["final", "mine.txt"]

@@ -64,11 +64,13 @@ def sample_trajectories(models: PPOModels, agents: Agents, sources: list, r: Rol
     responses = [t.token_ids for t in tokens]
     packed = pack_rollout(prompt_ids, responses, device, model_masks=[t.model_mask for t in tokens])
     logprobs = models.actor.llm.device_logprobs([s for t in tokens for s in t.logprob_slots])
+    per_row = [s for s in sources for _ in range(r.samples_per_prompt)]
     with timer.phase("score"), torch.no_grad():
         scores = torch.tensor([t.reward for t in trajectories], dtype=torch.float32, device=device)
-        if models.score is not None:
+        if models.score is not None:  # the trajectory after its prompt is the completion
             scores = scores + score_rows(models.score, prompt_ids, responses, packed,
-                                         r.tokens_per_forward).float().to(device)
+                                         r.tokens_per_forward, per_row, models.ranks
+                                         ).float().to(device)
     samples = Samples(prompt_ids, responses, packed, packed.to_grid(logprobs.to(device)), scores,
-                      r.samples_per_prompt, [s for s in sources for _ in range(r.samples_per_prompt)])
+                      r.samples_per_prompt, per_row)
     return samples, agent_metrics(trajectories)

@@ -7,7 +7,7 @@ Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -38,14 +38,14 @@ def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
 
 
 def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConfig, seed: int,
-                     timer: PhaseTimer, sources: list | None = None,
+                     timer: PhaseTimer, sources: Optional[list] = None,
                      share_prompts: bool = True) -> Samples:
     """r.samples_per_prompt responses per prompt from the policy's current weights (models.actor),
     sampled as `r` says, scored by models.score (and overlong-shaped); `seed` fixes the sampling;
-    timed as "generate" and "score". sources: the prompts' rows (data/prompts.py PromptRow: the
-    prompt as the data holds it and its other columns), kept per row on the Samples.
-    share_prompts (train.prefix_sharing): the pack's rows of one prompt read it once in every
-    forward."""
+    timed as "generate" and "score". sources: the prompts' rows (each with `.prompt`, as the data
+    holds it, and `.columns`, its other columns), for the reward functions (scoring.reward_inputs;
+    None: the decoded prompts stand in, without columns). share_prompts (train.prefix_sharing):
+    the pack's rows of one prompt read it once in every forward."""
     params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
@@ -59,20 +59,20 @@ def score_samples(models: PPOModels, prompt_ids: list[list[int]], responses: lis
                   sources: list | None = None, share_prompts: bool = True) -> Samples:
     """Generated rows (groups of r.samples_per_prompt; sampler_logprobs [sum of response lengths]
     fp32, row after row) packed and scored by models.score (and overlong-shaped); timed as
-    "score". sources: each group's prompt row (sample_and_score's), kept per row. share_prompts:
-    see sample_and_score."""
+    "score". sources: each group's prompt row (sample_and_score's), kept per row and read by the
+    reward functions (scoring.reward_inputs). share_prompts: see sample_and_score."""
     device = models.actor.llm.device  # where the policy runs (its resting shards may be in CPU memory)
     # A prompt answered once has nothing to share.
     packed = pack_rollout(prompt_ids, responses, device,
                           share_prompts=share_prompts and r.samples_per_prompt > 1)
     if models.actor.record_routing:  # routing replay: the training forwards route as the sampler did
         packed = packed._replace(routing=models.actor.last_routing.to(device))
+    rows = None if sources is None else [p for p in sources for _ in range(r.samples_per_prompt)]
     with timer.phase("score"), torch.no_grad():
-        scores = score_rows(models.score, prompt_ids, responses, packed,
-                            r.tokens_per_forward, models.ranks).float().to(device)    # [R]
+        scores = score_rows(models.score, prompt_ids, responses, packed, r.tokens_per_forward,
+                            rows, models.ranks).float().to(device)    # [R]
     lengths = torch.tensor([len(x) for x in responses], device=scores.device)
     scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
-    rows = None if sources is None else [p for p in sources for _ in range(r.samples_per_prompt)]
     return Samples(prompt_ids, responses, packed, packed.to_grid(sampler_logprobs.to(device)), scores,
                    r.samples_per_prompt, rows)
 

@@ -22,9 +22,7 @@ experience.py and update.py; what carries from one iteration to the next, state.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,7 +35,7 @@ from ...config.train import DataConfig
 from ...data.loading import load_examples
 from ...data.prompts import PromptRow, load_prompts
 from ...data.packing import epoch_order
-from ...errors import FusedRLError, UsageError
+from ...errors import UsageError
 from ...inference.hybrid_actor import HybridActor
 from ...model.hf_io import load_model
 from ...model.reward_model import load_reward_model
@@ -54,13 +52,15 @@ from ...parallel.dims import ParallelDims
 from ...parallel.layout import layout, laying_out
 from ...plan.check import refuse_unfit
 from ...train.run_setup import start_run
+from ..rewards.combined import RewardFunctions, open_reward_functions
+from .agent_sampling import Agents, build_agents, sample_trajectories
 from .experience import ExperienceSettings, make_rollout
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 from .ptx import PtxLoss
 from .partial import partial_samples
 from .sampling import draw_samples, sample_and_score
-from .scoring import function_scorer, reward_model_scorer
+from .scoring import FunctionScorer, reward_model_scorer
 from .state import Controllers, PPOState
 from .update import Optimizers, UpdateSettings, minibatch_rule, ppo_update
 
@@ -100,41 +100,32 @@ def next_prompts(prompts: list[PromptRow], per_rank: int, seed: int, state: PPOS
     return [prompts[i] for i in picked[distributed.rank_slice(per_rank, ranks)]]
 
 
-def load_reward_fn(spec: str) -> Callable:
-    """'package.module:function' -> the function. Modules are looked up in the current directory
-    first (as `python -m` would; the `fusedrl` script's own sys.path does not hold it), then on sys.path."""
-    module, sep, name = spec.partition(":")
-    if not (sep and module and name):
-        raise UsageError(f"reward_fn={spec!r}: expected 'module:function'")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        found = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        raise UsageError(f"reward_fn={spec!r}: cannot import {module!r} ({e}); modules are looked up in the "
-                         "current directory and on PYTHONPATH") from None
-    except (Exception, SystemExit) as e:  # the user's module failed (or exited) while importing
-        raise FusedRLError(f"reward_fn={spec!r}: importing {module!r} raised {type(e).__name__}: {e}") from e
-    fn = getattr(found, name, None)
-    if not callable(fn):
-        raise UsageError(f"reward_fn={spec!r}: {getattr(found, '__file__', module)} has no function {name!r}")
-    return fn
-
-
-def resolve_reward_fn(cfg: PPOConfig, reward_fn: Optional[Callable]) -> Callable:
-    """The reward function: the one passed in, else cfg.reward_fn's."""
-    fn = reward_fn or (load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None)
-    if fn is None:
-        raise UsageError("PPO needs a reward: set reward_model or reward_fn (or pass reward_fn=...)")
-    return fn
+def open_rewards(cfg: PPOConfig, reward_fn=None) -> Optional[RewardFunctions]:
+    """The run's reward functions, open (each loaded, in its worker with reward.isolation=process:
+    a wrong reward_fn is refused before anything else happens): `reward_fn` (a callable or a list
+    of them) when given, else cfg.reward_fn's specs; None with a reward model, or where a
+    multi-turn environment's rewards are the only ones (rollout.environment)."""
+    if cfg.reward_model is not None:
+        return None
+    functions = cfg.reward_fns() if reward_fn is None else (
+        list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
+    if not functions and cfg.rollout.environment:
+        return None
+    if not functions:
+        raise UsageError("PPO needs a reward: set reward_model, reward_fn or rollout.environment (or "
+                         "pass reward_fn=...)")
+    r = cfg.reward
+    return open_reward_functions(functions, r.weights, r.isolation, r.fn_timeout_s)
 
 
 def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
-                 reward_fn: Optional[Callable], dims: Optional[ParallelDims] = None) -> PPOModels:
-    """Policy (trainable, shared with the actor), frozen reference, critic and scorer, with
-    parameters in `dtype` (train.precision; the critic's value head stays fp32). With lora.rank > 0
-    the policy's weights are frozen under adapters and no reference model is loaded; with
-    critic_lora.rank > 0 the critic is adapters on the reward model's frozen decoder (build_critic).
+                 rewards: Optional[RewardFunctions],
+                 dims: Optional[ParallelDims] = None) -> PPOModels:
+    """Policy (trainable, shared with the actor), frozen reference, critic and scorer (the reward
+    model, else the open `rewards`: open_rewards), with parameters in `dtype` (train.precision;
+    the critic's value head stays fp32). With lora.rank > 0 the policy's weights are frozen under
+    adapters and no reference model is loaded; with critic_lora.rank > 0 the critic is adapters
+    on the reward model's frozen decoder (build_critic).
     Under torchrun each model is sharded on the meta device and each rank reads only its shards
     (hf_io.load_model); a LoRA-adapted base too, its adapters and heads whole on every rank (but
     tensor-parallel, where the adapters are sliced like their base's weights). Each model is laid
@@ -175,9 +166,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
     if rm is not None:
         score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)
     else:
-        fn = resolve_reward_fn(cfg, reward_fn)
-        score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"),
-                                cfg.reward.fn_timeout_s, policy.tensor_parallel)
+        score = None if rewards is None else FunctionScorer(rewards, tokenizer, policy.tensor_parallel)
     # rollout.kv_cache_memory by the memory plan's rules (auto: the largest pool that fits).
     kv_bytes = rollout_kv_bytes(cfg, torch.device(device), distributed.world_size(),
                                 distributed.local_world_size())
@@ -264,26 +253,38 @@ def ptx_loss(cfg: PPOConfig, tokenizer, policy: CausalLM, device) -> Optional[Pt
 
 
 @releases_output_dir
-def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
+def run_ppo(cfg: PPOConfig, reward_fn=None,
             evaluate: Optional[Callable[[PPOModels], dict]] = None, dataset=None) -> Path:
     """Train per `cfg`; returns the exported policy directory (RUN_DIR/final; with lora.rank > 0 the
     adapters merged into it, and themselves in RUN_DIR/final_adapter).
 
-    reward_fn: a Python scorer fn(prompt_texts, response_texts) -> floats, instead of cfg.reward_fn.
+    reward_fn: a reward function, or a list of them (docs/rewards.md: TRL's keyword form or
+    fn(prompt_texts, response_texts) -> floats), instead of cfg.reward_fn; weighted by
+    reward.weights.
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
     dataset: a datasets.Dataset of prompts, instead of cfg.prompts_file.
     """
+    rewards = open_rewards(cfg, reward_fn)
+    try:
+        return train_ppo(cfg, rewards, evaluate, dataset)
+    finally:
+        if rewards is not None:  # their workers end with the run, however it ends
+            rewards.close()
+
+
+def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
+              evaluate: Optional[Callable[[PPOModels], dict]], dataset=None) -> Path:
+    """run_ppo's run, scored by the open `rewards` (None: by cfg.reward_model)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
                     kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg,
                     check=refuse_unfit)
     device, tokenizer = run.device, run.tokenizer
-    if cfg.reward_model is None:  # resolved now: a wrong reward_fn is a usage error before any model loads
-        reward_fn = resolve_reward_fn(cfg, reward_fn)
+    agents = build_agents(cfg.rollout, tokenizer)  # tools, environment, template: before any model
     prompts, truncated = load_prompts(
         cfg.prompts_file if dataset is None else dataset, tokenizer, cfg.rollout.max_prompt_length,
         run.configs["policy"].max_model_len, cfg.rollout.truncate_prompts, cfg.data.prompt_column,
         cfg.data.chat_template)
-    models = build_models(cfg, device, run.dtype, tokenizer, reward_fn, run.dims)
+    models = build_models(cfg, device, run.dtype, tokenizer, rewards, run.dims)
     opts, schedules = build_optimizers(models, cfg)
     state = PPOState(kl_coef=cfg.reward.kl_coef)
     rows = cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt
@@ -291,7 +292,7 @@ def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations,
                    eval_every=cfg.train.log_every, notices=[rule] if rule else [])
     run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype, run.dims), state,
-                 iteration_step(cfg, models, opts, schedules, prompts,
+                 iteration_step(cfg, models, opts, schedules, prompts, agents,
                                 ptx_loss(cfg, tokenizer, models.policy, device), device),
                  evaluate=None if evaluate is None else lambda: evaluate(models),
                  info={"prompts": len(prompts), "truncated_prompts": truncated,
@@ -315,11 +316,12 @@ def export_critic(cfg: PPOConfig, critic: nn.Module) -> None:
 
 
 def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules: list,
-                   prompts: list[PromptRow],
+                   prompts: list[PromptRow], agents: Optional[Agents],
                    ptx: Optional[PtxLoss], device) -> Callable[[PPOState], dict]:
-    """One PPO iteration as the training loop's step: sample and score, build the rollout, update,
-    then move the KL controller and the schedules on. What carries to the next iteration lives in
-    the loop state (state.py); the returned metrics only report."""
+    """One PPO iteration as the training loop's step: sample and score (multi-turn trajectories
+    with `agents`), build the rollout, update, then move the KL controller and the schedules on.
+    What carries to the next iteration lives in the loop state (state.py); the returned metrics
+    only report."""
     experience_settings, update_settings = ExperienceSettings.of(cfg), UpdateSettings.of(cfg)
 
     def step(state: PPOState) -> dict:
@@ -336,6 +338,10 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
                 for s in schedules:
                     optim.advance_schedule(s)
                 return {**sampling_metrics, **timer.metrics()}
+        elif agents is not None:
+            samples, sampling_metrics = sample_trajectories(
+                models, agents, next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed,
+                                             state, models.ranks), cfg.rollout, seed, timer)
         else:
             samples, sampling_metrics = draw_samples(
                 lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state,
@@ -346,7 +352,9 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
                 cfg.rollout, seed, models.ranks)
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
                                   timer)
-        metrics = {**experience.metrics, **sampling_metrics, "lr": schedules[0].get_last_lr()[0]}
+        scores = models.score.metrics() if models.score is not None else {}
+        metrics = {**experience.metrics, **sampling_metrics, **scores,
+                   "lr": schedules[0].get_last_lr()[0]}
         rollout = experience.rollout
         if rollout is None:
             metrics.update(skipped=True, skip_reason=experience.skip_reason)

@@ -148,7 +148,8 @@ def check_grpo(root: str) -> None:
             rollout = RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                     kv_cache_memory=1 << 22, persistent_weights=persistent, exact=exact)
             run_ppo(GRPOConfig(policy=f"{root}/policy", prompts_file=f"{root}/prompts.jsonl",
-                               output_dir=f"{root}/run-{exact}-{persistent}", reward_fn="engine_testing:vowel_fraction",
+                               output_dir=f"{root}/run-{exact}-{persistent}",
+                               reward_fn="reward_testing:vowel_fraction",
                                rollout=rollout, optim=OptimConfig(lr=1e-3),
                                ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.05, vf_coef=0.0, epochs=1,
                                                 minibatch_size=6),

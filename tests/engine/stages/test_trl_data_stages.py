@@ -126,7 +126,7 @@ def test_grpo_from_python_on_message_list_prompts_with_columns(chat_model, tmp_p
         "policy": str(chat_model), "output_dir": str(tmp_path / "grpo"),
         "rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2, "max_new_tokens": 4,
                     "kv_cache_memory": 1 << 22, "max_prompt_length": 40},
-        "ppo": {"minibatch_size": 4},
+        "ppo": {"minibatch_size": 4}, "reward": {"isolation": "thread"},  # `seen` is this process's
         "train": {"iterations": 1, "progress": False, "device": "cpu"}})
     result = run_grpo(config, reward_fn=vowels, dataset=datasets.Dataset.from_list(rows))
     assert seen == [4] and result.metrics["step"] == 1 and "score_mean" in result.metrics
@@ -156,7 +156,7 @@ def test_fusedrl_grpo_on_message_list_prompts(chat_model, tmp_path):
     tests_dir = str(Path(__file__).resolve().parents[1])  # engine_testing, for reward_fn
     result = run_fusedrl(
         "grpo", f"policy={chat_model}", f"prompts_file={prompts}", f"output_dir={tmp_path / 'run'}",
-        "reward_fn=engine_testing:vowel_fraction", "rollout.prompts_per_iteration=2",
+        "reward_fn=reward_testing:vowel_fraction", "rollout.prompts_per_iteration=2",
         "rollout.samples_per_prompt=2", "rollout.max_new_tokens=4",
         "rollout.kv_cache_memory=4194304", "ppo.minibatch_size=4", "train.iterations=1",
         "train.progress=false", "train.device=cpu",

@@ -98,7 +98,8 @@ def test_grpo_expert_parallel_equals_fsdp_experts(tmp_path):
 
     def run(name, experts):
         return GRPOConfig(policy=str(tmp_path / "policy"), prompts_file=str(tmp_path / "prompts.jsonl"),
-                          output_dir=str(tmp_path / name), reward_fn="engine_testing:vowel_fraction",
+                          output_dir=str(tmp_path / name),
+                          reward_fn="reward_testing:vowel_fraction",
                           rollout=RolloutConfig(prompts_per_iteration=1, samples_per_prompt=3, max_new_tokens=6,
                                                 kv_cache_memory=1 << 22),
                           ppo=dataclasses.replace(_grpo_update(), epochs=1, minibatch_size=3),

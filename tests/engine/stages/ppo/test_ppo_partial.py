@@ -20,7 +20,7 @@ def grpo(root, policy_dir, prompts, run, **rollout):
                             ignore_eos=True, kv_cache_memory=1 << 22, partial_rollouts=True,
                             tokens_per_iteration=26, **rollout)
     return GRPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / run),
-                      reward_fn="engine_testing:vowel_fraction", rollout=rollout,
+                      reward_fn="reward_testing:vowel_fraction", rollout=rollout,
                       ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=3, vf_coef=0.0,
                                        kl_loss_coef=0.01),
                       train=LoopConfig(iterations=2, save_every=1, keep_checkpoints=0,

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusedrl.engine.config.ppo import GRPOConfig, PPOConfig, LoopConfig, RolloutConfig, UpdateConfig
+from fusedrl.engine.config.ppo import (GRPOConfig, PPOConfig, LoopConfig, RewardConfig,
+                                       RolloutConfig, UpdateConfig)
 from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.plan.check import refuse_unfit
@@ -52,6 +53,8 @@ def grpo_config(root, name, data_ranks=1, t=1, persistent_weights=False, **loop)
                       ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.05, vf_coef=0.0, epochs=2,
                                        agg="token-mean", minibatch_size=12 // data_ranks),
                       optim=OptimConfig(lr=1e-3, eps=1e-6),
+                      # In the rank's own process: no worker importing this module (and torch).
+                      reward=RewardConfig(kl_coef=0.0, isolation="thread"),
                       train=LoopConfig(iterations=2, progress=False, device="cpu", precision="fp32",
                                        tensor_parallel=t, **loop))
 

@@ -9,22 +9,25 @@ import torch
 from fusedrl.engine.config.ppo import RewardConfig
 from fusedrl.engine.model.hf_io import load_tokenizer
 from fusedrl.engine.stages.ppo.experience import non_finite_reason
-from fusedrl.engine.stages.ppo.scoring import function_scorer
-from fusedrl.engine.stages.reward_fn import RewardFunctionError
+from fusedrl.engine.stages.ppo.scoring import FunctionScorer
+from fusedrl.engine.stages.rewards.combined import open_reward_functions
+from fusedrl.engine.stages.rewards.functions import RewardFunctionError
 
 
-def scorer(qwen2_dir, scores, name):
+def scorer(qwen2_dir, scores):
     """A reward function returning `scores`, as the rollout calls it (decoded texts, checked)."""
-    return function_scorer(lambda prompts, responses: scores, load_tokenizer(qwen2_dir), name,
-                           timeout_s=5.0)
+    def returns(prompts, responses):
+        return scores
+    functions = open_reward_functions([returns], None, "thread", 5.0)
+    return FunctionScorer(functions, load_tokenizer(qwen2_dir))
 
 
 def test_a_finite_score_beyond_float32_is_named_not_called_nan(qwen2_dir):
-    huge = scorer(qwen2_dir, [1.0, 1e308], "rw:huge")
-    message = r"the reward function rw:huge returned 1e\+308 as score 1: finite, but beyond float32"
+    huge = scorer(qwen2_dir, [1.0, 1e308])
+    message = r"the reward function .*returns returned 1e\+308 as score 1: finite, but beyond"
     with pytest.raises(RewardFunctionError, match=message):
         huge([[1, 2], [1, 2]], [[3], [4]])
-    values = scorer(qwen2_dir, [-3e38, math.nan], "rw:edge")([[1], [1]], [[3], [4]])
+    values = scorer(qwen2_dir, [-3e38, math.nan])([[1], [1]], [[3], [4]])
     assert values[0] == torch.tensor(-3e38) and values[1].isnan()  # a NaN stays one: row dropped
 
 
