@@ -6,8 +6,8 @@ from fusedrl.engine.agents import ChatRenderer, ToolEnvironment, parse_hermes, p
 from fusedrl.engine.agents.environment import EnvironmentFailure, checked_step
 from fusedrl.engine.agents.tool_calls import MalformedToolCall
 from fusedrl.engine.errors import UsageError
-from agent_testing import chat_tokenizer, tool_call
-from engine_testing import EOS, make_tokenizer
+from agent_testing import tool_call
+from engine_testing import EOS, make_chat_tokenizer, make_tokenizer
 
 
 def add(a: int, b: int) -> int:
@@ -34,7 +34,7 @@ def test_hermes_calls_parse_in_order_and_bad_ones_are_told_to_the_model():
 
 
 def test_the_parser_comes_from_the_template_and_an_unknown_one_is_one_line():
-    assert parser_for(chat_tokenizer()) is parse_hermes
+    assert parser_for(make_chat_tokenizer()) is parse_hermes
     with pytest.raises(UsageError, match="no tool-call format"):
         parser_for(make_tokenizer())
 
@@ -53,7 +53,7 @@ def test_tool_schemas_and_the_tool_environment():
 
 
 def test_suffixes_are_appended_token_for_token():
-    tok = chat_tokenizer()
+    tok = make_chat_tokenizer()
     renderer = ChatRenderer(tok, [tool_schema(add)])
     assert renderer.end_of_turn_id == EOS
     opening = [{"role": "user", "content": "hello"}]

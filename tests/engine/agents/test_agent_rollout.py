@@ -9,7 +9,8 @@ from fusedrl.engine.agents import AgentLimits, ChatRenderer, agent_metrics, run_
 from fusedrl.engine.agents.environment import EnvironmentFailure
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from agent_testing import chat_tokenizer, save_chat_model
+from agent_testing import save_chat_model
+from engine_testing import make_chat_tokenizer
 from engine_testing import VOCAB
 
 # About one sampled token in seven ends a turn early; the rest are cut at 8 tokens (the tiny model's
@@ -45,7 +46,7 @@ def llm(tmp_path_factory):
 
 
 def rollout(llm, rows, limits=LIMITS):
-    renderer = ChatRenderer(chat_tokenizer())
+    renderer = ChatRenderer(make_chat_tokenizer())
     return run_agents(llm.generate_turns, renderer, lambda row: Scripted(**row), rows, PARAMS, limits)
 
 
@@ -67,7 +68,7 @@ def test_three_turns_with_long_observations(llm):
 
 
 def test_the_trajectory_is_what_the_model_saw_not_a_retokenization(llm):
-    tok = chat_tokenizer()
+    tok = make_chat_tokenizer()
     trajectories = rollout(llm, [{"prompt": "hello world"}])
     differs = 0
     for t in trajectories:
