@@ -19,6 +19,7 @@ Estimator = Literal["gae", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp
 # which compare a prompt's n responses with each other (named there: this package stays torch-free).
 CRITIC_ESTIMATORS = ("gae", "reinforce")
 KLEstimator = Literal["k1", "k2", "k3"]
+EnvErrors = Literal["skip", "fail"]
 RewardIsolation = Literal["process", "thread"]
 # The longest reward.fn_timeout_s (some 11 days): a longer wait is no bound, and past the OS's
 # largest timeout (threading.TIMEOUT_MAX) waiting would overflow.
@@ -112,6 +113,23 @@ class RolloutConfig:
     prefill_chunk: int | None = option(
         "a prompt (or carried answer) longer than this many tokens is prefilled in chunks, taking "
         "turns with the other rows' decode steps (null = in one piece)")
+    tools: list[str] | None = option(
+        "multi-turn: 'module:function' tools (type hints and a docstring with Args:) offered through "
+        "the chat template; the model's tool calls are run and answered as tool messages, and a turn "
+        "without a call ends the trajectory (docs/agents.md)")
+    environment: str | None = option(
+        "multi-turn: 'module:Class' made per trajectory with the row's columns as keywords, with "
+        "reset() -> messages and step(assistant_message) -> (messages, reward, done); the "
+        "trajectory's score is the sum of its rewards (plus reward_fn / reward_model when set)")
+    max_turns: int = option("multi-turn: model turns per trajectory (each at most max_new_tokens)", 4)
+    max_trajectory_tokens: int | None = option(
+        "multi-turn: tokens of a whole trajectory, prompt included (null = the model's context)")
+    env_timeout_s: float = option(
+        "multi-turn: one environment or tool call (reset, step) that runs longer ends its "
+        "trajectory (see env_errors)", 60.0)
+    env_errors: EnvErrors = option(
+        "multi-turn: an environment's exception or timeout ends that trajectory with reward 0, "
+        "counted in env/errors and env/timeouts (skip) or the run in one line (fail)", "skip")
 
     @property
     def max_rows(self) -> int:
@@ -136,6 +154,7 @@ class RolloutConfig:
               "rollout.partial_rollouts=true with rollout.dynamic_sampling or rollout.exact: "
               "expected neither (a carried answer mixes tokens of older weights, which exact's "
               "bitwise old log-probs cannot reproduce; dynamic sampling draws whole groups again)")
+        self._check_multi_turn()
         longest = self.max_prompt_length + self.max_new_tokens
         check(self.tokens_per_forward is None or self.tokens_per_forward >= longest,
               f"rollout.tokens_per_forward={self.tokens_per_forward} must hold one row: rollout.max_prompt_length "
@@ -145,6 +164,25 @@ class RolloutConfig:
         check(0 <= self.overlong_buffer < self.max_new_tokens and self.overlong_penalty >= 0,
               f"rollout.overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}) and "
               f"rollout.overlong_penalty >= 0, got {self.overlong_buffer} and {self.overlong_penalty}")
+
+    @property
+    def multi_turn(self) -> bool:
+        """Trajectories of several turns: tools or an environment are set."""
+        return bool(self.tools or self.environment)
+
+    def _check_multi_turn(self) -> None:
+        check(self.max_turns >= 1, f"rollout.max_turns must be >= 1, got {self.max_turns}")
+        check(0 < self.env_timeout_s <= 1e6,
+              f"rollout.env_timeout_s must be in (0, 1e6] seconds, got {self.env_timeout_s}")
+        check(self.max_trajectory_tokens is None or self.max_trajectory_tokens >= 2,
+              f"rollout.max_trajectory_tokens must be >= 2 or null, got {self.max_trajectory_tokens}")
+        check(not (self.tools and self.environment),
+              "rollout.tools and rollout.environment: expected one of them (an environment that "
+              "wants tools calls them in its step)")
+        check(not (self.multi_turn and (self.partial_rollouts or self.exact or self.dynamic_sampling)),
+              "rollout.tools or rollout.environment with rollout.partial_rollouts, rollout.exact or "
+              "rollout.dynamic_sampling: expected none of them (multi-turn trajectories are sampled "
+              "whole, and exact mode is not verified across turns)")
 
 
 def kv_budget(value) -> int | float | str:

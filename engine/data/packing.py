@@ -106,10 +106,10 @@ def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *
                    share_prompts: bool = False) -> PackedBatch:
     """Pack (prompt, response, is_target) triples: each becomes prompt + response, and when
     is_target its response tokens are targets (is_target may also be one bool per response token:
-    the trained turns of a conversation). width > 0 adds the [S, width] grid of PPO. The
-    positions and sequence boundaries are built here once, for every forward over the pack.
-    share_prompts: sequences with the same prompt are marked to forward it once
-    (prefix_sharing.py)."""
+    the trained turns of a conversation, a trajectory's model tokens). width > 0 adds the
+    [S, width] grid of PPO, a target at its response column. The positions and sequence
+    boundaries are built here once, for every forward over the pack. share_prompts: sequences
+    with the same prompt are marked to forward it once (prefix_sharing.py)."""
     ids, seqlens, rows, targets, counts, grid, positions = [], [], [], [], [], [], []
     for s, (prompt, response, is_target) in enumerate(sequences):
         sequence = prompt + response
@@ -117,11 +117,13 @@ def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *
         first = max(len(prompt), 1)
         if isinstance(is_target, bool):
             picked = range(first, len(sequence)) if is_target else range(0)
-        else:
+            columns = range(len(picked))
+        else:  # a token's grid column is its place in the response (a trajectory's model turns)
             picked = [t for t, target in enumerate(is_target, len(prompt)) if target and t >= first]
+            columns = [t - len(prompt) for t in picked]
         rows += (len(ids) + t - 1 for t in picked)
         targets += (sequence[t] for t in picked)
-        grid += range(s * width, s * width + len(picked)) if width else []
+        grid += (s * width + c for c in columns) if width else []
         counts.append(len(picked))
         ids += sequence
         positions += range(len(sequence))

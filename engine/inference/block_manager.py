@@ -69,6 +69,16 @@ class BlockManager:
                 self.key_to_block[key] = block_id
             seq.block_table.append(block_id)
 
+    def can_extend(self, seq: Sequence) -> bool:
+        """Whether blocks for every token of a sequence that already holds some can be had."""
+        return self.blocks_for(seq.num_tokens) - len(seq.block_table) <= self.num_free_blocks
+
+    def extend(self, seq: Sequence):
+        """Blocks for the tokens appended to a sequence that kept its blocks (a multi-turn sequence
+        between turns): its earlier K/V stay where they are. Call `can_extend` first."""
+        for _ in range(len(seq.block_table), self.blocks_for(seq.num_tokens)):
+            seq.block_table.append(self._take_free_block())
+
     def can_append(self, seq: Sequence) -> bool:
         """Whether the last token of `seq` (the next one fed to the model) has, or can get, a slot."""
         return len(seq.block_table) >= self.blocks_for(seq.num_tokens) or self.num_free_blocks > 0

@@ -110,6 +110,17 @@ class HybridActor:
         return out
 
     @torch.no_grad()
+    def generate_turns(self, prompts: list[list[int]], params: SamplingParams, on_turn_end, *,
+                       max_turns: int, max_total_tokens: int | None = None):
+        """Multi-turn trajectories from the current weights (LLM.generate_turns); their model tokens'
+        log-probs stay on the device until the next rollout (`self.llm.device_logprobs`)."""
+        with self.whole_weights():
+            trajectories = self.llm.generate_turns(prompts, params, on_turn_end, max_turns=max_turns,
+                                                   max_total_tokens=max_total_tokens)
+        if self.release_kv_pool:
+            self.llm.runner.release_kv_pool()
+        return trajectories
+
     def generate(self, prompts: list[list[int]], params: SamplingParams
                  ) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
         """Sample params.n responses per prompt from the current weights.

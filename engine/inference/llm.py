@@ -22,6 +22,7 @@ from .runner import ModelRunner, num_blocks_for_budget
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .turns import OnTurnEnd, Trajectory, generate_turns
 from ..parallel.validate import check_exact_generation
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # CPU has no "free memory" to take a fraction of: 1 GiB
@@ -184,6 +185,14 @@ class LLM:
         self._collect_logprobs([s for g in groups for s in g])
         return [RequestOutput(ids, [self._completion(s, decode_text) for s in group])
                 for ids, group in zip(token_ids, groups)]
+
+    def generate_turns(self, prompts: list[list[int]], sampling_params: SamplingParams,
+                       on_turn_end: OnTurnEnd, *, max_turns: int,
+                       max_total_tokens: int | None = None) -> list[Trajectory]:
+        """Multi-turn trajectories (turns.py): each pauses at the end of a turn, KV kept, while
+        on_turn_end(row, turn's token ids) gives the next turn's prompt tokens (or a Future of them)."""
+        return generate_turns(self, prompts, sampling_params, on_turn_end, max_turns=max_turns,
+                              max_total_tokens=max_total_tokens)
 
     def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
                          params: SamplingParams, token_budget: int | None = None,

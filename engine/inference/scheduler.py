@@ -4,6 +4,9 @@ Each step is either a prefill of newly admitted sequences (admitted while blocks
 last, oldest first) or a decode of every running sequence. When a running sequence needs a block and
 none is free, the most recently admitted one is preempted: its blocks are freed and it goes back to
 the front of the queue, to be recomputed (prompt + tokens so far) when blocks free up.
+
+Multi-turn sequences (`seq.pauses`, turns.py) pause at the end of a turn with their blocks kept;
+`resume` appends the next turn's prompt tokens and queues them for a prefill of those tokens only.
 """
 from __future__ import annotations
 
@@ -73,16 +76,20 @@ class Scheduler:
             # A lone sequence longer than the budget still goes (alone), or it could never run.
             if batch and num_tokens + seq.num_tokens > self.max_num_batched_tokens:
                 break
-            if not self.block_manager.can_allocate(seq):
+            resumed = bool(seq.block_table)  # a paused sequence's next turn: its blocks kept
+            if not (self.block_manager.can_extend(seq) if resumed else self.block_manager.can_allocate(seq)):
                 break
-            if self._chunked(seq):  # prefilled alone, its first chunk this step
+            if not resumed and self._chunked(seq):  # prefilled alone, its first chunk this step
                 if batch:
                     break
                 self.block_manager.allocate(seq)
                 self.waiting.popleft()
                 seq.status, self.prefilling = SequenceStatus.RUNNING, seq
                 return [self._next_chunk()]
-            self.block_manager.allocate(seq)
+            if resumed:
+                self.block_manager.extend(seq)
+            else:
+                self.block_manager.allocate(seq)
             num_tokens += seq.num_tokens - seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
@@ -131,7 +138,8 @@ class Scheduler:
                     ) -> list[Sequence]:
         """Append each sequence's sampled token (or tokens: a speculative step's, up to the one
         that finishes it; the rest are dropped); finish and free those that are done, and free the
-        blocks a rejected draft held. Returns the finished ones."""
+        blocks a rejected draft held; pause those that take further turns, blocks kept (turns.py).
+        Returns the finished and paused ones."""
         finished = []
         for seq, tokens in zip(batch, token_ids):
             for token_id in [tokens] if isinstance(tokens, int) else tokens:
@@ -141,21 +149,45 @@ class Scheduler:
                     break
             if reason:
                 seq.finish_reason = reason
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.deallocate(seq)
+                if seq.pauses:
+                    seq.status = SequenceStatus.PAUSED
+                else:
+                    self.finish(seq)
                 finished.append(seq)
             elif not isinstance(tokens, int):
                 self.block_manager.trim(seq)
         if finished:
-            self.running = deque(s for s in self.running if not s.is_finished)
+            self.running = deque(s for s in self.running if s.status is SequenceStatus.RUNNING)
         return finished
+
+    def finish(self, seq: Sequence):
+        """End a sequence (a paused one too) and free its blocks."""
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.deallocate(seq)
+
+    def resume(self, seq: Sequence, token_ids: list[int]):
+        """A paused sequence's next turn: `token_ids` (what the environment said, and the next
+        generation prompt) appended, to be prefilled from the first token not yet forwarded (its
+        last sampled one: every earlier K/V is in its blocks, unless `release` dropped them)."""
+        if seq.status is not SequenceStatus.PAUSED:
+            raise ValueError(f"resume: sequence {seq.seq_id} is {seq.status.name}, expected PAUSED")
+        forwarded = seq.num_tokens - 1
+        seq.token_ids += token_ids
+        seq.turn_start = seq.num_tokens
+        seq.num_cached_tokens = forwarded if seq.block_table else 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def release(self, seq: Sequence):
+        """Free a paused sequence's blocks (it is recomputed when it resumes): room for the others."""
+        self.block_manager.deallocate(seq)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.params
         if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
             return "stop"
-        if len(seq.token_ids) - seq.num_prompt_tokens >= params.max_new_tokens:
+        if seq.num_tokens - seq.turn_start >= params.max_new_tokens:
             return "length"
-        if seq.num_tokens >= self.max_model_len:
+        if seq.num_tokens >= min(self.max_model_len, seq.token_limit or self.max_model_len):
             return "length"
         return None

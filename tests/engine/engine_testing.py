@@ -69,7 +69,11 @@ def make_tokenizer():
 
 # A Qwen-style chat template over the test tokenizer's special tokens: <|r2|> opens a turn, EOS
 # ends it.
-CHAT_TEMPLATE = ("{% for m in messages %}<|r2|>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
+# Qwen's shape with the tokenizer's own specials: <|r2|> opens a message, </s> (EOS) ends it; the
+# tools, when given, in a system message naming the Hermes '<tool_call>' format (engine/agents).
+CHAT_TEMPLATE = ("{% if tools %}<|r2|>system\nTools: {{ tools | tojson }} Call one as <tool_call>"
+                 "{\"name\": ..., \"arguments\": ...}</tool_call></s>\n{% endif %}"
+                 "{% for m in messages %}<|r2|>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|r2|>assistant\n{% endif %}")
 
 

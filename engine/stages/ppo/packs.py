@@ -11,10 +11,13 @@ from ...data.packing import PackedBatch, pack_sequences
 
 
 def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
-                 width: int | None = None, share_prompts: bool = False) -> PackedBatch:
+                 width: int | None = None, share_prompts: bool = False,
+                 model_masks: list[list[bool]] | None = None) -> PackedBatch:
     """Pack prompt + response pairs, the response tokens as targets on an [R, width] grid
     (default width: the longest response). share_prompts (train.prefix_sharing): rows with the
-    same prompt forward it once (engine/data/prefix_sharing.py)."""
+    same prompt forward it once (engine/data/prefix_sharing.py). model_masks (one bool per
+    response token: a multi-turn trajectory's sampled tokens): only those are targets, the
+    environment's tokens are context."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"pack_rollout: need as many responses as prompts (> 0), got "
                          f"{len(prompts)} prompts and {len(responses)} responses")
@@ -23,7 +26,9 @@ def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
         if not prompt or not response or len(response) > width:
             raise ValueError(f"pack_rollout: row {r} has {len(prompt)} prompt and {len(response)} "
                              f"response tokens; both must be >= 1 and the response <= width {width}")
-    return pack_sequences([(p, r, True) for p, r in zip(prompts, responses)], width=width,
+    targets = model_masks or [True] * len(prompts)
+    return pack_sequences([(p, r, tuple(t) if isinstance(t, list) else t)
+                           for p, r, t in zip(prompts, responses, targets)], width=width,
                           device=device, share_prompts=share_prompts)
 
 

@@ -53,6 +53,7 @@ from ...parallel.layout import layout, laying_out
 from ...plan.check import refuse_unfit
 from ...train.run_setup import start_run
 from ..rewards.combined import RewardFunctions, open_reward_functions
+from .agent_sampling import Agents, build_agents, sample_trajectories
 from .experience import ExperienceSettings, make_rollout
 from .models import PPOModels
 from .phase_timer import PhaseTimer
@@ -102,13 +103,17 @@ def next_prompts(prompts: list[PromptRow], per_rank: int, seed: int, state: PPOS
 def open_rewards(cfg: PPOConfig, reward_fn=None) -> Optional[RewardFunctions]:
     """The run's reward functions, open (each loaded, in its worker with reward.isolation=process:
     a wrong reward_fn is refused before anything else happens): `reward_fn` (a callable or a list
-    of them) when given, else cfg.reward_fn's specs; None with a reward model."""
+    of them) when given, else cfg.reward_fn's specs; None with a reward model, or where a
+    multi-turn environment's rewards are the only ones (rollout.environment)."""
     if cfg.reward_model is not None:
         return None
     functions = cfg.reward_fns() if reward_fn is None else (
         list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
+    if not functions and cfg.rollout.environment:
+        return None
     if not functions:
-        raise UsageError("PPO needs a reward: set reward_model or reward_fn (or pass reward_fn=...)")
+        raise UsageError("PPO needs a reward: set reward_model, reward_fn or rollout.environment (or "
+                         "pass reward_fn=...)")
     r = cfg.reward
     return open_reward_functions(functions, r.weights, r.isolation, r.fn_timeout_s)
 
@@ -161,7 +166,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
     if rm is not None:
         score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)
     else:
-        score = FunctionScorer(rewards, tokenizer, policy.tensor_parallel)
+        score = None if rewards is None else FunctionScorer(rewards, tokenizer, policy.tensor_parallel)
     # rollout.kv_cache_memory by the memory plan's rules (auto: the largest pool that fits).
     kv_bytes = rollout_kv_bytes(cfg, torch.device(device), distributed.world_size(),
                                 distributed.local_world_size())
@@ -274,6 +279,7 @@ def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
                     kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg,
                     check=refuse_unfit)
     device, tokenizer = run.device, run.tokenizer
+    agents = build_agents(cfg.rollout, tokenizer)  # tools, environment, template: before any model
     prompts, truncated = load_prompts(
         cfg.prompts_file if dataset is None else dataset, tokenizer, cfg.rollout.max_prompt_length,
         run.configs["policy"].max_model_len, cfg.rollout.truncate_prompts, cfg.data.prompt_column,
@@ -286,7 +292,7 @@ def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations,
                    eval_every=cfg.train.log_every, notices=[rule] if rule else [])
     run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype, run.dims), state,
-                 iteration_step(cfg, models, opts, schedules, prompts,
+                 iteration_step(cfg, models, opts, schedules, prompts, agents,
                                 ptx_loss(cfg, tokenizer, models.policy, device), device),
                  evaluate=None if evaluate is None else lambda: evaluate(models),
                  info={"prompts": len(prompts), "truncated_prompts": truncated,
@@ -310,11 +316,12 @@ def export_critic(cfg: PPOConfig, critic: nn.Module) -> None:
 
 
 def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules: list,
-                   prompts: list[PromptRow],
+                   prompts: list[PromptRow], agents: Optional[Agents],
                    ptx: Optional[PtxLoss], device) -> Callable[[PPOState], dict]:
-    """One PPO iteration as the training loop's step: sample and score, build the rollout, update,
-    then move the KL controller and the schedules on. What carries to the next iteration lives in
-    the loop state (state.py); the returned metrics only report."""
+    """One PPO iteration as the training loop's step: sample and score (multi-turn trajectories
+    with `agents`), build the rollout, update, then move the KL controller and the schedules on.
+    What carries to the next iteration lives in the loop state (state.py); the returned metrics
+    only report."""
     experience_settings, update_settings = ExperienceSettings.of(cfg), UpdateSettings.of(cfg)
 
     def step(state: PPOState) -> dict:
@@ -331,6 +338,10 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
                 for s in schedules:
                     optim.advance_schedule(s)
                 return {**sampling_metrics, **timer.metrics()}
+        elif agents is not None:
+            samples, sampling_metrics = sample_trajectories(
+                models, agents, next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed,
+                                             state, models.ranks), cfg.rollout, seed, timer)
         else:
             samples, sampling_metrics = draw_samples(
                 lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state,
@@ -341,7 +352,8 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
                 cfg.rollout, seed, models.ranks)
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
                                   timer)
-        metrics = {**experience.metrics, **sampling_metrics, **models.score.metrics(),
+        scores = models.score.metrics() if models.score is not None else {}
+        metrics = {**experience.metrics, **sampling_metrics, **scores,
                    "lr": schedules[0].get_last_lr()[0]}
         rollout = experience.rollout
         if rollout is None:

@@ -1,0 +1,67 @@
+"""GRPO on multi-turn trajectories (rollout.environment, rollout.tools) through the Python API on a
+tiny chat model: several turns with observations longer than the answers, the loss on the model's
+tokens only, and tools that raise or hang ending their trajectory without stalling anything."""
+import datasets
+import pytest
+
+import fusedrl.kernels as kernels
+from fusedrl.engine import GRPOConfig, run_grpo
+from fusedrl.engine.agents import AgentLimits, ChatRenderer, ToolEnvironment, parse_hermes, tool_schema
+from fusedrl.engine.agents.rollout import _State, _step
+from fusedrl.engine.train.runlog import read_metrics
+from agent_testing import add, broken, save_chat_model, stuck, tool_call
+from engine_testing import VOCAB, make_chat_tokenizer
+
+ROWS = [{"prompt": "hello world", "level": 1}, {"prompt": "the brown dog", "level": 2}]
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels():
+    with kernels.use_backend("torch"):  # the engine's wiring is under test, not the kernels
+        yield
+
+
+def grpo(tmp_path, model, rollout, **options):
+    config = GRPOConfig.from_dict({
+        "policy": str(model), "output_dir": str(tmp_path / "grpo"), **options,
+        "rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2, "max_new_tokens": 6,
+                    "kv_cache_memory": 1 << 22, "max_prompt_length": 40, "temperature": 1.0,
+                    **rollout},
+        "ppo": {"minibatch_size": 4}, "train": {"iterations": 2, "progress": False, "device": "cpu"}})
+    result = run_grpo(config, dataset=datasets.Dataset.from_list(ROWS))
+    return [r for r in read_metrics(result.output_dir) if r["kind"] == "train"]
+
+
+def test_an_environment_of_three_turns_trains_on_the_model_tokens_only(tmp_path):
+    model = save_chat_model(tmp_path / "chat")
+    records = grpo(tmp_path, model, {"environment": "agent_testing:ThreeTurns", "max_turns": 3})
+    assert len(records) == 2
+    for r in records:
+        assert r["turns/max"] <= 3 and r["turns/mean"] >= 2.5  # a turn cut at 6 tokens is answered
+        assert r["tokens/environment"] > r["tokens/model"] > 0
+        assert r["tokens"] == r["tokens/model"]  # the loss's tokens: the model's alone
+        assert r["env/errors"] == r["env/timeouts"] == 0
+
+
+def test_tools_are_offered_and_a_turn_without_a_call_ends_the_trajectory(tmp_path):
+    # The tools' schemas open every conversation: ~900 tokens of the tests' small vocabulary.
+    model = save_chat_model(tmp_path / "chat", max_position_embeddings=1024)
+    tools = "agent_testing:add,agent_testing:broken,agent_testing:stuck"
+    records = grpo(tmp_path, model, {"tools": tools, "max_turns": 2, "env_timeout_s": 1.0},
+                   reward_fn="reward_testing:vowel_fraction")
+    # A random model writes no tool call: each trajectory is its one answer.
+    assert all(r["turns/max"] == 1 and r["tokens/environment"] == 0 for r in records)
+    assert all("rewards/vowel_fraction/mean" in r for r in records)
+
+
+@pytest.mark.parametrize("tool, error", [(broken, "error"), (stuck, "timeout")])
+def test_a_raising_or_hanging_tool_ends_its_trajectory_in_time(tool, error):
+    tokenizer = make_chat_tokenizer()
+    tools = {"add": add, tool.__name__: tool}
+    renderer = ChatRenderer(tokenizer, [tool_schema(fn) for fn in tools.values()])
+    state = _State(ToolEnvironment(tools, parse_hermes, "hi"), [])
+    limits = AgentLimits(max_turns=3, max_total_tokens=None, env_timeout_s=0.5)
+    answered = _step(state, renderer, tokenizer.encode(tool_call("add", a=2, b=3)), limits)
+    assert not answered.done and state.messages[-1] == {"role": "tool", "name": "add", "content": "5"}
+    reply = _step(state, renderer, tokenizer.encode(tool_call(tool.__name__, x=1)), limits)
+    assert reply.done and state.error == error and state.seconds < 5
