@@ -132,8 +132,9 @@ def main() -> None:
             "safetensors>=0.4",
             "tokenizers>=0.19",
             "tqdm",
-            # engine/ training stages: YAML configs, `fusedrl plot`.
+            # engine/ stages: YAML configs, `fusedrl plot`; data files and Datasets (TRL's).
             "pyyaml>=6",
+            "datasets>=2.14",
             "matplotlib>=3.7",
         ],
         extras_require={
@@ -144,8 +145,11 @@ def main() -> None:
             "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "tensorboard>=2.14", "trl==0.29.1",
                      "requests", "peft>=0.17"],
             "bench": ["pytest-benchmark>=4", "trl==0.29.1", "requests", "peft>=0.17"],
-            # train.tensorboard=true (torch.utils.tensorboard writes the events).
+            # train.report_to=tensorboard (torch.utils.tensorboard writes the events), wandb,
+            # mlflow: each tracker through its own library (docs/runs.md).
             "tensorboard": ["tensorboard>=2.14"],
+            "wandb": ["wandb>=0.17"],
+            "mlflow": ["mlflow>=2.10"],
         },
         entry_points={"console_scripts": ["fusedrl=fusedrl.engine.cli:main"]},
         **cuda_build_options(),

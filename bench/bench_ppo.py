@@ -226,7 +226,7 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
                             max_prompt_length=shape.prompt_len, max_new_tokens=shape.new_tokens,
                             ignore_eos=True, kv_cache_memory=kv_bytes, block_size=16)
     loop, minibatch = LoopConfig(iterations=2, device=device.type, progress=False), shape.rows // shape.minibatches
-    adapters = LoRAConfig(rank=lora, alpha=2.0 * max(lora, 1))
+    adapters = LoRAConfig(rank=lora, alpha=2.0 * lora) if lora else LoRAConfig()
     micro = ({"tokens_per_microbatch": shape.tokens_per_micro} if shape.tokens_per_micro
              else {"microbatch_size": shape.micro})
     if algo == "ppo":

@@ -1,21 +1,71 @@
 #!/usr/bin/env bash
 # The one command a GPU session runs: the CUDA extension built in place (fusedrl.kernels._C, for this
-# GPU's arch only, to keep the build short), the test suite on the GPU (no interpreter; the cuda
-# backend's tests run when the build succeeded), then the benchmarks, with logs and JSON (device,
-# versions, git commit inside) written to OUTDIR. The GPU machine has torch, triton, nvcc, ninja,
-# transformers and pytest but no network; the package is installed editable from this checkout
-# (no dependencies fetched, no build isolation: the image has them). The peers it lacks
-# (trl for bench_ppo.py) come as wheels in .whl/, fetched beforehand by bench/peer_wheels.sh and
-# carried with the call; they are installed into a private folder, never over the image's packages.
+# GPU's arch only, to keep the build short), the test suite on the GPU in chunks (no interpreter; the
+# cuda backend's tests run when the build succeeded), a smoke test of NCCL on one GPU, then the
+# benchmarks, with logs and JSON (device, versions, git commit inside) written to OUTDIR. The GPU
+# machine has torch, triton, nvcc, ninja, transformers and pytest but no network; the package is
+# installed editable from this checkout (no dependencies fetched, no build isolation: the image has
+# them). The peers it lacks (trl for bench_ppo.py) come as wheels in .whl/, fetched beforehand by
+# bench/peer_wheels.sh and carried with the call; they are installed into a private folder, never over
+# the image's packages.
 #
-#   bash bench/gpu.sh OUTDIR                    # every stage
-#   bash bench/gpu.sh OUTDIR tests kernels      # some stages (to split a run across 10-minute calls)
-# Stages: build tests kernels linear_tune rl_ops attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic (a later call can skip build: kernels/_C*.so stays
-# in the checkout only on the same machine). Then copy what is worth keeping into bench/results/.
+#   bash bench/gpu.sh plan                         # the first visit's calls, in order, minutes each
+#   bash bench/gpu.sh OUTDIR                       # every stage
+#   bash bench/gpu.sh [--bundle] OUTDIR STAGE...   # some stages; --bundle: OUTDIR.tar.gz, OUTDIR removed
+# Stages: build tests tests_kernels tests_model tests_engine smoke moe_decode kernels linear_tune rl_ops
+# attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora
+# ppo_lora_trl grpo demo traffic. `build` also copies the extension into OUTDIR (carried by later
+# calls on a fresh machine: see `plan`). Then copy what is worth keeping into bench/results/.
 set -uo pipefail
-out=${1:?usage: bench/gpu.sh OUTDIR [stage ...]}
+ALL_STAGES="build tests smoke moe_decode kernels linear_tune rl_ops attention generate generate_unfused generate_qwen3 \
+sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic"
+# The suite's chunks (stage: test paths), each under CHUNK_S seconds so a call with its setup stays
+# under the device's 10-minute limit; `tests` runs them one after another.
+declare -A CHUNKS=(
+  [tests_kernels]="tests/kernels tests/bench tests/test_packaging.py"
+  [tests_model]="tests/engine/model tests/engine/inference"
+  [tests_engine]="tests/engine --ignore=tests/engine/model --ignore=tests/engine/inference"
+)
+CHUNK_S=${GPU_CHUNK_S:-510}  # GPU_CHUNK_S: a shorter limit (to try the cut path)
+EXTENSION=kernels/_C.cpython-312-x86_64-linux-gnu.so  # the image's Python 3.12
+
+# The first visit (at most 45 minutes of device time; 40 planned): one device call per line, each
+# `minutes|stages|carry`. Call 1 builds the extension; the later calls carry it from call 1's bundle.
+PLAN=(
+  "8|build smoke moe_decode|"
+  "9|tests_kernels|$EXTENSION"
+  "9|tests_model|$EXTENSION"
+  "9|tests_engine|$EXTENSION"
+)
+
+print_plan() {
+  local i=0 total=0 minutes stages carry
+  echo "Each call: the device tool's run with command \"bash bench/gpu.sh --bundle \$OUT/visitN STAGES\""
+  echo "(N the call's number) and carry as listed; it returns \$OUT/visitN.tar.gz. Before call 2:"
+  echo "  tar xzf FILES_AT/visit1.tar.gz -C /tmp visit1/$(basename "$EXTENSION") && cp /tmp/visit1/$(basename "$EXTENSION") $EXTENSION"
+  echo "(the extension is a git-ignored build output: carry sends it along to a fresh machine)."
+  for entry in "${PLAN[@]}"; do
+    IFS='|' read -r minutes stages carry <<< "$entry"
+    i=$((i + 1))
+    total=$((total + minutes))
+    printf 'call %d (%d min): bash bench/gpu.sh --bundle $OUT/visit%d %s; carry: %s\n' \
+      "$i" "$minutes" "$i" "$stages" "${carry:-none}"
+  done
+  echo "plan: $i calls, $total minutes"
+}
+
+if [ "${1:-}" = plan ]; then
+  print_plan
+  exit 0
+fi
+bundle=0
+if [ "${1:-}" = --bundle ]; then
+  bundle=1
+  shift
+fi
+out=${1:?usage: bench/gpu.sh plan | bench/gpu.sh [--bundle] OUTDIR [stage ...]}
 shift
-stages=${*:-build tests kernels linear_tune rl_ops attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic}
+stages=${*:-$ALL_STAGES}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$repo"
@@ -49,6 +99,7 @@ build_extension() {
   if FUSEDRL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" timeout 200 \
       python setup.py build_ext --inplace > "$out/build_ext.log" 2>&1; then
     echo "built for sm_${arch/./}"
+    cp kernels/_C*.so "$out/" || status=1
     python -c "from fusedrl.kernels import cuda_ext; cuda_ext.require(); print('fusedrl.kernels._C loads')" \
       2>&1 | tee -a "$out/build_ext.log" || status=1
   else
@@ -58,34 +109,38 @@ build_extension() {
   fi
 }
 
-# The suite on the GPU (no interpreter), spread over the cores with pytest-xdist when it is there
-# (~5 min with 12 workers on a 16-core host; each stage must fit a 10-minute call), then one line:
-# "tests: N passed, N failed, N skipped, N errors in S s".
-run_tests() {
-  local parallel=()
+# One chunk of the suite on the GPU (no interpreter), spread over the cores with pytest-xdist when it
+# is there, stopped by SIGINT at CHUNK_S (pytest then reports what ran) and killed 20 s later; its
+# last line comes from bench/pytest_tally.py's per-test record, so a cut chunk still ends in
+# "NAME: N passed, N failed, N skipped, N errors in S s[, cut by its timeout]".
+run_chunk() {
+  local name=$1 parallel=() start code
   if python -c "import xdist" 2> /dev/null; then
     parallel=(-n "$(( $(nproc) < 12 ? $(nproc) : 12 ))")
   fi
-  run tests 560 python -m pytest tests -q -p no:cacheprovider "${parallel[@]}" --durations=25 \
-    --junitxml="$out/tests.xml"
-  python - "$out/tests.xml" <<'PY' || status=1
-import sys, xml.etree.ElementTree as ET
-try:
-    suite = ET.parse(sys.argv[1]).getroot()
-except (OSError, ET.ParseError) as error:
-    sys.exit(f"tests: no report ({error})")
-suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
-print(f"tests: {passed} passed, {n['failures']} failed, {n['skipped']} skipped, {n['errors']} errors "
-      f"in {float(suite.get('time', 0)):.0f} s")
-PY
+  echo "== $name =="
+  rm -f "$out/$name.tally"
+  start=$SECONDS
+  # shellcheck disable=SC2086  # the chunk's paths and --ignore options split on spaces
+  FUSEDRL_TALLY="$out/$name.tally" PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" \
+    timeout -k 20 -s INT "$CHUNK_S" python -m pytest ${CHUNKS[$name]} -q -p no:cacheprovider -p pytest_tally \
+    "${parallel[@]}" --durations=15 --junitxml="$out/$name.xml" > "$out/$name.log" 2>&1
+  code=$?
+  tail -n 40 "$out/$name.log"
+  [ "$code" -eq 0 ] || status=1
+  python bench/pytest_tally.py "$out/$name.tally" "$name" "$((SECONDS - start))" "$code" | tee -a "$out/$name.log"
 }
 
 for stage in $stages; do
   case $stage in
     build)    echo "== CUDA extension (fusedrl.kernels._C) =="; build_extension ;;
-    tests)    run_tests ;;
+    tests)    for chunk in tests_kernels tests_model tests_engine; do run_chunk "$chunk"; done ;;
+    tests_kernels|tests_model|tests_engine) run_chunk "$stage" ;;
+    # NCCL on one GPU: a 1-rank cpu:gloo,cuda:nccl group through tensor parallelism (decode graphs
+    # capturing the collectives), expert parallelism's all_to_all, FSDP2 CPU offload + FusedAdamW.
+    smoke)    run smoke 240 python -m torch.distributed.run --standalone --nproc-per-node 1 bench/smoke_nccl.py ;;
+    # bf16 decode of a 2-layer Qwen3-30B-A3B-shaped MoE model (128 experts, top-8) at batch 1/32/128.
+    moe_decode) run bench_moe_decode 240 python bench/bench_moe_decode.py --out "$out/bench_moe_decode.json" ;;
     kernels)  run bench_kernels 300 python bench/bench_kernels.py --ops token_logprobs,linear_token_logprobs \
                 --json "$out/bench_kernels.json" ;;
     # linear_token_logprobs' fused GEMMs per tile shape against cuBLAS's GEMM of the same FLOPs, at
@@ -129,7 +184,12 @@ for stage in $stages; do
                 overwrite=true --quiet || exit 1; done' _ "$out" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
     traffic)  run traffic 300 python bench/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
-    *) echo "unknown stage $stage (build tests kernels linear_tune rl_ops attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic)"; status=1 ;;
+    *) echo "unknown stage $stage (expected one of: $ALL_STAGES ${!CHUNKS[*]})"; status=1 ;;
   esac
 done
+if [ "$bundle" = 1 ]; then
+  # The device returns at most 8 files: the whole OUTDIR as one archive.
+  tar czf "$out.tar.gz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out" || status=1
+  echo "bundled: $out.tar.gz"
+fi
 exit $status

@@ -1,7 +1,9 @@
 """The import graph of fusedrl.engine and fusedrl.kernels, read from the source (nothing imported):
 import cycles (every import counts, TYPE_CHECKING and function-level ones included), engine imports
 of private kernel modules (anything below `fusedrl.kernels` but the package itself), upward imports
-between the engine's layers, and library files over the line limit.
+between the engine's layers, duck-typed upward calls (getattr / hasattr / setattr of an attribute
+the parallel layout owns, which reaches a layer above without importing it), and library files over
+the line limit.
 
     python bench/layering.py            # prints the report; exit 1 when any rule is broken
     python bench/layering.py --json     # the same as one JSON object
@@ -29,7 +31,25 @@ FORBIDDEN = [
     ("fusedrl.engine.train", "fusedrl.engine.stages"),
     ("fusedrl.engine.data", "fusedrl.engine.train"),
     ("fusedrl.engine.data", "fusedrl.engine.stages"),
+    ("fusedrl.engine.train", "fusedrl.engine.plan"),
+    # The parallel layout sits above the model (it lays models out) and below what runs them; the
+    # model reads its process groups and collectives (distributed, tensor_parallel_ops) only.
+    ("fusedrl.engine.parallel", "fusedrl.engine.inference"),
+    ("fusedrl.engine.parallel", "fusedrl.engine.train"),
+    ("fusedrl.engine.parallel", "fusedrl.engine.stages"),
+    ("fusedrl.engine.parallel", "fusedrl.engine.plan"),
+    ("fusedrl.engine.parallel", "fusedrl.engine.data"),
+    ("fusedrl.engine.model", "fusedrl.engine.parallel.layout"),
+    ("fusedrl.engine.model", "fusedrl.engine.parallel.tensor_parallel"),
+    ("fusedrl.engine.model", "fusedrl.engine.parallel.expert_parallel"),
+    ("fusedrl.engine.model", "fusedrl.engine.parallel.persistent_weights"),
+    ("fusedrl.engine.model", "fusedrl.engine.parallel.validate"),
 ]
+# Attributes the parallel layout owns (set by engine/parallel/ on the models it lays out, declared
+# on the model classes): read by name with getattr / hasattr / setattr they are an upward call the
+# import graph does not show.
+LAYOUT_ATTRIBUTES = {"tensor_parallel", "offloaded", "expert_shard", "data_sharded",
+                     "past_fsdp_hooks"}
 
 
 def modules() -> dict[str, pathlib.Path]:
@@ -88,6 +108,24 @@ def imports_of(name: str, path: pathlib.Path, known: dict[str, pathlib.Path]) ->
     return out
 
 
+def within(module: str, prefix: str) -> bool:
+    """`module` is `prefix` or below it."""
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def duck_typed_calls(name: str, path: pathlib.Path) -> list[str]:
+    """'module:line getattr(..., "attribute")' for each getattr / hasattr / setattr in `name`'s file
+    whose attribute is a constant naming one of LAYOUT_ATTRIBUTES."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value in LAYOUT_ATTRIBUTES):
+            found.append(f"{name}:{node.lineno} {node.func.id}(..., {node.args[1].value!r})")
+    return found
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index, low, stack, on_stack, found = {}, {}, [], set(), []
@@ -128,12 +166,14 @@ def report() -> dict:
     private = sorted(f"{name} -> {target}" for name, targets in graph.items()
                      if name.startswith("fusedrl.engine") for target in targets
                      if target.startswith("fusedrl.kernels."))
-    upward = sorted(f"{name} -> {target}" for name, targets in graph.items() for target in targets
-                    for low, high in FORBIDDEN if name.startswith(low) and target.startswith(high))
+    upward = sorted({f"{name} -> {target}" for name, targets in graph.items() for target in targets
+                     for low, high in FORBIDDEN if within(name, low) and within(target, high)})
+    ducks = sorted(call for name, path in known.items() if within(name, "fusedrl.engine")
+                   for call in duck_typed_calls(name, path))
     long_files = sorted(f"{path.relative_to(ROOT)}: {n}" for path in known.values()
                         if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES)
     return {"cycles": cycles(graph), "private_kernel_imports": private, "upward_imports": upward,
-            "files_over_limit": long_files}
+            "duck_typed_calls": ducks, "files_over_limit": long_files}
 
 
 def main() -> int:

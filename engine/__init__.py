@@ -1,9 +1,11 @@
 """fusedrl.engine: the model, generation and trainers built on `fusedrl.kernels` (see the README).
 
-`LLM(model_dir).generate(prompts, SamplingParams(...))` for generation; `load_model` / `save_model`
-for Hugging Face directories; `CausalLM.forward_packed` for the training forward. The names are
-loaded on first use, so `import fusedrl.engine` (and `fusedrl --help`) imports neither torch nor
-transformers.
+`run_sft`, `run_rm`, `run_ppo`, `run_grpo` with `SFTConfig`, `RMConfig`, `PPOConfig`, `GRPOConfig`
+to train from a program (docs/python_api.md);
+`LLM(model_dir).generate(prompts, SamplingParams(...))` for generation; `load_model` /
+`save_model` for Hugging Face directories; `CausalLM.forward_packed` for the training forward.
+The names are loaded on first use, so `import fusedrl.engine` (and `fusedrl --help`) imports
+neither torch nor transformers.
 
 Subpackages, one job each: model/ (the decoder, attention, HF I/O, reward and value models),
 inference/ (paged-KV generation), data/ (records, tokenization, packing), train/ (the training
@@ -17,6 +19,10 @@ if __name__ != "fusedrl.engine":  # e.g. `import engine` from the repository roo
                       f"(after `pip install -e .`), not as {__name__!r}")
 
 _PUBLIC = {
+    "SFTConfig": ".config.train", "RMConfig": ".config.train", "PPOConfig": ".config.ppo",
+    "GRPOConfig": ".config.ppo", "run_sft": ".api", "run_rm": ".api", "run_ppo": ".api",
+    "run_grpo": ".api", "TrainResult": ".api", "FusedRLError": ".errors", "UsageError": ".errors",
+    "DataError": ".data.records",
     "LLM": ".inference.llm", "RequestOutput": ".inference.llm", "Completion": ".inference.llm",
     "SamplingParams": ".inference.sampling_params", "CausalLM": ".model.causal_lm",
     "load_model": ".model.hf_io", "save_model": ".model.hf_io",

@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
-from . import errors, path_checks, run_dir
+from . import errors, path_checks, run_dir, run_paths
 from .config import io as config_io
 from .config.demo import DemoConfig
 from .config.ppo import GRPOConfig, PPOConfig
 from .config.train import RMConfig, SFTConfig
-
-_STAGE_EPILOG = """options (YAML keys; nested sections as dotted overrides, e.g. optim.lr=2e-5):
-{options}
-
-Values are YAML scalars: 1e-4, true, null, "a string". Overrides win over the file."""
-
+from .generate_command import add_generate_parser
+from .train import trackers
 
 # --- info -------------------------------------------------------------------------------------
 
@@ -85,37 +82,38 @@ def add_stage_parser(commands, name: str) -> None:
     config_cls, _, summary = STAGES[name]
     p = commands.add_parser(name, help=summary, description=summary,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog=_STAGE_EPILOG.format(options="\n".join(config_io.describe(config_cls))))
+                            epilog=config_io.options_epilog(config_cls))
     p.add_argument("--config", help="YAML file with the options below")
     add_debug_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options overriding the file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    add_quiet_flag(p)
     p.set_defaults(run=lambda args: run_stage(args, name))
 
 
-def load_config(config_cls, path, overrides):
-    """The command's config; a bad file, key or value is a usage error."""
-    try:
-        return config_io.load(config_cls, path, overrides)
-    except (ValueError, OSError) as e:  # ConfigError is a ValueError, as are the dataclasses' checks
-        raise errors.UsageError(str(e) if not isinstance(e, OSError) else f"--config {path}: {e.strerror}") from e
-
-
-def print_config(config) -> int:
-    """--print-config: the resolved config (file, overrides and the command's defaults) as YAML."""
-    print(config_io.to_yaml(config), end="")
-    return 0
+def add_quiet_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress on stderr (train.progress=false), and no warnings, notes "
+                             "or progress bars of transformers and datasets themselves (errors "
+                             "stay)")
 
 
 def run_stage(args, name: str) -> int:
     config_cls, train, _ = STAGES[name]
-    config = load_config(config_cls, args.config, args.overrides)
+    quiet = ["train.progress=false"] if args.quiet else []
+    config = config_io.command_config(config_cls, args.config, args.overrides + quiet)
     if args.print_config:
-        return print_config(config)
+        return config_io.print_config(config)
+    trackers.check_installed(trackers.tracker_names(config.train))  # before anything is created
+    try:
+        config.require_data()
+    except ValueError as e:
+        raise errors.UsageError(str(e)) from None
     models, files = config.paths()
     path_checks.check_paths(models, files, config.output_dir)  # before the stage imports torch
     run_dir.check_target(config.output_dir, name, overwrite=config.train.overwrite, resume=config.train.resume,
-                         inputs=[*models.values(), *files.values()], overwrite_option="train.overwrite=true",
+                         inputs=run_paths.run_inputs(config, args.config),
+                         overwrite_option="train.overwrite=true",
                          resume_option="train.resume=true")
     out = train(config)
     print(f"fusedrl {name}: model written to {out}")
@@ -148,9 +146,9 @@ def _plan(args) -> int:
 # --- demo -------------------------------------------------------------------------------------
 
 def run_demo(args) -> int:
-    cfg = load_config(DemoConfig, None, args.overrides)
+    cfg = config_io.command_config(DemoConfig, None, args.overrides)
     if args.print_config:
-        return print_config(cfg)
+        return config_io.print_config(cfg)
     run_dir.check_target(cfg.output_dir, "demo", overwrite=cfg.overwrite)  # before the demo imports torch
     path_checks.check_output_dir(cfg.output_dir)
     from .stages.demo import format_table, run_demo as demo
@@ -168,106 +166,10 @@ def add_demo_parser(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="options (key=value):\n" + "\n".join(config_io.describe(DemoConfig)))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options, e.g. seed=1 output_dir=runs/demo")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_flag(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved options as YAML and exit")
     add_debug_flag(p)
     p.set_defaults(run=run_demo)
-
-
-# --- generate ---------------------------------------------------------------------------------
-
-def _memory(text: str) -> int | float:
-    """'0.5' -> a fraction of free GPU memory (values <= 1); '2e9' or '2000000000' -> bytes."""
-    value = float(text)
-    return value if value <= 1 else int(value)
-
-
-def add_generate_parser(commands) -> None:
-    p = commands.add_parser("generate", help="generate completions with the paged-KV engine",
-                            description="complete prompts; text (or --json lines) to stdout, progress to stderr")
-    p.add_argument("--model", required=True, help="Hugging Face model directory")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    p.add_argument("--prompt-file", help="a file with one prompt per line")
-    p.add_argument("--n", type=int, default=1, help="completions per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    p.add_argument("--seed", type=int, default=None, help="makes the completions reproducible")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--kv-cache-memory", type=_memory, default=None,
-                   help="KV pool: bytes (e.g. 2000000000) or a fraction of free GPU memory (e.g. 0.5)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
-                   help="under torchrun: T ranks generate together from their slices of the weights")
-    p.add_argument("--json", action="store_true", help="print one JSON object per completion")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_debug_flag(p)
-    p.set_defaults(run=run_generate)
-
-
-def _as_option(error: ValueError) -> errors.UsageError:
-    """SamplingParams names its fields (SamplingParams.top_p): say which option the user gave (--top-p)."""
-    return errors.UsageError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(error)))
-
-
-def _generate_tensor_parallel(args, prompts, params, device):
-    from .tensor_parallel import generate_tensor_parallel
-    return generate_tensor_parallel(args.model, prompts, params, args.tensor_parallel, device=device, dtype=args.dtype,
-                                    use_tqdm=not args.no_progress, kv_cache_memory=args.kv_cache_memory,
-                                    block_size=args.block_size)
-
-
-def run_generate(args) -> int:
-    from .data.records import DataError, decode_line, numbered_lines
-    prompts = list(args.prompt)
-    if args.prompt_file:
-        try:
-            for lineno, raw in numbered_lines(args.prompt_file):
-                try:
-                    prompts.append(decode_line(raw))
-                except ValueError as e:
-                    raise DataError(f"{args.prompt_file}:{lineno}: {e}") from None
-        except OSError as e:
-            raise errors.UsageError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
-    if not prompts:
-        raise errors.UsageError("give --prompt TEXT (repeatable) or --prompt-file FILE")
-    # The arguments and the path first: torch-free, so a mistake is answered at once.
-    path_checks.check_model_path(args.model, "--model")
-    from .inference.sampling_params import SamplingParams
-    try:
-        params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                max_new_tokens=args.max_new_tokens, seed=args.seed)
-    except ValueError as e:
-        raise _as_option(e) from e
-    from .inference.llm import LLM
-    from .train.run_setup import check_model_dir, resolve_device
-    check_model_dir(args.model, "--model")
-    device = resolve_device(args.device, "--device")
-    try:  # an argument the engine rejects; the model's own problems are FusedRLErrors and pass through
-        if args.tensor_parallel != 1:
-            outputs = _generate_tensor_parallel(args, prompts, params, device)
-            if outputs is None:  # not the first rank: it printed nothing
-                return 0
-        else:
-            llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-                      block_size=args.block_size, device=device)
-            outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
-    except errors.FusedRLError:
-        raise
-    except ValueError as e:
-        raise _as_option(e) from e
-    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
-        for j, c in enumerate(out.outputs):
-            if args.json:
-                print(json.dumps({"prompt_index": i, "sample": j, "prompt": prompt, "text": c.text,
-                                  "token_ids": c.token_ids, "logprobs": c.logprobs,
-                                  "finish_reason": c.finish_reason}))
-            else:
-                print(f"[{i}.{j}] {prompt}{c.text}  ({c.finish_reason}, {len(c.token_ids)} tokens)")
-    sys.stdout.flush()
-    return 0
 
 
 # --- plot -------------------------------------------------------------------------------------
@@ -358,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug_flag(commands.add_parser("info", help="versions, devices and kernel backends"))
     commands.choices["info"].set_defaults(run=run_info)
     add_demo_parser(commands)
-    add_generate_parser(commands)
+    add_generate_parser(commands, add_debug_flag)
     for name in STAGES:
         add_stage_parser(commands, name)
     add_plan_parser(commands)
@@ -367,19 +269,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.-]*=")
+
+
+def dashed_as_overrides(argv: list[str], unknown: set[str]) -> list[str]:
+    """`argv` with each option of `unknown` (`--key value`, `--key=value`, or a bare `--flag`, as
+    transformers' and TRL's scripts take them) as the override `key=value` (`flag=true`); dashes in
+    the key become underscores (`--learning-rate` -> learning_rate). A bare flag's next argument is
+    its value unless it is an option or an override itself."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token in unknown:
+            key, sep, value = token[2:].partition("=")
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            if not sep and following is not None and not following.startswith("--") \
+                    and not _OVERRIDE.match(following):
+                value, i = following, i + 1
+            elif not sep:
+                value = "true"
+            token = f"{key.replace('-', '_')}={value}"
+        out.append(token)
+        i += 1
+    return out
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """transformers', datasets' and the hub client's own output: no progress bars where stderr is
+    not a terminal (a log file would get their `\r` redraws) or with --quiet; with --quiet none of
+    their warnings and notes either. Through the environment variables they read when imported
+    (later, in the command's work), or their own switches when they already are."""
+    if quiet or not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if quiet:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+        if "transformers" in sys.modules:
+            import transformers
+            transformers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (argparse exits 2 itself on a bad command line)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    unknown = {x for x in extra if x.startswith("--")}
+    if unknown and hasattr(args, "overrides"):  # `--learning_rate 1e-4` (TRL's form): key=value
+        args, extra = parser.parse_known_args(dashed_as_overrides(argv, unknown))
     # key=value overrides after an option (`fusedrl plan ppo --gpus 8 lora.rank=64`): argparse leaves them over.
     if extra and not (hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = getattr(args, "overrides", []) + extra
+    quiet_libraries(getattr(args, "quiet", False))
     try:
-        code = args.run(args)
-        if "fusedrl.engine.distributed" in sys.modules:  # imported only by the commands that need torch
-            sys.modules["fusedrl.engine.distributed"].leave(code)
-        return code
+        return _leave(args.run(args))
     except KeyboardInterrupt:
         if errors.debug_enabled(getattr(args, "debug", False)):
             raise
@@ -391,9 +337,18 @@ def main(argv: list[str] | None = None) -> int:
         code, message = errors.one_line(e)
         if errors.should_print(e):
             print(f"fusedrl {args.command}: {message}", file=sys.stderr)
-        else:
+        elif not isinstance(e, (errors.Interrupted, errors.RunComplete)):
             errors.let_rank_0_speak()
+        if isinstance(e, (errors.Interrupted, errors.RunComplete)):  # every rank ended here too
+            return _leave(code)
         return code
+
+
+def _leave(code: int) -> int:
+    """`code`, after a torchrun rank left its process group (distributed.leave; it exits there)."""
+    if "fusedrl.engine.parallel.distributed" in sys.modules:  # only the commands that need torch
+        sys.modules["fusedrl.engine.parallel.distributed"].leave(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import FusedRLError, NonFiniteError
 
@@ -99,9 +99,10 @@ def _fsync(path, flags: int) -> None:
 
 
 @contextlib.contextmanager
-def written_whole(final) -> Iterator[Path]:
+def written_whole(final, before_rename: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yields a new hidden temp sibling of the directory `final` to write into; when the block ends,
-    seals it (write_manifest), publishes it and renames it over `final` (replace_dir); when the block
+    seals it (write_manifest), publishes it, calls `before_rename()` (a last check of `final`,
+    which may raise) and renames it over `final` (replace_dir); when the block or the check
     raises, removes it, and `final` is as it was."""
     final = Path(final).absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +111,8 @@ def written_whole(final) -> Iterator[Path]:
         yield tmp
         write_manifest(tmp)
         publish(tmp)
+        if before_rename is not None:
+            before_rename()
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -183,14 +186,24 @@ def write_manifest(directory: Path) -> None:
 
 
 def verify_manifest(directory: Path) -> None:
-    """CorruptDirectory unless every file of the manifest is there with its size and hash."""
+    """CorruptDirectory unless every file of the manifest is there with its size and hash; a name
+    that leads out of `directory` (`../x`, an absolute path, a link out) is corrupt too, never
+    read."""
     manifest = directory / MANIFEST
     try:
         entries = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CorruptDirectory(f"{directory}: no readable {MANIFEST} ({e})") from None
+    if not isinstance(entries, dict):
+        raise CorruptDirectory(f"{manifest}: expected a mapping of file names")
+    root = Path(directory).resolve()
     for name, entry in entries.items():
         path = directory / name
+        if root not in path.resolve().parents:
+            raise CorruptDirectory(f"{manifest}: names {name!r}, outside {directory}")
+        sealed = isinstance(entry, dict) and isinstance(entry.get("size"), int)
+        if not (sealed and isinstance(entry.get("sha256"), str)):
+            raise CorruptDirectory(f"{manifest}: the entry of {name!r} is not {{size, sha256}}")
         if not path.is_file():
             raise CorruptDirectory(f"{path}: missing")
         if path.stat().st_size != entry["size"]:

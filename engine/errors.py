@@ -41,14 +41,35 @@ class NonFiniteError(FusedRLError, RuntimeError):
     """NaN or inf where a number must be finite: a diverged run, a model producing NaN, a NaN to be written."""
 
 
+class Interrupted(FusedRLError):
+    """A run stopped by SIGTERM or SIGINT at a step boundary, its checkpoint saved: the exit code is
+    128 + the signal's number (143, 130), what a shell reports for a process the signal ended."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class RunComplete(FusedRLError):
+    """A rerun of a run that already reached its last step and wrote its final model: nothing was
+    changed (exit 0). `final`: that model's directory."""
+    exit_code = 0
+
+    def __init__(self, message: str, final):
+        super().__init__(message)
+        self.final = final
+
+
 def debug_enabled(flag: bool = False) -> bool:
     """--debug, or FUSEDRL_DEBUG set to anything but '', '0' or 'false'."""
     return flag or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false")
 
 
 def should_print(error: BaseException) -> bool:
-    """False for a usage error on a torchrun rank other than 0 (rank 0 says the same line)."""
-    return not isinstance(error, UsageError) or os.environ.get("RANK", "0") == "0"
+    """False on a torchrun rank other than 0 for what every rank meets alike (a usage error, a run
+    stopped or found complete by all ranks together): rank 0 says the same line."""
+    alike = isinstance(error, (UsageError, Interrupted, RunComplete))
+    return not alike or os.environ.get("RANK", "0") == "0"
 
 
 # Seconds a torchrun rank other than 0 waits before exiting on a usage error that rank 0 prints.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from .data.sources import not_found
 from .errors import UsageError
 
 CONFIG_FILE = "config.json"
@@ -20,12 +21,38 @@ def check_model_path(path, option: str) -> None:
         raise UsageError(f"{option}={path}: not a Hugging Face model directory (no {CONFIG_FILE})")
 
 
+# A tokenizer's own files, by format: fast (tokenizer.json), sentencepiece, BPE (vocab.json +
+# merges.txt), WordPiece; tokenizer_config.json alone names a class, not a vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.json", "vocab.txt", "tokenizer.tiktoken")
+
+
+def check_tokenizer_files(path, option: str) -> None:
+    """Model directory `path` must hold a tokenizer (transformers would build an empty one from
+    config.json alone, and the run would fail later on its first text)."""
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"{option}={path}: the model directory has no tokenizer (none of "
+                         f"{', '.join(TOKENIZER_FILES)}): save the tokenizer it was trained with "
+                         "there (tokenizer.save_pretrained(DIR))")
+
+
+# What datasets' save_to_disk writes in its directory: a Dataset's state, a DatasetDict's splits.
+SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
+
+
 def check_input_file(path, option: str) -> None:
-    """`path` must be a readable file."""
+    """`path` must be a regular data file (a FIFO or a device such as /dev/zero would block or
+    never end), or a directory written by datasets' save_to_disk."""
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{option}={path}: " + ("is a directory, expected a file" if p.is_dir()
-                                                 else "no such file"))
+    if p.is_dir():
+        if not any((p / name).is_file() for name in SAVED_DATASET_FILES):
+            raise UsageError(f"{option}={path}: is a directory, expected a data file or a "
+                             "directory written by datasets' save_to_disk")
+    elif p.exists() and not p.is_file():
+        raise UsageError(f"{option}={path}: not a regular file (a FIFO or a device), expected a "
+                         "file")
+    elif not p.exists():
+        raise UsageError(f"{option}={not_found(str(path))}")
 
 
 def check_output_dir(path, option: str = "output_dir") -> None:
@@ -49,7 +76,7 @@ def check_run_dir(path) -> None:
 
 def check_paths(models: dict, files: dict, output_dir) -> None:
     """Every path a stage's config names: `models` and `files` {option: path or None (unused)}, and
-    the output directory."""
+    the output directory. The first model's tokenizer is the run's: it must have one."""
     for option, path in models.items():
         if path:
             check_model_path(path, option)
@@ -57,3 +84,6 @@ def check_paths(models: dict, files: dict, output_dir) -> None:
         if path:
             check_input_file(path, option)
     check_output_dir(output_dir)
+    option, path = next(iter(models.items()))
+    if path:
+        check_tokenizer_files(path, option)

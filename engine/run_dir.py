@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 
 from .durable import write_text_atomic
 from .errors import UsageError
+from .run_paths import pinned
 
 MARKER = ".fusedrl-run"
 LOCK = ".fusedrl-run.lock"
@@ -99,15 +100,16 @@ def check_target(path, kind: str, *, overwrite: bool, resume: bool = False, inpu
     check_holds_no_input(p, inputs, option)
     if not p.is_dir():
         return False
-    check_no_link_out(p, option)
     if probe_lock and (p / LOCK).is_file():
         DirLock(p, option, create=False).release()  # a run holding it: refused now, not after the imports
     if not [e for e in p.iterdir() if e.name not in _OURS]:
         return False
     marker = read_marker(p)
+    # Refused before its links are looked at: nothing in it is fusedrl's to advise on.
     if marker is None:
         raise UsageError(f"{option}={path} exists, is not empty and was not made by fusedrl (no {MARKER}): "
                          f"fusedrl never deletes what it did not make; choose another {option}")
+    check_no_link_out(p, option)
     if overwrite:
         check_replaceable(p, inputs, option)
         return True
@@ -169,11 +171,12 @@ _held: dict[Path, DirLock] = {}
 
 def claim(path, kind: str, *, overwrite: bool, resume: bool = False, inputs: Iterable = (),
           option: str = "output_dir", overwrite_option: str = "overwrite=true",
-          resume_option: str | None = None) -> DirLock:
+          resume_option: str | None = None, empty: bool = True) -> DirLock:
     """Take the directory `path` for the command `kind`: check it (check_target; nothing is written
     into a directory that is refused), create it, lock it (a UsageError naming the holder's pid when
-    another run holds it), check again under the lock, empty an earlier output when overwriting,
-    and mark it. The lock is held until `release(path)`."""
+    another run holds it), check again under the lock, empty an earlier output when overwriting
+    (unless `empty` is off: a command that replaces the directory whole, as export does), and
+    mark it. The lock is held until `release(path)`."""
     check = functools.partial(check_target, path, kind, overwrite=overwrite, resume=resume, inputs=inputs,
                               option=option, overwrite_option=overwrite_option, resume_option=resume_option)
     check()
@@ -184,7 +187,7 @@ def claim(path, kind: str, *, overwrite: bool, resume: bool = False, inputs: Ite
         raise UsageError(f"{option}={path}: not a writable directory ({e.strerror})") from None
     lock = DirLock(p, option)
     try:
-        if check(probe_lock=False):
+        if check(probe_lock=False) and empty:
             _empty(p)
         if read_marker(p) is None:
             write_marker(p, kind)
@@ -206,6 +209,26 @@ def _empty(directory: Path) -> None:
             entry.unlink()
 
 
+def entries(directory) -> set[str]:
+    """Every path under `directory`, relative to it (links listed, never followed)."""
+    found = set()
+    for parent, dirs, files in os.walk(directory):
+        found.update(os.path.relpath(os.path.join(parent, name), directory)
+                     for name in dirs + files)
+    return found
+
+
+def check_unchanged(directory, before: set[str], option: str) -> None:
+    """UsageError naming the first entry of `directory` that is not in `before` (its `entries` when
+    the command took it) nor fusedrl's own: something another process put there while the command
+    wrote, which replacing the directory would delete."""
+    new = sorted(entries(directory) - before - set(_OURS))
+    if new:
+        raise UsageError(f"{option}={directory}: {new[0]} appeared in it while fusedrl was "
+                         "writing, not made by fusedrl; nothing was replaced: move it out and run "
+                         f"again, or choose another {option}")
+
+
 def release(path) -> None:
     """Release this process's lock on `path`, if it holds one."""
     lock = _held.pop(Path(path).resolve(), None)
@@ -214,10 +237,13 @@ def release(path) -> None:
 
 
 def releases_output_dir(entry: Callable) -> Callable:
-    """Decorates a command's entry point `entry(cfg, ...)`: the lock it took on cfg.output_dir is
-    released when it returns or raises, so the same process (or another) can take the directory next."""
+    """Decorates a command's entry point `entry(cfg, ...)`: it runs on cfg with its paths pinned
+    (engine/run_paths.py: inputs absolute, output_dir where a link leads) before any of its code,
+    and the lock it took on cfg.output_dir is released when it returns or raises, so the same
+    process (or another) can take the directory next."""
     @functools.wraps(entry)
     def run(cfg, *args, **kwargs):
+        cfg = pinned(cfg)
         try:
             return entry(cfg, *args, **kwargs)
         finally:

@@ -1,5 +1,7 @@
 """The expert GEMMs of a mixture-of-experts layer: slots sorted by expert (`moe_sort`), then one
-grouped GEMM per projection over all experts (`grouped_linear`, torch's `F.grouped_mm`).
+grouped GEMM per projection over all experts (`grouped_linear`: torch's `F.grouped_mm` where it
+reads nothing on the host, else our Triton grouped GEMM, kernels/grouped_gemm.py; the choice is
+dispatch.grouped_gemm_path's).
 
 Capacity-free: every expert takes the rows routed to it, however many (zero included), and the
 group boundaries are device tensors, so neither op reads a value on the host: a decode step keeps
@@ -9,6 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .dispatch import grouped_gemm_path
+from .grouped_gemm import grouped_gemm
 
 
 def moe_sort(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,6 +54,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     if offsets.dtype != torch.int32 or offsets.shape != (weight.shape[0],):
         raise ValueError(f"grouped_linear: offsets is {offsets.dtype} {tuple(offsets.shape)}: expected int32 "
                          f"({weight.shape[0]},)")
+    if grouped_gemm_path(x) == "triton":
+        return grouped_gemm(x, weight, offsets)
     if any(size * x.element_size() % 16 for size in weight.shape[1:]):
         raise ValueError(f"grouped_linear: weight {tuple(weight.shape)} in {x.dtype}: grouped_mm needs rows of "
                          "whole 16 bytes (in and out features multiples of 16 / itemsize)")

@@ -220,11 +220,11 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, 
 
     q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
     context_lens [B] int32. Returns [B, H, D] in q's dtype. num_splits: programs per (sequence,
-    KV head); by default enough to give every SM two programs (1 off CUDA).
+    KV head); by default decode_splits' (1 off CUDA).
     """
     checks.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
     if num_splits is None:
-        num_splits = _default_splits(q.shape[0] * k_cache.shape[2], q.device)
+        num_splits = _default_splits(q, k_cache, block_tables)
     return torch.ops.fusedrl.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
 
 
@@ -264,7 +264,7 @@ def rope_store_decode_triton(q, k, v, cos_table, sin_table, positions, k_cache, 
         raise ValueError(f"cos/sin tables must be contiguous [L, {q.shape[2]}], got {tuple(cos_table.shape)} "
                          f"and {tuple(sin_table.shape)}")
     if num_splits is None:
-        num_splits = _default_splits(q.shape[0] * k_cache.shape[2], q.device)
+        num_splits = _default_splits(q, k_cache, block_tables)
     return torch.ops.fusedrl.rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache,
                                                slot_mapping, block_tables, context_lens, scale, num_splits)
 
@@ -309,16 +309,33 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     return out
 
 
-MAX_SPLITS = 16
+# Splits per (sequence, KV head): a power of two (few distinct compilations: NUM_SPLITS is a
+# constexpr) up to 64, so batch 1 of a 4-KV-head model (Qwen2.5-7B) runs 256 programs, two per SM of
+# an H100's 132, from 4k tokens of context on; each split reads at least MIN_SPLIT_TOKENS (4 pages
+# of 16), below which its fixed cost (a program, a partial row to combine) outweighs its pages.
+MAX_SPLITS = 64
+MIN_SPLIT_TOKENS = 64
 
 
-def _default_splits(programs: int, device) -> int:
-    """Splits per (sequence, KV head) so the grid covers every SM twice; at most MAX_SPLITS, since
-    each split of a short context has little to do. Depends only on shapes: CUDA-graph safe."""
-    if device.type != "cuda":
+def decode_splits(programs: int, context_pages: int, page: int, sms: int) -> int:
+    """Splits per (sequence, KV head) for `programs` (sequence, KV head) pairs whose contexts span
+    up to `context_pages` pages of `page` tokens, on `sms` SMs: enough for two programs per SM, no
+    more than the context holds MIN_SPLIT_TOKENS runs, rounded down to a power of two, at most
+    MAX_SPLITS."""
+    wanted = -(-2 * sms // max(programs, 1))
+    useful = max(1, context_pages * page // MIN_SPLIT_TOKENS)
+    splits = max(1, min(MAX_SPLITS, wanted, useful))
+    return 1 << (splits.bit_length() - 1)
+
+
+def _default_splits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor) -> int:
+    """decode_splits for this launch, from shapes alone (CUDA-graph safe): batch x KV heads, and the
+    block tables' width as the context bound (a graph's tables are full width: max_model_len)."""
+    if q.device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(MAX_SPLITS, -(-2 * sms // programs)))
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    programs = q.shape[0] * k_cache.shape[2]
+    return decode_splits(programs, block_tables.shape[1], k_cache.shape[1], sms)
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):

@@ -53,7 +53,10 @@ def _chunk_stats_kernel(
         # chunk's top cell; -inf, and anything past the profile, lands in the last cell.
         cell = tl.floor(-s_key * CELLS_PER_UNIT)
         top = tl.minimum(tl.maximum(tl.min(cell), -1073741824.0), 1073741824.0)
+        # A cell above the clamped top (scaled logits past 2^30 cells: extreme inverse temperatures)
+        # counts in cell 0, one past the profile in the last: histogram bins stay in [0, PROFILE).
         depth = cell - top
+        depth = tl.where(depth < 0, 0.0, depth)
         depth = tl.where(depth < PROFILE - 1, depth, PROFILE - 1).to(tl.int32)  # NaN (all -inf) too
         tl.store(arg_ptr + out * 5 + 3, top.to(tl.int32))
         # near 0 a cell spans thousands of keys: its least key bounds a cut in it (a flat row's)

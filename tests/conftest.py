@@ -45,6 +45,10 @@ def _seed(request):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: only meaningful on a CUDA GPU (skipped without one); "
                                        "`pytest -m gpu tests` runs just these on a GPU machine")
+    config.addinivalue_line("markers", "integration: starts other processes (torchrun ranks, the "
+                                       "fusedrl command, scripts); set on every test of a module "
+                                       "holding a process starter; `pytest -m 'not integration' "
+                                       "tests` runs the rest")
     # The interpreter evaluates both sides of tl.where in numpy, so a masked-off 0 * inf warns.
     config.addinivalue_line("filterwarnings", "ignore:invalid value encountered:RuntimeWarning")
     # tests/bench runs each benchmark case once as a test; timings and their table are bench/'s job
@@ -68,13 +72,17 @@ def _starts_processes(module, seen: dict) -> bool:
     return seen[module]
 
 
+@pytest.hookimpl(tryfirst=True)  # marked before `-m` selects on the marks
 def pytest_collection_modifyitems(config, items):
     # Tests that start processes take 5-60 s each (an interpreter importing torch per process)
     # against well under a second for most others. pytest-xdist hands tests out in collection order,
     # so one of them collected late runs alone after the other worker has finished: put them first
     # (a stable sort: each module's tests stay together, in their order), and the short ones fill in.
     seen = {}
-    items.sort(key=lambda item: not _starts_processes(getattr(item, "module", None), seen))
+    for item in items:
+        if _starts_processes(getattr(item, "module", None), seen):
+            item.add_marker(pytest.mark.integration)
+    items.sort(key=lambda item: "integration" in item.keywords, reverse=True)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="gpu test: needs a CUDA GPU")

@@ -60,6 +60,7 @@ SHAPE_ARGS = {
 # GEMM kernels and their weight pointer: a launch with 16-bit weights must compile to tensor-core
 # instructions (HGMMA on sm_90, HMMA on sm_80); fp32 launches multiply in full fp32, without them.
 TENSOR_CORE_KERNELS = {"_lse_partials_kernel": "w_ptr", "_logit_grad_kernel": "w_ptr",
+                       "_grouped_rows_kernel": "b_ptr", "_grouped_weight_grad_kernel": "a_ptr",
                        "_norm_linear_kernel": "w_ptr", "_fixed_tile_linear_kernel": "w_ptr"}
 
 # Kernel name prefixes whose failures are expected, with the reason. Remove an entry when its fix lands.

@@ -2,7 +2,9 @@
 
 Every public op at the headline shapes (vocabularies 151936 / 128256 / 50257, bf16 and fp32, with
 and without entropy, forward and backward); `LLM.generate` on 1-layer models with the attention
-shapes of Qwen2.5-0.5B, Qwen3-0.6B and Llama-3-8B; a training forward and backward. Rows are few
+shapes of Qwen2.5-0.5B, Qwen3-0.6B and Llama-3-8B; the decode GEMMs at Qwen2.5-7B's and
+Qwen3-30B-A3B's hidden sizes and their paged decode at the split counts an H100 takes at long
+contexts; the MoE grouped GEMM with 128 experts; a training forward and backward. Rows are few
 (the interpreter runs them on the CPU): what decides specialization and block sizes is the row
 length, the dtypes and the strides, which are the real ones.
 """
@@ -12,6 +14,8 @@ import torch
 
 from fusedrl import kernels
 from fusedrl.engine.inference.llm import LLM
+from fusedrl.kernels.grouped_gemm import grouped_gemm
+from fusedrl.kernels.paged_attention import decode_splits, rope_store_decode_triton
 from fusedrl.kernels.sampling import sample_triton
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
@@ -28,6 +32,14 @@ DTYPES = (torch.bfloat16, torch.float32)
 # blocks. Intermediate size and vocabulary are cut down: they only size matmuls.
 MODELS = (("Qwen2.5-0.5B", 896, 14, 2, 64, False), ("Qwen3-0.6B", 1024, 16, 8, 128, True),
           ("Llama-3-8B", 4096, 32, 8, 128, False))
+# The large decode shapes (name, hidden, heads, kv heads, head dim, qk norm, MLP width): the fused
+# norm + q/k/v and norm + gate/up GEMMs at their hidden size (`large_decode_gemms`) and the paged
+# decode at their attention shape (`decode_splits_at_long_context`). Qwen3-30B-A3B's experts run as
+# grouped GEMMs (`moe_gemms`): its MLP width here is the expert width.
+LARGE_MODELS = (("Qwen2.5-7B", 3584, 28, 4, 128, False, 18944),
+                ("Qwen3-30B-A3B", 2048, 32, 4, 128, True, 768))
+# An H100's SMs: decode_splits' choice there for batch 1 and 32 at 4k and 32k tokens of context.
+GPU_SMS = 132
 TOKENS = 64  # per-token streams: a multiple of 16, as real batches are
 STEPS = 1024  # GAE's time steps: a full block of the scan
 
@@ -122,10 +134,11 @@ def invariant_mode(models=MODELS[:2]) -> None:
 
 
 def tiny_model(name: str, hidden: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool,
-               dtype=torch.bfloat16) -> CausalLM:
+               intermediate: int = 256, dtype=torch.bfloat16) -> CausalLM:
     config = ModelConfig(
         model_type="qwen3" if qk_norm else "llama", vocab_size=512, hidden_size=hidden,
-        intermediate_size=256, num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=intermediate, num_layers=1, num_heads=heads, num_kv_heads=kv_heads,
+        head_dim=head_dim,
         rms_norm_eps=1e-6, max_model_len=256, tie_word_embeddings=False, qkv_bias=name.startswith("Qwen2"),
         o_bias=False, mlp_bias=False, qk_norm=qk_norm, rope_theta=1e6)
     model = CausalLM(config, dtype)
@@ -143,6 +156,41 @@ def generation(models=MODELS) -> None:
                      SamplingParams(max_new_tokens=3, temperature=1.0, seed=0))
 
 
+def large_decode_gemms(models=LARGE_MODELS) -> None:
+    """Decode's fused norm + q/k/v and norm + gate/up GEMMs (4 rows, bf16) at each large model's
+    hidden size, their K and a constexpr. The output widths are runtime ints that only pick the
+    column tile (16 up to 2048 outputs, 32 above): one width of each model's class stands in for
+    q/k/v and gate/up (a whole 7B layer in the interpreter takes minutes)."""
+    for _, hidden, heads, kv_heads, head_dim, _, intermediate in models:
+        x, residual = (torch.randn(4, hidden, dtype=torch.bfloat16) for _ in range(2))
+        norm_weight = torch.ones(hidden, dtype=torch.bfloat16)
+        for width, glu in (((heads + 2 * kv_heads) * head_dim, False), (intermediate, True)):
+            stand_in = width if width <= 2048 else 2064  # above 2048, a multiple of 16 as theirs
+            weight = torch.randn((2 if glu else 1) * stand_in, hidden, dtype=torch.bfloat16) / 30
+            norm_linear(x, residual, norm_weight, 1e-6, weight, None, glu)
+
+
+def decode_splits_at_long_context(models=LARGE_MODELS) -> None:
+    """The paged decode (RoPE and store in the launch) at each large model's attention shape in
+    bf16, with the splits decode_splits picks on an H100 for batch 1 and 32 at 4k and 32k tokens (on
+    the CPU a launch takes 1): a short context stands in, the split count being a constexpr."""
+    page = 16
+    for _, _, heads, kv_heads, head_dim, _, _ in models:
+        splits = {decode_splits(batch * kv_heads, context // page, page, GPU_SMS)
+                  for batch in (1, 32) for context in (4096, 32768)}
+        for num_splits in sorted(splits):
+            q = torch.randn(2, heads, head_dim, dtype=torch.bfloat16)
+            k, v = (torch.randn(2, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(2))
+            k_cache, v_cache = (torch.randn(8, page, kv_heads, head_dim, dtype=torch.bfloat16)
+                                for _ in range(2))
+            table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+            cos, sin = torch.ones(64, head_dim), torch.zeros(64, head_dim)
+            positions, slots = torch.tensor([40, 20]), torch.tensor([40, 84])
+            lens = torch.tensor([41, 21], dtype=torch.int32)
+            rope_store_decode_triton(q, k, v, cos, sin, positions, k_cache, v_cache, slots, table,
+                                     lens, head_dim ** -0.5, num_splits=num_splits)
+
+
 def moe(hidden: int = 2048, experts: int = 8, top_k: int = 2) -> None:
     """The MoE layer's permute and weighted unpermute, forward and backward, at Qwen3-30B-A3B's width."""
     for dtype in DTYPES:
@@ -153,6 +201,20 @@ def moe(hidden: int = 2048, experts: int = 8, top_k: int = 2) -> None:
         kernels.moe_unpermute(rows, order, slot_rows, weights).float().sum().backward()
 
 
+def moe_gemms(experts: int = 128, top_k: int = 8, tokens: int = 4) -> None:
+    """The Triton grouped GEMM (where torch's grouped_mm would read its offsets on the host: fp32,
+    or bf16 before sm_90), forward and both gradients, with Qwen3-30B-A3B's 128 experts and top-8
+    (the experts' count picks a block size). Its widths (2048 hidden, 2 x 768 gate/up) are runtime
+    ints of one specialization class, multiples of 16: 64 and 32 stand in, to keep the weights
+    small."""
+    for dtype in DTYPES:
+        ids = torch.randint(0, experts, (tokens, top_k))
+        _, _, offsets = kernels.moe_sort(ids, experts)
+        rows = torch.randn(tokens * top_k, 64, dtype=dtype, requires_grad=True)
+        weight = torch.randn(experts, 32, 64, dtype=dtype, requires_grad=True)
+        grouped_gemm(rows, weight, offsets).float().sum().backward()
+
+
 def run(quick: bool = False) -> None:
     """The whole workload on the triton backend (the interpreter on the CPU). `quick` (a fast local check):
     one vocabulary per alignment class and the two small models, which still reach every kernel."""
@@ -161,6 +223,10 @@ def run(quick: bool = False) -> None:
         lm_head(quick)
         fp32_gemms()
         moe()
+        moe_gemms()
         generation(MODELS[:2] if quick else MODELS)
+        if not quick:  # ~90 s of interpreter (K = 3584): the full check's, .ci/run's
+            large_decode_gemms()
+        decode_splits_at_long_context()
         invariant_matmul()
         invariant_mode()

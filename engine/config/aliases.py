@@ -45,7 +45,9 @@ ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
     "model_name_or_path": (("model", ""), ("policy", "")),
     "sft_model_path": (("policy", ""), ("model", "")),
     "reward_model_path": (("reward_model", ""),),
-    "dataset_name": (("data.train_file", "a JSONL file"), ("prompts_file", "a JSONL file")),
+    "dataset_name": (("data.train_file", "a local data file or save_to_disk directory"),
+                     ("prompts_file", "a local data file or save_to_disk directory")),
+    "dataset_text_field": (("data.text_column", ""),),
     # TRL PPO / GRPO
     "num_ppo_epochs": (("ppo.epochs", ""),),
     "cliprange": (("ppo.clip_eps", ""),),

@@ -17,12 +17,29 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import UsageError
 from .aliases import meaning_of
 from .fields import choices
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the config dataclass."""
+
+
+class Loadable:
+    """What a stage's config class offers a Python caller: construction from a dict or a YAML file
+    (with `key=value` overrides), as the command line builds it."""
+
+    @classmethod
+    def from_dict(cls, data: dict, overrides: list[str] = ()):
+        """The config from nested dict `data` ({"optim": {"lr": 1e-5}}) and `key=value`
+        overrides."""
+        return from_dict(cls, apply_overrides(data, list(overrides)))
+
+    @classmethod
+    def from_yaml(cls, path, overrides: list[str] = ()):
+        """The config from YAML file `path` and `key=value` overrides (they win)."""
+        return load(cls, path, overrides)
 
 
 def from_dict(cls, data: dict, prefix: str = "", root=None):
@@ -69,18 +86,40 @@ def _merged(base: dict, over: dict) -> dict:
 
 def _did_you_mean(root, fields, prefix: str, key: str) -> str:
     """' (did you mean ...?)' for an unknown `prefix + key`: our name for the option by meaning
-    (anywhere in `root`), else the closest spelling among the section's `fields`; '' for neither."""
+    (anywhere in `root`), else the closest spelling among the section's `fields`, else the option of
+    that name (or the closest spelling) in another section (`lr` -> optim.lr, `optim.max_steps` ->
+    train.max_steps); '' for none."""
     meant = meaning_of(root, f"{prefix}{key}")
     if meant:
         ours, note = meant
         return f" (did you mean '{ours}'?{f' {note}' if note else ''})"
+    leaves = {}  # last part -> the first dotted option of `root` ending in it
+    for dotted in dotted_keys(root):
+        leaves.setdefault(dotted.rsplit(".", 1)[-1], dotted)
+    if key in leaves:
+        return f" (did you mean '{leaves[key]}'?)"
     close = difflib.get_close_matches(key, fields, n=1)
-    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    close = difflib.get_close_matches(key, list(leaves), n=1)
+    return f" (did you mean '{leaves[close[0]]}'?)" if close else ""
+
+
+def dotted_keys(cls, prefix: str = "") -> list[str]:
+    """Every option of config dataclass `cls` as a dotted key, in field order."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += dotted_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
 
 
 def _coerce(tp, value, key: str, root):
-    """Check `value` against type hint `tp` (int, float, bool, str, Literal[...], X | None, or a
-    dataclass of config `root`)."""
+    """Check `value` against type hint `tp` (int, float, bool, str, Literal[...], X | None, list[X],
+    or a dataclass of config `root`)."""
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, f"{key}.", root)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -93,8 +132,25 @@ def _coerce(tp, value, key: str, root):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key, root)
+        inner = [a for a in args if a is not type(None)]
+        for tp_ in inner[:-1]:  # X | Y: the first type that takes the value (int before float)
+            try:
+                return _coerce(tp_, value, key, root)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(inner[-1], value, key, root)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise ConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
+    if origin is list:  # a YAML list, or one comma-separated text (the command line's form)
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list (or comma-separated text), got {value!r}")
+        return [_coerce(args[0], item, f"{key}[{i}]", root) for i, item in enumerate(value)]
     if tp is float and isinstance(value, str):
         value = _float_or_text(value)
     ok = {bool: lambda v: isinstance(v, bool),
@@ -141,10 +197,51 @@ def _deep_copy(data: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
-def load(cls, path=None, overrides: list[str] = ()):
-    """`cls` from an optional YAML file plus `key=value` overrides (overrides win)."""
-    data = {} if path is None else read_yaml(path)
-    return from_dict(cls, apply_overrides(data, list(overrides)))
+def load(cls, path=None, overrides: list[str] = (), fill: dict | None = None):
+    """`cls` from an optional YAML file plus `key=value` overrides (overrides win); `fill`: {dotted
+    key: text} set where the file and the overrides leave that key empty."""
+    data = apply_overrides({} if path is None else read_yaml(path), list(overrides))
+    missing = [f"{key}={text}" for key, text in (fill or {}).items() if not _has(data, key)]
+    data = apply_overrides(data, missing)
+    return from_dict(cls, data)
+
+
+def _has(data: dict, dotted: str) -> bool:
+    """Whether nested dict `data` holds a non-empty value at `dotted`."""
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return bool(node)
+
+
+def command_config(cls, path, overrides: list[str], fill: dict | None = None):
+    """`load` for a command (every fusedrl command reads its config so): a bad file, key or value is
+    a one-line UsageError naming it."""
+    try:
+        return load(cls, path, overrides, fill)
+    except OSError as e:
+        raise UsageError(f"--config {path}: {e.strerror}") from e
+    except ValueError as e:  # ConfigError is a ValueError, as are the dataclasses' checks
+        raise UsageError(str(e)) from e
+
+
+def print_config(config) -> int:
+    """--print-config: the resolved config (file, overrides and the command's defaults) as YAML."""
+    print(to_yaml(config), end="")
+    return 0
+
+
+OPTIONS_EPILOG = """options (YAML keys; nested sections as dotted overrides, e.g. optim.lr=2e-5):
+{options}
+
+Values are YAML scalars: 1e-4, true, null, "a string". Overrides win over the file."""
+
+
+def options_epilog(cls) -> str:
+    """A command's --help epilog: every option of config class `cls` (describe)."""
+    return OPTIONS_EPILOG.format(options="\n".join(describe(cls)))
 
 
 def read_yaml(path) -> dict:

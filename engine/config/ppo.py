@@ -2,13 +2,16 @@
 `key=value` overrides (engine/config/io.py), usable from Python as a library. Torch-free."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 from .fields import check, check_fields, option
+from .ignored import refuse_ignored, rl_rules
+from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
-from .train import OptimConfig, RunConfig
+from .train import DATA_SOURCE, OptimConfig, RunConfig
 
 Critic = Literal["separate", "shared", "none"]
 Estimator = Literal["gae", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"]
@@ -16,8 +19,27 @@ Estimator = Literal["gae", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp
 # which compare a prompt's n responses with each other (named there: this package stays torch-free).
 CRITIC_ESTIMATORS = ("gae", "reinforce")
 KLEstimator = Literal["k1", "k2", "k3"]
+RewardIsolation = Literal["process", "thread"]
+# The longest reward.fn_timeout_s (some 11 days): a longer wait is no bound, and past the OS's
+# largest timeout (threading.TIMEOUT_MAX) waiting would overflow.
+MAX_FN_TIMEOUT_S = 1e6
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum",
                       "seq-mean-token-sum-norm"]
+
+
+@dataclass
+class PromptDataConfig:
+    prompt_column: str = option("the column of prompts_file read as the prompt (a string or a "
+                                "message list); every other column goes to the reward functions",
+                                "prompt")
+    chat_template: Literal["auto", "none"] = option(
+        "auto: string prompts go through the tokenizer's chat template as one user turn when it "
+        "has one | none: string prompts are the policy's text as they are (a policy trained on "
+        "plain strings); message lists always go through the template", "auto")
+
+    def __post_init__(self):
+        check_fields(self, "data.")
+        check(bool(self.prompt_column), "data.prompt_column must name a column, got ''")
 
 
 @dataclass
@@ -34,7 +56,13 @@ class RolloutConfig:
     top_k: int = option("top-k filter of the sampler (0 = off)", 0)
     top_p: float = option("nucleus filter of the sampler (1.0 = off)", 1.0)
     ignore_eos: bool = option("sample past EOS up to max_new_tokens (fixed-length rollouts, for benchmarks)", False)
-    kv_cache_memory: int = option("bytes of the paged KV pool, kept allocated through training", 1 << 28)
+    kv_cache_memory: int | float | str = option(
+        "the paged KV pool: bytes (an int), a fraction of the GPU's memory in (0, 1], or auto: on "
+        "CUDA the largest pool that fits beside everything else in every phase that holds it (the "
+        "memory plan's rules: `fusedrl plan`; with release_kv_pool the rollout alone), checked "
+        "against the free memory when it is allocated; on the CPU 1 GiB. Never more than "
+        "prompts_per_iteration x samples_per_prompt full-length sequences (twice that with "
+        "partial_rollouts)", "auto")
     release_kv_pool: bool = option("free the KV pool after each rollout (scoring and the update use its memory) "
                                    "and allocate it again for the next, where CUDA graphs allow: not in one "
                                    "process on CUDA (a captured decode step holds the pool's addresses), yes "
@@ -63,12 +91,51 @@ class RolloutConfig:
     overlong_buffer: int = option("DAPO overlong shaping: responses longer than max_new_tokens - overlong_buffer "
                                   "lose up to overlong_penalty, linearly (0 = off)", 0)
     overlong_penalty: float = option("overlong shaping: the penalty at max_new_tokens", 1.0)
+    partial_rollouts: bool = option(
+        "cut the long tail (Kimi k1.5's partial rollouts): an iteration tops the groups in flight "
+        "up to twice prompts_per_iteration and decodes until prompts_per_iteration groups are "
+        "complete or tokens_per_iteration tokens are drawn; unfinished answers keep their tokens, "
+        "log-probs and the policy version of each token, free their KV and continue next "
+        "iteration under the new weights; a group trains once all its samples are done "
+        "(ppo.is_mode then defaults to tis)", False)
+    tokens_per_iteration: int | None = option(
+        "partial rollouts: tokens an iteration draws on each rank before it stops, complete groups "
+        "or not (null = no budget: it stops at prompts_per_iteration complete groups)")
+    max_staleness: int = option(
+        "partial rollouts: a carried answer whose oldest token is more than this many iterations "
+        "old when it would train is dropped and sampled again (counted)", 4)
+    speculative_tokens: int = option(
+        "speculative decoding for the tail: tokens each row drafts by n-gram lookup in its own "
+        "prompt and answer, verified in one forward (0 = off)", 0)
+    speculate_below: int = option(
+        "speculate only on decode steps of fewer than this many rows (the tail)", 8)
+    prefill_chunk: int | None = option(
+        "a prompt (or carried answer) longer than this many tokens is prefilled in chunks, taking "
+        "turns with the other rows' decode steps (null = in one piece)")
+
+    @property
+    def max_rows(self) -> int:
+        """The rows a rank's engine runs at once (its max_num_seqs): prompts_per_iteration x
+        samples_per_prompt, twice that with partial rollouts (their groups in flight)."""
+        rows = self.prompts_per_iteration * self.samples_per_prompt
+        return 2 * rows if self.partial_rollouts else rows
 
     def __post_init__(self):
         check_fields(self, "rollout.")
         for name in ("prompts_per_iteration", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
-                     "kv_cache_memory", "block_size", "max_sampling_rounds"):
+                     "block_size", "max_sampling_rounds", "speculate_below"):
             check(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        check(self.max_staleness >= 0 and self.speculative_tokens >= 0,
+              f"rollout.max_staleness and rollout.speculative_tokens must be >= 0, got "
+              f"{self.max_staleness} and {self.speculative_tokens}")
+        for name in ("tokens_per_iteration", "prefill_chunk"):
+            check(getattr(self, name) is None or getattr(self, name) >= 1,
+                  f"rollout.{name} must be >= 1 or null, got {getattr(self, name)}")
+        self.kv_cache_memory = kv_budget(self.kv_cache_memory)
+        check(not (self.partial_rollouts and (self.dynamic_sampling or self.exact)),
+              "rollout.partial_rollouts=true with rollout.dynamic_sampling or rollout.exact: "
+              "expected neither (a carried answer mixes tokens of older weights, which exact's "
+              "bitwise old log-probs cannot reproduce; dynamic sampling draws whole groups again)")
         longest = self.max_prompt_length + self.max_new_tokens
         check(self.tokens_per_forward is None or self.tokens_per_forward >= longest,
               f"rollout.tokens_per_forward={self.tokens_per_forward} must hold one row: rollout.max_prompt_length "
@@ -80,11 +147,25 @@ class RolloutConfig:
               f"rollout.overlong_penalty >= 0, got {self.overlong_buffer} and {self.overlong_penalty}")
 
 
+def kv_budget(value) -> int | float | str:
+    """rollout.kv_cache_memory checked: bytes (an int >= 1; an integral float such as 8.0e9 too), a
+    fraction in (0, 1], or 'auto'."""
+    if isinstance(value, float) and value > 1 and value.is_integer():
+        value = int(value)
+    ok = (value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+          or (isinstance(value, float) and 0 < value <= 1))
+    check(ok, f"rollout.kv_cache_memory must be bytes (an int >= 1), a fraction of the GPU's "
+              f"memory in (0, 1] or auto, got {value!r}")
+    return value
+
+
 @dataclass
 class UpdateConfig:
     epochs: int = option("PPO epochs over each rollout", 4)
     minibatch_size: int = option("sequences per PPO minibatch update on each rank (under torchrun: x the "
-                                 "number of ranks in all)", 16)
+                                 "number of ranks in all); a size not dividing the rollout's rows "
+                                 "gives ceil(rows / size) minibatches of sizes as equal as the "
+                                 "rows allow (said at start)", 16)
     microbatch_size: int | None = option("sequences per forward/backward inside a minibatch; gradients are "
                                         "accumulated to the whole minibatch's (None = the minibatch at once)")
     tokens_per_microbatch: int | None = option("token budget of one forward/backward inside a minibatch: rows "
@@ -102,9 +183,10 @@ class UpdateConfig:
     ratio_level: Literal["token", "sequence"] = option("token (PPO) | sequence (GSPO: length-normalized "
                                                        "sequence ratio, clipped per sequence)", "token")
     log_ratio_clamp: float = option("clamp logp - old_logp to +-this before exp() (verl, OpenRLHF: 20)", 20.0)
-    is_mode: Literal["tis", "mis"] | None = option("importance-sampling correction of the sampler / training "
-                                                   "log-prob gap: tis (truncated at is_cap) | mis (masked "
-                                                   "outside [is_low, is_high]) | null (off)")
+    is_mode: Literal["tis", "mis", "off"] | None = option(
+        "importance-sampling correction of the sampler / training log-prob gap: tis (truncated at "
+        "is_cap) | mis (masked outside [is_low, is_high]) | off | null (tis with "
+        "rollout.partial_rollouts, else off)")
     is_level: Literal["token", "sequence"] = option("the IS weight per token or per sequence (product)", "token")
     is_cap: float = option("tis: the weight's upper bound", 2.0)
     is_low: float = option("mis: the band's lower bound", 0.5)
@@ -156,6 +238,17 @@ class RewardConfig:
     clip: float | None = option("clip (normalized) scores to +-clip (None = off)")
     kl_ceiling: float | None = option("stop the run when the KL per sequence exceeds this (reward-hacking guard)")
     fn_timeout_s: float = option("reward_fn: a call that has not returned after this many seconds fails the run", 300.0)
+    weights: list[float] | None = option(
+        "reward_fn: one weight per function (YAML [1.0, 0.5] or 1.0,0.5); a row's reward is the "
+        "weighted sum of the functions that do not return None for it (None = all 1)")
+    isolation: RewardIsolation = option(
+        "reward_fn: process (each function in a worker process of its own, reused across "
+        "iterations: a call past reward.fn_timeout_s is killed whatever it holds, its exit or "
+        "crash fails the run, its chdir, environment and signal handlers stay its own; the "
+        "function must be importable) | thread (in the trainer's process: no process start, "
+        "callables of any kind, but RISKS: a function holding the GIL (a catastrophic regex, a C "
+        "loop) is never stopped and blocks Ctrl-C, os._exit ends the run with its exit code, and "
+        "a chdir moves the run's relative paths)", "process")
 
     def __post_init__(self):
         check_fields(self, "reward.")
@@ -163,7 +256,12 @@ class RewardConfig:
         check(self.kl_target is None or self.kl_target > 0, f"reward.kl_target must be > 0 or null, got {self.kl_target}")
         check(self.kl_horizon > 0, f"reward.kl_horizon must be > 0, got {self.kl_horizon}")
         check(self.clip is None or self.clip > 0, f"reward.clip must be > 0 or None, got {self.clip}")
-        check(self.fn_timeout_s > 0, f"reward.fn_timeout_s must be > 0, got {self.fn_timeout_s}")
+        check(0 < self.fn_timeout_s <= MAX_FN_TIMEOUT_S,
+              f"reward.fn_timeout_s must be in (0, {MAX_FN_TIMEOUT_S:g}] seconds, "
+              f"got {self.fn_timeout_s:g}")
+        for weight in self.weights or ():
+            check(math.isfinite(weight),
+                  f"reward.weights must be finite numbers, got {self.weights}")
 
 
 @dataclass
@@ -174,6 +272,12 @@ class LoopConfig(RunConfig):
                                   "(non-blocking, the next one prefetched) for its all-gather and freed after "
                                   "(FSDP2's CPUOffloadPolicy; a reward model that is the LoRA critic's trunk "
                                   "stays)", False)
+    prefix_sharing: bool = option(
+        "the scoring forwards (reward model, reference, old log-probs, values) and the update "
+        "read a group's prompt once, followed by its answers, each answer attending to the prompt "
+        "and itself (the prompt's gradient summed over its answers); token budgets count the "
+        "prompt once; equal to reading every row whole up to rounding; the rollout.exact "
+        "old-log-prob forward reads rows whole", True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -181,17 +285,26 @@ class LoopConfig(RunConfig):
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(Loadable):
     """InstructGPT step 3: PPO of the SFT policy against a reward model (or a reward function)."""
 
     policy: str = option("SFT policy: a Hugging Face model directory (also the frozen reference) (required)", "")
     reward_model: str | None = option("reward model directory from `fusedrl rm` (or give reward_fn)")
-    reward_fn: str | None = option("'module:function' scoring (prompts, responses) texts -> list of floats")
+    reward_fn: str | list[str] | None = option(
+        "'module:function' (or 'path/file.py:function'), several comma-separated or a YAML "
+        "list: reward functions called as TRL calls them (prompts=, completions=, "
+        "completion_ids=, each column of the prompt rows) or fn(prompts, responses) texts -> "
+        "list of floats (None: not applicable to a row); weighted by reward.weights "
+        "(docs/rewards.md)")
     critic: Critic = option("separate (a value model initialized from the reward model) | shared "
                             "(a value head on the policy's trunk) | none (critic-free: a group estimator)",
                             "separate")
-    prompts_file: str = option("JSONL of {\"prompt\": ...} lines (required)", "")
-    ptx_file: str | None = option("JSONL demonstrations for the PPO-ptx loss (with ppo.ptx_coef > 0)")
+    prompts_file: str = option(f"prompts, one per row (column data.prompt_column): {DATA_SOURCE} "
+                               "(required; from Python a datasets.Dataset may be passed instead: "
+                               "docs/python_api.md)", "")
+    data: PromptDataConfig = option("reading the prompts", factory=PromptDataConfig)
+    ptx_file: str | None = option("demonstrations (a data file, as SFT's) for the PPO-ptx loss "
+                                  "(with ppo.ptx_coef > 0)")
     output_dir: str = option("run directory: config, metrics, checkpoints, final policy (required)", "")
     seed: int = option("seed of the prompt order, sampling and torch RNG", 0)
     rollout: RolloutConfig = option("generation", factory=RolloutConfig)
@@ -211,19 +324,38 @@ class PPOConfig:
         "A section apart from `lora`: the critic's rank and targets are tuned apart from the policy's, either can "
         "be LoRA alone, and lora-only runs and their checkpoints keep their full critic", factory=LoRAConfig)
 
+    def reward_fns(self) -> list[str]:
+        """reward_fn's specs: its list, or its comma-separated string cut ([] without one)."""
+        if self.reward_fn is None:
+            return []
+        specs = self.reward_fn.split(",") if isinstance(self.reward_fn, str) else self.reward_fn
+        return [spec.strip() for spec in specs]
+
     def paths(self) -> tuple[dict, dict]:
         """({option: model directory or None}, {option: input file or None}) the run reads (checked
         first; the first model's tokenizer is the run's)."""
         return ({"policy": self.policy, "reward_model": self.reward_model},
                 {"prompts_file": self.prompts_file, "ptx_file": self.ptx_file})
 
+    def require_data(self) -> None:
+        """ValueError unless the config names its prompts (a Python caller may pass a
+        datasets.Dataset instead: then this is not called)."""
+        check(bool(self.prompts_file), f"prompts_file is required ({DATA_SOURCE})")
+
     def __post_init__(self):
         check_fields(self)
         check(bool(self.policy), "policy is required (the SFT model directory)")
-        check(bool(self.prompts_file), "prompts_file is required")
         check(bool(self.output_dir), "output_dir is required")
         check(self.reward_model is None or self.reward_fn is None,
                "give one of reward_model and reward_fn, not both")
+        specs, weights = self.reward_fns(), self.reward.weights
+        check(all(specs), f"reward_fn={self.reward_fn!r}: expected 'module:function' specs, "
+                          "comma-separated (one is empty)")
+        check(weights is None or self.reward_model is None,
+              "reward.weights weighs reward functions: set it with reward_fn, not reward_model")
+        check(weights is None or not specs or len(weights) == len(specs),
+              f"reward.weights has {len(weights or ())} weight(s) for {len(specs)} reward "
+              f"function(s) (reward_fn={self.reward_fn!r}): give one per function")
         check(self.ppo.ptx_coef == 0 or bool(self.ptx_file), "ppo.ptx_coef > 0 needs ptx_file")
         check(self.critic_lr is None or self.critic_lr > 0, f"critic_lr must be > 0, got {self.critic_lr}")
         grouped = self.ppo.estimator not in CRITIC_ESTIMATORS
@@ -245,6 +377,7 @@ class PPOConfig:
         check(self.ppo.tokens_per_microbatch is None or self.ppo.tokens_per_microbatch >= longest,
               f"ppo.tokens_per_microbatch={self.ppo.tokens_per_microbatch} must hold one row: rollout."
               f"max_prompt_length + rollout.max_new_tokens = {longest} tokens")
+        refuse_ignored(rl_rules(self), self)
 
 
 def _grpo_update() -> UpdateConfig:

@@ -9,20 +9,26 @@ coefficient the checkpoint carries) is refused with one line naming it and both 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
 
 from ..errors import ConfigValueError
+from ..run_paths import path_options
 from . import io as config_io
 
 SAVED_CONFIG = "config.yaml"
+# The run log's metrics (engine/train/runlog.py): a run directory holds it, checkpoints moved in
+# alone do not.
+METRICS_FILE = "metrics.jsonl"
 
 APPLIED_ON_RESUME = frozenset({
     # where the run is (a moved run directory) and the loop: its length, cadence, logging, limits
     "output_dir", "train.iterations", "train.epochs", "train.max_steps", "train.eval_every", "train.log_every",
     "train.save_every", "train.save_every_minutes", "train.keep_checkpoints", "train.max_consecutive_skips",
-    "train.resume", "train.tensorboard", "train.progress", "train.dist_timeout_s", "train.device",
+    "train.resume", "train.resume_without_config", "train.tensorboard", "train.report_to",
+    "train.progress", "train.dist_timeout_s", "train.device",
     "train.gradient_checkpointing",
     # the schedule: its peak (the new one from the saved step on) and shape, and gradient clipping
     "optim.lr", "critic_lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.max_grad_norm",
@@ -36,23 +42,35 @@ APPLIED_ON_RESUME = frozenset({
     "ppo.ratio_level", "ppo.log_ratio_clamp", "ppo.is_mode", "ppo.is_level", "ppo.is_cap", "ppo.is_low", "ppo.is_high",
     "ppo.vf_coef", "ppo.vf_clip", "ppo.ent_coef", "ppo.kl_loss_coef", "ppo.gamma", "ppo.lam", "ppo.whiten_advantages",
     "ppo.max_approx_kl", "reward.kl_target", "reward.kl_horizon", "reward.kl_estimator", "reward.normalize",
-    "reward.clip", "reward.kl_ceiling", "reward.fn_timeout_s",
+    "reward.clip", "reward.kl_ceiling", "reward.fn_timeout_s", "reward.weights", "reward.isolation",
 })
 
 
 def resume_changes(run_dir, config) -> dict[str, tuple]:
     """{option: (saved value, new value)} of the options in APPLIED_ON_RESUME that `config` changes
-    from the run saved in `run_dir` ({} without a readable config.yaml there); ConfigValueError
-    naming the first other option that differs, with both values. An option the saved file lacks
-    (a run from an older version) is not compared."""
+    from the run saved in `run_dir`; ConfigValueError naming the first other option that differs,
+    with both values. An option the saved file lacks (a run from an older version) is not compared.
+    Without a readable config.yaml: {} for checkpoints moved in alone, a ConfigValueError for a
+    run directory that lost it (it holds the run's metrics.jsonl) unless
+    train.resume_without_config."""
     path = Path(run_dir) / SAVED_CONFIG
     try:
-        saved = _flat(config_io.read_yaml(path))
-    except (OSError, ValueError):
+        saved = flat_options(config_io.read_yaml(path))
+    except (OSError, ValueError) as e:
+        if (Path(run_dir) / METRICS_FILE).is_file() and not config.train.resume_without_config:
+            reason = "no" if isinstance(e, FileNotFoundError) else "an unreadable"
+            raise ConfigValueError(
+                f"output_dir={run_dir} holds checkpoints but {reason} {SAVED_CONFIG}: the options "
+                "they were trained with cannot be compared with this run's; put "
+                f"{SAVED_CONFIG} back, or pass train.resume_without_config=true to resume on this "
+                "command's options") from None
         return {}
     # Through YAML as config.yaml went, so both sides hold the same types (tuples, floats).
-    new = _flat(yaml.safe_load(config_io.to_yaml(config)))
-    changed = {key: (saved[key], value) for key, value in new.items() if key in saved and saved[key] != value}
+    new = flat_options(yaml.safe_load(config_io.to_yaml(config)))
+    paths = path_options(config)
+    changed = {key: (saved[key], value) for key, value in new.items()
+               if key in saved and saved[key] != value
+               and not (key in paths and _same_path(saved[key], value))}
     refused = [key for key in changed if key not in APPLIED_ON_RESUME]
     if refused:
         key, (before, after) = refused[0], changed[refused[0]]
@@ -63,12 +81,19 @@ def resume_changes(run_dir, config) -> dict[str, tuple]:
     return changed
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
+def _same_path(saved, new) -> bool:
+    """Whether a path config.yaml holds names the same file as the run's: a run records its inputs
+    as absolute paths (engine/run_paths.py); an older one as given, relative to where it ran."""
+    both = isinstance(saved, str) and isinstance(new, str)
+    return both and os.path.abspath(saved) == os.path.abspath(new)
+
+
+def flat_options(data: dict, prefix: str = "") -> dict:
     """{'optim': {'lr': 1}} -> {'optim.lr': 1}."""
     out = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_options(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -12,23 +12,48 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .fields import check, check_fields, option
+from .ignored import refuse_ignored, supervised_rules
+from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
 
-DataFormat = Literal["auto", "demonstration", "chat", "pairwise", "ranking", "hh"]
-SFT_FORMATS = ("auto", "demonstration", "chat")
-RM_FORMATS = ("auto", "pairwise", "ranking", "hh")
+DataFormat = Literal["auto", "chat", "prompt_completion", "demonstration", "text", "pairwise",
+                     "ranking", "hh", "implicit"]
+SFT_FORMATS = ("auto", "chat", "prompt_completion", "demonstration", "text")
+RM_FORMATS = ("auto", "pairwise", "ranking", "hh", "implicit")
+TrainOn = Literal["assistant_turns", "last_turn"]
+# Our column names, each readable from another column by data.<name>_column (data/sources.py).
+COLUMNS = ("messages", "prompt", "completion", "response", "text", "chosen", "rejected")
+DATA_SOURCE = ("a .jsonl, .json, .parquet or .csv file, or a directory written by datasets' "
+               "save_to_disk (local files only)")
+
+
+def _column(name: str):
+    return option(f"the data's column read as {name!r}", name)
 Precision = Literal["auto", "bf16-mixed", "fp32"]
 DataParallel = Literal["shard", "replicate", "hybrid"]
 
 
 @dataclass
 class DataConfig:
-    train_file: str = option("JSONL training data (required)", "")
-    eval_file: str | None = option("held-out JSONL; when unset, eval_fraction of train_file is held out")
+    train_file: str = option(f"training data: {DATA_SOURCE} (required; from Python a "
+                             "datasets.Dataset may be passed instead: docs/python_api.md)", "")
+    eval_file: str | None = option("held-out data, as train_file; when unset, eval_fraction of "
+                                   "train_file is held out")
     eval_fraction: float = option("fraction of train_file held out for eval when eval_file is unset", 0.05)
-    format: DataFormat = option("sft: auto|demonstration|chat; rm: auto|pairwise|ranking|hh "
-                        "(auto: decided per line by its keys)", "auto")
+    format: DataFormat = option("sft: auto|chat|prompt_completion|demonstration|text; rm: auto|"
+                                "pairwise|ranking|hh|implicit (auto: decided per row by its "
+                                "columns; docs/data_formats.md)", "auto")
+    train_on: TrainOn = option("chat rows (messages): assistant_turns trains every assistant turn "
+                               "(TRL's assistant_only_loss) | last_turn the last one only",
+                               "assistant_turns")
+    messages_column: str = _column("messages")
+    prompt_column: str = _column("prompt")
+    completion_column: str = _column("completion")
+    response_column: str = _column("response")
+    text_column: str = _column("text")
+    chosen_column: str = _column("chosen")
+    rejected_column: str = _column("rejected")
     max_length: int = option("max tokens of prompt + response; longer responses are cut at the end", 1024)
     max_prompt_length: int = option("prompts keep their last max_prompt_length tokens", 512)
     tokens_per_batch: int = option("token budget of one packed micro-batch (all sequences together), per rank", 8192)
@@ -36,10 +61,19 @@ class DataConfig:
         "token budget of one forward/backward, per rank: a step's examples (optim.grad_accum_steps micro-batches "
         "of tokens_per_batch) are packed in order into forwards of at most this many tokens, so each fills the "
         "device; the gradient stays the step's (null: one forward per micro-batch)")
-    skip_malformed: bool = option("skip and count malformed lines instead of failing on the first", False)
+    skip_malformed: bool = option("skip and count malformed rows instead of failing on the first",
+                                  False)
+
+    def columns(self) -> dict[str, str]:
+        """{our column name: the data's} for the columns mapped to another name."""
+        mapped = {name: getattr(self, f"{name}_column") for name in COLUMNS}
+        return {ours: theirs for ours, theirs in mapped.items() if ours != theirs}
 
     def __post_init__(self):
         check_fields(self, "data.")
+        for name in COLUMNS:
+            check(bool(getattr(self, f"{name}_column")),
+                  f"data.{name}_column must name a column, got ''")
         check(0 <= self.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         check(0 < self.max_prompt_length < self.max_length,
                f"data.max_prompt_length must be in (0, max_length={self.max_length}), "
@@ -76,6 +110,15 @@ class OptimConfig:
         check_fields(self, "optim.")
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
+
+
+def _names(value) -> list[str]:
+    """A list of names from a list, or from one comma-separated text (as given from Python)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
 @dataclass
 class RunConfig:
     """The loop options every stage shares (its `train` section); "step" is the stage's unit of
@@ -84,6 +127,10 @@ class RunConfig:
     precision: Precision = option("bf16-mixed (bf16 weights, fp32 master weights and moments in the optimizer) "
                                   "| fp32 | auto (bf16-mixed on CUDA, fp32 on CPU)", "auto")
     gradient_checkpointing: bool = option("recompute each decoder layer in backward to save memory", False)
+    activation_offload: bool = option(
+        "with train.gradient_checkpointing: each layer's saved input and residual rest in (pinned) "
+        "CPU memory from the forward to the backward, copied back one layer ahead (prefetched on "
+        "CUDA); bit-identical results, activations of about one layer on the device", False)
     log_every: int = option("write a metrics line every this many steps", 1)
     save_every: int = option("checkpoint every this many steps (0 = by time and at the end only)", 0)
     save_every_minutes: float = option("also checkpoint when this many minutes passed since the last "
@@ -94,8 +141,18 @@ class RunConfig:
     resume: bool = option("continue from the newest checkpoint in output_dir when there is one", True)
     overwrite: bool = option("replace an earlier run of fusedrl in output_dir (never a directory fusedrl did "
                              "not make); without it train.resume=false over an earlier run is refused", False)
-    tensorboard: bool = option("also write TensorBoard events to output_dir/tensorboard", False)
-    progress: bool = option("show a live progress bar on stderr", True)
+    resume_without_config: bool = option(
+        "resume a run directory that has lost its config.yaml (it holds metrics.jsonl): the "
+        "options its checkpoints were trained with are then not compared with this run's; refused "
+        "without it", False)
+    tensorboard: bool = option("also write TensorBoard events to output_dir/tensorboard (the same "
+                               "as train.report_to=tensorboard)", False)
+    report_to: list[str] = option("experiment trackers fed every metrics record: tensorboard | "
+                                  "wandb | mlflow | none, several as a YAML list or "
+                                  "comma-separated (wandb,mlflow); each through its own library: "
+                                  "pip install 'fusedrl[NAME]'", factory=list)
+    progress: bool = option("show progress on stderr: a live bar on a terminal, else (a log file) "
+                            "one plain line per train.log_every steps, at most one each 30 s", True)
     data_parallel: DataParallel = option("under torchrun: shard (FSDP2 full shard: weights, gradients, optimizer "
                                          "state 1/N per rank; at train.tensor_parallel > 1 the tensor slices sharded "
                                          "over the data groups) | replicate (whole copies, for small models; at "
@@ -126,15 +183,14 @@ class RunConfig:
 
     def __post_init__(self):
         check_fields(self, "train.")
+        check(not self.activation_offload or self.gradient_checkpointing,
+              "train.activation_offload=true moves what checkpointed layers keep: set "
+              "train.gradient_checkpointing=true")
         check(self.tensor_parallel >= 1, f"train.tensor_parallel must be >= 1, got {self.tensor_parallel}")
         check(self.shard_group_size >= 0, f"train.shard_group_size must be >= 0, got {self.shard_group_size}")
         check(self.shard_group_size == 0 or self.data_parallel == "hybrid",
               f"train.shard_group_size={self.shard_group_size} is read with train.data_parallel=hybrid only, got "
               f"train.data_parallel={self.data_parallel}")
-        check(self.data_parallel != "hybrid" or self.tensor_parallel == 1,
-              f"train.data_parallel=hybrid with train.tensor_parallel={self.tensor_parallel}: the tensor-parallel "
-              "data groups shard the slices (train.data_parallel=shard) or copy them (replicate: across nodes, "
-              "at T = the GPUs of a node); expected one of those")
         check(self.expert_parallel >= 1, f"train.expert_parallel must be >= 1, got {self.expert_parallel}")
         check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),
@@ -144,6 +200,12 @@ class RunConfig:
         check(0 <= self.save_every_minutes < math.inf,
               f"train.save_every_minutes must be a finite number >= 0, got {self.save_every_minutes}")
         check(self.log_every >= 1, "train.log_every must be >= 1")
+        self.report_to = _names(self.report_to)
+        unknown = [n for n in self.report_to if n not in TRACKERS]
+        check(not unknown, f"train.report_to: {unknown[0] if unknown else ''!r} is not a tracker; "
+                           f"expected {' | '.join(TRACKERS)} (several as a list)")
+        check("none" not in self.report_to or self.report_to == ["none"],
+              f"train.report_to={','.join(self.report_to)}: 'none' cannot be listed with trackers")
 
 
 @dataclass
@@ -160,7 +222,7 @@ class TrainConfig(RunConfig):
 
 
 @dataclass
-class StageConfig:
+class StageConfig(Loadable):
     """What every training stage shares."""
 
     model: str = option("Hugging Face model directory to start from (required)", "")
@@ -174,11 +236,15 @@ class StageConfig:
         """({option: model directory}, {option: input file or None}) the run reads (checked first)."""
         return {"model": self.model}, {"data.train_file": self.data.train_file, "data.eval_file": self.data.eval_file}
 
+    def require_data(self) -> None:
+        """ValueError unless the config names its training data (a Python caller may pass a
+        datasets.Dataset instead: then this is not called)."""
+        check(bool(self.data.train_file), f"data.train_file is required ({DATA_SOURCE})")
+
     def __post_init__(self):
         check_fields(self)
         check(bool(self.model), "model is required (a Hugging Face model directory)")
         check(bool(self.output_dir), "output_dir is required")
-        check(bool(self.data.train_file), "data.train_file is required")
 
 
 @dataclass
@@ -192,6 +258,7 @@ class SFTConfig(StageConfig):
         super().__post_init__()
         check(self.data.format in SFT_FORMATS,
                f"data.format for sft must be one of {SFT_FORMATS}, got {self.data.format!r}")
+        refuse_ignored(supervised_rules(self), self)
 
 
 @dataclass
@@ -200,7 +267,8 @@ class RMConfig(StageConfig):
 
     beta_rm: float = option("weight of the LM loss (per-token NLL) on the chosen response; 0 = off", 0.0)
     reference_file: str | None = option(
-        "JSONL demonstrations whose responses define reward 0 (the normalization offset); "
+        "demonstrations (a data file, as data.train_file) whose responses define reward 0 (the "
+        "normalization offset); "
         "default: the best response of each training example")
     max_reference: int = option("at most this many reference responses for the offset", 1024)
     lora: LoRAConfig = option("low-rank adapters (lora.rank > 0: the decoder stays frozen, the adapters and the "
@@ -216,3 +284,4 @@ class RMConfig(StageConfig):
                f"data.format for rm must be one of {RM_FORMATS}, got {self.data.format!r}")
         check(self.beta_rm >= 0, f"beta_rm must be >= 0, got {self.beta_rm}")
         check(self.max_reference >= 1, f"max_reference must be >= 1, got {self.max_reference}")
+        refuse_ignored(supervised_rules(self), self)

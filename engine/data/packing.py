@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..errors import ConfigValueError
+from .prefix_sharing import forwarded_tokens, prompt_groups
 from .tokenization import TokenizedExample
 
 
@@ -33,6 +34,11 @@ class PackedBatch(NamedTuple):
     positions: Optional[torch.Tensor] = None   # [N] int64 position of each token in its sequence
     cu_seqlens: Optional[torch.Tensor] = None  # [S + 1] int32 sequence boundaries (attention metadata)
     routing: Optional[torch.Tensor] = None  # PPO on MoE: [N, sparse layers, k] int16 sampler's experts, -1 none
+    # Prefix sharing (prefix_sharing.py): [S] group of each sequence and [S] its prompt's tokens;
+    # the sequences of one group share their first prompt_lens tokens, read once by a forward.
+    # [] = off.
+    prefix_groups: list[int] = []
+    prompt_lens: list[int] = []
 
     @property
     def num_targets(self) -> int:
@@ -72,7 +78,14 @@ class PackedBatch(NamedTuple):
             self.grid_index.index_select(0, target_index) + _long(grid_shift, device), self.width,
             None if self.positions is None else self.positions.index_select(0, token_index),
             None if self.cu_seqlens is None else _cu_seqlens(seqlens, device),
-            None if self.routing is None else self.routing.index_select(0, token_index))
+            None if self.routing is None else self.routing.index_select(0, token_index),
+            [self.prefix_groups[s] for s in seqs] if self.prefix_groups else [],
+            [self.prompt_lens[s] for s in seqs] if self.prompt_lens else [])
+
+    @property
+    def forwarded_tokens(self) -> int:
+        """Tokens one forward over this pack reads: each shared prompt once."""
+        return forwarded_tokens(self.seqlens, self.prompt_lens, self.prefix_groups)
 
 
 def _long(values: list[int], device) -> torch.Tensor:
@@ -88,26 +101,36 @@ def _starts(sizes: list[int]) -> list[int]:
     return list(itertools.accumulate(sizes, initial=0))[:-1]
 
 
-def pack_sequences(sequences: list[tuple[list[int], list[int], bool]], *, group_sizes: list[int] = (),
-                   width: int = 0, device=None) -> PackedBatch:
+def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *,
+                   group_sizes: list[int] = (), width: int = 0, device=None,
+                   share_prompts: bool = False) -> PackedBatch:
     """Pack (prompt, response, is_target) triples: each becomes prompt + response, and when
-    is_target its response tokens are targets. width > 0 adds the [S, width] grid of PPO. The
-    positions and sequence boundaries are built here once, for every forward over the pack."""
+    is_target its response tokens are targets (is_target may also be one bool per response token:
+    the trained turns of a conversation). width > 0 adds the [S, width] grid of PPO. The
+    positions and sequence boundaries are built here once, for every forward over the pack.
+    share_prompts: sequences with the same prompt are marked to forward it once
+    (prefix_sharing.py)."""
     ids, seqlens, rows, targets, counts, grid, positions = [], [], [], [], [], [], []
     for s, (prompt, response, is_target) in enumerate(sequences):
+        sequence = prompt + response
         # Position i predicts token i + 1; with an empty prompt the first response token has no context.
         first = max(len(prompt), 1)
-        n = len(prompt) + len(response) - first if is_target else 0
-        rows += range(len(ids) + first - 1, len(ids) + first - 1 + n)
-        targets += (prompt + response)[first:first + n]
-        grid += range(s * width, s * width + n) if width else []
-        counts.append(n)
-        ids += prompt + response
-        positions += range(len(prompt) + len(response))
-        seqlens.append(len(prompt) + len(response))
+        if isinstance(is_target, bool):
+            picked = range(first, len(sequence)) if is_target else range(0)
+        else:
+            picked = [t for t, target in enumerate(is_target, len(prompt)) if target and t >= first]
+        rows += (len(ids) + t - 1 for t in picked)
+        targets += (sequence[t] for t in picked)
+        grid += range(s * width, s * width + len(picked)) if width else []
+        counts.append(len(picked))
+        ids += sequence
+        positions += range(len(sequence))
+        seqlens.append(len(sequence))
     return PackedBatch(_long(ids, device), seqlens, _long(rows, device), _long(targets, device), counts,
                        list(group_sizes), _long(grid, device) if width else None, width,
-                       _long(positions, device), _cu_seqlens(seqlens, device))
+                       _long(positions, device), _cu_seqlens(seqlens, device), None,
+                       prompt_groups([p for p, _, _ in sequences]) if share_prompts else [],
+                       [len(p) for p, _, _ in sequences] if share_prompts else [])
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -116,19 +139,26 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def pack(sizes: list[int], budget: int, budget_name: str = "tokens_per_batch") -> list[list[int]]:
+def pack(sizes: list[int], budget: int, budget_name: str = "tokens_per_batch",
+         shared: tuple[list[int], list[int]] = ([], [])) -> list[list[int]]:
     """Greedy in order: indices into `sizes` grouped so that each group's total is <= budget
-    (data.`budget_name`, named in the error when one size exceeds it)."""
-    groups, total = [], budget + 1
+    (data.`budget_name`, named in the error when one size exceeds it). shared: (prefix group,
+    prompt tokens) of each size (a PackedBatch's prefix_groups, prompt_lens): a prompt already in
+    the group counts once."""
+    prefix_groups, prompt_lens = shared
+    groups, total, seen = [], budget + 1, set()
     for i, size in enumerate(sizes):
         if size > budget:
             raise ConfigValueError(f"an example of {size} tokens does not fit in {budget_name}={budget}; "
                                    f"raise data.{budget_name} or lower data.max_length")
-        if total + size > budget:
+        cost = size - prompt_lens[i] if prefix_groups and prefix_groups[i] in seen else size
+        if total + cost > budget:
             groups.append([])
-            total = 0
+            total, seen, cost = 0, set(), size
         groups[-1].append(i)
-        total += size
+        total += cost
+        if prefix_groups:
+            seen.add(prefix_groups[i])
     return groups
 
 
@@ -142,8 +172,9 @@ def epoch_batches(examples: list[TokenizedExample], budget: int, seed: int, epoc
 
 
 def collate_sft(examples: list[TokenizedExample]) -> PackedBatch:
-    """SFT micro-batch: every response token is a target."""
-    return pack_sequences([(ex.prompt, ex.responses[0], True) for ex in examples])
+    """SFT micro-batch: every response token is a target (of a conversation, its trained turns')."""
+    return pack_sequences([(ex.prompt, ex.responses[0], True if ex.masks is None else ex.masks[0])
+                           for ex in examples])
 
 
 def collate_rm(examples: list[TokenizedExample]) -> PackedBatch:

@@ -1,20 +1,27 @@
-"""JSONL readers for the training stages: each line becomes a text record, or a `DataError` naming
-`file:line: reason` (or, with `skip_malformed`, is counted and dropped). Lines are decoded one by one,
-so bytes that are not UTF-8 are such an error too.
+"""Rows of a data set (dicts, from data/sources.py) to the text records the stages tokenize.
 
-Accepted lines:
-- demonstration   {"prompt": str, "response": str}
-- chat            {"messages": [{"role": ..., "content": ...}, ...]} ending with an assistant turn;
-                  rendered by `engine.tokenization.render_chat` (the loss covers that last turn only)
-- pairwise        {"prompt": str, "chosen": str, "rejected": str}
-- ranking         {"prompt": str, "responses": [best, ..., worst]} with K >= 2 distinct responses
-- hh              {"chosen": transcript, "rejected": transcript}: Anthropic HH-RLHF, where each
-                  transcript is "\\n\\nHuman: ... \\n\\nAssistant: ...". The prompt is everything up
-                  to and including the last "\\n\\nAssistant:" and must be the same in both.
+SFT rows (data.format, `auto` decides per row by its keys, in this order):
+- chat               {"messages": [{"role", "content"}, ...]} ending with an assistant turn; every
+                     assistant turn is trained (TRL's assistant_only_loss), or the last one only
+                     (data.train_on=last_turn); rendered by data/chat.py
+- prompt_completion  {"prompt", "completion"}: two strings (joined as they are), or two message
+                     lists (the chat template applied; the completion's assistant turns trained)
+- demonstration      {"prompt": str, "response": str}
+- text               {"text": str}: plain language modeling, every token trained
+Reward-model rows:
+- pairwise           {"prompt", "chosen", "rejected"}: strings, or message lists (conversational:
+                     the prompt's turns, then one assistant turn each)
+- ranking            {"prompt": str, "responses": [best, ..., worst]} with K >= 2 distinct responses
+- hh                 {"chosen": transcript, "rejected": transcript}: Anthropic HH-RLHF, where
+                     each transcript is "\\n\\nHuman: ... \\n\\nAssistant: ...". The prompt is
+                     everything up to and including the last "\\n\\nAssistant:" and must be the
+                     same in both.
+- implicit           {"chosen", "rejected"} without a prompt: the prompt is their common beginning
+                     (characters of strings, whole messages of message lists), as TRL takes it.
+                     `auto` reads string transcripts with an "\\n\\nAssistant:" turn as hh.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,32 +31,31 @@ HH_ASSISTANT = "\n\nAssistant:"
 
 
 class DataError(FusedRLError, ValueError):
-    """A malformed data line: the message starts with `file:line:`."""
+    """A malformed data row: the message starts with `file:line:` (or `file: row N:`)."""
 
 
 @dataclass(frozen=True)
 class Demonstration:
-    """One SFT example. `messages` is set for chat lines (then prompt/response are rendered later)."""
+    """One SFT example. `messages` is set for chat rows (then prompt/response are rendered
+    later)."""
 
     prompt: str
     response: str
-    messages: tuple | None = None
+    messages: tuple | None = None  # ((role, content), ...)
+    # With messages: the assistant turns from this index on are trained; None: the last turn only,
+    # rendered as prompt + response.
+    train_from: int | None = None
 
 
 @dataclass(frozen=True)
 class Ranking:
-    """One preference example: responses ordered best first (pairwise is K = 2)."""
+    """One preference example: responses ordered best first (pairwise is K = 2). With `messages`
+    (conversational) the prompt is those turns and each response one assistant turn, rendered
+    later."""
 
     prompt: str
     responses: tuple[str, ...]
-
-
-@dataclass
-class ReadResult:
-    records: list
-    skipped: int  # malformed lines dropped (only with skip_malformed)
-    errors: list[str]  # their messages, for the log
-    lines: list[int]  # the line number of each record, for errors found later (e.g. a prompt too long)
+    messages: tuple | None = None
 
 
 def _string(row: dict, key: str) -> str:
@@ -59,46 +65,126 @@ def _string(row: dict, key: str) -> str:
     return value
 
 
-def parse_demonstration(row: dict) -> Demonstration:
-    if "messages" in row:
-        return _parse_chat(row["messages"])
-    if set(row) >= {"prompt", "response"}:
-        response = _string(row, "response")
-        if not response:
-            raise ValueError("empty response")
-        return Demonstration(_string(row, "prompt"), response)
-    raise ValueError(f"expected keys prompt+response or messages, got {sorted(row)}")
+def parse_turns(value, key: str) -> tuple:
+    """A message list [{"role": str, "content": str}, ...] -> ((role, content), ...)."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"field {key!r} must be a non-empty list of {{role, content}} messages")
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise ValueError(f"{key}[{i}] must be an object with string role and content")
+    return tuple((m["role"], m["content"]) for m in value)
 
 
-def _parse_chat(messages) -> Demonstration:
-    if not isinstance(messages, list) or len(messages) < 2:
+def _ends_with_assistant(turns: tuple, what: str) -> None:
+    if turns[-1][0] != "assistant" or not turns[-1][1]:
+        raise ValueError(f"the last message of {what} must be a non-empty assistant turn")
+
+
+def _chat(row: dict, all_turns: bool) -> Demonstration:
+    turns = parse_turns(row["messages"], "messages")
+    if len(turns) < 2:
         raise ValueError("messages must be a list of at least two {role, content} turns")
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise ValueError(f"messages[{i}] must be an object with string role and content")
-    if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
-        raise ValueError("the last message must be a non-empty assistant turn (it is the response)")
-    turns = tuple((m["role"], m["content"]) for m in messages)
-    return Demonstration("", messages[-1]["content"], turns)
+    _ends_with_assistant(turns, "messages (it is the response)")
+    return Demonstration("", turns[-1][1], turns, 0 if all_turns else None)
 
 
-def parse_preference(row: dict) -> Ranking:
-    if "responses" in row:
-        responses = row["responses"]
-        if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
-            raise ValueError("responses must be a list of at least two strings, best first")
-        if len(set(responses)) != len(responses):
-            raise ValueError("responses must be distinct (a tie cannot be ranked)")
-        return Ranking(_string(row, "prompt"), tuple(responses))
-    if "prompt" in row and set(row) & {"chosen", "rejected"}:
-        chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
-        if chosen == rejected:
-            raise ValueError("chosen and rejected are identical")
-        return Ranking(_string(row, "prompt"), (chosen, rejected))
-    if set(row) >= {"chosen", "rejected"}:
-        return parse_hh(_string(row, "chosen"), _string(row, "rejected"))
-    raise ValueError(f"expected keys prompt+chosen+rejected, prompt+responses or chosen+rejected "
-                     f"(HH transcripts), got {sorted(row)}")
+def _prompt_completion(row: dict) -> Demonstration:
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, list) or isinstance(completion, list):
+        if not (isinstance(prompt, list) and isinstance(completion, list)):
+            raise ValueError("prompt and completion must both be strings or both be message lists, "
+                             f"got {type(prompt).__name__} and {type(completion).__name__}")
+        prompt_turns = parse_turns(prompt, "prompt")
+        completion_turns = parse_turns(completion, "completion")
+        _ends_with_assistant(completion_turns, "completion")
+        turns = prompt_turns + completion_turns
+        return Demonstration("", turns[-1][1], turns, len(prompt_turns))
+    completion = _string(row, "completion")
+    if not completion:
+        raise ValueError("empty completion")
+    return Demonstration(_string(row, "prompt"), completion)
+
+
+def _prompt_response(row: dict) -> Demonstration:
+    response = _string(row, "response")
+    if not response:
+        raise ValueError("empty response")
+    return Demonstration(_string(row, "prompt"), response)
+
+
+def _text(row: dict) -> Demonstration:
+    text = _string(row, "text")
+    if not text:
+        raise ValueError("empty text")
+    return Demonstration("", text)
+
+
+def _ranking(row: dict) -> Ranking:
+    responses = row["responses"]
+    if (not isinstance(responses, list) or len(responses) < 2
+            or not all(isinstance(r, str) for r in responses)):
+        raise ValueError("responses must be a list of at least two strings, best first")
+    if len(set(responses)) != len(responses):
+        raise ValueError("responses must be distinct (a tie cannot be ranked)")
+    return Ranking(_string(row, "prompt"), tuple(responses))
+
+
+def _pairwise(row: dict) -> Ranking:
+    if isinstance(row["chosen"], list) or isinstance(row["prompt"], list):
+        return _conversational(parse_turns(row["prompt"], "prompt"), row["chosen"], row["rejected"])
+    chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
+    if chosen == rejected:
+        raise ValueError("chosen and rejected are identical")
+    return Ranking(_string(row, "prompt"), (chosen, rejected))
+
+
+def _conversational(prompt: tuple, chosen, rejected) -> Ranking:
+    """Prompt turns and the chosen / rejected message lists, each one assistant turn."""
+    pair = []
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        turns = parse_turns(value, key)
+        if len(turns) != 1:
+            raise ValueError(f"{key} must be one assistant message after the prompt, got "
+                             f"{len(turns)} messages")
+        _ends_with_assistant(turns, key)
+        pair.append(turns[0][1])
+    if pair[0] == pair[1]:
+        raise ValueError("chosen and rejected are identical")
+    return Ranking("", tuple(pair), prompt)
+
+
+def _implicit(row: dict) -> Ranking:
+    """chosen/rejected without a prompt: their common beginning is the prompt (TRL's
+    extract_prompt)."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, list):
+        c, r = parse_turns(chosen, "chosen"), parse_turns(rejected, "rejected")
+        shared = next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
+        if shared == 0:
+            raise ValueError("chosen and rejected share no first message: an implicit prompt is "
+                             "their common beginning (or give a prompt column)")
+        return _conversational(c[:shared], as_messages(c[shared:]), as_messages(r[shared:]))
+    chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
+    if chosen == rejected:
+        raise ValueError("chosen and rejected are identical")
+    cut = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+               min(len(chosen), len(rejected)))
+    if cut > 0 and chosen[cut - 1] == " ":  # the responses keep their leading space, as TRL's
+        cut -= 1
+    if cut == 0 or cut in (len(chosen), len(rejected)):
+        raise ValueError("chosen and rejected must share a beginning (the implicit prompt) and "
+                         "differ after it (or give a prompt column)")
+    return Ranking(chosen[:cut], (chosen[cut:], rejected[cut:]))
+
+
+def as_messages(turns) -> list[dict]:
+    """((role, content), ...) -> [{"role", "content"}, ...] (what chat templates read)."""
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+def _hh_row(row: dict) -> Ranking:
+    return parse_hh(_string(row, "chosen"), _string(row, "rejected"))
 
 
 def parse_hh(chosen: str, rejected: str) -> Ranking:
@@ -116,32 +202,60 @@ def parse_hh(chosen: str, rejected: str) -> Ranking:
     return Ranking(prompt, pair)
 
 
-_PARSERS = {"demonstration": parse_demonstration, "chat": parse_demonstration,
-            "pairwise": parse_preference, "ranking": parse_preference, "hh": parse_preference}
-_KEYS = {"demonstration": {"prompt", "response"}, "chat": {"messages"},
-         "pairwise": {"prompt", "chosen", "rejected"}, "ranking": {"prompt", "responses"},
-         "hh": {"chosen", "rejected"}}
+def _chosen_rejected(row: dict) -> Ranking:
+    """auto without a prompt: HH transcripts, else an implicit prompt."""
+    chosen = row["chosen"]
+    return _hh_row(row) if isinstance(chosen, str) and HH_ASSISTANT in chosen else _implicit(row)
 
 
-def parser_for(stage: str, fmt: str):
-    """The line parser for `stage` ("sft" or "rm") and data format (see DataConfig.format)."""
-    if fmt == "auto":
-        return parse_demonstration if stage == "sft" else parse_preference
-    parse = _PARSERS[fmt]
-    required = _KEYS[fmt]
+# format -> (the keys it needs, its row parser); `auto` tries a stage's formats in order, rows of
+# chosen+rejected without a prompt last (HH transcripts or an implicit prompt).
+_FORMATS = {
+    "chat": ({"messages"}, _chat),
+    "prompt_completion": ({"prompt", "completion"}, _prompt_completion),
+    "demonstration": ({"prompt", "response"}, _prompt_response),
+    "text": ({"text"}, _text),
+    "ranking": ({"prompt", "responses"}, _ranking),
+    "pairwise": ({"prompt", "chosen", "rejected"}, _pairwise),
+    "hh": ({"chosen", "rejected"}, _hh_row),
+    "implicit": ({"chosen", "rejected"}, _implicit),
+    "chosen+rejected": ({"chosen", "rejected"}, _chosen_rejected),
+}
+_AUTO = {"sft": ["chat", "prompt_completion", "demonstration", "text"],
+         "rm": ["ranking", "pairwise", "chosen+rejected"]}
+_EXPECTED = {"sft": "messages, prompt+completion, prompt+response or text",
+             "rm": "prompt+chosen+rejected, prompt+responses or chosen+rejected (implicit prompt "
+                   "or HH transcripts)"}
 
-    def strict(row: dict):
-        if not required <= set(row):
-            raise ValueError(f"format {fmt!r} needs keys {sorted(required)}, got {sorted(row)}")
-        return parse(row)
-    return strict
+
+def parser_for(stage: str, fmt: str, all_turns: bool = True):
+    """The row parser for `stage` ("sft" or "rm") and data format (see DataConfig.format);
+    all_turns: chat rows train every assistant turn (else the last only,
+    data.train_on=last_turn)."""
+    candidates = [_FORMATS[name] for name in (_AUTO[stage] if fmt == "auto" else [fmt])]
+
+    def parse(row: dict):
+        for keys, parse_row in candidates:
+            if keys <= set(row):
+                return _chat(row, all_turns) if parse_row is _chat else parse_row(row)
+        if fmt == "auto":
+            raise ValueError(f"expected keys {_EXPECTED[stage]}, got {sorted(row)}")
+        raise ValueError(f"format {fmt!r} needs keys {sorted(candidates[0][0])}, got {sorted(row)}")
+    return parse
 
 
-def numbered_lines(path):
+def numbered_lines(path, max_line_bytes: int | None = None):
     """(line number, raw bytes) of each non-blank line of `path`. Decoding is left to decode_line, per
-    line, so that bytes which are not UTF-8 become an error with a line number."""
+    line, so that bytes which are not UTF-8 become an error with a line number. With
+    `max_line_bytes`, a longer line is a DataError naming it, read no further than the cap."""
+    limit = -1 if max_line_bytes is None else max_line_bytes + 2  # room for the line's own \r\n
     with Path(path).open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        lineno = 0
+        while raw := f.readline(limit):
+            lineno += 1
+            if max_line_bytes is not None and len(raw.rstrip(b"\r\n")) > max_line_bytes:
+                raise DataError(f"{path}:{lineno}: longer than {max_line_bytes} bytes, the most "
+                                "a line may hold here")
             if raw.strip():
                 yield lineno, raw
 
@@ -152,24 +266,3 @@ def decode_line(raw: bytes) -> str:
         return raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
         raise ValueError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-
-
-def read_jsonl(path, parse, skip_malformed: bool = False) -> ReadResult:
-    """Parse every non-blank line of `path` with `parse(dict) -> record`."""
-    path = Path(path)
-    records, lines, errors = [], [], []
-    for lineno, raw in numbered_lines(path):
-        try:
-            row = json.loads(decode_line(raw))
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            records.append(parse(row))
-            lines.append(lineno)
-        except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError too
-            message = f"{path}:{lineno}: {e if isinstance(e, ValueError) else 'JSON nested too deeply'}"
-            if not skip_malformed:
-                raise DataError(message) from None
-            errors.append(message)
-    if not records:
-        raise DataError(f"{path}: no usable lines" + (f" ({len(errors)} malformed)" if errors else ""))
-    return ReadResult(records, len(errors), errors, lines)

@@ -7,6 +7,10 @@ Rules (max_length L, max_prompt_length P < L):
 3. The response is cut at the end so that prompt + response <= L (the EOS is then lost too).
 Prompt and response are tokenized separately, so ids at their boundary may differ from tokenizing
 the joined text; training and reward scoring use the same split, so they agree with each other.
+4. A conversation that trains several assistant turns (data/chat.py's pieces) is the prompt (its
+   first context, rule 2) and one response of every later piece, each tokenized on its own, a
+   target turn followed by EOS; a mask marks the target tokens, and the whole is cut at the end
+   (rule 3); a conversation left without a target token is dropped.
 Memory is bounded by the tokens kept, not by the line: a text longer than twice the kept tokens
 times the vocabulary's longest token (in characters, an upper bound on what one token covers) is
 cut to that many characters first (from the side that is dropped anyway), so a 30 MB line costs no
@@ -18,35 +22,22 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
+from .chat import conversation_pieces, render_chat
 from .records import Demonstration, Ranking
 
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    """Prompt ids and one or more response ids (SFT: one; RM: K, best first)."""
+    """Prompt ids and one or more response ids (SFT: one; RM: K, best first). `masks`: per response,
+    which of its tokens are trained (a conversation's assistant turns); None: all of them."""
 
     prompt: list[int]
     responses: tuple[list[int], ...]
+    masks: tuple[tuple[bool, ...], ...] | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.responses) * len(self.prompt) + sum(len(r) for r in self.responses)
-
-
-def render_chat(tokenizer, turns) -> tuple[str, str]:
-    """(role, content) turns ending in the assistant's -> (prompt text, response text).
-
-    With a chat template the prompt is the template applied to all turns but the last, with the
-    generation prompt; the response is the last turn's content. Without one, turns are written
-    as "\\n\\nRole: content" in the HH style.
-    """
-    history = [{"role": role, "content": content} for role, content in turns[:-1]]
-    response = turns[-1][1]
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        return prompt, response
-    prompt = "".join(f"\n\n{role.capitalize()}: {content}" for role, content in turns[:-1])
-    return prompt + "\n\nAssistant:", " " + response
 
 
 def _encode(tokenizer, text: str, special: bool) -> list[int]:
@@ -77,13 +68,39 @@ def tokenize_response(tokenizer, response: str, room: int) -> list[int]:
     return ids[:room]
 
 
+def tokenize_conversation(tokenizer, pieces: list[tuple[str, bool]], max_length: int,
+                          max_prompt_length: int) -> TokenizedExample | None:
+    """Rule 4: data/chat.py's (text, is_target) pieces -> the prompt, one response and its mask;
+    None when no target token is left within max_length."""
+    prompt_ids = tokenize_prompt(tokenizer, pieces[0][0], max_prompt_length)
+    room = max_length - len(prompt_ids)
+    ids, mask = [], []
+    for text, is_target in pieces[1:]:
+        if len(ids) >= room:
+            break
+        left = room - len(ids)
+        piece = (tokenize_response(tokenizer, text, left) if is_target
+                 else _encode(tokenizer, text[:text_budget(tokenizer, left)], special=False))
+        ids += piece
+        mask += [is_target] * len(piece)
+    ids, mask = ids[:room], mask[:room]
+    return TokenizedExample(prompt_ids, (ids,), (tuple(mask),)) if any(mask) else None
+
+
 def tokenize_record(tokenizer, record, max_length: int, max_prompt_length: int) -> TokenizedExample | None:
     """A Demonstration or Ranking -> TokenizedExample, or None when a response has no room left
     (an empty prompt and response together, which cannot happen when P < L)."""
+    if isinstance(record, Demonstration) and record.train_from is not None:
+        pieces = conversation_pieces(tokenizer, record.messages, record.train_from)
+        return tokenize_conversation(tokenizer, pieces, max_length, max_prompt_length)
     if isinstance(record, Demonstration):
         prompt, responses = (render_chat(tokenizer, record.messages) if record.messages
                              else (record.prompt, record.response))
         responses = (responses,)
+    elif isinstance(record, Ranking) and record.messages:
+        rendered = [render_chat(tokenizer, record.messages + (("assistant", response),))
+                    for response in record.responses]
+        prompt, responses = rendered[0][0], tuple(response for _, response in rendered)
     elif isinstance(record, Ranking):
         prompt, responses = record.prompt, record.responses
     else:

@@ -78,6 +78,22 @@ class BlockManager:
         if len(seq.block_table) < self.blocks_for(seq.num_tokens):
             seq.block_table.append(self._take_free_block())
 
+    def reserve(self, seq: Sequence, num_tokens: int) -> int:
+        """Give `seq` slots up to `num_tokens` tokens (a speculative step's draft) as far as free
+        blocks last; returns how many tokens it now has slots for."""
+        while len(seq.block_table) < self.blocks_for(num_tokens) and self.free_block_ids:
+            seq.block_table.append(self._take_free_block())
+        return min(num_tokens, len(seq.block_table) * self.block_size)
+
+    def trim(self, seq: Sequence):
+        """Free the blocks past those `seq`'s tokens need (a rejected draft's), private to it: the
+        rollback of a speculative step (their K/V is never read: attention reads num_tokens)."""
+        while len(seq.block_table) > self.blocks_for(seq.num_tokens):
+            block_id = seq.block_table.pop()
+            self.ref_counts[block_id] -= 1
+            assert self.ref_counts[block_id] == 0 and self.block_keys[block_id] is None
+            self.free_block_ids.append(block_id)
+
     def deallocate(self, seq: Sequence):
         """Drop `seq`'s references; blocks nobody else holds are free at once."""
         for block_id in reversed(seq.block_table):

@@ -18,7 +18,7 @@ reallocated at every unshard, and a captured graph would read freed memory. With
 persistent_weights (rollout.persistent_weights) the whole parameters are instead buffers allocated
 once and refilled in place before each rollout (persistent_weights.py): one whole copy of the
 policy (of its tensor slice) kept per rank through training, and CUDA graphs on. A policy sharded tensor-parallel
-(engine/tensor_parallel.py) is not gathered: each rank generates with its tensor group from its
+(engine/parallel/tensor_parallel.py) is not gathered: each rank generates with its tensor group from its
 own slices, whose storage never moves, so CUDA graphs stay on there; unless FSDP shards the slices
 over the data groups too (train.data_parallel=shard), then gathered from the data group for the
 rollout (1 / T of the policy per rank, not the whole), CUDA graphs off but with persistent_weights.
@@ -29,42 +29,44 @@ import contextlib
 
 import torch
 
-from ..errors import ConfigValueError
+from ..parallel.validate import check_persistent_weights
 from .llm import LLM
-from .persistent_weights import PersistentWeights
+from ..parallel.persistent_weights import PersistentWeights
 from .runner import kv_bytes_per_block
 from ..model.causal_lm import CausalLM
-from ..model.expert_parallel import gathered_experts
+from ..parallel.expert_parallel import gathered_experts
 from ..model.invariant import BatchInvariant
-from .. import distributed
+from ..parallel import distributed
 from .sampling_params import SamplingParams
 
 
 class HybridActor:
     def __init__(self, policy: CausalLM, tokenizer=None, *, kv_cache_memory: int, block_size: int = 16,
                  max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False, device=None,
-                 release_kv_pool: bool = False, record_routing: bool = False, persistent_weights: bool = False):
+                 release_kv_pool: bool = False, record_routing: bool = False,
+                 persistent_weights: bool = False, speculative_tokens: int = 0,
+                 speculate_below: int = 8, prefill_chunk: int | None = None):
         """record_routing: keep an MoE policy's expert choices of every rollout token (`last_routing`).
         persistent_weights: generate from whole-size buffers refilled in place (under torchrun, where
         the policy is gathered: at tensor_parallel 1, or its tensor slices sharded over the data
         groups; collective: every rank builds its actor together)."""
         self.policy = policy
         self.release_kv_pool = release_kv_pool
-        tp = getattr(policy, "tensor_parallel", None)
+        tp = policy.tensor_parallel
         # Tensor slices sharded over the data groups are gathered for each rollout, as FSDP units are.
         alone = distributed.world_size() == 1
         gathers = not alone and (tp is None or tp.data_sharded)
-        if persistent_weights and not gathers:
-            got = "one process" if alone else "tensor slices copied across the data groups"
-            raise ConfigValueError(f"persistent_weights=True: expected torchrun at tensor_parallel 1 or tensor "
-                                   f"slices sharded over the data groups (got {got}, which gathers nothing)")
+        if persistent_weights:
+            check_persistent_weights(alone, gathers)
         self.weights = PersistentWeights(policy, device) if persistent_weights else None
         # Nothing gathered, or gathered into storage that stays put: captured graphs stay valid.
         graphs = not gathers or self.weights is not None
         with self.whole_weights() if self.weights is not None else contextlib.nullcontext():  # capture on the buffers
             self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
                            device=device, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and graphs,
-                           batch_invariant=batch_invariant, record_routing=record_routing)
+                           batch_invariant=batch_invariant, record_routing=record_routing,
+                           speculative_tokens=speculative_tokens, speculate_below=speculate_below,
+                           prefill_chunk=prefill_chunk)
         self.record_routing = record_routing
         # The last generate's routing records [sum of prompt + response lengths, sparse layers, k],
         # rows as pack_rollout packs them (None without record_routing).
@@ -93,6 +95,19 @@ class HybridActor:
     def kv_pool_bytes(self) -> int:
         runner = self.llm.runner
         return kv_bytes_per_block(runner.config, runner.dtype, runner.block_size) * runner.num_blocks
+
+    @torch.no_grad()
+    def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
+                         params: SamplingParams, token_budget: int | None, groups: list[int],
+                         groups_needed: int):
+        """LLM.continue_answers from the current weights (a partial rollout's step), the pool
+        released after it as `generate` does. Returns its Completions (host tokens, log-probs)."""
+        with self.whole_weights():
+            out = self.llm.continue_answers(prompts, answers, seeds, params, token_budget, groups,
+                                            groups_needed)
+        if self.release_kv_pool:
+            self.llm.runner.release_kv_pool()
+        return out
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams

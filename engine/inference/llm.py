@@ -14,6 +14,7 @@ import torch
 
 from ..errors import ConfigValueError, NonFiniteError
 from .block_manager import BlockManager
+from .group_stop import GroupsDone
 from ..model.hf_io import load_model, load_tokenizer
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant
@@ -21,6 +22,7 @@ from .runner import ModelRunner, num_blocks_for_budget
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
+from ..parallel.validate import check_exact_generation
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # CPU has no "free memory" to take a fraction of: 1 GiB
 
@@ -55,7 +57,7 @@ class LLM:
     `CausalLM` already in memory: the trainer's own parameters, used in place (`dtype` and `device`
     are then the model's; pass `tokenizer` for string prompts). In-place updates (optimizer steps,
     `copy_`) are seen by the next `generate`, CUDA graphs included; replacing Parameter objects is not.
-    A model sharded by `engine.tensor_parallel.shard_tensor_parallel` generates with its tensor group
+    A model sharded by `engine.parallel.layout` generates with its tensor group
     (every rank of it calls `generate` with the same prompts), from its slices and its heads' KV.
     kv_cache_memory: bytes (int) or a fraction of free GPU memory (float); default 0.9 of free GPU
     memory on CUDA (pass a budget when a trainer shares the GPU), 1 GiB on CPU. The pool is never
@@ -75,6 +77,14 @@ class LLM:
     GEMM after each norm (7), for side-by-side measurement against cuBLAS.
     record_routing: an MoE model's expert choices for every token are kept (routing_record.py) and
     read back with `device_routing` (routing replay).
+    speculative_tokens: on decode steps of fewer than `speculate_below` rows (the long tail), each
+    row drafts up to this many tokens by n-gram lookup in its own tokens (ngram_draft.py) and one
+    forward verifies them (`ModelRunner.verify`): the same tokens and log-probs as plain decoding
+    draws from the same logits (greedy or sampled), in fewer forwards where the text repeats itself;
+    verify steps run eagerly (no CUDA graph). Not with batch_invariant (its decode walk is what the
+    trainer reproduces bit for bit) nor record_routing.
+    prefill_chunk: a prompt longer than this is prefilled a chunk a step, the chunks taking turns
+    with the other sequences' decode steps (Scheduler); the same tokens and log-probs.
     `self.device` is the model's device: tensors handed to `self.model` go there.
     """
 
@@ -82,7 +92,8 @@ class LLM:
                  block_size: int = 16, device=None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 16384, use_cuda_graphs: bool = True, tokenizer=None,
                  batch_invariant: bool | BatchInvariant = False, fuse_decode_gemms: bool = True,
-                 record_routing: bool = False):
+                 record_routing: bool = False, speculative_tokens: int = 0,
+                 speculate_below: int = 8, prefill_chunk: int | None = None):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be an int >= 1")
         if isinstance(batch_invariant, BatchInvariant):
@@ -92,9 +103,24 @@ class LLM:
         elif not isinstance(batch_invariant, bool):
             raise ValueError(f"batch_invariant={batch_invariant!r} must be True, False or a BatchInvariant")
         self.batch_invariant = BatchInvariant(block_size) if batch_invariant is True else batch_invariant or None
-        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+        for name, value in (("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("speculate_below", speculate_below)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1 or None")
+        if prefill_chunk is not None and (self.batch_invariant is not None or record_routing):
+            raise ConfigValueError(f"prefill_chunk={prefill_chunk} with batch_invariant or "
+                                   "record_routing: not supported; use one or the other")
+        if not isinstance(speculative_tokens, int) or speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens={speculative_tokens!r} must be an int >= 0")
+        if speculative_tokens and (self.batch_invariant is not None or record_routing):
+            other = "batch_invariant (rollout.exact)" if self.batch_invariant else "record_routing"
+            raise ConfigValueError(f"speculative_tokens={speculative_tokens} with {other}: not "
+                                   "supported (a verify step is not the decode step those "
+                                   "reproduce); use one or the other")
+        self.speculative_tokens, self.speculate_below = speculative_tokens, speculate_below
         if isinstance(model_dir, CausalLM):
             self.model = model_dir
         else:
@@ -115,10 +141,8 @@ class LLM:
         self.device = torch.device(device) if offloaded else param.device
         if kv_cache_memory is None:
             kv_cache_memory = 0.9 if self.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
-        tp = getattr(self.model, "tensor_parallel", None)  # engine/tensor_parallel.py
-        if tp is not None and self.batch_invariant is not None:
-            raise ConfigValueError("batch_invariant (rollout.exact) with tensor parallelism: not supported yet "
-                                   "(the all-reduces' order differs from the training forward's); use one or the other")
+        tp = self.model.tensor_parallel  # parallel/tensor_parallel.py: its slices, its heads' KV
+        check_exact_generation(self.batch_invariant is not None, tp)
         num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, self.device,
                                            tp.size if tp else 1)
         num_blocks = min(num_blocks, max_num_seqs * -(-self.config.max_model_len // block_size))
@@ -128,9 +152,11 @@ class LLM:
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs,
                                    max(max_num_batched_tokens, self.config.max_model_len),
-                                   self.config.max_model_len, self.config.eos_token_ids)
+                                   self.config.max_model_len, self.config.eos_token_ids,
+                                   prefill_chunk)
         self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs,
-                                  self.batch_invariant, fuse_decode_gemms, record_routing, device=self.device)
+                                  self.batch_invariant, fuse_decode_gemms, record_routing,
+                                  device=self.device, tensor_parallel=tp)
         self._next_seq_id = 0
         # Every tensor rank must draw the same seeds (they sample the same rows in lockstep).
         self._rng = random.Random(tp.same_on_ranks(random.getrandbits(63)) if tp else None)
@@ -158,6 +184,39 @@ class LLM:
         self._collect_logprobs([s for g in groups for s in g])
         return [RequestOutput(ids, [self._completion(s, decode_text) for s in group])
                 for ids, group in zip(token_ids, groups)]
+
+    def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
+                         params: SamplingParams, token_budget: int | None = None,
+                         groups: list[int] | None = None, groups_needed: int | None = None
+                         ) -> list[Completion]:
+        """Generate each answer on from where it stands (prompt + answer prefilled again: a partial
+        rollout's carried answers under new weights; an empty answer starts one), each row drawing
+        from its own seed's stream at its own positions, as one uninterrupted generate would, with
+        params.max_new_tokens counting the answer's earlier tokens. token_budget: stop every row
+        once this many tokens were drawn (the step that passes it ends; a step draws a token a row);
+        groups (one id per row) and groups_needed: stop once that many groups have all their rows
+        finished. Stopped rows have finish_reason None (their blocks freed).
+        Returns one Completion per row of the tokens and log-probs added by this call."""
+        if len({len(prompts), len(answers), len(seeds)}) != 1:
+            raise ValueError(f"{len(prompts)} prompts, {len(answers)} answers and {len(seeds)} "
+                             "seeds: expected as many")
+        seqs = []
+        for i, (prompt, answer, seed) in enumerate(zip(prompts, answers, seeds)):
+            self._check_request(i, list(prompt), params)
+            end = min(len(prompt) + params.max_new_tokens, self.config.max_model_len)
+            if len(prompt) + len(answer) >= end:
+                raise ValueError(f"answers[{i}] has {len(answer)} tokens: nothing is left to "
+                                 "generate")
+            seqs.append(Sequence(self._next_seq_id, list(prompt) + list(answer), params, seed,
+                                 len(prompt)))
+            self._next_seq_id += 1
+            self.scheduler.add(seqs[-1])
+        starts = [seq.num_tokens for seq in seqs]
+        stop = None if groups_needed is None else GroupsDone(seqs, groups, groups_needed)
+        self._run(len(seqs), False, token_budget, stop)
+        self._collect_logprobs(seqs)
+        return [Completion(seq.token_ids[start:], seq.logprobs, seq.finish_reason, None,
+                           seq.logprob_slots) for seq, start in zip(seqs, starts)]
 
     def device_logprobs(self, slots: list[int]) -> torch.Tensor:
         """The last generate's sampled log-probs at these Completion.logprob_slots, as one fp32
@@ -212,8 +271,12 @@ class LLM:
         self.scheduler.add(seq)
         return seq
 
-    def _run(self, num_seqs: int, use_tqdm: bool):
+    def _run(self, num_seqs: int, use_tqdm: bool, token_budget: int | None = None, stop=None):
+        """Steps until every sequence is done, or (token_budget) until that many tokens were
+        drawn, or until stop(the step's finished sequences) says so: the unfinished are then stopped
+        (Scheduler.abort), finish_reason None."""
         progress = None
+        decoded = 0
         if use_tqdm:
             from tqdm.auto import tqdm
             progress = tqdm(total=num_seqs, desc="generate", unit="seq")
@@ -223,16 +286,55 @@ class LLM:
         try:
             while not self.scheduler.is_finished():
                 batch, is_prefill = self.scheduler.schedule()
-                first = self.runner.logprobs_kept
-                tokens = self.runner.run(batch, is_prefill)
-                for slot, seq in enumerate(batch, start=first):
-                    seq.logprob_slots.append(slot)
-                finished = self.scheduler.postprocess(batch, tokens)
+                before = self.runner.logprobs_kept
+                finished = self._step(batch, is_prefill)
+                decoded += self.runner.logprobs_kept - before  # the tokens this step drew
+                spent = token_budget is not None and decoded >= token_budget
+                if spent or (stop is not None and stop(finished)):
+                    self.scheduler.abort()
                 if progress is not None:
                     progress.update(len(finished))
         finally:
             if progress is not None:
                 progress.close()
+
+    def _step(self, batch: list[Sequence], is_prefill: bool) -> list[Sequence]:
+        """Run one scheduled step (a decode step of the tail speculatively: `_drafts`), append its
+        tokens and their log-prob slots; returns the sequences it finished."""
+        if is_prefill and batch[0].chunk_end is not None:  # a prompt's chunk, not its last
+            self.runner.prefill_chunk(batch[0])
+            self.scheduler.chunk_done(batch[0])
+            return []
+        first = self.runner.logprobs_kept
+        drafts = None if is_prefill else self._drafts(batch)
+        if drafts is None:
+            tokens = self.runner.run(batch, is_prefill)
+            for slot, seq in enumerate(batch, start=first):
+                seq.logprob_slots.append(slot)
+            return self.scheduler.postprocess(batch, tokens)
+        emitted = self.runner.verify(batch, drafts)
+        before = [seq.num_tokens for seq in batch]
+        finished = self.scheduler.postprocess(batch, emitted)
+        # A finishing token drops the tokens after it: their slots are skipped.
+        for seq, tokens, had in zip(batch, emitted, before):
+            seq.logprob_slots += range(first, first + seq.num_tokens - had)
+            first += len(tokens)
+        return finished
+
+    def _drafts(self, batch: list[Sequence]) -> list[list[int]] | None:
+        """Each row's n-gram draft, cut to its token limits and to the KV slots free blocks give it;
+        None (a plain decode step) off the tail or where no row has a draft."""
+        if not self.speculative_tokens or len(batch) >= self.speculate_below:
+            return None
+        drafts = []
+        for seq in batch:
+            room = min(seq.params.max_new_tokens - (seq.num_tokens - seq.num_prompt_tokens),
+                       self.config.max_model_len - seq.num_tokens) - 1  # the draw after the draft
+            draft = seq.draft_index.draft(seq.token_ids, min(self.speculative_tokens, room))
+            slots = (self.block_manager.reserve(seq, seq.num_tokens + len(draft)) if draft
+                     else seq.num_tokens)
+            drafts.append(draft[:slots - seq.num_tokens])
+        return drafts if any(drafts) else None
 
     def _collect_logprobs(self, seqs: list[Sequence]) -> None:
         """Fill each sequence's host log-probs from the device buffer (one copy for the whole call),

@@ -68,7 +68,8 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
                  use_cuda_graphs: bool = True, batch_invariant: BatchInvariant | None = None,
-                 fuse_decode_gemms: bool = True, record_routing: bool = False, device=None):
+                 fuse_decode_gemms: bool = True, record_routing: bool = False, device=None,
+                 tensor_parallel=None):
         self.model = model
         self.fuse_decode_gemms = fuse_decode_gemms
         self.batch_invariant = batch_invariant
@@ -79,8 +80,9 @@ class ModelRunner:
         offloaded = device is not None and torch.device(device).type != param.device.type
         self.device, self.dtype = torch.device(device) if offloaded else param.device, param.dtype
         c = self.config
-        # Tensor-parallel (engine/tensor_parallel.py): this rank's shards, its kv heads' cache.
-        self.tensor_parallel = getattr(model, "tensor_parallel", None)
+        # The model's TensorParallel (parallel/tensor_parallel.py) or None: this rank's slices,
+        # its kv heads' cache, the logits gathered from the tensor ranks.
+        self.tensor_parallel = tensor_parallel
         self.num_blocks = num_blocks
         self.kv_pool = self.kv_caches = None
         self.allocate_kv_pool()
@@ -98,6 +100,8 @@ class ModelRunner:
         self.routing_out = None if self.routing is None else torch.zeros(
             self.routing.num_layers, max_num_seqs, self.routing.top_k, dtype=torch.int64, device=self.device)
         self._prefill_routing = None
+        self.forwards = 0  # model forwards run (prefill, decode and speculative verify steps)
+        self.verify_workspace = None  # the sampler's windows for verify steps' rows
         self.graphs = None
         if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = _DecodeGraphs(self, max_num_seqs)
@@ -120,6 +124,16 @@ class ModelRunner:
             return False
         self.kv_pool = self.kv_caches = None
         return True
+
+    @torch.inference_mode()
+    def prefill_chunk(self, seq: Sequence) -> None:
+        """A chunk of `seq`'s prompt that is not its last (Scheduler.prefill_chunk): its K/V
+        written into the pool, nothing sampled."""
+        self.allocate_kv_pool()
+        self.forwards += 1
+        input_ids, positions, meta, _ = self._prepare_packed(
+            [(seq.block_table, seq.token_ids[:seq.chunk_end], seq.num_cached_tokens)])
+        self.forward_step(input_ids, positions, meta)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
@@ -178,6 +192,7 @@ class ModelRunner:
     def _decode(self, seqs: list[Sequence]):
         """Each sequence's last token: its inputs written into the persistent buffers, then the
         graph of the smallest captured size that holds the batch, or the step run eagerly."""
+        self.forwards += 1
         graphed = self.graphs is not None and len(seqs) <= self.graphs.max_batch
         size = self.graphs.size_for(len(seqs)) if graphed else len(seqs)
         self.decode_inputs.fill(seqs, size, full_tables=graphed)
@@ -186,10 +201,45 @@ class ModelRunner:
 
     def _prefill(self, seqs: list[Sequence]):
         """The new tokens of each sequence, from its first uncached one; samples after the last."""
-        input_ids, positions, meta, last = self._prepare_prefill(seqs)
+        self.forwards += 1
+        input_ids, positions, meta, last = self._prepare_packed(
+            [(s.block_table, s.token_ids, s.num_cached_tokens) for s in seqs])
         return self._sample(self.forward_step(input_ids, positions, meta)[last], self._prepare_sampling(seqs))
 
-    def _sample(self, hidden: torch.Tensor, sampling):
+    @torch.inference_mode()
+    def verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[list[int]]:
+        """Speculative decoding's step: one forward over each sequence's last token and its draft
+        (its KV slots reserved), the target's token drawn at every position by the sampler (its
+        counter-based noise, a function of the sequence's seed and the position), and each draft
+        accepted while it equals those draws. Returns each sequence's emitted tokens: the accepted
+        draft and the draw after it (1..len(draft) + 1 tokens), whose log-probs are kept.
+
+        For a draft that is one token (a point mass), accepting it when the target's own draw equals
+        it is the standard rule (accept with probability p(draft); on rejection a draw from the
+        target with the draft removed, renormalized): the emitted tokens follow the target
+        distribution exactly, and they are the tokens plain decoding draws from the same logits."""
+        self.allocate_kv_pool()
+        self.forwards += 1
+        rows = [(s.block_table, s.token_ids + d, s.num_tokens - 1) for s, d in zip(seqs, drafts)]
+        input_ids, positions, meta, _ = self._prepare_packed(rows)
+        hidden = self.forward_step(input_ids, positions, meta)  # [sum of (1 + draft), hidden]
+        spans = [(s, s.num_tokens + i) for s, d in zip(seqs, drafts) for i in range(len(d) + 1)]
+        if self.verify_workspace is None or self.verify_workspace.rows < len(spans):
+            self.verify_workspace = SamplerWorkspace(len(spans), self.device)
+        sampling = self._prepare_sampling([s for s, _ in spans], [p for _, p in spans])
+        tokens, logprobs = self._sample(hidden, sampling, self.verify_workspace)
+        drawn, emitted, keep, at = tokens.tolist(), [], [], 0
+        for d in drafts:
+            n = 0
+            while n < len(d) and drawn[at + n] == d[n]:
+                n += 1
+            emitted.append(drawn[at:at + n + 1])
+            keep += range(at, at + n + 1)
+            at += len(d) + 1
+        self._keep_logprobs(logprobs[self._tensor(keep, torch.int64)])
+        return emitted
+
+    def _sample(self, hidden: torch.Tensor, sampling, workspace: SamplerWorkspace | None = None):
         """hidden [B, hidden] -> (tokens [B], logprobs [B]). The batch-invariant mode draws as usual
         (from its invariant fp32 logits) and takes the log-prob by its own log-softmax, the one the
         trainer's old log-probs use."""
@@ -198,7 +248,7 @@ class ModelRunner:
             # write and read the logits twice more.
             tp = self.tensor_parallel
             logits = tp.logits(self.model.lm_head, hidden) if tp else self.model.lm_head(hidden)
-            return sample(logits, *sampling, workspace=self.sampler_workspace)
+            return sample(logits, *sampling, workspace=workspace or self.sampler_workspace)
         mode = self.batch_invariant
         logits = mode.logits(hidden, self.model.lm_head.weight)  # [B, V] fp32
         tokens, _ = sample(logits, *sampling, workspace=self.sampler_workspace)
@@ -208,37 +258,40 @@ class ModelRunner:
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
             self.device, non_blocking=True)
 
-    def _block_tables(self, seqs: list[Sequence]):
-        width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
+    def _block_tables(self, tables: list[list[int]]):
+        width = max(len(t) for t in tables)
+        rows = [t + [-1] * (width - len(t)) for t in tables]
         return self._tensor(rows, torch.int32)  # [B, width]
 
-    def _prepare_prefill(self, seqs: list[Sequence]):
-        """New tokens of each sequence, from its first uncached one."""
+    def _prepare_packed(self, rows: list[tuple[list[int], list[int], int]]):
+        """A packed forward over rows (block table, token ids, start): each row's tokens from
+        `start` on, attending to its KV before it (in the pages) and to each other causally."""
         input_ids, positions, slots, seqlens_q, seqlens_k = [], [], [], [], []
-        for seq in seqs:
-            start = seq.num_cached_tokens
-            input_ids += seq.token_ids[start:]
-            positions += range(start, seq.num_tokens)
-            slots += [sequence_slot(seq.block_table, p, self.block_size) for p in range(start, seq.num_tokens)]
-            seqlens_q.append(seq.num_tokens - start)
-            seqlens_k.append(seq.num_tokens)
+        for table, ids, start in rows:
+            input_ids += ids[start:]
+            positions += range(start, len(ids))
+            slots += [sequence_slot(table, p, self.block_size) for p in range(start, len(ids))]
+            seqlens_q.append(len(ids) - start)
+            seqlens_k.append(len(ids))
         cu_q = self._tensor([0] + seqlens_q, torch.int32).cumsum(0, dtype=torch.int32)
         cu_k = self._tensor([0] + seqlens_k, torch.int32).cumsum(0, dtype=torch.int32)
         meta = AttentionMetadata(
             is_decode=False, seqlens_q=seqlens_q, seqlens_k=seqlens_k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
             slot_mapping=self._tensor(slots, torch.int64),
-            block_tables=self._block_tables(seqs) if seqlens_q != seqlens_k else None)
+            block_tables=(self._block_tables([table for table, _, _ in rows])
+                          if seqlens_q != seqlens_k else None))
         last = cu_q[1:] - 1  # index of each sequence's last token in the packed batch
         return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, last
 
-    def _prepare_sampling(self, seqs: list[Sequence]):
+    def _prepare_sampling(self, seqs: list[Sequence], draw_positions: list[int] | None = None):
+        """The sampler's per-row tensors; a row draws the token at its draw position (default: the
+        sequence's next, num_tokens)."""
         ps = [s.params for s in seqs]
         return (self._tensor([p.temperature for p in ps], torch.float32),
                 self._tensor([p.top_k for p in ps], torch.int64),
                 self._tensor([p.top_p for p in ps], torch.float32),
                 self._tensor([s.seed for s in seqs], torch.int64),
-                self._tensor([s.num_tokens for s in seqs], torch.int64),
+                self._tensor(draw_positions or [s.num_tokens for s in seqs], torch.int64),
                 self._tensor([p.min_p for p in ps], torch.float32))
 
 

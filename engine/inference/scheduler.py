@@ -15,7 +15,14 @@ from .sequence import Sequence, SequenceStatus
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: tuple[int, ...]):
+                 max_model_len: int, eos_token_ids: tuple[int, ...],
+                 prefill_chunk: int | None = None):
+        """prefill_chunk: a sequence with more new tokens than this is prefilled alone, a chunk a
+        step (Sequence.chunk_end), its chunks taking turns with the running sequences' decode steps
+        (vLLM's chunked prefill): no prefill forward holds more than a chunk's activations."""
+        self.prefill_chunk = prefill_chunk
+        self.prefilling: Sequence | None = None  # the sequence whose chunks are under way
+        self._decode_turn = False
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -29,14 +36,35 @@ class Scheduler:
         self.waiting.append(seq)
 
     def is_finished(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.running and self.prefilling is None
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """The sequences of the next step and whether it is a prefill."""
+        """The sequences of the next step and whether it is a prefill (a chunk's too)."""
+        if self.prefilling is not None:
+            self._decode_turn = not self._decode_turn
+            batch = self._decode_batch() if self._decode_turn and self.running else []
+            return (batch, False) if batch else ([self._next_chunk()], True)
         batch = self._admit()
         if batch:
             return batch, True
         return self._decode_batch(), False
+
+    def _chunked(self, seq: Sequence) -> bool:
+        return self.prefill_chunk is not None and seq.num_tokens > self.prefill_chunk
+
+    def _next_chunk(self) -> Sequence:
+        """The prefilling sequence with its next chunk's end set; on its last chunk it joins the
+        running sequences (that step samples its first token)."""
+        seq = self.prefilling
+        seq.chunk_end = min(seq.num_cached_tokens + self.prefill_chunk, seq.num_tokens)
+        if seq.chunk_end == seq.num_tokens:
+            self.prefilling, seq.chunk_end = None, None
+            self.running.append(seq)
+        return seq
+
+    def chunk_done(self, seq: Sequence) -> None:
+        """A chunk of `seq` is in the KV pool: the next one starts after it."""
+        seq.num_cached_tokens = seq.chunk_end
 
     def _admit(self) -> list[Sequence]:
         batch, num_tokens = [], 0
@@ -47,6 +75,13 @@ class Scheduler:
                 break
             if not self.block_manager.can_allocate(seq):
                 break
+            if self._chunked(seq):  # prefilled alone, its first chunk this step
+                if batch:
+                    break
+                self.block_manager.allocate(seq)
+                self.waiting.popleft()
+                seq.status, self.prefilling = SequenceStatus.RUNNING, seq
+                return [self._next_chunk()]
             self.block_manager.allocate(seq)
             num_tokens += seq.num_tokens - seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
@@ -77,17 +112,40 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, batch: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Append each sequence's sampled token; finish and free those that are done. Returns them."""
+    def abort(self) -> list[Sequence]:
+        """Stop every unfinished sequence (a partial rollout's spent budget): their blocks freed,
+        the queue emptied. Returns them, oldest first; their tokens so far stay."""
+        chunking = [self.prefilling] if self.prefilling is not None else []
+        stopped = list(self.running) + chunking + list(self.waiting)
+        for seq in list(self.running) + chunking:
+            self.block_manager.deallocate(seq)
+            seq.chunk_end = None
+        self.prefilling = None
+        for seq in stopped:
+            seq.status = SequenceStatus.WAITING
+        self.running.clear()
+        self.waiting.clear()
+        return stopped
+
+    def postprocess(self, batch: list[Sequence], token_ids: list[int] | list[list[int]]
+                    ) -> list[Sequence]:
+        """Append each sequence's sampled token (or tokens: a speculative step's, up to the one
+        that finishes it; the rest are dropped); finish and free those that are done, and free the
+        blocks a rejected draft held. Returns the finished ones."""
         finished = []
-        for seq, token_id in zip(batch, token_ids):
-            seq.append(token_id)
-            reason = self._finish_reason(seq, token_id)
+        for seq, tokens in zip(batch, token_ids):
+            for token_id in [tokens] if isinstance(tokens, int) else tokens:
+                seq.append(token_id)
+                reason = self._finish_reason(seq, token_id)
+                if reason:
+                    break
             if reason:
                 seq.finish_reason = reason
                 seq.status = SequenceStatus.FINISHED
                 self.block_manager.deallocate(seq)
                 finished.append(seq)
+            elif not isinstance(tokens, int):
+                self.block_manager.trim(seq)
         if finished:
             self.running = deque(s for s in self.running if not s.is_finished)
         return finished

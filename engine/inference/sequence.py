@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from enum import Enum, auto
 
+from .ngram_draft import NgramIndex
 from .sampling_params import SamplingParams
 
 
@@ -19,10 +20,13 @@ class Sequence:
     were found in shared blocks when the sequence was (re)admitted, so prefill skips them.
     """
 
-    def __init__(self, seq_id: int, token_ids: list[int], params: SamplingParams, seed: int):
+    def __init__(self, seq_id: int, token_ids: list[int], params: SamplingParams, seed: int,
+                 num_prompt_tokens: int | None = None):
+        """num_prompt_tokens: where the answer starts (default: all of token_ids are the prompt; a
+        continued answer's earlier tokens count against params.max_new_tokens)."""
         self.seq_id = seq_id
         self.token_ids = list(token_ids)
-        self.num_prompt_tokens = len(token_ids)
+        self.num_prompt_tokens = len(token_ids) if num_prompt_tokens is None else num_prompt_tokens
         self.params = params
         self.seed = seed
         self.status = SequenceStatus.WAITING
@@ -32,6 +36,8 @@ class Sequence:
         self.logprobs: list[float] = []  # their values, read back once the generate call ends
         self.routing_rows: list[int] = []  # MoE routing record of each forwarded position (routing_record.py)
         self.finish_reason: str | None = None
+        self.draft_index = NgramIndex()  # speculative decoding's drafts (ngram_draft.py)
+        self.chunk_end: int | None = None  # chunked prefill: this step prefills up to here
 
     def __len__(self) -> int:
         return len(self.token_ids)

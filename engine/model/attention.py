@@ -45,6 +45,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None  # [N] int64 cache slot of each new token, -1 = skip
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, -1 padded
     context_lens: torch.Tensor | None = None  # [B] int32 (decode)
+    # A packed batch whose segments read keys before their own (prefix sharing: an answer after its
+    # group's prompt, engine/data/prefix_sharing.py): [sum seqlens_k] row of each segment's keys.
+    key_rows: torch.Tensor | None = None
     # Built on first use by the padded SDPA path and shared by every layer of the forward.
     padded_plan: PaddedPlan | None = field(default=None, repr=False)
 
@@ -56,6 +59,14 @@ class AttentionMetadata:
         if cu is None:
             cu = torch.tensor([0] + seqlens, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return cls(seqlens_q=list(seqlens), seqlens_k=list(seqlens), cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+    @classmethod
+    def shared(cls, layout) -> "AttentionMetadata":
+        """Metadata of a prefix-shared forward (a prefix_sharing.SharedLayout): each segment's
+        queries are the last of its keys, read at layout.key_rows."""
+        return cls(seqlens_q=layout.seqlens_q, seqlens_k=layout.seqlens_k,
+                   cu_seqlens_q=layout.cu_seqlens_q, cu_seqlens_k=layout.cu_seqlens_k,
+                   key_rows=layout.key_rows)
 
 
 def attention_step(meta: AttentionMetadata, kv_caches=None):
@@ -81,17 +92,22 @@ def attention_step(meta: AttentionMetadata, kv_caches=None):
 
 
 def varlen_attention(q, k, v, meta: AttentionMetadata):
-    """Causal attention within each sequence of a packed batch (no cache).
+    """Causal attention within each sequence of a packed batch (no cache); with meta.key_rows, each
+    segment's queries after the keys it reads there (bottom-right causal: a shared prompt's keys,
+    then its own), the key gather's backward summing the prompt's gradient over its answers.
 
     q [N, H, D], k/v [N, Hkv, D] -> [N, H, D]. Differentiable (training forward).
     """
     scale = q.shape[-1] ** -0.5
+    if meta.key_rows is not None:
+        k, v = (x.index_select(0, meta.key_rows) for x in (k, v))  # [sum Lk, Hkv, D]
     kernel = varlen_kernel(q)
     if kernel is not None:
-        max_len = max(meta.seqlens_q)
-        return kernel(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, max_len, max_len, scale)
+        return kernel(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, max(meta.seqlens_q),
+                      max(meta.seqlens_k), scale)
     lens = meta.seqlens_q
-    if len(set(lens)) == 1:  # equal lengths (a batch of same-length prompts): a view, no gathers
+    # Equal lengths (a batch of same-length prompts): a view, no gathers.
+    if len(set(lens)) == 1 and meta.seqlens_k == lens:
         batch = [x.unflatten(0, (len(lens), lens[0])).transpose(1, 2) for x in (q, k, v)]  # [B, H, L, D]
         out = F.scaled_dot_product_attention(*batch, is_causal=True, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).flatten(0, 1)

@@ -28,6 +28,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ... import kernels
+from ..data.prefix_sharing import share_prefixes
+from .activation_offload import ActivationOffload
 from .attention import AttentionMetadata, attention_step
 from .config import ModelConfig
 from .moe import SparseMoeBlock, trace_restorer
@@ -64,7 +66,7 @@ class PackedProjection(Projection):
     the row blocks of the weight and bias (hf_io maps them at load and save, by `row_blocks`).
 
     `tensor_parallel` T: the rows' layout. T = 1: every part whole, in turn. T > 1 (set by
-    engine/tensor_parallel.py): rank-interleaved, tensor rank r's slice of every part in turn, then
+    engine/parallel/tensor_parallel.py): rank-interleaved, tensor rank r's slice of every part in turn, then
     rank r + 1's, so that a contiguous 1/T of the rows (an FSDP2 Shard(0) shard) is one rank's q, k
     and v heads (its gate and up features), and the local GEMM's output splits like the whole one."""
 
@@ -216,10 +218,28 @@ class CausalLM(nn.Module):
         self.rotary = RotaryTable(config)
         # Trainers set this to recompute each layer in backward (activation memory of one layer).
         self.gradient_checkpointing = False
+        # With checkpointing: the layers' saved inputs rest in CPU memory until the backward
+        # (activation_offload.py); offloaded_bytes counts what the forwards moved there.
+        self.activation_offload = False
+        self.offloaded_bytes = 0
         # True while the modules hold weights that stay put, whole, in place of FSDP's shards (the
-        # persistent gathered buffers: inference/persistent_weights.py): the walk then enters the
+        # persistent gathered buffers: parallel/persistent_weights.py): the walk then enters the
         # root and the layers past FSDP's hooks, which would all-gather them.
         self.past_fsdp_hooks = False
+        # The tensor group this model's weights are sliced over (engine/parallel/layout.py sets it:
+        # a TensorParallel), whose primitives the walk runs on the local slices; None: whole
+        # weights.
+        self.tensor_parallel = None
+        # Whether its FSDP2 shards rest in CPU memory (engine/parallel/distributed.shard's offload).
+        self.offloaded = False
+
+    def set_recompute(self, checkpointing: bool, offload: bool = False):
+        """train.gradient_checkpointing (each layer recomputed in backward) and, with it,
+        train.activation_offload (the layers' saved inputs in CPU memory until the backward)."""
+        if offload and not checkpointing:
+            raise ValueError("activation offload moves what checkpointed layers keep: it needs "
+                             "gradient checkpointing")
+        self.gradient_checkpointing, self.activation_offload = checkpointing, offload
 
     def tie_weights(self):
         """Share the embedding with the LM head when the config says so (re-run after `to_empty`)."""
@@ -237,9 +257,8 @@ class CausalLM(nn.Module):
         """
         if attend is None:
             attend = attention_step(meta, kv_caches)
-        tp = getattr(self, "tensor_parallel", None)  # engine/tensor_parallel.py: the walk on the local shards
-        if tp:
-            prims = tp.prims(prims or FORWARD)
+        if self.tensor_parallel is not None:
+            prims = self.tensor_parallel.prims(prims or FORWARD)
         if self.past_fsdp_hooks:
             prims = past_hooks(prims or FORWARD)
         return self.hidden_states(input_ids, positions, attend, prims)
@@ -264,7 +283,8 @@ class CausalLM(nn.Module):
         # A layer recomputed in backward routes as its forward did (a routing trace's replay).
         routing = trace_restorer(self) if recompute else None
         residual = None
-        with kernels.use_backend(backend):
+        offload = ActivationOffload() if recompute and self.activation_offload else None
+        with kernels.use_backend(backend), offload.hooks() if offload else contextlib.nullcontext():
             for layer in self.model.layers:
                 args = (x, residual, angles, attend, prims)
                 if recompute:
@@ -272,6 +292,9 @@ class CausalLM(nn.Module):
                         contextlib.nullcontext(), _both(kernels.use_backend(backend), routing())))
                 else:
                     x, residual = prims.enter(layer, *args)
+        if offload is not None:
+            self.offloaded_bytes += offload.bytes_moved
+        with kernels.use_backend(backend):
             return self.model.norm(x, residual, prims)[0]
 
     def check_input_ids(self, input_ids: torch.Tensor, name: str = "input_ids"):
@@ -309,6 +332,29 @@ class CausalLM(nn.Module):
             positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
         return self.entry()(input_ids, positions, meta)
 
+    def forward_rows(self, packed, layout=None):
+        """Hidden states of a PackedBatch's rows: (hidden [N', hidden], rows [M] of it predicting
+        the pack's targets, rows [S] holding each sequence's last token).
+
+        With packed.prefix_groups, the rows of a group read their prompt once (N' < N; layout:
+        engine/data/prefix_sharing.py's share_prefixes(packed), built here when not given); without,
+        forward_packed over the pack as it is (N' = N).
+        """
+        layout = layout or share_prefixes(packed)
+        if layout is None:
+            hidden = self.forward_packed(packed.input_ids, packed.seqlens, packed.positions,
+                                         packed.cu_seqlens)
+            last = torch.tensor(packed.seqlens, device=hidden.device).cumsum(0) - 1
+            return hidden, packed.target_rows, last
+        self.check_input_ids(packed.input_ids)
+        if max(layout.seqlens_k) > self.config.max_model_len:
+            raise ValueError(f"a sequence of {max(layout.seqlens_k)} tokens exceeds max_model_len "
+                             f"{self.config.max_model_len}")
+        ids, positions = (t.index_select(0, layout.token_index)
+                          for t in (packed.input_ids, packed.positions))
+        hidden = self.entry()(ids, positions, AttentionMetadata.shared(layout))
+        return hidden, layout.target_rows, layout.last_rows
+
     def compute_logits(self, hidden):
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""
         return self.lm_head(hidden).float()
@@ -333,4 +379,5 @@ def rebuild_as(model_cls: type, like: CausalLM, state: dict, strict: bool = True
     model.tie_weights()
     model.load_report = model.load_state_dict(state, strict=strict)
     model.gradient_checkpointing = like.gradient_checkpointing
+    model.activation_offload = like.activation_offload
     return model

@@ -30,6 +30,9 @@ _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
           "max_position_embeddings")
 _OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")
 _MAX_SIZE = 2**31 - 1
+# Deeper than any model published (the largest have ~130 layers): transformers' own validation of a
+# config.json takes seconds per 10^5 layers, so a deeper one is refused before it reads the file.
+MAX_LAYERS = 4096
 
 
 @dataclass
@@ -77,6 +80,15 @@ class ModelConfig:
         if model_type not in _ARCHS:
             raise ValueError(f"unsupported model_type {model_type!r} (architectures={architectures}); "
                              f"supported: {', '.join(SUPPORTED_ARCHS)}")
+
+    @staticmethod
+    def check_depth(raw: dict) -> None:
+        """ValueError when config.json's num_hidden_layers (as read, before transformers)
+        exceeds MAX_LAYERS."""
+        layers = raw.get("num_hidden_layers")
+        if isinstance(layers, int) and layers > MAX_LAYERS:
+            raise ValueError(f"config.json: num_hidden_layers={layers} exceeds {MAX_LAYERS}, "
+                             "deeper than any model the engine serves")
 
     @classmethod
     def from_hf(cls, hf_config) -> "ModelConfig":

@@ -25,11 +25,12 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
 from ..errors import ConfigValueError, ModelError
-from .. import distributed
+from ..parallel import distributed
 from ..durable import written_whole
 from ..run_dir import write_marker
 from ..path_checks import CONFIG_FILE
 from .config import ModelConfig
+from .footprint import refuse_unfit_weights
 from .causal_lm import CausalLM
 from .streamed_save import INDEX_FILE, SINGLE_FILE, check_finite_shards, write_weights
 from .weight_map import hf_blocks, hf_shape, local_box, overlap, packed_blocks
@@ -51,6 +52,7 @@ def load_config(model_dir) -> ModelConfig:
     """Read and validate `model_dir/config.json` (a ModelError when it is missing, unreadable or
     describes an architecture the decoder does not implement)."""
     path = Path(model_dir) / CONFIG_FILE
+    _check_regular(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         model_type, architectures = raw.get("model_type"), raw.get("architectures")
@@ -59,6 +61,7 @@ def load_config(model_dir) -> ModelConfig:
     try:
         # Checked before transformers reads it: an unknown model_type is a page of text there.
         ModelConfig.check_model_type(model_type, architectures)
+        ModelConfig.check_depth(raw)
         return ModelConfig.from_hf(AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False))
     except (ValueError, _ConfigValidationError) as e:
         raise ModelError(f"{model_dir}: {e}") from None
@@ -109,12 +112,14 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM, shard:
         raise ModelError(f"{model_dir}: no such model directory")
     config = load_config(model_dir)
     dtype = resolve_dtype(dtype, config)
+    ranks = distributed.world_size() if shard is not None else 1
+    refuse_unfit_weights(config, dtype, device, model_dir, ranks)
     with torch.device("meta"):  # no random init: every parameter is overwritten from the checkpoint
         model = model_cls(config, dtype)
     if shard is not None:
         shard(model)
     # FSDP2's CPU offload (distributed.shard(offload=True)) wants the shards materialized in CPU memory.
-    model.to_empty(device="cpu" if getattr(model, "offloaded", False) else device)
+    model.to_empty(device="cpu" if model.offloaded else device)
     model.tie_weights()
     expected = hf_blocks(model)
     packed = packed_blocks(model)  # MoE experts stored packed: one tensor stands for many names
@@ -162,8 +167,18 @@ def _fill(f, name: str, path: Path, blocks: list) -> None:
         raise ModelError(f"{path}: tensor {name!r} cannot be read ({e})") from None
 
 
+def _check_regular(path: Path) -> None:
+    """ModelError when `path` exists but is not a regular file (a FIFO or a device would block or
+    never end; links to regular files, as the Hugging Face cache makes, are fine)."""
+    if path.exists() and not path.is_file():
+        raise ModelError(f"{path}: not a regular file (a directory, FIFO or device); expected a "
+                         "model file")
+
+
 def _open_weights(path: Path):
-    """safe_open, with a missing, truncated or corrupt file as a ModelError naming it."""
+    """safe_open, with a missing, truncated or corrupt file, or one that is not a regular file, as
+    a ModelError naming it."""
+    _check_regular(path)
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
@@ -175,6 +190,7 @@ def _weight_files(model_dir: Path) -> dict[Path, list[str]]:
     index = model_dir / INDEX_FILE
     if index.exists():
         files: dict[Path, list[str]] = {}
+        _check_regular(index)
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as e:
@@ -197,13 +213,16 @@ def _shard_path(model_dir: Path, index: Path, file) -> Path:
     return model_dir / file
 
 
-def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30, kind=None):
+def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30,
+               kind=None, before_rename: Optional[Callable[[], None]] = None):
     """Write `model` as a transformers-loadable directory, atomically replacing `out_dir`.
 
     Tokenizer and generation files are copied from `source_dir` when given. Weights above
     `max_shard_bytes` are split into shards with an index, as `save_pretrained` does. A NaN or inf
     in any parameter raises NonFiniteError before anything is written. `kind`: mark the directory
     as the output of that fusedrl command (engine/run_dir.py), so the command may replace it later.
+    `before_rename()`: a last check of `out_dir` before the written directory replaces it
+    (export's).
     Collective under torchrun (every rank calls it; rank 0 writes, one parameter gathered at a time:
     engine/model/streamed_save.py); every rank returns once the directory is in place.
     """
@@ -213,7 +232,7 @@ def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int =
     if not distributed.is_main():
         write_weights(model, None, max_shard_bytes, skip)
     else:
-        with written_whole(out_dir) as tmp:
+        with written_whole(out_dir, before_rename) as tmp:
             _write_config(model, tmp)
             write_weights(model, tmp, max_shard_bytes, skip)
             for name in _SIDE_FILES if source_dir else ():

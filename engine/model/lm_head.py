@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...kernels import linear_token_logprobs
-from .tensor_parallel_ops import vocab_parallel_logprobs
+from ..parallel.tensor_parallel_ops import vocab_parallel_logprobs
 
 
 def head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -27,7 +27,7 @@ def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     """hidden [M, H] (the rows predicting `labels`), weight [V, H], labels [M] -> fp32 log-probs [M]
     under softmax(logits / temperature), and with_entropy: (log-probs [M], entropy [M])."""
     dtype = head_dtype(hidden, weight)
-    if hasattr(weight, "to_local"):  # a tensor-parallel LM head (engine/tensor_parallel.py): its vocabulary rows
+    if hasattr(weight, "to_local"):  # a tensor-parallel LM head (engine/parallel/tensor_parallel.py): its vocabulary rows
         group = weight.device_mesh.get_group()
         start = weight.device_mesh.get_local_rank() * -(-weight.shape[0] // weight.device_mesh.size())
         with torch.autocast(hidden.device.type, enabled=False):

@@ -12,7 +12,7 @@ the rest of their term is elementwise, so an adapted model stays batch-invariant
 target, whose output lands in that target's slice of the packed output, as separate PEFT modules
 would give.
 
-On a tensor-parallel base (engine/tensor_parallel.py) the adapters are laid out like the weight
+On a tensor-parallel base (engine/parallel/tensor_parallel.py) the adapters are laid out like the weight
 they adapt, so the walk's own GEMM (`TensorParallel.linear`) runs them on the local slices and the
 result is one process's exactly: on a column-parallel projection (Shard(0): q/k/v, gate/up) each
 B is sliced by rows, a rank's rows of its target (its heads, its MLP features), and A is whole:
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
+from ..parallel import distributed
 from ..config.lora import LoRAConfig
 from .weight_map import add_rows
 
@@ -111,9 +111,6 @@ class ProjectionAdapters(nn.Module):
         the weight's tensor ranks, each rank keeping its slice of the whole value it holds. A whole
         weight keeps whole adapters."""
         from torch.distributed.tensor import Shard, distribute_tensor
-        if self.dropout:  # each tensor rank would draw its own mask on the same replicated input
-            raise ValueError(f"lora.dropout={self.dropout}: expected 0 on a tensor-parallel model "
-                             "(train.tensor_parallel > 1)")
         weight = linear.weight
         if not hasattr(weight, "placements"):
             return
@@ -155,7 +152,7 @@ class LoRA(nn.Module):
             if not slices:
                 continue
             adapters = ProjectionAdapters(linear, slices, cfg)
-            if getattr(model, "tensor_parallel", None) is not None:
+            if model.tensor_parallel is not None:
                 adapters.slice_like_base(linear)
             self.paths.append(parent)
             self.adapters.append(adapters)

@@ -18,7 +18,9 @@ implement (DoRA, rsLoRA, per-module ranks, bias training) are a one-line ModelEr
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -28,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from ..config.lora import LoRAConfig
 from ..durable import check_finite, written_whole
 from ..errors import ModelError
-from ..run_dir import check_target
-from .. import distributed
+from ..run_dir import check_unchanged, claim, entries, release
+from ..parallel import distributed
 from .hf_io import load_model, save_model
 from .lora import LoRA, add_lora
 from .weight_map import local_box
@@ -194,16 +196,25 @@ def merge_adapter(adapter_dir, base_dir, out_dir, dtype="auto", overwrite: bool 
     causal LM (a reward model run's) or a reward model (the LoRA critic's: the merge is then the
     critic as a sequence classifier, its value head as the score head).
     `out_dir` must be new, empty, or an earlier export (replaced only with `overwrite`); never an
-    input or a directory holding one (engine/run_dir.py). The export is marked as one."""
-    check_target(out_dir, "export", overwrite=overwrite, inputs=[adapter_dir, base_dir], option="--out",
-                 overwrite_option="--overwrite")
-    if not adapter_heads(adapter_dir):
-        model = load_model(base_dir, dtype=dtype)
+    input or a directory holding one (engine/run_dir.py). It is locked like a run directory while
+    the export is written beside it, and looked at again before the rename: anything that appeared
+    in it meanwhile stops the export, with nothing replaced. The export is marked as one."""
+    out_dir = os.path.realpath(out_dir)
+    claim(out_dir, "export", overwrite=overwrite, inputs=[adapter_dir, base_dir], option="--out",
+          overwrite_option="--overwrite", empty=False)
+    try:
+        # Held under its lock; what is there now is replaced whole, and nothing else may appear
+        # meanwhile.
+        recheck = functools.partial(check_unchanged, out_dir, entries(out_dir), "--out")
+        if not adapter_heads(adapter_dir):
+            model = load_model(base_dir, dtype=dtype)
+            load_adapter(model, adapter_dir).merge_()
+            save_model(model, out_dir, source_dir=base_dir, kind="export", before_rename=recheck)
+            return
+        model = load_or_start_reward_model(base_dir, dtype=dtype)
         load_adapter(model, adapter_dir).merge_()
-        save_model(model, out_dir, source_dir=base_dir, kind="export")
-        return
-    model = load_or_start_reward_model(base_dir, dtype=dtype)
-    load_adapter(model, adapter_dir).merge_()
-    offset = read_reward_offset(adapter_dir)
-    model.reward_offset = model.reward_offset if offset is None else offset
-    save_reward_model(model, out_dir, source_dir=base_dir, kind="export")
+        offset = read_reward_offset(adapter_dir)
+        model.reward_offset = model.reward_offset if offset is None else offset
+        save_reward_model(model, out_dir, source_dir=base_dir, kind="export", before_rename=recheck)
+    finally:
+        release(out_dir)

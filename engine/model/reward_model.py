@@ -46,6 +46,13 @@ class RewardModel(CausalLM):
         hidden = self.forward_packed(input_ids, seqlens, positions, cu_seqlens)
         return self.raw_rewards(hidden, seqlens) - self.reward_offset
 
+    @torch.no_grad()
+    def packed_rewards(self, packed) -> torch.Tensor:
+        """Normalized rewards [S] of a PackedBatch's rows (each group's prompt read once where the
+        pack shares prompts: CausalLM.forward_rows)."""
+        hidden, _, last = self.forward_rows(packed)
+        return self.score(hidden.index_select(0, last)).squeeze(-1) - self.reward_offset
+
 
 def reward_model_from_lm(lm: CausalLM) -> RewardModel:
     """A RewardModel sharing `lm`'s config with a copy of its weights and a fresh score head.
@@ -61,14 +68,14 @@ def reward_model_from_lm(lm: CausalLM) -> RewardModel:
     return rm
 
 
-def save_reward_model(rm: RewardModel, out_dir, source_dir=None, kind=None):
+def save_reward_model(rm: RewardModel, out_dir, source_dir=None, kind=None, before_rename=None):
     """Write the reward model as described in the module docstring (atomically, via save_model,
-    which marks it as the output of the command `kind` when given)."""
+    which marks it as the output of the command `kind` when given and calls `before_rename`)."""
     check_finite([("reward_offset", torch.tensor(rm.reward_offset))], f"the reward model for {out_dir}")
     hf = rm.config.hf_config
     hf.num_labels = 1
     hf.reward_offset = rm.reward_offset
-    save_model(rm, out_dir, source_dir=source_dir, kind=kind)
+    save_model(rm, out_dir, source_dir=source_dir, kind=kind, before_rename=before_rename)
 
 
 def load_reward_model(model_dir, dtype="auto", device="cpu", shard=None) -> RewardModel:

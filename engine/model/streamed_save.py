@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import distributed
+from ..parallel import distributed
 from ..durable import non_finite_error
 from .weight_map import Block, hf_blocks, hf_shape, local_box
 

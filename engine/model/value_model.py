@@ -14,7 +14,7 @@ from typing import Optional, Protocol
 import torch
 from torch import nn
 
-from .. import distributed
+from ..parallel import distributed
 from .hf_io import load_model, save_model
 from .config import ModelConfig
 from .causal_lm import CausalLM, rebuild_as
@@ -27,12 +27,15 @@ from .lora import add_lora
 class PackedTargets(Protocol):
     """What a value forward reads of a packed batch (engine/data/packing.py's PackedBatch is one):
     the packed tokens [N] with their sequence lengths, positions [N] and boundaries [S + 1], the rows
-    [M] whose hidden states predict the targets, and the scatter of [M] target values to a grid."""
+    [M] whose hidden states predict the targets, the rows' shared prompts (their prefix groups and
+    prompt lengths, [] when not shared), and the scatter of [M] target values to a grid."""
     input_ids: torch.Tensor
     seqlens: list[int]
     positions: Optional[torch.Tensor]
     cu_seqlens: Optional[torch.Tensor]
     target_rows: torch.Tensor
+    prefix_groups: list[int]
+    prompt_lens: list[int]
 
     def to_grid(self, values: torch.Tensor) -> torch.Tensor: ...
 
@@ -40,8 +43,8 @@ class PackedTargets(Protocol):
 def values_at_targets(trunk: CausalLM, head: nn.Module, packed: PackedTargets) -> torch.Tensor:
     """Values [R, T] (fp32) of `head` on `trunk`'s hidden states at the positions that predict
     each response token of `packed`."""
-    hidden = trunk.forward_packed(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
-    return packed.to_grid(head(hidden.index_select(0, packed.target_rows)).squeeze(-1))
+    hidden, target_rows, _ = trunk.forward_rows(packed)
+    return packed.to_grid(head(hidden.index_select(0, target_rows)).squeeze(-1))
 
 class ValueModel(CausalLM):
     """Decoder + `value_head`; the LM head is kept (unused) so the directory stays a causal LM."""

@@ -6,9 +6,10 @@ flash-attention 2 aligns them), q [Nq, H, D], k/v [Nk, Hkv, D] -> [Nq, H, D], di
 where the padded SDPA path runs. Which kernel is `kernels.attention_backend(q)`'s answer: flash-attn,
 else torch's own `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), whose keyword arguments
 changed between releases (2.10 takes `is_causal`; later ones `window_size=(-1, 0)`, `scale` and
-`enable_gqa`), so it is adapted from its signature and, before its first use on a device and dtype,
-checked against SDPA on a small case: a torch build whose kernel fails the check is not used (a
-warning says so) and attention takes the padded SDPA path.
+`enable_gqa`; without the last, GQA runs as one call per member of the query groups, K/V as they
+are: `_grouped_calls`), so it is adapted from its signature and, before its first use on a device
+and dtype, checked against SDPA on a small case: a torch build whose kernel fails the check is not
+used (a warning says so) and attention takes the padded SDPA path.
 """
 from __future__ import annotations
 
@@ -94,10 +95,23 @@ def adapt_torch_varlen(varlen_attn):
             raise ValueError(f"this torch's varlen_attn has no scale argument (asked for {scale})")
         kwargs = dict(options, scale=scale) if takes_scale else dict(options)
         if k.shape[1] != q.shape[1]:
-            if takes_gqa:
-                kwargs["enable_gqa"] = True
-            else:  # older kernels want as many K/V heads as query heads
-                group = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            if not takes_gqa:
+                sizes = (cu_seqlens_q, cu_seqlens_k, max_q, max_k)
+                return _grouped_calls(varlen_attn, q, k, v, sizes, kwargs)
+            kwargs["enable_gqa"] = True
         return varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, **kwargs)
     return call
+
+
+def _grouped_calls(varlen_attn, q, k, v, sizes, kwargs):
+    """GQA on a kernel that wants as many K/V heads as query heads (torch 2.11's varlen_attn has no
+    enable_gqa): query head h reads K/V head h // G, so member j of every group (heads j, G + j,
+    ...: a strided view [N, Hkv, D], rows contiguous as the flash kernels need) attends to K/V as
+    they are, one call per member. K and V are not copied G times over (7x for Qwen2.5-7B: a write
+    and a read of 2 x N x H x D per layer and pass, and a sum of G gradient copies in the backward);
+    the calls read them G times, as the one call read their copies. -> [N, H, D]"""
+    tokens, heads, dim = q.shape
+    group = heads // k.shape[1]
+    members = q.view(tokens, k.shape[1], group, dim)
+    outs = [varlen_attn(members[:, :, j], k, v, *sizes, **kwargs) for j in range(group)]
+    return torch.stack(outs, dim=2).view(tokens, heads, dim)

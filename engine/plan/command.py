@@ -1,12 +1,11 @@
 """`fusedrl plan STAGE [--config FILE] [key=value ...] --gpus N [--gpus-per-node G] --gpu-memory 80GB [--json]`: the
-stage's config as the stage reads it, the options the plan does not read (output_dir, the data
-files) filled in when left out, the model directories checked (config.json is all they need)."""
+stage's config read as the stage reads it (config/io.py's command_config), the options the plan does
+not read (output_dir, the data files) filled in when left out, the parallel options' combinations
+checked as the run checks them (engine/parallel/validate.py), the model directories checked
+(config.json is all they need)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import yaml
 
 from .. import path_checks
 from ..config import io as config_io
@@ -19,26 +18,10 @@ _UNREAD = {"sft": ("output_dir", "data.train_file"), "rm": ("output_dir", "data.
 PLACEHOLDER = "(not read by the plan)"
 
 
-def _has(data: dict, dotted: str) -> bool:
-    node = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return bool(node)
-
-
 def plan_config(stage: str, config_cls, path, overrides: list[str]):
     """The stage's config from the YAML file and overrides, placeholders for what the plan does not read."""
-    try:
-        data = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}) if path else {}
-        data = config_io.apply_overrides(data, overrides)
-        data = config_io.apply_overrides(data, [f"{k}={PLACEHOLDER}" for k in _UNREAD[stage] if not _has(data, k)])
-        return config_io.from_dict(config_cls, data)
-    except OSError as e:
-        raise UsageError(f"--config {path}: {e.strerror}") from None
-    except (ValueError, yaml.YAMLError) as e:
-        raise UsageError(str(e).splitlines()[0]) from None
+    fill = dict.fromkeys(_UNREAD[stage], PLACEHOLDER)
+    return config_io.command_config(config_cls, path, overrides, fill)
 
 
 def run_plan(stage: str, config_cls, args) -> int:
@@ -57,8 +40,10 @@ def run_plan(stage: str, config_cls, args) -> int:
     for option, model_dir in models.items():
         if model_dir:
             path_checks.check_model_path(model_dir, option)
+    from ..parallel.validate import validate
     from .planner import plan_stage
     from .report import format_plan, to_json
+    validate(cfg, args.gpus, per_node)
     plan = plan_stage(cfg, args.gpus, gpu_memory, gpus_per_node=per_node)
     print(json.dumps(to_json(plan)) if args.json else format_plan(plan, f"fusedrl plan {stage}"))
     return 0

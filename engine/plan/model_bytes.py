@@ -19,7 +19,7 @@ from ..model.config import ModelConfig
 from ..model.reward_model import RewardModel
 from ..model.value_model import LoRACritic, ValueModel, shared_value_head
 from ..train import adapters
-from ..distributed import shard_units
+from ..parallel.distributed import shard_units
 
 
 @dataclass

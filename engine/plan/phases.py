@@ -8,12 +8,14 @@ rollout.persistent_weights the policy's whole generation buffers, kept through t
 trained parameters, sharded like them, plus a unit's whole gradients before FSDP reduce-scatters them, plus
 the optimizer's transient fp32 copy during the step), optimizer (fp32 masters of non-fp32 parameters and the
 two AdamW moments, 12 bytes per bf16 parameter: engine/train/fused_adamw.py, created at the first step and
-kept), kv_pool (rollout.kv_cache_memory, capped by the engine at max_num_seqs full-length sequences, allocated
-once and kept), gathered (whole weights held on top of the shards: FSDP units during a forward, the whole
-policy while generating, the exported model), activations (per token budget: activations.py; the scoring
-forwards' is rollout.tokens_per_forward). With train.optimizer_offload under torchrun a trained FSDP model's
-weight shards, gradients, fp32 step copy and optimizer state rest in CPU memory (host_optimizer_bytes counts
-the state); only its gathered units and a unit's whole gradients before the reduce-scatter come onto the GPU.
+kept), kv_pool (rollout.kv_cache_memory: bytes, a fraction of the GPU, or auto, the largest that
+fits beside the rest of every phase holding it; capped by the engine at max_num_seqs full-length
+sequences: kv_pool.py), gathered (whole weights held on top of the shards: FSDP units during a
+forward, the whole policy while generating, the exported model), activations (per token budget:
+activations.py; the scoring forwards' is rollout.tokens_per_forward). With train.optimizer_offload
+under torchrun a trained FSDP model's weight shards, gradients, fp32 step copy and optimizer state
+rest in CPU memory (host_optimizer_bytes counts the state); only its gathered units and a unit's
+whole gradients before the reduce-scatter come onto the GPU.
 """
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ import torch
 from ..model.causal_lm import CausalLM
 from ..model.reward_model import RewardModel
 from ..model.value_model import ValueModel
-from ..inference.runner import kv_bytes_per_block, num_blocks_for_budget
-from .activations import forward_activations, training_activations
+from .activations import forward_activations, shared_prefix_tokens, training_activations
 from .model_bytes import Part, local_numel, param_bytes, unique_params, unit_bytes
+from .kv_pool import PoolFigures, held_in, pool_bytes, pool_figures
 from .rules import EngineRules
 
 PHASES = ("load", "rollout", "scoring", "update", "export")
@@ -46,7 +48,9 @@ class Setup:
     dtype: torch.dtype          # of the models' parameters (train.precision)
     offload_optimizer: bool
     rules: EngineRules
+    gpu_memory: int | None = None  # what rollout.kv_cache_memory's fraction or `auto` is of
     memo: dict = field(default_factory=dict, repr=False)  # parameter lists and unit sizes, computed once
+    fused: bool = True          # the decoder's fused kernels run (CUDA), else its torch ops
 
     def once(self, key, compute):
         if key not in self.memo:
@@ -62,7 +66,7 @@ class Setup:
         train.data_parallel (every GPU: shard; train.shard_group_size, one node's by default: hybrid;
         1, whole copies: replicate); at train.tensor_parallel T > 1 every GPU where the data groups
         shard the tensor slices too (data_sharded), else the T ranks of a tensor group (the data
-        groups hold copies: engine/tensor_parallel.py); 1 for a model every GPU holds whole."""
+        groups hold copies: engine/parallel/tensor_parallel.py); 1 for a model every GPU holds whole."""
         if not self.fsdp(part):
             return 1
         if self.cfg.train.tensor_parallel == 1:
@@ -71,7 +75,7 @@ class Setup:
 
     def data_sharded(self, part: Part) -> bool:
         """At T > 1 on more than T GPUs at train.data_parallel=shard, FSDP2 shards its tensor slices over
-        the data groups (engine/tensor_parallel.py); not a LoRA base's, nor the shared value head."""
+        the data groups (engine/parallel/tensor_parallel.py); not a LoRA base's, nor the shared value head."""
         t = self.cfg.train.tensor_parallel
         return (t > 1 and self.ranks > t and self.fsdp(part) and self.cfg.train.data_parallel == "shard"
                 and not part.adapted and part.role != "value head")
@@ -92,7 +96,7 @@ class Setup:
     def experts(self) -> tuple[int, set[int]]:
         """(E, ids of the parameters expert parallelism holds): at train.expert_parallel=E > 1 under
         torchrun the trained policy's (SFT's model's) experts, E / num_experts of them whole per rank
-        and outside FSDP's units (engine/model/expert_parallel.py); (1, empty) otherwise."""
+        and outside FSDP's units (engine/parallel/expert_parallel.py); (1, empty) otherwise."""
         def compute():
             e = getattr(self.cfg.train, "expert_parallel", 1)
             if e == 1 or self.ranks == 1:
@@ -132,6 +136,7 @@ class MemoryPlan:
     rules: EngineRules
     notes: list = field(default_factory=list)
     shard_group: int = 1         # GPUs an FSDP model is split over (Setup.shard_group)
+    kv_pool: PoolFigures | None = None  # PPO: the rollout's KV pool (kv_pool.py)
 
     def total(self, phase: str) -> int:
         return sum(self.phases[phase].values())
@@ -146,7 +151,9 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.peak <= self.gpu_memory
+        """Every phase within the GPU, and a KV pool that holds one full-length sequence."""
+        pool_ok = self.kv_pool is None or self.kv_pool.problem() is None
+        return self.peak <= self.gpu_memory and pool_ok
 
 
 def _params(s: Setup) -> list[tuple[torch.Tensor, Part]]:
@@ -221,15 +228,23 @@ def forward_gathered(s: Setup, part: Part) -> int:
     return (rest + s.rules.layers_gathered * max(layers, default=0)) // share
 
 
-def kv_pool_bytes(s: Setup) -> int:
-    """The paged KV pool of HybridActor: rollout.kv_cache_memory bytes in whole blocks, at most
-    max_num_seqs (prompts x samples) full-length sequences (engine/inference/llm.py); with tensor
-    parallelism a GPU holds its key/value heads' share of every block (so T times the blocks)."""
-    r, c, t = s.cfg.rollout, _policy(s).config, s.cfg.train.tensor_parallel
-    per_block = kv_bytes_per_block(c, s.dtype, r.block_size, t)
-    blocks = num_blocks_for_budget(r.kv_cache_memory, c, s.dtype, r.block_size, "cpu", t)
-    blocks = min(blocks, r.prompts_per_iteration * r.samples_per_prompt * -(-c.max_model_len // r.block_size))
-    return blocks * per_block
+def pool_phases(s: Setup) -> tuple[str, ...]:
+    """The phases that hold the KV pool (kv_pool.held_in): rollout.release_kv_pool frees it outside
+    the rollout where no CUDA graph holds it: under torchrun gathering by unshard (graphs off);
+    where decode steps are CUDA graphs (one process, tensor slices copied across the data groups,
+    rollout.persistent_weights) the pool stays."""
+    copies = s.cfg.train.tensor_parallel > 1 and not s.data_sharded(_policy(s))
+    graphs = s.ranks == 1 or copies or s.cfg.rollout.persistent_weights
+    return held_in(s.cfg, s.ranks, graphs)
+
+
+def kv_pool(s: Setup, phases: dict) -> PoolFigures:
+    """The paged KV pool of HybridActor beside `phases` (the pool left out): kv_pool.pool_bytes;
+    with tensor parallelism a GPU holds its key/value heads' share of every block (so T times the
+    blocks)."""
+    c, t = _policy(s).config, s.cfg.train.tensor_parallel
+    nbytes = pool_bytes(s.cfg, c, s.dtype, t, s.gpu_memory, phases, pool_phases(s))
+    return pool_figures(s.cfg, c, s.dtype, t, nbytes)
 
 
 def _policy(s: Setup) -> Part:
@@ -265,7 +280,7 @@ def _elem(s: Setup) -> int:
 
 def persistent_bytes(s: Setup) -> int:
     """rollout.persistent_weights: the policy's whole-size generation buffers, allocated with the
-    hybrid actor and kept (inference/persistent_weights.py): its whole weights (its tensor slices at
+    hybrid actor and kept (parallel/persistent_weights.py): its whole weights (its tensor slices at
     train.tensor_parallel > 1), but where its local shards are whole on the GPU already
     (data_parallel=replicate, not offloaded), read as they are."""
     policy = _policy(s)
@@ -290,10 +305,13 @@ def load_phase(s: Setup) -> dict:
     return {"weights": whole + small}
 
 
-def update_phase(s: Setup, tokens: int, trained_decoders: list[Part]) -> dict:
+def update_phase(s: Setup, tokens: int, trained_decoders: list[Part],
+                 shared_keys: float = 0.0) -> dict:
     """The larger of the backward (activations of every trained decoder's graph at once, their
-    FSDP roots and layers gathered, a unit's whole gradients) and the step (the fp32 gradient copy)."""
+    FSDP roots and layers gathered, a unit's whole gradients) and the step (the fp32 gradient copy).
+    shared_keys: keys gathered per token by prefix sharing (activations.shared_prefix_tokens)."""
     elem, ckpt = _elem(s), s.cfg.train.gradient_checkpointing
+    offload = getattr(s.cfg.train, "activation_offload", False)
     grads = grad_bytes(s)
     unsharded_grads = 0
     gathered = 0
@@ -303,8 +321,9 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part]) -> dict:
             gathered += forward_gathered(s, part)
             unsharded_grads = max(unsharded_grads, (rest + max(layers, default=0)) // share)
     backward = {**_resident(s), "grads": grads + unsharded_grads, "gathered": gathered,
-                "activations": sum(training_activations(p.config, elem, ckpt, tokens, lm_head=_has_lm_head(s, p))
-                                   for p in trained_decoders)}
+                "activations": sum(training_activations(
+                    p.config, elem, ckpt, tokens, lm_head=_has_lm_head(s, p), offload=offload,
+                    shared_keys=shared_keys, fused=s.fused) for p in trained_decoders)}
     step = {**_resident(s), "grads": grads + step_buffer_bytes(s)}
     return max(backward, step, key=lambda d: sum(d.values()))
 
@@ -327,7 +346,7 @@ def supervised_phases(s: Setup) -> dict:
 
 
 def generation_gathered(s: Setup, policy: Part) -> int:
-    """Weights generation holds on top of the policy's shards (engine/tensor_parallel.py): at
+    """Weights generation holds on top of the policy's shards (engine/parallel/tensor_parallel.py): at
     train.tensor_parallel T > 1 its tensor slices (1/T of the policy) gathered from the data group
     when sharded there (Setup.data_sharded), else none (the data groups hold copies: each GPU reads
     its slices where they lie); at T = 1 the whole policy (rules.generation_gathers_policy), unless it is read from
@@ -344,48 +363,59 @@ def ppo_phases(s: Setup) -> dict:
     r, p = s.cfg.rollout, s.cfg.ppo
     rows = r.prompts_per_iteration * r.samples_per_prompt
     longest = r.max_prompt_length + r.max_new_tokens
-    kv = kv_pool_bytes(s)
     policy = _policy(s)
     elem = _elem(s)
-    # rollout.release_kv_pool frees the pool outside the rollout where no CUDA graph holds it: under
-    # torchrun gathering by unshard (graphs off); where decode steps are CUDA graphs (one process,
-    # tensor slices copied across the data groups, rollout.persistent_weights) the pool stays.
-    graphs = s.ranks == 1 or (s.cfg.train.tensor_parallel > 1 and not s.data_sharded(policy)) or r.persistent_weights
-    kv_after = 0 if r.release_kv_pool and not graphs else kv
-    base = {**_resident(s), "kv_pool": kv_after}
+    base = _resident(s)  # the KV pool: added by plan_phases where it is held
 
     gathered = generation_gathered(s, policy)
     c = policy.config
-    prefill = min(max(PREFILL_TOKENS, c.max_model_len), rows * r.max_prompt_length)
-    sampler_logits = 2 * 4 * rows * c.vocab_size  # fp32 logits of a decode step and the sampler's work copy
-    rollout = {**base, "kv_pool": kv, "gathered": gathered,
+    # The engine's batch: RolloutConfig.max_rows (partial rollouts run their groups in flight).
+    prefill = min(max(PREFILL_TOKENS, c.max_model_len), r.max_rows * r.max_prompt_length)
+    # fp32 logits of a decode step and the sampler's work copy
+    sampler_logits = 2 * 4 * r.max_rows * c.vocab_size
+    rollout = {**base, "gathered": gathered,
                "activations": forward_activations(c, elem, prefill, lm_head=False) + sampler_logits}
 
-    # rollout.tokens_per_forward: each scoring forward holds at most that many of the rows' tokens.
-    scored = min(rows * longest, r.tokens_per_forward or rows * longest)
+    # train.prefix_sharing: a forward reads each group's prompt once, gathers its keys per answer.
+    sharing = s.cfg.train.prefix_sharing
+    forwarded, shared_keys = shared_prefix_tokens(rows, r.samples_per_prompt, r.max_prompt_length,
+                                                  r.max_new_tokens, sharing)
+    # rollout.tokens_per_forward: each scoring forward holds at most that many forwarded tokens.
+    scored = min(forwarded, r.tokens_per_forward or forwarded)
 
     def scoring_cost(part: Part) -> tuple[int, int]:
         # The batch-invariant forward reads the policy whole: gathered, or its persistent buffers.
         exact = part is policy and r.exact and s.fsdp(part)
         return ((0 if r.persistent_weights else whole_bytes(part)) if exact else forward_gathered(s, part),
-                forward_activations(part.config, elem, scored, lm_head=_has_lm_head(s, part)))
+                forward_activations(part.config, elem, scored, lm_head=_has_lm_head(s, part),
+                                    shared_keys=shared_keys))
     decoders = [part for part in s.parts if part.config is not None]
     gathered_s, act_s = max((scoring_cost(part) for part in decoders), key=sum)
     scoring = {**base, "gathered": gathered_s, "activations": act_s}
 
+    # A micro-batch of rows may hold one row per group (minibatches draw random rows): whole rows.
     tokens = p.tokens_per_microbatch or (p.microbatch_size or p.minibatch_size) * longest
     critic = _critic_decoder(s)
-    update = {**update_phase(s, tokens, [policy] + ([critic] if critic else [])), "kv_pool": kv_after}
+    update = update_phase(s, tokens, [policy] + ([critic] if critic else []), shared_keys)
     export = {**base, "gathered": export_gathered(s, [policy, *_role(s, "critic")])}
     if _role(s, "critic adapters"):  # LoRACritic.merged: a ValueModel on its trunk's own shards
         export["gathered"] = max(export["gathered"], export_gathered(s, [critic]))
     return {"load": load_phase(s), "rollout": rollout, "scoring": scoring, "update": update, "export": export}
 
 
-def plan_phases(s: Setup) -> dict:
-    """{phase: {category: bytes per GPU}} for the stage, every category present in every phase."""
-    phases = ppo_phases(s) if s.stage in ("ppo", "grpo") else supervised_phases(s)
-    return {name: {cat: int(phases[name].get(cat, 0)) for cat in CATEGORIES} for name in PHASES if name in phases}
+def plan_phases(s: Setup) -> tuple[dict, PoolFigures | None]:
+    """({phase: {category: bytes per GPU}} for the stage, every category present in every phase; the
+    KV pool of a PPO stage, counted in the phases that hold it, else None)."""
+    ppo = s.stage in ("ppo", "grpo")
+    phases = ppo_phases(s) if ppo else supervised_phases(s)
+    phases = {name: {cat: int(phases[name].get(cat, 0)) for cat in CATEGORIES}
+              for name in PHASES if name in phases}
+    if not ppo:
+        return phases, None
+    pool = kv_pool(s, phases)
+    for name in pool_phases(s):
+        phases[name]["kv_pool"] = pool.bytes
+    return phases, pool
 
 
 def model_rows(s: Setup) -> list[dict]:

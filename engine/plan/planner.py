@@ -20,8 +20,8 @@ from .model_bytes import ppo_models, supervised_models
 from .phases import MemoryPlan, Setup, host_optimizer_bytes, model_rows, plan_phases
 from .rules import TODAY, EngineRules
 from .units import format_bytes
-from ..tensor_parallel import check_tensor_parallel
-from ..distributed import shard_group_size
+from ..parallel.dims import shard_group_size
+from ..parallel.validate import check_tensor_parallel, slices_sharded
 
 
 def stage_of(cfg) -> str:
@@ -36,10 +36,11 @@ def model_config(model_dir: str):
 
 
 def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda",
-                gpus_per_node: int | None = None) -> Setup:
+                gpus_per_node: int | None = None, gpu_memory: int | None = None) -> Setup:
     """The stage's models on the meta device, with the dtype train.precision gives on `device`, on
-    `gpus` GPUs of nodes of `gpus_per_node` (default: one node; train.data_parallel=hybrid's shard
-    group unless train.shard_group_size says)."""
+    `gpus` GPUs of `gpu_memory` bytes (what an auto KV pool fills) of nodes of `gpus_per_node`
+    (default: one node; train.data_parallel=hybrid's shard group unless train.shard_group_size
+    says)."""
     stage = stage_of(cfg)
     dtype = param_dtype(resolve_precision(cfg.train.precision, torch.device(device)))
     if stage == "ppo":
@@ -47,9 +48,11 @@ def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda"
         parts = ppo_models(cfg, model_config(cfg.policy), rm, dtype, rules.lora_base_whole)
     else:
         parts = supervised_models(stage, cfg, model_config(cfg.model), dtype, rules.lora_base_whole)
-    # One process is refused train.optimizer_offload (engine/plan/check.py): nothing is offloaded.
+    # One process is refused train.optimizer_offload (parallel/validate.py): nothing is offloaded.
     group = shard_group_size(cfg.train.data_parallel, gpus, cfg.train.shard_group_size, gpus_per_node or gpus)
-    return Setup(stage, cfg, parts, gpus, group, dtype, cfg.train.optimizer_offload and gpus > 1, rules)
+    offload = cfg.train.optimizer_offload and gpus > 1
+    return Setup(stage, cfg, parts, gpus, group, dtype, offload, rules, gpu_memory,
+                 fused=torch.device(device).type == "cuda")
 
 
 def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, device: str = "cuda",
@@ -59,25 +62,22 @@ def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, devi
     changes of `advice` too (a few more plans)."""
     if gpus < 1:
         raise ValueError(f"--gpus={gpus}: expected at least 1")
-    s = stage_setup(cfg, gpus, rules, device, gpus_per_node)
+    s = stage_setup(cfg, gpus, rules, device, gpus_per_node, gpu_memory)
     policy = s.parts[0].config
     check_tensor_parallel(cfg.train.tensor_parallel, gpus, policy, option="train.tensor_parallel")
-    plan = MemoryPlan(s.stage, gpus, gpu_memory, plan_phases(s), model_rows(s), host_optimizer_bytes(s), rules,
-                      shard_group=s.shard_group)
-    if advise and not plan.fits:
-        plan.notes = advice(cfg, plan, rules, device)
+    phases, pool = plan_phases(s)
+    plan = MemoryPlan(s.stage, gpus, gpu_memory, phases, model_rows(s), host_optimizer_bytes(s),
+                      rules, shard_group=s.shard_group, kv_pool=pool)
+    if plan.peak > gpu_memory:  # what to change first (an auto pool is empty then)
+        plan.notes = advice(cfg, plan, rules, device) if advise else []
+    elif pool is not None:
+        plan.notes = [note for note in (pool.problem(), pool.warning()) if note]
     return plan
 
 
 def with_overrides(cfg, overrides: list[str]):
     """`cfg` with `key=value` overrides applied (validated again, as the command line would)."""
     return config_io.from_dict(type(cfg), config_io.apply_overrides(config_io.to_dict(cfg), overrides))
-
-
-def slices_sharded(cfg, gpus: int) -> bool:
-    """Whether FSDP2 shards the trained models' tensor slices over the data groups (engine/tensor_parallel.py):
-    train.data_parallel=shard on more GPUs than train.tensor_parallel, no LoRA base."""
-    return cfg.train.data_parallel == "shard" and gpus > cfg.train.tensor_parallel and cfg.lora.rank == 0
 
 
 def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
@@ -91,6 +91,9 @@ def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
         out.append(("offload the optimizer state to CPU memory", ["train.optimizer_offload=true"], gpus))
     if not cfg.train.gradient_checkpointing:
         out.append(("recompute activations in backward", ["train.gradient_checkpointing=true"], gpus))
+    elif not cfg.train.activation_offload:
+        out.append(("keep the checkpointed layers' inputs in CPU memory",
+                    ["train.activation_offload=true"], gpus))
     if cfg.lora.rank == 0:
         # An MoE model's adapters go on attention only (lora.add_lora refuses MLP targets there).
         out.append(("train LoRA adapters only", ["lora.rank=64"] + (

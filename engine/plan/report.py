@@ -8,13 +8,16 @@ from .units import format_bytes
 def to_json(plan: MemoryPlan) -> dict:
     """{"fits": bool, "peak_bytes", "peak_phase", "gpu_memory", "gpus", "shard_group" (the GPUs an FSDP
     model is split over), "phases": {phase: {category:
-    bytes per GPU, "total": ...}}, "models": [...], "host_optimizer_bytes", "advice": [...], "rules"}."""
+    bytes per GPU, "total": ...}}, "models": [...], "host_optimizer_bytes", "advice": [...],
+    "rules", "kv_pool": PPO's {"bytes", "tokens", "sequences", "sequence_tokens", "group"}
+    (kv_pool.PoolFigures), else null}."""
     return {"stage": plan.stage, "gpus": plan.ranks, "shard_group": plan.shard_group, "gpu_memory": plan.gpu_memory,
             "fits": plan.fits,
             "peak_phase": plan.peak_phase, "peak_bytes": plan.peak,
             "phases": {name: {**cats, "total": plan.total(name)} for name, cats in plan.phases.items()},
             "models": plan.models, "host_optimizer_bytes": plan.host_optimizer_bytes,
-            "advice": plan.notes, "rules": plan.rules.as_dict()}
+            "advice": plan.notes, "rules": plan.rules.as_dict(),
+            "kv_pool": plan.kv_pool.as_dict() if plan.kv_pool else None}
 
 
 def _params(n: int) -> str:
@@ -37,7 +40,10 @@ def format_plan(plan: MemoryPlan, title: str) -> str:
         lines.append("  " + "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
     if plan.host_optimizer_bytes:
         lines.append(f"  optimizer state in CPU memory: {format_bytes(plan.host_optimizer_bytes)} per GPU's process")
-    verdict = "fits" if plan.fits else "does NOT fit"
+    if plan.kv_pool is not None:
+        lines.append(f"  {plan.kv_pool.line()}")
+    pool_short = plan.kv_pool is not None and plan.kv_pool.problem() is not None
+    verdict = "fits" if plan.fits else "does NOT fit" + (" (the KV pool: below)" * pool_short)
     lines.append(f"peak: {plan.peak_phase} {format_bytes(plan.peak)} of {format_bytes(plan.gpu_memory)}: {verdict}")
     lines += plan.notes
     return "\n".join(lines)
@@ -45,6 +51,8 @@ def format_plan(plan: MemoryPlan, title: str) -> str:
 
 def refusal(plan: MemoryPlan) -> str:
     """The one line a stage refuses an unfit run with."""
+    if plan.kv_pool is not None and plan.kv_pool.problem():
+        return f"the memory plan does not fit: {plan.kv_pool.problem()} (details: `fusedrl plan`)"
     phase = plan.phases[plan.peak_phase]
     top = sorted(phase, key=phase.get, reverse=True)[:3]
     parts = ", ".join(f"{c} {format_bytes(phase[c])}" for c in top)

@@ -61,9 +61,10 @@ def rl_training(cfg: DemoConfig, min_lr_ratio: float = 1.0) -> dict:
     from ..config.train import OptimConfig
 
     lr = RL_LORA_LR if cfg.lora_rank else RL_LR
+    targets = {"target_modules": "q_proj,k_proj,v_proj,o_proj"} if cfg.arch == "qwen3_moe" else {}
     return {"optim": OptimConfig(lr=lr, max_grad_norm=1.0, min_lr_ratio=min_lr_ratio),
-            "lora": LoRAConfig(rank=cfg.lora_rank, alpha=2.0 * max(cfg.lora_rank, 1),
-                               **({"target_modules": "q_proj,k_proj,v_proj,o_proj"} if cfg.arch == "qwen3_moe" else {}))}
+            "lora": LoRAConfig(rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank, **targets)
+            if cfg.lora_rank else LoRAConfig()}
 
 
 def run_ppo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: dict, evaluate) -> Path:

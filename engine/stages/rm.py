@@ -23,17 +23,19 @@ import torch.nn.functional as F
 from ..config.train import RMConfig
 from ..data.loading import load_examples
 from ..data.packing import PackedBatch, collate_rm, pack
-from ..data.records import Ranking, parser_for, read_jsonl
-from ..data.tokenization import tokenize_prompt, tokenize_response
+from ..data.records import parser_for
+from ..data.sources import read_records
+from ..data.tokenization import tokenize_record
 from ..errors import NonFiniteError
 from ..model.hf_io import load_model
 from ..model.reward_model import RewardModel, load_reward_model, save_reward_model
 from ..train import adapters
-from ..distributed import is_main
+from ..parallel.distributed import is_main
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
-from ..tensor_parallel import training_sharder
+from ..parallel.layout import laying_out
+from ..plan.check import refuse_unfit
 from ..train.supervised import Stage, check_context, train
 from .sft import target_nll_sum
 
@@ -99,17 +101,19 @@ def rm_stage(cfg: RMConfig, dtype: torch.dtype, device, sharder=None) -> Stage:
 
 
 def reference_sequences(cfg: RMConfig, tokenizer, records: list) -> list[list[int]]:
-    """Token ids (prompt + response) of the responses that define reward 0: the demonstrations of
-    cfg.reference_file, else the best response of each training ranking; at most max_reference."""
+    """Token ids (prompt + response, rendered as in training) of the responses that define reward 0:
+    the demonstrations of cfg.reference_file, else the best response of each training ranking; at
+    most max_reference."""
     if cfg.reference_file:
-        records = read_jsonl(cfg.reference_file, parser_for("sft", "demonstration"), cfg.data.skip_malformed).records
-        pairs = [(r.prompt, r.response) for r in records]
-    else:
-        pairs = [(r.prompt, r.responses[0]) for r in records if isinstance(r, Ranking)]
+        parse = parser_for("sft", "auto", all_turns=cfg.data.train_on == "assistant_turns")
+        records = read_records(cfg.reference_file, parse, cfg.data.skip_malformed,
+                               cfg.data.columns()).records
     out = []
-    for prompt, response in pairs[: cfg.max_reference]:
-        ids = tokenize_prompt(tokenizer, prompt, cfg.data.max_prompt_length)
-        out.append(ids + tokenize_response(tokenizer, response, cfg.data.max_length - len(ids)))
+    for record in records[: cfg.max_reference]:
+        example = tokenize_record(tokenizer, record, cfg.data.max_length,
+                                  cfg.data.max_prompt_length)
+        if example is not None:
+            out.append(example.prompt + example.responses[0])
     return out
 
 
@@ -128,21 +132,24 @@ def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int,
 
 
 @releases_output_dir
-def run_rm(cfg: RMConfig) -> Path:
+def run_rm(cfg: RMConfig, dataset=None, eval_dataset=None) -> Path:
     """Train per `cfg`, normalize, export RUN_DIR/final (see engine/model/reward_model.py for the
-    format; with lora.rank > 0 also RUN_DIR/final_adapter, see the module docstring)."""
-    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="rm", config=cfg)
+    format; with lora.rank > 0 also RUN_DIR/final_adapter, see the module docstring). dataset,
+    eval_dataset: datasets.Dataset objects read instead of cfg.data.train_file and
+    cfg.data.eval_file."""
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="rm", config=cfg,
+                    check=refuse_unfit)
     check_context(cfg.data, run.configs["model"].max_model_len)
     device, tokenizer = run.device, run.tokenizer
-    examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed)
+    examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed, dataset, eval_dataset)
     # The trained score head stays whole on every rank beside LoRA adapters (a replicated head).
-    sharder = training_sharder(cfg.train, device, lambda model: [model.score] if cfg.lora.enabled else [],
-                               data_shard=not cfg.lora.enabled)
+    sharder = laying_out("adapted" if cfg.lora.enabled else "trained", run.dims,
+                         lambda model: [model.score] if cfg.lora.enabled else [])
     model = load_model(cfg.model, dtype=run.dtype, device=device, model_cls=RewardModel, shard=sharder,
                        fresh=["score.weight"])  # the head starts at zero: see reward_model_from_lm
     lora = adapters.attach(model, cfg.lora, {"score": model.score})
     state = train(model, rm_stage(cfg, run.dtype, device, sharder), examples.train, examples.eval, cfg, device, examples.info,
-                  lora)
+                  lora, run.dims)
     references = reference_sequences(cfg, tokenizer, examples.records)
     # Every rank scores all references (the sharded forward is collective), so all agree on it.
     model.reward_offset = mean_raw_reward(model, references, cfg.data.tokens_per_batch, device)

@@ -17,7 +17,8 @@ from ..model.lm_head import lm_head_logprobs
 from ..train import adapters
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
-from ..tensor_parallel import training_sharder
+from ..parallel.layout import laying_out
+from ..plan.check import refuse_unfit
 from ..train.router_losses import with_router_losses
 from ..train.supervised import Stage, check_context, train
 
@@ -58,17 +59,19 @@ def sft_stage(dtype: str, device, sharder=None, router=None) -> Stage:
 
 
 @releases_output_dir
-def run_sft(cfg: SFTConfig) -> Path:
+def run_sft(cfg: SFTConfig, dataset=None, eval_dataset=None) -> Path:
     """Train per `cfg`; returns the exported model directory (RUN_DIR/final; with lora.rank > 0 the
-    adapters merged into it, and themselves in RUN_DIR/final_adapter)."""
-    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="sft", config=cfg)
+    adapters merged into it, and themselves in RUN_DIR/final_adapter). dataset, eval_dataset:
+    datasets.Dataset objects read instead of cfg.data.train_file and cfg.data.eval_file."""
+    run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="sft", config=cfg,
+                    check=refuse_unfit)
     check_context(cfg.data, run.configs["model"].max_model_len)
-    examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed)
-    sharder = training_sharder(cfg.train, run.device, data_shard=not cfg.lora.enabled)
+    examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed, dataset, eval_dataset)
+    sharder = laying_out("adapted" if cfg.lora.enabled else "trained", run.dims)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device, shard=sharder)
     lora = adapters.attach(model, cfg.lora)
     train(model, sft_stage(run.dtype, run.device, sharder, cfg.moe), examples.train, examples.eval, cfg, run.device,
-          examples.info, lora)
+          examples.info, lora, run.dims)
     final = Path(cfg.output_dir) / "final"
     adapters.export(model, lora, final, cfg.model)
     return final

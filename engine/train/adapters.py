@@ -5,14 +5,14 @@ model directory plus the adapters resume the run exactly), and export at the end
 Hugging Face directory the next stage or transformers loads). The reward model trains its `score`
 head in full beside the adapters (PEFT's modules_to_save; the adapters then are a SEQ_CLS directory).
 Under torchrun the frozen base is sharded like any frozen model, the adapters (and heads) are whole
-on every rank and their gradients averaged over the ranks (engine/distributed.py); on a
+on every rank and their gradients averaged over the ranks (engine/parallel/distributed.py); on a
 tensor-parallel base the adapters are sliced like the weights they adapt (engine/model/lora.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable, Optional
 
-from .. import distributed
+from ..parallel import distributed
 from ..config.lora import LoRAConfig
 from ..model.hf_io import save_model
 from ..model.lora import LoRA, add_lora

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..config.train import OptimConfig
-from .. import distributed
+from ..parallel import distributed
 from .fused_adamw import FusedAdamW
 
 

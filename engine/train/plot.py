@@ -1,12 +1,24 @@
 """PNG curves of a run's metrics.jsonl (`fusedrl plot RUN_DIR`, and the demo's plots).
 
 Writes RUN_DIR/plots/train.png and, when the run evaluated, RUN_DIR/plots/eval.png: one panel per
-numeric metric against the step.
+numeric metric against the step. Each PNG carries a text chunk marking it as fusedrl's (PLOT_MARK):
+a plot writes a new file or replaces its own earlier PNG, never anything else at that name (a user's
+file, a link, a FIFO), and never writes through a link (the folder itself may not be one). A PNG is
+written whole under a hidden temp name and then linked (new) or renamed (an earlier plot) into
+place.
 """
 from __future__ import annotations
 
 import math
+import os
+import stat
+import tempfile
 from pathlib import Path
+
+from ..errors import UsageError
+
+# The PNG text chunk (keyword, text) marking a file as written by fusedrl's plot.
+PLOT_MARK = ("fusedrl", "plot")
 
 # Bookkeeping fields of every record, not curves.
 _NOT_CURVES = {"kind", "step", "time", "epoch"}
@@ -37,7 +49,11 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
     from .runlog import read_metrics
 
     rows = read_metrics(run_dir)
+    option = "--out" if out_dir else "the plot folder"
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "plots"
+    if out_dir.is_symlink():
+        raise UsageError(f"{option} {out_dir} is a symbolic link: fusedrl plot never writes "
+                         "through one; give the directory it leads to")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for kind in ("train", "eval"):
@@ -57,7 +73,56 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
         fig.suptitle(f"{Path(run_dir).name}: {kind}")
         fig.tight_layout()
         path = out_dir / f"{kind}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        try:
+            write_png(fig, path)
+        finally:
+            plt.close(fig)
         written.append(path)
     return written
+
+
+def write_png(fig, path: Path) -> None:
+    """Save the matplotlib figure `fig` as the marked PNG `path`: a new file, or over an earlier
+    fusedrl plot; a UsageError naming `path` when anything else is there (nothing is written)."""
+    earlier = _refuse_foreign(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=100, format="png", metadata=dict([PLOT_MARK]))
+        os.chmod(tmp, 0o644)
+        if earlier:
+            # Replaces the name: a link put there meanwhile is replaced, not followed.
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if anything appeared at the name since the check
+            except FileExistsError:
+                raise UsageError(f"{path} appeared while fusedrl plot was writing it: not "
+                                 "replaced") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _refuse_foreign(path: Path) -> bool:
+    """Whether `path` holds an earlier fusedrl plot (False: nothing there); UsageError when it
+    holds anything else."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISREG(mode) and is_plot(path):
+        return True
+    what = "a symbolic link" if stat.S_ISLNK(mode) else "a file fusedrl plot did not write"
+    raise UsageError(f"{path} is {what}: fusedrl plot never replaces it; move it or give --out "
+                     "another folder")
+
+
+def is_plot(path: Path) -> bool:
+    """Whether the regular file `path` is a PNG that fusedrl plot wrote (it carries PLOT_MARK)."""
+    from PIL import Image, UnidentifiedImageError  # matplotlib's own dependency
+
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get(PLOT_MARK[0]) == PLOT_MARK[1]
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False

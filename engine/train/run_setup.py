@@ -12,16 +12,21 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..config.train import RunConfig
 from .. import run_dir
-from ..errors import UsageError
+from ..errors import ModelError, UsageError
 from ..model.hf_io import load_config, load_tokenizer
 from ..path_checks import check_model_path, check_paths
-from .. import distributed
+from ..parallel import distributed
+from ..parallel.dims import ParallelDims
+from ..parallel.validate import check_models
+from ..run_paths import run_inputs
 from .precision import param_dtype, resolve_precision
+from .trackers import check_installed, tracker_names
 
 
 @dataclass
@@ -30,6 +35,7 @@ class RunContext:
     dtype: torch.dtype       # of the models' parameters (train.precision)
     tokenizer: object
     configs: dict            # {option: ModelConfig} of the model directories checked
+    dims: ParallelDims       # the job's parallel layout (engine/parallel/dims.py)
 
 
 def resolve_device(name: str | None, option: str = "train.device") -> torch.device:
@@ -75,27 +81,48 @@ def claim_output_dir(kind: str, options: RunConfig, output_dir: str, inputs: lis
 
 
 def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, files: dict, kind: str,
-              config=None) -> RunContext:
-    """Check everything first: `models` {option: model directory, or None when unused} (the first
-    one's tokenizer is the run's), `files` {option: input file or None}, output_dir (engine/path_checks.py),
-    the models' config.json and the device of `options` (the stage's `train` section). Then join
-    torchrun's process group when launched by it (a bare `cuda` becomes this rank's GPU,
-    cuda:LOCAL_RANK); `config`, the stage's whole config: its memory plan must fit the GPUs
-    (engine/plan/check.py), checked before any model loads; then take output_dir for the stage `kind`
+              config=None, check: Callable | None = None) -> RunContext:
+    """Check everything first: the packages of the trackers of `options` (the stage's `train`
+    section), `models` {option: model directory, or None when unused} (the first one's tokenizer is
+    the run's), `files` {option: input file or None}, output_dir (engine/path_checks.py), the
+    models' config.json and the device of `options`. Then join torchrun's process group when
+    launched by it (a bare `cuda` becomes this rank's GPU, cuda:LOCAL_RANK); `config`, the stage's
+    whole config, is then checked by `check(config, device, world size)` (the stage's start-up
+    refusals: engine/plan/check.py), before any model loads and before the job's parallel dims
+    (`RunContext.dims`) are built from `options`; load the tokenizer (run_tokenizer); then take
+    output_dir for the stage `kind`
     (claim_output_dir; the stage's entry point releases it: run_dir.releases_output_dir) and seed
     python's and torch's RNGs with `seed` (the same on every rank: models are built identically
     before sharding)."""
+    check_installed(tracker_names(options))
     check_paths(models, files, output_dir)
     configs = {option: load_config(Path(path)) for option, path in models.items() if path}
     device = resolve_device(options.device)
     distributed.init_distributed(device.type, options.dist_timeout_s)
     if device.type == "cuda" and device.index is None and distributed.world_size() > 1:
         device = torch.device("cuda", distributed.local_rank())
-    if config is not None:
-        from ..plan.check import refuse_unfit
-        refuse_unfit(config, device, distributed.world_size())
-    claim_output_dir(kind, options, output_dir, [*models.values(), *files.values()])
+    if check is not None:
+        check(config, device, distributed.world_size())
+    check_models(options, distributed.world_size(), configs)
+    dims = ParallelDims.from_train(options, distributed.world_size(), device.type)
+    tokenizer = run_tokenizer(*next(iter(models.items())))
+    inputs = run_inputs(config) if config is not None else [*models.values(), *files.values()]
+    claim_output_dir(kind, options, output_dir, inputs)
     random.seed(seed)
     torch.manual_seed(seed)
-    return RunContext(device, param_dtype(resolve_precision(options.precision, device)),
-                      load_tokenizer(next(iter(models.values()))), configs)
+    dtype = param_dtype(resolve_precision(options.precision, device))
+    return RunContext(device, dtype, tokenizer, configs, dims)
+
+
+_PROBE = "hello world 0123456789"  # letters, digits, a space: a real vocabulary has some
+
+
+def run_tokenizer(option: str, path):
+    """The tokenizer of model directory `path` (the option naming it), which must turn a text
+    into tokens: ModelError naming the directory for an empty one (a tokenizer.json without a
+    vocabulary)."""
+    tokenizer = load_tokenizer(path)
+    if not tokenizer(_PROBE, add_special_tokens=False)["input_ids"]:
+        raise ModelError(f"{option}={path}: its tokenizer is empty (it turns {_PROBE!r} into no "
+                         "tokens): save the tokenizer the model was trained with there")
+    return tokenizer

@@ -1,4 +1,5 @@
-"""The run directory's log side: resolved config, metrics JSONL, progress bar, optional TensorBoard.
+"""The run directory's log side: resolved config, metrics JSONL, progress on stderr (progress.py),
+the experiment trackers of train.report_to (trackers.py).
 
 RUN_DIR/
     .fusedrl-run      marks the directory as a fusedrl run; .fusedrl-run.lock: the running process's
@@ -7,7 +8,7 @@ RUN_DIR/
                       line, a comment, records the number of ranks: `# world_size: N`
     metrics.jsonl     one JSON object per line: {"kind": "train"|"eval"|"info", "step": ..., ...};
                       one series: a run resumed at step S first drops the records past S
-    tensorboard/      event files, when enabled
+    tensorboard/      event files, with train.report_to=tensorboard (wandb/: with wandb)
     checkpoints/      see engine/train/checkpoint/
     final/            the exported model
 `fusedrl plot RUN_DIR` reads metrics.jsonl back. config.yaml and a rewritten metrics.jsonl are
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,63 +27,55 @@ import torch
 import yaml
 
 from ..config import io as config_io
+from ..config.resume import METRICS_FILE
 from ..durable import open_append, write_text_atomic
+from .progress import open_progress
+from .trackers import Trackers
+from .data_record import DATA_RECORD
 
-METRICS_FILE = "metrics.jsonl"
 # The entries of RUN_DIR written through a hidden temp sibling (engine/durable.py), as a regex: the
 # only names whose leftovers a new run removes from it.
-REPLACED_WHOLE = r"final\w*|config\.yaml|metrics\.jsonl"
-# Shown in the progress bar, when present, in this order.
-_BAR_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "accuracy", "score_mean", "kl", "skipped_steps")
+REPLACED_WHOLE = r"final\w*|config\.yaml|metrics\.jsonl|" + re.escape(DATA_RECORD)
 
 
 class RunLog:
-    """Appends metrics to RUN_DIR/metrics.jsonl (and TensorBoard); drives the progress bar."""
+    """Appends metrics to RUN_DIR/metrics.jsonl (and the trackers); drives the progress display."""
 
     def __init__(self, run_dir, config, total_steps: int, first_step: int = 0,
-                 progress: bool = True, tensorboard: bool = False, world_size: int = 1):
+                 progress: bool = True, trackers: list[str] = (), world_size: int = 1):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        settings = config_io.to_dict(config)
         # The world size as a comment: the file stays loadable as a config.
-        write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(config_io.to_dict(config), sort_keys=False)
+        write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(settings, sort_keys=False)
                           + f"# world_size: {world_size}\n")
         keep_series(self.run_dir / METRICS_FILE, first_step)
         self._metrics = open_append(self.run_dir / METRICS_FILE)
-        self._tb = _tensorboard_writer(self.run_dir / "tensorboard") if tensorboard else None
-        self._bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            self._bar = tqdm(total=total_steps, initial=first_step, desc=self.run_dir.name, unit="step",
-                             dynamic_ncols=True)
+        self._trackers = Trackers(list(trackers), self.run_dir, settings)
+        self._progress = (open_progress(self.run_dir.name, total_steps, first_step) if progress
+                          else None)
 
     def log(self, kind: str, step: int, metrics: dict):
-        """Write one record; train records also advance the progress bar to `step`."""
+        """Write one record; train records also advance the progress display to `step`."""
         self._metrics.write(metrics_line(kind, step, metrics))
         self._metrics.flush()  # a crashed run keeps every line written so far
-        if self._tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"{kind}/{key}", value, step)
-        if self._bar is not None:
-            if kind == "train":
-                self._bar.update(step - self._bar.n)
-            shown = {k: metrics[k] for k in _BAR_KEYS if k in metrics and (k != "skipped_steps" or metrics[k])}
-            self._bar.set_postfix({f"{kind[0]}.{k}": f"{v:.4g}" for k, v in shown.items()}, refresh=True)
+        self._trackers.log(kind, step, _plain(metrics))
+        if self._progress is not None and kind != "info":
+            self._progress.show(kind, step, metrics)
 
     def notice(self, step: int, message: str):
-        """A message for the user: an info record, and a line on stderr (above the progress bar)."""
+        """A message for the user: an info record, and a line on stderr (above a progress bar)."""
         self.log("info", step, {"notice": message})
-        if self._bar is not None:
-            self._bar.write(f"fusedrl: {message}", file=sys.stderr)
+        if self._progress is not None:
+            self._progress.write(f"fusedrl: {message}")
         else:
-            print(f"fusedrl: {message}", file=sys.stderr)
+            print(f"fusedrl: {message}", file=sys.stderr, flush=True)
 
     def close(self):
         self._metrics.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._bar is not None:
-            self._bar.close()
+        self._trackers.close()
+        if self._progress is not None:
+            self._progress.close()
 
 
 class SilentLog:
@@ -131,15 +125,6 @@ def append_metrics(run_dir, kind: str, step: int, metrics: dict):
 
 def _plain(metrics: dict) -> dict:
     return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
-
-
-def _tensorboard_writer(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:  # torch's writer needs the tensorboard package
-        raise RuntimeError("train.tensorboard=true needs the tensorboard package "
-                           "(pip install 'fusedrl[tensorboard]')") from e
-    return SummaryWriter(str(path))
 
 
 def read_metrics(run_dir) -> list[dict]:

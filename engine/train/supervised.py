@@ -4,7 +4,7 @@ A `Stage` says what differs (batch building, loss, metrics, weight I/O); `train`
 micro-batch stream with a resumable position, gradient accumulation, clipping, AdamW (mixed precision
 for bf16 weights) + schedule, held-out evaluation, driven by engine/train/loop.py.
 
-Under torchrun the model is sharded (engine/distributed.py) and each rank takes its own
+Under torchrun the model is sharded (engine/parallel/distributed.py) and each rank takes its own
 optim.grad_accum_steps micro-batches of data.tokens_per_batch tokens (both per rank, as in torchtune
 and TRL): a step's global batch is grad_accum_steps x world_size micro-batches, consecutive in the
 stream, rank r taking the r-th run of grad_accum_steps. The loss denominators (`step_counts`) are
@@ -30,8 +30,9 @@ from ..config.train import DataConfig, StageConfig
 from ..data.packing import epoch_batches, pack
 from ..data.tokenization import TokenizedExample
 from ..errors import UsageError
-from .. import distributed
-from ..tensor_parallel import training_sharder
+from ..parallel import distributed
+from ..parallel.dims import ParallelDims
+from ..parallel.layout import layout
 from . import adapters, optim
 from .checkpoint import SavedModel, Trainables
 from .loop import RunPlan, run_training
@@ -86,6 +87,17 @@ def check_context(data: DataConfig, max_model_len: int) -> None:
     if data.max_length > max_model_len:
         raise UsageError(f"data.max_length={data.max_length} exceeds the model's context of "
                          f"{max_model_len} tokens (max_position_embeddings); set data.max_length<={max_model_len}")
+
+
+def held_out_notice(data: DataConfig, train_count: int, eval_count: int) -> list[str]:
+    """The run's notice that data.eval_fraction of the training file is held out for evaluation
+    (not trained on), when it is."""
+    if data.eval_file or not eval_count:
+        return []
+    return [f"evaluating on {eval_count} of the {train_count + eval_count} examples of "
+            f"data.train_file, held out (data.eval_fraction={data.eval_fraction}) and not trained "
+            "on; data.eval_file=FILE evaluates on a file instead, data.eval_fraction=0 trains on "
+            "all"]
 
 
 def micro_batches_per_step(cfg: StageConfig) -> int:
@@ -169,7 +181,7 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
     distributed.match_forwards(len(batches), forwards or len(batches),
                                lambda: backward(stage.loss(model, to_device(spare, device), step_counts)[0] * 0.0))
     step_loss = distributed.all_reduce_tensor(step_loss)  # every rank decides on the same losses
-    if getattr(model, "tensor_parallel", None) is not None:
+    if model.tensor_parallel is not None:
         model.tensor_parallel.average_over_data(optim.parameters(optimizer))
     grad_norm = optim.clip_and_step([optimizer], cfg.optim.max_grad_norm, step_loss)[0]
     *host_stats, grad_norm, loss_value = read_on_host([*stats.values(), grad_norm, step_loss])
@@ -201,25 +213,23 @@ def evaluate(model, stage: Stage, examples: list[TokenizedExample], cfg: StageCo
 
 
 def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_info: dict | None = None,
-          lora=None) -> SupervisedState:
+          lora=None, dims: ParallelDims | None = None) -> SupervisedState:
     """Train `model` in place for the configured steps, resuming from the newest checkpoint in
     cfg.output_dir when train.resume is set. Returns the final state. Under torchrun `model` is
-    sharded in place unless it is already (hf_io.load_model(shard=...)). With `lora`
+    laid out in place over `dims` (default: from cfg.train) unless it is already
+    (hf_io.load_model(shard=...); engine/parallel/layout.py). With `lora`
     (engine/train/adapters.py) the adapters train and are checkpointed, `model`'s own weights stay
     frozen (sharded like any frozen model; the adapters and heads whole on every rank, their gradients
     averaged)."""
     check_context(cfg.data, model.config.max_model_len)
-    tensor_parallel = cfg.train.tensor_parallel
-    share = distributed.rank_slice(cfg.optim.grad_accum_steps, tensor_parallel)  # this rank's micro-batches
-    if tensor_parallel > 1:  # each rank keeps (and steps) its tensor slices, or its data shard of them
-        if getattr(model, "tensor_parallel", None) is None:  # else laid out at load (training_sharder)
-            training_sharder(cfg.train, device, data_shard=lora is None,
-                             offload=cfg.train.optimizer_offload and lora is None)(model)
-    else:
-        distributed.shard(model, cfg.train.data_parallel, keep=list(lora.heads.values()) if lora is not None else [],
-                          offload=cfg.train.optimizer_offload and lora is None, group_size=cfg.train.shard_group_size)
+    dims = dims or ParallelDims.from_train(cfg.train, distributed.world_size(), device.type)
+    # This rank's micro-batches: a tensor group's ranks take the same ones.
+    share = distributed.rank_slice(cfg.optim.grad_accum_steps, distributed.DataRanks(dims.tensor))
+    # Each rank keeps (and steps) its shards: FSDP2's, its tensor slices or its data shard of them.
+    heads = list(lora.heads.values()) if lora is not None else []
+    layout(model, "trained" if lora is None else "adapted", dims, heads)
     model.train()
-    model.gradient_checkpointing = cfg.train.gradient_checkpointing
+    model.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
     steps = total_steps(train_ex, cfg)
     optimizer = optim.build_optimizer(model if lora is None else lora, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.optim, steps)
@@ -240,12 +250,13 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
         rank_tokens, rank_forwards = (list(column) for column in zip(*rank_sizes))
         metrics = train_step(model, stage, batches, optimizer, scheduler, cfg, device, max(rank_forwards))
         state.epoch, state.batch_index = group[-1][0], group[-1][1] + 1
-        tokens = sum(rank_tokens[::tensor_parallel])  # a tensor group's ranks ran the same tokens
+        tokens = sum(rank_tokens[::dims.tensor])  # a tensor group's ranks ran the same tokens
         state.tokens += tokens
         return {**metrics, "tokens": tokens, "tokens_per_rank": rank_tokens,
                 "forwards_per_rank": rank_forwards, "epoch": state.epoch,
                 "peak_mem_mb": peak_memory_mb(device)}
 
     evaluate_held_out = (lambda: evaluate(model, stage, eval_ex, cfg, device)) if eval_ex else None
-    plan = RunPlan(cfg.output_dir, cfg, cfg.train, steps, cfg.train.eval_every)
+    plan = RunPlan(cfg.output_dir, cfg, cfg.train, steps, cfg.train.eval_every,
+                   held_out_notice(cfg.data, len(train_ex), len(eval_ex)))
     return run_training(plan, parts, state, step, evaluate=evaluate_held_out, info=log_info, device=device)

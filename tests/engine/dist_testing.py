@@ -29,12 +29,19 @@ def rank_threads():
         torch.set_num_threads(threads)
 
 
-def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 300, overrides=(), env=None):
-    """`torchrun --standalone --nproc-per-node NPROC fusedrl COMMAND --config C.yaml OVERRIDES`;
-    returns the CompletedProcess (stdout and stderr captured as text). The ranks import what this
-    process imports (test modules as reward functions) and see `env` on top of this environment."""
-    args = ["--standalone", f"--nproc-per-node={nproc}", *_fusedrl_args(command, config, tmp_path, nproc, overrides)]
+def run_ranks(*args, nproc: int = 2, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node NPROC ARGS` (a script or a command, then its
+    arguments); returns the CompletedProcess (stdout and stderr captured as text). The ranks import
+    what this process imports (test modules as reward functions), run one intra-op thread each and
+    see `env` on top of this environment."""
+    args = ["--standalone", f"--nproc-per-node={nproc}", *map(str, args)]
     return subprocess.run(_torchrun(args), capture_output=True, text=True, timeout=timeout, env=_rank_env(env))
+
+
+def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 300, overrides=(), env=None):
+    """run_ranks of `fusedrl COMMAND --config C.yaml OVERRIDES`, C.yaml holding `config`."""
+    return run_ranks(*_fusedrl_args(command, config, tmp_path, nproc, overrides), nproc=nproc,
+                     timeout=timeout, env=env)
 
 
 def torchrun_nodes(command: str, config, tmp_path, nodes: int = 2, nproc: int = 2, timeout: float = 300,

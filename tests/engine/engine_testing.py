@@ -67,13 +67,49 @@ def make_tokenizer():
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+# A Qwen-style chat template over the test tokenizer's special tokens: <|r2|> opens a turn, EOS
+# ends it.
+CHAT_TEMPLATE = ("{% for m in messages %}<|r2|>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|r2|>assistant\n{% endif %}")
+
+
+def make_chat_tokenizer():
+    """make_tokenizer() with CHAT_TEMPLATE, as a chat model's tokenizer (saved with it)."""
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def random_prompts(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     # Token ids from 10 up: never EOS or a special token, so prompts are plain text.
     return [torch.randint(10, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-def vowel_fraction(prompts, responses):
-    """Toy reward function on texts (what reward_fn receives): the fraction of vowels. As
-    `reward_fn="engine_testing:vowel_fraction"`, importable by torchrun ranks (tests/engine is on their path)."""
-    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
+def rewards_in_thread(fn):
+    """`fn` opened as a run's reward functions in the test's process (build_models' argument)."""
+    from fusedrl.engine.stages.rewards.combined import open_reward_functions
+    return open_reward_functions([fn], None, "thread", 60.0)
+
+
+def make_cycle_model(period: int = 7, sharpness: float = 30.0, seed: int = 0):
+    """A Llama whose layers add nothing (their output projections zero) and whose LM head gives
+    token v after t the logit sharpness * <e_u, e_t>, u the id before v on its cycle of `period`
+    ids (from 10 up): after t comes, mostly, the next id of its cycle, so its text repeats with
+    that period (speculative decoding's n-gram drafts then hold); a lower sharpness spreads the
+    distribution."""
+    model = make_hf_model("llama2", seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        embed = torch.randn(VOCAB, BASE["hidden_size"], generator=g)
+        embed = embed / embed.norm(dim=-1, keepdim=True)
+        model.model.embed_tokens.weight.copy_(embed)
+        ids = torch.arange(VOCAB)
+        start = 10 + (ids - 10) // period * period  # the first id of its cycle
+        cycled = (ids >= 10) & (ids < 10 + (VOCAB - 10) // period * period)
+        before = torch.where(cycled, start + (ids - start - 1) % period, ids)
+        model.lm_head.weight.copy_(sharpness * embed[before] / BASE["hidden_size"] ** 0.5)
+    return model

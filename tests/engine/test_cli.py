@@ -38,6 +38,9 @@ def test_parsing_imports_neither_torch_nor_transformers():
     once. One fresh interpreter (nothing this test process imported counts) runs every command line
     in turn and lists what is loaded after each: the first to import one of them is named."""
     code = ("import json, sys\nfrom fusedrl.engine import cli\n"
+            # the Python API's names too: importing them must stay as light
+            "from fusedrl.engine import SFTConfig, RMConfig, PPOConfig, GRPOConfig, run_sft, "
+            "run_rm, run_ppo, run_grpo\n"
             "for argv in json.loads(sys.argv[1]):\n"
             "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
             "    print('loaded', sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules))")

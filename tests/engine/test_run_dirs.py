@@ -19,6 +19,7 @@ from fusedrl.engine.errors import ModelError, UsageError
 from fusedrl.engine.model.hf_io import INDEX_FILE, load_model
 from fusedrl.engine.train.runlog import read_metrics
 from cli_testing import assert_one_line_error, cli_error, run_fusedrl
+from dist_testing import run_ranks
 from train_testing import demonstrations, save_tiny_model, write_jsonl
 
 
@@ -296,7 +297,7 @@ def test_two_fusedrl_runs_into_one_directory_the_second_is_refused_and_the_first
 
 CLAIM_ON_EVERY_RANK = """import os, sys
 from fusedrl.engine.config.train import TrainConfig
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.train import run_setup
 distributed.init_distributed("cpu", 60)
 # One os.write per line (atomic on a pipe): print's text and newline can interleave with the other rank's.
@@ -316,9 +317,7 @@ def test_under_torchrun_rank_0_takes_the_lock_and_every_rank_gets_its_answer(tmp
         assert holder.stdout.readline() == "held\n"
         script = tmp_path / "claim.py"
         script.write_text(CLAIM_ON_EVERY_RANK)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                                 str(script), str(run)], capture_output=True, text=True, timeout=300, env=env)
+        result = run_ranks(script, run)
         assert result.returncode == 0, result.stderr[-3000:]
         refusal = (f"UsageError: output_dir={run} is in use by another fusedrl run (pid {holder.pid}); wait for it "
                    "to end or choose another output_dir")

@@ -9,15 +9,18 @@ from typing import Callable, Optional
 
 import torch
 
-from ... import distributed
+from ...parallel import distributed
 from ...data.packing import PackedBatch, pack
 
 
 def pieces(packed: PackedBatch, budget: Optional[int]) -> list[PackedBatch]:
-    """The pack's rows, in order, in pieces of at most `budget` tokens (None: the pack itself)."""
-    if budget is None or sum(packed.seqlens) <= budget:
+    """The pack's rows, in order, in pieces of at most `budget` forwarded tokens (None: the pack
+    itself)."""
+    if budget is None or packed.forwarded_tokens <= budget:
         return [packed]
-    return [packed.select(rows) for rows in pack(packed.seqlens, budget, "tokens_per_forward")]
+    shared = (packed.prefix_groups, packed.prompt_lens)  # a shared prompt counts once
+    return [packed.select(rows)
+            for rows in pack(packed.seqlens, budget, "tokens_per_forward", shared)]
 
 
 def _join(outputs: list):
@@ -28,13 +31,17 @@ def _join(outputs: list):
     return first if len(outputs) == 1 else torch.cat(outputs)
 
 
-def forward_in_pieces(packed: PackedBatch, budget: Optional[int], forward: Callable[[PackedBatch], object]):
+def forward_in_pieces(packed: PackedBatch, budget: Optional[int],
+                      forward: Callable[[PackedBatch], object],
+                      ranks: distributed.DataRanks = distributed.WORLD):
     """forward(piece) over `packed` cut by `budget` tokens (see pieces), outputs joined: tensors
     [S, ...] rows first, or tuples of them (None kept). Under torchrun every rank runs as many
     forwards (the rank with most pieces sets the count; the others repeat their smallest piece and
-    drop its output), since each forward of a sharded model is a collective."""
+    drop its output), since each forward of a sharded model is a collective; over the data `ranks`
+    (PPOModels.ranks)."""
     parts = pieces(packed, budget)
-    most = distributed.max_over_ranks(len(parts))  # agreed before the forwards (their collectives)
+    # Agreed before the forwards (their collectives).
+    most = distributed.max_over_ranks(len(parts), ranks)
     outputs = [forward(part) for part in parts]
     smallest = min(parts, key=lambda part: sum(part.seqlens))
     distributed.match_forwards(len(parts), most, lambda: forward(smallest))

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ... import distributed
+from ...parallel import distributed
 from ...config.ppo import PPOConfig
 from ...train import runlog
 from ....kernels import GROUP_ESTIMATORS, explained_variance, kl_penalty, masked_mean, masked_moments
@@ -76,12 +76,13 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     group = samples.n if s.estimator in GROUP_ESTIMATORS else None
     keep = finite_rows(samples.scores, group)
     unit = group or 1  # whole groups: every rank keeps as many rows as the rank that keeps fewest
-    keep = keep[:distributed.min_over_ranks(len(keep) // unit) * unit]
+    ranks = models.ranks  # a tensor group is one data rank
+    keep = keep[:distributed.min_over_ranks(len(keep) // unit, ranks) * unit]
     dropped = distributed.all_reduce_sum({"dropped_rows": len(samples.responses) - len(keep),
-                                          "drawn_rows": len(samples.responses)})
+                                          "drawn_rows": len(samples.responses)}, ranks)
     if not keep:
         reason = ("no prompt group had scores that differ (dynamic sampling)" if not dropped["drawn_rows"]
-                  else f"all {dropped['drawn_rows']} scores were NaN or inf" if distributed.world_size() == 1
+                  else non_finite_reason(samples.scores, group) if distributed.world_size() == 1
                   else "some rank had no finite score left (ranks keep equal numbers of rows)")
         return Experience(None, {"dropped_rows": dropped["dropped_rows"]}, skip_reason=reason)
     if len(keep) < len(samples.responses):
@@ -91,46 +92,64 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     scores = samples.scores
     with timer.phase("reference"):
         ref_logp = forward_in_pieces(packed, s.tokens_per_forward,
-                                     lambda piece: reference_logprobs(models, piece, s.temperature))
+                                     lambda piece: reference_logprobs(models, piece, s.temperature),
+                                     ranks)
     with timer.phase("old"), torch.no_grad():
         old_logp, entropy, old_values = forward_in_pieces(
             packed, s.tokens_per_forward,
-            lambda piece: policy_forward(models, piece, s.temperature, with_entropy=True, exact=s.exact))
+            lambda piece: policy_forward(models, piece, s.temperature, with_entropy=True,
+                                         exact=s.exact), ranks)
     kl = kl_penalty(old_logp, ref_logp, estimator=s.kl_estimator, mask=mask)
-    ranks = distributed.data_parallel_sum()
-    shaped = (distributed.own_rows(moments.normalize(distributed.gather_rows(scores))) if s.normalize_scores
-              else scores)
+    sum_over = distributed.data_parallel_sum(ranks)
+    shaped = (distributed.own_rows(moments.normalize(distributed.gather_rows(scores, ranks)), ranks)
+              if s.normalize_scores else scores)
     if s.score_clip is not None:
         shaped = shaped.clamp(-s.score_clip, s.score_clip)
     rewards = shape_rewards(kl, shaped, mask, kl_coef)
     with_values = old_values is not None
     if not with_values:  # critic-free: each row's group-relative advantage on all its tokens
-        advantages = group_token_advantages(shaped, mask, samples.n, s.estimator, sum_over=ranks)
+        advantages = group_token_advantages(shaped, mask, samples.n, s.estimator, sum_over=sum_over)
         old_values = returns = torch.zeros_like(advantages)
     else:
         advantages, returns = advantages_and_returns(
             rewards, old_values, mask, estimator=s.estimator, gamma=s.gamma, lam=s.lam,
-            whiten=s.whiten_advantages, sum_over=ranks)
+            whiten=s.whiten_advantages, sum_over=sum_over)
     rollout = Rollout(packed, mask, samples.sampler_logprobs, old_logp, ref_logp, old_values, scores, rewards,
                       advantages, returns)
-    metrics = rollout_metrics(rollout, kl, entropy, with_values, timer)
+    metrics = {**rollout_metrics(rollout, kl, entropy, with_values, timer, ranks),
+               # What one forward over the rows reads, each shared prompt once
+               # (train.prefix_sharing), and the rows' own tokens: their ratio is the saving.
+               **distributed.all_reduce_sum({"forwarded_tokens": packed.forwarded_tokens,
+                                             "row_tokens": sum(packed.seqlens)}, ranks)}
     return Experience(rollout, {**metrics, "kl_coef": kl_coef, "dropped_rows": dropped["dropped_rows"]},
                       kl=metrics["kl"])
 
 
+def non_finite_reason(scores: torch.Tensor, group: int | None) -> str:
+    """Why no row of `scores` [R] is left (finite_rows kept none): how many scores were NaN or inf,
+    and with `group` (a group estimator's group size) that each took its whole group with it."""
+    bad, drawn = int((~torch.isfinite(scores)).sum()), scores.numel()
+    if bad == drawn:
+        return f"all {drawn} scores were NaN or inf"
+    were = "was" if bad == 1 else "were"
+    return (f"{bad} of {drawn} scores {were} NaN or inf, and each drops its whole group of {group} "
+            "(the group estimator's baseline needs every score): no group was left")
+
+
 def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, with_values: bool,
-                    timer: PhaseTimer) -> dict:
-    """The rollout's metrics over all ranks: computed on the device in float64, read with one host sync."""
-    ranks, mask = distributed.data_parallel_sum(), rollout.mask
+                    timer: PhaseTimer, ranks: distributed.DataRanks = distributed.WORLD) -> dict:
+    """The rollout's metrics over all (data) `ranks`: computed on the device in float64, read with
+    one host sync."""
+    sum_over, mask = distributed.data_parallel_sum(ranks), rollout.mask
 
     def mean(x, valid=None):
-        return masked_mean(x.double(), valid, sum_over=ranks)
+        return masked_mean(x.double(), valid, sum_over=sum_over)
 
     def std(x):
-        return masked_moments(x.double(), unbiased=False, sum_over=ranks)[1].sqrt()
+        return masked_moments(x.double(), unbiased=False, sum_over=sum_over)[1].sqrt()
 
     def total(x):
-        return distributed.all_reduce_tensor(x.sum().double())
+        return distributed.all_reduce_tensor(x.sum().double(), ranks=ranks)
 
     mismatch = (rollout.sampler_logprobs - rollout.old_logprobs).abs()  # exactly 0 with rollout.exact
     reward_rows = rollout.rewards.sum(-1)
@@ -141,11 +160,11 @@ def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, w
         "entropy": mean(entropy, mask),
         "response_length": mean(mask.sum(-1)),
         **({"explained_variance": explained_variance(rollout.old_values.double(), rollout.returns.double(), mask,
-                                                     sum_over=ranks)} if with_values else {}),
+                                                     sum_over=sum_over)} if with_values else {}),
         "mean_logprob": mean(rollout.old_logprobs, mask),
         "logprob_mismatch": mean(mismatch, mask),
         "logprob_mismatch_max": distributed.all_reduce_tensor(
-            torch.where(mask, mismatch.double(), float("-inf")).max(), op="max"),
+            torch.where(mask, mismatch.double(), float("-inf")).max(), "max", ranks),
         "logprob_mismatch_tokens": total((mismatch != 0) & mask), "tokens": total(mask),
     })
     metrics["perplexity"] = math.exp(-metrics.pop("mean_logprob"))

@@ -7,8 +7,9 @@ from typing import Callable, ContextManager
 
 import torch
 
-from ... import distributed
+from ...parallel import distributed
 from ...data.packing import PackedBatch
+from ...data.prefix_sharing import share_prefixes
 from ...model.invariant import BatchInvariant
 from ...model.lm_head import lm_head_logprobs
 from ...model.moe import replay_of, routing_trace
@@ -24,18 +25,22 @@ def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_en
     tokens under softmax(logits / temperature) through the fused LM-head kernel, and when a value
     head sharing the trunk is given, its value at each response token's predicting position.
     invariant: run the forward and head in that batch-invariant mode instead (no autograd needed):
-    the log-probs then equal, bit for bit, those of a sampler in the same mode.
+    the log-probs then equal, bit for bit, those of a sampler in the same mode; it reads every row
+    whole (a shared prompt too), as the sampler's fixed-order ops do.
     replay_routing: an MoE model routes each token to the experts the pack's `routing` records (the
     sampler's; routing replay), where it has them.
     whole: the context in which the batch-invariant forward reads whole weights (default
     distributed.gathered(model); the hybrid actor's, HybridActor.whole_weights, for the policy).
     """
     if invariant is None:
-        replay = None if packed.routing is None or not replay_routing else replay_of(model, packed.routing)
+        layout = share_prefixes(packed)  # rows sharing a prompt read it once (train.prefix_sharing)
+        replay = None
+        if packed.routing is not None and replay_routing:
+            replay = replay_of(model, packed.routing if layout is None else
+                               packed.routing.index_select(0, layout.token_index))
         with routing_trace(model, replay=replay) if replay else contextlib.nullcontext():
-            hidden = model.forward_packed(packed.input_ids, packed.seqlens, packed.positions,
-                                          packed.cu_seqlens)                   # [N, H]
-        h = hidden.index_select(0, packed.target_rows)                         # [M, H]
+            hidden, target_rows, _ = model.forward_rows(packed, layout)       # [N', H]
+        h = hidden.index_select(0, target_rows)                                # [M, H]
         out = lm_head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
                                with_entropy=with_entropy)
     else:

@@ -10,6 +10,7 @@ from ...inference.hybrid_actor import HybridActor
 from ...model.causal_lm import CausalLM
 from ...model.lora import LoRA
 from ...model.value_model import LoRACritic, ValueModel
+from ...parallel.distributed import WORLD, DataRanks
 from .scoring import Scorer
 
 
@@ -27,3 +28,6 @@ class PPOModels:
     value_head: Optional[nn.Linear]     # critic="shared"
     score: Scorer                       # (prompts, responses) token ids -> scores [R]
     lora: Optional[LoRA] = None         # lora.rank > 0
+    # The ranks holding different rows, the rollout's sums and gathers run over: every rank, or at
+    # tensor parallelism one of each tensor group (TensorParallel.data_ranks).
+    ranks: DataRanks = WORLD

@@ -3,15 +3,18 @@ response tokens as targets on an [R, T] grid (T the longest response), and packs
 sampling rounds joined on the widest grid."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ...data.packing import PackedBatch, pack_sequences
 
 
 def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
-                 width: int | None = None) -> PackedBatch:
+                 width: int | None = None, share_prompts: bool = False) -> PackedBatch:
     """Pack prompt + response pairs, the response tokens as targets on an [R, width] grid
-    (default width: the longest response)."""
+    (default width: the longest response). share_prompts (train.prefix_sharing): rows with the
+    same prompt forward it once (engine/data/prefix_sharing.py)."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"pack_rollout: need as many responses as prompts (> 0), got "
                          f"{len(prompts)} prompts and {len(responses)} responses")
@@ -20,7 +23,8 @@ def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
         if not prompt or not response or len(response) > width:
             raise ValueError(f"pack_rollout: row {r} has {len(prompt)} prompt and {len(response)} "
                              f"response tokens; both must be >= 1 and the response <= width {width}")
-    return pack_sequences([(p, r, True) for p, r in zip(prompts, responses)], width=width, device=device)
+    return pack_sequences([(p, r, True) for p, r in zip(prompts, responses)], width=width,
+                          device=device, share_prompts=share_prompts)
 
 
 def concat_packs(parts: list[PackedBatch]) -> PackedBatch:
@@ -38,12 +42,17 @@ def concat_packs(parts: list[PackedBatch]) -> PackedBatch:
                      + p.grid_index % p.width + row_offset * width)
         token_offset, row_offset = token_offset + sum(p.seqlens), row_offset + len(p.seqlens)
     seqlens = [n for p in parts for n in p.seqlens]
+    # Each part's groups are its own (another round's prompts): ids offset past the earlier parts'.
+    offsets = itertools.accumulate((max(p.prefix_groups, default=-1) + 1 for p in parts[:-1]),
+                                   initial=0)
+    prefix_groups = [g + offset for p, offset in zip(parts, offsets) for g in p.prefix_groups]
     cu = torch.tensor([0] + seqlens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return PackedBatch(torch.cat([p.input_ids for p in parts]), seqlens, torch.cat(rows),
                        torch.cat([p.target_ids for p in parts]), [n for p in parts for n in p.target_counts], [],
                        torch.cat(grids), width, torch.cat([p.positions for p in parts]),
                        cu.to(parts[0].input_ids.device),
-                       None if parts[0].routing is None else torch.cat([p.routing for p in parts]))
+                       None if parts[0].routing is None else torch.cat([p.routing for p in parts]),
+                       prefix_groups, [n for p in parts for n in p.prompt_lens])
 
 
 def pad_width(grid: torch.Tensor, width: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ class Samples:
     sampler_logprobs: torch.Tensor      # [R, T] fp32 the sampler's log-prob of each response token
     scores: torch.Tensor                # [R] fp32, after overlong shaping
     n: int                              # responses per prompt
+    sources: list | None = None         # [R] each row's data/prompts.py PromptRow, when known
 
     @property
     def groups(self) -> int:
@@ -35,7 +36,8 @@ class Samples:
         pick = torch.tensor(rows, dtype=torch.long, device=self.scores.device)
         return Samples([self.prompts[r] for r in rows], [self.responses[r] for r in rows], self.packed.select(rows),
                        self.sampler_logprobs.index_select(0, pick),
-                       self.scores.index_select(0, pick), self.n)
+                       self.scores.index_select(0, pick), self.n,
+                       None if self.sources is None else [self.sources[r] for r in rows])
 
     @staticmethod
     def concat(parts: list["Samples"]) -> "Samples":
@@ -43,4 +45,5 @@ class Samples:
         packed = concat_packs([s.packed for s in parts])
         return Samples([p for s in parts for p in s.prompts], [r for s in parts for r in s.responses], packed,
                        torch.cat([pad_width(s.sampler_logprobs, packed.width) for s in parts]),
-                       torch.cat([s.scores for s in parts]), parts[0].n)
+                       torch.cat([s.scores for s in parts]), parts[0].n,
+                       None if parts[0].sources is None else [p for s in parts for p in s.sources])

@@ -7,11 +7,11 @@ Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from ... import distributed
+from ...parallel import distributed
 from ...config.ppo import RolloutConfig
 from ...inference.sampling_params import SamplingParams
 from .models import PPOModels
@@ -38,29 +38,48 @@ def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
 
 
 def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConfig, seed: int,
-                     timer: PhaseTimer) -> Samples:
+                     timer: PhaseTimer, sources: Optional[list] = None,
+                     share_prompts: bool = True) -> Samples:
     """r.samples_per_prompt responses per prompt from the policy's current weights (models.actor),
     sampled as `r` says, scored by models.score (and overlong-shaped); `seed` fixes the sampling;
-    timed as "generate" and "score"."""
+    timed as "generate" and "score". sources: the prompts' rows (each with `.prompt`, as the data
+    holds it, and `.columns`, its other columns), for the reward functions (scoring.reward_inputs;
+    None: the decoded prompts stand in, without columns). share_prompts (train.prefix_sharing):
+    the pack's rows of one prompt read it once in every forward."""
     params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
+    return score_samples(models, prompt_ids, responses, sampler_logprobs, r, timer, sources,
+                         share_prompts)
+
+
+def score_samples(models: PPOModels, prompt_ids: list[list[int]], responses: list[list[int]],
+                  sampler_logprobs: torch.Tensor, r: RolloutConfig, timer: PhaseTimer,
+                  sources: list | None = None, share_prompts: bool = True) -> Samples:
+    """Generated rows (groups of r.samples_per_prompt; sampler_logprobs [sum of response lengths]
+    fp32, row after row) packed and scored by models.score (and overlong-shaped); timed as
+    "score". sources: each group's prompt row (sample_and_score's), kept per row and read by the
+    reward functions (scoring.reward_inputs). share_prompts: see sample_and_score."""
     device = models.actor.llm.device  # where the policy runs (its resting shards may be in CPU memory)
-    packed = pack_rollout(prompt_ids, responses, device)
+    # A prompt answered once has nothing to share.
+    packed = pack_rollout(prompt_ids, responses, device,
+                          share_prompts=share_prompts and r.samples_per_prompt > 1)
     if models.actor.record_routing:  # routing replay: the training forwards route as the sampler did
         packed = packed._replace(routing=models.actor.last_routing.to(device))
+    rows = None if sources is None else [p for p in sources for _ in range(r.samples_per_prompt)]
     with timer.phase("score"), torch.no_grad():
-        scores = score_rows(models.score, prompt_ids, responses, packed,
-                            r.tokens_per_forward).float().to(device)    # [R]
+        scores = score_rows(models.score, prompt_ids, responses, packed, r.tokens_per_forward,
+                            rows, models.ranks).float().to(device)    # [R]
     lengths = torch.tensor([len(x) for x in responses], device=scores.device)
     scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
     return Samples(prompt_ids, responses, packed, packed.to_grid(sampler_logprobs.to(device)), scores,
-                   r.samples_per_prompt)
+                   r.samples_per_prompt, rows)
 
 
 def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[list[list[int]], int], Samples],
-                 r: RolloutConfig, seed: int) -> tuple[Samples, dict]:
+                 r: RolloutConfig, seed: int, ranks: distributed.DataRanks = distributed.WORLD
+                 ) -> tuple[Samples, dict]:
     """One iteration's samples: prompts_per_iteration groups from draw_prompts() (the next prompts
     of the stream), sampled with sample(prompts, seed). With rollout.dynamic_sampling, groups whose
     scores are all equal (no signal for a group estimator) are dropped and further prompts drawn,
@@ -68,7 +87,8 @@ def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[
     none: the caller skips the iteration). Returns the samples and their metrics.
 
     Under torchrun draw_prompts() gives this rank's share; the rounds and the groups kept are
-    decided on the rank that keeps fewest, so every rank generates as often and keeps as many."""
+    decided on the rank that keeps fewest, so every rank generates as often and keeps as many
+    (over the data `ranks`: PPOModels.ranks)."""
     samples = sample(draw_prompts(), seed)
     if not r.dynamic_sampling:
         return samples, {}
@@ -77,12 +97,13 @@ def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[
     while True:
         keep = varied_groups(samples.scores, samples.n)
         kept.append(samples.take_groups(keep))
-        if (distributed.min_over_ranks(sum(k.groups for k in kept)) >= target
+        if (distributed.min_over_ranks(sum(k.groups for k in kept), ranks) >= target
                 or rounds == r.max_sampling_rounds):
             break
         samples = sample(draw_prompts(), seed + 7919 * rounds)  # a fresh seed per round
         rounds, drawn = rounds + 1, drawn + samples.groups
     batch = Samples.concat(kept)
-    batch = batch.take_groups(list(range(min(distributed.min_over_ranks(batch.groups), target))))
-    counts = distributed.all_reduce_sum({"groups_drawn": drawn, "groups_kept": batch.groups})
+    fewest = distributed.min_over_ranks(batch.groups, ranks)
+    batch = batch.take_groups(list(range(min(fewest, target))))
+    counts = distributed.all_reduce_sum({"groups_drawn": drawn, "groups_kept": batch.groups}, ranks)
     return batch, {"sampling_rounds": rounds, **counts}

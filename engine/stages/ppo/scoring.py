@@ -1,19 +1,28 @@
 """The reward of a rollout's rows: a reward model at each sequence's last token (reading the
-rollout's one pack), or a Python function of the decoded texts."""
+rollout's one pack), or the user's reward functions of the decoded rows (reward_inputs builds what
+they are called with)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+import math
+from typing import Callable, Optional
 
 import torch
 
+from ...data.loading import report
 from ...data.packing import PackedBatch, pack_sequences
-from ..reward_fn import call_reward_fn
+from ...data.prompts import column_lists
+from ...parallel import distributed
+from ..rewards.combined import RewardFunctions, moments, summary, weighted_totals
+from ..rewards.functions import RewardFunctionError, RewardInputs
 from .chunks import forward_in_pieces
 
-# (prompts, responses) token ids -> scores [R]. A scorer that can read the rollout's pack instead
-# (a reward model) also has `score_packed(packed) -> [R]`.
-Scorer = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+# (prompts, responses) token ids and their prompt rows (reward_inputs) -> scores [R]; metrics()
+# -> the scores' metrics since its last call. A scorer that can read the rollout's pack instead (a
+# reward model) also has `score_packed(packed) -> [R]`.
+Scorer = Callable[[list[list[int]], list[list[int]], Optional[list]], torch.Tensor]
 
 
 class RewardModelScorer:
@@ -28,12 +37,16 @@ class RewardModelScorer:
         """Scores [S] of an already packed batch (the rollout's own pack: no second packing)."""
         off = self.critic_lora.disabled() if self.critic_lora is not None else contextlib.nullcontext()
         with off:
-            return self.rm.rewards(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
+            return self.rm.packed_rewards(packed)
 
-    def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+    def __call__(self, prompts: list[list[int]], responses: list[list[int]],
+                 rows=None) -> torch.Tensor:
         packed = pack_sequences([(p, r, False) for p, r in zip(prompts, responses)],
                                 device=next(self.rm.parameters()).device)
         return self.score_packed(packed)
+
+    def metrics(self) -> dict:
+        return {}  # its scores are the rollout's score_mean and score_std
 
 
 def reward_model_scorer(rm, critic_lora=None) -> RewardModelScorer:
@@ -41,29 +54,80 @@ def reward_model_scorer(rm, critic_lora=None) -> RewardModelScorer:
 
 
 def score_rows(score: Scorer, prompts: list[list[int]], responses: list[list[int]],
-               packed: PackedBatch, tokens_per_forward: int | None = None) -> torch.Tensor:
+               packed: PackedBatch, tokens_per_forward: int | None = None,
+               rows: Optional[list] = None,
+               ranks: distributed.DataRanks = distributed.WORLD) -> torch.Tensor:
     """Scores [R] of the rollout's rows, from its pack when the scorer reads one (in forwards of at
-    most `tokens_per_forward` tokens: chunks.py)."""
+    most `tokens_per_forward` tokens over the data `ranks`: chunks.py); `rows`: their prompt rows
+    (reward_inputs)."""
     score_packed = getattr(score, "score_packed", None)
     if score_packed is None:
-        return score(prompts, responses)
-    return forward_in_pieces(packed, tokens_per_forward, score_packed)
+        return score(prompts, responses, rows)
+    return forward_in_pieces(packed, tokens_per_forward, score_packed, ranks)
 
 
-def function_scorer(fn: Callable, tokenizer, name: str, timeout_s: float, tensor_parallel=None) -> Scorer:
-    """Scores from a Python function of the decoded texts: fn(prompts, responses) -> list of floats,
-    contained (engine/stages/reward_fn.py). `name` (e.g. reward_fn's 'module:function') names it in
-    errors; `timeout_s` bounds one call. tensor_parallel (the policy's engine/tensor_parallel
-    TensorParallel, whose ranks hold the same rows): only its first rank calls fn, and every rank
-    takes its scores, so the group agrees even with a reward function that is not deterministic."""
-    def call(prompts, responses):
-        return call_reward_fn(fn, name, [tokenizer.decode(p, skip_special_tokens=True) for p in prompts],
-                              [tokenizer.decode(r, skip_special_tokens=True) for r in responses], timeout_s)
+def reward_inputs(tokenizer, prompts: list[list[int]], responses: list[list[int]],
+                  rows: Optional[list] = None) -> RewardInputs:
+    """What the reward functions are called with for R rows, built here alone. prompts, responses:
+    [R] token ids; rows: [R] each row's prompt row, with `.prompt` (a string or a message list, as
+    the data holds it) and `.columns` (its other columns, {name: value}); None where the prompts
+    are token ids alone: their decoded text then stands in, and there are no columns."""
+    prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    completion_texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    completion_ids = [list(map(int, r)) for r in responses]
+    if rows is None:
+        return RewardInputs(prompt_texts, prompt_texts, completion_texts, completion_ids)
+    return RewardInputs([row.prompt for row in rows], prompt_texts, completion_texts,
+                        completion_ids, column_lists(rows))
 
-    def score(prompts, responses):
-        if tensor_parallel is None:
-            values = call(prompts, responses)
-        else:
-            values = tensor_parallel.same_on_ranks(call(prompts, responses) if tensor_parallel.rank == 0 else None)
-        return torch.tensor(values, dtype=torch.float32)
-    return score
+
+class FunctionScorer:
+    """Scores from the reward functions (engine/stages/rewards/): each row's weighted sum over the
+    functions that apply to it. tensor_parallel (the policy's engine/parallel/tensor_parallel
+    TensorParallel, whose ranks hold the same rows): only its first rank calls the functions, and
+    every rank takes their scores, so the group agrees even with a reward function that is not
+    deterministic; the metrics are summed over the data ranks."""
+
+    def __init__(self, functions: RewardFunctions, tokenizer, tensor_parallel=None):
+        self.functions, self.tokenizer, self.tensor_parallel = functions, tokenizer, tensor_parallel
+        self.ranks = tensor_parallel.data_ranks() if tensor_parallel is not None else distributed.WORLD
+        self.sums: dict = {}  # moments of every row scored since the last metrics()
+        self.unscored_said = False
+
+    def __call__(self, prompts: list[list[int]], responses: list[list[int]],
+                 rows: Optional[list] = None) -> torch.Tensor:
+        """Scores [R] fp32 of the rows: their prompt and response ids and dataset rows
+        (reward_inputs)."""
+        tp = self.tensor_parallel
+        if tp is None or tp.rank == 0:
+            scores = self.functions(reward_inputs(self.tokenizer, prompts, responses, rows))
+        if tp is not None:
+            scores = tp.same_on_ranks(scores if tp.rank == 0 else None)
+        for runner, values in zip(self.functions.runners, scores):
+            float32_scores(values, runner.name)
+        totals, unscored = weighted_totals(scores, self.functions.weights)
+        for key, value in moments(self.functions.names, scores, totals).items():
+            self.sums[key] = self.sums.get(key, 0) + value
+        if unscored and not self.unscored_said and distributed.is_main():
+            self.unscored_said = True
+            report(f"{unscored} of {len(totals)} responses had no reward function that applies "
+                   "(each returned None): their reward is 0 (said once)")
+        return torch.tensor(totals, dtype=torch.float32)
+
+    def metrics(self) -> dict:
+        """rewards/NAME/mean and rewards/NAME/std of every function and of the total, over the rows
+        scored since the last call, on every (data) rank (a collective)."""
+        sums, self.sums = distributed.all_reduce_sum(self.sums, self.ranks), {}
+        return summary(sums)
+
+
+def float32_scores(values: list, name: str) -> list:
+    """`values` (None: not applicable), checked to be representable in float32 (the scores'
+    dtype): a finite score beyond its range would become inf there and be dropped as if it were
+    not a number."""
+    for i, value in enumerate(values):
+        if value is not None and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            raise RewardFunctionError(
+                f"the reward function {name} returned {value:g} as score {i}: finite, but beyond "
+                f"float32's range (|score| <= {FLOAT32_MAX:.4g}); scale its scores down")
+    return values

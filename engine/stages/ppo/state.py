@@ -21,6 +21,8 @@ class PPOState:
     kl_coef: float = 0.0
     moments: dict = dataclasses.field(default_factory=dict)
     ptx: dict = dataclasses.field(default_factory=lambda: dataclasses.asdict(DataPosition()))
+    # rollout.partial_rollouts: this rank's groups in flight, their answers so far (partial.py)
+    in_flight: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -14,17 +14,15 @@ Under torchrun every model is sharded (train.data_parallel) except the adapted o
 the shared value head with lora, the LoRA critic and its trunk with critic_lora are whole on every
 rank, their adapters' gradients averaged over the ranks. Each rank samples its own
 rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); with
-train.tensor_parallel=T every model is laid out for T tensor ranks instead (training_sharder) and a
+train.tensor_parallel=T every model is laid out for T tensor ranks instead (parallel/layout.py) and a
 tensor group samples, scores and trains the same rows in lockstep, one data rank of world_size / T
-(distributed.tensor_groups); see
+(TensorParallel.data_ranks, PPOModels.ranks); see
 experience.py and update.py; what carries from one iteration to the next, state.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,30 +32,36 @@ from torch import nn
 
 from ...config.ppo import GRPOConfig, PPOConfig
 from ...config.train import DataConfig
-from ...data.loading import load_examples, load_prompts
+from ...data.loading import load_examples
+from ...data.prompts import PromptRow, load_prompts
 from ...data.packing import epoch_order
-from ...errors import FusedRLError, UsageError
+from ...errors import UsageError
 from ...inference.hybrid_actor import HybridActor
 from ...model.hf_io import load_model
 from ...model.reward_model import load_reward_model
 from ...model.causal_lm import CausalLM
 from ...model.peft_io import save_adapter
+from ...plan.kv_pool import rollout_kv_bytes
 from ...model.value_model import LoRACritic, load_value_model, save_value_model, shared_value_head
-from ... import distributed
+from ...parallel import distributed
 from ...train import adapters, optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
 from ...run_dir import releases_output_dir
-from ...tensor_parallel import training_sharder
+from ...parallel.dims import ParallelDims
+from ...parallel.layout import layout, laying_out
+from ...plan.check import refuse_unfit
 from ...train.run_setup import start_run
+from ..rewards.combined import RewardFunctions, open_reward_functions
 from .experience import ExperienceSettings, make_rollout
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 from .ptx import PtxLoss
+from .partial import partial_samples
 from .sampling import draw_samples, sample_and_score
-from .scoring import function_scorer, reward_model_scorer
+from .scoring import FunctionScorer, reward_model_scorer
 from .state import Controllers, PPOState
-from .update import Optimizers, UpdateSettings, ppo_update
+from .update import Optimizers, UpdateSettings, minibatch_rule, ppo_update
 
 
 class KLCeilingExceeded(StopTraining):
@@ -85,77 +89,58 @@ def prompt_indices(n_prompts: int, count: int, seed: int, start: int) -> list[in
     return out
 
 
-def next_prompts(prompts: list[list[int]], per_rank: int, seed: int, state: PPOState) -> list[list[int]]:
-    """This rank's `per_rank` of the stream's next per_rank x data ranks prompts (a tensor group's
+def next_prompts(prompts: list[PromptRow], per_rank: int, seed: int, state: PPOState,
+                 ranks: distributed.DataRanks = distributed.WORLD) -> list[PromptRow]:
+    """This rank's `per_rank` of the stream's next per_rank x data `ranks` prompts (a tensor group's
     ranks take the same ones); advances state.prompts_drawn past all of them."""
-    count = per_rank * distributed.data_world_size()
+    count = per_rank * ranks.size()
     picked = prompt_indices(len(prompts), count, seed, state.prompts_drawn)
     state.prompts_drawn += count
-    return [prompts[i] for i in picked[distributed.rank_slice(per_rank)]]
+    return [prompts[i] for i in picked[distributed.rank_slice(per_rank, ranks)]]
 
 
-def load_reward_fn(spec: str) -> Callable:
-    """'package.module:function' -> the function. Modules are looked up in the current directory
-    first (as `python -m` would; the `fusedrl` script's own sys.path does not hold it), then on sys.path."""
-    module, sep, name = spec.partition(":")
-    if not (sep and module and name):
-        raise UsageError(f"reward_fn={spec!r}: expected 'module:function'")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        found = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        raise UsageError(f"reward_fn={spec!r}: cannot import {module!r} ({e}); modules are looked up in the "
-                         "current directory and on PYTHONPATH") from None
-    except (Exception, SystemExit) as e:  # the user's module failed (or exited) while importing
-        raise FusedRLError(f"reward_fn={spec!r}: importing {module!r} raised {type(e).__name__}: {e}") from e
-    fn = getattr(found, name, None)
-    if not callable(fn):
-        raise UsageError(f"reward_fn={spec!r}: {getattr(found, '__file__', module)} has no function {name!r}")
-    return fn
-
-
-def resolve_reward_fn(cfg: PPOConfig, reward_fn: Optional[Callable]) -> Callable:
-    """The reward function: the one passed in, else cfg.reward_fn's."""
-    fn = reward_fn or (load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None)
-    if fn is None:
+def open_rewards(cfg: PPOConfig, reward_fn=None) -> Optional[RewardFunctions]:
+    """The run's reward functions, open (each loaded, in its worker with reward.isolation=process:
+    a wrong reward_fn is refused before anything else happens): `reward_fn` (a callable or a list
+    of them) when given, else cfg.reward_fn's specs; None with a reward model."""
+    if cfg.reward_model is not None:
+        return None
+    functions = cfg.reward_fns() if reward_fn is None else (
+        list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
+    if not functions:
         raise UsageError("PPO needs a reward: set reward_model or reward_fn (or pass reward_fn=...)")
-    return fn
+    r = cfg.reward
+    return open_reward_functions(functions, r.weights, r.isolation, r.fn_timeout_s)
 
 
-def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_fn: Optional[Callable]
-                 ) -> PPOModels:
-    """Policy (trainable, shared with the actor), frozen reference, critic and scorer, with
-    parameters in `dtype` (train.precision; the critic's value head stays fp32). With lora.rank > 0
-    the policy's weights are frozen under adapters and no reference model is loaded; with
-    critic_lora.rank > 0 the critic is adapters on the reward model's frozen decoder (build_critic).
+def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
+                 rewards: Optional[RewardFunctions],
+                 dims: Optional[ParallelDims] = None) -> PPOModels:
+    """Policy (trainable, shared with the actor), frozen reference, critic and scorer (the reward
+    model, else the open `rewards`: open_rewards), with parameters in `dtype` (train.precision;
+    the critic's value head stays fp32). With lora.rank > 0 the policy's weights are frozen under
+    adapters and no reference model is loaded; with critic_lora.rank > 0 the critic is adapters
+    on the reward model's frozen decoder (build_critic).
     Under torchrun each model is sharded on the meta device and each rank reads only its shards
     (hf_io.load_model); a LoRA-adapted base too, its adapters and heads whole on every rank (but
-    tensor-parallel, where the adapters are sliced like their base's weights)."""
-    mode, lora_run = cfg.train.data_parallel, cfg.lora.enabled
-    group = cfg.train.shard_group_size  # train.data_parallel=hybrid: the ranks of a shard group
-    # train.optimizer_offload: the fully trained models' shards (and so their optimizer state) rest in
-    # CPU memory; train.frozen_offload: the reference's and the reward model's (unless it is the
-    # critic_lora trunk, trained through). A LoRA base has no optimizer state to offload. At
-    # train.tensor_parallel > 1 every model is laid out for the tensor ranks (offloaded where its slices
-    # are sharded over the data groups: check.py);
-    # at train.expert_parallel > 1 the policy's experts are sharded over the ranks, the rest by FSDP.
-    policy_sharder = training_sharder(cfg.train, device)
-    # An adapted base (frozen, its adapters beside it): FSDP over the ranks, or at train.tensor_parallel
-    # > 1 the tensor layout (copies across the data groups), the adapters then sliced like the weights
-    # they adapt (model/lora.py).
-    sharder = (training_sharder(cfg.train, device, data_shard=False) if cfg.train.tensor_parallel > 1
-               else distributed.sharder(mode, device, group_size=group))
-    trained = policy_sharder if cfg.train.expert_parallel == 1 else distributed.sharder(
-        mode, device, offload=cfg.train.optimizer_offload, group_size=group)
-    frozen = (training_sharder(cfg.train, device, offload=cfg.train.frozen_offload) if cfg.train.tensor_parallel > 1
-              else distributed.sharder(mode, device, group_size=group, offload=cfg.train.frozen_offload))
-    policy = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder if lora_run else policy_sharder)
+    tensor-parallel, where the adapters are sliced like their base's weights). Each model is laid
+    out for its role over `dims` (default: from cfg.train; engine/parallel/layout.py)."""
+    lora_run = cfg.lora.enabled
+    if dims is None:
+        dims = ParallelDims.from_train(cfg.train, distributed.world_size(), torch.device(device).type)
+    sharder, frozen = laying_out("adapted", dims), laying_out("frozen", dims)
+    policy = load_model(cfg.policy, dtype=dtype, device=device,
+                        shard=sharder if lora_run else laying_out("trained", dims))
     if policy.config.moe is not None and cfg.rollout.exact:
         raise UsageError(f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is not "
                          "supported: its expert GEMMs have no batch-invariant mode; set rollout.exact=false "
                          "(rollout.routing_replay keeps the trainer's experts the sampler's)")
-    policy.gradient_checkpointing = cfg.train.gradient_checkpointing
+    r = cfg.rollout
+    if policy.config.moe is not None and r.routing_replay and r.partial_rollouts:
+        raise UsageError("rollout.partial_rollouts=true with a mixture-of-experts policy and "
+                         "rollout.routing_replay: not supported (a carried answer's routing "
+                         "records do not carry); set either to false")
+    policy.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
                                              shard=frozen).eval().requires_grad_(False)
@@ -166,27 +151,33 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer, reward_f
                                shard=sharder if rm_is_trunk else frozen).eval().requires_grad_(False)
     critic = value_head = None  # critic="none": a group estimator needs no values
     if cfg.critic == "separate":
-        critic = build_critic(cfg, rm, device, dtype, sharder if cfg.critic_lora.enabled else trained)
+        critic = build_critic(cfg, rm, device, dtype,
+                              sharder if cfg.critic_lora.enabled else laying_out("critic", dims))
     elif cfg.critic == "shared":
         value_head = shared_value_head(policy)
-        # Beside adapters, or beside a tensor-parallel trunk (whose hidden states every tensor rank
-        # holds whole), a replicated head, its gradients averaged (optim.clip_and_step).
-        if not lora and cfg.train.tensor_parallel == 1:
-            distributed.shard(value_head, mode, group_size=group)
+        # Beside adapters a replicated head, its gradients averaged (optim.clip_and_step).
+        if not lora:
+            layout(value_head, "head", dims)
     if rm is not None:
         score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)
     else:
-        fn = resolve_reward_fn(cfg, reward_fn)
-        score = function_scorer(fn, tokenizer, cfg.reward_fn or getattr(fn, "__qualname__", "reward_fn"),
-                                cfg.reward.fn_timeout_s, getattr(policy, "tensor_parallel", None))
-    actor = HybridActor(policy, tokenizer, kv_cache_memory=cfg.rollout.kv_cache_memory, device=device,
+        score = FunctionScorer(rewards, tokenizer, policy.tensor_parallel)
+    # rollout.kv_cache_memory by the memory plan's rules (auto: the largest pool that fits).
+    kv_bytes = rollout_kv_bytes(cfg, torch.device(device), distributed.world_size(),
+                                distributed.local_world_size())
+    actor = HybridActor(policy, tokenizer, kv_cache_memory=kv_bytes, device=device,
                         release_kv_pool=cfg.rollout.release_kv_pool,
                         persistent_weights=cfg.rollout.persistent_weights,
                         block_size=cfg.rollout.block_size,
-                        max_num_seqs=cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
+                        max_num_seqs=cfg.rollout.max_rows,
                         batch_invariant=cfg.rollout.exact,
+                        speculative_tokens=cfg.rollout.speculative_tokens,
+                        speculate_below=cfg.rollout.speculate_below,
+                        prefill_chunk=cfg.rollout.prefill_chunk,
                         record_routing=cfg.rollout.routing_replay and policy.config.moe is not None)
-    return PPOModels(policy, reference, actor, critic, value_head, score, lora)
+    tp = policy.tensor_parallel
+    ranks = tp.data_ranks() if tp is not None else distributed.WORLD
+    return PPOModels(policy, reference, actor, critic, value_head, score, lora, ranks)
 
 
 def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callable) -> nn.Module:
@@ -199,7 +190,7 @@ def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callab
         start = "reward_model" if rm is not None else "lm"
         critic = load_value_model(cfg.reward_model or cfg.policy, dtype=dtype, device=device, shard=sharder,
                                   start=start)
-        critic.gradient_checkpointing = cfg.train.gradient_checkpointing
+        critic.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
         return critic.requires_grad_(True).train()
     if rm is not None:
         trunk, head = rm, distributed.plain(rm.score.weight.detach())
@@ -209,7 +200,7 @@ def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callab
         if distributed.is_main():
             print("fusedrl: critic_lora without a reward model: the critic starts from the policy and runs on a "
                   "frozen copy of its weights (a second decoder in memory)", file=sys.stderr)
-    trunk.gradient_checkpointing = cfg.train.gradient_checkpointing
+    trunk.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
     return LoRACritic(trunk, head, cfg.critic_lora).train()
 
 
@@ -223,18 +214,16 @@ def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, lis
     if models.critic is not None:
         critic_opt = optim.build_optimizer(models.critic, dataclasses.replace(cfg.optim, lr=cfg.critic_lr or cfg.optim.lr))
     opts = Optimizers(policy_opt, critic_opt, cfg.optim.max_grad_norm,
-                      getattr(models.policy, "tensor_parallel", None))
+                      models.policy.tensor_parallel)
     schedules = [optim.build_scheduler(o, cfg.optim, cfg.train.iterations) for o in opts.all()]
     return opts, schedules
 
 
-def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, device, dtype) -> Trainables:
+def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, device, dtype,
+               dims: ParallelDims) -> Trainables:
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
-    optimizers and their schedules."""
-    sharder = training_sharder(cfg.train, device)  # the policy's layout (tensor or expert ranks, else FSDP)
-    critic_sharder = sharder if cfg.train.expert_parallel == 1 else distributed.sharder(
-        cfg.train.data_parallel, device, offload=cfg.train.optimizer_offload,
-        group_size=cfg.train.shard_group_size)  # experts: the policy's alone
+    optimizers and their schedules; a saved model loads laid out over `dims` for its role."""
+    sharder, critic_sharder = laying_out("trained", dims), laying_out("critic", dims)
     saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device,
                                                                        shard=sharder))}
              if models.lora is None else {"policy_adapter": adapters.saved_adapter(models.lora)})
@@ -259,33 +248,49 @@ def ptx_loss(cfg: PPOConfig, tokenizer, policy: CausalLM, device) -> Optional[Pt
 
 
 @releases_output_dir
-def run_ppo(cfg: PPOConfig, reward_fn: Optional[Callable] = None,
-            evaluate: Optional[Callable[[PPOModels], dict]] = None) -> Path:
+def run_ppo(cfg: PPOConfig, reward_fn=None,
+            evaluate: Optional[Callable[[PPOModels], dict]] = None, dataset=None) -> Path:
     """Train per `cfg`; returns the exported policy directory (RUN_DIR/final; with lora.rank > 0 the
     adapters merged into it, and themselves in RUN_DIR/final_adapter).
 
-    reward_fn: a Python scorer fn(prompt_texts, response_texts) -> floats, instead of cfg.reward_fn.
+    reward_fn: a reward function, or a list of them (docs/rewards.md: TRL's keyword form or
+    fn(prompt_texts, response_texts) -> floats), instead of cfg.reward_fn; weighted by
+    reward.weights.
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
+    dataset: a datasets.Dataset of prompts, instead of cfg.prompts_file.
     """
+    rewards = open_rewards(cfg, reward_fn)
+    try:
+        return train_ppo(cfg, rewards, evaluate, dataset)
+    finally:
+        if rewards is not None:  # their workers end with the run, however it ends
+            rewards.close()
+
+
+def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
+              evaluate: Optional[Callable[[PPOModels], dict]], dataset=None) -> Path:
+    """run_ppo's run, scored by the open `rewards` (None: by cfg.reward_model)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
-                    kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg)
+                    kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg,
+                    check=refuse_unfit)
     device, tokenizer = run.device, run.tokenizer
-    if cfg.reward_model is None:  # resolved now: a wrong reward_fn is a usage error before any model loads
-        reward_fn = resolve_reward_fn(cfg, reward_fn)
-    prompts, truncated = load_prompts(cfg.prompts_file, tokenizer, cfg.rollout.max_prompt_length,
-                                      run.configs["policy"].max_model_len, cfg.rollout.truncate_prompts)
-    models = build_models(cfg, device, run.dtype, tokenizer, reward_fn)
+    prompts, truncated = load_prompts(
+        cfg.prompts_file if dataset is None else dataset, tokenizer, cfg.rollout.max_prompt_length,
+        run.configs["policy"].max_model_len, cfg.rollout.truncate_prompts, cfg.data.prompt_column,
+        cfg.data.chat_template)
+    models = build_models(cfg, device, run.dtype, tokenizer, rewards, run.dims)
     opts, schedules = build_optimizers(models, cfg)
     state = PPOState(kl_coef=cfg.reward.kl_coef)
-    plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations, eval_every=cfg.train.log_every)
-    # A tensor group's ranks hold the same rows: the row helpers reduce over the data ranks only.
-    with distributed.tensor_groups(getattr(models.policy, "tensor_parallel", None)):
-        run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype), state,
-                     iteration_step(cfg, models, opts, schedules, prompts,
-                                    ptx_loss(cfg, tokenizer, models.policy, device), device),
-                     evaluate=None if evaluate is None else lambda: evaluate(models),
-                     info={"prompts": len(prompts), "truncated_prompts": truncated,
-                           "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
+    rows = cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt
+    rule = minibatch_rule(rows, cfg.ppo.minibatch_size)
+    plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations,
+                   eval_every=cfg.train.log_every, notices=[rule] if rule else [])
+    run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype, run.dims), state,
+                 iteration_step(cfg, models, opts, schedules, prompts,
+                                ptx_loss(cfg, tokenizer, models.policy, device), device),
+                 evaluate=None if evaluate is None else lambda: evaluate(models),
+                 info={"prompts": len(prompts), "truncated_prompts": truncated,
+                       "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
     final = Path(cfg.output_dir) / "final"
     adapters.export(models.policy, models.lora, final, cfg.policy)  # collective: streamed to rank 0
     if models.critic is not None:
@@ -304,7 +309,8 @@ def export_critic(cfg: PPOConfig, critic: nn.Module) -> None:
     save_value_model(critic, final)
 
 
-def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules: list, prompts: list[list[int]],
+def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules: list,
+                   prompts: list[PromptRow],
                    ptx: Optional[PtxLoss], device) -> Callable[[PPOState], dict]:
     """One PPO iteration as the training loop's step: sample and score, build the rollout, update,
     then move the KL controller and the schedules on. What carries to the next iteration lives in
@@ -315,13 +321,28 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
         it = state.step
         controllers = Controllers.restore(state, cfg.reward)
         timer = PhaseTimer(device)
-        samples, sampling_metrics = draw_samples(
-            lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state),
-            lambda batch, seed: sample_and_score(models, batch, cfg.rollout, seed, timer), cfg.rollout,
-            cfg.seed * 1_000_003 + it)
+        seed = cfg.seed * 1_000_003 + it
+        if cfg.rollout.partial_rollouts:
+            samples, sampling_metrics = partial_samples(
+                models, state,
+                lambda count: next_prompts(prompts, count, cfg.seed, state, models.ranks),
+                cfg.rollout, seed, timer)
+            if samples is None:  # every group still has answers in flight: nothing to learn yet
+                for s in schedules:
+                    optim.advance_schedule(s)
+                return {**sampling_metrics, **timer.metrics()}
+        else:
+            samples, sampling_metrics = draw_samples(
+                lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state,
+                                     models.ranks),
+                lambda batch, seed: sample_and_score(models, [p.ids for p in batch], cfg.rollout,
+                                                     seed, timer, sources=batch,
+                                                     share_prompts=cfg.train.prefix_sharing),
+                cfg.rollout, seed, models.ranks)
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
                                   timer)
-        metrics = {**experience.metrics, **sampling_metrics, "lr": schedules[0].get_last_lr()[0]}
+        metrics = {**experience.metrics, **sampling_metrics, **models.score.metrics(),
+                   "lr": schedules[0].get_last_lr()[0]}
         rollout = experience.rollout
         if rollout is None:
             metrics.update(skipped=True, skip_reason=experience.skip_reason)
@@ -334,7 +355,7 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
             metrics["tokens_per_s_train"] = cfg.ppo.epochs * metrics["tokens"] / max(timer.seconds["train"], 1e-9)
             if update.updates == 0:
                 metrics.update(skipped=True, skip_reason="every minibatch had a non-finite loss or gradient")
-            controllers.kl.update(experience.kl, rollout.mask.shape[0] * distributed.data_world_size())
+            controllers.kl.update(experience.kl, rollout.mask.shape[0] * models.ranks.size())
             controllers.save(state)
         for s in schedules:  # after the update; a skipped iteration keeps its place in the schedule too
             optim.advance_schedule(s)

@@ -2,13 +2,18 @@
 and the critic) over a Rollout (rollout.py, built by experience.py). It composes the kernels and
 engine/stages/ppo/core.py; no math lives here.
 
-Minibatches and micro-batches are cut from the rollout's one pack by index. A minibatch's stats stay
-on the device until its one host read (the skip and early-stop decisions need them).
+Minibatches and micro-batches are cut from the rollout's one pack by index. An epoch takes
+ceil(rows / ppo.minibatch_size) minibatches of sizes as equal as the rows allow (16 rows at size
+5: four of 4, not 5, 5, 5 and 1), said once when the run starts (`minibatch_rule`). A
+minibatch's stats stay on the device until its one host read (the skip and early-stop decisions
+need them).
 
 Under torchrun each minibatch is every rank's share of the global one, its loss weights are
 normalized by the global minibatch's units, and skips and early stops are decided on global
 values, so every rank takes the same steps."""
 from __future__ import annotations
+
+import dataclasses
 
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +28,8 @@ from ...config.ppo import PPOConfig, UpdateConfig
 from ...model.moe import moe_blocks, routing_trace
 from ...train.router_losses import trace_losses
 from ...data.packing import pack
-from ... import distributed
+from ...data.prefix_sharing import grouped_order
+from ...parallel import distributed
 from ...train import optim, runlog
 from ....kernels import (aggregation_rule, importance_weights, kl_penalty, masked_mean, ppo_policy_loss,
                          ppo_value_loss)
@@ -44,7 +50,12 @@ class UpdateSettings:
 
     @classmethod
     def of(cls, cfg: PPOConfig) -> "UpdateSettings":
-        return cls(cfg.ppo, cfg.rollout.temperature, cfg.ppo.loss_agg_norm or cfg.rollout.max_new_tokens, cfg.moe)
+        """ppo.is_mode resolved: null is tis with rollout.partial_rollouts (a carried answer's
+        tokens were drawn by older weights), else off; off is None, as the loss kernels read it."""
+        mode = cfg.ppo.is_mode or ("tis" if cfg.rollout.partial_rollouts else "off")
+        ppo = dataclasses.replace(cfg.ppo, is_mode=None if mode == "off" else mode)
+        norm = cfg.ppo.loss_agg_norm or cfg.rollout.max_new_tokens
+        return cls(ppo, cfg.rollout.temperature, norm, cfg.moe)
 
 
 @dataclass
@@ -65,7 +76,7 @@ class UpdateResult:
 @dataclass
 class Optimizers:
     """The policy's optimizer (and the shared value head's params) and the separate critic's;
-    tensor_parallel: the policy's engine/tensor_parallel.TensorParallel at train.tensor_parallel > 1
+    tensor_parallel: the policy's engine/parallel/tensor_parallel.TensorParallel at train.tensor_parallel > 1
     (every model on the same tensor ranks), else None."""
     policy: torch.optim.Optimizer
     critic: Optional[torch.optim.Optimizer]
@@ -98,18 +109,23 @@ def aggregation_units(mask: torch.Tensor, agg: str) -> Optional[torch.Tensor]:
     return aggregation_rule(mask, agg)[1]
 
 
-def _global_total(units: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _global_total(units: Optional[torch.Tensor],
+                  ranks: distributed.DataRanks) -> Optional[torch.Tensor]:
     """The units of every rank's share of the minibatch (at least 1)."""
-    return None if units is None else distributed.all_reduce_tensor(units.sum()).clamp_min(1)
+    if units is None:
+        return None
+    return distributed.all_reduce_tensor(units.sum(), ranks=ranks).clamp_min(1)
 
 
 def microbatch_rows(seqlens: list[int], rows_per_microbatch: Optional[int],
-                    tokens_per_microbatch: Optional[int]) -> list[list[int]]:
+                    tokens_per_microbatch: Optional[int],
+                    shared: tuple[list[int], list[int]] = ([], [])) -> list[list[int]]:
     """A minibatch's rows (of these token counts) split into micro-batches, in order: packed up to
-    tokens_per_microbatch (PPOConfig checks that one row always fits), else rows_per_microbatch
-    rows each (None: all at once)."""
+    tokens_per_microbatch forwarded tokens (PPOConfig checks that one row always fits; shared: the
+    rows' prefix groups and prompt lengths, a prompt counted once per micro-batch), else
+    rows_per_microbatch rows each (None: all at once)."""
     if tokens_per_microbatch is not None:
-        return pack(seqlens, tokens_per_microbatch)
+        return pack(seqlens, tokens_per_microbatch, "tokens_per_microbatch", shared)
     size = rows_per_microbatch or len(seqlens)
     return [list(range(start, min(start + size, len(seqlens)))) for start in range(0, len(seqlens), size)]
 
@@ -134,9 +150,12 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
                                   level=p.is_level, cap=p.is_cap, low=p.is_low, high=p.is_high)[1]
     units = {"policy": aggregation_units(kept, p.agg), "value": aggregation_units(batch.mask, p.agg),
              "token": batch.mask.sum(-1)}
-    totals_of = {kind: _global_total(u) for kind, u in units.items()}
-    micros = microbatch_rows(batch.packed.seqlens, p.microbatch_size, p.tokens_per_microbatch)
-    most = distributed.max_over_ranks(len(micros))  # agreed before the forwards (their collectives)
+    totals_of = {kind: _global_total(u, models.ranks) for kind, u in units.items()}
+    packed = batch.packed
+    micros = microbatch_rows(packed.seqlens, p.microbatch_size, p.tokens_per_microbatch,
+                             (packed.prefix_groups, packed.prompt_lens))
+    # Agreed before the forwards (their collectives).
+    most = distributed.max_over_ranks(len(micros), models.ranks)
     left = iter(range(most - 1, -1, -1))  # micro-batch backwards left after each
 
     def backward(loss):
@@ -147,7 +166,7 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
             if model is not None:
                 distributed.all_reduce_in_backward(model, last)
         distributed.all_reduce_in_backward(models.policy, last and ptx_loss is None)
-        (loss * distributed.data_world_size()).backward()
+        (loss * models.ranks.size()).backward()
     totals: dict = {}
     total_loss = torch.zeros((), device=batch.mask.device)
     for rows in micros:
@@ -182,12 +201,14 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
         (p.ptx_coef * ptx).backward()
         total_loss = total_loss + ptx.detach()
     totals["loss"] = total_loss
-    if distributed.data_world_size() > 1:
+    if models.ranks.size() > 1:
         # The forwards run only to keep the ranks in step (a fill on the device: no host copy).
         totals["spare_forwards"] = torch.full((), float(spares), device=total_loss.device)
         # Sums of the ranks' weighted shares: the global minibatch's stats, in one all-reduce.
         names = list(totals)
-        totals = dict(zip(names, distributed.all_reduce_tensor(torch.stack([totals[k] for k in names]))))
+        summed = distributed.all_reduce_tensor(torch.stack([totals[k] for k in names]),
+                                               ranks=models.ranks)
+        totals = dict(zip(names, summed))
     if ptx is not None:  # the PPO-ptx batch is the same on every rank: its loss is not summed
         totals["ptx_loss"] = ptx.detach()
     return totals
@@ -229,6 +250,25 @@ def minibatch_loss(models: PPOModels, batch: Rollout, s: UpdateSettings, weights
     return loss, stats
 
 
+def minibatch_bounds(rows: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of an epoch's minibatches over `rows` rows: ceil(rows / size) of them, their
+    sizes as equal as the rows allow (at most `size`, differing by at most one)."""
+    count = -(-rows // size)
+    return [(i * rows // count, (i + 1) * rows // count) for i in range(count)]
+
+
+def minibatch_rule(rows: int, size: int) -> str | None:
+    """What an epoch does with `rows` rows per rank at ppo.minibatch_size=`size`, when the size does
+    not divide them (None when it does, or holds them all: one minibatch of the whole rollout)."""
+    if rows % size == 0 or size >= rows:
+        return None
+    sizes = sorted({end - start for start, end in minibatch_bounds(rows, size)}, reverse=True)
+    count = len(minibatch_bounds(rows, size))
+    return (f"ppo.minibatch_size={size} does not divide the rollout's {rows} rows per rank "
+            "(rollout.prompts_per_iteration x rollout.samples_per_prompt): each epoch takes "
+            f"{count} minibatches of {' or '.join(map(str, sizes))} rows")
+
+
 def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: UpdateSettings, seed: int,
                ptx_loss: Optional[Callable] = None) -> UpdateResult:
     """ppo.epochs passes of shuffled minibatch updates; a non-finite loss or gradient skips that
@@ -243,9 +283,11 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: U
     for _ in range(p.epochs):
         order = torch.randperm(rows, generator=order_rng).tolist()  # a host tensor: no device sync
         stop = False
-        for start in range(0, rows, minibatch):
+        for start, end in minibatch_bounds(rows, minibatch):
             optimizers.zero_grad()
-            stats = minibatch_backward(models, rollout.rows(order[start:start + minibatch]), s, ptx_loss)
+            # A group's rows together: its micro-batches read its prompt once (prefix sharing).
+            rows_of = grouped_order(order[start:end], rollout.packed.prefix_groups)
+            stats = minibatch_backward(models, rollout.rows(rows_of), s, ptx_loss)
             norms = optimizers.clip_and_step(stats["loss"])
             host = runlog.host_values({**stats, "grad_norm": norms[0], "stepped": torch.isfinite(norms).all()})
             if not host.pop("stepped"):  # the step was skipped on the device

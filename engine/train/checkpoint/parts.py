@@ -87,7 +87,7 @@ def trainer_state(parts: Trainables) -> tuple[dict[str, torch.Tensor], dict]:
 
 def row_layouts(parts: Trainables) -> dict[str, int]:
     """{model: T} of the models whose packed projections (q/k/v, gate/up) hold their rows
-    rank-interleaved for T tensor ranks (engine/tensor_parallel.py): a checkpoint's rows are only
+    rank-interleaved for T tensor ranks (engine/parallel/tensor_parallel.py): a checkpoint's rows are only
     read back into the same layout (the tensors' names and shapes do not show it)."""
     return {name: t for name, model in parts.models.items()
             if (t := max((m.tensor_parallel for m in model.module.modules() if isinstance(m, PackedProjection)),
@@ -121,6 +121,32 @@ def rng_state() -> tuple[dict[str, torch.Tensor], list]:
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     version, internal, gauss_next = random.getstate()
     return tensors, [version, list(internal), gauss_next]
+
+
+def check_rng_state(where, tensors: dict, python) -> None:
+    """CorruptDirectory naming `where` unless `tensors` and `python` are RNG states as `rng_state`
+    returns them: torch's a uint8 vector of this torch's length (CUDA's of theirs), python's
+    [version, 625 ints in [0, 2^32), None or a float]."""
+    from ...durable import CorruptDirectory
+
+    own = torch.get_rng_state()
+    cuda_shape = torch.cuda.get_rng_state().shape if torch.cuda.is_available() else None
+    for key, state in tensors.items():
+        shape = own.shape if key == "rng.torch" else cuda_shape
+        wrong_shape = shape is not None and state.shape != shape
+        if state.dtype != torch.uint8 or state.dim() != 1 or wrong_shape:
+            expected = list(shape) if shape is not None else "[N]"
+            raise CorruptDirectory(f"{where}: RNG state {key} is {state.dtype} "
+                                   f"{list(state.shape)}, expected torch.uint8 {expected}")
+    if "rng.torch" not in tensors:
+        raise CorruptDirectory(f"{where}: no torch RNG state (rng.torch)")
+    ok = (isinstance(python, list) and len(python) == 3 and type(python[0]) is int
+          and isinstance(python[1], list) and len(python[1]) == 625
+          and all(type(x) is int and 0 <= x < 2**32 for x in python[1])
+          and (python[2] is None or type(python[2]) is float))
+    if not ok:
+        raise CorruptDirectory(f"{where}: python's RNG state is not [version, 625 ints, None or "
+                               "float]")
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], python: list) -> None:

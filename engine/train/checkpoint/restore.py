@@ -13,9 +13,9 @@ import torch
 
 from ...durable import CorruptDirectory
 from ...errors import UsageError
-from ... import distributed
-from .parts import (Trainables, module_tensors, row_layouts, optimizer_key, optimizer_parameters, parameter_names,
-                    set_rng_state)
+from ...parallel import distributed
+from .parts import (Trainables, check_rng_state, module_tensors, row_layouts, optimizer_key,
+                    optimizer_parameters, parameter_names, set_rng_state)
 from .shards import DTYPES, dtype_name, local_chunk
 
 
@@ -143,10 +143,15 @@ def _fill(source: Source, name: str, tensor: torch.Tensor) -> None:
     local.copy_(source.read(name, offsets, list(local.shape)))
 
 
-def restore(source: Source, parts: Trainables) -> dict:
-    """Check that `source` fits `parts` (CheckpointMismatch otherwise, with nothing loaded), then
-    restore the models, small modules, optimizers, schedulers and this rank's RNG states from it;
-    returns the loop state. Collective only in that every rank reads the same checkpoint."""
+def restore(source: Source, parts: Trainables,
+            check_loop: Callable[[Path, object], None] | None = None) -> dict:
+    """Check that `source` fits `parts` (CheckpointMismatch otherwise, with nothing loaded), that
+    its RNG states are RNG states and its loop state passes `check_loop(path, loop state)` (which
+    raises CorruptDirectory or a UsageError), then restore the models, small modules, optimizers,
+    schedulers and this rank's RNG states from it; returns the loop state. Collective only in that
+    every rank reads the same checkpoint."""
+    if check_loop is not None:
+        check_loop(source.path, source.data.get("loop"))
     check_parts(source.path, parts, source.data["models"], source.data["modules"])
     there, here = source.data.get("row_layouts", {}), row_layouts(parts)  # older checkpoints: every model T=1
     for name in parts.models:
@@ -158,6 +163,7 @@ def restore(source: Source, parts: Trainables) -> dict:
     plans = _optimizer_plan(source, parts)
     _check_schedulers(source, parts)
     rng = source.rng(distributed.rank())
+    check_rng_state(source.path, *rng)
     for name, tensor in targets.items():
         _fill(source, name, tensor)
     for i, (optimizer, plan) in enumerate(zip(parts.optimizers, plans)):

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ...durable import CorruptDirectory
-from ... import distributed
+from ...parallel import distributed
 from ...model.weight_map import local_box as local_chunk  # (piece, offsets): a DTensor's shard, a plain tensor whole
 
 _FILE = re.compile(r"rank-\d{5}\.safetensors")

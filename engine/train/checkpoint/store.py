@@ -13,7 +13,7 @@ import torch
 
 from ...durable import CorruptDirectory, check_finite, publish, temp_dir, verify_manifest, write_manifest
 from ...errors import NonFiniteError, UsageError
-from ... import distributed
+from ...parallel import distributed
 from .legacy import is_legacy, open_legacy
 from .parts import Trainables, rng_state, trainer_state
 from .restore import Source, restore
@@ -114,13 +114,14 @@ def _open_current(path: Path) -> Source:
     return Source(path, document["tensors"], reader.read, document, reader.own)
 
 
-def load_checkpoint(path, parts: Trainables) -> dict:
-    """Verify checkpoint `path` (CorruptDirectory if it fails), check that it fits `parts`
-    (CheckpointMismatch), restore every part and this rank's RNG states from it; returns the loop
-    state. Any number of ranks loads a checkpoint written by any number of ranks."""
+def load_checkpoint(path, parts: Trainables, check_loop=None) -> dict:
+    """Verify checkpoint `path` (CorruptDirectory if it fails, or if its loop state fails
+    `check_loop(path, loop state)`), check that it fits `parts` (CheckpointMismatch), restore every
+    part and this rank's RNG states from it; returns the loop state. Any number of ranks loads a
+    checkpoint written by any number of ranks."""
     path = Path(path)
     verify_manifest(path)
-    return restore(open_checkpoint(path, parts), parts)
+    return restore(open_checkpoint(path, parts), parts, check_loop)
 
 
 def read_tensors(path, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -147,13 +148,14 @@ def latest_checkpoint(run_dir) -> Path | None:
     return found[-1] if found else None
 
 
-def resume(run_dir, parts: Trainables) -> tuple[Path | None, dict]:
-    """Load the newest checkpoint that verifies; (its path, loop state), or (None, {}) when none.
-    A corrupt one is set aside as `corrupt-step-*` with a warning on stderr, and the previous tried.
-    With several ranks every rank verifies the same files (so all agree) and rank 0 sets it aside."""
+def resume(run_dir, parts: Trainables, check_loop=None) -> tuple[Path | None, dict]:
+    """Load the newest checkpoint that verifies (its loop state by `check_loop`: load_checkpoint);
+    (its path, loop state), or (None, {}) when none. A corrupt one is set aside as `corrupt-step-*`
+    with a warning on stderr, and the previous tried. With several ranks every rank verifies the
+    same files (so all agree) and rank 0 sets it aside."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return path, load_checkpoint(path, parts)
+            return path, load_checkpoint(path, parts, check_loop)
         except CorruptDirectory as e:
             distributed.barrier()  # every rank is done reading it
             if not distributed.is_main():

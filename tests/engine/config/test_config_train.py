@@ -48,7 +48,7 @@ def test_required_fields_and_validation_from_python():
     with pytest.raises(ValueError, match="model is required"):
         SFTConfig(output_dir="/o", data=DataConfig(train_file="t"))
     with pytest.raises(ValueError, match="data.train_file is required"):
-        SFTConfig(model="/m", output_dir="/o")
+        SFTConfig(model="/m", output_dir="/o").require_data()
     with pytest.raises(ValueError, match="grad_accum_steps must be >= 1"):
         OptimConfig(grad_accum_steps=0)
     with pytest.raises(ValueError, match="tokens_per_batch"):

@@ -4,10 +4,12 @@ import re
 import pytest
 
 from fusedrl.engine.data.packing import collate_rm, collate_sft, epoch_batches, pack, pack_sequences
-from fusedrl.engine.data.records import DataError, Demonstration, Ranking, parser_for, read_jsonl
+from fusedrl.engine.data.chat import render_chat
+from fusedrl.engine.data.records import DataError, Demonstration, Ranking, parser_for
+from fusedrl.engine.data.sources import read_records
 from fusedrl.engine.config.train import DataConfig
 from fusedrl.engine.data.loading import load_examples, split_off
-from fusedrl.engine.data.tokenization import TokenizedExample, render_chat, tokenize_record
+from fusedrl.engine.data.tokenization import TokenizedExample, tokenize_record
 from engine_testing import EOS, make_tokenizer
 from train_testing import write_jsonl
 from cli_testing import cli_error
@@ -25,14 +27,14 @@ def test_every_format_parses(tmp_path):
     sft = write_jsonl(tmp_path / "sft.jsonl", [
         {"prompt": "p", "response": "r"}, "",
         {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}])
-    rows = read_jsonl(sft, parser_for("sft", "auto")).records
+    rows = read_records(sft, parser_for("sft", "auto")).records
     assert rows[0] == Demonstration("p", "r")
     assert rows[1].messages == (("user", "u"), ("assistant", "a")) and rows[1].response == "a"
     rm = write_jsonl(tmp_path / "rm.jsonl", [
         {"prompt": "p", "chosen": "a", "rejected": "b"},
         {"prompt": "p", "responses": ["a", "b", "c"]},
         {"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
-    pair, ranking, hh = read_jsonl(rm, parser_for("rm", "auto")).records
+    pair, ranking, hh = read_records(rm, parser_for("rm", "auto")).records
     assert pair == Ranking("p", ("a", "b")) and ranking == Ranking("p", ("a", "b", "c"))
     assert hh.prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:"
     assert hh.responses == (" the fox", " no")
@@ -46,18 +48,18 @@ def test_every_format_parses(tmp_path):
     ('{"prompt": "p", "chosen": "a", "rejected": "a"}', "identical"),
     ('{"prompt": "p", "responses": ["a"]}', "at least two strings"),
     ('{"prompt": "p", "responses": ["a", "b", "a"]}', "distinct"),
-    ('{"chosen": "no turns", "rejected": "x"}', "no '\\\\n\\\\nAssistant:' turn"),
+    ('{"chosen": "no turns", "rejected": "x"}', "must share a beginning"),
     ('{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: c\\n\\nAssistant: b"}',
      "do not share"),
 ])
 def test_malformed_preference_lines_name_file_line_and_reason(tmp_path, line, reason):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, line])
     with pytest.raises(DataError, match=rf"bad\.jsonl:2: .*{reason}"):
-        read_jsonl(path, parser_for("rm", "auto"))
+        read_records(path, parser_for("rm", "auto"))
 
 
 @pytest.mark.parametrize("line, reason", [
-    ('{"prompt": "p"}', "expected keys prompt\\+response or messages"),
+    ('{"prompt": "p"}', "expected keys messages, prompt\\+completion, prompt\\+response or text"),
     ('{"prompt": "p", "response": ""}', "empty response"),
     ('{"messages": [{"role": "user", "content": "u"}]}', "at least two"),
     ('{"messages": [{"role": "user", "content": "u"}, {"role": "user", "content": "v"}]}', "assistant turn"),
@@ -66,23 +68,24 @@ def test_malformed_preference_lines_name_file_line_and_reason(tmp_path, line, re
 def test_malformed_demonstration_lines(tmp_path, line, reason):
     path = write_jsonl(tmp_path / "bad.jsonl", [line])
     with pytest.raises(DataError, match=rf"bad\.jsonl:1: .*{reason}"):
-        read_jsonl(path, parser_for("sft", "auto"))
+        read_records(path, parser_for("sft", "auto"))
 
 
 def test_explicit_format_requires_its_keys(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     with pytest.raises(DataError, match="format 'ranking' needs keys"):
-        read_jsonl(path, parser_for("rm", "ranking"))
+        read_records(path, parser_for("rm", "ranking"))
 
 
 def test_skip_malformed_counts_and_keeps_the_rest(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}, "oops", {"prompt": 1, "response": "r"},
                                                {"prompt": "q", "response": "s"}])
-    result = read_jsonl(path, parser_for("sft", "auto"), skip_malformed=True)
+    result = read_records(path, parser_for("sft", "auto"), skip_malformed=True)
     assert [r.prompt for r in result.records] == ["p", "q"]
     assert result.skipped == 2 and result.errors[0].endswith("d.jsonl:2: Expecting value: line 1 column 1 (char 0)")
-    with pytest.raises(DataError, match="no usable lines"):
-        read_jsonl(write_jsonl(tmp_path / "e.jsonl", ["x"]), parser_for("sft", "auto"), skip_malformed=True)
+    with pytest.raises(DataError, match="no usable rows"):
+        read_records(write_jsonl(tmp_path / "e.jsonl", ["x"]), parser_for("sft", "auto"),
+                     skip_malformed=True)
 
 
 def test_undecodable_bytes_are_a_file_line_error_or_skipped_and_reported(tokenizer, tmp_path, capsys):
@@ -90,11 +93,12 @@ def test_undecodable_bytes_are_a_file_line_error_or_skipped_and_reported(tokeniz
     path.write_bytes(b'{"prompt": "p", "response": "r"}\n{"prompt": "caf\xff", "response": "r"}\n'
                      b'{"prompt": "q", "response": "s"}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8 \(byte 0xff at column 16\)"):
-        read_jsonl(path, parser_for("sft", "auto"))
+        read_records(path, parser_for("sft", "auto"))
     examples = load_examples(DataConfig(train_file=str(path), eval_fraction=0.0, skip_malformed=True, max_length=32,
                                         max_prompt_length=16, tokens_per_batch=64), tokenizer, "sft", 0)
     assert len(examples.train) == 2 and examples.info["skipped_lines"] == 1
-    assert capsys.readouterr().err == (f"fusedrl: skipped 1 malformed line(s) (data.skip_malformed=true), the first: "
+    assert capsys.readouterr().err == ("fusedrl: skipped 1 malformed row(s) "
+                                       "(data.skip_malformed=true), the first: "
                                        f"{path}:2: not valid UTF-8 (byte 0xff at column 16)\n")
 
 
@@ -195,4 +199,5 @@ def test_fusedrl_sft_reports_a_malformed_line_without_a_traceback(qwen2_dir, tmp
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}, '{"prompt": "p"}'])
     code, err = cli_error(["sft", f"model={qwen2_dir}", f"output_dir={tmp_path / 'run'}", f"data.train_file={data}",
                            "data.max_length=64", "data.max_prompt_length=32"], capsys)
-    assert code == 1 and re.fullmatch(r"fusedrl sft: .*d\.jsonl:2: expected keys prompt\+response.*\n", err)
+    assert code == 1
+    assert re.fullmatch(r"fusedrl sft: .*d\.jsonl:2: expected keys messages, .*\n", err)

@@ -7,12 +7,14 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.data.packing import pack_sequences
 from fusedrl.engine.inference.hybrid_actor import HybridActor
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.model.expert_parallel import shard_for_training
+from fusedrl.engine.parallel.dims import ParallelDims
+from fusedrl.engine.parallel.expert_parallel import shard_for_training
+from fusedrl.engine.parallel.layout import laying_out
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.moe import moe_blocks
 from fusedrl.engine.stages.sft import sft_loss
@@ -60,11 +62,17 @@ def train_step(policy, optimizer, device: str) -> None:
     optimizer.zero_grad()
 
 
+def data_parallel(mode: str, device: str):
+    """The layout of a trained model over the world in train.data_parallel `mode`."""
+    dims = ParallelDims.data_only(mode, distributed.world_size(), torch.device(device).type)
+    return laying_out("trained", dims)
+
+
 def check_rollouts(device: str, model_dir: str) -> None:
     """Two rollouts with a training step between them: the buffers' storage stays, both paths give
     the same tokens and log-probs, and the second rollout sees the updated weights."""
     from torch.distributed.tensor import DTensor
-    policy = load_model(model_dir, device=device, shard=distributed.sharder("shard", device))
+    policy = load_model(model_dir, device=device, shard=data_parallel("shard", device))
     before = {name: distributed.plain(p).detach().clone() for name, p in policy.named_parameters()}
     persistent, gathered = actors(policy, device)
     weights = persistent.weights
@@ -94,7 +102,7 @@ def check_rollouts(device: str, model_dir: str) -> None:
 
 def check_replicate(model_dir: str) -> None:
     """data_parallel=replicate: every local shard is whole already and read as it is (no buffer)."""
-    policy = load_model(model_dir, device="cpu", shard=distributed.sharder("replicate", "cpu"))
+    policy = load_model(model_dir, device="cpu", shard=data_parallel("replicate", "cpu"))
     persistent, gathered = actors(policy, "cpu")
     assert persistent.weights.nbytes == 0
     same_rollouts(persistent, gathered, greedy(), exact=True)
@@ -106,7 +114,7 @@ def check_exact_lora(model_dir: str) -> None:
     adapters whole on every rank, the frozen base sharded)."""
     from fusedrl.engine.config.lora import LoRAConfig
     from fusedrl.engine.train import adapters
-    policy = load_model(model_dir, device="cpu", shard=distributed.sharder("shard", "cpu"))
+    policy = load_model(model_dir, device="cpu", shard=data_parallel("shard", "cpu"))
     lora = adapters.attach(policy, LoRAConfig(rank=4))
     torch.manual_seed(0)  # the same adapters on every rank, B nonzero so that they count
     with torch.no_grad():
@@ -121,7 +129,8 @@ def check_exact_lora(model_dir: str) -> None:
 def check_experts(moe_dir: str) -> None:
     """An expert-parallel MoE policy (train.expert_parallel: experts sharded over the ranks): the
     experts gathered into buffers too, every block running them locally while generating."""
-    policy = load_model(moe_dir, device="cpu", shard=lambda m: shard_for_training(m, "cpu", 2))
+    dims = ParallelDims(2, data_shard=2, expert=2)
+    policy = load_model(moe_dir, device="cpu", shard=lambda m: shard_for_training(m, dims))
     shards = [b.expert_shard for b in moe_blocks(policy)]
     persistent, gathered = actors(policy, "cpu")
     same_rollouts(persistent, gathered, greedy(), exact=True)
@@ -139,7 +148,8 @@ def check_grpo(root: str) -> None:
             rollout = RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                     kv_cache_memory=1 << 22, persistent_weights=persistent, exact=exact)
             run_ppo(GRPOConfig(policy=f"{root}/policy", prompts_file=f"{root}/prompts.jsonl",
-                               output_dir=f"{root}/run-{exact}-{persistent}", reward_fn="engine_testing:vowel_fraction",
+                               output_dir=f"{root}/run-{exact}-{persistent}",
+                               reward_fn="reward_testing:vowel_fraction",
                                rollout=rollout, optim=OptimConfig(lr=1e-3),
                                ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.05, vf_coef=0.0, epochs=1,
                                                 minibatch_size=6),

@@ -110,3 +110,16 @@ def test_append_slot_takes_a_block_only_when_a_token_starts_one():
 def test_invalid_sizes_are_rejected():
     with pytest.raises(ValueError, match="num_blocks=0"):
         BlockManager(0, 16)
+
+
+def test_a_speculative_draft_reserves_slots_and_its_rejection_gives_them_back():
+    bm = BlockManager(num_blocks=5, block_size=4)
+    s = seq(list(range(6)))  # 2 blocks
+    bm.allocate(s)
+    assert bm.reserve(s, 6 + 5) == 11 and len(s.block_table) == 3   # a 5-token draft: 11 slots
+    assert bm.reserve(s, 6 + 20) == 20 and bm.num_free_blocks == 0  # as far as free blocks last
+    s.append(99)  # one token accepted: 7 tokens need 2 blocks
+    bm.trim(s)
+    assert len(s.block_table) == 2 and bm.num_free_blocks == 3
+    bm.deallocate(s)
+    assert bm.num_free_blocks == 5

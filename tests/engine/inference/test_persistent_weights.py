@@ -6,9 +6,6 @@ buffer at all, in the batch-invariant mode on a LoRA-adapted policy, with expert
 and a GRPO run with the option ends with the weights of the run without it. The option is refused
 in one line where nothing is gathered; on 2 GPUs, the decode steps replay from CUDA graphs across
 rollouts."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,18 +16,11 @@ from fusedrl.engine.errors import ConfigValueError, UsageError
 from fusedrl.engine.inference.hybrid_actor import HybridActor
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.plan.check import refuse_unfit
-from dist_testing import RANK_THREADS, check
+from dist_testing import check, run_ranks
 from moe_testing import make_moe_model
 from train_testing import save_tiny_model, write_jsonl
 
 WORKER = Path(__file__).with_name("persistent_worker.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": str(RANK_THREADS), "PYTHONPATH": os.pathsep.join(sys.path)}
-
-
-def _torchrun(*args, **env):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(WORKER), *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**ENV, **env})
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +36,8 @@ def test_two_ranks_generate_from_persistent_buffers_as_from_unshard(dense_dir):
     write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
                                                                   "fox jumps"]])
     # The engine's wiring under test, not the kernels: their torch references, not interpreted Triton.
-    result = _torchrun("cpu", dense_dir, root / "moe", root, FUSEDRL_BACKEND="torch")
+    result = run_ranks(WORKER, "cpu", dense_dir, root / "moe", root,
+                       env={"FUSEDRL_BACKEND": "torch"})
     check(result)
     assert [line.split(",")[0] for line in result.stdout.splitlines() if line.startswith("ok ")] == [
         "ok rollouts cpu", "ok replicate", "ok exact lora", "ok experts", "ok grpo"], result.stdout
@@ -80,6 +71,6 @@ def test_persistent_weights_where_nothing_is_gathered_is_refused_in_one_line(qwe
 def test_two_gpus_replay_decode_graphs_over_persistent_buffers_across_rollouts(dense_dir):
     """The decode steps captured once over the buffers and replayed in two rollouts with a training
     step between them (not yet run: no machine with 2 GPUs so far)."""
-    result = _torchrun("cuda", dense_dir)
+    result = run_ranks(WORKER, "cuda", dense_dir)
     check(result)
     assert "ok rollouts cuda" in result.stdout, result.stdout

@@ -12,10 +12,13 @@ from moe_testing import make_moe_model
 
 
 @pytest.mark.parametrize("graphs", [False, True])
-def test_records_are_the_training_forward_s_choices(tmp_path, graphs):
+def test_records_are_the_training_forward_s_choices(tmp_path, graphs, device):
     make_moe_model("qwen3_moe").save_pretrained(tmp_path)
-    llm = LLM(tmp_path, dtype="float32", block_size=4, max_num_seqs=6, record_routing=True)
-    if graphs:  # the graph bookkeeping (padded batch sizes), replayed eagerly on the CPU
+    llm = LLM(tmp_path, dtype="float32", block_size=4, max_num_seqs=6, record_routing=True,
+              device=device,
+              use_cuda_graphs=graphs)
+    # the graph bookkeeping (padded batch sizes), replayed eagerly
+    if graphs and device.type != "cuda":
         llm.runner.graphs = _DecodeGraphs(llm.runner, max_num_seqs=6, capture=False)
     prompts = random_prompts([9, 5], seed=3)
     outputs = llm.generate(prompts, SamplingParams(n=2, temperature=1.0, seed=1, max_new_tokens=7))
@@ -26,7 +29,7 @@ def test_records_are_the_training_forward_s_choices(tmp_path, graphs):
             assert len(c.routing_rows) == len(ids) and c.routing_rows[-1] == -1 and min(c.routing_rows[:-1]) >= 0
             recorded = llm.device_routing(c.routing_rows)  # [len, 1 sparse layer, 2]
             with torch.no_grad(), routing_trace(model) as trace:
-                model.forward_packed(torch.tensor(ids), [len(ids)])
+                model.forward_packed(torch.tensor(ids, device=device), [len(ids)])
             assert torch.equal(recorded[:-1, 0].long(), trace.chosen[1][:-1])
             assert (recorded[-1] == -1).all()
     # The n samples of a prompt share its full blocks: their prompt rows are the same records.

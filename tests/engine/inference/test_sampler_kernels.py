@@ -7,6 +7,7 @@ renormalized distribution worked out by hand. Every tensor lives on the kernel's
 there is one: the same tests check the GPU).
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -345,3 +346,24 @@ def test_a_workspace_too_small_or_elsewhere_is_refused():
         sample_triton(logits, *rest, SamplerWorkspace(2, torch.device(DEVICE)))
     with pytest.raises(ValueError, match="rows=0 must be an int >= 1"):
         SamplerWorkspace(0, torch.device(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_extreme_inverse_temperature_draws_the_argmax_without_warnings(dtype):
+    """Temperature 1e-8 on logits +-1e4: scaled logits near +-1e12, so profile cells far below the
+    chunk's top cell (clamped to +-2^30) would land at negative depths; clamped at 0, the
+    histogram's bins stay in range (undefined on a GPU, an invalid cast warning in the
+    interpreter)."""
+    g = torch.Generator(DEVICE).manual_seed(6)
+    logits = (torch.randint(0, 2, (4, CHUNK + 37), generator=g,
+                            device=DEVICE) * 2e4 - 1e4).to(dtype)
+    logits[:, 0] = -1e4
+    winners = torch.tensor([5, 300, CHUNK + 3, 0], device=DEVICE)
+    logits[torch.arange(4, device=DEVICE), winners] = 2e4 if dtype == torch.float32 else 1.5e4
+    args = list(rows(4, temperature=1e-8, top_k=50, top_p=0.9))
+    for draw in (sample_triton, reference.sample):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tokens, logprobs = draw(logits, *args)
+        assert torch.equal(tokens, winners), draw.__name__
+        torch.testing.assert_close(logprobs, torch.zeros_like(logprobs))

@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 
 from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.model.hf_io import load_model, save_model
-from fusedrl.engine.tensor_parallel import check_tensor_parallel, interleave
+from fusedrl.engine.parallel.tensor_parallel import interleave
+from fusedrl.engine.parallel.validate import check_tensor_parallel
 from cli_testing import cli_error
-from dist_testing import RANK_THREADS, _fusedrl_command, check
+from dist_testing import RANK_THREADS, _fusedrl_command, check, run_ranks
 from train_testing import demonstrations, write_jsonl
 
 WORKER = Path(__file__).with_name("tp_worker.py")
@@ -26,9 +27,6 @@ WORKER = Path(__file__).with_name("tp_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": str(RANK_THREADS), "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
-def _torchrun(*args):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           *map(str, args)], capture_output=True, text=True, timeout=300, env=ENV)
 
 
 def test_interleaved_rows_are_each_rank_s_heads_and_save_as_the_checkpoint(model_dirs, tmp_path):
@@ -60,7 +58,7 @@ def test_a_size_that_does_not_fit_names_those_that_do(model_dirs):
     config = load_model(model_dirs["qwen2"][0]).config  # 2 key/value heads
     with pytest.raises(ConfigValueError, match=r"--tensor-parallel=4: .* 4 ranks .* 2 key/value heads .* these fit: "
                                                r"\[1, 2\]$"):
-        check_tensor_parallel(4, 4, config)
+        check_tensor_parallel(4, 4, config, "--tensor-parallel")
     check_tensor_parallel(2, 4, config)
 
 
@@ -70,7 +68,8 @@ def test_what_does_not_train_tensor_parallel_is_refused_in_one_line(qwen2_dir, t
               "data.max_length=64", "data.max_prompt_length=32", "data.tokens_per_batch=128", "train.tensor_parallel=2"]
     code, err = cli_error(["sft", *common, "lora.rank=4", "lora.dropout=0.1"], capsys)
     assert (code, err) == (2, "fusedrl sft: train.tensor_parallel=2 with lora.dropout=0.1: not supported "
-                              "tensor-parallel yet (SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)\n")
+                              "tensor-parallel (SFT, RM, PPO and GRPO train tensor-parallel, LoRA "
+                              "included)\n")
     code, err = cli_error(["sft", *common], capsys)  # one process: no tensor ranks
     assert code == 2 and err.startswith("fusedrl sft: train.tensor_parallel=2: expected a size dividing the 1 ranks")
     assert err.count("\n") == 1
@@ -78,7 +77,7 @@ def test_what_does_not_train_tensor_parallel_is_refused_in_one_line(qwen2_dir, t
 
 def test_two_tensor_ranks_generate_one_process_s_tokens_from_their_shards(model_dirs):
     """Qwen2 (tied embedding, q/k/v biases) and Qwen3 (q/k norms, untied head), checked in the worker."""
-    result = _torchrun(WORKER, "cpu", model_dirs["qwen2"][0], model_dirs["qwen3"][0])
+    result = run_ranks(WORKER, "cpu", model_dirs["qwen2"][0], model_dirs["qwen3"][0])
     check(result)
     assert result.stdout.count("ok ") == 2, result.stdout
 
@@ -88,7 +87,7 @@ def test_two_tensor_ranks_generate_one_process_s_tokens_from_their_shards(model_
 def test_two_gpus_replay_the_tensor_parallel_decode_graphs_across_rollouts(model_dirs):
     """The decode steps captured as CUDA graphs with NCCL all-reduces inside, replayed over two
     rollouts with the parameters' storage unchanged (not yet run: no machine with 2 GPUs so far)."""
-    result = _torchrun(WORKER, "cuda", model_dirs["qwen2"][0])
+    result = run_ranks(WORKER, "cuda", model_dirs["qwen2"][0])
     check(result)
     assert result.stdout.count("ok ") == 1, result.stdout
 
@@ -96,8 +95,9 @@ def test_two_gpus_replay_the_tensor_parallel_decode_graphs_across_rollouts(model
 def test_generate_command_at_tensor_parallel_2_prints_one_process_s_tokens(model_dirs):
     path = model_dirs["llama"][0]  # untied head, llama3 RoPE scaling
     args = ["generate", "--model", path, "--prompt", "hello world", "--prompt", "the lazy dog", "--prompt", "fox",
-            "--temperature", "0", "--max-new-tokens", "6", "--json", "--no-progress"]
-    result = _torchrun(_fusedrl_command(), *args, "--tensor-parallel", "2")
+            "--temperature", "0", "--max-new-tokens", "6", "--json", "--no-progress",
+            "--device", "cpu"]  # two ranks: a one-GPU machine has too few GPUs for them
+    result = run_ranks(_fusedrl_command(), *args, "--tensor-parallel", "2")
     check(result)
     one = subprocess.run([_fusedrl_command(), *map(str, args)], capture_output=True, text=True, timeout=120, env=ENV)
     tokens = [[json.loads(line)["token_ids"] for line in out.splitlines()] for out in (result.stdout, one.stdout)]

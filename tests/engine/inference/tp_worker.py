@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.inference.hybrid_actor import HybridActor
 from fusedrl.engine.inference.llm import LLM
@@ -14,7 +14,8 @@ from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.attention import AttentionMetadata, attention_step
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.primitives import FORWARD
-from fusedrl.engine.tensor_parallel import shard_tensor_parallel
+from fusedrl.engine.parallel.dims import ParallelDims
+from fusedrl.engine.parallel.tensor_parallel import shard_tensor_parallel
 
 PROMPTS = [[11, 12, 13, 14, 15], [40, 41, 42], [100, 200, 150, 33, 34, 35, 36, 37, 38]]
 
@@ -28,7 +29,8 @@ def check(device: str, model_dir: str) -> None:
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
     reference = LLM(model_dir, device=device, kv_cache_memory=1 << 22)
     expected = reference.generate(PROMPTS, greedy)
-    model = shard_tensor_parallel(load_model(model_dir, device=device), 2)
+    dims = ParallelDims(2, tensor=2, device_type=torch.device(device).type)
+    model = shard_tensor_parallel(load_model(model_dir, device=device), dims)
     tp = model.tensor_parallel
     before = local_storage(model)
     # The same blocks as above: each rank holds half the heads. The hybrid actor gathers nothing.

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
-from fusedrl.engine.model.expert_parallel import shard_experts
+from fusedrl.engine.parallel.expert_parallel import shard_experts
 from fusedrl.engine.model.moe import moe_blocks, routing_trace
 from engine_testing import random_prompts
 from moe_testing import make_moe_model

@@ -14,7 +14,9 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
+from fusedrl.engine.parallel.dims import ParallelDims
+from fusedrl.engine.parallel.layout import laying_out
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.model.hf_io import load_model, save_model
 from fusedrl.engine.model.lora import add_lora
@@ -68,7 +70,8 @@ def two_d(model: nn.Module) -> None:
 def main(models: Path, out: Path) -> None:
     distributed.init_distributed("cpu", timeout_s=120)
     world, report = distributed.world_size(), {"local_bytes": {}, "whole_bytes": {}}
-    sharder = distributed.sharder("shard", "cpu")
+    dims = ParallelDims.data_only("shard", distributed.world_size(), "cpu")
+    sharder = laying_out("trained", dims)
 
     def record(what, sharded, whole):
         local = check_equal(sharded, whole, what)

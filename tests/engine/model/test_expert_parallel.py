@@ -1,23 +1,19 @@
 """Expert parallelism on 2 gloo ranks equals one process: each rank's outputs are the one process's on
 its pack, each rank's expert gradients the one process's over both packs, and the ranks' router
 gradients sum to the one process's (what data parallelism's all-reduce adds)."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from fusedrl.engine.parallel.expert_parallel import shard_experts
 from fusedrl.engine.model.moe import moe_blocks
-from dist_testing import rank_threads
+from dist_testing import rank_threads, run_ranks
 from ep_worker import pack, tiny_model
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             str(Path(__file__).with_name("ep_worker.py")), str(tmp_path)],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = run_ranks(Path(__file__).with_name("ep_worker.py"), tmp_path)
     assert result.returncode == 0, result.stderr[-6000:]
     ranks = [torch.load(tmp_path / f"rank-{r}.pt") for r in range(2)]
     with rank_threads():
@@ -38,3 +34,24 @@ def test_two_ranks_equal_one_process(tmp_path):
         assert all(got["grads"][block.layer_idx][0].abs().sum() > 0 for got in ranks)
         router = sum(got["grads"][block.layer_idx][2] for got in ranks)
         torch.testing.assert_close(router, block.gate.weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_a_forward_reads_the_host_once_per_sparse_layer(tmp_path, monkeypatch):
+    """The split sizes of each sparse layer's all_to_all are host lists: one `.tolist()` a layer and
+    no other host read (`.item()`, another `.tolist()`), counted on a 1-rank gloo group."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        model = tiny_model()
+        shard_experts(model)
+        prompts, reads = pack(0), []
+        for name in ("tolist", "item"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda self, _f=original,
+                                _n=name: reads.append(_n) or _f(self))
+        with torch.no_grad():
+            model.forward_packed(torch.tensor(sum(prompts, [])), [len(p) for p in prompts])
+        monkeypatch.undo()
+        assert reads == ["tolist"] * len(moe_blocks(model)), reads
+    finally:
+        dist.destroy_process_group()

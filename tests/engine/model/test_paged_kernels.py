@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from fusedrl.kernels import reference
-from fusedrl.kernels.paged_attention import paged_decode_triton, rope_store_decode_triton, store_kv_triton
+from fusedrl.kernels.paged_attention import (MAX_SPLITS, decode_splits, paged_decode_triton,
+                                             rope_store_decode_triton,
+                                             store_kv_triton)
 from kernel_testing import DEVICE, ULP, assert_close, needs_triton
 
 pytestmark = needs_triton
@@ -82,6 +84,29 @@ def test_triton_decode_with_more_splits_than_pages():
     # 8 splits over sequences of 1 to 4 pages: most splits see nothing and must weigh nothing.
     args = _paged_batch([3, 16, 9], 4, 2, 16, 4, torch.float32)
     out = paged_decode_triton(*args, 0.25, num_splits=8)
+    torch.testing.assert_close(out.double(), _dense_decode(*args), atol=1e-5, rtol=0)
+
+
+# (batch, KV heads, context tokens) -> splits on an H100's 132 SMs (16-token pages)
+@pytest.mark.parametrize("batch,kv_heads,context,splits", [
+    (1, 4, 4096, 64), (1, 4, 32768, 64),  # Qwen2.5-7B at batch 1: 256 programs, two per SM
+    (1, 8, 4096, 32),  # Llama-3-8B: 256 programs too
+    (1, 4, 1024, 16),  # a short context: runs of at least 64 tokens (64 programs)
+    (1, 4, 16, 1),  # one page: one split
+    (128, 4, 4096, 1), (32, 4, 4096, 2),  # a large batch fills the SMs alone
+])
+def test_decode_splits_fill_the_sms_from_batch_heads_and_context(batch, kv_heads, context, splits):
+    got = decode_splits(batch * kv_heads, context // 16, 16, 132)
+    assert got == splits and got & (got - 1) == 0 and got <= MAX_SPLITS
+    if context >= 4096:
+        assert batch * kv_heads * got >= 132  # at least one program per SM
+
+
+def test_triton_decode_at_the_batch_1_split_count_of_a_long_context():
+    """decode_splits' 64 (batch 1, 4 KV heads, 4k context) over a shorter context in the
+    interpreter: every split the combine reads, most of them empty, weighs what it saw."""
+    args = _paged_batch([37], 8, 4, 16, 4, torch.float32)
+    out = paged_decode_triton(*args, 0.25, num_splits=decode_splits(4, 4096 // 16, 16, 132))
     torch.testing.assert_close(out.double(), _dense_decode(*args), atol=1e-5, rtol=0)
 
 

@@ -3,9 +3,6 @@ every tensor equal to the whole model's (packed q/k/v, tied embeddings, biases, 
 Shard(1) layouts, reward and value models, a LoRA merge into the shards), each rank holding only its
 share, and the export the same bytes as one process's."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import pytest
 from fusedrl.engine.model.hf_io import load_model, save_model
 from fusedrl.engine.model.reward_model import load_or_start_reward_model, save_reward_model
 from fusedrl.engine.model.value_model import load_value_model
+from dist_testing import run_ranks
 from engine_testing import make_hf_model, make_tokenizer
 
 SCRIPT = Path(__file__).with_name("sharded_ranks.py")
@@ -35,10 +33,7 @@ def models(tmp_path_factory):
 def test_sharded_load_and_export_on_gloo_ranks(models, tmp_path, ranks):
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc-per-node={ranks}", str(SCRIPT), str(models), str(out)],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = run_ranks(SCRIPT, models, out, nproc=ranks)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     report = json.loads((out / "report.json").read_text())
     for what, per_rank in report["local_bytes"].items():

@@ -8,15 +8,20 @@ from attention_testing import SCALE, random_qkv, reference_attention
 
 
 def stand_in(record):
-    """The attention math behind a varlen_attn, recording the keyword arguments it got."""
+    """The attention math behind a varlen_attn, recording the keyword arguments it got and the
+    storage of the keys it read."""
     def attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kwargs):
         record.update(kwargs, heads_k=key.shape[1])
+        record.setdefault("key_storage", set()).add(key.data_ptr())
         return reference_attention(query, key, value, cu_seq_q.diff().tolist(), cu_seq_k.diff().tolist())
     return attend
 
 
 def torch_2_10_style(record):
+    """A varlen_attn without enable_gqa (torch 2.10 and 2.11): as many K/V heads as query heads."""
     def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        assert query.shape[1] == key.shape[1] == value.shape[1], "a kernel without enable_gqa"
+        record["calls"] = record.get("calls", 0) + 1
         return stand_in(record)(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=is_causal)
     return varlen_attn
 
@@ -30,15 +35,22 @@ def torch_2_13_style(record):
 
 
 @pytest.mark.parametrize("style,expected", [
-    (torch_2_10_style, {"is_causal": True, "heads_k": 4}),  # no enable_gqa: K/V heads repeated
+    # no enable_gqa: one call per member of the query groups of 3, K/V as they are (never repeated)
+    (torch_2_10_style, {"is_causal": True, "heads_k": 2, "calls": 3}),
     (torch_2_13_style, {"window_size": (-1, 0), "scale": SCALE, "enable_gqa": True, "heads_k": 2}),
 ])
-def test_adapted_call_is_causal_with_gqa(style, expected):
+def test_adapted_call_is_causal_with_gqa_values_and_gradients(style, expected):
     seqlens_q, seqlens_k, record = [2, 5], [7, 5], {}
-    q, k, v = random_qkv(sum(seqlens_q), sum(seqlens_k), 4, 2, torch.float64)
+    q, k, v = (x.requires_grad_() for x in random_qkv(sum(seqlens_q), sum(seqlens_k), 6, 2,
+                                                      torch.float64))
     cu_q, cu_k = (torch.tensor([0] + lens).cumsum(0).int() for lens in (seqlens_q, seqlens_k))
     out = adapt_torch_varlen(style(record))(q, k, v, cu_q, cu_k, 5, 7, SCALE)
-    torch.testing.assert_close(out, reference_attention(q, k, v, seqlens_q, seqlens_k))
+    expected_out = reference_attention(q, k, v, seqlens_q, seqlens_k)
+    torch.testing.assert_close(out, expected_out)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), upstream)
+    torch.testing.assert_close(grads, torch.autograd.grad(expected_out, (q, k, v), upstream))
+    assert record.pop("key_storage") == {k.data_ptr()}  # the caller's keys, not a copy
     assert record == expected
 
 

@@ -11,7 +11,7 @@ from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.data.packing import pack_sequences
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.stages.sft import sft_loss
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.train import optim
 
 

@@ -29,7 +29,7 @@ def test_qwen3_30b_a3b_grpo_fits_on_one_node_with_attention_lora(qwen3_30b_a3b):
     assert full.total("load") < 16 * GB  # each GPU reads only its shards
     assert any("lora.target_modules=q_proj,k_proj,v_proj,o_proj" in note for note in full.notes)
     lora = plan("grpo", qwen3_30b_a3b, CKPT, "lora.rank=64", "lora.target_modules=q_proj,k_proj,v_proj,o_proj")
-    assert lora.fits and lora.peak < 72 * GB
+    assert lora.fits and lora.peak < 73 * GB  # the prefill activations as measured (activations.py)
 
 
 def test_expert_parallel_holds_the_experts_of_its_group(qwen3_30b_a3b):

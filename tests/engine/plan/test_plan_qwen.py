@@ -20,6 +20,7 @@ from fusedrl.engine.plan.rules import TODAY, EngineRules
 GB = 10**9
 NODE = dict(gpus=8, gpu_memory=80 * GB)
 CKPT = "train.gradient_checkpointing=true"
+POOL = "rollout.kv_cache_memory=268435456"  # a fixed 256 MiB pool: the rest is the point
 _spec = importlib.util.spec_from_file_location(
     "plan_table", Path(__file__).resolve().parents[3] / "bench" / "plan_table.py")
 plan_table = importlib.util.module_from_spec(_spec)
@@ -50,7 +51,7 @@ def test_qwen_shapes_have_their_published_sizes(qwen):
 
 
 def test_14b_grpo_fits(qwen):
-    result = plan("grpo", qwen["14B"], CKPT)
+    result = plan("grpo", qwen["14B"], CKPT, POOL)
     assert result.fits and result.peak < 70 * GB
     # Both models loaded sharded (the issue's 59 GB whole on every GPU before: 1/8 of it now), the
     # whole policy gathered for generation on top of the shards and the optimizer state.
@@ -133,7 +134,8 @@ def test_14b_ppo_fits_with_the_optimizer_offloaded_once_load_and_export_are_shar
 
 def test_the_scoring_forwards_hold_one_token_budget(qwen):
     """rollout.tokens_per_forward bounds the scoring phase's activations (16 x 4 rows of 320 tokens here)."""
-    rows = "rollout.prompts_per_iteration=16", "rollout.samples_per_prompt=4"
+    rows = ("rollout.prompts_per_iteration=16", "rollout.samples_per_prompt=4",
+            "train.prefix_sharing=false")
     whole = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=null").phases["scoring"]["activations"]
     cut = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=2048").phases["scoring"]["activations"]
     held = plan("ppo", qwen["7B"], CKPT, *rows, "rollout.tokens_per_forward=20480").phases["scoring"]["activations"]
@@ -148,7 +150,8 @@ def test_a_released_kv_pool_is_counted_in_the_rollout_only_where_graphs_allow(qw
     for phase in ("scoring", "update", "export"):
         assert released.phases[phase]["kv_pool"] == 0 < kept.phases[phase]["kv_pool"]
     # One process on CUDA captures decode graphs, which hold the pool: it stays.
-    one = plan_stage(config("grpo", qwen["7B"], CKPT, "rollout.release_kv_pool=true"), 1, 80 * GB)
+    one = plan_stage(config("grpo", qwen["7B"], CKPT, POOL, "rollout.release_kv_pool=true"), 1,
+                     80 * GB)
     assert one.phases["update"]["kv_pool"] == one.phases["rollout"]["kv_pool"] > 0
 
 

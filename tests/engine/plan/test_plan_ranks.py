@@ -2,13 +2,11 @@
 optimizer state are rank 0's real bytes after a step: FSDP2 cuts each parameter's rows in
 ceil(rows / 3), so rank 0 holds the most (3 does not divide the tiny model's 128 q/k/v rows)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from fusedrl.engine.plan import phases
 from fusedrl.engine.plan.planner import stage_setup
+from dist_testing import run_ranks
 from train_testing import save_tiny_model, sft_config
 
 SCRIPT = Path(__file__).with_name("rank_bytes.py")
@@ -17,10 +15,7 @@ SCRIPT = Path(__file__).with_name("rank_bytes.py")
 def test_plan_is_rank_zeros_real_shards(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model", arch="llama2")
     ranks = 3
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc-per-node={ranks}", str(SCRIPT), str(model_dir), str(tmp_path)],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = run_ranks(SCRIPT, model_dir, tmp_path, nproc=ranks)
     assert result.returncode == 0, result.stderr[-4000:]
     real = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
     setup = stage_setup(sft_config(model_dir, tmp_path / "unused.jsonl", tmp_path / "out",

@@ -16,7 +16,8 @@ from train_testing import demonstrations, write_jsonl
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_generate_is_transformers_greedy_and_sft_exports_for_transformers(arch, tmp_path, capsys):
+def test_generate_is_transformers_greedy_and_sft_exports_for_transformers(arch, tmp_path, capsys,
+                                                                          device):
     base = tmp_path / "base"
     hf = make_moe_model(arch)
     hf.save_pretrained(base)
@@ -24,12 +25,16 @@ def test_generate_is_transformers_greedy_and_sft_exports_for_transformers(arch, 
     tokenizer.save_pretrained(base)
 
     prompts = ["hello world", "the lazy dog jumps"]
-    argv = ["generate", "--model", str(base), "--temperature", "0", "--max-new-tokens", "16", "--json"]
+    argv = ["generate", "--model", str(base), "--temperature", "0", "--max-new-tokens", "16",
+            "--json",
+            "--device", device.type, "--dtype", "float32"]
     assert main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     for prompt, row in zip(prompts, rows, strict=True):
         ids = tokenizer.encode(prompt, add_special_tokens=True)
-        expected = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=0)
+        expected = hf.to(device).generate(torch.tensor([ids], device=device), max_new_tokens=16,
+                                          do_sample=False,
+                                          pad_token_id=0)
         assert row["token_ids"] == expected[0, len(ids):].tolist()
 
     config = tmp_path / "sft.yaml"

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.config.train import SFTConfig
-from fusedrl.engine.model.expert_parallel import gathered_experts
+from fusedrl.engine.parallel.expert_parallel import gathered_experts
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.moe import moe_blocks
 from fusedrl.engine.stages.sft import run_sft
-from fusedrl.engine.tensor_parallel import training_sharder
+from fusedrl.engine.parallel.dims import ParallelDims
+from fusedrl.engine.parallel.layout import laying_out
 from engine_testing import random_prompts
 
 
@@ -27,7 +28,8 @@ def main(config_path: str, out: Path) -> None:
     cfg = config_io.load(SFTConfig, config_path)
     final = run_sft(cfg)
     rank, experts = distributed.rank(), cfg.train.expert_parallel
-    model = load_model(final, dtype=torch.float32, shard=training_sharder(cfg.train, "cpu"))
+    dims = ParallelDims.from_train(cfg.train, distributed.world_size(), "cpu")
+    model = load_model(final, dtype=torch.float32, shard=laying_out("trained", dims))
     whole = load_model(final, dtype=torch.float32)
     local_rows = []
     for block, reference in zip(moe_blocks(model), moe_blocks(whole)):

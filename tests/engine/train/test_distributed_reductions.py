@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
 from launch_count import LaunchCounter
 
 

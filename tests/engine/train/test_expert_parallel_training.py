@@ -7,9 +7,6 @@ expert groups of 2 (each shard on 2 replicas) SFT equals one process too; the re
 each."""
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,11 +18,11 @@ from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, _gr
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.model.hf_io import load_model, save_model
-from fusedrl.engine.plan.check import refuse_expert_parallel
+from fusedrl.engine.parallel.validate import refuse_expert_parallel
 from fusedrl.engine.plan.phases import weight_bytes
 from fusedrl.engine.plan.planner import stage_setup
 from fusedrl.engine.stages.sft import run_sft
-from dist_testing import RANK_THREADS, check, rank_threads, torchrun
+from dist_testing import check, rank_threads, run_ranks, torchrun
 from moe_testing import make_moe_model, save_moe_base
 from test_data_parallel import assert_same_curves, assert_same_weights
 from train_testing import demonstrations, rm_config, save_tiny_model, sft_config, write_jsonl
@@ -74,10 +71,8 @@ def test_expert_groups_four_ranks_match_one_process(tmp_path):
                                  "expert_parallel": 2 if ranks > 1 else 1})
 
     config_io.save_yaml(run("four", 4), tmp_path / "four.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": str(RANK_THREADS), "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                             str(Path(__file__).with_name("ep_groups_worker.py")), str(tmp_path / "four.yaml"),
-                             str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    result = run_ranks(Path(__file__).with_name("ep_groups_worker.py"), tmp_path / "four.yaml",
+                       tmp_path, nproc=4)
     check(result)
     with rank_threads():
         run_sft(run("one", 1))
@@ -103,7 +98,8 @@ def test_grpo_expert_parallel_equals_fsdp_experts(tmp_path):
 
     def run(name, experts):
         return GRPOConfig(policy=str(tmp_path / "policy"), prompts_file=str(tmp_path / "prompts.jsonl"),
-                          output_dir=str(tmp_path / name), reward_fn="engine_testing:vowel_fraction",
+                          output_dir=str(tmp_path / name),
+                          reward_fn="reward_testing:vowel_fraction",
                           rollout=RolloutConfig(prompts_per_iteration=1, samples_per_prompt=3, max_new_tokens=6,
                                                 kv_cache_memory=1 << 22),
                           ppo=dataclasses.replace(_grpo_update(), epochs=1, minibatch_size=3),

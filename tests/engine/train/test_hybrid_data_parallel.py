@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from fusedrl.engine.distributed import shard_group_size
+from fusedrl.engine.parallel.dims import shard_group_size
 from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.model.hf_io import load_model, save_model
 from fusedrl.engine.stages.sft import run_sft

@@ -55,7 +55,7 @@ def test_plot_of_a_directory_without_metrics_fails_clearly(tmp_path, capsys):
 
 def test_tensorboard_events_are_written_when_asked(tmp_path):
     pytest.importorskip("tensorboard")
-    write_run(tmp_path, progress=False, tensorboard=True)
+    write_run(tmp_path, progress=False, trackers=["tensorboard"])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()

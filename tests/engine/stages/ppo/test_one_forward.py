@@ -10,7 +10,7 @@ from fusedrl.engine.stages.ppo.trainer import build_models
 from fusedrl.engine.stages.ppo.forwards import policy_forward
 from fusedrl.engine.stages.ppo.update import UpdateSettings, minibatch_loss
 from fusedrl.kernels import use_backend
-from engine_testing import random_prompts
+from engine_testing import random_prompts, rewards_in_thread
 from test_ppo import config, low_id_fraction, rollout_of, setup, vowel_fraction  # noqa: F401 (fixture)
 
 
@@ -21,7 +21,7 @@ def test_first_update_ratio_is_exactly_one(setup, critic):
                  ppo=UpdateConfig(epochs=1, minibatch_size=6, ent_coef=0.01))
     with use_backend("triton"):
         models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
-                              vowel_fraction)
+                              rewards_in_thread(vowel_fraction))
         models.score = low_id_fraction
         rollout, _ = rollout_of(models, random_prompts([5, 3], seed=3), cfg, 0.05)
         assert rollout.old_logprobs.grad_fn is None   # scored with autograd off

@@ -18,13 +18,14 @@ from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollou
 from fusedrl.engine.stages.ppo.packs import pack_rollout
 from fusedrl.engine.stages.ppo.forwards import policy_forward, response_logprobs
 from fusedrl.engine.train.runlog import read_metrics
-from engine_testing import VOCAB, random_prompts, vowel_fraction
+from engine_testing import VOCAB, random_prompts, rewards_in_thread
+from reward_testing import vowel_fraction
 from train_testing import checkpoint_data, copy_checkpoint, save_tiny_model, write_jsonl
 
 LOW_IDS = VOCAB // 2
 
 
-def low_id_fraction(prompts, responses):
+def low_id_fraction(prompts, responses, rows=None):
     """Toy scorer on token ids: the fraction of response tokens below VOCAB / 2."""
     return torch.tensor([sum(t < LOW_IDS for t in r) / len(r) for r in responses])
 
@@ -43,7 +44,7 @@ def config(root, policy_dir, prompts, name, **fields):
         rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6, kv_cache_memory=1 << 22),
         ppo=UpdateConfig(epochs=2, minibatch_size=4),
         train=LoopConfig(iterations=2, progress=False, resume=True, device="cpu"),
-        reward_fn="engine_testing:vowel_fraction", critic="shared")
+        reward_fn="reward_testing:vowel_fraction", critic="shared")
     return PPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / name),
                      **{**defaults, **fields})
 
@@ -51,7 +52,7 @@ def config(root, policy_dir, prompts, name, **fields):
 def rollout_of(models, prompts, cfg, kl_coef, seed=0):
     """Sample, score and build the rollout of `prompts`, as one iteration does."""
     timer = PhaseTimer(torch.device("cpu"))
-    samples = sample_and_score(models, prompts, cfg.rollout, seed, timer)
+    samples = sample_and_score(models, prompts, cfg.rollout, seed, timer, cfg.train.prefix_sharing)
     experience = make_rollout(models, samples, ExperienceSettings.of(cfg), kl_coef, RunningMoments(), timer)
     return experience.rollout, experience.metrics
 
@@ -96,7 +97,9 @@ def test_hybrid_actor_generates_from_the_trained_weights(setup):
     root, policy_dir, prompts = setup
     cfg = config(root, policy_dir, prompts, "actor", critic="shared")
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    models = build_models(cfg, torch.device("cpu"), torch.float32, tokenizer,
+                          rewards_in_thread(vowel_fraction))
     assert models.actor.llm.model is models.policy                     # one weight copy
     pool = models.actor.kv_pool_bytes
     opts, _ = build_optimizers(models, cfg)
@@ -119,7 +122,9 @@ def test_a_released_kv_pool_comes_back_for_the_next_rollout(setup):
                  rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                        kv_cache_memory=1 << 22, release_kv_pool=True))
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    models = build_models(cfg, torch.device("cpu"), torch.float32, tokenizer,
+                          rewards_in_thread(vowel_fraction))
     actor, params = models.actor, SamplingParams(n=3, max_new_tokens=6, seed=5)
     pool = actor.kv_pool_bytes
     runs = [actor.generate(random_prompts([4, 6]), params) for _ in range(2)]
@@ -137,7 +142,9 @@ def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     cfg = config(root, policy_dir, prompts, "direction", ppo=UpdateConfig(epochs=1, minibatch_size=100),
                  optim=dict_optim(lr=1e-4), reward=RewardConfig(kl_coef=0.0))
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    models = build_models(cfg, torch.device("cpu"), torch.float32, tokenizer,
+                          rewards_in_thread(vowel_fraction))
     models.score = low_id_fraction
     opts, _ = build_optimizers(models, cfg)
     rollout, _ = rollout_of(models, random_prompts([5, 3, 7, 4], seed=10), cfg, 0.0)
@@ -162,7 +169,9 @@ def test_microbatches_accumulate_the_minibatch_gradient(setup, agg, options):
     cfg = config(root, policy_dir, prompts, "micro", critic="separate",
                  ppo=UpdateConfig(epochs=1, minibatch_size=6, agg=agg, ent_coef=0.05, vf_coef=0.5, **options))
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir), vowel_fraction)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    models = build_models(cfg, torch.device("cpu"), torch.float32, tokenizer,
+                          rewards_in_thread(vowel_fraction))
     models.score = low_id_fraction
     rollout, _ = rollout_of(models, random_prompts([4, 6]), cfg, 0.05)
     rollout.mask[2] = False                          # no valid token
@@ -220,8 +229,9 @@ def test_non_finite_loss_skips_the_update(setup):
     root, policy_dir, prompts = setup
     cfg = config(root, policy_dir, prompts, "nan")
     from transformers import AutoTokenizer
-    models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
-                          vowel_fraction)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    models = build_models(cfg, torch.device("cpu"), torch.float32, tokenizer,
+                          rewards_in_thread(vowel_fraction))
     opts, _ = build_optimizers(models, cfg)
     before = {k: v.clone() for k, v in models.policy.state_dict().items()}
     rollout, _ = rollout_of(models, random_prompts([4, 6]), cfg, 0.05)
@@ -276,7 +286,7 @@ def test_grpo_runs_critic_free_and_resumes_exactly(setup):
 
     def make_config(run):
         return GRPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / run),
-                          reward_fn="engine_testing:vowel_fraction",
+                          reward_fn="reward_testing:vowel_fraction",
                           rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                                 kv_cache_memory=1 << 22, dynamic_sampling=True, overlong_buffer=2),
                           ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=3, vf_coef=0.0,

@@ -7,7 +7,7 @@ import torch
 from fusedrl.engine.stages.ppo.core import (KLController, RunningMoments, advantages_and_returns,
                              last_valid_index, shape_rewards)
 from fusedrl.engine.config.ppo import CRITIC_ESTIMATORS, Estimator
-from fusedrl.engine import distributed
+from fusedrl.engine.parallel import distributed
 from fusedrl.kernels import GROUP_ESTIMATORS, explained_variance, masked_whiten, reference
 
 

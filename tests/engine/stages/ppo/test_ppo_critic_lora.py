@@ -95,7 +95,7 @@ def test_rewards_come_from_the_reward_model_with_the_critic_adapters_off(setup, 
                                timer=PhaseTimer(torch.device("cpu")))
     packed = samples.packed
     rm = load_reward_model(rm_dir, dtype="float32")
-    expected = rm.rewards(packed.input_ids, packed.seqlens, packed.positions, packed.cu_seqlens)
+    expected = rm.packed_rewards(packed)  # the pack as scored: its prompts shared
     assert torch.equal(samples.scores, expected) and expected.abs().max() > 0
     assert critic.lora.enabled  # switched back on after scoring
     with torch.no_grad():

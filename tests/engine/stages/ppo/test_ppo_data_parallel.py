@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusedrl.engine.config.ppo import LoopConfig, PPOConfig, RolloutConfig, UpdateConfig
+from fusedrl.engine.config.ppo import (LoopConfig, PPOConfig, RewardConfig, RolloutConfig,
+                                       UpdateConfig)
 from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.stages.ppo.trainer import run_ppo
 from fusedrl.engine.train.checkpoint import list_checkpoints
 from dist_testing import check, rank_threads, torchrun
-from engine_testing import vowel_fraction
+from reward_testing import vowel_fraction
 from train_testing import save_tiny_model, write_jsonl
 
 HANG = 150  # seconds: a failing job ends well within it (about 20 s unloaded), a hung one never
@@ -51,6 +52,8 @@ def ppo_config(root, name, ranks, **loop):
                      rollout=RolloutConfig(prompts_per_iteration=4 // ranks, samples_per_prompt=3, max_new_tokens=6,
                                            kv_cache_memory=1 << 22),
                      ppo=UpdateConfig(epochs=2, minibatch_size=12 // ranks), critic="shared",
+                     # In the rank's own process: FAIL_AT=kill kills the rank.
+                     reward=RewardConfig(isolation="thread"),
                      train=LoopConfig(**{"iterations": 2, "progress": False, "device": "cpu", **loop}))
 
 
@@ -181,7 +184,8 @@ def test_reinforce_pp_baseline_ends_with_one_process_s_weights(tmp_path):
         # 4 prompts x 3 samples in all; one minibatch of the whole rollout, two updates on it (one
         # iteration: the whitening, not the rollout, is under test).
         return GRPOConfig(policy=str(tmp_path / "policy"), prompts_file=str(tmp_path / "prompts.jsonl"),
-                          output_dir=str(tmp_path / name), reward_fn="engine_testing:vowel_fraction",
+                          output_dir=str(tmp_path / name),
+                          reward_fn="reward_testing:vowel_fraction",
                           rollout=RolloutConfig(prompts_per_iteration=4 // ranks, samples_per_prompt=3,
                                                 max_new_tokens=6, kv_cache_memory=1 << 22),
                           ppo=UpdateConfig(epochs=2, minibatch_size=12 // ranks, estimator="reinforce_pp_baseline",

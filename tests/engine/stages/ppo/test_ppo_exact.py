@@ -10,7 +10,7 @@ from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, torchrun
 from invariant_testing import one_thread  # noqa: F401 (autouse fixture)
 from train_testing import save_tiny_model, write_jsonl
-from engine_testing import vowel_fraction
+from reward_testing import vowel_fraction
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_exact_rollouts_under_two_ranks(setup):
     """torchrun, 2 CPU ranks, FSDP2: each rank's sampler and (gathered-weight) old forward agree to the bit."""
     root, policy_dir, prompts = setup
     cfg = PPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / "ranks"),
-                    reward_fn="engine_testing:vowel_fraction", critic="shared",
+                    reward_fn="reward_testing:vowel_fraction", critic="shared",
                     rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=6,
                                           kv_cache_memory=1 << 22, block_size=4, exact=True),
                     ppo=UpdateConfig(epochs=1, minibatch_size=2, is_mode="tis"),

@@ -14,6 +14,7 @@ from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
 from fusedrl.engine.stages.ppo.update import UpdateSettings, ppo_update
 from engine_testing import random_prompts
 from train_testing import checkpoint_data
+from engine_testing import rewards_in_thread
 from test_ppo import config, rollout_of, run_straight_and_resumed, setup, vowel_fraction  # noqa: F401 (fixture)
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
@@ -21,7 +22,7 @@ LORA = LoRAConfig(rank=4, alpha=8.0)
 
 def models_of(cfg, policy_dir):
     return build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
-                        vowel_fraction)
+                        rewards_in_thread(vowel_fraction))
 
 
 def resident_parameter_bytes(*modules) -> int:
@@ -81,7 +82,7 @@ def test_lora_runs_resume_exactly(setup, algo):
         if algo == "ppo":
             return config(root, policy_dir, prompts, run, train=loop, lora=lora)
         return GRPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / run),
-                          reward_fn="engine_testing:vowel_fraction", train=loop, lora=lora,
+                          reward_fn="reward_testing:vowel_fraction", train=loop, lora=lora,
                           rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                                 kv_cache_memory=1 << 22),
                           ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=3, vf_coef=0.0,

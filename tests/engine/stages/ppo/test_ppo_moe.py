@@ -7,13 +7,13 @@ import torch
 from transformers import AutoTokenizer
 
 from fusedrl.engine.config.moe import RouterLossConfig
-from fusedrl.engine.config.ppo import RolloutConfig, UpdateConfig
+from fusedrl.engine.config.ppo import LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.stages.ppo.forwards import policy_forward
 from fusedrl.engine.stages.ppo.trainer import build_models
 from fusedrl.engine.stages.ppo.update import UpdateSettings, minibatch_loss
 from fusedrl.kernels import use_backend
-from engine_testing import make_tokenizer, random_prompts
+from engine_testing import make_tokenizer, random_prompts, rewards_in_thread
 from moe_testing import make_moe_model
 from test_ppo import config, low_id_fraction, rollout_of, vowel_fraction  # noqa: F401
 
@@ -37,12 +37,15 @@ def moe_setup(tmp_path_factory):
 @pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
 def test_routing_replay_makes_the_first_ratio_exactly_one(moe_setup, tmp_path, scoring_func):
     root, policy_dir, prompts = moe_setup if scoring_func == "softmax" else policy_setup(tmp_path, scoring_func)
+    # Rows read whole: a minibatch's shared layout differs from the rollout's, which rounds apart.
     cfg = config(root, policy_dir, prompts, "replay", ppo=UpdateConfig(epochs=1, minibatch_size=6),
-                 moe=RouterLossConfig(router_aux_loss_coef=0.01, router_z_loss_coef=0.001))
+                 moe=RouterLossConfig(router_aux_loss_coef=0.01, router_z_loss_coef=0.001),
+                 train=LoopConfig(iterations=2, progress=False, resume=True, device="cpu",
+                                  prefix_sharing=False))
     assert cfg.rollout.routing_replay  # on by default
     with use_backend("triton"):
         models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
-                              vowel_fraction)
+                              rewards_in_thread(vowel_fraction))
         assert models.policy.config.moe.scoring_func == scoring_func
         models.score = low_id_fraction
         rollout, metrics = rollout_of(models, random_prompts([5, 3], seed=3), cfg, 0.05)
@@ -73,4 +76,5 @@ def test_exact_rollouts_are_refused_for_moe(moe_setup):
     cfg = config(root, policy_dir, prompts, "exact", rollout=RolloutConfig(
         prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=4, kv_cache_memory=1 << 22, exact=True))
     with pytest.raises(UsageError, match="rollout.exact=true with a mixture-of-experts policy \\(qwen3_moe\\)"):
-        build_models(cfg, torch.device("cpu"), torch.float32, None, vowel_fraction)
+        build_models(cfg, torch.device("cpu"), torch.float32, None,
+                     rewards_in_thread(vowel_fraction))

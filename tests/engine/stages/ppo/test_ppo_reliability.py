@@ -7,14 +7,14 @@ import sys
 import pytest
 import torch
 
-from fusedrl.engine.data.loading import load_prompts
+from fusedrl.engine.data.prompts import load_prompts
 from fusedrl.engine.data.records import DataError
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.config.ppo import LoopConfig, RewardConfig, RolloutConfig
 from fusedrl.engine.stages.ppo import trainer
 from fusedrl.engine.stages.ppo.core import KLController, RunningMoments, finite_rows
-from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, check_kl, load_reward_fn, run_ppo
-from fusedrl.engine.stages.reward_fn import RewardFunctionError
+from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, check_kl, run_ppo
+from fusedrl.engine.stages.rewards.functions import RewardFunctionError, load_function, source_of
 from fusedrl.engine.train.loop import Diverged
 from fusedrl.engine.train.runlog import read_metrics
 from test_ppo import config, setup, vowel_fraction  # noqa: F401  (setup is a fixture)
@@ -48,7 +48,9 @@ def nan_first_inf_last(prompts, responses):
 
 def test_non_finite_scores_drop_their_rows_and_the_run_goes_on(setup):
     root, policy_dir, prompts = setup
-    cfg = config(root, policy_dir, prompts, "nan-rows", reward=RewardConfig(normalize=True),
+    # In this process (reward.isolation=thread): this module is the function's, and imports torch.
+    cfg = config(root, policy_dir, prompts, "nan-rows",
+                 reward=RewardConfig(normalize=True, isolation="thread"),
                  train=LoopConfig(iterations=1, progress=False, device="cpu"))
     run_ppo(cfg, reward_fn=nan_first_inf_last)
     train = [r for r in read_metrics(root / "nan-rows") if r["kind"] == "train"]
@@ -60,7 +62,7 @@ def test_non_finite_scores_drop_their_rows_and_the_run_goes_on(setup):
 
 def test_iterations_without_a_finite_score_are_skipped_until_the_run_stops(setup, capsys):
     root, policy_dir, prompts = setup
-    cfg = config(root, policy_dir, prompts, "all-inf",
+    cfg = config(root, policy_dir, prompts, "all-inf", reward=RewardConfig(isolation="thread"),
                  train=LoopConfig(iterations=5, max_consecutive_skips=2, progress=False, device="cpu"))
     with pytest.raises(Diverged, match=r"stopped at step 2: 2 steps in a row could not update "
                                        r"\(last: all 6 scores were NaN or inf\)"):
@@ -75,7 +77,8 @@ def test_a_reward_function_that_raises_is_named(setup):
     def flaky_reward(prompts, responses):
         raise ZeroDivisionError("boom")
     with pytest.raises(RewardFunctionError, match=r"the reward function .*flaky_reward raised ZeroDivisionError: boom"):
-        run_ppo(config(root, policy_dir, prompts, "raises", reward_fn=None), reward_fn=flaky_reward)
+        run_ppo(config(root, policy_dir, prompts, "raises", reward_fn=None,
+                       reward=RewardConfig(isolation="thread")), reward_fn=flaky_reward)
 
 
 def test_reward_fn_modules_resolve_in_the_current_directory(tmp_path, monkeypatch):
@@ -83,13 +86,15 @@ def test_reward_fn_modules_resolve_in_the_current_directory(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     monkeypatch.delitem(sys.modules, "my_reward", raising=False)
-    assert load_reward_fn("my_reward:score")([], ["a", "b"]) == [1.0, 1.0]
+    source = source_of("my_reward:score")
+    monkeypatch.chdir("/")  # the directory is the one the run started in
+    assert load_function(source)([], ["a", "b"]) == [1.0, 1.0]
     with pytest.raises(UsageError, match=r"my_reward.py has no function 'scor'"):
-        load_reward_fn("my_reward:scor")
-    with pytest.raises(UsageError, match=r"cannot import 'no_such_module'.*current directory"):
-        load_reward_fn("no_such_module:score")
+        load_function(source_of("my_reward:scor"))
+    with pytest.raises(UsageError, match=r"cannot import 'no_such_module'.*the run started in"):
+        load_function(source_of("no_such_module:score"))
     with pytest.raises(UsageError, match="expected 'module:function'"):
-        load_reward_fn("my_reward")
+        source_of("my_reward")
 
 
 def test_a_prompt_without_room_to_generate_is_caught_at_load_before_any_model(setup, monkeypatch):
@@ -101,7 +106,7 @@ def test_a_prompt_without_room_to_generate_is_caught_at_load_before_any_model(se
                                         r"generate within the model's context of 128; .*rollout.truncate_prompts"):
         run_ppo(config(root, policy_dir, prompts, "long"))
     from transformers import AutoTokenizer
-    ids, truncated = load_prompts(prompts, AutoTokenizer.from_pretrained(policy_dir), 256, 128,
-                                  truncate_to_context=True)
-    assert truncated == 1 and [len(p) for p in ids][1] == 127
+    rows, truncated = load_prompts(prompts, AutoTokenizer.from_pretrained(policy_dir), 256, 128,
+                                   truncate_to_context=True)
+    assert truncated == 1 and [len(p.ids) for p in rows][1] == 127
     assert RolloutConfig(truncate_prompts=True).truncate_prompts

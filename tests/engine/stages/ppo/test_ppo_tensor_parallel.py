@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusedrl.engine.config.ppo import GRPOConfig, PPOConfig, LoopConfig, RolloutConfig, UpdateConfig
+from fusedrl.engine.config.ppo import (GRPOConfig, PPOConfig, LoopConfig, RewardConfig,
+                                       RolloutConfig, UpdateConfig)
 from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.plan.check import refuse_unfit
@@ -52,6 +53,8 @@ def grpo_config(root, name, data_ranks=1, t=1, persistent_weights=False, **loop)
                       ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.05, vf_coef=0.0, epochs=2,
                                        agg="token-mean", minibatch_size=12 // data_ranks),
                       optim=OptimConfig(lr=1e-3, eps=1e-6),
+                      # In the rank's own process: no worker importing this module (and torch).
+                      reward=RewardConfig(kl_coef=0.0, isolation="thread"),
                       train=LoopConfig(iterations=2, progress=False, device="cpu", precision="fp32",
                                        tensor_parallel=t, **loop))
 
@@ -170,7 +173,7 @@ def test_what_does_not_run_tensor_parallel_is_refused_in_one_line(tmp_path):
     cfg.rollout.exact = cfg.train.frozen_offload = True
     with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with rollout.exact=true, train.frozen_offload=true "
                                          r"without tensor slices sharded over the data groups: "
-                                         r"not supported tensor-parallel yet \(SFT, RM, PPO and GRPO train "
+                                         r"not supported tensor-parallel \(SFT, RM, PPO and GRPO train "
                                          r"tensor-parallel, LoRA included\)$"):
         refuse_unfit(cfg, torch.device("cpu"), 2)
     cfg.rollout.exact, cfg.train.optimizer_offload = False, True

@@ -27,17 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ConfigValueError
+from .dims import ParallelDims
 
 
 def init_distributed(device_type: str, timeout_s: float) -> None:
@@ -48,8 +48,21 @@ def init_distributed(device_type: str, timeout_s: float) -> None:
     # (all_reduce_sum's host numbers, min_over_ranks / max_over_ranks, objects).
     backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
+        check_gpus_for_local_ranks()
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def check_gpus_for_local_ranks() -> None:
+    """One GPU per local rank: more ranks on this node than visible GPUs is a usage error, said in
+    one line before any process group starts (else CUDA's "invalid device ordinal" on the extra
+    ranks)."""
+    gpus = torch.cuda.device_count()
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if ranks > gpus:
+        raise ConfigValueError(f"torchrun starts {ranks} ranks on this node but {gpus} GPU(s) are "
+                               f"visible: expected --nproc-per-node <= {gpus}, or the CPU "
+                               "(--device cpu / train.device=cpu)")
 
 
 def leave(code: int) -> None:
@@ -111,64 +124,56 @@ def all_gather(value) -> list:
     return out
 
 
-# Tensor parallelism in a stage whose rows are per data rank (PPO/GRPO): the T ranks of a tensor
-# group hold the same rows, so the row reductions below (sums, gathers, row slices) run over the
-# data dimension only, one rank of each tensor group. Set by `tensor_groups`; T = 1 outside it.
-_tensor = {"size": 1, "data_group": None}
+@dataclass(frozen=True)
+class DataRanks:
+    """The ranks that hold different rows, the ones the row helpers below (sums, gathers, row
+    slices) reduce over: every rank (WORLD), or in a stage whose rows are per data rank
+    (PPO/GRPO) at tensor parallelism one rank of each tensor group, whose `tensor` consecutive
+    ranks hold the same rows: those then reduce over `group`, the data dimension's process group
+    (engine/parallel/tensor_parallel.TensorParallel.data_ranks)."""
+
+    tensor: int = 1
+    group: object = None
+
+    def size(self) -> int:
+        """The data ranks: world_size() / T, each holding its own rows."""
+        return world_size() // self.tensor
+
+    def rank(self) -> int:
+        return rank() // self.tensor
 
 
-@contextlib.contextmanager
-def tensor_groups(tensor_parallel) -> Iterator[None]:
-    """Inside: the row helpers (rank_slice, data_world_size, all_reduce_sum, all_reduce_tensor,
-    data_parallel_sum, gather_rows, own_rows) treat each tensor group of `tensor_parallel` (a
-    model's engine/tensor_parallel.TensorParallel, or None: nothing changes) as one data rank."""
-    if tensor_parallel is None:
-        yield
-        return
-    _tensor.update(size=tensor_parallel.size, data_group=tensor_parallel.data_group)
-    try:
-        yield
-    finally:
-        _tensor.update(size=1, data_group=None)
+WORLD = DataRanks()
 
 
-def data_world_size() -> int:
-    """The data ranks: world_size() / T (tensor_groups), each holding its own rows."""
-    return world_size() // _tensor["size"]
-
-
-def data_rank() -> int:
-    return rank() // _tensor["size"]
-
-
-def all_reduce_sum(values: dict) -> dict:
-    """Per-key sums over the (data) ranks of a dict of numbers (every rank passes the same keys), in
-    float64 so counts stay exact; ints come back as ints."""
-    if data_world_size() == 1:
+def all_reduce_sum(values: dict, ranks: DataRanks = WORLD) -> dict:
+    """Per-key sums over the (data) `ranks` of a dict of numbers (every rank passes the same
+    keys), in float64 so counts stay exact; ints come back as ints."""
+    if ranks.size() == 1:
         return dict(values)
     keys = sorted(values)
     buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(buf, group=_tensor["data_group"])
+    dist.all_reduce(buf, group=ranks.group)
     return {k: int(v) if isinstance(values[k], int) else v for k, v in zip(keys, buf.tolist())}
 
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
-def all_reduce_tensor(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """x [...] summed (or max-ed, min-ed) over the (data) ranks, as a new tensor on x's device
+def all_reduce_tensor(x: torch.Tensor, op: str = "sum", ranks: DataRanks = WORLD) -> torch.Tensor:
+    """x [...] summed (or max-ed, min-ed) over the (data) `ranks`, as a new tensor on x's device
     (reduced there: NCCL for CUDA, gloo for CPU; no host copy, no host sync)."""
-    if data_world_size() == 1:
+    if ranks.size() == 1:
         return x.clone()
     out = x.detach().clone()
-    dist.all_reduce(out, op=_REDUCE_OPS[op], group=_tensor["data_group"])
+    dist.all_reduce(out, op=_REDUCE_OPS[op], group=ranks.group)
     return out
 
 
 def average_replicated_gradients(optimizers) -> None:
     """Average over the ranks the gradients of the optimizers' parameters that FSDP does not shard
     (plain tensors every rank holds whole: LoRA adapters and their heads) and over the replicas the
-    gradients of expert-parallel experts (DTensors on expert_mesh: their replicas' mean); FSDP's own
+    gradients of expert-parallel experts (DTensors on the expert mesh: their replicas' mean); FSDP's own
     (other DTensors) are averaged in the backward already (tensor-parallel ones, LoRA's sliced
     adapters included, by TensorParallel.average_over_data). One flat all-reduce per group, device
     and dtype. Every rank must hold gradients for the same parameters (they ran the same forwards).
@@ -197,15 +202,19 @@ def average_replicated_gradients(optimizers) -> None:
             g.copy_(part.view_as(g))
 
 
-def min_over_ranks(n: int) -> int:
-    """The smallest of every rank's `n` (a host number: reduced on the CPU by gloo): what all ranks
-    can do alike (e.g. rows each rank keeps)."""
-    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), op="min")) if world_size() > 1 else n
+def min_over_ranks(n: int, ranks: DataRanks = WORLD) -> int:
+    """The smallest of every (data) rank's `n` (a host number: reduced on the CPU by gloo): what all
+    ranks can do alike (e.g. rows each rank keeps)."""
+    if world_size() == 1:
+        return n
+    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), "min", ranks))
 
 
-def max_over_ranks(n: int) -> int:
-    """The largest of every rank's `n` (a host number, reduced on the CPU by gloo)."""
-    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), op="max")) if world_size() > 1 else n
+def max_over_ranks(n: int, ranks: DataRanks = WORLD) -> int:
+    """The largest of every (data) rank's `n` (a host number, reduced on the CPU by gloo)."""
+    if world_size() == 1:
+        return n
+    return int(all_reduce_tensor(torch.tensor(n, dtype=torch.int64), "max", ranks))
 
 
 def match_forwards(done: int, most: int, spare: Callable[[], object]) -> int:
@@ -220,33 +229,33 @@ def match_forwards(done: int, most: int, spare: Callable[[], object]) -> int:
     return most - done
 
 
-def rank_slice(per_rank: int, tensor_parallel: int | None = None) -> slice:
-    """This rank's items of a global batch of `per_rank * world_size() / tensor_parallel` items, in
-    rank order: the T ranks of a tensor group (consecutive ranks) take the same items. T defaults
-    to tensor_groups' (1 outside it)."""
-    index = rank() // (tensor_parallel or _tensor["size"])
+def rank_slice(per_rank: int, ranks: DataRanks = WORLD) -> slice:
+    """This rank's items of a global batch of `per_rank * ranks.size()` items, in rank order: the T
+    ranks of a tensor group (consecutive ranks) take the same items."""
+    index = ranks.rank()
     return slice(index * per_rank, (index + 1) * per_rank)
 
 
-def data_parallel_sum() -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """The `sum_over` of fusedrl.kernels' statistics: the sum over the data-parallel ranks (statistics
-    of every rank's rows), None with one data rank (nothing to sum: the kernels' single-device path)."""
-    return all_reduce_tensor if data_world_size() > 1 else None
+def data_parallel_sum(ranks: DataRanks = WORLD) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The `sum_over` of fusedrl.kernels' statistics: the sum over the data-parallel `ranks`
+    (statistics of every rank's rows), None with one data rank (nothing to sum: the kernels'
+    single-device path)."""
+    return (lambda x: all_reduce_tensor(x, ranks=ranks)) if ranks.size() > 1 else None
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, ranks: DataRanks = WORLD) -> torch.Tensor:
     """[R, ...] on each (data) rank -> [W * R, ...] on x's device, rank 0's rows first (the same R on
     every rank); gathered where x is (NCCL for CUDA, gloo for CPU)."""
-    if data_world_size() == 1:
+    if ranks.size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(data_world_size())]
-    dist.all_gather(parts, x.detach().contiguous(), group=_tensor["data_group"])
+    parts = [torch.empty_like(x) for _ in range(ranks.size())]
+    dist.all_gather(parts, x.detach().contiguous(), group=ranks.group)
     return torch.cat(parts)
 
 
-def own_rows(x: torch.Tensor) -> torch.Tensor:
+def own_rows(x: torch.Tensor, ranks: DataRanks = WORLD) -> torch.Tensor:
     """This (data) rank's rows of a gathered [W * R, ...] tensor."""
-    return x[rank_slice(x.shape[0] // data_world_size())]
+    return x[rank_slice(x.shape[0] // ranks.size(), ranks)]
 
 
 def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = None, keep=(),
@@ -258,9 +267,9 @@ def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = No
     state 1/N per rank); "replicate": every rank keeps whole parameters and optimizer state and
     gradients are all-reduced (HSDP with a shard group of one rank), for models small enough;
     "hybrid": HSDP, full shard within each group of `group_size` consecutive ranks (one node's by
-    default: shard_group_size) and whole copies across the groups, whose gradients FSDP all-reduces
+    default: dims.shard_group_size) and whole copies across the groups, whose gradients FSDP all-reduces
     once per step (the one collective that crosses nodes); `mesh` given: over it instead (the data
-    dimension of engine/tensor_parallel.py's mesh). One process: the model as is. Works on
+    dimension of ParallelDims.mesh). One process: the model as is. Works on
     a model still on the meta device (engine/model/hf_io.load_model shards before it allocates):
     `device_type` then names the device it will live on.
     `keep`: modules whose parameters stay plain tensors every rank holds whole (the heads trained
@@ -275,7 +284,8 @@ def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = No
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     device_type = device_type or next(model.parameters()).device.type
-    mesh = mesh if mesh is not None else _mesh(device_type, shard_group_size(mode, world_size(), group_size))
+    if mesh is None:
+        mesh = ParallelDims.data_only(mode, world_size(), device_type, group_size).sub("data")
     if offload and keep:
         raise ValueError("offload: the kept (whole) modules would rest in CPU memory too; offload a model "
                          "without kept heads (a full fine-tune, a frozen model)")
@@ -297,22 +307,6 @@ def sharder(mode: str, device, keep: Callable[[nn.Module], list] = lambda model:
     return lambda model: shard(model, mode, device_type, keep(model), offload, group_size)
 
 
-def shard_group_size(mode: str, world: int, group_size: int = 0, local_world: Optional[int] = None) -> int:
-    """The ranks of one FSDP shard group in train.data_parallel `mode` on `world` ranks: shard: all of
-    them; replicate: 1; hybrid: `group_size` (train.shard_group_size), 0 meaning one node's ranks
-    (`local_world`, default local_world_size()), since torchrun numbers the ranks node by
-    node: a group of consecutive ranks is one node's. A ConfigValueError unless it divides `world`."""
-    if mode != "hybrid":
-        return 1 if mode == "replicate" else world
-    size = group_size or (local_world_size() if local_world is None else local_world)
-    if size < 1 or world % size:
-        given = (f"train.shard_group_size={size}" if group_size else
-                 f"train.shard_group_size=0 (one node's ranks: torchrun's LOCAL_WORLD_SIZE={size})")
-        raise ConfigValueError(f"{given} with train.data_parallel=hybrid: expected a size dividing the {world} ranks "
-                               "(set train.shard_group_size to one)")
-    return size
-
-
 def shard_units(model: nn.Module, keep=()) -> list[nn.Module]:
     """The modules `shard` makes FSDP units, inner ones first and `model` (the root unit) last:
     each decoder layer, then each module holding parameters of another dtype than the rest (an
@@ -324,31 +318,6 @@ def shard_units(model: nn.Module, keep=()) -> list[nn.Module]:
            if not any(module is k for k in keep)
            and any(p.dtype != main_dtype for p in module.parameters(recurse=False))]
     return layers + odd + [model]
-
-
-@functools.cache
-def _mesh(device_type: str, group: int):
-    """One device mesh per job and shard group size: the models' DTensors must share it (e.g. to
-    clip the policy's and the shared value head's gradients together). Every rank one group: the 1-D
-    mesh (full shard); else FSDP2's HSDP mesh (world / group, group): rank r holds shard r % group
-    in shard group r // group (its node), a copy of the ranks at the same place in the other
-    groups (a group of 1: whole copies)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    if group == world_size():
-        return init_device_mesh(device_type, (world_size(),))
-    return init_device_mesh(device_type, (world_size() // group, group), mesh_dim_names=("replicate", "shard"))
-
-
-@functools.cache
-def expert_mesh(device_type: str, experts: int):
-    """The (world / experts) x experts mesh of expert parallelism (model/expert_parallel.py), dims
-    ("expert_replica", "expert"): expert groups of `experts` consecutive ranks along "expert", the
-    replicas of one expert shard along "expert_replica"."""
-    if world_size() % experts:
-        raise ValueError(f"expert groups of {experts} ranks do not divide the world size {world_size()}")
-    from torch.distributed.device_mesh import init_device_mesh
-    return init_device_mesh(device_type, (world_size() // experts, experts),
-                            mesh_dim_names=("expert_replica", "expert"))
 
 
 def all_reduce_in_backward(model: nn.Module, now: bool) -> None:

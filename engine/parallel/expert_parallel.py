@@ -10,7 +10,7 @@ them. Both exchanges are torch.distributed.nn's differentiable all_to_all_single
 sends the gradients the other way: a rank's expert gradients sum every rank's tokens routed to them.
 
 Training (`train.expert_parallel=E`, `shard_for_training`): the ranks form expert groups of E
-consecutive ranks (distributed.expert_mesh: replica x expert); the experts are sharded E ways
+consecutive ranks (ParallelDims.mesh: replica x expert); the experts are sharded E ways
 within a group and the world / E groups hold replicas of the same shards, as DTensors
 (Replicate(), Shard(0)), so the sharded load reads only a rank's experts, the checkpoints store
 each shard once with its offsets, the export gathers them (distributed.plain) and the clip's norm
@@ -32,7 +32,8 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
 from ... import kernels
-from .moe import SparseMoeBlock, moe_blocks
+from ..model.moe import SparseMoeBlock, moe_blocks
+from . import distributed
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class ExpertShard:
 def shard_experts(model: nn.Module, group=None, mesh=None) -> None:
     """Keep only this rank's experts in every MoE block of `model` (built whole, same weights on
     every rank, or on the meta device); the blocks then dispatch their tokens over `group` (default:
-    the world). mesh: distributed.expert_mesh (replica x expert) instead of `group`: the blocks
+    the world). mesh: ParallelDims.mesh at train.expert_parallel > 1 (replica x expert) instead
+    of `group`: the blocks
     dispatch over its expert dimension and the experts are DTensors (Replicate(), Shard(0): expert
     rows), their gradients divided by the expert group's size (see the module docstring)."""
     group = mesh.get_group("expert") if mesh is not None else group
@@ -75,13 +77,14 @@ def shard_experts(model: nn.Module, group=None, mesh=None) -> None:
         block.expert_shard = shard
 
 
-def shard_for_training(model: nn.Module, device_type: str, experts: int) -> nn.Module:
-    """train.expert_parallel = `experts` (dividing the world size): `model` (on the meta device,
+def shard_for_training(model: nn.Module, dims) -> nn.Module:
+    """train.expert_parallel = dims.expert (dividing the world size): `model` (on the meta device,
     hf_io.load_model's `shard`) with its experts sharded over expert groups of that many ranks
-    (replicated across the groups) and the rest sharded by FSDP2 over every rank around them."""
-    from .. import distributed
-    shard_experts(model, mesh=distributed.expert_mesh(device_type, experts))
-    return distributed.shard(model, "shard", device_type, keep=[block.experts for block in moe_blocks(model)])
+    (replicated across the groups: dims.mesh()'s (expert_replica, expert)) and the rest sharded by
+    FSDP2 over every rank around them (dims.sub("data"))."""
+    shard_experts(model, mesh=dims.mesh())
+    experts = [block.experts for block in moe_blocks(model)]
+    return distributed.shard(model, "shard", dims.device_type, keep=experts, mesh=dims.sub("data"))
 
 
 @contextlib.contextmanager
@@ -89,7 +92,7 @@ def experts_run_locally(model: nn.Module) -> Iterator[list[SparseMoeBlock]]:
     """Inside: every expert-parallel block of `model` in the training layout (shard_for_training:
     DTensor experts) runs its experts locally, dispatching nothing, from whatever whole expert
     weights the caller puts in it (gathered_experts; the persistent buffers of
-    inference/persistent_weights.py). Yields those blocks; no-op (none) without that layout."""
+    parallel/persistent_weights.py). Yields those blocks; no-op (none) without that layout."""
     blocks = [b for b in moe_blocks(model) if b.expert_shard is not None and b.expert_shard.average]
     shards = [b.expert_shard for b in blocks]
     for block in blocks:

@@ -11,8 +11,8 @@ parameters share one): its whole rows rounded up to the sharded mesh dimension's
 empty), the parameter a view of its first rows, so an all-gather writes straight into it. A
 parameter whose local tensor is already whole on `device` (data_parallel=replicate: shards of one
 rank) is read as it is: no copy, no bytes. Expert-parallel experts (DTensors sharded over the
-world, model/expert_parallel.py) are gathered like FSDP's shards. A tensor-parallel slice sharded
-over the data groups (engine/tensor_parallel.py) is gathered over the data dimension only, into a
+world, parallel/expert_parallel.py) are gathered like FSDP's shards. A tensor-parallel slice sharded
+over the data groups (engine/parallel/tensor_parallel.py) is gathered over the data dimension only, into a
 buffer of its slice, which generation reads as a DTensor on the tensor ranks (the walk's
 tensor-parallel GEMMs take its local rows).
 
@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import distributed
-from ..model.expert_parallel import experts_run_locally
+from . import distributed
+from .expert_parallel import experts_run_locally
 
 
 @dataclass

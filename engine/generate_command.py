@@ -1,0 +1,182 @@
+"""`fusedrl generate`: complete prompts with the paged-KV engine, from a config read like every
+stage's (engine/config/generate.py: a YAML file and `key=value` overrides); the command's flags
+(`--max-new-tokens 64`, `--prompt TEXT`) are aliases of its keys. Torch-free until it runs."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+from . import errors, path_checks
+from .config import io as config_io
+from .config.generate import GenerateConfig
+
+
+# The longest --prompt-file line read (1 MiB: some 250k tokens, past any model's context).
+MAX_PROMPT_BYTES = 2**20
+
+
+def parse_memory(text: str | None) -> int | float | None:
+    """--kv-cache-memory: '0.5' -> a fraction of free GPU memory (values <= 1); '2e9' or
+    '2000000000' -> bytes; a UsageError for anything else (inf, nan, 0, a word)."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise errors.UsageError(f"--kv-cache-memory {text}: expected bytes (e.g. 2000000000) or a "
+                                "fraction of free GPU memory in (0, 1] (e.g. 0.5)")
+    return value if value <= 1 else int(value)
+
+
+class _Alias(argparse.Action):
+    """A flag standing for a config key: its value becomes the override `key=value` (JSON: a YAML
+    scalar or list the config reader parses back), in args.aliases; a repeated flag of a list key
+    adds an item."""
+
+    def __init__(self, *args, key: str, repeat: bool = False, convert=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.key, self.repeat, self.convert = key, repeat, convert
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        aliases = dict(getattr(namespace, "aliases", None) or {})
+        # Converted when the command runs (convert's UsageError is then its one-line error).
+        value = self.const if self.nargs == 0 else (value, self.convert) if self.convert else value
+        aliases[self.key] = [*aliases.get(self.key, []), value] if self.repeat else value
+        namespace.aliases = aliases
+
+
+# flag -> (config key, argparse options): the flags `fusedrl generate` had before it read a config.
+_GENERATE_FLAGS = {
+    "--model": ("model", {}), "--prompt": ("prompts", {"repeat": True}), "--prompt-file": ("prompt_file", {}),
+    "--n": ("n", {"type": int}), "--max-new-tokens": ("max_new_tokens", {"type": int}),
+    "--temperature": ("temperature", {"type": float}), "--top-k": ("top_k", {"type": int}),
+    "--top-p": ("top_p", {"type": float}), "--seed": ("seed", {"type": int}), "--dtype": ("dtype", {}),
+    "--device": ("device", {}), "--kv-cache-memory": ("kv_cache_memory", {"convert": parse_memory}),
+    "--block-size": ("block_size", {"type": int}), "--tensor-parallel": ("tensor_parallel", {"type": int}),
+    "--speculative-tokens": ("speculative_tokens", {"type": int}),
+    "--speculate-below": ("speculate_below", {"type": int}),
+    "--json": ("json", {"nargs": 0, "const": True}), "--no-progress": ("progress", {"nargs": 0, "const": False}),
+}
+
+
+def add_generate_parser(commands, add_debug_flag) -> None:
+    """The `generate` subparser of `commands`, with the command's --debug flag (add_debug_flag)."""
+    p = commands.add_parser("generate", help="generate completions with the paged-KV engine",
+                            description="complete prompts; text (or json=true lines) to stdout, progress to stderr",
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog=config_io.options_epilog(GenerateConfig))
+    p.add_argument("--config", help="YAML file with the options below")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="options overriding the file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    for flag, (key, options) in _GENERATE_FLAGS.items():
+        p.add_argument(flag, action=_Alias, key=key, default=argparse.SUPPRESS, help=f"the same as {key}=VALUE",
+                       **options)
+    add_debug_flag(p)
+    p.set_defaults(run=run_generate)
+
+
+def _alias_overrides(args) -> list[str]:
+    """The flags given, as `key=value` overrides."""
+    overrides = []
+    for key, value in getattr(args, "aliases", {}).items():
+        if isinstance(value, tuple):  # (text, its converter)
+            value = value[1](value[0])
+        overrides.append(f"{key}={json.dumps(value)}")
+    return overrides
+
+
+def _as_option(error: ValueError) -> errors.UsageError:
+    """SamplingParams names its fields (SamplingParams.top_p): say which option the user gave (--top-p)."""
+    return errors.UsageError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(error)))
+
+
+def _generate_tensor_parallel(cfg, prompts, params, device):
+    from .inference.parallel_generate import generate_tensor_parallel
+    return generate_tensor_parallel(cfg.model, prompts, params, cfg.tensor_parallel, device=device, dtype=cfg.dtype,
+                                    use_tqdm=cfg.progress, kv_cache_memory=cfg.kv_budget(),
+                                    block_size=cfg.block_size)
+
+
+def _prompts(cfg) -> list[str]:
+    """cfg.prompts, then prompt_file's lines (each a JSON string or raw text)."""
+    from .data.records import DataError, decode_line, numbered_lines
+    prompts = list(cfg.prompts)
+    if cfg.prompt_file:
+        if os.path.exists(cfg.prompt_file) and not os.path.isfile(cfg.prompt_file):
+            raise errors.UsageError(f"--prompt-file {cfg.prompt_file}: not a regular file (a "
+                                    "directory, FIFO or device); expected a text file of one "
+                                    "prompt per line")
+        try:
+            for lineno, raw in numbered_lines(cfg.prompt_file, MAX_PROMPT_BYTES):
+                try:
+                    prompts.append(decode_line(raw))
+                except ValueError as e:
+                    raise DataError(f"{cfg.prompt_file}:{lineno}: {e}") from None
+        except OSError as e:
+            raise errors.UsageError(f"--prompt-file {cfg.prompt_file}: {e.strerror}") from None
+    if not prompts:
+        raise errors.UsageError("give --prompt TEXT (repeatable) or --prompt-file FILE (the options prompts, "
+                                "prompt_file)")
+    return prompts
+
+
+def run_generate(args) -> int:
+    """Complete the prompts of the config the command line gives; print them (text or JSON lines)."""
+    cfg = config_io.command_config(GenerateConfig, args.config, [*_alias_overrides(args), *args.overrides])
+    if args.print_config:
+        return config_io.print_config(cfg)
+    if not cfg.model:
+        raise errors.UsageError("give --model DIR (the option model): a Hugging Face model directory")
+    prompts = _prompts(cfg)
+    parse_memory(None if cfg.kv_cache_memory is None else f"{cfg.kv_cache_memory:g}")
+    # The arguments and the path first: torch-free, so a mistake is answered at once.
+    path_checks.check_model_path(cfg.model, "--model")
+    path_checks.check_tokenizer_files(cfg.model, "--model")
+    from .inference.sampling_params import SamplingParams
+    try:
+        params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    except ValueError as e:
+        raise _as_option(e) from e
+    from .inference.llm import LLM
+    from .train.run_setup import check_model_dir, resolve_device
+    check_model_dir(cfg.model, "--model")
+    device = resolve_device(cfg.device, "--device")
+    try:  # an argument the engine rejects; the model's own problems are FusedRLErrors and pass through
+        if cfg.tensor_parallel != 1:
+            if cfg.speculative_tokens:
+                raise errors.UsageError(
+                    f"--speculative-tokens={cfg.speculative_tokens} with --tensor-parallel="
+                    f"{cfg.tensor_parallel}: expected one of them (0 or 1 for the other)")
+            outputs = _generate_tensor_parallel(cfg, prompts, params, device)
+            if outputs is None:  # not the first rank: it printed nothing
+                return 0
+        else:
+            llm = LLM(cfg.model, dtype=cfg.dtype, kv_cache_memory=cfg.kv_budget(), block_size=cfg.block_size,
+                      device=device, speculative_tokens=cfg.speculative_tokens,
+                      speculate_below=cfg.speculate_below)
+            outputs = llm.generate(prompts, params, use_tqdm=cfg.progress)
+            if cfg.speculative_tokens:
+                tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+                print(f"speculative decoding: {llm.runner.forwards} model forwards for {tokens} "
+                      "generated tokens", file=sys.stderr)
+    except errors.FusedRLError:
+        raise
+    except ValueError as e:
+        raise _as_option(e) from e
+    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+        for j, c in enumerate(out.outputs):
+            if cfg.json:
+                print(json.dumps({"prompt_index": i, "sample": j, "prompt": prompt, "text": c.text,
+                                  "token_ids": c.token_ids, "logprobs": c.logprobs,
+                                  "finish_reason": c.finish_reason}))
+            else:
+                print(f"[{i}.{j}] {prompt}{c.text}  ({c.finish_reason}, {len(c.token_ids)} tokens)")
+    sys.stdout.flush()
+    return 0

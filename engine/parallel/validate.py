@@ -1,0 +1,150 @@
+"""Every refusal of a combination of parallel options, in one line naming the options and values.
+
+`validate(cfg, gpus)` checks a stage config on `gpus` ranks before anything loads: what each stage
+runs first (through the plan's start-up check, engine/plan/check.py), and what `fusedrl plan`
+checks before planning. The checks the layout or generation runs on what it is given (the tensor
+size against a model's heads, persistent weights where nothing is gathered, the batch-invariant
+rollout beside tensor slices) are the functions below it, called where those facts are known.
+"""
+from __future__ import annotations
+
+from ..config.train import SFTConfig
+from ..errors import ConfigValueError, UsageError
+from ..model.config import ModelConfig
+from .dims import shard_group_size
+
+
+def validate(cfg, gpus: int, gpus_per_node: int | None = None) -> None:
+    """UsageError (exit 2) when stage config `cfg` combines parallel options the engine does not
+    run on `gpus` ranks: train.optimizer_offload or train.frozen_offload in one process (they are
+    FSDP2's CPU offload of sharded state), train.optimizer_offload beside LoRA adapters or copied
+    tensor slices, train.tensor_parallel > 1 beside what does not run tensor-parallel
+    (tensor_parallel_gaps) or beside train.data_parallel=hybrid, train.expert_parallel beside what it
+    does not run with (refuse_expert_parallel), rollout.persistent_weights where nothing is gathered
+    (one process, tensor slices copied), and train.data_parallel=hybrid with a shard group that does
+    not divide the ranks (ConfigValueError; a node holds `gpus_per_node` of them, default torchrun's
+    LOCAL_WORLD_SIZE)."""
+    train, t = cfg.train, cfg.train.tensor_parallel
+    if train.optimizer_offload and gpus == 1:
+        raise UsageError("train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
+                         "optimizer state: run under torchrun (one process keeps them on its device)")
+    if getattr(train, "frozen_offload", False) and gpus == 1:
+        raise UsageError("train.frozen_offload=true offloads the frozen models' FSDP2 shards: run under torchrun "
+                         "(one process keeps them on its device)")
+    if train.optimizer_offload and (cfg.lora.rank > 0 or (t > 1 and not slices_sharded(cfg, gpus))):
+        raise UsageError(f"train.optimizer_offload=true with lora.rank={cfg.lora.rank} and train.tensor_parallel="
+                         f"{t} on {gpus} GPUs at train.data_parallel={train.data_parallel}: "
+                         "expected lora.rank=0 and train.tensor_parallel=1, or tensor slices sharded over the data "
+                         "groups (train.data_parallel=shard, more GPUs than T) (LoRA's optimizer state is small; "
+                         "copied slices are not offloaded)")
+    if t > 1 and train.data_parallel == "hybrid":
+        raise UsageError(f"train.data_parallel=hybrid with train.tensor_parallel={t}: the tensor-parallel data "
+                         "groups shard the slices (train.data_parallel=shard) or copy them (replicate: across "
+                         "nodes, at T = the GPUs of a node); expected one of those")
+    if t > 1 and (unsupported := tensor_parallel_gaps(cfg, gpus)):
+        raise UsageError(f"train.tensor_parallel={t} with {', '.join(unsupported)}: not supported tensor-parallel "
+                         "(SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)")
+    refuse_expert_parallel(cfg, gpus)
+    copies = t > 1 and not slices_sharded(cfg, gpus)  # slices read where they lie
+    if getattr(getattr(cfg, "rollout", None), "persistent_weights", False) and (gpus == 1 or copies):
+        where = ("one process" if gpus == 1 else f"train.tensor_parallel={t} on {gpus} GPUs at train.data_parallel="
+                 f"{train.data_parallel}{' with lora' if cfg.lora.rank > 0 else ''}")
+        raise UsageError(f"rollout.persistent_weights=true keeps a gathered copy of the policy's FSDP2 shards: "
+                         f"expected torchrun at train.tensor_parallel=1, or tensor slices sharded over the data groups "
+                         f"(got {where}, which gathers nothing)")
+    # train.data_parallel=hybrid: a shard group (one node's ranks unless train.shard_group_size) dividing the ranks.
+    shard_group_size(train.data_parallel, gpus, train.shard_group_size, gpus_per_node)
+
+
+def check_models(train, world: int, configs: dict) -> None:
+    """The stage's models (`configs`: {option: ModelConfig}) against train.tensor_parallel on
+    `world` ranks (check_tensor_parallel): each of them is laid out over the tensor ranks."""
+    if train.tensor_parallel > 1:
+        for config in configs.values():
+            check_tensor_parallel(train.tensor_parallel, world, config)
+
+
+def slices_sharded(cfg, gpus: int) -> bool:
+    """Whether FSDP2 shards the trained models' tensor slices over the data groups
+    (engine/parallel/tensor_parallel.py): train.data_parallel=shard on more GPUs than
+    train.tensor_parallel, no LoRA base."""
+    return cfg.train.data_parallel == "shard" and gpus > cfg.train.tensor_parallel and cfg.lora.rank == 0
+
+
+def tensor_parallel_gaps(cfg, gpus: int) -> list[str]:
+    """The options of `cfg` set to what does not train tensor-parallel on `gpus` GPUs: dropout on
+    LoRA adapters (the policy's or the critic's: each tensor rank would draw its own mask on the same
+    input), the batch-invariant rollout (its fixed reduction order is one device's, not the tensor
+    ranks'), and offloading the frozen models' shards where the slices are not sharded over data groups."""
+    gaps = [f"{name}.dropout={lora.dropout}" for name in ("lora", "critic_lora")
+            if (lora := getattr(cfg, name, None)) is not None and lora.enabled and lora.dropout > 0]
+    if getattr(getattr(cfg, "rollout", None), "exact", False):
+        gaps.append("rollout.exact=true")
+    if getattr(cfg.train, "frozen_offload", False) and not slices_sharded(cfg, gpus):
+        gaps.append("train.frozen_offload=true without tensor slices sharded over the data groups")
+    return gaps
+
+
+def refuse_expert_parallel(cfg, gpus: int) -> None:
+    """UsageError (one line) for a train.expert_parallel E > 1 training cannot run: E not dividing
+    the world size (groups of E ranks, each holding every expert once) or the experts, a
+    dense model (SFT's model, PPO/GRPO's policy), beside tensor parallelism, LoRA, optimizer offload
+    or replicated data parallelism, or in the reward-model stage."""
+    e = getattr(cfg.train, "expert_parallel", 1)
+    if e == 1:
+        return
+    from ..model.hf_io import load_config
+    model = cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
+    moe = load_config(model).moe if model is not None else None
+    problem = ("only SFT, PPO and GRPO train expert-parallel" if model is None
+               else f"expected a divisor of the world size {gpus} (expert groups of E ranks)" if gpus % e
+               else f"{model} is a dense model (no experts to shard)" if moe is None
+               else f"expected a divisor of the model's {moe.num_experts} experts" if moe.num_experts % e
+               else "expected train.tensor_parallel=1, lora.rank=0, train.optimizer_offload=false and "
+                    "train.data_parallel=shard beside it" if (cfg.train.tensor_parallel > 1 or cfg.lora.rank > 0
+                                                              or cfg.train.optimizer_offload
+                                                              or cfg.train.data_parallel != "shard")
+               else None)
+    if problem is not None:
+        raise UsageError(f"train.expert_parallel={e}: {problem}")
+
+
+def fitting_sizes(world: int, config: ModelConfig) -> list[int]:
+    """The tensor-parallel sizes T that divide the world size and the model's key/value heads."""
+    return [t for t in range(1, world + 1) if world % t == 0 and config.num_kv_heads % t == 0
+            and config.intermediate_size % t == 0 and config.vocab_size > (t - 1) * -(-config.vocab_size // t)]
+
+
+def check_tensor_parallel(t: int, world: int, config: ModelConfig, option: str = "train.tensor_parallel") -> None:
+    """A one-line ConfigValueError unless T divides the world size, the key/value heads and the MLP
+    width, and every tensor rank gets vocabulary rows."""
+    if t not in fitting_sizes(world, config):
+        raise ConfigValueError(
+            f"{option}={t}: expected a size dividing the {world} ranks and this model's {config.num_kv_heads} "
+            f"key/value heads (and its {config.intermediate_size} MLP features); these fit: "
+            f"{fitting_sizes(world, config)}")
+
+
+def check_generate_tensor_parallel(t: int, world: int, config: ModelConfig) -> None:
+    """`fusedrl generate --tensor-parallel T`: torchrun with a multiple of T ranks, T fitting the model."""
+    if world == 1 or t < 1:
+        raise ConfigValueError(f"--tensor-parallel {t}: expected a size dividing the number of ranks; run under "
+                               f"torchrun --nproc-per-node N with N a multiple of {t}")
+    check_tensor_parallel(t, world, config, "--tensor-parallel")
+
+
+def check_persistent_weights(alone: bool, gathers: bool) -> None:
+    """HybridActor(persistent_weights=True): a ConfigValueError unless the policy is gathered for
+    each rollout (`gathers`: FSDP2's shards, or tensor slices sharded over the data groups)."""
+    if not gathers:
+        got = "one process" if alone else "tensor slices copied across the data groups"
+        raise ConfigValueError(f"persistent_weights=True: expected torchrun at tensor_parallel 1 or tensor "
+                               f"slices sharded over the data groups (got {got}, which gathers nothing)")
+
+
+def check_exact_generation(exact: bool, tensor_parallel) -> None:
+    """LLM(batch_invariant=...): a ConfigValueError beside tensor slices (`tensor_parallel`, the
+    model's TensorParallel or None): the all-reduces' order differs from the training forward's."""
+    if exact and tensor_parallel is not None:
+        raise ConfigValueError("batch_invariant (rollout.exact) with tensor parallelism: not supported (the "
+                               "all-reduces' order differs from the training forward's); use one or the other")

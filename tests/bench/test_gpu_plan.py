@@ -1,0 +1,58 @@
+"""bench/gpu.sh's first-visit plan fits the visit, and a chunk of the suite cut by its timeout still
+ends in its summary line (bench/pytest_tally.py's per-test record)."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import pytest_tally
+
+BENCH = Path(pytest_tally.__file__).resolve().parent
+CHUNK = """
+import time, pytest
+def test_a(): pass
+def test_b(): pass
+def test_c(): assert False
+@pytest.mark.skip(reason="off")
+def test_d(): pass
+def test_e(): time.sleep(600)
+"""
+
+
+@pytest.mark.integration
+def test_the_plan_ends_in_its_count_and_fits_40_minutes():
+    plan = subprocess.run(["bash", str(BENCH / "gpu.sh"), "plan"], capture_output=True, text=True,
+                          timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    lines = plan.stdout.strip().splitlines()
+    last = re.fullmatch(r"plan: (\d+) calls, (\d+) minutes", lines[-1])
+    assert last, lines[-1]
+    calls = [int(m) for m in re.findall(r"^call \d+ \((\d+) min\)", plan.stdout, re.M)]
+    assert len(calls) == int(last[1]) and sum(calls) == int(last[2]) <= 40
+    assert max(calls) <= 9  # each call inside the device's 10-minute limit
+
+
+@pytest.mark.integration
+def test_a_chunk_killed_mid_run_still_says_how_far_it_got(tmp_path):
+    (tmp_path / "test_chunk.py").write_text(CHUNK)
+    tally = tmp_path / "chunk.tally"
+    env = {**os.environ, pytest_tally.TALLY_ENV: str(tally), "PYTHONPATH": str(BENCH)}
+    pytest_args = ["-q", "-p", "no:cacheprovider", "-p", "pytest_tally",
+                   str(tmp_path / "test_chunk.py")]
+    run = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args], cwd=tmp_path, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    recorded = lambda: len(tally.read_text().splitlines()) if tally.exists() else 0  # noqa: E731
+    while recorded() < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGKILL)  # as timeout -k does: no summary, no report from pytest itself
+    run.wait()
+    line = pytest_tally.summary(str(tally), "tests_x", 12.4, 137)
+    assert line == "tests_x: 2 passed, 1 failed, 1 skipped, 0 errors in 12 s, cut by its timeout"
+    nothing = pytest_tally.summary(str(tmp_path / "none"), "tests_y", 3, 0)
+    assert nothing.startswith("tests_y: 0 passed, 0 failed")

@@ -1,0 +1,50 @@
+"""engine/parallel/validate.py: the parallel option combinations refused in one line, from the
+Python API, the stages' start-up check and `fusedrl plan` alike."""
+import pytest
+import torch
+
+from fusedrl.engine.config.lora import LoRAConfig
+from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig
+from fusedrl.engine.errors import UsageError
+from fusedrl.engine.parallel.validate import validate
+from fusedrl.engine.plan.check import refuse_unfit
+from cli_testing import cli_error
+
+
+def grpo(**train):
+    return GRPOConfig(policy="p", prompts_file="f", output_dir="o",
+                      train=LoopConfig(device="cpu", **train))
+
+
+@pytest.mark.parametrize("train, gpus, message", [
+    ({"optimizer_offload": True}, 1, r"^train.optimizer_offload=true offloads FSDP2's sharded"),
+    ({"tensor_parallel": 2, "data_parallel": "hybrid"}, 4,
+     r"^train.data_parallel=hybrid with train.tensor_parallel=2"),
+    ({"tensor_parallel": 2, "optimizer_offload": True}, 2,
+     r"^train.optimizer_offload=true with lora.rank=0 and train.tensor_parallel=2 on 2 GPUs"),
+])
+def test_combinations_are_refused_in_one_line(train, gpus, message):
+    cfg = grpo(**train)
+    with pytest.raises(UsageError, match=message):
+        validate(cfg, gpus)
+    with pytest.raises(UsageError, match=message):
+        refuse_unfit(cfg, torch.device("cpu"), gpus)
+
+
+def test_lora_dropout_at_tensor_parallel_is_checked_once_in_the_config():
+    cfg = grpo(tensor_parallel=2)
+    cfg.lora = LoRAConfig(rank=4, dropout=0.1)
+    with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with lora.dropout=0.1: not "):
+        validate(cfg, 4)
+    cfg.lora = LoRAConfig(rank=4)
+    validate(cfg, 4)
+
+
+def test_the_plan_refuses_what_the_run_would(qwen2_dir, capsys):
+    code, err = cli_error(["plan", "grpo", f"policy={qwen2_dir}", "--gpus", "1",
+                           "rollout.persistent_weights=true"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("fusedrl plan: rollout.persistent_weights=true keeps a gathered copy")
+    cfg = grpo()
+    cfg.rollout = RolloutConfig(persistent_weights=True)
+    validate(cfg, 2)  # FSDP2's shards are gathered: kept

@@ -1,0 +1,74 @@
+"""Partial rollouts (rollout.partial_rollouts, stages/ppo/partial.py) on a tiny model: answers
+carried across iterations under a small token budget, groups trained whole, no token older than
+rollout.max_staleness, and a resumed run equal to the uninterrupted one."""
+import pytest
+import torch
+
+from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
+from fusedrl.engine.stages.ppo.partial import drop_stale, new_group, new_groups_wanted
+from fusedrl.engine.stages.ppo.update import UpdateSettings
+from fusedrl.engine.train.runlog import read_metrics
+from test_ppo import run_straight_and_resumed, setup  # noqa: F401 (the fixture)
+from train_testing import checkpoint_data
+
+
+def grpo(root, policy_dir, prompts, run, **rollout):
+    # 6-token answers (EOS ignored), 4 groups of 3 in flight, all 12 rows at once: a 26-token
+    # budget draws 3 tokens a row per iteration (its third step passes it), so every answer takes
+    # two iterations.
+    rollout = RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
+                            ignore_eos=True, kv_cache_memory=1 << 22, partial_rollouts=True,
+                            tokens_per_iteration=26, **rollout)
+    return GRPOConfig(policy=str(policy_dir), prompts_file=str(prompts), output_dir=str(root / run),
+                      reward_fn="reward_testing:vowel_fraction", rollout=rollout,
+                      ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=3, vf_coef=0.0,
+                                       kl_loss_coef=0.01),
+                      train=LoopConfig(iterations=2, save_every=1, keep_checkpoints=0,
+                                       progress=False, device="cpu"))
+
+
+def test_answers_carry_train_within_the_staleness_bound_and_resume_exactly(setup):
+    """Iteration 1 cuts every answer at the budget (carried, nothing trained); iteration 2
+    completes all four groups and trains two, their first tokens one iteration old
+    (max_staleness=1). The checkpoint after iteration 1 holds the answers in flight: the same
+    weights straight or resumed."""
+    root, policy_dir, prompts = setup
+    a, b = run_straight_and_resumed(
+        root, lambda run: grpo(root, policy_dir, prompts, run, max_staleness=1), "partial")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train = [r for r in read_metrics(root / "straight-partial") if r["kind"] == "train"]
+    assert [(r["carried"], r["groups_trained"]) for r in train] == [(12, 0), (0, 2)], train
+    assert "policy_loss" in train[1] and [r["staleness_max"] for r in train] == [0, 1]
+    # 3 of each trained answer's 6 tokens were drawn the iteration before.
+    assert train[1]["staleness_mean"] == pytest.approx(0.5)
+    # The step that spends the budget ends the rollout: at most a step of 12 rows past it.
+    assert all(r["budget_used"] <= (26 + 12) / 26 and r["dropped_answers"] == 0 for r in train)
+    saved = checkpoint_data(root / "straight-partial" / "checkpoints" / "step-00000001")
+    in_flight = saved["loop"]["in_flight"]
+    assert len(in_flight) == 4 and all(
+        len(s["answer"]) == len(s["logprobs"]) == len(s["versions"]) == 3
+        for g in in_flight for s in g["samples"])
+
+
+def test_stale_answers_are_dropped_and_sampled_again():
+    group = new_group([1, 2], 2, seed=5)
+    old, fresh = group["samples"]
+    old.update(answer=[7, 8], logprobs=[-1.0, -2.0], versions=[3, 4], finish="stop")
+    fresh.update(answer=[9], logprobs=[-0.5], versions=[5])
+    assert drop_stale([group], iteration=6, max_staleness=2) == (1, 2)
+    assert old["answer"] == [] and old["finish"] is None and fresh["answer"] == [9]
+    assert old["seed"] != fresh["seed"]
+
+
+def test_partial_rollouts_turn_the_is_correction_on_and_refuse_what_cannot_carry():
+    base = dict(policy="p", prompts_file="f", output_dir="o", reward_fn="m:f")
+    on = GRPOConfig(**base, rollout=RolloutConfig(samples_per_prompt=2, partial_rollouts=True))
+    assert UpdateSettings.of(on).ppo.is_mode == "tis" and on.rollout.max_rows == 2 * 16 * 2
+    assert UpdateSettings.of(GRPOConfig(**base)).ppo.is_mode is None
+    off = GRPOConfig(**base, rollout=RolloutConfig(samples_per_prompt=2, partial_rollouts=True),
+                     ppo=UpdateConfig(estimator="grpo", is_mode="off"))
+    assert UpdateSettings.of(off).ppo.is_mode is None
+    wanted = [new_groups_wanted(carried, 16) for carried in (0, 10, 16, 30, 40)]
+    assert wanted == [32, 22, 16, 2, 0]
+    with pytest.raises(ValueError, match="partial_rollouts=true with rollout.dynamic_sampling"):
+        RolloutConfig(partial_rollouts=True, exact=True)

@@ -1,0 +1,60 @@
+"""train.prefix_sharing end to end: GRPO (fp32, groups of 4, 3 iterations) reading each group's
+prompt once ends where reading every row whole ends, and its forwards embed each prompt once per
+group."""
+import torch
+
+from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
+from fusedrl.engine.data.prompts import load_prompts
+from fusedrl.engine.model.hf_io import load_model
+from fusedrl.engine.stages.ppo.trainer import run_ppo
+from fusedrl.engine.train.runlog import read_metrics
+from transformers import AutoTokenizer
+from train_testing import save_tiny_model, write_jsonl
+
+GROUP = 4
+
+
+def grpo(root, policy_dir, prompts, share: bool):
+    cfg = GRPOConfig(policy=str(policy_dir), prompts_file=str(prompts),
+                     output_dir=str(root / f"share-{share}"),
+                     reward_fn="engine_testing:vowel_fraction",
+                     rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=GROUP,
+                                           max_new_tokens=6, kv_cache_memory=1 << 22),
+                     ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=8, vf_coef=0.0,
+                                      kl_loss_coef=0.01),
+                     train=LoopConfig(iterations=3, progress=False, device="cpu", precision="fp32",
+                                      prefix_sharing=share))
+    embedded = []  # ids each embedding lookup reads: sampler, scoring and update forwards alike
+
+    def count(module, args):
+        if isinstance(module, torch.nn.Embedding):
+            embedded.append(args[0].numel())
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        final = run_ppo(cfg)
+    finally:
+        hook.remove()
+    train = [r for r in read_metrics(root / f"share-{share}") if r["kind"] == "train"]
+    return load_model(final).state_dict(), train, embedded, cfg
+
+
+def test_grpo_with_prefix_sharing_ends_where_whole_rows_end(tmp_path):
+    policy_dir = save_tiny_model(tmp_path / "policy")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                          [{"prompt": "the quick brown fox"}, {"prompt": "lazy dog"}])
+    whole, whole_metrics, whole_embedded, cfg = grpo(tmp_path, policy_dir, prompts, share=False)
+    shared, shared_metrics, shared_embedded, _ = grpo(tmp_path, policy_dir, prompts, share=True)
+    for name, weight in whole.items():
+        assert float((shared[name] - weight).norm() / weight.norm()) <= 1e-5, name
+    # Both prompts in every iteration: the group's other 3 rows do not read their prompt again.
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    drawn = load_prompts(cfg.prompts_file, tokenizer, cfg.rollout.max_prompt_length, 128)[0]
+    prompt_tokens = sum(len(p.ids) for p in drawn)
+    assert len(shared_metrics) == 3
+    for a, b in zip(whole_metrics, shared_metrics):
+        assert a["forwarded_tokens"] == a["row_tokens"]
+        assert b["forwarded_tokens"] == b["row_tokens"] - (GROUP - 1) * prompt_tokens
+        # The reference, old log-prob and update forwards each embed exactly the shared stream.
+        assert shared_embedded.count(b["forwarded_tokens"]) >= 3
+        assert b["row_tokens"] not in shared_embedded
+        assert whole_embedded.count(a["row_tokens"]) >= 3
