@@ -52,7 +52,8 @@ def config(root, policy_dir, prompts, name, **fields):
 def rollout_of(models, prompts, cfg, kl_coef, seed=0):
     """Sample, score and build the rollout of `prompts`, as one iteration does."""
     timer = PhaseTimer(torch.device("cpu"))
-    samples = sample_and_score(models, prompts, cfg.rollout, seed, timer, cfg.train.prefix_sharing)
+    samples = sample_and_score(models, prompts, cfg.rollout, seed, timer,
+                               share_prompts=cfg.train.prefix_sharing)
     experience = make_rollout(models, samples, ExperienceSettings.of(cfg), kl_coef, RunningMoments(), timer)
     return experience.rollout, experience.metrics
 
