@@ -208,6 +208,7 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
     from fusedrl.engine.model.hf_io import load_config
     from fusedrl.engine.inference.runner import kv_bytes_per_block
     from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
+    from fusedrl.engine.stages.rewards.combined import open_reward_functions
     from fusedrl.engine.config.ppo import (GRPOConfig, LoopConfig, UpdateConfig, PPOConfig, RewardConfig,
                                            RolloutConfig)
     from fusedrl.engine.stages.ppo.core import RunningMoments
@@ -233,14 +234,15 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
         cfg = PPOConfig(policy=str(policy_dir), reward_model=str(rm_dir), critic="separate", prompts_file="-",
                         output_dir="-", rollout=rollout, reward=RewardConfig(kl_coef=0.05), train=loop, lora=adapters,
                         ppo=UpdateConfig(epochs=1, minibatch_size=minibatch, vf_coef=0.1, **micro))
-        tokenizer, reward_fn = build_tokenizer(model_config.eos_token_ids[0]), None
+        tokenizer, rewards = build_tokenizer(model_config.eos_token_ids[0]), None
     else:
         cfg = GRPOConfig(policy=str(policy_dir), prompts_file="-", output_dir="-", rollout=rollout, train=loop,
                          lora=adapters, ppo=UpdateConfig(estimator="grpo", kl_loss_coef=GRPO_KL_COEF, vf_coef=0.0,
                                                          epochs=1, agg="token-mean", minibatch_size=minibatch, **micro))
         tokenizer = build_tokenizer(model_config.eos_token_ids[0], model_config.vocab_size)
-        reward_fn = even_token_share
-    models = build_models(cfg, device, dtype, tokenizer, reward_fn)
+        # In this process: the function lives in this script, which a worker would not import.
+        rewards = open_reward_functions([even_token_share], None, "thread", 300.0)
+    models = build_models(cfg, device, dtype, tokenizer, rewards)
     opts, _ = build_optimizers(models, cfg)
     prompts = make_prompts(shape, models.policy.config.vocab_size)
     clock = IterationClock(device)
