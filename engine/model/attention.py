@@ -46,7 +46,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, -1 padded
     context_lens: torch.Tensor | None = None  # [B] int32 (decode)
     # A packed batch whose segments read keys before their own (prefix sharing: an answer after its
-    # group's prompt, engine/data/prefix_sharing.py): [sum seqlens_k] row of each segment's keys.
+    # group's prompt, engine/model/prefix_sharing.py): [sum seqlens_k] row of each segment's keys.
     key_rows: torch.Tensor | None = None
     # Built on first use by the padded SDPA path and shared by every layer of the forward.
     padded_plan: PaddedPlan | None = field(default=None, repr=False)

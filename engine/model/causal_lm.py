@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ... import kernels
-from ..data.prefix_sharing import share_prefixes
+from .prefix_sharing import share_prefixes
 from .activation_offload import ActivationOffload
 from .attention import AttentionMetadata, attention_step
 from .config import ModelConfig
@@ -337,7 +337,7 @@ class CausalLM(nn.Module):
         the pack's targets, rows [S] holding each sequence's last token).
 
         With packed.prefix_groups, the rows of a group read their prompt once (N' < N; layout:
-        engine/data/prefix_sharing.py's share_prefixes(packed), built here when not given); without,
+        engine/model/prefix_sharing.py's share_prefixes(packed), built here when not given); without,
         forward_packed over the pack as it is (N' = N).
         """
         layout = layout or share_prefixes(packed)

@@ -107,26 +107,6 @@ def pool_figures(cfg, model_config, dtype: torch.dtype, tensor_parallel: int,
                        longest, r.samples_per_prompt)
 
 
-def rollout_kv_bytes(cfg, device: torch.device, gpus: int, gpus_per_node: int) -> int:
-    """The bytes of KV pool a PPO run allocates on `device`: on CUDA the plan's pool (pool_bytes, by
-    the plan of this run on `gpus` GPUs), shrunk by what the GPU really lacks for the plan's peak
-    (torch.cuda.mem_get_info plus what torch holds already: another process, a larger CUDA context);
-    UsageError when it then holds no full-length sequence. On the CPU: bytes as given, else
-    1 GiB."""
-    from ..inference.llm import CPU_DEFAULT_KV_BYTES
-    budget = cfg.rollout.kv_cache_memory
-    if device.type != "cuda":
-        if isinstance(budget, float):
-            raise UsageError(f"rollout.kv_cache_memory={budget} is a fraction of the GPU's memory: "
-                             f"the run is on {device.type}; give bytes (an int) or auto")
-        return CPU_DEFAULT_KV_BYTES if budget == "auto" else budget
-    from .planner import plan_stage
-    total = torch.cuda.get_device_properties(device).total_memory
-    plan = plan_stage(cfg, gpus, total, advise=False, gpus_per_node=gpus_per_node)
-    free, _ = torch.cuda.mem_get_info(device)
-    return fit_to_free(plan.kv_pool, plan.peak, free + torch.cuda.memory_reserved(device))
-
-
 def fit_to_free(pool: PoolFigures, planned_peak: int, capacity: int) -> int:
     """The pool's bytes, less what the plan's peak exceeds the GPU's real `capacity` by (in whole
     sequences' worth of tokens: a pool is cut in blocks); UsageError where it then holds none."""

@@ -12,14 +12,17 @@ from pathlib import Path
 import torch
 
 from ..config import io as config_io
+from ..errors import UsageError
 from ..config.ppo import PPOConfig
 from ..config.train import RMConfig
 from ..model.hf_io import load_config
 from ..train.precision import param_dtype, resolve_precision
 from .model_bytes import ppo_models, supervised_models
-from .phases import MemoryPlan, Setup, host_optimizer_bytes, model_rows, plan_phases
+from .memory_plan import MemoryPlan
+from .phases import Setup, host_optimizer_bytes, model_rows, plan_phases
 from .rules import TODAY, EngineRules
 from .units import format_bytes
+from .kv_pool import fit_to_free
 from ..parallel.dims import shard_group_size
 from ..parallel.validate import check_tensor_parallel, slices_sharded
 
@@ -156,3 +159,22 @@ def _why(plan: MemoryPlan, phase: str, category: str) -> str:
     if category == "weights" and plan.ranks > 1 and whole:
         return f"not sharded: {', '.join(whole)} (a LoRA-adapted model's frozen base is whole on every GPU)"
     return ""
+
+
+def rollout_kv_bytes(cfg, device: torch.device, gpus: int, gpus_per_node: int) -> int:
+    """The bytes of KV pool a PPO run allocates on `device`: on CUDA the plan's pool (pool_bytes, by
+    the plan of this run on `gpus` GPUs), shrunk by what the GPU really lacks for the plan's peak
+    (torch.cuda.mem_get_info plus what torch holds already: another process, a larger CUDA context);
+    UsageError when it then holds no full-length sequence. On the CPU: bytes as given, else
+    1 GiB."""
+    from ..inference.llm import CPU_DEFAULT_KV_BYTES
+    budget = cfg.rollout.kv_cache_memory
+    if device.type != "cuda":
+        if isinstance(budget, float):
+            raise UsageError(f"rollout.kv_cache_memory={budget} is a fraction of the GPU's memory: "
+                             f"the run is on {device.type}; give bytes (an int) or auto")
+        return CPU_DEFAULT_KV_BYTES if budget == "auto" else budget
+    total = torch.cuda.get_device_properties(device).total_memory
+    plan = plan_stage(cfg, gpus, total, advise=False, gpus_per_node=gpus_per_node)
+    free, _ = torch.cuda.mem_get_info(device)
+    return fit_to_free(plan.kv_pool, plan.peak, free + torch.cuda.memory_reserved(device))

@@ -1,7 +1,8 @@
 """A memory plan as text (a table per GPU) or as one JSON object."""
 from __future__ import annotations
 
-from .phases import CATEGORIES, MemoryPlan
+from .memory_plan import MemoryPlan
+from .phases import CATEGORIES
 from .units import format_bytes
 
 

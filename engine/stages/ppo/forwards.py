@@ -9,7 +9,7 @@ import torch
 
 from ...parallel import distributed
 from ...data.packing import PackedBatch
-from ...data.prefix_sharing import share_prefixes
+from ...model.prefix_sharing import share_prefixes
 from ...model.invariant import BatchInvariant
 from ...model.lm_head import lm_head_logprobs
 from ...model.moe import replay_of, routing_trace

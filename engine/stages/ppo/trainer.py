@@ -41,7 +41,7 @@ from ...model.hf_io import load_model
 from ...model.reward_model import load_reward_model
 from ...model.causal_lm import CausalLM
 from ...model.peft_io import save_adapter
-from ...plan.kv_pool import rollout_kv_bytes
+from ...plan.planner import rollout_kv_bytes
 from ...model.value_model import LoRACritic, load_value_model, save_value_model, shared_value_head
 from ...parallel import distributed
 from ...train import adapters, optim

@@ -8,7 +8,8 @@ from fusedrl.engine.config import io as config_io
 from fusedrl.engine.config.ppo import GRPOConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.inference.llm import CPU_DEFAULT_KV_BYTES
-from fusedrl.engine.plan.kv_pool import AUTO_HEADROOM, PoolFigures, fit_to_free, rollout_kv_bytes
+from fusedrl.engine.plan.kv_pool import AUTO_HEADROOM, PoolFigures, fit_to_free
+from fusedrl.engine.plan.planner import rollout_kv_bytes
 from fusedrl.engine.plan.report import format_plan, to_json
 
 from test_plan_qwen import CKPT, GB, plan, qwen  # noqa: F401 (the fixture)
