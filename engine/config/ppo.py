@@ -161,7 +161,8 @@ class LoopConfig(RunConfig):
         "read a group's prompt once, followed by its answers, each answer attending to the prompt "
         "and itself (the prompt's gradient summed over its answers); token budgets count the "
         "prompt once; equal to reading every row whole up to rounding; the rollout.exact "
-        "old-log-prob forward reads rows whole", True)
+        "old-log-prob forward reads rows whole. Off by default: its layout reads the device "
+        "~40 times a forward (bench/traffic_ppo.py), where a GPU's small steps pay for each", False)
 
     def __post_init__(self):
         super().__post_init__()

@@ -39,7 +39,7 @@ def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
 
 def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConfig, seed: int,
                      timer: PhaseTimer, sources: Optional[list] = None,
-                     share_prompts: bool = True) -> Samples:
+                     share_prompts: bool = False) -> Samples:
     """r.samples_per_prompt responses per prompt from the policy's current weights (models.actor),
     sampled as `r` says, scored by models.score (and overlong-shaped); `seed` fixes the sampling;
     timed as "generate" and "score". sources: the prompts' rows (each with `.prompt`, as the data
@@ -56,7 +56,7 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
 
 def score_samples(models: PPOModels, prompt_ids: list[list[int]], responses: list[list[int]],
                   sampler_logprobs: torch.Tensor, r: RolloutConfig, timer: PhaseTimer,
-                  sources: list | None = None, share_prompts: bool = True) -> Samples:
+                  sources: list | None = None, share_prompts: bool = False) -> Samples:
     """Generated rows (groups of r.samples_per_prompt; sampler_logprobs [sum of response lengths]
     fp32, row after row) packed and scored by models.score (and overlong-shaped); timed as
     "score". sources: each group's prompt row (sample_and_score's), kept per row and read by the
