@@ -21,15 +21,18 @@ def qwen3_30b_a3b(tmp_path_factory):
     return root
 
 
-def test_qwen3_30b_a3b_grpo_fits_on_one_node_with_attention_lora(qwen3_30b_a3b):
+def test_qwen3_30b_a3b_grpo_on_one_node_takes_the_advice(qwen3_30b_a3b):
+    """In full it does not fit (the rollout gathers the whole policy beside its shards); the advice
+    names a change that does. Attention LoRA alone leaves the rollout at ~72 GB, where the
+    measured prefill activations (activations.py) leave the auto KV pool no room on 80 GB."""
     policy = model_rows(stage_setup(config("grpo", qwen3_30b_a3b), NODE["gpus"]))[0]
     assert policy["parameters"] / 1e9 == pytest.approx(30.53, abs=0.01)
     full = plan("grpo", qwen3_30b_a3b, CKPT, advise=True)
     assert not full.fits and full.total("rollout") == pytest.approx(124.2 * GB, rel=0.01)
     assert full.total("load") < 16 * GB  # each GPU reads only its shards
-    assert any("lora.target_modules=q_proj,k_proj,v_proj,o_proj" in note for note in full.notes)
+    assert any(note.startswith("fits with") for note in full.notes), full.notes
     lora = plan("grpo", qwen3_30b_a3b, CKPT, "lora.rank=64", "lora.target_modules=q_proj,k_proj,v_proj,o_proj")
-    assert lora.fits and lora.peak < 73 * GB  # the prefill activations as measured (activations.py)
+    assert lora.peak < 73 * GB and lora.peak_phase == "rollout"
 
 
 def test_expert_parallel_holds_the_experts_of_its_group(qwen3_30b_a3b):
