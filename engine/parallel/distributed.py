@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import ConfigValueError
 from .dims import ParallelDims
 
 

@@ -213,7 +213,9 @@ def test_a_planted_pickle_never_runs_on_a_fusedrl_sft_resume(base_dir, tmp_path,
     marker = tmp_path / "pwned"
     plant(checkpoint_dir(tmp_path / "run", 2), "earlier", marker)
     capsys.readouterr()
-    assert main(args) == 2  # the same command again: it resumes from the newest checkpoint
+    # The same command, one step longer: it resumes from the newest checkpoint (a run already
+    # complete would change nothing).
+    assert main([*args, "train.max_steps=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trainer_state.pt holds more than tensors and plain data" in err[0]
     assert not marker.exists()
