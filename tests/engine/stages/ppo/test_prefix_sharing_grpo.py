@@ -17,7 +17,7 @@ GROUP = 4
 def grpo(root, policy_dir, prompts, share: bool):
     cfg = GRPOConfig(policy=str(policy_dir), prompts_file=str(prompts),
                      output_dir=str(root / f"share-{share}"),
-                     reward_fn="engine_testing:vowel_fraction",
+                     reward_fn="reward_testing:vowel_fraction",
                      rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=GROUP,
                                            max_new_tokens=6, kv_cache_memory=1 << 22),
                      ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=8, vf_coef=0.0,
