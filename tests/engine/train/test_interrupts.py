@@ -3,6 +3,7 @@ checkpoints off), the command exits 143 / 130 with one line saying how to resume
 then resumes exactly (its final model equal byte for byte to an uninterrupted run's), and a rerun of
 the finished run changes nothing. SFT through a real `fusedrl sft` process writing to a file (also
 the plain progress lines of a log); GRPO in this process, its reward function sending the signal."""
+import dataclasses
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from fusedrl.engine.stages.sft import run_sft
 from fusedrl.engine.train.checkpoint import list_checkpoints
 from fusedrl.engine.train.interrupts import StopRequests
 from fusedrl.engine.train.runlog import read_metrics
-from engine_testing import vowel_fraction
+from reward_testing import vowel_fraction
 from train_testing import demonstrations, save_tiny_model, write_jsonl
 
 STEPS = 12
@@ -107,6 +108,13 @@ def test_sigterm_saves_exits_143_and_the_same_command_resumes_exactly(tmp_path, 
 
 
 def grpo_config(root, policy, prompts, name):
+    """GRPO whose reward functions run in this process (reward.isolation=thread): the test's own
+    function signals the trainer's process."""
+    cfg = _grpo_config(root, policy, prompts, name)
+    return dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, isolation="thread"))
+
+
+def _grpo_config(root, policy, prompts, name):
     return GRPOConfig(policy=str(policy), prompts_file=str(prompts), output_dir=str(root / name),
                       rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3,
                                             max_new_tokens=6, kv_cache_memory=1 << 22),
