@@ -11,7 +11,7 @@ from .ignored import refuse_ignored, rl_rules
 from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
-from .rollout import RolloutConfig
+from .rollout import AUTO_FORWARD_TOKENS, RolloutConfig
 from .train import DATA_SOURCE, OptimConfig, RunConfig
 
 Critic = Literal["separate", "shared", "none"]
@@ -52,12 +52,13 @@ class UpdateConfig:
                                  "rows allow (said at start)", 16)
     microbatch_size: int | None = option("sequences per forward/backward inside a minibatch; gradients are "
                                         "accumulated to the whole minibatch's (None = the minibatch at once)")
-    tokens_per_microbatch: int | None = option("token budget of one forward/backward inside a minibatch: rows "
-                                               "(prompt + response tokens) are packed up to it, so each forward "
-                                               "fills the GPU; it must hold one row (rollout.max_prompt_length + "
-                                               "rollout.max_new_tokens); gradients are the whole minibatch's; "
-                                               "under torchrun every rank runs the most forwards any rank needs "
-                                               "(None = by microbatch_size)")
+    tokens_per_microbatch: int | str | None = option(
+        "token budget of one forward/backward inside a minibatch: rows (prompt + response tokens) are packed "
+        "up to it, so each forward fills the GPU; it must hold one row (rollout.max_prompt_length + "
+        "rollout.max_new_tokens); gradients are the whole minibatch's; under torchrun every rank runs the "
+        "most forwards any rank needs. auto: the minibatch in one forward while minibatch_size full-length "
+        "rows hold at most 16384 tokens, else packed to the larger of 16384 and one row (long answers); "
+        "null or a microbatch_size set = by microbatch_size", "auto")
     clip_eps: float = option("ratio clip: [1 - clip_eps, 1 + clip_eps_high]", 0.2)
     clip_eps_high: float | None = option("upper ratio clip (default: clip_eps)")
     dual_clip: float | None = option("dual-clip bound c > 1 for negative advantages (None = off)")
@@ -94,9 +95,10 @@ class UpdateConfig:
         check(self.epochs >= 1 and self.minibatch_size >= 1, "ppo.epochs and ppo.minibatch_size must be >= 1")
         check(self.microbatch_size is None or self.microbatch_size >= 1,
                f"ppo.microbatch_size must be >= 1 or null, got {self.microbatch_size}")
-        check(self.tokens_per_microbatch is None or self.tokens_per_microbatch >= 1,
-              f"ppo.tokens_per_microbatch must be >= 1 or null, got {self.tokens_per_microbatch}")
-        check(self.tokens_per_microbatch is None or self.microbatch_size is None,
+        check(self.tokens_per_microbatch in (None, "auto") or (isinstance(self.tokens_per_microbatch, int)
+                                                               and self.tokens_per_microbatch >= 1),
+              f"ppo.tokens_per_microbatch must be >= 1, auto or null, got {self.tokens_per_microbatch!r}")
+        check(self.tokens_per_microbatch in (None, "auto") or self.microbatch_size is None,
               f"ppo.tokens_per_microbatch={self.tokens_per_microbatch} and ppo.microbatch_size="
               f"{self.microbatch_size}: set one of them (micro-batches by tokens or by rows)")
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
@@ -209,6 +211,17 @@ class PPOConfig(Loadable):
         "A section apart from `lora`: the critic's rank and targets are tuned apart from the policy's, either can "
         "be LoRA alone, and lora-only runs and their checkpoints keep their full critic", factory=LoRAConfig)
 
+    @property
+    def microbatch_tokens(self) -> int | None:
+        """ppo.tokens_per_microbatch resolved (None: micro-batches by ppo.microbatch_size); auto packs
+        by tokens only where minibatch_size full-length rows pass AUTO_FORWARD_TOKENS."""
+        p, longest = self.ppo, self.rollout.max_prompt_length + self.rollout.max_new_tokens
+        if p.tokens_per_microbatch != "auto":
+            return p.tokens_per_microbatch
+        if p.microbatch_size is not None or p.minibatch_size * longest <= AUTO_FORWARD_TOKENS:
+            return None
+        return max(AUTO_FORWARD_TOKENS, longest)
+
     def reward_fns(self) -> list[str]:
         """reward_fn's specs: its list, or its comma-separated string cut ([] without one)."""
         if self.reward_fn is None:
@@ -259,7 +272,7 @@ class PPOConfig(Loadable):
         check(not self.rollout.dynamic_sampling or grouped,
               "rollout.dynamic_sampling drops groups of equal scores: it needs a group estimator (ppo.estimator)")
         longest = self.rollout.max_prompt_length + self.rollout.max_new_tokens
-        check(self.ppo.tokens_per_microbatch is None or self.ppo.tokens_per_microbatch >= longest,
+        check(self.ppo.tokens_per_microbatch in (None, "auto") or self.ppo.tokens_per_microbatch >= longest,
               f"ppo.tokens_per_microbatch={self.ppo.tokens_per_microbatch} must hold one row: rollout."
               f"max_prompt_length + rollout.max_new_tokens = {longest} tokens")
         refuse_ignored(rl_rules(self), self)

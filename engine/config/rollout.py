@@ -8,6 +8,10 @@ from typing import Literal
 
 from .fields import check, check_fields, option
 
+# A forward's token budget at auto (rollout.tokens_per_forward, ppo.tokens_per_microbatch): this many
+# tokens, or one full-length row where a row is longer.
+AUTO_FORWARD_TOKENS = 16384
+
 EnvErrors = Literal["skip", "fail"]
 
 
@@ -42,11 +46,12 @@ class RolloutConfig:
                                       "rollout, so CUDA graphs stay on; costs one whole policy per GPU kept through "
                                       "training (none with train.data_parallel=replicate, whose shards are whole)",
                                       False)
-    tokens_per_forward: int | None = option("token budget of one scoring forward (reward model, reference, old "
-                                            "log-probs, values): a rank's rows are cut, in order, into forwards "
-                                            "of at most this many tokens, so none holds more activations; it "
-                                            "must hold one row (max_prompt_length + max_new_tokens); null = all "
-                                            "rows at once", 16384)
+    tokens_per_forward: int | str | None = option("token budget of one scoring forward (reward model, reference, "
+                                                  "old log-probs, values): a rank's rows are cut, in order, into "
+                                                  "forwards of at most this many tokens, so none holds more "
+                                                  "activations; it must hold one row (max_prompt_length + "
+                                                  "max_new_tokens); auto = the larger of 16384 and one row; "
+                                                  "null = all rows at once", "auto")
     block_size: int = option("tokens per KV block", 16)
     exact: bool = option("exact on-policy: generation and the old-log-prob forward run batch-invariant "
                          "fixed-order ops, so the sampler's log-probs equal the training forward's bit for "
@@ -106,6 +111,13 @@ class RolloutConfig:
         rows = self.prompts_per_iteration * self.samples_per_prompt
         return 2 * rows if self.partial_rollouts else rows
 
+    @property
+    def forward_tokens(self) -> int | None:
+        """tokens_per_forward resolved: auto is the larger of 16384 and one full-length row."""
+        if self.tokens_per_forward == "auto":
+            return max(AUTO_FORWARD_TOKENS, self.max_prompt_length + self.max_new_tokens)
+        return self.tokens_per_forward
+
     def __post_init__(self):
         check_fields(self, "rollout.")
         for name in ("prompts_per_iteration", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
@@ -124,9 +136,10 @@ class RolloutConfig:
               "bitwise old log-probs cannot reproduce; dynamic sampling draws whole groups again)")
         self._check_multi_turn()
         longest = self.max_prompt_length + self.max_new_tokens
-        check(self.tokens_per_forward is None or self.tokens_per_forward >= longest,
-              f"rollout.tokens_per_forward={self.tokens_per_forward} must hold one row: rollout.max_prompt_length "
-              f"+ rollout.max_new_tokens = {longest} tokens (or null)")
+        check(self.tokens_per_forward in (None, "auto") or (isinstance(self.tokens_per_forward, int)
+                                                            and self.tokens_per_forward >= longest),
+              f"rollout.tokens_per_forward={self.tokens_per_forward!r} must hold one row: rollout.max_prompt_length "
+              f"+ rollout.max_new_tokens = {longest} tokens (or be auto or null)")
         check(self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}")
         check(self.top_k >= 0 and 0 < self.top_p <= 1, "rollout.top_k must be >= 0 and rollout.top_p in (0, 1]")
         check(0 <= self.overlong_buffer < self.max_new_tokens and self.overlong_penalty >= 0,

@@ -33,7 +33,8 @@ from .rules import EngineRules
 
 PHASES = ("load", "rollout", "scoring", "update", "export")
 CATEGORIES = ("weights", "grads", "optimizer", "kv_pool", "gathered", "activations")
-# LLM's default prefill chunk (engine/inference/llm.py), raised to max_model_len by the scheduler.
+# LLM's default prefill budget (max_num_batched_tokens, engine/inference/llm.py): a step's prompts
+# hold at most this many tokens, bar one longer sequence alone (rollout.prefill_chunk cuts it).
 PREFILL_TOKENS = 16384
 
 
@@ -338,8 +339,11 @@ def ppo_phases(s: Setup) -> dict:
 
     gathered = generation_gathered(s, policy)
     c = policy.config
-    # The engine's batch: RolloutConfig.max_rows (partial rollouts run their groups in flight).
-    prefill = min(max(PREFILL_TOKENS, c.max_model_len), r.max_rows * r.max_prompt_length)
+    # The engine's batch: RolloutConfig.max_rows (partial rollouts run their groups in flight and
+    # prefill a carried answer again); a lone sequence up to max_model_len, or a prefill_chunk.
+    alone = min(r.prefill_chunk or c.max_model_len, c.max_model_len)
+    prefilled = r.max_rows * (longest if r.partial_rollouts else r.max_prompt_length)
+    prefill = min(max(PREFILL_TOKENS, alone), prefilled)
     # fp32 logits of a decode step and the sampler's work copy
     sampler_logits = 2 * 4 * r.max_rows * c.vocab_size
     rollout = {**base, "gathered": gathered,
@@ -350,7 +354,7 @@ def ppo_phases(s: Setup) -> dict:
     forwarded, shared_keys = shared_prefix_tokens(rows, r.samples_per_prompt, r.max_prompt_length,
                                                   r.max_new_tokens, sharing)
     # rollout.tokens_per_forward: each scoring forward holds at most that many forwarded tokens.
-    scored = min(forwarded, r.tokens_per_forward or forwarded)
+    scored = min(forwarded, r.forward_tokens or forwarded)
 
     def scoring_cost(part: Part) -> tuple[int, int]:
         # The batch-invariant forward reads the policy whole: gathered, or its persistent buffers.
@@ -363,7 +367,7 @@ def ppo_phases(s: Setup) -> dict:
     scoring = {**base, "gathered": gathered_s, "activations": act_s}
 
     # A micro-batch of rows may hold one row per group (minibatches draw random rows): whole rows.
-    tokens = p.tokens_per_microbatch or (p.microbatch_size or p.minibatch_size) * longest
+    tokens = s.cfg.microbatch_tokens or (p.microbatch_size or p.minibatch_size) * longest
     critic = _critic_decoder(s)
     update = update_phase(s, tokens, [policy] + ([critic] if critic else []), shared_keys)
     export = {**base, "gathered": export_gathered(s, [policy, *_role(s, "critic")])}

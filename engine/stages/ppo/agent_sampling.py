@@ -69,7 +69,7 @@ def sample_trajectories(models: PPOModels, agents: Agents, sources: list, r: Rol
         scores = torch.tensor([t.reward for t in trajectories], dtype=torch.float32, device=device)
         if models.score is not None:  # the trajectory after its prompt is the completion
             scores = scores + score_rows(models.score, prompt_ids, responses, packed,
-                                         r.tokens_per_forward, per_row, models.ranks
+                                         r.forward_tokens, per_row, models.ranks
                                          ).float().to(device)
     samples = Samples(prompt_ids, responses, packed, packed.to_grid(logprobs.to(device)), scores,
                       r.samples_per_prompt, per_row)

@@ -47,7 +47,7 @@ class ExperienceSettings:
     def of(cls, cfg: PPOConfig) -> "ExperienceSettings":
         r, w, p = cfg.rollout, cfg.reward, cfg.ppo
         return cls(r.temperature, r.exact, w.kl_estimator, w.normalize, w.clip, p.estimator, p.gamma, p.lam,
-                   p.whiten_advantages, r.tokens_per_forward)
+                   p.whiten_advantages, r.forward_tokens)
 
 
 @dataclass

@@ -69,7 +69,7 @@ def score_samples(models: PPOModels, prompt_ids: list[list[int]], responses: lis
         packed = packed._replace(routing=models.actor.last_routing.to(device))
     rows = None if sources is None else [p for p in sources for _ in range(r.samples_per_prompt)]
     with timer.phase("score"), torch.no_grad():
-        scores = score_rows(models.score, prompt_ids, responses, packed, r.tokens_per_forward,
+        scores = score_rows(models.score, prompt_ids, responses, packed, r.forward_tokens,
                             rows, models.ranks).float().to(device)    # [R]
     lengths = torch.tensor([len(x) for x in responses], device=scores.device)
     scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer, r.overlong_penalty)

@@ -51,9 +51,11 @@ class UpdateSettings:
     @classmethod
     def of(cls, cfg: PPOConfig) -> "UpdateSettings":
         """ppo.is_mode resolved: null is tis with rollout.partial_rollouts (a carried answer's
-        tokens were drawn by older weights), else off; off is None, as the loss kernels read it."""
+        tokens were drawn by older weights), else off; off is None, as the loss kernels read it;
+        ppo.tokens_per_microbatch resolved (auto: PPOConfig.microbatch_tokens)."""
         mode = cfg.ppo.is_mode or ("tis" if cfg.rollout.partial_rollouts else "off")
-        ppo = dataclasses.replace(cfg.ppo, is_mode=None if mode == "off" else mode)
+        ppo = dataclasses.replace(cfg.ppo, is_mode=None if mode == "off" else mode,
+                                  tokens_per_microbatch=cfg.microbatch_tokens)
         norm = cfg.ppo.loss_agg_norm or cfg.rollout.max_new_tokens
         return cls(ppo, cfg.rollout.temperature, norm, cfg.moe)
 

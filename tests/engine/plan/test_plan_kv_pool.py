@@ -14,9 +14,8 @@ from fusedrl.engine.plan.report import format_plan, to_json
 
 from test_plan_qwen import CKPT, GB, plan, qwen  # noqa: F401 (the fixture)
 
-# 16k-token answers: the token budgets of one forward hold one 256 + 16384-token row.
-LONG = ("rollout.max_new_tokens=16384", "rollout.tokens_per_forward=16640",
-        "ppo.tokens_per_microbatch=16640", CKPT)
+# 16k-token answers; the token budgets of one forward (auto) grow to one 256 + 16384-token row.
+LONG = ("rollout.max_new_tokens=16384", CKPT)
 QWEN7B_KV_PER_TOKEN = 2 * 28 * 4 * 128 * 2  # K and V, 28 layers, 4 kv heads of 128, bf16: 57 KiB
 
 
@@ -48,6 +47,28 @@ def test_the_auto_pool_fits_at_least_8_full_length_sequences(qwen):
     assert released.kv_pool.bytes >= pool.bytes and released.phases["update"]["kv_pool"] == 0
 
 
+def test_the_forward_budgets_default_to_one_full_length_row(qwen):
+    """auto: a scoring forward and an update micro-batch hold 16384 tokens or one longer row; the
+    update's micro-batches go by tokens only where minibatch_size full rows pass 16384."""
+    long = grpo(max_new_tokens=16384)
+    assert long.rollout.tokens_per_forward == "auto" == long.ppo.tokens_per_microbatch
+    assert long.rollout.forward_tokens == 16640 == long.microbatch_tokens
+    short = grpo()  # 16 rows of 256 + 64 tokens: 5120, the minibatch in one forward as before
+    assert short.rollout.forward_tokens == 16384 and short.microbatch_tokens is None
+    assert grpo(max_new_tokens=16384, tokens_per_forward=None).rollout.forward_tokens is None
+    rows = config_io.from_dict(GRPOConfig, {**_REQUIRED, "rollout": {"max_new_tokens": 16384},
+                                            "ppo": {"microbatch_size": 2}})
+    assert rows.microbatch_tokens is None  # a microbatch_size set: micro-batches by rows
+    for bad in ("lots", 16000):
+        with pytest.raises(ValueError, match="rollout.tokens_per_forward=.* must hold one row"):
+            grpo(max_new_tokens=16384, tokens_per_forward=bad)
+    # The old fixed budgets do not hold a 16k row: an explicit 16384 is refused, auto plans one row.
+    with pytest.raises(UsageError, match="ppo.tokens_per_microbatch=16384 must hold one row"):
+        plan("grpo", qwen["7B"], *LONG, "ppo.tokens_per_microbatch=16384")
+    update = plan("grpo", qwen["7B"], *LONG).phases["update"]["activations"]
+    assert update == plan("grpo", qwen["7B"], *LONG, "ppo.tokens_per_microbatch=16640").phases["update"]["activations"]
+
+
 def test_a_fraction_of_the_gpu_and_the_engine_cap(qwen):
     quarter = plan("grpo", qwen["7B"], *LONG, "rollout.kv_cache_memory=0.25").kv_pool
     assert 20 * GB - QWEN7B_KV_PER_TOKEN * 16 < quarter.bytes <= 20 * GB
@@ -73,9 +94,11 @@ def test_the_free_memory_check_shrinks_the_pool_or_refuses():
         fit_to_free(pool, planned_peak=50 * GB, capacity=50 * GB - 1024 * 950)
 
 
+_REQUIRED = {"policy": "p", "prompts_file": "f", "output_dir": "o", "reward_fn": "m:f"}
+
+
 def grpo(**rollout):
-    return config_io.from_dict(GRPOConfig, {"policy": "p", "prompts_file": "f", "output_dir": "o",
-                                            "reward_fn": "m:f", "rollout": rollout})
+    return config_io.from_dict(GRPOConfig, {**_REQUIRED, "rollout": rollout})
 
 
 def test_kv_cache_memory_values():

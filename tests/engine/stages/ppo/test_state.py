@@ -31,8 +31,10 @@ def test_settings_take_the_fields_their_job_reads():
                     reward=RewardConfig(kl_estimator="k3", normalize=True, clip=5.0),
                     ppo=UpdateConfig(estimator="reinforce", gamma=0.9, lam=0.8, whiten_advantages=False))
     assert ExperienceSettings.of(cfg) == ExperienceSettings(0.7, True, "k3", True, 5.0, "reinforce", 0.9, 0.8, False,
-                                                            cfg.rollout.tokens_per_forward)
+                                                            16384)  # tokens_per_forward=auto
     update = UpdateSettings.of(cfg)
-    assert (update.ppo, update.temperature, update.loss_agg_norm) == (cfg.ppo, 0.7, 24)  # the norm's default
+    # tokens_per_microbatch=auto: 16 rows of 256 + 24 tokens go in one forward (by microbatch_size)
+    assert (update.ppo, update.temperature, update.loss_agg_norm) == (
+        dataclasses.replace(cfg.ppo, tokens_per_microbatch=None), 0.7, 24)  # the norm's default
     norm = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, loss_agg_norm=100.0))
     assert UpdateSettings.of(norm).loss_agg_norm == 100.0
