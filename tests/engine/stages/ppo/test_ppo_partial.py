@@ -72,3 +72,19 @@ def test_partial_rollouts_turn_the_is_correction_on_and_refuse_what_cannot_carry
     assert wanted == [32, 22, 16, 2, 0]
     with pytest.raises(ValueError, match="partial_rollouts=true with rollout.dynamic_sampling"):
         RolloutConfig(partial_rollouts=True, exact=True)
+
+
+def test_two_ranks_carry_answers_and_train_whole_groups_in_step(setup):
+    """torchrun, 2 gloo ranks, each with its own prompts and the one-process test's budget: both
+    cut every answer in iteration 1 (carried, nothing trained: the ranks agree the iteration is
+    over) and both train two whole groups in iteration 2, no token older than max_staleness."""
+    from dist_testing import check, torchrun
+    root, policy_dir, prompts = setup
+    check(torchrun("grpo", grpo(root, policy_dir, prompts, "ranks", max_staleness=1), root, timeout=600))
+    rows = read_metrics(root / "ranks")
+    assert rows[0]["world_size"] == 2
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [(r["carried"], r["groups_trained"]) for r in train] == [(24, 0), (0, 4)], train
+    assert [r["staleness_max"] for r in train] == [0, 1] and "policy_loss" in train[1]
+    assert all(r["dropped_answers"] == 0 for r in train)
+    assert (root / "ranks" / "final" / "config.json").exists()
