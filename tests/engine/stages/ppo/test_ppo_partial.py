@@ -88,3 +88,32 @@ def test_two_ranks_carry_answers_and_train_whole_groups_in_step(setup):
     assert [r["staleness_max"] for r in train] == [0, 1] and "policy_loss" in train[1]
     assert all(r["dropped_answers"] == 0 for r in train)
     assert (root / "ranks" / "final" / "config.json").exists()
+
+
+@pytest.mark.parametrize("policy", ["lora", "moe"])
+def test_lora_and_moe_policies_carry_answers(setup, tmp_path, policy):
+    """Partial rollouts with LoRA adapters (the sampler generates through them) and with an MoE
+    policy (routing replay off: a carried answer's expert records do not carry, refused in one
+    line with it on) carry every answer over iteration 1 and train whole groups in iteration 2."""
+    import dataclasses
+    from fusedrl.engine.config.lora import LoRAConfig
+    from fusedrl.engine.errors import UsageError
+    from fusedrl.engine.stages.ppo.trainer import run_ppo
+    from moe_testing import make_moe_model
+    from train_testing import make_tokenizer
+    root, policy_dir, prompts = setup
+    if policy == "moe":
+        policy_dir = tmp_path / "moe-policy"
+        make_moe_model("qwen3_moe").save_pretrained(policy_dir)
+        make_tokenizer().save_pretrained(policy_dir)
+    cfg = grpo(tmp_path, policy_dir, prompts, policy, max_staleness=1)
+    if policy == "lora":
+        cfg = dataclasses.replace(cfg, lora=LoRAConfig(rank=4))
+    else:
+        with pytest.raises(UsageError, match="partial_rollouts=true with a mixture-of-experts policy"):
+            run_ppo(cfg)
+        cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, routing_replay=False))
+    run_ppo(cfg)
+    train = [r for r in read_metrics(tmp_path / policy) if r["kind"] == "train"]
+    assert [(r["carried"], r["groups_trained"]) for r in train] == [(12, 0), (0, 2)], train
+    assert "policy_loss" in train[1]
