@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -50,32 +51,33 @@ class PaddedPlan:
 
 
 def plan_groups(seqlens_q: list[int], seqlens_k: list[int], device) -> PaddedPlan:
-    """Group sequences by the next powers of two of (Lq, Lk); the index arithmetic is vectorized."""
-    len_q, len_k = torch.tensor(seqlens_q, dtype=torch.int64), torch.tensor(seqlens_k, dtype=torch.int64)
-    if len_q.numel() == 0 or len_q.shape != len_k.shape or len_q.min() < 1 or (len_k < len_q).any():
+    """Group sequences by the next powers of two of (Lq, Lk). The index arithmetic runs on the host
+    in NumPy (the lengths are host lists): the device only receives the finished index tensors."""
+    len_q, len_k = np.asarray(seqlens_q, dtype=np.int64), np.asarray(seqlens_k, dtype=np.int64)
+    if len_q.size == 0 or len_q.shape != len_k.shape or len_q.min() < 1 or (len_k < len_q).any():
         raise ValueError(f"need 1 <= seqlens_q <= seqlens_k per sequence, got {seqlens_q} and {seqlens_k}")
-    q_starts = len_q.cumsum(0) - len_q
-    # ceil(log2(L)) is below 64, so the pair makes one integer key for torch.unique.
-    _, group_of_seq = torch.unique(_ceil_log2(len_q) * 64 + _ceil_log2(len_k), return_inverse=True)
+    q_starts = np.cumsum(len_q) - len_q
+    # ceil(log2(L)) is below 64, so the pair makes one integer key (np.unique sorts the keys).
+    _, group_of_seq = np.unique(_ceil_log2(len_q) * 64 + _ceil_log2(len_k), return_inverse=True)
     groups, q_rows, key_seq_ids, key_positions, real = [], [], [], [], []
     for g in range(int(group_of_seq.max()) + 1):
-        seq_ids = (group_of_seq == g).nonzero().squeeze(1)  # [b]
+        seq_ids = np.flatnonzero(group_of_seq == g)  # [b]
         lq, lk = len_q[seq_ids, None], len_k[seq_ids, None]  # [b, 1]
-        rows_q, rows_k = torch.arange(int(lq.max()))[None], torch.arange(int(lk.max()))[None]
-        q_rows.append((q_starts[seq_ids, None] + torch.minimum(rows_q, lq - 1)).flatten())
-        real.append((rows_q < lq).flatten())
-        key_seq_ids.append(seq_ids.repeat_interleave(rows_k.shape[1]))
-        key_positions.append(torch.minimum(rows_k, lk - 1).flatten())
-        offsets = (lk - lq).squeeze(1)
+        rows_q, rows_k = np.arange(lq.max())[None], np.arange(lk.max())[None]
+        q_rows.append((q_starts[seq_ids, None] + np.minimum(rows_q, lq - 1)).ravel())
+        real.append((rows_q < lq).ravel())
+        key_seq_ids.append(np.repeat(seq_ids, rows_k.shape[1]))
+        key_positions.append(np.minimum(rows_k, lk - 1).ravel())
+        offsets = (lk - lq)[:, 0]
         groups.append(_Group(len(seq_ids), rows_q.shape[1], rows_k.shape[1],
-                             offsets.to(device) if offsets.any() else None))
-    q_rows, real = torch.cat(q_rows), torch.cat(real)
-    padded_of_real = real.nonzero().squeeze(1)  # padded rows that are real, in group order
-    out_rows = torch.empty(int(len_q.sum()), dtype=torch.int64)
+                             _long(offsets, device) if offsets.any() else None))
+    q_rows, real = np.concatenate(q_rows), np.concatenate(real)
+    padded_of_real = np.flatnonzero(real)  # padded rows that are real, in group order
+    out_rows = np.empty(int(len_q.sum()), dtype=np.int64)
     out_rows[q_rows[padded_of_real]] = padded_of_real
-    return PaddedPlan(groups, q_rows.to(device), torch.cat(key_seq_ids).to(device),
-                      torch.cat(key_positions).to(device), (len_k.cumsum(0) - len_k).to(device),
-                      out_rows.to(device))
+    return PaddedPlan(groups, _long(q_rows, device), _long(np.concatenate(key_seq_ids), device),
+                      _long(np.concatenate(key_positions), device), _long(np.cumsum(len_k) - len_k, device),
+                      _long(out_rows, device))
 
 
 def packed_causal_attention(q, k, v, plan: PaddedPlan, scale: float):
@@ -126,6 +128,11 @@ def _grouped_attention(q, keys, values, key_rows, plan: PaddedPlan, scale: float
     return torch.cat(outs).index_select(0, plan.out_rows)
 
 
-def _ceil_log2(lengths: torch.Tensor) -> torch.Tensor:
+def _ceil_log2(lengths: np.ndarray) -> np.ndarray:
     """ceil(log2(L)) of positive int64 lengths (exact: float64 holds powers of two exactly)."""
-    return torch.log2(lengths.double()).ceil().long()
+    return np.ceil(np.log2(lengths.astype(np.float64))).astype(np.int64)
+
+
+def _long(values: np.ndarray, device) -> torch.Tensor:
+    """A host index array as an int64 tensor on `device` (one copy)."""
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device)
