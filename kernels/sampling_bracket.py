@@ -136,13 +136,15 @@ def _merge_kernel(
     _, z_key, _ = lanes_reduce(c_max, tl.load(stat_ptr + here * 4 + 2, mask=live, other=0.0), no_entropy, False)
     top_key = tl.max(tl.load(arg_ptr + here * 5 + 1, mask=live, other=-32768))
     greedy_token = tl.min(tl.where(c_max == m, tl.load(arg_ptr + here * 5, mask=live, other=0), 2147483647))
-    c_score = tl.load(stat_ptr + here * 4 + 3, mask=live, other=float("-inf"))  # plain draws only
-    drawn = tl.min(tl.where(c_score == tl.max(c_score), tl.load(arg_ptr + here * 5 + 2, mask=live, other=0),
-                            2147483647))
     if greedy:
         tl.store(token_ptr + row, greedy_token.to(tl.int64))
         tl.store(logprob_ptr + row, -tl.log(z))  # the max's own log-prob: 0 - log sum exp(s - max)
     if (greedy == 0) & (second == 0):  # a plain draw: done but for the token's scaled logit, added by _finish
+        # The chunks wrote their best Gumbel score and its token for plain draws only: read them
+        # here, never the unwritten workspace of other rows.
+        c_score = tl.load(stat_ptr + here * 4 + 3, mask=live, other=float("-inf"))
+        drawn = tl.min(tl.where(c_score == tl.max(c_score), tl.load(arg_ptr + here * 5 + 2, mask=live, other=0),
+                                2147483647))
         tl.store(token_ptr + row, drawn.to(tl.int64))
         tl.store(logprob_ptr + row, -m - tl.log(z))
     if second:

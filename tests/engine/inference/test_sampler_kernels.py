@@ -367,3 +367,25 @@ def test_an_extreme_inverse_temperature_draws_the_argmax_without_warnings(dtype)
             tokens, logprobs = draw(logits, *args)
         assert torch.equal(tokens, winners), draw.__name__
         torch.testing.assert_close(logprobs, torch.zeros_like(logprobs))
+
+
+@needs_triton
+def test_workspace_left_unwritten_is_never_read(monkeypatch):
+    """The sampler's workspace comes from torch.empty, whose memory holds whatever was there: a
+    chunk writes its plain-draw slots (best Gumbel score, its token) for plain rows only, so the
+    merge must not read them for greedy or cut rows. Poisoned with NaN (and -1 for ints), a mixed
+    batch draws what a clean one draws, with no warning."""
+    batch = mixed_batch(CHUNK + 5, torch.float32)  # 2 chunks a row: no masked lane beside them
+    clean = sample_triton(*batch)
+    empty = torch.empty
+
+    def poisoned(*size, dtype=None, **kwargs):
+        out = empty(*size, dtype=dtype, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else -1)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokens, logprobs = sample_triton(*batch)
+    monkeypatch.undo()
+    assert torch.equal(tokens, clean[0])
+    torch.testing.assert_close(logprobs, clean[1], rtol=0, atol=0)
