@@ -92,7 +92,8 @@ def test_peft_sequence_classifier_adapters_load_into_our_reward_model(base_dir, 
     with torch.no_grad():
         ours = rm.rewards(torch.tensor(sum(prompts, [])), LENGTHS)
         expected = torch.stack([tuned(torch.tensor([p])).logits[0, 0] for p in prompts])
-    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    # The head is drawn from the global generator: rewards of order 10, fp32 rounding relative to them.
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ModelError, match="needs a reward model, got a CausalLM without 'score'"):
         load_adapter(load_model(base_dir), tmp_path / "adapter")
 
