@@ -158,17 +158,24 @@ class LoopConfig(RunConfig):
                                   "(non-blocking, the next one prefetched) for its all-gather and freed after "
                                   "(FSDP2's CPUOffloadPolicy; a reward model that is the LoRA critic's trunk "
                                   "stays)", False)
-    prefix_sharing: bool = option(
+    prefix_sharing: bool | str = option(
         "the scoring forwards (reward model, reference, old log-probs, values) and the update "
         "read a group's prompt once, followed by its answers, each answer attending to the prompt "
         "and itself (the prompt's gradient summed over its answers); token budgets count the "
         "prompt once; equal to reading every row whole up to rounding; the rollout.exact "
-        "old-log-prob forward reads rows whole. Off by default: its layout reads the device "
-        "~40 times a forward (bench/traffic_ppo.py), where a GPU's small steps pay for each", False)
+        "old-log-prob forward reads rows whole. auto: on wherever the layout runs; true: on, "
+        "refused in one line where it does not; false: every row read whole", "auto")
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """train.prefix_sharing resolved: auto is on wherever the shared layout runs."""
+        return self.prefix_sharing in (True, "auto")
 
     def __post_init__(self):
         super().__post_init__()
         check(self.iterations >= 1, f"train.iterations must be >= 1, got {self.iterations}")
+        check(self.prefix_sharing in (True, False, "auto"),
+              f"train.prefix_sharing must be true, false or auto, got {self.prefix_sharing!r}")
 
 
 @dataclass

@@ -22,6 +22,18 @@ from __future__ import annotations
 from ..model.config import ModelConfig
 
 LOGIT_CHUNK = 1 << 27  # kernels/linear_logprobs.py: CHUNK_ELEMENTS, elements of logits in one chunk
+# LLM's default prefill budget (max_num_batched_tokens, engine/inference/llm.py): a step's prompts
+# hold at most this many tokens, bar one longer sequence alone (rollout.prefill_chunk cuts it).
+PREFILL_TOKENS = 16384
+
+
+def rollout_prefill_tokens(r, max_model_len: int) -> int:
+    """Tokens of the rollout's largest prefill forward (r: a RolloutConfig): the engine's batch
+    (r.max_rows; partial rollouts prefill a carried answer again) within the prefill budget, or a
+    lone sequence up to max_model_len (a prefill_chunk where set)."""
+    alone = min(r.prefill_chunk or max_model_len, max_model_len)
+    prefilled = r.max_rows * (r.max_prompt_length + (r.max_new_tokens if r.partial_rollouts else 0))
+    return min(max(PREFILL_TOKENS, alone), prefilled)
 
 
 def _widths(c: ModelConfig) -> tuple[int, int, int, int]:

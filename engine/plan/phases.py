@@ -26,16 +26,13 @@ import torch
 from ..model.causal_lm import CausalLM
 from ..model.reward_model import RewardModel
 from ..model.value_model import ValueModel
-from .activations import forward_activations, shared_prefix_tokens, training_activations
+from .activations import forward_activations, rollout_prefill_tokens, shared_prefix_tokens, training_activations
 from .model_bytes import Part, local_numel, param_bytes, unique_params, unit_bytes
 from .kv_pool import PoolFigures, held_in, pool_bytes, pool_figures
 from .rules import EngineRules
 
 PHASES = ("load", "rollout", "scoring", "update", "export")
 CATEGORIES = ("weights", "grads", "optimizer", "kv_pool", "gathered", "activations")
-# LLM's default prefill budget (max_num_batched_tokens, engine/inference/llm.py): a step's prompts
-# hold at most this many tokens, bar one longer sequence alone (rollout.prefill_chunk cuts it).
-PREFILL_TOKENS = 16384
 
 
 @dataclass
@@ -339,18 +336,14 @@ def ppo_phases(s: Setup) -> dict:
 
     gathered = generation_gathered(s, policy)
     c = policy.config
-    # The engine's batch: RolloutConfig.max_rows (partial rollouts run their groups in flight and
-    # prefill a carried answer again); a lone sequence up to max_model_len, or a prefill_chunk.
-    alone = min(r.prefill_chunk or c.max_model_len, c.max_model_len)
-    prefilled = r.max_rows * (longest if r.partial_rollouts else r.max_prompt_length)
-    prefill = min(max(PREFILL_TOKENS, alone), prefilled)
+    prefill = rollout_prefill_tokens(r, c.max_model_len)
     # fp32 logits of a decode step and the sampler's work copy
     sampler_logits = 2 * 4 * r.max_rows * c.vocab_size
     rollout = {**base, "gathered": gathered,
                "activations": forward_activations(c, elem, prefill, lm_head=False) + sampler_logits}
 
     # train.prefix_sharing: a forward reads each group's prompt once, gathers its keys per answer.
-    sharing = s.cfg.train.prefix_sharing
+    sharing = s.cfg.train.shares_prefixes
     forwarded, shared_keys = shared_prefix_tokens(rows, r.samples_per_prompt, r.max_prompt_length,
                                                   r.max_new_tokens, sharing)
     # rollout.tokens_per_forward: each scoring forward holds at most that many forwarded tokens.

@@ -348,7 +348,7 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
                                      models.ranks),
                 lambda batch, seed: sample_and_score(models, [p.ids for p in batch], cfg.rollout,
                                                      seed, timer, sources=batch,
-                                                     share_prompts=cfg.train.prefix_sharing),
+                                                     share_prompts=cfg.train.shares_prefixes),
                 cfg.rollout, seed, models.ranks)
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
                                   timer)

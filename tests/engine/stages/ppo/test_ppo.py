@@ -53,7 +53,7 @@ def rollout_of(models, prompts, cfg, kl_coef, seed=0):
     """Sample, score and build the rollout of `prompts`, as one iteration does."""
     timer = PhaseTimer(torch.device("cpu"))
     samples = sample_and_score(models, prompts, cfg.rollout, seed, timer,
-                               share_prompts=cfg.train.prefix_sharing)
+                               share_prompts=cfg.train.shares_prefixes)
     experience = make_rollout(models, samples, ExperienceSettings.of(cfg), kl_coef, RunningMoments(), timer)
     return experience.rollout, experience.metrics
 
