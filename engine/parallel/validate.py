@@ -20,7 +20,8 @@ def validate(cfg, gpus: int, gpus_per_node: int | None = None) -> None:
     FSDP2's CPU offload of sharded state), train.optimizer_offload beside LoRA adapters or copied
     tensor slices, train.tensor_parallel > 1 beside what does not run tensor-parallel
     (tensor_parallel_gaps) or beside train.data_parallel=hybrid, train.expert_parallel beside what it
-    does not run with (refuse_expert_parallel), rollout.persistent_weights where nothing is gathered
+    does not run with (refuse_expert_parallel), train.context_parallel beside what it does not run
+    with (refuse_context_parallel), rollout.persistent_weights where nothing is gathered
     (one process, tensor slices copied), and train.data_parallel=hybrid with a shard group that does
     not divide the ranks (ConfigValueError; a node holds `gpus_per_node` of them, default torchrun's
     LOCAL_WORLD_SIZE)."""
@@ -45,6 +46,7 @@ def validate(cfg, gpus: int, gpus_per_node: int | None = None) -> None:
         raise UsageError(f"train.tensor_parallel={t} with {', '.join(unsupported)}: not supported tensor-parallel "
                          "(SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)")
     refuse_expert_parallel(cfg, gpus)
+    refuse_context_parallel(cfg, gpus)
     copies = t > 1 and not slices_sharded(cfg, gpus)  # slices read where they lie
     if getattr(getattr(cfg, "rollout", None), "persistent_weights", False) and (gpus == 1 or copies):
         where = ("one process" if gpus == 1 else f"train.tensor_parallel={t} on {gpus} GPUs at train.data_parallel="
@@ -107,6 +109,32 @@ def refuse_expert_parallel(cfg, gpus: int) -> None:
                else None)
     if problem is not None:
         raise UsageError(f"train.expert_parallel={e}: {problem}")
+
+
+def refuse_context_parallel(cfg, gpus: int) -> None:
+    """UsageError (one line) for a train.context_parallel C > 1 the engine does not run: C not
+    dividing the ranks, beside tensor or expert parallelism, train.data_parallel other than shard,
+    LoRA, an MoE model (its router losses are per forward), prefix sharing or rollout.exact (their
+    forwards read whole rows), or a stage other than SFT."""
+    c = cfg.train.context_parallel
+    if c == 1:
+        return
+    from ..model.hf_io import load_config
+    model = cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
+    others = {"train.tensor_parallel": cfg.train.tensor_parallel, "train.expert_parallel": cfg.train.expert_parallel,
+              "lora.rank": cfg.lora.rank, "train.prefix_sharing": getattr(cfg.train, "prefix_sharing", False),
+              "rollout.exact": getattr(getattr(cfg, "rollout", None), "exact", False)}
+    beside = [f"{name}={value}" for name, value in others.items() if value not in (1, 0, False)]
+    if cfg.train.data_parallel != "shard":
+        beside.append(f"train.data_parallel={cfg.train.data_parallel}")
+    problem = ("only SFT trains context-parallel yet" if not isinstance(cfg, SFTConfig)
+               else f"expected a divisor of the world size {gpus} (context groups of C ranks)" if gpus % c
+               else f"not supported beside {', '.join(beside)} (expected train.tensor_parallel=1, "
+                    "train.expert_parallel=1, lora.rank=0, train.data_parallel=shard)" if beside
+               else f"{model} is an MoE model (its router losses are per forward): not supported"
+               if load_config(model).moe is not None else None)
+    if problem is not None:
+        raise UsageError(f"train.context_parallel={c}: {problem}")
 
 
 def fitting_sizes(world: int, config: ModelConfig) -> list[int]:
