@@ -31,16 +31,29 @@ import torch.distributed as dist
 
 from ..model.attention import AttentionMetadata, varlen_attention
 from ..model.lm_head import lm_head_logprobs
+from . import distributed
 
 
 @dataclass(frozen=True)
 class ContextParallel:
     """The context group of this rank: `size` ranks (C), this rank's index `rank` in it, `group` its
-    process group."""
+    process group; `data_group`: the process group of the ranks holding different rows (one of each
+    context group)."""
 
     size: int
     rank: int
     group: object
+    data_group: object = None
+
+    def data_ranks(self) -> distributed.DataRanks:
+        """The ranks holding different rows where a context group is one data rank (PPO/GRPO)."""
+        return distributed.DataRanks(self.size, self.data_group)
+
+    def same_on_ranks(self, value):
+        """The first context rank's `value` (picklable) on every rank of the group."""
+        box = [value]
+        dist.broadcast_object_list(box, group=self.group, group_src=0)
+        return box[0]
 
 
 @dataclass

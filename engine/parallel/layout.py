@@ -61,7 +61,7 @@ def layout(model: nn.Module, role: str, dims: ParallelDims, keep=()) -> nn.Modul
     if dims.context > 1 and isinstance(model, CausalLM):
         mesh = dims.mesh()
         model.context_parallel = ContextParallel(dims.context, mesh.get_local_rank("context"),
-                                                 mesh.get_group("context"))
+                                                 mesh.get_group("context"), mesh.get_group("data"))
     return model
 
 

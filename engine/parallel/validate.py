@@ -113,28 +113,39 @@ def refuse_expert_parallel(cfg, gpus: int) -> None:
 
 def refuse_context_parallel(cfg, gpus: int) -> None:
     """UsageError (one line) for a train.context_parallel C > 1 the engine does not run: C not
-    dividing the ranks, beside tensor or expert parallelism, train.data_parallel other than shard,
-    LoRA, an MoE model (its router losses are per forward), prefix sharing or rollout.exact (their
-    forwards read whole rows), or a stage other than SFT."""
+    dividing the ranks, the reward-model stage, or beside what it does not run with
+    (context_parallel_gaps), or an MoE model (its router losses are per forward)."""
     c = cfg.train.context_parallel
     if c == 1:
         return
     from ..model.hf_io import load_config
     model = cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
-    others = {"train.tensor_parallel": cfg.train.tensor_parallel, "train.expert_parallel": cfg.train.expert_parallel,
-              "lora.rank": cfg.lora.rank, "train.prefix_sharing": getattr(cfg.train, "prefix_sharing", False),
-              "rollout.exact": getattr(getattr(cfg, "rollout", None), "exact", False)}
-    beside = [f"{name}={value}" for name, value in others.items() if value not in (1, 0, False)]
-    if cfg.train.data_parallel != "shard":
-        beside.append(f"train.data_parallel={cfg.train.data_parallel}")
-    problem = ("only SFT trains context-parallel yet" if not isinstance(cfg, SFTConfig)
+    beside = context_parallel_gaps(cfg)
+    problem = ("only SFT, PPO and GRPO train context-parallel" if model is None
                else f"expected a divisor of the world size {gpus} (context groups of C ranks)" if gpus % c
-               else f"not supported beside {', '.join(beside)} (expected train.tensor_parallel=1, "
-                    "train.expert_parallel=1, lora.rank=0, train.data_parallel=shard)" if beside
+               else f"not supported beside {', '.join(beside)} (expected each at its default)" if beside
                else f"{model} is an MoE model (its router losses are per forward): not supported"
                if load_config(model).moe is not None else None)
     if problem is not None:
         raise UsageError(f"train.context_parallel={c}: {problem}")
+
+
+def context_parallel_gaps(cfg) -> list[str]:
+    """The options of `cfg` set to what does not run context-parallel: tensor or expert parallelism,
+    train.data_parallel other than shard (FSDP2 over data x context), LoRA (its adapters' gradients
+    are averaged, not summed over the group); in PPO/GRPO a critic or reward model (their value and
+    score heads read whole rows), prefix sharing, rollout.exact (forwards of whole rows), the PPO-ptx
+    term, partial rollouts and multi-turn agents (their rows are not made one group's)."""
+    rollout = getattr(cfg, "rollout", None)
+    options = {"train.tensor_parallel": (cfg.train.tensor_parallel, 1),
+               "train.expert_parallel": (cfg.train.expert_parallel, 1),
+               "train.data_parallel": (cfg.train.data_parallel, "shard"), "lora.rank": (cfg.lora.rank, 0)}
+    if rollout is not None:
+        options.update({"critic": (cfg.critic, "none"), "reward_model": (cfg.reward_model, None),
+                        "train.prefix_sharing": (cfg.train.prefix_sharing, False), "rollout.exact": (rollout.exact, False),
+                        "ppo.ptx_coef": (cfg.ppo.ptx_coef, 0), "rollout.partial_rollouts": (rollout.partial_rollouts, False),
+                        "rollout.tools": (rollout.tools or None, None), "rollout.environment": (rollout.environment, None)})
+    return [f"{name}={value}" for name, (value, default) in options.items() if value != default]
 
 
 def fitting_sizes(world: int, config: ModelConfig) -> list[int]:

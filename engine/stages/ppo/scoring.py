@@ -83,10 +83,10 @@ def reward_inputs(tokenizer, prompts: list[list[int]], responses: list[list[int]
 
 class FunctionScorer:
     """Scores from the reward functions (engine/stages/rewards/): each row's weighted sum over the
-    functions that apply to it. tensor_parallel (the policy's engine/parallel/tensor_parallel
-    TensorParallel, whose ranks hold the same rows): only its first rank calls the functions, and
-    every rank takes their scores, so the group agrees even with a reward function that is not
-    deterministic; the metrics are summed over the data ranks."""
+    functions that apply to it. tensor_parallel (a group of ranks holding the same rows: the policy's
+    engine/parallel/tensor_parallel TensorParallel, or its context_parallel ContextParallel): only
+    its first rank calls the functions, and every rank takes their scores, so the group agrees even
+    with a reward function that is not deterministic; the metrics are summed over the data ranks."""
 
     def __init__(self, functions: RewardFunctions, tokenizer, tensor_parallel=None):
         self.functions, self.tokenizer, self.tensor_parallel = functions, tokenizer, tensor_parallel
