@@ -306,13 +306,22 @@ def export_gathered(s: Setup, parts: list[Part]) -> int:
     return max((param_bytes(p) for part in parts if s.fsdp(part) for p in unique_params(part.module)), default=0)
 
 
+def context_share(s: Setup, tokens: int, shared_keys: float = 0.0) -> tuple[int, float]:
+    """(tokens, keys gathered per token) a GPU forwards of a forward over `tokens` tokens: at
+    train.context_parallel C > 1 its 1/C of them (rounded up), attention reading the keys and values
+    of the whole pack gathered over the context group (engine/parallel/context_parallel.py), up to C
+    per forwarded token (prefix sharing is refused beside it)."""
+    c = getattr(s.cfg.train, "context_parallel", 1)
+    return (tokens, shared_keys) if c == 1 else (-(-tokens // c), float(c))
+
+
 def supervised_phases(s: Setup) -> dict:
     d = s.cfg.data
-    tokens = d.tokens_per_microbatch or d.tokens_per_batch
+    tokens, keys = context_share(s, d.tokens_per_microbatch or d.tokens_per_batch)
     model = _policy(s)
     # SFT/RM zero the gradients at the start of a step: the last step's are still held at export.
     export = {**_resident(s), "grads": grad_bytes(s), "gathered": export_gathered(s, [model])}
-    return {"load": load_phase(s), "update": update_phase(s, tokens, [model]), "export": export}
+    return {"load": load_phase(s), "update": update_phase(s, tokens, [model], keys), "export": export}
 
 
 def generation_gathered(s: Setup, policy: Part) -> int:
@@ -354,22 +363,23 @@ def ppo_phases(s: Setup) -> dict:
     forwarded, shared_keys = shared_prefix_tokens(rows, r.samples_per_prompt, r.max_prompt_length,
                                                   r.max_new_tokens, sharing)
     # rollout.tokens_per_forward: each scoring forward holds at most that many forwarded tokens.
-    scored = min(forwarded, r.forward_tokens or forwarded)
+    scored, scored_keys = context_share(s, min(forwarded, r.forward_tokens or forwarded), shared_keys)
 
     def scoring_cost(part: Part) -> tuple[int, int]:
         # The batch-invariant forward reads the policy whole: gathered, or its persistent buffers.
         exact = part is policy and r.exact and s.fsdp(part)
         return ((0 if r.persistent_weights else whole_bytes(part)) if exact else forward_gathered(s, part),
                 forward_activations(part.config, elem, scored, lm_head=_has_lm_head(s, part),
-                                    shared_keys=shared_keys))
+                                    shared_keys=scored_keys))
     decoders = [part for part in s.parts if part.config is not None]
     gathered_s, act_s = max((scoring_cost(part) for part in decoders), key=sum)
     scoring = {**base, "gathered": gathered_s, "activations": act_s}
 
     # A micro-batch of rows may hold one row per group (minibatches draw random rows): whole rows.
-    tokens = s.cfg.microbatch_tokens or (p.microbatch_size or p.minibatch_size) * longest
+    tokens, keys = context_share(s, s.cfg.microbatch_tokens or (p.microbatch_size or p.minibatch_size) * longest,
+                                 shared_keys)
     critic = _critic_decoder(s)
-    update = update_phase(s, tokens, [policy] + ([critic] if critic else []), shared_keys)
+    update = update_phase(s, tokens, [policy] + ([critic] if critic else []), keys)
     export = {**base, "gathered": export_gathered(s, [policy, *_role(s, "critic")])}
     if _role(s, "critic adapters"):  # LoRACritic.merged: a ValueModel on its trunk's own shards
         export["gathered"] = max(export["gathered"], export_gathered(s, [critic]))
