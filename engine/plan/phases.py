@@ -26,7 +26,7 @@ import torch
 from ..model.causal_lm import CausalLM
 from ..model.reward_model import RewardModel
 from ..model.value_model import ValueModel
-from .activations import forward_activations, shared_prefix_tokens, training_activations
+from .activations import context_share, forward_activations, shared_prefix_tokens, training_activations
 from .model_bytes import Part, local_numel, param_bytes, unique_params, unit_bytes
 from .kv_pool import PoolFigures, held_in, pool_bytes, pool_figures
 from .rules import EngineRules
@@ -279,7 +279,8 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part],
                  shared_keys: float = 0.0) -> dict:
     """The larger of the backward (activations of every trained decoder's graph at once, their
     FSDP roots and layers gathered, a unit's whole gradients) and the step (the fp32 gradient copy).
-    shared_keys: keys gathered per token by prefix sharing (activations.shared_prefix_tokens)."""
+    shared_keys: keys gathered per token by prefix sharing; at C > 1 a context rank's (context_share)."""
+    tokens, shared_keys = context_share(s.cfg.train.context_parallel, tokens, shared_keys)
     elem, ckpt = _elem(s), s.cfg.train.gradient_checkpointing
     offload = getattr(s.cfg.train, "activation_offload", False)
     grads = grad_bytes(s)
@@ -306,22 +307,13 @@ def export_gathered(s: Setup, parts: list[Part]) -> int:
     return max((param_bytes(p) for part in parts if s.fsdp(part) for p in unique_params(part.module)), default=0)
 
 
-def context_share(s: Setup, tokens: int, shared_keys: float = 0.0) -> tuple[int, float]:
-    """(tokens, keys gathered per token) a GPU forwards of a forward over `tokens` tokens: at
-    train.context_parallel C > 1 its 1/C of them (rounded up), attention reading the keys and values
-    of the whole pack gathered over the context group (engine/parallel/context_parallel.py), up to C
-    per forwarded token (prefix sharing is refused beside it)."""
-    c = getattr(s.cfg.train, "context_parallel", 1)
-    return (tokens, shared_keys) if c == 1 else (-(-tokens // c), float(c))
-
-
 def supervised_phases(s: Setup) -> dict:
     d = s.cfg.data
-    tokens, keys = context_share(s, d.tokens_per_microbatch or d.tokens_per_batch)
+    tokens = d.tokens_per_microbatch or d.tokens_per_batch
     model = _policy(s)
     # SFT/RM zero the gradients at the start of a step: the last step's are still held at export.
     export = {**_resident(s), "grads": grad_bytes(s), "gathered": export_gathered(s, [model])}
-    return {"load": load_phase(s), "update": update_phase(s, tokens, [model], keys), "export": export}
+    return {"load": load_phase(s), "update": update_phase(s, tokens, [model]), "export": export}
 
 
 def generation_gathered(s: Setup, policy: Part) -> int:
@@ -363,7 +355,8 @@ def ppo_phases(s: Setup) -> dict:
     forwarded, shared_keys = shared_prefix_tokens(rows, r.samples_per_prompt, r.max_prompt_length,
                                                   r.max_new_tokens, sharing)
     # rollout.tokens_per_forward: each scoring forward holds at most that many forwarded tokens.
-    scored, scored_keys = context_share(s, min(forwarded, r.forward_tokens or forwarded), shared_keys)
+    scored, scored_keys = context_share(s.cfg.train.context_parallel, min(forwarded, r.forward_tokens or forwarded),
+                                        shared_keys)
 
     def scoring_cost(part: Part) -> tuple[int, int]:
         # The batch-invariant forward reads the policy whole: gathered, or its persistent buffers.
@@ -376,10 +369,9 @@ def ppo_phases(s: Setup) -> dict:
     scoring = {**base, "gathered": gathered_s, "activations": act_s}
 
     # A micro-batch of rows may hold one row per group (minibatches draw random rows): whole rows.
-    tokens, keys = context_share(s, s.cfg.microbatch_tokens or (p.microbatch_size or p.minibatch_size) * longest,
-                                 shared_keys)
+    tokens = s.cfg.microbatch_tokens or (p.microbatch_size or p.minibatch_size) * longest
     critic = _critic_decoder(s)
-    update = update_phase(s, tokens, [policy] + ([critic] if critic else []), keys)
+    update = update_phase(s, tokens, [policy] + ([critic] if critic else []), shared_keys)
     export = {**base, "gathered": export_gathered(s, [policy, *_role(s, "critic")])}
     if _role(s, "critic adapters"):  # LoRACritic.merged: a ValueModel on its trunk's own shards
         export["gathered"] = max(export["gathered"], export_gathered(s, [critic]))
