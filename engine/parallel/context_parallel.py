@@ -118,6 +118,7 @@ class _GatherShards(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # An all-reduce, not a reduce-scatter: gloo (the CPU ranks) has none.
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.cp.group)
         return grad.chunk(ctx.cp.size)[ctx.cp.rank], None

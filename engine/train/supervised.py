@@ -10,6 +10,9 @@ and TRL): a step's global batch is grad_accum_steps x world_size micro-batches, 
 stream, rank r taking the r-th run of grad_accum_steps. The loss denominators (`step_counts`) are
 summed over the ranks, so the step equals one process's with grad_accum_steps x world_size.
 
+With train.context_parallel=C a context group's C ranks take the same micro-batches, each forwarding
+its shard of every one (engine/parallel/context_parallel.py) and computing the same whole loss.
+
 The forwards are cut apart from the data: with data.tokens_per_microbatch a rank's examples of the
 step are packed, in order, into forwards of at most that many tokens (`step_forwards`). The loss is
 divided by the step's counts, not a forward's, so the cut leaves the step's gradient as it is.

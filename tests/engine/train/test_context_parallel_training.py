@@ -1,14 +1,15 @@
 """SFT context-parallel under torchrun (engine/parallel/context_parallel.py, gloo CPU ranks): each
 rank forwards its half of every packed micro-batch, and the exported model equals one process's with
 the same global batch within 1e-4: on 2 ranks at train.context_parallel=2, and on 4 ranks at context
-2 x 2 data ranks (FSDP2 over all 4) against one process with optim.grad_accum_steps=2."""
+2 x 2 data ranks (FSDP2 over all 4) against one process with optim.grad_accum_steps=2; resumed at C=2
+from a step-2 checkpoint too."""
 import pytest
 
 from fusedrl.engine.stages.sft import run_sft
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun
 from test_tensor_parallel_training import LOOP, max_relative_diff
-from train_testing import demonstrations, save_tiny_model, sft_config, write_jsonl
+from train_testing import copy_checkpoint, demonstrations, save_tiny_model, sft_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,9 @@ def runs(tmp_path_factory):
         return sft_config(base, root / "train.jsonl", root / name, optim={"grad_accum_steps": accum, "eps": 1e-6},
                           train={**LOOP, "context_parallel": c, **loop})
     # Each layer recomputed in backward at C=2 x D=2 (the key/value gather runs again), as one process is not.
-    check(torchrun("sft", config("c2", 1, 2), root))
+    check(torchrun("sft", config("c2", 1, 2, save_every=2), root))
+    copy_checkpoint(root / "c2", 2, root / "c2_resumed")  # its step-2 checkpoint, resumed at C=2
+    check(torchrun("sft", config("c2_resumed", 1, 2), root))
     check(torchrun("sft", config("c2dp2", 1, 2, gradient_checkpointing=True), root, nproc=4, timeout=400))
     with rank_threads():
         run_sft(config("one", 1))
@@ -33,10 +36,11 @@ def train_records(run):
     return [r for r in read_metrics(run) if r["kind"] == "train"]
 
 
-@pytest.mark.parametrize("run, one", [("c2", "one"), ("c2dp2", "one_accum2")])
+@pytest.mark.parametrize("run, one", [("c2", "one"), ("c2dp2", "one_accum2"), ("c2_resumed", "one")])
 def test_context_ranks_train_one_process_s_weights(runs, run, one):
     assert max_relative_diff(runs / one / "final", runs / run / "final") <= 1e-4
     got, want = train_records(runs / run), train_records(runs / one)
+    want = want[-len(got):]  # resumed at step 2: its last step
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
     assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in want], rel=1e-5)
     assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
