@@ -66,3 +66,9 @@ def test_context_parallel_refuses_the_reward_model_stage_and_a_critic():
     with pytest.raises(UsageError, match=r"^train.context_parallel=2: not supported beside critic=shared, "
                                          r"reward_model=rm \("):
         validate(cfg, 2)
+
+
+def test_the_plan_refuses_a_context_size_that_does_not_divide_the_gpus(qwen2_dir, capsys):
+    code, err = cli_error(["plan", "grpo", f"policy={qwen2_dir}", "--gpus", "4", "train.context_parallel=3"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("fusedrl plan: train.context_parallel=3: expected a divisor of the world size 4")
