@@ -38,16 +38,17 @@ from . import distributed
 class ContextParallel:
     """The context group of this rank: `size` ranks (C), this rank's index `rank` in it, `group` its
     process group; `data_group`: the process group of the ranks holding different rows (one of each
-    context group)."""
+    block of C x `tensor` consecutive ranks: a context group of tensor groups, train.tensor_parallel)."""
 
     size: int
     rank: int
     group: object
     data_group: object = None
+    tensor: int = 1
 
     def data_ranks(self) -> distributed.DataRanks:
-        """The ranks holding different rows where a context group is one data rank (PPO/GRPO)."""
-        return distributed.DataRanks(self.size, self.data_group)
+        """The ranks holding different rows where C x T ranks are one data rank (PPO/GRPO)."""
+        return distributed.DataRanks(self.size * self.tensor, self.data_group)
 
     def same_on_ranks(self, value):
         """The first context rank's `value` (picklable) on every rank of the group."""

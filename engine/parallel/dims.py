@@ -19,10 +19,11 @@ sharded over groups of `expert` consecutive ranks of the data-shard dimension
 
 The mesh (`mesh()`) is the one torch DeviceMesh of the job, its dimensions named, built on first
 use and shared by every model (the optimizers clip the DTensors of several models together):
-(data, tensor) at T > 1, (data, context) at C > 1 (a context group: C consecutive ranks),
-(expert_replica, expert) at E > 1, (replicate, shard) with replicas, else (shard,). `sub(name)` is
-a named sub-mesh: "data" (the ranks FSDP2 shards or replicates over: every rank at C > 1, whose
-context ranks share the weights) and the mesh's own dimension names.
+(data, tensor) at T > 1, (data, context) at C > 1 (a context group: C consecutive ranks), (data,
+context, tensor) at both (C x T consecutive ranks hold the same rows), (expert_replica, expert) at
+E > 1, (replicate, shard) with replicas, else (shard,). `sub(name)` is a named sub-mesh: "data"
+(the ranks FSDP2 shards or replicates over: data x context at C > 1, whose context ranks share the
+weights) and the mesh's own dimension names.
 """
 from __future__ import annotations
 
@@ -92,6 +93,8 @@ class ParallelDims:
 
     def names(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """(names, sizes) of the mesh's dimensions."""
+        if self.tensor > 1 and self.context > 1:
+            return ("data", "context", "tensor"), (self.data, self.context, self.tensor)
         if self.tensor > 1:
             return ("data", "tensor"), (self.data, self.tensor)
         if self.context > 1:
@@ -149,11 +152,11 @@ def sub_mesh(device_type: str, sizes: tuple[int, ...], names: tuple[str, ...], n
     """ParallelDims.sub of the mesh of `sizes` along `names`, one object per name (the optimizer
     groups DTensors by their mesh)."""
     mesh = device_mesh(device_type, sizes, names)
+    if name == "data" and names[:2] == ("data", "context"):  # context ranks share the weights: FSDP2 over both
+        return mesh["data", "context"]._flatten("data_context")
     if name != "data" or names == ("data", "tensor"):
         return mesh if names == (name,) else mesh[name]
     if names in (("shard",), ("replicate", "shard")):  # FSDP2's full shard, or HSDP over both
         return mesh
-    if names == ("data", "context"):  # the context ranks hold the same weights: FSDP2 over all ranks
-        return mesh._flatten("data_context")
     # The experts' (replica, expert) ranks as one: FSDP2 over every rank around the experts.
     return mesh._flatten("data")

@@ -131,14 +131,13 @@ def refuse_context_parallel(cfg, gpus: int) -> None:
 
 
 def context_parallel_gaps(cfg) -> list[str]:
-    """The options of `cfg` set to what does not run context-parallel: tensor or expert parallelism,
+    """The options of `cfg` set to what does not run context-parallel: expert parallelism,
     train.data_parallel other than shard (FSDP2 over data x context), LoRA (its adapters' gradients
     are averaged, not summed over the group); in PPO/GRPO a critic or reward model (their value and
     score heads read whole rows), prefix sharing, rollout.exact (forwards of whole rows), the PPO-ptx
     term, partial rollouts and multi-turn agents (their rows are not made one group's)."""
     rollout = getattr(cfg, "rollout", None)
-    options = {"train.tensor_parallel": (cfg.train.tensor_parallel, 1),
-               "train.expert_parallel": (cfg.train.expert_parallel, 1),
+    options = {"train.expert_parallel": (cfg.train.expert_parallel, 1),
                "train.data_parallel": (cfg.train.data_parallel, "shard"), "lora.rank": (cfg.lora.rank, 0)}
     if rollout is not None:
         options.update({"critic": (cfg.critic, "none"), "reward_model": (cfg.reward_model, None),

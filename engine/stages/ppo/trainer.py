@@ -165,11 +165,13 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
         # Beside adapters a replicated head, its gradients averaged (optim.clip_and_step).
         if not lora:
             layout(value_head, "head", dims)
+    # The groups of ranks holding the same rows (tensor, context), and the ranks holding different ones.
+    groups = tuple(g for g in (policy.tensor_parallel, policy.context_parallel) if g is not None)
+    ranks = groups[-1].data_ranks() if groups else distributed.WORLD
     if rm is not None:
         score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)
     else:
-        score = None if rewards is None else FunctionScorer(rewards, tokenizer,
-                                                            policy.tensor_parallel or policy.context_parallel)
+        score = None if rewards is None else FunctionScorer(rewards, tokenizer, groups, ranks)
     # rollout.kv_cache_memory by the memory plan's rules (auto: the largest pool that fits).
     kv_bytes = rollout_kv_bytes(cfg, torch.device(device), distributed.world_size(),
                                 distributed.local_world_size())
@@ -183,8 +185,6 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
                         speculate_below=cfg.rollout.speculate_below,
                         prefill_chunk=cfg.rollout.prefill_chunk,
                         record_routing=cfg.rollout.routing_replay and policy.config.moe is not None)
-    same_rows = policy.tensor_parallel or policy.context_parallel  # a group of ranks holding the same rows
-    ranks = same_rows.data_ranks() if same_rows is not None else distributed.WORLD
     return PPOModels(policy, reference, actor, critic, value_head, score, lora, ranks)
 
 

@@ -40,6 +40,9 @@ def test_the_context_dimension():
     d = dims(8, context_parallel=2)
     assert (d.context, d.data, d.data_shard, d.tensor) == (2, 4, 4, 1)
     assert d.names() == (("data", "context"), (4, 2))  # a context group: 2 consecutive ranks
+    both = dims(8, context_parallel=2, tensor_parallel=2)
+    assert (both.data, both.data_shard, both.context, both.tensor) == (2, 2, 2, 2)
+    assert both.names() == (("data", "context", "tensor"), (2, 2, 2))
     with pytest.raises(ValueError, match=r"^train.context_parallel must be >= 1, got 0$"):
         LoopConfig(context_parallel=0)
 
@@ -67,7 +70,8 @@ def test_the_data_sub_mesh_of_each_layout(tmp_path):
         for names, data in [(("shard",), ("shard",)), (REPLICATE_SHARD, REPLICATE_SHARD),
                             (("data", "tensor"), ("data",)),
                             (("expert_replica", "expert"), ("data",)),
-                            (("data", "context"), ("data_context",))]:  # FSDP2 over every rank
+                            (("data", "context"), ("data_context",)),  # FSDP2 over data x context
+                            (("data", "context", "tensor"), ("data_context",))]:
             sizes = (1,) * len(names)
             mesh = sub_mesh("cpu", sizes, names, "data")
             assert mesh.mesh_dim_names == data and mesh is sub_mesh("cpu", sizes, names, "data")

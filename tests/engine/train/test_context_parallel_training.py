@@ -1,8 +1,9 @@
 """SFT context-parallel under torchrun (engine/parallel/context_parallel.py, gloo CPU ranks): each
 rank forwards its half of every packed micro-batch, and the exported model equals one process's with
 the same global batch within 1e-4: on 2 ranks at train.context_parallel=2, and on 4 ranks at context
-2 x 2 data ranks (FSDP2 over all 4) against one process with optim.grad_accum_steps=2; resumed at C=2
-from a step-2 checkpoint too."""
+2 x 2 data ranks (FSDP2 over all 4) against one process with optim.grad_accum_steps=2, and on 4 ranks at
+context 2 x tensor 2 (the tensor slices sharded over the context ranks); resumed at C=2 from a step-2
+checkpoint too."""
 import pytest
 
 from fusedrl.engine.stages.sft import run_sft
@@ -16,19 +17,26 @@ from train_testing import copy_checkpoint, demonstrations, save_tiny_model, sft_
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft_cp")
     base = save_tiny_model(root / "base", arch="qwen2")  # 2 key/value heads, tied head, q/k/v biases
+    # Beside tensor slices llama2, as test_tensor_parallel_training: no k_proj bias, whose true gradient
+    # is 0 (softmax ignores it), so that Adam turns the slices' rounding into lr-sized steps there
+    # (4e-4 of max |b| with qwen2 at C=2 x T=2, every other weight within 1e-5).
+    llama2 = save_tiny_model(root / "llama2")
     write_jsonl(root / "train.jsonl", demonstrations(24))
 
-    def config(name, accum, c=1, **loop):
-        return sft_config(base, root / "train.jsonl", root / name, optim={"grad_accum_steps": accum, "eps": 1e-6},
+    def config(name, accum, c=1, model=base, **loop):
+        return sft_config(model, root / "train.jsonl", root / name, optim={"grad_accum_steps": accum, "eps": 1e-6},
                           train={**LOOP, "context_parallel": c, **loop})
     # Each layer recomputed in backward at C=2 x D=2 (the key/value gather runs again), as one process is not.
     check(torchrun("sft", config("c2", 1, 2, save_every=2), root))
     copy_checkpoint(root / "c2", 2, root / "c2_resumed")  # its step-2 checkpoint, resumed at C=2
     check(torchrun("sft", config("c2_resumed", 1, 2), root))
     check(torchrun("sft", config("c2dp2", 1, 2, gradient_checkpointing=True), root, nproc=4, timeout=400))
+    # Context 2 x tensor 2: 4 ranks, one data rank; each tensor group forwards a half of the pack.
+    check(torchrun("sft", config("c2t2", 1, 2, llama2, tensor_parallel=2), root, nproc=4, timeout=400))
     with rank_threads():
         run_sft(config("one", 1))
         run_sft(config("one_accum2", 2))
+        run_sft(config("one_llama2", 1, model=llama2))
     return root
 
 
@@ -36,7 +44,8 @@ def train_records(run):
     return [r for r in read_metrics(run) if r["kind"] == "train"]
 
 
-@pytest.mark.parametrize("run, one", [("c2", "one"), ("c2dp2", "one_accum2"), ("c2_resumed", "one")])
+@pytest.mark.parametrize("run, one", [("c2", "one"), ("c2dp2", "one_accum2"), ("c2_resumed", "one"),
+                                      ("c2t2", "one_llama2")])
 def test_context_ranks_train_one_process_s_weights(runs, run, one):
     assert max_relative_diff(runs / one / "final", runs / run / "final") <= 1e-4
     got, want = train_records(runs / run), train_records(runs / one)
