@@ -2,8 +2,9 @@
 group's ranks sample its rows alike (its first rank's kept, its first rank alone calling the reward
 function), and every scoring forward (reference, old log-probs) and training forward runs on each
 rank's half of the pack. rollout.prompts_per_iteration and ppo.minibatch_size are per data rank (a
-context group is one), so C=2 on 2 ranks runs one process's config and C=2 x 2 data ranks on 4 ranks
-half of each size per group; both train one process's weights within 1e-4."""
+context group is one), so C=2 on 2 ranks and C=2 x T=2 on 4 ranks (the tensor slices sharded over
+the context ranks) run one process's config, and C=2 x 2 data ranks on 4 ranks half of each size
+per group; all train one process's weights within 1e-4."""
 import os
 
 import pytest
@@ -23,12 +24,14 @@ def runs(tmp_path_factory):
     save_tiny_model(root / "policy")
     write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
                                                                   "fox jumps", "over the", "brown fox"]])
-    for name in ("one", "c2", "c2dp2"):
+    for name in ("one", "c2", "c2dp2", "c2t2"):
         (root / f"rec-{name}").mkdir()
     check(torchrun("grpo", grpo_config(root, "c2", context_parallel=2), root,
                    env={"RECORD_DIR": str(root / "rec-c2")}))
     check(torchrun("grpo", grpo_config(root, "c2dp2", 2, context_parallel=2), root, nproc=4, timeout=400,
                    env={"RECORD_DIR": str(root / "rec-c2dp2")}))
+    check(torchrun("grpo", grpo_config(root, "c2t2", 1, 2, context_parallel=2), root, nproc=4, timeout=400,
+                   env={"RECORD_DIR": str(root / "rec-c2t2")}))
     os.environ["RECORD_DIR"] = str(root / "rec-one")
     try:
         with rank_threads():
@@ -38,7 +41,7 @@ def runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("run", ["c2", "c2dp2"])
+@pytest.mark.parametrize("run", ["c2", "c2dp2", "c2t2"])
 def test_context_ranks_train_one_process_s_weights(runs, run):
     assert max_relative_diff(runs / "one" / "final", runs / run / "final") <= 1e-4
     for key in ("loss", "kl_loss", "score_mean", "grad_norm"):
@@ -52,3 +55,6 @@ def test_a_context_group_scores_its_rows_once(runs):
     # At C=2 x D=2 the data ranks 0 and 2 (each group's first) score half of the rows each.
     assert sorted(records(runs / "rec-c2dp2", 0) + records(runs / "rec-c2dp2", 2)) == sorted(one)
     assert records(runs / "rec-c2dp2", 1) == records(runs / "rec-c2dp2", 3) == []
+    # At C=2 x T=2 one data rank of 4: its first rank alone.
+    assert records(runs / "rec-c2t2", 0) == one
+    assert records(runs / "rec-c2t2", 1) == records(runs / "rec-c2t2", 2) == records(runs / "rec-c2t2", 3) == []
