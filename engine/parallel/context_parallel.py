@@ -19,8 +19,9 @@ per rank, small beside the per-token activations it divides with GQA.
 The log-probs of a shard's targets are gathered over the group (a float per target), so every rank
 of the group computes the same whole loss and statistics from them; the gather's backward keeps
 each rank's own part. The ranks' weight gradients are parts of one sum: the trainer sums them over
-the group (distributed FSDP2 over data x context, the loss scaled by C, see
-engine/train/supervised.py).
+the group (FSDP2 over data x context, the loss scaled by C: engine/train/supervised.py,
+engine/stages/ppo/update.py). Beside tensor parallelism each context rank is a tensor group: the
+walk's tensor collectives run there on the rank's shard, the gathers here on its heads.
 """
 from __future__ import annotations
 
