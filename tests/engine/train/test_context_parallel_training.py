@@ -54,3 +54,9 @@ def test_context_ranks_train_one_process_s_weights(runs, run, one):
     assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in want], rel=1e-5)
     assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
     assert all(len(set(r["tokens_per_rank"][:2])) == 1 for r in got)  # a context group's ranks: the same pack
+
+
+def test_the_held_out_evaluation_runs_context_parallel_too(runs):
+    """The run's last evaluation (data.eval_fraction's held-out example): every rank forwards its shard."""
+    got, want = ([r["loss"] for r in read_metrics(runs / name) if r["kind"] == "eval"] for name in ("c2", "one"))
+    assert got and got == pytest.approx(want, rel=1e-5)
