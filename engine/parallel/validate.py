@@ -132,19 +132,22 @@ def refuse_context_parallel(cfg, gpus: int) -> None:
 
 def context_parallel_gaps(cfg) -> list[str]:
     """The options of `cfg` set to what does not run context-parallel: expert parallelism,
-    train.data_parallel other than shard (FSDP2 over data x context), LoRA (its adapters' gradients
-    are averaged, not summed over the group); in PPO/GRPO a critic or reward model (their value and
+    train.data_parallel other than shard (FSDP2 over data x context), LoRA beside tensor slices (not
+    shown equal to one process yet); in PPO/GRPO a critic or reward model (their value and
     score heads read whole rows), prefix sharing, rollout.exact (forwards of whole rows), the PPO-ptx
     term, partial rollouts and multi-turn agents (their rows are not made one group's)."""
     rollout = getattr(cfg, "rollout", None)
     options = {"train.expert_parallel": (cfg.train.expert_parallel, 1),
-               "train.data_parallel": (cfg.train.data_parallel, "shard"), "lora.rank": (cfg.lora.rank, 0)}
+               "train.data_parallel": (cfg.train.data_parallel, "shard")}
     if rollout is not None:
         options.update({"critic": (cfg.critic, "none"), "reward_model": (cfg.reward_model, None),
                         "train.prefix_sharing": (cfg.train.prefix_sharing, False), "rollout.exact": (rollout.exact, False),
                         "ppo.ptx_coef": (cfg.ppo.ptx_coef, 0), "rollout.partial_rollouts": (rollout.partial_rollouts, False),
                         "rollout.tools": (rollout.tools or None, None), "rollout.environment": (rollout.environment, None)})
-    return [f"{name}={value}" for name, (value, default) in options.items() if value != default]
+    gaps = [f"{name}={value}" for name, (value, default) in options.items() if value != default]
+    if cfg.lora.rank > 0 and cfg.train.tensor_parallel > 1:
+        gaps.append(f"lora.rank={cfg.lora.rank} with train.tensor_parallel={cfg.train.tensor_parallel}")
+    return gaps
 
 
 def fitting_sizes(world: int, config: ModelConfig) -> list[int]:

@@ -56,11 +56,16 @@ def test_the_plan_refuses_what_the_run_would(qwen2_dir, capsys):
     validate(cfg, 2)  # FSDP2's shards are gathered: kept
 
 
-def test_context_parallel_refuses_the_reward_model_stage_and_a_critic():
+def test_context_parallel_refuses_the_reward_model_stage_lora_beside_slices_and_a_critic():
     rm = RMConfig(model="m", output_dir="o", data=DataConfig(train_file="f", format="pairwise"),
                   train=TrainConfig(device="cpu", context_parallel=2))
     with pytest.raises(UsageError, match=r"^train.context_parallel=2: only SFT, PPO and GRPO train context-parallel$"):
         validate(rm, 2)
+    cfg = grpo(context_parallel=2, tensor_parallel=2)
+    cfg.lora = LoRAConfig(rank=4)
+    with pytest.raises(UsageError, match=r"^train.context_parallel=2: not supported beside lora.rank=4 with "
+                                         r"train.tensor_parallel=2 \("):
+        validate(cfg, 4)
     cfg = grpo(context_parallel=2)
     cfg.critic, cfg.reward_model = "shared", "rm"
     with pytest.raises(UsageError, match=r"^train.context_parallel=2: not supported beside critic=shared, "

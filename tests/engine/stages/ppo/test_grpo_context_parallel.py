@@ -4,15 +4,23 @@ function), and every scoring forward (reference, old log-probs) and training for
 rank's half of the pack. rollout.prompts_per_iteration and ppo.minibatch_size are per data rank (a
 context group is one), so C=2 on 2 ranks and C=2 x T=2 on 4 ranks (the tensor slices sharded over
 the context ranks) run one process's config, and C=2 x 2 data ranks on 4 ranks half of each size
-per group; all train one process's weights within 1e-4."""
+per group; all train one process's weights within 1e-4, LoRA adapters at C=2 too."""
 import os
 
 import pytest
 
+from fusedrl.engine.config.lora import LoRAConfig
+from fusedrl.engine.model.peft_io import WEIGHTS_FILE
 from fusedrl.engine.stages.ppo.trainer import run_ppo
 from dist_testing import check, rank_threads, torchrun
 from test_ppo_tensor_parallel import grpo_config, max_relative_diff, records, train_metrics
 from train_testing import save_tiny_model, write_jsonl
+
+
+def with_lora(cfg):
+    """cfg with LoRA adapters on the policy (the reference: the policy with them off)."""
+    cfg.lora = LoRAConfig(rank=4, alpha=8.0, target_modules="q_proj,v_proj,gate_proj,down_proj")
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +32,7 @@ def runs(tmp_path_factory):
     save_tiny_model(root / "policy")
     write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
                                                                   "fox jumps", "over the", "brown fox"]])
-    for name in ("one", "c2", "c2dp2", "c2t2"):
+    for name in ("one", "c2", "c2dp2", "c2t2", "one_lora", "c2_lora"):
         (root / f"rec-{name}").mkdir()
     check(torchrun("grpo", grpo_config(root, "c2", context_parallel=2), root,
                    env={"RECORD_DIR": str(root / "rec-c2")}))
@@ -32,10 +40,13 @@ def runs(tmp_path_factory):
                    env={"RECORD_DIR": str(root / "rec-c2dp2")}))
     check(torchrun("grpo", grpo_config(root, "c2t2", 1, 2, context_parallel=2), root, nproc=4, timeout=400,
                    env={"RECORD_DIR": str(root / "rec-c2t2")}))
-    os.environ["RECORD_DIR"] = str(root / "rec-one")
+    check(torchrun("grpo", with_lora(grpo_config(root, "c2_lora", context_parallel=2)), root,
+                   env={"RECORD_DIR": str(root / "rec-c2_lora")}))
     try:
         with rank_threads():
-            run_ppo(grpo_config(root, "one"))
+            for name, cfg in (("one", grpo_config(root, "one")), ("one_lora", with_lora(grpo_config(root, "one_lora")))):
+                os.environ["RECORD_DIR"] = str(root / f"rec-{name}")
+                run_ppo(cfg)
     finally:
         del os.environ["RECORD_DIR"]
     return root
@@ -58,3 +69,9 @@ def test_a_context_group_scores_its_rows_once(runs):
     # At C=2 x T=2 one data rank of 4: its first rank alone.
     assert records(runs / "rec-c2t2", 0) == one
     assert records(runs / "rec-c2t2", 1) == records(runs / "rec-c2t2", 2) == records(runs / "rec-c2t2", 3) == []
+
+
+def test_lora_adapters_train_context_parallel(runs):
+    assert max_relative_diff(runs / "one_lora" / "final_adapter", runs / "c2_lora" / "final_adapter",
+                             WEIGHTS_FILE) <= 1e-4
+    assert train_metrics(runs / "c2_lora", "loss") == pytest.approx(train_metrics(runs / "one_lora", "loss"), rel=1e-4)
