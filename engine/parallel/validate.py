@@ -115,14 +115,15 @@ def refuse_context_parallel(cfg, gpus: int) -> None:
     """UsageError (one line) for a train.context_parallel C > 1 the engine does not run: C not
     dividing the ranks, the reward-model stage, or beside what it does not run with
     (context_parallel_gaps), or an MoE model (its router losses are per forward)."""
-    c = cfg.train.context_parallel
+    c, t = cfg.train.context_parallel, cfg.train.tensor_parallel
     if c == 1:
         return
     from ..model.hf_io import load_config
     model = cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
     beside = context_parallel_gaps(cfg)
+    groups = "context groups of C ranks" if t == 1 else f"C x train.tensor_parallel={t} ranks a data rank"
     problem = ("only SFT, PPO and GRPO train context-parallel" if model is None
-               else f"expected a divisor of the world size {gpus} (context groups of C ranks)" if gpus % c
+               else f"expected a divisor of the world size {gpus} ({groups})" if gpus % (c * t)
                else f"not supported beside {', '.join(beside)} (expected each at its default)" if beside
                else f"{model} is an MoE model (its router losses are per forward): not supported"
                if load_config(model).moe is not None else None)

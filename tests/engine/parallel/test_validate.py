@@ -24,6 +24,8 @@ def grpo(**train):
     ({"tensor_parallel": 2, "optimizer_offload": True}, 2,
      r"^train.optimizer_offload=true with lora.rank=0 and train.tensor_parallel=2 on 2 GPUs"),
     ({"context_parallel": 3}, 4, r"^train.context_parallel=3: expected a divisor of the world size 4 "),
+    ({"context_parallel": 2, "tensor_parallel": 4}, 4,
+     r"^train.context_parallel=2: expected a divisor of the world size 4 \(C x train.tensor_parallel=4 ranks a "),
     ({"context_parallel": 2, "prefix_sharing": True}, 4,
      r"^train.context_parallel=2: not supported beside train.prefix_sharing=True \(expected each at its default\)$"),
     ({"context_parallel": 2, "data_parallel": "replicate", "prefix_sharing": True}, 4,
