@@ -142,7 +142,9 @@ def context_parallel_gaps(cfg) -> list[str]:
                "train.data_parallel": (cfg.train.data_parallel, "shard")}
     if rollout is not None:
         options.update({"critic": (cfg.critic, "none"), "reward_model": (cfg.reward_model, None),
-                        "train.prefix_sharing": (cfg.train.prefix_sharing, False), "rollout.exact": (rollout.exact, False),
+                        # Asked for explicitly: the context-parallel forwards read rows whole (never its layout).
+                        "train.prefix_sharing": (cfg.train.prefix_sharing is True, False),
+                        "rollout.exact": (rollout.exact, False),
                         "ppo.ptx_coef": (cfg.ppo.ptx_coef, 0), "rollout.partial_rollouts": (rollout.partial_rollouts, False),
                         "rollout.tools": (rollout.tools or None, None), "rollout.environment": (rollout.environment, None)})
     gaps = [f"{name}={value}" for name, (value, default) in options.items() if value != default]
