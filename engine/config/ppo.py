@@ -163,13 +163,14 @@ class LoopConfig(RunConfig):
         "read a group's prompt once, followed by its answers, each answer attending to the prompt "
         "and itself (the prompt's gradient summed over its answers); token budgets count the "
         "prompt once; equal to reading every row whole up to rounding; the rollout.exact "
-        "old-log-prob forward reads rows whole. auto: on wherever the layout runs; true: on, "
-        "refused in one line where it does not; false: every row read whole", "auto")
+        "old-log-prob forward reads rows whole. auto: on wherever the layout runs (not at "
+        "train.context_parallel > 1, whose shards read rows whole); true: on, refused in one line "
+        "where it does not run; false: every row read whole", "auto")
 
     @property
     def shares_prefixes(self) -> bool:
         """train.prefix_sharing resolved: auto is on wherever the shared layout runs."""
-        return self.prefix_sharing in (True, "auto")
+        return self.prefix_sharing is True or (self.prefix_sharing == "auto" and self.context_parallel == 1)
 
     def __post_init__(self):
         super().__post_init__()

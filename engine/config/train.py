@@ -166,6 +166,12 @@ class RunConfig:
                                   "world_size / T groups (which shard or copy the slices: train.data_parallel; a "
                                   "LoRA base is copied; the offloads need sharded slices; not with rollout.exact "
                                   "yet)", 1)
+    context_parallel: int = option("under torchrun: C consecutive ranks share each packed forward's tokens (training "
+                                   "and scoring), each running every layer on its 1/C of them, attention over keys and "
+                                   "values all-gathered in the group (C dividing the ranks; train.data_parallel=shard "
+                                   "over the world / C data ranks; with train.tensor_parallel=T, C x T consecutive "
+                                   "ranks; SFT and GRPO, LoRA included; not with expert parallelism, LoRA beside tensor "
+                                   "slices or prefix sharing yet)", 1)
     expert_parallel: int = option("under torchrun, for an MoE model: the experts of every MoE layer sharded over "
                                   "groups of E consecutive ranks (E dividing the world size and the number of "
                                   "experts), each rank keeping and training its share whole, tokens sent to them by "
@@ -192,6 +198,7 @@ class RunConfig:
               f"train.shard_group_size={self.shard_group_size} is read with train.data_parallel=hybrid only, got "
               f"train.data_parallel={self.data_parallel}")
         check(self.expert_parallel >= 1, f"train.expert_parallel must be >= 1, got {self.expert_parallel}")
+        check(self.context_parallel >= 1, f"train.context_parallel must be >= 1, got {self.context_parallel}")
         check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),
                f"train.device must be cpu, cuda or cuda:N, got {self.device!r}")

@@ -230,6 +230,9 @@ class CausalLM(nn.Module):
         # a TensorParallel), whose primitives the walk runs on the local slices; None: whole
         # weights.
         self.tensor_parallel = None
+        # The context group its training and scoring forwards shard their packs over (layout.py sets
+        # it: an engine/parallel/context_parallel.ContextParallel); None: whole packs.
+        self.context_parallel = None
         # Whether its FSDP2 shards rest in CPU memory (engine/parallel/distributed.shard's offload).
         self.offloaded = False
 

@@ -9,7 +9,8 @@ size and the device), by `ParallelDims.from_train`; every model of the stage is 
 - data_replicate: groups holding whole copies of the data shards (FSDP2's HSDP replicas; at
   train.tensor_parallel > 1 with train.data_parallel=replicate, copies of the tensor slices);
 - data_shard: the ranks over which FSDP2 shards weights, gradients and optimizer state;
-- context: ranks sharing one sequence's tokens (1: every rank holds whole sequences);
+- context: ranks sharing each packed forward's tokens (train.context_parallel;
+  engine/parallel/context_parallel.py; 1: every rank forwards whole packs);
 - tensor: ranks holding the tensor slices of every weight (engine/parallel/tensor_parallel.py).
 
 `expert` (train.expert_parallel) is not a factor of the product: the experts of every MoE block are
@@ -18,9 +19,11 @@ sharded over groups of `expert` consecutive ranks of the data-shard dimension
 
 The mesh (`mesh()`) is the one torch DeviceMesh of the job, its dimensions named, built on first
 use and shared by every model (the optimizers clip the DTensors of several models together):
-(data, tensor) at T > 1, (expert_replica, expert) at E > 1, (replicate, shard) with replicas, else
-(shard,). `sub(name)` is a named sub-mesh: "data" (the ranks FSDP2 shards or replicates over) and
-the mesh's own dimension names.
+(data, tensor) at T > 1, (data, context) at C > 1 (a context group: C consecutive ranks), (data,
+context, tensor) at both (C x T consecutive ranks hold the same rows), (expert_replica, expert) at
+E > 1, (replicate, shard) with replicas, else (shard,). `sub(name)` is a named sub-mesh: "data"
+(the ranks FSDP2 shards or replicates over: data x context at C > 1, whose context ranks share the
+weights) and the mesh's own dimension names.
 """
 from __future__ import annotations
 
@@ -63,16 +66,17 @@ class ParallelDims:
         """The dims of a stage's `train` section on `world` ranks of nodes of `local_world`
         (default: torchrun's LOCAL_WORLD_SIZE) on `device_type`. At train.tensor_parallel = T > 1
         the world / T data groups shard the slices (train.data_parallel=shard) or copy them
-        (replicate); at T = 1 train.data_parallel's shard group (shard_group_size). Checks nothing
+        (replicate); at train.context_parallel = C > 1 world / C data ranks; else
+        train.data_parallel's shard group (shard_group_size). Checks nothing
         engine/parallel/validate.py checks: call that first."""
-        t = train.tensor_parallel
-        data = world // t
-        if t > 1:
+        t, c = train.tensor_parallel, getattr(train, "context_parallel", 1)
+        data = world // (t * c)
+        if t > 1 or c > 1:
             shard = data if train.data_parallel == "shard" else 1
         else:
             shard = shard_group_size(train.data_parallel, world, train.shard_group_size,
                                      local_world)
-        return cls(world, data // shard, shard, 1, t, train.expert_parallel, train.data_parallel,
+        return cls(world, data // shard, shard, c, t, train.expert_parallel, train.data_parallel,
                    device_type, train.optimizer_offload, getattr(train, "frozen_offload", False))
 
     @classmethod
@@ -89,8 +93,12 @@ class ParallelDims:
 
     def names(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """(names, sizes) of the mesh's dimensions."""
+        if self.tensor > 1 and self.context > 1:
+            return ("data", "context", "tensor"), (self.data, self.context, self.tensor)
         if self.tensor > 1:
             return ("data", "tensor"), (self.data, self.tensor)
+        if self.context > 1:
+            return ("data", "context"), (self.data, self.context)
         if self.expert > 1:
             return ("expert_replica", "expert"), (self.world // self.expert, self.expert)
         if self.data_replicate > 1:
@@ -144,6 +152,8 @@ def sub_mesh(device_type: str, sizes: tuple[int, ...], names: tuple[str, ...], n
     """ParallelDims.sub of the mesh of `sizes` along `names`, one object per name (the optimizer
     groups DTensors by their mesh)."""
     mesh = device_mesh(device_type, sizes, names)
+    if name == "data" and names[:2] == ("data", "context"):  # context ranks share the weights: FSDP2 over both
+        return mesh["data", "context"]._flatten("data_context")
     if name != "data" or names == ("data", "tensor"):
         return mesh if names == (name,) else mesh[name]
     if names in (("shard",), ("replicate", "shard")):  # FSDP2's full shard, or HSDP over both

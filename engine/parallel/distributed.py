@@ -129,9 +129,10 @@ def all_gather(value) -> list:
 class DataRanks:
     """The ranks that hold different rows, the ones the row helpers below (sums, gathers, row
     slices) reduce over: every rank (WORLD), or in a stage whose rows are per data rank
-    (PPO/GRPO) at tensor parallelism one rank of each tensor group, whose `tensor` consecutive
-    ranks hold the same rows: those then reduce over `group`, the data dimension's process group
-    (engine/parallel/tensor_parallel.TensorParallel.data_ranks)."""
+    (PPO/GRPO) at tensor (context) parallelism one rank of each tensor (context) group, whose
+    `tensor` consecutive ranks hold the same rows: those then reduce over `group`, the data
+    dimension's process group (engine/parallel/tensor_parallel.TensorParallel.data_ranks,
+    context_parallel.ContextParallel.data_ranks)."""
 
     tensor: int = 1
     group: object = None

@@ -8,8 +8,9 @@ model does; `dims` (engine/parallel/dims.py) how the ranks divide:
 - "trained": trained in full (SFT's and RM's model, the policy): its experts sharded over expert
   groups at dims.expert > 1 (expert_parallel.shard_for_training); its tensor slices at
   dims.tensor > 1, sharded over the data groups at train.data_parallel=shard
-  (tensor_parallel.shard_tensor_parallel); else FSDP2 in train.data_parallel's mode. Offloaded at
-  train.optimizer_offload.
+  (tensor_parallel.shard_tensor_parallel); else FSDP2 in train.data_parallel's mode (at
+  dims.context > 1 over every rank, the model's `context_parallel` its context group).
+  Offloaded at train.optimizer_offload.
 - "critic": trained in full beside an expert-parallel policy: as "trained", but FSDP2 alone for
   its (dense) weights.
 - "frozen": never trained (the reference, the reward model scoring): as "trained" without experts,
@@ -30,6 +31,7 @@ from torch import nn
 
 from ..model.causal_lm import CausalLM
 from . import distributed
+from .context_parallel import ContextParallel
 from .dims import ParallelDims
 from .expert_parallel import shard_for_training
 from .tensor_parallel import shard_tensor_parallel
@@ -54,9 +56,18 @@ def layout(model: nn.Module, role: str, dims: ParallelDims, keep=()) -> nn.Modul
         if role == "head":
             return model
         data_shard = role != "adapted" and dims.data_parallel == "shard"
-        return shard_tensor_parallel(model, dims, data_shard=data_shard, offload=offload)
-    return distributed.shard(model, dims.data_parallel, dims.device_type, list(keep), offload,
-                             mesh=dims.sub("data"))
+        return with_context(shard_tensor_parallel(model, dims, data_shard=data_shard, offload=offload), dims)
+    distributed.shard(model, dims.data_parallel, dims.device_type, list(keep), offload, mesh=dims.sub("data"))
+    return with_context(model, dims)
+
+
+def with_context(model: nn.Module, dims: ParallelDims) -> nn.Module:
+    """`model` with its context group (`context_parallel`) at dims.context > 1 (a CausalLM's)."""
+    if dims.context > 1 and isinstance(model, CausalLM):
+        mesh = dims.mesh()
+        model.context_parallel = ContextParallel(dims.context, mesh.get_local_rank("context"),
+                                                 mesh.get_group("context"), mesh.get_group("data"), dims.tensor)
+    return model
 
 
 def laying_out(role: str, dims: ParallelDims,

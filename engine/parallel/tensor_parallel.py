@@ -104,7 +104,7 @@ def shard_tensor_parallel(model: CausalLM, dims: ParallelDims, data_shard: bool 
     # Whole on every rank: the norms, the row-parallel biases (added once, after the all-reduce) and
     # any head (a reward model's score), which read the replicated hidden states.
     _lay_out(model, dims.sub("tensor"), rows, sliced)
-    data_sharded = data_shard and dims.data > 1
+    data_sharded = data_shard and dims.data * dims.context > 1  # context ranks: more data ranks to FSDP2
     if data_sharded:  # FSDP2's units, as for one dimension (each decoder layer, the root), over the data one
         distributed.shard(model, device_type=dims.device_type, offload=offload,
                           mesh=dims.sub("data"))

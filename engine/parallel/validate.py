@@ -20,7 +20,8 @@ def validate(cfg, gpus: int, gpus_per_node: int | None = None) -> None:
     FSDP2's CPU offload of sharded state), train.optimizer_offload beside LoRA adapters or copied
     tensor slices, train.tensor_parallel > 1 beside what does not run tensor-parallel
     (tensor_parallel_gaps) or beside train.data_parallel=hybrid, train.expert_parallel beside what it
-    does not run with (refuse_expert_parallel), rollout.persistent_weights where nothing is gathered
+    does not run with (refuse_expert_parallel), train.context_parallel beside what it does not run
+    with (refuse_context_parallel), rollout.persistent_weights where nothing is gathered
     (one process, tensor slices copied), and train.data_parallel=hybrid with a shard group that does
     not divide the ranks (ConfigValueError; a node holds `gpus_per_node` of them, default torchrun's
     LOCAL_WORLD_SIZE)."""
@@ -45,6 +46,7 @@ def validate(cfg, gpus: int, gpus_per_node: int | None = None) -> None:
         raise UsageError(f"train.tensor_parallel={t} with {', '.join(unsupported)}: not supported tensor-parallel "
                          "(SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)")
     refuse_expert_parallel(cfg, gpus)
+    refuse_context_parallel(cfg, gpus)
     copies = t > 1 and not slices_sharded(cfg, gpus)  # slices read where they lie
     if getattr(getattr(cfg, "rollout", None), "persistent_weights", False) and (gpus == 1 or copies):
         where = ("one process" if gpus == 1 else f"train.tensor_parallel={t} on {gpus} GPUs at train.data_parallel="
@@ -107,6 +109,48 @@ def refuse_expert_parallel(cfg, gpus: int) -> None:
                else None)
     if problem is not None:
         raise UsageError(f"train.expert_parallel={e}: {problem}")
+
+
+def refuse_context_parallel(cfg, gpus: int) -> None:
+    """UsageError (one line) for a train.context_parallel C > 1 the engine does not run: C not
+    dividing the ranks, the reward-model stage, or beside what it does not run with
+    (context_parallel_gaps), or an MoE model (its router losses are per forward)."""
+    c, t = cfg.train.context_parallel, cfg.train.tensor_parallel
+    if c == 1:
+        return
+    from ..model.hf_io import load_config
+    model = cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
+    beside = context_parallel_gaps(cfg)
+    groups = "context groups of C ranks" if t == 1 else f"C x train.tensor_parallel={t} ranks a data rank"
+    problem = ("only SFT, PPO and GRPO train context-parallel" if model is None
+               else f"expected a divisor of the world size {gpus} ({groups})" if gpus % (c * t)
+               else f"not supported beside {', '.join(beside)} (expected each at its default)" if beside
+               else f"{model} is an MoE model (its router losses are per forward): not supported"
+               if load_config(model).moe is not None else None)
+    if problem is not None:
+        raise UsageError(f"train.context_parallel={c}: {problem}")
+
+
+def context_parallel_gaps(cfg) -> list[str]:
+    """The options of `cfg` set to what does not run context-parallel: expert parallelism,
+    train.data_parallel other than shard (FSDP2 over data x context), LoRA beside tensor slices (not
+    shown equal to one process yet); in PPO/GRPO a critic or reward model (their value and
+    score heads read whole rows), prefix sharing, rollout.exact (forwards of whole rows), the PPO-ptx
+    term, partial rollouts and multi-turn agents (their rows are not made one group's)."""
+    rollout = getattr(cfg, "rollout", None)
+    options = {"train.expert_parallel": (cfg.train.expert_parallel, 1),
+               "train.data_parallel": (cfg.train.data_parallel, "shard")}
+    if rollout is not None:
+        options.update({"critic": (cfg.critic, "none"), "reward_model": (cfg.reward_model, None),
+                        # Asked for explicitly: the context-parallel forwards read rows whole (never its layout).
+                        "train.prefix_sharing": (cfg.train.prefix_sharing is True, False),
+                        "rollout.exact": (rollout.exact, False),
+                        "ppo.ptx_coef": (cfg.ppo.ptx_coef, 0), "rollout.partial_rollouts": (rollout.partial_rollouts, False),
+                        "rollout.tools": (rollout.tools or None, None), "rollout.environment": (rollout.environment, None)})
+    gaps = [f"{name}={value}" for name, (value, default) in options.items() if value != default]
+    if cfg.lora.rank > 0 and cfg.train.tensor_parallel > 1:
+        gaps.append(f"lora.rank={cfg.lora.rank} with train.tensor_parallel={cfg.train.tensor_parallel}")
+    return gaps
 
 
 def fitting_sizes(world: int, config: ModelConfig) -> list[int]:

@@ -104,6 +104,15 @@ def forward_activations(c: ModelConfig, elem: int, tokens: int, lm_head: bool,
     return max(int(tokens * forward_bytes_per_token(c, elem, shared_keys)), head)
 
 
+def context_share(context_parallel: int, tokens: int, shared_keys: float = 0.0) -> tuple[int, float]:
+    """(tokens, keys gathered per token) a GPU forwards of a forward over `tokens` tokens: at
+    train.context_parallel C > 1 its 1/C of them (rounded up), attention reading the keys and values
+    of the whole pack gathered over the context group (engine/parallel/context_parallel.py), up to C
+    per forwarded token (prefix sharing, which gathers keys too, is refused beside it)."""
+    c = context_parallel
+    return (tokens, shared_keys) if c == 1 else (-(-tokens // c), float(c))
+
+
 def shared_prefix_tokens(rows: int, group: int, prompt: int, answer: int,
                          sharing: bool) -> tuple[int, float]:
     """(tokens a forward over `rows` rows of `prompt` + `answer` tokens reads, keys gathered per

@@ -26,7 +26,8 @@ import torch
 from ..model.causal_lm import CausalLM
 from ..model.reward_model import RewardModel
 from ..model.value_model import ValueModel
-from .activations import forward_activations, rollout_prefill_tokens, shared_prefix_tokens, training_activations
+from .activations import (context_share, forward_activations, rollout_prefill_tokens, shared_prefix_tokens,
+                          training_activations)
 from .model_bytes import Part, local_numel, param_bytes, unique_params, unit_bytes
 from .kv_pool import PoolFigures, held_in, pool_bytes, pool_figures
 from .rules import EngineRules
@@ -276,7 +277,8 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part],
                  shared_keys: float = 0.0) -> dict:
     """The larger of the backward (activations of every trained decoder's graph at once, their
     FSDP roots and layers gathered, a unit's whole gradients) and the step (the fp32 gradient copy).
-    shared_keys: keys gathered per token by prefix sharing (activations.shared_prefix_tokens)."""
+    shared_keys: keys gathered per token by prefix sharing; at C > 1 a context rank's (context_share)."""
+    tokens, shared_keys = context_share(s.cfg.train.context_parallel, tokens, shared_keys)
     elem, ckpt = _elem(s), s.cfg.train.gradient_checkpointing
     offload = getattr(s.cfg.train, "activation_offload", False)
     grads = grad_bytes(s)
@@ -347,14 +349,15 @@ def ppo_phases(s: Setup) -> dict:
     forwarded, shared_keys = shared_prefix_tokens(rows, r.samples_per_prompt, r.max_prompt_length,
                                                   r.max_new_tokens, sharing)
     # rollout.tokens_per_forward: each scoring forward holds at most that many forwarded tokens.
-    scored = min(forwarded, r.forward_tokens or forwarded)
+    scored, scored_keys = context_share(s.cfg.train.context_parallel, min(forwarded, r.forward_tokens or forwarded),
+                                        shared_keys)
 
     def scoring_cost(part: Part) -> tuple[int, int]:
         # The batch-invariant forward reads the policy whole: gathered, or its persistent buffers.
         exact = part is policy and r.exact and s.fsdp(part)
         return ((0 if r.persistent_weights else whole_bytes(part)) if exact else forward_gathered(s, part),
                 forward_activations(part.config, elem, scored, lm_head=_has_lm_head(s, part),
-                                    shared_keys=shared_keys))
+                                    shared_keys=scored_keys))
     decoders = [part for part in s.parts if part.config is not None]
     gathered_s, act_s = max((scoring_cost(part) for part in decoders), key=sum)
     scoring = {**base, "gathered": gathered_s, "activations": act_s}

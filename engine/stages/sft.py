@@ -17,6 +17,7 @@ from ..model.lm_head import lm_head_logprobs
 from ..train import adapters
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
+from ..parallel.context_parallel import shard_logprobs
 from ..parallel.layout import laying_out
 from ..plan.check import refuse_unfit
 from ..train.router_losses import with_router_losses
@@ -34,9 +35,13 @@ def sft_counts(batch: PackedBatch) -> dict:
 
 
 def sft_loss(model, batch: PackedBatch, step_counts: dict):
-    """Mean NLL over the step's response tokens (this micro-batch's share of it)."""
-    hidden = model.forward_packed(batch.input_ids, batch.seqlens, batch.positions, batch.cu_seqlens)  # [N, H]
-    nll_sum = target_nll_sum(model, hidden, batch)
+    """Mean NLL over the step's response tokens (this micro-batch's share of it); context-parallel,
+    each rank of the group forwards its shard of the batch and computes the same whole loss."""
+    if model.context_parallel is not None:
+        nll_sum = -shard_logprobs(model, batch, model.context_parallel).sum()
+    else:
+        hidden = model.forward_packed(batch.input_ids, batch.seqlens, batch.positions, batch.cu_seqlens)  # [N, H]
+        nll_sum = target_nll_sum(model, hidden, batch)
     return nll_sum / max(step_counts["tokens"], 1), {"nll_sum": nll_sum.detach()}
 
 

@@ -10,6 +10,9 @@ and TRL): a step's global batch is grad_accum_steps x world_size micro-batches, 
 stream, rank r taking the r-th run of grad_accum_steps. The loss denominators (`step_counts`) are
 summed over the ranks, so the step equals one process's with grad_accum_steps x world_size.
 
+With train.context_parallel=C a context group's C ranks take the same micro-batches, each forwarding
+its shard of every one (engine/parallel/context_parallel.py) and computing the same whole loss.
+
 The forwards are cut apart from the data: with data.tokens_per_microbatch a rank's examples of the
 step are packed, in order, into forwards of at most that many tokens (`step_forwards`). The loss is
 divided by the step's counts, not a forward's, so the cut leaves the step's gradient as it is.
@@ -100,9 +103,15 @@ def held_out_notice(data: DataConfig, train_count: int, eval_count: int) -> list
             "all"]
 
 
+def same_rows(train) -> int:
+    """The consecutive ranks that take the same micro-batches: a tensor group's (T), each of its
+    ranks a context group's (C) alike."""
+    return train.tensor_parallel * train.context_parallel
+
+
 def micro_batches_per_step(cfg: StageConfig) -> int:
-    """The global batch of one optimizer step, in micro-batches: every rank's grad_accum_steps."""
-    return cfg.optim.grad_accum_steps * distributed.world_size() // cfg.train.tensor_parallel
+    """The global batch of one optimizer step, in micro-batches: every data rank's grad_accum_steps."""
+    return cfg.optim.grad_accum_steps * distributed.world_size() // same_rows(cfg.train)
 
 
 def total_steps(examples: list[TokenizedExample], cfg: StageConfig) -> int:
@@ -166,9 +175,11 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
     def backward(loss):
         # FSDP averages over ranks (tensor-parallel: the counts are T times the data's, and
         # average_over_data averages over the data groups); the step sums. HSDP's gradients cross
-        # the shard groups (the nodes) in the step's last backward only.
+        # the shard groups (the nodes) in the step's last backward only. Context-parallel: the
+        # counts are C times the data's too, while FSDP's average over every rank is also the sum
+        # over each context group of its parts of one gradient (context_parallel.py): times C.
         distributed.all_reduce_in_backward(model, next(backwards) == 0)
-        (loss * distributed.world_size()).backward()
+        (loss * distributed.world_size() * cfg.train.context_parallel).backward()
 
     for batch in batches:
         loss, batch_stats = stage.loss(model, to_device(batch, device), step_counts)
@@ -223,8 +234,8 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
     averaged)."""
     check_context(cfg.data, model.config.max_model_len)
     dims = dims or ParallelDims.from_train(cfg.train, distributed.world_size(), device.type)
-    # This rank's micro-batches: a tensor group's ranks take the same ones.
-    share = distributed.rank_slice(cfg.optim.grad_accum_steps, distributed.DataRanks(dims.tensor))
+    # This rank's micro-batches: a tensor group's (and a context group's) ranks take the same ones.
+    share = distributed.rank_slice(cfg.optim.grad_accum_steps, distributed.DataRanks(same_rows(cfg.train)))
     # Each rank keeps (and steps) its shards: FSDP2's, its tensor slices or its data shard of them.
     heads = list(lora.heads.values()) if lora is not None else []
     layout(model, "trained" if lora is None else "adapted", dims, heads)
@@ -250,7 +261,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
         rank_tokens, rank_forwards = (list(column) for column in zip(*rank_sizes))
         metrics = train_step(model, stage, batches, optimizer, scheduler, cfg, device, max(rank_forwards))
         state.epoch, state.batch_index = group[-1][0], group[-1][1] + 1
-        tokens = sum(rank_tokens[::dims.tensor])  # a tensor group's ranks ran the same tokens
+        tokens = sum(rank_tokens[::same_rows(cfg.train)])  # a tensor (context) group's ranks ran the same tokens
         state.tokens += tokens
         return {**metrics, "tokens": tokens, "tokens_per_rank": rank_tokens,
                 "forwards_per_rank": rank_forwards, "epoch": state.epoch,

@@ -8,6 +8,7 @@ from typing import Callable, ContextManager
 import torch
 
 from ...parallel import distributed
+from ...parallel.context_parallel import shard_logprobs
 from ...data.packing import PackedBatch
 from ...model.prefix_sharing import share_prefixes
 from ...model.invariant import BatchInvariant
@@ -32,7 +33,10 @@ def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_en
     whole: the context in which the batch-invariant forward reads whole weights (default
     distributed.gathered(model); the hybrid actor's, HybridActor.whole_weights, for the policy).
     """
-    if invariant is None:
+    cp = model.context_parallel
+    if cp is not None:  # this rank's shard of the pack (no prefix sharing, routing or value head there)
+        out, h = shard_logprobs(model, packed, cp, temperature, with_entropy), None
+    elif invariant is None:
         layout = share_prefixes(packed)  # rows sharing a prompt read it once (train.prefix_sharing)
         replay = None
         if packed.routing is not None and replay_routing:

@@ -50,6 +50,10 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
                             max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
     with timer.phase("generate"):
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
+        cp = models.policy.context_parallel
+        if cp is not None:  # a context group's ranks sampled its rows alike: they train its first rank's
+            prompt_ids, responses, host = cp.same_on_ranks((prompt_ids, responses, sampler_logprobs.cpu()))
+            sampler_logprobs = host.to(sampler_logprobs.device)
     return score_samples(models, prompt_ids, responses, sampler_logprobs, r, timer, sources,
                          share_prompts)
 

@@ -83,14 +83,15 @@ def reward_inputs(tokenizer, prompts: list[list[int]], responses: list[list[int]
 
 class FunctionScorer:
     """Scores from the reward functions (engine/stages/rewards/): each row's weighted sum over the
-    functions that apply to it. tensor_parallel (the policy's engine/parallel/tensor_parallel
-    TensorParallel, whose ranks hold the same rows): only its first rank calls the functions, and
-    every rank takes their scores, so the group agrees even with a reward function that is not
-    deterministic; the metrics are summed over the data ranks."""
+    functions that apply to it. groups: the groups of ranks holding the same rows (the policy's
+    TensorParallel, then its ContextParallel, each with `rank` and `same_on_ranks`): only the
+    first rank of all of them calls the functions, and every rank takes their scores (handed on
+    group by group), so the ranks agree even with a reward function that is not deterministic; the
+    metrics are summed over the data `ranks`."""
 
-    def __init__(self, functions: RewardFunctions, tokenizer, tensor_parallel=None):
-        self.functions, self.tokenizer, self.tensor_parallel = functions, tokenizer, tensor_parallel
-        self.ranks = tensor_parallel.data_ranks() if tensor_parallel is not None else distributed.WORLD
+    def __init__(self, functions: RewardFunctions, tokenizer, groups: tuple = (),
+                 ranks: distributed.DataRanks = distributed.WORLD):
+        self.functions, self.tokenizer, self.groups, self.ranks = functions, tokenizer, groups, ranks
         self.sums: dict = {}  # moments of every row scored since the last metrics()
         self.unscored_said = False
 
@@ -98,11 +99,11 @@ class FunctionScorer:
                  rows: Optional[list] = None) -> torch.Tensor:
         """Scores [R] fp32 of the rows: their prompt and response ids and dataset rows
         (reward_inputs)."""
-        tp = self.tensor_parallel
-        if tp is None or tp.rank == 0:
+        scores = None
+        if all(group.rank == 0 for group in self.groups):
             scores = self.functions(reward_inputs(self.tokenizer, prompts, responses, rows))
-        if tp is not None:
-            scores = tp.same_on_ranks(scores if tp.rank == 0 else None)
+        for group in self.groups:  # from each group's first rank, which holds them by then
+            scores = group.same_on_ranks(scores)
         for runner, values in zip(self.functions.runners, scores):
             float32_scores(values, runner.name)
         totals, unscored = weighted_totals(scores, self.functions.weights)

@@ -16,7 +16,9 @@ rank, their adapters' gradients averaged over the ranks. Each rank samples its o
 rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); with
 train.tensor_parallel=T every model is laid out for T tensor ranks instead (parallel/layout.py) and a
 tensor group samples, scores and trains the same rows in lockstep, one data rank of world_size / T
-(TensorParallel.data_ranks, PPOModels.ranks); see
+(TensorParallel.data_ranks, PPOModels.ranks); with train.context_parallel=C a context group likewise
+(each of its ranks generates the group's rows and takes its first rank's; every scoring and training
+forward then runs on each rank's shard of the pack: parallel/context_parallel.py); see
 experience.py and update.py; what carries from one iteration to the next, state.py.
 """
 from __future__ import annotations
@@ -163,10 +165,13 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
         # Beside adapters a replicated head, its gradients averaged (optim.clip_and_step).
         if not lora:
             layout(value_head, "head", dims)
+    # The groups of ranks holding the same rows (tensor, context), and the ranks holding different ones.
+    groups = tuple(g for g in (policy.tensor_parallel, policy.context_parallel) if g is not None)
+    ranks = groups[-1].data_ranks() if groups else distributed.WORLD
     if rm is not None:
         score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)
     else:
-        score = None if rewards is None else FunctionScorer(rewards, tokenizer, policy.tensor_parallel)
+        score = None if rewards is None else FunctionScorer(rewards, tokenizer, groups, ranks)
     # rollout.kv_cache_memory by the memory plan's rules (auto: the largest pool that fits).
     kv_bytes = rollout_kv_bytes(cfg, torch.device(device), distributed.world_size(),
                                 distributed.local_world_size())
@@ -180,8 +185,6 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
                         speculate_below=cfg.rollout.speculate_below,
                         prefill_chunk=cfg.rollout.prefill_chunk,
                         record_routing=cfg.rollout.routing_replay and policy.config.moe is not None)
-    tp = policy.tensor_parallel
-    ranks = tp.data_ranks() if tp is not None else distributed.WORLD
     return PPOModels(policy, reference, actor, critic, value_head, score, lora, ranks)
 
 

@@ -168,7 +168,10 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
             if model is not None:
                 distributed.all_reduce_in_backward(model, last)
         distributed.all_reduce_in_backward(models.policy, last and ptx_loss is None)
-        (loss * models.ranks.size()).backward()
+        # Context-parallel: FSDP averages over every rank, and a context group's C ranks hold parts
+        # of one gradient (parallel/context_parallel.py): times C, their sum.
+        cp = models.policy.context_parallel
+        (loss * models.ranks.size() * (cp.size if cp is not None else 1)).backward()
     totals: dict = {}
     total_loss = torch.zeros((), device=batch.mask.device)
     for rows in micros:

@@ -36,6 +36,17 @@ def test_tensor_and_expert_dimensions():
     assert experts.names() == (("expert_replica", "expert"), (2, 4))
 
 
+def test_the_context_dimension():
+    d = dims(8, context_parallel=2)
+    assert (d.context, d.data, d.data_shard, d.tensor) == (2, 4, 4, 1)
+    assert d.names() == (("data", "context"), (4, 2))  # a context group: 2 consecutive ranks
+    both = dims(8, context_parallel=2, tensor_parallel=2)
+    assert (both.data, both.data_shard, both.context, both.tensor) == (2, 2, 2, 2)
+    assert both.names() == (("data", "context", "tensor"), (2, 2, 2))
+    with pytest.raises(ValueError, match=r"^train.context_parallel must be >= 1, got 0$"):
+        LoopConfig(context_parallel=0)
+
+
 def test_offloads_and_the_device_ride_along():
     d = dims(4, optimizer_offload=True)
     assert (d.optimizer_offload, d.frozen_offload) == (True, False)
@@ -51,14 +62,16 @@ def test_dimensions_whose_product_is_not_the_world_are_refused():
 
 def test_the_data_sub_mesh_of_each_layout(tmp_path):
     """On a gloo world of one rank, each layout's mesh (sizes 1): FSDP2's data mesh is the whole
-    mesh (full shard, HSDP), the data dimension (tensor slices) or, beside experts, the mesh
-    flattened; each sub-mesh one object (the optimizer groups DTensors by mesh)."""
+    mesh (full shard, HSDP), the data dimension (tensor slices) or, beside experts or context
+    groups, the mesh flattened; each sub-mesh one object (the optimizer groups DTensors by mesh)."""
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         for names, data in [(("shard",), ("shard",)), (REPLICATE_SHARD, REPLICATE_SHARD),
                             (("data", "tensor"), ("data",)),
-                            (("expert_replica", "expert"), ("data",))]:
+                            (("expert_replica", "expert"), ("data",)),
+                            (("data", "context"), ("data_context",)),  # FSDP2 over data x context
+                            (("data", "context", "tensor"), ("data_context",))]:
             sizes = (1,) * len(names)
             mesh = sub_mesh("cpu", sizes, names, "data")
             assert mesh.mesh_dim_names == data and mesh is sub_mesh("cpu", sizes, names, "data")

@@ -5,6 +5,7 @@ import torch
 
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig
+from fusedrl.engine.config.train import DataConfig, RMConfig, TrainConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.parallel.validate import validate
 from fusedrl.engine.plan.check import refuse_unfit
@@ -22,6 +23,13 @@ def grpo(**train):
      r"^train.data_parallel=hybrid with train.tensor_parallel=2"),
     ({"tensor_parallel": 2, "optimizer_offload": True}, 2,
      r"^train.optimizer_offload=true with lora.rank=0 and train.tensor_parallel=2 on 2 GPUs"),
+    ({"context_parallel": 3}, 4, r"^train.context_parallel=3: expected a divisor of the world size 4 "),
+    ({"context_parallel": 2, "tensor_parallel": 4}, 4,
+     r"^train.context_parallel=2: expected a divisor of the world size 4 \(C x train.tensor_parallel=4 ranks a "),
+    ({"context_parallel": 2, "prefix_sharing": True}, 4,
+     r"^train.context_parallel=2: not supported beside train.prefix_sharing=True \(expected each at its default\)$"),
+    ({"context_parallel": 2, "data_parallel": "replicate", "prefix_sharing": True}, 4,
+     r"^train.context_parallel=2: not supported beside train.data_parallel=replicate, train.prefix_sharing=True "),
 ])
 def test_combinations_are_refused_in_one_line(train, gpus, message):
     cfg = grpo(**train)
@@ -48,3 +56,26 @@ def test_the_plan_refuses_what_the_run_would(qwen2_dir, capsys):
     cfg = grpo()
     cfg.rollout = RolloutConfig(persistent_weights=True)
     validate(cfg, 2)  # FSDP2's shards are gathered: kept
+
+
+def test_context_parallel_refuses_the_reward_model_stage_lora_beside_slices_and_a_critic():
+    rm = RMConfig(model="m", output_dir="o", data=DataConfig(train_file="f", format="pairwise"),
+                  train=TrainConfig(device="cpu", context_parallel=2))
+    with pytest.raises(UsageError, match=r"^train.context_parallel=2: only SFT, PPO and GRPO train context-parallel$"):
+        validate(rm, 2)
+    cfg = grpo(context_parallel=2, tensor_parallel=2)
+    cfg.lora = LoRAConfig(rank=4)
+    with pytest.raises(UsageError, match=r"^train.context_parallel=2: not supported beside lora.rank=4 with "
+                                         r"train.tensor_parallel=2 \("):
+        validate(cfg, 4)
+    cfg = grpo(context_parallel=2)
+    cfg.critic, cfg.reward_model = "shared", "rm"
+    with pytest.raises(UsageError, match=r"^train.context_parallel=2: not supported beside critic=shared, "
+                                         r"reward_model=rm \("):
+        validate(cfg, 2)
+
+
+def test_the_plan_refuses_a_context_size_that_does_not_divide_the_gpus(qwen2_dir, capsys):
+    code, err = cli_error(["plan", "grpo", f"policy={qwen2_dir}", "--gpus", "4", "train.context_parallel=3"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("fusedrl plan: train.context_parallel=3: expected a divisor of the world size 4")
