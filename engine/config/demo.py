@@ -9,7 +9,7 @@ from .train import Precision
 
 
 # The options whose default depends on the task (None: this default): sort, tool.
-TASK_DEFAULTS = {"digits": (4, 3), "algo": ("ppo", "grpo"), "rl_iterations": (100, 30)}
+TASK_DEFAULTS = {"digits": (4, 3), "sft_epochs": (4, 8), "algo": ("ppo", "grpo"), "rl_iterations": (100, 30)}
 
 
 @dataclass
@@ -25,7 +25,7 @@ class DemoConfig:
     demo_noise: float = option("task=sort: fraction of SFT demonstrations that are wrong", 0.4)
     tool_calls: float = option("task=tool: fraction of SFT demonstrations that call the tool (the others "
                                "answer at once)", 0.5)
-    sft_epochs: int = option("SFT epochs", 4)
+    sft_epochs: int | None = option("SFT epochs (default: sort 4, tool 8)")
     rm_epochs: int = option("reward-model epochs", 3)
     algo: Literal["ppo", "grpo"] | None = option(
         "ppo: SFT -> reward model -> PPO; grpo: SFT -> GRPO with the program's check as the reward "

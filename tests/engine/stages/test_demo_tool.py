@@ -81,8 +81,8 @@ def test_sft_rows_train_the_call_and_the_answer_only(tmp_path, tok):
 
 def test_config_defaults_per_task_and_errors():
     sort, tool = DemoConfig(), DemoConfig(task="tool")
-    assert (sort.digits, sort.algo, sort.rl_iterations) == (4, "ppo", 100)
-    assert (tool.digits, tool.algo, tool.rl_iterations) == (3, "grpo", 30)
+    assert (sort.digits, sort.sft_epochs, sort.algo, sort.rl_iterations) == (4, 4, "ppo", 100)
+    assert (tool.digits, tool.sft_epochs, tool.algo, tool.rl_iterations) == (3, 8, "grpo", 30)
     with pytest.raises(ValueError, match="algo must be grpo with task=tool"):
         DemoConfig(task="tool", algo="ppo")
     with pytest.raises(ValueError, match=r"tool_calls must be in \[0, 1\], got 1.5"):
