@@ -91,7 +91,7 @@ def test_config_defaults_per_task_and_errors():
 
 def test_tool_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "tool"
-    assert cli.main(["demo", "task=tool", f"output_dir={out}", "train_prompts=48", "eval_prompts=4", "sft_epochs=1",
+    assert cli.main(["demo", "task=tool", f"output_dir={out}", "train_prompts=16", "eval_prompts=2", "sft_epochs=1",
                      "rl_iterations=1", "rl_prompts=2", "eval_samples=2", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "GRPO accuracy (held-out, sampled, with the tool)" in printed and "GRPO gain over SFT" in printed
