@@ -151,7 +151,10 @@ def run_demo(args) -> int:
         return config_io.print_config(cfg)
     run_dir.check_target(cfg.output_dir, "demo", overwrite=cfg.overwrite)  # before the demo imports torch
     path_checks.check_output_dir(cfg.output_dir)
-    from .stages.demo import format_table, run_demo as demo
+    if cfg.task == "tool":
+        from .stages.demo_tool import format_tool_table as format_table, run_tool_demo as demo
+    else:
+        from .stages.demo import format_table, run_demo as demo
     table = demo(cfg, quiet=args.quiet)
     print(format_table(table))
     print(f"results: {cfg.output_dir}/results.json, curves: {', '.join(table['plots'])}")
@@ -162,7 +165,8 @@ def add_demo_parser(commands) -> None:
     p = commands.add_parser(
         "demo", help="the whole RLHF recipe on a program-checkable task, no downloads",
         description="SFT -> reward model -> PPO (or algo=grpo: SFT -> GRPO with the program's reward) on a "
-                    "digit-sorting task, from nothing",
+                    "digit-sorting task, from nothing; task=tool: SFT -> multi-turn GRPO of a model learning "
+                    "to call an add tool",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="options (key=value):\n" + "\n".join(config_io.describe(DemoConfig)))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options, e.g. seed=1 output_dir=runs/demo")

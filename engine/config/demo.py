@@ -8,19 +8,29 @@ from .fields import check, check_fields, option
 from .train import Precision
 
 
+# The options whose default depends on the task (None: this default): sort, tool.
+TASK_DEFAULTS = {"digits": (4, 3), "sft_epochs": (4, 8), "algo": ("ppo", "grpo"), "rl_iterations": (100, 30)}
+
+
 @dataclass
 class DemoConfig:
+    task: Literal["sort", "tool"] = option(
+        "sort: single-turn, sort the prompt's digits; tool: multi-turn, add two numbers by calling an add "
+        "tool (SFT on tool-call conversations, then GRPO with the tool)", "sort")
     output_dir: str = option("where the runs, table and plot go", "fusedrl-demo")
     seed: int = option("seed of the data, the model init and every stage", 0)
-    digits: int = option("digits per prompt", 4)
+    digits: int | None = option("digits per prompt (sort) or per number (tool) (default: sort 4, tool 3)")
     train_prompts: int = option("prompts for SFT, RM and PPO", 2000)
     eval_prompts: int = option("held-out prompts for the accuracy", 100)
-    demo_noise: float = option("fraction of SFT demonstrations that are wrong", 0.4)
-    sft_epochs: int = option("SFT epochs", 4)
+    demo_noise: float = option("task=sort: fraction of SFT demonstrations that are wrong", 0.4)
+    tool_calls: float = option("task=tool: fraction of SFT demonstrations that call the tool (the others "
+                               "answer at once)", 0.5)
+    sft_epochs: int | None = option("SFT epochs (default: sort 4, tool 8)")
     rm_epochs: int = option("reward-model epochs", 3)
-    algo: Literal["ppo", "grpo"] = option("ppo: SFT -> reward model -> PPO; grpo: SFT -> GRPO with the program's "
-                                          "check as the reward", "ppo")
-    rl_iterations: int = option("PPO or GRPO iterations", 100)
+    algo: Literal["ppo", "grpo"] | None = option(
+        "ppo: SFT -> reward model -> PPO; grpo: SFT -> GRPO with the program's check as the reward "
+        "(default: sort ppo, tool grpo, its only one)")
+    rl_iterations: int | None = option("PPO or GRPO iterations (default: sort 100, tool 30)")
     rl_prompts: int = option("prompts per iteration (PPO samples 4 responses each, GRPO 8)", 16)
     eval_samples: int = option("samples per held-out prompt for the accuracy", 4)
     lora_rank: int = option("0: the RL stage trains every weight of the policy; r > 0: it trains rank-r LoRA "
@@ -34,7 +44,13 @@ class DemoConfig:
     overwrite: bool = option("replace an existing output_dir", False)
 
     def __post_init__(self):
+        for name, defaults in TASK_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, defaults[self.task == "tool"])
         check_fields(self)
+        check(self.task == "sort" or self.algo == "grpo",
+              f"algo must be grpo with task=tool (its reward is the program's), got {self.algo!r}")
+        check(0 <= self.tool_calls <= 1, f"tool_calls must be in [0, 1], got {self.tool_calls}")
         check(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
         check(2 <= self.digits <= 8, f"digits must be in [2, 8], got {self.digits}")
         check(0 <= self.demo_noise < 1, f"demo_noise must be in [0, 1), got {self.demo_noise}")

@@ -3,7 +3,9 @@
 SFT rows (data.format, `auto` decides per row by its keys, in this order):
 - chat               {"messages": [{"role", "content"}, ...]} ending with an assistant turn; every
                      assistant turn is trained (TRL's assistant_only_loss), or the last one only
-                     (data.train_on=last_turn); rendered by data/chat.py
+                     (data.train_on=last_turn); rendered by data/chat.py. Assistant messages may
+                     carry `tool_calls` (OpenAI/TRL shape, their tokens trained), `tool` messages
+                     answer them (context), and a `tools` column (JSON schemas) goes to the template
 - prompt_completion  {"prompt", "completion"}: two strings (joined as they are), or two message
                      lists (the chat template applied; the completion's assistant turns trained)
 - demonstration      {"prompt": str, "response": str}
@@ -22,6 +24,7 @@ Reward-model rows:
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +44,11 @@ class Demonstration:
 
     prompt: str
     response: str
-    messages: tuple | None = None  # ((role, content), ...)
+    messages: tuple | None = None  # ((role, content), ...); (role, content, extras) see parse_turns
     # With messages: the assistant turns from this index on are trained; None: the last turn only,
     # rendered as prompt + response.
     train_from: int | None = None
+    tools: str | None = None  # the row's `tools` column (JSON schemas for the template), as JSON
 
 
 @dataclass(frozen=True)
@@ -65,19 +69,54 @@ def _string(row: dict, key: str) -> str:
     return value
 
 
+# The message keys kept besides role and content: an assistant's tool calls, a tool answer's name / id.
+EXTRA_KEYS = ("tool_calls", "name", "tool_call_id")
+
+
 def parse_turns(value, key: str) -> tuple:
-    """A message list [{"role": str, "content": str}, ...] -> ((role, content), ...)."""
+    """A message list [{"role": str, "content": str}, ...] -> ((role, content), ...); a message with
+    tool_calls (an assistant's; its content may then be missing or null), name or tool_call_id is
+    (role, content, extras) instead, extras those keys as a JSON object (hashable, as records are)."""
     if not isinstance(value, list) or not value:
         raise ValueError(f"field {key!r} must be a non-empty list of {{role, content}} messages")
+    turns = []
     for i, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
             raise ValueError(f"{key}[{i}] must be an object with string role and content")
-    return tuple((m["role"], m["content"]) for m in value)
+        # Columnar sources (parquet, datasets) fill keys a message lacks with null.
+        extras = {k: m[k] for k in EXTRA_KEYS if m.get(k) is not None}
+        if "tool_calls" in extras:
+            _check_tool_calls(m["role"], extras["tool_calls"], f"{key}[{i}]")
+        content = "" if "tool_calls" in extras and m.get("content") is None else m.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"{key}[{i}] must be an object with string role and content")
+        turns.append((m["role"], content, json.dumps(extras)) if extras else (m["role"], content))
+    return tuple(turns)
+
+
+def _check_tool_calls(role: str, calls, where: str) -> None:
+    if role != "assistant":
+        raise ValueError(f"{where} has tool_calls but role {role!r}: only assistant messages call tools")
+    for j, call in enumerate(calls if isinstance(calls, list) else [None]):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments", {}), (dict, str))):
+            raise ValueError(f"{where}.tool_calls[{j}] is {str(call)[:120]!r}: expected "
+                             '{"type": "function", "function": {"name": str, "arguments": object}}')
+
+
+def tools_column(row: dict) -> str | None:
+    """The row's `tools` (a list of JSON schemas, or null) as JSON, for the chat template."""
+    tools = row.get("tools")
+    if tools is None:
+        return None
+    if not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError(f"field 'tools' must be a list of JSON schema objects, got {str(tools)[:120]!r}")
+    return json.dumps(tools)
 
 
 def _ends_with_assistant(turns: tuple, what: str) -> None:
-    if turns[-1][0] != "assistant" or not turns[-1][1]:
+    if turns[-1][0] != "assistant" or not (turns[-1][1] or len(turns[-1]) == 3):
         raise ValueError(f"the last message of {what} must be a non-empty assistant turn")
 
 
@@ -86,7 +125,7 @@ def _chat(row: dict, all_turns: bool) -> Demonstration:
     if len(turns) < 2:
         raise ValueError("messages must be a list of at least two {role, content} turns")
     _ends_with_assistant(turns, "messages (it is the response)")
-    return Demonstration("", turns[-1][1], turns, 0 if all_turns else None)
+    return Demonstration("", turns[-1][1], turns, 0 if all_turns else None, tools_column(row))
 
 
 def _prompt_completion(row: dict) -> Demonstration:
@@ -99,7 +138,7 @@ def _prompt_completion(row: dict) -> Demonstration:
         completion_turns = parse_turns(completion, "completion")
         _ends_with_assistant(completion_turns, "completion")
         turns = prompt_turns + completion_turns
-        return Demonstration("", turns[-1][1], turns, len(prompt_turns))
+        return Demonstration("", turns[-1][1], turns, len(prompt_turns), tools_column(row))
     completion = _string(row, "completion")
     if not completion:
         raise ValueError("empty completion")
@@ -179,8 +218,9 @@ def _implicit(row: dict) -> Ranking:
 
 
 def as_messages(turns) -> list[dict]:
-    """((role, content), ...) -> [{"role", "content"}, ...] (what chat templates read)."""
-    return [{"role": role, "content": content} for role, content in turns]
+    """((role, content[, extras]), ...) -> [{"role", "content", ...extras}, ...] (what chat
+    templates read)."""
+    return [{"role": t[0], "content": t[1], **(json.loads(t[2]) if len(t) == 3 else {})} for t in turns]
 
 
 def _hh_row(row: dict) -> Ranking:

@@ -91,10 +91,10 @@ def tokenize_record(tokenizer, record, max_length: int, max_prompt_length: int) 
     """A Demonstration or Ranking -> TokenizedExample, or None when a response has no room left
     (an empty prompt and response together, which cannot happen when P < L)."""
     if isinstance(record, Demonstration) and record.train_from is not None:
-        pieces = conversation_pieces(tokenizer, record.messages, record.train_from)
+        pieces = conversation_pieces(tokenizer, record.messages, record.train_from, record.tools)
         return tokenize_conversation(tokenizer, pieces, max_length, max_prompt_length)
     if isinstance(record, Demonstration):
-        prompt, responses = (render_chat(tokenizer, record.messages) if record.messages
+        prompt, responses = (render_chat(tokenizer, record.messages, record.tools) if record.messages
                              else (record.prompt, record.response))
         responses = (responses,)
     elif isinstance(record, Ranking) and record.messages:

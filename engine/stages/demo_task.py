@@ -116,21 +116,24 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def build_base_model(out_dir: Path, seed: int, arch: str = "llama") -> str:
+def build_base_model(out_dir: Path, seed: int, arch: str = "llama", tokenizer=None, max_positions: int = 64) -> str:
     """A tiny random Llama (or Qwen3-MoE of the same shapes, 8 experts of half the MLP width, top-2)
-    and its tokenizer, saved as a Hugging Face directory."""
+    over `tokenizer`'s vocabulary (default: this task's) and the tokenizer, saved as a Hugging Face
+    directory."""
     import torch
     import transformers
 
+    tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
-    shapes = dict(vocab_size=len(VOCAB), hidden_size=96, intermediate_size=192, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+    shapes = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     if arch == "qwen3_moe":
         config = transformers.Qwen3MoeConfig(**shapes, head_dim=24, num_experts=8, num_experts_per_tok=2,
                                              moe_intermediate_size=96, norm_topk_prob=True)
         transformers.Qwen3MoeForCausalLM(config).save_pretrained(out_dir)
     else:
         transformers.LlamaForCausalLM(transformers.LlamaConfig(**shapes)).save_pretrained(out_dir)
-    build_tokenizer().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
     return str(out_dir)

@@ -70,10 +70,13 @@ def make_tokenizer():
 # A Qwen-style chat template over the test tokenizer's special tokens: <|r2|> opens a turn, EOS
 # ends it.
 # Qwen's shape with the tokenizer's own specials: <|r2|> opens a message, </s> (EOS) ends it; the
-# tools, when given, in a system message naming the Hermes '<tool_call>' format (engine/agents).
+# tools, when given, in a system message naming the Hermes '<tool_call>' format (engine/agents);
+# an assistant message's tool_calls (OpenAI/TRL shape) written as Hermes blocks after its content.
 CHAT_TEMPLATE = ("{% if tools %}<|r2|>system\nTools: {{ tools | tojson }} Call one as <tool_call>"
                  "{\"name\": ..., \"arguments\": ...}</tool_call></s>\n{% endif %}"
-                 "{% for m in messages %}<|r2|>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
+                 "{% for m in messages %}<|r2|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "{% for c in m.tool_calls or [] %}<tool_call>{\"name\": \"{{ c.function.name }}\", "
+                 "\"arguments\": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}</s>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|r2|>assistant\n{% endif %}")
 
 

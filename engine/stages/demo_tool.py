@@ -1,0 +1,116 @@
+"""`fusedrl demo task=tool`: a tiny model that cannot add multi-digit numbers learns to call a
+calculator tool. The task, data, tokenizer and tool come from engine/stages/demo_tool_task.py.
+  1. SFT on conversations (data/chat.py's tool_calls rows) of which cfg.tool_calls call the `add`
+     tool and the others answer at once: the SFT policy calls it now and then, and its direct
+     answers are mostly wrong;
+  2. GRPO with the tool (rollout.tools: multi-turn trajectories through LLM.generate_turns, the
+     tool's results as `tool` messages, the loss on the model's tokens only) and the program's
+     check of the final answer as the reward.
+Accuracy is the program's judgement of the final answer of trajectories sampled with the tool at
+the rollout temperature, on held-out questions.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..config.demo import DemoConfig
+from ..durable import write_text_atomic
+from ..run_dir import claim, releases_output_dir
+from .demo import TEMPERATURE, last_metric, rl_training
+from .demo_task import build_base_model
+from .demo_tool_task import add, build_tokenizer, final_answer, is_correct, tool_reward, write_tool_data
+
+TOOLS = [f"{add.__module__}:{add.__name__}"]
+MAX_TURNS = 2          # the call, then the answer
+MAX_NEW_TOKENS = 32    # a turn: the tool call is 24 tokens
+MAX_POSITIONS = 128    # the longest conversation is 68 tokens
+
+
+def tool_accuracy(model, tokenizer, prompts: list[str], samples: int, seed: int) -> dict:
+    """{"accuracy": fraction of sampled trajectories (n per prompt) whose final answer is right,
+    "tool_rate": fraction that called the tool}, the trajectories run with the tool."""
+    from ..agents import AgentLimits, ChatRenderer, ToolEnvironment, parse_hermes, run_agents, tool_schema
+    from ..inference.llm import LLM
+    from ..inference.sampling_params import SamplingParams
+
+    llm = LLM(model, tokenizer=tokenizer, kv_cache_memory=1 << 24, max_num_seqs=len(prompts) * samples,
+              use_cuda_graphs=False)
+    trajectories = run_agents(
+        llm.generate_turns, ChatRenderer(tokenizer, [tool_schema(add)]),
+        lambda row: ToolEnvironment({"add": add}, parse_hermes, row["prompt"]), [{"prompt": p} for p in prompts],
+        SamplingParams(n=samples, temperature=TEMPERATURE, max_new_tokens=MAX_NEW_TOKENS, seed=seed),
+        AgentLimits(MAX_TURNS, None, env_timeout_s=30.0))
+    judged = [is_correct(prompts[i // samples], final_answer(tokenizer.decode(t.tokens.token_ids)))
+              for i, t in enumerate(trajectories)]
+    return {"accuracy": sum(judged) / len(judged),
+            "tool_rate": sum(t.tokens.turns > 1 for t in trajectories) / len(trajectories)}
+
+
+@releases_output_dir
+def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
+    """SFT on tool-use conversations, then GRPO with the tool; returns (and saves) the final table.
+    cfg.output_dir is held as run_demo holds it (engine/stages/demo.py)."""
+    from ..agents import tool_schema
+    from ..config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
+    from ..config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
+    from ..model.hf_io import load_model
+    from ..train.plot import plot_run
+    from .ppo.trainer import run_ppo
+    from .sft import run_sft
+
+    start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    claim(out, "demo", overwrite=cfg.overwrite)
+    tokenizer = build_tokenizer()
+    data = write_tool_data(cfg, out / "data", [tool_schema(add)])
+    base = build_base_model(out / "base", cfg.seed, cfg.arch, tokenizer, MAX_POSITIONS)
+    loop = dict(device="cpu" if not torch.cuda.is_available() else None, precision=cfg.precision,
+                progress=not quiet, resume=False)
+
+    sft_dir = run_sft(SFTConfig(
+        model=base, output_dir=str(out / "sft"), seed=cfg.seed,
+        data=DataConfig(train_file=data["sft"], tokens_per_batch=512, max_length=MAX_POSITIONS,
+                        max_prompt_length=MAX_POSITIONS // 2, eval_fraction=0.05),
+        optim=OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.0),
+        train=TrainConfig(epochs=cfg.sft_epochs, eval_every=0, **loop)))
+
+    def evaluate(model) -> dict:
+        return tool_accuracy(model, tokenizer, data["held_out"], cfg.eval_samples, cfg.seed)
+
+    sft = evaluate(load_model(sft_dir))
+    rl_dir = run_ppo(GRPOConfig(
+        policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"), seed=cfg.seed,
+        rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,
+                              max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, kv_cache_memory=1 << 24,
+                              tools=TOOLS, max_turns=MAX_TURNS),
+        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=32, vf_coef=0.0, kl_loss_coef=0.001),
+        train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop), **rl_training(cfg)),
+        reward_fn=tool_reward)
+    rl = evaluate(load_model(rl_dir))
+    table = {
+        "task": "tool", "algo": "grpo",
+        "sft_accuracy": sft["accuracy"], "sft_tool_rate": sft["tool_rate"],
+        "rl_accuracy": rl["accuracy"], "rl_tool_rate": rl["tool_rate"],
+        "rl_gain_points": 100 * (rl["accuracy"] - sft["accuracy"]),
+        "rl_mean_score": last_metric(str(out / "rl"), "train", "score_mean"),
+        "rl_kl": last_metric(str(out / "rl"), "train", "kl"),
+        "seconds": time.perf_counter() - start,
+    }
+    write_text_atomic(out / "results.json", json.dumps(table, indent=2))
+    table["plots"] = [str(p) for run in ("sft", "rl") for p in plot_run(out / run)]
+    return table
+
+
+def format_tool_table(table: dict) -> str:
+    rows = [("SFT accuracy (held-out, sampled, with the tool)", f"{100 * table['sft_accuracy']:.1f}%"),
+            ("SFT trajectories calling the tool", f"{100 * table['sft_tool_rate']:.1f}%"),
+            ("GRPO accuracy (held-out, sampled, with the tool)", f"{100 * table['rl_accuracy']:.1f}%"),
+            ("GRPO trajectories calling the tool", f"{100 * table['rl_tool_rate']:.1f}%"),
+            ("GRPO gain over SFT", f"{table['rl_gain_points']:+.1f} points"),
+            ("wall time", f"{table['seconds']:.0f} s")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

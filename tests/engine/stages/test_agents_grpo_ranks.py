@@ -1,0 +1,46 @@
+"""Multi-turn GRPO under torchrun (2 CPU ranks over gloo): trajectories of an environment of three
+turns, each rank rolling out its own prompts, end with the weights of one process that rolls out
+all of them with the same seed (the ranks agree on every update)."""
+import torch
+from safetensors.torch import load_file
+
+from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
+from fusedrl.engine.config.train import OptimConfig
+from fusedrl.engine.stages.ppo.trainer import run_ppo
+from fusedrl.engine.train.runlog import read_metrics
+from agent_testing import save_chat_model
+from dist_testing import check, rank_threads, torchrun
+from train_testing import write_jsonl
+
+PROMPTS = ["hello world", "the brown dog", "lazy fox", "over the"]
+
+
+def config(root, name, ranks):
+    # 4 prompts x 2 trajectories in all (per rank: 4 // ranks prompts); one minibatch of the whole
+    # rollout, so the update does not depend on how the rows are split.
+    return GRPOConfig(policy=str(root / "chat"), prompts_file=str(root / "prompts.jsonl"),
+                      output_dir=str(root / name),
+                      rollout=RolloutConfig(prompts_per_iteration=4 // ranks, samples_per_prompt=2, max_new_tokens=6,
+                                            kv_cache_memory=1 << 22, max_prompt_length=40, temperature=1.0,
+                                            environment="agent_testing:ThreeTurns", max_turns=3),
+                      ppo=UpdateConfig(epochs=1, minibatch_size=8 // ranks, estimator="grpo", kl_loss_coef=0.01),
+                      optim=OptimConfig(lr=1e-4),
+                      train=LoopConfig(iterations=2, progress=False, device="cpu"))
+
+
+def test_two_ranks_train_multi_turn_trajectories_as_one_process(tmp_path):
+    save_chat_model(tmp_path / "chat")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    with rank_threads():
+        run_ppo(config(tmp_path, "one", 1))
+    check(torchrun("grpo", config(tmp_path, "two", 2), tmp_path, timeout=150))
+    train = [r for r in read_metrics(tmp_path / "two") if r["kind"] == "train"]
+    assert len(train) == 2 and all(len(r["tokens_per_rank"]) == 2 for r in train)
+    for r in train:  # every rank's trajectories ran their turns, the loss on the model's tokens only
+        assert r["turns/mean"] >= 2.5 and r["tokens/environment"] > r["tokens/model"] > 0
+        assert r["env/errors"] == r["env/timeouts"] == 0
+    one, two = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("one", "two"))
+    start = load_file(tmp_path / "chat" / "model.safetensors")
+    assert any(not torch.equal(start[name], two[name]) for name in two)  # it trained
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)

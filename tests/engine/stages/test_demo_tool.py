@@ -1,0 +1,102 @@
+"""`fusedrl demo task=tool`: its task (numbers, judge, reward), its tool and tokenizer, its SFT rows
+through the tool_calls data path, its config, and the whole demo on a very short setting."""
+import json
+import random
+
+import pytest
+
+from fusedrl.engine import cli
+from fusedrl.engine.agents import ChatRenderer, parse_hermes, parser_for as call_parser, tool_schema
+from fusedrl.engine.config.demo import DemoConfig
+from fusedrl.engine.data.packing import collate_sft
+from fusedrl.engine.data.records import parser_for
+from fusedrl.engine.data.tokenization import tokenize_record
+from fusedrl.engine.stages.demo_tool_task import (add, build_tokenizer, conversation, final_answer, is_correct,
+                                                  make_pairs, question, tool_reward, write_tool_data)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_the_tool_is_a_plain_function_with_a_schema():
+    assert add(482, 377) == 859
+    schema = tool_schema(add)["function"]
+    assert schema["name"] == "add" and set(schema["parameters"]["properties"]) == {"a", "b"}
+
+
+def test_pairs_have_fixed_lengths_and_held_out_ones_are_new():
+    rng = random.Random(0)
+    train = make_pairs(200, 3, rng)
+    held_out = make_pairs(50, 3, rng, exclude=set(train))
+    assert len(set(train)) == 200 and not set(train) & set(held_out)
+    # Every number and every sum of 3 digits: each copy spans a fixed distance.
+    assert all(len(str(a)) == len(str(b)) == len(str(a + b)) == 3 for a, b in train + held_out)
+
+
+def test_the_judge_reads_the_final_answer(tok):
+    assert is_correct("482 + 377", " 859") and not is_correct("482 + 377", "858")
+    called = tok.apply_chat_template(conversation(482, 377, call=True), tokenize=False)
+    after_prompt = called.split("<|im_start|>assistant\n", 1)[1]
+    assert final_answer(after_prompt) == "859"
+    assert final_answer("859<|im_end|>") == "859"
+    # A trajectory cut after its tool call has no final answer.
+    assert final_answer(after_prompt.split("<|im_start|>tool")[0]).startswith("<tool_call>")
+
+
+def test_the_reward_scores_the_trajectory_tokens(tok):
+    def ids(text):
+        return tok.encode(text, add_special_tokens=False)
+    called = tok.apply_chat_template(conversation(482, 377, call=True), tokenize=False)
+    trajectory = ids(called.split("<|im_start|>assistant\n", 1)[1])
+    prompts = ["482 + 377"] * 4
+    assert tool_reward(prompts, [trajectory, ids("859<|im_end|>"), ids("858<|im_end|>"), trajectory[:20]]) == \
+        [1.0, 1.0, 0.0, 0.0]
+
+
+def test_the_tokenizer_round_trips_and_its_template_calls_tools(tok):
+    text = tok.apply_chat_template(conversation(482, 377, call=True), tools=[tool_schema(add)], tokenize=False)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.unk_token_id not in ids and tok.decode(ids) == text
+    assert call_parser(tok) is parse_hermes
+    call = text.split("<|im_start|>assistant\n", 1)[1].split("<|im_end|>")[0]
+    assert [(c.name, c.arguments) for c in parse_hermes(call)] == [("add", {"a": 482, "b": 377})]
+    assert tok.decode([ChatRenderer(tok, [tool_schema(add)]).end_of_turn_id]) == "<|im_end|>"
+
+
+def test_sft_rows_train_the_call_and_the_answer_only(tmp_path, tok):
+    cfg = DemoConfig(task="tool", train_prompts=20, eval_prompts=5, tool_calls=0.5)
+    data = write_tool_data(cfg, tmp_path, [tool_schema(add)])
+    rows = [json.loads(line) for line in open(data["sft"])]
+    assert len(rows) == 20 and len(data["held_out"]) == 5 and all(r["tools"] for r in rows)
+    row = next(r for r in rows if len(r["messages"]) == 4)  # one that calls the tool
+    a, b = map(int, row["messages"][0]["content"].split(" + "))
+    batch = collate_sft([tokenize_record(tok, parser_for("sft", "auto")(row), 128, 64)])
+    trained = batch.target_ids.tolist()
+    call = '<tool_call>{"name": "add", "arguments": {"a": %d, "b": %d}}</tool_call><|im_end|>' % (a, b)
+    assert tok.decode(trained) == call + f"{a + b}<|im_end|>"  # the tool's result is context
+    assert question(a, b) in tok.decode(batch.input_ids.tolist())
+
+
+def test_config_defaults_per_task_and_errors():
+    sort, tool = DemoConfig(), DemoConfig(task="tool")
+    assert (sort.digits, sort.sft_epochs, sort.algo, sort.rl_iterations) == (4, 4, "ppo", 100)
+    assert (tool.digits, tool.sft_epochs, tool.algo, tool.rl_iterations) == (3, 8, "grpo", 30)
+    with pytest.raises(ValueError, match="algo must be grpo with task=tool"):
+        DemoConfig(task="tool", algo="ppo")
+    with pytest.raises(ValueError, match=r"tool_calls must be in \[0, 1\], got 1.5"):
+        DemoConfig(task="tool", tool_calls=1.5)
+
+
+def test_tool_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "tool"
+    assert cli.main(["demo", "task=tool", f"output_dir={out}", "train_prompts=16", "eval_prompts=2", "sft_epochs=1",
+                     "rl_iterations=1", "rl_prompts=2", "eval_samples=2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "GRPO accuracy (held-out, sampled, with the tool)" in printed and "GRPO gain over SFT" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "tool" and 0 <= results["sft_tool_rate"] <= 1
+    train = [json.loads(line) for line in open(out / "rl" / "metrics.jsonl") if '"train"' in line]
+    assert train and "turns/mean" in train[-1] and train[-1]["tokens"] == train[-1]["tokens/model"]
+    assert (out / "rl" / "final" / "model.safetensors").exists()
