@@ -143,10 +143,11 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
                          "supported: its expert GEMMs have no batch-invariant mode; set rollout.exact=false "
                          "(rollout.routing_replay keeps the trainer's experts the sampler's)")
     r = cfg.rollout
-    if policy.config.moe is not None and r.routing_replay and r.partial_rollouts:
-        raise UsageError("rollout.partial_rollouts=true with a mixture-of-experts policy and "
-                         "rollout.routing_replay: not supported (a carried answer's routing "
-                         "records do not carry); set either to false")
+    if policy.config.moe is not None and r.routing_replay and (r.partial_rollouts or r.multi_turn):
+        what = "rollout.partial_rollouts=true" if r.partial_rollouts else "rollout.tools or rollout.environment"
+        raise UsageError(f"{what} with a mixture-of-experts policy and rollout.routing_replay: not "
+                         "supported (a carried answer's or a later turn's routing records are not "
+                         "kept); set rollout.routing_replay=false")
     policy.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,

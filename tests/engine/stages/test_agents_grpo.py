@@ -65,3 +65,23 @@ def test_a_raising_or_hanging_tool_ends_its_trajectory_in_time(tool, error):
     assert not answered.done and state.messages[-1] == {"role": "tool", "name": "add", "content": "5"}
     reply = _step(state, renderer, tokenizer.encode(tool_call(tool.__name__, x=1)), limits)
     assert reply.done and state.error == error and state.seconds < 5
+
+
+def test_lora_trains_on_three_turn_trajectories_and_moe_replay_is_refused(tmp_path):
+    """LoRA: the sampler generates every turn through the adapters and the update trains them on the
+    model's tokens; an MoE policy with routing replay (its default) is refused in one line (a later
+    turn's expert records are not kept), and runs with routing_replay=false."""
+    from fusedrl.engine.errors import UsageError
+    from moe_testing import make_moe_model
+    model = save_chat_model(tmp_path / "chat")
+    records = grpo(tmp_path / "lora", model, {"environment": "agent_testing:ThreeTurns", "max_turns": 3},
+                   lora={"rank": 4})
+    assert len(records) == 2 and all(r["turns/mean"] >= 2.5 and r["tokens"] == r["tokens/model"] for r in records)
+    moe = tmp_path / "moe"
+    make_moe_model("qwen3_moe").save_pretrained(moe)
+    make_chat_tokenizer().save_pretrained(moe)
+    three = {"environment": "agent_testing:ThreeTurns", "max_turns": 3}
+    with pytest.raises(UsageError, match="rollout.tools or rollout.environment with a mixture-of-experts"):
+        grpo(tmp_path / "replay", moe, three)
+    records = grpo(tmp_path / "no-replay", moe, {**three, "routing_replay": False})
+    assert len(records) == 2 and all(r["turns/max"] <= 3 and r["tokens/model"] > 0 for r in records)
