@@ -11,8 +11,9 @@ from fusedrl.engine.plan.planner import plan_stage, stage_setup
 from fusedrl.engine.plan.rules import TODAY
 from test_plan_qwen import CKPT, NODE, POOL, plan, plan_table
 
+# Rows read whole at C = 1 too (prefix sharing's auto is on there, off at C > 1): the same tokens.
 LONG = ("rollout.max_new_tokens=16384", "rollout.prompts_per_iteration=4", "ppo.minibatch_size=8",
-        "ppo.tokens_per_microbatch=16640", "rollout.tokens_per_forward=16640")
+        "ppo.tokens_per_microbatch=16640", "rollout.tokens_per_forward=16640", "train.prefix_sharing=false")
 
 
 @pytest.fixture(scope="module")
