@@ -156,10 +156,12 @@ def gather_targets(x: torch.Tensor, counts: list[int], cp: ContextParallel) -> t
 
 def attend_over_context(meta: AttentionMetadata, cp: ContextParallel):
     """The decoder walk's attention of a shard (causal_lm.Attend): q [L, H, D] and k/v [L, Hkv, D]
-    rotated at their global positions, k/v gathered over the group, -> [L, H, D]."""
+    rotated at their global positions, k/v gathered over the group (one collective for both),
+    -> [L, H, D]."""
     def attend(layer: int, q, k, v, angles):
         q, k = angles.rotate(q, k)
-        return varlen_attention(q, gather_shards(k, cp), gather_shards(v, cp), meta)
+        keys, values = gather_shards(torch.stack((k, v), 1), cp).unbind(1)  # [C * L, Hkv, D] each
+        return varlen_attention(q, keys, values, meta)
     return attend
 
 
