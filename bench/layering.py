@@ -2,8 +2,8 @@
 import cycles (every import counts, TYPE_CHECKING and function-level ones included), engine imports
 of private kernel modules (anything below `fusedrl.kernels` but the package itself), upward imports
 between the engine's layers, duck-typed upward calls (getattr / hasattr / setattr of an attribute
-the parallel layout owns, which reaches a layer above without importing it), and library files over
-the line limit.
+the parallel layout owns, which reaches a layer above without importing it), library files long
+enough to ask for a split by concept, and library lines over 100 characters.
 
     python bench/layering.py            # prints the report; exit 1 when any rule is broken
     python bench/layering.py --json     # the same as one JSON object
@@ -18,7 +18,10 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = {"fusedrl.kernels": ROOT / "kernels", "fusedrl.engine": ROOT / "engine"}
-MAX_LINES = 400
+# A file this long is asking to be cut by concept; the bound is a prompt to split, not a target to
+# squeeze code under (long lines are their own rule).
+MAX_LINES = 500
+MAX_LINE_CHARS = 100
 # (importer prefix, forbidden import prefix): layering without upward imports.
 FORBIDDEN = [
     ("fusedrl.kernels", "fusedrl.engine"),
@@ -170,10 +173,13 @@ def report() -> dict:
                      for low, high in FORBIDDEN if within(name, low) and within(target, high)})
     ducks = sorted(call for name, path in known.items() if within(name, "fusedrl.engine")
                    for call in duck_typed_calls(name, path))
-    long_files = sorted(f"{path.relative_to(ROOT)}: {n}" for path in known.values()
-                        if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES)
+    texts = {path: path.read_text(encoding="utf-8").splitlines() for path in known.values()}
+    long_files = sorted(f"{path.relative_to(ROOT)}: {len(lines)}" for path, lines in texts.items()
+                        if len(lines) > MAX_LINES)
+    long_lines = sorted(f"{path.relative_to(ROOT)}:{i}: {len(line)}" for path, lines in texts.items()
+                        for i, line in enumerate(lines, 1) if len(line) > MAX_LINE_CHARS)
     return {"cycles": cycles(graph), "private_kernel_imports": private, "upward_imports": upward,
-            "duck_typed_calls": ducks, "files_over_limit": long_files}
+            "duck_typed_calls": ducks, "files_over_limit": long_files, "lines_over_limit": long_lines}
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """The `fusedrl` command: parsing and dispatch of every subcommand.
 
-    fusedrl info | demo | generate | sft | rm | ppo | grpo | plan | export | plot     (`fusedrl <command> --help`)
+    fusedrl info | demo | generate | sft | rm | ppo | grpo | plan | export | plot     (`fusedrl
+    <command> --help`)
 
 Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help`, config
 errors and wrong paths (engine/path_checks.py) import neither torch nor transformers. Each command's
@@ -43,7 +44,9 @@ def run_info(_args) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    print(f"torch {torch.__version__}, triton {triton_version}, CUDA available: {torch.cuda.is_available()}")
+    print(
+        f"torch {torch.__version__}, triton {triton_version}, CUDA available: "
+        f"{torch.cuda.is_available()}")
     print(f"requested backend: {kernels.requested_backend()} "
           f"(TRITON_INTERPRET={int(kernels.triton_interpreting())})")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -70,11 +73,14 @@ def _train_ppo(config):
 
 
 STAGES = {
-    "sft": (SFTConfig, _train_sft, "supervised fine-tuning on demonstrations (loss on response tokens)"),
+    "sft": (SFTConfig, _train_sft,
+            "supervised fine-tuning on demonstrations (loss on response tokens)"),
     "rm": (RMConfig, _train_rm, "reward model on pairwise or K-way rankings"),
-    "ppo": (PPOConfig, _train_ppo, "PPO of the SFT policy against a reward model (InstructGPT step 3)"),
-    "grpo": (GRPOConfig, _train_ppo, "critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++ baseline) against a "
-                                     "reward function or model"),
+    "ppo": (PPOConfig, _train_ppo,
+            "PPO of the SFT policy against a reward model (InstructGPT step 3)"),
+    "grpo": (GRPOConfig, _train_ppo,
+             "critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++ baseline) against a "
+             "reward function or model"),
 }
 
 
@@ -86,7 +92,8 @@ def add_stage_parser(commands, name: str) -> None:
     p.add_argument("--config", help="YAML file with the options below")
     add_debug_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options overriding the file")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit")
     add_quiet_flag(p)
     p.set_defaults(run=lambda args: run_stage(args, name))
 
@@ -111,10 +118,10 @@ def run_stage(args, name: str) -> int:
         raise errors.UsageError(str(e)) from None
     models, files = config.paths()
     path_checks.check_paths(models, files, config.output_dir)  # before the stage imports torch
-    run_dir.check_target(config.output_dir, name, overwrite=config.train.overwrite, resume=config.train.resume,
+    run_dir.check_target(config.output_dir, name, overwrite=config.train.overwrite,
+                         resume=config.train.resume,
                          inputs=run_paths.run_inputs(config, args.config),
-                         overwrite_option="train.overwrite=true",
-                         resume_option="train.resume=true")
+                         overwrite_option="train.overwrite=true", resume_option="train.resume=true")
     out = train(config)
     print(f"fusedrl {name}: model written to {out}")
     return 0
@@ -123,15 +130,20 @@ def run_stage(args, name: str) -> int:
 # --- plan -------------------------------------------------------------------------------------
 
 def add_plan_parser(commands) -> None:
-    p = commands.add_parser("plan", help="per-GPU memory of a training stage in each phase, before launch",
-                            description="per-GPU bytes of a stage's load, rollout, scoring, update and export "
-                                        "(weights, grads, optimizer, KV pool, gathered weights, activations), "
-                                        "whether it fits and what to change if not; needs only config.json")
+    p = commands.add_parser("plan",
+                            help="per-GPU memory of a training stage in each phase, before launch",
+                            description="per-GPU bytes of a stage's load, rollout, scoring, update "
+                                        "and export (weights, grads, optimizer, KV pool, gathered "
+                                        "weights, activations), whether it fits and what to change "
+                                        "if not; needs only config.json")
     p.add_argument("stage", choices=list(STAGES))
     p.add_argument("--config", help="the stage's YAML config")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="the stage's options (`fusedrl STAGE --help`)")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs of the run (torchrun --nnodes x --nproc-per-node)")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs of a node (default --gpus): data_parallel=hybrid's shards")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="the stage's options (`fusedrl STAGE --help`)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs of the run (torchrun --nnodes x --nproc-per-node)")
+    p.add_argument("--gpus-per-node", type=int,
+                   help="GPUs of a node (default --gpus): data_parallel=hybrid's shards")
     p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB or 79.6GiB")
     p.add_argument("--json", action="store_true", help="print one JSON object (with `fits`)")
     add_debug_flag(p)
@@ -149,7 +161,8 @@ def run_demo(args) -> int:
     cfg = config_io.command_config(DemoConfig, None, args.overrides)
     if args.print_config:
         return config_io.print_config(cfg)
-    run_dir.check_target(cfg.output_dir, "demo", overwrite=cfg.overwrite)  # before the demo imports torch
+    # before the demo imports torch
+    run_dir.check_target(cfg.output_dir, "demo", overwrite=cfg.overwrite)
     path_checks.check_output_dir(cfg.output_dir)
     if cfg.task == "tool":
         from .stages.demo_tool import format_tool_table as format_table, run_tool_demo as demo
@@ -164,14 +177,16 @@ def run_demo(args) -> int:
 def add_demo_parser(commands) -> None:
     p = commands.add_parser(
         "demo", help="the whole RLHF recipe on a program-checkable task, no downloads",
-        description="SFT -> reward model -> PPO (or algo=grpo: SFT -> GRPO with the program's reward) on a "
-                    "digit-sorting task, from nothing; task=tool: SFT -> multi-turn GRPO of a model learning "
-                    "to call an add tool",
+        description="SFT -> reward model -> PPO (or algo=grpo: SFT -> GRPO with the program's "
+                    "reward) on a digit-sorting task, from nothing; task=tool: SFT -> multi-turn "
+                    "GRPO of a model learning to call an add tool",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="options (key=value):\n" + "\n".join(config_io.describe(DemoConfig)))
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="options, e.g. seed=1 output_dir=runs/demo")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="options, e.g. seed=1 output_dir=runs/demo")
     add_quiet_flag(p)
-    p.add_argument("--print-config", action="store_true", help="print the resolved options as YAML and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved options as YAML and exit")
     add_debug_flag(p)
     p.set_defaults(run=run_demo)
 
@@ -180,7 +195,8 @@ def add_demo_parser(commands) -> None:
 
 def add_plot_parser(commands) -> None:
     p = commands.add_parser("plot", help="plot a run's metrics as PNG curves",
-                            description="PNG curves of a run's metrics.jsonl (one file per record kind)")
+                            description="PNG curves of a run's metrics.jsonl (one file per record "
+                                        "kind)")
     p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
     p.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
     add_debug_flag(p)
@@ -206,17 +222,24 @@ def run_plot(args) -> int:
 def add_export_parser(commands) -> None:
     p = commands.add_parser(
         "export", help="merge a LoRA adapter into its base model (a Hugging Face directory)",
-        description="Fold a PEFT LoRA adapter directory (a run's final_adapter/, a checkpoint's policy_adapter/ "
-                    "or PEFT's own) into its base model's weights and write a transformers-loadable directory.")
-    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--merge", action="store_true", help="write the merged model (required: the adapter "
-                                                        "directory itself is already PEFT's format)")
-    p.add_argument("--out", required=True, help="output directory: new, empty, or an earlier export (with "
-                                                "--overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (never a directory "
-                                                            "fusedrl did not make, nor an input)")
-    p.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the base checkpoint's)")
+        description="Fold a PEFT LoRA adapter directory (a run's final_adapter/, a checkpoint's "
+                    "policy_adapter/ or PEFT's own) into its base model's weights and write a "
+                    "transformers-loadable directory.")
+    p.add_argument("adapter",
+                   help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--merge", action="store_true",
+                   help="write the merged model (required: the adapter "
+                        "directory itself is already PEFT's format)")
+    p.add_argument("--out", required=True,
+                   help="output directory: new, empty, or an earlier export (with "
+                        "--overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out (never a directory "
+                        "fusedrl did not make, nor an input)")
+    p.add_argument("--base",
+                   help="base model directory (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--dtype", default="auto",
+                   help="float32 | bfloat16 | float16 | auto (the base checkpoint's)")
     add_debug_flag(p)
     p.set_defaults(run=run_export)
 
@@ -227,7 +250,8 @@ def _adapter_base(adapter: str) -> str:
     try:
         base = json.loads(open(config, encoding="utf-8").read()).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError) as e:
-        raise errors.UsageError(f"{adapter}: not a PEFT adapter directory ({config}: {e})") from None
+        raise errors.UsageError(
+            f"{adapter}: not a PEFT adapter directory ({config}: {e})") from None
     if not base:
         raise errors.UsageError(f"{config} names no base_model_name_or_path: give --base")
     return base
@@ -235,12 +259,14 @@ def _adapter_base(adapter: str) -> str:
 
 def run_export(args) -> int:
     if not args.merge:
-        raise errors.UsageError("nothing to export without --merge: the adapter directory is already PEFT's "
-                                "format; --merge writes the merged model")
+        raise errors.UsageError(
+            "nothing to export without --merge: the adapter directory is already PEFT's "
+            "format; --merge writes the merged model")
     base = args.base or _adapter_base(args.adapter)
     path_checks.check_model_path(base, "--base")
-    run_dir.check_target(args.out, "export", overwrite=args.overwrite, inputs=[args.adapter, base], option="--out",
-                         overwrite_option="--overwrite")  # before importing torch; merge_adapter checks again
+    # before importing torch; merge_adapter checks again
+    run_dir.check_target(args.out, "export", overwrite=args.overwrite, inputs=[args.adapter, base],
+                         option="--out", overwrite_option="--overwrite")
     path_checks.check_output_dir(args.out, "--out")
     from .model.peft_io import merge_adapter
     merge_adapter(args.adapter, base, args.out, args.dtype, args.overwrite)
@@ -258,7 +284,8 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusedrl", description="Kernel-optimized single-node RLHF.")
+    parser = argparse.ArgumentParser(prog="fusedrl",
+                                     description="Kernel-optimized single-node RLHF.")
     add_debug_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     add_debug_flag(commands.add_parser("info", help="versions, devices and kernel backends"))
@@ -323,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = {x for x in extra if x.startswith("--")}
     if unknown and hasattr(args, "overrides"):  # `--learning_rate 1e-4` (TRL's form): key=value
         args, extra = parser.parse_known_args(dashed_as_overrides(argv, unknown))
-    # key=value overrides after an option (`fusedrl plan ppo --gpus 8 lora.rank=64`): argparse leaves them over.
-    if extra and not (hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra)):
+    # key=value overrides after an option (`fusedrl plan ppo --gpus 8 lora.rank=64`): argparse
+    # leaves them over.
+    if (extra
+        and not (hasattr(args, "overrides")
+                 and all("=" in x and not x.startswith("-") for x in extra))):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = getattr(args, "overrides", []) + extra
     quiet_libraries(getattr(args, "quiet", False))

@@ -6,7 +6,8 @@ Renames replace a symbolic link at the destination; they never write through it.
 
 Used by the model export (engine/model/hf_io.py), the adapters (engine/model/peft_io.py), the
 training checkpoints (engine/train/checkpoint.py) and the run log's files, so all follow the same
-rules. Torch-free (torch is imported by check_finite alone), so the command line's checks can use it.
+rules. Torch-free (torch is imported by check_finite alone), so the command line's checks can use
+it.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class CorruptDirectory(FusedRLError):
 
 
 def temp_dir(final: Path, kind: str = "tmp") -> Path:
-    """A new hidden sibling of `final` to write into (kind "tmp") or to move an old copy aside ("old")."""
+    """A new hidden sibling of `final` to write into (kind "tmp") or to move an old copy aside
+    ("old")."""
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-", dir=final.parent))
 
 
@@ -63,7 +65,9 @@ def check_finite(named_tensors: Iterable[tuple[str, "torch.Tensor"]], what: str)
 
 def non_finite_error(name: str, what: str) -> NonFiniteError:
     """The error refusing to write `what` because tensor `name` holds a NaN or inf."""
-    return NonFiniteError(f"refusing to write {what}: {name!r} holds NaN or inf (the run diverged; nothing was written)")
+    return NonFiniteError(
+        f"refusing to write {what}: {name!r} holds NaN or inf (the run diverged; nothing was "
+        "written)")
 
 
 def publish(directory: Path) -> None:
@@ -121,7 +125,8 @@ def written_whole(final, before_rename: Callable[[], None] | None = None) -> Ite
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Rename the published `tmp` to `final`; an existing `final` (a directory the caller owns) is
-    moved aside first and removed after, so `final` is whole at every moment; the rename is fsynced."""
+    moved aside first and removed after, so `final` is whole at every moment; the rename is
+    fsynced."""
     if final.exists() or final.is_symlink():
         old = temp_dir(final, "old")
         os.rename(final, old / final.name)  # a link is moved aside itself, never followed
@@ -134,7 +139,8 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 def write_text_atomic(path, text: str) -> None:
     """Write a small text file whole or not at all: a hidden temp sibling, fsynced, renamed over
-    `path` (replacing a symbolic link there instead of writing through it), then the directory fsynced."""
+    `path` (replacing a symbolic link there instead of writing through it), then the directory
+    fsynced."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:

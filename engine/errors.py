@@ -15,7 +15,8 @@ import os
 import time
 
 DEBUG_ENV = "FUSEDRL_DEBUG"
-_MAX_MESSAGE = 600  # a message longer than this (e.g. a library's dump) is cut: one line stays one line
+# a message longer than this (e.g. a library's dump) is cut: one line stays one line
+_MAX_MESSAGE = 600
 
 
 class FusedRLError(Exception):
@@ -34,11 +35,13 @@ class ConfigValueError(UsageError, ValueError):
 
 
 class ModelError(FusedRLError, ValueError):
-    """A model directory that cannot be used: missing files, corrupt weights, unsupported architecture."""
+    """A model directory that cannot be used: missing files, corrupt weights, unsupported
+    architecture."""
 
 
 class NonFiniteError(FusedRLError, RuntimeError):
-    """NaN or inf where a number must be finite: a diverged run, a model producing NaN, a NaN to be written."""
+    """NaN or inf where a number must be finite: a diverged run, a model producing NaN, a NaN to be
+    written."""
 
 
 class Interrupted(FusedRLError):
@@ -77,8 +80,8 @@ SILENT_RANK_GRACE_S = 3.0
 
 
 def let_rank_0_speak() -> None:
-    """Wait SILENT_RANK_GRACE_S before a silent rank exits (should_print False): torchrun stops every
-    rank at the first exit, which could cut rank 0 off before it prints the one line."""
+    """Wait SILENT_RANK_GRACE_S before a silent rank exits (should_print False): torchrun stops
+    every rank at the first exit, which could cut rank 0 off before it prints the one line."""
     time.sleep(SILENT_RANK_GRACE_S)
 
 

@@ -53,30 +53,36 @@ class _Alias(argparse.Action):
 
 # flag -> (config key, argparse options): the flags `fusedrl generate` had before it read a config.
 _GENERATE_FLAGS = {
-    "--model": ("model", {}), "--prompt": ("prompts", {"repeat": True}), "--prompt-file": ("prompt_file", {}),
+    "--model": ("model", {}), "--prompt": ("prompts", {"repeat": True}),
+    "--prompt-file": ("prompt_file", {}),
     "--n": ("n", {"type": int}), "--max-new-tokens": ("max_new_tokens", {"type": int}),
     "--temperature": ("temperature", {"type": float}), "--top-k": ("top_k", {"type": int}),
-    "--top-p": ("top_p", {"type": float}), "--seed": ("seed", {"type": int}), "--dtype": ("dtype", {}),
+    "--top-p": ("top_p", {"type": float}), "--seed": ("seed", {"type": int}),
+    "--dtype": ("dtype", {}),
     "--device": ("device", {}), "--kv-cache-memory": ("kv_cache_memory", {"convert": parse_memory}),
-    "--block-size": ("block_size", {"type": int}), "--tensor-parallel": ("tensor_parallel", {"type": int}),
+    "--block-size": ("block_size", {"type": int}),
+    "--tensor-parallel": ("tensor_parallel", {"type": int}),
     "--speculative-tokens": ("speculative_tokens", {"type": int}),
     "--speculate-below": ("speculate_below", {"type": int}),
-    "--json": ("json", {"nargs": 0, "const": True}), "--no-progress": ("progress", {"nargs": 0, "const": False}),
+    "--json": ("json", {"nargs": 0, "const": True}),
+    "--no-progress": ("progress", {"nargs": 0, "const": False}),
 }
 
 
 def add_generate_parser(commands, add_debug_flag) -> None:
     """The `generate` subparser of `commands`, with the command's --debug flag (add_debug_flag)."""
     p = commands.add_parser("generate", help="generate completions with the paged-KV engine",
-                            description="complete prompts; text (or json=true lines) to stdout, progress to stderr",
+                            description="complete prompts; text (or json=true lines) to stdout, "
+                                        "progress to stderr",
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog=config_io.options_epilog(GenerateConfig))
     p.add_argument("--config", help="YAML file with the options below")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options overriding the file")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit")
     for flag, (key, options) in _GENERATE_FLAGS.items():
-        p.add_argument(flag, action=_Alias, key=key, default=argparse.SUPPRESS, help=f"the same as {key}=VALUE",
-                       **options)
+        p.add_argument(flag, action=_Alias, key=key, default=argparse.SUPPRESS,
+                       help=f"the same as {key}=VALUE", **options)
     add_debug_flag(p)
     p.set_defaults(run=run_generate)
 
@@ -92,15 +98,17 @@ def _alias_overrides(args) -> list[str]:
 
 
 def _as_option(error: ValueError) -> errors.UsageError:
-    """SamplingParams names its fields (SamplingParams.top_p): say which option the user gave (--top-p)."""
-    return errors.UsageError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(error)))
+    """SamplingParams names its fields (SamplingParams.top_p): say which option the user gave
+    (--top-p)."""
+    return errors.UsageError(
+        re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(error)))
 
 
 def _generate_tensor_parallel(cfg, prompts, params, device):
     from .inference.parallel_generate import generate_tensor_parallel
-    return generate_tensor_parallel(cfg.model, prompts, params, cfg.tensor_parallel, device=device, dtype=cfg.dtype,
-                                    use_tqdm=cfg.progress, kv_cache_memory=cfg.kv_budget(),
-                                    block_size=cfg.block_size)
+    return generate_tensor_parallel(cfg.model, prompts, params, cfg.tensor_parallel, device=device,
+                                    dtype=cfg.dtype, use_tqdm=cfg.progress,
+                                    kv_cache_memory=cfg.kv_budget(), block_size=cfg.block_size)
 
 
 def _prompts(cfg) -> list[str]:
@@ -121,18 +129,22 @@ def _prompts(cfg) -> list[str]:
         except OSError as e:
             raise errors.UsageError(f"--prompt-file {cfg.prompt_file}: {e.strerror}") from None
     if not prompts:
-        raise errors.UsageError("give --prompt TEXT (repeatable) or --prompt-file FILE (the options prompts, "
-                                "prompt_file)")
+        raise errors.UsageError(
+            "give --prompt TEXT (repeatable) or --prompt-file FILE (the options prompts, "
+            "prompt_file)")
     return prompts
 
 
 def run_generate(args) -> int:
-    """Complete the prompts of the config the command line gives; print them (text or JSON lines)."""
-    cfg = config_io.command_config(GenerateConfig, args.config, [*_alias_overrides(args), *args.overrides])
+    """Complete the prompts of the config the command line gives; print them (text or JSON
+    lines)."""
+    cfg = config_io.command_config(GenerateConfig, args.config,
+                                   [*_alias_overrides(args), *args.overrides])
     if args.print_config:
         return config_io.print_config(cfg)
     if not cfg.model:
-        raise errors.UsageError("give --model DIR (the option model): a Hugging Face model directory")
+        raise errors.UsageError(
+            "give --model DIR (the option model): a Hugging Face model directory")
     prompts = _prompts(cfg)
     parse_memory(None if cfg.kv_cache_memory is None else f"{cfg.kv_cache_memory:g}")
     # The arguments and the path first: torch-free, so a mistake is answered at once.
@@ -140,15 +152,16 @@ def run_generate(args) -> int:
     path_checks.check_tokenizer_files(cfg.model, "--model")
     from .inference.sampling_params import SamplingParams
     try:
-        params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_k=cfg.top_k,
+                                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     except ValueError as e:
         raise _as_option(e) from e
     from .inference.llm import LLM
     from .train.run_setup import check_model_dir, resolve_device
     check_model_dir(cfg.model, "--model")
     device = resolve_device(cfg.device, "--device")
-    try:  # an argument the engine rejects; the model's own problems are FusedRLErrors and pass through
+    # an argument the engine rejects; the model's own problems are FusedRLErrors and pass through
+    try:
         if cfg.tensor_parallel != 1:
             if cfg.speculative_tokens:
                 raise errors.UsageError(
@@ -158,8 +171,9 @@ def run_generate(args) -> int:
             if outputs is None:  # not the first rank: it printed nothing
                 return 0
         else:
-            llm = LLM(cfg.model, dtype=cfg.dtype, kv_cache_memory=cfg.kv_budget(), block_size=cfg.block_size,
-                      device=device, speculative_tokens=cfg.speculative_tokens,
+            llm = LLM(cfg.model, dtype=cfg.dtype, kv_cache_memory=cfg.kv_budget(),
+                      block_size=cfg.block_size, device=device,
+                      speculative_tokens=cfg.speculative_tokens,
                       speculate_below=cfg.speculate_below)
             outputs = llm.generate(prompts, params, use_tqdm=cfg.progress)
             if cfg.speculative_tokens:

@@ -1,6 +1,7 @@
-"""Checks of the paths a user names (model directories, input files, the output directory), torch-free
-so that every command runs them before importing torch or transformers: a wrong path is a one-line
-usage error (engine/errors.py) within a fraction of a second, never after seconds of imports."""
+"""Checks of the paths a user names (model directories, input files, the output directory),
+torch-free so that every command runs them before importing torch or transformers: a wrong path is a
+one-line usage error (engine/errors.py) within a fraction of a second, never after seconds of
+imports."""
 from __future__ import annotations
 
 import tempfile
@@ -13,10 +14,12 @@ CONFIG_FILE = "config.json"
 
 
 def check_model_path(path, option: str) -> None:
-    """`path` must be a directory holding a Hugging Face config.json (its contents are read later)."""
+    """`path` must be a directory holding a Hugging Face config.json (its contents are read
+    later)."""
     p = Path(path)
     if not p.exists():
-        raise UsageError(f"{option}={path}: no such directory (expected a Hugging Face model directory)")
+        raise UsageError(
+            f"{option}={path}: no such directory (expected a Hugging Face model directory)")
     if not p.is_dir() or not (p / CONFIG_FILE).is_file():
         raise UsageError(f"{option}={path}: not a Hugging Face model directory (no {CONFIG_FILE})")
 

@@ -1,10 +1,13 @@
 """The directories fusedrl writes (a training run's output_dir, the demo's, an export's --out): one
 run per directory, and nothing replaced that fusedrl did not make.
 
-    DIR/.fusedrl-run         {"kind": "sft", "created": "2026-01-01T00:00:00Z"}: written when fusedrl
+    DIR/.fusedrl-run         {"kind": "sft", "created": "2026-01-01T00:00:00Z"}: written when
+    fusedrl
                              creates the directory's contents, so a later command knows it made them
-    DIR/.fusedrl-run.lock    the lock a run holds (fcntl.flock, which the OS releases when the process
-                             dies, even by SIGKILL) and the holder's pid, for the message of a second run
+    DIR/.fusedrl-run.lock    the lock a run holds (fcntl.flock, which the OS releases when the
+    process
+                             dies, even by SIGKILL) and the holder's pid, for the message of a
+                             second run
 
 A command's target may be missing, empty, or an earlier output of the same command (marked). A
 non-empty directory without the marker is refused whatever the options: fusedrl never deletes what
@@ -48,14 +51,16 @@ def read_marker(directory) -> dict | None:
 def write_marker(directory, kind: str) -> None:
     """Mark `directory` as made by the fusedrl command `kind` (sft, rm, ppo, grpo, demo, export)."""
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_text_atomic(Path(directory) / MARKER, json.dumps({"kind": kind, "created": created}) + "\n")
+    write_text_atomic(Path(directory) / MARKER,
+                      json.dumps({"kind": kind, "created": created}) + "\n")
 
 
 def check_replaceable(path, inputs: Iterable = (), option: str = "output_dir") -> None:
     """UsageError unless the directory `path` may be deleted and written anew: never the current
     directory, the home directory, `/` or a parent of one of them, an input or a parent of one."""
     real = Path(path).resolve()
-    for name, protected in (("the current directory", Path.cwd()), ("the home directory", Path.home())):
+    for name, protected in (("the current directory", Path.cwd()),
+                            ("the home directory", Path.home())):
         if real == protected.resolve() or real in protected.resolve().parents:
             raise UsageError(f"{option}={path} is {name} or holds it: fusedrl never replaces it; "
                              f"choose another {option}")
@@ -70,7 +75,8 @@ def check_holds_no_input(path, inputs: Iterable, option: str) -> None:
     real = Path(path).resolve()
     for given in inputs:
         if given and (real == Path(given).resolve() or real in Path(given).resolve().parents):
-            raise UsageError(f"{option}={path} is or holds the input {given}: choose another {option}")
+            raise UsageError(
+                f"{option}={path} is or holds the input {given}: choose another {option}")
 
 
 def check_no_link_out(directory, option: str = "output_dir") -> None:
@@ -82,8 +88,9 @@ def check_no_link_out(directory, option: str = "output_dir") -> None:
             if entry.is_symlink():
                 target = Path(os.path.realpath(entry))  # a loop of links resolves as far as it goes
                 if target != root and root not in target.parents:
-                    raise UsageError(f"{option}={directory}: {entry.relative_to(root)} is a symbolic link to "
-                                     f"{target}, outside {option}; fusedrl never writes through it: remove it")
+                    raise UsageError(
+                        f"{option}={directory}: {entry.relative_to(root)} is a symbolic link to "
+                        f"{target}, outside {option}; fusedrl never writes through it: remove it")
 
 
 def check_target(path, kind: str, *, overwrite: bool, resume: bool = False, inputs: Iterable = (),
@@ -101,27 +108,32 @@ def check_target(path, kind: str, *, overwrite: bool, resume: bool = False, inpu
     if not p.is_dir():
         return False
     if probe_lock and (p / LOCK).is_file():
-        DirLock(p, option, create=False).release()  # a run holding it: refused now, not after the imports
+        # a run holding it: refused now, not after the imports
+        DirLock(p, option, create=False).release()
     if not [e for e in p.iterdir() if e.name not in _OURS]:
         return False
     marker = read_marker(p)
     # Refused before its links are looked at: nothing in it is fusedrl's to advise on.
     if marker is None:
-        raise UsageError(f"{option}={path} exists, is not empty and was not made by fusedrl (no {MARKER}): "
-                         f"fusedrl never deletes what it did not make; choose another {option}")
+        raise UsageError(
+            f"{option}={path} exists, is not empty and was not made by fusedrl (no {MARKER}): "
+            f"fusedrl never deletes what it did not make; choose another {option}")
     check_no_link_out(p, option)
     if overwrite:
         check_replaceable(p, inputs, option)
         return True
     if marker["kind"] != kind:
-        raise UsageError(f"{option}={path} holds a fusedrl {marker['kind']} output, not {kind}; pass "
-                         f"{overwrite_option} to replace it or another {option}")
+        raise UsageError(
+            f"{option}={path} holds a fusedrl {marker['kind']} output, not {kind}; pass "
+            f"{overwrite_option} to replace it or another {option}")
     if resume:
         return False
     if resume_option is None:
-        raise UsageError(f"{option}={path} exists and is not empty; pass {overwrite_option} or another {option}")
-    raise UsageError(f"{option}={path} holds an earlier {kind} run; pass {resume_option} to continue it, "
-                     f"{overwrite_option} to replace it, or another {option}")
+        raise UsageError(
+            f"{option}={path} exists and is not empty; pass {overwrite_option} or another {option}")
+    raise UsageError(
+        f"{option}={path} holds an earlier {kind} run; pass {resume_option} to continue it, "
+        f"{overwrite_option} to replace it, or another {option}")
 
 
 class DirLock:
@@ -135,12 +147,14 @@ class DirLock:
         try:
             self._fd = os.open(self.path, flags, 0o644)
         except OSError as e:
-            raise UsageError(f"{option}={directory}: cannot open its lock file {LOCK} ({e.strerror})") from None
+            raise UsageError(
+                f"{option}={directory}: cannot open its lock file {LOCK} ({e.strerror})") from None
         if not _try_flock(self._fd):
             holder = os.pread(self._fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(self._fd)
-            raise UsageError(f"{option}={directory} is in use by another fusedrl run (pid {holder}); wait for "
-                             f"it to end or choose another {option}")
+            raise UsageError(
+                f"{option}={directory} is in use by another fusedrl run (pid {holder}); wait for "
+                f"it to end or choose another {option}")
         if create:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n".encode("ascii"), 0)
@@ -165,7 +179,8 @@ def _try_flock(fd: int, tries: int = 20) -> bool:
 
 
 # The directories this process holds, by resolved path: taken by `claim` (for a training stage in
-# run_setup.start_run, on rank 0), released when the stage's entry point returns (`releases_output_dir`).
+# run_setup.start_run, on rank 0), released when the stage's entry point returns
+# (`releases_output_dir`).
 _held: dict[Path, DirLock] = {}
 
 
@@ -177,8 +192,9 @@ def claim(path, kind: str, *, overwrite: bool, resume: bool = False, inputs: Ite
     another run holds it), check again under the lock, empty an earlier output when overwriting
     (unless `empty` is off: a command that replaces the directory whole, as export does), and
     mark it. The lock is held until `release(path)`."""
-    check = functools.partial(check_target, path, kind, overwrite=overwrite, resume=resume, inputs=inputs,
-                              option=option, overwrite_option=overwrite_option, resume_option=resume_option)
+    check = functools.partial(check_target, path, kind, overwrite=overwrite, resume=resume,
+                              inputs=inputs, option=option, overwrite_option=overwrite_option,
+                              resume_option=resume_option)
     check()
     p = Path(path)
     try:
@@ -199,7 +215,8 @@ def claim(path, kind: str, *, overwrite: bool, resume: bool = False, inputs: Ite
 
 
 def _empty(directory: Path) -> None:
-    """Remove an earlier output's contents (links unlinked, never followed), keeping the held lock."""
+    """Remove an earlier output's contents (links unlinked, never followed), keeping the held
+    lock."""
     for entry in directory.iterdir():
         if entry.name == LOCK:
             continue

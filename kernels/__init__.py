@@ -12,11 +12,11 @@ group advantages) are written once, in statistics.py; the ones that pool entries
 the ranks' sum, and give every rank what one process computes on all ranks' rows.
 
 The model's ops (the engine's only way in): `rms_norm`, `rope`, `silu_mul`, `norm_linear` (a decode
-step's norm + projection), the mixture-of-experts layer's `moe_sort`, `moe_permute`, `grouped_linear`
-and `moe_unpermute`, `store_kv` and `rope_store_decode` (the paged KV cache), `sample_triton`
-with its `SamplerWorkspace`, and `exact`, the batch-invariant mode's ops. The decider's questions
-(`backend_for`, `model_backend`, `attention_backend`, ...) come from `dispatch`, the one place that
-reads the environment and looks at devices to choose an implementation.
+step's norm + projection), the mixture-of-experts layer's `moe_sort`, `moe_permute`,
+`grouped_linear` and `moe_unpermute`, `store_kv` and `rope_store_decode` (the paged KV cache),
+`sample_triton` with its `SamplerWorkspace`, and `exact`, the batch-invariant mode's ops. The
+decider's questions (`backend_for`, `model_backend`, `attention_backend`, ...) come from `dispatch`,
+the one place that reads the environment and looks at devices to choose an implementation.
 """
 if __name__ != "fusedrl.kernels":
     # The repository root is on sys.path and this folder was imported as `kernels`: see shadowed.py.
@@ -24,12 +24,13 @@ if __name__ != "fusedrl.kernels":
     stand_aside(__name__, __file__)
 else:
     from . import reference
-    from .dispatch import (BACKENDS, attention_backend, backend_for, flash_attn, fused_for_model, model_backend,
-                           requested_backend, triton_interpreting, use_backend)
+    from .dispatch import (BACKENDS, attention_backend, backend_for, flash_attn, fused_for_model,
+                           model_backend, requested_backend, triton_interpreting, use_backend)
     from .advantages import gae
     from .whiten import masked_whiten
     from .statistics import (AGGS, GROUP_ESTIMATORS, IS_LEVELS, IS_MODES, SumOver, aggregation_rule,
-                             explained_variance, group_advantages, importance_weights, masked_mean, masked_moments)
+                             explained_variance, group_advantages, importance_weights, masked_mean,
+                             masked_moments)
     from .kl import kl_penalty
     from .linear_logprobs import linear_token_logprobs
     from .ppo_loss import ppo_policy_loss, ppo_value_loss
@@ -45,9 +46,11 @@ else:
     from .invariant import exact
 
     __all__ = [
-        "BACKENDS", "backend_for", "use_backend", "requested_backend", "triton_interpreting", "model_backend",
+        "BACKENDS", "backend_for", "use_backend", "requested_backend", "triton_interpreting",
+        "model_backend",
         "fused_for_model", "attention_backend", "flash_attn", "reference",
-        "AGGS", "GROUP_ESTIMATORS", "IS_LEVELS", "IS_MODES", "SumOver", "aggregation_rule", "masked_mean",
+        "AGGS", "GROUP_ESTIMATORS", "IS_LEVELS", "IS_MODES", "SumOver", "aggregation_rule",
+        "masked_mean",
         "masked_moments", "explained_variance", "importance_weights", "group_advantages",
         "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten",
         "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul", "norm_linear",

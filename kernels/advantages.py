@@ -55,8 +55,8 @@ def _gae_kernel(
         v = tl.load(values_ptr + row + t, mask=here, other=0.0).to(tl.float32)
         r = tl.where(valid, r, 0.0)
         v = tl.where(valid, v, 0.0)
-        # Step t's map of the G entering it: valid G_t = gamma * lam * G_n(t) + (1 - lam) V_t + lam r_t;
-        # an invalid step passes G through (identity).
+        # Step t's map of the G entering it: valid G_t = gamma * lam * G_n(t) + (1 - lam) V_t + lam
+        # r_t; an invalid step passes G through (identity).
         a = tl.where(valid, gamma * lam, 1.0)
         b = tl.where(valid, (1.0 - lam) * v + lam * r, 0.0)
         ones = tl.full([BLOCK_T], 1.0, tl.float32)
@@ -136,4 +136,5 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     if backend == "torch":
         return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
     op = torch.ops.fusedrl.cuda_gae if backend == "cuda" else _gae_op
-    return op(rewards.contiguous(), values.contiguous(), mask.contiguous(), float(gamma), float(lam))
+    return op(rewards.contiguous(), values.contiguous(), mask.contiguous(), float(gamma),
+              float(lam))

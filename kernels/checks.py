@@ -40,7 +40,8 @@ def check_same_shape(op: str, name: str, x: torch.Tensor, ref_name: str, ref: to
     check_tensor(op, name, x)
     if x.shape != ref.shape:
         raise ValueError(
-            f"{op}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}"
+            f"{op}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, got "
+            f"{tuple(x.shape)}"
         )
     if x.device != ref.device:
         raise ValueError(f"{op}: {name} is on {x.device} but {ref_name} is on {ref.device}")
@@ -67,8 +68,10 @@ def check_positive(op: str, name: str, value: float) -> None:
 
 
 def check_nonnegative(op: str, name: str, value: float) -> None:
-    """A finite number >= 0 (an eps: a negative one can take a square root below 0, NaN reaches every output)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < float("inf"):
+    """A finite number >= 0 (an eps: a negative one can take a square root below 0, NaN reaches
+    every output)."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+        or not 0.0 <= value < float("inf")):
         raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value!r}")
 
 
@@ -96,10 +99,11 @@ def check_label_range(op: str, labels: torch.Tensor, vocab_size: int, ignore_ind
 
 def check_kv_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    """k, v [N, Hkv, D] (heads and head dims contiguous) into contiguous caches [blocks, page, Hkv, D]
-    at slot_mapping [N] int64."""
+    """k, v [N, Hkv, D] (heads and head dims contiguous) into contiguous caches [blocks, page, Hkv,
+    D] at slot_mapping [N] int64."""
     if k.shape != v.shape or k.shape[1:] != k_cache.shape[2:] or k_cache.shape != v_cache.shape:
-        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} do not fit caches {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"k {tuple(k.shape)}, v {tuple(v.shape)} do not fit caches {tuple(k_cache.shape)}")
     if k.stride()[1:] != (k.shape[2], 1) or v.stride()[1:] != (v.shape[2], 1):
         raise ValueError("k and v must have contiguous heads and head dims")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -109,10 +113,10 @@ def check_kv_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
                          f"{tuple(slot_mapping.shape)}")
 
 
-def check_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                       context_lens: torch.Tensor) -> None:
-    """q [B, H, D] (head dim contiguous) over contiguous caches [blocks, page, Hkv, D] with H a multiple
-    of Hkv; block_tables [B, max_blocks] and context_lens [B] int32."""
+def check_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
+    """q [B, H, D] (head dim contiguous) over contiguous caches [blocks, page, Hkv, D] with H a
+    multiple of Hkv; block_tables [B, max_blocks] and context_lens [B] int32."""
     if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
     if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):

@@ -23,7 +23,8 @@ BUILD_HINT = ("build it with `FUSEDRL_FORCE_CUDA_BUILD=1 python setup.py build_e
               "(needs a CUDA-enabled torch and nvcc)")
 
 
-# The C++ kernels are templated on one float dtype per op, among these; Triton loads each input in its own.
+# The C++ kernels are templated on one float dtype per op, among these; Triton loads each input in
+# its own.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

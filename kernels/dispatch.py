@@ -4,8 +4,8 @@ Backends:
   "triton"  our fused Triton kernels; runs on CUDA tensors, and on CPU tensors when the Triton
             interpreter is on (``TRITON_INTERPRET=1``, how CI tests the kernels).
   "cuda"    our hand-written CUDA kernels (csrc/, the optional extension ``fusedrl.kernels._C``,
-            see ``fusedrl.kernels.cuda_ext``); CUDA tensors only. Asking for it where the extension is not
-            built raises a RuntimeError saying how to build it. linear_token_logprobs and
+            see ``fusedrl.kernels.cuda_ext``); CUDA tensors only. Asking for it where the extension
+            is not built raises a RuntimeError saying how to build it. linear_token_logprobs and
             masked_whiten have no kernel of their own there and run as on "triton".
   "torch"   the plain PyTorch reference composition (``kernels.reference``), differentiated by
             autograd. Works everywhere; it is the oracle and the eager baseline, and the only
@@ -19,9 +19,11 @@ kernels/BACKENDS.md); otherwise Triton where it can run, torch elsewhere.
 This is the one backend decider; nothing else reads the environment or tests devices to pick an
 implementation. Its questions:
   backend_for(x, op)         an op's backend ("triton", "cuda", "torch")
-  model_backend(x)           the model-scale paths' backend ("triton" or "torch"): the decoder walk's
+  model_backend(x)           the model-scale paths' backend ("triton" or "torch"): the decoder
+  walk's
                              norms, RoPE and SiLU*up, norm_linear, paged attention, the sampler and
-                             the exact (batch-invariant) mode's ops; fused_for_model(x) asks the same
+                             the exact (batch-invariant) mode's ops; fused_for_model(x) asks the
+                             same
   attention_backend(q, page) which attention kernel runs ("flash_attn", "torch_varlen", "triton",
                              "torch"), see its docstring
   grouped_gemm_path(x)       the MoE grouped GEMM's ("grouped_mm" or "triton"), see its docstring
@@ -91,13 +93,15 @@ def triton_interpreting() -> bool:
 
 
 def requested_backend() -> str:
-    """The backend asked for by the innermost ``use_backend`` or ``FUSEDRL_BACKEND`` ("auto" if none)."""
+    """The backend asked for by the innermost ``use_backend`` or ``FUSEDRL_BACKEND`` ("auto" if
+    none)."""
     if _stack.names:
         return _stack.names[-1]
     return _check_name(os.environ.get("FUSEDRL_BACKEND", "auto"), "FUSEDRL_BACKEND")
 
 
-def auto_backend(op: Optional[str], numel: int, *, on_cuda: bool, cuda_built: bool, triton_ok: bool) -> str:
+def auto_backend(op: Optional[str], numel: int, *, on_cuda: bool, cuda_built: bool,
+                 triton_ok: bool) -> str:
     """What "auto" picks for ``op`` (a key of AUTO_CUDA_UP_TO, or None: no preference) on an input
     of ``numel`` elements."""
     if on_cuda and cuda_built and op in AUTO_CUDA_UP_TO:
@@ -113,7 +117,8 @@ def _cuda_built() -> bool:
     return cuda_ext.is_loaded() if torch.compiler.is_compiling() else cuda_ext.is_available()
 
 
-def backend_for(x: torch.Tensor, op: Optional[str] = None, *, interpret_on_auto: bool = True) -> str:
+def backend_for(x: torch.Tensor, op: Optional[str] = None, *,
+                interpret_on_auto: bool = True) -> str:
     """The backend that will run an op whose main input is ``x``: "triton", "cuda" or "torch".
     ``op`` names the op for "auto"'s measured choice (AUTO_CUDA_UP_TO). ``interpret_on_auto``
     False: "auto" keeps CPU tensors on torch even under TRITON_INTERPRET=1 (fused_for_model).
@@ -129,7 +134,8 @@ def backend_for(x: torch.Tensor, op: Optional[str] = None, *, interpret_on_auto:
         return name
     triton_ok = TRITON_AVAILABLE and (x.is_cuda or triton_interpreting())
     if name == "auto":
-        return auto_backend(op, x.numel(), on_cuda=x.is_cuda, cuda_built=x.is_cuda and _cuda_built(),
+        return auto_backend(op, x.numel(), on_cuda=x.is_cuda,
+                            cuda_built=x.is_cuda and _cuda_built(),
                             triton_ok=triton_ok and (x.is_cuda or interpret_on_auto))
     if name == "triton" and not TRITON_AVAILABLE:
         raise RuntimeError("backend 'triton' is unavailable: triton is not installed")
@@ -153,7 +159,8 @@ def model_backend(x: torch.Tensor) -> str:
 
 
 def fused_for_model(x: torch.Tensor) -> bool:
-    """Whether the model-scale paths run our fused kernels for tensors like ``x`` (model_backend)."""
+    """Whether the model-scale paths run our fused kernels for tensors like ``x``
+    (model_backend)."""
     return model_backend(x) == "triton"
 
 
@@ -183,9 +190,9 @@ def attention_backend(q: torch.Tensor, page_size: Optional[int] = None) -> str:
 
     page_size None (attention over the forward's own keys: a packed training batch, a prefill with
     nothing cached, a prefill's keys gathered from the pages): "flash_attn" (installed; CUDA
-    fp16/bf16), else "torch_varlen" (torch's varlen flash kernel, torch >= 2.10; CUDA fp16/bf16), else
-    "torch" (padded SDPA). The varlen kernels ignore the op backend: they are the only fast path for
-    a packed batch, and the padded SDPA path is their oracle.
+    fp16/bf16), else "torch_varlen" (torch's varlen flash kernel, torch >= 2.10; CUDA fp16/bf16),
+    else "torch" (padded SDPA). The varlen kernels ignore the op backend: they are the only fast
+    path for a packed batch, and the padded SDPA path is their oracle.
     page_size given (reading keys from a paged cache of that many tokens a page: a decode step, a
     prefill over a cached prefix): "flash_attn" where its paged calls can read the pages (installed;
     CUDA fp16/bf16; page_size a multiple of FLASH_PAGE_MULTIPLE), else model_backend(q): "triton"
@@ -240,9 +247,9 @@ def sync_checks_enabled(x: torch.Tensor) -> bool:
     """Whether to run input checks that read tensor values (a host sync on GPU).
 
     Always on for CPU tensors. On GPU they are off (a sync per call would stall the stream and break
-    CUDA-graph capture) unless ``FUSEDRL_SYNC_CHECKS=1``. They are skipped while torch.compile traces
-    (data-dependent Python branches would break the graph). Without them the kernels still never
-    read out of bounds and turn an invalid label into a NaN output.
+    CUDA-graph capture) unless ``FUSEDRL_SYNC_CHECKS=1``. They are skipped while torch.compile
+    traces (data-dependent Python branches would break the graph). Without them the kernels still
+    never read out of bounds and turn an invalid label into a NaN output.
     """
     if torch.compiler.is_compiling():
         return False

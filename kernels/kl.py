@@ -131,8 +131,9 @@ def _launch(kernel, out, tensors, mask, estimator, log_ratio_clamp, clamp, **fla
     if n:
         mask_flat, has_mask = _mask_arg(mask, out)
         kernel[(triton.cdiv(n, BLOCK),)](
-            *tensors, mask_flat, out, n, log_ratio_clamp, clamp, ESTIMATOR=estimator, HAS_MASK=has_mask,
-            HAS_LOG_RATIO_CLAMP=log_ratio_clamp > 0, HAS_CLAMP=clamp > 0, BLOCK_SIZE=BLOCK, **flags)
+            *tensors, mask_flat, out, n, log_ratio_clamp, clamp, ESTIMATOR=estimator,
+            HAS_MASK=has_mask, HAS_LOG_RATIO_CLAMP=log_ratio_clamp > 0, HAS_CLAMP=clamp > 0,
+            BLOCK_SIZE=BLOCK, **flags)
     return out
 
 
@@ -144,8 +145,10 @@ def _forward(logp, ref_logp, mask, estimator, log_ratio_clamp, clamp):
 def _backward(grad_out, logp, ref_logp, mask, estimator, log_ratio_clamp, clamp):
     # kl.sum().backward() hands in one value expanded (all strides 0): read it as one, no copy.
     is_scalar = grad_out.numel() > 0 and all(stride == 0 for stride in grad_out.stride())
-    return _launch(_kl_bwd_kernel, torch.empty_like(logp), (grad_out if is_scalar else grad_out.contiguous(),
-                   logp, ref_logp), mask, estimator, log_ratio_clamp, clamp, GRAD_IS_SCALAR=is_scalar)
+    return _launch(_kl_bwd_kernel, torch.empty_like(logp),
+                   (grad_out if is_scalar else grad_out.contiguous(),
+                   logp, ref_logp), mask, estimator, log_ratio_clamp, clamp,
+                   GRAD_IS_SCALAR=is_scalar)
 
 
 def _setup_context(ctx, inputs, output):
@@ -155,8 +158,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_on(grad_op):
-    """The autograd formula of a forward op whose backward is grad_op(grad_out, logp, ref_logp, mask,
-    *the forward's other arguments): the Triton op's and its C++ twin's."""
+    """The autograd formula of a forward op whose backward is grad_op(grad_out, logp, ref_logp,
+    mask, *the forward's other arguments): the Triton op's and its C++ twin's."""
     def backward(ctx, grad_out):
         logp, ref_logp, mask = ctx.saved_tensors
         grad_logp = grad_op(grad_out, logp, ref_logp, mask, *ctx.args)
@@ -200,7 +203,8 @@ def register_cuda_rules() -> None:
     torch.library.register_fake("fusedrl::cuda_kl_penalty_fwd", _kl_fake)
     torch.library.register_fake("fusedrl::cuda_kl_penalty_bwd", _kl_grad_fake)
     torch.library.register_autograd("fusedrl::cuda_kl_penalty_fwd",
-                                    _backward_on(lambda *args: torch.ops.fusedrl.cuda_kl_penalty_bwd(*args)),
+                                    _backward_on(
+                                        lambda *args: torch.ops.fusedrl.cuda_kl_penalty_bwd(*args)),
                                     setup_context=_setup_context)
 
 
@@ -220,7 +224,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
         mask: optional [...] bool/integer, nonzero = valid.
         log_ratio_clamp: clamp ref_logp - logp to +-this first (verl and OpenRLHF use 20): one
             token with a huge log-ratio would otherwise swamp a batch (k3 of 20 is e^20).
-        clamp: clamp the estimate to +-this (verl uses 10). Gradients w.r.t. logp are 0 where either clamp
+        clamp: clamp the estimate to +-this (verl uses 10). Gradients w.r.t. logp are 0 where either
+        clamp
             is active. None (the default) leaves each off: results as without them.
     Returns:
         kl [...] fp32, 0 outside the mask; differentiable w.r.t. logp (and ref_logp).

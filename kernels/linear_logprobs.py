@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from . import checks, reference
 from .dispatch import backend_for, sync_checks_enabled
-from .linear_logprobs_kernels import N_STATES, _logit_grad_kernel, _lse_combine_kernel, _lse_partials_kernel
+from .linear_logprobs_kernels import (N_STATES, _logit_grad_kernel, _lse_combine_kernel,
+                                      _lse_partials_kernel)
 from .logprobs import check_label_args, token_logprobs_backward, token_logprobs_forward
 from .triton_compat import triton
 
@@ -81,7 +82,8 @@ def fused_tiles(n_rows: int) -> FusedTiles:
 
 def vocab_splits(n_row_tiles: int, vocab: int, n_sms: int, block_n: int = 128) -> tuple[int, int]:
     """(splits, columns per split) of the fused forward: enough (row tile, split) programs for two
-    per SM, each split a whole number of block_n-column tiles and at least MIN_SPLIT_TILES of them."""
+    per SM, each split a whole number of block_n-column tiles and at least MIN_SPLIT_TILES of
+    them."""
     tiles = triton.cdiv(vocab, block_n)
     wanted = triton.cdiv(2 * n_sms, max(n_row_tiles, 1))
     splits = max(1, min(wanted, tiles // MIN_SPLIT_TILES))
@@ -100,13 +102,15 @@ def _chunks(total: int, chunk_size: int):
         yield start, min(start + chunk_size, total)
 
 
-def forward_chunks(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, chunk_size):
+def forward_chunks(hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
+                   chunk_size):
     """(logp, entropy, lse) [N] fp32 of hidden [N, H] through weight [V, H] (+ bias), ``chunk_size``
     rows at a time: per chunk one matmul and one token_logprobs kernel."""
     n_rows = hidden.shape[0]
     logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(logp)
-    entropy = torch.empty(n_rows if return_entropy else 0, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty(n_rows if return_entropy else 0, dtype=torch.float32,
+                          device=hidden.device)
     for start, end in _chunks(n_rows, chunk_size):
         logits = F.linear(hidden[start:end], weight, bias)                 # [C, V]
         token_logprobs_forward(logits, labels[start:end], temperature, ignore_index, return_entropy,
@@ -114,14 +118,16 @@ def forward_chunks(hidden, weight, bias, labels, temperature, ignore_index, retu
     return logp, entropy, lse
 
 
-def forward_fused(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, tiles=None):
+def forward_fused(hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
+                  tiles=None):
     """forward_chunks' outputs from the fused GEMM (no logits in memory): two launches.
     ``tiles``: a FusedTiles (default: fused_tiles(N))."""
     n_rows, k = hidden.shape
     vocab = weight.shape[0]
     logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(logp)
-    entropy = torch.empty(n_rows if return_entropy else 0, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty(n_rows if return_entropy else 0, dtype=torch.float32,
+                          device=hidden.device)
     if n_rows == 0:
         return logp, entropy, lse
     tiles = tiles or fused_tiles(n_rows)
@@ -149,9 +155,9 @@ def fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels, lse,
     has_entropy_grad = grad_entropy is not None
     grid = (triton.cdiv(n_rows, tiles.block_m), triton.cdiv(end - start, tiles.block_n))
     _logit_grad_kernel[grid](
-        hidden, weight[start:end], weight if bias is None else bias[start:end], labels, lse, entropy,
-        grad_logp, grad_entropy if has_entropy_grad else grad_logp, grad, n_rows, end - start, start,
-        1.0 / temperature, ignore_index, K=k, HAS_BIAS=bias is not None,
+        hidden, weight[start:end], weight if bias is None else bias[start:end], labels, lse,
+        entropy, grad_logp, grad_entropy if has_entropy_grad else grad_logp, grad, n_rows,
+        end - start, start, 1.0 / temperature, ignore_index, K=k, HAS_BIAS=bias is not None,
         HAS_ENTROPY_GRAD=has_entropy_grad, INTERPRETED=not hidden.is_cuda, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages)
@@ -165,7 +171,8 @@ def backward_chunks(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, 
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     grad_weight = torch.empty_like(weight) if need_weight_grad else weight.new_empty(0)
-    grad_bias = torch.empty_like(bias) if bias is not None and need_weight_grad else weight.new_empty(0)
+    grad_bias = (torch.empty_like(bias) if bias is not None and need_weight_grad
+                 else weight.new_empty(0))
     has_entropy_grad = grad_entropy.numel() > 0
     if n_rows == 0:
         return grad_hidden.to(hidden.dtype), grad_weight.zero_(), grad_bias.zero_()
@@ -174,13 +181,13 @@ def backward_chunks(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, 
     for start, end in _chunks(vocab, vocab_chunk_size(n_rows, vocab, chunk_size)):
         w = weight[start:end]                                               # [Vc, H]
         if fuse_matmul:
-            grad_logits = fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels, lse,
-                                           entropy, temperature, ignore_index, start, end)
+            grad_logits = fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels,
+                                           lse, entropy, temperature, ignore_index, start, end)
         else:
             # the chunk's logits [N, Vc], turned into their gradient in place
             grad_logits = F.linear(hidden, w, None if bias is None else bias[start:end])
-            token_logprobs_backward(grad_logp, grad_entropy, grad_logits, labels, lse, entropy, temperature,
-                                    ignore_index, out=grad_logits, label_offset=start)
+            token_logprobs_backward(grad_logp, grad_entropy, grad_logits, labels, lse, entropy,
+                                    temperature, ignore_index, out=grad_logits, label_offset=start)
         if need_weight_grad:
             torch.mm(grad_logits.t(), hidden, out=grad_weight[start:end])
             if bias is not None:
@@ -194,13 +201,15 @@ def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
             labels: torch.Tensor, temperature: float, ignore_index: int, return_entropy: bool,
             chunk_size: int, fuse_matmul: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if fuse_matmul:
-        return forward_fused(hidden, weight, bias, labels, temperature, ignore_index, return_entropy)
+        return forward_fused(hidden, weight, bias, labels, temperature, ignore_index,
+                             return_entropy)
     return forward_chunks(hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
                           chunk_size)
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, chunk_size, fuse_matmul):
+def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, chunk_size,
+      fuse_matmul):
     n_rows = hidden.shape[0]
     row = hidden.new_empty(n_rows, dtype=torch.float32)
     return row, hidden.new_empty(n_rows if return_entropy else 0, dtype=torch.float32), row.clone()
@@ -243,7 +252,8 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
         ctx.ignore_index, ctx.chunk_size, need_weight_grad, ctx.fuse_matmul,
     )
     return (grad_hidden, grad_weight if need_weight_grad else None,
-            grad_bias if ctx.has_bias and need_weight_grad else None, None, None, None, None, None, None)
+            grad_bias if ctx.has_bias and need_weight_grad else None, None, None, None, None, None,
+            None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -2,11 +2,13 @@
 BLOCK_N] tile at a time in registers (hidden rows times weight rows, fp32 accumulators) and used
 there, never written in forward, written once as their gradient in backward.
 
-    forward   _lse_partials_kernel  grid (row tiles, vocabulary splits): each program walks its split
+    forward   _lse_partials_kernel  grid (row tiles, vocabulary splits): each program walks its
+    split
               of the vocabulary tile by tile, folding every tile into per-row (max, sum exp, entropy
               sum) states and picking the label's logit; writes the states per (split, row)
               _lse_combine_kernel   grid (rows): the splits' states merged into logp, entropy, lse
-    backward  _logit_grad_kernel    grid (row tiles, vocabulary tiles of a chunk): the chunk's logits
+    backward  _logit_grad_kernel    grid (row tiles, vocabulary tiles of a chunk): the chunk's
+    logits
               remade the same way, turned into d loss / d logits in registers, stored once
 
 The host side (buffers, tiles, the cuBLAS gradient GEMMs) is kernels/linear_logprobs.py.
@@ -18,9 +20,9 @@ from .online_softmax import lanes_reduce, rows_fold, safe_shift
 from .tile_dot import dot_nt
 from .triton_compat import tl, triton
 
-# Per (split, row): max, sum exp, entropy sum, the label's logit. A plane (splits x N) stays far below
-# 2**31 / N_STATES elements, so int32 offsets suffice: rows beyond 2 x SMs row tiles (~34k on an
-# H100) get one split, a plane of N.
+# Per (split, row): max, sum exp, entropy sum, the label's logit. A plane (splits x N) stays far
+# below 2**31 / N_STATES elements, so int32 offsets suffice: rows beyond 2 x SMs row tiles (~34k on
+# an H100) get one split, a plane of N.
 N_STATES = 4
 
 
@@ -34,8 +36,8 @@ def _logits_tile(h_ptr, w_ptr, bias_ptr, rows, cols, row_ok, col_ok, inv_tempera
     kk = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + kk) < K
-        a = tl.load(h_ptr + rows[:, None] * K + (k0 + kk)[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
+        a = tl.load(h_ptr + rows[:, None] * K + (k0 + kk)[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * K + (k0 + kk)[None, :],
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = dot_nt(a, w, acc, INTERPRETED)
@@ -74,8 +76,8 @@ def _lse_partials_kernel(
         end = tl.minimum(begin + split_cols, n_vocab)
         for v0 in range(begin, end, BLOCK_N):
             cols = v0 + tl.arange(0, BLOCK_N)
-            z = _logits_tile(h_ptr, w_ptr, bias_ptr, rows, cols, row_ok, cols < end, inv_temperature,
-                             K, HAS_BIAS, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_K)
+            z = _logits_tile(h_ptr, w_ptr, bias_ptr, rows, cols, row_ok, cols < end,
+                             inv_temperature, K, HAS_BIAS, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_K)
             m, s, t = rows_fold(m, s, t, z, HAS_ENTROPY)
             z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
         at = split * n_rows + rows
@@ -120,6 +122,7 @@ def _lse_combine_kernel(
 
 
 @triton.jit
+# [N, n_cols] out, hidden's dtype, contiguous: d loss / d logits of the chunk
 def _logit_grad_kernel(
     h_ptr, w_ptr, bias_ptr,  # as in forward; w_ptr and bias_ptr at the chunk's first column
     labels_ptr,              # [N]
@@ -127,12 +130,12 @@ def _logit_grad_kernel(
     entropy_ptr,             # [N] fp32 from forward (read only if HAS_ENTROPY_GRAD)
     grad_logp_ptr,           # [N] fp32
     grad_entropy_ptr,        # [N] fp32 (read only if HAS_ENTROPY_GRAD)
-    grad_ptr,                # [N, n_cols] out, hidden's dtype, contiguous: d loss / d logits of the chunk
+    grad_ptr,
     n_rows, n_cols,          # N and the chunk's columns
     label_offset,            # the vocabulary column of the chunk's first column
     inv_temperature, ignore_index,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+    INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # program_id(0) (rows) varies fastest: the programs running together share a weight tile.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)

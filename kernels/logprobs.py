@@ -4,10 +4,11 @@ Layers: Triton kernels -> host functions (checks, launch) -> torch custom ops wi
 the public ``token_logprobs``.
 
 Forward reads each row of logits once, keeping an online max / sum-exp (and the entropy's
-sum p*z) in fp32 per lane (the shared core, kernels/online_softmax.py), and writes three floats per row: logp, entropy and the row's logsumexp, which
-backward uses to recompute softmax without a second reduction. Backward writes only the gradient,
-in the logits' dtype, optionally into the logits buffer itself: no fp32 [N, V] tensor ever exists.
-Rows whose label is ignore_index are skipped entirely (prompt tokens cost no bandwidth).
+sum p*z) in fp32 per lane (the shared core, kernels/online_softmax.py), and writes three floats per
+row: logp, entropy and the row's logsumexp, which backward uses to recompute softmax without a
+second reduction. Backward writes only the gradient, in the logits' dtype, optionally into the
+logits buffer itself: no fp32 [N, V] tensor ever exists. Rows whose label is ignore_index are
+skipped entirely (prompt tokens cost no bandwidth).
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def _row_span(row, stride_row, n_cols, ALIGN: tl.constexpr):
 @triton.jit
 def _edge_cols(begin, end, body_begin, body_end, ALIGN: tl.constexpr, WIDTH: tl.constexpr):
     """(offsets, mask) [WIDTH >= 2 * ALIGN] of a row's elements outside its aligned body: the head
-    [begin, body_begin) in lanes [0, ALIGN) and the tail [body_end, end) in lanes [ALIGN, 2 * ALIGN);
-    lanes past 2 * ALIGN are masked off. A row shorter than ALIGN is all head."""
+    [begin, body_begin) in lanes [0, ALIGN) and the tail [body_end, end) in lanes [ALIGN, 2 *
+    ALIGN); lanes past 2 * ALIGN are masked off. A row shorter than ALIGN is all head."""
     h = tl.arange(0, WIDTH)
     cols = tl.where(h < ALIGN, body_begin - ALIGN + h, body_end + h - ALIGN)
     head = (h < ALIGN) & (cols >= begin) & (cols < end)
@@ -88,7 +89,8 @@ def _token_logprobs_fwd_kernel(
         m, s, t = lanes_reduce(m, s, t, HAS_ENTROPY)
         lse = safe_shift(m) + tl.log(s)
         in_vocab = (label >= 0) & (label < n_cols)
-        z_label = tl.load(logits_ptr + begin + label, mask=in_vocab, other=float("nan")).to(tl.float32)
+        z_label = tl.load(logits_ptr + begin + label, mask=in_vocab,
+                          other=float("nan")).to(tl.float32)
         # An out-of-vocabulary label (possible only when the host checks were skipped) gives NaN.
         tl.store(logp_ptr + row, z_label * inv_temperature - lse)
         tl.store(lse_ptr + row, lse)
@@ -145,7 +147,8 @@ def _grad_block(logits_ptr, grad_ptr, cols, mask, live, label_col, lse, g_logp, 
     """Gradient of one block of a row: `cols` are offsets into logits and grad alike, `label_col`
     the label's; all zero unless `live`."""
     # (a scalar `&` a block mask trips the interpreter; the select is the same mask)
-    z = tl.load(logits_ptr + cols, mask=tl.where(live, mask, False), other=float("-inf")).to(tl.float32)
+    z = tl.load(logits_ptr + cols, mask=tl.where(live, mask, False),
+                other=float("-inf")).to(tl.float32)
     grad_z = logit_grad(z * inv_temperature, cols == label_col, lse, g_logp, entropy, g_entropy,
                         HAS_ENTROPY_GRAD)
     grad = tl.where(live, grad_z * inv_temperature, 0.0)
@@ -155,7 +158,8 @@ def _grad_block(logits_ptr, grad_ptr, cols, mask, live, label_col, lse, g_logp, 
 @triton.jit
 def logit_grad(z, is_label, lse, g_logp, entropy, g_entropy, HAS_ENTROPY_GRAD: tl.constexpr):
     """d(g_logp * logp + g_entropy * H) / dz for scaled logits z (any shape; the row's scalars lse,
-    entropy and upstream gradients broadcast against it). Shared with the LM head's fused backward."""
+    entropy and upstream gradients broadcast against it). Shared with the LM head's fused
+    backward."""
     log_p = z - lse
     p = tl.exp(log_p)
     # d logp / dz = onehot(label) - p
@@ -168,7 +172,8 @@ def logit_grad(z, is_label, lse, g_logp, entropy, g_entropy, HAS_ENTROPY_GRAD: t
 
 def _launch_config(logits: torch.Tensor) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for rows of ``logits``: 4096 logits a block (16 per thread, two 128-bit
-    loads in bf16) over 8 warps for large vocabularies; at least the 2 * 16 bytes of a row's edges."""
+    loads in bf16) over 8 warps for large vocabularies; at least the 2 * 16 bytes of a row's
+    edges."""
     block = max(min(triton.next_power_of_2(logits.shape[-1]), 4096), 2 * _align(logits))
     return block, (8 if block >= 2048 else 4)
 
@@ -181,7 +186,8 @@ def _align(logits: torch.Tensor) -> int:
 def grad_buffer(logits: torch.Tensor) -> torch.Tensor:
     """An uninitialized buffer for d(loss)/d(logits) with logits' strides (the kernel walks both
     with one offset, which keeps their accesses aligned alike)."""
-    return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
+    return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype,
+                               device=logits.device)
 
 
 def token_logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -230,7 +236,8 @@ def token_logprobs_backward(grad_logp: torch.Tensor, grad_entropy: Optional[torc
 
 @torch.library.custom_op("fusedrl::token_logprobs_fwd", mutates_args=())
 def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
-            return_entropy: bool, inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return_entropy: bool, inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
     return token_logprobs_forward(logits, labels, temperature, ignore_index, return_entropy)
 
 
@@ -266,7 +273,8 @@ def _setup_context(ctx, inputs, output):
     logits, labels, temperature, ignore_index, _, inplace_backward = inputs
     _, entropy, lse = output
     ctx.save_for_backward(logits, labels, lse, entropy)
-    ctx.temperature, ctx.ignore_index, ctx.inplace_backward = temperature, ignore_index, inplace_backward
+    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+    ctx.inplace_backward = inplace_backward
 
 
 def _backward_on(backend: str):
@@ -330,7 +338,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     checks.check_float(OP, "logits", logits)
     check_label_args(OP, labels, temperature, ignore_index)
     if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"{OP}: logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+        raise ValueError(
+            f"{OP}: logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"{OP}: labels must have shape {tuple(logits.shape[:-1])} (logits' leading dims), "

@@ -95,7 +95,8 @@ def _slot_dots_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        g = tl.load(grad_out_ptr + (slot // TOP_K) * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_out_ptr + (slot // TOP_K) * n_cols + cols, mask=mask,
+                    other=0.0).to(tl.float32)
         acc += g * tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(dots_ptr + slot, tl.sum(acc, axis=0))
 
@@ -105,11 +106,13 @@ def _grid(n_rows: int, n_cols: int):
 
 
 @torch.library.custom_op("fusedrl::moe_gather_rows", mutates_args=())
-def _gather_rows_op(src: torch.Tensor, order: torch.Tensor, scale: torch.Tensor | None, top_k: int) -> torch.Tensor:
+def _gather_rows_op(src: torch.Tensor, order: torch.Tensor, scale: torch.Tensor | None,
+                    top_k: int) -> torch.Tensor:
     out = src.new_empty(order.shape[0], src.shape[1])
     if out.numel():
-        _gather_rows_kernel[_grid(*out.shape)](src, order, scale if scale is not None else order, out, out.shape[1],
-                                               TOP_K=top_k, HAS_SCALE=scale is not None, BLOCK=BLOCK_COLS)
+        _gather_rows_kernel[_grid(*out.shape)](src, order, scale if scale is not None else order,
+                                               out, out.shape[1], TOP_K=top_k,
+                                               HAS_SCALE=scale is not None, BLOCK=BLOCK_COLS)
     return out
 
 
@@ -119,12 +122,14 @@ def _gather_rows_fake(src, order, scale, top_k):
 
 
 @torch.library.custom_op("fusedrl::moe_combine", mutates_args=())
-def _combine_op(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor | None, top_k: int) -> torch.Tensor:
+def _combine_op(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor | None,
+                top_k: int) -> torch.Tensor:
     out = y.new_empty(slot_rows.shape[0] // top_k, y.shape[1])
     if out.numel():
-        _combine_kernel[_grid(*out.shape)](y, slot_rows, weights if weights is not None else slot_rows, out,
-                                           out.shape[1], TOP_K=top_k, HAS_WEIGHTS=weights is not None,
-                                           BLOCK=BLOCK_COLS)
+        _combine_kernel[_grid(*out.shape)](y, slot_rows,
+                                           weights if weights is not None else slot_rows, out,
+                                           out.shape[1], TOP_K=top_k,
+                                           HAS_WEIGHTS=weights is not None, BLOCK=BLOCK_COLS)
     return out
 
 
@@ -134,10 +139,12 @@ def _combine_fake(y, slot_rows, weights, top_k):
 
 
 @torch.library.custom_op("fusedrl::moe_slot_dots", mutates_args=())
-def _slot_dots_op(grad_out: torch.Tensor, y: torch.Tensor, slot_rows: torch.Tensor, top_k: int) -> torch.Tensor:
+def _slot_dots_op(grad_out: torch.Tensor, y: torch.Tensor, slot_rows: torch.Tensor,
+                  top_k: int) -> torch.Tensor:
     dots = torch.empty(slot_rows.shape[0], dtype=torch.float32, device=y.device)
     if dots.numel():
-        _slot_dots_kernel[(dots.numel(),)](grad_out, y, slot_rows, dots, y.shape[1], TOP_K=top_k, BLOCK=BLOCK_COLS)
+        _slot_dots_kernel[(dots.numel(),)](grad_out, y, slot_rows, dots, y.shape[1], TOP_K=top_k,
+                                           BLOCK=BLOCK_COLS)
     return dots
 
 
@@ -156,7 +163,8 @@ def _permute_setup(ctx, inputs, output):
 def _permute_backward(ctx, grad_rows):
     (order,) = ctx.saved_tensors
     # Sum each token's k row gradients: the combine over the inverse permutation, unweighted.
-    slot_rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    slot_rows = torch.empty_like(order).scatter_(0, order,
+                                                 torch.arange(order.numel(), device=order.device))
     return _combine_op(grad_rows.contiguous(), slot_rows, None, ctx.top_k), None, None, None
 
 
@@ -180,14 +188,17 @@ class _Unpermute(torch.autograd.Function):
         return grad_y, None, None, grad_w, None
 
 
-def _check_indices(op: str, x: torch.Tensor, order: torch.Tensor, slot_rows: torch.Tensor | None, n_slots: int):
+def _check_indices(op: str, x: torch.Tensor, order: torch.Tensor, slot_rows: torch.Tensor | None,
+                   n_slots: int):
     checks.check_float(op, "x" if slot_rows is None else "y", x)
     for name, index in (("order", order), ("slot_rows", slot_rows)):
         if index is None:
             continue
         if index.dtype != torch.int64 or index.shape != (n_slots,) or index.device != x.device:
-            raise ValueError(f"{op}: {name} is {index.dtype} {tuple(index.shape)} on {index.device}: expected int64 "
-                             f"({n_slots},) on {x.device}")
+            raise ValueError(
+                f"{op}: {name} is {index.dtype} {tuple(index.shape)} on {index.device}: expected "
+                "int64 "
+                f"({n_slots},) on {x.device}")
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"{op}: input {tuple(x.shape)} must be a contiguous [rows, hidden] matrix")
 
@@ -203,13 +214,17 @@ def moe_permute(x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tenso
     return _gather_rows_op(x, order, None, top_k)
 
 
-def moe_unpermute(y: torch.Tensor, order: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def moe_unpermute(y: torch.Tensor, order: torch.Tensor, slot_rows: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
     """y [T*k, H] (expert outputs, rows sorted by expert), order and slot_rows [T*k] int64
     (moe_sort's), weights [T, k] -> out [T, H] in y's dtype, each token's k rows weighted and
     summed in fp32; differentiable in y and weights."""
-    if weights.dim() != 2 or weights.shape[0] * weights.shape[1] != y.shape[0] or weights.device != y.device:
-        raise ValueError(f"moe_unpermute: weights {tuple(weights.shape)} on {weights.device} must be [T, k] with "
-                         f"T * k = {y.shape[0]} rows of y on {y.device}")
+    if (weights.dim() != 2 or weights.shape[0] * weights.shape[1] != y.shape[0]
+        or weights.device != y.device):
+        raise ValueError(
+            f"moe_unpermute: weights {tuple(weights.shape)} on {weights.device} must be [T, k] "
+            "with "
+            f"T * k = {y.shape[0]} rows of y on {y.device}")
     checks.check_float("moe_unpermute", "weights", weights)
     _check_indices("moe_unpermute", y, order, slot_rows, y.shape[0])
     if backend_for(y) == "torch":

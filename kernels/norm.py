@@ -59,23 +59,27 @@ def _add_rms_norm_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # Rounded to the activation dtype before the norm reads it, as `x + residual` in torch.
-        x = (x.to(tl.float32) + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        x = (
+            x.to(tl.float32)
+            + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
         tl.store(sum_ptr + offs, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)  # [ROWS]
-    normed = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)  # transformers rounds before the weight
+    # transformers rounds before the weight
+    normed = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, (w[None, :] * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
+# [programs, C] fp32 out: this program's sum over its rows of dy * round(s * rstd)
 def _rms_norm_bwd_kernel(
     grad_out_ptr,  # [R, C] dL/dy
     grad_sum_ptr,  # [R, C] dL/ds arriving at the sum output (read only if HAS_GRAD_SUM)
     s_ptr,  # [R, C] the normalized input (x + residual)
     weight_ptr,  # [C]
     grad_s_ptr,  # [R, C] out: dL/ds, which is dL/dx and dL/d residual
-    dw_partial_ptr,  # [programs, C] fp32 out: this program's sum over its rows of dy * round(s * rstd)
+    dw_partial_ptr,
     n_rows,  # R
     n_cols,  # C
     eps,
@@ -99,7 +103,8 @@ def _rms_norm_bwd_kernel(
         normed = s * rstd[:, None]
         dw += dy * normed.to(s_raw.dtype).to(tl.float32)  # the weight multiplied the rounded row
         dn = dy * w[None, :]
-        # d/ds of s * rstd(s): rstd * (dn - normed * mean(dn * normed)); the rounding passes gradients as is.
+        # d/ds of s * rstd(s): rstd * (dn - normed * mean(dn * normed)); the rounding passes
+        # gradients as is.
         ds = rstd[:, None] * (dn - normed * (tl.sum(dn * normed, axis=1) / n_cols)[:, None])
         if HAS_GRAD_SUM:
             ds += tl.load(grad_sum_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -116,8 +121,8 @@ def _launch_fwd(x, weight, eps, residual):
     total = torch.empty_like(x) if residual is not None else None
     if n_rows:
         _add_rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
-            x, x if residual is None else residual, x if total is None else total, weight, out, n_rows, n_cols,
-            eps, HAS_RESIDUAL=residual is not None, BLOCK=block, ROWS=rows)
+            x, x if residual is None else residual, x if total is None else total, weight, out,
+            n_rows, n_cols, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, ROWS=rows)
     return out, total
 
 
@@ -154,8 +159,9 @@ def _rms_norm_bwd_op(grad_out: torch.Tensor, grad_sum: Optional[torch.Tensor], s
     partials = torch.empty(programs, n_cols, dtype=torch.float32, device=s.device)
     if n_rows:
         _rms_norm_bwd_kernel[(programs,)](
-            grad_out.contiguous(), s if grad_sum is None else grad_sum.contiguous(), s, weight, grad_s, partials,
-            n_rows, n_cols, eps, HAS_GRAD_SUM=grad_sum is not None, BLOCK=block, ROWS=rows)
+            grad_out.contiguous(), s if grad_sum is None else grad_sum.contiguous(), s, weight,
+            grad_s, partials, n_rows, n_cols, eps, HAS_GRAD_SUM=grad_sum is not None, BLOCK=block,
+            ROWS=rows)
     else:
         partials.zero_()
     # One fixed-order reduction of the partials: the same dw bits at every run.
@@ -196,31 +202,41 @@ _add_rms_norm_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rm
 
 
 def _check(x, weight, eps, residual):
-    for name, tensor in (("x", x), ("weight", weight)) + ((("residual", residual),) if residual is not None else ()):
+    for name, tensor in (("x", x),
+                         ("weight", weight)) + ((("residual", residual),) if residual is not None
+                                                else ()):
         checks.check_float("rms_norm", name, tensor)
     checks.check_last_dim("rms_norm", "x", x)
     checks.check_nonnegative("rms_norm", "eps", eps)
     if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
-        raise ValueError(f"rms_norm: x (and residual) must be contiguous, got x strides {x.stride()}")
+        raise ValueError(
+            f"rms_norm: x (and residual) must be contiguous, got x strides {x.stride()}")
     if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+        raise ValueError(
+            f"rms_norm: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
     if weight.shape != x.shape[-1:]:
-        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}: "
-                         f"expected [{x.shape[-1]}]")
+        raise ValueError(
+            f"rms_norm: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}: "
+            f"expected [{x.shape[-1]}]")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
-    """RMSNorm over the last dim of x [..., C] with weight [C]; differentiable in x, residual and weight.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: Optional[torch.Tensor] = None):
+    """RMSNorm over the last dim of x [..., C] with weight [C]; differentiable in x, residual and
+    weight.
 
-    Without residual: y [..., C]. With residual [..., C] (x's shape; x's dtype on the fused kernels):
-    (y, s) where s = x + residual, the normalized input and the next residual stream; nothing is
-    modified in place.
+    Without residual: y [..., C]. With residual [..., C] (x's shape; x's dtype on the fused
+    kernels): (y, s) where s = x + residual, the normalized input and the next residual stream;
+    nothing is modified in place.
     """
     _check(x, weight, eps, residual)
-    if backend_for(x) == "torch":  # promotes mixed dtypes as eager PyTorch does (autocast's bf16 x, fp32 residual)
+    # promotes mixed dtypes as eager PyTorch does (autocast's bf16 x, fp32 residual)
+    if backend_for(x) == "torch":
         return reference.rms_norm(x, weight, eps, residual)
     if residual is not None and residual.dtype != x.dtype:
-        raise ValueError(f"rms_norm: residual {residual.dtype} must have x's dtype {x.dtype} on the fused kernels")
+        raise ValueError(
+            f"rms_norm: residual {residual.dtype} must have x's dtype {x.dtype} on the fused "
+            "kernels")
     if residual is None:
         return _rms_norm_op(x, weight, eps)
     return _add_rms_norm_op(x, residual, weight, eps)

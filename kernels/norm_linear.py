@@ -1,5 +1,5 @@
-"""A decode step's RMSNorm (with the residual add) as the prologue of the projection that follows it,
-and the MLP's SiLU * up as the epilogue of the packed gate/up projection: one launch where the
+"""A decode step's RMSNorm (with the residual add) as the prologue of the projection that follows
+it, and the MLP's SiLU * up as the epilogue of the packed gate/up projection: one launch where the
 unfused step spends two (norm, q/k/v GEMM) or three (norm, gate/up GEMM, SiLU * up).
 
     y, s = norm_linear(x, residual, norm_weight, eps, weight, bias)          # q/k/v
@@ -8,10 +8,11 @@ unfused step spends two (norm, q/k/v GEMM) or three (norm, gate/up GEMM, SiLU * 
 Each program owns a [BLOCK_M, BLOCK_N] tile of the output and walks K twice over its rows of x: the
 first pass sums the squares of s = x + residual (and the programs of the first column tile write s,
 the new residual stream), the second builds each normalized tile exactly as `kernels.norm` rounds it
-(s rounded to the activation dtype, round(s * rstd) before the weight) and feeds it to the tensor-core
-dot. At decode x is a few rows, so reading it twice costs nothing next to the weight, which is read
-once. With glu the program holds the gate and the up columns of the same outputs (rows j and C + j
-of the packed weight) and writes round(round(SiLU(gate)) * up), as `kernels.swiglu` does.
+(s rounded to the activation dtype, round(s * rstd) before the weight) and feeds it to the
+tensor-core dot. At decode x is a few rows, so reading it twice costs nothing next to the weight,
+which is read once. With glu the program holds the gate and the up columns of the same outputs (rows
+j and C + j of the packed weight) and writes round(round(SiLU(gate)) * up), as `kernels.swiglu`
+does.
 
 Forward only: the decoder uses it in decode steps (no autograd; the training and scoring forwards
 keep the norm and cuBLAS's GEMM, whose numbers the update differentiates). Runs where the
@@ -33,10 +34,12 @@ from .triton_compat import tl, triton
 
 @triton.jit
 def _residual_sum(x_ptr, res_ptr, offs, mask, HAS_RESIDUAL: tl.constexpr):
-    """s = x + residual rounded to the activation dtype, as `x + residual` in torch (x alone without one)."""
+    """s = x + residual rounded to the activation dtype, as `x + residual` in torch (x alone without
+    one)."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        x = (x.to(tl.float32) + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(
+            x.dtype)
     return x
 
 
@@ -53,8 +56,8 @@ def _norm_linear_kernel(
     n_out,  # N
     eps,
     K: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
+    INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -98,10 +101,12 @@ def _norm_linear_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GLU:
-            acc_up += tl.load(bias_ptr + n_out + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc_up += tl.load(bias_ptr + n_out + cols, mask=col_ok, other=0.0).to(tl.float32)[None,
+                                                                                              :]
     dtype = out_ptr.dtype.element_ty
     if GLU:
-        # The GEMM's outputs rounded as the unfused GEMM writes them, then SiLU rounded before the product.
+        # The GEMM's outputs rounded as the unfused GEMM writes them, then SiLU rounded before the
+        # product.
         gate = acc.to(dtype).to(tl.float32)
         silu = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
         result = silu * acc_up.to(dtype).to(tl.float32)
@@ -114,18 +119,18 @@ def _norm_linear_kernel(
 def tile_shape(rows: int, out_features: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) for M rows and N outputs. Small batches (a decode step of <= 16
     rows) are bound by reading the weight: the smallest row tile the tensor cores take, K tiles of
-    128 (256-byte rows of the weight per load), and column tiles narrow enough that the weight spreads
-    over ~100+ programs even for Qwen2.5-0.5B's q/k/v (1152 outputs: 72 programs of 16). Larger
-    batches take 32-64 row tiles and 64-wide column tiles. Not yet timed on a GPU: bench_generate's
-    --unfused-decode-gemms run is the comparison against cuBLAS."""
+    128 (256-byte rows of the weight per load), and column tiles narrow enough that the weight
+    spreads over ~100+ programs even for Qwen2.5-0.5B's q/k/v (1152 outputs: 72 programs of 16).
+    Larger batches take 32-64 row tiles and 64-wide column tiles. Not yet timed on a GPU:
+    bench_generate's --unfused-decode-gemms run is the comparison against cuBLAS."""
     if rows <= 16:
         return 16, (16 if out_features <= 2048 else 32), 128
     return min(64, triton.next_power_of_2(rows)), (32 if rows <= 64 else 64), 64
 
 
 @torch.library.custom_op("fusedrl::norm_linear", mutates_args=())
-def _norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
-                    weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool
+def _norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor,
+                    eps: float, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     out, total = _norm_linear_fake(x, residual, norm_weight, eps, weight, bias, glu)
     rows, k = x.shape
@@ -135,8 +140,9 @@ def _norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weig
     block_m, block_n, block_k = tile_shape(rows, n_out)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n_out, block_n))
     _norm_linear_kernel[grid](
-        x, x if residual is None else residual, total, norm_weight, weight, weight if bias is None else bias,
-        out, rows, n_out, eps, K=k, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GLU=glu,
+        x, x if residual is None else residual, total, norm_weight, weight,
+        weight if bias is None else bias, out, rows, n_out, eps, K=k,
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GLU=glu,
         INTERPRETED=not x.is_cuda, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out, total
 
@@ -145,16 +151,18 @@ def _norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weig
 def _norm_linear_fake(x, residual, norm_weight, eps, weight, bias, glu):
     n_out = weight.shape[0] // 2 if glu else weight.shape[0]
     out = x.new_empty(x.shape[0], n_out)
-    # Without a residual the stream is x itself (a fresh tensor: a custom op may not return its input).
+    # Without a residual the stream is x itself (a fresh tensor: a custom op may not return its
+    # input).
     total = torch.empty_like(x) if residual is not None else x.clone()
     return out, total
 
 
-def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
-                weight: torch.Tensor, bias: Optional[torch.Tensor] = None, glu: bool = False):
-    """x, residual [M, K] (residual may be None), norm_weight [K], weight [N_W, K], bias [N_W] or None
-    -> (y [M, N_W], or SiLU(gate) * up [M, N_W / 2] when glu; s = x + residual [M, K], x itself when
-    residual is None). Forward only (see the module docstring)."""
+def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor,
+                eps: float, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                glu: bool = False):
+    """x, residual [M, K] (residual may be None), norm_weight [K], weight [N_W, K], bias [N_W] or
+    None -> (y [M, N_W], or SiLU(gate) * up [M, N_W / 2] when glu; s = x + residual [M, K], x itself
+    when residual is None). Forward only (see the module docstring)."""
     _check(x, residual, norm_weight, eps, weight, bias, glu)
     if not fused_for_model(x):
         return reference.norm_linear(x, residual, norm_weight, eps, weight, bias, glu)
@@ -163,8 +171,8 @@ def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: 
 
 
 def _check(x, residual, norm_weight, eps, weight, bias, glu):
-    for name, tensor in (("x", x), ("residual", residual), ("norm_weight", norm_weight), ("weight", weight),
-                         ("bias", bias)):
+    for name, tensor in (("x", x), ("residual", residual), ("norm_weight", norm_weight),
+                         ("weight", weight), ("bias", bias)):
         if tensor is not None:
             checks.check_float("norm_linear", name, tensor)
     checks.check_nonnegative("norm_linear", "eps", eps)
@@ -173,12 +181,17 @@ def _check(x, residual, norm_weight, eps, weight, bias, glu):
                          f"with strides {x.stride()}")
     k = x.shape[1]
     if residual is not None and (residual.shape != x.shape or not residual.is_contiguous()):
-        raise ValueError(f"norm_linear: residual must be contiguous {tuple(x.shape)}, got {tuple(residual.shape)}")
+        raise ValueError(
+            f"norm_linear: residual must be contiguous {tuple(x.shape)}, got "
+            f"{tuple(residual.shape)}")
     if norm_weight.shape != (k,):
         raise ValueError(f"norm_linear: norm_weight must be [{k}], got {tuple(norm_weight.shape)}")
     if weight.dim() != 2 or weight.shape[1] != k or not weight.is_contiguous():
-        raise ValueError(f"norm_linear: weight must be a contiguous [N, {k}] tensor, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"norm_linear: weight must be a contiguous [N, {k}] tensor, got {tuple(weight.shape)}")
     if glu and weight.shape[0] % 2:
-        raise ValueError(f"norm_linear: glu needs an even number of weight rows [gate | up], got {weight.shape[0]}")
+        raise ValueError(
+            "norm_linear: glu needs an even number of weight rows [gate | up], got "
+            f"{weight.shape[0]}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"norm_linear: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")

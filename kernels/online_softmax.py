@@ -1,5 +1,5 @@
-"""The one online log-softmax core: Triton helpers that reduce a row of (scaled) logits to its max m,
-sum of exp(z - m) s and, for the entropy, t = sum exp(z - m) * (z - m).
+"""The one online log-softmax core: Triton helpers that reduce a row of (scaled) logits to its max
+m, sum of exp(z - m) s and, for the entropy, t = sum exp(z - m) * (z - m).
 
 A row is reduced in lanes: each lane of a [BLOCK] state keeps its own running (m, s, t) over the
 logits it sees (`lanes_update`, one exp per logit and no cross-thread reduction), and the lanes are
@@ -13,8 +13,9 @@ the warps, and the per-row state is all it keeps between tiles.
 
 Users: `fusedrl.kernels.logprobs` (token log-probs and entropy, forward), the batch-invariant
 mode's `row_logprobs` (engine/model/invariant) and the sampler's chunk statistics and their merge
-(kernels/sampling), the LM head's fused forward. One program per row and a fixed reduction order: a row's result
-depends on its own logits and the block size only, never on the batch (the exact mode relies on it).
+(kernels/sampling), the LM head's fused forward. One program per row and a fixed reduction order: a
+row's result depends on its own logits and the block size only, never on the batch (the exact mode
+relies on it).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from .triton_compat import tl, triton
 
 @triton.jit
 def safe_shift(m):
-    """The shift for exp(z - m): 0 where m is -inf (every logit so far -inf), so exp sees no inf - inf."""
+    """The shift for exp(z - m): 0 where m is -inf (every logit so far -inf), so exp sees no inf -
+    inf."""
     return tl.where(m == float("-inf"), 0.0, m)
 
 

@@ -1,13 +1,14 @@
-"""The paged KV cache's ops: Triton kernels, their host functions (`*_triton`), custom ops and the public
-`store_kv` / `paged_decode` / `rope_store_decode`, which run the kernels where the model's kernels run
-(dispatch.fused_for_model) and the plain-PyTorch references (kernels.reference.store_kv,
+"""The paged KV cache's ops: Triton kernels, their host functions (`*_triton`), custom ops and the
+public `store_kv` / `paged_decode` / `rope_store_decode`, which run the kernels where the model's
+kernels run (dispatch.fused_for_model) and the plain-PyTorch references (kernels.reference.store_kv,
 paged_decode, rope_store_decode) elsewhere.
 
-Cache layout (one layer, one of K or V): `[num_blocks, block_size, num_kv_heads, head_dim]`, contiguous,
-the layout flash-attn's `flash_attn_with_kvcache` takes, so one pool serves every backend. A slot is
-`block_id * block_size + offset`; slot -1 marks a padding row (CUDA-graph batches) and is skipped.
-The Triton paths are torch custom ops (fusedrl::store_kv, fusedrl::paged_decode): one node to
-torch.compile and one op to a TorchDispatchMode such as bench/traffic_count.py.
+Cache layout (one layer, one of K or V): `[num_blocks, block_size, num_kv_heads, head_dim]`,
+contiguous, the layout flash-attn's `flash_attn_with_kvcache` takes, so one pool serves every
+backend. A slot is `block_id * block_size + offset`; slot -1 marks a padding row (CUDA-graph
+batches) and is skipped. The Triton paths are torch custom ops (fusedrl::store_kv,
+fusedrl::paged_decode): one node to torch.compile and one op to a TorchDispatchMode such as
+bench/traffic_count.py.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def _store_kv_kernel(
 
 
 def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
-    """Write rows of `k`, `v` [N, Hkv, D] into the caches at `slot_mapping` [N] (int64, -1 = skip)."""
+    """Write rows of `k`, `v` [N, Hkv, D] into the caches at `slot_mapping` [N] (int64, -1 =
+    skip)."""
     checks.check_kv_store(k, v, k_cache, v_cache, slot_mapping)
     torch.ops.fusedrl.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
@@ -72,19 +74,21 @@ def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping):
 
 @triton.jit
 def _rotated(x_ptr, row_off, d, mask, cos_ptr, sin_ptr, pos, HEAD_DIM: tl.constexpr):
-    """RoPE (rotate-half) of rows at x_ptr + row_off[:, None] + d[None, :] for position `pos`, in fp32
-    and rounded once to x's dtype, as kernels.rotary: x * cos + rotate_half(x) * sin."""
+    """RoPE (rotate-half) of rows at x_ptr + row_off[:, None] + d[None, :] for position `pos`, in
+    fp32 and rounded once to x's dtype, as kernels.rotary: x * cos + rotate_half(x) * sin."""
     half = HEAD_DIM // 2
     partner = tl.where(d < half, d + half, d - half)
     sign = tl.where(d < half, -1.0, 1.0)
     x = tl.load(x_ptr + row_off[:, None] + d[None, :], mask=mask, other=0.0)
-    x_partner = tl.load(x_ptr + row_off[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(x_ptr + row_off[:, None] + partner[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
     cos = tl.load(cos_ptr + pos * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + pos * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
     return (x.to(tl.float32) * cos[None, :] + sign[None, :] * x_partner * sin[None, :]).to(x.dtype)
 
 
 @triton.jit
+# rotate q and k, store k and v, attend to the new token from registers
 def _paged_decode_kernel(
     q_ptr,  # [B, H, D] one query token per sequence (NEW_TOKEN: before RoPE)
     k_cache_ptr,  # [num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM] contiguous
@@ -109,7 +113,7 @@ def _paged_decode_kernel(
     PAGE: tl.constexpr,  # block size of the cache
     PAGE_PAD: tl.constexpr,  # PAGE rounded up to a power of two (tl.arange needs one)
     NUM_SPLITS: tl.constexpr,  # programs sharing one sequence's pages (flash-decoding)
-    NEW_TOKEN: tl.constexpr,  # rotate q and k, store k and v, attend to the new token from registers
+    NEW_TOKEN: tl.constexpr,
 ):
     # One program per (sequence, KV head, split): the GROUP query heads sharing a KV head read its
     # pages once; the pages are cut into NUM_SPLITS runs so that a small batch still fills the GPU.
@@ -119,7 +123,8 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)
     num_pages = tl.cdiv(ctx, PAGE)
-    pages_per_split = tl.maximum(tl.cdiv(num_pages, NUM_SPLITS), 1)  # 1 on a padding row: no division by 0
+    # 1 on a padding row: no division by 0
+    pages_per_split = tl.maximum(tl.cdiv(num_pages, NUM_SPLITS), 1)
     first_page = split * pages_per_split
     last_page = tl.minimum(first_page + pages_per_split, num_pages)
     cached = ctx - 1 if NEW_TOKEN else ctx  # positions read from the pages
@@ -164,8 +169,9 @@ def _paged_decode_kernel(
             d_ok = d[None, :] < HEAD_DIM
             k_new = _rotated(k_new_ptr, b * k_new_stride_b + kv_head * HEAD_DIM + one, d, d_ok,
                              cos_ptr, sin_ptr, pos, HEAD_DIM)  # [1, D]
-            v_new = tl.load(v_new_ptr + b * v_new_stride_b + kv_head * HEAD_DIM + one[:, None] + d[None, :],
-                            mask=d_ok, other=0.0)
+            v_new = tl.load(
+                v_new_ptr + b * v_new_stride_b + kv_head * HEAD_DIM + one[:, None] + d[None, :],
+                mask=d_ok, other=0.0)
             cache_off = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM + one[:, None] + d[None, :]
             tl.store(k_cache_ptr + cache_off, k_new, mask=d_ok)
             tl.store(v_cache_ptr + cache_off, v_new, mask=d_ok)
@@ -180,7 +186,8 @@ def _paged_decode_kernel(
     seen = l > 0
     out = acc / tl.where(seen, l, 1.0)[:, None]
     lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), float("-inf"))
-    part = (b * GROUP * NUM_KV_HEADS + heads) * NUM_SPLITS + split  # [G] index into [B, H, NUM_SPLITS]
+    # [G] index into [B, H, NUM_SPLITS]
+    part = (b * GROUP * NUM_KV_HEADS + heads) * NUM_SPLITS + split
     tl.store(part_out_ptr + part[:, None] * DIM_PAD + d[None, :], out, mask=g[:, None] < GROUP)
     tl.store(part_lse_ptr + part, lse, mask=g < GROUP)
 
@@ -225,12 +232,14 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, 
     checks.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
     if num_splits is None:
         num_splits = _default_splits(q, k_cache, block_tables)
-    return torch.ops.fusedrl.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
+    return torch.ops.fusedrl.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                          num_splits)
 
 
 @torch.library.custom_op("fusedrl::paged_decode", mutates_args=())
-def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, num_splits: int) -> torch.Tensor:
+def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                     num_splits: int) -> torch.Tensor:
     return _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
 
 
@@ -239,48 +248,54 @@ def _paged_decode_fake(q, k_cache, v_cache, block_tables, context_lens, scale, n
     return q.new_empty(q.shape)
 
 
-def rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping, block_tables,
-                      context_lens, scale):
+def rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping,
+                      block_tables, context_lens, scale):
     """A decode step's attention with its RoPE and KV store (arguments and result as
-    `rope_store_decode_triton`): one launch on the "triton" model backend, the reference on "torch"."""
+    `rope_store_decode_triton`): one launch on the "triton" model backend, the reference on
+    "torch"."""
     decode = rope_store_decode_triton if fused_for_model(q) else reference.rope_store_decode
-    return decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping, block_tables,
-                  context_lens, scale)
+    return decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping,
+                  block_tables, context_lens, scale)
 
 
-def rope_store_decode_triton(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping,
-                             block_tables, context_lens, scale, num_splits=None):
+def rope_store_decode_triton(q, k, v, cos_table, sin_table, positions, k_cache, v_cache,
+                             slot_mapping, block_tables, context_lens, scale, num_splits=None):
     """A decode step's attention with its RoPE and KV store in the same launch: q [B, H, D], k, v
     [B, Hkv, D] before RoPE (views of the q/k/v GEMM's rows are fine), cos/sin tables [L, D],
-    positions and slot_mapping [B] int64 (slot -1: a padding row), context_lens [B] int32 counting the
-    new token -> [B, H, D] in q's dtype; k (rotated) and v written into the caches. The same numbers as
-    `rope` then `store_kv_triton` then `paged_decode_triton`."""
+    positions and slot_mapping [B] int64 (slot -1: a padding row), context_lens [B] int32 counting
+    the new token -> [B, H, D] in q's dtype; k (rotated) and v written into the caches. The same
+    numbers as `rope` then `store_kv_triton` then `paged_decode_triton`."""
     checks.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
     checks.check_kv_store(k, v, k_cache, v_cache, slot_mapping)
     if positions.shape != (q.shape[0],) or positions.dtype != torch.int64:
-        raise ValueError(f"positions must be int64 [{q.shape[0]}], got {positions.dtype} {tuple(positions.shape)}")
+        raise ValueError(
+            f"positions must be int64 [{q.shape[0]}], got {positions.dtype} "
+            f"{tuple(positions.shape)}")
     if cos_table.shape != sin_table.shape or cos_table.shape[1:] != (q.shape[2],) or not (
             cos_table.is_contiguous() and sin_table.is_contiguous()):
-        raise ValueError(f"cos/sin tables must be contiguous [L, {q.shape[2]}], got {tuple(cos_table.shape)} "
-                         f"and {tuple(sin_table.shape)}")
+        raise ValueError(
+            f"cos/sin tables must be contiguous [L, {q.shape[2]}], got {tuple(cos_table.shape)} "
+            f"and {tuple(sin_table.shape)}")
     if num_splits is None:
         num_splits = _default_splits(q, k_cache, block_tables)
-    return torch.ops.fusedrl.rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache,
-                                               slot_mapping, block_tables, context_lens, scale, num_splits)
+    return torch.ops.fusedrl.rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache,
+                                               v_cache, slot_mapping, block_tables, context_lens,
+                                               scale, num_splits)
 
 
 @torch.library.custom_op("fusedrl::rope_store_decode", mutates_args=("k_cache", "v_cache"))
-def _rope_store_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.Tensor,
-                          sin_table: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                          v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                          context_lens: torch.Tensor, scale: float, num_splits: int) -> torch.Tensor:
+def _rope_store_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                          block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                          num_splits: int) -> torch.Tensor:
     return _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
                           new=(k, v, cos_table, sin_table, positions, slot_mapping))
 
 
 @_rope_store_decode_op.register_fake
-def _rope_store_decode_fake(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping, block_tables,
-                            context_lens, scale, num_splits):
+def _rope_store_decode_fake(q, k, v, cos_table, sin_table, positions, k_cache, v_cache,
+                            slot_mapping, block_tables, context_lens, scale, num_splits):
     return q.new_empty(q.shape)
 
 
@@ -291,9 +306,12 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     _, page, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     dim_pad = triton.next_power_of_2(head_dim)
-    part_out = torch.empty(batch, num_heads, num_splits, dim_pad, dtype=torch.float32, device=q.device)
+    part_out = torch.empty(batch, num_heads, num_splits, dim_pad, dtype=torch.float32,
+                           device=q.device)
     part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    k_new, v_new, cos, sin, positions, slots = new if new is not None else (q, q, q, q, context_lens, context_lens)
+    k_new, v_new, cos, sin, positions, slots = new if new is not None else (q, q, q, q,
+                                                                            context_lens,
+                                                                            context_lens)
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, scale,
         q.stride(0), q.stride(1), block_tables.stride(0),

@@ -20,7 +20,8 @@ import torch
 from . import checks, cuda_ext, reference
 from .dispatch import backend_for
 from .ppo_loss_ops import IS_MODE_IDS, policy_loss_op, value_loss_op
-from .statistics import AGGS, IS_LEVELS, IS_MODES, importance_weights, row_weights, sequence_ratio_logp
+from .statistics import (AGGS, IS_LEVELS, IS_MODES, importance_weights, row_weights,
+                         sequence_ratio_logp)
 
 POLICY_STATS = ("clipfrac", "dual_clipfrac", "approx_kl", "ratio_mean", "ratio_max")
 IS_STATS = ("is_weight_mean", "is_weight_max", "is_masked_frac")
@@ -35,7 +36,8 @@ IS_STATS = ("is_weight_mean", "is_weight_max", "is_masked_frac")
 
 def _policy_fake(logp, old_logp, advantages, mask, weights, clip_low, clip_high, dual_clip,
                  log_ratio_clamp, compute_grad):
-    grad = torch.empty(logp.shape if compute_grad else (0,), dtype=torch.float32, device=logp.device)
+    grad = torch.empty(logp.shape if compute_grad else (0,), dtype=torch.float32,
+                       device=logp.device)
     return logp.new_empty((), dtype=torch.float32), grad, logp.new_empty(5, dtype=torch.float32)
 
 
@@ -96,7 +98,8 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
                     agg: str = "token-mean", loss_agg_norm: Optional[float] = None,
                     ratio_level: str = "token", log_ratio_clamp: float = 20.0,
                     rollout_logprobs: Optional[torch.Tensor] = None, is_mode: Optional[str] = None,
-                    is_level: str = "token", is_cap: float = 2.0, is_low: float = 0.5, is_high: float = 2.0):
+                    is_level: str = "token", is_cap: float = 2.0, is_low: float = 0.5,
+                    is_high: float = 2.0):
     """PPO-clip policy loss: aggregate of max(-A r, -A clip(r, 1 - eps, 1 + eps_high)).
 
     Args:
@@ -121,7 +124,8 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         valid tokens), and with is_mode: is_weight_mean, is_weight_max, is_masked_frac.
     """
     op = "ppo_policy_loss"
-    _check_loss_inputs(op, ("logp", "old_logp", "advantages"), (logp, old_logp, advantages), mask, agg)
+    _check_loss_inputs(op, ("logp", "old_logp", "advantages"), (logp, old_logp, advantages), mask,
+                       agg)
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     checks.check_positive(op, "clip_eps", clip_eps)
     checks.check_positive(op, "clip_eps_high", eps_high)
@@ -136,46 +140,51 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         checks.check_choice(op, "is_mode", is_mode, IS_MODES)
         checks.check_choice(op, "is_level", is_level, IS_LEVELS)
         if rollout_logprobs is None:
-            raise ValueError(f"{op}: is_mode={is_mode!r} needs rollout_logprobs (the sampler's log-probs)")
+            raise ValueError(
+                f"{op}: is_mode={is_mode!r} needs rollout_logprobs (the sampler's log-probs)")
         checks.check_float(op, "rollout_logprobs", rollout_logprobs)
         checks.check_same_shape(op, "rollout_logprobs", rollout_logprobs, "logp", logp)
         if not 0 < is_low <= 1 <= is_high or is_cap < 1:
-            raise ValueError(f"{op}: need 0 < is_low <= 1 <= is_high and is_cap >= 1, got is_low={is_low}, "
-                             f"is_high={is_high}, is_cap={is_cap}")
+            raise ValueError(
+                f"{op}: need 0 < is_low <= 1 <= is_high and is_cap >= 1, got is_low={is_low}, "
+                f"is_high={is_high}, is_cap={is_cap}")
         rollout_logprobs = rollout_logprobs.detach()
     # "auto"'s measurements and the C++ twin are of the plain mode: the corrections run on Triton.
     plain = is_mode is None and ratio_level == "token"
-    backend = cuda_ext.twin_or_fallback(backend_for(logp, op if plain else None), logp, old_logp, advantages,
-                                        supported=plain)
+    backend = cuda_ext.twin_or_fallback(backend_for(logp, op if plain else None), logp, old_logp,
+                                        advantages, supported=plain)
     if backend == "torch":
         mask = _all_valid(logp) if mask is None else mask
         is_stats = {}
         if is_mode is not None:
-            scale, mask, is_stats = importance_weights(old_logp, rollout_logprobs, mask, mode=is_mode,
-                                                       level=is_level, cap=is_cap, low=is_low, high=is_high)
+            scale, mask, is_stats = importance_weights(old_logp, rollout_logprobs, mask,
+                                                       mode=is_mode, level=is_level, cap=is_cap,
+                                                       low=is_low, high=is_high)
             if scale is not None:
                 advantages = advantages.float() * scale
         if ratio_level == "sequence":
             logp, old_logp = sequence_ratio_logp(logp, old_logp, mask), old_logp.float()
         loss, stats = reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=clip_eps,
-                                                clip_eps_high=eps_high, dual_clip=dual_clip, agg=agg,
-                                                loss_agg_norm=loss_agg_norm, log_ratio_clamp=log_ratio_clamp)
+                                                clip_eps_high=eps_high, dual_clip=dual_clip,
+                                                agg=agg, loss_agg_norm=loss_agg_norm,
+                                                log_ratio_clamp=log_ratio_clamp)
         return loss, {**stats, **is_stats}
     wants_grad = _wants_grad(logp)
     if backend == "cuda":
         mask = _all_valid(logp) if mask is None else mask.contiguous()
         loss, _, stats = torch.ops.fusedrl.cuda_ppo_policy_loss(
             logp.contiguous(), old_logp.contiguous(), advantages.contiguous(), mask,
-            row_weights(mask, agg, loss_agg_norm), float(clip_eps), float(eps_high), float(dual_clip or 0.0),
-            float(log_ratio_clamp), wants_grad)
+            row_weights(mask, agg, loss_agg_norm), float(clip_eps), float(eps_high),
+            float(dual_clip or 0.0), float(log_ratio_clamp), wants_grad)
         return loss, dict(zip(POLICY_STATS, stats.unbind()))
     loss, stats, _, _ = policy_loss_op(
         logp.contiguous(), old_logp.contiguous(), advantages.contiguous(),
         None if mask is None else mask.contiguous(),
         None if is_mode is None else rollout_logprobs.contiguous(), AGGS.index(agg),
-        float(loss_agg_norm or logp.shape[-1]), float(clip_eps), float(eps_high), float(dual_clip or 0.0),
-        float(log_ratio_clamp), IS_MODE_IDS[is_mode], is_level == "sequence", float(is_cap),
-        float(is_low), float(is_high), ratio_level == "sequence", wants_grad)
+        float(loss_agg_norm or logp.shape[-1]), float(clip_eps), float(eps_high),
+        float(dual_clip or 0.0), float(log_ratio_clamp), IS_MODE_IDS[is_mode],
+        is_level == "sequence", float(is_cap), float(is_low), float(is_high),
+        ratio_level == "sequence", wants_grad)
     names = POLICY_STATS + (IS_STATS if is_mode is not None else ())
     return loss, dict(zip(names, stats.unbind()))
 
@@ -193,14 +202,15 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
         (loss [] fp32, {"vf_clipfrac": detached 0-dim fp32}).
     """
     op = "ppo_value_loss"
-    _check_loss_inputs(op, ("values", "old_values", "returns"), (values, old_values, returns), mask, agg)
+    _check_loss_inputs(op, ("values", "old_values", "returns"), (values, old_values, returns), mask,
+                       agg)
     if clip_eps is not None:
         checks.check_positive(op, "clip_eps", clip_eps)
     old_values, returns = old_values.detach(), returns.detach()
     backend = cuda_ext.twin_or_fallback(backend_for(values, op), values, old_values, returns)
     if backend == "torch":
-        return reference.ppo_value_loss(values, old_values, returns, mask, clip_eps=clip_eps, agg=agg,
-                                        loss_agg_norm=loss_agg_norm)
+        return reference.ppo_value_loss(values, old_values, returns, mask, clip_eps=clip_eps,
+                                        agg=agg, loss_agg_norm=loss_agg_norm)
     wants_grad = _wants_grad(values)
     clip = -1.0 if clip_eps is None else float(clip_eps)
     if backend == "cuda":
@@ -211,6 +221,6 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
         return loss, {"vf_clipfrac": stats[0]}
     loss, stats, _, _ = value_loss_op(
         values.contiguous(), old_values.contiguous(), returns.contiguous(),
-        None if mask is None else mask.contiguous(), AGGS.index(agg), float(loss_agg_norm or values.shape[-1]),
-        clip, wants_grad)
+        None if mask is None else mask.contiguous(), AGGS.index(agg),
+        float(loss_agg_norm or values.shape[-1]), clip, wants_grad)
     return loss, {"vf_clipfrac": stats[0]}

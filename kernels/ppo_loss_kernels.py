@@ -1,9 +1,10 @@
-"""The Triton kernels of PPO's policy and value losses: one launch per row pass, one tiny launch that
-finalizes, one launch backward (launches and custom ops in ppo_loss_ops.py, API in ppo_loss.py).
+"""The Triton kernels of PPO's policy and value losses: one launch per row pass, one tiny launch
+that finalizes, one launch backward (launches and custom ops in ppo_loss_ops.py, API in
+ppo_loss.py).
 
   forward 1  _policy_rows_kernel / _value_rows_kernel, grid (rows, chunks of a row): per token the
-             (unweighted) loss term and its derivative d term / d x, stored for backward; per program
-             one row of partial sums (columns below).
+             (unweighted) loss term and its derivative d term / d x, stored for backward; per
+             program one row of partial sums (columns below).
   forward 2  _finalize_kernel, one program: reduces the partials, in a fixed order (deterministic),
              into each row's aggregation weight (the rules of aggregation.py, from the rows'
              kept-token counts), the loss sum_b w_b * loss_b and the stats.
@@ -81,18 +82,20 @@ def _row_prepass(logp_ptr, old_ptr, rollout_ptr, mask_ptr, row, n_steps, is_low,
                 w = _clamped_exp(log_w)
                 kept = valid & (w >= is_low) & (w <= is_high)
         if SEQ_RATIO:
-            log_ratio = _load_f32(logp_ptr, offs, in_range, kept) - _load_f32(old_ptr, offs, in_range, kept)
+            log_ratio = _load_f32(logp_ptr, offs, in_range, kept) - _load_f32(old_ptr, offs,
+                                                                              in_range, kept)
             sum_log_ratio += tl.sum(log_ratio, axis=0)
             n_kept += tl.sum(kept.to(tl.float32), axis=0)
     return sum_log_w, sum_log_ratio / tl.maximum(n_kept, 1.0)
 
 
 @triton.jit
-def _store_partials(partials_ptr, loss, kept, clipped, dual_clipped, kl, ratio_sum, ratio_max, valid,
-                    weight_sum, weight_max):
+def _store_partials(partials_ptr, loss, kept, clipped, dual_clipped, kl, ratio_sum, ratio_max,
+                    valid, weight_sum, weight_max):
     """One program's partial sums and maxima (columns as in N_PARTIALS above); ratios and weights
     are positive, so 0 is the identity of their max."""
-    base = partials_ptr + (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * 10
+    base = partials_ptr + (
+        tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * 10
     tl.store(base + 0, tl.sum(loss, axis=0))
     tl.store(base + 1, tl.sum(kept, axis=0))
     tl.store(base + 2, tl.sum(clipped, axis=0))
@@ -135,9 +138,9 @@ def _policy_rows_kernel(
     first = tl.program_id(1) * chunk
     row_log_w, row_log_ratio = 0.0, 0.0
     if SEQ_RATIO or IS_SEQ:
-        row_log_w, row_log_ratio = _row_prepass(logp_ptr, old_ptr, rollout_ptr, mask_ptr, row, n_steps,
-                                                is_low, is_high, HAS_MASK, IS_MODE, IS_SEQ, SEQ_RATIO,
-                                                BLOCK_SIZE)
+        row_log_w, row_log_ratio = _row_prepass(logp_ptr, old_ptr, rollout_ptr, mask_ptr, row,
+                                                n_steps, is_low, is_high, HAS_MASK, IS_MODE, IS_SEQ,
+                                                SEQ_RATIO, BLOCK_SIZE)
     row_w = _clamped_exp(row_log_w)
     acc_loss = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     acc_kept = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
@@ -159,7 +162,8 @@ def _policy_rows_kernel(
             if IS_SEQ:
                 w = tl.where(valid, row_w, 0.0)
             else:
-                log_w = _token_weight(old_logp, _load_f32(rollout_ptr, offs, in_range, valid), valid)
+                log_w = _token_weight(old_logp, _load_f32(rollout_ptr, offs, in_range, valid),
+                                      valid)
                 w = tl.where(valid, _clamped_exp(log_w), 0.0)
             acc_w += w
             max_w = tl.maximum(max_w, w)
@@ -195,8 +199,8 @@ def _policy_rows_kernel(
         acc_ratio += tl.where(kept, ratio, 0.0)
         max_ratio = tl.maximum(max_ratio, tl.where(kept, ratio, 0.0))
         acc_valid += valid.to(tl.float32)
-    _store_partials(partials_ptr, acc_loss, acc_kept, acc_clipped, acc_dual, acc_kl, acc_ratio, max_ratio,
-                    acc_valid, acc_w, max_w)
+    _store_partials(partials_ptr, acc_loss, acc_kept, acc_clipped, acc_dual, acc_kl, acc_ratio,
+                    max_ratio, acc_valid, acc_w, max_w)
 
 
 @triton.jit
@@ -229,7 +233,8 @@ def _value_rows_kernel(
         grad = error
         if HAS_CLIP:
             old_values = _load_f32(old_ptr, offs, in_range, valid)
-            clipped_error = tl.minimum(tl.maximum(values, old_values - clip_eps), old_values + clip_eps) - returns
+            clipped_error = tl.minimum(tl.maximum(values, old_values - clip_eps),
+                                       old_values + clip_eps) - returns
             clipped_loss = 0.5 * clipped_error * clipped_error
             # The clipped term can only win when the value is outside the clip range, where it is
             # flat in the value: gradient 0.
@@ -242,8 +247,8 @@ def _value_rows_kernel(
         acc_loss += tl.where(valid, loss, 0.0)
         acc_valid += valid.to(tl.float32)
     zero = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    _store_partials(partials_ptr, acc_loss, acc_valid, acc_clipped, zero, zero, zero, zero, acc_valid,
-                    zero, zero)
+    _store_partials(partials_ptr, acc_loss, acc_valid, acc_clipped, zero, zero, zero, zero,
+                    acc_valid, zero, zero)
 
 
 @triton.jit
@@ -258,8 +263,8 @@ def _load_partials(partials_ptr, rows, here, n_chunks, c):
     end read as 0, the identity of every column's sum and max)."""
     cols = tl.arange(0, 16)
     base = (rows.to(tl.int64) * n_chunks + c) * 10
-    return tl.load(partials_ptr + base[:, None] + cols[None, :], mask=here[:, None] & (cols < 10)[None, :],
-                   other=0.0)
+    return tl.load(partials_ptr + base[:, None] + cols[None, :],
+                   mask=here[:, None] & (cols < 10)[None, :], other=0.0)
 
 
 @triton.jit

@@ -16,7 +16,8 @@ from .ppo_loss_kernels import (IS_MIS, IS_NONE, IS_TIS, N_PARTIALS, STATS, _fina
                            _policy_rows_kernel, _scaled_grad_kernel, _value_rows_kernel)
 from .triton_compat import triton
 
-BLOCK = 1024          # tokens per step of a row program: 8 fp32 per thread at 4 warps (two 128-bit loads)
+# tokens per step of a row program: 8 fp32 per thread at 4 warps (two 128-bit loads)
+BLOCK = 1024
 MAX_CHUNK_BLOCKS = 4  # a program covers at most 4 blocks of a row, unless it needs the whole row
 ROW_BLOCK = 256       # rows per step of the finalize kernel
 IS_MODE_IDS = {None: IS_NONE, "tis": IS_TIS, "mis": IS_MIS}
@@ -56,28 +57,30 @@ def _row_buffers(x: torch.Tensor, n_chunks: int, compute_grad: bool):
 
 
 def policy_forward(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                   mask: Optional[torch.Tensor], rollout_logp: Optional[torch.Tensor], agg: int, norm: float,
-                   clip_low: float, clip_high: float, dual_clip: float, log_ratio_clamp: float,
-                   is_mode: int, is_sequence: bool, is_cap: float, is_low: float, is_high: float,
-                   sequence_ratio: bool, compute_grad: bool):
-    """Contiguous [..., T] inputs -> (loss [], stats [len(STATS)], d term / d logp [...] fp32 or [0],
-    row weights [rows]). agg: index in statistics.AGGS; is_mode: IS_NONE / IS_TIS / IS_MIS;
+                   mask: Optional[torch.Tensor], rollout_logp: Optional[torch.Tensor], agg: int,
+                   norm: float, clip_low: float, clip_high: float, dual_clip: float,
+                   log_ratio_clamp: float, is_mode: int, is_sequence: bool, is_cap: float,
+                   is_low: float, is_high: float, sequence_ratio: bool, compute_grad: bool):
+    """Contiguous [..., T] inputs -> (loss [], stats [len(STATS)], d term / d logp [...] fp32 or
+    [0], row weights [rows]). agg: index in statistics.AGGS; is_mode: IS_NONE / IS_TIS / IS_MIS;
     dual_clip <= 0 disables it."""
     n_steps = logp.shape[-1]
     chunk, n_chunks = _chunking(n_steps, sequence_ratio or (is_mode != IS_NONE and is_sequence))
     n_rows, dterm, partials = _row_buffers(logp, n_chunks, compute_grad)
     if logp.numel():
         _policy_rows_kernel[(n_rows, n_chunks)](
-            logp, old_logp, advantages, _as_loadable(mask, logp), logp if rollout_logp is None else rollout_logp,
-            dterm, partials, n_steps, chunk, clip_low, clip_high, dual_clip, log_ratio_clamp, is_cap,
-            is_low, is_high, HAS_MASK=mask is not None, HAS_DUAL=dual_clip > 0, IS_MODE=is_mode,
-            IS_SEQ=is_sequence, SEQ_RATIO=sequence_ratio, STORE_GRAD=compute_grad, BLOCK_SIZE=BLOCK)
+            logp, old_logp, advantages, _as_loadable(mask, logp),
+            logp if rollout_logp is None else rollout_logp, dterm, partials, n_steps, chunk,
+            clip_low, clip_high, dual_clip, log_ratio_clamp, is_cap, is_low, is_high,
+            HAS_MASK=mask is not None, HAS_DUAL=dual_clip > 0, IS_MODE=is_mode, IS_SEQ=is_sequence,
+            SEQ_RATIO=sequence_ratio, STORE_GRAD=compute_grad, BLOCK_SIZE=BLOCK)
     loss, stats, weights = _finalize(partials, n_rows, n_chunks if logp.numel() else 0, agg, norm)
     return loss, stats, dterm, weights
 
 
 def value_forward(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                  mask: Optional[torch.Tensor], agg: int, norm: float, clip_eps: float, compute_grad: bool):
+                  mask: Optional[torch.Tensor], agg: int, norm: float, clip_eps: float,
+                  compute_grad: bool):
     """As policy_forward for the value loss; clip_eps < 0 disables clipping; stats[0] is the
     clip fraction."""
     n_steps = values.shape[-1]
@@ -85,8 +88,9 @@ def value_forward(values: torch.Tensor, old_values: torch.Tensor, returns: torch
     n_rows, dterm, partials = _row_buffers(values, n_chunks, compute_grad)
     if values.numel():
         _value_rows_kernel[(n_rows, n_chunks)](
-            values, old_values, returns, _as_loadable(mask, values), dterm, partials, n_steps, chunk, clip_eps,
-            HAS_MASK=mask is not None, HAS_CLIP=clip_eps >= 0, STORE_GRAD=compute_grad, BLOCK_SIZE=BLOCK)
+            values, old_values, returns, _as_loadable(mask, values), dterm, partials, n_steps,
+            chunk, clip_eps, HAS_MASK=mask is not None, HAS_CLIP=clip_eps >= 0,
+            STORE_GRAD=compute_grad, BLOCK_SIZE=BLOCK)
     loss, stats, weights = _finalize(partials, n_rows, n_chunks if values.numel() else 0, agg, norm)
     return loss, stats, dterm, weights
 
@@ -103,19 +107,20 @@ def scaled_grad(grad_loss: torch.Tensor, dterm: torch.Tensor, weights: torch.Ten
 
 @torch.library.custom_op("fusedrl::ppo_policy_loss_fwd", mutates_args=())
 def policy_loss_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                   mask: Optional[torch.Tensor], rollout_logp: Optional[torch.Tensor], agg: int, norm: float,
-                   clip_low: float, clip_high: float, dual_clip: float, log_ratio_clamp: float,
-                   is_mode: int, is_sequence: bool, is_cap: float, is_low: float, is_high: float,
-                   sequence_ratio: bool, compute_grad: bool
+                   mask: Optional[torch.Tensor], rollout_logp: Optional[torch.Tensor], agg: int,
+                   norm: float, clip_low: float, clip_high: float, dual_clip: float,
+                   log_ratio_clamp: float, is_mode: int, is_sequence: bool, is_cap: float,
+                   is_low: float, is_high: float, sequence_ratio: bool, compute_grad: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return policy_forward(logp, old_logp, advantages, mask, rollout_logp, agg, norm, clip_low,
-                          clip_high, dual_clip, log_ratio_clamp, is_mode, is_sequence, is_cap, is_low,
-                          is_high, sequence_ratio, compute_grad)
+                          clip_high, dual_clip, log_ratio_clamp, is_mode, is_sequence, is_cap,
+                          is_low, is_high, sequence_ratio, compute_grad)
 
 
 @torch.library.custom_op("fusedrl::ppo_value_loss_fwd", mutates_args=())
 def value_loss_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                  mask: Optional[torch.Tensor], agg: int, norm: float, clip_eps: float, compute_grad: bool
+                  mask: Optional[torch.Tensor], agg: int, norm: float, clip_eps: float,
+                  compute_grad: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return value_forward(values, old_values, returns, mask, agg, norm, clip_eps, compute_grad)
 
@@ -144,7 +149,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(dterm, weights)
     ctx.x_dtype, ctx.n_inputs = inputs[0].dtype, len(inputs)
     ctx.mark_non_differentiable(stats, dterm, weights)
-    ctx.set_materialize_grads(False)  # no zeros for the other outputs' (absent) gradients: launches saved
+    # no zeros for the other outputs' (absent) gradients: launches saved
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_stats, _grad_dterm, _grad_weights):

@@ -1,5 +1,6 @@
 """Plain PyTorch references for every fused op, each named as its op (``reference.<op>``): the
-oracle the kernels are tested against, the "torch" backend, and the eager baseline in the benchmarks.
+oracle the kernels are tested against, the "torch" backend, and the eager baseline in the
+benchmarks.
 
 Written for clarity, not speed: each is the textbook composition, differentiated by autograd. The RL
 ops' references (this file) compute in float64 when given float64 inputs and in float32 otherwise,
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .reference_moe import moe_permute, moe_unpermute
-from .reference_model import norm_linear, paged_decode, rms_norm, rope, rope_store_decode, silu_mul, store_kv
+from .reference_model import (norm_linear, paged_decode, rms_norm, rope, rope_store_decode,
+                              silu_mul, store_kv)
 from .reference_sampling import sample
 from .statistics import (aggregate, compute_dtype, masked_mean, masked_moments, masked_whiten,
                          valid_entries, weighted_sum)
@@ -67,7 +69,8 @@ def kl_penalty(logp, ref_logp, *, estimator="k1", mask=None, clamp=None, log_rat
         # both: the estimate sees the clamped value and its gradients there are 0.
         d = (ref_logp - logp).detach()
         clamped = d.abs() > log_ratio_clamp
-        logp = torch.where(clamped, ref_logp.detach() - d.clamp(-log_ratio_clamp, log_ratio_clamp), logp)
+        logp = torch.where(clamped, ref_logp.detach() - d.clamp(-log_ratio_clamp, log_ratio_clamp),
+                           logp)
         ref_logp = torch.where(clamped, ref_logp.detach(), ref_logp)
     log_ratio = ref_logp - logp                                             # log(ref / pi)
     if estimator == "k1":
@@ -158,12 +161,14 @@ def value_terms(values, old_values, returns, *, clip_eps=0.2):
     unclipped = (values - returns) ** 2
     if clip_eps is None:
         return 0.5 * unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
-    clipped_values = torch.maximum(torch.minimum(values, old_values + clip_eps), old_values - clip_eps)
+    clipped_values = torch.maximum(torch.minimum(values, old_values + clip_eps),
+                                   old_values - clip_eps)
     clipped = (clipped_values - returns) ** 2
     return 0.5 * torch.maximum(unclipped, clipped), clipped > unclipped
 
 
-def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="token-mean", loss_agg_norm=None):
+def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="token-mean",
+                   loss_agg_norm=None):
     """Clipped value loss (value_terms) aggregated by `agg`: values, old_values, returns, mask
     [..., T] -> (loss, stats)."""
     per_token, clipped = value_terms(values, old_values, returns, clip_eps=clip_eps)

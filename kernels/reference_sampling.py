@@ -40,19 +40,22 @@ def sample(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps=None):
     if min_ps is None:
         min_ps = torch.zeros_like(top_ps, dtype=torch.float32)
     greedy = temperatures == 0
-    inv_temp = 1.0 / torch.where(greedy, 1.0, temperatures.float())  # the kernel's rounding: x * (1/T)
+    # the kernel's rounding: x * (1/T)
+    inv_temp = 1.0 / torch.where(greedy, 1.0, temperatures.float())
     scaled = logits.float() * inv_temp[:, None]  # [B, V]
     kept = kept_mask(logits, scaled, inv_temp, top_ks, top_ps, min_ps) | greedy[:, None]
     noise = gumbel_noise(seeds, positions, logits.shape[1])  # [B, V]
     drawn = (scaled + noise).masked_fill(~kept, float("-inf")).argmax(-1)
     tokens = torch.where(greedy, logits.float().argmax(-1), drawn)
-    logprobs = scaled.masked_fill(~kept, float("-inf")).log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    logprobs = scaled.masked_fill(~kept, float("-inf")).log_softmax(-1).gather(1,
+                                                                               tokens[:, None])[:,
+                                                                                                0]
     return tokens, logprobs
 
 
 def kept_mask(logits, scaled, inv_temp, top_ks, top_ps, min_ps):
-    """[B, V] bool: the tokens each row's top-k, top-p and min-p keep (the module docstring's rules).
-    logits in their own dtype (for the keys); scaled [B, V] fp32 = logits * inv_temp [B]."""
+    """[B, V] bool: the tokens each row's top-k, top-p and min-p keep (the module docstring's
+    rules). logits in their own dtype (for the keys); scaled [B, V] fp32 = logits * inv_temp [B]."""
     vocab = logits.shape[1]
     keys = order_key16(logits)  # [B, V] int32
     m = scaled.max(-1, keepdim=True).values
@@ -63,11 +66,13 @@ def kept_mask(logits, scaled, inv_temp, top_ks, top_ps, min_ps):
     in_top_k = keys >= kth
     sorted_mass = mass.gather(1, order).masked_fill(sorted_keys < kth, 0.0)
     mass_k = sorted_mass.sum(-1, keepdim=True)
-    # mass of strictly larger keys: the exclusive cumulative sum at the first token of each key's run
+    # mass of strictly larger keys: the exclusive cumulative sum at the first token of each key's
+    # run
     before = sorted_mass.cumsum(-1) - sorted_mass
     first = torch.searchsorted(-sorted_keys, -sorted_keys, right=False)
     above = torch.empty_like(before).scatter_(1, order, before.gather(1, first))
-    in_top_p = (above < top_ps[:, None] * mass_k) | (keys == sorted_keys[:, :1]) | (top_ps[:, None] >= 1)
+    in_top_p = (above < top_ps[:, None] * mass_k) | (keys == sorted_keys[:, :1]) | (
+        top_ps[:, None] >= 1)
     log_min_p = torch.where(min_ps > 0, torch.log(min_ps.float().clamp(min=1e-38)), float("-inf"))
     in_min_p = scaled - m >= log_min_p[:, None]
     return in_top_k & in_top_p & in_min_p

@@ -20,9 +20,11 @@ from .triton_compat import tl, triton
 
 
 @triton.jit
-def _rotate_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, first_row, n_rows, heads, row_stride, head_stride,
-                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, ROWS: tl.constexpr, BACKWARD: tl.constexpr):
-    """Rotate (token, head) rows [first_row, first_row + ROWS) of x [N, heads, D] into out (contiguous)."""
+def _rotate_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, first_row, n_rows, heads, row_stride,
+                 head_stride, HALF: tl.constexpr, HALF_PAD: tl.constexpr, ROWS: tl.constexpr,
+                 BACKWARD: tl.constexpr):
+    """Rotate (token, head) rows [first_row, first_row + ROWS) of x [N, heads, D] into out
+    (contiguous)."""
     r = first_row + tl.arange(0, ROWS).to(tl.int64)
     token = r // heads
     head = r - token * heads
@@ -38,7 +40,8 @@ def _rotate_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, first_row, n_rows, heads, row
     if BACKWARD:  # the transpose of a rotation is the rotation by the opposite angle
         sin = -sin
     tl.store(out_ptr + out_off, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + out_off + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + out_off + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 # Token counts are not specialized on: the same code at batch 1 as in a training pack (the
@@ -66,11 +69,13 @@ def _rope_kernel(
 ):
     pid = tl.program_id(0)
     if pid < q_programs:
-        _rotate_rows(q_ptr, q_out_ptr, cos_ptr, sin_ptr, pid.to(tl.int64) * ROWS, n_tokens * q_heads, q_heads,
-                     q_row_stride, q_head_stride, HALF, HALF_PAD, ROWS, BACKWARD)
+        _rotate_rows(q_ptr, q_out_ptr, cos_ptr, sin_ptr, pid.to(tl.int64) * ROWS,
+                     n_tokens * q_heads, q_heads, q_row_stride, q_head_stride, HALF, HALF_PAD, ROWS,
+                     BACKWARD)
     else:
         _rotate_rows(k_ptr, k_out_ptr, cos_ptr, sin_ptr, (pid - q_programs).to(tl.int64) * ROWS,
-                     n_tokens * k_heads, k_heads, k_row_stride, k_head_stride, HALF, HALF_PAD, ROWS, BACKWARD)
+                     n_tokens * k_heads, k_heads, k_row_stride, k_head_stride, HALF, HALF_PAD, ROWS,
+                     BACKWARD)
 
 
 def _launch(q, k, cos, sin, backward: bool):
@@ -84,8 +89,9 @@ def _launch(q, k, cos, sin, backward: bool):
     programs = q_programs + triton.cdiv(n * k_heads, rows)
     if programs:
         _rope_kernel[(programs,)](
-            q, k, q_out, k_out, cos, sin, n, q_heads, k_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            q_programs, HALF=dim // 2, HALF_PAD=half_pad, ROWS=rows, BACKWARD=backward)
+            q, k, q_out, k_out, cos, sin, n, q_heads, k_heads, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), q_programs, HALF=dim // 2, HALF_PAD=half_pad, ROWS=rows,
+            BACKWARD=backward)
     return q_out, k_out
 
 
@@ -97,7 +103,8 @@ def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 @_rope_op.register_fake
 def _rope_fake(q, k, cos, sin):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
+                                                                             device=k.device)
 
 
 @torch.library.custom_op("fusedrl::rope_bwd", mutates_args=())
@@ -131,11 +138,15 @@ _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 def _check(q, k, cos, sin):
     for name, tensor in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         checks.check_float("rope", name, tensor)
-    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[2] % 2:
-        raise ValueError(f"rope: q [N, Hq, D] and k [N, Hk, D] with one N and an even D expected, got q "
-                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    if (q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]
+        or q.shape[2] % 2):
+        raise ValueError(
+            f"rope: q [N, Hq, D] and k [N, Hk, D] with one N and an even D expected, got q "
+            f"{tuple(q.shape)} and k {tuple(k.shape)}")
     if q.stride(2) != 1 or k.stride(2) != 1:
-        raise ValueError(f"rope: the last dim of q and k must be contiguous, got strides {q.stride()} and {k.stride()}")
+        raise ValueError(
+            f"rope: the last dim of q and k must be contiguous, got strides {q.stride()} and "
+            f"{k.stride()}")
     expected = (q.shape[0], q.shape[2])
     for name, t in (("cos", cos), ("sin", sin)):
         if tuple(t.shape) != expected or not t.is_contiguous():

@@ -29,10 +29,10 @@ vocab / CHUNK programs):
    fit, or missed) walks the row's keys WINDOW at a time, counting each slice in one program's
    registers, then draws in one more pass: correct for any row, slower, a read per slice.
 
-The window is a `SamplerWorkspace` the caller owns and passes in (the engine's model runner keeps one
-for its largest batch, created once, so a captured CUDA graph keeps valid pointers): never cleared by
-a separate op, emptied by the kernel that read it. Without one, a call makes a fresh empty window
-(three fill ops more). No state lives in this module.
+The window is a `SamplerWorkspace` the caller owns and passes in (the engine's model runner keeps
+one for its largest batch, created once, so a captured CUDA graph keeps valid pointers): never
+cleared by a separate op, emptied by the kernel that read it. Without one, a call makes a fresh
+empty window (three fill ops more). No state lives in this module.
 
 A row with a cut reads its logits about twice (once per pass, plus the merge's profiles and the
 window's atomics), a plain draw once; a row that falls back reads them once more per WINDOW-key
@@ -48,14 +48,20 @@ from .sampling_bracket import _chunk_stats_kernel, _merge_kernel
 from .sampling_draw import _finish_kernel, _window_kernel
 from .triton_compat import triton
 
-CHUNK = 4096  # tokens per program; fixed (not chosen by batch), so a row's numbers never depend on it
-CELLS_PER_UNIT = 16  # profile cells per unit of scaled logit: a cell's mass is known within e^(1/16)
-PROFILE = 512  # cells per chunk (the last: everything deeper): 32 units, past any top-p cut of V < 4e6
-WINDOW = 2048  # keys of a row's window: per key its count, best packed score and (fp32) fixed-point mass
+# tokens per program; fixed (not chosen by batch), so a row's numbers never depend on it
+CHUNK = 4096
+# profile cells per unit of scaled logit: a cell's mass is known within e^(1/16)
+CELLS_PER_UNIT = 16
+# cells per chunk (the last: everything deeper): 32 units, past any top-p cut of V < 4e6
+PROFILE = 512
+# keys of a row's window: per key its count, best packed score and (fp32) fixed-point mass
+WINDOW = 2048
 _FIXED = 2.0 ** 40  # fp32 window masses exp(s - max) <= 1 as int64 sums: exact, in any order
 _EMPTY = -(2 ** 63)  # an empty best-score bin (below every packed score)
-_RECORDS = 3  # rounds of a chunk's best-of-the-keys-above before its window candidates all go atomic
-_SLACK = 1e-4  # relative slack of the merge's mass bounds against rounding (a miss costs time, not truth)
+# rounds of a chunk's best-of-the-keys-above before its window candidates all go atomic
+_RECORDS = 3
+# relative slack of the merge's mass bounds against rounding (a miss costs time, not truth)
+_SLACK = 1e-4
 
 
 class SamplerWorkspace:
@@ -77,31 +83,38 @@ class SamplerWorkspace:
 
     def is_empty(self) -> bool:
         """Every bin empty (a check for tests: it reads the whole window)."""
-        return bool((self.counts == 0).all() and (self.best == _EMPTY).all() and (self.mass == 0).all())
+        return bool((self.counts == 0).all() and (self.best == _EMPTY).all()
+                    and (self.mass == 0).all())
 
 
 def sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps,
                   workspace: SamplerWorkspace | None = None):
     """The split-row sampler; arguments and results as `sample` (logits [B, V] fp32 or
-    bf16/fp16, read in their own dtype and computed in fp32). Returns (tokens [B] int64, logprobs [B]
-    fp32). workspace: the key windows (>= B rows, on the logits' device), else a fresh one. A torch
-    custom op (fusedrl::sample): one node to torch.compile, one op to a TorchDispatchMode."""
+    bf16/fp16, read in their own dtype and computed in fp32). Returns (tokens [B] int64, logprobs
+    [B] fp32). workspace: the key windows (>= B rows, on the logits' device), else a fresh one. A
+    torch custom op (fusedrl::sample): one node to torch.compile, one op to a TorchDispatchMode."""
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     if workspace is None:
         workspace = SamplerWorkspace(max(1, logits.shape[0]), logits.device)
     elif workspace.rows < logits.shape[0] or workspace.counts.device != logits.device:
-        raise ValueError(f"sample_triton: workspace of {workspace.rows} rows on {workspace.counts.device} "
-                         f"for {logits.shape[0]} rows of logits on {logits.device}")
+        raise ValueError(
+            f"sample_triton: workspace of {workspace.rows} rows on {workspace.counts.device} "
+            f"for {logits.shape[0]} rows of logits on {logits.device}")
     return torch.ops.fusedrl.sample(logits, temperatures.float().contiguous(), top_ks.contiguous(),
-                                     top_ps.float().contiguous(), seeds.contiguous(), positions.contiguous(),
-                                     min_ps.float().contiguous(), workspace.counts, workspace.best, workspace.mass)
+                                     top_ps.float().contiguous(), seeds.contiguous(),
+                                    positions.contiguous(),
+                                     min_ps.float().contiguous(), workspace.counts, workspace.best,
+                                    workspace.mass)
 
 
-# The windows are mutated (and left empty again): declared, so that torch.compile orders calls on them.
-@torch.library.custom_op("fusedrl::sample", mutates_args=("window_counts", "window_best", "window_mass"))
-def _sample_op(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
-               seeds: torch.Tensor, positions: torch.Tensor, min_ps: torch.Tensor, window_counts: torch.Tensor,
-               window_best: torch.Tensor, window_mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# The windows are mutated (and left empty again): declared, so that torch.compile orders calls on
+# them.
+@torch.library.custom_op("fusedrl::sample",
+                         mutates_args=("window_counts", "window_best", "window_mass"))
+def _sample_op(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
+               top_ps: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+               min_ps: torch.Tensor, window_counts: torch.Tensor, window_best: torch.Tensor,
+               window_mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch, vocab = logits.shape
     tokens, logprobs = _sample_fake(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps,
                                     window_counts, window_best, window_mass)
@@ -121,24 +134,26 @@ def _sample_op(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.T
     part_args = torch.empty(batch, chunks, 2, dtype=torch.int32, device=device)
     window = (window_counts, window_best, window_mass)
     dtypes = dict(IS_FP32=logits.dtype == torch.float32, IS_FP16=logits.dtype == torch.float16)
-    _chunk_stats_kernel[(batch, chunks)](logits, *params, seeds, positions, stats, args, profile, vocab,
-                                         logits.stride(0), CHUNK=block, PROFILE=PROFILE,
+    _chunk_stats_kernel[(batch, chunks)](logits, *params, seeds, positions, stats, args, profile,
+                                         vocab, logits.stride(0), CHUNK=block, PROFILE=PROFILE,
                                          CELLS_PER_UNIT=CELLS_PER_UNIT, **dtypes)
-    _merge_kernel[(batch,)](stats, args, profile, seeds, positions, *params, rows, windows, tokens, logprobs,
-                            vocab, chunks, CHUNKS=padded, PROFILE=PROFILE, CELLS_PER_UNIT=CELLS_PER_UNIT,
-                            WINDOW=WINDOW, SLACK=_SLACK, **dtypes)
-    _window_kernel[(batch, chunks)](logits, *params, seeds, positions, rows, windows, part, part_args, *window,
-                                    vocab, logits.stride(0), CHUNK=block, WINDOW=WINDOW, FIXED=_FIXED, EMPTY=_EMPTY,
-                                    RECORDS=_RECORDS, **dtypes)
-    _finish_kernel[(batch,)](logits, *params, seeds, positions, rows, windows, part, part_args, *window, tokens,
-                             logprobs, vocab, logits.stride(0), chunks, CHUNKS=padded, CHUNK=block, WINDOW=WINDOW,
-                             FIXED=_FIXED, EMPTY=_EMPTY, **dtypes)
+    _merge_kernel[(batch,)](stats, args, profile, seeds, positions, *params, rows, windows, tokens,
+                            logprobs, vocab, chunks, CHUNKS=padded, PROFILE=PROFILE,
+                            CELLS_PER_UNIT=CELLS_PER_UNIT, WINDOW=WINDOW, SLACK=_SLACK, **dtypes)
+    _window_kernel[(batch, chunks)](logits, *params, seeds, positions, rows, windows, part,
+                                    part_args, *window, vocab, logits.stride(0), CHUNK=block,
+                                    WINDOW=WINDOW, FIXED=_FIXED, EMPTY=_EMPTY, RECORDS=_RECORDS,
+                                    **dtypes)
+    _finish_kernel[(batch,)](logits, *params, seeds, positions, rows, windows, part, part_args,
+                             *window, tokens, logprobs, vocab, logits.stride(0), chunks,
+                             CHUNKS=padded, CHUNK=block, WINDOW=WINDOW, FIXED=_FIXED, EMPTY=_EMPTY,
+                             **dtypes)
     return tokens, logprobs
 
 
 @_sample_op.register_fake
-def _sample_fake(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps, window_counts, window_best,
-                 window_mass):
+def _sample_fake(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps, window_counts,
+                 window_best, window_mass):
     batch = logits.shape[0]
     return (torch.empty(batch, dtype=torch.int64, device=logits.device),
             torch.empty(batch, dtype=torch.float32, device=logits.device))
@@ -160,5 +175,6 @@ def sample(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps=None,
     if min_ps is None:
         min_ps = torch.zeros_like(top_ps, dtype=torch.float32)
     if fused_for_model(logits):
-        return sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps, workspace)
+        return sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps,
+                             workspace)
     return reference.sample(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)

@@ -52,7 +52,8 @@ def gumbel(seed_ptr, pos_ptr, row, offs):
 @triton.jit
 def pack_score(score, index):
     """int64 ordered as (score, -index): the fp32 bits made order-preserving in the high word, the
-    inverted index in the low word, so the max is the best score and, among equals, the first index."""
+    inverted index in the low word, so the max is the best score and, among equals, the first
+    index."""
     bits = score.to(tl.int32, bitcast=True)
     bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     return (bits.to(tl.int64) << 32) | (0xFFFFFFFF - index.to(tl.int64))
@@ -68,7 +69,8 @@ def unpack_score(packed):
 
 @triton.jit
 def value_key16(v, IS_FP32: tl.constexpr, IS_FP16: tl.constexpr):
-    """The order key of an fp32 value v as a logit of the sampler's dtype (rounded to it: monotone)."""
+    """The order key of an fp32 value v as a logit of the sampler's dtype (rounded to it:
+    monotone)."""
     if IS_FP32:
         return key16(v, True)
     elif IS_FP16:
@@ -79,7 +81,8 @@ def value_key16(v, IS_FP32: tl.constexpr, IS_FP16: tl.constexpr):
 
 @triton.jit
 def row_params(temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, row, V):
-    """(inverse temperature, top-k or V when off, top-p, greedy, has top-k/top-p cut, needs a 2nd pass)."""
+    """(inverse temperature, top-k or V when off, top-p, greedy, has top-k/top-p cut, needs a 2nd
+    pass)."""
     temp = tl.load(temp_ptr + row)
     greedy = temp == 0
     inv_temp = 1.0 / tl.where(greedy, 1.0, temp)

@@ -14,11 +14,13 @@ from .triton_compat import tl, triton
 
 
 @triton.jit
+# [B, C, 4] fp32 out: max, sum exp(s - max), sum exp(key value - max), best Gumbel score
+# [B, C, 5] int32 out: first argmax, max key, best Gumbel score's index, top cell, its least key
 def _chunk_stats_kernel(
     logits_ptr,  # [B, V] fp32/bf16/fp16, rows `stride` apart
     temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, pos_ptr,  # [B] sampling parameters
-    stat_ptr,  # [B, C, 4] fp32 out: max, sum exp(s - max), sum exp(key value - max), best Gumbel score
-    arg_ptr,  # [B, C, 5] int32 out: first argmax, max key, best Gumbel score's index, top cell, its least key
+    stat_ptr,
+    arg_ptr,
     profile_ptr,  # [B, C, PROFILE] int16 out (rows with a cut): tokens per cell below the top cell
     V, stride,
     CHUNK: tl.constexpr, PROFILE: tl.constexpr, CELLS_PER_UNIT: tl.constexpr,
@@ -27,7 +29,8 @@ def _chunk_stats_kernel(
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
-    inv_temp, top_k, top_p, greedy, cut, second = row_params(temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, row, V)
+    inv_temp, top_k, top_p, greedy, cut, second = row_params(temp_ptr, top_k_ptr, top_p_ptr,
+                                                             min_p_ptr, row, V)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     valid = offs < V
     x = tl.load(logits_ptr + row.to(tl.int64) * stride + offs, mask=valid, other=float("-inf"))
@@ -36,7 +39,8 @@ def _chunk_stats_kernel(
     s_lanes, sum_lanes, t_lanes = lanes_of(s)
     s_max, s_sum, _ = lanes_reduce(s_lanes, sum_lanes, t_lanes, False)
     key = tl.where(valid, key16(x, IS_FP32), -32768)
-    s_key = tl.where(valid, key16_value(key, IS_FP16) * inv_temp, float("-inf"))  # == s for bf16/fp16
+    # == s for bf16/fp16
+    s_key = tl.where(valid, key16_value(key, IS_FP16) * inv_temp, float("-inf"))
     shift = safe_shift(s_max)  # a row of -inf: sums 0, not NaN
     out = (row * chunks + chunk).to(tl.int64)
     tl.store(stat_ptr + out * 4, s_max)
@@ -66,29 +70,35 @@ def _chunk_stats_kernel(
 
 
 @triton.jit
-def _bracket(profile_ptr, arg_ptr, row, chunks, tops, top_cell_keys, m, z_key, top_key, inv_temp, top_k, top_p, V,
-             PROFILE: tl.constexpr, CELLS_PER_UNIT: tl.constexpr, WINDOW: tl.constexpr, SLACK: tl.constexpr,
-             IS_FP32: tl.constexpr, IS_FP16: tl.constexpr):
-    """(fits, key_lo, key_hi) of a row with a cut: the keys that must hold it, from the chunks' profiles
-    (tops, top_cell_keys [CHUNKS]: each chunk's top cell and that cell's least key)."""
+def _bracket(profile_ptr, arg_ptr, row, chunks, tops, top_cell_keys, m, z_key, top_key, inv_temp,
+             top_k, top_p, V, PROFILE: tl.constexpr, CELLS_PER_UNIT: tl.constexpr,
+             WINDOW: tl.constexpr, SLACK: tl.constexpr, IS_FP32: tl.constexpr,
+             IS_FP16: tl.constexpr):
+    """(fits, key_lo, key_hi) of a row with a cut: the keys that must hold it, from the chunks'
+    profiles (tops, top_cell_keys [CHUNKS]: each chunk's top cell and that cell's least key)."""
     i = tl.arange(0, PROFILE)
     first = (row * chunks).to(tl.int64)
     a = tl.min(tops)
-    top_cell_key = tl.min(tl.where(tops == a, top_cell_keys, 32767))  # the least key of the row's top cell
-    # Row cell i (below the row's top cell a) is chunk c's cell i - (a_c - a): exact for i < PROFILE - 1.
+    # the least key of the row's top cell
+    top_cell_key = tl.min(tl.where(tops == a, top_cell_keys, 32767))
+    # Row cell i (below the row's top cell a) is chunk c's cell i - (a_c - a): exact for i < PROFILE
+    # - 1.
     counts = tl.zeros([PROFILE], dtype=tl.int32)
     for c in range(0, chunks):
         j = i - (tl.load(arg_ptr + (first + c) * 5 + 3) - a)
-        counts += tl.load(profile_ptr + (first + c) * PROFILE + j, mask=(j >= 0) & (j < PROFILE - 1),
-                          other=0).to(tl.int32)
-    # Cell i holds key-valued scaled logits in (-(a + i + 1) / CPU, -(a + i) / CPU]: its mass bounds.
+        counts += tl.load(profile_ptr + (first + c) * PROFILE + j,
+                          mask=(j >= 0) & (j < PROFILE - 1), other=0).to(tl.int32)
+    # Cell i holds key-valued scaled logits in (-(a + i + 1) / CPU, -(a + i) / CPU]: its mass
+    # bounds.
     upper = (-a).to(tl.float32) / CELLS_PER_UNIT - m - i.to(tl.float32) / CELLS_PER_UNIT
     slack = SLACK + 1e-6 * tl.abs(m)
     hi = counts.to(tl.float32) * tl.exp(upper + slack)
     lo = counts.to(tl.float32) * tl.exp(upper - 1.0 / CELLS_PER_UNIT - slack)
     # The mass of cells <= i: their bounds, or the row's exact total less the bounds of the rest
-    # (the tokens past the profile at most at its last cell's top): tight when one cell holds it all.
-    deep_hi = (V - tl.sum(counts)).to(tl.float32) * tl.exp(tl.max(tl.where(i == PROFILE - 1, upper, -1e30)) + slack)
+    # (the tokens past the profile at most at its last cell's top): tight when one cell holds it
+    # all.
+    deep_hi = (V - tl.sum(counts)).to(tl.float32) * tl.exp(
+        tl.max(tl.where(i == PROFILE - 1, upper, -1e30)) + slack)
     hi_sum = tl.cumsum(hi, 0)
     lo_sum = tl.cumsum(lo, 0)
     above_hi = tl.minimum(hi_sum, z_key - (tl.sum(lo) - lo_sum)) * (1 + SLACK)
@@ -104,20 +114,24 @@ def _bracket(profile_ptr, arg_ptr, row, chunks, tops, top_cell_keys, m, z_key, t
     bottom_cell = tl.where(has_k, cell_k, cell_p_lo)  # with top-k: down to its cut (the top-p mass)
     upper_edge = (-(a + top_cell)).to(tl.float32) / CELLS_PER_UNIT / inv_temp
     lower_edge = (-(a + bottom_cell + 1)).to(tl.float32) / CELLS_PER_UNIT / inv_temp
-    key_hi = tl.minimum(value_key16(upper_edge, IS_FP32, IS_FP16) + 2, top_key)  # 2 keys against rounding
+    # 2 keys against rounding
+    key_hi = tl.minimum(value_key16(upper_edge, IS_FP32, IS_FP16) + 2, top_key)
     key_lo = tl.maximum(value_key16(lower_edge, IS_FP32, IS_FP16) - 2, -32768)
-    only_top = tl.sum(tl.where((i > 0) & (i <= bottom_cell), counts, 0)) == 0  # the cells below it empty
+    # the cells below it empty
+    only_top = tl.sum(tl.where((i > 0) & (i <= bottom_cell), counts, 0)) == 0
     key_lo = tl.where(only_top, tl.maximum(key_lo, top_cell_key), key_lo)
     fits = (bottom_cell < PROFILE - 1) & (key_hi - key_lo < WINDOW)
     return fits, key_lo, key_hi
 
 
 @triton.jit
+# [B, 3] fp32 out: the row's max (scaled), the score floor of a winner, sum exp(key value - max)
+# [B, 4] int32 out: mode (0 no cut, 1 window, 2 fallback), window's lowest and top key, top key
 def _merge_kernel(
     stat_ptr, arg_ptr, profile_ptr, seed_ptr, pos_ptr,  # as written by _chunk_stats_kernel
     temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr,  # [B] sampling parameters
-    row_ptr,  # [B, 3] fp32 out: the row's max (scaled), the score floor of a winner, sum exp(key value - max)
-    win_ptr,  # [B, 4] int32 out: mode (0 no cut, 1 window, 2 fallback), window's lowest and top key, top key
+    row_ptr,
+    win_ptr,
     token_ptr,  # [B] int64 out (rows without a 2nd pass)
     logprob_ptr,  # [B] fp32 out (rows without a 2nd pass)
     V, chunks,
@@ -125,26 +139,32 @@ def _merge_kernel(
     SLACK: tl.constexpr, IS_FP32: tl.constexpr, IS_FP16: tl.constexpr,
 ):
     row = tl.program_id(0)
-    inv_temp, top_k, top_p, greedy, cut, second = row_params(temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, row, V)
+    inv_temp, top_k, top_p, greedy, cut, second = row_params(temp_ptr, top_k_ptr, top_p_ptr,
+                                                             min_p_ptr, row, V)
     c = tl.arange(0, CHUNKS)
     here = (row * chunks + c).to(tl.int64)
     live = c < chunks
     c_max = tl.load(stat_ptr + here * 4, mask=live, other=float("-inf"))
     # The chunks' partial states merge as the lanes of one row do (the key-valued sums alike).
     no_entropy = tl.zeros([CHUNKS], dtype=tl.float32)
-    m, z, _ = lanes_reduce(c_max, tl.load(stat_ptr + here * 4 + 1, mask=live, other=0.0), no_entropy, False)
-    _, z_key, _ = lanes_reduce(c_max, tl.load(stat_ptr + here * 4 + 2, mask=live, other=0.0), no_entropy, False)
+    m, z, _ = lanes_reduce(c_max, tl.load(stat_ptr + here * 4 + 1, mask=live, other=0.0),
+                           no_entropy, False)
+    _, z_key, _ = lanes_reduce(c_max, tl.load(stat_ptr + here * 4 + 2, mask=live, other=0.0),
+                               no_entropy, False)
     top_key = tl.max(tl.load(arg_ptr + here * 5 + 1, mask=live, other=-32768))
-    greedy_token = tl.min(tl.where(c_max == m, tl.load(arg_ptr + here * 5, mask=live, other=0), 2147483647))
+    greedy_token = tl.min(
+        tl.where(c_max == m, tl.load(arg_ptr + here * 5, mask=live, other=0), 2147483647))
     if greedy:
         tl.store(token_ptr + row, greedy_token.to(tl.int64))
         tl.store(logprob_ptr + row, -tl.log(z))  # the max's own log-prob: 0 - log sum exp(s - max)
-    if (greedy == 0) & (second == 0):  # a plain draw: done but for the token's scaled logit, added by _finish
+    # a plain draw: done but for the token's scaled logit, added by _finish
+    if (greedy == 0) & (second == 0):
         # The chunks wrote their best Gumbel score and its token for plain draws only: read them
         # here, never the unwritten workspace of other rows.
         c_score = tl.load(stat_ptr + here * 4 + 3, mask=live, other=float("-inf"))
-        drawn = tl.min(tl.where(c_score == tl.max(c_score), tl.load(arg_ptr + here * 5 + 2, mask=live, other=0),
-                                2147483647))
+        drawn = tl.min(
+            tl.where(c_score == tl.max(c_score),
+                     tl.load(arg_ptr + here * 5 + 2, mask=live, other=0), 2147483647))
         tl.store(token_ptr + row, drawn.to(tl.int64))
         tl.store(logprob_ptr + row, -m - tl.log(z))
     if second:
@@ -158,8 +178,9 @@ def _merge_kernel(
         if cut:
             tops = tl.load(arg_ptr + here * 5 + 3, mask=live, other=1073741824)
             top_cell_keys = tl.load(arg_ptr + here * 5 + 4, mask=live, other=32767)
-            fits, lo, hi = _bracket(profile_ptr, arg_ptr, row, chunks, tops, top_cell_keys, m, z_key, top_key,
-                                    inv_temp, top_k, top_p, V, PROFILE, CELLS_PER_UNIT, WINDOW, SLACK, IS_FP32, IS_FP16)
+            fits, lo, hi = _bracket(profile_ptr, arg_ptr, row, chunks, tops, top_cell_keys, m,
+                                    z_key, top_key, inv_temp, top_k, top_p, V, PROFILE,
+                                    CELLS_PER_UNIT, WINDOW, SLACK, IS_FP32, IS_FP16)
             mode = tl.where(fits, 1, 2)
             key_lo = tl.where(fits, lo, 32768)  # the fallback: nothing above, an empty window
             key_hi = tl.where(fits, hi, 32767)

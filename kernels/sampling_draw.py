@@ -9,24 +9,28 @@
 """
 from __future__ import annotations
 
-from .sampling_bits import gumbel, key16, key16_value, pack_score, row_log_min_p, row_params, unpack_score
+from .sampling_bits import (gumbel, key16, key16_value, pack_score, row_log_min_p, row_params,
+                            unpack_score)
 from .triton_compat import tl, triton
 
 
 @triton.jit
+# [B, C, 3] fp32 out: above the window: sum exp(key value - max), kept mass, best score
+# [rows, WINDOW] the window: int32 counts, int64 packed best, int64 mass
 def _window_kernel(
     logits_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, pos_ptr,
     row_ptr, win_ptr,  # as written by _merge_kernel
-    part_ptr,  # [B, C, 3] fp32 out: above the window: sum exp(key value - max), kept mass, best score
+    part_ptr,
     part_arg_ptr,  # [B, C, 2] int32 out: above the window: tokens, index of the best score
-    count_ptr, best_ptr, fixed_ptr,  # [rows, WINDOW] the window: int32 counts, int64 packed best, int64 mass
+    count_ptr, best_ptr, fixed_ptr,
     V, stride,
-    CHUNK: tl.constexpr, WINDOW: tl.constexpr, FIXED: tl.constexpr, EMPTY: tl.constexpr, RECORDS: tl.constexpr,
-    IS_FP32: tl.constexpr, IS_FP16: tl.constexpr,
+    CHUNK: tl.constexpr, WINDOW: tl.constexpr, FIXED: tl.constexpr, EMPTY: tl.constexpr,
+    RECORDS: tl.constexpr, IS_FP32: tl.constexpr, IS_FP16: tl.constexpr,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    inv_temp, top_k, top_p, greedy, cut, second = row_params(temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, row, V)
+    inv_temp, top_k, top_p, greedy, cut, second = row_params(temp_ptr, top_k_ptr, top_p_ptr,
+                                                             min_p_ptr, row, V)
     mode = tl.load(win_ptr + row * 4)
     if second & (mode != 2):
         m = tl.load(row_ptr + row * 3)
@@ -51,8 +55,8 @@ def _window_kernel(
         tl.store(part_arg_ptr + out * 2 + 1, chunk * CHUNK + tl.argmax(kept_score, 0))
         if mode == 1:
             inside = valid & (key >= key_lo) & (key <= key_hi)
-            # The chunk's counts per key first (outside tokens land in bin 0 and are taken back out),
-            # then one atomic per key it holds.
+            # The chunk's counts per key first (outside tokens land in bin 0 and are taken back
+            # out), then one atomic per key it holds.
             lane = tl.arange(0, WINDOW)
             counts = tl.histogram(tl.where(inside, key - key_lo, 0), WINDOW)
             counts -= tl.where(lane == 0, tl.sum((inside == 0).to(tl.int32)), 0)
@@ -86,7 +90,8 @@ def _bin_mass(counts, keys, inv_temp, m, IS_FP16: tl.constexpr):
 
 
 @triton.jit
-def _slice_counts(logits_row, V, top, CHUNK: tl.constexpr, WINDOW: tl.constexpr, IS_FP32: tl.constexpr):
+def _slice_counts(logits_row, V, top, CHUNK: tl.constexpr, WINDOW: tl.constexpr,
+                  IS_FP32: tl.constexpr):
     """[WINDOW] int32: tokens of key top - lane in one row (the fallback: a loop over the row)."""
     lane = tl.arange(0, WINDOW)
     counts = tl.zeros([WINDOW], dtype=tl.int32)
@@ -103,8 +108,10 @@ def _slice_counts(logits_row, V, top, CHUNK: tl.constexpr, WINDOW: tl.constexpr,
 
 @triton.jit
 def _fallback_cut(logits_row, V, top_key, m, z_key, inv_temp, top_k, top_p,
-                  CHUNK: tl.constexpr, WINDOW: tl.constexpr, IS_FP32: tl.constexpr, IS_FP16: tl.constexpr):
-    """The cut key of a row whose bracket did not hold it: the keys walked from the top, WINDOW a slice."""
+                  CHUNK: tl.constexpr, WINDOW: tl.constexpr, IS_FP32: tl.constexpr,
+                  IS_FP16: tl.constexpr):
+    """The cut key of a row whose bracket did not hold it: the keys walked from the top, WINDOW a
+    slice."""
     lane = tl.arange(0, WINDOW)
     # Top-k: the highest key whose count from the top reaches k (no cut: the lowest key).
     cut_k = tl.full((), -32768, tl.int32)
@@ -134,7 +141,8 @@ def _fallback_cut(logits_row, V, top_key, m, z_key, inv_temp, top_k, top_p,
         counts = _slice_counts(logits_row, V, top, CHUNK, WINDOW, IS_FP32)
         counts = tl.where(top - lane >= cut_k, counts, 0)
         mass = _bin_mass(counts, top - lane, inv_temp, m, IS_FP16)
-        first = tl.min(tl.where((counts > 0) & (mass_above + tl.cumsum(mass, 0) >= target), lane, WINDOW))
+        first = tl.min(
+            tl.where((counts > 0) & (mass_above + tl.cumsum(mass, 0) >= target), lane, WINDOW))
         hit = first < WINDOW
         cut = tl.where(hit, top - first, cut)
         found = found | hit
@@ -150,11 +158,12 @@ def _finish_kernel(
     token_ptr,  # [B] int64: written here for rows with a 2nd pass, read for the plain draws
     logprob_ptr,  # [B] fp32: idem (plain draws: -max - log z, the token's scaled logit added here)
     V, stride, chunks,
-    CHUNKS: tl.constexpr, CHUNK: tl.constexpr, WINDOW: tl.constexpr, FIXED: tl.constexpr, EMPTY: tl.constexpr,
-    IS_FP32: tl.constexpr, IS_FP16: tl.constexpr,
+    CHUNKS: tl.constexpr, CHUNK: tl.constexpr, WINDOW: tl.constexpr, FIXED: tl.constexpr,
+    EMPTY: tl.constexpr, IS_FP32: tl.constexpr, IS_FP16: tl.constexpr,
 ):
     row = tl.program_id(0)
-    inv_temp, top_k, top_p, greedy, cut, second = row_params(temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, row, V)
+    inv_temp, top_k, top_p, greedy, cut, second = row_params(temp_ptr, top_k_ptr, top_p_ptr,
+                                                             min_p_ptr, row, V)
     logits_row = logits_ptr + row.to(tl.int64) * stride
     if second:
         m = tl.load(row_ptr + row * 3)
@@ -176,7 +185,8 @@ def _finish_kernel(
             c_score = tl.load(part_ptr + here * 3 + 2, mask=live, other=float("-inf"))
             best_above = tl.max(c_score)
             token_above = tl.min(tl.where(c_score == best_above,
-                                          tl.load(part_arg_ptr + here * 2 + 1, mask=live, other=0), 2147483647))
+                                          tl.load(part_arg_ptr + here * 2 + 1, mask=live, other=0),
+                                          2147483647))
             lane = tl.arange(0, WINDOW)
             keys = key_hi - lane
             inside = keys >= key_lo
@@ -194,18 +204,24 @@ def _finish_kernel(
             cut_key = cut_k
             if top_p < 1:
                 target = top_p * z_k
-                first = tl.min(tl.where((counts > 0) & (keys >= cut_k) & (mass_above + tl.cumsum(mass, 0) >= target),
-                                        lane, WINDOW))
+                first = tl.min(
+                    tl.where(
+                        (counts > 0) & (keys >= cut_k)
+                        & (mass_above + tl.cumsum(mass, 0) >= target),
+                        lane, WINDOW))
                 # held: the mass above the window is short of the target (or nothing is above), and
                 # the target is reached in the window (or top-k's cut, in it, comes first)
-                ok = ok & ((count_above == 0) | (mass_above < target)) & ((first < WINDOW) | (top_k < V))
+                ok = ok & ((count_above == 0) | (mass_above < target)) & (
+                    (first < WINDOW) | (top_k < V))
                 cut_key = tl.where(first < WINDOW, key_hi - first, cut_k)
             take = inside & (keys >= cut_key)
-            w_score, w_token = unpack_score(tl.max(tl.load(best_ptr + bins, mask=take, other=EMPTY)))
+            w_score, w_token = unpack_score(
+                tl.max(tl.load(best_ptr + bins, mask=take, other=EMPTY)))
             better = (w_score > best_above) | ((w_score == best_above) & (w_token < token_above))
             token = tl.where(better, w_token, token_above)
             if IS_FP32:
-                z_window = tl.sum(tl.load(fixed_ptr + bins, mask=take, other=0)).to(tl.float32) * (1.0 / FIXED)
+                z_window = tl.sum(tl.load(fixed_ptr + bins, mask=take, other=0)).to(tl.float32) * (
+                    1.0 / FIXED)
             else:  # a 16-bit key is its value: all its tokens pass min-p or none
                 value = key16_value(keys, IS_FP16) * inv_temp
                 z_window = tl.sum(tl.where(take & (value - m >= log_min_p), mass, 0.0))

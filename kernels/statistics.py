@@ -27,7 +27,8 @@ SumOver = Union[None, SumFn, "dist.ProcessGroup"]
 
 
 def summing(sum_over: SumOver) -> Optional[SumFn]:
-    """sum_over as a function, or None where there is nothing to sum (None, or a group of one rank)."""
+    """sum_over as a function, or None where there is nothing to sum (None, or a group of one
+    rank)."""
     if sum_over is None or callable(sum_over):
         return sum_over
     group_type = getattr(dist, "ProcessGroup", None)
@@ -66,12 +67,13 @@ def _masked_sum(x, valid, dim, keepdim, sum_fn):
     if sum_fn is None:
         return total, count
     summed = sum_fn(torch.stack([total.detach(), count]))
-    # The ranks' sum as a value, this rank's total for the gradient (each rank differentiates its rows).
+    # The ranks' sum as a value, this rank's total for the gradient (each rank differentiates its
+    # rows).
     return total + (summed[0] - total.detach()), summed[1]
 
 
-def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor] = None, dim=None, *, keepdim: bool = False,
-                sum_over: SumOver = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor] = None, dim=None, *,
+                keepdim: bool = False, sum_over: SumOver = None) -> torch.Tensor:
     """Mean of x over the valid entries (mask nonzero; all when None) along dim (all of x when
     None); 0 where there are none. x [...], mask [...] -> the reduced shape, in compute_dtype(x)."""
     x = x.to(compute_dtype(x))
@@ -79,8 +81,9 @@ def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor] = None, dim=None, 
     return total / count.clamp_min(1)
 
 
-def masked_moments(x: torch.Tensor, mask: Optional[torch.Tensor] = None, dim=None, *, unbiased: bool = True,
-                   sum_over: SumOver = None) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_moments(x: torch.Tensor, mask: Optional[torch.Tensor] = None, dim=None, *,
+                   unbiased: bool = True, sum_over: SumOver = None) -> tuple[torch.Tensor,
+                                                                             torch.Tensor]:
     """(mean, variance) of x over the valid entries along dim (all of x when None), both with dim
     kept as size 1 (every dim for None), so that x - mean broadcasts. Two passes (the mean, then the
     centered squares: no sum-of-squares cancellation); the variance divides by count - 1 when
@@ -94,11 +97,12 @@ def masked_moments(x: torch.Tensor, mask: Optional[torch.Tensor] = None, dim=Non
     return mean, squares / (count - int(unbiased)).clamp_min(1)
 
 
-def masked_whiten(x: torch.Tensor, mask: Optional[torch.Tensor], *, shift_mean: bool = True, eps: float = 1e-8,
-                  sum_over: SumOver = None) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: Optional[torch.Tensor], *, shift_mean: bool = True,
+                  eps: float = 1e-8, sum_over: SumOver = None) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the valid entries (unbiased variance); 0 outside the mask;
     with shift_mean=False the mean is added back (scale only). x, mask [...] -> [...] in
-    compute_dtype(x). The plain composition: kernels.masked_whiten is the op (its Triton fast path)."""
+    compute_dtype(x). The plain composition: kernels.masked_whiten is the op (its Triton fast
+    path)."""
     x = x.to(compute_dtype(x))
     valid = valid_entries(mask, x)
     mean, var = masked_moments(x, valid, sum_over=sum_over)
@@ -113,7 +117,8 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: Option
     """1 - Var[returns - values] / Var[returns] over the valid entries (population variances):
     values, returns, mask [...] -> 0-dim, NaN where the returns are constant."""
     returns_var = masked_moments(returns, mask, unbiased=False, sum_over=sum_over)[1].reshape(())
-    error_var = masked_moments(returns - values, mask, unbiased=False, sum_over=sum_over)[1].reshape(())
+    error_var = masked_moments(returns - values, mask, unbiased=False,
+                               sum_over=sum_over)[1].reshape(())
     return torch.where(returns_var > 0, 1.0 - error_var / returns_var, float("nan"))
 
 
@@ -131,7 +136,8 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: Option
 # into pieces (or rows split over ranks) sums to the whole one's loss. The Triton finalize kernel
 # (loss_kernels._finalize_kernel) applies the same table on the device.
 
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum", "seq-mean-token-sum-norm")
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum",
+        "seq-mean-token-sum-norm")
 
 
 def aggregation_rule(mask: torch.Tensor, agg: str, norm: Optional[float] = None
@@ -158,15 +164,18 @@ def aggregation_rule(mask: torch.Tensor, agg: str, norm: Optional[float] = None
 
 
 def row_weights(mask: torch.Tensor, agg: str, norm: Optional[float] = None) -> torch.Tensor:
-    """mask [..., T] -> fp32 [rows]: the weight of each valid token of each row (aggregation_rule)."""
+    """mask [..., T] -> fp32 [rows]: the weight of each valid token of each row
+    (aggregation_rule)."""
     divisors, units = aggregation_rule(mask, agg, norm)
     if units is None:
         return 1.0 / divisors
     return 1.0 / (divisors * units.sum().clamp_min(1.0))
 
 
-def weighted_sum(per_token: torch.Tensor, mask: Optional[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """sum over valid tokens of weights[row] * per_token: per_token, mask [..., T], weights [rows] -> []."""
+def weighted_sum(per_token: torch.Tensor, mask: Optional[torch.Tensor],
+                 weights: torch.Tensor) -> torch.Tensor:
+    """sum over valid tokens of weights[row] * per_token: per_token, mask [..., T], weights [rows]
+    -> []."""
     weights = weights.to(per_token.dtype).view(*per_token.shape[:-1], 1)
     return torch.where(valid_entries(mask, per_token), per_token * weights, 0.0).sum()
 
@@ -180,13 +189,15 @@ def aggregate(per_token: torch.Tensor, mask: Optional[torch.Tensor], agg: str,
 # ---- policy-ratio corrections ------------------------------------------------------------------
 # GSPO (Zheng et al. 2025), in verl's token-level form (compute_policy_loss_gspo): every token of a
 # sequence gets the log-ratio s = mean over the sequence's valid tokens of (logp - old_logp), as a
-# value, with gradient 1 with respect to its own logp: logp_eff = old_logp + sg(s) + logp - sg(logp).
-# With agg="seq-mean-token-mean" this is GSPO's objective and gradient (s_i / |y_i| per token).
+# value, with gradient 1 with respect to its own logp: logp_eff = old_logp + sg(s) + logp -
+# sg(logp). With agg="seq-mean-token-mean" this is GSPO's objective and gradient (s_i / |y_i| per
+# token).
 #
 # Importance sampling (the sampler's distribution pi_rollout differs from the training forward's
 # pi_old: other kernels, batch composition), w = pi_old / pi_rollout per token, or the product over
 # the sequence's valid tokens at level="sequence" (exp of the summed log-ratio):
-#     "tis"  truncated IS: the per-token loss is scaled by min(w, cap)      (advantages * min(w, cap))
+#     "tis"  truncated IS: the per-token loss is scaled by min(w, cap)      (advantages * min(w,
+# cap))
 #     "mis"  masked IS (IcePop's band): tokens (or whole sequences) with w outside [low, high] leave
 #            the loss and its aggregation counts; the others keep weight 1
 # Log-ratios are clamped to +-20 before exp(), as verl and OpenRLHF do.
@@ -196,7 +207,8 @@ IS_LEVELS = ("token", "sequence")
 LOG_RATIO_LIMIT = 20.0
 
 
-def sequence_ratio_logp(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def sequence_ratio_logp(logp: torch.Tensor, old_logp: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
     """logp [..., T] -> fp32 [..., T] whose log-ratio against old_logp is the sequence's mean
     log-ratio (value) and whose gradient w.r.t. logp is 1 (GSPO, see above)."""
     mean = masked_mean(logp.float() - old_logp.float(), mask, dim=-1, keepdim=True)       # [..., 1]
@@ -248,12 +260,16 @@ def group_advantages(scores: torch.Tensor, *, estimator: str, eps: float = 1e-6,
     rank must call it (it is a collective for reinforce_pp_baseline), with P >= 0 groups each.
     """
     if estimator not in GROUP_ESTIMATORS:
-        raise ValueError(f"group_advantages: unknown estimator {estimator!r}; expected one of {GROUP_ESTIMATORS}")
+        raise ValueError(
+            f"group_advantages: unknown estimator {estimator!r}; "
+            f"expected one of {GROUP_ESTIMATORS}")
     if scores.dim() != 2 or scores.shape[1] < 2:
-        raise ValueError(f"group_advantages: scores must be [P, n] with n >= 2 responses per prompt, "
-                         f"got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"group_advantages: scores must be [P, n] with n >= 2 responses per prompt, "
+            f"got shape {tuple(scores.shape)}")
     if not torch.isfinite(scores).all():
-        raise ValueError("group_advantages: scores must be finite (drop the rows with a non-finite score first)")
+        raise ValueError(
+            "group_advantages: scores must be finite (drop the rows with a non-finite score first)")
     s = scores.float()
     n = s.shape[1]
     mean, var = masked_moments(s, None, dim=1)                             # [P, 1] each, unbiased

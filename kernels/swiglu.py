@@ -5,8 +5,8 @@ The MLP runs gate and up as one GEMM (`gate_up_proj`, out features [gate | up]),
 and its backward writes the packed [N, 2C] gradient the GEMM's backward takes, as vLLM's SiluAndMul.
 Eager, `F.silu(gate) * up` writes SiLU(gate) and reads it back, and its backward takes ~5 kernels:
 at a decode step of Qwen2.5-0.5B (batch 128, MLP 4864) the forward alone wastes 2.4 MiB of a layer's
-~45 MiB floor. Forward: one kernel reads gate and up once and writes the product, SiLU rounded to the
-activation dtype before the product, as eager torch. Backward: one kernel writes dgate and dup.
+~45 MiB floor. Forward: one kernel reads gate and up once and writes the product, SiLU rounded to
+the activation dtype before the product, as eager torch. Backward: one kernel writes dgate and dup.
 The same forward kernel serves decode, scoring and the update.
 
 Backends as every op (kernels/dispatch.py): Triton for CUDA tensors and under TRITON_INTERPRET=1,
@@ -68,7 +68,8 @@ def _silu_mul_bwd_kernel(
     dtype = grad_gate_up_ptr.dtype.element_ty
     tl.store(grad_gate_up_ptr + in_offs + n_cols, (dout * silu).to(dtype), mask=mask)
     # d silu / dg = sig * (1 + g * (1 - sig))
-    tl.store(grad_gate_up_ptr + in_offs, (dout * up * sig * (1.0 + g * (1.0 - sig))).to(dtype), mask=mask)
+    tl.store(grad_gate_up_ptr + in_offs, (dout * up * sig * (1.0 + g * (1.0 - sig))).to(dtype),
+             mask=mask)
 
 
 def _grid(n_rows: int, n_cols: int):
@@ -84,7 +85,8 @@ def _silu_mul_op(gate_up: torch.Tensor) -> torch.Tensor:
     out = _out_like(gate_up)
     if out.numel():
         n_cols = out.shape[-1]
-        _silu_mul_kernel[_grid(out.numel() // n_cols, n_cols)](gate_up, out, n_cols, BLOCK=BLOCK_COLS)
+        _silu_mul_kernel[_grid(out.numel() // n_cols, n_cols)](gate_up, out, n_cols,
+                                                               BLOCK=BLOCK_COLS)
     return out
 
 
@@ -125,8 +127,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     in the second, the packed projection's output) -> a new tensor [..., C]; differentiable."""
     checks.check_float("silu_mul", "gate_up", gate_up)
     if gate_up.dim() < 1 or gate_up.shape[-1] % 2 or not gate_up.is_contiguous():
-        raise ValueError(f"silu_mul: gate_up {tuple(gate_up.shape)} with strides {gate_up.stride()} must be "
-                         "contiguous with an even last dim (gate then up)")
+        raise ValueError(
+            f"silu_mul: gate_up {tuple(gate_up.shape)} with strides {gate_up.stride()} must be "
+            "contiguous with an even last dim (gate then up)")
     if backend_for(gate_up) == "torch":
         return reference.silu_mul(gate_up)
     return _silu_mul_op(gate_up)

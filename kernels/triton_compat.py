@@ -19,8 +19,9 @@ except ImportError:  # no triton: stand-ins, see the module docstring
             self.fn = fn
 
         def __getitem__(self, grid):
-            raise RuntimeError(f"Triton kernel {self.fn.__name__} cannot run: triton is not installed "
-                               f"(use the torch backend)")
+            raise RuntimeError(
+                f"Triton kernel {self.fn.__name__} cannot run: triton is not installed "
+                f"(use the torch backend)")
 
     class _TritonStandIn:
         """Answers `triton.jit`, `triton.jit(...)` and any `tl.<name>` used at definition time."""

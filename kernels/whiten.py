@@ -1,5 +1,6 @@
 """masked_whiten, the op: masked whitening (advantage normalization) in two Triton launches, the
-valid entries' moments, then the normalized output; the torch composition is statistics.masked_whiten.
+valid entries' moments, then the normalized output; the torch composition is
+statistics.masked_whiten.
 
   _moments_kernel  P programs, each walking every P-th block of the flat input: the count, mean
                    and sum of squared deviations (M2) of its valid entries, blocks joined by Chan's
@@ -21,7 +22,8 @@ from .dispatch import backend_for
 from .triton_compat import tl, triton
 
 OP = "masked_whiten"
-BLOCK = 2048          # entries per block: 16 fp32 per thread at 4 warps (128-bit loads of the mask too)
+# entries per block: 16 fp32 per thread at 4 warps (128-bit loads of the mask too)
+BLOCK = 2048
 MAX_PROGRAMS = 1024   # partials each program of the second pass joins
 
 

@@ -10,6 +10,8 @@ from .rollout import AgentLimits, AgentTrajectory, agent_metrics, run_agents
 from .tool_calls import ToolCall, parse_hermes, parser_for
 from .tools import ToolEnvironment, load_tools, tool_schema
 
-__all__ = ["ChatRenderer", "EnvironmentFailure", "load_environment", "AgentLimits", "AgentTrajectory",
-           "agent_metrics", "run_agents", "ToolCall", "parse_hermes", "parser_for", "ToolEnvironment",
+__all__ = ["ChatRenderer", "EnvironmentFailure", "load_environment", "AgentLimits",
+           "AgentTrajectory",
+           "agent_metrics", "run_agents", "ToolCall", "parse_hermes", "parser_for",
+           "ToolEnvironment",
            "load_tools", "tool_schema"]

@@ -27,22 +27,27 @@ class ChatRenderer:
         answer_end = self._base_text.rfind(_BASE[-1]["content"]) + len(_BASE[-1]["content"])
         closing = tokenizer.encode(self._base_text[answer_end:], add_special_tokens=False)
         if not closing:
-            raise UsageError("the chat template writes nothing after an assistant message: no end-of-turn "
-                             "token to stop a turn at")
+            raise UsageError(
+                "the chat template writes nothing after an assistant message: no end-of-turn "
+                "token to stop a turn at")
         self.end_of_turn_id = closing[0]
         self._after_turn = tokenizer.decode(closing[1:])
 
     def opening(self, messages: list[dict]) -> list[int]:
         """The conversation so far, with the generation prompt, as the model's prompt ids."""
-        return self.tokenizer.encode(self._render(messages, generation=True), add_special_tokens=False)
+        return self.tokenizer.encode(self._render(messages, generation=True),
+                                     add_special_tokens=False)
 
     def continuation(self, messages: list[dict]) -> list[int]:
-        """The ids that follow the model's end-of-turn token: `messages` and the generation prompt."""
+        """The ids that follow the model's end-of-turn token: `messages` and the generation
+        prompt."""
         text = self._render(_BASE + list(messages), generation=True)
         if not text.startswith(self._base_text):
-            raise UsageError("the chat template renders earlier messages differently once more follow; "
-                             "its suffixes cannot be appended token for token")
-        return self.tokenizer.encode(self._after_turn + text[len(self._base_text):], add_special_tokens=False)
+            raise UsageError(
+                "the chat template renders earlier messages differently once more follow; "
+                "its suffixes cannot be appended token for token")
+        return self.tokenizer.encode(self._after_turn + text[len(self._base_text):],
+                                     add_special_tokens=False)
 
     def turn_text(self, token_ids: list[int]) -> str:
         """An assistant turn's text, as an environment reads it (special tokens dropped)."""

@@ -33,17 +33,22 @@ class EnvironmentFailure(RuntimeError):
 def load_environment(spec: str) -> type:
     """'module:Class' -> the class, checked to have reset() and step()."""
     cls = load_object(spec, "rollout.environment")
-    if not inspect.isclass(cls) or not all(callable(getattr(cls, m, None)) for m in ("reset", "step")):
-        raise UsageError(f"rollout.environment={spec!r}: expected a class with reset() and step(message)")
+    if (not inspect.isclass(cls)
+        or not all(callable(getattr(cls, m, None)) for m in ("reset", "step"))):
+        raise UsageError(
+            f"rollout.environment={spec!r}: expected a class with reset() and step(message)")
     return cls
 
 
 def checked_messages(messages, where: str) -> list[dict]:
-    """`messages` as a list of {"role": str, "content": str} (extra keys kept), or EnvironmentFailure."""
+    """`messages` as a list of {"role": str, "content": str} (extra keys kept), or
+    EnvironmentFailure."""
     if not isinstance(messages, (list, tuple)):
-        raise EnvironmentFailure(f"{where} returned {type(messages).__name__}: expected a list of messages")
+        raise EnvironmentFailure(
+            f"{where} returned {type(messages).__name__}: expected a list of messages")
     for m in messages:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
             raise EnvironmentFailure(f"{where} returned the message {str(m)[:120]!r}: expected "
                                     '{"role": str, "content": str}')
     return list(messages)
@@ -52,9 +57,12 @@ def checked_messages(messages, where: str) -> list[dict]:
 def checked_step(result, where: str) -> tuple[list[dict], float, bool]:
     """A step's (messages, reward, done), the reward a finite number (None -> 0.0)."""
     if not (isinstance(result, tuple) and len(result) == 3):
-        raise EnvironmentFailure(f"{where} returned {str(result)[:120]!r}: expected (messages, reward, done)")
+        raise EnvironmentFailure(
+            f"{where} returned {str(result)[:120]!r}: expected (messages, reward, done)")
     messages, reward, done = result
     reward = 0.0 if reward is None else reward
-    if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not math.isfinite(reward):
-        raise EnvironmentFailure(f"{where} returned the reward {reward!r}: expected a finite number or None")
+    if (isinstance(reward, bool) or not isinstance(reward, numbers.Real)
+        or not math.isfinite(reward)):
+        raise EnvironmentFailure(
+            f"{where} returned the reward {reward!r}: expected a finite number or None")
     return checked_messages(messages, where), float(reward), bool(done)

@@ -1,4 +1,5 @@
-"""Importing a user's 'module:name' (tools, environments), with one-line errors naming the option."""
+"""Importing a user's 'module:name' (tools, environments), with one-line errors naming the
+option."""
 from __future__ import annotations
 
 import importlib
@@ -19,10 +20,12 @@ def load_object(spec: str, option: str):
     try:
         found = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        raise UsageError(f"{option}={spec!r}: cannot import {module!r} ({e}); modules are looked up in "
-                         "the current directory and on PYTHONPATH") from None
+        raise UsageError(
+            f"{option}={spec!r}: cannot import {module!r} ({e}); modules are looked up in "
+            "the current directory and on PYTHONPATH") from None
     except (Exception, SystemExit) as e:  # the user's module failed (or exited) while importing
-        raise FusedRLError(f"{option}={spec!r}: importing {module!r} raised {type(e).__name__}: {e}") from e
+        raise FusedRLError(
+            f"{option}={spec!r}: importing {module!r} raised {type(e).__name__}: {e}") from e
     if not hasattr(found, name):
         raise UsageError(f"{option}={spec!r}: {getattr(found, '__file__', module)} has no {name!r}")
     return getattr(found, name)

@@ -62,7 +62,8 @@ class _State:
 
 
 def run_agents(generate_turns: Callable, renderer: ChatRenderer, make_env: Callable[[dict], object],
-               rows: list[dict], params: SamplingParams, limits: AgentLimits) -> list[AgentTrajectory]:
+               rows: list[dict], params: SamplingParams,
+               limits: AgentLimits) -> list[AgentTrajectory]:
     """params.n trajectories per row (rows prompt by prompt, sample by sample). `generate_turns`
     is LLM.generate_turns (or the hybrid actor's); `make_env(row)` makes a trajectory's environment;
     the end-of-turn token of the template is added to params' stop tokens."""
@@ -73,12 +74,14 @@ def run_agents(generate_turns: Callable, renderer: ChatRenderer, make_env: Calla
         group = states[g * n:(g + 1) * n]
         first = next((s.messages for s in group if s.error is None), None)
         if any(s.error is None and s.messages != first for s in group):
-            raise EnvironmentFailure(f"rollout.environment: reset() gave different messages for the "
-                                     f"{n} samples of row {g}; a GRPO group shares its prompt")
+            raise EnvironmentFailure(
+                f"rollout.environment: reset() gave different messages for the "
+                f"{n} samples of row {g}; a GRPO group shares its prompt")
         openings.append(renderer.opening(first or [{"role": "user", "content": ""}]))
     stops = tuple(sorted(set(params.stop_token_ids) | {renderer.end_of_turn_id}))
     params = dataclasses.replace(params, stop_token_ids=stops)
-    with ThreadPoolExecutor(max_workers=min(32, len(states)), thread_name_prefix="environment") as pool:
+    with ThreadPoolExecutor(max_workers=min(32, len(states)),
+                            thread_name_prefix="environment") as pool:
         def on_turn_end(index: int, turn_ids: list[int]):
             state = states[index]
             if state.error is not None:  # its reset failed: nothing to step
@@ -116,11 +119,13 @@ def _open(make_env, row: dict, limits: AgentLimits) -> _State:
     return state
 
 
-def _step(state: _State, renderer: ChatRenderer, turn_ids: list[int], limits: AgentLimits) -> TurnReply:
+def _step(state: _State, renderer: ChatRenderer, turn_ids: list[int],
+          limits: AgentLimits) -> TurnReply:
     """The environment's answer to one assistant turn, as the tokens that follow it (or done)."""
     message = {"role": "assistant", "content": renderer.turn_text(turn_ids)}
     state.messages.append(message)
-    outcome = _timed(state, lambda: checked_step(state.env.step(dict(message)), "step()"), limits, "step()")
+    outcome = _timed(state, lambda: checked_step(state.env.step(dict(message)), "step()"), limits,
+                     "step()")
     if outcome is None:
         return TurnReply(done=True)
     messages, reward, done = outcome
@@ -129,7 +134,8 @@ def _step(state: _State, renderer: ChatRenderer, turn_ids: list[int], limits: Ag
     if done or not messages:
         return TurnReply(done=True)
     # A turn cut at max_new_tokens never sampled the end-of-turn token: the suffix closes it.
-    closing = [] if turn_ids and turn_ids[-1] == renderer.end_of_turn_id else [renderer.end_of_turn_id]
+    closing = ([] if turn_ids and turn_ids[-1] == renderer.end_of_turn_id
+               else [renderer.end_of_turn_id])
     return TurnReply(tuple(closing + renderer.continuation(messages)))
 
 
@@ -149,8 +155,9 @@ def _timed(state: _State, call: Callable, limits: AgentLimits, what: str):
     worker.join(limits.env_timeout_s)
     state.seconds += time.monotonic() - start
     if worker.is_alive():
-        kind, text = "timeout", f"the environment's {what} did not return within rollout.env_timeout_s=" \
-                                f"{limits.env_timeout_s:g} s"
+        kind = "timeout"
+        text = (f"the environment's {what} did not return within "
+                f"rollout.env_timeout_s={limits.env_timeout_s:g} s")
     elif "error" in outcome:
         error = outcome["error"]
         kind, text = "error", f"the environment's {what} raised {type(error).__name__}: {error}"

@@ -36,11 +36,13 @@ def parse_hermes(text: str) -> list[ToolCall]:
         try:
             call = json.loads(block)
         except json.JSONDecodeError as e:
-            raise MalformedToolCall(f"the tool call {block[:200]!r} is not JSON ({e.msg})") from None
+            raise MalformedToolCall(
+                f"the tool call {block[:200]!r} is not JSON ({e.msg})") from None
         if not (isinstance(call, dict) and isinstance(call.get("name"), str)
                 and isinstance(call.get("arguments", {}), dict)):
-            raise MalformedToolCall(f'the tool call {block[:200]!r} is not {{"name": str, "arguments": '
-                                    "object}")
+            raise MalformedToolCall(
+                f'the tool call {block[:200]!r} is not {{"name": str, "arguments": '
+                "object}")
         calls.append(ToolCall(call["name"], call.get("arguments", {})))
     return calls
 
@@ -52,5 +54,6 @@ def parser_for(tokenizer) -> Callable[[str], list[ToolCall]]:
         template = dict(template).get("default", "") if template else ""
     if "<tool_call>" in template:
         return parse_hermes
-    raise UsageError("rollout.tools: the tokenizer's chat template has no tool-call format this engine "
-                     "parses (Hermes/Qwen '<tool_call>' blocks); use a model whose template takes tools")
+    raise UsageError(
+        "rollout.tools: the tokenizer's chat template has no tool-call format this engine "
+        "parses (Hermes/Qwen '<tool_call>' blocks); use a model whose template takes tools")

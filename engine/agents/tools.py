@@ -32,19 +32,21 @@ def load_tools(specs: Sequence[str]) -> dict[str, Callable]:
 
 
 def tool_schema(fn: Callable) -> dict:
-    """The function's JSON schema as chat templates take it ({"type": "function", "function": ...})."""
+    """The function's JSON schema as chat templates take it ({"type": "function", "function":
+    ...})."""
     from transformers.utils import get_json_schema
     try:
         return get_json_schema(fn)
     except Exception as e:  # transformers' DocstringParsingException / TypeHintParsingException
-        raise UsageError(f"rollout.tools: {fn.__module__}:{fn.__name__} has no usable schema ({e}); a tool "
-                         "needs type hints and a docstring with an Args: section") from None
+        raise UsageError(
+            f"rollout.tools: {fn.__module__}:{fn.__name__} has no usable schema ({e}); a tool "
+            "needs type hints and a docstring with an Args: section") from None
 
 
 class ToolEnvironment:
-    """Answers each assistant turn's tool calls; a turn without one ends the trajectory (reward 0 from
-    here: the run's reward functions score the final answer). `prompt`: the row's, a string or a
-    message list, which opens the conversation."""
+    """Answers each assistant turn's tool calls; a turn without one ends the trajectory (reward 0
+    from here: the run's reward functions score the final answer). `prompt`: the row's, a string or
+    a message list, which opens the conversation."""
 
     def __init__(self, tools: dict[str, Callable], parse: Callable[[str], list[ToolCall]], prompt):
         self.tools, self.parse, self.prompt = tools, parse, prompt
@@ -54,7 +56,8 @@ class ToolEnvironment:
             list(self.prompt)
 
     def step(self, assistant_message: dict) -> tuple[list[dict], float, bool]:
-        """Run the turn's tool calls: ([tool messages], 0.0, False), or ([], 0.0, True) without any."""
+        """Run the turn's tool calls: ([tool messages], 0.0, False), or ([], 0.0, True) without
+        any."""
         try:
             calls = self.parse(assistant_message["content"])
         except MalformedToolCall as e:

@@ -1,5 +1,5 @@
-"""Did-you-mean by meaning: option names users bring from Hugging Face transformers' TrainingArguments,
-TRL's SFT/PPO/GRPO configs and torchtune recipes, mapped to ours. Torch-free.
+"""Did-you-mean by meaning: option names users bring from Hugging Face transformers'
+TrainingArguments, TRL's SFT/PPO/GRPO configs and torchtune recipes, mapped to ours. Torch-free.
 
 Each foreign name lists our keys in order of preference; `meaning_of` returns the first that the
 config class has (`learning_rate` is `optim.lr` in every stage; `per_device_train_batch_size` is
@@ -18,7 +18,8 @@ _PER_RANK = "per rank"
 ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
     # transformers TrainingArguments (also TRL's SFTConfig, PPOConfig, GRPOConfig)
     "learning_rate": (("optim.lr", ""),),
-    "per_device_train_batch_size": (("data.tokens_per_batch", _TOKENS), ("ppo.minibatch_size", _PER_RANK)),
+    "per_device_train_batch_size": (("data.tokens_per_batch", _TOKENS),
+                                    ("ppo.minibatch_size", _PER_RANK)),
     "per_device_eval_batch_size": (("data.tokens_per_batch", _TOKENS),),
     "train_batch_size": (("data.tokens_per_batch", _TOKENS), ("ppo.minibatch_size", _PER_RANK)),
     "batch_size": (("data.tokens_per_batch", _TOKENS), ("ppo.minibatch_size", _PER_RANK)),
@@ -60,7 +61,8 @@ ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
     "max_completion_length": (("rollout.max_new_tokens", ""),),
     "num_generations": (("rollout.samples_per_prompt", ""),),
     "whiten_rewards": (("reward.normalize", ""),),
-    "total_episodes": (("train.iterations", "iterations of rollout.prompts_per_iteration prompts"),),
+    "total_episodes": (("train.iterations", "iterations of rollout.prompts_per_iteration prompts"),
+                       ),
     # torchtune recipes
     "epochs": (("train.epochs", ""), ("ppo.epochs", "")),
     "max_steps_per_epoch": (("train.max_steps", ""),),
@@ -92,6 +94,9 @@ def has_key(cls, dotted: str) -> bool:
 
 
 def meaning_of(cls, key: str) -> tuple[str, str] | None:
-    """(our key, note) for a foreign option name `key` (its last dotted part) that `cls` has, else None."""
+    """(our key, note) for a foreign option name `key` (its last dotted part) that `cls` has, else
+    None."""
     leaf = key.rsplit(".", 1)[-1].lower()
-    return next(((ours, note) for ours, note in ALIASES.get(leaf, ()) if has_key(cls, ours) and ours != key), None)
+    return next(
+        ((ours, note) for ours, note in ALIASES.get(leaf, ())
+         if has_key(cls, ours) and ours != key), None)

@@ -1,4 +1,5 @@
-"""Config of `fusedrl demo` (engine/stages/demo.py): the task's size and each stage's length. Torch-free."""
+"""Config of `fusedrl demo` (engine/stages/demo.py): the task's size and each stage's length.
+Torch-free."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,22 +10,25 @@ from .train import Precision
 
 
 # The options whose default depends on the task (None: this default): sort, tool.
-TASK_DEFAULTS = {"digits": (4, 3), "sft_epochs": (4, 8), "algo": ("ppo", "grpo"), "rl_iterations": (100, 30)}
+TASK_DEFAULTS = {"digits": (4, 3), "sft_epochs": (4, 8), "algo": ("ppo", "grpo"),
+                 "rl_iterations": (100, 30)}
 
 
 @dataclass
 class DemoConfig:
     task: Literal["sort", "tool"] = option(
-        "sort: single-turn, sort the prompt's digits; tool: multi-turn, add two numbers by calling an add "
-        "tool (SFT on tool-call conversations, then GRPO with the tool)", "sort")
+        "sort: single-turn, sort the prompt's digits; tool: multi-turn, add two numbers by calling "
+        "an add tool (SFT on tool-call conversations, then GRPO with the tool)", "sort")
     output_dir: str = option("where the runs, table and plot go", "fusedrl-demo")
     seed: int = option("seed of the data, the model init and every stage", 0)
-    digits: int | None = option("digits per prompt (sort) or per number (tool) (default: sort 4, tool 3)")
+    digits: int | None = option(
+        "digits per prompt (sort) or per number (tool) (default: sort 4, tool 3)")
     train_prompts: int = option("prompts for SFT, RM and PPO", 2000)
     eval_prompts: int = option("held-out prompts for the accuracy", 100)
     demo_noise: float = option("task=sort: fraction of SFT demonstrations that are wrong", 0.4)
-    tool_calls: float = option("task=tool: fraction of SFT demonstrations that call the tool (the others "
-                               "answer at once)", 0.5)
+    tool_calls: float = option(
+        "task=tool: fraction of SFT demonstrations that call the tool (the others "
+        "answer at once)", 0.5)
     sft_epochs: int | None = option("SFT epochs (default: sort 4, tool 8)")
     rm_epochs: int = option("reward-model epochs", 3)
     algo: Literal["ppo", "grpo"] | None = option(
@@ -33,14 +37,16 @@ class DemoConfig:
     rl_iterations: int | None = option("PPO or GRPO iterations (default: sort 100, tool 30)")
     rl_prompts: int = option("prompts per iteration (PPO samples 4 responses each, GRPO 8)", 16)
     eval_samples: int = option("samples per held-out prompt for the accuracy", 4)
-    lora_rank: int = option("0: the RL stage trains every weight of the policy; r > 0: it trains rank-r LoRA "
-                            "adapters on every projection (alpha 2r) and the reference is the adapters switched off",
-                            0)
+    lora_rank: int = option(
+        "0: the RL stage trains every weight of the policy; r > 0: it trains rank-r LoRA "
+        "adapters on every projection (alpha 2r) and the reference is the adapters switched off",
+        0)
     arch: Literal["llama", "qwen3_moe"] = option(
-        "the tiny base model: llama (dense MLP 192) | qwen3_moe (8 experts of 96, top-2: the same active MLP width; "
-        "lora_rank > 0 then adapts attention only)", "llama")
-    precision: Precision = option("every stage's train.precision: auto (bf16-mixed on CUDA, fp32 on CPU) | "
-                                  "bf16-mixed | fp32", "auto")
+        "the tiny base model: llama (dense MLP 192) | qwen3_moe (8 experts of 96, top-2: the same "
+        "active MLP width; lora_rank > 0 then adapts attention only)", "llama")
+    precision: Precision = option(
+        "every stage's train.precision: auto (bf16-mixed on CUDA, fp32 on CPU) | "
+        "bf16-mixed | fp32", "auto")
     overwrite: bool = option("replace an existing output_dir", False)
 
     def __post_init__(self):
@@ -54,6 +60,7 @@ class DemoConfig:
         check(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
         check(2 <= self.digits <= 8, f"digits must be in [2, 8], got {self.digits}")
         check(0 <= self.demo_noise < 1, f"demo_noise must be in [0, 1), got {self.demo_noise}")
-        for name in ("train_prompts", "eval_prompts", "sft_epochs", "rm_epochs", "rl_iterations", "rl_prompts",
+        for name in ("train_prompts", "eval_prompts", "sft_epochs", "rm_epochs", "rl_iterations",
+                     "rl_prompts",
                      "eval_samples"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")

@@ -31,10 +31,10 @@ def choices(tp) -> tuple | None:
 
 
 def check_fields(config, section: str = "") -> None:
-    """Validate what every option of dataclass `config` shares (also when built from Python, where no
-    YAML reader ran): a `Literal` field holds one of its choices, a float field a finite number (each
-    option has an off value of its own, so infinity never means "unlimited"). A one-line error naming
-    `section.field`, the value and what was expected."""
+    """Validate what every option of dataclass `config` shares (also when built from Python, where
+    no YAML reader ran): a `Literal` field holds one of its choices, a float field a finite number
+    (each option has an off value of its own, so infinity never means "unlimited"). A one-line error
+    naming `section.field`, the value and what was expected."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         allowed = choices(hints[f.name])

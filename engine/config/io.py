@@ -1,4 +1,5 @@
-"""Config dataclasses in and out: from nested dicts (YAML), `key=value` overrides, help text. Torch-free.
+"""Config dataclasses in and out: from nested dicts (YAML), `key=value` overrides, help text.
+Torch-free.
 
 Any dataclass works; its fields carry `metadata={"help": ...}`. Nested dataclass fields become
 sections (`optim.lr=1e-4`); the keys given for a section are set on the command's own default of
@@ -46,14 +47,18 @@ def from_dict(cls, data: dict, prefix: str = "", root=None):
     """Build dataclass `cls` (the section `prefix` of config `root`, by default itself) from a
     (nested) dict; missing keys keep their defaults."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got "
+            f"{type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"unknown config key '{prefix}{key}'{_did_you_mean(root or cls, fields, prefix, str(key))}; "
-                              f"known keys: {', '.join(fields)}")
+            raise ConfigError(
+                "unknown config key "
+                f"'{prefix}{key}'{_did_you_mean(root or cls, fields, prefix, str(key))}; known "
+                f"keys: {', '.join(fields)}")
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, (dict, type(None))):
             value = _merged(_section_default(fields[key]), value or {})
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", root or cls)
@@ -69,7 +74,8 @@ def _field_default(f: dataclasses.Field):
 
 
 def _section_default(f: dataclasses.Field) -> dict:
-    """The default of section field `f` as a dict ({} when it has none: the section class's defaults)."""
+    """The default of section field `f` as a dict ({} when it has none: the section class's
+    defaults)."""
     default = _field_default(f)
     return to_dict(default) if dataclasses.is_dataclass(default) else {}
 
@@ -79,7 +85,8 @@ def _merged(base: dict, over: dict) -> dict:
     keeps base's other keys; anything else replaces)."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = (_merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = (_merged(base[key], value)
+                    if isinstance(value, dict) and isinstance(base.get(key), dict)
                     else value)
     return out
 
@@ -163,7 +170,8 @@ def _coerce(tp, value, key: str, root):
 
 
 def _float_or_text(text: str):
-    """PyYAML (YAML 1.1) reads `1e-4` as a string (it wants `1.0e-4`); accept it for float fields."""
+    """PyYAML (YAML 1.1) reads `1e-4` as a string (it wants `1.0e-4`); accept it for float
+    fields."""
     try:
         return float(text)
     except ValueError:
@@ -251,7 +259,9 @@ def read_yaml(path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys (key: value lines), got a YAML {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of keys (key: value lines), got a YAML "
+            f"{type(data).__name__}")
     return data
 
 
@@ -305,11 +315,13 @@ def describe(cls, prefix: str = "", defaults=None) -> list[str]:
         default = _field_default(f) if defaults is None else getattr(defaults, f.name)
         if dataclasses.is_dataclass(tp):
             lines.append(f"  {prefix}{f.name}.* (section): {f.metadata.get('help', '')}")
-            lines += describe(tp, f"{prefix}{f.name}.", default if dataclasses.is_dataclass(default) else None)
+            lines += describe(tp, f"{prefix}{f.name}.",
+                              default if dataclasses.is_dataclass(default) else None)
             continue
         default = "(required)" if default is dataclasses.MISSING else default
         allowed = choices(tp)
         type_name = ("|".join(map(str, allowed)) if allowed
                      else getattr(tp, "__name__", None) or str(tp).replace("typing.", ""))
-        lines.append(f"  {prefix}{f.name} ({type_name}, default {default!r}): {f.metadata.get('help', '')}")
+        lines.append(
+            f"  {prefix}{f.name} ({type_name}, default {default!r}): {f.metadata.get('help', '')}")
     return lines

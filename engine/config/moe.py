@@ -11,12 +11,14 @@ from .fields import check, check_fields, option
 @dataclass
 class RouterLossConfig:
     router_aux_loss_coef: float = option(
-        "weight of the load-balancing loss (Switch / transformers' load_balancing_loss_func: num_experts x "
-        "sum over experts of (fraction of routed slots) x (mean router probability), over every sparse layer's "
-        "tokens; a sigmoid router's probability: its scores normalized to sum to 1, as DeepSeek-V3's); 0 = off",
+        "weight of the load-balancing loss (Switch / transformers' load_balancing_loss_func: "
+        "num_experts x sum over experts of (fraction of routed slots) x (mean router probability), "
+        "over every sparse layer's tokens; a sigmoid router's probability: its scores normalized "
+        "to sum to 1, as DeepSeek-V3's); 0 = off",
         0.0)
-    router_z_loss_coef: float = option("weight of the router z-loss (ST-MoE: mean over tokens and sparse layers "
-                                       "of logsumexp(router logits)^2); 0 = off", 0.0)
+    router_z_loss_coef: float = option(
+        "weight of the router z-loss (ST-MoE: mean over tokens and sparse layers "
+        "of logsumexp(router logits)^2); 0 = off", 0.0)
 
     @property
     def enabled(self) -> bool:

@@ -46,33 +46,44 @@ class PromptDataConfig:
 @dataclass
 class UpdateConfig:
     epochs: int = option("PPO epochs over each rollout", 4)
-    minibatch_size: int = option("sequences per PPO minibatch update on each rank (under torchrun: x the "
-                                 "number of ranks in all); a size not dividing the rollout's rows "
-                                 "gives ceil(rows / size) minibatches of sizes as equal as the "
-                                 "rows allow (said at start)", 16)
-    microbatch_size: int | None = option("sequences per forward/backward inside a minibatch; gradients are "
-                                        "accumulated to the whole minibatch's (None = the minibatch at once)")
+    minibatch_size: int = option(
+        "sequences per PPO minibatch update on each rank (under torchrun: x the "
+        "number of ranks in all); a size not dividing the rollout's rows "
+        "gives ceil(rows / size) minibatches of sizes as equal as the "
+        "rows allow (said at start)", 16)
+    microbatch_size: int | None = option(
+        "sequences per forward/backward inside a minibatch; gradients are "
+                                        "accumulated to the whole minibatch's (None = the "
+                                        "minibatch at once)")
     tokens_per_microbatch: int | str | None = option(
-        "token budget of one forward/backward inside a minibatch: rows (prompt + response tokens) are packed "
-        "up to it, so each forward fills the GPU; it must hold one row (rollout.max_prompt_length + "
-        "rollout.max_new_tokens); gradients are the whole minibatch's; under torchrun every rank runs the "
-        "most forwards any rank needs. auto: the minibatch in one forward while minibatch_size full-length "
-        "rows hold at most 16384 tokens, else packed to the larger of 16384 and one row (long answers); "
-        "null or a microbatch_size set = by microbatch_size", "auto")
+        "token budget of one forward/backward inside a minibatch: rows (prompt + response tokens) "
+        "are packed up to it, so each forward fills the GPU; it must hold one row "
+        "(rollout.max_prompt_length + rollout.max_new_tokens); gradients are the whole "
+        "minibatch's; under torchrun every rank runs the most forwards any rank needs. auto: the "
+        "minibatch in one forward while minibatch_size full-length rows hold at most 16384 tokens, "
+        "else packed to the larger of 16384 and one row (long answers); null or a microbatch_size "
+        "set = by microbatch_size", "auto")
     clip_eps: float = option("ratio clip: [1 - clip_eps, 1 + clip_eps_high]", 0.2)
     clip_eps_high: float | None = option("upper ratio clip (default: clip_eps)")
     dual_clip: float | None = option("dual-clip bound c > 1 for negative advantages (None = off)")
-    agg: Aggregation = option("loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | token-sum | "
-                              "seq-mean-token-sum-norm (the token sum / loss_agg_norm)", "token-mean")
-    loss_agg_norm: float | None = option("the constant of seq-mean-token-sum-norm (default: rollout.max_new_tokens)")
-    ratio_level: Literal["token", "sequence"] = option("token (PPO) | sequence (GSPO: length-normalized "
-                                                       "sequence ratio, clipped per sequence)", "token")
-    log_ratio_clamp: float = option("clamp logp - old_logp to +-this before exp() (verl, OpenRLHF: 20)", 20.0)
+    agg: Aggregation = option(
+        "loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | token-sum | "
+        "seq-mean-token-sum-norm (the token sum / loss_agg_norm)", "token-mean")
+    loss_agg_norm: float | None = option(
+        "the constant of seq-mean-token-sum-norm (default: rollout.max_new_tokens)")
+    ratio_level: Literal["token",
+                         "sequence"] = option("token (PPO) | sequence (GSPO: length-normalized "
+                                                       "sequence ratio, clipped per sequence)",
+                                              "token")
+    log_ratio_clamp: float = option(
+        "clamp logp - old_logp to +-this before exp() (verl, OpenRLHF: 20)", 20.0)
     is_mode: Literal["tis", "mis", "off"] | None = option(
         "importance-sampling correction of the sampler / training log-prob gap: tis (truncated at "
         "is_cap) | mis (masked outside [is_low, is_high]) | off | null (tis with "
         "rollout.partial_rollouts, else off)")
-    is_level: Literal["token", "sequence"] = option("the IS weight per token or per sequence (product)", "token")
+    is_level: Literal["token",
+                      "sequence"] = option("the IS weight per token or per sequence (product)",
+                                           "token")
     is_cap: float = option("tis: the weight's upper bound", 2.0)
     is_low: float = option("mis: the band's lower bound", 0.5)
     is_high: float = option("mis: the band's upper bound", 2.0)
@@ -80,37 +91,47 @@ class UpdateConfig:
     vf_clip: float | None = option("value clip around the rollout's values (None = off)", 0.2)
     ent_coef: float = option("weight of the entropy bonus", 0.0)
     ptx_coef: float = option("weight of the pretraining (PPO-ptx) loss on ptx_file", 0.0)
-    estimator: Estimator = option("advantage estimator: gae | reinforce (REINFORCE with the critic as baseline) | "
-                                  "grpo | dr_grpo | rloo | reinforce_pp_baseline (critic-free, over each "
-                                  "prompt's samples_per_prompt responses)", "gae")
-    kl_loss_coef: float = option("weight of the KL to the reference as a loss term (k3, GRPO style; 0 = off; "
-                                 "reward.kl_coef puts it in the reward instead)", 0.0)
+    estimator: Estimator = option(
+        "advantage estimator: gae | reinforce (REINFORCE with the critic as baseline) | "
+        "grpo | dr_grpo | rloo | reinforce_pp_baseline (critic-free, over each "
+        "prompt's samples_per_prompt responses)", "gae")
+    kl_loss_coef: float = option(
+        "weight of the KL to the reference as a loss term (k3, GRPO style; 0 = off; "
+        "reward.kl_coef puts it in the reward instead)", 0.0)
     gamma: float = option("discount", 1.0)
     lam: float = option("GAE lambda", 0.95)
     whiten_advantages: bool = option("normalize advantages over the rollout's valid tokens", True)
-    max_approx_kl: float = option("stop the epochs early once a minibatch's approx KL passes this (0 = off)", 0.0)
+    max_approx_kl: float = option(
+        "stop the epochs early once a minibatch's approx KL passes this (0 = off)", 0.0)
 
     def __post_init__(self):
         check_fields(self, "ppo.")
-        check(self.epochs >= 1 and self.minibatch_size >= 1, "ppo.epochs and ppo.minibatch_size must be >= 1")
+        check(self.epochs >= 1 and self.minibatch_size >= 1,
+              "ppo.epochs and ppo.minibatch_size must be >= 1")
         check(self.microbatch_size is None or self.microbatch_size >= 1,
                f"ppo.microbatch_size must be >= 1 or null, got {self.microbatch_size}")
-        check(self.tokens_per_microbatch in (None, "auto") or (isinstance(self.tokens_per_microbatch, int)
-                                                               and self.tokens_per_microbatch >= 1),
-              f"ppo.tokens_per_microbatch must be >= 1, auto or null, got {self.tokens_per_microbatch!r}")
+        check(self.tokens_per_microbatch in (None, "auto")
+              or (isinstance(self.tokens_per_microbatch, int)
+                  and self.tokens_per_microbatch >= 1),
+              "ppo.tokens_per_microbatch must be >= 1, auto or null, got "
+              f"{self.tokens_per_microbatch!r}")
         check(self.tokens_per_microbatch in (None, "auto") or self.microbatch_size is None,
               f"ppo.tokens_per_microbatch={self.tokens_per_microbatch} and ppo.microbatch_size="
               f"{self.microbatch_size}: set one of them (micro-batches by tokens or by rows)")
-        check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
+        check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1,
+              "ppo.gamma and ppo.lam must be in [0, 1]")
         for name in ("vf_coef", "ent_coef", "ptx_coef", "max_approx_kl", "kl_loss_coef"):
             check(getattr(self, name) >= 0, f"ppo.{name} must be >= 0, got {getattr(self, name)}")
-        # What the loss kernels would reject mid-run (fusedrl.kernels.ppo_policy_loss / ppo_value_loss).
+        # What the loss kernels would reject mid-run (fusedrl.kernels.ppo_policy_loss /
+        # ppo_value_loss).
         for name in ("clip_eps", "clip_eps_high", "loss_agg_norm", "log_ratio_clamp", "vf_clip"):
             value = getattr(self, name)
             check(value is None or value > 0, f"ppo.{name} must be > 0, got {value}")
-        check(self.dual_clip is None or self.dual_clip > 1, f"ppo.dual_clip must be > 1 or null, got {self.dual_clip}")
+        check(self.dual_clip is None or self.dual_clip > 1,
+              f"ppo.dual_clip must be > 1 or null, got {self.dual_clip}")
         check(0 < self.is_low <= 1 <= self.is_high and self.is_cap >= 1,
-              f"ppo.is_low, ppo.is_high, ppo.is_cap: need 0 < is_low <= 1 <= is_high and is_cap >= 1, got "
+              "ppo.is_low, ppo.is_high, ppo.is_cap: need 0 < is_low <= 1 <= is_high and is_cap >= "
+              "1, got "
               f"{self.is_low}, {self.is_high}, {self.is_cap}")
 
 
@@ -118,12 +139,15 @@ class UpdateConfig:
 class RewardConfig:
     kl_coef: float = option("initial coefficient beta of the per-token KL penalty", 0.05)
     kl_target: float | None = option("adaptive beta: target KL per sequence (None = fixed beta)")
-    kl_horizon: int = option("adaptive beta: horizon in sequences of the proportional controller", 10000)
+    kl_horizon: int = option("adaptive beta: horizon in sequences of the proportional controller",
+                             10000)
     kl_estimator: KLEstimator = option("per-token KL estimator in the reward: k1 | k2 | k3", "k1")
     normalize: bool = option("normalize scores by their running mean and std", False)
     clip: float | None = option("clip (normalized) scores to +-clip (None = off)")
-    kl_ceiling: float | None = option("stop the run when the KL per sequence exceeds this (reward-hacking guard)")
-    fn_timeout_s: float = option("reward_fn: a call that has not returned after this many seconds fails the run", 300.0)
+    kl_ceiling: float | None = option(
+        "stop the run when the KL per sequence exceeds this (reward-hacking guard)")
+    fn_timeout_s: float = option(
+        "reward_fn: a call that has not returned after this many seconds fails the run", 300.0)
     weights: list[float] | None = option(
         "reward_fn: one weight per function (YAML [1.0, 0.5] or 1.0,0.5); a row's reward is the "
         "weighted sum of the functions that do not return None for it (None = all 1)")
@@ -139,9 +163,11 @@ class RewardConfig:
     def __post_init__(self):
         check_fields(self, "reward.")
         check(self.kl_coef >= 0, f"reward.kl_coef must be >= 0, got {self.kl_coef}")
-        check(self.kl_target is None or self.kl_target > 0, f"reward.kl_target must be > 0 or null, got {self.kl_target}")
+        check(self.kl_target is None or self.kl_target > 0,
+              f"reward.kl_target must be > 0 or null, got {self.kl_target}")
         check(self.kl_horizon > 0, f"reward.kl_horizon must be > 0, got {self.kl_horizon}")
-        check(self.clip is None or self.clip > 0, f"reward.clip must be > 0 or None, got {self.clip}")
+        check(self.clip is None or self.clip > 0,
+              f"reward.clip must be > 0 or None, got {self.clip}")
         check(0 < self.fn_timeout_s <= MAX_FN_TIMEOUT_S,
               f"reward.fn_timeout_s must be in (0, {MAX_FN_TIMEOUT_S:g}] seconds, "
               f"got {self.fn_timeout_s:g}")
@@ -153,11 +179,12 @@ class RewardConfig:
 @dataclass
 class LoopConfig(RunConfig):
     iterations: int = option("PPO iterations (rollout + update)", 100)
-    frozen_offload: bool = option("under torchrun: the reference's and the reward model's FSDP2 shards rest in "
-                                  "pinned CPU memory; in their scoring forwards each unit is copied to the GPU "
-                                  "(non-blocking, the next one prefetched) for its all-gather and freed after "
-                                  "(FSDP2's CPUOffloadPolicy; a reward model that is the LoRA critic's trunk "
-                                  "stays)", False)
+    frozen_offload: bool = option(
+        "under torchrun: the reference's and the reward model's FSDP2 shards rest in "
+        "pinned CPU memory; in their scoring forwards each unit is copied to the GPU "
+        "(non-blocking, the next one prefetched) for its all-gather and freed after "
+        "(FSDP2's CPUOffloadPolicy; a reward model that is the LoRA critic's trunk "
+        "stays)", False)
     prefix_sharing: bool | str = option(
         "the scoring forwards (reward model, reference, old log-probs, values) and the update "
         "read a group's prompt once, followed by its answers, each answer attending to the prompt "
@@ -170,7 +197,8 @@ class LoopConfig(RunConfig):
     @property
     def shares_prefixes(self) -> bool:
         """train.prefix_sharing resolved: auto is on wherever the shared layout runs."""
-        return self.prefix_sharing is True or (self.prefix_sharing == "auto" and self.context_parallel == 1)
+        return (self.prefix_sharing is True
+                or (self.prefix_sharing == "auto" and self.context_parallel == 1))
 
     def __post_init__(self):
         super().__post_init__()
@@ -183,8 +211,10 @@ class LoopConfig(RunConfig):
 class PPOConfig(Loadable):
     """InstructGPT step 3: PPO of the SFT policy against a reward model (or a reward function)."""
 
-    policy: str = option("SFT policy: a Hugging Face model directory (also the frozen reference) (required)", "")
-    reward_model: str | None = option("reward model directory from `fusedrl rm` (or give reward_fn)")
+    policy: str = option(
+        "SFT policy: a Hugging Face model directory (also the frozen reference) (required)", "")
+    reward_model: str | None = option(
+        "reward model directory from `fusedrl rm` (or give reward_fn)")
     reward_fn: str | list[str] | None = option(
         "'module:function' (or 'path/file.py:function'), several comma-separated or a YAML "
         "list: reward functions called as TRL calls them (prompts=, completions=, "
@@ -192,7 +222,8 @@ class PPOConfig(Loadable):
         "list of floats (None: not applicable to a row); weighted by reward.weights "
         "(docs/rewards.md)")
     critic: Critic = option("separate (a value model initialized from the reward model) | shared "
-                            "(a value head on the policy's trunk) | none (critic-free: a group estimator)",
+                            "(a value head on the policy's trunk) | none (critic-free: a group "
+                            "estimator)",
                             "separate")
     prompts_file: str = option(f"prompts, one per row (column data.prompt_column): {DATA_SOURCE} "
                                "(required; from Python a datasets.Dataset may be passed instead: "
@@ -200,29 +231,34 @@ class PPOConfig(Loadable):
     data: PromptDataConfig = option("reading the prompts", factory=PromptDataConfig)
     ptx_file: str | None = option("demonstrations (a data file, as SFT's) for the PPO-ptx loss "
                                   "(with ppo.ptx_coef > 0)")
-    output_dir: str = option("run directory: config, metrics, checkpoints, final policy (required)", "")
+    output_dir: str = option("run directory: config, metrics, checkpoints, final policy (required)",
+                             "")
     seed: int = option("seed of the prompt order, sampling and torch RNG", 0)
     rollout: RolloutConfig = option("generation", factory=RolloutConfig)
     ppo: UpdateConfig = option("PPO update", factory=UpdateConfig)
     reward: RewardConfig = option("reward shaping and KL control", factory=RewardConfig)
-    optim: OptimConfig = option("policy optimizer (the schedule steps once per iteration)", factory=OptimConfig)
+    optim: OptimConfig = option("policy optimizer (the schedule steps once per iteration)",
+                                factory=OptimConfig)
     critic_lr: float | None = option("critic learning rate (default: optim.lr)")
     train: LoopConfig = option("loop", factory=LoopConfig)
-    moe: RouterLossConfig = option("router losses of a mixture-of-experts policy, in the update's loss",
-                                   factory=RouterLossConfig)
-    lora: LoRAConfig = option("low-rank adapters on the policy (lora.rank > 0: its weights stay frozen and the "
-                              "reference is the policy with its adapters off, no second copy)", factory=LoRAConfig)
+    moe: RouterLossConfig = option(
+        "router losses of a mixture-of-experts policy, in the update's loss",
+        factory=RouterLossConfig)
+    lora: LoRAConfig = option(
+        "low-rank adapters on the policy (lora.rank > 0: its weights stay frozen and the "
+        "reference is the policy with its adapters off, no second copy)", factory=LoRAConfig)
     critic_lora: LoRAConfig = option(
-        "low-rank adapters on the separate critic (critic_lora.rank > 0: the critic holds no decoder of its own: "
-        "its adapters and value head run on the reward model's frozen one, which scores with them off; with "
-        "reward_fn the critic starts from the policy instead and gets a frozen copy of the policy's weights). "
-        "A section apart from `lora`: the critic's rank and targets are tuned apart from the policy's, either can "
-        "be LoRA alone, and lora-only runs and their checkpoints keep their full critic", factory=LoRAConfig)
+        "low-rank adapters on the separate critic (critic_lora.rank > 0: the critic holds no "
+        "decoder of its own: its adapters and value head run on the reward model's frozen one, "
+        "which scores with them off; with reward_fn the critic starts from the policy instead and "
+        "gets a frozen copy of the policy's weights). A section apart from `lora`: the critic's "
+        "rank and targets are tuned apart from the policy's, either can be LoRA alone, and "
+        "lora-only runs and their checkpoints keep their full critic", factory=LoRAConfig)
 
     @property
     def microbatch_tokens(self) -> int | None:
-        """ppo.tokens_per_microbatch resolved (None: micro-batches by ppo.microbatch_size); auto packs
-        by tokens only where minibatch_size full-length rows pass AUTO_FORWARD_TOKENS."""
+        """ppo.tokens_per_microbatch resolved (None: micro-batches by ppo.microbatch_size); auto
+        packs by tokens only where minibatch_size full-length rows pass AUTO_FORWARD_TOKENS."""
         p, longest = self.ppo, self.rollout.max_prompt_length + self.rollout.max_new_tokens
         if p.tokens_per_microbatch != "auto":
             return p.tokens_per_microbatch
@@ -263,31 +299,40 @@ class PPOConfig(Loadable):
               f"reward.weights has {len(weights or ())} weight(s) for {len(specs)} reward "
               f"function(s) (reward_fn={self.reward_fn!r}): give one per function")
         check(self.ppo.ptx_coef == 0 or bool(self.ptx_file), "ppo.ptx_coef > 0 needs ptx_file")
-        check(self.critic_lr is None or self.critic_lr > 0, f"critic_lr must be > 0, got {self.critic_lr}")
+        check(self.critic_lr is None or self.critic_lr > 0,
+              f"critic_lr must be > 0, got {self.critic_lr}")
         grouped = self.ppo.estimator not in CRITIC_ESTIMATORS
         check(grouped == (self.critic == "none"),
-              f"ppo.estimator={self.ppo.estimator} {'is critic-free: set critic=none' if grouped else 'needs a critic: critic=separate or shared'}"
-              f" (got critic={self.critic})")
+              f"ppo.estimator={self.ppo.estimator} "
+              + ("is critic-free: set critic=none" if grouped
+                 else "needs a critic: critic=separate or shared")
+              + f" (got critic={self.critic})")
         check(not grouped or self.rollout.samples_per_prompt >= 2,
-              f"ppo.estimator={self.ppo.estimator} compares each prompt's responses: rollout.samples_per_prompt "
+              f"ppo.estimator={self.ppo.estimator} compares each prompt's responses: "
+              "rollout.samples_per_prompt "
               f"must be >= 2, got {self.rollout.samples_per_prompt}")
         check(not (self.lora.enabled and self.lora.dropout > 0 and self.rollout.exact),
-              f"rollout.exact with lora.dropout={self.lora.dropout}: the sampler's and the trainer's forwards would "
-              "draw different dropout masks; set lora.dropout=0")
+              f"rollout.exact with lora.dropout={self.lora.dropout}: the sampler's and the "
+              "trainer's forwards would draw different dropout masks; set lora.dropout=0")
         check(not self.critic_lora.enabled or self.critic == "separate",
-              f"critic_lora.rank > 0 adapts the separate critic: set critic=separate (got critic={self.critic}; "
+              "critic_lora.rank > 0 adapts the separate critic: set critic=separate (got "
+              f"critic={self.critic}; "
               "the shared value head trains with the policy, under `lora`)")
         check(not self.rollout.dynamic_sampling or grouped,
-              "rollout.dynamic_sampling drops groups of equal scores: it needs a group estimator (ppo.estimator)")
+              "rollout.dynamic_sampling drops groups of equal scores: it needs a group estimator "
+              "(ppo.estimator)")
         longest = self.rollout.max_prompt_length + self.rollout.max_new_tokens
-        check(self.ppo.tokens_per_microbatch in (None, "auto") or self.ppo.tokens_per_microbatch >= longest,
-              f"ppo.tokens_per_microbatch={self.ppo.tokens_per_microbatch} must hold one row: rollout."
+        check(self.ppo.tokens_per_microbatch in (None, "auto")
+              or self.ppo.tokens_per_microbatch >= longest,
+              f"ppo.tokens_per_microbatch={self.ppo.tokens_per_microbatch} must hold one row: "
+              "rollout."
               f"max_prompt_length + rollout.max_new_tokens = {longest} tokens")
         refuse_ignored(rl_rules(self), self)
 
 
 def _grpo_update() -> UpdateConfig:
-    return UpdateConfig(estimator="grpo", kl_loss_coef=0.001, vf_coef=0.0, epochs=1, agg="token-mean")
+    return UpdateConfig(estimator="grpo", kl_loss_coef=0.001, vf_coef=0.0, epochs=1,
+                        agg="token-mean")
 
 
 def _grpo_reward() -> RewardConfig:
@@ -296,11 +341,13 @@ def _grpo_reward() -> RewardConfig:
 
 @dataclass
 class GRPOConfig(PPOConfig):
-    """Critic-free RL (`fusedrl grpo`): the PPO stage's one code path with GRPO's defaults: no critic,
-    group-relative advantages over each prompt's responses, the KL to the reference as a loss term."""
+    """Critic-free RL (`fusedrl grpo`): the PPO stage's one code path with GRPO's defaults: no
+    critic, group-relative advantages over each prompt's responses, the KL to the reference as a
+    loss term."""
 
     critic: Critic = option("none: critic-free (the GRPO family needs no value model)", "none")
-    rollout: RolloutConfig = option("generation", factory=lambda: RolloutConfig(samples_per_prompt=8))
+    rollout: RolloutConfig = option("generation",
+                                    factory=lambda: RolloutConfig(samples_per_prompt=8))
     ppo: UpdateConfig = option("policy update", factory=_grpo_update)
     reward: RewardConfig = option("reward shaping (the KL is a loss term here: ppo.kl_loss_coef)",
                                   factory=_grpo_reward)

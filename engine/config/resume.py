@@ -25,23 +25,31 @@ METRICS_FILE = "metrics.jsonl"
 
 APPLIED_ON_RESUME = frozenset({
     # where the run is (a moved run directory) and the loop: its length, cadence, logging, limits
-    "output_dir", "train.iterations", "train.epochs", "train.max_steps", "train.eval_every", "train.log_every",
-    "train.save_every", "train.save_every_minutes", "train.keep_checkpoints", "train.max_consecutive_skips",
+    "output_dir", "train.iterations", "train.epochs", "train.max_steps", "train.eval_every",
+    "train.log_every",
+    "train.save_every", "train.save_every_minutes", "train.keep_checkpoints",
+    "train.max_consecutive_skips",
     "train.resume", "train.resume_without_config", "train.tensorboard", "train.report_to",
     "train.progress", "train.dist_timeout_s", "train.device",
     "train.gradient_checkpointing",
     # the schedule: its peak (the new one from the saved step on) and shape, and gradient clipping
     "optim.lr", "critic_lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.max_grad_norm",
     # memory only: the same gradient, computed in other pieces
-    "data.tokens_per_microbatch", "ppo.microbatch_size", "ppo.tokens_per_microbatch", "rollout.kv_cache_memory",
+    "data.tokens_per_microbatch", "ppo.microbatch_size", "ppo.tokens_per_microbatch",
+    "rollout.kv_cache_memory",
     "rollout.block_size", "rollout.tokens_per_forward", "rollout.release_kv_pool",
     # PPO's sampling, loss and reward settings, read at every iteration
     "rollout.temperature", "rollout.top_k", "rollout.top_p", "rollout.ignore_eos", "rollout.exact",
-    "rollout.dynamic_sampling", "rollout.max_sampling_rounds", "rollout.overlong_buffer", "rollout.overlong_penalty",
-    "ppo.epochs", "ppo.clip_eps", "ppo.clip_eps_high", "ppo.dual_clip", "ppo.agg", "ppo.loss_agg_norm",
-    "ppo.ratio_level", "ppo.log_ratio_clamp", "ppo.is_mode", "ppo.is_level", "ppo.is_cap", "ppo.is_low", "ppo.is_high",
-    "ppo.vf_coef", "ppo.vf_clip", "ppo.ent_coef", "ppo.kl_loss_coef", "ppo.gamma", "ppo.lam", "ppo.whiten_advantages",
-    "ppo.max_approx_kl", "reward.kl_target", "reward.kl_horizon", "reward.kl_estimator", "reward.normalize",
+    "rollout.dynamic_sampling", "rollout.max_sampling_rounds", "rollout.overlong_buffer",
+    "rollout.overlong_penalty",
+    "ppo.epochs", "ppo.clip_eps", "ppo.clip_eps_high", "ppo.dual_clip", "ppo.agg",
+    "ppo.loss_agg_norm",
+    "ppo.ratio_level", "ppo.log_ratio_clamp", "ppo.is_mode", "ppo.is_level", "ppo.is_cap",
+    "ppo.is_low", "ppo.is_high",
+    "ppo.vf_coef", "ppo.vf_clip", "ppo.ent_coef", "ppo.kl_loss_coef", "ppo.gamma", "ppo.lam",
+    "ppo.whiten_advantages",
+    "ppo.max_approx_kl", "reward.kl_target", "reward.kl_horizon", "reward.kl_estimator",
+    "reward.normalize",
     "reward.clip", "reward.kl_ceiling", "reward.fn_timeout_s", "reward.weights", "reward.isolation",
 })
 
@@ -76,8 +84,10 @@ def resume_changes(run_dir, config) -> dict[str, tuple]:
         key, (before, after) = refused[0], changed[refused[0]]
         more = f" (also changed: {', '.join(refused[1:])})" if refused[1:] else ""
         raise ConfigValueError(
-            f"{key}={after!r} but the run in {run_dir} was trained with {key}={before!r} (its {SAVED_CONFIG}){more}: "
-            "a resumed run cannot change it; set it back, or start the new run in another output_dir")
+            f"{key}={after!r} but the run in {run_dir} was trained with {key}={before!r} (its "
+            f"{SAVED_CONFIG}){more}: "
+            "a resumed run cannot change it; set it back, or start the new run in another "
+            "output_dir")
     return changed
 
 

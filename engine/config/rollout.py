@@ -8,8 +8,8 @@ from typing import Literal
 
 from .fields import check, check_fields, option
 
-# A forward's token budget at auto (rollout.tokens_per_forward, ppo.tokens_per_microbatch): this many
-# tokens, or one full-length row where a row is longer.
+# A forward's token budget at auto (rollout.tokens_per_forward, ppo.tokens_per_microbatch): this
+# many tokens, or one full-length row where a row is longer.
 AUTO_FORWARD_TOKENS = 16384
 
 EnvErrors = Literal["skip", "fail"]
@@ -17,18 +17,23 @@ EnvErrors = Literal["skip", "fail"]
 
 @dataclass
 class RolloutConfig:
-    prompts_per_iteration: int = option("prompts sampled per PPO iteration on each rank (under torchrun: x the "
-                                        "number of ranks in all)", 16)
-    samples_per_prompt: int = option("responses generated per prompt (they share the prompt's KV blocks)", 4)
+    prompts_per_iteration: int = option(
+        "prompts sampled per PPO iteration on each rank (under torchrun: x the "
+        "number of ranks in all)", 16)
+    samples_per_prompt: int = option(
+        "responses generated per prompt (they share the prompt's KV blocks)", 4)
     max_prompt_length: int = option("prompts keep their last this many tokens", 256)
-    truncate_prompts: bool = option("cut a prompt that leaves no room to generate within the model's "
-                                    "context to its last max_model_len - 1 tokens (counted) instead of "
-                                    "failing on it", False)
+    truncate_prompts: bool = option(
+        "cut a prompt that leaves no room to generate within the model's "
+        "context to its last max_model_len - 1 tokens (counted) instead of "
+        "failing on it", False)
     max_new_tokens: int = option("response length limit", 64)
-    temperature: float = option("sampling temperature (> 0); log-probs are taken at the same temperature", 1.0)
+    temperature: float = option(
+        "sampling temperature (> 0); log-probs are taken at the same temperature", 1.0)
     top_k: int = option("top-k filter of the sampler (0 = off)", 0)
     top_p: float = option("nucleus filter of the sampler (1.0 = off)", 1.0)
-    ignore_eos: bool = option("sample past EOS up to max_new_tokens (fixed-length rollouts, for benchmarks)", False)
+    ignore_eos: bool = option(
+        "sample past EOS up to max_new_tokens (fixed-length rollouts, for benchmarks)", False)
     kv_cache_memory: int | float | str = option(
         "the paged KV pool: bytes (an int), a fraction of the GPU's memory in (0, 1], or auto: on "
         "CUDA the largest pool that fits beside everything else in every phase that holds it (the "
@@ -36,34 +41,42 @@ class RolloutConfig:
         "against the free memory when it is allocated; on the CPU 1 GiB. Never more than "
         "prompts_per_iteration x samples_per_prompt full-length sequences (twice that with "
         "partial_rollouts)", "auto")
-    release_kv_pool: bool = option("free the KV pool after each rollout (scoring and the update use its memory) "
-                                   "and allocate it again for the next, where CUDA graphs allow: not in one "
-                                   "process on CUDA (a captured decode step holds the pool's addresses), yes "
-                                   "under torchrun (graphs off, but with rollout.persistent_weights) and on the CPU",
-                                   False)
-    persistent_weights: bool = option("under torchrun at train.tensor_parallel=1: generate from whole-size copies of "
-                                      "the policy's shards, allocated once and refilled in place before each "
-                                      "rollout, so CUDA graphs stay on; costs one whole policy per GPU kept through "
-                                      "training (none with train.data_parallel=replicate, whose shards are whole)",
-                                      False)
-    tokens_per_forward: int | str | None = option("token budget of one scoring forward (reward model, reference, "
-                                                  "old log-probs, values): a rank's rows are cut, in order, into "
-                                                  "forwards of at most this many tokens, so none holds more "
-                                                  "activations; it must hold one row (max_prompt_length + "
-                                                  "max_new_tokens); auto = the larger of 16384 and one row; "
-                                                  "null = all rows at once", "auto")
+    release_kv_pool: bool = option(
+        "free the KV pool after each rollout (scoring and the update use its memory) "
+        "and allocate it again for the next, where CUDA graphs allow: not in one "
+        "process on CUDA (a captured decode step holds the pool's addresses), yes "
+        "under torchrun (graphs off, but with rollout.persistent_weights) and on the CPU",
+        False)
+    persistent_weights: bool = option(
+        "under torchrun at train.tensor_parallel=1: generate from whole-size copies of "
+        "the policy's shards, allocated once and refilled in place before each "
+        "rollout, so CUDA graphs stay on; costs one whole policy per GPU kept through "
+        "training (none with train.data_parallel=replicate, whose shards are whole)",
+        False)
+    tokens_per_forward: int | str | None = option(
+        "token budget of one scoring forward (reward model, reference, "
+        "old log-probs, values): a rank's rows are cut, in order, into "
+        "forwards of at most this many tokens, so none holds more "
+        "activations; it must hold one row (max_prompt_length + "
+        "max_new_tokens); auto = the larger of 16384 and one row; "
+        "null = all rows at once", "auto")
     block_size: int = option("tokens per KV block", 16)
-    exact: bool = option("exact on-policy: generation and the old-log-prob forward run batch-invariant "
-                         "fixed-order ops, so the sampler's log-probs equal the training forward's bit for "
-                         "bit (logprob_mismatch is 0, the IS correction a no-op); slower generation", False)
-    routing_replay: bool = option("MoE policies: keep the sampler's expert choices of every token and route the "
-                                  "old-log-prob and update forwards by them (Megatron's moe_enable_routing_replay), "
-                                  "so sampler and trainer agree on the experts; no effect on dense models", True)
-    dynamic_sampling: bool = option("DAPO dynamic sampling: drop prompt groups whose scores are all equal and "
-                                    "sample more prompts until prompts_per_iteration groups are kept", False)
-    max_sampling_rounds: int = option("dynamic sampling: at most this many generate rounds per iteration", 4)
-    overlong_buffer: int = option("DAPO overlong shaping: responses longer than max_new_tokens - overlong_buffer "
-                                  "lose up to overlong_penalty, linearly (0 = off)", 0)
+    exact: bool = option(
+        "exact on-policy: generation and the old-log-prob forward run batch-invariant "
+        "fixed-order ops, so the sampler's log-probs equal the training forward's bit for "
+        "bit (logprob_mismatch is 0, the IS correction a no-op); slower generation", False)
+    routing_replay: bool = option(
+        "MoE policies: keep the sampler's expert choices of every token and route the "
+        "old-log-prob and update forwards by them (Megatron's moe_enable_routing_replay), "
+        "so sampler and trainer agree on the experts; no effect on dense models", True)
+    dynamic_sampling: bool = option(
+        "DAPO dynamic sampling: drop prompt groups whose scores are all equal and "
+        "sample more prompts until prompts_per_iteration groups are kept", False)
+    max_sampling_rounds: int = option(
+        "dynamic sampling: at most this many generate rounds per iteration", 4)
+    overlong_buffer: int = option(
+        "DAPO overlong shaping: responses longer than max_new_tokens - overlong_buffer "
+        "lose up to overlong_penalty, linearly (0 = off)", 0)
     overlong_penalty: float = option("overlong shaping: the penalty at max_new_tokens", 1.0)
     partial_rollouts: bool = option(
         "cut the long tail (Kimi k1.5's partial rollouts): an iteration tops the groups in flight "
@@ -87,14 +100,15 @@ class RolloutConfig:
         "a prompt (or carried answer) longer than this many tokens is prefilled in chunks, taking "
         "turns with the other rows' decode steps (null = in one piece)")
     tools: list[str] | None = option(
-        "multi-turn: 'module:function' tools (type hints and a docstring with Args:) offered through "
-        "the chat template; the model's tool calls are run and answered as tool messages, and a turn "
-        "without a call ends the trajectory (docs/agents.md)")
+        "multi-turn: 'module:function' tools (type hints and a docstring with Args:) offered "
+        "through the chat template; the model's tool calls are run and answered as tool messages, "
+        "and a turn without a call ends the trajectory (docs/agents.md)")
     environment: str | None = option(
         "multi-turn: 'module:Class' made per trajectory with the row's columns as keywords, with "
         "reset() -> messages and step(assistant_message) -> (messages, reward, done); the "
         "trajectory's score is the sum of its rewards (plus reward_fn / reward_model when set)")
-    max_turns: int = option("multi-turn: model turns per trajectory (each at most max_new_tokens)", 4)
+    max_turns: int = option("multi-turn: model turns per trajectory (each at most max_new_tokens)",
+                            4)
     max_trajectory_tokens: int | None = option(
         "multi-turn: tokens of a whole trajectory, prompt included (null = the model's context)")
     env_timeout_s: float = option(
@@ -120,9 +134,11 @@ class RolloutConfig:
 
     def __post_init__(self):
         check_fields(self, "rollout.")
-        for name in ("prompts_per_iteration", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
+        for name in ("prompts_per_iteration", "samples_per_prompt", "max_prompt_length",
+                     "max_new_tokens",
                      "block_size", "max_sampling_rounds", "speculate_below"):
-            check(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+            check(getattr(self, name) >= 1,
+                  f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         check(self.max_staleness >= 0 and self.speculative_tokens >= 0,
               f"rollout.max_staleness and rollout.speculative_tokens must be >= 0, got "
               f"{self.max_staleness} and {self.speculative_tokens}")
@@ -138,13 +154,16 @@ class RolloutConfig:
         longest = self.max_prompt_length + self.max_new_tokens
         check(self.tokens_per_forward in (None, "auto") or (isinstance(self.tokens_per_forward, int)
                                                             and self.tokens_per_forward >= longest),
-              f"rollout.tokens_per_forward={self.tokens_per_forward!r} must hold one row: rollout.max_prompt_length "
+              f"rollout.tokens_per_forward={self.tokens_per_forward!r} must hold one row: "
+              "rollout.max_prompt_length "
               f"+ rollout.max_new_tokens = {longest} tokens (or be auto or null)")
         check(self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}")
-        check(self.top_k >= 0 and 0 < self.top_p <= 1, "rollout.top_k must be >= 0 and rollout.top_p in (0, 1]")
+        check(self.top_k >= 0 and 0 < self.top_p <= 1,
+              "rollout.top_k must be >= 0 and rollout.top_p in (0, 1]")
         check(0 <= self.overlong_buffer < self.max_new_tokens and self.overlong_penalty >= 0,
               f"rollout.overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}) and "
-              f"rollout.overlong_penalty >= 0, got {self.overlong_buffer} and {self.overlong_penalty}")
+              f"rollout.overlong_penalty >= 0, got {self.overlong_buffer} and "
+              f"{self.overlong_penalty}")
 
     @property
     def multi_turn(self) -> bool:
@@ -156,14 +175,17 @@ class RolloutConfig:
         check(0 < self.env_timeout_s <= 1e6,
               f"rollout.env_timeout_s must be in (0, 1e6] seconds, got {self.env_timeout_s}")
         check(self.max_trajectory_tokens is None or self.max_trajectory_tokens >= 2,
-              f"rollout.max_trajectory_tokens must be >= 2 or null, got {self.max_trajectory_tokens}")
+              "rollout.max_trajectory_tokens must be >= 2 or null, got "
+              f"{self.max_trajectory_tokens}")
         check(not (self.tools and self.environment),
               "rollout.tools and rollout.environment: expected one of them (an environment that "
               "wants tools calls them in its step)")
-        check(not (self.multi_turn and (self.partial_rollouts or self.exact or self.dynamic_sampling)),
-              "rollout.tools or rollout.environment with rollout.partial_rollouts, rollout.exact or "
-              "rollout.dynamic_sampling: expected none of them (multi-turn trajectories are sampled "
-              "whole, and exact mode is not verified across turns)")
+        check(
+            not (self.multi_turn
+                 and (self.partial_rollouts or self.exact or self.dynamic_sampling)),
+            "rollout.tools or rollout.environment with rollout.partial_rollouts, rollout.exact or "
+            "rollout.dynamic_sampling: expected none of them (multi-turn trajectories are sampled "
+            "whole, and exact mode is not verified across turns)")
 
 
 def kv_budget(value) -> int | float | str:

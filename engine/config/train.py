@@ -40,7 +40,8 @@ class DataConfig:
                              "datasets.Dataset may be passed instead: docs/python_api.md)", "")
     eval_file: str | None = option("held-out data, as train_file; when unset, eval_fraction of "
                                    "train_file is held out")
-    eval_fraction: float = option("fraction of train_file held out for eval when eval_file is unset", 0.05)
+    eval_fraction: float = option(
+        "fraction of train_file held out for eval when eval_file is unset", 0.05)
     format: DataFormat = option("sft: auto|chat|prompt_completion|demonstration|text; rm: auto|"
                                 "pairwise|ranking|hh|implicit (auto: decided per row by its "
                                 "columns; docs/data_formats.md)", "auto")
@@ -54,13 +55,16 @@ class DataConfig:
     text_column: str = _column("text")
     chosen_column: str = _column("chosen")
     rejected_column: str = _column("rejected")
-    max_length: int = option("max tokens of prompt + response; longer responses are cut at the end", 1024)
+    max_length: int = option("max tokens of prompt + response; longer responses are cut at the end",
+                             1024)
     max_prompt_length: int = option("prompts keep their last max_prompt_length tokens", 512)
-    tokens_per_batch: int = option("token budget of one packed micro-batch (all sequences together), per rank", 8192)
+    tokens_per_batch: int = option(
+        "token budget of one packed micro-batch (all sequences together), per rank", 8192)
     tokens_per_microbatch: int | None = option(
-        "token budget of one forward/backward, per rank: a step's examples (optim.grad_accum_steps micro-batches "
-        "of tokens_per_batch) are packed in order into forwards of at most this many tokens, so each fills the "
-        "device; the gradient stays the step's (null: one forward per micro-batch)")
+        "token budget of one forward/backward, per rank: a step's examples (optim.grad_accum_steps "
+        "micro-batches of tokens_per_batch) are packed in order into forwards of at most this many "
+        "tokens, so each fills the device; the gradient stays the step's (null: one forward per "
+        "micro-batch)")
     skip_malformed: bool = option("skip and count malformed rows instead of failing on the first",
                                   False)
 
@@ -74,7 +78,8 @@ class DataConfig:
         for name in COLUMNS:
             check(bool(getattr(self, f"{name}_column")),
                   f"data.{name}_column must name a column, got ''")
-        check(0 <= self.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        check(0 <= self.eval_fraction < 1,
+              f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         check(0 < self.max_prompt_length < self.max_length,
                f"data.max_prompt_length must be in (0, max_length={self.max_length}), "
                f"got {self.max_prompt_length}")
@@ -82,31 +87,39 @@ class DataConfig:
                f"data.tokens_per_batch ({self.tokens_per_batch}) must hold one sequence of "
                f"data.max_length ({self.max_length})")
         check(self.tokens_per_microbatch is None or self.tokens_per_microbatch >= self.max_length,
-               f"data.tokens_per_microbatch ({self.tokens_per_microbatch}) must be null or hold one sequence of "
+               f"data.tokens_per_microbatch ({self.tokens_per_microbatch}) must be null or hold "
+               "one sequence of "
                f"data.max_length ({self.max_length})")
 
 
 @dataclass
 class OptimConfig:
     lr: float = option("peak learning rate of AdamW", 1e-5)
-    weight_decay: float = option("AdamW decoupled weight decay (not applied to norms and biases)", 0.0)
+    weight_decay: float = option("AdamW decoupled weight decay (not applied to norms and biases)",
+                                 0.0)
     beta1: float = option("AdamW beta1", 0.9)
     beta2: float = option("AdamW beta2", 0.95)
     eps: float = option("AdamW epsilon", 1e-8)
     warmup_steps: int = option("linear warmup from 0 to lr over this many optimizer steps", 0)
     min_lr_ratio: float = option("cosine decay ends at lr * min_lr_ratio", 0.1)
     max_grad_norm: float = option("clip the global gradient norm to this (0 = no clipping)", 1.0)
-    grad_accum_steps: int = option("micro-batches per optimizer step on each rank (under torchrun the global batch is "
-                                   "data.tokens_per_batch x grad_accum_steps x the number of ranks)", 1)
+    grad_accum_steps: int = option(
+        "micro-batches per optimizer step on each rank (under torchrun the global batch is "
+        "data.tokens_per_batch x grad_accum_steps x the number of ranks)", 1)
 
     def __post_init__(self):
         check(0 < self.lr < math.inf, f"optim.lr must be a finite number > 0, got {self.lr}")
-        check(self.weight_decay >= 0 and self.eps > 0, "optim.weight_decay must be >= 0, optim.eps > 0")
-        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+        check(self.weight_decay >= 0 and self.eps > 0,
+              "optim.weight_decay must be >= 0, optim.eps > 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+              "optim.beta1 and optim.beta2 must be in [0, 1)")
         check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        check(self.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm}")
-        check(self.grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        check(0 <= self.min_lr_ratio <= 1,
+              f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.max_grad_norm >= 0,
+              f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        check(self.grad_accum_steps >= 1,
+              f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         check_fields(self, "optim.")
 
 
@@ -124,23 +137,30 @@ class RunConfig:
     """The loop options every stage shares (its `train` section); "step" is the stage's unit of
     progress (an optimizer step for SFT/RM, an iteration for PPO)."""
     device: str | None = option("cuda or cpu (default: cuda when available)")
-    precision: Precision = option("bf16-mixed (bf16 weights, fp32 master weights and moments in the optimizer) "
-                                  "| fp32 | auto (bf16-mixed on CUDA, fp32 on CPU)", "auto")
-    gradient_checkpointing: bool = option("recompute each decoder layer in backward to save memory", False)
+    precision: Precision = option(
+        "bf16-mixed (bf16 weights, fp32 master weights and moments in the optimizer) "
+        "| fp32 | auto (bf16-mixed on CUDA, fp32 on CPU)", "auto")
+    gradient_checkpointing: bool = option("recompute each decoder layer in backward to save memory",
+                                          False)
     activation_offload: bool = option(
         "with train.gradient_checkpointing: each layer's saved input and residual rest in (pinned) "
         "CPU memory from the forward to the backward, copied back one layer ahead (prefetched on "
         "CUDA); bit-identical results, activations of about one layer on the device", False)
     log_every: int = option("write a metrics line every this many steps", 1)
-    save_every: int = option("checkpoint every this many steps (0 = by time and at the end only)", 0)
-    save_every_minutes: float = option("also checkpoint when this many minutes passed since the last "
-                                       "checkpoint (0 = off), so a kill loses at most about this much work", 10.0)
-    max_consecutive_skips: int = option("stop the run when this many steps in a row could not update "
-                                        "(non-finite loss or gradient, every PPO row dropped); 0 = never", 10)
+    save_every: int = option("checkpoint every this many steps (0 = by time and at the end only)",
+                             0)
+    save_every_minutes: float = option(
+        "also checkpoint when this many minutes passed since the last "
+        "checkpoint (0 = off), so a kill loses at most about this much work", 10.0)
+    max_consecutive_skips: int = option(
+        "stop the run when this many steps in a row could not update "
+        "(non-finite loss or gradient, every PPO row dropped); 0 = never", 10)
     keep_checkpoints: int = option("keep only the newest this many checkpoints (0 = all)", 2)
-    resume: bool = option("continue from the newest checkpoint in output_dir when there is one", True)
-    overwrite: bool = option("replace an earlier run of fusedrl in output_dir (never a directory fusedrl did "
-                             "not make); without it train.resume=false over an earlier run is refused", False)
+    resume: bool = option("continue from the newest checkpoint in output_dir when there is one",
+                          True)
+    overwrite: bool = option(
+        "replace an earlier run of fusedrl in output_dir (never a directory fusedrl did "
+        "not make); without it train.resume=false over an earlier run is refused", False)
     resume_without_config: bool = option(
         "resume a run directory that has lost its config.yaml (it holds metrics.jsonl): the "
         "options its checkpoints were trained with are then not compared with this run's; refused "
@@ -153,59 +173,74 @@ class RunConfig:
                                   "pip install 'fusedrl[NAME]'", factory=list)
     progress: bool = option("show progress on stderr: a live bar on a terminal, else (a log file) "
                             "one plain line per train.log_every steps, at most one each 30 s", True)
-    data_parallel: DataParallel = option("under torchrun: shard (FSDP2 full shard: weights, gradients, optimizer "
-                                         "state 1/N per rank; at train.tensor_parallel > 1 the tensor slices sharded "
-                                         "over the data groups) | replicate (whole copies, for small models; at "
-                                         "train.tensor_parallel > 1 copies of the slices) | hybrid "
-                                         "(HSDP: full shard within each group of train.shard_group_size ranks, one "
-                                         "node's by default, whole copies across the groups: several nodes)", "shard")
-    shard_group_size: int = option("with train.data_parallel=hybrid: the ranks of one shard group, dividing the "
-                                   "world size (0: one node's, torchrun's LOCAL_WORLD_SIZE)", 0)
-    tensor_parallel: int = option("under torchrun: T ranks (dividing the ranks and the model's key/value heads) "
-                                  "each keep and train their tensor slices of the weights, data-parallel across the "
-                                  "world_size / T groups (which shard or copy the slices: train.data_parallel; a "
-                                  "LoRA base is copied; the offloads need sharded slices; not with rollout.exact "
-                                  "yet)", 1)
-    context_parallel: int = option("under torchrun: C consecutive ranks share each packed forward's tokens (training "
-                                   "and scoring), each running every layer on its 1/C of them, attention over keys and "
-                                   "values all-gathered in the group (C dividing the ranks; train.data_parallel=shard "
-                                   "over the world / C data ranks; with train.tensor_parallel=T, C x T consecutive "
-                                   "ranks; SFT and GRPO, LoRA included; not with expert parallelism, LoRA beside tensor "
-                                   "slices or prefix sharing yet)", 1)
-    expert_parallel: int = option("under torchrun, for an MoE model: the experts of every MoE layer sharded over "
-                                  "groups of E consecutive ranks (E dividing the world size and the number of "
-                                  "experts), each rank keeping and training its share whole, tokens sent to them by "
-                                  "all-to-all within the group, the world / E groups' gradients averaged; FSDP "
-                                  "shards the rest over every rank; SFT, PPO and GRPO (the policy; its rollouts "
-                                  "gather the experts) for now", 1)
-    dist_timeout_s: float = option("under torchrun: seconds a collective waits for the other ranks before "
-                                   "the job fails", 600.0)
-    optimizer_offload: bool = option("under torchrun: the trained models' sharded parameters, gradients and "
-                                     "optimizer state (fp32 masters, AdamW moments) rest in CPU memory, the "
-                                     "optimizer steps on the CPU (FSDP2's CPUOffloadPolicy; LoRA adapters, "
-                                     "not sharded, stay on the device)", False)
-    memory_check: bool = option("on CUDA, refuse at start a run whose memory plan (`fusedrl plan`) does not fit "
-                                "the GPUs", True)
+    data_parallel: DataParallel = option(
+        "under torchrun: shard (FSDP2 full shard: weights, gradients, optimizer "
+        "state 1/N per rank; at train.tensor_parallel > 1 the tensor slices sharded "
+        "over the data groups) | replicate (whole copies, for small models; at "
+        "train.tensor_parallel > 1 copies of the slices) | hybrid "
+        "(HSDP: full shard within each group of train.shard_group_size ranks, one "
+        "node's by default, whole copies across the groups: several nodes)", "shard")
+    shard_group_size: int = option(
+        "with train.data_parallel=hybrid: the ranks of one shard group, dividing the "
+        "world size (0: one node's, torchrun's LOCAL_WORLD_SIZE)", 0)
+    tensor_parallel: int = option(
+        "under torchrun: T ranks (dividing the ranks and the model's key/value heads) "
+        "each keep and train their tensor slices of the weights, data-parallel across the "
+        "world_size / T groups (which shard or copy the slices: train.data_parallel; a "
+        "LoRA base is copied; the offloads need sharded slices; not with rollout.exact "
+        "yet)", 1)
+    context_parallel: int = option(
+        "under torchrun: C consecutive ranks share each packed forward's tokens (training "
+        "and scoring), each running every layer on its 1/C of them, attention over keys and "
+        "values all-gathered in the group (C dividing the ranks; train.data_parallel=shard "
+        "over the world / C data ranks; with train.tensor_parallel=T, C x T consecutive "
+        "ranks; SFT and GRPO, LoRA included; not with expert parallelism, LoRA beside tensor "
+        "slices or prefix sharing yet)", 1)
+    expert_parallel: int = option(
+        "under torchrun, for an MoE model: the experts of every MoE layer sharded over "
+        "groups of E consecutive ranks (E dividing the world size and the number of "
+        "experts), each rank keeping and training its share whole, tokens sent to them by "
+        "all-to-all within the group, the world / E groups' gradients averaged; FSDP "
+        "shards the rest over every rank; SFT, PPO and GRPO (the policy; its rollouts "
+        "gather the experts) for now", 1)
+    dist_timeout_s: float = option(
+        "under torchrun: seconds a collective waits for the other ranks before "
+        "the job fails", 600.0)
+    optimizer_offload: bool = option(
+        "under torchrun: the trained models' sharded parameters, gradients and "
+        "optimizer state (fp32 masters, AdamW moments) rest in CPU memory, the "
+        "optimizer steps on the CPU (FSDP2's CPUOffloadPolicy; LoRA adapters, "
+        "not sharded, stay on the device)", False)
+    memory_check: bool = option(
+        "on CUDA, refuse at start a run whose memory plan (`fusedrl plan`) does not fit "
+        "the GPUs", True)
 
     def __post_init__(self):
         check_fields(self, "train.")
         check(not self.activation_offload or self.gradient_checkpointing,
               "train.activation_offload=true moves what checkpointed layers keep: set "
               "train.gradient_checkpointing=true")
-        check(self.tensor_parallel >= 1, f"train.tensor_parallel must be >= 1, got {self.tensor_parallel}")
-        check(self.shard_group_size >= 0, f"train.shard_group_size must be >= 0, got {self.shard_group_size}")
+        check(self.tensor_parallel >= 1,
+              f"train.tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        check(self.shard_group_size >= 0,
+              f"train.shard_group_size must be >= 0, got {self.shard_group_size}")
         check(self.shard_group_size == 0 or self.data_parallel == "hybrid",
-              f"train.shard_group_size={self.shard_group_size} is read with train.data_parallel=hybrid only, got "
+              f"train.shard_group_size={self.shard_group_size} is read with "
+              "train.data_parallel=hybrid only, got "
               f"train.data_parallel={self.data_parallel}")
-        check(self.expert_parallel >= 1, f"train.expert_parallel must be >= 1, got {self.expert_parallel}")
-        check(self.context_parallel >= 1, f"train.context_parallel must be >= 1, got {self.context_parallel}")
-        check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        check(self.expert_parallel >= 1,
+              f"train.expert_parallel must be >= 1, got {self.expert_parallel}")
+        check(self.context_parallel >= 1,
+              f"train.context_parallel must be >= 1, got {self.context_parallel}")
+        check(self.dist_timeout_s > 0,
+              f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),
                f"train.device must be cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("save_every", "keep_checkpoints", "max_consecutive_skips"):
             check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
         check(0 <= self.save_every_minutes < math.inf,
-              f"train.save_every_minutes must be a finite number >= 0, got {self.save_every_minutes}")
+              "train.save_every_minutes must be a finite number >= 0, got "
+              f"{self.save_every_minutes}")
         check(self.log_every >= 1, "train.log_every must be >= 1")
         self.report_to = _names(self.report_to)
         unknown = [n for n in self.report_to if n not in TRACKERS]
@@ -224,7 +259,8 @@ class TrainConfig(RunConfig):
     def __post_init__(self):
         super().__post_init__()
         check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
-        check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        check(self.max_steps is None or self.max_steps >= 1,
+              f"train.max_steps must be >= 1, got {self.max_steps}")
         check(self.eval_every >= 0, "train.eval_every must be >= 0")
 
 
@@ -233,15 +269,18 @@ class StageConfig(Loadable):
     """What every training stage shares."""
 
     model: str = option("Hugging Face model directory to start from (required)", "")
-    output_dir: str = option("run directory: config, metrics, checkpoints, final model (required)", "")
+    output_dir: str = option("run directory: config, metrics, checkpoints, final model (required)",
+                             "")
     seed: int = option("seed of the data order, the split and the torch RNG", 0)
     data: DataConfig = option("data", factory=DataConfig)
     optim: OptimConfig = option("optimizer", factory=OptimConfig)
     train: TrainConfig = option("loop", factory=TrainConfig)
 
     def paths(self) -> tuple[dict, dict]:
-        """({option: model directory}, {option: input file or None}) the run reads (checked first)."""
-        return {"model": self.model}, {"data.train_file": self.data.train_file, "data.eval_file": self.data.eval_file}
+        """({option: model directory}, {option: input file or None}) the run reads (checked
+        first)."""
+        return {"model": self.model}, {"data.train_file": self.data.train_file,
+                                       "data.eval_file": self.data.eval_file}
 
     def require_data(self) -> None:
         """ValueError unless the config names its training data (a Python caller may pass a
@@ -258,8 +297,10 @@ class StageConfig(Loadable):
 class SFTConfig(StageConfig):
     """Supervised fine-tuning on demonstrations; loss on response tokens only."""
 
-    lora: LoRAConfig = option("low-rank adapters (lora.rank > 0: the weights stay frozen)", factory=LoRAConfig)
-    moe: RouterLossConfig = option("router losses of mixture-of-experts models", factory=RouterLossConfig)
+    lora: LoRAConfig = option("low-rank adapters (lora.rank > 0: the weights stay frozen)",
+                              factory=LoRAConfig)
+    moe: RouterLossConfig = option("router losses of mixture-of-experts models",
+                                   factory=RouterLossConfig)
 
     def __post_init__(self):
         super().__post_init__()
@@ -272,14 +313,16 @@ class SFTConfig(StageConfig):
 class RMConfig(StageConfig):
     """Reward model on pairwise or K-way preferences."""
 
-    beta_rm: float = option("weight of the LM loss (per-token NLL) on the chosen response; 0 = off", 0.0)
+    beta_rm: float = option("weight of the LM loss (per-token NLL) on the chosen response; 0 = off",
+                            0.0)
     reference_file: str | None = option(
         "demonstrations (a data file, as data.train_file) whose responses define reward 0 (the "
         "normalization offset); "
         "default: the best response of each training example")
     max_reference: int = option("at most this many reference responses for the offset", 1024)
-    lora: LoRAConfig = option("low-rank adapters (lora.rank > 0: the decoder stays frozen, the adapters and the "
-                              "score head train; exported as a PEFT SEQ_CLS adapter and merged)", factory=LoRAConfig)
+    lora: LoRAConfig = option(
+        "low-rank adapters (lora.rank > 0: the decoder stays frozen, the adapters and the "
+        "score head train; exported as a PEFT SEQ_CLS adapter and merged)", factory=LoRAConfig)
 
     def paths(self) -> tuple[dict, dict]:
         models, files = super().paths()

@@ -37,8 +37,10 @@ def _template(tokenizer, turns, generation_prompt: bool, tools: str | None = Non
 
     try:
         with time_limit(TEMPLATE_SECONDS):
-            return tokenizer.apply_chat_template(as_messages(turns), tools=json.loads(tools) if tools else None,
-                                                 tokenize=False, add_generation_prompt=generation_prompt)
+            return tokenizer.apply_chat_template(as_messages(turns),
+                                                 tools=json.loads(tools) if tools else None,
+                                                 tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
     except jinja2.TemplateError as e:
         raise DataError(f"the tokenizer's chat template refused these messages: {e}") from None
     except TimeLimitExceeded as e:
@@ -72,8 +74,9 @@ def _hh(turns) -> str:
 
 def _refuse_extras(turns) -> None:
     if any(len(t) == 3 for t in turns):
-        raise DataError("messages with tool_calls, name or tool_call_id need a chat template to render "
-                        "them; the tokenizer has none")
+        raise DataError(
+            "messages with tool_calls, name or tool_call_id need a chat template to render "
+            "them; the tokenizer has none")
 
 
 def _turn_end(tokenizer, turn, prompt: str, full: str) -> int:
@@ -100,13 +103,15 @@ def render_chat(tokenizer, turns, tools: str | None = None) -> tuple[str, str]:
         full = _render(tokenizer, turns, tools)
         end = _turn_end(tokenizer, turns[-1], prompt, full)
         if end < 0:
-            raise DataError("the chat template renders the turns before the last one differently once "
-                            "it follows, or writes no end-of-turn text after a tool call")
+            raise DataError(
+                "the chat template renders the turns before the last one differently once "
+                "it follows, or writes no end-of-turn text after a tool call")
         return prompt, full[len(prompt):end]
     return prompt, turns[-1][1] if has_template(tokenizer) else " " + turns[-1][1]
 
 
-def conversation_pieces(tokenizer, turns, train_from: int, tools: str | None = None) -> list[tuple[str, bool]]:
+def conversation_pieces(tokenizer, turns, train_from: int,
+                        tools: str | None = None) -> list[tuple[str, bool]]:
     """(text, is_target) pieces of a conversation, context first, in which the assistant turns at
     index >= train_from are the targets (see the module docstring). ValueError when the template
     renders an earlier turn differently once later turns follow (then only the last turn can be
@@ -116,7 +121,8 @@ def conversation_pieces(tokenizer, turns, train_from: int, tools: str | None = N
     for i, turn in enumerate(turns):
         if turn[0] != "assistant" or i < train_from:
             continue
-        prompt, full = render_prompt(tokenizer, turns[:i], tools), _render(tokenizer, turns[:i + 1], tools)
+        prompt, full = render_prompt(tokenizer, turns[:i], tools), _render(tokenizer, turns[:i + 1],
+                                                                           tools)
         end = _turn_end(tokenizer, turn, prompt, full)
         if not prompt.startswith(done) or end < 0:
             raise ValueError(f"the chat template renders the turns before message {i} differently "

@@ -66,15 +66,18 @@ def load_examples(cfg: DataConfig, tokenizer, stage: str, seed: int, dataset=Non
         records, where = [records[i] for i in keep], [where[i] for i in keep]
     train_ex, dropped = tokenize_all(records, where, tokenizer, cfg)
     eval_ex, dropped_eval = tokenize_all(eval_records, eval_where, tokenizer, cfg)
-    info.update(train_examples=len(train_ex), eval_examples=len(eval_ex), dropped_examples=dropped + dropped_eval)
+    info.update(train_examples=len(train_ex), eval_examples=len(eval_ex),
+                dropped_examples=dropped + dropped_eval)
     if not train_ex:
         raise DataError(f"{source_name(source)}: no training examples left after tokenization")
     if info["skipped_lines"]:
         report(f"skipped {info['skipped_lines']} malformed row(s) (data.skip_malformed=true), the "
                f"first: {info['skipped_first'][0]}")
     if info["dropped_examples"]:
-        report(f"dropped {info['dropped_examples']} example(s) whose prompt left no room for a response "
-               f"within data.max_length={cfg.max_length}")
+        report(
+            f"dropped {info['dropped_examples']} example(s) whose prompt left no room for a "
+            "response "
+            f"within data.max_length={cfg.max_length}")
     return Examples(train_ex, eval_ex, records, info)
 
 

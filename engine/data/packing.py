@@ -29,14 +29,17 @@ class PackedBatch(NamedTuple):
     target_ids: torch.Tensor     # [M] int64 the tokens they predict
     target_counts: list[int]     # [S] targets of each sequence, sum == M
     group_sizes: list[int] = []  # RM: K consecutive sequences per example, best first
-    grid_index: Optional[torch.Tensor] = None  # PPO: [M] flat index of each target in the [S, width] grid
+    # PPO: [M] flat index of each target in the [S, width] grid
+    grid_index: Optional[torch.Tensor] = None
     width: int = 0               # PPO: T of that grid, the longest response
     positions: Optional[torch.Tensor] = None   # [N] int64 position of each token in its sequence
-    cu_seqlens: Optional[torch.Tensor] = None  # [S + 1] int32 sequence boundaries (attention metadata)
-    routing: Optional[torch.Tensor] = None  # PPO on MoE: [N, sparse layers, k] int16 sampler's experts, -1 none
-    # Prefix sharing (model/prefix_sharing.py): [S] group of each sequence and [S] its prompt's tokens;
-    # the sequences of one group share their first prompt_lens tokens, read once by a forward.
-    # [] = off.
+    # [S + 1] int32 sequence boundaries (attention metadata)
+    cu_seqlens: Optional[torch.Tensor] = None
+    # PPO on MoE: [N, sparse layers, k] int16 sampler's experts, -1 none
+    routing: Optional[torch.Tensor] = None
+    # Prefix sharing (model/prefix_sharing.py): [S] group of each sequence and [S] its prompt's
+    # tokens; the sequences of one group share their first prompt_lens tokens, read once by a
+    # forward. [] = off.
     prefix_groups: list[int] = []
     prompt_lens: list[int] = []
 
@@ -73,8 +76,8 @@ class PackedBatch(NamedTuple):
         return PackedBatch(
             self.input_ids.index_select(0, token_index), seqlens,
             self.target_rows.index_select(0, target_index) + _long(row_shift, device),
-            self.target_ids.index_select(0, target_index), [self.target_counts[s] for s in seqs], [],
-            None if self.grid_index is None else
+            self.target_ids.index_select(0, target_index), [self.target_counts[s] for s in seqs],
+            [], None if self.grid_index is None else
             self.grid_index.index_select(0, target_index) + _long(grid_shift, device), self.width,
             None if self.positions is None else self.positions.index_select(0, token_index),
             None if self.cu_seqlens is None else _cu_seqlens(seqlens, device),
@@ -94,7 +97,8 @@ def _long(values: list[int], device) -> torch.Tensor:
 
 def _cu_seqlens(seqlens: list[int], device) -> torch.Tensor:
     """[S + 1] int32 boundaries, summed on the host (its lengths are host lists)."""
-    return torch.tensor(list(itertools.accumulate(seqlens, initial=0)), dtype=torch.int32, device=device)
+    return torch.tensor(list(itertools.accumulate(seqlens, initial=0)), dtype=torch.int32,
+                        device=device)
 
 
 def _starts(sizes: list[int]) -> list[int]:
@@ -113,7 +117,8 @@ def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *
     ids, seqlens, rows, targets, counts, grid, positions = [], [], [], [], [], [], []
     for s, (prompt, response, is_target) in enumerate(sequences):
         sequence = prompt + response
-        # Position i predicts token i + 1; with an empty prompt the first response token has no context.
+        # Position i predicts token i + 1; with an empty prompt the first response token has no
+        # context.
         first = max(len(prompt), 1)
         if isinstance(is_target, bool):
             picked = range(first, len(sequence)) if is_target else range(0)
@@ -128,8 +133,8 @@ def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *
         ids += sequence
         positions += range(len(sequence))
         seqlens.append(len(sequence))
-    return PackedBatch(_long(ids, device), seqlens, _long(rows, device), _long(targets, device), counts,
-                       list(group_sizes), _long(grid, device) if width else None, width,
+    return PackedBatch(_long(ids, device), seqlens, _long(rows, device), _long(targets, device),
+                       counts, list(group_sizes), _long(grid, device) if width else None, width,
                        _long(positions, device), _cu_seqlens(seqlens, device), None,
                        prompt_groups([p for p, _, _ in sequences]) if share_prompts else [],
                        [len(p) for p, _, _ in sequences] if share_prompts else [])
@@ -151,8 +156,9 @@ def pack(sizes: list[int], budget: int, budget_name: str = "tokens_per_batch",
     groups, total, seen = [], budget + 1, set()
     for i, size in enumerate(sizes):
         if size > budget:
-            raise ConfigValueError(f"an example of {size} tokens does not fit in {budget_name}={budget}; "
-                                   f"raise data.{budget_name} or lower data.max_length")
+            raise ConfigValueError(
+                f"an example of {size} tokens does not fit in {budget_name}={budget}; "
+                f"raise data.{budget_name} or lower data.max_length")
         cost = size - prompt_lens[i] if prefix_groups and prefix_groups[i] in seen else size
         if total + cost > budget:
             groups.append([])
@@ -182,5 +188,6 @@ def collate_sft(examples: list[TokenizedExample]) -> PackedBatch:
 def collate_rm(examples: list[TokenizedExample]) -> PackedBatch:
     """RM micro-batch: each example's K sequences, best first; the best response's tokens are the
     targets of the beta_rm LM term."""
-    sequences = [(ex.prompt, response, k == 0) for ex in examples for k, response in enumerate(ex.responses)]
+    sequences = [(ex.prompt, response, k == 0) for ex in examples
+                 for k, response in enumerate(ex.responses)]
     return pack_sequences(sequences, group_sizes=[len(ex.responses) for ex in examples])

@@ -69,14 +69,16 @@ def _string(row: dict, key: str) -> str:
     return value
 
 
-# The message keys kept besides role and content: an assistant's tool calls, a tool answer's name / id.
+# The message keys kept besides role and content: an assistant's tool calls, a tool answer's name /
+# id.
 EXTRA_KEYS = ("tool_calls", "name", "tool_call_id")
 
 
 def parse_turns(value, key: str) -> tuple:
     """A message list [{"role": str, "content": str}, ...] -> ((role, content), ...); a message with
     tool_calls (an assistant's; its content may then be missing or null), name or tool_call_id is
-    (role, content, extras) instead, extras those keys as a JSON object (hashable, as records are)."""
+    (role, content, extras) instead, extras those keys as a JSON object (hashable, as records
+    are)."""
     if not isinstance(value, list) or not value:
         raise ValueError(f"field {key!r} must be a non-empty list of {{role, content}} messages")
     turns = []
@@ -96,7 +98,8 @@ def parse_turns(value, key: str) -> tuple:
 
 def _check_tool_calls(role: str, calls, where: str) -> None:
     if role != "assistant":
-        raise ValueError(f"{where} has tool_calls but role {role!r}: only assistant messages call tools")
+        raise ValueError(
+            f"{where} has tool_calls but role {role!r}: only assistant messages call tools")
     for j, call in enumerate(calls if isinstance(calls, list) else [None]):
         function = call.get("function") if isinstance(call, dict) else None
         if not (isinstance(function, dict) and isinstance(function.get("name"), str)
@@ -111,7 +114,8 @@ def tools_column(row: dict) -> str | None:
     if tools is None:
         return None
     if not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise ValueError(f"field 'tools' must be a list of JSON schema objects, got {str(tools)[:120]!r}")
+        raise ValueError(
+            f"field 'tools' must be a list of JSON schema objects, got {str(tools)[:120]!r}")
     return json.dumps(tools)
 
 
@@ -220,7 +224,8 @@ def _implicit(row: dict) -> Ranking:
 def as_messages(turns) -> list[dict]:
     """((role, content[, extras]), ...) -> [{"role", "content", ...extras}, ...] (what chat
     templates read)."""
-    return [{"role": t[0], "content": t[1], **(json.loads(t[2]) if len(t) == 3 else {})} for t in turns]
+    return [{"role": t[0], "content": t[1], **(json.loads(t[2]) if len(t) == 3 else {})}
+            for t in turns]
 
 
 def _hh_row(row: dict) -> Ranking:
@@ -234,8 +239,9 @@ def parse_hh(chosen: str, rejected: str) -> Ranking:
         raise ValueError(f"chosen transcript has no {HH_ASSISTANT!r} turn")
     prompt = chosen[: cut + len(HH_ASSISTANT)]
     if not rejected.startswith(prompt) or HH_ASSISTANT in rejected[len(prompt):]:
-        raise ValueError("chosen and rejected transcripts do not share the dialogue before the last "
-                         "assistant turn")
+        raise ValueError(
+            "chosen and rejected transcripts do not share the dialogue before the last "
+            "assistant turn")
     pair = (chosen[len(prompt):], rejected[len(prompt):])
     if pair[0] == pair[1]:
         raise ValueError("chosen and rejected final turns are identical")
@@ -285,8 +291,8 @@ def parser_for(stage: str, fmt: str, all_turns: bool = True):
 
 
 def numbered_lines(path, max_line_bytes: int | None = None):
-    """(line number, raw bytes) of each non-blank line of `path`. Decoding is left to decode_line, per
-    line, so that bytes which are not UTF-8 become an error with a line number. With
+    """(line number, raw bytes) of each non-blank line of `path`. Decoding is left to decode_line,
+    per line, so that bytes which are not UTF-8 become an error with a line number. With
     `max_line_bytes`, a longer line is a DataError naming it, read no further than the cap."""
     limit = -1 if max_line_bytes is None else max_line_bytes + 2  # room for the line's own \r\n
     with Path(path).open("rb") as f:
@@ -305,4 +311,5 @@ def decode_line(raw: bytes) -> str:
     try:
         return raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
-        raise ValueError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+        raise ValueError(
+            f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None

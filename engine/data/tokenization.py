@@ -48,7 +48,8 @@ _CHARS_PER_TOKEN = weakref.WeakKeyDictionary()
 
 
 def text_budget(tokenizer, tokens: int) -> int:
-    """Characters of text that surely hold more than `tokens` tokens: 2 * tokens * the longest token."""
+    """Characters of text that surely hold more than `tokens` tokens: 2 * tokens * the longest
+    token."""
     if tokenizer not in _CHARS_PER_TOKEN:
         _CHARS_PER_TOKEN[tokenizer] = max(map(len, tokenizer.get_vocab()), default=1)
     return 2 * max(tokens, 1) * _CHARS_PER_TOKEN[tokenizer]
@@ -87,14 +88,16 @@ def tokenize_conversation(tokenizer, pieces: list[tuple[str, bool]], max_length:
     return TokenizedExample(prompt_ids, (ids,), (tuple(mask),)) if any(mask) else None
 
 
-def tokenize_record(tokenizer, record, max_length: int, max_prompt_length: int) -> TokenizedExample | None:
+def tokenize_record(tokenizer, record, max_length: int,
+                    max_prompt_length: int) -> TokenizedExample | None:
     """A Demonstration or Ranking -> TokenizedExample, or None when a response has no room left
     (an empty prompt and response together, which cannot happen when P < L)."""
     if isinstance(record, Demonstration) and record.train_from is not None:
         pieces = conversation_pieces(tokenizer, record.messages, record.train_from, record.tools)
         return tokenize_conversation(tokenizer, pieces, max_length, max_prompt_length)
     if isinstance(record, Demonstration):
-        prompt, responses = (render_chat(tokenizer, record.messages, record.tools) if record.messages
+        prompt, responses = (render_chat(tokenizer, record.messages, record.tools)
+                             if record.messages
                              else (record.prompt, record.response))
         responses = (responses,)
     elif isinstance(record, Ranking) and record.messages:

@@ -1,11 +1,12 @@
-"""BlockManager: which KV-cache blocks each sequence holds, with reference counts and prefix sharing.
+"""BlockManager: which KV-cache blocks each sequence holds, with reference counts and prefix
+sharing.
 
 Pure bookkeeping over block ids; the runner turns block tables into tensors.
 
 Prefix sharing: a full block is keyed by (id of the block before it, its token ids). Two sequences
 with the same leading tokens (the n samples of one prompt) therefore map those tokens to the same
-blocks, held once with a reference count. Only *live* blocks are shared: a block whose count drops to
-zero forgets its key, so K/V computed under older weights (the trainer updates them between
+blocks, held once with a reference count. Only *live* blocks are shared: a block whose count drops
+to zero forgets its key, so K/V computed under older weights (the trainer updates them between
 `generate` calls) is never reused. Blocks past the sequence's second-to-last token are never shared,
 so the token fed to the model always has its own block to write into and there is no copy-on-write.
 """
@@ -37,7 +38,8 @@ class BlockManager:
     def _shared_prefix(self, seq: Sequence) -> list[int]:
         """Live blocks holding the leading full blocks of `seq`, as far as they match."""
         shared, parent = [], -1
-        for i in range((seq.num_tokens - 1) // self.block_size):  # keep the last token's block private
+        # keep the last token's block private
+        for i in range((seq.num_tokens - 1) // self.block_size):
             block_id = self.key_to_block.get(self._key(seq, i, parent))
             if block_id is None:
                 break
@@ -53,7 +55,8 @@ class BlockManager:
         return needed <= self.num_free_blocks
 
     def allocate(self, seq: Sequence):
-        """Give `seq` blocks for all its tokens, reusing shared prefix blocks. Call `can_allocate` first."""
+        """Give `seq` blocks for all its tokens, reusing shared prefix blocks. Call `can_allocate`
+        first."""
         assert not seq.block_table, f"sequence {seq.seq_id} already holds blocks"
         shared = self._shared_prefix(seq)
         for block_id in shared:
@@ -80,11 +83,13 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
 
     def can_append(self, seq: Sequence) -> bool:
-        """Whether the last token of `seq` (the next one fed to the model) has, or can get, a slot."""
+        """Whether the last token of `seq` (the next one fed to the model) has, or can get, a
+        slot."""
         return len(seq.block_table) >= self.blocks_for(seq.num_tokens) or self.num_free_blocks > 0
 
     def append_slot(self, seq: Sequence):
-        """Make sure the last token of `seq` has a slot, taking one new block if it starts a block."""
+        """Make sure the last token of `seq` has a slot, taking one new block if it starts a
+        block."""
         if len(seq.block_table) < self.blocks_for(seq.num_tokens):
             seq.block_table.append(self._take_free_block())
 

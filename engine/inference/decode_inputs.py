@@ -1,11 +1,12 @@
-"""DecodeInputs: a decode step's inputs in persistent buffers, written on the host and sent in three copies.
+"""DecodeInputs: a decode step's inputs in persistent buffers, written on the host and sent in three
+copies.
 
-A decode step needs, per row, the last token, its position, the KV slot it writes, the context length
-and block table it reads, and the sampling parameters (temperature, top-k, top-p, min-p, seed and
-the drawn token's position). Building each from a Python list costs a tensor construction, a pinned
-staging buffer and a copy apiece, a dozen per step, which at small batch is most of a step's host
-time. Here the rows are written into numpy views of three pinned host buffers (one per dtype) and
-each buffer goes to the device in one non-blocking copy. The device buffers are what the decode
+A decode step needs, per row, the last token, its position, the KV slot it writes, the context
+length and block table it reads, and the sampling parameters (temperature, top-k, top-p, min-p, seed
+and the drawn token's position). Building each from a Python list costs a tensor construction, a
+pinned staging buffer and a copy apiece, a dozen per step, which at small batch is most of a step's
+host time. Here the rows are written into numpy views of three pinned host buffers (one per dtype)
+and each buffer goes to the device in one non-blocking copy. The device buffers are what the decode
 CUDA graphs read: they never move, so a graph captured on them stays valid.
 
 Rows past the batch (the padding of a graph captured for more rows) get slot -1 (nothing written),
@@ -35,30 +36,39 @@ class DecodeInputs:
         pin = torch.device(device).type == "cuda"
         self._host_i64 = torch.zeros(len(_I64), rows, dtype=torch.int64, pin_memory=pin)
         self._host_f32 = torch.zeros(len(_F32), rows, dtype=torch.float32, pin_memory=pin)
-        # Context lengths [rows], then the batch's block tables packed as [size, w] (w: this step's widest).
+        # Context lengths [rows], then the batch's block tables packed as [size, w] (w: this step's
+        # widest).
         self._host_i32 = torch.zeros(rows + rows * width, dtype=torch.int32, pin_memory=pin)
-        self._i64, self._f32, self._i32 = self._host_i64.numpy(), self._host_f32.numpy(), self._host_i32.numpy()
+        self._i64, self._f32, self._i32 = self._host_i64.numpy(), self._host_f32.numpy(
+            ), self._host_i32.numpy()
         self.i64 = torch.zeros_like(self._host_i64, device=device)
         self.f32 = torch.zeros_like(self._host_f32, device=device)
         self.i32 = torch.zeros_like(self._host_i32, device=device)
-        # The block tables at full width, what a graph reads (its shape cannot follow the step's width).
+        # The block tables at full width, what a graph reads (its shape cannot follow the step's
+        # width).
         self.block_tables = torch.zeros(rows, width, dtype=torch.int32, device=device)
-        self._i64[_I64.index("slot_mapping")] = -1  # what a graph's warm-up and capture run on: no writes
+        # what a graph's warm-up and capture run on: no writes
+        self._i64[_I64.index("slot_mapping")] = -1
         self.i64.copy_(self._host_i64)
         self.table_width = 0
 
     def fill(self, seqs: list[Sequence], size: int, full_tables: bool) -> None:
         """Write the decode inputs of `seqs` (each at its last token) into rows [0, len(seqs)), pad
-        rows up to `size`, and send them to the device. full_tables: also lay the block tables out at
-        full width in `block_tables` (for a graph; one device copy)."""
+        rows up to `size`, and send them to the device. full_tables: also lay the block tables out
+        at full width in `block_tables` (for a graph; one device copy)."""
         b = len(seqs)
         if not b <= size <= self.rows:
             raise ValueError(f"decode batch of {b} sequences in {size} rows: expected "
                              f"{b} <= size <= {self.rows} (max_num_seqs)")
         i64, f32, i32 = self._i64, self._f32, self._i32
-        i64[:, :b] = np.asarray([(s.token_ids[-1], s.num_tokens - 1, sequence_slot(s.block_table, s.num_tokens - 1, self.block_size), s.num_tokens,
-                                  s.params.top_k, s.seed) for s in seqs], dtype=np.int64).T
-        f32[:, :b] = np.asarray([(s.params.temperature, s.params.top_p, s.params.min_p) for s in seqs],
+        i64[:,
+            :b] = np.asarray(
+                [
+                    (s.token_ids[-1], s.num_tokens - 1,
+                     sequence_slot(s.block_table, s.num_tokens - 1, self.block_size), s.num_tokens,
+                        s.params.top_k, s.seed) for s in seqs], dtype=np.int64).T
+        f32[:,
+            :b] = np.asarray([(s.params.temperature, s.params.top_p, s.params.min_p) for s in seqs],
                                 dtype=np.float32).T
         i32[:b] = [s.num_tokens for s in seqs]
         w = max(len(s.block_table) for s in seqs)
@@ -87,9 +97,11 @@ class DecodeInputs:
         x = {name: self.i64[i, :size] for i, name in enumerate(_I64)}
         x.update({name: self.f32[i, :size] for i, name in enumerate(_F32)})
         w = self.table_width
-        tables = self.block_tables[:size] if full_tables else self.i32[self.rows:self.rows + size * w].view(size, w)
-        return SimpleNamespace(input_ids=x["input_ids"], positions=x["positions"], slot_mapping=x["slot_mapping"],
-                               context_lens=self.i32[:size], block_tables=tables,
+        tables = (self.block_tables[:size] if full_tables
+                  else self.i32[self.rows:self.rows + size * w].view(size, w))
+        return SimpleNamespace(input_ids=x["input_ids"], positions=x["positions"],
+                               slot_mapping=x["slot_mapping"], context_lens=self.i32[:size],
+                               block_tables=tables,
                                sampling=(x["temperatures"], x["top_ks"], x["top_ps"], x["seeds"],
                                          x["draw_positions"], x["min_ps"]))
 

@@ -17,11 +17,12 @@ of decode steps. The KV pool is per rank. CUDA graphs are off there: the gathere
 reallocated at every unshard, and a captured graph would read freed memory. With
 persistent_weights (rollout.persistent_weights) the whole parameters are instead buffers allocated
 once and refilled in place before each rollout (persistent_weights.py): one whole copy of the
-policy (of its tensor slice) kept per rank through training, and CUDA graphs on. A policy sharded tensor-parallel
-(engine/parallel/tensor_parallel.py) is not gathered: each rank generates with its tensor group from its
-own slices, whose storage never moves, so CUDA graphs stay on there; unless FSDP shards the slices
-over the data groups too (train.data_parallel=shard), then gathered from the data group for the
-rollout (1 / T of the policy per rank, not the whole), CUDA graphs off but with persistent_weights.
+policy (of its tensor slice) kept per rank through training, and CUDA graphs on. A policy sharded
+tensor-parallel (engine/parallel/tensor_parallel.py) is not gathered: each rank generates with its
+tensor group from its own slices, whose storage never moves, so CUDA graphs stay on there; unless
+FSDP shards the slices over the data groups too (train.data_parallel=shard), then gathered from the
+data group for the rollout (1 / T of the policy per rank, not the whole), CUDA graphs off but with
+persistent_weights.
 """
 from __future__ import annotations
 
@@ -41,19 +42,21 @@ from .sampling_params import SamplingParams
 
 
 class HybridActor:
-    def __init__(self, policy: CausalLM, tokenizer=None, *, kv_cache_memory: int, block_size: int = 16,
-                 max_num_seqs: int = 256, use_cuda_graphs: bool = True, batch_invariant: bool = False, device=None,
-                 release_kv_pool: bool = False, record_routing: bool = False,
-                 persistent_weights: bool = False, speculative_tokens: int = 0,
-                 speculate_below: int = 8, prefill_chunk: int | None = None):
-        """record_routing: keep an MoE policy's expert choices of every rollout token (`last_routing`).
-        persistent_weights: generate from whole-size buffers refilled in place (under torchrun, where
-        the policy is gathered: at tensor_parallel 1, or its tensor slices sharded over the data
-        groups; collective: every rank builds its actor together)."""
+    def __init__(self, policy: CausalLM, tokenizer=None, *, kv_cache_memory: int,
+                 block_size: int = 16, max_num_seqs: int = 256, use_cuda_graphs: bool = True,
+                 batch_invariant: bool = False, device=None, release_kv_pool: bool = False,
+                 record_routing: bool = False, persistent_weights: bool = False,
+                 speculative_tokens: int = 0, speculate_below: int = 8,
+                 prefill_chunk: int | None = None):
+        """record_routing: keep an MoE policy's expert choices of every rollout token
+        (`last_routing`). persistent_weights: generate from whole-size buffers refilled in place
+        (under torchrun, where the policy is gathered: at tensor_parallel 1, or its tensor slices
+        sharded over the data groups; collective: every rank builds its actor together)."""
         self.policy = policy
         self.release_kv_pool = release_kv_pool
         tp = policy.tensor_parallel
-        # Tensor slices sharded over the data groups are gathered for each rollout, as FSDP units are.
+        # Tensor slices sharded over the data groups are gathered for each rollout, as FSDP units
+        # are.
         alone = distributed.world_size() == 1
         gathers = not alone and (tp is None or tp.data_sharded)
         if persistent_weights:
@@ -61,9 +64,11 @@ class HybridActor:
         self.weights = PersistentWeights(policy, device) if persistent_weights else None
         # Nothing gathered, or gathered into storage that stays put: captured graphs stay valid.
         graphs = not gathers or self.weights is not None
-        with self.whole_weights() if self.weights is not None else contextlib.nullcontext():  # capture on the buffers
-            self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory, block_size=block_size,
-                           device=device, max_num_seqs=max_num_seqs, use_cuda_graphs=use_cuda_graphs and graphs,
+        # capture on the buffers
+        with self.whole_weights() if self.weights is not None else contextlib.nullcontext():
+            self.llm = LLM(policy, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory,
+                           block_size=block_size, device=device, max_num_seqs=max_num_seqs,
+                           use_cuda_graphs=use_cuda_graphs and graphs,
                            batch_invariant=batch_invariant, record_routing=record_routing,
                            speculative_tokens=speculative_tokens, speculate_below=speculate_below,
                            prefill_chunk=prefill_chunk)
@@ -76,8 +81,8 @@ class HybridActor:
     def whole_weights(self):
         """Inside: the policy's walk reads weights a rank (its tensor group) runs forwards on alone
         (collective on entry): the persistent buffers refilled, or its FSDP units (tensor-parallel:
-        their slices, from the data group; copied slices: none) and experts gathered. Generation runs
-        in it, and rollout.exact's old-log-prob forward (stages/ppo/forwards.py)."""
+        their slices, from the data group; copied slices: none) and experts gathered. Generation
+        runs in it, and rollout.exact's old-log-prob forward (stages/ppo/forwards.py)."""
         if self.weights is not None:
             with self.weights.active():
                 yield
@@ -87,14 +92,15 @@ class HybridActor:
 
     @property
     def batch_invariant(self) -> BatchInvariant | None:
-        """The engine's batch-invariant mode (None when off): the trainer's old-log-prob forward runs
-        in it to reproduce the sampler's log-probs bit for bit."""
+        """The engine's batch-invariant mode (None when off): the trainer's old-log-prob forward
+        runs in it to reproduce the sampler's log-probs bit for bit."""
         return self.llm.batch_invariant
 
     @property
     def kv_pool_bytes(self) -> int:
         runner = self.llm.runner
-        return kv_bytes_per_block(runner.config, runner.dtype, runner.block_size) * runner.num_blocks
+        return kv_bytes_per_block(runner.config, runner.dtype,
+                                  runner.block_size) * runner.num_blocks
 
     @torch.no_grad()
     def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
@@ -112,10 +118,11 @@ class HybridActor:
     @torch.no_grad()
     def generate_turns(self, prompts: list[list[int]], params: SamplingParams, on_turn_end, *,
                        max_turns: int, max_total_tokens: int | None = None):
-        """Multi-turn trajectories from the current weights (LLM.generate_turns); their model tokens'
-        log-probs stay on the device until the next rollout (`self.llm.device_logprobs`)."""
+        """Multi-turn trajectories from the current weights (LLM.generate_turns); their model
+        tokens' log-probs stay on the device until the next rollout (`self.llm.device_logprobs`)."""
         with self.whole_weights():
-            trajectories = self.llm.generate_turns(prompts, params, on_turn_end, max_turns=max_turns,
+            trajectories = self.llm.generate_turns(prompts, params, on_turn_end,
+                                                   max_turns=max_turns,
                                                    max_total_tokens=max_total_tokens)
         if self.release_kv_pool:
             self.llm.runner.release_kv_pool()
@@ -130,12 +137,14 @@ class HybridActor:
         prompt by prompt, sample by sample. The log-probs never leave the device.
         """
         with self.whole_weights():
-            outputs = self.llm.generate(prompts, params, decode_text=False)  # PPO reads token ids only
+            # PPO reads token ids only
+            outputs = self.llm.generate(prompts, params, decode_text=False)
         if self.release_kv_pool:  # rollout.release_kv_pool: its memory for scoring and the update
             self.llm.runner.release_kv_pool()
         completions = [(out.prompt_token_ids, c) for out in outputs for c in out.outputs]
         slots = [slot for _, c in completions for slot in c.logprob_slots]
         if self.record_routing:
-            self.last_routing = self.llm.device_routing([row for _, c in completions for row in c.routing_rows])
+            self.last_routing = self.llm.device_routing(
+                [row for _, c in completions for row in c.routing_rows])
         return ([p for p, _ in completions], [c.token_ids for _, c in completions],
                 self.llm.device_logprobs(slots))

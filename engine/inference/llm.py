@@ -57,8 +57,8 @@ class LLM:
     model_dir: a Hugging Face directory (config.json, safetensors, optionally a tokenizer), or a
     `CausalLM` already in memory: the trainer's own parameters, used in place (`dtype` and `device`
     are then the model's; pass `tokenizer` for string prompts). In-place updates (optimizer steps,
-    `copy_`) are seen by the next `generate`, CUDA graphs included; replacing Parameter objects is not.
-    A model sharded by `engine.parallel.layout` generates with its tensor group
+    `copy_`) are seen by the next `generate`, CUDA graphs included; replacing Parameter objects is
+    not. A model sharded by `engine.parallel.layout` generates with its tensor group
     (every rank of it calls `generate` with the same prompts), from its slices and its heads' KV.
     kv_cache_memory: bytes (int) or a fraction of free GPU memory (float); default 0.9 of free GPU
     memory on CUDA (pass a budget when a trainer shares the GPU), 1 GiB on CPU. The pool is never
@@ -99,11 +99,14 @@ class LLM:
             raise ValueError(f"block_size={block_size!r} must be an int >= 1")
         if isinstance(batch_invariant, BatchInvariant):
             if batch_invariant.chunk_size != block_size:
-                raise ValueError(f"batch_invariant.chunk_size={batch_invariant.chunk_size} must be the "
-                                 f"block_size {block_size}")
+                raise ValueError(
+                    f"batch_invariant.chunk_size={batch_invariant.chunk_size} must be the "
+                    f"block_size {block_size}")
         elif not isinstance(batch_invariant, bool):
-            raise ValueError(f"batch_invariant={batch_invariant!r} must be True, False or a BatchInvariant")
-        self.batch_invariant = BatchInvariant(block_size) if batch_invariant is True else batch_invariant or None
+            raise ValueError(
+                f"batch_invariant={batch_invariant!r} must be True, False or a BatchInvariant")
+        self.batch_invariant = (BatchInvariant(block_size) if batch_invariant is True
+                                else batch_invariant or None)
         for name, value in (("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens),
                             ("speculate_below", speculate_below)):
@@ -131,12 +134,13 @@ class LLM:
         self.tokenizer = tokenizer
         self.config = self.model.config
         if self.batch_invariant is not None and self.config.moe is not None:
-            raise ValueError(f"batch_invariant=True with a mixture-of-experts model ({self.config.model_type}) is not "
-                             "supported: its expert GEMMs have no batch-invariant mode")
+            raise ValueError(
+                f"batch_invariant=True with a mixture-of-experts model ({self.config.model_type}) "
+                "is not supported: its expert GEMMs have no batch-invariant mode")
         param = next(self.model.parameters())
-        # Where the model runs, the KV pool and every step's tensors live: the parameters' device, or
-        # `device` for a model whose resting shards are elsewhere (FSDP2's CPU offload: CPU shards,
-        # gathered onto the GPU to run).
+        # Where the model runs, the KV pool and every step's tensors live: the parameters' device,
+        # or `device` for a model whose resting shards are elsewhere (FSDP2's CPU offload: CPU
+        # shards, gathered onto the GPU to run).
         offloaded = (device is not None and isinstance(model_dir, CausalLM)
                      and torch.device(device).type != param.device.type)
         self.device = torch.device(device) if offloaded else param.device
@@ -144,11 +148,12 @@ class LLM:
             kv_cache_memory = 0.9 if self.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
         tp = self.model.tensor_parallel  # parallel/tensor_parallel.py: its slices, its heads' KV
         check_exact_generation(self.batch_invariant is not None, tp)
-        num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size, self.device,
-                                           tp.size if tp else 1)
+        num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size,
+                                           self.device, tp.size if tp else 1)
         num_blocks = min(num_blocks, max_num_seqs * -(-self.config.max_model_len // block_size))
         if num_blocks < 1:
-            raise ConfigValueError(f"kv_cache_memory={kv_cache_memory!r} does not hold one block of "
+            raise ConfigValueError(
+                f"kv_cache_memory={kv_cache_memory!r} does not hold one block of "
                              f"{block_size} tokens")
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs,
@@ -162,7 +167,8 @@ class LLM:
         # Every tensor rank must draw the same seeds (they sample the same rows in lockstep).
         self._rng = random.Random(tp.same_on_ranks(random.getrandbits(63)) if tp else None)
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts,
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False, decode_text: bool = True) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids; one prompt or a list of them).
 
@@ -176,7 +182,8 @@ class LLM:
         params = sampling_params or SamplingParams()
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
-            raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+            raise ValueError(
+                f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         token_ids = [self._tokenize(p, i) for i, p in enumerate(prompts)]
         for i, (ids, p) in enumerate(zip(token_ids, params)):
             self._check_request(i, ids, p)
@@ -190,7 +197,8 @@ class LLM:
                        on_turn_end: OnTurnEnd, *, max_turns: int,
                        max_total_tokens: int | None = None) -> list[Trajectory]:
         """Multi-turn trajectories (turns.py): each pauses at the end of a turn, KV kept, while
-        on_turn_end(row, turn's token ids) gives the next turn's prompt tokens (or a Future of them)."""
+        on_turn_end(row, turn's token ids) gives the next turn's prompt tokens (or a Future of
+        them)."""
         return generate_turns(self, prompts, sampling_params, on_turn_end, max_turns=max_turns,
                               max_total_tokens=max_total_tokens)
 
@@ -231,8 +239,9 @@ class LLM:
         """The last generate's sampled log-probs at these Completion.logprob_slots, as one fp32
         tensor [len(slots)] on `self.device`: what a trainer reads without a host round trip."""
         if slots and not 0 <= min(slots) <= max(slots) < self.runner.logprobs_kept:
-            raise ValueError(f"slots must be in [0, {self.runner.logprobs_kept}) (the last generate's "
-                             f"sampled tokens), got {min(slots)}..{max(slots)}")
+            raise ValueError(
+                f"slots must be in [0, {self.runner.logprobs_kept}) (the last generate's "
+                f"sampled tokens), got {min(slots)}..{max(slots)}")
         return self.runner.gather_logprobs(slots)
 
     def device_routing(self, rows: list[int]) -> torch.Tensor:
@@ -246,7 +255,8 @@ class LLM:
     def _tokenize(self, prompt, index: int) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(f"prompts[{index}] is a string but no tokenizer was found; pass token ids")
+                raise ValueError(
+                    f"prompts[{index}] is a string but no tokenizer was found; pass token ids")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             raise ValueError(f"prompts[{index}] must be a string or a list of ints")
@@ -255,26 +265,31 @@ class LLM:
     def _check_request(self, index: int, ids: list[int], params: SamplingParams):
         max_len, vocab = self.config.max_model_len, self.config.vocab_size
         if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params[{index}] must be a SamplingParams, got {type(params).__name__}")
+            raise TypeError(
+                f"sampling_params[{index}] must be a SamplingParams, got {type(params).__name__}")
         if not ids:
             raise ValueError(f"prompts[{index}] is empty: a prompt needs at least one token")
         if len(ids) >= max_len:
-            raise ValueError(f"prompts[{index}] has {len(ids)} tokens, which leaves no room to generate "
-                             f"within the context length max_model_len={max_len}")
+            raise ValueError(
+                f"prompts[{index}] has {len(ids)} tokens, which leaves no room to generate "
+                f"within the context length max_model_len={max_len}")
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompts[{index}] has token id {bad[0]} outside the vocabulary [0, {vocab})")
+            raise ValueError(
+                f"prompts[{index}] has token id {bad[0]} outside the vocabulary [0, {vocab})")
         longest = min(len(ids) + params.max_new_tokens, max_len)
         needed = self.block_manager.blocks_for(longest)
         if needed > self.block_manager.num_blocks:
             raise ValueError(
-                f"the KV pool ({self.block_manager.num_blocks} blocks of {self.block_manager.block_size} "
-                f"tokens) cannot hold one sequence of prompts[{index}] ({longest} tokens = {needed} blocks); "
+                f"the KV pool ({self.block_manager.num_blocks} blocks of "
+                f"{self.block_manager.block_size} tokens) cannot hold one sequence of "
+                f"prompts[{index}] ({longest} tokens = {needed} blocks); "
                 "raise kv_cache_memory or lower max_new_tokens")
 
     def _add(self, ids: list[int], params: SamplingParams, sample_index: int) -> Sequence:
         # Sample j of a seeded request gets its own stream, fixed by (seed, j).
-        seed = self._rng.getrandbits(63) if params.seed is None else hash((params.seed, sample_index))
+        seed = (self._rng.getrandbits(63) if params.seed is None
+                else hash((params.seed, sample_index)))
         seq = Sequence(self._next_seq_id, ids, params, seed & (2**63 - 1))
         self._next_seq_id += 1
         self.scheduler.add(seq)
@@ -347,30 +362,35 @@ class LLM:
 
     def _collect_logprobs(self, seqs: list[Sequence]) -> None:
         """Fill each sequence's host log-probs from the device buffer (one copy for the whole call),
-        raising NonFiniteError at a log-prob that is not finite, which only non-finite logits give (a
-        NaN or +inf logit spoils the whole softmax; a sampled token has probability > 0)."""
+        raising NonFiniteError at a log-prob that is not finite, which only non-finite logits give
+        (a NaN or +inf logit spoils the whole softmax; a sampled token has probability > 0)."""
         kept = self.runner.kept_logprobs()
         for seq in seqs:
             seq.logprobs = [kept[slot] for slot in seq.logprob_slots]
             bad = next((x for x in seq.logprobs if not math.isfinite(x)), None)
             if bad is not None:
-                raise NonFiniteError(f"the model's logits are not finite (sampled log-prob {bad} for request "
-                                     f"{seq.seq_id}): its weights or activations hold NaN or inf")
+                raise NonFiniteError(
+                    f"the model's logits are not finite (sampled log-prob {bad} for request "
+                    f"{seq.seq_id}): its weights or activations hold NaN or inf")
 
     def _completion(self, seq: Sequence, decode_text: bool) -> Completion:
         ids = seq.completion_token_ids
-        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer and decode_text else None
-        rows = seq.routing_rows + [-1] * (seq.num_tokens - len(seq.routing_rows))  # the last token: never forwarded
+        text = (self.tokenizer.decode(ids, skip_special_tokens=True)
+                if self.tokenizer and decode_text else None)
+        # the last token: never forwarded
+        rows = seq.routing_rows + [-1] * (seq.num_tokens - len(seq.routing_rows))
         return Completion(ids, seq.logprobs, seq.finish_reason, text, seq.logprob_slots, rows)
 
 
 def _is_single_prompt(prompts) -> bool:
     """A string or a list of token ids (rather than a list of prompts)."""
-    return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and isinstance(prompts[0], int))
+    return (isinstance(prompts, str)
+            or (isinstance(prompts, (list, tuple)) and isinstance(prompts[0], int)))
 
 
 def directory_tokenizer(model_dir: Path):
     """The directory's tokenizer, or None when it has none (token-id prompts still work)."""
-    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if not any((model_dir / f).exists()
+               for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     return load_tokenizer(model_dir)

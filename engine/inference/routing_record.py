@@ -22,10 +22,12 @@ class RoutingRecorder:
     def __init__(self, model, block_size: int, device):
         blocks = moe_blocks(model)
         if not blocks:
-            raise ValueError("routing replay needs a mixture-of-experts model; this one has no sparse layer")
+            raise ValueError(
+                "routing replay needs a mixture-of-experts model; this one has no sparse layer")
         self.num_layers, self.top_k = len(blocks), blocks[0].moe.top_k
         self.block_size = block_size
-        self.buffer = torch.empty(1024, self.num_layers, self.top_k, dtype=torch.int16, device=device)
+        self.buffer = torch.empty(1024, self.num_layers, self.top_k, dtype=torch.int16,
+                                  device=device)
         self.kept = 0
         self.slot_rows: dict[tuple[int, int], int] = {}  # (block, offset) -> row of the token there
 
@@ -40,7 +42,8 @@ class RoutingRecorder:
         row = self.kept
         for seq in seqs:
             if is_prefill:
-                start = seq.num_cached_tokens  # cached prompt tokens: the rows of the blocks that hold them
+                # cached prompt tokens: the rows of the blocks that hold them
+                start = seq.num_cached_tokens
                 seq.routing_rows = [self._slot_row(seq, p) for p in range(start)]
                 positions = range(start, seq.num_tokens)
             else:
@@ -52,7 +55,8 @@ class RoutingRecorder:
                 row += 1
         n = row - self.kept
         if row > self.buffer.shape[0]:
-            grown = self.buffer.new_empty(max(2 * self.buffer.shape[0], row), *self.buffer.shape[1:])
+            grown = self.buffer.new_empty(max(2 * self.buffer.shape[0], row),
+                                          *self.buffer.shape[1:])
             grown[:self.kept].copy_(self.buffer[:self.kept])
             self.buffer = grown
         self.buffer[self.kept:row].copy_(chosen[:, :n].transpose(0, 1))

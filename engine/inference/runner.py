@@ -25,45 +25,49 @@ from ...kernels import SamplerWorkspace, sample
 from .sequence import Sequence
 
 
-def kv_bytes_per_block(config: ModelConfig, dtype: torch.dtype, block_size: int, tensor_parallel: int = 1) -> int:
+def kv_bytes_per_block(config: ModelConfig, dtype: torch.dtype, block_size: int,
+                       tensor_parallel: int = 1) -> int:
     """K and V of every layer for one block of tokens, on one of `tensor_parallel` ranks (its share
     of the key/value heads)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads // tensor_parallel * config.head_dim * elem
+    per_rank = 2 * config.num_layers * block_size * config.num_kv_heads // tensor_parallel
+    return per_rank * config.head_dim * elem
 
 
 def num_blocks_for_budget(kv_cache_memory, config: ModelConfig, dtype, block_size: int, device,
                           tensor_parallel: int = 1) -> int:
-    """Blocks that fit `kv_cache_memory`: bytes (int), or a fraction in (0, 1] of free GPU memory (on
-    one of `tensor_parallel` ranks, each holding its heads' share of every block)."""
+    """Blocks that fit `kv_cache_memory`: bytes (int), or a fraction in (0, 1] of free GPU memory
+    (on one of `tensor_parallel` ranks, each holding its heads' share of every block)."""
     if isinstance(kv_cache_memory, float):
         if not 0 < kv_cache_memory <= 1:
             raise ValueError(f"kv_cache_memory={kv_cache_memory} as a fraction must be in (0, 1]")
         if torch.device(device).type != "cuda":
-            raise ValueError("kv_cache_memory as a fraction of free GPU memory needs a CUDA device; "
-                             "give a number of bytes (int) instead")
+            raise ValueError(
+                "kv_cache_memory as a fraction of free GPU memory needs a CUDA device; "
+                "give a number of bytes (int) instead")
         free, _ = torch.cuda.mem_get_info(device)
         kv_cache_memory = int(free * kv_cache_memory)
     if not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0:
-        raise ValueError(f"kv_cache_memory={kv_cache_memory!r} must be a positive int (bytes) or a float "
-                         "fraction of free GPU memory")
+        raise ValueError(
+            f"kv_cache_memory={kv_cache_memory!r} must be a positive int (bytes) or a float "
+            "fraction of free GPU memory")
     return kv_cache_memory // kv_bytes_per_block(config, dtype, block_size, tensor_parallel)
 
 
 class ModelRunner:
     """Runs prefill and decode steps of `model` over a paged KV pool of `num_blocks` blocks.
 
-    batch_invariant: run the forward, LM head and log-probs in that mode's primitives (its chunk must
-    be block_size; decode steps are CUDA graphs of the mode's walk), so each token's log-prob is
-    independent of the batch.
+    batch_invariant: run the forward, LM head and log-probs in that mode's primitives (its chunk
+    must be block_size; decode steps are CUDA graphs of the mode's walk), so each token's log-prob
+    is independent of the batch.
     fuse_decode_gemms: decode steps walk the decoder with `primitives.DECODE` (each norm inside the
     GEMM after it, where the Triton kernels run); False: with `primitives.FORWARD`, as prefill does.
     record_routing: keep the experts an MoE model chose for every token (`self.routing`, a
     RoutingRecorder), decode graphs included.
     """
 
-    # Decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits. Every 16
-    # past 8, not powers of two: 129 rows would otherwise run (and pay for) the 256-row graph.
+    # Decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits. Every
+    # 16 past 8, not powers of two: 129 rows would otherwise run (and pay for) the 256-row graph.
     GRAPH_BATCH_SIZES = (1, 2, 4, 8, *range(16, 513, 16))
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
@@ -91,14 +95,16 @@ class ModelRunner:
         # device for a trainer (a PPO rollout) to gather without a round trip through Python floats.
         self.logprob_buffer = torch.empty(1024, dtype=torch.float32, device=self.device)
         self.logprobs_kept = 0
-        self.decode_inputs = DecodeInputs(max_num_seqs, self.max_blocks_per_seq, block_size, self.device)
+        self.decode_inputs = DecodeInputs(max_num_seqs, self.max_blocks_per_seq, block_size,
+                                          self.device)
         # The Triton sampler's key windows for every step's rows (40 KiB a row), made once: a decode
         # graph captures their pointers, and each call leaves them empty for the next.
         self.sampler_workspace = SamplerWorkspace(max_num_seqs, self.device)
         self.routing = RoutingRecorder(model, block_size, self.device) if record_routing else None
         # A decode step's choices [sparse layers, rows, k], written inside the step (and its graph).
         self.routing_out = None if self.routing is None else torch.zeros(
-            self.routing.num_layers, max_num_seqs, self.routing.top_k, dtype=torch.int64, device=self.device)
+            self.routing.num_layers, max_num_seqs, self.routing.top_k, dtype=torch.int64,
+            device=self.device)
         self._prefill_routing = None
         self.forwards = 0  # model forwards run (prefill, decode and speculative verify steps)
         self.verify_workspace = None  # the sampler's windows for verify steps' rows
@@ -112,8 +118,8 @@ class ModelRunner:
         if self.kv_pool is None:
             c = self.config
             kv_heads = c.num_kv_heads // (self.tensor_parallel.size if self.tensor_parallel else 1)
-            self.kv_pool = torch.empty(2, c.num_layers, self.num_blocks, self.block_size, kv_heads, c.head_dim,
-                                       dtype=self.dtype, device=self.device)
+            self.kv_pool = torch.empty(2, c.num_layers, self.num_blocks, self.block_size, kv_heads,
+                                       c.head_dim, dtype=self.dtype, device=self.device)
             self.kv_caches = [(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(c.num_layers)]
 
     def release_kv_pool(self) -> bool:
@@ -143,7 +149,8 @@ class ModelRunner:
         tokens, logprobs = self._prefill(seqs) if is_prefill else self._decode(seqs)
         self._keep_logprobs(logprobs)
         if self.routing is not None:
-            self.routing.keep(seqs, is_prefill, self._prefill_routing if is_prefill else self.routing_out)
+            self.routing.keep(seqs, is_prefill,
+                              self._prefill_routing if is_prefill else self.routing_out)
         return tokens.tolist()
 
     def kept_logprobs(self) -> list[float]:
@@ -151,7 +158,8 @@ class ModelRunner:
         return self.logprob_buffer[:self.logprobs_kept].tolist()
 
     def _keep_logprobs(self, logprobs: torch.Tensor) -> None:
-        """Append a step's log-probs [B] to logprob_buffer (doubled when full: amortized, no sync)."""
+        """Append a step's log-probs [B] to logprob_buffer (doubled when full: amortized, no
+        sync)."""
         end = self.logprobs_kept + logprobs.shape[0]
         if end > self.logprob_buffer.shape[0]:
             grown = self.logprob_buffer.new_empty(max(2 * self.logprob_buffer.shape[0], end))
@@ -164,12 +172,16 @@ class ModelRunner:
         """The kept log-probs at these slots [len(slots)] fp32 (one index copied to the device)."""
         return self.logprob_buffer.index_select(0, self._tensor(slots, torch.int64))
 
-    def forward_step(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward_step(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                     meta: AttentionMetadata) -> torch.Tensor:
         """The model's forward over the pages (the default kernels, or the batch-invariant walk):
-        input_ids, positions [N] -> final hidden states [N, hidden]. What a decode graph captures."""
+        input_ids, positions [N] -> final hidden states [N, hidden]. What a decode graph
+        captures."""
         if self.batch_invariant is not None:
-            return self.batch_invariant.paged_hidden(self.model, input_ids, positions, meta, self.kv_caches)
-        prims = DECODE if meta.is_decode and self.fuse_decode_gemms else None  # None: the model's FORWARD
+            return self.batch_invariant.paged_hidden(self.model, input_ids, positions, meta,
+                                                     self.kv_caches)
+        # None: the model's FORWARD
+        prims = DECODE if meta.is_decode and self.fuse_decode_gemms else None
         run = self.model.entry()  # persistent weights: past the root's FSDP hook
         if self.routing is None:
             return run(input_ids, positions, meta, self.kv_caches, prims=prims)
@@ -177,7 +189,8 @@ class ModelRunner:
         with routing_trace(self.model, out=self.routing_out if meta.is_decode else None) as trace:
             hidden = run(input_ids, positions, meta, self.kv_caches, prims=prims)
         if not meta.is_decode:
-            self._prefill_routing = torch.stack([trace.chosen[layer] for layer in sorted(trace.chosen)])
+            self._prefill_routing = torch.stack(
+                [trace.chosen[layer] for layer in sorted(trace.chosen)])
         return hidden
 
     def decode_step(self, size: int, full_tables: bool):
@@ -185,8 +198,8 @@ class ModelRunner:
         layers, the LM head and the sampler -> (tokens [size] int64, logprobs [size] fp32). What a
         decode graph captures (full_tables: it reads the block tables at their full width)."""
         x = self.decode_inputs.views(size, full_tables)
-        meta = AttentionMetadata(is_decode=True, slot_mapping=x.slot_mapping, context_lens=x.context_lens,
-                                 block_tables=x.block_tables)
+        meta = AttentionMetadata(is_decode=True, slot_mapping=x.slot_mapping,
+                                 context_lens=x.context_lens, block_tables=x.block_tables)
         return self._sample(self.forward_step(x.input_ids, x.positions, meta), x.sampling)
 
     def _decode(self, seqs: list[Sequence]):
@@ -196,7 +209,8 @@ class ModelRunner:
         graphed = self.graphs is not None and len(seqs) <= self.graphs.max_batch
         size = self.graphs.size_for(len(seqs)) if graphed else len(seqs)
         self.decode_inputs.fill(seqs, size, full_tables=graphed)
-        tokens, logprobs = self.graphs.replay(size) if graphed else self.decode_step(size, full_tables=False)
+        tokens, logprobs = (self.graphs.replay(size) if graphed
+                            else self.decode_step(size, full_tables=False))
         return tokens[:len(seqs)], logprobs[:len(seqs)]
 
     def _prefill(self, seqs: list[Sequence]):
@@ -204,7 +218,8 @@ class ModelRunner:
         self.forwards += 1
         input_ids, positions, meta, last = self._prepare_packed(
             [(s.block_table, s.token_ids, s.num_cached_tokens) for s in seqs])
-        return self._sample(self.forward_step(input_ids, positions, meta)[last], self._prepare_sampling(seqs))
+        return self._sample(self.forward_step(input_ids, positions, meta)[last],
+                            self._prepare_sampling(seqs))
 
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[list[int]]:
@@ -276,12 +291,13 @@ class ModelRunner:
         cu_q = self._tensor([0] + seqlens_q, torch.int32).cumsum(0, dtype=torch.int32)
         cu_k = self._tensor([0] + seqlens_k, torch.int32).cumsum(0, dtype=torch.int32)
         meta = AttentionMetadata(
-            is_decode=False, seqlens_q=seqlens_q, seqlens_k=seqlens_k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-            slot_mapping=self._tensor(slots, torch.int64),
+            is_decode=False, seqlens_q=seqlens_q, seqlens_k=seqlens_k, cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k, slot_mapping=self._tensor(slots, torch.int64),
             block_tables=(self._block_tables([table for table, _, _ in rows])
                           if seqlens_q != seqlens_k else None))
         last = cu_q[1:] - 1  # index of each sequence's last token in the packed batch
-        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, last
+        return self._tensor(input_ids, torch.int64), self._tensor(positions,
+                                                                  torch.int64), meta, last
 
     def _prepare_sampling(self, seqs: list[Sequence], draw_positions: list[int] | None = None):
         """The sampler's per-row tensors; a row draws the token at its draw position (default: the
@@ -316,7 +332,8 @@ class _DecodeGraphs:
         self.logprobs = torch.zeros(self.max_batch, dtype=torch.float32, device=runner.device)
         self.graphs = {}
         self.pool = None
-        self._capture(sorted(sizes, reverse=True), capture)  # largest first: smaller graphs reuse its pool
+        # largest first: smaller graphs reuse its pool
+        self._capture(sorted(sizes, reverse=True), capture)
 
     def _step(self, size: int):
         tokens, logprobs = self.runner.decode_step(size, full_tables=True)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy. top_k 0, top_p 1.0 and min_p 0.0 switch those filters off (min_p keeps
-    the tokens at least min_p times as likely as the most likely one). With a seed, the completions are
-    reproducible whatever else is in the batch (see engine.sampler)."""
+    """temperature 0 means greedy. top_k 0, top_p 1.0 and min_p 0.0 switch those filters off (min_p
+    keeps the tokens at least min_p times as likely as the most likely one). With a seed, the
+    completions are reproducible whatever else is in the batch (see engine.sampler)."""
 
     n: int = 1  # completions per prompt; they share the prompt's KV blocks
     temperature: float = 1.0
@@ -23,11 +23,15 @@ class SamplingParams:
 
     def __post_init__(self):
         _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an int >= 1")
-        _check(_is_number(self.temperature) and 0 <= self.temperature < math.inf, "temperature", self.temperature,
+        _check(_is_number(self.temperature) and 0 <= self.temperature < math.inf, "temperature",
+               self.temperature,
                "a finite number >= 0 (0 = greedy)")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k, "an int >= 0 (0 = off)")
-        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
-        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k,
+               "an int >= 0 (0 = off)")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p,
+               "a number in (0, 1]")
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p,
+               "a number in [0, 1]")
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
                self.max_new_tokens, "an int >= 1")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",

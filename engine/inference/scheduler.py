@@ -1,9 +1,9 @@
 """Scheduler: continuous batching over waiting and running sequences (pure Python).
 
-Each step is either a prefill of newly admitted sequences (admitted while blocks and the token budget
-last, oldest first) or a decode of every running sequence. When a running sequence needs a block and
-none is free, the most recently admitted one is preempted: its blocks are freed and it goes back to
-the front of the queue, to be recomputed (prompt + tokens so far) when blocks free up.
+Each step is either a prefill of newly admitted sequences (admitted while blocks and the token
+budget last, oldest first) or a decode of every running sequence. When a running sequence needs a
+block and none is free, the most recently admitted one is preempted: its blocks are freed and it
+goes back to the front of the queue, to be recomputed (prompt + tokens so far) when blocks free up.
 
 Multi-turn sequences (`seq.pauses`, turns.py) pause at the end of a turn with their blocks kept;
 `resume` appends the next turn's prompt tokens and queues them for a prefill of those tokens only.
@@ -77,7 +77,8 @@ class Scheduler:
             if batch and num_tokens + seq.num_tokens > self.max_num_batched_tokens:
                 break
             resumed = bool(seq.block_table)  # a paused sequence's next turn: its blocks kept
-            if not (self.block_manager.can_extend(seq) if resumed else self.block_manager.can_allocate(seq)):
+            if not (self.block_manager.can_extend(seq) if resumed
+                    else self.block_manager.can_allocate(seq)):
                 break
             if not resumed and self._chunked(seq):  # prefilled alone, its first chunk this step
                 if batch:
@@ -179,12 +180,14 @@ class Scheduler:
         self.waiting.append(seq)
 
     def release(self, seq: Sequence):
-        """Free a paused sequence's blocks (it is recomputed when it resumes): room for the others."""
+        """Free a paused sequence's blocks (it is recomputed when it resumes): room for the
+        others."""
         self.block_manager.deallocate(seq)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.params
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+        if (token_id in params.stop_token_ids
+            or (not params.ignore_eos and token_id in self.eos_token_ids)):
             return "stop"
         if seq.num_tokens - seq.turn_start >= params.max_new_tokens:
             return "length"

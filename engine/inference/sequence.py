@@ -42,7 +42,8 @@ class Sequence:
         self.token_limit: int | None = None
         self.logprob_slots: list[int] = []  # where each sampled log-prob is on the device (runner)
         self.logprobs: list[float] = []  # their values, read back once the generate call ends
-        self.routing_rows: list[int] = []  # MoE routing record of each forwarded position (routing_record.py)
+        # MoE routing record of each forwarded position (routing_record.py)
+        self.routing_rows: list[int] = []
         self.finish_reason: str | None = None
         self.draft_index = NgramIndex()  # speculative decoding's drafts (ngram_draft.py)
         self.chunk_end: int | None = None  # chunked prefill: this step prefills up to here

@@ -74,8 +74,9 @@ def generate_turns(llm, prompts: list[list[int]], params: SamplingParams, on_tur
         llm._check_request(i, list(ids), params)
     manager = llm.block_manager
     if manager.blocks_for(limit) > manager.num_blocks:
-        raise ValueError(f"the KV pool ({manager.num_blocks} blocks of {manager.block_size} tokens) cannot "
-                         f"hold one trajectory of max_total_tokens={limit}; raise the pool or lower the cap")
+        raise ValueError(
+            f"the KV pool ({manager.num_blocks} blocks of {manager.block_size} tokens) cannot "
+            f"hold one trajectory of max_total_tokens={limit}; raise the pool or lower the cap")
     rows = []
     for ids in prompts:
         for j in range(params.n):
@@ -113,7 +114,8 @@ def _run(llm, rows: list[_Turns], on_turn_end: OnTurnEnd, max_turns: int, limit:
             continue
         if is_prefill:
             for seq in batch:
-                by_seq[seq.seq_id].prefilled += (seq.chunk_end or seq.num_tokens) - seq.num_cached_tokens
+                by_seq[seq.seq_id].prefilled += (seq.chunk_end
+                                                 or seq.num_tokens) - seq.num_cached_tokens
         # The engine's own step: chunked prefill and speculative tails apply to turns too.
         for seq in llm._step(batch, is_prefill):
             row = by_seq[seq.seq_id]
@@ -158,8 +160,10 @@ def _end(scheduler, row: _Turns, reason: str) -> None:
 
 
 def _release_paused(scheduler, rows: list[_Turns]) -> bool:
-    """Free the blocks of every paused sequence (recomputed when it resumes); False if none held any."""
-    held = [row.seq for row in rows if row.seq.status is SequenceStatus.PAUSED and row.seq.block_table]
+    """Free the blocks of every paused sequence (recomputed when it resumes); False if none held
+    any."""
+    held = [row.seq for row in rows
+            if row.seq.status is SequenceStatus.PAUSED and row.seq.block_table]
     for seq in held:
         scheduler.release(seq)
     return bool(held)
@@ -172,5 +176,6 @@ def _trajectory(row: _Turns) -> Trajectory:
         mask[start:end] = [False] * (end - start)
     model_logprobs = iter(seq.logprobs)
     logprobs = [next(model_logprobs) if is_model else 0.0 for is_model in mask]
-    return Trajectory(seq.token_ids[:seq.num_prompt_tokens], seq.completion_token_ids, mask, logprobs,
-                      list(seq.logprob_slots), row.turns, row.finish_reason, row.prefilled)
+    return Trajectory(seq.token_ids[:seq.num_prompt_tokens], seq.completion_token_ids, mask,
+                      logprobs, list(seq.logprob_slots), row.turns, row.finish_reason,
+                      row.prefilled)

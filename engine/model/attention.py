@@ -6,15 +6,16 @@
 - decode: one new token per sequence against its pages.
 
 None of them loops over sequences in Python. What remains, and why each is kept:
-- a varlen flash kernel (flash-attn, else torch's `varlen_attn`; see varlen_kernels.py) for packed and
-  prefill steps on CUDA in fp16/bf16: the fast path, differentiable;
+- a varlen flash kernel (flash-attn, else torch's `varlen_attn`; see varlen_kernels.py) for packed
+  and prefill steps on CUDA in fp16/bf16: the fast path, differentiable;
 - flash-attn's paged calls (prefill over cached pages, decode) where its page constraint holds: they
   read the pages in place, where the varlen kernel needs the keys gathered first;
-- our Triton decode kernel (`kernels.rope_store_decode`: RoPE, store and attention in one launch), the
-  decode step elsewhere on CUDA; on the "torch" backend the same op runs its reference (a gather);
-- padded SDPA (packed_attention.py), the portable path for packed and prefill steps: a few SDPA calls,
-  one per power-of-two length group (no gather at all when every sequence has the same length), and
-  the varlen kernels' oracle.
+- our Triton decode kernel (`kernels.rope_store_decode`: RoPE, store and attention in one launch),
+  the decode step elsewhere on CUDA; on the "torch" backend the same op runs its reference (a
+  gather);
+- padded SDPA (packed_attention.py), the portable path for packed and prefill steps: a few SDPA
+  calls, one per power-of-two length group (no gather at all when every sequence has the same
+  length), and the varlen kernels' oracle.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 
 from ... import kernels
 from .kv_pages import key_slots
-from .packed_attention import PaddedPlan, packed_causal_attention, paged_prefill_attention, plan_groups
+from .packed_attention import (PaddedPlan, packed_causal_attention, paged_prefill_attention,
+                               plan_groups)
 from .varlen_kernels import varlen_kernel
 
 
@@ -52,13 +54,16 @@ class AttentionMetadata:
     padded_plan: PaddedPlan | None = field(default=None, repr=False)
 
     @classmethod
-    def packed(cls, seqlens: list[int], device, cu_seqlens: torch.Tensor | None = None) -> "AttentionMetadata":
+    def packed(cls, seqlens: list[int], device,
+               cu_seqlens: torch.Tensor | None = None) -> "AttentionMetadata":
         """Metadata of a packed training batch of sequences with these lengths (cu_seqlens [S + 1]
         int32: their boundaries when already on the device, e.g. a PackedBatch's)."""
         cu = cu_seqlens
         if cu is None:
-            cu = torch.tensor([0] + seqlens, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return cls(seqlens_q=list(seqlens), seqlens_k=list(seqlens), cu_seqlens_q=cu, cu_seqlens_k=cu)
+            cu = torch.tensor([0] + seqlens, device=device, dtype=torch.int32)
+            cu = cu.cumsum(0, dtype=torch.int32)
+        return cls(seqlens_q=list(seqlens), seqlens_k=list(seqlens), cu_seqlens_q=cu,
+                   cu_seqlens_k=cu)
 
     @classmethod
     def shared(cls, layout) -> "AttentionMetadata":
@@ -71,9 +76,9 @@ class AttentionMetadata:
 
 def attention_step(meta: AttentionMetadata, kv_caches=None):
     """The decoder walk's attention for one forward: (layer index, q [N, H, D], k/v [N, Hkv, D]
-    before RoPE, the forward's RotaryAngles) -> [N, H, D]. kv_caches: per layer (k_cache, v_cache) for
-    a prefill or decode step (new K/V are stored first), or None for a packed training batch. A decode
-    step's RoPE, store and attention are one op, unless flash-attn reads the pages."""
+    before RoPE, the forward's RotaryAngles) -> [N, H, D]. kv_caches: per layer (k_cache, v_cache)
+    for a prefill or decode step (new K/V are stored first), or None for a packed training batch. A
+    decode step's RoPE, store and attention are one op, unless flash-attn reads the pages."""
     def attend(layer: int, q, k, v, angles):
         if kv_caches is None:
             return varlen_attention(*angles.rotate(q, k), v, meta)
@@ -108,7 +113,8 @@ def varlen_attention(q, k, v, meta: AttentionMetadata):
     lens = meta.seqlens_q
     # Equal lengths (a batch of same-length prompts): a view, no gathers.
     if len(set(lens)) == 1 and meta.seqlens_k == lens:
-        batch = [x.unflatten(0, (len(lens), lens[0])).transpose(1, 2) for x in (q, k, v)]  # [B, H, L, D]
+        # [B, H, L, D]
+        batch = [x.unflatten(0, (len(lens), lens[0])).transpose(1, 2) for x in (q, k, v)]
         out = F.scaled_dot_product_attention(*batch, is_causal=True, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).flatten(0, 1)
     return packed_causal_attention(q, k, v, _padded_plan(meta, q.device), scale)
@@ -117,7 +123,8 @@ def varlen_attention(q, k, v, meta: AttentionMetadata):
 def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata):
     """New tokens attend to their cached prefix and to themselves. K/V must already be stored.
 
-    q [N, H, D], k/v [N, Hkv, D] (the new tokens), caches [num_blocks, block_size, Hkv, D] -> [N, H, D].
+    q [N, H, D], k/v [N, Hkv, D] (the new tokens), caches [num_blocks, block_size, Hkv, D] -> [N, H,
+    D].
     """
     if meta.seqlens_q == meta.seqlens_k:  # nothing cached: attend to the fresh K/V directly
         return varlen_attention(q, k, v, meta)
@@ -133,7 +140,8 @@ def prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata):
         slots = _packed_key_slots(meta, block_size)  # [sum(seqlens_k)]
         keys, values = k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
         return kernel(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, max_q, max_k, scale)
-    return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, _padded_plan(meta, q.device), scale)
+    return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables,
+                                   _padded_plan(meta, q.device), scale)
 
 
 def flash_decode_attention(q, k_cache, v_cache, meta: AttentionMetadata):
@@ -156,7 +164,7 @@ def _packed_key_slots(meta: AttentionMetadata, block_size: int) -> torch.Tensor:
     """[sum(seqlens_k)] int64 cache slot of every key of every sequence, sequences end to end."""
     total, cu_k = sum(meta.seqlens_k), meta.cu_seqlens_k.long()
     # Sequence of each key; output_size spares repeat_interleave a device sync.
-    seq = torch.repeat_interleave(torch.arange(len(meta.seqlens_k), device=cu_k.device), cu_k.diff(),
-                                  output_size=total)
+    seq = torch.repeat_interleave(torch.arange(len(meta.seqlens_k), device=cu_k.device),
+                                  cu_k.diff(), output_size=total)
     position = torch.arange(total, device=cu_k.device) - cu_k[seq]
     return key_slots(meta.block_tables, seq, position, block_size)

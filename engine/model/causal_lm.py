@@ -1,21 +1,23 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3; Qwen3-MoE and Mixtral, whose sparse layers'
-MLP is moe.py's SparseMoeBlock) with one set of parameters and two uses:
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3; Qwen3-MoE and Mixtral, whose sparse
+layers' MLP is moe.py's SparseMoeBlock) with one set of parameters and two uses:
 
 - `forward_packed(input_ids, seqlens)`: the training forward over packed variable-length sequences,
-  returning final hidden states [N, hidden] for `kernels.linear_token_logprobs(hidden, lm_head.weight, ...)`.
+  returning final hidden states [N, hidden] for `kernels.linear_token_logprobs(hidden,
+  lm_head.weight, ...)`.
 - `forward(input_ids, positions, meta, kv_caches)`: prefill or decode against the paged KV cache.
 
 Both are one walk of the layers (`hidden_states`): the attention is what the caller passes (packed,
 prefill or decode), every other op comes from a primitive set (primitives.py: FORWARD, DECODE or
-EXACT, the batch-invariant mode's), and the whole walk runs on the one model backend kernels' decider
-names for its tensors (`kernels.model_backend`). Four GEMMs per layer: q/k/v are one packed projection
-(`self_attn.qkv_proj`) and gate/up another (`mlp.gate_up_proj`); parameter names are otherwise the
-Hugging Face ones, and hf_io maps the packed row blocks to `q_proj`, `k_proj`, ... at load and save.
-On the "torch" backend the ops follow transformers step for step (fp32 RMSNorm, RoPE tables in fp32
-cast to the activation dtype), which is what makes the fp32 parity tests tight. On "triton" (CUDA),
-norms (with the residual add), RoPE of q and k and the MLP's SiLU * up are fused kernels with their
-own backward (fusedrl.kernels), the same for decode, scoring and training: the log-probs a rollout
-scores and the ones the update differentiates come from the same code, bit for bit.
+EXACT, the batch-invariant mode's), and the whole walk runs on the one model backend kernels'
+decider names for its tensors (`kernels.model_backend`). Four GEMMs per layer: q/k/v are one packed
+projection (`self_attn.qkv_proj`) and gate/up another (`mlp.gate_up_proj`); parameter names are
+otherwise the Hugging Face ones, and hf_io maps the packed row blocks to `q_proj`, `k_proj`, ... at
+load and save. On the "torch" backend the ops follow transformers step for step (fp32 RMSNorm, RoPE
+tables in fp32 cast to the activation dtype), which is what makes the fp32 parity tests tight. On
+"triton" (CUDA), norms (with the residual add), RoPE of q and k and the MLP's SiLU * up are fused
+kernels with their own backward (fusedrl.kernels), the same for decode, scoring and training: the
+log-probs a rollout scores and the ones the update differentiates come from the same code, bit for
+bit.
 """
 from __future__ import annotations
 
@@ -66,9 +68,10 @@ class PackedProjection(Projection):
     the row blocks of the weight and bias (hf_io maps them at load and save, by `row_blocks`).
 
     `tensor_parallel` T: the rows' layout. T = 1: every part whole, in turn. T > 1 (set by
-    engine/parallel/tensor_parallel.py): rank-interleaved, tensor rank r's slice of every part in turn, then
-    rank r + 1's, so that a contiguous 1/T of the rows (an FSDP2 Shard(0) shard) is one rank's q, k
-    and v heads (its gate and up features), and the local GEMM's output splits like the whole one."""
+    engine/parallel/tensor_parallel.py): rank-interleaved, tensor rank r's slice of every part in
+    turn, then rank r + 1's, so that a contiguous 1/T of the rows (an FSDP2 Shard(0) shard) is one
+    rank's q, k and v heads (its gate and up features), and the local GEMM's output splits like the
+    whole one."""
 
     def __init__(self, in_features: int, parts: tuple[tuple[str, int], ...], bias: bool, dtype):
         super().__init__(in_features, sum(size for _, size in parts), bias=bias, dtype=dtype)
@@ -93,7 +96,8 @@ class PackedProjection(Projection):
         shards = self.out_features // y.shape[-1]
         if shards != self.tensor_parallel:  # whole rank-interleaved rows do not split into parts
             raise ValueError(f"a projection output of {y.shape[-1]} features: expected "
-                             f"{self.out_features // self.tensor_parallel} (its tensor_parallel={self.tensor_parallel} "
+                             f"{self.out_features // self.tensor_parallel} (its "
+                             f"tensor_parallel={self.tensor_parallel} "
                              "layout runs only tensor-parallel)")
         return y.split([size // shards for _, size in self.parts], dim=-1)
 
@@ -157,7 +161,8 @@ class Attention(nn.Module):
         # -1: all heads, or a tensor rank's share of them (its local shard's output)
         q, k, v = (t.view(n, -1, self.head_dim) for t in (q, k, v))
         if hasattr(self, "q_norm"):  # the norm kernel reads contiguous rows
-            q, k = self.q_norm(q.contiguous(), None, prims)[0], self.k_norm(k.contiguous(), None, prims)[0]
+            q, k = self.q_norm(q.contiguous(), None, prims)[0], self.k_norm(k.contiguous(), None,
+                                                                            prims)[0]
         out = attend(q, k, v, angles)
         return self.o_proj(out.reshape(n, -1), prims)
 
@@ -166,8 +171,10 @@ class MLP(nn.Module):
     def __init__(self, c: ModelConfig, dtype):
         super().__init__()
         self.gate_up_proj = PackedProjection(c.hidden_size, (("gate_proj", c.intermediate_size),
-                                                             ("up_proj", c.intermediate_size)), c.mlp_bias, dtype)
-        self.down_proj = Projection(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype)
+                                                             ("up_proj", c.intermediate_size)),
+                                             c.mlp_bias, dtype)
+        self.down_proj = Projection(c.intermediate_size, c.hidden_size, bias=c.mlp_bias,
+                                    dtype=dtype)
 
 
 
@@ -177,7 +184,8 @@ class DecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         self.self_attn = Attention(c, dtype)
         sparse = c.moe is not None and layer_idx in c.moe.sparse_layers
-        self.mlp = SparseMoeBlock(c.moe, c.hidden_size, dtype, layer_idx) if sparse else MLP(c, dtype)
+        self.mlp = (SparseMoeBlock(c.moe, c.hidden_size, dtype, layer_idx) if sparse
+                    else MLP(c, dtype))
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
 
@@ -186,13 +194,16 @@ class DecoderLayer(nn.Module):
         the fused kernel does add + norm in one pass. residual is None before the first layer.
         Each norm and the projection after it are one primitive (`norm_linear`), which a decode
         step runs as one kernel, as it does SiLU * up after the gate/up projection."""
-        qkv, residual = prims.norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj, prims)
-        x = self.self_attn(qkv, angles, lambda q, k, v, a: attend(self.layer_idx, q, k, v, a), prims)
-        if isinstance(self.mlp, SparseMoeBlock):  # the router and the experts read the normalized rows
+        qkv, residual = prims.norm_linear(x, residual, self.input_layernorm,
+                                          self.self_attn.qkv_proj, prims)
+        x = self.self_attn(qkv, angles, lambda q, k, v, a: attend(self.layer_idx, q, k, v, a),
+                           prims)
+        # the router and the experts read the normalized rows
+        if isinstance(self.mlp, SparseMoeBlock):
             h, residual = self.post_attention_layernorm(x, residual, prims)
             return self.mlp(h, prims), residual
-        h, residual = prims.norm_linear(x, residual, self.post_attention_layernorm, self.mlp.gate_up_proj, prims,
-                                        glu=True)
+        h, residual = prims.norm_linear(x, residual, self.post_attention_layernorm,
+                                        self.mlp.gate_up_proj, prims, glu=True)
         return self.mlp.down_proj(h, prims), residual
 
 
@@ -245,18 +256,20 @@ class CausalLM(nn.Module):
         self.gradient_checkpointing, self.activation_offload = checkpointing, offload
 
     def tie_weights(self):
-        """Share the embedding with the LM head when the config says so (re-run after `to_empty`)."""
+        """Share the embedding with the LM head when the config says so (re-run after
+        `to_empty`)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata | None = None, kv_caches=None, *,
-                attend: Attend | None = None, prims: SimpleNamespace | None = None):
+    def forward(self, input_ids, positions, meta: AttentionMetadata | None = None, kv_caches=None,
+                *, attend: Attend | None = None, prims: SimpleNamespace | None = None):
         """input_ids, positions [N] -> final hidden states [N, hidden].
 
-        kv_caches: per layer (k_cache, v_cache) for prefill/decode, or None for a packed training batch.
-        attend, prims: the walk's attention and primitive set given whole instead of built from `meta`
-        (the batch-invariant mode; a decode step's `primitives.DECODE`); passed through here, not to
-        `hidden_states`, so that FSDP's root hooks run (they initialize its state before any layer's).
+        kv_caches: per layer (k_cache, v_cache) for prefill/decode, or None for a packed training
+        batch. attend, prims: the walk's attention and primitive set given whole instead of built
+        from `meta` (the batch-invariant mode; a decode step's `primitives.DECODE`); passed through
+        here, not to `hidden_states`, so that FSDP's root hooks run (they initialize its state
+        before any layer's).
         """
         if attend is None:
             attend = attention_step(meta, kv_caches)
@@ -273,7 +286,8 @@ class CausalLM(nn.Module):
         (past_fsdp_hooks)."""
         return self.forward if self.past_fsdp_hooks else self
 
-    def hidden_states(self, input_ids, positions, attend: Attend, prims: SimpleNamespace | None = None):
+    def hidden_states(self, input_ids, positions, attend: Attend,
+                      prims: SimpleNamespace | None = None):
         """The one walk of the decoder: input_ids, positions [N] -> final hidden states [N, hidden],
         attention from `attend` (what differs between packed, prefill and decode steps) and every
         other op from `prims` (default `primitives.FORWARD`), all on the model backend the decider
@@ -291,7 +305,8 @@ class CausalLM(nn.Module):
             for layer in self.model.layers:
                 args = (x, residual, angles, attend, prims)
                 if recompute:
-                    x, residual = checkpoint(prims.enter, layer, *args, use_reentrant=False, context_fn=lambda: (
+                    x, residual = checkpoint(prims.enter, layer, *args, use_reentrant=False,
+                                             context_fn=lambda: (
                         contextlib.nullcontext(), _both(kernels.use_backend(backend), routing())))
                 else:
                     x, residual = prims.enter(layer, *args)
@@ -301,13 +316,16 @@ class CausalLM(nn.Module):
             return self.model.norm(x, residual, prims)[0]
 
     def check_input_ids(self, input_ids: torch.Tensor, name: str = "input_ids"):
-        """Raise a one-line ValueError unless input_ids [N] are integer ids on the model's device: an
-        entry point (a training or scoring forward) says what it expected instead of failing deep in
-        an embedding lookup. Not moved silently: a copy per call is a hidden host-to-device sync."""
+        """Raise a one-line ValueError unless input_ids [N] are integer ids on the model's device:
+        an entry point (a training or scoring forward) says what it expected instead of failing deep
+        in an embedding lookup. Not moved silently: a copy per call is a hidden host-to-device
+        sync."""
         weight = self.model.embed_tokens.weight
         if input_ids.device != weight.device or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} is {input_ids.dtype} on {input_ids.device}: expected int64 or int32 ids on "
-                             f"the model's device {weight.device}")
+            raise ValueError(
+                f"{name} is {input_ids.dtype} on {input_ids.device}: expected int64 or int32 ids "
+                "on "
+                f"the model's device {weight.device}")
 
     def forward_packed(self, input_ids, seqlens: list[int], positions=None, cu_seqlens=None):
         """Training forward over packed sequences: input_ids [N] (sum(seqlens) == N) on the model's
@@ -319,18 +337,22 @@ class CausalLM(nn.Module):
         """
         self.check_input_ids(input_ids)
         if sum(seqlens) != input_ids.shape[0] or min(seqlens) < 1:
-            raise ValueError(f"seqlens must be positive and sum to {input_ids.shape[0]}, got {seqlens}")
+            raise ValueError(
+                f"seqlens must be positive and sum to {input_ids.shape[0]}, got {seqlens}")
         if max(seqlens) > self.config.max_model_len:
             raise ValueError(f"a sequence of {max(seqlens)} tokens exceeds max_model_len "
                              f"{self.config.max_model_len}")
         for name, given, shape in (("positions", positions, (input_ids.shape[0],)),
                                    ("cu_seqlens", cu_seqlens, (len(seqlens) + 1,))):
-            if given is not None and (tuple(given.shape) != shape or given.device != input_ids.device):
-                raise ValueError(f"{name} is {tuple(given.shape)} on {given.device}: expected {shape} on "
-                                 f"{input_ids.device}")
+            if (given is not None
+                and (tuple(given.shape) != shape or given.device != input_ids.device)):
+                raise ValueError(
+                    f"{name} is {tuple(given.shape)} on {given.device}: expected {shape} on "
+                    f"{input_ids.device}")
         meta = AttentionMetadata.packed(seqlens, input_ids.device, cu_seqlens)
         if positions is None:
-            starts = meta.cu_seqlens_q[:-1].long().repeat_interleave(  # [N] start of each token's sequence
+            # [N] start of each token's sequence
+            starts = meta.cu_seqlens_q[:-1].long().repeat_interleave(
                 torch.tensor(seqlens, device=input_ids.device), output_size=input_ids.shape[0])
             positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
         return self.entry()(input_ids, positions, meta)
@@ -340,8 +362,8 @@ class CausalLM(nn.Module):
         the pack's targets, rows [S] holding each sequence's last token).
 
         With packed.prefix_groups, the rows of a group read their prompt once (N' < N; layout:
-        engine/model/prefix_sharing.py's share_prefixes(packed), built here when not given); without,
-        forward_packed over the pack as it is (N' = N).
+        engine/model/prefix_sharing.py's share_prefixes(packed), built here when not given);
+        without, forward_packed over the pack as it is (N' = N).
         """
         layout = layout or share_prefixes(packed)
         if layout is None:

@@ -26,7 +26,8 @@ _ARCHS = {
 SUPPORTED_ARCHS = tuple(_ARCHS)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # config.json's sizes, required and optional (HF names): ints the kernels' int32 offsets can index.
-_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+          "num_attention_heads",
           "max_position_embeddings")
 _OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")
 _MAX_SIZE = 2**31 - 1
@@ -37,7 +38,8 @@ MAX_LAYERS = 4096
 
 @dataclass
 class ModelConfig:
-    """Shapes and options of one Llama-family decoder. `hf_config` is kept to save the model back."""
+    """Shapes and options of one Llama-family decoder. `hf_config` is kept to save the model
+    back."""
 
     model_type: str
     vocab_size: int
@@ -57,7 +59,8 @@ class ModelConfig:
     rope_theta: float
     rope_scaling: dict = field(default_factory=dict)  # rope_parameters minus rope_theta
     eos_token_ids: tuple[int, ...] = ()
-    moe: MoEConfig | None = None  # the sparse layers' experts (moe_config.py); None: every layer dense
+    # the sparse layers' experts (moe_config.py); None: every layer dense
+    moe: MoEConfig | None = None
     torch_dtype: torch.dtype | None = None
     hf_config: object = field(default=None, repr=False)
 
@@ -75,11 +78,13 @@ class ModelConfig:
     def check_model_type(model_type, architectures=None) -> None:
         """ValueError unless `model_type` (config.json's) is one the decoder implements."""
         if model_type in UNSUPPORTED_MOE:
-            raise ValueError(f"unsupported model_type {model_type!r}: its {UNSUPPORTED_MOE[model_type]} "
-                             f"are not implemented; supported: {', '.join(SUPPORTED_ARCHS)}")
+            raise ValueError(
+                f"unsupported model_type {model_type!r}: its {UNSUPPORTED_MOE[model_type]} "
+                f"are not implemented; supported: {', '.join(SUPPORTED_ARCHS)}")
         if model_type not in _ARCHS:
-            raise ValueError(f"unsupported model_type {model_type!r} (architectures={architectures}); "
-                             f"supported: {', '.join(SUPPORTED_ARCHS)}")
+            raise ValueError(
+                f"unsupported model_type {model_type!r} (architectures={architectures}); "
+                f"supported: {', '.join(SUPPORTED_ARCHS)}")
 
     @staticmethod
     def check_depth(raw: dict) -> None:
@@ -104,7 +109,8 @@ class ModelConfig:
         rope_type = rope.setdefault("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
-                f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+                f"unsupported rope type {rope_type!r}; supported: "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)}")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("partial_rotary_factor != 1.0 is not supported")
         qkv_bias, o_bias, mlp_bias, qk_norm = _ARCHS[model_type](hf_config)
@@ -133,9 +139,12 @@ class ModelConfig:
         )
 
     def inv_freq(self) -> torch.Tensor:
-        """RoPE inverse frequencies [head_dim // 2], fp32, computed as transformers computes them."""
+        """RoPE inverse frequencies [head_dim // 2], fp32, computed as transformers computes
+        them."""
         dim = self.head_dim
-        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+        inv_freq = 1.0 / (
+            self.rope_theta ** (
+                torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
         if self.rope_type == "linear":
             return inv_freq / self.rope_scaling["factor"]
         if self.rope_type == "llama3":
@@ -144,10 +153,12 @@ class ModelConfig:
 
 
 def _rope_parameters(hf_config) -> dict:
-    """transformers >= 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta + rope_scaling."""
+    """transformers >= 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta +
+    rope_scaling."""
     params = getattr(hf_config, "rope_parameters", None)
     if params and "rope_theta" in params:
-        if "full_attention" in params:  # per-layer-type dicts (not used by these archs, but be explicit)
+        # per-layer-type dicts (not used by these archs, but be explicit)
+        if "full_attention" in params:
             raise ValueError("per-layer-type rope_parameters are not supported")
         return params
     scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
@@ -173,7 +184,8 @@ def _check_sizes(hf_config) -> None:
 
 def _max_model_len(hf_config) -> int:
     """Longest sequence the engine accepts. A sliding window (Mistral, some Qwen2) caps it, so that
-    full causal attention, which is all the engine implements, is exactly what the model computes."""
+    full causal attention, which is all the engine implements, is exactly what the model
+    computes."""
     max_len = hf_config.max_position_embeddings
     window = getattr(hf_config, "sliding_window", None)
     uses_window = getattr(hf_config, "use_sliding_window", True)  # Qwen2 gates its window with this
@@ -183,7 +195,8 @@ def _max_model_len(hf_config) -> int:
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
-    """Llama 3.1 frequency smoothing, step for step as in transformers' `_compute_llama3_parameters`."""
+    """Llama 3.1 frequency smoothing, step for step as in transformers'
+    `_compute_llama3_parameters`."""
     factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
     old_len = p["original_max_position_embeddings"]
     low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high

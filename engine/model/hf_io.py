@@ -7,9 +7,10 @@ inf anywhere is refused before anything is written, and the directory gets the u
 files, 0755 directories under the default umask) so others can read it. Under torchrun saving is
 collective: rank 0 writes while the ranks gather one parameter at a time (streamed_save.py).
 Loading may shard the model on the meta device first; each rank then reads only the slices of its
-shards (weight_map.py), and one process reads whole tensors by the same code. Loading turns a missing, corrupt or truncated weight file, a sharded index naming a file outside the
-directory, tensors that do not fit the config and an unsupported architecture into a one-line
-`ModelError` naming the file. transformers is never asked to run code shipped with a model
+shards (weight_map.py), and one process reads whole tensors by the same code. Loading turns a
+missing, corrupt or truncated weight file, a sharded index naming a file outside the directory,
+tensors that do not fit the config and an unsupported architecture into a one-line `ModelError`
+naming the file. transformers is never asked to run code shipped with a model
 (trust_remote_code=False), so it never asks on stdin either.
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ from .causal_lm import CausalLM
 from .streamed_save import INDEX_FILE, SINGLE_FILE, check_finite_shards, write_weights
 from .weight_map import hf_blocks, hf_shape, local_box, overlap, packed_blocks
 
-try:  # what transformers' validated configs raise for a bad config.json value (newer huggingface_hub)
+# what transformers' validated configs raise for a bad config.json value (newer huggingface_hub)
+try:
     from huggingface_hub.errors import StrictDataclassError as _ConfigValidationError
 except ImportError:
     _ConfigValidationError = ValueError
@@ -56,13 +58,15 @@ def load_config(model_dir) -> ModelConfig:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         model_type, architectures = raw.get("model_type"), raw.get("architectures")
-    except (OSError, ValueError, AttributeError, RecursionError) as e:  # RecursionError: JSON nested too deeply
+    # RecursionError: JSON nested too deeply
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
         raise ModelError(f"{path}: not a readable model config ({e})") from None
     try:
         # Checked before transformers reads it: an unknown model_type is a page of text there.
         ModelConfig.check_model_type(model_type, architectures)
         ModelConfig.check_depth(raw)
-        return ModelConfig.from_hf(AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False))
+        return ModelConfig.from_hf(
+            AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False))
     except (ValueError, _ConfigValidationError) as e:
         raise ModelError(f"{model_dir}: {e}") from None
 
@@ -75,8 +79,9 @@ def load_tokenizer(model_dir):
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except ValueError as e:
-        raise ModelError(f"{model_dir}: its tokenizer cannot be loaded without running code from the directory, "
-                         f"which fusedrl never does ({' '.join(str(e).split())})") from None
+        raise ModelError(
+            f"{model_dir}: its tokenizer cannot be loaded without running code from the directory, "
+            f"which fusedrl never does ({' '.join(str(e).split())})") from None
 
 
 def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
@@ -87,15 +92,17 @@ def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
         names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
         if dtype not in names:
-            raise ConfigValueError(f"dtype {dtype!r} is not supported; use one of {sorted(names)} or 'auto'")
+            raise ConfigValueError(
+                f"dtype {dtype!r} is not supported; use one of {sorted(names)} or 'auto'")
         return names[dtype]
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
     return dtype
 
 
-def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM, shard: Optional[Callable] = None,
-               renames: Optional[dict] = None, fresh=()) -> CausalLM:
+def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM,
+               shard: Optional[Callable] = None, renames: Optional[dict] = None,
+               fresh=()) -> CausalLM:
     """Build the decoder described by `model_dir` and fill it with the directory's weights.
 
     `model_cls`: CausalLM or a subclass with extra parameters (the reward model's `score` head).
@@ -118,7 +125,8 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM, shard:
         model = model_cls(config, dtype)
     if shard is not None:
         shard(model)
-    # FSDP2's CPU offload (distributed.shard(offload=True)) wants the shards materialized in CPU memory.
+    # FSDP2's CPU offload (distributed.shard(offload=True)) wants the shards materialized in CPU
+    # memory.
     model.to_empty(device="cpu" if model.offloaded else device)
     model.tie_weights()
     expected = hf_blocks(model)
@@ -132,13 +140,16 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM, shard:
     for path, names in _weight_files(model_dir).items():
         with _open_weights(path) as f:
             for name in names:
-                if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                if (name.endswith(_IGNORED_SUFFIXES)
+                    or (name == "lm_head.weight" and config.tie_word_embeddings)):
                     continue
                 target = renames.get(name, name)
                 if target not in expected and target not in packed:
-                    raise ModelError(f"unexpected tensor {name!r} in {path.name}: not a parameter of a "
-                                     f"{config.model_type} decoder with this config")
-                blocks, names_filled = (expected[target], (target,)) if target in expected else packed[target]
+                    raise ModelError(
+                        f"unexpected tensor {name!r} in {path.name}: not a parameter of a "
+                        f"{config.model_type} decoder with this config")
+                blocks, names_filled = ((expected[target], (target,)) if target in expected
+                                        else packed[target])
                 _fill(f, name, path, blocks)
                 seen.update(names_filled)
     missing = sorted(set(expected) - seen)
@@ -156,7 +167,8 @@ def _fill(f, name: str, path: Path, blocks: list) -> None:
         view = f.get_slice(name)
         shape = tuple(view.get_shape())
         if shape != hf_shape(blocks):
-            raise ModelError(f"tensor {name!r} in {path.name} has shape {shape}, expected {hf_shape(blocks)}")
+            raise ModelError(
+                f"tensor {name!r} in {path.name} has shape {shape}, expected {hf_shape(blocks)}")
         for block in blocks:
             local, offsets = local_box(block.param)
             found = overlap(block, offsets, local.shape)
@@ -208,8 +220,11 @@ def _weight_files(model_dir: Path) -> dict[Path, list[str]]:
 def _shard_path(model_dir: Path, index: Path, file) -> Path:
     """The shard an index's weight_map names: a plain file name in `model_dir`, never a path (which
     could lead out of it; a link in the directory, as the Hugging Face cache makes, is followed)."""
-    if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file or "\\" in file:
-        raise ModelError(f"{index}: weight_map names {file!r}: expected the name of a file in the model directory")
+    if (not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file or
+        "\\" in file):
+        raise ModelError(
+            f"{index}: weight_map names {file!r}: expected the name of a file in the model "
+            "directory")
     return model_dir / file
 
 

@@ -3,8 +3,8 @@ writers (the runner's slot mapping) and readers (prefill over cached pages, the 
 the exact mode's page tables) share.
 
 A cache of one layer is `[num_blocks, block_size, Hkv, D]`; flattened to `[num_blocks * block_size,
-Hkv, D]`, position p of a sequence is row `block * block_size + p % block_size`, where `block` is the
-entry `p // block_size` of the sequence's block table.
+Hkv, D]`, position p of a sequence is row `block * block_size + p % block_size`, where `block` is
+the entry `p // block_size` of the sequence's block table.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def page_slot(block, position, block_size: int):
 
 
 def sequence_slot(block_table: list[int], position: int, block_size: int) -> int:
-    """The flattened cache row of `position` of a sequence whose pages are `block_table` (host ints)."""
+    """The flattened cache row of `position` of a sequence whose pages are `block_table` (host
+    ints)."""
     return page_slot(block_table[position // block_size], position, block_size)
 
 

@@ -15,7 +15,8 @@ from ..parallel.tensor_parallel_ops import vocab_parallel_logprobs
 
 
 def head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype the LM head computes in: the autocast dtype when autocast is on, else the weight's."""
+    """The dtype the LM head computes in: the autocast dtype when autocast is on, else the
+    weight's."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -27,12 +28,14 @@ def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     """hidden [M, H] (the rows predicting `labels`), weight [V, H], labels [M] -> fp32 log-probs [M]
     under softmax(logits / temperature), and with_entropy: (log-probs [M], entropy [M])."""
     dtype = head_dtype(hidden, weight)
-    if hasattr(weight, "to_local"):  # a tensor-parallel LM head (engine/parallel/tensor_parallel.py): its vocabulary rows
+    # a tensor-parallel LM head (engine/parallel/tensor_parallel.py): its vocabulary rows
+    if hasattr(weight, "to_local"):
         group = weight.device_mesh.get_group()
-        start = weight.device_mesh.get_local_rank() * -(-weight.shape[0] // weight.device_mesh.size())
+        start = weight.device_mesh.get_local_rank() * -(
+            -weight.shape[0] // weight.device_mesh.size())
         with torch.autocast(hidden.device.type, enabled=False):
-            return vocab_parallel_logprobs(hidden.to(dtype), weight.to_local().to(dtype), labels, start, group,
-                                           temperature, with_entropy)
+            return vocab_parallel_logprobs(hidden.to(dtype), weight.to_local().to(dtype), labels,
+                                           start, group, temperature, with_entropy)
     with torch.autocast(hidden.device.type, enabled=False):
-        return linear_token_logprobs(hidden.to(dtype), weight.to(dtype), labels, temperature=temperature,
-                                     return_entropy=with_entropy)
+        return linear_token_logprobs(hidden.to(dtype), weight.to(dtype), labels,
+                                     temperature=temperature, return_entropy=with_entropy)

@@ -12,10 +12,10 @@ the rest of their term is elementwise, so an adapted model stays batch-invariant
 target, whose output lands in that target's slice of the packed output, as separate PEFT modules
 would give.
 
-On a tensor-parallel base (engine/parallel/tensor_parallel.py) the adapters are laid out like the weight
-they adapt, so the walk's own GEMM (`TensorParallel.linear`) runs them on the local slices and the
-result is one process's exactly: on a column-parallel projection (Shard(0): q/k/v, gate/up) each
-B is sliced by rows, a rank's rows of its target (its heads, its MLP features), and A is whole:
+On a tensor-parallel base (engine/parallel/tensor_parallel.py) the adapters are laid out like the
+weight they adapt, so the walk's own GEMM (`TensorParallel.linear`) runs them on the local slices
+and the result is one process's exactly: on a column-parallel projection (Shard(0): q/k/v, gate/up)
+each B is sliced by rows, a rank's rows of its target (its heads, its MLP features), and A is whole:
 y_l += s * to_ranks(x A^T) B_l^T, whose backward sums A's input gradient over the ranks, so A's
 gradient is whole and the same on every rank. On a row-parallel one (Shard(1): o_proj, down_proj)
 each A is sliced by columns, the rank's slice of the input, and B is whole:
@@ -49,7 +49,8 @@ from .weight_map import add_rows
 
 def output_slices(name: str, linear: nn.Linear) -> dict[str, slice]:
     """{Hugging Face projection: its slice of `linear`'s output} for the projection module `name`:
-    one slice for a plain projection, one per part of a packed one (its `parts`, in output order)."""
+    one slice for a plain projection, one per part of a packed one (its `parts`, in output
+    order)."""
     slices, start = {}, 0
     for part, size in getattr(linear, "parts", ((name, linear.out_features),)):
         slices[part] = slice(start, start + size)
@@ -64,14 +65,17 @@ class ProjectionAdapters(nn.Module):
 
     def __init__(self, linear: nn.Linear, slices: dict[str, slice], cfg: LoRAConfig):
         super().__init__()
-        self.out_features, self.scale, self.dropout = linear.out_features, cfg.alpha / cfg.rank, cfg.dropout
+        self.out_features = linear.out_features
+        self.scale, self.dropout = cfg.alpha / cfg.rank, cfg.dropout
         self.shards = 1  # tensor ranks the output is sliced over (slice_like_base)
         self.slices = dict(sorted(slices.items(), key=lambda item: item[1].start))
         like = dict(dtype=linear.weight.dtype, device=linear.weight.device)
-        self.lora_A = nn.ParameterDict({t: nn.Parameter(torch.empty(cfg.rank, linear.in_features, **like))
-                                        for t in self.slices})
-        self.lora_B = nn.ParameterDict({t: nn.Parameter(torch.zeros(s.stop - s.start, cfg.rank, **like))
-                                        for t, s in self.slices.items()})
+        self.lora_A = nn.ParameterDict(
+            {t: nn.Parameter(torch.empty(cfg.rank, linear.in_features, **like))
+             for t in self.slices})
+        self.lora_B = nn.ParameterDict(
+            {t: nn.Parameter(torch.zeros(s.stop - s.start, cfg.rank, **like))
+             for t, s in self.slices.items()})
         for a in self.lora_A.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
@@ -84,7 +88,8 @@ class ProjectionAdapters(nn.Module):
         for t, s in self.slices.items():
             if s.start > at:
                 pieces.append(x.new_zeros(*x.shape[:-1], (s.start - at) // self.shards))
-            h = F.dropout(x, self.dropout, training) if self.dropout else x  # a mask per target, as PEFT
+            # a mask per target, as PEFT
+            h = F.dropout(x, self.dropout, training) if self.dropout else x
             pieces.append(linear(linear(h, self.lora_A[t]), self.lora_B[t]) * self.scale)
             at = s.stop
         if at < self.out_features:
@@ -98,9 +103,11 @@ class ProjectionAdapters(nn.Module):
         collective), at the rows `row_blocks` gives t in W's layout (rank-interleaved when packed
         for tensor ranks)."""
         for t, s in self.slices.items():
-            b, a = (distributed.plain(p).float() for p in (self.lora_B[t], self.lora_A[t]))  # gathered when sliced
+            # gathered when sliced
+            b, a = (distributed.plain(p).float() for p in (self.lora_B[t], self.lora_A[t]))
             delta = b @ a * self.scale  # [size_t, in]
-            blocks = linear.row_blocks() if hasattr(linear, "row_blocks") else [(t, s.start, 0, delta.shape[0])]
+            blocks = (linear.row_blocks() if hasattr(linear, "row_blocks")
+                      else [(t, s.start, 0, delta.shape[0])])
             for part, row, part_row, rows in blocks:
                 if part == t:
                     add_rows(linear.weight, row, delta[part_row:part_row + rows])
@@ -117,8 +124,9 @@ class ProjectionAdapters(nn.Module):
         dim = weight.placements[0].dim
         sliced = self.lora_B if dim == 0 else self.lora_A
         for t, param in sliced.items():
-            sliced[t] = nn.Parameter(distribute_tensor(param.detach(), weight.device_mesh, [Shard(dim)],
-                                                       src_data_rank=None))  # no copy between the ranks
+            sliced[t] = nn.Parameter(
+                distribute_tensor(param.detach(), weight.device_mesh, [Shard(dim)],
+                                  src_data_rank=None))  # no copy between the ranks
         if dim == 0:
             self.shards = weight.device_mesh.size()
 
@@ -140,13 +148,15 @@ class LoRA(nn.Module):
     `heads`: {PEFT module name: head trained in full} (PEFT's modules_to_save, e.g. {"score": ...});
     `enabled` is read by every hook at each forward."""
 
-    def __init__(self, model: nn.Module, cfg: LoRAConfig, heads: dict[str, nn.Module] | None = None):
+    def __init__(self, model: nn.Module, cfg: LoRAConfig,
+                 heads: dict[str, nn.Module] | None = None):
         super().__init__()
         self.config, self.enabled = cfg, True
         self.heads = nn.ModuleDict(heads or {})
         self.paths: list[str] = []
         self.adapters = nn.ModuleList()
-        self._hooks, self._linears = [], []  # plain lists: the base modules are the model's, not ours
+        # plain lists: the base modules are the model's, not ours
+        self._hooks, self._linears = [], []
         for parent, name, linear in projections(model):
             slices = {t: s for t, s in output_slices(name, linear).items() if t in cfg.targets}
             if not slices:
@@ -177,7 +187,8 @@ class LoRA(nn.Module):
             self.enabled = before
 
     def named_targets(self):
-        """(Hugging Face module path of the target, e.g. model.layers.0.self_attn.q_proj, its A, its B)."""
+        """(Hugging Face module path of the target, e.g. model.layers.0.self_attn.q_proj, its A, its
+        B)."""
         for parent, adapters in zip(self.paths, self.adapters):
             for t in adapters.slices:
                 yield f"{parent}.{t}", adapters.lora_A[t], adapters.lora_B[t]
@@ -203,8 +214,9 @@ def add_lora(model: nn.Module, cfg: LoRAConfig, heads: dict[str, nn.Module] | No
     mlp = [t for t in cfg.targets if t in ("gate_proj", "up_proj", "down_proj")]
     if moe is not None and mlp:
         raise ValueError(f"lora.target_modules has {','.join(mlp)}: on a mixture-of-experts model "
-                         f"({model.config.model_type}) PEFT applies them to the experts, which fusedrl does not "
-                         "adapt; set lora.target_modules=q_proj,k_proj,v_proj,o_proj")
+                         f"({model.config.model_type}) PEFT applies them to the experts, which "
+                         "fusedrl does not adapt; set "
+                         "lora.target_modules=q_proj,k_proj,v_proj,o_proj")
     model.requires_grad_(False)
     for head in (heads or {}).values():
         head.requires_grad_(True)

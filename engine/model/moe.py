@@ -1,11 +1,11 @@
 """The sparse mixture-of-experts block of Qwen3-MoE and Mixtral layers, and its routing trace.
 
 `SparseMoeBlock(h)`: the router (a linear layer, softmax or sigmoid scores in fp32, top-k,
-renormalized over the k when the config says so) picks each token's experts; the tokens' rows are sorted by expert
-(kernels.moe_sort, moe_permute), the experts run as two grouped GEMMs over all of them
-(kernels.grouped_linear: gate/up [E, 2I, H], then SiLU * up as in the dense MLP, then down [E, H, I])
-and kernels.moe_unpermute sums each token's k outputs weighted by its routing weights. No loop over
-experts and no host read: a decode step keeps its shapes whatever the routing.
+renormalized over the k when the config says so) picks each token's experts; the tokens' rows are
+sorted by expert (kernels.moe_sort, moe_permute), the experts run as two grouped GEMMs over all of
+them (kernels.grouped_linear: gate/up [E, 2I, H], then SiLU * up as in the dense MLP, then down [E,
+H, I]) and kernels.moe_unpermute sums each token's k outputs weighted by its routing weights. No
+loop over experts and no host read: a decode step keeps its shapes whatever the routing.
 
 Parameter names are transformers 5's (`mlp.gate.weight`, `mlp.experts.gate_up_proj`,
 `mlp.experts.down_proj`); hf_io maps them to the per-expert layout of checkpoints (weight_map.py).
@@ -71,7 +71,8 @@ class SparseMoeBlock(nn.Module):
         self.gate = Router(moe.num_experts, hidden_size, dtype)
         self.experts = Experts(moe, hidden_size, dtype)
         self.trace: RoutingTrace | None = None  # set by routing_trace for the forwards under it
-        self.expert_shard = None  # expert_parallel.shard_experts: this rank's experts of a process group
+        # expert_parallel.shard_experts: this rank's experts of a process group
+        self.expert_shard = None
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits [N, E] -> (experts [N, k] int64, weights [N, k]): the scores in fp32
@@ -82,8 +83,9 @@ class SparseMoeBlock(nn.Module):
         replay = self.trace.replay.get(self.layer_idx) if self.trace and self.trace.replay else None
         if replay is not None:
             if replay.shape != ids.shape:
-                raise ValueError(f"routing replay of layer {self.layer_idx} is {tuple(replay.shape)}: expected "
-                                 f"{tuple(ids.shape)} (tokens, top_k)")
+                raise ValueError(
+                    f"routing replay of layer {self.layer_idx} is {tuple(replay.shape)}: expected "
+                    f"{tuple(ids.shape)} (tokens, top_k)")
             ids = torch.where(replay >= 0, replay.to(ids.device), ids)
             weights = probs.gather(1, ids)
         if self.moe.norm_topk_prob:
@@ -106,7 +108,8 @@ class SparseMoeBlock(nn.Module):
         order, slot_rows, offsets = kernels.moe_sort(ids, self.moe.num_experts)
         rows = kernels.moe_permute(h, order, self.moe.top_k)  # [N*k, H] sorted by expert
         gate_up = kernels.grouped_linear(rows, self.experts.gate_up_proj, offsets)  # [N*k, 2I]
-        out = kernels.grouped_linear(prims.silu_mul(gate_up), self.experts.down_proj, offsets)  # [N*k, H]
+        # [N*k, H]
+        out = kernels.grouped_linear(prims.silu_mul(gate_up), self.experts.down_proj, offsets)
         return kernels.moe_unpermute(out, order, slot_rows, weights)
 
 
@@ -168,7 +171,7 @@ def routing_trace(model: nn.Module, replay: dict[int, torch.Tensor] | None = Non
     blocks = moe_blocks(model)
     outer = blocks[0].trace if blocks else None
     trace = RoutingTrace(replay=replay, out=out) if outer is None else RoutingTrace(
-        replay if replay is not None else outer.replay, out if out is not None else outer.out, outer.chosen,
-        outer.logits)
+        replay if replay is not None else outer.replay, out if out is not None else outer.out,
+        outer.chosen, outer.logits)
     with _attached(blocks, trace):
         yield trace

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 UNSUPPORTED_MOE = {
     "qwen2_moe": "shared experts (shared_expert + shared_expert_gate)",
     "deepseek_v2": "shared experts and grouped top-k routing (n_group / topk_group)",
-    "deepseek_v3": "shared experts and grouped top-k routing (n_group / topk_group) with sigmoid scores",
+    "deepseek_v3":
+    "shared experts and grouped top-k routing (n_group / topk_group) with sigmoid scores",
     "glm4_moe": "shared experts and grouped top-k routing with sigmoid scores",
     "olmoe": "q/k RMSNorm over the whole projection",
     "dbrx": "its fused expert layout and clipped q/k/v",
@@ -45,11 +46,14 @@ class MoEConfig:
 
     def __post_init__(self):
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"config.json: num_experts_per_tok={self.top_k} must be in [1, num_experts="
-                             f"{self.num_experts}]")
+            raise ValueError(
+                f"config.json: num_experts_per_tok={self.top_k} must be in [1, num_experts="
+                f"{self.num_experts}]")
         if self.scoring_func not in SCORING_FUNCS:
-            raise ValueError(f"config.json: scoring_func={self.scoring_func!r} is not supported (expected one of "
-                             f"{', '.join(SCORING_FUNCS)})")
+            raise ValueError(
+                f"config.json: scoring_func={self.scoring_func!r} is not supported (expected one "
+                "of "
+                f"{', '.join(SCORING_FUNCS)})")
 
 
 def moe_from_hf(hf_config, model_type: str) -> MoEConfig | None:
@@ -57,12 +61,15 @@ def moe_from_hf(hf_config, model_type: str) -> MoEConfig | None:
     if model_type == "mixtral":
         jitter = getattr(hf_config, "router_jitter_noise", 0.0) or 0.0
         if jitter:
-            raise ValueError(f"config.json: router_jitter_noise={jitter} is not supported (expected 0: the "
-                             "training forward must route as the sampler does)")
+            raise ValueError(
+                f"config.json: router_jitter_noise={jitter} is not supported (expected 0: the "
+                "training forward must route as the sampler does)")
         return MoEConfig(
-            num_experts=_positive(hf_config, "num_local_experts"), top_k=_positive(hf_config, "num_experts_per_tok"),
+            num_experts=_positive(hf_config, "num_local_experts"),
+            top_k=_positive(hf_config, "num_experts_per_tok"),
             intermediate_size=_positive(hf_config, "intermediate_size"),
-            sparse_layers=tuple(range(hf_config.num_hidden_layers)), norm_topk_prob=True, fp32_weights=True,
+            sparse_layers=tuple(range(hf_config.num_hidden_layers)), norm_topk_prob=True,
+            fp32_weights=True,
             router_aux_loss_coef=float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0),
             legacy_names=("block_sparse_moe", "w1", "w3", "w2"), scoring_func=_scoring(hf_config))
     if model_type == "qwen3_moe":
@@ -78,7 +85,8 @@ def moe_from_hf(hf_config, model_type: str) -> MoEConfig | None:
             intermediate_size=_positive(hf_config, "moe_intermediate_size"), sparse_layers=sparse,
             norm_topk_prob=bool(hf_config.norm_topk_prob), fp32_weights=False,
             router_aux_loss_coef=float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0),
-            legacy_names=("mlp", "gate_proj", "up_proj", "down_proj"), scoring_func=_scoring(hf_config))
+            legacy_names=("mlp", "gate_proj", "up_proj", "down_proj"),
+            scoring_func=_scoring(hf_config))
     return None
 
 

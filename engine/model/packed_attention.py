@@ -1,17 +1,17 @@
-"""Loop-free attention over many sequences with plain SDPA: the portable path (CPU, and CUDA without a
-varlen kernel for the dtype).
+"""Loop-free attention over many sequences with plain SDPA: the portable path (CPU, and CUDA without
+a varlen kernel for the dtype).
 
 Sequences are grouped by the powers of two just above their query and key lengths. One gather per
-tensor lays every group out as a right-padded batch ([b, Wq, H, D] queries, [b, Wk, Hkv, D] keys), each
-group runs as one SDPA call, and one more gather puts the rows back in pack order. The number of calls
-is the number of groups: at most (ceil(log2(longest query)) + 1) x (ceil(log2(longest key)) + 1), in
-practice 1-3, and it does not grow with the number of sequences. Rounding to powers of two bounds a
-group's padded work at 4x its real work (2x per side), where a [tile, tile] block-diagonal mask wastes
-tile / length (10x for 100-token sequences in a 1k tile).
+tensor lays every group out as a right-padded batch ([b, Wq, H, D] queries, [b, Wk, Hkv, D] keys),
+each group runs as one SDPA call, and one more gather puts the rows back in pack order. The number
+of calls is the number of groups: at most (ceil(log2(longest query)) + 1) x (ceil(log2(longest key))
++ 1), in practice 1-3, and it does not grow with the number of sequences. Rounding to powers of two
+bounds a group's padded work at 4x its real work (2x per side), where a [tile, tile] block-diagonal
+mask wastes tile / length (10x for 100-token sequences in a 1k tile).
 
 Query r of a sequence with Lq new tokens out of Lk sits at position Lk - Lq + r and sees keys
-0..Lk - Lq + r. Right padding puts the padded keys past every real row's last key, so a group with no
-cached prefix needs no mask at all and runs SDPA's causal kernel (forward and backward).
+0..Lk - Lq + r. Right padding puts the padded keys past every real row's last key, so a group with
+no cached prefix needs no mask at all and runs SDPA's causal kernel (forward and backward).
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ class _Group:
     num_seqs: int
     width_q: int  # longest query length in the group
     width_k: int  # longest key length in the group
-    query_offsets: torch.Tensor | None  # [b] Lk - Lq (cached prefix), on device; None when all are 0
+    # [b] Lk - Lq (cached prefix), on device; None when all are 0
+    query_offsets: torch.Tensor | None
 
 
 @dataclass
@@ -45,7 +46,8 @@ class PaddedPlan:
     groups: list[_Group]
     q_rows: torch.Tensor  # [sum b * Wq] pack row of each padded query (pads repeat a real row)
     key_seq_ids: torch.Tensor  # [sum b * Wk] sequence of each padded key
-    key_positions: torch.Tensor  # [sum b * Wk] position in its sequence (pads clamped to the last key)
+    # [sum b * Wk] position in its sequence (pads clamped to the last key)
+    key_positions: torch.Tensor
     key_starts: torch.Tensor  # [B] offset of each sequence's keys in a packed key tensor
     out_rows: torch.Tensor  # [N] padded row holding each pack row's output
 
@@ -55,7 +57,8 @@ def plan_groups(seqlens_q: list[int], seqlens_k: list[int], device) -> PaddedPla
     in NumPy (the lengths are host lists): the device only receives the finished index tensors."""
     len_q, len_k = np.asarray(seqlens_q, dtype=np.int64), np.asarray(seqlens_k, dtype=np.int64)
     if len_q.size == 0 or len_q.shape != len_k.shape or len_q.min() < 1 or (len_k < len_q).any():
-        raise ValueError(f"need 1 <= seqlens_q <= seqlens_k per sequence, got {seqlens_q} and {seqlens_k}")
+        raise ValueError(
+            f"need 1 <= seqlens_q <= seqlens_k per sequence, got {seqlens_q} and {seqlens_k}")
     q_starts = np.cumsum(len_q) - len_q
     # ceil(log2(L)) is below 64, so the pair makes one integer key (np.unique sorts the keys).
     _, group_of_seq = np.unique(_ceil_log2(len_q) * 64 + _ceil_log2(len_k), return_inverse=True)
@@ -76,8 +79,8 @@ def plan_groups(seqlens_q: list[int], seqlens_k: list[int], device) -> PaddedPla
     out_rows = np.empty(int(len_q.sum()), dtype=np.int64)
     out_rows[q_rows[padded_of_real]] = padded_of_real
     return PaddedPlan(groups, _long(q_rows, device), _long(np.concatenate(key_seq_ids), device),
-                      _long(np.concatenate(key_positions), device), _long(np.cumsum(len_k) - len_k, device),
-                      _long(out_rows, device))
+                      _long(np.concatenate(key_positions), device),
+                      _long(np.cumsum(len_k) - len_k, device), _long(out_rows, device))
 
 
 def packed_causal_attention(q, k, v, plan: PaddedPlan, scale: float):
@@ -117,8 +120,10 @@ def _grouped_attention(q, keys, values, key_rows, plan: PaddedPlan, scale: float
         mask = None
         if group.query_offsets is not None:  # bottom-right causal: row r sees keys <= offset + r
             last_key = group.query_offsets[:, None] + torch.arange(wq, device=q.device)  # [b, Wq]
-            mask = (torch.arange(wk, device=q.device) <= last_key[:, :, None])[:, None]  # [b, 1, Wq, Wk]
-        group_q = padded_q[start_q:start_q + b * wq].unflatten(0, (b, wq)).transpose(1, 2)  # [b, H, Wq, D]
+            # [b, 1, Wq, Wk]
+            mask = (torch.arange(wk, device=q.device) <= last_key[:, :, None])[:, None]
+        # [b, H, Wq, D]
+        group_q = padded_q[start_q:start_q + b * wq].unflatten(0, (b, wq)).transpose(1, 2)
         group_k, group_v = (x[start_k:start_k + b * wk].unflatten(0, (b, wk)).transpose(1, 2)
                             for x in (padded_k, padded_v))  # [b, Hkv, Wk, D]
         out = F.scaled_dot_product_attention(group_q, group_k, group_v, attn_mask=mask,

@@ -1,7 +1,8 @@
 """LoRA adapters in and out as a PEFT adapter directory, which `peft.PeftModel.from_pretrained`
 loads onto the transformers base model:
 
-    adapter_config.json          peft_type LORA, task_type, r, lora_alpha, lora_dropout, target_modules,
+    adapter_config.json          peft_type LORA, task_type, r, lora_alpha, lora_dropout,
+    target_modules,
                                  modules_to_save, ...
     adapter_model.safetensors    base_model.model.<module path>.lora_A.weight [r, in] and
                                  .lora_B.weight [out, r] per adapted projection, in the Hugging Face
@@ -47,7 +48,8 @@ _SEQ_CLS_HEAD_NAMES = {"score", "classifier"}
 PREFIX = "base_model.model."
 # PEFT options that change the adapters' math: read only at these values.
 _PLAIN_LORA = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
-               "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "lora_bias": False}
+               "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+               "lora_bias": False}
 
 
 def tensor_names(target_path: str) -> tuple[str, str]:
@@ -70,26 +72,32 @@ def head_tensors(lora: LoRA) -> dict[str, torch.Tensor]:
             for key, param in head.named_parameters()}
 
 
-def save_adapter(lora: LoRA, out_dir, base_model: str | None = None, reward_offset: float | None = None) -> None:
+def save_adapter(lora: LoRA, out_dir, base_model: str | None = None,
+                 reward_offset: float | None = None) -> None:
     """Write `lora` as a PEFT adapter directory `out_dir`, atomically replacing it (as save_model
-    does). `base_model`: the directory or hub id recorded as base_model_name_or_path; `reward_offset`:
-    a reward model's normalization offset, written to OFFSET_FILE. Collective under torchrun (every
-    rank calls it): tensor-parallel adapters are gathered whole (lora.whole), rank 0 writes."""
+    does). `base_model`: the directory or hub id recorded as base_model_name_or_path;
+    `reward_offset`: a reward model's normalization offset, written to OFFSET_FILE. Collective under
+    torchrun (every rank calls it): tensor-parallel adapters are gathered whole (lora.whole), rank 0
+    writes."""
     tensors = {}
     for path, a, b in lora.named_targets():
         name_a, name_b = tensor_names(path)
-        tensors[name_a], tensors[name_b] = (distributed.plain(p.detach()).cpu().contiguous() for p in (a, b))
+        tensors[name_a], tensors[name_b] = (distributed.plain(p.detach()).cpu().contiguous()
+                                            for p in (a, b))
     if not distributed.is_main():
         return
     tensors.update({name: p.detach().cpu().contiguous() for name, p in head_tensors(lora).items()})
     check_finite(tensors.items(), f"the adapters for {out_dir}")
     cfg = lora.config
-    config = {"peft_type": "LORA", "task_type": task_type(lora), "base_model_name_or_path": base_model,
+    config = {"peft_type": "LORA", "task_type": task_type(lora),
+              "base_model_name_or_path": base_model,
               "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-              "target_modules": list(cfg.targets), "init_lora_weights": True, "inference_mode": True,
+              "target_modules": list(cfg.targets), "init_lora_weights": True,
+              "inference_mode": True,
               "modules_to_save": list(lora.heads) or None, **_PLAIN_LORA}
     if reward_offset is not None:
-        check_finite([("reward_offset", torch.tensor(reward_offset))], f"the adapters for {out_dir}")
+        check_finite([("reward_offset", torch.tensor(reward_offset))],
+                     f"the adapters for {out_dir}")
     with written_whole(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -111,11 +119,13 @@ def adapter_heads(adapter_dir) -> tuple[str, ...]:
     path, raw = _raw_config(adapter_dir)
     task, saved = raw.get("task_type") or "CAUSAL_LM", set(raw.get("modules_to_save") or ())
     if task not in TASK_HEADS:
-        raise ModelError(f"{path}: task_type={task!r} is not supported (expected one of {list(TASK_HEADS)})")
+        raise ModelError(
+            f"{path}: task_type={task!r} is not supported (expected one of {list(TASK_HEADS)})")
     allowed = _SEQ_CLS_HEAD_NAMES if task == "SEQ_CLS" else set()
     if not saved <= allowed:
-        raise ModelError(f"{path}: modules_to_save={raw['modules_to_save']!r} is not supported for task_type "
-                         f"{task} (expected {sorted(allowed) or None})")
+        raise ModelError(
+            f"{path}: modules_to_save={raw['modules_to_save']!r} is not supported for task_type "
+            f"{task} (expected {sorted(allowed) or None})")
     return TASK_HEADS[task]
 
 
@@ -134,7 +144,8 @@ def adapter_config(adapter_dir) -> LoRAConfig:
         raise ModelError(f"{path}: target_modules={targets!r}: expected a list of projection names")
     try:
         return LoRAConfig(rank=raw.get("r"), alpha=float(raw.get("lora_alpha")),
-                          dropout=float(raw.get("lora_dropout", 0.0)), target_modules=",".join(targets))
+                          dropout=float(raw.get("lora_dropout", 0.0)),
+                          target_modules=",".join(targets))
     except (TypeError, ValueError) as e:
         raise ModelError(f"{path}: {e}") from None
 
@@ -147,7 +158,8 @@ def read_adapter_weights(lora: LoRA, adapter_dir) -> LoRA:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
-    params = {name: param for target, a, b in lora.named_targets() for name, param in zip(tensor_names(target), (a, b))}
+    params = {name: param for target, a, b in lora.named_targets()
+              for name, param in zip(tensor_names(target), (a, b))}
     params.update(head_tensors(lora))
     with torch.no_grad():
         for name, param in params.items():
@@ -160,8 +172,9 @@ def read_adapter_weights(lora: LoRA, adapter_dir) -> LoRA:
             local.copy_(tensors[name][tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))])
     unexpected = sorted(set(tensors) - set(params))
     if unexpected:
-        raise ModelError(f"{path}: unexpected tensor {unexpected[0]!r}: not an adapter of this model's "
-                         f"projections for target_modules={lora.config.target_modules!r}")
+        raise ModelError(
+            f"{path}: unexpected tensor {unexpected[0]!r}: not an adapter of this model's "
+            f"projections for target_modules={lora.config.target_modules!r}")
     return lora
 
 
@@ -171,9 +184,11 @@ def load_adapter(model, adapter_dir) -> LoRA:
     names = adapter_heads(adapter_dir)
     missing = [name for name in names if not hasattr(model, name)]
     if missing:
-        raise ModelError(f"{adapter_dir}: a sequence-classification adapter (modules_to_save {list(names)}) "
-                         f"needs a reward model, got a {type(model).__name__} without {missing[0]!r}")
-    lora = add_lora(model, adapter_config(adapter_dir), {name: getattr(model, name) for name in names})
+        raise ModelError(
+            f"{adapter_dir}: a sequence-classification adapter (modules_to_save {list(names)}) "
+            f"needs a reward model, got a {type(model).__name__} without {missing[0]!r}")
+    lora = add_lora(model, adapter_config(adapter_dir),
+                    {name: getattr(model, name) for name in names})
     return read_adapter_weights(lora, adapter_dir)
 
 
@@ -189,12 +204,12 @@ def read_reward_offset(adapter_dir) -> float | None:
 
 
 def merge_adapter(adapter_dir, base_dir, out_dir, dtype="auto", overwrite: bool = False) -> None:
-    """Write `base_dir`'s model with `adapter_dir`'s adapters merged into its weights (summed in fp32,
-    rounded once into `dtype`, default the base checkpoint's) as a transformers-loadable `out_dir`:
-    a causal LM, or for a SEQ_CLS adapter a reward model (engine/model/reward_model.py) with the
-    adapter's score head and its reward offset (else the base's). The base of a SEQ_CLS adapter is a
-    causal LM (a reward model run's) or a reward model (the LoRA critic's: the merge is then the
-    critic as a sequence classifier, its value head as the score head).
+    """Write `base_dir`'s model with `adapter_dir`'s adapters merged into its weights (summed in
+    fp32, rounded once into `dtype`, default the base checkpoint's) as a transformers-loadable
+    `out_dir`: a causal LM, or for a SEQ_CLS adapter a reward model (engine/model/reward_model.py)
+    with the adapter's score head and its reward offset (else the base's). The base of a SEQ_CLS
+    adapter is a causal LM (a reward model run's) or a reward model (the LoRA critic's: the merge is
+    then the critic as a sequence classifier, its value head as the score head).
     `out_dir` must be new, empty, or an earlier export (replaced only with `overwrite`); never an
     input or a directory holding one (engine/run_dir.py). It is locked like a run directory while
     the export is written beside it, and looked at again before the rename: anything that appeared

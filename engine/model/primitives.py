@@ -11,9 +11,10 @@ layers, its ops taken from the set the caller chooses by purpose.
   row's result independent of the batch, plus its attention and log-softmax.
 
 Which implementation runs is not a set of its own: every op asks fusedrl.kernels' decider, and the
-walk runs all its ops on one model backend (`kernels.model_backend`): "triton" on CUDA, "torch" on the
-CPU, where the ops fall back to their references, the eager compositions transformers runs op for op
-(which keeps the fp32 parity with transformers tight). Every field means the same in every set:
+walk runs all its ops on one model backend (`kernels.model_backend`): "triton" on CUDA, "torch" on
+the CPU, where the ops fall back to their references, the eager compositions transformers runs op
+for op (which keeps the fp32 parity with transformers tight). Every field means the same in every
+set:
   linear(x [N, K], weight [O, K], bias [O] or None) -> [N, O]
   add_rms_norm(x, residual or None, weight, eps) -> (RMSNorm(x + residual), x + residual)
   rope(q [N, H, D], k [N, Hkv, D], cos [N, D], sin [N, D]) -> rotated (q, k)
@@ -26,8 +27,8 @@ CPU, where the ops fall back to their references, the eager compositions transfo
       where FSDP gathers its parameters; `past_hooks(prims)` calls its forward on the parameters it
       holds: the persistent gathered buffers)
 `EXACT` adds
-  attention(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position) -> [N, H, D]
-  row_logprobs(logits [R, V] fp32, tokens [R], temperatures [R]) -> (logp [R], entropy [R])
+  attention(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position) -> [N,
+  H, D] row_logprobs(logits [R, V] fp32, tokens [R], temperatures [R]) -> (logp [R], entropy [R])
 and its linear takes out_dtype (the LM head's fp32 logits).
 """
 from __future__ import annotations
@@ -72,7 +73,8 @@ def enter(layer, *args):
 
 def enter_past_hooks(layer, *args):
     """A layer's forward on the parameters it holds now, past its hooks (FSDP's, which would
-    all-gather them): how the walk runs on weights that stay put (the persistent gathered buffers)."""
+    all-gather them): how the walk runs on weights that stay put (the persistent gathered
+    buffers)."""
     return layer.forward(*args)
 
 
@@ -82,11 +84,12 @@ def past_hooks(prims: SimpleNamespace) -> SimpleNamespace:
 
 
 FORWARD = SimpleNamespace(linear=F.linear, add_rms_norm=add_rms_norm, rope=kernels.rope,
-                          silu_mul=kernels.silu_mul, norm_linear=composed_norm_linear, embed=embed, enter=enter)
+                          silu_mul=kernels.silu_mul, norm_linear=composed_norm_linear, embed=embed,
+                          enter=enter)
 
 DECODE = SimpleNamespace(**{**vars(FORWARD), "norm_linear": _decode_norm_linear})
 
 EXACT = SimpleNamespace(linear=exact.linear, add_rms_norm=exact.add_rms_norm, rope=exact.rope,
-                        silu_mul=exact.silu_mul, norm_linear=composed_norm_linear, embed=embed, enter=enter,
-                        attention=exact.attention,
+                        silu_mul=exact.silu_mul, norm_linear=composed_norm_linear, embed=embed,
+                        enter=enter, attention=exact.attention,
                         row_logprobs=exact.row_logprobs)

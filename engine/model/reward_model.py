@@ -25,7 +25,8 @@ from .scalar_head import ScalarHead
 
 
 class RewardModel(CausalLM):
-    """CausalLM + `score` head. `reward_offset` is subtracted from raw scores (0 until normalized)."""
+    """CausalLM + `score` head. `reward_offset` is subtracted from raw scores (0 until
+    normalized)."""
 
     def __init__(self, config: ModelConfig, dtype=torch.float32):
         # Own copy of the HF config: saving writes num_labels and the offset into it.
@@ -40,7 +41,8 @@ class RewardModel(CausalLM):
         return self.score(hidden.index_select(0, last)).squeeze(-1)
 
     @torch.no_grad()
-    def rewards(self, input_ids: torch.Tensor, seqlens: list[int], positions=None, cu_seqlens=None) -> torch.Tensor:
+    def rewards(self, input_ids: torch.Tensor, seqlens: list[int], positions=None,
+                cu_seqlens=None) -> torch.Tensor:
         """Normalized rewards [S] of packed sequences input_ids [N] (positions, cu_seqlens: see
         forward_packed)."""
         hidden = self.forward_packed(input_ids, seqlens, positions, cu_seqlens)
@@ -63,7 +65,8 @@ def reward_model_from_lm(lm: CausalLM) -> RewardModel:
     rm = rebuild_as(RewardModel, lm, lm.state_dict(), strict=False)
     missing, unexpected = rm.load_report
     if set(missing) != {"score.weight"} or unexpected:
-        raise ValueError(f"cannot build a reward model from this LM: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"cannot build a reward model from this LM: missing {missing}, unexpected {unexpected}")
     nn.init.zeros_(rm.score.weight)
     return rm
 
@@ -71,7 +74,8 @@ def reward_model_from_lm(lm: CausalLM) -> RewardModel:
 def save_reward_model(rm: RewardModel, out_dir, source_dir=None, kind=None, before_rename=None):
     """Write the reward model as described in the module docstring (atomically, via save_model,
     which marks it as the output of the command `kind` when given and calls `before_rename`)."""
-    check_finite([("reward_offset", torch.tensor(rm.reward_offset))], f"the reward model for {out_dir}")
+    check_finite([("reward_offset", torch.tensor(rm.reward_offset))],
+                 f"the reward model for {out_dir}")
     hf = rm.config.hf_config
     hf.num_labels = 1
     hf.reward_offset = rm.reward_offset
@@ -79,7 +83,8 @@ def save_reward_model(rm: RewardModel, out_dir, source_dir=None, kind=None, befo
 
 
 def load_reward_model(model_dir, dtype="auto", device="cpu", shard=None) -> RewardModel:
-    """Load a directory written by `save_reward_model` (offset included); `shard`: see hf_io.load_model."""
+    """Load a directory written by `save_reward_model` (offset included); `shard`: see
+    hf_io.load_model."""
     return load_model(model_dir, dtype=dtype, device=device, model_cls=RewardModel, shard=shard)
 
 
@@ -88,4 +93,5 @@ def load_or_start_reward_model(model_dir, dtype="auto", device="cpu") -> RewardM
     directory with a fresh zero score head (as reward_model_from_lm gives)."""
     if getattr(load_config(model_dir).hf_config, "reward_offset", None) is not None:
         return load_reward_model(model_dir, dtype=dtype, device=device)
-    return load_model(model_dir, dtype=dtype, device=device, model_cls=RewardModel, fresh=["score.weight"])
+    return load_model(model_dir, dtype=dtype, device=device, model_cls=RewardModel,
+                      fresh=["score.weight"])

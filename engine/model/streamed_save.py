@@ -25,14 +25,17 @@ from .weight_map import Block, hf_blocks, hf_shape, local_box
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-           torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+           torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
 
 
 def check_finite_shards(model: nn.Module, what: str) -> None:
     """NonFiniteError (on every rank) naming the first parameter with a NaN or inf in any rank's
-    shard; collective (one reduction), nothing gathered. One host sync per parameter, at save only."""
+    shard; collective (one reduction), nothing gathered. One host sync per parameter, at save
+    only."""
     named = list(model.named_parameters())
-    flags = [bool(p.is_floating_point() and not torch.isfinite(local_box(p)[0]).all()) for _, p in named]
+    flags = [bool(p.is_floating_point() and not torch.isfinite(local_box(p)[0]).all())
+             for _, p in named]
     flags = distributed.all_reduce_tensor(torch.tensor(flags + [False], dtype=torch.int32), "max")
     bad = flags.nonzero()
     if bad.numel():
@@ -45,8 +48,9 @@ def write_weights(model: nn.Module, directory, max_shard_bytes: int, skip=()) ->
     files and their index past max_shard_bytes. Collective."""
     blocks = {name: b for name, b in hf_blocks(model).items() if name not in skip}
     files = _split(blocks, max_shard_bytes)
-    names = [SINGLE_FILE] if len(files) == 1 else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-                                                   for i in range(len(files))]
+    names = [SINGLE_FILE] if len(files) == 1 else [
+        f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        for i in range(len(files))]
     gathered: dict = {}  # the one whole parameter held: its parts may be several tensors in a row
     for file, group in zip(names, files):
         out = None if directory is None else open(Path(directory) / file, "wb")
@@ -110,8 +114,11 @@ def _header(blocks: dict) -> bytes:
     for name, b in blocks.items():
         dtype = b[0].param.dtype
         if dtype not in _DTYPES:
-            raise TypeError(f"tensor {name!r} is {dtype}: safetensors export supports {sorted(map(str, _DTYPES))}")
-        entries[name] = {"dtype": _DTYPES[dtype], "shape": list(hf_shape(b)), "data_offsets": [at, at + _nbytes(b)]}
+            raise TypeError(
+                f"tensor {name!r} is {dtype}: safetensors export supports "
+                f"{sorted(map(str, _DTYPES))}")
+        entries[name] = {"dtype": _DTYPES[dtype], "shape": list(hf_shape(b)),
+                         "data_offsets": [at, at + _nbytes(b)]}
         at += _nbytes(b)
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)

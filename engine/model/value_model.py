@@ -26,9 +26,9 @@ from .lora import add_lora
 
 class PackedTargets(Protocol):
     """What a value forward reads of a packed batch (engine/data/packing.py's PackedBatch is one):
-    the packed tokens [N] with their sequence lengths, positions [N] and boundaries [S + 1], the rows
-    [M] whose hidden states predict the targets, the rows' shared prompts (their prefix groups and
-    prompt lengths, [] when not shared), and the scatter of [M] target values to a grid."""
+    the packed tokens [N] with their sequence lengths, positions [N] and boundaries [S + 1], the
+    rows [M] whose hidden states predict the targets, the rows' shared prompts (their prefix groups
+    and prompt lengths, [] when not shared), and the scatter of [M] target values to a grid."""
     input_ids: torch.Tensor
     seqlens: list[int]
     positions: Optional[torch.Tensor]
@@ -98,7 +98,8 @@ class LoRACritic(nn.Module):
         self.lora.merge_()
         with torch.device("meta"):
             view = ValueModel(self.trunk.config, self.trunk.lm_head.weight.dtype)
-        view.model, view.lm_head, view.value_head = self.trunk.model, self.trunk.lm_head, self.value_head
+        view.model, view.lm_head = self.trunk.model, self.trunk.lm_head
+        view.value_head = self.value_head
         return view
 
 
@@ -119,12 +120,14 @@ def save_value_model(critic: ValueModel, out_dir, source_dir=None):
     save_model(critic, out_dir, source_dir=source_dir)
 
 
-def load_value_model(model_dir, dtype="auto", device="cpu", shard=None, start: Optional[str] = None) -> ValueModel:
+def load_value_model(model_dir, dtype="auto", device="cpu", shard=None,
+                     start: Optional[str] = None) -> ValueModel:
     """A ValueModel from `model_dir` (`shard`: see hf_io.load_model). start="reward_model": the
     directory is a reward model's, whose score head becomes the value head; "lm": a causal LM's,
     with a zero value head; None: a critic's own directory (value_head.weight in it)."""
     if start not in (None, "reward_model", "lm"):
         raise ValueError(f"start={start!r}: expected None, 'reward_model' or 'lm'")
     return load_model(model_dir, dtype=dtype, device=device, model_cls=ValueModel, shard=shard,
-                      renames={"score.weight": "value_head.weight"} if start == "reward_model" else None,
+                      renames={"score.weight": "value_head.weight"} if start == "reward_model"
+                      else None,
                       fresh=["value_head.weight"] if start == "lm" else ())

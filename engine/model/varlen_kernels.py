@@ -2,11 +2,12 @@
 
 `varlen_kernel(q)` gives `call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale)`: causal
 attention of packed sequences whose queries are the last of their keys (bottom-right aligned, as
-flash-attention 2 aligns them), q [Nq, H, D], k/v [Nk, Hkv, D] -> [Nq, H, D], differentiable; or None
-where the padded SDPA path runs. Which kernel is `kernels.attention_backend(q)`'s answer: flash-attn,
-else torch's own `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), whose keyword arguments
-changed between releases (2.10 takes `is_causal`; later ones `window_size=(-1, 0)`, `scale` and
-`enable_gqa`; without the last, GQA runs as one call per member of the query groups, K/V as they
+flash-attention 2 aligns them), q [Nq, H, D], k/v [Nk, Hkv, D] -> [Nq, H, D], differentiable; or
+None where the padded SDPA path runs. Which kernel is `kernels.attention_backend(q)`'s answer:
+flash-attn, else torch's own `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), whose keyword
+arguments changed between releases (2.10 takes `is_causal`; later ones `window_size=(-1, 0)`,
+`scale` and `enable_gqa`; without the last, GQA runs as one call per member of the query groups, K/V
+as they
 are: `_grouped_calls`), so it is adapted from its signature and, before its first use on a device
 and dtype, checked against SDPA on a small case: a torch build whose kernel fails the check is not
 used (a warning says so) and attention takes the padded SDPA path.

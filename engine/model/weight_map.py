@@ -45,7 +45,8 @@ def hf_blocks(model: nn.Module) -> dict[str, list[Block]]:
     """Hugging Face tensor name -> its row blocks, in the model's parameter order (a packed
     projection's parts in their row_blocks order). The tied LM head appears once, as the embedding
     (named_parameters lists a shared parameter once)."""
-    packed = {name: module for name, module in model.named_modules() if isinstance(module, PackedProjection)}
+    packed = {name: module for name, module in model.named_modules()
+              if isinstance(module, PackedProjection)}
     blocks: dict[str, list[Block]] = {}
     for name, param in model.named_parameters():
         owner, _, leaf = name.rpartition(".")
@@ -60,7 +61,8 @@ def hf_blocks(model: nn.Module) -> dict[str, list[Block]]:
 
 
 def _moe_blocks(model: nn.Module):
-    """(module path, block, parameter names) of every MoE block, e.g. ("model.layers.0.mlp", ...)."""
+    """(module path, block, parameter names) of every MoE block, e.g. ("model.layers.0.mlp",
+    ...)."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [(path, m, names) for path, m in model.named_modules() if isinstance(m, SparseMoeBlock)]
 
@@ -74,9 +76,11 @@ def per_expert_blocks(model: nn.Module, blocks: dict) -> dict:
             blocks.pop(f"{path}.{leaf}", None)
         base, gate, up, down = block.moe.legacy_names
         prefix, size = f"{path.rpartition('.')[0]}.{base}", block.moe.intermediate_size
-        router, gate_up, down_w = block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj
-        blocks[f"{prefix}.gate.weight"] = [Block(f"{prefix}.gate.weight", names[id(router)], router, 0, 0,
-                                                 router.shape[0])]
+        router = block.gate.weight
+        gate_up, down_w = block.experts.gate_up_proj, block.experts.down_proj
+        blocks[f"{prefix}.gate.weight"] = [
+            Block(f"{prefix}.gate.weight", names[id(router)], router, 0, 0,
+                  router.shape[0])]
         for e in range(block.moe.num_experts):
             for part, row in ((gate, 0), (up, size)):
                 name = f"{prefix}.experts.{e}.{part}.weight"
@@ -97,12 +101,15 @@ def packed_blocks(model: nn.Module) -> dict[str, tuple[list, list[str]]]:
 
         def whole(name, param):
             return [Block(name, names[id(param)], param, 0, 0, param.shape[0])]
-        packed[f"{path}.experts.gate_up_proj"] = (whole(f"{path}.experts.gate_up_proj", block.experts.gate_up_proj), [
+        packed[f"{path}.experts.gate_up_proj"] = (
+            whole(f"{path}.experts.gate_up_proj", block.experts.gate_up_proj), [
             f"{prefix}.experts.{e}.{part}.weight" for e in range(n) for part in (gate, up)])
-        packed[f"{path}.experts.down_proj"] = (whole(f"{path}.experts.down_proj", block.experts.down_proj),
-                                               [f"{prefix}.experts.{e}.{down}.weight" for e in range(n)])
+        packed[f"{path}.experts.down_proj"] = (
+            whole(f"{path}.experts.down_proj", block.experts.down_proj),
+            [f"{prefix}.experts.{e}.{down}.weight" for e in range(n)])
         if f"{prefix}.gate.weight" != f"{path}.gate.weight":
-            packed[f"{path}.gate.weight"] = (whole(f"{path}.gate.weight", block.gate.weight), [f"{prefix}.gate.weight"])
+            packed[f"{path}.gate.weight"] = (whole(f"{path}.gate.weight", block.gate.weight),
+                                             [f"{prefix}.gate.weight"])
     return packed
 
 
@@ -118,9 +125,13 @@ def local_box(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     if hasattr(tensor, "to_local"):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
         local = tensor.to_local()
-        shape, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-        if tuple(shape) != tuple(local.shape):  # guards the offsets: they are only right for this layout
-            raise ValueError(f"a local shard of shape {tuple(local.shape)}: expected {tuple(shape)} from its placements")
+        shape, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
+                                                               tensor.placements)
+        # guards the offsets: they are only right for this layout
+        if tuple(shape) != tuple(local.shape):
+            raise ValueError(
+                f"a local shard of shape {tuple(local.shape)}: expected {tuple(shape)} from its "
+                "placements")
         return local, list(offsets)
     return tensor, [0] * tensor.dim()
 
@@ -137,15 +148,16 @@ def overlap(block: Block, offsets: list[int], shape) -> Optional[tuple[tuple, tu
     if hi <= lo or any(n == 0 for n in shape):
         return None
     shift = block.part_row - block.row
-    source = (slice(lo + shift, hi + shift), *(slice(o, o + n) for o, n in zip(offsets[1:], shape[1:])))
+    source = (slice(lo + shift, hi + shift),
+              *(slice(o, o + n) for o, n in zip(offsets[1:], shape[1:])))
     target = (*lead, slice(lo - offsets[0], hi - offsets[0]), *(slice(0, n) for n in shape[1:]))
     return source, target
 
 
 @torch.no_grad()
 def add_rows(param: torch.Tensor, row: int, delta: torch.Tensor) -> None:
-    """param[row:row + R] += delta [R, ...] (summed in fp32, rounded once into param's dtype), on this
-    rank's shard only: each rank adds the rows and columns it holds."""
+    """param[row:row + R] += delta [R, ...] (summed in fp32, rounded once into param's dtype), on
+    this rank's shard only: each rank adds the rows and columns it holds."""
     local, offsets = local_box(param)
     found = overlap(Block("", "", param, row, 0, delta.shape[0]), offsets, local.shape)
     if found is not None:

@@ -39,7 +39,8 @@ from . import distributed
 class ContextParallel:
     """The context group of this rank: `size` ranks (C), this rank's index `rank` in it, `group` its
     process group; `data_group`: the process group of the ranks holding different rows (one of each
-    block of C x `tensor` consecutive ranks: a context group of tensor groups, train.tensor_parallel)."""
+    block of C x `tensor` consecutive ranks: a context group of tensor groups,
+    train.tensor_parallel)."""
 
     size: int
     rank: int
@@ -72,7 +73,8 @@ class ContextShard:
     target_counts: list[int]
 
 
-def shard_pack(input_ids, seqlens: list[int], positions, target_rows, target_ids, cp: ContextParallel
+def shard_pack(input_ids, seqlens: list[int], positions, target_rows, target_ids,
+               cp: ContextParallel
                ) -> ContextShard:
     """This rank's ContextShard of a pack: input_ids, positions [N], seqlens [S] (sum N),
     target_rows [M] (increasing pack rows), target_ids [M]. The padding segment (its ids 0, its
@@ -95,21 +97,23 @@ def shard_pack(input_ids, seqlens: list[int], positions, target_rows, target_ids
             seqlens_k.append(last - seq_start)
             key_rows.append(torch.arange(seq_start, last))
         seq_start = seq_end
-    cu_q, cu_k = (torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-                  for lens in (seqlens_q, seqlens_k))
-    meta = AttentionMetadata(seqlens_q=seqlens_q, seqlens_k=seqlens_k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                             key_rows=torch.cat(key_rows).to(device))
+    cu_q, cu_k = (
+        torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        for lens in (seqlens_q, seqlens_k))
+    meta = AttentionMetadata(seqlens_q=seqlens_q, seqlens_k=seqlens_k, cu_seqlens_q=cu_q,
+                             cu_seqlens_k=cu_k, key_rows=torch.cat(key_rows).to(device))
     # Targets are in pack order: each rank's are one run of them (one host read of C + 1 bounds).
     bounds = torch.arange(c + 1, device=device) * length
     cuts = torch.searchsorted(target_rows, bounds).tolist()
     lo, hi = cuts[cp.rank], cuts[cp.rank + 1]
-    return ContextShard(input_ids[start:end], positions[start:end], meta, target_rows[lo:hi] - start,
-                        target_ids[lo:hi], [b - a for a, b in zip(cuts, cuts[1:])])
+    return ContextShard(input_ids[start:end], positions[start:end], meta,
+                        target_rows[lo:hi] - start, target_ids[lo:hi],
+                        [b - a for a, b in zip(cuts, cuts[1:])])
 
 
 class _GatherShards(torch.autograd.Function):
-    """[L, ...] per rank -> [C * L, ...] in rank order; backward: the gradients of every rank summed,
-    this rank's rows (each rank's attention reads every rank's keys)."""
+    """[L, ...] per rank -> [C * L, ...] in rank order; backward: the gradients of every rank
+    summed, this rank's rows (each rank's attention reads every rank's keys)."""
 
     @staticmethod
     def forward(ctx, x, cp: ContextParallel):
@@ -165,15 +169,18 @@ def attend_over_context(meta: AttentionMetadata, cp: ContextParallel):
     return attend
 
 
-def shard_logprobs(model, packed, cp: ContextParallel, temperature: float = 1.0, with_entropy: bool = False):
+def shard_logprobs(model, packed, cp: ContextParallel, temperature: float = 1.0,
+                   with_entropy: bool = False):
     """The target log-probs of a whole pack (a PackedBatch) through this rank's shard of it, the C
     ranks of `cp` each forwarding theirs (model: a CausalLM) -> fp32 log-probs [M] of every target,
     and with_entropy (log-probs [M], entropy [M]), the same on every rank of the group."""
     model.check_input_ids(packed.input_ids)
-    shard = shard_pack(packed.input_ids, packed.seqlens, packed.positions, packed.target_rows, packed.target_ids, cp)
-    hidden = model.entry()(shard.input_ids, shard.positions, attend=attend_over_context(shard.meta, cp))
-    out = lm_head_logprobs(hidden.index_select(0, shard.target_rows), model.lm_head.weight, shard.target_ids,
-                           temperature=temperature, with_entropy=with_entropy)
+    shard = shard_pack(packed.input_ids, packed.seqlens, packed.positions, packed.target_rows,
+                       packed.target_ids, cp)
+    hidden = model.entry()(shard.input_ids, shard.positions,
+                           attend=attend_over_context(shard.meta, cp))
+    out = lm_head_logprobs(hidden.index_select(0, shard.target_rows), model.lm_head.weight,
+                           shard.target_ids, temperature=temperature, with_entropy=with_entropy)
     if with_entropy:
         return tuple(gather_targets(x, shard.target_counts, cp) for x in out)
     return gather_targets(out, shard.target_counts, cp)

@@ -152,7 +152,8 @@ def sub_mesh(device_type: str, sizes: tuple[int, ...], names: tuple[str, ...], n
     """ParallelDims.sub of the mesh of `sizes` along `names`, one object per name (the optimizer
     groups DTensors by their mesh)."""
     mesh = device_mesh(device_type, sizes, names)
-    if name == "data" and names[:2] == ("data", "context"):  # context ranks share the weights: FSDP2 over both
+    # context ranks share the weights: FSDP2 over both
+    if name == "data" and names[:2] == ("data", "context"):
         return mesh["data", "context"]._flatten("data_context")
     if name != "data" or names == ("data", "tensor"):
         return mesh if names == (name,) else mesh[name]

@@ -4,8 +4,8 @@ and FSDP2 sharding (`torch.distributed.fsdp.fully_shard`).
 Without torchrun (no WORLD_SIZE, or WORLD_SIZE=1) nothing here starts a process group and every
 helper is the identity of one process: world_size() == 1, rank() == 0, reductions return their
 input, shard() returns the model untouched. Under torchrun, `init_distributed` joins the group
-(NCCL for CUDA tensors, gloo for CPU ones) with a timeout, so a collective waiting on a dead rank fails
-instead of hanging; torchrun itself stops the other ranks when one exits with an error.
+(NCCL for CUDA tensors, gloo for CPU ones) with a timeout, so a collective waiting on a dead rank
+fails instead of hanging; torchrun itself stops the other ranks when one exits with an error.
 
 Reductions run where their tensors are: a CUDA tensor is reduced in place by NCCL (queued on the
 stream like any kernel: no copy to the host, no host sync), a CPU tensor by gloo. The one host read
@@ -175,8 +175,8 @@ def all_reduce_tensor(x: torch.Tensor, op: str = "sum", ranks: DataRanks = WORLD
 def average_replicated_gradients(optimizers) -> None:
     """Average over the ranks the gradients of the optimizers' parameters that FSDP does not shard
     (plain tensors every rank holds whole: LoRA adapters and their heads) and over the replicas the
-    gradients of expert-parallel experts (DTensors on the expert mesh: their replicas' mean); FSDP's own
-    (other DTensors) are averaged in the backward already (tensor-parallel ones, LoRA's sliced
+    gradients of expert-parallel experts (DTensors on the expert mesh: their replicas' mean); FSDP's
+    own (other DTensors) are averaged in the backward already (tensor-parallel ones, LoRA's sliced
     adapters included, by TensorParallel.average_over_data). One flat all-reduce per group, device
     and dtype. Every rank must hold gradients for the same parameters (they ran the same forwards).
     One process: nothing."""
@@ -193,7 +193,8 @@ def average_replicated_gradients(optimizers) -> None:
                     groups.setdefault((None, p.grad.device, p.grad.dtype), []).append(p.grad)
                 elif "expert_replica" in (p.device_mesh.mesh_dim_names or ()):
                     replicas = p.device_mesh.get_group("expert_replica")
-                    groups.setdefault((replicas, p.grad.device, p.grad.dtype), []).append(p.grad.to_local())
+                    groups.setdefault((replicas, p.grad.device, p.grad.dtype),
+                                      []).append(p.grad.to_local())
     for (process_group, _, _), grads in groups.items():
         if process_group is not None and dist.get_world_size(process_group) == 1:
             continue  # experts sharded over the whole world: no replica
@@ -246,8 +247,8 @@ def data_parallel_sum(ranks: DataRanks = WORLD) -> Optional[Callable[[torch.Tens
 
 
 def gather_rows(x: torch.Tensor, ranks: DataRanks = WORLD) -> torch.Tensor:
-    """[R, ...] on each (data) rank -> [W * R, ...] on x's device, rank 0's rows first (the same R on
-    every rank); gathered where x is (NCCL for CUDA, gloo for CPU)."""
+    """[R, ...] on each (data) rank -> [W * R, ...] on x's device, rank 0's rows first (the same R
+    on every rank); gathered where x is (NCCL for CUDA, gloo for CPU)."""
     if ranks.size() == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(ranks.size())]
@@ -269,9 +270,9 @@ def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = No
     state 1/N per rank); "replicate": every rank keeps whole parameters and optimizer state and
     gradients are all-reduced (HSDP with a shard group of one rank), for models small enough;
     "hybrid": HSDP, full shard within each group of `group_size` consecutive ranks (one node's by
-    default: dims.shard_group_size) and whole copies across the groups, whose gradients FSDP all-reduces
-    once per step (the one collective that crosses nodes); `mesh` given: over it instead (the data
-    dimension of ParallelDims.mesh). One process: the model as is. Works on
+    default: dims.shard_group_size) and whole copies across the groups, whose gradients FSDP
+    all-reduces once per step (the one collective that crosses nodes); `mesh` given: over it instead
+    (the data dimension of ParallelDims.mesh). One process: the model as is. Works on
     a model still on the meta device (engine/model/hf_io.load_model shards before it allocates):
     `device_type` then names the device it will live on.
     `keep`: modules whose parameters stay plain tensors every rank holds whole (the heads trained
@@ -289,8 +290,9 @@ def shard(model: nn.Module, mode: str = "shard", device_type: Optional[str] = No
     if mesh is None:
         mesh = ParallelDims.data_only(mode, world_size(), device_type, group_size).sub("data")
     if offload and keep:
-        raise ValueError("offload: the kept (whole) modules would rest in CPU memory too; offload a model "
-                         "without kept heads (a full fine-tune, a frozen model)")
+        raise ValueError(
+            "offload: the kept (whole) modules would rest in CPU memory too; offload a model "
+            "without kept heads (a full fine-tune, a frozen model)")
     # Pinned host memory needs CUDA; on a CPU run the shards are where they already are.
     policy = CPUOffloadPolicy(pin_memory=device_type == "cuda") if offload else OffloadPolicy()
     ignored = {p for module in keep for p in module.parameters()}
@@ -359,7 +361,8 @@ def gathered(*models: nn.Module) -> Iterator[None]:
 
 def reshard(*models: nn.Module) -> None:
     """Every FSDP unit of `models` back to its shards (a root unit stays gathered after a forward
-    without backward): its parameters then are the DTensors that hold the values. No-op unsharded."""
+    without backward): its parameters then are the DTensors that hold the values. No-op
+    unsharded."""
     for model in models:
         for unit in fsdp_units(model):
             unit.reshard()

@@ -63,7 +63,8 @@ def shard_experts(model: nn.Module, group=None, mesh=None) -> None:
     for block in moe_blocks(model):
         n = block.moe.num_experts
         if n % world:
-            raise ValueError(f"expert parallelism over {world} ranks needs num_experts divisible by it, got {n}")
+            raise ValueError(
+                f"expert parallelism over {world} ranks needs num_experts divisible by it, got {n}")
         local = n // world
         shard = ExpertShard(group, world, rank * local, local, average=mesh is not None)
         for name in ("gate_up_proj", "down_proj"):
@@ -116,7 +117,8 @@ def gathered_experts(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for block, mine in zip(blocks, kept):
                 for name, weight in zip(("gate_up_proj", "down_proj"), mine):
-                    setattr(block.experts, name, nn.Parameter(weight.full_tensor(), requires_grad=False))
+                    setattr(block.experts, name,
+                            nn.Parameter(weight.full_tensor(), requires_grad=False))
         try:
             yield
         finally:
@@ -124,26 +126,33 @@ def gathered_experts(model: nn.Module) -> Iterator[None]:
                 block.experts.gate_up_proj, block.experts.down_proj = gate_up, down
 
 
-def dispatch(block: SparseMoeBlock, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, prims) -> torch.Tensor:
-    """The expert-parallel forward of `block`: h [T, H], its routing ids / weights [T, k] -> [T, H]."""
+def dispatch(block: SparseMoeBlock, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+             prims) -> torch.Tensor:
+    """The expert-parallel forward of `block`: h [T, H], its routing ids / weights [T, k] -> [T,
+    H]."""
     shard, k = block.expert_shard, block.moe.top_k
     order, slot_rows, offsets = kernels.moe_sort(ids, block.moe.num_experts)
-    rows = kernels.moe_permute(h, order, k)  # [T*k, H], by global expert: each rank's experts contiguous
+    # [T*k, H], by global expert: each rank's experts contiguous
+    rows = kernels.moe_permute(h, order, k)
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1))  # [E] rows per expert
-    received_counts = torch.empty_like(counts)  # [W * local]: for my experts, from each rank in turn
+    # [W * local]: for my experts, from each rank in turn
+    received_counts = torch.empty_like(counts)
     dist.all_to_all_single(received_counts, counts, group=shard.group)
     per_rank = torch.stack([counts, received_counts]).view(2, shard.world, shard.local)
     send, receive = per_rank.sum(-1).tolist()  # the split sizes: the one host read of the layer
     received = _exchange(rows, receive, send, shard.group)  # [R, H] by source rank, then expert
     by_rank = per_rank[1]  # [W, local] rows of each local expert from each rank
-    expert_of_row = torch.arange(shard.local, device=h.device).repeat(shard.world).repeat_interleave(
+    expert_of_row = torch.arange(shard.local,
+                                 device=h.device).repeat(shard.world).repeat_interleave(
         by_rank.reshape(-1), output_size=received.shape[0])
     regroup = torch.argsort(expert_of_row, stable=True)
     local_offsets = by_rank.sum(0).cumsum(0).to(torch.int32)
     x = received.index_select(0, regroup)
     gate_up = kernels.grouped_linear(x, _local(block.experts.gate_up_proj, shard), local_offsets)
-    out = kernels.grouped_linear(prims.silu_mul(gate_up), _local(block.experts.down_proj, shard), local_offsets)
-    restored = torch.empty_like(regroup).scatter_(0, regroup, torch.arange(regroup.numel(), device=h.device))
+    out = kernels.grouped_linear(prims.silu_mul(gate_up), _local(block.experts.down_proj, shard),
+                                 local_offsets)
+    restored = torch.empty_like(regroup).scatter_(0, regroup,
+                                                  torch.arange(regroup.numel(), device=h.device))
     returned = _exchange(out.index_select(0, restored), send, receive, shard.group)
     return kernels.moe_unpermute(returned, order, slot_rows, weights)
 

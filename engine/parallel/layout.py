@@ -56,8 +56,10 @@ def layout(model: nn.Module, role: str, dims: ParallelDims, keep=()) -> nn.Modul
         if role == "head":
             return model
         data_shard = role != "adapted" and dims.data_parallel == "shard"
-        return with_context(shard_tensor_parallel(model, dims, data_shard=data_shard, offload=offload), dims)
-    distributed.shard(model, dims.data_parallel, dims.device_type, list(keep), offload, mesh=dims.sub("data"))
+        return with_context(
+            shard_tensor_parallel(model, dims, data_shard=data_shard, offload=offload), dims)
+    distributed.shard(model, dims.data_parallel, dims.device_type, list(keep), offload,
+                      mesh=dims.sub("data"))
     return with_context(model, dims)
 
 
@@ -66,7 +68,8 @@ def with_context(model: nn.Module, dims: ParallelDims) -> nn.Module:
     if dims.context > 1 and isinstance(model, CausalLM):
         mesh = dims.mesh()
         model.context_parallel = ContextParallel(dims.context, mesh.get_local_rank("context"),
-                                                 mesh.get_group("context"), mesh.get_group("data"), dims.tensor)
+                                                 mesh.get_group("context"), mesh.get_group("data"),
+                                                 dims.tensor)
     return model
 
 

@@ -1,4 +1,5 @@
-"""Tensor parallelism from the training shards themselves: one weight copy, nothing gathered to generate.
+"""Tensor parallelism from the training shards themselves: one weight copy, nothing gathered to
+generate.
 
 `shard_tensor_parallel(model, T)` lays each sliced parameter out as a DTensor on the tensor
 dimension of a (data x tensor) device mesh holding this rank's tensor-parallel slice: Shard(0) for
@@ -16,8 +17,8 @@ column-parallel GEMM on the local rows, one all-reduce after o_proj and one afte
 vocabulary-parallel embedding (one all-reduce); copied slices are never gathered and their storage
 never moves (the precondition of CUDA-graph replay), slices sharded over data are gathered by each
 unit's FSDP hooks (in generation once for the rollout, by distributed.gathered). The collectives are
-differentiable (parallel/tensor_parallel_ops.py), so the same walk trains: each rank's gradients land
-on its own slices, averaged over the data groups by FSDP's reduce-scatter or, for copies, by
+differentiable (parallel/tensor_parallel_ops.py), so the same walk trains: each rank's gradients
+land on its own slices, averaged over the data groups by FSDP's reduce-scatter or, for copies, by
 `average_over_data`, and the LM head's log-probs are vocabulary-parallel (model/lm_head.py).
 `logits` gathers the vocabulary slices of the LM head's output, so the sampler draws from the whole
 row, the same tokens on every tensor rank. SFT, RM, PPO and GRPO train tensor-parallel (in PPO a
@@ -44,17 +45,20 @@ from .validate import check_tensor_parallel
 
 def interleave(model: nn.Module, t: int) -> None:
     """Reorder, in place (same storage), the rows of every packed projection's weight and bias into
-    the rank-interleaved layout of T ranks (PackedProjection.row_blocks says which rows are whose)."""
+    the rank-interleaved layout of T ranks (PackedProjection.row_blocks says which rows are
+    whose)."""
     for proj in model.modules():
         if not isinstance(proj, PackedProjection) or proj.tensor_parallel == t:
             continue
         if proj.tensor_parallel != 1:
-            raise ValueError(f"a projection already in a tensor_parallel={proj.tensor_parallel} layout")
+            raise ValueError(
+                f"a projection already in a tensor_parallel={proj.tensor_parallel} layout")
         starts = [0]
         for _, size in proj.parts:
             starts.append(starts[-1] + size)
+        # [out]
         order = torch.cat([torch.arange(start + r * size // t, start + (r + 1) * size // t)
-                           for r in range(t) for (_, size), start in zip(proj.parts, starts)])  # [out]
+                           for r in range(t) for (_, size), start in zip(proj.parts, starts)])
         with torch.no_grad():
             for param in (proj.weight, proj.bias):
                 if param is not None:
@@ -75,7 +79,8 @@ def _lay_out(model: nn.Module, tensor_mesh, row_parallel: set[int], sliced: set[
                 continue
             if id(param) not in made:
                 dim = 1 if id(param) in row_parallel else 0
-                local = distribute_tensor(param.detach(), tensor_mesh, [Shard(dim)], src_data_rank=None)
+                local = distribute_tensor(param.detach(), tensor_mesh, [Shard(dim)],
+                                          src_data_rank=None)
                 made[id(param)] = nn.Parameter(local, requires_grad=param.requires_grad)
             setattr(module, name, made[id(param)])
 
@@ -104,8 +109,10 @@ def shard_tensor_parallel(model: CausalLM, dims: ParallelDims, data_shard: bool 
     # Whole on every rank: the norms, the row-parallel biases (added once, after the all-reduce) and
     # any head (a reward model's score), which read the replicated hidden states.
     _lay_out(model, dims.sub("tensor"), rows, sliced)
-    data_sharded = data_shard and dims.data * dims.context > 1  # context ranks: more data ranks to FSDP2
-    if data_sharded:  # FSDP2's units, as for one dimension (each decoder layer, the root), over the data one
+    # context ranks: more data ranks to FSDP2
+    data_sharded = data_shard and dims.data * dims.context > 1
+    # FSDP2's units, as for one dimension (each decoder layer, the root), over the data one
+    if data_sharded:
         distributed.shard(model, device_type=dims.device_type, offload=offload,
                           mesh=dims.sub("data"))
     model.tensor_parallel = TensorParallel(dims.sub("tensor").get_group(), dims.tensor,
@@ -133,7 +140,8 @@ class TensorParallel:
         or LoRA adapters sliced like their base) over the data groups (FSDP's hooks, which would
         reduce them, are never entered), in fp32, one flat all-reduce. One data group, or FSDP over
         the data groups (which reduce-scattered them in the backward): nothing.
-        The whole (replicated) parameters' gradients are distributed.average_replicated_gradients'."""
+        The whole (replicated) parameters' gradients are
+        distributed.average_replicated_gradients'."""
         from torch.distributed.tensor import DTensor
         grads = [p.grad.to_local() for p in params if isinstance(p.grad, DTensor)]
         if self.data_size == 1 or self.data_sharded or not grads:
@@ -178,7 +186,8 @@ class TensorParallel:
 
     def logits(self, lm_head: nn.Linear, hidden):
         """hidden [B, hidden] -> the whole logits [B, V], every rank's vocabulary slice gathered."""
-        local = F.linear(hidden, lm_head.weight.to_local())  # [B, V / T] (the last slice maybe shorter)
+        # [B, V / T] (the last slice maybe shorter)
+        local = F.linear(hidden, lm_head.weight.to_local())
         padded = local.new_zeros(local.shape[0], self.vocab_rows)
         padded[:, :local.shape[1]] = local
         slices = [torch.empty_like(padded) for _ in range(self.size)]

@@ -1,4 +1,5 @@
-"""The collectives of a tensor-parallel forward, differentiable, and the vocabulary-parallel log-prob.
+"""The collectives of a tensor-parallel forward, differentiable, and the vocabulary-parallel
+log-prob.
 
 Every tensor rank of a group holds the same (replicated) hidden states and its slice of each weight.
 Two conjugate operators carry activations across the slices (Megatron's f and g):
@@ -134,8 +135,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None
 
 
-def vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_start: int,
-                            group, temperature: float = 1.0, with_entropy: bool = False):
+def vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            vocab_start: int, group, temperature: float = 1.0,
+                            with_entropy: bool = False):
     """hidden [M, H] (replicated), weight [V_r, H] (this rank's vocabulary rows from vocab_start),
     labels [M] (global ids) -> fp32 log p(label) [M] under softmax(logits / temperature), and
     with_entropy: (log-probs, entropy [M]). Each rank's log-sum-exp partial (its max and its sum of

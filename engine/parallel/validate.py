@@ -19,42 +19,53 @@ def validate(cfg, gpus: int, gpus_per_node: int | None = None) -> None:
     run on `gpus` ranks: train.optimizer_offload or train.frozen_offload in one process (they are
     FSDP2's CPU offload of sharded state), train.optimizer_offload beside LoRA adapters or copied
     tensor slices, train.tensor_parallel > 1 beside what does not run tensor-parallel
-    (tensor_parallel_gaps) or beside train.data_parallel=hybrid, train.expert_parallel beside what it
-    does not run with (refuse_expert_parallel), train.context_parallel beside what it does not run
-    with (refuse_context_parallel), rollout.persistent_weights where nothing is gathered
+    (tensor_parallel_gaps) or beside train.data_parallel=hybrid, train.expert_parallel beside what
+    it does not run with (refuse_expert_parallel), train.context_parallel beside what it does not
+    run with (refuse_context_parallel), rollout.persistent_weights where nothing is gathered
     (one process, tensor slices copied), and train.data_parallel=hybrid with a shard group that does
     not divide the ranks (ConfigValueError; a node holds `gpus_per_node` of them, default torchrun's
     LOCAL_WORLD_SIZE)."""
     train, t = cfg.train, cfg.train.tensor_parallel
     if train.optimizer_offload and gpus == 1:
-        raise UsageError("train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
-                         "optimizer state: run under torchrun (one process keeps them on its device)")
+        raise UsageError(
+            "train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
+            "optimizer state: run under torchrun (one process keeps them on its device)")
     if getattr(train, "frozen_offload", False) and gpus == 1:
-        raise UsageError("train.frozen_offload=true offloads the frozen models' FSDP2 shards: run under torchrun "
-                         "(one process keeps them on its device)")
+        raise UsageError(
+            "train.frozen_offload=true offloads the frozen models' FSDP2 shards: run under "
+            "torchrun (one process keeps them on its device)")
     if train.optimizer_offload and (cfg.lora.rank > 0 or (t > 1 and not slices_sharded(cfg, gpus))):
-        raise UsageError(f"train.optimizer_offload=true with lora.rank={cfg.lora.rank} and train.tensor_parallel="
-                         f"{t} on {gpus} GPUs at train.data_parallel={train.data_parallel}: "
-                         "expected lora.rank=0 and train.tensor_parallel=1, or tensor slices sharded over the data "
-                         "groups (train.data_parallel=shard, more GPUs than T) (LoRA's optimizer state is small; "
-                         "copied slices are not offloaded)")
+        raise UsageError(
+            f"train.optimizer_offload=true with lora.rank={cfg.lora.rank} and "
+            "train.tensor_parallel="
+            f"{t} on {gpus} GPUs at train.data_parallel={train.data_parallel}: "
+            "expected lora.rank=0 and train.tensor_parallel=1, or tensor slices sharded over the "
+            "data groups (train.data_parallel=shard, more GPUs than T) (LoRA's optimizer state is "
+            "small; copied slices are not offloaded)")
     if t > 1 and train.data_parallel == "hybrid":
-        raise UsageError(f"train.data_parallel=hybrid with train.tensor_parallel={t}: the tensor-parallel data "
-                         "groups shard the slices (train.data_parallel=shard) or copy them (replicate: across "
-                         "nodes, at T = the GPUs of a node); expected one of those")
+        raise UsageError(
+            f"train.data_parallel=hybrid with train.tensor_parallel={t}: the tensor-parallel data "
+            "groups shard the slices (train.data_parallel=shard) or copy them (replicate: across "
+            "nodes, at T = the GPUs of a node); expected one of those")
     if t > 1 and (unsupported := tensor_parallel_gaps(cfg, gpus)):
-        raise UsageError(f"train.tensor_parallel={t} with {', '.join(unsupported)}: not supported tensor-parallel "
-                         "(SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)")
+        raise UsageError(
+            f"train.tensor_parallel={t} with {', '.join(unsupported)}: not supported "
+            "tensor-parallel (SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)")
     refuse_expert_parallel(cfg, gpus)
     refuse_context_parallel(cfg, gpus)
     copies = t > 1 and not slices_sharded(cfg, gpus)  # slices read where they lie
-    if getattr(getattr(cfg, "rollout", None), "persistent_weights", False) and (gpus == 1 or copies):
-        where = ("one process" if gpus == 1 else f"train.tensor_parallel={t} on {gpus} GPUs at train.data_parallel="
+    if (getattr(getattr(cfg, "rollout", None), "persistent_weights", False)
+        and (gpus == 1 or copies)):
+        where = ("one process" if gpus == 1 else
+                 f"train.tensor_parallel={t} on {gpus} GPUs at train.data_parallel="
                  f"{train.data_parallel}{' with lora' if cfg.lora.rank > 0 else ''}")
-        raise UsageError(f"rollout.persistent_weights=true keeps a gathered copy of the policy's FSDP2 shards: "
-                         f"expected torchrun at train.tensor_parallel=1, or tensor slices sharded over the data groups "
-                         f"(got {where}, which gathers nothing)")
-    # train.data_parallel=hybrid: a shard group (one node's ranks unless train.shard_group_size) dividing the ranks.
+        raise UsageError(
+            f"rollout.persistent_weights=true keeps a gathered copy of the policy's FSDP2 shards: "
+            "expected torchrun at train.tensor_parallel=1, or tensor slices sharded over the data "
+            "groups "
+            f"(got {where}, which gathers nothing)")
+    # train.data_parallel=hybrid: a shard group (one node's ranks unless train.shard_group_size)
+    # dividing the ranks.
     shard_group_size(train.data_parallel, gpus, train.shard_group_size, gpus_per_node)
 
 
@@ -70,14 +81,16 @@ def slices_sharded(cfg, gpus: int) -> bool:
     """Whether FSDP2 shards the trained models' tensor slices over the data groups
     (engine/parallel/tensor_parallel.py): train.data_parallel=shard on more GPUs than
     train.tensor_parallel, no LoRA base."""
-    return cfg.train.data_parallel == "shard" and gpus > cfg.train.tensor_parallel and cfg.lora.rank == 0
+    return (cfg.train.data_parallel ==
+            "shard" and gpus > cfg.train.tensor_parallel and cfg.lora.rank == 0)
 
 
 def tensor_parallel_gaps(cfg, gpus: int) -> list[str]:
     """The options of `cfg` set to what does not train tensor-parallel on `gpus` GPUs: dropout on
-    LoRA adapters (the policy's or the critic's: each tensor rank would draw its own mask on the same
-    input), the batch-invariant rollout (its fixed reduction order is one device's, not the tensor
-    ranks'), and offloading the frozen models' shards where the slices are not sharded over data groups."""
+    LoRA adapters (the policy's or the critic's: each tensor rank would draw its own mask on the
+    same input), the batch-invariant rollout (its fixed reduction order is one device's, not the
+    tensor ranks'), and offloading the frozen models' shards where the slices are not sharded over
+    data groups."""
     gaps = [f"{name}.dropout={lora.dropout}" for name in ("lora", "critic_lora")
             if (lora := getattr(cfg, name, None)) is not None and lora.enabled and lora.dropout > 0]
     if getattr(getattr(cfg, "rollout", None), "exact", False):
@@ -99,13 +112,17 @@ def refuse_expert_parallel(cfg, gpus: int) -> None:
     model = cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
     moe = load_config(model).moe if model is not None else None
     problem = ("only SFT, PPO and GRPO train expert-parallel" if model is None
-               else f"expected a divisor of the world size {gpus} (expert groups of E ranks)" if gpus % e
+               else f"expected a divisor of the world size {gpus} (expert groups of E ranks)"
+               if gpus % e
                else f"{model} is a dense model (no experts to shard)" if moe is None
-               else f"expected a divisor of the model's {moe.num_experts} experts" if moe.num_experts % e
-               else "expected train.tensor_parallel=1, lora.rank=0, train.optimizer_offload=false and "
-                    "train.data_parallel=shard beside it" if (cfg.train.tensor_parallel > 1 or cfg.lora.rank > 0
-                                                              or cfg.train.optimizer_offload
-                                                              or cfg.train.data_parallel != "shard")
+               else f"expected a divisor of the model's {moe.num_experts} experts"
+               if moe.num_experts % e
+               else
+               "expected train.tensor_parallel=1, lora.rank=0, train.optimizer_offload=false and "
+               "train.data_parallel=shard beside it"
+               if (cfg.train.tensor_parallel > 1 or cfg.lora.rank > 0
+                   or cfg.train.optimizer_offload
+                   or cfg.train.data_parallel != "shard")
                else None)
     if problem is not None:
         raise UsageError(f"train.expert_parallel={e}: {problem}")
@@ -121,10 +138,12 @@ def refuse_context_parallel(cfg, gpus: int) -> None:
     from ..model.hf_io import load_config
     model = cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
     beside = context_parallel_gaps(cfg)
-    groups = "context groups of C ranks" if t == 1 else f"C x train.tensor_parallel={t} ranks a data rank"
+    groups = ("context groups of C ranks" if t == 1 else
+              f"C x train.tensor_parallel={t} ranks a data rank")
     problem = ("only SFT, PPO and GRPO train context-parallel" if model is None
                else f"expected a divisor of the world size {gpus} ({groups})" if gpus % (c * t)
-               else f"not supported beside {', '.join(beside)} (expected each at its default)" if beside
+               else f"not supported beside {', '.join(beside)} (expected each at its default)"
+               if beside
                else f"{model} is an MoE model (its router losses are per forward): not supported"
                if load_config(model).moe is not None else None)
     if problem is not None:
@@ -135,45 +154,54 @@ def context_parallel_gaps(cfg) -> list[str]:
     """The options of `cfg` set to what does not run context-parallel: expert parallelism,
     train.data_parallel other than shard (FSDP2 over data x context), LoRA beside tensor slices (not
     shown equal to one process yet); in PPO/GRPO a critic or reward model (their value and
-    score heads read whole rows), prefix sharing, rollout.exact (forwards of whole rows), the PPO-ptx
-    term, partial rollouts and multi-turn agents (their rows are not made one group's)."""
+    score heads read whole rows), prefix sharing, rollout.exact (forwards of whole rows), the
+    PPO-ptx term, partial rollouts and multi-turn agents (their rows are not made one group's)."""
     rollout = getattr(cfg, "rollout", None)
     options = {"train.expert_parallel": (cfg.train.expert_parallel, 1),
                "train.data_parallel": (cfg.train.data_parallel, "shard")}
     if rollout is not None:
         options.update({"critic": (cfg.critic, "none"), "reward_model": (cfg.reward_model, None),
-                        # Asked for explicitly: the context-parallel forwards read rows whole (never its layout).
+                        # Asked for explicitly: the context-parallel forwards read rows whole (never
+                        # its layout).
                         "train.prefix_sharing": (cfg.train.prefix_sharing is True, False),
                         "rollout.exact": (rollout.exact, False),
-                        "ppo.ptx_coef": (cfg.ppo.ptx_coef, 0), "rollout.partial_rollouts": (rollout.partial_rollouts, False),
-                        "rollout.tools": (rollout.tools or None, None), "rollout.environment": (rollout.environment, None)})
+                        "ppo.ptx_coef": (cfg.ppo.ptx_coef, 0),
+                        "rollout.partial_rollouts": (rollout.partial_rollouts, False),
+                        "rollout.tools": (rollout.tools or None, None),
+                        "rollout.environment": (rollout.environment, None)})
     gaps = [f"{name}={value}" for name, (value, default) in options.items() if value != default]
     if cfg.lora.rank > 0 and cfg.train.tensor_parallel > 1:
-        gaps.append(f"lora.rank={cfg.lora.rank} with train.tensor_parallel={cfg.train.tensor_parallel}")
+        gaps.append(
+            f"lora.rank={cfg.lora.rank} with train.tensor_parallel={cfg.train.tensor_parallel}")
     return gaps
 
 
 def fitting_sizes(world: int, config: ModelConfig) -> list[int]:
     """The tensor-parallel sizes T that divide the world size and the model's key/value heads."""
     return [t for t in range(1, world + 1) if world % t == 0 and config.num_kv_heads % t == 0
-            and config.intermediate_size % t == 0 and config.vocab_size > (t - 1) * -(-config.vocab_size // t)]
+            and config.intermediate_size % t == 0
+            and config.vocab_size > (t - 1) * -(-config.vocab_size // t)]
 
 
-def check_tensor_parallel(t: int, world: int, config: ModelConfig, option: str = "train.tensor_parallel") -> None:
+def check_tensor_parallel(t: int, world: int, config: ModelConfig,
+                          option: str = "train.tensor_parallel") -> None:
     """A one-line ConfigValueError unless T divides the world size, the key/value heads and the MLP
     width, and every tensor rank gets vocabulary rows."""
     if t not in fitting_sizes(world, config):
         raise ConfigValueError(
-            f"{option}={t}: expected a size dividing the {world} ranks and this model's {config.num_kv_heads} "
-            f"key/value heads (and its {config.intermediate_size} MLP features); these fit: "
+            f"{option}={t}: expected a size dividing the {world} ranks and this model's "
+            f"{config.num_kv_heads} key/value heads (and its {config.intermediate_size} MLP "
+            "features); these fit: "
             f"{fitting_sizes(world, config)}")
 
 
 def check_generate_tensor_parallel(t: int, world: int, config: ModelConfig) -> None:
-    """`fusedrl generate --tensor-parallel T`: torchrun with a multiple of T ranks, T fitting the model."""
+    """`fusedrl generate --tensor-parallel T`: torchrun with a multiple of T ranks, T fitting the
+    model."""
     if world == 1 or t < 1:
-        raise ConfigValueError(f"--tensor-parallel {t}: expected a size dividing the number of ranks; run under "
-                               f"torchrun --nproc-per-node N with N a multiple of {t}")
+        raise ConfigValueError(
+            f"--tensor-parallel {t}: expected a size dividing the number of ranks; run under "
+            f"torchrun --nproc-per-node N with N a multiple of {t}")
     check_tensor_parallel(t, world, config, "--tensor-parallel")
 
 
@@ -182,13 +210,15 @@ def check_persistent_weights(alone: bool, gathers: bool) -> None:
     each rollout (`gathers`: FSDP2's shards, or tensor slices sharded over the data groups)."""
     if not gathers:
         got = "one process" if alone else "tensor slices copied across the data groups"
-        raise ConfigValueError(f"persistent_weights=True: expected torchrun at tensor_parallel 1 or tensor "
-                               f"slices sharded over the data groups (got {got}, which gathers nothing)")
+        raise ConfigValueError(
+            f"persistent_weights=True: expected torchrun at tensor_parallel 1 or tensor "
+            f"slices sharded over the data groups (got {got}, which gathers nothing)")
 
 
 def check_exact_generation(exact: bool, tensor_parallel) -> None:
     """LLM(batch_invariant=...): a ConfigValueError beside tensor slices (`tensor_parallel`, the
     model's TensorParallel or None): the all-reduces' order differs from the training forward's."""
     if exact and tensor_parallel is not None:
-        raise ConfigValueError("batch_invariant (rollout.exact) with tensor parallelism: not supported (the "
-                               "all-reduces' order differs from the training forward's); use one or the other")
+        raise ConfigValueError(
+            "batch_invariant (rollout.exact) with tensor parallelism: not supported (the "
+            "all-reduces' order differs from the training forward's); use one or the other")

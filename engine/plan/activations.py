@@ -104,7 +104,8 @@ def forward_activations(c: ModelConfig, elem: int, tokens: int, lm_head: bool,
     return max(int(tokens * forward_bytes_per_token(c, elem, shared_keys)), head)
 
 
-def context_share(context_parallel: int, tokens: int, shared_keys: float = 0.0) -> tuple[int, float]:
+def context_share(context_parallel: int, tokens: int, shared_keys: float = 0.0) -> tuple[int,
+                                                                                         float]:
     """(tokens, keys gathered per token) a GPU forwards of a forward over `tokens` tokens: at
     train.context_parallel C > 1 its 1/C of them (rounded up), attention reading the keys and values
     of the whole pack gathered over the context group (engine/parallel/context_parallel.py), up to C

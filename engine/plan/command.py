@@ -1,8 +1,8 @@
-"""`fusedrl plan STAGE [--config FILE] [key=value ...] --gpus N [--gpus-per-node G] --gpu-memory 80GB [--json]`: the
-stage's config read as the stage reads it (config/io.py's command_config), the options the plan does
-not read (output_dir, the data files) filled in when left out, the parallel options' combinations
-checked as the run checks them (engine/parallel/validate.py), the model directories checked
-(config.json is all they need)."""
+"""`fusedrl plan STAGE [--config FILE] [key=value ...] --gpus N [--gpus-per-node G] --gpu-memory
+80GB [--json]`: the stage's config read as the stage reads it (config/io.py's command_config), the
+options the plan does not read (output_dir, the data files) filled in when left out, the parallel
+options' combinations checked as the run checks them (engine/parallel/validate.py), the model
+directories checked (config.json is all they need)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,8 @@ PLACEHOLDER = "(not read by the plan)"
 
 
 def plan_config(stage: str, config_cls, path, overrides: list[str]):
-    """The stage's config from the YAML file and overrides, placeholders for what the plan does not read."""
+    """The stage's config from the YAML file and overrides, placeholders for what the plan does not
+    read."""
     fill = dict.fromkeys(_UNREAD[stage], PLACEHOLDER)
     return config_io.command_config(config_cls, path, overrides, fill)
 
@@ -33,8 +34,10 @@ def run_plan(stage: str, config_cls, args) -> int:
     if args.gpus < 1:
         raise UsageError(f"--gpus={args.gpus}: expected at least 1")
     per_node = args.gpus_per_node or args.gpus
-    if args.gpus_per_node is not None and not (0 < per_node <= args.gpus and args.gpus % per_node == 0):
-        raise UsageError(f"--gpus-per-node={args.gpus_per_node}: expected a divisor of --gpus={args.gpus}")
+    if (args.gpus_per_node is not None
+        and not (0 < per_node <= args.gpus and args.gpus % per_node == 0)):
+        raise UsageError(
+            f"--gpus-per-node={args.gpus_per_node}: expected a divisor of --gpus={args.gpus}")
     cfg = plan_config(stage, config_cls, args.config, args.overrides)
     models, _ = cfg.paths()
     for option, model_dir in models.items():

@@ -2,8 +2,8 @@
 memory), and what their parameters weigh: whole, as one rank's FSDP2 shards, as FSDP units.
 
 `supervised_models` and `ppo_models` mirror what each stage builds today (engine/stages/sft.py,
-rm.py, ppo/trainer.py:build_models): which models exist, which are sharded under torchrun and which whole
-on every rank (the LoRA-adapted ones), and which parameters the optimizers step.
+rm.py, ppo/trainer.py:build_models): which models exist, which are sharded under torchrun and which
+whole on every rank (the LoRA-adapted ones), and which parameters the optimizers step.
 """
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def param_bytes(p: torch.Tensor) -> int:
 
 
 def local_numel(p: torch.Tensor, ranks: int) -> int:
-    """Elements of `p` on rank 0 of a shard group of `ranks`: FSDP2 shards dim 0 in ceil(dim0 / ranks)
-    rows (rank 0 holds the most); ranks 1: a whole parameter, all of them."""
+    """Elements of `p` on rank 0 of a shard group of `ranks`: FSDP2 shards dim 0 in ceil(dim0 /
+    ranks) rows (rank 0 holds the most); ranks 1: a whole parameter, all of them."""
     if ranks == 1:
         return p.numel()
     rows = p.shape[0]
@@ -84,7 +84,8 @@ def gets_gradient(model: nn.Module, name: str, lm_loss: bool) -> bool:
 
 
 def trained_params(model: nn.Module, lm_loss: bool = True) -> list[nn.Parameter]:
-    return [p for name, p in model.named_parameters() if p.requires_grad and gets_gradient(model, name, lm_loss)]
+    return [p for name, p in model.named_parameters()
+            if p.requires_grad and gets_gradient(model, name, lm_loss)]
 
 
 def _meta(cls, config: ModelConfig, dtype: torch.dtype) -> nn.Module:
@@ -99,7 +100,8 @@ def _lora_parts(lora, role: str) -> list[Part]:
     return [Part(f"{role} adapters", lora, sharded=False, trained=list(lora.parameters()))]
 
 
-def supervised_models(stage: str, cfg, config: ModelConfig, dtype: torch.dtype, lora_base_whole: bool) -> list[Part]:
+def supervised_models(stage: str, cfg, config: ModelConfig, dtype: torch.dtype,
+                      lora_base_whole: bool) -> list[Part]:
     """SFT: the causal LM; RM: the reward model built from it (a whole copy while loading). With
     lora.rank > 0 only its adapters (and head) train, and its frozen base is whole on every rank
     when `lora_base_whole` (rules.py)."""
@@ -108,11 +110,14 @@ def supervised_models(stage: str, cfg, config: ModelConfig, dtype: torch.dtype, 
     lora = adapters.attach(model, cfg.lora, heads)
     copies = 1 if stage == "sft" else 2
     if lora is not None:
-        return [Part("model", model, sharded=not lora_base_whole, config=config, copies_at_load=copies, adapted=True),
-                *_lora_parts(lora, "model")]
+        return [
+            Part("model", model, sharded=not lora_base_whole, config=config, copies_at_load=copies,
+                 adapted=True),
+            *_lora_parts(lora, "model")]
     lm_loss = stage == "sft" or cfg.beta_rm > 0
-    return [Part("model", model, sharded=True, trained=trained_params(model, lm_loss), config=config,
-                 copies_at_load=copies)]
+    return [
+        Part("model", model, sharded=True, trained=trained_params(model, lm_loss), config=config,
+             copies_at_load=copies)]
 
 
 def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None, dtype: torch.dtype,
@@ -124,29 +129,38 @@ def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None, d
     whole on every rank when `lora_base_whole` (rules.py)."""
     policy = _meta(CausalLM, policy_config, dtype)
     lora = adapters.attach(policy, cfg.lora)
-    parts = [Part("policy", policy, sharded=lora is None or not lora_base_whole, trained=[] if lora else trained_params(policy),
-                  config=policy_config, adapted=lora is not None)]
+    parts = [
+        Part("policy", policy, sharded=lora is None or not lora_base_whole,
+             trained=[] if lora else trained_params(policy), config=policy_config,
+             adapted=lora is not None)]
     if lora is not None:
         parts += _lora_parts(lora, "policy")
     else:
-        parts.append(Part("reference", _meta(CausalLM, policy_config, dtype), sharded=True, config=policy_config))
+        parts.append(
+            Part("reference", _meta(CausalLM, policy_config, dtype), sharded=True,
+                 config=policy_config))
     rm = _meta(RewardModel, rm_config, dtype) if rm_config is not None else None
     lora_critic_on_rm = cfg.critic == "separate" and cfg.critic_lora.enabled and rm is not None
     if rm is not None:
-        parts.append(Part("reward model", rm, sharded=not (lora_critic_on_rm and lora_base_whole), config=rm_config,
-                          adapted=lora_critic_on_rm))
+        parts.append(
+            Part("reward model", rm, sharded=not (lora_critic_on_rm and lora_base_whole),
+                 config=rm_config, adapted=lora_critic_on_rm))
     if cfg.critic == "shared":
         head = shared_value_head(policy)
-        parts.append(Part("value head", head, sharded=lora is None, trained=list(head.parameters())))
+        parts.append(
+            Part("value head", head, sharded=lora is None, trained=list(head.parameters())))
     elif cfg.critic == "separate" and not cfg.critic_lora.enabled:
         trunk_config = rm_config or policy_config
         critic = _meta(ValueModel, trunk_config, dtype)
-        parts.append(Part("critic", critic, sharded=True, trained=trained_params(critic, lm_loss=False),
-                          config=trunk_config))
+        parts.append(
+            Part("critic", critic, sharded=True, trained=trained_params(critic, lm_loss=False),
+                 config=trunk_config))
     elif cfg.critic == "separate":
         trunk = rm if rm is not None else _meta(CausalLM, policy_config, dtype)
         if rm is None:  # a frozen copy of the policy's weights, whole on every rank
-            parts.append(Part("critic trunk", trunk, sharded=not lora_base_whole, config=policy_config, adapted=True))
+            parts.append(
+                Part("critic trunk", trunk, sharded=not lora_base_whole, config=policy_config,
+                     adapted=True))
         head_init = torch.zeros(1, trunk.config.hidden_size, device="meta")
         critic = LoRACritic(trunk, head_init, cfg.critic_lora)
         parts += _lora_parts(critic.lora, "critic")

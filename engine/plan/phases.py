@@ -4,12 +4,13 @@ Phases: load (the models built, before sharding), rollout (generation), scoring 
 reward, reference, old log-prob and value forwards), update (forward + backward, or the optimizer
 step, whichever holds more), export (the final model written). SFT and RM have load, update, export.
 Categories: weights (resident: a rank's FSDP2 shards, whole models where not sharded, and with
-rollout.persistent_weights the policy's whole generation buffers, kept through training), grads (of the
-trained parameters, sharded like them, plus a unit's whole gradients before FSDP reduce-scatters them, plus
-the optimizer's transient fp32 copy during the step), optimizer (fp32 masters of non-fp32 parameters and the
-two AdamW moments, 12 bytes per bf16 parameter: engine/train/fused_adamw.py, created at the first step and
-kept), kv_pool (rollout.kv_cache_memory: bytes, a fraction of the GPU, or auto, the largest that
-fits beside the rest of every phase holding it; capped by the engine at max_num_seqs full-length
+rollout.persistent_weights the policy's whole generation buffers, kept through training), grads (of
+the trained parameters, sharded like them, plus a unit's whole gradients before FSDP reduce-scatters
+them, plus the optimizer's transient fp32 copy during the step), optimizer (fp32 masters of non-fp32
+parameters and the two AdamW moments, 12 bytes per bf16 parameter: engine/train/fused_adamw.py,
+created at the first step and kept), kv_pool (rollout.kv_cache_memory: bytes, a fraction of the GPU,
+or auto, the largest that fits beside the rest of every phase holding it; capped by the engine at
+max_num_seqs full-length
 sequences: kv_pool.py), gathered (whole weights held on top of the shards: FSDP units during a
 forward, the whole policy while generating, the exported model), activations (per token budget:
 activations.py; the scoring forwards' is rollout.tokens_per_forward). With train.optimizer_offload
@@ -26,8 +27,8 @@ import torch
 from ..model.causal_lm import CausalLM
 from ..model.reward_model import RewardModel
 from ..model.value_model import ValueModel
-from .activations import (context_share, forward_activations, rollout_prefill_tokens, shared_prefix_tokens,
-                          training_activations)
+from .activations import (context_share, forward_activations, rollout_prefill_tokens,
+                          shared_prefix_tokens, training_activations)
 from .model_bytes import Part, local_numel, param_bytes, unique_params, unit_bytes
 from .kv_pool import PoolFigures, held_in, pool_bytes, pool_figures
 from .rules import EngineRules
@@ -38,7 +39,8 @@ CATEGORIES = ("weights", "grads", "optimizer", "kv_pool", "gathered", "activatio
 
 @dataclass
 class Setup:
-    """What the plan is computed from: the stage, its config, its models (built on meta), the ranks."""
+    """What the plan is computed from: the stage, its config, its models (built on meta), the
+    ranks."""
     stage: str
     cfg: object
     parts: list[Part]
@@ -48,7 +50,8 @@ class Setup:
     offload_optimizer: bool
     rules: EngineRules
     gpu_memory: int | None = None  # what rollout.kv_cache_memory's fraction or `auto` is of
-    memo: dict = field(default_factory=dict, repr=False)  # parameter lists and unit sizes, computed once
+    # parameter lists and unit sizes, computed once
+    memo: dict = field(default_factory=dict, repr=False)
     fused: bool = True          # the decoder's fused kernels run (CUDA), else its torch ops
 
     def once(self, key, compute):
@@ -57,15 +60,17 @@ class Setup:
         return self.memo[key]
 
     def fsdp(self, part: Part) -> bool:
-        """An FSDP2 model: shard() wraps it under torchrun (in replicate mode its units still gather)."""
+        """An FSDP2 model: shard() wraps it under torchrun (in replicate mode its units still
+        gather)."""
         return part.sharded and self.ranks > 1
 
     def shards(self, part: Part) -> int:
-        """The ranks its parameters, gradients and optimizer state are split over: the shard group of
-        train.data_parallel (every GPU: shard; train.shard_group_size, one node's by default: hybrid;
-        1, whole copies: replicate); at train.tensor_parallel T > 1 every GPU where the data groups
-        shard the tensor slices too (data_sharded), else the T ranks of a tensor group (the data
-        groups hold copies: engine/parallel/tensor_parallel.py); 1 for a model every GPU holds whole."""
+        """The ranks its parameters, gradients and optimizer state are split over: the shard group
+        of train.data_parallel (every GPU: shard; train.shard_group_size, one node's by default:
+        hybrid; 1, whole copies: replicate); at train.tensor_parallel T > 1 every GPU where the data
+        groups shard the tensor slices too (data_sharded), else the T ranks of a tensor group (the
+        data groups hold copies: engine/parallel/tensor_parallel.py); 1 for a model every GPU holds
+        whole."""
         if not self.fsdp(part):
             return 1
         if self.cfg.train.tensor_parallel == 1:
@@ -73,16 +78,20 @@ class Setup:
         return self.ranks if self.data_sharded(part) else self.cfg.train.tensor_parallel
 
     def data_sharded(self, part: Part) -> bool:
-        """At T > 1 on more than T GPUs at train.data_parallel=shard, FSDP2 shards its tensor slices over
-        the data groups (engine/parallel/tensor_parallel.py); not a LoRA base's, nor the shared value head."""
+        """At T > 1 on more than T GPUs at train.data_parallel=shard, FSDP2 shards its tensor slices
+        over the data groups (engine/parallel/tensor_parallel.py); not a LoRA base's, nor the shared
+        value head."""
         t = self.cfg.train.tensor_parallel
-        return (t > 1 and self.ranks > t and self.fsdp(part) and self.cfg.train.data_parallel == "shard"
+        return (t > 1 and self.ranks > t and self.fsdp(part) and self.cfg.train.data_parallel ==
+                "shard"
                 and not part.adapted and part.role != "value head")
 
     def gathered_share(self, part: Part) -> int:
-        """A unit's gathered weights are 1 / this of it (T > 1: its tensor slices, when sharded over the
-        data groups); 0 where nothing is gathered (a model whole on every GPU; slices read in place)."""
-        if not self.fsdp(part) or (self.cfg.train.tensor_parallel > 1 and not self.data_sharded(part)):
+        """A unit's gathered weights are 1 / this of it (T > 1: its tensor slices, when sharded over
+        the data groups); 0 where nothing is gathered (a model whole on every GPU; slices read in
+        place)."""
+        if (not self.fsdp(part)
+            or (self.cfg.train.tensor_parallel > 1 and not self.data_sharded(part))):
             return 0
         return self.cfg.train.tensor_parallel
 
@@ -94,13 +103,14 @@ class Setup:
     @property
     def experts(self) -> tuple[int, set[int]]:
         """(E, ids of the parameters expert parallelism holds): at train.expert_parallel=E > 1 under
-        torchrun the trained policy's (SFT's model's) experts, E / num_experts of them whole per rank
-        and outside FSDP's units (engine/parallel/expert_parallel.py); (1, empty) otherwise."""
+        torchrun the trained policy's (SFT's model's) experts, E / num_experts of them whole per
+        rank and outside FSDP's units (engine/parallel/expert_parallel.py); (1, empty) otherwise."""
         def compute():
             e = getattr(self.cfg.train, "expert_parallel", 1)
             if e == 1 or self.ranks == 1:
                 return 1, set()
-            return e, {id(p) for part in self.parts if part.role in ("policy", "model") and part.trained
+            return e, {id(p) for part in self.parts
+                       if part.role in ("policy", "model") and part.trained
                        for name, p in part.module.named_parameters() if ".experts." in name}
         return self.once("experts", compute)
 
@@ -114,18 +124,22 @@ class Setup:
         """Its shards rest in CPU memory (distributed.shard's CPUOffloadPolicy), as build_models
         decides: with train.optimizer_offload a trained FSDP2 model (parameters, gradients,
         optimizer state; adapters stay on the GPU), with train.frozen_offload the frozen ones."""
-        if not self.fsdp(part) or (self.cfg.train.tensor_parallel > 1 and not self.data_sharded(part)):
+        if (not self.fsdp(part)
+            or (self.cfg.train.tensor_parallel > 1 and not self.data_sharded(part))):
             return False
         if part.trained:
             return self.offload_optimizer
-        # train.frozen_offload (PPO): the reference and the reward model (unless the LoRA critic's trunk).
+        # train.frozen_offload (PPO): the reference and the reward model (unless the LoRA critic's
+        # trunk).
         frozen = part.role == "reference" or (part.role == "reward model" and
-                                              not any(p.role == "critic adapters" for p in self.parts))
+                                              not any(p.role == "critic adapters"
+                                                      for p in self.parts))
         return frozen and getattr(self.cfg.train, "frozen_offload", False)
 
 
 def _params(s: Setup) -> list[tuple[torch.Tensor, Part]]:
-    """Every parameter once, with the first part holding it (a head trained with adapters is the model's)."""
+    """Every parameter once, with the first part holding it (a head trained with adapters is the
+    model's)."""
     def compute():
         seen, out = set(), []
         for part in s.parts:
@@ -138,8 +152,8 @@ def _params(s: Setup) -> list[tuple[torch.Tensor, Part]]:
 
 
 def _trained(s: Setup, on_gpu: bool = True) -> list[tuple[torch.Tensor, int]]:
-    """(parameter, the ranks it is split over) of everything an optimizer steps, each once: those whose
-    state rests on the GPU (on_gpu), else those offloaded to CPU memory."""
+    """(parameter, the ranks it is split over) of everything an optimizer steps, each once: those
+    whose state rests on the GPU (on_gpu), else those offloaded to CPU memory."""
     def compute():
         owner = {id(p): part for p, part in _params(s)}
         seen, out = set(), []
@@ -149,7 +163,8 @@ def _trained(s: Setup, on_gpu: bool = True) -> list[tuple[torch.Tensor, int]]:
                     seen.add(id(p))
                     out.append((p, s.shards(owner[id(p)]), s.offloaded(owner[id(p)])))
         return out
-    return [(p, shards) for p, shards, offloaded in s.once("trained", compute) if offloaded != on_gpu]
+    return [(p, shards) for p, shards, offloaded in s.once("trained", compute)
+            if offloaded != on_gpu]
 
 
 def _units(s: Setup, part: Part) -> tuple[list[int], int]:
@@ -187,8 +202,8 @@ def whole_bytes(part: Part) -> int:
 
 
 def forward_gathered(s: Setup, part: Part) -> int:
-    """Weights an FSDP model holds gathered during a forward: its root unit (embeddings, LM head; not
-    resharded after forward) and the current and the prefetched layer (their tensor slices at
+    """Weights an FSDP model holds gathered during a forward: its root unit (embeddings, LM head;
+    not resharded after forward) and the current and the prefetched layer (their tensor slices at
     train.tensor_parallel > 1: Setup.gathered_share)."""
     if not (share := s.gathered_share(part)):
         return 0
@@ -239,7 +254,8 @@ def _has_lm_head(s: Setup, part: Part) -> bool:
     with its LM term (beta_rm); the critics end in a value head."""
     if isinstance(part.module, RewardModel):
         return s.stage == "rm" and s.cfg.beta_rm > 0
-    return isinstance(part.module, CausalLM) and not isinstance(part.module, ValueModel) and part.role != "critic trunk"
+    return (isinstance(part.module, CausalLM) and not isinstance(part.module, ValueModel)
+            and part.role != "critic trunk")
 
 
 def _elem(s: Setup) -> int:
@@ -252,7 +268,8 @@ def persistent_bytes(s: Setup) -> int:
     train.tensor_parallel > 1), but where its local shards are whole on the GPU already
     (data_parallel=replicate, not offloaded), read as they are."""
     policy = _policy(s)
-    if not getattr(getattr(s.cfg, "rollout", None), "persistent_weights", False) or not s.fsdp(policy):
+    if (not getattr(getattr(s.cfg, "rollout", None), "persistent_weights", False)
+        or not s.fsdp(policy)):
         return 0
     if s.cfg.train.tensor_parallel > 1:
         return s.slice_bytes(policy) if s.data_sharded(policy) else 0
@@ -277,7 +294,8 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part],
                  shared_keys: float = 0.0) -> dict:
     """The larger of the backward (activations of every trained decoder's graph at once, their
     FSDP roots and layers gathered, a unit's whole gradients) and the step (the fp32 gradient copy).
-    shared_keys: keys gathered per token by prefix sharing; at C > 1 a context rank's (context_share)."""
+    shared_keys: keys gathered per token by prefix sharing; at C > 1 a context rank's
+    (context_share)."""
     tokens, shared_keys = context_share(s.cfg.train.context_parallel, tokens, shared_keys)
     elem, ckpt = _elem(s), s.cfg.train.gradient_checkpointing
     offload = getattr(s.cfg.train, "activation_offload", False)
@@ -302,7 +320,9 @@ def export_gathered(s: Setup, parts: list[Part]) -> int:
     (export_gathers_model), else its largest parameter (streamed one at a time to rank 0)."""
     if s.rules.export_gathers_model:
         return max((whole_bytes(p) for p in parts if s.fsdp(p)), default=0)
-    return max((param_bytes(p) for part in parts if s.fsdp(part) for p in unique_params(part.module)), default=0)
+    return max(
+        (param_bytes(p) for part in parts if s.fsdp(part) for p in unique_params(part.module)),
+        default=0)
 
 
 def supervised_phases(s: Setup) -> dict:
@@ -315,11 +335,12 @@ def supervised_phases(s: Setup) -> dict:
 
 
 def generation_gathered(s: Setup, policy: Part) -> int:
-    """Weights generation holds on top of the policy's shards (engine/parallel/tensor_parallel.py): at
-    train.tensor_parallel T > 1 its tensor slices (1/T of the policy) gathered from the data group
-    when sharded there (Setup.data_sharded), else none (the data groups hold copies: each GPU reads
-    its slices where they lie); at T = 1 the whole policy (rules.generation_gathers_policy), unless it is read from
-    the persistent buffers (rollout.persistent_weights: counted with the weights, persistent_bytes)."""
+    """Weights generation holds on top of the policy's shards (engine/parallel/tensor_parallel.py):
+    at train.tensor_parallel T > 1 its tensor slices (1/T of the policy) gathered from the data
+    group when sharded there (Setup.data_sharded), else none (the data groups hold copies: each GPU
+    reads its slices where they lie); at T = 1 the whole policy (rules.generation_gathers_policy),
+    unless it is read from the persistent buffers (rollout.persistent_weights: counted with the
+    weights, persistent_bytes)."""
     t = s.cfg.train.tensor_parallel
     if not s.fsdp(policy) or s.cfg.rollout.persistent_weights:
         return 0
@@ -349,13 +370,14 @@ def ppo_phases(s: Setup) -> dict:
     forwarded, shared_keys = shared_prefix_tokens(rows, r.samples_per_prompt, r.max_prompt_length,
                                                   r.max_new_tokens, sharing)
     # rollout.tokens_per_forward: each scoring forward holds at most that many forwarded tokens.
-    scored, scored_keys = context_share(s.cfg.train.context_parallel, min(forwarded, r.forward_tokens or forwarded),
-                                        shared_keys)
+    scored, scored_keys = context_share(s.cfg.train.context_parallel,
+                                        min(forwarded, r.forward_tokens or forwarded), shared_keys)
 
     def scoring_cost(part: Part) -> tuple[int, int]:
         # The batch-invariant forward reads the policy whole: gathered, or its persistent buffers.
         exact = part is policy and r.exact and s.fsdp(part)
-        return ((0 if r.persistent_weights else whole_bytes(part)) if exact else forward_gathered(s, part),
+        return ((0 if r.persistent_weights else whole_bytes(part)) if exact
+                else forward_gathered(s, part),
                 forward_activations(part.config, elem, scored, lm_head=_has_lm_head(s, part),
                                     shared_keys=scored_keys))
     decoders = [part for part in s.parts if part.config is not None]
@@ -369,7 +391,8 @@ def ppo_phases(s: Setup) -> dict:
     export = {**base, "gathered": export_gathered(s, [policy, *_role(s, "critic")])}
     if _role(s, "critic adapters"):  # LoRACritic.merged: a ValueModel on its trunk's own shards
         export["gathered"] = max(export["gathered"], export_gathered(s, [critic]))
-    return {"load": load_phase(s), "rollout": rollout, "scoring": scoring, "update": update, "export": export}
+    return {"load": load_phase(s), "rollout": rollout, "scoring": scoring, "update": update,
+            "export": export}
 
 
 def plan_phases(s: Setup) -> tuple[dict, PoolFigures | None]:

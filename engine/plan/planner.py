@@ -52,7 +52,8 @@ def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda"
     else:
         parts = supervised_models(stage, cfg, model_config(cfg.model), dtype, rules.lora_base_whole)
     # One process is refused train.optimizer_offload (parallel/validate.py): nothing is offloaded.
-    group = shard_group_size(cfg.train.data_parallel, gpus, cfg.train.shard_group_size, gpus_per_node or gpus)
+    group = shard_group_size(cfg.train.data_parallel, gpus, cfg.train.shard_group_size,
+                             gpus_per_node or gpus)
     offload = cfg.train.optimizer_offload and gpus > 1
     return Setup(stage, cfg, parts, gpus, group, dtype, offload, rules, gpu_memory,
                  fused=torch.device(device).type == "cuda")
@@ -80,20 +81,23 @@ def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, devi
 
 def with_overrides(cfg, overrides: list[str]):
     """`cfg` with `key=value` overrides applied (validated again, as the command line would)."""
-    return config_io.from_dict(type(cfg), config_io.apply_overrides(config_io.to_dict(cfg), overrides))
+    return config_io.from_dict(type(cfg),
+                               config_io.apply_overrides(config_io.to_dict(cfg), overrides))
 
 
 def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
     """(what it is, overrides, GPUs) of each change the advice tries."""
     out = []
     moe = model_config(cfg.policy if isinstance(cfg, PPOConfig) else cfg.model).moe is not None
-    # Offloading moves FSDP2's shards: none of a LoRA run's adapters, nor of tensor slices copied across
-    # the data groups.
+    # Offloading moves FSDP2's shards: none of a LoRA run's adapters, nor of tensor slices copied
+    # across the data groups.
     if not cfg.train.optimizer_offload and gpus > 1 and cfg.lora.rank == 0 and (
             cfg.train.tensor_parallel == 1 or slices_sharded(cfg, gpus)):
-        out.append(("offload the optimizer state to CPU memory", ["train.optimizer_offload=true"], gpus))
+        out.append(
+            ("offload the optimizer state to CPU memory", ["train.optimizer_offload=true"], gpus))
     if not cfg.train.gradient_checkpointing:
-        out.append(("recompute activations in backward", ["train.gradient_checkpointing=true"], gpus))
+        out.append(
+            ("recompute activations in backward", ["train.gradient_checkpointing=true"], gpus))
     elif not cfg.train.activation_offload:
         out.append(("keep the checkpointed layers' inputs in CPU memory",
                     ["train.activation_offload=true"], gpus))
@@ -106,8 +110,11 @@ def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
             out.append(("a smaller token budget per forward", ["ppo.tokens_per_microbatch=null",
                                                                "ppo.microbatch_size=1"], gpus))
     elif cfg.data.tokens_per_microbatch != cfg.data.max_length:
-        out.append(("a smaller token budget per forward", [f"data.tokens_per_microbatch={cfg.data.max_length}"], gpus))
-    # Under train.data_parallel=hybrid a GPU's shards are 1/(its shard group): more nodes change nothing.
+        out.append(
+            ("a smaller token budget per forward",
+             [f"data.tokens_per_microbatch={cfg.data.max_length}"], gpus))
+    # Under train.data_parallel=hybrid a GPU's shards are 1/(its shard group): more nodes change
+    # nothing.
     if gpus < 8 and 8 % cfg.train.tensor_parallel == 0 and cfg.train.data_parallel != "hybrid":
         out.append(("more GPUs", [], 8))
     return out
@@ -118,20 +125,22 @@ def advice(cfg, plan: MemoryPlan, rules: EngineRules, device: str) -> list[str]:
     changes = candidate_changes(cfg, plan.ranks)
     fitting = []
     for what, overrides, gpus in changes:
-        other = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device, advise=False,
-                           gpus_per_node=plan.shard_group)
+        other = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device,
+                           advise=False, gpus_per_node=plan.shard_group)
         if other.fits:
-            fitting.append(f"{what} ({' '.join(overrides) or f'--gpus {gpus}'}): peak {format_bytes(other.peak)} "
-                           f"in {other.peak_phase}")
+            fitting.append(
+                f"{what} ({' '.join(overrides) or f'--gpus {gpus}'}): peak "
+                f"{format_bytes(other.peak)} in {other.peak_phase}")
     if fitting:
         return ["fits with any one of: " + "; ".join(fitting)]
     overrides = [o for _, os_, _ in changes for o in os_]
     gpus = max([plan.ranks] + [g for *_, g in changes])
-    together = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device, advise=False,
-                          gpus_per_node=plan.shard_group) if changes else plan
+    together = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device,
+                          advise=False, gpus_per_node=plan.shard_group) if changes else plan
     if together.fits:
-        return [f"fits with all of: {' '.join(overrides)} --gpus {gpus} (peak {format_bytes(together.peak)} in "
-                f"{together.peak_phase})"]
+        return [
+            f"fits with all of: {' '.join(overrides)} --gpus {gpus} (peak "
+            f"{format_bytes(together.peak)} in {together.peak_phase})"]
     return [blocker(plan, "needs"), "no change tried fits: with all of them "
             f"({' '.join(overrides)} --gpus {gpus}) " + blocker(together, "still needs")]
 
@@ -149,15 +158,19 @@ def _why(plan: MemoryPlan, phase: str, category: str) -> str:
     """Why `category` cannot shrink with any option today, by the rule it comes from (rules.py)."""
     rules = plan.rules
     if (phase, category) == ("load", "weights") and rules.load_whole:
-        return "loading puts every model whole on every GPU before sharding it (no sharded load yet)"
+        return ("loading puts every model whole on every GPU before sharding it (no sharded load "
+                "yet)")
     if (phase, category) == ("rollout", "gathered") and rules.generation_gathers_policy:
-        return ("generation gathers the whole policy on every GPU at train.tensor_parallel=1 (T > 1 reads 2P/T "
-                "bytes per GPU, LoRA or not)")
+        return (
+            "generation gathers the whole policy on every GPU at train.tensor_parallel=1 (T > 1 "
+            "reads 2P/T bytes per GPU, LoRA or not)")
     if (phase, category) == ("export", "gathered") and rules.export_gathers_model:
         return "the export gathers the whole model on every GPU (no streamed export yet)"
-    whole = [m["role"] for m in plan.models if not m["sharded"] and m["parameters"] > m["trained_parameters"]]
+    whole = [m["role"] for m in plan.models
+             if not m["sharded"] and m["parameters"] > m["trained_parameters"]]
     if category == "weights" and plan.ranks > 1 and whole:
-        return f"not sharded: {', '.join(whole)} (a LoRA-adapted model's frozen base is whole on every GPU)"
+        return (f"not sharded: {', '.join(whole)} (a LoRA-adapted model's frozen base is whole on "
+                "every GPU)")
     return ""
 
 

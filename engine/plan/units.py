@@ -13,7 +13,8 @@ def parse_bytes(text: str, option: str = "--gpu-memory") -> int:
     for anything else."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
     if not match or match[2] not in _UNITS or float(match[1]) <= 0:
-        raise ValueError(f"{option}={text!r}: expected a positive size such as 80GB, 79.6GiB or 8e10 (bytes)")
+        raise ValueError(
+            f"{option}={text!r}: expected a positive size such as 80GB, 79.6GiB or 8e10 (bytes)")
     return int(float(match[1]) * _UNITS[match[2]])
 
 

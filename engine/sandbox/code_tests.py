@@ -58,8 +58,9 @@ def _case_run(code: str, case, row: int) -> tuple[str, Optional[str]]:
     if isinstance(case, dict) and isinstance(case.get("stdin", ""), str) \
             and isinstance(case.get("stdout"), str):
         return code, case.get("stdin", "")
-    raise ValueError(f"code_tests: row {row} has test case {str(case)[:80]!r}: expected a string of "
-                     'statements or {"stdin": str, "stdout": str}')
+    raise ValueError(
+        f"code_tests: row {row} has test case {str(case)[:80]!r}: expected a string of "
+        'statements or {"stdin": str, "stdout": str}')
 
 
 def _passes(case, result) -> bool:

@@ -54,7 +54,8 @@ class Isolation:
                                       ("processes", self.pids)) if on]
         open_ = [name for name, on in (("network", self.network), ("host files", self.filesystem),
                                        ("processes", self.pids)) if not on]
-        line = f"sandbox: {self.kind}; isolated: {', '.join(held) or 'nothing beyond resource limits'}"
+        line = (f"sandbox: {self.kind}; isolated: "
+                f"{', '.join(held) or 'nothing beyond resource limits'}")
         if open_:
             line += f"; NOT isolated: {', '.join(open_)} (install bubblewrap for all three)"
         return line
@@ -76,7 +77,8 @@ def _works(isolation: Isolation) -> bool:
     """True when `isolation` can start this interpreter and run a statement."""
     scratch = tempfile.mkdtemp(prefix="fusedrl-sandbox-probe-")
     try:
-        argv, cwd = isolation.command([os.path.realpath(sys.executable), "-I", "-c", "pass"], scratch)
+        argv, cwd = isolation.command([os.path.realpath(sys.executable), "-I", "-c", "pass"],
+                                      scratch)
         done = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, timeout=20)
         return done.returncode == 0

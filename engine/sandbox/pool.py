@@ -24,7 +24,8 @@ class SandboxPool:
 
     def map(self, codes: Sequence[str], stdins: Optional[Sequence[Optional[str]]] = None,
             **options) -> list[SandboxResult]:
-        """Runs every code (with its stdin when `stdins` is given), at most max_concurrent at once."""
+        """Runs every code (with its stdin when `stdins` is given), at most max_concurrent at
+        once."""
         if stdins is not None and len(stdins) != len(codes):
             raise ValueError(f"SandboxPool.map: {len(stdins)} stdins for {len(codes)} codes")
         stdins = stdins if stdins is not None else [None] * len(codes)

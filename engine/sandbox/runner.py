@@ -73,7 +73,8 @@ def run_python(code: str, *, stdin: Optional[str] = None, timeout_s: float = 10.
 def _check_arguments(code, timeout_s, memory_mb, files, output_limit) -> None:
     if not isinstance(code, str):
         raise TypeError(f"run_python: code is {type(code).__name__}, expected str")
-    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and 0 < timeout_s <= 3600):
+    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s)
+            and 0 < timeout_s <= 3600):
         raise ValueError(f"run_python: timeout_s={timeout_s!r}, expected seconds in (0, 3600]")
     if not (isinstance(memory_mb, int) and 64 <= memory_mb <= 1 << 20):
         raise ValueError(f"run_python: memory_mb={memory_mb!r}, expected an int >= 64")
@@ -82,8 +83,9 @@ def _check_arguments(code, timeout_s, memory_mb, files, output_limit) -> None:
     for name in files or {}:
         parts = name.replace("\\", "/").split("/")
         if os.path.isabs(name) or ".." in parts or name in ("", "main.py"):
-            raise ValueError(f"run_python: files name {name!r}: expected a relative path inside the "
-                             "work directory (no '..', not main.py)")
+            raise ValueError(
+                f"run_python: files name {name!r}: expected a relative path inside the "
+                "work directory (no '..', not main.py)")
 
 
 def _write_files(work_dir: str, code: str, files: Mapping[str, str]) -> None:
@@ -109,7 +111,8 @@ def _run(argv, cwd, stdin, timeout_s, memory_mb, output_limit, pid_cap) -> Sandb
     process = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True, preexec_fn=in_child,
                                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    streams = [_CappedReader(process.stdout, output_limit), _CappedReader(process.stderr, output_limit)]
+    streams = [_CappedReader(process.stdout, output_limit),
+               _CappedReader(process.stderr, output_limit)]
     if stdin is not None:
         threading.Thread(target=_feed, args=(process.stdin, stdin), daemon=True).start()
     timed_out = False

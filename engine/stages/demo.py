@@ -2,7 +2,8 @@
 
 The task, data and tiny model come from engine/stages/demo_task.py (sort the digits of the prompt).
 `algo=ppo` (the default, InstructGPT):
-  1. SFT on noisy demonstrations (a fraction are wrong), so the SFT policy samples wrong answers too;
+  1. SFT on noisy demonstrations (a fraction are wrong), so the SFT policy samples wrong answers
+     too;
   2. a reward model on preference pairs (the correct answer over a corrupted one);
   3. PPO of the SFT policy against that reward model, with a frozen reference and a critic
      initialized from the reward model.
@@ -30,14 +31,17 @@ TEMPERATURE = 1.0
 RL_LR, RL_LORA_LR = 2e-4, 2e-3
 
 
-def sampled_accuracy(model, tokenizer, prompts: list[str], samples: int, temperature: float, seed: int) -> float:
+def sampled_accuracy(model, tokenizer, prompts: list[str], samples: int, temperature: float,
+                     seed: int) -> float:
     """Fraction of sampled responses (n per prompt) that the program judges correct."""
     from ..inference.llm import LLM
     from ..inference.sampling_params import SamplingParams
 
-    llm = LLM(model, tokenizer=tokenizer, kv_cache_memory=1 << 24, max_num_seqs=len(prompts) * samples,
-              use_cuda_graphs=False)
-    outs = llm.generate(prompts, SamplingParams(n=samples, temperature=temperature, max_new_tokens=12, seed=seed))
+    llm = LLM(model, tokenizer=tokenizer, kv_cache_memory=1 << 24,
+              max_num_seqs=len(prompts) * samples, use_cuda_graphs=False)
+    outs = llm.generate(prompts,
+                        SamplingParams(n=samples, temperature=temperature, max_new_tokens=12,
+                                       seed=seed))
     judged = [is_correct(p, c.text) for p, out in zip(prompts, outs) for c in out.outputs]
     return sum(judged) / len(judged)
 
@@ -67,7 +71,8 @@ def rl_training(cfg: DemoConfig, min_lr_ratio: float = 1.0) -> dict:
             if cfg.lora_rank else LoRAConfig()}
 
 
-def run_ppo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: dict, evaluate) -> Path:
+def run_ppo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: dict,
+                  evaluate) -> Path:
     """RM on the preference pairs, then PPO against it; returns the PPO policy's directory."""
     from ..config.ppo import LoopConfig, PPOConfig, RewardConfig, RolloutConfig, UpdateConfig
     from ..config.train import DataConfig, OptimConfig, RMConfig, TrainConfig
@@ -76,14 +81,15 @@ def run_ppo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: d
 
     rm_dir = run_rm(RMConfig(
         model=str(sft_dir), output_dir=str(out / "rm"), seed=cfg.seed,
-        data=DataConfig(train_file=data["rm"], tokens_per_batch=512, max_length=16, max_prompt_length=8,
-                        eval_fraction=0.05),
-        optim=OptimConfig(lr=1e-3, warmup_steps=10), train=TrainConfig(epochs=cfg.rm_epochs, **loop)))
+        data=DataConfig(train_file=data["rm"], tokens_per_batch=512, max_length=16,
+                        max_prompt_length=8, eval_fraction=0.05),
+        optim=OptimConfig(lr=1e-3, warmup_steps=10),
+        train=TrainConfig(epochs=cfg.rm_epochs, **loop)))
     return run_ppo(PPOConfig(
         policy=str(sft_dir), reward_model=str(rm_dir), prompts_file=data["prompts"],
         output_dir=str(out / "rl"), seed=cfg.seed,
-        rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=4, max_new_tokens=12,
-                              temperature=TEMPERATURE, kv_cache_memory=1 << 24),
+        rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=4,
+                              max_new_tokens=12, temperature=TEMPERATURE, kv_cache_memory=1 << 24),
         ppo=UpdateConfig(epochs=2, minibatch_size=32, vf_coef=0.1, gamma=1.0, lam=0.95),
         # Raw reward-model scores, not normalized ones: the critic starts as a copy of the reward
         # model, so its values are in the scores' own units. Normalized rewards (std 1 against the
@@ -100,16 +106,20 @@ def run_ppo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: d
         **rl_training(cfg, min_lr_ratio=0.1)), evaluate=evaluate)
 
 
-def run_grpo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: dict, evaluate) -> Path:
+def run_grpo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: dict,
+                   evaluate) -> Path:
     """GRPO with the program's check as the reward; returns the policy's directory."""
     from ..config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
     from .ppo.trainer import run_ppo
 
     return run_ppo(GRPOConfig(
-        policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"), seed=cfg.seed,
-        rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8, max_new_tokens=12,
-                              temperature=TEMPERATURE, kv_cache_memory=1 << 24, dynamic_sampling=True),
-        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=32, vf_coef=0.0, kl_loss_coef=0.001),
+        policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"),
+        seed=cfg.seed,
+        rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,
+                              max_new_tokens=12,
+               temperature=TEMPERATURE, kv_cache_memory=1 << 24, dynamic_sampling=True),
+        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=32, vf_coef=0.0,
+                         kl_loss_coef=0.001),
         train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop), **rl_training(cfg)),
         reward_fn=program_reward, evaluate=evaluate)
 
@@ -135,22 +145,25 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
 
     sft_dir = run_sft(SFTConfig(
         model=base, output_dir=str(out / "sft"), seed=cfg.seed,
-        data=DataConfig(train_file=data["sft"], tokens_per_batch=256, max_length=16, max_prompt_length=8,
-                        eval_fraction=0.05),
+        data=DataConfig(train_file=data["sft"], tokens_per_batch=256, max_length=16,
+                        max_prompt_length=8, eval_fraction=0.05),
         optim=OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.0),
         train=TrainConfig(epochs=cfg.sft_epochs, eval_every=0, **loop)))
 
     def accuracy(model) -> float:
-        return sampled_accuracy(model, tokenizer, data["held_out"], cfg.eval_samples, TEMPERATURE, cfg.seed)
+        return sampled_accuracy(model, tokenizer, data["held_out"], cfg.eval_samples, TEMPERATURE,
+                                cfg.seed)
 
     sft_accuracy = accuracy(load_model(sft_dir))
     stage = run_grpo_stage if cfg.algo == "grpo" else run_ppo_stage
-    rl_dir = stage(cfg, out, data, sft_dir, loop, evaluate=lambda models: {"accuracy": accuracy(models.policy)})
+    rl_dir = stage(cfg, out, data, sft_dir, loop,
+                   evaluate=lambda models: {"accuracy": accuracy(models.policy)})
     rl_accuracy = accuracy(load_model(rl_dir))
     table = {
         "algo": cfg.algo,
         "sft_accuracy": sft_accuracy,
-        "rm_heldout_accuracy": last_metric(str(out / "rm"), "eval", "accuracy") if cfg.algo == "ppo" else None,
+        "rm_heldout_accuracy": last_metric(str(out / "rm"), "eval", "accuracy") if cfg.algo == "ppo"
+        else None,
         "rl_accuracy": rl_accuracy,
         "rl_gain_points": 100 * (rl_accuracy - sft_accuracy),
         "rl_mean_score": last_metric(str(out / "rl"), "train", "score_mean"),

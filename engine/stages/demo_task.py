@@ -35,8 +35,8 @@ def is_correct(prompt: str, response: str) -> bool:
 # The noisy demonstrations' mistakes.
 CORRUPTIONS = ("swap", "change", "drop", "add")
 # The preference pairs' rejected answers, one per kind and prompt. "add" matters: without it PPO
-# found that a repeated last digit ("1 4 8 9 9") scored well with the reward model, and accuracy fell
-# from 85% to 46% over 100 iterations (seed 0). "miscount" (a changed digit, the answer kept in
+# found that a repeated last digit ("1 4 8 9 9") scored well with the reward model, and accuracy
+# fell from 85% to 46% over 100 iterations (seed 0). "miscount" (a changed digit, the answer kept in
 # order, so only counting the digits catches it) instead of "change" (mostly out of order, caught
 # by order alone): with "change" PPO stalled at 72-75% for seed 2, and 162 of its 163 sampled
 # mistakes on 200 training prompts were sorted answers repeating the wrong digit
@@ -69,7 +69,8 @@ def corrupt(digits: list[int], rng: random.Random, kind: str | None = None) -> l
             kind = "change"
 
 
-def make_prompts(n: int, digits: int, rng: random.Random, exclude: set = frozenset()) -> list[list[int]]:
+def make_prompts(n: int, digits: int, rng: random.Random,
+                 exclude: set = frozenset()) -> list[list[int]]:
     out, seen = [], set(exclude)
     while len(out) < n:
         p = tuple(rng.randrange(10) for _ in range(digits))
@@ -94,11 +95,13 @@ def write_data(cfg: DemoConfig, data_dir: Path) -> dict:
         corrupt(p, rng) if rng.random() < cfg.demo_noise else sorted(p))} for p in train]
     # One pair per kind of mistake and prompt, so the reward model learns to catch each of them.
     pairs = [{"prompt": prompt_text(p), "chosen": " " + answer_text(sorted(p)),
-              "rejected": " " + answer_text(corrupt(p, rng, kind))} for p in train for kind in PAIR_CORRUPTIONS]
+              "rejected": " " + answer_text(corrupt(p, rng, kind))} for p in train
+             for kind in PAIR_CORRUPTIONS]
     return {
         "sft": write_jsonl(data_dir / "demonstrations.jsonl", demos),
         "rm": write_jsonl(data_dir / "preferences.jsonl", pairs),
-        "prompts": write_jsonl(data_dir / "prompts.jsonl", [{"prompt": prompt_text(p)} for p in train]),
+        "prompts": write_jsonl(data_dir / "prompts.jsonl",
+                               [{"prompt": prompt_text(p)} for p in train]),
         "held_out": [prompt_text(p) for p in held_out],
     }
 
@@ -113,10 +116,12 @@ def build_tokenizer():
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
 
 
-def build_base_model(out_dir: Path, seed: int, arch: str = "llama", tokenizer=None, max_positions: int = 64) -> str:
+def build_base_model(out_dir: Path, seed: int, arch: str = "llama", tokenizer=None,
+                     max_positions: int = 64) -> str:
     """A tiny random Llama (or Qwen3-MoE of the same shapes, 8 experts of half the MLP width, top-2)
     over `tokenizer`'s vocabulary (default: this task's) and the tokenizer, saved as a Hugging Face
     directory."""
@@ -125,13 +130,15 @@ def build_base_model(out_dir: Path, seed: int, arch: str = "llama", tokenizer=No
 
     tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
-    shapes = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    shapes = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  tie_word_embeddings=True)
     if arch == "qwen3_moe":
-        config = transformers.Qwen3MoeConfig(**shapes, head_dim=24, num_experts=8, num_experts_per_tok=2,
-                                             moe_intermediate_size=96, norm_topk_prob=True)
+        config = transformers.Qwen3MoeConfig(**shapes, head_dim=24, num_experts=8,
+                                             num_experts_per_tok=2, moe_intermediate_size=96,
+                                             norm_topk_prob=True)
         transformers.Qwen3MoeForCausalLM(config).save_pretrained(out_dir)
     else:
         transformers.LlamaForCausalLM(transformers.LlamaConfig(**shapes)).save_pretrained(out_dir)

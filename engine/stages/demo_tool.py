@@ -22,7 +22,8 @@ from ..durable import write_text_atomic
 from ..run_dir import claim, releases_output_dir
 from .demo import TEMPERATURE, last_metric, rl_training
 from .demo_task import build_base_model
-from .demo_tool_task import add, build_tokenizer, final_answer, is_correct, tool_reward, write_tool_data
+from .demo_tool_task import (add, build_tokenizer, final_answer, is_correct, tool_reward,
+                             write_tool_data)
 
 TOOLS = [f"{add.__module__}:{add.__name__}"]
 MAX_TURNS = 2          # the call, then the answer
@@ -33,17 +34,19 @@ MAX_POSITIONS = 128    # the longest conversation is 68 tokens
 def tool_accuracy(model, tokenizer, prompts: list[str], samples: int, seed: int) -> dict:
     """{"accuracy": fraction of sampled trajectories (n per prompt) whose final answer is right,
     "tool_rate": fraction that called the tool}, the trajectories run with the tool."""
-    from ..agents import AgentLimits, ChatRenderer, ToolEnvironment, parse_hermes, run_agents, tool_schema
+    from ..agents import (AgentLimits, ChatRenderer, ToolEnvironment, parse_hermes, run_agents,
+                          tool_schema)
     from ..inference.llm import LLM
     from ..inference.sampling_params import SamplingParams
 
-    llm = LLM(model, tokenizer=tokenizer, kv_cache_memory=1 << 24, max_num_seqs=len(prompts) * samples,
-              use_cuda_graphs=False)
+    llm = LLM(model, tokenizer=tokenizer, kv_cache_memory=1 << 24,
+              max_num_seqs=len(prompts) * samples, use_cuda_graphs=False)
     trajectories = run_agents(
         llm.generate_turns, ChatRenderer(tokenizer, [tool_schema(add)]),
-        lambda row: ToolEnvironment({"add": add}, parse_hermes, row["prompt"]), [{"prompt": p} for p in prompts],
-        SamplingParams(n=samples, temperature=TEMPERATURE, max_new_tokens=MAX_NEW_TOKENS, seed=seed),
-        AgentLimits(MAX_TURNS, None, env_timeout_s=30.0))
+        lambda row: ToolEnvironment({"add": add}, parse_hermes, row["prompt"]),
+        [{"prompt": p} for p in prompts],
+        SamplingParams(n=samples, temperature=TEMPERATURE, max_new_tokens=MAX_NEW_TOKENS,
+                       seed=seed), AgentLimits(MAX_TURNS, None, env_timeout_s=30.0))
     judged = [is_correct(prompts[i // samples], final_answer(tokenizer.decode(t.tokens.token_ids)))
               for i, t in enumerate(trajectories)]
     return {"accuracy": sum(judged) / len(judged),
@@ -83,11 +86,13 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
 
     sft = evaluate(load_model(sft_dir))
     rl_dir = run_ppo(GRPOConfig(
-        policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"), seed=cfg.seed,
+        policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"),
+        seed=cfg.seed,
         rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,
-                              max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, kv_cache_memory=1 << 24,
-                              tools=TOOLS, max_turns=MAX_TURNS),
-        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=32, vf_coef=0.0, kl_loss_coef=0.001),
+               max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, kv_cache_memory=1 << 24,
+               tools=TOOLS, max_turns=MAX_TURNS),
+        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=32, vf_coef=0.0,
+                         kl_loss_coef=0.001),
         train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop), **rl_training(cfg)),
         reward_fn=tool_reward)
     rl = evaluate(load_model(rl_dir))
@@ -106,11 +111,12 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
 
 
 def format_tool_table(table: dict) -> str:
-    rows = [("SFT accuracy (held-out, sampled, with the tool)", f"{100 * table['sft_accuracy']:.1f}%"),
-            ("SFT trajectories calling the tool", f"{100 * table['sft_tool_rate']:.1f}%"),
-            ("GRPO accuracy (held-out, sampled, with the tool)", f"{100 * table['rl_accuracy']:.1f}%"),
-            ("GRPO trajectories calling the tool", f"{100 * table['rl_tool_rate']:.1f}%"),
-            ("GRPO gain over SFT", f"{table['rl_gain_points']:+.1f} points"),
-            ("wall time", f"{table['seconds']:.0f} s")]
+    rows = [
+        ("SFT accuracy (held-out, sampled, with the tool)", f"{100 * table['sft_accuracy']:.1f}%"),
+        ("SFT trajectories calling the tool", f"{100 * table['sft_tool_rate']:.1f}%"),
+        ("GRPO accuracy (held-out, sampled, with the tool)", f"{100 * table['rl_accuracy']:.1f}%"),
+        ("GRPO trajectories calling the tool", f"{100 * table['rl_tool_rate']:.1f}%"),
+        ("GRPO gain over SFT", f"{table['rl_gain_points']:+.1f} points"),
+        ("wall time", f"{table['seconds']:.0f} s")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -23,9 +23,9 @@ CHAT_TEMPLATE = (
     "{% if tools %}<|im_start|>system\ntools:{% for t in tools %} {{ t.function.name }}{% endfor %}"
     "<|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-    "{% for c in m.tool_calls or [] %}<tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": "
-    "{{ c.function.arguments | tojson }}}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% for c in m.tool_calls or [] %}<tool_call>{\"name\": \"{{ c.function.name }}\", "
+    "\"arguments\": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}<|im_end|>\n{% "
+    "endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # Each digit, each whitespace character and each run of anything else (with the space before it)
 # is a word: exact round trips, and a tool call of 18 tokens.
 WORDS = r"\d| ?[^\d\s]+|\s"
@@ -64,7 +64,8 @@ def final_answer(completion: str) -> str:
 def tool_reward(prompts: list, completion_ids: list[list[int]], **columns) -> list[float]:
     """GRPO's reward (TRL's keyword form): 1.0 when the trajectory's final answer is the sum."""
     tokenizer = build_tokenizer()
-    return [float(is_correct(p, final_answer(tokenizer.decode(ids)))) for p, ids in zip(prompts, completion_ids)]
+    return [float(is_correct(p, final_answer(tokenizer.decode(ids))))
+            for p, ids in zip(prompts, completion_ids)]
 
 
 def conversation(a: int, b: int, call: bool) -> list[dict]:
@@ -73,14 +74,17 @@ def conversation(a: int, b: int, call: bool) -> list[dict]:
     turns = [{"role": "user", "content": question(a, b)}]
     if call:
         turns += [{"role": "assistant", "tool_calls": [
-                      {"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}]},
+                      {"type": "function",
+                       "function": {"name": "add", "arguments": {"a": a, "b": b}}}]},
                   {"role": "tool", "name": "add", "content": str(add(a, b))}]
     return turns + [{"role": "assistant", "content": str(add(a, b))}]
 
 
-def make_pairs(n: int, digits: int, rng: random.Random, exclude: set = frozenset()) -> list[tuple[int, int]]:
+def make_pairs(n: int, digits: int, rng: random.Random,
+               exclude: set = frozenset()) -> list[tuple[int, int]]:
     """n distinct pairs of numbers of `digits` digits, each below half of 10 ** digits so that their
-    sum has as many digits: every copy (question -> call, result -> answer) spans a fixed distance."""
+    sum has as many digits: every copy (question -> call, result -> answer) spans a fixed
+    distance."""
     out, seen = [], set(exclude)
     while len(out) < n:
         a, b = (rng.randrange(10 ** (digits - 1), 10 ** digits // 2) for _ in range(2))
@@ -97,10 +101,12 @@ def write_tool_data(cfg: DemoConfig, data_dir: Path, tools: list[dict]) -> dict:
     train = make_pairs(cfg.train_prompts, cfg.digits, rng)
     held_out = make_pairs(cfg.eval_prompts, cfg.digits, rng, exclude=set(train))
     data_dir.mkdir(parents=True, exist_ok=True)
-    demos = [{"messages": conversation(a, b, rng.random() < cfg.tool_calls), "tools": tools} for a, b in train]
+    demos = [{"messages": conversation(a, b, rng.random() < cfg.tool_calls), "tools": tools}
+             for a, b in train]
     return {
         "sft": write_jsonl(data_dir / "demonstrations.jsonl", demos),
-        "prompts": write_jsonl(data_dir / "prompts.jsonl", [{"prompt": question(a, b)} for a, b in train]),
+        "prompts": write_jsonl(data_dir / "prompts.jsonl",
+                               [{"prompt": question(a, b)} for a, b in train]),
         "held_out": [question(a, b) for a, b in held_out],
     }
 

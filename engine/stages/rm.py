@@ -1,7 +1,8 @@
 """Reward-model training: InstructGPT's ranking loss, an optional LM term, reward normalization.
 
 Loss of one optimizer step over E rankings (a pair is K = 2):
-    mean_e [ mean_{i<j in e} -log sigmoid(r_i - r_j) ] + beta_rm * mean NLL over the best responses' tokens
+    mean_e [ mean_{i<j in e} -log sigmoid(r_i - r_j) ] + beta_rm * mean NLL over the best responses'
+    tokens
 The LM term is the imitation loss of Askell et al. 2021 used by MOSS-RLHF (the book's
 "beta_rm E[log r'(x, y_w)]" with the sign of a loss to minimize: -log pi(y_w | x)), per token.
 After training, `reward_offset` = mean raw reward of the reference responses, so they score 0.
@@ -46,7 +47,8 @@ def pair_indices(k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     return i, j
 
 
-def ranking_loss_sum(rewards: torch.Tensor, group_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+def ranking_loss_sum(rewards: torch.Tensor, group_sizes: list[int]) -> tuple[torch.Tensor,
+                                                                             torch.Tensor, int]:
     """InstructGPT's reward-model loss, one ranking per batch element.
 
     rewards [S] fp32: scores of the S = sum(group_sizes) sequences, each group best first.
@@ -71,7 +73,8 @@ def rm_counts(batch: PackedBatch) -> dict:
 
 def rm_loss(model: RewardModel, batch: PackedBatch, step_counts: dict, beta_rm: float):
     """This micro-batch's share of the step loss (see the module docstring), and summable stats."""
-    hidden = model.forward_packed(batch.input_ids, batch.seqlens, batch.positions, batch.cu_seqlens)  # [N, H]
+    # [N, H]
+    hidden = model.forward_packed(batch.input_ids, batch.seqlens, batch.positions, batch.cu_seqlens)
     rewards = model.raw_rewards(hidden, batch.seqlens)                      # [S]
     rank_sum, correct, pairs = ranking_loss_sum(rewards, batch.group_sizes)
     loss = rank_sum / max(step_counts["examples"], 1)
@@ -97,7 +100,8 @@ def rm_stage(cfg: RMConfig, dtype: torch.dtype, device, sharder=None) -> Stage:
     return Stage(collate=collate_rm, counts=rm_counts,
                  loss=lambda model, batch, counts: rm_loss(model, batch, counts, cfg.beta_rm),
                  summarize=lambda stats, counts: rm_summarize(stats, counts, cfg.beta_rm),
-                 load_weights=lambda path: load_reward_model(path, dtype=dtype, device=device, shard=sharder))
+                 load_weights=lambda path: load_reward_model(path, dtype=dtype, device=device,
+                                                             shard=sharder))
 
 
 def reference_sequences(cfg: RMConfig, tokenizer, records: list) -> list[list[int]]:
@@ -145,17 +149,19 @@ def run_rm(cfg: RMConfig, dataset=None, eval_dataset=None) -> Path:
     # The trained score head stays whole on every rank beside LoRA adapters (a replicated head).
     sharder = laying_out("adapted" if cfg.lora.enabled else "trained", run.dims,
                          lambda model: [model.score] if cfg.lora.enabled else [])
-    model = load_model(cfg.model, dtype=run.dtype, device=device, model_cls=RewardModel, shard=sharder,
-                       fresh=["score.weight"])  # the head starts at zero: see reward_model_from_lm
+    # the head starts at zero: see reward_model_from_lm
+    model = load_model(cfg.model, dtype=run.dtype, device=device, model_cls=RewardModel,
+                       shard=sharder, fresh=["score.weight"])
     lora = adapters.attach(model, cfg.lora, {"score": model.score})
-    state = train(model, rm_stage(cfg, run.dtype, device, sharder), examples.train, examples.eval, cfg, device, examples.info,
-                  lora, run.dims)
+    state = train(model, rm_stage(cfg, run.dtype, device, sharder), examples.train, examples.eval,
+                  cfg, device, examples.info, lora, run.dims)
     references = reference_sequences(cfg, tokenizer, examples.records)
     # Every rank scores all references (the sharded forward is collective), so all agree on it.
     model.reward_offset = mean_raw_reward(model, references, cfg.data.tokens_per_batch, device)
     if not math.isfinite(model.reward_offset):  # PPO against it would skip every update
-        raise NonFiniteError(f"the trained reward model scores the {len(references)} reference responses "
-                             f"{model.reward_offset} on average (reward_offset); the run diverged, nothing exported")
+        raise NonFiniteError(
+            f"the trained reward model scores the {len(references)} reference responses "
+            f"{model.reward_offset} on average (reward_offset); the run diverged, nothing exported")
     if is_main():
         append_metrics(cfg.output_dir, "info", state.step, {"reward_offset": model.reward_offset,
                                                             "reference_responses": len(references)})

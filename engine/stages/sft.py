@@ -40,7 +40,8 @@ def sft_loss(model, batch: PackedBatch, step_counts: dict):
     if model.context_parallel is not None:
         nll_sum = -shard_logprobs(model, batch, model.context_parallel).sum()
     else:
-        hidden = model.forward_packed(batch.input_ids, batch.seqlens, batch.positions, batch.cu_seqlens)  # [N, H]
+        hidden = model.forward_packed(batch.input_ids, batch.seqlens, batch.positions,
+                                      batch.cu_seqlens)  # [N, H]
         nll_sum = target_nll_sum(model, hidden, batch)
     return nll_sum / max(step_counts["tokens"], 1), {"nll_sum": nll_sum.detach()}
 
@@ -48,7 +49,8 @@ def sft_loss(model, batch: PackedBatch, step_counts: dict):
 def sft_summarize(stats: dict, counts: dict) -> dict:
     loss = stats["nll_sum"] / max(counts["tokens"], 1)
     router = {name: stats[name] for name in ("router_aux_loss", "router_z_loss") if name in stats}
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": counts["tokens"], **router}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "target_tokens": counts["tokens"], **router}
 
 
 def _batch_share(batch: PackedBatch, step_counts: dict) -> float:
@@ -60,7 +62,8 @@ def sft_stage(dtype: str, device, sharder=None, router=None) -> Stage:
     (router losses added to the loss of an MoE model's forwards)."""
     loss = with_router_losses(sft_loss, router, _batch_share) if router is not None else sft_loss
     return Stage(collate=collate_sft, counts=sft_counts, loss=loss, summarize=sft_summarize,
-                 load_weights=lambda path: load_model(path, dtype=dtype, device=device, shard=sharder))
+                 load_weights=lambda path: load_model(path, dtype=dtype, device=device,
+                                                      shard=sharder))
 
 
 @releases_output_dir
@@ -75,8 +78,8 @@ def run_sft(cfg: SFTConfig, dataset=None, eval_dataset=None) -> Path:
     sharder = laying_out("adapted" if cfg.lora.enabled else "trained", run.dims)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device, shard=sharder)
     lora = adapters.attach(model, cfg.lora)
-    train(model, sft_stage(run.dtype, run.device, sharder, cfg.moe), examples.train, examples.eval, cfg, run.device,
-          examples.info, lora, run.dims)
+    train(model, sft_stage(run.dtype, run.device, sharder, cfg.moe), examples.train, examples.eval,
+          cfg, run.device, examples.info, lora, run.dims)
     final = Path(cfg.output_dir) / "final"
     adapters.export(model, lora, final, cfg.model)
     return final

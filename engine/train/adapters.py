@@ -3,10 +3,11 @@ model, checkpoint them as a PEFT adapter directory (the base weights never chang
 model directory plus the adapters resume the run exactly), and export at the end both the adapters
 (`<final>_adapter/`, for `peft.PeftModel.from_pretrained`) and the merged model (`<final>/`, a plain
 Hugging Face directory the next stage or transformers loads). The reward model trains its `score`
-head in full beside the adapters (PEFT's modules_to_save; the adapters then are a SEQ_CLS directory).
-Under torchrun the frozen base is sharded like any frozen model, the adapters (and heads) are whole
-on every rank and their gradients averaged over the ranks (engine/parallel/distributed.py); on a
-tensor-parallel base the adapters are sliced like the weights they adapt (engine/model/lora.py)."""
+head in full beside the adapters (PEFT's modules_to_save; the adapters then are a SEQ_CLS
+directory). Under torchrun the frozen base is sharded like any frozen model, the adapters (and
+heads) are whole on every rank and their gradients averaged over the ranks
+(engine/parallel/distributed.py); on a tensor-parallel base the adapters are sliced like the weights
+they adapt (engine/model/lora.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,12 +23,14 @@ from .checkpoint import SavedModel
 
 def attach(model, cfg: LoRAConfig, heads: Optional[dict] = None) -> Optional[LoRA]:
     """Fresh adapters on `model` (frozen) when cfg.rank > 0, else None (every weight trains).
-    heads: {PEFT name: module} trained in full with them (the reward model's {"score": rm.score})."""
+    heads: {PEFT name: module} trained in full with them (the reward model's {"score":
+    rm.score})."""
     return add_lora(model, cfg, heads) if cfg.enabled else None
 
 
 def saved_adapter(lora: LoRA) -> SavedModel:
-    """The adapters as a checkpoint part (an earlier layout's PEFT directory read back into `lora`)."""
+    """The adapters as a checkpoint part (an earlier layout's PEFT directory read back into
+    `lora`)."""
     return SavedModel(lora, lambda directory: read_adapter_weights(lora, directory))
 
 

@@ -1,14 +1,15 @@
 """AdamW in a constant number of multi-tensor kernels per step, with fp32 master weights for
 low-precision parameters, clipping by one global norm, and a skip decided on the device.
 
-A step over N parameters (K hyperparameter groups, usually 2: decay and no decay) launches, whatever N:
-the gradient upcast into one fp32 buffer (`torch._foreach_copy_`), the global L2 norm of that buffer,
-the clip divisor max(norm / max_grad_norm, 1) and the skip flags (a few 0-dim ops), the step counters
-(`torch._foreach_add_`), torch's fused AdamW once per group on the fp32 masters (the clip divisor is
-its `grad_scale`, the skip flag its `found_inf`: a skipped step changes nothing), and the copy of the
-masters into the low-precision parameters (`torch._foreach_copy_`): <= 12 kernels with clipping and a
-loss check (bench/launches.py counts them). Nothing reads a value on the host: a non-finite norm or
-loss skips the step on the device, and the caller reads the norm with its other metrics.
+A step over N parameters (K hyperparameter groups, usually 2: decay and no decay) launches, whatever
+N: the gradient upcast into one fp32 buffer (`torch._foreach_copy_`), the global L2 norm of that
+buffer, the clip divisor max(norm / max_grad_norm, 1) and the skip flags (a few 0-dim ops), the step
+counters (`torch._foreach_add_`), torch's fused AdamW once per group on the fp32 masters (the clip
+divisor is its `grad_scale`, the skip flag its `found_inf`: a skipped step changes nothing), and the
+copy of the masters into the low-precision parameters (`torch._foreach_copy_`): <= 12 kernels with
+clipping and a loss check (bench/launches.py counts them). Nothing reads a value on the host: a
+non-finite norm or loss skips the step on the device, and the caller reads the norm with its other
+metrics.
 
 fp32 parameters are their own masters (no copy); bf16 ones get an fp32 master, updated in fp32 and
 rounded into the parameter in place, so updates below bf16's resolution accumulate in the master and
@@ -90,8 +91,10 @@ class FusedAdamW(torch.optim.Optimizer):
         if not params:
             return StepGradients([], [], torch.zeros(()))
         grads = [_local(p.grad) for p in params]
-        flat = torch.empty(sum(g.numel() for g in grads), dtype=torch.float32, device=grads[0].device)
-        grads32 = [view.view_as(g) for view, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        flat = torch.empty(sum(g.numel() for g in grads), dtype=torch.float32,
+                           device=grads[0].device)
+        grads32 = [view.view_as(g)
+                   for view, g in zip(flat.split([g.numel() for g in grads]), grads)]
         torch._foreach_copy_(grads32, grads)
         # Summed in fp64: the norm's fp32 value (the clip divisor) is then the same whatever the
         # order of the sum, so a run on N ranks clips, and rounds into bf16, as one process does.
@@ -99,13 +102,15 @@ class FusedAdamW(torch.optim.Optimizer):
         if len(set(layouts)) == 1:
             local = torch.linalg.vector_norm(flat, dtype=torch.float64)
             return StepGradients(params, grads32, _global_norm(local, params[0]))
-        # Parameters laid out differently (tensor-parallel slices beside whole norm weights every rank
-        # holds alike; expert-parallel experts sharded over an expert group beside FSDP's shards over
-        # the world): each layout's squares summed over the ranks that shard it, a copy counted once.
+        # Parameters laid out differently (tensor-parallel slices beside whole norm weights every
+        # rank holds alike; expert-parallel experts sharded over an expert group beside FSDP's
+        # shards over the world): each layout's squares summed over the ranks that shard it, a copy
+        # counted once.
         squares = []
         for layout in dict.fromkeys(layouts):
             mine = [i for i, other in enumerate(layouts) if other == layout]
-            local = torch.linalg.vector_norm(torch.cat([grads32[i].reshape(-1) for i in mine]), dtype=torch.float64)
+            local = torch.linalg.vector_norm(torch.cat([grads32[i].reshape(-1) for i in mine]),
+                                             dtype=torch.float64)
             squares.append(_global_norm(local, params[mine[0]]).square())
         return StepGradients(params, grads32, torch.stack(squares).sum().sqrt())
 
@@ -113,7 +118,8 @@ class FusedAdamW(torch.optim.Optimizer):
         """The parameter's state, created at its first step (fp32 master, zero moments, step 0)."""
         state = self.state[param]
         if not state:
-            master = param.detach().to(torch.float32, copy=True) if param.dtype != torch.float32 else None
+            master = (param.detach().to(torch.float32, copy=True) if param.dtype != torch.float32
+                      else None)
             like = param if master is None else master
             state["step"] = torch.zeros((), dtype=torch.float32, device=_local(param).device)
             if master is not None:
@@ -125,9 +131,9 @@ class FusedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, *, gradients: Optional[StepGradients] = None,
              grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None):
-        """One AdamW step on the gradients (`gradients()` unless given), each divided by `grad_scale`
-        ([] fp32, the clip divisor) when given; `found_inf` ([] fp32) 1.0 makes the step a no-op,
-        counters included, without a host sync (0.0 steps)."""
+        """One AdamW step on the gradients (`gradients()` unless given), each divided by
+        `grad_scale` ([] fp32, the clip divisor) when given; `found_inf` ([] fp32) 1.0 makes the
+        step a no-op, counters included, without a host sync (0.0 steps)."""
         if closure is not None:
             raise ValueError("FusedAdamW.step takes no closure")
         gradients = gradients if gradients is not None else self.gradients()
@@ -148,13 +154,15 @@ class FusedAdamW(torch.optim.Optimizer):
             if not params:
                 continue
             own = [states[id(p)] for p in params]
-            masters = [_local(s["master"]) if "master" in s else _local(p) for p, s in zip(params, own)]
+            masters = [_local(s["master"]) if "master" in s else _local(p)
+                       for p, s in zip(params, own)]
             beta1, beta2 = group["betas"]
             torch._fused_adamw_(
                 masters, [grad_of[id(p)] for p in params], [_local(s["exp_avg"]) for s in own],
-                [_local(s["exp_avg_sq"]) for s in own], [], [s["step"] for s in own], lr=group["lr"],
-                beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
-                maximize=False, grad_scale=grad_scale, found_inf=found_inf)
+                [_local(s["exp_avg_sq"]) for s in own], [], [s["step"] for s in own],
+                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                eps=group["eps"], amsgrad=False, maximize=False, grad_scale=grad_scale,
+                found_inf=found_inf)
             for p, s, master in zip(params, own, masters):
                 if "master" in s:
                     low_params.append(_local(p))
@@ -165,7 +173,8 @@ class FusedAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As Optimizer's, but the masters and moments stay fp32 (torch casts floating state to each
         parameter's dtype, which would round them to bf16) and `step` becomes a 0-dim fp32 tensor
-        on the parameter's device (the fused kernel reads it there; older checkpoints hold an int)."""
+        on the parameter's device (the fused kernel reads it there; older checkpoints hold an
+        int)."""
         super().load_state_dict(state_dict)
         # Saved parameters are named by their position (optimizer.state_dict()) or by their
         # qualified name (torch.distributed.checkpoint); either way the groups list them in order.
@@ -181,4 +190,5 @@ class FusedAdamW(torch.optim.Optimizer):
                     state[key] = saved[key].to(device=param.device, dtype=torch.float32, copy=True)
             step = saved["step"]
             step = step.item() if isinstance(step, torch.Tensor) else step  # once per resume
-            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=_local(param).device)
+            state["step"] = torch.tensor(float(step), dtype=torch.float32,
+                                         device=_local(param).device)

@@ -70,7 +70,8 @@ class RunPlan:
 
 @dataclass
 class SkipCount:
-    """The loop's own resumable state: steps skipped in all and in a row (saved in each checkpoint)."""
+    """The loop's own resumable state: steps skipped in all and in a row (saved in each
+    checkpoint)."""
     skipped_steps: int = 0
     in_a_row: int = 0
 
@@ -84,7 +85,8 @@ def is_due(step: int, every: int, last: int) -> bool:
 
 
 class SaveClock:
-    """Checkpoint cadence: every `every` steps, every `minutes` of wall time, and at the last step."""
+    """Checkpoint cadence: every `every` steps, every `minutes` of wall time, and at the last
+    step."""
 
     def __init__(self, every: int, minutes: float, last: int):
         self.every, self.seconds, self.last = every, minutes * 60, last
@@ -121,10 +123,10 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
     """Run `step(state)` until state.step reaches plan.total_steps; returns `state`.
 
     `step` advances the stage's own position fields (not `state.step`) and returns its metrics;
-    the loop adds `step_time_s`, `skipped_steps` and, when the metrics count "tokens", `tokens_per_s`.
-    Under torchrun every rank runs this loop (checkpoints and evaluation are collective); `step`
-    returns metrics already reduced over the ranks (so every rank takes the same skip decisions),
-    and rank 0 alone removes leftovers and writes the run log.
+    the loop adds `step_time_s`, `skipped_steps` and, when the metrics count "tokens",
+    `tokens_per_s`. Under torchrun every rank runs this loop (checkpoints and evaluation are
+    collective); `step` returns metrics already reduced over the ranks (so every rank takes the same
+    skip decisions), and rank 0 alone removes leftovers and writes the run log.
     Raises RunComplete before anything is written when the run had already ended, and Interrupted
     after saving a checkpoint when SIGTERM or SIGINT stopped it.
     """
@@ -132,12 +134,14 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
     if options.resume:
         refuse_if_complete(plan)
     removed = []
-    if distributed.is_main() and read_marker(plan.run_dir) is not None:  # only in a directory fusedrl made
+    # only in a directory fusedrl made
+    if distributed.is_main() and read_marker(plan.run_dir) is not None:
         removed = (remove_leftovers(plan.run_dir, REPLACED_WHOLE)
                    + remove_leftovers(f"{plan.run_dir}/checkpoints", rf"{PREFIX}\d+"))
     distributed.barrier()  # no rank reads the run directory while rank 0 cleans it
     resuming = options.resume and latest_checkpoint(plan.run_dir) is not None
-    changed = resume_changes(plan.run_dir, plan.config) if resuming else {}  # before the checkpoint loads
+    # before the checkpoint loads
+    changed = resume_changes(plan.run_dir, plan.config) if resuming else {}
     check_loop = loop_state_check(state, SkipCount(), plan.total_steps)
     resume_from, loaded = resume(plan.run_dir, parts, check_loop) if options.resume else (None, {})
     skips = SkipCount(**loaded.pop("loop", {}))

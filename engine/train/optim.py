@@ -21,7 +21,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
     return FusedAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
@@ -53,33 +54,39 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
         peaks = list(self.base_lrs)
         super().load_state_dict(state_dict)
         self.base_lrs = peaks
-        self._last_lr = [peak * factor(self.last_epoch) for peak, factor in zip(peaks, self.lr_lambdas)]
+        self._last_lr = [peak * factor(self.last_epoch)
+                         for peak, factor in zip(peaks, self.lr_lambdas)]
         for group, peak, lr in zip(self.optimizer.param_groups, peaks, self._last_lr):
             group.update(initial_lr=peak, lr=lr)
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> WarmupCosine:
-    return WarmupCosine(optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+    return WarmupCosine(optimizer,
+                        lambda step: lr_factor(step, cfg.warmup_steps, total_steps,
+                                               cfg.min_lr_ratio))
 
 
-def clip_and_step(optimizers: list[FusedAdamW], max_grad_norm: float, loss: Optional[torch.Tensor] = None
+def clip_and_step(optimizers: list[FusedAdamW], max_grad_norm: float,
+                  loss: Optional[torch.Tensor] = None
                   ) -> list[torch.Tensor]:
     """Clip each optimizer's gradients to `max_grad_norm` by their global L2 norm (no clipping when
     0) and step them all, unless a norm or `loss` ([], the same on every rank) is not finite: then
     none steps. Decided on the device, no host sync. Returns each optimizer's norm before clipping
     ([] fp64); the caller reads them with its metrics (a non-finite one means the step was skipped).
-    Under torchrun the gradients of unsharded parameters (LoRA) are first averaged over the ranks."""
+    Under torchrun the gradients of unsharded parameters (LoRA) are first averaged over the
+    ranks."""
     distributed.average_replicated_gradients(optimizers)
     grads = [o.gradients() for o in optimizers]
     norms = [g.norm for g in grads]
-    # A sum is finite iff its terms are (short of an overflow, which should skip too), and x * 0 is 0
-    # for a finite x and NaN otherwise: found_inf (1.0 skips, fp32 as the fused kernel reads it) in
-    # three kernels (isfinite is four by itself).
+    # A sum is finite iff its terms are (short of an overflow, which should skip too), and x * 0 is
+    # 0 for a finite x and NaN otherwise: found_inf (1.0 skips, fp32 as the fused kernel reads it)
+    # in three kernels (isfinite is four by itself).
     # With train.optimizer_offload the norms are on the CPU (FSDP2 offloads the gradients) and the
     # loss on the GPU: the decision is taken on the first norm's device, one copy of each other term
     # (a host read only then, and the CPU step waits for the offloaded gradients anyway).
     device = norms[0].device
-    checked = functools.reduce(torch.add, [t.to(device) for t in (norms if loss is None else [*norms, loss])])
+    checked = functools.reduce(torch.add,
+                               [t.to(device) for t in (norms if loss is None else [*norms, loss])])
     found_inf = torch.empty((), dtype=torch.float32, device=device)
     torch.mul(checked, 0.0, out=found_inf).nan_to_num_(nan=1.0)
     for optimizer, g in zip(optimizers, grads):
@@ -97,6 +104,7 @@ def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
     gradient, every row dropped): it keeps its place in the schedule. torch warns when the first
     schedule step comes before any optimizer step, which is what a skipped first update is."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        warnings.filterwarnings("ignore",
+                                message=r"Detected call of `lr_scheduler.step\(\)` before")
         scheduler.step()
 

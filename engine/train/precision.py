@@ -6,7 +6,8 @@ engine/train/fused_adamw.py) keeps fp32 master weights and moments and copies ea
 into the bf16 parameters in place. No autocast anywhere: the matmuls run in bf16 because the weights
 are bf16. `fp32` (the default on the CPU): fp32 parameters, which are their own masters. Kept in
 fp32 in both modes, where bf16's 8 bits of mantissa would show: the value and score heads (values
-and rewards are regression outputs whose differences drive the advantages), every loss, log-prob, KL and advantage (the kernels compute in fp32).
+and rewards are regression outputs whose differences drive the advantages), every loss, log-prob, KL
+and advantage (the kernels compute in fp32).
 
 Bytes per trained parameter in bf16-mixed: 2 (bf16 weight) + 2 (bf16 gradient) + 4 (fp32 master)
 + 8 (fp32 AdamW moments) = 16, plus 4 transient bytes during the step (the fp32 gradients).

@@ -18,15 +18,19 @@ from ..model.moe import balance_probs, moe_blocks, routing_trace
 
 def router_losses(logits: list[torch.Tensor], chosen: list[torch.Tensor], num_experts: int,
                   scoring_func: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sparse layer router logits [N, E] and chosen experts [N, k] -> (load-balancing loss, z-loss),
-    fp32 scalars over all the layers' tokens together, as transformers' load_balancing_loss_func:
-    E * sum_e (slots routed to e / rows) * (mean router probability of e), rows = tokens x layers.
-    A sigmoid router's probability of e is its score normalized over the experts, s_e / sum_j s_j
-    (moe.balance_probs: DeepSeek-V3's balance loss, over the batch's tokens rather than per sequence)."""
+    """Per sparse layer router logits [N, E] and chosen experts [N, k] -> (load-balancing loss,
+    z-loss), fp32 scalars over all the layers' tokens together, as transformers'
+    load_balancing_loss_func: E * sum_e (slots routed to e / rows) * (mean router probability of e),
+    rows = tokens x layers. A sigmoid router's probability of e is its score normalized over the
+    experts, s_e / sum_j s_j (moe.balance_probs: DeepSeek-V3's balance loss, over the batch's tokens
+    rather than per sequence)."""
     z = torch.cat([l.float() for l in logits])  # [L*N, E]
     slots = torch.cat(chosen).reshape(-1)  # [L*N*k]
-    routed = torch.zeros(num_experts, device=z.device).index_add_(0, slots, torch.ones(slots.shape, device=z.device))
-    balance = num_experts * (routed / max(z.shape[0], 1) * balance_probs(z, scoring_func).mean(0)).sum()
+    routed = torch.zeros(num_experts, device=z.device).index_add_(0, slots,
+                                                                  torch.ones(slots.shape,
+                                                                             device=z.device))
+    balance = num_experts * (
+        routed / max(z.shape[0], 1) * balance_probs(z, scoring_func).mean(0)).sum()
     return balance, torch.logsumexp(z, dim=-1).square().mean()
 
 
@@ -56,6 +60,7 @@ def with_router_losses(loss_fn: Callable, cfg: RouterLossConfig, share: Callable
             loss, stats = loss_fn(model, batch, step_counts)
         extra, router = trace_losses(model, trace, cfg)
         weight = share(batch, step_counts)
-        return loss + weight * extra, {**stats, **{name: weight * value for name, value in router.items()}}
+        return loss + weight * extra, {**stats,
+                                       **{name: weight * value for name, value in router.items()}}
 
     return loss_with_router_losses

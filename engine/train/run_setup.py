@@ -1,7 +1,8 @@
 """What every stage does before building its models: check what the user named (model directories,
 input files, the output directory, the device), join torchrun's process group (if any), take the
 output directory (engine/run_dir.py: its lock, the check that it is new, empty or this stage's
-earlier run, its marker), seed the RNGs, pick the parameter dtype (train.precision), load the tokenizer.
+earlier run, its marker), seed the RNGs, pick the parameter dtype (train.precision), load the
+tokenizer.
 
 The checks come first and are cheap, so a wrong path or an unwritable output_dir is a one-line
 usage error (engine/errors.py) before anything slow happens, never after the models are loaded; the
@@ -39,7 +40,8 @@ class RunContext:
 
 
 def resolve_device(name: str | None, option: str = "train.device") -> torch.device:
-    """`name` as a torch device (default: cuda when available); a CUDA device without one is an error."""
+    """`name` as a torch device (default: cuda when available); a CUDA device without one is an
+    error."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -51,7 +53,8 @@ def resolve_device(name: str | None, option: str = "train.device") -> torch.devi
             raise UsageError(f"{option}={name!r} but no CUDA GPU is available to torch "
                              f"(use {option}=cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"{option}={name!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+            raise UsageError(
+                f"{option}={name!r} but only {torch.cuda.device_count()} GPU(s) are visible")
     return device
 
 
@@ -69,8 +72,9 @@ def claim_output_dir(kind: str, options: RunConfig, output_dir: str, inputs: lis
     problem = None
     if distributed.is_main():
         try:
-            run_dir.claim(output_dir, kind, overwrite=options.overwrite, resume=options.resume, inputs=inputs,
-                          overwrite_option="train.overwrite=true", resume_option="train.resume=true")
+            run_dir.claim(output_dir, kind, overwrite=options.overwrite, resume=options.resume,
+                          inputs=inputs, overwrite_option="train.overwrite=true",
+                          resume_option="train.resume=true")
         except Exception as e:
             problem = e
     message = distributed.broadcast(None if problem is None else str(problem))

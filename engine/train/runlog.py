@@ -79,7 +79,8 @@ class RunLog:
 
 
 class SilentLog:
-    """The run log of every rank but 0: rank 0 writes the one metrics file (with reduced metrics)."""
+    """The run log of every rank but 0: rank 0 writes the one metrics file (with reduced
+    metrics)."""
 
     def log(self, kind: str, step: int, metrics: dict):
         pass
@@ -149,7 +150,10 @@ def read_tensors(tensors: list) -> list[float]:
         by_device.setdefault(t.device, []).append(i)
     out = [0.0] * len(tensors)
     for index in by_device.values():
-        for i, value in zip(index, torch.stack([tensors[i].detach().double().reshape(()) for i in index]).tolist()):
+        for i, value in zip(index,
+                            torch.stack(
+                                [tensors[i].detach().double().reshape(()) for i in index]).tolist(
+                                    )):
             out[i] = value
     return out
 

@@ -1,8 +1,8 @@
 """The step of the supervised stages (SFT and reward model) inside the one training loop.
 
 A `Stage` says what differs (batch building, loss, metrics, weight I/O); `train` does the rest:
-micro-batch stream with a resumable position, gradient accumulation, clipping, AdamW (mixed precision
-for bf16 weights) + schedule, held-out evaluation, driven by engine/train/loop.py.
+micro-batch stream with a resumable position, gradient accumulation, clipping, AdamW (mixed
+precision for bf16 weights) + schedule, held-out evaluation, driven by engine/train/loop.py.
 
 Under torchrun the model is sharded (engine/parallel/distributed.py) and each rank takes its own
 optim.grad_accum_steps micro-batches of data.tokens_per_batch tokens (both per rank, as in torchtune
@@ -57,7 +57,8 @@ class Stage:
     counts: Callable
     loss: Callable
     summarize: Callable
-    load_weights: Callable  # directory -> model (a checkpoint of the earlier layout's model directory)
+    # directory -> model (a checkpoint of the earlier layout's model directory)
+    load_weights: Callable
 
 
 @dataclass
@@ -86,10 +87,12 @@ def micro_batches(examples: list[TokenizedExample], budget: int, seed: int, posi
 
 
 def check_context(data: DataConfig, max_model_len: int) -> None:
-    """data.max_length must fit the model's context (checked from config.json before any model loads)."""
+    """data.max_length must fit the model's context (checked from config.json before any model
+    loads)."""
     if data.max_length > max_model_len:
         raise UsageError(f"data.max_length={data.max_length} exceeds the model's context of "
-                         f"{max_model_len} tokens (max_position_embeddings); set data.max_length<={max_model_len}")
+                         f"{max_model_len} tokens (max_position_embeddings); set "
+                         f"data.max_length<={max_model_len}")
 
 
 def held_out_notice(data: DataConfig, train_count: int, eval_count: int) -> list[str]:
@@ -110,7 +113,8 @@ def same_rows(train) -> int:
 
 
 def micro_batches_per_step(cfg: StageConfig) -> int:
-    """The global batch of one optimizer step, in micro-batches: every data rank's grad_accum_steps."""
+    """The global batch of one optimizer step, in micro-batches: every data rank's
+    grad_accum_steps."""
     return cfg.optim.grad_accum_steps * distributed.world_size() // same_rows(cfg.train)
 
 
@@ -118,7 +122,8 @@ def total_steps(examples: list[TokenizedExample], cfg: StageConfig) -> int:
     """Optimizer steps of the run: train.max_steps, else whole steps in train.epochs epochs."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    n = sum(len(epoch_batches(examples, cfg.data.tokens_per_batch, cfg.seed, e)) for e in range(cfg.train.epochs))
+    n = sum(len(epoch_batches(examples, cfg.data.tokens_per_batch, cfg.seed, e))
+            for e in range(cfg.train.epochs))
     return max(n // micro_batches_per_step(cfg), 1)
 
 
@@ -151,12 +156,14 @@ def read_on_host(values: list) -> list:
     if not tensors:
         return list(values)
     host = iter(runlog.read_tensors(tensors))
-    return [(next(host) if v.is_floating_point() else int(next(host))) if isinstance(v, torch.Tensor) else v
+    return [(next(host) if v.is_floating_point() else int(next(host)))
+            if isinstance(v, torch.Tensor) else v
             for v in values]
 
 
 def to_device(batch, device: torch.device):
-    return type(batch)(*(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x for x in batch))
+    return type(batch)(
+        *(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x for x in batch))
 
 
 def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: StageConfig, device,
@@ -166,7 +173,8 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
     forwards: the most forwards any rank runs this step (default len(batches)).
     A non-finite loss or gradient skips the step on the device (optim.clip_and_step): the step is
     queued before any metric is read, all of them with one host sync."""
-    step_counts = distributed.all_reduce_sum(sum((Counter(stage.counts(b)) for b in batches), Counter()))
+    step_counts = distributed.all_reduce_sum(
+        sum((Counter(stage.counts(b)) for b in batches), Counter()))
     stats: dict = {}
     optimizer.zero_grad(set_to_none=True)
     step_loss = torch.zeros((), device=device)
@@ -190,28 +198,37 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
     # fewer repeats its smallest one with its loss times 0 (the gradient and the stats unchanged).
     spare = min(batches, key=lambda b: len(b.input_ids))
     distributed.match_forwards(len(batches), forwards or len(batches),
-                               lambda: backward(stage.loss(model, to_device(spare, device), step_counts)[0] * 0.0))
+                               lambda: backward(
+                                   stage.loss(model, to_device(spare, device), step_counts)[0]
+                                   * 0.0))
     step_loss = distributed.all_reduce_tensor(step_loss)  # every rank decides on the same losses
     if model.tensor_parallel is not None:
         model.tensor_parallel.average_over_data(optim.parameters(optimizer))
     grad_norm = optim.clip_and_step([optimizer], cfg.optim.max_grad_norm, step_loss)[0]
     *host_stats, grad_norm, loss_value = read_on_host([*stats.values(), grad_norm, step_loss])
     lr = scheduler.get_last_lr()[0]
-    metrics = {**stage.summarize(distributed.all_reduce_sum(dict(zip(stats, host_stats))), step_counts), "lr": lr,
-               "grad_norm": grad_norm}
+    metrics = {
+        **stage.summarize(distributed.all_reduce_sum(dict(zip(stats, host_stats))), step_counts),
+        "lr": lr,
+        "grad_norm": grad_norm}
     if not (math.isfinite(grad_norm) and math.isfinite(loss_value)):
-        metrics.update(skipped=True, skip_reason=f"non-finite loss or gradient (loss={metrics['loss']:.4g}, "
-                                                         f"grad_norm={grad_norm:.4g})")
-    optim.advance_schedule(scheduler)  # a skipped step still uses its data and its place in the schedule
+        metrics.update(skipped=True,
+                       skip_reason=f"non-finite loss or gradient (loss={metrics['loss']:.4g}, "
+                                           f"grad_norm={grad_norm:.4g})")
+    # a skipped step still uses its data and its place in the schedule
+    optim.advance_schedule(scheduler)
     return metrics
 
 
 @torch.no_grad()
-def evaluate(model, stage: Stage, examples: list[TokenizedExample], cfg: StageConfig, device) -> dict:
+def evaluate(model, stage: Stage, examples: list[TokenizedExample], cfg: StageConfig,
+             device) -> dict:
     """Stage metrics over held-out `examples`, in eval mode and without gradients."""
-    # The metrics are sums over the examples, so the forwards may take the training forwards' budget.
+    # The metrics are sums over the examples, so the forwards may take the training forwards'
+    # budget.
     data = cfg.data
-    budget, name = ((data.tokens_per_microbatch, "tokens_per_microbatch") if data.tokens_per_microbatch
+    budget, name = ((data.tokens_per_microbatch, "tokens_per_microbatch")
+                    if data.tokens_per_microbatch
                     else (data.tokens_per_batch, "tokens_per_batch"))
     batches = [stage.collate(b) for b in epoch_batches(examples, budget, cfg.seed, 0, name)]
     counts = sum((Counter(stage.counts(b)) for b in batches), Counter())
@@ -223,19 +240,21 @@ def evaluate(model, stage: Stage, examples: list[TokenizedExample], cfg: StageCo
     return stage.summarize(Counter(dict(zip(stats, read_on_host(list(stats.values()))))), counts)
 
 
-def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_info: dict | None = None,
-          lora=None, dims: ParallelDims | None = None) -> SupervisedState:
+def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device,
+          log_info: dict | None = None, lora=None,
+          dims: ParallelDims | None = None) -> SupervisedState:
     """Train `model` in place for the configured steps, resuming from the newest checkpoint in
     cfg.output_dir when train.resume is set. Returns the final state. Under torchrun `model` is
     laid out in place over `dims` (default: from cfg.train) unless it is already
     (hf_io.load_model(shard=...); engine/parallel/layout.py). With `lora`
     (engine/train/adapters.py) the adapters train and are checkpointed, `model`'s own weights stay
-    frozen (sharded like any frozen model; the adapters and heads whole on every rank, their gradients
-    averaged)."""
+    frozen (sharded like any frozen model; the adapters and heads whole on every rank, their
+    gradients averaged)."""
     check_context(cfg.data, model.config.max_model_len)
     dims = dims or ParallelDims.from_train(cfg.train, distributed.world_size(), device.type)
     # This rank's micro-batches: a tensor group's (and a context group's) ranks take the same ones.
-    share = distributed.rank_slice(cfg.optim.grad_accum_steps, distributed.DataRanks(same_rows(cfg.train)))
+    share = distributed.rank_slice(cfg.optim.grad_accum_steps,
+                                   distributed.DataRanks(same_rows(cfg.train)))
     # Each rank keeps (and steps) its shards: FSDP2's, its tensor slices or its data shard of them.
     heads = list(lora.heads.values()) if lora is not None else []
     layout(model, "trained" if lora is None else "adapted", dims, heads)
@@ -256,12 +275,15 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         group = [next(stream) for _ in range(micro_batches_per_step(cfg))]
-        batches = step_forwards(stage, [examples for _, _, examples in group[share]], cfg.data.tokens_per_microbatch)
+        batches = step_forwards(stage, [examples for _, _, examples in group[share]],
+                                cfg.data.tokens_per_microbatch)
         rank_sizes = distributed.all_gather((sum(len(b.input_ids) for b in batches), len(batches)))
         rank_tokens, rank_forwards = (list(column) for column in zip(*rank_sizes))
-        metrics = train_step(model, stage, batches, optimizer, scheduler, cfg, device, max(rank_forwards))
+        metrics = train_step(model, stage, batches, optimizer, scheduler, cfg, device,
+                             max(rank_forwards))
         state.epoch, state.batch_index = group[-1][0], group[-1][1] + 1
-        tokens = sum(rank_tokens[::same_rows(cfg.train)])  # a tensor (context) group's ranks ran the same tokens
+        # a tensor (context) group's ranks ran the same tokens
+        tokens = sum(rank_tokens[::same_rows(cfg.train)])
         state.tokens += tokens
         return {**metrics, "tokens": tokens, "tokens_per_rank": rank_tokens,
                 "forwards_per_rank": rank_forwards, "epoch": state.epoch,
@@ -270,4 +292,5 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device, log_
     evaluate_held_out = (lambda: evaluate(model, stage, eval_ex, cfg, device)) if eval_ex else None
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, steps, cfg.train.eval_every,
                    held_out_notice(cfg.data, len(train_ex), len(eval_ex)))
-    return run_training(plan, parts, state, step, evaluate=evaluate_held_out, info=log_info, device=device)
+    return run_training(plan, parts, state, step, evaluate=evaluate_held_out, info=log_info,
+                        device=device)

@@ -32,16 +32,19 @@ __all__ = ["linear", "add_rms_norm", "rope", "silu_mul", "attention", "row_logpr
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [N, K] @ weight [O, K].T (+ bias [O]) -> [N, O] in out_dtype (default x's), fp32 accumulation."""
+    """x [N, K] @ weight [O, K].T (+ bias [O]) -> [N, O] in out_dtype (default x's), fp32
+    accumulation."""
     if fused_for_model(x):
         return linear_fixed_tiles(x, weight, bias, out_dtype)
     return fixed_order.linear(x, weight, bias, out_dtype)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """(RMSNorm(x + residual), x + residual) over the last dim of x [..., C]; residual None: (RMSNorm(x), x)."""
+    """(RMSNorm(x + residual), x + residual) over the last dim of x [..., C]; residual None:
+    (RMSNorm(x), x)."""
     if fused_for_model(x):
-        return (rms_norm(x, weight, eps), x) if residual is None else rms_norm(x, weight, eps, residual)
+        return ((rms_norm(x, weight, eps), x) if residual is None
+                else rms_norm(x, weight, eps, residual))
     if residual is not None:
         x = residual + x
     return fixed_order.rms_norm(x, weight, eps), x
@@ -66,18 +69,20 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor,
               seq_index: torch.Tensor, page_table: torch.Tensor, page: int, segment: int,
               max_position: int) -> torch.Tensor:
-    """Causal attention of each query over its sequence's keys 0..position, read through a page table:
-    q [N, H, D], k_rows/v_rows [rows, Hkv, D], positions/seq_index [N] int64, page_table [S, W] int32,
-    `page` keys a page, `segment` keys per segment of the Triton kernel (a power of two >= 16; the
-    torch path reduces page by page), max_position a host int >= every position -> [N, H, D]."""
+    """Causal attention of each query over its sequence's keys 0..position, read through a page
+    table: q [N, H, D], k_rows/v_rows [rows, Hkv, D], positions/seq_index [N] int64, page_table [S,
+    W] int32, `page` keys a page, `segment` keys per segment of the Triton kernel (a power of two >=
+    16; the torch path reduces page by page), max_position a host int >= every position -> [N, H,
+    D]."""
     if fused_for_model(q):
-        return segment_attention(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position)
+        return segment_attention(q, k_rows, v_rows, positions, seq_index, page_table, page, segment,
+                                 max_position)
     return chunked_attention(q, k_rows, v_rows, positions, seq_index, page_table, page)
 
 
 def row_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor):
-    """logits [R, V] fp32, tokens [R] int64, temperatures [R] fp32 > 0 -> (log softmax(logits / T)[token],
-    entropy of softmax(logits / T)), both fp32 [R]."""
+    """logits [R, V] fp32, tokens [R] int64, temperatures [R] fp32 > 0 -> (log softmax(logits /
+    T)[token], entropy of softmax(logits / T)), both fp32 [R]."""
     if fused_for_model(logits):
         return fused_row_logprobs(logits, tokens, temperatures)
     return fixed_order.token_logprobs(logits, tokens, temperatures, True)

@@ -9,17 +9,17 @@ How that holds by construction:
 - Matmuls are elementwise products followed by `tree_sum` over K (`linear`): no BLAS, no tiles.
 - Elementwise ops are IEEE-exact (add, mul, div, sqrt, max) except the transcendental ones (exp,
   log). Those go through `pointwise`: on the CPU torch evaluates a contiguous tensor in SIMD vectors
-  and, for some ops, its tail (or a thread's chunk's tail) with a scalar libm call, which may differ by
-  an ulp (F.silu does: torch 2.13, AVX2, 4 of the last 103 of 100003 values differ from the same value
-  computed alone; silu here is x / (1 + exp(-x)) for that reason); padded
+  and, for some ops, its tail (or a thread's chunk's tail) with a scalar libm call, which may differ
+  by an ulp (F.silu does: torch 2.13, AVX2, 4 of the last 103 of 100003 values differ from the same
+  value computed alone; silu here is x / (1 + exp(-x)) for that reason); padded
   to a multiple of `LANES` and cut into pieces below torch's parallel grain, every element takes the
   vector path. CUDA evaluates every element with the same instructions, so there it is a plain call.
 
 Holds on the CPU (tested) and, by the same construction, on CUDA (not yet tested on a GPU). The cost
 on the CPU is memory and time: `linear` materializes [rows, out, K] products (in pieces of at most
 `PRODUCT_ELEMENTS`), fine for the tiny models of the tests. Where the fused kernels run
-(kernels.dispatch.model_backend: CUDA), the exact ops (this package's `__init__`) take the fixed-tile
-Triton matmul of `fixed_tile_matmul.py` instead (no products materialized).
+(kernels.dispatch.model_backend: CUDA), the exact ops (this package's `__init__`) take the
+fixed-tile Triton matmul of `fixed_tile_matmul.py` instead (no products materialized).
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ import torch
 # Elements padded to a multiple of this before a transcendental op: whole SIMD vectors (AVX-512
 # holds 16 fp32, torch's loop takes two at a time), so no element falls to the scalar tail.
 LANES = 64
-# Elements per transcendental call on the CPU: below torch's parallel grain (32768), one serial pass.
+# Elements per transcendental call on the CPU: below torch's parallel grain (32768), one serial
+# pass.
 PIECE = 16384
 # Products materialized at once by `linear` (64 MiB of fp32).
 PRODUCT_ELEMENTS = 1 << 24
@@ -50,8 +51,8 @@ def _tree(x: torch.Tensor, dim: int, pad_value: float, combine) -> torch.Tensor:
 
 
 def tree_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """x [..., W, ...] -> sum over `dim`, as a fixed binary tree of elementwise adds (zeros pad W to a
-    power of two). An element's result depends on W and its own W operands only."""
+    """x [..., W, ...] -> sum over `dim`, as a fixed binary tree of elementwise adds (zeros pad W to
+    a power of two). An element's result depends on W and its own W operands only."""
     return _tree(x, dim, 0.0, torch.add)
 
 
@@ -61,8 +62,8 @@ def tree_max(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def pointwise(fn, x: torch.Tensor) -> torch.Tensor:
-    """fn (a transcendental elementwise torch op) applied so that each element's result depends on its
-    value only: see the module docstring. x any shape -> fn(x), same shape."""
+    """fn (a transcendental elementwise torch op) applied so that each element's result depends on
+    its value only: see the module docstring. x any shape -> fn(x), same shape."""
     if x.is_cuda:
         return fn(x)
     flat = x.reshape(-1)
@@ -109,8 +110,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim of x [..., C], in transformers' order (fp32 statistics, rounded to x's
-    dtype before the weight), with the mean of squares as a `tree_sum` and 1 / sqrt (both exact)."""
+    """RMSNorm over the last dim of x [..., C], in transformers' order (fp32 statistics, rounded to
+    x's dtype before the weight), with the mean of squares as a `tree_sum` and 1 / sqrt (both
+    exact)."""
     xf = x.float()
     mean_sq = tree_sum(xf * xf, -1) / x.shape[-1]
     normed = xf * (1.0 / torch.sqrt(mean_sq + eps))[..., None]
@@ -127,8 +129,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatures: tor
                    with_entropy: bool = False):
     """log softmax(logits / temperature)[token] per row: logits [R, V] fp32, tokens [R] int64,
     temperatures [R] fp32 (> 0) -> fp32 [R] (and the entropy [R] with_entropy). Max and sum are
-    fixed trees over V; the division is by a tensor (a Python scalar may become a reciprocal multiply
-    on some devices, and then the two callers would differ)."""
+    fixed trees over V; the division is by a tensor (a Python scalar may become a reciprocal
+    multiply on some devices, and then the two callers would differ)."""
     scaled = logits / temperatures[:, None]
     shifted = scaled - tree_max(scaled, -1)[:, None]
     probs = exp(shifted)  # unnormalized

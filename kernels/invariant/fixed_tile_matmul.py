@@ -2,15 +2,15 @@
 that depends on K only.
 
 Each program computes a [BLOCK_M, BLOCK_N] tile of x @ W.T over one piece of K (pieces of SPLIT_K,
-from 0 upward), walking it in BLOCK_K steps and accumulating in fp32 with `tl.dot`. When K holds more
-than one piece, the pieces' fp32 partial tiles are summed by a second kernel, piece 0 first, piece 1
-next, and so on. An output element is then one fixed sequence of instructions over its own row of x
-and row of W: the tiles, warps, stages and the split are constants or functions of K (no autotune, no
-choice by the number of rows), and the row count N is not specialized on, so the element's value does
-not depend on how many rows there are or where its row sits. The split exists for the decode step:
-at batch 1 a [1, K] @ [K, O] product is O / BLOCK_N tiles, too few to keep an H100 busy over a long
-K (the MLP's down projection) without cutting K. fp32 inputs multiply in IEEE fp32 (not TF32),
-like the default path of an fp32 model.
+from 0 upward), walking it in BLOCK_K steps and accumulating in fp32 with `tl.dot`. When K holds
+more than one piece, the pieces' fp32 partial tiles are summed by a second kernel, piece 0 first,
+piece 1 next, and so on. An output element is then one fixed sequence of instructions over its own
+row of x and row of W: the tiles, warps, stages and the split are constants or functions of K (no
+autotune, no choice by the number of rows), and the row count N is not specialized on, so the
+element's value does not depend on how many rows there are or where its row sits. The split exists
+for the decode step: at batch 1 a [1, K] @ [K, O] product is O / BLOCK_N tiles, too few to keep an
+H100 busy over a long K (the MLP's down projection) without cutting K. fp32 inputs multiply in IEEE
+fp32 (not TF32), like the default path of an fp32 model.
 
 Not yet run on a GPU: there the invariance rests on the tensor cores reducing each output over its
 own operands in a fixed order wherever its row sits in the tile (tests/engine/model/
@@ -36,11 +36,12 @@ SUM_BLOCK = 1024
 
 
 @triton.jit(do_not_specialize=["n_rows"])
+# [N, O] contiguous; or fp32 partial tiles when PARTIAL: piece p's [N, O] at p * piece_stride
 def _fixed_tile_linear_kernel(
     x_ptr,  # [N, K], unit stride in K
     w_ptr,  # [O, K], unit stride in K
     bias_ptr,  # [O] or a dummy
-    out_ptr,  # [N, O] contiguous; or fp32 partial tiles when PARTIAL: piece p's [N, O] at p * piece_stride
+    out_ptr,
     n_rows, n_out, k_dim,
     x_row_stride, w_row_stride,
     piece_stride,  # a multiple of 16 >= N * O
@@ -76,11 +77,13 @@ def _fixed_tile_linear_kernel(
             acc = tl.dot(a, b, acc)
     out_mask = (rows[:, None] < n_rows) & (cols[None, :] < n_out)
     if PARTIAL:
-        tl.store(out_ptr + piece * piece_stride + rows[:, None] * n_out + cols[None, :], acc, mask=out_mask)
+        tl.store(out_ptr + piece * piece_stride + rows[:, None] * n_out + cols[None, :], acc,
+                 mask=out_mask)
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < n_out, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * n_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptr + rows[:, None] * n_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -114,10 +117,12 @@ def linear_fixed_tiles(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     fp32 and rounded once, by the fixed-tile kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1).
     x and weight of different dtypes are both taken in fp32."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear_fixed_tiles: expected x [N, K] and weight [O, K], got x {tuple(x.shape)} "
-                         f"and weight {tuple(weight.shape)}")
+        raise ValueError(
+            f"linear_fixed_tiles: expected x [N, K] and weight [O, K], got x {tuple(x.shape)} "
+            f"and weight {tuple(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"linear_fixed_tiles: bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
+        raise ValueError(
+            f"linear_fixed_tiles: bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
     dtype = out_dtype or x.dtype
     if x.dtype != weight.dtype:
         x, weight = x.float(), weight.float()
@@ -134,8 +139,8 @@ def _fixed_tile_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         return out.copy_(bias.float().expand(n, o)) if bias is not None and k == 0 else out.zero_()
     pieces = triton.cdiv(k, SPLIT_K)
     launch = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, PARTIAL=pieces > 1,
-                  INTERPRETED=not x.is_cuda, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K,
-                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                  INTERPRETED=not x.is_cuda, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                  SPLIT_K=SPLIT_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     bias_arg = bias if bias is not None else weight
     if pieces == 1:
         _fixed_tile_linear_kernel[(triton.cdiv(n, BLOCK_M), triton.cdiv(o, BLOCK_N), 1)](
@@ -148,10 +153,11 @@ def _fixed_tile_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     for begin in range(0, n, step):
         rows = min(step, n - begin)
         _fixed_tile_linear_kernel[(triton.cdiv(rows, BLOCK_M), triton.cdiv(o, BLOCK_N), pieces)](
-            x[begin:], weight, bias_arg, partial, rows, o, k, x.stride(0), weight.stride(0), piece_stride, **launch)
+            x[begin:], weight, bias_arg, partial, rows, o, k, x.stride(0), weight.stride(0),
+            piece_stride, **launch)
         _sum_pieces_kernel[(triton.cdiv(rows * o, SUM_BLOCK),)](
-            partial, bias_arg, out[begin:], rows, o, piece_stride, PIECES=pieces, HAS_BIAS=bias is not None,
-            BLOCK=SUM_BLOCK)
+            partial, bias_arg, out[begin:], rows, o, piece_stride, PIECES=pieces,
+            HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)
     return out
 
 

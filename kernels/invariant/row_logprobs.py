@@ -1,12 +1,12 @@
-"""The batch-invariant mode's log-softmax on GPUs: log p(token) and the entropy of softmax(logits / T),
-one Triton program per row, for the sampler and for the trainer alike.
+"""The batch-invariant mode's log-softmax on GPUs: log p(token) and the entropy of softmax(logits /
+T), one Triton program per row, for the sampler and for the trainer alike.
 
 A row is read in blocks of BLOCK_V logits from its first column to its last, each block folded into
 per-lane running (max, sum-exp, entropy sum) states and the lanes combined once at the end, by the
-shared core `fusedrl.kernels.online_softmax` (as `fusedrl.kernels.logprobs` does); the block size and
-warps depend on the vocabulary only, and the entropy is always accumulated (the trainer asks for it,
-the sampler does not: one code path keeps the two log-probs one computation). The temperature is read
-per row and divides each logit, as the CPU path (`ops.token_logprobs`) does.
+shared core `fusedrl.kernels.online_softmax` (as `fusedrl.kernels.logprobs` does); the block size
+and warps depend on the vocabulary only, and the entropy is always accumulated (the trainer asks for
+it, the sampler does not: one code path keeps the two log-probs one computation). The temperature is
+read per row and divides each logit, as the CPU path (`ops.token_logprobs`) does.
 """
 from __future__ import annotations
 
@@ -41,24 +41,27 @@ def _row_logprobs_kernel(
     log_z = safe_shift(m) + tl.log(s)
     token = tl.load(tokens_ptr + row)
     # An out-of-vocabulary token reads nothing and gives NaN (checking on the host would sync).
-    z_token = tl.load(base + token, mask=(token >= 0) & (token < n_cols), other=float("nan")) / temperature
+    z_token = tl.load(base + token, mask=(token >= 0) & (token < n_cols),
+                      other=float("nan")) / temperature
     tl.store(logp_ptr + row, z_token - log_z)
     tl.store(entropy_ptr + row, tl.log(s) - t / s)
 
 
 def row_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [R, V] fp32 (unit column stride), tokens [R] int64 in [0, V), temperatures [R] fp32 > 0
-    -> (log softmax(logits / T)[token], entropy of softmax(logits / T)), both fp32 [R]; NaN log-prob
-    for a token outside [0, V)."""
+    """logits [R, V] fp32 (unit column stride), tokens [R] int64 in [0, V), temperatures [R] fp32 >
+    0 -> (log softmax(logits / T)[token], entropy of softmax(logits / T)), both fp32 [R]; NaN
+    log-prob for a token outside [0, V)."""
     if logits.dim() != 2 or logits.dtype != torch.float32 or logits.stride(1) != 1:
         raise ValueError(f"row_logprobs: logits must be fp32 [R, V] with unit column stride, got "
                          f"{logits.dtype} {tuple(logits.shape)}")
     rows = logits.shape[0]
     if tokens.shape != (rows,) or tokens.dtype != torch.int64 or temperatures.shape != (rows,) \
             or temperatures.dtype != torch.float32:
-        raise ValueError(f"row_logprobs: tokens (int64) and temperatures (fp32) must be [{rows}], got "
-                         f"{tokens.dtype} {tuple(tokens.shape)} and {temperatures.dtype} {tuple(temperatures.shape)}")
+        raise ValueError(
+            f"row_logprobs: tokens (int64) and temperatures (fp32) must be [{rows}], got "
+            f"{tokens.dtype} {tuple(tokens.shape)} and {temperatures.dtype} "
+            f"{tuple(temperatures.shape)}")
     return torch.ops.fusedrl.row_logprobs(logits, tokens, temperatures)
 
 
@@ -70,8 +73,9 @@ def _row_logprobs_op(logits: torch.Tensor, tokens: torch.Tensor, temperatures: t
     entropy = logits.new_empty(rows)
     if rows:
         block = min(triton.next_power_of_2(vocab), 4096)
-        _row_logprobs_kernel[(rows,)](logits, tokens, temperatures, logp, entropy, vocab, logits.stride(0),
-                                      BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
+        _row_logprobs_kernel[(rows,)](logits, tokens, temperatures, logp, entropy, vocab,
+                                      logits.stride(0), BLOCK_V=block,
+                                      num_warps=8 if block >= 2048 else 4)
     return logp, entropy
 
 

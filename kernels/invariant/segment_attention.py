@@ -1,21 +1,22 @@
-"""Attention of the batch-invariant mode on GPUs: ONE Triton kernel for decode, prefill and the packed
-training forward, reading keys through a page table.
+"""Attention of the batch-invariant mode on GPUs: ONE Triton kernel for decode, prefill and the
+packed training forward, reading keys through a page table.
 
 Every query is one program per KV head (its GQA group of query heads as the rows of one tile), and
-its keys are cut by position into fixed segments of `segment` keys (0..segment-1, segment..2*segment-1,
-...). A segment is reduced in steps of KEYS keys with an online softmax; the segments' partial results
-(max, sum, unnormalized output) are then merged in segment order by a second kernel. Nothing in that
-sequence of instructions depends on the batch: a query's tile holds its own heads at the same rows,
-its keys at the same columns, in the same steps, in the paged cache (decode, prefill) as in a
-training pack, because both are read through the same indirection, a page table of key rows:
+its keys are cut by position into fixed segments of `segment` keys (0..segment-1,
+segment..2*segment-1, ...). A segment is reduced in steps of KEYS keys with an online softmax; the
+segments' partial results (max, sum, unnormalized output) are then merged in segment order by a
+second kernel. Nothing in that sequence of instructions depends on the batch: a query's tile holds
+its own heads at the same rows, its keys at the same columns, in the same steps, in the paged cache
+(decode, prefill) as in a training pack, because both are read through the same indirection, a page
+table of key rows:
 
     key at position p of the query's sequence = row  page_table[seq, p // page] + p % page
 
 For the paged cache that table is `block_tables * page` over the cache flattened to rows; for a
-training pack it is `start + j * page` over the packed K/V. Segments (not one program walking the whole
-context) keep a batch of 1 on many SMs; which program computes which segment may vary with the batch
-(`segment_programs`), the segment's arithmetic cannot. Padding heads (GROUP_PAD > GROUP) compute
-on zeros and are never stored.
+training pack it is `start + j * page` over the packed K/V. Segments (not one program walking the
+whole context) keep a batch of 1 on many SMs; which program computes which segment may vary with the
+batch (`segment_programs`), the segment's arithmetic cannot. Padding heads (GROUP_PAD > GROUP)
+compute on zeros and are never stored.
 """
 from __future__ import annotations
 
@@ -71,15 +72,17 @@ def _segment_attention_kernel(
         for first in range(s * SEGMENT, tl.minimum(s * SEGMENT + SEGMENT, position + 1), KEYS):
             keys = first + tl.arange(0, KEYS)
             valid = keys <= position
-            rows = tl.load(page_table_ptr + seq * table_stride + keys // PAGE, mask=valid, other=0).to(tl.int64)
+            rows = tl.load(page_table_ptr + seq * table_stride + keys // PAGE, mask=valid,
+                           other=0).to(tl.int64)
             rows += keys % PAGE
             kv_mask = valid[:, None] & (d[None, :] < HEAD_DIM)
             kv_off = (rows[:, None] * NUM_KV_HEADS + kv_head) * HEAD_DIM + d[None, :]  # [KEYS, D]
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-            # q @ k.T on tensor cores for 16-bit operands (exact products, fp32 sums), by FMA in IEEE
-            # fp32 for fp32 ones. The interpreter's tl.dot is numpy's matmul, whose BLAS micro-kernels
-            # round by a row's position in the tile and mishandle 16-bit floats: an explicit sum of
-            # products stands in. (Inline, not a jit helper: the interpreter re-patches per call.)
+            # q @ k.T on tensor cores for 16-bit operands (exact products, fp32 sums), by FMA in
+            # IEEE fp32 for fp32 ones. The interpreter's tl.dot is numpy's matmul, whose BLAS
+            # micro-kernels round by a row's position in the tile and mishandle 16-bit floats: an
+            # explicit sum of products stands in. (Inline, not a jit helper: the interpreter
+            # re-patches per call.)
             if INTERPRETED:
                 scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
             elif IEEE:
@@ -102,7 +105,8 @@ def _segment_attention_kernel(
         stored = g < GROUP
         tl.store(part_max_ptr + part + s, m, mask=stored)
         tl.store(part_sum_ptr + part + s, l, mask=stored)
-        tl.store(part_acc_ptr + (part + s)[:, None] * DIM_PAD + d[None, :], acc, mask=stored[:, None])
+        tl.store(part_acc_ptr + (part + s)[:, None] * DIM_PAD + d[None, :], acc,
+                 mask=stored[:, None])
 
 
 @triton.jit(do_not_specialize=["max_segments"])
@@ -127,7 +131,8 @@ def _merge_segments_kernel(
     part = (n * NUM_HEADS + h) * max_segments  # [H]
     m = tl.load(part_max_ptr + part, mask=live, other=0.0)
     l = tl.load(part_sum_ptr + part, mask=live, other=1.0)
-    acc = tl.load(part_acc_ptr + part[:, None] * DIM_PAD + d[None, :], mask=live[:, None], other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * DIM_PAD + d[None, :], mask=live[:, None],
+                  other=0.0)
     for s in range(1, tl.load(positions_ptr + n) // SEGMENT + 1):
         m_s = tl.load(part_max_ptr + part + s, mask=live, other=0.0)
         m_new = tl.maximum(m, m_s)
@@ -137,52 +142,63 @@ def _merge_segments_kernel(
         acc = acc * a[:, None] + tl.load(part_acc_ptr + (part + s)[:, None] * DIM_PAD + d[None, :],
                                          mask=live[:, None], other=0.0) * b[:, None]
         m = m_new
-    tl.store(out_ptr + (n * NUM_HEADS + h[:, None]) * HEAD_DIM + d[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + (n * NUM_HEADS + h[:, None]) * HEAD_DIM + d[None, :],
+             (acc / l[:, None]).to(out_ptr.dtype.element_ty),
              mask=live[:, None] & (d[None, :] < HEAD_DIM))
 
 
 def keys_per_step(head_dim: int, segment: int) -> int:
-    """Keys reduced per loop step: 64 (32 for head dims over 64, to bound registers), at most the segment."""
+    """Keys reduced per loop step: 64 (32 for head dims over 64, to bound registers), at most the
+    segment."""
     return min(64 if triton.next_power_of_2(head_dim) <= 64 else 32, segment)
 
 
-def segment_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor,
-                      seq_index: torch.Tensor, page_table: torch.Tensor, page: int, segment: int,
-                      max_position: int, segment_programs: int | None = None) -> torch.Tensor:
-    """Causal attention of each query over its sequence's keys 0..position, read through a page table.
+def segment_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
+                      positions: torch.Tensor, seq_index: torch.Tensor, page_table: torch.Tensor,
+                      page: int, segment: int, max_position: int,
+                      segment_programs: int | None = None) -> torch.Tensor:
+    """Causal attention of each query over its sequence's keys 0..position, read through a page
+    table.
 
-    q [N, H, D]; k_rows, v_rows [rows, Hkv, D] (all three contiguous); positions, seq_index [N] int64;
-    page_table [S, W] int32 (key row of each page's first key; entries a query never reaches may be
-    anything); page: keys per page; segment: keys per segment (a power of two >= 16); max_position:
-    an int >= every position (sizes the partial results; a host value, so no device sync).
-    segment_programs: programs per (query, KV head), default enough to fill the GPU. Returns [N, H, D]
-    in q's dtype, each query's row a fixed function of its own keys (see the module docstring).
+    q [N, H, D]; k_rows, v_rows [rows, Hkv, D] (all three contiguous); positions, seq_index [N]
+    int64; page_table [S, W] int32 (key row of each page's first key; entries a query never reaches
+    may be anything); page: keys per page; segment: keys per segment (a power of two >= 16);
+    max_position: an int >= every position (sizes the partial results; a host value, so no device
+    sync).
+    segment_programs: programs per (query, KV head), default enough to fill the GPU. Returns [N, H,
+    D] in q's dtype, each query's row a fixed function of its own keys (see the module docstring).
     """
     n, heads, head_dim = q.shape
-    if k_rows.shape != v_rows.shape or k_rows.dim() != 3 or k_rows.shape[2] != head_dim or heads % k_rows.shape[1]:
-        raise ValueError(f"segment_attention: k_rows {tuple(k_rows.shape)} / v_rows {tuple(v_rows.shape)} "
-                         f"do not fit q {tuple(q.shape)}")
+    if (k_rows.shape != v_rows.shape or k_rows.dim() != 3 or k_rows.shape[2] != head_dim
+        or heads % k_rows.shape[1]):
+        raise ValueError(
+            f"segment_attention: k_rows {tuple(k_rows.shape)} / v_rows {tuple(v_rows.shape)} "
+            f"do not fit q {tuple(q.shape)}")
     if not (q.is_contiguous() and k_rows.is_contiguous() and v_rows.is_contiguous()):
         raise ValueError("segment_attention: q, k_rows and v_rows must be contiguous")
     if positions.shape != (n,) or seq_index.shape != (n,) or positions.dtype != torch.int64 \
             or seq_index.dtype != torch.int64:
         raise ValueError(f"segment_attention: positions and seq_index must be int64 [{n}], got "
-                         f"{positions.dtype} {tuple(positions.shape)} and {seq_index.dtype} {tuple(seq_index.shape)}")
+                         f"{positions.dtype} {tuple(positions.shape)} and {seq_index.dtype} "
+                         f"{tuple(seq_index.shape)}")
     if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.stride(1) != 1:
-        raise ValueError(f"segment_attention: page_table must be int32 [S, W] with unit column stride, got "
-                         f"{page_table.dtype} {tuple(page_table.shape)}")
+        raise ValueError(
+            f"segment_attention: page_table must be int32 [S, W] with unit column stride, got "
+            f"{page_table.dtype} {tuple(page_table.shape)}")
     if segment < 16 or segment & (segment - 1):
         raise ValueError(f"segment_attention: segment={segment} must be a power of two >= 16")
     if segment_programs is None:
-        segment_programs = _default_segment_programs(n * k_rows.shape[1], max_position // segment + 1, q.device)
-    return torch.ops.fusedrl.segment_attention(q, k_rows, v_rows, positions, seq_index, page_table, page,
-                                               segment, max_position, segment_programs)
+        segment_programs = _default_segment_programs(n * k_rows.shape[1],
+                                                     max_position // segment + 1, q.device)
+    return torch.ops.fusedrl.segment_attention(q, k_rows, v_rows, positions, seq_index, page_table,
+                                               page, segment, max_position, segment_programs)
 
 
 @torch.library.custom_op("fusedrl::segment_attention", mutates_args=())
-def _segment_attention_op(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor,
-                          seq_index: torch.Tensor, page_table: torch.Tensor, page: int, segment: int,
-                          max_position: int, segment_programs: int) -> torch.Tensor:
+def _segment_attention_op(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
+                          positions: torch.Tensor, seq_index: torch.Tensor,
+                          page_table: torch.Tensor, page: int, segment: int, max_position: int,
+                          segment_programs: int) -> torch.Tensor:
     n, heads, head_dim = q.shape
     kv_heads = k_rows.shape[1]
     group = heads // kv_heads
@@ -200,25 +216,27 @@ def _segment_attention_op(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.T
         _segment_attention_kernel[(rows, kv_heads, segment_programs)](
             q_piece, k_rows, v_rows, pos_piece, seq_index[begin:begin + rows], page_table,
             part_acc, part_max, part_sum, head_dim ** -0.5, page_table.stride(0), max_segments,
-            segment_programs, NUM_KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-            HEAD_DIM=head_dim, DIM_PAD=dim_pad, PAGE=page, SEGMENT=segment, KEYS=keys_per_step(head_dim, segment),
+            segment_programs, NUM_KV_HEADS=kv_heads, GROUP=group,
+            GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, DIM_PAD=dim_pad,
+            PAGE=page, SEGMENT=segment, KEYS=keys_per_step(head_dim, segment),
             IEEE=q.dtype == torch.float32, INTERPRETED=not q.is_cuda)
         _merge_segments_kernel[(rows,)](
             part_acc, part_max, part_sum, pos_piece, out[begin:begin + rows], max_segments,
-            NUM_HEADS=heads, HEADS_PAD=triton.next_power_of_2(heads), HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-            SEGMENT=segment)
+            NUM_HEADS=heads, HEADS_PAD=triton.next_power_of_2(heads), HEAD_DIM=head_dim,
+            DIM_PAD=dim_pad, SEGMENT=segment)
     return out
 
 
 @_segment_attention_op.register_fake
-def _segment_attention_fake(q, k_rows, v_rows, positions, seq_index, page_table, page, segment, max_position,
-                            segment_programs):
+def _segment_attention_fake(q, k_rows, v_rows, positions, seq_index, page_table, page, segment,
+                            max_position, segment_programs):
     return torch.empty_like(q)
 
 
 def _default_segment_programs(programs: int, max_segments: int, device) -> int:
     """Programs per (query, KV head) so that the grid covers every SM twice (1 off CUDA). Depends
-    on shapes only: CUDA-graph safe; which program takes which segment does not change its result."""
+    on shapes only: CUDA-graph safe; which program takes which segment does not change its
+    result."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count

@@ -12,6 +12,7 @@ def test_the_tree_keeps_its_layers():
     assert found["upward_imports"] == []
     assert found["duck_typed_calls"] == []
     assert found["files_over_limit"] == []
+    assert found["lines_over_limit"] == []
 
 
 def test_cycles_are_found():

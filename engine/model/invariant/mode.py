@@ -5,12 +5,12 @@ parameters both must agree on: the KV page size and the attention segment.
 
 What it guarantees: the sampler's log-prob of a sampled token equals, bit for bit, the log-prob that
 `head_logprobs(packed_hidden(...))` gives for the same token of the same sequence, whatever else is
-in either batch (batch size and order, pack layout, prefix sharing between the n samples of a prompt,
-preemption and recompute). Both sides run the same primitive set (`primitives.EXACT`, the ops of
-`fusedrl.kernels.exact`: fixed-order torch ops on the CPU, fixed-tile Triton kernels on GPUs) through
-the model's one decoder walk (`CausalLM.forward` given an `attend` and `prims`, the walk the default
-forward runs too) on the same weights, and read keys through the same kind of page table. Top-k/top-p
-filter the draw only: the
+in either batch (batch size and order, pack layout, prefix sharing between the n samples of a
+prompt, preemption and recompute). Both sides run the same primitive set (`primitives.EXACT`, the
+ops of `fusedrl.kernels.exact`: fixed-order torch ops on the CPU, fixed-tile Triton kernels on GPUs)
+through the model's one decoder walk (`CausalLM.forward` given an `attend` and `prims`, the walk the
+default forward runs too) on the same weights, and read keys through the same kind of page table.
+Top-k/top-p filter the draw only: the
 log-prob reported is under softmax(logits / temperature), the distribution the trainer's
 `old_logprobs` are taken under.
 """
@@ -31,23 +31,29 @@ LOGIT_ELEMENTS = 1 << 26
 
 @dataclass(frozen=True)
 class BatchInvariant:
-    """chunk_size: the KV block size of the engine the tokens come from (the page of the key tables).
-    segment: keys per attention segment of the GPU kernel (a power of two >= 16); the CPU path
-    reduces page by page and does not use it."""
+    """chunk_size: the KV block size of the engine the tokens come from (the page of the key
+    tables). segment: keys per attention segment of the GPU kernel (a power of two >= 16); the CPU
+    path reduces page by page and does not use it."""
 
     chunk_size: int
     segment: int = 256
 
     def __post_init__(self):
-        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
-            raise ValueError(f"BatchInvariant.chunk_size={self.chunk_size!r} is invalid: expected an int >= 1 "
-                             "(the KV block size)")
-        if not isinstance(self.segment, int) or self.segment < 16 or self.segment & (self.segment - 1):
-            raise ValueError(f"BatchInvariant.segment={self.segment!r} is invalid: expected a power of two >= 16")
+        if (not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool)
+            or self.chunk_size < 1):
+            raise ValueError(
+                f"BatchInvariant.chunk_size={self.chunk_size!r} is invalid: expected an int >= 1 "
+                "(the KV block size)")
+        if (not isinstance(self.segment, int) or self.segment < 16
+            or self.segment & (self.segment - 1)):
+            raise ValueError(
+                f"BatchInvariant.segment={self.segment!r} is invalid: "
+                "expected a power of two >= 16")
 
     def packed_hidden(self, model, input_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-        """The training forward: input_ids [N] holding sequences of `seqlens` back to back (positions
-        restart at 0 in each), on the model's device -> final hidden states [N, hidden] of `model` (a CausalLM)."""
+        """The training forward: input_ids [N] holding sequences of `seqlens` back to back
+        (positions restart at 0 in each), on the model's device -> final hidden states [N, hidden]
+        of `model` (a CausalLM)."""
         if sum(seqlens) != input_ids.shape[0] or min(seqlens, default=0) < 1:
             raise ValueError(f"seqlens={seqlens} must be positive and sum to {input_ids.shape[0]}")
         model.check_input_ids(input_ids)
@@ -61,20 +67,23 @@ class BatchInvariant:
             return fresh(*angles.rotate(q, k), v)
         return model.entry()(input_ids, positions, attend=attend, prims=EXACT)
 
-    def paged_hidden(self, model, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                     kv_caches: list) -> torch.Tensor:
+    def paged_hidden(self, model, input_ids: torch.Tensor, positions: torch.Tensor,
+                     meta: AttentionMetadata, kv_caches: list) -> torch.Tensor:
         """A prefill or decode step against the paged cache: input_ids, positions [N], the runner's
         metadata, per-layer (k_cache, v_cache) whose block size is chunk_size -> hidden [N, hidden].
         New K/V are stored before attending. No host sync (a decode step can be a CUDA graph)."""
         block_size = kv_caches[0][0].shape[1]
         if block_size != self.chunk_size:
-            raise ValueError(f"KV block size {block_size} != BatchInvariant.chunk_size {self.chunk_size}: "
-                             "pages and the key tables must align")
+            raise ValueError(
+                f"KV block size {block_size} != BatchInvariant.chunk_size {self.chunk_size}: "
+                "pages and the key tables must align")
         if meta.is_decode:
             seq_index = torch.arange(input_ids.shape[0], device=input_ids.device)
         else:
-            seq_index = _sequence_of_each_token(torch.tensor(meta.seqlens_q, device=input_ids.device))
-        if meta.block_tables is None:  # a prefill with nothing cached: the new tokens are whole sequences
+            seq_index = _sequence_of_each_token(
+                torch.tensor(meta.seqlens_q, device=input_ids.device))
+        # a prefill with nothing cached: the new tokens are whole sequences
+        if meta.block_tables is None:
             fresh = self._fresh_attention(positions, seq_index, meta.cu_seqlens_q[:-1].long(),
                                        max(meta.seqlens_q))
 
@@ -83,50 +92,61 @@ class BatchInvariant:
                 kernels.store_kv(k, v, *kv_caches[layer], meta.slot_mapping)
                 return fresh(q, k, v)
             return model.entry()(input_ids, positions, attend=attend, prims=EXACT)
-        page_table = page_slot(meta.block_tables.clamp(min=0), 0, self.chunk_size).to(torch.int32)  # -1 -> row 0
-        max_position = meta.block_tables.shape[1] * self.chunk_size - 1  # the table's reach: a host int
+        # -1 -> row 0
+        page_table = page_slot(meta.block_tables.clamp(min=0), 0, self.chunk_size).to(torch.int32)
+        # the table's reach: a host int
+        max_position = meta.block_tables.shape[1] * self.chunk_size - 1
 
         def attend(layer, q, k, v, angles):
             q, k = angles.rotate(q, k)
             k_cache, v_cache = kv_caches[layer]
             kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-            return EXACT.attention(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), positions, seq_index,
-                                   page_table, self.chunk_size, self.segment, max_position)
+            return EXACT.attention(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), positions,
+                                   seq_index, page_table, self.chunk_size, self.segment,
+                                   max_position)
         return model.entry()(input_ids, positions, attend=attend, prims=EXACT)
 
     def _fresh_attention(self, positions, seq_index, starts, max_len: int):
         """Attention over the K/V of this forward's own tokens (a pack, or a prefill with nothing
-        cached), (q, k, v) rotated -> [N, H, D]: starts [S] int64 index of each sequence's first token."""
+        cached), (q, k, v) rotated -> [N, H, D]: starts [S] int64 index of each sequence's first
+        token."""
         width = -(-max_len // self.chunk_size)
         offsets = torch.arange(width, device=starts.device) * self.chunk_size
-        page_table = (starts[:, None] + offsets).to(torch.int32)  # [S, W] a page = chunk_size tokens
+        # [S, W] a page = chunk_size tokens
+        page_table = (starts[:, None] + offsets).to(torch.int32)
 
         def attend(q, k, v):
-            return EXACT.attention(q, k.contiguous(), v.contiguous(), positions, seq_index, page_table,
-                                   self.chunk_size, self.segment, max_len - 1)
+            return EXACT.attention(q, k.contiguous(), v.contiguous(), positions, seq_index,
+                                   page_table, self.chunk_size, self.segment, max_len - 1)
         return attend
 
     @staticmethod
     def logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """hidden [M, H] @ LM head weight [V, H].T -> fp32 logits [M, V] (not rounded to the weight's dtype)."""
+        """hidden [M, H] @ LM head weight [V, H].T -> fp32 logits [M, V] (not rounded to the
+        weight's dtype)."""
         return EXACT.linear(hidden, weight, out_dtype=torch.float32)
 
     @staticmethod
-    def sampler_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-        """The sampler's log-probs: logits [B, V] fp32, tokens [B], temperatures [B] fp32 (0 = greedy,
-        reported at temperature 1 as the default sampler does) -> fp32 [B]."""
-        return EXACT.row_logprobs(logits, tokens, torch.where(temperatures > 0, temperatures, 1.0))[0]
+    def sampler_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                         temperatures: torch.Tensor) -> torch.Tensor:
+        """The sampler's log-probs: logits [B, V] fp32, tokens [B], temperatures [B] fp32 (0 =
+        greedy, reported at temperature 1 as the default sampler does) -> fp32 [B]."""
+        return EXACT.row_logprobs(logits, tokens,
+                                  torch.where(temperatures > 0, temperatures, 1.0))[0]
 
     def head_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                       temperature: float, with_entropy: bool = False):
-        """The trainer's log-probs: hidden [M, H] (rows predicting labels [M]), LM head weight [V, H]
-        -> fp32 log-probs [M] under softmax(logits / temperature) (and the entropy [M] with_entropy).
-        The logits exist for a piece of the rows at a time."""
-        temperatures = torch.full(labels.shape, temperature, dtype=torch.float32, device=hidden.device)
+        """The trainer's log-probs: hidden [M, H] (rows predicting labels [M]), LM head weight [V,
+        H] -> fp32 log-probs [M] under softmax(logits / temperature) (and the entropy [M]
+        with_entropy). The logits exist for a piece of the rows at a time."""
+        temperatures = torch.full(labels.shape, temperature, dtype=torch.float32,
+                                  device=hidden.device)
         step = max(32, LOGIT_ELEMENTS // weight.shape[0] // 32 * 32)  # whole 32-row tiles per piece
         pieces = [EXACT.row_logprobs(self.logits(hidden[i:i + step], weight), labels[i:i + step],
-                                     temperatures[i:i + step]) for i in range(0, hidden.shape[0], step)]
-        logp = torch.cat([p[0] for p in pieces]) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+                                     temperatures[i:i + step])
+                  for i in range(0, hidden.shape[0], step)]
+        logp = (torch.cat([p[0] for p in pieces]) if pieces
+                else hidden.new_zeros(0, dtype=torch.float32))
         if not with_entropy:
             return logp
         return logp, torch.cat([p[1] for p in pieces]) if pieces else logp.clone()

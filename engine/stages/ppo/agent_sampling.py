@@ -35,7 +35,8 @@ class Agents:
 
 def build_agents(r: RolloutConfig, tokenizer) -> Optional[Agents]:
     """The Agents of rollout.tools / rollout.environment (None for single-turn runs); every tool,
-    the environment class and the template's tool format are checked here, before any model loads."""
+    the environment class and the template's tool format are checked here, before any model
+    loads."""
     if not r.multi_turn:
         return None
     limits = AgentLimits(r.max_turns, r.max_trajectory_tokens, r.env_timeout_s, r.env_errors)
@@ -48,16 +49,16 @@ def build_agents(r: RolloutConfig, tokenizer) -> Optional[Agents]:
     return Agents(renderer, lambda row: ToolEnvironment(tools, parse, row["prompt"]), limits)
 
 
-def sample_trajectories(models: PPOModels, agents: Agents, sources: list, r: RolloutConfig, seed: int,
-                        timer: PhaseTimer) -> tuple[Samples, dict]:
+def sample_trajectories(models: PPOModels, agents: Agents, sources: list, r: RolloutConfig,
+                        seed: int, timer: PhaseTimer) -> tuple[Samples, dict]:
     """r.samples_per_prompt trajectories per prompt row (data/prompts.py PromptRow) from the
     policy's current weights, scored; returns the samples and the agents' metrics."""
     params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k,
                             top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed)
     rows = [{"prompt": source.prompt, **source.columns} for source in sources]
     with timer.phase("generate"):
-        trajectories = run_agents(models.actor.generate_turns, agents.renderer, agents.make_env, rows,
-                                  params, agents.limits)
+        trajectories = run_agents(models.actor.generate_turns, agents.renderer, agents.make_env,
+                                  rows, params, agents.limits)
     device = models.actor.llm.device
     tokens = [t.tokens for t in trajectories]
     prompt_ids = [t.prompt_token_ids for t in tokens]

@@ -24,10 +24,12 @@ def pieces(packed: PackedBatch, budget: Optional[int]) -> list[PackedBatch]:
 
 
 def _join(outputs: list):
-    """Per-piece outputs (a tensor [S_i, ...], or a tuple of tensors or None) -> one, rows in order."""
+    """Per-piece outputs (a tensor [S_i, ...], or a tuple of tensors or None) -> one, rows in
+    order."""
     first = outputs[0]
     if isinstance(first, tuple):
-        return tuple(None if part is None else _join([out[k] for out in outputs]) for k, part in enumerate(first))
+        return tuple(None if part is None else _join([out[k] for out in outputs])
+                     for k, part in enumerate(first))
     return first if len(outputs) == 1 else torch.cat(outputs)
 
 

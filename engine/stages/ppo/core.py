@@ -35,15 +35,17 @@ def finite_rows(scores: torch.Tensor, group_size: int | None = None) -> list[int
     return [g * group_size + k for g, ok in enumerate(groups) if ok for k in range(group_size)]
 
 
-def shape_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+def shape_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                  kl_coef: float) -> torch.Tensor:
     """Per-token rewards: -kl_coef * kl on every valid token, plus the sequence's score on its last.
 
-    kl [R, T] (0 off the mask, e.g. from kernels.kl_penalty), scores [R], mask [R, T] -> [R, T] fp32.
-    A row with no valid token gets no reward at all.
+    kl [R, T] (0 off the mask, e.g. from kernels.kl_penalty), scores [R], mask [R, T] -> [R, T]
+    fp32. A row with no valid token gets no reward at all.
     """
     if kl.shape != mask.shape or scores.shape != kl.shape[:1]:
         raise ValueError(f"shape_rewards: expected kl and mask [R, T] and scores [R], got kl "
-                         f"{tuple(kl.shape)}, mask {tuple(mask.shape)}, scores {tuple(scores.shape)}")
+                         f"{tuple(kl.shape)}, mask {tuple(mask.shape)}, scores "
+                         f"{tuple(scores.shape)}")
     valid = mask.bool()
     rewards = torch.where(valid, -kl_coef * kl.float(), 0.0)
     last = last_valid_index(valid)
@@ -53,7 +55,8 @@ def shape_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl
 
 def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,
                            estimator: str = "gae", gamma: float = 1.0, lam: float = 0.95,
-                           whiten: bool = True, sum_over: SumOver = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           whiten: bool = True, sum_over: SumOver = None) -> tuple[torch.Tensor,
+                                                                                   torch.Tensor]:
     """(advantages, returns) [R, T] from per-token rewards and the critic's values.
 
     estimator "gae": GAE(gamma, lam). "reinforce": REINFORCE with the critic as baseline,
@@ -62,8 +65,11 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: to
     ranks' sum: see kernels.masked_whiten); returns are not.
     """
     if estimator not in ("gae", "reinforce"):
-        raise ValueError(f"advantages_and_returns: unknown estimator {estimator!r}; expected 'gae' or 'reinforce'")
-    advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=1.0 if estimator == "reinforce" else lam)
+        raise ValueError(
+            f"advantages_and_returns: unknown estimator {estimator!r}; expected 'gae' or "
+            "'reinforce'")
+    advantages, returns = gae(rewards, values, mask, gamma=gamma,
+                              lam=1.0 if estimator == "reinforce" else lam)
     if whiten:
         advantages = masked_whiten(advantages, mask, sum_over=sum_over)
     return advantages, returns
@@ -75,22 +81,25 @@ def group_token_advantages(scores: torch.Tensor, mask: torch.Tensor, n: int, est
     g*n + n - 1 are prompt g), each row's advantage on every one of its valid tokens; batch
     statistics (reinforce_pp_baseline) over every rank's groups with sum_over the ranks' sum.
     scores [R], mask [R, T] -> fp32 [R, T], 0 off the mask."""
-    per_row = group_advantages(scores.view(-1, n), estimator=estimator, sum_over=sum_over).reshape(-1)   # [R]
+    per_row = group_advantages(scores.view(-1, n), estimator=estimator,
+                               sum_over=sum_over).reshape(-1)   # [R]
     return torch.where(mask.bool(), per_row[:, None], 0.0)
 
 
 @dataclass
 class KLController:
-    """The KL penalty coefficient beta. Fixed when ``target`` is None; otherwise adaptive (Ziegler et
-    al. 2019): beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_samples / horizon, so beta rises
+    """The KL penalty coefficient beta. Fixed when ``target`` is None; otherwise adaptive (Ziegler
+    et al. 2019): beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_samples / horizon, so beta rises
     while the measured KL is above target and falls while it is below."""
     value: float
     target: float | None = None
     horizon: int = 10000
 
     def __post_init__(self):
-        if not (isinstance(self.value, (int, float)) and self.value >= 0 and math.isfinite(self.value)):
-            raise ValueError(f"KLController: value must be a finite number >= 0, got {self.value!r}")
+        if not (isinstance(self.value, (int, float)) and self.value >= 0
+                and math.isfinite(self.value)):
+            raise ValueError(
+                f"KLController: value must be a finite number >= 0, got {self.value!r}")
         if self.target is not None and not self.target > 0:
             raise ValueError(f"KLController: target must be > 0 or None, got {self.target!r}")
         if self.horizon <= 0:
@@ -98,7 +107,8 @@ class KLController:
 
     def update(self, measured_kl: float, n_samples: int) -> float:
         """Feed the KL measured over ``n_samples`` sequences; returns the new coefficient."""
-        if self.target is not None and math.isfinite(measured_kl):  # a NaN KL says nothing about beta
+        # a NaN KL says nothing about beta
+        if self.target is not None and math.isfinite(measured_kl):
             error = min(max(measured_kl / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + error * n_samples / self.horizon
         return self.value
@@ -122,7 +132,8 @@ class RunningMoments:
         batch = scores.detach().double().flatten()
         finite = torch.isfinite(batch)
         mean, var = masked_moments(batch, finite, unbiased=False)
-        n, batch_mean, batch_var = torch.stack([finite.sum().double(), mean[0], var[0]]).tolist()  # one host read
+        # one host read
+        n, batch_mean, batch_var = torch.stack([finite.sum().double(), mean[0], var[0]]).tolist()
         n = int(n)
         if n == 0:
             return

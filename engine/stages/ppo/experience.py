@@ -19,9 +19,11 @@ import torch
 from ...parallel import distributed
 from ...config.ppo import PPOConfig
 from ...train import runlog
-from ....kernels import GROUP_ESTIMATORS, explained_variance, kl_penalty, masked_mean, masked_moments
+from ....kernels import (GROUP_ESTIMATORS, explained_variance, kl_penalty, masked_mean,
+                         masked_moments)
 from .chunks import forward_in_pieces
-from .core import RunningMoments, advantages_and_returns, finite_rows, group_token_advantages, shape_rewards
+from .core import (RunningMoments, advantages_and_returns, finite_rows, group_token_advantages,
+                   shape_rewards)
 from .forwards import policy_forward, reference_logprobs
 from .models import PPOModels
 from .phase_timer import PhaseTimer
@@ -33,7 +35,8 @@ from .samples import Samples
 class ExperienceSettings:
     """What experience building reads of a PPOConfig (the fields' help is there)."""
     temperature: float              # rollout.temperature: log-probs at the sampling temperature
-    exact: bool                     # rollout.exact: old log-probs in the actor's batch-invariant mode
+    # rollout.exact: old log-probs in the actor's batch-invariant mode
+    exact: bool
     kl_estimator: str               # reward.kl_estimator: the per-token KL in the reward
     normalize_scores: bool          # reward.normalize: by the running moments of the scores
     score_clip: Optional[float]     # reward.clip
@@ -41,13 +44,14 @@ class ExperienceSettings:
     gamma: float                    # ppo.gamma
     lam: float                      # ppo.lam
     whiten_advantages: bool         # ppo.whiten_advantages (critic estimators)
-    tokens_per_forward: Optional[int] = None  # rollout.tokens_per_forward: the scoring forwards' budget
+    # rollout.tokens_per_forward: the scoring forwards' budget
+    tokens_per_forward: Optional[int] = None
 
     @classmethod
     def of(cls, cfg: PPOConfig) -> "ExperienceSettings":
         r, w, p = cfg.rollout, cfg.reward, cfg.ppo
-        return cls(r.temperature, r.exact, w.kl_estimator, w.normalize, w.clip, p.estimator, p.gamma, p.lam,
-                   p.whiten_advantages, r.forward_tokens)
+        return cls(r.temperature, r.exact, w.kl_estimator, w.normalize, w.clip, p.estimator,
+                   p.gamma, p.lam, p.whiten_advantages, r.forward_tokens)
 
 
 @dataclass
@@ -81,7 +85,8 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     dropped = distributed.all_reduce_sum({"dropped_rows": len(samples.responses) - len(keep),
                                           "drawn_rows": len(samples.responses)}, ranks)
     if not keep:
-        reason = ("no prompt group had scores that differ (dynamic sampling)" if not dropped["drawn_rows"]
+        reason = ("no prompt group had scores that differ (dynamic sampling)"
+                  if not dropped["drawn_rows"]
                   else non_finite_reason(samples.scores, group) if distributed.world_size() == 1
                   else "some rank had no finite score left (ranks keep equal numbers of rows)")
         return Experience(None, {"dropped_rows": dropped["dropped_rows"]}, skip_reason=reason)
@@ -114,14 +119,15 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
         advantages, returns = advantages_and_returns(
             rewards, old_values, mask, estimator=s.estimator, gamma=s.gamma, lam=s.lam,
             whiten=s.whiten_advantages, sum_over=sum_over)
-    rollout = Rollout(packed, mask, samples.sampler_logprobs, old_logp, ref_logp, old_values, scores, rewards,
-                      advantages, returns)
+    rollout = Rollout(packed, mask, samples.sampler_logprobs, old_logp, ref_logp, old_values,
+                      scores, rewards, advantages, returns)
     metrics = {**rollout_metrics(rollout, kl, entropy, with_values, timer, ranks),
                # What one forward over the rows reads, each shared prompt once
                # (train.prefix_sharing), and the rows' own tokens: their ratio is the saving.
                **distributed.all_reduce_sum({"forwarded_tokens": packed.forwarded_tokens,
                                              "row_tokens": sum(packed.seqlens)}, ranks)}
-    return Experience(rollout, {**metrics, "kl_coef": kl_coef, "dropped_rows": dropped["dropped_rows"]},
+    return Experience(rollout,
+                      {**metrics, "kl_coef": kl_coef, "dropped_rows": dropped["dropped_rows"]},
                       kl=metrics["kl"])
 
 
@@ -151,7 +157,8 @@ def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, w
     def total(x):
         return distributed.all_reduce_tensor(x.sum().double(), ranks=ranks)
 
-    mismatch = (rollout.sampler_logprobs - rollout.old_logprobs).abs()  # exactly 0 with rollout.exact
+    # exactly 0 with rollout.exact
+    mismatch = (rollout.sampler_logprobs - rollout.old_logprobs).abs()
     reward_rows = rollout.rewards.sum(-1)
     metrics = runlog.host_values({
         "score_mean": mean(rollout.scores), "score_std": std(rollout.scores),
@@ -159,8 +166,12 @@ def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, w
         "kl": mean(kl.sum(-1)),
         "entropy": mean(entropy, mask),
         "response_length": mean(mask.sum(-1)),
-        **({"explained_variance": explained_variance(rollout.old_values.double(), rollout.returns.double(), mask,
-                                                     sum_over=sum_over)} if with_values else {}),
+        **(
+            {
+                "explained_variance": explained_variance(rollout.old_values.double(),
+                                                         rollout.returns.double(), mask,
+                                                         sum_over=sum_over)} if with_values
+            else {}),
         "mean_logprob": mean(rollout.old_logprobs, mask),
         "logprob_mismatch": mean(mismatch, mask),
         "logprob_mismatch_max": distributed.all_reduce_tensor(
@@ -171,7 +182,8 @@ def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, w
     tokens = metrics["tokens"] = int(metrics["tokens"])
     metrics["logprob_mismatch_tokens"] = int(metrics["logprob_mismatch_tokens"])
     # Per rank, for the balance of the ranks' work (a gather, only under torchrun).
-    metrics["tokens_per_rank"] = [tokens] if distributed.world_size() == 1 else distributed.all_gather(
+    metrics["tokens_per_rank"] = [tokens] if distributed.world_size(
+        ) == 1 else distributed.all_gather(
         int(mask.sum()))
     metrics["tokens_per_s_generate"] = tokens / max(timer.seconds["generate"], 1e-9)
     return metrics

@@ -1,5 +1,6 @@
 """The token-level forwards of a PPO iteration over a rollout's one pack (its ids, positions and
-sequence boundaries): log-probs and entropies of the policy and the reference, values of the critic."""
+sequence boundaries): log-probs and entropies of the policy and the reference, values of the
+critic."""
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,9 @@ from .models import PPOModels
 
 
 def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_entropy: bool = False,
-                      value_head: torch.nn.Module | None = None, invariant: BatchInvariant | None = None,
-                      replay_routing: bool = False, whole: Callable[[], ContextManager] | None = None):
+                      value_head: torch.nn.Module | None = None,
+                      invariant: BatchInvariant | None = None, replay_routing: bool = False,
+                      whole: Callable[[], ContextManager] | None = None):
     """One packed forward of a causal LM over the rollout.
 
     Returns (logp [R, T], entropy [R, T] or None, values [R, T] or None): log-probs of the response
@@ -34,7 +36,8 @@ def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_en
     distributed.gathered(model); the hybrid actor's, HybridActor.whole_weights, for the policy).
     """
     cp = model.context_parallel
-    if cp is not None:  # this rank's shard of the pack (no prefix sharing, routing or value head there)
+    # this rank's shard of the pack (no prefix sharing, routing or value head there)
+    if cp is not None:
         out, h = shard_logprobs(model, packed, cp, temperature, with_entropy), None
     elif invariant is None:
         layout = share_prefixes(packed)  # rows sharing a prompt read it once (train.prefix_sharing)
@@ -48,12 +51,13 @@ def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_en
         out = lm_head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
                                with_entropy=with_entropy)
     else:
-        # The mode reads the parameters directly, past FSDP's forward hooks: whole weights while it runs.
+        # The mode reads the parameters directly, past FSDP's forward hooks: whole weights while it
+        # runs.
         with whole() if whole is not None else distributed.gathered(model):
             hidden = invariant.packed_hidden(model, packed.input_ids, packed.seqlens)
             h = hidden.index_select(0, packed.target_rows)
-            out = invariant.head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
-                                          with_entropy=with_entropy)
+            out = invariant.head_logprobs(h, model.lm_head.weight, packed.target_ids,
+                                          temperature=temperature, with_entropy=with_entropy)
     logp, entropy = out if with_entropy else (out, None)
     values = None if value_head is None else packed.to_grid(value_head(h).squeeze(-1).float())
     return packed.to_grid(logp), None if entropy is None else packed.to_grid(entropy), values
@@ -63,10 +67,12 @@ def policy_forward(models: PPOModels, packed: PackedBatch, temperature: float, w
                    exact: bool = False):
     """(logp, entropy or None, values or None when critic-free) [R, T] of the policy and critic
     on a packed rollout; exact: the policy in the actor's batch-invariant mode (rollout.exact)."""
-    logp, entropy, values = response_logprobs(models.policy, packed, temperature, with_entropy=with_entropy,
+    logp, entropy, values = response_logprobs(models.policy, packed, temperature,
+                                              with_entropy=with_entropy,
                                               value_head=models.value_head,
-                                              invariant=models.actor.batch_invariant if exact else None,
-                                              replay_routing=True, whole=models.actor.whole_weights)
+                                              invariant=models.actor.batch_invariant if exact
+                                              else None, replay_routing=True,
+                                              whole=models.actor.whole_weights)
     if models.critic is not None:
         values = models.critic.response_values(packed)
     return logp, entropy, values

@@ -1,4 +1,5 @@
-"""The models of a PPO run, held together (forwards.py runs them over a rollout, scoring.py scores)."""
+"""The models of a PPO run, held together (forwards.py runs them over a rollout, scoring.py
+scores)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -25,7 +25,8 @@ def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
     for r, (prompt, response) in enumerate(zip(prompts, responses)):
         if not prompt or not response or len(response) > width:
             raise ValueError(f"pack_rollout: row {r} has {len(prompt)} prompt and {len(response)} "
-                             f"response tokens; both must be >= 1 and the response <= width {width}")
+                             f"response tokens; both must be >= 1 and the response <= width "
+                             f"{width}")
     targets = model_masks or [True] * len(prompts)
     return pack_sequences([(p, r, tuple(t) if isinstance(t, list) else t)
                            for p, r, t in zip(prompts, responses, targets)], width=width,
@@ -42,7 +43,8 @@ def concat_packs(parts: list[PackedBatch]) -> PackedBatch:
     rows, grids = [], []
     for p in parts:
         rows.append(p.target_rows + token_offset)
-        # A target at (row, column) of its part's grid moves to (row + row_offset, column) of the wider one.
+        # A target at (row, column) of its part's grid moves to (row + row_offset, column) of the
+        # wider one.
         grids.append(torch.div(p.grid_index, p.width, rounding_mode="floor") * width
                      + p.grid_index % p.width + row_offset * width)
         token_offset, row_offset = token_offset + sum(p.seqlens), row_offset + len(p.seqlens)
@@ -53,9 +55,9 @@ def concat_packs(parts: list[PackedBatch]) -> PackedBatch:
     prefix_groups = [g + offset for p, offset in zip(parts, offsets) for g in p.prefix_groups]
     cu = torch.tensor([0] + seqlens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return PackedBatch(torch.cat([p.input_ids for p in parts]), seqlens, torch.cat(rows),
-                       torch.cat([p.target_ids for p in parts]), [n for p in parts for n in p.target_counts], [],
-                       torch.cat(grids), width, torch.cat([p.positions for p in parts]),
-                       cu.to(parts[0].input_ids.device),
+                       torch.cat([p.target_ids for p in parts]),
+                       [n for p in parts for n in p.target_counts], [], torch.cat(grids), width,
+                       torch.cat([p.positions for p in parts]), cu.to(parts[0].input_ids.device),
                        None if parts[0].routing is None else torch.cat([p.routing for p in parts]),
                        prefix_groups, [n for p in parts for n in p.prompt_lens])
 

@@ -17,15 +17,16 @@ class PtxLoss:
     batch_index) says where the stream stands and is advanced in place, so a resumed run continues
     with the batches it would have seen; the stream opens at the first call, from it."""
 
-    def __init__(self, policy: CausalLM, examples: list[TokenizedExample], tokens_per_batch: int, seed: int,
-                 device: torch.device):
+    def __init__(self, policy: CausalLM, examples: list[TokenizedExample], tokens_per_batch: int,
+                 seed: int, device: torch.device):
         self.policy, self.examples, self.device = policy, examples, device
         self.tokens_per_batch, self.seed = tokens_per_batch, seed
         self._stream = None
 
     def __call__(self, position: dict) -> torch.Tensor:
         if self._stream is None:
-            self._stream = micro_batches(self.examples, self.tokens_per_batch, self.seed, DataPosition(**position))
+            self._stream = micro_batches(self.examples, self.tokens_per_batch, self.seed,
+                                         DataPosition(**position))
         epoch, index, batch = next(self._stream)
         position.update(epoch=epoch, batch_index=index + 1)
         batch = to_device(collate_sft(batch), self.device)

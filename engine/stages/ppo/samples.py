@@ -34,8 +34,8 @@ class Samples:
     def take_rows(self, rows: list[int]) -> "Samples":
         """These rows (whole groups, for a group estimator: see finite_rows)."""
         pick = torch.tensor(rows, dtype=torch.long, device=self.scores.device)
-        return Samples([self.prompts[r] for r in rows], [self.responses[r] for r in rows], self.packed.select(rows),
-                       self.sampler_logprobs.index_select(0, pick),
+        return Samples([self.prompts[r] for r in rows], [self.responses[r] for r in rows],
+                       self.packed.select(rows), self.sampler_logprobs.index_select(0, pick),
                        self.scores.index_select(0, pick), self.n,
                        None if self.sources is None else [self.sources[r] for r in rows])
 
@@ -43,7 +43,8 @@ class Samples:
     def concat(parts: list["Samples"]) -> "Samples":
         """The rows of each part in turn (sampling rounds: their grids widened to the widest)."""
         packed = concat_packs([s.packed for s in parts])
-        return Samples([p for s in parts for p in s.prompts], [r for s in parts for r in s.responses], packed,
+        return Samples([p for s in parts for p in s.prompts],
+                       [r for s in parts for r in s.responses], packed,
                        torch.cat([pad_width(s.sampler_logprobs, packed.width) for s in parts]),
                        torch.cat([s.scores for s in parts]), parts[0].n,
                        None if parts[0].sources is None else [p for s in parts for p in s.sources])

@@ -21,7 +21,8 @@ from .samples import Samples
 from .scoring import score_rows
 
 
-def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int,
+                     penalty: float) -> torch.Tensor:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), lengths [R] -> [R] fp32 <= 0:
     0 up to max_new_tokens - buffer, then falling linearly to -penalty at max_new_tokens."""
     if buffer == 0:
@@ -46,13 +47,16 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
     holds it, and `.columns`, its other columns), for the reward functions (scoring.reward_inputs;
     None: the decoded prompts stand in, without columns). share_prompts (train.prefix_sharing):
     the pack's rows of one prompt read it once in every forward."""
-    params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                            max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
+    params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k,
+                            top_p=r.top_p, max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos,
+                            seed=seed)
     with timer.phase("generate"):
         prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
         cp = models.policy.context_parallel
-        if cp is not None:  # a context group's ranks sampled its rows alike: they train its first rank's
-            prompt_ids, responses, host = cp.same_on_ranks((prompt_ids, responses, sampler_logprobs.cpu()))
+        # a context group's ranks sampled its rows alike: they train its first rank's
+        if cp is not None:
+            prompt_ids, responses, host = cp.same_on_ranks(
+                (prompt_ids, responses, sampler_logprobs.cpu()))
             sampler_logprobs = host.to(sampler_logprobs.device)
     return score_samples(models, prompt_ids, responses, sampler_logprobs, r, timer, sources,
                          share_prompts)
@@ -65,24 +69,28 @@ def score_samples(models: PPOModels, prompt_ids: list[list[int]], responses: lis
     fp32, row after row) packed and scored by models.score (and overlong-shaped); timed as
     "score". sources: each group's prompt row (sample_and_score's), kept per row and read by the
     reward functions (scoring.reward_inputs). share_prompts: see sample_and_score."""
-    device = models.actor.llm.device  # where the policy runs (its resting shards may be in CPU memory)
+    # where the policy runs (its resting shards may be in CPU memory)
+    device = models.actor.llm.device
     # A prompt answered once has nothing to share.
     packed = pack_rollout(prompt_ids, responses, device,
                           share_prompts=share_prompts and r.samples_per_prompt > 1)
-    if models.actor.record_routing:  # routing replay: the training forwards route as the sampler did
+    # routing replay: the training forwards route as the sampler did
+    if models.actor.record_routing:
         packed = packed._replace(routing=models.actor.last_routing.to(device))
     rows = None if sources is None else [p for p in sources for _ in range(r.samples_per_prompt)]
     with timer.phase("score"), torch.no_grad():
         scores = score_rows(models.score, prompt_ids, responses, packed, r.forward_tokens,
                             rows, models.ranks).float().to(device)    # [R]
     lengths = torch.tensor([len(x) for x in responses], device=scores.device)
-    scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
-    return Samples(prompt_ids, responses, packed, packed.to_grid(sampler_logprobs.to(device)), scores,
-                   r.samples_per_prompt, rows)
+    scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer,
+                                       r.overlong_penalty)
+    return Samples(prompt_ids, responses, packed, packed.to_grid(sampler_logprobs.to(device)),
+                   scores, r.samples_per_prompt, rows)
 
 
-def draw_samples(draw_prompts: Callable[[], list[list[int]]], sample: Callable[[list[list[int]], int], Samples],
-                 r: RolloutConfig, seed: int, ranks: distributed.DataRanks = distributed.WORLD
+def draw_samples(draw_prompts: Callable[[], list[list[int]]],
+                 sample: Callable[[list[list[int]], int], Samples], r: RolloutConfig, seed: int,
+                 ranks: distributed.DataRanks = distributed.WORLD
                  ) -> tuple[Samples, dict]:
     """One iteration's samples: prompts_per_iteration groups from draw_prompts() (the next prompts
     of the stream), sampled with sample(prompts, seed). With rollout.dynamic_sampling, groups whose

@@ -35,7 +35,8 @@ class RewardModelScorer:
 
     def score_packed(self, packed: PackedBatch) -> torch.Tensor:
         """Scores [S] of an already packed batch (the rollout's own pack: no second packing)."""
-        off = self.critic_lora.disabled() if self.critic_lora is not None else contextlib.nullcontext()
+        off = (self.critic_lora.disabled() if self.critic_lora is not None
+               else contextlib.nullcontext())
         with off:
             return self.rm.packed_rewards(packed)
 
@@ -91,7 +92,8 @@ class FunctionScorer:
 
     def __init__(self, functions: RewardFunctions, tokenizer, groups: tuple = (),
                  ranks: distributed.DataRanks = distributed.WORLD):
-        self.functions, self.tokenizer, self.groups, self.ranks = functions, tokenizer, groups, ranks
+        self.functions, self.tokenizer = functions, tokenizer
+        self.groups, self.ranks = groups, ranks
         self.sums: dict = {}  # moments of every row scored since the last metrics()
         self.unscored_said = False
 

@@ -17,7 +17,8 @@ class PPOState:
     """The loop state (engine/train/loop.py saves `dataclasses.asdict(state)` in every checkpoint
     and sets the fields back on resume)."""
     step: int = 0                 # iterations done
-    prompts_drawn: int = 0        # position in the prompt stream (dynamic sampling draws a varying number)
+    # position in the prompt stream (dynamic sampling draws a varying number)
+    prompts_drawn: int = 0
     kl_coef: float = 0.0
     moments: dict = dataclasses.field(default_factory=dict)
     ptx: dict = dataclasses.field(default_factory=lambda: dataclasses.asdict(DataPosition()))

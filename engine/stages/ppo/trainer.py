@@ -5,7 +5,8 @@ RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
                                  (with lora its adapters instead, `policy_adapter`), the critic
                                  (with critic_lora its adapters and value head, `critic_adapter`)
                                  or the shared value head, the optimizers, schedules, RNG and the
-                                 loop state (iteration, KL coefficient, reward moments, ptx position)
+                                 loop state (iteration, KL coefficient, reward moments, ptx
+                                 position)
     final/                       the trained policy, a transformers-loadable directory (with lora:
                                  the adapters merged; final_adapter/ holds them for PEFT)
     final_critic/                the separate critic, when there is one (with critic_lora: merged;
@@ -14,8 +15,8 @@ Under torchrun every model is sharded (train.data_parallel) except the adapted o
 the shared value head with lora, the LoRA critic and its trunk with critic_lora are whole on every
 rank, their adapters' gradients averaged over the ranks. Each rank samples its own
 rollout.prompts_per_iteration prompts (an iteration's global batch: x the number of ranks); with
-train.tensor_parallel=T every model is laid out for T tensor ranks instead (parallel/layout.py) and a
-tensor group samples, scores and trains the same rows in lockstep, one data rank of world_size / T
+train.tensor_parallel=T every model is laid out for T tensor ranks instead (parallel/layout.py) and
+a tensor group samples, scores and trains the same rows in lockstep, one data rank of world_size / T
 (TensorParallel.data_ranks, PPOModels.ranks); with train.context_parallel=C a context group likewise
 (each of its ranks generates the group's rows and takes its first rank's; every scoring and training
 forward then runs on each rank's shard of the pack: parallel/context_parallel.py); see
@@ -75,8 +76,9 @@ def check_kl(kl: float, ceiling: float | None, iteration: int) -> None:
     """Stop the run when the KL per sequence passes reward.kl_ceiling, or is not a number at all
     (NaN > ceiling is False, so a NaN would otherwise slip past the guard)."""
     if not math.isfinite(kl):
-        raise KLCeilingExceeded(f"iteration {iteration}: KL to the reference is {kl}: the policy or the "
-                                "reference gives non-finite log-probs; stopping")
+        raise KLCeilingExceeded(
+            f"iteration {iteration}: KL to the reference is {kl}: the policy or the "
+            "reference gives non-finite log-probs; stopping")
     if ceiling is not None and kl > ceiling:
         raise KLCeilingExceeded(f"iteration {iteration}: KL to the reference {kl:.4g} exceeds "
                                 f"reward.kl_ceiling={ceiling}; stopping (reward hacking guard)")
@@ -84,7 +86,8 @@ def check_kl(kl: float, ceiling: float | None, iteration: int) -> None:
 
 def prompt_indices(n_prompts: int, count: int, seed: int, start: int) -> list[int]:
     """`count` prompts from position `start` of the prompt stream: consecutive slices of one seeded
-    permutation per epoch, so a resumed run continues with exactly the prompts it would have seen."""
+    permutation per epoch, so a resumed run continues with exactly the prompts it would have
+    seen."""
     out = []
     while len(out) < count:
         epoch, offset = divmod(start + len(out), n_prompts)
@@ -114,8 +117,9 @@ def open_rewards(cfg: PPOConfig, reward_fn=None) -> Optional[RewardFunctions]:
     if not functions and cfg.rollout.environment:
         return None
     if not functions:
-        raise UsageError("PPO needs a reward: set reward_model, reward_fn or rollout.environment (or "
-                         "pass reward_fn=...)")
+        raise UsageError(
+            "PPO needs a reward: set reward_model, reward_fn or rollout.environment (or "
+            "pass reward_fn=...)")
     r = cfg.reward
     return open_reward_functions(functions, r.weights, r.isolation, r.fn_timeout_s)
 
@@ -134,17 +138,20 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
     out for its role over `dims` (default: from cfg.train; engine/parallel/layout.py)."""
     lora_run = cfg.lora.enabled
     if dims is None:
-        dims = ParallelDims.from_train(cfg.train, distributed.world_size(), torch.device(device).type)
+        dims = ParallelDims.from_train(cfg.train, distributed.world_size(),
+                                       torch.device(device).type)
     sharder, frozen = laying_out("adapted", dims), laying_out("frozen", dims)
     policy = load_model(cfg.policy, dtype=dtype, device=device,
                         shard=sharder if lora_run else laying_out("trained", dims))
     if policy.config.moe is not None and cfg.rollout.exact:
-        raise UsageError(f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is not "
-                         "supported: its expert GEMMs have no batch-invariant mode; set rollout.exact=false "
-                         "(rollout.routing_replay keeps the trainer's experts the sampler's)")
+        raise UsageError(
+            f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is "
+            "not supported: its expert GEMMs have no batch-invariant mode; set rollout.exact=false "
+            "(rollout.routing_replay keeps the trainer's experts the sampler's)")
     r = cfg.rollout
     if policy.config.moe is not None and r.routing_replay and (r.partial_rollouts or r.multi_turn):
-        what = "rollout.partial_rollouts=true" if r.partial_rollouts else "rollout.tools or rollout.environment"
+        what = ("rollout.partial_rollouts=true" if r.partial_rollouts else
+                "rollout.tools or rollout.environment")
         raise UsageError(f"{what} with a mixture-of-experts policy and rollout.routing_replay: not "
                          "supported (a carried answer's or a later turn's routing records are not "
                          "kept); set rollout.routing_replay=false")
@@ -156,7 +163,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
     if cfg.reward_model:
         rm_is_trunk = cfg.critic == "separate" and cfg.critic_lora.enabled
         rm = load_reward_model(cfg.reward_model, dtype=dtype, device=device,
-                               shard=sharder if rm_is_trunk else frozen).eval().requires_grad_(False)
+                               shard=sharder if rm_is_trunk
+                               else frozen).eval().requires_grad_(False)
     critic = value_head = None  # critic="none": a group estimator needs no values
     if cfg.critic == "separate":
         critic = build_critic(cfg, rm, device, dtype,
@@ -166,11 +174,15 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
         # Beside adapters a replicated head, its gradients averaged (optim.clip_and_step).
         if not lora:
             layout(value_head, "head", dims)
-    # The groups of ranks holding the same rows (tensor, context), and the ranks holding different ones.
+    # The groups of ranks holding the same rows (tensor, context), and the ranks holding different
+    # ones.
     groups = tuple(g for g in (policy.tensor_parallel, policy.context_parallel) if g is not None)
     ranks = groups[-1].data_ranks() if groups else distributed.WORLD
     if rm is not None:
-        score = reward_model_scorer(rm, critic.lora if isinstance(critic, LoRACritic) and critic.trunk is rm else None)
+        score = reward_model_scorer(rm,
+                                    critic.lora
+                                    if isinstance(critic, LoRACritic) and critic.trunk is rm
+                                    else None)
     else:
         score = None if rewards is None else FunctionScorer(rewards, tokenizer, groups, ranks)
     # rollout.kv_cache_memory by the memory plan's rules (auto: the largest pool that fits).
@@ -190,25 +202,28 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
 
 
 def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callable) -> nn.Module:
-    """The separate critic, trainable: a ValueModel read from the reward model's directory, its score
-    head as the value head (else from the policy's, base weights, with a zero value head); with
-    critic_lora.rank > 0 a LoRACritic on the reward model itself (no second decoder), or without a
-    reward model on a frozen copy of the policy's base weights (said on stderr: that copy costs a
-    decoder's memory). Each loaded sharded by `sharder` (hf_io.load_model)."""
+    """The separate critic, trainable: a ValueModel read from the reward model's directory, its
+    score head as the value head (else from the policy's, base weights, with a zero value head);
+    with critic_lora.rank > 0 a LoRACritic on the reward model itself (no second decoder), or
+    without a reward model on a frozen copy of the policy's base weights (said on stderr: that copy
+    costs a decoder's memory). Each loaded sharded by `sharder` (hf_io.load_model)."""
     if not cfg.critic_lora.enabled:
         start = "reward_model" if rm is not None else "lm"
-        critic = load_value_model(cfg.reward_model or cfg.policy, dtype=dtype, device=device, shard=sharder,
-                                  start=start)
+        critic = load_value_model(cfg.reward_model or cfg.policy, dtype=dtype, device=device,
+                                  shard=sharder, start=start)
         critic.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
         return critic.requires_grad_(True).train()
     if rm is not None:
         trunk, head = rm, distributed.plain(rm.score.weight.detach())
     else:
-        trunk = load_model(cfg.policy, dtype=dtype, device=device, shard=sharder).requires_grad_(False)
+        trunk = load_model(cfg.policy, dtype=dtype, device=device,
+                           shard=sharder).requires_grad_(False)
         head = torch.zeros(1, trunk.config.hidden_size, dtype=torch.float32, device=device)
         if distributed.is_main():
-            print("fusedrl: critic_lora without a reward model: the critic starts from the policy and runs on a "
-                  "frozen copy of its weights (a second decoder in memory)", file=sys.stderr)
+            print(
+                "fusedrl: critic_lora without a reward model: the critic starts from the policy "
+                "and runs on a frozen copy of its weights (a second decoder in memory)",
+                file=sys.stderr)
     trunk.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
     return LoRACritic(trunk, head, cfg.critic_lora).train()
 
@@ -217,11 +232,14 @@ def build_optimizers(models: PPOModels, cfg: PPOConfig) -> tuple[Optimizers, lis
     """AdamW for the policy (with the shared value head) and for the separate critic; one
     schedule step per iteration."""
     policy = models.lora if models.lora is not None else models.policy
-    trained = nn.ModuleList([policy] + ([models.value_head] if models.value_head is not None else []))
+    trained = nn.ModuleList(
+        [policy] + ([models.value_head] if models.value_head is not None else []))
     policy_opt = optim.build_optimizer(trained, cfg.optim)
     critic_opt = None
     if models.critic is not None:
-        critic_opt = optim.build_optimizer(models.critic, dataclasses.replace(cfg.optim, lr=cfg.critic_lr or cfg.optim.lr))
+        critic_opt = optim.build_optimizer(models.critic,
+                                           dataclasses.replace(cfg.optim,
+                                                               lr=cfg.critic_lr or cfg.optim.lr))
     opts = Optimizers(policy_opt, critic_opt, cfg.optim.max_grad_norm,
                       models.policy.tensor_parallel)
     schedules = [optim.build_scheduler(o, cfg.optim, cfg.train.iterations) for o in opts.all()]
@@ -233,15 +251,17 @@ def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, d
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
     optimizers and their schedules; a saved model loads laid out over `dims` for its role."""
     sharder, critic_sharder = laying_out("trained", dims), laying_out("critic", dims)
-    saved = ({"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device,
-                                                                       shard=sharder))}
-             if models.lora is None else {"policy_adapter": adapters.saved_adapter(models.lora)})
+    saved = (
+        {"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device,
+                                                                  shard=sharder))}
+        if models.lora is None else {"policy_adapter": adapters.saved_adapter(models.lora)})
     small = {}
     if isinstance(models.critic, LoRACritic):
         saved["critic_adapter"] = adapters.saved_adapter(models.critic.lora)
     elif models.critic is not None:
-        saved["critic"] = SavedModel(models.critic, lambda d: load_value_model(d, dtype=dtype, device=device,
-                                                                               shard=critic_sharder))
+        saved["critic"] = SavedModel(models.critic,
+                                     lambda d: load_value_model(d, dtype=dtype, device=device,
+                                                                shard=critic_sharder))
     if models.value_head is not None:
         small["value_head"] = models.value_head
     return Trainables(saved, opts.all(), schedules, small)
@@ -314,7 +334,8 @@ def export_critic(cfg: PPOConfig, critic: nn.Module) -> None:
     and is merged into its trunk for final_critic/ (the run is over)."""
     final = Path(cfg.output_dir) / "final_critic"
     if isinstance(critic, LoRACritic):
-        save_adapter(critic.lora, adapters.adapter_dir(final), cfg.reward_model or cfg.policy)  # collective
+        # collective
+        save_adapter(critic.lora, adapters.adapter_dir(final), cfg.reward_model or cfg.policy)
         critic = critic.merged()
     save_value_model(critic, final)
 
@@ -354,8 +375,8 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
                                                      seed, timer, sources=batch,
                                                      share_prompts=cfg.train.shares_prefixes),
                 cfg.rollout, seed, models.ranks)
-        experience = make_rollout(models, samples, experience_settings, controllers.kl.value, controllers.moments,
-                                  timer)
+        experience = make_rollout(models, samples, experience_settings, controllers.kl.value,
+                                  controllers.moments, timer)
         scores = models.score.metrics() if models.score is not None else {}
         metrics = {**experience.metrics, **sampling_metrics, **scores,
                    "lr": schedules[0].get_last_lr()[0]}
@@ -368,12 +389,15 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
                 update = ppo_update(models, opts, rollout, update_settings, cfg.seed + it,
                                     None if ptx is None else lambda: ptx(state.ptx))
             metrics.update(update.metrics())
-            metrics["tokens_per_s_train"] = cfg.ppo.epochs * metrics["tokens"] / max(timer.seconds["train"], 1e-9)
+            metrics["tokens_per_s_train"] = cfg.ppo.epochs * metrics["tokens"] / max(
+                timer.seconds["train"], 1e-9)
             if update.updates == 0:
-                metrics.update(skipped=True, skip_reason="every minibatch had a non-finite loss or gradient")
+                metrics.update(skipped=True,
+                               skip_reason="every minibatch had a non-finite loss or gradient")
             controllers.kl.update(experience.kl, rollout.mask.shape[0] * models.ranks.size())
             controllers.save(state)
-        for s in schedules:  # after the update; a skipped iteration keeps its place in the schedule too
+        # after the update; a skipped iteration keeps its place in the schedule too
+        for s in schedules:
             optim.advance_schedule(s)
         return {**metrics, **timer.metrics()}
     return step

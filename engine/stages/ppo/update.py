@@ -31,8 +31,8 @@ from ...data.packing import pack
 from ...model.prefix_sharing import grouped_order
 from ...parallel import distributed
 from ...train import optim, runlog
-from ....kernels import (aggregation_rule, importance_weights, kl_penalty, masked_mean, ppo_policy_loss,
-                         ppo_value_loss)
+from ....kernels import (aggregation_rule, importance_weights, kl_penalty, masked_mean,
+                         ppo_policy_loss, ppo_value_loss)
 from .forwards import policy_forward
 from .models import PPOModels
 from .rollout import Rollout
@@ -78,8 +78,8 @@ class UpdateResult:
 @dataclass
 class Optimizers:
     """The policy's optimizer (and the shared value head's params) and the separate critic's;
-    tensor_parallel: the policy's engine/parallel/tensor_parallel.TensorParallel at train.tensor_parallel > 1
-    (every model on the same tensor ranks), else None."""
+    tensor_parallel: the policy's engine/parallel/tensor_parallel.TensorParallel at
+    train.tensor_parallel > 1 (every model on the same tensor ranks), else None."""
     policy: torch.optim.Optimizer
     critic: Optional[torch.optim.Optimizer]
     max_grad_norm: float
@@ -99,7 +99,8 @@ class Optimizers:
         Tensor-parallel, the sliced gradients are first averaged over the data groups (FSDP's
         reduction, whose hooks the walk bypasses)."""
         if self.tensor_parallel is not None:
-            self.tensor_parallel.average_over_data(p for o in self.all() for p in optim.parameters(o))
+            self.tensor_parallel.average_over_data(p for o in self.all()
+                                                   for p in optim.parameters(o))
         norms = optim.clip_and_step(self.all(), self.max_grad_norm, loss)
         # On one device (the policy's adapters on the GPU, an offloaded critic's norm on the CPU).
         return torch.stack([n.to(norms[0].device) for n in norms])
@@ -129,7 +130,8 @@ def microbatch_rows(seqlens: list[int], rows_per_microbatch: Optional[int],
     if tokens_per_microbatch is not None:
         return pack(seqlens, tokens_per_microbatch, "tokens_per_microbatch", shared)
     size = rows_per_microbatch or len(seqlens)
-    return [list(range(start, min(start + size, len(seqlens)))) for start in range(0, len(seqlens), size)]
+    return [list(range(start, min(start + size, len(seqlens))))
+            for start in range(0, len(seqlens), size)]
 
 
 def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
@@ -150,7 +152,8 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
     if p.is_mode == "mis":
         kept = importance_weights(batch.old_logprobs, batch.sampler_logprobs, kept, mode="mis",
                                   level=p.is_level, cap=p.is_cap, low=p.is_low, high=p.is_high)[1]
-    units = {"policy": aggregation_units(kept, p.agg), "value": aggregation_units(batch.mask, p.agg),
+    units = {"policy": aggregation_units(kept, p.agg),
+             "value": aggregation_units(batch.mask, p.agg),
              "token": batch.mask.sum(-1)}
     totals_of = {kind: _global_total(u, models.ranks) for kind, u in units.items()}
     packed = batch.packed
@@ -162,7 +165,8 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
 
     def backward(loss):
         # HSDP: a model's gradients cross the shard groups (the nodes) in its last backward of the
-        # minibatch only: the critic's (or value head's) last micro-batch, the policy's PPO-ptx if any.
+        # minibatch only: the critic's (or value head's) last micro-batch, the policy's PPO-ptx if
+        # any.
         last = next(left) == 0
         for model in (models.critic, models.value_head):
             if model is not None:
@@ -178,11 +182,14 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
         micro, pick = batch, None
         if len(micros) > 1:
             micro, pick = batch.rows(rows), torch.tensor(rows, device=batch.mask.device)
-        # A micro-batch's share of the global minibatch's units (1 for the sums, which add up as they are).
-        weights = {kind: 1.0 if u is None else (u if pick is None else u.index_select(0, pick)).sum() / totals_of[kind]
+        # A micro-batch's share of the global minibatch's units (1 for the sums, which add up as
+        # they are).
+        weights = {kind: 1.0 if u is None
+                   else (u if pick is None else u.index_select(0, pick)).sum() / totals_of[kind]
                    for kind, u in units.items()}
         loss, stats = minibatch_loss(models, micro, s, weights)
-        # FSDP (or average_over_data, tensor-parallel) averages over the data ranks; the minibatch sums.
+        # FSDP (or average_over_data, tensor-parallel) averages over the data ranks; the minibatch
+        # sums.
         backward(loss)
         total_loss = total_loss + loss.detach()
         for name, value in stats.items():
@@ -219,7 +226,8 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
     return totals
 
 
-def minibatch_loss(models: PPOModels, batch: Rollout, s: UpdateSettings, weights: Optional[dict] = None):
+def minibatch_loss(models: PPOModels, batch: Rollout, s: UpdateSettings,
+                   weights: Optional[dict] = None):
     """The PPO objective on (a micro-batch of) a minibatch: (loss, stats of 0-dim tensors).
 
     weights (default 1 each): "policy" and "value" scale those losses, "token" the token-mean
@@ -229,21 +237,25 @@ def minibatch_loss(models: PPOModels, batch: Rollout, s: UpdateSettings, weights
     w = {"policy": 1.0, "value": 1.0, "token": 1.0, **(weights or {})}
     router = s.router.enabled and bool(moe_blocks(models.policy))
     with routing_trace(models.policy) if router else contextlib.nullcontext() as trace:
-        logp, entropy, values = policy_forward(models, batch.packed, s.temperature, with_entropy=p.ent_coef > 0)
+        logp, entropy, values = policy_forward(models, batch.packed, s.temperature,
+                                               with_entropy=p.ent_coef > 0)
     policy_loss, stats = ppo_policy_loss(
-        logp, batch.old_logprobs, batch.advantages, batch.mask, clip_eps=p.clip_eps, clip_eps_high=p.clip_eps_high,
-        dual_clip=p.dual_clip, agg=p.agg, loss_agg_norm=norm, ratio_level=p.ratio_level,
-        log_ratio_clamp=p.log_ratio_clamp, rollout_logprobs=batch.sampler_logprobs, is_mode=p.is_mode,
-        is_level=p.is_level, is_cap=p.is_cap, is_low=p.is_low, is_high=p.is_high)
+        logp, batch.old_logprobs, batch.advantages, batch.mask, clip_eps=p.clip_eps,
+        clip_eps_high=p.clip_eps_high, dual_clip=p.dual_clip, agg=p.agg, loss_agg_norm=norm,
+        ratio_level=p.ratio_level, log_ratio_clamp=p.log_ratio_clamp,
+        rollout_logprobs=batch.sampler_logprobs, is_mode=p.is_mode, is_level=p.is_level,
+        is_cap=p.is_cap, is_low=p.is_low, is_high=p.is_high)
     loss = w["policy"] * policy_loss
     stats = {**stats, "policy_loss": policy_loss.detach()}
     if values is not None:
-        value_loss, value_stats = ppo_value_loss(values, batch.old_values, batch.returns, batch.mask,
-                                                 clip_eps=p.vf_clip, agg=p.agg, loss_agg_norm=norm)
+        value_loss, value_stats = ppo_value_loss(values, batch.old_values, batch.returns,
+                                                 batch.mask, clip_eps=p.vf_clip, agg=p.agg,
+                                                 loss_agg_norm=norm)
         loss = loss + w["value"] * p.vf_coef * value_loss
         stats.update(value_stats, value_loss=value_loss.detach())
     if p.kl_loss_coef > 0:  # GRPO's KL term: k3 of the current policy against the reference
-        kl = masked_mean(kl_penalty(logp, batch.ref_logprobs, estimator="k3", mask=batch.mask), batch.mask)
+        kl = masked_mean(kl_penalty(logp, batch.ref_logprobs, estimator="k3", mask=batch.mask),
+                         batch.mask)
         loss = loss + p.kl_loss_coef * w["token"] * kl
         stats["kl_loss"] = kl.detach()
     if p.ent_coef > 0:
@@ -274,8 +286,8 @@ def minibatch_rule(rows: int, size: int) -> str | None:
             f"{count} minibatches of {' or '.join(map(str, sizes))} rows")
 
 
-def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: UpdateSettings, seed: int,
-               ptx_loss: Optional[Callable] = None) -> UpdateResult:
+def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: UpdateSettings,
+               seed: int, ptx_loss: Optional[Callable] = None) -> UpdateResult:
     """ppo.epochs passes of shuffled minibatch updates; a non-finite loss or gradient skips that
     update (and is counted), an approx KL past ppo.max_approx_kl ends the epochs early. ptx_loss():
     the PPO-ptx term, added to each minibatch's loss. One host sync per minibatch (its stats, norms
@@ -294,7 +306,8 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: U
             rows_of = grouped_order(order[start:end], rollout.packed.prefix_groups)
             stats = minibatch_backward(models, rollout.rows(rows_of), s, ptx_loss)
             norms = optimizers.clip_and_step(stats["loss"])
-            host = runlog.host_values({**stats, "grad_norm": norms[0], "stepped": torch.isfinite(norms).all()})
+            host = runlog.host_values(
+                {**stats, "grad_norm": norms[0], "stepped": torch.isfinite(norms).all()})
             if not host.pop("stepped"):  # the step was skipped on the device
                 skipped += 1
                 continue
@@ -307,4 +320,5 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: U
         if stop:
             break
     optimizers.zero_grad()
-    return UpdateResult(updates, skipped, epochs_done, {k: v / max(updates, 1) for k, v in totals.items()})
+    return UpdateResult(updates, skipped, epochs_done,
+                        {k: v / max(updates, 1) for k, v in totals.items()})

@@ -5,9 +5,11 @@ optimizers, schedulers and small modules) and the RNG states, taken apart for sa
 Tensor names (the keys of the checkpoint's index, the same at every world size):
     models.<part>.<state dict key>       each trained model (SFT `model`, PPO `policy`, ...)
     modules.<name>.<state dict key>      the small modules (PPO's shared value head)
-    optimizers.<i>.<parameter>.<state>   the i-th optimizer's state per parameter, the parameter named
-                                         by its qualified name under its part (`policy.model.norm.weight`),
-                                         e.g. FusedAdamW's fp32 `master`, `exp_avg`, `exp_avg_sq`, `step`
+    optimizers.<i>.<parameter>.<state>   the i-th optimizer's state per parameter, the parameter
+    named
+                                         by its qualified name under its part
+                                         (`policy.model.norm.weight`), e.g. FusedAdamW's fp32
+                                         `master`, `exp_avg`, `exp_avg_sq`, `step`
 Everything else (optimizer hyperparameters per group, the schedulers' state dicts, the loop state)
 is plain data, written as JSON.
 """
@@ -44,7 +46,8 @@ class Trainables:
 
 def module_tensors(parts: Trainables) -> dict[str, torch.Tensor]:
     """Every model's and small module's state dict under its checkpoint name. The values alias the
-    modules' own parameters and buffers (DTensors when sharded), so copying into them restores them."""
+    modules' own parameters and buffers (DTensors when sharded), so copying into them restores
+    them."""
     out = {}
     for name, model in parts.models.items():
         out.update({f"models.{name}.{k}": v for k, v in model.module.state_dict().items()})
@@ -55,11 +58,13 @@ def module_tensors(parts: Trainables) -> dict[str, torch.Tensor]:
 
 def parameter_names(parts: Trainables) -> dict[int, str]:
     """id(parameter) -> its qualified name under its part: the same name at every world size."""
-    holder = nn.ModuleDict({**{name: m.module for name, m in parts.models.items()}, **parts.small_modules})
+    holder = nn.ModuleDict(
+        {**{name: m.module for name, m in parts.models.items()}, **parts.small_modules})
     return {id(p): name for name, p in holder.named_parameters()}
 
 
-def optimizer_parameters(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[list[str]]:
+def optimizer_parameters(optimizer: torch.optim.Optimizer,
+                         names: dict[int, str]) -> list[list[str]]:
     """The names of each group's parameters, in the optimizer's order."""
     try:
         return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
@@ -77,7 +82,8 @@ def trainer_state(parts: Trainables) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = module_tensors(parts)
     names = parameter_names(parts)
     optimizers = [named_optimizer_state(i, optimizer.state_dict(),
-                                        [n for group in optimizer_parameters(optimizer, names) for n in group], tensors)
+                                        [n for group in optimizer_parameters(optimizer, names)
+                                         for n in group], tensors)
                   for i, optimizer in enumerate(parts.optimizers)]
     data = {"models": sorted(parts.models), "modules": sorted(parts.small_modules),
             "optimizers": optimizers, "schedulers": [s.state_dict() for s in parts.schedulers],
@@ -87,11 +93,14 @@ def trainer_state(parts: Trainables) -> tuple[dict[str, torch.Tensor], dict]:
 
 def row_layouts(parts: Trainables) -> dict[str, int]:
     """{model: T} of the models whose packed projections (q/k/v, gate/up) hold their rows
-    rank-interleaved for T tensor ranks (engine/parallel/tensor_parallel.py): a checkpoint's rows are only
-    read back into the same layout (the tensors' names and shapes do not show it)."""
+    rank-interleaved for T tensor ranks (engine/parallel/tensor_parallel.py): a checkpoint's rows
+    are only read back into the same layout (the tensors' names and shapes do not show it)."""
     return {name: t for name, model in parts.models.items()
-            if (t := max((m.tensor_parallel for m in model.module.modules() if isinstance(m, PackedProjection)),
-                         default=1)) > 1}
+            if (
+                t := max(
+                    (m.tensor_parallel for m in model.module.modules()
+                     if isinstance(m, PackedProjection)),
+                    default=1)) > 1}
 
 
 def named_optimizer_state(i: int, state_dict: dict, order: list[str], tensors: dict) -> dict:
@@ -99,7 +108,9 @@ def named_optimizer_state(i: int, state_dict: dict, order: list[str], tensors: d
     parameters named by `order` (the names in group order): the plain data
     {"param_groups": [hyperparameters and "params" by name], "tensor_state": {param: [state keys]},
     "value_state": {param: {key: value}}}; its state tensors are added to `tensors`."""
-    name_of = dict(zip((p for group in state_dict["param_groups"] for p in group["params"]), order, strict=True))
+    name_of = dict(
+        zip((p for group in state_dict["param_groups"] for p in group["params"]), order,
+            strict=True))
     tensor_state, value_state = {}, {}
     for position, state in state_dict["state"].items():
         param = name_of[position]
@@ -109,8 +120,10 @@ def named_optimizer_state(i: int, state_dict: dict, order: list[str], tensors: d
                 tensor_state.setdefault(param, []).append(key)
             else:
                 value_state.setdefault(param, {})[key] = value
-    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [name_of[p] for p in group["params"]]}
-              for group in state_dict["param_groups"]]
+    groups = [
+        {**{k: v for k, v in group.items() if k != "params"},
+         "params": [name_of[p] for p in group["params"]]}
+        for group in state_dict["param_groups"]]
     return {"param_groups": groups, "tensor_state": tensor_state, "value_state": value_state}
 
 
@@ -150,7 +163,8 @@ def check_rng_state(where, tensors: dict, python) -> None:
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], python: list) -> None:
-    """Restore what `rng_state` returned (CUDA states only where CUDA is, for as many devices as both have)."""
+    """Restore what `rng_state` returned (CUDA states only where CUDA is, for as many devices as
+    both have)."""
     version, internal, gauss_next = python
     random.setstate((version, tuple(internal), gauss_next))
     torch.set_rng_state(tensors["rng.torch"])

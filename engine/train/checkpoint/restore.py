@@ -33,7 +33,8 @@ class Source:
     """A checkpoint opened for loading, whatever its layout.
     index: {tensor name: {"dtype": name, "shape": [...]}}; read(name, offsets, sizes) -> that box of
     the tensor (CPU); data: {"models", "modules", "optimizers", "schedulers", "loop"} as
-    parts.trainer_state describes them; rng(rank) -> (RNG tensors, python RNG state) of that rank."""
+    parts.trainer_state describes them; rng(rank) -> (RNG tensors, python RNG state) of that
+    rank."""
     path: Path
     index: dict
     read: Callable[[str, list, list], torch.Tensor]
@@ -42,12 +43,14 @@ class Source:
 
 
 def mismatch(path: Path, what: str) -> CheckpointMismatch:
-    return CheckpointMismatch(f"checkpoint {path} does not fit this run: {what}; resume with the model and "
-                              "options it was written with, or start a new run in another output_dir")
+    return CheckpointMismatch(
+        f"checkpoint {path} does not fit this run: {what}; resume with the model and "
+        "options it was written with, or start a new run in another output_dir")
 
 
 def check_parts(path: Path, parts: Trainables, models: list, modules: list) -> None:
-    """CheckpointMismatch unless the checkpoint's `models` and `modules` (names, sorted) are the run's."""
+    """CheckpointMismatch unless the checkpoint's `models` and `modules` (names, sorted) are the
+    run's."""
     for kind, there, here in (("models", models, sorted(parts.models)),
                               ("modules", modules, sorted(parts.small_modules))):
         if list(there) != here:
@@ -55,30 +58,39 @@ def check_parts(path: Path, parts: Trainables, models: list, modules: list) -> N
 
 
 def _check_tensors(source: Source, targets: dict[str, torch.Tensor]) -> None:
-    """Every model and module tensor of the run is in the checkpoint with its shape and dtype, and no other."""
+    """Every model and module tensor of the run is in the checkpoint with its shape and dtype, and
+    no other."""
     for name, tensor in targets.items():
         entry = source.index.get(name)
         if entry is None:
             raise mismatch(source.path, f"tensor {name} of this run is not in it")
         if entry["shape"] != list(tensor.shape):
-            raise mismatch(source.path, f"tensor {name} has shape {entry['shape']} there, {list(tensor.shape)} here")
+            raise mismatch(source.path,
+                           f"tensor {name} has shape {entry['shape']} there, {list(tensor.shape)} "
+                           "here")
         if entry["dtype"] != dtype_name(tensor.dtype):
-            raise mismatch(source.path, f"tensor {name} is {entry['dtype']} there, {dtype_name(tensor.dtype)} here")
+            raise mismatch(source.path,
+                           f"tensor {name} is {entry['dtype']} there, {dtype_name(tensor.dtype)} "
+                           "here")
     held = sorted(n for n in source.index if n.startswith(("models.", "modules.")))
     extra = [n for n in held if n not in targets]
     if extra:
-        raise mismatch(source.path, f"it holds tensor {extra[0]}, which this run lacks ({len(held)} model "
-                                    f"tensors there, {len(targets)} here)")
+        raise mismatch(source.path,
+                       f"it holds tensor {extra[0]}, which this run lacks ({len(held)} model "
+                       f"tensors there, {len(targets)} here)")
 
 
 def _check_groups(path: Path, i: int, there: list[list[str]], here: list[list[str]]) -> None:
     if len(there) != len(here):
-        raise mismatch(path, f"optimizer {i} has {len(there)} parameter groups there, {len(here)} here")
+        raise mismatch(path,
+                       f"optimizer {i} has {len(there)} parameter groups there, {len(here)} here")
     for g, (a, b) in enumerate(zip(there, here)):
         if a != b:
             first = next((x, y) for x, y in zip(a + [None], b + [None]) if x != y)
-            raise mismatch(path, f"optimizer {i} group {g} trains {len(a)} parameters there, {len(b)} here "
-                                 f"(first difference: {first[0]} there, {first[1]} here)")
+            raise mismatch(path,
+                           f"optimizer {i} group {g} trains {len(a)} parameters there, {len(b)} "
+                           "here "
+                           f"(first difference: {first[0]} there, {first[1]} here)")
 
 
 def _optimizer_plan(source: Source, parts: Trainables) -> list[dict]:
@@ -86,7 +98,8 @@ def _optimizer_plan(source: Source, parts: Trainables) -> list[dict]:
     it), with empty tensors shaped and sharded like their parameters, to be filled; checks first."""
     saved = source.data["optimizers"]
     if len(saved) != len(parts.optimizers):
-        raise mismatch(source.path, f"it holds {len(saved)} optimizers, this run {len(parts.optimizers)}")
+        raise mismatch(source.path,
+                       f"it holds {len(saved)} optimizers, this run {len(parts.optimizers)}")
     names = parameter_names(parts)
     plans = []
     for i, (optimizer, entry) in enumerate(zip(parts.optimizers, saved)):
@@ -103,9 +116,12 @@ def _optimizer_plan(source: Source, parts: Trainables) -> list[dict]:
                 state[position] = own
         param_groups, start = [], 0
         for group, current in zip(entry["param_groups"], optimizer.param_groups):
-            # JSON has no tuples: a value that is a tuple in the run's group (AdamW's betas) is one again.
-            hyper = {k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in group.items() if k != "params"}
-            param_groups.append({**hyper, "params": list(range(start, start + len(group["params"])))})
+            # JSON has no tuples: a value that is a tuple in the run's group (AdamW's betas) is one
+            # again.
+            hyper = {k: tuple(v) if isinstance(current.get(k), tuple) else v
+                     for k, v in group.items() if k != "params"}
+            param_groups.append(
+                {**hyper, "params": list(range(start, start + len(group["params"])))})
             start += len(group["params"])
         plans.append({"state": state, "param_groups": param_groups})
     return plans
@@ -116,20 +132,23 @@ def _state_tensor(source: Source, name: str, param: torch.Tensor) -> torch.Tenso
     shape (moments, masters), else a plain one on the parameter's device (a 0-dim step)."""
     entry = source.index.get(name)
     if entry is None:
-        raise CorruptDirectory(f"{source.path}: optimizer state {name} is listed but not in the index")
+        raise CorruptDirectory(
+            f"{source.path}: optimizer state {name} is listed but not in the index")
     dtype = DTYPES[entry["dtype"]]
     if entry["shape"] == list(param.shape):
         return torch.empty_like(param, dtype=dtype)
     if entry["shape"] == []:
         return torch.empty((), dtype=dtype, device=local_chunk(param)[0].device)
-    raise mismatch(source.path, f"optimizer state {name} has shape {entry['shape']} there, its parameter "
-                                f"{list(param.shape)} here")
+    raise mismatch(source.path,
+                   f"optimizer state {name} has shape {entry['shape']} there, its parameter "
+                   f"{list(param.shape)} here")
 
 
 def _check_schedulers(source: Source, parts: Trainables) -> None:
     saved = source.data["schedulers"]
     if len(saved) != len(parts.schedulers):
-        raise mismatch(source.path, f"it holds {len(saved)} schedulers, this run {len(parts.schedulers)}")
+        raise mismatch(source.path,
+                       f"it holds {len(saved)} schedulers, this run {len(parts.schedulers)}")
     for i, (scheduler, state) in enumerate(zip(parts.schedulers, saved)):
         if sorted(state) != sorted(scheduler.state_dict()):
             raise mismatch(source.path, f"scheduler {i} has the fields {sorted(state)} there, "
@@ -138,7 +157,8 @@ def _check_schedulers(source: Source, parts: Trainables) -> None:
 
 @torch.no_grad()
 def _fill(source: Source, name: str, tensor: torch.Tensor) -> None:
-    """Copy this rank's box of checkpoint tensor `name` into `tensor` (its local shard when sharded)."""
+    """Copy this rank's box of checkpoint tensor `name` into `tensor` (its local shard when
+    sharded)."""
     local, offsets = local_chunk(tensor)
     local.copy_(source.read(name, offsets, list(local.shape)))
 
@@ -153,11 +173,14 @@ def restore(source: Source, parts: Trainables,
     if check_loop is not None:
         check_loop(source.path, source.data.get("loop"))
     check_parts(source.path, parts, source.data["models"], source.data["modules"])
-    there, here = source.data.get("row_layouts", {}), row_layouts(parts)  # older checkpoints: every model T=1
+    # older checkpoints: every model T=1
+    there, here = source.data.get("row_layouts", {}), row_layouts(parts)
     for name in parts.models:
         if there.get(name, 1) != here.get(name, 1):
-            raise mismatch(source.path, f"its {name} rows are laid out for train.tensor_parallel={there.get(name, 1)}, "
-                                        f"this run's for {here.get(name, 1)}")
+            raise mismatch(source.path,
+                           f"its {name} rows are laid out for "
+                           f"train.tensor_parallel={there.get(name, 1)}, this run's for "
+                           f"{here.get(name, 1)}")
     targets = module_tensors(parts)
     _check_tensors(source, targets)
     plans = _optimizer_plan(source, parts)
@@ -167,7 +190,8 @@ def restore(source: Source, parts: Trainables,
     for name, tensor in targets.items():
         _fill(source, name, tensor)
     for i, (optimizer, plan) in enumerate(zip(parts.optimizers, plans)):
-        order = [name for group in source.data["optimizers"][i]["param_groups"] for name in group["params"]]
+        order = [name for group in source.data["optimizers"][i]["param_groups"]
+                 for name in group["params"]]
         for position, state in plan["state"].items():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):

@@ -6,9 +6,9 @@ A piece ("chunk") is a box of a tensor: `offsets` and `sizes` per dimension, in 
 `rank-RRRRR.safetensors` under the tensor's name. A sharded (DTensor) tensor contributes each rank's
 local shard; a plain tensor is one whole chunk. A chunk several ranks hold alike (replicated LoRA
 adapters, optimizer step counters, an HSDP replica) is written once, by the lowest of those ranks.
-A rank's file also holds its own RNG states (tensors not in the index; python's in the file's metadata).
-Reading takes any box of a tensor from the chunks that overlap it (`ShardReader.read`), so a rank
-reads only the rows its own shard needs.
+A rank's file also holds its own RNG states (tensors not in the index; python's in the file's
+metadata). Reading takes any box of a tensor from the chunks that overlap it (`ShardReader.read`),
+so a rank reads only the rows its own shard needs.
 """
 from __future__ import annotations
 
@@ -23,14 +23,15 @@ from safetensors.torch import save_file
 
 from ...durable import CorruptDirectory
 from ...parallel import distributed
-from ...model.weight_map import local_box as local_chunk  # (piece, offsets): a DTensor's shard, a plain tensor whole
+# (piece, offsets): a DTensor's shard, a plain tensor whole
+from ...model.weight_map import local_box as local_chunk
 
 _FILE = re.compile(r"rank-\d{5}\.safetensors")
 PYTHON_RNG = "python_rng"  # the metadata key of a rank file holding python's RNG state (JSON)
 # The dtypes a checkpoint may hold, by the name the index records.
 DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-    torch.int8, torch.uint8, torch.bool)}
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool)}
 
 
 def rank_file(rank: int) -> str:
@@ -40,7 +41,8 @@ def rank_file(rank: int) -> str:
 def dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES:
-        raise TypeError(f"a checkpoint cannot hold {dtype} tensors; expected one of {sorted(DTYPES)}")
+        raise TypeError(
+            f"a checkpoint cannot hold {dtype} tensors; expected one of {sorted(DTYPES)}")
     return name
 
 
@@ -58,16 +60,20 @@ def write_shards(directory: Path, tensors: dict[str, torch.Tensor], own: dict[st
         for name, (dtype, shape, offsets, sizes) in chunks.items():
             entry = index.setdefault(name, {"dtype": dtype, "shape": shape, "chunks": []})
             if (entry["dtype"], entry["shape"]) != (dtype, shape):
-                raise RuntimeError(f"ranks disagree on tensor {name!r}: {entry['dtype']} {entry['shape']} "
-                                   f"and {dtype} {shape} on rank {rank}")
+                raise RuntimeError(
+                    f"ranks disagree on tensor {name!r}: {entry['dtype']} {entry['shape']} "
+                    f"and {dtype} {shape} on rank {rank}")
             empty = math.prod(sizes) == 0 and math.prod(shape) != 0
-            if empty or any(c["offsets"] == offsets and c["sizes"] == sizes for c in entry["chunks"]):
+            if (empty
+                or any(c["offsets"] == offsets and c["sizes"] == sizes for c in entry["chunks"])):
                 continue
             entry["chunks"].append({"file": rank_file(rank), "offsets": offsets, "sizes": sizes})
             if rank == distributed.rank():
                 writes.add(name)
-    # Copies: safetensors refuses tensors sharing memory (tied weights), and device tensors come to the host.
-    payload = {name: held[name][0].detach().to("cpu", copy=True).contiguous() for name in sorted(writes)}
+    # Copies: safetensors refuses tensors sharing memory (tied weights), and device tensors come to
+    # the host.
+    payload = {name: held[name][0].detach().to("cpu", copy=True).contiguous()
+               for name in sorted(writes)}
     payload.update({name: t.detach().to("cpu", copy=True).contiguous() for name, t in own.items()})
     save_file(payload, str(directory / rank_file(distributed.rank())),
               metadata={PYTHON_RNG: json.dumps(python_rng)})
@@ -88,7 +94,8 @@ def check_index(index: dict, where: Path) -> None:
             boxes = []
             for c in chunks:
                 offsets, sizes = c["offsets"], c["sizes"]
-                if not _FILE.fullmatch(c["file"]) or len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+                if not _FILE.fullmatch(c["file"]) or len(offsets) != len(shape) or len(
+                    sizes) != len(shape) or any(
                         type(x) is not int for x in [*offsets, *sizes, *shape]) or any(
                         o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)):
                     raise ValueError(f"chunk {c}")
@@ -96,7 +103,8 @@ def check_index(index: dict, where: Path) -> None:
             if sum(math.prod(s) for _, s in boxes) != math.prod(shape):
                 raise ValueError(f"chunks {chunks} do not tile shape {shape}")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise CorruptDirectory(f"{where}: tensor {name!r} has an unreadable index entry ({e})") from None
+        raise CorruptDirectory(
+            f"{where}: tensor {name!r} has an unreadable index entry ({e})") from None
 
 
 def _overlap(a, b) -> list | None:
@@ -117,9 +125,11 @@ class ShardReader:
     def _open(self, file: str):
         if file not in self._files:
             try:
-                self._files[file] = safe_open(str(self.directory / file), framework="pt", device="cpu")
+                self._files[file] = safe_open(str(self.directory / file), framework="pt",
+                                              device="cpu")
             except (SafetensorError, OSError) as e:
-                raise CorruptDirectory(f"{self.directory / file}: not a readable safetensors file ({e})") from None
+                raise CorruptDirectory(
+                    f"{self.directory / file}: not a readable safetensors file ({e})") from None
         return self._files[file]
 
     def read(self, name: str, offsets: list[int], sizes: list[int]) -> torch.Tensor:
@@ -127,32 +137,40 @@ class ShardReader:
         entry = self.index[name]
         out = torch.empty(sizes, dtype=DTYPES[entry["dtype"]])
         found = [(chunk, box) for chunk in entry["chunks"]
-                 if (box := _overlap((offsets, sizes), (chunk["offsets"], chunk["sizes"]))) is not None]
-        # The chunks in this box must fill it without overlapping (a few per box: no quadratic cost).
+                 if (
+                     box := _overlap((offsets, sizes),
+                                     (chunk["offsets"], chunk["sizes"]))) is not None]
+        # The chunks in this box must fill it without overlapping (a few per box: no quadratic
+        # cost).
         boxes = [([lo for lo, _ in box], [hi - lo for lo, hi in box]) for _, box in found]
         if sum(math.prod(s) for _, s in boxes) != math.prod(sizes) or any(
                 _overlap(a, b) is not None for i, a in enumerate(boxes) for b in boxes[i + 1:]):
-            raise CorruptDirectory(f"{self.directory}: the chunks of tensor {name!r} do not tile it")
+            raise CorruptDirectory(
+                f"{self.directory}: the chunks of tensor {name!r} do not tile it")
         for chunk, box in found:
             piece = self._open(chunk["file"]).get_slice(name)
             if list(piece.get_shape()) != chunk["sizes"]:
-                raise CorruptDirectory(f"{self.directory / chunk['file']}: tensor {name!r} has shape "
-                                       f"{piece.get_shape()}, the index says {chunk['sizes']}")
+                raise CorruptDirectory(
+                    f"{self.directory / chunk['file']}: tensor {name!r} has shape "
+                    f"{piece.get_shape()}, the index says {chunk['sizes']}")
             source = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, chunk["offsets"]))
             target = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, offsets))
             values = piece[source] if source else self._open(chunk["file"]).get_tensor(name)
             if values.dtype != out.dtype:
-                raise CorruptDirectory(f"{self.directory / chunk['file']}: tensor {name!r} is {values.dtype}, "
-                                       f"the index says {out.dtype}")
+                raise CorruptDirectory(
+                    f"{self.directory / chunk['file']}: tensor {name!r} is {values.dtype}, "
+                    f"the index says {out.dtype}")
             out[target] = values
         return out
 
     def own(self, rank: int) -> tuple[dict[str, torch.Tensor], list]:
-        """The RNG states rank `rank` wrote (rank 0's for a rank with no file: fewer ranks wrote it)."""
+        """The RNG states rank `rank` wrote (rank 0's for a rank with no file: fewer ranks wrote
+        it)."""
         file = rank_file(rank) if (self.directory / rank_file(rank)).is_file() else rank_file(0)
         handle = self._open(file)
         try:
             python = json.loads(handle.metadata()[PYTHON_RNG])
         except (KeyError, TypeError, ValueError) as e:
-            raise CorruptDirectory(f"{self.directory / file}: no readable {PYTHON_RNG} metadata ({e})") from None
+            raise CorruptDirectory(
+                f"{self.directory / file}: no readable {PYTHON_RNG} metadata ({e})") from None
         return {k: handle.get_tensor(k) for k in handle.keys() if k.startswith("rng.")}, python

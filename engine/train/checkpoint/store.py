@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ...durable import CorruptDirectory, check_finite, publish, temp_dir, verify_manifest, write_manifest
+from ...durable import (CorruptDirectory, check_finite, publish, temp_dir, verify_manifest,
+                        write_manifest)
 from ...errors import NonFiniteError, UsageError
 from ...parallel import distributed
 from .legacy import is_legacy, open_legacy
@@ -50,12 +51,14 @@ def save_checkpoint(run_dir, step: int, parts: Trainables, loop_state: dict, kee
         index = write_shards(tmp, tensors, own, python_rng)
         distributed.barrier()  # every rank's shards are written before the manifest seals them
         if distributed.is_main():
-            document = {"format": FORMAT, "version": VERSION, "world_size": distributed.world_size(),
-                        **data, "tensors": index}
-            (tmp / STATE_FILE).write_text(json.dumps(document, indent=1, allow_nan=False), encoding="utf-8")
+            document = {"format": FORMAT, "version": VERSION,
+                        "world_size": distributed.world_size(), **data, "tensors": index}
+            (tmp / STATE_FILE).write_text(json.dumps(document, indent=1, allow_nan=False),
+                                          encoding="utf-8")
             write_manifest(tmp)
             publish(tmp)
-            if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
+            # the same step saved again (e.g. a final save right after a periodic one)
+            if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
     except BaseException:
@@ -88,7 +91,8 @@ def _check_finite_data(value, what: str, where: str = "") -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise NonFiniteError(f"refusing to write {what}: {where.lstrip('.')!r} is {value} "
                              "(the run diverged; nothing was written)")
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    items = (value.items() if isinstance(value, dict) else enumerate(value)
+             if isinstance(value, (list, tuple)) else ())
     for key, item in items:
         _check_finite_data(item, what, f"{where}.{key}")
 
@@ -108,8 +112,9 @@ def _open_current(path: Path) -> Source:
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise CorruptDirectory(f"{path / STATE_FILE}: not a fusedrl checkpoint")
     if document.get("version") != VERSION:
-        raise UsageError(f"{path / STATE_FILE}: checkpoint format version {document.get('version')!r}, this "
-                         f"fusedrl reads version {VERSION}: resume with the fusedrl that wrote it")
+        raise UsageError(
+            f"{path / STATE_FILE}: checkpoint format version {document.get('version')!r}, this "
+            f"fusedrl reads version {VERSION}: resume with the fusedrl that wrote it")
     reader = ShardReader(path, document["tensors"])
     return Source(path, document["tensors"], reader.read, document, reader.own)
 
@@ -161,8 +166,11 @@ def resume(run_dir, parts: Trainables, check_loop=None) -> tuple[Path | None, di
             if not distributed.is_main():
                 continue
             aside = path.with_name(CORRUPT_PREFIX + path.name)
-            shutil.rmtree(aside, ignore_errors=True)  # an older copy of the same step set aside before
+            # an older copy of the same step set aside before
+            shutil.rmtree(aside, ignore_errors=True)
             path.rename(aside)
-            print(f"fusedrl: warning: checkpoint {path.name} is corrupt ({e}); moved to {aside.name}, "
-                  "trying the previous one", file=sys.stderr)
+            print(
+                f"fusedrl: warning: checkpoint {path.name} is corrupt ({e}); moved to "
+                f"{aside.name}, "
+                "trying the previous one", file=sys.stderr)
     return None, {}
