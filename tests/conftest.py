@@ -78,10 +78,14 @@ def pytest_collection_modifyitems(config, items):
     # against well under a second for most others. pytest-xdist hands tests out in collection order,
     # so one of them collected late runs alone after the other worker has finished: put them first
     # (a stable sort: each module's tests stay together, in their order), and the short ones fill in.
+    # Their modules' fixtures (a module-scoped run of torchrun ranks, often a minute) run once per
+    # worker that gets one of the module's tests: under `--dist loadgroup` a module's process tests
+    # are one group, on one worker, and the fixture runs once.
     seen = {}
     for item in items:
         if _starts_processes(getattr(item, "module", None), seen):
             item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     items.sort(key=lambda item: "integration" in item.keywords, reverse=True)
     if torch.cuda.is_available():
         return

@@ -140,8 +140,11 @@ class RunConfig:
     precision: Precision = option(
         "bf16-mixed (bf16 weights, fp32 master weights and moments in the optimizer) "
         "| fp32 | auto (bf16-mixed on CUDA, fp32 on CPU)", "auto")
-    gradient_checkpointing: bool = option("recompute each decoder layer in backward to save memory",
-                                          False)
+    gradient_checkpointing: bool | str = option(
+        "recompute each decoder layer in backward to save memory: true, false, or auto: on CUDA on "
+        "where the run's memory plan (`fusedrl plan`) does not fit without it (or its KV pool "
+        "holds less than one group of full-length answers), and with train.activation_offload; off "
+        "on the CPU", "auto")
     activation_offload: bool = option(
         "with train.gradient_checkpointing: each layer's saved input and residual rest in (pinned) "
         "CPU memory from the forward to the backward, copied back one layer ahead (prefetched on "
@@ -215,11 +218,22 @@ class RunConfig:
         "on CUDA, refuse at start a run whose memory plan (`fusedrl plan`) does not fit "
         "the GPUs", True)
 
+    def checkpointing(self) -> bool:
+        """gradient_checkpointing as a model takes it. A run's start resolves auto by its memory
+        plan (engine/plan/check.py:startup_check); auto still unresolved here (a model built
+        outside a run) is on only with activation_offload."""
+        if self.gradient_checkpointing == "auto":
+            return self.activation_offload
+        return self.gradient_checkpointing
+
     def __post_init__(self):
         check_fields(self, "train.")
-        check(not self.activation_offload or self.gradient_checkpointing,
+        check(self.gradient_checkpointing in (True, False, "auto"),
+              "train.gradient_checkpointing must be true, false or auto, got "
+              f"{self.gradient_checkpointing!r}")
+        check(not self.activation_offload or self.gradient_checkpointing is not False,
               "train.activation_offload=true moves what checkpointed layers keep: set "
-              "train.gradient_checkpointing=true")
+              "train.gradient_checkpointing=true (or auto)")
         check(self.tensor_parallel >= 1,
               f"train.tensor_parallel must be >= 1, got {self.tensor_parallel}")
         check(self.shard_group_size >= 0,

@@ -250,6 +250,8 @@ class CausalLM(nn.Module):
     def set_recompute(self, checkpointing: bool, offload: bool = False):
         """train.gradient_checkpointing (each layer recomputed in backward) and, with it,
         train.activation_offload (the layers' saved inputs in CPU memory until the backward)."""
+        if not isinstance(checkpointing, bool):
+            raise TypeError(f"set_recompute: checkpointing={checkpointing!r}, expected a bool")
         if offload and not checkpointing:
             raise ValueError("activation offload moves what checkpointed layers keep: it needs "
                              "gradient checkpointing")

@@ -1,15 +1,18 @@
-"""The start-up check every training stage runs (its entry point passes `refuse_unfit` to
+"""The start-up check every training stage runs (its entry point passes `startup_check` to
 engine/train/run_setup.py:start_run): the parallel options' combinations
 (engine/parallel/validate.py), then the memory plan of the run on its GPUs, a run that cannot fit
-refused with one line before any model loads."""
+refused with one line before any model loads; then the options that are `auto` by the plan
+resolved for this run."""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from ..errors import UsageError
 from ..parallel.distributed import local_world_size
 from ..parallel.validate import validate
-from .planner import plan_stage
+from .planner import auto_checkpointing, plan_stage
 from .report import refusal
 
 
@@ -24,3 +27,12 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
     plan = plan_stage(cfg, gpus, total, gpus_per_node=local_world_size())
     if not plan.fits:
         raise UsageError(refusal(plan))
+
+
+def startup_check(cfg, device: torch.device, gpus: int):
+    """refuse_unfit, then `cfg` as the run runs it: train.gradient_checkpointing=auto resolved
+    (planner.auto_checkpointing) to true or false."""
+    refuse_unfit(cfg, device, gpus)
+    on = auto_checkpointing(cfg, device, gpus, local_world_size())
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                              gradient_checkpointing=on))

@@ -297,7 +297,7 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part],
     shared_keys: keys gathered per token by prefix sharing; at C > 1 a context rank's
     (context_share)."""
     tokens, shared_keys = context_share(s.cfg.train.context_parallel, tokens, shared_keys)
-    elem, ckpt = _elem(s), s.cfg.train.gradient_checkpointing
+    elem, ckpt = _elem(s), s.cfg.train.checkpointing()
     offload = getattr(s.cfg.train, "activation_offload", False)
     grads = grad_bytes(s)
     unsharded_grads = 0

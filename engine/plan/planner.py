@@ -6,6 +6,7 @@ no GPU. The precision is the one a CUDA run resolves (train.precision auto -> bf
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, devi
     changes of `advice` too (a few more plans)."""
     if gpus < 1:
         raise ValueError(f"--gpus={gpus}: expected at least 1")
+    if cfg.train.gradient_checkpointing == "auto":
+        return _plan_auto_checkpointing(cfg, gpus, gpu_memory, rules, device, advise, gpus_per_node)
     s = stage_setup(cfg, gpus, rules, device, gpus_per_node, gpu_memory)
     policy = s.parts[0].config
     check_tensor_parallel(cfg.train.tensor_parallel, gpus, policy, option="train.tensor_parallel")
@@ -77,6 +80,55 @@ def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, devi
     elif pool is not None:
         plan.notes = [note for note in (pool.problem(), pool.warning()) if note]
     return plan
+
+
+def _plan_auto_checkpointing(cfg, gpus, gpu_memory, rules, device, advise, gpus_per_node):
+    """plan_stage of `cfg` with train.gradient_checkpointing=auto resolved (auto_checkpointing's
+    rule): off where the run fits without it, else on; the plan's first note says which."""
+    def plan(on: bool, advise: bool = advise) -> MemoryPlan:
+        resolved = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, gradient_checkpointing=on))
+        return plan_stage(resolved, gpus, gpu_memory, rules, device, advise, gpus_per_node)
+    if torch.device(device).type != "cuda" or cfg.train.activation_offload:
+        on = cfg.train.activation_offload
+        chosen = plan(on)
+        chosen.notes.insert(0, f"train.gradient_checkpointing=auto: {'on' if on else 'off'} "
+                               f"({'with train.activation_offload' if on else 'off CUDA'})")
+        return chosen
+    off = plan(False, advise=False)  # a plan that fits has no advice to give
+    if roomy(off):
+        off.notes.insert(0, "train.gradient_checkpointing=auto: off (the run fits without it)")
+        return off
+    chosen = plan(True)
+    if off.fits:  # roomy's other rule: the pool beside the unrecomputed activations
+        why = (f"the KV pool would hold {off.kv_pool.sequences} full-length sequences, fewer "
+               f"than one group of {off.kv_pool.group}")
+    else:
+        why = (f"peak {format_bytes(off.peak)} in {off.peak_phase}, over "
+               f"{format_bytes(gpu_memory)}")
+    chosen.notes.insert(0, f"train.gradient_checkpointing=auto: on (without it: {why})")
+    return chosen
+
+
+def roomy(plan: MemoryPlan) -> bool:
+    """The plan fits, and an auto KV pool (where there is one) holds at least one group of
+    full-length sequences at once: recomputing layers costs less than decoding a group in turns."""
+    return plan.fits and (plan.kv_pool is None or plan.kv_pool.warning() is None)
+
+
+def auto_checkpointing(cfg, device: torch.device, gpus: int, gpus_per_node: int) -> bool:
+    """train.gradient_checkpointing resolved for a run on `gpus` GPUs like `device`: as given, or
+    for auto, by the run's plan on CUDA (on where it does not fit without it, or where the KV pool
+    would hold less than one group) and off on the CPU (on with train.activation_offload)."""
+    option = cfg.train.gradient_checkpointing
+    if option != "auto":
+        return option
+    if device.type != "cuda" or cfg.train.activation_offload:
+        return bool(cfg.train.activation_offload)
+    total = torch.cuda.get_device_properties(device).total_memory
+    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                             gradient_checkpointing=False))
+    return not roomy(plan_stage(off, gpus, total, advise=False, gpus_per_node=gpus_per_node))
 
 
 def with_overrides(cfg, overrides: list[str]):

@@ -36,7 +36,7 @@ from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
 from ..parallel.layout import laying_out
-from ..plan.check import refuse_unfit
+from ..plan.check import startup_check
 from ..train.supervised import Stage, check_context, train
 from .sft import target_nll_sum
 
@@ -142,7 +142,8 @@ def run_rm(cfg: RMConfig, dataset=None, eval_dataset=None) -> Path:
     eval_dataset: datasets.Dataset objects read instead of cfg.data.train_file and
     cfg.data.eval_file."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="rm", config=cfg,
-                    check=refuse_unfit)
+                    check=startup_check)
+    cfg = run.config  # train.gradient_checkpointing=auto resolved
     check_context(cfg.data, run.configs["model"].max_model_len)
     device, tokenizer = run.device, run.tokenizer
     examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed, dataset, eval_dataset)

@@ -19,7 +19,7 @@ from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..parallel.context_parallel import shard_logprobs
 from ..parallel.layout import laying_out
-from ..plan.check import refuse_unfit
+from ..plan.check import startup_check
 from ..train.router_losses import with_router_losses
 from ..train.supervised import Stage, check_context, train
 
@@ -72,7 +72,8 @@ def run_sft(cfg: SFTConfig, dataset=None, eval_dataset=None) -> Path:
     adapters merged into it, and themselves in RUN_DIR/final_adapter). dataset, eval_dataset:
     datasets.Dataset objects read instead of cfg.data.train_file and cfg.data.eval_file."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="sft", config=cfg,
-                    check=refuse_unfit)
+                    check=startup_check)
+    cfg = run.config  # train.gradient_checkpointing=auto resolved
     check_context(cfg.data, run.configs["model"].max_model_len)
     examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed, dataset, eval_dataset)
     sharder = laying_out("adapted" if cfg.lora.enabled else "trained", run.dims)

@@ -37,6 +37,7 @@ class RunContext:
     tokenizer: object
     configs: dict            # {option: ModelConfig} of the model directories checked
     dims: ParallelDims       # the job's parallel layout (engine/parallel/dims.py)
+    config: object = None    # the stage's config as the run runs it (`check`'s, auto resolved)
 
 
 def resolve_device(name: str | None, option: str = "train.device") -> torch.device:
@@ -91,10 +92,10 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
     the run's), `files` {option: input file or None}, output_dir (engine/path_checks.py), the
     models' config.json and the device of `options`. Then join torchrun's process group when
     launched by it (a bare `cuda` becomes this rank's GPU, cuda:LOCAL_RANK); `config`, the stage's
-    whole config, is then checked by `check(config, device, world size)` (the stage's start-up
-    refusals: engine/plan/check.py), before any model loads and before the job's parallel dims
-    (`RunContext.dims`) are built from `options`; load the tokenizer (run_tokenizer); then take
-    output_dir for the stage `kind`
+    whole config, is then checked by `check(config, device, world size)`, which returns it as the
+    run runs it (the stage's start-up refusals and auto options: engine/plan/check.py), before any
+    model loads and before the job's parallel dims (`RunContext.dims`) are built from `options`;
+    load the tokenizer (run_tokenizer); then take output_dir for the stage `kind`
     (claim_output_dir; the stage's entry point releases it: run_dir.releases_output_dir) and seed
     python's and torch's RNGs with `seed` (the same on every rank: models are built identically
     before sharding)."""
@@ -106,7 +107,7 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
     if device.type == "cuda" and device.index is None and distributed.world_size() > 1:
         device = torch.device("cuda", distributed.local_rank())
     if check is not None:
-        check(config, device, distributed.world_size())
+        config = check(config, device, distributed.world_size())
     check_models(options, distributed.world_size(), configs)
     dims = ParallelDims.from_train(options, distributed.world_size(), device.type)
     tokenizer = run_tokenizer(*next(iter(models.items())))
@@ -115,7 +116,7 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
     random.seed(seed)
     torch.manual_seed(seed)
     dtype = param_dtype(resolve_precision(options.precision, device))
-    return RunContext(device, dtype, tokenizer, configs, dims)
+    return RunContext(device, dtype, tokenizer, configs, dims, config)
 
 
 _PROBE = "hello world 0123456789"  # letters, digits, a space: a real vocabulary has some

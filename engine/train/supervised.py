@@ -259,7 +259,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device,
     heads = list(lora.heads.values()) if lora is not None else []
     layout(model, "trained" if lora is None else "adapted", dims, heads)
     model.train()
-    model.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
+    model.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
     steps = total_steps(train_ex, cfg)
     optimizer = optim.build_optimizer(model if lora is None else lora, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.optim, steps)

@@ -40,8 +40,7 @@ def test_quick_grpo_run_against_trls_grpo_trainer(tmp_path):
     """GRPO, critic-free with the verifiable reward function: groups of 4 on the quick shape, the
     same fixed-length work on both sides, one generation per iteration on TRL's. (Ours off the
     interpreter: the kernels' paths are the PPO test's.)"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    sides, payload = run_quick(tmp_path, "--algo", "grpo", env=env)
+    sides, payload = run_quick(tmp_path, "--algo", "grpo", env=off_the_interpreter())
     shape = payload["shape"]
     assert payload["algo"] == "grpo" and shape["samples"] == 4
     for side in sides:
@@ -53,9 +52,18 @@ def test_quick_grpo_run_against_trls_grpo_trainer(tmp_path):
         assert payload["results"]["trl"]["generations"] == 2 and payload["speedup_vs_trl"] > 0
 
 
+def off_the_interpreter() -> dict:
+    """The environment without TRITON_INTERPRET: the kernels' paths are the PPO test's, and the
+    interpreter would make a side's iteration minutes."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def test_quick_lora_run_against_full_fine_tuning_and_trl_with_peft(tmp_path):
+    """LoRA adapters against full fine-tuning on our side, and TRL with PEFT (ours off the
+    interpreter, as the GRPO test)."""
     trl = importlib.util.find_spec("trl") and importlib.util.find_spec("peft")
-    sides, payload = run_quick(tmp_path, "--lora", "4", sides=["ours", "ours_lora"] + (["trl_lora"] if trl else []))
+    sides, payload = run_quick(tmp_path, "--lora", "4", env=off_the_interpreter(),
+                               sides=["ours", "ours_lora"] + (["trl_lora"] if trl else []))
     assert payload["lora"] == 4
     shape = payload["shape"]
     for side in sides:

@@ -1,5 +1,5 @@
 """The static GPU check passes (CI enforces it): every recorded Triton launch of the (quick) workload
-compiles for sm_80 and sm_90 with no spill and 128-bit main streams at aligned shapes, except the
+compiles for sm_90 with no spill and 128-bit main streams at aligned shapes, except the
 kernels listed in gpucheck.streams.ALLOWED_FAILURES (about a minute on 2 cores). The CUDA objects
 are left to `python bench/static_gpu.py --check`, whose report is committed in bench/results/;
 .ci/run also runs the Triton check under triton 3.6, the GPU image's."""
@@ -52,7 +52,9 @@ def test_a_16_bit_gemm_without_tensor_cores_fails():
 
 @pytest.mark.skipif(triton is None, reason="needs triton")
 def test_static_check_passes(capsys):
-    # The quick workload reaches every kernel (fewer vocabularies and model shapes): the suite's ~4
-    # minutes of full check were a quarter of its time; .ci/run checks the full workload under
-    # triton 3.6, the GPU image's, before the suite.
-    assert static_gpu.main(["--check", "--no-cuda", "--quick"]) == 0, capsys.readouterr().err
+    # The quick workload reaches every kernel (fewer vocabularies and model shapes), for sm_90 (the
+    # H100/H200 the GPU visits get): the suite's ~4 minutes of full check were a quarter of its
+    # time; .ci/run checks the full workload for sm_80 and sm_90 under triton 3.6, the GPU image's,
+    # before the suite.
+    assert static_gpu.main(["--check", "--no-cuda", "--quick", "--archs", "90"]) == 0, \
+        capsys.readouterr().err

@@ -53,7 +53,7 @@ from ...train.loop import RunPlan, StopTraining, run_training
 from ...run_dir import releases_output_dir
 from ...parallel.dims import ParallelDims
 from ...parallel.layout import layout, laying_out
-from ...plan.check import refuse_unfit
+from ...plan.check import startup_check
 from ...train.run_setup import start_run
 from ..rewards.combined import RewardFunctions, open_reward_functions
 from .agent_sampling import Agents, build_agents, sample_trajectories
@@ -155,7 +155,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
         raise UsageError(f"{what} with a mixture-of-experts policy and rollout.routing_replay: not "
                          "supported (a carried answer's or a later turn's routing records are not "
                          "kept); set rollout.routing_replay=false")
-    policy.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
+    policy.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
                                              shard=frozen).eval().requires_grad_(False)
@@ -211,7 +211,7 @@ def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callab
         start = "reward_model" if rm is not None else "lm"
         critic = load_value_model(cfg.reward_model or cfg.policy, dtype=dtype, device=device,
                                   shard=sharder, start=start)
-        critic.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
+        critic.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
         return critic.requires_grad_(True).train()
     if rm is not None:
         trunk, head = rm, distributed.plain(rm.score.weight.detach())
@@ -224,7 +224,7 @@ def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callab
                 "fusedrl: critic_lora without a reward model: the critic starts from the policy "
                 "and runs on a frozen copy of its weights (a second decoder in memory)",
                 file=sys.stderr)
-    trunk.set_recompute(cfg.train.gradient_checkpointing, cfg.train.activation_offload)
+    trunk.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
     return LoRACritic(trunk, head, cfg.critic_lora).train()
 
 
@@ -301,7 +301,8 @@ def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
     """run_ppo's run, scored by the open `rewards` (None: by cfg.reward_model)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
                     kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg,
-                    check=refuse_unfit)
+                    check=startup_check)
+    cfg = run.config  # train.gradient_checkpointing=auto resolved
     device, tokenizer = run.device, run.tokenizer
     agents = build_agents(cfg.rollout, tokenizer)  # tools, environment, template: before any model
     prompts, truncated = load_prompts(

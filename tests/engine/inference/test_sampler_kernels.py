@@ -79,13 +79,20 @@ CASES = {
 }
 
 
-def test_draws_follow_the_filtered_distribution():
-    dtype = torch.float32
-    n = 150  # per case (the interpreter's cost); expected counts >= 150 * 0.05 = 7.5
+def case_rows(n):
+    """Logits [n * len(CASES), 6] of PROBS and each case's parameters on n rows (distinct seeds)."""
     params = [rows(n, seed0=1000 * i, **kw) for i, (kw, _) in enumerate(CASES.values())]
     args = [torch.cat(parts) for parts in zip(*params)]
-    logits = PROBS.log().to(DEVICE, dtype)[None].expand(n * len(CASES), -1).contiguous()
-    tokens, logprobs = sample_triton(logits, *args)
+    return PROBS.log().to(DEVICE, torch.float32)[None].expand(n * len(CASES), -1).contiguous(), args
+
+
+def test_draws_follow_the_filtered_distribution():
+    """The oracle's draws follow each case's distribution (chi-square on 2,000 draws a case), and
+    the kernel draws the oracle's tokens with the exact log-probs on a share of the same rows (the
+    interpreter runs a program at a time: 30 rows a case on the CPU, all of them on a GPU)."""
+    n = 2000  # expected counts >= 2000 * 0.05 = 100
+    logits, args = case_rows(n)
+    tokens, _ = reference.sample(logits, *args)
     for i, (name, (_, expected)) in enumerate(CASES.items()):
         drawn = tokens[i * n:(i + 1) * n].cpu()
         counts = torch.bincount(drawn, minlength=6).double()
@@ -93,9 +100,18 @@ def test_draws_follow_the_filtered_distribution():
         live = expected > 0
         want = expected[live] * n
         chi2 = float(((counts[live] - want) ** 2 / want).sum())
-        assert chi2 < 25.7, f"{name}: chi-square {chi2:.1f} over {int(live.sum()) - 1} dof (p < 1e-4), {counts.tolist()}"
-        got = logprobs[i * n:(i + 1) * n].double().cpu()
-        torch.testing.assert_close(got, expected.double().log()[drawn], atol=1e-5, rtol=0)
+        assert chi2 < 25.7, (f"{name}: chi-square {chi2:.1f} over {int(live.sum()) - 1} dof "
+                             f"(p < 1e-4), {counts.tolist()}")
+    k = n if DEVICE == "cuda" else 30
+    logits, args = case_rows(k)
+    kernel_tokens, logprobs = sample_triton(logits, *args)
+    ref_tokens, _ = reference.sample(logits, *args)
+    assert torch.equal(kernel_tokens, ref_tokens)
+    for i, (name, (_, expected)) in enumerate(CASES.items()):
+        drawn = kernel_tokens[i * k:(i + 1) * k].cpu()
+        got = logprobs[i * k:(i + 1) * k].double().cpu()
+        torch.testing.assert_close(got, expected.double().log()[drawn], atol=1e-5, rtol=0,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_greedy_is_the_first_argmax_with_the_model_logprob():

@@ -57,4 +57,12 @@ def test_offloaded_layers_give_bit_identical_gradients(tmp_path, share_prompts):
 def test_offload_needs_checkpointing():
     expected = "train.activation_offload=true .* set train.gradient_checkpointing=true"
     with pytest.raises(ValueError, match=expected):
-        RunConfig(activation_offload=True)
+        RunConfig(activation_offload=True, gradient_checkpointing=False)
+    assert RunConfig(activation_offload=True).checkpointing()  # auto: on with the offload
+
+
+def test_recompute_takes_a_resolved_bool(tmp_path):
+    """An unresolved train.gradient_checkpointing=auto never reaches a model as truthy 'auto'."""
+    model = load_model(save_tiny_model(tmp_path / "m"), dtype=torch.float32)
+    with pytest.raises(TypeError, match="set_recompute: checkpointing='auto', expected a bool"):
+        model.set_recompute("auto")
