@@ -206,6 +206,12 @@ class RunConfig:
         "all-to-all within the group, the world / E groups' gradients averaged; FSDP "
         "shards the rest over every rank; SFT, PPO and GRPO (the policy; its rollouts "
         "gather the experts) for now", 1)
+    expert_capacity_factor: float = option(
+        "with train.expert_parallel > 1: > 0 sends each rank of the expert group a fixed buffer "
+        "of ceil(factor x tokens x top_k / E) rows (tokens: the group's largest forward), no host "
+        "read per layer; a buffer's rows past it are dropped (their expert output zero, counted "
+        "as expert_dropped); factor >= E drops none; 0: exact variable splits, one host read "
+        "per MoE layer", 0.0)
     dist_timeout_s: float = option(
         "under torchrun: seconds a collective waits for the other ranks before "
         "the job fails", 600.0)
@@ -244,6 +250,9 @@ class RunConfig:
               f"train.data_parallel={self.data_parallel}")
         check(self.expert_parallel >= 1,
               f"train.expert_parallel must be >= 1, got {self.expert_parallel}")
+        check(0 <= self.expert_capacity_factor < math.inf,
+              "train.expert_capacity_factor must be a finite number >= 0, got "
+              f"{self.expert_capacity_factor}")
         check(self.context_parallel >= 1,
               f"train.context_parallel must be >= 1, got {self.context_parallel}")
         check(self.dist_timeout_s > 0,

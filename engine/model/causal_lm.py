@@ -34,7 +34,7 @@ from .prefix_sharing import share_prefixes
 from .activation_offload import ActivationOffload
 from .attention import AttentionMetadata, attention_step
 from .config import ModelConfig
-from .moe import SparseMoeBlock, trace_restorer
+from .moe import SparseMoeBlock, agree_buffers, trace_restorer
 from .primitives import FORWARD, past_hooks
 
 # (layer index, q [N, H, D], k [N, Hkv, D], v [N, Hkv, D] with q and k before RoPE, the forward's
@@ -299,7 +299,10 @@ class CausalLM(nn.Module):
         backend = kernels.model_backend(x)
         angles = RotaryAngles(self.rotary, positions, x.dtype, prims.rope)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
-        # A layer recomputed in backward routes as its forward did (a routing trace's replay).
+        if self.config.moe is not None:  # fixed-capacity expert parallelism: one read a forward
+            agree_buffers(self, x.shape[0], x.device)
+        # A layer recomputed in backward routes as its forward did (a routing trace's replay) and
+        # sizes its expert-parallel buffers as it did.
         routing = trace_restorer(self) if recompute else None
         residual = None
         offload = ActivationOffload() if recompute and self.activation_offload else None

@@ -73,6 +73,8 @@ class SparseMoeBlock(nn.Module):
         self.trace: RoutingTrace | None = None  # set by routing_trace for the forwards under it
         # expert_parallel.shard_experts: this rank's experts of a process group
         self.expert_shard = None
+        # a fixed-capacity expert-parallel forward's dropped assignments [] (its latest forward's)
+        self.dropped: torch.Tensor | None = None
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits [N, E] -> (experts [N, k] int64, weights [N, k]): the scores in fp32
@@ -141,24 +143,54 @@ def replay_of(model: nn.Module, routing: torch.Tensor) -> dict[int, torch.Tensor
     return {block.layer_idx: routing[:, block.sparse_index].long() for block in moe_blocks(model)}
 
 
+def agree_buffers(model: nn.Module, tokens: int, device) -> None:
+    """Before a forward of `tokens` rows: a fixed-capacity expert-parallel model's ranks agree on
+    their buffers' size (expert_parallel.Capacity: one host read a forward, none per layer)."""
+    capacity = _capacity(moe_blocks(model))
+    if capacity is not None:
+        capacity.agree(tokens, device)
+
+
+def dropped_assignments(model: nn.Module) -> torch.Tensor | None:
+    """The (token, expert) assignments the latest forward of a fixed-capacity expert-parallel
+    `model` dropped, over its sparse layers ([] on the device); None without that layout."""
+    counts = [b.dropped for b in moe_blocks(model) if b.dropped is not None]
+    return torch.stack(counts).sum() if counts else None
+
+
 def trace_restorer(model: nn.Module):
-    """A factory of contexts that attach the trace active now (or none) to the model's MoE blocks:
-    a layer recomputed in backward, after routing_trace has exited, routes as its forward did."""
+    """A factory of contexts that attach the trace active now (or none) to the model's MoE blocks
+    and size their fixed-capacity buffers as now: a layer recomputed in backward, after
+    routing_trace has exited, routes and exchanges as its forward did."""
     blocks = moe_blocks(model)
     trace = blocks[0].trace if blocks else None
-    return lambda: _attached(blocks, trace)
+    capacity = _capacity(blocks)
+    rows = capacity.rows if capacity is not None else 0
+    return lambda: _attached(blocks, trace, capacity, rows)
+
+
+def _capacity(blocks: list[SparseMoeBlock]):
+    """The blocks' shared expert_parallel.Capacity, or None (variable splits, no sharding)."""
+    shard = next((b.expert_shard for b in blocks if b.expert_shard is not None), None)
+    return shard.capacity if shard is not None else None
 
 
 @contextlib.contextmanager
-def _attached(blocks: list[SparseMoeBlock], trace: RoutingTrace | None):
+def _attached(blocks: list[SparseMoeBlock], trace: RoutingTrace | None, capacity=None,
+              rows: int = 0):
     before = [block.trace for block in blocks]
+    kept = capacity.rows if capacity is not None else 0
     for block in blocks:
         block.trace = trace
+    if capacity is not None:
+        capacity.rows = rows
     try:
         yield
     finally:
         for block, old in zip(blocks, before):
             block.trace = old
+        if capacity is not None:
+            capacity.rows = kept
 
 
 @contextlib.contextmanager

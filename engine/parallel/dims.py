@@ -51,6 +51,7 @@ class ParallelDims:
     device_type: str = "cpu"
     optimizer_offload: bool = False
     frozen_offload: bool = False
+    expert_capacity_factor: float = 0.0  # train.expert_capacity_factor (0: variable splits)
 
     def __post_init__(self):
         product = self.data_replicate * self.data_shard * self.context * self.tensor
@@ -77,7 +78,8 @@ class ParallelDims:
             shard = shard_group_size(train.data_parallel, world, train.shard_group_size,
                                      local_world)
         return cls(world, data // shard, shard, c, t, train.expert_parallel, train.data_parallel,
-                   device_type, train.optimizer_offload, getattr(train, "frozen_offload", False))
+                   device_type, train.optimizer_offload, getattr(train, "frozen_offload", False),
+                   train.expert_capacity_factor)
 
     @classmethod
     def data_only(cls, mode: str, world: int, device_type: str,

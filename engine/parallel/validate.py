@@ -104,8 +104,14 @@ def refuse_expert_parallel(cfg, gpus: int) -> None:
     """UsageError (one line) for a train.expert_parallel E > 1 training cannot run: E not dividing
     the world size (groups of E ranks, each holding every expert once) or the experts, a
     dense model (SFT's model, PPO/GRPO's policy), beside tensor parallelism, LoRA, optimizer offload
-    or replicated data parallelism, or in the reward-model stage."""
+    or replicated data parallelism, or in the reward-model stage; train.expert_capacity_factor
+    set without it (nothing to exchange)."""
     e = getattr(cfg.train, "expert_parallel", 1)
+    factor = getattr(cfg.train, "expert_capacity_factor", 0.0)
+    if factor > 0 and e == 1:
+        raise UsageError(
+            f"train.expert_capacity_factor={factor} with train.expert_parallel=1: expected "
+            "train.expert_parallel > 1 (the factor sizes its exchange) or the factor 0")
     if e == 1:
         return
     from ..model.hf_io import load_config

@@ -14,6 +14,7 @@ from ..data.loading import load_examples
 from ..data.packing import PackedBatch, collate_sft
 from ..model.hf_io import load_model
 from ..model.lm_head import lm_head_logprobs
+from ..model.moe import dropped_assignments
 from ..train import adapters
 from ..run_dir import releases_output_dir
 from ..train.run_setup import start_run
@@ -43,14 +44,18 @@ def sft_loss(model, batch: PackedBatch, step_counts: dict):
         hidden = model.forward_packed(batch.input_ids, batch.seqlens, batch.positions,
                                       batch.cu_seqlens)  # [N, H]
         nll_sum = target_nll_sum(model, hidden, batch)
-    return nll_sum / max(step_counts["tokens"], 1), {"nll_sum": nll_sum.detach()}
+    stats = {"nll_sum": nll_sum.detach()}
+    if (dropped := dropped_assignments(model)) is not None:  # fixed-capacity expert parallelism
+        stats["expert_dropped"] = dropped
+    return nll_sum / max(step_counts["tokens"], 1), stats
 
 
 def sft_summarize(stats: dict, counts: dict) -> dict:
     loss = stats["nll_sum"] / max(counts["tokens"], 1)
-    router = {name: stats[name] for name in ("router_aux_loss", "router_z_loss") if name in stats}
+    moe = {name: stats[name] for name in ("router_aux_loss", "router_z_loss", "expert_dropped")
+           if name in stats}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "target_tokens": counts["tokens"], **router}
+            "target_tokens": counts["tokens"], **moe}
 
 
 def _batch_share(batch: PackedBatch, step_counts: dict) -> float:

@@ -1,6 +1,6 @@
 """train.expert_parallel: SFT of a tiny Qwen3-MoE with its experts sharded over 2 gloo ranks (each
-rank 4 of the 8 experts, tokens sent by all-to-all) gives one process's weights and curves with the
-same global batch, also stopped and resumed from the checkpoint that holds each rank's experts; its
+rank 4 of the 8 experts, tokens sent by all-to-all in fixed-capacity buffers that drop nothing)
+gives one process's weights and curves with the same global batch, also stopped and resumed from the checkpoint that holds each rank's experts; its
 export reloads in transformers; GRPO, each rank gathering the experts to generate its own prompts,
 equals the same 2 ranks with the experts sharded by FSDP (curves, exported weights); on 4 ranks in
 expert groups of 2 (each shard on 2 replicas) SFT equals one process too; the refusals are one line
@@ -22,6 +22,7 @@ from fusedrl.engine.parallel.validate import refuse_expert_parallel
 from fusedrl.engine.plan.phases import weight_bytes
 from fusedrl.engine.plan.planner import stage_setup
 from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, run_ranks, torchrun
 from moe_testing import make_moe_model, save_moe_base
 from test_data_parallel import assert_same_curves, assert_same_weights
@@ -32,20 +33,24 @@ def test_expert_parallel_sft_two_ranks_match_one_process(tmp_path):
     base = save_moe_base(tmp_path / "base", "qwen3_moe")
     write_jsonl(tmp_path / "train.jsonl", demonstrations(16))
 
-    def run(name, ranks, steps=2):
+    def run(name, ranks, steps=2, capacity=0.0):
         return sft_config(base, tmp_path / "train.jsonl", tmp_path / name,
                           optim={"grad_accum_steps": 2} if ranks == 1 else {},
                           train={"max_steps": steps, "device": "cpu", "precision": "fp32", "save_every": 1,
-                                 "expert_parallel": ranks, "gradient_checkpointing": ranks > 1})
+                                 "expert_parallel": ranks, "gradient_checkpointing": ranks > 1,
+                                 "expert_capacity_factor": capacity})
 
     # The 2 ranks recompute each layer in backward (its all-to-alls again, in the same order on both).
-    # Stopped after step 1 and resumed: each rank's experts and their Adam moments come back.
-    check(torchrun("sft", run("two", 2, steps=1), tmp_path))
+    # Stopped after step 1 and resumed: each rank's experts and their Adam moments come back. They
+    # exchange fixed-capacity buffers of factor 2 (= the ranks: nothing dropped, the same result;
+    # the variable splits: the other tests).
+    check(torchrun("sft", run("two", 2, steps=1, capacity=2.0), tmp_path))
     chunks = json.loads(next((tmp_path / "two" / "checkpoints").glob("step-*/checkpoint.json")).read_text())[
         "tensors"]["models.model.model.layers.1.mlp.experts.down_proj"]["chunks"]
     assert [(c["file"], c["offsets"][0], c["sizes"][0]) for c in chunks] == [
         ("rank-00000.safetensors", 0, 4), ("rank-00001.safetensors", 4, 4)]
-    check(torchrun("sft", run("two", 2), tmp_path))
+    check(torchrun("sft", run("two", 2, capacity=2.0), tmp_path))
+    assert [r.get("expert_dropped") for r in read_metrics(tmp_path / "two") if r["kind"] == "train"] == [0, 0]
     with rank_threads():
         run_sft(run("one", 1))
     assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final", rtol=1e-4)
@@ -132,3 +137,19 @@ def test_expert_parallel_refusals(tmp_path, expert_parallel, gpus, extra, messag
                        **extra)
     with pytest.raises(UsageError, match=f"train.expert_parallel={expert_parallel}: .*{message}"):
         refuse_expert_parallel(cfg, gpus)
+
+
+def test_capacity_factor_refusals(tmp_path):
+    """train.expert_capacity_factor: a finite number >= 0, read beside train.expert_parallel > 1."""
+    make_moe_model("qwen3_moe").save_pretrained(tmp_path / "moe")
+
+    def cfg(factor, experts=1):
+        return sft_config(tmp_path / "moe", tmp_path / "train.jsonl", tmp_path / "out",
+                          train={"expert_parallel": experts, "expert_capacity_factor": factor})
+
+    refuse_expert_parallel(cfg(1.5, experts=2), 2)
+    with pytest.raises(UsageError, match=r"^train.expert_capacity_factor=1.5 with train.expert_parallel=1: "
+                                         "expected train.expert_parallel > 1"):
+        refuse_expert_parallel(cfg(1.5), 2)
+    with pytest.raises(ValueError, match="train.expert_capacity_factor must be a finite number >= 0, got -1"):
+        cfg(-1)
