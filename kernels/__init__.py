@@ -26,23 +26,23 @@ else:
     from . import reference
     from .dispatch import (BACKENDS, attention_backend, backend_for, flash_attn, fused_for_model,
                            model_backend, requested_backend, triton_interpreting, use_backend)
-    from .advantages import gae
-    from .whiten import masked_whiten
-    from .statistics import (AGGS, GROUP_ESTIMATORS, IS_LEVELS, IS_MODES, SumOver, aggregation_rule,
-                             explained_variance, group_advantages, importance_weights, masked_mean,
-                             masked_moments)
-    from .kl import kl_penalty
-    from .linear_logprobs import linear_token_logprobs
-    from .ppo_loss import ppo_policy_loss, ppo_value_loss
-    from .logprobs import token_logprobs
-    from .norm import rms_norm
-    from .rotary import rope
-    from .swiglu import silu_mul
-    from .norm_linear import norm_linear
-    from .moe_permute import moe_permute, moe_unpermute
-    from .moe_gemm import grouped_linear, moe_sort
-    from .paged_attention import rope_store_decode, store_kv
-    from .sampling import SamplerWorkspace, sample, sample_triton
+    from .rl.advantages import gae
+    from .rl.whiten import masked_whiten
+    from .rl.statistics import (AGGS, GROUP_ESTIMATORS, IS_LEVELS, IS_MODES, SumOver,
+                                aggregation_rule, explained_variance, group_advantages,
+                                importance_weights, masked_mean, masked_moments)
+    from .rl.kl import kl_penalty
+    from .rl.linear_logprobs import linear_token_logprobs
+    from .rl.ppo_loss import ppo_policy_loss, ppo_value_loss
+    from .rl.logprobs import token_logprobs
+    from .model.norm import rms_norm
+    from .model.rotary import rope
+    from .model.swiglu import silu_mul
+    from .model.norm_linear import norm_linear
+    from .model.moe_permute import moe_permute, moe_unpermute
+    from .model.moe_gemm import grouped_linear, moe_sort
+    from .attention.paged import rope_store_decode, store_kv
+    from .sampling.sampler import SamplerWorkspace, sample, sample_triton
     from .invariant import exact
 
     __all__ = [

@@ -219,7 +219,7 @@ GROUPED_MM_FAST_MAJORS = (9, 10)
 def grouped_mm_path(device_type: str, dtype: torch.dtype, capability: Optional[tuple]) -> str:
     """What `grouped_gemm_path` picks for inputs of `dtype` on `device_type` (capability (major,
     minor) on CUDA): "grouped_mm" where torch's grouped_mm reads nothing on the host (the CPU; bf16
-    on sm_90/sm_100), "triton" (kernels/grouped_gemm.py) on any other GPU or dtype, whose fallback
+    on sm_90/sm_100), "triton" (model/grouped_gemm.py) on any other GPU or dtype, whose fallback
     would sync per call and fail inside CUDA-graph capture."""
     if device_type != "cuda":
         return "grouped_mm"

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import fused_for_model
-from ..norm import rms_norm
+from ..model.norm import rms_norm
 from .. import reference
-from ..rotary import rope as fused_rope
-from ..swiglu import silu_mul as fused_silu_mul
+from ..model.rotary import rope as fused_rope
+from ..model.swiglu import silu_mul as fused_silu_mul
 from . import fixed_order
 from .chunked_attention import chunked_attention
 from .fixed_tile_matmul import linear_fixed_tiles

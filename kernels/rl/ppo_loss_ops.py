@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 
 from .ppo_loss_kernels import (IS_MIS, IS_NONE, IS_TIS, N_PARTIALS, STATS, _finalize_kernel,
-                           _policy_rows_kernel, _scaled_grad_kernel, _value_rows_kernel)
-from .triton_compat import triton
+                               _policy_rows_kernel, _scaled_grad_kernel, _value_rows_kernel)
+from ..triton_compat import triton
 
 # tokens per step of a row program: 8 fp32 per thread at 4 warps (two 128-bit loads)
 BLOCK = 1024

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from . import checks, reference
-from .dispatch import fused_for_model
-from .triton_compat import tl, triton
-from .norm import rows_per_program
+from .. import checks, reference
+from ..dispatch import fused_for_model
+from ..triton_compat import tl, triton
+from ..model.norm import rows_per_program
 
 
 @triton.jit
@@ -75,7 +75,7 @@ def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping):
 @triton.jit
 def _rotated(x_ptr, row_off, d, mask, cos_ptr, sin_ptr, pos, HEAD_DIM: tl.constexpr):
     """RoPE (rotate-half) of rows at x_ptr + row_off[:, None] + d[None, :] for position `pos`, in
-    fp32 and rounded once to x's dtype, as kernels.rotary: x * cos + rotate_half(x) * sin."""
+    fp32 and rounded once to x's dtype, as model/rotary.py: x * cos + rotate_half(x) * sin."""
     half = HEAD_DIM // 2
     partner = tl.where(d < half, d + half, d - half)
     sign = tl.where(d < half, -1.0, 1.0)

@@ -1,6 +1,6 @@
 """The expert GEMMs of a mixture-of-experts layer: slots sorted by expert (`moe_sort`), then one
 grouped GEMM per projection over all experts (`grouped_linear`: torch's `F.grouped_mm` where it
-reads nothing on the host, else our Triton grouped GEMM, kernels/grouped_gemm.py; the choice is
+reads nothing on the host, else our Triton grouped GEMM, grouped_gemm.py; the choice is
 dispatch.grouped_gemm_path's).
 
 Capacity-free: every expert takes the rows routed to it, however many (zero included), and the
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import grouped_gemm_path
+from ..dispatch import grouped_gemm_path
 from .grouped_gemm import grouped_gemm
 
 

@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from . import checks, cuda_ext, reference
-from .dispatch import backend_for
+from .. import checks, cuda_ext, reference
+from ..dispatch import backend_for
 from .ppo_loss_ops import IS_MODE_IDS, policy_loss_op, value_loss_op
 from .statistics import (AGGS, IS_LEVELS, IS_MODES, importance_weights, row_weights,
                          sequence_ratio_logp)
@@ -113,7 +113,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
             "seq-mean-token-sum-norm" (the token sum / loss_agg_norm, default T; see the module
             docstring).
         ratio_level: "token" (PPO) or "sequence" (GSPO: each sequence's length-normalized ratio,
-            clipped per sequence; see kernels/statistics.py).
+            clipped per sequence; see statistics.py).
         log_ratio_clamp: logp - old_logp is clamped to +-this before exp() (gradient 0 beyond).
         rollout_logprobs: [..., T] the sampler's log-probs; with is_mode "tis" (truncated) or
             "mis" (masked, the [is_low, is_high] band) at is_level "token" or "sequence", the

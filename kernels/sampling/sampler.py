@@ -1,11 +1,11 @@
 """The split-row sampler: each row's vocabulary is cut into CHUNK-sized pieces, one Triton program
 each, and merged; no sort, no per-row histogram of the whole key range, and (but in the fallback)
 no serial search: the logits read twice. This file holds the host side (buffers, launches, the
-custom op fusedrl::sample) and the public `sample`; the kernels are in sampling_bracket.py
-(launches 1-2) and sampling_draw.py (launches 3-4), their shared pieces in sampling_bits.py.
+custom op fusedrl::sample) and the public `sample`; the kernels are in bracket.py
+(launches 1-2) and draw.py (launches 3-4), their shared pieces in bits.py.
 
 Same semantics as the torch reference `fusedrl.kernels.reference.sample` (its oracle and the "torch"
-backend; the rules are in reference_sampling.py: cuts at 16-bit order-key granularity, ties kept).
+backend; the rules are in reference/sampling.py: cuts at 16-bit order-key granularity, ties kept).
 Four launches, whatever the batch (a row's chunks run in parallel, so one row alone spreads over
 vocab / CHUNK programs):
 
@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from .dispatch import fused_for_model
-from .sampling_bracket import _chunk_stats_kernel, _merge_kernel
-from .sampling_draw import _finish_kernel, _window_kernel
-from .triton_compat import triton
+from .. import reference
+from ..dispatch import fused_for_model
+from .bracket import _chunk_stats_kernel, _merge_kernel
+from .draw import _finish_kernel, _window_kernel
+from ..triton_compat import triton
 
 # tokens per program; fixed (not chosen by batch), so a row's numbers never depend on it
 CHUNK = 4096

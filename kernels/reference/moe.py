@@ -1,4 +1,4 @@
-"""Plain PyTorch references of the mixture-of-experts ops (re-exported by reference.py): the oracle
+"""Plain PyTorch references of the mixture-of-experts ops (re-exported by the package): the oracle
 of moe_permute.py's kernels and the "torch" backend. Indexing and a sum, differentiated by autograd;
 float64 inputs stay float64."""
 from __future__ import annotations

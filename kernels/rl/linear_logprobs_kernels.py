@@ -11,14 +11,14 @@ there, never written in forward, written once as their gradient in backward.
     logits
               remade the same way, turned into d loss / d logits in registers, stored once
 
-The host side (buffers, tiles, the cuBLAS gradient GEMMs) is kernels/linear_logprobs.py.
+The host side (buffers, tiles, the cuBLAS gradient GEMMs) is linear_logprobs.py.
 """
 from __future__ import annotations
 
 from .logprobs import logit_grad
-from .online_softmax import lanes_reduce, rows_fold, safe_shift
-from .tile_dot import dot_nt
-from .triton_compat import tl, triton
+from ..online_softmax import lanes_reduce, rows_fold, safe_shift
+from ..tile_dot import dot_nt
+from ..triton_compat import tl, triton
 
 # Per (split, row): max, sum exp, entropy sum, the label's logit. A plane (splits x N) stays far
 # below 2**31 / N_STATES elements, so int32 offsets suffice: rows beyond 2 x SMs row tiles (~34k on

@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from . import checks, cuda_ext, reference
-from .online_softmax import lanes_of, lanes_reduce, lanes_update, safe_shift
-from .triton_compat import tl, triton
-from .dispatch import backend_for, fused_op, sync_checks_enabled
+from .. import checks, cuda_ext, reference
+from ..online_softmax import lanes_of, lanes_reduce, lanes_update, safe_shift
+from ..triton_compat import tl, triton
+from ..dispatch import backend_for, fused_op, sync_checks_enabled
 
 OP = "token_logprobs"
 

@@ -12,9 +12,9 @@ from its end; the block-to-block carry is the G that enters the block.
 from __future__ import annotations
 
 import torch
-from . import checks, cuda_ext, reference
-from .triton_compat import tl, triton
-from .dispatch import backend_for
+from .. import checks, cuda_ext, reference
+from ..triton_compat import tl, triton
+from ..dispatch import backend_for
 
 GAE = "gae"
 

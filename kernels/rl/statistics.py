@@ -11,7 +11,7 @@ all ranks' rows, to fp32 rounding, at any number of ranks: the statistics go thr
 (one call for a mean, two for moments: the mean first, then the centered squares), never through
 gathered rows.
 
-Computed in float64 for float64 inputs (the oracle's precision, see reference.py), in float32
+Computed in float64 for float64 inputs (the oracle's precision, see reference/rl.py), in float32
 otherwise; differentiated by autograd (with sum_over, each rank differentiates its own entries: the
 sum over the other ranks' is a constant).
 """

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from .tile_dot import dot_nt
-from .triton_compat import tl, triton
+from ..tile_dot import dot_nt
+from ..triton_compat import tl, triton
 
 # Tile sizes: 16 rows (tl.dot's least M; a decode step has T * k rows), 64 output columns, 32 of the
 # reduction: two fp32 [64, 32] operand tiles stay in registers at 4 warps (no spill on sm_80/sm_90).

@@ -1,7 +1,7 @@
 """The plain PyTorch reference of the sampler, drawing from logits (greedy, temperature, top-k,
 top-p, min-p, per-request seeds) with sorts and [B, V] temporaries: the oracle of the split-row
-Triton sampler (kernels/sampling.py), its "torch" backend, and the statement of its rules.
-Re-exported by kernels/reference.py as ``fusedrl.kernels.reference.sample``.
+Triton sampler (kernels/sampling/sampler.py), its "torch" backend, and the statement of its rules.
+Re-exported by the package as ``fusedrl.kernels.reference.sample``.
 
 Randomness is counter-based rather than drawn from a generator: the uniform for (request seed,
 position, vocabulary id) is a hash of the three, turned into Gumbel noise, and the sampled token is

@@ -19,7 +19,7 @@ the loads vectorize (a data-dependent load mask forces 32-bit accesses).
 """
 from __future__ import annotations
 
-from .triton_compat import tl, triton
+from ..triton_compat import tl, triton
 
 # Partial-sum columns written by each program of the row kernels.
 N_PARTIALS = 10

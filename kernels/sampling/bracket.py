@@ -1,4 +1,4 @@
-"""The split-row sampler's first two launches (host side and the whole algorithm: sampling.py):
+"""The split-row sampler's first two launches (host side and the whole algorithm: sampler.py):
 
 1. `_chunk_stats_kernel` [rows, chunks] reads the logits once: each chunk's max, sum of exp, first
    argmax, best Gumbel score (rows that draw without a cut) and, for rows with top-k or top-p, its
@@ -8,9 +8,9 @@
 """
 from __future__ import annotations
 
-from .online_softmax import lanes_of, lanes_reduce, safe_shift
-from .sampling_bits import gumbel, key16, key16_value, row_params, value_key16
-from .triton_compat import tl, triton
+from ..online_softmax import lanes_of, lanes_reduce, safe_shift
+from .bits import gumbel, key16, key16_value, row_params, value_key16
+from ..triton_compat import tl, triton
 
 
 @triton.jit

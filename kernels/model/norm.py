@@ -19,9 +19,9 @@ from typing import Optional
 
 import torch
 
-from . import checks, reference
-from .dispatch import backend_for
-from .triton_compat import tl, triton
+from .. import checks, reference
+from ..dispatch import backend_for
+from ..triton_compat import tl, triton
 
 # Elements one program handles: short rows (Qwen3's 128-wide q/k norm) are packed several to a
 # program so that each thread still moves 16 contiguous bytes.

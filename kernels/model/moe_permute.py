@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from . import checks
-from .dispatch import backend_for
-from .reference_moe import moe_permute as _reference_permute
-from .reference_moe import moe_unpermute as _reference_unpermute
-from .triton_compat import tl, triton
+from .. import checks
+from ..dispatch import backend_for
+from ..reference.moe import moe_permute as _reference_permute
+from ..reference.moe import moe_unpermute as _reference_unpermute
+from ..triton_compat import tl, triton
 
 # Columns per program: one row's block, 16 bytes per thread at 4 warps in bf16 (as silu_mul).
 BLOCK_COLS = 1024

@@ -7,11 +7,11 @@ unfused step spends two (norm, q/k/v GEMM) or three (norm, gate/up GEMM, SiLU * 
 
 Each program owns a [BLOCK_M, BLOCK_N] tile of the output and walks K twice over its rows of x: the
 first pass sums the squares of s = x + residual (and the programs of the first column tile write s,
-the new residual stream), the second builds each normalized tile exactly as `kernels.norm` rounds it
+the new residual stream), the second builds each normalized tile exactly as norm.py rounds it
 (s rounded to the activation dtype, round(s * rstd) before the weight) and feeds it to the
 tensor-core dot. At decode x is a few rows, so reading it twice costs nothing next to the weight,
 which is read once. With glu the program holds the gate and the up columns of the same outputs (rows
-j and C + j of the packed weight) and writes round(round(SiLU(gate)) * up), as `kernels.swiglu`
+j and C + j of the packed weight) and writes round(round(SiLU(gate)) * up), as swiglu.py
 does.
 
 Forward only: the decoder uses it in decode steps (no autograd; the training and scoring forwards
@@ -26,10 +26,10 @@ from typing import Optional
 
 import torch
 
-from . import checks, reference
-from .dispatch import fused_for_model
-from .tile_dot import dot_nt
-from .triton_compat import tl, triton
+from .. import checks, reference
+from ..dispatch import fused_for_model
+from ..tile_dot import dot_nt
+from ..triton_compat import tl, triton
 
 
 @triton.jit
@@ -79,7 +79,7 @@ def _norm_linear_kernel(
         sf = s.to(tl.float32)
         squares += tl.sum(sf * sf, axis=1)
     rstd = 1.0 / tl.sqrt(squares / K + eps)
-    # Pass 2: the normalized tile, rounded as kernels.norm rounds it, times the weight's tile.
+    # Pass 2: the normalized tile, rounded as norm.py rounds it, times the weight's tile.
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if GLU:
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from . import checks, reference
-from .dispatch import backend_for
+from .. import checks, reference
+from ..dispatch import backend_for
 from .norm import rows_per_program
-from .triton_compat import tl, triton
+from ..triton_compat import tl, triton
 
 
 @triton.jit

@@ -12,7 +12,7 @@ fp32 ([N, H], small). Both directions bound the logits buffer by the same elemen
 (``chunk_size`` rows of V); the price is one extra matmul (the recompute) in backward.
 
 With ``fuse_matmul`` (the default for 16-bit inputs) the logits are made by Triton GEMMs that use
-them in registers (kernels/linear_logprobs_kernels.py): forward writes no logits at all (each tile
+them in registers (linear_logprobs_kernels.py): forward writes no logits at all (each tile
 folded into per-row log-sum-exp states, merged across vocabulary splits by a second small launch);
 backward's recompute writes each chunk's gradient once, straight from the accumulators. That removes
 the row kernels' passes over the logits (read 2 bytes + write 2 in forward, read 2 + write 2 in
@@ -26,12 +26,12 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from . import checks, reference
-from .dispatch import backend_for, sync_checks_enabled
+from .. import checks, reference
+from ..dispatch import backend_for, sync_checks_enabled
 from .linear_logprobs_kernels import (N_STATES, _logit_grad_kernel, _lse_combine_kernel,
                                       _lse_partials_kernel)
 from .logprobs import check_label_args, token_logprobs_backward, token_logprobs_forward
-from .triton_compat import triton
+from ..triton_compat import triton
 
 OP = "linear_token_logprobs"
 # Elements in one chunk of logits: 2**27 bf16 values are 256 MiB (half the 512 MiB extra-memory

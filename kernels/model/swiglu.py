@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from . import checks, reference
-from .dispatch import backend_for
-from .triton_compat import tl, triton
+from .. import checks, reference
+from ..dispatch import backend_for
+from ..triton_compat import tl, triton
 
 # Columns per program: a row's block of the output, 16 bytes per thread at 4 warps in bf16.
 BLOCK_COLS = 1024

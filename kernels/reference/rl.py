@@ -1,32 +1,15 @@
-"""Plain PyTorch references for every fused op, each named as its op (``reference.<op>``): the
-oracle the kernels are tested against, the "torch" backend, and the eager baseline in the
-benchmarks.
+"""Plain PyTorch references of the RL ops (token log-probs, KL, GAE, the PPO losses), re-exported by
+the package as ``fusedrl.kernels.reference.<op>``.
 
-Written for clarity, not speed: each is the textbook composition, differentiated by autograd. The RL
-ops' references (this file) compute in float64 when given float64 inputs and in float32 otherwise,
-and take the same arguments as the public ops (validated there, not here). The masked statistics and
-the loss aggregation are statistics.py's, under their names here; the model-scale ops'
-(reference_model.py: transformers' compositions) and the sampler's (reference_sampling.py) are
-re-exported here too.
+They compute in float64 when given float64 inputs and in float32 otherwise, and take the same
+arguments as the public ops (validated there, not here).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .reference_moe import moe_permute, moe_unpermute
-from .reference_model import (norm_linear, paged_decode, rms_norm, rope, rope_store_decode,
-                              silu_mul, store_kv)
-from .reference_sampling import sample
-from .statistics import (aggregate, compute_dtype, masked_mean, masked_moments, masked_whiten,
-                         valid_entries, weighted_sum)
-
-__all__ = [
-    "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_mean", "masked_moments",
-    "masked_whiten", "weighted_sum", "aggregate", "policy_terms", "ppo_policy_loss", "value_terms",
-    "ppo_value_loss", "rms_norm", "silu_mul", "rope", "norm_linear", "store_kv", "paged_decode",
-    "rope_store_decode", "sample", "moe_permute", "moe_unpermute",
-]
+from ..rl.statistics import aggregate, compute_dtype, masked_mean, valid_entries
 
 
 def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):

@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from . import checks, cuda_ext, reference
-from .triton_compat import tl, triton
-from .dispatch import backend_for
+from .. import checks, cuda_ext, reference
+from ..triton_compat import tl, triton
+from ..dispatch import backend_for
 
 OP = "kl_penalty"
 ESTIMATORS = ("k1", "k2", "k3")

@@ -17,9 +17,10 @@ from typing import Optional
 
 import torch
 
-from . import checks, statistics
-from .dispatch import backend_for
-from .triton_compat import tl, triton
+from .. import checks
+from . import statistics
+from ..dispatch import backend_for
+from ..triton_compat import tl, triton
 
 OP = "masked_whiten"
 # entries per block: 16 fp32 per thread at 4 warps (128-bit loads of the mask too)

@@ -1,6 +1,6 @@
 """Plain PyTorch references of the model-scale ops (a decoder's norms, RoPE, SiLU*up, the decode
 path's fused norm + projection and its paged KV cache): the oracles of their kernels and the "torch"
-backend of the model's forward. Re-exported by kernels/reference.py: use them as
+backend of the model's forward. Re-exported by the package: use them as
 ``fusedrl.kernels.reference.<op>``.
 
 Each is the eager composition transformers runs, op for op (so the torch backend gives transformers'
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import checks
+from .. import checks
 
 
 def rms_norm(x, weight, eps, residual=None):

@@ -1,4 +1,4 @@
-"""The split-row sampler's last two launches (host side and the whole algorithm: sampling.py):
+"""The split-row sampler's last two launches (host side and the whole algorithm: sampler.py):
 
 3. `_window_kernel` [rows, chunks] reads the logits of the rows with a cut (or min-p) again: per
    chunk the tokens above the bracket, and the tokens inside it counted per key into the row's
@@ -9,9 +9,9 @@
 """
 from __future__ import annotations
 
-from .sampling_bits import (gumbel, key16, key16_value, pack_score, row_log_min_p, row_params,
-                            unpack_score)
-from .triton_compat import tl, triton
+from .bits import (gumbel, key16, key16_value, pack_score, row_log_min_p, row_params,
+                   unpack_score)
+from ..triton_compat import tl, triton
 
 
 @triton.jit
