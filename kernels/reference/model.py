@@ -69,8 +69,8 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
     """Attention of q [B, H, D] (one token per sequence) over its paged context: gather the pages,
     mask, SDPA -> [B, H, D]."""
     checks.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
-    # Whole pages in table order: position p of a row is entry p of its flattened pages (kv_pages'
-    # addressing, gathered a page at a time rather than a slot at a time).
+    # Whole pages in table order: position p of a row is entry p of its flattened pages
+    # (attention/pages.py's addressing, gathered a page at a time rather than a slot at a time).
     k = k_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
     v = v_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)
     mask = torch.arange(k.shape[2], device=q.device) < context_lens[:, None]  # [B, L]

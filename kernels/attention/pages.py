@@ -1,6 +1,6 @@
 """Where a token's keys and values live in the paged KV cache: the one formula that the engine's
-writers (the runner's slot mapping) and readers (prefill over cached pages, the torch decode path,
-the exact mode's page tables) share.
+writers (the runner's slot mapping) and the attention paths that read the pages (prefill over cached
+pages, the torch decode path, the exact mode's page tables) share.
 
 A cache of one layer is `[num_blocks, block_size, Hkv, D]`; flattened to `[num_blocks * block_size,
 Hkv, D]`, position p of a sequence is row `block * block_size + p % block_size`, where `block` is

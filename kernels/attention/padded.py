@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .kv_pages import key_slots
+from .pages import key_slots
 
 
 @dataclass

@@ -1,16 +1,15 @@
-"""The CUDA varlen flash-attention kernels we can call, behind one signature.
+"""torch's own varlen flash kernel, `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), behind
+the signature of the varlen kernels: `call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
+scale)`, causal attention of packed sequences whose queries are the last of their keys
+(bottom-right aligned, as flash-attention 2 aligns them), q [Nq, H, D], k/v [Nk, Hkv, D] ->
+[Nq, H, D], differentiable.
 
-`varlen_kernel(q)` gives `call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale)`: causal
-attention of packed sequences whose queries are the last of their keys (bottom-right aligned, as
-flash-attention 2 aligns them), q [Nq, H, D], k/v [Nk, Hkv, D] -> [Nq, H, D], differentiable; or
-None where the padded SDPA path runs. Which kernel is `kernels.attention_backend(q)`'s answer:
-flash-attn, else torch's own `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), whose keyword
-arguments changed between releases (2.10 takes `is_causal`; later ones `window_size=(-1, 0)`,
-`scale` and `enable_gqa`; without the last, GQA runs as one call per member of the query groups, K/V
-as they
-are: `_grouped_calls`), so it is adapted from its signature and, before its first use on a device
-and dtype, checked against SDPA on a small case: a torch build whose kernel fails the check is not
-used (a warning says so) and attention takes the padded SDPA path.
+Its keyword arguments changed between releases (2.10 takes `is_causal`; later ones
+`window_size=(-1, 0)`, `scale` and `enable_gqa`; without the last, GQA runs as one call per member
+of the query groups, K/V as they are: `_grouped_calls`), so it is adapted from its signature and,
+before its first use on a device and dtype, checked against SDPA on a small case: a torch build
+whose kernel fails the check is not used (a warning says so), and the decider
+(backend.attention_backend) then names the padded SDPA path.
 """
 from __future__ import annotations
 
@@ -20,23 +19,7 @@ import warnings
 
 import torch
 
-from ... import kernels
-from .packed_attention import packed_causal_attention, plan_groups
-
-
-def varlen_kernel(q: torch.Tensor):
-    """The varlen call for q's device and dtype (see the module docstring), or None."""
-    backend = kernels.attention_backend(q)
-    if backend == "flash_attn":
-        return _flash_attn_call
-    if backend == "torch_varlen":
-        return _checked_torch_varlen(q.device, q.dtype)
-    return None
-
-
-def _flash_attn_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale):
-    return kernels.flash_attn().flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale=scale, causal=True)
+from .padded import packed_causal_attention, plan_groups
 
 
 @functools.cache
@@ -50,7 +33,8 @@ def _torch_varlen_call():
 
 
 @functools.cache
-def _checked_torch_varlen(device: torch.device, dtype: torch.dtype):
+def torch_varlen_call(device: torch.device, dtype: torch.dtype):
+    """torch's varlen call for this device and dtype when it passed its check there, else None."""
     call = _torch_varlen_call()
     return None if call is None else checked_varlen_call(call, device, dtype)
 
