@@ -1,5 +1,6 @@
-"""Attention, every path and the choice between them: the public entry points of the engine's
-attention (its model module, engine/model/attention.py, is the one caller).
+"""Attention, every path and the choice between them, public as `fusedrl.kernels.attention`: the
+model's attention module (engine/model/attention.py) calls the paths; the runner, context
+parallelism and the exact mode build their metadata and page addressing from here.
 
 - backend.py: the decider, `attention_backend(q, page_size)`, and `flash_attn()`;
 - paths.py: `varlen_attention` (a packed training batch, or a prefill with nothing cached),
