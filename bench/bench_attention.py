@@ -7,9 +7,10 @@ on the two shapes of issue 12's bar.
   shared prefix from the pages (what the block manager's prefix sharing leaves them).
 
 Implementations: "loop" (one SDPA call per sequence, the code before), "padded groups"
-(packed_attention.py, the CPU path), "engine" (attention.py's choice on this device: a varlen
-flash-attention call on CUDA in bf16). Reported: median ms, attention ops dispatched per call
-(forward and backward), speed-up over the loop. Printed as a table, saved as JSON.
+(kernels/attention/padded.py, the CPU path), "engine" (kernels/attention/paths.py's choice on this
+device: a varlen flash-attention call on CUDA in bf16). Reported: median ms, attention ops
+dispatched per call (forward and backward), speed-up over the loop. Printed as a table, saved as
+JSON.
 
     python bench/bench_attention.py               # headline: bf16, 32 query heads over 8, head dim 128
     python bench/bench_attention.py --quick       # fp32, 4 heads over 2, 1/16 of the sequences (CPU)
@@ -23,9 +24,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import harness
-from fusedrl.engine.model import attention
-from fusedrl.engine.model.attention import AttentionMetadata
-from fusedrl.engine.model.packed_attention import packed_causal_attention, paged_prefill_attention
+from fusedrl.kernels.attention import AttentionMetadata, paths
+from fusedrl.kernels.attention.padded import packed_causal_attention, paged_prefill_attention
 
 BLOCK_SIZE = 16
 
@@ -73,8 +73,8 @@ def train_case(quick, device, dtype, heads, kv_heads, head_dim):
         return lambda: torch.autograd.backward(fn(), grad)
     impls = {"loop": backward(lambda: _loop(q, k, v, lens, lens, scale)),
              "padded groups": backward(lambda: packed_causal_attention(
-                 q, k, v, attention._padded_plan(meta, device), scale)),
-             "engine": backward(lambda: attention.varlen_attention(q, k, v, meta))}
+                 q, k, v, paths._padded_plan(meta, device), scale)),
+             "engine": backward(lambda: paths.varlen_attention(q, k, v, meta))}
     return f"train fwd+bwd: {len(lens)} seqs, {n} tokens", impls
 
 
@@ -106,8 +106,8 @@ def prefill_case(quick, device, dtype, heads, kv_heads, head_dim):
                              block_tables=block_tables)
     impls = {"loop": lambda: _loop(q, k, v, seqlens_q, seqlens_k, scale),
              "padded groups": lambda: paged_prefill_attention(
-                 q, k_cache, v_cache, block_tables, attention._padded_plan(meta, device), scale),
-             "engine": lambda: attention.prefill_attention(q, None, None, k_cache, v_cache, meta)}
+                 q, k_cache, v_cache, block_tables, paths._padded_plan(meta, device), scale),
+             "engine": lambda: paths.prefill_attention(q, None, None, k_cache, v_cache, meta)}
     name = f"prefill: {len(prompts)} prompts x 4, {sum(seqlens_q)} new of {sum(seqlens_k)} tokens"
     return name, impls
 

@@ -53,7 +53,7 @@ def parse_args(argv=None):
                    help="prompt and output lengths of the mixed case, uniform in [LOW, HIGH]")
     p.add_argument("--unfused-decode-gemms", action="store_true",
                    help="decode with torch's GEMM after each norm (LLM(fuse_decode_gemms=False)): the "
-                        "side-by-side run against kernels/norm_linear.py's fused norm + GEMM")
+                        "side-by-side run against kernels/model/norm_linear.py's fused norm + GEMM")
     return harness.generation_args(
         p, "generate", argv=argv,
         quick=dict(batch_sizes=[1, 4], prompt_len=16, new_tokens=32, mixed=8, mixed_lengths=[4, 24]),

@@ -22,7 +22,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
-import fusedrl.kernels.linear_logprobs as linear  # noqa: E402
+import fusedrl.kernels.rl.linear_logprobs as linear  # noqa: E402
 from launch_count import LaunchCounter  # noqa: E402
 from traffic_count import FREE, op_bytes  # noqa: E402
 from traffic_kernels import KernelTraffic  # noqa: E402

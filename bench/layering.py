@@ -1,6 +1,7 @@
 """The import graph of fusedrl.engine and fusedrl.kernels, read from the source (nothing imported):
 import cycles (every import counts, TYPE_CHECKING and function-level ones included), engine imports
-of private kernel modules (anything below `fusedrl.kernels` but the package itself), upward imports
+of private kernel modules (anything below `fusedrl.kernels` but the package itself and its public
+subpackages, PUBLIC_KERNEL_PACKAGES), upward imports
 between the engine's layers, duck-typed upward calls (getattr / hasattr / setattr of an attribute
 the parallel layout owns, which reaches a layer above without importing it), library files long
 enough to ask for a split by concept, and library lines over 100 characters.
@@ -18,6 +19,10 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = {"fusedrl.kernels": ROOT / "kernels", "fusedrl.engine": ROOT / "engine"}
+# Kernel subpackages whose __init__ is public API like fusedrl.kernels' own: the engine may import
+# them (not the modules below them). fusedrl.kernels.attention holds every attention path the
+# engine's attention module calls, with their decider.
+PUBLIC_KERNEL_PACKAGES = {"fusedrl.kernels.attention"}
 # A file this long is asking to be cut by concept; the bound is a prompt to split, not a target to
 # squeeze code under (long lines are their own rule).
 MAX_LINES = 500
@@ -116,6 +121,11 @@ def within(module: str, prefix: str) -> bool:
     return module == prefix or module.startswith(prefix + ".")
 
 
+def private_kernel_module(module: str) -> bool:
+    """`module` is below fusedrl.kernels and not one of its public packages."""
+    return module.startswith("fusedrl.kernels.") and module not in PUBLIC_KERNEL_PACKAGES
+
+
 def duck_typed_calls(name: str, path: pathlib.Path) -> list[str]:
     """'module:line getattr(..., "attribute")' for each getattr / hasattr / setattr in `name`'s file
     whose attribute is a constant naming one of LAYOUT_ATTRIBUTES."""
@@ -168,7 +178,7 @@ def report() -> dict:
     graph = {name: imports_of(name, path, known) for name, path in known.items()}
     private = sorted(f"{name} -> {target}" for name, targets in graph.items()
                      if name.startswith("fusedrl.engine") for target in targets
-                     if target.startswith("fusedrl.kernels."))
+                     if private_kernel_module(target))
     upward = sorted({f"{name} -> {target}" for name, targets in graph.items() for target in targets
                      for low, high in FORBIDDEN if within(name, low) and within(target, high)})
     ducks = sorted(call for name, path in known.items() if within(name, "fusedrl.engine")

@@ -15,8 +15,8 @@ import argparse
 import torch
 
 import harness
-from fusedrl.kernels import linear_logprobs as linear
-from fusedrl.kernels.linear_logprobs import FusedTiles
+from fusedrl.kernels.rl import linear_logprobs as linear
+from fusedrl.kernels.rl.linear_logprobs import FusedTiles
 
 # (block_m, block_n, block_k, num_warps, num_stages): the default first, then the usual Hopper and
 # Ampere GEMM shapes with one thing changed at a time.

@@ -224,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> gae_op(const at::Tensor& rewards, const at::T
 }
 
 // Buffers and checks shared by both losses: (loss [], grad [x.shape] or [0], stats [n_stats],
-// workspace). weights [rows] fp32 comes from kernels.ppo_loss.row_weights.
+// workspace). weights [rows] fp32 comes from kernels/rl/statistics.py's row_weights.
 struct LossBuffers {
   at::Tensor loss, grad, stats, workspace;
 };

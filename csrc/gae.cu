@@ -1,6 +1,6 @@
 // GAE as a single pass of a segmented affine scan per row, one warp per row.
 //
-// As in kernels/advantages.py: with G_t = V_t + lam * A_t, a valid step t maps the G entering it
+// As in kernels/rl/advantages.py: with G_t = V_t + lam * A_t, a valid step t maps the G entering it
 // from the future, x, to gamma * lam * x + ((1 - lam) * V_t + lam * r_t); an invalid step passes x
 // through (the identity), which is exactly "skip masked positions and bootstrap from the next valid
 // one". After the row's end x = 0 (terminal). Then A_t = r_t - V_t + gamma * x for valid t, where x

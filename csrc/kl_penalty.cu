@@ -1,5 +1,5 @@
 // Per-token KL penalty estimators (k1, k2, k3 of d = ref_logp - logp), forward and backward, as in
-// kernels/kl.py: elementwise, fp32 math, 0 (and no read) outside the mask.
+// kernels/rl/kl.py: elementwise, fp32 math, 0 (and no read) outside the mask.
 #include "common.cuh"
 
 namespace fusedrl {

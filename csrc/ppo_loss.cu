@@ -1,4 +1,4 @@
-// PPO's clipped policy and value losses, forward and backward in one pass (kernels/ppo_loss.py).
+// PPO's clipped policy and value losses, forward and backward in one pass (kernels/rl/ppo_loss.py).
 //
 // Per token: the loss term and its derivative, both times the row's aggregation weight, and the
 // diagnostics. Each block of kBlockTokens tokens writes one row of partial sums to a workspace;

@@ -1,5 +1,5 @@
 // Fused log-softmax + gather of the label's log-prob (and the entropy), forward and backward.
-// Same math as kernels/logprobs.py: one block per row, an online max / sum-exp in fp32, the row's
+// Same math as kernels/rl/logprobs.py: one block per row, an online max / sum-exp in fp32, the row's
 // logsumexp saved for backward, -inf logits contributing their limit (0), ignored rows skipped.
 #include "common.cuh"
 

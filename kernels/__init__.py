@@ -15,8 +15,10 @@ The model's ops (the engine's only way in): `rms_norm`, `rope`, `silu_mul`, `nor
 step's norm + projection), the mixture-of-experts layer's `moe_sort`, `moe_permute`,
 `grouped_linear` and `moe_unpermute`, `store_kv` and `rope_store_decode` (the paged KV cache),
 `sample_triton` with its `SamplerWorkspace`, and `exact`, the batch-invariant mode's ops. The
-decider's questions (`backend_for`, `model_backend`, `attention_backend`, ...) come from `dispatch`,
-the one place that reads the environment and looks at devices to choose an implementation.
+decider's questions (`backend_for`, `model_backend`, ...) come from `dispatch`, the one place that
+reads the environment and looks at devices to choose an implementation; attention's
+(`attention_backend`) from `fusedrl.kernels.attention`, the public subpackage that holds every
+attention path the engine calls.
 """
 if __name__ != "fusedrl.kernels":
     # The repository root is on sys.path and this folder was imported as `kernels`: see shadowed.py.
@@ -24,25 +26,25 @@ if __name__ != "fusedrl.kernels":
     stand_aside(__name__, __file__)
 else:
     from . import reference
-    from .dispatch import (BACKENDS, attention_backend, backend_for, flash_attn, fused_for_model,
-                           model_backend, requested_backend, triton_interpreting, use_backend)
-    from .advantages import gae
-    from .whiten import masked_whiten
-    from .statistics import (AGGS, GROUP_ESTIMATORS, IS_LEVELS, IS_MODES, SumOver, aggregation_rule,
-                             explained_variance, group_advantages, importance_weights, masked_mean,
-                             masked_moments)
-    from .kl import kl_penalty
-    from .linear_logprobs import linear_token_logprobs
-    from .ppo_loss import ppo_policy_loss, ppo_value_loss
-    from .logprobs import token_logprobs
-    from .norm import rms_norm
-    from .rotary import rope
-    from .swiglu import silu_mul
-    from .norm_linear import norm_linear
-    from .moe_permute import moe_permute, moe_unpermute
-    from .moe_gemm import grouped_linear, moe_sort
-    from .paged_attention import rope_store_decode, store_kv
-    from .sampling import SamplerWorkspace, sample, sample_triton
+    from .dispatch import (BACKENDS, backend_for, fused_for_model, model_backend, requested_backend,
+                           triton_interpreting, use_backend)
+    from .attention import attention_backend, flash_attn, rope_store_decode, store_kv
+    from .rl.advantages import gae
+    from .rl.whiten import masked_whiten
+    from .rl.statistics import (AGGS, GROUP_ESTIMATORS, IS_LEVELS, IS_MODES, SumOver,
+                                aggregation_rule, explained_variance, group_advantages,
+                                importance_weights, masked_mean, masked_moments)
+    from .rl.kl import kl_penalty
+    from .rl.linear_logprobs import linear_token_logprobs
+    from .rl.ppo_loss import ppo_policy_loss, ppo_value_loss
+    from .rl.logprobs import token_logprobs
+    from .model.norm import rms_norm
+    from .model.rotary import rope
+    from .model.swiglu import silu_mul
+    from .model.norm_linear import norm_linear
+    from .model.moe_permute import moe_permute, moe_unpermute
+    from .model.moe_gemm import grouped_linear, moe_sort
+    from .sampling.sampler import SamplerWorkspace, sample, sample_triton
     from .invariant import exact
 
     __all__ = [

@@ -17,15 +17,14 @@ the backend measured fastest for the op at that size (AUTO_CUDA_UP_TO, from the 
 kernels/BACKENDS.md); otherwise Triton where it can run, torch elsewhere.
 
 This is the one backend decider; nothing else reads the environment or tests devices to pick an
-implementation. Its questions:
+implementation, but for attention's choice of kernel (attention/backend.py), which builds on
+model_backend and adds what only attention needs to know (flash-attn installed, torch's varlen
+kernel checked, the page size). Its questions:
   backend_for(x, op)         an op's backend ("triton", "cuda", "torch")
   model_backend(x)           the model-scale paths' backend ("triton" or "torch"): the decoder
-  walk's
-                             norms, RoPE and SiLU*up, norm_linear, paged attention, the sampler and
-                             the exact (batch-invariant) mode's ops; fused_for_model(x) asks the
-                             same
-  attention_backend(q, page) which attention kernel runs ("flash_attn", "torch_varlen", "triton",
-                             "torch"), see its docstring
+                             walk's norms, RoPE and SiLU*up, norm_linear, paged attention, the
+                             sampler and the exact (batch-invariant) mode's ops; fused_for_model(x)
+                             asks the same
   grouped_gemm_path(x)       the MoE grouped GEMM's ("grouped_mm" or "triton"), see its docstring
 
 The override stack is thread-local (no process-wide mutable state) and is a plain list, which
@@ -35,8 +34,6 @@ environment variable is read once, at trace time.
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
 import os
 import threading
 from typing import Iterator, Optional
@@ -164,53 +161,6 @@ def fused_for_model(x: torch.Tensor) -> bool:
     return model_backend(x) == "triton"
 
 
-# flash-attn 2 reads a paged KV cache only when a page holds a multiple of this many tokens.
-FLASH_PAGE_MULTIPLE = 256
-
-
-@functools.cache
-def flash_attn():
-    """The flash_attn module, or None when it is not installed."""
-    if importlib.util.find_spec("flash_attn") is None:
-        return None
-    import flash_attn as module
-    return module
-
-
-@functools.cache
-def _torch_has_varlen() -> bool:
-    try:
-        return importlib.util.find_spec("torch.nn.attention.varlen") is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def attention_backend(q: torch.Tensor, page_size: Optional[int] = None) -> str:
-    """Which attention runs for queries ``q`` [N, H, D].
-
-    page_size None (attention over the forward's own keys: a packed training batch, a prefill with
-    nothing cached, a prefill's keys gathered from the pages): "flash_attn" (installed; CUDA
-    fp16/bf16), else "torch_varlen" (torch's varlen flash kernel, torch >= 2.10; CUDA fp16/bf16),
-    else "torch" (padded SDPA). The varlen kernels ignore the op backend: they are the only fast
-    path for a packed batch, and the padded SDPA path is their oracle.
-    page_size given (reading keys from a paged cache of that many tokens a page: a decode step, a
-    prefill over a cached prefix): "flash_attn" where its paged calls can read the pages (installed;
-    CUDA fp16/bf16; page_size a multiple of FLASH_PAGE_MULTIPLE), else model_backend(q): "triton"
-    (our fused decode kernel) or "torch" (a gather; a prefill then gathers its keys and asks again
-    with page_size None).
-    """
-    cuda_half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-    if page_size is not None:
-        if cuda_half and flash_attn() is not None and page_size % FLASH_PAGE_MULTIPLE == 0:
-            return "flash_attn"
-        return model_backend(q)
-    if cuda_half and flash_attn() is not None:
-        return "flash_attn"
-    if cuda_half and _torch_has_varlen():
-        return "torch_varlen"
-    return "torch"
-
-
 # Compute-capability majors whose bf16 grouped_mm runs torch's CUTLASS kernel (torch 2.11's
 # GroupedBlas.cpp: sm_90 and sm_100); elsewhere its fallback copies the group offsets to the host.
 GROUPED_MM_FAST_MAJORS = (9, 10)
@@ -219,7 +169,7 @@ GROUPED_MM_FAST_MAJORS = (9, 10)
 def grouped_mm_path(device_type: str, dtype: torch.dtype, capability: Optional[tuple]) -> str:
     """What `grouped_gemm_path` picks for inputs of `dtype` on `device_type` (capability (major,
     minor) on CUDA): "grouped_mm" where torch's grouped_mm reads nothing on the host (the CPU; bf16
-    on sm_90/sm_100), "triton" (kernels/grouped_gemm.py) on any other GPU or dtype, whose fallback
+    on sm_90/sm_100), "triton" (model/grouped_gemm.py) on any other GPU or dtype, whose fallback
     would sync per call and fail inside CUDA-graph capture."""
     if device_type != "cuda":
         return "grouped_mm"

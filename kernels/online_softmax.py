@@ -7,11 +7,11 @@ combined once at the end (`lanes_reduce`). Block-wise reductions instead (a max 
 block, then a rescale) put two block-wide reductions, each a barrier, between one block's loads and
 the next; on an H100 that held a one-program-per-row forward at 0.83 of the read rate.
 
-A GEMM that makes its logits a tile at a time (the LM head, `kernels.linear_logprobs_kernels`) folds
+A GEMM that makes its logits a tile at a time (the LM head, rl/linear_logprobs_kernels.py) folds
 each [rows, columns] tile into per-row states instead (`rows_fold`): its tile is already spread over
 the warps, and the per-row state is all it keeps between tiles.
 
-Users: `fusedrl.kernels.logprobs` (token log-probs and entropy, forward), the batch-invariant
+Users: `fusedrl.kernels.rl.logprobs` (token log-probs and entropy, forward), the batch-invariant
 mode's `row_logprobs` (engine/model/invariant) and the sampler's chunk statistics and their merge
 (kernels/sampling), the LM head's fused forward. One program per row and a fixed reduction order: a
 row's result depends on its own logits and the block size only, never on the batch (the exact mode

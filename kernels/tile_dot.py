@@ -1,6 +1,6 @@
 """The tensor-core tile product the GEMM kernels share, with the interpreter's stand-in.
 
-Users: `kernels.norm_linear` (decode's norm + projection) and `kernels.linear_logprobs_kernels`
+Users: model/norm_linear.py (decode's norm + projection) and rl/linear_logprobs_kernels.py
 (the LM head with the log-softmax in the GEMM's epilogue).
 """
 from __future__ import annotations

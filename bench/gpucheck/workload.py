@@ -14,17 +14,17 @@ import torch
 
 from fusedrl import kernels
 from fusedrl.engine.inference.llm import LLM
-from fusedrl.kernels.grouped_gemm import grouped_gemm
-from fusedrl.kernels.paged_attention import decode_splits, rope_store_decode_triton
-from fusedrl.kernels.sampling import sample_triton
+from fusedrl.kernels.model.grouped_gemm import grouped_gemm
+from fusedrl.kernels.attention.paged import decode_splits, rope_store_decode_triton
+from fusedrl.kernels.sampling.sampler import sample_triton
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
 from fusedrl.engine.model.invariant import BatchInvariant
-from fusedrl.kernels.invariant.segment_attention import segment_attention
+from fusedrl.kernels.attention.segment import segment_attention
 from fusedrl.kernels.invariant.row_logprobs import row_logprobs
 from fusedrl.kernels.invariant.fixed_tile_matmul import linear_fixed_tiles
-from fusedrl.kernels.norm_linear import norm_linear
+from fusedrl.kernels.model.norm_linear import norm_linear
 
 VOCABS = (151936, 128256, 50257)
 DTYPES = (torch.bfloat16, torch.float32)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ..model.kv_pages import sequence_slot
+from ...kernels.attention import sequence_slot
 from .sequence import Sequence
 
 # Rows of the int64 buffer and of the fp32 one.

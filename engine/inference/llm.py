@@ -74,8 +74,8 @@ class LLM:
     batch). A `BatchInvariant` object instead of True sets the mode's attention segment (its
     chunk_size must be block_size). `self.batch_invariant` is the mode object (None when off).
     fuse_decode_gemms: where the Triton kernels run, a decode step's RMSNorms and SiLU * up ride in
-    the q/k/v and gate/up GEMMs (kernels/norm_linear.py: 5 kernels a layer); False keeps torch's
-    GEMM after each norm (7), for side-by-side measurement against cuBLAS.
+    the q/k/v and gate/up GEMMs (kernels/model/norm_linear.py: 5 kernels a layer); False keeps
+    torch's GEMM after each norm (7), for side-by-side measurement against cuBLAS.
     record_routing: an MoE model's expert choices for every token are kept (routing_record.py) and
     read back with `device_routing` (routing replay).
     speculative_tokens: on decode steps of fewer than `speculate_below` rows (the long tail), each

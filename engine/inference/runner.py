@@ -12,16 +12,15 @@ from types import SimpleNamespace
 
 import torch
 
-from ..model.attention import AttentionMetadata
 from ..model.config import ModelConfig
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant
-from ..model.kv_pages import sequence_slot
 from ..model.moe import routing_trace
 from ..model.primitives import DECODE
 from .decode_inputs import DecodeInputs
 from .routing_record import RoutingRecorder
 from ...kernels import SamplerWorkspace, sample
+from ...kernels.attention import AttentionMetadata, sequence_slot
 from .sequence import Sequence
 
 

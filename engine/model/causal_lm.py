@@ -32,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 from ... import kernels
 from .prefix_sharing import share_prefixes
 from .activation_offload import ActivationOffload
-from .attention import AttentionMetadata, attention_step
+from ...kernels.attention import AttentionMetadata
+from .attention import attention_step
 from .config import ModelConfig
 from .moe import SparseMoeBlock, agree_buffers, trace_restorer
 from .primitives import FORWARD, past_hooks

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..model.attention import AttentionMetadata, varlen_attention
+from ...kernels.attention import AttentionMetadata, varlen_attention
 from ..model.lm_head import lm_head_logprobs
 from . import distributed
 

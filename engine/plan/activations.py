@@ -13,7 +13,7 @@ peak is the larger of the two). Measured on the CPU (tests/engine/plan/test_acti
 the fused kernels' path within 10%, the torch path's growth per token within 25%). A no-grad forward
 (scoring, prefill) holds one layer's largest moment: the residual stream (2 H), the norm's output
 (H) and the MLP's gate/up and product (3 I), or the attention's q/k/v, rotated q/k and output.
-The LM head never holds [tokens, vocab] logits (kernels/linear_logprobs.py): a chunk of at most
+The LM head never holds [tokens, vocab] logits (kernels/rl/linear_logprobs.py): a chunk of at most
 LOGIT_CHUNK elements and its gradient (`lm_head`: the forward ends in the LM head's log-probs; the
 reward and value models end in a scalar head instead).
 """
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from ..model.config import ModelConfig
 
-LOGIT_CHUNK = 1 << 27  # kernels/linear_logprobs.py: CHUNK_ELEMENTS, elements of logits in one chunk
+# kernels/rl/linear_logprobs.py: CHUNK_ELEMENTS, elements of logits in one chunk
+LOGIT_CHUNK = 1 << 27
 # LLM's default prefill budget (max_num_batched_tokens, engine/inference/llm.py): a step's prompts
 # hold at most this many tokens, bar one longer sequence alone (rollout.prefill_chunk cuts it).
 PREFILL_TOKENS = 16384

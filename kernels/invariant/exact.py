@@ -3,11 +3,13 @@ result in an order that does not depend on the other rows of the batch, so a tok
 same bits in the sampler and in the trainer's forward. Each op asks the decider once
 (`dispatch.model_backend`):
 
-- "triton" (CUDA, or CPU tensors asked for by name under TRITON_INTERPRET=1): the fixed-tile matmul,
-  the segment attention over page tables and the per-row log-softmax of this package, and the fused
-  RMSNorm, RoPE and SiLU*up kernels (one program's arithmetic per row or element, its tiles fixed by
-  the row width: invariant as they are);
-- "torch" (elsewhere): `fixed_order`'s trees of elementwise torch ops and `chunked_attention`.
+- "triton" (CUDA, or CPU tensors asked for by name under TRITON_INTERPRET=1): the fixed-tile matmul
+  and the per-row log-softmax of this package, and the fused RMSNorm, RoPE and SiLU*up kernels (one
+  program's arithmetic per row or element, its tiles fixed by the row width: invariant as they
+  are);
+- "torch" (elsewhere): `fixed_order`'s trees of elementwise torch ops.
+`attention` is the attention package's `exact_attention` (kernels/attention/exact.py), which makes
+the same choice between its segment kernel and its page-by-page torch reduction.
 
 The two backends agree to rounding, not bit for bit (nor need to): sampler and trainer run on one
 device, so on one backend. Every op keeps its arguments' meaning on both.
@@ -17,15 +19,14 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import fused_for_model
-from ..norm import rms_norm
+from ..model.norm import rms_norm
 from .. import reference
-from ..rotary import rope as fused_rope
-from ..swiglu import silu_mul as fused_silu_mul
+from ..model.rotary import rope as fused_rope
+from ..model.swiglu import silu_mul as fused_silu_mul
+from ..attention.exact import exact_attention as attention
 from . import fixed_order
-from .chunked_attention import chunked_attention
 from .fixed_tile_matmul import linear_fixed_tiles
 from .row_logprobs import row_logprobs as fused_row_logprobs
-from .segment_attention import segment_attention
 
 __all__ = ["linear", "add_rms_norm", "rope", "silu_mul", "attention", "row_logprobs"]
 
@@ -64,20 +65,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return fused_silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return fixed_order.silu(gate) * up
-
-
-def attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor,
-              seq_index: torch.Tensor, page_table: torch.Tensor, page: int, segment: int,
-              max_position: int) -> torch.Tensor:
-    """Causal attention of each query over its sequence's keys 0..position, read through a page
-    table: q [N, H, D], k_rows/v_rows [rows, Hkv, D], positions/seq_index [N] int64, page_table [S,
-    W] int32, `page` keys a page, `segment` keys per segment of the Triton kernel (a power of two >=
-    16; the torch path reduces page by page), max_position a host int >= every position -> [N, H,
-    D]."""
-    if fused_for_model(q):
-        return segment_attention(q, k_rows, v_rows, positions, seq_index, page_table, page, segment,
-                                 max_position)
-    return chunked_attention(q, k_rows, v_rows, positions, seq_index, page_table, page)
 
 
 def row_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor):

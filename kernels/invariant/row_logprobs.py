@@ -3,7 +3,7 @@ T), one Triton program per row, for the sampler and for the trainer alike.
 
 A row is read in blocks of BLOCK_V logits from its first column to its last, each block folded into
 per-lane running (max, sum-exp, entropy sum) states and the lanes combined once at the end, by the
-shared core `fusedrl.kernels.online_softmax` (as `fusedrl.kernels.logprobs` does); the block size
+shared core `fusedrl.kernels.online_softmax` (as `fusedrl.kernels.rl.logprobs` does); the block size
 and warps depend on the vocabulary only, and the entropy is always accumulated (the trainer asks for
 it, the sampler does not: one code path keeps the two log-probs one computation). The temperature is
 read per row and divides each logit, as the CPU path (`ops.token_logprobs`) does.

@@ -33,6 +33,13 @@ def test_relative_and_submodule_imports_resolve(tmp_path: pathlib.Path):
         "fusedrl.engine.y", "fusedrl.kernels", "fusedrl.kernels.sampling"}
 
 
+def test_public_kernel_packages_are_not_private():
+    assert not layering.private_kernel_module("fusedrl.kernels")
+    assert not layering.private_kernel_module("fusedrl.kernels.attention")
+    assert layering.private_kernel_module("fusedrl.kernels.attention.paths")
+    assert layering.private_kernel_module("fusedrl.kernels.rl.kl")
+
+
 def test_duck_typed_layout_reads_are_found(tmp_path: pathlib.Path):
     path = tmp_path / "walk.py"
     path.write_text('def f(model):\n    tp = getattr(model, "tensor_parallel", None)\n'

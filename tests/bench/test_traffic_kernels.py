@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from fusedrl.kernels.sampling import sample_triton
+from fusedrl.kernels.sampling.sampler import sample_triton
 from fusedrl.kernels.triton_compat import tl, triton
 from traffic_kernels import KernelTraffic
 
@@ -72,7 +72,7 @@ def test_sampler_is_one_op_and_a_warm_call_clears_nothing():
     emptied by the kernels that use them."""
     from torch.profiler import profile
 
-    from fusedrl.kernels.sampling import SamplerWorkspace
+    from fusedrl.kernels.sampling.sampler import SamplerWorkspace
     from traffic_count import TrafficCounter
 
     logits = model_like_logits(2, vocab=5000)

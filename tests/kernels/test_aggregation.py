@@ -1,11 +1,11 @@
-"""kernels.statistics' loss aggregation rules (written once) against the rules written out row
+"""kernels.rl.statistics' loss aggregation rules (written once) against the rules written out row
 by row in float64, and the property the engine's micro-batches rely on: a minibatch cut into pieces,
 each weighted by its share of the aggregation units, sums to the whole minibatch's loss."""
 import pytest
 import torch
 
 from fusedrl.kernels import aggregation_rule, reference
-from fusedrl.kernels.statistics import AGGS, row_weights
+from fusedrl.kernels.rl.statistics import AGGS, row_weights
 
 
 def rules_by_hand(mask: torch.Tensor, agg: str, norm=None) -> list[float]:

@@ -143,10 +143,10 @@ def test_every_cuda_op_has_a_triton_twin():
 STAND_IN = r"""
 import sys, torch
 sys.path[:0] = [{tests!r}, {tests!r} + "/kernels"]  # kernel_testing, test_cuda_ext
-from fusedrl.kernels import advantages, kl, logprobs, ppo_loss
+from fusedrl.kernels.rl import advantages, kl, logprobs, ppo_loss
 from test_cuda_ext import binding_schemas
 from fusedrl.kernels import reference
-from fusedrl.kernels.kl import _backward as kl_grad, _forward as kl_value
+from fusedrl.kernels.rl.kl import _backward as kl_grad, _forward as kl_value
 
 def loss_stand_in(terms):
     # A C++ loss op's contract from the reference: (loss, d loss / d x fp32 or [0], stats).

@@ -1,4 +1,4 @@
-"""The Triton grouped GEMM (kernels/grouped_gemm.py) against a float64 per-group reference and
+"""The Triton grouped GEMM (kernels/model/grouped_gemm.py) against a float64 per-group reference and
 torch's grouped_mm: values and gradients, odd sizes, empty groups (first, inner, last), fp32 and
 bf16; and the choice between the two per device, dtype and GPU architecture
 (dispatch.grouped_mm_path)."""
@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedrl.kernels import dispatch, grouped_linear, moe_gemm, moe_sort
-from fusedrl.kernels.grouped_gemm import BLOCK_M, grouped_gemm
+from fusedrl.kernels import dispatch, grouped_linear, moe_sort
+from fusedrl.kernels.model import moe_gemm
+from fusedrl.kernels.model.grouped_gemm import BLOCK_M, grouped_gemm
 from kernel_testing import DEVICE, check_against_float64, needs_triton
 
 

@@ -3,7 +3,7 @@ GEMMs) against the float64 reference composition."""
 import pytest
 import torch
 
-import fusedrl.kernels.linear_logprobs as linear_module
+import fusedrl.kernels.rl.linear_logprobs as linear_module
 from fusedrl.kernels import linear_token_logprobs, reference, use_backend
 from kernel_testing import DEVICE, assert_close, assert_within_torch_error, needs_triton
 

@@ -1,4 +1,4 @@
-"""The one masked mean / moments / whiten (kernels.statistics, under reference's names), used by the ops,
+"""The one masked mean / moments / whiten (kernels.rl.statistics, under reference's names), used by the ops,
 group_advantages and the engine's rollout statistics: against float64 formulas written out, and with
 `sum_over` (the ranks' all-reduce) two shards give the statistics of their concatenation."""
 import threading

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from fusedrl.kernels import use_backend
-from fusedrl.kernels.norm import rms_norm
+from fusedrl.kernels.model.norm import rms_norm
 from fusedrl.kernels import reference
-from fusedrl.kernels.norm_linear import norm_linear
+from fusedrl.kernels.model.norm_linear import norm_linear
 from kernel_testing import DEVICE, ULP, assert_close, needs_triton
 
 pytestmark = needs_triton

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from fusedrl.kernels import kl_penalty, ppo_loss_ops, ppo_policy_loss, use_backend
+from fusedrl.kernels import kl_penalty, ppo_policy_loss, use_backend
+from fusedrl.kernels.rl import ppo_loss_ops
 from kernel_testing import DEVICE, FUSED_BACKENDS, assert_close, needs_triton, rand_mask
 
 pytestmark = needs_triton

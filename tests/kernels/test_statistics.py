@@ -1,4 +1,4 @@
-"""kernels.statistics, the one module of masked statistics: against float64 formulas written out on
+"""kernels.rl.statistics, the one module of masked statistics: against float64 formulas written out on
 odd shapes, masked rows and empty inputs; and with `sum_over` the sum over 2 gloo processes, each
 holding some of the rows, every rank gets one process's statistics of all the rows."""
 import math
@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from fusedrl.kernels import (explained_variance, group_advantages, masked_mean, masked_moments, masked_whiten,
-                             statistics)
+from fusedrl.kernels import (explained_variance, group_advantages, masked_mean, masked_moments, masked_whiten)
+from fusedrl.kernels.rl import statistics
 
 
 def whiten_by_hand(x: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """masked_whiten's two-launch Triton kernels against the float64 reference: odd sizes, both dtypes,
 several programs and several blocks per program, masked rows, one and no valid entry; and the same
-numbers, to fp32 rounding, as the torch composition of kernels.statistics it is the fast path of."""
+numbers, to fp32 rounding, as the torch composition of kernels.rl.statistics it is the fast path of."""
 import pytest
 import torch
 
-from fusedrl.kernels import masked_whiten, reference, statistics, use_backend, whiten
+from fusedrl.kernels import masked_whiten, reference, use_backend
+from fusedrl.kernels.rl import statistics, whiten
 from kernel_testing import DEVICE, assert_close, needs_triton, rand_mask
 
 pytestmark = needs_triton

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .... import kernels
-from ..attention import AttentionMetadata
-from ..kv_pages import page_slot
+from ....kernels.attention import AttentionMetadata, page_slot
 from ..primitives import EXACT
 
 # Logits held at once by `head_logprobs`, in fp32 elements (256 MiB): more rows run in pieces.

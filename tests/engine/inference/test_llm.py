@@ -6,7 +6,7 @@ import torch
 
 from fusedrl.engine.errors import NonFiniteError
 from fusedrl.engine.inference.llm import LLM
-from fusedrl.kernels.reference_sampling import kept_mask
+from fusedrl.kernels.reference.sampling import kept_mask
 
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.runner import kv_bytes_per_block

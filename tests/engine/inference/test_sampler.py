@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fusedrl.kernels import sample
-from fusedrl.kernels.reference_sampling import gumbel_noise, kept_mask
+from fusedrl.kernels.reference.sampling import gumbel_noise, kept_mask
 
 PROBS = torch.tensor([0.4, 0.3, 0.2, 0.1])
 N = 40_000

@@ -1,5 +1,5 @@
 """The split-row Triton sampler against its oracle `reference.sample`, and its draws against the float64
-distribution they must follow (the rules in kernels/reference_sampling.py's docstring).
+distribution they must follow (the rules in kernels/reference/sampling.py's docstring).
 
 Both draw with the same counter-based noise, so on the same inputs they pick the same tokens; the
 chi-square tests check what that sameness cannot: that the kernel's tokens follow the filtered,
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fusedrl.kernels import reference, sample, use_backend
-from fusedrl.kernels.reference_sampling import kept_mask
-from fusedrl.kernels.sampling import CHUNK, sample_triton
+from fusedrl.kernels.reference.sampling import kept_mask
+from fusedrl.kernels.sampling.sampler import CHUNK, sample_triton
 from kernel_testing import DEVICE, needs_triton
 
 pytestmark = needs_triton
@@ -165,7 +165,7 @@ def test_a_row_draws_the_same_token_whatever_else_is_in_the_batch():
 
 
 def test_sample_dispatches_by_backend(monkeypatch):
-    import fusedrl.kernels.sampling as sampler
+    import fusedrl.kernels.sampling.sampler as sampler
 
     calls = []
     monkeypatch.setattr(sampler, "sample_triton", lambda *a: calls.append(1) or sample_triton(*a))
@@ -284,7 +284,7 @@ def test_a_cut_between_adjacent_keys_draws_above_it_only(monkeypatch, dtype, rec
     """Two adjacent keys interleaved, top-k = the upper key's tokens: the cut falls between them,
     inside every chunk's window, so a chunk's best candidate is often of the cut key and the upper
     key's best must reach the window too (the records; with fewer rounds, the rest go atomic)."""
-    import fusedrl.kernels.sampling as sampling
+    import fusedrl.kernels.sampling.sampler as sampling
 
     monkeypatch.setattr(sampling, "_RECORDS", records)
     vocab = CHUNK + 901
@@ -301,7 +301,7 @@ def test_a_bracket_that_misses_falls_back_and_stays_exact(monkeypatch, dtype):
     """Mass bounds made wrong on purpose (slack -0.5): the finish kernel finds the window does not hold
     the cut (the mass above it already reaches the target, or the target is not reached in it) and
     walks the row itself. A bracket costs time when it misses, never the right token."""
-    import fusedrl.kernels.sampling as sampling
+    import fusedrl.kernels.sampling.sampler as sampling
 
     monkeypatch.setattr(sampling, "_SLACK", -0.5)
     g = torch.Generator(DEVICE).manual_seed(10)
@@ -339,7 +339,7 @@ def test_the_window_workspace_is_left_empty():
     """The caller's window is emptied by the kernels that used it (no clearing op): after calls with
     window rows (fp32: the fixed-point masses too) and fallback rows, every bin is empty again, and
     the next call on it draws as a fresh one does."""
-    from fusedrl.kernels.sampling import SamplerWorkspace
+    from fusedrl.kernels.sampling.sampler import SamplerWorkspace
 
     dtype = torch.float32
     workspace = SamplerWorkspace(8, torch.device(DEVICE))
@@ -355,7 +355,7 @@ def test_the_window_workspace_is_left_empty():
 
 
 def test_a_workspace_too_small_or_elsewhere_is_refused():
-    from fusedrl.kernels.sampling import SamplerWorkspace
+    from fusedrl.kernels.sampling.sampler import SamplerWorkspace
 
     logits, *rest = mixed_batch(7, torch.float32)
     with pytest.raises(ValueError, match="workspace of 2 rows on .* for 8 rows of logits"):

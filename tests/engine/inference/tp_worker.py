@@ -11,7 +11,8 @@ from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.inference.hybrid_actor import HybridActor
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.model.attention import AttentionMetadata, attention_step
+from fusedrl.engine.model.attention import attention_step
+from fusedrl.kernels.attention import AttentionMetadata
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.primitives import FORWARD
 from fusedrl.engine.parallel.dims import ParallelDims

@@ -7,8 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.model import attention
-from fusedrl.engine.model.attention import AttentionMetadata, prefill_attention, varlen_attention
+from fusedrl.kernels.attention import AttentionMetadata, paths, prefill_attention, varlen_attention
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
 from attention_testing import paged, random_qkv, reference_attention
@@ -50,7 +49,7 @@ def test_prefill_attention_over_cached_prefixes(use_kernel, monkeypatch):
     k_cache, v_cache, block_tables = paged(k, v, seqlens_k, block_size=4)
     calls = []
     if use_kernel:
-        monkeypatch.setattr(attention, "varlen_kernel", lambda x: stand_in_kernel(calls))
+        monkeypatch.setattr(paths, "varlen_kernel", lambda x: stand_in_kernel(calls))
     meta = prefill_meta(seqlens_q, seqlens_k, block_tables)
     out = prefill_attention(q, None, None, k_cache, v_cache, meta)
     torch.testing.assert_close(out, reference_attention(q, k, v, seqlens_q, seqlens_k))
@@ -59,7 +58,7 @@ def test_prefill_attention_over_cached_prefixes(use_kernel, monkeypatch):
 
 def test_varlen_attention_hands_the_pack_to_the_kernel(monkeypatch):
     lens, calls = [3, 8, 1], []
-    monkeypatch.setattr(attention, "varlen_kernel", lambda x: stand_in_kernel(calls))
+    monkeypatch.setattr(paths, "varlen_kernel", lambda x: stand_in_kernel(calls))
     q, k, v = random_qkv(sum(lens), sum(lens), 4, 2, torch.float64)
     out = varlen_attention(q, k, v, AttentionMetadata.packed(lens, "cpu"))
     torch.testing.assert_close(out, reference_attention(q, k, v, lens, lens))

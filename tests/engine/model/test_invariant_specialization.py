@@ -42,8 +42,9 @@ def specializations(launches: dict, jit_functions: dict) -> dict:
 
 
 def jit_functions():
-    from fusedrl.kernels.invariant import fixed_tile_matmul, row_logprobs, segment_attention
-    from fusedrl.kernels import norm, rotary, swiglu
+    from fusedrl.kernels.attention import segment as segment_attention
+    from fusedrl.kernels.invariant import fixed_tile_matmul, row_logprobs
+    from fusedrl.kernels.model import norm, rotary, swiglu
     modules = (norm, rotary, swiglu, segment_attention, row_logprobs, fixed_tile_matmul)
     return {name: getattr(m, name) for m in modules for name in COMPUTING if hasattr(m, name)}
 

@@ -3,8 +3,7 @@ gradients) and prefill over cached prefixes read from shuffled pages."""
 import pytest
 import torch
 
-from fusedrl.engine.model.packed_attention import (packed_causal_attention, paged_prefill_attention,
-                                                   plan_groups)
+from fusedrl.kernels.attention.padded import packed_causal_attention, paged_prefill_attention, plan_groups
 from attention_testing import SCALE, paged, random_qkv, reference_attention
 
 # float64 is the exact check (same math, different padding); fp32 and bf16 bound what the padded

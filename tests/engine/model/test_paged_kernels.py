@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusedrl.kernels import reference
-from fusedrl.kernels.paged_attention import (MAX_SPLITS, decode_splits, paged_decode_triton,
+from fusedrl.kernels.attention.paged import (MAX_SPLITS, decode_splits, paged_decode_triton,
                                              rope_store_decode_triton,
                                              store_kv_triton)
 from kernel_testing import DEVICE, ULP, assert_close, needs_triton

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from fusedrl.engine.model import varlen_kernels
-from fusedrl.engine.model.varlen_kernels import adapt_torch_varlen, varlen_kernel
+from fusedrl.kernels.attention import varlen as varlen_kernels
+from fusedrl.kernels.attention.paths import varlen_kernel
+from fusedrl.kernels.attention.varlen import adapt_torch_varlen
 from attention_testing import SCALE, random_qkv, reference_attention
 
 

@@ -1,0 +1,54 @@
+"""The attention decider: which attention kernel runs for given queries. The one place that asks
+whether flash-attn is installed, whether its paged calls can read the pages, and whether torch's
+varlen kernel passed its check on the queries' device and dtype; the op backend underneath is
+dispatch's (`model_backend`).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Optional
+
+import torch
+
+from ..dispatch import model_backend
+from .varlen import torch_varlen_call
+
+# flash-attn 2 reads a paged KV cache only when a page holds a multiple of this many tokens.
+FLASH_PAGE_MULTIPLE = 256
+
+
+@functools.cache
+def flash_attn():
+    """The flash_attn module, or None when it is not installed."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    import flash_attn as module
+    return module
+
+
+def attention_backend(q: torch.Tensor, page_size: Optional[int] = None) -> str:
+    """Which attention runs for queries ``q`` [N, H, D].
+
+    page_size None (attention over the forward's own keys: a packed training batch, a prefill with
+    nothing cached, a prefill's keys gathered from the pages): "flash_attn" (installed; CUDA
+    fp16/bf16), else "torch_varlen" (torch's varlen flash kernel, torch >= 2.10; CUDA fp16/bf16;
+    only where it passed its check against SDPA on q's device and dtype, see varlen.py), else
+    "torch" (padded SDPA). The varlen kernels ignore the op backend: they are the only fast path
+    for a packed batch, and the padded SDPA path is their oracle.
+    page_size given (reading keys from a paged cache of that many tokens a page: a decode step, a
+    prefill over a cached prefix): "flash_attn" where its paged calls can read the pages (installed;
+    CUDA fp16/bf16; page_size a multiple of FLASH_PAGE_MULTIPLE), else model_backend(q): "triton"
+    (our fused decode kernel) or "torch" (a gather; a prefill then gathers its keys and asks again
+    with page_size None).
+    """
+    cuda_half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if page_size is not None:
+        if cuda_half and flash_attn() is not None and page_size % FLASH_PAGE_MULTIPLE == 0:
+            return "flash_attn"
+        return model_backend(q)
+    if cuda_half and flash_attn() is not None:
+        return "flash_attn"
+    if cuda_half and torch_varlen_call(q.device, q.dtype) is not None:
+        return "torch_varlen"
+    return "torch"

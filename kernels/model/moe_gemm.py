@@ -1,0 +1,69 @@
+"""The expert GEMMs of a mixture-of-experts layer: slots sorted by expert (`moe_sort`), then one
+grouped GEMM per projection over all experts (`grouped_linear`: torch's `F.grouped_mm` where it
+reads nothing on the host, else our Triton grouped GEMM, grouped_gemm.py; the choice is
+dispatch.grouped_gemm_path's).
+
+Capacity-free: every expert takes the rows routed to it, however many (zero included), and the
+group boundaries are device tensors, so neither op reads a value on the host: a decode step keeps
+fixed shapes (T*k rows for T tokens) and stays capturable in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..dispatch import grouped_gemm_path
+from .grouped_gemm import grouped_gemm
+
+
+def moe_sort(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor]:
+    """expert_ids [T, k] (each token's chosen experts) -> (order [T*k] int64: the slot t*k + i of
+    each row sorted by expert, tokens ascending within an expert; slot_rows [T*k] int64: the sorted
+    row of each slot; offsets [num_experts] int32: the end row of each expert's group)."""
+    if expert_ids.dim() != 2 or expert_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"moe_sort: expert_ids is {expert_ids.dtype} {tuple(expert_ids.shape)}: expected "
+            "integer [tokens, top_k]")
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    slot_rows = torch.empty_like(order).scatter_(0, order,
+                                                 torch.arange(flat.numel(), device=flat.device))
+    bounds = torch.arange(num_experts, device=flat.device, dtype=flat.dtype)
+    # no host read, unlike bincount
+    offsets = torch.searchsorted(flat[order], bounds, right=True).to(torch.int32)
+    return order, slot_rows, offsets
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: grouped_mm's backward refuses the
+    expanded or strided ones (a sum's, a transposed view's) that autograd may deliver."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [R, K] rows grouped by expert, weight [E, O, K] (one nn.Linear weight per expert),
+    offsets [E] int32 (moe_sort's, offsets[-1] == R) -> [R, O], rows of group e times weight[e]^T;
+    differentiable in x and weight."""
+    if (x.dim() != 2 or weight.dim() != 3 or x.shape[1] != weight.shape[2]
+        or x.dtype != weight.dtype):
+        raise ValueError(f"grouped_linear: x {x.dtype} {tuple(x.shape)} and weight {weight.dtype} "
+                         f"{tuple(weight.shape)} must be [R, K] and [E, O, K] of one dtype")
+    if offsets.dtype != torch.int32 or offsets.shape != (weight.shape[0],):
+        raise ValueError(
+            f"grouped_linear: offsets is {offsets.dtype} {tuple(offsets.shape)}: expected int32 "
+            f"({weight.shape[0]},)")
+    if grouped_gemm_path(x) == "triton":
+        return grouped_gemm(x, weight, offsets)
+    if any(size * x.element_size() % 16 for size in weight.shape[1:]):
+        raise ValueError(
+            f"grouped_linear: weight {tuple(weight.shape)} in {x.dtype}: grouped_mm needs rows of "
+            "whole 16 bytes (in and out features multiples of 16 / itemsize)")
+    return _ContiguousGrad.apply(F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets))

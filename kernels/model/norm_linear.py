@@ -1,0 +1,197 @@
+"""A decode step's RMSNorm (with the residual add) as the prologue of the projection that follows
+it, and the MLP's SiLU * up as the epilogue of the packed gate/up projection: one launch where the
+unfused step spends two (norm, q/k/v GEMM) or three (norm, gate/up GEMM, SiLU * up).
+
+    y, s = norm_linear(x, residual, norm_weight, eps, weight, bias)          # q/k/v
+    h, s = norm_linear(x, residual, norm_weight, eps, weight, bias, glu=True)  # SiLU(gate) * up
+
+Each program owns a [BLOCK_M, BLOCK_N] tile of the output and walks K twice over its rows of x: the
+first pass sums the squares of s = x + residual (and the programs of the first column tile write s,
+the new residual stream), the second builds each normalized tile exactly as norm.py rounds it
+(s rounded to the activation dtype, round(s * rstd) before the weight) and feeds it to the
+tensor-core dot. At decode x is a few rows, so reading it twice costs nothing next to the weight,
+which is read once. With glu the program holds the gate and the up columns of the same outputs (rows
+j and C + j of the packed weight) and writes round(round(SiLU(gate)) * up), as swiglu.py
+does.
+
+Forward only: the decoder uses it in decode steps (no autograd; the training and scoring forwards
+keep the norm and cuBLAS's GEMM, whose numbers the update differentiates). Runs where the
+model's fused kernels run (`dispatch.fused_for_model`). Custom op
+fusedrl::norm_linear, one op to torch.compile, CUDA graphs and a TorchDispatchMode;
+`reference.norm_linear` is its oracle and the backend elsewhere.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import checks, reference
+from ..dispatch import fused_for_model
+from ..tile_dot import dot_nt
+from ..triton_compat import tl, triton
+
+
+@triton.jit
+def _residual_sum(x_ptr, res_ptr, offs, mask, HAS_RESIDUAL: tl.constexpr):
+    """s = x + residual rounded to the activation dtype, as `x + residual` in torch (x alone without
+    one)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(
+            x.dtype)
+    return x
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _norm_linear_kernel(
+    x_ptr,  # [M, K] contiguous
+    res_ptr,  # [M, K] residual (read only if HAS_RESIDUAL)
+    sum_ptr,  # [M, K] out: x + residual (written only if HAS_RESIDUAL)
+    norm_w_ptr,  # [K]
+    w_ptr,  # [N_W, K] contiguous: the projection's weight (glu: gate rows then up rows, N_W = 2 N)
+    bias_ptr,  # [N_W] (read only if HAS_BIAS)
+    out_ptr,  # [M, N] out
+    n_rows,  # M
+    n_out,  # N
+    eps,
+    K: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
+    INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < n_out
+    kk = tl.arange(0, BLOCK_K)
+    # Pass 1: each row's sum of squares (and the new residual stream, written once).
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + kk) < K
+        offs = rows[:, None] * K + (k0 + kk)[None, :]
+        mask = row_ok[:, None] & k_ok[None, :]
+        s = _residual_sum(x_ptr, res_ptr, offs, mask, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            if pid_n == 0:
+                tl.store(sum_ptr + offs, s, mask=mask)
+        sf = s.to(tl.float32)
+        squares += tl.sum(sf * sf, axis=1)
+    rstd = 1.0 / tl.sqrt(squares / K + eps)
+    # Pass 2: the normalized tile, rounded as norm.py rounds it, times the weight's tile.
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GLU:
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + kk) < K
+        offs = rows[:, None] * K + (k0 + kk)[None, :]
+        mask = row_ok[:, None] & k_ok[None, :]
+        s = _residual_sum(x_ptr, res_ptr, offs, mask, HAS_RESIDUAL)
+        normed = (s.to(tl.float32) * rstd[:, None]).to(s.dtype).to(tl.float32)
+        nw = tl.load(norm_w_ptr + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+        a = (nw[None, :] * normed).to(w_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_K]
+        w_mask = col_ok[:, None] & k_ok[None, :]
+        w_offs = cols[:, None].to(tl.int64) * K + (k0 + kk)[None, :]
+        w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K]
+        acc = dot_nt(a, w, acc, INTERPRETED)
+        if GLU:
+            w_up = tl.load(w_ptr + w_offs + n_out * K, mask=w_mask, other=0.0)
+            acc_up = dot_nt(a, w_up, acc_up, INTERPRETED)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            acc_up += tl.load(bias_ptr + n_out + cols, mask=col_ok, other=0.0).to(tl.float32)[None,
+                                                                                              :]
+    dtype = out_ptr.dtype.element_ty
+    if GLU:
+        # The GEMM's outputs rounded as the unfused GEMM writes them, then SiLU rounded before the
+        # product.
+        gate = acc.to(dtype).to(tl.float32)
+        silu = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+        result = silu * acc_up.to(dtype).to(tl.float32)
+    else:
+        result = acc
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(out_ptr + rows[:, None] * n_out + cols[None, :], result.to(dtype), mask=out_mask)
+
+
+def tile_shape(rows: int, out_features: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for M rows and N outputs. Small batches (a decode step of <= 16
+    rows) are bound by reading the weight: the smallest row tile the tensor cores take, K tiles of
+    128 (256-byte rows of the weight per load), and column tiles narrow enough that the weight
+    spreads over ~100+ programs even for Qwen2.5-0.5B's q/k/v (1152 outputs: 72 programs of 16).
+    Larger batches take 32-64 row tiles and 64-wide column tiles. Not yet timed on a GPU:
+    bench_generate's --unfused-decode-gemms run is the comparison against cuBLAS."""
+    if rows <= 16:
+        return 16, (16 if out_features <= 2048 else 32), 128
+    return min(64, triton.next_power_of_2(rows)), (32 if rows <= 64 else 64), 64
+
+
+@torch.library.custom_op("fusedrl::norm_linear", mutates_args=())
+def _norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor,
+                    eps: float, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    out, total = _norm_linear_fake(x, residual, norm_weight, eps, weight, bias, glu)
+    rows, k = x.shape
+    n_out = out.shape[1]
+    if rows == 0:
+        return out, total
+    block_m, block_n, block_k = tile_shape(rows, n_out)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n_out, block_n))
+    _norm_linear_kernel[grid](
+        x, x if residual is None else residual, total, norm_weight, weight,
+        weight if bias is None else bias, out, rows, n_out, eps, K=k,
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GLU=glu,
+        INTERPRETED=not x.is_cuda, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out, total
+
+
+@_norm_linear_op.register_fake
+def _norm_linear_fake(x, residual, norm_weight, eps, weight, bias, glu):
+    n_out = weight.shape[0] // 2 if glu else weight.shape[0]
+    out = x.new_empty(x.shape[0], n_out)
+    # Without a residual the stream is x itself (a fresh tensor: a custom op may not return its
+    # input).
+    total = torch.empty_like(x) if residual is not None else x.clone()
+    return out, total
+
+
+def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor,
+                eps: float, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                glu: bool = False):
+    """x, residual [M, K] (residual may be None), norm_weight [K], weight [N_W, K], bias [N_W] or
+    None -> (y [M, N_W], or SiLU(gate) * up [M, N_W / 2] when glu; s = x + residual [M, K], x itself
+    when residual is None). Forward only (see the module docstring)."""
+    _check(x, residual, norm_weight, eps, weight, bias, glu)
+    if not fused_for_model(x):
+        return reference.norm_linear(x, residual, norm_weight, eps, weight, bias, glu)
+    y, total = torch.ops.fusedrl.norm_linear(x, residual, norm_weight, eps, weight, bias, glu)
+    return y, (x if residual is None else total)
+
+
+def _check(x, residual, norm_weight, eps, weight, bias, glu):
+    for name, tensor in (("x", x), ("residual", residual), ("norm_weight", norm_weight),
+                         ("weight", weight), ("bias", bias)):
+        if tensor is not None:
+            checks.check_float("norm_linear", name, tensor)
+    checks.check_nonnegative("norm_linear", "eps", eps)
+    if x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"norm_linear: x must be a contiguous [M, K] tensor, got {tuple(x.shape)} "
+                         f"with strides {x.stride()}")
+    k = x.shape[1]
+    if residual is not None and (residual.shape != x.shape or not residual.is_contiguous()):
+        raise ValueError(
+            f"norm_linear: residual must be contiguous {tuple(x.shape)}, got "
+            f"{tuple(residual.shape)}")
+    if norm_weight.shape != (k,):
+        raise ValueError(f"norm_linear: norm_weight must be [{k}], got {tuple(norm_weight.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != k or not weight.is_contiguous():
+        raise ValueError(
+            f"norm_linear: weight must be a contiguous [N, {k}] tensor, got {tuple(weight.shape)}")
+    if glu and weight.shape[0] % 2:
+        raise ValueError(
+            "norm_linear: glu needs an even number of weight rows [gate | up], got "
+            f"{weight.shape[0]}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"norm_linear: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
