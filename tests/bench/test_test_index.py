@@ -17,4 +17,4 @@ def test_a_reexported_name_counts_for_its_module(tmp_path: pathlib.Path):
     test.write_text("from fusedrl.kernels import token_logprobs\n"
                     "from fusedrl.engine.config import io\nimport fusedrl.engine.cli\n")
     assert test_index.modules_imported(test, known, exported) == {
-        "fusedrl.kernels.logprobs", "fusedrl.engine.config.io", "fusedrl.engine.cli"}
+        "fusedrl.kernels.rl.logprobs", "fusedrl.engine.config.io", "fusedrl.engine.cli"}
