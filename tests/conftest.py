@@ -3,8 +3,10 @@
 On a machine without CUDA the Triton kernels run in the interpreter on CPU tensors; the variable
 must be set before triton decorates the kernels, hence before `kernels` is imported.
 """
-import inspect
+import ast
+import functools
 import os
+import pathlib
 import zlib
 
 import torch
@@ -57,19 +59,41 @@ def pytest_configure(config):
         config.option.benchmark_disable = True
 
 
-# What a test module uses to start another process: torchrun ranks (dist_testing), a `fusedrl`
+# What a test module imports to start another process: torchrun ranks (dist_testing), a `fusedrl`
 # command (cli_testing), a benchmark or static-check script, spawned ranks.
-PROCESS_STARTERS = {"subprocess", "multiprocessing", "torch.multiprocessing", "dist_testing", "cli_testing",
-                    "static_gpu"}
+PROCESS_STARTERS = {"subprocess", "multiprocessing", "torch.multiprocessing", "dist_testing",
+                    "cli_testing", "static_gpu"}
 
 
-def _starts_processes(module, seen: dict) -> bool:
-    """Whether `module` (a test module, or None) holds a process starter among its globals."""
-    if module not in seen:
-        seen[module] = module is not None and any(
-            (value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)) in PROCESS_STARTERS
-            for value in vars(module).values())
-    return seen[module]
+@functools.lru_cache(maxsize=None)
+def starts_processes(path: pathlib.Path) -> bool:
+    """Whether the test module at `path` imports a process starter (read from its source: the
+    xdist controller decides with it too, where no test module is imported)."""
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return bool(imported & PROCESS_STARTERS)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist's default `load`: each test handed out alone, as `load` does, except that
+    a process-starting module's tests go to one worker together. Its module-scoped fixture (often
+    a minute of torchrun ranks) then runs once: split over two workers it ran on each, and
+    interleaved with other modules' tests it was torn down and run again."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ProcessModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            path = config.rootpath / module
+            return module if path.suffix == ".py" and starts_processes(path) else nodeid
+
+    return ProcessModulesTogether(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)  # marked before `-m` selects on the marks
@@ -78,14 +102,10 @@ def pytest_collection_modifyitems(config, items):
     # against well under a second for most others. pytest-xdist hands tests out in collection order,
     # so one of them collected late runs alone after the other worker has finished: put them first
     # (a stable sort: each module's tests stay together, in their order), and the short ones fill in.
-    # Their modules' fixtures (a module-scoped run of torchrun ranks, often a minute) run once per
-    # worker that gets one of the module's tests: under `--dist loadgroup` a module's process tests
-    # are one group, on one worker, and the fixture runs once.
-    seen = {}
     for item in items:
-        if _starts_processes(getattr(item, "module", None), seen):
+        module = getattr(item, "module", None)
+        if module is not None and starts_processes(pathlib.Path(module.__file__)):
             item.add_marker(pytest.mark.integration)
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     items.sort(key=lambda item: "integration" in item.keywords, reverse=True)
     if torch.cuda.is_available():
         return
