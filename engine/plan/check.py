@@ -12,27 +12,29 @@ import torch
 from ..errors import UsageError
 from ..parallel.distributed import local_world_size
 from ..parallel.validate import validate
+from .memory_plan import MemoryPlan
 from .planner import auto_checkpointing, plan_stage
 from .report import refusal
 
 
-def refuse_unfit(cfg, device: torch.device, gpus: int) -> None:
+def refuse_unfit(cfg, device: torch.device, gpus: int) -> MemoryPlan | None:
     """UsageError (exit 2) when `cfg` combines parallel options the engine does not run on `gpus`
     ranks (validate), or when its plan on `gpus` GPUs like `device` does not fit: only on CUDA,
-    where the memory is known, and unless train.memory_check is off."""
+    where the memory is known, and unless train.memory_check is off. Returns the plan it made."""
     validate(cfg, gpus)
     if device.type != "cuda" or not cfg.train.memory_check:
-        return
+        return None
     total = torch.cuda.get_device_properties(device).total_memory
     plan = plan_stage(cfg, gpus, total, gpus_per_node=local_world_size())
     if not plan.fits:
         raise UsageError(refusal(plan))
+    return plan
 
 
 def startup_check(cfg, device: torch.device, gpus: int):
     """refuse_unfit, then `cfg` as the run runs it: train.gradient_checkpointing=auto resolved
     (planner.auto_checkpointing) to true or false."""
-    refuse_unfit(cfg, device, gpus)
-    on = auto_checkpointing(cfg, device, gpus, local_world_size())
+    plan = refuse_unfit(cfg, device, gpus)  # its plan resolved auto already: not planned twice
+    on = auto_checkpointing(cfg, device, gpus, local_world_size(), plan)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
                                                               gradient_checkpointing=on))

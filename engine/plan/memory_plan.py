@@ -20,6 +20,7 @@ class MemoryPlan:
     notes: list = field(default_factory=list)
     shard_group: int = 1         # GPUs an FSDP model is split over (Setup.shard_group)
     kv_pool: PoolFigures | None = None  # PPO: the rollout's KV pool (kv_pool.py)
+    checkpointing: bool = False  # layer recompute as planned (gradient_checkpointing resolved)
 
     def total(self, phase: str) -> int:
         return sum(self.phases[phase].values())

@@ -74,7 +74,8 @@ def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, devi
     check_tensor_parallel(cfg.train.tensor_parallel, gpus, policy, option="train.tensor_parallel")
     phases, pool = plan_phases(s)
     plan = MemoryPlan(s.stage, gpus, gpu_memory, phases, model_rows(s), host_optimizer_bytes(s),
-                      rules, shard_group=s.shard_group, kv_pool=pool)
+                      rules, shard_group=s.shard_group, kv_pool=pool,
+                      checkpointing=cfg.train.checkpointing())
     if plan.peak > gpu_memory:  # what to change first (an auto pool is empty then)
         plan.notes = advice(cfg, plan, rules, device) if advise else []
     elif pool is not None:
@@ -90,7 +91,7 @@ def _plan_auto_checkpointing(cfg, gpus, gpu_memory, rules, device, advise, gpus_
             cfg.train, gradient_checkpointing=on))
         return plan_stage(resolved, gpus, gpu_memory, rules, device, advise, gpus_per_node)
     if torch.device(device).type != "cuda" or cfg.train.activation_offload:
-        on = cfg.train.activation_offload
+        on = cfg.train.checkpointing()  # auto's rule off CUDA, and with the offload
         chosen = plan(on)
         chosen.notes.insert(0, f"train.gradient_checkpointing=auto: {'on' if on else 'off'} "
                                f"({'with train.activation_offload' if on else 'off CUDA'})")
@@ -116,19 +117,17 @@ def roomy(plan: MemoryPlan) -> bool:
     return plan.fits and (plan.kv_pool is None or plan.kv_pool.warning() is None)
 
 
-def auto_checkpointing(cfg, device: torch.device, gpus: int, gpus_per_node: int) -> bool:
+def auto_checkpointing(cfg, device: torch.device, gpus: int, gpus_per_node: int,
+                       plan: MemoryPlan | None = None) -> bool:
     """train.gradient_checkpointing resolved for a run on `gpus` GPUs like `device`: as given, or
-    for auto, by the run's plan on CUDA (on where it does not fit without it, or where the KV pool
-    would hold less than one group) and off on the CPU (on with train.activation_offload)."""
-    option = cfg.train.gradient_checkpointing
-    if option != "auto":
-        return option
-    if device.type != "cuda" or cfg.train.activation_offload:
-        return bool(cfg.train.activation_offload)
-    total = torch.cuda.get_device_properties(device).total_memory
-    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                             gradient_checkpointing=False))
-    return not roomy(plan_stage(off, gpus, total, advise=False, gpus_per_node=gpus_per_node))
+    for auto, by the run's plan on CUDA (`plan`, that plan when the caller made it already: the
+    rule is _plan_auto_checkpointing's) and off on the CPU (on with train.activation_offload)."""
+    if cfg.train.gradient_checkpointing != "auto" or device.type != "cuda":
+        return cfg.train.checkpointing()
+    if plan is None:
+        total = torch.cuda.get_device_properties(device).total_memory
+        plan = plan_stage(cfg, gpus, total, advise=False, gpus_per_node=gpus_per_node)
+    return plan.checkpointing
 
 
 def with_overrides(cfg, overrides: list[str]):
