@@ -17,7 +17,7 @@ Layout of `RUN_DIR/checkpoints/step-00000012/`, the same for one process and for
 Tensor names are in parts.py; any world size resumes a checkpoint of any other (each rank reads the
 boxes of its own shards), and a checkpoint that does not fit the run (another model, depth, width,
 LoRA rank, precision) is refused with one line naming the difference before anything is loaded
-(restore.py). The earlier layouts still resume (legacy.py).
+(restore.py).
 The directory is first written as a hidden `.step-...tmp-*` sibling and renamed when complete, so a
 crash mid-save leaves no `step-*` directory at all: `latest_checkpoint` never sees half a checkpoint
 (and `run_training` removes such leftovers when a run starts). Nothing non-finite is written. A
@@ -26,10 +26,10 @@ resume verifies the newest checkpoint against its manifest; a corrupt one is ren
 warning.
 """
 from .parts import SavedModel, Trainables
-from .restore import CheckpointMismatch, UnsafeCheckpoint
+from .restore import CheckpointMismatch
 from .store import (checkpoint_dir, latest_checkpoint, list_checkpoints, load_checkpoint,
                     read_tensors, resume, save_checkpoint)
 
-__all__ = ["SavedModel", "Trainables", "CheckpointMismatch", "UnsafeCheckpoint", "checkpoint_dir",
+__all__ = ["SavedModel", "Trainables", "CheckpointMismatch", "checkpoint_dir",
            "latest_checkpoint", "list_checkpoints", "load_checkpoint", "read_tensors", "resume",
            "save_checkpoint"]

@@ -24,13 +24,9 @@ class CheckpointMismatch(UsageError):
     precision or stage): nothing was loaded."""
 
 
-class UnsafeCheckpoint(UsageError):
-    """A checkpoint that could only be read by unpickling (which can run code): not loaded."""
-
-
 @dataclass
 class Source:
-    """A checkpoint opened for loading, whatever its layout.
+    """A checkpoint opened for loading.
     index: {tensor name: {"dtype": name, "shape": [...]}}; read(name, offsets, sizes) -> that box of
     the tensor (CPU); data: {"models", "modules", "optimizers", "schedulers", "loop"} as
     parts.trainer_state describes them; rng(rank) -> (RNG tensors, python RNG state) of that

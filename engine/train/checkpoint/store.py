@@ -15,7 +15,6 @@ from ...durable import (CorruptDirectory, check_finite, publish, temp_dir, verif
                         write_manifest)
 from ...errors import NonFiniteError, UsageError
 from ...parallel import distributed
-from .legacy import is_legacy, open_legacy
 from .parts import Trainables, rng_state, trainer_state
 from .restore import Source, restore
 from .shards import ShardReader, local_chunk, write_shards
@@ -97,14 +96,8 @@ def _check_finite_data(value, what: str, where: str = "") -> None:
         _check_finite_data(item, what, f"{where}.{key}")
 
 
-def open_checkpoint(path: Path, parts: Trainables) -> Source:
-    """The verified checkpoint at `path` as a restore.Source, whatever its layout."""
-    if not (path / STATE_FILE).is_file() and is_legacy(path):
-        return open_legacy(path, parts)
-    return _open_current(path)
-
-
-def _open_current(path: Path) -> Source:
+def open_checkpoint(path: Path) -> Source:
+    """The verified checkpoint at `path` as a restore.Source."""
     try:
         document = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
@@ -126,7 +119,7 @@ def load_checkpoint(path, parts: Trainables, check_loop=None) -> dict:
     checkpoint written by any number of ranks."""
     path = Path(path)
     verify_manifest(path)
-    return restore(open_checkpoint(path, parts), parts, check_loop)
+    return restore(open_checkpoint(path), parts, check_loop)
 
 
 def read_tensors(path, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -135,7 +128,7 @@ def read_tensors(path, prefix: str = "") -> dict[str, torch.Tensor]:
     dict (names in engine/train/checkpoint/parts.py)."""
     path = Path(path)
     verify_manifest(path)
-    source = _open_current(path)
+    source = open_checkpoint(path)
     return {name.removeprefix(prefix): source.read(name, [0] * len(entry["shape"]), entry["shape"])
             for name, entry in source.index.items() if name.startswith(prefix)}
 

@@ -1,11 +1,10 @@
-"""The checkpoint layout on its own (one process): every part comes back exactly, checkpoints of the
-earlier layout still resume, a pickle planted in a re-sealed checkpoint never runs, a checkpoint
+"""The checkpoint layout on its own (one process): every part comes back exactly, a pickle planted in
+a re-sealed checkpoint never runs, a checkpoint
 that does not fit the run says what differs before anything is loaded, and the index is checked.
 The same layout on two ranks, and across world sizes: test_data_parallel.py, test_lora_data_parallel.py."""
 import json
 import pickle
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,18 +16,16 @@ from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.durable import CorruptDirectory, write_manifest
 from fusedrl.engine.errors import NonFiniteError, one_line
-from fusedrl.engine.model.hf_io import load_model, save_model
-from fusedrl.engine.model.lora import LoRA, add_lora
-from fusedrl.engine.model.peft_io import read_adapter_weights, save_adapter
-from fusedrl.engine.run_dir import MARKER
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.model.hf_io import load_model
+from fusedrl.engine.model.lora import add_lora
+from fusedrl.engine.model.peft_io import read_adapter_weights
 from fusedrl.engine.train import optim
-from fusedrl.engine.train.checkpoint import (CheckpointMismatch, SavedModel, Trainables, UnsafeCheckpoint,
+from fusedrl.engine.train.checkpoint import (CheckpointMismatch, SavedModel, Trainables,
                                              checkpoint_dir, list_checkpoints, load_checkpoint, resume,
                                              save_checkpoint)
 from fusedrl.engine.train.checkpoint.shards import ShardReader, check_index
 from fusedrl.engine.train.runlog import read_metrics
-from train_testing import demonstrations, save_tiny_model, sft_config, write_jsonl
+from train_testing import demonstrations, save_tiny_model, write_jsonl
 
 LOOP = {"step": 2, "epoch": 1, "tokens": 96, "kl_coef": 0.05, "moments": {"count": 6, "mean": 0.25, "m2": 1.5}}
 
@@ -101,55 +98,6 @@ def test_every_part_comes_back_exactly_from_data_files_only(base_dir, tmp_path):
     assert masters and all(m.dtype == torch.float32 for m in masters)  # fp32, not rounded to the bf16 weights
 
 
-def write_earlier_layout(parts: Trainables, path: Path, loop: dict) -> None:
-    """A checkpoint as the one-process layout of earlier versions wrote it: each model its own Hugging
-    Face (or PEFT) directory, torch.save of the rest in trainer_state.pt, then the manifest."""
-    path.mkdir(parents=True)
-    for name, part in parts.models.items():
-        (save_adapter if isinstance(part.module, LoRA) else save_model)(part.module, path / name)
-    torch.save({"optimizers": [o.state_dict() for o in parts.optimizers],
-                "schedulers": [s.state_dict() for s in parts.schedulers],
-                "small_modules": {name: m.state_dict() for name, m in parts.small_modules.items()},
-                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}, "state": loop},
-               path / "trainer_state.pt")
-    write_manifest(path)
-
-
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_a_checkpoint_of_the_earlier_layout_resumes(base_dir, tmp_path, lora_rank):
-    run = Run(base_dir, lora_rank).train()
-    write_earlier_layout(run.parts, checkpoint_dir(tmp_path, 2), LOOP)
-    draw = torch.rand(3)
-    fresh = Run(base_dir, lora_rank)
-    found, loop = resume(tmp_path, fresh.parts)
-    assert found == checkpoint_dir(tmp_path, 2) and loop == LOOP
-    assert_same(fresh.snapshot(), run.snapshot())
-    assert torch.equal(torch.rand(3), draw)
-    # Both continue alike, and the next save is in the current layout.
-    assert_same(fresh.train(1).snapshot(), run.train(1).snapshot())
-    assert (save_checkpoint(tmp_path, 3, fresh.parts, {**LOOP, "step": 3}) / "checkpoint.json").is_file()
-
-
-def test_an_sft_run_resumes_from_the_earlier_layout_as_from_its_own(base_dir, tmp_path):
-    data = write_jsonl(tmp_path / "train.jsonl", demonstrations(24))
-    kw = dict(optim={"grad_accum_steps": 2, "warmup_steps": 1}, data={"eval_fraction": 0.0})
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_sft(sft_config(base_dir, data, straight, train={"max_steps": 2, "save_every": 1, "keep_checkpoints": 0}, **kw))
-    # Its step-1 checkpoint rewritten in the earlier layout, through the parts the SFT stage builds.
-    cfg = sft_config(base_dir, data, resumed, **kw)
-    model = load_model(base_dir)
-    optimizer = optim.build_optimizer(model, cfg.optim)
-    parts = Trainables({"model": SavedModel(model, load_model)}, [optimizer],
-                       [optim.build_scheduler(optimizer, cfg.optim, 2)])
-    loop = load_checkpoint(checkpoint_dir(straight, 1), parts)
-    write_earlier_layout(parts, checkpoint_dir(resumed, 1), loop)
-    shutil.copy2(straight / MARKER, resumed / MARKER)  # the run's own directory, moved as a user would
-    run_sft(sft_config(base_dir, data, resumed, train={"max_steps": 2}, **kw))
-    assert [r["resumed_from"] for r in read_metrics(resumed) if "resumed_from" in r][0].endswith("step-00000001")
-    a, b = load_model(straight / "final").state_dict(), load_model(resumed / "final").state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 class Payload:
     """Unpickling this creates the file `marker`: what a planted pickle could do, and worse."""
 
@@ -160,42 +108,34 @@ class Payload:
         return Path.touch, (Path(self.marker),)
 
 
-def plant(path: Path, layout: str, marker: Path) -> None:
+def plant(path: Path, where: str, marker: Path) -> None:
     """A pickle payload planted in checkpoint `path`, which is then re-sealed (its manifest says
-    the files are complete, not who wrote them)."""
-    if layout == "earlier":
-        (path / "checkpoint.json").unlink()
-        torch.save({"optimizers": [Payload(marker)]}, path / "trainer_state.pt")
-    elif layout == "earlier multi-rank":
-        (path / "checkpoint.json").unlink()
-        (path / "sharded").mkdir()
-        (path / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    the files are complete, not who wrote them): in place of its index, or beside it."""
+    if where == "instead of the index":
+        (path / "checkpoint.json").write_bytes(pickle.dumps(Payload(marker)))
     else:  # beside a current checkpoint, where nothing reads it
         torch.save({"optimizers": [Payload(marker)]}, path / "trainer_state.pt")
     (path / "manifest.json").unlink()
     write_manifest(path)
 
 
-@pytest.mark.parametrize("layout", ["earlier", "earlier multi-rank", "current"])
-def test_a_planted_pickle_never_runs(base_dir, tmp_path, layout):
+@pytest.mark.parametrize("where", ["instead of the index", "beside the index"])
+def test_a_planted_pickle_never_runs(base_dir, tmp_path, where):
     run = Run(base_dir).train()
     path = save_checkpoint(tmp_path, 2, run.parts, LOOP)
     live = tmp_path / "live"
     pickle.loads(pickle.dumps(Payload(live)))
     assert live.exists()  # the payload does run when unpickled
     marker = tmp_path / "pwned"
-    plant(path, layout, marker)
+    plant(path, where, marker)
     fresh = Run(base_dir)
-    if layout == "current":
+    if where == "beside the index":
         assert resume(tmp_path, fresh.parts)[1] == LOOP
-    else:
+    else:  # not JSON: set aside as corrupt, never unpickled
         before = fresh.snapshot()
-        with pytest.raises(UnsafeCheckpoint) as refused:
-            resume(tmp_path, fresh.parts)
-        code, message = one_line(refused.value)
-        assert code == 2 and "not loaded" in message and "\n" not in str(refused.value)
+        assert resume(tmp_path, fresh.parts) == (None, {})
         assert_same(fresh.snapshot(), before)
-        assert list_checkpoints(tmp_path) == [path]  # refused, not set aside as corrupt
+        assert list_checkpoints(tmp_path) == [] and (tmp_path / "checkpoints" / f"corrupt-{path.name}").is_dir()
     assert not marker.exists()
 
 
@@ -211,13 +151,14 @@ def test_a_planted_pickle_never_runs_on_a_fusedrl_sft_resume(base_dir, tmp_path,
     args = sft_command(base_dir, tmp_path)
     assert main(args) == 0
     marker = tmp_path / "pwned"
-    plant(checkpoint_dir(tmp_path / "run", 2), "earlier", marker)
+    plant(checkpoint_dir(tmp_path / "run", 2), "instead of the index", marker)
     capsys.readouterr()
-    # The same command, one step longer: it resumes from the newest checkpoint (a run already
-    # complete would change nothing).
-    assert main([*args, "train.max_steps=3"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "trainer_state.pt holds more than tensors and plain data" in err[0]
+    # The same command, one step longer: the planted checkpoint is set aside as corrupt and the run
+    # resumes from the one before it (a run already complete would change nothing).
+    assert main([*args, "train.max_steps=3"]) == 0
+    assert "checkpoint step-00000002 is corrupt" in capsys.readouterr().err
+    assert [r["resumed_from"] for r in read_metrics(tmp_path / "run")
+            if "resumed_from" in r][-1].endswith("step-00000001")
     assert not marker.exists()
 
 
