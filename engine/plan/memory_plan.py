@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .kv_pool import PoolFigures
-from .rules import EngineRules
 
 
 @dataclass
@@ -16,7 +15,6 @@ class MemoryPlan:
     phases: dict                 # {phase: {category: bytes per GPU}}
     models: list                 # [{role, parameters, bytes, sharded, trained_parameters}]
     host_optimizer_bytes: int    # per rank, when the optimizer state is offloaded
-    rules: EngineRules
     notes: list = field(default_factory=list)
     shard_group: int = 1         # GPUs an FSDP model is split over (Setup.shard_group)
     kv_pool: PoolFigures | None = None  # PPO: the rollout's KV pool (kv_pool.py)

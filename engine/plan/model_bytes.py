@@ -25,15 +25,13 @@ from ..parallel.distributed import shard_units
 @dataclass
 class Part:
     """One model of a run. `sharded`: an FSDP2 model under torchrun (else whole on every rank);
-    `trained`: the parameters its optimizer steps that get gradients; `copies_at_load`: whole
-    copies built while loading it (the reward model from a causal LM: the LM and the copy);
-    `adapted`: a LoRA base (tensor-parallel, its slices are copied across the data groups)."""
+    `trained`: the parameters its optimizer steps that get gradients; `adapted`: a LoRA base
+    (tensor-parallel, its slices are copied across the data groups)."""
     role: str
     module: nn.Module
     sharded: bool
     trained: list = field(default_factory=list)
     config: ModelConfig | None = None   # decoder shapes (activations); None for a head alone
-    copies_at_load: int = 1
     adapted: bool = False
 
 
@@ -100,37 +98,33 @@ def _lora_parts(lora, role: str) -> list[Part]:
     return [Part(f"{role} adapters", lora, sharded=False, trained=list(lora.parameters()))]
 
 
-def supervised_models(stage: str, cfg, config: ModelConfig, dtype: torch.dtype,
-                      lora_base_whole: bool) -> list[Part]:
+def supervised_models(stage: str, cfg, config: ModelConfig, dtype: torch.dtype) -> list[Part]:
     """SFT: the causal LM; RM: the reward model built from it (a whole copy while loading). With
-    lora.rank > 0 only its adapters (and head) train, and its frozen base is whole on every rank
-    when `lora_base_whole` (rules.py)."""
+    lora.rank > 0 only its adapters (and head) train; its frozen base is sharded like any frozen
+    model."""
     model = _meta(CausalLM if stage == "sft" else RewardModel, config, dtype)
     heads = {"score": model.score} if stage == "rm" else None
     lora = adapters.attach(model, cfg.lora, heads)
-    copies = 1 if stage == "sft" else 2
     if lora is not None:
         return [
-            Part("model", model, sharded=not lora_base_whole, config=config, copies_at_load=copies,
-                 adapted=True),
+            Part("model", model, sharded=True, config=config, adapted=True),
             *_lora_parts(lora, "model")]
     lm_loss = stage == "sft" or cfg.beta_rm > 0
     return [
-        Part("model", model, sharded=True, trained=trained_params(model, lm_loss), config=config,
-             copies_at_load=copies)]
+        Part("model", model, sharded=True, trained=trained_params(model, lm_loss), config=config)]
 
 
-def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None, dtype: torch.dtype,
-               lora_base_whole: bool) -> list[Part]:
+def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None,
+               dtype: torch.dtype) -> list[Part]:
     """The models of build_models (engine/stages/ppo/trainer.py), on the meta device: the policy
-    (whole with lora), the reference (none with lora), the reward model (when reward_model is set),
-    the critic (separate: a ValueModel, or with critic_lora adapters on the reward model's decoder
-    or on a frozen copy of the policy) or the shared value head. An adapted model's frozen base is
-    whole on every rank when `lora_base_whole` (rules.py)."""
+    (a frozen base with lora), the reference (none with lora), the reward model (when reward_model
+    is set), the critic (separate: a ValueModel, or with critic_lora adapters on the reward model's
+    decoder or on a frozen copy of the policy) or the shared value head. An adapted model's frozen
+    base is sharded like any frozen model."""
     policy = _meta(CausalLM, policy_config, dtype)
     lora = adapters.attach(policy, cfg.lora)
     parts = [
-        Part("policy", policy, sharded=lora is None or not lora_base_whole,
+        Part("policy", policy, sharded=True,
              trained=[] if lora else trained_params(policy), config=policy_config,
              adapted=lora is not None)]
     if lora is not None:
@@ -143,7 +137,7 @@ def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None, d
     lora_critic_on_rm = cfg.critic == "separate" and cfg.critic_lora.enabled and rm is not None
     if rm is not None:
         parts.append(
-            Part("reward model", rm, sharded=not (lora_critic_on_rm and lora_base_whole),
+            Part("reward model", rm, sharded=True,
                  config=rm_config, adapted=lora_critic_on_rm))
     if cfg.critic == "shared":
         head = shared_value_head(policy)
@@ -157,9 +151,9 @@ def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None, d
                  config=trunk_config))
     elif cfg.critic == "separate":
         trunk = rm if rm is not None else _meta(CausalLM, policy_config, dtype)
-        if rm is None:  # a frozen copy of the policy's weights, whole on every rank
+        if rm is None:  # a frozen copy of the policy's weights
             parts.append(
-                Part("critic trunk", trunk, sharded=not lora_base_whole, config=policy_config,
+                Part("critic trunk", trunk, sharded=True, config=policy_config,
                      adapted=True))
         head_init = torch.zeros(1, trunk.config.hidden_size, device="meta")
         critic = LoRACritic(trunk, head_init, cfg.critic_lora)

@@ -31,10 +31,11 @@ from .activations import (context_share, forward_activations, rollout_prefill_to
                           shared_prefix_tokens, training_activations)
 from .model_bytes import Part, local_numel, param_bytes, unique_params, unit_bytes
 from .kv_pool import PoolFigures, held_in, pool_bytes, pool_figures
-from .rules import EngineRules
 
 PHASES = ("load", "rollout", "scoring", "update", "export")
 CATEGORIES = ("weights", "grads", "optimizer", "kv_pool", "gathered", "activations")
+# FSDP2 all-gathers the next layer while the current one runs (forward and backward prefetch).
+LAYERS_GATHERED = 2
 
 
 @dataclass
@@ -48,7 +49,6 @@ class Setup:
     shard_group: int            # ranks an FSDP model is split over (distributed.shard_group_size)
     dtype: torch.dtype          # of the models' parameters (train.precision)
     offload_optimizer: bool
-    rules: EngineRules
     gpu_memory: int | None = None  # what rollout.kv_cache_memory's fraction or `auto` is of
     # parameter lists and unit sizes, computed once
     memo: dict = field(default_factory=dict, repr=False)
@@ -208,7 +208,7 @@ def forward_gathered(s: Setup, part: Part) -> int:
     if not (share := s.gathered_share(part)):
         return 0
     layers, rest = _units(s, part)
-    return (rest + s.rules.layers_gathered * max(layers, default=0)) // share
+    return (rest + LAYERS_GATHERED * max(layers, default=0)) // share
 
 
 def pool_phases(s: Setup) -> tuple[str, ...]:
@@ -283,11 +283,8 @@ def _resident(s: Setup) -> dict:
 
 
 def load_phase(s: Setup) -> dict:
-    if not s.rules.load_whole:
-        return {"weights": weight_bytes(s)}
-    whole = sum(whole_bytes(p) * p.copies_at_load for p in s.parts if p.config is not None)
-    small = sum(param_bytes(p) for p, part in _params(s) if part.config is None)
-    return {"weights": whole + small}
+    """Each GPU reads only its shards from the safetensors files (hf_io.load_model(shard=...))."""
+    return {"weights": weight_bytes(s)}
 
 
 def update_phase(s: Setup, tokens: int, trained_decoders: list[Part],
@@ -316,10 +313,8 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part],
 
 
 def export_gathered(s: Setup, parts: list[Part]) -> int:
-    """What an export gathers whole on a rank, the models one at a time: each model whole
-    (export_gathers_model), else its largest parameter (streamed one at a time to rank 0)."""
-    if s.rules.export_gathers_model:
-        return max((whole_bytes(p) for p in parts if s.fsdp(p)), default=0)
+    """What an export gathers whole on a rank, the models one at a time: its largest parameter
+    (model/streamed_save.py streams them one at a time to rank 0)."""
     return max(
         (param_bytes(p) for part in parts if s.fsdp(part) for p in unique_params(part.module)),
         default=0)
@@ -338,7 +333,8 @@ def generation_gathered(s: Setup, policy: Part) -> int:
     """Weights generation holds on top of the policy's shards (engine/parallel/tensor_parallel.py):
     at train.tensor_parallel T > 1 its tensor slices (1/T of the policy) gathered from the data
     group when sharded there (Setup.data_sharded), else none (the data groups hold copies: each GPU
-    reads its slices where they lie); at T = 1 the whole policy (rules.generation_gathers_policy),
+    reads its slices where they lie); at T = 1 the whole policy (HybridActor.generate runs inside
+    distributed.gathered(policy)),
     unless it is read from the persistent buffers (rollout.persistent_weights: counted with the
     weights, persistent_bytes)."""
     t = s.cfg.train.tensor_parallel
@@ -346,7 +342,7 @@ def generation_gathered(s: Setup, policy: Part) -> int:
         return 0
     if t > 1:
         return s.slice_bytes(policy) if s.data_sharded(policy) else 0
-    return whole_bytes(policy) if s.rules.generation_gathers_policy else 0
+    return whole_bytes(policy)
 
 
 def ppo_phases(s: Setup) -> dict:

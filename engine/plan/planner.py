@@ -21,7 +21,6 @@ from ..train.precision import param_dtype, resolve_precision
 from .model_bytes import ppo_models, supervised_models
 from .memory_plan import MemoryPlan
 from .phases import Setup, host_optimizer_bytes, model_rows, plan_phases
-from .rules import TODAY, EngineRules
 from .units import format_bytes
 from .kv_pool import fit_to_free
 from ..parallel.dims import shard_group_size
@@ -39,7 +38,7 @@ def model_config(model_dir: str):
     return load_config(Path(model_dir))
 
 
-def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda",
+def stage_setup(cfg, gpus: int, device: str = "cuda",
                 gpus_per_node: int | None = None, gpu_memory: int | None = None) -> Setup:
     """The stage's models on the meta device, with the dtype train.precision gives on `device`, on
     `gpus` GPUs of `gpu_memory` bytes (what an auto KV pool fills) of nodes of `gpus_per_node`
@@ -49,18 +48,18 @@ def stage_setup(cfg, gpus: int, rules: EngineRules = TODAY, device: str = "cuda"
     dtype = param_dtype(resolve_precision(cfg.train.precision, torch.device(device)))
     if stage == "ppo":
         rm = model_config(cfg.reward_model) if cfg.reward_model else None
-        parts = ppo_models(cfg, model_config(cfg.policy), rm, dtype, rules.lora_base_whole)
+        parts = ppo_models(cfg, model_config(cfg.policy), rm, dtype)
     else:
-        parts = supervised_models(stage, cfg, model_config(cfg.model), dtype, rules.lora_base_whole)
+        parts = supervised_models(stage, cfg, model_config(cfg.model), dtype)
     # One process is refused train.optimizer_offload (parallel/validate.py): nothing is offloaded.
     group = shard_group_size(cfg.train.data_parallel, gpus, cfg.train.shard_group_size,
                              gpus_per_node or gpus)
     offload = cfg.train.optimizer_offload and gpus > 1
-    return Setup(stage, cfg, parts, gpus, group, dtype, offload, rules, gpu_memory,
+    return Setup(stage, cfg, parts, gpus, group, dtype, offload, gpu_memory,
                  fused=torch.device(device).type == "cuda")
 
 
-def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, device: str = "cuda",
+def plan_stage(cfg, gpus: int, gpu_memory: int, device: str = "cuda",
                advise: bool = True, gpus_per_node: int | None = None) -> MemoryPlan:
     """Per-GPU bytes of every phase of `cfg` (a stage config) on `gpus` GPUs of `gpu_memory` bytes,
     `gpus_per_node` to a node (default: one node of `gpus`); advise: when it does not fit, plan the
@@ -68,28 +67,28 @@ def plan_stage(cfg, gpus: int, gpu_memory: int, rules: EngineRules = TODAY, devi
     if gpus < 1:
         raise ValueError(f"--gpus={gpus}: expected at least 1")
     if cfg.train.gradient_checkpointing == "auto":
-        return _plan_auto_checkpointing(cfg, gpus, gpu_memory, rules, device, advise, gpus_per_node)
-    s = stage_setup(cfg, gpus, rules, device, gpus_per_node, gpu_memory)
+        return _plan_auto_checkpointing(cfg, gpus, gpu_memory, device, advise, gpus_per_node)
+    s = stage_setup(cfg, gpus, device, gpus_per_node, gpu_memory)
     policy = s.parts[0].config
     check_tensor_parallel(cfg.train.tensor_parallel, gpus, policy, option="train.tensor_parallel")
     phases, pool = plan_phases(s)
     plan = MemoryPlan(s.stage, gpus, gpu_memory, phases, model_rows(s), host_optimizer_bytes(s),
-                      rules, shard_group=s.shard_group, kv_pool=pool,
+                      shard_group=s.shard_group, kv_pool=pool,
                       checkpointing=cfg.train.checkpointing())
     if plan.peak > gpu_memory:  # what to change first (an auto pool is empty then)
-        plan.notes = advice(cfg, plan, rules, device) if advise else []
+        plan.notes = advice(cfg, plan, device) if advise else []
     elif pool is not None:
         plan.notes = [note for note in (pool.problem(), pool.warning()) if note]
     return plan
 
 
-def _plan_auto_checkpointing(cfg, gpus, gpu_memory, rules, device, advise, gpus_per_node):
+def _plan_auto_checkpointing(cfg, gpus, gpu_memory, device, advise, gpus_per_node):
     """plan_stage of `cfg` with train.gradient_checkpointing=auto resolved (auto_checkpointing's
     rule): off where the run fits without it, else on; the plan's first note says which."""
     def plan(on: bool, advise: bool = advise) -> MemoryPlan:
         resolved = dataclasses.replace(cfg, train=dataclasses.replace(
             cfg.train, gradient_checkpointing=on))
-        return plan_stage(resolved, gpus, gpu_memory, rules, device, advise, gpus_per_node)
+        return plan_stage(resolved, gpus, gpu_memory, device, advise, gpus_per_node)
     if torch.device(device).type != "cuda" or cfg.train.activation_offload:
         on = cfg.train.checkpointing()  # auto's rule off CUDA, and with the offload
         chosen = plan(on)
@@ -171,12 +170,12 @@ def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
     return out
 
 
-def advice(cfg, plan: MemoryPlan, rules: EngineRules, device: str) -> list[str]:
+def advice(cfg, plan: MemoryPlan, device: str) -> list[str]:
     """What to change: each single change that fits, else all of them together, else what blocks."""
     changes = candidate_changes(cfg, plan.ranks)
     fitting = []
     for what, overrides, gpus in changes:
-        other = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device,
+        other = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, device,
                            advise=False, gpus_per_node=plan.shard_group)
         if other.fits:
             fitting.append(
@@ -186,7 +185,7 @@ def advice(cfg, plan: MemoryPlan, rules: EngineRules, device: str) -> list[str]:
         return ["fits with any one of: " + "; ".join(fitting)]
     overrides = [o for _, os_, _ in changes for o in os_]
     gpus = max([plan.ranks] + [g for *_, g in changes])
-    together = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, rules, device,
+    together = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, device,
                           advise=False, gpus_per_node=plan.shard_group) if changes else plan
     if together.fits:
         return [
@@ -206,17 +205,11 @@ def blocker(plan: MemoryPlan, verb: str) -> str:
 
 
 def _why(plan: MemoryPlan, phase: str, category: str) -> str:
-    """Why `category` cannot shrink with any option today, by the rule it comes from (rules.py)."""
-    rules = plan.rules
-    if (phase, category) == ("load", "weights") and rules.load_whole:
-        return ("loading puts every model whole on every GPU before sharding it (no sharded load "
-                "yet)")
-    if (phase, category) == ("rollout", "gathered") and rules.generation_gathers_policy:
+    """Why `category` cannot shrink with any option, by the engine behaviour it comes from."""
+    if (phase, category) == ("rollout", "gathered"):
         return (
             "generation gathers the whole policy on every GPU at train.tensor_parallel=1 (T > 1 "
             "reads 2P/T bytes per GPU, LoRA or not)")
-    if (phase, category) == ("export", "gathered") and rules.export_gathers_model:
-        return "the export gathers the whole model on every GPU (no streamed export yet)"
     whole = [m["role"] for m in plan.models
              if not m["sharded"] and m["parameters"] > m["trained_parameters"]]
     if category == "weights" and plan.ranks > 1 and whole:

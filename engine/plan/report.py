@@ -10,7 +10,7 @@ def to_json(plan: MemoryPlan) -> dict:
     """{"fits": bool, "peak_bytes", "peak_phase", "gpu_memory", "gpus", "shard_group" (the GPUs an
     FSDP model is split over), "phases": {phase: {category:
     bytes per GPU, "total": ...}}, "models": [...], "host_optimizer_bytes", "advice": [...],
-    "rules", "kv_pool": PPO's {"bytes", "tokens", "sequences", "sequence_tokens", "group"}
+    "kv_pool": PPO's {"bytes", "tokens", "sequences", "sequence_tokens", "group"}
     (kv_pool.PoolFigures), else null}."""
     return {"stage": plan.stage, "gpus": plan.ranks, "shard_group": plan.shard_group,
             "gpu_memory": plan.gpu_memory,
@@ -19,7 +19,7 @@ def to_json(plan: MemoryPlan) -> dict:
             "phases": {name: {**cats, "total": plan.total(name)}
                        for name, cats in plan.phases.items()},
             "models": plan.models, "host_optimizer_bytes": plan.host_optimizer_bytes,
-            "advice": plan.notes, "rules": plan.rules.as_dict(),
+            "advice": plan.notes,
             "kv_pool": plan.kv_pool.as_dict() if plan.kv_pool else None}
 
 

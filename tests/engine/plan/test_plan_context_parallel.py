@@ -8,7 +8,6 @@ from fusedrl.engine.cli import STAGES
 from fusedrl.engine.plan.activations import forward_activations, training_activations
 from fusedrl.engine.plan.command import plan_config
 from fusedrl.engine.plan.planner import plan_stage, stage_setup
-from fusedrl.engine.plan.rules import TODAY
 from test_plan_qwen import CKPT, NODE, POOL, plan, plan_table
 
 # Rows read whole at C = 1 too (prefix sharing's auto is on there, off at C > 1): the same tokens.
@@ -43,7 +42,7 @@ def test_sft_activations_are_a_context_rank_s_share(qwen7b):
                                                           "data.tokens_per_batch=32768", "data.max_length=32768",
                                                           f"train.context_parallel={c}",
                                                           "train.gradient_checkpointing=false"])
-        return plan_stage(cfg, NODE["gpus"], NODE["gpu_memory"], TODAY)
+        return plan_stage(cfg, NODE["gpus"], NODE["gpu_memory"])
     one, four = sft(1), sft(4)
     assert four.phases["update"]["activations"] < 0.35 * one.phases["update"]["activations"]
 

@@ -62,7 +62,7 @@ def test_the_forward_budgets_default_to_one_full_length_row(qwen):
     for bad in ("lots", 16000):
         with pytest.raises(ValueError, match="rollout.tokens_per_forward=.* must hold one row"):
             grpo(max_new_tokens=16384, tokens_per_forward=bad)
-    # The old fixed budgets do not hold a 16k row: an explicit 16384 is refused, auto plans one row.
+    # A 16384-token budget does not hold a 16k row: it is refused, auto plans one row.
     with pytest.raises(UsageError, match="ppo.tokens_per_microbatch=16384 must hold one row"):
         plan("grpo", qwen["7B"], *LONG, "ppo.tokens_per_microbatch=16384")
     update = plan("grpo", qwen["7B"], *LONG).phases["update"]["activations"]

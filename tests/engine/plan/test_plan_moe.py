@@ -38,7 +38,7 @@ def test_qwen3_30b_a3b_grpo_on_one_node_takes_the_advice(qwen3_30b_a3b):
 def test_expert_parallel_holds_the_experts_of_its_group(qwen3_30b_a3b):
     """train.expert_parallel=E: the policy's experts (28.99B of the 30.53B: 48 layers x 128 experts x
     3 x 768 x 2048) are 1/E per GPU, weights, gradients and optimizer state alike (1/8 as FSDP's share
-    at E = 8, twice that in groups of 4), and FSDP's gathered layer no longer holds them."""
+    at E = 8, twice that in groups of 4), and FSDP's gathered layer does not hold them."""
     experts = 48 * 128 * 3 * 768 * 2048
     plans = {e: plan("grpo", qwen3_30b_a3b, CKPT, f"train.expert_parallel={e}") for e in (1, 4, 8)}
     # bf16 weight + gradient + fp32 master and two moments + the step's fp32 gradient copy

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from fusedrl.engine.cli import STAGES
 from fusedrl.engine.plan.command import plan_config
 from fusedrl.engine.plan.phases import model_rows
 from fusedrl.engine.plan.planner import plan_stage, stage_setup
-from fusedrl.engine.plan.rules import TODAY, EngineRules
 
 GB = 10**9
 NODE = dict(gpus=8, gpu_memory=80 * GB)
@@ -38,8 +36,8 @@ def config(stage, model_dir, *overrides):
     return plan_config(stage, STAGES[stage][0], None, [f"policy={model_dir}", *reward, *overrides])
 
 
-def plan(stage, model_dir, *overrides, rules=TODAY, advise=False):
-    return plan_stage(config(stage, model_dir, *overrides), NODE["gpus"], NODE["gpu_memory"], rules, advise=advise)
+def plan(stage, model_dir, *overrides, advise=False):
+    return plan_stage(config(stage, model_dir, *overrides), NODE["gpus"], NODE["gpu_memory"], advise=advise)
 
 
 def test_qwen_shapes_have_their_published_sizes(qwen):
@@ -53,12 +51,10 @@ def test_qwen_shapes_have_their_published_sizes(qwen):
 def test_14b_grpo_fits(qwen):
     result = plan("grpo", qwen["14B"], CKPT, POOL)
     assert result.fits and result.peak < 70 * GB
-    # Both models loaded sharded (the issue's 59 GB whole on every GPU before: 1/8 of it now), the
-    # whole policy gathered for generation on top of the shards and the optimizer state.
+    # Both models loaded sharded (59 GB of bf16 weights, 1/8 of it per GPU), the whole policy
+    # gathered for generation on top of the shards and the optimizer state.
     assert result.total("load") == pytest.approx(59.1 * GB / 8, rel=0.01)
     assert result.phases["rollout"]["gathered"] == pytest.approx(29.5 * GB, rel=0.01)
-    whole = plan("grpo", qwen["14B"], CKPT, rules=replace(TODAY, load_whole=True))
-    assert whole.total("load") == pytest.approx(59.1 * GB, rel=0.01)
     # The export streams one parameter at a time: the largest, the 152k x 5120 bf16 embedding, 1.6 GB.
     assert result.phases["export"]["gathered"] == pytest.approx(1.56 * GB, rel=0.01)
 
@@ -66,28 +62,19 @@ def test_14b_grpo_fits(qwen):
 @pytest.mark.parametrize("lora", [(), ("lora.rank=64",)])
 def test_72b_grpo_does_not_fit_at_tensor_parallel_1(qwen, lora):
     """Full or LoRA (its frozen base sharded), generation gathers the whole 145 GB policy on a GPU,
-    which no option (offload, LoRA, token budget) helps: the advice says so. With the LoRA base
-    whole on every GPU (before issue 35), that alone did not fit."""
+    which no option (offload, LoRA, token budget) helps: the advice says so."""
     result = plan("grpo", qwen["72B"], CKPT, *lora, advise=True)
     assert not result.fits
     rollout = result.phases["rollout"]
     assert rollout["gathered"] > 145 * GB and rollout["weights"] < 40 * GB
     assert "no change tried fits" in result.notes[-1]
     assert "generation gathers the whole policy" in " ".join(result.notes)
-    if lora:
-        whole_base = plan("grpo", qwen["72B"], CKPT, *lora, rules=replace(TODAY, lora_base_whole=True), advise=True)
-        assert whole_base.phases["rollout"]["weights"] > 145 * GB
-        assert "frozen base is whole" in " ".join(whole_base.notes)
 
 
 def test_14b_ppo_does_not_fit_as_is_and_fits_with_the_optimizer_offloaded(qwen):
-    """Four 14B models: loaded whole on every GPU (118 GB, before issue 35) no option helped; loaded
-    sharded, the run still does not fit (the whole policy gathered for generation on top of two
-    trained models' optimizer state) and fits once the optimizer state is in CPU memory."""
-    whole_load = replace(TODAY, load_whole=True)
-    before = plan("ppo", qwen["14B"], CKPT, rules=whole_load)
-    assert not before.fits and before.peak_phase == "load" and before.peak == pytest.approx(118.2 * GB, rel=0.01)
-    assert not plan("ppo", qwen["14B"], CKPT, "train.optimizer_offload=true", rules=whole_load).fits
+    """Four 14B models, loaded sharded: the run does not fit (the whole policy gathered for
+    generation on top of two trained models' optimizer state) and fits once the optimizer state is
+    in CPU memory."""
     as_is = plan("ppo", qwen["14B"], CKPT, advise=True)
     assert not as_is.fits and as_is.peak_phase in ("rollout", "update")
     assert "offload the optimizer state" in as_is.notes[0]
@@ -110,21 +97,18 @@ def test_the_command_prints_one_json_object(qwen):
     assert report["peak_bytes"] == max(p["total"] for p in report["phases"].values())
 
 
-def test_14b_ppo_fits_with_the_optimizer_offloaded_once_load_and_export_are_sharded(qwen):
-    """The issue's bar against the rules the `load` branch brings (sharded load, streamed export,
-    sharded LoRA base): 14B PPO does not fit as is and fits with train.optimizer_offload, which
-    moves the trained models' shards, gradients and optimizer state to CPU memory (FSDP2's
+def test_14b_ppo_offloading_moves_the_trained_shards_and_state_to_cpu_memory(qwen):
+    """14B PPO does not fit as is and fits with train.optimizer_offload, which moves the trained models' shards, gradients and optimizer state to CPU memory (FSDP2's
     CPUOffloadPolicy, as distributed.shard applies it); the frozen reference and reward model stay."""
-    sharded = EngineRules(load_whole=False, export_gathers_model=False, lora_base_whole=False)
-    as_is = plan("ppo", qwen["14B"], CKPT, rules=sharded)
-    offloaded = plan("ppo", qwen["14B"], CKPT, "train.optimizer_offload=true", rules=sharded)
+    as_is = plan("ppo", qwen["14B"], CKPT)
+    offloaded = plan("ppo", qwen["14B"], CKPT, "train.optimizer_offload=true")
     assert not as_is.fits and offloaded.fits
     for phase in ("rollout", "scoring", "update"):
         assert offloaded.phases[phase]["optimizer"] == 0
         assert offloaded.phases[phase]["weights"] < as_is.phases[phase]["weights"]   # trained shards in CPU memory
     assert offloaded.host_optimizer_bytes == as_is.phases["update"]["optimizer"] > 0
     # train.frozen_offload: the reference's and the reward model's bf16 shards (2 x 14.77B x 2 / 8 bytes) leave too.
-    frozen = plan("ppo", qwen["14B"], CKPT, "train.optimizer_offload=true", "train.frozen_offload=true", rules=sharded)
+    frozen = plan("ppo", qwen["14B"], CKPT, "train.optimizer_offload=true", "train.frozen_offload=true")
     assert offloaded.phases["rollout"]["weights"] - frozen.phases["rollout"]["weights"] == \
         pytest.approx(2 * 14.77e9 * 2 / 8, rel=0.01)
     # One process offloads nothing (training refuses the option there): the plan says the same.

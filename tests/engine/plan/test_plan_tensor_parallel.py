@@ -1,18 +1,15 @@
-"""`fusedrl plan` at train.tensor_parallel T (engine/tensor_parallel.py): each GPU holds its share of
+"""`fusedrl plan` at train.tensor_parallel T (engine/parallel/tensor_parallel.py): each GPU holds its share of
 its tensor slice of every model (1/N sharded over the data groups, 1/T where they hold copies), generation
 gathers that slice (sharded) or reads it where it lies (copies, T = N), and the KV pool holds each GPU's share of the heads. On 8 x 80 GB with config.json-only Qwen2.5 shapes, GRPO
-with lora.rank=64 at T=8 fits for 32B and 72B with a 16 GB KV pool per GPU, given the sharded load,
-sharded LoRA base and streamed export of issue 35 (explicit rules: today's load whole)."""
+with lora.rank=64 at T=8 fits for 32B and 72B with a 16 GB KV pool per GPU (sharded load, sharded
+LoRA base, streamed export)."""
 import json
 
 import pytest
 
 from fusedrl.engine import cli
 from fusedrl.engine.errors import ConfigValueError
-from fusedrl.engine.plan.rules import EngineRules
 from test_plan_qwen import CKPT, GB, config, plan, plan_table
-
-SHARDED = EngineRules(load_whole=False, lora_base_whole=False, export_gathers_model=False)
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +21,8 @@ def qwen(tmp_path_factory):
 @pytest.mark.parametrize("size", ["32B", "72B"])
 def test_lora_grpo_fits_the_node_at_tensor_parallel_8_with_a_16gb_kv_pool(qwen, size):
     options = (CKPT, "lora.rank=64", "rollout.kv_cache_memory=16100000000")  # >= 16 GB in whole blocks
-    one = plan("grpo", qwen[size], *options, rules=SHARDED)
-    eight = plan("grpo", qwen[size], *options, "train.tensor_parallel=8", rules=SHARDED)
+    one = plan("grpo", qwen[size], *options)
+    eight = plan("grpo", qwen[size], *options, "train.tensor_parallel=8")
     # At T=1 the whole bf16 policy is gathered on every GPU to generate (65.5 GB, 145.4 GB): no fit.
     whole = {"32B": 65.5 * GB, "72B": 145.4 * GB}[size]
     assert not one.fits and one.phases["rollout"]["gathered"] == pytest.approx(whole, rel=0.01)
