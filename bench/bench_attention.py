@@ -1,5 +1,5 @@
-"""Attention over many sequences: the engine's paths against the per-sequence SDPA loop they replaced,
-on the two shapes of issue 12's bar.
+"""Attention over many sequences: the engine's paths against a per-sequence SDPA loop, on
+two shapes:
 
 - train: forward + backward of a packed batch of 128 sequences, 16,384 tokens (lengths 64-192).
 - prefill: 32 prompts x 4 samples with prompts of 256-768 tokens in 16-token pages; the first sample

@@ -21,7 +21,7 @@ tensors: noted, not counted). Host syncs as traffic_count counts them.
   parameter list (24 layers: 291 tensors) and for 300 tensors; and the former per-tensor loop's
   count for comparison (about 10 kernels per tensor, as the H100 profile showed).
 - per PPO iteration: the host syncs outside generation, by phase, at traffic_ppo's shape (its
-  counter, value-reading input checks as on a GPU), against issue 24's budget of minibatches + 5.
+  counter, value-reading input checks as on a GPU), against the budget of minibatches + 5.
 - per SFT and RM optimizer step (engine/train/supervised.py's train_step, two micro-batches, a step
   after the first): the host syncs (launch_count's counter: tolist and cpu included), against a
   budget of one read per step (its stats, loss and gradient norm together), as PPO's minibatch.

@@ -1,7 +1,7 @@
 """Peak host memory (RSS) of one SFT step with its export: one process against the largest of N gloo
-ranks (CPU). Issue 35's bar: a 155M-parameter fp32 Qwen2 on 4 ranks peaks at <= 0.40 of one
-process's RSS (the issue measured 0.52 before; this bench's figures on the earlier commit, from
---baseline, are in bench/results/sharded_memory.md beside the new ones).
+ranks (CPU). The bar: a 155M-parameter fp32 Qwen2 on 4 ranks peaks at <= 0.40 of one process's
+RSS. `--baseline` shows this script's JSON from another commit beside the run's figures
+(bench/results/sharded_memory.md).
 
 Each run is `fusedrl sft` (one process) or `torchrun --nproc-per-node N fusedrl sft` in a child
 of a fresh measuring process, whose RUSAGE_CHILDREN max RSS is the peak of the largest descendant

@@ -2,10 +2,9 @@
 and the phases of one PPO iteration (traffic_ppo), on the path a GPU runs. On the CPU the Triton
 kernels run in the interpreter (TRITON_INTERPRET=1, set here when no GPU is present).
 
-Decode configurations (DECODE_CONFIGS): batch 128 at context 33, top-p 1 (the first report's),
-issue 12's bar, batch 128 at context 256, top-p 0.9, and batch 1 at context 256 (issue 23's kernel
-budget is held at batch 1 and 128). The exact mode's step next to the default's
-(EXACT_CONFIGS): batch 1 and 128 at context 256, issue 16's bar.
+Decode configurations (DECODE_CONFIGS): batch 128 at context 33, top-p 1; batch 128 at context
+256, top-p 0.9; and batch 1 at context 256 (the decode step's kernel budget is held at batch 1 and
+128). The exact mode's step next to the default's (EXACT_CONFIGS): batch 1 and 128 at context 256.
 
     python bench/traffic.py [--json OUT.json] [--table OUT.md] [--layers 2] [--no-ppo]
 """

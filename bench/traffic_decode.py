@@ -34,7 +34,7 @@ from fusedrl.kernels import reference, use_backend
 from traffic_count import TrafficCounter, weight_bytes
 
 REAL_LAYERS = 24
-# Issue 23's bar: kernels launched by a decode step, per layer and outside the layers (a fused custom
+# The budget: kernels launched by a decode step, per layer and outside the layers (a fused custom
 # op counts as one; the step's host-to-device input copies, region "inputs", are transfers, not kernels).
 KERNELS_PER_LAYER = 6
 KERNELS_OUTSIDE_LAYERS = 6

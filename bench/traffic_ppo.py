@@ -25,7 +25,7 @@ P prompt and T new tokens; ids and per-token outputs at their dtypes):
 
 Host syncs are counted by phase, with the kernels' value-reading input checks as on a GPU (off:
 `kernels.dispatch.sync_checks_enabled`; on CPU tensors they read values for free and always run).
-The bar (issue 24): outside generation, at most one per minibatch + 5 (`sync_budget`).
+The bar: outside generation, at most one per minibatch + 5 (`sync_budget`).
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def value_checks_as_on_gpu():
 
 
 def sync_budget(shape: Shape) -> int:
-    """Issue 24's bar: host syncs of an iteration outside generation <= minibatches + 5."""
+    """The bar: host syncs of an iteration outside generation <= minibatches + 5."""
     return shape.minibatches + 5
 
 

@@ -5,7 +5,7 @@ old copy or the new one, never a torn one), and no temp leftovers from writes th
 Renames replace a symbolic link at the destination; they never write through it.
 
 Used by the model export (engine/model/hf_io.py), the adapters (engine/model/peft_io.py), the
-training checkpoints (engine/train/checkpoint.py) and the run log's files, so all follow the same
+training checkpoints (engine/train/checkpoint/) and the run log's files, so all follow the same
 rules. Torch-free (torch is imported by check_finite alone), so the command line's checks can use
 it.
 """

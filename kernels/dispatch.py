@@ -46,7 +46,7 @@ from .triton_compat import TRITON_AVAILABLE
 BACKENDS = ("triton", "cuda", "torch")
 # "auto" on CUDA tensors with the extension built: the op runs on "cuda" up to this many elements
 # of its main input (None: at every size), on "triton" above; ops not listed stay on "triton".
-# Measured on an H100 at commit 4c7ed3a (kernels/BACKENDS.md has the figures): CUDA won every
+# Measured on an H100 (kernels/BACKENDS.md has the figures and their run): CUDA won every
 # 256 x 2048 row (0.5M elements) and token_logprobs at 4096 x 32000 and 16384 x 151936; at
 # 8192 x 2048 (16.8M) Triton won gae and kl_penalty, CUDA the losses. The crossover between the two
 # sizes is unmeasured: 2M (1024 x 2048) is the side of the smaller one.

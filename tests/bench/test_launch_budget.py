@@ -1,5 +1,5 @@
 """Kernel launches and host syncs of each small RL op, counted on the CPU (bench/launch_count.py),
-held under the budgets of issue 25: ppo_policy_loss forward + backward <= 3 in every mode,
+held under their budgets: ppo_policy_loss forward + backward <= 3 in every mode,
 ppo_value_loss <= 3, kl_penalty forward 1 (clamps included) and backward 1, masked_whiten <= 2,
 gae forward 1; no host sync inside any op. Inputs are built, and the upstream gradient seeded,
 before counting (the seed is the caller's: one for a whole loss)."""

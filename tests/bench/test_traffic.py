@@ -57,7 +57,7 @@ def test_decode_report_sees_each_fused_kernel_as_one_op():
 @needs_interpreter
 @pytest.mark.parametrize("batch", [1, 128])
 def test_decode_step_launches_at_most_six_kernels_per_layer_and_six_outside(batch):
-    """Issue 23's budget, counted (a fused custom op is one kernel): embedding, final norm, LM head,
+    """The decode step's budget, counted (a fused custom op is one kernel): embedding, final norm, LM head,
     sampler and the copy of the log-probs into the kept buffer outside the layers; RoPE reads its
     tables by position inside the attention kernel, so the step gathers no cos/sin rows."""
     report = traffic_decode.decode_report(batch=batch, layers=2, context=9, top_p=0.9, dtype=torch.float32,
@@ -115,7 +115,7 @@ def test_ppo_report_counts_every_phase_against_its_floor(tiny_ppo_report):
 
 @needs_interpreter
 def test_ppo_iteration_host_syncs_outside_generation_are_within_minibatches_plus_5(tiny_ppo_report):
-    """Issue 24's bar, on the GPU's path: the rollout's finite-score check and metrics one read
+    """The host-sync budget, on the GPU's path: the rollout's finite-score check and metrics one read
     each, the epoch's shuffle one, each minibatch's stats one; no sync in scoring or the forwards."""
     report = tiny_ppo_report
     assert report["host_syncs_outside_generation"] <= traffic_ppo.sync_budget(TINY_PPO) == 7, report["host_syncs_by_phase"]

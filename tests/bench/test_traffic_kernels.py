@@ -53,8 +53,8 @@ def sampling_args(batch, top_k=0, top_p=1.0, min_p=0.0):
 @needs_interpreter
 @pytest.mark.parametrize("kw", BAR_CASES.values(), ids=BAR_CASES.keys())
 def test_sampler_loads_at_most_three_reads_of_its_logits(kw):
-    """Issue 23's bar: top-p 0.9 loaded 3.97 reads' worth with the per-row 65536-bin histogram (its
-    atomics, 4 bytes a token); the bracket's window takes the few tokens near the cut only. A flat
+    """At most three reads of the logits: the bracket's window takes the few tokens near the cut
+    only (a per-row 65536-bin histogram's atomics would cost 4 bytes a token). A flat
     row (every token in the window) stays under the bar too."""
     kw = dict(kw)
     logits = torch.zeros(2, 151936, dtype=torch.bfloat16) if kw.pop("flat", False) else model_like_logits(2)

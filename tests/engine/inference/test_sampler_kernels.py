@@ -126,9 +126,9 @@ def test_greedy_is_the_first_argmax_with_the_model_logprob():
 
 
 def test_top_p_zero_keeps_only_the_most_likely_token_wherever_it_is():
-    """The old reference cut every token at top_p 0 (the mass before the first one, 0, is >= 0) and
-    drew argmax of an all -inf row: token 0, whatever the logits. The kernel (rightly) took the most
-    likely token; on the GPU's random logits it was not token 0, and the two disagreed."""
+    """top_p 0 keeps the most likely token, not token 0: a cut of every token (the mass before the
+    first one, 0, is >= 0) would leave an all -inf row whose argmax is token 0, whatever the
+    logits."""
     logits = torch.randn(16, 9, generator=torch.Generator(DEVICE).manual_seed(4), device=DEVICE)
     logits[:, 0] = logits.min() - 1  # token 0 never the most likely
     args = rows(16, top_p=0.0)
@@ -180,10 +180,9 @@ def test_sample_dispatches_by_backend(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_tie_at_the_top_k_boundary_stays_in_top_p_mass(dtype):
-    """The GPU failure at bf16, vocab 1031 (reproduced on the CPU with the old kernel, seed 2: row 4,
-    top-k 7, top-p 0.9, log-prob -1.474 vs -1.340): bf16 rounding tied the 7th and 8th logits; the old
-    kernel kept both in the top-k set and so in the top-p target, its oracle broke the tie by sort
-    order, and the two cut top-p at different tokens. Now both keep ties, by one rule."""
+    """bf16 rounding can tie the k-th and (k+1)-th logits (vocab 1031, top-k 7, top-p 0.9): both
+    stay in the top-k set and so in the top-p target, in the kernel and its oracle alike, so the two
+    cut top-p at the same token."""
     logits = torch.tensor([[3.0, 2.5, 2.0, 2.0, 2.0, 1.0, 0.0]], device=DEVICE).to(dtype).expand(4, -1).contiguous()
     args = rows(4, top_k=3, top_p=0.9, seed0=11)
     tokens, logprobs = sample_triton(logits, *args)

@@ -1,6 +1,6 @@
 """The attention chooser: packed and prefill attention on each path against a per-sequence reference,
-the varlen-kernel plumbing (exercised on the CPU with a stand-in kernel), and the bar of issue 12:
-attention calls per layer that do not grow with the number of sequences."""
+the varlen-kernel plumbing (exercised on the CPU with a stand-in kernel), and attention calls per
+layer that do not grow with the number of sequences."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -89,7 +89,7 @@ def training_calls_per_layer(lens: list[int]) -> int:
 
 def test_training_attention_calls_do_not_grow_with_sequences():
     """A 16k-token pack of 128 sequences against 64 sequences of the same tokens: the same count
-    (two length groups each, one forward and one backward op per group). Was 2 x 128 per layer."""
+    (two length groups each, one forward and one backward op per group)."""
     many = training_calls_per_layer([96, 160] * 64)
     few = training_calls_per_layer([192, 320] * 32)
     assert many == few == 4
@@ -105,5 +105,5 @@ def prefill_calls_per_layer(qwen2_dir, num_prompts: int) -> int:
 
 def test_prefill_attention_calls_do_not_grow_with_sequences(qwen2_dir):
     """32 prompts x 4 samples against 8 x 4: each prompt is prefilled once (its samples share its
-    full blocks) and the calls per layer are the length groups, not the sequences (was 128)."""
+    full blocks) and the calls per layer are the length groups, not the sequences."""
     assert prefill_calls_per_layer(qwen2_dir, 32) == prefill_calls_per_layer(qwen2_dir, 8) <= 3

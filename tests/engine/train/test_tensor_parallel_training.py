@@ -27,7 +27,7 @@ LOOP = {"max_steps": 3, "device": "cpu", "precision": "fp32"}
 
 
 def max_relative_diff(dir_a, dir_b) -> float:
-    """max |a - b| / max |a| over every tensor of two exported models (the issue's bar: <= 1e-4)."""
+    """max |a - b| / max |a| over every tensor of two exported models (the bar: <= 1e-4)."""
     a, b = load_file(dir_a / "model.safetensors"), load_file(dir_b / "model.safetensors")
     assert a.keys() == b.keys()
     return max(((a[k].float() - b[k].float()).abs().max() / a[k].float().abs().max()).item() for k in a)

@@ -64,8 +64,7 @@ def test_routing_replay_makes_the_first_ratio_exactly_one(moe_setup, tmp_path, s
             moved, _, _ = policy_forward(models, flipped, cfg.rollout.temperature, with_entropy=False)
     mask = rollout.mask
     assert torch.equal(logp.detach()[mask], rollout.old_logprobs[mask])
-    # The ratio is 1 to fp32 rounding: a minibatch of 3 rows forwards apart from the rollout's 6
-    # (exactly 0 before the long-rollout, data and safety merges; a known gap, not yet bisected).
+    # The ratio is 1 to fp32 rounding: a minibatch of 3 rows forwards apart from the rollout's 6.
     assert abs(float(stats["approx_kl"])) < 1e-7 and float(stats["clipfrac"]) == 0.0
     assert float(stats["router_aux_loss"]) > 0 and float(stats["router_z_loss"]) > 0
     assert models.policy.model.layers[1].mlp.gate.weight.grad.abs().sum() > 0

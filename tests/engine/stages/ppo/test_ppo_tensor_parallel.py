@@ -115,7 +115,7 @@ def ppo_runs(tmp_path_factory):
 
 
 def max_relative_diff(dir_a, dir_b, file="model.safetensors") -> float:
-    """max |a - b| / max |a| over every tensor of two exported models (the issue's bar: <= 1e-4), or
+    """max |a - b| / max |a| over every tensor of two exported models (the bar: <= 1e-4), or
     of another safetensors `file` in two directories."""
     a, b = load_file(dir_a / file), load_file(dir_b / file)
     assert a.keys() == b.keys()
