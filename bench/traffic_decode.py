@@ -28,7 +28,7 @@ from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
 from fusedrl.kernels.invariant import fixed_order as invariant_ops
-from fusedrl.kernels.attention.chunked import chunked_attention
+from fusedrl.kernels.invariant.chunked_attention import chunked_attention
 from fusedrl.kernels import reference, use_backend
 
 from traffic_count import TrafficCounter, weight_bytes

@@ -21,7 +21,7 @@ from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
 from fusedrl.engine.model.invariant import BatchInvariant
-from fusedrl.kernels.attention.segment import segment_attention
+from fusedrl.kernels.invariant.segment_attention import segment_attention
 from fusedrl.kernels.invariant.row_logprobs import row_logprobs
 from fusedrl.kernels.invariant.fixed_tile_matmul import linear_fixed_tiles
 from fusedrl.kernels.model.norm_linear import norm_linear

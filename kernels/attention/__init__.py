@@ -1,6 +1,7 @@
 """Attention, every path and the choice between them, public as `fusedrl.kernels.attention`: the
 model's attention module (engine/model/attention.py) calls the paths; the runner, context
-parallelism and the exact mode build their metadata and page addressing from here.
+parallelism and the exact mode build their metadata and page addressing from here (the exact
+mode's own attention is the invariant package's, kernels/invariant/attention.py).
 
 - backend.py: the decider, `attention_backend(q, page_size)`, and `flash_attn()`;
 - paths.py: `varlen_attention` (a packed training batch, or a prefill with nothing cached),
@@ -9,13 +10,10 @@ parallelism and the exact mode build their metadata and page addressing from her
   torch's varlen kernel (varlen.py) or padded SDPA groups (padded.py);
 - paged.py: the paged KV cache's `store_kv` and the fused decode step `rope_store_decode` (Triton,
   or the reference on the "torch" backend);
-- exact.py: the batch-invariant mode's `exact_attention` (segment.py on the fused backend,
-  chunked.py elsewhere), public as `fusedrl.kernels.exact.attention`;
 - pages.py: where a token's K/V live in the paged cache (`page_slot`, `sequence_slot`,
   `key_slots`), the formula the engine's slot mapping and these readers share.
 """
 from .backend import FLASH_PAGE_MULTIPLE, attention_backend, flash_attn
-from .exact import exact_attention
 from .metadata import AttentionMetadata
 from .paged import rope_store_decode, store_kv
 from .pages import key_slots, page_slot, sequence_slot
@@ -23,4 +21,4 @@ from .paths import flash_decode_attention, prefill_attention, varlen_attention
 
 __all__ = ["FLASH_PAGE_MULTIPLE", "attention_backend", "flash_attn", "AttentionMetadata",
            "varlen_attention", "prefill_attention", "flash_decode_attention", "store_kv",
-           "rope_store_decode", "exact_attention", "page_slot", "sequence_slot", "key_slots"]
+           "rope_store_decode", "page_slot", "sequence_slot", "key_slots"]

@@ -8,8 +8,8 @@ same bits in the sampler and in the trainer's forward. Each op asks the decider 
   program's arithmetic per row or element, its tiles fixed by the row width: invariant as they
   are);
 - "torch" (elsewhere): `fixed_order`'s trees of elementwise torch ops.
-`attention` is the attention package's `exact_attention` (kernels/attention/exact.py), which makes
-the same choice between its segment kernel and its page-by-page torch reduction.
+`attention` is attention.py's `exact_attention`, which makes the same choice between its segment
+kernel and its page-by-page torch reduction.
 
 The two backends agree to rounding, not bit for bit (nor need to): sampler and trainer run on one
 device, so on one backend. Every op keeps its arguments' meaning on both.
@@ -23,7 +23,7 @@ from ..model.norm import rms_norm
 from .. import reference
 from ..model.rotary import rope as fused_rope
 from ..model.swiglu import silu_mul as fused_silu_mul
-from ..attention.exact import exact_attention as attention
+from .attention import exact_attention as attention
 from . import fixed_order
 from .fixed_tile_matmul import linear_fixed_tiles
 from .row_logprobs import row_logprobs as fused_row_logprobs

@@ -3,19 +3,19 @@ oracle the kernels are tested against, the "torch" backend, and the eager baseli
 benchmarks.
 
 Written for clarity, not speed: each is the textbook composition, differentiated by autograd. The RL
-ops' references are rl.py's; the masked statistics and the loss aggregation are
-``fusedrl.kernels.rl.statistics``'s, under their names here; the model-scale ops' (model.py:
+ops' references are rl.py's; the masked statistics and the loss aggregation statistics.py's (the
+ops build on them too); the model-scale ops' (model.py:
 transformers' compositions), the mixture-of-experts permutation's (moe.py) and the sampler's
 (sampling.py) are re-exported here too.
 """
-from ..rl.statistics import (aggregate, compute_dtype, masked_mean, masked_moments, masked_whiten,
-                             valid_entries, weighted_sum)
 from .model import (norm_linear, paged_decode, rms_norm, rope, rope_store_decode, silu_mul,
                     store_kv)
 from .moe import moe_permute, moe_unpermute
 from .rl import (gae, kl_penalty, linear_token_logprobs, policy_terms, ppo_policy_loss,
                  ppo_value_loss, token_logprobs, value_terms)
 from .sampling import sample
+from .statistics import (aggregate, compute_dtype, masked_mean, masked_moments, masked_whiten,
+                         valid_entries, weighted_sum)
 
 __all__ = [
     "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_mean", "masked_moments",

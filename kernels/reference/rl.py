@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..rl.statistics import aggregate, compute_dtype, masked_mean, valid_entries
+from .statistics import aggregate, compute_dtype, masked_mean, valid_entries
 
 
 def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):

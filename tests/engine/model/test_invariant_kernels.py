@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedrl.kernels.attention.segment import segment_attention
+from fusedrl.kernels.invariant.segment_attention import segment_attention
 from fusedrl.kernels.invariant.row_logprobs import row_logprobs
 from invariant_testing import randn
 from kernel_testing import DEVICE, needs_triton

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from fusedrl.engine.model.invariant import BatchInvariant
 from fusedrl.kernels import reference
 from fusedrl.kernels.invariant import fixed_order as ops
-from fusedrl.kernels.attention.chunked import chunked_attention
+from fusedrl.kernels.invariant.chunked_attention import chunked_attention
 from invariant_testing import one_thread  # noqa: F401 (autouse fixture)
 
 

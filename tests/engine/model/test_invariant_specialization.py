@@ -42,7 +42,7 @@ def specializations(launches: dict, jit_functions: dict) -> dict:
 
 
 def jit_functions():
-    from fusedrl.kernels.attention import segment as segment_attention
+    from fusedrl.kernels.invariant import segment_attention
     from fusedrl.kernels.invariant import fixed_tile_matmul, row_logprobs
     from fusedrl.kernels.model import norm, rotary, swiglu
     modules = (norm, rotary, swiglu, segment_attention, row_logprobs, fixed_tile_matmul)

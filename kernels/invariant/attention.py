@@ -1,14 +1,14 @@
 """The exact (batch-invariant) mode's attention, public as `fusedrl.kernels.exact.attention`: the
-segment kernel (segment.py) where the model's kernels run, the page-by-page torch reduction
-(chunked.py) elsewhere. Both read keys through a page table of key rows and compute each query's
-result in an order that does not depend on the rest of the batch."""
+segment kernel (segment_attention.py) where the model's kernels run, the page-by-page torch
+reduction (chunked_attention.py) elsewhere. Both read keys through a page table of key rows and
+compute each query's result in an order that does not depend on the rest of the batch."""
 from __future__ import annotations
 
 import torch
 
 from ..dispatch import fused_for_model
-from .chunked import chunked_attention
-from .segment import segment_attention
+from .chunked_attention import chunked_attention
+from .segment_attention import segment_attention
 
 
 def exact_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,

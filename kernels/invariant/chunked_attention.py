@@ -1,6 +1,6 @@
 """Attention of the batch-invariant mode on the CPU: `chunked_attention`, one function for the
 packed training forward and for prefill and decode over the paged KV cache (on GPUs the Triton
-kernel of segment.py plays its part, with the same arguments).
+kernel of segment_attention.py plays its part, with the same arguments).
 
 Both read keys through a page table of key rows: position p of a query's sequence is row
 `page_table[seq, p // page] + p % page` of k_rows / v_rows. For the paged cache that is
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..invariant import fixed_order as ops
+from . import fixed_order as ops
 
 
 def chunked_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
