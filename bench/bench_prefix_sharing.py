@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import harness
-from fusedrl.engine.model.prefix_sharing import share_prefixes
+from fusedrl.engine.data.prefix_sharing import share_prefixes
 from fusedrl.engine.stages.ppo.packs import pack_rollout
 
 FORWARDS_PER_ITERATION = 5  # reference + old log-probs + the update's forward and backward (2x)

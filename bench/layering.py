@@ -1,5 +1,7 @@
 """The import graph of fusedrl.engine and fusedrl.kernels, read from the source (nothing imported):
-import cycles (every import counts, TYPE_CHECKING and function-level ones included), engine imports
+import cycles (every import counts, TYPE_CHECKING and function-level ones included), package-level
+cycles (two packages importing each other, directly or around a loop, through any of their modules:
+each package is a unit, each module directly in fusedrl.engine or fusedrl.kernels its own), engine imports
 of private kernel modules (anything below `fusedrl.kernels` but the package itself and its public
 subpackages, PUBLIC_KERNEL_PACKAGES), upward imports
 between the engine's layers, duck-typed upward calls (getattr / hasattr / setattr of an attribute
@@ -32,27 +34,28 @@ FORBIDDEN = [
     ("fusedrl.kernels", "fusedrl.engine"),
     ("fusedrl.engine.inference", "fusedrl.engine.train"),
     ("fusedrl.engine.inference", "fusedrl.engine.stages"),
-    ("fusedrl.engine.model", "fusedrl.engine.data"),
     ("fusedrl.engine.model", "fusedrl.engine.train"),
     ("fusedrl.engine.model", "fusedrl.engine.inference"),
     ("fusedrl.engine.model", "fusedrl.engine.stages"),
     ("fusedrl.engine.train", "fusedrl.engine.stages"),
+    # Data sits below the model: the model reads a pack's layout (data/prefix_sharing.py).
+    ("fusedrl.engine.data", "fusedrl.engine.model"),
+    ("fusedrl.engine.data", "fusedrl.engine.parallel"),
+    ("fusedrl.engine.data", "fusedrl.engine.inference"),
     ("fusedrl.engine.data", "fusedrl.engine.train"),
     ("fusedrl.engine.data", "fusedrl.engine.stages"),
     ("fusedrl.engine.train", "fusedrl.engine.plan"),
     # The parallel layout sits above the model (it lays models out) and below what runs them; the
-    # model reads its process groups and collectives (distributed, tensor_parallel_ops) only.
+    # model reads the ranks and their collectives from engine/ranks/, below both, which imports no
+    # other engine package.
     ("fusedrl.engine.parallel", "fusedrl.engine.inference"),
     ("fusedrl.engine.parallel", "fusedrl.engine.train"),
     ("fusedrl.engine.parallel", "fusedrl.engine.stages"),
     ("fusedrl.engine.parallel", "fusedrl.engine.plan"),
     ("fusedrl.engine.parallel", "fusedrl.engine.data"),
-    ("fusedrl.engine.model", "fusedrl.engine.parallel.layout"),
-    ("fusedrl.engine.model", "fusedrl.engine.parallel.tensor_parallel"),
-    ("fusedrl.engine.model", "fusedrl.engine.parallel.expert_parallel"),
-    ("fusedrl.engine.model", "fusedrl.engine.parallel.persistent_weights"),
-    ("fusedrl.engine.model", "fusedrl.engine.parallel.validate"),
-]
+    ("fusedrl.engine.model", "fusedrl.engine.parallel"),
+] + [("fusedrl.engine.ranks", f"fusedrl.engine.{above}") for above in (
+    "model", "parallel", "data", "inference", "train", "stages", "plan", "config", "agents")]
 # Attributes the parallel layout owns (set by engine/parallel/ on the models it lays out, declared
 # on the model classes): read by name with getattr / hasattr / setattr they are an upward call the
 # import graph does not show.
@@ -139,6 +142,25 @@ def duck_typed_calls(name: str, path: pathlib.Path) -> list[str]:
     return found
 
 
+def package_of(module: str, known: dict[str, pathlib.Path]) -> str:
+    """The unit `module` counts for in the package graph: its package (a package is its own), or
+    itself when it lies directly in fusedrl.engine or fusedrl.kernels (their loose modules, errors.py
+    or dispatch.py, are leaves or roots each, not one package everything passes through)."""
+    if module in PACKAGES or known[module].name == "__init__.py":
+        return module
+    package = module.rpartition(".")[0]
+    return module if package in PACKAGES else package
+
+
+def package_graph(graph: dict[str, set[str]], known: dict[str, pathlib.Path]) -> dict[str, set[str]]:
+    """The module graph collapsed onto package_of: unit -> the other units it imports."""
+    out: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        unit = out.setdefault(package_of(name, known), set())
+        unit |= {package_of(t, known) for t in targets} - {package_of(name, known)}
+    return out
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index, low, stack, on_stack, found = {}, {}, [], set(), []
@@ -188,7 +210,8 @@ def report() -> dict:
                         if len(lines) > MAX_LINES)
     long_lines = sorted(f"{path.relative_to(ROOT)}:{i}: {len(line)}" for path, lines in texts.items()
                         for i, line in enumerate(lines, 1) if len(line) > MAX_LINE_CHARS)
-    return {"cycles": cycles(graph), "private_kernel_imports": private, "upward_imports": upward,
+    return {"cycles": cycles(graph), "package_cycles": cycles(package_graph(graph, known)),
+            "private_kernel_imports": private, "upward_imports": upward,
             "duck_typed_calls": ducks, "files_over_limit": long_files, "lines_over_limit": long_lines}
 
 

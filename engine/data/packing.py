@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..errors import ConfigValueError
-from ..model.prefix_sharing import forwarded_tokens, prompt_groups
+from .prefix_sharing import forwarded_tokens, prompt_groups
 from .tokenization import TokenizedExample
 
 
@@ -37,7 +37,7 @@ class PackedBatch(NamedTuple):
     cu_seqlens: Optional[torch.Tensor] = None
     # PPO on MoE: [N, sparse layers, k] int16 sampler's experts, -1 none
     routing: Optional[torch.Tensor] = None
-    # Prefix sharing (model/prefix_sharing.py): [S] group of each sequence and [S] its prompt's
+    # Prefix sharing (prefix_sharing.py): [S] group of each sequence and [S] its prompt's
     # tokens; the sequences of one group share their first prompt_lens tokens, read once by a
     # forward. [] = off.
     prefix_groups: list[int] = []
@@ -113,7 +113,7 @@ def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *
     the trained turns of a conversation, a trajectory's model tokens). width > 0 adds the
     [S, width] grid of PPO, a target at its response column. The positions and sequence
     boundaries are built here once, for every forward over the pack. share_prompts: sequences
-    with the same prompt are marked to forward it once (model/prefix_sharing.py)."""
+    with the same prompt are marked to forward it once (prefix_sharing.py)."""
     ids, seqlens, rows, targets, counts, grid, positions = [], [], [], [], [], [], []
     for s, (prompt, response, is_target) in enumerate(sequences):
         sequence = prompt + response

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ... import kernels
-from .prefix_sharing import share_prefixes
+from ..data.prefix_sharing import share_prefixes
 from .activation_offload import ActivationOffload
 from ...kernels.attention import AttentionMetadata
 from .attention import attention_step
@@ -368,7 +368,7 @@ class CausalLM(nn.Module):
         the pack's targets, rows [S] holding each sequence's last token).
 
         With packed.prefix_groups, the rows of a group read their prompt once (N' < N; layout:
-        engine/model/prefix_sharing.py's share_prefixes(packed), built here when not given);
+        engine/data/prefix_sharing.py's share_prefixes(packed), built here when not given);
         without, forward_packed over the pack as it is (N' = N).
         """
         layout = layout or share_prefixes(packed)

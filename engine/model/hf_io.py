@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
 from ..errors import ConfigValueError, ModelError
-from ..parallel import distributed
+from ..ranks import sharded, world
 from ..durable import written_whole
 from ..run_dir import write_marker
 from ..path_checks import CONFIG_FILE
@@ -119,7 +119,7 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM,
         raise ModelError(f"{model_dir}: no such model directory")
     config = load_config(model_dir)
     dtype = resolve_dtype(dtype, config)
-    ranks = distributed.world_size() if shard is not None else 1
+    ranks = world.world_size() if shard is not None else 1
     refuse_unfit_weights(config, dtype, device, model_dir, ranks)
     with torch.device("meta"):  # no random init: every parameter is overwritten from the checkpoint
         model = model_cls(config, dtype)
@@ -241,10 +241,10 @@ def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int =
     Collective under torchrun (every rank calls it; rank 0 writes, one parameter gathered at a time:
     engine/model/streamed_save.py); every rank returns once the directory is in place.
     """
-    distributed.reshard(model)  # a root FSDP unit left gathered by an eval forward: read its shards
+    sharded.reshard(model)  # a root FSDP unit left gathered by an eval forward: read its shards
     check_finite_shards(model, f"the model for {out_dir}")
     skip = ("lm_head.weight",) if model.config.tie_word_embeddings else ()
-    if not distributed.is_main():
+    if not world.is_main():
         write_weights(model, None, max_shard_bytes, skip)
     else:
         with written_whole(out_dir, before_rename) as tmp:
@@ -256,7 +256,7 @@ def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int =
                     shutil.copy2(src, tmp / name)
             if kind is not None:
                 write_marker(tmp, kind)
-    distributed.barrier()
+    world.barrier()
 
 
 def _write_config(model: CausalLM, tmp: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...kernels import linear_token_logprobs
-from ..parallel.tensor_parallel_ops import vocab_parallel_logprobs
+from ..ranks.tensor_parallel_ops import vocab_parallel_logprobs
 
 
 def head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parallel import distributed
+from ..ranks import sharded
 from ..config.lora import LoRAConfig
 from .weight_map import add_rows
 
@@ -104,7 +104,7 @@ class ProjectionAdapters(nn.Module):
         for tensor ranks)."""
         for t, s in self.slices.items():
             # gathered when sliced
-            b, a = (distributed.plain(p).float() for p in (self.lora_B[t], self.lora_A[t]))
+            b, a = (sharded.whole_value(p).float() for p in (self.lora_B[t], self.lora_A[t]))
             delta = b @ a * self.scale  # [size_t, in]
             blocks = (linear.row_blocks() if hasattr(linear, "row_blocks")
                       else [(t, s.start, 0, delta.shape[0])])

@@ -32,7 +32,7 @@ from ..config.lora import LoRAConfig
 from ..durable import check_finite, written_whole
 from ..errors import ModelError
 from ..run_dir import check_unchanged, claim, entries, release
-from ..parallel import distributed
+from ..ranks import sharded, world
 from .hf_io import load_model, save_model
 from .lora import LoRA, add_lora
 from .weight_map import local_box
@@ -82,9 +82,9 @@ def save_adapter(lora: LoRA, out_dir, base_model: str | None = None,
     tensors = {}
     for path, a, b in lora.named_targets():
         name_a, name_b = tensor_names(path)
-        tensors[name_a], tensors[name_b] = (distributed.plain(p.detach()).cpu().contiguous()
+        tensors[name_a], tensors[name_b] = (sharded.whole_value(p.detach()).cpu().contiguous()
                                             for p in (a, b))
-    if not distributed.is_main():
+    if not world.is_main():
         return
     tensors.update({name: p.detach().cpu().contiguous() for name, p in head_tensors(lora).items()})
     check_finite(tensors.items(), f"the adapters for {out_dir}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..parallel import distributed
+from ..ranks import sharded, world
 from ..durable import non_finite_error
 from .weight_map import Block, hf_blocks, hf_shape, local_box
 
@@ -36,7 +36,7 @@ def check_finite_shards(model: nn.Module, what: str) -> None:
     named = list(model.named_parameters())
     flags = [bool(p.is_floating_point() and not torch.isfinite(local_box(p)[0]).all())
              for _, p in named]
-    flags = distributed.all_reduce_tensor(torch.tensor(flags + [False], dtype=torch.int32), "max")
+    flags = world.all_reduce_tensor(torch.tensor(flags + [False], dtype=torch.int32), "max")
     bad = flags.nonzero()
     if bad.numel():
         raise non_finite_error(named[int(bad[0])][0], what)
@@ -77,8 +77,8 @@ def _whole(blocks: list[Block], gathered: dict) -> torch.Tensor:
     param = blocks[0].param_name
     if param not in gathered:
         gathered.clear()
-        whole = distributed.plain(blocks[0].param.detach())
-        gathered[param] = whole.cpu() if distributed.is_main() else None
+        whole = sharded.whole_value(blocks[0].param.detach())
+        gathered[param] = whole.cpu() if world.is_main() else None
     whole = gathered[param]
     if whole is None:
         return None

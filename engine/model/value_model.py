@@ -14,7 +14,7 @@ from typing import Optional, Protocol
 import torch
 from torch import nn
 
-from ..parallel import distributed
+from ..ranks import sharded
 from .hf_io import load_model, save_model
 from .config import ModelConfig
 from .causal_lm import CausalLM, rebuild_as
@@ -94,7 +94,7 @@ class LoRACritic(nn.Module):
         into the trunk's weights in place (each rank into its shards), and a ValueModel that shares
         the trunk's decoder and LM head and this value head, nothing copied (built on the meta
         device, its own parameters replaced before any is allocated)."""
-        distributed.reshard(self.trunk)
+        sharded.reshard(self.trunk)
         self.lora.merge_()
         with torch.device("meta"):
             view = ValueModel(self.trunk.config, self.trunk.lm_head.weight.dtype)

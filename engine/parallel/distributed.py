@@ -1,15 +1,14 @@
-"""Data parallelism over the ranks of one `torchrun` job: process group, rank helpers, reductions,
-and FSDP2 sharding (`torch.distributed.fsdp.fully_shard`).
+"""Data parallelism over the ranks of one `torchrun` job: the process group, the data ranks' rows
+and reductions, and FSDP2 sharding (`torch.distributed.fsdp.fully_shard`). The rank helpers and
+collectives every layer uses (engine/ranks/world.py) and a sharded model's units
+(engine/ranks/sharded.py) are imported here under their names, so a stage reads all of a job's
+ranks from this one module.
 
 Without torchrun (no WORLD_SIZE, or WORLD_SIZE=1) nothing here starts a process group and every
 helper is the identity of one process: world_size() == 1, rank() == 0, reductions return their
 input, shard() returns the model untouched. Under torchrun, `init_distributed` joins the group
 (NCCL for CUDA tensors, gloo for CPU ones) with a timeout, so a collective waiting on a dead rank
 fails instead of hanging; torchrun itself stops the other ranks when one exits with an error.
-
-Reductions run where their tensors are: a CUDA tensor is reduced in place by NCCL (queued on the
-stream like any kernel: no copy to the host, no host sync), a CPU tensor by gloo. The one host read
-among them is `all_reduce_sum` of Python numbers (counts the host already holds).
 
 Convention of every stage: batch sizes are per rank (SFT/RM micro-batches and accumulation, PPO's
 prompts per iteration and minibatch rows), so any world size runs any config and a step's global
@@ -25,19 +24,20 @@ the ranks before each optimizer step, as FSDP does for its own in the backward.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigValueError
+from ..ranks.sharded import fsdp_units, gathered, reshard, whole_value
+from ..ranks.world import (WORLD, DataRanks, all_gather, all_reduce_sum, all_reduce_tensor, barrier,
+                           broadcast, is_main, local_rank, local_world_size, rank, world_size)
 from .dims import ParallelDims
 
 
@@ -78,98 +78,6 @@ def leave(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def local_world_size() -> int:
-    """The ranks on this node (torchrun's LOCAL_WORLD_SIZE; the world size without it)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
-
-
-def is_main() -> bool:
-    """Rank 0: the one process that writes logs, exports and checkpoint metadata."""
-    return rank() == 0
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
-def broadcast(value):
-    """Rank 0's `value` (any picklable object) on every rank."""
-    if world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_gather(value) -> list:
-    """[value of rank 0, value of rank 1, ...] (picklable objects) on every rank."""
-    if world_size() == 1:
-        return [value]
-    out = [None] * world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
-@dataclass(frozen=True)
-class DataRanks:
-    """The ranks that hold different rows, the ones the row helpers below (sums, gathers, row
-    slices) reduce over: every rank (WORLD), or in a stage whose rows are per data rank
-    (PPO/GRPO) at tensor (context) parallelism one rank of each tensor (context) group, whose
-    `tensor` consecutive ranks hold the same rows: those then reduce over `group`, the data
-    dimension's process group (engine/parallel/tensor_parallel.TensorParallel.data_ranks,
-    context_parallel.ContextParallel.data_ranks)."""
-
-    tensor: int = 1
-    group: object = None
-
-    def size(self) -> int:
-        """The data ranks: world_size() / T, each holding its own rows."""
-        return world_size() // self.tensor
-
-    def rank(self) -> int:
-        return rank() // self.tensor
-
-
-WORLD = DataRanks()
-
-
-def all_reduce_sum(values: dict, ranks: DataRanks = WORLD) -> dict:
-    """Per-key sums over the (data) `ranks` of a dict of numbers (every rank passes the same
-    keys), in float64 so counts stay exact; ints come back as ints."""
-    if ranks.size() == 1:
-        return dict(values)
-    keys = sorted(values)
-    buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(buf, group=ranks.group)
-    return {k: int(v) if isinstance(values[k], int) else v for k, v in zip(keys, buf.tolist())}
-
-
-_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-
-
-def all_reduce_tensor(x: torch.Tensor, op: str = "sum", ranks: DataRanks = WORLD) -> torch.Tensor:
-    """x [...] summed (or max-ed, min-ed) over the (data) `ranks`, as a new tensor on x's device
-    (reduced there: NCCL for CUDA, gloo for CPU; no host copy, no host sync)."""
-    if ranks.size() == 1:
-        return x.clone()
-    out = x.detach().clone()
-    dist.all_reduce(out, op=_REDUCE_OPS[op], group=ranks.group)
-    return out
 
 
 def average_replicated_gradients(optimizers) -> None:
@@ -332,43 +240,3 @@ def all_reduce_in_backward(model: nn.Module, now: bool) -> None:
     dimension (full shard, one process)."""
     for unit in fsdp_units(model):
         unit.set_requires_all_reduce(now, recurse=False)
-
-
-def fsdp_units(model: nn.Module) -> list:
-    from torch.distributed.fsdp import FSDPModule
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-@contextlib.contextmanager
-def gathered(*models: nn.Module) -> Iterator[None]:
-    """Inside: every FSDP unit of `models` holds its unsharded parameters (whole, or tensor slices)
-    and no forward reshards them, so a rank can run any number of forwards with no collective
-    (generation of its own share of prompts), at the cost of those unsharded parameters while
-    inside. Collective on entry and exit. No-op for an unsharded model."""
-    units = [u for m in models for u in fsdp_units(m)]
-    for unit in units:
-        unit.unshard()
-        unit.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for unit in units:
-            unit.reshard()
-            # FSDP's own defaults: a root unit keeps its parameters after forward (backward
-            # needs them next), every other unit reshards.
-            unit.set_reshard_after_forward(not any(unit is m for m in models), recurse=False)
-
-
-def reshard(*models: nn.Module) -> None:
-    """Every FSDP unit of `models` back to its shards (a root unit stays gathered after a forward
-    without backward): its parameters then are the DTensors that hold the values. No-op
-    unsharded."""
-    for model in models:
-        for unit in fsdp_units(model):
-            unit.reshard()
-
-
-def plain(x):
-    """A DTensor's whole value (collective), anything else as is."""
-    from torch.distributed.tensor import DTensor
-    return x.full_tensor() if isinstance(x, DTensor) else x

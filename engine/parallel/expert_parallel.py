@@ -26,10 +26,10 @@ Training (`train.expert_parallel=E`, `shard_for_training`): the ranks form exper
 consecutive ranks (ParallelDims.mesh: replica x expert); the experts are sharded E ways
 within a group and the world / E groups hold replicas of the same shards, as DTensors
 (Replicate(), Shard(0)), so the sharded load reads only a rank's experts, the checkpoints store
-each shard once with its offsets, the export gathers them (distributed.plain) and the clip's norm
-sums them over an expert group (fused_adamw). FSDP shards the rest over every rank and leaves the
-experts alone (ignored_params). Tokens go to the experts of their own group only. The experts'
-gradients are divided by E in the backward and averaged over the replicas before the step
+each shard once with its offsets, the export gathers them (distributed.whole_value) and the
+clip's norm sums them over an expert group (fused_adamw). FSDP shards the rest over every rank and
+leaves the experts alone (ignored_params). Tokens go to the experts of their own group only. The
+experts' gradients are divided by E in the backward and averaged over the replicas before the step
 (distributed.average_replicated_gradients, one flat all-reduce), so they are the world's mean as
 FSDP's own: every stage backpropagates loss * world_size (distributed.py).
 """

@@ -17,7 +17,7 @@ column-parallel GEMM on the local rows, one all-reduce after o_proj and one afte
 vocabulary-parallel embedding (one all-reduce); copied slices are never gathered and their storage
 never moves (the precondition of CUDA-graph replay), slices sharded over data are gathered by each
 unit's FSDP hooks (in generation once for the rollout, by distributed.gathered). The collectives are
-differentiable (parallel/tensor_parallel_ops.py), so the same walk trains: each rank's gradients
+differentiable (ranks/tensor_parallel_ops.py), so the same walk trains: each rank's gradients
 land on its own slices, averaged over the data groups by FSDP's reduce-scatter or, for copies, by
 `average_over_data`, and the LM head's log-probs are vocabulary-parallel (model/lm_head.py).
 `logits` gathers the vocabulary slices of the LM head's output, so the sampler draws from the whole
@@ -39,7 +39,7 @@ from ..model.causal_lm import CausalLM, PackedProjection, Projection
 from ..model.primitives import composed_norm_linear
 from . import distributed
 from .dims import ParallelDims
-from .tensor_parallel_ops import from_ranks, to_ranks
+from ..ranks.tensor_parallel_ops import from_ranks, to_ranks
 from .validate import check_tensor_parallel
 
 

@@ -11,7 +11,7 @@ import torch
 from ...parallel import distributed
 from ...parallel.context_parallel import shard_logprobs
 from ...data.packing import PackedBatch
-from ...model.prefix_sharing import share_prefixes
+from ...data.prefix_sharing import share_prefixes
 from ...model.invariant import BatchInvariant
 from ...model.lm_head import lm_head_logprobs
 from ...model.moe import replay_of, routing_trace

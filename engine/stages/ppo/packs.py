@@ -15,7 +15,7 @@ def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
                  model_masks: list[list[bool]] | None = None) -> PackedBatch:
     """Pack prompt + response pairs, the response tokens as targets on an [R, width] grid
     (default width: the longest response). share_prompts (train.prefix_sharing): rows with the
-    same prompt forward it once (engine/model/prefix_sharing.py). model_masks (one bool per
+    same prompt forward it once (engine/data/prefix_sharing.py). model_masks (one bool per
     response token: a multi-turn trajectory's sampled tokens): only those are targets, the
     environment's tokens are context."""
     if len(prompts) != len(responses) or not prompts:

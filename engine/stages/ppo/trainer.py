@@ -214,7 +214,7 @@ def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callab
         critic.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
         return critic.requires_grad_(True).train()
     if rm is not None:
-        trunk, head = rm, distributed.plain(rm.score.weight.detach())
+        trunk, head = rm, distributed.whole_value(rm.score.weight.detach())
     else:
         trunk = load_model(cfg.policy, dtype=dtype, device=device,
                            shard=sharder).requires_grad_(False)

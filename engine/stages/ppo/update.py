@@ -28,7 +28,7 @@ from ...config.ppo import PPOConfig, UpdateConfig
 from ...model.moe import moe_blocks, routing_trace
 from ...train.router_losses import trace_losses
 from ...data.packing import pack
-from ...model.prefix_sharing import grouped_order
+from ...data.prefix_sharing import grouped_order
 from ...parallel import distributed
 from ...train import optim, runlog
 from ....kernels import (aggregation_rule, importance_weights, kl_penalty, masked_mean,

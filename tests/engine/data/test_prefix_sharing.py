@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fusedrl.engine.data.packing import pack
-from fusedrl.engine.model.prefix_sharing import grouped_order, share_prefixes
+from fusedrl.engine.data.prefix_sharing import grouped_order, share_prefixes
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.reward_model import reward_model_from_lm
 from fusedrl.engine.model.scalar_head import ScalarHead

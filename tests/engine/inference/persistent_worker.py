@@ -73,7 +73,7 @@ def check_rollouts(device: str, model_dir: str) -> None:
     the same tokens and log-probs, and the second rollout sees the updated weights."""
     from torch.distributed.tensor import DTensor
     policy = load_model(model_dir, device=device, shard=data_parallel("shard", device))
-    before = {name: distributed.plain(p).detach().clone() for name, p in policy.named_parameters()}
+    before = {name: distributed.whole_value(p).detach().clone() for name, p in policy.named_parameters()}
     persistent, gathered = actors(policy, device)
     weights = persistent.weights
     assert weights.nbytes >= sum(p.nbytes for p in before.values()) and gathered.llm.runner.graphs is None

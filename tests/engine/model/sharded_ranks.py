@@ -37,7 +37,7 @@ def check_equal(sharded: nn.Module, whole: nn.Module, what: str) -> int:
     assert names == list(expected), f"{what}: {names} != {list(expected)}"
     local_bytes = 0
     for name, param in sharded.named_parameters():
-        got = distributed.plain(param.detach())
+        got = distributed.whole_value(param.detach())
         assert torch.equal(got, expected[name].detach()), f"{what}: {name} differs"
         local_bytes += local_box(param)[0].numel() * param.element_size()
     return local_bytes
@@ -109,7 +109,7 @@ def main(models: Path, out: Path) -> None:
     record("critic_from_rm", load_value_model(rm_dir, shard=sharder, start="reward_model"),
            value_model_from_reward_model(rm))
     critic = load_value_model(models / "llama", shard=sharder, start="lm")
-    assert not distributed.plain(critic.value_head.weight).any()
+    assert not distributed.whole_value(critic.value_head.weight).any()
     save_model(critic, out / "critic")
     record("rm_fresh_head", load_model(models / "llama", model_cls=RewardModel, shard=sharder,
                                        fresh=["score.weight"]),

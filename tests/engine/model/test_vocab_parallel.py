@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedrl.engine.parallel import tensor_parallel_ops
+from fusedrl.engine.ranks import tensor_parallel_ops
 from dist_testing import run_ranks
 
 

@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from fusedrl.engine.parallel.tensor_parallel_ops import vocab_parallel_logprobs
+from fusedrl.engine.ranks.tensor_parallel_ops import vocab_parallel_logprobs
 from fusedrl.kernels import linear_token_logprobs
 
 ROWS, HIDDEN, VOCAB, TEMPERATURE = 37, 24, 203, 0.7  # an odd vocabulary: slices of 102 and 101 rows

@@ -67,7 +67,7 @@ def _offload_round_trips(rank: int) -> None:
                 for m in (plain_model, offloaded)]
     assert torch.equal(*outs)
     for (name, a), b in zip(plain_model.state_dict().items(), offloaded.state_dict().values()):
-        assert torch.equal(distributed.plain(a), distributed.plain(b)), name
+        assert torch.equal(distributed.whole_value(a), distributed.whole_value(b)), name
 
 
 def test_reductions_keep_values_and_device_on_two_gloo_ranks(tmp_path):
