@@ -165,9 +165,9 @@ def run_demo(args) -> int:
     run_dir.check_target(cfg.output_dir, "demo", overwrite=cfg.overwrite)
     path_checks.check_output_dir(cfg.output_dir)
     if cfg.task == "tool":
-        from .stages.demo_tool import format_tool_table as format_table, run_tool_demo as demo
+        from .demos.tool import format_tool_table as format_table, run_tool_demo as demo
     else:
-        from .stages.demo import format_table, run_demo as demo
+        from .demos.sorting import format_table, run_demo as demo
     table = demo(cfg, quiet=args.quiet)
     print(format_table(table))
     print(f"results: {cfg.output_dir}/results.json, curves: {', '.join(table['plots'])}")

@@ -1,4 +1,4 @@
-"""Config of `fusedrl demo` (engine/stages/demo.py): the task's size and each stage's length.
+"""Config of `fusedrl demo` (engine/demos/sorting.py): the task's size and each stage's length.
 Torch-free."""
 from __future__ import annotations
 

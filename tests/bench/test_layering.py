@@ -8,6 +8,7 @@ import layering
 def test_the_tree_keeps_its_layers():
     found = layering.report()
     assert found["cycles"] == []
+    assert found["package_cycles"] == []
     assert found["private_kernel_imports"] == []
     assert found["upward_imports"] == []
     assert found["duck_typed_calls"] == []
@@ -19,6 +20,31 @@ def test_cycles_are_found():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
     assert layering.cycles(graph) == [["a", "b", "c"]]
     assert layering.cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_package_cycles_count_packages_and_leave_loose_modules_apart(tmp_path: pathlib.Path):
+    (tmp_path / "__init__.py").write_text("")
+    known = {name: tmp_path / ("__init__.py" if name.endswith("pkg") else "m.py") for name in (
+        "fusedrl.engine", "fusedrl.engine.errors", "fusedrl.engine.api", "fusedrl.engine.apkg",
+        "fusedrl.engine.apkg.x", "fusedrl.engine.bpkg", "fusedrl.engine.bpkg.y",
+        "fusedrl.engine.bpkg.z")}
+    known["fusedrl.engine"] = tmp_path / "__init__.py"
+    assert layering.package_of("fusedrl.engine.apkg.x", known) == "fusedrl.engine.apkg"
+    assert layering.package_of("fusedrl.engine.apkg", known) == "fusedrl.engine.apkg"
+    assert layering.package_of("fusedrl.engine.errors", known) == "fusedrl.engine.errors"
+    # x -> y and z -> x: no module cycle, but apkg and bpkg import each other.
+    graph = {"fusedrl.engine.apkg.x": {"fusedrl.engine.bpkg.y", "fusedrl.engine.errors"},
+             "fusedrl.engine.bpkg.y": {"fusedrl.engine.errors"},
+             "fusedrl.engine.bpkg.z": {"fusedrl.engine.apkg.x"},
+             "fusedrl.engine.api": {"fusedrl.engine.apkg.x", "fusedrl.engine.bpkg.z"},
+             "fusedrl.engine.errors": set(), "fusedrl.engine.apkg": set(),
+             "fusedrl.engine.bpkg": set(), "fusedrl.engine": set()}
+    assert layering.cycles(graph) == []
+    packages = layering.package_graph(graph, known)
+    assert layering.cycles(packages) == [["fusedrl.engine.apkg", "fusedrl.engine.bpkg"]]
+    # The loose modules above and below (api imports both, both import errors) close no loop.
+    del graph["fusedrl.engine.bpkg.z"]
+    assert layering.cycles(layering.package_graph(graph, known)) == []
 
 
 def test_relative_and_submodule_imports_resolve(tmp_path: pathlib.Path):

@@ -6,7 +6,7 @@ import pytest
 
 from fusedrl.engine import cli
 from fusedrl.engine.config.demo import DemoConfig
-from fusedrl.engine.stages.demo_task import corrupt, is_correct, prompt_text
+from fusedrl.engine.demos.sorting_task import corrupt, is_correct, prompt_text
 
 
 def test_checker_and_corruptions():
@@ -66,8 +66,8 @@ def test_demo_config_errors():
 def test_moe_demo_base_model_and_its_adapters(tmp_path):
     from fusedrl.engine.model.hf_io import load_model
     from fusedrl.engine.model.moe import moe_blocks
-    from fusedrl.engine.stages.demo import rl_training
-    from fusedrl.engine.stages.demo_task import build_base_model
+    from fusedrl.engine.demos.sorting import rl_training
+    from fusedrl.engine.demos.sorting_task import build_base_model
 
     model = load_model(build_base_model(tmp_path, 0, "qwen3_moe"))
     assert [b.moe.num_experts * 10 + b.moe.top_k for b in moe_blocks(model)] == [82, 82, 82]

@@ -1,7 +1,7 @@
 """The demo's task, data and model, built from nothing: sort digits. The prompt "sort 4 1 3 1 :" is
 answered correctly by "1 1 3 4"; a program judges every answer. Everything is made here: a
 word-level Hugging Face tokenizer, a tiny random Llama, noisy demonstrations, preference pairs
-(one per kind of mistake), prompts. The recipe that trains on them is engine/stages/demo.py.
+(one per kind of mistake), prompts. The recipe that trains on them is engine/demos/sorting.py.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ add two multi-digit numbers. The user asks "4821 + 377"; a program judges the fi
 A tiny model does not learn carrying from a thousand sums, but it can call the `add` tool (Hermes
 `<tool_call>` blocks) and copy its result. The SFT demonstrations call the tool only sometimes and
 answer directly otherwise, so the SFT policy is a mediocre adder; GRPO with the program's reward
-teaches it to call the tool. The recipe is engine/stages/demo_tool.py.
+teaches it to call the tool. The recipe is engine/demos/tool.py.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from ..config.demo import DemoConfig
-from .demo_task import write_jsonl
+from .sorting_task import write_jsonl
 
 SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 CALL_TOKENS = ["<tool_call>", "</tool_call>"]  # not special: the tool-call parser reads them

@@ -1,6 +1,7 @@
 """`fusedrl demo`: the whole RLHF recipe on a task a program can check, with no downloads.
 
-The task, data and tiny model come from engine/stages/demo_task.py (sort the digits of the prompt).
+The task, data and tiny model come from engine/demos/sorting_task.py (sort the digits of the
+prompt).
 `algo=ppo` (the default, InstructGPT):
   1. SFT on noisy demonstrations (a fraction are wrong), so the SFT policy samples wrong answers
      too;
@@ -23,7 +24,7 @@ import torch
 from ..config.demo import DemoConfig
 from ..durable import write_text_atomic
 from ..run_dir import claim, releases_output_dir
-from .demo_task import build_base_model, build_tokenizer, is_correct, write_data
+from .sorting_task import build_base_model, build_tokenizer, is_correct, write_data
 
 TEMPERATURE = 1.0
 # The RL stage's peak learning rate: full fine-tuning, and LoRA, whose low-rank updates (B starts
@@ -76,8 +77,8 @@ def run_ppo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: d
     """RM on the preference pairs, then PPO against it; returns the PPO policy's directory."""
     from ..config.ppo import LoopConfig, PPOConfig, RewardConfig, RolloutConfig, UpdateConfig
     from ..config.train import DataConfig, OptimConfig, RMConfig, TrainConfig
-    from .ppo.trainer import run_ppo
-    from .rm import run_rm
+    from ..stages.ppo.trainer import run_ppo
+    from ..stages.rm import run_rm
 
     rm_dir = run_rm(RMConfig(
         model=str(sft_dir), output_dir=str(out / "rm"), seed=cfg.seed,
@@ -110,7 +111,7 @@ def run_grpo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: 
                    evaluate) -> Path:
     """GRPO with the program's check as the reward; returns the policy's directory."""
     from ..config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
-    from .ppo.trainer import run_ppo
+    from ..stages.ppo.trainer import run_ppo
 
     return run_ppo(GRPOConfig(
         policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"),
@@ -132,7 +133,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     from ..config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
     from ..model.hf_io import load_model
     from ..train.plot import plot_run
-    from .sft import run_sft
+    from ..stages.sft import run_sft
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)

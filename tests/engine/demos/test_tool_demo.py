@@ -11,7 +11,7 @@ from fusedrl.engine.config.demo import DemoConfig
 from fusedrl.engine.data.packing import collate_sft
 from fusedrl.engine.data.records import parser_for
 from fusedrl.engine.data.tokenization import tokenize_record
-from fusedrl.engine.stages.demo_tool_task import (add, build_tokenizer, conversation, final_answer, is_correct,
+from fusedrl.engine.demos.tool_task import (add, build_tokenizer, conversation, final_answer, is_correct,
                                                   make_pairs, question, tool_reward, write_tool_data)
 
 

@@ -1,5 +1,5 @@
 """`fusedrl demo task=tool`: a tiny model that cannot add multi-digit numbers learns to call a
-calculator tool. The task, data, tokenizer and tool come from engine/stages/demo_tool_task.py.
+calculator tool. The task, data, tokenizer and tool come from engine/demos/tool_task.py.
   1. SFT on conversations (data/chat.py's tool_calls rows) of which cfg.tool_calls call the `add`
      tool and the others answer at once: the SFT policy calls it now and then, and its direct
      answers are mostly wrong;
@@ -20,9 +20,9 @@ import torch
 from ..config.demo import DemoConfig
 from ..durable import write_text_atomic
 from ..run_dir import claim, releases_output_dir
-from .demo import TEMPERATURE, last_metric, rl_training
-from .demo_task import build_base_model
-from .demo_tool_task import (add, build_tokenizer, final_answer, is_correct, tool_reward,
+from .sorting import TEMPERATURE, last_metric, rl_training
+from .sorting_task import build_base_model
+from .tool_task import (add, build_tokenizer, final_answer, is_correct, tool_reward,
                              write_tool_data)
 
 TOOLS = [f"{add.__module__}:{add.__name__}"]
@@ -56,14 +56,14 @@ def tool_accuracy(model, tokenizer, prompts: list[str], samples: int, seed: int)
 @releases_output_dir
 def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     """SFT on tool-use conversations, then GRPO with the tool; returns (and saves) the final table.
-    cfg.output_dir is held as run_demo holds it (engine/stages/demo.py)."""
+    cfg.output_dir is held as run_demo holds it (engine/demos/sorting.py)."""
     from ..agents import tool_schema
     from ..config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
     from ..config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
     from ..model.hf_io import load_model
     from ..train.plot import plot_run
-    from .ppo.trainer import run_ppo
-    from .sft import run_sft
+    from ..stages.ppo.trainer import run_ppo
+    from ..stages.sft import run_sft
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
