@@ -8,8 +8,8 @@ between the engine's layers, duck-typed upward calls (getattr / hasattr / setatt
 the parallel layout owns, which reaches a layer above without importing it), library files long
 enough to ask for a split by concept, and library lines over 100 characters.
 
-    python bench/layering.py            # prints the report; exit 1 when any rule is broken
-    python bench/layering.py --json     # the same as one JSON object
+    python tests/checks/layering.py     # prints the report; exit 1 when any rule is broken
+    python tests/checks/layering.py --json  # the same as one JSON object
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import json
 import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGES = {"fusedrl.kernels": ROOT / "kernels", "fusedrl.engine": ROOT / "engine"}
 # Kernel subpackages whose __init__ is public API like fusedrl.kernels' own: the engine may import
 # them (not the modules below them). fusedrl.kernels.attention holds every attention path the

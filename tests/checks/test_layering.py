@@ -1,4 +1,4 @@
-"""The layering rules of bench/layering.py hold on the tree, and the checker finds what it should."""
+"""The layering rules of tests/checks/layering.py hold on the tree, and the checker finds what it should."""
 import ast
 import pathlib
 
