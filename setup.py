@@ -121,7 +121,7 @@ def main() -> None:
         packages=packages(),
         package_dir=PACKAGE_ROOTS,
         # The YAML starting points of `fusedrl sft|rm|ppo --config`, shipped in wheels too.
-        package_data={"fusedrl.engine": ["configs/*.yaml"]},
+        package_data={"fusedrl.engine.config": ["presets/*.yaml"]},
         install_requires=[
             "torch>=2.5",
             # Triton ships Linux wheels only; elsewhere the PyTorch backend is used.

@@ -21,7 +21,7 @@ from .config.io import ConfigError, to_dict
 from .config.ppo import GRPOConfig, PPOConfig
 from .config.train import RMConfig, SFTConfig
 from .errors import RunComplete, UsageError
-from .path_checks import check_input_file
+from .runs.path_checks import check_input_file
 
 
 @dataclass

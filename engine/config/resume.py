@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigValueError
-from ..run_paths import path_options
+from ..runs.run_paths import path_options
 from . import io as config_io
 
 SAVED_CONFIG = "config.yaml"
@@ -93,7 +93,7 @@ def resume_changes(run_dir, config) -> dict[str, tuple]:
 
 def _same_path(saved, new) -> bool:
     """Whether a path config.yaml holds names the same file as the run's: a run records its inputs
-    as absolute paths (engine/run_paths.py); an older one as given, relative to where it ran."""
+    as absolute paths (runs/run_paths.py); an older one as given, relative to where it ran."""
     both = isinstance(saved, str) and isinstance(new, str)
     return both and os.path.abspath(saved) == os.path.abspath(new)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..runs.path_checks import not_found
 from .records import DataError, decode_line, numbered_lines
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -102,14 +103,6 @@ def _rows(source) -> Iterator[tuple[str, object]]:
                         "written by datasets' save_to_disk")
     else:
         raise DataError(not_found(str(source)))
-
-
-def not_found(source: str) -> str:
-    """The one line for a data source that is no local file or directory."""
-    hub = "/" in source.strip("/") and not Path(source).suffix and not source.startswith((".", "/"))
-    advice = ("; data sets are read from local files only (nothing is downloaded): on a machine "
-              f"with a network, datasets.load_dataset({source!r}).save_to_disk(DIR), then give DIR")
-    return f"{source}: no such file or directory" + (advice if hub else "")
 
 
 def _jsonl_rows(path: Path):

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from ..config.demo import DemoConfig
-from ..durable import write_text_atomic
-from ..run_dir import claim, releases_output_dir
+from ..runs.durable import write_text_atomic
+from ..runs.run_dir import claim, releases_output_dir
 from .sorting_task import build_base_model, build_tokenizer, is_correct, write_data
 
 TEMPERATURE = 1.0
@@ -128,7 +128,7 @@ def run_grpo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: 
 @releases_output_dir
 def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     """SFT, then PPO (with a reward model) or GRPO (with the program's reward) on the sorting task;
-    returns (and saves) the final table. cfg.output_dir is held (engine/run_dir.py) and replaced
+    returns (and saves) the final table. cfg.output_dir is held (runs/run_dir.py) and replaced
     only when it is an earlier demo and cfg.overwrite is set."""
     from ..config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
     from ..model.hf_io import load_model

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ..config.demo import DemoConfig
-from ..durable import write_text_atomic
-from ..run_dir import claim, releases_output_dir
+from ..runs.durable import write_text_atomic
+from ..runs.run_dir import claim, releases_output_dir
 from .sorting import TEMPERATURE, last_metric, rl_training
 from .sorting_task import build_base_model
 from .tool_task import (add, build_tokenizer, final_answer, is_correct, tool_reward,

@@ -1,7 +1,7 @@
 """Hugging Face model directories in and out: config.json + safetensors (single file or sharded).
 
 Saving writes a complete directory (config, weights, tokenizer and generation files copied from the
-source, and a manifest of every file's size and sha256, engine/durable.py) into a temporary sibling,
+source, and a manifest of every file's size and sha256, runs/durable.py) into a temporary sibling,
 fsyncs it and renames it into place, so a reader never sees half a checkpoint; a model with a NaN or
 inf anywhere is refused before anything is written, and the directory gets the usual modes (0644
 files, 0755 directories under the default umask) so others can read it. Under torchrun saving is
@@ -27,9 +27,9 @@ from transformers import AutoConfig
 
 from ..errors import ConfigValueError, ModelError
 from ..ranks import sharded, world
-from ..durable import written_whole
-from ..run_dir import write_marker
-from ..path_checks import CONFIG_FILE
+from ..runs.durable import written_whole
+from ..runs.run_dir import write_marker
+from ..runs.path_checks import CONFIG_FILE
 from .config import ModelConfig
 from .footprint import refuse_unfit_weights
 from .causal_lm import CausalLM
@@ -235,7 +235,7 @@ def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int =
     Tokenizer and generation files are copied from `source_dir` when given. Weights above
     `max_shard_bytes` are split into shards with an index, as `save_pretrained` does. A NaN or inf
     in any parameter raises NonFiniteError before anything is written. `kind`: mark the directory
-    as the output of that fusedrl command (engine/run_dir.py), so the command may replace it later.
+    as the output of that fusedrl command (runs/run_dir.py), so the command may replace it later.
     `before_rename()`: a last check of `out_dir` before the written directory replaces it
     (export's).
     Collective under torchrun (every rank calls it; rank 0 writes, one parameter gathered at a time:

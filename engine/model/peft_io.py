@@ -9,7 +9,7 @@ loads onto the transformers base model:
                                  module paths (a packed q/k/v writes q_proj, k_proj and v_proj), and
                                  base_model.model.score.weight [1, H] for a head trained in full
     reward_offset.json           a reward model's normalization offset (ours; PEFT ignores the file)
-    manifest.json                every file's size and sha256 (engine/durable.py; PEFT ignores it)
+    manifest.json                every file's size and sha256 (runs/durable.py; PEFT ignores it)
 
 task_type CAUSAL_LM: adapters on a causal LM (`AutoModelForCausalLM`). task_type SEQ_CLS with
 modules_to_save ["score"]: a reward model (or the LoRA critic), adapters plus the fp32 `score` head,
@@ -29,9 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config.lora import LoRAConfig
-from ..durable import check_finite, written_whole
+from ..runs.durable import check_finite, written_whole
 from ..errors import ModelError
-from ..run_dir import check_unchanged, claim, entries, release
+from ..runs.run_dir import check_unchanged, claim, entries, release
 from ..ranks import sharded, world
 from .hf_io import load_model, save_model
 from .lora import LoRA, add_lora
@@ -211,7 +211,7 @@ def merge_adapter(adapter_dir, base_dir, out_dir, dtype="auto", overwrite: bool 
     adapter is a causal LM (a reward model run's) or a reward model (the LoRA critic's: the merge is
     then the critic as a sequence classifier, its value head as the score head).
     `out_dir` must be new, empty, or an earlier export (replaced only with `overwrite`); never an
-    input or a directory holding one (engine/run_dir.py). It is locked like a run directory while
+    input or a directory holding one (runs/run_dir.py). It is locked like a run directory while
     the export is written beside it, and looked at again before the rename: anything that appeared
     in it meanwhile stops the export, with nothing replaced. The export is marked as one."""
     out_dir = os.path.realpath(out_dir)

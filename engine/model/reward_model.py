@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..durable import check_finite
+from ..runs.durable import check_finite
 from .hf_io import load_config, load_model, save_model
 from .config import ModelConfig
 from .causal_lm import CausalLM, rebuild_as

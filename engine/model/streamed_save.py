@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..ranks import sharded, world
-from ..durable import non_finite_error
+from ..runs.durable import non_finite_error
 from .weight_map import Block, hf_blocks, hf_shape, local_box
 
 SINGLE_FILE = "model.safetensors"

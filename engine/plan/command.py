@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from .. import path_checks
+from ..runs import path_checks
 from ..config import io as config_io
 from ..errors import UsageError
 from .units import parse_bytes

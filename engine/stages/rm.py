@@ -32,7 +32,7 @@ from ..model.hf_io import load_model
 from ..model.reward_model import RewardModel, load_reward_model, save_reward_model
 from ..train import adapters
 from ..parallel.distributed import is_main
-from ..run_dir import releases_output_dir
+from ..runs.run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
 from ..parallel.layout import laying_out

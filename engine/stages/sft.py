@@ -16,7 +16,7 @@ from ..model.hf_io import load_model
 from ..model.lm_head import lm_head_logprobs
 from ..model.moe import dropped_assignments
 from ..train import adapters
-from ..run_dir import releases_output_dir
+from ..runs.run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..parallel.context_parallel import shard_logprobs
 from ..parallel.layout import laying_out

@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..durable import write_text_atomic
+from ..runs.durable import write_text_atomic
 
 DATA_RECORD = "data_files.json"
 

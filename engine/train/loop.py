@@ -32,10 +32,10 @@ import torch
 
 from ..config.resume import resume_changes
 from ..config.train import RunConfig
-from ..durable import remove_leftovers, sync_dir
+from ..runs.durable import remove_leftovers, sync_dir
 from ..errors import FusedRLError, Interrupted, RunComplete
 from ..parallel import distributed
-from ..run_dir import read_marker
+from ..runs.run_dir import read_marker
 from .checkpoint import Trainables, latest_checkpoint, resume, save_checkpoint
 from .checkpoint.store import PREFIX
 from .interrupts import StopRequests

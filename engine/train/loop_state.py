@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from ..durable import CorruptDirectory
+from ..runs.durable import CorruptDirectory
 from ..errors import UsageError
 from .checkpoint.store import PREFIX, STATE_FILE
 

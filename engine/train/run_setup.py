@@ -1,12 +1,12 @@
 """What every stage does before building its models: check what the user named (model directories,
 input files, the output directory, the device), join torchrun's process group (if any), take the
-output directory (engine/run_dir.py: its lock, the check that it is new, empty or this stage's
+output directory (engine/runs/run_dir.py: its lock, the check that it is new, empty or this stage's
 earlier run, its marker), seed the RNGs, pick the parameter dtype (train.precision), load the
 tokenizer.
 
 The checks come first and are cheap, so a wrong path or an unwritable output_dir is a one-line
 usage error (engine/errors.py) before anything slow happens, never after the models are loaded; the
-command line runs the path checks (engine/path_checks.py) even before importing torch.
+command line runs the path checks (engine/runs/path_checks.py) even before importing torch.
 """
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from typing import Callable
 import torch
 
 from ..config.train import RunConfig
-from .. import run_dir
+from ..runs import run_dir
 from ..errors import ModelError, UsageError
 from ..model.hf_io import load_config, load_tokenizer
-from ..path_checks import check_model_path, check_paths
+from ..runs.path_checks import check_model_path, check_paths
 from ..parallel import distributed
 from ..parallel.dims import ParallelDims
 from ..parallel.validate import check_models
-from ..run_paths import run_inputs
+from ..runs.run_paths import run_inputs
 from .precision import param_dtype, resolve_precision
 from .trackers import check_installed, tracker_names
 
@@ -89,7 +89,7 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
               config=None, check: Callable | None = None) -> RunContext:
     """Check everything first: the packages of the trackers of `options` (the stage's `train`
     section), `models` {option: model directory, or None when unused} (the first one's tokenizer is
-    the run's), `files` {option: input file or None}, output_dir (engine/path_checks.py), the
+    the run's), `files` {option: input file or None}, output_dir (engine/runs/path_checks.py), the
     models' config.json and the device of `options`. Then join torchrun's process group when
     launched by it (a bare `cuda` becomes this rank's GPU, cuda:LOCAL_RANK); `config`, the stage's
     whole config, is then checked by `check(config, device, world size)`, which returns it as the

@@ -3,7 +3,7 @@ the experiment trackers of train.report_to (trackers.py).
 
 RUN_DIR/
     .fusedrl-run      marks the directory as a fusedrl run; .fusedrl-run.lock: the running process's
-                      lock (engine/run_dir.py)
+                      lock (engine/runs/run_dir.py)
     config.yaml       the resolved config (file + overrides + defaults) the run used; its last
                       line, a comment, records the number of ranks: `# world_size: N`
     metrics.jsonl     one JSON object per line: {"kind": "train"|"eval"|"info", "step": ..., ...};
@@ -12,7 +12,7 @@ RUN_DIR/
     checkpoints/      see engine/train/checkpoint/
     final/            the exported model
 `fusedrl plot RUN_DIR` reads metrics.jsonl back. config.yaml and a rewritten metrics.jsonl are
-replaced whole (engine/durable.py); appends never go through a symbolic link.
+replaced whole (engine/runs/durable.py); appends never go through a symbolic link.
 """
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ import yaml
 
 from ..config import io as config_io
 from ..config.resume import METRICS_FILE
-from ..durable import open_append, write_text_atomic
+from ..runs.durable import open_append, write_text_atomic
 from .progress import open_progress
 from .trackers import Trackers
 from .data_record import DATA_RECORD
 
-# The entries of RUN_DIR written through a hidden temp sibling (engine/durable.py), as a regex: the
+# The entries of RUN_DIR written through a hidden temp sibling (runs/durable.py), as a regex: the
 # only names whose leftovers a new run removes from it.
 REPLACED_WHOLE = r"final\w*|config\.yaml|metrics\.jsonl|" + re.escape(DATA_RECORD)
 

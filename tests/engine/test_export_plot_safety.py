@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from fusedrl.engine import cli, run_dir
+from fusedrl.engine import cli
+from fusedrl.engine.runs import run_dir
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.model import peft_io
 from fusedrl.engine.train.plot import is_plot, plot_run

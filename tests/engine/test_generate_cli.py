@@ -4,7 +4,7 @@ import json
 import pytest
 
 from fusedrl.engine import LLM, SamplingParams, cli
-from fusedrl.engine.generate_command import parse_memory
+from fusedrl.engine.cli.generate import parse_memory
 from fusedrl.engine.errors import UsageError
 
 

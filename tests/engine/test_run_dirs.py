@@ -1,4 +1,4 @@
-"""The directories fusedrl writes (engine/run_dir.py): nothing it did not make is written into or
+"""The directories fusedrl writes (engine/runs/run_dir.py): nothing it did not make is written into or
 deleted, `.`, home and the inputs are never replaced, an earlier output is continued or replaced
 only when asked, one run holds a directory at a time (real processes: a second run is refused at
 once naming the holder's pid; a SIGKILLed holder leaves a lock the next run takes), and writes
@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from fusedrl.engine import cli, run_dir
-from fusedrl.engine.durable import CorruptDirectory, open_append, remove_leftovers, verify_manifest, write_text_atomic
+from fusedrl.engine import cli
+from fusedrl.engine.runs import run_dir
+from fusedrl.engine.runs.durable import CorruptDirectory, open_append, remove_leftovers, verify_manifest, write_text_atomic
 from fusedrl.engine.errors import ModelError, UsageError
 from fusedrl.engine.model.hf_io import INDEX_FILE, load_model
 from fusedrl.engine.train.runlog import read_metrics
@@ -246,7 +247,7 @@ def test_a_model_directory_s_own_code_never_runs_even_when_stdin_says_yes(tmp_pa
 
 
 HOLD = """import sys, time
-from fusedrl.engine import run_dir
+from fusedrl.engine.runs import run_dir
 run_dir.claim(sys.argv[1], "sft", overwrite=False, resume=True)
 print("held", flush=True)
 time.sleep(120)

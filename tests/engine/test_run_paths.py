@@ -1,4 +1,4 @@
-"""Paths fixed at a run's start and inputs protected (engine/run_paths.py, engine/run_dir.py): a
+"""Paths fixed at a run's start and inputs protected (engine/runs/run_paths.py, engine/runs/run_dir.py): a
 symbolic link given as output_dir is written where it leads, never through; a reward function that
 changes directory moves nothing; nothing the run reads (its --config YAML, its data, its reward
 module) is deleted by train.overwrite=true: such a run is refused in one line naming the input, and
@@ -8,10 +8,11 @@ import os
 import pytest
 import yaml
 
-from fusedrl.engine import cli, run_dir
+from fusedrl.engine import cli
+from fusedrl.engine.runs import run_dir
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig
 from fusedrl.engine.errors import UsageError
-from fusedrl.engine.run_paths import module_file, pinned, run_inputs
+from fusedrl.engine.runs.run_paths import module_file, pinned, run_inputs
 from fusedrl.engine.stages.ppo.trainer import run_ppo
 from cli_testing import assert_one_line_error, cli_error, run_fusedrl
 from reward_testing import vowel_fraction

@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 from fusedrl.engine.config.train import DataConfig, OptimConfig, RMConfig, SFTConfig, TrainConfig
-from fusedrl.engine.run_dir import MARKER
+from fusedrl.engine.runs.run_dir import MARKER
 from fusedrl.engine.train.checkpoint import checkpoint_dir
 from engine_testing import make_hf_model, make_tokenizer
 
@@ -29,7 +29,7 @@ def save_tiny_model(path, arch="llama2", **overrides):
 
 def copy_checkpoint(run, step, into):
     """Start the run directory `into` from checkpoint `step` of the run directory `run`, as a user
-    moving a run does: the checkpoint and the run's marker (engine/run_dir.py: fusedrl continues only
+    moving a run does: the checkpoint and the run's marker (engine/runs/run_dir.py: fusedrl continues only
     a directory it made)."""
     shutil.copytree(checkpoint_dir(run, step), checkpoint_dir(into, step))
     shutil.copy2(Path(run) / MARKER, Path(into) / MARKER)

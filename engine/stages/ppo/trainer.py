@@ -50,7 +50,7 @@ from ...parallel import distributed
 from ...train import adapters, optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
-from ...run_dir import releases_output_dir
+from ...runs.run_dir import releases_output_dir
 from ...parallel.dims import ParallelDims
 from ...parallel.layout import layout, laying_out
 from ...plan.check import startup_check

@@ -13,7 +13,7 @@ Layout of `RUN_DIR/checkpoints/step-00000012/`, the same for one process and for
                             (hyperparameters, parameters by name), the schedulers' state dicts and
                             the stage's loop state (counters, data position, PPO's KL coefficient
                             and reward moments)
-    manifest.json           every file's size and sha256, written last (engine/durable.py)
+    manifest.json           every file's size and sha256, written last (engine/runs/durable.py)
 Tensor names are in parts.py; any world size resumes a checkpoint of any other (each rank reads the
 boxes of its own shards), and a checkpoint that does not fit the run (another model, depth, width,
 LoRA rank, precision) is refused with one line naming the difference before anything is loaded

@@ -140,7 +140,7 @@ def check_rng_state(where, tensors: dict, python) -> None:
     """CorruptDirectory naming `where` unless `tensors` and `python` are RNG states as `rng_state`
     returns them: torch's a uint8 vector of this torch's length (CUDA's of theirs), python's
     [version, 625 ints in [0, 2^32), None or a float]."""
-    from ...durable import CorruptDirectory
+    from ...runs.durable import CorruptDirectory
 
     own = torch.get_rng_state()
     cuda_shape = torch.cuda.get_rng_state().shape if torch.cuda.is_available() else None

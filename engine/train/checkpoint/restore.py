@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ...durable import CorruptDirectory
+from ...runs.durable import CorruptDirectory
 from ...errors import UsageError
 from ...parallel import distributed
 from .parts import (Trainables, check_rng_state, module_tensors, row_layouts, optimizer_key,

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ...durable import CorruptDirectory
+from ...runs.durable import CorruptDirectory
 from ...parallel import distributed
 # (piece, offsets): a DTensor's shard, a plain tensor whole
 from ...model.weight_map import local_box as local_chunk

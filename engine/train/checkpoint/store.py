@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ...durable import (CorruptDirectory, check_finite, publish, temp_dir, verify_manifest,
+from ...runs.durable import (CorruptDirectory, check_finite, publish, temp_dir, verify_manifest,
                         write_manifest)
 from ...errors import NonFiniteError, UsageError
 from ...parallel import distributed

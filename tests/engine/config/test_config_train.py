@@ -84,6 +84,6 @@ def test_cli_prints_the_resolved_config(tmp_path, capsys):
 
 @pytest.mark.parametrize("cls, name", [(SFTConfig, "sft.yaml"), (RMConfig, "rm.yaml")])
 def test_example_configs_load(cls, name):
-    path = importlib.resources.files("fusedrl.engine") / "configs" / name  # shipped as package data
+    path = importlib.resources.files("fusedrl.engine.config") / "presets" / name  # shipped as package data
     cfg = config_io.load(cls, path, REQUIRED)
     assert cfg.optim.lr < 1e-4 and cfg.data.train_file == "t.jsonl"

@@ -6,7 +6,7 @@ import pytest
 from fusedrl.engine.data.records import DataError, Demonstration, Ranking, parser_for
 from fusedrl.engine.data.sources import read_records
 from fusedrl.engine.errors import UsageError
-from fusedrl.engine.path_checks import check_input_file
+from fusedrl.engine.runs.path_checks import check_input_file
 
 ROWS = [{"prompt": "the quick", "completion": " brown fox"},
         {"prompt": "hello", "completion": " world"}]

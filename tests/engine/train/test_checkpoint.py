@@ -14,7 +14,7 @@ from torch import nn
 from fusedrl.engine.cli import main
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.config.train import OptimConfig
-from fusedrl.engine.durable import CorruptDirectory, write_manifest
+from fusedrl.engine.runs.durable import CorruptDirectory, write_manifest
 from fusedrl.engine.errors import NonFiniteError, one_line
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.lora import add_lora

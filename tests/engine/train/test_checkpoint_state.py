@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusedrl.engine import cli
-from fusedrl.engine.durable import MANIFEST, CorruptDirectory, verify_manifest, write_manifest
+from fusedrl.engine.runs.durable import MANIFEST, CorruptDirectory, verify_manifest, write_manifest
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.stages.ppo.state import PPOState
 from fusedrl.engine.train.checkpoint import checkpoint_dir

@@ -4,8 +4,8 @@
     <command> --help`)
 
 Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help`, config
-errors and wrong paths (engine/path_checks.py) import neither torch nor transformers. Each command's
-work is imported when it runs, after its arguments and paths are checked.
+errors and wrong paths (engine/runs/path_checks.py) import neither torch nor transformers. Each
+command's work is imported when it runs, after its arguments and paths are checked.
 sft, rm, ppo and grpo read a YAML config plus `key=value` overrides, set on the command's own
 defaults (engine/config/io.py); every option of the stage's config dataclass is listed in its
 `--help`, `--print-config` prints them resolved, and unknown keys, wrong types or impossible values
@@ -23,13 +23,14 @@ import os
 import re
 import sys
 
-from . import errors, path_checks, run_dir, run_paths
-from .config import io as config_io
-from .config.demo import DemoConfig
-from .config.ppo import GRPOConfig, PPOConfig
-from .config.train import RMConfig, SFTConfig
-from .generate_command import add_generate_parser
-from .train import trackers
+from .. import errors
+from ..config import io as config_io
+from ..config.demo import DemoConfig
+from ..config.ppo import GRPOConfig, PPOConfig
+from ..config.train import RMConfig, SFTConfig
+from ..runs import path_checks, run_dir, run_paths
+from ..train import trackers
+from .generate import add_generate_parser
 
 # --- info -------------------------------------------------------------------------------------
 
@@ -37,7 +38,7 @@ def run_info(_args) -> int:
     """Print versions, devices and which kernel backend each device would use."""
     import torch
 
-    from .. import kernels
+    from ... import kernels
 
     try:
         import triton
@@ -58,17 +59,17 @@ def run_info(_args) -> int:
 # --- sft / rm / ppo ----------------------------------------------------------------------------
 
 def _train_sft(config):
-    from .stages.sft import run_sft
+    from ..stages.sft import run_sft
     return run_sft(config)
 
 
 def _train_rm(config):
-    from .stages.rm import run_rm
+    from ..stages.rm import run_rm
     return run_rm(config)
 
 
 def _train_ppo(config):
-    from .stages.ppo.trainer import run_ppo
+    from ..stages.ppo.trainer import run_ppo
     return run_ppo(config)
 
 
@@ -151,7 +152,7 @@ def add_plan_parser(commands) -> None:
 
 
 def _plan(args) -> int:
-    from .plan.command import run_plan
+    from ..plan.command import run_plan
     return run_plan(args.stage, STAGES[args.stage][0], args)
 
 
@@ -165,9 +166,9 @@ def run_demo(args) -> int:
     run_dir.check_target(cfg.output_dir, "demo", overwrite=cfg.overwrite)
     path_checks.check_output_dir(cfg.output_dir)
     if cfg.task == "tool":
-        from .demos.tool import format_tool_table as format_table, run_tool_demo as demo
+        from ..demos.tool import format_tool_table as format_table, run_tool_demo as demo
     else:
-        from .demos.sorting import format_table, run_demo as demo
+        from ..demos.sorting import format_table, run_demo as demo
     table = demo(cfg, quiet=args.quiet)
     print(format_table(table))
     print(f"results: {cfg.output_dir}/results.json, curves: {', '.join(table['plots'])}")
@@ -205,7 +206,7 @@ def add_plot_parser(commands) -> None:
 
 def run_plot(args) -> int:
     path_checks.check_run_dir(args.run_dir)  # before importing matplotlib and torch
-    from .train.plot import plot_run
+    from ..train.plot import plot_run
     try:
         written = plot_run(args.run_dir, args.out)
     except FileNotFoundError as e:
@@ -268,7 +269,7 @@ def run_export(args) -> int:
     run_dir.check_target(args.out, "export", overwrite=args.overwrite, inputs=[args.adapter, base],
                          option="--out", overwrite_option="--overwrite")
     path_checks.check_output_dir(args.out, "--out")
-    from .model.peft_io import merge_adapter
+    from ..model.peft_io import merge_adapter
     merge_adapter(args.adapter, base, args.out, args.dtype, args.overwrite)
     print(f"fusedrl export: merged model written to {args.out}")
     return 0
@@ -383,7 +384,3 @@ def _leave(code: int) -> int:
     if "fusedrl.engine.parallel.distributed" in sys.modules:  # only the commands that need torch
         sys.modules["fusedrl.engine.parallel.distributed"].leave(code)
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import FusedRLError, NonFiniteError
+from ..errors import FusedRLError, NonFiniteError
 
 MANIFEST = "manifest.json"
 # The hidden siblings temp_dir() and write_text_atomic() make: `.NAME.tmp-XXXX`, `.NAME.old-XXXX`.

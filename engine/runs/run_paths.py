@@ -4,7 +4,7 @@ any of the user's code runs (a reward module's import, a reward function that ch
 so nothing the run writes or reads later depends on the current directory, and a symbolic link
 given as output_dir is checked, locked and written where it leads, never through.
 
-`run_inputs` lists what a run reads, for engine/run_dir.py to protect: the run is refused when its
+`run_inputs` lists what a run reads, for run_dir.py to protect: the run is refused when its
 output directory is or holds one of them, so train.overwrite=true never deletes an input.
 Torch-free: the command line runs it before importing torch.
 """

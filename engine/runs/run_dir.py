@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .durable import write_text_atomic
-from .errors import UsageError
+from ..errors import UsageError
 from .run_paths import pinned
 
 MARKER = ".fusedrl-run"
@@ -255,7 +255,7 @@ def release(path) -> None:
 
 def releases_output_dir(entry: Callable) -> Callable:
     """Decorates a command's entry point `entry(cfg, ...)`: it runs on cfg with its paths pinned
-    (engine/run_paths.py: inputs absolute, output_dir where a link leads) before any of its code,
+    (run_paths.py: inputs absolute, output_dir where a link leads) before any of its code,
     and the lock it took on cfg.output_dir is released when it returns or raises, so the same
     process (or another) can take the directory next."""
     @functools.wraps(entry)

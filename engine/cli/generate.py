@@ -10,9 +10,10 @@ import os
 import re
 import sys
 
-from . import errors, path_checks
-from .config import io as config_io
-from .config.generate import GenerateConfig
+from .. import errors
+from ..config import io as config_io
+from ..config.generate import GenerateConfig
+from ..runs import path_checks
 
 
 # The longest --prompt-file line read (1 MiB: some 250k tokens, past any model's context).
@@ -105,7 +106,7 @@ def _as_option(error: ValueError) -> errors.UsageError:
 
 
 def _generate_tensor_parallel(cfg, prompts, params, device):
-    from .inference.parallel_generate import generate_tensor_parallel
+    from ..inference.parallel_generate import generate_tensor_parallel
     return generate_tensor_parallel(cfg.model, prompts, params, cfg.tensor_parallel, device=device,
                                     dtype=cfg.dtype, use_tqdm=cfg.progress,
                                     kv_cache_memory=cfg.kv_budget(), block_size=cfg.block_size)
@@ -113,7 +114,7 @@ def _generate_tensor_parallel(cfg, prompts, params, device):
 
 def _prompts(cfg) -> list[str]:
     """cfg.prompts, then prompt_file's lines (each a JSON string or raw text)."""
-    from .data.records import DataError, decode_line, numbered_lines
+    from ..data.records import DataError, decode_line, numbered_lines
     prompts = list(cfg.prompts)
     if cfg.prompt_file:
         if os.path.exists(cfg.prompt_file) and not os.path.isfile(cfg.prompt_file):
@@ -150,14 +151,14 @@ def run_generate(args) -> int:
     # The arguments and the path first: torch-free, so a mistake is answered at once.
     path_checks.check_model_path(cfg.model, "--model")
     path_checks.check_tokenizer_files(cfg.model, "--model")
-    from .inference.sampling_params import SamplingParams
+    from ..inference.sampling_params import SamplingParams
     try:
         params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_k=cfg.top_k,
                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     except ValueError as e:
         raise _as_option(e) from e
-    from .inference.llm import LLM
-    from .train.run_setup import check_model_dir, resolve_device
+    from ..inference.llm import LLM
+    from ..train.run_setup import check_model_dir, resolve_device
     check_model_dir(cfg.model, "--model")
     device = resolve_device(cfg.device, "--device")
     # an argument the engine rejects; the model's own problems are FusedRLErrors and pass through

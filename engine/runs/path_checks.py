@@ -7,10 +7,17 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .data.sources import not_found
-from .errors import UsageError
+from ..errors import UsageError
 
 CONFIG_FILE = "config.json"
+
+
+def not_found(source: str) -> str:
+    """The one line for a data source that is no local file or directory."""
+    hub = "/" in source.strip("/") and not Path(source).suffix and not source.startswith((".", "/"))
+    advice = ("; data sets are read from local files only (nothing is downloaded): on a machine "
+              f"with a network, datasets.load_dataset({source!r}).save_to_disk(DIR), then give DIR")
+    return f"{source}: no such file or directory" + (advice if hub else "")
 
 
 def check_model_path(path, option: str) -> None:
