@@ -1,8 +1,9 @@
 """The split-row sampler: each row's vocabulary is cut into CHUNK-sized pieces, one Triton program
 each, and merged; no sort, no per-row histogram of the whole key range, and (but in the fallback)
 no serial search: the logits read twice. This file holds the host side (buffers, launches, the
-custom op fusedrl::sample) and the public `sample`; the kernels are in bracket.py
-(launches 1-2) and draw.py (launches 3-4), their shared pieces in bits.py.
+custom op fusedrl::sample) and the public `sample`; the kernels are in chunk_stats.py
+(launches 1-2) and window_draw.py (launches 3-4), their shared device functions in
+keys_and_noise.py.
 
 Same semantics as the torch reference `fusedrl.kernels.reference.sample` (its oracle and the "torch"
 backend; the rules are in reference/sampling.py: cuts at 16-bit order-key granularity, ties kept).
@@ -44,8 +45,8 @@ import torch
 
 from .. import reference
 from ..dispatch import fused_for_model
-from .bracket import _chunk_stats_kernel, _merge_kernel
-from .draw import _finish_kernel, _window_kernel
+from .chunk_stats import _chunk_stats_kernel, _merge_kernel
+from .window_draw import _finish_kernel, _window_kernel
 from ..triton_compat import triton
 
 # tokens per program; fixed (not chosen by batch), so a row's numbers never depend on it

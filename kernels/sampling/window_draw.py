@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from .bits import (gumbel, key16, key16_value, pack_score, row_log_min_p, row_params,
+from .keys_and_noise import (gumbel, key16, key16_value, pack_score, row_log_min_p, row_params,
                    unpack_score)
 from ..triton_compat import tl, triton
 

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from ..online_softmax import lanes_of, lanes_reduce, safe_shift
-from .bits import gumbel, key16, key16_value, row_params, value_key16
+from .keys_and_noise import gumbel, key16, key16_value, row_params, value_key16
 from ..triton_compat import tl, triton
 
 

@@ -1,5 +1,5 @@
-"""The split-row sampler's shared Triton device functions (used by bracket.py and
-draw.py): the 16-bit order key of a logit and back, the counter-based Gumbel noise, a
+"""The split-row sampler's shared Triton device functions (used by chunk_stats.py and
+window_draw.py): the 16-bit order key of a logit and back, the counter-based Gumbel noise, a
 (score, index) pair packed into one int64 whose integer order is the draw's order (an atomic max
 picks the winner), and a row's sampling parameters as every kernel reads them."""
 from __future__ import annotations
