@@ -7,6 +7,7 @@ from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.parallel import distributed
 from fusedrl.engine.parallel.dims import ParallelDims
 from fusedrl.engine.parallel.layout import layout
+from fusedrl.engine.ranks import world
 
 
 def test_one_process_is_the_plain_program(monkeypatch):
@@ -39,7 +40,7 @@ def test_more_local_ranks_than_gpus_is_one_line_naming_both_before_the_group_sta
 
 
 def test_each_rank_takes_its_own_run_of_the_global_batch(monkeypatch):
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(world, "world_size", lambda: 2)  # where the data ranks read them
+    monkeypatch.setattr(world, "rank", lambda: 1)
     assert distributed.rank_slice(3) == slice(3, 6)  # rank 1 of 2, 3 items per rank: items 3..5 of 6
     assert list(range(7))[distributed.rank_slice(1)] == [1]
