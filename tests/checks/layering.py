@@ -1,14 +1,14 @@
 """The import graph of fusedrl.engine and fusedrl.kernels, read from the source (nothing imported):
 import cycles (every import counts, TYPE_CHECKING and function-level ones included), package-level
-cycles (two packages importing each other, directly or around a loop, through any of their modules:
-each package is a unit, each module directly in fusedrl.engine or fusedrl.kernels its own), engine imports
-of private kernel modules (anything below `fusedrl.kernels` but the package itself and its public
-subpackages, PUBLIC_KERNEL_PACKAGES), upward imports
-between the engine's layers, duck-typed upward calls (getattr / hasattr / setattr of an attribute
-the parallel layout owns, which reaches a layer above without importing it), library files long
-enough to ask for a split by concept, and library lines over 100 characters.
+cycles (two packages importing each other, directly or around a loop, through any of their
+modules: each package is a unit, each module directly in fusedrl.engine or fusedrl.kernels its
+own), engine imports of private kernel modules (anything below `fusedrl.kernels` but the package
+itself and its public subpackages, PUBLIC_KERNEL_PACKAGES), upward imports between the engine's
+layers, duck-typed upward calls (getattr / hasattr / setattr of an attribute the parallel layout
+owns, which reaches a layer above without importing it), library files long enough to ask for a
+split by concept, and library lines over 100 characters.
 
-    python tests/checks/layering.py     # prints the report; exit 1 when any rule is broken
+    python tests/checks/layering.py         # prints the report; exit 1 when any rule is broken
     python tests/checks/layering.py --json  # the same as one JSON object
 """
 from __future__ import annotations
