@@ -55,7 +55,10 @@ FORBIDDEN = [
     ("fusedrl.engine.parallel", "fusedrl.engine.data"),
     ("fusedrl.engine.model", "fusedrl.engine.parallel"),
 ] + [("fusedrl.engine.ranks", f"fusedrl.engine.{above}") for above in (
-    "model", "parallel", "data", "inference", "train", "stages", "plan", "config", "agents")]
+    "model", "parallel", "data", "inference", "train", "stages", "plan", "config", "agents")] + [
+    # The oracle imports none of the kernels it checks.
+    ("fusedrl.kernels.reference", f"fusedrl.kernels.{family}") for family in (
+        "rl", "model", "attention", "invariant", "sampling")]
 # Attributes the parallel layout owns (set by engine/parallel/ on the models it lays out, declared
 # on the model classes): read by name with getattr / hasattr / setattr they are an upward call the
 # import graph does not show.

@@ -84,3 +84,6 @@ def test_upward_imports_match_whole_module_names():
     # calling the plan.
     assert ("fusedrl.engine.parallel", "fusedrl.engine.inference") in rules
     assert ("fusedrl.engine.train", "fusedrl.engine.plan") in rules
+    # The model below the parallel layout, the oracle below the kernels.
+    assert ("fusedrl.engine.model", "fusedrl.engine.parallel") in rules
+    assert ("fusedrl.kernels.reference", "fusedrl.kernels.rl") in rules
