@@ -3,12 +3,15 @@
 names and sums; a worker that is interrupted, meddles with its process or loses its trainer. One
 pool of workers serves the module's tests (started once, as a run starts it)."""
 import _thread
+import dataclasses
+import glob
 import math
 from collections import namedtuple
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -43,6 +46,20 @@ async def judged(prompts, completions, **kwargs):
 
 def slow(prompts, responses):
     time.sleep(60)
+
+def leaves_children(prompts, completions, marker, **kwargs):
+    """Forks, starts a strong and a weak sandbox, each holding `marker` in its command line."""
+    import sys, threading
+    from fusedrl.engine.sandbox import detect, run_python
+    hold = f"import os, sys; os.execv(sys.executable, [sys.executable, '-c', " \
+           f"'import time; time.sleep(60)', {marker[0]!r}])"
+    for isolation in (None, detect("none")):
+        threading.Thread(target=run_python, args=(hold,),
+                         kwargs=dict(timeout_s=60, isolation=isolation), daemon=True).start()
+    if os.fork() == 0:
+        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", marker[0]])
+    time.sleep(60)
+
 
 def meddles(prompts, responses):
     os.chdir("/")
@@ -221,6 +238,37 @@ def test_ctrl_c_reaches_the_trainer_at_once_and_the_worker_ignores_its_own(user_
         assert runner.process is None  # killed, not waited for; the next call starts a fresh one
     finally:
         functions.close()
+
+
+def test_a_killed_worker_leaves_no_child_sandbox_or_directory(user_module):
+    marker = f"fusedrl-leak-probe-{os.getpid()}"
+    rows = dataclasses.replace(conversational_rows(), columns={"marker": [marker] * 2})
+    functions = opened(user_module, ["trl_rewards:leaves_children"], timeout_s=3.0)
+    try:
+        worker = functions.runners[0].process.pid
+        with pytest.raises(RewardFunctionError, match="leaves_children"):
+            functions(rows)
+    finally:
+        functions.close()
+    for _ in range(50):  # PR_SET_PDEATHSIG and the pid namespace's end act at once
+        if not _holding(marker):
+            break
+        time.sleep(0.1)
+    assert not _holding(marker)
+    assert not glob.glob(f"{tempfile.gettempdir()}/fusedrl-sandbox-{worker}-*")
+
+
+def _holding(marker: str) -> list[int]:
+    """The running processes with `marker` in their command line."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read() and _alive(int(entry)):
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return found
 
 
 TRAINER = '''
