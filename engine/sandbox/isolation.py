@@ -83,6 +83,19 @@ def allow_weak_isolation(allowed: bool) -> None:
     os.environ[ALLOW_WEAK_ENV] = "1" if allowed else "0"
 
 
+def open_sandbox(allow_weak: bool) -> str:
+    """At a run's start: let the model's code run under a weak mode or not (the process and the
+    workers it starts), say the mode in force on stderr (the main rank) and return its kind for
+    the run's metrics."""
+    allow_weak_isolation(allow_weak)
+    found = detect()
+    if int(os.environ.get("RANK", "0")) == 0:
+        refused = "" if found.strong or allow_weak else \
+            "; the model's code is refused (sandbox.allow_weak_isolation=true runs it)"
+        print(f"fusedrl: {found.describe()}{refused}", file=sys.stderr)
+    return found.kind
+
+
 def _works(argv: list[str]) -> str:
     """'' when `argv` starts this interpreter and runs a statement, else why not (one line)."""
     scratch = tempfile.mkdtemp(prefix=f"fusedrl-sandbox-{os.getpid()}-probe-")
