@@ -1,11 +1,11 @@
 """The bubblewrap command of one sandbox run (isolation.py's strong mode).
 
-The code runs in new user, pid, mount, network, ipc, uts and cgroup namespaces as uid/gid 65534,
+bubblewrap runs unprivileged (a root caller's as a fresh uid: fresh_user.py). The code runs in new user, pid, mount, network, ipc, uts and cgroup namespaces as uid/gid 65534,
 with every capability dropped, no further user namespace (`--disable-userns`), the seccomp filter
 of seccomp.py, a new session, and SIGKILL when bwrap or its parent dies. It sees: /usr and the
 interpreter's prefix read-only, its own /proc (its own processes only), a minimal /dev, and two
 tmpfs of TMPFS_MB each: /tmp and its work directory /sandbox, where its files are copied from
-memory (nothing of a run is on the host's disk). No home, no run directory, no /etc. A launcher
+memory (nothing of a run is on the host's disk); the rest is read-only. No home, no run directory, no /etc. A launcher
 sets RLIMIT_NPROC inside the new user namespace (counted per namespace: a per-run process cap for
 a non-root trainer) before the interpreter starts.
 """
@@ -16,7 +16,7 @@ import subprocess
 import sys
 from typing import Mapping
 
-from . import seccomp
+from . import fresh_user, seccomp
 
 NOBODY = 65534
 SANDBOX_DIR = "/sandbox"  # the run's work directory inside
@@ -43,8 +43,10 @@ class BwrapCommand:
                  "--seccomp", str(self._memory_file(seccomp.program())),
                  "--ro-bind", "/usr", "/usr", *_merged_usr_links()]
         base = os.path.realpath(sys.base_prefix)
-        if not base.startswith("/usr/"):
-            words += ["--ro-bind", base, base]
+        self.uid = fresh_user.new_uid() if fresh_user.needed() else None
+        self.prefix = "" if base.startswith("/usr/") else base  # to show: /usr is bound whole
+        if self.prefix:
+            words += ["--ro-bind", fresh_user.VIEW if self.uid else base, base]
         words += ["--proc", "/proc", "--dev", "/dev"]
         for directory in ("/tmp", SANDBOX_DIR):
             words += ["--perms", "0700", "--size", str(TMPFS_MB << 20), "--tmpfs", directory]
@@ -57,8 +59,14 @@ class BwrapCommand:
                     words += ["--perms", "0700", "--dir", parent]
             words += ["--perms", "0600", "--file",
                       str(self._memory_file(text.encode("utf-8"))), path]
-        self.argv = [*words, "--chdir", SANDBOX_DIR, python(), "-I", "-S", "-c", _LAUNCH,
+        # The root (bubblewrap's own tmpfs, uncapped) read-only: only the two capped tmpfs take writes.
+        self.argv = [*words, "--remount-ro", "/", "--chdir", SANDBOX_DIR, python(), "-I", "-S", "-c", _LAUNCH,
                      str(max_processes), python(), *args]
+
+    def enter(self) -> None:
+        """In the child before exec (a root caller's): become the run's fresh uid."""
+        if self.uid is not None:
+            fresh_user.enter(self.uid, self.prefix)
 
     def _memory_file(self, data: bytes) -> int:
         fd = os.memfd_create("fusedrl-sandbox", 0)  # inheritable: no MFD_CLOEXEC
@@ -77,7 +85,8 @@ def probe() -> str:
     """'' when a bubblewrap sandbox runs a statement here, else bwrap's reason (one line)."""
     command = BwrapCommand({"main.py": "pass\n"}, max_processes=8)
     try:
-        done = subprocess.run(command.argv, pass_fds=command.fds, stdin=subprocess.DEVNULL,
+        done = subprocess.run(command.argv, pass_fds=command.fds, preexec_fn=command.enter,
+                              stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=20)
     except (OSError, subprocess.SubprocessError) as e:
         return f"{type(e).__name__}: {e}"

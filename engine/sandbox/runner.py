@@ -75,13 +75,14 @@ def run_python(code: str, *, stdin: Optional[str] = None, timeout_s: float = 10.
     try:
         if isolation.strong:
             bwrap = BwrapCommand(every_file, MAX_PROCESSES)
-            argv, cwd, home, fds = bwrap.argv, "/", SANDBOX_DIR, bwrap.fds
+            argv, cwd, home, fds, enter = bwrap.argv, "/", SANDBOX_DIR, bwrap.fds, bwrap.enter
         else:
             work_dir = tempfile.mkdtemp(prefix=work_dir_prefix(os.getpid()))
             _write_files(work_dir, every_file)
             argv = isolation.command([python(), "-I", "-B", "main.py"])
-            cwd, home, fds = work_dir, work_dir, ()
-        return _run(argv, cwd, home, fds, stdin, timeout_s, memory_mb, output_limit, cgroup)
+            cwd, home, fds, enter = work_dir, work_dir, (), None
+        return _run(argv, cwd, home, fds, enter, stdin, timeout_s, memory_mb, output_limit,
+                    cgroup)
     finally:
         cgroup.close()
         if bwrap is not None:
@@ -116,7 +117,7 @@ def _write_files(work_dir: str, files: Mapping[str, str]) -> None:
             out.write(text)
 
 
-def _run(argv, cwd, home, fds, stdin, timeout_s, memory_mb, output_limit,
+def _run(argv, cwd, home, fds, enter, stdin, timeout_s, memory_mb, output_limit,
          cgroup: RunCgroup) -> SandboxResult:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8",
            "PYTHONIOENCODING": "utf-8"}
@@ -128,7 +129,9 @@ def _run(argv, cwd, home, fds, stdin, timeout_s, memory_mb, output_limit,
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         for which, value in limits:
             resource.setrlimit(which, value)
-        cgroup.join()
+        cgroup.join()  # while still allowed to: before giving up root
+        if enter is not None:
+            enter()
 
     start = time.monotonic()
     process = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True, preexec_fn=in_child,

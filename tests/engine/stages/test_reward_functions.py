@@ -23,6 +23,7 @@ from fusedrl.engine.stages.rewards.combined import (TOTAL, metric_names, moments
 from fusedrl.engine.stages.rewards.functions import (RewardCaller, RewardFunctionError,
                                                      RewardInputs, calling_style, checked_scores,
                                                      source_of)
+from sandbox_testing import holding
 
 pytestmark = pytest.mark.integration
 PromptRow = namedtuple("PromptRow", "prompt columns")  # what the prompt loader gives each row
@@ -251,24 +252,11 @@ def test_a_killed_worker_leaves_no_child_sandbox_or_directory(user_module):
     finally:
         functions.close()
     for _ in range(50):  # PR_SET_PDEATHSIG and the pid namespace's end act at once
-        if not _holding(marker):
+        if not holding(marker):
             break
         time.sleep(0.1)
-    assert not _holding(marker)
+    assert not holding(marker)
     assert not glob.glob(f"{tempfile.gettempdir()}/fusedrl-sandbox-{worker}-*")
-
-
-def _holding(marker: str) -> list[int]:
-    """The running processes with `marker` in their command line."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if marker.encode() in f.read() and _alive(int(entry)):
-                    found.append(int(entry))
-        except (OSError, ValueError):
-            pass
-    return found
 
 
 TRAINER = '''
