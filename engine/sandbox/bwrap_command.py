@@ -12,8 +12,10 @@ a non-root trainer) before the interpreter starts.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from typing import Mapping
 
 from . import fresh_user, seccomp
@@ -37,7 +39,12 @@ class BwrapCommand:
     def __init__(self, files: Mapping[str, str], max_processes: int,
                  args: tuple[str, ...] = ("-I", "-B", "main.py")):
         self.fds: list[int] = []
-        words = ["bwrap", "--unshare-all", "--unshare-user", "--uid", str(NOBODY),
+        # bwrap writes {"child-pid": N} here: the sandbox's first process, whose end is the end
+        # of every process in the sandbox (the kernel reaps its pid namespace first).
+        self._info, info = os.pipe()
+        os.set_inheritable(info, True)
+        self.fds.append(info)
+        words = ["bwrap", "--info-fd", str(info), "--unshare-all", "--unshare-user", "--uid", str(NOBODY),
                  "--gid", str(NOBODY), "--disable-userns", "--cap-drop", "ALL",
                  "--die-with-parent", "--new-session",
                  "--seccomp", str(self._memory_file(seccomp.program())),
@@ -75,8 +82,24 @@ class BwrapCommand:
         os.lseek(fd, 0, os.SEEK_SET)
         return fd
 
+    def started(self) -> None:
+        """After the process started: our copy of the info pipe's end closed (bwrap holds its)."""
+        os.close(self.fds.pop(0))
+
+    def wait_sandbox_gone(self, limit_s: float = 2.0) -> None:
+        """After bwrap has ended: wait until the sandbox's first process (and so all of them) is
+        gone, at most `limit_s`."""
+        os.set_blocking(self._info, False)
+        try:
+            match = re.search(rb'"child-pid":\s*(\d+)', os.read(self._info, 4096))
+        except (BlockingIOError, OSError):
+            match = None
+        deadline = time.monotonic() + limit_s
+        while match and _running(int(match.group(1))) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def close(self) -> None:
-        for fd in self.fds:
+        for fd in [*self.fds, self._info]:
             os.close(fd)
         self.fds = []
 
@@ -94,6 +117,14 @@ def probe() -> str:
         command.close()
     lines = done.stderr.decode(errors="replace").strip().splitlines()
     return "" if done.returncode == 0 else (lines[-1] if lines else f"exit {done.returncode}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _parents(path: str) -> list[str]:

@@ -75,13 +75,13 @@ def run_python(code: str, *, stdin: Optional[str] = None, timeout_s: float = 10.
     try:
         if isolation.strong:
             bwrap = BwrapCommand(every_file, MAX_PROCESSES)
-            argv, cwd, home, fds, enter = bwrap.argv, "/", SANDBOX_DIR, bwrap.fds, bwrap.enter
+            argv, cwd, home, fds = bwrap.argv, "/", SANDBOX_DIR, bwrap.fds
         else:
             work_dir = tempfile.mkdtemp(prefix=work_dir_prefix(os.getpid()))
             _write_files(work_dir, every_file)
             argv = isolation.command([python(), "-I", "-B", "main.py"])
-            cwd, home, fds, enter = work_dir, work_dir, (), None
-        return _run(argv, cwd, home, fds, enter, stdin, timeout_s, memory_mb, output_limit,
+            cwd, home, fds = work_dir, work_dir, ()
+        return _run(argv, cwd, home, fds, bwrap, stdin, timeout_s, memory_mb, output_limit,
                     cgroup)
     finally:
         cgroup.close()
@@ -117,7 +117,7 @@ def _write_files(work_dir: str, files: Mapping[str, str]) -> None:
             out.write(text)
 
 
-def _run(argv, cwd, home, fds, enter, stdin, timeout_s, memory_mb, output_limit,
+def _run(argv, cwd, home, fds, bwrap: Optional[BwrapCommand], stdin, timeout_s, memory_mb, output_limit,
          cgroup: RunCgroup) -> SandboxResult:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8",
            "PYTHONIOENCODING": "utf-8"}
@@ -130,14 +130,16 @@ def _run(argv, cwd, home, fds, enter, stdin, timeout_s, memory_mb, output_limit,
         for which, value in limits:
             resource.setrlimit(which, value)
         cgroup.join()  # while still allowed to: before giving up root
-        if enter is not None:
-            enter()
+        if bwrap is not None:
+            bwrap.enter()
 
     start = time.monotonic()
     process = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True, preexec_fn=in_child,
                                pass_fds=fds,
                                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if bwrap is not None:
+        bwrap.started()
     streams = [_CappedReader(process.stdout, output_limit),
                _CappedReader(process.stderr, output_limit)]
     if stdin is not None:
@@ -149,6 +151,8 @@ def _run(argv, cwd, home, fds, enter, stdin, timeout_s, memory_mb, output_limit,
         timed_out = True
     _kill_everything(process, cgroup)
     process.wait()
+    if bwrap is not None:
+        bwrap.wait_sandbox_gone()
     seconds = time.monotonic() - start
     out, err = (reader.finish() for reader in streams)
     return SandboxResult(stdout=out[0], stderr=err[0], returncode=process.returncode,

@@ -4,6 +4,7 @@ Standard library only: tests/engine/sandbox/test_sandbox_as_plain_user.py runs t
 plain user's interpreter too."""
 import json
 import os
+import time
 
 # Each syscall the seccomp filter must deny, with arguments that would otherwise succeed or fail
 # differently (x86_64 numbers; the test skips elsewhere).
@@ -189,6 +190,15 @@ def reported(result) -> list:
     lines = result.stdout.strip().splitlines()
     assert lines, result
     return json.loads(lines[-1])
+
+
+def left_after(marker: str, limit_s: float = 5.0) -> list:
+    """holding(marker) once it is empty, or after `limit_s` (killed processes need a moment of
+    CPU to end on a loaded machine)."""
+    deadline = time.monotonic() + limit_s
+    while (found := holding(marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
 
 
 def holding(marker: str) -> list:

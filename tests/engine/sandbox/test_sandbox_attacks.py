@@ -98,7 +98,7 @@ def test_a_fork_bomb_meets_the_process_cap_and_leaves_nothing():
     held = attack.reported(result)[0]
     # The cap counts the launcher, bubblewrap's init and the program itself.
     assert 0 < held <= MAX_PROCESSES
-    assert attack.holding(marker) == []
+    assert attack.left_after(marker) == []
 
 
 @pytest.mark.skipif(not RunCgroup.create(8, 64 << 20).memory,
@@ -121,7 +121,7 @@ def test_nothing_is_left_after_the_deadline():
     mine = os.path.join(tempfile.gettempdir(), f"fusedrl-sandbox-{os.getpid()}-*")
     result = run_python(attack.outlive(marker), timeout_s=1.0)
     assert result.timed_out and result.seconds <= 3.0
-    assert attack.holding(marker) == [] and glob.glob(mine) == []
+    assert attack.left_after(marker) == [] and glob.glob(mine) == []
 
 
 def test_without_a_strong_sandbox_the_models_code_is_refused_in_one_line(monkeypatch):

@@ -23,7 +23,7 @@ from fusedrl.engine.stages.rewards.combined import (TOTAL, metric_names, moments
 from fusedrl.engine.stages.rewards.functions import (RewardCaller, RewardFunctionError,
                                                      RewardInputs, calling_style, checked_scores,
                                                      source_of)
-from sandbox_testing import holding
+from sandbox_testing import left_after
 
 pytestmark = pytest.mark.integration
 PromptRow = namedtuple("PromptRow", "prompt columns")  # what the prompt loader gives each row
@@ -251,11 +251,7 @@ def test_a_killed_worker_leaves_no_child_sandbox_or_directory(user_module):
             functions(rows)
     finally:
         functions.close()
-    for _ in range(50):  # PR_SET_PDEATHSIG and the pid namespace's end act at once
-        if not holding(marker):
-            break
-        time.sleep(0.1)
-    assert not holding(marker)
+    assert not left_after(marker)  # PR_SET_PDEATHSIG and the pid namespace's end
     assert not glob.glob(f"{tempfile.gettempdir()}/fusedrl-sandbox-{worker}-*")
 
 
