@@ -1,13 +1,14 @@
 """The bubblewrap command of one sandbox run (isolation.py's strong mode).
 
-bubblewrap runs unprivileged (a root caller's as a fresh uid: fresh_user.py). The code runs in new user, pid, mount, network, ipc, uts and cgroup namespaces as uid/gid 65534,
-with every capability dropped, no further user namespace (`--disable-userns`), the seccomp filter
-of seccomp.py, a new session, and SIGKILL when bwrap or its parent dies. It sees: /usr and the
+bubblewrap runs unprivileged (a root caller's as a fresh uid: fresh_user.py). The code runs in
+new user, pid, mount, network, ipc, uts and cgroup namespaces as uid/gid 65534, with every
+capability dropped, no further user namespace (`--disable-userns`), the seccomp filter of
+seccomp.py, a new session, and SIGKILL when bwrap or its parent dies. It sees: /usr and the
 interpreter's prefix read-only, its own /proc (its own processes only), a minimal /dev, and two
 tmpfs of TMPFS_MB each: /tmp and its work directory /sandbox, where its files are copied from
-memory (nothing of a run is on the host's disk); the rest is read-only. No home, no run directory, no /etc. A launcher
-sets RLIMIT_NPROC inside the new user namespace (counted per namespace: a per-run process cap for
-a non-root trainer) before the interpreter starts.
+memory (nothing of a run is on the host's disk); the rest is read-only. No home, no run
+directory, no /etc. A launcher sets RLIMIT_NPROC inside the new user namespace (counted per
+namespace: a per-run process cap for a non-root trainer) before the interpreter starts.
 """
 from __future__ import annotations
 
@@ -44,9 +45,9 @@ class BwrapCommand:
         self._info, info = os.pipe()
         os.set_inheritable(info, True)
         self.fds.append(info)
-        words = ["bwrap", "--info-fd", str(info), "--unshare-all", "--unshare-user", "--uid", str(NOBODY),
-                 "--gid", str(NOBODY), "--disable-userns", "--cap-drop", "ALL",
-                 "--die-with-parent", "--new-session",
+        words = ["bwrap", "--info-fd", str(info), "--unshare-all", "--unshare-user",
+                 "--uid", str(NOBODY), "--gid", str(NOBODY), "--disable-userns",
+                 "--cap-drop", "ALL", "--die-with-parent", "--new-session",
                  "--seccomp", str(self._memory_file(seccomp.program())),
                  "--ro-bind", "/usr", "/usr", *_merged_usr_links()]
         base = os.path.realpath(sys.base_prefix)
@@ -66,9 +67,9 @@ class BwrapCommand:
                     words += ["--perms", "0700", "--dir", parent]
             words += ["--perms", "0600", "--file",
                       str(self._memory_file(text.encode("utf-8"))), path]
-        # The root (bubblewrap's own tmpfs, uncapped) read-only: only the two capped tmpfs take writes.
-        self.argv = [*words, "--remount-ro", "/", "--chdir", SANDBOX_DIR, python(), "-I", "-S", "-c", _LAUNCH,
-                     str(max_processes), python(), *args]
+        # The root (bubblewrap's own tmpfs, uncapped) read-only: the two capped tmpfs take writes.
+        self.argv = [*words, "--remount-ro", "/", "--chdir", SANDBOX_DIR,
+                     python(), "-I", "-S", "-c", _LAUNCH, str(max_processes), python(), *args]
 
     def enter(self) -> None:
         """In the child before exec (a root caller's): become the run's fresh uid."""
@@ -136,7 +137,8 @@ def _parents(path: str) -> list[str]:
 
 
 def _merged_usr_links() -> list[str]:
-    """/bin, /lib, /lib64, /sbin as on the host: links into /usr (merged /usr) or read-only binds."""
+    """/bin, /lib, /lib64, /sbin as on the host: links into /usr (merged /usr) or read-only
+    binds."""
     words: list[str] = []
     for top in ("bin", "lib", "lib64", "sbin"):
         path = f"/{top}"

@@ -130,7 +130,8 @@ def detect(prefer: str = "auto") -> Isolation:
         return Isolation("bwrap", network=True, filesystem=True, pids=True)
     if prefer == "bwrap":
         raise RuntimeError(f"sandbox isolation 'bwrap' does not work on this machine: {problem}")
-    unshare = Isolation("unshare", network=True, filesystem=False, pids=True, why_not_strong=problem)
+    unshare = Isolation("unshare", network=True, filesystem=False, pids=True,
+                        why_not_strong=problem)
     if prefer in ("auto", "unshare"):
         python = [os.path.realpath(sys.executable), "-I", "-c", "pass"]
         failed = _works(unshare.command(python)) if shutil.which("unshare") else "not found"

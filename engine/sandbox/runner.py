@@ -117,8 +117,8 @@ def _write_files(work_dir: str, files: Mapping[str, str]) -> None:
             out.write(text)
 
 
-def _run(argv, cwd, home, fds, bwrap: Optional[BwrapCommand], stdin, timeout_s, memory_mb, output_limit,
-         cgroup: RunCgroup) -> SandboxResult:
+def _run(argv, cwd, home, fds, bwrap: Optional[BwrapCommand], stdin, timeout_s, memory_mb,
+         output_limit, cgroup: RunCgroup) -> SandboxResult:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8",
            "PYTHONIOENCODING": "utf-8"}
     limits = _limits(timeout_s, memory_mb)
