@@ -17,44 +17,27 @@ KERNEL_SURFACE = {"unshare": (272, (0x10000000,)), "setns": (308, (0, 0)),
 
 def read_files(paths: list) -> str:
     """Reads each path; reports those it could read."""
-    return f"""
-import json
-got = []
-for path in {paths!r}:
-    try:
-        with open(path, 'rb') as f:
-            f.read(1)
-        got.append(path)
-    except OSError:
-        pass
-print(json.dumps(got))
-"""
+    return _each_path(paths, "open(path, 'rb').read(1)")
 
 
 def write_files(paths: list) -> str:
     """Writes each path (creating or appending); reports those it could write."""
-    return f"""
-import json
-got = []
-for path in {paths!r}:
-    try:
-        with open(path, 'a') as f:
-            f.write('owned\\n')
-        got.append(path)
-    except OSError:
-        pass
-print(json.dumps(got))
-"""
+    return _each_path(paths, "open(path, 'a').write('owned')")
 
 
 def open_for_writing(paths: list) -> str:
     """Opens each path write-only, writing nothing; reports those it could open."""
+    return _each_path(paths, "os.close(os.open(path, os.O_WRONLY))")
+
+
+def _each_path(paths: list, statement: str) -> str:
+    """A program running `statement` on each of `paths`; reports those where it did not fail."""
     return f"""
 import json, os
 got = []
 for path in {paths!r}:
     try:
-        os.close(os.open(path, os.O_WRONLY))
+        {statement}
         got.append(path)
     except OSError:
         pass
