@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import Sequence
 
 from ..errors import UsageError
 from . import seccomp
@@ -83,17 +84,25 @@ def allow_weak_isolation(allowed: bool) -> None:
     os.environ[ALLOW_WEAK_ENV] = "1" if allowed else "0"
 
 
-def open_sandbox(allow_weak: bool) -> str:
+def open_sandbox(allow_weak: bool, uses: Sequence = ()) -> str:
     """At a run's start: let the model's code run under a weak mode or not (the process and the
     workers it starts), say the mode in force on stderr (the main rank) and return its kind for
-    the run's metrics."""
+    the run's metrics. `uses`: the run's reward functions and tools ('module:function' specs or
+    callables); one of fusedrl's sandbox under a weak mode not asked for is refused at once."""
     allow_weak_isolation(allow_weak)
     found = detect()
+    if any(_in_sandbox_package(use) for use in uses):
+        checked(None)
     if int(os.environ.get("RANK", "0")) == 0:
         refused = "" if found.strong or allow_weak else \
             "; the model's code is refused (sandbox.allow_weak_isolation=true runs it)"
         print(f"fusedrl: {found.describe()}{refused}", file=sys.stderr)
     return found.kind
+
+
+def _in_sandbox_package(use) -> bool:
+    module = use.partition(":")[0] if isinstance(use, str) else getattr(use, "__module__", "")
+    return (module or "").startswith(__package__ or "fusedrl.engine.sandbox")
 
 
 def _works(argv: list[str]) -> str:

@@ -289,7 +289,10 @@ def run_ppo(cfg: PPOConfig, reward_fn=None,
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
     dataset: a datasets.Dataset of prompts, instead of cfg.prompts_file.
     """
-    sandbox_mode = open_sandbox(cfg.sandbox.allow_weak_isolation)  # before workers start
+    uses = [*cfg.reward_fns(), *(cfg.rollout.tools or [])] if reward_fn is None else [
+        *(reward_fn if isinstance(reward_fn, (list, tuple)) else [reward_fn]),
+        *(cfg.rollout.tools or [])]
+    sandbox_mode = open_sandbox(cfg.sandbox.allow_weak_isolation, uses)  # before workers start
     rewards = open_rewards(cfg, reward_fn)
     try:
         return train_ppo(cfg, rewards, evaluate, dataset, sandbox_mode)
