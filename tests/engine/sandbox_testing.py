@@ -73,9 +73,23 @@ print(json.dumps(got))
 
 
 def trainer_memory(pid: int) -> str:
-    """The trainer's memory and environment through /proc; reports what opened."""
-    return read_files([f"/proc/{pid}/mem", f"/proc/{pid}/environ", f"/proc/{pid}/cmdline",
-                       f"/proc/{pid}/root/etc/passwd"])
+    """The trainer's memory (at an address its maps say is readable) and environment through
+    /proc; reports what it read."""
+    files = read_files([f"/proc/{pid}/environ", f"/proc/{pid}/cmdline",
+                        f"/proc/{pid}/root/etc/passwd"])
+    return f"""
+import json
+memory = []
+try:
+    with open('/proc/{pid}/maps') as maps:
+        start = int(next(l for l in maps if ' r' in l).split('-')[0], 16)
+    with open('/proc/{pid}/mem', 'rb') as mem:
+        mem.seek(start)
+        mem.read(1)
+    memory.append('mem')
+except (OSError, StopIteration, ValueError):
+    pass
+""" + files.replace("got = []", "got = memory")
 
 
 def kernel_surface() -> str:
