@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import secrets
 import time
@@ -28,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .isolation import REWARD_TIMEOUT_ENV
 from .pool import SandboxPool
 
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 _HARNESS = Path(__file__).with_name("grading_harness.py").read_text(encoding="utf-8")
 VALUE_CHARS = 1 << 16  # the longest value repr or program output compared, per case
+BATCH_S = 120.0  # the default deadline of a batch
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,15 @@ def extract_code(answer: Any) -> str:
 
 def code_tests(prompts: Optional[Sequence] = None, completions: Optional[Sequence] = None, *,
                tests: Optional[Sequence[Sequence]] = None, timeout_s: float = 5.0,
-               memory_mb: int = 512, batch_timeout_s: float = 120.0, **_columns) -> list[float]:
+               memory_mb: int = 512, batch_timeout_s: Optional[float] = None,
+               **_columns) -> list[float]:
     """One score in [0, 1] per completion: the fraction of its row's `tests` that pass (a row with
-    no tests scores 0). `prompts` is unused (the TRL reward signature)."""
+    no tests scores 0). `prompts` is unused (the TRL reward signature). `batch_timeout_s` (None:
+    BATCH_S, or less in a run: 80% of its reward.fn_timeout_s, so the batch ends before the
+    reward call would fail the run)."""
+    if batch_timeout_s is None:
+        run_limit = float(os.environ.get(REWARD_TIMEOUT_ENV) or "inf")
+        batch_timeout_s = min(BATCH_S, 0.8 * run_limit)
     if completions is None or tests is None:
         raise ValueError("code_tests needs the keywords completions= and tests= (a `tests` column "
                          "in the data, one list of cases per row)")

@@ -25,6 +25,8 @@ from ..errors import UsageError
 from . import seccomp
 
 ALLOW_WEAK_ENV = "FUSEDRL_SANDBOX_ALLOW_WEAK"
+# reward.fn_timeout_s, for a reward built on the sandbox to end its batch before it (code_tests)
+REWARD_TIMEOUT_ENV = "FUSEDRL_REWARD_FN_TIMEOUT_S"
 
 
 class SandboxRefused(UsageError):
@@ -84,12 +86,15 @@ def allow_weak_isolation(allowed: bool) -> None:
     os.environ[ALLOW_WEAK_ENV] = "1" if allowed else "0"
 
 
-def open_sandbox(allow_weak: bool, uses: Sequence = ()) -> str:
+def open_sandbox(allow_weak: bool, uses: Sequence = (), reward_timeout_s: float = 0.0) -> str:
     """At a run's start: let the model's code run under a weak mode or not (the process and the
     workers it starts), say the mode in force on stderr (the main rank) and return its kind for
     the run's metrics. `uses`: the run's reward functions and tools ('module:function' specs or
-    callables); one of fusedrl's sandbox under a weak mode not asked for is refused at once."""
+    callables); one of fusedrl's sandbox under a weak mode not asked for is refused at once.
+    `reward_timeout_s` (reward.fn_timeout_s) is passed on to the reward workers."""
     allow_weak_isolation(allow_weak)
+    if reward_timeout_s:
+        os.environ[REWARD_TIMEOUT_ENV] = str(reward_timeout_s)
     found = detect()
     if any(_in_sandbox_package(use) for use in uses):
         checked(None)

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from fusedrl.engine.sandbox import code_tests, detect
+from fusedrl.engine.sandbox import code_tests, detect, isolation
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not detect().strong, reason=detect().describe())]
@@ -102,10 +102,11 @@ def test_stdin_cases_compare_the_output_outside_the_box():
     assert code_tests(completions=[echo, exits], tests=[cases, cases]) == [1.0, 0.0]
 
 
-def test_a_batch_past_its_deadline_scores_unfinished_cases_zero():
+def test_a_batch_past_its_deadline_scores_unfinished_cases_zero(monkeypatch):
     loop = "def answer(x):\n    while True:\n        pass"
+    # In a run, the deadline is 80% of its reward.fn_timeout_s: the call never fails the run.
+    monkeypatch.setenv(isolation.REWARD_TIMEOUT_ENV, "2.5")
     start = time.monotonic()
-    scores = code_tests(completions=[loop] * 6 + [HONEST], tests=[TESTS * 2] * 7,
-                        timeout_s=5.0, batch_timeout_s=2.0)
+    scores = code_tests(completions=[loop] * 6 + [HONEST], tests=[TESTS * 2] * 7, timeout_s=5.0)
     assert time.monotonic() - start < 6.0  # the deadline, plus ending the runs
     assert scores[:6] == [0.0] * 6
