@@ -13,7 +13,6 @@ import os
 import signal
 import time
 import uuid
-from typing import Optional
 
 # controller: (v1 limit files, v2 limit files); the first is the cap, the rest (swap) follow it
 _LIMITS = {"pids": (("pids.max",), ("pids.max",)),
@@ -24,10 +23,10 @@ _LIMITS = {"pids": (("pids.max",), ("pids.max",)),
 class RunCgroup:
     """One run's cgroups; `join()` is called in the child before it executes the sandbox."""
 
-    def __init__(self, paths: dict[str, str]):
+    def __init__(self, paths: dict[str, str], joinable: bool = True):
         self.paths = paths  # controller -> this run's cgroup directory
         self._procs = [os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
-                       for path in dict.fromkeys(paths.values())]
+                       for path in dict.fromkeys(paths.values())] if joinable else []
 
     @property
     def pids(self) -> bool:
@@ -42,7 +41,7 @@ class RunCgroup:
         """Cgroups holding at most `max_processes` and `memory_bytes`, each where it can be made."""
         caps = {"pids": max_processes, "memory": memory_bytes}
         paths: dict[str, str] = {}
-        name = f"fusedrl-sandbox-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        name = f"fusedrl-sandbox-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # remove_left_by's
         for controller, (directory, v2) in _hierarchies().items():
             path = os.path.join(directory, name)
             try:
@@ -59,6 +58,25 @@ class RunCgroup:
                 continue
             paths[controller] = path
         return cls(paths)
+
+    @staticmethod
+    def memory_capped() -> bool:
+        """Whether a run's memory can be capped in total here (a memory cgroup can be made)."""
+        probe = RunCgroup.create(8, 64 << 20)
+        probe.close()
+        return probe.memory
+
+    @staticmethod
+    def remove_left_by(pid: int) -> None:
+        """Kill the processes of, and remove, the run cgroups a killed process `pid` made."""
+        prefix = f"fusedrl-sandbox-{pid}-"
+        for directory, _v2 in _hierarchies().values():
+            try:
+                names = [name for name in os.listdir(directory) if name.startswith(prefix)]
+            except OSError:
+                continue
+            for name in names:
+                RunCgroup({"left": os.path.join(directory, name)}, joinable=False).close()
 
     def join(self) -> None:
         """Move the calling process into the run's cgroups (in the child, before exec)."""

@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Callable
 
 from ...errors import FusedRLError, UsageError
+from ...sandbox.run_cgroup import RunCgroup
 from ...sandbox.runner import work_dir_prefix
 from .functions import (FunctionSource, RewardCaller, RewardFunctionError, RewardInputs,
                         checked_scores, load_function, timed_out)
@@ -150,8 +151,8 @@ class ProcessRunner:
 
     def abandon(self) -> None:
         """Kill the worker and its whole process group (a call may be running: what it forked
-        dies too; its sandboxes die with their parent), remove the temporary sandbox directories
-        it made; the next call starts a fresh one."""
+        dies too; its sandboxes die with their parent), remove the sandbox cgroups and temporary
+        directories it made; the next call starts a fresh one."""
         if self.process is not None:
             try:  # the worker leads its own session: its group is its pid
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -169,7 +170,9 @@ class ProcessRunner:
 
 
 def _remove_sandbox_dirs(pid: int) -> None:
-    """The weak sandbox modes' work directories a killed worker left (bubblewrap's are tmpfs)."""
+    """The run cgroups and the weak sandbox modes' work directories a killed worker left
+    (bubblewrap's are tmpfs)."""
+    RunCgroup.remove_left_by(pid)
     for path in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(work_dir_prefix(pid))
                                        + "*")):
         shutil.rmtree(path, ignore_errors=True)

@@ -6,7 +6,6 @@ import glob
 import os
 import platform
 import socket
-import sys
 import sysconfig
 import tempfile
 import time
@@ -101,11 +100,10 @@ def test_a_fork_bomb_meets_the_process_cap_and_leaves_nothing():
     assert attack.left_after(marker) == []
 
 
-@pytest.mark.skipif(not RunCgroup.create(8, 64 << 20).memory,
+@pytest.mark.skipif(not RunCgroup.memory_capped(),
                     reason="no writable memory cgroup: each process is capped (RLIMIT_AS), the "
                            "run's total is not (docs/safety.md)")
 def test_the_runs_memory_is_capped_in_total():
-    RunCgroup.create(8, 64 << 20).close()
     held = attack.reported(run_python(attack.memory_total(6, 100), memory_mb=256, timeout_s=8))[0]
     assert held <= 2  # 6 x 100 MiB asked for under 256 MiB for the whole run
 

@@ -253,6 +253,8 @@ def test_a_killed_worker_leaves_no_child_sandbox_or_directory(user_module):
         functions.close()
     assert not left_after(marker)  # PR_SET_PDEATHSIG and the pid namespace's end
     assert not glob.glob(f"{tempfile.gettempdir()}/fusedrl-sandbox-{worker}-*")
+    assert not glob.glob(f"/sys/fs/cgroup/*/fusedrl-sandbox-{worker}-*") + \
+        glob.glob(f"/sys/fs/cgroup/*/*/*/fusedrl-sandbox-{worker}-*")  # v1 here, nested or not
 
 
 TRAINER = '''
