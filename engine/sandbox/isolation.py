@@ -86,19 +86,23 @@ def allow_weak_isolation(allowed: bool) -> None:
     os.environ[ALLOW_WEAK_ENV] = "1" if allowed else "0"
 
 
-def open_sandbox(allow_weak: bool, uses: Sequence = (), reward_timeout_s: float = 0.0) -> str:
+def open_sandbox(allow_weak: bool, uses: Sequence = (), reward_timeout_s: float = 0.0,
+                 multi_turn: bool = False) -> str:
     """At a run's start: let the model's code run under a weak mode or not (the process and the
-    workers it starts), say the mode in force on stderr (the main rank) and return its kind for
-    the run's metrics. `uses`: the run's reward functions and tools ('module:function' specs or
-    callables); one of fusedrl's sandbox under a weak mode not asked for is refused at once.
-    `reward_timeout_s` (reward.fn_timeout_s) is passed on to the reward workers."""
+    workers it starts) and return the mode's kind for the run's metrics. `uses`: the run's reward
+    functions and tools ('module:function' specs or callables); one of fusedrl's sandbox under a
+    weak mode not asked for is refused at once. The mode is said on stderr (the main rank) when
+    the run may run the model's code: a reward or tool of the sandbox, or any `multi_turn` run
+    (tools or an environment). `reward_timeout_s` (reward.fn_timeout_s) is passed on to the
+    reward workers."""
     allow_weak_isolation(allow_weak)
     if reward_timeout_s:
         os.environ[REWARD_TIMEOUT_ENV] = str(reward_timeout_s)
     found = detect()
-    if any(_in_sandbox_package(use) for use in uses):
+    sandboxed = any(_in_sandbox_package(use) for use in uses)
+    if sandboxed:
         checked(None)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if (sandboxed or multi_turn) and int(os.environ.get("RANK", "0")) == 0:
         refused = "" if found.strong or allow_weak else \
             "; the model's code is refused (sandbox.allow_weak_isolation=true runs it)"
         print(f"fusedrl: {found.describe()}{refused}", file=sys.stderr)

@@ -293,7 +293,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None,
         *(reward_fn if isinstance(reward_fn, (list, tuple)) else [reward_fn]),
         *(cfg.rollout.tools or [])]
     sandbox_mode = open_sandbox(cfg.sandbox.allow_weak_isolation, uses,  # before workers start
-                                cfg.reward.fn_timeout_s)
+                                cfg.reward.fn_timeout_s, cfg.rollout.multi_turn)
     rewards = open_rewards(cfg, reward_fn)
     try:
         return train_ppo(cfg, rewards, evaluate, dataset, sandbox_mode)

@@ -153,6 +153,8 @@ def test_without_a_strong_sandbox_the_models_code_is_refused_in_one_line(monkeyp
     with pytest.raises(SandboxRefused, match="allow_weak_isolation"):
         isolation.open_sandbox(False, ["fusedrl.engine.sandbox.code_tests:code_tests"])
     assert isolation.open_sandbox(False, ["my_rewards:score"]) == "none"
+    assert capfd.readouterr().err == ""  # recorded, not said: this run runs no model code
+    assert isolation.open_sandbox(False, ["my_rewards:score"], multi_turn=True) == "none"
     assert "sandbox: none (WEAK" in capfd.readouterr().err
     assert isolation.open_sandbox(True, ["fusedrl.engine.sandbox:python"]) == "none"
     assert run_python("print(1)").stdout == "1\n"  # asked for: it runs, weakly
