@@ -12,6 +12,7 @@ from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
 from .rollout import AUTO_FORWARD_TOKENS, RolloutConfig
+from .sandbox import SandboxConfig
 from .train import DATA_SOURCE, OptimConfig, RunConfig
 
 Critic = Literal["separate", "shared", "none"]
@@ -241,6 +242,8 @@ class PPOConfig(Loadable):
                                 factory=OptimConfig)
     critic_lr: float | None = option("critic learning rate (default: optim.lr)")
     train: LoopConfig = option("loop", factory=LoopConfig)
+    sandbox: SandboxConfig = option("the sandbox of the model's code (code_tests, the python tool)",
+                                    factory=SandboxConfig)
     moe: RouterLossConfig = option(
         "router losses of a mixture-of-experts policy, in the update's loss",
         factory=RouterLossConfig)

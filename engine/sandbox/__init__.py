@@ -3,10 +3,11 @@
 row's test cases and `python` a tool, both built on it; `detect().describe()` says what this
 machine isolates (docs/agents.md)."""
 from .code_tests import code_tests, extract_code
-from .isolation import Isolation, detect
+from .isolation import Isolation, SandboxRefused, allow_weak_isolation, detect
 from .pool import SandboxPool
 from .python_tool import python
 from .runner import SandboxResult, run_python
 
-__all__ = ["run_python", "SandboxResult", "SandboxPool", "Isolation", "detect", "code_tests",
+__all__ = ["run_python", "SandboxResult", "SandboxPool", "Isolation", "SandboxRefused",
+           "allow_weak_isolation", "detect", "code_tests",
            "extract_code", "python"]

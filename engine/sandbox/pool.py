@@ -3,10 +3,14 @@ or several tool calls, without starting more interpreters than the machine has c
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from .runner import SandboxResult, run_python
+
+# A run that would have less than this before the batch's deadline is not started.
+_LEAST_S = 0.05
 
 
 class SandboxPool:
@@ -22,15 +26,29 @@ class SandboxPool:
         """One run (waits for a free place)."""
         return self._executor.submit(run_python, code, **options).result()
 
-    def map(self, codes: Sequence[str], stdins: Optional[Sequence[Optional[str]]] = None,
-            **options) -> list[SandboxResult]:
-        """Runs every code (with its stdin when `stdins` is given), at most max_concurrent at
-        once."""
+    def map(self, codes: Sequence[str], stdins: Optional[Sequence[Optional[str]]] = None, *,
+            timeout_s: Union[float, Sequence[float]] = 10.0, deadline: Optional[float] = None,
+            **options) -> list[Optional[SandboxResult]]:
+        """Runs every code (with its stdin when `stdins` is given; `timeout_s` one for all or one
+        per code), at most max_concurrent at once. With `deadline` (time.monotonic()) every run
+        ends by then: a run is given what is left of the time when it starts, and one not started
+        in time is None."""
         if stdins is not None and len(stdins) != len(codes):
             raise ValueError(f"SandboxPool.map: {len(stdins)} stdins for {len(codes)} codes")
         stdins = stdins if stdins is not None else [None] * len(codes)
-        futures = [self._executor.submit(run_python, code, stdin=stdin, **options)
-                   for code, stdin in zip(codes, stdins)]
+        timeouts = [timeout_s] * len(codes) if isinstance(timeout_s, (int, float)) else timeout_s
+        if len(timeouts) != len(codes):
+            raise ValueError(f"SandboxPool.map: {len(timeouts)} timeouts for {len(codes)} codes")
+
+        def run(code, stdin, timeout):
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout < _LEAST_S:
+                    return None
+            return run_python(code, stdin=stdin, timeout_s=timeout, **options)
+
+        futures = [self._executor.submit(run, code, stdin, timeout)
+                   for code, stdin, timeout in zip(codes, stdins, timeouts)]
         return [future.result() for future in futures]
 
     def close(self) -> None:

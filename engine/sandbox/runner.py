@@ -1,33 +1,43 @@
 """Run untrusted Python (the model's code) in a fresh interpreter, bounded and isolated.
 
-`run_python(code, timeout_s=..., memory_mb=...)` writes the code as main.py into a new temporary
-work directory (with any `files`), runs `python -I -B main.py` there in its own process session
-under resource limits (CPU time, address space, file size, open files), isolated as far as this
-machine allows (isolation.py: network, host files, processes), kills the whole run on timeout,
-keeps at most `output_limit` bytes of each stream, and removes the work directory afterwards.
-The environment is scrubbed to PATH, HOME (the work directory) and a UTF-8 locale.
+`run_python(code, timeout_s=..., memory_mb=...)` runs `code` as main.py (beside any `files`) with
+`python -I -B main.py` in its own process session under resource limits (CPU time, address space,
+file size, open files), in the isolation of isolation.py (a strong one, or a weak one asked for),
+with the run's total processes and memory capped by its own cgroups where they can be made
+(run_cgroup.py); it kills the whole run at the timeout or when its caller dies, keeps at most
+`output_limit` bytes of each stream, and leaves nothing behind: under bubblewrap the work
+directory is a tmpfs; a weak mode's temporary directory is removed. The environment is scrubbed
+to PATH, HOME (the work directory) and a UTF-8 locale.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import resource
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from .isolation import Isolation, detect
-from .pid_cap import PidCap
+from .bwrap_command import SANDBOX_DIR, BwrapCommand, python
+from .isolation import Isolation, checked
+from .run_cgroup import RunCgroup
 
 MAX_PROCESSES = 32  # per run: enough for a program that uses a few workers, not for a fork bomb
 OPEN_FILES = 64
-FILE_MB = 16  # largest file a run may write (RLIMIT_FSIZE): the disk is the host's
+FILE_MB = 16  # largest file a run may write (RLIMIT_FSIZE)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def work_dir_prefix(pid: int) -> str:
+    """The name start of a weak mode's temporary work directories made by process `pid` (a
+    killed worker's are removed by whoever killed it)."""
+    return f"fusedrl-sandbox-{pid}-"
 
 
 @dataclass(frozen=True)
@@ -53,21 +63,32 @@ def run_python(code: str, *, stdin: Optional[str] = None, timeout_s: float = 10.
                memory_mb: int = 512, files: Optional[Mapping[str, str]] = None,
                output_limit: int = 1 << 20, isolation: Optional[Isolation] = None) -> SandboxResult:
     """Run `code` as a Python program; `stdin` is its standard input, `files` ({relative name:
-    text}) are written beside it. Returns within about timeout_s + 1 s whatever the code does."""
+    text}) are written beside it; `memory_mb` caps each process and (where a memory cgroup can be
+    made) the whole run. Returns within about timeout_s + 1 s whatever the code does. Refuses
+    (isolation.SandboxRefused) when only a weak mode works here and none was asked for;
+    `isolation` given is the caller's explicit choice."""
     _check_arguments(code, timeout_s, memory_mb, files, output_limit)
-    isolation = isolation or detect()
-    work_dir = tempfile.mkdtemp(prefix="fusedrl-sandbox-")
-    pid_cap = PidCap.create(MAX_PROCESSES)
+    isolation = checked(isolation)
+    cgroup = RunCgroup.create(MAX_PROCESSES, memory_mb << 20)
+    every_file = {"main.py": code, **(files or {})}
+    bwrap = work_dir = None
     try:
-        _write_files(work_dir, code, files or {})
-        # The real interpreter, not a venv's link to it: bubblewrap shows only its prefix.
-        python = os.path.realpath(sys.executable)
-        argv, cwd = isolation.command([python, "-I", "-B", "main.py"], work_dir)
-        return _run(argv, cwd, stdin, timeout_s, memory_mb, output_limit, pid_cap)
+        if isolation.strong:
+            bwrap = BwrapCommand(every_file, MAX_PROCESSES)
+            argv, cwd, home, fds = bwrap.argv, "/", SANDBOX_DIR, bwrap.fds
+        else:
+            work_dir = tempfile.mkdtemp(prefix=work_dir_prefix(os.getpid()))
+            _write_files(work_dir, every_file)
+            argv = isolation.command([python(), "-I", "-B", "main.py"])
+            cwd, home, fds = work_dir, work_dir, ()
+        return _run(argv, cwd, home, fds, bwrap, stdin, timeout_s, memory_mb, output_limit,
+                    cgroup)
     finally:
-        if pid_cap is not None:
-            pid_cap.close()
-        shutil.rmtree(work_dir, onerror=_force_remove)
+        cgroup.close()
+        if bwrap is not None:
+            bwrap.close()
+        if work_dir is not None:
+            shutil.rmtree(work_dir, onerror=_force_remove)
 
 
 def _check_arguments(code, timeout_s, memory_mb, files, output_limit) -> None:
@@ -88,29 +109,37 @@ def _check_arguments(code, timeout_s, memory_mb, files, output_limit) -> None:
                 "work directory (no '..', not main.py)")
 
 
-def _write_files(work_dir: str, code: str, files: Mapping[str, str]) -> None:
-    for name, text in {"main.py": code, **files}.items():
+def _write_files(work_dir: str, files: Mapping[str, str]) -> None:
+    for name, text in files.items():
         path = os.path.join(work_dir, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as out:
             out.write(text)
 
 
-def _run(argv, cwd, stdin, timeout_s, memory_mb, output_limit, pid_cap) -> SandboxResult:
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": cwd, "LANG": "C.UTF-8",
+def _run(argv, cwd, home, fds, bwrap: Optional[BwrapCommand], stdin, timeout_s, memory_mb,
+         output_limit, cgroup: RunCgroup) -> SandboxResult:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8",
            "PYTHONIOENCODING": "utf-8"}
     limits = _limits(timeout_s, memory_mb)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def in_child():  # after fork, before exec: only async-signal-safe work
+        # Killed when the thread that started it ends (its caller's process killed included).
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         for which, value in limits:
             resource.setrlimit(which, value)
-        if pid_cap is not None:
-            pid_cap.join()
+        cgroup.join()  # while still allowed to: before giving up root
+        if bwrap is not None:
+            bwrap.enter()
 
     start = time.monotonic()
     process = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True, preexec_fn=in_child,
+                               pass_fds=fds,
                                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if bwrap is not None:
+        bwrap.started()
     streams = [_CappedReader(process.stdout, output_limit),
                _CappedReader(process.stderr, output_limit)]
     if stdin is not None:
@@ -120,8 +149,10 @@ def _run(argv, cwd, stdin, timeout_s, memory_mb, output_limit, pid_cap) -> Sandb
         process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         timed_out = True
-    _kill_everything(process, pid_cap)
+    _kill_everything(process, cgroup)
     process.wait()
+    if bwrap is not None:
+        bwrap.wait_sandbox_gone()
     seconds = time.monotonic() - start
     out, err = (reader.finish() for reader in streams)
     return SandboxResult(stdout=out[0], stderr=err[0], returncode=process.returncode,
@@ -139,14 +170,14 @@ def _limits(timeout_s: float, memory_mb: int) -> list[tuple[int, tuple[int, int]
     return limits
 
 
-def _kill_everything(process: subprocess.Popen, pid_cap: Optional[PidCap]) -> None:
-    """The run's session (its process group), then whatever the pid cgroup still holds."""
+def _kill_everything(process: subprocess.Popen, cgroup: RunCgroup) -> None:
+    """The run's session (its process group; bubblewrap's sandbox dies with it), then whatever
+    its cgroups still hold."""
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    if pid_cap is not None:
-        pid_cap.kill_all()
+    cgroup.kill_all()
 
 
 def _feed(pipe, text: str) -> None:

@@ -51,6 +51,7 @@ from ...train import adapters, optim
 from ...train.checkpoint import SavedModel, Trainables
 from ...train.loop import RunPlan, StopTraining, run_training
 from ...runs.run_dir import releases_output_dir
+from ...sandbox.isolation import open_sandbox
 from ...parallel.dims import ParallelDims
 from ...parallel.layout import layout, laying_out
 from ...plan.check import startup_check
@@ -288,16 +289,22 @@ def run_ppo(cfg: PPOConfig, reward_fn=None,
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
     dataset: a datasets.Dataset of prompts, instead of cfg.prompts_file.
     """
+    uses = [*cfg.reward_fns(), *(cfg.rollout.tools or [])] if reward_fn is None else [
+        *(reward_fn if isinstance(reward_fn, (list, tuple)) else [reward_fn]),
+        *(cfg.rollout.tools or [])]
+    sandbox_mode = open_sandbox(cfg.sandbox.allow_weak_isolation, uses,  # before workers start
+                                cfg.reward.fn_timeout_s, cfg.rollout.multi_turn)
     rewards = open_rewards(cfg, reward_fn)
     try:
-        return train_ppo(cfg, rewards, evaluate, dataset)
+        return train_ppo(cfg, rewards, evaluate, dataset, sandbox_mode)
     finally:
         if rewards is not None:  # their workers end with the run, however it ends
             rewards.close()
 
 
 def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
-              evaluate: Optional[Callable[[PPOModels], dict]], dataset=None) -> Path:
+              evaluate: Optional[Callable[[PPOModels], dict]], dataset=None,
+              sandbox_mode: str = "") -> Path:
     """run_ppo's run, scored by the open `rewards` (None: by cfg.reward_model)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
                     kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg,
@@ -321,7 +328,8 @@ def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
                                 ptx_loss(cfg, tokenizer, models.policy, device), device),
                  evaluate=None if evaluate is None else lambda: evaluate(models),
                  info={"prompts": len(prompts), "truncated_prompts": truncated,
-                       "kv_pool_bytes": models.actor.kv_pool_bytes}, device=device)
+                       "kv_pool_bytes": models.actor.kv_pool_bytes, "sandbox": sandbox_mode},
+                 device=device)
     final = Path(cfg.output_dir) / "final"
     adapters.export(models.policy, models.lora, final, cfg.policy)  # collective: streamed to rank 0
     if models.critic is not None:

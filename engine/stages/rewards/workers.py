@@ -19,18 +19,23 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import glob
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from multiprocessing.connection import Connection, wait
 from typing import Callable
 
 from ...errors import FusedRLError, UsageError
+from ...sandbox.run_cgroup import RunCgroup
+from ...sandbox.runner import work_dir_prefix
 from .functions import (FunctionSource, RewardCaller, RewardFunctionError, RewardInputs,
                         checked_scores, load_function, timed_out)
 
@@ -145,10 +150,16 @@ class ProcessRunner:
                                    f"({how}) while {doing}")
 
     def abandon(self) -> None:
-        """Kill the worker (a call may be running); the next call starts a fresh one."""
+        """Kill the worker and its whole process group (a call may be running: what it forked
+        dies too; its sandboxes die with their parent), remove the sandbox cgroups and temporary
+        directories it made; the next call starts a fresh one."""
         if self.process is not None:
-            self.process.kill()
+            try:  # the worker leads its own session: its group is its pid
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.process.kill()
             self.process.wait()
+            _remove_sandbox_dirs(self.process.pid)
             self.conn.close()
             self.process = self.conn = None
         self.busy = False
@@ -156,6 +167,15 @@ class ProcessRunner:
 
     def close(self) -> None:
         self.abandon()
+
+
+def _remove_sandbox_dirs(pid: int) -> None:
+    """The run cgroups and the weak sandbox modes' work directories a killed worker left
+    (bubblewrap's are tmpfs)."""
+    RunCgroup.remove_left_by(pid)
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(work_dir_prefix(pid))
+                                       + "*")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def start_workers(runners: list[ProcessRunner]) -> None:

@@ -21,7 +21,7 @@ def test_code_tests_scores_the_fraction_of_passing_cases():
     tests = [["assert add(1, 2) == 3", "assert add(-1, 1) == 0"],
              ["assert add(1, 2) == 3", "assert add(0, 0) == 0"],
              [{"stdin": "1 2", "stdout": "3"}, {"stdin": "5 5", "stdout": "11"}],
-             ["assert True"]]
+             ["assert add(1, 1) == 2"]]
     scores = code_tests(prompts=["p"] * 4, completions=completions, tests=tests, timeout_s=1.0)
     assert scores == [1.0, 0.5, 0.5, 0.0]
 
@@ -31,6 +31,8 @@ def test_code_tests_refuses_a_row_without_its_column_or_a_bad_case():
         code_tests(["p"], ["print(1)"])
     with pytest.raises(ValueError, match="row 0 has test case"):
         code_tests(["p"], ["print(1)"], tests=[[42]])
+    with pytest.raises(ValueError, match="row 0 has test case 'assert f"):
+        code_tests(["p"], ["print(1)"], tests=[["assert f(1) > 2"]])
 
 
 def test_the_python_tool_returns_output_or_the_error_line():

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fusedrl.engine.sandbox import SandboxPool, detect, run_python
+from fusedrl.engine.sandbox import SandboxPool, SandboxRefused, detect, isolation, run_python
 
 pytestmark = pytest.mark.integration
 ISOLATION = detect()
@@ -30,6 +30,8 @@ def test_an_infinite_loop_is_killed_at_its_timeout():
     within(result, 1.0)
 
 
+@pytest.mark.skipif(not ISOLATION.strong, reason="a weak mode caps no process count: a fork bomb "
+                                                 "there would reach the machine's pid table")
 def test_a_fork_bomb_ends_at_its_timeout_and_leaves_no_process():
     result = run_python("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
                         "        pass", timeout_s=1.5)
@@ -136,3 +138,23 @@ def test_bad_arguments_are_one_line(bad, match):
 def test_isolation_says_what_holds_in_one_line():
     line = ISOLATION.describe()
     assert "\n" not in line and line.startswith(f"sandbox: {ISOLATION.kind}")
+
+
+def test_without_a_strong_sandbox_the_models_code_is_refused_in_one_line(monkeypatch, capfd):
+    weak = isolation.Isolation("none", network=False, filesystem=False, pids=False,
+                               why_not_strong="bwrap not found")
+    monkeypatch.setattr(isolation, "detect", lambda prefer="auto": weak)
+    monkeypatch.setenv(isolation.ALLOW_WEAK_ENV, "0")
+    with pytest.raises(SandboxRefused) as refused:
+        run_python("print(1)")
+    line = str(refused.value)
+    assert "\n" not in line and "sandbox.allow_weak_isolation=true" in line
+    # At a run's start: refused at once for fusedrl's sandbox reward or tool, said for others.
+    with pytest.raises(SandboxRefused, match="allow_weak_isolation"):
+        isolation.open_sandbox(False, ["fusedrl.engine.sandbox.code_tests:code_tests"])
+    assert isolation.open_sandbox(False, ["my_rewards:score"]) == "none"
+    assert capfd.readouterr().err == ""  # recorded, not said: this run runs no model code
+    assert isolation.open_sandbox(False, ["my_rewards:score"], multi_turn=True) == "none"
+    assert "sandbox: none (WEAK" in capfd.readouterr().err
+    assert isolation.open_sandbox(True, ["fusedrl.engine.sandbox:python"]) == "none"
+    assert run_python("print(1)").stdout == "1\n"  # asked for: it runs, weakly

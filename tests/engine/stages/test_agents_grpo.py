@@ -8,6 +8,7 @@ import fusedrl.kernels as kernels
 from fusedrl.engine import GRPOConfig, run_grpo
 from fusedrl.engine.agents import AgentLimits, ChatRenderer, ToolEnvironment, parse_hermes, tool_schema
 from fusedrl.engine.agents.rollout import _State, _step
+from fusedrl.engine.sandbox import detect
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import add, broken, save_chat_model, stuck, tool_call
 from engine_testing import VOCAB, make_chat_tokenizer
@@ -32,9 +33,13 @@ def grpo(tmp_path, model, rollout, **options):
     return [r for r in read_metrics(result.output_dir) if r["kind"] == "train"]
 
 
-def test_an_environment_of_three_turns_trains_on_the_model_tokens_only(tmp_path):
+def test_an_environment_of_three_turns_trains_on_the_model_tokens_only(tmp_path, capfd):
     model = save_chat_model(tmp_path / "chat")
     records = grpo(tmp_path, model, {"environment": "agent_testing:ThreeTurns", "max_turns": 3})
+    # The sandbox's mode is said at the start and recorded with the run.
+    info = next(r for r in read_metrics(tmp_path / "grpo") if r["kind"] == "info")
+    assert info["sandbox"] == detect().kind
+    assert f"fusedrl: sandbox: {detect().kind}" in capfd.readouterr().err
     assert len(records) == 2
     for r in records:
         assert r["turns/max"] <= 3 and r["turns/mean"] >= 2.5  # a turn cut at 6 tokens is answered

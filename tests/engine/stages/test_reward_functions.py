@@ -3,12 +3,15 @@
 names and sums; a worker that is interrupted, meddles with its process or loses its trainer. One
 pool of workers serves the module's tests (started once, as a run starts it)."""
 import _thread
+import dataclasses
+import glob
 import math
 from collections import namedtuple
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -20,6 +23,7 @@ from fusedrl.engine.stages.rewards.combined import (TOTAL, metric_names, moments
 from fusedrl.engine.stages.rewards.functions import (RewardCaller, RewardFunctionError,
                                                      RewardInputs, calling_style, checked_scores,
                                                      source_of)
+from sandbox_testing import left_after
 
 pytestmark = pytest.mark.integration
 PromptRow = namedtuple("PromptRow", "prompt columns")  # what the prompt loader gives each row
@@ -43,6 +47,20 @@ async def judged(prompts, completions, **kwargs):
 
 def slow(prompts, responses):
     time.sleep(60)
+
+def leaves_children(prompts, completions, marker, **kwargs):
+    """Forks, starts a strong and a weak sandbox, each holding `marker` in its command line."""
+    import sys, threading
+    from fusedrl.engine.sandbox import detect, run_python
+    hold = f"import os, sys; os.execv(sys.executable, [sys.executable, '-c', " \
+           f"'import time; time.sleep(60)', {marker[0]!r}])"
+    for isolation in (None, detect("none")):
+        threading.Thread(target=run_python, args=(hold,),
+                         kwargs=dict(timeout_s=60, isolation=isolation), daemon=True).start()
+    if os.fork() == 0:
+        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", marker[0]])
+    time.sleep(60)
+
 
 def meddles(prompts, responses):
     os.chdir("/")
@@ -221,6 +239,22 @@ def test_ctrl_c_reaches_the_trainer_at_once_and_the_worker_ignores_its_own(user_
         assert runner.process is None  # killed, not waited for; the next call starts a fresh one
     finally:
         functions.close()
+
+
+def test_a_killed_worker_leaves_no_child_sandbox_or_directory(user_module):
+    marker = f"fusedrl-leak-probe-{os.getpid()}"
+    rows = dataclasses.replace(conversational_rows(), columns={"marker": [marker] * 2})
+    functions = opened(user_module, ["trl_rewards:leaves_children"], timeout_s=3.0)
+    try:
+        worker = functions.runners[0].process.pid
+        with pytest.raises(RewardFunctionError, match="leaves_children"):
+            functions(rows)
+    finally:
+        functions.close()
+    assert not left_after(marker)  # PR_SET_PDEATHSIG and the pid namespace's end
+    assert not glob.glob(f"{tempfile.gettempdir()}/fusedrl-sandbox-{worker}-*")
+    assert not glob.glob(f"/sys/fs/cgroup/*/fusedrl-sandbox-{worker}-*") + \
+        glob.glob(f"/sys/fs/cgroup/*/*/*/fusedrl-sandbox-{worker}-*")  # v1 here, nested or not
 
 
 TRAINER = '''

@@ -1,0 +1,93 @@
+"""The sandbox when the trainer is a plain user: a probe trainer run as uid 65534 (setpriv) attacks
+through run_python as test_sandbox_attacks.py does as root: its own 0600 file unread, its network
+and memory out of reach, the kernel's surface denied, a fork bomb held at the process cap (counted
+in the sandbox's own user namespace), nothing left after the deadline. Run where the suite runs
+as root (a plain user's suite runs test_sandbox_attacks.py itself as that user)."""
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from fusedrl.engine.sandbox.runner import MAX_PROCESSES
+
+pytestmark = pytest.mark.integration
+PLAIN = 65534
+ENGINE = Path(__file__).resolve().parents[3] / "engine"
+TESTING = Path(__file__).resolve().parents[1]
+
+PROBE = r'''
+import json, os, socket, sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from fusedrl.engine.sandbox import detect, run_python
+import sandbox_testing as attack
+secret, marker = sys.argv[3], f"fusedrl-plain-{os.getpid()}"  # not in our own command line
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(1)
+out = {"uid": os.getuid(), "mode": detect().kind}
+run = lambda code, **kw: attack.reported(run_python(code, **kw))
+out["read"] = run(attack.read_files([secret, "/etc/shadow"]))
+out["network"] = run(attack.reach_network(server.getsockname()[1], secret, "x"), timeout_s=8)
+out["trainer"] = run(attack.trainer_memory(os.getpid()))
+out["kernel"] = run(attack.kernel_surface()) if attack.KERNEL_SURFACE and sys.argv[4] else []
+out["bomb"] = run(attack.fork_bomb(marker.replace("plain", "bomb")), timeout_s=5)[0]
+late = run_python(attack.outlive(marker), timeout_s=1.0)
+out["late"] = late.timed_out
+out["left"] = attack.left_after(marker)
+print(json.dumps(out))
+'''
+
+
+def plain_python():
+    """An interpreter uid 65534 can run (the system's, else the suite's), or None."""
+    for python in ("/usr/bin/python3", os.path.realpath(sys.executable)):
+        if os.path.exists(python) and subprocess.run(
+                ["setpriv", f"--reuid={PLAIN}", f"--regid={PLAIN}", "--clear-groups", python,
+                 "-c", "import sys; assert sys.version_info >= (3, 9)"],
+                capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("bwrap"),
+                    reason="needs root to become a plain user, setpriv and bubblewrap")
+def test_a_plain_users_sandbox_holds():
+    python = plain_python()
+    if python is None:
+        pytest.skip("no interpreter uid 65534 may run")
+    tmp_path = Path(tempfile.mkdtemp(prefix="fusedrl-plain-user-"))  # pytest's is root's alone
+    try:
+        probe(python, tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def probe(python: str, tmp_path: Path) -> None:
+    package = tmp_path / "pkg" / "fusedrl"
+    package.mkdir(parents=True)
+    (package / "engine").symlink_to(ENGINE)
+    home = tmp_path / "home"
+    home.mkdir()
+    secret = home / "secret.txt"
+    secret.write_text("s3cret")
+    for path in (home, secret):
+        os.chown(path, PLAIN, PLAIN)
+    secret.chmod(0o600)
+    tmp_path.chmod(0o755)
+    done = subprocess.run(
+        ["setpriv", f"--reuid={PLAIN}", f"--regid={PLAIN}", "--clear-groups", python, "-I", "-c",
+         PROBE, str(tmp_path / "pkg"), str(TESTING), str(secret),
+         "1" if platform.machine() == "x86_64" else ""],
+        capture_output=True, text=True, timeout=120, cwd=home)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["uid"] == PLAIN and out["mode"] == "bwrap", out
+    assert out["read"] == out["network"] == out["trainer"] == out["kernel"] == [], out
+    assert 0 < out["bomb"] <= MAX_PROCESSES, out
+    assert out["late"] and out["left"] == [], out
