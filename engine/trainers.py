@@ -158,17 +158,19 @@ class Trainer:
 
 def load_trained(model, final_dir: Path) -> None:
     """Copy the weights of exported directory `final_dir` into the in-memory transformers `model`
-    (each cast to its parameter's dtype; tied weights are saved once)."""
+    (each cast to its parameter's dtype); a tied weight, saved once, may be missing."""
     from safetensors.torch import load_file
     state = {}
     for path in sorted(Path(final_dir).glob("*.safetensors")):
         state.update(load_file(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    if unexpected or (set(missing) - tied and set(missing) != {"lm_head.weight"}):
+    if getattr(model.config, "tie_word_embeddings", False):
+        tied.add("lm_head.weight")
+    if unexpected or set(missing) - tied:
         raise UsageError(f"model: the trained weights in {final_dir} do not fit "
-                         f"{type(model).__name__}: missing {sorted(missing)[:5]}, unexpected "
-                         f"{sorted(unexpected)[:5]}")
+                         f"{type(model).__name__}: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
 
 
 class SFTTrainer(Trainer):

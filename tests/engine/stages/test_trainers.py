@@ -55,20 +55,26 @@ def test_grpo_trains_an_in_memory_model_and_calls_back_every_step(tmp_path):
     assert result.metrics["step"] == 2 and (result.final_dir / "config.json").is_file()
     changed = [name for name, p in model.state_dict().items() if not torch.equal(p, before[name])]
     assert changed, "the in-memory model did not receive the trained weights"
-    exported = transformers.AutoModelForCausalLM.from_pretrained(result.final_dir)
+    assert_holds_exported(model, result.final_dir)
+
+
+def assert_holds_exported(model, final_dir):
+    exported = transformers.AutoModelForCausalLM.from_pretrained(final_dir)
     for name, p in exported.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], p.to(model.dtype))
+        torch.testing.assert_close(model.state_dict()[name], p.to(model.dtype), msg=name)
 
 
 def test_a_callback_stops_the_run_with_a_checkpoint_and_the_model_exported(tmp_path):
     recorder = Recorder(stop_at=1)
-    result = GRPOTrainer(model=make_hf_model("qwen2"), processing_class=make_chat_tokenizer(),
+    model = make_hf_model("qwen2", tie_word_embeddings=False)
+    result = GRPOTrainer(model=model, processing_class=make_chat_tokenizer(),
                          reward_funcs=vowels, args={**GRPO, "output_dir": str(tmp_path / "g")},
                          train_dataset=prompts(), callbacks=[recorder]).train()
     assert recorder.steps == [1] and recorder.saves == [(1, True)]
     assert (result.final_dir / "config.json").is_file()
     info = [r for r in read_metrics(tmp_path / "g") if r["kind"] == "info" and "stopped" in r]
     assert info[-1]["stopped"] == "by a callback"
+    assert_holds_exported(model, result.final_dir)
 
 
 def test_sft_from_a_directory_with_a_transformers_callback(tmp_path):
