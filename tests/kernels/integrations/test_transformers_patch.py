@@ -116,6 +116,21 @@ def test_labels_give_logprobs_entropy_and_the_loss_without_logits(model_type):
     torch.testing.assert_close(shifted.loss, -out.logprobs.sum() / 4)
 
 
+def test_a_bf16_model_stays_within_bf16_rounding_of_the_unpatched_one():
+    reference = tiny("qwen2").to(torch.bfloat16)
+    patched = patch_model(copy.deepcopy(reference))
+    exact = tiny("qwen2").double()
+    exact.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, VOCAB, (2, 6))
+    want = exact(ids).logits
+    for model in (reference, patched):  # ours is as close to float64 as transformers' bf16 is
+        error = (model(ids).logits.double() - want).abs().max()
+        assert error < 0.05, error
+    out, full = patched(ids, labels=ids), exact(ids, labels=ids)
+    assert out.logprobs.dtype == torch.float32
+    torch.testing.assert_close(out.loss.double(), full.loss.double(), rtol=2e-2, atol=2e-2)
+
+
 def test_a_mixture_of_experts_adds_its_router_loss():
     reference = tiny("mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
     patched = patch_model(copy.deepcopy(reference))
