@@ -53,8 +53,13 @@ def as_config(cls, config, overrides: list[str] = ()):
 
 
 def _ready(config, dataset) -> None:
-    """The config names its data unless a dataset is given, and every data file it names is there
-    (checked as given, before the run makes its paths absolute: a hub name is said as one)."""
+    """The config names its model, and its data unless a dataset is given, and every data file it
+    names is there (checked as given, before the run makes its paths absolute: a hub name is said
+    as one)."""
+    try:
+        config.require_model()
+    except ValueError as e:
+        raise UsageError(f"{e}, or pass model=") from None
     if dataset is None:
         try:
             config.require_data()
@@ -96,9 +101,7 @@ class Trainer:
         if model is not None and not _in_memory(model) and not isinstance(model, (str, Path)):
             raise UsageError(f"model: expected a model directory or a transformers model, got "
                              f"{type(model).__name__}")
-        # an in-memory model's directory is known once train() has written it
-        named = f"<in-memory {type(model).__name__}>" if _in_memory(model) else model
-        self.args = self._config(args, named)
+        self.args = self._config(args, None if _in_memory(model) else model)
         self.model, self.processing_class = model, processing_class
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.callbacks = []
@@ -107,7 +110,8 @@ class Trainer:
 
     def _config(self, args, model_dir=None):
         """`args` (a config, a nested dict, a YAML path; None: {}) as config_class, its model
-        option set to `model_dir` when given (before the config checks that it has one)."""
+        option set to `model_dir` when given (an in-memory model's directory: once train() has
+        written it)."""
         args = {} if args is None else args
         if model_dir is None:
             return as_config(self.config_class, args)

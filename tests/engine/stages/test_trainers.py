@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from fusedrl.engine import Callback, GRPOTrainer, SFTTrainer, UsageError
+from fusedrl.engine import Callback, GRPOConfig, GRPOTrainer, SFTTrainer, UsageError
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import make_chat_tokenizer, make_hf_model
 
@@ -45,8 +45,9 @@ def test_grpo_trains_an_in_memory_model_and_calls_back_every_step(tmp_path):
     model = make_hf_model("qwen2")
     before = {name: p.detach().clone() for name, p in model.state_dict().items()}
     recorder, plain = Recorder(), []
+    args = GRPOConfig.from_dict({**GRPO, "output_dir": str(tmp_path / "g")})  # no policy: model=
     trainer = GRPOTrainer(model=model, processing_class=make_chat_tokenizer(),
-                          reward_funcs=vowels, args={**GRPO, "output_dir": str(tmp_path / "g")},
+                          reward_funcs=vowels, args=args,
                           train_dataset=prompts(),
                           callbacks=[recorder, lambda step, metrics: plain.append(step)])
     result = trainer.train()
@@ -90,7 +91,7 @@ def test_sft_from_a_directory_with_a_transformers_callback(tmp_path):
             control.should_training_stop = state.global_step == 1
 
     rows = [{"prompt": p, "completion": " hello"} for p in PROMPTS]
-    config = {"output_dir": str(tmp_path / "sft"),  # a config object must name its model
+    config = {"output_dir": str(tmp_path / "sft"),
               "data": {"max_length": 48, "max_prompt_length": 24, "eval_fraction": 0},
               "train": {"max_steps": 3, "progress": False, "device": "cpu"}}
     result = SFTTrainer(model=str(directory), args=config,
@@ -108,5 +109,5 @@ def test_bad_arguments_are_exceptions_naming_them(tmp_path):
         GRPOTrainer(model=str(tmp_path), reward_funcs=vowels, args=args, callbacks=[3])
     with pytest.raises(UsageError, match="model: expected a model directory"):
         GRPOTrainer(model=3, args=args)
-    with pytest.raises(ValueError, match="policy is required"):
-        GRPOTrainer(args=args, train_dataset=prompts())
+    with pytest.raises(UsageError, match="policy is required .*, or pass model="):
+        GRPOTrainer(args=args, train_dataset=prompts()).train()
