@@ -9,14 +9,16 @@ the data and callbacks, run by `.train()` (docs/python_api.md).
 
 `model` is a model directory or an in-memory transformers model (with its tokenizer as
 `processing_class` unless its directory, `model.name_or_path`, holds one): the in-memory model is
-written to a temporary directory for the run (a resumed run needs the same model passed again)
-and receives the trained weights when the run ends, as a TRL trainer leaves its model trained.
+written to a temporary directory for the run (model_directory) and receives the trained weights
+when the run ends, as a TRL trainer leaves its model trained.
 `args` is a config object, a nested dict or a YAML path; its model option (`model`, PPO's
 `policy`) is taken from `model=` when given. Callbacks: engine/train/callbacks.py. Errors are
 exceptions (engine/errors.py), never an exit of the process.
 """
 from __future__ import annotations
 
+import hashlib
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,9 +134,12 @@ class Trainer:
         model is trained: it holds the exported weights afterwards."""
         if not _in_memory(self.model):
             return self._train_from(None)
-        with tempfile.TemporaryDirectory(prefix="fusedrl-model-") as directory:
-            self._save_in_memory(Path(directory))
+        directory = model_directory(self.args.output_dir)
+        try:
+            self._save_in_memory(directory)
             result = self._train_from(directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
         load_trained(self.model, result.final_dir)
         return result
 
@@ -158,6 +163,17 @@ class Trainer:
 
     def _run(self, args) -> Path:
         raise NotImplementedError
+
+
+def model_directory(output_dir) -> Path:
+    """Where an in-memory model is written for the run into `output_dir`: a temporary directory
+    named after the run's, so that a resumed run (which refuses another model path) finds the same
+    path; emptied first."""
+    digest = hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+    directory = Path(tempfile.gettempdir()) / f"fusedrl-model-{digest}"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700)
+    return directory
 
 
 def load_trained(model, final_dir: Path) -> None:
