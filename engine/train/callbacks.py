@@ -2,11 +2,12 @@
 (loop.py) after each step, each logged train record, each checkpoint and each evaluation.
 
 A callback is a `Callback` (override any of on_step, on_log, on_save, on_evaluate; any of them
-returning True stops the run), a transformers `TrainerCallback` (its on_step_end, on_log, on_save,
-on_evaluate with `args`, a TrainerState and a TrainerControl whose should_training_stop stops the
-run) or a plain function, called as on_step. A stop ends the run cleanly at that step boundary: a
-checkpoint is saved there and the stage exports its model as after its last step. Under torchrun
-the ranks stop together (any rank's stop stops all).
+returning True stops the run) or any object with some of those methods, a transformers
+`TrainerCallback` or an object with its on_step_end (its on_step_end, on_log, on_save, on_evaluate
+where it has them, with `args`, a TrainerState and a TrainerControl whose should_training_stop
+stops the run), or a plain function, called as on_step. A stop ends the run cleanly at that step
+boundary: a checkpoint is saved there and the stage exports its model as after its last step.
+Under torchrun the ranks stop together (any rank's stop stops all).
 """
 from __future__ import annotations
 
@@ -38,6 +39,29 @@ class Callback:
         """After an evaluation at `step` (its metrics)."""
 
 
+class Methods(Callback):
+    """An object with some of Callback's methods (not a subclass): those it has are called."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def _call(self, event: str, step: int, payload):
+        method = getattr(self.target, event, None)
+        return method(step, payload) if method is not None else None
+
+    def on_step(self, step, metrics):
+        return self._call("on_step", step, metrics)
+
+    def on_log(self, step, metrics):
+        return self._call("on_log", step, metrics)
+
+    def on_save(self, step, checkpoint):
+        return self._call("on_save", step, checkpoint)
+
+    def on_evaluate(self, step, metrics):
+        return self._call("on_evaluate", step, metrics)
+
+
 class StepFunction(Callback):
     """A plain function fn(step, metrics) as a callback's on_step."""
 
@@ -60,7 +84,9 @@ class TransformersCallback(Callback):
 
     def _call(self, event: str, step: int, **kwargs) -> bool:
         self.state.global_step = step
-        getattr(self.callback, HF_EVENTS[event])(self.args, self.state, self.control, **kwargs)
+        method = getattr(self.callback, HF_EVENTS[event], None)
+        if method is not None:
+            method(self.args, self.state, self.control, **kwargs)
         return bool(self.control.should_training_stop)
 
     def on_step(self, step, metrics):
@@ -81,8 +107,10 @@ def as_callback(callback, args, total_steps: int) -> Callback:
     """`callback` as a Callback (see the module docstring); a UsageError for anything else."""
     if isinstance(callback, Callback):
         return callback
-    if all(hasattr(callback, name) for name in HF_EVENTS.values()):
+    if hasattr(callback, "on_step_end"):  # transformers' name: a TrainerCallback or its shape
         return TransformersCallback(callback, args, total_steps)
+    if any(hasattr(callback, name) for name in EVENTS):
+        return Methods(callback)
     if callable(callback):
         return StepFunction(callback)
     raise UsageError(f"callbacks: {callback!r} is not a callback: expected a "

@@ -44,14 +44,20 @@ class Recorder(Callback):
 def test_grpo_trains_an_in_memory_model_and_calls_back_every_step(tmp_path):
     model = make_hf_model("qwen2")
     before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    class Duck:  # Callback's methods, not a subclass
+        steps = []
+
+        def on_step(self, step, metrics):
+            self.steps.append(step)
+
     recorder, plain = Recorder(), []
     args = GRPOConfig.from_dict({**GRPO, "output_dir": str(tmp_path / "g")})  # no policy: model=
     trainer = GRPOTrainer(model=model, processing_class=make_chat_tokenizer(),
                           reward_funcs=vowels, args=args,
                           train_dataset=prompts(),
-                          callbacks=[recorder, lambda step, metrics: plain.append(step)])
+                          callbacks=[recorder, lambda step, metrics: plain.append(step), Duck()])
     result = trainer.train()
-    assert recorder.steps == plain == [1, 2] and recorder.logs == [1, 2]
+    assert recorder.steps == plain == Duck.steps == [1, 2] and recorder.logs == [1, 2]
     assert recorder.saves == [(2, True)]
     assert result.metrics["step"] == 2 and (result.final_dir / "config.json").is_file()
     changed = [name for name, p in model.state_dict().items() if not torch.equal(p, before[name])]
