@@ -89,21 +89,26 @@ def test_sft_from_a_directory_with_a_transformers_callback(tmp_path):
     make_hf_model("qwen2").save_pretrained(directory)
     make_chat_tokenizer().save_pretrained(directory)
 
-    class StopAtOne(transformers.TrainerCallback):
-        seen = []
+    class StopAtTwo(transformers.TrainerCallback):
+        seen, evaluated = [], []
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seen.append((state.global_step, state.max_steps, type(args).__name__))
-            control.should_training_stop = state.global_step == 1
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            self.evaluated.append((state.global_step, "loss" in metrics))
+            control.should_training_stop = state.global_step == 2
 
     rows = [{"prompt": p, "completion": " hello"} for p in PROMPTS]
     config = {"output_dir": str(tmp_path / "sft"),
-              "data": {"max_length": 48, "max_prompt_length": 24, "eval_fraction": 0},
-              "train": {"max_steps": 3, "progress": False, "device": "cpu"}}
+              "data": {"max_length": 48, "max_prompt_length": 24},
+              "train": {"max_steps": 4, "eval_every": 1, "progress": False, "device": "cpu"}}
     result = SFTTrainer(model=str(directory), args=config,
-                        train_dataset=datasets.Dataset.from_list(rows),
-                        callbacks=[StopAtOne()]).train()
-    assert StopAtOne.seen == [(1, 3, "SFTConfig")] and result.metrics["step"] == 1
+                        train_dataset=datasets.Dataset.from_list(rows[:3]),
+                        eval_dataset=datasets.Dataset.from_list(rows[3:]),
+                        callbacks=[StopAtTwo()]).train()
+    assert StopAtTwo.seen == [(1, 4, "SFTConfig"), (2, 4, "SFTConfig")]
+    assert StopAtTwo.evaluated == [(1, True), (2, True)] and result.metrics["step"] == 2
 
 
 def test_bad_arguments_are_exceptions_naming_them(tmp_path):
