@@ -61,10 +61,11 @@ def mlp_forward(original, gate: str = "gate_proj", up: str = "up_proj", down: st
 def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
     """transformers' apply_rotary_pos_emb through our rope: q [B, Hq, L, D] and k [B, Hk, L, D]
     (unsqueeze_dim=1; [B, L, H, D] with 2), cos/sin [B or 1, L, D] -> rotated (q, k) in q's
-    layout. position_ids: unused, as in transformers. Anything else (a partial rotary dim, another
-    dtype for cos) goes to transformers' rotate-half formula."""
-    del position_ids
-    heads_dim = 3 - unsqueeze_dim  # the dim of q that holds the heads once in [B, L, H, D]
+    layout. position_ids: unused, as in transformers 4 (transformers 5 has no such parameter: an
+    int there is its positional unsqueeze_dim). Anything else (a partial rotary dim, another dtype
+    for cos) goes to transformers' rotate-half formula."""
+    if isinstance(position_ids, int):
+        unsqueeze_dim = position_ids
     if (unsqueeze_dim not in (1, 2) or q.dim() != 4 or cos.dim() != 3
             or cos.shape[-1] != q.shape[-1] or cos.dtype != q.dtype or k.dtype != q.dtype):
         return _rotate_half_reference(q, k, cos, sin, unsqueeze_dim)
@@ -77,7 +78,7 @@ def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
     q_rot, k_rot = rotary.rope(q.reshape(rows, q.shape[2], -1), k.reshape(rows, k.shape[2], -1),
                                cos, sin)
     q_rot, k_rot = q_rot.view(q.shape), k_rot.view(k.shape)
-    if heads_dim == 2:  # back to [B, H, L, D]
+    if unsqueeze_dim == 1:  # back to [B, H, L, D]
         q_rot, k_rot = q_rot.transpose(1, 2), k_rot.transpose(1, 2)
     return q_rot, k_rot
 

@@ -116,6 +116,27 @@ def test_labels_give_logprobs_entropy_and_the_loss_without_logits(model_type):
     torch.testing.assert_close(shifted.loss, -out.logprobs.sum() / 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+def test_rotary_matches_transformers_in_both_layouts(unsqueeze_dim, dtype):
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+    batch, length, dim = 2, 5, 8
+    shape = (lambda heads: (batch, heads, length, dim) if unsqueeze_dim == 1
+             else (batch, length, heads, dim))
+    q, k = torch.randn(shape(4)).to(dtype), torch.randn(shape(2)).to(dtype)
+    angles = torch.rand(batch, length, dim // 2) * 6.3
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    for c, s in ((cos, sin), (cos[:1], sin[:1])):  # per row, and one row for the batch
+        want = apply_rotary_pos_emb(q.double(), k.double(), c.double(), s.double(),
+                                    unsqueeze_dim=unsqueeze_dim)
+        got = hf_forwards.apply_rotary_pos_emb(q, k, c.to(dtype), s.to(dtype),
+                                               unsqueeze_dim=unsqueeze_dim)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == dtype
+            torch.testing.assert_close(g.double(), w, rtol=tolerance, atol=tolerance)
+
+
 def test_a_bf16_model_stays_within_bf16_rounding_of_the_unpatched_one():
     reference = tiny("qwen2").to(torch.bfloat16)
     patched = patch_model(copy.deepcopy(reference))
