@@ -149,8 +149,10 @@ def causal_lm_forward(original):
     def forward(self, input_ids=None, *args, labels=None, shift_labels=None, logits_to_keep=0,
                 **kwargs):
         if (labels is None and shift_labels is None) or args:
-            return original(self, input_ids, *args, labels=labels, shift_labels=shift_labels,
-                            logits_to_keep=logits_to_keep, **kwargs)
+            if shift_labels is not None:
+                kwargs["shift_labels"] = shift_labels
+            return original(self, input_ids, *args, labels=labels, logits_to_keep=logits_to_keep,
+                            **kwargs)
         return _scored_forward(self, input_ids, labels, shift_labels, kwargs)
     return forward
 
@@ -191,7 +193,12 @@ def _scored_forward(model, input_ids, labels, shift_labels, kwargs):
 
 
 def _router_aux_loss(model, router_logits, attention_mask):
-    """The load-balancing loss of transformers' own modeling module for this model."""
-    modeling = sys.modules[type(model).__module__]
-    return modeling.load_balancing_loss_func(router_logits, model.num_experts,
-                                             model.num_experts_per_tok, attention_mask)
+    """The load-balancing loss of transformers' own modeling module for this model (found through
+    the class's bases: FSDP2 makes the model's class a subclass defined elsewhere)."""
+    for cls in type(model).__mro__:
+        loss = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+        if loss is not None:
+            return loss(router_logits, model.num_experts, model.num_experts_per_tok,
+                        attention_mask)
+    raise TypeError(f"model: no load_balancing_loss_func in the modules of "
+                    f"{type(model).__name__}'s classes")
