@@ -152,6 +152,15 @@ def test_a_bf16_model_stays_within_bf16_rounding_of_the_unpatched_one():
     torch.testing.assert_close(out.loss.double(), full.loss.double(), rtol=2e-2, atol=2e-2)
 
 
+def test_generation_with_the_cache_and_sdpa_is_unchanged():
+    reference = tiny("qwen2")
+    reference.config._attn_implementation = "sdpa"
+    patched = patch_model(copy.deepcopy(reference))
+    ids = torch.randint(0, VOCAB, (1, 5))
+    want = reference.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(patched.generate(ids, max_new_tokens=3, do_sample=False), want)
+
+
 def test_a_mixture_of_experts_adds_its_router_loss():
     reference = tiny("mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
     patched = patch_model(copy.deepcopy(reference))
