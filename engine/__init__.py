@@ -1,7 +1,8 @@
 """fusedrl.engine: the model, generation and trainers built on `fusedrl.kernels` (see the README).
 
 `run_sft`, `run_rm`, `run_ppo`, `run_grpo` with `SFTConfig`, `RMConfig`, `PPOConfig`, `GRPOConfig`
-to train from a program (docs/python_api.md);
+to train from a program, or their trainer objects `SFTTrainer`, `RewardTrainer`, `PPOTrainer`,
+`GRPOTrainer` (TRL's shape: model, args, datasets, `Callback`s; docs/python_api.md);
 `LLM(model_dir).generate(prompts, SamplingParams(...))` for generation; `load_model` /
 `save_model` for Hugging Face directories; `CausalLM.forward_packed` for the training forward.
 The names are loaded on first use, so `import fusedrl.engine` (and `fusedrl --help`) imports
@@ -21,7 +22,9 @@ if __name__ != "fusedrl.engine":  # e.g. `import engine` from the repository roo
 _PUBLIC = {
     "SFTConfig": ".config.train", "RMConfig": ".config.train", "PPOConfig": ".config.ppo",
     "GRPOConfig": ".config.ppo", "run_sft": ".api", "run_rm": ".api", "run_ppo": ".api",
-    "run_grpo": ".api", "TrainResult": ".api", "FusedRLError": ".errors", "UsageError": ".errors",
+    "run_grpo": ".api", "TrainResult": ".trainers", "SFTTrainer": ".trainers",
+    "RewardTrainer": ".trainers", "PPOTrainer": ".trainers", "GRPOTrainer": ".trainers",
+    "Callback": ".train.callbacks", "FusedRLError": ".errors", "UsageError": ".errors",
     "DataError": ".data.records",
     "LLM": ".inference.llm", "RequestOutput": ".inference.llm", "Completion": ".inference.llm",
     "SamplingParams": ".inference.sampling_params", "CausalLM": ".model.causal_lm",

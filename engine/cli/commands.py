@@ -114,6 +114,7 @@ def run_stage(args, name: str) -> int:
         return config_io.print_config(config)
     trackers.check_installed(trackers.tracker_names(config.train))  # before anything is created
     try:
+        config.require_model()
         config.require_data()
     except ValueError as e:
         raise errors.UsageError(str(e)) from None

@@ -287,9 +287,13 @@ class PPOConfig(Loadable):
         datasets.Dataset instead: then this is not called)."""
         check(bool(self.prompts_file), f"prompts_file is required ({DATA_SOURCE})")
 
+    def require_model(self) -> None:
+        """ValueError unless the config names its policy: checked when a run or a plan starts, not
+        when the config is built, so a trainer object can take the model as `model=`."""
+        check(bool(self.policy), "policy is required (the SFT model directory)")
+
     def __post_init__(self):
         check_fields(self)
-        check(bool(self.policy), "policy is required (the SFT model directory)")
         check(bool(self.output_dir), "output_dir is required")
         check(self.reward_model is None or self.reward_fn is None,
                "give one of reward_model and reward_fn, not both")

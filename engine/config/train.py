@@ -310,9 +310,13 @@ class StageConfig(Loadable):
         datasets.Dataset instead: then this is not called)."""
         check(bool(self.data.train_file), f"data.train_file is required ({DATA_SOURCE})")
 
+    def require_model(self) -> None:
+        """ValueError unless the config names its model: checked when a run or a plan starts, not
+        when the config is built, so a trainer object can take the model as `model=`."""
+        check(bool(self.model), "model is required (a Hugging Face model directory)")
+
     def __post_init__(self):
         check_fields(self)
-        check(bool(self.model), "model is required (a Hugging Face model directory)")
         check(bool(self.output_dir), "output_dir is required")
 
 

@@ -22,7 +22,12 @@ def plan_config(stage: str, config_cls, path, overrides: list[str]):
     """The stage's config from the YAML file and overrides, placeholders for what the plan does not
     read."""
     fill = dict.fromkeys(_UNREAD[stage], PLACEHOLDER)
-    return config_io.command_config(config_cls, path, overrides, fill)
+    config = config_io.command_config(config_cls, path, overrides, fill)
+    try:
+        config.require_model()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return config
 
 
 def run_plan(stage: str, config_cls, args) -> int:

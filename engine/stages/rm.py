@@ -136,11 +136,11 @@ def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int,
 
 
 @releases_output_dir
-def run_rm(cfg: RMConfig, dataset=None, eval_dataset=None) -> Path:
+def run_rm(cfg: RMConfig, dataset=None, eval_dataset=None, callbacks=()) -> Path:
     """Train per `cfg`, normalize, export RUN_DIR/final (see engine/model/reward_model.py for the
     format; with lora.rank > 0 also RUN_DIR/final_adapter, see the module docstring). dataset,
     eval_dataset: datasets.Dataset objects read instead of cfg.data.train_file and
-    cfg.data.eval_file."""
+    cfg.data.eval_file; callbacks: the program's (engine/train/callbacks.py)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="rm", config=cfg,
                     check=startup_check)
     cfg = run.config  # train.gradient_checkpointing=auto resolved
@@ -155,7 +155,7 @@ def run_rm(cfg: RMConfig, dataset=None, eval_dataset=None) -> Path:
                        shard=sharder, fresh=["score.weight"])
     lora = adapters.attach(model, cfg.lora, {"score": model.score})
     state = train(model, rm_stage(cfg, run.dtype, device, sharder), examples.train, examples.eval,
-                  cfg, device, examples.info, lora, run.dims)
+                  cfg, device, examples.info, lora, run.dims, callbacks)
     references = reference_sequences(cfg, tokenizer, examples.records)
     # Every rank scores all references (the sharded forward is collective), so all agree on it.
     model.reward_offset = mean_raw_reward(model, references, cfg.data.tokens_per_batch, device)

@@ -72,10 +72,11 @@ def sft_stage(dtype: str, device, sharder=None, router=None) -> Stage:
 
 
 @releases_output_dir
-def run_sft(cfg: SFTConfig, dataset=None, eval_dataset=None) -> Path:
+def run_sft(cfg: SFTConfig, dataset=None, eval_dataset=None, callbacks=()) -> Path:
     """Train per `cfg`; returns the exported model directory (RUN_DIR/final; with lora.rank > 0 the
     adapters merged into it, and themselves in RUN_DIR/final_adapter). dataset, eval_dataset:
-    datasets.Dataset objects read instead of cfg.data.train_file and cfg.data.eval_file."""
+    datasets.Dataset objects read instead of cfg.data.train_file and cfg.data.eval_file;
+    callbacks: the program's (engine/train/callbacks.py)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="sft", config=cfg,
                     check=startup_check)
     cfg = run.config  # train.gradient_checkpointing=auto resolved
@@ -85,7 +86,7 @@ def run_sft(cfg: SFTConfig, dataset=None, eval_dataset=None) -> Path:
     model = load_model(cfg.model, dtype=run.dtype, device=run.device, shard=sharder)
     lora = adapters.attach(model, cfg.lora)
     train(model, sft_stage(run.dtype, run.device, sharder, cfg.moe), examples.train, examples.eval,
-          cfg, run.device, examples.info, lora, run.dims)
+          cfg, run.device, examples.info, lora, run.dims, callbacks)
     final = Path(cfg.output_dir) / "final"
     adapters.export(model, lora, final, cfg.model)
     return final

@@ -11,7 +11,10 @@ holds (engine/train/checkpoint/) and a function doing one step; `run_training` d
     train.log_every, evaluate every eval_every, checkpoint every train.save_every steps and every
     train.save_every_minutes, and all three after the last step.
 SIGTERM and SIGINT finish the current step, save a checkpoint there and stop the run with
-`Interrupted` (engine/train/interrupts.py; exit 143 / 130): the same command resumes it. A resume
+`Interrupted` (engine/train/interrupts.py; exit 143 / 130): the same command resumes it. The
+program's callbacks (RunPlan.callbacks, callbacks.py) hear of each step, train record, checkpoint
+and evaluation; one that asks to stop ends the run at that step with a checkpoint, and the stage
+exports its model as after the last step. A resume
 says so on stderr ("resuming from step N of M"); a rerun of a run that reached its last step and
 wrote its final model changes nothing (`RunComplete`), unless its length was raised.
 A step that could not update (a non-finite loss or gradient, an iteration whose every row was
@@ -26,7 +29,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -36,6 +39,7 @@ from ..runs.durable import remove_leftovers, sync_dir
 from ..errors import FusedRLError, Interrupted, RunComplete
 from ..parallel import distributed
 from ..runs.run_dir import read_marker
+from .callbacks import Callbacks
 from .checkpoint import Trainables, latest_checkpoint, resume, save_checkpoint
 from .checkpoint.store import PREFIX
 from .interrupts import StopRequests
@@ -66,6 +70,7 @@ class RunPlan:
     total_steps: int
     eval_every: int = 0
     notices: list = dataclasses.field(default_factory=list)
+    callbacks: Sequence = ()
 
 
 @dataclass
@@ -154,6 +159,7 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
         run = RunLog(plan.run_dir, plan.config, plan.total_steps, state.step, options.progress,
                      tracker_names(options), distributed.world_size())
     clock = SaveClock(options.save_every, options.save_every_minutes, plan.total_steps)
+    callbacks = Callbacks(plan.callbacks, plan.config, plan.total_steps)
 
     def save() -> Path:
         saved = save_checkpoint(plan.run_dir, state.step, parts,
@@ -180,13 +186,23 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
             run.notice(state.step, message)
         with StopRequests(announce=distributed.is_main()) as stops:
             while state.step < plan.total_steps:
-                run_step(plan, state, step, skips, run, device)
+                metrics, logged = run_step(plan, state, step, skips, run, device)
+                stop = callbacks.fire("on_step", state.step, metrics)
+                stop = logged and callbacks.fire("on_log", state.step, metrics) or stop
                 if evaluate is not None and is_due(state.step, plan.eval_every, plan.total_steps):
-                    run.log("eval", state.step, evaluate())
+                    scores = evaluate()
+                    run.log("eval", state.step, scores)
+                    stop = callbacks.fire("on_evaluate", state.step, scores) or stop
                 signum = stops.agreed()  # every rank stops at the same step boundary, or none
-                saved = save() if clock.due(state.step) or signum else None
+                saved = save() if clock.due(state.step) or signum or stop else None
+                if saved is not None:
+                    stop = callbacks.fire("on_save", state.step, saved) or stop
                 if signum:
                     raise interrupted(plan, state.step, signum, saved, run)
+                if stop:
+                    run.log("info", state.step, {"stopped": "by a callback",
+                                                 "checkpoint": str(saved)})
+                    break
     finally:
         run.close()
     return state
@@ -202,9 +218,10 @@ def interrupted(plan: RunPlan, step: int, signum: int, saved: Path, run) -> Inte
 
 
 def run_step(plan: RunPlan, state, step: Callable[[object], dict], skips: SkipCount, run,
-             device) -> None:
+             device) -> tuple[dict, bool]:
     """One step of the loop: `step(state)`, its skip bookkeeping and its train record (every
-    train.log_every steps, at the last and at a skipped one); Diverged after too many skips."""
+    train.log_every steps, at the last and at a skipped one); Diverged after too many skips.
+    Returns the step's metrics and whether they were logged."""
     options = plan.options
     start = time.perf_counter()
     try:
@@ -218,7 +235,8 @@ def run_step(plan: RunPlan, state, step: Callable[[object], dict], skips: SkipCo
     metrics["skipped_steps"] = skips.skipped_steps
     if skipped:
         run.notice(state.step, f"step {state.step}: no update ({reason})")
-    if is_due(state.step, options.log_every, plan.total_steps) or skipped:
+    logged = is_due(state.step, options.log_every, plan.total_steps) or skipped
+    if logged:
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)  # honest timings: wait for the step's kernels
         elapsed = time.perf_counter() - start
@@ -232,3 +250,4 @@ def run_step(plan: RunPlan, state, step: Callable[[object], dict], skips: SkipCo
                         "train.max_consecutive_skips")
         run.log("info", state.step, {"stopped": str(stop)})
         raise stop
+    return metrics, logged

@@ -242,7 +242,7 @@ def evaluate(model, stage: Stage, examples: list[TokenizedExample], cfg: StageCo
 
 def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device,
           log_info: dict | None = None, lora=None,
-          dims: ParallelDims | None = None) -> SupervisedState:
+          dims: ParallelDims | None = None, callbacks=()) -> SupervisedState:
     """Train `model` in place for the configured steps, resuming from the newest checkpoint in
     cfg.output_dir when train.resume is set. Returns the final state. Under torchrun `model` is
     laid out in place over `dims` (default: from cfg.train) unless it is already
@@ -291,6 +291,6 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device,
 
     evaluate_held_out = (lambda: evaluate(model, stage, eval_ex, cfg, device)) if eval_ex else None
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, steps, cfg.train.eval_every,
-                   held_out_notice(cfg.data, len(train_ex), len(eval_ex)))
+                   held_out_notice(cfg.data, len(train_ex), len(eval_ex)), callbacks)
     return run_training(plan, parts, state, step, evaluate=evaluate_held_out, info=log_info,
                         device=device)

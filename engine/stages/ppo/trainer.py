@@ -279,7 +279,8 @@ def ptx_loss(cfg: PPOConfig, tokenizer, policy: CausalLM, device) -> Optional[Pt
 
 @releases_output_dir
 def run_ppo(cfg: PPOConfig, reward_fn=None,
-            evaluate: Optional[Callable[[PPOModels], dict]] = None, dataset=None) -> Path:
+            evaluate: Optional[Callable[[PPOModels], dict]] = None, dataset=None,
+            callbacks=()) -> Path:
     """Train per `cfg`; returns the exported policy directory (RUN_DIR/final; with lora.rank > 0 the
     adapters merged into it, and themselves in RUN_DIR/final_adapter).
 
@@ -288,6 +289,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None,
     reward.weights.
     evaluate: called with the models after every logged iteration; its metrics are logged as "eval".
     dataset: a datasets.Dataset of prompts, instead of cfg.prompts_file.
+    callbacks: the program's (engine/train/callbacks.py), told of every iteration.
     """
     uses = [*cfg.reward_fns(), *(cfg.rollout.tools or [])] if reward_fn is None else [
         *(reward_fn if isinstance(reward_fn, (list, tuple)) else [reward_fn]),
@@ -296,7 +298,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None,
                                 cfg.reward.fn_timeout_s, cfg.rollout.multi_turn)
     rewards = open_rewards(cfg, reward_fn)
     try:
-        return train_ppo(cfg, rewards, evaluate, dataset, sandbox_mode)
+        return train_ppo(cfg, rewards, evaluate, dataset, sandbox_mode, callbacks)
     finally:
         if rewards is not None:  # their workers end with the run, however it ends
             rewards.close()
@@ -304,7 +306,7 @@ def run_ppo(cfg: PPOConfig, reward_fn=None,
 
 def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
               evaluate: Optional[Callable[[PPOModels], dict]], dataset=None,
-              sandbox_mode: str = "") -> Path:
+              sandbox_mode: str = "", callbacks=()) -> Path:
     """run_ppo's run, scored by the open `rewards` (None: by cfg.reward_model)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
                     kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg,
@@ -322,7 +324,8 @@ def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
     rows = cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt
     rule = minibatch_rule(rows, cfg.ppo.minibatch_size)
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations,
-                   eval_every=cfg.train.log_every, notices=[rule] if rule else [])
+                   eval_every=cfg.train.log_every, notices=[rule] if rule else [],
+                   callbacks=callbacks)
     run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype, run.dims), state,
                  iteration_step(cfg, models, opts, schedules, prompts, agents,
                                 ptx_loss(cfg, tokenizer, models.policy, device), device),

@@ -46,7 +46,7 @@ def test_bad_keys_and_types_are_rejected_clearly(overrides, message):
 
 def test_required_fields_and_validation_from_python():
     with pytest.raises(ValueError, match="model is required"):
-        SFTConfig(output_dir="/o", data=DataConfig(train_file="t"))
+        SFTConfig(output_dir="/o", data=DataConfig(train_file="t")).require_model()
     with pytest.raises(ValueError, match="data.train_file is required"):
         SFTConfig(model="/m", output_dir="/o").require_data()
     with pytest.raises(ValueError, match="grad_accum_steps must be >= 1"):

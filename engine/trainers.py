@@ -1,0 +1,237 @@
+"""The engine at TRL's shape: a trainer object per stage, built from a model, our config as `args`,
+the data and callbacks, run by `.train()` (docs/python_api.md).
+
+    from fusedrl.engine import GRPOConfig, GRPOTrainer
+    trainer = GRPOTrainer(model=hf_model, processing_class=tokenizer, reward_funcs=[acc],
+                          args=GRPOConfig(output_dir="runs/grpo"), train_dataset=ds,
+                          callbacks=[on_step])
+    result = trainer.train()      # TrainResult: final_dir, output_dir, metrics
+
+`model` is a model directory or an in-memory transformers model (with its tokenizer as
+`processing_class` unless its directory, `model.name_or_path`, holds one): the in-memory model is
+written to a temporary directory for the run (model_directory) and receives the trained weights
+when the run ends, as a TRL trainer leaves its model trained.
+`args` is a config object, a nested dict or a YAML path; its model option (`model`, PPO's
+`policy`) is taken from `model=` when given. Callbacks: engine/train/callbacks.py. Errors are
+exceptions (engine/errors.py), never an exit of the process.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .config.io import ConfigError, to_dict
+from .config.ppo import GRPOConfig, PPOConfig
+from .config.train import RMConfig, SFTConfig
+from .errors import RunComplete, UsageError
+from .runs.path_checks import check_input_file
+from .train.callbacks import as_callback
+
+
+@dataclass
+class TrainResult:
+    """What a finished stage returns."""
+
+    final_dir: Path    # the exported model (RUN_DIR/final): transformers-loadable
+    output_dir: Path   # the run directory: config.yaml, metrics.jsonl, checkpoints
+    metrics: dict      # the last "train" record of metrics.jsonl (step, loss or score, ...)
+
+
+def as_config(cls, config, overrides: list[str] = ()):
+    """`config` as a `cls`: an instance of it (overrides applied on its values), a nested dict, or
+    the path of a YAML file; a ConfigError (a ValueError) naming the bad key otherwise."""
+    if isinstance(config, cls):
+        return cls.from_dict(to_dict(config), overrides) if overrides else config
+    if isinstance(config, dict):
+        return cls.from_dict(config, overrides)
+    if isinstance(config, (str, Path)):
+        return cls.from_yaml(config, overrides)
+    raise ConfigError(f"args: expected a {cls.__name__}, a dict or a YAML file path, got "
+                      f"{type(config).__name__}")
+
+
+def _ready(config, dataset) -> None:
+    """The config names its model, and its data unless a dataset is given, and every data file it
+    names is there (checked as given, before the run makes its paths absolute: a hub name is said
+    as one)."""
+    try:
+        config.require_model()
+    except ValueError as e:
+        raise UsageError(f"{e}, or pass model=") from None
+    if dataset is None:
+        try:
+            config.require_data()
+        except ValueError as e:
+            raise UsageError(f"{e}, or pass dataset= (a trainer's train_dataset=)") from None
+    for option, path in config.paths()[1].items():
+        if path:
+            check_input_file(path, option)
+
+
+def _trained(train: Callable, *args, **kwargs) -> Path:
+    """The final model's directory of `train(*args, **kwargs)`, a stage's entry point; a run found
+    complete (engine/train/loop.py: nothing was changed) gives the one it wrote before."""
+    try:
+        return train(*args, **kwargs)
+    except RunComplete as done:
+        return done.final
+
+
+def _result(final_dir, output_dir) -> TrainResult:
+    from .train.runlog import read_metrics
+    records = [r for r in read_metrics(output_dir) if r.get("kind") == "train"]
+    return TrainResult(Path(final_dir), Path(output_dir), records[-1] if records else {})
+
+
+def _in_memory(model) -> bool:
+    return hasattr(model, "save_pretrained") and hasattr(model, "state_dict")
+
+
+class Trainer:
+    """A stage as an object: subclasses name their config class, the config's model option and
+    the stage's entry point (`_run`)."""
+
+    config_class: type = SFTConfig
+    model_option: str = "model"
+
+    def __init__(self, model=None, args=None, train_dataset=None, eval_dataset=None,
+                 callbacks=None, processing_class=None):
+        if model is not None and not _in_memory(model) and not isinstance(model, (str, Path)):
+            raise UsageError(f"model: expected a model directory or a transformers model, got "
+                             f"{type(model).__name__}")
+        self.args = self._config(args, None if _in_memory(model) else model)
+        self.model, self.processing_class = model, processing_class
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.callbacks = []
+        for callback in callbacks or ():
+            self.add_callback(callback)
+
+    def _config(self, args, model_dir=None):
+        """`args` (a config, a nested dict, a YAML path; None: {}) as config_class, its model
+        option set to `model_dir` when given (an in-memory model's directory: once train() has
+        written it)."""
+        args = {} if args is None else args
+        if model_dir is None:
+            return as_config(self.config_class, args)
+        if isinstance(args, self.config_class):
+            args = to_dict(args)
+        if isinstance(args, dict):
+            return self.config_class.from_dict({**args, self.model_option: str(model_dir)})
+        return as_config(self.config_class, args, [f"{self.model_option}={model_dir}"])
+
+    def add_callback(self, callback) -> None:
+        """One more callback (engine/train/callbacks.py), after the others; a UsageError for
+        something that is not one."""
+        as_callback(callback, self.args, 0)
+        self.callbacks.append(callback)
+
+    def train(self) -> TrainResult:
+        """Run the stage to its end (or a callback's stop); returns its TrainResult. An in-memory
+        model is trained: it holds the exported weights afterwards."""
+        if not _in_memory(self.model):
+            return self._train_from(None)
+        directory = model_directory(self.args.output_dir)
+        try:
+            self._save_in_memory(directory)
+            result = self._train_from(directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        load_trained(self.model, result.final_dir)
+        return result
+
+    def _train_from(self, model_dir) -> TrainResult:
+        args = self.args if model_dir is None else self._config(self.args, model_dir)
+        _ready(args, self.train_dataset)
+        return _result(_trained(self._run, args), args.output_dir)
+
+    def _save_in_memory(self, directory: Path) -> None:
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            source = Path(str(getattr(self.model, "name_or_path", "") or ""))
+            if not (source.is_dir() and any(source.glob("tokenizer*"))):
+                raise UsageError(
+                    f"processing_class: an in-memory model ({type(self.model).__name__}) needs its "
+                    "tokenizer: pass processing_class=tokenizer")
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        self.model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    def _run(self, args) -> Path:
+        raise NotImplementedError
+
+
+def model_directory(output_dir) -> Path:
+    """Where an in-memory model is written for the run into `output_dir`: a temporary directory
+    named after the run's, so that a resumed run (which refuses another model path) finds the same
+    path; emptied first."""
+    digest = hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+    directory = Path(tempfile.gettempdir()) / f"fusedrl-model-{digest}"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700)
+    return directory
+
+
+def load_trained(model, final_dir: Path) -> None:
+    """Copy the weights of exported directory `final_dir` into the in-memory transformers `model`
+    (each cast to its parameter's dtype); a tied weight, saved once, may be missing."""
+    from safetensors.torch import load_file
+    state = {}
+    for path in sorted(Path(final_dir).glob("*.safetensors")):
+        state.update(load_file(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    if getattr(model.config, "tie_word_embeddings", False):
+        tied.add("lm_head.weight")
+    if unexpected or set(missing) - tied:
+        raise UsageError(f"model: the trained weights in {final_dir} do not fit "
+                         f"{type(model).__name__}: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+
+
+class SFTTrainer(Trainer):
+    """Supervised fine-tuning (SFTConfig; engine/stages/sft.py)."""
+
+    config_class, model_option = SFTConfig, "model"
+
+    def _run(self, args) -> Path:
+        from .stages.sft import run_sft
+        return run_sft(args, self.train_dataset, self.eval_dataset, self.callbacks)
+
+
+class RewardTrainer(Trainer):
+    """A reward model (RMConfig; engine/stages/rm.py) on preference pairs."""
+
+    config_class, model_option = RMConfig, "model"
+
+    def _run(self, args) -> Path:
+        from .stages.rm import run_rm
+        return run_rm(args, self.train_dataset, self.eval_dataset, self.callbacks)
+
+
+class PPOTrainer(Trainer):
+    """PPO (PPOConfig; engine/stages/ppo/): the policy is `model`; scored by args.reward_model or
+    `reward_funcs` (a function or a list of them, docs/rewards.md), one step per iteration.
+    eval_dataset is not read (PPO evaluates on its own rollouts)."""
+
+    config_class, model_option = PPOConfig, "policy"
+
+    def __init__(self, model=None, reward_funcs=None, args=None, train_dataset=None,
+                 eval_dataset=None, callbacks=None, processing_class=None):
+        super().__init__(model, args, train_dataset, eval_dataset, callbacks, processing_class)
+        self.reward_funcs = reward_funcs
+
+    def _run(self, args) -> Path:
+        from .stages.ppo.trainer import run_ppo
+        return run_ppo(args, reward_fn=self.reward_funcs, dataset=self.train_dataset,
+                       callbacks=self.callbacks)
+
+
+class GRPOTrainer(PPOTrainer):
+    """GRPO (GRPOConfig): PPOTrainer with GRPO's defaults (group advantages, no critic)."""
+
+    config_class = GRPOConfig
