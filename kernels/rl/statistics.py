@@ -182,8 +182,24 @@ def weighted_sum(per_token: torch.Tensor, mask: Optional[torch.Tensor],
 
 def aggregate(per_token: torch.Tensor, mask: Optional[torch.Tensor], agg: str,
               norm: Optional[float] = None) -> torch.Tensor:
-    """A per-token loss [..., T] reduced to a scalar by the rule of `agg`."""
+    """A per-token loss [..., T] reduced to a scalar by the rule of `agg` (mask: bool, integer or
+    float, nonzero = valid). The hosts' normalizers: verl's modes are these names;
+    TRL's bnpo is token-mean, its dr_grpo seq-mean-token-sum-norm with norm B x
+    max_completion_length, its dapo the same with norm its num_items_in_batch."""
     return weighted_sum(per_token, mask, row_weights(valid_entries(mask, per_token), agg, norm))
+
+
+def clip_fractions(log_ratio: torch.Tensor, advantages: torch.Tensor, mask: Optional[torch.Tensor],
+                   clip_low: float, clip_high: float) -> dict:
+    """The two sides of PPO's clip fraction, over valid tokens (TRL's clip_ratio/low_mean and
+    high_mean): clipfrac_low where r < 1 - clip_low with A < 0, clipfrac_high where
+    r > 1 + clip_high with A > 0. log_ratio, advantages, mask [..., T] -> detached 0-dim fp32."""
+    with torch.no_grad():
+        ratio = log_ratio.float().exp()
+        low = (ratio < 1.0 - clip_low) & (advantages < 0)
+        high = (ratio > 1.0 + clip_high) & (advantages > 0)
+        return {"clipfrac_low": masked_mean(low.float(), mask),
+                "clipfrac_high": masked_mean(high.float(), mask)}
 
 
 # ---- policy-ratio corrections ------------------------------------------------------------------
