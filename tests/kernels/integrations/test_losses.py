@@ -8,6 +8,7 @@ import torch
 from fusedrl.kernels import aggregate, kl_penalty, ppo_policy_loss, reference
 from fusedrl.kernels.integrations import (FusedLinearGRPOLoss, FusedLinearPPOLoss,
                                           group_advantages_by_uid)
+from verl_definitions import grpo_outcome
 
 B, T, H, V = 4, 6, 8, 40
 
@@ -103,26 +104,13 @@ def test_ppo_loss_from_hidden_states_is_the_composition():
         loss_fn(h, weight, ids, mask, adv, old)
 
 
-def verl_grpo(scores, uids, eps=1e-6, by_std=True):
-    """verl's compute_grpo_outcome_advantage on per-response scores, its loop transcribed."""
-    groups = {}
-    for i, uid in enumerate(uids):
-        groups.setdefault(uid, []).append(scores[i])
-    out = scores.clone()
-    for i, uid in enumerate(uids):
-        group = torch.stack(groups[uid])
-        mean, std = (group.mean(), group.std()) if len(group) > 1 else (0.0, 1.0)
-        out[i] = (scores[i] - mean) / (std + eps) if by_std else scores[i] - mean
-    return out
-
-
 def test_group_advantages_over_uneven_uid_groups():
     scores = torch.tensor([1.0, 0.0, 3.0, 2.0, 5.0, 4.0, 7.0], dtype=torch.float64)
     uids = ["a", "b", "a", "c", "b", "a", "d"]                  # 3, 2, 1 and 1 responses
-    assert torch.allclose(group_advantages_by_uid(scores, uids).double(), verl_grpo(scores, uids),
+    assert torch.allclose(group_advantages_by_uid(scores, uids).double(), grpo_outcome(scores, uids),
                           atol=1e-6)
     assert torch.allclose(group_advantages_by_uid(scores, uids, estimator="dr_grpo").double(),
-                          verl_grpo(scores, uids, by_std=False), atol=1e-6)
+                          grpo_outcome(scores, uids, by_std=False), atol=1e-6)
     rloo = group_advantages_by_uid(scores, uids, estimator="rloo")
     assert rloo[0].item() == pytest.approx(1.0 - (3.0 + 4.0) / 2)
     assert rloo[3].item() == 0.0
