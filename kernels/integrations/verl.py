@@ -1,5 +1,5 @@
-"""verl in one line: ``fusedrl.kernels.integrations.verl.register()`` before verl builds its workers.
-It installs, with verl's own signatures:
+"""verl in one line: ``fusedrl.kernels.integrations.verl.register()`` before verl builds its
+workers. It installs, with verl's own signatures:
   linear_cross_entropy   verl.utils.kernel.linear_cross_entropy.linear_cross_entropy (its fused
                          head, imported at call time by verl's models): ours, (logp, entropy)
   "fusedrl"              a policy loss (actor.policy_loss.loss_mode): verl's vanilla PPO (dual
