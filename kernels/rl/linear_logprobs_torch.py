@@ -31,14 +31,15 @@ def transformed_logits(hidden, weight, bias, logit_scale, softcap, temperature):
     return z.div_(temperature), t
 
 
-def _log_probs(z, lse):
-    """log p [C, V] of scaled logits z and their row logsumexp lse [C] (-inf stays -inf)."""
-    return z - lse[:, None]
+# log p below this has p == 0 in every float dtype (exp underflows near -745 in fp64): clamping
+# there changes no p, and keeps p * log p and its gradient at 0 for a -inf logit instead of NaN.
+LOG_P_FLOOR = -1e4
 
 
-def _entropy_terms(p, log_p):
-    """p * log p [C, V] with 0 where p is 0 (its limit: a -inf logit adds nothing, and no NaN)."""
-    return torch.where(p > 0, p * log_p, 0.0)
+def _log_probs_(z, lse):
+    """log p [C, V] of scaled logits z and their row logsumexp lse [C], in z's buffer, clamped at
+    LOG_P_FLOOR."""
+    return z.sub_(lse[:, None]).clamp_(min=LOG_P_FLOOR)
 
 
 def _chunks(total: int, size: int):
@@ -68,9 +69,10 @@ class ChunkedHead(torch.autograd.Function):
             logp[start:end] = torch.where(ok, picked, 0.0)
             lse[start:end] = chunk_lse
             if return_entropy:
-                log_p = _log_probs(z, chunk_lse)
-                terms = _entropy_terms(log_p.exp(), log_p)
-                entropy[start:end] = torch.where(ok, -terms.sum(dim=-1), 0.0)
+                log_p = _log_probs_(z, chunk_lse)                       # z's buffer from here
+                # entropy = -sum p log p, a row dot product: no third [C, V] buffer
+                plogp = torch.linalg.vecdot(log_p.exp(), log_p)
+                entropy[start:end] = torch.where(ok, -plogp, 0.0)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.args = (temperature, ignore_index, chunk_size, logit_scale, softcap)
         ctx.mark_non_differentiable(lse)
@@ -92,17 +94,23 @@ class ChunkedHead(torch.autograd.Function):
         for start, end in _chunks(hidden.shape[0], chunk_size):
             h = hidden[start:end]
             z, t = transformed_logits(h, weight, bias, logit_scale, softcap, temperature)
-            log_p = _log_probs(z, lse[start:end])
+            log_p = _log_probs_(z, lse[start:end])                      # z's buffer from here
             p = log_p.exp()
             g_logp = grad_logp[start:end].to(cd)[:, None]
-            # d logp / d z = onehot(label) - p;  d entropy / d z = -p * (log p + entropy)
-            grad = -p * g_logp
+            # d logp / d z = onehot(label) - p;  d entropy / d z = -p * (log p + entropy), so
+            # d loss / d z = onehot * g_logp - p * (g_logp + g_entropy * (log p + entropy)),
+            # made in log_p's buffer.
+            grad = log_p
+            if has_entropy_grad:
+                grad.add_(entropy[start:end, None]).mul_(grad_entropy[start:end].to(cd)[:, None])
+                grad.add_(g_logp)
+            else:
+                grad.copy_(g_logp.expand_as(grad))
+            grad.mul_(p).neg_()
+            del p
             index = torch.where(valid[start:end], labels[start:end], 0).long()[:, None]
             grad.scatter_add_(1, index, g_logp)
-            if has_entropy_grad:
-                g_ent = grad_entropy[start:end].to(cd)[:, None]
-                grad -= g_ent * _entropy_terms(p, log_p + entropy[start:end, None])
-            grad = torch.where(valid[start:end, None], grad, 0.0).div_(temperature)
+            grad.masked_fill_(~valid[start:end, None], 0.0).div_(temperature)
             if t is not None:
                 grad.mul_(1.0 - t * t)
             if logit_scale != 1.0:
