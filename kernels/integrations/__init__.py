@@ -3,14 +3,18 @@
     FusedLinearGRPOLoss   the GRPO family at Liger's call shape (TRL's loss types)
     FusedLinearPPOLoss    clipped PPO from hidden states, with entropy bonus and KL
     group_advantages_by_uid  GRPO / Dr. GRPO / RLOO advantages over a host's uneven uid groups
+    ppo_value_loss, gae, masked_whiten  the kernels' own, re-exported: they take a host's masks
     fusedrl.kernels.integrations.trl.FusedGRPOTrainer   TRL's GRPOTrainer on our head and loss
     fusedrl.kernels.integrations.verl.register()        verl's seams: head, policy loss, advantages
 
 Importing this package imports no host library: trl and verl are imported by their submodules,
 which only run when asked for.
 """
+from ..rl.advantages import gae
+from ..rl.ppo_loss import ppo_value_loss
+from ..rl.whiten import masked_whiten
 from .grpo_loss import LOSS_TYPES, FusedLinearGRPOLoss, loss_aggregation
 from .ppo_loss import FusedLinearPPOLoss, group_advantages_by_uid
 
-__all__ = ["FusedLinearGRPOLoss", "FusedLinearPPOLoss", "LOSS_TYPES", "group_advantages_by_uid",
-           "loss_aggregation"]
+__all__ = ["FusedLinearGRPOLoss", "FusedLinearPPOLoss", "LOSS_TYPES", "gae",
+           "group_advantages_by_uid", "loss_aggregation", "masked_whiten", "ppo_value_loss"]

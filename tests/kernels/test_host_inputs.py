@@ -190,3 +190,17 @@ def test_torch_path_masked_vocabulary_stays_finite():
     for name, a, e in zip(["logp", "entropy", "d_hidden", "d_weight"], ours, exact):
         assert torch.isfinite(a).all(), name
         assert_close(a, e, atol=2e-5, rtol=2e-5, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_loss_and_gae_take_float_masks(backend):
+    from fusedrl.kernels import gae, ppo_value_loss
+    values, old, mask = loss_inputs(3, 8)
+    returns = torch.randn(3, 8, device=DEVICE)
+    with use_backend(backend):
+        by_float = ppo_value_loss(values, old, returns, mask.float())[0]
+        by_bool = ppo_value_loss(values, old, returns, mask)[0]
+        adv_float = gae(returns, old, mask.double(), gamma=0.9, lam=0.8)
+        adv_bool = gae(returns, old, mask, gamma=0.9, lam=0.8)
+    assert torch.equal(by_float, by_bool)
+    assert all(torch.equal(a, b) for a, b in zip(adv_float, adv_bool))
