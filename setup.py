@@ -148,6 +148,9 @@ def main() -> None:
             # train.report_to=tensorboard (torch.utils.tensorboard writes the events), wandb,
             # mlflow: each tracker through its own library (docs/runs.md).
             "tensorboard": ["tensorboard>=2.14"],
+            # fusedrl.kernels.integrations.trl.FusedGRPOTrainer: TRL 1.x's GRPOTrainer, on our
+            # head and loss (docs/integrations.md). Not with the test extra's trl 0.29.1.
+            "trl": ["trl>=1.16,<2"],
             "wandb": ["wandb>=0.17"],
             "mlflow": ["mlflow>=2.10"],
         },

@@ -31,7 +31,7 @@ else:
     from .attention import attention_backend, flash_attn, rope_store_decode, store_kv
     from .rl.advantages import gae
     from .rl.whiten import masked_whiten
-    from .rl.statistics import (AGGS, GROUP_ESTIMATORS, IS_LEVELS, IS_MODES, SumOver,
+    from .rl.statistics import (AGGS, GROUP_ESTIMATORS, IS_LEVELS, IS_MODES, SumOver, aggregate,
                                 aggregation_rule, explained_variance, group_advantages,
                                 importance_weights, masked_mean, masked_moments)
     from .rl.kl import kl_penalty
@@ -51,7 +51,8 @@ else:
         "BACKENDS", "backend_for", "use_backend", "requested_backend", "triton_interpreting",
         "model_backend",
         "fused_for_model", "attention_backend", "flash_attn", "reference",
-        "AGGS", "GROUP_ESTIMATORS", "IS_LEVELS", "IS_MODES", "SumOver", "aggregation_rule",
+        "AGGS", "GROUP_ESTIMATORS", "IS_LEVELS", "IS_MODES", "SumOver", "aggregate",
+        "aggregation_rule",
         "masked_mean",
         "masked_moments", "explained_variance", "importance_weights", "group_advantages",
         "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten",

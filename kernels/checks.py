@@ -48,13 +48,28 @@ def check_same_shape(op: str, name: str, x: torch.Tensor, ref_name: str, ref: to
 
 
 def check_mask(op: str, mask: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    """A mask is bool or integer (nonzero = valid) with exactly ``ref``'s shape."""
+    """A mask is bool or integer (nonzero = valid) with exactly ``ref``'s shape (mask_arg takes
+    float masks too)."""
     check_tensor(op, "mask", mask)
     if mask.dtype not in MASK_DTYPES:
         raise TypeError(
-            f"{op}: mask must be bool or an integer dtype (nonzero = valid), got {mask.dtype}"
+            f"{op}: mask must be bool, integer or float (nonzero = valid), got {mask.dtype}"
         )
     check_same_shape(op, "mask", mask, ref_name, ref)
+
+
+def mask_arg(op: str, mask, ref_name: str, ref: torch.Tensor, *, optional: bool = True):
+    """A host's mask as the ops take it: bool or integer as given, a float mask (TRL's
+    completion_mask, nonzero = valid) as bool; checked as check_mask. None passes where
+    ``optional``."""
+    if mask is None and not optional:
+        check_tensor(op, "mask", mask)
+    if isinstance(mask, torch.Tensor) and mask.dtype.is_floating_point:
+        check_same_shape(op, "mask", mask, ref_name, ref)
+        return mask != 0
+    if mask is not None:
+        check_mask(op, mask, ref_name, ref)
+    return mask
 
 
 def check_choice(op: str, name: str, value: str, choices: Sequence[str]) -> None:

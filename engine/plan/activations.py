@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ..model.config import ModelConfig
 
-# kernels/rl/linear_logprobs.py: CHUNK_ELEMENTS, elements of logits in one chunk
+# At least the logits in one chunk (kernels/rl/linear_logprobs.py: CHUNK_BYTES of them)
 LOGIT_CHUNK = 1 << 27
 # LLM's default prefill budget (max_num_batched_tokens, engine/inference/llm.py): a step's prompts
 # hold at most this many tokens, bar one longer sequence alone (rollout.prefill_chunk cuts it).

@@ -32,13 +32,18 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
 
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False):
-    """token_logprobs(hidden @ weight.T + bias): hidden [N, H], weight [V, H], labels [N].
+                          return_entropy=False, logit_scale=1.0, softcap=None):
+    """token_logprobs(z): z = hidden @ weight.T + bias, times logit_scale, soft-capped to
+    softcap * tanh(z / softcap) when softcap is given (Gemma-2's final_logit_softcapping).
+    hidden [..., H], weight [V, H], labels [...].
 
     The matmul runs in the inputs' dtype, as a model's LM head would; the [N, V] logits exist.
     """
-    return token_logprobs(F.linear(hidden, weight, bias), labels, temperature=temperature,
-                          ignore_index=ignore_index, return_entropy=return_entropy)
+    logits = F.linear(hidden, weight, bias).to(compute_dtype(hidden)) * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                          return_entropy=return_entropy)
 
 
 def kl_penalty(logp, ref_logp, *, estimator="k1", mask=None, clamp=None, log_ratio_clamp=None):

@@ -172,5 +172,8 @@ def weighted_sum(per_token: torch.Tensor, mask: Optional[torch.Tensor],
 
 def aggregate(per_token: torch.Tensor, mask: Optional[torch.Tensor], agg: str,
               norm: Optional[float] = None) -> torch.Tensor:
-    """A per-token loss [..., T] reduced to a scalar by the rule of `agg`."""
+    """A per-token loss [..., T] reduced to a scalar by the rule of `agg` (mask: bool, integer or
+    float, nonzero = valid). The hosts' normalizers: verl's modes are these names;
+    TRL's bnpo is token-mean, its dr_grpo seq-mean-token-sum-norm with norm B x
+    max_completion_length, its dapo the same with norm its num_items_in_batch."""
     return weighted_sum(per_token, mask, row_weights(valid_entries(mask, per_token), agg, norm))

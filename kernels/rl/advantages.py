@@ -116,8 +116,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 
     Args:
         rewards, values: [B, T] (any leading dims) float; entries at invalid positions are unread.
-        mask: [B, T] bool/integer, nonzero = valid. Left/right padding and masked tokens inside a
-            response are all skipped: the next valid position bootstraps the previous one.
+        mask: [B, T] bool/integer/float, nonzero = valid. Left/right padding and masked tokens
+            inside a response are all skipped: the next valid position bootstraps the previous one.
         gamma, lam: discount and GAE lambda, in [0, 1].
     Returns:
         (advantages, returns) [B, T] fp32; returns = advantages + values on valid positions, both
@@ -126,7 +126,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     checks.check_float(GAE, "rewards", rewards)
     checks.check_float(GAE, "values", values)
     checks.check_same_shape(GAE, "values", values, "rewards", rewards)
-    checks.check_mask(GAE, mask, "rewards", rewards)
+    mask = checks.mask_arg(GAE, mask, "rewards", rewards, optional=False)
     checks.check_unit_interval(GAE, "gamma", gamma)
     checks.check_unit_interval(GAE, "lam", lam)
     if rewards.dim() < 1:

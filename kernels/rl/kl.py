@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from . import statistics
 from .. import checks, cuda_ext, reference
 from ..triton_compat import tl, triton
 from ..dispatch import backend_for
@@ -213,7 +214,8 @@ cuda_ext.on_load(register_cuda_rules)
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k1",
                mask: Optional[torch.Tensor] = None, clamp: Optional[float] = None,
-               log_ratio_clamp: Optional[float] = None) -> torch.Tensor:
+               log_ratio_clamp: Optional[float] = None,
+               is_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token KL(pi || ref) estimate, for the reward (k1, InstructGPT) or as a loss term (k3, the
     "low-variance KL" of GRPO; its gradient w.r.t. logp is 1 - ref/pi).
 
@@ -221,20 +223,27 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
         logp: [...] log-probs of the sampled tokens under the policy (any float dtype).
         ref_logp: [...] same shape, under the reference policy.
         estimator: "k1", "k2" or "k3" (see module docstring).
-        mask: optional [...] bool/integer, nonzero = valid.
+        mask: optional [...] bool/integer/float, nonzero = valid.
         log_ratio_clamp: clamp ref_logp - logp to +-this first (verl and OpenRLHF use 20): one
             token with a huge log-ratio would otherwise swamp a batch (k3 of 20 is e^20).
         clamp: clamp the estimate to +-this (verl uses 10). Gradients w.r.t. logp are 0 where either
         clamp
             is active. None (the default) leaves each off: results as without them.
+        is_weight: optional [...] per-token weight of the estimate, e.g. the ratio pi / pi_old
+            (TRL's use_bias_correction_kl); differentiable where it requires grad.
     Returns:
         kl [...] fp32, 0 outside the mask; differentiable w.r.t. logp (and ref_logp).
     """
     checks.check_float(OP, "logp", logp)
     checks.check_float(OP, "ref_logp", ref_logp)
     checks.check_same_shape(OP, "ref_logp", ref_logp, "logp", logp)
-    if mask is not None:
-        checks.check_mask(OP, mask, "logp", logp)
+    mask = checks.mask_arg(OP, mask, "logp", logp)
+    if is_weight is not None:
+        checks.check_float(OP, "is_weight", is_weight)
+        checks.check_same_shape(OP, "is_weight", is_weight, "logp", logp)
+        kl = kl_penalty(logp, ref_logp, estimator=estimator, mask=mask, clamp=clamp,
+                        log_ratio_clamp=log_ratio_clamp)
+        return torch.where(statistics.valid_entries(mask, kl), kl * is_weight.to(kl.dtype), 0.0)
     checks.check_choice(OP, "estimator", estimator, ESTIMATORS)
     for name, value in (("clamp", clamp), ("log_ratio_clamp", log_ratio_clamp)):
         if value is not None:

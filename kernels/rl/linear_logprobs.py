@@ -26,23 +26,28 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import checks, reference
+from .. import checks
 from ..dispatch import backend_for, sync_checks_enabled
+from .linear_logprobs_torch import chunked_linear_logprobs
 from .linear_logprobs_kernels import (N_STATES, _logit_grad_kernel, _lse_combine_kernel,
                                       _lse_partials_kernel)
 from .logprobs import check_label_args, token_logprobs_backward, token_logprobs_forward
+from .statistics import compute_dtype
 from ..triton_compat import triton
 
 OP = "linear_token_logprobs"
-# Elements in one chunk of logits: 2**27 bf16 values are 256 MiB (half the 512 MiB extra-memory
-# budget), large enough that the chunk's matmuls run near peak (~880 rows of a 152k vocabulary
-# forward; 8192 vocabulary columns of 16384 rows backward).
-CHUNK_ELEMENTS = 1 << 27
+# Bytes in one chunk of logits, in the dtype they are made in: 32 MiB keeps the head's extra
+# memory to a few tens of MiB by default on every device and backend (the row chunks of the
+# PyTorch path hold about three such buffers), while the chunks stay whole matmuls (256 fp32 rows
+# of a 32k vocabulary; 96 bf16 rows of 152k forward, ~900 of its vocabulary columns at N=16384
+# backward).
+CHUNK_BYTES = 1 << 25
 
 
-def default_chunk_size(n_rows: int, vocab_size: int) -> int:
-    """Rows per chunk: a fixed element budget (so memory does not grow with N), in steps of 16."""
-    rows = max(16, (CHUNK_ELEMENTS // max(vocab_size, 1)) // 16 * 16)
+def default_chunk_size(n_rows: int, vocab_size: int, itemsize: int = 2) -> int:
+    """Rows per chunk: CHUNK_BYTES of logits of ``itemsize`` bytes (so memory does not grow with
+    N), in steps of 16."""
+    rows = max(16, (CHUNK_BYTES // (max(vocab_size, 1) * itemsize)) // 16 * 16)
     return max(1, min(n_rows, rows))
 
 
@@ -259,57 +264,84 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                          bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
-                          ignore_index: int = -100, return_entropy: bool = False,
-                          chunk_size: Optional[int] = None, fuse_matmul: Optional[bool] = None):
-    """token_logprobs(hidden @ weight.T + bias, labels) without materializing the logits.
-
-    Args:
-        hidden: [N, H] fp32/bf16/fp16 final hidden states.
-        weight: [V, H] LM head, same dtype as hidden. bias: optional [V].
-        labels: [N] int32/int64 in [0, V) or ignore_index.
-        chunk_size: rows per chunk (default: a fixed 2**27-element budget of logits); with
-            ``fuse_matmul``, the backward's vocabulary chunk only (forward keeps no logits).
-        fuse_matmul: the logits made and used inside Triton GEMMs (see the module docstring).
-            Default: on for 16-bit inputs, off for fp32 (whose fused GEMM multiplies in full fp32
-            without tensor cores, so cuBLAS is faster there).
-    Returns:
-        logp [N] fp32, or (logp, entropy) with ``return_entropy``; differentiable w.r.t. hidden,
-        weight and bias. The "torch" backend is the reference composition (logits materialized).
-    """
+def _check_head_args(hidden, weight, bias, labels, chunk_size, fuse_matmul, logit_scale, softcap):
+    """Shapes, dtypes and options of linear_token_logprobs (no tensor value is read)."""
     checks.check_float(OP, "hidden", hidden)
     checks.check_float(OP, "weight", weight)
-    check_label_args(OP, labels, temperature, ignore_index)
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"{OP}: expected hidden [N, H] and weight [V, H], got hidden "
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{OP}: expected hidden [..., H] and weight [V, H], got hidden "
                          f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise TypeError(f"{OP}: weight must match hidden's dtype and device ({hidden.dtype}, "
-                        f"{hidden.device}), got {weight.dtype} on {weight.device}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{OP}: weight is on {weight.device} but hidden is on {hidden.device}")
     if bias is not None:
-        checks.check_tensor(OP, "bias", bias)
-        if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype:
-            raise ValueError(f"{OP}: bias must be [{weight.shape[0]}] {weight.dtype}, got "
-                             f"{tuple(bias.shape)} {bias.dtype}")
-    if labels.shape != hidden.shape[:1] or labels.device != hidden.device:
-        raise ValueError(f"{OP}: labels must have shape ({hidden.shape[0]},) on {hidden.device}, "
-                         f"got {tuple(labels.shape)} on {labels.device}")
+        checks.check_float(OP, "bias", bias)
+        if bias.shape != (weight.shape[0],) or bias.device != weight.device:
+            raise ValueError(f"{OP}: bias must be [{weight.shape[0]}] on {weight.device}, got "
+                             f"{tuple(bias.shape)} on {bias.device}")
+    if labels.shape != hidden.shape[:-1] or labels.device != hidden.device:
+        raise ValueError(f"{OP}: labels must have shape {tuple(hidden.shape[:-1])} (hidden's "
+                         f"without H) on {hidden.device}, got {tuple(labels.shape)} on "
+                         f"{labels.device}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
     if fuse_matmul is not None and not isinstance(fuse_matmul, bool):
         raise TypeError(f"{OP}: fuse_matmul must be a bool or None, got {fuse_matmul!r}")
+    checks.check_positive(OP, "logit_scale", logit_scale)
+    if softcap is not None:
+        checks.check_positive(OP, "softcap", softcap)
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                          ignore_index: int = -100, return_entropy: bool = False,
+                          chunk_size: Optional[int] = None, fuse_matmul: Optional[bool] = None,
+                          logit_scale: float = 1.0, softcap: Optional[float] = None):
+    """token_logprobs(z / temperature, labels) without materializing the logits, where
+    z = logit_scale * (hidden @ weight.T + bias), soft-capped to softcap * tanh(z / softcap) when
+    softcap is given (Gemma-2's final_logit_softcapping).
+
+    Args:
+        hidden: [..., H] fp32/bf16/fp16/fp64 final hidden states ([N, H], or a host's [B, T, H]).
+        weight: [V, H] LM head; bias: optional [V]. Mixed dtypes (a 16-bit hidden with an fp32
+            head) compute in the wider one; each gradient comes back in its input's dtype.
+        labels: [...] (hidden's leading shape) int32/int64 in [0, V) or ignore_index.
+        chunk_size: rows per chunk (default: CHUNK_BYTES of logits a chunk, default_chunk_size);
+            with ``fuse_matmul``, the backward's vocabulary chunk only (forward keeps no logits).
+        fuse_matmul: the logits made and used inside Triton GEMMs (see the module docstring).
+            Default: on for 16-bit inputs, off for fp32 (whose fused GEMM multiplies in full fp32
+            without tensor cores, so cuBLAS is faster there).
+        logit_scale: multiplies the logits before the cap (Cohere's logit_scale; Granite's
+            1 / logits_scaling). softcap: None (off) or the cap.
+    Returns:
+        logp [...] fp32 (fp64 for fp64 inputs), or (logp, entropy) with ``return_entropy``;
+        differentiable w.r.t. hidden, weight and bias. The "torch" backend, and soft-capping on
+        every backend, run linear_logprobs_torch.py's row chunks (the Triton kernels have no tanh).
+    """
+    _check_head_args(hidden, weight, bias, labels, chunk_size, fuse_matmul, logit_scale, softcap)
+    check_label_args(OP, labels, temperature, ignore_index)
     if sync_checks_enabled(labels):
         checks.check_label_range(OP, labels, weight.shape[0], ignore_index)
-    if backend_for(hidden) == "torch":
-        return reference.linear_token_logprobs(hidden, weight, labels, bias=bias,
-                                               temperature=temperature, ignore_index=ignore_index,
-                                               return_entropy=return_entropy)
-    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
-    if fuse_matmul is None:
-        fuse_matmul = hidden.dtype != torch.float32
-    logp, entropy, _ = torch.ops.fusedrl.linear_token_logprobs_fwd(
-        hidden.contiguous(), weight.contiguous(), bias, labels.contiguous(), float(temperature),
-        ignore_index, bool(return_entropy), chunk, fuse_matmul,
-    )
-    return (logp, entropy) if return_entropy else logp
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    lead = labels.shape
+    hidden2d = hidden.to(dtype).reshape(-1, weight.shape[1])
+    weight, labels = weight.to(dtype), labels.reshape(-1)
+    bias = None if bias is None else bias.to(dtype)
+    if backend_for(hidden2d) == "torch" or softcap is not None:
+        chunk = chunk_size or default_chunk_size(hidden2d.shape[0], weight.shape[0],
+                                                 compute_dtype(hidden2d).itemsize)
+        logp, entropy = chunked_linear_logprobs(
+            hidden2d, weight, bias, labels, temperature=temperature, ignore_index=ignore_index,
+            return_entropy=return_entropy, chunk_size=chunk, logit_scale=logit_scale,
+            softcap=softcap)
+    else:
+        chunk = chunk_size or default_chunk_size(hidden2d.shape[0], weight.shape[0], dtype.itemsize)
+        if fuse_matmul is None:
+            fuse_matmul = dtype != torch.float32
+        # Without a cap, the scale folds into the temperature: s * z / T = z / (T / s).
+        logp, entropy, _ = torch.ops.fusedrl.linear_token_logprobs_fwd(
+            hidden2d.contiguous(), weight.contiguous(), bias, labels.contiguous(),
+            float(temperature) / float(logit_scale), ignore_index, bool(return_entropy), chunk,
+            fuse_matmul,
+        )
+    logp = logp.reshape(lead)
+    return (logp, entropy.reshape(lead)) if return_entropy else logp

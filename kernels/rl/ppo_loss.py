@@ -20,8 +20,8 @@ import torch
 from .. import checks, cuda_ext, reference
 from ..dispatch import backend_for
 from .ppo_loss_ops import IS_MODE_IDS, policy_loss_op, value_loss_op
-from .statistics import (AGGS, IS_LEVELS, IS_MODES, importance_weights, row_weights,
-                         sequence_ratio_logp)
+from .statistics import (AGGS, IS_LEVELS, IS_MODES, clip_fractions, importance_weights,
+                         row_weights, sequence_ratio_logp)
 
 POLICY_STATS = ("clipfrac", "dual_clipfrac", "approx_kl", "ratio_mean", "ratio_max")
 IS_STATS = ("is_weight_mean", "is_weight_max", "is_masked_frac")
@@ -71,8 +71,22 @@ def register_cuda_rules() -> None:
 cuda_ext.on_load(register_cuda_rules)
 
 
-def _check_loss_inputs(op: str, names: tuple[str, str, str], tensors, mask, agg: str) -> None:
-    """Checks shared by both losses (shapes, dtypes, choices: no tensor value is read)."""
+def token_advantages(op: str, advantages: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """advantages as [..., T]: a host's per-sequence [...] or [..., 1] (TRL's [B, 1]) spread over
+    logp's tokens; any other shape is refused (no silent broadcasting)."""
+    checks.check_tensor(op, "advantages", advantages)
+    lead = logp.shape[:-1]
+    if advantages.shape == logp.shape:
+        return advantages
+    if logp.dim() >= 1 and advantages.shape in (lead, lead + (1,)):
+        return advantages.reshape(lead + (1,)).expand(logp.shape)
+    raise ValueError(f"{op}: advantages must have shape {tuple(logp.shape)}, {tuple(lead)} or "
+                     f"{tuple(lead) + (1,)} (logp's), got {tuple(advantages.shape)}")
+
+
+def _check_loss_inputs(op: str, names: tuple[str, str, str], tensors, mask, agg: str):
+    """Checks shared by both losses (shapes, dtypes, choices: no tensor value is read); the mask as
+    the ops take it (checks.mask_arg)."""
     first = tensors[0]
     for name, tensor in zip(names, tensors):
         checks.check_float(op, name, tensor)
@@ -80,8 +94,7 @@ def _check_loss_inputs(op: str, names: tuple[str, str, str], tensors, mask, agg:
     if first.dim() < 1:
         raise ValueError(f"{op}: {names[0]} must have shape [..., T], got a 0-dim tensor")
     checks.check_choice(op, "agg", agg, AGGS)
-    if mask is not None:
-        checks.check_mask(op, mask, names[0], first)
+    return checks.mask_arg(op, mask, names[0], first)
 
 
 def _all_valid(x: torch.Tensor) -> torch.Tensor:
@@ -99,13 +112,14 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
                     ratio_level: str = "token", log_ratio_clamp: float = 20.0,
                     rollout_logprobs: Optional[torch.Tensor] = None, is_mode: Optional[str] = None,
                     is_level: str = "token", is_cap: float = 2.0, is_low: float = 0.5,
-                    is_high: float = 2.0):
+                    is_high: float = 2.0, clip_sides: bool = False):
     """PPO-clip policy loss: aggregate of max(-A r, -A clip(r, 1 - eps, 1 + eps_high)).
 
     Args:
         logp: [..., T] log-probs under the policy being trained (requires grad).
-        old_logp: [..., T] log-probs at rollout time. advantages: [..., T]. Both are constants.
-        mask: [..., T] bool/integer, nonzero = valid (None: all valid).
+        old_logp: [..., T] log-probs at rollout time. advantages: [..., T], or one per sequence
+            ([...] or [..., 1]). Both are constants.
+        mask: [..., T] bool/integer/float, nonzero = valid (None: all valid).
         clip_eps / clip_eps_high: the ratio range is [1 - clip_eps, 1 + clip_eps_high]
             (clip_eps_high defaults to clip_eps; a larger one is "clip-higher").
         dual_clip: c > 1; for A < 0 the loss is bounded by -A * c (dual-clip PPO).
@@ -118,14 +132,38 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         rollout_logprobs: [..., T] the sampler's log-probs; with is_mode "tis" (truncated) or
             "mis" (masked, the [is_low, is_high] band) at is_level "token" or "sequence", the
             importance-sampling correction of pi_old / pi_rollout (statistics.py).
+        clip_sides: also the two sides of the clip fraction, clipfrac_low and clipfrac_high
+            (statistics.clip_fractions: a few elementwise launches more).
     Returns:
         (loss [] fp32, stats) with stats of detached 0-dim fp32 tensors: clipfrac, dual_clipfrac,
         approx_kl (k3 estimate of KL(old || new) of the ratio used), ratio_mean, ratio_max (over
-        valid tokens), and with is_mode: is_weight_mean, is_weight_max, is_masked_frac.
+        valid tokens), with is_mode: is_weight_mean, is_weight_max, is_masked_frac, and with
+        clip_sides: clipfrac_low, clipfrac_high.
     """
     op = "ppo_policy_loss"
-    _check_loss_inputs(op, ("logp", "old_logp", "advantages"), (logp, old_logp, advantages), mask,
-                       agg)
+    checks.check_tensor(op, "logp", logp)
+    advantages = token_advantages(op, advantages, logp)
+    mask = _check_loss_inputs(op, ("logp", "old_logp", "advantages"), (logp, old_logp, advantages),
+                              mask, agg)
+    loss, stats = _policy_loss(op, logp, old_logp, advantages, mask, clip_eps, clip_eps_high,
+                               dual_clip, agg, loss_agg_norm, ratio_level, log_ratio_clamp,
+                               rollout_logprobs, is_mode, is_level, is_cap, is_low, is_high)
+    if clip_sides:
+        eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+        ratio_logp = logp
+        if ratio_level == "sequence":
+            valid = _all_valid(logp) if mask is None else mask
+            ratio_logp = sequence_ratio_logp(logp, old_logp, valid)
+        log_ratio = (ratio_logp.detach().float() - old_logp.float()).clamp(-log_ratio_clamp,
+                                                                          log_ratio_clamp)
+        stats.update(clip_fractions(log_ratio, advantages, mask, clip_eps, eps_high))
+    return loss, stats
+
+
+def _policy_loss(op, logp, old_logp, advantages, mask, clip_eps, clip_eps_high, dual_clip, agg,
+                 loss_agg_norm, ratio_level, log_ratio_clamp, rollout_logprobs, is_mode, is_level,
+                 is_cap, is_low, is_high):
+    """ppo_policy_loss past the shape checks: the options checked, the backend chosen, run."""
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     checks.check_positive(op, "clip_eps", clip_eps)
     checks.check_positive(op, "clip_eps_high", eps_high)
@@ -196,14 +234,14 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
     Args:
         values: [..., T] critic outputs (requires grad). old_values, returns: [..., T] constants.
-        mask: [..., T] bool/integer (None: all valid). clip_eps: None disables clipping.
+        mask: [..., T] bool/integer/float (None: all valid). clip_eps: None disables clipping.
         agg, loss_agg_norm: as in ppo_policy_loss.
     Returns:
         (loss [] fp32, {"vf_clipfrac": detached 0-dim fp32}).
     """
     op = "ppo_value_loss"
-    _check_loss_inputs(op, ("values", "old_values", "returns"), (values, old_values, returns), mask,
-                       agg)
+    mask = _check_loss_inputs(op, ("values", "old_values", "returns"),
+                              (values, old_values, returns), mask, agg)
     if clip_eps is not None:
         checks.check_positive(op, "clip_eps", clip_eps)
     old_values, returns = old_values.detach(), returns.detach()

@@ -29,6 +29,19 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: Option
     return torch.where(returns_var > 0, 1.0 - error_var / returns_var, float("nan"))
 
 
+def clip_fractions(log_ratio: torch.Tensor, advantages: torch.Tensor, mask: Optional[torch.Tensor],
+                   clip_low: float, clip_high: float) -> dict:
+    """The two sides of PPO's clip fraction, over valid tokens (TRL's clip_ratio/low_mean and
+    high_mean): clipfrac_low where r < 1 - clip_low with A < 0, clipfrac_high where
+    r > 1 + clip_high with A > 0. log_ratio, advantages, mask [..., T] -> detached 0-dim fp32."""
+    with torch.no_grad():
+        ratio = log_ratio.float().exp()
+        low = (ratio < 1.0 - clip_low) & (advantages < 0)
+        high = (ratio > 1.0 + clip_high) & (advantages > 0)
+        return {"clipfrac_low": masked_mean(low.float(), mask),
+                "clipfrac_high": masked_mean(high.float(), mask)}
+
+
 # ---- policy-ratio corrections ------------------------------------------------------------------
 # GSPO (Zheng et al. 2025), in verl's token-level form (compute_policy_loss_gspo): every token of a
 # sequence gets the log-ratio s = mean over the sequence's valid tokens of (logp - old_logp), as a

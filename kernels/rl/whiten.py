@@ -149,7 +149,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     """Normalize x to mean 0, variance 1 over the valid entries (advantage whitening).
 
     Args:
-        x: [...] float. mask: [...] bool/integer, nonzero = valid.
+        x: [...] float. mask: [...] bool/integer/float, nonzero = valid.
         shift_mean: if False, the mean is added back (scale only).
         eps: added to the (unbiased) variance.
         sum_over: the ranks' sum (see statistics.py): the mean and variance of every rank's valid
@@ -161,7 +161,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
         same numbers to fp32 rounding).
     """
     checks.check_float(OP, "x", x)
-    checks.check_mask(OP, mask, "x", x)
+    mask = checks.mask_arg(OP, mask, "x", x, optional=False)
     checks.check_positive(OP, "eps", eps)
     sum_fn = statistics.summing(sum_over)
     compiling = torch.compiler.is_compiling()

@@ -66,7 +66,7 @@ def test_k3_is_nonnegative(fused_backend):
     (dict(estimator="k4"), ValueError, "unknown estimator 'k4'"),
     (dict(ref_logp=torch.zeros(2, 4)), ValueError, r"ref_logp must have the shape of logp \(2, 3\)"),
     (dict(ref_logp=torch.zeros(3)), ValueError, "ref_logp must have the shape"),
-    (dict(mask=torch.ones(2, 3)), TypeError, "mask must be bool or an integer dtype"),
+    (dict(mask=torch.ones(2, 3, dtype=torch.complex64)), TypeError, "mask must be bool, integer or float"),
     (dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, "mask must have the shape of logp"),
     (dict(logp=torch.zeros(2, 3, dtype=torch.long)), TypeError, "logp must have dtype"),
 ])

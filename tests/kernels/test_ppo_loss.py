@@ -145,7 +145,7 @@ def test_masked_garbage_is_ignored_and_no_grad_mode_works(fused_backend):
 @pytest.mark.parametrize("bad, error, match", [
     (dict(agg="sum"), ValueError, "unknown agg 'sum'"),
     (dict(old_logp=torch.zeros(2, 4)), ValueError, r"old_logp must have the shape of logp \(2, 3\)"),
-    (dict(mask=torch.ones(2, 3)), TypeError, "mask must be bool or an integer dtype"),
+    (dict(mask=torch.ones(2, 3, dtype=torch.complex64)), TypeError, "mask must be bool, integer or float"),
     (dict(mask=torch.ones(2, dtype=torch.bool)), ValueError, "mask must have the shape of logp"),
     (dict(dual_clip=1.0), ValueError, "dual_clip must be a number > 1"),
     (dict(clip_eps=-0.1), ValueError, "clip_eps must be a positive number"),

@@ -1,0 +1,213 @@
+"""The GRPO loss from hidden states, side by side: ours (FusedLinearGRPOLoss, defaults: no
+chunk_size), Liger's (LigerFusedLinearGRPOLoss, compiled=False), TRL 1.x's fused head
+(trl.kernels ChunkedLogProbFunction) with TRL's loss written out, and plain PyTorch (the [N, V]
+logits, log_softmax, gather). Same inputs for all ([B, T, H] hidden, [V, H] head, ratio != 1,
+beta 0.04, loss_type grpo), saved once with safetensors and loaded by each variant.
+
+Per variant, in a fresh process: the loss and its gradients (compared with plain PyTorch's), the
+peak extra memory of forward + backward (the process's peak RSS above what it held before, on the
+CPU; max_memory_allocated above the allocated on a GPU) and the time (one run, on a GPU the median
+of three). Results JSON: commit, device, versions, per shape and variant.
+
+    python bench/bench_integrations.py [--shapes N,H,V ...] [--json out.json]
+
+Liger and TRL 1.x come from the directory .ci/run installs them in (.ci-trl, --trl-dir), put first
+on the variants' path; a variant that cannot run says why in its row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
+
+VARIANTS = ("torch", "fusedrl", "liger", "trl_head")
+BETA, EPS, ROWS_PER_SEQ = 0.04, 0.2, 512
+
+
+def make_inputs(n: int, h: int, v: int, path: str) -> None:
+    """[B, T, H] hidden (B x T = n), [V, H] head, ids, a completion mask with padded tails, [B]
+    advantages, and old/ref log-probs near the policy's (so the ratio is near, not at, 1)."""
+    gen = torch.Generator().manual_seed(0)
+    t = min(n, ROWS_PER_SEQ)
+    b = n // t
+    hidden = torch.randn(b, t, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / h**0.5
+    ids = torch.randint(0, v, (b, t), generator=gen)
+    mask = torch.ones(b, t)
+    for row in range(b):
+        mask[row, t - int(torch.randint(0, t // 4 + 1, (1,), generator=gen)):] = 0
+    logp = torch.cat([torch.log_softmax(hidden[i] @ weight.t(), -1).gather(-1, ids[i, :, None])
+                      .squeeze(-1)[None] for i in range(b)])
+    save_file({"hidden": hidden, "weight": weight, "ids": ids, "mask": mask,
+               "advantages": torch.randn(b, generator=gen),
+               "old": logp + 0.05 * torch.randn(b, t, generator=gen),
+               "ref": logp + 0.05 * torch.randn(b, t, generator=gen)}, path)
+
+
+def trl_loss(logp, old, ref, advantages, mask):
+    """TRL 1.x's grpo loss of per-token log-probs (its _compute_loss, bias-corrected KL)."""
+    coef_1 = torch.exp(logp - old)
+    coef_2 = coef_1.clamp(1 - EPS, 1 + EPS)
+    per_token = -torch.min(coef_1 * advantages[:, None], coef_2 * advantages[:, None])
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    per_token = per_token + BETA * kl * coef_1
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
+def variant_loss(name: str):
+    """The variant's loss as a function of (inputs x, hidden, weight); its imports done here, so
+    that they are not counted in its memory."""
+    if name == "torch":
+        def loss(x, hidden, weight):
+            logp = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, x["ids"][..., None])
+            return trl_loss(logp.squeeze(-1), x["old"], x["ref"], x["advantages"], x["mask"])
+        return loss
+    if name in ("fusedrl", "liger"):
+        if name == "fusedrl":
+            from fusedrl.kernels.integrations import FusedLinearGRPOLoss
+            module = FusedLinearGRPOLoss(beta=BETA, loss_type="grpo", use_bias_correction_kl=True)
+        else:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+            module = LigerFusedLinearGRPOLoss(beta=BETA, compiled=False, loss_type="grpo",
+                                              use_bias_correction_kl=True)
+        return lambda x, hidden, weight: module(
+            hidden, weight, x["ids"], x["mask"], x["advantages"], ref_per_token_logps=x["ref"],
+            old_per_token_logps=x["old"])[0]
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    def trl_head(x, hidden, weight):
+        b, t, h = hidden.shape
+        logp = ChunkedLogProbFunction.apply(hidden.reshape(b * t, h), weight, None,
+                                            x["ids"].reshape(-1), 1.0, 32768, None, 1.0,
+                                            ("log_probs",))[0].reshape(b, t)
+        return trl_loss(logp, x["old"], x["ref"], x["advantages"], x["mask"])
+    return trl_head
+
+
+def run_variant(name: str, inputs_path: str, grads_path: str, device: str) -> dict:
+    """One variant in this process: forward + backward once, its peak extra memory and time."""
+    dev = torch.device(device)
+    x = {k: v.to(dev) for k, v in load_file(inputs_path).items()}
+    hidden = x["hidden"].requires_grad_()
+    weight = x["weight"].requires_grad_()
+
+    loss_fn = variant_loss(name)
+
+    def step():
+        loss = loss_fn(x, hidden, weight)
+        loss.backward()
+        return loss
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    loss = step()
+    harness.synchronize(dev)
+    seconds = time.perf_counter() - start
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        hidden.grad = weight.grad = None
+        seconds = harness.time_ms(step, dev, min_reps=3) / 1e3
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    save_file({"loss": loss.detach().reshape(1).cpu(), "hidden": hidden.grad.cpu(),
+               "weight": weight.grad.cpu()}, grads_path)
+    return {"peak_extra_mib": peak / 2**20, "seconds": seconds}
+
+
+def versions(trl_dir: str) -> dict:
+    """The peers' versions, read in a process with trl_dir on its path."""
+    code = ("import json, importlib.metadata as m\nout = {}\n"
+            "for p in ('trl', 'liger-kernel', 'transformers'):\n"
+            "    try: out[p] = m.version(p)\n    except Exception: out[p] = None\n"
+            "print(json.dumps(out))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": trl_dir})
+    return json.loads(done.stdout) if done.returncode == 0 else {}
+
+
+def compare(row: dict, grads: dict, oracle: dict) -> None:
+    """Loss and gradient errors against plain PyTorch's, relative to its largest entry."""
+    row["loss"] = grads["loss"].item()
+    row["loss_error"] = abs(row["loss"] - oracle["loss"].item())
+    for name in ("hidden", "weight"):
+        scale = oracle[name].abs().max().item() or 1.0
+        row[f"grad_{name}_rel_error"] = (grads[name] - oracle[name]).abs().max().item() / scale
+
+
+def bench_shape(n: int, h: int, v: int, args) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_integrations_") as tmp:
+        inputs_path = os.path.join(tmp, "inputs.safetensors")
+        make_inputs(n, h, v, inputs_path)
+        results = {}
+        for name in args.variants:
+            grads_path = os.path.join(tmp, f"{name}.safetensors")
+            done = subprocess.run([sys.executable, __file__, "--run-variant", name, inputs_path,
+                                   grads_path, "--device", args.device], capture_output=True,
+                                  text=True, env={**os.environ, "PYTHONPATH": args.trl_dir})
+            row = {"variant": name, "n": n, "h": h, "v": v}
+            if done.returncode != 0:
+                row["error"] = done.stderr.strip().splitlines()[-1] if done.stderr else "failed"
+            else:
+                row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+                results[name] = load_file(grads_path)
+            rows.append(row)
+        for row in rows:
+            if row["variant"] in results and "torch" in results:
+                compare(row, results[row["variant"]], results["torch"])
+    return rows
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["4096,256,32000"],
+                        help="N,H,V (the issue's grid on a GPU: 4096/16384 x 896/3584 x 32000/"
+                             "151936)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--trl-dir", default=str(HERE.parent / ".ci-trl"))
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--run-variant", nargs=3, metavar=("NAME", "INPUTS", "GRADS"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_variant:
+        print(json.dumps(run_variant(*args.run_variant, args.device)))
+        return {}
+    rows = []
+    for shape in args.shapes:
+        n, h, v = map(int, shape.split(","))
+        rows += bench_shape(n, h, v, args)
+    report = {"meta": {**harness.run_metadata(torch.device(args.device)),
+                       "peers": versions(args.trl_dir),
+                       "memory": "peak RSS above the process's before (CPU) or "
+                                 "max_memory_allocated above allocated (GPU), forward + backward"},
+              "rows": rows}
+    print(harness.format_table(rows, [("variant", "variant"), ("n", "N"), ("h", "H"), ("v", "V"),
+                                      ("peak_extra_mib", "peak MiB"), ("seconds", "s"),
+                                      ("loss_error", "loss err"),
+                                      ("grad_weight_rel_error", "d W rel err")]))
+    if args.json:
+        harness.write_json(args.json, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

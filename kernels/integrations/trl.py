@@ -1,0 +1,164 @@
+"""TRL in one line: ``from fusedrl.kernels.integrations.trl import FusedGRPOTrainer`` in place of
+``trl.GRPOTrainer`` (TRL 1.x). Importing this module imports trl.
+
+Two swaps, everything else is TRL's:
+  the fused LM head   TRL patches the model's forward (add_fused_lm_head) so that
+                      ``model(..., labels=, fused_lm_head=True)`` returns per-token log-probs and
+                      entropy; ours wraps that forward and answers with linear_token_logprobs
+                      (TRL's temperature, the model's logit_scale and final_logit_softcapping)
+  _compute_loss       FusedLinearGRPOLoss.loss_from_logps (our PPO loss, KL and aggregation) with
+                      TRL's normalizers and metrics
+What ours does not cover falls back to TRL's own _compute_loss, said once in the log: loss types
+luspo and vespo, off_policy_mask_threshold, top_entropy_quantile < 1, a tool_mask, the entropy
+bonus, a MoE auxiliary loss, delta <= 1 + epsilon_high.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import types
+
+import torch
+from trl import GRPOTrainer
+from trl.trainer.utils import FusedCausalLMOutput
+
+from ..rl.linear_logprobs import linear_token_logprobs
+from .grpo_loss import LOSS_TYPES, FusedLinearGRPOLoss
+
+log = logging.getLogger(__name__)
+
+
+def head_transform(config) -> tuple[float, float | None]:
+    """(logit_scale, softcap) of a transformers config's LM head, read as TRL reads them."""
+    text = config.get_text_config()
+    scale = getattr(text, "logit_scale", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        scale = getattr(text, name, None) if scale is None else scale
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = (text.logits_scaling if text.model_type == "hyperclovax"
+                 else 1 / text.logits_scaling)
+    return (1.0 if scale is None else float(scale)), getattr(text, "final_logit_softcapping", None)
+
+
+def add_our_head(model, temperature: float) -> None:
+    """Answer ``model(..., labels=, fused_lm_head=True)`` with our fused head; any other call goes
+    to the forward in place (TRL's, which goes on to the model's own)."""
+    inner_forward = model.forward
+    logit_scale, softcap = head_transform(model.config)
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
+        if not fused_lm_head:
+            return inner_forward(*args, labels=labels, shift_labels=shift_labels, **kwargs)
+        kwargs.pop("num_items_in_batch", None)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        head = self.get_output_embeddings()
+        weight, bias, labels = head.weight, head.bias, labels.to(head.weight.device)
+        device = weight.device.type
+        if torch.is_autocast_enabled(device):
+            # Both operands in the autocast dtype and autocast off inside: the backward's recompute
+            # must see the forward's dtype (autocast is not active during backward).
+            dtype = torch.get_autocast_dtype(device)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            logp, entropy = linear_token_logprobs(
+                hidden.to(weight.device), weight, labels, bias=bias, temperature=temperature,
+                return_entropy=True, logit_scale=logit_scale, softcap=softcap)
+        mask = labels != -100
+        loss = -logp.sum() / mask.sum().clamp(min=1)
+        return FusedCausalLMOutput(loss=loss, log_probs=logp, entropy=entropy, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def fallback_reasons(trainer) -> list[str]:
+    """What in the trainer's configuration our loss does not cover (empty: ours runs)."""
+    args = trainer.args
+    reasons = []
+    if trainer.loss_type not in LOSS_TYPES:
+        reasons.append(f"loss_type {trainer.loss_type!r}")
+    if getattr(trainer, "off_policy_mask_threshold", None) is not None:
+        reasons.append("off_policy_mask_threshold")
+    if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
+        reasons.append("top_entropy_quantile < 1")
+    if getattr(trainer, "_entropy_bonus_enabled", False):
+        reasons.append("the entropy bonus")
+    if getattr(trainer, "aux_loss_enabled", False):
+        reasons.append("a MoE auxiliary loss")
+    delta = getattr(args, "delta", None)
+    if delta is not None and not delta > 1 + trainer.epsilon_high:
+        reasons.append("delta <= 1 + epsilon_high")
+    return reasons
+
+
+class FusedGRPOTrainer(GRPOTrainer):
+    """trl.GRPOTrainer with our fused LM head and loss (see the module docstring); same
+    arguments."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                base = model.get_base_model() if hasattr(model, "get_base_model") else model
+                add_our_head(base, self.temperature)
+        self._fallback = fallback_reasons(self)
+        if self._fallback:
+            log.warning("FusedGRPOTrainer: TRL's own loss runs (ours does not cover %s); the LM "
+                        "head is still ours", ", ".join(self._fallback))
+        self.fused_loss = FusedLinearGRPOLoss(
+            beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            loss_type=self.loss_type if not self._fallback else "dapo",
+            max_completion_length=self.max_completion_length,
+            importance_sampling_level=self.importance_sampling_level,
+            sapo_temperature_pos=getattr(self.args, "sapo_temperature_pos", 1.0),
+            sapo_temperature_neg=getattr(self.args, "sapo_temperature_neg", 1.05),
+            temperature=self.temperature, delta=None if self._fallback else self.args.delta,
+            use_bias_correction_kl=self.args.use_bias_correction_kl, return_stats=True)
+
+    def _compute_loss(self, model, inputs):
+        if self._fallback or "tool_mask" in inputs:
+            return super()._compute_loss(model, inputs)
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"]
+        logp, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, mask], dim=1), completion_ids.size(1), compute_entropy=True)
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        items = None
+        if self.loss_type in ("dapo", "cispo"):
+            items = inputs["num_items_in_batch"].clamp(min=1.0)
+            if mode == "train":
+                items = items * self.current_gradient_accumulation_steps \
+                    / self.args.steps_per_generation
+        is_ratio = (inputs["importance_sampling_ratio"]
+                    if self.use_vllm and self.vllm_importance_sampling_correction else None)
+        loss, stats, kl = self.fused_loss.loss_from_logps(
+            logp, mask, inputs["advantages"], inputs.get("old_per_token_logps"),
+            inputs.get("ref_per_token_logps"), is_ratio, items)
+        if self.loss_type not in ("dapo", "cispo"):
+            loss = loss / accumulation
+        self._log_metrics(mode, mask, kl, entropies, stats)
+        return loss
+
+    def _log_metrics(self, mode, mask, kl, entropies, stats):
+        """TRL's metrics of a step: kl, entropy and the clip ratios (global token means)."""
+        def global_mean(x):
+            totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum().float()]),
+                                             reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+        metrics = self._metrics[mode]
+        if kl is not None:
+            metrics["kl"].append(global_mean(kl.detach()))
+        metrics["entropy"].append(global_mean(entropies.detach()))
+        low, high = stats["clipfrac_low"], stats["clipfrac_high"]
+        metrics["clip_ratio/low_mean"].append(self.accelerator.reduce(low, "mean").item())
+        metrics["clip_ratio/high_mean"].append(self.accelerator.reduce(high, "mean").item())
+        metrics["clip_ratio/region_mean"].append(
+            self.accelerator.reduce(low + high, "mean").item())

@@ -1,0 +1,140 @@
+"""The LM head's log-probs in plain PyTorch, ``chunk_size`` rows at a time: the "torch" backend of
+linear_token_logprobs, and every backend's path for soft-capped logits (the Triton kernels have no
+tanh).
+
+Forward makes a chunk's logits [C, V], transforms them (logit_scale, soft-capping, temperature),
+keeps three floats per row (logp, entropy, logsumexp) and drops the chunk. Backward remakes each
+chunk and writes its gradient by hand, with no autograd graph over the logits: the extra memory is
+a few [C, V] buffers whatever N is, plus the fp32 gradient of the head.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .statistics import compute_dtype
+
+
+def transformed_logits(hidden, weight, bias, logit_scale, softcap, temperature):
+    """(z, t): z = cap * tanh(s * (hidden @ weight.T + bias) / cap) / temperature [C, V] in the
+    compute dtype (without softcap: s * logits / temperature), and t = tanh(.) (None without
+    softcap) for the backward's chain rule."""
+    z = F.linear(hidden, weight, bias).to(compute_dtype(hidden))
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    t = None
+    if softcap is not None:
+        t = z.div_(softcap).tanh_()
+        z = t * softcap
+    return z.div_(temperature), t
+
+
+# log p below this has p == 0 in every float dtype (exp underflows near -745 in fp64): clamping
+# there changes no p, and keeps p * log p and its gradient at 0 for a -inf logit instead of NaN.
+LOG_P_FLOOR = -1e4
+
+
+def _log_probs_(z, lse):
+    """log p [C, V] of scaled logits z and their row logsumexp lse [C], in z's buffer, clamped at
+    LOG_P_FLOOR."""
+    return z.sub_(lse[:, None]).clamp_(min=LOG_P_FLOOR)
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+
+
+class ChunkedHead(torch.autograd.Function):
+    """(logp [N], entropy [N] or [0], lse [N]) of hidden [N, H] through weight [V, H] (+ bias)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
+                chunk_size, logit_scale, softcap):
+        cd = compute_dtype(hidden)
+        n_rows = hidden.shape[0]
+        logp = hidden.new_zeros(n_rows, dtype=cd)
+        lse = hidden.new_zeros(n_rows, dtype=cd)
+        entropy = hidden.new_zeros(n_rows if return_entropy else 0, dtype=cd)
+        valid = labels != ignore_index
+        for start, end in _chunks(n_rows, chunk_size):
+            z, _ = transformed_logits(hidden[start:end], weight, bias, logit_scale, softcap,
+                                      temperature)
+            chunk_lse = torch.logsumexp(z, dim=-1)
+            ok = valid[start:end]
+            index = torch.where(ok, labels[start:end], 0).long()[:, None]
+            picked = z.gather(1, index).squeeze(1) - chunk_lse
+            logp[start:end] = torch.where(ok, picked, 0.0)
+            lse[start:end] = chunk_lse
+            if return_entropy:
+                log_p = _log_probs_(z, chunk_lse)                       # z's buffer from here
+                # entropy = -sum p log p, a row dot product: no third [C, V] buffer
+                plogp = torch.linalg.vecdot(log_p.exp(), log_p)
+                entropy[start:end] = torch.where(ok, -plogp, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.args = (temperature, ignore_index, chunk_size, logit_scale, softcap)
+        ctx.mark_non_differentiable(lse)
+        return logp, entropy, lse
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        temperature, ignore_index, chunk_size, logit_scale, softcap = ctx.args
+        cd = lse.dtype
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = (torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_weight
+                       else None)
+        grad_bias = (torch.zeros(weight.shape[0], dtype=cd, device=weight.device)
+                     if need_bias else None)
+        has_entropy_grad = entropy.numel() > 0
+        valid = labels != ignore_index
+        for start, end in _chunks(hidden.shape[0], chunk_size):
+            h = hidden[start:end]
+            z, t = transformed_logits(h, weight, bias, logit_scale, softcap, temperature)
+            log_p = _log_probs_(z, lse[start:end])                      # z's buffer from here
+            p = log_p.exp()
+            g_logp = grad_logp[start:end].to(cd)[:, None]
+            # d logp / d z = onehot(label) - p;  d entropy / d z = -p * (log p + entropy), so
+            # d loss / d z = onehot * g_logp - p * (g_logp + g_entropy * (log p + entropy)),
+            # made in log_p's buffer.
+            grad = log_p
+            if has_entropy_grad:
+                grad.add_(entropy[start:end, None]).mul_(grad_entropy[start:end].to(cd)[:, None])
+                grad.add_(g_logp)
+            else:
+                grad.copy_(g_logp.expand_as(grad))
+            grad.mul_(p).neg_()
+            del p
+            index = torch.where(valid[start:end], labels[start:end], 0).long()[:, None]
+            grad.scatter_add_(1, index, g_logp)
+            grad.masked_fill_(~valid[start:end, None], 0.0).div_(temperature)
+            if t is not None:
+                grad.mul_(1.0 - t * t)
+            if logit_scale != 1.0:
+                grad.mul_(logit_scale)
+            if need_hidden:
+                grad_hidden[start:end] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight.addmm_(grad.t(), h.to(cd))
+            if need_bias:
+                grad_bias += grad.sum(dim=0)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(weight.dtype),
+                None, None, None, None, None, None, None)
+
+
+def chunked_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor,
+                            bias: Optional[torch.Tensor], labels: torch.Tensor, *,
+                            temperature: float, ignore_index: int, return_entropy: bool,
+                            chunk_size: int, logit_scale: float = 1.0,
+                            softcap: Optional[float] = None):
+    """(logp [N], entropy [N] or [0]) in the compute dtype (fp64 for fp64 inputs, else fp32):
+    hidden [N, H], weight [V, H] of one dtype, labels [N]; differentiable w.r.t. hidden, weight and
+    bias. Arguments validated by the caller (linear_token_logprobs)."""
+    logp, entropy, _ = ChunkedHead.apply(hidden, weight, bias, labels, float(temperature),
+                                         ignore_index, bool(return_entropy), int(chunk_size),
+                                         float(logit_scale), softcap)
+    return logp, entropy
