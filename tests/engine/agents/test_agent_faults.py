@@ -21,8 +21,8 @@ from fusedrl.engine.stages.ppo.scoring import trajectory_inputs
 from fusedrl.engine.stages.rewards.combined import open_reward_functions
 from fusedrl.engine.stages.rewards.functions import RewardFunctionError, RewardInputs
 from fusedrl.kernels import group_advantages
-from agent_fault_envs import FORGED, strict_chat_tokenizer
-from agent_testing import add, save_chat_model, tool_call
+from agent_fault_envs import FORGED, add, strict_chat_tokenizer, stuck
+from agent_testing import save_chat_model, tool_call
 from engine_testing import VOCAB, make_chat_tokenizer
 
 PARAMS = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=3,
@@ -143,9 +143,8 @@ def test_a_role_the_template_refuses_is_an_environment_error_under_skip(llm):
 
 
 def test_a_hanging_tool_is_killed_at_its_deadline_with_no_thread_left():
-    source = EnvSource(tools=("agent_testing:add", "agent_testing:stuck"),
-                       schemas={"add": tool_schema(add), "stuck": tool_schema(
-                           __import__("agent_testing").stuck)})
+    source = EnvSource(tools=("agent_fault_envs:add", "agent_fault_envs:stuck"),
+                       schemas={"add": tool_schema(add), "stuck": tool_schema(stuck)})
     renderer, tokenizer = ChatRenderer(make_chat_tokenizer()), make_chat_tokenizer()
     before = set(threading.enumerate())
     lim = limits(env_timeout_s=1.0)

@@ -22,14 +22,14 @@ def torch_kernels():
         yield
 
 
-def grpo(tmp_path, model, rollout, **options):
+def grpo(tmp_path, model, rollout, rows=ROWS, **options):
     config = GRPOConfig.from_dict({
         "policy": str(model), "output_dir": str(tmp_path / "grpo"), **options,
         "rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2, "max_new_tokens": 6,
                     "kv_cache_memory": 1 << 22, "max_prompt_length": 40, "temperature": 1.0,
                     **rollout},
         "ppo": {"minibatch_size": 4}, "train": {"iterations": 2, "progress": False, "device": "cpu"}})
-    result = run_grpo(config, dataset=datasets.Dataset.from_list(ROWS))
+    result = run_grpo(config, dataset=datasets.Dataset.from_list(rows))
     return [r for r in read_metrics(result.output_dir) if r["kind"] == "train"]
 
 
@@ -42,6 +42,20 @@ def test_an_environment_of_three_turns_trains_on_the_model_tokens_only(tmp_path)
         assert r["tokens/environment"] > r["tokens/model"] > 0
         assert r["tokens"] == r["tokens/model"]  # the loss's tokens: the model's alone
         assert r["env/errors"] == r["env/timeouts"] == 0
+
+
+def test_crashed_trajectories_leave_the_batch_and_are_never_scored(tmp_path):
+    """One prompt's environments crash (agent_fault_envs.Hostile): its trajectories are not trained
+    and not scored (a score of 0 would halve score_mean), the other group trains."""
+    model = save_chat_model(tmp_path / "chat")
+    rows = [{"prompt": "hello world", "mode": "crash"}, {"prompt": "the brown dog", "mode": "ok"}]
+    records = grpo(tmp_path, model, {"environment": "agent_fault_envs:Hostile", "max_turns": 2},
+                   rows=rows)
+    assert len(records) == 2
+    for r in records:
+        assert r["env/errors"] == 2 and not r.get("skipped") and r["dropped_rows"] == 0
+        assert r["score_mean"] == 1.0 and r["score_std"] == 0.0  # the crashed ones: no score
+        assert 0 < r["tokens"] < r["tokens/model"]  # the crashed ones' tokens are not trained
 
 
 def test_tools_are_offered_and_a_turn_without_a_call_ends_the_trajectory(tmp_path):
