@@ -14,7 +14,8 @@ A class, made once per trajectory with the row's columns as keyword arguments (`
 The trajectory's score is the sum of its turns' rewards (None counts 0), plus the run's reward
 functions on the model's turns where reward_fn is set. An exception, a step past
 rollout.env_timeout_s, or messages over rollout.max_observation_chars end the trajectory
-(rollout.env_errors=skip: it leaves the batch, counted) or the run (fail). This follows OpenEnv's reset/step shape with chat messages as observations and actions.
+(rollout.env_errors=skip: it leaves the batch, counted) or the run (fail). This follows OpenEnv's
+reset/step shape with chat messages as observations and actions.
 """
 from __future__ import annotations
 
