@@ -86,7 +86,11 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     ranks = models.ranks  # a tensor group is one data rank
     keep = keep[:distributed.min_over_ranks(len(keep) // unit, ranks) * unit]
     dropped = distributed.all_reduce_sum({"dropped_rows": len(samples.responses) - len(keep),
-                                          "drawn_rows": len(samples.responses)}, ranks)
+                                          "drawn_rows": len(samples.responses),
+                                          "trained_rows": int(trained[keep].sum())}, ranks)
+    if keep and not dropped["trained_rows"]:
+        return Experience(None, {"dropped_rows": dropped["dropped_rows"]},
+                          skip_reason="every trajectory left the batch (env/errors)")
     if not keep:
         reason = ("no prompt group had scores that differ (dynamic sampling)"
                   if not dropped["drawn_rows"]

@@ -56,6 +56,10 @@ def test_crashed_trajectories_leave_the_batch_and_are_never_scored(tmp_path):
         assert r["env/errors"] == 2 and not r.get("skipped") and r["dropped_rows"] == 0
         assert r["score_mean"] == 1.0 and r["score_std"] == 0.0  # the crashed ones: no score
         assert 0 < r["tokens"] < r["tokens/model"]  # the crashed ones' tokens are not trained
+    every = grpo(tmp_path / "all", model, {"environment": "agent_fault_envs:Hostile"},
+                 rows=[{**row, "mode": "crash"} for row in rows])
+    assert [r["skipped_steps"] for r in every] == [1, 2]  # said as "no update (every trajectory
+    assert all(r["env/errors"] == 4 and "loss" not in r for r in every)  # left the batch ...)"
 
 
 def test_tools_are_offered_and_a_turn_without_a_call_ends_the_trajectory(tmp_path):
