@@ -72,13 +72,13 @@ class ToolEnvironment:
 
     def _answer(self, call: ToolCall) -> dict:
         fn = self.tools.get(call.name)
-        if fn is None:
+        if fn is None:  # named "error": a template may render the name, which the model chose
             content = f"error: no tool named {call.name!r} (tools: {', '.join(sorted(self.tools))})"
-        else:
-            try:
-                check_arguments(call.arguments, self.schemas[call.name])
-            except BadArguments as e:  # the model's mistake: told to it, trained as such
-                return {"role": "tool", "name": call.name, "content": f"error: {e}"}
-            result = fn(**call.arguments)  # an exception ends the trajectory (rollout.env_errors)
-            content = result if isinstance(result, str) else json.dumps(result, default=str)
+            return {"role": "tool", "name": "error", "content": content[:RESULT_CHARS]}
+        try:
+            check_arguments(call.arguments, self.schemas[call.name])
+        except BadArguments as e:  # the model's mistake: told to it, trained as such
+            return {"role": "tool", "name": call.name, "content": f"error: {e}"[:RESULT_CHARS]}
+        result = fn(**call.arguments)  # an exception ends the trajectory (rollout.env_errors)
+        content = result if isinstance(result, str) else json.dumps(result, default=str)
         return {"role": "tool", "name": call.name, "content": content[:RESULT_CHARS]}

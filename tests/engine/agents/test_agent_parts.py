@@ -49,6 +49,7 @@ def test_tool_schemas_and_the_tool_environment():
     assert messages == [{"role": "tool", "name": "add", "content": "5"}] and not done
     messages, _, done = env.step({"role": "assistant", "content": tool_call("mul", a=2)})
     assert "no tool named 'mul'" in messages[0]["content"] and not done
+    assert messages[0]["name"] == "error"  # not the name the model chose
     assert env.step({"role": "assistant", "content": "It is 5."}) == ([], 0.0, True)
 
 
