@@ -179,12 +179,14 @@ def _step(state: _State, renderer: ChatRenderer, turn_ids: list[int],
                              f"rollout.env_timeout_s={limits.env_timeout_s:g} s")
         return reward, messages, ids
     outcome = _timed(state, answer, limits)
-    if outcome is None:
-        return TurnReply(done=True)
-    reward, messages, ids = outcome
-    state.turn_rewards.append(reward)
-    state.messages += messages
-    return TurnReply(done=True) if ids is None else TurnReply(tuple(ids))
+    if outcome is not None:
+        reward, messages, ids = outcome
+        state.turn_rewards.append(reward)
+        state.messages += messages
+        if ids is not None:
+            return TurnReply(tuple(ids))
+    state.env.close()  # its worker's memory goes now, not at the end of the rollout
+    return TurnReply(done=True)
 
 
 def _timed(state: _State, call: Callable, limits: AgentLimits):
