@@ -23,7 +23,9 @@ from .sources import EnvSource
 # takes seconds on a loaded machine; rollout.env_timeout_s bounds the environment's own calls).
 LOAD_TIMEOUT_S = 60.0
 _POLL_S = 0.1  # how often a waiting trainer looks whether the worker is still alive
-_REPLY_SLACK = 1 << 20  # a reply's JSON beyond its messages' characters (keys, escapes: x6 each)
+# A reply's JSON holds at most 12 bytes per character of its messages (an astral character is
+# escaped as two \\uXXXX), plus its keys and names.
+_REPLY_SLACK = 1 << 20
 
 
 class EnvTimeout(EnvironmentFailure):
@@ -73,7 +75,7 @@ class ProcessEnvironment:
         while self.process is not None:
             if wait([self.conn], timeout=max(0.0, min(deadline - time.monotonic(), _POLL_S))):
                 try:
-                    reply = json.loads(self.conn.recv_bytes(8 * self.max_chars + _REPLY_SLACK))
+                    reply = json.loads(self.conn.recv_bytes(12 * self.max_chars + _REPLY_SLACK))
                 except (EOFError, OSError, ValueError) as e:  # gone, or a reply too big or broken
                     if not isinstance(e, EOFError):
                         self.close()
