@@ -24,7 +24,7 @@ from .sources import EnvSource
 LOAD_TIMEOUT_S = 60.0
 _POLL_S = 0.1  # how often a waiting trainer looks whether the worker is still alive
 # A reply's JSON holds at most 12 bytes per character of its messages (an astral character is
-# escaped as two \\uXXXX), plus its keys and names.
+# escaped as two \uXXXX), plus its keys and names.
 _REPLY_SLACK = 1 << 20
 
 
