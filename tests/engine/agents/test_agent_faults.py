@@ -51,8 +51,9 @@ class Row:
         self.prompt, self.columns = prompt, {}
 
 
-def test_a_crashing_environment_leaves_the_batch_unscored(llm):
-    crashed, fine = rollout(llm, ["crash", "ok"])[::2]
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_a_crashing_environment_leaves_the_batch_unscored(llm, isolation):
+    crashed, fine = rollout(llm, ["crash", "ok"], env_isolation=isolation)[::2]
     assert crashed.error == "error" and "RuntimeError: the environment broke" in crashed.error_text
     assert math.isnan(crashed.reward) and fine.reward == 1.0  # no score at all, never 0
     assert "\n" not in crashed.error_text and "agent_fault_envs:Hostile" in crashed.error_text
