@@ -2,97 +2,146 @@
 engine's paused-turn sequences (inference/turns.py) while the environments' steps run in a worker
 pool, so a slow step holds up only its own trajectory.
 
-Every environment call (the class, reset, step) runs in its own thread under
-rollout.env_timeout_s: an exception, a broken return value or a timeout ends that trajectory
-(env_errors='skip': its reward is 0 and it is counted) or the run (env_errors='fail': one line).
-A timed-out call's thread cannot be stopped from outside and is left behind as a daemon; it holds
-no lock of ours.
+Each trajectory's environment lives in a worker process of its own (rollout.env_isolation=process,
+isolation.py) or in the trainer ('thread'). Every call (the class and reset, then each step, with
+the rendering of what it returned) runs under rollout.env_timeout_s: an exception, a broken or
+oversized return value, a message the chat template refuses, or a timeout ends that trajectory
+(env_errors='skip': it leaves the batch, counted) or the run (env_errors='fail': one line).
 """
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Union
 
 from ..inference.sampling_params import SamplingParams
 from ..inference.turns import Trajectory, TurnReply
 from .chat_render import ChatRenderer
-from .environment import EnvironmentFailure, checked_messages, checked_step
+from .environment import EnvironmentFailure
+from .isolation import EnvTimeout, ProcessEnvironment, ThreadEnvironment
+from .sources import EnvSource
 
 
 @dataclass(frozen=True)
 class AgentLimits:
     """max_turns: model turns per trajectory; max_total_tokens: prompt and every turn (None: the
-    model's context); env_timeout_s: one environment call; env_errors: 'skip' or 'fail'."""
+    model's context); env_timeout_s: one environment call; env_errors: 'skip' or 'fail';
+    max_observation_chars: the characters of the messages one call returns; env_isolation:
+    'process' or 'thread'."""
     max_turns: int
     max_total_tokens: int | None
     env_timeout_s: float
     env_errors: str = "skip"
+    max_observation_chars: int = 100_000
+    env_isolation: str = "process"
 
 
 @dataclass
 class AgentTrajectory:
     """One trajectory: the engine's tokens (model mask, log-probs) and the conversation as messages
-    (the opening ones, then each assistant turn and what answered it); reward: the sum of the
-    environment's turn rewards; error: None, 'error' or 'timeout' (with `error_text`)."""
+    (the `opening` ones, then each assistant turn and what answered it); reward: the sum of the
+    environment's turn rewards, NaN for a trajectory that left the batch (error: 'error' or
+    'timeout', with `error_text`; None when it ran to its end)."""
     tokens: Trajectory
     messages: list[dict]
     turn_rewards: list[float] = field(default_factory=list)
     error: str | None = None
     error_text: str = ""
     step_seconds: float = 0.0
+    opening: int = 0
 
     @property
     def reward(self) -> float:
-        return 0.0 if self.error else sum(self.turn_rewards)
+        return float("nan") if self.error else sum(self.turn_rewards)
 
 
 class _State:
     """An environment and its conversation, beside the engine's sequence."""
 
-    def __init__(self, env, messages: list[dict]):
-        self.env, self.messages = env, messages
+    def __init__(self, env):
+        self.env, self.messages, self.opening = env, [], 0
         self.turn_rewards: list[float] = []
         self.error: str | None = None
         self.error_text = ""
         self.seconds = 0.0
 
 
-def run_agents(generate_turns: Callable, renderer: ChatRenderer, make_env: Callable[[dict], object],
+Environments = Union[EnvSource, Callable[[dict], object]]
+
+
+def run_agents(generate_turns: Callable, renderer: ChatRenderer, environments: Environments,
                rows: list[dict], params: SamplingParams,
                limits: AgentLimits) -> list[AgentTrajectory]:
     """params.n trajectories per row (rows prompt by prompt, sample by sample). `generate_turns`
-    is LLM.generate_turns (or the hybrid actor's); `make_env(row)` makes a trajectory's environment;
-    the end-of-turn token of the template is added to params' stop tokens."""
-    n = params.n
-    states = [_open(make_env, row, limits) for row in rows for _ in range(n)]
-    openings = []
-    for g, row in enumerate(rows):
-        group = states[g * n:(g + 1) * n]
-        first = next((s.messages for s in group if s.error is None), None)
-        if any(s.error is None and s.messages != first for s in group):
-            raise EnvironmentFailure(
-                f"rollout.environment: reset() gave different messages for the "
-                f"{n} samples of row {g}; a GRPO group shares its prompt")
-        openings.append(renderer.opening(first or [{"role": "user", "content": ""}]))
-    stops = tuple(sorted(set(params.stop_token_ids) | {renderer.end_of_turn_id}))
-    params = dataclasses.replace(params, stop_token_ids=stops)
-    with ThreadPoolExecutor(max_workers=min(32, len(states)),
-                            thread_name_prefix="environment") as pool:
-        def on_turn_end(index: int, turn_ids: list[int]):
-            state = states[index]
-            if state.error is not None:  # its reset failed: nothing to step
-                return TurnReply(done=True)
-            return pool.submit(_step, state, renderer, turn_ids, limits)
-        trajectories = generate_turns(openings, params, on_turn_end, max_turns=limits.max_turns,
-                                      max_total_tokens=limits.max_total_tokens)
+    is LLM.generate_turns (or the hybrid actor's); `environments`: an EnvSource (isolated as
+    limits.env_isolation says) or a function row -> environment (in the trainer's threads); the
+    end-of-turn token of the template is added to params' stop tokens."""
+    n, opener = params.n, _opener(environments, limits)
+    states = [_State(opener(row)) for row in rows for _ in range(n)]  # workers spawned here
+    try:
+        with ThreadPoolExecutor(max_workers=min(32, len(states)),
+                                thread_name_prefix="environment") as pool:
+            list(pool.map(lambda s: _reset(s, limits), states))
+            openings = [_opening(states[g * n:(g + 1) * n], renderer, limits, g)
+                        for g in range(len(rows))]
+            stops = tuple(sorted(set(params.stop_token_ids) | {renderer.end_of_turn_id}))
+            params = dataclasses.replace(params, stop_token_ids=stops)
+
+            def on_turn_end(index: int, turn_ids: list[int]):
+                state = states[index]
+                if state.error is not None:  # its reset failed: nothing to step
+                    return TurnReply(done=True)
+                return pool.submit(_step, state, renderer, turn_ids, limits)
+            trajectories = generate_turns(openings, params, on_turn_end,
+                                          max_turns=limits.max_turns,
+                                          max_total_tokens=limits.max_total_tokens)
+    finally:
+        for state in states:
+            state.env.close()
     for trajectory, state in zip(trajectories, states):
         _close_conversation(state, trajectory, renderer)
-    return [AgentTrajectory(t, s.messages, s.turn_rewards, s.error, s.error_text, s.seconds)
-            for t, s in zip(trajectories, states)]
+    return [AgentTrajectory(t, s.messages, s.turn_rewards, s.error, s.error_text, s.seconds,
+                            s.opening) for t, s in zip(trajectories, states)]
+
+
+def _opener(environments: Environments, limits: AgentLimits) -> Callable:
+    """row -> a trajectory's environment handle (isolation.py)."""
+    cap = limits.max_observation_chars
+    if not isinstance(environments, EnvSource):
+        return lambda row: ThreadEnvironment(environments, row, cap)
+    if limits.env_isolation == "process":
+        return lambda row: ProcessEnvironment(environments, row, cap)
+    make = environments.loader()
+    return lambda row: ThreadEnvironment(make, row, cap, environments.name)
+
+
+def _reset(state: _State, limits: AgentLimits) -> None:
+    """A trajectory's environment made and reset under the timeout."""
+    messages = _timed(state, lambda: state.env.reset(limits.env_timeout_s), limits)
+    if messages is not None:
+        state.messages, state.opening = messages, len(messages)
+
+
+def _opening(group: list[_State], renderer: ChatRenderer, limits: AgentLimits,
+             g: int) -> list[int]:
+    """The prompt ids of a group's trajectories: its reset messages, rendered (a message the
+    template refuses ends the group's trajectories as an environment error)."""
+    n = len(group)
+    first = next((s.messages for s in group if s.error is None), None)
+    if any(s.error is None and s.messages != first for s in group):
+        raise EnvironmentFailure(
+            f"rollout.environment: reset() gave different messages for the "
+            f"{n} samples of row {g}; a GRPO group shares its prompt")
+    if first is not None:
+        try:
+            return renderer.opening(first)
+        except Exception as e:  # jinja2's TemplateError (a role it refuses), or ours
+            for state in group:
+                _fail(state, "error", f"{state.env.name}: rendering reset()'s messages raised "
+                                      f"{type(e).__name__}: {e}", limits)
+    return renderer.opening([{"role": "user", "content": ""}])
 
 
 def _close_conversation(state: _State, trajectory: Trajectory, renderer: ChatRenderer) -> None:
@@ -106,77 +155,70 @@ def _close_conversation(state: _State, trajectory: Trajectory, renderer: ChatRen
                                "content": renderer.turn_text(trajectory.token_ids[start:])})
 
 
-def _open(make_env, row: dict, limits: AgentLimits) -> _State:
-    """A trajectory's environment, made and reset under the timeout."""
-    state = _State(None, [])
-
-    def start():
-        env = make_env(row)
-        return env, checked_messages(env.reset(), "reset()")
-    outcome = _timed(state, start, limits, "reset()")
-    if outcome is not None:
-        state.env, state.messages = outcome
-    return state
-
-
 def _step(state: _State, renderer: ChatRenderer, turn_ids: list[int],
           limits: AgentLimits) -> TurnReply:
     """The environment's answer to one assistant turn, as the tokens that follow it (or done)."""
     message = {"role": "assistant", "content": renderer.turn_text(turn_ids)}
     state.messages.append(message)
-    outcome = _timed(state, lambda: checked_step(state.env.step(dict(message)), "step()"), limits,
-                     "step()")
-    if outcome is None:
-        return TurnReply(done=True)
-    messages, reward, done = outcome
-    state.turn_rewards.append(reward)
-    state.messages += messages
-    if done or not messages:
-        return TurnReply(done=True)
-    # A turn cut at max_new_tokens never sampled the end-of-turn token: the suffix closes it.
-    closing = ([] if turn_ids and turn_ids[-1] == renderer.end_of_turn_id
-               else [renderer.end_of_turn_id])
-    return TurnReply(tuple(closing + renderer.continuation(messages)))
 
-
-def _timed(state: _State, call: Callable, limits: AgentLimits, what: str):
-    """call() in its own thread under env_timeout_s; None (and the state's error set) when it
-    raised or timed out; with env_errors='fail' the failure is raised instead."""
-    outcome: dict = {}
-
-    def run():
+    def answer():
+        start = time.monotonic()
+        messages, reward, done = state.env.step(dict(message), limits.env_timeout_s)
+        if done or not messages:
+            return reward, messages, None
+        # A turn cut at max_new_tokens never sampled the end-of-turn token: the suffix closes it.
+        closing = ([] if turn_ids and turn_ids[-1] == renderer.end_of_turn_id
+                   else [renderer.end_of_turn_id])
         try:
-            outcome["value"] = call()
-        except BaseException as e:  # SystemExit too: the user's code ends its trajectory, no more
-            outcome["error"] = e
+            ids = closing + renderer.continuation(messages)
+        except Exception as e:  # jinja2's TemplateError (a role it refuses), or ours
+            raise EnvironmentFailure(f"rendering step()'s messages raised {type(e).__name__}: "
+                                     f"{e}") from None
+        if time.monotonic() - start > limits.env_timeout_s:  # the rendering counts too
+            raise EnvTimeout(f"step() and the rendering of its messages took more than "
+                             f"rollout.env_timeout_s={limits.env_timeout_s:g} s")
+        return reward, messages, ids
+    outcome = _timed(state, answer, limits)
+    if outcome is not None:
+        reward, messages, ids = outcome
+        state.turn_rewards.append(reward)
+        state.messages += messages
+        if ids is not None:
+            return TurnReply(tuple(ids))
+    state.env.close()  # its worker's memory goes now, not at the end of the rollout
+    return TurnReply(done=True)
+
+
+def _timed(state: _State, call: Callable, limits: AgentLimits):
+    """call()'s value; None (and the state's error set) when the environment failed or timed out;
+    with env_errors='fail' the failure is raised instead, naming the environment."""
     start = time.monotonic()
-    worker = threading.Thread(target=run, name=f"environment {what}", daemon=True)
-    worker.start()
-    worker.join(limits.env_timeout_s)
-    state.seconds += time.monotonic() - start
-    if worker.is_alive():
-        kind = "timeout"
-        text = (f"the environment's {what} did not return within "
-                f"rollout.env_timeout_s={limits.env_timeout_s:g} s")
-    elif "error" in outcome:
-        error = outcome["error"]
-        kind, text = "error", f"the environment's {what} raised {type(error).__name__}: {error}"
-    else:
-        return outcome["value"]
-    if limits.env_errors == "fail":
-        raise EnvironmentFailure(text + " (rollout.env_errors=fail)")
-    state.error, state.error_text = kind, text
+    try:
+        return call()
+    except EnvTimeout as e:
+        _fail(state, "timeout", f"{state.env.name}: {e}", limits)
+    except EnvironmentFailure as e:
+        _fail(state, "error", f"{state.env.name}: {e}", limits)
+    finally:
+        state.seconds += time.monotonic() - start
     return None
 
 
+def _fail(state: _State, kind: str, text: str, limits: AgentLimits) -> None:
+    if limits.env_errors == "fail":
+        raise EnvironmentFailure(text + " (rollout.env_errors=fail)")
+    state.error, state.error_text = kind, text
+
+
 def agent_metrics(trajectories: list[AgentTrajectory]) -> dict:
-    """turns/mean, turns/max, tokens/model, tokens/environment, env/errors, env/timeouts,
-    env/step_seconds (the environments' time, summed over trajectories)."""
+    """turns/mean, turns/max, tokens/model, tokens/environment, env/errors (the trajectories that
+    left the batch), env/timeouts (those of them that timed out), env/step_seconds (the
+    environments' time, summed over trajectories)."""
     turns = [t.tokens.turns for t in trajectories]
     model = sum(sum(t.tokens.model_mask) for t in trajectories)
     total = sum(len(t.tokens.model_mask) for t in trajectories)
     return {"turns/mean": sum(turns) / max(len(turns), 1), "turns/max": max(turns, default=0),
             "tokens/model": model, "tokens/environment": total - model,
-            "env/errors": sum(t.error == "error" for t in trajectories),
+            "env/errors": sum(t.error is not None for t in trajectories),
             "env/timeouts": sum(t.error == "timeout" for t in trajectories),
             "env/step_seconds": sum(t.step_seconds for t in trajectories)}

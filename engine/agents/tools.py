@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from ..errors import UsageError
 from .loading import load_object
+from .tool_arguments import BadArguments, check_arguments
 from .tool_calls import MalformedToolCall, ToolCall
 
 # A tool's result enters the conversation as prompt tokens: bounded like any observation.
@@ -46,10 +47,13 @@ def tool_schema(fn: Callable) -> dict:
 class ToolEnvironment:
     """Answers each assistant turn's tool calls; a turn without one ends the trajectory (reward 0
     from here: the run's reward functions score the final answer). `prompt`: the row's, a string or
-    a message list, which opens the conversation."""
+    a message list, which opens the conversation. schemas: {name: the tool's JSON schema} (None:
+    tool_schema of each): a call's arguments are checked against it before the call."""
 
-    def __init__(self, tools: dict[str, Callable], parse: Callable[[str], list[ToolCall]], prompt):
+    def __init__(self, tools: dict[str, Callable], parse: Callable[[str], list[ToolCall]], prompt,
+                 schemas: dict[str, dict] | None = None):
         self.tools, self.parse, self.prompt = tools, parse, prompt
+        self.schemas = schemas or {name: tool_schema(fn) for name, fn in tools.items()}
 
     def reset(self) -> list[dict]:
         return [{"role": "user", "content": self.prompt}] if isinstance(self.prompt, str) else \
@@ -68,9 +72,13 @@ class ToolEnvironment:
 
     def _answer(self, call: ToolCall) -> dict:
         fn = self.tools.get(call.name)
-        if fn is None:
+        if fn is None:  # named "error": a template may render the name, which the model chose
             content = f"error: no tool named {call.name!r} (tools: {', '.join(sorted(self.tools))})"
-        else:
-            result = fn(**call.arguments)  # an exception ends the trajectory (rollout.env_errors)
-            content = result if isinstance(result, str) else json.dumps(result, default=str)
+            return {"role": "tool", "name": "error", "content": content[:RESULT_CHARS]}
+        try:
+            check_arguments(call.arguments, self.schemas[call.name])
+        except BadArguments as e:  # the model's mistake: told to it, trained as such
+            return {"role": "tool", "name": call.name, "content": f"error: {e}"[:RESULT_CHARS]}
+        result = fn(**call.arguments)  # an exception ends the trajectory (rollout.env_errors)
+        content = result if isinstance(result, str) else json.dumps(result, default=str)
         return {"role": "tool", "name": call.name, "content": content[:RESULT_CHARS]}

@@ -13,6 +13,7 @@ from .fields import check, check_fields, option
 AUTO_FORWARD_TOKENS = 16384
 
 EnvErrors = Literal["skip", "fail"]
+EnvIsolation = Literal["process", "thread"]
 
 
 @dataclass
@@ -115,8 +116,16 @@ class RolloutConfig:
         "multi-turn: one environment or tool call (reset, step) that runs longer ends its "
         "trajectory (see env_errors)", 60.0)
     env_errors: EnvErrors = option(
-        "multi-turn: an environment's exception or timeout ends that trajectory with reward 0, "
-        "counted in env/errors and env/timeouts (skip) or the run in one line (fail)", "skip")
+        "multi-turn: an environment's exception, timeout, oversized or unrenderable messages end "
+        "that trajectory, which leaves the batch (its group's statistics computed without it), "
+        "counted in env/errors and env/timeouts (skip), or the run in one line (fail)", "skip")
+    env_isolation: EnvIsolation = option(
+        "multi-turn: each trajectory's environment (and its tools) in a worker process of its own, "
+        "killed at env_timeout_s with what it started (process), or in the trainer's threads "
+        "(thread: a hung call is left running)", "process")
+    max_observation_chars: int = option(
+        "multi-turn: the characters of the messages one environment call may return; more ends "
+        "the trajectory as an environment error (see env_errors)", 100_000)
 
     @property
     def max_rows(self) -> int:
@@ -172,6 +181,8 @@ class RolloutConfig:
 
     def _check_multi_turn(self) -> None:
         check(self.max_turns >= 1, f"rollout.max_turns must be >= 1, got {self.max_turns}")
+        check(self.max_observation_chars >= 1, "rollout.max_observation_chars must be >= 1, "
+              f"got {self.max_observation_chars}")
         check(0 < self.env_timeout_s <= 1e6,
               f"rollout.env_timeout_s must be in (0, 1e6] seconds, got {self.env_timeout_s}")
         check(self.max_trajectory_tokens is None or self.max_trajectory_tokens >= 2,

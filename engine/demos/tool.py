@@ -90,7 +90,9 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
         seed=cfg.seed,
         rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,
                max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, kv_cache_memory=1 << 24,
-               tools=TOOLS, max_turns=MAX_TURNS),
+               tools=TOOLS, max_turns=MAX_TURNS,
+               # The demo's own `add`: nothing to contain, and no worker to start per trajectory.
+               env_isolation="thread"),
         ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=32, vf_coef=0.0,
                          kl_loss_coef=0.001),
         train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop), **rl_training(cfg)),

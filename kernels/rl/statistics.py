@@ -104,7 +104,8 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 
 
 def group_advantages(scores: torch.Tensor, *, estimator: str, eps: float = 1e-6,
-                     sum_over: SumOver = None) -> torch.Tensor:
+                     sum_over: SumOver = None,
+                     valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """scores [P, n] (n responses per prompt) -> fp32 advantages [P, n].
 
     grpo: (s - group mean) / (group std + eps), unbiased std (verl compute_grpo_outcome_advantage);
@@ -114,6 +115,9 @@ def group_advantages(scores: torch.Tensor, *, estimator: str, eps: float = 1e-6,
     compute_reinforce_plus_plus_baseline_outcome_advantage). A group whose scores are all equal gets
     advantage 0. Needs n >= 2 and finite scores (drop non-finite rows first). Under sum_over every
     rank must call it (it is a collective for reinforce_pp_baseline), with P >= 0 groups each.
+    valid [P, n] bool (None: all): the responses that are samples of their group; the others'
+    scores are not read (NaN allowed) and their advantage is 0, every statistic is the valid
+    ones' (a group of k valid responses is a group of k; k < 2 gives advantage 0).
     """
     if estimator not in GROUP_ESTIMATORS:
         raise ValueError(
@@ -123,18 +127,23 @@ def group_advantages(scores: torch.Tensor, *, estimator: str, eps: float = 1e-6,
         raise ValueError(
             f"group_advantages: scores must be [P, n] with n >= 2 responses per prompt, "
             f"got shape {tuple(scores.shape)}")
-    if not torch.isfinite(scores).all():
+    if valid is not None and (valid.shape != scores.shape or valid.dtype != torch.bool):
+        raise ValueError(f"group_advantages: valid must be bool {tuple(scores.shape)} like scores, "
+                         f"got {valid.dtype} {tuple(valid.shape)}")
+    if valid is None:
+        valid = torch.ones_like(scores, dtype=torch.bool)
+    if not torch.isfinite(scores[valid]).all():
         raise ValueError(
             "group_advantages: scores must be finite (drop the rows with a non-finite score first)")
-    s = scores.float()
-    n = s.shape[1]
-    mean, var = masked_moments(s, None, dim=1)                             # [P, 1] each, unbiased
+    s = torch.where(valid, scores.float(), 0.0)
+    count = valid.sum(dim=1, keepdim=True)                                 # [P, 1]
+    mean, var = masked_moments(s, valid, dim=1)                            # [P, 1] each, unbiased
+    centered = torch.where(valid, s - mean, 0.0)
     if estimator == "grpo":  # verl's normalizer: std + eps, not whitening's sqrt(var + eps)
-        return (s - mean) / (var.sqrt() + eps)
-    if estimator == "rloo":
-        return (s - mean) * n / (n - 1)      # s - (sum - s) / (n - 1)
-    centered = s - mean
+        return centered / (var.sqrt() + eps)
+    if estimator == "rloo":  # s - (sum - s) / (k - 1)
+        return centered * count / (count - 1).clamp_min(1)
     if estimator == "dr_grpo":
         return centered
-    batch_mean, batch_var = masked_moments(centered, None, sum_over=sum_over)
-    return (centered - batch_mean) / (batch_var.sqrt() + eps)
+    batch_mean, batch_var = masked_moments(centered, valid, sum_over=sum_over)
+    return torch.where(valid, (centered - batch_mean) / (batch_var.sqrt() + eps), 0.0)

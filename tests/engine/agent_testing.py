@@ -2,6 +2,7 @@
 takes tools: engine_testing.CHAT_TEMPLATE), and a tool call in the template's Hermes format."""
 import json
 
+from agent_fault_envs import add, stuck  # noqa: F401  (tools of the tests, torch-free there)
 from engine_testing import make_chat_tokenizer, make_hf_model
 
 
@@ -34,16 +35,6 @@ class ThreeTurns:
         return [{"role": "user", "content": observation}], reward, self.turn == 3
 
 
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first.
-        b: The second.
-    """
-    return a + b
-
-
 def broken(x: int) -> int:
     """A tool that raises.
 
@@ -51,14 +42,3 @@ def broken(x: int) -> int:
         x: Anything.
     """
     raise RuntimeError("the tool broke")
-
-
-def stuck(x: int) -> int:
-    """A tool that never returns.
-
-    Args:
-        x: Anything.
-    """
-    import time
-    while True:
-        time.sleep(0.05)

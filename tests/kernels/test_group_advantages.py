@@ -33,3 +33,21 @@ def test_bad_inputs_are_named():
         group_advantages(torch.tensor([[1.0, float("nan")]]), estimator="grpo")
     with pytest.raises(ValueError, match="unknown estimator 'ppo'"):
         group_advantages(torch.ones(2, 2), estimator="ppo")
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+def test_invalid_responses_leave_their_group(estimator):
+    # A group with a response that is no sample (NaN score) equals the group without it.
+    g = torch.Generator().manual_seed(5)
+    kept = torch.randn(3, 3, generator=g)
+    scores = torch.cat([kept[:, :1], torch.full((3, 1), float("nan")), kept[:, 1:]], dim=1)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[:, 1] = False
+    got = group_advantages(scores, estimator=estimator, valid=valid)
+    assert (got[:, 1] == 0).all()
+    torch.testing.assert_close(got[:, [0, 2, 3]], group_advantages(kept, estimator=estimator))
+    # One valid response left: nothing to compare it with.
+    lone = torch.tensor([[True, False, False, False]] * 3)
+    assert group_advantages(scores, estimator=estimator, valid=lone).abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="valid must be bool"):
+        group_advantages(kept, estimator=estimator, valid=valid)

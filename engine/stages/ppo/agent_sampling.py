@@ -9,11 +9,11 @@ GRPO group is the n trajectories of one initial prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from ...agents import (AgentLimits, ChatRenderer, ToolEnvironment, agent_metrics, load_environment,
+from ...agents import (AgentLimits, ChatRenderer, EnvSource, agent_metrics, load_environment,
                        load_tools, parser_for, run_agents, tool_schema)
 from ...config.ppo import RolloutConfig
 from ...inference.sampling_params import SamplingParams
@@ -21,15 +21,15 @@ from .models import PPOModels
 from .packs import pack_rollout
 from .phase_timer import PhaseTimer
 from .samples import Samples
-from .scoring import score_rows
+from .scoring import trajectory_scores
 
 
 @dataclass(frozen=True)
 class Agents:
-    """A run's multi-turn setup: the template renderer (with the tools' schemas), the environment of
-    one trajectory made from its row's columns, and the limits."""
+    """A run's multi-turn setup: the template renderer (with the tools' schemas), where a
+    trajectory's environment comes from (made from its row's columns), and the limits."""
     renderer: ChatRenderer
-    make_env: Callable[[dict], object]
+    source: EnvSource
     limits: AgentLimits
 
 
@@ -39,14 +39,16 @@ def build_agents(r: RolloutConfig, tokenizer) -> Optional[Agents]:
     loads."""
     if not r.multi_turn:
         return None
-    limits = AgentLimits(r.max_turns, r.max_trajectory_tokens, r.env_timeout_s, r.env_errors)
+    limits = AgentLimits(r.max_turns, r.max_trajectory_tokens, r.env_timeout_s, r.env_errors,
+                         r.max_observation_chars, r.env_isolation)
     if r.environment:
-        cls = load_environment(r.environment)
-        return Agents(ChatRenderer(tokenizer), lambda row: cls(**row), limits)
+        load_environment(r.environment)  # refused now, not in a worker at the first rollout
+        return Agents(ChatRenderer(tokenizer), EnvSource(r.environment), limits)
     tools = load_tools(r.tools)
-    parse = parser_for(tokenizer)
-    renderer = ChatRenderer(tokenizer, [tool_schema(fn) for fn in tools.values()])
-    return Agents(renderer, lambda row: ToolEnvironment(tools, parse, row["prompt"]), limits)
+    parser_for(tokenizer)
+    schemas = {name: tool_schema(fn) for name, fn in tools.items()}
+    renderer = ChatRenderer(tokenizer, list(schemas.values()))
+    return Agents(renderer, EnvSource(tools=tuple(r.tools), schemas=schemas), limits)
 
 
 def sample_trajectories(models: PPOModels, agents: Agents, sources: list, r: RolloutConfig,
@@ -57,21 +59,23 @@ def sample_trajectories(models: PPOModels, agents: Agents, sources: list, r: Rol
                             top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed)
     rows = [{"prompt": source.prompt, **source.columns} for source in sources]
     with timer.phase("generate"):
-        trajectories = run_agents(models.actor.generate_turns, agents.renderer, agents.make_env,
+        trajectories = run_agents(models.actor.generate_turns, agents.renderer, agents.source,
                                   rows, params, agents.limits)
     device = models.actor.llm.device
     tokens = [t.tokens for t in trajectories]
     prompt_ids = [t.prompt_token_ids for t in tokens]
     responses = [t.token_ids for t in tokens]
-    packed = pack_rollout(prompt_ids, responses, device, model_masks=[t.model_mask for t in tokens])
-    logprobs = models.actor.llm.device_logprobs([s for t in tokens for s in t.logprob_slots])
+    # A trajectory that left the batch (env_errors=skip) has no target: nothing of it is trained,
+    # and its group's statistics are the others' (core.py group_token_advantages).
+    masks = [[False] * len(t.tokens.model_mask) if t.error else t.tokens.model_mask
+             for t in trajectories]
+    packed = pack_rollout(prompt_ids, responses, device, model_masks=masks)
+    logprobs = models.actor.llm.device_logprobs(
+        [s for t in trajectories if not t.error for s in t.tokens.logprob_slots])
     per_row = [s for s in sources for _ in range(r.samples_per_prompt)]
     with timer.phase("score"), torch.no_grad():
-        scores = torch.tensor([t.reward for t in trajectories], dtype=torch.float32, device=device)
-        if models.score is not None:  # the trajectory after its prompt is the completion
-            scores = scores + score_rows(models.score, prompt_ids, responses, packed,
-                                         r.forward_tokens, per_row, models.ranks
-                                         ).float().to(device)
+        scores = trajectory_scores(models.score, trajectories, per_row, packed, r.forward_tokens,
+                                   models.ranks).to(device)
     samples = Samples(prompt_ids, responses, packed, packed.to_grid(logprobs.to(device)), scores,
                       r.samples_per_prompt, per_row)
     return samples, agent_metrics(trajectories)

@@ -75,19 +75,26 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     Rows whose score is not finite are dropped before anything else sees them (with a group
     estimator, their whole group; counted in `dropped_rows`); the Rollout is None when no row is
     left (every score non-finite, or dynamic sampling found no group to learn from), and
-    `skip_reason` then says why.
+    `skip_reason` then says why. A row with no trained token (an agent trajectory that left the
+    batch: engine/agents) needs no score: it stays, a sample of nothing (core.py).
     """
     group = samples.n if s.estimator in GROUP_ESTIMATORS else None
-    keep = finite_rows(samples.scores, group)
+    trained = samples.packed.grid_mask().any(dim=-1)                           # [R]
+    read_scores = torch.where(trained, samples.scores, 0.0)
+    keep = finite_rows(read_scores, group)
     unit = group or 1  # whole groups: every rank keeps as many rows as the rank that keeps fewest
     ranks = models.ranks  # a tensor group is one data rank
     keep = keep[:distributed.min_over_ranks(len(keep) // unit, ranks) * unit]
     dropped = distributed.all_reduce_sum({"dropped_rows": len(samples.responses) - len(keep),
-                                          "drawn_rows": len(samples.responses)}, ranks)
+                                          "drawn_rows": len(samples.responses),
+                                          "trained_rows": int(trained[keep].sum())}, ranks)
+    if keep and not dropped["trained_rows"]:
+        return Experience(None, {"dropped_rows": dropped["dropped_rows"]},
+                          skip_reason="every trajectory left the batch (env/errors)")
     if not keep:
         reason = ("no prompt group had scores that differ (dynamic sampling)"
                   if not dropped["drawn_rows"]
-                  else non_finite_reason(samples.scores, group) if distributed.world_size() == 1
+                  else non_finite_reason(read_scores, group) if distributed.world_size() == 1
                   else "some rank had no finite score left (ranks keep equal numbers of rows)")
         return Experience(None, {"dropped_rows": dropped["dropped_rows"]}, skip_reason=reason)
     if len(keep) < len(samples.responses):
@@ -151,8 +158,8 @@ def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, w
     def mean(x, valid=None):
         return masked_mean(x.double(), valid, sum_over=sum_over)
 
-    def std(x):
-        return masked_moments(x.double(), unbiased=False, sum_over=sum_over)[1].sqrt()
+    def std(x, valid=None):
+        return masked_moments(x.double(), valid, unbiased=False, sum_over=sum_over)[1].sqrt()
 
     def total(x):
         return distributed.all_reduce_tensor(x.sum().double(), ranks=ranks)
@@ -160,9 +167,10 @@ def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, w
     # exactly 0 with rollout.exact
     mismatch = (rollout.sampler_logprobs - rollout.old_logprobs).abs()
     reward_rows = rollout.rewards.sum(-1)
+    trained = mask.any(dim=-1)  # the rows that are samples (an agent trajectory may have left)
     metrics = runlog.host_values({
-        "score_mean": mean(rollout.scores), "score_std": std(rollout.scores),
-        "reward_mean": mean(reward_rows), "reward_std": std(reward_rows),
+        "score_mean": mean(rollout.scores, trained), "score_std": std(rollout.scores, trained),
+        "reward_mean": mean(reward_rows, trained), "reward_std": std(reward_rows, trained),
         "kl": mean(kl.sum(-1)),
         "entropy": mean(entropy, mask),
         "response_length": mean(mask.sum(-1)),

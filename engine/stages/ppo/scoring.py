@@ -67,6 +67,44 @@ def score_rows(score: Scorer, prompts: list[list[int]], responses: list[list[int
     return forward_in_pieces(packed, tokens_per_forward, score_packed, ranks)
 
 
+def trajectory_scores(score: Optional[Scorer], trajectories: list, rows: list,
+                      packed: PackedBatch, tokens_per_forward: int | None = None,
+                      ranks: distributed.DataRanks = distributed.WORLD) -> torch.Tensor:
+    """Scores [R] fp32 of multi-turn trajectories (engine/agents AgentTrajectory, with `rows` their
+    prompt rows): the environment's reward, plus the reward model's at each sequence's last token
+    (from the rollout's `packed`) or the reward functions' of the trajectories that stayed
+    (trajectory_inputs); NaN for one that left the batch."""
+    scores = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
+    if score is None:
+        return scores
+    if getattr(score, "score_packed", None) is not None:
+        return scores + forward_in_pieces(packed, tokens_per_forward, score.score_packed,
+                                          ranks).float().cpu()
+    stayed = [i for i, t in enumerate(trajectories) if not t.error]
+    if stayed:  # every rank calls it (its groups hand the scores on)
+        scores[stayed] += score.score_inputs(lambda: trajectory_inputs(
+            [trajectories[i] for i in stayed], [rows[i] for i in stayed]))
+    return scores
+
+
+def trajectory_inputs(trajectories: list, rows: list) -> RewardInputs:
+    """What the reward functions are called with for multi-turn trajectories: the model's own
+    turns as the completion (their texts, a blank line apart, and their sampled ids), and as TRL's
+    keyword `completions` the messages after the opening with their roles as the environment and
+    tools sent them: a tool's output is a `tool` message however it is worded, never a turn of the
+    user's. prompt_texts: the opening messages' contents, one a line."""
+    turns = [[m["content"] for m in t.messages[t.opening:] if m["role"] == "assistant"]
+             for t in trajectories]
+    ids = [[i for i, own in zip(t.tokens.token_ids, t.tokens.model_mask) if own]
+           for t in trajectories]
+    return RewardInputs([row.prompt for row in rows],
+                        ["\n".join(m["content"] for m in t.messages[:t.opening])
+                         for t in trajectories],
+                        ["\n\n".join(said) for said in turns], ids, column_lists(rows),
+                        completion_messages=[[dict(m) for m in t.messages[t.opening:]]
+                                             for t in trajectories])
+
+
 def reward_inputs(tokenizer, prompts: list[list[int]], responses: list[list[int]],
                   rows: Optional[list] = None) -> RewardInputs:
     """What the reward functions are called with for R rows, built here alone. prompts, responses:
@@ -95,19 +133,29 @@ class FunctionScorer:
         self.functions, self.tokenizer = functions, tokenizer
         self.groups, self.ranks = groups, ranks
         self.sums: dict = {}  # moments of every row scored since the last metrics()
-        self.unscored_said = False
+        self.unscored_said = self.non_finite_said = False
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]],
                  rows: Optional[list] = None) -> torch.Tensor:
         """Scores [R] fp32 of the rows: their prompt and response ids and dataset rows
         (reward_inputs)."""
+        return self.score_inputs(lambda: reward_inputs(self.tokenizer, prompts, responses, rows))
+
+    def score_inputs(self, make_inputs: Callable[[], RewardInputs]) -> torch.Tensor:
+        """Scores [R] fp32 of the rows make_inputs() gives (called on the first rank alone)."""
         scores = None
         if all(group.rank == 0 for group in self.groups):
-            scores = self.functions(reward_inputs(self.tokenizer, prompts, responses, rows))
+            scores = self.functions(make_inputs())
         for group in self.groups:  # from each group's first rank, which holds them by then
             scores = group.same_on_ranks(scores)
         for runner, values in zip(self.functions.runners, scores):
             float32_scores(values, runner.name)
+            bad = next((v for v in values if v is not None and not math.isfinite(v)), None)
+            if bad is not None and not self.non_finite_said and distributed.is_main():
+                self.non_finite_said = True
+                report(f"the reward function {runner.name} returned {bad} for a response: its "
+                       "row is dropped (with a group estimator, its group), counted in "
+                       "dropped_rows (said once)")
         totals, unscored = weighted_totals(scores, self.functions.weights)
         for key, value in moments(self.functions.names, scores, totals).items():
             self.sums[key] = self.sums.get(key, 0) + value

@@ -119,10 +119,14 @@ class RewardInputs:
     completion_texts: list[str]         # [R] the response, decoded
     completion_ids: list[list[int]]     # [R] the response's token ids
     columns: dict[str, list] = field(default_factory=dict)  # the rows' other columns, [R] each
+    # [R] a multi-turn trajectory's messages after its opening, each with its role (None: one turn)
+    completion_messages: Optional[list[list[dict]]] = None
 
     def completions(self) -> list:
         """[R] TRL's completions: the text, or [{"role": "assistant", "content": text}] where the
-        row's prompt is a message list."""
+        row's prompt is a message list; a multi-turn trajectory's messages after its opening."""
+        if self.completion_messages is not None:
+            return self.completion_messages
         return [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
                 for prompt, text in zip(self.prompts, self.completion_texts)]
 
@@ -203,6 +207,10 @@ def checked_scores(values, name: str, count: int) -> list:
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise RewardFunctionError(f"the reward function {name} returned {_shown(value)} as "
                                       f"score {i}: expected a number (int or float) or None")
+        if isinstance(value, numbers.Integral) and abs(value) > sys.float_info.max:
+            raise RewardFunctionError(f"the reward function {name} returned an integer of "
+                                      f"{int(value).bit_length()} bits as score {i}: beyond any "
+                                      "float; scale its scores down")
     return [None if v is None else float(v) for v in values]
 
 

@@ -196,7 +196,7 @@ def serve(conn: Connection, parent_pid: int) -> None:
     sys.path), say it is ready (or why it is not), then score each batch received until the trainer
     closes the pipe. Everything it reads is the trainer's own message."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C sent to it is the trainer's to handle
-    _die_with(parent_pid)
+    die_with(parent_pid)
     name, sys.path[:], source = pickle.loads(conn.recv_bytes())
     try:
         caller = RewardCaller(load_function(pickle.loads(source)), name)
@@ -224,7 +224,7 @@ def _send(conn, message: dict) -> None:
     conn.send_bytes(json.dumps(message).encode())
 
 
-def _die_with(parent_pid: int) -> None:
+def die_with(parent_pid: int) -> None:
     """Have Linux SIGKILL this process when the trainer dies, however it dies (the signal follows
     the thread that spawned us: the one that opened the reward functions); elsewhere the worker
     ends when the pipe closes, once it is idle."""

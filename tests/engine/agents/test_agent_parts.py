@@ -49,6 +49,7 @@ def test_tool_schemas_and_the_tool_environment():
     assert messages == [{"role": "tool", "name": "add", "content": "5"}] and not done
     messages, _, done = env.step({"role": "assistant", "content": tool_call("mul", a=2)})
     assert "no tool named 'mul'" in messages[0]["content"] and not done
+    assert messages[0]["name"] == "error"  # not the name the model chose
     assert env.step({"role": "assistant", "content": "It is 5."}) == ([], 0.0, True)
 
 
@@ -68,8 +69,23 @@ def test_suffixes_are_appended_token_for_token():
 
 
 def test_environment_returns_are_checked():
-    assert checked_step(([{"role": "user", "content": "x"}], None, False), "step()") == \
+    assert checked_step(([{"role": "user", "content": "x"}], None, False), "step()", 10) == \
         ([{"role": "user", "content": "x"}], 0.0, False)
-    for bad in [("x", 0, False), ([{"role": "user"}], 0, False), ([], float("nan"), True), ([], 0)]:
+    for bad in [("x", 0, False), ([{"role": "user"}], 0, False), ([], float("nan"), True), ([], 0),
+                ([], float("inf"), False), ([], 1e39, False)]:
         with pytest.raises(EnvironmentFailure):
-            checked_step(bad, "step()")
+            checked_step(bad, "step()", 10)
+
+
+def test_a_reward_of_ten_to_the_400_is_one_line():
+    with pytest.raises(EnvironmentFailure) as caught:
+        checked_step(([], 10 ** 400, False), "step()", 10)
+    assert "\n" not in str(caught.value) and "float32" in str(caught.value)
+    assert "1329 bits" in str(caught.value)  # 10**400 never printed whole
+
+
+def test_an_observation_over_the_cap_is_one_line_naming_the_cap():
+    huge = [{"role": "user", "content": "x" * (100 << 20)}]  # 100 MB
+    with pytest.raises(EnvironmentFailure, match=r"^step\(\) returned 104857600 characters of "
+                       r"messages, over rollout.max_observation_chars=100000$"):
+        checked_step((huge, 0.0, False), "step()", 100_000)

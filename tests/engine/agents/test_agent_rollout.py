@@ -1,6 +1,7 @@
 """Multi-turn rollouts on a tiny model: a scripted environment over several turns with long
 observations, an environment that raises and one that hangs (the others go on), token-in token-out,
 the model mask and the metrics."""
+import math
 import time
 
 import pytest
@@ -88,10 +89,10 @@ def test_a_raising_and_a_hanging_environment_end_only_their_trajectories(llm):
     assert time.monotonic() - start < 20
     errors = [t.error for t in trajectories]
     metrics = agent_metrics(trajectories)
-    assert metrics["env/errors"] + metrics["env/timeouts"] == sum(e is not None for e in errors)
+    assert metrics["env/errors"] == sum(e is not None for e in errors)  # timeouts among them
     assert all(trajectories[i].error in (None, "error") for i in (0, 1))
     assert all(trajectories[i].error in (None, "timeout") for i in (2, 3))
-    assert all(t.reward == 0.0 for t in trajectories if t.error)
+    assert all(math.isnan(t.reward) for t in trajectories if t.error)  # no score: never 0
     assert any(t.error == "error" and "the tool broke" in t.error_text for t in trajectories)
     assert metrics["env/timeouts"] >= 1 and metrics["env/step_seconds"] >= 0.5
 

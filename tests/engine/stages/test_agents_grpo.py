@@ -7,7 +7,8 @@ import pytest
 import fusedrl.kernels as kernels
 from fusedrl.engine import GRPOConfig, run_grpo
 from fusedrl.engine.agents import AgentLimits, ChatRenderer, ToolEnvironment, parse_hermes, tool_schema
-from fusedrl.engine.agents.rollout import _State, _step
+from fusedrl.engine.agents.isolation import ThreadEnvironment
+from fusedrl.engine.agents.rollout import _reset, _State, _step
 from fusedrl.engine.sandbox import detect
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import add, broken, save_chat_model, stuck, tool_call
@@ -22,14 +23,14 @@ def torch_kernels():
         yield
 
 
-def grpo(tmp_path, model, rollout, **options):
+def grpo(tmp_path, model, rollout, rows=ROWS, **options):
     config = GRPOConfig.from_dict({
         "policy": str(model), "output_dir": str(tmp_path / "grpo"), **options,
         "rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2, "max_new_tokens": 6,
                     "kv_cache_memory": 1 << 22, "max_prompt_length": 40, "temperature": 1.0,
                     **rollout},
         "ppo": {"minibatch_size": 4}, "train": {"iterations": 2, "progress": False, "device": "cpu"}})
-    result = run_grpo(config, dataset=datasets.Dataset.from_list(ROWS))
+    result = run_grpo(config, dataset=datasets.Dataset.from_list(rows))
     return [r for r in read_metrics(result.output_dir) if r["kind"] == "train"]
 
 
@@ -48,6 +49,24 @@ def test_an_environment_of_three_turns_trains_on_the_model_tokens_only(tmp_path,
         assert r["env/errors"] == r["env/timeouts"] == 0
 
 
+def test_crashed_trajectories_leave_the_batch_and_are_never_scored(tmp_path):
+    """One prompt's environments crash (agent_fault_envs.Hostile): its trajectories are not trained
+    and not scored (a score of 0 would halve score_mean), the other group trains."""
+    model = save_chat_model(tmp_path / "chat")
+    rows = [{"prompt": "hello world", "mode": "crash"}, {"prompt": "the brown dog", "mode": "ok"}]
+    records = grpo(tmp_path, model, {"environment": "agent_fault_envs:Hostile", "max_turns": 2},
+                   rows=rows)
+    assert len(records) == 2
+    for r in records:
+        assert r["env/errors"] == 2 and not r.get("skipped") and r["dropped_rows"] == 0
+        assert r["score_mean"] == 1.0 and r["score_std"] == 0.0  # the crashed ones: no score
+        assert 0 < r["tokens"] < r["tokens/model"]  # the crashed ones' tokens are not trained
+    every = grpo(tmp_path / "all", model, {"environment": "agent_fault_envs:Hostile"},
+                 rows=[{**row, "mode": "crash"} for row in rows])
+    assert [r["skipped_steps"] for r in every] == [1, 2]  # said as "no update (every trajectory
+    assert all(r["env/errors"] == 4 and "loss" not in r for r in every)  # left the batch ...)"
+
+
 def test_tools_are_offered_and_a_turn_without_a_call_ends_the_trajectory(tmp_path):
     # The tools' schemas open every conversation: ~900 tokens of the tests' small vocabulary.
     model = save_chat_model(tmp_path / "chat", max_position_embeddings=1024)
@@ -64,8 +83,10 @@ def test_a_raising_or_hanging_tool_ends_its_trajectory_in_time(tool, error):
     tokenizer = make_chat_tokenizer()
     tools = {"add": add, tool.__name__: tool}
     renderer = ChatRenderer(tokenizer, [tool_schema(fn) for fn in tools.values()])
-    state = _State(ToolEnvironment(tools, parse_hermes, "hi"), [])
+    state = _State(ThreadEnvironment(lambda row: ToolEnvironment(tools, parse_hermes, "hi"), {},
+                                     max_chars=1000))
     limits = AgentLimits(max_turns=3, max_total_tokens=None, env_timeout_s=0.5)
+    _reset(state, limits)
     answered = _step(state, renderer, tokenizer.encode(tool_call("add", a=2, b=3)), limits)
     assert not answered.done and state.messages[-1] == {"role": "tool", "name": "add", "content": "5"}
     reply = _step(state, renderer, tokenizer.encode(tool_call(tool.__name__, x=1)), limits)
