@@ -3,8 +3,6 @@
 On a machine without CUDA the Triton kernels run in the interpreter on CPU tensors; the variable
 must be set before triton decorates the kernels, hence before `kernels` is imported.
 """
-import ast
-import functools
 import os
 import pathlib
 import zlib
@@ -17,6 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernel_testing import DEVICE, FUSED_BACKENDS, TRAIN_DTYPE  # noqa: E402
+from process_testing import starts_processes  # noqa: E402
 
 
 @pytest.fixture(params=FUSED_BACKENDS)
@@ -48,9 +47,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: only meaningful on a CUDA GPU (skipped without one); "
                                        "`pytest -m gpu tests` runs just these on a GPU machine")
     config.addinivalue_line("markers", "integration: starts other processes (torchrun ranks, the "
-                                       "fusedrl command, scripts); set on every test of a module "
-                                       "holding a process starter; `pytest -m 'not integration' "
-                                       "tests` runs the rest")
+                                       "fusedrl command, scripts); set on each test that reaches a "
+                                       "process starter (tests/process_testing.py); `pytest -m "
+                                       "'not integration' tests` runs the rest")
     # The interpreter evaluates both sides of tl.where in numpy, so a masked-off 0 * inf warns.
     config.addinivalue_line("filterwarnings", "ignore:invalid value encountered:RuntimeWarning")
     # tests/bench runs each benchmark case once as a test; timings and their table are bench/'s job
@@ -59,29 +58,10 @@ def pytest_configure(config):
         config.option.benchmark_disable = True
 
 
-# What a test module imports to start another process: torchrun ranks (dist_testing), a `fusedrl`
-# command (cli_testing), a benchmark or static-check script, spawned ranks.
-PROCESS_STARTERS = {"subprocess", "multiprocessing", "torch.multiprocessing", "dist_testing",
-                    "cli_testing", "static_gpu"}
-
-
-@functools.lru_cache(maxsize=None)
-def starts_processes(path: pathlib.Path) -> bool:
-    """Whether the test module at `path` imports a process starter (read from its source: the
-    xdist controller decides with it too, where no test module is imported)."""
-    imported = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-    return bool(imported & PROCESS_STARTERS)
-
-
 def pytest_xdist_make_scheduler(config, log):
     """Under pytest-xdist's default `load`: each test handed out alone, as `load` does, except that
-    a process-starting module's tests go to one worker together. Its module-scoped fixture (often
-    a minute of torchrun ranks) then runs once: split over two workers it ran on each, and
+    a module's process-starting tests go to one worker together. Their module-scoped fixture
+    (often a minute of torchrun ranks) then runs once: split over two workers it ran on each, and
     interleaved with other modules' tests it was torn down and run again."""
     if config.getvalue("dist") != "load":
         return None
@@ -91,7 +71,7 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
             path = config.rootpath / module
-            return module if path.suffix == ".py" and starts_processes(path) else nodeid
+            return module if path.suffix == ".py" and starts_processes(path, nodeid) else nodeid
 
     return ProcessModulesTogether(config, log)
 
@@ -104,7 +84,7 @@ def pytest_collection_modifyitems(config, items):
     # (a stable sort: each module's tests stay together, in their order), and the short ones fill in.
     for item in items:
         module = getattr(item, "module", None)
-        if module is not None and starts_processes(pathlib.Path(module.__file__)):
+        if module is not None and starts_processes(pathlib.Path(module.__file__), item.nodeid):
             item.add_marker(pytest.mark.integration)
     items.sort(key=lambda item: "integration" in item.keywords, reverse=True)
     if torch.cuda.is_available():

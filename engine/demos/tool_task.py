@@ -96,17 +96,21 @@ def make_pairs(n: int, digits: int, rng: random.Random,
 
 def write_tool_data(cfg: DemoConfig, data_dir: Path, tools: list[dict]) -> dict:
     """SFT conversations (cfg.tool_calls of them call the tool), GRPO prompts and held-out
-    questions. `tools`: the tools' schemas, each row's `tools` column."""
+    questions, three disjoint sets of pairs. `tools`: the tools' schemas, each row's `tools`
+    column. GRPO's questions are new to the SFT policy: on the demonstrations' own it recalls
+    the sums it was shown, the reward is ~1 whether it calls the tool or not, and GRPO has little
+    to learn from."""
     rng = random.Random(cfg.seed)
     train = make_pairs(cfg.train_prompts, cfg.digits, rng)
     held_out = make_pairs(cfg.eval_prompts, cfg.digits, rng, exclude=set(train))
     data_dir.mkdir(parents=True, exist_ok=True)
     demos = [{"messages": conversation(a, b, rng.random() < cfg.tool_calls), "tools": tools}
              for a, b in train]
+    rl = make_pairs(cfg.train_prompts, cfg.digits, rng, exclude=set(train) | set(held_out))
     return {
         "sft": write_jsonl(data_dir / "demonstrations.jsonl", demos),
         "prompts": write_jsonl(data_dir / "prompts.jsonl",
-                               [{"prompt": question(a, b)} for a, b in train]),
+                               [{"prompt": question(a, b)} for a, b in rl]),
         "held_out": [question(a, b) for a, b in held_out],
     }
 

@@ -62,7 +62,13 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
             continue
         cols = min(3, len(series))
         rows_n = math.ceil(len(series) / cols)
-        fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3 * rows_n), squeeze=False)
+        width, height = 4.5 * cols, 3 * rows_n
+        # Fixed margins in inches (panels of a fixed size), not tight_layout: that draws the
+        # figure once more to measure it, a second of CPU per dozen panels (PPO logs ~50).
+        grid = {"left": 0.6 / width, "right": 1 - 0.2 / width, "bottom": 0.5 / height,
+                "top": 1 - 0.6 / height, "wspace": 0.3, "hspace": 0.55}
+        fig, axes = plt.subplots(rows_n, cols, figsize=(width, height), squeeze=False,
+                                 gridspec_kw=grid)
         for ax, (key, (steps, values)) in zip(axes.flat, sorted(series.items())):
             ax.plot(steps, values, marker="." if len(steps) < 30 else None)
             ax.set_title(key)
@@ -70,8 +76,7 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(series):]:
             ax.axis("off")
-        fig.suptitle(f"{Path(run_dir).name}: {kind}")
-        fig.tight_layout()
+        fig.suptitle(f"{Path(run_dir).name}: {kind}", y=1 - 0.15 / height, va="top")
         path = out_dir / f"{kind}.png"
         try:
             write_png(fig, path)

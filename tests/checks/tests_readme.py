@@ -23,12 +23,12 @@ SHOWN = 5  # test files listed per module; the rest counted
 HEADER = """# Tests
 
 `TRITON_INTERPRET=1 python -m pytest tests -n 2` runs them all (the README's command; a
-process-starting module's tests go to one worker together: tests/conftest.py); `-m "not
+module's process-starting tests go to one worker together: tests/conftest.py); `-m "not
 integration"` leaves out the tests that start processes (torchrun ranks, the `fusedrl` command,
-scripts), `-m gpu` runs only the GPU ones. Helpers shared by several test files end in
-`_testing.py`; `*_worker.py` files are what torchrun ranks run. tests/checks/ holds the
-repository's own checks (import layering, this index, no history in the text; its README.md says
-what each guards).
+scripts: each test marked by what its code and fixtures reach, tests/process_testing.py), `-m gpu`
+runs only the GPU ones. Helpers shared by several test files end in `_testing.py`;
+`*_worker.py` files are what torchrun ranks run. tests/checks/ holds the repository's own checks
+(import layering, this index, no history in the text; its README.md says what each guards).
 
 ## Which tests import each module
 

@@ -26,11 +26,15 @@ def sft(model, out, data, *extra):
 def test_the_user_sees_one_line_and_the_exit_code_and_debug_shows_the_traceback(tmp_path, sft_data):
     typo = run_fusedrl(*sft(tmp_path / "m", tmp_path / "o", sft_data, "optim.lrr=1"))
     assert_one_line_error(typo, 2, "fusedrl sft: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)")
-    missing = run_fusedrl(*sft(tmp_path / "nowhere", tmp_path / "o", sft_data))
-    assert_one_line_error(missing, 2, f"fusedrl sft: model={tmp_path / 'nowhere'}: no such directory")
     debug = run_fusedrl("generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi", "--debug",
                         env={"FUSEDRL_DEBUG": "1"})
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "UsageError: --model=" in debug.stderr
+
+
+def test_a_missing_model_is_one_line(tmp_path, sft_data, capsys):
+    code, err = cli_error(sft(tmp_path / "nowhere", tmp_path / "o", sft_data), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"fusedrl sft: model={tmp_path / 'nowhere'}: no such directory")
 
 
 def test_output_dir_is_checked_before_any_model_loads(qwen2_dir, tmp_path, sft_data, capsys):

@@ -79,6 +79,16 @@ def test_sft_rows_train_the_call_and_the_answer_only(tmp_path, tok):
     assert question(a, b) in tok.decode(batch.input_ids.tolist())
 
 
+def test_grpo_asks_questions_the_sft_data_did_not(tmp_path):
+    cfg = DemoConfig(task="tool", train_prompts=50, eval_prompts=10)
+    data = write_tool_data(cfg, tmp_path, [tool_schema(add)])
+    sft = {json.loads(line)["messages"][0]["content"] for line in open(data["sft"])}
+    rl = [json.loads(line)["prompt"] for line in open(data["prompts"])]
+    assert len(rl) == len(set(rl)) == 50
+    assert not set(rl) & sft and not set(rl) & set(data["held_out"])
+    assert not sft & set(data["held_out"])
+
+
 def test_config_defaults_per_task_and_errors():
     sort, tool = DemoConfig(), DemoConfig(task="tool")
     assert (sort.digits, sort.sft_epochs, sort.algo, sort.rl_iterations) == (4, 4, "ppo", 100)

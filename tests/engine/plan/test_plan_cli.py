@@ -1,5 +1,6 @@
-"""`fusedrl plan` as a user runs it (one-line errors, the table), and the start-up check every
-stage runs: train.optimizer_offload refused in one process, an unfit plan refused in one line (on CUDA only)."""
+"""`fusedrl plan` (one-line errors, the table; in-process: cli.main prints what the shell shows),
+and the start-up check every stage runs: train.optimizer_offload refused in one process, an unfit
+plan refused in one line (on CUDA only)."""
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ from fusedrl.engine.plan.check import refuse_unfit
 from fusedrl.engine.plan.planner import plan_stage
 from fusedrl.engine.plan.report import refusal
 from fusedrl.engine.plan.units import format_bytes, parse_bytes
-from cli_testing import assert_one_line_error, cli_error, run_fusedrl
+from cli_testing import cli_error
 from train_testing import demonstrations, sft_config, write_jsonl
 
 
@@ -21,15 +22,16 @@ def test_sizes_in_and_out():
     assert (format_bytes(29_540_000_000), format_bytes(5_000_000), format_bytes(0)) == ("29.5 GB", "5.0 MB", "-")
 
 
-def test_mistakes_are_one_line_usage_errors(tmp_path):
-    missing = run_fusedrl("plan", "ppo", f"policy={tmp_path / 'nowhere'}", "--gpus", "8")
-    assert_one_line_error(missing, 2, f"fusedrl plan: policy={tmp_path / 'nowhere'}: no such directory")
-    unit = run_fusedrl("plan", "sft", "model=m", "--gpu-memory", "80XB")
-    assert_one_line_error(unit, 2, "fusedrl plan: --gpu-memory='80XB': expected a positive size")
-    gpus = run_fusedrl("plan", "sft", "model=m", "--gpus", "0")
-    assert_one_line_error(gpus, 2, "fusedrl plan: --gpus=0: expected at least 1")
-    typo = run_fusedrl("plan", "grpo", "policy=m", "--gpus", "8", "lora.rnak=8")
-    assert_one_line_error(typo, 2, "fusedrl plan: unknown config key 'lora.rnak' (did you mean 'lora.rank'?)")
+def test_mistakes_are_one_line_usage_errors(tmp_path, capsys):
+    for argv, message in [
+        (["ppo", f"policy={tmp_path / 'nowhere'}", "--gpus", "8"],
+         f"policy={tmp_path / 'nowhere'}: no such directory"),
+        (["sft", "model=m", "--gpu-memory", "80XB"], "--gpu-memory='80XB': expected a positive size"),
+        (["sft", "model=m", "--gpus", "0"], "--gpus=0: expected at least 1"),
+        (["grpo", "policy=m", "--gpus", "8", "lora.rnak=8"],
+         "unknown config key 'lora.rnak' (did you mean 'lora.rank'?)")]:
+        code, err = cli_error(["plan", *argv], capsys)
+        assert code == 2 and err.startswith(f"fusedrl plan: {message}") and err.count("\n") == 1, err
 
 
 def test_the_table_names_every_phase_and_the_verdict(qwen2_dir, capsys):

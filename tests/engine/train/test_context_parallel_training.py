@@ -1,9 +1,10 @@
 """SFT context-parallel under torchrun (engine/parallel/context_parallel.py, gloo CPU ranks): each
 rank forwards its half of every packed micro-batch, and the exported model equals one process's with
-the same global batch within 1e-4: on 2 ranks at train.context_parallel=2, and on 4 ranks at context
-2 x 2 data ranks (FSDP2 over all 4) against one process with optim.grad_accum_steps=2, and on 4 ranks at
-context 2 x tensor 2 (the tensor slices sharded over the context ranks); resumed at C=2 from a step-2
-checkpoint too, and with LoRA adapters at C=2."""
+the same global batch within 1e-4 (the key biases aside: KEY_BIAS): on 2 ranks at
+train.context_parallel=2, and on 4 ranks at context 2 x 2 data ranks (FSDP2 over all 4) against one
+process with optim.grad_accum_steps=2, and on 4 ranks at context 2 x tensor 2 (the tensor slices
+sharded over the context ranks); resumed at C=2 from a step-2 checkpoint too, and with LoRA adapters
+at C=2."""
 import pytest
 from safetensors.torch import load_file
 
@@ -49,6 +50,15 @@ def runs(tmp_path_factory):
     return root
 
 
+# The key projection's bias is left out of the weights' comparison. Softmax ignores q . b_k (one
+# constant over a query's keys), so its exact gradient is 0 and the computed one is the rounding of
+# a sum of terms that cancel, whose order the context split changes; Adam divides that noise by its
+# own size (up to eps), so after 3 steps two orders leave the bias 1e-4 to 3e-4 of its max apart
+# (every other tensor within 2e-6), whether or not the layout is right. The noise is in grad_norm,
+# compared below.
+KEY_BIAS = "self_attn.k_proj.bias"
+
+
 def train_records(run):
     return [r for r in read_metrics(run) if r["kind"] == "train"]
 
@@ -56,7 +66,7 @@ def train_records(run):
 @pytest.mark.parametrize("run, one", [("c2", "one"), ("c2dp2", "one_accum2"), ("c2_resumed", "one"),
                                       ("c2t2", "one_llama2")])
 def test_context_ranks_train_one_process_s_weights(runs, run, one):
-    assert max_relative_diff(runs / one / "final", runs / run / "final") <= 1e-4
+    assert max_relative_diff(runs / one / "final", runs / run / "final", skip=KEY_BIAS) <= 1e-4
     got, want = train_records(runs / run), train_records(runs / one)
     want = want[-len(got):]  # resumed at step 2: its last step
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
