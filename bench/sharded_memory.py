@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import harness
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
 
@@ -102,7 +103,7 @@ def main():
         root = Path(tmp)
         model_dir, train, params = build(root, TINY if args.quick else QWEN2_155M)
         one, many = run(root, model_dir, train, 1), run(root, model_dir, train, args.ranks)
-    result = {"device": "cpu (gloo ranks)", "parameters": params, "dtype": "float32", "ranks": args.ranks,
+    result = {"meta": harness.run_metadata(torch.device("cpu")), "device": "cpu (gloo ranks)", "parameters": params, "dtype": "float32", "ranks": args.ranks,
               "one_process_peak_rss_bytes": one, "largest_rank_peak_rss_bytes": many, "ratio": round(many / one, 3),
               "bar": 0.40}
     print(json.dumps(result, indent=1))

@@ -185,9 +185,9 @@ def grouped_mm_path(device_type: str, dtype: torch.dtype, capability: Optional[t
 
 def grouped_gemm_path(x: torch.Tensor) -> str:
     """The MoE grouped GEMM's implementation for inputs like ``x``: "grouped_mm" (torch's
-    F.grouped_mm), "triton" (ours) or "loop", by grouped_mm_path. Not an op backend: whatever backend is
-    asked for, a CUDA run must not copy its offsets to the host (the torch backend's oracle is the
-    CPU's grouped_mm)."""
+    F.grouped_mm), "triton" (ours) or "loop", by grouped_mm_path. Not an op backend: whatever
+    backend is asked for, a CUDA run must not copy its offsets to the host (the torch backend's
+    oracle is the CPU's grouped_mm)."""
     capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
     return grouped_mm_path(x.device.type, x.dtype, capability, TORCH_GROUPED_MM is not None)
 

@@ -20,8 +20,7 @@ from ..model.primitives import DECODE
 from .decode_inputs import DecodeInputs
 from .routing_record import RoutingRecorder
 from ...kernels import SamplerWorkspace, sample
-from ...kernels.attention import AttentionMetadata, sequence_slot
-from ...kernels.attention.paged import launch_splits
+from ...kernels.attention import AttentionMetadata, launch_splits, sequence_slot
 from .sequence import Sequence
 
 
@@ -88,7 +87,8 @@ class ModelRunner:
         # its kv heads' cache, the logits gathered from the tensor ranks.
         self.tensor_parallel = tensor_parallel
         self.num_blocks = num_blocks
-        self.kv_heads = c.num_kv_heads // (tensor_parallel.size if tensor_parallel else 1)  # this rank's
+        # this rank's KV heads
+        self.kv_heads = c.num_kv_heads // (tensor_parallel.size if tensor_parallel else 1)
         self.kv_pool = self.kv_caches = None
         self.allocate_kv_pool()
         self.max_blocks_per_seq = -(-c.max_model_len // block_size)
