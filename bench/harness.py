@@ -66,6 +66,12 @@ def run_metadata(device: torch.device) -> dict:
     }
 
 
+def meta_line(meta: dict) -> str:
+    """One line of a markdown report naming what made it: commit, device and versions."""
+    return (f"Commit {meta['git_commit']}; {meta['device']}; torch {meta['torch']}, triton "
+            f"{meta['triton']}, transformers {meta['transformers']}, Python {meta['python']}.\n\n")
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -264,7 +264,8 @@ def main():
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(r, indent=1) + "\n")
     text = ("# Kernel launches of the training step (counted on the CPU)\n\n"
-            "Written by `python bench/launches.py` (TRITON_INTERPRET=1 on the CPU); see its docstring for "
+            + harness.meta_line(r["meta"])
+            + "Written by `python bench/launches.py` (TRITON_INTERPRET=1 on the CPU); see its docstring for "
             "the counting rules.\n\n" + table(r) + "\nBy op:\n\n" + by_op_table(r))
     out.with_suffix(".md").write_text(text)
     print(text)

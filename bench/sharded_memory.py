@@ -123,6 +123,7 @@ def write_results(result: dict, base: dict | None) -> None:
     table += [f"| {name} | {fmt(result[key])} |" + (f" {fmt(base[key])} |" if base else "") for name, fmt, key in rows]
     (RESULTS / "sharded_memory.md").write_text(
         "# Peak RSS of one SFT step with its export (CPU, gloo ranks; bench/sharded_memory.py)\n\n"
+        + harness.meta_line(result["meta"]) +
         f"{result['parameters'] / 1e6:.1f}M-parameter fp32 Qwen2, `fusedrl sft` with train.max_steps=1, a global\n"
         "batch of 4 micro-batches of 256 tokens. Every run peaks in the training step (gradients, AdamW\n"
         "state, its fp32 gradient copy, the gathered root unit), which hides most of what the load and the\n"

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     if args.table:
-        args.table.write_text(text)
+        args.table.write_text(harness.meta_line(report["meta"]) + text)
     print(text)
     return 0
 
