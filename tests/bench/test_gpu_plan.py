@@ -63,3 +63,15 @@ def test_a_chunk_killed_mid_run_still_says_how_far_it_got(tmp_path):
     assert line == "tests_x: 2 passed, 1 failed, 1 skipped, 0 errors in 12 s, cut by its timeout"
     nothing = pytest_tally.summary(str(tmp_path / "none"), "tests_y", 3, 0)
     assert nothing.startswith("tests_y: 0 passed, 0 failed")
+
+
+@pytest.mark.integration
+def test_a_chunk_spread_over_xdist_workers_counts_each_test_once(tmp_path):
+    (tmp_path / "test_chunk.py").write_text(CHUNK.replace("time.sleep(600)", "pass"))
+    tally = tmp_path / "chunk.tally"
+    env = {**os.environ, pytest_tally.TALLY_ENV: str(tally), "PYTHONPATH": str(BENCH)}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                    "pytest_tally", "-n", "2", str(tmp_path / "test_chunk.py")], cwd=tmp_path,
+                   env=env, capture_output=True, timeout=120)
+    line = pytest_tally.summary(str(tally), "tests_x", 3, 1)
+    assert line == "tests_x: 3 passed, 1 failed, 1 skipped, 0 errors in 3 s"
