@@ -111,7 +111,7 @@ fi
 deadline=0
 [ "$minutes" -gt 0 ] && deadline=$((minutes * 60 - BUNDLE_S))
 repo=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$out"
+out=$(mkdir -p "$out" && cd "$out" && pwd)  # absolute: the stages run from the repository
 cd "$repo"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
