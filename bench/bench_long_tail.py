@@ -34,6 +34,9 @@ import random
 import sys
 from pathlib import Path
 
+import torch
+
+import harness
 from fusedrl.engine.inference.block_manager import BlockManager
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.scheduler import Scheduler
@@ -46,6 +49,9 @@ from fusedrl.engine.stages.ppo.partial import (complete, drop_stale, new_group, 
 PARAMS, WEIGHT_BYTES, LAYERS, HIDDEN = 7.616e9, 15.23e9, 28, 3584
 KV_PER_TOKEN = 2 * 28 * 4 * 128 * 2
 COPY_BW, MATMUL_FLOPS = 2.96e12, 792e12
+# What the seconds in the result are (its "modeled" field): not a measurement.
+MODELED = ("seconds of Qwen2.5-7B bf16 on one H100, modeled from bytes / 2.96 TB/s and FLOPs / 792 "
+           "TFLOP/s (rates measured on an H100); the schedule is the engine's, replayed on the CPU")
 EOS, PROMPT_TOKEN = 2, 3
 
 
@@ -231,7 +237,8 @@ def main(argv=None) -> int:
               f"{r['prefill_tokens']} prefill tokens, x{r['relative_time_per_token']:.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps({"settings": vars(args), "runs": runs}, indent=1)
+    payload = json.dumps({"meta": harness.run_metadata(torch.device("cpu")), "modeled": MODELED,
+                          "settings": vars(args), "runs": runs}, indent=1)
     out.write_text(payload + "\n", encoding="utf-8")
     print(f"long tail: partial+speculative / synchronous modeled time per token = "
           f"{runs[2]['relative_time_per_token']:.3f}")

@@ -23,6 +23,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 import fusedrl.kernels.rl.linear_logprobs as linear  # noqa: E402
+import harness  # noqa: E402
 from launch_count import LaunchCounter  # noqa: E402
 from traffic_count import FREE, op_bytes  # noqa: E402
 from traffic_kernels import KernelTraffic  # noqa: E402
@@ -111,7 +112,7 @@ def main(argv=None) -> dict:
                   f"{c['target_gib_extrapolated']:.1f} GiB at N={n} H={h} V={v} (extrapolated)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+            json.dump({"meta": harness.run_metadata(torch.device("cpu")), **report}, f, indent=2)
     return report
 
 

@@ -1,102 +1,193 @@
 #!/usr/bin/env bash
 # The one command a GPU session runs: the CUDA extension built in place (fusedrl.kernels._C, for this
-# GPU's arch only, to keep the build short), the test suite on the GPU in chunks (no interpreter; the
-# cuda backend's tests run when the build succeeded), a smoke test of NCCL on one GPU, then the
-# benchmarks, with logs and JSON (device, versions, git commit inside) written to OUTDIR. The GPU
-# machine has torch, triton, nvcc, ninja, transformers and pytest but no network; the package is
-# installed editable from this checkout (no dependencies fetched, no build isolation: the image has
-# them). The peers it lacks (trl for bench_ppo.py) come as wheels in .whl/, fetched beforehand by
-# bench/peer_wheels.sh and carried with the call; they are installed into a private folder, never over
-# the image's packages.
+# GPU's arch only, to keep the build short), the suite's GPU tests and the rest of its tests on the
+# GPU (no interpreter; the cuda backend's tests run when the build succeeded), a smoke test of NCCL
+# on one GPU, then the benchmarks, with logs and JSON (device, versions, commit inside) written to
+# OUTDIR. The GPU machine has torch, triton, nvcc, ninja, transformers and pytest but no network and
+# no `datasets`; the package is installed editable from this checkout (no dependencies fetched, no
+# build isolation: the image has them). What it lacks (datasets and trl, peft, pytest-xdist) comes as
+# wheels in .whl/, fetched here beforehand by `prepare` and carried by every call; they are
+# installed into a private folder, never over the image's packages.
 #
-#   bash bench/gpu.sh plan                         # the first visit's calls, in order, minutes each
-#   bash bench/gpu.sh OUTDIR                       # every stage
-#   bash bench/gpu.sh [--bundle] OUTDIR STAGE...   # some stages; --bundle: OUTDIR.tar.gz, OUTDIR removed
-# Stages: build tests tests_kernels tests_model tests_engine smoke moe_decode kernels linear_tune rl_ops
-# attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora
-# ppo_lora_trl grpo demo traffic. `build` also copies the extension into OUTDIR (carried by later
-# calls on a fresh machine: see `plan`). Then copy what is worth keeping into bench/results/.
+#   bash bench/gpu.sh plan                     # the visit's calls, in order, minutes each
+#   bash bench/gpu.sh prepare                  # HERE, before the visit: .whl/ and .whl/COMMIT
+#   bash bench/gpu.sh --bundle OUTDIR callN    # planned call N: its stages within its minutes
+#   bash bench/gpu.sh [--bundle] [--minutes M] OUTDIR STAGE...   # some stages (all: none named)
+# --bundle: OUTDIR.tar.gz, OUTDIR removed (also when a stage fails or the call's time runs out);
+# --minutes: the call's limit (each stage's timeout is cut to what is left, a stage with no time
+# left is skipped and said so, and the bundle is written before the device would stop the call).
+# Stages: build tests tests_gpu tests_rest smoke moe_decode quick_kernels quick_rl_ops quick_generate
+# quick_train_step quick_grpo quick_ppo kernels linear_tune rl_ops attention generate generate_unfused
+# generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic.
+# `build` also copies the extension into OUTDIR (carried by later calls on a fresh machine: see
+# `plan`). Then copy what is worth keeping into bench/results/.
+#
+# The commit: .whl/COMMIT, written by `prepare` from git here (the device's copy of the tree need not
+# hold .git), else git's, else "unknown" (harness.git_commit); in OUTDIR/COMMIT, in every result's
+# JSON, and in OUTDIR/env.json with the device, driver, torch, Triton, CUDA, nvcc, NCCL and
+# transformers versions.
 set -uo pipefail
 ALL_STAGES="build tests smoke moe_decode kernels linear_tune rl_ops attention generate generate_unfused generate_qwen3 \
 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic"
-# The suite's chunks (stage: test paths), each under CHUNK_S seconds so a call with its setup stays
-# under the device's 10-minute limit; `tests` runs them one after another.
-declare -A CHUNKS=(
-  [tests_kernels]="tests/kernels tests/bench tests/test_packaging.py"
-  [tests_model]="tests/engine/model tests/engine/inference"
-  [tests_engine]="tests/engine --ignore=tests/engine/model --ignore=tests/engine/inference"
-)
-CHUNK_S=${GPU_CHUNK_S:-510}  # GPU_CHUNK_S: a shorter limit (to try the cut path)
+# The suite's chunks (stage: test paths and marker expression). The process-starting modules
+# (integration: torchrun ranks on gloo, the `fusedrl` command on the CPU) prove nothing about the GPU
+# and stay out; the GPU smoke stage runs NCCL.
+declare -A CHUNK_PATHS=([tests_gpu]="tests" [tests_rest]="tests")
+declare -A CHUNK_MARKS=([tests_gpu]="gpu and not integration" [tests_rest]="not gpu and not integration")
 EXTENSION=kernels/_C.cpython-312-x86_64-linux-gnu.so  # the image's Python 3.12
 
-# The first visit (at most 45 minutes of device time; 40 planned): one device call per line, each
-# `minutes|stages|carry`. Call 1 builds the extension; the later calls carry it from call 1's bundle.
+# Seconds each stage of the visit may take (its timeout) at most; the chunks are stopped by SIGINT
+# (pytest reports what ran) and killed 20 s later, so a chunk's limit holds 20 s of margin.
+declare -A LIMIT_S=([build]=120 [smoke]=90 [tests_gpu]=270 [tests_rest]=330 [quick_kernels]=70
+  [quick_rl_ops]=50 [quick_generate]=110 [quick_train_step]=50 [quick_grpo]=90 [quick_ppo]=110)
+SETUP_S=40   # install, the wheels, the environment record
+BUNDLE_S=15  # the record and the archive, after the last stage
+
+# The visit (at most 25 minutes of device time in 3 calls, each under the device's 10-minute
+# limit): one device call per line, `minutes|stages|carry`. Call 1 builds the extension; the later
+# calls carry it from call 1's bundle. Every call carries .whl (datasets and the peers the tests
+# import, and COMMIT).
 PLAN=(
-  "8|build smoke moe_decode|"
-  "9|tests_kernels|$EXTENSION"
-  "9|tests_model|$EXTENSION"
-  "9|tests_engine|$EXTENSION"
+  "9|build smoke tests_gpu|.whl"
+  "9|quick_kernels quick_rl_ops quick_generate quick_train_step quick_grpo quick_ppo|.whl $EXTENSION"
+  "7|tests_rest|.whl $EXTENSION"
 )
 
 print_plan() {
-  local i=0 total=0 minutes stages carry
-  echo "Each call: the device tool's run with command \"bash bench/gpu.sh --bundle \$OUT/visitN STAGES\""
-  echo "(N the call's number) and carry as listed; it returns \$OUT/visitN.tar.gz. Before call 2:"
+  local i=0 total=0 minutes stages carry stage limits
+  echo "Here, before call 1: bash bench/gpu.sh prepare  (.whl/: the wheels and COMMIT)."
+  echo "Each call: the device tool's run with command \"bash bench/gpu.sh --bundle \$OUT/visitN callN\""
+  echo "(N the call's number), timeout_s 60 x its minutes, and carry as listed; it returns"
+  echo "\$OUT/visitN.tar.gz, also when a stage fails or its time runs out. Before call 2:"
   echo "  tar xzf FILES_AT/visit1.tar.gz -C /tmp visit1/$(basename "$EXTENSION") && cp /tmp/visit1/$(basename "$EXTENSION") $EXTENSION"
   echo "(the extension is a git-ignored build output: carry sends it along to a fresh machine)."
   for entry in "${PLAN[@]}"; do
     IFS='|' read -r minutes stages carry <<< "$entry"
     i=$((i + 1))
     total=$((total + minutes))
-    printf 'call %d (%d min): bash bench/gpu.sh --bundle $OUT/visit%d %s; carry: %s\n' \
-      "$i" "$minutes" "$i" "$stages" "${carry:-none}"
+    limits=$SETUP_S
+    for stage in $stages; do limits=$((limits + LIMIT_S[$stage])); done
+    limits=$((limits + BUNDLE_S))
+    printf 'call %d (%d min, limits %d s): %s; carry: %s\n' "$i" "$minutes" "$limits" "$stages" "$carry"
   done
   echo "plan: $i calls, $total minutes"
+}
+
+# prepare: the wheels (bench/peer_wheels.sh) and the commit under test, both in .whl/ (git-ignored,
+# carried by every call).
+prepare() {
+  local dirty=""
+  bash "$(dirname "$0")/peer_wheels.sh" || return 1
+  [ -z "$(git status --porcelain --untracked-files=no)" ] || dirty="-dirty"
+  echo "$(git rev-parse HEAD)$dirty" > "$(dirname "$0")/../.whl/COMMIT"
+  echo "commit: $(cat "$(dirname "$0")/../.whl/COMMIT")"
 }
 
 if [ "${1:-}" = plan ]; then
   print_plan
   exit 0
 fi
-bundle=0
-if [ "${1:-}" = --bundle ]; then
-  bundle=1
-  shift
+if [ "${1:-}" = prepare ]; then
+  prepare
+  exit
 fi
-out=${1:?usage: bench/gpu.sh plan | bench/gpu.sh [--bundle] OUTDIR [stage ...]}
+bundle=0
+minutes=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --bundle) bundle=1; shift ;;
+    --minutes) minutes=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
+out=${1:?usage: bench/gpu.sh plan | prepare | [--bundle] [--minutes M] OUTDIR [callN | stage ...]}
 shift
 stages=${*:-$ALL_STAGES}
+if [[ $stages =~ ^call([0-9]+)$ ]] && [ "${BASH_REMATCH[1]}" -ge 1 ] \
+    && [ "${BASH_REMATCH[1]}" -le "${#PLAN[@]}" ]; then
+  IFS='|' read -r minutes stages _ <<< "${PLAN[$((BASH_REMATCH[1] - 1))]}"
+fi
+# The call's end (SECONDS), leaving the record and the archive their time; 0: no limit.
+deadline=0
+[ "$minutes" -gt 0 ] && deadline=$((minutes * 60 - BUNDLE_S))
 repo=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$out"
+out=$(mkdir -p "$out" && cd "$out" && pwd)  # absolute: the stages run from the repository
 cd "$repo"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 status=0
+
+# The record and (with --bundle) the archive: on every way out, a failed stage or an interrupt too.
+finish() {
+  trap - EXIT INT TERM
+  echo "stages: $stages; exit status $status; $SECONDS s" >> "$out/stages.txt"
+  if [ "$bundle" = 1 ]; then
+    # The device returns at most 8 files: the whole OUTDIR as one archive.
+    tar czf "$out.tar.gz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out" || status=1
+    echo "bundled: $out.tar.gz"
+  fi
+  exit "$status"
+}
+trap finish EXIT
+trap 'echo "interrupted"; status=1; exit' INT TERM
+
+# left WANT_S: a stage's timeout, WANT_S cut to what is left of the call (no call limit: WANT_S).
+left() {
+  if [ "$deadline" -eq 0 ]; then echo "$1"; return; fi
+  local rest=$((deadline - SECONDS))
+  echo $(( $1 < rest ? $1 : rest ))
+}
+
+# The commit under test, written here by `prepare` (the device's tree may have no .git).
+[ -f .whl/COMMIT ] && export FUSEDRL_COMMIT=$(cat .whl/COMMIT)
+python -c "import sys; sys.path.insert(0, 'bench'); import harness; print(harness.git_commit())" \
+  > "$out/COMMIT" || status=1
 # The import names fusedrl.kernels / fusedrl.engine need the install (package_dir mapping); the
 # extension is built by the `build` stage, not here.
 FUSEDRL_SKIP_CUDA_BUILD=1 python -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 \
-  || { echo "pip install -e . failed:"; tail -n 20 "$out/install.log"; exit 1; }
+  || { echo "pip install -e . failed:"; tail -n 20 "$out/install.log"; status=1; exit; }
 if compgen -G ".whl/*.whl" > /dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/fusedrl-peers .whl/*.whl \
-    && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/fusedrl-peers" || status=1
+    >> "$out/install.log" 2>&1 && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/fusedrl-peers" || status=1
+else
+  echo "no .whl/ wheels: the tests that import datasets, trl or peft fail to collect"; status=1
 fi
 
-# run NAME TIMEOUT_S COMMAND...: one stage, its output in OUTDIR/NAME.log, failures remembered.
+# run NAME TIMEOUT_S COMMAND...: one stage, its output in OUTDIR/NAME.log, failures remembered;
+# its timeout cut to the call's time left, skipped (and said so) when under 10 s are left.
 run() {
-  local name=$1 limit=$2
+  local name=$1 limit
+  limit=$(left "$2")
   shift 2
   echo "== $name =="
-  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" || status=1
+  if [ "$limit" -lt 10 ]; then
+    echo "$name: skipped, the call's time is spent" | tee "$out/$name.log"; status=1; return
+  fi
+  timeout -k 5 "$limit" "$@" 2>&1 | tee "$out/$name.log" || status=1
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/nvidia-smi.csv" 2>&1
-python -c "import json, sys; sys.path.insert(0, 'bench'); import harness, torch; \
-print(json.dumps(harness.run_metadata(torch.device('cuda')), indent=2))" > "$out/env.json" || status=1
+# The environment record: device, driver, torch, Triton, CUDA, nvcc, NCCL, transformers, commit.
+python - "$out/env.json" "$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2> /dev/null | head -n 1)" \
+  "$(nvcc --version 2> /dev/null | tail -n 1)" <<'PY' || status=1
+import json, sys
+sys.path.insert(0, "bench")
+import harness, torch
+record = harness.run_metadata(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+record.update(driver=sys.argv[2] or None, nvcc=sys.argv[3] or None)
+with open(sys.argv[1], "w") as f:
+    json.dump(record, f, indent=2)
+print(json.dumps(record))
+PY
 
 build_extension() {
-  local arch
+  local arch limit
+  limit=$(left "${LIMIT_S[build]}")
+  if [ "$limit" -lt 10 ]; then
+    echo "build: skipped, the call's time is spent" | tee "$out/build_ext.log"; status=1; return
+  fi
   arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-  if FUSEDRL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" timeout 200 \
+  if FUSEDRL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" timeout "$limit" \
       python setup.py build_ext --inplace > "$out/build_ext.log" 2>&1; then
     echo "built for sm_${arch/./}"
     cp kernels/_C*.so "$out/" || status=1
@@ -110,21 +201,26 @@ build_extension() {
 }
 
 # One chunk of the suite on the GPU (no interpreter), spread over the cores with pytest-xdist when it
-# is there, stopped by SIGINT at CHUNK_S (pytest then reports what ran) and killed 20 s later; its
-# last line comes from bench/pytest_tally.py's per-test record, so a cut chunk still ends in
+# is there, stopped by SIGINT at its limit (pytest then reports what ran) and killed 20 s later;
+# its last line comes from bench/pytest_tally.py's per-test record, so a cut chunk still ends in
 # "NAME: N passed, N failed, N skipped, N errors in S s[, cut by its timeout]".
 run_chunk() {
-  local name=$1 parallel=() start code
+  local name=$1 parallel=() start code limit
+  limit=$(( $(left "${LIMIT_S[$name]}") - 20 ))
   if python -c "import xdist" 2> /dev/null; then
     parallel=(-n "$(( $(nproc) < 12 ? $(nproc) : 12 ))")
   fi
   echo "== $name =="
+  if [ "$limit" -lt 10 ]; then
+    echo "$name: skipped, the call's time is spent" | tee "$out/$name.log"; status=1; return
+  fi
   rm -f "$out/$name.tally"
   start=$SECONDS
-  # shellcheck disable=SC2086  # the chunk's paths and --ignore options split on spaces
+  # shellcheck disable=SC2086  # the chunk's paths split on spaces
   FUSEDRL_TALLY="$out/$name.tally" PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" \
-    timeout -k 20 -s INT "$CHUNK_S" python -m pytest ${CHUNKS[$name]} -q -p no:cacheprovider -p pytest_tally \
-    "${parallel[@]}" --durations=15 --junitxml="$out/$name.xml" > "$out/$name.log" 2>&1
+    timeout -k 20 -s INT "$limit" python -m pytest ${CHUNK_PATHS[$name]} -m "${CHUNK_MARKS[$name]}" \
+    -q -p no:cacheprovider -p pytest_tally "${parallel[@]}" --durations=15 \
+    --junitxml="$out/$name.xml" > "$out/$name.log" 2>&1
   code=$?
   tail -n 40 "$out/$name.log"
   [ "$code" -eq 0 ] || status=1
@@ -134,12 +230,30 @@ run_chunk() {
 for stage in $stages; do
   case $stage in
     build)    echo "== CUDA extension (fusedrl.kernels._C) =="; build_extension ;;
-    tests)    for chunk in tests_kernels tests_model tests_engine; do run_chunk "$chunk"; done ;;
-    tests_kernels|tests_model|tests_engine) run_chunk "$stage" ;;
+    tests)    for chunk in tests_gpu tests_rest; do run_chunk "$chunk"; done ;;
+    tests_gpu|tests_rest) run_chunk "$stage" ;;
     # NCCL on one GPU: a 1-rank cpu:gloo,cuda:nccl group through tensor parallelism (decode graphs
     # capturing the collectives), expert parallelism's all_to_all, FSDP2 CPU offload + FusedAdamW.
-    smoke)    run smoke 240 python -m torch.distributed.run --standalone --nproc-per-node 1 bench/smoke_nccl.py ;;
-    # bf16 decode of a 2-layer Qwen3-30B-A3B-shaped MoE model (128 experts, top-8) at batch 1/32/128.
+    smoke)    run smoke "${LIMIT_S[smoke]}" python -m torch.distributed.run --standalone --nproc-per-node 1 \
+                bench/smoke_nccl.py ;;
+    # The headline benchmarks in quick mode (the visit's call 2): the headline shapes, shorter
+    # repetitions, fewer new tokens, no transformers side.
+    quick_kernels) run bench_kernels "${LIMIT_S[quick_kernels]}" python bench/bench_kernels.py --budget 0.2 \
+                     --ops token_logprobs,linear_token_logprobs --json "$out/bench_kernels.json" ;;
+    quick_rl_ops) run bench_rl_ops "${LIMIT_S[quick_rl_ops]}" python bench/bench_kernels.py --budget 0.1 \
+                    --ops kl_penalty,gae,ppo_policy_loss,ppo_value_loss --json "$out/bench_rl_ops.json" ;;
+    # Decode at batch 1, 64 and 256 and the mixed workload (64 requests).
+    quick_generate) run bench_generate "${LIMIT_S[quick_generate]}" python bench/bench_generate.py --skip-hf \
+                      --batch-sizes 1 64 256 --prompt-len 128 --new-tokens 128 --mixed 64 \
+                      --out "$out/bench_generate.json" ;;
+    quick_train_step) run bench_train_step "${LIMIT_S[quick_train_step]}" python bench/bench_train_step.py \
+                        --tokens 1024 4096 --out "$out/bench_train_step.json" ;;
+    # GRPO end to end, ours: tokens/s and phase times.
+    quick_grpo) run bench_grpo "${LIMIT_S[quick_grpo]}" python bench/bench_ppo.py --algo grpo --sides ours \
+                  --shape 16x8x128x128 --out "$out/bench_grpo.json" ;;
+    # PPO, ours against TRL's PPOTrainer when trl is among the carried wheels.
+    quick_ppo) run bench_ppo "${LIMIT_S[quick_ppo]}" python bench/bench_ppo.py --shape 8x4x128x128 \
+                 --out "$out/bench_ppo.json" ;;
     moe_decode) run bench_moe_decode 240 python bench/bench_moe_decode.py --out "$out/bench_moe_decode.json" ;;
     kernels)  run bench_kernels 300 python bench/bench_kernels.py --ops token_logprobs,linear_token_logprobs \
                 --json "$out/bench_kernels.json" ;;
@@ -184,12 +298,6 @@ for stage in $stages; do
                 overwrite=true --quiet || exit 1; done' _ "$out" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
     traffic)  run traffic 300 python bench/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
-    *) echo "unknown stage $stage (expected one of: $ALL_STAGES ${!CHUNKS[*]})"; status=1 ;;
+    *) echo "unknown stage $stage (expected callN or one of: $ALL_STAGES ${!LIMIT_S[*]})"; status=1 ;;
   esac
 done
-if [ "$bundle" = 1 ]; then
-  # The device returns at most 8 files: the whole OUTDIR as one archive.
-  tar czf "$out.tar.gz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out" || status=1
-  echo "bundled: $out.tar.gz"
-fi
-exit $status

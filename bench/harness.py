@@ -3,6 +3,7 @@ run metadata, the generation benchmarks' options, and the table/JSON report. Tim
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -22,6 +23,11 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """The commit under test: FUSEDRL_COMMIT when set (bench/gpu.sh sets it from .whl/COMMIT, written
+    where the checkout has its .git: a device's copy of the tree may have none), else git's HEAD
+    (with -dirty for uncommitted changes), else "unknown"."""
+    if os.environ.get("FUSEDRL_COMMIT"):
+        return os.environ["FUSEDRL_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -33,23 +39,37 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_metadata(device: torch.device) -> dict:
-    """What a result needs to be comparable: device, versions, commit, interpreter mode."""
+def _version(module: str) -> str | None:
     try:
-        import triton
-        triton_version = triton.__version__
+        return importlib.import_module(module).__version__
     except ImportError:
-        triton_version = None
+        return None
+
+
+def run_metadata(device: torch.device) -> dict:
+    """What a result needs to be comparable: device, versions (torch, Triton, CUDA, NCCL,
+    transformers, Python), commit, interpreter mode."""
+    nccl = None
+    if torch.cuda.is_available() and hasattr(torch.cuda, "nccl"):
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))
     return {
         "device": device_name(device),
         "torch": torch.__version__,
-        "triton": triton_version,
+        "triton": _version("triton"),
         "cuda": torch.version.cuda,
+        "nccl": nccl,
+        "transformers": _version("transformers"),
         "python": platform.python_version(),
         "git_commit": git_commit(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def meta_line(meta: dict) -> str:
+    """One line of a markdown report naming what made it: commit, device and versions."""
+    return (f"Commit {meta['git_commit']}; {meta['device']}; torch {meta['torch']}, triton "
+            f"{meta['triton']}, transformers {meta['transformers']}, Python {meta['python']}.\n\n")
 
 
 def synchronize(device: torch.device) -> None:

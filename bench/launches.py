@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import harness
 from fusedrl.engine.config.train import DataConfig, RMConfig, SFTConfig
 from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.model.causal_lm import CausalLM
@@ -259,11 +260,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(RESULTS / "launches"), help="output path without extension")
     args = p.parse_args()
-    r = report()
+    r = {"meta": harness.run_metadata(torch.device("cpu")), **report()}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(r, indent=1) + "\n")
     text = ("# Kernel launches of the training step (counted on the CPU)\n\n"
-            "Written by `python bench/launches.py` (TRITON_INTERPRET=1 on the CPU); see its docstring for "
+            + harness.meta_line(r["meta"])
+            + "Written by `python bench/launches.py` (TRITON_INTERPRET=1 on the CPU); see its docstring for "
             "the counting rules.\n\n" + table(r) + "\nBy op:\n\n" + by_op_table(r))
     out.with_suffix(".md").write_text(text)
     print(text)

@@ -21,8 +21,10 @@ CUT_CODES = (124, 137)
 
 def pytest_runtest_logreport(report) -> None:
     path = os.environ.get(TALLY_ENV)
-    # a passed setup or teardown says nothing
-    if not path or (report.passed and report.when != "call"):
+    # a passed setup or teardown says nothing; under xdist the controller writes every worker's
+    # reports, so a worker writes none (it would count each test twice)
+    if (not path or (report.passed and report.when != "call")
+            or os.environ.get("PYTEST_XDIST_WORKER")):
         return
     with open(path, "a") as f:
         f.write(f"{report.outcome} {report.when} {report.nodeid}\n")

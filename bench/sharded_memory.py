@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import harness
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
 
@@ -102,7 +103,7 @@ def main():
         root = Path(tmp)
         model_dir, train, params = build(root, TINY if args.quick else QWEN2_155M)
         one, many = run(root, model_dir, train, 1), run(root, model_dir, train, args.ranks)
-    result = {"device": "cpu (gloo ranks)", "parameters": params, "dtype": "float32", "ranks": args.ranks,
+    result = {"meta": harness.run_metadata(torch.device("cpu")), "device": "cpu (gloo ranks)", "parameters": params, "dtype": "float32", "ranks": args.ranks,
               "one_process_peak_rss_bytes": one, "largest_rank_peak_rss_bytes": many, "ratio": round(many / one, 3),
               "bar": 0.40}
     print(json.dumps(result, indent=1))
@@ -122,6 +123,7 @@ def write_results(result: dict, base: dict | None) -> None:
     table += [f"| {name} | {fmt(result[key])} |" + (f" {fmt(base[key])} |" if base else "") for name, fmt, key in rows]
     (RESULTS / "sharded_memory.md").write_text(
         "# Peak RSS of one SFT step with its export (CPU, gloo ranks; bench/sharded_memory.py)\n\n"
+        + harness.meta_line(result["meta"]) +
         f"{result['parameters'] / 1e6:.1f}M-parameter fp32 Qwen2, `fusedrl sft` with train.max_steps=1, a global\n"
         "batch of 4 micro-batches of 256 tokens. Every run peaks in the training step (gradients, AdamW\n"
         "state, its fp32 gradient copy, the gathered root unit), which hides most of what the load and the\n"

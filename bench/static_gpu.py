@@ -24,6 +24,10 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+import torch
+
+import harness
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 # The JIT's default (fused multiply-add on), stated so triton 3.9 does not warn in every process.
@@ -154,12 +158,13 @@ def main(argv=None) -> int:
     parser.add_argument("--archs", default="80,90", help="compute capabilities, e.g. 90")
     args = parser.parse_args(argv)
     archs = tuple(int(a) for a in args.archs.split(","))
-    report = build_report(with_cuda=not args.no_cuda, quick=args.quick, archs=archs)
+    report = {"meta": harness.run_metadata(torch.device("cpu")),
+              **build_report(with_cuda=not args.no_cuda, quick=args.quick, archs=archs)}
     text = table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     if args.table:
-        args.table.write_text(text)
+        args.table.write_text(harness.meta_line(report["meta"]) + text)
     if not (args.json or args.table):
         print(text)
     bad = failures(report)

@@ -23,6 +23,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 from traffic_decode import decode_report, decode_table, exact_mode_report, exact_mode_table  # noqa: E402
 from traffic_ppo import ppo_report, ppo_table  # noqa: E402
 
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ppo", action="store_true", help="the decode reports only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    report = {"decode": [decode_report(layers=args.layers, device=args.device, **c) for c in DECODE_CONFIGS],
+    report = {"meta": harness.run_metadata(torch.device(args.device)),
+              "decode": [decode_report(layers=args.layers, device=args.device, **c) for c in DECODE_CONFIGS],
               "exact": [exact_mode_report(device=args.device, **c) for c in EXACT_CONFIGS]}
     if not args.no_ppo:
         report["ppo"] = ppo_report(device=args.device)
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     if args.table:
-        args.table.write_text(text)
+        args.table.write_text(harness.meta_line(report["meta"]) + text)
     print(text)
     return 0
 

@@ -25,7 +25,8 @@ kernel checked, the page size). Its questions:
                              walk's norms, RoPE and SiLU*up, norm_linear, paged attention, the
                              sampler and the exact (batch-invariant) mode's ops; fused_for_model(x)
                              asks the same
-  grouped_gemm_path(x)       the MoE grouped GEMM's ("grouped_mm" or "triton"), see its docstring
+  grouped_gemm_path(x)       the MoE grouped GEMM's ("grouped_mm", "triton" or "loop"), see its
+                             docstring
 
 The override stack is thread-local (no process-wide mutable state) and is a plain list, which
 torch.compile can read and guard on (it cannot trace ``contextvars``). Under torch.compile the
@@ -164,27 +165,31 @@ def fused_for_model(x: torch.Tensor) -> bool:
 # Compute-capability majors whose bf16 grouped_mm runs torch's CUTLASS kernel (torch 2.11's
 # GroupedBlas.cpp: sm_90 and sm_100); elsewhere its fallback copies the group offsets to the host.
 GROUPED_MM_FAST_MAJORS = (9, 10)
+# torch's grouped GEMM, or None on a torch build without it (not every version has it public).
+TORCH_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None)
 
 
-def grouped_mm_path(device_type: str, dtype: torch.dtype, capability: Optional[tuple]) -> str:
+def grouped_mm_path(device_type: str, dtype: torch.dtype, capability: Optional[tuple],
+                    has_grouped_mm: bool = True) -> str:
     """What `grouped_gemm_path` picks for inputs of `dtype` on `device_type` (capability (major,
-    minor) on CUDA): "grouped_mm" where torch's grouped_mm reads nothing on the host (the CPU; bf16
-    on sm_90/sm_100), "triton" (model/grouped_gemm.py) on any other GPU or dtype, whose fallback
-    would sync per call and fail inside CUDA-graph capture."""
+    minor) on CUDA) with torch's grouped_mm there or not: "grouped_mm" where it reads nothing on
+    the host (the CPU; bf16 on sm_90/sm_100), "triton" (model/grouped_gemm.py) on any other GPU or
+    dtype, whose fallback would sync per call and fail inside CUDA-graph capture, and on any GPU
+    of a torch without it; "loop" (reference.grouped_linear) on the CPU of a torch without it."""
     if device_type != "cuda":
-        return "grouped_mm"
-    fast = (dtype == torch.bfloat16 and capability is not None
+        return "grouped_mm" if has_grouped_mm else "loop"
+    fast = (has_grouped_mm and dtype == torch.bfloat16 and capability is not None
             and capability[0] in GROUPED_MM_FAST_MAJORS)
     return "grouped_mm" if fast else "triton"
 
 
 def grouped_gemm_path(x: torch.Tensor) -> str:
     """The MoE grouped GEMM's implementation for inputs like ``x``: "grouped_mm" (torch's
-    F.grouped_mm) or "triton" (ours), by grouped_mm_path. Not an op backend: whatever backend is
-    asked for, a CUDA run must not copy its offsets to the host (the torch backend's oracle is the
-    CPU's grouped_mm)."""
+    F.grouped_mm), "triton" (ours) or "loop", by grouped_mm_path. Not an op backend: whatever
+    backend is asked for, a CUDA run must not copy its offsets to the host (the torch backend's
+    oracle is the CPU's grouped_mm)."""
     capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
-    return grouped_mm_path(x.device.type, x.dtype, capability)
+    return grouped_mm_path(x.device.type, x.dtype, capability, TORCH_GROUPED_MM is not None)
 
 
 def fused_op(backend: str, name: str):

@@ -133,7 +133,11 @@ def _train_split(data, name: str):
 def _load(path: Path):
     """The rows of a .json/.parquet/.csv file or a save_to_disk directory, read by datasets without
     its progress bars, into memory (its cache goes to a temporary directory, removed after)."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading it needs the `datasets` package, which is not installed "
+                        "(pip install datasets), or give the rows as a .jsonl file") from None
 
     with _quiet(datasets), tempfile.TemporaryDirectory(prefix="fusedrl-datasets-") as cache:
         try:

@@ -20,7 +20,7 @@ from ..model.primitives import DECODE
 from .decode_inputs import DecodeInputs
 from .routing_record import RoutingRecorder
 from ...kernels import SamplerWorkspace, sample
-from ...kernels.attention import AttentionMetadata, sequence_slot
+from ...kernels.attention import AttentionMetadata, launch_splits, sequence_slot
 from .sequence import Sequence
 
 
@@ -87,6 +87,8 @@ class ModelRunner:
         # its kv heads' cache, the logits gathered from the tensor ranks.
         self.tensor_parallel = tensor_parallel
         self.num_blocks = num_blocks
+        # this rank's KV heads
+        self.kv_heads = c.num_kv_heads // (tensor_parallel.size if tensor_parallel else 1)
         self.kv_pool = self.kv_caches = None
         self.allocate_kv_pool()
         self.max_blocks_per_seq = -(-c.max_model_len // block_size)
@@ -116,9 +118,9 @@ class ModelRunner:
         block, slot in block, kv head, head dim]; its contents never outlive a generate call."""
         if self.kv_pool is None:
             c = self.config
-            kv_heads = c.num_kv_heads // (self.tensor_parallel.size if self.tensor_parallel else 1)
-            self.kv_pool = torch.empty(2, c.num_layers, self.num_blocks, self.block_size, kv_heads,
-                                       c.head_dim, dtype=self.dtype, device=self.device)
+            self.kv_pool = torch.empty(2, c.num_layers, self.num_blocks, self.block_size,
+                                       self.kv_heads, c.head_dim, dtype=self.dtype,
+                                       device=self.device)
             self.kv_caches = [(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(c.num_layers)]
 
     def release_kv_pool(self) -> bool:
@@ -195,10 +197,15 @@ class ModelRunner:
     def decode_step(self, size: int, full_tables: bool):
         """The decode step over the first `size` rows of `decode_inputs`: embedding through the
         layers, the LM head and the sampler -> (tokens [size] int64, logprobs [size] fp32). What a
-        decode graph captures (full_tables: it reads the block tables at their full width)."""
+        decode graph captures (full_tables: it reads the block tables at their full width). Its
+        attention splits come from the tables' capacity whatever their width, so an eager step and
+        a graph of the same rows run the same launches."""
         x = self.decode_inputs.views(size, full_tables)
+        splits = launch_splits(size, self.kv_heads, self.decode_inputs.width, self.block_size,
+                               self.device)
         meta = AttentionMetadata(is_decode=True, slot_mapping=x.slot_mapping,
-                                 context_lens=x.context_lens, block_tables=x.block_tables)
+                                 context_lens=x.context_lens, block_tables=x.block_tables,
+                                 decode_splits=splits)
         return self._sample(self.forward_step(x.input_ids, x.positions, meta), x.sampling)
 
     def _decode(self, seqs: list[Sequence]):
@@ -310,6 +317,14 @@ class ModelRunner:
                 self._tensor([p.min_p for p in ps], torch.float32))
 
 
+def capture_error_mode() -> str:
+    """The stream-capture mode of a decode graph: "thread_local" while a process group is up (NCCL's
+    watchdog thread queries its events during our capture, which "global" turns into a capture
+    failure), else "global" (any thread's unsafe call during the capture is an error)."""
+    dist = torch.distributed
+    return "thread_local" if dist.is_available() and dist.is_initialized() else "global"
+
+
 class _DecodeGraphs:
     """CUDA graphs of the whole decode step (`ModelRunner.decode_step`: embedding, layers, final
     norm, LM head and sampler) at GRAPH_BATCH_SIZES, reading the runner's `DecodeInputs` device
@@ -349,7 +364,7 @@ class _DecodeGraphs:
                 continue
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, self.pool):
+            with torch.cuda.graph(graph, self.pool, capture_error_mode=capture_error_mode()):
                 step()
             self.pool = graph.pool()
             self.graphs[b] = graph

@@ -28,7 +28,8 @@ def attention_step(meta: AttentionMetadata, kv_caches=None):
         if meta.is_decode and not flash:
             return kernels.rope_store_decode(
                 q, k, v, angles.cos_table, angles.sin_table, angles.positions, k_cache, v_cache,
-                meta.slot_mapping, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5)
+                meta.slot_mapping, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5,
+                meta.decode_splits)
         q, k = angles.rotate(q, k)
         kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:

@@ -15,10 +15,10 @@ mode's own attention is the invariant package's, kernels/invariant/attention.py)
 """
 from .backend import FLASH_PAGE_MULTIPLE, attention_backend, flash_attn
 from .metadata import AttentionMetadata
-from .paged import rope_store_decode, store_kv
+from .paged import launch_splits, rope_store_decode, store_kv
 from .pages import key_slots, page_slot, sequence_slot
 from .paths import flash_decode_attention, prefill_attention, varlen_attention
 
 __all__ = ["FLASH_PAGE_MULTIPLE", "attention_backend", "flash_attn", "AttentionMetadata",
            "varlen_attention", "prefill_attention", "flash_decode_attention", "store_kv",
-           "rope_store_decode", "page_slot", "sequence_slot", "key_slots"]
+           "rope_store_decode", "launch_splits", "page_slot", "sequence_slot", "key_slots"]

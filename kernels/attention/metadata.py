@@ -25,6 +25,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None  # [N] int64 cache slot of each new token, -1 = skip
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, -1 padded
     context_lens: torch.Tensor | None = None  # [B] int32 (decode)
+    # A decode step's attention splits per (sequence, KV head), chosen by the model runner from its
+    # tables' capacity (paged.launch_splits) so eager steps and CUDA graphs split alike; None: from
+    # the block tables' width.
+    decode_splits: int | None = None
     # A packed batch whose segments read keys before their own (prefix sharing: an answer after its
     # group's prompt): [sum seqlens_k] row of each segment's keys.
     key_rows: torch.Tensor | None = None

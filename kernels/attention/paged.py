@@ -249,13 +249,15 @@ def _paged_decode_fake(q, k_cache, v_cache, block_tables, context_lens, scale, n
 
 
 def rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping,
-                      block_tables, context_lens, scale):
+                      block_tables, context_lens, scale, num_splits=None):
     """A decode step's attention with its RoPE and KV store (arguments and result as
     `rope_store_decode_triton`): one launch on the "triton" model backend, the reference on
-    "torch"."""
-    decode = rope_store_decode_triton if fused_for_model(q) else reference.rope_store_decode
-    return decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping,
-                  block_tables, context_lens, scale)
+    "torch" (one pass: num_splits is the Triton launch's)."""
+    if fused_for_model(q):
+        return rope_store_decode_triton(q, k, v, cos_table, sin_table, positions, k_cache, v_cache,
+                                        slot_mapping, block_tables, context_lens, scale, num_splits)
+    return reference.rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache,
+                                       slot_mapping, block_tables, context_lens, scale)
 
 
 def rope_store_decode_triton(q, k, v, cos_table, sin_table, positions, k_cache, v_cache,
@@ -346,14 +348,27 @@ def decode_splits(programs: int, context_pages: int, page: int, sms: int) -> int
     return 1 << (splits.bit_length() - 1)
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`; 0 off CUDA (one split: nothing to fill)."""
+    if torch.device(device).type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_splits(batch: int, kv_heads: int, table_width: int, page: int, device) -> int:
+    """The one rule for a decode launch's splits: decode_splits for batch x KV heads programs whose
+    contexts span up to `table_width` pages of `page` tokens on `device` (1 off CUDA). A caller
+    whose tables vary in width step to step (the runner's eager steps) passes their capacity, so
+    its steps split as its CUDA graphs (full-width tables) do and give the same bits."""
+    sms = sm_count(device)
+    return decode_splits(batch * kv_heads, table_width, page, sms) if sms else 1
+
+
 def _default_splits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor) -> int:
-    """decode_splits for this launch, from shapes alone (CUDA-graph safe): batch x KV heads, and the
-    block tables' width as the context bound (a graph's tables are full width: max_model_len)."""
-    if q.device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    programs = q.shape[0] * k_cache.shape[2]
-    return decode_splits(programs, block_tables.shape[1], k_cache.shape[1], sms)
+    """launch_splits from this launch's shapes alone (CUDA-graph safe), the block tables' width as
+    the context bound."""
+    return launch_splits(q.shape[0], k_cache.shape[2], block_tables.shape[1], k_cache.shape[1],
+                         q.device)
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):

@@ -1,7 +1,7 @@
 """The expert GEMMs of a mixture-of-experts layer: slots sorted by expert (`moe_sort`), then one
 grouped GEMM per projection over all experts (`grouped_linear`: torch's `F.grouped_mm` where it
-reads nothing on the host, else our Triton grouped GEMM, grouped_gemm.py; the choice is
-dispatch.grouped_gemm_path's).
+reads nothing on the host, else our Triton grouped GEMM, grouped_gemm.py, or on the CPU of a torch
+without grouped_mm one matmul per expert; the choice is dispatch.grouped_gemm_path's).
 
 Capacity-free: every expert takes the rows routed to it, however many (zero included), and the
 group boundaries are device tensors, so neither op reads a value on the host: a decode step keeps
@@ -10,8 +10,8 @@ fixed shapes (T*k rows for T tokens) and stays capturable in a CUDA graph.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .. import dispatch, reference
 from ..dispatch import grouped_gemm_path
 from .grouped_gemm import grouped_gemm
 
@@ -60,10 +60,14 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
         raise ValueError(
             f"grouped_linear: offsets is {offsets.dtype} {tuple(offsets.shape)}: expected int32 "
             f"({weight.shape[0]},)")
-    if grouped_gemm_path(x) == "triton":
+    path = grouped_gemm_path(x)
+    if path == "triton":
         return grouped_gemm(x, weight, offsets)
+    if path == "loop":
+        return reference.grouped_linear(x, weight, offsets)
     if any(size * x.element_size() % 16 for size in weight.shape[1:]):
         raise ValueError(
             f"grouped_linear: weight {tuple(weight.shape)} in {x.dtype}: grouped_mm needs rows of "
             "whole 16 bytes (in and out features multiples of 16 / itemsize)")
-    return _ContiguousGrad.apply(F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets))
+    return _ContiguousGrad.apply(dispatch.TORCH_GROUPED_MM(x, weight.transpose(-2, -1),
+                                                           offs=offsets))

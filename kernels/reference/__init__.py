@@ -10,7 +10,7 @@ transformers' compositions), the mixture-of-experts permutation's (moe.py) and t
 """
 from .model import (norm_linear, paged_decode, rms_norm, rope, rope_store_decode, silu_mul,
                     store_kv)
-from .moe import moe_permute, moe_unpermute
+from .moe import grouped_linear, moe_permute, moe_unpermute
 from .rl import (gae, kl_penalty, linear_token_logprobs, policy_terms, ppo_policy_loss,
                  ppo_value_loss, token_logprobs, value_terms)
 from .sampling import sample
@@ -21,5 +21,5 @@ __all__ = [
     "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_mean", "masked_moments",
     "masked_whiten", "weighted_sum", "aggregate", "policy_terms", "ppo_policy_loss", "value_terms",
     "ppo_value_loss", "rms_norm", "silu_mul", "rope", "norm_linear", "store_kv", "paged_decode",
-    "rope_store_decode", "sample", "moe_permute", "moe_unpermute",
+    "rope_store_decode", "sample", "moe_permute", "moe_unpermute", "grouped_linear",
 ]

@@ -17,3 +17,13 @@ def moe_unpermute(y, slot_rows, weights):
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     rows = y[slot_rows].to(acc).view(*weights.shape, y.shape[-1])  # [T, k, H]
     return (rows * weights.to(acc)[..., None]).sum(1).to(y.dtype)
+
+
+def grouped_linear(x, weight, offsets):
+    """x [R, K] rows grouped by expert, weight [E, O, K], offsets [E] int32 (each group's end row)
+    -> [R, O]: one matmul per group, the bounds read on the host (the CPU's path when torch has no
+    grouped_mm; a sync per call on a GPU)."""
+    ends = offsets.tolist()
+    starts = [0] + ends[:-1]
+    return torch.cat([x[s:e] @ weight[g].T for g, (s, e) in enumerate(zip(starts, ends))]
+                     + [x.new_zeros(0, weight.shape[1])])

@@ -1,5 +1,5 @@
 """bench/bench_long_tail runs on tiny settings: the three rollouts replayed through the scheduler,
-their counts and modeled times in the JSON, and the last line the ratio it states."""
+their counts and modeled times in the JSON (which says they are modeled, and its commit), and the last line the ratio it states."""
 import json
 
 import bench_long_tail
@@ -10,7 +10,9 @@ def test_partial_and_speculative_rollouts_beside_the_synchronous_one(tmp_path, c
     bench_long_tail.main(["--prompts", "2", "--samples", "4", "--prompt-tokens", "8",
                           "--max-new-tokens", "128", "--median", "24", "--iterations", "3",
                           "--pool-tokens", "8192", "--speculate-below", "64", "--out", str(out)])
-    sync, partial, spec = json.loads(out.read_text())["runs"]
+    result = json.loads(out.read_text())
+    assert "modeled" in result["modeled"] and result["meta"]["git_commit"]
+    sync, partial, spec = result["runs"]
     modes = [r["mode"] for r in (sync, partial, spec)]
     assert modes == ["synchronous", "partial", "partial+speculative"]
     assert sync["verify_steps"] == partial["verify_steps"] == 0 < spec["verify_steps"]

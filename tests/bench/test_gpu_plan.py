@@ -1,4 +1,4 @@
-"""bench/gpu.sh's first-visit plan fits the visit, and a chunk of the suite cut by its timeout still
+"""bench/gpu.sh's plan fits one visit, and a chunk of the suite cut by its timeout still
 ends in its summary line (bench/pytest_tally.py's per-test record)."""
 import os
 import re
@@ -25,16 +25,23 @@ def test_e(): time.sleep(600)
 
 
 @pytest.mark.integration
-def test_the_plan_ends_in_its_count_and_fits_40_minutes():
+def test_the_visit_is_three_calls_of_at_most_9_minutes_and_25_in_all():
+    """Each call's stage limits with its setup and bundle within its minutes; every call carries
+    the wheels, and the calls after the build the extension it built."""
     plan = subprocess.run(["bash", str(BENCH / "gpu.sh"), "plan"], capture_output=True, text=True,
                           timeout=60)
     assert plan.returncode == 0, plan.stderr
     lines = plan.stdout.strip().splitlines()
     last = re.fullmatch(r"plan: (\d+) calls, (\d+) minutes", lines[-1])
     assert last, lines[-1]
-    calls = [int(m) for m in re.findall(r"^call \d+ \((\d+) min\)", plan.stdout, re.M)]
-    assert len(calls) == int(last[1]) and sum(calls) == int(last[2]) <= 40
-    assert max(calls) <= 9  # each call inside the device's 10-minute limit
+    calls = re.findall(r"^call \d+ \((\d+) min, limits (\d+) s\): (.*); carry: (.*)$", plan.stdout,
+                       re.M)
+    assert len(calls) == int(last[1]) <= 3
+    assert sum(int(m) for m, *_ in calls) == int(last[2]) <= 25
+    for i, (minutes, limits, stages, carry) in enumerate(calls):
+        assert int(minutes) <= 9 and int(limits) <= 60 * int(minutes), calls[i]
+        assert ".whl" in carry.split() and (i == 0 or any(c.endswith(".so") for c in carry.split()))
+    assert "build" in calls[0][2].split()
 
 
 @pytest.mark.integration
@@ -56,3 +63,15 @@ def test_a_chunk_killed_mid_run_still_says_how_far_it_got(tmp_path):
     assert line == "tests_x: 2 passed, 1 failed, 1 skipped, 0 errors in 12 s, cut by its timeout"
     nothing = pytest_tally.summary(str(tmp_path / "none"), "tests_y", 3, 0)
     assert nothing.startswith("tests_y: 0 passed, 0 failed")
+
+
+@pytest.mark.integration
+def test_a_chunk_spread_over_xdist_workers_counts_each_test_once(tmp_path):
+    (tmp_path / "test_chunk.py").write_text(CHUNK.replace("time.sleep(600)", "pass"))
+    tally = tmp_path / "chunk.tally"
+    env = {**os.environ, pytest_tally.TALLY_ENV: str(tally), "PYTHONPATH": str(BENCH)}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                    "pytest_tally", "-n", "2", str(tmp_path / "test_chunk.py")], cwd=tmp_path,
+                   env=env, capture_output=True, timeout=120)
+    line = pytest_tally.summary(str(tally), "tests_x", 3, 1)
+    assert line == "tests_x: 3 passed, 1 failed, 1 skipped, 0 errors in 3 s"

@@ -87,6 +87,24 @@ def test_the_grouped_gemm_path_per_device_dtype_and_architecture(device_type, dt
     assert dispatch.grouped_mm_path(device_type, dtype, capability) == path
 
 
+@pytest.mark.parametrize("device_type,capability,path", [
+    ("cpu", None, "loop"), ("cuda", (9, 0), "triton"), ("cuda", (8, 0), "triton")])
+def test_a_torch_without_grouped_mm_never_takes_its_path(device_type, capability, path):
+    assert dispatch.grouped_mm_path(device_type, torch.bfloat16, capability, False) == path
+
+
+def test_grouped_linear_without_torch_grouped_mm_runs_one_matmul_per_group(monkeypatch):
+    """A torch build with no F.grouped_mm (dispatch.TORCH_GROUPED_MM None): on the CPU, grouped_linear
+    is the per-group loop, against float64 in values and both gradients, empty groups included."""
+    monkeypatch.setattr(dispatch, "TORCH_GROUPED_MM", None)
+    offsets = offsets_of([3, 0, 5, 1, 0]).cpu()
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(9, 37, generator=g), torch.randn(5, 20, 37, generator=g) / 6
+    assert dispatch.grouped_gemm_path(x) == "loop"
+    check_against_float64(lambda x, w: grouped_linear(x, w, offsets), per_group_reference(offsets),
+                          (x, w), (0, 1), name="grouped_linear without grouped_mm")
+
+
 @needs_triton
 def test_grouped_linear_takes_the_path_dispatch_names(monkeypatch):
     """grouped_linear runs ours where the path is "triton" (an fp32 model on a GPU, simulated here),
