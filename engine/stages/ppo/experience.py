@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 
 from ...parallel import distributed
+from ...config.estimators import GROUP_ESTIMATORS
 from ...config.ppo import PPOConfig
 from ...train import runlog
-from ....kernels import (GROUP_ESTIMATORS, explained_variance, kl_penalty, masked_mean,
-                         masked_moments)
+from ....kernels import explained_variance, kl_penalty, masked_mean, masked_moments
 from .chunks import forward_in_pieces
 from .core import (RunningMoments, advantages_and_returns, finite_rows, group_token_advantages,
                    shape_rewards)

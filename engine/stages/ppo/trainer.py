@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ...config.compatibility import refuse_incompatible
 from ...config.ppo import GRPOConfig, PPOConfig
 from ...config.train import DataConfig
 from ...data.loading import load_examples
@@ -143,18 +144,6 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
     sharder, frozen = laying_out("adapted", dims), laying_out("frozen", dims)
     policy = load_model(cfg.policy, dtype=dtype, device=device,
                         shard=sharder if lora_run else laying_out("trained", dims))
-    if policy.config.moe is not None and cfg.rollout.exact:
-        raise UsageError(
-            f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is "
-            "not supported: its expert GEMMs have no batch-invariant mode; set rollout.exact=false "
-            "(rollout.routing_replay keeps the trainer's experts the sampler's)")
-    r = cfg.rollout
-    if policy.config.moe is not None and r.routing_replay and (r.partial_rollouts or r.multi_turn):
-        what = ("rollout.partial_rollouts=true" if r.partial_rollouts else
-                "rollout.tools or rollout.environment")
-        raise UsageError(f"{what} with a mixture-of-experts policy and rollout.routing_replay: not "
-                         "supported (a carried answer's or a later turn's routing records are not "
-                         "kept); set rollout.routing_replay=false")
     policy.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
@@ -304,6 +293,8 @@ def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
                     check=startup_check)
     cfg = run.config  # train.gradient_checkpointing=auto resolved
     device, tokenizer = run.device, run.tokenizer
+    # the pairs of options a mixture-of-experts policy does not run with, from its config.json
+    refuse_incompatible(cfg, moe=run.configs["policy"].moe is not None)
     agents = build_agents(cfg.rollout, tokenizer)  # tools, environment, template: before any model
     prompts, truncated = load_prompts(
         cfg.prompts_file if dataset is None else dataset, tokenizer, cfg.rollout.max_prompt_length,
