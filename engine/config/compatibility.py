@@ -87,6 +87,10 @@ INCOMPATIBLE: tuple[Pair, ...] = (
     Pair("ppo.turn_advantages", "ppo.estimator",
          f"turn-level group advantages are those of {', '.join(TURN_ESTIMATORS)}",
          applies=lambda c: c.ppo.estimator not in TURN_ESTIMATORS),
+    Pair("reward.per_turn", "reward.normalize",
+         "a turn's reward sits where the environment gave it, unnormalized"),
+    Pair("reward.per_turn", "reward.clip",
+         "a turn's reward sits where the environment gave it, unclipped"),
     Pair("rollout.exact", MOE,
          "its expert GEMMs have no batch-invariant mode; rollout.routing_replay keeps the "
          "trainer's experts the sampler's"),
@@ -170,6 +174,9 @@ def rl_rules(cfg) -> list[Rule]:
              "without rollout.tools or rollout.environment (an answer of one turn)"),
             ("reward.turn_gamma", is_set(reward, "turn_gamma") and not reward.per_turn,
              "without reward.per_turn=true"),
+            ("reward.turn_gamma",
+             is_set(reward, "turn_gamma") and ppo.estimator in CRITIC_ESTIMATORS,
+             f"by ppo.estimator={ppo.estimator} (its returns discount per token: ppo.gamma)"),
             ("ppo.turn_advantages", ppo.turn_advantages and not reward.per_turn,
              "without reward.per_turn=true"),
             *lora_rules(cfg.lora, "lora"), *lora_rules(cfg.critic_lora, "critic_lora")]

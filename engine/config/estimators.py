@@ -48,4 +48,5 @@ AggregationName = Literal[tuple(AGGREGATIONS)]
 
 def described(registry: dict) -> str:
     """'name (what it does) | ...' of a registry, for --help and the docs."""
-    return " | ".join(f"{name} ({getattr(entry, 'doc', entry)})" for name, entry in registry.items())
+    return " | ".join(f"{name} ({getattr(entry, 'doc', entry)})"
+                      for name, entry in registry.items())

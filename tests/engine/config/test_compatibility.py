@@ -26,6 +26,8 @@ SETTINGS = {
     "ppo.estimator": "gae",
     "ppo.turn_advantages": True,
     "reward.per_turn": True,
+    "reward.normalize": True,
+    "reward.clip": 5.0,
 }
 
 
