@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .fields import check, check_fields, option
-from .ignored import refuse_ignored, rl_rules
+from .compatibility import refuse_incompatible, refuse_ignored, rl_rules
+from .estimators import (AGGREGATIONS, CRITIC_ESTIMATORS, ESTIMATORS, AggregationName,
+                         EstimatorName, described)
 from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
@@ -16,17 +18,11 @@ from .sandbox import SandboxConfig
 from .train import DATA_SOURCE, OptimConfig, RunConfig
 
 Critic = Literal["separate", "shared", "none"]
-Estimator = Literal["gae", "reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"]
-# The estimators that learn from a critic's values; the others are fusedrl.kernels.GROUP_ESTIMATORS,
-# which compare a prompt's n responses with each other (named there: this package stays torch-free).
-CRITIC_ESTIMATORS = ("gae", "reinforce")
 KLEstimator = Literal["k1", "k2", "k3"]
 RewardIsolation = Literal["process", "thread"]
 # The longest reward.fn_timeout_s (some 11 days): a longer wait is no bound, and past the OS's
 # largest timeout (threading.TIMEOUT_MAX) waiting would overflow.
 MAX_FN_TIMEOUT_S = 1e6
-Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum",
-                      "seq-mean-token-sum-norm"]
 
 
 @dataclass
@@ -67,9 +63,7 @@ class UpdateConfig:
     clip_eps: float = option("ratio clip: [1 - clip_eps, 1 + clip_eps_high]", 0.2)
     clip_eps_high: float | None = option("upper ratio clip (default: clip_eps)")
     dual_clip: float | None = option("dual-clip bound c > 1 for negative advantages (None = off)")
-    agg: Aggregation = option(
-        "loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | token-sum | "
-        "seq-mean-token-sum-norm (the token sum / loss_agg_norm)", "token-mean")
+    agg: AggregationName = option("loss aggregation: " + described(AGGREGATIONS), "token-mean")
     loss_agg_norm: float | None = option(
         "the constant of seq-mean-token-sum-norm (default: rollout.max_new_tokens)")
     ratio_level: Literal["token",
@@ -92,10 +86,9 @@ class UpdateConfig:
     vf_clip: float | None = option("value clip around the rollout's values (None = off)", 0.2)
     ent_coef: float = option("weight of the entropy bonus", 0.0)
     ptx_coef: float = option("weight of the pretraining (PPO-ptx) loss on ptx_file", 0.0)
-    estimator: Estimator = option(
-        "advantage estimator: gae | reinforce (REINFORCE with the critic as baseline) | "
-        "grpo | dr_grpo | rloo | reinforce_pp_baseline (critic-free, over each "
-        "prompt's samples_per_prompt responses)", "gae")
+    estimator: EstimatorName = option(
+        "advantage estimator: " + described(ESTIMATORS) + " (all but "
+        + ", ".join(CRITIC_ESTIMATORS) + " critic-free, over each prompt's responses)", "gae")
     kl_loss_coef: float = option(
         "weight of the KL to the reference as a loss term (k3, GRPO style; 0 = off; "
         "reward.kl_coef puts it in the reward instead)", 0.0)
@@ -104,6 +97,11 @@ class UpdateConfig:
     whiten_advantages: bool = option("normalize advantages over the rollout's valid tokens", True)
     max_approx_kl: float = option(
         "stop the epochs early once a minibatch's approx KL passes this (0 = off)", 0.0)
+    turn_advantages: bool = option(
+        "with reward.per_turn and a group estimator (grpo, dr_grpo): each turn of a trajectory is "
+        "a unit of the group's statistics (AReaL's turn-level advantages): a turn's tokens get its "
+        "discounted return to go (reward.turn_gamma) against the mean (and std) of every turn's "
+        "of the group; false: one advantage per trajectory, from its discounted sum", False)
 
     def __post_init__(self):
         check_fields(self, "ppo.")
@@ -145,6 +143,14 @@ class RewardConfig:
     kl_estimator: KLEstimator = option("per-token KL estimator in the reward: k1 | k2 | k3", "k1")
     normalize: bool = option("normalize scores by their running mean and std", False)
     clip: float | None = option("clip (normalized) scores to +-clip (None = off)")
+    per_turn: bool = option(
+        "multi-turn: each environment reward sits at the last model token of its turn (PPO's GAE "
+        "and critic see it there; a group estimator scores the trajectory by its discounted sum, "
+        "or per turn with ppo.turn_advantages); false: the trajectory's rewards summed at its "
+        "last token", False)
+    turn_gamma: float = option(
+        "reward.per_turn: the discount across turns (a group estimator's trajectory score is "
+        "sum_k turn_gamma^k r_k; a turn's return r_k + turn_gamma x the next turn's)", 1.0)
     kl_ceiling: float | None = option(
         "stop the run when the KL per sequence exceeds this (reward-hacking guard)")
     fn_timeout_s: float = option(
@@ -167,6 +173,8 @@ class RewardConfig:
         check(self.kl_target is None or self.kl_target > 0,
               f"reward.kl_target must be > 0 or null, got {self.kl_target}")
         check(self.kl_horizon > 0, f"reward.kl_horizon must be > 0, got {self.kl_horizon}")
+        check(0 <= self.turn_gamma <= 1,
+              f"reward.turn_gamma must be in [0, 1], got {self.turn_gamma}")
         check(self.clip is None or self.clip > 0,
               f"reward.clip must be > 0 or None, got {self.clip}")
         check(0 < self.fn_timeout_s <= MAX_FN_TIMEOUT_S,
@@ -318,22 +326,17 @@ class PPOConfig(Loadable):
               f"ppo.estimator={self.ppo.estimator} compares each prompt's responses: "
               "rollout.samples_per_prompt "
               f"must be >= 2, got {self.rollout.samples_per_prompt}")
-        check(not (self.lora.enabled and self.lora.dropout > 0 and self.rollout.exact),
-              f"rollout.exact with lora.dropout={self.lora.dropout}: the sampler's and the "
-              "trainer's forwards would draw different dropout masks; set lora.dropout=0")
         check(not self.critic_lora.enabled or self.critic == "separate",
               "critic_lora.rank > 0 adapts the separate critic: set critic=separate (got "
               f"critic={self.critic}; "
               "the shared value head trains with the policy, under `lora`)")
-        check(not self.rollout.dynamic_sampling or grouped,
-              "rollout.dynamic_sampling drops groups of equal scores: it needs a group estimator "
-              "(ppo.estimator)")
         longest = self.rollout.max_prompt_length + self.rollout.max_new_tokens
         check(self.ppo.tokens_per_microbatch in (None, "auto")
               or self.ppo.tokens_per_microbatch >= longest,
               f"ppo.tokens_per_microbatch={self.ppo.tokens_per_microbatch} must hold one row: "
               "rollout."
               f"max_prompt_length + rollout.max_new_tokens = {longest} tokens")
+        refuse_incompatible(self)
         refuse_ignored(rl_rules(self), self)
 
 

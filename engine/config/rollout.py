@@ -155,10 +155,6 @@ class RolloutConfig:
             check(getattr(self, name) is None or getattr(self, name) >= 1,
                   f"rollout.{name} must be >= 1 or null, got {getattr(self, name)}")
         self.kv_cache_memory = kv_budget(self.kv_cache_memory)
-        check(not (self.partial_rollouts and (self.dynamic_sampling or self.exact)),
-              "rollout.partial_rollouts=true with rollout.dynamic_sampling or rollout.exact: "
-              "expected neither (a carried answer mixes tokens of older weights, which exact's "
-              "bitwise old log-probs cannot reproduce; dynamic sampling draws whole groups again)")
         self._check_multi_turn()
         longest = self.max_prompt_length + self.max_new_tokens
         check(self.tokens_per_forward in (None, "auto") or (isinstance(self.tokens_per_forward, int)
@@ -188,15 +184,6 @@ class RolloutConfig:
         check(self.max_trajectory_tokens is None or self.max_trajectory_tokens >= 2,
               "rollout.max_trajectory_tokens must be >= 2 or null, got "
               f"{self.max_trajectory_tokens}")
-        check(not (self.tools and self.environment),
-              "rollout.tools and rollout.environment: expected one of them (an environment that "
-              "wants tools calls them in its step)")
-        check(
-            not (self.multi_turn
-                 and (self.partial_rollouts or self.exact or self.dynamic_sampling)),
-            "rollout.tools or rollout.environment with rollout.partial_rollouts, rollout.exact or "
-            "rollout.dynamic_sampling: expected none of them (multi-turn trajectories are sampled "
-            "whole, and exact mode is not verified across turns)")
 
 
 def kv_budget(value) -> int | float | str:

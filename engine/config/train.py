@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .fields import check, check_fields, option
-from .ignored import refuse_ignored, supervised_rules
+from .compatibility import refuse_ignored, supervised_rules
 from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig

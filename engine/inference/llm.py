@@ -125,6 +125,8 @@ class LLM:
                                    "supported (a verify step is not the decode step those "
                                    "reproduce); use one or the other")
         self.speculative_tokens, self.speculate_below = speculative_tokens, speculate_below
+        # speculative decoding's draft tokens verified and accepted since take_speculation()
+        self.speculation = {"drafted": 0, "accepted": 0}
         if isinstance(model_dir, CausalLM):
             self.model = model_dir
         else:
@@ -235,6 +237,12 @@ class LLM:
         return [Completion(seq.token_ids[start:], seq.logprobs, seq.finish_reason, None,
                            seq.logprob_slots) for seq, start in zip(seqs, starts)]
 
+    def take_speculation(self) -> dict:
+        """{"drafted", "accepted"}: speculative decoding's draft tokens verified and accepted since
+        the last call (zeros without speculative_tokens); starts counting again."""
+        counts, self.speculation = self.speculation, {"drafted": 0, "accepted": 0}
+        return counts
+
     def device_logprobs(self, slots: list[int]) -> torch.Tensor:
         """The last generate's sampled log-probs at these Completion.logprob_slots, as one fp32
         tensor [len(slots)] on `self.device`: what a trainer reads without a host round trip."""
@@ -337,6 +345,9 @@ class LLM:
                 seq.logprob_slots.append(slot)
             return self.scheduler.postprocess(batch, tokens)
         emitted = self.runner.verify(batch, drafts)
+        self.speculation["drafted"] += sum(map(len, drafts))
+        # a row emits its accepted draft tokens and the one draw after them
+        self.speculation["accepted"] += sum(len(tokens) - 1 for tokens in emitted)
         before = [seq.num_tokens for seq in batch]
         finished = self.scheduler.postprocess(batch, emitted)
         # A finishing token drops the tokens after it: their slots are skipped.

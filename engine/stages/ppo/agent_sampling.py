@@ -1,7 +1,8 @@
 """The first half of a multi-turn iteration (rollout.tools or rollout.environment): n trajectories
 per prompt row, each with its own environment (engine/agents), packed with only the model's tokens
 as targets (the environment's are context: no loss, KL or entropy on them) and scored by the
-environment's rewards, plus the run's reward functions or reward model where set.
+environment's rewards, plus the run's reward functions or reward model where set (generated.py,
+as every mode's rows).
 
 Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 are group g: a
 GRPO group is the n trajectories of one initial prompt.
@@ -11,17 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from ...agents import (AgentLimits, ChatRenderer, EnvSource, agent_metrics, load_environment,
                        load_tools, parser_for, run_agents, tool_schema)
 from ...config.ppo import RolloutConfig
 from ...inference.sampling_params import SamplingParams
+from .generated import Generated, score_generated
 from .models import PPOModels
-from .packs import pack_rollout
 from .phase_timer import PhaseTimer
 from .samples import Samples
-from .scoring import trajectory_scores
 
 
 @dataclass(frozen=True)
@@ -52,30 +50,28 @@ def build_agents(r: RolloutConfig, tokenizer) -> Optional[Agents]:
 
 
 def sample_trajectories(models: PPOModels, agents: Agents, sources: list, r: RolloutConfig,
-                        seed: int, timer: PhaseTimer) -> tuple[Samples, dict]:
+                        seed: int, timer: PhaseTimer, share_prompts: bool = False,
+                        turn_gamma: float | None = None) -> tuple[Samples, dict]:
     """r.samples_per_prompt trajectories per prompt row (data/prompts.py PromptRow) from the
-    policy's current weights, scored; returns the samples and the agents' metrics."""
+    policy's current weights, scored as every mode's rows are (generated.py: share_prompts,
+    turn_gamma there); returns the samples and the agents' metrics. A trajectory that ended on an
+    environment's error has no environment reward."""
     params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k,
                             top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed)
     rows = [{"prompt": source.prompt, **source.columns} for source in sources]
     with timer.phase("generate"):
         trajectories = run_agents(models.actor.generate_turns, agents.renderer, agents.source,
                                   rows, params, agents.limits)
-    device = models.actor.llm.device
     tokens = [t.tokens for t in trajectories]
-    prompt_ids = [t.prompt_token_ids for t in tokens]
-    responses = [t.token_ids for t in tokens]
     # A trajectory that left the batch (env_errors=skip) has no target: nothing of it is trained,
     # and its group's statistics are the others' (core.py group_token_advantages).
     masks = [[False] * len(t.tokens.model_mask) if t.error else t.tokens.model_mask
              for t in trajectories]
-    packed = pack_rollout(prompt_ids, responses, device, model_masks=masks)
     logprobs = models.actor.llm.device_logprobs(
         [s for t in trajectories if not t.error for s in t.tokens.logprob_slots])
-    per_row = [s for s in sources for _ in range(r.samples_per_prompt)]
-    with timer.phase("score"), torch.no_grad():
-        scores = trajectory_scores(models.score, trajectories, per_row, packed, r.forward_tokens,
-                                   models.ranks).to(device)
-    samples = Samples(prompt_ids, responses, packed, packed.to_grid(logprobs.to(device)), scores,
-                      r.samples_per_prompt, per_row)
+    generated = Generated([t.prompt_token_ids for t in tokens], [t.token_ids for t in tokens],
+                          logprobs, r.samples_per_prompt, sources, masks,
+                          [[] if t.error else list(t.turn_rewards) for t in trajectories],
+                          trajectories)
+    samples = score_generated(models, generated, r, timer, share_prompts, turn_gamma)
     return samples, agent_metrics(trajectories)

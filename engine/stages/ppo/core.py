@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...config.estimators import CRITIC_ESTIMATORS
 from ....kernels import SumOver, gae, group_advantages, masked_moments, masked_whiten
 
 
@@ -64,10 +65,10 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: to
     Advantages are whitened over the valid tokens when ``whiten`` (every rank's, with sum_over the
     ranks' sum: see kernels.masked_whiten); returns are not.
     """
-    if estimator not in ("gae", "reinforce"):
+    if estimator not in CRITIC_ESTIMATORS:
         raise ValueError(
-            f"advantages_and_returns: unknown estimator {estimator!r}; expected 'gae' or "
-            "'reinforce'")
+            f"advantages_and_returns: unknown estimator {estimator!r}; expected one of "
+            f"{CRITIC_ESTIMATORS}")
     advantages, returns = gae(rewards, values, mask, gamma=gamma,
                               lam=1.0 if estimator == "reinforce" else lam)
     if whiten:

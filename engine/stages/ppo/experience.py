@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 
 from ...parallel import distributed
+from ...config.estimators import GROUP_ESTIMATORS
 from ...config.ppo import PPOConfig
 from ...train import runlog
-from ....kernels import (GROUP_ESTIMATORS, explained_variance, kl_penalty, masked_mean,
-                         masked_moments)
+from ....kernels import explained_variance, kl_penalty, masked_mean, masked_moments
 from .chunks import forward_in_pieces
 from .core import (RunningMoments, advantages_and_returns, finite_rows, group_token_advantages,
                    shape_rewards)
@@ -29,6 +29,7 @@ from .models import PPOModels
 from .phase_timer import PhaseTimer
 from .rollout import Rollout
 from .samples import Samples
+from .turns import place_turn_rewards, turn_returns, turn_token_advantages
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,15 @@ class ExperienceSettings:
     whiten_advantages: bool         # ppo.whiten_advantages (critic estimators)
     # rollout.tokens_per_forward: the scoring forwards' budget
     tokens_per_forward: Optional[int] = None
+    turn_gamma: float = 1.0         # reward.turn_gamma (the samples hold per-turn rewards or not)
+    turn_advantages: bool = False   # ppo.turn_advantages
 
     @classmethod
     def of(cls, cfg: PPOConfig) -> "ExperienceSettings":
         r, w, p = cfg.rollout, cfg.reward, cfg.ppo
         return cls(r.temperature, r.exact, w.kl_estimator, w.normalize, w.clip, p.estimator,
-                   p.gamma, p.lam, p.whiten_advantages, r.forward_tokens)
+                   p.gamma, p.lam, p.whiten_advantages, r.forward_tokens, w.turn_gamma,
+                   p.turn_advantages)
 
 
 @dataclass
@@ -117,9 +121,13 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
               if s.normalize_scores else scores)
     if s.score_clip is not None:
         shaped = shaped.clamp(-s.score_clip, s.score_clip)
-    rewards = shape_rewards(kl, shaped, mask, kl_coef)
+    rewards, turn_returns = shaped_rewards(samples, shaped, kl, mask, kl_coef, s.turn_gamma)
     with_values = old_values is not None
-    if not with_values:  # critic-free: each row's group-relative advantage on all its tokens
+    if not with_values and s.turn_advantages:  # each turn a unit of its group's statistics
+        advantages = turn_token_advantages(turn_returns, samples.turn_spans, mask, samples.n,
+                                           s.estimator)
+        old_values = returns = torch.zeros_like(advantages)
+    elif not with_values:  # critic-free: each row's group-relative advantage on all its tokens
         advantages = group_token_advantages(shaped, mask, samples.n, s.estimator, sum_over=sum_over)
         old_values = returns = torch.zeros_like(advantages)
     else:
@@ -131,11 +139,43 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     metrics = {**rollout_metrics(rollout, kl, entropy, with_values, timer, ranks),
                # What one forward over the rows reads, each shared prompt once
                # (train.prefix_sharing), and the rows' own tokens: their ratio is the saving.
-               **distributed.all_reduce_sum({"forwarded_tokens": packed.forwarded_tokens,
-                                             "row_tokens": sum(packed.seqlens)}, ranks)}
+               **applied_metrics(samples, ranks)}
     return Experience(rollout,
                       {**metrics, "kl_coef": kl_coef, "dropped_rows": dropped["dropped_rows"]},
                       kl=metrics["kl"])
+
+
+def shaped_rewards(samples: Samples, shaped: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                   kl_coef: float, turn_gamma: float) -> tuple[torch.Tensor, list | None]:
+    """Per-token rewards [R, T] of the rollout (core.shape_rewards: the score at each row's last
+    token) and, with per-turn rewards (reward.per_turn), each environment reward at its turn's
+    last model token instead, the rest of the score (reward functions, overlong shaping) at the
+    last token; then also each row's per-turn returns to go (the rest counted in the last turn's
+    reward), else None."""
+    if samples.turn_rewards is None:
+        return shape_rewards(kl, shaped, mask, kl_coef), None
+    env = [turn_returns(x, turn_gamma)[0] if x else 0.0 for x in samples.turn_rewards]
+    rest = shaped - torch.tensor(env, dtype=shaped.dtype, device=shaped.device)
+    rewards = place_turn_rewards(shape_rewards(kl, rest, mask, kl_coef), samples.turn_spans,
+                                 samples.turn_rewards)
+    rests = rest.tolist()
+    per_row = [turn_returns(x[:-1] + [x[-1] + extra], turn_gamma) if x else []
+               for x, extra in zip(samples.turn_rewards, rests)]
+    return rewards, per_row
+
+
+def applied_metrics(samples: Samples, ranks: distributed.DataRanks) -> dict:
+    """What the options did to these rows, summed over the data `ranks`: the tokens one forward
+    reads (each shared prompt once) and the rows' own, prefix/tokens_saved (prompt tokens
+    forwarded once for their group: train.prefix_sharing) and overlong/penalized (answers that
+    lost score to overlong shaping)."""
+    packed = samples.packed
+    penalized = sum(p < 0 for p in samples.penalties or ())
+    sums = distributed.all_reduce_sum({"forwarded_tokens": packed.forwarded_tokens,
+                                       "row_tokens": sum(packed.seqlens),
+                                       "overlong/penalized": penalized}, ranks)
+    sums["prefix/tokens_saved"] = sums["row_tokens"] - sums["forwarded_tokens"]
+    return sums
 
 
 def non_finite_reason(scores: torch.Tensor, group: int | None) -> str:

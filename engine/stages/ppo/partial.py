@@ -32,8 +32,8 @@ from ...data.prompts import PromptRow
 from ...inference.sampling_params import SamplingParams
 from .models import PPOModels
 from .phase_timer import PhaseTimer
+from .generated import Generated, score_generated
 from .samples import Samples
-from .sampling import score_samples
 from .state import PPOState
 
 
@@ -102,11 +102,12 @@ def generate_in_flight(models: PPOModels, groups: list[dict], r: RolloutConfig, 
 
 def partial_samples(models: PPOModels, state: PPOState,
                     draw_prompts: Callable[[int], list[PromptRow]], r: RolloutConfig, seed: int,
-                    timer: PhaseTimer) -> tuple[Samples | None, dict]:
+                    timer: PhaseTimer, share_prompts: bool = False) -> tuple[Samples | None, dict]:
     """This iteration's complete groups (None when no rank completed one) and its metrics: carried
     (partial answers left unfinished), dropped answers and tokens (too stale), the staleness of the
     trained tokens (mean, max), the tokens drawn and the share of the token budget.
-    draw_prompts(k): the stream's next k prompts of this rank. Advances state.in_flight."""
+    draw_prompts(k): the stream's next k prompts of this rank; share_prompts: see
+    generated.score_generated. Advances state.in_flight."""
     it, groups, ranks = state.step, state.in_flight, models.ranks
     dropped, dropped_tokens = drop_stale(groups, it, r.max_staleness)
     wanted = distributed.max_over_ranks(new_groups_wanted(len(groups), r.prompts_per_iteration),
@@ -138,5 +139,6 @@ def partial_samples(models: PPOModels, state: PPOState,
                             device=models.actor.llm.device)
     sources = [PromptRow(g["prompt"], g["source"]["prompt"], g["source"]["columns"])
                for g in trained] if all(g["source"] for g in trained) else None
-    return score_samples(models, [p for p, _ in rows], [s["answer"] for _, s in rows], logprobs, r,
-                         timer, sources), metrics
+    generated = Generated([p for p, _ in rows], [s["answer"] for _, s in rows], logprobs,
+                          r.samples_per_prompt, sources)
+    return score_generated(models, generated, r, timer, share_prompts), metrics

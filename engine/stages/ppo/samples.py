@@ -23,6 +23,11 @@ class Samples:
     scores: torch.Tensor                # [R] fp32, after overlong shaping
     n: int                              # responses per prompt
     sources: list | None = None         # [R] each row's data/prompts.py PromptRow, when known
+    penalties: list[float] | None = None    # [R] <= 0: overlong shaping's, in `scores`
+    # reward.per_turn: [R] each turn's [start, end) response columns and environment reward
+    # (turns.py); the rewards are in `scores` too, discounted across turns
+    turn_spans: list | None = None
+    turn_rewards: list | None = None
 
     @property
     def groups(self) -> int:
@@ -34,17 +39,25 @@ class Samples:
     def take_rows(self, rows: list[int]) -> "Samples":
         """These rows (whole groups, for a group estimator: see finite_rows)."""
         pick = torch.tensor(rows, dtype=torch.long, device=self.scores.device)
-        return Samples([self.prompts[r] for r in rows], [self.responses[r] for r in rows],
-                       self.packed.select(rows), self.sampler_logprobs.index_select(0, pick),
-                       self.scores.index_select(0, pick), self.n,
-                       None if self.sources is None else [self.sources[r] for r in rows])
+
+        def some(values):
+            return None if values is None else [values[r] for r in rows]
+        return Samples(some(self.prompts), some(self.responses), self.packed.select(rows),
+                       self.sampler_logprobs.index_select(0, pick),
+                       self.scores.index_select(0, pick), self.n, some(self.sources),
+                       some(self.penalties), some(self.turn_spans), some(self.turn_rewards))
 
     @staticmethod
     def concat(parts: list["Samples"]) -> "Samples":
         """The rows of each part in turn (sampling rounds: their grids widened to the widest)."""
         packed = concat_packs([s.packed for s in parts])
-        return Samples([p for s in parts for p in s.prompts],
-                       [r for s in parts for r in s.responses], packed,
+
+        def joined(name):
+            if getattr(parts[0], name) is None:
+                return None
+            return [x for s in parts for x in getattr(s, name)]
+        return Samples(joined("prompts"), joined("responses"), packed,
                        torch.cat([pad_width(s.sampler_logprobs, packed.width) for s in parts]),
-                       torch.cat([s.scores for s in parts]), parts[0].n,
-                       None if parts[0].sources is None else [p for s in parts for p in s.sources])
+                       torch.cat([s.scores for s in parts]), parts[0].n, joined("sources"),
+                       joined("penalties"),
+                       joined("turn_spans"), joined("turn_rewards"))

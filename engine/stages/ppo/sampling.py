@@ -1,6 +1,6 @@
-"""The first half of an iteration: generate n responses per prompt and score them, with DAPO's
-dynamic sampling (keep only prompt groups whose scores differ, drawing more prompts until the batch
-is full) and overlong shaping (a soft penalty on responses near the length limit).
+"""The first half of a single-turn iteration: generate n responses per prompt and score them
+(generated.py, with overlong shaping), with DAPO's dynamic sampling (keep only prompt groups whose
+scores differ, drawing more prompts until the batch is full).
 
 Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 are group g
 (samples.py).
@@ -14,21 +14,10 @@ import torch
 from ...parallel import distributed
 from ...config.ppo import RolloutConfig
 from ...inference.sampling_params import SamplingParams
+from .generated import Generated, score_generated
 from .models import PPOModels
-from .packs import pack_rollout
 from .phase_timer import PhaseTimer
 from .samples import Samples
-from .scoring import score_rows
-
-
-def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int,
-                     penalty: float) -> torch.Tensor:
-    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), lengths [R] -> [R] fp32 <= 0:
-    0 up to max_new_tokens - buffer, then falling linearly to -penalty at max_new_tokens."""
-    if buffer == 0:
-        return torch.zeros_like(lengths, dtype=torch.float32)
-    over = (lengths.float() - (max_new_tokens - buffer)).clamp(0, buffer)
-    return -penalty * over / buffer
 
 
 def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
@@ -42,11 +31,11 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
                      timer: PhaseTimer, sources: Optional[list] = None,
                      share_prompts: bool = False) -> Samples:
     """r.samples_per_prompt responses per prompt from the policy's current weights (models.actor),
-    sampled as `r` says, scored by models.score (and overlong-shaped); `seed` fixes the sampling;
-    timed as "generate" and "score". sources: the prompts' rows (each with `.prompt`, as the data
-    holds it, and `.columns`, its other columns), for the reward functions (scoring.reward_inputs;
-    None: the decoded prompts stand in, without columns). share_prompts (train.prefix_sharing):
-    the pack's rows of one prompt read it once in every forward."""
+    sampled as `r` says, then packed and scored as every mode's rows are (generated.py); `seed`
+    fixes the sampling; timed as "generate" and "score". sources: the prompts' rows (each with
+    `.prompt`, as the data holds it, and `.columns`, its other columns), for the reward functions
+    (scoring.reward_inputs; None: the decoded prompts stand in, without columns). share_prompts
+    (train.prefix_sharing): the pack's rows of one prompt read it once in every forward."""
     params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k,
                             top_p=r.top_p, max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos,
                             seed=seed)
@@ -58,34 +47,9 @@ def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConf
             prompt_ids, responses, host = cp.same_on_ranks(
                 (prompt_ids, responses, sampler_logprobs.cpu()))
             sampler_logprobs = host.to(sampler_logprobs.device)
-    return score_samples(models, prompt_ids, responses, sampler_logprobs, r, timer, sources,
-                         share_prompts)
-
-
-def score_samples(models: PPOModels, prompt_ids: list[list[int]], responses: list[list[int]],
-                  sampler_logprobs: torch.Tensor, r: RolloutConfig, timer: PhaseTimer,
-                  sources: list | None = None, share_prompts: bool = False) -> Samples:
-    """Generated rows (groups of r.samples_per_prompt; sampler_logprobs [sum of response lengths]
-    fp32, row after row) packed and scored by models.score (and overlong-shaped); timed as
-    "score". sources: each group's prompt row (sample_and_score's), kept per row and read by the
-    reward functions (scoring.reward_inputs). share_prompts: see sample_and_score."""
-    # where the policy runs (its resting shards may be in CPU memory)
-    device = models.actor.llm.device
-    # A prompt answered once has nothing to share.
-    packed = pack_rollout(prompt_ids, responses, device,
-                          share_prompts=share_prompts and r.samples_per_prompt > 1)
-    # routing replay: the training forwards route as the sampler did
-    if models.actor.record_routing:
-        packed = packed._replace(routing=models.actor.last_routing.to(device))
-    rows = None if sources is None else [p for p in sources for _ in range(r.samples_per_prompt)]
-    with timer.phase("score"), torch.no_grad():
-        scores = score_rows(models.score, prompt_ids, responses, packed, r.forward_tokens,
-                            rows, models.ranks).float().to(device)    # [R]
-    lengths = torch.tensor([len(x) for x in responses], device=scores.device)
-    scores = scores + overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer,
-                                       r.overlong_penalty)
-    return Samples(prompt_ids, responses, packed, packed.to_grid(sampler_logprobs.to(device)),
-                   scores, r.samples_per_prompt, rows)
+    return score_generated(models, Generated(prompt_ids, responses, sampler_logprobs,
+                                             r.samples_per_prompt, sources), r, timer,
+                           share_prompts)
 
 
 def draw_samples(draw_prompts: Callable[[], list[list[int]]],

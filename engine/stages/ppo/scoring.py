@@ -57,32 +57,22 @@ def reward_model_scorer(rm, critic_lora=None) -> RewardModelScorer:
 def score_rows(score: Scorer, prompts: list[list[int]], responses: list[list[int]],
                packed: PackedBatch, tokens_per_forward: int | None = None,
                rows: Optional[list] = None,
-               ranks: distributed.DataRanks = distributed.WORLD) -> torch.Tensor:
+               ranks: distributed.DataRanks = distributed.WORLD,
+               trajectories: Optional[list] = None) -> torch.Tensor:
     """Scores [R] of the rollout's rows, from its pack when the scorer reads one (in forwards of at
     most `tokens_per_forward` tokens over the data `ranks`: chunks.py); `rows`: their prompt rows
-    (reward_inputs)."""
+    (reward_inputs). trajectories: [R] the multi-turn rows' engine/agents AgentTrajectory, whose
+    role-tagged messages the reward functions read (trajectory_inputs); one that left the batch is
+    not scored (NaN: it has no trained token, so nothing reads it)."""
     score_packed = getattr(score, "score_packed", None)
-    if score_packed is None:
+    if score_packed is not None:
+        return forward_in_pieces(packed, tokens_per_forward, score_packed, ranks)
+    if trajectories is None:
         return score(prompts, responses, rows)
-    return forward_in_pieces(packed, tokens_per_forward, score_packed, ranks)
-
-
-def trajectory_scores(score: Optional[Scorer], trajectories: list, rows: list,
-                      packed: PackedBatch, tokens_per_forward: int | None = None,
-                      ranks: distributed.DataRanks = distributed.WORLD) -> torch.Tensor:
-    """Scores [R] fp32 of multi-turn trajectories (engine/agents AgentTrajectory, with `rows` their
-    prompt rows): the environment's reward, plus the reward model's at each sequence's last token
-    (from the rollout's `packed`) or the reward functions' of the trajectories that stayed
-    (trajectory_inputs); NaN for one that left the batch."""
-    scores = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
-    if score is None:
-        return scores
-    if getattr(score, "score_packed", None) is not None:
-        return scores + forward_in_pieces(packed, tokens_per_forward, score.score_packed,
-                                          ranks).float().cpu()
+    scores = torch.full((len(trajectories),), float("nan"))
     stayed = [i for i, t in enumerate(trajectories) if not t.error]
-    if stayed:  # every rank calls it (its groups hand the scores on)
-        scores[stayed] += score.score_inputs(lambda: trajectory_inputs(
+    if stayed:  # the same rows on every rank of a group, so its ranks call it alike
+        scores[stayed] = score.score_inputs(lambda: trajectory_inputs(
             [trajectories[i] for i in stayed], [rows[i] for i in stayed]))
     return scores
 

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ...config.compatibility import refuse_incompatible
 from ...config.ppo import GRPOConfig, PPOConfig
 from ...config.train import DataConfig
 from ...data.loading import load_examples
@@ -65,6 +66,7 @@ from .ptx import PtxLoss
 from .partial import partial_samples
 from .sampling import draw_samples, sample_and_score
 from .scoring import FunctionScorer, reward_model_scorer
+from .samples import Samples
 from .state import Controllers, PPOState
 from .update import Optimizers, UpdateSettings, minibatch_rule, ppo_update
 
@@ -144,18 +146,6 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
     sharder, frozen = laying_out("adapted", dims), laying_out("frozen", dims)
     policy = load_model(cfg.policy, dtype=dtype, device=device,
                         shard=sharder if lora_run else laying_out("trained", dims))
-    if policy.config.moe is not None and cfg.rollout.exact:
-        raise UsageError(
-            f"rollout.exact=true with a mixture-of-experts policy ({policy.config.model_type}) is "
-            "not supported: its expert GEMMs have no batch-invariant mode; set rollout.exact=false "
-            "(rollout.routing_replay keeps the trainer's experts the sampler's)")
-    r = cfg.rollout
-    if policy.config.moe is not None and r.routing_replay and (r.partial_rollouts or r.multi_turn):
-        what = ("rollout.partial_rollouts=true" if r.partial_rollouts else
-                "rollout.tools or rollout.environment")
-        raise UsageError(f"{what} with a mixture-of-experts policy and rollout.routing_replay: not "
-                         "supported (a carried answer's or a later turn's routing records are not "
-                         "kept); set rollout.routing_replay=false")
     policy.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
@@ -313,6 +303,8 @@ def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
                     check=startup_check)
     cfg = run.config  # train.gradient_checkpointing=auto resolved
     device, tokenizer = run.device, run.tokenizer
+    # the pairs of options a mixture-of-experts policy does not run with, from its config.json
+    refuse_incompatible(cfg, moe=run.configs["policy"].moe is not None)
     agents = build_agents(cfg.rollout, tokenizer)  # tools, environment, template: before any model
     prompts, truncated = load_prompts(
         cfg.prompts_file if dataset is None else dataset, tokenizer, cfg.rollout.max_prompt_length,
@@ -360,33 +352,40 @@ def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedule
     What carries to the next iteration lives in the loop state (state.py); the returned metrics
     only report."""
     experience_settings, update_settings = ExperienceSettings.of(cfg), UpdateSettings.of(cfg)
+    share = cfg.train.shares_prefixes
+    turn_gamma = cfg.reward.turn_gamma if cfg.reward.per_turn else None
+
+    def sample(state: PPOState, seed: int, timer: PhaseTimer) -> tuple[Optional[Samples], dict]:
+        """The iteration's samples (None: no group complete yet) by the run's rollout mode."""
+        if cfg.rollout.partial_rollouts:
+            return partial_samples(
+                models, state,
+                lambda count: next_prompts(prompts, count, cfg.seed, state, models.ranks),
+                cfg.rollout, seed, timer, share)
+        if agents is not None:
+            return sample_trajectories(
+                models, agents, next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed,
+                                             state, models.ranks), cfg.rollout, seed, timer,
+                share, turn_gamma)
+        return draw_samples(
+            lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state,
+                                 models.ranks),
+            lambda batch, seed: sample_and_score(models, [p.ids for p in batch], cfg.rollout,
+                                                 seed, timer, sources=batch, share_prompts=share),
+            cfg.rollout, seed, models.ranks)
 
     def step(state: PPOState) -> dict:
         it = state.step
         controllers = Controllers.restore(state, cfg.reward)
         timer = PhaseTimer(device)
-        seed = cfg.seed * 1_000_003 + it
-        if cfg.rollout.partial_rollouts:
-            samples, sampling_metrics = partial_samples(
-                models, state,
-                lambda count: next_prompts(prompts, count, cfg.seed, state, models.ranks),
-                cfg.rollout, seed, timer)
-            if samples is None:  # every group still has answers in flight: nothing to learn yet
-                for s in schedules:
-                    optim.advance_schedule(s)
-                return {**sampling_metrics, **timer.metrics()}
-        elif agents is not None:
-            samples, sampling_metrics = sample_trajectories(
-                models, agents, next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed,
-                                             state, models.ranks), cfg.rollout, seed, timer)
-        else:
-            samples, sampling_metrics = draw_samples(
-                lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state,
-                                     models.ranks),
-                lambda batch, seed: sample_and_score(models, [p.ids for p in batch], cfg.rollout,
-                                                     seed, timer, sources=batch,
-                                                     share_prompts=cfg.train.shares_prefixes),
-                cfg.rollout, seed, models.ranks)
+        samples, sampling_metrics = sample(state, cfg.seed * 1_000_003 + it, timer)
+        if cfg.rollout.speculative_tokens:
+            spec = distributed.all_reduce_sum(models.actor.llm.take_speculation(), models.ranks)
+            sampling_metrics.update({f"spec/{k}": v for k, v in spec.items()})
+        if samples is None:  # every group still has answers in flight: nothing to learn yet
+            for s in schedules:
+                optim.advance_schedule(s)
+            return {**sampling_metrics, **timer.metrics()}
         experience = make_rollout(models, samples, experience_settings, controllers.kl.value,
                                   controllers.moments, timer)
         scores = models.score.metrics() if models.score is not None else {}

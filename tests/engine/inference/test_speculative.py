@@ -30,6 +30,8 @@ def run(model_dir, prompts, params, **engine):
     llm = LLM(model_dir, kv_cache_memory=1 << 22, block_size=4, **engine)
     outputs = llm.generate(prompts, params)
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks  # all given back
+    run.speculation = llm.take_speculation()
+    assert llm.take_speculation() == {"drafted": 0, "accepted": 0}  # counted since the last take
     return [c for o in outputs for c in o.outputs], llm.runner.forwards
 
 
@@ -55,6 +57,10 @@ def test_speculation_gives_the_plain_tokens_in_fewer_forwards_on_repetitive_text
         # The target's, through another kernel path (a packed forward over the draft).
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
     assert plain_forwards == 30 and spec_forwards <= plain_forwards / 2
+    # A forward draws one token a row beyond its accepted drafts: the rest were accepted drafts.
+    tokens = sum(len(c.token_ids) for c in spec)
+    assert run.speculation["accepted"] >= tokens - len(spec) * spec_forwards
+    assert run.speculation["drafted"] >= run.speculation["accepted"] > 0
 
 
 def test_a_finishing_token_inside_an_accepted_draft_ends_the_answer(cycle_dir):

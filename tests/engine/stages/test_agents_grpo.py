@@ -107,7 +107,7 @@ def test_lora_trains_on_three_turn_trajectories_and_moe_replay_is_refused(tmp_pa
     make_moe_model("qwen3_moe").save_pretrained(moe)
     make_chat_tokenizer().save_pretrained(moe)
     three = {"environment": "agent_testing:ThreeTurns", "max_turns": 3}
-    with pytest.raises(UsageError, match="rollout.tools or rollout.environment with a mixture-of-experts"):
+    with pytest.raises(UsageError, match="rollout.routing_replay=True with rollout.environment='agent_testing:ThreeTurns'"):
         grpo(tmp_path / "replay", moe, three)
     records = grpo(tmp_path / "no-replay", moe, {**three, "routing_replay": False})
     assert len(records) == 2 and all(r["turns/max"] <= 3 and r["tokens/model"] > 0 for r in records)

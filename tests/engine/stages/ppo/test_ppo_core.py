@@ -6,9 +6,11 @@ import torch
 
 from fusedrl.engine.stages.ppo.core import (KLController, RunningMoments, advantages_and_returns,
                              last_valid_index, shape_rewards)
-from fusedrl.engine.config.ppo import CRITIC_ESTIMATORS, Estimator
+from fusedrl.engine.config.estimators import AGGREGATIONS, CRITIC_ESTIMATORS, ESTIMATORS, GROUP_ESTIMATORS
+from fusedrl.engine.config.ppo import UpdateConfig
 from fusedrl.engine.parallel import distributed
-from fusedrl.kernels import GROUP_ESTIMATORS, explained_variance, masked_whiten, reference
+from fusedrl import kernels
+from fusedrl.kernels import explained_variance, masked_whiten, reference
 
 
 def test_shape_rewards_hand_computed():
@@ -67,10 +69,15 @@ def test_one_process_whitening_is_the_kernels():
                                reference.masked_whiten(x, mask))
 
 
-def test_every_estimator_is_a_critic_or_a_group_one():
-    # The config names the critic estimators, the kernels the group ones: together, the config's choices.
-    assert sorted(CRITIC_ESTIMATORS + GROUP_ESTIMATORS) == sorted(Estimator.__args__)
-    assert not set(CRITIC_ESTIMATORS) & set(GROUP_ESTIMATORS)
+def test_the_registry_is_what_the_config_and_the_kernels_accept():
+    # One registry: the config's choices, the kernels' group estimators and aggregation rules (in
+    # their order: the loss kernel takes an aggregation's index).
+    from typing import get_type_hints
+    hints = get_type_hints(UpdateConfig)
+    assert hints["estimator"].__args__ == tuple(ESTIMATORS)
+    assert hints["agg"].__args__ == tuple(AGGREGATIONS) == kernels.AGGS
+    assert GROUP_ESTIMATORS == kernels.GROUP_ESTIMATORS
+    assert sorted(CRITIC_ESTIMATORS + GROUP_ESTIMATORS) == sorted(ESTIMATORS)
 
 
 def test_kl_controller_moves_toward_target():

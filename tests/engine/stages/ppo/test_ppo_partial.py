@@ -70,8 +70,8 @@ def test_partial_rollouts_turn_the_is_correction_on_and_refuse_what_cannot_carry
     assert UpdateSettings.of(off).ppo.is_mode is None
     wanted = [new_groups_wanted(carried, 16) for carried in (0, 10, 16, 30, 40)]
     assert wanted == [32, 22, 16, 2, 0]
-    with pytest.raises(ValueError, match="partial_rollouts=true with rollout.dynamic_sampling"):
-        RolloutConfig(partial_rollouts=True, exact=True)
+    with pytest.raises(ValueError, match=r"^rollout.partial_rollouts=True with rollout.exact=True: "):
+        GRPOConfig(**base, rollout=RolloutConfig(partial_rollouts=True, exact=True))
 
 
 def test_two_ranks_carry_answers_and_train_whole_groups_in_step(setup):
@@ -110,7 +110,7 @@ def test_lora_and_moe_policies_carry_answers(setup, tmp_path, policy):
     if policy == "lora":
         cfg = dataclasses.replace(cfg, lora=LoRAConfig(rank=4))
     else:
-        with pytest.raises(UsageError, match="partial_rollouts=true with a mixture-of-experts policy"):
+        with pytest.raises(UsageError, match="rollout.routing_replay=True with rollout.partial_rollouts=True"):
             run_ppo(cfg)
         cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, routing_replay=False))
     run_ppo(cfg)

@@ -6,7 +6,8 @@ from fusedrl.engine.config.ppo import GRPOConfig, PPOConfig, RolloutConfig
 from fusedrl.engine.stages.ppo.core import group_token_advantages
 from fusedrl.engine.stages.ppo.packs import concat_packs, pack_rollout
 from fusedrl.engine.stages.ppo.samples import Samples
-from fusedrl.engine.stages.ppo.sampling import draw_samples, overlong_penalty, varied_groups
+from fusedrl.engine.stages.ppo.generated import overlong_penalty
+from fusedrl.engine.stages.ppo.sampling import draw_samples, varied_groups
 
 
 def grpo_config(**rollout):
@@ -17,10 +18,10 @@ def grpo_config(**rollout):
 
 def test_overlong_penalty_is_dapo_s_linear_ramp():
     # max 10 tokens, buffer 4: no penalty up to 6 tokens, then -(L - 6) / 4, -1 at 10.
-    lengths = torch.tensor([3, 6, 7, 8, 10])
-    assert overlong_penalty(lengths, 10, 4, 1.0).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0]
-    assert overlong_penalty(lengths, 10, 4, 2.0)[-1].item() == -2.0
-    assert overlong_penalty(lengths, 10, 0, 1.0).tolist() == [0.0] * 5
+    lengths = [3, 6, 7, 8, 10]
+    assert overlong_penalty(lengths, 10, 4, 1.0) == [0.0, 0.0, -0.25, -0.5, -1.0]
+    assert overlong_penalty(lengths, 10, 4, 2.0)[-1] == -2.0
+    assert overlong_penalty(lengths, 10, 0, 1.0) == [0.0] * 5
 
 
 def test_varied_groups_are_those_with_unequal_scores():

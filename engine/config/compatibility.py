@@ -1,0 +1,190 @@
+"""Which options go together: one table of the pairs that are refused (before any model loads, in
+one line naming both options and why), and the rules of options set where nothing reads them.
+Every pair of rollout and training options not in INCOMPATIBLE runs in every rollout mode
+(tests/engine/config/test_compatibility.py walks them all). Torch-free.
+
+A pair's options are dotted config keys; `policy.moe` stands for a mixture-of-experts policy, read
+from its config.json at the run's start (refuse_incompatible(cfg, moe=...)), unknown (None) when
+the config alone is checked.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import ConfigValueError
+from .estimators import CRITIC_ESTIMATORS, TURN_ESTIMATORS
+
+
+def option_value(config, key: str):
+    """The value of dotted `key` in `config` (a section's fields by attribute)."""
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def is_on(config, key: str) -> bool:
+    """Whether option `key` is in use: set away from its off value (False, 0, None, an empty
+    list)."""
+    return bool(option_value(config, key))
+
+
+MOE = "policy.moe"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two options refused together: `first` and `second` dotted keys (or MOE), `why` (a clause);
+    `moe`: only with a mixture-of-experts policy; `applies(config)`: when the pair holds beyond
+    both options being on (default: always)."""
+    first: str
+    second: str
+    why: str
+    moe: bool = False
+    applies: Callable | None = None
+
+    def holds(self, config, moe: bool | None) -> bool:
+        """Whether `config` sets both options (with `moe`: the policy is a mixture of experts)."""
+        if (self.moe or MOE in (self.first, self.second)) and not moe:
+            return False
+        both = all(is_on(config, k) for k in (self.first, self.second) if k != MOE)
+        return both and (self.applies is None or bool(self.applies(config)))
+
+    def message(self, config) -> str:
+        shown = [("a mixture-of-experts policy" if k == MOE else f"{k}={option_value(config, k)!r}")
+                 for k in (self.first, self.second)]
+        return f"{shown[0]} with {shown[1]}: not supported ({self.why}); set one of them off"
+
+
+_WHOLE = "multi-turn trajectories are sampled whole"
+_NO_RECORD = "a carried answer's or a later turn's routing records are not kept"
+_VERIFY = "a speculative verify step is not the decode step that one reproduces"
+_CHUNK = "a chunked prefill is not the forward that one reproduces"
+
+INCOMPATIBLE: tuple[Pair, ...] = (
+    Pair("rollout.partial_rollouts", "rollout.dynamic_sampling",
+         "dynamic sampling draws whole groups again"),
+    Pair("rollout.partial_rollouts", "rollout.exact",
+         "a carried answer mixes tokens of older weights, which exact's bitwise old log-probs "
+         "cannot reproduce"),
+    Pair("rollout.tools", "rollout.environment",
+         "an environment that wants tools calls them in its step"),
+    Pair("rollout.tools", "rollout.partial_rollouts", _WHOLE),
+    Pair("rollout.environment", "rollout.partial_rollouts", _WHOLE),
+    Pair("rollout.tools", "rollout.exact", "exact mode is not verified across turns"),
+    Pair("rollout.environment", "rollout.exact", "exact mode is not verified across turns"),
+    Pair("rollout.tools", "rollout.dynamic_sampling", _WHOLE),
+    Pair("rollout.environment", "rollout.dynamic_sampling", _WHOLE),
+    Pair("rollout.speculative_tokens", "rollout.exact", _VERIFY),
+    Pair("rollout.prefill_chunk", "rollout.exact", _CHUNK),
+    Pair("rollout.dynamic_sampling", "ppo.estimator",
+         "it drops groups of equal scores: it needs a group estimator",
+         applies=lambda c: c.ppo.estimator in CRITIC_ESTIMATORS),
+    Pair("rollout.exact", "lora.dropout",
+         "the sampler's and the trainer's forwards would draw different dropout masks"),
+    Pair("ppo.turn_advantages", "ppo.estimator",
+         f"turn-level group advantages are those of {', '.join(TURN_ESTIMATORS)}",
+         applies=lambda c: c.ppo.estimator not in TURN_ESTIMATORS),
+    Pair("reward.per_turn", "reward.normalize",
+         "a turn's reward sits where the environment gave it, unnormalized"),
+    Pair("reward.per_turn", "reward.clip",
+         "a turn's reward sits where the environment gave it, unclipped"),
+    Pair("rollout.exact", MOE,
+         "its expert GEMMs have no batch-invariant mode; rollout.routing_replay keeps the "
+         "trainer's experts the sampler's"),
+    Pair("rollout.routing_replay", "rollout.partial_rollouts", _NO_RECORD, moe=True),
+    Pair("rollout.routing_replay", "rollout.tools", _NO_RECORD, moe=True),
+    Pair("rollout.routing_replay", "rollout.environment", _NO_RECORD, moe=True),
+    Pair("rollout.routing_replay", "rollout.speculative_tokens", _VERIFY, moe=True),
+    Pair("rollout.routing_replay", "rollout.prefill_chunk", _CHUNK, moe=True),
+)
+
+
+def refuse_incompatible(config, moe: bool | None = None) -> None:
+    """ConfigValueError (one line naming both options) for the first pair of INCOMPATIBLE that
+    `config` (a PPOConfig) sets; `moe`: whether the policy is a mixture of experts (None: not known
+    yet, its pairs wait for the run's start)."""
+    for pair in INCOMPATIBLE:
+        if pair.holds(config, moe):
+            raise ConfigValueError(pair.message(config))
+
+
+# The rules of options set but unread: (dotted option, whether it is set but unread, why it is
+# not read); refuse_ignored names the first that holds.
+Rule = tuple[str, bool, str]  # (dotted option, whether it is set but unread, why it is not read)
+
+
+def is_set(section, name: str) -> bool:
+    """Whether option `name` of dataclass `section` differs from its field's default."""
+    f = next(f for f in dataclasses.fields(section) if f.name == name)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return getattr(section, name) != default
+
+
+def lora_rules(lora, section: str) -> list[Rule]:
+    """A `lora`-like section's options other than rank, when rank is 0 (no adapters)."""
+    return [(f"{section}.{name}", not lora.enabled and is_set(lora, name),
+             f"without adapters ({section}.rank=0); set {section}.rank > 0 to train adapters")
+            for name in ("alpha", "dropout", "target_modules")]
+
+
+def supervised_rules(cfg) -> list[Rule]:
+    """SFT's and the reward model's: the eval options, LoRA's."""
+    data, train = cfg.data, cfg.train
+    no_eval = not data.eval_file and data.eval_fraction == 0
+    unread_fraction = (bool(data.eval_file) and data.eval_fraction != 0
+                       and is_set(data, "eval_fraction"))
+    return [("train.eval_every", no_eval and train.eval_every > 0,
+             "without eval data (no data.eval_file, data.eval_fraction=0); set one of them"),
+            ("data.eval_fraction", unread_fraction,
+             "with data.eval_file set (evaluation uses that file); unset one of them"),
+            *lora_rules(cfg.lora, "lora")]
+
+
+def rl_rules(cfg) -> list[Rule]:
+    """PPO's and GRPO's."""
+    rollout, ppo, reward = cfg.rollout, cfg.ppo, cfg.reward
+    return [("optim.grad_accum_steps", cfg.optim.grad_accum_steps != 1,
+             "by ppo or grpo, which take one optimizer step per minibatch: set ppo.minibatch_size "
+             "(the rows of a step) and ppo.microbatch_size or ppo.tokens_per_microbatch (its "
+             "forwards)"),
+            ("critic_lr", cfg.critic_lr is not None and cfg.critic == "none",
+             "without a critic (critic=none)"),
+            ("ptx_file", bool(cfg.ptx_file) and ppo.ptx_coef == 0,
+             "with ppo.ptx_coef=0; set ppo.ptx_coef > 0"),
+            ("rollout.max_sampling_rounds",
+             is_set(rollout, "max_sampling_rounds") and not rollout.dynamic_sampling,
+             "without rollout.dynamic_sampling=true"),
+            ("rollout.overlong_penalty",
+             is_set(rollout, "overlong_penalty") and rollout.overlong_buffer == 0,
+             "without rollout.overlong_buffer > 0"),
+            ("ppo.is_cap", is_set(ppo, "is_cap") and ppo.is_mode != "tis",
+             "without ppo.is_mode=tis"),
+            ("ppo.is_low", is_set(ppo, "is_low") and ppo.is_mode != "mis",
+             "without ppo.is_mode=mis"),
+            ("ppo.is_high", is_set(ppo, "is_high") and ppo.is_mode != "mis",
+             "without ppo.is_mode=mis"),
+            ("reward.kl_horizon", is_set(reward, "kl_horizon") and reward.kl_target is None,
+             "without reward.kl_target (the adaptive KL controller)"),
+            ("reward.fn_timeout_s", is_set(reward, "fn_timeout_s") and cfg.reward_model is not None,
+             "with reward_model (no reward function is called)"),
+            ("reward.per_turn", reward.per_turn and not rollout.multi_turn,
+             "without rollout.tools or rollout.environment (an answer of one turn)"),
+            ("reward.turn_gamma", is_set(reward, "turn_gamma") and not reward.per_turn,
+             "without reward.per_turn=true"),
+            ("reward.turn_gamma",
+             is_set(reward, "turn_gamma") and ppo.estimator in CRITIC_ESTIMATORS,
+             f"by ppo.estimator={ppo.estimator} (its returns discount per token: ppo.gamma)"),
+            ("ppo.turn_advantages", ppo.turn_advantages and not reward.per_turn,
+             "without reward.per_turn=true"),
+            *lora_rules(cfg.lora, "lora"), *lora_rules(cfg.critic_lora, "critic_lora")]
+
+
+def refuse_ignored(rules: list[Rule], config) -> None:
+    """ValueError naming the option of the first rule that holds, its value in `config`, and why."""
+    for key, ignored, why in rules:
+        if ignored:
+            raise ValueError(f"{key}={option_value(config, key)!r} would be ignored: it is not "
+                             f"read {why}")

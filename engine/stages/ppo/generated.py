@@ -1,0 +1,89 @@
+"""What every rollout mode hands on, and everything after sampling, run once for all of them.
+
+A mode (single-turn answers: sampling.py; multi-turn trajectories: agent_sampling.py; partial
+rollouts: partial.py) samples `Generated` rows: a single-turn answer is a trajectory of one turn.
+`score_generated` then does the rest alike for every mode: the one pack (prefix sharing where the
+run asks for it), routing replay's records, the reward model or functions plus the environment's
+rewards (per turn with reward.per_turn: turns.py), and overlong shaping on each model turn.
+
+Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 are group g.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...config.rollout import RolloutConfig
+from .models import PPOModels
+from .packs import pack_rollout
+from .phase_timer import PhaseTimer
+from .samples import Samples
+from .scoring import score_rows
+from .turns import per_turn, turn_returns, turn_spans
+
+
+@dataclass
+class Generated:
+    """R = groups * n sampled rows. sampler_logprobs [sum of model tokens] fp32, row after row;
+    sources: [groups] each group's prompt row (data/prompts.py PromptRow; None: the decoded
+    prompts stand in for the reward functions); model_masks: [R] one bool per response token,
+    True where the model sampled it (None: every token, single-turn answers); env_rewards: [R]
+    each turn's environment reward (None: no environment); trajectories: [R] the multi-turn rows'
+    engine/agents AgentTrajectory (None: single-turn), which the reward functions read."""
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    sampler_logprobs: torch.Tensor
+    n: int
+    sources: list | None = None
+    model_masks: list[list[bool]] | None = None
+    env_rewards: list[list[float]] | None = None
+    trajectories: list | None = None
+
+
+def overlong_penalty(lengths: list[int], max_new_tokens: int, buffer: int,
+                     penalty: float) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), lengths [R] -> [R] <= 0: 0 up to
+    max_new_tokens - buffer, then falling linearly to -penalty at max_new_tokens (host numbers:
+    the lengths are host lists, and the penalized are counted)."""
+    if buffer == 0:
+        return [0.0] * len(lengths)
+    return [-penalty * min(max(n - (max_new_tokens - buffer), 0), buffer) / buffer
+            for n in lengths]
+
+
+def score_generated(models: PPOModels, g: Generated, r: RolloutConfig, timer: PhaseTimer,
+                    share_prompts: bool = False, turn_gamma: float | None = None) -> Samples:
+    """The Samples of generated rows: packed once (share_prompts, train.prefix_sharing: a group's
+    rows read its prompt once in every forward), routed as the sampler routed (routing replay),
+    scored by models.score (the trajectory after its prompt is the completion) plus the
+    environment's rewards, and overlong-shaped by each row's longest model turn (each turn is
+    limited by r.max_new_tokens). turn_gamma (reward.turn_gamma with reward.per_turn; None: off):
+    the environment's rewards count discounted across turns in the scores and are kept per turn
+    for their placement (turns.py). Timed as "score"."""
+    device = models.actor.llm.device  # where the policy runs (its resting shards may be on CPU)
+    packed = pack_rollout(g.prompts, g.responses, device,
+                          share_prompts=share_prompts and g.n > 1, model_masks=g.model_masks)
+    if models.actor.record_routing:  # the training forwards route as the sampler did
+        packed = packed._replace(routing=models.actor.last_routing.to(device))
+    rows = None if g.sources is None else [p for p in g.sources for _ in range(g.n)]
+    masks = g.model_masks or [None] * len(g.responses)
+    spans = [turn_spans(m, len(x)) for m, x in zip(masks, g.responses)]
+    with timer.phase("score"), torch.no_grad():
+        scores = torch.zeros(len(g.responses), dtype=torch.float32, device=device)
+        if models.score is not None:
+            scores += score_rows(models.score, g.prompts, g.responses, packed, r.forward_tokens,
+                                 rows, models.ranks, g.trajectories).float().to(device)
+    turn_rewards = None
+    if g.env_rewards is not None:
+        turn_rewards = [per_turn(x, len(s)) for x, s in zip(g.env_rewards, spans)]
+        gamma = 1.0 if turn_gamma is None else turn_gamma
+        env = [turn_returns(x, gamma)[0] if x else 0.0 for x in turn_rewards]
+        scores += torch.tensor(env, dtype=torch.float32, device=device)
+    longest = [max((e - s for s, e in row), default=0) for row in spans]
+    penalties = overlong_penalty(longest, r.max_new_tokens, r.overlong_buffer,
+                                 r.overlong_penalty)
+    per_turn_on = turn_gamma is not None and turn_rewards is not None
+    return Samples(g.prompts, g.responses, packed, packed.to_grid(g.sampler_logprobs.to(device)),
+                   scores + torch.tensor(penalties, device=device), g.n, rows, penalties,
+                   spans if per_turn_on else None, turn_rewards if per_turn_on else None)

@@ -1,0 +1,17 @@
+"""Environments of three turns for turn-level credit (reward.per_turn): agent_testing.ThreeTurns
+with its rewards fixed per turn, the trajectory done after the third."""
+from agent_testing import ThreeTurns
+
+
+class LastTurnPays(ThreeTurns):
+    """`rollout.environment=turn_testing:LastTurnPays`: turns 1 and 2 earn 0, the third 1."""
+    rewards = (0.0, 0.0, 1.0)
+
+    def step(self, message):
+        messages, _, done = super().step(message)
+        return messages, self.rewards[self.turn - 1], done
+
+
+class EveryTurnPays(LastTurnPays):
+    """Turn k earns k / 10: each turn's reward tells which turn it was."""
+    rewards = (0.1, 0.2, 0.3)
