@@ -19,15 +19,26 @@ TALLY_ENV = "FUSEDRL_TALLY"
 CUT_CODES = (124, 137)
 
 
-def pytest_runtest_logreport(report) -> None:
+def pytest_configure(config) -> None:
+    """Registers the writer, except in an xdist worker (config.workerinput: the controller writes
+    every worker's reports, and a worker's own would count each test twice). The worker is read
+    from the config, not from PYTEST_XDIST_WORKER, which a pytest started by a test inherits."""
     path = os.environ.get(TALLY_ENV)
-    # a passed setup or teardown says nothing; under xdist the controller writes every worker's
-    # reports, so a worker writes none (it would count each test twice)
-    if (not path or (report.passed and report.when != "call")
-            or os.environ.get("PYTEST_XDIST_WORKER")):
-        return
-    with open(path, "a") as f:
-        f.write(f"{report.outcome} {report.when} {report.nodeid}\n")
+    if path and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(TallyWriter(path), "fusedrl_tally_writer")
+
+
+class TallyWriter:
+    """Appends one line `OUTCOME WHEN NODEID` per test phase report to `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.passed and report.when != "call":  # a passed setup or teardown says nothing
+            return
+        with open(self.path, "a") as f:
+            f.write(f"{report.outcome} {report.when} {report.nodeid}\n")
 
 
 def tally(lines) -> Counter:
