@@ -25,15 +25,15 @@ def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 
-def finite_rows(scores: torch.Tensor, group_size: int | None = None) -> list[int]:
-    """Indices of the rows to keep: those whose score is finite, or with `group_size`, the rows of
-    the groups (consecutive runs of group_size rows: one prompt's samples) whose every score is:
-    with a group estimator one non-finite score spoils its whole group's baseline."""
-    finite = torch.isfinite(scores)
+def finite_rows(finite: list[bool], group_size: int | None = None) -> list[int]:
+    """Indices of the rows to keep: those whose score is finite (`finite` [R], read from the
+    device by the caller), or with `group_size`, the rows of the groups (consecutive runs of
+    group_size rows: one prompt's samples) whose every score is: with a group estimator one
+    non-finite score spoils its whole group's baseline."""
     if group_size is None:
-        return [r for r, ok in enumerate(finite.tolist()) if ok]   # one host read
-    groups = finite.view(-1, group_size).all(dim=-1).tolist()
-    return [g * group_size + k for g, ok in enumerate(groups) if ok for k in range(group_size)]
+        return [r for r, ok in enumerate(finite) if ok]
+    return [g * group_size + k for g in range(len(finite) // group_size)
+            if all(finite[g * group_size:(g + 1) * group_size]) for k in range(group_size)]
 
 
 def shape_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,

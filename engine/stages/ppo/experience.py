@@ -85,13 +85,16 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     group = samples.n if s.estimator in GROUP_ESTIMATORS else None
     trained = samples.packed.grid_mask().any(dim=-1)                           # [R]
     read_scores = torch.where(trained, samples.scores, 0.0)
-    keep = finite_rows(read_scores, group)
+    # one host read for both: which rows' scores are finite, and which rows have a trained token
+    finite, trained_rows = torch.stack([torch.isfinite(read_scores), trained]).tolist()
+    keep = finite_rows(finite, group)
     unit = group or 1  # whole groups: every rank keeps as many rows as the rank that keeps fewest
     ranks = models.ranks  # a tensor group is one data rank
     keep = keep[:distributed.min_over_ranks(len(keep) // unit, ranks) * unit]
     dropped = distributed.all_reduce_sum({"dropped_rows": len(samples.responses) - len(keep),
                                           "drawn_rows": len(samples.responses),
-                                          "trained_rows": int(trained[keep].sum())}, ranks)
+                                          "trained_rows": sum(trained_rows[r] for r in keep)},
+                                         ranks)
     if keep and not dropped["trained_rows"]:
         return Experience(None, {"dropped_rows": dropped["dropped_rows"]},
                           skip_reason="every trajectory left the batch (env/errors)")
