@@ -58,7 +58,8 @@ class Pair:
         return f"{shown[0]} with {shown[1]}: not supported ({self.why}); set one of them off"
 
 
-_WHOLE = "multi-turn trajectories are sampled whole"
+_WHOLE = ("a multi-turn trajectory is sampled whole: its environment's state does not carry to "
+          "the next iteration or into a checkpoint")
 _NO_RECORD = "a carried answer's or a later turn's routing records are not kept"
 _VERIFY = "a speculative verify step is not the decode step that one reproduces"
 _CHUNK = "a chunked prefill is not the forward that one reproduces"
@@ -75,8 +76,6 @@ INCOMPATIBLE: tuple[Pair, ...] = (
     Pair("rollout.environment", "rollout.partial_rollouts", _WHOLE),
     Pair("rollout.tools", "rollout.exact", "exact mode is not verified across turns"),
     Pair("rollout.environment", "rollout.exact", "exact mode is not verified across turns"),
-    Pair("rollout.tools", "rollout.dynamic_sampling", _WHOLE),
-    Pair("rollout.environment", "rollout.dynamic_sampling", _WHOLE),
     Pair("rollout.speculative_tokens", "rollout.exact", _VERIFY),
     Pair("rollout.prefill_chunk", "rollout.exact", _CHUNK),
     Pair("rollout.dynamic_sampling", "ppo.estimator",

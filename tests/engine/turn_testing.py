@@ -15,3 +15,12 @@ class LastTurnPays(ThreeTurns):
 class EveryTurnPays(LastTurnPays):
     """Turn k earns k / 10: each turn's reward tells which turn it was."""
     rewards = (0.1, 0.2, 0.3)
+
+
+class FoxPaysNothing(ThreeTurns):
+    """`rollout.environment=turn_testing:FoxPaysNothing`: a prompt about a fox earns 0 at every
+    turn (its group's scores are all equal), any other the vowel share of each turn."""
+
+    def step(self, message):
+        messages, reward, done = super().step(message)
+        return messages, 0.0 if "fox" in self.prompt else reward, done

@@ -1,8 +1,8 @@
-"""The first half of a multi-turn iteration (rollout.tools or rollout.environment): n trajectories
-per prompt row, each with its own environment (engine/agents), packed with only the model's tokens
-as targets (the environment's are context: no loss, KL or entropy on them) and scored by the
-environment's rewards, plus the run's reward functions or reward model where set (generated.py,
-as every mode's rows).
+"""Multi-turn rows (rollout.tools or rollout.environment): n trajectories per prompt row, each
+with its own environment (engine/agents), handed on as every mode's rows (generated.py): packed
+with only the model's tokens as targets (the environment's are context: no loss, KL or entropy on
+them) and scored by the environment's rewards, plus the run's reward functions or reward model
+where set. sampler.py samples them in whole groups, with dynamic sampling where asked.
 
 Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 are group g: a
 GRPO group is the n trajectories of one initial prompt.
@@ -16,10 +16,9 @@ from ...agents import (AgentLimits, ChatRenderer, EnvSource, agent_metrics, load
                        load_tools, parser_for, run_agents, tool_schema)
 from ...config.ppo import RolloutConfig
 from ...inference.sampling_params import SamplingParams
-from .generated import Generated, score_generated
+from .generated import Generated
 from .models import PPOModels
 from .phase_timer import PhaseTimer
-from .samples import Samples
 
 
 @dataclass(frozen=True)
@@ -49,29 +48,40 @@ def build_agents(r: RolloutConfig, tokenizer) -> Optional[Agents]:
     return Agents(renderer, EnvSource(tools=tuple(r.tools), schemas=schemas), limits)
 
 
-def sample_trajectories(models: PPOModels, agents: Agents, sources: list, r: RolloutConfig,
-                        seed: int, timer: PhaseTimer, share_prompts: bool = False,
-                        turn_gamma: float | None = None) -> tuple[Samples, dict]:
-    """r.samples_per_prompt trajectories per prompt row (data/prompts.py PromptRow) from the
-    policy's current weights, scored as every mode's rows are (generated.py: share_prompts,
-    turn_gamma there); returns the samples and the agents' metrics. A trajectory that ended on an
-    environment's error has no environment reward."""
-    params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k,
-                            top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed)
-    rows = [{"prompt": source.prompt, **source.columns} for source in sources]
-    with timer.phase("generate"):
-        trajectories = run_agents(models.actor.generate_turns, agents.renderer, agents.source,
-                                  rows, params, agents.limits)
-    tokens = [t.tokens for t in trajectories]
-    # A trajectory that left the batch (env_errors=skip) has no target: nothing of it is trained,
-    # and its group's statistics are the others' (core.py group_token_advantages).
-    masks = [[False] * len(t.tokens.model_mask) if t.error else t.tokens.model_mask
-             for t in trajectories]
-    logprobs = models.actor.llm.device_logprobs(
-        [s for t in trajectories if not t.error for s in t.tokens.logprob_slots])
-    generated = Generated([t.prompt_token_ids for t in tokens], [t.token_ids for t in tokens],
-                          logprobs, r.samples_per_prompt, sources, masks,
-                          [[] if t.error else list(t.turn_rewards) for t in trajectories],
-                          trajectories)
-    samples = score_generated(models, generated, r, timer, share_prompts, turn_gamma)
-    return samples, agent_metrics(trajectories)
+class TrajectoryGenerator:
+    """r.samples_per_prompt multi-turn trajectories per prompt row from the policy's current
+    weights, each with its own environment (`agents`). A trajectory that ended on an environment's
+    error has no environment reward and no target."""
+
+    def __init__(self, models: PPOModels, agents: Agents, r: RolloutConfig):
+        self.models, self.agents, self.r = models, agents, r
+        self.drawn: list = []  # the trajectories since take_metrics(), for their metrics
+
+    def generate(self, sources: list, seed: int, timer: PhaseTimer) -> Generated:
+        """The trajectories of these prompt rows (data/prompts.py PromptRow: the prompt and the
+        columns the environment is made from); `seed` fixes the sampling; timed as "generate"."""
+        r = self.r
+        params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k,
+                                top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed)
+        rows = [{"prompt": source.prompt, **source.columns} for source in sources]
+        with timer.phase("generate"):
+            trajectories = run_agents(self.models.actor.generate_turns, self.agents.renderer,
+                                      self.agents.source, rows, params, self.agents.limits)
+        self.drawn += trajectories
+        tokens = [t.tokens for t in trajectories]
+        # A trajectory that left the batch (env_errors=skip) has no target: nothing of it is
+        # trained, and its group's statistics are the others' (core.py group_token_advantages).
+        masks = [[False] * len(t.tokens.model_mask) if t.error else t.tokens.model_mask
+                 for t in trajectories]
+        logprobs = self.models.actor.llm.device_logprobs(
+            [s for t in trajectories if not t.error for s in t.tokens.logprob_slots])
+        return Generated([t.prompt_token_ids for t in tokens], [t.token_ids for t in tokens],
+                         logprobs, r.samples_per_prompt, sources, masks,
+                         [[] if t.error else list(t.turn_rewards) for t in trajectories],
+                         trajectories)
+
+    def take_metrics(self) -> dict:
+        """The agents' metrics (engine/agents agent_metrics) of every trajectory since the last
+        call (each round of dynamic sampling); starts counting again."""
+        drawn, self.drawn = self.drawn, []
+        return agent_metrics(drawn)

@@ -1,10 +1,13 @@
 """What every rollout mode hands on, and everything after sampling, run once for all of them.
 
-A mode (single-turn answers: sampling.py; multi-turn trajectories: agent_sampling.py; partial
-rollouts: partial.py) samples `Generated` rows: a single-turn answer is a trajectory of one turn.
-`score_generated` then does the rest alike for every mode: the one pack (prefix sharing where the
-run asks for it), routing replay's records, the reward model or functions plus the environment's
-rewards (per turn with reward.per_turn: turns.py), and overlong shaping on each model turn.
+The run's one rollout interface (sampler.py) samples `Generated` rows, whatever its rows
+(single-turn answers: sampling.py, a trajectory of one turn; multi-turn trajectories:
+agent_sampling.py) and its schedule (whole groups, or partial rollouts: partial.py).
+`score_generated` (the run's settings held by `Scoring`) then does the rest alike for every mode:
+the one pack (prefix sharing where the run asks for it), routing replay's records, the reward model
+or functions plus the environment's rewards (per turn with reward.per_turn: turns.py), and overlong
+shaping on each model turn. What the options did to the rows is counted from the Samples, again
+for every mode (experience.applied_metrics).
 
 Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 are group g.
 """
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...config.ppo import PPOConfig
 from ...config.rollout import RolloutConfig
 from .models import PPOModels
 from .packs import pack_rollout
@@ -87,3 +91,22 @@ def score_generated(models: PPOModels, g: Generated, r: RolloutConfig, timer: Ph
     return Samples(g.prompts, g.responses, packed, packed.to_grid(g.sampler_logprobs.to(device)),
                    scores + torch.tensor(penalties, device=device), g.n, rows, penalties,
                    spans if per_turn_on else None, turn_rewards if per_turn_on else None)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Everything after sampling with a run's settings: Scoring(...)(generated, timer) is
+    score_generated's Samples."""
+    models: PPOModels
+    rollout: RolloutConfig
+    share_prompts: bool = False        # train.prefix_sharing
+    turn_gamma: float | None = None    # reward.turn_gamma with reward.per_turn, else None
+
+    @classmethod
+    def of(cls, cfg: PPOConfig, models: PPOModels) -> "Scoring":
+        return cls(models, cfg.rollout, cfg.train.shares_prefixes,
+                   cfg.reward.turn_gamma if cfg.reward.per_turn else None)
+
+    def __call__(self, generated: Generated, timer: PhaseTimer) -> Samples:
+        return score_generated(self.models, generated, self.rollout, timer, self.share_prompts,
+                               self.turn_gamma)

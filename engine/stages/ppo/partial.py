@@ -1,5 +1,7 @@
-"""Partial rollouts (rollout.partial_rollouts; Kimi k1.5's, verl's partial_rollout): a rollout that
-stops once it has prompts_per_iteration complete groups, instead of waiting for its longest answer.
+"""Partial rollouts (rollout.partial_rollouts; Kimi k1.5's, verl's partial_rollout): a scheduler
+policy of the one rollout interface (sampler.py) that stops once it has prompts_per_iteration
+complete groups, instead of waiting for its longest answer; what it hands on is packed and scored
+as every mode's rows (generated.py).
 
 Each iteration tops the groups in flight on a rank up to twice prompts_per_iteration with new
 prompts and decodes their unfinished answers, the carried ones first (prefilled again under the
@@ -32,7 +34,7 @@ from ...data.prompts import PromptRow
 from ...inference.sampling_params import SamplingParams
 from .models import PPOModels
 from .phase_timer import PhaseTimer
-from .generated import Generated, score_generated
+from .generated import Generated
 from .samples import Samples
 from .state import PPOState
 
@@ -100,45 +102,56 @@ def generate_in_flight(models: PPOModels, groups: list[dict], r: RolloutConfig, 
     return sum(len(out.token_ids) for out in outs)
 
 
-def partial_samples(models: PPOModels, state: PPOState,
-                    draw_prompts: Callable[[int], list[PromptRow]], r: RolloutConfig, seed: int,
-                    timer: PhaseTimer, share_prompts: bool = False) -> tuple[Samples | None, dict]:
-    """This iteration's complete groups (None when no rank completed one) and its metrics: carried
-    (partial answers left unfinished), dropped answers and tokens (too stale), the staleness of the
-    trained tokens (mean, max), the tokens drawn and the share of the token budget.
-    draw_prompts(k): the stream's next k prompts of this rank; share_prompts: see
-    generated.score_generated. Advances state.in_flight."""
-    it, groups, ranks = state.step, state.in_flight, models.ranks
-    dropped, dropped_tokens = drop_stale(groups, it, r.max_staleness)
-    wanted = distributed.max_over_ranks(new_groups_wanted(len(groups), r.prompts_per_iteration),
-                                        ranks)
-    fresh = draw_prompts(wanted) if wanted else []
-    groups += [new_group(p.ids, r.samples_per_prompt, seed * 7919 + g, p)
-               for g, p in enumerate(fresh)]
-    drawn = generate_in_flight(models, groups, r, it, timer)
-    done = [g for g in groups if complete(g)][:r.prompts_per_iteration]
-    trained = done[:distributed.min_over_ranks(len(done), ranks)]
-    state.in_flight = [g for g in groups if not any(g is t for t in trained)]
-    staleness = [it - v for g in trained for s in g["samples"] for v in s["versions"]]
-    metrics = distributed.all_reduce_sum({
-        "carried": sum(bool(s["answer"]) for _, s in unfinished(state.in_flight)),
-        "dropped_answers": dropped, "dropped_tokens": dropped_tokens,
-        "groups_trained": len(trained),
-        "staleness_sum": sum(staleness), "trained_tokens": len(staleness), "drawn_tokens": drawn},
-        ranks)
-    total = metrics.pop("staleness_sum")
-    metrics.update(staleness_max=distributed.max_over_ranks(max(staleness, default=0), ranks),
-                   staleness_mean=total / max(metrics.pop("trained_tokens"), 1))
-    if r.tokens_per_iteration is not None:
-        budget = r.tokens_per_iteration * ranks.size()
-        metrics["budget_used"] = metrics["drawn_tokens"] / budget
-    if not trained:
-        return None, metrics
+class PartialRollouts:
+    """The scheduler policy of rollout.partial_rollouts: groups carried across iterations, an
+    iteration handing on the ones complete (sampler.py; single-turn answers: a multi-turn
+    trajectory's environment does not carry). draw_prompts(state, k): the stream's next k prompts
+    of this rank; score: everything after sampling (generated.Scoring)."""
+
+    def __init__(self, models: PPOModels, draw_prompts: Callable[[PPOState, int], list[PromptRow]],
+                 score: Callable[[Generated, PhaseTimer], Samples], r: RolloutConfig):
+        self.models, self.draw_prompts, self.score, self.r = models, draw_prompts, score, r
+
+    def sample(self, state: PPOState, seed: int, timer: PhaseTimer) -> tuple[Samples | None, dict]:
+        """This iteration's complete groups, scored (None when no rank completed one), and its
+        metrics: carried (partial answers left unfinished), dropped answers and tokens (too stale),
+        the staleness of the trained tokens (mean, max), the tokens drawn and the share of the
+        token budget. Advances state.in_flight."""
+        models, r = self.models, self.r
+        it, groups, ranks = state.step, state.in_flight, models.ranks
+        dropped, dropped_tokens = drop_stale(groups, it, r.max_staleness)
+        wanted = distributed.max_over_ranks(
+            new_groups_wanted(len(groups), r.prompts_per_iteration), ranks)
+        fresh = self.draw_prompts(state, wanted) if wanted else []
+        groups += [new_group(p.ids, r.samples_per_prompt, seed * 7919 + g, p)
+                   for g, p in enumerate(fresh)]
+        drawn = generate_in_flight(models, groups, r, it, timer)
+        done = [g for g in groups if complete(g)][:r.prompts_per_iteration]
+        trained = done[:distributed.min_over_ranks(len(done), ranks)]
+        state.in_flight = [g for g in groups if not any(g is t for t in trained)]
+        staleness = [it - v for g in trained for s in g["samples"] for v in s["versions"]]
+        metrics = distributed.all_reduce_sum({
+            "carried": sum(bool(s["answer"]) for _, s in unfinished(state.in_flight)),
+            "dropped_answers": dropped, "dropped_tokens": dropped_tokens,
+            "groups_trained": len(trained), "staleness_sum": sum(staleness),
+            "trained_tokens": len(staleness), "drawn_tokens": drawn}, ranks)
+        total = metrics.pop("staleness_sum")
+        metrics.update(staleness_max=distributed.max_over_ranks(max(staleness, default=0), ranks),
+                       staleness_mean=total / max(metrics.pop("trained_tokens"), 1))
+        if r.tokens_per_iteration is not None:
+            budget = r.tokens_per_iteration * ranks.size()
+            metrics["budget_used"] = metrics["drawn_tokens"] / budget
+        if not trained:
+            return None, metrics
+        return self.score(completed(trained, r.samples_per_prompt, models.actor.llm.device),
+                          timer), metrics
+
+
+def completed(trained: list[dict], n: int, device) -> Generated:
+    """The rows of complete groups in flight, each sample's log-probs as its tokens drew them."""
     rows = [(g["prompt"], s) for g in trained for s in g["samples"]]
     logprobs = torch.tensor([x for _, s in rows for x in s["logprobs"]], dtype=torch.float32,
-                            device=models.actor.llm.device)
+                            device=device)
     sources = [PromptRow(g["prompt"], g["source"]["prompt"], g["source"]["columns"])
                for g in trained] if all(g["source"] for g in trained) else None
-    generated = Generated([p for p, _ in rows], [s["answer"] for _, s in rows], logprobs,
-                          r.samples_per_prompt, sources)
-    return score_generated(models, generated, r, timer, share_prompts), metrics
+    return Generated([p for p, _ in rows], [s["answer"] for _, s in rows], logprobs, n, sources)

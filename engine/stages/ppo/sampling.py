@@ -1,6 +1,7 @@
-"""The first half of a single-turn iteration: generate n responses per prompt and score them
-(generated.py, with overlong shaping), with DAPO's dynamic sampling (keep only prompt groups whose
-scores differ, drawing more prompts until the batch is full).
+"""Single-turn answers, the rollout's simplest rows (a trajectory of one turn: `AnswerGenerator`),
+and DAPO's dynamic sampling (`draw_samples`), which wraps any sampler of whole groups, single-turn
+or multi-turn: keep only prompt groups whose scores differ, drawing more prompts until the batch is
+full. sampler.py puts them together into the run's one rollout interface.
 
 Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 are group g
 (samples.py).
@@ -13,11 +14,58 @@ import torch
 
 from ...parallel import distributed
 from ...config.ppo import RolloutConfig
+from ...data.prompts import PromptRow
 from ...inference.sampling_params import SamplingParams
 from .generated import Generated, score_generated
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 from .samples import Samples
+
+
+class AnswerGenerator:
+    """r.samples_per_prompt single-turn answers per prompt from the policy's current weights
+    (models.actor), sampled as `r` says: each a trajectory of one turn (every response token the
+    model's)."""
+
+    def __init__(self, models: PPOModels, r: RolloutConfig):
+        self.models, self.r = models, r
+
+    def generate(self, sources: list[PromptRow], seed: int, timer: PhaseTimer) -> Generated:
+        """The answers to these prompt rows (their `.ids`; the rows go to the reward functions:
+        scoring.reward_inputs); `seed` fixes the sampling; timed as "generate"."""
+        return self.answers([p.ids for p in sources], seed, timer, sources)
+
+    def answers(self, prompts: list[list[int]], seed: int, timer: PhaseTimer,
+                sources: Optional[list[PromptRow]] = None) -> Generated:
+        """generate() on prompt token ids [groups][prompt tokens]; sources: their rows, or None
+        (the decoded prompts stand in for the reward functions, without columns)."""
+        r = self.r
+        params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k,
+                                top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                ignore_eos=r.ignore_eos, seed=seed)
+        with timer.phase("generate"):
+            prompt_ids, responses, sampler_logprobs = self.models.actor.generate(prompts, params)
+            cp = self.models.policy.context_parallel
+            # a context group's ranks sampled its rows alike: they train its first rank's
+            if cp is not None:
+                prompt_ids, responses, host = cp.same_on_ranks(
+                    (prompt_ids, responses, sampler_logprobs.cpu()))
+                sampler_logprobs = host.to(sampler_logprobs.device)
+        return Generated(prompt_ids, responses, sampler_logprobs, r.samples_per_prompt, sources)
+
+    def take_metrics(self) -> dict:
+        """What the answers since the last call did: nothing beyond their rows' metrics."""
+        return {}
+
+
+def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConfig, seed: int,
+                     timer: PhaseTimer, sources: Optional[list] = None,
+                     share_prompts: bool = False) -> Samples:
+    """One round of single-turn answers to `prompts` (token ids), scored as every mode's rows are
+    (generated.py; share_prompts: train.prefix_sharing): a run's rollout outside a run (unit tests,
+    benchmarks)."""
+    generated = AnswerGenerator(models, r).answers(prompts, seed, timer, sources)
+    return score_generated(models, generated, r, timer, share_prompts)
 
 
 def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
@@ -27,40 +75,16 @@ def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
     return [g for g, ok in enumerate(varied) if ok]
 
 
-def sample_and_score(models: PPOModels, prompts: list[list[int]], r: RolloutConfig, seed: int,
-                     timer: PhaseTimer, sources: Optional[list] = None,
-                     share_prompts: bool = False) -> Samples:
-    """r.samples_per_prompt responses per prompt from the policy's current weights (models.actor),
-    sampled as `r` says, then packed and scored as every mode's rows are (generated.py); `seed`
-    fixes the sampling; timed as "generate" and "score". sources: the prompts' rows (each with
-    `.prompt`, as the data holds it, and `.columns`, its other columns), for the reward functions
-    (scoring.reward_inputs; None: the decoded prompts stand in, without columns). share_prompts
-    (train.prefix_sharing): the pack's rows of one prompt read it once in every forward."""
-    params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k,
-                            top_p=r.top_p, max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos,
-                            seed=seed)
-    with timer.phase("generate"):
-        prompt_ids, responses, sampler_logprobs = models.actor.generate(prompts, params)
-        cp = models.policy.context_parallel
-        # a context group's ranks sampled its rows alike: they train its first rank's
-        if cp is not None:
-            prompt_ids, responses, host = cp.same_on_ranks(
-                (prompt_ids, responses, sampler_logprobs.cpu()))
-            sampler_logprobs = host.to(sampler_logprobs.device)
-    return score_generated(models, Generated(prompt_ids, responses, sampler_logprobs,
-                                             r.samples_per_prompt, sources), r, timer,
-                           share_prompts)
-
-
-def draw_samples(draw_prompts: Callable[[], list[list[int]]],
-                 sample: Callable[[list[list[int]], int], Samples], r: RolloutConfig, seed: int,
+def draw_samples(draw_prompts: Callable[[], list],
+                 sample: Callable[[list, int], Samples], r: RolloutConfig, seed: int,
                  ranks: distributed.DataRanks = distributed.WORLD
                  ) -> tuple[Samples, dict]:
     """One iteration's samples: prompts_per_iteration groups from draw_prompts() (the next prompts
-    of the stream), sampled with sample(prompts, seed). With rollout.dynamic_sampling, groups whose
-    scores are all equal (no signal for a group estimator) are dropped and further prompts drawn,
-    at most rollout.max_sampling_rounds rounds; the batch may then hold fewer groups (possibly
-    none: the caller skips the iteration). Returns the samples and their metrics.
+    of the stream), sampled whole and scored with sample(prompts, seed) (single-turn answers or
+    multi-turn trajectories). With rollout.dynamic_sampling, groups whose scores are all equal (no
+    signal for a group estimator) are dropped and further prompts drawn, at most
+    rollout.max_sampling_rounds rounds; the batch may then hold fewer groups (possibly none: the
+    caller skips the iteration). Returns the samples and their metrics.
 
     Under torchrun draw_prompts() gives this rank's share; the rounds and the groups kept are
     decided on the rank that keeps fewest, so every rank generates as often and keeps as many

@@ -38,7 +38,6 @@ from ...config.ppo import GRPOConfig, PPOConfig
 from ...config.train import DataConfig
 from ...data.loading import load_examples
 from ...data.prompts import PromptRow, load_prompts
-from ...data.packing import epoch_order
 from ...errors import UsageError
 from ...inference.hybrid_actor import HybridActor
 from ...model.hf_io import load_model
@@ -58,15 +57,13 @@ from ...parallel.layout import layout, laying_out
 from ...plan.check import startup_check
 from ...train.run_setup import start_run
 from ..rewards.combined import RewardFunctions, open_reward_functions
-from .agent_sampling import Agents, build_agents, sample_trajectories
+from .agent_sampling import Agents, build_agents
 from .experience import ExperienceSettings, make_rollout
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 from .ptx import PtxLoss
-from .partial import partial_samples
-from .sampling import draw_samples, sample_and_score
+from .sampler import build_sampler
 from .scoring import FunctionScorer, reward_model_scorer
-from .samples import Samples
 from .state import Controllers, PPOState
 from .update import Optimizers, UpdateSettings, minibatch_rule, ppo_update
 
@@ -85,27 +82,6 @@ def check_kl(kl: float, ceiling: float | None, iteration: int) -> None:
     if ceiling is not None and kl > ceiling:
         raise KLCeilingExceeded(f"iteration {iteration}: KL to the reference {kl:.4g} exceeds "
                                 f"reward.kl_ceiling={ceiling}; stopping (reward hacking guard)")
-
-
-def prompt_indices(n_prompts: int, count: int, seed: int, start: int) -> list[int]:
-    """`count` prompts from position `start` of the prompt stream: consecutive slices of one seeded
-    permutation per epoch, so a resumed run continues with exactly the prompts it would have
-    seen."""
-    out = []
-    while len(out) < count:
-        epoch, offset = divmod(start + len(out), n_prompts)
-        out += epoch_order(n_prompts, seed, epoch)[offset:offset + count - len(out)]
-    return out
-
-
-def next_prompts(prompts: list[PromptRow], per_rank: int, seed: int, state: PPOState,
-                 ranks: distributed.DataRanks = distributed.WORLD) -> list[PromptRow]:
-    """This rank's `per_rank` of the stream's next per_rank x data `ranks` prompts (a tensor group's
-    ranks take the same ones); advances state.prompts_drawn past all of them."""
-    count = per_rank * ranks.size()
-    picked = prompt_indices(len(prompts), count, seed, state.prompts_drawn)
-    state.prompts_drawn += count
-    return [prompts[i] for i in picked[distributed.rank_slice(per_rank, ranks)]]
 
 
 def open_rewards(cfg: PPOConfig, reward_fn=None) -> Optional[RewardFunctions]:
@@ -347,41 +323,19 @@ def export_critic(cfg: PPOConfig, critic: nn.Module) -> None:
 def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules: list,
                    prompts: list[PromptRow], agents: Optional[Agents],
                    ptx: Optional[PtxLoss], device) -> Callable[[PPOState], dict]:
-    """One PPO iteration as the training loop's step: sample and score (multi-turn trajectories
-    with `agents`), build the rollout, update, then move the KL controller and the schedules on.
+    """One PPO iteration as the training loop's step: sample and score (the run's one rollout
+    interface, sampler.py: multi-turn trajectories with `agents`), build the rollout, update, then
+    move the KL controller and the schedules on.
     What carries to the next iteration lives in the loop state (state.py); the returned metrics
     only report."""
     experience_settings, update_settings = ExperienceSettings.of(cfg), UpdateSettings.of(cfg)
-    share = cfg.train.shares_prefixes
-    turn_gamma = cfg.reward.turn_gamma if cfg.reward.per_turn else None
-
-    def sample(state: PPOState, seed: int, timer: PhaseTimer) -> tuple[Optional[Samples], dict]:
-        """The iteration's samples (None: no group complete yet) by the run's rollout mode."""
-        if cfg.rollout.partial_rollouts:
-            return partial_samples(
-                models, state,
-                lambda count: next_prompts(prompts, count, cfg.seed, state, models.ranks),
-                cfg.rollout, seed, timer, share)
-        if agents is not None:
-            return sample_trajectories(
-                models, agents, next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed,
-                                             state, models.ranks), cfg.rollout, seed, timer,
-                share, turn_gamma)
-        return draw_samples(
-            lambda: next_prompts(prompts, cfg.rollout.prompts_per_iteration, cfg.seed, state,
-                                 models.ranks),
-            lambda batch, seed: sample_and_score(models, [p.ids for p in batch], cfg.rollout,
-                                                 seed, timer, sources=batch, share_prompts=share),
-            cfg.rollout, seed, models.ranks)
+    sampler = build_sampler(cfg, models, prompts, agents)
 
     def step(state: PPOState) -> dict:
         it = state.step
         controllers = Controllers.restore(state, cfg.reward)
         timer = PhaseTimer(device)
-        samples, sampling_metrics = sample(state, cfg.seed * 1_000_003 + it, timer)
-        if cfg.rollout.speculative_tokens:
-            spec = distributed.all_reduce_sum(models.actor.llm.take_speculation(), models.ranks)
-            sampling_metrics.update({f"spec/{k}": v for k, v in spec.items()})
+        samples, sampling_metrics = sampler.sample(state, cfg.seed * 1_000_003 + it, timer)
         if samples is None:  # every group still has answers in flight: nothing to learn yet
             for s in schedules:
                 optim.advance_schedule(s)

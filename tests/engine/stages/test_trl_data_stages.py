@@ -15,7 +15,7 @@ from fusedrl.engine.data.prompts import PromptRow
 from fusedrl.engine.stages.ppo.packs import pack_rollout
 from fusedrl.engine.stages.ppo.samples import Samples
 from fusedrl.engine.stages.ppo.state import PPOState
-from fusedrl.engine.stages.ppo.trainer import next_prompts
+from fusedrl.engine.stages.ppo.prompt_stream import next_prompts
 from fusedrl.engine.train.runlog import read_metrics
 from cli_testing import run_fusedrl
 from engine_testing import make_chat_tokenizer, make_hf_model

@@ -7,7 +7,8 @@ import torch
 
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.value_model import value_model_from_reward_model
-from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, build_models, build_optimizers, prompt_indices, run_ppo
+from fusedrl.engine.stages.ppo.prompt_stream import prompt_indices
+from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, build_models, build_optimizers, run_ppo
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, PPOConfig, RewardConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.stages.ppo.core import RunningMoments
 from fusedrl.engine.stages.ppo.sampling import sample_and_score
