@@ -11,6 +11,7 @@ from fusedrl.engine import run_grpo
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import save_chat_model
+from engine_testing import make_cycle_model, make_tokenizer
 
 # Prompts of repeated words: the n-gram drafter finds what followed a word before.
 ROWS = [{"prompt": "the dog the dog the dog the dog"}, {"prompt": "a fox a fox a fox a fox"}]
@@ -25,19 +26,29 @@ def torch_kernels():
         yield
 
 
-def grpo(tmp_path, rollout: dict, prefix_sharing: bool = False, **options) -> list[dict]:
-    """The train records of a 2-iteration GRPO run (2 prompts x 2 samples) with these options."""
-    model = save_chat_model(tmp_path / "chat", max_position_embeddings=1024)
+def save_cycle_model(path):
+    """A model whose answers repeat (engine_testing.make_cycle_model): the n-gram drafter's
+    drafts hold, at temperature 1 too."""
+    make_cycle_model(period=3).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def grpo(tmp_path, rollout: dict, prefix_sharing: bool = False, model=None, iterations: int = 1,
+         **options) -> list[dict]:
+    """The train records of a GRPO run (2 prompts x 2 samples) with these options, of `model`
+    (default: a tiny chat model)."""
+    model = model or save_chat_model(tmp_path / "chat", max_position_embeddings=1024)
     config = {"policy": str(model), "output_dir": str(tmp_path / "grpo"),
               "reward_fn": "reward_testing:vowel_fraction", **options,
               "rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2,
                           "kv_cache_memory": 1 << 22, "max_prompt_length": 40, **rollout},
               "ppo": {"minibatch_size": 4},
-              "train": {"iterations": 2, "progress": False, "device": "cpu",
+              "train": {"iterations": iterations, "progress": False, "device": "cpu",
                         "prefix_sharing": prefix_sharing}}
     result = run_grpo(config, dataset=datasets.Dataset.from_list(ROWS))
     records = [r for r in read_metrics(result.output_dir) if r["kind"] == "train"]
-    assert len(records) == 2
+    assert len(records) == iterations
     return records
 
 
@@ -71,12 +82,12 @@ def test_an_environment_with_partial_rollouts_is_refused_before_any_model_loads(
 
 
 def test_partial_rollouts_speculate_and_share_their_prompt(tmp_path):
-    records = grpo(tmp_path, {"partial_rollouts": True, "tokens_per_iteration": 30,
-                              "max_new_tokens": 6, "ignore_eos": True, "speculative_tokens": 3,
-                              "speculate_below": 64}, prefix_sharing=True)
+    records = grpo(tmp_path, {"partial_rollouts": True, "tokens_per_iteration": 40,
+                              "max_new_tokens": 12, "ignore_eos": True, "speculative_tokens": 3,
+                              "speculate_below": 64}, prefix_sharing=True,
+                   model=save_cycle_model(tmp_path / "cycle"), iterations=2)
     assert records[0]["carried"] > 0  # the budget cut the answers: they carry on
-    assert all(r["spec/drafted"] >= r["spec/accepted"] >= 0 for r in records)
-    assert sum(r["spec/accepted"] for r in records) > 0
+    assert all(r["spec/drafted"] >= r["spec/accepted"] > 0 for r in records)
     trained = [r for r in records if r["groups_trained"]]
     assert trained and all(r["prefix/tokens_saved"] > 0 for r in trained)
     assert all(r["staleness_max"] >= 0 for r in trained)
