@@ -7,7 +7,8 @@ A sampler is two choices and one shared path:
   (agent_sampling.TrajectoryGenerator); both hand on the same `Generated` rows;
 - its schedule: whole groups, every answer sampled to its end in the iteration that drew its
   prompt (`WholeGroups`, with DAPO's dynamic sampling where asked: sampling.draw_samples), or
-  partial rollouts, groups carried across iterations under a token budget (partial.py).
+  partial rollouts, groups of single-turn answers carried across iterations under a token budget
+  (partial.py; a trajectory's environment does not carry: refused with tools or an environment).
   Speculative decoding is a policy of the actor's decode scheduler (engine/inference) under either;
 - everything after sampling, once for every mode (generated.Scoring: the pack with prefix sharing,
   routing replay's records, the scores with overlong shaping and per-turn rewards), and the
