@@ -54,7 +54,7 @@ from ...train.loop import RunPlan, StopTraining, run_training
 from ...runs.run_dir import releases_output_dir
 from ...sandbox.isolation import open_sandbox
 from ...parallel.dims import ParallelDims
-from ...parallel.layout import layout, laying_out
+from ...parallel.layout import layout, layout_at_load
 from ...plan.check import startup_check
 from ...train.run_setup import start_run
 from ..rewards.combined import RewardFunctions, open_reward_functions
@@ -143,9 +143,9 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
     if dims is None:
         dims = ParallelDims.from_train(cfg.train, distributed.world_size(),
                                        torch.device(device).type)
-    sharder, frozen = laying_out("adapted", dims), laying_out("frozen", dims)
+    sharder, frozen = layout_at_load("adapted", dims), layout_at_load("frozen", dims)
     policy = load_model(cfg.policy, dtype=dtype, device=device,
-                        shard=sharder if lora_run else laying_out("trained", dims))
+                        shard=sharder if lora_run else layout_at_load("trained", dims))
     policy.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
@@ -158,8 +158,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
                                else frozen).eval().requires_grad_(False)
     critic = value_head = None  # critic="none": a group estimator needs no values
     if cfg.critic == "separate":
-        critic = build_critic(cfg, rm, device, dtype,
-                              sharder if cfg.critic_lora.enabled else laying_out("critic", dims))
+        critic = build_critic(cfg, rm, device, dtype, sharder if cfg.critic_lora.enabled
+                              else layout_at_load("critic", dims))
     elif cfg.critic == "shared":
         value_head = shared_value_head(policy)
         # Beside adapters a replicated head, its gradients averaged (optim.clip_and_step).
@@ -241,7 +241,7 @@ def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, d
                dims: ParallelDims) -> Trainables:
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
     optimizers and their schedules; a saved model loads laid out over `dims` for its role."""
-    sharder, critic_sharder = laying_out("trained", dims), laying_out("critic", dims)
+    sharder, critic_sharder = layout_at_load("trained", dims), layout_at_load("critic", dims)
     saved = (
         {"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device,
                                                                   shard=sharder))}

@@ -14,7 +14,7 @@ from fusedrl.engine.inference.hybrid_actor import HybridActor
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.parallel.dims import ParallelDims
 from fusedrl.engine.parallel.expert_parallel import shard_for_training
-from fusedrl.engine.parallel.layout import laying_out
+from fusedrl.engine.parallel.layout import layout_at_load
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.moe import moe_blocks
 from fusedrl.engine.stages.sft import sft_loss
@@ -65,7 +65,7 @@ def train_step(policy, optimizer, device: str) -> None:
 def data_parallel(mode: str, device: str):
     """The layout of a trained model over the world in train.data_parallel `mode`."""
     dims = ParallelDims.data_only(mode, distributed.world_size(), torch.device(device).type)
-    return laying_out("trained", dims)
+    return layout_at_load("trained", dims)
 
 
 def check_rollouts(device: str, model_dir: str) -> None:

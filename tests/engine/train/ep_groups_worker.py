@@ -19,7 +19,7 @@ from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.moe import moe_blocks
 from fusedrl.engine.stages.sft import run_sft
 from fusedrl.engine.parallel.dims import ParallelDims
-from fusedrl.engine.parallel.layout import laying_out
+from fusedrl.engine.parallel.layout import layout_at_load
 from engine_testing import random_prompts
 
 
@@ -29,7 +29,7 @@ def main(config_path: str, out: Path) -> None:
     final = run_sft(cfg)
     rank, experts = distributed.rank(), cfg.train.expert_parallel
     dims = ParallelDims.from_train(cfg.train, distributed.world_size(), "cpu")
-    model = load_model(final, dtype=torch.float32, shard=laying_out("trained", dims))
+    model = load_model(final, dtype=torch.float32, shard=layout_at_load("trained", dims))
     whole = load_model(final, dtype=torch.float32)
     local_rows = []
     for block, reference in zip(moe_blocks(model), moe_blocks(whole)):
