@@ -21,10 +21,10 @@ from ...config.estimators import GROUP_ESTIMATORS
 from ...config.ppo import PPOConfig
 from ...train import runlog
 from ....kernels import explained_variance, kl_penalty, masked_mean, masked_moments
-from .microbatches import forward_in_microbatches
-from .core import (RunningMoments, advantages_and_returns, finite_rows, group_token_advantages,
-                   shape_rewards)
+from .advantages import (RunningMoments, advantages_and_returns, finite_rows,
+                         group_token_advantages, shape_rewards)
 from .forwards import policy_forward, reference_logprobs
+from .microbatches import forward_in_microbatches
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 from .rollout import Rollout

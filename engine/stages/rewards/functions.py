@@ -14,7 +14,7 @@ An `async def` function is awaited on an event loop of its own, kept across call
 to the loop stays usable). It returns one real number, or None ("does not apply to this row", as in
 TRL), per row; anything else is a `RewardFunctionError` naming the function, as is any exception
 it raises (SystemExit and KeyboardInterrupt included). NaN and inf are numbers here: the rollout
-drops their rows (engine/stages/ppo/core.py `finite_rows`).
+drops their rows (engine/stages/ppo/advantages.py `finite_rows`).
 Torch-free: a worker process imports this module and the user's, nothing heavier.
 """
 from __future__ import annotations

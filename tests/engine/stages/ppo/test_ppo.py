@@ -9,7 +9,7 @@ from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.value_model import value_model_from_reward_model
 from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, build_models, build_optimizers, prompt_indices, run_ppo
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, PPOConfig, RewardConfig, RolloutConfig, UpdateConfig
-from fusedrl.engine.stages.ppo.core import RunningMoments
+from fusedrl.engine.stages.ppo.advantages import RunningMoments
 from fusedrl.engine.stages.ppo.sampling import sample_and_score
 from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
 from fusedrl.engine.stages.ppo.update import UpdateSettings, microbatch_rows, minibatch_backward, ppo_update

@@ -12,7 +12,7 @@ from fusedrl.engine.data.records import DataError
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.config.ppo import LoopConfig, RewardConfig, RolloutConfig
 from fusedrl.engine.stages.ppo import trainer
-from fusedrl.engine.stages.ppo.core import KLController, RunningMoments, finite_rows
+from fusedrl.engine.stages.ppo.advantages import KLController, RunningMoments, finite_rows
 from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, check_kl, run_ppo
 from fusedrl.engine.stages.rewards.functions import RewardFunctionError, load_function, source_of
 from fusedrl.engine.train.loop import Diverged

@@ -9,7 +9,7 @@ from fusedrl.engine.config.ppo import LoopConfig, PPOConfig, RolloutConfig, Upda
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
 from fusedrl.engine.stages.ppo.microbatches import microbatches
-from fusedrl.engine.stages.ppo.core import RunningMoments
+from fusedrl.engine.stages.ppo.advantages import RunningMoments
 from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollout
 from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
 from fusedrl.engine.stages.ppo.sampling import sample_and_score
