@@ -59,18 +59,18 @@ def run_info(_args) -> int:
 # --- sft / rm / ppo ----------------------------------------------------------------------------
 
 def _train_sft(config):
-    from ..stages.sft import run_sft
-    return run_sft(config)
+    from ..stages.sft import train_sft
+    return train_sft(config)
 
 
 def _train_rm(config):
-    from ..stages.rm import run_rm
-    return run_rm(config)
+    from ..stages.rm import train_rm
+    return train_rm(config)
 
 
 def _train_ppo(config):
-    from ..stages.ppo.trainer import run_ppo
-    return run_ppo(config)
+    from ..stages.ppo.trainer import train_ppo
+    return train_ppo(config)
 
 
 STAGES = {

@@ -136,7 +136,7 @@ def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int,
 
 
 @releases_output_dir
-def run_rm(cfg: RMConfig, dataset=None, eval_dataset=None, callbacks=()) -> Path:
+def train_rm(cfg: RMConfig, dataset=None, eval_dataset=None, callbacks=()) -> Path:
     """Train per `cfg`, normalize, export RUN_DIR/final (see engine/model/reward_model.py for the
     format; with lora.rank > 0 also RUN_DIR/final_adapter, see the module docstring). dataset,
     eval_dataset: datasets.Dataset objects read instead of cfg.data.train_file and

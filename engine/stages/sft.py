@@ -1,6 +1,6 @@
 """Supervised fine-tuning: next-token loss on response tokens only (the prompt is context).
 
-`run_sft(SFTConfig(...))` trains and exports RUN_DIR/final, a transformers-loadable directory.
+`train_sft(SFTConfig(...))` trains and exports RUN_DIR/final, a transformers-loadable directory.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def sft_stage(dtype: str, device, sharder=None, router=None) -> Stage:
 
 
 @releases_output_dir
-def run_sft(cfg: SFTConfig, dataset=None, eval_dataset=None, callbacks=()) -> Path:
+def train_sft(cfg: SFTConfig, dataset=None, eval_dataset=None, callbacks=()) -> Path:
     """Train per `cfg`; returns the exported model directory (RUN_DIR/final; with lora.rank > 0 the
     adapters merged into it, and themselves in RUN_DIR/final_adapter). dataset, eval_dataset:
     datasets.Dataset objects read instead of cfg.data.train_file and cfg.data.eval_file;

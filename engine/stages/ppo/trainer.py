@@ -1,4 +1,4 @@
-"""The PPO stage: `run_ppo(PPOConfig(...))` trains the policy against a reward model or function.
+"""The PPO stage: `train_ppo(PPOConfig(...))` trains the policy against a reward model or function.
 
 RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
     checkpoints/step-0000000N/   the one checkpoint layout (engine/train/checkpoint/): the policy
@@ -268,9 +268,9 @@ def ptx_loss(cfg: PPOConfig, tokenizer, policy: CausalLM, device) -> Optional[Pt
 
 
 @releases_output_dir
-def run_ppo(cfg: PPOConfig, reward_fn=None,
-            evaluate: Optional[Callable[[PPOModels], dict]] = None, dataset=None,
-            callbacks=()) -> Path:
+def train_ppo(cfg: PPOConfig, reward_fn=None,
+              evaluate: Optional[Callable[[PPOModels], dict]] = None, dataset=None,
+              callbacks=()) -> Path:
     """Train per `cfg`; returns the exported policy directory (RUN_DIR/final; with lora.rank > 0 the
     adapters merged into it, and themselves in RUN_DIR/final_adapter).
 
@@ -288,16 +288,16 @@ def run_ppo(cfg: PPOConfig, reward_fn=None,
                                 cfg.reward.fn_timeout_s, cfg.rollout.multi_turn)
     rewards = open_rewards(cfg, reward_fn)
     try:
-        return train_ppo(cfg, rewards, evaluate, dataset, sandbox_mode, callbacks)
+        return _train(cfg, rewards, evaluate, dataset, sandbox_mode, callbacks)
     finally:
         if rewards is not None:  # their workers end with the run, however it ends
             rewards.close()
 
 
-def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
-              evaluate: Optional[Callable[[PPOModels], dict]], dataset=None,
-              sandbox_mode: str = "", callbacks=()) -> Path:
-    """run_ppo's run, scored by the open `rewards` (None: by cfg.reward_model)."""
+def _train(cfg: PPOConfig, rewards: Optional[RewardFunctions],
+           evaluate: Optional[Callable[[PPOModels], dict]], dataset=None,
+           sandbox_mode: str = "", callbacks=()) -> Path:
+    """train_ppo's run, scored by the open `rewards` (None: by cfg.reward_model)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
                     kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg,
                     check=startup_check)

@@ -2,8 +2,9 @@
 
 A function is named by a spec `module:function` (reward_fn), the module a dotted name looked up in
 the directory the run started in, then on PYTHONPATH, or a `.py` file's path; or it is passed to
-`run_ppo` as a callable. Where it comes from is fixed once, at start (`FunctionSource`: absolute
-paths), so a function that changes directory later finds the same module again.
+`fusedrl.engine.run_ppo` as a callable. Where it comes from is fixed once, at start
+(`FunctionSource`: absolute paths), so a function that changes directory later finds the same
+module again.
 
 It is called on a batch of rows in one of two forms, chosen by its signature (`calling_style`):
 - TRL's keywords, when it names `completions` or takes **kwargs: fn(prompts=, completions=,

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from fusedrl.engine.parallel.dims import shard_group_size
 from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.model.hf_io import load_model, save_model
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.checkpoint import checkpoint_dir
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun_nodes
@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
     check(torchrun_nodes("sft", config(root, "hybrid", ACCUM, data_parallel="hybrid", save_every=1), root,
                          NODES, PER_NODE))
     with rank_threads():
-        run_sft(config(root, "one", NODES * PER_NODE * ACCUM))
+        train_sft(config(root, "one", NODES * PER_NODE * ACCUM))
     return root
 
 
@@ -66,7 +66,7 @@ def test_each_node_shards_and_the_nodes_hold_copies(runs):
 def test_the_hybrid_checkpoint_resumes_in_one_process(runs):
     copy_checkpoint(runs / "hybrid", 1, runs / "resumed")
     with rank_threads():
-        out = run_sft(config(runs, "resumed", NODES * PER_NODE * ACCUM))
+        out = train_sft(config(runs, "resumed", NODES * PER_NODE * ACCUM))
     assert [r["resumed_from"] for r in read_metrics(runs / "resumed") if "resumed_from" in r][0].endswith("step-00000001")
     assert max_relative_diff(runs / "one" / "final", out) <= 1e-4
 

@@ -20,7 +20,7 @@ from fusedrl.engine.config.ppo import (GRPOConfig, PPOConfig, LoopConfig, Reward
 from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.plan.check import refuse_unfit
-from fusedrl.engine.stages.ppo.trainer import run_ppo
+from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun
 from fusedrl.engine.model.hf_io import load_model
@@ -76,7 +76,7 @@ def runs(tmp_path_factory):
     os.environ["RECORD_DIR"] = str(root / "rec-one")
     try:
         with rank_threads():
-            run_ppo(grpo_config(root, "one"))
+            train_ppo(grpo_config(root, "one"))
     finally:
         del os.environ["RECORD_DIR"]
     return root
@@ -109,8 +109,8 @@ def ppo_runs(tmp_path_factory):
     check(torchrun("ppo", ppo_config(root, "t2", 2), root))
     check(torchrun("ppo", ppo_config(root, "shared_t2", 2, "shared"), root))
     with rank_threads():
-        run_ppo(ppo_config(root, "one"))
-        run_ppo(ppo_config(root, "shared_one", critic="shared"))
+        train_ppo(ppo_config(root, "one"))
+        train_ppo(ppo_config(root, "shared_one", critic="shared"))
     return root
 
 
