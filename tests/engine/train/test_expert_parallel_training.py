@@ -13,7 +13,6 @@ import pytest
 import torch
 import transformers
 
-from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, _grpo_update
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.errors import UsageError
@@ -122,7 +121,6 @@ def test_grpo_expert_parallel_equals_fsdp_experts(tmp_path):
 @pytest.mark.parametrize("expert_parallel, gpus, extra, message", [
     (4, 6, {}, "expected a divisor of the world size 6"),
     (3, 3, {}, "expected a divisor of the model's 8 experts"),
-    (2, 2, {"lora": LoRAConfig(rank=4)}, "expected train.tensor_parallel=1, lora.rank=0"),
     (2, 2, {"dense": True}, "is a dense model"),
     (2, 2, {"rm": True}, "only SFT, PPO and GRPO"),
 ])
