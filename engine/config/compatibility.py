@@ -101,6 +101,8 @@ _GROUP_ROWS = "their rows are not made one context group's"
 _MASKS = "each tensor rank would draw its own dropout mask on the same input"
 
 INCOMPATIBLE: tuple[Pair, ...] = (
+    Pair("reward_model", "reward_fn", "the run is scored by one of them"),
+    Pair("reward_model", "reward.weights", "the weights weigh reward functions"),
     Pair("rollout.partial_rollouts", "rollout.dynamic_sampling",
          "dynamic sampling draws whole groups again"),
     Pair("rollout.partial_rollouts", "rollout.exact",

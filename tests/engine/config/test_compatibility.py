@@ -39,6 +39,8 @@ SETTINGS = {
     "critic": "separate",
     "critic_lora.dropout": 0.1,
     "reward_model": "rm",
+    "reward_fn": "m:f",
+    "reward.weights": [2.0],
     "ppo.ptx_coef": 0.1,
     "lora.rank": 4,
 }
@@ -47,7 +49,8 @@ SETTINGS = {
 def config(settings: dict) -> PPOConfig:
     """A GRPO config with `settings` (dotted keys) on; what they need to be read goes beside them
     (lora.rank with lora.dropout, a critic with gae and the reverse, critic_lora.rank and a critic
-    with critic_lora.dropout, ptx_file with ppo.ptx_coef, no reward_fn with reward_model,
+    with critic_lora.dropout, ptx_file with ppo.ptx_coef, no reward_fn with reward_model (unless
+    asked for),
     reward.per_turn under ppo.turn_advantages and an environment under reward.per_turn)."""
     data = {"policy": "p", "prompts_file": "x.jsonl", "output_dir": "o", "reward_fn": "m:f",
             "rollout": {"max_new_tokens": 16}}
@@ -61,7 +64,7 @@ def config(settings: dict) -> PPOConfig:
         wanted["critic"], wanted["ppo.estimator"] = "separate", "gae"
     if "ppo.ptx_coef" in wanted:
         wanted["ptx_file"] = "demonstrations.jsonl"
-    if "reward_model" in wanted:
+    if "reward_model" in wanted:  # scored by it alone, unless reward_fn is asked for too
         del data["reward_fn"]
     if "ppo.turn_advantages" in wanted:
         wanted.setdefault("reward.per_turn", True)
