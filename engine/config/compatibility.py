@@ -8,7 +8,9 @@ policy, SFT's model), read from its config.json at the run's start (refuse_incom
 moe=...)), unknown (None) when the config alone is checked. The table is every stage's: a pair
 holds in a config that has both options (SFT's and RM's have no rollout). Every config checks it
 when built, and engine/parallel/validate.py again at a run's start (a config changed in place
-since); what depends on the number of GPUs or a model's shape stays there.
+since); what depends on the number of GPUs or a model's shape stays there. `LLM(...)` refuses its
+arguments' pairs by it too (engine/inference/llm.py: LLM_ARGUMENTS); `fusedrl <stage> --help`
+and docs/runs.md show it (table_lines, markdown_table).
 """
 from __future__ import annotations
 
@@ -83,9 +85,11 @@ class Pair:
         both = all(has_option(config, k) and is_on(config, k) for k in keys)
         return both and (self.applies is None or bool(self.applies(config)))
 
-    def message(self, config) -> str:
-        shown = [("a mixture-of-experts model" if k == MOE else f"{k}={option_value(config, k)!r}")
-                 for k in self.options()]
+    def message(self, config, names: dict | None = None) -> str:
+        """The refusal's one line; `names`: how the caller calls an option (LLM's arguments)."""
+        names = names or {}
+        shown = [("a mixture-of-experts model" if k == MOE
+                  else f"{names.get(k, k)}={option_value(config, k)!r}") for k in self.options()]
         beside = f" beside {shown[2]}" if self.beside else ""
         return (f"{shown[0]} with {shown[1]}{beside}: not supported ({self.why}); set one of them "
                 "off")
@@ -172,13 +176,14 @@ INCOMPATIBLE: tuple[Pair, ...] = (
 )
 
 
-def refuse_incompatible(config, moe: bool | None = None) -> None:
+def refuse_incompatible(config, moe: bool | None = None, names: dict | None = None) -> None:
     """ConfigValueError (one line naming both options) for the first pair of INCOMPATIBLE that
-    `config` (any stage's) sets; `moe`: whether the policy (SFT's model) is a mixture of experts
-    (None: not known yet, its pairs wait for the run's start)."""
+    `config` (any stage's, or options by attribute) sets; `moe`: whether the policy (SFT's model) is
+    a mixture of experts (None: not known yet, its pairs wait for the run's start); `names`: the
+    options' names in the line, where the caller names them otherwise ({dotted key: name})."""
     for pair in INCOMPATIBLE:
         if pair.holds(config, moe):
-            raise ConfigValueError(pair.message(config))
+            raise ConfigValueError(pair.message(config, names))
 
 
 def _class_has(config_cls, key: str) -> bool:
