@@ -42,7 +42,7 @@ from fusedrl.engine.inference.hybrid_actor import HybridActor
 from fusedrl.engine.inference.runner import kv_bytes_per_block
 from fusedrl.engine.model.reward_model import reward_model_from_lm
 from fusedrl.engine.model.value_model import value_model_from_reward_model
-from fusedrl.engine.stages.ppo.core import RunningMoments
+from fusedrl.engine.stages.ppo.advantages import RunningMoments
 from fusedrl.engine.stages.ppo.sampling import sample_and_score
 from fusedrl.engine.stages.ppo.trainer import build_optimizers
 from fusedrl.engine.stages.ppo.models import PPOModels

@@ -199,8 +199,8 @@ class SFTTrainer(Trainer):
     config_class, model_option = SFTConfig, "model"
 
     def _run(self, args) -> Path:
-        from .stages.sft import run_sft
-        return run_sft(args, self.train_dataset, self.eval_dataset, self.callbacks)
+        from .stages.sft import train_sft
+        return train_sft(args, self.train_dataset, self.eval_dataset, self.callbacks)
 
 
 class RewardTrainer(Trainer):
@@ -209,8 +209,8 @@ class RewardTrainer(Trainer):
     config_class, model_option = RMConfig, "model"
 
     def _run(self, args) -> Path:
-        from .stages.rm import run_rm
-        return run_rm(args, self.train_dataset, self.eval_dataset, self.callbacks)
+        from .stages.rm import train_rm
+        return train_rm(args, self.train_dataset, self.eval_dataset, self.callbacks)
 
 
 class PPOTrainer(Trainer):
@@ -226,9 +226,9 @@ class PPOTrainer(Trainer):
         self.reward_funcs = reward_funcs
 
     def _run(self, args) -> Path:
-        from .stages.ppo.trainer import run_ppo
-        return run_ppo(args, reward_fn=self.reward_funcs, dataset=self.train_dataset,
-                       callbacks=self.callbacks)
+        from .stages.ppo.trainer import train_ppo
+        return train_ppo(args, reward_fn=self.reward_funcs, dataset=self.train_dataset,
+                         callbacks=self.callbacks)
 
 
 class GRPOTrainer(PPOTrainer):

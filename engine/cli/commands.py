@@ -25,6 +25,7 @@ import sys
 
 from .. import errors
 from ..config import io as config_io
+from ..config.compatibility import table_lines
 from ..config.demo import DemoConfig
 from ..config.ppo import GRPOConfig, PPOConfig
 from ..config.train import RMConfig, SFTConfig
@@ -58,19 +59,25 @@ def run_info(_args) -> int:
 
 # --- sft / rm / ppo ----------------------------------------------------------------------------
 
+REFUSED_EPILOG = """
+
+options refused together, in one line before any model loads (engine/config/compatibility.py):
+{pairs}"""
+
+
 def _train_sft(config):
-    from ..stages.sft import run_sft
-    return run_sft(config)
+    from ..stages.sft import train_sft
+    return train_sft(config)
 
 
 def _train_rm(config):
-    from ..stages.rm import run_rm
-    return run_rm(config)
+    from ..stages.rm import train_rm
+    return train_rm(config)
 
 
 def _train_ppo(config):
-    from ..stages.ppo.trainer import run_ppo
-    return run_ppo(config)
+    from ..stages.ppo.trainer import train_ppo
+    return train_ppo(config)
 
 
 STAGES = {
@@ -89,7 +96,8 @@ def add_stage_parser(commands, name: str) -> None:
     config_cls, _, summary = STAGES[name]
     p = commands.add_parser(name, help=summary, description=summary,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog=config_io.options_epilog(config_cls))
+                            epilog=config_io.options_epilog(config_cls) + REFUSED_EPILOG.format(
+                                pairs="\n".join(table_lines(config_cls))))
     p.add_argument("--config", help="YAML file with the options below")
     add_debug_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options overriding the file")

@@ -3,9 +3,14 @@ one line naming both options and why), and the rules of options set where nothin
 Every pair of rollout and training options not in INCOMPATIBLE runs in every rollout mode
 (tests/engine/config/test_compatibility.py walks them all). Torch-free.
 
-A pair's options are dotted config keys; `policy.moe` stands for a mixture-of-experts policy, read
-from its config.json at the run's start (refuse_incompatible(cfg, moe=...)), unknown (None) when
-the config alone is checked.
+A pair's options are dotted config keys; `policy.moe` stands for a mixture-of-experts model (PPO's
+policy, SFT's model), read from its config.json at the run's start (refuse_incompatible(cfg,
+moe=...)), unknown (None) when the config alone is checked. The table is every stage's: a pair
+holds in a config that has both options (SFT's and RM's have no rollout). Every config checks it
+when built, and engine/parallel/validate.py again at a run's start (a config changed in place
+since); what depends on the number of GPUs or a model's shape stays there. `LLM(...)` refuses its
+arguments' pairs by it too (engine/inference/llm.py: LLM_ARGUMENTS); `fusedrl <stage> --help`
+and docs/runs.md show it (table_lines, markdown_table).
 """
 from __future__ import annotations
 
@@ -20,15 +25,36 @@ from .estimators import CRITIC_ESTIMATORS, TURN_ESTIMATORS
 def option_value(config, key: str):
     """The value of dotted `key` in `config` (a section's fields by attribute)."""
     value = config
-    for part in key.split("."):
-        value = getattr(value, part)
+    for name in key.split("."):
+        value = getattr(value, name)
     return value
+
+
+def has_option(config, key: str) -> bool:
+    """Whether `config` has dotted option `key` (SFT's config has no rollout section)."""
+    try:
+        option_value(config, key)
+    except AttributeError:
+        return False
+    return True
+
+
+# When an option is in use where that is not simply a true value (a size of 1 is off).
+_IN_USE: dict[str, Callable] = {
+    "train.tensor_parallel": lambda v: v > 1,
+    "train.context_parallel": lambda v: v > 1,
+    "train.expert_parallel": lambda v: v > 1,
+    "train.data_parallel": lambda v: v != "shard",
+    "train.prefix_sharing": lambda v: v is True,  # auto turns itself off where it does not run
+    "critic": lambda v: v != "none",
+}
 
 
 def is_on(config, key: str) -> bool:
     """Whether option `key` is in use: set away from its off value (False, 0, None, an empty
-    list)."""
-    return bool(option_value(config, key))
+    list; a parallel size of 1, train.data_parallel=shard, critic=none)."""
+    value = option_value(config, key)
+    return bool(_IN_USE[key](value) if key in _IN_USE else value)
 
 
 MOE = "policy.moe"
@@ -37,25 +63,36 @@ MOE = "policy.moe"
 @dataclass(frozen=True)
 class Pair:
     """Two options refused together: `first` and `second` dotted keys (or MOE), `why` (a clause);
-    `moe`: only with a mixture-of-experts policy; `applies(config)`: when the pair holds beyond
-    both options being on (default: always)."""
+    `moe`: only with a mixture-of-experts policy; `beside`: a third option the pair is refused
+    beside only (named in the line too); `applies(config)`: when the pair holds beyond its options
+    being on (default: always)."""
     first: str
     second: str
     why: str
     moe: bool = False
+    beside: str | None = None
     applies: Callable | None = None
+
+    def options(self) -> tuple[str, ...]:
+        """Its dotted options, MOE included (first, second, then `beside`)."""
+        return (self.first, self.second) + ((self.beside,) if self.beside else ())
 
     def holds(self, config, moe: bool | None) -> bool:
         """Whether `config` sets both options (with `moe`: the policy is a mixture of experts)."""
-        if (self.moe or MOE in (self.first, self.second)) and not moe:
+        if (self.moe or MOE in self.options()) and not moe:
             return False
-        both = all(is_on(config, k) for k in (self.first, self.second) if k != MOE)
+        keys = [k for k in self.options() if k != MOE]
+        both = all(has_option(config, k) and is_on(config, k) for k in keys)
         return both and (self.applies is None or bool(self.applies(config)))
 
-    def message(self, config) -> str:
-        shown = [("a mixture-of-experts policy" if k == MOE else f"{k}={option_value(config, k)!r}")
-                 for k in (self.first, self.second)]
-        return f"{shown[0]} with {shown[1]}: not supported ({self.why}); set one of them off"
+    def message(self, config, names: dict | None = None) -> str:
+        """The refusal's one line; `names`: how the caller calls an option (LLM's arguments)."""
+        names = names or {}
+        shown = [("a mixture-of-experts model" if k == MOE
+                  else f"{names.get(k, k)}={option_value(config, k)!r}") for k in self.options()]
+        beside = f" beside {shown[2]}" if self.beside else ""
+        return (f"{shown[0]} with {shown[1]}{beside}: not supported ({self.why}); set one of them "
+                "off")
 
 
 _WHOLE = ("a multi-turn trajectory is sampled whole: its environment's state does not carry to "
@@ -63,8 +100,14 @@ _WHOLE = ("a multi-turn trajectory is sampled whole: its environment's state doe
 _NO_RECORD = "a carried answer's or a later turn's routing records are not kept"
 _VERIFY = "a speculative verify step is not the decode step that one reproduces"
 _CHUNK = "a chunked prefill is not the forward that one reproduces"
+_CP, _EP, _TP = "train.context_parallel", "train.expert_parallel", "train.tensor_parallel"
+_ROWS = "it forwards rows whole, which a context group splits"
+_GROUP_ROWS = "their rows are not made one context group's"
+_MASKS = "each tensor rank would draw its own dropout mask on the same input"
 
 INCOMPATIBLE: tuple[Pair, ...] = (
+    Pair("reward_model", "reward_fn", "the run is scored by one of them"),
+    Pair("reward_model", "reward.weights", "the weights weigh reward functions"),
     Pair("rollout.partial_rollouts", "rollout.dynamic_sampling",
          "dynamic sampling draws whole groups again"),
     Pair("rollout.partial_rollouts", "rollout.exact",
@@ -98,16 +141,81 @@ INCOMPATIBLE: tuple[Pair, ...] = (
     Pair("rollout.routing_replay", "rollout.environment", _NO_RECORD, moe=True),
     Pair("rollout.routing_replay", "rollout.speculative_tokens", _VERIFY, moe=True),
     Pair("rollout.routing_replay", "rollout.prefill_chunk", _CHUNK, moe=True),
+    # Parallel layouts: the pairs refused whatever the number of GPUs (validate.py checks the
+    # sizes against the ranks and the model).
+    Pair(_CP, "train.expert_parallel", "expert groups are not laid out beside context groups"),
+    Pair(_CP, "train.data_parallel",
+         "FSDP2 shards over the data x context ranks: train.data_parallel=shard"),
+    Pair(_CP, "lora.rank", "adapters beside tensor slices are not shown to train as one process "
+         "does", beside=_TP),
+    Pair(_CP, MOE, "its router losses are per forward"),
+    Pair(_CP, "critic", "the value head reads whole rows"),
+    Pair(_CP, "reward_model", "the score head reads whole rows"),
+    Pair(_CP, "train.prefix_sharing", _ROWS),
+    Pair(_CP, "rollout.exact", _ROWS),
+    Pair(_CP, "ppo.ptx_coef", "the PPO-ptx forwards are not split over a context group"),
+    Pair(_CP, "rollout.partial_rollouts", _GROUP_ROWS),
+    Pair(_CP, "rollout.tools", _GROUP_ROWS),
+    Pair(_CP, "rollout.environment", _GROUP_ROWS),
+    Pair(_EP, "train.tensor_parallel", "experts are sharded over whole models, not tensor slices"),
+    Pair(_EP, "lora.rank", "the experts' adapters are not sharded over expert groups"),
+    Pair(_EP, "train.optimizer_offload", "the expert groups' state is not offloaded"),
+    Pair(_EP, "train.data_parallel",
+         "the experts' FSDP2 shards span the expert groups: train.data_parallel=shard"),
+    Pair(_TP, "train.data_parallel",
+         "not at hybrid: the tensor-parallel data groups shard the slices (shard) or copy them "
+         "(replicate: across nodes, at T = the GPUs of a node)",
+         applies=lambda c: c.train.data_parallel == "hybrid"),
+    Pair(_TP, "lora.dropout", _MASKS, applies=lambda c: c.lora.enabled),
+    Pair(_TP, "critic_lora.dropout", _MASKS, applies=lambda c: c.critic_lora.enabled),
+    Pair(_TP, "rollout.exact",
+         "its fixed reduction order is one device's, not the tensor ranks' all-reduces'"),
+    Pair("train.optimizer_offload", "lora.rank",
+         "the adapters' optimizer state is small: nothing to offload"),
 )
 
 
-def refuse_incompatible(config, moe: bool | None = None) -> None:
+def refuse_incompatible(config, moe: bool | None = None, names: dict | None = None) -> None:
     """ConfigValueError (one line naming both options) for the first pair of INCOMPATIBLE that
-    `config` (a PPOConfig) sets; `moe`: whether the policy is a mixture of experts (None: not known
-    yet, its pairs wait for the run's start)."""
+    `config` (any stage's, or options by attribute) sets; `moe`: whether the policy (SFT's model) is
+    a mixture of experts (None: not known yet, its pairs wait for the run's start); `names`: the
+    options' names in the line, where the caller names them otherwise ({dotted key: name})."""
     for pair in INCOMPATIBLE:
         if pair.holds(config, moe):
-            raise ConfigValueError(pair.message(config))
+            raise ConfigValueError(pair.message(config, names))
+
+
+def _class_has(config_cls, key: str) -> bool:
+    """Whether config class `config_cls` has dotted option `key` (MOE: every stage's model)."""
+    if key == MOE:
+        return True
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    head, _, rest = key.partition(".")
+    if head not in fields or not rest:
+        return head in fields
+    factory = fields[head].default_factory
+    return factory is not dataclasses.MISSING and hasattr(factory(), rest)
+
+
+def _shown(pair: Pair) -> str:
+    names = ["a mixture-of-experts model" if k == MOE else k for k in pair.options()]
+    return f"{names[0]} with {names[1]}" + (f" beside {names[2]}" if pair.beside else "")
+
+
+def table_lines(config_cls=None) -> list[str]:
+    """INCOMPATIBLE as text, one '  first with second: why' line a pair (those of `config_cls`'s
+    options, None: all), as `fusedrl <stage> --help` shows it."""
+    return [f"  {_shown(p)}: {p.why}" for p in INCOMPATIBLE
+            if config_cls is None or all(_class_has(config_cls, k) for k in p.options())]
+
+
+def markdown_table() -> str:
+    """INCOMPATIBLE as the Markdown table docs/runs.md holds (a test keeps the two equal)."""
+    rows = [f"| `{'` with `'.join(k for k in p.options()[:2])}`"
+            + (f" beside `{p.beside}`" if p.beside else "") + f" | {p.why} |"
+            for p in INCOMPATIBLE]
+    return "\n".join(["| refused together | why |", "|---|---|", *rows]).replace(
+        f"`{MOE}`", "a mixture-of-experts model")
 
 
 # The rules of options set but unread: (dotted option, whether it is set but unread, why it is

@@ -303,13 +303,9 @@ class PPOConfig(Loadable):
     def __post_init__(self):
         check_fields(self)
         check(bool(self.output_dir), "output_dir is required")
-        check(self.reward_model is None or self.reward_fn is None,
-               "give one of reward_model and reward_fn, not both")
         specs, weights = self.reward_fns(), self.reward.weights
         check(all(specs), f"reward_fn={self.reward_fn!r}: expected 'module:function' specs, "
                           "comma-separated (one is empty)")
-        check(weights is None or self.reward_model is None,
-              "reward.weights weighs reward functions: set it with reward_fn, not reward_model")
         check(weights is None or not specs or len(weights) == len(specs),
               f"reward.weights has {len(weights or ())} weight(s) for {len(specs)} reward "
               f"function(s) (reward_fn={self.reward_fn!r}): give one per function")

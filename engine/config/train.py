@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .fields import check, check_fields, option
-from .compatibility import refuse_ignored, supervised_rules
+from .compatibility import refuse_ignored, refuse_incompatible, supervised_rules
 from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
@@ -333,6 +333,7 @@ class SFTConfig(StageConfig):
         super().__post_init__()
         check(self.data.format in SFT_FORMATS,
                f"data.format for sft must be one of {SFT_FORMATS}, got {self.data.format!r}")
+        refuse_incompatible(self)
         refuse_ignored(supervised_rules(self), self)
 
 
@@ -361,4 +362,5 @@ class RMConfig(StageConfig):
                f"data.format for rm must be one of {RM_FORMATS}, got {self.data.format!r}")
         check(self.beta_rm >= 0, f"beta_rm must be >= 0, got {self.beta_rm}")
         check(self.max_reference >= 1, f"max_reference must be >= 1, got {self.max_reference}")
+        refuse_incompatible(self)
         refuse_ignored(supervised_rules(self), self)

@@ -77,16 +77,16 @@ def run_ppo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: d
     """RM on the preference pairs, then PPO against it; returns the PPO policy's directory."""
     from ..config.ppo import LoopConfig, PPOConfig, RewardConfig, RolloutConfig, UpdateConfig
     from ..config.train import DataConfig, OptimConfig, RMConfig, TrainConfig
-    from ..stages.ppo.trainer import run_ppo
-    from ..stages.rm import run_rm
+    from ..stages.ppo.trainer import train_ppo
+    from ..stages.rm import train_rm
 
-    rm_dir = run_rm(RMConfig(
+    rm_dir = train_rm(RMConfig(
         model=str(sft_dir), output_dir=str(out / "rm"), seed=cfg.seed,
         data=DataConfig(train_file=data["rm"], tokens_per_batch=512, max_length=16,
                         max_prompt_length=8, eval_fraction=0.05),
         optim=OptimConfig(lr=1e-3, warmup_steps=10),
         train=TrainConfig(epochs=cfg.rm_epochs, **loop)))
-    return run_ppo(PPOConfig(
+    return train_ppo(PPOConfig(
         policy=str(sft_dir), reward_model=str(rm_dir), prompts_file=data["prompts"],
         output_dir=str(out / "rl"), seed=cfg.seed,
         rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=4,
@@ -111,9 +111,9 @@ def run_grpo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: 
                    evaluate) -> Path:
     """GRPO with the program's check as the reward; returns the policy's directory."""
     from ..config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
-    from ..stages.ppo.trainer import run_ppo
+    from ..stages.ppo.trainer import train_ppo
 
-    return run_ppo(GRPOConfig(
+    return train_ppo(GRPOConfig(
         policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"),
         seed=cfg.seed,
         rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,
@@ -133,7 +133,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     from ..config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
     from ..model.hf_io import load_model
     from ..train.plot import plot_run
-    from ..stages.sft import run_sft
+    from ..stages.sft import train_sft
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -144,7 +144,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     loop = dict(device="cpu" if not torch.cuda.is_available() else None, precision=cfg.precision,
                 progress=not quiet, resume=False)
 
-    sft_dir = run_sft(SFTConfig(
+    sft_dir = train_sft(SFTConfig(
         model=base, output_dir=str(out / "sft"), seed=cfg.seed,
         data=DataConfig(train_file=data["sft"], tokens_per_batch=256, max_length=16,
                         max_prompt_length=8, eval_fraction=0.05),

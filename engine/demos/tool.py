@@ -62,8 +62,8 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     from ..config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
     from ..model.hf_io import load_model
     from ..train.plot import plot_run
-    from ..stages.ppo.trainer import run_ppo
-    from ..stages.sft import run_sft
+    from ..stages.ppo.trainer import train_ppo
+    from ..stages.sft import train_sft
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -74,7 +74,7 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     loop = dict(device="cpu" if not torch.cuda.is_available() else None, precision=cfg.precision,
                 progress=not quiet, resume=False)
 
-    sft_dir = run_sft(SFTConfig(
+    sft_dir = train_sft(SFTConfig(
         model=base, output_dir=str(out / "sft"), seed=cfg.seed,
         data=DataConfig(train_file=data["sft"], tokens_per_batch=512, max_length=MAX_POSITIONS,
                         max_prompt_length=MAX_POSITIONS // 2, eval_fraction=0.05),
@@ -85,7 +85,7 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
         return tool_accuracy(model, tokenizer, data["held_out"], cfg.eval_samples, cfg.seed)
 
     sft = evaluate(load_model(sft_dir))
-    rl_dir = run_ppo(GRPOConfig(
+    rl_dir = train_ppo(GRPOConfig(
         policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"),
         seed=cfg.seed,
         rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,

@@ -9,9 +9,11 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
+from ..config.compatibility import refuse_incompatible
 from ..errors import ConfigValueError, NonFiniteError
 from .block_manager import BlockManager
 from .group_stop import GroupsDone
@@ -26,6 +28,10 @@ from .turns import OnTurnEnd, Trajectory, generate_turns
 from ..parallel.validate import check_exact_generation
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # CPU has no "free memory" to take a fraction of: 1 GiB
+# The rollout options LLM's arguments are, by the names the compatibility table's lines give them.
+LLM_ARGUMENTS = {"rollout.exact": "batch_invariant", "rollout.prefill_chunk": "prefill_chunk",
+                 "rollout.speculative_tokens": "speculative_tokens",
+                 "rollout.routing_replay": "record_routing"}
 
 
 @dataclass
@@ -114,16 +120,14 @@ class LLM:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1 or None")
-        if prefill_chunk is not None and (self.batch_invariant is not None or record_routing):
-            raise ConfigValueError(f"prefill_chunk={prefill_chunk} with batch_invariant or "
-                                   "record_routing: not supported; use one or the other")
         if not isinstance(speculative_tokens, int) or speculative_tokens < 0:
             raise ValueError(f"speculative_tokens={speculative_tokens!r} must be an int >= 0")
-        if speculative_tokens and (self.batch_invariant is not None or record_routing):
-            other = "batch_invariant (rollout.exact)" if self.batch_invariant else "record_routing"
-            raise ConfigValueError(f"speculative_tokens={speculative_tokens} with {other}: not "
-                                   "supported (a verify step is not the decode step those "
-                                   "reproduce); use one or the other")
+        # The pairs of these arguments are the compatibility table's, as the rollout options they
+        # are (record_routing: an MoE model's).
+        arguments = SimpleNamespace(rollout=SimpleNamespace(
+            exact=self.batch_invariant is not None, prefill_chunk=prefill_chunk,
+            speculative_tokens=speculative_tokens, routing_replay=record_routing))
+        refuse_incompatible(arguments, moe=record_routing, names=LLM_ARGUMENTS)
         self.speculative_tokens, self.speculate_below = speculative_tokens, speculate_below
         # speculative decoding's draft tokens verified and accepted since take_speculation()
         self.speculation = {"drafted": 0, "accepted": 0}
@@ -135,10 +139,7 @@ class LLM:
             tokenizer = tokenizer or directory_tokenizer(Path(model_dir))
         self.tokenizer = tokenizer
         self.config = self.model.config
-        if self.batch_invariant is not None and self.config.moe is not None:
-            raise ValueError(
-                f"batch_invariant=True with a mixture-of-experts model ({self.config.model_type}) "
-                "is not supported: its expert GEMMs have no batch-invariant mode")
+        refuse_incompatible(arguments, moe=self.config.moe is not None, names=LLM_ARGUMENTS)
         param = next(self.model.parameters())
         # Where the model runs, the KV pool and every step's tensors live: the parameters' device,
         # or `device` for a model whose resting shards are elsewhere (FSDP2's CPU offload: CPU

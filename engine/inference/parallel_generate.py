@@ -9,7 +9,7 @@ import torch
 from ..model.hf_io import load_config, load_model
 from ..parallel import distributed
 from ..parallel.dims import ParallelDims
-from ..parallel.layout import laying_out
+from ..parallel.layout import layout_at_load
 from ..parallel.validate import check_generate_tensor_parallel
 from .llm import LLM, directory_tokenizer
 
@@ -29,7 +29,7 @@ def generate_tensor_parallel(model_dir, prompts: list, params, t: int, *, device
                         device_type=device_type)
     per_group = -(-len(prompts) // groups)
     share = prompts[distributed.rank() // t * per_group:][:per_group]
-    model = load_model(model_dir, dtype=dtype, device=device, shard=laying_out("frozen", dims))
+    model = load_model(model_dir, dtype=dtype, device=device, shard=layout_at_load("frozen", dims))
     llm = LLM(model, tokenizer=directory_tokenizer(Path(model_dir)), **llm_options)
     outputs = []
     if share:

@@ -73,7 +73,8 @@ def with_context(model: nn.Module, dims: ParallelDims) -> nn.Module:
     return model
 
 
-def laying_out(role: str, dims: ParallelDims,
-               keep: Callable[[nn.Module], list] = lambda model: []) -> Callable:
-    """layout(model, role, dims, keep(model)) as hf_io.load_model's `shard` takes it."""
+def layout_at_load(role: str, dims: ParallelDims,
+                   keep: Callable[[nn.Module], list] = lambda model: []) -> Callable:
+    """The layout for `role` as a function of the model, applied by hf_io.load_model (its `shard`)
+    while the model is on the meta device: model -> layout(model, role, dims, keep(model))."""
     return lambda model: layout(model, role, dims, keep(model))

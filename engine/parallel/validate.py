@@ -1,4 +1,11 @@
-"""Every refusal of a combination of parallel options, in one line naming the options and values.
+"""The parallel options checked against the job: the number of GPUs and the models' shapes.
+
+A pair of options refused whatever the GPUs (context parallelism beside a critic, expert
+parallelism beside LoRA, tensor slices beside rollout.exact, ...) is a row of the one table,
+engine/config/compatibility.py: every config checks it when built, and `validate` again. What is
+here depends on what a config alone does not say: the number of ranks (an offload in one process, a
+size dividing the ranks, slices copied or sharded over the data groups, a shard group dividing the
+ranks) or the model (a dense model given experts to shard, an MoE model beside context groups).
 
 `validate(cfg, gpus)` checks a stage config on `gpus` ranks before anything loads: what each stage
 runs first (through the plan's start-up check, engine/plan/check.py), and what `fusedrl plan`
@@ -8,6 +15,7 @@ rollout beside tensor slices) are the functions below it, called where those fac
 """
 from __future__ import annotations
 
+from ..config.compatibility import refuse_incompatible
 from ..config.train import SFTConfig
 from ..errors import ConfigValueError, UsageError
 from ..model.config import ModelConfig
@@ -15,17 +23,19 @@ from .dims import shard_group_size
 
 
 def validate(cfg, gpus: int, gpus_per_node: int | None = None) -> None:
-    """UsageError (exit 2) when stage config `cfg` combines parallel options the engine does not
-    run on `gpus` ranks: train.optimizer_offload or train.frozen_offload in one process (they are
-    FSDP2's CPU offload of sharded state), train.optimizer_offload beside LoRA adapters or copied
-    tensor slices, train.tensor_parallel > 1 beside what does not run tensor-parallel
-    (tensor_parallel_gaps) or beside train.data_parallel=hybrid, train.expert_parallel beside what
-    it does not run with (refuse_expert_parallel), train.context_parallel beside what it does not
-    run with (refuse_context_parallel), rollout.persistent_weights where nothing is gathered
-    (one process, tensor slices copied), and train.data_parallel=hybrid with a shard group that does
-    not divide the ranks (ConfigValueError; a node holds `gpus_per_node` of them, default torchrun's
+    """UsageError (exit 2) when stage config `cfg` combines options the engine does not run on
+    `gpus` ranks: a pair of the compatibility table (refuse_incompatible; its mixture-of-experts
+    pairs where the model's config is read for expert or context parallelism),
+    train.optimizer_offload or train.frozen_offload in one process (they are FSDP2's CPU offload of
+    sharded state), train.optimizer_offload beside copied tensor slices, train.tensor_parallel > 1
+    beside frozen offload of copied slices (tensor_parallel_gaps), train.expert_parallel or
+    train.context_parallel sizes the ranks or the model do not take (refuse_expert_parallel,
+    refuse_context_parallel), rollout.persistent_weights where nothing is gathered (one process,
+    tensor slices copied), and train.data_parallel=hybrid with a shard group that does not divide
+    the ranks (ConfigValueError; a node holds `gpus_per_node` of them, default torchrun's
     LOCAL_WORLD_SIZE)."""
     train, t = cfg.train, cfg.train.tensor_parallel
+    refuse_incompatible(cfg)  # a config changed in place since it was built
     if train.optimizer_offload and gpus == 1:
         raise UsageError(
             "train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
@@ -34,19 +44,12 @@ def validate(cfg, gpus: int, gpus_per_node: int | None = None) -> None:
         raise UsageError(
             "train.frozen_offload=true offloads the frozen models' FSDP2 shards: run under "
             "torchrun (one process keeps them on its device)")
-    if train.optimizer_offload and (cfg.lora.rank > 0 or (t > 1 and not slices_sharded(cfg, gpus))):
+    if train.optimizer_offload and t > 1 and not slices_sharded(cfg, gpus):
         raise UsageError(
-            f"train.optimizer_offload=true with lora.rank={cfg.lora.rank} and "
-            "train.tensor_parallel="
-            f"{t} on {gpus} GPUs at train.data_parallel={train.data_parallel}: "
-            "expected lora.rank=0 and train.tensor_parallel=1, or tensor slices sharded over the "
-            "data groups (train.data_parallel=shard, more GPUs than T) (LoRA's optimizer state is "
-            "small; copied slices are not offloaded)")
-    if t > 1 and train.data_parallel == "hybrid":
-        raise UsageError(
-            f"train.data_parallel=hybrid with train.tensor_parallel={t}: the tensor-parallel data "
-            "groups shard the slices (train.data_parallel=shard) or copy them (replicate: across "
-            "nodes, at T = the GPUs of a node); expected one of those")
+            f"train.optimizer_offload=true with train.tensor_parallel={t} on {gpus} GPUs at "
+            f"train.data_parallel={train.data_parallel}: expected tensor slices sharded over the "
+            "data groups (train.data_parallel=shard, more GPUs than T) (copied slices are not "
+            "offloaded)")
     if t > 1 and (unsupported := tensor_parallel_gaps(cfg, gpus)):
         raise UsageError(
             f"train.tensor_parallel={t} with {', '.join(unsupported)}: not supported "
@@ -86,26 +89,26 @@ def slices_sharded(cfg, gpus: int) -> bool:
 
 
 def tensor_parallel_gaps(cfg, gpus: int) -> list[str]:
-    """The options of `cfg` set to what does not train tensor-parallel on `gpus` GPUs: dropout on
-    LoRA adapters (the policy's or the critic's: each tensor rank would draw its own mask on the
-    same input), the batch-invariant rollout (its fixed reduction order is one device's, not the
-    tensor ranks'), and offloading the frozen models' shards where the slices are not sharded over
-    data groups."""
-    gaps = [f"{name}.dropout={lora.dropout}" for name in ("lora", "critic_lora")
-            if (lora := getattr(cfg, name, None)) is not None and lora.enabled and lora.dropout > 0]
-    if getattr(getattr(cfg, "rollout", None), "exact", False):
-        gaps.append("rollout.exact=true")
+    """The options of `cfg` set to what does not train tensor-parallel on `gpus` GPUs (the pairs
+    refused whatever the GPUs are the compatibility table's): offloading the frozen models' shards
+    where the slices are not sharded over data groups."""
     if getattr(cfg.train, "frozen_offload", False) and not slices_sharded(cfg, gpus):
-        gaps.append("train.frozen_offload=true without tensor slices sharded over the data groups")
-    return gaps
+        return ["train.frozen_offload=true without tensor slices sharded over the data groups"]
+    return []
+
+
+def _stage_model(cfg):
+    """The directory of the model a stage trains experts or context groups of (SFT's model,
+    PPO/GRPO's policy), None for the reward-model stage (neither runs there)."""
+    return cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
 
 
 def refuse_expert_parallel(cfg, gpus: int) -> None:
     """UsageError (one line) for a train.expert_parallel E > 1 training cannot run: E not dividing
     the world size (groups of E ranks, each holding every expert once) or the experts, a
-    dense model (SFT's model, PPO/GRPO's policy), beside tensor parallelism, LoRA, optimizer offload
-    or replicated data parallelism, or in the reward-model stage; train.expert_capacity_factor
-    set without it (nothing to exchange)."""
+    dense model (SFT's model, PPO/GRPO's policy), or in the reward-model stage; with an MoE model
+    the compatibility table's mixture-of-experts pairs; train.expert_capacity_factor set without
+    it (nothing to exchange). The options it does not run beside are the table's."""
     e = getattr(cfg.train, "expert_parallel", 1)
     factor = getattr(cfg.train, "expert_capacity_factor", 0.0)
     if factor > 0 and e == 1:
@@ -115,7 +118,7 @@ def refuse_expert_parallel(cfg, gpus: int) -> None:
     if e == 1:
         return
     from ..model.hf_io import load_config
-    model = cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
+    model = _stage_model(cfg)
     moe = load_config(model).moe if model is not None else None
     problem = ("only SFT, PPO and GRPO train expert-parallel" if model is None
                else f"expected a divisor of the world size {gpus} (expert groups of E ranks)"
@@ -123,63 +126,30 @@ def refuse_expert_parallel(cfg, gpus: int) -> None:
                else f"{model} is a dense model (no experts to shard)" if moe is None
                else f"expected a divisor of the model's {moe.num_experts} experts"
                if moe.num_experts % e
-               else
-               "expected train.tensor_parallel=1, lora.rank=0, train.optimizer_offload=false and "
-               "train.data_parallel=shard beside it"
-               if (cfg.train.tensor_parallel > 1 or cfg.lora.rank > 0
-                   or cfg.train.optimizer_offload
-                   or cfg.train.data_parallel != "shard")
                else None)
     if problem is not None:
         raise UsageError(f"train.expert_parallel={e}: {problem}")
+    refuse_incompatible(cfg, moe=True)
 
 
 def refuse_context_parallel(cfg, gpus: int) -> None:
     """UsageError (one line) for a train.context_parallel C > 1 the engine does not run: C not
-    dividing the ranks, the reward-model stage, or beside what it does not run with
-    (context_parallel_gaps), or an MoE model (its router losses are per forward)."""
+    dividing the ranks, the reward-model stage, or the compatibility table's pairs with the model
+    read (an MoE model: its router losses are per forward). The options it does not run beside
+    are the table's."""
     c, t = cfg.train.context_parallel, cfg.train.tensor_parallel
     if c == 1:
         return
     from ..model.hf_io import load_config
-    model = cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
-    beside = context_parallel_gaps(cfg)
+    model = _stage_model(cfg)
     groups = ("context groups of C ranks" if t == 1 else
               f"C x train.tensor_parallel={t} ranks a data rank")
     problem = ("only SFT, PPO and GRPO train context-parallel" if model is None
                else f"expected a divisor of the world size {gpus} ({groups})" if gpus % (c * t)
-               else f"not supported beside {', '.join(beside)} (expected each at its default)"
-               if beside
-               else f"{model} is an MoE model (its router losses are per forward): not supported"
-               if load_config(model).moe is not None else None)
+               else None)
     if problem is not None:
         raise UsageError(f"train.context_parallel={c}: {problem}")
-
-
-def context_parallel_gaps(cfg) -> list[str]:
-    """The options of `cfg` set to what does not run context-parallel: expert parallelism,
-    train.data_parallel other than shard (FSDP2 over data x context), LoRA beside tensor slices (not
-    shown equal to one process yet); in PPO/GRPO a critic or reward model (their value and
-    score heads read whole rows), prefix sharing, rollout.exact (forwards of whole rows), the
-    PPO-ptx term, partial rollouts and multi-turn agents (their rows are not made one group's)."""
-    rollout = getattr(cfg, "rollout", None)
-    options = {"train.expert_parallel": (cfg.train.expert_parallel, 1),
-               "train.data_parallel": (cfg.train.data_parallel, "shard")}
-    if rollout is not None:
-        options.update({"critic": (cfg.critic, "none"), "reward_model": (cfg.reward_model, None),
-                        # Asked for explicitly: the context-parallel forwards read rows whole (never
-                        # its layout).
-                        "train.prefix_sharing": (cfg.train.prefix_sharing is True, False),
-                        "rollout.exact": (rollout.exact, False),
-                        "ppo.ptx_coef": (cfg.ppo.ptx_coef, 0),
-                        "rollout.partial_rollouts": (rollout.partial_rollouts, False),
-                        "rollout.tools": (rollout.tools or None, None),
-                        "rollout.environment": (rollout.environment, None)})
-    gaps = [f"{name}={value}" for name, (value, default) in options.items() if value != default]
-    if cfg.lora.rank > 0 and cfg.train.tensor_parallel > 1:
-        gaps.append(
-            f"lora.rank={cfg.lora.rank} with train.tensor_parallel={cfg.train.tensor_parallel}")
-    return gaps
+    refuse_incompatible(cfg, moe=load_config(model).moe is not None)
 
 
 def fitting_sizes(world: int, config: ModelConfig) -> list[int]:

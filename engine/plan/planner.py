@@ -170,9 +170,29 @@ def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
     return out
 
 
+def accepts(cfg, overrides: list[str]) -> bool:
+    """Whether `cfg` with `overrides` is a config (not refused, e.g. by a pair of the compatibility
+    table: LoRA beside an offloaded optimizer)."""
+    try:
+        with_overrides(cfg, overrides)
+    except UsageError:
+        return False
+    return True
+
+
+def composing(cfg, changes: list[list[str]]) -> list[str]:
+    """The overrides of `changes`, in turn, each kept unless the config refuses it beside those kept
+    before."""
+    kept: list[str] = []
+    for overrides in changes:
+        if accepts(cfg, kept + overrides):
+            kept += overrides
+    return kept
+
+
 def advice(cfg, plan: MemoryPlan, device: str) -> list[str]:
     """What to change: each single change that fits, else all of them together, else what blocks."""
-    changes = candidate_changes(cfg, plan.ranks)
+    changes = [c for c in candidate_changes(cfg, plan.ranks) if accepts(cfg, c[1])]
     fitting = []
     for what, overrides, gpus in changes:
         other = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, device,
@@ -183,7 +203,7 @@ def advice(cfg, plan: MemoryPlan, device: str) -> list[str]:
                 f"{format_bytes(other.peak)} in {other.peak_phase}")
     if fitting:
         return ["fits with any one of: " + "; ".join(fitting)]
-    overrides = [o for _, os_, _ in changes for o in os_]
+    overrides = composing(cfg, [os_ for _, os_, _ in changes])
     gpus = max([plan.ranks] + [g for *_, g in changes])
     together = plan_stage(with_overrides(cfg, overrides), gpus, plan.gpu_memory, device,
                           advise=False, gpus_per_node=plan.shard_group) if changes else plan

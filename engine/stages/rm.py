@@ -35,7 +35,7 @@ from ..parallel.distributed import is_main
 from ..runs.run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
-from ..parallel.layout import laying_out
+from ..parallel.layout import layout_at_load
 from ..plan.check import startup_check
 from ..train.supervised import Stage, check_context, train
 from .sft import target_nll_sum
@@ -136,7 +136,7 @@ def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int,
 
 
 @releases_output_dir
-def run_rm(cfg: RMConfig, dataset=None, eval_dataset=None, callbacks=()) -> Path:
+def train_rm(cfg: RMConfig, dataset=None, eval_dataset=None, callbacks=()) -> Path:
     """Train per `cfg`, normalize, export RUN_DIR/final (see engine/model/reward_model.py for the
     format; with lora.rank > 0 also RUN_DIR/final_adapter, see the module docstring). dataset,
     eval_dataset: datasets.Dataset objects read instead of cfg.data.train_file and
@@ -148,8 +148,8 @@ def run_rm(cfg: RMConfig, dataset=None, eval_dataset=None, callbacks=()) -> Path
     device, tokenizer = run.device, run.tokenizer
     examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed, dataset, eval_dataset)
     # The trained score head stays whole on every rank beside LoRA adapters (a replicated head).
-    sharder = laying_out("adapted" if cfg.lora.enabled else "trained", run.dims,
-                         lambda model: [model.score] if cfg.lora.enabled else [])
+    sharder = layout_at_load("adapted" if cfg.lora.enabled else "trained", run.dims,
+                             lambda model: [model.score] if cfg.lora.enabled else [])
     # the head starts at zero: see reward_model_from_lm
     model = load_model(cfg.model, dtype=run.dtype, device=device, model_cls=RewardModel,
                        shard=sharder, fresh=["score.weight"])

@@ -1,6 +1,6 @@
 """Supervised fine-tuning: next-token loss on response tokens only (the prompt is context).
 
-`run_sft(SFTConfig(...))` trains and exports RUN_DIR/final, a transformers-loadable directory.
+`train_sft(SFTConfig(...))` trains and exports RUN_DIR/final, a transformers-loadable directory.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ..train import adapters
 from ..runs.run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..parallel.context_parallel import shard_logprobs
-from ..parallel.layout import laying_out
+from ..parallel.layout import layout_at_load
 from ..plan.check import startup_check
 from ..train.router_losses import with_router_losses
 from ..train.supervised import Stage, check_context, train
@@ -72,7 +72,7 @@ def sft_stage(dtype: str, device, sharder=None, router=None) -> Stage:
 
 
 @releases_output_dir
-def run_sft(cfg: SFTConfig, dataset=None, eval_dataset=None, callbacks=()) -> Path:
+def train_sft(cfg: SFTConfig, dataset=None, eval_dataset=None, callbacks=()) -> Path:
     """Train per `cfg`; returns the exported model directory (RUN_DIR/final; with lora.rank > 0 the
     adapters merged into it, and themselves in RUN_DIR/final_adapter). dataset, eval_dataset:
     datasets.Dataset objects read instead of cfg.data.train_file and cfg.data.eval_file;
@@ -82,7 +82,7 @@ def run_sft(cfg: SFTConfig, dataset=None, eval_dataset=None, callbacks=()) -> Pa
     cfg = run.config  # train.gradient_checkpointing=auto resolved
     check_context(cfg.data, run.configs["model"].max_model_len)
     examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed, dataset, eval_dataset)
-    sharder = laying_out("adapted" if cfg.lora.enabled else "trained", run.dims)
+    sharder = layout_at_load("adapted" if cfg.lora.enabled else "trained", run.dims)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device, shard=sharder)
     lora = adapters.attach(model, cfg.lora)
     train(model, sft_stage(run.dtype, run.device, sharder, cfg.moe), examples.train, examples.eval,

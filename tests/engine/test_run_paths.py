@@ -13,7 +13,7 @@ from fusedrl.engine.runs import run_dir
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.runs.run_paths import module_file, pinned, run_inputs
-from fusedrl.engine.stages.ppo.trainer import run_ppo
+from fusedrl.engine.stages.ppo.trainer import train_ppo
 from cli_testing import assert_one_line_error, cli_error, run_fusedrl
 from reward_testing import vowel_fraction
 from test_run_dirs import listing, sft
@@ -77,7 +77,7 @@ def test_a_reward_function_that_changes_directory_moves_nothing(qwen2_dir, tmp_p
     cfg.rollout.prompts_per_iteration, cfg.rollout.max_new_tokens = 1, 4
     cfg.rollout.kv_cache_memory = 1 << 22
     cfg.reward.isolation = "thread"  # in the trainer's own process: its chdir is the trainer's
-    run_ppo(cfg, reward_fn=wandering_reward)
+    train_ppo(cfg, reward_fn=wandering_reward)
     assert (tmp_path / "home" / "run" / "final" / "config.json").is_file()
     assert sorted(p.name for p in (elsewhere / "run").rglob("*")) == ["final", "mine.txt"]
 

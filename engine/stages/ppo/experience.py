@@ -21,10 +21,10 @@ from ...config.estimators import GROUP_ESTIMATORS
 from ...config.ppo import PPOConfig
 from ...train import runlog
 from ....kernels import explained_variance, kl_penalty, masked_mean, masked_moments
-from .chunks import forward_in_pieces
-from .core import (RunningMoments, advantages_and_returns, finite_rows, group_token_advantages,
-                   shape_rewards)
+from .advantages import (RunningMoments, advantages_and_returns, finite_rows,
+                         group_token_advantages, shape_rewards)
 from .forwards import policy_forward, reference_logprobs
+from .microbatches import forward_in_microbatches
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 from .rollout import Rollout
@@ -110,13 +110,13 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     mask = packed.grid_mask()                                                  # [R, T]
     scores = samples.scores
     with timer.phase("reference"):
-        ref_logp = forward_in_pieces(packed, s.tokens_per_forward,
-                                     lambda piece: reference_logprobs(models, piece, s.temperature),
-                                     ranks)
-    with timer.phase("old"), torch.no_grad():
-        old_logp, entropy, old_values = forward_in_pieces(
+        ref_logp = forward_in_microbatches(
             packed, s.tokens_per_forward,
-            lambda piece: policy_forward(models, piece, s.temperature, with_entropy=True,
+            lambda micro: reference_logprobs(models, micro, s.temperature), ranks)
+    with timer.phase("old"), torch.no_grad():
+        old_logp, entropy, old_values = forward_in_microbatches(
+            packed, s.tokens_per_forward,
+            lambda micro: policy_forward(models, micro, s.temperature, with_entropy=True,
                                          exact=s.exact), ranks)
     kl = kl_penalty(old_logp, ref_logp, estimator=s.kl_estimator, mask=mask)
     sum_over = distributed.data_parallel_sum(ranks)

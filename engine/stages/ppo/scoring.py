@@ -15,7 +15,7 @@ from ...data.prompts import column_lists
 from ...parallel import distributed
 from ..rewards.combined import RewardFunctions, moments, summary, weighted_totals
 from ..rewards.functions import RewardFunctionError, RewardInputs
-from .chunks import forward_in_pieces
+from .microbatches import forward_in_microbatches
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -59,14 +59,14 @@ def score_rows(score: Scorer, prompts: list[list[int]], responses: list[list[int
                rows: Optional[list] = None,
                ranks: distributed.DataRanks = distributed.WORLD,
                trajectories: Optional[list] = None) -> torch.Tensor:
-    """Scores [R] of the rollout's rows, from its pack when the scorer reads one (in forwards of at
-    most `tokens_per_forward` tokens over the data `ranks`: chunks.py); `rows`: their prompt rows
-    (reward_inputs). trajectories: [R] the multi-turn rows' engine/agents AgentTrajectory, whose
-    role-tagged messages the reward functions read (trajectory_inputs); one that left the batch is
-    not scored (NaN: it has no trained token, so nothing reads it)."""
+    """Scores [R] of the rollout's rows, from its pack when the scorer reads one (in micro-batches
+    of at most `tokens_per_forward` tokens over the data `ranks`: microbatches.py); `rows`: their
+    prompt rows (reward_inputs). trajectories: [R] the multi-turn rows' engine/agents
+    AgentTrajectory, whose role-tagged messages the reward functions read (trajectory_inputs); one
+    that left the batch is not scored (NaN: it has no trained token, so nothing reads it)."""
     score_packed = getattr(score, "score_packed", None)
     if score_packed is not None:
-        return forward_in_pieces(packed, tokens_per_forward, score_packed, ranks)
+        return forward_in_microbatches(packed, tokens_per_forward, score_packed, ranks)
     if trajectories is None:
         return score(prompts, responses, rows)
     scores = torch.full((len(trajectories),), float("nan"))

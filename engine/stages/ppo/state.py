@@ -9,7 +9,7 @@ import dataclasses
 
 from ...config.ppo import RewardConfig
 from ...train.supervised import DataPosition
-from .core import KLController, RunningMoments
+from .advantages import KLController, RunningMoments
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""The PPO stage: `run_ppo(PPOConfig(...))` trains the policy against a reward model or function.
+"""The PPO stage: `train_ppo(PPOConfig(...))` trains the policy against a reward model or function.
 
 RUN_DIR/ as for SFT/RM (config.yaml, metrics.jsonl, tensorboard/), plus
     checkpoints/step-0000000N/   the one checkpoint layout (engine/train/checkpoint/): the policy
@@ -53,7 +53,7 @@ from ...train.loop import RunPlan, StopTraining, run_training
 from ...runs.run_dir import releases_output_dir
 from ...sandbox.isolation import open_sandbox
 from ...parallel.dims import ParallelDims
-from ...parallel.layout import layout, laying_out
+from ...parallel.layout import layout, layout_at_load
 from ...plan.check import startup_check
 from ...train.run_setup import start_run
 from ..rewards.combined import RewardFunctions, open_reward_functions
@@ -119,9 +119,9 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
     if dims is None:
         dims = ParallelDims.from_train(cfg.train, distributed.world_size(),
                                        torch.device(device).type)
-    sharder, frozen = laying_out("adapted", dims), laying_out("frozen", dims)
+    sharder, frozen = layout_at_load("adapted", dims), layout_at_load("frozen", dims)
     policy = load_model(cfg.policy, dtype=dtype, device=device,
-                        shard=sharder if lora_run else laying_out("trained", dims))
+                        shard=sharder if lora_run else layout_at_load("trained", dims))
     policy.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
@@ -134,8 +134,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
                                else frozen).eval().requires_grad_(False)
     critic = value_head = None  # critic="none": a group estimator needs no values
     if cfg.critic == "separate":
-        critic = build_critic(cfg, rm, device, dtype,
-                              sharder if cfg.critic_lora.enabled else laying_out("critic", dims))
+        critic = build_critic(cfg, rm, device, dtype, sharder if cfg.critic_lora.enabled
+                              else layout_at_load("critic", dims))
     elif cfg.critic == "shared":
         value_head = shared_value_head(policy)
         # Beside adapters a replicated head, its gradients averaged (optim.clip_and_step).
@@ -217,7 +217,7 @@ def trainables(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules, d
                dims: ParallelDims) -> Trainables:
     """What a PPO checkpoint holds: the policy, the separate critic (or the shared value head), the
     optimizers and their schedules; a saved model loads laid out over `dims` for its role."""
-    sharder, critic_sharder = laying_out("trained", dims), laying_out("critic", dims)
+    sharder, critic_sharder = layout_at_load("trained", dims), layout_at_load("critic", dims)
     saved = (
         {"policy": SavedModel(models.policy, lambda d: load_model(d, dtype=dtype, device=device,
                                                                   shard=sharder))}
@@ -244,9 +244,9 @@ def ptx_loss(cfg: PPOConfig, tokenizer, policy: CausalLM, device) -> Optional[Pt
 
 
 @releases_output_dir
-def run_ppo(cfg: PPOConfig, reward_fn=None,
-            evaluate: Optional[Callable[[PPOModels], dict]] = None, dataset=None,
-            callbacks=()) -> Path:
+def train_ppo(cfg: PPOConfig, reward_fn=None,
+              evaluate: Optional[Callable[[PPOModels], dict]] = None, dataset=None,
+              callbacks=()) -> Path:
     """Train per `cfg`; returns the exported policy directory (RUN_DIR/final; with lora.rank > 0 the
     adapters merged into it, and themselves in RUN_DIR/final_adapter).
 
@@ -264,16 +264,16 @@ def run_ppo(cfg: PPOConfig, reward_fn=None,
                                 cfg.reward.fn_timeout_s, cfg.rollout.multi_turn)
     rewards = open_rewards(cfg, reward_fn)
     try:
-        return train_ppo(cfg, rewards, evaluate, dataset, sandbox_mode, callbacks)
+        return _train(cfg, rewards, evaluate, dataset, sandbox_mode, callbacks)
     finally:
         if rewards is not None:  # their workers end with the run, however it ends
             rewards.close()
 
 
-def train_ppo(cfg: PPOConfig, rewards: Optional[RewardFunctions],
-              evaluate: Optional[Callable[[PPOModels], dict]], dataset=None,
-              sandbox_mode: str = "", callbacks=()) -> Path:
-    """run_ppo's run, scored by the open `rewards` (None: by cfg.reward_model)."""
+def _train(cfg: PPOConfig, rewards: Optional[RewardFunctions],
+           evaluate: Optional[Callable[[PPOModels], dict]], dataset=None,
+           sandbox_mode: str = "", callbacks=()) -> Path:
+    """train_ppo's run, scored by the open `rewards` (None: by cfg.reward_model)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(),
                     kind="grpo" if isinstance(cfg, GRPOConfig) else "ppo", config=cfg,
                     check=startup_check)

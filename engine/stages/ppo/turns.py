@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ...config.estimators import TURN_ESTIMATORS
+
 
 def turn_spans(model_mask: list[bool] | None, length: int) -> list[tuple[int, int]]:
     """[start, end) response columns of each turn: each run of True in `model_mask` (None: the
@@ -65,9 +67,9 @@ def turn_token_advantages(returns: list[list[float]], spans: list[list[tuple[int
     """Turn-level group advantages [R, T] fp32: every turn of a group's n trajectories is one
     sample of the group's statistics; a turn's tokens get (G - mean) / (std + eps) (grpo, unbiased
     std) or G - mean (dr_grpo), G its return to go. returns, spans: [R] per turn; mask [R, T]."""
-    if estimator not in ("grpo", "dr_grpo"):
+    if estimator not in TURN_ESTIMATORS:
         raise ValueError(
-            f"turn_token_advantages: estimator {estimator!r}: expected grpo or dr_grpo")
+            f"turn_token_advantages: estimator {estimator!r}: expected one of {TURN_ESTIMATORS}")
     out = torch.zeros(mask.shape, dtype=torch.float64)
     for g in range(len(returns) // n):
         rows = range(g * n, (g + 1) * n)

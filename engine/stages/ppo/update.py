@@ -1,6 +1,6 @@
 """The update half of a PPO iteration: `ppo_update` (K epochs of minibatch updates of the policy
 and the critic) over a Rollout (rollout.py, built by experience.py). It composes the kernels and
-engine/stages/ppo/core.py; no math lives here.
+engine/stages/ppo/advantages.py; no math lives here.
 
 Minibatches and micro-batches are cut from the rollout's one pack by index. An epoch takes
 ceil(rows / ppo.minibatch_size) minibatches of sizes as equal as the rows allow (16 rows at size

@@ -2,8 +2,9 @@
 
 A function is named by a spec `module:function` (reward_fn), the module a dotted name looked up in
 the directory the run started in, then on PYTHONPATH, or a `.py` file's path; or it is passed to
-`run_ppo` as a callable. Where it comes from is fixed once, at start (`FunctionSource`: absolute
-paths), so a function that changes directory later finds the same module again.
+`fusedrl.engine.run_ppo` as a callable. Where it comes from is fixed once, at start
+(`FunctionSource`: absolute paths), so a function that changes directory later finds the same
+module again.
 
 It is called on a batch of rows in one of two forms, chosen by its signature (`calling_style`):
 - TRL's keywords, when it names `completions` or takes **kwargs: fn(prompts=, completions=,
@@ -14,7 +15,7 @@ An `async def` function is awaited on an event loop of its own, kept across call
 to the loop stays usable). It returns one real number, or None ("does not apply to this row", as in
 TRL), per row; anything else is a `RewardFunctionError` naming the function, as is any exception
 it raises (SystemExit and KeyboardInterrupt included). NaN and inf are numbers here: the rollout
-drops their rows (engine/stages/ppo/core.py `finite_rows`).
+drops their rows (engine/stages/ppo/advantages.py `finite_rows`).
 Torch-free: a worker process imports this module and the user's, nothing heavier.
 """
 from __future__ import annotations

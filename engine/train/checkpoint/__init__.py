@@ -3,13 +3,13 @@ continue a run exactly, as data only (safetensors and JSON), so resuming runs no
 checkpoint.
 
 Layout of `RUN_DIR/checkpoints/step-00000012/`, the same for one process and for N ranks:
-    rank-RRRRR.safetensors  each rank's pieces of the tensors (shards.py): the models' and small
+    rank-RRRRR.safetensors  each rank's chunks of the tensors (shards.py): the models' and small
                             modules' state dicts and the optimizers' state (FusedAdamW's fp32
                             masters, moments and step counters), a tensor several ranks hold alike
                             written once; plus the rank's own RNG states (torch, CUDA; python's in
                             its metadata)
     checkpoint.json         written by rank 0: the index of every tensor (dtype, global shape, each
-                            piece's file and box), the optimizers' parameter groups
+                            chunk's file and box), the optimizers' parameter groups
                             (hyperparameters, parameters by name), the schedulers' state dicts and
                             the stage's loop state (counters, data position, PPO's KL coefficient
                             and reward moments)

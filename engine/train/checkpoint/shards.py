@@ -1,8 +1,8 @@
-"""The tensors of a checkpoint, DCP-style: every rank writes the pieces it holds to its own
+"""The tensors of a checkpoint, DCP-style: every rank writes the chunks it holds to its own
 safetensors file, and one index (written by rank 0 into the checkpoint's JSON) gives each tensor's
-dtype, global shape and pieces, so any number of ranks reads it back.
+dtype, global shape and chunks, so any number of ranks reads it back.
 
-A piece ("chunk") is a box of a tensor: `offsets` and `sizes` per dimension, in the file
+A chunk is a box of a tensor: `offsets` and `sizes` per dimension, in the file
 `rank-RRRRR.safetensors` under the tensor's name. A sharded (DTensor) tensor contributes each rank's
 local shard; a plain tensor is one whole chunk. A chunk several ranks hold alike (replicated LoRA
 adapters, optimizer step counters, an HSDP replica) is written once, by the lowest of those ranks.
@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from ...runs.durable import CorruptDirectory
 from ...parallel import distributed
-# (piece, offsets): a DTensor's shard, a plain tensor whole
+# (chunk, offsets): a DTensor's shard, a plain tensor whole
 from ...model.weight_map import local_box as local_chunk
 
 _FILE = re.compile(r"rank-\d{5}\.safetensors")
@@ -148,14 +148,14 @@ class ShardReader:
             raise CorruptDirectory(
                 f"{self.directory}: the chunks of tensor {name!r} do not tile it")
         for chunk, box in found:
-            piece = self._open(chunk["file"]).get_slice(name)
-            if list(piece.get_shape()) != chunk["sizes"]:
+            stored = self._open(chunk["file"]).get_slice(name)
+            if list(stored.get_shape()) != chunk["sizes"]:
                 raise CorruptDirectory(
                     f"{self.directory / chunk['file']}: tensor {name!r} has shape "
-                    f"{piece.get_shape()}, the index says {chunk['sizes']}")
+                    f"{stored.get_shape()}, the index says {chunk['sizes']}")
             source = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, chunk["offsets"]))
             target = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, offsets))
-            values = piece[source] if source else self._open(chunk["file"]).get_tensor(name)
+            values = stored[source] if source else self._open(chunk["file"]).get_tensor(name)
             if values.dtype != out.dtype:
                 raise CorruptDirectory(
                     f"{self.directory / chunk['file']}: tensor {name!r} is {values.dtype}, "

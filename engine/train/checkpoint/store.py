@@ -72,7 +72,7 @@ def save_checkpoint(run_dir, step: int, parts: Trainables, loop_state: dict, kee
 
 
 def _check_finite_everywhere(named_tensors, what: str) -> None:
-    """check_finite on this rank's pieces of the tensors, raised on every rank if any rank fails,
+    """check_finite on this rank's chunks of the tensors, raised on every rank if any rank fails,
     so no rank is left waiting in the save's collectives."""
     try:
         check_finite(((name, local_chunk(t)[0]) for name, t in named_tensors), what)

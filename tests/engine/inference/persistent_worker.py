@@ -14,7 +14,7 @@ from fusedrl.engine.inference.hybrid_actor import HybridActor
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.parallel.dims import ParallelDims
 from fusedrl.engine.parallel.expert_parallel import shard_for_training
-from fusedrl.engine.parallel.layout import laying_out
+from fusedrl.engine.parallel.layout import layout_at_load
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.moe import moe_blocks
 from fusedrl.engine.stages.sft import sft_loss
@@ -65,7 +65,7 @@ def train_step(policy, optimizer, device: str) -> None:
 def data_parallel(mode: str, device: str):
     """The layout of a trained model over the world in train.data_parallel `mode`."""
     dims = ParallelDims.data_only(mode, distributed.world_size(), torch.device(device).type)
-    return laying_out("trained", dims)
+    return layout_at_load("trained", dims)
 
 
 def check_rollouts(device: str, model_dir: str) -> None:
@@ -142,18 +142,18 @@ def check_grpo(root: str) -> None:
     """GRPO with rollout.persistent_weights ends with the weights of the run without it, by default
     and with rollout.exact (whose old-log-prob forward reads the buffers too)."""
     from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
-    from fusedrl.engine.stages.ppo.trainer import run_ppo
+    from fusedrl.engine.stages.ppo.trainer import train_ppo
     for exact in (False, True):
         for persistent in (False, True):
             rollout = RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
                                     kv_cache_memory=1 << 22, persistent_weights=persistent, exact=exact)
-            run_ppo(GRPOConfig(policy=f"{root}/policy", prompts_file=f"{root}/prompts.jsonl",
-                               output_dir=f"{root}/run-{exact}-{persistent}",
-                               reward_fn="reward_testing:vowel_fraction",
-                               rollout=rollout, optim=OptimConfig(lr=1e-3),
-                               ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.05, vf_coef=0.0, epochs=1,
-                                                minibatch_size=6),
-                               train=LoopConfig(iterations=2, progress=False, device="cpu", precision="fp32")))
+            train_ppo(GRPOConfig(policy=f"{root}/policy", prompts_file=f"{root}/prompts.jsonl",
+                                 output_dir=f"{root}/run-{exact}-{persistent}",
+                                 reward_fn="reward_testing:vowel_fraction",
+                                 rollout=rollout, optim=OptimConfig(lr=1e-3),
+                                 ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.05, vf_coef=0.0, epochs=1,
+                                                  minibatch_size=6),
+                                 train=LoopConfig(iterations=2, progress=False, device="cpu", precision="fp32")))
         distributed.barrier()
         a, b = (load_file(f"{root}/run-{exact}-{p}/final/model.safetensors") for p in (False, True))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"exact={exact}"

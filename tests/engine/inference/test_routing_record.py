@@ -39,5 +39,11 @@ def test_records_are_the_training_forward_s_choices(tmp_path, graphs, device):
 
 def test_batch_invariant_mode_is_refused_for_moe(tmp_path):
     make_moe_model("mixtral").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="batch_invariant=True with a mixture-of-experts model \\(mixtral\\)"):
+    with pytest.raises(ValueError, match=r"^batch_invariant=True with a mixture-of-experts model: not supported \(its "
+                                          r"expert GEMMs have no batch-invariant mode"):
         LLM(tmp_path, dtype="float32", batch_invariant=True)
+    # LLM's arguments are refused by the compatibility table's pairs, named as LLM names them.
+    with pytest.raises(ValueError, match=r"^record_routing=True with prefill_chunk=8: not supported \("):
+        LLM(tmp_path, dtype="float32", record_routing=True, prefill_chunk=8)
+    with pytest.raises(ValueError, match=r"^prefill_chunk=8 with batch_invariant=True: not supported \("):
+        LLM(tmp_path, dtype="float32", batch_invariant=True, prefill_chunk=8)

@@ -68,8 +68,8 @@ def test_what_does_not_train_tensor_parallel_is_refused_in_one_line(qwen2_dir, t
               "data.max_length=64", "data.max_prompt_length=32", "data.tokens_per_batch=128", "train.tensor_parallel=2"]
     code, err = cli_error(["sft", *common, "lora.rank=4", "lora.dropout=0.1"], capsys)
     assert (code, err) == (2, "fusedrl sft: train.tensor_parallel=2 with lora.dropout=0.1: not supported "
-                              "tensor-parallel (SFT, RM, PPO and GRPO train tensor-parallel, LoRA "
-                              "included)\n")
+                              "(each tensor rank would draw its own dropout mask on the same input); set one "
+                              "of them off\n")
     code, err = cli_error(["sft", *common], capsys)  # one process: no tensor ranks
     assert code == 2 and err.startswith("fusedrl sft: train.tensor_parallel=2: expected a size dividing the 1 ranks")
     assert err.count("\n") == 1

@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 from fusedrl.engine.parallel import distributed
 from fusedrl.engine.parallel.dims import ParallelDims
-from fusedrl.engine.parallel.layout import laying_out
+from fusedrl.engine.parallel.layout import layout_at_load
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.model.hf_io import load_model, save_model
 from fusedrl.engine.model.lora import add_lora
@@ -71,7 +71,7 @@ def main(models: Path, out: Path) -> None:
     distributed.init_distributed("cpu", timeout_s=120)
     world, report = distributed.world_size(), {"local_bytes": {}, "whole_bytes": {}}
     dims = ParallelDims.data_only("shard", distributed.world_size(), "cpu")
-    sharder = laying_out("trained", dims)
+    sharder = layout_at_load("trained", dims)
 
     def record(what, sharded, whole):
         local = check_equal(sharded, whole, what)

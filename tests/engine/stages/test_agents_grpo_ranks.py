@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.config.train import OptimConfig
-from fusedrl.engine.stages.ppo.trainer import run_ppo
+from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import save_chat_model
 from dist_testing import check, rank_threads, torchrun
@@ -36,7 +36,7 @@ def test_two_ranks_train_multi_turn_trajectories_as_one_process(tmp_path):
     save_chat_model(tmp_path / "chat")
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     with rank_threads():
-        run_ppo(config(tmp_path, "one", 1))
+        train_ppo(config(tmp_path, "one", 1))
     check(torchrun("grpo", config(tmp_path, "two", 2), tmp_path, timeout=150))
     train = [r for r in read_metrics(tmp_path / "two") if r["kind"] == "train"]
     assert len(train) == 2 and all(len(r["tokens_per_rank"]) == 2 for r in train)

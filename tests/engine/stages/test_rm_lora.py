@@ -15,7 +15,7 @@ from fusedrl.engine.errors import ModelError
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from fusedrl.engine.model.reward_model import load_reward_model, reward_model_from_lm
-from fusedrl.engine.stages.rm import run_rm
+from fusedrl.engine.stages.rm import train_rm
 from fusedrl.engine.train.checkpoint import read_tensors
 from engine_testing import random_prompts
 from train_testing import checkpoint_data, copy_checkpoint, rm_config, sorted_digit_preferences, write_jsonl
@@ -103,12 +103,12 @@ def test_rm_lora_resume_gives_the_same_adapters_and_head(base_dir, tmp_path):
     kw = dict(data={"eval_fraction": 0.0, "tokens_per_batch": 128}, optim={"warmup_steps": 1},
               lora=LoRAConfig(rank=4, dropout=0.1))  # dropout: the RNG state must resume too
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_rm(rm_config(base_dir, train_file, straight, train={"max_steps": 2, "save_every": 1, "keep_checkpoints": 0},
-                     **kw))
+    train_rm(rm_config(base_dir, train_file, straight, train={"max_steps": 2, "save_every": 1, "keep_checkpoints": 0},
+                       **kw))
     checkpoint = straight / "checkpoints" / "step-00000001"
     assert checkpoint_data(checkpoint)["models"] == ["adapter"]  # the adapters and head, not the model
     copy_checkpoint(straight, 1, resumed)
-    run_rm(rm_config(base_dir, train_file, resumed, train={"max_steps": 2}, **kw))
+    train_rm(rm_config(base_dir, train_file, resumed, train={"max_steps": 2}, **kw))
     a, b = (load_file(run / "final_adapter" / WEIGHTS_FILE) for run in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     first = read_tensors(checkpoint, "models.adapter.")

@@ -10,7 +10,7 @@ import transformers
 from fusedrl.engine.data.packing import pack
 from fusedrl.engine.cli import main
 from fusedrl.engine.model.reward_model import load_reward_model, reward_model_from_lm
-from fusedrl.engine.stages.rm import mean_raw_reward, run_rm
+from fusedrl.engine.stages.rm import mean_raw_reward, train_rm
 from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.engine.model.hf_io import load_model
 from engine_testing import random_prompts
@@ -32,7 +32,7 @@ def trained(base_dir, tmp_path_factory):
                                                        for r in sorted_digit_preferences(20, seed=9)])
     cfg = rm_config(base_dir, train_file, root / "run", reference_file=str(reference),
                     data={"eval_fraction": 0.2}, optim={"lr": 3e-3, "warmup_steps": 5}, train={"epochs": 3})
-    return cfg, run_rm(cfg)
+    return cfg, train_rm(cfg)
 
 
 def test_rm_beats_90_percent_held_out_pairwise_accuracy(trained):
@@ -113,9 +113,9 @@ def test_rm_resume_restores_the_head_and_the_run(base_dir, tmp_path):
     train_file = write_jsonl(tmp_path / "pairs.jsonl", sorted_digit_preferences(40, seed=5))
     kw = dict(data={"eval_fraction": 0.0, "tokens_per_batch": 128}, optim={"warmup_steps": 1})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_rm(rm_config(base_dir, train_file, straight, train={"max_steps": 2, "save_every": 1, "keep_checkpoints": 0}, **kw))
+    train_rm(rm_config(base_dir, train_file, straight, train={"max_steps": 2, "save_every": 1, "keep_checkpoints": 0}, **kw))
     copy_checkpoint(straight, 1, resumed)
-    run_rm(rm_config(base_dir, train_file, resumed, train={"max_steps": 2}, **kw))
+    train_rm(rm_config(base_dir, train_file, resumed, train={"max_steps": 2}, **kw))
     a, b = load_reward_model(straight / "final"), load_reward_model(resumed / "final")
     assert a.score.weight.abs().sum() > 0 and a.reward_offset == b.reward_offset
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -10,7 +10,7 @@ from fusedrl.engine.cli import main
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.peft_io import WEIGHTS_FILE
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.checkpoint import read_tensors
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import random_prompts
@@ -61,11 +61,11 @@ def test_resume_with_adapters_gives_the_same_adapters_as_an_uninterrupted_run(ba
     kw = dict(optim={"grad_accum_steps": 2, "warmup_steps": 1}, data={"eval_fraction": 0.0},
               lora=LoRAConfig(rank=4, dropout=0.1))  # dropout: the RNG state must resume too
     straight = tmp_path / "straight"
-    run_sft(sft_config(base_dir, train_file, straight, train={"max_steps": 3, "save_every": 1, "keep_checkpoints": 0},
-                       **kw))
+    train_sft(sft_config(base_dir, train_file, straight, train={"max_steps": 3, "save_every": 1, "keep_checkpoints": 0},
+                         **kw))
     resumed = tmp_path / "resumed"
     copy_checkpoint(straight, 2, resumed)
-    run_sft(sft_config(base_dir, train_file, resumed, train={"max_steps": 3}, **kw))
+    train_sft(sft_config(base_dir, train_file, resumed, train={"max_steps": 3}, **kw))
     a = load_file(straight / "final_adapter" / WEIGHTS_FILE)
     b = load_file(resumed / "final_adapter" / WEIGHTS_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -18,7 +18,7 @@ from fusedrl.engine.cli import main
 from fusedrl.engine.stages.sft import target_nll_sum
 from fusedrl.engine.train.optim import build_optimizer, build_scheduler, lr_factor
 from fusedrl.engine.train.runlog import read_metrics
-from fusedrl.engine.stages.sft import run_sft, sft_loss, sft_stage
+from fusedrl.engine.stages.sft import train_sft, sft_loss, sft_stage
 from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.train.supervised import train_step
 from fusedrl.engine.errors import UsageError
@@ -113,11 +113,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base_dir, train_f
     kw = dict(optim={"grad_accum_steps": 2, "warmup_steps": 1}, data={"eval_fraction": 0.0},
               train={"max_steps": 2})
     straight = tmp_path / "straight"
-    run_sft(sft_config(base_dir, train_file, straight, train={**kw["train"], "save_every": 1, "keep_checkpoints": 0},
-                       optim=kw["optim"], data=kw["data"]))
+    train_sft(sft_config(base_dir, train_file, straight, train={**kw["train"], "save_every": 1, "keep_checkpoints": 0},
+                         optim=kw["optim"], data=kw["data"]))
     resumed = tmp_path / "resumed"
     copy_checkpoint(straight, 1, resumed)
-    run_sft(sft_config(base_dir, train_file, resumed, **kw))
+    train_sft(sft_config(base_dir, train_file, resumed, **kw))
     a, b = load_model(straight / "final").state_dict(), load_model(resumed / "final").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     first = read_tensors(straight / "checkpoints" / "step-00000001", "models.model.")
@@ -177,4 +177,4 @@ def test_max_length_beyond_the_model_is_refused(base_dir, train_file, tmp_path):
     cfg = sft_config(base_dir, train_file, tmp_path, data={"max_length": 200, "max_prompt_length": 24,
                                                             "tokens_per_batch": 400})
     with pytest.raises(UsageError, match="data.max_length=200 exceeds the model's context of 128"):
-        run_sft(cfg)
+        train_sft(cfg)

@@ -17,19 +17,19 @@ from fusedrl.engine.config.train import SFTConfig
 from fusedrl.engine.parallel.expert_parallel import gathered_experts
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.moe import moe_blocks
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.parallel.dims import ParallelDims
-from fusedrl.engine.parallel.layout import laying_out
+from fusedrl.engine.parallel.layout import layout_at_load
 from engine_testing import random_prompts
 
 
 def main(config_path: str, out: Path) -> None:
     torch.set_num_threads(1)
     cfg = config_io.load(SFTConfig, config_path)
-    final = run_sft(cfg)
+    final = train_sft(cfg)
     rank, experts = distributed.rank(), cfg.train.expert_parallel
     dims = ParallelDims.from_train(cfg.train, distributed.world_size(), "cpu")
-    model = load_model(final, dtype=torch.float32, shard=laying_out("trained", dims))
+    model = load_model(final, dtype=torch.float32, shard=layout_at_load("trained", dims))
     whole = load_model(final, dtype=torch.float32)
     local_rows = []
     for block, reference in zip(moe_blocks(model), moe_blocks(whole)):

@@ -8,7 +8,7 @@ at C=2."""
 import pytest
 from safetensors.torch import load_file
 
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun
 from fusedrl.engine.config.lora import LoRAConfig
@@ -43,10 +43,10 @@ def runs(tmp_path_factory):
     # Context 2 x tensor 2: 4 ranks, one data rank; each tensor group forwards a half of the pack.
     check(torchrun("sft", config("c2t2", 1, 2, llama2, tensor_parallel=2), root, nproc=4, timeout=400))
     with rank_threads():
-        run_sft(config("one", 1))
-        run_sft(config("one_accum2", 2))
-        run_sft(config("one_llama2", 1, model=llama2))
-        run_sft(config("one_lora", 1, lora=LORA))
+        train_sft(config("one", 1))
+        train_sft(config("one_accum2", 2))
+        train_sft(config("one_llama2", 1, model=llama2))
+        train_sft(config("one_lora", 1, lora=LORA))
     return root
 
 

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from fusedrl.engine.stages.rm import run_rm
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.rm import train_rm
+from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.checkpoint import checkpoint_dir
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun
@@ -59,7 +59,7 @@ def sft_runs(base_dir, tmp_path_factory):
     write_jsonl(root / "train.jsonl", demonstrations(24))
     check(torchrun("sft", sft_run(base_dir, root, "two", 2, save_every=2), root))
     with rank_threads():
-        run_sft(sft_run(base_dir, root, "one", 1, save_every=2))
+        train_sft(sft_run(base_dir, root, "one", 1, save_every=2))
     return root
 
 
@@ -83,7 +83,7 @@ def test_sharded_checkpoint_resumes_in_one_process(base_dir, sft_runs):
     assert saved["world_size"] == 2 and (checkpoint_dir(resumed, 2) / "rank-00001.safetensors").is_file()
     assert any(len(entry["chunks"]) == 2 for entry in saved["tensors"].values())  # sharded: a piece per rank
     with rank_threads():
-        out = run_sft(sft_run(base_dir, sft_runs, "resumed", 1))
+        out = train_sft(sft_run(base_dir, sft_runs, "resumed", 1))
     assert [r["resumed_from"] for r in read_metrics(resumed) if "resumed_from" in r][0].endswith("step-00000002")
     assert_same_weights(out, sft_runs / "one" / "final")
 
@@ -106,7 +106,7 @@ def test_token_budget_on_two_ranks_matches_one_process(base_dir, tmp_path):
     check(torchrun("sft", sft_config(base_dir, tmp_path / "train.jsonl", tmp_path / "two",
                                      data={"tokens_per_microbatch": 56}, train=loop), tmp_path))
     with rank_threads():
-        run_sft(sft_run(base_dir, tmp_path, "one", 1, precision="fp32"))
+        train_sft(sft_run(base_dir, tmp_path, "one", 1, precision="fp32"))
     assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final", rtol=1e-4)
     assert_same_curves(tmp_path / "two", tmp_path / "one")
     forwards = [r["forwards_per_rank"] for r in read_metrics(tmp_path / "two") if r["kind"] == "train"]
@@ -121,7 +121,7 @@ def test_rm_two_ranks_match_one_process(base_dir, tmp_path):
     cfg = rm_config(base_dir, train_file, tmp_path / "two", train={**loop, "data_parallel": "replicate"}, **kw)
     check(torchrun("rm", cfg, tmp_path))
     with rank_threads():
-        one = run_rm(rm_config(base_dir, train_file, tmp_path / "one", train=loop, optim={"grad_accum_steps": 2}, **kw))
+        one = train_rm(rm_config(base_dir, train_file, tmp_path / "one", train=loop, optim={"grad_accum_steps": 2}, **kw))
     assert_same_weights(tmp_path / "two" / "final", one)
     assert_same_curves(tmp_path / "two", tmp_path / "one", keys=("loss", "grad_norm", "accuracy", "lm_nll"))
     offsets = [r["reward_offset"] for run in ("one", "two") for r in read_metrics(tmp_path / run) if "reward_offset" in r]

@@ -13,7 +13,6 @@ import pytest
 import torch
 import transformers
 
-from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, _grpo_update
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.errors import UsageError
@@ -21,7 +20,7 @@ from fusedrl.engine.model.hf_io import load_model, save_model
 from fusedrl.engine.parallel.validate import refuse_expert_parallel
 from fusedrl.engine.plan.phases import weight_bytes
 from fusedrl.engine.plan.planner import stage_setup
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, run_ranks, torchrun
 from moe_testing import make_moe_model, save_moe_base
@@ -52,7 +51,7 @@ def test_expert_parallel_sft_two_ranks_match_one_process(tmp_path):
     check(torchrun("sft", run("two", 2, capacity=2.0), tmp_path))
     assert [r.get("expert_dropped") for r in read_metrics(tmp_path / "two") if r["kind"] == "train"] == [0, 0]
     with rank_threads():
-        run_sft(run("one", 1))
+        train_sft(run("one", 1))
     assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final", rtol=1e-4)
     assert_same_curves(tmp_path / "two", tmp_path / "one")
     ids = torch.arange(3, 19).view(2, 8)
@@ -80,7 +79,7 @@ def test_expert_groups_four_ranks_match_one_process(tmp_path):
                        tmp_path, nproc=4)
     check(result)
     with rank_threads():
-        run_sft(run("one", 1))
+        train_sft(run("one", 1))
     assert_same_weights(tmp_path / "four" / "final", tmp_path / "one" / "final", rtol=1e-4)
     assert_same_curves(tmp_path / "four", tmp_path / "one")
     chunks = json.loads(sorted((tmp_path / "four" / "checkpoints").glob("step-*/checkpoint.json"))[-1].read_text())[
@@ -122,7 +121,6 @@ def test_grpo_expert_parallel_equals_fsdp_experts(tmp_path):
 @pytest.mark.parametrize("expert_parallel, gpus, extra, message", [
     (4, 6, {}, "expected a divisor of the world size 6"),
     (3, 3, {}, "expected a divisor of the model's 8 experts"),
-    (2, 2, {"lora": LoRAConfig(rank=4)}, "expected train.tensor_parallel=1, lora.rank=0"),
     (2, 2, {"dense": True}, "is a dense model"),
     (2, 2, {"rm": True}, "only SFT, PPO and GRPO"),
 ])

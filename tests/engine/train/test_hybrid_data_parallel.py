@@ -3,7 +3,7 @@ static rendezvous (`--nnodes 2 --node-rank 0/1 --master-addr 127.0.0.1 --master-
 multi-node recipe). SFT with train.data_parallel=hybrid (HSDP: each node's 2 ranks shard the model,
 the 2 nodes hold whole copies, the gradients crossing them once per step) ends with the weights of
 one process whose accumulation makes the same global batch; its checkpoint holds each tensor in 2
-pieces (the shard group: one node), written by node 0's ranks alone, and resumes in one process;
+chunks (the shard group: one node), written by node 0's ranks alone, and resumes in one process;
 its streamed export is the bytes one process writes for the same weights."""
 import pytest
 import torch
@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from fusedrl.engine.parallel.dims import shard_group_size
 from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.model.hf_io import load_model, save_model
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.checkpoint import checkpoint_dir
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun_nodes
@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
     check(torchrun_nodes("sft", config(root, "hybrid", ACCUM, data_parallel="hybrid", save_every=1), root,
                          NODES, PER_NODE))
     with rank_threads():
-        run_sft(config(root, "one", NODES * PER_NODE * ACCUM))
+        train_sft(config(root, "one", NODES * PER_NODE * ACCUM))
     return root
 
 
@@ -54,8 +54,8 @@ def test_two_nodes_of_hybrid_shards_train_one_process_s_weights(runs):
 
 
 def test_each_node_shards_and_the_nodes_hold_copies(runs):
-    """Every weight and AdamW moment in PER_NODE pieces (not 4: the shard group is one node's ranks),
-    each written once, by the node-0 rank that holds it (node 1's ranks hold the same pieces)."""
+    """Every weight and AdamW moment in PER_NODE chunks (not 4: the shard group is one node's ranks),
+    each written once, by the node-0 rank that holds it (node 1's ranks hold the same chunks)."""
     tensors = checkpoint_data(checkpoint_dir(runs / "hybrid", 1))["tensors"]
     sharded = {name: sorted(c["file"] for c in entry["chunks"]) for name, entry in tensors.items()
                if name.startswith("models.") or name.endswith(("exp_avg", "exp_avg_sq"))}
@@ -66,7 +66,7 @@ def test_each_node_shards_and_the_nodes_hold_copies(runs):
 def test_the_hybrid_checkpoint_resumes_in_one_process(runs):
     copy_checkpoint(runs / "hybrid", 1, runs / "resumed")
     with rank_threads():
-        out = run_sft(config(runs, "resumed", NODES * PER_NODE * ACCUM))
+        out = train_sft(config(runs, "resumed", NODES * PER_NODE * ACCUM))
     assert [r["resumed_from"] for r in read_metrics(runs / "resumed") if "resumed_from" in r][0].endswith("step-00000001")
     assert max_relative_diff(runs / "one" / "final", out) <= 1e-4
 

@@ -21,8 +21,8 @@ from fusedrl.engine.config import io as config_io
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.config.train import SFTConfig
 from fusedrl.engine.model.hf_io import load_model
-from fusedrl.engine.stages.ppo.trainer import run_ppo
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.ppo.trainer import train_ppo
+from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.checkpoint import list_checkpoints
 from fusedrl.engine.train.interrupts import StopRequests
 from fusedrl.engine.train.runlog import read_metrics
@@ -64,7 +64,7 @@ def test_sigterm_saves_exits_143_and_the_same_command_resumes_exactly(tmp_path, 
     model = save_tiny_model(tmp_path / "model", "qwen2")
     data = write_jsonl(tmp_path / "train.jsonl", demonstrations(20))
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    run_sft(config_io.load(SFTConfig, None, sft_args(model, data, straight)[1:]))
+    train_sft(config_io.load(SFTConfig, None, sft_args(model, data, straight)[1:]))
 
     log = tmp_path / "log"  # stdout and stderr in a file, as `fusedrl sft ... > log 2>&1`
     with open(log, "w") as out:
@@ -131,7 +131,7 @@ def test_sigint_in_grpo_saves_the_iteration_and_the_resume_is_exact(tmp_path, mo
     policy = save_tiny_model(tmp_path / "policy")
     prompts = write_jsonl(tmp_path / "prompts.jsonl",
                           [{"prompt": p} for p in ["the quick", "hello", "lazy dog"]])
-    run_ppo(grpo_config(tmp_path, policy, prompts, "straight"), reward_fn=vowel_fraction)
+    train_ppo(grpo_config(tmp_path, policy, prompts, "straight"), reward_fn=vowel_fraction)
     calls = []
 
     def interrupted_at_the_first_iteration(prompt_texts, responses):
@@ -142,11 +142,11 @@ def test_sigint_in_grpo_saves_the_iteration_and_the_resume_is_exact(tmp_path, mo
 
     cfg = grpo_config(tmp_path, policy, prompts, "stopped")
     with pytest.raises(errors.Interrupted, match="stopped by SIGINT at step 1 of 2") as stop:
-        run_ppo(cfg, reward_fn=interrupted_at_the_first_iteration)
+        train_ppo(cfg, reward_fn=interrupted_at_the_first_iteration)
     assert errors.one_line(stop.value)[0] == 130
     assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["step-00000001"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the one before, back
-    run_ppo(cfg, reward_fn=vowel_fraction)
+    train_ppo(cfg, reward_fn=vowel_fraction)
     a, b = (load_model(tmp_path / run / "final").state_dict() for run in ("straight", "stopped"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     stops = [r for r in read_metrics(tmp_path / "stopped") if r.get("stopped")]

@@ -10,7 +10,7 @@ import pytest
 
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.config.train import SFTConfig
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.runlog import read_metrics
 from train_testing import demonstrations, save_tiny_model, write_jsonl
 
@@ -30,7 +30,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run_byte_for_byte(tmp_path,
     model = save_tiny_model(tmp_path / "model", "qwen2")
     data = write_jsonl(tmp_path / "train.jsonl", demonstrations(24))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_sft(config_io.load(SFTConfig, None, overrides(model, data, straight)))
+    train_sft(config_io.load(SFTConfig, None, overrides(model, data, straight)))
 
     proc = subprocess.Popen([sys.executable, "-m", "fusedrl.engine.cli", "sft", *overrides(model, data, killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -43,7 +43,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run_byte_for_byte(tmp_path,
     if (killed / "final").exists():
         pytest.fail("the run had finished: the kill came too late to test a resume")
 
-    run_sft(config_io.load(SFTConfig, None, overrides(model, data, killed)))
+    train_sft(config_io.load(SFTConfig, None, overrides(model, data, killed)))
     for name in ("model.safetensors", "config.json"):
         assert (killed / "final" / name).read_bytes() == (straight / "final" / name).read_bytes()
     resumed = [r for r in read_metrics(killed) if r["kind"] == "info" and r.get("resumed_from")]

@@ -11,7 +11,7 @@ from fusedrl.engine.config.ppo import LoopConfig, PPOConfig, RolloutConfig, Upda
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.peft_io import WEIGHTS_FILE
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.checkpoint import checkpoint_dir, read_tensors
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun
@@ -30,7 +30,7 @@ def test_lora_on_two_ranks(tmp_path):
                           train={"max_steps": 3, "save_every": 2, "device": "cpu", "precision": "fp32"})
     check(torchrun("sft", sft("two", 2), tmp_path))
     with rank_threads():
-        run_sft(sft("one", 1))
+        train_sft(sft("one", 1))
     two, one = (load_file(tmp_path / run / "final_adapter" / WEIGHTS_FILE) for run in ("two", "one"))
     first, last = (read_tensors(checkpoint_dir(tmp_path / "one", step), "models.adapter.") for step in (2, 3))
     assert two.keys() == one.keys() and not all(torch.equal(last[k], first[k]) for k in last)
@@ -44,7 +44,7 @@ def test_lora_on_two_ranks(tmp_path):
             for c in entry["chunks"]} == {"rank-00000.safetensors"}
     copy_checkpoint(tmp_path / "two", 2, tmp_path / "resumed")
     with rank_threads():
-        run_sft(sft("resumed", 1))
+        train_sft(sft("resumed", 1))
     resumed = load_file(tmp_path / "resumed" / "final_adapter" / WEIGHTS_FILE)
     for name in one:
         assert (resumed[name] - one[name]).abs().max() <= 1e-5 * one[name].abs().max(), name

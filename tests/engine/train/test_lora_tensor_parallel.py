@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.model.peft_io import WEIGHTS_FILE
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun
 from train_testing import copy_checkpoint, demonstrations, save_tiny_model, sft_config, write_jsonl
@@ -44,8 +44,8 @@ def runs(tmp_path_factory):
     check(torchrun("sft", config("t2", 2, save_every=2), root))
     copy_checkpoint(root / "t2", 2, root / "resumed")
     with rank_threads():
-        run_sft(config("one"))
-        run_sft(config("resumed"))
+        train_sft(config("one"))
+        train_sft(config("resumed"))
     return root
 
 

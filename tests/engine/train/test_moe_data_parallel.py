@@ -1,7 +1,7 @@
 """An MoE model under FSDP2 (2 gloo ranks, experts sharded as any parameter): SFT with the router
 losses gives one process's weights and curves with the same global batch."""
 from fusedrl.engine.config.moe import RouterLossConfig
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.sft import train_sft
 from dist_testing import check, rank_threads, torchrun
 from moe_testing import save_moe_base
 from test_data_parallel import assert_same_curves, assert_same_weights
@@ -20,6 +20,6 @@ def test_moe_sft_two_ranks_match_one_process(tmp_path):
 
     check(torchrun("sft", run("two", 2), tmp_path))
     with rank_threads():
-        run_sft(run("one", 1))
+        train_sft(run("one", 1))
     assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final")
     assert_same_curves(tmp_path / "two", tmp_path / "one", keys=("loss", "grad_norm", "router_aux_loss"))

@@ -9,7 +9,7 @@ from cli_testing import cli_error
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.config.train import DataConfig, SFTConfig, TrainConfig
 from fusedrl.engine.errors import UsageError
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train import progress
 from fusedrl.engine.train.runlog import RunLog
 from fusedrl.engine.train.trackers import TRACKERS, check_installed, scalars, tracker_names
@@ -104,7 +104,7 @@ def test_the_python_api_refuses_a_missing_tracker_before_the_directory(tmp_path,
     cfg = SFTConfig(model=str(qwen2_dir), output_dir=str(tmp_path / "run"),
                     data=DataConfig(train_file=str(data)), train=TrainConfig(report_to=[name]))
     with pytest.raises(UsageError, match=f"needs the {name} package"):
-        run_sft(cfg)
+        train_sft(cfg)
     assert not (tmp_path / "run").exists()
 
 

@@ -12,8 +12,8 @@ import torch
 from fusedrl.engine.errors import NonFiniteError
 from fusedrl.engine.model.hf_io import load_model, save_model
 from fusedrl.engine.stages import rm as rm_stage
-from fusedrl.engine.stages.rm import run_rm
-from fusedrl.engine.stages.sft import run_sft, sft_stage
+from fusedrl.engine.stages.rm import train_rm
+from fusedrl.engine.stages.sft import train_sft, sft_stage
 from fusedrl.engine.train import loop, supervised
 from fusedrl.engine.train.checkpoint import read_tensors
 from fusedrl.engine.train.loop import Diverged, SaveClock
@@ -58,8 +58,8 @@ def all_finite(directory):
 
 def test_a_non_finite_step_is_skipped_counted_and_announced(base_dir, train_file, tmp_path, monkeypatch, capsys):
     poison_steps(monkeypatch, {2})
-    run_sft(sft_config(base_dir, train_file, tmp_path, data={"eval_fraction": 0.0},
-                       train={"max_steps": 3, "save_every": 1, "keep_checkpoints": 0}))
+    train_sft(sft_config(base_dir, train_file, tmp_path, data={"eval_fraction": 0.0},
+                         train={"max_steps": 3, "save_every": 1, "keep_checkpoints": 0}))
     train = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert [r["skipped_steps"] for r in train] == [0, 1, 1]
     assert "step 2: no update (non-finite loss or gradient" in capsys.readouterr().err
@@ -74,7 +74,7 @@ def test_consecutive_skips_stop_the_run_and_nothing_is_exported(base_dir, train_
     cfg = sft_config(base_dir, train_file, tmp_path, data={"eval_fraction": 0.0},
                      train={"max_steps": 8, "max_consecutive_skips": 3})
     with pytest.raises(Diverged, match=r"stopped at step 4: 3 steps in a row could not update .*lower optim.lr"):
-        run_sft(cfg)
+        train_sft(cfg)
     assert not (tmp_path / "final").exists()
 
 
@@ -97,7 +97,7 @@ def test_rm_with_a_non_finite_reward_offset_fails_without_exporting(base_dir, tm
     data = write_jsonl(tmp_path / "pairs.jsonl", sorted_digit_preferences(8))
     monkeypatch.setattr(rm_stage, "mean_raw_reward", lambda *a, **k: float("nan"))
     with pytest.raises(NonFiniteError, match="reward_offset"):
-        run_rm(rm_config(base_dir, data, tmp_path / "run", train={"max_steps": 1}))
+        train_rm(rm_config(base_dir, data, tmp_path / "run", train={"max_steps": 1}))
     assert not (tmp_path / "run" / "final").exists()
 
 
@@ -106,8 +106,8 @@ def test_corrupt_newest_checkpoint_falls_back_leftovers_go_and_exports_are_reada
     old_umask = os.umask(0o022)
     try:
         kw = dict(data={"eval_fraction": 0.0})
-        run_sft(sft_config(base_dir, train_file, tmp_path, train={"max_steps": 2, "save_every": 1,
-                                                                   "keep_checkpoints": 0}, **kw))
+        train_sft(sft_config(base_dir, train_file, tmp_path, train={"max_steps": 2, "save_every": 1,
+                                                                     "keep_checkpoints": 0}, **kw))
     finally:
         os.umask(old_umask)
     final = tmp_path / "final"
@@ -121,7 +121,7 @@ def test_corrupt_newest_checkpoint_falls_back_leftovers_go_and_exports_are_reada
     leftovers = [ckpt / ".step-00000003.tmp-x1", tmp_path / ".final.tmp-x2", tmp_path / ".final.old-x3"]
     for path in leftovers:
         path.mkdir()
-    run_sft(sft_config(base_dir, train_file, tmp_path, train={"max_steps": 3}, **kw))
+    train_sft(sft_config(base_dir, train_file, tmp_path, train={"max_steps": 3}, **kw))
     assert "checkpoint step-00000002 is corrupt" in capsys.readouterr().err
     info = [r for r in read_metrics(tmp_path) if r["kind"] == "info" and "resumed_from" in r][-1]
     assert info["resumed_from"].endswith("step-00000001") and info["removed_leftovers"] == 3

@@ -14,8 +14,8 @@ import pytest
 from safetensors.torch import load_file
 
 from fusedrl.engine.train.checkpoint.restore import CheckpointMismatch
-from fusedrl.engine.stages.rm import run_rm
-from fusedrl.engine.stages.sft import run_sft
+from fusedrl.engine.stages.rm import train_rm
+from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun, torchrun_nodes
 from train_testing import (copy_checkpoint, demonstrations, rm_config, save_tiny_model, sft_config,
@@ -65,9 +65,9 @@ def runs(tmp_path_factory):
                          optim={"eps": 1e-6}, train={**LOOP, "max_steps": 2, "tensor_parallel": t})
     check(torchrun("rm", reward_config("rm_t2", 2), root))
     with rank_threads():
-        run_sft(config("one", 1))
-        run_sft(config("one_accum2", 2))
-        run_rm(reward_config("rm_one"))
+        train_sft(config("one", 1))
+        train_sft(config("one_accum2", 2))
+        train_rm(reward_config("rm_one"))
     return root
 
 
@@ -85,7 +85,7 @@ def test_a_checkpoint_resumes_only_at_its_tensor_parallel_size(runs, tmp_path):
     cfg = sft_config(runs / "base", runs / "train.jsonl", tmp_path / "resumed", train=LOOP)
     with pytest.raises(CheckpointMismatch, match="its model rows are laid out for train.tensor_parallel=2, this "
                                                  "run's for 1"):
-        run_sft(cfg)
+        train_sft(cfg)
 
 
 @pytest.mark.parametrize("run", ["t2dp2", "t2dp2_copies", "t2dp2_resumed_t2"])

@@ -19,7 +19,7 @@ from fusedrl.engine.plan.activations import shared_prefix_tokens, training_activ
 from fusedrl.engine.plan.planner import plan_stage
 from fusedrl.engine.stages.ppo.forwards import response_logprobs
 from fusedrl.engine.stages.ppo.packs import pack_rollout
-from fusedrl.engine.stages.ppo.trainer import run_ppo
+from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import save_chat_model
 from engine_testing import random_prompts
@@ -53,7 +53,7 @@ def test_grpo_with_partial_rollouts_and_speculative_decoding(setup):
     root, policy_dir, prompts = setup
     cfg = on_cuda(partial_grpo(root, policy_dir, prompts, "gpu-partial", max_staleness=1,
                                speculative_tokens=3, speculate_below=16))
-    run_ppo(cfg)
+    train_ppo(cfg)
     train = records(cfg)
     assert [(r["carried"], r["groups_trained"]) for r in train] == [(12, 0), (0, 2)], train
     assert train[1]["staleness_max"] == 1 and torch.isfinite(torch.tensor(train[1]["policy_loss"]))
@@ -65,7 +65,7 @@ def test_grpo_with_prefix_sharing(setup):
     cfg = with_rollout(on_cuda(partial_grpo(root, policy_dir, prompts, "gpu-share"),
                                prefix_sharing=True),
                        partial_rollouts=False, tokens_per_iteration=None)
-    run_ppo(cfg)
+    train_ppo(cfg)
     train = records(cfg)
     assert len(train) == 2 and all(r["forwarded_tokens"] < r["row_tokens"] for r in train), train
 
@@ -73,7 +73,7 @@ def test_grpo_with_prefix_sharing(setup):
 def test_ppo_with_a_separate_critic(setup):
     root, policy_dir, prompts = setup
     cfg = on_cuda(ppo_config(root, policy_dir, prompts, "gpu-critic", critic="separate"))
-    final = run_ppo(cfg)
+    final = train_ppo(cfg)
     train = records(cfg)
     assert len(train) == 2 and all(torch.isfinite(torch.tensor(r["value_loss"])) for r in train)
     start, end = load_model(policy_dir).state_dict(), load_model(final).state_dict()
@@ -91,7 +91,7 @@ def test_an_environment_of_three_turns(tmp_path):
                     "environment": "agent_testing:ThreeTurns", "max_turns": 3},
         "ppo": {"minibatch_size": 4}, "train": {"iterations": 2, "progress": False,
                                                 "device": CUDA}})
-    run_ppo(cfg)
+    train_ppo(cfg)
     for r in records(cfg):
         assert r["turns/max"] <= 3 and r["turns/mean"] >= 2.5
         assert r["tokens/environment"] > r["tokens/model"] == r["tokens"] > 0
@@ -106,7 +106,7 @@ def test_exact_mode_rollout_logprobs_are_the_training_logprobs_bitwise(tmp_path)
                                             max_new_tokens=6, temperature=0.8, top_p=0.9,
                                             kv_cache_memory=1 << 22, block_size=4, exact=True))
     cfg = on_cuda(dataclasses.replace(base, ppo=dataclasses.replace(base.ppo, is_mode="tis")))
-    run_ppo(cfg, reward_fn=vowel_fraction)
+    train_ppo(cfg, reward_fn=vowel_fraction)
     assert_exact(records(cfg), 2)
 
 
@@ -116,7 +116,7 @@ def test_lora_grpo(setup):
         on_cuda(partial_grpo(root, policy_dir, prompts, "gpu-lora")),
         lora=LoRAConfig(rank=4))
     cfg = with_rollout(cfg, partial_rollouts=False, tokens_per_iteration=None)
-    final = run_ppo(cfg)
+    final = train_ppo(cfg)
     assert len(records(cfg)) == 2
     adapters = load_file(pathlib.Path(cfg.output_dir) / "final_adapter" / WEIGHTS_FILE)
     assert adapters and all(torch.isfinite(a).all() for a in adapters.values())
@@ -128,7 +128,7 @@ def test_activation_offload(setup):
     root, policy_dir, prompts = setup
     cfg = on_cuda(ppo_config(root, policy_dir, prompts, "gpu-offload"),
                   gradient_checkpointing=True, activation_offload=True)
-    run_ppo(cfg)
+    train_ppo(cfg)
     train = records(cfg)
     assert len(train) == 2 and all(torch.isfinite(torch.tensor(r["policy_loss"])) for r in train)
 
@@ -139,7 +139,7 @@ def test_the_kv_pool_is_sized_from_the_plan_and_free_memory(setup):
     root, policy_dir, prompts = setup
     cfg = with_rollout(on_cuda(ppo_config(root, policy_dir, prompts, "gpu-pool")),
                        kv_cache_memory="auto")
-    run_ppo(cfg)
+    train_ppo(cfg)
     pool = records(cfg, "info")[0]["kv_pool_bytes"]
     total = torch.cuda.get_device_properties(0).total_memory
     planned = plan_stage(cfg, 1, total, advise=False, gpus_per_node=1).kv_pool

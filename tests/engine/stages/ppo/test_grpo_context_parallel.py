@@ -11,7 +11,7 @@ import pytest
 
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.model.peft_io import WEIGHTS_FILE
-from fusedrl.engine.stages.ppo.trainer import run_ppo
+from fusedrl.engine.stages.ppo.trainer import train_ppo
 from dist_testing import check, rank_threads, torchrun
 from test_ppo_tensor_parallel import grpo_config, max_relative_diff, records, train_metrics
 from train_testing import save_tiny_model, write_jsonl
@@ -46,7 +46,7 @@ def runs(tmp_path_factory):
         with rank_threads():
             for name, cfg in (("one", grpo_config(root, "one")), ("one_lora", with_lora(grpo_config(root, "one_lora")))):
                 os.environ["RECORD_DIR"] = str(root / f"rec-{name}")
-                run_ppo(cfg)
+                train_ppo(cfg)
     finally:
         del os.environ["RECORD_DIR"]
     return root

@@ -8,9 +8,9 @@ import torch
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.value_model import value_model_from_reward_model
 from fusedrl.engine.stages.ppo.prompt_stream import prompt_indices
-from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, build_models, build_optimizers, run_ppo
+from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, build_models, build_optimizers, train_ppo
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, PPOConfig, RewardConfig, RolloutConfig, UpdateConfig
-from fusedrl.engine.stages.ppo.core import RunningMoments
+from fusedrl.engine.stages.ppo.advantages import RunningMoments
 from fusedrl.engine.stages.ppo.sampling import sample_and_score
 from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
 from fusedrl.engine.stages.ppo.update import UpdateSettings, microbatch_rows, minibatch_backward, ppo_update
@@ -248,14 +248,14 @@ def test_kl_ceiling_stops_the_run(setup):
     cfg = config(root, policy_dir, prompts, "ceiling", optim=dict_optim(lr=5e-2),
                  reward=RewardConfig(kl_ceiling=1e-6), train=LoopConfig(iterations=3, progress=False, device="cpu"))
     with pytest.raises(KLCeilingExceeded, match="exceeds reward.kl_ceiling"):
-        run_ppo(cfg)
+        train_ppo(cfg)
 
 
 def run_straight_and_resumed(root, make_config, name):
     """Two iterations straight, and one + checkpoint + a fresh resume + one; returns both finals."""
-    run_ppo(make_config(f"straight-{name}"))
+    train_ppo(make_config(f"straight-{name}"))
     copy_checkpoint(root / f"straight-{name}", 1, root / f"resumed-{name}")
-    run_ppo(make_config(f"resumed-{name}"))
+    train_ppo(make_config(f"resumed-{name}"))
     return [load_model(root / f"{kind}-{name}" / "final").state_dict() for kind in ("straight", "resumed")]
 
 
@@ -328,7 +328,7 @@ def test_reward_model_run(setup):
     cfg = config(root, policy_dir, prompts, "with-rm", critic="separate", reward_fn=None,
                  reward_model=str(root / "rm"), ptx_file=str(demos), ppo=UpdateConfig(epochs=1, ptx_coef=0.5),
                  train=LoopConfig(iterations=1, progress=False, device="cpu"))
-    final = run_ppo(cfg)
+    final = train_ppo(cfg)
     assert (final / "config.json").exists() and (root / "with-rm" / "final_critic" / "model.safetensors").exists()
     train_rows = [r for r in read_metrics(root / "with-rm") if r["kind"] == "train"]
     for key in ("score_mean", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance",

@@ -15,7 +15,7 @@ from fusedrl.engine.model.reward_model import load_reward_model, reward_model_fr
 from fusedrl.engine.model.value_model import LoRACritic, load_value_model, values_at_targets
 from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
 from fusedrl.engine.stages.ppo.sampling import sample_and_score
-from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers, run_ppo
+from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers, train_ppo
 from fusedrl.engine.train.checkpoint import read_tensors
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import random_prompts
@@ -108,8 +108,8 @@ def test_lora_critic_run_scores_as_a_full_critic_run_and_resumes_exactly(setup, 
     root = setup[0]
     loop = LoopConfig(iterations=2, save_every=1, keep_checkpoints=0, progress=False, device="cpu")
     update = UpdateConfig(epochs=1, minibatch_size=6)  # one minibatch per iteration: the interpreted kernels are slow
-    run_ppo(rm_config(setup, rm_dir, "critic-full", ppo=update,
-                      train=LoopConfig(iterations=1, progress=False, device="cpu")))
+    train_ppo(rm_config(setup, rm_dir, "critic-full", ppo=update,
+                        train=LoopConfig(iterations=1, progress=False, device="cpu")))
     a, b = run_straight_and_resumed(root, lambda run: rm_config(setup, rm_dir, run, train=loop, ppo=update,
                                                                 critic_lora=CRITIC_LORA), "critic-lora")
     assert all(torch.equal(a[k], b[k]) for k in a)

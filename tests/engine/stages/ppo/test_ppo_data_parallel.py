@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from fusedrl.engine.config.ppo import (LoopConfig, PPOConfig, RewardConfig, RolloutConfig,
                                        UpdateConfig)
 from fusedrl.engine.config.train import OptimConfig
-from fusedrl.engine.stages.ppo.trainer import run_ppo
+from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.checkpoint import list_checkpoints
 from dist_testing import check, rank_threads, torchrun
 from reward_testing import vowel_fraction
@@ -68,7 +68,7 @@ def runs(tmp_path_factory):
         (root / f"rec-{name}").mkdir()
     os.environ["RECORD_DIR"] = str(root / "rec-one")
     try:
-        run_ppo(ppo_config(root, "one", 1))
+        train_ppo(ppo_config(root, "one", 1))
     finally:
         del os.environ["RECORD_DIR"]
     check(torchrun("ppo", ppo_config(root, "two", 2, save_every=1), root, env={"RECORD_DIR": str(root / "rec-two")}))
@@ -194,7 +194,7 @@ def test_reinforce_pp_baseline_ends_with_one_process_s_weights(tmp_path):
                           train=LoopConfig(iterations=1, progress=False, device="cpu"))
 
     with rank_threads():
-        run_ppo(config("one", 1))
+        train_ppo(config("one", 1))
     check(torchrun("grpo", config("two", 2), tmp_path, timeout=HANG))
     one, two = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("one", "two"))
     start = load_file(tmp_path / "policy" / "model.safetensors")

@@ -5,7 +5,7 @@ import pytest
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, PPOConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.config.train import OptimConfig
-from fusedrl.engine.stages.ppo.trainer import run_ppo
+from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, torchrun
 from invariant_testing import one_thread  # noqa: F401 (autouse fixture)
@@ -43,7 +43,7 @@ def test_ppo_with_exact_rollouts_reports_zero_mismatch_every_iteration(setup, is
                                           exact=True),
                     ppo=UpdateConfig(epochs=2, minibatch_size=3, is_mode=is_mode),
                     train=LoopConfig(iterations=2, progress=False, device="cpu"))   # the second after an update
-    run_ppo(cfg, reward_fn=vowel_fraction)
+    train_ppo(cfg, reward_fn=vowel_fraction)
     rows = train_rows(root, name)
     assert_exact(rows, 2)
     assert rows[0]["approx_kl"] != rows[-1]["approx_kl"] or rows[0]["kl"] != rows[-1]["kl"]  # it trained
@@ -57,7 +57,7 @@ def test_grpo_with_exact_rollouts_reports_zero_mismatch_every_iteration(setup):
                      ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=4, vf_coef=0.0, kl_loss_coef=0.01,
                                       is_mode="tis"),
                      train=LoopConfig(iterations=2, progress=False, device="cpu"))
-    run_ppo(cfg, reward_fn=vowel_fraction)
+    train_ppo(cfg, reward_fn=vowel_fraction)
     assert_exact(train_rows(root, "grpo"), 2)
 
 
@@ -70,7 +70,7 @@ def test_lora_with_exact_rollouts_reports_zero_mismatch_every_iteration(setup):
                                           kv_cache_memory=1 << 22, block_size=4, exact=True),
                     ppo=UpdateConfig(epochs=1, minibatch_size=6, is_mode="tis"), optim=OptimConfig(lr=1e-2),
                     train=LoopConfig(iterations=2, progress=False, device="cpu"))
-    run_ppo(cfg, reward_fn=vowel_fraction)
+    train_ppo(cfg, reward_fn=vowel_fraction)
     rows = train_rows(root, "lora")
     assert_exact(rows, 2)
     assert rows[1]["kl"] != 0  # the adapters trained, so the second iteration's policy is adapted
@@ -97,6 +97,6 @@ def test_default_rollouts_are_not_exact(setup):
                                                            max_new_tokens=6, kv_cache_memory=1 << 22),
                     ppo=UpdateConfig(epochs=1, minibatch_size=3), train=LoopConfig(iterations=1, progress=False,
                                                                                    device="cpu"))
-    run_ppo(cfg, reward_fn=vowel_fraction)
+    train_ppo(cfg, reward_fn=vowel_fraction)
     (row,) = train_rows(root, "default")
     assert 0 < row["logprob_mismatch_max"] < 1e-4 and row["logprob_mismatch_tokens"] > 0

@@ -9,7 +9,7 @@ import pytest
 
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.model.peft_io import WEIGHTS_FILE
-from fusedrl.engine.stages.ppo.trainer import run_ppo
+from fusedrl.engine.stages.ppo.trainer import train_ppo
 from dist_testing import check, rank_threads, torchrun
 from test_ppo_tensor_parallel import max_relative_diff, ppo_config, save_policy_and_reward_model, train_metrics
 from train_testing import write_jsonl
@@ -29,7 +29,7 @@ def runs(tmp_path_factory):
     write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog"]])
     check(torchrun("ppo", with_lora(ppo_config(root, "t2", 2)), root))
     with rank_threads():
-        run_ppo(with_lora(ppo_config(root, "one")))
+        train_ppo(with_lora(ppo_config(root, "one")))
     return root
 
 

@@ -10,7 +10,7 @@ from fusedrl.engine.config.moe import RouterLossConfig
 from fusedrl.engine.config.ppo import LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.stages.ppo.forwards import policy_forward
-from fusedrl.engine.stages.ppo.trainer import build_models, run_ppo
+from fusedrl.engine.stages.ppo.trainer import build_models, train_ppo
 from fusedrl.engine.stages.ppo.update import UpdateSettings, minibatch_loss
 from fusedrl.kernels import use_backend
 from engine_testing import make_tokenizer, random_prompts, rewards_in_thread
@@ -78,4 +78,4 @@ def test_exact_rollouts_are_refused_for_moe(moe_setup):
         prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=4, kv_cache_memory=1 << 22, exact=True))
     # refused at the run's start, before any model loads (its config.json tells it is MoE)
     with pytest.raises(UsageError, match="^rollout.exact=True with a mixture-of-experts policy: "):
-        run_ppo(cfg, reward_fn=vowel_fraction)
+        train_ppo(cfg, reward_fn=vowel_fraction)

@@ -98,7 +98,7 @@ def test_lora_and_moe_policies_carry_answers(setup, tmp_path, policy):
     import dataclasses
     from fusedrl.engine.config.lora import LoRAConfig
     from fusedrl.engine.errors import UsageError
-    from fusedrl.engine.stages.ppo.trainer import run_ppo
+    from fusedrl.engine.stages.ppo.trainer import train_ppo
     from moe_testing import make_moe_model
     from train_testing import make_tokenizer
     root, policy_dir, prompts = setup
@@ -111,9 +111,9 @@ def test_lora_and_moe_policies_carry_answers(setup, tmp_path, policy):
         cfg = dataclasses.replace(cfg, lora=LoRAConfig(rank=4))
     else:
         with pytest.raises(UsageError, match="rollout.routing_replay=True with rollout.partial_rollouts=True"):
-            run_ppo(cfg)
+            train_ppo(cfg)
         cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, routing_replay=False))
-    run_ppo(cfg)
+    train_ppo(cfg)
     train = [r for r in read_metrics(tmp_path / policy) if r["kind"] == "train"]
     assert [(r["carried"], r["groups_trained"]) for r in train] == [(12, 0), (0, 2)], train
     assert "policy_loss" in train[1]

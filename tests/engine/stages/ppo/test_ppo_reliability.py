@@ -12,8 +12,8 @@ from fusedrl.engine.data.records import DataError
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.config.ppo import LoopConfig, RewardConfig, RolloutConfig
 from fusedrl.engine.stages.ppo import trainer
-from fusedrl.engine.stages.ppo.core import KLController, RunningMoments, finite_rows
-from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, check_kl, run_ppo
+from fusedrl.engine.stages.ppo.advantages import KLController, RunningMoments, finite_rows
+from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, check_kl, train_ppo
 from fusedrl.engine.stages.rewards.functions import RewardFunctionError, load_function, source_of
 from fusedrl.engine.train.loop import Diverged
 from fusedrl.engine.train.runlog import read_metrics
@@ -53,7 +53,7 @@ def test_non_finite_scores_drop_their_rows_and_the_run_goes_on(setup):
     cfg = config(root, policy_dir, prompts, "nan-rows",
                  reward=RewardConfig(normalize=True, isolation="thread"),
                  train=LoopConfig(iterations=1, progress=False, device="cpu"))
-    run_ppo(cfg, reward_fn=nan_first_inf_last)
+    train_ppo(cfg, reward_fn=nan_first_inf_last)
     train = [r for r in read_metrics(root / "nan-rows") if r["kind"] == "train"]
     assert [r["dropped_rows"] for r in train] == [2] and train[0]["updates"] > 0
     assert math.isfinite(train[0]["score_mean"]) and math.isfinite(train[0]["kl"])
@@ -67,7 +67,7 @@ def test_iterations_without_a_finite_score_are_skipped_until_the_run_stops(setup
                  train=LoopConfig(iterations=5, max_consecutive_skips=2, progress=False, device="cpu"))
     with pytest.raises(Diverged, match=r"stopped at step 2: 2 steps in a row could not update "
                                        r"\(last: all 6 scores were NaN or inf\)"):
-        run_ppo(cfg, reward_fn=lambda prompts, responses: [math.inf] * len(responses))
+        train_ppo(cfg, reward_fn=lambda prompts, responses: [math.inf] * len(responses))
     assert "step 1: no update (all 6 scores were NaN or inf)" in capsys.readouterr().err
     assert not (root / "all-inf" / "final").exists()
 
@@ -78,8 +78,8 @@ def test_a_reward_function_that_raises_is_named(setup):
     def flaky_reward(prompts, responses):
         raise ZeroDivisionError("boom")
     with pytest.raises(RewardFunctionError, match=r"the reward function .*flaky_reward raised ZeroDivisionError: boom"):
-        run_ppo(config(root, policy_dir, prompts, "raises", reward_fn=None,
-                       reward=RewardConfig(isolation="thread")), reward_fn=flaky_reward)
+        train_ppo(config(root, policy_dir, prompts, "raises", reward_fn=None,
+                         reward=RewardConfig(isolation="thread")), reward_fn=flaky_reward)
 
 
 def test_reward_fn_modules_resolve_in_the_current_directory(tmp_path, monkeypatch):
@@ -105,7 +105,7 @@ def test_a_prompt_without_room_to_generate_is_caught_at_load_before_any_model(se
     monkeypatch.setattr(trainer, "build_models", lambda *a: pytest.fail("a model was built"))
     with pytest.raises(DataError, match=r"long\.jsonl:2: the prompt has 256 tokens, which leaves no room to "
                                         r"generate within the model's context of 128; .*rollout.truncate_prompts"):
-        run_ppo(config(root, policy_dir, prompts, "long"))
+        train_ppo(config(root, policy_dir, prompts, "long"))
     from transformers import AutoTokenizer
     rows, truncated = load_prompts(prompts, AutoTokenizer.from_pretrained(policy_dir), 256, 128,
                                    truncate_to_context=True)

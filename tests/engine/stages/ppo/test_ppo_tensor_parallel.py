@@ -20,7 +20,7 @@ from fusedrl.engine.config.ppo import (GRPOConfig, PPOConfig, LoopConfig, Reward
 from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.plan.check import refuse_unfit
-from fusedrl.engine.stages.ppo.trainer import run_ppo
+from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.runlog import read_metrics
 from dist_testing import check, rank_threads, torchrun
 from fusedrl.engine.model.hf_io import load_model
@@ -76,7 +76,7 @@ def runs(tmp_path_factory):
     os.environ["RECORD_DIR"] = str(root / "rec-one")
     try:
         with rank_threads():
-            run_ppo(grpo_config(root, "one"))
+            train_ppo(grpo_config(root, "one"))
     finally:
         del os.environ["RECORD_DIR"]
     return root
@@ -109,8 +109,8 @@ def ppo_runs(tmp_path_factory):
     check(torchrun("ppo", ppo_config(root, "t2", 2), root))
     check(torchrun("ppo", ppo_config(root, "shared_t2", 2, "shared"), root))
     with rank_threads():
-        run_ppo(ppo_config(root, "one"))
-        run_ppo(ppo_config(root, "shared_one", critic="shared"))
+        train_ppo(ppo_config(root, "one"))
+        train_ppo(ppo_config(root, "shared_one", critic="shared"))
     return root
 
 
@@ -171,14 +171,17 @@ def test_persistent_buffers_and_offloaded_shards_of_the_data_sharded_slices_chan
 def test_what_does_not_run_tensor_parallel_is_refused_in_one_line(tmp_path):
     cfg = grpo_config(tmp_path, "refused", t=2)
     cfg.rollout.exact = cfg.train.frozen_offload = True
-    with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with rollout.exact=true, train.frozen_offload=true "
+    with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with rollout.exact=True: not supported \("):
+        refuse_unfit(cfg, torch.device("cpu"), 2)  # a pair of the compatibility table
+    cfg.rollout.exact = False
+    with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with train.frozen_offload=true "
                                          r"without tensor slices sharded over the data groups: "
                                          r"not supported tensor-parallel \(SFT, RM, PPO and GRPO train "
                                          r"tensor-parallel, LoRA included\)$"):
         refuse_unfit(cfg, torch.device("cpu"), 2)
-    cfg.rollout.exact, cfg.train.optimizer_offload = False, True
+    cfg.train.optimizer_offload = True
     refuse_unfit(cfg, torch.device("cpu"), 4)  # 2 data groups shard the slices: both offloads run
-    with pytest.raises(UsageError, match=r"^train.optimizer_offload=true with lora.rank=0 and train.tensor_parallel=2 "
+    with pytest.raises(UsageError, match=r"^train.optimizer_offload=true with train.tensor_parallel=2 "
                                          r"on 2 GPUs at train.data_parallel=shard: expected"):
         refuse_unfit(cfg, torch.device("cpu"), 2)
 

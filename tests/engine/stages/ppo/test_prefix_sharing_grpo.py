@@ -6,7 +6,7 @@ import torch
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.data.prompts import load_prompts
 from fusedrl.engine.model.hf_io import load_model
-from fusedrl.engine.stages.ppo.trainer import run_ppo
+from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.runlog import read_metrics
 from transformers import AutoTokenizer
 from train_testing import save_tiny_model, write_jsonl
@@ -31,7 +31,7 @@ def grpo(root, policy_dir, prompts, share: bool):
             embedded.append(args[0].numel())
     hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
     try:
-        final = run_ppo(cfg)
+        final = train_ppo(cfg)
     finally:
         hook.remove()
     train = [r for r in read_metrics(root / f"share-{share}") if r["kind"] == "train"]

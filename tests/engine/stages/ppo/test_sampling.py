@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fusedrl.engine.config.ppo import GRPOConfig, PPOConfig, RolloutConfig
-from fusedrl.engine.stages.ppo.core import group_token_advantages
+from fusedrl.engine.stages.ppo.advantages import group_token_advantages
 from fusedrl.engine.stages.ppo.packs import concat_packs, pack_rollout
 from fusedrl.engine.stages.ppo.samples import Samples
 from fusedrl.engine.stages.ppo.generated import overlong_penalty

@@ -1,5 +1,5 @@
 """rollout.tokens_per_forward: the scoring forwards (reward model, reference, old log-probs, values)
-cut into pieces of at most that many tokens give what one forward over the whole pack gives."""
+cut into micro-batches of at most that many tokens give what one forward over the whole pack gives."""
 import dataclasses
 
 import pytest
@@ -8,8 +8,8 @@ import torch
 from fusedrl.engine.config.ppo import LoopConfig, PPOConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
-from fusedrl.engine.stages.ppo.chunks import pieces
-from fusedrl.engine.stages.ppo.core import RunningMoments
+from fusedrl.engine.stages.ppo.microbatches import microbatches
+from fusedrl.engine.stages.ppo.advantages import RunningMoments
 from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollout
 from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
 from fusedrl.engine.stages.ppo.sampling import sample_and_score
@@ -19,7 +19,7 @@ from engine_testing import random_prompts
 from train_testing import save_tiny_model, write_jsonl
 
 
-def test_scoring_in_pieces_equals_scoring_whole(tmp_path):
+def test_scoring_in_microbatches_equals_scoring_whole(tmp_path):
     policy_dir = save_tiny_model(tmp_path / "policy")
     rm = reward_model_from_lm(load_model(policy_dir))
     torch.nn.init.normal_(rm.score.weight)
@@ -35,7 +35,7 @@ def test_scoring_in_pieces_equals_scoring_whole(tmp_path):
     timer = PhaseTimer(torch.device("cpu"))
     samples = sample_and_score(models, random_prompts([4, 6, 5], seed=3), cfg.rollout, 0, timer)
     packed = samples.packed
-    cut = pieces(packed, 12)
+    cut = microbatches(packed, 12)
     assert len(cut) >= 3 and all(sum(p.seqlens) <= 12 for p in cut)
     assert [n for p in cut for n in p.seqlens] == packed.seqlens                    # every row once, in order
     with torch.no_grad():

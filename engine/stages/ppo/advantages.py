@@ -1,4 +1,6 @@
-"""The pure pieces of a PPO iteration that sit between the kernels and the trainer.
+"""From a rollout's scores to its per-token advantages, the pure math of a PPO iteration between
+the kernels and the trainer: which rows to keep, the KL-shaped per-token rewards, GAE or group
+advantages, the adaptive KL coefficient and the running reward moments.
 
 Everything per token is [R, T] with one mask (True on the response tokens that are scored and
 trained); nothing here syncs with the host but the finite-score check (which rows to keep: one

@@ -1,10 +1,10 @@
-"""The pure pieces of a PPO iteration, on hand-made tensors."""
+"""The math from scores to advantages of a PPO iteration, on hand-made tensors."""
 import math
 
 import pytest
 import torch
 
-from fusedrl.engine.stages.ppo.core import (KLController, RunningMoments, advantages_and_returns,
+from fusedrl.engine.stages.ppo.advantages import (KLController, RunningMoments, advantages_and_returns,
                              last_valid_index, shape_rewards)
 from fusedrl.engine.config.estimators import AGGREGATIONS, CRITIC_ESTIMATORS, ESTIMATORS, GROUP_ESTIMATORS
 from fusedrl.engine.config.ppo import UpdateConfig
