@@ -14,8 +14,11 @@ import functools
 import pathlib
 
 # Dotted origins: a name imported from one of these modules, or the module itself, starts
-# processes; so do the named helpers of the shared test modules.
-PROCESS_STARTERS = {"subprocess", "multiprocessing", "torch.multiprocessing", "static_gpu",
+# processes; so do the named helpers of the shared test modules and of bench's static check
+# (recording and compiling in child processes; its row checks are pure functions), whether
+# imported by name or read as an attribute of their module (`static_gpu.main`).
+PROCESS_STARTERS = {"subprocess", "multiprocessing", "torch.multiprocessing", "static_gpu.main",
+                    "static_gpu.build_report", "static_gpu.record_launches",
                     "dist_testing.run_ranks", "dist_testing.torchrun",
                     "dist_testing.torchrun_nodes", "cli_testing.run_fusedrl"}
 
@@ -25,13 +28,17 @@ def _is_starter(origin: str) -> bool:
 
 
 def _starter_names(tree: ast.Module) -> set[str]:
-    """The module's names bound to a process starter by its imports."""
+    """The module's names bound to a process starter by its imports: a bare name, or `module.name`
+    for a starter read as an attribute of a module imported whole."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if _is_starter(alias.name):
                     names.add(alias.asname or alias.name.split(".")[0])
+                bound = alias.asname or alias.name
+                names.update(bound + s[len(alias.name):] for s in PROCESS_STARTERS
+                             if s.startswith(alias.name + "."))
         elif isinstance(node, ast.ImportFrom) and node.module:
             for alias in node.names:
                 if _is_starter(f"{node.module}.{alias.name}"):
@@ -40,9 +47,11 @@ def _starter_names(tree: ast.Module) -> set[str]:
 
 
 def _names_used(node: ast.AST) -> set[str]:
-    """Every name a function reads or calls, and the names of its arguments (fixtures, for a test
-    or a fixture)."""
+    """Every name a function reads or calls (`module.attribute` too), and the names of its arguments
+    (fixtures, for a test or a fixture)."""
     used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+    used |= {f"{n.value.id}.{n.attr}" for n in ast.walk(node)
+             if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
     return used | {a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)}
 
 

@@ -48,3 +48,11 @@ def test_each_test_is_marked_by_what_it_reaches(tmp_path):
                "TestGroup::test_pure")}
     assert marked == {"test_reads_the_runs": True, "test_in_process": False, "test_the_shell": True,
                       "TestGroup::test_alias": True, "TestGroup::test_pure": False}
+
+
+def test_a_starter_read_as_its_module_s_attribute_marks_only_its_callers(tmp_path):
+    path = tmp_path / "test_attribute.py"
+    path.write_text("import static_gpu\n\n\ndef test_check():\n    static_gpu.main([])\n\n\n"
+                    "def test_rows():\n    static_gpu.problems({})\n")
+    assert starts_processes(path, "test_attribute.py::test_check")
+    assert not starts_processes(path, "test_attribute.py::test_rows")

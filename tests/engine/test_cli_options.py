@@ -28,10 +28,11 @@ def rl_defaults(cls) -> dict:
     return expected
 
 
-def test_grpo_section_overrides_keep_grpos_other_defaults(tmp_path):
-    printed = run_fusedrl("grpo", *RL_REQUIRED, *CHANGES, "--print-config")
-    assert printed.returncode == 0 and printed.stderr == "", printed.stderr
-    shown = yaml.safe_load(printed.stdout)
+def test_grpo_section_overrides_keep_grpos_other_defaults(tmp_path, capsys):
+    assert cli.main(["grpo", *RL_REQUIRED, *CHANGES, "--print-config"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == "", printed.err
+    shown = yaml.safe_load(printed.out)
     assert shown == rl_defaults(GRPOConfig)
     # GRPO's own: 8 samples per prompt, no KL in the reward, the grpo estimator without a critic.
     assert (shown["rollout"]["samples_per_prompt"], shown["reward"]["kl_coef"], shown["ppo"]["estimator"],

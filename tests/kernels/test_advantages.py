@@ -51,9 +51,17 @@ def gae_by_compaction(rewards, values, mask, gamma, lam):
     return advantages
 
 
+SHAPES = [(1, 1), (4, 1), (3, 7), (5, 64), (2, 2500)]
+STEP_MAPS = [(1.0, 0.95), (0.99, 1.0), (0.9, 0.0), (0.0, 0.7)]
+# The 2500-step rows are there for the carry between the kernel's 1024-step blocks and fp32
+# accumulation over a long row; with gamma * lam = 0 no step carries anything to the one before it,
+# which the short rows show as well (a long row costs seconds in the interpreter).
+CASES = [(shape, gamma, lam) for shape in SHAPES for gamma, lam in STEP_MAPS
+         if shape[1] <= 64 or gamma * lam > 0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (3, 7), (5, 64), (2, 2500)])
-@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.99, 1.0), (0.9, 0.0), (0.0, 0.7)])
+@pytest.mark.parametrize("shape, gamma, lam", CASES)
 def test_matches_reference(shape, gamma, lam, dtype, fused_backend):
     rewards = torch.randn(shape, device=DEVICE).to(dtype)
     values = torch.randn(shape, device=DEVICE).to(dtype)

@@ -30,8 +30,10 @@ def outputs_and_grads(fn, hidden, weight, bias, labels, g_logp, g_entropy, **kwa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk_size, fuse_matmul", [
-    (2, False), (7, False), (None, False),  # 2: 19 chunks, a one-row tail
-    (2, True), (None, True),                # the fused GEMMs: several backward chunks, or one
+    # 4: 10 row chunks, a one-row tail; backward vocabulary chunks of 100 columns (under a tile:
+    # unaligned starts). 7: 6 row chunks; whole 128-column vocabulary chunks and a 104-column tail.
+    (4, False), (7, False), (None, False),
+    (4, True), (None, True),                # the fused GEMMs: several backward chunks, or one
 ])
 def test_matches_reference(chunk_size, fuse_matmul, bias, dtype):
     inputs = make_inputs(37, 24, 1000, dtype, bias=bias)

@@ -1,6 +1,6 @@
 """SFT context-parallel under torchrun (engine/parallel/context_parallel.py, gloo CPU ranks): each
 rank forwards its half of every packed micro-batch, and the exported model equals one process's with
-the same global batch within 1e-4 (the key biases aside: KEY_BIAS): on 2 ranks at
+the same global batch within 1e-5 (ADAM_EPS says why that bound holds): on 2 ranks at
 train.context_parallel=2, and on 4 ranks at context 2 x 2 data ranks (FSDP2 over all 4) against one
 process with optim.grad_accum_steps=2, and on 4 ranks at context 2 x tensor 2 (the tensor slices
 sharded over the context ranks); resumed at C=2 from a step-2 checkpoint too, and with LoRA adapters
@@ -18,20 +18,29 @@ from train_testing import copy_checkpoint, demonstrations, save_tiny_model, sft_
 
 
 LORA = LoRAConfig(rank=4, alpha=8.0, target_modules="q_proj,v_proj,gate_proj,down_proj")
+# The error model of the weights' comparison. The context split sums a gradient's terms in another
+# order, so an element's gradient differs by its fp32 rounding d. AdamW's
+# step g / (|g| + eps) (step 1; later steps alike) moves by at most d / eps, so after the run's steps
+# a weight differs by at most sum(lr_t) * d / eps: with eps = 1e-6 that is up to 1e3 * lr * d for an
+# element whose gradient is rounding alone (the key bias: softmax ignores q . b_k, its true
+# gradient is 0), measured at 6e-5 to 2.5e-4 of max |w| depending on the machine's matmul order.
+# With eps = 1e-3 the same d moves a weight by at most 1e-2 * d: every tensor, key bias included,
+# within 7e-7 of max |w| (measured), well inside MAX_WEIGHT_DIFF. Elements with real gradients
+# (|g| >> eps) still take Adam's normalized step.
+ADAM_EPS = 1e-3
+MAX_WEIGHT_DIFF = 1e-5
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft_cp")
     base = save_tiny_model(root / "base", arch="qwen2")  # 2 key/value heads, tied head, q/k/v biases
-    # Beside tensor slices llama2, as test_tensor_parallel_training: no k_proj bias, whose true gradient
-    # is 0 (softmax ignores it), so that Adam turns the slices' rounding into lr-sized steps there
-    # (4e-4 of max |b| with qwen2 at C=2 x T=2, every other weight within 1e-5).
+    # Beside tensor slices llama2, as test_tensor_parallel_training: another architecture (no k_proj bias).
     llama2 = save_tiny_model(root / "llama2")
     write_jsonl(root / "train.jsonl", demonstrations(24))
 
     def config(name, accum, c=1, model=base, lora=None, **loop):
-        return sft_config(model, root / "train.jsonl", root / name, optim={"grad_accum_steps": accum, "eps": 1e-6},
+        return sft_config(model, root / "train.jsonl", root / name, optim={"grad_accum_steps": accum, "eps": ADAM_EPS},
                           train={**LOOP, "context_parallel": c, **loop}, **({"lora": lora} if lora else {}))
     # Each layer recomputed in backward at C=2 x D=2 (the key/value gather runs again), as one process is not.
     check(torchrun("sft", config("c2", 1, 2, save_every=2), root))
@@ -50,15 +59,6 @@ def runs(tmp_path_factory):
     return root
 
 
-# The key projection's bias is left out of the weights' comparison. Softmax ignores q . b_k (one
-# constant over a query's keys), so its exact gradient is 0 and the computed one is the rounding of
-# a sum of terms that cancel, whose order the context split changes; Adam divides that noise by its
-# own size (up to eps), so after 3 steps two orders leave the bias 1e-4 to 3e-4 of its max apart
-# (every other tensor within 2e-6), whether or not the layout is right. The noise is in grad_norm,
-# compared below.
-KEY_BIAS = "self_attn.k_proj.bias"
-
-
 def train_records(run):
     return [r for r in read_metrics(run) if r["kind"] == "train"]
 
@@ -66,7 +66,7 @@ def train_records(run):
 @pytest.mark.parametrize("run, one", [("c2", "one"), ("c2dp2", "one_accum2"), ("c2_resumed", "one"),
                                       ("c2t2", "one_llama2")])
 def test_context_ranks_train_one_process_s_weights(runs, run, one):
-    assert max_relative_diff(runs / one / "final", runs / run / "final", skip=KEY_BIAS) <= 1e-4
+    assert max_relative_diff(runs / one / "final", runs / run / "final") <= MAX_WEIGHT_DIFF
     got, want = train_records(runs / run), train_records(runs / one)
     want = want[-len(got):]  # resumed at step 2: its last step
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
@@ -85,4 +85,4 @@ def test_lora_adapters_train_context_parallel(runs):
     one, two = (load_file(runs / run / "final_adapter" / WEIGHTS_FILE) for run in ("one_lora", "c2_lora"))
     assert one.keys() == two.keys()
     for name in one:
-        assert (two[name] - one[name]).abs().max() <= 1e-4 * one[name].abs().max(), name
+        assert (two[name] - one[name]).abs().max() <= MAX_WEIGHT_DIFF * one[name].abs().max(), name
