@@ -47,7 +47,8 @@ def tool_accuracy(model, tokenizer, prompts: list[str], samples: int, seed: int)
         [{"prompt": p} for p in prompts],
         SamplingParams(n=samples, temperature=TEMPERATURE, max_new_tokens=MAX_NEW_TOKENS,
                        seed=seed), AgentLimits(MAX_TURNS, None, env_timeout_s=30.0))
-    judged = [is_correct(prompts[i // samples], final_answer(tokenizer.decode(t.tokens.token_ids)))
+    # The reward's judgement (tool_reward) of the same messages the trainer hands it.
+    judged = [is_correct(prompts[i // samples], final_answer(t.messages[t.opening:]))
               for i, t in enumerate(trajectories)]
     return {"accuracy": sum(judged) / len(judged),
             "tool_rate": sum(t.tokens.turns > 1 for t in trajectories) / len(trajectories)}

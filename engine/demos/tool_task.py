@@ -29,7 +29,6 @@ CHAT_TEMPLATE = (
 # Each digit, each whitespace character and each run of anything else (with the space before it)
 # is a word: exact round trips, and a tool call of 18 tokens.
 WORDS = r"\d| ?[^\d\s]+|\s"
-ASSISTANT_HEADER = "<|im_start|>assistant\n"
 
 
 def add(a: int, b: int) -> int:
@@ -54,18 +53,19 @@ def is_correct(prompt: str, answer: str) -> bool:
     return answer.strip() == str(a + b)
 
 
-def final_answer(completion: str) -> str:
-    """The last assistant turn of a trajectory after its prompt, decoded with its special tokens
-    (the whole completion when the model answered at once)."""
-    last = completion.rsplit(ASSISTANT_HEADER, 1)[-1]
-    return last.split("<|im_end|>", 1)[0]
+def final_answer(completion: list[dict]) -> str:
+    """The model's last turn of a trajectory's messages after its opening (TRL's `completions` of a
+    multi-turn row, engine/agents' AgentTrajectory.messages): the answer the program judges, or
+    "" when the model never spoke. A trajectory whose last turn is a tool call has no answer."""
+    said = [m["content"] for m in completion if m["role"] == "assistant"]
+    return said[-1] if said else ""
 
 
-def tool_reward(prompts: list, completion_ids: list[list[int]], **columns) -> list[float]:
-    """GRPO's reward (TRL's keyword form): 1.0 when the trajectory's final answer is the sum."""
-    tokenizer = build_tokenizer()
-    return [float(is_correct(p, final_answer(tokenizer.decode(ids))))
-            for p, ids in zip(prompts, completion_ids)]
+def tool_reward(prompts: list, completions: list[list[dict]], **columns) -> list[float]:
+    """GRPO's reward (TRL's keyword form): 1.0 when the trajectory's final answer is the sum. It
+    reads the messages, as the held-out evaluation does: the model's token ids alone
+    (`completion_ids`) leave out the tool's result and the turns' headers."""
+    return [float(is_correct(p, final_answer(c))) for p, c in zip(prompts, completions)]
 
 
 def conversation(a: int, b: int, call: bool) -> list[dict]:

@@ -296,9 +296,12 @@ class LLM:
                 "raise kv_cache_memory or lower max_new_tokens")
 
     def _add(self, ids: list[int], params: SamplingParams, sample_index: int) -> Sequence:
-        # Sample j of a seeded request gets its own stream, fixed by (seed, j).
+        # Sample j of a seeded request gets its own stream, fixed by (seed, prompt, j): the same
+        # wherever the prompt sits in the batch, and never another prompt's. Keyed by (seed, j)
+        # alone, sample j of every prompt would read the same random numbers and choose alike: a
+        # rollout of 16 prompts x 8 samples would hold 8 independent draws, not 128.
         seed = (self._rng.getrandbits(63) if params.seed is None
-                else hash((params.seed, sample_index)))
+                else hash((params.seed, tuple(ids), sample_index)))
         seq = Sequence(self._next_seq_id, ids, params, seed & (2**63 - 1))
         self._next_seq_id += 1
         self.scheduler.add(seq)

@@ -2,17 +2,24 @@
 through the tool_calls data path, its config, and the whole demo on a very short setting."""
 import json
 import random
+from concurrent.futures import Future
 
 import pytest
 
 from fusedrl.engine import cli
-from fusedrl.engine.agents import ChatRenderer, parse_hermes, parser_for as call_parser, tool_schema
+from fusedrl.engine.agents import (AgentLimits, ChatRenderer, EnvSource, parse_hermes,
+                                   parser_for as call_parser, run_agents, tool_schema)
 from fusedrl.engine.config.demo import DemoConfig
 from fusedrl.engine.data.packing import collate_sft
 from fusedrl.engine.data.records import parser_for
+from fusedrl.engine.data.prompts import PromptRow
 from fusedrl.engine.data.tokenization import tokenize_record
+from fusedrl.engine.demos.tool import TOOLS
 from fusedrl.engine.demos.tool_task import (add, build_tokenizer, conversation, final_answer, is_correct,
-                                                  make_pairs, question, tool_reward, write_tool_data)
+                                            make_pairs, question, tool_reward, write_tool_data)
+from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.inference.turns import Trajectory
+from fusedrl.engine.stages.ppo.scoring import trajectory_inputs
 
 
 @pytest.fixture(scope="module")
@@ -35,24 +42,51 @@ def test_pairs_have_fixed_lengths_and_held_out_ones_are_new():
     assert all(len(str(a)) == len(str(b)) == len(str(a + b)) == 3 for a, b in train + held_out)
 
 
-def test_the_judge_reads_the_final_answer(tok):
+def test_the_judge_reads_the_last_turn():
     assert is_correct("482 + 377", " 859") and not is_correct("482 + 377", "858")
-    called = tok.apply_chat_template(conversation(482, 377, call=True), tokenize=False)
-    after_prompt = called.split("<|im_start|>assistant\n", 1)[1]
-    assert final_answer(after_prompt) == "859"
-    assert final_answer("859<|im_end|>") == "859"
+    called = [{"role": "assistant", "content": '<tool_call>{"name": "add"}</tool_call>'},
+              {"role": "tool", "name": "add", "content": "859"}]
+    assert final_answer(called + [{"role": "assistant", "content": "859"}]) == "859"
+    assert final_answer([]) == ""
     # A trajectory cut after its tool call has no final answer.
-    assert final_answer(after_prompt.split("<|im_start|>tool")[0]).startswith("<tool_call>")
+    assert final_answer(called).startswith("<tool_call>")
 
 
-def test_the_reward_scores_the_trajectory_tokens(tok):
-    def ids(text):
-        return tok.encode(text, add_special_tokens=False)
-    called = tok.apply_chat_template(conversation(482, 377, call=True), tokenize=False)
-    trajectory = ids(called.split("<|im_start|>assistant\n", 1)[1])
-    prompts = ["482 + 377"] * 4
-    assert tool_reward(prompts, [trajectory, ids("859<|im_end|>"), ids("858<|im_end|>"), trajectory[:20]]) == \
-        [1.0, 1.0, 0.0, 0.0]
+def scripted_policy(tok, turns: list[list[str]]):
+    """A generate_turns that says each row's scripted turns (one sample per row), each closed by
+    the template's end of turn, with the environment's replies between them as the engine's."""
+    def generate_turns(openings, params, on_turn_end, *, max_turns, max_total_tokens):
+        out = []
+        for i, (prompt, said) in enumerate(zip(openings, turns)):
+            ids, mask = [], []
+            for text in said[:max_turns]:
+                turn = tok.encode(text + "<|im_end|>", add_special_tokens=False)
+                ids, mask = ids + turn, mask + [True] * len(turn)
+                reply = on_turn_end(i, turn)
+                reply = reply.result() if isinstance(reply, Future) else reply
+                if reply.done:
+                    break
+                ids, mask = ids + list(reply.token_ids), mask + [False] * len(reply.token_ids)
+            out.append(Trajectory(list(prompt), ids, mask, [0.0] * len(ids), [], len(said), "done",
+                                  len(prompt)))
+        return out
+    return generate_turns
+
+
+def test_the_reward_judges_what_the_trainer_hands_it(tok):
+    """Trajectories through the rollout's tool environment, their reward inputs built as the
+    trainer builds them (the model's ids alone, the messages with their roles): a copied result is
+    right, a miscopied one or a last turn that calls the tool again is wrong."""
+    call = '<tool_call>{"name": "add", "arguments": {"a": 482, "b": 377}}</tool_call>'
+    turns = [[call, "859"], [call, "858"], ["859"], ["858"], [call, call]]
+    source = EnvSource(tools=tuple(TOOLS), schemas={"add": tool_schema(add)})
+    trajectories = run_agents(scripted_policy(tok, turns), ChatRenderer(tok, [tool_schema(add)]),
+                              source, [{"prompt": "482 + 377"}] * len(turns), SamplingParams(n=1),
+                              AgentLimits(2, None, 5.0, env_isolation="thread"))
+    assert [t.error for t in trajectories] == [None] * len(turns)
+    assert trajectories[0].messages[2] == {"role": "tool", "name": "add", "content": "859"}
+    inputs = trajectory_inputs(trajectories, [PromptRow([], "482 + 377")] * len(turns))
+    assert tool_reward(**inputs.keywords()) == [1.0, 0.0, 1.0, 0.0, 0.0]
 
 
 def test_the_tokenizer_round_trips_and_its_template_calls_tools(tok):

@@ -126,6 +126,18 @@ def test_seeded_sampling_is_reproducible_across_batches_and_preemption(qwen2_dir
     assert all_blocks_free(tiny)
 
 
+def test_seeded_prompts_draw_streams_of_their_own(qwen2_dir):
+    """One seed for a batch: each prompt's sample j reads its own random numbers, not sample j's of
+    every prompt. The tiny model's next-token distribution is nearly flat, so prompts that shared
+    a stream would mostly pick the same first token."""
+    prompts = random_prompts([7] * 48, seed=6)
+    params = SamplingParams(temperature=1.0, max_new_tokens=1, n=2, seed=11)
+    firsts = [[c.token_ids[0] for c in out.outputs] for out in LLM(qwen2_dir).generate(prompts, params)]
+    for j in range(2):
+        picks = [f[j] for f in firsts]
+        assert max(picks.count(t) for t in set(picks)) <= 12, picks
+
+
 def test_device_logprobs_are_the_completions_logprobs_through_preemption(qwen2_dir):
     """The engine's device buffer holds each sampled token's log-prob where Completion.logprob_slots
     says, the same fp32 numbers as Completion.logprobs, also for sequences preempted and recomputed."""
