@@ -9,10 +9,11 @@ and `on_turn_end(index, turn_token_ids)` is asked for the next turn's prompt tok
 while every other sequence keeps decoding. A Future's reply rejoins when nothing else is left to run
 (every reply pending then, in row order, whenever each came): which sequences share a step is a
 function of the tokens alone, never of when an environment answered, so a seed draws the same
-trajectories run after run (a step's rounding depends on its batch). The reply's tokens are appended as they are (token in,
-token out: nothing earlier is re-tokenized) and only they are prefilled (plus the turn's last
-sampled token, never forwarded yet): earlier turns' K/V are not computed again, unless the pool ran
-short and the paused sequence's blocks were lent to the running ones (then it is recomputed).
+trajectories run after run (a step's rounding depends on its batch). The reply's tokens are
+appended as they are (token in, token out: nothing earlier is re-tokenized) and only they are
+prefilled (plus the turn's last sampled token, never forwarded yet): earlier turns' K/V are not
+computed again, unless the pool ran short and the paused sequence's blocks were lent to the running
+ones (then it is recomputed).
 """
 from __future__ import annotations
 
