@@ -25,8 +25,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
+# No kernel, no bytes: allocations, detaching, and promote_types (a dtype answered on the host,
+# which the dispatcher still sees).
 FREE = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
-        aten.detach.default, aten.lift_fresh.default, aten.set_.source_Storage_storage_offset}
+        aten.detach.default, aten.lift_fresh.default, aten.set_.source_Storage_storage_offset,
+        aten.promote_types.default}
 GATHERS = {aten.embedding.default, aten.index_select.default, aten.index.Tensor}
 SCATTERS = {aten.index_put_.default, aten.index_put.default, aten.index_copy_.default,
             aten._index_put_impl_.default}

@@ -6,14 +6,18 @@ a trajectory's turn ends (a stop or EOS token: a chat template's end of turn; or
 max_new_tokens), its blocks are kept
 and `on_turn_end(index, turn_token_ids)` is asked for the next turn's prompt tokens; it returns a
 `TurnReply` or a `concurrent.futures.Future` of one, so an environment step can run in a worker pool
-while every other sequence keeps decoding. The reply's tokens are appended as they are (token in,
-token out: nothing earlier is re-tokenized) and only they are prefilled (plus the turn's last
-sampled token, never forwarded yet): earlier turns' K/V are not computed again, unless the pool ran
-short and the paused sequence's blocks were lent to the running ones (then it is recomputed).
+while every other sequence keeps decoding. A Future's reply rejoins when nothing else is left to run
+(every reply pending then, in row order, whenever each came): which sequences share a step is a
+function of the tokens alone, never of when an environment answered, so a seed draws the same
+trajectories run after run (a step's rounding depends on its batch). The reply's tokens are
+appended as they are (token in, token out: nothing earlier is re-tokenized) and only they are
+prefilled (plus the turn's last sampled token, never forwarded yet): earlier turns' K/V are not
+computed again, unless the pool ran short and the paused sequence's blocks were lent to the running
+ones (then it is recomputed).
 """
 from __future__ import annotations
 
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -97,12 +101,10 @@ def _run(llm, rows: list[_Turns], on_turn_end: OnTurnEnd, max_turns: int, limit:
     if runner.routing is not None:
         runner.routing.reset()
     while True:
-        for future in [f for f in pending if f.done()]:
-            _continue(scheduler, pending.pop(future), future.result(), limit, max_turns)
         if scheduler.is_finished():
             if not pending:
                 return
-            wait(list(pending), return_when=FIRST_COMPLETED)
+            _rejoin(scheduler, pending, limit, max_turns)
             continue
         batch, is_prefill = scheduler.schedule()
         if not batch:  # the waiting ones need blocks that paused sequences hold: lend them
@@ -110,7 +112,7 @@ def _run(llm, rows: list[_Turns], on_turn_end: OnTurnEnd, max_turns: int, limit:
                 if not pending:  # checked at the start: one trajectory always fits the pool
                     raise RuntimeError("multi-turn generation made no progress: nothing runs, "
                                        "nothing waits for an environment")
-                wait(list(pending), return_when=FIRST_COMPLETED)
+                _rejoin(scheduler, pending, limit, max_turns)  # a reply may end its trajectory
             continue
         if is_prefill:
             for seq in batch:
@@ -125,6 +127,14 @@ def _run(llm, rows: list[_Turns], on_turn_end: OnTurnEnd, max_turns: int, limit:
                 pending[reply] = row
             elif reply is not None:
                 _continue(scheduler, row, reply, limit, max_turns)
+
+
+def _rejoin(scheduler, pending: dict, limit: int, max_turns: int) -> None:
+    """Every pending reply (Future -> _Turns) waited for and taken in row order, not as they come:
+    when an environment answers must not change which sequences share a step."""
+    for future, row in sorted(pending.items(), key=lambda item: item[1].index):
+        _continue(scheduler, row, future.result(), limit, max_turns)
+    pending.clear()
 
 
 def _turn_end(scheduler, row: _Turns, on_turn_end: OnTurnEnd, limit: int):

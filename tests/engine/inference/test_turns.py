@@ -113,3 +113,24 @@ def test_limits_end_trajectories(qwen2_dir):
 def _block_bytes(model_dir):
     llm = LLM(model_dir, dtype="float32", block_size=4)
     return kv_bytes_per_block(llm.config, torch.float32, 4)
+
+
+@pytest.mark.parametrize("slow_rows", [(0,), (1, 2)])
+def test_when_an_environment_answers_does_not_change_the_trajectories(qwen2_dir, slow_rows):
+    # Sampled, not greedy: a step's rounding depends on which sequences share it, and a draw can
+    # follow that rounding. Replies that come late or at once must give the same trajectories, bit
+    # for bit (a seed's run is reproducible whatever its environments' timing).
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, stop_token_ids=STOPS, seed=3, n=2)
+    llm = LLM(qwen2_dir, dtype="float32", block_size=4)
+
+    def run(delayed):
+        script = scripted()
+
+        def step(row, turn_tokens):
+            time.sleep(0.05 if row in delayed else 0.0)
+            return script(row, turn_tokens)
+        with ThreadPoolExecutor(4) as pool:
+            out = llm.generate_turns(PROMPTS, params, lambda r, t: pool.submit(step, r, t),
+                                     max_turns=5)
+        return [(t.token_ids, t.model_mask, t.logprobs, t.turns) for t in out]
+    assert run(()) == run(slow_rows)
