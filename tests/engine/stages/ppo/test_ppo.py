@@ -347,7 +347,7 @@ def test_cli_help_lists_every_section(capsys):
 
 def test_config_errors(setup):
     root, policy_dir, prompts = setup
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="^reward_model=.rm. with reward_fn=.m:f.: not supported"):
         PPOConfig(policy="p", prompts_file="f", output_dir="o", reward_model="rm", reward_fn="m:f")
     with pytest.raises(ValueError, match="ptx_coef > 0 needs ptx_file"):
         PPOConfig(policy="p", prompts_file="f", output_dir="o", reward_fn="m:f", ppo=UpdateConfig(ptx_coef=0.1))

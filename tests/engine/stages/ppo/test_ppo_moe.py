@@ -77,5 +77,5 @@ def test_exact_rollouts_are_refused_for_moe(moe_setup):
     cfg = config(root, policy_dir, prompts, "exact", rollout=RolloutConfig(
         prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=4, kv_cache_memory=1 << 22, exact=True))
     # refused at the run's start, before any model loads (its config.json tells it is MoE)
-    with pytest.raises(UsageError, match="^rollout.exact=True with a mixture-of-experts policy: "):
+    with pytest.raises(UsageError, match="^rollout.exact=True with a mixture-of-experts model: "):
         train_ppo(cfg, reward_fn=vowel_fraction)
