@@ -80,7 +80,7 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     estimator, their whole group; counted in `dropped_rows`); the Rollout is None when no row is
     left (every score non-finite, or dynamic sampling found no group to learn from), and
     `skip_reason` then says why. A row with no trained token (an agent trajectory that left the
-    batch: engine/agents) needs no score: it stays, a sample of nothing (core.py).
+    batch: engine/agents) needs no score: it stays, a sample of nothing (advantages.py).
     """
     group = samples.n if s.estimator in GROUP_ESTIMATORS else None
     trained = samples.packed.grid_mask().any(dim=-1)                           # [R]
