@@ -70,7 +70,8 @@ class TrajectoryGenerator:
         self.drawn += trajectories
         tokens = [t.tokens for t in trajectories]
         # A trajectory that left the batch (env_errors=skip) has no target: nothing of it is
-        # trained, and its group's statistics are the others' (advantages.py group_token_advantages).
+        # trained, and its group's statistics are the others'
+        # (advantages.py group_token_advantages).
         masks = [[False] * len(t.tokens.model_mask) if t.error else t.tokens.model_mask
                  for t in trajectories]
         logprobs = self.models.actor.llm.device_logprobs(
