@@ -16,7 +16,7 @@ from engine_testing import make_cycle_model, make_tokenizer
 # Prompts of repeated words: the n-gram drafter finds what followed a word before.
 ROWS = [{"prompt": "the dog the dog the dog the dog"}, {"prompt": "a fox a fox a fox a fox"}]
 # Tools run in the trainer's threads: a worker process per trajectory is not what is tested here.
-TOOLS = {"tools": "agent_testing:add", "max_turns": 2, "max_new_tokens": 8,
+TOOLS = {"tools": "agent_envs:add", "max_turns": 2, "max_new_tokens": 8,
          "env_isolation": "thread"}
 
 
