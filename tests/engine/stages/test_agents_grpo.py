@@ -13,6 +13,7 @@ from fusedrl.engine.sandbox import detect
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import add, broken, save_chat_model, stuck, tool_call
 from engine_testing import VOCAB, make_chat_tokenizer
+from invariant_testing import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 ROWS = [{"prompt": "hello world", "level": 1}, {"prompt": "the brown dog", "level": 2}]
 
