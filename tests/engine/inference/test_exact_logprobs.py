@@ -108,26 +108,6 @@ def observation(row, turn_tokens):
     return TurnReply(tuple(range(5, 8 + (sum(turn_tokens) + len(turn_tokens)) % 6)))
 
 
-def test_later_turns_are_bit_exact_and_independent_of_the_batch(model_dirs):
-    """Three-turn trajectories (turns.py: each later turn prefills the environment's tokens on top
-    of the earlier turns' cached pages): every model token's sampler log-prob equals the training
-    forward's over the whole trajectory, and a prompt's trajectories are the same alone as among 7
-    prompts' (tokens and log-probs), so ranks that split a rollout draw what one process draws."""
-    path, _ = model_dirs["qwen2"]
-    prompts = random_prompts(LENGTHS, seed=14)
-    params = _with(SAMPLING["t1"], n=2, max_new_tokens=6)
-    batch = exact_llm(path).generate_turns(prompts, params, observation, max_turns=3)
-    assert all(t.turns == 3 for t in batch)
-    trained = training_logprobs(exact_llm(path), [t.prompt_token_ids for t in batch],
-                                [t.token_ids for t in batch], params.temperature)
-    for r, (t, logp) in enumerate(zip(batch, trained)):
-        model = [lp for lp, is_model in zip(logp, t.model_mask) if is_model]
-        assert model == [lp for lp, is_model in zip(t.logprobs, t.model_mask) if is_model], r
-    alone = exact_llm(path).generate_turns(prompts[1:2], params, observation, max_turns=3)
-    assert [(t.token_ids, t.logprobs) for t in alone] == [(t.token_ids, t.logprobs)
-                                                          for t in batch[2:4]]
-
-
 @pytest.fixture(scope="module")
 def one_layer_dirs(tmp_path_factory):
     """arch -> a saved one-layer model: the interpreter runs every program of every kernel in Python,
@@ -150,6 +130,39 @@ TRITON_CASES = {
                           256, False),
     "qwen3-bf16-t1": ("qwen3", "bfloat16", _with(SAMPLING["t1"], max_new_tokens=6), ["alone", "n4"], 16, False),
 }
+
+
+def check_turns(path, prompts, params, alone=True):
+    """Three-turn trajectories (turns.py: each later turn prefills the environment's tokens on top
+    of the earlier turns' cached pages): every model token's sampler log-prob equals the training
+    forward's over the whole trajectory, and (`alone`) the second prompt's trajectories are the same
+    alone as among all the prompts' (tokens and log-probs), so ranks that split a rollout draw what
+    one process draws."""
+    batch = exact_llm(path).generate_turns(prompts, params, observation, max_turns=3)
+    assert all(t.turns == 3 for t in batch)
+    trained = training_logprobs(exact_llm(path), [t.prompt_token_ids for t in batch],
+                                [t.token_ids for t in batch], params.temperature)
+    for r, (t, logp) in enumerate(zip(batch, trained)):
+        model = [lp for lp, is_model in zip(logp, t.model_mask) if is_model]
+        assert model == [lp for lp, is_model in zip(t.logprobs, t.model_mask) if is_model], r
+    if alone:
+        by_itself = exact_llm(path).generate_turns(prompts[1:2], params, observation, max_turns=3)
+        second = batch[params.n:2 * params.n]
+        assert [(t.token_ids, t.logprobs) for t in by_itself] == [(t.token_ids, t.logprobs)
+                                                                  for t in second]
+
+
+def test_later_turns_are_bit_exact_and_independent_of_the_batch(model_dirs):
+    check_turns(model_dirs["qwen2"][0], random_prompts(LENGTHS, seed=14),
+                _with(SAMPLING["t1"], n=2, max_new_tokens=6))
+
+
+def test_later_turns_on_the_triton_path_too(one_layer_dirs):
+    """The multi-turn case on the kernels a GPU runs, interpreted: one prompt and short turns (the
+    other Triton cases show a row's independence of its batch)."""
+    with kernels.use_backend("triton"):
+        check_turns(one_layer_dirs["qwen2"], random_prompts([13], seed=14),
+                    _with(SAMPLING["t1"], max_new_tokens=2), alone=False)
 
 
 @pytest.mark.parametrize("case", list(TRITON_CASES))
