@@ -117,8 +117,6 @@ INCOMPATIBLE: tuple[Pair, ...] = (
          "an environment that wants tools calls them in its step"),
     Pair("rollout.tools", "rollout.partial_rollouts", _WHOLE),
     Pair("rollout.environment", "rollout.partial_rollouts", _WHOLE),
-    Pair("rollout.tools", "rollout.exact", "exact mode is not verified across turns"),
-    Pair("rollout.environment", "rollout.exact", "exact mode is not verified across turns"),
     Pair("rollout.speculative_tokens", "rollout.exact", _VERIFY),
     Pair("rollout.prefill_chunk", "rollout.exact", _CHUNK),
     Pair("rollout.dynamic_sampling", "ppo.estimator",

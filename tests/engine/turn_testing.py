@@ -1,6 +1,6 @@
-"""Environments of three turns for turn-level credit (reward.per_turn): agent_testing.ThreeTurns
+"""Environments of three turns for turn-level credit (reward.per_turn): agent_envs.ThreeTurns
 with its rewards fixed per turn, the trajectory done after the third."""
-from agent_testing import ThreeTurns
+from agent_envs import ThreeTurns
 
 
 class LastTurnPays(ThreeTurns):

@@ -1,7 +1,7 @@
 """The batch-invariant mode end to end: the sampler's log-prob of every sampled token equals, bit for
 bit, a separate training forward of the same tokens, whatever the batch the token was generated in
-(alone, in a batch of 7, after a preemption, among n=4 samples sharing prompt blocks) and whatever the
-pack it is scored in, on tiny Llama, Qwen2 and Qwen3 models: on the CPU's fixed-order torch ops, and
+(alone, in a batch of 7, after a preemption, among n=4 samples sharing prompt blocks, in a later turn
+of a multi-turn trajectory) and whatever the pack it is scored in, on tiny Llama, Qwen2 and Qwen3 models: on the CPU's fixed-order torch ops, and
 on the Triton kernels a GPU runs (here under the interpreter, on fewer cases: it is slow)."""
 import pytest
 import torch
@@ -10,6 +10,7 @@ from fusedrl import kernels
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.runner import kv_bytes_per_block
 from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.inference.turns import TurnReply
 from fusedrl.engine.model.invariant import BatchInvariant
 from fusedrl.engine.stages.ppo.packs import pack_rollout
 from engine_testing import make_hf_model, make_tokenizer, random_prompts
@@ -101,6 +102,12 @@ def test_sampler_logprobs_equal_a_training_forward_bit_for_bit(model_dirs, arch,
     check_compositions(model_dirs[arch][0], "float32", SAMPLING[sampling], ["alone", "batch_of_7", "preempted", "n4"])
 
 
+def observation(row, turn_tokens):
+    """An environment's reply of 3 to 8 tokens, set by the turn's tokens alone (not by the row's
+    place in the batch): a later turn's prefill starts anywhere in a page."""
+    return TurnReply(tuple(range(5, 8 + (sum(turn_tokens) + len(turn_tokens)) % 6)))
+
+
 @pytest.fixture(scope="module")
 def one_layer_dirs(tmp_path_factory):
     """arch -> a saved one-layer model: the interpreter runs every program of every kernel in Python,
@@ -123,6 +130,39 @@ TRITON_CASES = {
                           256, False),
     "qwen3-bf16-t1": ("qwen3", "bfloat16", _with(SAMPLING["t1"], max_new_tokens=6), ["alone", "n4"], 16, False),
 }
+
+
+def check_turns(path, prompts, params, alone=True):
+    """Three-turn trajectories (turns.py: each later turn prefills the environment's tokens on top
+    of the earlier turns' cached pages): every model token's sampler log-prob equals the training
+    forward's over the whole trajectory, and (`alone`) the second prompt's trajectories are the same
+    alone as among all the prompts' (tokens and log-probs), so ranks that split a rollout draw what
+    one process draws."""
+    batch = exact_llm(path).generate_turns(prompts, params, observation, max_turns=3)
+    assert all(t.turns == 3 for t in batch)
+    trained = training_logprobs(exact_llm(path), [t.prompt_token_ids for t in batch],
+                                [t.token_ids for t in batch], params.temperature)
+    for r, (t, logp) in enumerate(zip(batch, trained)):
+        model = [lp for lp, is_model in zip(logp, t.model_mask) if is_model]
+        assert model == [lp for lp, is_model in zip(t.logprobs, t.model_mask) if is_model], r
+    if alone:
+        by_itself = exact_llm(path).generate_turns(prompts[1:2], params, observation, max_turns=3)
+        second = batch[params.n:2 * params.n]
+        assert [(t.token_ids, t.logprobs) for t in by_itself] == [(t.token_ids, t.logprobs)
+                                                                  for t in second]
+
+
+def test_later_turns_are_bit_exact_and_independent_of_the_batch(model_dirs):
+    check_turns(model_dirs["qwen2"][0], random_prompts(LENGTHS, seed=14),
+                _with(SAMPLING["t1"], n=2, max_new_tokens=6))
+
+
+def test_later_turns_on_the_triton_path_too(one_layer_dirs):
+    """The multi-turn case on the kernels a GPU runs, interpreted: one prompt and short turns (the
+    other Triton cases show a row's independence of its batch)."""
+    with kernels.use_backend("triton"):
+        check_turns(one_layer_dirs["qwen2"], random_prompts([13], seed=14),
+                    _with(SAMPLING["t1"], max_new_tokens=2), alone=False)
 
 
 @pytest.mark.parametrize("case", list(TRITON_CASES))

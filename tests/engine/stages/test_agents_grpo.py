@@ -13,6 +13,7 @@ from fusedrl.engine.sandbox import detect
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import add, broken, save_chat_model, stuck, tool_call
 from engine_testing import VOCAB, make_chat_tokenizer
+from invariant_testing import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 ROWS = [{"prompt": "hello world", "level": 1}, {"prompt": "the brown dog", "level": 2}]
 
@@ -23,25 +24,27 @@ def torch_kernels():
         yield
 
 
-def grpo(tmp_path, model, rollout, rows=ROWS, **options):
+def grpo(tmp_path, model, rollout, rows=ROWS, iterations=2, **options):
     config = GRPOConfig.from_dict({
         "policy": str(model), "output_dir": str(tmp_path / "grpo"), **options,
         "rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2, "max_new_tokens": 6,
                     "kv_cache_memory": 1 << 22, "max_prompt_length": 40, "temperature": 1.0,
                     **rollout},
-        "ppo": {"minibatch_size": 4}, "train": {"iterations": 2, "progress": False, "device": "cpu"}})
+        "ppo": {"minibatch_size": 4},
+        "train": {"iterations": iterations, "progress": False, "device": "cpu"}})
     result = run_grpo(config, dataset=datasets.Dataset.from_list(rows))
     return [r for r in read_metrics(result.output_dir) if r["kind"] == "train"]
 
 
 def test_an_environment_of_three_turns_trains_on_the_model_tokens_only(tmp_path, capfd):
     model = save_chat_model(tmp_path / "chat")
-    records = grpo(tmp_path, model, {"environment": "agent_testing:ThreeTurns", "max_turns": 3})
+    records = grpo(tmp_path, model, {"environment": "agent_envs:ThreeTurns", "max_turns": 3},
+                   iterations=1)
     # The sandbox's mode is said at the start and recorded with the run.
     info = next(r for r in read_metrics(tmp_path / "grpo") if r["kind"] == "info")
     assert info["sandbox"] == detect().kind
     assert f"fusedrl: sandbox: {detect().kind}" in capfd.readouterr().err
-    assert len(records) == 2
+    assert len(records) == 1
     for r in records:
         assert r["turns/max"] <= 3 and r["turns/mean"] >= 2.5  # a turn cut at 6 tokens is answered
         assert r["tokens/environment"] > r["tokens/model"] > 0
@@ -70,10 +73,11 @@ def test_crashed_trajectories_leave_the_batch_and_are_never_scored(tmp_path):
 def test_tools_are_offered_and_a_turn_without_a_call_ends_the_trajectory(tmp_path):
     # The tools' schemas open every conversation: ~900 tokens of the tests' small vocabulary.
     model = save_chat_model(tmp_path / "chat", max_position_embeddings=1024)
-    tools = "agent_testing:add,agent_testing:broken,agent_testing:stuck"
+    tools = "agent_envs:add,agent_envs:broken,agent_envs:stuck"
     records = grpo(tmp_path, model, {"tools": tools, "max_turns": 2, "env_timeout_s": 1.0},
-                   reward_fn="reward_testing:vowel_fraction")
+                   iterations=1, reward_fn="reward_testing:vowel_fraction")
     # A random model writes no tool call: each trajectory is its one answer.
+    assert len(records) == 1
     assert all(r["turns/max"] == 1 and r["tokens/environment"] == 0 for r in records)
     assert all("rewards/vowel_fraction/mean" in r for r in records)
 
@@ -93,21 +97,25 @@ def test_a_raising_or_hanging_tool_ends_its_trajectory_in_time(tool, error):
     assert reply.done and state.error == error and state.seconds < 5
 
 
-def test_lora_trains_on_three_turn_trajectories_and_moe_replay_is_refused(tmp_path):
+def test_lora_trains_on_three_turn_trajectories(tmp_path):
     """LoRA: the sampler generates every turn through the adapters and the update trains them on the
-    model's tokens; an MoE policy with routing replay (its default) is refused in one line (a later
-    turn's expert records are not kept), and runs with routing_replay=false."""
-    from fusedrl.engine.errors import UsageError
-    from moe_testing import make_moe_model
+    model's tokens."""
     model = save_chat_model(tmp_path / "chat")
-    records = grpo(tmp_path / "lora", model, {"environment": "agent_testing:ThreeTurns", "max_turns": 3},
+    records = grpo(tmp_path / "lora", model, {"environment": "agent_envs:ThreeTurns", "max_turns": 3},
                    lora={"rank": 4})
     assert len(records) == 2 and all(r["turns/mean"] >= 2.5 and r["tokens"] == r["tokens/model"] for r in records)
+
+
+def test_an_moe_policy_refuses_routing_replay_across_turns_and_trains_without(tmp_path):
+    """An MoE policy with routing replay (its default) is refused in one line (a later turn's expert
+    records are not kept), and runs with routing_replay=false."""
+    from fusedrl.engine.errors import UsageError
+    from moe_testing import make_moe_model
     moe = tmp_path / "moe"
     make_moe_model("qwen3_moe").save_pretrained(moe)
     make_chat_tokenizer().save_pretrained(moe)
-    three = {"environment": "agent_testing:ThreeTurns", "max_turns": 3}
-    with pytest.raises(UsageError, match="rollout.routing_replay=True with rollout.environment='agent_testing:ThreeTurns'"):
+    three = {"environment": "agent_envs:ThreeTurns", "max_turns": 3}
+    with pytest.raises(UsageError, match="rollout.routing_replay=True with rollout.environment='agent_envs:ThreeTurns'"):
         grpo(tmp_path / "replay", moe, three)
-    records = grpo(tmp_path / "no-replay", moe, {**three, "routing_replay": False})
-    assert len(records) == 2 and all(r["turns/max"] <= 3 and r["tokens/model"] > 0 for r in records)
+    records = grpo(tmp_path / "no-replay", moe, {**three, "routing_replay": False}, iterations=1)
+    assert len(records) == 1 and records[0]["turns/max"] <= 3 and records[0]["tokens/model"] > 0
