@@ -130,6 +130,8 @@ def train_errors(loss_type):
 
 
 if __name__ == "__main__":
-    # argv: "loss" or "train", then the loss types
-    check = loss_errors if sys.argv[1] == "loss" else train_errors
-    print(json.dumps({loss_type: check(loss_type) for loss_type in sys.argv[2:]}))
+    # argv: CHECK=TYPE,TYPE... for CHECK "loss" or "train"
+    checks = {"loss": loss_errors, "train": train_errors}
+    runs = dict(arg.split("=", 1) for arg in sys.argv[1:])
+    print(json.dumps({check: {loss_type: checks[check](loss_type) for loss_type in types.split(",")}
+                      for check, types in runs.items()}))
