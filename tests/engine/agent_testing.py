@@ -2,7 +2,8 @@
 takes tools: engine_testing.CHAT_TEMPLATE), and a tool call in the template's Hermes format."""
 import json
 
-from agent_fault_envs import add, stuck  # noqa: F401  (tools of the tests, torch-free there)
+# The tools and ThreeTurns live torch-free there: a worker process imports the module a spec names.
+from agent_fault_envs import ThreeTurns, add, stuck  # noqa: F401
 from engine_testing import make_chat_tokenizer, make_hf_model
 
 
@@ -15,24 +16,6 @@ def save_chat_model(path, **overrides):
 
 def tool_call(name, **arguments):
     return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
-
-
-class ThreeTurns:
-    """A scripted environment (`rollout.environment=agent_testing:ThreeTurns`): three turns, each
-    answered by an observation longer than a turn; a turn's reward is its share of vowels."""
-
-    def __init__(self, prompt, **columns):
-        self.prompt, self.turn = prompt, 0
-
-    def reset(self):
-        return [{"role": "user", "content": self.prompt}]
-
-    def step(self, message):
-        self.turn += 1
-        text = message["content"]
-        reward = sum(c in "aeiou" for c in text) / max(len(text), 1)
-        observation = "the lazy dog jumps over the quick brown fox"
-        return [{"role": "user", "content": observation}], reward, self.turn == 3
 
 
 def broken(x: int) -> int:

@@ -1,6 +1,7 @@
-"""Environments of three turns for turn-level credit (reward.per_turn): agent_testing.ThreeTurns
-with its rewards fixed per turn, the trajectory done after the third."""
-from agent_testing import ThreeTurns
+"""Environments of three turns for turn-level credit (reward.per_turn): agent_fault_envs.ThreeTurns
+with its rewards fixed per turn, the trajectory done after the third. Torch-free, as what it
+imports: each trajectory's environment worker imports this module."""
+from agent_fault_envs import ThreeTurns
 
 
 class LastTurnPays(ThreeTurns):
