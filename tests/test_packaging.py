@@ -65,10 +65,11 @@ print("ok")
     assert run_python(code, ROOT).strip().splitlines()[-1] == "ok"
 
 
-@pytest.mark.parametrize("name", ["fusedrl.engine", "fusedrl.kernels"])
+@pytest.mark.parametrize("name", ["fusedrl.engine", "fusedrl.kernels, fusedrl.engine.stages.sft"])
 def test_import_is_light(name, tmp_path):
     """Importing the engine package pulls in neither torch nor transformers (its public names load
-    on first use); the kernels package needs torch but not transformers."""
+    on first use); the kernels package and the stages need torch but not transformers (imported
+    when a model's config or tokenizer is read)."""
     code = f"import sys, {name}; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     expected = "[]" if name == "fusedrl.engine" else "['torch']"
     assert run_python(code, str(tmp_path)).strip() == expected

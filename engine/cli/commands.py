@@ -96,8 +96,8 @@ def add_stage_parser(commands, name: str) -> None:
     config_cls, _, summary = STAGES[name]
     p = commands.add_parser(name, help=summary, description=summary,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog=config_io.options_epilog(config_cls) + REFUSED_EPILOG.format(
-                                pairs="\n".join(table_lines(config_cls))))
+                            epilog=lambda: config_io.options_epilog(config_cls)
+                            + REFUSED_EPILOG.format(pairs="\n".join(table_lines(config_cls))))
     p.add_argument("--config", help="YAML file with the options below")
     add_debug_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options overriding the file")
@@ -191,7 +191,7 @@ def add_demo_parser(commands) -> None:
                     "reward) on a digit-sorting task, from nothing; task=tool: SFT -> multi-turn "
                     "GRPO of a model learning to call an add tool",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="options (key=value):\n" + "\n".join(config_io.describe(DemoConfig)))
+        epilog=lambda: "options (key=value):\n" + "\n".join(config_io.describe(DemoConfig)))
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="options, e.g. seed=1 output_dir=runs/demo")
     add_quiet_flag(p)
@@ -293,11 +293,25 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
                         help=f"show the traceback of an error (also: {errors.DEBUG_ENV}=1)")
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser whose epilog may be given as a function, called when the epilog is read
+    (its --help): listing every option and refused pair builds each config class, which every
+    `fusedrl` process and torchrun rank would otherwise pay at start for a help it never prints."""
+
+    @property
+    def epilog(self) -> str | None:
+        return self._epilog() if callable(self._epilog) else self._epilog
+
+    @epilog.setter
+    def epilog(self, value) -> None:
+        self._epilog = value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusedrl",
                                      description="Kernel-optimized single-node RLHF.")
     add_debug_flag(parser)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     add_debug_flag(commands.add_parser("info", help="versions, devices and kernel backends"))
     commands.choices["info"].set_defaults(run=run_info)
     add_demo_parser(commands)

@@ -76,7 +76,7 @@ def add_generate_parser(commands, add_debug_flag) -> None:
                             description="complete prompts; text (or json=true lines) to stdout, "
                                         "progress to stderr",
                             formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog=config_io.options_epilog(GenerateConfig))
+                            epilog=lambda: config_io.options_epilog(GenerateConfig))
     p.add_argument("--config", help="YAML file with the options below")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options overriding the file")
     p.add_argument("--print-config", action="store_true",

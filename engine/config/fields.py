@@ -4,6 +4,7 @@ the help text (engine/config/io.py)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import field
@@ -35,11 +36,18 @@ def check_fields(config, section: str = "") -> None:
     no YAML reader ran): a `Literal` field holds one of its choices, a float field a finite number
     (each option has an off value of its own, so infinity never means "unlimited"). A one-line error
     naming `section.field`, the value and what was expected."""
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        allowed = choices(hints[f.name])
-        value = getattr(config, f.name)
+    for name, allowed in _field_choices(type(config)):
+        value = getattr(config, name)
         if allowed and value is not None and value not in allowed:
-            raise ValueError(f"{section}{f.name} must be one of {allowed}, got {value!r}")
+            raise ValueError(f"{section}{name} must be one of {allowed}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{section}{f.name} must be a finite number, got {value}")
+            raise ValueError(f"{section}{name} must be a finite number, got {value}")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_choices(config_cls: type) -> tuple[tuple[str, tuple | None], ...]:
+    """(name, choices or None) of each field of dataclass `config_cls`, once a class: resolving the
+    string annotations (get_type_hints) costs far more than the checks, and every config built (the
+    parser's help included) runs them."""
+    hints = typing.get_type_hints(config_cls)
+    return tuple((f.name, choices(hints[f.name])) for f in dataclasses.fields(config_cls))

@@ -23,7 +23,6 @@ from typing import Callable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig
 
 from ..errors import ConfigValueError, ModelError
 from ..ranks import sharded, world
@@ -65,6 +64,12 @@ def load_config(model_dir) -> ModelConfig:
         # Checked before transformers reads it: an unknown model_type is a page of text there.
         ModelConfig.check_model_type(model_type, architectures)
         ModelConfig.check_depth(raw)
+        # Imported here, not with the module: transformers' first model import lists every
+        # architecture it ships (a quarter of a second on a quiet core), which a process that
+        # imports the stages but reads no config.json (a rank's script that only takes a lock,
+        # an in-memory model's run) would pay for nothing.
+        from transformers import AutoConfig
+
         return ModelConfig.from_hf(
             AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False))
     except (ValueError, _ConfigValidationError) as e:

@@ -101,13 +101,10 @@ def test_generate_rejects_bad_input_in_one_line(qwen2_dir, tmp_path, capsys):
     assert code == 2 and "leaves no room to generate" in err
 
 
-def constant_reward(prompts, responses):
-    return [0.0] * len(responses)
-
-
 def ppo(policy, out, prompts, *extra):
+    # reward_testing: the reward worker imports the function's module, and this one brings torch.
     return ["ppo", f"policy={policy}", f"output_dir={out}", f"prompts_file={prompts}", "critic=shared",
-            "reward_fn=test_cli_errors:constant_reward", "train.device=cpu", "train.progress=false",
+            "reward_fn=reward_testing:vowel_fraction", "train.device=cpu", "train.progress=false",
             "train.iterations=1", "rollout.max_new_tokens=4", "rollout.prompts_per_iteration=2", *extra]
 
 

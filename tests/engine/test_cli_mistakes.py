@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from cli_testing import assert_one_line_error, cli_error, run_fusedrl
+from cli_testing import cli_error
 from fusedrl.engine import cli
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.config.ppo import GRPOConfig
@@ -26,17 +26,17 @@ def sft(model, out, data, *extra):
             "data.max_length=48", "data.max_prompt_length=24", *extra]
 
 
-@pytest.mark.integration
-def test_a_model_directory_without_a_tokenizer_is_one_line(qwen2_dir, tmp_path, sft_data):
+def test_a_model_directory_without_a_tokenizer_is_one_line(qwen2_dir, tmp_path, sft_data, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(qwen2_dir / name, bare / name)
-    result = run_fusedrl(*sft(bare, tmp_path / "out", sft_data))
-    line = assert_one_line_error(result, 2, f"fusedrl sft: model={bare}: the model directory has "
-                                            "no tokenizer (none of tokenizer.json, tokenizer.model")
-    assert line.endswith("save the tokenizer it was trained with there "
-                         "(tokenizer.save_pretrained(DIR))")
+    code, err = cli_error(sft(bare, tmp_path / "out", sft_data), capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"fusedrl sft: model={bare}: the model directory has no tokenizer (none of "
+                          "tokenizer.json, tokenizer.model")
+    assert err.endswith("save the tokenizer it was trained with there "
+                        "(tokenizer.save_pretrained(DIR))\n")
 
 
 def test_an_empty_tokenizer_is_one_line_before_the_directory_is_taken(qwen2_dir, tmp_path,

@@ -111,9 +111,9 @@ def test_a_reward_function_changing_directory_moves_nothing(workdir, qwen2_dir, 
 def test_a_gil_holding_reward_function_fails_the_process_at_its_timeout(workdir, qwen2_dir):
     # The regex would run for centuries, holding the GIL: only killing its process ends it.
     result = run_fusedrl(*grpo(workdir, qwen2_dir, "user_rewards:backtracks", workdir / "gil",
-                               "reward.fn_timeout_s=2"), cwd=workdir, timeout=180)
+                               "reward.fn_timeout_s=1"), cwd=workdir, timeout=180)
     assert_one_line_error(result, 1, "fusedrl grpo: the reward function user_rewards:backtracks "
-                                     "did not return within reward.fn_timeout_s=2 seconds")
+                                     "did not return within reward.fn_timeout_s=1 seconds")
 
 
 def test_reward_options_from_the_command_line_and_yaml(tmp_path):

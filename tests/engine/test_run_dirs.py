@@ -3,6 +3,7 @@ deleted, `.`, home and the inputs are never replaced, an earlier output is conti
 only when asked, one run holds a directory at a time (real processes: a second run is refused at
 once naming the holder's pid; a SIGKILLed holder leaves a lock the next run takes), and writes
 are whole, sealed, never through a symbolic link, and never run a model directory's own code."""
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from fusedrl.engine import cli
 from fusedrl.engine.runs import run_dir
 from fusedrl.engine.runs.durable import CorruptDirectory, open_append, remove_leftovers, verify_manifest, write_text_atomic
 from fusedrl.engine.errors import ModelError, UsageError
+from fusedrl.engine.model import hf_io
 from fusedrl.engine.model.hf_io import INDEX_FILE, load_model
 from fusedrl.engine.train.runlog import read_metrics
 from cli_testing import assert_one_line_error, cli_error, run_fusedrl
@@ -214,7 +216,7 @@ def test_a_sharded_index_naming_a_file_outside_the_model_directory_is_refused(tm
     load_model(model)
 
 
-def test_a_model_directory_s_own_code_never_runs_even_when_stdin_says_yes(tmp_path):
+def test_a_model_directory_s_own_code_never_runs_even_when_stdin_says_yes(tmp_path, monkeypatch):
     model = save_tiny_model(tmp_path / "model", "qwen2")
     auto_map = {"AutoConfig": "custom_code.CustomConfig", "AutoTokenizer": ["custom_code.CustomTokenizer", None]}
     for name, extra in (("config.json", {"model_type": "custom"}), ("tokenizer_config.json",
@@ -227,22 +229,19 @@ def test_a_model_directory_s_own_code_never_runs_even_when_stdin_says_yes(tmp_pa
         "from transformers import PretrainedConfig, PreTrainedTokenizerFast\n"
         "class CustomConfig(PretrainedConfig):\n    model_type = 'custom'\n"
         "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
-
-    def load(code):
-        return subprocess.run([sys.executable, "-c", code], input="y\n", capture_output=True, text=True, timeout=120)
-    # transformers left to itself asks on stdin whether to run the directory's code, and runs it on "y".
-    load(f"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained({str(model)!r})")
+    # transformers left to itself asks on stdin whether to run the directory's code, and runs it on
+    # "y": in a process of its own, so that the directory's code runs there and not in this one.
+    subprocess.run([sys.executable, "-c", f"from transformers import AutoTokenizer; "
+                    f"AutoTokenizer.from_pretrained({str(model)!r})"],
+                   input="y\n", capture_output=True, text=True, timeout=120)
     assert ran.exists()
     ran.unlink()
-    result = load("from fusedrl.engine.model import hf_io\n"
-                  "for call in (hf_io.load_tokenizer, hf_io.load_config):\n"
-                  "    try:\n"
-                  f"        call({str(model)!r})\n"
-                  "    except hf_io.ModelError as e:\n"
-                  "        print(call.__name__, 'refused:', str(e).splitlines()[0])\n")
-    assert result.returncode == 0, result.stderr
-    assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["load_tokenizer refused", "load_config refused"]
-    assert "cannot be loaded without running code from the directory" in result.stdout
+    # Our loaders, here with the same "y" waiting on stdin (transformers' prompt reads sys.stdin).
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+    with pytest.raises(ModelError, match="cannot be loaded without running code from the directory"):
+        hf_io.load_tokenizer(model)
+    with pytest.raises(ModelError):
+        hf_io.load_config(model)
     assert not ran.exists()
 
 
@@ -279,8 +278,10 @@ def test_a_second_run_is_refused_at_once_naming_the_holder_and_a_killed_holder_f
 
 
 def test_two_fusedrl_runs_into_one_directory_the_second_is_refused_and_the_first_completes(
-        base_dir, train_file, tmp_path):
-    run, steps = tmp_path / "run", 12
+        base_dir, train_file, tmp_path, capsys):
+    # The first run a real process, the second this one: the lock is between two processes, and
+    # the second's refusal (before torch) takes milliseconds, well within the first's steps.
+    run, steps = tmp_path / "run", 3
     first = subprocess.Popen([sys.executable, "-m", "fusedrl.engine.cli",
                               *sft(base_dir, train_file, run, "train.save_every=0", steps=steps)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -288,9 +289,10 @@ def test_two_fusedrl_runs_into_one_directory_the_second_is_refused_and_the_first
     while not ((run / run_dir.LOCK).exists() and (run / run_dir.LOCK).read_text() == f"{first.pid}\n"):
         assert first.poll() is None and time.monotonic() < deadline, "the first run ended before taking its lock"
         time.sleep(0.01)
-    second = run_fusedrl(*sft(base_dir, train_file, run, "train.resume=false", "train.overwrite=true"))
+    second = cli_error(sft(base_dir, train_file, run, "train.resume=false", "train.overwrite=true"), capsys)
     assert first.poll() is None, "the first run ended before the second was refused"
-    assert_one_line_error(second, 2, f"output_dir={run} is in use by another fusedrl run (pid {first.pid})")
+    assert second == (2, f"fusedrl sft: output_dir={run} is in use by another fusedrl run (pid {first.pid}); "
+                         "wait for it to end or choose another output_dir\n")
     assert first.wait(timeout=300) == 0, first.stderr.read()
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == list(range(1, steps + 1))
     verify_manifest(run / "final")

@@ -14,7 +14,7 @@ from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.runs.run_paths import module_file, pinned, run_inputs
 from fusedrl.engine.stages.ppo.trainer import train_ppo
-from cli_testing import assert_one_line_error, cli_error, run_fusedrl
+from cli_testing import cli_error
 from reward_testing import vowel_fraction
 from test_run_dirs import listing, sft
 from train_testing import demonstrations, write_jsonl
@@ -126,13 +126,12 @@ def test_an_out_refusal_never_advises_deleting_what_fusedrl_did_not_make():
     assert "was not made by fusedrl" in str(refused.value) and "remove" not in str(refused.value)
 
 
-@pytest.mark.integration
-def test_a_real_process_refuses_to_overwrite_its_own_config(qwen2_dir, tmp_path):
+def test_the_command_refuses_to_overwrite_its_own_config(qwen2_dir, tmp_path, capsys):
     run = earlier_run(tmp_path / "run")
     config = run / "sft.yaml"
     data = write_jsonl(tmp_path / "t.jsonl", [])
     config.write_text(yaml.safe_dump({"model": str(qwen2_dir), "output_dir": str(run),
                                       "data": {"train_file": str(data)}}))
-    result = run_fusedrl("sft", "--config", str(config), "train.overwrite=true")
-    assert_one_line_error(result, 2, f"is or holds the input {config}")
+    code, err = cli_error(["sft", "--config", str(config), "train.overwrite=true"], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"is or holds the input {config}" in err, err
     assert config.is_file() and (run / "metrics.jsonl").read_text() == "{}\n"

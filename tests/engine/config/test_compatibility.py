@@ -186,15 +186,13 @@ def test_the_docs_and_help_show_the_table():
     docs = (Path(__file__).parents[3] / "docs" / "runs.md").read_text()
     shown = docs.split("<!-- compatibility table -->\n")[1].split("\n<!-- end of compatibility table -->")[0]
     assert shown == markdown_table(), "docs/runs.md: paste markdown_table() between the markers"
-    epilog = add_stage_epilog("grpo")
-    assert all(line in epilog for line in table_lines()) and len(table_lines()) == len(INCOMPATIBLE)
+    grpo = stage_help("grpo")
+    assert all(line in grpo for line in table_lines()) and len(table_lines()) == len(INCOMPATIBLE)
     sft = table_lines(SFTConfig)
-    assert sft and "rollout." not in "".join(sft) and all(line in add_stage_epilog("sft") for line in sft)
+    assert sft and "rollout." not in "".join(sft) and all(line in stage_help("sft") for line in sft)
 
 
-def add_stage_epilog(name: str) -> str:
-    import argparse
-    from fusedrl.engine.cli.commands import add_stage_parser
-    parser = argparse.ArgumentParser()
-    add_stage_parser(parser.add_subparsers(), name)
-    return parser._subparsers._group_actions[0].choices[name].epilog
+def stage_help(name: str) -> str:
+    """`fusedrl NAME --help`'s text."""
+    from fusedrl.engine.cli.commands import build_parser
+    return build_parser()._subparsers._group_actions[0].choices[name].format_help()

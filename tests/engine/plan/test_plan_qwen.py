@@ -4,12 +4,11 @@ fits today and why the rest does not. The 14B and larger runs recompute activati
 keeps ~40 GB of a 14B model's activations."""
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from fusedrl.engine import cli
 from fusedrl.engine.cli import STAGES
 from fusedrl.engine.plan.command import plan_config
 from fusedrl.engine.plan.phases import model_rows
@@ -84,11 +83,11 @@ def test_14b_ppo_does_not_fit_as_is_and_fits_with_the_optimizer_offloaded(qwen):
         as_is.phases["update"]["optimizer"]
 
 
-def test_the_command_prints_one_json_object(qwen):
-    out = subprocess.run([sys.executable, "-m", "fusedrl.engine.cli", "plan", "grpo", f"policy={qwen['7B']}",
-                          "--gpus", "8", "--gpu-memory", "80GB", "--json", CKPT], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+def test_the_command_prints_one_json_object(qwen, capsys):
+    code = cli.main(["plan", "grpo", f"policy={qwen['7B']}", "--gpus", "8", "--gpu-memory", "80GB", "--json", CKPT])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    report = json.loads(out.out)
     assert report["fits"] is True and report["gpus"] == 8 and report["gpu_memory"] == 80 * GB
     assert set(report["phases"]) == {"load", "rollout", "scoring", "update", "export"}
     for phase in report["phases"].values():

@@ -1,8 +1,6 @@
 """TRL-shaped data through whole stages on a tiny chat-templated model: the Python API on
 `datasets.Dataset`s and config dicts, the command on Parquet/CSV files and message-list prompts."""
 import json
-import os
-from pathlib import Path
 
 import datasets
 import pytest
@@ -17,7 +15,6 @@ from fusedrl.engine.stages.ppo.samples import Samples
 from fusedrl.engine.stages.ppo.state import PPOState
 from fusedrl.engine.stages.ppo.prompt_stream import next_prompts
 from fusedrl.engine.train.runlog import read_metrics
-from cli_testing import run_fusedrl
 from engine_testing import make_chat_tokenizer, make_hf_model
 
 TRAIN = {"max_steps": 2, "progress": False, "device": "cpu"}
@@ -148,19 +145,15 @@ def test_the_prompt_rows_follow_their_samples():
     assert Samples.concat([samples, samples.take_groups([0])]).sources == rows + rows[:2]
 
 
-@pytest.mark.integration
-def test_fusedrl_grpo_on_message_list_prompts(chat_model, tmp_path):
+def test_fusedrl_grpo_on_message_list_prompts(chat_model, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": [msg("user", q)], "solution": a}) + "\n"
                                for q, a in QUESTIONS))
-    tests_dir = str(Path(__file__).resolve().parents[1])  # engine_testing, for reward_fn
-    result = run_fusedrl(
-        "grpo", f"policy={chat_model}", f"prompts_file={prompts}", f"output_dir={tmp_path / 'run'}",
-        "reward_fn=reward_testing:vowel_fraction", "rollout.prompts_per_iteration=2",
-        "rollout.samples_per_prompt=2", "rollout.max_new_tokens=4",
-        "rollout.kv_cache_memory=4194304", "ppo.minibatch_size=4", "train.iterations=1",
-        "train.progress=false", "train.device=cpu",
-        env={"PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]),
-             "FUSEDRL_BACKEND": "torch"}, timeout=300)
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
+    argv = ["grpo", f"policy={chat_model}", f"prompts_file={prompts}", f"output_dir={tmp_path / 'run'}",
+            "reward_fn=reward_testing:vowel_fraction", "rollout.prompts_per_iteration=2",
+            "rollout.samples_per_prompt=2", "rollout.max_new_tokens=4",
+            "rollout.kv_cache_memory=4194304", "ppo.minibatch_size=4", "train.iterations=1",
+            "train.progress=false", "train.device=cpu"]
+    assert main(argv) == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "final" / "config.json").is_file()

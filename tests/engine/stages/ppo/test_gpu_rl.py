@@ -88,7 +88,7 @@ def test_an_environment_of_three_turns(tmp_path):
         "policy": str(model), "prompts_file": str(prompts), "output_dir": str(tmp_path / "grpo"),
         "rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2, "max_new_tokens": 6,
                     "kv_cache_memory": 1 << 22, "max_prompt_length": 40,
-                    "environment": "agent_testing:ThreeTurns", "max_turns": 3},
+                    "environment": "agent_envs:ThreeTurns", "max_turns": 3},
         "ppo": {"minibatch_size": 4}, "train": {"iterations": 2, "progress": False,
                                                 "device": CUDA}})
     train_ppo(cfg)

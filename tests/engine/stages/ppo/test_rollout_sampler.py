@@ -23,7 +23,7 @@ def config(**rollout):
     ({}, None, AnswerGenerator, WholeGroups),
     ({"dynamic_sampling": True}, None, AnswerGenerator, WholeGroups),
     ({"partial_rollouts": True, "speculative_tokens": 2}, None, AnswerGenerator, PartialRollouts),
-    ({"tools": ["agent_testing:add"], "dynamic_sampling": True}, "agents", TrajectoryGenerator,
+    ({"tools": ["agent_envs:add"], "dynamic_sampling": True}, "agents", TrajectoryGenerator,
      WholeGroups),
 ])
 def test_the_config_picks_the_rows_and_the_schedule(rollout, agents, rows, schedule):
