@@ -61,7 +61,7 @@ def rank_0_call(function, *args) -> dict:
 
 def torchrun_runs(steps, tmp_path, nproc: int = 2, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
     """One `torchrun` launch of NPROC ranks that runs `steps` (stage_run, rank_0_call) in order, in
-    one process group (tests/engine/stage_runs.py): a stage run goes through the command's own
+    one process group (tests/engine/stage_runs_worker.py): a stage run goes through the command's own
     parsing and run-directory checks and calls its stage as `fusedrl STAGE` does, without the
     command's exit between runs. Each run trains as it would in a launch of its own; the ranks'
     start (torch, transformers, the group) is paid once. A failing step fails the launch."""
@@ -75,7 +75,7 @@ def torchrun_runs(steps, tmp_path, nproc: int = 2, timeout: float = 300, env=Non
         plan.append(step)
     plan_path = tmp_path / f"{launch}.json"
     plan_path.write_text(json.dumps(plan))
-    return run_ranks(os.path.join(os.path.dirname(__file__), "stage_runs.py"), plan_path, nproc=nproc,
+    return run_ranks(os.path.join(os.path.dirname(__file__), "stage_runs_worker.py"), plan_path, nproc=nproc,
                      timeout=timeout, env=env)
 
 

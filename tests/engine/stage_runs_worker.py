@@ -1,5 +1,6 @@
-"""The ranks' side of dist_testing.torchrun_runs: `python stage_runs.py PLAN.json` under torchrun
-runs the plan's steps in order on every rank, in one process group, and leaves it once at the end.
+"""The ranks' side of dist_testing.torchrun_runs: `python stage_runs_worker.py PLAN.json` under
+torchrun runs the plan's steps in order on every rank, in one process group, and leaves it once at
+the end.
 
 A stage run is parsed by the `fusedrl` command's own parser and run by its stage function
 (config file and overrides, run-directory checks, the stage), exactly as `fusedrl STAGE` runs it,
