@@ -5,7 +5,8 @@ the end.
 A stage run is parsed by the `fusedrl` command's own parser and run by its stage function
 (config file and overrides, run-directory checks, the stage), exactly as `fusedrl STAGE` runs it,
 except the command's exit (distributed.leave: it destroys the group and ends the process), which
-comes once, after the last step. A rank_0_call runs on rank 0 between the barriers of all ranks."""
+comes once, after the last step, and a barrier between a later run's checks and its stage. A
+rank_0_call runs on rank 0 between the barriers of all ranks."""
 import importlib
 import json
 import os
@@ -14,7 +15,8 @@ from contextlib import contextmanager
 
 import torch.distributed as dist
 
-from fusedrl.engine.cli.commands import build_parser
+from fusedrl.engine.cli import commands
+from fusedrl.engine.cli.commands import build_parser, quiet_libraries
 from fusedrl.engine.parallel.distributed import leave
 
 
@@ -40,8 +42,21 @@ def barrier() -> None:
     dist.barrier()
 
 
+def entered_after_every_rank_checked(train):
+    """The stage function `train`, entered once every rank has made the command's checks of the run
+    (a run after the first: the group is up). In a launch of its own rank 0 takes the run
+    directory's lock seconds after the others probed it (its imports come between); here a rank
+    that checks late would find the lock held and refuse the run."""
+    def stage(config):
+        if dist.is_initialized():
+            dist.barrier()
+        return train(config)
+    return stage
+
+
 def run_stage(step: dict) -> None:
     args = build_parser().parse_args([step["command"], "--config", step["config"], *step["overrides"]])
+    quiet_libraries(args.quiet)
     with environment(step["env"]):
         code = args.run(args)
     if code != 0:
@@ -59,6 +74,8 @@ def call_on_rank_0(step: dict) -> None:
 def main(plan_path: str) -> None:
     with open(plan_path) as f:
         plan = json.load(f)
+    for name, (config_cls, train, summary) in list(commands.STAGES.items()):
+        commands.STAGES[name] = (config_cls, entered_after_every_rank_checked(train), summary)
     for step in plan:
         if "call" in step:
             call_on_rank_0(step)
