@@ -1,7 +1,8 @@
 """dist_testing.torchrun_runs: several stage runs in one torchrun launch. A run that follows
-another in the same ranks (here a tensor-parallel reward model: another stage, another device
-mesh, a run directory locked and released) trains exactly as it does in a launch of its own:
-the same weights bit for bit and the same logged curve."""
+others in the same ranks trains exactly as it does in a launch of its own, the same weights bit for
+bit and the same logged curve: after another stage on another device mesh (a tensor-parallel
+reward model), and after the same run (its mesh made once and used again, a run directory locked
+and released)."""
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -32,17 +33,19 @@ def runs(tmp_path_factory):
         return stage_run("sft", sft_config(base, root / "train.jsonl", root / name, train={**LOOP, "save_every": 1}))
     rm = rm_config(base, root / "pairs.jsonl", root / "rm_t2", beta_rm=0.1, data={"tokens_per_batch": 128},
                    train={**LOOP, "tensor_parallel": 2})
-    check(torchrun_runs([stage_run("rm", rm), rank_0_call(write_marker, root / "marker"), sft("second")], root))
+    check(torchrun_runs([stage_run("rm", rm), rank_0_call(write_marker, root / "marker"), sft("first"),
+                         sft("second")], root))
     check(torchrun_runs([sft("alone")], root))
     return root
 
 
-def test_the_second_run_of_a_launch_trains_as_it_does_alone(runs):
-    second, alone = (load_file(runs / run / "final" / "model.safetensors") for run in ("second", "alone"))
-    assert second.keys() == alone.keys()
-    assert all(torch.equal(second[name], alone[name]) for name in alone)
-    curves = [[(r["step"], r["loss"], r["grad_norm"], r["tokens"]) for r in read_metrics(runs / run)
-               if r["kind"] == "train"] for run in ("second", "alone")]
+@pytest.mark.parametrize("run", ["first", "second"])
+def test_a_run_after_others_in_a_launch_trains_as_it_does_alone(runs, run):
+    got, alone = (load_file(runs / name / "final" / "model.safetensors") for name in (run, "alone"))
+    assert got.keys() == alone.keys()
+    assert all(torch.equal(got[name], alone[name]) for name in alone)
+    curves = [[(r["step"], r["loss"], r["grad_norm"], r["tokens"]) for r in read_metrics(runs / name)
+               if r["kind"] == "train"] for name in (run, "alone")]
     assert len(curves[0]) == LOOP["max_steps"] and curves[0] == curves[1]
 
 
