@@ -20,7 +20,8 @@ import pathlib
 PROCESS_STARTERS = {"subprocess", "multiprocessing", "torch.multiprocessing", "static_gpu.main",
                     "static_gpu.build_report", "static_gpu.record_launches",
                     "dist_testing.run_ranks", "dist_testing.torchrun",
-                    "dist_testing.torchrun_nodes", "cli_testing.run_fusedrl"}
+                    "dist_testing.torchrun_nodes", "dist_testing.torchrun_runs",
+                    "cli_testing.run_fusedrl"}
 
 
 def _is_starter(origin: str) -> bool:

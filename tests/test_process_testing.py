@@ -56,3 +56,12 @@ def test_a_starter_read_as_its_module_s_attribute_marks_only_its_callers(tmp_pat
                     "def test_rows():\n    static_gpu.problems({})\n")
     assert starts_processes(path, "test_attribute.py::test_check")
     assert not starts_processes(path, "test_attribute.py::test_rows")
+
+
+def test_several_stage_runs_in_one_launch_start_processes(tmp_path):
+    path = tmp_path / "test_launch.py"
+    path.write_text("import dist_testing\n\n\ndef test_runs(tmp_path):\n"
+                    "    dist_testing.torchrun_runs([dist_testing.stage_run('sft', {})], tmp_path)\n\n\n"
+                    "def test_step():\n    dist_testing.stage_run('sft', {})\n")
+    assert starts_processes(path, "test_launch.py::test_runs")
+    assert not starts_processes(path, "test_launch.py::test_step")

@@ -27,7 +27,9 @@ module's process-starting tests go to one worker together: tests/conftest.py); `
 integration"` leaves out the tests that start processes (torchrun ranks, the `fusedrl` command,
 scripts: each test marked by what its code and fixtures reach, tests/process_testing.py), `-m gpu`
 runs only the GPU ones. Helpers shared by several test files end in `_testing.py`;
-`*_worker.py` files are what torchrun ranks run. tests/checks/ holds the repository's own checks
+`*_worker.py` files are what torchrun ranks run. A module's stage runs of one world size share one
+torchrun launch (engine/dist_testing.py: torchrun_runs; the ranks start once, the runs follow
+each other in one process group). tests/checks/ holds the repository's own checks
 (import layering, this index, no history in the text; its README.md says what each guards).
 
 ## Which tests import each module

@@ -1,4 +1,7 @@
-"""Running a stage under `torchrun` from a test: 2 CPU processes over gloo, through the real command."""
+"""Running a stage under `torchrun` from a test: 2 CPU processes over gloo, through the real command,
+or several stage runs in one launch (`torchrun_runs`: the ranks start once)."""
+import itertools
+import json
 import os
 import shutil
 import socket
@@ -42,6 +45,45 @@ def torchrun(command: str, config, tmp_path, nproc: int = 2, timeout: float = 30
     """run_ranks of `fusedrl COMMAND --config C.yaml OVERRIDES`, C.yaml holding `config`."""
     return run_ranks(*_fusedrl_args(command, config, tmp_path, nproc, overrides), nproc=nproc,
                      timeout=timeout, env=env)
+
+
+def stage_run(command: str, config, overrides=(), env=None) -> dict:
+    """One step of `torchrun_runs`: `fusedrl COMMAND --config C.yaml OVERRIDES` (C.yaml holding
+    `config`), with `env` set in the ranks' environment while it runs."""
+    return {"command": command, "config": config, "overrides": list(map(str, overrides)), "env": env or {}}
+
+
+def rank_0_call(function, *args) -> dict:
+    """One step of `torchrun_runs`: `function(*args)` on rank 0 while the other ranks wait (a
+    module-level function of a module the ranks can import; arguments JSON-able, paths as text)."""
+    return {"call": f"{function.__module__}:{function.__qualname__}", "args": list(map(_json_arg, args))}
+
+
+def torchrun_runs(steps, tmp_path, nproc: int = 2, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
+    """One `torchrun` launch of NPROC ranks that runs `steps` (stage_run, rank_0_call) in order, in
+    one process group (tests/engine/stage_runs_worker.py): a stage run goes through the command's own
+    parsing and run-directory checks and calls its stage as `fusedrl STAGE` does, without the
+    command's exit between runs. Each run trains as it would in a launch of its own; the ranks'
+    start (torch, transformers, the group) is paid once. A failing step fails the launch."""
+    launch = f"runs-{nproc}-{next(_LAUNCHES)}"
+    plan = []
+    for i, step in enumerate(steps):
+        if "command" in step:
+            path = tmp_path / f"{launch}-{i}-{step['command']}.yaml"
+            config_io.save_yaml(step["config"], path)
+            step = {**step, "config": str(path)}
+        plan.append(step)
+    plan_path = tmp_path / f"{launch}.json"
+    plan_path.write_text(json.dumps(plan))
+    return run_ranks(os.path.join(os.path.dirname(__file__), "stage_runs_worker.py"), plan_path, nproc=nproc,
+                     timeout=timeout, env=env)
+
+
+_LAUNCHES = itertools.count()
+
+
+def _json_arg(arg):
+    return str(arg) if isinstance(arg, os.PathLike) else arg
 
 
 def torchrun_nodes(command: str, config, tmp_path, nodes: int = 2, nproc: int = 2, timeout: float = 300,

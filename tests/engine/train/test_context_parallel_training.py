@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.runlog import read_metrics
-from dist_testing import check, rank_threads, torchrun
+from dist_testing import check, rank_0_call, rank_threads, stage_run, torchrun_runs
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.model.peft_io import WEIGHTS_FILE
 from test_tensor_parallel_training import LOOP, max_relative_diff
@@ -42,15 +42,17 @@ def runs(tmp_path_factory):
     def config(name, accum, c=1, model=base, lora=None, **loop):
         return sft_config(model, root / "train.jsonl", root / name, optim={"grad_accum_steps": accum, "eps": ADAM_EPS},
                           train={**LOOP, "context_parallel": c, **loop}, **({"lora": lora} if lora else {}))
-    # Each layer recomputed in backward at C=2 x D=2 (the key/value gather runs again), as one process is not.
-    check(torchrun("sft", config("c2", 1, 2, save_every=2), root))
-    copy_checkpoint(root / "c2", 2, root / "c2_resumed")  # its step-2 checkpoint, resumed at C=2
-    check(torchrun("sft", config("c2_resumed", 1, 2), root))
-    check(torchrun("sft", config("c2dp2", 1, 2, gradient_checkpointing=True), root, nproc=4, timeout=400))
-    # LoRA adapters (whole on every rank, their gradients averaged over the world: the sum over a group).
-    check(torchrun("sft", config("c2_lora", 1, 2, lora=LORA), root))
-    # Context 2 x tensor 2: 4 ranks, one data rank; each tensor group forwards a half of the pack.
-    check(torchrun("sft", config("c2t2", 1, 2, llama2, tensor_parallel=2), root, nproc=4, timeout=400))
+    # One launch per world size. Resumed at C=2 from the first run's step-2 checkpoint; LoRA adapters
+    # (whole on every rank, their gradients averaged over the world: the sum over a group).
+    check(torchrun_runs([stage_run("sft", config("c2", 1, 2, save_every=2)),
+                         rank_0_call(copy_checkpoint, root / "c2", 2, root / "c2_resumed"),
+                         stage_run("sft", config("c2_resumed", 1, 2)),
+                         stage_run("sft", config("c2_lora", 1, 2, lora=LORA))], root))
+    # Each layer recomputed in backward at C=2 x D=2 (the key/value gather runs again), as one process
+    # is not; context 2 x tensor 2: one data rank, each tensor group forwards a half of the pack.
+    check(torchrun_runs([stage_run("sft", config("c2dp2", 1, 2, gradient_checkpointing=True)),
+                         stage_run("sft", config("c2t2", 1, 2, llama2, tensor_parallel=2))], root, nproc=4,
+                        timeout=400))
     with rank_threads():
         train_sft(config("one", 1))
         train_sft(config("one_accum2", 2))

@@ -11,7 +11,7 @@ from fusedrl.engine.stages.rm import train_rm
 from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.checkpoint import checkpoint_dir
 from fusedrl.engine.train.runlog import read_metrics
-from dist_testing import check, rank_threads, torchrun
+from dist_testing import check, rank_threads, stage_run, torchrun_runs
 from train_testing import (checkpoint_data, copy_checkpoint, demonstrations, rm_config, save_tiny_model, sft_config,
                            sorted_digit_preferences, write_jsonl)
 
@@ -51,15 +51,36 @@ def sft_run(base_dir, root, name, ranks, **loop):
     return sft_config(base_dir, root / "train.jsonl", root / name, optim=optim, train={**SFT_LOOP, **loop})
 
 
+RM_OPTIONS = dict(beta_rm=0.1, data={"tokens_per_batch": 128})
+RM_LOOP = {"max_steps": 2, "device": "cpu", "precision": "bf16-mixed"}
+
+
 @pytest.fixture(scope="module")
 def sft_runs(base_dir, tmp_path_factory):
-    """SFT on two ranks and in one process, in bf16-mixed (MixedPrecisionAdamW over sharded
-    parameters, its fp32 masters and moments through the checkpoints), checkpointing at step 2."""
+    """The module's 2-rank runs in one launch, each beside its one-process run: SFT in bf16-mixed
+    (MixedPrecisionAdamW over sharded parameters, its fp32 masters and moments through the
+    checkpoints), checkpointing at step 2 (two, one); the one-process run's step-2 checkpoint
+    resumed on two ranks (moved); SFT under a token budget in fp32 (budget/); the reward model,
+    replicated over the ranks (rm/)."""
     root = tmp_path_factory.mktemp("sft_dp")
-    write_jsonl(root / "train.jsonl", demonstrations(24))
-    check(torchrun("sft", sft_run(base_dir, root, "two", 2, save_every=2), root))
+    (root / "budget").mkdir()
+    (root / "rm").mkdir()
+    for run in (root, root / "budget"):
+        write_jsonl(run / "train.jsonl", demonstrations(24))
+    train_file = write_jsonl(root / "rm" / "pairs.jsonl", sorted_digit_preferences(16))
     with rank_threads():
         train_sft(sft_run(base_dir, root, "one", 1, save_every=2))
+        train_sft(sft_run(base_dir, root / "budget", "one", 1, precision="fp32"))
+        train_rm(rm_config(base_dir, train_file, root / "rm" / "one", train=RM_LOOP, optim={"grad_accum_steps": 2},
+                           **RM_OPTIONS))
+    copy_checkpoint(root / "one", 2, root / "moved")
+    budget = sft_config(base_dir, root / "budget" / "train.jsonl", root / "budget" / "two",
+                        data={"tokens_per_microbatch": 56}, train={**SFT_LOOP, "precision": "fp32"})
+    rm = rm_config(base_dir, train_file, root / "rm" / "two", train={**RM_LOOP, "data_parallel": "replicate"},
+                   **RM_OPTIONS)
+    check(torchrun_runs([stage_run("sft", sft_run(base_dir, root, "two", 2, save_every=2)),
+                         stage_run("sft", sft_run(base_dir, root, "moved", 2)),
+                         stage_run("sft", budget), stage_run("rm", rm)], root))
     return root
 
 
@@ -88,41 +109,28 @@ def test_sharded_checkpoint_resumes_in_one_process(base_dir, sft_runs):
     assert_same_weights(out, sft_runs / "one" / "final")
 
 
-def test_one_process_checkpoint_resumes_on_two_ranks(base_dir, sft_runs):
+def test_one_process_checkpoint_resumes_on_two_ranks(sft_runs):
     moved = sft_runs / "moved"
-    copy_checkpoint(sft_runs / "one", 2, moved)
-    check(torchrun("sft", sft_run(base_dir, sft_runs, "moved", 2), sft_runs))
     assert_same_weights(moved / "final", sft_runs / "one" / "final")
     assert_same_curves(moved, sft_runs / "one")
 
 
-def test_token_budget_on_two_ranks_matches_one_process(base_dir, tmp_path):
+def test_token_budget_on_two_ranks_matches_one_process(sft_runs):
     """data.tokens_per_microbatch cuts the ranks' examples into different numbers of forwards (FSDP
     collectives in each): the rank with fewer runs zero-loss ones, and the step stays the global one."""
     # fp32, and 1e-4: another cut sums the gradients in another order (bf16: one ulp apart; fp32:
     # 1e-5 after Adam, which divides rounding noise on near-zero gradients by their size).
-    write_jsonl(tmp_path / "train.jsonl", demonstrations(24))
-    loop = {**SFT_LOOP, "precision": "fp32"}
-    check(torchrun("sft", sft_config(base_dir, tmp_path / "train.jsonl", tmp_path / "two",
-                                     data={"tokens_per_microbatch": 56}, train=loop), tmp_path))
-    with rank_threads():
-        train_sft(sft_run(base_dir, tmp_path, "one", 1, precision="fp32"))
-    assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final", rtol=1e-4)
-    assert_same_curves(tmp_path / "two", tmp_path / "one")
-    forwards = [r["forwards_per_rank"] for r in read_metrics(tmp_path / "two") if r["kind"] == "train"]
+    runs = sft_runs / "budget"
+    assert_same_weights(runs / "two" / "final", runs / "one" / "final", rtol=1e-4)
+    assert_same_curves(runs / "two", runs / "one")
+    forwards = [r["forwards_per_rank"] for r in read_metrics(runs / "two") if r["kind"] == "train"]
     assert any(a != b for a, b in forwards), forwards                    # the case under test happened
 
 
-def test_rm_two_ranks_match_one_process(base_dir, tmp_path):
-    train_file = write_jsonl(tmp_path / "pairs.jsonl", sorted_digit_preferences(16))
+def test_rm_two_ranks_match_one_process(sft_runs):
     """Replicated over the ranks, in bf16-mixed (an fp32 score head on a bf16 model)."""
-    kw = dict(beta_rm=0.1, data={"tokens_per_batch": 128})
-    loop = {"max_steps": 2, "device": "cpu", "precision": "bf16-mixed"}
-    cfg = rm_config(base_dir, train_file, tmp_path / "two", train={**loop, "data_parallel": "replicate"}, **kw)
-    check(torchrun("rm", cfg, tmp_path))
-    with rank_threads():
-        one = train_rm(rm_config(base_dir, train_file, tmp_path / "one", train=loop, optim={"grad_accum_steps": 2}, **kw))
-    assert_same_weights(tmp_path / "two" / "final", one)
-    assert_same_curves(tmp_path / "two", tmp_path / "one", keys=("loss", "grad_norm", "accuracy", "lm_nll"))
-    offsets = [r["reward_offset"] for run in ("one", "two") for r in read_metrics(tmp_path / run) if "reward_offset" in r]
+    runs = sft_runs / "rm"
+    assert_same_weights(runs / "two" / "final", runs / "one" / "final")
+    assert_same_curves(runs / "two", runs / "one", keys=("loss", "grad_norm", "accuracy", "lm_nll"))
+    offsets = [r["reward_offset"] for run in ("one", "two") for r in read_metrics(runs / run) if "reward_offset" in r]
     assert len(offsets) == 2 and offsets[0] == pytest.approx(offsets[1], rel=1e-5)

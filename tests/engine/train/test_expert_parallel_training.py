@@ -21,41 +21,70 @@ from fusedrl.engine.parallel.validate import refuse_expert_parallel
 from fusedrl.engine.plan.phases import weight_bytes
 from fusedrl.engine.plan.planner import stage_setup
 from fusedrl.engine.stages.sft import train_sft
+from fusedrl.engine.train.checkpoint import checkpoint_dir
 from fusedrl.engine.train.runlog import read_metrics
-from dist_testing import check, rank_threads, run_ranks, torchrun
+from dist_testing import check, rank_threads, run_ranks, stage_run, torchrun_runs
 from moe_testing import make_moe_model, save_moe_base
 from test_data_parallel import assert_same_curves, assert_same_weights
 from train_testing import demonstrations, rm_config, save_tiny_model, sft_config, write_jsonl
 
 
-def test_expert_parallel_sft_two_ranks_match_one_process(tmp_path):
-    base = save_moe_base(tmp_path / "base", "qwen3_moe")
-    write_jsonl(tmp_path / "train.jsonl", demonstrations(16))
+def sft_run(root, name, ranks, steps=2, capacity=0.0):
+    return sft_config(root / "base", root / "train.jsonl", root / name,
+                      optim={"grad_accum_steps": 2} if ranks == 1 else {},
+                      train={"max_steps": steps, "device": "cpu", "precision": "fp32", "save_every": 1,
+                             "expert_parallel": ranks, "gradient_checkpointing": ranks > 1,
+                             "expert_capacity_factor": capacity})
 
-    def run(name, ranks, steps=2, capacity=0.0):
-        return sft_config(base, tmp_path / "train.jsonl", tmp_path / name,
-                          optim={"grad_accum_steps": 2} if ranks == 1 else {},
-                          train={"max_steps": steps, "device": "cpu", "precision": "fp32", "save_every": 1,
-                                 "expert_parallel": ranks, "gradient_checkpointing": ranks > 1,
-                                 "expert_capacity_factor": capacity})
 
+def grpo_run(root, name, experts):
+    return GRPOConfig(policy=str(root / "policy"), prompts_file=str(root / "prompts.jsonl"),
+                      output_dir=str(root / name),
+                      reward_fn="reward_testing:vowel_fraction",
+                      rollout=RolloutConfig(prompts_per_iteration=1, samples_per_prompt=3, max_new_tokens=6,
+                                            kv_cache_memory=1 << 22),
+                      ppo=dataclasses.replace(_grpo_update(), epochs=1, minibatch_size=3),
+                      train=LoopConfig(iterations=2, progress=False, device="cpu", precision="fp32",
+                                       expert_parallel=experts))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The module's 2-rank runs in one launch: SFT with the experts sharded (sft/two), stopped
+    after step 1 and resumed; GRPO with the experts sharded (grpo/ep) and by FSDP (grpo/fsdp)."""
+    root = tmp_path_factory.mktemp("ep_two_ranks")
+    sft, grpo = root / "sft", root / "grpo"
+    save_moe_base(sft / "base", "qwen3_moe")
+    write_jsonl(sft / "train.jsonl", demonstrations(16))
+    save_moe_base(grpo / "policy")
+    write_jsonl(grpo / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
+                                                                  "fox jumps"]])
     # The 2 ranks recompute each layer in backward (its all-to-alls again, in the same order on both).
     # Stopped after step 1 and resumed: each rank's experts and their Adam moments come back. They
     # exchange fixed-capacity buffers of factor 2 (= the ranks: nothing dropped, the same result;
     # the variable splits: the other tests).
-    check(torchrun("sft", run("two", 2, steps=1, capacity=2.0), tmp_path))
-    chunks = json.loads(next((tmp_path / "two" / "checkpoints").glob("step-*/checkpoint.json")).read_text())[
+    check(torchrun_runs([stage_run("sft", sft_run(sft, "two", 2, steps=1, capacity=2.0)),
+                         stage_run("sft", sft_run(sft, "two", 2, capacity=2.0)),
+                         stage_run("grpo", grpo_run(grpo, "ep", 2)),
+                         stage_run("grpo", grpo_run(grpo, "fsdp", 1))], root))
+    return root
+
+
+def test_expert_parallel_sft_two_ranks_match_one_process(two_ranks):
+    root = two_ranks / "sft"
+    chunks = json.loads((checkpoint_dir(root / "two", 1) / "checkpoint.json").read_text())[
         "tensors"]["models.model.model.layers.1.mlp.experts.down_proj"]["chunks"]
     assert [(c["file"], c["offsets"][0], c["sizes"][0]) for c in chunks] == [
         ("rank-00000.safetensors", 0, 4), ("rank-00001.safetensors", 4, 4)]
-    check(torchrun("sft", run("two", 2, capacity=2.0), tmp_path))
-    assert [r.get("expert_dropped") for r in read_metrics(tmp_path / "two") if r["kind"] == "train"] == [0, 0]
+    assert [r.get("expert_dropped") for r in read_metrics(root / "two") if r["kind"] == "train"] == [0, 0]
+    resumed = [r["resumed_from"] for r in read_metrics(root / "two") if r.get("resumed_from")]
+    assert len(resumed) == 1 and resumed[0].endswith("step-00000001")  # the second run: from step 1
     with rank_threads():
-        train_sft(run("one", 1))
-    assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final", rtol=1e-4)
-    assert_same_curves(tmp_path / "two", tmp_path / "one")
+        train_sft(sft_run(root, "one", 1))
+    assert_same_weights(root / "two" / "final", root / "one" / "final", rtol=1e-4)
+    assert_same_curves(root / "two", root / "one")
     ids = torch.arange(3, 19).view(2, 8)
-    logits = [transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / name / "final").eval()(ids).logits
+    logits = [transformers.Qwen3MoeForCausalLM.from_pretrained(root / name / "final").eval()(ids).logits
               for name in ("two", "one")]
     assert (logits[0] - logits[1]).abs().max() <= 1e-4 * logits[1].abs().max()
 
@@ -95,27 +124,12 @@ def test_expert_groups_four_ranks_match_one_process(tmp_path):
     assert report[0]["weight_bytes"] == weight_bytes(stage_setup(run("four", 4), 4))  # the plan: rank 0's
 
 
-def test_grpo_expert_parallel_equals_fsdp_experts(tmp_path):
-    save_moe_base(tmp_path / "policy")
-    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
-                                                                      "fox jumps"]])
-
-    def run(name, experts):
-        return GRPOConfig(policy=str(tmp_path / "policy"), prompts_file=str(tmp_path / "prompts.jsonl"),
-                          output_dir=str(tmp_path / name),
-                          reward_fn="reward_testing:vowel_fraction",
-                          rollout=RolloutConfig(prompts_per_iteration=1, samples_per_prompt=3, max_new_tokens=6,
-                                                kv_cache_memory=1 << 22),
-                          ppo=dataclasses.replace(_grpo_update(), epochs=1, minibatch_size=3),
-                          train=LoopConfig(iterations=2, progress=False, device="cpu", precision="fp32",
-                                           expert_parallel=experts))
-
-    for name, experts in (("ep", 2), ("fsdp", 1)):
-        check(torchrun("grpo", run(name, experts), tmp_path))
+def test_grpo_expert_parallel_equals_fsdp_experts(two_ranks):
+    root = two_ranks / "grpo"
     # The GRPO loss is near 0 (-9e-8): its rounding is compared through the gradient norm instead.
-    assert_same_curves(tmp_path / "ep", tmp_path / "fsdp", keys=("grad_norm", "reward_mean"))
+    assert_same_curves(root / "ep", root / "fsdp", keys=("grad_norm", "reward_mean"))
     # GRPO's small steps move the experts by 2.5e-5 of max|w| in 2 iterations; the two runs differ by 7e-9.
-    assert_same_weights(tmp_path / "ep" / "final", tmp_path / "fsdp" / "final", rtol=1e-6)
+    assert_same_weights(root / "ep" / "final", root / "fsdp" / "final", rtol=1e-6)
 
 
 @pytest.mark.parametrize("expert_parallel, gpus, extra, message", [

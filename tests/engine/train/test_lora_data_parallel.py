@@ -14,7 +14,7 @@ from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_
 from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.checkpoint import checkpoint_dir, read_tensors
 from fusedrl.engine.train.runlog import read_metrics
-from dist_testing import check, rank_threads, torchrun
+from dist_testing import check, rank_threads, stage_run, torchrun_runs
 from train_testing import checkpoint_data, copy_checkpoint, demonstrations, save_tiny_model, sft_config, write_jsonl
 
 LORA = LoRAConfig(rank=4, alpha=8.0, target_modules="q_proj,v_proj,gate_proj,down_proj")
@@ -28,7 +28,18 @@ def test_lora_on_two_ranks(tmp_path):
         return sft_config(base, tmp_path / "train.jsonl", tmp_path / name, lora=LORA,
                           optim={"grad_accum_steps": 2} if ranks == 1 else {},
                           train={"max_steps": 3, "save_every": 2, "device": "cpu", "precision": "fp32"})
-    check(torchrun("sft", sft("two", 2), tmp_path))
+    rm = reward_model_from_lm(load_model(base))
+    torch.nn.init.normal_(rm.score.weight, std=0.3)
+    save_reward_model(rm, tmp_path / "rm", source_dir=base)
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog"]])
+    ppo = PPOConfig(policy=str(base), reward_model=str(tmp_path / "rm"), prompts_file=str(tmp_path / "prompts.jsonl"),
+                    output_dir=str(tmp_path / "ppo"), critic="separate", lora=LORA, critic_lora=LORA,
+                    rollout=RolloutConfig(prompts_per_iteration=1, samples_per_prompt=3, max_new_tokens=6,
+                                          kv_cache_memory=1 << 22),
+                    ppo=UpdateConfig(epochs=1, minibatch_size=3),
+                    train=LoopConfig(iterations=2, save_every=1, progress=False, device="cpu"))
+    # One launch: SFT, then PPO with adapters on the policy and the critic.
+    check(torchrun_runs([stage_run("sft", sft("two", 2)), stage_run("ppo", ppo)], tmp_path))
     with rank_threads():
         train_sft(sft("one", 1))
     two, one = (load_file(tmp_path / run / "final_adapter" / WEIGHTS_FILE) for run in ("two", "one"))
@@ -49,17 +60,6 @@ def test_lora_on_two_ranks(tmp_path):
     for name in one:
         assert (resumed[name] - one[name]).abs().max() <= 1e-5 * one[name].abs().max(), name
 
-    rm = reward_model_from_lm(load_model(base))
-    torch.nn.init.normal_(rm.score.weight, std=0.3)
-    save_reward_model(rm, tmp_path / "rm", source_dir=base)
-    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog"]])
-    ppo = PPOConfig(policy=str(base), reward_model=str(tmp_path / "rm"), prompts_file=str(tmp_path / "prompts.jsonl"),
-                    output_dir=str(tmp_path / "ppo"), critic="separate", lora=LORA, critic_lora=LORA,
-                    rollout=RolloutConfig(prompts_per_iteration=1, samples_per_prompt=3, max_new_tokens=6,
-                                          kv_cache_memory=1 << 22),
-                    ppo=UpdateConfig(epochs=1, minibatch_size=3),
-                    train=LoopConfig(iterations=2, save_every=1, progress=False, device="cpu"))
-    check(torchrun("ppo", ppo, tmp_path))
     rows = [r for r in read_metrics(tmp_path / "ppo") if r["kind"] == "train"]
     assert len(rows) == 2 and all(r["updates"] > 0 for r in rows)
     assert [r["world_size"] for r in read_metrics(tmp_path / "ppo") if "world_size" in r] == [2]

@@ -17,7 +17,7 @@ from fusedrl.engine.train.checkpoint.restore import CheckpointMismatch
 from fusedrl.engine.stages.rm import train_rm
 from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.runlog import read_metrics
-from dist_testing import check, rank_threads, torchrun, torchrun_nodes
+from dist_testing import check, rank_0_call, rank_threads, stage_run, torchrun, torchrun_nodes, torchrun_runs
 from train_testing import (copy_checkpoint, demonstrations, rm_config, save_tiny_model, sft_config,
                            sorted_digit_preferences, write_jsonl)
 
@@ -50,10 +50,7 @@ def runs(tmp_path_factory):
         # element of 4096 differs by 1.2e-4 of max |w| after 3 steps at T=2 x 2, the rest below 1e-5.
         return sft_config(base, root / "train.jsonl", root / name, optim={"grad_accum_steps": accum, "eps": 1e-6},
                           train={**LOOP, "tensor_parallel": t, **loop})
-    check(torchrun("sft", config("t2", 1, 2, save_every=2), root))
     check(torchrun("sft", config("t2dp2", 1, 2, save_every=2), root, nproc=4, timeout=400))
-    copy_checkpoint(root / "t2dp2", 2, root / "t2dp2_resumed_t2")
-    check(torchrun("sft", config("t2dp2_resumed_t2", 2, 2), root))
     # With each layer recomputed in backward (collectives included), as the one process is not; as 2
     # "nodes" of 2 ranks (the multi-node recipe): a tensor group is one node, the data groups hold
     # copies and their gradient average is what crosses the nodes.
@@ -63,7 +60,11 @@ def runs(tmp_path_factory):
     def reward_config(name, t=1):
         return rm_config(base, root / "pairs.jsonl", root / name, beta_rm=0.1, data={"tokens_per_batch": 128},
                          optim={"eps": 1e-6}, train={**LOOP, "max_steps": 2, "tensor_parallel": t})
-    check(torchrun("rm", reward_config("rm_t2", 2), root))
+    # The 2-rank runs in one launch: the 4-rank run's step-2 checkpoint resumed at T=2 x 1 data group.
+    check(torchrun_runs([stage_run("sft", config("t2", 1, 2, save_every=2)),
+                         rank_0_call(copy_checkpoint, root / "t2dp2", 2, root / "t2dp2_resumed_t2"),
+                         stage_run("sft", config("t2dp2_resumed_t2", 2, 2)),
+                         stage_run("rm", reward_config("rm_t2", 2))], root, timeout=600))
     with rank_threads():
         train_sft(config("one", 1))
         train_sft(config("one_accum2", 2))

@@ -13,7 +13,7 @@ from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.model.peft_io import WEIGHTS_FILE
 from fusedrl.engine.stages.ppo.trainer import train_ppo
-from dist_testing import check, rank_threads, torchrun
+from dist_testing import check, rank_threads, stage_run, torchrun_runs
 from test_ppo_tensor_parallel import grpo_config, max_relative_diff, records, train_metrics
 from train_testing import save_tiny_model, write_jsonl
 
@@ -39,14 +39,14 @@ def runs(tmp_path_factory):
                                                                   "fox jumps", "over the", "brown fox"]])
     for name in ("one", "c2", "c2dp2", "c2t2", "one_lora", "c2_lora"):
         (root / f"rec-{name}").mkdir()
-    check(torchrun("grpo", grpo_config(root, "c2", context_parallel=2), root,
-                   env={"RECORD_DIR": str(root / "rec-c2")}))
-    check(torchrun("grpo", grpo_config(root, "c2dp2", 2, context_parallel=2), root, nproc=4, timeout=400,
-                   env={"RECORD_DIR": str(root / "rec-c2dp2")}))
-    check(torchrun("grpo", grpo_config(root, "c2t2", 1, 2, context_parallel=2), root, nproc=4, timeout=400,
-                   env={"RECORD_DIR": str(root / "rec-c2t2")}))
-    check(torchrun("grpo", with_lora(grpo_config(root, "c2_lora", context_parallel=2)), root,
-                   env={"RECORD_DIR": str(root / "rec-c2_lora")}))
+
+    def run(name, cfg):
+        return stage_run("grpo", cfg, env={"RECORD_DIR": str(root / f"rec-{name}")})
+    check(torchrun_runs([run("c2", grpo_config(root, "c2", context_parallel=2)),
+                         run("c2_lora", with_lora(grpo_config(root, "c2_lora", context_parallel=2)))], root))
+    check(torchrun_runs([run("c2dp2", grpo_config(root, "c2dp2", 2, context_parallel=2)),
+                         run("c2t2", grpo_config(root, "c2t2", 1, 2, context_parallel=2))], root, nproc=4,
+                        timeout=400))
     try:
         with rank_threads():
             for name, cfg in (("one", grpo_config(root, "one")), ("one_lora", with_lora(grpo_config(root, "one_lora")))):

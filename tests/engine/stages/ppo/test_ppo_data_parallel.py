@@ -15,21 +15,23 @@ from fusedrl.engine.config.ppo import (LoopConfig, PPOConfig, RewardConfig, Roll
 from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.checkpoint import list_checkpoints
-from dist_testing import check, rank_threads, torchrun
+from dist_testing import check, rank_threads, stage_run, torchrun, torchrun_runs
 from reward_testing import vowel_fraction
 from train_testing import save_tiny_model, write_jsonl
 
 HANG = 150  # seconds: a failing job ends well within it (about 20 s unloaded), a hung one never
-_calls = 0  # reward calls of this process: one per iteration
+# Reward calls of this process by record directory: one per iteration of the run recording there
+# (the runs of one launch share the process).
+_calls: dict[str, int] = {}
 
 
 def recording_reward(prompts, responses):
     """Vowel fraction of each response; appends (iteration, rank, prompt, response) rows to
     $RECORD_DIR/rank-R.jsonl, and fails on purpose when $FAIL_AT is "rank:iteration:raise|kill"."""
-    global _calls
-    rank, iteration = int(os.environ.get("RANK", "0")), _calls
-    _calls += 1
-    with open(os.path.join(os.environ["RECORD_DIR"], f"rank-{rank}.jsonl"), "a") as f:
+    directory = os.environ["RECORD_DIR"]
+    rank, iteration = int(os.environ.get("RANK", "0")), _calls.get(directory, 0)
+    _calls[directory] = iteration + 1
+    with open(os.path.join(directory, f"rank-{rank}.jsonl"), "a") as f:
         for p, r in zip(prompts, responses):
             f.write(json.dumps([iteration, p, r]) + "\n")
     fail_rank, fail_iteration, how = (os.environ.get("FAIL_AT") or "-1:-1:none").split(":")
@@ -59,20 +61,49 @@ def ppo_config(root, name, ranks, **loop):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process and two ranks, 2 iterations each, checkpointing every iteration."""
+    """One process and two ranks, 2 iterations each, checkpointing every iteration; beside them the
+    module's other 2-rank runs, all in one launch: token budgets with offload (budget), GRPO with
+    dynamic sampling (dynamic/) and reinforce_pp_baseline (reinforce/, with its one-process run)."""
     root = tmp_path_factory.mktemp("ppo_dp")
     save_tiny_model(root / "policy")
     write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
                                                                   "fox jumps", "over the", "brown fox"]])
-    for name in ("one", "two"):
+    for name in ("one", "two", "budget"):
         (root / f"rec-{name}").mkdir()
     os.environ["RECORD_DIR"] = str(root / "rec-one")
     try:
         train_ppo(ppo_config(root, "one", 1))
     finally:
         del os.environ["RECORD_DIR"]
-    check(torchrun("ppo", ppo_config(root, "two", 2, save_every=1), root, env={"RECORD_DIR": str(root / "rec-two")}))
+    save_policy_and_prompts(root / "dynamic", ["hello world", "the quick brown", "lazy dog", "fox jumps"])
+    save_policy_and_prompts(root / "reinforce", ["the quick brown", "lazy dog", "fox jumps", "over the"])
+    with rank_threads():
+        train_ppo(reinforce_config(root / "reinforce", "one", 1))
+    check(torchrun_runs([stage_run("ppo", ppo_config(root, "two", 2, save_every=1),
+                                   env={"RECORD_DIR": str(root / "rec-two")}),
+                         stage_run("ppo", budget_config(root), env={"RECORD_DIR": str(root / "rec-budget")}),
+                         stage_run("grpo", dynamic_sampling_config(root / "dynamic")),
+                         stage_run("grpo", reinforce_config(root / "reinforce", "two", 2))], root, timeout=HANG * 3))
     return root
+
+
+def save_policy_and_prompts(root, prompts) -> None:
+    save_tiny_model(root / "policy")
+    write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in prompts])
+
+
+def budget_config(root):
+    """Two ranks cutting their rows by tokens (the update's micro-batches and the scoring forwards),
+    with the trained models' state and the reference offloaded (FSDP2's CPUOffloadPolicy: the
+    optimizer steps there). Rows are 3 or 4 prompt tokens ("hello world") + 6: a budget of 18 holds
+    two short rows but not a long one with another, so the rank without "hello world" needs fewer
+    forwards."""
+    cfg = ppo_config(root, "budget", 2)
+    cfg.rollout = RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6, max_prompt_length=12,
+                                kv_cache_memory=1 << 22, tokens_per_forward=18)
+    cfg.ppo = UpdateConfig(epochs=2, minibatch_size=6, tokens_per_microbatch=18)
+    cfg.train = LoopConfig(iterations=2, progress=False, device="cpu", optimizer_offload=True, frozen_offload=True)
+    return cfg
 
 
 def test_each_rank_rolls_out_what_one_process_does(runs):
@@ -90,22 +121,11 @@ def test_each_rank_rolls_out_what_one_process_does(runs):
 
 
 def test_token_budgets_and_offload_under_torchrun_end_with_one_process_s_weights(runs):
-    """Two ranks cutting their rows by tokens (the update's micro-batches and the scoring forwards)
-    run different numbers of forwards, evened out with spare ones, and end with the weights of one
-    process that runs each minibatch at once, with train.optimizer_offload and train.frozen_offload on. Rows are 3 or 4 prompt tokens ("hello world") + 6:
-    a budget of 18 holds two short rows but not a long one with another, so the rank without
-    "hello world" needs fewer forwards."""
+    """budget_config's ranks run different numbers of forwards, evened out with spare ones, and end
+    with the weights of one process that runs each minibatch at once, with train.optimizer_offload
+    and train.frozen_offload on."""
     from fusedrl.engine.train.runlog import read_metrics
 
-    cfg = ppo_config(runs, "budget", 2)
-    cfg.rollout = RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6, max_prompt_length=12,
-                                kv_cache_memory=1 << 22, tokens_per_forward=18)
-    cfg.ppo = UpdateConfig(epochs=2, minibatch_size=6, tokens_per_microbatch=18)
-    # And the trained models' state and the reference offloaded (FSDP2's CPUOffloadPolicy: the
-    # optimizer steps there).
-    cfg.train = LoopConfig(iterations=2, progress=False, device="cpu", optimizer_offload=True, frozen_offload=True)
-    (runs / "rec-budget").mkdir()
-    check(torchrun("ppo", cfg, runs, env={"RECORD_DIR": str(runs / "rec-budget")}, timeout=HANG))
     assert records(runs / "rec-budget", 0) + records(runs / "rec-budget", 1) == \
         records(runs / "rec-two", 0) + records(runs / "rec-two", 1)                # the same rollouts
     train = [r for r in read_metrics(runs / "budget") if r["kind"] == "train"]
@@ -143,61 +163,57 @@ def flat_for_hello(prompts, responses):
     return [1.0 if "hello" in p else score for p, score in zip(prompts, vowel_fraction(prompts, responses))]
 
 
-def test_critic_free_with_dynamic_sampling_keeps_ranks_in_step(tmp_path):
+def dynamic_sampling_config(root):
+    """GRPO with dynamic sampling on 2 ranks, a "hello" prompt's group dropped (flat_for_hello)."""
+    from fusedrl.engine.config.ppo import GRPOConfig
+
+    return GRPOConfig(policy=str(root / "policy"), prompts_file=str(root / "prompts.jsonl"),
+                      output_dir=str(root / "grpo"), reward_fn="test_ppo_data_parallel:flat_for_hello",
+                      rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
+                                            kv_cache_memory=1 << 22, dynamic_sampling=True,
+                                            max_sampling_rounds=2),
+                      ppo=UpdateConfig(epochs=1, minibatch_size=3, estimator="grpo", kl_loss_coef=0.01),
+                      train=LoopConfig(iterations=2, progress=False, device="cpu"))
+
+
+def test_critic_free_with_dynamic_sampling_keeps_ranks_in_step(runs):
     """GRPO under 2 ranks with dynamic sampling: ranks drop different groups, yet both keep as many
     rows (the fewest any rank keeps), so they take the same updates and the job finishes."""
-    from fusedrl.engine.config.ppo import GRPOConfig
     from fusedrl.engine.train.runlog import read_metrics
 
-    save_tiny_model(tmp_path / "policy")
-    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ["hello world", "the quick brown",
-                                                                     "lazy dog", "fox jumps"]])
-    cfg = GRPOConfig(policy=str(tmp_path / "policy"), prompts_file=str(tmp_path / "prompts.jsonl"),
-                     output_dir=str(tmp_path / "grpo"), reward_fn="test_ppo_data_parallel:flat_for_hello",
-                     rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6,
-                                           kv_cache_memory=1 << 22, dynamic_sampling=True,
-                                           max_sampling_rounds=2),
-                     ppo=UpdateConfig(epochs=1, minibatch_size=3, estimator="grpo", kl_loss_coef=0.01),
-                     train=LoopConfig(iterations=2, progress=False, device="cpu"))
-    check(torchrun("grpo", cfg, tmp_path, timeout=HANG))
-    rows = read_metrics(tmp_path / "grpo")
+    rows = read_metrics(runs / "dynamic" / "grpo")
     assert rows[0]["world_size"] == 2
     train = [r for r in rows if r["kind"] == "train"]
     assert len(train) == 2
     for r in train:
         assert r["groups_kept"] % 2 == 0 and r["groups_kept"] <= 4  # balanced: as many on each rank
         assert len(r["tokens_per_rank"]) == 2 and r["updates"] >= 1
-    assert (tmp_path / "grpo" / "final" / "config.json").exists()
+    assert (runs / "dynamic" / "grpo" / "final" / "config.json").exists()
 
 
-def test_reinforce_pp_baseline_ends_with_one_process_s_weights(tmp_path):
+def reinforce_config(root, name, ranks):
+    """4 prompts x 3 samples in all; one minibatch of the whole rollout, two updates on it (one
+    iteration: the whitening, not the rollout, is under test)."""
+    from fusedrl.engine.config.ppo import GRPOConfig
+
+    return GRPOConfig(policy=str(root / "policy"), prompts_file=str(root / "prompts.jsonl"),
+                      output_dir=str(root / name),
+                      reward_fn="reward_testing:vowel_fraction",
+                      rollout=RolloutConfig(prompts_per_iteration=4 // ranks, samples_per_prompt=3,
+                                            max_new_tokens=6, kv_cache_memory=1 << 22),
+                      ppo=UpdateConfig(epochs=2, minibatch_size=12 // ranks, estimator="reinforce_pp_baseline",
+                                       kl_loss_coef=0.01),
+                      optim=OptimConfig(lr=1e-4),
+                      train=LoopConfig(iterations=1, progress=False, device="cpu"))
+
+
+def test_reinforce_pp_baseline_ends_with_one_process_s_weights(runs):
     """GRPO with ppo.estimator=reinforce_pp_baseline, whose group-centred scores are whitened over the
     whole batch: two ranks with half the prompts each end with the weights of one process with the
     same global batch and seed (whitening each rank's own rows would not)."""
-    from fusedrl.engine.config.ppo import GRPOConfig
-
-    save_tiny_model(tmp_path / "policy")
-    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "lazy dog", "fox jumps",
-                                                                     "over the"]])
-
-    def config(name, ranks):
-        # 4 prompts x 3 samples in all; one minibatch of the whole rollout, two updates on it (one
-        # iteration: the whitening, not the rollout, is under test).
-        return GRPOConfig(policy=str(tmp_path / "policy"), prompts_file=str(tmp_path / "prompts.jsonl"),
-                          output_dir=str(tmp_path / name),
-                          reward_fn="reward_testing:vowel_fraction",
-                          rollout=RolloutConfig(prompts_per_iteration=4 // ranks, samples_per_prompt=3,
-                                                max_new_tokens=6, kv_cache_memory=1 << 22),
-                          ppo=UpdateConfig(epochs=2, minibatch_size=12 // ranks, estimator="reinforce_pp_baseline",
-                                           kl_loss_coef=0.01),
-                          optim=OptimConfig(lr=1e-4),
-                          train=LoopConfig(iterations=1, progress=False, device="cpu"))
-
-    with rank_threads():
-        train_ppo(config("one", 1))
-    check(torchrun("grpo", config("two", 2), tmp_path, timeout=HANG))
-    one, two = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("one", "two"))
-    start = load_file(tmp_path / "policy" / "model.safetensors")
+    root = runs / "reinforce"
+    one, two = (load_file(root / name / "final" / "model.safetensors") for name in ("one", "two"))
+    start = load_file(root / "policy" / "model.safetensors")
     assert any(not torch.equal(one[name], start[name]) for name in one)     # the runs trained
     worst = max((float((one[name] - two[name]).abs().max() / one[name].abs().max().clamp_min(1e-12)), name)
                 for name in one)

@@ -22,7 +22,7 @@ from fusedrl.engine.errors import UsageError
 from fusedrl.engine.plan.check import refuse_unfit
 from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.runlog import read_metrics
-from dist_testing import check, rank_threads, torchrun
+from dist_testing import check, rank_0_call, rank_threads, stage_run, torchrun_runs
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
 from train_testing import copy_checkpoint, save_tiny_model, write_jsonl
@@ -60,19 +60,10 @@ def grpo_config(root, name, data_ranks=1, t=1, persistent_weights=False, **loop)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo_tp")
-    save_tiny_model(root / "policy")  # llama2: 4 key/value heads, untied head
-    write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
-                                                                  "fox jumps", "over the", "brown fox"]])
-    for name in ("one", "t2", "t2dp2", "t2dp2_persistent"):
-        (root / f"rec-{name}").mkdir()
-    check(torchrun("grpo", grpo_config(root, "t2", 1, 2, save_every=1), root, env={"RECORD_DIR": str(root / "rec-t2")}))
-    check(torchrun("grpo", grpo_config(root, "t2dp2", 2, 2), root, nproc=4, timeout=400,
-                   env={"RECORD_DIR": str(root / "rec-t2dp2")}))
-    check(torchrun("grpo", grpo_config(root, "t2dp2_persistent", 2, 2, persistent_weights=True, optimizer_offload=True,
-                                       frozen_offload=True), root, nproc=4,
-                   timeout=400, env={"RECORD_DIR": str(root / "rec-t2dp2_persistent")}))
+def runs(launches):
+    """GRPO at T=2 on 2 ranks (resumed from its first checkpoint too) and at T=2 x 2 data groups on
+    4 ranks, with and without persistent buffers and offloaded shards; one process's run."""
+    root = launches / "grpo"
     os.environ["RECORD_DIR"] = str(root / "rec-one")
     try:
         with rank_threads():
@@ -102,15 +93,38 @@ def save_policy_and_reward_model(root) -> None:
 
 
 @pytest.fixture(scope="module")
-def ppo_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo_tp")
-    save_policy_and_reward_model(root)
-    write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog"]])
-    check(torchrun("ppo", ppo_config(root, "t2", 2), root))
-    check(torchrun("ppo", ppo_config(root, "shared_t2", 2, "shared"), root))
+def ppo_runs(launches):
+    root = launches / "ppo"
     with rank_threads():
         train_ppo(ppo_config(root, "one"))
         train_ppo(ppo_config(root, "shared_one", critic="shared"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """Every torchrun run of the module, in one launch per world size: GRPO (under grpo/) and PPO
+    (under ppo/) at T=2 on 2 ranks, GRPO at T=2 x 2 data groups on 4."""
+    root = tmp_path_factory.mktemp("ppo_tp_launches")
+    grpo, ppo = root / "grpo", root / "ppo"
+    save_tiny_model(grpo / "policy")  # llama2: 4 key/value heads, untied head
+    write_jsonl(grpo / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog",
+                                                                  "fox jumps", "over the", "brown fox"]])
+    for name in ("one", "t2", "resumed", "t2dp2", "t2dp2_persistent"):
+        (grpo / f"rec-{name}").mkdir()
+    save_policy_and_reward_model(ppo)
+    write_jsonl(ppo / "prompts.jsonl", [{"prompt": p} for p in ["the quick brown", "hello world", "lazy dog"]])
+
+    def run(name, *args, **loop):
+        return stage_run("grpo", grpo_config(grpo, name, *args, **loop), env={"RECORD_DIR": str(grpo / f"rec-{name}")})
+    check(torchrun_runs([run("t2", 1, 2, save_every=1),
+                         rank_0_call(copy_checkpoint, grpo / "t2", 1, grpo / "resumed"),
+                         run("resumed", 1, 2),
+                         stage_run("ppo", ppo_config(ppo, "t2", 2)),
+                         stage_run("ppo", ppo_config(ppo, "shared_t2", 2, "shared"))], root, timeout=600))
+    check(torchrun_runs([run("t2dp2", 2, 2),
+                         run("t2dp2_persistent", 2, 2, persistent_weights=True, optimizer_offload=True,
+                             frozen_offload=True)], root, nproc=4, timeout=600))
     return root
 
 
@@ -136,15 +150,11 @@ def test_two_tensor_ranks_roll_out_score_once_and_train_one_process_s_weights(ru
     assert train_metrics(runs / "t2", "tokens") == train_metrics(runs / "one", "tokens")
 
 
-def test_a_tensor_parallel_run_resumes_exactly(runs, tmp_path):
+def test_a_tensor_parallel_run_resumes_exactly(runs):
     """From its first checkpoint (the policy's slices, their optimizer state, the loop state) the
     second iteration at T=2 ends with the uninterrupted run's weights."""
-    copy_checkpoint(runs / "t2", 1, tmp_path / "resumed")
-    (tmp_path / "rec").mkdir()
-    check(torchrun("grpo", grpo_config(runs, "unused", 1, 2), tmp_path, overrides=[f"output_dir={tmp_path / 'resumed'}"],
-                   env={"RECORD_DIR": str(tmp_path / "rec")}))
-    assert records(tmp_path / "rec", 0) == records(runs / "rec-t2", 0)[12:]          # the second iteration only
-    assert max_relative_diff(runs / "t2" / "final", tmp_path / "resumed" / "final") == 0
+    assert records(runs / "rec-resumed", 0) == records(runs / "rec-t2", 0)[12:]     # the second iteration only
+    assert max_relative_diff(runs / "t2" / "final", runs / "resumed" / "final") == 0
 
 
 def test_two_tensor_ranks_by_two_data_groups_train_one_process_s_weights(runs):
