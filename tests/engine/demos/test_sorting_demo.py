@@ -31,7 +31,7 @@ def test_a_miscount_stays_in_order():
 def test_demo_end_to_end(tmp_path, capsys, cpu_user_backend):
     out = tmp_path / "demo"
     # 8 prompts x 4 samples: one PPO minibatch of 32 rows.
-    cli.main(["demo", f"output_dir={out}", "train_prompts=64", "eval_prompts=6", "sft_epochs=1",
+    cli.main(["demo", f"output_dir={out}", "train_prompts=32", "eval_prompts=6", "sft_epochs=1",
               "rm_epochs=1", "rl_iterations=1", "rl_prompts=8", "eval_samples=2", "--quiet"])
     printed = capsys.readouterr().out
     assert "PPO accuracy (held-out, sampled)" in printed
