@@ -315,7 +315,8 @@ def main(argv=None) -> dict:
     rows = []
     for case in all_cases(args.quick):
         if wanted is None or case.op in wanted:
-            rows += measure(case, device, copy_gbps, matmul_tflops, skip, args.budget, args.min_reps)
+            rows += measure(case, device, copy_gbps, matmul_tflops, skip, args.budget,
+                            args.min_reps)
     columns = [("op", "op"), ("mode", "mode"), ("shape", "shape"), ("impl", "impl"), ("ms", "ms"),
                ("speedup_vs_eager", "x eager"), ("speedup_vs_triton", "x triton"),
                ("gbps", "GB/s"), ("frac_of_copy", "of copy"), ("floor_ms", "floor ms"),
