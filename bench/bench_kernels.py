@@ -249,7 +249,7 @@ def launches_per_call(thunk: Thunk) -> tuple[int, int]:
 
 
 def measure(case: Case, device: torch.device, copy_gbps: float, matmul_tflops: float, skip: set[str],
-            budget_s: float) -> list[dict]:
+            budget_s: float, min_reps: int = 3) -> list[dict]:
     inputs = case.make_inputs(device)
     rows = []
     for name, build in case.impls.items():
@@ -258,7 +258,7 @@ def measure(case: Case, device: torch.device, copy_gbps: float, matmul_tflops: f
             continue
         try:
             thunk = build(inputs)
-            row["ms"] = harness.time_ms(thunk, device, budget_s=budget_s)
+            row["ms"] = harness.time_ms(thunk, device, budget_s=budget_s, min_reps=min_reps)
             row["peak_extra_mib"] = (lambda b: None if b is None else b / 2**20)(
                 harness.peak_extra_bytes(thunk, device))
             if case.host_bound:
@@ -293,10 +293,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip", default="", help="comma-separated implementations to leave out, "
                         "e.g. torch.compile")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of repetitions per timing")
+    parser.add_argument("--min-reps", type=int, default=3,
+                        help="timed repetitions at least, after the warm-up (1: a smoke run's)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu" and not args.quick:
         parser.error("the headline shapes are for a GPU; use --quick on CPU")
+    if args.min_reps < 1:
+        parser.error(f"--min-reps must be >= 1, got {args.min_reps}")
     meta = harness.run_metadata(device)
     copy_gbps = harness.copy_bandwidth_gbps(device, 2**30 if device.type == "cuda" else 2**26)
     matmul_tflops = harness.matmul_tflops(device, 8192 if device.type == "cuda" else 256,
@@ -311,7 +315,8 @@ def main(argv=None) -> dict:
     rows = []
     for case in all_cases(args.quick):
         if wanted is None or case.op in wanted:
-            rows += measure(case, device, copy_gbps, matmul_tflops, skip, args.budget)
+            rows += measure(case, device, copy_gbps, matmul_tflops, skip, args.budget,
+                            args.min_reps)
     columns = [("op", "op"), ("mode", "mode"), ("shape", "shape"), ("impl", "impl"), ("ms", "ms"),
                ("speedup_vs_eager", "x eager"), ("speedup_vs_triton", "x triton"),
                ("gbps", "GB/s"), ("frac_of_copy", "of copy"), ("floor_ms", "floor ms"),

@@ -41,7 +41,9 @@ and the speedup over TRL with PEFT. peft must be installed for `trl_lora` (bench
 Each side runs in its own process (so each peak is its own) for two iterations: the first warms up,
 the second is measured. Peak memory is `torch.cuda.max_memory_allocated` over the measured
 iteration: everything resident (four models, optimizer state, KV pool or cache, activations).
-`--quick` runs a tiny model on the CPU to check the script (CPU timings are not GPU timings).
+`--quick` runs a tiny model on the CPU to check the script (CPU timings are not GPU timings), every
+side in this process: the CPU has no peak to keep apart, and a process per side would import torch
+and TRL again.
 
     python bench/bench_ppo.py                      # GPU: 32 prompts x 4 samples, prompt 128, 256 new
     python bench/bench_ppo.py --quick              # CPU smoke run of both sides
@@ -61,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -331,7 +334,6 @@ def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device, 
         rows, width = out[0].shape                             # [rows, prompt + generated]; no stop token
         generated.append(rows * (width - shape.prompt_len))
         return out
-    trl_ppo.batch_generation = timed_generation
 
     class Clock(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -356,7 +358,11 @@ def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device, 
                          reward_model=reward, value_model=value, train_dataset=rows, eval_dataset=rows[:1],
                          callbacks=[Clock()], peft_config=peft_config(lora))
     clock.mark()
-    trainer.train()
+    trl_ppo.batch_generation = timed_generation
+    try:
+        trainer.train()
+    finally:                                # --quick runs the next side in this process
+        trl_ppo.batch_generation = batch_generation
     return {**clock.result(), "response_tokens": generated[-1], "time_generate": generate_s[-1],
             "trl": trl.__version__, "local_rollout_forward_batch_size": args.local_rollout_forward_batch_size}
 
@@ -377,6 +383,15 @@ def run_side(side: str, algo: str, shape: Shape, dirs, quick: bool, lora: int) -
         result = run_trl_grpo(shape, policy_dir, device, rank)
     result["tokens_per_s"] = result["response_tokens"] / result["iteration_s"]
     return {"side": side, **result}
+
+
+def run_in_this_process(side: str, args, dirs) -> dict:
+    """One side here (--quick): a failure becomes its row's error, as a side process's does."""
+    try:
+        return run_side(side, args.algo, args.shape, dirs, args.quick, args.lora)
+    except Exception as error:  # noqa: BLE001 - the other sides still run and report
+        traceback.print_exc()
+        return {"side": side, "error": f"{type(error).__name__}: {error}"}
 
 
 def run_in_subprocess(side: str, args, dirs) -> dict:
@@ -418,7 +433,8 @@ def main(argv=None):
     # GRPO scores with a function: no reward model (its directory argument is the policy's, unused).
     dirs = (policy_dir, build_reward_model_dir(args.quick) if args.algo == "ppo" else policy_dir)
     try:
-        results = {side: run_in_subprocess(side, args, dirs) for side in args.sides}
+        run = run_in_this_process if args.quick else run_in_subprocess
+        results = {side: run(side, args, dirs) for side in args.sides}
     finally:                                    # two fp32 checkpoints: 4 GB at the 0.5B shape
         for d in set(dirs):
             shutil.rmtree(d, ignore_errors=True)

@@ -27,7 +27,7 @@ def test_case_runs(benchmark, case, impl):
 def test_report(tmp_path):
     out = tmp_path / "kernels.json"
     bench_kernels.main(["--quick", "--ops", "gae,kl_penalty", "--skip", "torch.compile",
-                        "--budget", "0", "--json", str(out)])
+                        "--budget", "0", "--min-reps", "1", "--json", str(out)])
     payload = json.loads(out.read_text())
     for key in ("device", "torch", "triton", "git_commit", "copy_gbps"):
         assert key in payload["meta"]
@@ -47,7 +47,8 @@ def test_report(tmp_path):
 def test_linear_row_reports_the_three_gemm_floor(tmp_path):
     out = tmp_path / "linear.json"
     bench_kernels.main(["--quick", "--ops", "linear_token_logprobs", "--skip",
-                        "torch.compile,eager,matmul+token_logprobs", "--budget", "0", "--json", str(out)])
+                        "torch.compile,eager,matmul+token_logprobs", "--budget", "0",
+                        "--min-reps", "1", "--json", str(out)])
     payload = json.loads(out.read_text())
     rows = {(r["mode"], r["impl"]): r for r in payload["results"]}
     # forward alone and forward + backward, each the default and the cuBLAS way side by side

@@ -28,10 +28,11 @@ def test_a_miscount_stays_in_order():
         assert bad == sorted(bad) and len(bad) == 4 and bad != sorted(digits)
 
 
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end(tmp_path, capsys, cpu_user_backend):
     out = tmp_path / "demo"
-    cli.main(["demo", f"output_dir={out}", "train_prompts=64", "eval_prompts=6", "sft_epochs=1",
-              "rm_epochs=1", "rl_iterations=1", "eval_samples=2", "--quiet"])
+    # 8 prompts x 4 samples: one PPO minibatch of 32 rows.
+    cli.main(["demo", f"output_dir={out}", "train_prompts=32", "eval_prompts=6", "sft_epochs=1",
+              "rm_epochs=1", "rl_iterations=1", "rl_prompts=8", "eval_samples=2", "--quiet"])
     printed = capsys.readouterr().out
     assert "PPO accuracy (held-out, sampled)" in printed
     results = json.loads((out / "results.json").read_text())
@@ -45,7 +46,7 @@ def test_demo_end_to_end(tmp_path, capsys):
                                        "overwrite=true or another output_dir\n")
 
 
-def test_grpo_demo_end_to_end(tmp_path, capsys):
+def test_grpo_demo_end_to_end(tmp_path, capsys, cpu_user_backend):
     out = tmp_path / "grpo"
     cli.main(["demo", "algo=grpo", f"output_dir={out}", "train_prompts=64", "eval_prompts=6", "sft_epochs=1",
               "rl_iterations=1", "rl_prompts=4", "eval_samples=2", "--quiet"])

@@ -133,7 +133,7 @@ def test_config_defaults_per_task_and_errors():
         DemoConfig(task="tool", tool_calls=1.5)
 
 
-def test_tool_demo_end_to_end(tmp_path, capsys):
+def test_tool_demo_end_to_end(tmp_path, capsys, cpu_user_backend):
     out = tmp_path / "tool"
     assert cli.main(["demo", "task=tool", f"output_dir={out}", "train_prompts=16", "eval_prompts=2", "sft_epochs=1",
                      "rl_iterations=1", "rl_prompts=2", "eval_samples=2", "--quiet"]) == 0

@@ -19,27 +19,33 @@ pytestmark = pytest.mark.skipif(not (TRL_DIR / "trl").is_dir(),
                                        f"install --target .ci-trl trl==1.16.0 liger-kernel==0.8.5)")
 
 
-def run_worker(*args) -> dict:
+@pytest.fixture(scope="module")
+def trl_runs() -> dict:
+    """Both checks in one worker process (TRL's import is most of its time):
+    {"loss" | "train": {loss_type: errors}}."""
     env = {**os.environ, "PYTHONPATH": str(TRL_DIR), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True,
-                          env=env, timeout=900)
+    done = subprocess.run([sys.executable, str(WORKER), "loss:grpo,dr_grpo,dapo,bnpo",
+                           "train:grpo,dr_grpo,dapo"], capture_output=True, text=True, env=env,
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_grpo_loss_equals_trls_for_each_loss_type():
+def test_grpo_loss_equals_trls_for_each_loss_type(trl_runs):
     """TRL's _compute_loss (its fused head, KL with use_bias_correction_kl, its normalizers) on
     padded completions with ratio != 1, against ours from the same model's hidden states."""
-    for loss_type, errors in run_worker("loss", "grpo", "dr_grpo", "dapo", "bnpo").items():
+    assert set(trl_runs["loss"]) == {"grpo", "dr_grpo", "dapo", "bnpo"}
+    for loss_type, errors in trl_runs["loss"].items():
         assert abs(errors["loss_value"]) > 0.1 and errors["grad_norm"] > 0.01, loss_type
         assert errors["loss"] <= 1e-5, (loss_type, errors)
         assert errors["grad"] <= 1e-4, (loss_type, errors)
 
 
-def test_fused_trainer_trains_like_trls():
+def test_fused_trainer_trains_like_trls(trl_runs):
     """Two steps each way from the same weights and seed: the second's ratio != 1 and beta > 0."""
-    for loss_type, run in run_worker("train", "grpo", "dr_grpo", "dapo").items():
+    assert set(trl_runs["train"]) == {"grpo", "dr_grpo", "dapo"}
+    for loss_type, run in trl_runs["train"].items():
         assert run["fallback"] == [] and run["steps"] == 2, (loss_type, run)
         assert run["moved"] > 1e-3 and abs(run["losses"][1]) > 1e-3 and run["kl"][1] > 0
         assert run["loss"] <= 1e-5, (loss_type, run)

@@ -129,7 +129,12 @@ def train_errors(loss_type):
             "moved": max((a - b).abs().max().item() for a, b in zip(ours, start.parameters()))}
 
 
+CHECKS = {"loss": loss_errors, "train": train_errors}
+
+
 if __name__ == "__main__":
-    # argv: "loss" or "train", then the loss types
-    check = loss_errors if sys.argv[1] == "loss" else train_errors
-    print(json.dumps({loss_type: check(loss_type) for loss_type in sys.argv[2:]}))
+    # argv: groups "CHECK:LOSS_TYPE,LOSS_TYPE,..." (CHECK loss or train), all in this one process
+    # (importing TRL is most of a run); prints {check: {loss_type: errors}}
+    groups = [arg.split(":") for arg in sys.argv[1:]]
+    print(json.dumps({check: {loss_type: CHECKS[check](loss_type) for loss_type in types.split(",")}
+                      for check, types in groups}))
