@@ -1,5 +1,6 @@
 """The PPO stage on tiny models: rollout packing, the hybrid actor, update direction, NaN guard,
 KL ceiling, resume equivalence, critics, config errors."""
+import contextlib
 import dataclasses
 
 import pytest
@@ -19,6 +20,7 @@ from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollou
 from fusedrl.engine.stages.ppo.packs import pack_rollout
 from fusedrl.engine.stages.ppo.forwards import policy_forward, response_logprobs
 from fusedrl.engine.train.runlog import read_metrics
+from fusedrl.kernels import use_backend
 from engine_testing import VOCAB, random_prompts, rewards_in_thread
 from reward_testing import vowel_fraction
 from train_testing import checkpoint_data, copy_checkpoint, save_tiny_model, write_jsonl
@@ -50,11 +52,13 @@ def config(root, policy_dir, prompts, name, **fields):
                      **{**defaults, **fields})
 
 
-def rollout_of(models, prompts, cfg, kl_coef, seed=0):
-    """Sample, score and build the rollout of `prompts`, as one iteration does."""
+def rollout_of(models, prompts, cfg, kl_coef, seed=0, sampler_backend=None):
+    """Sample, score and build the rollout of `prompts`, as one iteration does; `sampler_backend`:
+    the kernels the sampling runs on (use_backend), when they are not the scoring forwards'."""
     timer = PhaseTimer(torch.device("cpu"))
-    samples = sample_and_score(models, prompts, cfg.rollout, seed, timer,
-                               share_prompts=cfg.train.shares_prefixes)
+    with use_backend(sampler_backend) if sampler_backend else contextlib.nullcontext():
+        samples = sample_and_score(models, prompts, cfg.rollout, seed, timer,
+                                   share_prompts=cfg.train.shares_prefixes)
     experience = make_rollout(models, samples, ExperienceSettings.of(cfg), kl_coef, RunningMoments(), timer)
     return experience.rollout, experience.metrics
 
