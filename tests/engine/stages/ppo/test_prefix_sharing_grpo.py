@@ -1,6 +1,7 @@
 """train.prefix_sharing end to end: GRPO (fp32, groups of 4, 2 iterations, the second sampled from
 the updated weights) reading each group's prompt once ends where reading every row whole ends, and
-its forwards embed each prompt once per group."""
+its forwards embed each prompt once per group. On torch's kernels, as on a machine without the Triton
+interpreter: the shared layout is under test here, the fused kernels on it in test_gpu_rl."""
 import torch
 
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
@@ -8,6 +9,7 @@ from fusedrl.engine.data.prompts import load_prompts
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.runlog import read_metrics
+from fusedrl.kernels import use_backend
 from transformers import AutoTokenizer
 from train_testing import save_tiny_model, write_jsonl
 
@@ -31,7 +33,8 @@ def grpo(root, policy_dir, prompts, share: bool):
             embedded.append(args[0].numel())
     hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
     try:
-        final = train_ppo(cfg)
+        with use_backend("torch"):
+            final = train_ppo(cfg)
     finally:
         hook.remove()
     train = [r for r in read_metrics(root / f"share-{share}") if r["kind"] == "train"]
