@@ -12,21 +12,12 @@ from fusedrl.engine.stages.rm import rm_stage
 from fusedrl.engine.stages.sft import sft_stage
 from fusedrl.engine.train.optim import build_optimizer, build_scheduler
 from fusedrl.engine.train.supervised import step_forwards, train_step
-from fusedrl.kernels import use_backend
 from engine_testing import random_prompts
 from train_testing import rm_config, save_tiny_model, sft_config
 
 CPU = torch.device("cpu")
 # No clipping: the gradients compared are the accumulated ones, as the backward passes left them.
 OPTIM = {"max_grad_norm": 0.0}
-
-
-@pytest.fixture(autouse=True)
-def torch_kernels():
-    """The CPU's ops on torch's kernels, as on a machine without the Triton interpreter: how a
-    step's forwards are cut and weighed is under test, the fused kernels are tests/kernels'."""
-    with use_backend("torch"):
-        yield
 
 
 @pytest.fixture(scope="module")
