@@ -1,5 +1,8 @@
 """The MoE bar on the CPU, per architecture: `fusedrl generate` greedy is transformers' greedy;
-`fusedrl sft` trains the model and its export reloads in transformers with our logits."""
+`fusedrl sft` trains the model and its export reloads in transformers with our logits. On the CPU
+the ops run on torch's kernels, as they do for a user without the Triton interpreter: the MoE
+wiring is under test here, the fused kernels in tests/kernels."""
+import contextlib
 import json
 
 import pytest
@@ -7,12 +10,19 @@ import torch
 import transformers
 import yaml
 
+from fusedrl import kernels
 from fusedrl.engine.cli import main
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import make_tokenizer, random_prompts
 from moe_testing import MOE_ARCHS, make_moe_model, save_moe_base
 from train_testing import demonstrations, write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def cpu_kernels(device):
+    with kernels.use_backend("torch") if device.type == "cpu" else contextlib.nullcontext():
+        yield
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)

@@ -1,5 +1,6 @@
 """The PPO stage on tiny models: rollout packing, the hybrid actor, update direction, NaN guard,
 KL ceiling, resume equivalence, critics, config errors."""
+import contextlib
 import dataclasses
 
 import pytest
@@ -19,6 +20,7 @@ from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollou
 from fusedrl.engine.stages.ppo.packs import pack_rollout
 from fusedrl.engine.stages.ppo.forwards import policy_forward, response_logprobs
 from fusedrl.engine.train.runlog import read_metrics
+from fusedrl.kernels import use_backend
 from engine_testing import VOCAB, random_prompts, rewards_in_thread
 from reward_testing import vowel_fraction
 from train_testing import checkpoint_data, copy_checkpoint, save_tiny_model, write_jsonl
@@ -40,6 +42,15 @@ def setup(tmp_path_factory):
     return root, policy_dir, prompts
 
 
+@pytest.fixture(autouse=True)
+def torch_kernels():
+    """Every run here is on the CPU: its ops on torch's kernels, as on a machine without the Triton
+    interpreter. The stage's wiring is under test; the fused kernels are tests/kernels' (and a PPO
+    update's on them, test_one_forward's)."""
+    with use_backend("torch"):
+        yield
+
+
 def config(root, policy_dir, prompts, name, **fields):
     defaults = dict(
         rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=6, kv_cache_memory=1 << 22),
@@ -50,11 +61,13 @@ def config(root, policy_dir, prompts, name, **fields):
                      **{**defaults, **fields})
 
 
-def rollout_of(models, prompts, cfg, kl_coef, seed=0):
-    """Sample, score and build the rollout of `prompts`, as one iteration does."""
+def rollout_of(models, prompts, cfg, kl_coef, seed=0, sampler_backend=None):
+    """Sample, score and build the rollout of `prompts`, as one iteration does; `sampler_backend`:
+    the kernels the sampling runs on (use_backend), when they are not the scoring forwards'."""
     timer = PhaseTimer(torch.device("cpu"))
-    samples = sample_and_score(models, prompts, cfg.rollout, seed, timer,
-                               share_prompts=cfg.train.shares_prefixes)
+    with use_backend(sampler_backend) if sampler_backend else contextlib.nullcontext():
+        samples = sample_and_score(models, prompts, cfg.rollout, seed, timer,
+                                   share_prompts=cfg.train.shares_prefixes)
     experience = make_rollout(models, samples, ExperienceSettings.of(cfg), kl_coef, RunningMoments(), timer)
     return experience.rollout, experience.metrics
 
@@ -159,28 +172,39 @@ def test_ppo_update_moves_the_policy_toward_the_reward(setup):
     assert torch.corrcoef(torch.stack([change, advantage]))[0, 1] > 0.5
 
 
-@pytest.mark.parametrize("agg, options", [
-    ("token-mean", {}), ("seq-mean-token-mean", {}), ("seq-mean-token-sum", {}), ("token-sum", {}),
-    ("seq-mean-token-sum-norm", {}), ("token-mean", {"is_mode": "mis", "is_low": 0.9, "is_high": 1.1}),
-    ("seq-mean-token-mean", {"ratio_level": "sequence", "is_mode": "tis", "is_level": "sequence"})])
-def test_microbatches_accumulate_the_minibatch_gradient(setup, agg, options):
-    """Micro-batches of 1 and of 4 (uneven) rows, and of token budgets, give the gradient of the whole minibatch, with an
-    entropy bonus, a separate critic, uneven lengths and a row without valid tokens, for every
-    aggregation, GSPO's ratio and the IS corrections (mis drops tokens from the counts)."""
+@pytest.fixture(scope="module")
+def micro_rollout(setup):
+    """(models with a separate critic, a rollout) that every microbatch test reads: the rollout does not
+    depend on the update's options. Uneven lengths, a row without valid tokens, and a sampler that
+    disagrees with the training forward, so the IS corrections have work to do."""
     root, policy_dir, prompts = setup
-    cfg = config(root, policy_dir, prompts, "micro", critic="separate",
-                 ppo=UpdateConfig(epochs=1, minibatch_size=6, agg=agg, ent_coef=0.05, vf_coef=0.5, **options))
+    cfg = config(root, policy_dir, prompts, "micro", critic="separate")
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     models = build_models(cfg, torch.device("cpu"), torch.float32, tokenizer,
                           rewards_in_thread(vowel_fraction))
     models.score = low_id_fraction
-    rollout, _ = rollout_of(models, random_prompts([4, 6]), cfg, 0.05)
+    with use_backend("torch"):  # as torch_kernels: a module fixture starts before it
+        rollout, _ = rollout_of(models, random_prompts([4, 6]), cfg, 0.05)
     rollout.mask[2] = False                          # no valid token
     rollout.mask[0, 2:] = False                      # uneven lengths: tokens and sequences weigh apart
     rollout.mask[4, 4:] = False
-    # a sampler that disagrees with the training forward, so the IS corrections have work to do
-    rollout.sampler_logprobs = rollout.sampler_logprobs + 0.2 * torch.randn_like(rollout.sampler_logprobs)
+    noise = torch.randn(rollout.sampler_logprobs.shape, generator=torch.Generator().manual_seed(0))
+    rollout.sampler_logprobs = rollout.sampler_logprobs + 0.2 * noise
+    return cfg, models, rollout
+
+
+@pytest.mark.parametrize("agg, options", [
+    ("token-mean", {}), ("seq-mean-token-mean", {}), ("seq-mean-token-sum", {}), ("token-sum", {}),
+    ("seq-mean-token-sum-norm", {}), ("token-mean", {"is_mode": "mis", "is_low": 0.9, "is_high": 1.1}),
+    ("seq-mean-token-mean", {"ratio_level": "sequence", "is_mode": "tis", "is_level": "sequence"})])
+def test_microbatches_accumulate_the_minibatch_gradient(micro_rollout, agg, options):
+    """Micro-batches of 1 and of 4 (uneven) rows, and of token budgets, give the gradient of the whole minibatch, with an
+    entropy bonus, a separate critic, uneven lengths and a row without valid tokens, for every
+    aggregation, GSPO's ratio and the IS corrections (mis drops tokens from the counts)."""
+    base, models, rollout = micro_rollout
+    cfg = dataclasses.replace(base, ppo=UpdateConfig(epochs=1, minibatch_size=6, agg=agg, ent_coef=0.05,
+                                                     vf_coef=0.5, **options))
     params = list(models.policy.parameters()) + list(models.critic.parameters())
 
     def gradient(microbatch_size=None, tokens_per_microbatch=None):

@@ -20,7 +20,7 @@ from fusedrl.engine.train.checkpoint import read_tensors
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import random_prompts
 from train_testing import checkpoint_data
-from test_ppo import config, run_straight_and_resumed, setup  # noqa: F401 (fixture)
+from test_ppo import config, run_straight_and_resumed, setup, torch_kernels  # noqa: F401 (fixtures)
 from test_ppo_lora import resident_parameter_bytes
 
 CRITIC_LORA = LoRAConfig(rank=4, alpha=8.0, target_modules="q_proj,v_proj,o_proj,down_proj")
@@ -107,7 +107,7 @@ def test_rewards_come_from_the_reward_model_with_the_critic_adapters_off(setup, 
 def test_lora_critic_run_scores_as_a_full_critic_run_and_resumes_exactly(setup, rm_dir):
     root = setup[0]
     loop = LoopConfig(iterations=2, save_every=1, keep_checkpoints=0, progress=False, device="cpu")
-    update = UpdateConfig(epochs=1, minibatch_size=6)  # one minibatch per iteration: the interpreted kernels are slow
+    update = UpdateConfig(epochs=1, minibatch_size=6)  # one minibatch per iteration
     train_ppo(rm_config(setup, rm_dir, "critic-full", ppo=update,
                         train=LoopConfig(iterations=1, progress=False, device="cpu")))
     a, b = run_straight_and_resumed(root, lambda run: rm_config(setup, rm_dir, run, train=loop, ppo=update,
