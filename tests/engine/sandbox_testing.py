@@ -131,25 +131,39 @@ print(json.dumps([held]), flush=True)
 
 
 def memory_total(children: int, each_mb: int) -> str:
-    """`children` processes each touching `each_mb`; reports how many held it."""
+    """`children` processes each touching `each_mb` and then waiting; reports how many hold it at
+    once, two seconds on: a child counts if it said it holds its block and is still alive (one the
+    cap's OOM kill took after it said so no longer holds anything)."""
     return f"""
-import json, os, time
-reads = []
+import json, os, signal, time
+started = []
 for _ in range({children}):
     r, w = os.pipe()
-    if os.fork() == 0:
+    pid = os.fork()
+    if pid == 0:
         try:
             block = bytearray({each_mb} << 20)
             for at in range(0, len(block), 4096):
                 block[at] = 1
             os.write(w, b'1')
-            time.sleep(3)
+            time.sleep(60)
         finally:
             os._exit(0)
     os.close(w)
-    reads.append(r)
+    started.append((pid, r))
 time.sleep(2)
-held = sum(len(os.read(r, 1)) for r in reads)
+held = 0
+for pid, r in started:
+    alive = os.waitpid(pid, os.WNOHANG) == (0, 0)
+    os.set_blocking(r, False)
+    try:
+        said = os.read(r, 1) == b'1'
+    except BlockingIOError:
+        said = False
+    held += alive and said
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 print(json.dumps([held]))
 """
 
