@@ -24,7 +24,6 @@ from fusedrl.kernels import group_advantages
 from agent_fault_envs import FORGED, add, strict_chat_tokenizer, stuck
 from agent_testing import save_chat_model, tool_call
 from engine_testing import VOCAB, make_chat_tokenizer
-from invariant_testing import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 PARAMS = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=3,
                         stop_token_ids=tuple(t for t in range(10, VOCAB) if t % 7 == 0))

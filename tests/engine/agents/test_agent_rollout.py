@@ -13,7 +13,6 @@ from fusedrl.engine.inference.sampling_params import SamplingParams
 from agent_testing import save_chat_model
 from engine_testing import make_chat_tokenizer
 from engine_testing import VOCAB
-from invariant_testing import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 # About one sampled token in seven ends a turn early; the rest are cut at 8 tokens (the tiny model's
 # context is 128 tokens: three turns and two observations fit).

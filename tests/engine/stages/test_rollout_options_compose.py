@@ -12,7 +12,6 @@ from fusedrl.engine.errors import UsageError
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import save_chat_model
 from engine_testing import make_cycle_model, make_tokenizer
-from invariant_testing import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 # Prompts of repeated words: the n-gram drafter finds what followed a word before.
 ROWS = [{"prompt": "the dog the dog the dog the dog"}, {"prompt": "a fox a fox a fox a fox"}]

@@ -11,7 +11,6 @@ from fusedrl.engine.stages.ppo import trainer
 from fusedrl.engine.stages.ppo.turns import (per_turn, place_turn_rewards, turn_returns,
                                              turn_spans, turn_token_advantages)
 from agent_testing import save_chat_model
-from invariant_testing import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 ROWS = [{"prompt": "hello world"}, {"prompt": "the brown dog"}]
 
