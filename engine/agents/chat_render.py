@@ -13,10 +13,21 @@ special tokens split (`split_special_tokens`), so a tool output or observation t
 template's end-of-turn or turn-start strings gives their characters' ids, never the template's
 own; only the template's text around the contents can hold special tokens. (Added tokens that are
 not special, such as Qwen's `<tool_call>`, stay whole: they open no turn.)
+
+One renderer serves every environment thread of a rollout. A fast tokenizer keeps "split special
+tokens" as a flag on its Rust object, set by each encode call before it reads the text
+(transformers' TokenizersBackend): two threads encoding at once, one a content and one the
+template's text, would each read with the other's flag, the template's `<|im_start|>` spelled out
+character by character or, worse, an observation's end-of-turn string read as the template's own
+token (an injected turn). So the renderer encodes with a tokenizer of its own (a copy: no other
+user of the caller's tokenizer can flip the flag under it), one encode at a time, each naming the
+flag it needs.
 """
 from __future__ import annotations
 
+import copy
 import re
+import threading
 
 from ..errors import UsageError
 
@@ -33,16 +44,17 @@ class ChatRenderer:
     def __init__(self, tokenizer, tools: list[dict] | None = None):
         if not getattr(tokenizer, "chat_template", None):
             raise UsageError("multi-turn rollouts need a tokenizer with a chat template")
-        self.tokenizer, self.tools = tokenizer, tools or None
+        self.tokenizer, self.tools = copy.deepcopy(tokenizer), tools or None
+        self._encoding = threading.Lock()
         self._base_text = self._render(_BASE, generation=False)
         answer_end = self._base_text.rfind(_BASE[-1]["content"]) + len(_BASE[-1]["content"])
-        closing = tokenizer.encode(self._base_text[answer_end:], add_special_tokens=False)
+        closing = self._encode_text(self._base_text[answer_end:], split_special_tokens=False)
         if not closing:
             raise UsageError(
                 "the chat template writes nothing after an assistant message: no end-of-turn "
                 "token to stop a turn at")
         self.end_of_turn_id = closing[0]
-        self._after_turn = tokenizer.decode(closing[1:])
+        self._after_turn = self.tokenizer.decode(closing[1:])
 
     def opening(self, messages: list[dict]) -> list[int]:
         """The conversation so far, with the generation prompt, as the model's prompt ids."""
@@ -77,11 +89,20 @@ class ChatRenderer:
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if i % 2 == 0:
-                ids += self.tokenizer.encode(piece, add_special_tokens=False) if piece else []
-            elif contents[int(piece)]:
-                ids += self.tokenizer.encode(contents[int(piece)], add_special_tokens=False,
-                                             split_special_tokens=True)
+                ids += self._encode_text(piece, split_special_tokens=False)
+            else:
+                ids += self._encode_text(contents[int(piece)], split_special_tokens=True)
         return ids
+
+    def _encode_text(self, text: str, split_special_tokens: bool) -> list[int]:
+        """text -> ids, its special-token strings read as the tokens (the template's text) or
+        split into their characters (a message's content); one encode at a time (the module's
+        docstring says why)."""
+        if not text:
+            return []
+        with self._encoding:
+            return self.tokenizer.encode(text, add_special_tokens=False,
+                                         split_special_tokens=split_special_tokens)
 
     def turn_text(self, token_ids: list[int]) -> str:
         """An assistant turn's text, as an environment reads it (special tokens dropped)."""
