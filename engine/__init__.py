@@ -8,10 +8,14 @@ to train from a program, or their trainer objects `SFTTrainer`, `RewardTrainer`,
 The names are loaded on first use, so `import fusedrl.engine` (and `fusedrl --help`) imports
 neither torch nor transformers.
 
-Subpackages, one job each: model/ (the decoder, attention, HF I/O, reward and value models),
-inference/ (paged-KV generation), data/ (records, tokenization, packing), train/ (the training
-loop, optimizers, checkpoints, run logs), stages/ (sft, rm, ppo/, demo), config/ (torch-free
-config dataclasses and their YAML I/O); cli.py is the `fusedrl` command.
+Subpackages, one job each, from the bottom layer up (tests/checks/layering.py holds the order):
+ranks/ (rank helpers and collectives), runs/ (what a run leaves on disk), config/ (torch-free config
+dataclasses and their YAML I/O), sandbox/ (the processes that run the model's and the user's code),
+data/ (records, tokenization, packing), model/ (the decoder, attention, HF I/O, reward and value
+models), parallel/ (the parallel layout), inference/ (paged-KV generation), train/ (the training
+loop, optimizers, checkpoints, run logs), plan/ (the memory plan), agents/ (tools and environments
+in multi-turn rollouts), stages/ (sft, rm, ppo/, rewards/), demos/ (`fusedrl demo`), cli/ (the
+`fusedrl` command); errors.py, trainers.py and api.py beside them (docs/architecture.md).
 """
 import importlib
 

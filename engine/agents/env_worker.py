@@ -16,7 +16,7 @@ import signal
 import sys
 from multiprocessing.connection import Connection
 
-from ..stages.rewards.workers import die_with
+from ..sandbox.parent_death import die_with
 from .environment import EnvironmentFailure, checked_messages, checked_step
 from .sources import EnvSource
 

@@ -13,7 +13,7 @@ H100 busy over a long K (the MLP's down projection) without cutting K. fp32 inpu
 fp32 (not TF32), like the default path of an fp32 model.
 
 Not yet run on a GPU: there the invariance rests on the tensor cores reducing each output over its
-own operands in a fixed order wherever its row sits in the tile (tests/engine/model/
+own operands in a fixed order wherever its row sits in the tile (tests/kernels/invariant/
 test_invariant_matmul.py checks exactly that on CUDA). Under the Triton interpreter (CPU tensors)
 the tile product is an explicit per-element sum instead of numpy's matmul (see the kernel).
 """

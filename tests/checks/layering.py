@@ -29,33 +29,19 @@ PUBLIC_KERNEL_PACKAGES = {"fusedrl.kernels.attention"}
 # squeeze code under (long lines are their own rule).
 MAX_LINES = 500
 MAX_LINE_CHARS = 100
-# (importer prefix, forbidden import prefix): layering without upward imports.
+# The engine's top-level packages and loose modules, from the bottom up: each imports only those
+# before it (the one rule that makes the engine a stack of layers; a new top-level package takes
+# its place here or the check fails). Processes the trainer starts for user and model code belong
+# to the sandbox, below data and the model; agents (environments, tools) sit on generation and the
+# sandbox and below the stages that train with them.
+ENGINE_LAYERS = ["errors", "ranks", "runs", "config", "sandbox", "data", "model", "parallel",
+                 "inference", "train", "plan", "agents", "stages", "demos", "trainers", "api", "cli"]
+# (importer prefix, forbidden import prefix): what the order above still allows and must not be.
 FORBIDDEN = [
     ("fusedrl.kernels", "fusedrl.engine"),
-    ("fusedrl.engine.inference", "fusedrl.engine.train"),
-    ("fusedrl.engine.inference", "fusedrl.engine.stages"),
-    ("fusedrl.engine.model", "fusedrl.engine.train"),
-    ("fusedrl.engine.model", "fusedrl.engine.inference"),
-    ("fusedrl.engine.model", "fusedrl.engine.stages"),
-    ("fusedrl.engine.train", "fusedrl.engine.stages"),
-    # Data sits below the model: the model reads a pack's layout (data/prefix_sharing.py).
-    ("fusedrl.engine.data", "fusedrl.engine.model"),
-    ("fusedrl.engine.data", "fusedrl.engine.parallel"),
-    ("fusedrl.engine.data", "fusedrl.engine.inference"),
-    ("fusedrl.engine.data", "fusedrl.engine.train"),
-    ("fusedrl.engine.data", "fusedrl.engine.stages"),
-    ("fusedrl.engine.train", "fusedrl.engine.plan"),
-    # The parallel layout sits above the model (it lays models out) and below what runs them; the
-    # model reads the ranks and their collectives from engine/ranks/, below both, which imports no
-    # other engine package.
-    ("fusedrl.engine.parallel", "fusedrl.engine.inference"),
-    ("fusedrl.engine.parallel", "fusedrl.engine.train"),
-    ("fusedrl.engine.parallel", "fusedrl.engine.stages"),
-    ("fusedrl.engine.parallel", "fusedrl.engine.plan"),
+    # The parallel layout lays models out; it reads no data.
     ("fusedrl.engine.parallel", "fusedrl.engine.data"),
-    ("fusedrl.engine.model", "fusedrl.engine.parallel"),
-] + [("fusedrl.engine.ranks", f"fusedrl.engine.{above}") for above in (
-    "model", "parallel", "data", "inference", "train", "stages", "plan", "config", "agents")] + [
+] + [
     # The oracle imports none of the kernels it checks.
     ("fusedrl.kernels.reference", f"fusedrl.kernels.{family}") for family in (
         "rl", "model", "attention", "invariant", "sampling")]
@@ -164,6 +150,46 @@ def package_graph(graph: dict[str, set[str]], known: dict[str, pathlib.Path]) ->
     return out
 
 
+def engine_layer(module: str) -> str | None:
+    """The top-level engine unit `module` belongs to (`stages` for fusedrl.engine.stages.ppo.x,
+    `errors` for fusedrl.engine.errors); None for the engine's own __init__ and for kernels."""
+    parts = module.split(".")
+    return parts[2] if module.startswith("fusedrl.engine.") else None
+
+
+def layer_order_breaks(graph: dict[str, set[str]]) -> list[str]:
+    """'importer -> imported' for each import between top-level engine units that does not go down
+    ENGINE_LAYERS, and 'unplaced: unit' for each top-level unit the list does not name."""
+    rank = {name: i for i, name in enumerate(ENGINE_LAYERS)}
+    found = set()
+    for name, targets in graph.items():
+        low = engine_layer(name)
+        if low is None:
+            continue
+        if low not in rank:
+            found.add(f"unplaced: {low}")
+            continue
+        for target in targets:
+            high = engine_layer(target)
+            if high is not None and high != low and high in rank and rank[high] > rank[low]:
+                found.add(f"{low} -> {high} ({name} -> {target})")
+    return sorted(found)
+
+
+def top_level_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph collapsed onto the engine's top-level units (engine_layer)."""
+    out: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        unit = engine_layer(name)
+        if unit is not None:
+            out.setdefault(unit, set()).update(
+                t for t in map(engine_layer, targets) if t is not None and t != unit)
+    for targets in list(out.values()):
+        for target in targets:
+            out.setdefault(target, set())
+    return out
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index, low, stack, on_stack, found = {}, {}, [], set(), []
@@ -214,6 +240,8 @@ def report() -> dict:
     long_lines = sorted(f"{path.relative_to(ROOT)}:{i}: {len(line)}" for path, lines in texts.items()
                         for i, line in enumerate(lines, 1) if len(line) > MAX_LINE_CHARS)
     return {"cycles": cycles(graph), "package_cycles": cycles(package_graph(graph, known)),
+            "top_level_cycles": cycles(top_level_graph(graph)),
+            "layer_order": layer_order_breaks(graph),
             "private_kernel_imports": private, "upward_imports": upward,
             "duck_typed_calls": ducks, "files_over_limit": long_files, "lines_over_limit": long_lines}
 

@@ -9,6 +9,8 @@ def test_the_tree_keeps_its_layers():
     found = layering.report()
     assert found["cycles"] == []
     assert found["package_cycles"] == []
+    assert found["top_level_cycles"] == []
+    assert found["layer_order"] == []
     assert found["private_kernel_imports"] == []
     assert found["upward_imports"] == []
     assert found["duck_typed_calls"] == []
@@ -79,11 +81,29 @@ def test_upward_imports_match_whole_module_names():
     tp = "fusedrl.engine.parallel.tensor_parallel"
     assert layering.within(tp, tp) and layering.within(tp, "fusedrl.engine.parallel")
     assert not layering.within(tp + "_ops", tp)
-    rules = dict.fromkeys(layering.FORBIDDEN)
-    # The upward imports the parallel package replaced: the layout calling generation, training
-    # calling the plan.
-    assert ("fusedrl.engine.parallel", "fusedrl.engine.inference") in rules
-    assert ("fusedrl.engine.train", "fusedrl.engine.plan") in rules
-    # The model below the parallel layout, the oracle below the kernels.
-    assert ("fusedrl.engine.model", "fusedrl.engine.parallel") in rules
-    assert ("fusedrl.kernels.reference", "fusedrl.kernels.rl") in rules
+    order = layering.ENGINE_LAYERS.index
+    # The layout below what runs it, training below the plan, the model below the layout, the
+    # sandbox (the trainer's worker processes) below the agents and the stages.
+    assert order("parallel") < order("inference") and order("train") < order("plan")
+    assert order("model") < order("parallel") and order("sandbox") < order("agents") < order("stages")
+    assert ("fusedrl.kernels.reference", "fusedrl.kernels.rl") in dict.fromkeys(layering.FORBIDDEN)
+
+
+def test_top_level_packages_count_whole_and_keep_their_order():
+    # An environment worker borrowing a stage's helper while the stage drives environments: no
+    # module cycle and no cycle between stages.rewards and agents, but a loop between the engine's
+    # top-level packages, and an import up the order.
+    graph = {"fusedrl.engine.agents.env_worker": {"fusedrl.engine.stages.rewards.workers",
+                                                  "fusedrl.engine.errors"},
+             "fusedrl.engine.stages.rewards.workers": {"fusedrl.engine.errors"},
+             "fusedrl.engine.stages.ppo.trainer": {"fusedrl.engine.agents.rollout"},
+             "fusedrl.engine.agents.rollout": set(), "fusedrl.engine.errors": set(),
+             "fusedrl.engine.gadgets.x": {"fusedrl.engine.errors"}, "fusedrl.kernels.rl": set()}
+    assert layering.cycles(graph) == []
+    assert layering.cycles(layering.top_level_graph(graph)) == [["agents", "stages"]]
+    assert layering.layer_order_breaks(graph) == [
+        "agents -> stages (fusedrl.engine.agents.env_worker -> fusedrl.engine.stages.rewards.workers)",
+        "unplaced: gadgets"]
+    del graph["fusedrl.engine.agents.env_worker"], graph["fusedrl.engine.gadgets.x"]
+    assert layering.cycles(layering.top_level_graph(graph)) == []
+    assert layering.layer_order_breaks(graph) == []

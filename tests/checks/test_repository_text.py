@@ -1,6 +1,8 @@
 """The repository's text says what is, not how it came to be: no issue numbers or commit hashes in
-the code, tests, docs or README (results files under bench/results/ keep their commit as data), and
-every repository path the docs and the README name exists."""
+the code, tests, docs or README (results files under bench/results/ keep their commit as data);
+every repository path the docs and the README name exists, and so does every module and folder that
+docs/architecture.md's tree and the packages' docstrings name, where they name them."""
+import ast
 import re
 from pathlib import Path
 
@@ -16,6 +18,10 @@ ISSUE = re.compile(r"\b[Ii]ssues? #?\d+\b|(?<![\w&#$/{'\"])#\d+\b")
 COMMIT_HASH = re.compile(r"(?<![\w.-])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}(?![\w-])")
 # A path below one of the repository's top-level folders, as the docs write them.
 REPO_PATH = re.compile(r"(?<![\w./-])((?:engine|kernels|csrc|bench|tests|docs|\.ci)/[\w./*-]*[\w*])")
+# A module or folder named inside a folder's text: `sequence.py`, `checkpoint/`.
+LOCAL_NAME = re.compile(r"(?<![\w./-])([A-Za-z_]\w*(?:\.py|/))(?![\w/])")
+# Where docs/architecture.md's tree puts a folder's name; its descriptions are indented further.
+TREE_NAME_COLUMNS = 20
 # Build outputs the docs name: the CUDA extension (setup.py's EXTENSION) exists once built.
 BUILT = re.compile(r"(^|/)_C\.[\w.-]+\.so$")
 
@@ -46,6 +52,36 @@ def missing_paths(text: str) -> list[str]:
     return missing
 
 
+def names_missing_under(folder: Path, text: str) -> list[str]:
+    """The modules (`x.py`) and folders (`x/`) named in `text` that exist nowhere below `folder`
+    (nor at the repository's top: `setup.py`, `csrc/`)."""
+    missing = []
+    for name in LOCAL_NAME.findall(text):
+        hits = [p for p in folder.rglob(name.rstrip("/")) if p.is_dir() or not name.endswith("/")]
+        if name.rstrip("/") != folder.name and not hits and not (ROOT / name).exists():
+            missing.append(name)
+    return missing
+
+
+def tree_misses(tree: str, root: Path = ROOT) -> list[str]:
+    """'line: name' for each module or folder a layout tree names that its folder does not hold. A
+    name in the first TREE_NAME_COLUMNS columns that ends in / opens a folder inside the one less
+    indented; every line is read against the folder it stands in."""
+    folders: list[tuple[int, Path]] = []
+    missing = []
+    for i, line in enumerate(tree.splitlines(), 1):
+        indent = len(line) - len(line.lstrip())
+        if line.strip() and indent < TREE_NAME_COLUMNS:
+            while folders and folders[-1][0] >= indent:
+                folders.pop()
+            first = line.split()[0]
+            if first.endswith("/"):
+                folders.append((indent, (folders[-1][1] if folders else root) / first.rstrip("/")))
+        folder = folders[-1][1] if folders else root
+        missing += [f"{i}: {name}" for name in names_missing_under(folder, line)]
+    return missing
+
+
 def test_no_issue_numbers_or_commit_hashes():
     found = []
     for path in text_files():
@@ -64,6 +100,33 @@ def test_every_path_named_in_the_docs_exists():
              for i, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1)
              for path in missing_paths(line)]
     assert found == [], "paths the docs name that do not exist:\n" + "\n".join(found)
+
+
+def test_the_architecture_tree_names_what_exists():
+    tree = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8").split("```")[1]
+    assert tree_misses(tree) == [], "docs/architecture.md's tree names what does not exist"
+
+
+def test_package_docstrings_name_what_exists():
+    inits = sorted([*(ROOT / "engine").rglob("__init__.py"), *(ROOT / "kernels").rglob("__init__.py")])
+    found = [f"{init.relative_to(ROOT)}: {name}" for init in inits
+             for name in names_missing_under(init.parent, ast.get_docstring(ast.parse(
+                 init.read_text(encoding="utf-8"))) or "")]
+    assert found == [], "package docstrings name what does not exist:\n" + "\n".join(found)
+
+
+def test_the_engine_docstring_names_every_subpackage():
+    doc = ast.get_docstring(ast.parse((ROOT / "engine" / "__init__.py").read_text(encoding="utf-8")))
+    subpackages = sorted(p.parent.name for p in (ROOT / "engine").glob("*/__init__.py"))
+    assert [name for name in subpackages if f"{name}/" not in doc] == []
+
+
+def test_tree_misses_are_found(tmp_path: Path):
+    (tmp_path / "pkg" / "inner").mkdir(parents=True)
+    (tmp_path / "pkg" / "inner" / "real.py").write_text("")
+    tree = ("pkg/                real.py, gone.py\n  inner/            real.py, inner/, ghost/\n"
+            "                    continued: real.py, lost.py\nother/              x.py\n")
+    assert tree_misses(tree, tmp_path) == ["1: gone.py", "2: ghost/", "3: lost.py", "4: x.py"]
 
 
 # The marks are written in pieces so that this file holds none of them whole.

@@ -18,7 +18,6 @@ path with the trainer's sys.path: a callable must be a top-level function of an 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import glob
 import json
 import os
@@ -34,6 +33,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Callable
 
 from ...errors import FusedRLError, UsageError
+from ...sandbox.parent_death import die_with
 from ...sandbox.run_cgroup import RunCgroup
 from ...sandbox.runner import work_dir_prefix
 from .functions import (FunctionSource, RewardCaller, RewardFunctionError, RewardInputs,
@@ -43,7 +43,6 @@ from .functions import (FunctionSource, RewardCaller, RewardFunctionError, Rewar
 # and importing torch take seconds on a loaded machine, and reward.fn_timeout_s bounds one call.
 LOAD_TIMEOUT_S = 60.0
 _POLL_S = 0.1  # how often a waiting trainer looks whether the worker is still alive
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ProcessRunner:
@@ -222,16 +221,6 @@ def serve(conn: Connection, parent_pid: int) -> None:
 
 def _send(conn, message: dict) -> None:
     conn.send_bytes(json.dumps(message).encode())
-
-
-def die_with(parent_pid: int) -> None:
-    """Have Linux SIGKILL this process when the trainer dies, however it dies (the signal follows
-    the thread that spawned us: the one that opened the reward functions); elsewhere the worker
-    ends when the pipe closes, once it is idle."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the trainer died before prctl: nobody is left to serve
-        os._exit(1)
 
 
 if __name__ == "__main__":  # python -m ...workers FD PARENT_PID: ProcessRunner.spawn
