@@ -3,9 +3,12 @@ the rule that the model's code runs only in a strong sandbox unless a weaker one
 
 - `bwrap` (strong; bubblewrap with user namespaces, and a seccomp table for this architecture):
   bwrap_command.py says what the code sees and may do.
-- `unshare` (weak): new network and pid namespaces only; the host's files stay visible with the
-  caller's permissions (as root: all of them, and the caller's memory through /proc).
+- `unshare` (weak): new network and pid namespaces only; the host's files and unix socket files
+  stay reachable with the caller's permissions (as root: all of them, and the caller's memory
+  through the host's /proc). Isolation.not_isolated lists it all.
 - `none` (weak): a new process session and resource limits only.
+The program of a mode (bwrap, unshare) is found once, on the caller's PATH, and run from that
+absolute path (a run's own PATH is a fixed one).
 A weak mode runs the model's code only with `sandbox.allow_weak_isolation=true` (the environment
 variable ALLOW_WEAK_ENV set to 1: the trainer sets it for itself and its workers) or when the
 caller passes it to run_python explicitly; otherwise run_python refuses in one line.
@@ -36,12 +39,19 @@ class SandboxRefused(UsageError):
 @dataclass(frozen=True)
 class Isolation:
     """How runs are isolated here: `kind` is 'bwrap', 'unshare' or 'none'; `why_not_strong` says
-    why bubblewrap could not be used (empty when it is)."""
+    why bubblewrap could not be used (empty when it is); `program` is the absolute path of bwrap
+    or unshare that runs it ('' for none)."""
     kind: str
     network: bool  # its own network namespace: no interface but its own loopback
     filesystem: bool  # host files hidden: only the interpreter (read-only) and its own tmpfs
-    pids: bool  # its own pid namespace: nothing it starts outlives it, it sees no host process
+    pids: bool  # its own pid namespace: nothing it starts outlives it, signals reach no host one
     why_not_strong: str = ""
+    program: str = ""
+
+    def __post_init__(self):
+        if self.kind in ("bwrap", "unshare") and not os.path.isabs(self.program):
+            raise ValueError(f"Isolation({self.kind!r}): program={self.program!r}, expected the "
+                             f"absolute path of {self.kind}")
 
     @property
     def strong(self) -> bool:
@@ -52,18 +62,30 @@ class Isolation:
         bubblewrap's is bwrap_command.command."""
         if self.kind == "unshare":
             root = [] if os.geteuid() == 0 else ["--map-root-user"]
-            return ["unshare", *root, "--net", "--pid", "--fork", "--kill-child", *argv]
+            return [self.program, *root, "--net", "--pid", "--fork", "--kill-child", *argv]
         return list(argv)
+
+    def not_isolated(self) -> list[str]:
+        """What the model's code reaches from this mode (empty for bwrap)."""
+        if self.strong:
+            return []
+        reached = [] if self.network else ["the network (TCP, abstract unix sockets)"]
+        if not self.filesystem:
+            reached += ["host files (the trainer's permissions; as root, all)",
+                        "host unix socket files (daemons, the trainer's own)",
+                        "the disk (files of 16 MiB each, no total cap)"]
+        reached.append("host processes through /proc (the trainer's memory and environment)"
+                       if self.pids else "host processes (signals, /proc, the trainer's memory)")
+        return reached + ["the trainer's uid (as root: root, every capability)",
+                          "System V and POSIX IPC", "the kernel's surface (no seccomp)"]
 
     def describe(self) -> str:
         """One line: the mode, whether it is strong, and what it does not isolate."""
         if self.strong:
             return ("sandbox: bwrap (strong): own user, pid, mount, network, ipc and uts "
-                    "namespaces, uid 65534, no capabilities, seccomp, read-only interpreter, "
-                    "size-capped tmpfs (docs/safety.md)")
-        open_ = [name for name, on in (("network", self.network), ("host files", self.filesystem),
-                                       ("processes", self.pids)) if not on]
-        return (f"sandbox: {self.kind} (WEAK: NOT isolated: {', '.join(open_)}; no seccomp; "
+                    "namespaces, uid 65534, no capabilities, seccomp, read-only interpreter "
+                    "and /dev, size-capped tmpfs (docs/safety.md)")
+        return (f"sandbox: {self.kind} (WEAK: NOT isolated: {'; '.join(self.not_isolated())}; "
                 f"bubblewrap unusable: {self.why_not_strong}; docs/safety.md)")
 
 
@@ -128,13 +150,24 @@ def _works(argv: list[str]) -> str:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _bwrap_problem() -> str:
+def _found(name: str) -> tuple[str, str]:
+    """(the absolute path of `name` on this process's PATH, '') or ('', where it looked)."""
+    path = os.environ.get("PATH", os.defpath)
+    found = shutil.which(name, path=path)
+    if found:
+        return os.path.abspath(found), ""
+    return "", f"{name} not found on PATH={path}"
+
+
+def _bwrap_problem() -> tuple[str, str]:
+    """(bwrap's absolute path, '') when a strong sandbox runs here, else (path, why not)."""
     from .bwrap_command import probe  # the probe runs a real sandbox
-    if not shutil.which("bwrap"):
-        return "bwrap not found"
+    bwrap, missing = _found("bwrap")
+    if missing:
+        return bwrap, missing
     if seccomp.program() is None:
-        return "no seccomp table for this architecture"
-    return probe()
+        return bwrap, "no seccomp table for this architecture"
+    return bwrap, probe(bwrap)
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,18 +176,20 @@ def detect(prefer: str = "auto") -> Isolation:
     and fails in one line when it does not work)."""
     if prefer not in ("auto", "bwrap", "unshare", "none"):
         raise ValueError(f"sandbox isolation {prefer!r}: expected auto, bwrap, unshare or none")
-    problem = _bwrap_problem() if prefer in ("auto", "bwrap") else "not chosen"
+    bwrap, problem = _bwrap_problem() if prefer in ("auto", "bwrap") else ("", "not chosen")
     if not problem:
-        return Isolation("bwrap", network=True, filesystem=True, pids=True)
+        return Isolation("bwrap", network=True, filesystem=True, pids=True, program=bwrap)
     if prefer == "bwrap":
         raise RuntimeError(f"sandbox isolation 'bwrap' does not work on this machine: {problem}")
-    unshare = Isolation("unshare", network=True, filesystem=False, pids=True,
-                        why_not_strong=problem)
     if prefer in ("auto", "unshare"):
-        python = [os.path.realpath(sys.executable), "-I", "-c", "pass"]
-        failed = _works(unshare.command(python)) if shutil.which("unshare") else "not found"
+        program, failed = _found("unshare")
         if not failed:
-            return unshare
+            unshare = Isolation("unshare", network=True, filesystem=False, pids=True,
+                                why_not_strong=problem, program=program)
+            failed = _works(unshare.command([os.path.realpath(sys.executable), "-I", "-c",
+                                             "pass"]))
+            if not failed:
+                return unshare
         if prefer == "unshare":
             raise RuntimeError(f"sandbox isolation 'unshare' does not work on this machine: "
                                f"{failed}")
