@@ -7,8 +7,8 @@ the rule that the model's code runs only in a strong sandbox unless a weaker one
   stay reachable with the caller's permissions (as root: all of them, and the caller's memory
   through the host's /proc). Isolation.not_isolated lists it all.
 - `none` (weak): a new process session and resource limits only.
-The program of a mode (bwrap, unshare) is found once, on the caller's PATH, and run from that
-absolute path (a run's own PATH is a fixed one).
+The program of a mode is found once, on the caller's PATH (bwrap: the first there that runs a
+strong sandbox), and run from that absolute path (a run's own PATH is a fixed one).
 A weak mode runs the model's code only with `sandbox.allow_weak_isolation=true` (the environment
 variable ALLOW_WEAK_ENV set to 1: the trainer sets it for itself and its workers) or when the
 caller passes it to run_python explicitly; otherwise run_python refuses in one line.
@@ -150,24 +150,33 @@ def _works(argv: list[str]) -> str:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _found(name: str) -> tuple[str, str]:
-    """(the absolute path of `name` on this process's PATH, '') or ('', where it looked)."""
-    path = os.environ.get("PATH", os.defpath)
-    found = shutil.which(name, path=path)
-    if found:
-        return os.path.abspath(found), ""
-    return "", f"{name} not found on PATH={path}"
+def _on_path(name: str) -> list[str]:
+    """The absolute paths of the executable files `name` on this process's PATH, in its order."""
+    found = []
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.abspath(os.path.join(directory or ".", name))
+        if os.path.isfile(path) and os.access(path, os.X_OK) and path not in found:
+            found.append(path)
+    return found
+
+
+def _not_on_path(name: str) -> str:
+    return f"{name} not found on PATH={os.environ.get('PATH', os.defpath)}"
 
 
 def _bwrap_problem() -> tuple[str, str]:
-    """(bwrap's absolute path, '') when a strong sandbox runs here, else (path, why not)."""
+    """(the absolute path of the first bwrap on PATH that runs a strong sandbox here, ''), else
+    ('', why not: each one tried, or where it looked)."""
     from .bwrap_command import probe  # the probe runs a real sandbox
-    bwrap, missing = _found("bwrap")
-    if missing:
-        return bwrap, missing
     if seccomp.program() is None:
-        return bwrap, "no seccomp table for this architecture"
-    return bwrap, probe(bwrap)
+        return "", "no seccomp table for this architecture"
+    problems = []
+    for bwrap in _on_path("bwrap"):
+        problem = probe(bwrap)
+        if not problem:
+            return bwrap, ""
+        problems.append(problem if bwrap in problem else f"bwrap at {bwrap}: {problem}")
+    return "", " | ".join(problems) or _not_on_path("bwrap")
 
 
 @functools.lru_cache(maxsize=None)
@@ -182,10 +191,11 @@ def detect(prefer: str = "auto") -> Isolation:
     if prefer == "bwrap":
         raise RuntimeError(f"sandbox isolation 'bwrap' does not work on this machine: {problem}")
     if prefer in ("auto", "unshare"):
-        program, failed = _found("unshare")
-        if not failed:
+        programs = _on_path("unshare")
+        failed = _not_on_path("unshare")
+        if programs:
             unshare = Isolation("unshare", network=True, filesystem=False, pids=True,
-                                why_not_strong=problem, program=program)
+                                why_not_strong=problem, program=programs[0])
             failed = _works(unshare.command([os.path.realpath(sys.executable), "-I", "-c",
                                              "pass"]))
             if not failed:
