@@ -247,19 +247,28 @@ print(json.dumps([held]))
 """
 
 
-def fill_tmp(total_mb: int, directory: str = "/tmp") -> str:
-    """Writes `total_mb` into `directory` in 8 MiB files; reports the MiB written."""
+def fill_tmp(total_mb: int) -> str:
+    """Writes `total_mb` into /tmp in 8 MiB files; reports the MiB written."""
+    return fill({"/tmp": total_mb})
+
+
+def fill(sizes: dict) -> str:
+    """Writes `sizes[directory]` MiB into each directory in 8 MiB files; reports the MiB written
+    into each, in order."""
     return f"""
 import json
-written = 0
-try:
-    for at in range({total_mb} // 8):
-        with open(f'{directory}/fill{{at}}', 'wb') as f:
-            f.write(b'x' * (8 << 20))
-        written += 8
-except OSError:
-    pass
-print(json.dumps([written]))
+got = []
+for directory, total_mb in {sizes!r}.items():
+    written = 0
+    try:
+        for at in range(total_mb // 8):
+            with open(f'{{directory}}/fill{{at}}', 'wb') as f:
+                f.write(b'x' * (8 << 20))
+            written += 8
+    except OSError:
+        pass
+    got.append(written)
+print(json.dumps(got))
 """
 
 
