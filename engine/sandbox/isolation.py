@@ -4,8 +4,8 @@ the rule that the model's code runs only in a strong sandbox unless a weaker one
 - `bwrap` (strong; bubblewrap with user namespaces, and a seccomp table for this architecture):
   bwrap_command.py says what the code sees and may do.
 - `unshare` (weak): new network and pid namespaces only; the host's files and unix socket files
-  stay reachable with the caller's permissions (as root: all of them, and the caller's memory
-  through the host's /proc). Isolation.not_isolated lists it all.
+  stay reachable with the caller's permissions (as root: all of them, the caller's memory through
+  the host's /proc, and the caller's network through setns). Isolation.not_isolated lists it all.
 - `none` (weak): a new process session and resource limits only.
 The program of a mode is found once, on the caller's PATH (bwrap: the first there that runs a
 strong sandbox), and run from that absolute path (a run's own PATH is a fixed one).
@@ -69,7 +69,8 @@ class Isolation:
         """What the model's code reaches from this mode (empty for bwrap)."""
         if self.strong:
             return []
-        reached = [] if self.network else ["the network (TCP, abstract unix sockets)"]
+        reached = [] if self.network else \
+            ["the network (TCP, abstract unix sockets, setns into the trainer's namespaces)"]
         if not self.filesystem:
             reached += ["host files (the trainer's permissions; as root, all)",
                         "host unix socket files (daemons, the trainer's own)",
@@ -194,7 +195,8 @@ def detect(prefer: str = "auto") -> Isolation:
         programs = _on_path("unshare")
         failed = _not_on_path("unshare")
         if programs:
-            unshare = Isolation("unshare", network=True, filesystem=False, pids=True,
+            # A root trainer's code is root: it can setns back into the trainer's network.
+            unshare = Isolation("unshare", network=os.geteuid() != 0, filesystem=False, pids=True,
                                 why_not_strong=problem, program=programs[0])
             failed = _works(unshare.command([os.path.realpath(sys.executable), "-I", "-c",
                                              "pass"]))
