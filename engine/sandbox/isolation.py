@@ -59,7 +59,7 @@ class Isolation:
 
     def command(self, argv: list[str]) -> list[str]:
         """The command that runs `argv` (in the caller's work directory) under unshare or none;
-        bubblewrap's is bwrap_command.command."""
+        bubblewrap's is BwrapCommand.argv."""
         if self.kind == "unshare":
             root = [] if os.geteuid() == 0 else ["--map-root-user"]
             return [self.program, *root, "--net", "--pid", "--fork", "--kill-child", *argv]

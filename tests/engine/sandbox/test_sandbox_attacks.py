@@ -110,7 +110,7 @@ def test_a_fork_bomb_meets_the_process_cap_and_leaves_nothing():
     marker = f"fusedrl-bomb-{os.getpid()}-{time.monotonic_ns()}"
     result = run_python(attack.fork_bomb(marker), timeout_s=5)
     held = attack.reported(result)[0]
-    # The cap counts the launcher, bubblewrap's init and the program itself.
+    # The cap counts the sandbox's init and the program itself.
     assert 0 < held <= MAX_PROCESSES
     assert attack.left_after(marker) == []
 
