@@ -1,8 +1,9 @@
 """bubblewrap is found once, on the caller's PATH, and every run starts that file (a run's own PATH
 is a fixed one, without the caller's directories); a bubblewrap the sandbox's user cannot start
-(a root trainer's sandbox runs as a fresh uid that sees neither /tmp nor root's directories) and a
-PATH without one are refused at detection in one line saying where it looked.
-test_sandbox_as_plain_user.py runs the first case with the trainer as a plain user."""
+(a root trainer's sandbox runs as a fresh uid that sees neither /tmp nor root's directories) is
+refused at detection in one line naming it and why, or passed over for one later on PATH that
+works; a PATH without one is named in the refusal. test_sandbox_as_plain_user.py runs the first
+case with the trainer as a plain user."""
 import os
 import shutil
 import tempfile
@@ -12,7 +13,7 @@ import pytest
 from fusedrl.engine.sandbox import SandboxRefused, detect, isolation, run_python
 import sandbox_testing as attack
 
-BWRAP = shutil.which("bwrap")
+BWRAP = detect().program  # the suite's: an absolute path
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not detect().strong, reason=detect().describe())]
 
@@ -35,6 +36,7 @@ def first_on_path(directory) -> str:
     return f"{directory}{os.pathsep}{os.environ['PATH']}"
 
 
+@pytest.mark.skipif(not os.path.isdir("/var/tmp"), reason="no /var/tmp")
 def test_the_bwrap_found_off_the_fixed_path_is_the_one_that_runs(with_path):
     # Where the sandbox's user (a root trainer's fresh uid too) may enter: not /tmp, not /root.
     directory = tempfile.mkdtemp(prefix="fusedrl-bwrap-", dir="/var/tmp")
