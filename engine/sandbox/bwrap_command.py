@@ -93,7 +93,7 @@ class BwrapCommand:
                     words += ["--perms", "0700", "--dir", parent]
             words += ["--perms", "0600", "--file",
                       str(self._memory_file(text.encode("utf-8"))), path]
-        # The root (bubblewrap's own tmpfs, uncapped) read-only: the two capped tmpfs take writes.
+        # The root (bubblewrap's own tmpfs, uncapped) read-only: the capped tmpfs take writes.
         self.argv = [*words, "--remount-ro", "/", "--chdir", SANDBOX_DIR,
                      python(), "-I", "-S", "-c", INIT, str(max_processes), python(), *args]
 

@@ -74,7 +74,7 @@ class Isolation:
         if not self.filesystem:
             reached += ["host files (the trainer's permissions; as root, all)",
                         "host unix socket files (daemons, the trainer's own)",
-                        "the disk (files of 16 MiB each, no total cap)"]
+                        "the disk (each file size-capped, not their total)"]
         reached.append("host processes through /proc (the trainer's memory and environment)"
                        if self.pids else "host processes (signals, /proc, the trainer's memory)")
         return reached + ["the trainer's uid (as root: root, every capability)",
