@@ -152,13 +152,14 @@ def _works(argv: list[str]) -> str:
 
 
 def _on_path(name: str) -> list[str]:
-    """The absolute paths of the executable files `name` on this process's PATH, in its order."""
-    found = []
+    """The absolute paths of the executable files `name` on this process's PATH, in its order,
+    each file once (/bin and /usr/bin are one directory on a merged /usr)."""
+    found: dict[str, str] = {}  # real path: the path on PATH
     for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
         path = os.path.abspath(os.path.join(directory or ".", name))
-        if os.path.isfile(path) and os.access(path, os.X_OK) and path not in found:
-            found.append(path)
-    return found
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            found.setdefault(os.path.realpath(path), path)
+    return list(found.values())
 
 
 def _not_on_path(name: str) -> str:
