@@ -10,9 +10,9 @@ from .fields import check_fields, option
 class SandboxConfig:
     allow_weak_isolation: bool = option(
         "run the model's code even where only a weak sandbox works on this machine (unshare or "
-        "none: the host's files, and under none its network, are NOT isolated; no seccomp; "
-        "docs/safety.md). Without it such code is refused in one line; bubblewrap is the strong "
-        "sandbox", False)
+        "none: the host's files and unix sockets, its processes through /proc, and under none "
+        "its network, are NOT isolated; no seccomp; docs/safety.md). Without it such code is "
+        "refused in one line; bubblewrap is the strong sandbox", False)
 
     def __post_init__(self):
         check_fields(self, "sandbox.")

@@ -1,14 +1,20 @@
 """The bubblewrap command of one sandbox run (isolation.py's strong mode).
 
-bubblewrap runs unprivileged (a root caller's as a fresh uid: fresh_user.py). The code runs in
-new user, pid, mount, network, ipc, uts and cgroup namespaces as uid/gid 65534, with every
-capability dropped, no further user namespace (`--disable-userns`), the seccomp filter of
-seccomp.py, a new session, and SIGKILL when bwrap or its parent dies. It sees: /usr and the
-interpreter's prefix read-only, its own /proc (its own processes only), a minimal /dev, and two
-tmpfs of TMPFS_MB each: /tmp and its work directory /sandbox, where its files are copied from
-memory (nothing of a run is on the host's disk); the rest is read-only. No home, no run
-directory, no /etc. A launcher sets RLIMIT_NPROC inside the new user namespace (counted per
-namespace: a per-run process cap for a non-root trainer) before the interpreter starts.
+bubblewrap (the absolute path detect() found) runs unprivileged (a root caller's as a fresh uid:
+fresh_user.py). The code runs in new user, pid, mount, network, ipc, uts and cgroup namespaces as
+uid/gid 65534, with every capability dropped, no further user namespace (`--disable-userns`), the
+seccomp filter of seccomp.py, a new session, and SIGKILL when bwrap or its parent dies. It sees:
+/usr and the interpreter's prefix read-only, its own /proc (its own processes only), a read-only
+/dev of bubblewrap's minimal device set, and three size-capped tmpfs: /tmp and its work directory
+/sandbox of TMPFS_MB each, where its files are copied from memory (nothing of a run is on the
+host's disk), and /dev/shm of SHM_MB; the rest is read-only. No home, no run directory, no /etc.
+
+Its pid 1 is INIT, not bubblewrap's (`--as-pid-1`): bubblewrap's init runs as the code's uid and
+holds the trainer's pipes, which the code could reopen through /proc/1/fd. INIT sets RLIMIT_NPROC
+inside the new user namespace (counted per namespace: a per-run process cap for a non-root
+trainer), makes itself non-dumpable (so /proc/1 is closed to the code), starts the interpreter,
+closes every descriptor it holds, reaps orphans and ends with the interpreter's status (128 + the
+signal when one ended it, as bubblewrap's init).
 """
 from __future__ import annotations
 
@@ -24,8 +30,22 @@ from . import fresh_user, seccomp
 NOBODY = 65534
 SANDBOX_DIR = "/sandbox"  # the run's work directory inside
 TMPFS_MB = 64  # each of /tmp and /sandbox
-_LAUNCH = ("import os,resource,sys;n=int(sys.argv[1]);"
-           "resource.setrlimit(resource.RLIMIT_NPROC,(n,n));os.execv(sys.argv[2],sys.argv[2:])")
+SHM_MB = 16  # /dev/shm: POSIX shared memory and semaphores (multiprocessing's locks)
+INIT = """\
+import ctypes, os, resource, signal, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0 (the child's exec makes it dumpable)
+child = os.fork()
+if child == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+os.closerange(0, 1 << 16)
+while True:
+    pid, status = os.wait()
+    if pid == child:
+        os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+"""
 
 
 def python() -> str:
@@ -35,17 +55,20 @@ def python() -> str:
 
 class BwrapCommand:
     """`argv` runs `python -I -B main.py` (or `args`) with `files` ({name: text}, main.py among
-    them) in /sandbox; the memory files it reads stay open until close()."""
+    them) in /sandbox, through the bubblewrap at the absolute path `bwrap`; the memory files it
+    reads stay open until close()."""
 
-    def __init__(self, files: Mapping[str, str], max_processes: int,
+    def __init__(self, bwrap: str, files: Mapping[str, str], max_processes: int,
                  args: tuple[str, ...] = ("-I", "-B", "main.py")):
+        if not os.path.isabs(bwrap):
+            raise ValueError(f"BwrapCommand: bwrap={bwrap!r}, expected an absolute path")
         self.fds: list[int] = []
         # bwrap writes {"child-pid": N} here: the sandbox's first process, whose end is the end
         # of every process in the sandbox (the kernel reaps its pid namespace first).
         self._info, info = os.pipe()
         os.set_inheritable(info, True)
         self.fds.append(info)
-        words = ["bwrap", "--info-fd", str(info), "--unshare-all", "--unshare-user",
+        words = [bwrap, "--info-fd", str(info), "--unshare-all", "--unshare-user", "--as-pid-1",
                  "--uid", str(NOBODY), "--gid", str(NOBODY), "--disable-userns",
                  "--cap-drop", "ALL", "--die-with-parent", "--new-session",
                  "--seccomp", str(self._memory_file(seccomp.program())),
@@ -55,9 +78,12 @@ class BwrapCommand:
         self.prefix = "" if base.startswith("/usr/") else base  # to show: /usr is bound whole
         if self.prefix:
             words += ["--ro-bind", fresh_user.VIEW if self.uid else base, base]
-        words += ["--proc", "/proc", "--dev", "/dev"]
-        for directory in ("/tmp", SANDBOX_DIR):
-            words += ["--perms", "0700", "--size", str(TMPFS_MB << 20), "--tmpfs", directory]
+        # bubblewrap's /dev is a tmpfs of half the host's memory: read-only, with a capped
+        # /dev/shm mounted on it (a remount is not recursive: the device nodes stay usable).
+        words += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
+        for directory, size_mb in (("/dev/shm", SHM_MB), ("/tmp", TMPFS_MB),
+                                   (SANDBOX_DIR, TMPFS_MB)):
+            words += ["--perms", "0700", "--size", str(size_mb << 20), "--tmpfs", directory]
         made = {SANDBOX_DIR}
         for name, text in files.items():
             path = os.path.join(SANDBOX_DIR, name)
@@ -67,9 +93,9 @@ class BwrapCommand:
                     words += ["--perms", "0700", "--dir", parent]
             words += ["--perms", "0600", "--file",
                       str(self._memory_file(text.encode("utf-8"))), path]
-        # The root (bubblewrap's own tmpfs, uncapped) read-only: the two capped tmpfs take writes.
+        # The root (bubblewrap's own tmpfs, uncapped) read-only: the capped tmpfs take writes.
         self.argv = [*words, "--remount-ro", "/", "--chdir", SANDBOX_DIR,
-                     python(), "-I", "-S", "-c", _LAUNCH, str(max_processes), python(), *args]
+                     python(), "-I", "-S", "-c", INIT, str(max_processes), python(), *args]
 
     def enter(self) -> None:
         """In the child before exec (a root caller's): become the run's fresh uid."""
@@ -105,14 +131,20 @@ class BwrapCommand:
         self.fds = []
 
 
-def probe() -> str:
-    """'' when a bubblewrap sandbox runs a statement here, else bwrap's reason (one line)."""
-    command = BwrapCommand({"main.py": "pass\n"}, max_processes=8)
+def probe(bwrap: str) -> str:
+    """'' when a bubblewrap sandbox started from the absolute path `bwrap` runs a statement here,
+    else why not (one line)."""
+    command = BwrapCommand(bwrap, {"main.py": "pass\n"}, max_processes=8)
     try:
         done = subprocess.run(command.argv, pass_fds=command.fds, preexec_fn=command.enter,
                               stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=20)
-    except (OSError, subprocess.SubprocessError) as e:
+    except OSError as e:  # exec failed: the sandbox's user cannot reach that file
+        who = f"uid {os.geteuid()}" if command.uid is None else \
+            "a fresh uid, /tmp hidden from it" if command.prefix else "a fresh uid"
+        return (f"bwrap at {bwrap} cannot be started by the sandbox's user ({who}): "
+                f"{e.strerror}; install bubblewrap where every user can run it (/usr/bin)")
+    except subprocess.SubprocessError as e:
         return f"{type(e).__name__}: {e}"
     finally:
         command.close()

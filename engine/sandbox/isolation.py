@@ -3,9 +3,12 @@ the rule that the model's code runs only in a strong sandbox unless a weaker one
 
 - `bwrap` (strong; bubblewrap with user namespaces, and a seccomp table for this architecture):
   bwrap_command.py says what the code sees and may do.
-- `unshare` (weak): new network and pid namespaces only; the host's files stay visible with the
-  caller's permissions (as root: all of them, and the caller's memory through /proc).
+- `unshare` (weak): new network and pid namespaces only; the host's files and unix socket files
+  stay reachable with the caller's permissions (as root: all of them, the caller's memory through
+  the host's /proc, and the caller's network through setns). Isolation.not_isolated lists it all.
 - `none` (weak): a new process session and resource limits only.
+The program of a mode is found once, on the caller's PATH (bwrap: the first there that runs a
+strong sandbox), and run from that absolute path (a run's own PATH is a fixed one).
 A weak mode runs the model's code only with `sandbox.allow_weak_isolation=true` (the environment
 variable ALLOW_WEAK_ENV set to 1: the trainer sets it for itself and its workers) or when the
 caller passes it to run_python explicitly; otherwise run_python refuses in one line.
@@ -36,12 +39,19 @@ class SandboxRefused(UsageError):
 @dataclass(frozen=True)
 class Isolation:
     """How runs are isolated here: `kind` is 'bwrap', 'unshare' or 'none'; `why_not_strong` says
-    why bubblewrap could not be used (empty when it is)."""
+    why bubblewrap could not be used (empty when it is); `program` is the absolute path of bwrap
+    or unshare that runs it ('' for none)."""
     kind: str
     network: bool  # its own network namespace: no interface but its own loopback
     filesystem: bool  # host files hidden: only the interpreter (read-only) and its own tmpfs
-    pids: bool  # its own pid namespace: nothing it starts outlives it, it sees no host process
+    pids: bool  # its own pid namespace: nothing it starts outlives it, signals reach no host one
     why_not_strong: str = ""
+    program: str = ""
+
+    def __post_init__(self):
+        if self.kind in ("bwrap", "unshare") and not os.path.isabs(self.program):
+            raise ValueError(f"Isolation({self.kind!r}): program={self.program!r}, expected the "
+                             f"absolute path of {self.kind}")
 
     @property
     def strong(self) -> bool:
@@ -49,21 +59,34 @@ class Isolation:
 
     def command(self, argv: list[str]) -> list[str]:
         """The command that runs `argv` (in the caller's work directory) under unshare or none;
-        bubblewrap's is bwrap_command.command."""
+        bubblewrap's is BwrapCommand.argv."""
         if self.kind == "unshare":
             root = [] if os.geteuid() == 0 else ["--map-root-user"]
-            return ["unshare", *root, "--net", "--pid", "--fork", "--kill-child", *argv]
+            return [self.program, *root, "--net", "--pid", "--fork", "--kill-child", *argv]
         return list(argv)
+
+    def not_isolated(self) -> list[str]:
+        """What the model's code reaches from this mode (empty for bwrap)."""
+        if self.strong:
+            return []
+        reached = [] if self.network else \
+            ["the network (TCP, abstract unix sockets, setns into the trainer's namespaces)"]
+        if not self.filesystem:
+            reached += ["host files (the trainer's permissions; as root, all)",
+                        "host unix socket files (daemons, the trainer's own)",
+                        "the disk (each file size-capped, not their total)"]
+        reached.append("host processes through /proc (the trainer's memory and environment)"
+                       if self.pids else "host processes (signals, /proc, the trainer's memory)")
+        return reached + ["the trainer's uid (as root: root, every capability)",
+                          "System V and POSIX IPC", "the kernel's surface (no seccomp)"]
 
     def describe(self) -> str:
         """One line: the mode, whether it is strong, and what it does not isolate."""
         if self.strong:
             return ("sandbox: bwrap (strong): own user, pid, mount, network, ipc and uts "
-                    "namespaces, uid 65534, no capabilities, seccomp, read-only interpreter, "
-                    "size-capped tmpfs (docs/safety.md)")
-        open_ = [name for name, on in (("network", self.network), ("host files", self.filesystem),
-                                       ("processes", self.pids)) if not on]
-        return (f"sandbox: {self.kind} (WEAK: NOT isolated: {', '.join(open_)}; no seccomp; "
+                    "namespaces, uid 65534, no capabilities, seccomp, read-only interpreter "
+                    "and /dev, size-capped tmpfs (docs/safety.md)")
+        return (f"sandbox: {self.kind} (WEAK: NOT isolated: {'; '.join(self.not_isolated())}; "
                 f"bubblewrap unusable: {self.why_not_strong}; docs/safety.md)")
 
 
@@ -128,13 +151,34 @@ def _works(argv: list[str]) -> str:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _bwrap_problem() -> str:
+def _on_path(name: str) -> list[str]:
+    """The absolute paths of the executable files `name` on this process's PATH, in its order,
+    each file once (/bin and /usr/bin are one directory on a merged /usr)."""
+    found: dict[str, str] = {}  # real path: the path on PATH
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.abspath(os.path.join(directory or ".", name))
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            found.setdefault(os.path.realpath(path), path)
+    return list(found.values())
+
+
+def _not_on_path(name: str) -> str:
+    return f"{name} not found on PATH={os.environ.get('PATH', os.defpath)}"
+
+
+def _bwrap_problem() -> tuple[str, str]:
+    """(the absolute path of the first bwrap on PATH that runs a strong sandbox here, ''), else
+    ('', why not: each one tried, or where it looked)."""
     from .bwrap_command import probe  # the probe runs a real sandbox
-    if not shutil.which("bwrap"):
-        return "bwrap not found"
     if seccomp.program() is None:
-        return "no seccomp table for this architecture"
-    return probe()
+        return "", "no seccomp table for this architecture"
+    problems = []
+    for bwrap in _on_path("bwrap"):
+        problem = probe(bwrap)
+        if not problem:
+            return bwrap, ""
+        problems.append(problem if bwrap in problem else f"bwrap at {bwrap}: {problem}")
+    return "", " | ".join(problems) or _not_on_path("bwrap")
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,18 +187,22 @@ def detect(prefer: str = "auto") -> Isolation:
     and fails in one line when it does not work)."""
     if prefer not in ("auto", "bwrap", "unshare", "none"):
         raise ValueError(f"sandbox isolation {prefer!r}: expected auto, bwrap, unshare or none")
-    problem = _bwrap_problem() if prefer in ("auto", "bwrap") else "not chosen"
+    bwrap, problem = _bwrap_problem() if prefer in ("auto", "bwrap") else ("", "not chosen")
     if not problem:
-        return Isolation("bwrap", network=True, filesystem=True, pids=True)
+        return Isolation("bwrap", network=True, filesystem=True, pids=True, program=bwrap)
     if prefer == "bwrap":
         raise RuntimeError(f"sandbox isolation 'bwrap' does not work on this machine: {problem}")
-    unshare = Isolation("unshare", network=True, filesystem=False, pids=True,
-                        why_not_strong=problem)
     if prefer in ("auto", "unshare"):
-        python = [os.path.realpath(sys.executable), "-I", "-c", "pass"]
-        failed = _works(unshare.command(python)) if shutil.which("unshare") else "not found"
-        if not failed:
-            return unshare
+        programs = _on_path("unshare")
+        failed = _not_on_path("unshare")
+        if programs:
+            # A root trainer's code is root: it can setns back into the trainer's network.
+            unshare = Isolation("unshare", network=os.geteuid() != 0, filesystem=False, pids=True,
+                                why_not_strong=problem, program=programs[0])
+            failed = _works(unshare.command([os.path.realpath(sys.executable), "-I", "-c",
+                                             "pass"]))
+            if not failed:
+                return unshare
         if prefer == "unshare":
             raise RuntimeError(f"sandbox isolation 'unshare' does not work on this machine: "
                                f"{failed}")

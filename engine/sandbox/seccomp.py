@@ -5,8 +5,11 @@ needs, denied with EPERM (bwrap `--seccomp FD` loads it, with no_new_privs, befo
 architecture without a table here. Denied: namespaces (`unshare`, `setns`, `clone` with a CLONE_NEW*
 flag; `clone3` answers ENOSYS so the C library falls back to `clone`, whose flags are checked),
 mounts, `ptrace` and `process_vm_*`, `bpf`, the keyring, `io_uring_*`, `userfaultfd`,
-`perf_event_open`, kernel modules and kexec, `open_by_handle_at`, and netlink / packet sockets.
-Another architecture's calling convention (x32, i386 on x86_64) kills the process.
+`perf_event_open`, kernel modules and kexec, `open_by_handle_at`, memory outside every size cap
+(`memfd_create`, `memfd_secret`, System V `shmget`), and every socket family but AF_UNIX, AF_INET
+and AF_INET6 (`socket` and `socketpair`: netlink, packet, vsock, whose port space a network
+namespace does not separate, and the rest). Another architecture's calling convention (x32, i386
+on x86_64) kills the process.
 """
 from __future__ import annotations
 
@@ -26,14 +29,15 @@ _DENIED = {  # name: (x86_64 number, aarch64 number)
     "delete_module": (176, 106), "open_by_handle_at": (304, 265), "open_tree": (428, 428),
     "move_mount": (429, 429), "fsopen": (430, 430), "fsconfig": (431, 431),
     "fsmount": (432, 432), "fspick": (433, 433), "mount_setattr": (442, 442),
+    "memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194),
 }
-_CLONE, _CLONE3, _SOCKET = (56, 220), (435, 435), (41, 198)
+_CLONE, _CLONE3, _SOCKET, _SOCKETPAIR = (56, 220), (435, 435), (41, 198), (53, 199)
 _ARCHES = {"x86_64": (0, 0xC000003E), "amd64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7),
            "arm64": (1, 0xC00000B7)}
 _X32_BIT = 0x40000000
 # CLONE_NEWTIME | NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 _NEW_NAMESPACE = 0x00000080 | 0x00020000 | 0x7E000000
-_AF_NETLINK, _AF_PACKET = 16, 17
+_AF_UNIX, _AF_INET, _AF_INET6 = 1, 2, 10  # the only socket families allowed
 
 _LD_W_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _ALLOW, _KILL_PROCESS = 0x7FFF0000, 0x80000000
@@ -52,10 +56,12 @@ def program(machine: Optional[str] = None) -> Optional[bytes]:
                   (_JGE, "deny", None, _X32_BIT)]
     code += [(_JEQ, "deny", None, numbers[column]) for numbers in _DENIED.values()]
     code += [(_JEQ, "clone", None, _CLONE[column]), (_JEQ, "enosys", None, _CLONE3[column]),
-             (_JEQ, "socket", None, _SOCKET[column]), (_RET, _ALLOW),
+             (_JEQ, "socket", None, _SOCKET[column]), (_JEQ, "socket", None, _SOCKETPAIR[column]),
+             (_RET, _ALLOW),
              ("clone", _LD_W_ABS, _ARG0), (_JSET, "deny", "allow", _NEW_NAMESPACE),
-             ("socket", _LD_W_ABS, _ARG0), (_JEQ, "deny", None, _AF_NETLINK),
-             (_JEQ, "deny", "allow", _AF_PACKET),
+             # the family is an int: its low word is all of it
+             ("socket", _LD_W_ABS, _ARG0), (_JEQ, "allow", None, _AF_UNIX),
+             (_JEQ, "allow", None, _AF_INET), (_JEQ, "allow", "deny", _AF_INET6),
              ("allow", _RET, _ALLOW), ("enosys", _RET, _ERRNO | errno.ENOSYS),
              ("deny", _RET, _ERRNO | errno.EPERM)]
     return _assemble(code)

@@ -13,6 +13,12 @@ KERNEL_SURFACE = {"unshare": (272, (0x10000000,)), "setns": (308, (0, 0)),
                   "bpf": (321, (0, 0, 0)), "keyctl": (250, (0, 0)),
                   "io_uring_setup": (425, (1, 0)), "userfaultfd": (323, (0,)),
                   "perf_event_open": (298, (0, 0, -1, -1, 0))}
+# Socket families the seccomp filter denies (socket and socketpair), each with a type the family
+# takes: vsock first (a network namespace does not separate its port space).
+DENIED_FAMILIES = {"AF_VSOCK": (40, 1), "AF_NETLINK": (16, 3), "AF_PACKET": (17, 3),
+                   "AF_ALG": (38, 5), "AF_KEY": (15, 3), "AF_TIPC": (30, 4), "AF_XDP": (44, 3),
+                   "AF_CAN": (29, 3), "AF_RDS": (21, 5), "AF_APPLETALK": (5, 2),
+                   "AF_BLUETOOTH": (31, 1), "AF_PPPOX": (24, 1)}
 
 
 def read_files(paths: list) -> str:
@@ -112,6 +118,79 @@ print(json.dumps(got))
 """
 
 
+def socket_families() -> str:
+    """socket() and socketpair() in each DENIED_FAMILIES family, and in the allowed ones; reports
+    each call of a denied family not refused EPERM (the filter's answer: without it the kernel
+    answers EAFNOSUPPORT, EOPNOTSUPP or succeeds), and each allowed call refused EPERM."""
+    return f"""
+import errno, json, socket
+got = []
+for name, (family, kind) in {DENIED_FAMILIES!r}.items():
+    for call in (socket.socket, socket.socketpair):
+        try:
+            call(family, kind)
+            got.append(f'{{name}} {{call.__name__}}: allowed')
+        except OSError as e:
+            if e.errno != errno.EPERM:
+                got.append(f'{{name}} {{call.__name__}}: {{errno.errorcode.get(e.errno)}}')
+for family, call in [(socket.AF_UNIX, socket.socketpair), (socket.AF_UNIX, socket.socket),
+                     (socket.AF_INET, socket.socket), (socket.AF_INET6, socket.socket)]:
+    try:
+        call(family, socket.SOCK_STREAM)
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            got.append(f'{{family!r}} {{call.__name__}} denied')
+print(json.dumps(got))
+"""
+
+
+def other_processes() -> str:
+    """For every process it sees but its own: each descriptor (/proc/PID/fd/N) opened for reading
+    and for writing, its memory and its environment read; reports what it opened."""
+    return """
+import json, os
+got = []
+for pid in [p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()]:
+    try:
+        fds = os.listdir(f'/proc/{pid}/fd')
+    except OSError:
+        fds = [str(n) for n in range(16)]
+    for fd in fds:
+        for flags in (os.O_RDONLY, os.O_WRONLY):
+            try:
+                os.close(os.open(f'/proc/{pid}/fd/{fd}', flags | os.O_NONBLOCK))
+                got.append(f'/proc/{pid}/fd/{fd} {flags}')
+            except OSError:
+                pass
+    for part in ('mem', 'environ'):
+        try:
+            with open(f'/proc/{pid}/{part}', 'rb') as f:
+                f.read(1)
+            got.append(f'/proc/{pid}/{part}')
+        except OSError:
+            pass
+print(json.dumps(got))
+"""
+
+
+def unbounded_shared_memory() -> str:
+    """Memory outside the address-space limit and every tmpfs cap: a memfd written (not
+    mapped), a System V segment; reports which it got."""
+    return """
+import ctypes, json, os
+got = []
+try:
+    os.write(os.memfd_create('held'), b'x' * (1 << 20))
+    got.append('memfd')
+except OSError:
+    pass
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.shmget(0, 1 << 20, 0o1600) >= 0:  # IPC_PRIVATE, IPC_CREAT | 0600
+    got.append('shmget')
+print(json.dumps(got))
+"""
+
+
 def fork_bomb(marker: str) -> str:
     """Forks children that sleep (holding `marker` in their command line) until a fork fails;
     reports how many it held at once."""
@@ -170,17 +249,26 @@ print(json.dumps([held]))
 
 def fill_tmp(total_mb: int) -> str:
     """Writes `total_mb` into /tmp in 8 MiB files; reports the MiB written."""
+    return fill({"/tmp": total_mb})
+
+
+def fill(sizes: dict) -> str:
+    """Writes `sizes[directory]` MiB into each directory in 8 MiB files; reports the MiB written
+    into each, in order."""
     return f"""
 import json
-written = 0
-try:
-    for at in range({total_mb} // 8):
-        with open(f'/tmp/fill{{at}}', 'wb') as f:
-            f.write(b'x' * (8 << 20))
-        written += 8
-except OSError:
-    pass
-print(json.dumps([written]))
+got = []
+for directory, total_mb in {sizes!r}.items():
+    written = 0
+    try:
+        for at in range(total_mb // 8):
+            with open(f'{{directory}}/fill{{at}}', 'wb') as f:
+                f.write(b'x' * (8 << 20))
+            written += 8
+    except OSError:
+        pass
+    got.append(written)
+print(json.dumps(got))
 """
 
 
@@ -194,6 +282,19 @@ if os.fork() == 0:
 while True:
     pass
 """
+
+
+WRAPPER_MARK = "fusedrl-test-bwrap-wrapper"
+
+
+def bwrap_wrapper(directory: str, real: str) -> str:
+    """Writes `directory`/bwrap, a script that says WRAPPER_MARK on stderr and runs the bubblewrap
+    at `real`; returns its path (a run's stderr then shows which bwrap ran it)."""
+    path = os.path.join(directory, "bwrap")
+    with open(path, "w") as script:
+        script.write(f'#!/bin/sh\necho {WRAPPER_MARK} >&2\nexec {real} "$@"\n')
+    os.chmod(path, 0o755)
+    return path
 
 
 def reported(result) -> list:

@@ -1,8 +1,11 @@
 """The sandbox when the trainer is a plain user: a probe trainer run as uid 65534 (setpriv) attacks
 through run_python as test_sandbox_attacks.py does as root: its own 0600 file unread, its network
-and memory out of reach, the kernel's surface denied, a fork bomb held at the process cap (counted
-in the sandbox's own user namespace), nothing left after the deadline. Run where the suite runs
-as root (a plain user's suite runs test_sandbox_attacks.py itself as that user)."""
+and memory out of reach, no descriptor of the box's pid 1 (the same uid) opened, the kernel's
+surface and every socket family but unix, inet and inet6 denied, /dev read-only and /dev/shm
+capped, no memory outside the caps, a fork bomb held at the process cap (counted in the sandbox's
+own user namespace), nothing left after the deadline; and a bubblewrap found off the run's fixed
+PATH is the one that runs (test_bwrap_path.py). Run where the suite runs as root (a plain user's
+suite runs test_sandbox_attacks.py itself as that user)."""
 import json
 import os
 import platform
@@ -14,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from fusedrl.engine.sandbox.bwrap_command import SHM_MB
 from fusedrl.engine.sandbox.runner import MAX_PROCESSES
+import sandbox_testing as attack
 
 pytestmark = pytest.mark.integration
 PLAIN = 65534
@@ -25,6 +30,7 @@ PROBE = r'''
 import json, os, socket, sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from fusedrl.engine.sandbox import detect, run_python
+from fusedrl.engine.sandbox.bwrap_command import SHM_MB
 import sandbox_testing as attack
 secret, marker = sys.argv[3], f"fusedrl-plain-{os.getpid()}"  # not in our own command line
 server = socket.socket()
@@ -36,10 +42,18 @@ out["read"] = run(attack.read_files([secret, "/etc/shadow"]))
 out["network"] = run(attack.reach_network(server.getsockname()[1], secret, "x"), timeout_s=8)
 out["trainer"] = run(attack.trainer_memory(os.getpid()))
 out["kernel"] = run(attack.kernel_surface()) if attack.KERNEL_SURFACE and sys.argv[4] else []
+out["others"] = run(attack.other_processes())
+out["sockets"] = run(attack.socket_families())
+out["shared"] = run(attack.unbounded_shared_memory())
+out["dev"] = run(attack.fill({"/dev": 16, "/dev/shm": 4 * SHM_MB}), memory_mb=256, timeout_s=8)
 out["bomb"] = run(attack.fork_bomb(marker.replace("plain", "bomb")), timeout_s=5)[0]
 late = run_python(attack.outlive(marker), timeout_s=1.0)
 out["late"] = late.timed_out
 out["left"] = attack.left_after(marker)
+os.environ["PATH"] = sys.argv[5] + os.pathsep + os.environ["PATH"]  # a bwrap off the fixed PATH
+detect.cache_clear()
+wrapped = run_python("print(1)")
+out["wrapper"] = [detect().program, wrapped.stdout, attack.WRAPPER_MARK in wrapped.stderr]
 print(json.dumps(out))
 '''
 
@@ -80,14 +94,20 @@ def probe(python: str, tmp_path: Path) -> None:
         os.chown(path, PLAIN, PLAIN)
     secret.chmod(0o600)
     tmp_path.chmod(0o755)
+    wrapper_dir = tmp_path / "bin"
+    wrapper_dir.mkdir(mode=0o755)
+    wrapper = attack.bwrap_wrapper(str(wrapper_dir), shutil.which("bwrap"))
     done = subprocess.run(
         ["setpriv", f"--reuid={PLAIN}", f"--regid={PLAIN}", "--clear-groups", python, "-I", "-c",
          PROBE, str(tmp_path / "pkg"), str(TESTING), str(secret),
-         "1" if platform.machine() == "x86_64" else ""],
+         "1" if platform.machine() == "x86_64" else "", str(wrapper_dir)],
         capture_output=True, text=True, timeout=120, cwd=home)
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["uid"] == PLAIN and out["mode"] == "bwrap", out
     assert out["read"] == out["network"] == out["trainer"] == out["kernel"] == [], out
+    assert out["others"] == out["sockets"] == out["shared"] == [], out
+    assert out["dev"][0] == 0 and out["dev"][1] <= SHM_MB, out
+    assert out["wrapper"] == [wrapper, "1\n", True], out
     assert 0 < out["bomb"] <= MAX_PROCESSES, out
     assert out["late"] and out["left"] == [], out

@@ -1,7 +1,9 @@
 """The model's code as an attacker, through run_python in the strong sandbox (bubblewrap): no file
-outside its work directory read or written, no network, no way to the trainer's memory, the
-kernel's attack surface denied, processes, memory and /tmp capped for the whole run, nothing left
-after its deadline; and, where no strong sandbox works, its code refused unless asked for."""
+outside its work directory read or written, no network, no way to the trainer's memory or to any
+descriptor of a process not its own, the kernel's attack surface and every socket family but
+unix, inet and inet6 denied, processes, memory, /tmp and /dev/shm capped for the whole run, /dev
+read-only, nothing left after its deadline; and, where no strong sandbox works, its code refused
+unless asked for."""
 import glob
 import os
 import platform
@@ -13,7 +15,7 @@ import time
 import pytest
 
 from fusedrl.engine.sandbox import detect, run_python
-from fusedrl.engine.sandbox.bwrap_command import TMPFS_MB
+from fusedrl.engine.sandbox.bwrap_command import SHM_MB, TMPFS_MB
 from fusedrl.engine.sandbox.run_cgroup import RunCgroup
 from fusedrl.engine.sandbox.runner import MAX_PROCESSES
 import sandbox_testing as attack
@@ -79,6 +81,11 @@ def test_the_trainers_memory_and_environment_are_out_of_reach():
     assert attack.reported(run_python(attack.trainer_memory(os.getpid()))) == []
 
 
+def test_no_descriptor_memory_or_environment_of_another_process_is_opened():
+    """The box's pid 1 holds the trainer's pipes unless it closed them and is not dumpable."""
+    assert attack.reported(run_python(attack.other_processes())) == []
+
+
 def test_the_kernels_settings_are_out_of_reach():
     """What a root-owned sandbox could write without any capability: sysctls, sysrq."""
     targets = ["/proc/sys/kernel/core_pattern", "/proc/sys/vm/drop_caches", "/proc/sysrq-trigger",
@@ -91,11 +98,19 @@ def test_the_kernels_attack_surface_is_denied():
     assert attack.reported(run_python(attack.kernel_surface())) == []
 
 
+def test_only_unix_inet_and_inet6_sockets_are_made():
+    assert attack.reported(run_python(attack.socket_families())) == []
+
+
+def test_no_memory_outside_the_caps_is_held():
+    assert attack.reported(run_python(attack.unbounded_shared_memory())) == []
+
+
 def test_a_fork_bomb_meets_the_process_cap_and_leaves_nothing():
     marker = f"fusedrl-bomb-{os.getpid()}-{time.monotonic_ns()}"
     result = run_python(attack.fork_bomb(marker), timeout_s=5)
     held = attack.reported(result)[0]
-    # The cap counts the launcher, bubblewrap's init and the program itself.
+    # The cap counts the sandbox's init and the program itself.
     assert 0 < held <= MAX_PROCESSES
     assert attack.left_after(marker) == []
 
@@ -112,6 +127,12 @@ def test_tmp_is_size_capped():
     written = attack.reported(run_python(attack.fill_tmp(4 * TMPFS_MB), memory_mb=1024,
                                          timeout_s=8))[0]
     assert written <= TMPFS_MB
+
+
+def test_dev_is_read_only_and_dev_shm_size_capped():
+    dev, shm = attack.reported(run_python(attack.fill({"/dev": 16, "/dev/shm": 4 * SHM_MB}),
+                                          memory_mb=256, timeout_s=8))
+    assert dev == 0 and shm <= SHM_MB
 
 
 def test_nothing_is_left_after_the_deadline():
