@@ -248,9 +248,21 @@ def moe(_):
             "params": max((a - b).abs().max().item() for a, b in zip(o_params, t_params))}
 
 
+def engine_trainer(_):
+    """TRL 1.x's GRPOConfig handed to our engine's GRPOTrainer: the one-line refusal."""
+    from trl import GRPOConfig
+    from fusedrl.engine import GRPOTrainer
+    out = tempfile.mkdtemp()
+    try:
+        GRPOTrainer(model=out, args=GRPOConfig(output_dir=out, use_cpu=True, report_to=[]))
+    except ValueError as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+    return {"error": ""}
+
+
 CHECKS = {"liger_sequence": liger_sequence, "liger_float_mask": liger_float_mask,
           "liger_no_reference": liger_no_reference, "trl_loss": trl_loss, "fp32_head": fp32_head,
-          "moe": moe}
+          "moe": moe, "engine_trainer": engine_trainer}
 
 
 if __name__ == "__main__":

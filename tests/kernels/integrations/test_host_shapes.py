@@ -15,7 +15,8 @@ TRL_LOSSES = "grpo/sequence,bnpo/token,cispo/token,sapo/token,grpo/sequence/bina
 @pytest.fixture(scope="module")
 def runs() -> dict:
     return run_worker("host_shapes_worker.py", "liger_sequence", "liger_float_mask",
-                      "liger_no_reference", f"trl_loss:{TRL_LOSSES}", "fp32_head", "moe")
+                      "liger_no_reference", f"trl_loss:{TRL_LOSSES}", "fp32_head", "moe",
+                      "engine_trainer")
 
 
 def assert_matches_liger(case, name):
@@ -89,3 +90,9 @@ def test_qwen3_moe_trains_in_the_drop_in_trainer(runs):
     assert result["train_losses"] == pytest.approx(result["their_train_losses"], abs=1e-6)
     assert result["aux"] == pytest.approx(result["their_aux"], abs=1e-6)
     assert result["params"] <= 1e-4
+
+
+def test_trl_s_config_in_the_engine_trainer_is_refused_naming_ours(runs):
+    error = runs["engine_trainer"]["error"]
+    assert error.startswith("ConfigError: args: expected fusedrl.engine.GRPOConfig") and \
+        "got trl." in error and "\n" not in error, error
