@@ -80,16 +80,17 @@ TOKENIZER_PROBE = "hello world 0123456789"  # letters, digits, a space: a real v
 
 
 def tokenizer_encodes(tokenizer) -> bool:
-    """Whether `tokenizer` turns text into tokens: TOKENIZER_PROBE, or a few words of its own
+    """Whether `tokenizer` turns text into tokens: TOKENIZER_PROBE, or else a few words of its own
     vocabulary (a word-level vocabulary without an unknown token encodes nothing else)."""
-    words = [w for w in list(tokenizer.get_vocab())[:64] if w.isalnum()][:4]
-    for text in (TOKENIZER_PROBE, " ".join(words)):
+    def encodes(text: str) -> bool:
         try:
-            if text and tokenizer(text, add_special_tokens=False)["input_ids"]:
-                return True
+            return bool(text) and bool(tokenizer(text, add_special_tokens=False)["input_ids"])
         except Exception:  # noqa: BLE001 - the tokenizers library raises its own Exception
-            continue
-    return False
+            return False
+    if encodes(TOKENIZER_PROBE):
+        return True
+    words = [w for w in list(tokenizer.get_vocab())[:64] if w.isalnum()][:4]
+    return encodes(" ".join(words))
 
 
 def load_tokenizer(model_dir):
