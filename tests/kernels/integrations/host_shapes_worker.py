@@ -71,7 +71,7 @@ def liger_sequence(_):
     x = liger_inputs()
     binary = (x["mask"] != 0).float()
     out = {}
-    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+    for loss_type in ("grpo", "dr_grpo"):   # a row mean and a token sum (float masks: below)
         kwargs = dict(loss_type=loss_type, importance_sampling_level="sequence", beta=0.04,
                       epsilon_high=0.28, max_completion_length=T, use_bias_correction_kl=True)
         out[f"{loss_type}/token_is"] = against_liger(kwargs, dict(is_ratio=x["is_ratio"],

@@ -31,7 +31,7 @@ def test_sequence_level_gradients_are_liger_s(runs):
     """GSPO with a [B, T] and a [B, 1] sampler IS ratio, float and binary masks: each token's
     gradient goes through the sequence's mean log-ratio, as Liger differentiates it."""
     cases = runs["liger_sequence"]
-    assert len(cases) == 8
+    assert len(cases) == 4
     for name, case in cases.items():
         assert_matches_liger(case, name)
 
