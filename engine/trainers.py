@@ -27,6 +27,7 @@ from typing import Callable, Optional
 from .config.io import ConfigError, to_dict
 from .config.ppo import GRPOConfig, PPOConfig
 from .config.train import RMConfig, SFTConfig
+from .data.sources import is_dataset
 from .errors import RunComplete, UsageError
 from .runs.path_checks import check_input_file
 from .train.callbacks import as_callback
@@ -43,15 +44,34 @@ class TrainResult:
 
 def as_config(cls, config, overrides: list[str] = ()):
     """`config` as a `cls`: an instance of it (overrides applied on its values), a nested dict, or
-    the path of a YAML file; a ConfigError (a ValueError) naming the bad key otherwise."""
+    the path of a YAML file; a ConfigError (a ValueError) naming the bad key otherwise, and one
+    naming ours for another library's config of the same name (TRL's GRPOConfig: its options are
+    not ours)."""
     if isinstance(config, cls):
         return cls.from_dict(to_dict(config), overrides) if overrides else config
     if isinstance(config, dict):
         return cls.from_dict(config, overrides)
     if isinstance(config, (str, Path)):
         return cls.from_yaml(config, overrides)
-    raise ConfigError(f"args: expected a {cls.__name__}, a dict or a YAML file path, got "
-                      f"{type(config).__name__}")
+    kind = type(config)
+    raise ConfigError(f"args: expected fusedrl.engine.{cls.__name__} (or a dict or a YAML file "
+                      f"path of its options), got {kind.__module__}.{kind.__qualname__}")
+
+
+def as_dataset(dataset, argument: str):
+    """A trainer's dataset: a datasets.Dataset (or DatasetDict) as given, a list of row dicts
+    (TRL's {"prompt": ...}, {"messages": [...]}, ...) as a datasets.Dataset, None as None; a
+    UsageError naming `argument` otherwise."""
+    if dataset is None or is_dataset(dataset):
+        return dataset
+    if isinstance(dataset, (list, tuple)) and dataset and all(isinstance(row, dict)
+                                                              for row in dataset):
+        import datasets
+        return datasets.Dataset.from_list(list(dataset))
+    what = (f"a {type(dataset).__name__} of {len(dataset)} rows"
+            if isinstance(dataset, (list, tuple)) else type(dataset).__name__)
+    raise UsageError(f"{argument}: expected a datasets.Dataset or a non-empty list of row dicts, "
+                     f"got {what}")
 
 
 def _ready(config, dataset) -> None:
@@ -105,7 +125,8 @@ class Trainer:
                              f"{type(model).__name__}")
         self.args = self._config(args, None if _in_memory(model) else model)
         self.model, self.processing_class = model, processing_class
-        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.train_dataset = as_dataset(train_dataset, "train_dataset")
+        self.eval_dataset = as_dataset(eval_dataset, "eval_dataset")
         self.callbacks = []
         for callback in callbacks or ():
             self.add_callback(callback)

@@ -76,17 +76,45 @@ def load_config(model_dir) -> ModelConfig:
         raise ModelError(f"{model_dir}: {e}") from None
 
 
+TOKENIZER_PROBE = "hello world 0123456789"  # letters, digits, a space: a real vocabulary has some
+
+
+def tokenizer_encodes(tokenizer) -> bool:
+    """Whether `tokenizer` turns text into tokens: TOKENIZER_PROBE, or else a few words of its own
+    vocabulary (a word-level vocabulary without an unknown token encodes nothing else)."""
+    def encodes(text: str) -> bool:
+        try:
+            return bool(text) and bool(tokenizer(text, add_special_tokens=False)["input_ids"])
+        except Exception:  # noqa: BLE001 - the tokenizers library raises its own Exception
+            return False
+    if encodes(TOKENIZER_PROBE):
+        return True
+    words = [w for w in list(tokenizer.get_vocab())[:64] if w.isalnum()][:4]
+    return encodes(" ".join(words))
+
+
 def load_tokenizer(model_dir):
     """The tokenizer of `model_dir`, by transformers' AutoTokenizer without running any code the
-    directory ships (a tokenizer that needs its own code is a ModelError)."""
+    directory ships (a tokenizer that needs its own code is a ModelError). Where AutoTokenizer's
+    choice encodes nothing, the directory's tokenizer.json as saved: for some model types
+    (Qwen2) it takes the type's own class over a saved generic one, which reads a word-level
+    tokenizer.json as a byte-level BPE with no vocabulary."""
     from transformers import AutoTokenizer  # deferred: only the stages and the engine need it
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except ValueError as e:
         raise ModelError(
             f"{model_dir}: its tokenizer cannot be loaded without running code from the directory, "
             f"which fusedrl never does ({' '.join(str(e).split())})") from None
+    if tokenizer_encodes(tokenizer) or not (Path(model_dir) / "tokenizer.json").is_file():
+        return tokenizer
+    from transformers import PreTrainedTokenizerFast
+    try:
+        saved = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    except Exception:  # noqa: BLE001 - a tokenizer.json the tokenizers library cannot read
+        return tokenizer
+    return saved if tokenizer_encodes(saved) else tokenizer
 
 
 def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:

@@ -20,7 +20,7 @@ import torch
 from ..config.train import RunConfig
 from ..runs import run_dir
 from ..errors import ModelError, UsageError
-from ..model.hf_io import load_config, load_tokenizer
+from ..model.hf_io import TOKENIZER_PROBE, load_config, load_tokenizer, tokenizer_encodes
 from ..runs.path_checks import check_model_path, check_paths
 from ..parallel import distributed
 from ..parallel.dims import ParallelDims
@@ -119,15 +119,13 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
     return RunContext(device, dtype, tokenizer, configs, dims, config)
 
 
-_PROBE = "hello world 0123456789"  # letters, digits, a space: a real vocabulary has some
-
-
 def run_tokenizer(option: str, path):
     """The tokenizer of model directory `path` (the option naming it), which must turn a text
     into tokens: ModelError naming the directory for an empty one (a tokenizer.json without a
     vocabulary)."""
     tokenizer = load_tokenizer(path)
-    if not tokenizer(_PROBE, add_special_tokens=False)["input_ids"]:
-        raise ModelError(f"{option}={path}: its tokenizer is empty (it turns {_PROBE!r} into no "
-                         "tokens): save the tokenizer the model was trained with there")
+    if not tokenizer_encodes(tokenizer):
+        raise ModelError(f"{option}={path}: its tokenizer is empty (it turns {TOKENIZER_PROBE!r} "
+                         "and its own vocabulary into no tokens): save the tokenizer the model "
+                         "was trained with there")
     return tokenizer

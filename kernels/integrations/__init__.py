@@ -14,11 +14,11 @@ which only run when asked for.
 from ..rl.advantages import gae
 from ..rl.ppo_loss import ppo_value_loss
 from ..rl.whiten import masked_whiten
-from .grpo_loss import LOSS_TYPES, FusedLinearGRPOLoss, loss_aggregation
+from .grpo_loss import LOSS_TYPES, FusedLinearGRPOLoss, loss_weights
 from .ppo_loss import FusedLinearPPOLoss, group_advantages_by_uid
 from .transformers_patch import (MODEL_TYPES, patch_model, patch_model_type, unpatch_model,
                                  unpatch_model_type)
 
 __all__ = ["FusedLinearGRPOLoss", "FusedLinearPPOLoss", "LOSS_TYPES", "MODEL_TYPES", "gae",
-           "group_advantages_by_uid", "loss_aggregation", "masked_whiten", "patch_model",
+           "group_advantages_by_uid", "loss_weights", "masked_whiten", "patch_model",
            "patch_model_type", "ppo_value_loss", "unpatch_model", "unpatch_model_type"]

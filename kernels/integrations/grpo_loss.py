@@ -2,71 +2,106 @@
 already call), on our fused LM head, PPO loss and KL: the [B, T, V] logits never exist.
 
 TRL's loss types, each as TRL 1.x's GRPOTrainer._compute_loss defines it, with ratio
-r = exp(logp - old_logp) (its sequence mean at importance_sampling_level="sequence") and the KL
-beta * k3(ref, logp) (times r with use_bias_correction_kl) added per token before aggregating:
-    grpo      mean over the B rows of each row's token mean (an empty row counts, as 0)
-    bnpo      the token mean                                   (agg "token-mean")
-    dr_grpo   the token sum / (B x max_completion_length)      ("seq-mean-token-sum-norm")
-    dapo      the token sum / num_items_in_batch (the token mean without it, one process)
-    cispo     -min(r, epsilon_high) (no gradient) * A * logp, aggregated as dapo
-    sapo      -sigmoid(tau (r - 1)) * 4 / tau * A, aggregated as grpo
+r = exp(logp - old_logp) and the KL beta * k3(ref, logp) (times r with use_bias_correction_kl)
+added per token; the mask m weights each token by its value (a float mask is a weight, as TRL and
+Liger read it), and the loss is sum over tokens of c_b * m_bt * term_bt with TRL's normalizer c:
+    grpo      1 / (B x max(sum_t m_bt, 1))      (the mean over B rows of each row's token mean)
+    bnpo      1 / max(sum m, 1)                 (the token mean)
+    dr_grpo   1 / (B x max_completion_length)
+    dapo      1 / max(num_items_in_batch / world, 1) (1 / max(sum m, 1) without it)
+    cispo     -min(r, epsilon_high) (no gradient) * A * logp, normalized as dapo
+    sapo      -sigmoid(tau (r - 1)) * 4 / tau * A, normalized as grpo
+Importance-sampling levels: "token"; "sequence" (GSPO, TRL's and Liger's): r is each row's
+exp(sum_t m (logp - old) / max(sum_t m, 1)), differentiated through that mean; "sequence_token"
+(GSPO-token, verl's): the same value, each token's log-prob with gradient 1.
 luspo and vespo are refused (ValueError); TRL's delta (two-sided clipping) is dual_clip = delta,
 which it equals for delta > 1 + epsilon_high.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ..rl.kl import kl_penalty
 from ..rl.linear_logprobs import linear_token_logprobs
 from ..rl.ppo_loss import ppo_policy_loss, token_advantages
-from ..rl.statistics import aggregate, masked_mean
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 CLIPPED_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IS_LEVELS = ("token", "sequence", "sequence_token")
 IGNORE_INDEX = -100
+OP = "FusedLinearGRPOLoss"
 
 
-def loss_aggregation(loss_type: str, mask: torch.Tensor, max_completion_length: Optional[int],
-                     num_items_in_batch=None) -> tuple[str, Optional[float], torch.Tensor]:
-    """(agg, loss_agg_norm, scale) that give TRL's normalizer of ``loss_type`` for mask [B, T]:
-    the loss is scale * aggregate(per_token, mask, agg, norm). scale is 1 but for grpo and sapo,
-    whose mean runs over all B rows (empty ones included) where seq-mean-token-mean skips empty
-    rows: (non-empty rows) / B."""
-    rows = mask.shape[0]
-    one = torch.ones((), device=mask.device)
+class GRPOTerms(NamedTuple):
+    """The detached pieces of a GRPO loss its hosts' metrics are made of, in TRL's shapes:
+    coef [B, T] (token level) or [B, 1] (sequence levels), the ratio r; advantages [B, 1] or
+    [B, T] as given; kl [B, T] (bias-corrected where asked) or None without a KL term; weights
+    [B, T] fp32, the mask's values."""
+
+    coef: torch.Tensor
+    advantages: torch.Tensor
+    kl: Optional[torch.Tensor]
+    weights: torch.Tensor
+
+
+def loss_weights(loss_type: str, weights: torch.Tensor, max_completion_length: Optional[int],
+                 num_items_in_batch=None) -> torch.Tensor:
+    """[B, T] fp32 per-token weights c_b * m_bt of TRL's aggregation of ``loss_type`` (see the
+    module docstring) from the mask's values weights [B, T]: the loss is sum(w * term)."""
+    rows = weights.shape[0]
     if loss_type in ("grpo", "sapo"):
-        non_empty = (mask != 0).any(dim=-1).sum().float()
-        return "seq-mean-token-mean", None, non_empty / max(rows, 1)
-    if loss_type == "bnpo":
-        return "token-mean", None, one
+        return weights / (rows * weights.sum(-1, keepdim=True).clamp(min=1.0))
     if loss_type == "dr_grpo":
         if max_completion_length is None:
-            raise ValueError("FusedLinearGRPOLoss: loss_type 'dr_grpo' needs max_completion_length")
-        return "seq-mean-token-sum-norm", float(rows * max_completion_length), one
-    if num_items_in_batch is None:
-        return "token-mean", None, one
+            raise ValueError(f"{OP}: loss_type 'dr_grpo' needs max_completion_length")
+        return weights / float(max(rows * max_completion_length, 1))
+    if loss_type == "bnpo" or num_items_in_batch is None:
+        return weights / weights.sum().clamp(min=1.0)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return "seq-mean-token-sum-norm", max(float(num_items_in_batch) / world, 1.0), one
+    items = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=weights.device)
+    return weights / (items / world).clamp(min=1.0)
 
 
-def sequence_log_ratio(logp, old_logp, mask):
-    """[B, 1] mean log-ratio of each row's valid tokens (TRL's importance_sampling_level
-    "sequence"), differentiable w.r.t. logp."""
-    valid = (mask != 0).to(logp.dtype)
-    return (((logp - old_logp) * valid).sum(-1) / valid.sum(-1).clamp(min=1.0))[:, None]
+def mask_weights(mask: torch.Tensor, like: torch.Tensor, binary: bool = False) -> torch.Tensor:
+    """A host's mask [B, T] (bool, integer or float) as fp32 token weights: its values (TRL's and
+    Liger's reading), or 1 where nonzero with ``binary``; a negative value is refused."""
+    if mask.shape != like.shape:
+        raise ValueError(f"{OP}: attention_mask must have shape {tuple(like.shape)}, got "
+                         f"{tuple(mask.shape)}")
+    if binary or mask.dtype == torch.bool:
+        return (mask != 0).float()
+    if (mask < 0).any():
+        raise ValueError(f"{OP}: attention_mask must be >= 0 (a token's weight), got a minimum of "
+                         f"{mask.min().item()}")
+    return mask.float()
+
+
+def per_row(op: str, name: str, x: Optional[torch.Tensor], like: torch.Tensor):
+    """A host's per-row or per-token tensor ([B], [B, 1] or [B, T], like's [B, T]) as [B, 1] or
+    [B, T]; anything else is refused (no silent broadcasting)."""
+    if x is None:
+        return None
+    rows, steps = like.shape
+    if x.shape == (rows,):
+        return x[:, None]
+    if x.shape in ((rows, 1), (rows, steps)):
+        return x
+    raise ValueError(f"{op}: {name} must have shape ({rows},), ({rows}, 1) or ({rows}, {steps}), "
+                     f"got {tuple(x.shape)}")
 
 
 class FusedLinearGRPOLoss(torch.nn.Module):
     """The GRPO-family loss of hidden states through the LM head, Liger's call shape.
 
     Constructor: Liger's arguments and defaults (beta 0.04, epsilon_low/high 0.2, loss_type "dapo",
-    temperature 1); ``chunk_size`` is Liger's too (sequences per chunk; None: our byte budget,
-    linear_logprobs.CHUNK_BYTES); ``compiled`` and ``use_ref_model`` are taken and have no effect
-    (our kernels need no compile; no ref_per_token_logps means no KL). Ours only: logit_scale,
-    softcap (the head's, see linear_token_logprobs), return_stats (metrics as a dict).
+    temperature 1, use_ref_model True: beta != 0 then needs ref_per_token_logps; False: no
+    reference, the KL term is 0 as Liger's); ``chunk_size`` is Liger's too (sequences per chunk;
+    None: our byte budget, linear_logprobs.CHUNK_BYTES); ``compiled`` is taken and has no effect
+    (our kernels need no compile). importance_sampling_level also takes "sequence_token" (see the
+    module docstring). Ours only: logit_scale, softcap (the head's, see linear_token_logprobs),
+    binary_mask (every nonzero mask value weighs 1), return_stats (metrics as a dict).
     """
 
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True,
@@ -77,20 +112,22 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                  sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
                  delta: Optional[float] = None, use_bias_correction_kl: bool = False, *,
                  logit_scale: float = 1.0, softcap: Optional[float] = None,
-                 return_stats: bool = False):
+                 binary_mask: bool = False, return_stats: bool = False):
         super().__init__()
         if loss_type not in LOSS_TYPES:
-            raise ValueError(f"FusedLinearGRPOLoss: loss_type {loss_type!r} has no fused mapping; "
+            raise ValueError(f"{OP}: loss_type {loss_type!r} has no fused mapping; "
                              f"expected one of {LOSS_TYPES}")
-        if importance_sampling_level not in ("token", "sequence"):
-            raise ValueError(f"FusedLinearGRPOLoss: importance_sampling_level must be 'token' or "
-                             f"'sequence', got {importance_sampling_level!r}")
+        if importance_sampling_level not in IS_LEVELS:
+            raise ValueError(f"{OP}: importance_sampling_level must be one of {IS_LEVELS}, got "
+                             f"{importance_sampling_level!r}")
         if delta is not None and not delta > 1 + epsilon_high:
-            raise ValueError(f"FusedLinearGRPOLoss: delta must exceed 1 + epsilon_high "
-                             f"({1 + epsilon_high}), got {delta!r}")
+            raise ValueError(f"{OP}: delta must exceed 1 + epsilon_high ({1 + epsilon_high}), "
+                             f"got {delta!r}")
         if min(sapo_temperature_pos, sapo_temperature_neg) <= 0:
-            raise ValueError("FusedLinearGRPOLoss: the sapo temperatures must be positive")
+            raise ValueError(f"{OP}: the sapo temperatures must be positive, got "
+                             f"{(sapo_temperature_pos, sapo_temperature_neg)}")
         self.beta, self.loss_type, self.chunk_size = beta, loss_type, chunk_size
+        self.use_ref_model, self.binary_mask = use_ref_model, binary_mask
         self.epsilon_low, self.epsilon_high, self.delta = epsilon_low, epsilon_high, delta
         self.max_completion_length = max_completion_length
         self.importance_sampling_level = importance_sampling_level
@@ -105,90 +142,120 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                 old_per_token_logps: Optional[torch.Tensor] = None, ref_input=None,
                 ref_weight=None, ref_bias=None, vllm_is_ratio: Optional[torch.Tensor] = None,
                 num_items_in_batch=None):
-        """(loss [], metrics): _input [B, T, H], lin_weight [V, H], selected_token_ids and
-        attention_mask (completion mask) [B, T], advantages [B] / [B, 1] / [B, T], optional
-        bias [V], ref_per_token_logps and old_per_token_logps [B, T] (old: none = on-policy),
-        vllm_is_ratio [B, T] or [B, 1] (the sampler's IS weight of the policy term).
-        metrics: Liger's list [mean KL (when beta != 0), clip ratio], or with return_stats a dict
-        (kl, clip_ratio, clipfrac_low, clipfrac_high, entropy). ref_input/ref_weight/ref_bias
-        (Liger's reference head) are refused: pass ref_per_token_logps."""
+        """(loss [], metrics): _input [B, T, H], lin_weight [V, H], selected_token_ids [B, T],
+        attention_mask [B, T] (the completion mask; its values weigh the tokens), advantages
+        [B] / [B, 1] / [B, T], optional bias [V], ref_per_token_logps and old_per_token_logps
+        [B, T] (old: none = on-policy), vllm_is_ratio [B] / [B, 1] / [B, T] (the sampler's IS
+        weight of the policy term). metrics: Liger's list [mean KL (when beta != 0; 0.0 with
+        use_ref_model=False), clip ratio], or with return_stats a dict (kl, clip_ratio,
+        clipfrac_low, clipfrac_high, entropy). ref_input/ref_weight/ref_bias (Liger's reference
+        head) are refused: pass ref_per_token_logps."""
         if ref_input is not None or ref_weight is not None or ref_bias is not None:
-            raise ValueError("FusedLinearGRPOLoss: pass ref_per_token_logps, not ref_input/"
-                             "ref_weight/ref_bias (the reference model's head)")
+            raise ValueError(f"{OP}: pass ref_per_token_logps, not ref_input/ref_weight/ref_bias "
+                             "(the reference model's head)")
         if _input.dim() != 3 or selected_token_ids.shape != _input.shape[:2]:
-            raise ValueError(f"FusedLinearGRPOLoss: expected _input [B, T, H] and "
-                             f"selected_token_ids [B, T], got {tuple(_input.shape)} and "
-                             f"{tuple(selected_token_ids.shape)}")
-        mask = attention_mask != 0
-        labels = torch.where(mask, selected_token_ids, IGNORE_INDEX)
+            raise ValueError(f"{OP}: expected _input [B, T, H] and selected_token_ids [B, T], "
+                             f"got {tuple(_input.shape)} and {tuple(selected_token_ids.shape)}")
+        weights = mask_weights(attention_mask, selected_token_ids, self.binary_mask)
+        labels = torch.where(weights != 0, selected_token_ids, IGNORE_INDEX)
         chunk = None if self.chunk_size is None else self.chunk_size * _input.shape[1]
         logp, entropy = linear_token_logprobs(
             _input, lin_weight, labels, bias=bias, temperature=self.temperature,
             return_entropy=True, chunk_size=chunk, logit_scale=self.logit_scale,
             softcap=self.softcap)
-        loss, stats, kl = self.loss_from_logps(logp, mask, advantages, old_per_token_logps,
-                                               ref_per_token_logps, vllm_is_ratio,
-                                               num_items_in_batch)
-        return loss, self._metrics(stats, kl, entropy, mask)
+        loss, terms = self.loss_from_logps(logp, weights, advantages, old_per_token_logps,
+                                           ref_per_token_logps, vllm_is_ratio, num_items_in_batch)
+        return loss, self._metrics(terms, entropy)
 
     def loss_from_logps(self, logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
                         old_per_token_logps: Optional[torch.Tensor] = None,
                         ref_per_token_logps: Optional[torch.Tensor] = None,
-                        vllm_is_ratio: Optional[torch.Tensor] = None, num_items_in_batch=None):
-        """(loss [], stats, per-token KL [B, T] or None) from the policy's log-probs logp [B, T]
-        (differentiable) and mask [B, T] (nonzero = valid): the loss of forward after its head,
-        for a host that makes the log-probs itself (FusedGRPOTrainer)."""
-        mask = mask != 0
+                        vllm_is_ratio: Optional[torch.Tensor] = None, num_items_in_batch=None
+                        ) -> tuple[torch.Tensor, GRPOTerms]:
+        """(loss [], GRPOTerms) from the policy's log-probs logp [B, T] (differentiable) and
+        mask [B, T] (its values weigh the tokens): the loss of forward after its head, for a host
+        that makes the log-probs itself (FusedGRPOTrainer)."""
+        weights = mask_weights(mask, logp, self.binary_mask)
+        if self.beta != 0.0 and self.use_ref_model and ref_per_token_logps is None:
+            raise ValueError(f"{OP}: beta={self.beta} needs ref_per_token_logps (or "
+                             "use_ref_model=False for no reference, or beta=0)")
         old = logp.detach() if old_per_token_logps is None else old_per_token_logps.detach()
-        advantages = token_advantages("FusedLinearGRPOLoss", advantages.detach(), logp)
-        agg, norm, scale = loss_aggregation(self.loss_type, mask, self.max_completion_length,
-                                            num_items_in_batch)
-        policy, stats = self._policy_loss(logp, old, advantages, mask, vllm_is_ratio, agg, norm)
-        loss = policy * scale
+        advantages = per_row(OP, "advantages", advantages, logp).detach()
+        is_ratio = per_row(OP, "vllm_is_ratio", vllm_is_ratio, logp)
+        agg_weight = loss_weights(self.loss_type, weights, self.max_completion_length,
+                                  num_items_in_batch)
+        policy_weight = agg_weight if is_ratio is None else agg_weight * is_ratio.detach().float()
+        log_ratio = self._log_ratio(logp.float(), old.float(), weights)
+        loss = self._policy_loss(logp, log_ratio, advantages, policy_weight)
         kl = None
-        if self.beta != 0.0 and ref_per_token_logps is not None:
-            ratio = self._ratio(logp, old, mask).expand_as(logp)
-            kl = kl_penalty(logp, ref_per_token_logps.detach(), estimator="k3", mask=mask,
-                            is_weight=ratio if self.use_bias_correction_kl else None)
-            loss = loss + self.beta * aggregate(kl, mask, agg, norm) * scale
-        return loss, stats, kl
+        if self.beta != 0.0:
+            # Liger without a reference model: the policy's own log-probs, a KL of 0
+            ref = ref_per_token_logps if self.use_ref_model else logp
+            kl = kl_penalty(logp, ref.detach(), estimator="k3", mask=weights)
+            if self.use_bias_correction_kl:
+                kl = kl * log_ratio.exp()
+            loss = loss + self.beta * (kl * agg_weight).sum()
+        kl = None if kl is None else kl.detach()
+        return loss, GRPOTerms(log_ratio.detach().exp(), advantages, kl, weights)
 
-    def _ratio(self, logp, old, mask):
-        """TRL's coef_1: [B, T] (token level) or [B, 1] (sequence level), differentiable."""
+    def _log_ratio(self, logp, old, weights):
+        """log r, differentiable: [B, T] at token level, [B, 1] at the sequence levels (TRL's
+        weighted mean; "sequence_token" passes each token's gradient straight to its logp)."""
+        log_ratio = logp - old
+        if self.importance_sampling_level == "token":
+            return log_ratio
+        mean = (log_ratio * weights).sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp(
+            min=1.0)
         if self.importance_sampling_level == "sequence":
-            return sequence_log_ratio(logp, old, mask).exp()
-        return (logp - old).exp()
+            return mean
+        return mean.detach() + (logp - logp.detach())
 
-    def _policy_loss(self, logp, old, advantages, mask, vllm_is_ratio, agg, norm):
-        """(policy loss by agg, stats). The clipped surrogate is linear in A for a positive
-        weight, so the sampler's IS ratio scales the advantages."""
-        if vllm_is_ratio is not None:
-            advantages = advantages * vllm_is_ratio.detach().to(advantages.dtype)
+    def _policy_loss(self, logp, log_ratio, advantages, token_weight):
+        """sum over tokens of token_weight [B, T] * the policy term. The clipped surrogate runs on
+        our PPO kernel at agg "token-sum": it is linear in A for a positive weight, so the weight
+        scales the advantages, and the log-ratio goes in as logp against 0."""
+        token_adv = token_advantages(OP, advantages, logp)
         if self.loss_type in CLIPPED_TYPES:
-            return ppo_policy_loss(logp, old, advantages, mask, clip_eps=self.epsilon_low,
-                                   clip_eps_high=self.epsilon_high, dual_clip=self.delta, agg=agg,
-                                   loss_agg_norm=norm, ratio_level=self.importance_sampling_level,
-                                   clip_sides=True)
-        ratio = self._ratio(logp, old, mask)
+            ratio_logp = log_ratio.expand_as(logp)
+            loss, _ = ppo_policy_loss(ratio_logp, torch.zeros_like(ratio_logp),
+                                      token_adv * token_weight, token_weight != 0,
+                                      clip_eps=self.epsilon_low, clip_eps_high=self.epsilon_high,
+                                      dual_clip=self.delta, agg="token-sum")
+            return loss
+        ratio = log_ratio.exp()
         if self.loss_type == "cispo":
-            weight = ratio.detach().clamp(max=self.epsilon_high)
-            per_token = -weight * advantages * logp
-            clipped = (ratio.detach() > self.epsilon_high) & (advantages > 0)
+            per_token = -ratio.detach().clamp(max=self.epsilon_high) * token_adv * logp
         else:  # sapo
             pos, neg = self.sapo_temperatures
-            tau = torch.where(advantages > 0, pos, neg)
-            per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
-            clipped = torch.zeros_like(mask)
-        zero = masked_mean(torch.zeros_like(logp), mask)
-        stats = {"clipfrac_low": zero, "clipfrac_high": masked_mean(clipped.float(), mask)}
-        return aggregate(per_token.expand_as(logp), mask, agg, norm), stats
+            tau = torch.where(token_adv > 0, pos, neg)
+            per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * token_adv
+        return (per_token * token_weight).sum()
 
-    def _metrics(self, stats, kl, entropy, mask):
-        clip_ratio = (stats["clipfrac_low"] + stats["clipfrac_high"]).detach()
-        kl_mean = None if kl is None else masked_mean(kl.detach(), mask)
+    def clipped(self, terms: GRPOTerms) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low, high) bool, TRL's broadcast of coef against advantages: the tokens (rows at the
+        sequence levels) whose ratio the clip holds, as TRL's and Liger's metrics count them."""
+        coef, adv = terms.coef, terms.advantages
+        if self.loss_type == "cispo":
+            return torch.zeros_like(coef * adv, dtype=torch.bool), (coef > self.epsilon_high) & (
+                adv > 0)
+        if self.loss_type == "sapo":
+            none = torch.zeros_like(coef * adv, dtype=torch.bool)
+            return none, none
+        return ((coef < 1 - self.epsilon_low) & (adv < 0),
+                (coef > 1 + self.epsilon_high) & (adv > 0))
+
+    def _metrics(self, terms: GRPOTerms, entropy: torch.Tensor):
+        """Liger's metrics: means over the tokens weighted by the mask, divided by
+        max(sum of the mask, 1)."""
+        weights = terms.weights
+        total = weights.sum().clamp(min=1.0)
+
+        def mean(x):
+            return (x.float().expand_as(weights) * weights).sum() / total
+        low, high = self.clipped(terms)
+        kl = None if terms.kl is None else mean(terms.kl)
+        clip_ratio = mean(low | high)
         if self.return_stats:
-            return {"kl": kl_mean, "clip_ratio": clip_ratio,
-                    "clipfrac_low": stats["clipfrac_low"].detach(),
-                    "clipfrac_high": stats["clipfrac_high"].detach(),
-                    "entropy": masked_mean(entropy.detach(), mask)}
-        return ([] if kl_mean is None else [kl_mean]) + [clip_ratio]
+            return {"kl": kl, "clip_ratio": clip_ratio, "clipfrac_low": mean(low),
+                    "clipfrac_high": mean(high), "entropy": mean(entropy.detach())}
+        return ([] if kl is None else [kl]) + [clip_ratio]

@@ -1,5 +1,7 @@
-"""verl in one line: ``fusedrl.kernels.integrations.verl.register()`` before verl builds its
-workers. It installs, with verl's own signatures:
+"""verl in one line: ``fusedrl.kernels.integrations.verl.register()`` in each process that runs
+verl code: the driver, and every Ray worker through verl's own import hook
+(VERL_USE_EXTERNAL_MODULES or external_lib naming fusedrl.kernels.integrations.verl_worker, which
+registers when imported). It installs, with verl's own signatures:
   linear_cross_entropy   verl.utils.kernel.linear_cross_entropy.linear_cross_entropy (its fused
                          head, imported at call time by verl's models): ours, (logp, entropy)
   "fusedrl"              a policy loss (actor.policy_loss.loss_mode): verl's vanilla PPO (dual
@@ -11,6 +13,7 @@ Importing this module imports nothing of verl; register() does (verl must be ins
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -116,14 +119,20 @@ def compute_grpo_outcome_advantage_fusedrl(token_level_rewards, response_mask, i
 
 
 def register() -> None:
-    """Install our head, policy loss and advantage estimators into verl (see the module
-    docstring). Needs verl importable; safe to call more than once."""
+    """Install our head, policy loss and advantage estimators into verl in this process (see the
+    module docstring): verl's modules already imported that bound verl's head by name get ours
+    too. Needs verl importable; safe to call more than once."""
     try:
         from verl.trainer.ppo import core_algos
         from verl.utils.kernel import linear_cross_entropy as verl_head
     except ImportError as error:
         raise ImportError(f"fusedrl.kernels.integrations.verl.register(): verl is not "
                           f"importable here ({error})") from error
+    theirs = verl_head.linear_cross_entropy
+    if theirs is not linear_cross_entropy:
+        for name, module in list(sys.modules.items()):
+            if name.startswith("verl.") and getattr(module, "linear_cross_entropy", None) is theirs:
+                module.linear_cross_entropy = linear_cross_entropy
     verl_head.linear_cross_entropy = linear_cross_entropy
     core_algos.register_policy_loss("fusedrl")(compute_policy_loss_fusedrl)
     core_algos.register_adv_est("fusedrl_gae")(compute_gae_advantage_return_fusedrl)

@@ -122,3 +122,48 @@ def test_bad_arguments_are_exceptions_naming_them(tmp_path):
         GRPOTrainer(model=3, args=args)
     with pytest.raises(UsageError, match="policy is required .*, or pass model="):
         GRPOTrainer(args=args, train_dataset=prompts()).train()
+
+
+def word_level_tokenizer():
+    """A word-level tokenizer as TRL users build one (tokenizers' WordLevel in
+    PreTrainedTokenizerFast): transformers reads it back from a Qwen2 directory as a byte-level
+    BPE that encodes nothing."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, 300)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>",
+                                                pad_token="<pad>")
+
+
+def test_a_trl_user_s_list_of_dicts_and_word_level_tokenizer_train(tmp_path):
+    """TRL's train_dataset shape (a plain list of {"prompt": ...}) and a tokenizer transformers
+    loads: the run reads the prompts through the given tokenizer's vocabulary and trains."""
+    rows = [{"prompt": "w3 w4 w5 w6"}, {"prompt": "w7 w8"}, {"prompt": "w9 w10 w11"}]
+    seen = []
+
+    def lengths(prompts, responses):
+        seen.extend(prompts)
+        return [float(len(r.split())) for r in responses]
+    args = {**GRPO, "output_dir": str(tmp_path / "g"), "train": {**GRPO["train"], "iterations": 1}}
+    result = GRPOTrainer(model=make_hf_model("qwen2"), processing_class=word_level_tokenizer(),
+                         reward_funcs=lengths, args=args, train_dataset=rows).train()
+    assert result.metrics["step"] == 1
+    assert seen and set(seen) <= {r["prompt"] for r in rows}
+
+
+def test_another_library_s_config_or_a_bad_dataset_is_one_line(tmp_path):
+    trl = pytest.importorskip("trl")
+    theirs = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True,
+                            bf16=False)
+    with pytest.raises(ValueError) as error:
+        GRPOTrainer(model=str(tmp_path), reward_funcs=vowels, args=theirs)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(
+        "args: expected fusedrl.engine.GRPOConfig (or a dict or a YAML file path of its options), "
+        "got trl.")
+    for bad, what in (([], "a list of 0 rows"), (["hello"], "a list of 1 rows"), (3, "int")):
+        with pytest.raises(UsageError, match=f"train_dataset: expected a datasets.Dataset or a "
+                                             f"non-empty list of row dicts, got {what}"):
+            GRPOTrainer(model=str(tmp_path), args={**GRPO, "output_dir": str(tmp_path / "g")},
+                        train_dataset=bad)

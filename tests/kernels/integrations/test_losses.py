@@ -78,6 +78,104 @@ def test_grpo_variants_match_trls_definitions(loss_type, level, delta, is_ratio)
     assert len(metrics) == 2 and metrics[0] > 0
 
 
+def trl_loss(loss_type, logp, old, ref, adv, mask, level, is_ratio=None, beta=0.04,
+             eps=(0.2, 0.28)):
+    """TRL 1.x's loss with a weighting mask [B, T], [B, T] advantages and a sampler IS ratio,
+    transcribed (importance_sampling_level "sequence" through the weighted sequence mean; the
+    GSPO-token variant as verl defines it)."""
+    log_ratio = logp - old
+    if level != "token":
+        mean = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
+        log_ratio = mean if level == "sequence" else mean.detach() + logp - logp.detach()
+    coef_1 = log_ratio.exp()
+    per_token = -torch.min(coef_1 * adv, coef_1.clamp(1 - eps[0], 1 + eps[1]) * adv)
+    if is_ratio is not None:
+        per_token = per_token * is_ratio
+    k3 = (ref - logp).exp() - (ref - logp) - 1
+    per_token = per_token + beta * k3
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@pytest.mark.parametrize("loss_type, level", [("grpo", "sequence"), ("bnpo", "sequence"),
+                                              ("grpo", "sequence_token"), ("bnpo", "token")])
+@pytest.mark.parametrize("steps", [T, 1])
+def test_float_masks_token_advantages_and_gspo_levels_in_float64(loss_type, level, steps):
+    """A mask of weights (a row summing below 1, an empty row), [B, T] advantages and a [B, T] IS
+    ratio: loss and gradient equal TRL's definition in float64; binary_mask reads it as 0/1."""
+    hidden, weight, ids, _, _, noise = inputs(2)
+    hidden, ids = hidden[:, :steps].contiguous(), ids[:, :steps].contiguous()
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(B, steps, generator=gen, dtype=torch.float64) * 0.9 + 0.1
+    mask[0, :] = 0.0
+    mask[1, :] = 0.3 / steps
+    adv = torch.randn(B, steps, generator=gen, dtype=torch.float64)
+    is_ratio = noise()[:, :steps].exp()
+    old = reference.linear_token_logprobs(hidden, weight, ids) + 2 * noise()[:, :steps]
+    ref = old + noise()[:, :steps]
+    h = hidden.clone().requires_grad_()
+    fused = FusedLinearGRPOLoss(beta=0.04, epsilon_high=0.28, loss_type=loss_type,
+                                importance_sampling_level=level)
+    ours, metrics = fused(h, weight, ids, mask, adv, ref_per_token_logps=ref,
+                          old_per_token_logps=old, vllm_is_ratio=is_ratio)
+    (grad,) = torch.autograd.grad(ours, h)
+    h2 = hidden.clone().requires_grad_()
+    logp = reference.linear_token_logprobs(h2, weight, torch.where(mask != 0, ids, -100))
+    theirs = trl_loss(loss_type, logp, old, ref, adv, mask, level, is_ratio)
+    (their_grad,) = torch.autograd.grad(theirs, h2)
+    assert abs(ours.item() - theirs.item()) < 1e-6
+    assert (grad - their_grad).abs().max() <= 1e-5 * their_grad.abs().max()
+    assert len(metrics) == 2 and metrics[0] > 0
+    binary = FusedLinearGRPOLoss(beta=0.04, epsilon_high=0.28, loss_type=loss_type,
+                                 importance_sampling_level=level, binary_mask=True)
+    as_ones = trl_loss(loss_type, logp.detach(), old, ref, adv, (mask != 0).double(), level,
+                       is_ratio)
+    assert binary(hidden, weight, ids, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old,
+                  vllm_is_ratio=is_ratio)[0].item() == pytest.approx(as_ones.item(), abs=1e-6)
+
+
+def test_sequence_levels_differ_only_where_advantages_vary_along_a_row():
+    """GSPO and GSPO-token: the same loss; the same gradient for one advantage per row, different
+    gradients for per-token advantages."""
+    hidden, weight, ids, mask, adv, noise = inputs(4)
+    old = reference.linear_token_logprobs(hidden, weight, ids) + noise()
+    grads = {}
+    for name, advantages in (("row", adv), ("token", noise())):
+        for level in ("sequence", "sequence_token"):
+            h = hidden.clone().requires_grad_()
+            loss, _ = FusedLinearGRPOLoss(beta=0.0, loss_type="bnpo",
+                                          importance_sampling_level=level)(
+                h, weight, ids, mask, advantages, old_per_token_logps=old)
+            grads[name, level] = (loss.item(), torch.autograd.grad(loss, h)[0])
+    for name in ("row", "token"):
+        assert grads[name, "sequence"][0] == pytest.approx(grads[name, "sequence_token"][0])
+    assert torch.allclose(grads["row", "sequence"][1], grads["row", "sequence_token"][1],
+                          atol=1e-7)
+    assert not torch.allclose(grads["token", "sequence"][1], grads["token", "sequence_token"][1],
+                              atol=1e-4)
+
+
+def test_grpo_loss_refusals_are_one_line():
+    hidden, weight, ids, mask, adv, noise = inputs()
+    old = reference.linear_token_logprobs(hidden, weight, ids)
+    cases = [
+        (dict(), dict(), "beta=0.04 needs ref_per_token_logps"),
+        (dict(beta=0.0), dict(mask=-mask), "attention_mask must be >= 0"),
+        (dict(beta=0.0), dict(adv=adv[:2]), r"advantages must have shape \(4,\), \(4, 1\) or "
+                                            r"\(4, 6\), got \(2,\)"),
+        (dict(beta=0.0), dict(vllm_is_ratio=torch.ones(4, 2)), "vllm_is_ratio must have shape"),
+        (dict(importance_sampling_level="seq"), dict(), "importance_sampling_level must be one"),
+    ]
+    for init, call, message in cases:
+        args = {"mask": mask, "adv": adv, "vllm_is_ratio": None, **call}
+        with pytest.raises(ValueError, match=message) as error:
+            FusedLinearGRPOLoss(**init)(hidden, weight, ids, args["mask"], args["adv"],
+                                        old_per_token_logps=old,
+                                        vllm_is_ratio=args["vllm_is_ratio"])
+        assert "\n" not in str(error.value)
+
+
 def test_ppo_loss_from_hidden_states_is_the_composition():
     hidden, weight, ids, mask, _, noise = inputs(1)
     adv, old = noise(), reference.linear_token_logprobs(hidden, weight, ids) + noise()

@@ -1,35 +1,17 @@
 """FusedLinearGRPOLoss and FusedGRPOTrainer against TRL 1.x's own GRPO loss and trainer, on a tiny
-Qwen2 built in code. TRL 1.x cannot share the test environment with the trl the PPO benchmark pins,
-so it lives in its own directory (.ci/run installs it: `pip install --target .ci-trl`), put first
-on sys.path of a worker process; without it these tests skip and say so."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+Qwen2 built in code, in a worker process with TRL 1.x first on its path (trl_testing.py)."""
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
-TRL_DIR = Path(os.environ.get("FUSEDRL_TRL_DIR", ROOT / ".ci-trl"))
-WORKER = Path(__file__).with_name("trl_worker.py")
+from trl_testing import needs_trl, run_worker
 
-pytestmark = pytest.mark.skipif(not (TRL_DIR / "trl").is_dir(),
-                                reason=f"TRL 1.x not installed in {TRL_DIR} (.ci/run: pip "
-                                       f"install --target .ci-trl trl==1.16.0 liger-kernel==0.8.5)")
+pytestmark = needs_trl
 
 
 @pytest.fixture(scope="module")
 def trl_runs() -> dict:
     """Both checks in one worker process (TRL's import is most of its time):
     {"loss" | "train": {loss_type: errors}}."""
-    env = {**os.environ, "PYTHONPATH": str(TRL_DIR), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, str(WORKER), "loss:grpo,dr_grpo,dapo,bnpo",
-                           "train:grpo,dr_grpo,dapo"], capture_output=True, text=True, env=env,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker("trl_worker.py", "loss:grpo,dr_grpo,dapo,bnpo", "train:grpo,dr_grpo,dapo")
 
 
 def test_grpo_loss_equals_trls_for_each_loss_type(trl_runs):

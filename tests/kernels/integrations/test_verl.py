@@ -1,6 +1,13 @@
-"""verl's seams on our kernels against verl's definitions (verl_definitions.py; verl itself is
-tested where it imports: register() then installs into its registries)."""
+"""verl's seams on our kernels against verl's definitions (verl_definitions.py), and registered
+into verl 0.9.1 itself where it imports: in this process, and in a fresh process through verl's own
+import hooks, as each Ray worker registers (.ci/run installs verl into .ci-verl with --no-deps and
+the few modules its import needs; no Ray cluster is started)."""
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +102,64 @@ def test_register_installs_into_verls_registries():
     assert core_algos.get_adv_estimator_fn("fusedrl_grpo") is \
         ours.compute_grpo_outcome_advantage_fusedrl
     assert linear_cross_entropy.linear_cross_entropy is ours.linear_cross_entropy
+
+
+VERL_DIR = Path(os.environ.get("FUSEDRL_VERL_DIR",
+                               Path(__file__).resolve().parents[3] / ".ci-verl"))
+needs_verl_dir = pytest.mark.skipif(not (VERL_DIR / "verl").is_dir(),
+                                    reason=f"verl not installed in {VERL_DIR} (.ci/run installs it)")
+WORKER_HOOK = "fusedrl.kernels.integrations.verl_worker"
+# What a verl process finds (our loss by verl's lookup, our head where verl's models import it: by
+# module attribute, and bound by name at a module's import, as Megatron's forward does), first as
+# started, then after verl's external_lib import of verl_worker (each worker's init_model).
+PROBE = """
+import json, sys, types
+import verl
+from verl.trainer.ppo import core_algos
+from verl.utils.import_utils import import_external_libs
+from verl.utils.kernel import linear_cross_entropy as head
+from fusedrl.kernels.integrations import verl as ours
+bound = types.ModuleType("verl.models.bound_head")
+bound.linear_cross_entropy = head.linear_cross_entropy
+sys.modules[bound.__name__] = bound
+
+
+def found():
+    try:
+        loss = core_algos.get_policy_loss_fn("fusedrl") is ours.compute_policy_loss_fusedrl
+    except ValueError as error:
+        loss = str(error)
+    return {"loss": loss, "head": head.linear_cross_entropy is ours.linear_cross_entropy,
+            "bound": bound.linear_cross_entropy is ours.linear_cross_entropy,
+            "grpo": "fusedrl_grpo" in core_algos.ADV_ESTIMATOR_REGISTRY}
+started = found()
+import_external_libs(sys.argv[1])
+print(json.dumps({"started": started, "external_lib": found()}))
+"""
+ALL_OURS = {"loss": True, "head": True, "bound": True, "grpo": True}
+
+
+def verl_process(env_extra: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"}
+    env.update(PYTHONPATH=str(VERL_DIR), **env_extra)
+    done = subprocess.run([sys.executable, "-c", PROBE, WORKER_HOOK], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@needs_verl_dir
+def test_a_verl_worker_registers_through_the_environment_hook():
+    """VERL_USE_EXTERNAL_MODULES naming verl_worker, read by `import verl` in every process: the
+    process starts with our loss, estimators and head (before any model module binds it)."""
+    assert verl_process({"VERL_USE_EXTERNAL_MODULES": WORKER_HOOK})["started"] == ALL_OURS
+
+
+@needs_verl_dir
+def test_a_fresh_verl_process_has_none_of_ours_until_external_lib_imports_the_hook():
+    """What a register() in the driver leaves a Ray worker: verl's own lookup refuses "fusedrl";
+    external_lib naming verl_worker then installs everything, a head bound by name included."""
+    result = verl_process({})
+    assert result["started"]["loss"].startswith("Unsupported loss mode: fusedrl")
+    assert not any(result["started"][key] for key in ("head", "bound", "grpo"))
+    assert result["external_lib"] == ALL_OURS

@@ -43,13 +43,14 @@ def reward(completions, **_):
 
 
 def config(loss_type, out, **extra):
+    """TRL's GRPOConfig of these runs (fp32 on the CPU, 2 steps, beta 0.04); extra overrides."""
     from trl import GRPOConfig
-    return GRPOConfig(output_dir=out, per_device_train_batch_size=ROWS, num_generations=2,
-                      max_completion_length=COMPLETION, loss_type=loss_type, beta=0.04,
-                      num_iterations=2, max_steps=2, learning_rate=1e-2, use_cpu=True,
-                      report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
-                      seed=0, bf16=False, model_init_kwargs={"dtype": torch.float32},
-                      **extra)
+    options = dict(output_dir=out, per_device_train_batch_size=ROWS, num_generations=2,
+                   max_completion_length=COMPLETION, loss_type=loss_type, beta=0.04,
+                   num_iterations=2, max_steps=2, learning_rate=1e-2, use_cpu=True, report_to=[],
+                   save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, bf16=False,
+                   model_init_kwargs={"dtype": torch.float32})
+    return GRPOConfig(**{**options, **extra})
 
 
 def dataset():
