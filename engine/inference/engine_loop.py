@@ -143,8 +143,9 @@ class EngineLoop:
         next turn's token ids to append and prefill (it resumes), or an object with .result() (a
         Future) giving one of them, waited for only when nothing else can run and then taken in
         request order: which sequences share a step is a function of the tokens alone, never of
-        when a reply came. Returns the run's sequences in request order, with their host
-        log-probs (a non-finite one raises NonFiniteError)."""
+        when a reply came. An error (a hook's) stops every sequence and propagates. Returns the
+        run's sequences in request order, with their host log-probs (a non-finite one raises
+        NonFiniteError)."""
         requests = list(requests)
         for i, request in enumerate(requests):
             self.check(request, i)
@@ -183,6 +184,9 @@ class EngineLoop:
                 if stop is not None and stop(ended, self.runner.logprobs_kept - first):
                     self._stop()
                     break
+        except BaseException:  # a hook's error: the engine is left idle for the next run
+            self._stop()
+            raise
         finally:
             if progress is not None:
                 progress.close()

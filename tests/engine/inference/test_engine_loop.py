@@ -101,3 +101,13 @@ def test_a_run_refuses_while_requests_are_in_flight(llm):
         llm.step()
     with pytest.raises(TypeError, match=r"requests\[0\] must be a Request"):
         llm.run([PROMPTS[0]])
+
+
+def test_a_hook_s_error_leaves_the_engine_idle_for_the_next_run(llm):
+    def failing(index, seq):
+        raise KeyError("the environment broke")
+    with pytest.raises(KeyError, match="the environment broke"):
+        llm.run([Request(p, GREEDY) for p in PROMPTS], on_end=failing)
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert [s.completion_token_ids for s in llm.run([Request(p, GREEDY) for p in PROMPTS])] == expected
