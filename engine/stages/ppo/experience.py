@@ -236,5 +236,8 @@ def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, w
     metrics["tokens_per_rank"] = [tokens] if distributed.world_size(
         ) == 1 else distributed.all_gather(
         int(mask.sum()))
-    metrics["tokens_per_s_generate"] = tokens / max(timer.seconds["generate"], 1e-9)
+    # An iteration may generate nothing (partial rollouts: the groups it trains were complete
+    # already): no throughput to report then.
+    if timer.seconds.get("generate"):
+        metrics["tokens_per_s_generate"] = tokens / timer.seconds["generate"]
     return metrics

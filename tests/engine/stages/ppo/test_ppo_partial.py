@@ -1,6 +1,8 @@
 """Partial rollouts (rollout.partial_rollouts, stages/ppo/partial.py) on a tiny model: answers
 carried across iterations under a small token budget, groups trained whole, no token older than
 rollout.max_staleness, and a resumed run equal to the uninterrupted one."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -50,6 +52,20 @@ def test_answers_carry_train_within_the_staleness_bound_and_resume_exactly(setup
     assert len(in_flight) == 4 and all(
         len(s["answer"]) == len(s["logprobs"]) == len(s["versions"]) == 3
         for g in in_flight for s in g["samples"])
+
+
+def test_an_iteration_that_generates_nothing_trains_the_groups_already_complete(setup, tmp_path):
+    """Iteration 2 completes all four groups and trains two; iteration 3 tops up two new groups
+    but needs no generation (two complete groups wait): it trains them and logs no generation
+    throughput, as it generated nothing."""
+    from fusedrl.engine.stages.ppo.trainer import train_ppo
+    root, policy_dir, prompts = setup
+    cfg = grpo(tmp_path, policy_dir, prompts, "idle", max_staleness=2)
+    train_ppo(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, iterations=3)))
+    train = [r for r in read_metrics(tmp_path / "idle") if r["kind"] == "train"]
+    assert [(r["groups_trained"], r["drawn_tokens"]) for r in train][1:] == [(2, 36), (2, 0)]
+    assert "policy_loss" in train[2] and "tokens_per_s_generate" not in train[2]
+    assert train[1]["tokens_per_s_generate"] > 0
 
 
 def test_stale_answers_are_dropped_and_sampled_again():
