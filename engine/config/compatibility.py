@@ -102,7 +102,6 @@ _VERIFY = "a speculative verify step is not the decode step that one reproduces"
 _CHUNK = "a chunked prefill is not the forward that one reproduces"
 _CP, _EP, _TP = "train.context_parallel", "train.expert_parallel", "train.tensor_parallel"
 _ROWS = "it forwards rows whole, which a context group splits"
-_GROUP_ROWS = "their rows are not made one context group's"
 _MASKS = "each tensor rank would draw its own dropout mask on the same input"
 
 INCOMPATIBLE: tuple[Pair, ...] = (
@@ -147,14 +146,10 @@ INCOMPATIBLE: tuple[Pair, ...] = (
     Pair(_CP, "lora.rank", "adapters beside tensor slices are not shown to train as one process "
          "does", beside=_TP),
     Pair(_CP, MOE, "its router losses are per forward"),
-    Pair(_CP, "critic", "the value head reads whole rows"),
     Pair(_CP, "reward_model", "the score head reads whole rows"),
     Pair(_CP, "train.prefix_sharing", _ROWS),
     Pair(_CP, "rollout.exact", _ROWS),
     Pair(_CP, "ppo.ptx_coef", "the PPO-ptx forwards are not split over a context group"),
-    Pair(_CP, "rollout.partial_rollouts", _GROUP_ROWS),
-    Pair(_CP, "rollout.tools", _GROUP_ROWS),
-    Pair(_CP, "rollout.environment", _GROUP_ROWS),
     Pair(_EP, "train.tensor_parallel", "experts are sharded over whole models, not tensor slices"),
     Pair(_EP, "lora.rank", "the experts' adapters are not sharded over expert groups"),
     Pair(_EP, "train.optimizer_offload", "the expert groups' state is not offloaded"),

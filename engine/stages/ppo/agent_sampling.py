@@ -15,8 +15,7 @@ from typing import Optional
 from ...agents import (AgentLimits, ChatRenderer, EnvSource, agent_metrics, load_environment,
                        load_tools, parser_for, run_agents, tool_schema)
 from ...config.ppo import RolloutConfig
-from ...inference.sampling_params import SamplingParams
-from .generated import Generated
+from .generated import Generated, sampled_routing, sampling_params
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 
@@ -61,8 +60,7 @@ class TrajectoryGenerator:
         """The trajectories of these prompt rows (data/prompts.py PromptRow: the prompt and the
         columns the environment is made from); `seed` fixes the sampling; timed as "generate"."""
         r = self.r
-        params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k,
-                                top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed)
+        params = sampling_params(r, seed, r.samples_per_prompt)
         rows = [{"prompt": source.prompt, **source.columns} for source in sources]
         with timer.phase("generate"):
             trajectories = run_agents(self.models.actor.generate_turns, self.agents.renderer,
@@ -79,7 +77,7 @@ class TrajectoryGenerator:
         return Generated([t.prompt_token_ids for t in tokens], [t.token_ids for t in tokens],
                          logprobs, r.samples_per_prompt, sources, masks,
                          [[] if t.error else list(t.turn_rewards) for t in trajectories],
-                         trajectories)
+                         trajectories, sampled_routing(self.models))
 
     def take_metrics(self) -> dict:
         """The agents' metrics (engine/agents agent_metrics) of every trajectory since the last

@@ -142,7 +142,7 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     metrics = {**rollout_metrics(rollout, kl, entropy, with_values, timer, ranks),
                # What one forward over the rows reads, each shared prompt once
                # (train.prefix_sharing), and the rows' own tokens: their ratio is the saving.
-               **applied_metrics(samples, ranks)}
+               **applied_metrics(samples, ranks, models.policy.context_parallel)}
     return Experience(rollout,
                       {**metrics, "kl_coef": kl_coef, "dropped_rows": dropped["dropped_rows"]},
                       kl=metrics["kl"])
@@ -167,17 +167,27 @@ def shaped_rewards(samples: Samples, shaped: torch.Tensor, kl: torch.Tensor, mas
     return rewards, per_row
 
 
-def applied_metrics(samples: Samples, ranks: distributed.DataRanks) -> dict:
+def applied_metrics(samples: Samples, ranks: distributed.DataRanks, context=None) -> dict:
     """What the options did to these rows, summed over the data `ranks`: the tokens one forward
     reads (each shared prompt once) and the rows' own, prefix/tokens_saved (prompt tokens
-    forwarded once for their group: train.prefix_sharing) and overlong/penalized (answers that
-    lost score to overlong shaping)."""
+    forwarded once for their group: train.prefix_sharing), overlong/penalized (answers that
+    lost score to overlong shaping), routing/replayed_tokens (tokens the training forwards route
+    as the sampler did: rollout.routing_replay) and, with `context` (the policy's
+    ContextParallel), context/size and context/tokens_per_rank (the tokens of the pack one rank
+    of a context group forwards, the mean over the data ranks)."""
     packed = samples.packed
     penalized = sum(p < 0 for p in samples.penalties or ())
-    sums = distributed.all_reduce_sum({"forwarded_tokens": packed.forwarded_tokens,
-                                       "row_tokens": sum(packed.seqlens),
-                                       "overlong/penalized": penalized}, ranks)
+    counts = {"forwarded_tokens": packed.forwarded_tokens, "row_tokens": sum(packed.seqlens),
+              "overlong/penalized": penalized}
+    if packed.routing is not None:  # a token has its records on every sparse layer or on none
+        counts["routing/replayed_tokens"] = int((packed.routing[:, 0, 0] >= 0).sum())
+    if context is not None:
+        counts["context/tokens_per_rank"] = -(-packed.forwarded_tokens // context.size)
+    sums = distributed.all_reduce_sum(counts, ranks)
     sums["prefix/tokens_saved"] = sums["row_tokens"] - sums["forwarded_tokens"]
+    if context is not None:
+        sums["context/size"] = context.size
+        sums["context/tokens_per_rank"] /= ranks.size()
     return sums
 
 

@@ -13,12 +13,14 @@ Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from ...config.ppo import PPOConfig
 from ...config.rollout import RolloutConfig
+from ...inference.sampling_params import SamplingParams
 from .models import PPOModels
 from .packs import pack_rollout
 from .phase_timer import PhaseTimer
@@ -34,7 +36,10 @@ class Generated:
     prompts stand in for the reward functions); model_masks: [R] one bool per response token,
     True where the model sampled it (None: every token, single-turn answers); env_rewards: [R]
     each turn's environment reward (None: no environment); trajectories: [R] the multi-turn rows'
-    engine/agents AgentTrajectory (None: single-turn), which the reward functions read."""
+    engine/agents AgentTrajectory (None: single-turn), which the reward functions read; routing:
+    the sampler's expert choices of every prompt and response token [sum of the rows' lengths,
+    sparse layers, k] int16, rows as pack_rollout packs them, -1 where a token has none (routing
+    replay of an MoE policy; None: off)."""
     prompts: list[list[int]]
     responses: list[list[int]]
     sampler_logprobs: torch.Tensor
@@ -43,6 +48,34 @@ class Generated:
     model_masks: list[list[bool]] | None = None
     env_rewards: list[list[float]] | None = None
     trajectories: list | None = None
+    routing: torch.Tensor | None = None
+
+
+def sampled_routing(models: PPOModels) -> torch.Tensor | None:
+    """The routing records of the actor's last generation call (HybridActor.last_routing: every
+    way of generating keeps them, row after row), None without routing replay."""
+    return models.actor.last_routing if models.actor.record_routing else None
+
+
+def sampling_params(r: RolloutConfig, seed: int | None = None, n: int = 1) -> SamplingParams:
+    """How every rollout mode samples, from the rollout section: n samples per prompt, `seed`
+    their stream (None: each row brings its own, partial rollouts); the template's end of turn is
+    added where turns end (engine/agents)."""
+    return SamplingParams(n=n, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                          max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
+
+
+def same_on_context_ranks(models: PPOModels, generated: Generated) -> Generated:
+    """`generated` as the first rank of this rank's context group sampled it (every rank of a
+    context group samples the group's rows: they train its first rank's), for every rollout mode;
+    itself without context parallelism."""
+    cp = models.policy.context_parallel
+    if cp is None:
+        return generated
+    device = generated.sampler_logprobs.device
+    first = cp.same_on_ranks(dataclasses.replace(
+        generated, sampler_logprobs=generated.sampler_logprobs.cpu()))
+    return dataclasses.replace(first, sampler_logprobs=first.sampler_logprobs.to(device))
 
 
 def overlong_penalty(lengths: list[int], max_new_tokens: int, buffer: int,
@@ -65,11 +98,12 @@ def score_generated(models: PPOModels, g: Generated, r: RolloutConfig, timer: Ph
     limited by r.max_new_tokens). turn_gamma (reward.turn_gamma with reward.per_turn; None: off):
     the environment's rewards count discounted across turns in the scores and are kept per turn
     for their placement (turns.py). Timed as "score"."""
+    g = same_on_context_ranks(models, g)
     device = models.actor.llm.device  # where the policy runs (its resting shards may be on CPU)
     packed = pack_rollout(g.prompts, g.responses, device,
                           share_prompts=share_prompts and g.n > 1, model_masks=g.model_masks)
-    if models.actor.record_routing:  # the training forwards route as the sampler did
-        packed = packed._replace(routing=models.actor.last_routing.to(device))
+    if g.routing is not None:  # the training forwards route as the sampler did
+        packed = packed._replace(routing=g.routing.to(device))
     rows = None if g.sources is None else [p for p in g.sources for _ in range(g.n)]
     masks = g.model_masks or [None] * len(g.responses)
     spans = [turn_spans(m, len(x)) for m, x in zip(masks, g.responses)]

@@ -31,10 +31,9 @@ import torch
 from ...parallel import distributed
 from ...config.ppo import RolloutConfig
 from ...data.prompts import PromptRow
-from ...inference.sampling_params import SamplingParams
 from .models import PPOModels
 from .phase_timer import PhaseTimer
-from .generated import Generated
+from .generated import Generated, sampled_routing, sampling_params
 from .samples import Samples
 from .state import PPOState
 
@@ -79,26 +78,33 @@ def complete(group: dict) -> bool:
 
 
 def generate_in_flight(models: PPOModels, groups: list[dict], r: RolloutConfig, iteration: int,
-                       timer: PhaseTimer) -> int:
+                       timer: PhaseTimer, records: dict | None = None) -> int:
     """Continue every unfinished answer until r.prompts_per_iteration groups are complete or the
-    token budget is drawn, recording each new token's log-prob and version. Returns the tokens
-    drawn."""
+    token budget is drawn, recording each new token's log-prob and version, and in `records`
+    (routing replay: id(sample) -> (sample, its routing records [prompt + answer, sparse layers,
+    k])) the records of the forwards that continued it. Returns the tokens drawn."""
     rows = unfinished(groups)
     needed = r.prompts_per_iteration - sum(map(complete, groups))
     if not rows or needed <= 0:
         return 0
-    params = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                            max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos)
     with timer.phase("generate"):
         outs = models.actor.continue_answers(
             [groups[g]["prompt"] for g, _ in rows], [s["answer"] for _, s in rows],
-            [s["seed"] for _, s in rows], params, r.tokens_per_iteration, [g for g, _ in rows],
-            needed)
+            [s["seed"] for _, s in rows], sampling_params(r), r.tokens_per_iteration,
+            [g for g, _ in rows], needed)
+        cp = models.policy.context_parallel
+        if cp is not None:  # a context group carries its first rank's answers (generated.py)
+            outs = cp.same_on_ranks(outs)
     for (_, sample), out in zip(rows, outs):
         sample["answer"] += out.token_ids
         sample["logprobs"] += out.logprobs
         sample["versions"] += [iteration] * len(out.token_ids)
         sample["finish"] = out.finish_reason
+    routing = sampled_routing(models)
+    if records is not None and routing is not None:  # row after row: prompt + whole answer
+        lengths = [len(groups[g]["prompt"]) + len(sample["answer"]) for g, sample in rows]
+        for (_, sample), part in zip(rows, routing.split(lengths)):
+            records[id(sample)] = (sample, part)
     return sum(len(out.token_ids) for out in outs)
 
 
@@ -111,6 +117,10 @@ class PartialRollouts:
     def __init__(self, models: PPOModels, draw_prompts: Callable[[PPOState, int], list[PromptRow]],
                  score: Callable[[Generated, PhaseTimer], Samples], r: RolloutConfig):
         self.models, self.draw_prompts, self.score, self.r = models, draw_prompts, score, r
+        # Routing replay: each sample's records, from the forwards that last continued it (its
+        # carried tokens prefilled again then); held beside the loop state, not in checkpoints:
+        # a resumed run's samples train without records until a forward continues them.
+        self.records: dict = {}
 
     def sample(self, state: PPOState, seed: int, timer: PhaseTimer) -> tuple[Samples | None, dict]:
         """This iteration's complete groups, scored (None when no rank completed one), and its
@@ -125,7 +135,7 @@ class PartialRollouts:
         fresh = self.draw_prompts(state, wanted) if wanted else []
         groups += [new_group(p.ids, r.samples_per_prompt, seed * 7919 + g, p)
                    for g, p in enumerate(fresh)]
-        drawn = generate_in_flight(models, groups, r, it, timer)
+        drawn = generate_in_flight(models, groups, r, it, timer, self.records)
         done = [g for g in groups if complete(g)][:r.prompts_per_iteration]
         trained = done[:distributed.min_over_ranks(len(done), ranks)]
         state.in_flight = [g for g in groups if not any(g is t for t in trained)]
@@ -141,17 +151,28 @@ class PartialRollouts:
         if r.tokens_per_iteration is not None:
             budget = r.tokens_per_iteration * ranks.size()
             metrics["budget_used"] = metrics["drawn_tokens"] / budget
+        records = [self.records.pop(id(s), (None, None))[1]
+                   for g in trained for s in g["samples"]]
+        live = {id(s) for g in state.in_flight for s in g["samples"]}
+        self.records = {k: v for k, v in self.records.items() if k in live}
         if not trained:
             return None, metrics
-        return self.score(completed(trained, r.samples_per_prompt, models.actor.llm.device),
-                          timer), metrics
+        return self.score(completed(trained, r.samples_per_prompt, models.actor.llm.device,
+                                    records), timer), metrics
 
 
-def completed(trained: list[dict], n: int, device) -> Generated:
-    """The rows of complete groups in flight, each sample's log-probs as its tokens drew them."""
+def completed(trained: list[dict], n: int, device, records: list | None = None) -> Generated:
+    """The rows of complete groups in flight, each sample's log-probs as its tokens drew them;
+    records: each row's routing records (generate_in_flight; None where a row has none: -1, it
+    routes freely), all None or absent without routing replay."""
     rows = [(g["prompt"], s) for g in trained for s in g["samples"]]
     logprobs = torch.tensor([x for _, s in rows for x in s["logprobs"]], dtype=torch.float32,
                             device=device)
     sources = [PromptRow(g["prompt"], g["source"]["prompt"], g["source"]["columns"])
                for g in trained] if all(g["source"] for g in trained) else None
-    return Generated([p for p, _ in rows], [s["answer"] for _, s in rows], logprobs, n, sources)
+    known = next((x for x in records or () if x is not None), None)
+    routing = None if known is None else torch.cat([
+        x if x is not None else known.new_full((len(p) + len(s["answer"]), *known.shape[1:]), -1)
+        for x, (p, s) in zip(records, rows)])
+    return Generated([p for p, _ in rows], [s["answer"] for _, s in rows], logprobs, n, sources,
+                     routing=routing)

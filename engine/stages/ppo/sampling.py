@@ -15,8 +15,7 @@ import torch
 from ...parallel import distributed
 from ...config.ppo import RolloutConfig
 from ...data.prompts import PromptRow
-from ...inference.sampling_params import SamplingParams
-from .generated import Generated, score_generated
+from .generated import Generated, sampled_routing, sampling_params, score_generated
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 from .samples import Samples
@@ -40,18 +39,11 @@ class AnswerGenerator:
         """generate() on prompt token ids [groups][prompt tokens]; sources: their rows, or None
         (the decoded prompts stand in for the reward functions, without columns)."""
         r = self.r
-        params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k,
-                                top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                ignore_eos=r.ignore_eos, seed=seed)
         with timer.phase("generate"):
-            prompt_ids, responses, sampler_logprobs = self.models.actor.generate(prompts, params)
-            cp = self.models.policy.context_parallel
-            # a context group's ranks sampled its rows alike: they train its first rank's
-            if cp is not None:
-                prompt_ids, responses, host = cp.same_on_ranks(
-                    (prompt_ids, responses, sampler_logprobs.cpu()))
-                sampler_logprobs = host.to(sampler_logprobs.device)
-        return Generated(prompt_ids, responses, sampler_logprobs, r.samples_per_prompt, sources)
+            prompt_ids, responses, sampler_logprobs = self.models.actor.generate(
+                prompts, sampling_params(r, seed, r.samples_per_prompt))
+        return Generated(prompt_ids, responses, sampler_logprobs, r.samples_per_prompt, sources,
+                         routing=sampled_routing(self.models))
 
     def take_metrics(self) -> dict:
         """What the answers since the last call did: nothing beyond their rows' metrics."""
