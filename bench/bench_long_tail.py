@@ -38,10 +38,11 @@ import torch
 
 import harness
 from fusedrl.engine.inference.block_manager import BlockManager
+from fusedrl.engine.inference.request import Request
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.scheduler import Scheduler
 from fusedrl.engine.inference.sequence import Sequence
-from fusedrl.engine.inference.group_stop import GroupsDone
+from fusedrl.engine.inference.stop_rules import GroupsDone
 from fusedrl.engine.stages.ppo.partial import (complete, drop_stale, new_group, new_groups_wanted,
                                                unfinished)
 
@@ -76,9 +77,10 @@ class StandIn:
 
     def run(self, rows: list[tuple[Sequence, int]], budget: int | None, speculate: bool,
             stop=None) -> None:
-        """Step until every row is done, `budget` tokens were drawn or stop(finished) (then
-        Scheduler.abort), as LLM._run does."""
+        """Step until every row is done, `budget` tokens were drawn or stop(the rows ended, tokens
+        drawn) (then Scheduler.abort), as LLM.run does."""
         target = {seq.seq_id: t for seq, t in rows}
+        index = {seq.seq_id: i for i, (seq, _) in enumerate(rows)}
         for seq, _ in rows:
             self.scheduler.add(seq)
         drawn = 0
@@ -91,7 +93,8 @@ class StandIn:
                 tokens = self.decode(batch, target, speculate)
             drawn += sum(map(len, tokens))
             finished = self.scheduler.postprocess(batch, tokens)
-            if (budget is not None and drawn >= budget) or (stop and stop(finished)):
+            ended = [index[s.seq_id] for s in finished]
+            if (budget is not None and drawn >= budget) or (stop and stop(ended, 0)):
                 self.scheduler.abort()
         self.counts["drawn_tokens"] += drawn
 
@@ -140,7 +143,7 @@ def synchronous(args, seed: int) -> dict:
         rows = []
         for length in lengths(args, rng, args.prompts * args.samples):
             prompt = [PROMPT_TOKEN] * args.prompt_tokens
-            rows.append((Sequence(next_id, prompt, PARAMS_OF(args), 0), length))
+            rows.append((Sequence(next_id, Request(prompt, PARAMS_OF(args)), 0), length))
             next_id += 1
         model.run(rows, None, speculate=False)
         trained += sum(t for _, t in rows)
@@ -171,15 +174,14 @@ def partial(args, seed: int, speculate: bool) -> dict:
         rows = []
         for g, sample in unfinished(groups):
             prompt = groups[g]["prompt"]
-            seq = Sequence(next_id, prompt + sample["answer"], PARAMS_OF(args), 0, len(prompt))
+            seq = Sequence(next_id, Request(prompt, PARAMS_OF(args), answer=sample["answer"]), 0)
             rows.append((seq, g, sample))
             next_id += 1
         needed = args.prompts - sum(map(complete, groups))
         if needed > 0:
-            seqs = [seq for seq, _, _ in rows]
             model.run([(seq, sample["length"]) for seq, _, sample in rows],
                       args.tokens_per_iteration, speculate,
-                      GroupsDone(seqs, [g for _, g, _ in rows], needed))
+                      GroupsDone([g for _, g, _ in rows], needed))
         for seq, _, sample in rows:
             new = seq.completion_token_ids[len(sample["answer"]):]
             sample["answer"] += new

@@ -107,25 +107,25 @@ class HybridActor:
                          params: SamplingParams, token_budget: int | None, groups: list[int],
                          groups_needed: int):
         """LLM.continue_answers from the current weights (a partial rollout's step), the pool
-        released after it as `generate` does. Returns its Completions (host tokens, log-probs)."""
+        released after it as `generate` does. Returns its Completions (host tokens, log-probs);
+        with record_routing `last_routing` holds each row's records, prompt + whole answer."""
         with self.whole_weights():
             out = self.llm.continue_answers(prompts, answers, seeds, params, token_budget, groups,
                                             groups_needed)
-        if self.release_kv_pool:
-            self.llm.runner.release_kv_pool()
+        self._after_rollout([c.routing_rows for c in out])
         return out
 
     @torch.no_grad()
     def generate_turns(self, prompts: list[list[int]], params: SamplingParams, on_turn_end, *,
                        max_turns: int, max_total_tokens: int | None = None):
         """Multi-turn trajectories from the current weights (LLM.generate_turns); their model
-        tokens' log-probs stay on the device until the next rollout (`self.llm.device_logprobs`)."""
+        tokens' log-probs stay on the device until the next rollout (`self.llm.device_logprobs`);
+        with record_routing `last_routing` holds each trajectory's records, prompt + token_ids."""
         with self.whole_weights():
             trajectories = self.llm.generate_turns(prompts, params, on_turn_end,
                                                    max_turns=max_turns,
                                                    max_total_tokens=max_total_tokens)
-        if self.release_kv_pool:
-            self.llm.runner.release_kv_pool()
+        self._after_rollout([t.routing_rows for t in trajectories])
         return trajectories
 
     def generate(self, prompts: list[list[int]], params: SamplingParams
@@ -139,12 +139,18 @@ class HybridActor:
         with self.whole_weights():
             # PPO reads token ids only
             outputs = self.llm.generate(prompts, params, decode_text=False)
-        if self.release_kv_pool:  # rollout.release_kv_pool: its memory for scoring and the update
-            self.llm.runner.release_kv_pool()
         completions = [(out.prompt_token_ids, c) for out in outputs for c in out.outputs]
+        self._after_rollout([c.routing_rows for _, c in completions])
         slots = [slot for _, c in completions for slot in c.logprob_slots]
-        if self.record_routing:
-            self.last_routing = self.llm.device_routing(
-                [row for _, c in completions for row in c.routing_rows])
         return ([p for p, _ in completions], [c.token_ids for _, c in completions],
                 self.llm.device_logprobs(slots))
+
+    def _after_rollout(self, routing_rows: list[list[int]]) -> None:
+        """Every rollout's end, whichever way it generated: with record_routing `last_routing`
+        holds its rows' records [sum of the rows' whole lengths, sparse layers, k] int16 on the
+        device, row after row, as pack_rollout packs them; the pool released
+        (rollout.release_kv_pool: its memory for scoring and the update)."""
+        if self.record_routing:
+            self.last_routing = self.llm.device_routing([r for rows in routing_rows for r in rows])
+        if self.release_kv_pool:
+            self.llm.runner.release_kv_pool()

@@ -1,45 +1,63 @@
-"""LLM: the generation API. `LLM(model_dir).generate(prompts, SamplingParams(...))`.
+"""LLM: the generation engine. `LLM(model_dir).generate(prompts, SamplingParams(...))`.
 
-Wires checkpoint loading, the block manager, the scheduler and the model runner together, validates
-requests up front (so a bad one fails before any work), and runs steps until every sequence is done.
+Wires checkpoint loading, the block manager, the scheduler and the model runner together around
+one loop in the shape of nano-vllm's LLMEngine: `add(request)` queues a Request (request.py),
+`step()` runs one step (its kind, a prefill, a prompt's chunk, a decode or a speculative verify
+step, chosen by one planner, `_plan`) and records its tokens' log-prob slots and routing records in
+one place for every kind; `run(requests, stop, on_end)` steps until every sequence is done or a
+stop rule (stop_rules.py) says so, with an `on_end` hook on a finished turn that ends it, resumes
+it with more tokens (an environment's reply) or hands back a Future of either, waited for when
+nothing else runs. `generate`, `continue_answers` and `generate_turns` (multi_turn.py) build
+Requests and read the run's sequences.
 """
 from __future__ import annotations
 
 import math
 import random
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Callable, Iterable
 
 import torch
 
-from ..config.compatibility import refuse_incompatible
 from ..errors import ConfigValueError, NonFiniteError
 from .block_manager import BlockManager
-from .group_stop import GroupsDone
 from ..model.hf_io import load_model, load_tokenizer
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant
+from .exact_pairs import refuse_beside_exact
+from .multi_turn import OnTurnEnd, Trajectory, generate_turns
+from .request import Request
 from .runner import ModelRunner, num_blocks_for_budget
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence
-from .turns import OnTurnEnd, Trajectory, generate_turns
-from ..parallel.validate import check_exact_generation
+from .sequence import Sequence, SequenceStatus, routing_rows
+from .stop_rules import GroupsDone, StopRule, TokenBudget, first_of
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # CPU has no "free memory" to take a fraction of: 1 GiB
-# The rollout options LLM's arguments are, by the names the compatibility table's lines give them.
-LLM_ARGUMENTS = {"rollout.exact": "batch_invariant", "rollout.prefill_chunk": "prefill_chunk",
-                 "rollout.speculative_tokens": "speculative_tokens",
-                 "rollout.routing_replay": "record_routing"}
+# What on_end (LLM.run) gives for a finished turn: None ends the sequence, token ids resume it,
+# an object with .result() (a Future) gives either when the run waits for it.
+TurnEnd = Callable[[int, Sequence], object]
+
+
+class StepKind(Enum):
+    """What one engine step runs (LLM._plan)."""
+    PREFILL = "prefill"  # admitted sequences' new tokens, then a draw each
+    CHUNK = "chunk"  # a long prompt's chunk that is not its last: K/V written, nothing drawn
+    DECODE = "decode"  # every running sequence's next token (a CUDA graph where captured)
+    VERIFY = "verify"  # the decode tail's n-gram drafts checked in one forward (speculative)
 
 
 @dataclass
 class Completion:
     """One sampled continuation: token_ids [T] and the fp32 log-prob of each under its sampling
     distribution [T] (batch-invariant mode: under softmax(logits / temperature), unfiltered);
-    finish_reason is 'stop' (EOS or a stop token) or 'length'. logprob_slots [T]: where those
-    log-probs are on the device, for `LLM.device_logprobs` (valid until the next generate)."""
+    finish_reason is 'stop' (EOS or a stop token), 'length', or None (stopped by a stop rule).
+    logprob_slots [T]: where those log-probs are on the device, for `LLM.device_logprobs`;
+    routing_rows (with record_routing): one per token of the whole sequence, prompt (and a carried
+    answer) included, for `LLM.device_routing` (-1 for the last token, never forwarded). Both are
+    valid until the engine's next run."""
 
     token_ids: list[int]
     logprobs: list[float]
@@ -88,8 +106,9 @@ class LLM:
     row drafts up to this many tokens by n-gram lookup in its own tokens (ngram_draft.py) and one
     forward verifies them (`ModelRunner.verify`): the same tokens and log-probs as plain decoding
     draws from the same logits (greedy or sampled), in fewer forwards where the text repeats itself;
-    verify steps run eagerly (no CUDA graph). Not with batch_invariant (its decode walk is what the
-    trainer reproduces bit for bit) nor record_routing.
+    verify steps run eagerly (no CUDA graph); with tensor slices every rank drafts and accepts alike
+    (the same tokens, the gathered logits). Not with batch_invariant (its decode walk is what the
+    trainer reproduces bit for bit: exact_pairs.py).
     prefill_chunk: a prompt longer than this is prefilled a chunk a step, the chunks taking turns
     with the other sequences' decode steps (Scheduler); the same tokens and log-probs.
     `self.device` is the model's device: tensors handed to `self.model` go there.
@@ -122,12 +141,6 @@ class LLM:
             raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1 or None")
         if not isinstance(speculative_tokens, int) or speculative_tokens < 0:
             raise ValueError(f"speculative_tokens={speculative_tokens!r} must be an int >= 0")
-        # The pairs of these arguments are the compatibility table's, as the rollout options they
-        # are (record_routing: an MoE model's).
-        arguments = SimpleNamespace(rollout=SimpleNamespace(
-            exact=self.batch_invariant is not None, prefill_chunk=prefill_chunk,
-            speculative_tokens=speculative_tokens, routing_replay=record_routing))
-        refuse_incompatible(arguments, moe=record_routing, names=LLM_ARGUMENTS)
         self.speculative_tokens, self.speculate_below = speculative_tokens, speculate_below
         # speculative decoding's draft tokens verified and accepted since take_speculation()
         self.speculation = {"drafted": 0, "accepted": 0}
@@ -139,7 +152,6 @@ class LLM:
             tokenizer = tokenizer or directory_tokenizer(Path(model_dir))
         self.tokenizer = tokenizer
         self.config = self.model.config
-        refuse_incompatible(arguments, moe=self.config.moe is not None, names=LLM_ARGUMENTS)
         param = next(self.model.parameters())
         # Where the model runs, the KV pool and every step's tensors live: the parameters' device,
         # or `device` for a model whose resting shards are elsewhere (FSDP2's CPU offload: CPU
@@ -150,7 +162,9 @@ class LLM:
         if kv_cache_memory is None:
             kv_cache_memory = 0.9 if self.device.type == "cuda" else CPU_DEFAULT_KV_BYTES
         tp = self.model.tensor_parallel  # parallel/tensor_parallel.py: its slices, its heads' KV
-        check_exact_generation(self.batch_invariant is not None, tp)
+        refuse_beside_exact(self.batch_invariant is not None,
+                            speculative_tokens=speculative_tokens, prefill_chunk=prefill_chunk,
+                            moe=self.config.moe is not None, tensor_parallel=tp is not None)
         num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size,
                                            self.device, tp.size if tp else 1)
         num_blocks = min(num_blocks, max_num_seqs * -(-self.config.max_model_len // block_size))
@@ -167,8 +181,159 @@ class LLM:
                                   self.batch_invariant, fuse_decode_gemms, record_routing,
                                   device=self.device, tensor_parallel=tp)
         self._next_seq_id = 0
+        self._paused: dict[int, Sequence] = {}  # seq_id -> a finished turn kept for on_end
         # Every tensor rank must draw the same seeds (they sample the same rows in lockstep).
         self._rng = random.Random(tp.same_on_ranks(random.getrandbits(63)) if tp else None)
+
+    def add(self, request: Request, index: int = 0) -> Sequence:
+        """Queue one request (checked first: `index` names it in the error); the next steps run it.
+        Added to an idle engine it starts a new run: the last one's device log-probs and routing
+        records are dropped. Returns its Sequence (tokens, logprob_slots, routing_rows,
+        finish_reason as the steps go)."""
+        self.check(request, index)
+        return self._queue(request)
+
+    def check(self, request: Request, index: int = 0) -> None:
+        """A ValueError naming requests[index] when the request cannot run: not a Request of
+        SamplingParams, an empty prompt or one that fills the context, a token id outside the
+        vocabulary, an answer that leaves nothing to generate, or a sequence the KV pool cannot
+        hold."""
+        if not isinstance(request, Request):
+            raise TypeError(f"requests[{index}] must be a Request, got {type(request).__name__}")
+        params, ids = request.params, request.prompt
+        max_len, vocab = self.config.max_model_len, self.config.vocab_size
+        if not isinstance(params, SamplingParams):
+            raise TypeError(
+                f"sampling_params[{index}] must be a SamplingParams, got {type(params).__name__}")
+        if not ids:
+            raise ValueError(f"prompts[{index}] is empty: a prompt needs at least one token")
+        if len(ids) >= max_len:
+            raise ValueError(
+                f"prompts[{index}] has {len(ids)} tokens, which leaves no room to generate "
+                f"within the context length max_model_len={max_len}")
+        tokens = ids + request.answer
+        if min(tokens) < 0 or max(tokens) >= vocab:
+            bad = next(t for t in tokens if not 0 <= t < vocab)
+            raise ValueError(
+                f"prompts[{index}] has token id {bad} outside the vocabulary [0, {vocab})")
+        longest = min(len(ids) + params.max_new_tokens, max_len)
+        if request.answer and len(ids) + len(request.answer) >= longest:
+            raise ValueError(f"answers[{index}] has {len(request.answer)} tokens: nothing is left "
+                             "to generate")
+        needed = self.block_manager.blocks_for(longest)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"the KV pool ({self.block_manager.num_blocks} blocks of "
+                f"{self.block_manager.block_size} tokens) cannot hold one sequence of "
+                f"prompts[{index}] ({longest} tokens = {needed} blocks); "
+                "raise kv_cache_memory or lower max_new_tokens")
+
+    def step(self) -> list[Sequence] | None:
+        """One step of the queued sequences: scheduled, its kind planned (`_plan`), run, its tokens
+        appended and their log-prob slots and routing records kept (here, for every kind). Returns
+        the sequences whose turn it finished (ended, or PAUSED with their blocks kept when they
+        pause), or None when nothing can run (every waiting sequence needs blocks that paused
+        ones hold, and none holds any)."""
+        batch, is_prefill = self.scheduler.schedule()
+        if not batch and self._release_paused():
+            batch, is_prefill = self.scheduler.schedule()
+        if not batch:
+            return None
+        kind, drafts = self._plan(batch, is_prefill)
+        # positions each sequence forwards in this step: [start, end)
+        if kind is StepKind.DECODE:
+            spans = [(s, s.num_tokens - 1, s.num_tokens) for s in batch]
+        elif kind is StepKind.VERIFY:
+            spans = [(s, s.num_tokens - 1, s.num_tokens + len(d)) for s, d in zip(batch, drafts)]
+        else:
+            spans = [(s, s.num_cached_tokens, s.chunk_end or s.num_tokens) for s in batch]
+            for seq, start, end in spans:
+                seq.prefilled_tokens += end - start
+        first = self.runner.logprobs_kept
+        if kind is StepKind.CHUNK:
+            self.runner.prefill_chunk(batch[0])
+        elif kind is StepKind.VERIFY:
+            emitted = self.runner.verify(batch, drafts)
+            self.speculation["drafted"] += sum(map(len, drafts))
+            # a row emits its accepted draft tokens and the one draw after them
+            self.speculation["accepted"] += sum(len(tokens) - 1 for tokens in emitted)
+        else:
+            emitted = [[t] for t in self.runner.run(batch, is_prefill)]
+        if self.runner.routing is not None:  # before postprocess frees a finished one's blocks
+            self.runner.keep_routing(spans, kind is StepKind.DECODE)
+        if kind is StepKind.CHUNK:
+            self.scheduler.chunk_done(batch[0])
+            return []
+        before = [seq.num_tokens for seq in batch]
+        finished = self.scheduler.postprocess(
+            batch, emitted if kind is StepKind.VERIFY else [t for t, in emitted])
+        # A finishing token drops the draws after it: their slots are skipped, and the rows of
+        # positions a rejected draft held (the last token has none: it is not forwarded yet).
+        for seq, tokens, had in zip(batch, emitted, before):
+            seq.logprob_slots += range(first, first + seq.num_tokens - had)
+            first += len(tokens)
+            del seq.routing_rows[seq.num_tokens - 1:]
+        for seq in finished:
+            if seq.status is SequenceStatus.PAUSED:
+                self._paused[seq.seq_id] = seq
+        return finished
+
+    def run(self, requests: Iterable[Request], stop: StopRule | None = None,
+            on_end: TurnEnd | None = None, use_tqdm: bool = False) -> list[Sequence]:
+        """Run `requests` (all checked before any runs) in one run: steps until every sequence is
+        done, or until `stop(request indices ended in the step, tokens drawn in it)` says so (the
+        unfinished ones, paused ones included, are then stopped: finish_reason None, their blocks
+        freed; a reply still pending is no longer waited for). on_end(index, sequence): called for
+        each finished turn (a stop token, EOS or the turn's max_new_tokens) of the run's
+        sequences, which then pause with their KV kept; it returns None (the sequence ends), the
+        next turn's token ids to append and prefill (it resumes), or an object with .result() (a
+        Future) giving one of them, waited for only when nothing else can run and then taken in
+        request order: which sequences share a step is a function of the tokens alone, never of
+        when a reply came. Returns the run's sequences in request order, with their host
+        log-probs (a non-finite one raises NonFiniteError)."""
+        requests = list(requests)
+        for i, request in enumerate(requests):
+            self.check(request, i)
+        if not self.scheduler.is_finished() or self._paused:
+            raise RuntimeError("run: the engine has sequences in flight (added and not stepped to "
+                               "the end)")
+        seqs = [self._queue(request) for request in requests]
+        index = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        for seq in seqs:
+            seq.pauses = on_end is not None
+        pending: dict[int, tuple[Sequence, object]] = {}  # index -> (sequence, its Future)
+        progress = _progress(len(seqs)) if use_tqdm else None
+        try:
+            while not self.scheduler.is_finished() or pending:
+                first = self.runner.logprobs_kept
+                finished = None if self.scheduler.is_finished() else self.step()
+                ended = []
+                if finished is None:  # nothing can run: every reply pending is waited for
+                    if not pending:  # checked at admission: one sequence always fits the pool
+                        raise RuntimeError("generation made no progress: nothing runs, nothing "
+                                           "waits for a reply")
+                    replies = [(i, seq, reply.result())
+                               for i, (seq, reply) in sorted(pending.items())]
+                    pending.clear()
+                    ended = [i for i, seq, reply in replies if self._follow(seq, reply)]
+                for seq in finished or ():
+                    i = index[seq.seq_id]
+                    reply = None if on_end is None else on_end(i, seq)
+                    if reply is not None and not isinstance(reply, (list, tuple)):
+                        pending[i] = (seq, reply)
+                    elif self._follow(seq, reply):
+                        ended.append(i)
+                if progress is not None:
+                    progress.update(len(ended))
+                # the tokens this step drew: a speculative step's accepted drafts included
+                if stop is not None and stop(ended, self.runner.logprobs_kept - first):
+                    self._stop()
+                    break
+        finally:
+            if progress is not None:
+                progress.close()
+        self._collect_logprobs(seqs)
+        return seqs
 
     def generate(self, prompts,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -189,19 +354,19 @@ class LLM:
                 f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         token_ids = [self._tokenize(p, i) for i, p in enumerate(prompts)]
         for i, (ids, p) in enumerate(zip(token_ids, params)):
-            self._check_request(i, ids, p)
-        groups = [[self._add(ids, p, j) for j in range(p.n)] for ids, p in zip(token_ids, params)]
-        self._run(sum(len(g) for g in groups), use_tqdm)
-        self._collect_logprobs([s for g in groups for s in g])
-        return [RequestOutput(ids, [self._completion(s, decode_text) for s in group])
-                for ids, group in zip(token_ids, groups)]
+            self.check(Request(ids, p), i)
+        requests = [Request(ids, p, sample_index=j)
+                    for ids, p in zip(token_ids, params) for j in range(p.n)]
+        seqs = iter(self.run(requests, use_tqdm=use_tqdm))
+        return [RequestOutput(ids, [self._completion(next(seqs), decode_text) for _ in range(p.n)])
+                for ids, p in zip(token_ids, params)]
 
     def generate_turns(self, prompts: list[list[int]], sampling_params: SamplingParams,
                        on_turn_end: OnTurnEnd, *, max_turns: int,
                        max_total_tokens: int | None = None) -> list[Trajectory]:
-        """Multi-turn trajectories (turns.py): each pauses at the end of a turn, KV kept, while
-        on_turn_end(row, turn's token ids) gives the next turn's prompt tokens (or a Future of
-        them)."""
+        """Multi-turn trajectories (multi_turn.py): each pauses at the end of a turn, KV kept,
+        while on_turn_end(row, turn's token ids) gives the next turn's prompt tokens (or a Future
+        of them)."""
         return generate_turns(self, prompts, sampling_params, on_turn_end, max_turns=max_turns,
                               max_total_tokens=max_total_tokens)
 
@@ -213,30 +378,20 @@ class LLM:
         rollout's carried answers under new weights; an empty answer starts one), each row drawing
         from its own seed's stream at its own positions, as one uninterrupted generate would, with
         params.max_new_tokens counting the answer's earlier tokens. token_budget: stop every row
-        once this many tokens were drawn (the step that passes it ends; a step draws a token a row);
-        groups (one id per row) and groups_needed: stop once that many groups have all their rows
-        finished. Stopped rows have finish_reason None (their blocks freed).
-        Returns one Completion per row of the tokens and log-probs added by this call."""
+        once this many tokens were drawn (stop_rules.TokenBudget); groups (one id per row) and
+        groups_needed: stop once that many groups have all their rows finished (GroupsDone).
+        Stopped rows have finish_reason None (their blocks freed).
+        Returns one Completion per row of the tokens and log-probs added by this call (its
+        routing_rows: the whole sequence's, prompt and carried answer included)."""
         if len({len(prompts), len(answers), len(seeds)}) != 1:
             raise ValueError(f"{len(prompts)} prompts, {len(answers)} answers and {len(seeds)} "
                              "seeds: expected as many")
-        seqs = []
-        for i, (prompt, answer, seed) in enumerate(zip(prompts, answers, seeds)):
-            self._check_request(i, list(prompt), params)
-            end = min(len(prompt) + params.max_new_tokens, self.config.max_model_len)
-            if len(prompt) + len(answer) >= end:
-                raise ValueError(f"answers[{i}] has {len(answer)} tokens: nothing is left to "
-                                 "generate")
-            seqs.append(Sequence(self._next_seq_id, list(prompt) + list(answer), params, seed,
-                                 len(prompt)))
-            self._next_seq_id += 1
-            self.scheduler.add(seqs[-1])
-        starts = [seq.num_tokens for seq in seqs]
-        stop = None if groups_needed is None else GroupsDone(seqs, groups, groups_needed)
-        self._run(len(seqs), False, token_budget, stop)
-        self._collect_logprobs(seqs)
-        return [Completion(seq.token_ids[start:], seq.logprobs, seq.finish_reason, None,
-                           seq.logprob_slots) for seq, start in zip(seqs, starts)]
+        stop = first_of(None if token_budget is None else TokenBudget(token_budget),
+                        None if groups_needed is None else GroupsDone(groups, groups_needed))
+        seqs = self.run([Request(p, params, answer=a, seed=s)
+                         for p, a, s in zip(prompts, answers, seeds)], stop)
+        return [self._completion(seq, False, len(seq.request.prompt) + len(seq.request.answer))
+                for seq in seqs]
 
     def take_speculation(self) -> dict:
         """{"drafted", "accepted"}: speculative decoding's draft tokens verified and accepted since
@@ -245,17 +400,17 @@ class LLM:
         return counts
 
     def device_logprobs(self, slots: list[int]) -> torch.Tensor:
-        """The last generate's sampled log-probs at these Completion.logprob_slots, as one fp32
+        """The last run's sampled log-probs at these logprob_slots (Completion's, Trajectory's), as one fp32
         tensor [len(slots)] on `self.device`: what a trainer reads without a host round trip."""
         if slots and not 0 <= min(slots) <= max(slots) < self.runner.logprobs_kept:
             raise ValueError(
-                f"slots must be in [0, {self.runner.logprobs_kept}) (the last generate's "
+                f"slots must be in [0, {self.runner.logprobs_kept}) (the last run's "
                 f"sampled tokens), got {min(slots)}..{max(slots)}")
         return self.runner.gather_logprobs(slots)
 
     def device_routing(self, rows: list[int]) -> torch.Tensor:
-        """With record_routing: the last generate's routing records at these Completion.routing_rows
-        (one per prompt + completion token), [len(rows), sparse layers, k] int16 on `self.device`,
+        """With record_routing: the last run's routing records at these routing_rows (Completion's,
+        Trajectory's: one per token of a whole sequence), [len(rows), sparse layers, k] int16 on `self.device`,
         -1 where a token has none: the experts an MoE model chose for each token."""
         if self.runner.routing is None:
             raise ValueError("device_routing: this LLM was made without record_routing=True")
@@ -271,94 +426,68 @@ class LLM:
             raise ValueError(f"prompts[{index}] must be a string or a list of ints")
         return list(prompt)
 
-    def _check_request(self, index: int, ids: list[int], params: SamplingParams):
-        max_len, vocab = self.config.max_model_len, self.config.vocab_size
-        if not isinstance(params, SamplingParams):
-            raise TypeError(
-                f"sampling_params[{index}] must be a SamplingParams, got {type(params).__name__}")
-        if not ids:
-            raise ValueError(f"prompts[{index}] is empty: a prompt needs at least one token")
-        if len(ids) >= max_len:
-            raise ValueError(
-                f"prompts[{index}] has {len(ids)} tokens, which leaves no room to generate "
-                f"within the context length max_model_len={max_len}")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(
-                f"prompts[{index}] has token id {bad[0]} outside the vocabulary [0, {vocab})")
-        longest = min(len(ids) + params.max_new_tokens, max_len)
-        needed = self.block_manager.blocks_for(longest)
-        if needed > self.block_manager.num_blocks:
-            raise ValueError(
-                f"the KV pool ({self.block_manager.num_blocks} blocks of "
-                f"{self.block_manager.block_size} tokens) cannot hold one sequence of "
-                f"prompts[{index}] ({longest} tokens = {needed} blocks); "
-                "raise kv_cache_memory or lower max_new_tokens")
-
-    def _add(self, ids: list[int], params: SamplingParams, sample_index: int) -> Sequence:
+    def _queue(self, request: Request) -> Sequence:
+        if self.scheduler.is_finished() and not self._paused:  # an idle engine: a new run
+            self.runner.start_run()
         # Sample j of a seeded request gets its own stream, fixed by (seed, prompt, j): the same
         # wherever the prompt sits in the batch, and never another prompt's. Keyed by (seed, j)
         # alone, sample j of every prompt would read the same random numbers and choose alike: a
         # rollout of 16 prompts x 8 samples would hold 8 independent draws, not 128.
-        seed = (self._rng.getrandbits(63) if params.seed is None
-                else hash((params.seed, tuple(ids), sample_index)))
-        seq = Sequence(self._next_seq_id, ids, params, seed & (2**63 - 1))
+        params = request.params
+        if request.seed is not None:
+            seed = request.seed
+        elif params.seed is None:
+            seed = self._rng.getrandbits(63)
+        else:
+            seed = hash((params.seed, request.prompt, request.sample_index)) & (2**63 - 1)
+        seq = Sequence(self._next_seq_id, request, seed)
         self._next_seq_id += 1
         self.scheduler.add(seq)
         return seq
 
-    def _run(self, num_seqs: int, use_tqdm: bool, token_budget: int | None = None, stop=None):
-        """Steps until every sequence is done, or (token_budget) until that many tokens were
-        drawn, or until stop(the step's finished sequences) says so: the unfinished are then stopped
-        (Scheduler.abort), finish_reason None."""
-        progress = None
-        decoded = 0
-        if use_tqdm:
-            from tqdm.auto import tqdm
-            progress = tqdm(total=num_seqs, desc="generate", unit="seq")
-        self.runner.logprobs_kept = 0
-        if self.runner.routing is not None:
-            self.runner.routing.reset()
-        try:
-            while not self.scheduler.is_finished():
-                batch, is_prefill = self.scheduler.schedule()
-                before = self.runner.logprobs_kept
-                finished = self._step(batch, is_prefill)
-                decoded += self.runner.logprobs_kept - before  # the tokens this step drew
-                spent = token_budget is not None and decoded >= token_budget
-                if spent or (stop is not None and stop(finished)):
-                    self.scheduler.abort()
-                if progress is not None:
-                    progress.update(len(finished))
-        finally:
-            if progress is not None:
-                progress.close()
+    def _plan(self, batch: list[Sequence], is_prefill: bool
+              ) -> tuple[StepKind, list[list[int]] | None]:
+        """The kind of the scheduled step, and a verify step's drafts: a prefill whose sequence
+        has a chunk end is a CHUNK (not its last), a decode step of the tail with a draft a VERIFY
+        (`_drafts`)."""
+        if is_prefill:
+            return (StepKind.CHUNK if batch[0].chunk_end is not None else StepKind.PREFILL), None
+        drafts = self._drafts(batch)
+        return (StepKind.DECODE, None) if drafts is None else (StepKind.VERIFY, drafts)
 
-    def _step(self, batch: list[Sequence], is_prefill: bool) -> list[Sequence]:
-        """Run one scheduled step (a decode step of the tail speculatively: `_drafts`), append its
-        tokens and their log-prob slots; returns the sequences it finished."""
-        if is_prefill and batch[0].chunk_end is not None:  # a prompt's chunk, not its last
-            self.runner.prefill_chunk(batch[0])
-            self.scheduler.chunk_done(batch[0])
-            return []
-        first = self.runner.logprobs_kept
-        drafts = None if is_prefill else self._drafts(batch)
-        if drafts is None:
-            tokens = self.runner.run(batch, is_prefill)
-            for slot, seq in enumerate(batch, start=first):
-                seq.logprob_slots.append(slot)
-            return self.scheduler.postprocess(batch, tokens)
-        emitted = self.runner.verify(batch, drafts)
-        self.speculation["drafted"] += sum(map(len, drafts))
-        # a row emits its accepted draft tokens and the one draw after them
-        self.speculation["accepted"] += sum(len(tokens) - 1 for tokens in emitted)
-        before = [seq.num_tokens for seq in batch]
-        finished = self.scheduler.postprocess(batch, emitted)
-        # A finishing token drops the tokens after it: their slots are skipped.
-        for seq, tokens, had in zip(batch, emitted, before):
-            seq.logprob_slots += range(first, first + seq.num_tokens - had)
-            first += len(tokens)
-        return finished
+    def _follow(self, seq: Sequence, reply) -> bool:
+        """What follows a finished turn: None ends the sequence (True), token ids resume it."""
+        if reply is None:
+            if seq.status is SequenceStatus.PAUSED:
+                del self._paused[seq.seq_id]
+                self.scheduler.finish(seq)
+            return True
+        if not isinstance(reply, (list, tuple)) or not all(isinstance(t, int) for t in reply):
+            raise TypeError(f"on_end gave {type(reply).__name__} for request sequence "
+                            f"{seq.seq_id}: expected None or a list of token ids")
+        del self._paused[seq.seq_id]
+        self.scheduler.resume(seq, list(reply))
+        return False
+
+    def _release_paused(self) -> bool:
+        """Free the blocks of every paused sequence (recomputed when it resumes), oldest first;
+        False if none held any."""
+        held = [seq for _, seq in sorted(self._paused.items()) if seq.block_table]
+        for seq in held:
+            self.scheduler.release(seq)
+        return bool(held)
+
+    def _stop(self) -> None:
+        """A stop rule's stop: every unfinished sequence stopped, paused ones included (their
+        blocks freed, finish_reason None); their tokens so far stay."""
+        stopped = self.scheduler.abort()
+        for seq in self._paused.values():
+            self.scheduler.release(seq)
+            seq.status = SequenceStatus.WAITING
+            stopped.append(seq)
+        self._paused.clear()
+        for seq in stopped:
+            seq.finish_reason = None
 
     def _drafts(self, batch: list[Sequence]) -> list[list[int]] | None:
         """Each row's n-gram draft, cut to its token limits and to the KV slots free blocks give it;
@@ -388,13 +517,19 @@ class LLM:
                     f"the model's logits are not finite (sampled log-prob {bad} for request "
                     f"{seq.seq_id}): its weights or activations hold NaN or inf")
 
-    def _completion(self, seq: Sequence, decode_text: bool) -> Completion:
-        ids = seq.completion_token_ids
+    def _completion(self, seq: Sequence, decode_text: bool, start: int | None = None
+                    ) -> Completion:
+        """The tokens from `start` (default: the prompt's end) with the run's log-probs."""
+        ids = seq.token_ids[seq.num_prompt_tokens if start is None else start:]
         text = (self.tokenizer.decode(ids, skip_special_tokens=True)
                 if self.tokenizer and decode_text else None)
-        # the last token: never forwarded
-        rows = seq.routing_rows + [-1] * (seq.num_tokens - len(seq.routing_rows))
-        return Completion(ids, seq.logprobs, seq.finish_reason, text, seq.logprob_slots, rows)
+        return Completion(ids, seq.logprobs, seq.finish_reason, text, seq.logprob_slots,
+                          routing_rows(seq))
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="generate", unit="seq")
 
 
 def _is_single_prompt(prompts) -> bool:

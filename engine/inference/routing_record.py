@@ -1,5 +1,7 @@
-"""The experts a generate call's forwards chose for every token of every sequence (routing replay:
-the trainer's forwards of an MoE policy then route each token as the sampler did).
+"""The experts a run's forwards chose for every token of every sequence (routing replay: the
+trainer's forwards of an MoE policy then route each token as the sampler did), whatever the step
+that forwarded it: a prefill, a prompt's chunk, a decode step or a speculative verify step
+(LLM.step records every kind in one place).
 
 Each step's choices [sparse layers, n, k] are appended to one device buffer (int16 rows of
 [sparse layers, k], grown by doubling; no host read), and every sequence keeps, per position, the
@@ -32,24 +34,23 @@ class RoutingRecorder:
         self.slot_rows: dict[tuple[int, int], int] = {}  # (block, offset) -> row of the token there
 
     def reset(self) -> None:
-        """Start a generate call: rows of the last one are dropped."""
+        """Start a run: rows of the last one are dropped."""
         self.kept = 0
         self.slot_rows.clear()
 
-    def keep(self, seqs: list[Sequence], is_prefill: bool, chosen: torch.Tensor) -> None:
-        """Append a step's choices [sparse layers, n, k] (n >= the step's tokens: a graph's padding
-        rows are dropped) and give each forwarded position of `seqs` its row."""
+    def keep(self, spans: list[tuple[Sequence, int, int]], chosen: torch.Tensor) -> None:
+        """Append one forward's choices [sparse layers, n, k] (n >= its tokens: a graph's padding
+        rows are dropped) and give each forwarded position its row: spans (sequence, start, end)
+        in the forward's order, positions [start, end) of that sequence (a prefill's new tokens, a
+        decode's last one, a verify step's last one and its draft). Positions before `start`
+        without a row take the row of the block slot that holds their K/V (a shared prefix, a
+        chunk forwarded earlier)."""
         row = self.kept
-        for seq in seqs:
-            if is_prefill:
-                # cached prompt tokens: the rows of the blocks that hold them
-                start = seq.num_cached_tokens
-                seq.routing_rows = [self._slot_row(seq, p) for p in range(start)]
-                positions = range(start, seq.num_tokens)
-            else:
-                positions = range(seq.num_tokens - 1, seq.num_tokens)
-            for p in positions:
-                del seq.routing_rows[p:]
+        for seq, start, end in spans:
+            have = min(len(seq.routing_rows), start)
+            del seq.routing_rows[have:]
+            seq.routing_rows += [self._slot_row(seq, p) for p in range(have, start)]
+            for p in range(start, end):
                 seq.routing_rows.append(row)
                 self.slot_rows[self._slot(seq, p)] = row
                 row += 1

@@ -3,7 +3,7 @@
 It owns the KV pool, turns scheduled sequences into input ids, positions, slot mappings and block
 tables, runs the model and samples: a decode step as one captured CUDA graph (embedding through the
 sampler) over persistent input buffers (`DecodeInputs`), or eagerly. A step's one device-to-host
-copy is its sampled token ids; their log-probs stay on the device until the generate call ends.
+copy is its sampled token ids; their log-probs stay on the device until the run ends.
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ class ModelRunner:
         self.kv_pool = self.kv_caches = None
         self.allocate_kv_pool()
         self.max_blocks_per_seq = -(-c.max_model_len // block_size)
-        # The sampled tokens' log-probs of the current generate call, step after step, kept on the
+        # The sampled tokens' log-probs of the current run, step after step, kept on the
         # device for a trainer (a PPO rollout) to gather without a round trip through Python floats.
         self.logprob_buffer = torch.empty(1024, dtype=torch.float32, device=self.device)
         self.logprobs_kept = 0
@@ -115,7 +115,7 @@ class ModelRunner:
 
     def allocate_kv_pool(self) -> None:
         """The paged KV pool (again after release_kv_pool): one tensor for all layers, [K/V, layer,
-        block, slot in block, kv head, head dim]; its contents never outlive a generate call."""
+        block, slot in block, kv head, head dim]; its contents never outlive a run."""
         if self.kv_pool is None:
             c = self.config
             self.kv_pool = torch.empty(2, c.num_layers, self.num_blocks, self.block_size,
@@ -124,7 +124,7 @@ class ModelRunner:
             self.kv_caches = [(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(c.num_layers)]
 
     def release_kv_pool(self) -> bool:
-        """Free the KV pool between generate calls (its memory goes back to the allocator, for the
+        """Free the KV pool between runs (its memory goes back to the allocator, for the
         training phases); the next run allocates it again. Not with CUDA graphs: a captured decode
         step holds the pool's addresses, so the pool stays. Returns whether it was freed."""
         if self.graphs is not None:
@@ -149,10 +149,20 @@ class ModelRunner:
         self.allocate_kv_pool()
         tokens, logprobs = self._prefill(seqs) if is_prefill else self._decode(seqs)
         self._keep_logprobs(logprobs)
-        if self.routing is not None:
-            self.routing.keep(seqs, is_prefill,
-                              self._prefill_routing if is_prefill else self.routing_out)
         return tokens.tolist()
+
+    def keep_routing(self, spans: list[tuple[Sequence, int, int]], is_decode: bool) -> None:
+        """With record_routing: the last forward's expert choices kept for the positions it
+        forwarded (RoutingRecorder.keep's spans): a decode step's from the buffer its graph
+        writes, any other forward's (prefill, a prompt's chunk, a verify step) from its trace."""
+        self.routing.keep(spans, self.routing_out if is_decode else self._prefill_routing)
+
+    def start_run(self) -> None:
+        """A new run (LLM.run): the log-probs and routing records kept for the last one are
+        dropped."""
+        self.logprobs_kept = 0
+        if self.routing is not None:
+            self.routing.reset()
 
     def kept_logprobs(self) -> list[float]:
         """Every log-prob kept since logprobs_kept was last reset, on the host (one copy)."""

@@ -5,7 +5,7 @@ budget last, oldest first) or a decode of every running sequence. When a running
 block and none is free, the most recently admitted one is preempted: its blocks are freed and it
 goes back to the front of the queue, to be recomputed (prompt + tokens so far) when blocks free up.
 
-Multi-turn sequences (`seq.pauses`, turns.py) pause at the end of a turn with their blocks kept;
+Multi-turn sequences (`seq.pauses`: a run with an on_end hook, multi_turn.py) pause at the end of a turn with their blocks kept;
 `resume` appends the next turn's prompt tokens and queues them for a prefill of those tokens only.
 """
 from __future__ import annotations
@@ -139,7 +139,7 @@ class Scheduler:
                     ) -> list[Sequence]:
         """Append each sequence's sampled token (or tokens: a speculative step's, up to the one
         that finishes it; the rest are dropped); finish and free those that are done, and free the
-        blocks a rejected draft held; pause those that take further turns, blocks kept (turns.py).
+        blocks a rejected draft held; pause those that take further turns, blocks kept (LLM.run's on_end).
         Returns the finished and paused ones."""
         finished = []
         for seq, tokens in zip(batch, token_ids):

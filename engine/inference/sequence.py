@@ -1,55 +1,63 @@
-"""Sequence: the state of one completion being generated (pure Python, no tensors)."""
+"""Sequence: the state of one request being generated (pure Python, no tensors)."""
 from __future__ import annotations
 
 from enum import Enum, auto
 
 from .ngram_draft import NgramIndex
+from .request import Request
 from .sampling_params import SamplingParams
 
 
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
-    PAUSED = auto()  # a multi-turn sequence between turns: its KV blocks kept for the next one
+    PAUSED = auto()  # a finished turn waiting for what follows it: its KV blocks kept
     FINISHED = auto()
 
 
 class Sequence:
-    """Prompt + generated tokens, the KV blocks holding them, and the sampled tokens' log-probs.
+    """A Request's tokens so far (prompt, answer, what was sampled and appended), the KV blocks
+    holding them, and where the sampled tokens' log-probs and routing records are.
 
     `seed` drives this sequence's random stream; `num_cached_tokens` counts leading tokens whose K/V
     are already in its blocks when it is (re)admitted (shared prefix blocks, or its own earlier
     turns), so prefill skips them. `turn_start` is where the tokens sampled in the current turn
-    begin (the prompt's end for a single-turn sequence); `pauses`: a multi-turn sequence keeps its
-    blocks when a turn ends (turns.py) instead of finishing; `token_limit` caps its length below
-    the model's context (a multi-turn trajectory's total-token cap).
+    begin (the prompt's end until a turn is resumed: a carried answer counts in
+    its params.max_new_tokens); `pauses`: a finished turn pauses
+    with its blocks kept (a run with an on_end hook) instead of finishing.
     """
 
-    def __init__(self, seq_id: int, token_ids: list[int], params: SamplingParams, seed: int,
-                 num_prompt_tokens: int | None = None):
-        """num_prompt_tokens: where the answer starts (default: all of token_ids are the prompt; a
-        continued answer's earlier tokens count against params.max_new_tokens)."""
+    def __init__(self, seq_id: int, request: Request, seed: int):
         self.seq_id = seq_id
-        self.token_ids = list(token_ids)
-        self.num_prompt_tokens = len(token_ids) if num_prompt_tokens is None else num_prompt_tokens
-        self.params = params
+        self.request = request
+        self.token_ids = list(request.prompt) + list(request.answer)
+        self.num_prompt_tokens = len(request.prompt)
         self.seed = seed
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
         self.turn_start = self.num_prompt_tokens
         self.pauses = False
-        self.token_limit: int | None = None
         self.logprob_slots: list[int] = []  # where each sampled log-prob is on the device (runner)
-        self.logprobs: list[float] = []  # their values, read back once the generate call ends
+        self.logprobs: list[float] = []  # their values, read back once the run ends
         # MoE routing record of each forwarded position (routing_record.py)
         self.routing_rows: list[int] = []
         self.finish_reason: str | None = None
         self.draft_index = NgramIndex()  # speculative decoding's drafts (ngram_draft.py)
         self.chunk_end: int | None = None  # chunked prefill: this step prefills up to here
+        self.prefilled_tokens = 0  # tokens sent through prefill (a chunk's, a resumed turn's)
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def token_limit(self) -> int | None:
+        """The request's cap on its length below the model's context (None: none)."""
+        return self.request.max_total_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -65,3 +73,9 @@ class Sequence:
 
     def append(self, token_id: int):
         self.token_ids.append(token_id)
+
+
+def routing_rows(seq: Sequence) -> list[int]:
+    """One routing row per token of `seq` (LLM.device_routing), -1 where none was recorded: its
+    last token (never forwarded), every token without record_routing."""
+    return seq.routing_rows + [-1] * (seq.num_tokens - len(seq.routing_rows))

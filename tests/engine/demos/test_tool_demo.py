@@ -18,7 +18,7 @@ from fusedrl.engine.demos.tool import TOOLS
 from fusedrl.engine.demos.tool_task import (add, build_tokenizer, conversation, final_answer, is_correct,
                                             make_pairs, question, tool_reward, write_tool_data)
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.inference.turns import Trajectory
+from fusedrl.engine.inference.multi_turn import Trajectory
 from fusedrl.engine.stages.ppo.scoring import trajectory_inputs
 
 

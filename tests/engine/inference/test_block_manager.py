@@ -2,12 +2,13 @@
 import pytest
 
 from fusedrl.engine.inference.block_manager import BlockManager
+from fusedrl.engine.inference.request import Request
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.sequence import Sequence
 
 
 def seq(tokens, seq_id=0):
-    return Sequence(seq_id, tokens, SamplingParams(), seed=0)
+    return Sequence(seq_id, Request(tokens, SamplingParams()), seed=0)
 
 
 def test_allocate_covers_every_token_and_deallocate_frees_all():

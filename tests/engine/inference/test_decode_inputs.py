@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusedrl.engine.inference.decode_inputs import DecodeInputs
+from fusedrl.engine.inference.request import Request
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.sequence import Sequence
 
@@ -20,7 +21,7 @@ def random_sequences(count: int, seed: int) -> list[Sequence]:
         n = rng.randint(1, 30)
         params = SamplingParams(temperature=rng.choice([0.0, 0.7, 1.3]), top_k=rng.randint(0, 50),
                                 top_p=rng.random(), min_p=rng.random() / 4)
-        seq = Sequence(i, [rng.randrange(1000) for _ in range(n)], params, rng.getrandbits(63))
+        seq = Sequence(i, Request([rng.randrange(1000) for _ in range(n)], params), rng.getrandbits(63))
         seq.block_table = rng.sample(range(100), -(-n // BLOCK))
         seqs.append(seq)
     return seqs

@@ -10,7 +10,7 @@ from fusedrl import kernels
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.runner import kv_bytes_per_block
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.inference.turns import TurnReply
+from fusedrl.engine.inference.multi_turn import TurnReply
 from fusedrl.engine.model.invariant import BatchInvariant
 from fusedrl.engine.stages.ppo.packs import pack_rollout
 from engine_testing import make_hf_model, make_tokenizer, random_prompts
@@ -133,7 +133,7 @@ TRITON_CASES = {
 
 
 def check_turns(path, prompts, params, alone=True):
-    """Three-turn trajectories (turns.py: each later turn prefills the environment's tokens on top
+    """Three-turn trajectories (multi_turn.py: each later turn prefills the environment's tokens on top
     of the earlier turns' cached pages): every model token's sampler log-prob equals the training
     forward's over the whole trajectory, and (`alone`) the second prompt's trajectories are the same
     alone as among all the prompts' (tokens and log-probs), so ranks that split a rollout draw what

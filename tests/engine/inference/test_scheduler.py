@@ -1,5 +1,6 @@
 """Scheduling policy, driven with fake sampled tokens (no model)."""
 from fusedrl.engine.inference.block_manager import BlockManager
+from fusedrl.engine.inference.request import Request
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.scheduler import Scheduler
 from fusedrl.engine.inference.sequence import Sequence, SequenceStatus
@@ -13,7 +14,7 @@ def make(num_blocks=16, block_size=4, max_num_seqs=8, max_tokens=64, max_model_l
 
 
 def add(sched, seq_id, n_prompt, **params):
-    s = Sequence(seq_id, list(range(10, 10 + n_prompt)), SamplingParams(**params), seed=seq_id)
+    s = Sequence(seq_id, Request(range(10, 10 + n_prompt), SamplingParams(**params)), seed=seq_id)
     sched.add(s)
     return s
 

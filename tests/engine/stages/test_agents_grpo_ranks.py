@@ -4,7 +4,7 @@ all of them with the same seed (the ranks agree on the update). Both draw the sa
 construction: in rollout.exact a row's logits do not depend on the batch it is decoded in (one
 process decodes 8 rows a step, each rank 4; in the default kernels the rounding of a step depends
 on its batch, and a draw near a tie of the Gumbel argmax takes another token), and an environment's
-reply rejoins the batch at a point set by the tokens, not by when it came (inference/turns.py).
+reply rejoins the batch at a point set by the tokens, not by when it came (inference/multi_turn.py).
 One iteration: a second would sample from weights that the two runs' all-reduces rounded apart."""
 import pytest
 import torch

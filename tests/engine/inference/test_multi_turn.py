@@ -1,4 +1,4 @@
-"""Multi-turn generation (turns.py): a turn's end pauses the sequence with its KV kept, the
+"""Multi-turn generation (multi_turn.py): a turn's end pauses the sequence with its KV kept, the
 environment's tokens are appended as given and only they are prefilled; the trajectories equal a
 turn-by-turn recomputation from scratch (greedy), whatever the pool's size, with futures too."""
 import time
@@ -10,7 +10,7 @@ import torch
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.runner import kv_bytes_per_block
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.inference.turns import TurnReply
+from fusedrl.engine.inference.multi_turn import TurnReply
 from engine_testing import VOCAB, random_prompts
 
 # About one token in seven ends a turn: every trajectory takes a few short turns.

@@ -1,0 +1,139 @@
+"""Multi-turn generation: trajectories whose turns pause while an environment (or a tool)
+answers, then go on in the same sequence with their KV kept: requests of the engine's one loop
+(`LLM.run`) with an `on_end` hook on a finished turn.
+
+`generate_turns(llm, prompts, params, on_turn_end)` samples `params.n` trajectories per prompt. When
+a trajectory's turn ends (a stop or EOS token: a chat template's end of turn; or the turn's
+max_new_tokens), its blocks are kept and `on_turn_end(index, turn_token_ids)` is asked for the next
+turn's prompt tokens; it returns a `TurnReply` or a `concurrent.futures.Future` of one, so an
+environment step can run in a worker pool while every other sequence keeps decoding. A Future's
+reply rejoins when nothing else is left to run (every reply pending then, in row order, whenever
+each came): which sequences share a step is a function of the tokens alone, never of when an
+environment answered, so a seed draws the same trajectories run after run (a step's rounding
+depends on its batch). The reply's tokens are appended as they are (token in, token out: nothing
+earlier is re-tokenized) and only they are prefilled (plus the turn's last sampled token, never
+forwarded yet): earlier turns' K/V are not computed again, unless the pool ran short and the
+paused sequence's blocks were lent to the running ones (then it is recomputed).
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+from .request import Request
+from .sampling_params import SamplingParams
+from .sequence import Sequence, routing_rows
+
+
+@dataclass(frozen=True)
+class TurnReply:
+    """What follows a model turn: `token_ids` to append (the rendered environment or tool messages
+    and the next generation prompt), or `done` to end the trajectory (token_ids then ignored)."""
+    token_ids: tuple[int, ...] = ()
+    done: bool = False
+
+
+@dataclass
+class Trajectory:
+    """One multi-turn sample. token_ids [T]: everything after the prompt, model and environment
+    tokens in order; model_mask [T]: True where the model sampled the token; logprobs [T]: the
+    sampler's log-prob of each model token (0.0 on environment tokens); logprob_slots: the device
+    slots of the model tokens' log-probs (LLM.device_logprobs), in order. finish_reason: 'done'
+    (the environment ended it), 'length' (a turn's max_new_tokens, the total cap or the context),
+    'max_turns' (the last turn still answered by on_turn_end, whose tokens are then dropped).
+    prefilled_tokens: tokens this trajectory sent through prefill. routing_rows [P + T] (with
+    record_routing): one per token of prompt + token_ids, for LLM.device_routing (-1 where none:
+    the last token, never forwarded)."""
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    model_mask: list[bool]
+    logprobs: list[float]
+    logprob_slots: list[int]
+    turns: int
+    finish_reason: str
+    prefilled_tokens: int
+    routing_rows: list[int] = field(default_factory=list)
+
+
+OnTurnEnd = Callable[[int, list[int]], Union[TurnReply, "Future[TurnReply]"]]
+
+
+class _Turns:
+    """The bookkeeping of one trajectory beside its Sequence."""
+
+    def __init__(self):
+        self.environment_spans: list[tuple[int, int]] = []  # [start, end) of appended tokens
+        self.turns = 0
+        self.finish_reason = ""
+
+
+def generate_turns(llm, prompts: list[list[int]], params: SamplingParams, on_turn_end: OnTurnEnd, *,
+                   max_turns: int, max_total_tokens: int | None = None) -> list[Trajectory]:
+    """Trajectories of params.n samples per prompt (token-id prompts), rows prompt by prompt,
+    sample by sample; at most `max_turns` model turns each and `max_total_tokens` tokens (prompt
+    included; default and ceiling: the model's context). params.max_new_tokens bounds each turn."""
+    if not isinstance(max_turns, int) or max_turns < 1:
+        raise ValueError(f"max_turns={max_turns!r}: expected an int >= 1")
+    limit = min(max_total_tokens or llm.config.max_model_len, llm.config.max_model_len)
+    manager = llm.block_manager
+    if manager.blocks_for(limit) > manager.num_blocks:
+        raise ValueError(
+            f"the KV pool ({manager.num_blocks} blocks of {manager.block_size} tokens) cannot "
+            f"hold one trajectory of max_total_tokens={limit}; raise the pool or lower the cap")
+    requests = [Request(ids, params, sample_index=j, max_total_tokens=limit)
+                for ids in prompts for j in range(params.n)]
+    rows = [_Turns() for _ in requests]
+
+    def on_end(index: int, seq: Sequence):
+        row = rows[index]
+        row.turns += 1
+        if seq.num_tokens >= limit:
+            row.finish_reason = "length"
+            return None
+        reply = on_turn_end(index, seq.token_ids[seq.turn_start:])
+        if isinstance(reply, Future):
+            return _Later(lambda: _follow(row, seq, reply.result(), limit, max_turns))
+        return _follow(row, seq, reply, limit, max_turns)
+
+    seqs = llm.run(requests, on_end=on_end)
+    return [_trajectory(row, seq) for row, seq in zip(rows, seqs)]
+
+
+class _Later:
+    """What follows a turn once its environment's Future is done: `result()` (LLM.run calls it
+    when it waits for the reply) gives the run None or the next turn's tokens."""
+
+    def __init__(self, follow):
+        self.result = follow
+
+
+def _follow(row: _Turns, seq: Sequence, reply: TurnReply, limit: int, max_turns: int):
+    """The run's next move for a reply: its tokens to resume with, or None to end the trajectory
+    (the environment said done, the turns are used up: the last one is still answered, for its
+    reward, or no room is left)."""
+    if not isinstance(reply, TurnReply):
+        raise TypeError(f"on_turn_end returned {type(reply).__name__}: expected a TurnReply (or a "
+                        "Future of one)")
+    if reply.done:
+        row.finish_reason = "done"
+    elif row.turns >= max_turns:
+        row.finish_reason = "max_turns"
+    elif not reply.token_ids or seq.num_tokens + len(reply.token_ids) >= limit:
+        row.finish_reason = "length"  # no room left for the model to say anything
+    else:
+        start = seq.num_tokens - seq.num_prompt_tokens
+        row.environment_spans.append((start, start + len(reply.token_ids)))
+        return list(reply.token_ids)
+    return None
+
+
+def _trajectory(row: _Turns, seq: Sequence) -> Trajectory:
+    mask = [True] * (seq.num_tokens - seq.num_prompt_tokens)
+    for start, end in row.environment_spans:
+        mask[start:end] = [False] * (end - start)
+    model_logprobs = iter(seq.logprobs)
+    logprobs = [next(model_logprobs) if is_model else 0.0 for is_model in mask]
+    return Trajectory(seq.token_ids[:seq.num_prompt_tokens], seq.completion_token_ids, mask,
+                      logprobs, list(seq.logprob_slots), row.turns, row.finish_reason,
+                      seq.prefilled_tokens, routing_rows(seq))
