@@ -97,7 +97,6 @@ class Pair:
 
 _WHOLE = ("a multi-turn trajectory is sampled whole: its environment's state does not carry to "
           "the next iteration or into a checkpoint")
-_NO_RECORD = "a carried answer's or a later turn's routing records are not kept"
 _VERIFY = "a speculative verify step is not the decode step that one reproduces"
 _CHUNK = "a chunked prefill is not the forward that one reproduces"
 _CP, _EP, _TP = "train.context_parallel", "train.expert_parallel", "train.tensor_parallel"
@@ -133,11 +132,6 @@ INCOMPATIBLE: tuple[Pair, ...] = (
     Pair("rollout.exact", MOE,
          "its expert GEMMs have no batch-invariant mode; rollout.routing_replay keeps the "
          "trainer's experts the sampler's"),
-    Pair("rollout.routing_replay", "rollout.partial_rollouts", _NO_RECORD, moe=True),
-    Pair("rollout.routing_replay", "rollout.tools", _NO_RECORD, moe=True),
-    Pair("rollout.routing_replay", "rollout.environment", _NO_RECORD, moe=True),
-    Pair("rollout.routing_replay", "rollout.speculative_tokens", _VERIFY, moe=True),
-    Pair("rollout.routing_replay", "rollout.prefill_chunk", _CHUNK, moe=True),
     # Parallel layouts: the pairs refused whatever the number of GPUs (validate.py checks the
     # sizes against the ranks and the model).
     Pair(_CP, "train.expert_parallel", "expert groups are not laid out beside context groups"),

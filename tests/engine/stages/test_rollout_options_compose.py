@@ -1,8 +1,9 @@
 """Rollout options composed on a tiny chat model through the API's GRPO, each visibly applied in
 the run's metrics or refused in one line before any model loads: tools with overlong shaping, tools
 with prefix sharing, an environment with partial rollouts (refused), partial rollouts with
-speculative decoding and prefix sharing; and DAPO's dynamic sampling around multi-turn
-trajectories."""
+speculative decoding and prefix sharing, routing replay of a mixture-of-experts policy with an
+environment's turns and with partial rollouts, speculative decoding and chunked prefill; and DAPO's
+dynamic sampling around multi-turn trajectories."""
 import datasets
 import pytest
 
@@ -11,7 +12,8 @@ from fusedrl.engine import run_grpo
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import save_chat_model
-from engine_testing import make_cycle_model, make_tokenizer
+from engine_testing import make_chat_tokenizer, make_cycle_model, make_tokenizer
+from moe_testing import make_moe_model
 
 # Prompts of repeated words: the n-gram drafter finds what followed a word before.
 ROWS = [{"prompt": "the dog the dog the dog the dog"}, {"prompt": "a fox a fox a fox a fox"}]
@@ -91,6 +93,42 @@ def test_partial_rollouts_speculate_and_share_their_prompt(tmp_path):
     trained = [r for r in records if r["groups_trained"]]
     assert trained and all(r["prefix/tokens_saved"] > 0 for r in trained)
     assert all(r["staleness_max"] >= 0 for r in trained)
+
+
+def save_moe_chat_model(path):
+    """A tiny mixture-of-experts model (moe_testing) with the chat tokenizer: routing replay's."""
+    make_moe_model("qwen3_moe", max_position_embeddings=1024).save_pretrained(path)
+    make_chat_tokenizer().save_pretrained(path)
+    return path
+
+
+def replayed_every_forwarded_token(record, rows):
+    """Every token of the rows has the sampler's routing records but each row's last (never
+    forwarded): the training forwards route all the others as the sampler did."""
+    assert record["routing/replayed_tokens"] == record["row_tokens"] - rows > 0
+
+
+def test_routing_replay_records_an_environment_s_every_turn(tmp_path):
+    records = grpo(tmp_path, {"environment": "agent_envs:ThreeTurns", "max_new_tokens": 6,
+                              "env_isolation": "thread"}, reward_fn=None,
+                   model=save_moe_chat_model(tmp_path / "moe"))
+    for r in records:
+        assert r["turns/mean"] > 1 and r["tokens/environment"] > 0
+        replayed_every_forwarded_token(r, rows=4)
+
+
+def test_routing_replay_records_partial_speculative_and_chunked_forwards(tmp_path):
+    # Prompts of 10 tokens prefilled 4 at a time; the budget cuts the answers (carried: their
+    # records come from the forwards of the iteration that completes them).
+    records = grpo(tmp_path, {"partial_rollouts": True, "tokens_per_iteration": 40,
+                              "max_new_tokens": 12, "ignore_eos": True, "speculative_tokens": 3,
+                              "speculate_below": 64, "prefill_chunk": 4},
+                   model=save_moe_chat_model(tmp_path / "moe"), iterations=2)
+    assert records[0]["carried"] > 0 and sum(r["spec/drafted"] for r in records) > 0
+    trained = [r for r in records if r["groups_trained"]]
+    assert trained
+    for r in trained:
+        replayed_every_forwarded_token(r, rows=2 * r["groups_trained"])
 
 
 def test_dynamic_sampling_keeps_the_environment_s_groups_whose_scores_differ(tmp_path):
