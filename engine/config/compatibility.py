@@ -95,8 +95,6 @@ class Pair:
                 "off")
 
 
-_WHOLE = ("a multi-turn trajectory is sampled whole: its environment's state does not carry to "
-          "the next iteration or into a checkpoint")
 _VERIFY = "a speculative verify step is not the decode step that one reproduces"
 _CHUNK = "a chunked prefill is not the forward that one reproduces"
 _CP, _EP, _TP = "train.context_parallel", "train.expert_parallel", "train.tensor_parallel"
@@ -113,8 +111,6 @@ INCOMPATIBLE: tuple[Pair, ...] = (
          "cannot reproduce"),
     Pair("rollout.tools", "rollout.environment",
          "an environment that wants tools calls them in its step"),
-    Pair("rollout.tools", "rollout.partial_rollouts", _WHOLE),
-    Pair("rollout.environment", "rollout.partial_rollouts", _WHOLE),
     Pair("rollout.speculative_tokens", "rollout.exact", _VERIFY),
     Pair("rollout.prefill_chunk", "rollout.exact", _CHUNK),
     Pair("rollout.dynamic_sampling", "ppo.estimator",

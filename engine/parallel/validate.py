@@ -189,12 +189,3 @@ def check_persistent_weights(alone: bool, gathers: bool) -> None:
         raise ConfigValueError(
             f"persistent_weights=True: expected torchrun at tensor_parallel 1 or tensor "
             f"slices sharded over the data groups (got {got}, which gathers nothing)")
-
-
-def check_exact_generation(exact: bool, tensor_parallel) -> None:
-    """LLM(batch_invariant=...): a ConfigValueError beside tensor slices (`tensor_parallel`, the
-    model's TensorParallel or None): the all-reduces' order differs from the training forward's."""
-    if exact and tensor_parallel is not None:
-        raise ConfigValueError(
-            "batch_invariant (rollout.exact) with tensor parallelism: not supported (the "
-            "all-reduces' order differs from the training forward's); use one or the other")

@@ -7,8 +7,8 @@ A sampler is two choices and one shared path:
   (agent_sampling.TrajectoryGenerator); both hand on the same `Generated` rows;
 - its schedule: whole groups, every answer sampled to its end in the iteration that drew its
   prompt (`WholeGroups`, with DAPO's dynamic sampling where asked: sampling.draw_samples), or
-  partial rollouts, groups of single-turn answers carried across iterations under a token budget
-  (partial.py; a trajectory's environment does not carry: refused with tools or an environment).
+  partial rollouts, groups carried across iterations under a token budget (partial.py: answers,
+  or trajectories whose environments stay alive in flight, engine/agents/carried.py).
   Speculative decoding is a policy of the actor's decode scheduler (engine/inference) under either;
 - everything after sampling, once for every mode (generated.Scoring: the pack with prefix sharing,
   routing replay's records, the scores with overlong shaping and per-turn rewards), and the
@@ -23,7 +23,8 @@ from ...config.ppo import PPOConfig
 from ...data.prompts import PromptRow
 from ...parallel import distributed
 from .agent_sampling import Agents, TrajectoryGenerator
-from .generated import Generated, Scoring
+from ...agents import CarriedTrajectories
+from .generated import Generated, Scoring, sampling_params
 from .models import PPOModels
 from .partial import PartialRollouts
 from .phase_timer import PhaseTimer
@@ -44,10 +45,13 @@ class RowGenerator(Protocol):
 
 class Schedule(Protocol):
     """Which groups an iteration hands on: sample(state, seed, timer) -> (Samples | None, metrics),
-    the scored groups (None: none complete yet) and the schedule's metrics."""
+    the scored groups (None: none complete yet) and the schedule's metrics; close(): what it keeps
+    open across iterations, closed at the run's end."""
 
     def sample(self, state: PPOState, seed: int,
                timer: PhaseTimer) -> tuple[Optional[Samples], dict]: ...
+
+    def close(self) -> None: ...
 
 
 class WholeGroups:
@@ -63,33 +67,39 @@ class WholeGroups:
         self.r, self.ranks = cfg.rollout, ranks
 
     def sample(self, state: PPOState, seed: int, timer: PhaseTimer) -> tuple[Samples, dict]:
-        return draw_samples(
+        """The iteration's groups and metrics: dynamic sampling's and the rows' (every round's)."""
+        samples, metrics = draw_samples(
             lambda: self.draw_prompts(state, self.r.prompts_per_iteration),
             lambda batch, seed: self.score(self.rows.generate(batch, seed, timer), timer),
             self.r, seed, self.ranks)
+        return samples, {**metrics, **self.rows.take_metrics()}
+
+    def close(self) -> None:
+        """Nothing outlives an iteration here."""
 
 
 class Sampler:
-    """The rollout of every iteration: its schedule's scored groups and the metrics of the rows
-    (`rows`), the schedule and speculative decoding (spec/drafted, spec/accepted: the draft tokens
-    verified and accepted, summed over the data ranks)."""
+    """The rollout of every iteration: its schedule's scored groups and the metrics of the
+    schedule (its rows' included) and speculative decoding (spec/drafted, spec/accepted: the
+    draft tokens verified and accepted, summed over the data ranks)."""
 
-    def __init__(self, models: PPOModels, rows: RowGenerator, schedule: Schedule,
-                 speculative: bool):
-        self.models, self.rows, self.schedule, self.speculative = (models, rows, schedule,
-                                                                  speculative)
+    def __init__(self, models: PPOModels, schedule: Schedule, speculative: bool):
+        self.models, self.schedule, self.speculative = models, schedule, speculative
 
     def sample(self, state: PPOState, seed: int,
                timer: PhaseTimer) -> tuple[Optional[Samples], dict]:
         """This iteration's samples (None: every group still has answers in flight) and the
         metrics of their sampling; `seed` fixes it; timed as "generate" and "score"."""
         samples, metrics = self.schedule.sample(state, seed, timer)
-        metrics.update(self.rows.take_metrics())
         if self.speculative:
             spec = distributed.all_reduce_sum(self.models.actor.llm.take_speculation(),
                                               self.models.ranks)
             metrics.update({f"spec/{k}": v for k, v in spec.items()})
         return samples, metrics
+
+    def close(self) -> None:
+        """What the schedule keeps open (partial rollouts' environments in flight)."""
+        self.schedule.close()
 
 
 def build_sampler(cfg: PPOConfig, models: PPOModels, prompts: list[PromptRow],
@@ -99,12 +109,18 @@ def build_sampler(cfg: PPOConfig, models: PPOModels, prompts: list[PromptRow],
     with rollout.partial_rollouts, else whole groups; prompts drawn from `prompts` in the seeded
     stream of prompt_stream.py."""
     r = cfg.rollout
-    rows = (AnswerGenerator(models, r) if agents is None
-            else TrajectoryGenerator(models, agents, r))
 
     def draw(state: PPOState, count: int) -> list[PromptRow]:
         return next_prompts(prompts, count, cfg.seed, state, models.ranks)
     score = Scoring.of(cfg, models)
-    schedule = (PartialRollouts(models, draw, score, r) if r.partial_rollouts
-                else WholeGroups(rows, draw, score, cfg, models.ranks))
-    return Sampler(models, rows, schedule, bool(r.speculative_tokens))
+    if r.partial_rollouts:
+        carried = None if agents is None else CarriedTrajectories(
+            models.actor.run, agents.renderer, agents.source,
+            sampling_params(r, n=r.samples_per_prompt), agents.limits,
+            models.actor.llm.config.max_model_len)
+        schedule = PartialRollouts(models, draw, score, r, carried)
+    else:
+        rows = (AnswerGenerator(models, r) if agents is None
+                else TrajectoryGenerator(models, agents, r))
+        schedule = WholeGroups(rows, draw, score, cfg, models.ranks)
+    return Sampler(models, schedule, bool(r.speculative_tokens))

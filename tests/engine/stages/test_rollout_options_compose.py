@@ -1,6 +1,7 @@
 """Rollout options composed on a tiny chat model through the API's GRPO, each visibly applied in
 the run's metrics or refused in one line before any model loads: tools with overlong shaping, tools
-with prefix sharing, an environment with partial rollouts (refused), partial rollouts with
+with prefix sharing, an environment's and tools' trajectories carried by partial rollouts, partial
+rollouts with
 speculative decoding and prefix sharing, routing replay of a mixture-of-experts policy with an
 environment's turns and with partial rollouts, speculative decoding and chunked prefill; and DAPO's
 dynamic sampling around multi-turn trajectories."""
@@ -12,6 +13,7 @@ from fusedrl.engine import run_grpo
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import save_chat_model
+from train_testing import copy_checkpoint
 from engine_testing import make_chat_tokenizer, make_cycle_model, make_tokenizer
 from moe_testing import make_moe_model
 
@@ -37,21 +39,19 @@ def save_cycle_model(path):
 
 
 def grpo(tmp_path, rollout: dict, prefix_sharing: bool = False, model=None, iterations: int = 1,
-         **options) -> list[dict]:
+         run: str = "grpo", train: dict | None = None, **options) -> list[dict]:
     """The train records of a GRPO run (2 prompts x 2 samples) with these options, of `model`
-    (default: a tiny chat model)."""
+    (default: a tiny chat model), in tmp_path / run; `train`: more of the train section."""
     model = model or save_chat_model(tmp_path / "chat", max_position_embeddings=1024)
-    config = {"policy": str(model), "output_dir": str(tmp_path / "grpo"),
+    config = {"policy": str(model), "output_dir": str(tmp_path / run),
               "reward_fn": "reward_testing:vowel_fraction", **options,
               "rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2,
                           "kv_cache_memory": 1 << 22, "max_prompt_length": 40, **rollout},
               "ppo": {"minibatch_size": 4},
               "train": {"iterations": iterations, "progress": False, "device": "cpu",
-                        "prefix_sharing": prefix_sharing}}
+                        "prefix_sharing": prefix_sharing, **(train or {})}}
     result = run_grpo(config, dataset=datasets.Dataset.from_list(ROWS))
-    records = [r for r in read_metrics(result.output_dir) if r["kind"] == "train"]
-    assert len(records) == iterations
-    return records
+    return [r for r in read_metrics(result.output_dir) if r["kind"] == "train"]
 
 
 def test_tools_with_overlong_shaping_penalize_long_answers(tmp_path):
@@ -70,17 +70,37 @@ def test_tools_with_prefix_sharing_forward_each_opening_once(tmp_path):
         assert r["overlong/penalized"] == 0  # overlong shaping is off
 
 
-def test_an_environment_with_partial_rollouts_is_refused_before_any_model_loads(tmp_path):
-    with pytest.raises(UsageError) as e:
-        run_grpo({"policy": str(tmp_path / "absent"), "output_dir": str(tmp_path / "out"),
-                  "rollout": {"environment": "turn_testing:LastTurnPays",
-                              "partial_rollouts": True}},
-                 dataset=datasets.Dataset.from_list(ROWS))
-    message = str(e.value)
-    assert "\n" not in message
-    assert message.startswith("rollout.environment='turn_testing:LastTurnPays' with "
-                              "rollout.partial_rollouts=True: not supported"), message
-    assert not (tmp_path / "out").exists()
+def test_an_environment_s_trajectories_carry_across_iterations(tmp_path):
+    # 2 groups of 2 three-turn trajectories in flight, a budget of 24 model tokens an iteration (up
+    # to 18 a trajectory): the budget cuts them in iteration 1, their environments stay alive and
+    # they go on, turn after turn, until a group completes.
+    # An environment is not in a checkpoint: a run resumed after iteration 1 restarts the
+    # trajectories it had in flight.
+    model = save_chat_model(tmp_path / "chat", max_position_embeddings=1024)
+    rollout = {"environment": "agent_envs:ThreeTurns", "max_new_tokens": 6,
+               "env_isolation": "thread", "partial_rollouts": True, "prompts_per_iteration": 1,
+               "tokens_per_iteration": 24}
+    records = grpo(tmp_path, rollout, model=model, reward_fn=None, iterations=3,
+                   train={"save_every": 1, "keep_checkpoints": 0})
+    assert len(records) == 3 and records[0]["carried"] > 0 and records[0]["groups_trained"] == 0
+    trained = [r for r in records if r["groups_trained"]]
+    assert trained
+    for r in trained:
+        # tokens drawn an iteration before they trained, across the environment's turns
+        assert r["staleness_max"] >= 1 and r["turns/mean"] > 1 and r["tokens/environment"] > 0
+        assert r["restarted"] == 0 and "policy_loss" in r
+    copy_checkpoint(tmp_path / "grpo", 1, tmp_path / "resumed")
+    resumed = grpo(tmp_path, rollout, model=model, reward_fn=None, iterations=2, run="resumed",
+                   train={"resume": True})
+    assert resumed[-1]["step"] == 2 and resumed[-1]["restarted"] == records[0]["carried"]
+
+
+def test_tools_trajectories_carry_across_iterations(tmp_path):
+    records = grpo(tmp_path, {**TOOLS, "partial_rollouts": True, "prompts_per_iteration": 1,
+                              "tokens_per_iteration": 12}, iterations=3)
+    assert records[0]["carried"] > 0 and records[0]["groups_trained"] == 0
+    trained = [r for r in records if r["groups_trained"]]
+    assert trained and all(r["staleness_max"] >= 1 and r["turns/mean"] >= 1 for r in trained)
 
 
 def test_partial_rollouts_speculate_and_share_their_prompt(tmp_path):
