@@ -109,7 +109,9 @@ def _generate_tensor_parallel(cfg, prompts, params, device):
     from ..inference.parallel_generate import generate_tensor_parallel
     return generate_tensor_parallel(cfg.model, prompts, params, cfg.tensor_parallel, device=device,
                                     dtype=cfg.dtype, use_tqdm=cfg.progress,
-                                    kv_cache_memory=cfg.kv_budget(), block_size=cfg.block_size)
+                                    kv_cache_memory=cfg.kv_budget(), block_size=cfg.block_size,
+                                    speculative_tokens=cfg.speculative_tokens,
+                                    speculate_below=cfg.speculate_below)
 
 
 def _prompts(cfg) -> list[str]:
@@ -164,10 +166,6 @@ def run_generate(args) -> int:
     # an argument the engine rejects; the model's own problems are FusedRLErrors and pass through
     try:
         if cfg.tensor_parallel != 1:
-            if cfg.speculative_tokens:
-                raise errors.UsageError(
-                    f"--speculative-tokens={cfg.speculative_tokens} with --tensor-parallel="
-                    f"{cfg.tensor_parallel}: expected one of them (0 or 1 for the other)")
             outputs = _generate_tensor_parallel(cfg, prompts, params, device)
             if outputs is None:  # not the first rank: it printed nothing
                 return 0

@@ -8,9 +8,10 @@ policy, SFT's model), read from its config.json at the run's start (refuse_incom
 moe=...)), unknown (None) when the config alone is checked. The table is every stage's: a pair
 holds in a config that has both options (SFT's and RM's have no rollout). Every config checks it
 when built, and engine/parallel/validate.py again at a run's start (a config changed in place
-since); what depends on the number of GPUs or a model's shape stays there. `LLM(...)` refuses its
-arguments' pairs by it too (engine/inference/llm.py: LLM_ARGUMENTS); `fusedrl <stage> --help`
-and docs/runs.md show it (table_lines, markdown_table).
+since); what depends on the number of GPUs or a model's shape stays there. The engine refuses
+its own arguments beside its exact mode by a rule of its own (engine/inference/exact_pairs.py: no
+config there); `fusedrl <stage> --help` and docs/runs.md show this table (table_lines,
+markdown_table).
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ budget last, oldest first) or a decode of every running sequence. When a running
 block and none is free, the most recently admitted one is preempted: its blocks are freed and it
 goes back to the front of the queue, to be recomputed (prompt + tokens so far) when blocks free up.
 
-Multi-turn sequences (`seq.pauses`: a run with an on_end hook, multi_turn.py) pause at the end of a turn with their blocks kept;
-`resume` appends the next turn's prompt tokens and queues them for a prefill of those tokens only.
+Sequences that pause (`seq.pauses`: a run with an on_end hook, engine_loop.py; multi-turn
+trajectories, multi_turn.py) pause at the end of a turn with their blocks kept; `resume` appends
+the next turn's prompt tokens and queues them for a prefill of those tokens only.
 """
 from __future__ import annotations
 
@@ -139,8 +140,8 @@ class Scheduler:
                     ) -> list[Sequence]:
         """Append each sequence's sampled token (or tokens: a speculative step's, up to the one
         that finishes it; the rest are dropped); finish and free those that are done, and free the
-        blocks a rejected draft held; pause those that take further turns, blocks kept (LLM.run's on_end).
-        Returns the finished and paused ones."""
+        blocks a rejected draft held; pause those that take further turns, blocks kept (a run's
+        on_end decides what follows). Returns the finished and paused ones."""
         finished = []
         for seq, tokens in zip(batch, token_ids):
             for token_id in [tokens] if isinstance(tokens, int) else tokens:

@@ -1,7 +1,8 @@
 """Tensor-parallel generation from the FSDP2 shards (engine/tensor_parallel.py): the rank-interleaved
 layout in and out of Hugging Face checkpoints, the sizes that fit, and on 2 gloo ranks the same
-greedy tokens, log-probs and logits as one process with no parameter storage moving (one torchrun
-launch of tp_worker.py), and `fusedrl generate --tensor-parallel 2` printing one process's output."""
+greedy tokens, log-probs and logits as one process with no parameter storage moving, speculative
+decoding's too (one torchrun launch of tp_worker.py), and `fusedrl generate --tensor-parallel 2
+--speculative-tokens 3` printing one process's output."""
 import json
 import os
 import subprocess
@@ -97,7 +98,8 @@ def test_generate_command_at_tensor_parallel_2_prints_one_process_s_tokens(model
     args = ["generate", "--model", path, "--prompt", "hello world", "--prompt", "the lazy dog", "--prompt", "fox",
             "--temperature", "0", "--max-new-tokens", "6", "--json", "--no-progress",
             "--device", "cpu"]  # two ranks: a one-GPU machine has too few GPUs for them
-    result = run_ranks(_fusedrl_command(), *args, "--tensor-parallel", "2")
+    # speculative decoding on the tensor ranks: the same greedy tokens
+    result = run_ranks(_fusedrl_command(), *args, "--tensor-parallel", "2", "--speculative-tokens", "3")
     check(result)
     one = subprocess.run([_fusedrl_command(), *map(str, args)], capture_output=True, text=True, timeout=120, env=ENV)
     tokens = [[json.loads(line)["token_ids"] for line in out.splitlines()] for out in (result.stdout, one.stdout)]

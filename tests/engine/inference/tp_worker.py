@@ -1,6 +1,6 @@
 """Run by test_tensor_parallel.py under `torchrun --nproc-per-node 2`: tensor-parallel generation
-from FSDP2 shards against one process's, for each model directory given (argv: DEVICE DIR...; on
-cuda the decode steps are CUDA graphs with the all-reduces inside). Asserts; rank 0 prints "ok" per
+from FSDP2 shards against one process's, speculative decoding included, for each model directory
+given (argv: DEVICE DIR...; on cuda the decode steps are CUDA graphs with the all-reduces inside). Asserts; rank 0 prints "ok" per
 model."""
 import sys
 
@@ -43,7 +43,7 @@ def check(device: str, model_dir: str) -> None:
         LLM(model, kv_cache_memory=1 << 21, batch_invariant=True)
         raise AssertionError("the batch-invariant mode ran tensor-parallel")
     except ConfigValueError as e:
-        assert "batch_invariant (rollout.exact) with tensor parallelism" in str(e)
+        assert str(e).startswith("batch_invariant=True with tensor parallelism: not supported")
     for rollout in range(2):
         got = llm.generate(PROMPTS, greedy)
         assert [c.token_ids for o in got for c in o.outputs] == [c.token_ids for o in expected for c in o.outputs]
@@ -51,6 +51,14 @@ def check(device: str, model_dir: str) -> None:
             diff = (torch.tensor(o.outputs[0].logprobs) - torch.tensor(e.outputs[0].logprobs)).abs().max()
             assert diff < 1e-4, f"sampled log-probs differ by {diff}"
         assert local_storage(model) == before, f"a parameter's storage moved in rollout {rollout}"
+    # Speculative decoding on the tensor ranks: every rank drafts, verifies and accepts alike, the
+    # greedy tokens one process draws without speculation, in fewer forwards.
+    speculative = LLM(model, kv_cache_memory=1 << 21, speculative_tokens=3)
+    repeats = SamplingParams(temperature=0.0, max_new_tokens=24)
+    plain = [c.token_ids for o in reference.generate(PROMPTS, repeats) for c in o.outputs]
+    assert [c.token_ids for o in speculative.generate(PROMPTS, repeats) for c in o.outputs] == plain
+    accepted = speculative.take_speculation()["accepted"]
+    assert accepted > 0 and distributed.all_gather(accepted) == [accepted] * 2
     # Sampled (not greedy): every tensor rank draws the same tokens.
     sampled = llm.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=8, n=2))
     tokens = [c.token_ids for o in sampled for c in o.outputs]

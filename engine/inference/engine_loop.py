@@ -1,0 +1,286 @@
+"""The engine's one loop, in the shape of nano-vllm's LLMEngine: `add(request)` queues a Request
+(request.py), `step()` runs one step, its kind (a prefill, a prompt's chunk, a decode step or a
+speculative verify step) chosen by one planner (`_plan`), and keeps its tokens' log-prob slots and
+routing records in one place for every kind; `run(requests, stop, on_end)` steps until every
+sequence is done or a stop rule (stop_rules.py) says so, with an `on_end` hook on a finished turn
+that ends the sequence, resumes it with more tokens (an environment's reply) or hands back a
+Future of either, waited for only when nothing else can run.
+
+`EngineLoop` is LLM's (llm.py) base: LLM builds the parts the loop drives (`scheduler`,
+`block_manager`, `runner`, `config`, the random stream `_rng`, `speculative_tokens`,
+`speculate_below`, `speculation`) and the requests of its generate, continue_answers and
+generate_turns.
+"""
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Callable, Iterable
+
+from ..errors import NonFiniteError
+from .request import Request
+from .sampling_params import SamplingParams
+from .sequence import Sequence, SequenceStatus
+from .stop_rules import StopRule
+
+# What on_end (LLM.run) gives for a finished turn: None ends the sequence, token ids resume it,
+# an object with .result() (a Future) gives either when the run waits for it.
+TurnEnd = Callable[[int, Sequence], object]
+
+
+class StepKind(Enum):
+    """What one engine step runs (EngineLoop._plan)."""
+    PREFILL = "prefill"  # admitted sequences' new tokens, then a draw each
+    CHUNK = "chunk"  # a long prompt's chunk that is not its last: K/V written, nothing drawn
+    DECODE = "decode"  # every running sequence's next token (a CUDA graph where captured)
+    VERIFY = "verify"  # the decode tail's n-gram drafts checked in one forward (speculative)
+
+
+class EngineLoop:
+    """Requests in, steps run, sequences out (the parts are set by the subclass, LLM)."""
+
+    def add(self, request: Request, index: int = 0) -> Sequence:
+        """Queue one request (checked first: `index` names it in the error); the next steps run it.
+        Added to an idle engine it starts a new run: the last one's device log-probs and routing
+        records are dropped. Returns its Sequence (tokens, logprob_slots, routing_rows,
+        finish_reason as the steps go)."""
+        self.check(request, index)
+        return self._queue(request)
+
+    def check(self, request: Request, index: int = 0) -> None:
+        """A ValueError naming requests[index] when the request cannot run: not a Request of
+        SamplingParams, an empty prompt or one that fills the context, a token id outside the
+        vocabulary, an answer that leaves nothing to generate, or a sequence the KV pool cannot
+        hold."""
+        if not isinstance(request, Request):
+            raise TypeError(f"requests[{index}] must be a Request, got {type(request).__name__}")
+        params, ids = request.params, request.prompt
+        max_len, vocab = self.config.max_model_len, self.config.vocab_size
+        if not isinstance(params, SamplingParams):
+            raise TypeError(
+                f"sampling_params[{index}] must be a SamplingParams, got {type(params).__name__}")
+        if not ids:
+            raise ValueError(f"prompts[{index}] is empty: a prompt needs at least one token")
+        if len(ids) >= max_len:
+            raise ValueError(
+                f"prompts[{index}] has {len(ids)} tokens, which leaves no room to generate "
+                f"within the context length max_model_len={max_len}")
+        tokens = ids + request.answer
+        if min(tokens) < 0 or max(tokens) >= vocab:
+            bad = next(t for t in tokens if not 0 <= t < vocab)
+            raise ValueError(
+                f"prompts[{index}] has token id {bad} outside the vocabulary [0, {vocab})")
+        longest = min(len(ids) + params.max_new_tokens, max_len)
+        if request.answer and len(ids) + len(request.answer) >= longest:
+            raise ValueError(f"answers[{index}] has {len(request.answer)} tokens: nothing is left "
+                             "to generate")
+        needed = self.block_manager.blocks_for(longest)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"the KV pool ({self.block_manager.num_blocks} blocks of "
+                f"{self.block_manager.block_size} tokens) cannot hold one sequence of "
+                f"prompts[{index}] ({longest} tokens = {needed} blocks); "
+                "raise kv_cache_memory or lower max_new_tokens")
+
+    def step(self) -> list[Sequence] | None:
+        """One step of the queued sequences: scheduled, its kind planned (`_plan`), run, its tokens
+        appended and their log-prob slots and routing records kept (here, for every kind). Returns
+        the sequences whose turn it finished (ended, or PAUSED with their blocks kept when they
+        pause), or None when nothing can run (every waiting sequence needs blocks that paused
+        ones hold, and none holds any)."""
+        batch, is_prefill = self.scheduler.schedule()
+        if not batch and self._release_paused():
+            batch, is_prefill = self.scheduler.schedule()
+        if not batch:
+            return None
+        kind, drafts = self._plan(batch, is_prefill)
+        # positions each sequence forwards in this step: [start, end)
+        if kind is StepKind.DECODE:
+            spans = [(s, s.num_tokens - 1, s.num_tokens) for s in batch]
+        elif kind is StepKind.VERIFY:
+            spans = [(s, s.num_tokens - 1, s.num_tokens + len(d)) for s, d in zip(batch, drafts)]
+        else:
+            spans = [(s, s.num_cached_tokens, s.chunk_end or s.num_tokens) for s in batch]
+            for seq, start, end in spans:
+                seq.prefilled_tokens += end - start
+        first = self.runner.logprobs_kept
+        if kind is StepKind.CHUNK:
+            self.runner.prefill_chunk(batch[0])
+        elif kind is StepKind.VERIFY:
+            emitted = self.runner.verify(batch, drafts)
+            self.speculation["drafted"] += sum(map(len, drafts))
+            # a row emits its accepted draft tokens and the one draw after them
+            self.speculation["accepted"] += sum(len(tokens) - 1 for tokens in emitted)
+        else:
+            emitted = [[t] for t in self.runner.run(batch, is_prefill)]
+        if self.runner.routing is not None:  # before postprocess frees a finished one's blocks
+            self.runner.keep_routing(spans, kind is StepKind.DECODE)
+        if kind is StepKind.CHUNK:
+            self.scheduler.chunk_done(batch[0])
+            return []
+        before = [seq.num_tokens for seq in batch]
+        finished = self.scheduler.postprocess(
+            batch, emitted if kind is StepKind.VERIFY else [t for t, in emitted])
+        # A finishing token drops the draws after it: their slots are skipped, and the rows of
+        # positions a rejected draft held (the last token has none: it is not forwarded yet).
+        for seq, tokens, had in zip(batch, emitted, before):
+            seq.logprob_slots += range(first, first + seq.num_tokens - had)
+            first += len(tokens)
+            del seq.routing_rows[seq.num_tokens - 1:]
+        for seq in finished:
+            if seq.status is SequenceStatus.PAUSED:
+                self._paused[seq.seq_id] = seq
+        return finished
+
+    def run(self, requests: Iterable[Request], stop: StopRule | None = None,
+            on_end: TurnEnd | None = None, use_tqdm: bool = False) -> list[Sequence]:
+        """Run `requests` (all checked before any runs) in one run: steps until every sequence is
+        done, or until `stop(request indices ended in the step, tokens drawn in it)` says so (the
+        unfinished ones, paused ones included, are then stopped: finish_reason None, their blocks
+        freed; a reply still pending is no longer waited for). on_end(index, sequence): called for
+        each finished turn (a stop token, EOS or the turn's max_new_tokens) of the run's
+        sequences, which then pause with their KV kept; it returns None (the sequence ends), the
+        next turn's token ids to append and prefill (it resumes), or an object with .result() (a
+        Future) giving one of them, waited for only when nothing else can run and then taken in
+        request order: which sequences share a step is a function of the tokens alone, never of
+        when a reply came. Returns the run's sequences in request order, with their host
+        log-probs (a non-finite one raises NonFiniteError)."""
+        requests = list(requests)
+        for i, request in enumerate(requests):
+            self.check(request, i)
+        if not self.scheduler.is_finished() or self._paused:
+            raise RuntimeError("run: the engine has sequences in flight (added and not stepped to "
+                               "the end)")
+        seqs = [self._queue(request) for request in requests]
+        index = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        for seq in seqs:
+            seq.pauses = on_end is not None
+        pending: dict[int, tuple[Sequence, object]] = {}  # index -> (sequence, its Future)
+        progress = _progress(len(seqs)) if use_tqdm else None
+        try:
+            while not self.scheduler.is_finished() or pending:
+                first = self.runner.logprobs_kept
+                finished = None if self.scheduler.is_finished() else self.step()
+                ended = []
+                if finished is None:  # nothing can run: every reply pending is waited for
+                    if not pending:  # checked at admission: one sequence always fits the pool
+                        raise RuntimeError("generation made no progress: nothing runs, nothing "
+                                           "waits for a reply")
+                    replies = [(i, seq, reply.result())
+                               for i, (seq, reply) in sorted(pending.items())]
+                    pending.clear()
+                    ended = [i for i, seq, reply in replies if self._follow(seq, reply)]
+                for seq in finished or ():
+                    i = index[seq.seq_id]
+                    reply = None if on_end is None else on_end(i, seq)
+                    if reply is not None and not isinstance(reply, (list, tuple)):
+                        pending[i] = (seq, reply)
+                    elif self._follow(seq, reply):
+                        ended.append(i)
+                if progress is not None:
+                    progress.update(len(ended))
+                # the tokens this step drew: a speculative step's accepted drafts included
+                if stop is not None and stop(ended, self.runner.logprobs_kept - first):
+                    self._stop()
+                    break
+        finally:
+            if progress is not None:
+                progress.close()
+        self._collect_logprobs(seqs)
+        return seqs
+
+    def _queue(self, request: Request) -> Sequence:
+        if self.scheduler.is_finished() and not self._paused:  # an idle engine: a new run
+            self.runner.start_run()
+        # Sample j of a seeded request gets its own stream, fixed by (seed, prompt, j): the same
+        # wherever the prompt sits in the batch, and never another prompt's. Keyed by (seed, j)
+        # alone, sample j of every prompt would read the same random numbers and choose alike: a
+        # rollout of 16 prompts x 8 samples would hold 8 independent draws, not 128.
+        params = request.params
+        if request.seed is not None:
+            seed = request.seed
+        elif params.seed is None:
+            seed = self._rng.getrandbits(63)
+        else:
+            seed = hash((params.seed, request.prompt, request.sample_index)) & (2**63 - 1)
+        seq = Sequence(self._next_seq_id, request, seed)
+        self._next_seq_id += 1
+        self.scheduler.add(seq)
+        return seq
+
+    def _plan(self, batch: list[Sequence], is_prefill: bool
+              ) -> tuple[StepKind, list[list[int]] | None]:
+        """The kind of the scheduled step, and a verify step's drafts: a prefill whose sequence
+        has a chunk end is a CHUNK (not its last), a decode step of the tail with a draft a VERIFY
+        (`_drafts`)."""
+        if is_prefill:
+            return (StepKind.CHUNK if batch[0].chunk_end is not None else StepKind.PREFILL), None
+        drafts = self._drafts(batch)
+        return (StepKind.DECODE, None) if drafts is None else (StepKind.VERIFY, drafts)
+
+    def _follow(self, seq: Sequence, reply) -> bool:
+        """What follows a finished turn: None ends the sequence (True), token ids resume it."""
+        if reply is None:
+            if seq.status is SequenceStatus.PAUSED:
+                del self._paused[seq.seq_id]
+                self.scheduler.finish(seq)
+            return True
+        if not isinstance(reply, (list, tuple)) or not all(isinstance(t, int) for t in reply):
+            raise TypeError(f"on_end gave {type(reply).__name__} for request sequence "
+                            f"{seq.seq_id}: expected None or a list of token ids")
+        del self._paused[seq.seq_id]
+        self.scheduler.resume(seq, list(reply))
+        return False
+
+    def _release_paused(self) -> bool:
+        """Free the blocks of every paused sequence (recomputed when it resumes), oldest first;
+        False if none held any."""
+        held = [seq for _, seq in sorted(self._paused.items()) if seq.block_table]
+        for seq in held:
+            self.scheduler.release(seq)
+        return bool(held)
+
+    def _stop(self) -> None:
+        """A stop rule's stop: every unfinished sequence stopped, paused ones included (their
+        blocks freed, finish_reason None); their tokens so far stay."""
+        stopped = self.scheduler.abort()
+        for seq in self._paused.values():
+            self.scheduler.release(seq)
+            seq.status = SequenceStatus.WAITING
+            stopped.append(seq)
+        self._paused.clear()
+        for seq in stopped:
+            seq.finish_reason = None
+
+    def _drafts(self, batch: list[Sequence]) -> list[list[int]] | None:
+        """Each row's n-gram draft, cut to its token limits and to the KV slots free blocks give it;
+        None (a plain decode step) off the tail or where no row has a draft."""
+        if not self.speculative_tokens or len(batch) >= self.speculate_below:
+            return None
+        drafts = []
+        for seq in batch:
+            room = min(seq.params.max_new_tokens - (seq.num_tokens - seq.num_prompt_tokens),
+                       self.config.max_model_len - seq.num_tokens) - 1  # the draw after the draft
+            draft = seq.draft_index.draft(seq.token_ids, min(self.speculative_tokens, room))
+            slots = (self.block_manager.reserve(seq, seq.num_tokens + len(draft)) if draft
+                     else seq.num_tokens)
+            drafts.append(draft[:slots - seq.num_tokens])
+        return drafts if any(drafts) else None
+
+    def _collect_logprobs(self, seqs: list[Sequence]) -> None:
+        """Fill each sequence's host log-probs from the device buffer (one copy for the whole call),
+        raising NonFiniteError at a log-prob that is not finite, which only non-finite logits give
+        (a NaN or +inf logit spoils the whole softmax; a sampled token has probability > 0)."""
+        kept = self.runner.kept_logprobs()
+        for seq in seqs:
+            seq.logprobs = [kept[slot] for slot in seq.logprob_slots]
+            bad = next((x for x in seq.logprobs if not math.isfinite(x)), None)
+            if bad is not None:
+                raise NonFiniteError(
+                    f"the model's logits are not finite (sampled log-prob {bad} for request "
+                    f"{seq.seq_id}): its weights or activations hold NaN or inf")
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="generate", unit="seq")
