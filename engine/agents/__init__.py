@@ -10,7 +10,7 @@ protocol, or `ToolEnvironment` answering the model's tool calls), token in, toke
 from .carried import CarriedTrajectories
 from .chat_render import ChatRenderer
 from .environment import EnvironmentFailure, load_environment
-from .rollout import AgentLimits, AgentTrajectory, agent_metrics, run_agents
+from .agent_loop import AgentLimits, AgentTrajectory, agent_metrics, run_agents
 from .sources import EnvSource
 from .tool_calls import ToolCall, parse_hermes, parser_for
 from .tools import ToolEnvironment, load_tools, tool_schema

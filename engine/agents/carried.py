@@ -13,7 +13,7 @@ no longer has (`needs_restart`).
 
 A run's requests are each trajectory's opening and finished turns as the prompt and its current
 turn's tokens as the answer (so params.max_new_tokens bounds the turn, as in one uninterrupted
-run); a finished turn asks the environment in a worker pool (rollout.py's `_step`), its reply
+run); a finished turn asks the environment in a worker pool (agent_loop.py's `_step`), its reply
 rejoining as the engine's on_end hook (inference/multi_turn.py's rules: done, max_turns, no room
 left). A reply still pending when the stop rule stops the run is waited for and kept: the
 trajectory goes on after it in the next run.
@@ -27,7 +27,7 @@ from ..inference.multi_turn import Trajectory
 from ..inference.request import Request
 from ..inference.sampling_params import SamplingParams
 from .chat_render import ChatRenderer
-from .rollout import (AgentLimits, AgentTrajectory, Environments, _close_conversation, _opener,
+from .agent_loop import (AgentLimits, AgentTrajectory, Environments, _close_conversation, _opener,
                       _opening, _reset, _State, _step, end_of_turn_params)
 
 

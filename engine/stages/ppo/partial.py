@@ -1,7 +1,7 @@
 """Partial rollouts (rollout.partial_rollouts; Kimi k1.5's, verl's partial_rollout): a scheduler
 policy of the one rollout interface (sampler.py) that stops once it has prompts_per_iteration
 complete groups, instead of waiting for its longest answer; what it hands on is packed and scored
-as every mode's rows (generated.py).
+as every mode's rows (sampled_rows.py).
 
 Each iteration tops the groups in flight on a rank up to twice prompts_per_iteration with new
 prompts and decodes their unfinished answers, the carried ones first (prefilled again under the
@@ -40,8 +40,8 @@ from ...inference.sampling_params import SamplingParams
 from ...inference.stop_rules import GroupsDone, TokenBudget, first_of
 from .models import PPOModels
 from .phase_timer import PhaseTimer
-from .generated import Generated, sampled_routing, sampling_params
-from .samples import Samples
+from .sampled_rows import Generated, sampled_routing, sampling_params
+from .scored_rows import Samples
 from .state import PPOState
 
 
@@ -95,26 +95,28 @@ def complete(group: dict) -> bool:
     return all(s["finish"] is not None for s in group["samples"])
 
 
-def generate_in_flight(models: PPOModels, groups: list[dict], r: RolloutConfig, iteration: int,
-                       timer: PhaseTimer, advance, records: dict | None = None) -> int:
-    """Continue every unfinished sample until r.prompts_per_iteration groups are complete or the
-    token budget is drawn (one engine run: advance(rows, stop), rows (group, sample), continues
+def generate_in_flight(models: PPOModels, groups: list[dict], rollout: RolloutConfig,
+                       iteration: int, timer: PhaseTimer, advance,
+                       records: dict | None = None) -> int:
+    """Continue every unfinished sample until rollout.prompts_per_iteration groups are complete or
+    the token budget is drawn (one engine run: advance(rows, stop), rows (group, sample), continues
     and updates them: single-turn answers, `advance_answers`, or carried trajectories),
     recording each new model token's version, and in `records` (routing replay: id(sample) ->
     (sample, its records [prompt + answer, sparse layers, k])) the records of the forwards that
     continued it. Returns the tokens drawn."""
     index = unfinished(groups)
-    needed = r.prompts_per_iteration - sum(map(complete, groups))
+    needed = rollout.prompts_per_iteration - sum(map(complete, groups))
     if not index or needed <= 0:
         return 0
     rows = [(groups[g], sample) for g, sample in index]
     before = [len(sample["logprobs"]) for _, sample in rows]
-    stop = first_of(None if r.tokens_per_iteration is None else TokenBudget(r.tokens_per_iteration),
+    budget = rollout.tokens_per_iteration
+    stop = first_of(None if budget is None else TokenBudget(budget),
                     GroupsDone([g for g, _ in index], needed))
     with timer.phase("generate"):
         seqs = advance(rows, stop)
         cp = models.policy.context_parallel
-        if cp is not None:  # a context group carries its first rank's samples (generated.py)
+        if cp is not None:  # a context group carries its first rank's samples (sampled_rows.py)
             for group, first in zip(groups, cp.same_on_ranks(groups)):
                 group["prompt"] = first["prompt"]
                 for sample, kept in zip(group["samples"], first["samples"]):
@@ -150,7 +152,7 @@ class PartialRollouts:
     iteration handing on the ones complete (sampler.py): single-turn answers, or with `carried`
     (engine/agents/carried.py) multi-turn trajectories whose environments stay alive while they
     are in flight. draw_prompts(state, k): the stream's next k prompts of this rank; score:
-    everything after sampling (generated.Scoring)."""
+    everything after sampling (sampled_rows.Scoring)."""
 
     def __init__(self, models: PPOModels, draw_prompts: Callable[[PPOState, int], list[PromptRow]],
                  score: Callable[[Generated, PhaseTimer], Samples], rollout: RolloutConfig,

@@ -57,13 +57,13 @@ from ...parallel.layout import layout, layout_at_load
 from ...plan.check import startup_check
 from ...train.run_setup import start_run
 from ..rewards.combined import RewardFunctions, open_reward_functions
-from .agent_sampling import build_agents
+from .agent_rows import build_agents
 from .experience import ExperienceSettings, make_rollout
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 from .ptx import PtxLoss
 from .sampler import Sampler, build_sampler
-from .scoring import FunctionScorer, reward_model_scorer
+from .reward_scores import FunctionScorer, reward_model_scorer
 from .state import Controllers, PPOState
 from .update import Optimizers, UpdateSettings, minibatch_rule, ppo_update
 
@@ -99,8 +99,9 @@ def open_rewards(cfg: PPOConfig, reward_fn=None) -> Optional[RewardFunctions]:
         raise UsageError(
             "PPO needs a reward: set reward_model, reward_fn or rollout.environment (or "
             "pass reward_fn=...)")
-    r = cfg.reward
-    return open_reward_functions(functions, r.weights, r.isolation, r.fn_timeout_s)
+    reward = cfg.reward
+    return open_reward_functions(functions, reward.weights, reward.isolation,
+                                 reward.fn_timeout_s)
 
 
 def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,

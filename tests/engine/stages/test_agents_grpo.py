@@ -8,7 +8,7 @@ import fusedrl.kernels as kernels
 from fusedrl.engine import GRPOConfig, run_grpo
 from fusedrl.engine.agents import AgentLimits, ChatRenderer, ToolEnvironment, parse_hermes, tool_schema
 from fusedrl.engine.agents.isolation import ThreadEnvironment
-from fusedrl.engine.agents.rollout import _reset, _State, _step
+from fusedrl.engine.agents.agent_loop import _reset, _State, _step
 from fusedrl.engine.sandbox import detect
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import add, broken, save_chat_model, stuck, tool_call

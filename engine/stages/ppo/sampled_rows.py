@@ -1,13 +1,13 @@
 """What every rollout mode hands on, and everything after sampling, run once for all of them.
 
 The run's one rollout interface (sampler.py) samples `Generated` rows, whatever its rows
-(single-turn answers: sampling.py, a trajectory of one turn; multi-turn trajectories:
-agent_sampling.py) and its schedule (whole groups, or partial rollouts: partial.py).
+(single-turn answers: answer_rows.py, a trajectory of one turn; multi-turn trajectories:
+agent_rows.py) and its schedule (whole groups, or partial rollouts: partial.py).
 `score_generated` (the run's settings held by `Scoring`) then does the rest alike for every mode:
 the one pack (prefix sharing where the run asks for it), routing replay's records, the reward model
-or functions plus the environment's rewards (per turn with reward.per_turn: turns.py), and overlong
-shaping on each model turn. What the options did to the rows is counted from the Samples, again
-for every mode (experience.applied_metrics).
+or functions plus the environment's rewards (per turn with reward.per_turn: turn_credit.py), and
+overlong shaping on each model turn. What the options did to the rows is counted from the Samples,
+again for every mode (experience.applied_metrics).
 
 Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 are group g.
 """
@@ -24,9 +24,9 @@ from ...inference.sampling_params import SamplingParams
 from .models import PPOModels
 from .packs import pack_rollout
 from .phase_timer import PhaseTimer
-from .samples import Samples
-from .scoring import score_rows
-from .turns import per_turn, turn_returns, turn_spans
+from .scored_rows import Samples
+from .reward_scores import score_rows
+from .turn_credit import per_turn, turn_returns, turn_spans
 
 
 @dataclass
@@ -57,12 +57,13 @@ def sampled_routing(models: PPOModels) -> torch.Tensor | None:
     return models.actor.last_routing if models.actor.record_routing else None
 
 
-def sampling_params(r: RolloutConfig, seed: int | None = None, n: int = 1) -> SamplingParams:
+def sampling_params(rollout: RolloutConfig, seed: int | None = None, n: int = 1) -> SamplingParams:
     """How every rollout mode samples, from the rollout section: n samples per prompt, `seed`
     their stream (None: each row brings its own, partial rollouts); the template's end of turn is
     added where turns end (engine/agents)."""
-    return SamplingParams(n=n, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                          max_new_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos, seed=seed)
+    return SamplingParams(n=n, temperature=rollout.temperature, top_k=rollout.top_k,
+                          top_p=rollout.top_p, max_new_tokens=rollout.max_new_tokens,
+                          ignore_eos=rollout.ignore_eos, seed=seed)
 
 
 def same_on_context_ranks(models: PPOModels, generated: Generated) -> Generated:
@@ -89,41 +90,46 @@ def overlong_penalty(lengths: list[int], max_new_tokens: int, buffer: int,
             for n in lengths]
 
 
-def score_generated(models: PPOModels, g: Generated, r: RolloutConfig, timer: PhaseTimer,
-                    share_prompts: bool = False, turn_gamma: float | None = None) -> Samples:
+def score_generated(models: PPOModels, generated: Generated, rollout: RolloutConfig,
+                    timer: PhaseTimer, share_prompts: bool = False,
+                    turn_gamma: float | None = None) -> Samples:
     """The Samples of generated rows: packed once (share_prompts, train.prefix_sharing: a group's
     rows read its prompt once in every forward), routed as the sampler routed (routing replay),
     scored by models.score (the trajectory after its prompt is the completion) plus the
     environment's rewards, and overlong-shaped by each row's longest model turn (each turn is
-    limited by r.max_new_tokens). turn_gamma (reward.turn_gamma with reward.per_turn; None: off):
-    the environment's rewards count discounted across turns in the scores and are kept per turn
-    for their placement (turns.py). Timed as "score"."""
-    g = same_on_context_ranks(models, g)
+    limited by rollout.max_new_tokens). turn_gamma (reward.turn_gamma with reward.per_turn; None:
+    off): the environment's rewards count discounted across turns in the scores and are kept per
+    turn for their placement (turn_credit.py). Timed as "score"."""
+    generated = same_on_context_ranks(models, generated)
     device = models.actor.llm.device  # where the policy runs (its resting shards may be on CPU)
-    packed = pack_rollout(g.prompts, g.responses, device,
-                          share_prompts=share_prompts and g.n > 1, model_masks=g.model_masks)
-    if g.routing is not None:  # the training forwards route as the sampler did
-        packed = packed._replace(routing=g.routing.to(device))
-    rows = None if g.sources is None else [p for p in g.sources for _ in range(g.n)]
-    masks = g.model_masks or [None] * len(g.responses)
-    spans = [turn_spans(m, len(x)) for m, x in zip(masks, g.responses)]
+    packed = pack_rollout(generated.prompts, generated.responses, device,
+                          share_prompts=share_prompts and generated.n > 1,
+                          model_masks=generated.model_masks)
+    if generated.routing is not None:  # the training forwards route as the sampler did
+        packed = packed._replace(routing=generated.routing.to(device))
+    n = generated.n
+    rows = None if generated.sources is None else [p for p in generated.sources for _ in range(n)]
+    masks = generated.model_masks or [None] * len(generated.responses)
+    spans = [turn_spans(m, len(x)) for m, x in zip(masks, generated.responses)]
     with timer.phase("score"), torch.no_grad():
-        scores = torch.zeros(len(g.responses), dtype=torch.float32, device=device)
+        scores = torch.zeros(len(generated.responses), dtype=torch.float32, device=device)
         if models.score is not None:
-            scores += score_rows(models.score, g.prompts, g.responses, packed, r.forward_tokens,
-                                 rows, models.ranks, g.trajectories).float().to(device)
+            scores += score_rows(models.score, generated.prompts, generated.responses, packed,
+                                 rollout.forward_tokens, rows, models.ranks,
+                                 generated.trajectories).float().to(device)
     turn_rewards = None
-    if g.env_rewards is not None:
-        turn_rewards = [per_turn(x, len(s)) for x, s in zip(g.env_rewards, spans)]
+    if generated.env_rewards is not None:
+        turn_rewards = [per_turn(x, len(s)) for x, s in zip(generated.env_rewards, spans)]
         gamma = 1.0 if turn_gamma is None else turn_gamma
         env = [turn_returns(x, gamma)[0] if x else 0.0 for x in turn_rewards]
         scores += torch.tensor(env, dtype=torch.float32, device=device)
     longest = [max((e - s for s, e in row), default=0) for row in spans]
-    penalties = overlong_penalty(longest, r.max_new_tokens, r.overlong_buffer,
-                                 r.overlong_penalty)
+    penalties = overlong_penalty(longest, rollout.max_new_tokens, rollout.overlong_buffer,
+                                 rollout.overlong_penalty)
     per_turn_on = turn_gamma is not None and turn_rewards is not None
-    return Samples(g.prompts, g.responses, packed, packed.to_grid(g.sampler_logprobs.to(device)),
-                   scores + torch.tensor(penalties, device=device), g.n, rows, penalties,
+    return Samples(generated.prompts, generated.responses, packed,
+                   packed.to_grid(generated.sampler_logprobs.to(device)),
+                   scores + torch.tensor(penalties, device=device), n, rows, penalties,
                    spans if per_turn_on else None, turn_rewards if per_turn_on else None)
 
 
