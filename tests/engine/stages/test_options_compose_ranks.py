@@ -1,6 +1,7 @@
 """Context parallelism (train.context_parallel=2 on 2 gloo CPU ranks, one torchrun launch for all
-runs) composed with what reads whole rollouts: an environment's multi-turn trajectories, partial
-rollouts carried across iterations, and PPO's critic (a value head on the policy's trunk), each visibly applied: the context group's size and the tokens a rank
+runs) composed with what reads whole rollouts: an environment's and tools' multi-turn trajectories,
+partial rollouts carried across iterations, and PPO's critic (a value head on the policy's trunk,
+or a separate value model), each visibly applied: the context group's size and the tokens a rank
 forwards logged, and the option's own metric nonzero."""
 import pytest
 
@@ -43,7 +44,10 @@ def runs(tmp_path_factory):
                                                  env_isolation="thread"), reward_fn=None),
         run(root, "partial", iterations=2,
             rollout=rollout(partial_rollouts=True, tokens_per_iteration=30, ignore_eos=True)),
+        run(root, "tools", rollout=rollout(tools="agent_envs:add", max_turns=2,
+                                           env_isolation="thread")),
         run(root, "shared_critic", PPOConfig, critic="shared"),
+        run(root, "separate_critic", PPOConfig, critic="separate"),
     ], root, timeout=300, env={"FUSEDRL_BACKEND": "torch"}))
     return root
 
@@ -73,7 +77,16 @@ def test_partial_rollouts_carry_context_parallel(runs):
         context_applied(r)
 
 
-def test_the_shared_critic_trains_context_parallel(runs):
-    for r in train_records(runs, "shared_critic"):
+def test_tools_train_context_parallel(runs):
+    for r in train_records(runs, "tools"):
+        context_applied(r)
+        assert r["turns/mean"] >= 1 and "policy_loss" in r
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_ppo_s_critic_trains_context_parallel(runs, critic):
+    """A value head on the policy's trunk, or a separate value model: each reads its rank's shard
+    of the pack, its values gathered over the group."""
+    for r in train_records(runs, f"{critic}_critic"):
         context_applied(r)
         assert r["value_loss"] > 0 and "explained_variance" in r

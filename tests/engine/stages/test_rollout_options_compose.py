@@ -1,16 +1,14 @@
 """Rollout options composed on a tiny chat model through the API's GRPO, each visibly applied in
-the run's metrics or refused in one line before any model loads: tools with overlong shaping, tools
-with prefix sharing, an environment's and tools' trajectories carried by partial rollouts, partial
-rollouts with
+the run's metrics: tools with overlong shaping, tools with prefix sharing, an environment's and
+tools' trajectories carried by partial rollouts (and restarted on resume), partial rollouts with
 speculative decoding and prefix sharing, routing replay of a mixture-of-experts policy with an
-environment's turns and with partial rollouts, speculative decoding and chunked prefill; and DAPO's
-dynamic sampling around multi-turn trajectories."""
+environment's and tools' turns and with partial rollouts, speculative decoding and chunked prefill;
+and DAPO's dynamic sampling around multi-turn trajectories."""
 import datasets
 import pytest
 
 import fusedrl.kernels as kernels
 from fusedrl.engine import run_grpo
-from fusedrl.engine.errors import UsageError
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import save_chat_model
 from train_testing import copy_checkpoint
@@ -134,6 +132,12 @@ def test_routing_replay_records_an_environment_s_every_turn(tmp_path):
                    model=save_moe_chat_model(tmp_path / "moe"))
     for r in records:
         assert r["turns/mean"] > 1 and r["tokens/environment"] > 0
+        replayed_every_forwarded_token(r, rows=4)
+
+
+def test_routing_replay_records_tools_trajectories(tmp_path):
+    records = grpo(tmp_path, TOOLS, model=save_moe_chat_model(tmp_path / "moe"))
+    for r in records:
         replayed_every_forwarded_token(r, rows=4)
 
 
