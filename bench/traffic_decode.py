@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from fusedrl.engine.inference.llm import LLM
+from fusedrl.engine.inference.request import Request
 from fusedrl.engine.inference.runner import kv_bytes_per_block
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
@@ -72,7 +73,8 @@ def decode_batch(llm: LLM, batch: int, context: int, top_p: float) -> list:
     allocated and filled with random values: the batch of the next decode step."""
     params = SamplingParams(max_new_tokens=4, temperature=1.0, top_p=top_p, seed=0)
     for i in range(batch):
-        llm._add([10 + (i + j) % 1000 for j in range(context - 1)], params, 0)
+        ids = [10 + (i + j) % min(1000, llm.config.vocab_size - 10) for j in range(context - 1)]
+        llm.add(Request(ids, params))
     while True:
         seqs, is_prefill = llm.scheduler.schedule()
         if not is_prefill:

@@ -137,14 +137,16 @@ class EngineLoop:
         """Run `requests` (all checked before any runs) in one run: steps until every sequence is
         done, or until `stop(request indices ended in the step, tokens drawn in it)` says so (the
         unfinished ones, paused ones included, are then stopped: finish_reason None, their blocks
-        freed; a reply still pending is no longer waited for). on_end(index, sequence): called for
+        freed; a reply still pending is waited for and its tokens appended, unprefilled, so a
+        stopped sequence ends where the model speaks next). on_end(index, sequence): called for
         each finished turn (a stop token, EOS or the turn's max_new_tokens) of the run's
         sequences, which then pause with their KV kept; it returns None (the sequence ends), the
         next turn's token ids to append and prefill (it resumes), or an object with .result() (a
         Future) giving one of them, waited for only when nothing else can run and then taken in
         request order: which sequences share a step is a function of the tokens alone, never of
-        when a reply came. Returns the run's sequences in request order, with their host
-        log-probs (a non-finite one raises NonFiniteError)."""
+        when a reply came. An error (a hook's) stops every sequence and propagates. Returns the
+        run's sequences in request order, with their host log-probs (a non-finite one raises
+        NonFiniteError)."""
         requests = list(requests)
         for i, request in enumerate(requests):
             self.check(request, i)
@@ -181,8 +183,12 @@ class EngineLoop:
                     progress.update(len(ended))
                 # the tokens this step drew: a speculative step's accepted drafts included
                 if stop is not None and stop(ended, self.runner.logprobs_kept - first):
+                    self._settle(pending)
                     self._stop()
                     break
+        except BaseException:  # a hook's error: the engine is left idle for the next run
+            self._stop()
+            raise
         finally:
             if progress is not None:
                 progress.close()
@@ -239,6 +245,19 @@ class EngineLoop:
         for seq in held:
             self.scheduler.release(seq)
         return bool(held)
+
+    def _settle(self, pending: dict) -> None:
+        """At a stop: every pending reply waited for, in request order; its token ids appended to
+        the paused sequence (a new turn, not prefilled: the stop stops it) or, for None, the
+        sequence ended."""
+        for _, (seq, reply) in sorted(pending.items()):
+            tokens = reply.result()
+            if tokens is None:
+                self._follow(seq, None)
+            else:
+                seq.token_ids += list(tokens)
+                seq.turn_start = seq.num_tokens
+        pending.clear()
 
     def _stop(self) -> None:
         """A stop rule's stop: every unfinished sequence stopped, paused ones included (their

@@ -119,14 +119,15 @@ class HybridActor:
 
     @torch.no_grad()
     def generate_turns(self, prompts: list[list[int]], params: SamplingParams, on_turn_end, *,
-                       max_turns: int, max_total_tokens: int | None = None):
+                       max_turns: int, max_total_tokens: int | None = None, stop=None):
         """Multi-turn trajectories from the current weights (LLM.generate_turns); their model
         tokens' log-probs stay on the device until the next rollout (`self.llm.device_logprobs`);
         with record_routing `last_routing` holds each trajectory's records, prompt + token_ids."""
         with self.whole_weights():
             trajectories = self.llm.generate_turns(prompts, params, on_turn_end,
                                                    max_turns=max_turns,
-                                                   max_total_tokens=max_total_tokens)
+                                                   max_total_tokens=max_total_tokens,
+                                                   stop=stop)
         self._after_rollout([t.routing_rows for t in trajectories])
         return trajectories
 

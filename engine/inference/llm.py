@@ -25,7 +25,7 @@ from .runner import ModelRunner, num_blocks_for_budget
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, routing_rows
-from .stop_rules import GroupsDone, TokenBudget, first_of
+from .stop_rules import GroupsDone, StopRule, TokenBudget, first_of
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # CPU has no "free memory" to take a fraction of: 1 GiB
 
@@ -194,12 +194,13 @@ class LLM(EngineLoop):
 
     def generate_turns(self, prompts: list[list[int]], sampling_params: SamplingParams,
                        on_turn_end: OnTurnEnd, *, max_turns: int,
-                       max_total_tokens: int | None = None) -> list[Trajectory]:
+                       max_total_tokens: int | None = None,
+                       stop: StopRule | None = None) -> list[Trajectory]:
         """Multi-turn trajectories (multi_turn.py): each pauses at the end of a turn, KV kept,
         while on_turn_end(row, turn's token ids) gives the next turn's prompt tokens (or a Future
-        of them)."""
+        of them); `stop` (stop_rules.py) may stop them early."""
         return generate_turns(self, prompts, sampling_params, on_turn_end, max_turns=max_turns,
-                              max_total_tokens=max_total_tokens)
+                              max_total_tokens=max_total_tokens, stop=stop)
 
     def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
                          params: SamplingParams, token_budget: int | None = None,

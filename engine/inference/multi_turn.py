@@ -24,6 +24,7 @@ from typing import Callable, Union
 from .request import Request
 from .sampling_params import SamplingParams
 from .sequence import Sequence, routing_rows
+from .stop_rules import StopRule
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class Trajectory:
     sampler's log-prob of each model token (0.0 on environment tokens); logprob_slots: the device
     slots of the model tokens' log-probs (LLM.device_logprobs), in order. finish_reason: 'done'
     (the environment ended it), 'length' (a turn's max_new_tokens, the total cap or the context),
-    'max_turns' (the last turn still answered by on_turn_end, whose tokens are then dropped).
+    'max_turns' (the last turn still answered by on_turn_end, whose tokens are then dropped), None
+    (stopped by a stop rule).
     prefilled_tokens: tokens this trajectory sent through prefill. routing_rows [P + T] (with
     record_routing): one per token of prompt + token_ids, for LLM.device_routing (-1 where none:
     the last token, never forwarded)."""
@@ -51,7 +53,7 @@ class Trajectory:
     logprobs: list[float]
     logprob_slots: list[int]
     turns: int
-    finish_reason: str
+    finish_reason: str | None
     prefilled_tokens: int
     routing_rows: list[int] = field(default_factory=list)
 
@@ -69,10 +71,14 @@ class _Turns:
 
 
 def generate_turns(llm, prompts: list[list[int]], params: SamplingParams, on_turn_end: OnTurnEnd, *,
-                   max_turns: int, max_total_tokens: int | None = None) -> list[Trajectory]:
+                   max_turns: int, max_total_tokens: int | None = None,
+                   stop: StopRule | None = None) -> list[Trajectory]:
     """Trajectories of params.n samples per prompt (token-id prompts), rows prompt by prompt,
     sample by sample; at most `max_turns` model turns each and `max_total_tokens` tokens (prompt
-    included; default and ceiling: the model's context). params.max_new_tokens bounds each turn."""
+    included; default and ceiling: the model's context). params.max_new_tokens bounds each turn.
+    stop: a stop rule over the rows (stop_rules.py; a row ends when its trajectory does): the
+    unfinished trajectories are stopped, finish_reason None, each ending where the model speaks
+    next (mid-turn, or after the reply it was waiting for)."""
     if not isinstance(max_turns, int) or max_turns < 1:
         raise ValueError(f"max_turns={max_turns!r}: expected an int >= 1")
     limit = min(max_total_tokens or llm.config.max_model_len, llm.config.max_model_len)
@@ -96,7 +102,7 @@ def generate_turns(llm, prompts: list[list[int]], params: SamplingParams, on_tur
             return _Later(lambda: _follow(row, seq, reply.result(), limit, max_turns))
         return _follow(row, seq, reply, limit, max_turns)
 
-    seqs = llm.run(requests, on_end=on_end)
+    seqs = llm.run(requests, stop, on_end)
     return [_trajectory(row, seq) for row, seq in zip(rows, seqs)]
 
 
@@ -135,5 +141,5 @@ def _trajectory(row: _Turns, seq: Sequence) -> Trajectory:
     model_logprobs = iter(seq.logprobs)
     logprobs = [next(model_logprobs) if is_model else 0.0 for is_model in mask]
     return Trajectory(seq.token_ids[:seq.num_prompt_tokens], seq.completion_token_ids, mask,
-                      logprobs, list(seq.logprob_slots), row.turns, row.finish_reason,
+                      logprobs, list(seq.logprob_slots), row.turns, row.finish_reason or None,
                       seq.prefilled_tokens, routing_rows(seq))

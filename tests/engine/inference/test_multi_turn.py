@@ -134,3 +134,25 @@ def test_when_an_environment_answers_does_not_change_the_trajectories(qwen2_dir,
                                      max_turns=5)
         return [(t.token_ids, t.model_mask, t.logprobs, t.turns) for t in out]
     assert run(()) == run(slow_rows)
+
+
+def test_a_stop_rule_stops_trajectories_where_the_model_speaks_next(qwen2_dir):
+    """Row 0's environment ends it at its first turn, which completes one group: the run stops,
+    and rows 1 and 2, waiting for their replies then, keep the replies (not prefilled) and stop."""
+    from fusedrl.engine.inference.stop_rules import GroupsDone
+    params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
+
+    def on_turn_end(row, turn_tokens):
+        if row == 0:
+            return TurnReply(done=True)
+        return pool.submit(lambda: (time.sleep(0.05), TurnReply(tuple(observation(row, 1))))[1])
+    llm = LLM(qwen2_dir, kv_cache_memory=1 << 22, block_size=4)
+    with ThreadPoolExecutor(2) as pool:
+        trajectories = llm.generate_turns(PROMPTS, params, on_turn_end, max_turns=5,
+                                          stop=GroupsDone([0, 1, 2], 1))
+    assert [t.finish_reason for t in trajectories] == ["done", None, None]
+    assert [t.turns for t in trajectories] == [1, 1, 1]
+    for row, t in enumerate(trajectories[1:], start=1):
+        assert t.token_ids[4:] == observation(row, 1) and t.model_mask == [True] * 4 + [False] * (9 + row)
+        assert len(t.logprob_slots) == 4
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks

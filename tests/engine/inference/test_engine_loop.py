@@ -1,0 +1,113 @@
+"""The engine's one loop (engine_loop.py): requests added and stepped by hand give generate's
+tokens, stop rules compose over a run (a token budget, groups done), and the on_end hook pauses a
+finished turn and resumes it with token ids, at once or from a Future."""
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from fusedrl.engine.inference.engine_loop import StepKind
+from fusedrl.engine.inference.llm import LLM
+from fusedrl.engine.inference.request import Request
+from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.inference.stop_rules import GroupsDone, TokenBudget, first_of
+from engine_testing import random_prompts
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6)
+PROMPTS = random_prompts([7, 3, 11], seed=4)
+
+
+@pytest.fixture(scope="module")
+def llm(qwen2_dir):
+    return LLM(qwen2_dir, kv_cache_memory=1 << 22, block_size=4, prefill_chunk=5,
+               speculative_tokens=2)
+
+
+def test_added_and_stepped_requests_are_generate_s(llm):
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    seqs = [llm.add(Request(p, GREEDY), i) for i, p in enumerate(PROMPTS)]
+    kinds = []
+    original = llm._plan
+
+    def plan(batch, is_prefill):  # which kinds the one planner chose
+        kinds.append(original(batch, is_prefill)[0])
+        return original(batch, is_prefill)
+    llm._plan = plan
+    try:
+        while not all(s.is_finished for s in seqs):
+            assert llm.step() is not None
+    finally:
+        del llm._plan
+    assert [s.completion_token_ids for s in seqs] == expected
+    # the 11-token prompt's chunks, the others' prefill, decode steps (speculative on the tail)
+    assert {StepKind.CHUNK, StepKind.PREFILL, StepKind.DECODE} <= set(kinds)
+    assert sum(len(s.logprob_slots) for s in seqs) == llm.runner.logprobs_kept == 18
+    assert llm.step() is None  # nothing queued
+
+
+def test_stop_rules_compose_and_stop_the_unfinished(llm):
+    long = SamplingParams(temperature=0.0, max_new_tokens=40)
+    requests = [Request(p, long, sample_index=j) for p in PROMPTS for j in range(2)]
+    # A budget of 9 tokens: the step that passes it is the last (a step draws at most a token a
+    # row; the tail's speculative steps, more).
+    seqs = llm.run(requests, TokenBudget(9))
+    drawn = sum(len(s.logprob_slots) for s in seqs)
+    assert 9 <= drawn < 9 + 6 * 3 and drawn == llm.runner.logprobs_kept
+    assert all(s.finish_reason is None for s in seqs) and llm.block_manager.num_free_blocks == \
+        llm.block_manager.num_blocks
+    # Groups done: rows 0-1 (group 0) end at 3 tokens, the others run to 40; the budget is larger.
+    short = SamplingParams(temperature=0.0, max_new_tokens=3)
+    requests = [Request(PROMPTS[0], short, sample_index=j) for j in range(2)] + requests[2:]
+    groups = [0, 0, 1, 1, 2, 2]
+    seqs = llm.run(requests, first_of(TokenBudget(1000), GroupsDone(groups, 1)))
+    assert [s.finish_reason for s in seqs] == ["length", "length"] + [None] * 4
+    assert all(len(s.completion_token_ids) < 40 for s in seqs[2:])
+    with pytest.raises(ValueError, match="groups_needed=0"):
+        GroupsDone(groups, 0)
+
+
+def test_on_end_resumes_a_finished_turn_at_once_or_from_a_future(llm):
+    turns = {}
+
+    def on_end(index, seq):
+        turns[index] = turns.get(index, 0) + 1
+        if turns[index] == 3:
+            return None
+        reply = [20 + index, 21, 22]
+        if index == 1:  # a Future from a worker, rejoining when nothing else can run
+            return pool.submit(lambda: (time.sleep(0.05), reply)[1])
+        return reply
+    requests = [Request(p, SamplingParams(temperature=0.0, max_new_tokens=4)) for p in PROMPTS]
+    with ThreadPoolExecutor(2) as pool:
+        seqs = llm.run(requests, on_end=on_end)
+    assert turns == {0: 3, 1: 3, 2: 3}
+    for i, seq in enumerate(seqs):
+        ids = seq.completion_token_ids
+        assert len(ids) == 3 * 4 + 2 * 3 and ids[4:7] == ids[11:14] == [20 + i, 21, 22]
+        assert len(seq.logprob_slots) == 12 and seq.finish_reason == "length"
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    # A turn is what one request of the tokens before it draws.
+    for prompt, seq in zip(PROMPTS, seqs):
+        again = llm.generate(prompt + seq.completion_token_ids[:7],
+                             SamplingParams(temperature=0.0, max_new_tokens=4))
+        assert again[0].outputs[0].token_ids == seq.completion_token_ids[7:11]
+
+
+def test_a_run_refuses_while_requests_are_in_flight(llm):
+    seq = llm.add(Request(PROMPTS[0], GREEDY))
+    with pytest.raises(RuntimeError, match="in flight"):
+        llm.run([Request(PROMPTS[1], GREEDY)])
+    while not seq.is_finished:
+        llm.step()
+    with pytest.raises(TypeError, match=r"requests\[0\] must be a Request"):
+        llm.run([PROMPTS[0]])
+
+
+def test_a_hook_s_error_leaves_the_engine_idle_for_the_next_run(llm):
+    def failing(index, seq):
+        raise KeyError("the environment broke")
+    with pytest.raises(KeyError, match="the environment broke"):
+        llm.run([Request(p, GREEDY) for p in PROMPTS], on_end=failing)
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert [s.completion_token_ids for s in llm.run([Request(p, GREEDY) for p in PROMPTS])] == expected
