@@ -215,7 +215,7 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
     from fusedrl.engine.config.ppo import (GRPOConfig, LoopConfig, UpdateConfig, PPOConfig, RewardConfig,
                                            RolloutConfig)
     from fusedrl.engine.stages.ppo.advantages import RunningMoments
-    from fusedrl.engine.stages.ppo.sampling import sample_and_score
+    from fusedrl.engine.stages.ppo.answer_rows import sample_and_score
     from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
     from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollout
     from fusedrl.engine.stages.ppo.update import UpdateSettings, ppo_update

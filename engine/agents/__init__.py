@@ -3,16 +3,20 @@
 `run_agents(llm.generate_turns, ChatRenderer(tokenizer, schemas), EnvSource(...), rows, params,
 limits)`
 samples trajectories whose turns alternate between the model and an environment (environment.py's
-protocol, or `ToolEnvironment` answering the model's tool calls), token in, token out.
+protocol, or `ToolEnvironment` answering the model's tool calls), token in, token out;
+`CarriedTrajectories` continues them across engine runs, their environments alive in between
+(partial rollouts).
 """
+from .carried import CarriedTrajectories
 from .chat_render import ChatRenderer
 from .environment import EnvironmentFailure, load_environment
-from .rollout import AgentLimits, AgentTrajectory, agent_metrics, run_agents
+from .agent_loop import AgentLimits, AgentTrajectory, agent_metrics, run_agents
 from .sources import EnvSource
 from .tool_calls import ToolCall, parse_hermes, parser_for
 from .tools import ToolEnvironment, load_tools, tool_schema
 
-__all__ = ["ChatRenderer", "EnvironmentFailure", "load_environment", "AgentLimits", "EnvSource",
+__all__ = ["CarriedTrajectories", "ChatRenderer", "EnvironmentFailure", "load_environment",
+           "AgentLimits", "EnvSource",
            "AgentTrajectory",
            "agent_metrics", "run_agents", "ToolCall", "parse_hermes", "parser_for",
            "ToolEnvironment",

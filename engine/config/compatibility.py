@@ -96,14 +96,10 @@ class Pair:
                 "off")
 
 
-_WHOLE = ("a multi-turn trajectory is sampled whole: its environment's state does not carry to "
-          "the next iteration or into a checkpoint")
-_NO_RECORD = "a carried answer's or a later turn's routing records are not kept"
 _VERIFY = "a speculative verify step is not the decode step that one reproduces"
 _CHUNK = "a chunked prefill is not the forward that one reproduces"
 _CP, _EP, _TP = "train.context_parallel", "train.expert_parallel", "train.tensor_parallel"
 _ROWS = "it forwards rows whole, which a context group splits"
-_GROUP_ROWS = "their rows are not made one context group's"
 _MASKS = "each tensor rank would draw its own dropout mask on the same input"
 
 INCOMPATIBLE: tuple[Pair, ...] = (
@@ -116,8 +112,6 @@ INCOMPATIBLE: tuple[Pair, ...] = (
          "cannot reproduce"),
     Pair("rollout.tools", "rollout.environment",
          "an environment that wants tools calls them in its step"),
-    Pair("rollout.tools", "rollout.partial_rollouts", _WHOLE),
-    Pair("rollout.environment", "rollout.partial_rollouts", _WHOLE),
     Pair("rollout.speculative_tokens", "rollout.exact", _VERIFY),
     Pair("rollout.prefill_chunk", "rollout.exact", _CHUNK),
     Pair("rollout.dynamic_sampling", "ppo.estimator",
@@ -135,11 +129,6 @@ INCOMPATIBLE: tuple[Pair, ...] = (
     Pair("rollout.exact", MOE,
          "its expert GEMMs have no batch-invariant mode; rollout.routing_replay keeps the "
          "trainer's experts the sampler's"),
-    Pair("rollout.routing_replay", "rollout.partial_rollouts", _NO_RECORD, moe=True),
-    Pair("rollout.routing_replay", "rollout.tools", _NO_RECORD, moe=True),
-    Pair("rollout.routing_replay", "rollout.environment", _NO_RECORD, moe=True),
-    Pair("rollout.routing_replay", "rollout.speculative_tokens", _VERIFY, moe=True),
-    Pair("rollout.routing_replay", "rollout.prefill_chunk", _CHUNK, moe=True),
     # Parallel layouts: the pairs refused whatever the number of GPUs (validate.py checks the
     # sizes against the ranks and the model).
     Pair(_CP, "train.expert_parallel", "expert groups are not laid out beside context groups"),
@@ -148,14 +137,10 @@ INCOMPATIBLE: tuple[Pair, ...] = (
     Pair(_CP, "lora.rank", "adapters beside tensor slices are not shown to train as one process "
          "does", beside=_TP),
     Pair(_CP, MOE, "its router losses are per forward"),
-    Pair(_CP, "critic", "the value head reads whole rows"),
     Pair(_CP, "reward_model", "the score head reads whole rows"),
     Pair(_CP, "train.prefix_sharing", _ROWS),
     Pair(_CP, "rollout.exact", _ROWS),
     Pair(_CP, "ppo.ptx_coef", "the PPO-ptx forwards are not split over a context group"),
-    Pair(_CP, "rollout.partial_rollouts", _GROUP_ROWS),
-    Pair(_CP, "rollout.tools", _GROUP_ROWS),
-    Pair(_CP, "rollout.environment", _GROUP_ROWS),
     Pair(_EP, "train.tensor_parallel", "experts are sharded over whole models, not tensor slices"),
     Pair(_EP, "lora.rank", "the experts' adapters are not sharded over expert groups"),
     Pair(_EP, "train.optimizer_offload", "the expert groups' state is not offloaded"),

@@ -197,8 +197,8 @@ class RunConfig:
         "and scoring), each running every layer on its 1/C of them, attention over keys and "
         "values all-gathered in the group (C dividing the ranks; train.data_parallel=shard "
         "over the world / C data ranks; with train.tensor_parallel=T, C x T consecutive "
-        "ranks; SFT and GRPO, LoRA included; not with expert parallelism, LoRA beside tensor "
-        "slices or prefix sharing yet)", 1)
+        "ranks; SFT, PPO (its critic too) and GRPO, LoRA included; not with expert "
+        "parallelism, LoRA beside tensor slices or prefix sharing yet)", 1)
     expert_parallel: int = option(
         "under torchrun, for an MoE model: the experts of every MoE layer sharded over "
         "groups of E consecutive ranks (E dividing the world size and the number of "

@@ -38,7 +38,9 @@ from ..model.causal_lm import CausalLM
 from ..parallel.expert_parallel import gathered_experts
 from ..model.invariant import BatchInvariant
 from ..parallel import distributed
+from .request import Request
 from .sampling_params import SamplingParams
+from .sequence import routing_rows
 
 
 class HybridActor:
@@ -128,6 +130,15 @@ class HybridActor:
                                                    stop=stop)
         self._after_rollout([t.routing_rows for t in trajectories])
         return trajectories
+
+    @torch.no_grad()
+    def run(self, requests: list[Request], stop=None, on_end=None) -> list:
+        """LLM.run from the current weights (the engine's one loop: `stop` and `on_end` as there);
+        with record_routing `last_routing` holds each sequence's records, row after row."""
+        with self.whole_weights():
+            seqs = self.llm.run(requests, stop, on_end)
+        self._after_rollout([routing_rows(seq) for seq in seqs])
+        return seqs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams
                  ) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:

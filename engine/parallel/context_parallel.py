@@ -169,18 +169,40 @@ def attend_over_context(meta: AttentionMetadata, cp: ContextParallel):
     return attend
 
 
-def shard_logprobs(model, packed, cp: ContextParallel, temperature: float = 1.0,
-                   with_entropy: bool = False):
-    """The target log-probs of a whole pack (a PackedBatch) through this rank's shard of it, the C
-    ranks of `cp` each forwarding theirs (model: a CausalLM) -> fp32 log-probs [M] of every target,
-    and with_entropy (log-probs [M], entropy [M]), the same on every rank of the group."""
+def shard_hidden(model, packed, cp: ContextParallel
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """This rank's shard of a whole pack (a PackedBatch) through `model` (a CausalLM's trunk), the
+    C ranks of `cp` each forwarding theirs -> (hidden [m, H]: the states that predict this rank's
+    targets, target_ids [m], every rank's number of targets [C]: gather_targets' counts). A head
+    on them gives this rank's part of the targets' values (log-probs, a critic's values)."""
     model.check_input_ids(packed.input_ids)
     shard = shard_pack(packed.input_ids, packed.seqlens, packed.positions, packed.target_rows,
                        packed.target_ids, cp)
     hidden = model.entry()(shard.input_ids, shard.positions,
                            attend=attend_over_context(shard.meta, cp))
-    out = lm_head_logprobs(hidden.index_select(0, shard.target_rows), model.lm_head.weight,
-                           shard.target_ids, temperature=temperature, with_entropy=with_entropy)
-    if with_entropy:
-        return tuple(gather_targets(x, shard.target_counts, cp) for x in out)
-    return gather_targets(out, shard.target_counts, cp)
+    return hidden.index_select(0, shard.target_rows), shard.target_ids, shard.target_counts
+
+
+def shard_logprobs(model, packed, cp: ContextParallel, temperature: float = 1.0,
+                   with_entropy: bool = False, value_head=None):
+    """The target log-probs of a whole pack (a PackedBatch) through this rank's shard of it, the C
+    ranks of `cp` each forwarding theirs (model: a CausalLM) -> fp32 log-probs [M] of every target,
+    and with_entropy (log-probs [M], entropy [M]), the same on every rank of the group; with
+    `value_head` (a ScalarHead on the trunk: PPO's shared critic) its values [M] fp32 last, from
+    the same forward."""
+    hidden, target_ids, counts = shard_hidden(model, packed, cp)
+    out = lm_head_logprobs(hidden, model.lm_head.weight, target_ids, temperature=temperature,
+                           with_entropy=with_entropy)
+    out = list(out) if with_entropy else [out]
+    if value_head is not None:
+        out.append(value_head(hidden).squeeze(-1).float())
+    out = tuple(gather_targets(x, counts, cp) for x in out)
+    return out if len(out) > 1 else out[0]
+
+
+def shard_values(trunk, head, packed, cp: ContextParallel) -> torch.Tensor:
+    """A critic's values [M] fp32 of every target of a whole pack: `head` (a ScalarHead) on
+    `trunk`'s hidden states of this rank's shard (shard_hidden), gathered over the group: the same
+    on every rank of it, differentiable as shard_logprobs is."""
+    hidden, _, counts = shard_hidden(trunk, packed, cp)
+    return gather_targets(head(hidden).squeeze(-1).float(), counts, cp)

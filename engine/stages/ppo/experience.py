@@ -1,4 +1,4 @@
-"""Experience building, between sampling and the update: scored samples -> a Rollout (reference
+"""Experience building, between sampling and the update: scored samples -> a PPOBatch (reference
 and old log-probs, values, shaped rewards, advantages) and its metrics. Critic-free estimators
 (GRPO and kin) take each row's group-relative advantage instead of GAE over the critic's values.
 
@@ -27,9 +27,9 @@ from .forwards import policy_forward, reference_logprobs
 from .microbatches import forward_in_microbatches
 from .models import PPOModels
 from .phase_timer import PhaseTimer
-from .rollout import Rollout
-from .samples import Samples
-from .turns import place_turn_rewards, turn_returns, turn_token_advantages
+from .batch import PPOBatch
+from .scored_rows import Samples
+from .turn_credit import place_turn_rewards, turn_returns, turn_token_advantages
 
 
 @dataclass(frozen=True)
@@ -52,37 +52,38 @@ class ExperienceSettings:
 
     @classmethod
     def of(cls, cfg: PPOConfig) -> "ExperienceSettings":
-        r, w, p = cfg.rollout, cfg.reward, cfg.ppo
-        return cls(r.temperature, r.exact, w.kl_estimator, w.normalize, w.clip, p.estimator,
-                   p.gamma, p.lam, p.whiten_advantages, r.forward_tokens, w.turn_gamma,
-                   p.turn_advantages)
+        rollout, reward, ppo = cfg.rollout, cfg.reward, cfg.ppo
+        return cls(rollout.temperature, rollout.exact, reward.kl_estimator, reward.normalize,
+                   reward.clip, ppo.estimator, ppo.gamma, ppo.lam, ppo.whiten_advantages,
+                   rollout.forward_tokens, reward.turn_gamma, ppo.turn_advantages)
 
 
 @dataclass
 class Experience:
-    """An iteration's experience: the Rollout, or None with the reason when no row is left; the
+    """An iteration's experience: the PPOBatch, or None with the reason when no row is left; the
     KL per sequence to the reference over all ranks (the KL controller and the ceiling read it;
     NaN without a rollout); the metrics to log."""
-    rollout: Optional[Rollout]
+    rollout: Optional[PPOBatch]
     metrics: dict
     kl: float = math.nan
     skip_reason: Optional[str] = None
 
 
-def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_coef: float,
+def make_rollout(models: PPOModels, samples: Samples, settings: ExperienceSettings, kl_coef: float,
                  moments: RunningMoments, timer: PhaseTimer) -> Experience:
-    """Turn scored samples into a Rollout (reference and old log-probs, values, shaped rewards at
-    KL coefficient `kl_coef`, advantages); `moments` normalize the scores with s.normalize_scores
-    (and are updated). Returns it with its KL and metrics (read with one host sync, besides the
-    finite-score check's and, with s.normalize_scores, the running moments').
+    """Turn scored samples into a PPOBatch (reference and old log-probs, values, shaped rewards at
+    KL coefficient `kl_coef`, advantages); `moments` normalize the scores with
+    settings.normalize_scores (and are updated). Returns it with its KL and metrics (read with one
+    host sync, besides the finite-score check's and, with settings.normalize_scores, the running
+    moments').
 
     Rows whose score is not finite are dropped before anything else sees them (with a group
-    estimator, their whole group; counted in `dropped_rows`); the Rollout is None when no row is
+    estimator, their whole group; counted in `dropped_rows`); the PPOBatch is None when no row is
     left (every score non-finite, or dynamic sampling found no group to learn from), and
     `skip_reason` then says why. A row with no trained token (an agent trajectory that left the
     batch: engine/agents) needs no score: it stays, a sample of nothing (advantages.py).
     """
-    group = samples.n if s.estimator in GROUP_ESTIMATORS else None
+    group = samples.n if settings.estimator in GROUP_ESTIMATORS else None
     trained = samples.packed.grid_mask().any(dim=-1)                           # [R]
     read_scores = torch.where(trained, samples.scores, 0.0)
     # one host read for both: which rows' scores are finite, and which rows have a trained token
@@ -111,38 +112,39 @@ def make_rollout(models: PPOModels, samples: Samples, s: ExperienceSettings, kl_
     scores = samples.scores
     with timer.phase("reference"):
         ref_logp = forward_in_microbatches(
-            packed, s.tokens_per_forward,
-            lambda micro: reference_logprobs(models, micro, s.temperature), ranks)
+            packed, settings.tokens_per_forward,
+            lambda micro: reference_logprobs(models, micro, settings.temperature), ranks)
     with timer.phase("old"), torch.no_grad():
         old_logp, entropy, old_values = forward_in_microbatches(
-            packed, s.tokens_per_forward,
-            lambda micro: policy_forward(models, micro, s.temperature, with_entropy=True,
-                                         exact=s.exact), ranks)
-    kl = kl_penalty(old_logp, ref_logp, estimator=s.kl_estimator, mask=mask)
+            packed, settings.tokens_per_forward,
+            lambda micro: policy_forward(models, micro, settings.temperature, with_entropy=True,
+                                         exact=settings.exact), ranks)
+    kl = kl_penalty(old_logp, ref_logp, estimator=settings.kl_estimator, mask=mask)
     sum_over = distributed.data_parallel_sum(ranks)
     shaped = (distributed.own_rows(moments.normalize(distributed.gather_rows(scores, ranks)), ranks)
-              if s.normalize_scores else scores)
-    if s.score_clip is not None:
-        shaped = shaped.clamp(-s.score_clip, s.score_clip)
-    rewards, turn_returns = shaped_rewards(samples, shaped, kl, mask, kl_coef, s.turn_gamma)
+              if settings.normalize_scores else scores)
+    if settings.score_clip is not None:
+        shaped = shaped.clamp(-settings.score_clip, settings.score_clip)
+    rewards, turn_returns = shaped_rewards(samples, shaped, kl, mask, kl_coef, settings.turn_gamma)
     with_values = old_values is not None
-    if not with_values and s.turn_advantages:  # each turn a unit of its group's statistics
+    if not with_values and settings.turn_advantages:  # each turn a unit of its group's statistics
         advantages = turn_token_advantages(turn_returns, samples.turn_spans, mask, samples.n,
-                                           s.estimator)
+                                           settings.estimator)
         old_values = returns = torch.zeros_like(advantages)
     elif not with_values:  # critic-free: each row's group-relative advantage on all its tokens
-        advantages = group_token_advantages(shaped, mask, samples.n, s.estimator, sum_over=sum_over)
+        advantages = group_token_advantages(shaped, mask, samples.n, settings.estimator,
+                                            sum_over=sum_over)
         old_values = returns = torch.zeros_like(advantages)
     else:
         advantages, returns = advantages_and_returns(
-            rewards, old_values, mask, estimator=s.estimator, gamma=s.gamma, lam=s.lam,
-            whiten=s.whiten_advantages, sum_over=sum_over)
-    rollout = Rollout(packed, mask, samples.sampler_logprobs, old_logp, ref_logp, old_values,
+            rewards, old_values, mask, estimator=settings.estimator, gamma=settings.gamma,
+            lam=settings.lam, whiten=settings.whiten_advantages, sum_over=sum_over)
+    rollout = PPOBatch(packed, mask, samples.sampler_logprobs, old_logp, ref_logp, old_values,
                       scores, rewards, advantages, returns)
     metrics = {**rollout_metrics(rollout, kl, entropy, with_values, timer, ranks),
                # What one forward over the rows reads, each shared prompt once
                # (train.prefix_sharing), and the rows' own tokens: their ratio is the saving.
-               **applied_metrics(samples, ranks)}
+               **applied_metrics(samples, ranks, models.policy.context_parallel)}
     return Experience(rollout,
                       {**metrics, "kl_coef": kl_coef, "dropped_rows": dropped["dropped_rows"]},
                       kl=metrics["kl"])
@@ -167,17 +169,27 @@ def shaped_rewards(samples: Samples, shaped: torch.Tensor, kl: torch.Tensor, mas
     return rewards, per_row
 
 
-def applied_metrics(samples: Samples, ranks: distributed.DataRanks) -> dict:
+def applied_metrics(samples: Samples, ranks: distributed.DataRanks, context=None) -> dict:
     """What the options did to these rows, summed over the data `ranks`: the tokens one forward
     reads (each shared prompt once) and the rows' own, prefix/tokens_saved (prompt tokens
-    forwarded once for their group: train.prefix_sharing) and overlong/penalized (answers that
-    lost score to overlong shaping)."""
+    forwarded once for their group: train.prefix_sharing), overlong/penalized (answers that
+    lost score to overlong shaping), routing/replayed_tokens (tokens the training forwards route
+    as the sampler did: rollout.routing_replay) and, with `context` (the policy's
+    ContextParallel), context/size and context/tokens_per_rank (the tokens of the pack one rank
+    of a context group forwards, the mean over the data ranks)."""
     packed = samples.packed
     penalized = sum(p < 0 for p in samples.penalties or ())
-    sums = distributed.all_reduce_sum({"forwarded_tokens": packed.forwarded_tokens,
-                                       "row_tokens": sum(packed.seqlens),
-                                       "overlong/penalized": penalized}, ranks)
+    counts = {"forwarded_tokens": packed.forwarded_tokens, "row_tokens": sum(packed.seqlens),
+              "overlong/penalized": penalized}
+    if packed.routing is not None:  # a token has its records on every sparse layer or on none
+        counts["routing/replayed_tokens"] = int((packed.routing[:, 0, 0] >= 0).sum())
+    if context is not None:
+        counts["context/tokens_per_rank"] = -(-packed.forwarded_tokens // context.size)
+    sums = distributed.all_reduce_sum(counts, ranks)
     sums["prefix/tokens_saved"] = sums["row_tokens"] - sums["forwarded_tokens"]
+    if context is not None:
+        sums["context/size"] = context.size
+        sums["context/tokens_per_rank"] /= ranks.size()
     return sums
 
 
@@ -192,7 +204,7 @@ def non_finite_reason(scores: torch.Tensor, group: int | None) -> str:
             "(the group estimator's baseline needs every score): no group was left")
 
 
-def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, with_values: bool,
+def rollout_metrics(rollout: PPOBatch, kl: torch.Tensor, entropy: torch.Tensor, with_values: bool,
                     timer: PhaseTimer, ranks: distributed.DataRanks = distributed.WORLD) -> dict:
     """The rollout's metrics over all (data) `ranks`: computed on the device in float64, read with
     one host sync."""
@@ -236,5 +248,8 @@ def rollout_metrics(rollout: Rollout, kl: torch.Tensor, entropy: torch.Tensor, w
     metrics["tokens_per_rank"] = [tokens] if distributed.world_size(
         ) == 1 else distributed.all_gather(
         int(mask.sum()))
-    metrics["tokens_per_s_generate"] = tokens / max(timer.seconds["generate"], 1e-9)
+    # An iteration may generate nothing (partial rollouts: the groups it trains were complete
+    # already): no throughput to report then.
+    if timer.seconds.get("generate"):
+        metrics["tokens_per_s_generate"] = tokens / timer.seconds["generate"]
     return metrics

@@ -9,7 +9,7 @@ from typing import Callable, ContextManager
 import torch
 
 from ...parallel import distributed
-from ...parallel.context_parallel import shard_logprobs
+from ...parallel.context_parallel import shard_logprobs, shard_values
 from ...data.packing import PackedBatch
 from ...data.prefix_sharing import share_prefixes
 from ...model.invariant import BatchInvariant
@@ -36,10 +36,15 @@ def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_en
     distributed.gathered(model); the hybrid actor's, HybridActor.whole_weights, for the policy).
     """
     cp = model.context_parallel
-    # this rank's shard of the pack (no prefix sharing, routing or value head there)
+    # this rank's shard of the pack (no prefix sharing or routing there); the value head reads the
+    # shard's hidden states, its values gathered over the group as the log-probs are
     if cp is not None:
-        out, h = shard_logprobs(model, packed, cp, temperature, with_entropy), None
-    elif invariant is None:
+        out = shard_logprobs(model, packed, cp, temperature, with_entropy, value_head)
+        out = list(out) if isinstance(out, tuple) else [out]
+        values = packed.to_grid(out.pop()) if value_head is not None else None
+        return (packed.to_grid(out[0]), packed.to_grid(out[1]) if with_entropy else None,
+                values)
+    if invariant is None:
         layout = share_prefixes(packed)  # rows sharing a prompt read it once (train.prefix_sharing)
         replay = None
         if packed.routing is not None and replay_routing:
@@ -74,8 +79,18 @@ def policy_forward(models: PPOModels, packed: PackedBatch, temperature: float, w
                                               else None, replay_routing=True,
                                               whole=models.actor.whole_weights)
     if models.critic is not None:
-        values = models.critic.response_values(packed)
+        values = critic_values(models.critic, packed)
     return logp, entropy, values
+
+
+def critic_values(critic, packed: PackedBatch) -> torch.Tensor:
+    """Values [R, T] fp32 of PPO's separate critic (a ValueModel, or LoRACritic's adapters on a
+    trunk) on a packed rollout; under context parallelism through this rank's shard of the pack
+    (its trunk's context group), gathered over the group as the policy's log-probs are."""
+    trunk = getattr(critic, "trunk", critic)
+    if trunk.context_parallel is None:
+        return critic.response_values(packed)
+    return packed.to_grid(shard_values(trunk, critic.value_head, packed, trunk.context_parallel))
 
 
 def reference_logprobs(models: PPOModels, packed: PackedBatch, temperature: float) -> torch.Tensor:

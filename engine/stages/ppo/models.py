@@ -1,4 +1,4 @@
-"""The models of a PPO run, held together (forwards.py runs them over a rollout, scoring.py
+"""The models of a PPO run, held together (forwards.py runs them over a rollout, reward_scores.py
 scores)."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ...model.causal_lm import CausalLM
 from ...model.lora import LoRA
 from ...model.value_model import LoRACritic, ValueModel
 from ...parallel.distributed import WORLD, DataRanks
-from .scoring import Scorer
+from .reward_scores import Scorer
 
 
 @dataclass

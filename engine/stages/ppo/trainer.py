@@ -37,7 +37,7 @@ from ...config.compatibility import refuse_incompatible
 from ...config.ppo import GRPOConfig, PPOConfig
 from ...config.train import DataConfig
 from ...data.loading import load_examples
-from ...data.prompts import PromptRow, load_prompts
+from ...data.prompts import load_prompts
 from ...errors import UsageError
 from ...inference.hybrid_actor import HybridActor
 from ...model.hf_io import load_model
@@ -57,13 +57,13 @@ from ...parallel.layout import layout, layout_at_load
 from ...plan.check import startup_check
 from ...train.run_setup import start_run
 from ..rewards.combined import RewardFunctions, open_reward_functions
-from .agent_sampling import Agents, build_agents
+from .agent_rows import build_agents
 from .experience import ExperienceSettings, make_rollout
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 from .ptx import PtxLoss
-from .sampler import build_sampler
-from .scoring import FunctionScorer, reward_model_scorer
+from .sampler import Sampler, build_sampler
+from .reward_scores import FunctionScorer, reward_model_scorer
 from .state import Controllers, PPOState
 from .update import Optimizers, UpdateSettings, minibatch_rule, ppo_update
 
@@ -99,8 +99,9 @@ def open_rewards(cfg: PPOConfig, reward_fn=None) -> Optional[RewardFunctions]:
         raise UsageError(
             "PPO needs a reward: set reward_model, reward_fn or rollout.environment (or "
             "pass reward_fn=...)")
-    r = cfg.reward
-    return open_reward_functions(functions, r.weights, r.isolation, r.fn_timeout_s)
+    reward = cfg.reward
+    return open_reward_functions(functions, reward.weights, reward.isolation,
+                                 reward.fn_timeout_s)
 
 
 def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
@@ -294,13 +295,17 @@ def _train(cfg: PPOConfig, rewards: Optional[RewardFunctions],
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations,
                    eval_every=cfg.train.log_every, notices=[rule] if rule else [],
                    callbacks=callbacks)
-    run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype, run.dims), state,
-                 iteration_step(cfg, models, opts, schedules, prompts, agents,
-                                ptx_loss(cfg, tokenizer, models.policy, device), device),
-                 evaluate=None if evaluate is None else lambda: evaluate(models),
-                 info={"prompts": len(prompts), "truncated_prompts": truncated,
-                       "kv_pool_bytes": models.actor.kv_pool_bytes, "sandbox": sandbox_mode},
-                 device=device)
+    sampler = build_sampler(cfg, models, prompts, agents)
+    try:
+        run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype, run.dims),
+                     state, iteration_step(cfg, models, opts, schedules, sampler,
+                                           ptx_loss(cfg, tokenizer, models.policy, device), device),
+                     evaluate=None if evaluate is None else lambda: evaluate(models),
+                     info={"prompts": len(prompts), "truncated_prompts": truncated,
+                           "kv_pool_bytes": models.actor.kv_pool_bytes, "sandbox": sandbox_mode},
+                     device=device)
+    finally:
+        sampler.close()  # environments of trajectories still in flight
     final = Path(cfg.output_dir) / "final"
     adapters.export(models.policy, models.lora, final, cfg.policy)  # collective: streamed to rank 0
     if models.critic is not None:
@@ -321,15 +326,14 @@ def export_critic(cfg: PPOConfig, critic: nn.Module) -> None:
 
 
 def iteration_step(cfg: PPOConfig, models: PPOModels, opts: Optimizers, schedules: list,
-                   prompts: list[PromptRow], agents: Optional[Agents],
-                   ptx: Optional[PtxLoss], device) -> Callable[[PPOState], dict]:
+                   sampler: Sampler, ptx: Optional[PtxLoss],
+                   device) -> Callable[[PPOState], dict]:
     """One PPO iteration as the training loop's step: sample and score (the run's one rollout
-    interface, sampler.py: multi-turn trajectories with `agents`), build the rollout, update, then
-    move the KL controller and the schedules on.
+    interface, sampler.py), build the rollout, update, then move the KL controller and the
+    schedules on.
     What carries to the next iteration lives in the loop state (state.py); the returned metrics
     only report."""
     experience_settings, update_settings = ExperienceSettings.of(cfg), UpdateSettings.of(cfg)
-    sampler = build_sampler(cfg, models, prompts, agents)
 
     def step(state: PPOState) -> dict:
         it = state.step

@@ -1,5 +1,5 @@
 """The update half of a PPO iteration: `ppo_update` (K epochs of minibatch updates of the policy
-and the critic) over a Rollout (rollout.py, built by experience.py). It composes the kernels and
+and the critic) over a PPOBatch (batch.py, built by experience.py). It composes the kernels and
 engine/stages/ppo/advantages.py; no math lives here.
 
 Minibatches and micro-batches are cut from the rollout's one pack by index. An epoch takes
@@ -35,7 +35,7 @@ from ....kernels import (aggregation_rule, importance_weights, kl_penalty, maske
                          ppo_policy_loss, ppo_value_loss)
 from .forwards import policy_forward
 from .models import PPOModels
-from .rollout import Rollout
+from .batch import PPOBatch
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def microbatch_rows(seqlens: list[int], rows_per_microbatch: Optional[int],
             for start in range(0, len(seqlens), size)]
 
 
-def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
+def minibatch_backward(models: PPOModels, batch: PPOBatch, settings: UpdateSettings,
                        ptx_loss: Optional[Callable]) -> dict:
     """Forward and backward of one minibatch, in micro-batches of ppo.microbatch_size rows or
     of ppo.tokens_per_microbatch tokens (see microbatch_rows); under torchrun every rank runs as
@@ -147,7 +147,7 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
     (0-dim tensors on the device, summed over the ranks), "loss" the whole objective (the same on
     every rank: a non-finite one must skip the update).
     """
-    p = s.ppo
+    p = settings.ppo
     kept = batch.mask
     if p.is_mode == "mis":
         kept = importance_weights(batch.old_logprobs, batch.sampler_logprobs, kept, mode="mis",
@@ -187,7 +187,7 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
         weights = {kind: 1.0 if u is None
                    else (u if pick is None else u.index_select(0, pick)).sum() / totals_of[kind]
                    for kind, u in units.items()}
-        loss, stats = minibatch_loss(models, micro, s, weights)
+        loss, stats = minibatch_loss(models, micro, settings, weights)
         # FSDP (or average_over_data, tensor-parallel) averages over the data ranks; the minibatch
         # sums.
         backward(loss)
@@ -204,7 +204,8 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
 
     def spare():
         rows = min(micros, key=lambda rows: sum(seqlens[r] for r in rows))
-        backward(minibatch_loss(models, batch.rows(rows) if len(micros) > 1 else batch, s)[0] * 0.0)
+        micro = batch.rows(rows) if len(micros) > 1 else batch
+        backward(minibatch_loss(models, micro, settings)[0] * 0.0)
     spares = distributed.match_forwards(len(micros), most, spare)
     ptx = None
     if ptx_loss is not None:
@@ -226,18 +227,18 @@ def minibatch_backward(models: PPOModels, batch: Rollout, s: UpdateSettings,
     return totals
 
 
-def minibatch_loss(models: PPOModels, batch: Rollout, s: UpdateSettings,
+def minibatch_loss(models: PPOModels, batch: PPOBatch, settings: UpdateSettings,
                    weights: Optional[dict] = None):
     """The PPO objective on (a micro-batch of) a minibatch: (loss, stats of 0-dim tensors).
 
     weights (default 1 each): "policy" and "value" scale those losses, "token" the token-mean
     KL and entropy terms (the micro-batch's shares, see minibatch_backward).
     """
-    p, norm = s.ppo, s.loss_agg_norm
+    p, norm = settings.ppo, settings.loss_agg_norm
     w = {"policy": 1.0, "value": 1.0, "token": 1.0, **(weights or {})}
-    router = s.router.enabled and bool(moe_blocks(models.policy))
+    router = settings.router.enabled and bool(moe_blocks(models.policy))
     with routing_trace(models.policy) if router else contextlib.nullcontext() as trace:
-        logp, entropy, values = policy_forward(models, batch.packed, s.temperature,
+        logp, entropy, values = policy_forward(models, batch.packed, settings.temperature,
                                                with_entropy=p.ent_coef > 0)
     policy_loss, stats = ppo_policy_loss(
         logp, batch.old_logprobs, batch.advantages, batch.mask, clip_eps=p.clip_eps,
@@ -261,7 +262,7 @@ def minibatch_loss(models: PPOModels, batch: Rollout, s: UpdateSettings,
     if p.ent_coef > 0:
         loss = loss - p.ent_coef * w["token"] * masked_mean(entropy, batch.mask)
     if router:  # the moe section's router losses, the micro-batch's share of the tokens
-        router_loss, router_stats = trace_losses(models.policy, trace, s.router)
+        router_loss, router_stats = trace_losses(models.policy, trace, settings.router)
         loss = loss + w["token"] * router_loss
         stats.update(router_stats)
     return loss, stats
@@ -286,13 +287,14 @@ def minibatch_rule(rows: int, size: int) -> str | None:
             f"{count} minibatches of {' or '.join(map(str, sizes))} rows")
 
 
-def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: UpdateSettings,
-               seed: int, ptx_loss: Optional[Callable] = None) -> UpdateResult:
+def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: PPOBatch,
+               settings: UpdateSettings, seed: int,
+               ptx_loss: Optional[Callable] = None) -> UpdateResult:
     """ppo.epochs passes of shuffled minibatch updates; a non-finite loss or gradient skips that
     update (and is counted), an approx KL past ppo.max_approx_kl ends the epochs early. ptx_loss():
     the PPO-ptx term, added to each minibatch's loss. One host sync per minibatch (its stats, norms
     and skip flag read together)."""
-    p = s.ppo
+    p = settings.ppo
     rows = rollout.mask.shape[0]
     minibatch = p.minibatch_size  # this rank's rows of one (the global minibatch: x world_size)
     order_rng = torch.Generator().manual_seed(seed)
@@ -304,7 +306,7 @@ def ppo_update(models: PPOModels, optimizers: Optimizers, rollout: Rollout, s: U
             optimizers.zero_grad()
             # A group's rows together: its micro-batches read its prompt once (prefix sharing).
             rows_of = grouped_order(order[start:end], rollout.packed.prefix_groups)
-            stats = minibatch_backward(models, rollout.rows(rows_of), s, ptx_loss)
+            stats = minibatch_backward(models, rollout.rows(rows_of), settings, ptx_loss)
             norms = optimizers.clip_and_step(stats["loss"])
             host = runlog.host_values(
                 {**stats, "grad_norm": norms[0], "stepped": torch.isfinite(norms).all()})

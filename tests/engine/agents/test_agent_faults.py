@@ -13,11 +13,11 @@ import torch
 from fusedrl.engine.agents import (AgentLimits, ChatRenderer, EnvSource, ToolEnvironment,
                                    agent_metrics, parse_hermes, run_agents, tool_schema)
 from fusedrl.engine.agents.environment import EnvironmentFailure
-from fusedrl.engine.agents.rollout import _opener, _reset, _State, _step
+from fusedrl.engine.agents.agent_loop import _opener, _reset, _State, _step
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.stages.ppo.advantages import group_token_advantages
-from fusedrl.engine.stages.ppo.scoring import trajectory_inputs
+from fusedrl.engine.stages.ppo.reward_scores import trajectory_inputs
 from fusedrl.engine.stages.rewards.combined import open_reward_functions
 from fusedrl.engine.stages.rewards.functions import RewardFunctionError, RewardInputs
 from fusedrl.kernels import group_advantages

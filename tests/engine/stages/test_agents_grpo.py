@@ -8,7 +8,7 @@ import fusedrl.kernels as kernels
 from fusedrl.engine import GRPOConfig, run_grpo
 from fusedrl.engine.agents import AgentLimits, ChatRenderer, ToolEnvironment, parse_hermes, tool_schema
 from fusedrl.engine.agents.isolation import ThreadEnvironment
-from fusedrl.engine.agents.rollout import _reset, _State, _step
+from fusedrl.engine.agents.agent_loop import _reset, _State, _step
 from fusedrl.engine.sandbox import detect
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import add, broken, save_chat_model, stuck, tool_call
@@ -106,16 +106,14 @@ def test_lora_trains_on_three_turn_trajectories(tmp_path):
     assert len(records) == 2 and all(r["turns/mean"] >= 2.5 and r["tokens"] == r["tokens/model"] for r in records)
 
 
-def test_an_moe_policy_refuses_routing_replay_across_turns_and_trains_without(tmp_path):
-    """An MoE policy with routing replay (its default) is refused in one line (a later turn's expert
-    records are not kept), and runs with routing_replay=false."""
-    from fusedrl.engine.errors import UsageError
+def test_an_moe_policy_trains_across_turns_without_routing_replay(tmp_path):
+    """An MoE policy with routing_replay=false: its trajectories route freely in training, nothing
+    replayed (with it on: test_rollout_options_compose.py)."""
     from moe_testing import make_moe_model
     moe = tmp_path / "moe"
     make_moe_model("qwen3_moe").save_pretrained(moe)
     make_chat_tokenizer().save_pretrained(moe)
-    three = {"environment": "agent_envs:ThreeTurns", "max_turns": 3}
-    with pytest.raises(UsageError, match="rollout.routing_replay=True with rollout.environment='agent_envs:ThreeTurns'"):
-        grpo(tmp_path / "replay", moe, three)
-    records = grpo(tmp_path / "no-replay", moe, {**three, "routing_replay": False}, iterations=1)
+    three = {"environment": "agent_envs:ThreeTurns", "max_turns": 3, "routing_replay": False}
+    records = grpo(tmp_path / "no-replay", moe, three, iterations=1)
     assert len(records) == 1 and records[0]["turns/max"] <= 3 and records[0]["tokens/model"] > 0
+    assert "routing/replayed_tokens" not in records[0]

@@ -11,7 +11,7 @@ from fusedrl.engine import GRPOConfig, SFTConfig, UsageError, run_grpo, run_rm, 
 from fusedrl.engine.cli import main
 from fusedrl.engine.data.prompts import PromptRow
 from fusedrl.engine.stages.ppo.packs import pack_rollout
-from fusedrl.engine.stages.ppo.samples import Samples
+from fusedrl.engine.stages.ppo.scored_rows import Samples
 from fusedrl.engine.stages.ppo.state import PPOState
 from fusedrl.engine.stages.ppo.prompt_stream import next_prompts
 from fusedrl.engine.train.runlog import read_metrics

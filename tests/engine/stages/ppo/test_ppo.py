@@ -12,7 +12,7 @@ from fusedrl.engine.stages.ppo.prompt_stream import prompt_indices
 from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, build_models, build_optimizers, train_ppo
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, PPOConfig, RewardConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.stages.ppo.advantages import RunningMoments
-from fusedrl.engine.stages.ppo.sampling import sample_and_score
+from fusedrl.engine.stages.ppo.answer_rows import sample_and_score
 from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
 from fusedrl.engine.stages.ppo.update import UpdateSettings, microbatch_rows, minibatch_backward, ppo_update
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model

@@ -1,6 +1,8 @@
 """Partial rollouts (rollout.partial_rollouts, stages/ppo/partial.py) on a tiny model: answers
 carried across iterations under a small token budget, groups trained whole, no token older than
 rollout.max_staleness, and a resumed run equal to the uninterrupted one."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -52,6 +54,20 @@ def test_answers_carry_train_within_the_staleness_bound_and_resume_exactly(setup
         for g in in_flight for s in g["samples"])
 
 
+def test_an_iteration_that_generates_nothing_trains_the_groups_already_complete(setup, tmp_path):
+    """Iteration 2 completes all four groups and trains two; iteration 3 tops up two new groups
+    but needs no generation (two complete groups wait): it trains them and logs no generation
+    throughput, as it generated nothing."""
+    from fusedrl.engine.stages.ppo.trainer import train_ppo
+    root, policy_dir, prompts = setup
+    cfg = grpo(tmp_path, policy_dir, prompts, "idle", max_staleness=2)
+    train_ppo(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, iterations=3)))
+    train = [r for r in read_metrics(tmp_path / "idle") if r["kind"] == "train"]
+    assert [(r["groups_trained"], r["drawn_tokens"]) for r in train][1:] == [(2, 36), (2, 0)]
+    assert "policy_loss" in train[2] and "tokens_per_s_generate" not in train[2]
+    assert train[1]["tokens_per_s_generate"] > 0
+
+
 def test_stale_answers_are_dropped_and_sampled_again():
     group = new_group([1, 2], 2, seed=5)
     old, fresh = group["samples"]
@@ -95,11 +111,9 @@ def test_two_ranks_carry_answers_and_train_whole_groups_in_step(setup):
 @pytest.mark.parametrize("policy", ["lora", "moe"])
 def test_lora_and_moe_policies_carry_answers(setup, tmp_path, policy):
     """Partial rollouts with LoRA adapters (the sampler generates through them) and with an MoE
-    policy (routing replay off: a carried answer's expert records do not carry, refused in one
-    line with it on) carry every answer over iteration 1 and train whole groups in iteration 2."""
-    import dataclasses
+    policy (routing replay on: a carried answer routed as the forwards of the iteration that
+    completed it) carry every answer over iteration 1 and train whole groups in iteration 2."""
     from fusedrl.engine.config.lora import LoRAConfig
-    from fusedrl.engine.errors import UsageError
     from fusedrl.engine.stages.ppo.trainer import train_ppo
     from moe_testing import make_moe_model
     from train_testing import make_tokenizer
@@ -111,11 +125,10 @@ def test_lora_and_moe_policies_carry_answers(setup, tmp_path, policy):
     cfg = grpo(tmp_path, policy_dir, prompts, policy, max_staleness=1)
     if policy == "lora":
         cfg = dataclasses.replace(cfg, lora=LoRAConfig(rank=4))
-    else:
-        with pytest.raises(UsageError, match="rollout.routing_replay=True with rollout.partial_rollouts=True"):
-            train_ppo(cfg)
-        cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, routing_replay=False))
     train_ppo(cfg)
     train = [r for r in read_metrics(tmp_path / policy) if r["kind"] == "train"]
     assert [(r["carried"], r["groups_trained"]) for r in train] == [(12, 0), (0, 2)], train
     assert "policy_loss" in train[1]
+    # every token of the 6 rows but each one's last has the sampler's records
+    assert train[1].get("routing/replayed_tokens", 0) == (
+        train[1]["row_tokens"] - 6 if policy == "moe" else 0)

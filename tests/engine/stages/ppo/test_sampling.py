@@ -5,9 +5,9 @@ import torch
 from fusedrl.engine.config.ppo import GRPOConfig, PPOConfig, RolloutConfig
 from fusedrl.engine.stages.ppo.advantages import group_token_advantages
 from fusedrl.engine.stages.ppo.packs import concat_packs, pack_rollout
-from fusedrl.engine.stages.ppo.samples import Samples
-from fusedrl.engine.stages.ppo.generated import overlong_penalty
-from fusedrl.engine.stages.ppo.sampling import draw_samples, varied_groups
+from fusedrl.engine.stages.ppo.scored_rows import Samples
+from fusedrl.engine.stages.ppo.sampled_rows import overlong_penalty
+from fusedrl.engine.stages.ppo.whole_groups import draw_samples, varied_groups
 
 
 def grpo_config(**rollout):

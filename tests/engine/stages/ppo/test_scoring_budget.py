@@ -12,8 +12,8 @@ from fusedrl.engine.stages.ppo.microbatches import microbatches
 from fusedrl.engine.stages.ppo.advantages import RunningMoments
 from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollout
 from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
-from fusedrl.engine.stages.ppo.sampling import sample_and_score
-from fusedrl.engine.stages.ppo.scoring import score_rows
+from fusedrl.engine.stages.ppo.answer_rows import sample_and_score
+from fusedrl.engine.stages.ppo.reward_scores import score_rows
 from fusedrl.engine.stages.ppo.trainer import build_models
 from engine_testing import random_prompts
 from train_testing import save_tiny_model, write_jsonl

@@ -86,8 +86,7 @@ def run_agents(generate_turns: Callable, renderer: ChatRenderer, environments: E
             list(pool.map(lambda s: _reset(s, limits), states))
             openings = [_opening(states[g * n:(g + 1) * n], renderer, limits, g)
                         for g in range(len(rows))]
-            stops = tuple(sorted(set(params.stop_token_ids) | {renderer.end_of_turn_id}))
-            params = dataclasses.replace(params, stop_token_ids=stops)
+            params = end_of_turn_params(params, renderer)
 
             def on_turn_end(index: int, turn_ids: list[int]):
                 state = states[index]
@@ -104,6 +103,13 @@ def run_agents(generate_turns: Callable, renderer: ChatRenderer, environments: E
         _close_conversation(state, trajectory, renderer)
     return [AgentTrajectory(t, s.messages, s.turn_rewards, s.error, s.error_text, s.seconds,
                             s.opening) for t, s in zip(trajectories, states)]
+
+
+def end_of_turn_params(params: SamplingParams, renderer: ChatRenderer) -> SamplingParams:
+    """`params` with the template's end-of-turn token among its stop tokens: a model turn ends
+    there."""
+    stops = tuple(sorted(set(params.stop_token_ids) | {renderer.end_of_turn_id}))
+    return dataclasses.replace(params, stop_token_ids=stops)
 
 
 def _opener(environments: Environments, limits: AgentLimits) -> Callable:

@@ -25,7 +25,7 @@ class Samples:
     sources: list | None = None         # [R] each row's data/prompts.py PromptRow, when known
     penalties: list[float] | None = None    # [R] <= 0: overlong shaping's, in `scores`
     # reward.per_turn: [R] each turn's [start, end) response columns and environment reward
-    # (turns.py); the rewards are in `scores` too, discounted across turns
+    # (turn_credit.py); the rewards are in `scores` too, discounted across turns
     turn_spans: list | None = None
     turn_rewards: list | None = None
 

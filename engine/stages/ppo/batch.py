@@ -23,7 +23,7 @@ from ...data.packing import PackedBatch
 
 
 @dataclass
-class Rollout:
+class PPOBatch:
     """Everything one PPO iteration learns from. Per-token fields are [R, T] fp32 (mask bool)."""
     packed: PackedBatch           # the R prompt + response sequences, packed once per rollout
     mask: torch.Tensor
@@ -36,9 +36,9 @@ class Rollout:
     advantages: torch.Tensor
     returns: torch.Tensor
 
-    def rows(self, index: list[int]) -> "Rollout":
+    def rows(self, index: list[int]) -> "PPOBatch":
         """The sub-batch of the given rows (same width T), every field cut by one index tensor."""
         pick = torch.tensor(index, device=self.mask.device)
         fields = {name: value.index_select(0, pick) for name, value in vars(self).items()
                   if isinstance(value, torch.Tensor)}
-        return Rollout(packed=self.packed.select(index), **fields)
+        return PPOBatch(packed=self.packed.select(index), **fields)

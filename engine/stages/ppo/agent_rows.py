@@ -1,5 +1,5 @@
 """Multi-turn rows (rollout.tools or rollout.environment): n trajectories per prompt row, each
-with its own environment (engine/agents), handed on as every mode's rows (generated.py): packed
+with its own environment (engine/agents), handed on as every mode's rows (sampled_rows.py): packed
 with only the model's tokens as targets (the environment's are context: no loss, KL or entropy on
 them) and scored by the environment's rewards, plus the run's reward functions or reward model
 where set. sampler.py samples them in whole groups, with dynamic sampling where asked.
@@ -15,8 +15,7 @@ from typing import Optional
 from ...agents import (AgentLimits, ChatRenderer, EnvSource, agent_metrics, load_environment,
                        load_tools, parser_for, run_agents, tool_schema)
 from ...config.ppo import RolloutConfig
-from ...inference.sampling_params import SamplingParams
-from .generated import Generated
+from .sampled_rows import Generated, sampled_routing, sampling_params
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 
@@ -30,39 +29,39 @@ class Agents:
     limits: AgentLimits
 
 
-def build_agents(r: RolloutConfig, tokenizer) -> Optional[Agents]:
+def build_agents(rollout: RolloutConfig, tokenizer) -> Optional[Agents]:
     """The Agents of rollout.tools / rollout.environment (None for single-turn runs); every tool,
     the environment class and the template's tool format are checked here, before any model
     loads."""
-    if not r.multi_turn:
+    if not rollout.multi_turn:
         return None
-    limits = AgentLimits(r.max_turns, r.max_trajectory_tokens, r.env_timeout_s, r.env_errors,
-                         r.max_observation_chars, r.env_isolation)
-    if r.environment:
-        load_environment(r.environment)  # refused now, not in a worker at the first rollout
-        return Agents(ChatRenderer(tokenizer), EnvSource(r.environment), limits)
-    tools = load_tools(r.tools)
+    limits = AgentLimits(rollout.max_turns, rollout.max_trajectory_tokens, rollout.env_timeout_s,
+                         rollout.env_errors, rollout.max_observation_chars,
+                         rollout.env_isolation)
+    if rollout.environment:
+        load_environment(rollout.environment)  # refused now, not in a worker at the first rollout
+        return Agents(ChatRenderer(tokenizer), EnvSource(rollout.environment), limits)
+    tools = load_tools(rollout.tools)
     parser_for(tokenizer)
     schemas = {name: tool_schema(fn) for name, fn in tools.items()}
     renderer = ChatRenderer(tokenizer, list(schemas.values()))
-    return Agents(renderer, EnvSource(tools=tuple(r.tools), schemas=schemas), limits)
+    return Agents(renderer, EnvSource(tools=tuple(rollout.tools), schemas=schemas), limits)
 
 
 class TrajectoryGenerator:
-    """r.samples_per_prompt multi-turn trajectories per prompt row from the policy's current
+    """rollout.samples_per_prompt multi-turn trajectories per prompt row from the policy's current
     weights, each with its own environment (`agents`). A trajectory that ended on an environment's
     error has no environment reward and no target."""
 
-    def __init__(self, models: PPOModels, agents: Agents, r: RolloutConfig):
-        self.models, self.agents, self.r = models, agents, r
+    def __init__(self, models: PPOModels, agents: Agents, rollout: RolloutConfig):
+        self.models, self.agents, self.rollout = models, agents, rollout
         self.drawn: list = []  # the trajectories since take_metrics(), for their metrics
 
     def generate(self, sources: list, seed: int, timer: PhaseTimer) -> Generated:
         """The trajectories of these prompt rows (data/prompts.py PromptRow: the prompt and the
         columns the environment is made from); `seed` fixes the sampling; timed as "generate"."""
-        r = self.r
-        params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_k=r.top_k,
-                                top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed)
+        rollout = self.rollout
+        params = sampling_params(rollout, seed, rollout.samples_per_prompt)
         rows = [{"prompt": source.prompt, **source.columns} for source in sources]
         with timer.phase("generate"):
             trajectories = run_agents(self.models.actor.generate_turns, self.agents.renderer,
@@ -77,9 +76,9 @@ class TrajectoryGenerator:
         logprobs = self.models.actor.llm.device_logprobs(
             [s for t in trajectories if not t.error for s in t.tokens.logprob_slots])
         return Generated([t.prompt_token_ids for t in tokens], [t.token_ids for t in tokens],
-                         logprobs, r.samples_per_prompt, sources, masks,
+                         logprobs, rollout.samples_per_prompt, sources, masks,
                          [[] if t.error else list(t.turn_rewards) for t in trajectories],
-                         trajectories)
+                         trajectories, sampled_routing(self.models))
 
     def take_metrics(self) -> dict:
         """The agents' metrics (engine/agents agent_metrics) of every trajectory since the last
