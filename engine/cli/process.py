@@ -12,7 +12,7 @@ import threading
 # barrier; a thread whose core another process holds is descheduled there, and every small op then
 # waits a time slice for it. On 2 CPU cores beside one busy process, 3,000 small matmuls took 7.99 s
 # on two torch threads against 0.42 s on one, and 0.55 s with PASSIVE (threads sleep at the
-# barrier): docs/training.md has the demos' figures.
+# barrier): docs/agents.md has the demos' figures.
 CPU_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 

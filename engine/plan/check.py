@@ -43,8 +43,9 @@ def startup_check(cfg, device: torch.device, gpus: int):
 
 
 def supervised_startup_check(cfg, device: torch.device, gpus: int):
-    """startup_check of SFT and the reward model, after data.max_length is checked against the
-    model's context (its config.json): a run that cannot fit is refused before any model or
-    tokenizer loads and before its output_dir is taken."""
+    """startup_check of SFT and the reward model, then data.max_length checked against the model's
+    context (its config.json): a run that cannot fit is refused before any model or tokenizer
+    loads and before its output_dir is taken."""
+    cfg = startup_check(cfg, device, gpus)
     check_context(cfg.data, load_config(cfg.model).max_model_len)
-    return startup_check(cfg, device, gpus)
+    return cfg
