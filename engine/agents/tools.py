@@ -18,29 +18,30 @@ from .tool_calls import MalformedToolCall, ToolCall
 RESULT_CHARS = 4000
 
 
-def load_tools(specs: Sequence[str]) -> dict[str, Callable]:
-    """'module:function' specs -> {function name: function}, each with a valid JSON schema."""
+def load_tools(specs: Sequence[str], option: str = "rollout.tools") -> dict[str, Callable]:
+    """'module:function' specs -> {function name: function}, each with a valid JSON schema;
+    `option` names the specs in errors."""
     tools = {}
     for spec in specs:
-        fn = load_object(spec, "rollout.tools")
+        fn = load_object(spec, option)
         if not callable(fn):
-            raise UsageError(f"rollout.tools={spec!r} is not a function")
+            raise UsageError(f"{option}={spec!r} is not a function")
         if fn.__name__ in tools:
-            raise UsageError(f"rollout.tools: two tools are named {fn.__name__!r}")
-        tool_schema(fn)  # refused now, not at the first rollout
+            raise UsageError(f"{option}: two tools are named {fn.__name__!r}")
+        tool_schema(fn, option)  # refused now, not at the first rollout
         tools[fn.__name__] = fn
     return tools
 
 
-def tool_schema(fn: Callable) -> dict:
+def tool_schema(fn: Callable, option: str = "rollout.tools") -> dict:
     """The function's JSON schema as chat templates take it ({"type": "function", "function":
-    ...})."""
+    ...}); `option` names the tool's spec in errors."""
     from transformers.utils import get_json_schema
     try:
         return get_json_schema(fn)
     except Exception as e:  # transformers' DocstringParsingException / TypeHintParsingException
         raise UsageError(
-            f"rollout.tools: {fn.__module__}:{fn.__name__} has no usable schema ({e}); a tool "
+            f"{option}: {fn.__module__}:{fn.__name__} has no usable schema ({e}); a tool "
             "needs type hints and a docstring with an Args: section") from None
 
 

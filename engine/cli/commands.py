@@ -31,6 +31,7 @@ from ..config.ppo import GRPOConfig, PPOConfig
 from ..config.train import RMConfig, SFTConfig
 from ..runs import path_checks, run_dir, run_paths
 from ..train import trackers
+from . import process
 from .generate import add_generate_parser
 
 # --- info -------------------------------------------------------------------------------------
@@ -51,6 +52,8 @@ def run_info(_args) -> int:
         f"{torch.cuda.is_available()}")
     print(f"requested backend: {kernels.requested_backend()} "
           f"(TRITON_INTERPRET={int(kernels.triton_interpreting())})")
+    print(f"CPU: {torch.get_num_threads()} torch threads, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         print(f"  {device}: ops run on '{kernels.backend_for(torch.empty(0, device=device))}'")
@@ -114,12 +117,27 @@ def add_quiet_flag(parser: argparse.ArgumentParser) -> None:
                              "stay)")
 
 
+# --print-config shows a config before it is run: output_dir, which only a run needs, may be left
+# out. This stands in for it while the config is built, and is printed as the empty default.
+_UNSET_OUTPUT_DIR = "(not given)"
+
+
+def print_stage_config(config_cls, path, overrides: list[str]) -> int:
+    """--print-config of a training stage: its config resolved as a run resolves it, output_dir
+    not required (printed empty when left out)."""
+    config = config_io.command_config(config_cls, path, overrides,
+                                      fill={"output_dir": _UNSET_OUTPUT_DIR})
+    if config.output_dir == _UNSET_OUTPUT_DIR:
+        config.output_dir = ""
+    return config_io.print_config(config)
+
+
 def run_stage(args, name: str) -> int:
     config_cls, train, _ = STAGES[name]
     quiet = ["train.progress=false"] if args.quiet else []
-    config = config_io.command_config(config_cls, args.config, args.overrides + quiet)
     if args.print_config:
-        return config_io.print_config(config)
+        return print_stage_config(config_cls, args.config, args.overrides + quiet)
+    config = config_io.command_config(config_cls, args.config, args.overrides + quiet)
     trackers.check_installed(trackers.tracker_names(config.train))  # before anything is created
     try:
         config.require_model()
@@ -296,7 +314,12 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 class CommandParser(argparse.ArgumentParser):
     """A command's parser whose epilog may be given as a function, called when the epilog is read
     (its --help): listing every option and refused pair builds each config class, which every
-    `fusedrl` process and torchrun rank would otherwise pay at start for a help it never prints."""
+    `fusedrl` process and torchrun rank would otherwise pay at start for a help it never prints.
+    Its errors are one line, as every other mistake of the command."""
+
+    def error(self, message: str):
+        """Exit 2 with `fusedrl <command>: <message>` (argparse's own prints the usage first)."""
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
     @property
     def epilog(self) -> str | None:
@@ -308,8 +331,7 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusedrl",
-                                     description="Kernel-optimized single-node RLHF.")
+    parser = CommandParser(prog="fusedrl", description="Kernel-optimized single-node RLHF.")
     add_debug_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     add_debug_flag(commands.add_parser("info", help="versions, devices and kernel backends"))
@@ -321,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(commands)
     add_export_parser(commands)
     add_plot_parser(commands)
+    for command_parser in commands.choices.values():  # for the errors found after parsing
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -367,7 +391,11 @@ def quiet_libraries(quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns its exit code (argparse exits 2 itself on a bad command line)."""
+    """Run one command; returns its exit code (argparse exits 2 itself on a bad command line).
+    Without `argv` this process is the command (sys.argv): the CPU defaults are set first
+    (process.py)."""
+    if argv is None:
+        process.set_cpu_defaults()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
@@ -379,11 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     if (extra
         and not (hasattr(args, "overrides")
                  and all("=" in x and not x.startswith("-") for x in extra))):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = getattr(args, "overrides", []) + extra
     quiet_libraries(getattr(args, "quiet", False))
     try:
-        return _leave(args.run(args))
+        with process.interruptible():
+            return _leave(args.run(args))
     except KeyboardInterrupt:
         if errors.debug_enabled(getattr(args, "debug", False)):
             raise

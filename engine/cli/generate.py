@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+from pathlib import Path
 
 from .. import errors
 from ..config import io as config_io
@@ -65,6 +66,8 @@ _GENERATE_FLAGS = {
     "--tensor-parallel": ("tensor_parallel", {"type": int}),
     "--speculative-tokens": ("speculative_tokens", {"type": int}),
     "--speculate-below": ("speculate_below", {"type": int}),
+    "--chat-template": ("chat_template", {"nargs": 0, "const": True}),
+    "--tool": ("tools", {"repeat": True}),
     "--json": ("json", {"nargs": 0, "const": True}),
     "--no-progress": ("progress", {"nargs": 0, "const": False}),
 }
@@ -138,6 +141,25 @@ def _prompts(cfg) -> list[str]:
     return prompts
 
 
+def _templated(cfg, prompts: list[str]) -> list[str]:
+    """`prompts`, each rendered as a user turn by the model directory's chat template with the
+    generation prompt and cfg.tools' schemas (data/chat.py's render_prompt: what a run's rollout
+    opens with), when cfg.chat_template; else as they are. Before the model loads."""
+    if not cfg.chat_template:
+        return prompts
+    from ..agents.tools import load_tools, tool_schema
+    from ..data.chat import has_template, render_prompt
+    from ..inference.llm import directory_tokenizer
+    tools = load_tools(cfg.tools, "--tool")
+    tokenizer = directory_tokenizer(Path(cfg.model))
+    if tokenizer is None or not has_template(tokenizer):
+        raise errors.UsageError(
+            f"--chat-template: the tokenizer of --model {cfg.model} has no chat template "
+            "(chat_template.jinja, or chat_template in tokenizer_config.json)")
+    schemas = json.dumps([tool_schema(fn, "--tool") for fn in tools.values()]) if tools else None
+    return [render_prompt(tokenizer, (("user", prompt),), tools=schemas) for prompt in prompts]
+
+
 def run_generate(args) -> int:
     """Complete the prompts of the config the command line gives; print them (text or JSON
     lines)."""
@@ -163,6 +185,7 @@ def run_generate(args) -> int:
     from ..train.run_setup import check_model_dir, resolve_device
     check_model_dir(cfg.model, "--model")
     device = resolve_device(cfg.device, "--device")
+    given, prompts = prompts, _templated(cfg, prompts)  # the user's, and what the model reads
     # an argument the engine rejects; the model's own problems are FusedRLErrors and pass through
     try:
         if cfg.tensor_parallel != 1:
@@ -183,7 +206,7 @@ def run_generate(args) -> int:
         raise
     except ValueError as e:
         raise _as_option(e) from e
-    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+    for i, (prompt, out) in enumerate(zip(given, outputs)):
         for j, c in enumerate(out.outputs):
             if cfg.json:
                 print(json.dumps({"prompt_index": i, "sample": j, "prompt": prompt, "text": c.text,

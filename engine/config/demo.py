@@ -9,6 +9,9 @@ from .fields import check, check_fields, option
 from .train import Precision
 
 
+# The default task's output directory; every other task's is this name, a dash and the task's.
+DEMO_DIR = "fusedrl-demo"
+
 # The options whose default depends on the task (None: this default): sort, tool.
 TASK_DEFAULTS = {"digits": (4, 3), "sft_epochs": (4, 8), "algo": ("ppo", "grpo"),
                  "rl_iterations": (100, 30)}
@@ -19,7 +22,9 @@ class DemoConfig:
     task: Literal["sort", "tool"] = option(
         "sort: single-turn, sort the prompt's digits; tool: multi-turn, add two numbers by calling "
         "an add tool (SFT on tool-call conversations, then GRPO with the tool)", "sort")
-    output_dir: str = option("where the runs, table and plot go", "fusedrl-demo")
+    output_dir: str | None = option(
+        "where the runs, table and plot go (default: fusedrl-demo for task=sort, "
+        "fusedrl-demo-TASK for each other task, so every task's run keeps its own)")
     seed: int = option("seed of the data, the model init and every stage", 0)
     digits: int | None = option(
         "digits per prompt (sort) or per number (tool) (default: sort 4, tool 3)")
@@ -53,6 +58,8 @@ class DemoConfig:
         for name, defaults in TASK_DEFAULTS.items():
             if getattr(self, name) is None:
                 setattr(self, name, defaults[self.task == "tool"])
+        if self.output_dir is None:
+            self.output_dir = default_output_dir(self.task)
         check_fields(self)
         check(self.task == "sort" or self.algo == "grpo",
               f"algo must be grpo with task=tool (its reward is the program's), got {self.algo!r}")
@@ -64,3 +71,10 @@ class DemoConfig:
                      "rl_prompts",
                      "eval_samples"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def default_output_dir(task: str) -> str:
+    """Where `fusedrl demo task=TASK` writes unless told: DEMO_DIR for the default task (sort),
+    DEMO_DIR-TASK for each other one, so the demos run one after another without overwrite=true."""
+    default_task = DemoConfig.__dataclass_fields__["task"].default
+    return DEMO_DIR if task == default_task else f"{DEMO_DIR}-{task}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .fields import option
+from .fields import check, option
 
 
 @dataclass
@@ -34,8 +34,20 @@ class GenerateConfig:
     speculate_below: int = option("speculate on decode steps of fewer than this many rows", 8)
     tensor_parallel: int = option("under torchrun: T ranks generate together from their slices "
                                   "of the weights", 1)
+    chat_template: bool = option(
+        "render each prompt as a user turn through the model directory's chat template, with its "
+        "generation prompt (as a run renders a string prompt: data/chat.py)", False)
+    tools: list[str] = option(
+        "'module:function' tools (also --tool, repeatable) whose JSON schemas the chat template "
+        "offers the model (needs chat_template=true); the model's tool calls are printed, not run",
+        factory=list)
     json: bool = option("print one JSON object per completion", False)
     progress: bool = option("show a progress bar on stderr", True)
+
+    def __post_init__(self):
+        check(not self.tools or self.chat_template,
+              f"tools={self.tools} are offered through the chat template: set chat_template=true "
+              "(--chat-template)")
 
     def kv_budget(self) -> int | float | None:
         """kv_cache_memory as LLM takes it: a fraction of free GPU memory (<= 1) or bytes."""

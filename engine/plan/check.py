@@ -10,8 +10,10 @@ import dataclasses
 import torch
 
 from ..errors import UsageError
+from ..model.hf_io import load_config
 from ..parallel.distributed import local_world_size
 from ..parallel.validate import validate
+from ..train.supervised import check_context
 from .memory_plan import MemoryPlan
 from .planner import auto_checkpointing, plan_stage
 from .report import refusal
@@ -38,3 +40,12 @@ def startup_check(cfg, device: torch.device, gpus: int):
     on = auto_checkpointing(cfg, device, gpus, local_world_size(), plan)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
                                                               gradient_checkpointing=on))
+
+
+def supervised_startup_check(cfg, device: torch.device, gpus: int):
+    """startup_check of SFT and the reward model, then data.max_length checked against the model's
+    context (its config.json): a run that cannot fit is refused before any model or tokenizer
+    loads and before its output_dir is taken."""
+    cfg = startup_check(cfg, device, gpus)
+    check_context(cfg.data, load_config(cfg.model).max_model_len)
+    return cfg

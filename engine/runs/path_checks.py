@@ -4,6 +4,8 @@ one-line usage error (engine/errors.py) within a fraction of a second, never aft
 imports."""
 from __future__ import annotations
 
+import errno
+import os
 import tempfile
 from pathlib import Path
 
@@ -66,13 +68,20 @@ def check_input_file(path, option: str) -> None:
 
 
 def check_output_dir(path, option: str = "output_dir") -> None:
-    """`path` must be a writable directory, or creatable as one (it is created)."""
+    """`path` must be a writable directory, or creatable as one. Nothing is created: a command
+    refused later leaves no directory behind (the command creates it when it takes it,
+    run_dir.claim)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"{option}={path}: exists and is not a directory")
+    existing = p
+    while not existing.exists():  # the nearest existing directory above it holds the new ones
+        existing = existing.parent
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=p):  # the real test: permissions, read-only mounts, quotas
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        # the real test: permissions, read-only mounts, quotas
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         raise UsageError(f"{option}={path}: not a writable directory ({e.strerror})") from None

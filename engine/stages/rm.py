@@ -36,8 +36,8 @@ from ..runs.run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..train.runlog import append_metrics
 from ..parallel.layout import layout_at_load
-from ..plan.check import startup_check
-from ..train.supervised import Stage, check_context, train
+from ..plan.check import supervised_startup_check
+from ..train.supervised import Stage, train
 from .sft import target_nll_sum
 
 
@@ -142,9 +142,8 @@ def train_rm(cfg: RMConfig, dataset=None, eval_dataset=None, callbacks=()) -> Pa
     eval_dataset: datasets.Dataset objects read instead of cfg.data.train_file and
     cfg.data.eval_file; callbacks: the program's (engine/train/callbacks.py)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="rm", config=cfg,
-                    check=startup_check)
+                    check=supervised_startup_check)
     cfg = run.config  # train.gradient_checkpointing=auto resolved
-    check_context(cfg.data, run.configs["model"].max_model_len)
     device, tokenizer = run.device, run.tokenizer
     examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed, dataset, eval_dataset)
     # The trained score head stays whole on every rank beside LoRA adapters (a replicated head).

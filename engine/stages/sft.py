@@ -20,9 +20,9 @@ from ..runs.run_dir import releases_output_dir
 from ..train.run_setup import start_run
 from ..parallel.context_parallel import shard_logprobs
 from ..parallel.layout import layout_at_load
-from ..plan.check import startup_check
+from ..plan.check import supervised_startup_check
 from ..train.router_losses import with_router_losses
-from ..train.supervised import Stage, check_context, train
+from ..train.supervised import Stage, train
 
 
 def target_nll_sum(model, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -78,9 +78,8 @@ def train_sft(cfg: SFTConfig, dataset=None, eval_dataset=None, callbacks=()) -> 
     datasets.Dataset objects read instead of cfg.data.train_file and cfg.data.eval_file;
     callbacks: the program's (engine/train/callbacks.py)."""
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="sft", config=cfg,
-                    check=startup_check)
+                    check=supervised_startup_check)
     cfg = run.config  # train.gradient_checkpointing=auto resolved
-    check_context(cfg.data, run.configs["model"].max_model_len)
     examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed, dataset, eval_dataset)
     sharder = layout_at_load("adapted" if cfg.lora.enabled else "trained", run.dims)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device, shard=sharder)

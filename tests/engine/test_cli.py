@@ -1,11 +1,13 @@
 """The `fusedrl` command line."""
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from fusedrl.engine import cli
+from fusedrl.engine.cli import process
 from cli_testing import cli_error
 
 
@@ -13,6 +15,16 @@ def test_info_reports_backends(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch " in out and "cpu: ops run on '" in out
+
+
+def test_the_command_sets_the_cpu_wait_policy_before_torch_and_keeps_the_users():
+    environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    info = subprocess.run([sys.executable, "-m", "fusedrl.engine.cli", "info"], capture_output=True,
+                          text=True, env=environ, check=True).stdout
+    assert "torch threads, OMP_WAIT_POLICY=PASSIVE\n" in info, info
+    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert process.set_cpu_defaults(mine) == {} and mine == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert process.set_cpu_defaults({}) == {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def test_unknown_command_is_rejected(capsys):

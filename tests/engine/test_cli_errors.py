@@ -76,8 +76,11 @@ def test_debug_switches_on_the_traceback(tmp_path, sft_data, monkeypatch):
 
 
 def test_context_device_and_data_mistakes(qwen2_dir, tmp_path, sft_data, capsys):
-    code, err = cli_error(sft(qwen2_dir, tmp_path / "run", sft_data, "data.max_length=1024"), capsys)
-    assert code == 2 and "data.max_length=1024 exceeds the model's context of 128 tokens" in err
+    for lora in ("lora.rank=0", "lora.rank=4"):  # refused before output_dir is taken: nothing left
+        code, err = cli_error(sft(qwen2_dir, tmp_path / "run", sft_data, "data.max_length=1024", lora),
+                              capsys)
+        assert code == 2 and "data.max_length=1024 exceeds the model's context of 128 tokens" in err
+        assert not (tmp_path / "run").exists()
     if not torch.cuda.is_available():
         code, err = cli_error(sft(qwen2_dir, tmp_path / "run", sft_data, "train.device=cuda"), capsys)
         assert (code, err) == (2, "fusedrl sft: train.device='cuda' but no CUDA GPU is available to torch "

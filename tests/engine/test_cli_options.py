@@ -59,6 +59,15 @@ def test_every_training_command_prints_its_config(capsys):
         assert yaml.safe_load(capsys.readouterr().out)["output_dir"] in ("o", "fusedrl-demo")
 
 
+def test_print_config_needs_no_output_dir_and_a_run_still_does(capsys):
+    for stage in ("sft", "rm", "ppo", "grpo"):
+        assert cli.main([stage, "--print-config", "seed=3"]) == 0
+        shown = yaml.safe_load(capsys.readouterr().out)
+        assert (shown["output_dir"], shown["seed"]) == ("", 3)
+        code, err = cli_error([stage, "seed=3"], capsys)
+        assert (code, err) == (2, f"fusedrl {stage}: output_dir is required\n")
+
+
 @pytest.mark.parametrize("option", ["optim.eps=.inf", "optim.weight_decay=.inf", "ppo.kl_loss_coef=.inf",
                                     "ppo.ent_coef=.inf", "rollout.temperature=.inf", "rollout.temperature=.nan",
                                     "critic_lr=.inf", "lora.alpha=-.inf", "reward.fn_timeout_s=.inf"])

@@ -62,3 +62,48 @@ def test_a_generate_key_typo_is_one_line_with_its_fix(capsys):
     err = capsys.readouterr().err
     assert err.startswith("fusedrl generate: unknown config key 'max_new_token' (did you mean "
                           "'max_new_tokens'?)")
+
+
+def test_a_chat_template_and_tools_render_the_prompt_as_the_tool_rollout_opens(tmp_path, capsys):
+    """The tool demo's model tried from the command line: the prompt the engine completes is the
+    opening the tool rollout gives the model (its chat template, the tool's schema, the generation
+    prompt)."""
+    from fusedrl.engine.agents import ChatRenderer, tool_schema
+    from fusedrl.engine.demos.sorting_task import build_base_model
+    from fusedrl.engine.demos.tool_task import add, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_base_model(tmp_path / "model", 0, "llama", tokenizer, 128)
+    question = "what is 482 + 377 ?"
+    assert cli.main(["generate", "--model", model, "--prompt", question, "--chat-template",
+                     "--tool", "fusedrl.engine.demos.tool_task:add", "--temperature", "0",
+                     "--max-new-tokens", "4", "--json", "--no-progress", "--device", "cpu"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    opening = ChatRenderer(tokenizer, [tool_schema(add)]).opening([{"role": "user", "content": question}])
+    (expected,) = LLM(model, device="cpu").generate([opening], SamplingParams(temperature=0, max_new_tokens=4))
+    assert row["prompt"] == question and row["token_ids"] == expected.outputs[0].token_ids
+    assert opening != tokenizer.encode(question)  # the template and the schema are in it
+
+
+def test_tools_without_the_chat_template_or_a_template_less_model_are_one_line(qwen2_dir, capsys):
+    code = cli.main(["generate", "--model", str(qwen2_dir), "--prompt", "hi", "--tool", "m:f"])
+    assert (code, capsys.readouterr().err) == (
+        2, "fusedrl generate: tools=['m:f'] are offered through the chat template: set "
+           "chat_template=true (--chat-template)\n")
+    code = cli.main(["generate", "--model", str(qwen2_dir), "--prompt", "hi", "--chat-template",
+                     "--tool", "fusedrl.engine.demos.tool_task:nothing"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fusedrl generate: --tool='fusedrl.engine.demos.tool_task:"
+                                        "nothing': ") and err.count("\n") == 1, err
+    code = cli.main(["generate", "--model", str(qwen2_dir), "--prompt", "hi", "--chat-template"])
+    assert (code, capsys.readouterr().err) == (
+        2, f"fusedrl generate: --chat-template: the tokenizer of --model {qwen2_dir} has no chat "
+           "template (chat_template.jinja, or chat_template in tokenizer_config.json)\n")
+
+
+def test_a_mistyped_flag_value_is_one_line_without_the_usage(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["generate", "--n", "two"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == ("fusedrl generate: argument --n: invalid int value: 'two' "
+                                       "(see `fusedrl generate --help`)\n")

@@ -127,18 +127,26 @@ def test_config_defaults_per_task_and_errors():
     sort, tool = DemoConfig(), DemoConfig(task="tool")
     assert (sort.digits, sort.sft_epochs, sort.algo, sort.rl_iterations) == (4, 4, "ppo", 100)
     assert (tool.digits, tool.sft_epochs, tool.algo, tool.rl_iterations) == (3, 8, "grpo", 30)
+    # Each task its own directory: the README's `fusedrl demo`, then `fusedrl demo task=tool`.
+    assert (sort.output_dir, tool.output_dir) == ("fusedrl-demo", "fusedrl-demo-tool")
+    assert DemoConfig(task="tool", output_dir="mine").output_dir == "mine"
     with pytest.raises(ValueError, match="algo must be grpo with task=tool"):
         DemoConfig(task="tool", algo="ppo")
     with pytest.raises(ValueError, match=r"tool_calls must be in \[0, 1\], got 1.5"):
         DemoConfig(task="tool", tool_calls=1.5)
 
 
-def test_tool_demo_end_to_end(tmp_path, capsys, cpu_user_backend):
-    out = tmp_path / "tool"
-    assert cli.main(["demo", "task=tool", f"output_dir={out}", "train_prompts=16", "eval_prompts=2", "sft_epochs=1",
+def test_tool_demo_end_to_end(tmp_path, capsys, cpu_user_backend, monkeypatch):
+    """After the sorting demo, in the same folder, as the README runs them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fusedrl-demo").mkdir()
+    (tmp_path / "fusedrl-demo" / "results.json").write_text("{}")  # the sorting demo's run
+    out = tmp_path / "fusedrl-demo-tool"
+    assert cli.main(["demo", "task=tool", "train_prompts=16", "eval_prompts=2", "sft_epochs=1",
                      "rl_iterations=1", "rl_prompts=2", "eval_samples=2", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "GRPO accuracy (held-out, sampled, with the tool)" in printed and "GRPO gain over SFT" in printed
+    assert "results: fusedrl-demo-tool/results.json" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "tool" and 0 <= results["sft_tool_rate"] <= 1
     train = [json.loads(line) for line in open(out / "rl" / "metrics.jsonl") if '"train"' in line]

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from fusedrl.engine.cli.process import interruptible
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.stages.rewards.combined import (TOTAL, metric_names, moments,
                                                     open_reward_functions, summary, weighted_totals)
@@ -231,9 +232,11 @@ def test_ctrl_c_reaches_the_trainer_at_once_and_the_worker_ignores_its_own(user_
     os.kill(worker.pid, signal.SIGINT)  # what a terminal's Ctrl-C would send its process group
     assert pool(conversational_rows())[0] == [11.0, 12.0] and worker.poll() is None
     functions = opened(user_module, ["trl_rewards:slow"])
-    threading.Timer(0.3, _thread.interrupt_main).start()
     try:
-        with pytest.raises(KeyboardInterrupt):
+        # SIGINT as the `fusedrl` command takes it, also where this process started with it
+        # ignored (`pytest ... &`: interrupt_main then does nothing)
+        with pytest.raises(KeyboardInterrupt), interruptible():
+            threading.Timer(0.3, _thread.interrupt_main).start()
             functions(conversational_rows())
         runner = functions.runners[0]
         assert runner.process is None  # killed, not waited for; the next call starts a fresh one

@@ -3,12 +3,14 @@ checkpoints off), the command exits 143 / 130 with one line saying how to resume
 then resumes exactly (its final model equal byte for byte to an uninterrupted run's), and a rerun of
 the finished run changes nothing. SFT through a real `fusedrl sft` process writing to a file (also
 the plain progress lines of a log); GRPO in this process, its reward function sending the signal."""
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -141,16 +143,44 @@ def test_sigint_in_grpo_saves_the_iteration_and_the_resume_is_exact(tmp_path, mo
         return vowel_fraction(prompt_texts, responses)
 
     cfg = grpo_config(tmp_path, policy, prompts, "stopped")
+    # Python's default_int_handler, or SIG_IGN where the test process started in the background
+    # (`pytest ... &`): the loop takes SIGINT over either way.
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(errors.Interrupted, match="stopped by SIGINT at step 1 of 2") as stop:
         train_ppo(cfg, reward_fn=interrupted_at_the_first_iteration)
     assert errors.one_line(stop.value)[0] == 130
     assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["step-00000001"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the one before, back
+    assert signal.getsignal(signal.SIGINT) is before  # the one before, back
     train_ppo(cfg, reward_fn=vowel_fraction)
     a, b = (load_model(tmp_path / run / "final").state_dict() for run in ("straight", "stopped"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     stops = [r for r in read_metrics(tmp_path / "stopped") if r.get("stopped")]
     assert [(r["step"], r["stopped"]) for r in stops] == [(1, "SIGINT")]
+
+
+def test_a_command_started_with_sigint_ignored_stops_on_it_as_on_ctrl_c(tmp_path, capsys):
+    """A shell script's background job (`fusedrl sft ... &`, or nohup) starts with SIGINT ignored:
+    `kill -INT` still stops the command, here while it waits to read its config from a FIFO."""
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+
+    def unblock():  # only if the signal was lost: the read then ends and the test fails, not hangs
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    timers = [threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)),
+              threading.Timer(20, unblock)]
+    try:
+        for timer in timers:
+            timer.start()
+        code = cli.main(["sft", "--config", str(fifo)])
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the process's own, back
+    finally:
+        signal.signal(signal.SIGINT, before)
+        for timer in timers:
+            timer.cancel()
+    assert (code, capsys.readouterr().err) == (130, "fusedrl sft: interrupted\n")
 
 
 def test_a_second_ctrl_c_stops_at_once_and_a_repeated_sigterm_changes_nothing(capsys):
