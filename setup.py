@@ -1,6 +1,7 @@
-"""Packaging for fusedrl: the import packages `fusedrl.kernels` (folder kernels/) and
-`fusedrl.engine` (folder engine/), the `fusedrl` command, and the optional CUDA extension
-`fusedrl.kernels._C` (csrc/). `fusedrl` itself is a namespace package: it has no folder of its own.
+"""Packaging for fusedrl: the import packages `fusedrl.kernels` (folder kernels/),
+`fusedrl.engine` (folder engine/) and `fusedrl.bench` (folder bench/: `fusedrl bench`), the
+`fusedrl` command, and the optional CUDA extension `fusedrl.kernels._C` (csrc/). `fusedrl` itself
+is a namespace package: it has no folder of its own.
 
 torch is deliberately not a build requirement: pip's isolated build environment would otherwise
 download a multi-gigabyte CUDA build just to run this file. Install torch first (see README.md).
@@ -27,7 +28,7 @@ from setuptools import find_packages, setup
 
 EXTENSION = "fusedrl.kernels._C"
 # Import name -> folder in this repository (the folders keep their short names).
-PACKAGE_ROOTS = {"fusedrl.kernels": "kernels", "fusedrl.engine": "engine"}
+PACKAGE_ROOTS = {"fusedrl.kernels": "kernels", "fusedrl.engine": "engine", "fusedrl.bench": "bench"}
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 

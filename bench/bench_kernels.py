@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-import harness
+from fusedrl.bench import harness
 
 if not torch.cuda.is_available():
     # Triton reads this when the kernels are defined, i.e. at `import fusedrl.kernels`.
@@ -36,7 +36,7 @@ if not torch.cuda.is_available():
 
 import fusedrl.kernels as kernels
 from fusedrl.kernels import cuda_ext, reference, use_backend
-from launch_count import LaunchCounter
+from fusedrl.bench.launch_count import LaunchCounter
 
 Thunk = Callable[[], object]
 
@@ -249,7 +249,9 @@ def launches_per_call(thunk: Thunk) -> tuple[int, int]:
 
 
 def measure(case: Case, device: torch.device, copy_gbps: float, matmul_tflops: float, skip: set[str],
-            budget_s: float, min_reps: int = 3) -> list[dict]:
+            budget_s: float, min_reps: int = 3, host_calls: int | None = None) -> list[dict]:
+    """Each implementation of `case` not in `skip`: its rows (time, bandwidth or floor, peak memory,
+    host microseconds over `host_calls` calls (default 50 on a GPU, 5 on the CPU) and launches)."""
     inputs = case.make_inputs(device)
     rows = []
     for name, build in case.impls.items():
@@ -262,7 +264,8 @@ def measure(case: Case, device: torch.device, copy_gbps: float, matmul_tflops: f
             row["peak_extra_mib"] = (lambda b: None if b is None else b / 2**20)(
                 harness.peak_extra_bytes(thunk, device))
             if case.host_bound:
-                row["host_us"] = harness.host_us(thunk, device, calls=50 if device.type == "cuda" else 5)
+                calls = host_calls or (50 if device.type == "cuda" else 5)
+                row["host_us"] = harness.host_us(thunk, device, calls=calls)
                 if name != "torch.compile":
                     row["launches"], row["host_syncs"] = launches_per_call(thunk)
         except Exception as error:  # a baseline that cannot run here is reported, not fatal

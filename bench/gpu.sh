@@ -73,7 +73,7 @@ print_plan() {
   echo "plan: $i calls, $total minutes"
 }
 
-# prepare: the wheels (bench/peer_wheels.sh) and the commit under test, both in .whl/ (git-ignored,
+# prepare: the wheels (tests/tools/peer_wheels.sh) and the commit under test, both in .whl/ (git-ignored,
 # carried by every call).
 prepare() {
   local dirty=""
@@ -202,7 +202,7 @@ build_extension() {
 
 # One chunk of the suite on the GPU (no interpreter), spread over the cores with pytest-xdist when it
 # is there, stopped by SIGINT at its limit (pytest then reports what ran) and killed 20 s later;
-# its last line comes from bench/pytest_tally.py's per-test record, so a cut chunk still ends in
+# its last line comes from tests/tools/pytest_tally.py's per-test record, so a cut chunk still ends in
 # "NAME: N passed, N failed, N skipped, N errors in S s[, cut by its timeout]".
 run_chunk() {
   local name=$1 parallel=() start code limit
@@ -224,7 +224,7 @@ run_chunk() {
   code=$?
   tail -n 40 "$out/$name.log"
   [ "$code" -eq 0 ] || status=1
-  python bench/pytest_tally.py "$out/$name.tally" "$name" "$((SECONDS - start))" "$code" | tee -a "$out/$name.log"
+  python tests/tools/pytest_tally.py "$out/$name.tally" "$name" "$((SECONDS - start))" "$code" | tee -a "$out/$name.log"
 }
 
 for stage in $stages; do
@@ -235,7 +235,7 @@ for stage in $stages; do
     # NCCL on one GPU: a 1-rank cpu:gloo,cuda:nccl group through tensor parallelism (decode graphs
     # capturing the collectives), expert parallelism's all_to_all, FSDP2 CPU offload + FusedAdamW.
     smoke)    run smoke "${LIMIT_S[smoke]}" python -m torch.distributed.run --standalone --nproc-per-node 1 \
-                bench/smoke_nccl.py ;;
+                tests/tools/smoke_nccl.py ;;
     # The headline benchmarks in quick mode (the visit's call 2): the headline shapes, shorter
     # repetitions, fewer new tokens, no transformers side.
     quick_kernels) run bench_kernels "${LIMIT_S[quick_kernels]}" python bench/bench_kernels.py --budget 0.2 \
@@ -259,7 +259,7 @@ for stage in $stages; do
                 --json "$out/bench_kernels.json" ;;
     # linear_token_logprobs' fused GEMMs per tile shape against cuBLAS's GEMM of the same FLOPs, at
     # the bar's shape: sets linear_logprobs.fused_tiles.
-    linear_tune) run tune_linear_logprobs 300 python bench/tune_linear_logprobs.py \
+    linear_tune) run tune_linear_logprobs 300 python tests/tools/tune_linear_logprobs.py \
                    --json "$out/tune_linear_logprobs.json" ;;
     # The small RL ops at 256x2048, 1024x4096 (host-bound: host us and launches per call) and 8192x2048.
     rl_ops)   run bench_rl_ops 570 python bench/bench_kernels.py --budget 0.5 \
@@ -285,7 +285,7 @@ for stage in $stages; do
     ppo_tokens) run bench_ppo_tokens 300 python bench/bench_ppo.py --sides ours --tokens-per-microbatch 12288 \
                   --out "$out/bench_ppo_tokens.json" ;;
     # PPO with rank-16 LoRA vs full fine-tuning at the same batch (bar: peak <= 0.6x, no slower), then
-    # against TRL with PEFT (needs peft among the carried wheels: bench/peer_wheels.sh).
+    # against TRL with PEFT (needs peft among the carried wheels: tests/tools/peer_wheels.sh).
     ppo_lora) run bench_ppo_lora 570 python bench/bench_ppo.py --lora 16 --sides ours ours_lora \
                 --out "$out/bench_ppo_lora.json" ;;
     ppo_lora_trl) run bench_ppo_lora_trl 570 python bench/bench_ppo.py --lora 16 --sides ours_lora trl_lora \
@@ -297,7 +297,7 @@ for stage in $stages; do
     demo)     run demo 570 bash -c 'for s in 0 1 2; do fusedrl demo seed=$s output_dir="$1/demo_seed$s" \
                 overwrite=true --quiet || exit 1; done' _ "$out" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
-    traffic)  run traffic 300 python bench/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
+    traffic)  run traffic 300 python tests/tools/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
     *) echo "unknown stage $stage (expected callN or one of: $ALL_STAGES ${!LIMIT_S[*]})"; status=1 ;;
   esac
 done

@@ -1,5 +1,5 @@
 """bench/gpu.sh's plan fits one visit, and a chunk of the suite cut by its timeout still
-ends in its summary line (bench/pytest_tally.py's per-test record)."""
+ends in its summary line (tests/tools/pytest_tally.py's per-test record)."""
 import os
 import re
 import signal

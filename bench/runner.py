@@ -1,0 +1,105 @@
+"""A `fusedrl bench` run: the device and its limits, each suite's rows, the meta record, the table
+printed and (with output_dir) results.json, results.md and the charts written after each suite, so a
+run cut short leaves what it measured.
+
+Under torchrun every rank runs the suites on its own GPU (the rl and train rows are then per-GPU
+figures of one rank's work) and rank 0 writes the results, each row's `rank` saying whose it is.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+from . import results
+from .command import BenchOptions
+
+PEERS = ("trl", "liger-kernel", "transformers", "triton", "matplotlib")
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _versions() -> dict:
+    out = {}
+    for dist in ("fusedrl", *PEERS):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def run_meta(device, limits, options: BenchOptions, world_size: int) -> dict:
+    """What makes a result comparable: device, driver, limits, versions, commit, command, time."""
+    from . import harness
+    meta = harness.run_metadata(device)
+    meta.update(commit=meta["git_commit"], driver=_driver(), limits=limits.as_dict(),
+                versions=_versions(), command=" ".join(["fusedrl", *sys.argv[1:]]),
+                model=options.model, seed=options.seed, quick=options.quick,
+                world_size=world_size)
+    return meta
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun, a process group started; (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), world
+
+
+def _gather(rows: list[dict], rank: int, world: int) -> list[dict]:
+    if world == 1:
+        return rows
+    import torch.distributed as dist
+    for row in rows:
+        row["rank"] = rank
+    everyone = [None] * world
+    dist.all_gather_object(everyone, rows)
+    return [row for part in everyone for row in part]
+
+
+def run(suites: list[str], options: BenchOptions) -> dict:
+    """Run the suites in order; returns the payload (meta and rows)."""
+    import torch
+    if not torch.cuda.is_available():
+        # Triton reads this when the kernels are defined, i.e. at `import fusedrl.kernels`.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .context import Context
+    from .devices import device_limits
+    from .suites import generate, kernels, rl, train
+    runners = {"kernels": kernels.rows, "generate": generate.rows, "train": train.rows,
+               "rl": rl.rows}
+    rank, world = _distributed()
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
+                          else "cpu")
+    limits = device_limits(device, options.quick)
+    ctx = Context(device, limits, options, rank, world)
+    payload = {"meta": run_meta(device, limits, options, world), "rows": []}
+    if rank == 0:
+        print(f"fusedrl bench {' '.join(suites)}: {payload['meta']['device']}, limits "
+              f"{limits.label}: {limits.flops_per_s / 1e12:.3g} TFLOP/s, "
+              f"{limits.bytes_per_s / 1e9:.3g} GB/s", flush=True)
+    for suite in suites:
+        payload["rows"] += _gather(runners[suite](ctx), rank, world)
+        if rank == 0 and options.output_dir:
+            results.write(options.output_dir, payload)
+    if rank == 0:
+        print(results.markdown(payload))
+        if options.output_dir:
+            print(f"results: {os.path.join(options.output_dir, 'results.json')}")
+    return payload
