@@ -143,8 +143,9 @@ def main() -> None:
             # suite runs that comparison on a tiny model. requests: trl's GRPOTrainer imports it
             # (bench_ppo.py --algo grpo) without declaring it. peft: the LoRA files are tested against it.
             # pytest-xdist: the test command runs the suite on both cores of a CI machine (-n 2).
+            # setuptools and wheel: the wheel's test builds it without build isolation.
             "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "tensorboard>=2.14", "trl==0.29.1",
-                     "requests", "peft>=0.17"],
+                     "requests", "peft>=0.17", "setuptools>=64", "wheel"],
             "bench": ["pytest-benchmark>=4", "trl==0.29.1", "requests", "peft>=0.17"],
             # train.report_to=tensorboard (torch.utils.tensorboard writes the events), wandb,
             # mlflow: each tracker through its own library (docs/runs.md).

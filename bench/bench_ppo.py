@@ -303,6 +303,7 @@ def peft_config(lora: int):
 def run_trl_grpo(shape: Shape, policy_dir: Path, device: torch.device, lora: int) -> dict:
     """TRL's GRPOTrainer on the same policy and prompts: one generation of all rows per iteration,
     `minibatches` optimizer steps of `micro`-row micro-batches over it."""
+    import datasets
     import trl
     from trl import GRPOConfig, GRPOTrainer
 
@@ -331,7 +332,7 @@ def run_trl_grpo(shape: Shape, policy_dir: Path, device: torch.device, lora: int
         return out
     policy.generate = timed_generate
     prompts = [" ".join(f"t{i}" for i in p) for p in make_prompts(shape, policy.config.vocab_size)]
-    rows = [{"prompt": p} for p in prompts]
+    rows = datasets.Dataset.from_list([{"prompt": p} for p in prompts])  # TRL 1.x takes a Dataset
     args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_grpo_trl_"), per_device_train_batch_size=shape.micro,
                       gradient_accumulation_steps=shape.rows // shape.minibatches // shape.micro,
                       steps_per_generation=shape.rows // shape.micro, num_generations=shape.samples,

@@ -1,7 +1,7 @@
 """`fusedrl bench`: the parser and the options (torch-free; runner.py does the work).
 
     fusedrl bench kernels | generate | train | rl | all [--quick] [model=NAME|DIR] [seed=N]
-                  [output_dir=DIR] [overwrite=true]
+                  [output_dir=DIR] [overwrite=true] [only=TEXT,...]
     fusedrl bench compare A.json B.json
 
 output_dir=DIR writes DIR/results.json (the schema of results.py), DIR/results.md and PNG charts;
@@ -34,6 +34,7 @@ class BenchOptions:
     seed: int = 0
     output_dir: str | None = None
     overwrite: bool = False
+    only: tuple[str, ...] = ()     # run the cases whose name holds one of these (all: empty)
     quick: bool = False
 
     def __post_init__(self):
@@ -63,6 +64,8 @@ def parse_options(pairs: list[str], quick: bool) -> BenchOptions:
                 values[key] = int(value)
             except ValueError:
                 raise ValueError(f"seed={value}: expected an integer") from None
+        elif key == "only":
+            values[key] = tuple(part for part in value.split(",") if part)
         elif key == "overwrite":
             if value.lower() not in ("true", "false"):
                 raise ValueError(f"overwrite={value}: expected true or false")
@@ -90,7 +93,9 @@ def add_bench_parser(commands, add_debug_flag) -> None:
                             "CPU")
         s.add_argument("overrides", nargs="*", metavar="key=value",
                        help=f"model=NAME|DIR (one of {', '.join(SHAPE_NAMES)}; default "
-                            f"qwen2.5-0.5b), seed=N, output_dir=DIR, overwrite=true")
+                            f"qwen2.5-0.5b), seed=N, output_dir=DIR, overwrite=true, "
+                            f"only=TEXT[,TEXT...] (the cases whose name holds one, e.g. "
+                            f"only=gae,grpo)")
         add_debug_flag(s)
         s.set_defaults(run=run_suite)
     c = suites.add_parser("compare", help="two results.json side by side, as ratios per row",
@@ -108,7 +113,10 @@ def run_suite(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     from .runner import run
-    run(["kernels", "generate", "train", "rl"] if args.suite == "all" else [args.suite], options)
+    command = " ".join(["fusedrl bench", args.suite, *(["--quick"] if args.quick else []),
+                        *args.overrides])
+    run(["kernels", "generate", "train", "rl"] if args.suite == "all" else [args.suite], options,
+        command)
     return 0
 
 

@@ -28,6 +28,10 @@ class Context:
         """bf16 on a GPU; fp32 on the CPU (whose bf16 matmuls are emulated)."""
         return torch.bfloat16 if self.device.type == "cuda" else torch.float32
 
+    def wanted(self, name: str) -> bool:
+        """Whether the case `name` runs (the option only=: a case whose name holds one of them)."""
+        return not self.options.only or any(part in name for part in self.options.only)
+
     def progress(self, items, desc: str):
         """items with a progress bar on stderr (a terminal only, and rank 0 only)."""
         from tqdm.auto import tqdm

@@ -10,12 +10,11 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import subprocess
-import sys
 
 from . import results
 from .command import BenchOptions
 
-PEERS = ("trl", "liger-kernel", "transformers", "triton", "matplotlib")
+PEERS = ("torch", "triton", "transformers", "trl", "liger-kernel", "matplotlib")
 
 
 def _driver() -> str | None:
@@ -37,12 +36,12 @@ def _versions() -> dict:
     return out
 
 
-def run_meta(device, limits, options: BenchOptions, world_size: int) -> dict:
+def run_meta(device, limits, options: BenchOptions, world_size: int, command: str) -> dict:
     """What makes a result comparable: device, driver, limits, versions, commit, command, time."""
     from . import harness
     meta = harness.run_metadata(device)
     meta.update(commit=meta["git_commit"], driver=_driver(), limits=limits.as_dict(),
-                versions=_versions(), command=" ".join(["fusedrl", *sys.argv[1:]]),
+                versions=_versions(), command=command,
                 model=options.model, seed=options.seed, quick=options.quick,
                 world_size=world_size)
     return meta
@@ -73,8 +72,16 @@ def _gather(rows: list[dict], rank: int, world: int) -> list[dict]:
     return [row for part in everyone for row in part]
 
 
-def run(suites: list[str], options: BenchOptions) -> dict:
-    """Run the suites in order; returns the payload (meta and rows)."""
+def suite_backend(suite: str, device) -> str:
+    """The kernel backend a suite's engine runs on: the default ("auto") on a GPU; on the CPU the
+    PyTorch backend, what the engine runs there (the kernels suite names its backends itself: its
+    Triton rows run in the interpreter)."""
+    return "auto" if device.type == "cuda" or suite == "kernels" else "torch"
+
+
+def run(suites: list[str], options: BenchOptions, command: str) -> dict:
+    """Run the suites in order; returns the payload (meta and rows). command: the command line,
+    as the record names it."""
     import torch
     if not torch.cuda.is_available():
         # Triton reads this when the kernels are defined, i.e. at `import fusedrl.kernels`.
@@ -89,13 +96,16 @@ def run(suites: list[str], options: BenchOptions) -> dict:
                           else "cpu")
     limits = device_limits(device, options.quick)
     ctx = Context(device, limits, options, rank, world)
-    payload = {"meta": run_meta(device, limits, options, world), "rows": []}
+    payload = {"meta": run_meta(device, limits, options, world, command), "rows": []}
+    payload["meta"]["backends"] = {suite: suite_backend(suite, device) for suite in suites}
     if rank == 0:
         print(f"fusedrl bench {' '.join(suites)}: {payload['meta']['device']}, limits "
               f"{limits.label}: {limits.flops_per_s / 1e12:.3g} TFLOP/s, "
               f"{limits.bytes_per_s / 1e9:.3g} GB/s", flush=True)
+    from fusedrl.kernels import use_backend
     for suite in suites:
-        payload["rows"] += _gather(runners[suite](ctx), rank, world)
+        with use_backend(suite_backend(suite, device)):
+            payload["rows"] += _gather(runners[suite](ctx), rank, world)
         if rank == 0 and options.output_dir:
             results.write(options.output_dir, payload)
     if rank == 0:

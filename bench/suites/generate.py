@@ -29,6 +29,11 @@ def rows(ctx: Context) -> list[dict]:
     from fusedrl.engine.inference.sampling_params import SamplingParams
 
     shape = types.SimpleNamespace(**(QUICK if ctx.quick else FULL))
+    single = f"batch 1, prompt {shape.prompt_len}, {shape.new_tokens} new"
+    low, high = shape.mixed_lengths
+    mixed = f"mixed: {shape.mixed} requests, lengths uniform in [{low}, {high}]"
+    if not (ctx.wanted(single) or ctx.wanted(mixed)):
+        return []
     device, dtype = ctx.device, ctx.dtype
     model = shapes.model_dir(ctx.options.model, ctx.quick, ctx.options.seed, dtype)
     out = []
@@ -37,29 +42,37 @@ def rows(ctx: Context) -> list[dict]:
                   kv_cache_memory=0.5 if device.type == "cuda" else 256 << 20)
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
         kv_per_token = kv_bytes_per_block(llm.config, dtype, 1)
-        bandwidth = ctx.limits.bytes_per_s
         g = torch.Generator().manual_seed(ctx.options.seed)
         vocab = llm.config.vocab_size
         # Warm-up: Triton compilation and allocator growth stay out of the timings.
         llm.generate(torch.randint(0, vocab, (2, shape.prompt_len), generator=g).tolist(),
                      SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
-        prompts = torch.randint(0, vocab, (1, shape.prompt_len), generator=g).tolist()
-        params = SamplingParams(temperature=0, max_new_tokens=shape.new_tokens, ignore_eos=True)
-        roofline = bench_generate.decode_roofline_tok_s(
-            1, shape.prompt_len + shape.new_tokens / 2, weight_bytes, kv_per_token, bandwidth)
-        name = f"batch 1, prompt {shape.prompt_len}, {shape.new_tokens} new ({model.label})"
-        limit = f"decode roofline, {ctx.limits.label}"
-        total, decode_s, decode_tokens, _ = bench_generate.time_ours(llm, prompts, params)
-        out.append(results.make_row(
-            SUITE, name, "fusedrl", fraction_of_limit=decode_tokens / decode_s / roofline,
-            limit=limit, seconds=total, tok_s=shape.new_tokens / total,
-            decode_tok_s=decode_tokens / decode_s, roofline_tok_s=roofline,
-            weight_bytes=weight_bytes))
-        out.append(hf_row(ctx, model, prompts, shape.new_tokens, name, limit, roofline))
-        out.append(mixed_row(ctx, llm, shape, weight_bytes, kv_per_token, model.label))
+        if ctx.wanted(single):
+            prompts = torch.randint(0, vocab, (1, shape.prompt_len), generator=g).tolist()
+            out += single_rows(ctx, llm, model, prompts, shape.new_tokens, weight_bytes,
+                               kv_per_token, f"{single} ({model.label})")
+        if ctx.wanted(mixed):
+            out.append(mixed_row(ctx, llm, shape, weight_bytes, kv_per_token,
+                                 f"{mixed} ({model.label})"))
     finally:
         model.remove()
     return out
+
+
+def single_rows(ctx: Context, llm, model, prompts, new_tokens: int, weight_bytes: int,
+                kv_per_token: int, name: str) -> list[dict]:
+    """Ours and transformers' at batch 1, against the same roofline."""
+    from fusedrl.engine.inference.sampling_params import SamplingParams
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+    roofline = bench_generate.decode_roofline_tok_s(
+        1, len(prompts[0]) + new_tokens / 2, weight_bytes, kv_per_token, ctx.limits.bytes_per_s)
+    limit = f"decode roofline, {ctx.limits.label}"
+    total, decode_s, decode_tokens, _ = bench_generate.time_ours(llm, prompts, params)
+    ours = results.make_row(
+        SUITE, name, "fusedrl", fraction_of_limit=decode_tokens / decode_s / roofline,
+        limit=limit, seconds=total, tok_s=new_tokens / total,
+        decode_tok_s=decode_tokens / decode_s, roofline_tok_s=roofline, weight_bytes=weight_bytes)
+    return [ours, hf_row(ctx, model, prompts, new_tokens, name, limit, roofline)]
 
 
 def hf_row(ctx: Context, model, prompts, new_tokens: int, name: str, limit: str,
@@ -77,16 +90,14 @@ def hf_row(ctx: Context, model, prompts, new_tokens: int, name: str, limit: str,
                             roofline_tok_s=roofline)
 
 
-def mixed_row(ctx: Context, llm, shape, weight_bytes: int, kv_per_token: int, label: str) -> dict:
-    low, high = shape.mixed_lengths
+def mixed_row(ctx: Context, llm, shape, weight_bytes: int, kv_per_token: int, name: str) -> dict:
     mixed = bench_generate.time_mixed(llm, shape, ctx.device)
     batch = min(shape.mixed, llm.scheduler.max_num_seqs)
     mean_context = (mixed["prompt_tokens"] + mixed["output_tokens"] / 2) / mixed["requests"]
     roofline = bench_generate.decode_roofline_tok_s(batch, mean_context, weight_bytes,
                                                     kv_per_token, ctx.limits.bytes_per_s)
     return results.make_row(
-        SUITE, f"mixed: {mixed['requests']} requests, lengths uniform in [{low}, {high}] ({label})",
-        "fusedrl", fraction_of_limit=mixed["output_tok_s"] / roofline,
+        SUITE, name, "fusedrl", fraction_of_limit=mixed["output_tok_s"] / roofline,
         limit=f"decode roofline at batch {batch}, {ctx.limits.label}", seconds=mixed["seconds"],
         tok_s=mixed["output_tok_s"], output_tokens=mixed["output_tokens"],
         prompt_tokens=mixed["prompt_tokens"], preemptions=mixed["preemptions"],

@@ -112,7 +112,8 @@ def rows(ctx: Context) -> list[dict]:
     skip = {"torch.compile"} if ctx.quick and ctx.device.type == "cpu" else set()
     limits = ctx.limits
     out = []
-    for case in ctx.progress(kernel_cases(ctx.quick), "kernels"):
+    cases = [case for case in kernel_cases(ctx.quick) if ctx.wanted(case_name(case))]
+    for case in ctx.progress(cases, "kernels"):
         measured = bench_kernels.measure(case, ctx.device, limits.bytes_per_s / 1e9,
                                          limits.flops_per_s / 1e12, skip, budget, reps,
                                          host_calls)
@@ -121,4 +122,4 @@ def rows(ctx: Context) -> list[dict]:
                                     "(compiling takes longer than the quick suite)",
                                     case_limit(ctx, case))
                 for impl in skip if impl in case.impls]
-    return out + grpo_loss_rows(ctx)
+    return out + (grpo_loss_rows(ctx) if ctx.wanted("grpo_loss") else [])

@@ -99,11 +99,14 @@ def rows(ctx: Context) -> list[dict]:
     """A GRPO and a PPO iteration, ours then the peer, on one random-init checkpoint (and for PPO
     a reward model of the same architecture and shape)."""
     import torch
+    algos = [algo for algo in ("grpo", "ppo") if ctx.wanted(f"{algo} iteration")]
+    if not algos:
+        return []
     policy = shapes.model_dir(ctx.options.model, ctx.quick, ctx.options.seed, torch.float32)
     reward = None
     out = []
     try:
-        for algo in ctx.progress(("grpo", "ppo"), "rl"):
+        for algo in ctx.progress(algos, "rl"):
             shape = _shape(algo, ctx.quick)
             if algo == "ppo" and reward is None:
                 import transformers

@@ -50,18 +50,23 @@ def flops_per_token(lm, seq_len: int) -> float:
 def rows(ctx: Context) -> list[dict]:
     from fusedrl.engine.train.fused_adamw import FusedAdamW
     tokens_list, seq_len = ([128], 64) if ctx.quick else ([1024, 4096, 16384], 256)
+    label = f"{ctx.options.model}{' tiny' if ctx.quick else ''}"
+    cases = {tokens: f"{tokens} tokens, sequences of {min(seq_len, tokens)} ({label})"
+             for tokens in tokens_list}
+    cases = {tokens: name for tokens, name in cases.items() if ctx.wanted(name)}
+    if not cases:
+        return []
     lm = engine_model(ctx)
     optimizer = FusedAdamW(list(lm.parameters()), lr=1e-5)
     out = []
-    for tokens in ctx.progress(tokens_list, "train"):
+    for tokens, name in ctx.progress(cases.items(), "train"):
         step = bench_train_step.measure_step(lm, optimizer, tokens, seq_len, ctx.device,
                                              budget_s=0.5 if ctx.quick else 5.0)
         seconds = (step["fwd_bwd_ms"] + step["optimizer_step_ms"]) / 1e3
         flops = flops_per_token(lm, min(seq_len, tokens)) * tokens
         out.append(results.make_row(
-            SUITE, f"{tokens} tokens, sequences of {min(seq_len, tokens)} ({ctx.options.model}"
-                   f"{' tiny' if ctx.quick else ''})", "fusedrl",
-            fraction_of_limit=ctx.flops_fraction(flops / seconds), limit=f"MFU, {ctx.flops_limit}",
-            seconds=seconds, tokens_per_s=tokens / seconds, fwd_bwd_ms=step["fwd_bwd_ms"],
-            optimizer_step_ms=step["optimizer_step_ms"], model_flops=flops))
+            SUITE, name, "fusedrl", fraction_of_limit=ctx.flops_fraction(flops / seconds),
+            limit=f"MFU, {ctx.flops_limit}", seconds=seconds, tokens_per_s=tokens / seconds,
+            fwd_bwd_ms=step["fwd_bwd_ms"], optimizer_step_ms=step["optimizer_step_ms"],
+            model_flops=flops))
     return out
