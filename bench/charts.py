@@ -13,14 +13,16 @@ def _measured(rows: list[dict]) -> list[dict]:
 
 
 def _label(row: dict) -> str:
-    return f"{row['suite']}: {row['name']} [{row['impl']}]"
+    """The row's suite, case and implementation; the model's label (in parentheses) left to the
+    table."""
+    return f"{row['suite']}: {row['name'].split(' (')[0]} [{row['impl']}]"
 
 
 def fraction_chart(plt, rows: list[dict]):
     rows = [r for r in _measured(rows) if r.get("fraction_of_limit") is not None]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(10, 0.3 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(13, 0.3 * len(rows) + 1.5))
     ax.barh([_label(r) for r in rows], [r["fraction_of_limit"] for r in rows])
     ax.set_xlabel("fraction of the device's limit (see each row's `limit`)")
     ax.invert_yaxis()
@@ -33,14 +35,14 @@ def phases_chart(plt, rows: list[dict]):
             and any(f"time_{p}" in r for p in PHASES)]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(13, 0.5 * len(rows) + 1.5))
     left = [0.0] * len(rows)
     for phase in PHASES:
         widths = [r.get(f"time_{phase}") or 0.0 for r in rows]
         ax.barh([_label(r) for r in rows], widths, left=left, label=phase)
         left = [a + b for a, b in zip(left, widths)]
     ax.set_xlabel("seconds per iteration")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.invert_yaxis()
     return fig
 
@@ -51,12 +53,12 @@ def peers_chart(plt, rows: list[dict]):
     for r in _measured(rows):
         if r.get("seconds"):
             cases.setdefault((r["suite"], r["name"]), {})[r["impl"]] = r["seconds"]
-    bars = [(f"{suite}: {name} [{impl}]", s / impls["fusedrl"])
+    bars = [(f"{suite}: {name.split(' (')[0]} [{impl}]", s / impls["fusedrl"])
             for (suite, name), impls in cases.items() if "fusedrl" in impls and len(impls) > 1
             for impl, s in impls.items()]
     if not bars:
         return None
-    fig, ax = plt.subplots(figsize=(10, 0.3 * len(bars) + 1.5))
+    fig, ax = plt.subplots(figsize=(13, 0.3 * len(bars) + 1.5))
     ax.barh([b[0] for b in bars], [b[1] for b in bars])
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")

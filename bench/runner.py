@@ -23,7 +23,8 @@ def _driver() -> str | None:
                              capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    return lines[0] if lines else None
 
 
 def _versions() -> dict:

@@ -3,10 +3,10 @@ transformers' `generate` on the same checkpoint), then the mixed workload (ours:
 prompt and output lengths are uniform in [100, 1024], all submitted at once, temperature 0.6), every
 output exactly its length (end-of-sequence ignored).
 
-fraction_of_limit is the decode tokens/s over the decode roofline: a step reads every weight once and
-each sequence's KV at the device's bandwidth. For the mixed workload the roofline is taken at the
-batch the engine holds (every request, up to max_num_seqs) and the mean context (mean prompt + half
-the mean output), and the output tokens/s include the prefills: a bound, not a target.
+fraction_of_limit is the decode tokens/s over the decode roofline: a step reads every weight once
+and each sequence's KV at the device's bandwidth. For the mixed workload the roofline is taken at
+the batch the engine holds (every request, up to max_num_seqs) and the mean context (mean prompt +
+half the mean output), and the output tokens/s include the prefills: a bound, not a target.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 two; the first warms up) of ours, time per phase (generate, score, reference and old log-probs,
 train: the update with its optimizer steps), tokens/s per GPU, the weight-sync time (the actor's
 `whole_weights()` measured after the update, and whether the generator reads the policy's own
-storage), and the peak memory beside `fusedrl plan`'s prediction for the same config. The peers on the
-same checkpoint and prompts where installed: TRL 1.x's GRPOTrainer, and for PPO trl 0.29's
+storage), and the peak memory beside `fusedrl plan`'s prediction for the same config. The peers on
+the same checkpoint and prompts where installed: TRL 1.x's GRPOTrainer, and for PPO trl 0.29's
 `trl.experimental.ppo` (TRL 1.x ships no PPO trainer); a missing one's row says so.
 
 Measured peak: torch.cuda.max_memory_allocated over the measured iteration on a GPU; on the CPU the
@@ -45,7 +45,7 @@ def _name(algo: str, shape: bench_ppo.Shape, label: str) -> str:
 def ours_row(ctx: Context, algo: str, shape, name: str, r: dict) -> dict:
     tokens = shape.rows * (shape.prompt_len + shape.new_tokens)
     flops = 2 * r["policy_parameters"] * tokens * PASSES[algo]
-    per_gpu = r["response_tokens"] / r["iteration_s"] / ctx.world_size
+    per_gpu = r["response_tokens"] / r["iteration_s"]  # this rank's rows on its GPU
     peak = {"peak_gib": r["peak_gib"]} if r.get("peak_gib") is not None else {
         "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     return results.make_row(

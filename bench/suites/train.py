@@ -1,11 +1,11 @@
 """The train suite, with bench_train_step.py's measuring code: one micro-batch's forward, fused LM
 head log-probs and backward, then the optimizer step (FusedAdamW, clipped), on the engine's model of
-the named shape (random weights; a local directory's config.json gives the shape, its weights are not
-read: the cost does not depend on them).
+the named shape (random weights; a local directory's config.json gives the shape, its weights are
+not read: the cost does not depend on them).
 
 MFU (the fraction_of_limit): model FLOPs per second over the device's FLOP/s, the model FLOPs being
-6 per matmul weight per token (forward 2, backward 4; the LM head included, the embedding lookup not)
-plus causal attention's 6 x 2 x layers x (sequence / 2) x query width per token.
+6 per matmul weight per token (forward 2, backward 4; the LM head included, the embedding lookup
+not) plus causal attention's 6 x 2 x layers x (sequence / 2) x query width per token.
 """
 from __future__ import annotations
 
