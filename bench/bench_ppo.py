@@ -26,7 +26,9 @@ minibatches of micro-batches of `micro` rows (the same rows per forward on both 
 
 `--algo grpo`: one GRPO iteration instead (critic-free, 8 samples per prompt by default, a verifiable
 reward function of the token ids, `even_token_share`, the KL to the reference as a loss term with
-coefficient 0.001 on both sides), against TRL's `GRPOTrainer` (trl 0.29.1, no vLLM: HF `generate`).
+coefficient 0.001 on both sides), against TRL's `GRPOTrainer` (no vLLM: HF `generate`): TRL 1.x's,
+its fused head on by default, where TRL 1.x comes first on the path (.ci-trl, .whl/trl1: the peer
+`fusedrl bench rl` asks for); the test extra's trl 0.29.1 runs the same trainer otherwise.
 Both sides get a word-level tokenizer whose token i reads `t<i>`, so prompts go in and completions
 come out as the same ids on both sides and the reward function reads them back from the text. TRL
 generates the whole batch once and takes `minibatches` optimizer steps over it (its

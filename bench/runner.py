@@ -49,16 +49,16 @@ def run_meta(device, limits, options: BenchOptions, world_size: int, command: st
 
 
 def _distributed() -> tuple[int, int]:
-    """(rank, world size) under torchrun, a process group started; (0, 1) otherwise."""
+    """(rank, world size): under torchrun the engine's process group joined (gloo on the CPU; NCCL
+    for CUDA tensors, gloo for objects on GPUs) and this rank's GPU set; (0, 1) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     import torch
     import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+    from fusedrl.engine.parallel.distributed import init_distributed
+    init_distributed("cuda" if torch.cuda.is_available() else "cpu", timeout_s=1800)
     return dist.get_rank(), world
 
 
