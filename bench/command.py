@@ -108,6 +108,11 @@ def add_bench_parser(commands, add_debug_flag) -> None:
 
 def run_suite(args) -> int:
     from fusedrl.engine.errors import UsageError
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # timed loops repeat until a time budget is spent: a count per rank
+        raise UsageError(f"WORLD_SIZE={world}: fusedrl bench runs in one process on one "
+                         f"device (its timed loops would issue unmatched collectives across "
+                         f"ranks); run it without torchrun")
     try:
         options = parse_options(args.overrides, args.quick)
     except ValueError as e:

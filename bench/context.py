@@ -16,8 +16,6 @@ class Context:
     device: torch.device
     limits: Limits
     options: BenchOptions
-    rank: int = 0
-    world_size: int = 1
 
     @property
     def quick(self) -> bool:
@@ -33,10 +31,9 @@ class Context:
         return not self.options.only or any(part in name for part in self.options.only)
 
     def progress(self, items, desc: str):
-        """items with a progress bar on stderr (a terminal only, and rank 0 only)."""
+        """items with a progress bar on stderr (where it is a terminal)."""
         from tqdm.auto import tqdm
-        return tqdm(list(items), desc=desc, disable=None if self.rank == 0 else True,
-                    leave=False)
+        return tqdm(list(items), desc=desc, disable=None, leave=False)
 
     def bandwidth_fraction(self, bytes_per_s: float) -> float:
         return bytes_per_s / self.limits.bytes_per_s

@@ -1,9 +1,7 @@
 """A `fusedrl bench` run: the device and its limits, each suite's rows, the meta record, the table
 printed and (with output_dir) results.json, results.md and the charts written after each suite, so a
 run cut short leaves what it measured.
-
-Under torchrun every rank runs the suites on its own GPU (the rl and train rows are then per-GPU
-figures of one rank's work) and rank 0 writes the results, each row's `rank` saying whose it is.
+One process, one device (command.py refuses torchrun).
 """
 from __future__ import annotations
 
@@ -37,40 +35,14 @@ def _versions() -> dict:
     return out
 
 
-def run_meta(device, limits, options: BenchOptions, world_size: int, command: str) -> dict:
+def run_meta(device, limits, options: BenchOptions, command: str) -> dict:
     """What makes a result comparable: device, driver, limits, versions, commit, command, time."""
     from . import harness
     meta = harness.run_metadata(device)
     meta.update(commit=meta["git_commit"], driver=_driver(), limits=limits.as_dict(),
                 versions=_versions(), command=command,
-                model=options.model, seed=options.seed, quick=options.quick,
-                world_size=world_size)
+                model=options.model, seed=options.seed, quick=options.quick)
     return meta
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size): under torchrun the engine's process group joined (gloo on the CPU; NCCL
-    for CUDA tensors, gloo for objects on GPUs) and this rank's GPU set; (0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    from fusedrl.engine.parallel.distributed import init_distributed
-    init_distributed("cuda" if torch.cuda.is_available() else "cpu", timeout_s=1800)
-    return dist.get_rank(), world
-
-
-def _gather(rows: list[dict], rank: int, world: int) -> list[dict]:
-    if world == 1:
-        return rows
-    import torch.distributed as dist
-    for row in rows:
-        row["rank"] = rank
-    everyone = [None] * world
-    dist.all_gather_object(everyone, rows)
-    return [row for part in everyone for row in part]
 
 
 def suite_backend(suite: str, device) -> str:
@@ -92,25 +64,22 @@ def run(suites: list[str], options: BenchOptions, command: str) -> dict:
     from .suites import generate, kernels, rl, train
     runners = {"kernels": kernels.rows, "generate": generate.rows, "train": train.rows,
                "rl": rl.rows}
-    rank, world = _distributed()
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
                           else "cpu")
     limits = device_limits(device, options.quick)
-    ctx = Context(device, limits, options, rank, world)
-    payload = {"meta": run_meta(device, limits, options, world, command), "rows": []}
+    ctx = Context(device, limits, options)
+    payload = {"meta": run_meta(device, limits, options, command), "rows": []}
     payload["meta"]["backends"] = {suite: suite_backend(suite, device) for suite in suites}
-    if rank == 0:
-        print(f"fusedrl bench {' '.join(suites)}: {payload['meta']['device']}, limits "
-              f"{limits.label}: {limits.flops_per_s / 1e12:.3g} TFLOP/s, "
-              f"{limits.bytes_per_s / 1e9:.3g} GB/s", flush=True)
+    print(f"fusedrl bench {' '.join(suites)}: {payload['meta']['device']}, limits "
+          f"{limits.label}: {limits.flops_per_s / 1e12:.3g} TFLOP/s, "
+          f"{limits.bytes_per_s / 1e9:.3g} GB/s", flush=True)
     from fusedrl.kernels import use_backend
     for suite in suites:
         with use_backend(suite_backend(suite, device)):
-            payload["rows"] += _gather(runners[suite](ctx), rank, world)
-        if rank == 0 and options.output_dir:
-            results.write(options.output_dir, payload)
-    if rank == 0:
-        print(results.markdown(payload))
+            payload["rows"] += runners[suite](ctx)
         if options.output_dir:
-            print(f"results: {os.path.join(options.output_dir, 'results.json')}")
+            results.write(options.output_dir, payload)
+    print(results.markdown(payload))
+    if options.output_dir:
+        print(f"results: {os.path.join(options.output_dir, 'results.json')}")
     return payload

@@ -45,7 +45,7 @@ def _name(algo: str, shape: bench_ppo.Shape, label: str) -> str:
 def ours_row(ctx: Context, algo: str, shape, name: str, r: dict) -> dict:
     tokens = shape.rows * (shape.prompt_len + shape.new_tokens)
     flops = 2 * r["policy_parameters"] * tokens * PASSES[algo]
-    per_gpu = r["response_tokens"] / r["iteration_s"]  # this rank's rows on its GPU
+    per_gpu = r["response_tokens"] / r["iteration_s"]  # one process on one GPU
     peak = {"peak_gib": r["peak_gib"]} if r.get("peak_gib") is not None else {
         "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     return results.make_row(

@@ -76,7 +76,7 @@ def test_compare_prints_each_shared_figure_as_a_ratio(quick_run, tmp_path, capsy
     assert main(["bench", "compare", str(quick_run / "results.md"), str(tmp_path / "b.json")]) == 2
 
 
-def test_bad_options_are_one_line_errors(tmp_path, capsys):
+def test_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch):
     (tmp_path / "results.json").write_text("{}")
     for argv, expected in (
             (["kernels", "speed=fast"], "'speed=fast': expected key=value with key one of"),
@@ -86,6 +86,9 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
         assert main(["bench", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"fusedrl bench: ") and expected in err and "\n" not in err, err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused before anything runs
+    assert main(["bench", "train", "--quick"]) == 2
+    assert "WORLD_SIZE=2: fusedrl bench runs in one process" in capsys.readouterr().err
 
 
 def test_the_device_table_names_each_datacenter_gpu_and_nothing_else():
