@@ -27,6 +27,7 @@ def kernel_cases(quick: bool) -> list:
         return bench_kernels.all_cases(False)
     return (bench_kernels.token_logprobs_cases(16, 256, torch.float32)
             + bench_kernels.linear_token_logprobs_cases(16, 32, 256, torch.float32)
+            + bench_kernels.model_op_cases(16, 64, (4, 2), 16, torch.float32)
             + bench_kernels.rl_cases(4, 64))
 
 
