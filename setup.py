@@ -1,6 +1,7 @@
-"""Packaging for fusedrl: the import packages `fusedrl.kernels` (folder kernels/) and
-`fusedrl.engine` (folder engine/), the `fusedrl` command, and the optional CUDA extension
-`fusedrl.kernels._C` (csrc/). `fusedrl` itself is a namespace package: it has no folder of its own.
+"""Packaging for fusedrl: the import packages `fusedrl.kernels` (folder kernels/),
+`fusedrl.engine` (folder engine/) and `fusedrl.bench` (folder bench/: `fusedrl bench`), the
+`fusedrl` command, and the optional CUDA extension `fusedrl.kernels._C` (csrc/). `fusedrl` itself
+is a namespace package: it has no folder of its own.
 
 torch is deliberately not a build requirement: pip's isolated build environment would otherwise
 download a multi-gigabyte CUDA build just to run this file. Install torch first (see README.md).
@@ -27,7 +28,7 @@ from setuptools import find_packages, setup
 
 EXTENSION = "fusedrl.kernels._C"
 # Import name -> folder in this repository (the folders keep their short names).
-PACKAGE_ROOTS = {"fusedrl.kernels": "kernels", "fusedrl.engine": "engine"}
+PACKAGE_ROOTS = {"fusedrl.kernels": "kernels", "fusedrl.engine": "engine", "fusedrl.bench": "bench"}
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
@@ -142,8 +143,9 @@ def main() -> None:
             # suite runs that comparison on a tiny model. requests: trl's GRPOTrainer imports it
             # (bench_ppo.py --algo grpo) without declaring it. peft: the LoRA files are tested against it.
             # pytest-xdist: the test command runs the suite on both cores of a CI machine (-n 2).
+            # setuptools and wheel: the wheel's test builds it without build isolation.
             "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "tensorboard>=2.14", "trl==0.29.1",
-                     "requests", "peft>=0.17"],
+                     "requests", "peft>=0.17", "setuptools>=64", "wheel"],
             "bench": ["pytest-benchmark>=4", "trl==0.29.1", "requests", "peft>=0.17"],
             # train.report_to=tensorboard (torch.utils.tensorboard writes the events), wandb,
             # mlflow: each tracker through its own library (docs/runs.md).

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import harness
+from fusedrl.bench import harness
 from fusedrl.kernels.attention import AttentionMetadata, paths
 from fusedrl.kernels.attention.padded import packed_causal_attention, paged_prefill_attention
 

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-import harness
-from bench_generate import build_model_dir, time_ours
+from fusedrl.bench import harness
+from fusedrl.bench.bench_generate import build_model_dir, time_ours
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.hf_io import load_model

@@ -25,17 +25,12 @@ from pathlib import Path
 import torch
 import transformers
 
-import harness
+from fusedrl.bench import harness
+from fusedrl.bench.shapes import QWEN25_05B, QWEN3_06B
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.runner import kv_bytes_per_block
 
-QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-                  rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6, eos_token_id=151643)
-QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
-                 rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6, eos_token_id=151645)
 # --model: (transformers config class, shape, name in the report)
 MODELS = {"qwen2.5-0.5b": (transformers.Qwen2Config, QWEN25_05B, "Qwen2.5-0.5B shape (random init)"),
           "qwen3-0.6b": (transformers.Qwen3Config, QWEN3_06B, "Qwen3-0.6B shape (random init)")}
@@ -92,6 +87,13 @@ def time_ours(llm: LLM, prompts, params):
     assert all(len(o.outputs[0].token_ids) == params.max_new_tokens for o in outputs)
     decode = [(dt, b) for is_prefill, dt, b in steps if not is_prefill]
     return total, sum(dt for dt, _ in decode), sum(b for _, b in decode), outputs
+
+
+def decode_roofline_tok_s(batch: int, mean_context: float, weight_bytes: int, kv_bytes_per_token: int,
+                          bandwidth: float) -> float:
+    """Decode tokens/s at the memory roofline: a step reads every weight once and the KV of each
+    of `batch` sequences' context (`mean_context` tokens), at `bandwidth` bytes/s."""
+    return batch * bandwidth / (weight_bytes + batch * mean_context * kv_bytes_per_token)
 
 
 def time_hf(hf, prompts, new_tokens, device):
@@ -159,10 +161,8 @@ def main(argv=None):
         prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
         total, decode_s, decode_tokens, _ = time_ours(llm, prompts, params)
         ours = batch * args.new_tokens / total
-        # Decode steps read every weight once and the KV of each sequence's context (mean length).
-        mean_context = args.prompt_len + args.new_tokens / 2
-        step_bytes = weight_bytes + batch * mean_context * kv_bytes_per_token
-        roofline = batch * bandwidth / step_bytes
+        roofline = decode_roofline_tok_s(batch, args.prompt_len + args.new_tokens / 2, weight_bytes,
+                                         kv_bytes_per_token, bandwidth)
         decode = decode_tokens / decode_s
         row = dict(batch=batch, ours_tok_s=ours, decode_tok_s=decode, roofline_tok_s=roofline,
                    decode_vs_roofline=decode / roofline)

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fusedrl.bench import harness
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import harness  # noqa: E402
 
 VARIANTS = ("torch", "fusedrl", "liger", "trl_head")
 BETA, EPS, ROWS_PER_SEQ = 0.04, 0.2, 512

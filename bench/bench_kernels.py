@@ -9,7 +9,8 @@ the same run, for the compute-bound linear_token_logprobs the three-GEMM floor a
 rate measured in the same run and the fraction of it reached, peak extra memory (GPU), speed-up over eager, and for the small RL ops the host
 microseconds per call (calls issued back to back, harness.host_us) and the kernels launched and host
 syncs per call (counted as in bench/launch_count.py: Triton launches, aten kernels, a custom op as one;
-torch.compile's own kernels are not seen, so its rows have none). The RL ops run at 256 x 2048 and
+torch.compile's own kernels are not seen, so its rows have none). The decoder's ops (RMSNorm with the residual add, RoPE, SiLU(gate) * up) run at 16384 rows of the
+Qwen2.5-0.5B shape. The RL ops run at 256 x 2048 and
 1024 x 4096 (host-bound) and 8192 x 2048 (bandwidth-bound). Printed as a table, saved as JSON.
 
     python bench/bench_kernels.py                 # headline GPU shapes (e.g. 16384 x 151936 bf16)
@@ -28,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-import harness
+from fusedrl.bench import harness
 
 if not torch.cuda.is_available():
     # Triton reads this when the kernels are defined, i.e. at `import fusedrl.kernels`.
@@ -36,7 +37,7 @@ if not torch.cuda.is_available():
 
 import fusedrl.kernels as kernels
 from fusedrl.kernels import cuda_ext, reference, use_backend
-from launch_count import LaunchCounter
+from fusedrl.bench.launch_count import LaunchCounter
 
 Thunk = Callable[[], object]
 
@@ -229,12 +230,54 @@ def rl_cases(batch: int, steps: int) -> list[Case]:
     ]
 
 
+def model_op_cases(n_rows: int, hidden: int, heads: tuple[int, int], head_dim: int,
+                   dtype: torch.dtype) -> list[Case]:
+    """The decoder's fused ops: RMSNorm with the residual add, RoPE on q and k, SwiGLU's SiLU(gate)
+    * up; forward (decode, scoring) and forward + backward (training)."""
+    element, q_heads, kv_heads = torch.finfo(dtype).bits // 8, *heads
+    name = str(dtype).removeprefix("torch.")
+
+    def norm_inputs(device):
+        return {"x": torch.randn(n_rows, hidden, device=device, dtype=dtype),
+                "residual": torch.randn(n_rows, hidden, device=device, dtype=dtype),
+                "weight": torch.rand(hidden, device=device, dtype=dtype) + 0.5}
+
+    def rope_inputs(device):
+        angles = torch.rand(n_rows, head_dim, device=device) * 6.28
+        return {"q": torch.randn(n_rows, q_heads, head_dim, device=device, dtype=dtype),
+                "k": torch.randn(n_rows, kv_heads, head_dim, device=device, dtype=dtype),
+                "cos": angles.cos().to(dtype), "sin": angles.sin().to(dtype)}
+
+    def swiglu_inputs(device):
+        return {"gate_up": torch.randn(n_rows, 2 * hidden, device=device, dtype=dtype)}
+
+    norm = lambda fn: lambda x, residual, weight: fn(x, weight, 1e-6, residual)  # noqa: E731
+    ops = (  # (op, inputs, wrap, ours, reference, grads, bytes of the forward per row)
+        ("rms_norm", norm_inputs, norm, kernels.rms_norm, reference.rms_norm, ("x", "residual"),
+         4 * hidden * element),  # x, residual in; y, x + residual out
+        ("rope", rope_inputs, lambda fn: fn, kernels.rope, reference.rope, ("q", "k"),
+         2 * (q_heads + kv_heads) * head_dim * element + 2 * head_dim * element),
+        ("silu_mul", swiglu_inputs, lambda fn: fn, kernels.silu_mul, reference.silu_mul,
+         ("gate_up",), 3 * hidden * element))
+    cases = []
+    for op, make, wrap, public, ref, grads, row_bytes in ops:
+        shape = f"{n_rows}x{hidden} {name}" if op != "rope" else \
+            f"{n_rows}x({q_heads}+{kv_heads})x{head_dim} {name}"
+        for mode, build, passes in (("fwd", forward_only, 1),
+                                    ("fwd+bwd", lambda f, g=grads: forward_backward(f, g), 3)):
+            impls = {**ours(build, wrap(public)), "eager": build(wrap(ref)),
+                     "torch.compile": build(compiled(wrap(ref)))}
+            cases.append(Case(op, mode, shape, passes * n_rows * row_bytes, make, impls))
+    return cases
+
+
 def all_cases(quick: bool) -> list[Case]:
     if quick:
         return (token_logprobs_cases(64, 1000, torch.float32)
                 + linear_token_logprobs_cases(64, 32, 1000, torch.float32)
                 + rl_cases(8, 128))
     return (token_logprobs_cases(16384, 151936, torch.bfloat16)
+            + model_op_cases(16384, 896, (14, 2), 64, torch.bfloat16)
             + token_logprobs_cases(4096, 32000, torch.bfloat16)
             + linear_token_logprobs_cases(4096, 896, 151936, torch.bfloat16)
             + linear_token_logprobs_cases(16384, 896, 151936, torch.bfloat16)
@@ -249,7 +292,9 @@ def launches_per_call(thunk: Thunk) -> tuple[int, int]:
 
 
 def measure(case: Case, device: torch.device, copy_gbps: float, matmul_tflops: float, skip: set[str],
-            budget_s: float, min_reps: int = 3) -> list[dict]:
+            budget_s: float, min_reps: int = 3, host_calls: int | None = None) -> list[dict]:
+    """Each implementation of `case` not in `skip`: its rows (time, bandwidth or floor, peak memory,
+    host microseconds over `host_calls` calls (default 50 on a GPU, 5 on the CPU) and launches)."""
     inputs = case.make_inputs(device)
     rows = []
     for name, build in case.impls.items():
@@ -262,7 +307,8 @@ def measure(case: Case, device: torch.device, copy_gbps: float, matmul_tflops: f
             row["peak_extra_mib"] = (lambda b: None if b is None else b / 2**20)(
                 harness.peak_extra_bytes(thunk, device))
             if case.host_bound:
-                row["host_us"] = harness.host_us(thunk, device, calls=50 if device.type == "cuda" else 5)
+                calls = host_calls or (50 if device.type == "cuda" else 5)
+                row["host_us"] = harness.host_us(thunk, device, calls=calls)
                 if name != "torch.compile":
                     row["launches"], row["host_syncs"] = launches_per_call(thunk)
         except Exception as error:  # a baseline that cannot run here is reported, not fatal

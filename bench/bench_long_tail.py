@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-import harness
+from fusedrl.bench import harness
 from fusedrl.engine.inference.block_manager import BlockManager
 from fusedrl.engine.inference.request import Request
 from fusedrl.engine.inference.sampling_params import SamplingParams

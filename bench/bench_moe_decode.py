@@ -14,8 +14,8 @@ import argparse
 import torch
 import transformers
 
-import harness
-from bench_generate import time_ours
+from fusedrl.bench import harness
+from fusedrl.bench.bench_generate import time_ours
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM

@@ -26,7 +26,9 @@ minibatches of micro-batches of `micro` rows (the same rows per forward on both 
 
 `--algo grpo`: one GRPO iteration instead (critic-free, 8 samples per prompt by default, a verifiable
 reward function of the token ids, `even_token_share`, the KL to the reference as a loss term with
-coefficient 0.001 on both sides), against TRL's `GRPOTrainer` (trl 0.29.1, no vLLM: HF `generate`).
+coefficient 0.001 on both sides), against TRL's `GRPOTrainer` (no vLLM: HF `generate`): TRL 1.x's,
+its fused head on by default, where TRL 1.x comes first on the path (.ci-trl, .whl/trl1: the peer
+`fusedrl bench rl` asks for); the test extra's trl 0.29.1 runs the same trainer otherwise.
 Both sides get a word-level tokenizer whose token i reads `t<i>`, so prompts go in and completions
 come out as the same ids on both sides and the reward function reads them back from the text. TRL
 generates the whole batch once and takes `minibatches` optimizer steps over it (its
@@ -36,7 +38,7 @@ generates the whole batch once and takes `minibatches` optimizer steps over it (
 two more sides: `ours_lora` (no reference model: the policy with its adapters off) and `trl_lora`
 (TRL's trainer with a PEFT `LoraConfig`, its reference the adapters disabled too). The comparison
 adds the LoRA run's peak memory and iteration time over full fine-tuning's (`ours_lora` / `ours`)
-and the speedup over TRL with PEFT. peft must be installed for `trl_lora` (bench/peer_wheels.sh).
+and the speedup over TRL with PEFT. peft must be installed for `trl_lora` (tests/tools/peer_wheels.sh).
 
 Each side runs in its own process (so each peak is its own) for two iterations: the first warms up,
 the second is measured. Peak memory is `torch.cuda.max_memory_allocated` over the measured
@@ -57,6 +59,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -69,9 +72,9 @@ from pathlib import Path
 import torch
 import transformers
 
-import harness
-from bench_generate import QWEN25_05B, TINY
-from bench_sft import build_model_dir
+from fusedrl.bench import harness
+from fusedrl.bench.bench_generate import QWEN25_05B, TINY
+from fusedrl.bench.bench_sft import build_model_dir
 
 PAD_ID = 0   # prompts are drawn from ids >= 10, so neither pad nor EOS appears in them
 COLUMNS = [("side", "side"), ("iteration_s", "iteration s"), ("time_generate", "generate s"),
@@ -120,7 +123,7 @@ def parse_args(argv=None):
     p.add_argument("--algo", choices=["ppo", "grpo"], default="ppo",
                    help="ppo: against TRL's PPOTrainer; grpo: critic-free, against TRL's GRPOTrainer")
     p.add_argument("--sides", nargs="+", choices=SIDES,
-                   help="default: ours and trl when trl is installed (bench/peer_wheels.sh on the GPU machine), "
+                   help="default: ours and trl when trl is installed (tests/tools/peer_wheels.sh on the GPU machine), "
                         "else ours; with --lora also their _lora sides")
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="rank of the LoRA sides ours_lora and trl_lora (0: none)")
@@ -140,7 +143,7 @@ def parse_args(argv=None):
     if args.sides is None:
         args.sides = ["ours", "trl"] if importlib.util.find_spec("trl") else ["ours"]
         if args.sides == ["ours"]:
-            print("trl is not installed (pip install trl==0.29.1, or carry bench/peer_wheels.sh's .whl): ours only")
+            print("trl is not installed (pip install trl==0.29.1, or carry tests/tools/peer_wheels.sh's .whl): ours only")
         args.sides += [f"{side}_lora" for side in args.sides] if args.lora else []
     if any(side.endswith("_lora") for side in args.sides) and args.lora < 1:
         p.error(f"the sides {args.sides} include LoRA ones: give --lora RANK (>= 1)")
@@ -153,12 +156,14 @@ def parse_args(argv=None):
     return args
 
 
-def build_reward_model_dir(quick: bool) -> Path:
-    """A random-init Qwen2 reward model (one-label sequence classification, fp32) on disk."""
-    config = transformers.Qwen2Config(**(TINY if quick else QWEN25_05B), num_labels=1, pad_token_id=PAD_ID)
+def build_reward_model_dir(quick: bool, config=None) -> Path:
+    """A random-init reward model (one-label sequence classification, fp32) on disk: of `config`'s
+    architecture and shape (a transformers config), else Qwen2 at the benchmark's shape."""
+    config = config or transformers.Qwen2Config(**(TINY if quick else QWEN25_05B))
+    config.num_labels, config.pad_token_id = 1, PAD_ID
     torch.manual_seed(1)
     path = Path(tempfile.mkdtemp(prefix="bench_ppo_rm_"))
-    transformers.Qwen2ForSequenceClassification(config).save_pretrained(path)
+    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
     return path
 
 
@@ -259,7 +264,34 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
             ppo_update(models, opts, rollout, UpdateSettings.of(cfg), seed=iteration)
     clock.mark()
     return {**clock.result(), "response_tokens": int(rollout.mask.sum()), **timer.metrics(),
-            "kv_pool_gib": models.actor.kv_pool_bytes / 2**30}
+            "kv_pool_gib": models.actor.kv_pool_bytes / 2**30, **weight_sync(models.actor, device),
+            "policy_parameters": sum(p.numel() for p in models.policy.parameters()),
+            "plan_peak_gib": planned_peak_bytes(cfg, device) / 2**30}
+
+
+def weight_sync(actor, device: torch.device) -> dict:
+    """What making the trained weights the generator's costs, measured after the update: the time
+    of the actor's `whole_weights()` (the step every rollout runs in: a gather under FSDP, a refill
+    of persistent buffers, nothing on one process), and whether the generator's parameters are the
+    policy's own storage (no copy made)."""
+    harness.synchronize(device)
+    start = time.perf_counter()
+    with actor.whole_weights():
+        harness.synchronize(device)
+    seconds = time.perf_counter() - start
+    shared = all(a.data_ptr() == b.data_ptr() for a, b in
+                 zip(actor.llm.model.parameters(), actor.policy.parameters()))
+    return {"weight_sync_s": seconds, "weights_shared": shared}
+
+
+def planned_peak_bytes(cfg, device: torch.device) -> int:
+    """`fusedrl plan`'s per-device peak for this run's config on one device of this one's memory."""
+    from fusedrl.engine.plan.planner import plan_stage
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return plan_stage(cfg, 1, memory, device=device.type, advise=False).peak
 
 
 def peft_config(lora: int):
@@ -273,6 +305,7 @@ def peft_config(lora: int):
 def run_trl_grpo(shape: Shape, policy_dir: Path, device: torch.device, lora: int) -> dict:
     """TRL's GRPOTrainer on the same policy and prompts: one generation of all rows per iteration,
     `minibatches` optimizer steps of `micro`-row micro-batches over it."""
+    import datasets
     import trl
     from trl import GRPOConfig, GRPOTrainer
 
@@ -301,7 +334,7 @@ def run_trl_grpo(shape: Shape, policy_dir: Path, device: torch.device, lora: int
         return out
     policy.generate = timed_generate
     prompts = [" ".join(f"t{i}" for i in p) for p in make_prompts(shape, policy.config.vocab_size)]
-    rows = [{"prompt": p} for p in prompts]
+    rows = datasets.Dataset.from_list([{"prompt": p} for p in prompts])  # TRL 1.x takes a Dataset
     args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_grpo_trl_"), per_device_train_batch_size=shape.micro,
                       gradient_accumulation_steps=shape.rows // shape.minibatches // shape.micro,
                       steps_per_generation=shape.rows // shape.micro, num_generations=shape.samples,

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import harness
+from fusedrl.bench import harness
 from fusedrl.engine.data.prefix_sharing import share_prefixes
 from fusedrl.engine.stages.ppo.packs import pack_rollout
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import transformers
 
-import harness
-from bench_generate import QWEN25_05B, TINY
+from fusedrl.bench import harness
+from fusedrl.bench.bench_generate import QWEN25_05B, TINY
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.train.optim import build_optimizer, build_scheduler
 from fusedrl.engine.stages.sft import sft_stage

@@ -12,11 +12,30 @@ import argparse
 
 import torch
 
-import harness
+from fusedrl.bench import harness
 from fusedrl.engine.model.lm_head import lm_head_logprobs
 from fusedrl.engine.train.fused_adamw import FusedAdamW
 from fusedrl.engine.train.optim import clip_and_step
-from traffic_decode import qwen_like
+from fusedrl.bench.shapes import qwen_like
+
+
+def measure_step(model, optimizer, tokens: int, seq_len: int, device: torch.device,
+                 budget_s: float = 5.0) -> dict:
+    """Median ms of one micro-batch of `tokens` tokens (packed sequences of `seq_len`): forward,
+    the fused LM head's log-probs and backward; and of the optimizer step (clipped) after it."""
+    seq = min(seq_len, tokens)
+    ids = torch.randint(10, model.config.vocab_size, (tokens,), device=device)
+    labels = torch.roll(ids, -1)
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        hidden = model.forward_packed(ids, [seq] * (tokens // seq))
+        lm_head_logprobs(hidden, model.lm_head.weight, labels).mean().backward()
+
+    ms = harness.time_ms(fwd_bwd, device, min_reps=3, budget_s=budget_s)
+    step_ms = harness.time_ms(lambda: clip_and_step([optimizer], 1.0), device, min_reps=3,
+                              budget_s=budget_s * 0.6)
+    return {"tokens": tokens, "fwd_bwd_ms": round(ms, 3), "optimizer_step_ms": round(step_ms, 3)}
 
 
 def main():
@@ -33,18 +52,7 @@ def main():
     optimizer = FusedAdamW([p for p in model.parameters()], lr=1e-5)
     rows = []
     for tokens in args.tokens or ([64] if args.quick else [1024, 4096, 16384]):
-        seq = min(args.seq_len, tokens)
-        ids = torch.randint(10, model.config.vocab_size, (tokens,), device=device)
-        labels = torch.roll(ids, -1)
-
-        def fwd_bwd():
-            model.zero_grad(set_to_none=True)
-            hidden = model.forward_packed(ids, [seq] * (tokens // seq))
-            lm_head_logprobs(hidden, model.lm_head.weight, labels).mean().backward()
-
-        ms = harness.time_ms(fwd_bwd, device, min_reps=3, budget_s=5.0)
-        step_ms = harness.time_ms(lambda: clip_and_step([optimizer], 1.0), device, min_reps=3, budget_s=3.0)
-        rows.append({"tokens": tokens, "fwd_bwd_ms": round(ms, 3), "optimizer_step_ms": round(step_ms, 3)})
+        rows.append(measure_step(model, optimizer, tokens, args.seq_len, device))
         print(rows[-1], flush=True)
     if args.out:
         harness.write_json(args.out, {**harness.run_metadata(device), "results": rows})

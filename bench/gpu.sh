@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The one command a GPU session runs: the CUDA extension built in place (fusedrl.kernels._C, for this
-# GPU's arch only, to keep the build short), the suite's GPU tests and the rest of its tests on the
-# GPU (no interpreter; the cuda backend's tests run when the build succeeded), a smoke test of NCCL
-# on one GPU, then the benchmarks, with logs and JSON (device, versions, commit inside) written to
-# OUTDIR. The GPU machine has torch, triton, nvcc, ninja, transformers and pytest but no network and
-# no `datasets`; the package is installed editable from this checkout (no dependencies fetched, no
-# build isolation: the image has them). What it lacks (datasets and trl, peft, pytest-xdist) comes as
-# wheels in .whl/, fetched here beforehand by `prepare` and carried by every call; they are
-# installed into a private folder, never over the image's packages.
+# GPU's arch only, to keep the build short), the suite's GPU tests (the paths no CPU run reaches),
+# then `fusedrl bench all` at the Qwen2.5-0.5B shape (docs/bench.md), with logs and results (device,
+# versions, commit inside) written to OUTDIR; more stages on request. The GPU machine has torch,
+# triton, nvcc, ninja, transformers and pytest but no network and no `datasets`; the package is
+# installed editable from this checkout (no dependencies fetched, no build isolation: the image has
+# them). What it lacks (datasets and trl, peft, pytest-xdist) comes as wheels in .whl/, fetched here
+# beforehand by `prepare` and carried by every call; they are installed into a private folder, never
+# over the image's packages.
 #
 #   bash bench/gpu.sh plan                     # the visit's calls, in order, minutes each
 #   bash bench/gpu.sh prepare                  # HERE, before the visit: .whl/ and .whl/COMMIT
@@ -16,18 +16,19 @@
 # --bundle: OUTDIR.tar.gz, OUTDIR removed (also when a stage fails or the call's time runs out);
 # --minutes: the call's limit (each stage's timeout is cut to what is left, a stage with no time
 # left is skipped and said so, and the bundle is written before the device would stop the call).
-# Stages: build tests tests_gpu tests_rest smoke moe_decode quick_kernels quick_rl_ops quick_generate
-# quick_train_step quick_grpo quick_ppo kernels linear_tune rl_ops attention generate generate_unfused
-# generate_qwen3 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic.
-# `build` also copies the extension into OUTDIR (carried by later calls on a fresh machine: see
-# `plan`). Then copy what is worth keeping into bench/results/.
+# Stages: build tests tests_gpu tests_rest smoke bench_all moe_decode kernels linear_tune rl_ops
+# attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens
+# ppo_lora ppo_lora_trl grpo demo traffic. `build` also copies the extension into OUTDIR (carried by
+# later calls on a fresh machine: see `plan`). bench_all writes OUTDIR/bench/results.json after each
+# suite, so a cut call keeps the suites it finished. Then copy what is worth keeping into
+# bench/results/.
 #
 # The commit: .whl/COMMIT, written by `prepare` from git here (the device's copy of the tree need not
 # hold .git), else git's, else "unknown" (harness.git_commit); in OUTDIR/COMMIT, in every result's
 # JSON, and in OUTDIR/env.json with the device, driver, torch, Triton, CUDA, nvcc, NCCL and
 # transformers versions.
 set -uo pipefail
-ALL_STAGES="build tests smoke moe_decode kernels linear_tune rl_ops attention generate generate_unfused generate_qwen3 \
+ALL_STAGES="build tests smoke bench_all moe_decode kernels linear_tune rl_ops attention generate generate_unfused generate_qwen3 \
 sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic"
 # The suite's chunks (stage: test paths and marker expression). The process-starting modules
 # (integration: torchrun ranks on gloo, the `fusedrl` command on the CPU) prove nothing about the GPU
@@ -38,19 +39,18 @@ EXTENSION=kernels/_C.cpython-312-x86_64-linux-gnu.so  # the image's Python 3.12
 
 # Seconds each stage of the visit may take (its timeout) at most; the chunks are stopped by SIGINT
 # (pytest reports what ran) and killed 20 s later, so a chunk's limit holds 20 s of margin.
-declare -A LIMIT_S=([build]=120 [smoke]=90 [tests_gpu]=270 [tests_rest]=330 [quick_kernels]=70
-  [quick_rl_ops]=50 [quick_generate]=110 [quick_train_step]=50 [quick_grpo]=90 [quick_ppo]=110)
+declare -A LIMIT_S=([build]=120 [smoke]=90 [tests_gpu]=175 [tests_rest]=330 [bench_all]=185)
 SETUP_S=40   # install, the wheels, the environment record
 BUNDLE_S=15  # the record and the archive, after the last stage
 
-# The visit (at most 25 minutes of device time in 3 calls, each under the device's 10-minute
-# limit): one device call per line, `minutes|stages|carry`. Call 1 builds the extension; the later
-# calls carry it from call 1's bundle. Every call carries .whl (datasets and the peers the tests
+# The visit: a lent GPU gives 15 minutes of device time in all, the machine's start included, so 2
+# calls and 10 minutes of commands; one device call per line, `minutes|stages|carry`, what matters
+# most first. Call 1 builds the extension and runs the GPU tests; call 2 carries the extension from
+# call 1's bundle and runs the benchmark. Every call carries .whl (datasets and the peers the tests
 # import, and COMMIT).
 PLAN=(
-  "9|build smoke tests_gpu|.whl"
-  "9|quick_kernels quick_rl_ops quick_generate quick_train_step quick_grpo quick_ppo|.whl $EXTENSION"
-  "7|tests_rest|.whl $EXTENSION"
+  "6|build tests_gpu|.whl"
+  "4|bench_all|.whl $EXTENSION"
 )
 
 print_plan() {
@@ -73,11 +73,11 @@ print_plan() {
   echo "plan: $i calls, $total minutes"
 }
 
-# prepare: the wheels (bench/peer_wheels.sh) and the commit under test, both in .whl/ (git-ignored,
+# prepare: the wheels (tests/tools/peer_wheels.sh) and the commit under test, both in .whl/ (git-ignored,
 # carried by every call).
 prepare() {
   local dirty=""
-  bash "$(dirname "$0")/peer_wheels.sh" || return 1
+  bash "$(dirname "$0")/../tests/tools/peer_wheels.sh" || return 1
   [ -z "$(git status --porcelain --untracked-files=no)" ] || dirty="-dirty"
   echo "$(git rev-parse HEAD)$dirty" > "$(dirname "$0")/../.whl/COMMIT"
   echo "commit: $(cat "$(dirname "$0")/../.whl/COMMIT")"
@@ -140,7 +140,7 @@ left() {
 
 # The commit under test, written here by `prepare` (the device's tree may have no .git).
 [ -f .whl/COMMIT ] && export FUSEDRL_COMMIT=$(cat .whl/COMMIT)
-python -c "import sys; sys.path.insert(0, 'bench'); import harness; print(harness.git_commit())" \
+python -c "from fusedrl.bench import harness; print(harness.git_commit())" \
   > "$out/COMMIT" || status=1
 # The import names fusedrl.kernels / fusedrl.engine need the install (package_dir mapping); the
 # extension is built by the `build` stage, not here.
@@ -149,6 +149,9 @@ FUSEDRL_SKIP_CUDA_BUILD=1 python -m pip install -q --no-deps --no-build-isolatio
 if compgen -G ".whl/*.whl" > /dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/fusedrl-peers .whl/*.whl \
     >> "$out/install.log" 2>&1 && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/fusedrl-peers" || status=1
+  # TRL 1.x and Liger apart (the tests pin trl 0.29.1, the PPO peer): first on bench_all's path.
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/fusedrl-trl1 .whl/trl1/*.whl \
+    >> "$out/install.log" 2>&1 || status=1
 else
   echo "no .whl/ wheels: the tests that import datasets, trl or peft fail to collect"; status=1
 fi
@@ -171,8 +174,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/nvi
 python - "$out/env.json" "$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2> /dev/null | head -n 1)" \
   "$(nvcc --version 2> /dev/null | tail -n 1)" <<'PY' || status=1
 import json, sys
-sys.path.insert(0, "bench")
-import harness, torch
+import torch
+from fusedrl.bench import harness
 record = harness.run_metadata(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 record.update(driver=sys.argv[2] or None, nvcc=sys.argv[3] or None)
 with open(sys.argv[1], "w") as f:
@@ -202,7 +205,7 @@ build_extension() {
 
 # One chunk of the suite on the GPU (no interpreter), spread over the cores with pytest-xdist when it
 # is there, stopped by SIGINT at its limit (pytest then reports what ran) and killed 20 s later;
-# its last line comes from bench/pytest_tally.py's per-test record, so a cut chunk still ends in
+# its last line comes from tests/tools/pytest_tally.py's per-test record, so a cut chunk still ends in
 # "NAME: N passed, N failed, N skipped, N errors in S s[, cut by its timeout]".
 run_chunk() {
   local name=$1 parallel=() start code limit
@@ -217,14 +220,14 @@ run_chunk() {
   rm -f "$out/$name.tally"
   start=$SECONDS
   # shellcheck disable=SC2086  # the chunk's paths split on spaces
-  FUSEDRL_TALLY="$out/$name.tally" PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" \
+  FUSEDRL_TALLY="$out/$name.tally" PYTHONPATH="tests/tools${PYTHONPATH:+:$PYTHONPATH}" \
     timeout -k 20 -s INT "$limit" python -m pytest ${CHUNK_PATHS[$name]} -m "${CHUNK_MARKS[$name]}" \
     -q -p no:cacheprovider -p pytest_tally "${parallel[@]}" --durations=15 \
     --junitxml="$out/$name.xml" > "$out/$name.log" 2>&1
   code=$?
   tail -n 40 "$out/$name.log"
   [ "$code" -eq 0 ] || status=1
-  python bench/pytest_tally.py "$out/$name.tally" "$name" "$((SECONDS - start))" "$code" | tee -a "$out/$name.log"
+  python tests/tools/pytest_tally.py "$out/$name.tally" "$name" "$((SECONDS - start))" "$code" | tee -a "$out/$name.log"
 }
 
 for stage in $stages; do
@@ -235,31 +238,17 @@ for stage in $stages; do
     # NCCL on one GPU: a 1-rank cpu:gloo,cuda:nccl group through tensor parallelism (decode graphs
     # capturing the collectives), expert parallelism's all_to_all, FSDP2 CPU offload + FusedAdamW.
     smoke)    run smoke "${LIMIT_S[smoke]}" python -m torch.distributed.run --standalone --nproc-per-node 1 \
-                bench/smoke_nccl.py ;;
-    # The headline benchmarks in quick mode (the visit's call 2): the headline shapes, shorter
-    # repetitions, fewer new tokens, no transformers side.
-    quick_kernels) run bench_kernels "${LIMIT_S[quick_kernels]}" python bench/bench_kernels.py --budget 0.2 \
-                     --ops token_logprobs,linear_token_logprobs --json "$out/bench_kernels.json" ;;
-    quick_rl_ops) run bench_rl_ops "${LIMIT_S[quick_rl_ops]}" python bench/bench_kernels.py --budget 0.1 \
-                    --ops kl_penalty,gae,ppo_policy_loss,ppo_value_loss --json "$out/bench_rl_ops.json" ;;
-    # Decode at batch 1, 64 and 256 and the mixed workload (64 requests).
-    quick_generate) run bench_generate "${LIMIT_S[quick_generate]}" python bench/bench_generate.py --skip-hf \
-                      --batch-sizes 1 64 256 --prompt-len 128 --new-tokens 128 --mixed 64 \
-                      --out "$out/bench_generate.json" ;;
-    quick_train_step) run bench_train_step "${LIMIT_S[quick_train_step]}" python bench/bench_train_step.py \
-                        --tokens 1024 4096 --out "$out/bench_train_step.json" ;;
-    # GRPO end to end, ours: tokens/s and phase times.
-    quick_grpo) run bench_grpo "${LIMIT_S[quick_grpo]}" python bench/bench_ppo.py --algo grpo --sides ours \
-                  --shape 16x8x128x128 --out "$out/bench_grpo.json" ;;
-    # PPO, ours against TRL's PPOTrainer when trl is among the carried wheels.
-    quick_ppo) run bench_ppo "${LIMIT_S[quick_ppo]}" python bench/bench_ppo.py --shape 8x4x128x128 \
-                 --out "$out/bench_ppo.json" ;;
+                tests/tools/smoke_nccl.py ;;
+    # Every suite at the Qwen2.5-0.5B shape, ours beside the peers carried in .whl/: results.json,
+    # results.md and charts in OUTDIR/bench, written after each suite.
+    bench_all) PYTHONPATH="/tmp/fusedrl-trl1${PYTHONPATH:+:$PYTHONPATH}" run bench_all "${LIMIT_S[bench_all]}" \
+                 python -m fusedrl.engine.cli bench all model=qwen2.5-0.5b output_dir="$out/bench" ;;
     moe_decode) run bench_moe_decode 240 python bench/bench_moe_decode.py --out "$out/bench_moe_decode.json" ;;
     kernels)  run bench_kernels 300 python bench/bench_kernels.py --ops token_logprobs,linear_token_logprobs \
                 --json "$out/bench_kernels.json" ;;
     # linear_token_logprobs' fused GEMMs per tile shape against cuBLAS's GEMM of the same FLOPs, at
     # the bar's shape: sets linear_logprobs.fused_tiles.
-    linear_tune) run tune_linear_logprobs 300 python bench/tune_linear_logprobs.py \
+    linear_tune) run tune_linear_logprobs 300 python tests/tools/tune_linear_logprobs.py \
                    --json "$out/tune_linear_logprobs.json" ;;
     # The small RL ops at 256x2048, 1024x4096 (host-bound: host us and launches per call) and 8192x2048.
     rl_ops)   run bench_rl_ops 570 python bench/bench_kernels.py --budget 0.5 \
@@ -285,7 +274,7 @@ for stage in $stages; do
     ppo_tokens) run bench_ppo_tokens 300 python bench/bench_ppo.py --sides ours --tokens-per-microbatch 12288 \
                   --out "$out/bench_ppo_tokens.json" ;;
     # PPO with rank-16 LoRA vs full fine-tuning at the same batch (bar: peak <= 0.6x, no slower), then
-    # against TRL with PEFT (needs peft among the carried wheels: bench/peer_wheels.sh).
+    # against TRL with PEFT (needs peft among the carried wheels: tests/tools/peer_wheels.sh).
     ppo_lora) run bench_ppo_lora 570 python bench/bench_ppo.py --lora 16 --sides ours ours_lora \
                 --out "$out/bench_ppo_lora.json" ;;
     ppo_lora_trl) run bench_ppo_lora_trl 570 python bench/bench_ppo.py --lora 16 --sides ours_lora trl_lora \
@@ -297,7 +286,7 @@ for stage in $stages; do
     demo)     run demo 570 bash -c 'for s in 0 1 2; do fusedrl demo seed=$s output_dir="$1/demo_seed$s" \
                 overwrite=true --quiet || exit 1; done' _ "$out" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
-    traffic)  run traffic 300 python bench/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
+    traffic)  run traffic 300 python tests/tools/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
     *) echo "unknown stage $stage (expected callN or one of: $ALL_STAGES ${!LIMIT_S[*]})"; status=1 ;;
   esac
 done

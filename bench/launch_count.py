@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from traffic_count import FREE, PATCHED_SYNCS, SYNC_OPS
+from fusedrl.bench.traffic_count import FREE, PATCHED_SYNCS, SYNC_OPS
 
 try:
     from triton.runtime.interpreter import InterpretedFunction

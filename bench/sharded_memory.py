@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-import harness
+from fusedrl.bench import harness
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
 

@@ -68,7 +68,7 @@ def _rope_store_decode_bytes(q, k, v, cos_table, sin_table, positions, k_cache, 
 
 def _sample_bytes(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps, *windows):
     """The logits and the rows' parameters read, tokens and log-probs written; the key windows are
-    touched only at the few keys near a row's cut (bench/traffic_kernels.py counts those)."""
+    touched only at the few keys near a row's cut (tests/tools/traffic_kernels.py counts those)."""
     rows = logits.shape[0]
     params = sum(map(nbytes, (temperatures, top_ks, top_ps, seeds, positions, min_ps)))
     return nbytes(logits) + params, rows * (8 + 4)

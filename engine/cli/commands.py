@@ -1,7 +1,7 @@
 """The `fusedrl` command: parsing and dispatch of every subcommand.
 
-    fusedrl info | demo | generate | sft | rm | ppo | grpo | plan | export | plot     (`fusedrl
-    <command> --help`)
+    fusedrl info | demo | generate | sft | rm | ppo | grpo | plan | export | plot | bench
+    (`fusedrl <command> --help`)
 
 Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help`, config
 errors and wrong paths (engine/runs/path_checks.py) import neither torch nor transformers. Each
@@ -31,6 +31,7 @@ from ..config.ppo import GRPOConfig, PPOConfig
 from ..config.train import RMConfig, SFTConfig
 from ..runs import path_checks, run_dir, run_paths
 from ..train import trackers
+from ...bench.command import add_bench_parser
 from . import process
 from .generate import add_generate_parser
 
@@ -343,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(commands)
     add_export_parser(commands)
     add_plot_parser(commands)
+    add_bench_parser(commands, add_debug_flag)
     for command_parser in commands.choices.values():  # for the errors found after parsing
         command_parser.set_defaults(command_parser=command_parser)
     return parser

@@ -7,8 +7,8 @@ buffer, the clip divisor max(norm / max_grad_norm, 1) and the skip flags (a few 
 counters (`torch._foreach_add_`), torch's fused AdamW once per group on the fp32 masters (the clip
 divisor is its `grad_scale`, the skip flag its `found_inf`: a skipped step changes nothing), and the
 copy of the masters into the low-precision parameters (`torch._foreach_copy_`): <= 12 kernels with
-clipping and a loss check (bench/launches.py counts them). Nothing reads a value on the host: a
-non-finite norm or loss skips the step on the device, and the caller reads the norm with its other
+clipping and a loss check (tests/tools/launches.py counts them). Nothing reads a value on the host:
+a non-finite norm or loss skips the step on the device, and the caller reads the norm with its other
 metrics.
 
 fp32 parameters are their own masters (no copy); bf16 ones get an fp32 master, updated in fp32 and

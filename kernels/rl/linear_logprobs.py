@@ -80,7 +80,7 @@ SMS_WITHOUT_GPU = 132  # the split count's SM figure off a GPU (the interpreter)
 
 def fused_tiles(n_rows: int) -> FusedTiles:
     """The fused GEMMs' tiles for N rows: 128 x 128 outputs (64 x 128 for a few rows) over K steps
-    of 64, 8 warps, 3 stages in flight. Not yet timed on a GPU: bench/tune_linear_logprobs.py
+    of 64, 8 warps, 3 stages in flight. Not yet timed on a GPU: tests/tools/tune_linear_logprobs.py
     times the alternatives, bench_kernels' "fusedrl cuBLAS" row the unfused way."""
     return FusedTiles(64 if n_rows <= 64 else 128, 128, 64, 8, 3)
 

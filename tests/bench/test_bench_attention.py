@@ -2,7 +2,7 @@
 per-sequence loop for the engine's paths. Times are not checked."""
 import json
 
-import bench_attention
+from fusedrl.bench import bench_attention
 
 
 def test_report(tmp_path):

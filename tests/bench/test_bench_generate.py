@@ -7,7 +7,7 @@ import sys
 
 import transformers
 
-import bench_generate
+from fusedrl.bench import bench_generate
 from fusedrl.engine.model.config import ModelConfig
 
 BENCH = os.path.join(os.path.dirname(bench_generate.__file__), "bench_generate.py")

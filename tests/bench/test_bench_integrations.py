@@ -2,7 +2,7 @@
 with plain PyTorch and lands in a complete report. Memory and times are reported, not checked."""
 import json
 
-import bench_integrations
+from fusedrl.bench import bench_integrations
 
 
 def test_report_is_complete_and_variants_agree(tmp_path):

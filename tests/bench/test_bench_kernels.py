@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-import bench_kernels
+from fusedrl.bench import bench_kernels
 from kernel_testing import CUDA_EXT_RUNS, DEVICE, needs_triton
 
 try:

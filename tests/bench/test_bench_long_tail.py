@@ -2,7 +2,7 @@
 their counts and modeled times in the JSON (which says they are modeled, and its commit), and the last line the ratio it states."""
 import json
 
-import bench_long_tail
+from fusedrl.bench import bench_long_tail
 
 
 def test_partial_and_speculative_rollouts_beside_the_synchronous_one(tmp_path, capsys):

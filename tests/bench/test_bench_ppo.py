@@ -76,7 +76,7 @@ def test_quick_lora_run_against_full_fine_tuning_and_trl_with_peft(tmp_path):
 
 
 def test_the_reward_reads_token_ids_back_from_text():
-    import bench_ppo
+    from fusedrl.bench import bench_ppo
     tok = bench_ppo.build_tokenizer(eos_id=2, vocab_size=50)
     text = tok.decode([4, 7, 10, 13])
     assert text == "t4 t7 t10 t13" and tok.encode(text, add_special_tokens=False) == [4, 7, 10, 13]

@@ -3,7 +3,7 @@ tokens and FLOPs with prefix sharing, by the factor the group's shape gives; its
 equal what torch's FlopCounterMode counts on a tiny model."""
 import json
 
-import bench_prefix_sharing
+from fusedrl.bench import bench_prefix_sharing
 
 
 def test_report(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from fusedrl import kernels
 from kernel_testing import DEVICE, needs_triton, rand_mask
-from launch_count import LaunchCounter
+from fusedrl.bench.launch_count import LaunchCounter
 
 pytestmark = needs_triton
 SHAPE = (3, 37)

@@ -6,7 +6,7 @@ import torch
 import traffic_decode
 import traffic_ppo
 from kernel_testing import needs_interpreter
-from traffic_count import TrafficCounter
+from fusedrl.bench.traffic_count import TrafficCounter
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
 

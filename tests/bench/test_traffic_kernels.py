@@ -73,7 +73,7 @@ def test_sampler_is_one_op_and_a_warm_call_clears_nothing():
     from torch.profiler import profile
 
     from fusedrl.kernels.sampling.sampler import SamplerWorkspace
-    from traffic_count import TrafficCounter
+    from fusedrl.bench.traffic_count import TrafficCounter
 
     logits = model_like_logits(2, vocab=5000)
     args = sampling_args(2, top_k=50, top_p=0.9)

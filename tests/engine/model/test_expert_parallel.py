@@ -16,7 +16,7 @@ from fusedrl.engine.parallel.expert_parallel import shard_experts
 from fusedrl.engine.model.moe import SparseMoeBlock, moe_blocks
 from dist_testing import rank_threads, run_ranks
 from ep_worker import pack, tiny_model
-from launch_count import LaunchCounter
+from fusedrl.bench.launch_count import LaunchCounter
 
 FACTORS = (0.0, 2.0, 0.75)  # variable splits, capacity for every row (2 ranks), one that drops
 

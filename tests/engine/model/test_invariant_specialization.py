@@ -2,7 +2,7 @@
 and the trainer's forward must run the SAME compiled kernels. Triton compiles one binary per
 specialization (dtypes, 16-byte alignment of pointers, ints equal to 1 or multiples of 16, constexprs,
 warps, stages), and two binaries may vectorize, and so reduce, differently. This records every launch
-of the mode's computing kernels under the interpreter (as bench/static_gpu.py does) during generation
+of the mode's computing kernels under the interpreter (as tests/tools/static_gpu.py does) during generation
 (prefill, decode at batch 3 and 1) and during the trainer's packed forward and head, and checks that
 each kernel was specialized identically on both sides."""
 import json

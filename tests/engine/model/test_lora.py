@@ -12,7 +12,7 @@ from fusedrl.engine.model.lora import add_lora
 from fusedrl.engine.model.peft_io import CONFIG_FILE, WEIGHTS_FILE, adapter_config, load_adapter, save_adapter
 from engine_testing import make_hf_model, random_prompts
 
-peft = pytest.importorskip("peft")  # the test extra; bench/peer_wheels.sh carries it to the GPU image
+peft = pytest.importorskip("peft")  # the test extra; tests/tools/peer_wheels.sh carries it to the GPU image
 
 # fp32 on both sides, the same ops up to matmul blocking: as for the base model (test_model.py).
 ATOL = 1e-5

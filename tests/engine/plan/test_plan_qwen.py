@@ -1,4 +1,4 @@
-"""The plan of Qwen2.5 shapes (config.json alone, bench/plan_table.py) on one node of 8 x 80 GB: what
+"""The plan of Qwen2.5 shapes (config.json alone, tests/tools/plan_table.py) on one node of 8 x 80 GB: what
 fits today and why the rest does not. The 14B and larger runs recompute activations
 (train.gradient_checkpointing), as such runs do: without it a 16-row micro-batch of 320 tokens
 keeps ~40 GB of a 14B model's activations."""

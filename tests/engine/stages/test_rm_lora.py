@@ -21,7 +21,7 @@ from engine_testing import random_prompts
 from train_testing import checkpoint_data, copy_checkpoint, rm_config, sorted_digit_preferences, write_jsonl
 from test_rm_trainer import base_dir  # noqa: F401 (the reward-model tests' one-layer base)
 
-peft = pytest.importorskip("peft")  # the test extra; bench/peer_wheels.sh carries it to the GPU image
+peft = pytest.importorskip("peft")  # the test extra; tests/tools/peer_wheels.sh carries it to the GPU image
 
 LENGTHS = [9, 1, 14]  # a one-token sequence among them
 

@@ -17,7 +17,7 @@ from engine_testing import random_prompts
 from train_testing import copy_checkpoint, sft_config
 from test_sft_trainer import base_dir, train_file  # noqa: F401 (the SFT tests' fixtures)
 
-peft = pytest.importorskip("peft")  # the test extra; bench/peer_wheels.sh carries it to the GPU image
+peft = pytest.importorskip("peft")  # the test extra; tests/tools/peer_wheels.sh carries it to the GPU image
 
 
 def test_fusedrl_sft_with_lora_trains_adapters_and_exports_them_and_the_merged_model(base_dir, train_file,

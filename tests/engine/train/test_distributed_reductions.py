@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fusedrl.engine.parallel import distributed
-from launch_count import LaunchCounter
+from fusedrl.bench.launch_count import LaunchCounter
 
 
 def _rank(rank: int, init_file: str) -> None:
@@ -54,7 +54,7 @@ def _offload_round_trips(rank: int) -> None:
     the same model sharded without it does."""
     import copy
     from launches import SMALL
-    from traffic_decode import qwen_like
+    from fusedrl.bench.shapes import qwen_like
     from fusedrl.engine.data.packing import pack_sequences
 
     torch.manual_seed(0)

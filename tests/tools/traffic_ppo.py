@@ -52,8 +52,9 @@ from fusedrl.engine.stages.ppo.reward_scores import reward_model_scorer
 from fusedrl.engine.stages.ppo.update import UpdateSettings, ppo_update
 from fusedrl.kernels import use_backend
 
-from traffic_count import TrafficCounter, weight_bytes
-from traffic_decode import ORACLES, qwen_like
+from fusedrl.bench.traffic_count import TrafficCounter, weight_bytes
+from fusedrl.bench.shapes import qwen_like
+from traffic_decode import ORACLES
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Decode configurations (DECODE_CONFIGS): batch 128 at context 33, top-p 1; batch 
 256, top-p 0.9; and batch 1 at context 256 (the decode step's kernel budget is held at batch 1 and
 128). The exact mode's step next to the default's (EXACT_CONFIGS): batch 1 and 128 at context 256.
 
-    python bench/traffic.py [--json OUT.json] [--table OUT.md] [--layers 2] [--no-ppo]
+    python tests/tools/traffic.py [--json OUT.json] [--table OUT.md] [--layers 2] [--no-ppo]
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+from fusedrl.bench import harness  # noqa: E402
 from traffic_decode import decode_report, decode_table, exact_mode_report, exact_mode_table  # noqa: E402
 from traffic_ppo import ppo_report, ppo_table  # noqa: E402
 

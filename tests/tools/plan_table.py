@@ -1,6 +1,6 @@
 """The memory plan of Qwen2.5 models on one node, from their config.json alone (no weights, no GPU).
 
-    python bench/plan_table.py [--gpus 8] [--gpu-memory 80GB] [--sizes 7B,14B,32B,72B] [--lora-rank 64]
+    python tests/tools/plan_table.py [--gpus 8] [--gpu-memory 80GB] [--sizes 7B,14B,32B,72B] [--lora-rank 64]
                                [--set train.gradient_checkpointing=true ...]
 
 Writes each model's config.json (the published Qwen2.5 Instruct shapes) into a temporary directory,

@@ -2,10 +2,10 @@
 sm_80 and sm_90 as the JIT would specialize it, and the CUDA backend's objects, without a GPU.
 
 Per kernel and configuration: compiled or the error, registers, spill bytes, shared memory, the
-access widths of its named main streams (bench/gpucheck/streams.py), global load/store kinds in
+access widths of its named main streams (tests/tools/gpucheck/streams.py), global load/store kinds in
 SASS, and occupancy (blocks and warps per SM). Writes JSON and a markdown table.
 
-    python bench/static_gpu.py [--json OUT.json] [--table OUT.md] [--check] [--no-cuda] [--quick]
+    python tests/tools/static_gpu.py [--json OUT.json] [--table OUT.md] [--check] [--no-cuda] [--quick]
                                [--archs 80,90]
 
 --check exits 1 on a compile error, any spill, or a named main stream with no 128-bit access in an
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-import harness
+from fusedrl.bench import harness
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -5,7 +5,7 @@ As a pytest plugin (`-p pytest_tally`, bench/ on PYTHONPATH, FUSEDRL_TALLY=FILE)
 WHEN NODEID` appended and flushed per test phase report (under xdist, the controller's reports:
 every worker's tests). As a command, the chunk's one summary line from that file:
 
-    python bench/pytest_tally.py FILE NAME SECONDS EXIT_CODE
+    python tests/tools/pytest_tally.py FILE NAME SECONDS EXIT_CODE
     -> NAME: P passed, F failed, S skipped, E errors in SECONDS s[, cut by its timeout]
 """
 from __future__ import annotations

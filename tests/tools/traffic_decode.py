@@ -26,13 +26,12 @@ from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.request import Request
 from fusedrl.engine.inference.runner import kv_bytes_per_block
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.model.causal_lm import CausalLM
-from fusedrl.engine.model.config import ModelConfig
 from fusedrl.kernels.invariant import fixed_order as invariant_ops
 from fusedrl.kernels.invariant.chunked_attention import chunked_attention
 from fusedrl.kernels import reference, use_backend
 
-from traffic_count import TrafficCounter, weight_bytes
+from fusedrl.bench.shapes import qwen_like
+from fusedrl.bench.traffic_count import TrafficCounter, weight_bytes
 
 REAL_LAYERS = 24
 # The budget: kernels launched by a decode step, per layer and outside the layers (a fused custom
@@ -40,10 +39,6 @@ REAL_LAYERS = 24
 KERNELS_PER_LAYER = 6
 KERNELS_OUTSIDE_LAYERS = 6
 BLOCK_SIZE = 16
-QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                  num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, max_model_len=1024,
-                  tie_word_embeddings=True, qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False,
-                  rope_theta=1e6)
 # Torch oracles of the fused ops too slow to interpret at full shape (see the module docstring).
 ORACLES = {"fusedrl::sample": lambda *args: reference.sample(*args[:7]),  # all but the key windows
            "fusedrl::rope_store_decode": lambda *args: reference.rope_store_decode(*args[:12]),
@@ -57,15 +52,6 @@ EXACT_ORACLES = {
         q, k, v, positions, seq_index, table, page),
     "fusedrl::row_logprobs": lambda logits, tokens, temperatures: invariant_ops.token_logprobs(
         logits, tokens, temperatures, True)}
-
-
-def qwen_like(layers: int, dtype: torch.dtype, device: str, **overrides) -> CausalLM:
-    """A randomly initialized model of Qwen2.5-0.5B's shapes (the bytes do not depend on the values)."""
-    model = CausalLM(ModelConfig(**{**QWEN25_05B, "num_layers": layers, **overrides}), dtype).to(device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model
 
 
 def decode_batch(llm: LLM, batch: int, context: int, top_p: float) -> list:

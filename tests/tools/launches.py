@@ -26,7 +26,7 @@ tensors: noted, not counted). Host syncs as traffic_count counts them.
   after the first): the host syncs (launch_count's counter: tolist and cpu included), against a
   budget of one read per step (its stats, loss and gradient norm together), as PPO's minibatch.
 
-    python bench/launches.py                   # writes bench/results/launches.{json,md}
+    python tests/tools/launches.py                   # writes bench/results/launches.{json,md}
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import harness
+from fusedrl.bench import harness
 from fusedrl.engine.config.train import DataConfig, RMConfig, SFTConfig
 from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.model.causal_lm import CausalLM
@@ -53,12 +53,12 @@ from fusedrl.engine.train.optim import build_optimizer, build_scheduler, clip_an
 from fusedrl.engine.train.supervised import step_forwards, train_step
 from fusedrl.kernels import use_backend
 
-import launch_count
+from fusedrl.bench import launch_count
 import traffic_ppo
-from traffic_count import FREE, SYNC_OPS
-from traffic_decode import qwen_like
+from fusedrl.bench.traffic_count import FREE, SYNC_OPS
+from fusedrl.bench.shapes import qwen_like
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 BUDGETS = {"layer_fwd_bwd": 30, "optimizer_step": 12, "supervised_step_syncs": 1, "moe_block_decode": 16}
 # Small enough for the interpreter; launches do not depend on widths. Qwen2 has q/k/v biases,
 # Qwen3 q/k norms and no biases.
@@ -265,7 +265,7 @@ def main():
     out.with_suffix(".json").write_text(json.dumps(r, indent=1) + "\n")
     text = ("# Kernel launches of the training step (counted on the CPU)\n\n"
             + harness.meta_line(r["meta"])
-            + "Written by `python bench/launches.py` (TRITON_INTERPRET=1 on the CPU); see its docstring for "
+            + "Written by `python tests/tools/launches.py` (TRITON_INTERPRET=1 on the CPU); see its docstring for "
             "the counting rules.\n\n" + table(r) + "\nBy op:\n\n" + by_op_table(r))
     out.with_suffix(".md").write_text(text)
     print(text)

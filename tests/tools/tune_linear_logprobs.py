@@ -5,8 +5,8 @@ logits [N, V] = hidden @ weight.T made in the same vocabulary chunks, written an
 What it decides: `linear_logprobs.fused_tiles`'s shapes, and whether the fused GEMM keeps up with
 cuBLAS at all (bench_kernels' "fusedrl cuBLAS" row is the whole-op comparison).
 
-    python bench/tune_linear_logprobs.py [--shape 16384,896,151936] [--json OUT.json]
-    TRITON_INTERPRET=1 python bench/tune_linear_logprobs.py --quick   # a smoke test on the CPU
+    python tests/tools/tune_linear_logprobs.py [--shape 16384,896,151936] [--json OUT.json]
+    TRITON_INTERPRET=1 python tests/tools/tune_linear_logprobs.py --quick   # a smoke test on the CPU
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-import harness
+from fusedrl.bench import harness
 from fusedrl.kernels.rl import linear_logprobs as linear
 from fusedrl.kernels.rl.linear_logprobs import FusedTiles
 

@@ -11,7 +11,7 @@ exit 1 on any.
 3. fsdp_offload_step: FSDP2 with CPUOffloadPolicy (pinned) on every unit, a forward + backward and
    one FusedAdamW step: finite loss, every parameter moved, the shards still in CPU memory.
 
-    torchrun --standalone --nproc-per-node 1 bench/smoke_nccl.py [--device cpu]   # gpu.sh: smoke
+    torchrun --standalone --nproc-per-node 1 tests/tools/smoke_nccl.py [--device cpu]   # gpu.sh: smoke
 
 --device cpu runs the same checks over gloo (what the suite can run; no graphs captured).
 """
@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_moe_decode import TINY, moe_model  # noqa: E402
+from fusedrl.bench.bench_moe_decode import TINY, moe_model  # noqa: E402
 from gpucheck.workload import tiny_model  # noqa: E402
 from fusedrl.engine.parallel import distributed  # noqa: E402
 from fusedrl.engine.parallel.dims import ParallelDims  # noqa: E402

@@ -9,7 +9,7 @@ hidden re-reads per chunk: H / chunk) stay the target's; bytes per logit times t
 is then reported as an extrapolation to the target, labelled so, not a GPU measurement. Runs
 against whatever `fusedrl` is installed, so the same script counts another checkout's version.
 
-    TRITON_INTERPRET=1 python bench/count_linear_logprobs.py [--json OUT.json]
+    TRITON_INTERPRET=1 python tests/tools/count_linear_logprobs.py [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 import fusedrl.kernels.rl.linear_logprobs as linear  # noqa: E402
-import harness  # noqa: E402
-from launch_count import LaunchCounter  # noqa: E402
-from traffic_count import FREE, op_bytes  # noqa: E402
+from fusedrl.bench import harness  # noqa: E402
+from fusedrl.bench.launch_count import LaunchCounter  # noqa: E402
+from fusedrl.bench.traffic_count import FREE, op_bytes  # noqa: E402
 from traffic_kernels import KernelTraffic  # noqa: E402
 
 

@@ -1,0 +1,64 @@
+"""The limit every benchmark row is a fraction of: the device's peak bf16 FLOP/s and memory
+bandwidth. Datacenter GPUs from their datasheets (dense bf16, no sparsity; HBM); any other GPU and
+the CPU measured in the same run (a matmul's rate and a device-to-device copy's bandwidth), and
+labelled so: a CPU limit is never presented as a GPU's."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import harness
+
+# Name fragment as torch.cuda.get_device_name reports it -> (label, dense bf16 FLOP/s, HBM bytes/s),
+# from NVIDIA's datasheets (SXM parts). Checked in order: H200 before H100, the 40 GB A100 first.
+DATASHEET = (
+    ("B200", "B200 (datasheet)", 2.25e15, 8.0e12),
+    ("H200", "H200 (datasheet)", 989.4e12, 4.8e12),
+    ("H100 PCIe", "H100 PCIe (datasheet)", 756.0e12, 2.0e12),
+    ("H100", "H100 SXM (datasheet)", 989.4e12, 3.35e12),
+    ("A100-SXM4-40GB", "A100 40GB (datasheet)", 312.0e12, 1.555e12),
+    ("A100", "A100 80GB (datasheet)", 312.0e12, 2.039e12),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What 100% means on this device: `flops_per_s` (bf16 dense on a GPU; on the CPU the measured
+    fp32 matmul rate) and `bytes_per_s` (HBM, or the measured copy bandwidth)."""
+    label: str
+    flops_per_s: float
+    bytes_per_s: float
+    source: str          # "datasheet" | "measured"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def datasheet_limits(name: str) -> Limits | None:
+    """The table's entry for a GPU named `name`, or None (not in the table)."""
+    for fragment, label, flops, bandwidth in DATASHEET:
+        if fragment in name:
+            return Limits(label, flops, bandwidth, "datasheet")
+    return None
+
+
+def measured_limits(device: torch.device, quick: bool) -> Limits:
+    """The device's limits measured here: a square matmul's rate (bf16 on a GPU, fp32 on the
+    CPU, whose bf16 matmul is emulated) and a copy's bandwidth (read + write bytes per second)."""
+    gpu = device.type == "cuda"
+    n = 8192 if gpu else (256 if quick else 1024)
+    copy_bytes = (1 << 30) if gpu else (32 << 20 if quick else 256 << 20)
+    flops = harness.matmul_tflops(device, n, torch.bfloat16 if gpu else torch.float32) * 1e12
+    bandwidth = harness.copy_bandwidth_gbps(device, copy_bytes) * 1e9
+    label = "GPU (measured)" if gpu else "CPU (measured: fp32 matmul, copy bandwidth)"
+    return Limits(label, flops, bandwidth, "measured")
+
+
+def device_limits(device: torch.device, quick: bool = False) -> Limits:
+    """The datasheet's limits for a GPU in the table, else the measured ones."""
+    if device.type == "cuda":
+        known = datasheet_limits(torch.cuda.get_device_name(device))
+        if known is not None:
+            return known
+    return measured_limits(device, quick)

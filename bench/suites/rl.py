@@ -1,0 +1,125 @@
+"""The rl suite, with bench_ppo.py's measuring code: one GRPO and one PPO iteration (the second of
+two; the first warms up) of ours, time per phase (generate, score, reference and old log-probs,
+train: the update with its optimizer steps), tokens/s per GPU, the weight-sync time (the actor's
+`whole_weights()` measured after the update, and whether the generator reads the policy's own
+storage), and the peak memory beside `fusedrl plan`'s prediction for the same config. The peers on
+the same checkpoint and prompts where installed: TRL 1.x's GRPOTrainer, and for PPO trl 0.29's
+`trl.experimental.ppo` (TRL 1.x ships no PPO trainer); a missing one's row says so.
+
+Measured peak: torch.cuda.max_memory_allocated over the measured iteration on a GPU; on the CPU the
+process's peak resident set (torch, the models and everything else the process ever held, a bound
+that is not comparable to the plan's device bytes; labelled so). fraction_of_limit: the iteration's
+model FLOPs per second over the device's FLOP/s, with 2 FLOPs per policy parameter per token per
+forward (generate, reference, old: one each; the update three: forward and backward) over every
+row's prompt and response tokens, and for PPO the critic's (4) and the reward model's (1) forwards
+of the same shape: attention left out, an estimate.
+"""
+from __future__ import annotations
+
+import importlib.util
+import resource
+import types
+
+from .. import bench_ppo, results, shapes
+from ..context import Context, peer_version
+
+SUITE = "rl"
+# PROMPTS x SAMPLES x PROMPT_LEN x NEW_TOKENS, minibatches, rows per micro-batch.
+SHAPES = {("grpo", False): ((16, 8, 128, 256), 4, 16), ("ppo", False): ((32, 4, 128, 256), 4, 16),
+          ("grpo", True): ((2, 4, 16, 16), 2, 2), ("ppo", True): ((4, 2, 16, 16), 2, 2)}
+# Forward passes per token of each model of the iteration (see the docstring).
+PASSES = {"grpo": 1 + 1 + 1 + 3, "ppo": (1 + 1 + 1 + 3) + (1 + 3) + 1}
+PHASES = ("generate", "score", "reference", "old", "train")
+
+
+def _shape(algo: str, quick: bool) -> bench_ppo.Shape:
+    dims, minibatches, micro = SHAPES[algo, quick]
+    return bench_ppo.Shape(*dims, minibatches, micro)
+
+
+def _name(algo: str, shape: bench_ppo.Shape, label: str) -> str:
+    return (f"{algo} iteration {shape.prompts}x{shape.samples} rows, prompt {shape.prompt_len}, "
+            f"{shape.new_tokens} new ({label})")
+
+
+def ours_row(ctx: Context, algo: str, shape, name: str, r: dict) -> dict:
+    tokens = shape.rows * (shape.prompt_len + shape.new_tokens)
+    flops = 2 * r["policy_parameters"] * tokens * PASSES[algo]
+    per_gpu = r["response_tokens"] / r["iteration_s"]  # one process on one GPU
+    peak = {"peak_gib": r["peak_gib"]} if r.get("peak_gib") is not None else {
+        "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return results.make_row(
+        SUITE, name, "fusedrl", fraction_of_limit=ctx.flops_fraction(flops / r["iteration_s"]),
+        limit=f"model FLOP/s (estimate), {ctx.limits.label}", seconds=r["iteration_s"],
+        tokens_per_s_per_gpu=per_gpu, response_tokens=r["response_tokens"],
+        **{f"time_{p}": r.get(f"time_{p}") for p in PHASES},
+        weight_sync_s=r["weight_sync_s"],
+        weight_copies=0 if r["weights_shared"] else 1, plan_peak_gib=r["plan_peak_gib"],
+        kv_pool_gib=r["kv_pool_gib"], **peak)
+
+
+def peer_status(algo: str) -> tuple[str | None, str]:
+    """(impl name, "ok") when the algorithm's TRL peer can run here, else (None, why not)."""
+    version = peer_version("trl")
+    if version is None:
+        return None, "not installed"
+    major = int(version.split(".")[0])
+    if algo == "grpo":
+        if major < 1:
+            return None, f"not installed (TRL 1.x; found trl {version})"
+        return f"trl {version} GRPOTrainer", "ok"
+    if importlib.util.find_spec("trl.experimental.ppo") is None:
+        return None, f"not installed (trl {version} has no PPO trainer; trl 0.29's has)"
+    return f"trl {version} PPOTrainer", "ok"
+
+
+def peer_row(ctx: Context, algo: str, shape, name: str, dirs, parameters: int) -> dict:
+    """The algorithm's TRL peer on the same checkpoints and prompts (`parameters`: the policy's,
+    for the same FLOP estimate as ours): in this process on the CPU, in its own on a GPU (its
+    peak memory its own)."""
+    impl, status = peer_status(algo)
+    limit = f"model FLOP/s (estimate), {ctx.limits.label}"
+    if impl is None:
+        return results.missing_row(SUITE, name, "trl", status, limit)
+    args = types.SimpleNamespace(algo=algo, shape=shape, quick=ctx.device.type == "cpu", lora=0)
+    run = bench_ppo.run_in_this_process if args.quick else bench_ppo.run_in_subprocess
+    r = run("trl", args, dirs)
+    if "error" in r:
+        return results.missing_row(SUITE, name, impl, r["error"][:200], limit)
+    flops = 2 * parameters * shape.rows * (shape.prompt_len + shape.new_tokens) * PASSES[algo]
+    return results.make_row(
+        SUITE, name, impl, fraction_of_limit=ctx.flops_fraction(flops / r["iteration_s"]),
+        limit=limit, seconds=r["iteration_s"], response_tokens=r["response_tokens"],
+        tokens_per_s_per_gpu=r["response_tokens"] / r["iteration_s"],
+        time_generate=r.get("time_generate"),
+        **({"peak_gib": r["peak_gib"]} if r.get("peak_gib") is not None else {}))
+
+
+def rows(ctx: Context) -> list[dict]:
+    """A GRPO and a PPO iteration, ours then the peer, on one random-init checkpoint (and for PPO
+    a reward model of the same architecture and shape)."""
+    import torch
+    algos = [algo for algo in ("grpo", "ppo") if ctx.wanted(f"{algo} iteration")]
+    if not algos:
+        return []
+    policy = shapes.model_dir(ctx.options.model, ctx.quick, ctx.options.seed, torch.float32)
+    reward = None
+    out = []
+    try:
+        for algo in ctx.progress(algos, "rl"):
+            shape = _shape(algo, ctx.quick)
+            if algo == "ppo" and reward is None:
+                import transformers
+                reward = bench_ppo.build_reward_model_dir(
+                    ctx.quick, transformers.AutoConfig.from_pretrained(policy.path))
+            dirs = (policy.path, reward if algo == "ppo" else policy.path)
+            name = _name(algo, shape, policy.label)
+            r = bench_ppo.run_side("ours", algo, shape, dirs, ctx.device.type == "cpu", 0)
+            out.append(ours_row(ctx, algo, shape, name, r))
+            out.append(peer_row(ctx, algo, shape, name, dirs, r["policy_parameters"]))
+    finally:
+        policy.remove()
+        if reward is not None:
+            import shutil
+            shutil.rmtree(reward, ignore_errors=True)
+    return out

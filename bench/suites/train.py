@@ -1,0 +1,72 @@
+"""The train suite, with bench_train_step.py's measuring code: one micro-batch's forward, fused LM
+head log-probs and backward, then the optimizer step (FusedAdamW, clipped), on the engine's model of
+the named shape (random weights; a local directory's config.json gives the shape, its weights are
+not read: the cost does not depend on them).
+
+MFU (the fraction_of_limit): model FLOPs per second over the device's FLOP/s, the model FLOPs being
+6 per matmul weight per token (forward 2, backward 4; the LM head included, the embedding lookup
+not) plus causal attention's 6 x 2 x layers x (sequence / 2) x query width per token.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import bench_train_step, results, shapes
+from ..context import Context
+
+SUITE = "train"
+
+
+def engine_model(ctx: Context):
+    """The engine's CausalLM of ctx's model (a named shape or a local directory's config.json),
+    normal(0, 0.02) weights."""
+    from fusedrl.engine.model.causal_lm import CausalLM
+    from fusedrl.engine.model.config import ModelConfig
+    from fusedrl.engine.model.hf_io import load_config
+    model = ctx.options.model
+    config = (load_config(Path(model)) if Path(model).is_dir()
+              else ModelConfig.from_hf(shapes.hf_config(model, ctx.quick)))
+    torch.manual_seed(ctx.options.seed)
+    lm = CausalLM(config, ctx.dtype).to(ctx.device)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.normal_(0, 0.02)
+    return lm
+
+
+def flops_per_token(lm, seq_len: int) -> float:
+    """Forward + backward FLOPs of one token: 6 per matmul weight, plus causal attention's."""
+    c = lm.config
+    matmul = sum(p.numel() for name, p in lm.named_parameters()
+                 if p.dim() == 2 and "embed" not in name)
+    if c.tie_word_embeddings:  # the head's GEMM reads the embedding
+        matmul += c.vocab_size * c.hidden_size
+    attention = 2 * 2 * c.num_layers * (seq_len / 2) * c.num_heads * c.head_dim
+    return 6 * matmul + 3 * attention
+
+
+def rows(ctx: Context) -> list[dict]:
+    from fusedrl.engine.train.fused_adamw import FusedAdamW
+    tokens_list, seq_len = ([128], 64) if ctx.quick else ([1024, 4096, 16384], 256)
+    label = f"{ctx.options.model}{' tiny' if ctx.quick else ''}"
+    cases = {tokens: f"{tokens} tokens, sequences of {min(seq_len, tokens)} ({label})"
+             for tokens in tokens_list}
+    cases = {tokens: name for tokens, name in cases.items() if ctx.wanted(name)}
+    if not cases:
+        return []
+    lm = engine_model(ctx)
+    optimizer = FusedAdamW(list(lm.parameters()), lr=1e-5)
+    out = []
+    for tokens, name in ctx.progress(cases.items(), "train"):
+        step = bench_train_step.measure_step(lm, optimizer, tokens, seq_len, ctx.device,
+                                             budget_s=0.5 if ctx.quick else 5.0)
+        seconds = (step["fwd_bwd_ms"] + step["optimizer_step_ms"]) / 1e3
+        flops = flops_per_token(lm, min(seq_len, tokens)) * tokens
+        out.append(results.make_row(
+            SUITE, name, "fusedrl", fraction_of_limit=ctx.flops_fraction(flops / seconds),
+            limit=f"MFU, {ctx.flops_limit}", seconds=seconds, tokens_per_s=tokens / seconds,
+            fwd_bwd_ms=step["fwd_bwd_ms"], optimizer_step_ms=step["optimizer_step_ms"],
+            model_flops=flops))
+    return out

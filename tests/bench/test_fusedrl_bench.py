@@ -1,0 +1,115 @@
+"""`fusedrl bench`: one case of each suite through the command (--quick, only=), the schema of
+results.json, the rl row's weight sync and plan, compare's ratios, the options' one-line errors,
+the device table. Times are reported, never checked."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusedrl.bench import devices, results
+from fusedrl.engine.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TRL_DIR = Path(os.environ.get("FUSEDRL_TRL_DIR", ROOT / ".ci-trl"))
+# One case per suite: a small RL op, batch-1 decode, the train step, a GRPO iteration.
+ONE_OF_EACH = "only=gae fwd,batch 1,128 tokens,grpo iteration"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "run"
+    assert main(["bench", "all", "--quick", ONE_OF_EACH, f"output_dir={out}"]) == 0
+    return out
+
+
+def test_all_quick_writes_one_schema_with_every_suite_and_its_limit(quick_run):
+    payload = json.loads((quick_run / "results.json").read_text())
+    meta = payload["meta"]
+    assert meta["commit"] and meta["device"].startswith("cpu")
+    assert meta["limits"]["source"] == "measured" and "CPU" in meta["limits"]["label"]
+    assert meta["command"].startswith("fusedrl bench all --quick")
+    assert {"torch", "trl", "transformers"} <= set(meta["versions"]) and meta["time_utc"]
+    rows = payload["rows"]
+    assert {r["suite"] for r in rows} == set(results.SUITES)
+    for row in rows:
+        assert "fraction_of_limit" in row and row["limit"], row
+        if row["status"] == "ok":
+            assert 0 < row["fraction_of_limit"] and row["seconds"] > 0, row
+        else:  # a peer that did not run has no figures
+            assert row["fraction_of_limit"] is None and "seconds" not in row, row
+    ours = {r["suite"] for r in rows if r["impl"] == "fusedrl" and r["status"] == "ok"}
+    assert ours == set(results.SUITES)
+    assert (quick_run / "results.md").read_text().count("## ") == 4
+    assert (quick_run / "fraction_of_limit.png").stat().st_size > 0
+    assert (quick_run / "phases.png").stat().st_size > 0
+
+
+def test_rl_row_measures_the_weight_sync_and_sits_beside_the_plan(quick_run):
+    rows = json.loads((quick_run / "results.json").read_text())["rows"]
+    grpo = next(r for r in rows if r["suite"] == "rl" and r["impl"] == "fusedrl")
+    # The one-copy actor: the generator reads the policy's storage, and the sync is timed.
+    assert grpo["weight_copies"] == 0 and 0 <= grpo["weight_sync_s"] < grpo["seconds"]
+    assert grpo["plan_peak_gib"] > 0 and grpo["process_peak_rss_gib"] > 0
+    assert grpo["response_tokens"] == 2 * 4 * 16 and grpo["tokens_per_s_per_gpu"] > 0
+    phases = sum(grpo[f"time_{p}"] for p in ("generate", "score", "reference", "old", "train"))
+    assert phases <= grpo["seconds"]
+    peer = next(r for r in rows if r["suite"] == "rl" and r["impl"] != "fusedrl")
+    assert peer["impl"].startswith("trl")
+
+
+def test_compare_prints_each_shared_figure_as_a_ratio(quick_run, tmp_path, capsys):
+    a = json.loads((quick_run / "results.json").read_text())
+    b = copy.deepcopy(a)
+    for row in b["rows"]:
+        if row["status"] == "ok":
+            row["seconds"] *= 2
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    capsys.readouterr()
+    assert main(["bench", "compare", str(quick_run / "results.json"), str(tmp_path / "b.json")]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    ratios = [line[-1] for line in lines if "seconds" in line]
+    assert ratios and all(r == "2" for r in ratios), ratios
+    assert main(["bench", "compare", str(quick_run / "results.md"), str(tmp_path / "b.json")]) == 2
+
+
+def test_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    (tmp_path / "results.json").write_text("{}")
+    for argv, expected in (
+            (["kernels", "speed=fast"], "'speed=fast': expected key=value with key one of"),
+            (["rl", "model=gpt-9"], "model=gpt-9: expected one of qwen2.5-0.5b"),
+            (["train", "seed=x"], "seed=x: expected an integer"),
+            (["all", f"output_dir={tmp_path}"], "holds a results.json already")):
+        assert main(["bench", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"fusedrl bench: ") and expected in err and "\n" not in err, err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused before anything runs
+    assert main(["bench", "train", "--quick"]) == 2
+    assert "WORLD_SIZE=2: fusedrl bench runs in one process" in capsys.readouterr().err
+
+
+def test_the_device_table_names_each_datacenter_gpu_and_nothing_else():
+    assert devices.datasheet_limits("NVIDIA H100 80GB HBM3").label == "H100 SXM (datasheet)"
+    assert devices.datasheet_limits("NVIDIA H200").bytes_per_s == 4.8e12
+    assert devices.datasheet_limits("NVIDIA A100-SXM4-40GB").bytes_per_s == 1.555e12
+    assert devices.datasheet_limits("NVIDIA A100-SXM4-80GB").bytes_per_s == 2.039e12
+    assert devices.datasheet_limits("NVIDIA B200").flops_per_s == 2.25e15
+    assert devices.datasheet_limits("NVIDIA GeForce RTX 4090") is None
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (TRL_DIR / "trl").is_dir(), reason=f"TRL 1.x is not installed in {TRL_DIR}")
+def test_a_trl_1x_row_runs_where_trl_1x_is_installed(tmp_path):
+    """TRL 1.x's fused head beside ours (the GRPO loss from hidden states), its version named."""
+    env = {**os.environ, "PYTHONPATH": str(TRL_DIR)}
+    done = subprocess.run([sys.executable, "-m", "fusedrl.engine.cli", "bench", "kernels",
+                           "--quick", "only=grpo_loss", f"output_dir={tmp_path}"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    trl = next(r for r in rows if r["impl"].startswith("trl fused head 1."))
+    assert trl["status"] == "ok" and trl["seconds"] > 0 and trl["grad_weight_rel_error"] < 1e-4
+    assert {r["impl"].split()[0] for r in rows} >= {"eager", "fusedrl", "liger", "trl"}
