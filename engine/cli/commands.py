@@ -1,12 +1,12 @@
 """The `fusedrl` command: parsing and dispatch of every subcommand.
 
-    fusedrl info | demo | generate | sft | rm | ppo | grpo | plan | export | plot     (`fusedrl
-    <command> --help`)
+    fusedrl info | demo | generate | sft | rm | ppo | grpo | distill | plan | export | plot
+    (`fusedrl <command> --help`)
 
 Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help`, config
 errors and wrong paths (engine/runs/path_checks.py) import neither torch nor transformers. Each
 command's work is imported when it runs, after its arguments and paths are checked.
-sft, rm, ppo and grpo read a YAML config plus `key=value` overrides, set on the command's own
+sft, rm, ppo, grpo and distill read a YAML config plus `key=value` overrides, set on the command's own
 defaults (engine/config/io.py); every option of the stage's config dataclass is listed in its
 `--help`, `--print-config` prints them resolved, and unknown keys, wrong types or impossible values
 stop the command with a message naming the key (did-you-mean included) before any model is loaded.
@@ -27,6 +27,7 @@ from .. import errors
 from ..config import io as config_io
 from ..config.compatibility import table_lines
 from ..config.demo import DemoConfig
+from ..config.distill import DistillConfig
 from ..config.ppo import GRPOConfig, PPOConfig
 from ..config.train import RMConfig, SFTConfig
 from ..runs import path_checks, run_dir, run_paths
@@ -80,6 +81,11 @@ def _train_ppo(config):
     return train_ppo(config)
 
 
+def _train_distill(config):
+    from ..stages.distill.trainer import train_distill
+    return train_distill(config)
+
+
 STAGES = {
     "sft": (SFTConfig, _train_sft,
             "supervised fine-tuning on demonstrations (loss on response tokens)"),
@@ -89,6 +95,9 @@ STAGES = {
     "grpo": (GRPOConfig, _train_ppo,
              "critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++ baseline) against a "
              "reward function or model"),
+    "distill": (DistillConfig, _train_distill,
+                "on-policy distillation: the student (policy) samples, a frozen teacher=DIR of the "
+                "same vocabulary scores every token, the student minimizes the divergence"),
 }
 
 

@@ -129,9 +129,9 @@ class Setup:
             return False
         if part.trained:
             return self.offload_optimizer
-        # train.frozen_offload (PPO): the reference and the reward model (unless the LoRA critic's
-        # trunk).
-        frozen = part.role == "reference" or (part.role == "reward model" and
+        # train.frozen_offload (PPO): the reference (distill: the teacher) and the reward model
+        # (unless the LoRA critic's trunk).
+        frozen = part.role in ("reference", "teacher") or (part.role == "reward model" and
                                               not any(p.role == "critic adapters"
                                                       for p in self.parts))
         return frozen and getattr(self.cfg.train, "frozen_offload", False)
