@@ -89,7 +89,7 @@ def micro_loss(models: PPOModels, teacher: Teacher, batch: DistillBatch, s: Dist
                 h.to(dtype), weight.to(dtype), mask=mask, beta=d.beta,
                 temperature=d.temperature, reduction="sum", mode=d.mode, **teacher_head)
         loss = loss + divergence / total_tokens
-        stats.update(divergence=divergence.detach(), entropy=entropy.detach())
+        stats.update(divergence=divergence.detach(), entropy=entropy.sum())  # per token: summed
     if d.mode == "sampled" or batch.advantages is not None:
         # at the sampler's temperature: the ratio to its log-probs (DistillConfig makes the
         # sampled mode's divergence temperature the same)
