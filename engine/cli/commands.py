@@ -185,6 +185,8 @@ def run_demo(args) -> int:
     path_checks.check_output_dir(cfg.output_dir)
     if cfg.task == "tool":
         from ..demos.tool import format_tool_table as format_table, run_tool_demo as demo
+    elif cfg.task == "distill":
+        from ..demos.distill import format_distill_table as format_table, run_distill_demo as demo
     else:
         from ..demos.sorting import format_table, run_demo as demo
     table = demo(cfg, quiet=args.quiet)
@@ -198,7 +200,8 @@ def add_demo_parser(commands) -> None:
         "demo", help="the whole RLHF recipe on a program-checkable task, no downloads",
         description="SFT -> reward model -> PPO (or algo=grpo: SFT -> GRPO with the program's "
                     "reward) on a digit-sorting task, from nothing; task=tool: SFT -> multi-turn "
-                    "GRPO of a model learning to call an add tool",
+                    "GRPO of a model learning to call an add tool; task=distill: a sorting teacher "
+                    "distilled on-policy into a smaller student, beside GRPO",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=lambda: "options (key=value):\n" + "\n".join(config_io.describe(DemoConfig)))
     p.add_argument("overrides", nargs="*", metavar="key=value",
