@@ -6,8 +6,8 @@
 Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help`, config
 errors and wrong paths (engine/runs/path_checks.py) import neither torch nor transformers. Each
 command's work is imported when it runs, after its arguments and paths are checked.
-sft, rm, ppo, grpo and distill read a YAML config plus `key=value` overrides, set on the command's own
-defaults (engine/config/io.py); every option of the stage's config dataclass is listed in its
+sft, rm, ppo, grpo and distill read a YAML config plus `key=value` overrides, set on the command's
+own defaults (engine/config/io.py); every option of the stage's config dataclass is listed in its
 `--help`, `--print-config` prints them resolved, and unknown keys, wrong types or impossible values
 stop the command with a message naming the key (did-you-mean included) before any model is loaded.
 

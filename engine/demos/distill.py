@@ -38,8 +38,9 @@ def rollout(cfg: DemoConfig):
     """Both runs' sampling: cfg.rl_prompts prompts x SAMPLES_PER_PROMPT answers an iteration."""
     from ..config.rollout import RolloutConfig
 
-    return RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=SAMPLES_PER_PROMPT,
-                         max_new_tokens=12, temperature=TEMPERATURE, kv_cache_memory=1 << 24)
+    return RolloutConfig(prompts_per_iteration=cfg.rl_prompts,
+                         samples_per_prompt=SAMPLES_PER_PROMPT, max_new_tokens=12,
+                         temperature=TEMPERATURE, kv_cache_memory=1 << 24)
 
 
 def run_distill_stage(cfg: DemoConfig, out: Path, prompts: str, student: Path, teacher: Path,
