@@ -4,6 +4,7 @@ LoRA, with GKD's dataset completions mixed in); a teacher of another vocabulary 
 line; `fusedrl distill --help` names the teacher; `fusedrl plan distill` counts the teacher."""
 import json
 
+import datasets
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -23,6 +24,7 @@ from fusedrl.engine.stages.ppo.sampling import sample_and_score
 from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
 from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.kernels import use_backend
+from agent_testing import save_chat_model
 from engine_testing import random_prompts
 from train_testing import copy_checkpoint, save_tiny_model, write_jsonl
 
@@ -114,6 +116,26 @@ def test_a_run_resumes_bit_exactly(setup, lora):
     assert {r["on_policy"] for r in rows} == {True, False}  # seed 0: one of each
     for key in ("divergence", "entropy", "teacher_logprob"):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in rows), key
+
+
+def test_multi_turn_trajectories_distill_the_model_tokens_only(tmp_path):
+    """Trajectories of three turns with an environment (observations longer than the answers):
+    the teacher scores and the student learns on the model's sampled tokens alone."""
+    student = save_chat_model(tmp_path / "student")
+    teacher = save_chat_model(tmp_path / "teacher", seed=1, hidden_size=96, intermediate_size=160)
+    cfg = DistillConfig.from_dict({
+        "policy": str(student), "teacher": str(teacher), "output_dir": str(tmp_path / "run"),
+        "rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2, "max_new_tokens": 6,
+                    "kv_cache_memory": 1 << 22, "max_prompt_length": 40,
+                    "environment": "agent_envs:ThreeTurns", "max_turns": 3},
+        "ppo": {"minibatch_size": 4},
+        "train": {"iterations": 1, "progress": False, "device": "cpu"}})
+    train_distill(cfg, dataset=datasets.Dataset.from_list(
+        [{"prompt": "hello world"}, {"prompt": "the brown dog"}]))
+    [row] = [r for r in read_metrics(str(tmp_path / "run")) if r["kind"] == "train"]
+    assert row["tokens/environment"] > row["tokens/model"] > 0
+    assert row["tokens"] == row["tokens/model"]  # the divergence's tokens: the model's alone
+    assert row["turns/mean"] >= 2.5 and row["divergence"] > 0
 
 
 def test_a_teacher_of_another_vocabulary_is_refused(setup):
