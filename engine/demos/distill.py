@@ -29,9 +29,13 @@ from .sorting_task import build_base_model, build_tokenizer, write_data
 # its weights per layer).
 STUDENT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2)
 SAMPLES_PER_PROMPT = 4
-# Distillation's step: its per-token signal is dense and low in variance, and takes a larger one
-# than GRPO's scalar per answer (RL_LR).
-DISTILL_LR = 1e-3
+# Rows per optimizer step, both runs: 4 steps per iteration of 16 prompts x 4 samples.
+MINIBATCH = 16
+# Distillation's step, constant: its per-token signal is dense and low in variance and takes the
+# SFT's rate. At 1e-3 decaying (one step an iteration) the divergence stayed at 2.5 over 30
+# iterations; at 3e-3 constant, 4 steps an iteration, it fell from 2.7 to 1.3 and the student went
+# from 1.5% to 26% (seed 0, CPU). GRPO keeps the sorting demo's rate (RL_LR).
+DISTILL_LR = 3e-3
 
 
 def rollout(cfg: DemoConfig):
@@ -55,8 +59,8 @@ def run_distill_stage(cfg: DemoConfig, out: Path, prompts: str, student: Path, t
         policy=str(student), teacher=str(teacher), prompts_file=prompts,
         output_dir=str(out / "distill"), seed=cfg.seed, rollout=rollout(cfg),
         ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.0, vf_coef=0.0, epochs=1,
-                         minibatch_size=cfg.rl_prompts * SAMPLES_PER_PROMPT),
-        optim=OptimConfig(lr=DISTILL_LR, max_grad_norm=1.0),
+                         minibatch_size=MINIBATCH),
+        optim=OptimConfig(lr=DISTILL_LR, max_grad_norm=1.0, min_lr_ratio=1.0),
         train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop)))
 
 
@@ -71,10 +75,9 @@ def run_grpo_baseline(cfg: DemoConfig, out: Path, prompts: str, student: Path,
     return train_ppo(GRPOConfig(
         policy=str(student), prompts_file=prompts, output_dir=str(out / "grpo"), seed=cfg.seed,
         rollout=rollout(cfg),
-        ppo=UpdateConfig(estimator="grpo", epochs=1,
-                         minibatch_size=cfg.rl_prompts * SAMPLES_PER_PROMPT, vf_coef=0.0,
+        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=MINIBATCH, vf_coef=0.0,
                          kl_loss_coef=0.001),
-        optim=OptimConfig(lr=RL_LR, max_grad_norm=1.0),
+        optim=OptimConfig(lr=RL_LR, max_grad_norm=1.0, min_lr_ratio=1.0),
         train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop)),
         reward_fn=program_reward)
 
