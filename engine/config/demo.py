@@ -12,7 +12,7 @@ from .train import Precision
 TASKS = ("sort", "tool", "distill")
 # The options whose default depends on the task (None: this default), one per TASKS.
 TASK_DEFAULTS = {"digits": (4, 3, 4), "sft_epochs": (4, 8, 4), "algo": ("ppo", "grpo", "grpo"),
-                 "rl_iterations": (100, 30, 30),
+                 "rl_iterations": (100, 30, 45),
                  "output_dir": ("fusedrl-demo", "fusedrl-demo", "fusedrl-demo-distill")}
 
 
@@ -44,7 +44,7 @@ class DemoConfig:
         "(default: sort ppo, tool grpo, its only one)")
     rl_iterations: int | None = option(
         "PPO or GRPO iterations (task=distill: distillation's and GRPO's each) (default: sort "
-        "100, tool 30, distill 30)")
+        "100, tool 30, distill 45)")
     rl_prompts: int = option("prompts per iteration (PPO samples 4 responses each, GRPO 8)", 16)
     eval_samples: int = option("samples per held-out prompt for the accuracy", 4)
     lora_rank: int = option(
