@@ -162,3 +162,4 @@ class FusedGRPOTrainer(GRPOTrainer):
         metrics["clip_ratio/high_mean"].append(self.accelerator.reduce(high, "mean").item())
         metrics["clip_ratio/region_mean"].append(
             self.accelerator.reduce(low + high, "mean").item())
+from .trl_distill import FusedDistillationTrainer  # noqa: E402,F401  (re-exported)
