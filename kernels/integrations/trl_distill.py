@@ -13,6 +13,7 @@ import torch
 from trl import DistillationTrainer
 
 from .distill import chunked_divergence_loss
+from .lm_head import head_transform
 
 # The multimodal fields TRL's _compute_loss forwards to both backbones, as it names them.
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes",
@@ -23,8 +24,6 @@ class FusedDistillationTrainer(DistillationTrainer):
     """trl.DistillationTrainer with linear_distill_divergence as its loss; same arguments."""
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        from .trl import head_transform   # trl.py re-exports this class: imported when called
-
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         loss_mask = inputs["completion_mask"]

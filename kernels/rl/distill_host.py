@@ -46,10 +46,10 @@ def _launch_args(hs, ws, bs, ht, wt, bt):
 
 
 def distill_forward(hs, ws, bs, ht, wt, bt, valid, beta, inv_s, inv_t):
-    """(divergence, entropy, aux) [N] fp32 and norms [NORMS, N] fp32 of the student hidden hs [N, Ks] through
-    ws [V, Ks] (+ bs) against the teacher ht [N, Kt], wt [V, Kt] (+ bt), each head's logits times
-    inv_s / inv_t; divergence and entropy 0 where valid [N] (int8) is 0. aux: what backward reads
-    besides the log-sum-exps (the KL, or KL(p_s || m) for the JSD)."""
+    """(divergence, entropy, aux) [N] fp32 and norms [NORMS, N] fp32 of the student hidden
+    hs [N, Ks] through ws [V, Ks] (+ bs) against the teacher ht [N, Kt], wt [V, Kt] (+ bt), each
+    head's logits times inv_s / inv_t; divergence and entropy 0 where valid [N] (int8) is 0.
+    aux: what backward reads besides the norms (the KL, or KL(p_s || m) for the JSD)."""
     n_rows, vocab = hs.shape[0], ws.shape[0]
     if n_rows == 0:
         return (*(hs.new_zeros(0, dtype=torch.float32) for _ in range(3)),
