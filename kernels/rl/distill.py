@@ -2,26 +2,36 @@
 next-token distributions compared at every valid position without either model's [N, V] logits,
 the gradient to the student's hidden states and head only (TRL's definitions, reference/distill.py).
 
-Every backend runs distill_torch.py's row chunks.
+Backends (dispatch.backend_for; "auto" keeps CPU tensors on torch even under the Triton
+interpreter, which takes minutes at an LM head's size): "triton" (and "cuda") run the fused
+kernels of distill_kernels.py through distill_host.py, neither head's logits in memory; the
+sampled mode is linear_token_logprobs of each head (its fused kernels there); the "torch" backend,
+soft-capped logits (the kernels have no tanh) and the top-K mode run distill_torch.py's row
+chunks.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
 
 from .. import checks
-from ..dispatch import sync_checks_enabled
+from ..dispatch import backend_for, sync_checks_enabled, use_backend
+from .distill_host import fused_distill
 from .distill_torch import DistillSpec, chunked_distill
+from .linear_logprobs import default_chunk_size as fused_chunk_size, linear_token_logprobs
 from .statistics import compute_dtype
 from ..reference.distill import reduce_divergence
 
 OP = "linear_distill_divergence"
 MODES = ("full", "sampled", "top_k")
 REDUCTIONS = ("mean", "sum", "none")
-# Bytes of one [C, V] buffer of the row-chunked path: its backward holds about ten (autograd's
-# intermediates of one chunk's terms), so 16 MiB keeps the op's extra memory near 0.2 GB at any N.
-CHUNK_BYTES = 1 << 24
+# Bytes of one [C, V] buffer of the row-chunked path, whose backward holds a few tens of them
+# (autograd's intermediates of one chunk's terms, both heads' logits). Measured on the CPU at
+# N=4096, H=256, V=32000, beta 0.5 (bench/bench_distill.py): 16 MiB peaked at 753 MiB above the
+# inputs, 4 MiB at 261 MiB but 1.6x slower (each chunk streams both heads again); 8 MiB between.
+CHUNK_BYTES = 1 << 23
 
 
 class DistillOutput(NamedTuple):
@@ -134,6 +144,21 @@ def _head(hidden, weight, bias):
             None if bias is None else bias.to(dtype))
 
 
+def _sampled(hidden, weight, bias, teacher, valid, backend, temperature, scales, softcaps):
+    """(log p_s(y) - log p_t(y), the student's entropy) [N], 0 on masked rows: linear_token_logprobs
+    of each head on ``backend``'s path, the teacher's without a graph."""
+    ht, wt, bt, labels = teacher[:4]
+    labels = torch.where(valid, labels, -100)
+    with use_backend("torch") if backend == "torch" else contextlib.nullcontext():
+        logp_s, entropy = linear_token_logprobs(hidden, weight, labels, bias=bias,
+                                                temperature=temperature, return_entropy=True,
+                                                logit_scale=scales[0], softcap=softcaps[0])
+        with torch.no_grad():
+            logp_t = linear_token_logprobs(ht, wt, labels, bias=bt, temperature=temperature,
+                                           logit_scale=scales[1], softcap=softcaps[1])
+    return logp_s - logp_t.to(logp_s.dtype), entropy.detach()
+
+
 def linear_distill_divergence(
         student_hidden: torch.Tensor, student_weight: torch.Tensor,
         teacher_hidden: Optional[torch.Tensor], teacher_weight: Optional[torch.Tensor],
@@ -206,12 +231,25 @@ def linear_distill_divergence(
     else:
         teacher = (*_head(teacher_hidden, teacher_weight, teacher_bias),
                    labels, None, None)
-    cd = compute_dtype(hidden)
-    spec = DistillSpec(mode, float(beta), float(temperature), float(student_logit_scale),
-                       float(teacher_logit_scale), student_softcap, teacher_softcap,
-                       chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0],
-                                                        cd.itemsize))
-    divergence, entropy = chunked_distill(hidden, weight, bias, valid, teacher, spec)
+    backend = backend_for(hidden, interpret_on_auto=False)
+    if mode == "sampled":
+        divergence, entropy = _sampled(hidden, weight, bias, teacher, valid, backend, temperature,
+                                       (student_logit_scale, teacher_logit_scale),
+                                       (student_softcap, teacher_softcap))
+    elif backend != "torch" and mode == "full" and student_softcap is None \
+            and teacher_softcap is None:
+        ht, wt, bt = teacher[:3]
+        divergence, entropy = fused_distill(
+            hidden, weight, bias, ht, wt, bt, valid, beta, student_logit_scale / temperature,
+            teacher_logit_scale / temperature,
+            chunk_size or fused_chunk_size(hidden.shape[0], weight.shape[0], hidden.itemsize))
+    else:
+        cd = compute_dtype(hidden)
+        spec = DistillSpec(mode, float(beta), float(temperature), float(student_logit_scale),
+                           float(teacher_logit_scale), student_softcap, teacher_softcap,
+                           chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0],
+                                                            cd.itemsize))
+        divergence, entropy = chunked_distill(hidden, weight, bias, valid, teacher, spec)
     divergence = reduce_divergence(divergence.reshape(lead), valid.reshape(lead), reduction,
                                    num_items_in_batch)
     return DistillOutput(divergence, entropy.reshape(lead))

@@ -16,13 +16,13 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ..reference.distill import full_terms, sampled_terms, scaled_logits, top_k_terms
+from ..reference.distill import full_terms, scaled_logits, top_k_terms
 from ..reference.statistics import compute_dtype
 
 
 class DistillSpec(NamedTuple):
     """The divergence's options as the chunked path takes them (validated by the caller)."""
-    mode: str                       # "full", "sampled" or "top_k"
+    mode: str                       # "full" or "top_k"
     beta: float
     temperature: float
     student_logit_scale: float
@@ -48,14 +48,12 @@ def _student_logits(pre, spec: DistillSpec):
 def _chunk_terms(zs, teacher, start, end, spec: DistillSpec):
     """(divergence, entropy) [C] of the rows [start, end): zs [C, V] the student's scaled logits,
     teacher (hidden, weight, bias, labels, topk_ids, topk_logprobs)."""
-    hidden, weight, bias, labels, topk_ids, topk_logprobs = teacher
+    hidden, weight, bias, _, topk_ids, topk_logprobs = teacher
     if spec.mode == "top_k":
         return top_k_terms(zs, topk_ids[start:end], topk_logprobs[start:end], spec.beta)
     with torch.no_grad():
         zt = scaled_logits(hidden[start:end], weight, bias, spec.teacher_logit_scale,
                            spec.teacher_softcap, spec.temperature)
-    if spec.mode == "sampled":
-        return sampled_terms(zs, zt, labels[start:end])
     return full_terms(zs, zt, spec.beta)
 
 

@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
+import fusedrl.kernels.rl.distill as distill_module
+import fusedrl.kernels.rl.distill_host as distill_host
 from fusedrl.kernels import linear_distill_divergence, reference, use_backend
 from kernel_testing import DEVICE, assert_close, assert_within_torch_error, needs_triton
 
+DEVICE_OBJ = torch.device(DEVICE)
 BACKENDS = [pytest.param("torch", id="torch"),
             pytest.param("triton", marks=needs_triton, id="triton")]
 
@@ -313,3 +316,21 @@ def test_bad_arguments_are_named():
         linear_distill_divergence(*args[:2], None, None, x["mask"], mode="top_k",
                                   teacher_topk_ids=torch.zeros(4, 7, dtype=torch.long),
                                   teacher_topk_logprobs=torch.zeros(4, 7))
+
+
+@needs_triton
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_fused_kernels_split_the_vocabulary_and_skip_masked_tiles(beta, monkeypatch):
+    """The fused path itself (the row-chunked one is made to fail): two vocabulary splits in
+    forward (2100 columns, 17 tiles), a first row tile all masked (computed by no program), a
+    6-row last tile, six backward vocabulary chunks with a tail."""
+    monkeypatch.setattr(distill_module, "chunked_distill", None)
+    inputs = make_inputs(70, 8, 12, 2100)
+    inputs["mask"][:64] = False
+    assert distill_host.vocab_splits(2, 2100, distill_host._sm_count(DEVICE_OBJ))[0] == 2
+    with use_backend("triton"):
+        ours = run(linear_distill_divergence, inputs, beta=beta, temperature=0.7, chunk_size=16)
+    exact = run(reference.linear_distill_divergence, inputs, lambda t: t.detach().double(),
+                beta=beta, temperature=0.7)
+    compare_fp32(ours, exact)
+    assert torch.all(ours[0][:64] == 0) and torch.all(ours[2][:64] == 0)
