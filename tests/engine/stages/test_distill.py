@@ -146,6 +146,23 @@ def test_a_teacher_of_another_vocabulary_is_refused(setup):
         train_distill(cfg)
 
 
+@pytest.mark.parametrize("fields, message", [
+    (dict(distill=DistillSection(mode="sampled", temperature=0.7)),
+     r"distill.temperature \(0.7\) must equal rollout.temperature"),
+    (dict(distill=DistillSection(mode="sampled", lmbda=0.5)), r"distill.lmbda must be 1"),
+    (dict(reward_fn="reward_testing:vowel_fraction"), r"distill.reward_coef=0 ignores reward_fn"),
+    (dict(ppo=UpdateConfig(estimator="grpo", vf_coef=0.0, kl_loss_coef=0.01)),
+     r"ppo.kl_loss_coef and reward.kl_coef must be 0"),
+])
+def test_options_that_cannot_run_are_refused_in_one_line(setup, fields, message):
+    with pytest.raises(ValueError, match=message):
+        config(setup, "refused", **fields)
+    for bad, name in ((dict(beta=1.5), "beta"), (dict(lmbda=-0.1), "lmbda"),
+                      (dict(top_k=0), "top_k"), (dict(temperature=0.0), "temperature")):
+        with pytest.raises(ValueError, match=f"distill.{name} must be"):
+            DistillSection(**bad)
+
+
 def test_help_names_the_teacher(capsys):
     with pytest.raises(SystemExit):
         cli.main(["distill", "--help"])
