@@ -72,7 +72,9 @@ def micro_loss(models: PPOModels, teacher: Teacher, batch: DistillBatch, s: Dist
     policy, d = models.policy, s.distill
     hidden, target_rows, _ = policy.forward_rows(batch.packed)                 # [N', Hs]
     h = hidden.index_select(0, target_rows)                                    # [M, Hs]
-    weight = policy.lm_head.weight                                             # [V, Hs]
+    # whole: a tensor-parallel head's vocabulary slices gathered (differentiably), as the
+    # divergence reads every token of both heads; a plain tensor as it is
+    weight = distributed.whole_value(policy.lm_head.weight)                    # [V, Hs]
     stats = {"teacher_logprob": batch.teacher.logprobs.sum()}
     loss = h.new_zeros((), dtype=torch.float32)
     advantages = None
