@@ -171,7 +171,13 @@ def test_help_names_the_teacher(capsys):
 
 
 def test_plan_counts_the_teacher(setup, capsys):
+    """The teacher stands where the reference would; on 2 GPUs its head gathered whole (bf16) is
+    held from the first rollout on."""
     _, student, teacher, _, _ = setup
     assert cli.main(["plan", "distill", f"policy={student}", f"teacher={teacher}", "--json"]) == 0
     roles = [m["role"] for m in json.loads(capsys.readouterr().out)["models"]]
     assert roles == ["policy", "teacher"]
+    assert cli.main(["plan", "distill", f"policy={student}", f"teacher={teacher}", "--gpus", "2",
+                     "--json"]) == 0
+    phases = json.loads(capsys.readouterr().out)["phases"]
+    assert phases["rollout"]["weights"] - phases["load"]["weights"] == 300 * 96 * 2  # V x Ht bf16
