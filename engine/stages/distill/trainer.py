@@ -24,6 +24,7 @@ from ...config.compatibility import refuse_incompatible
 from ...config.distill import DistillConfig, check_teacher_vocabulary
 from ...data.prompts import PromptRow, load_prompts
 from ...errors import NonFiniteError, UsageError
+from ...model.hf_io import load_config
 from ...parallel import distributed
 from ...plan.check import startup_check
 from ...runs.run_dir import releases_output_dir
@@ -75,13 +76,8 @@ def train_distill(cfg: DistillConfig, reward_fn=None,
 def _train(cfg: DistillConfig, rewards: Optional[RewardFunctions], evaluate, dataset,
            sandbox_mode: str, callbacks) -> Path:
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="distill",
-                    config=cfg, check=startup_check)
+                    config=cfg, check=startup_checks)
     cfg = run.config
-    try:
-        check_teacher_vocabulary(run.configs["policy"].vocab_size,
-                                 run.configs["teacher"].vocab_size, cfg.teacher)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     refuse_incompatible(cfg, moe=run.configs["policy"].moe is not None)
     device, tokenizer = run.device, run.tokenizer
     agents = build_agents(cfg.rollout, tokenizer)
@@ -107,6 +103,18 @@ def _train(cfg: DistillConfig, rewards: Optional[RewardFunctions], evaluate, dat
     final = Path(cfg.output_dir) / "final"
     adapters.export(models.policy, models.lora, final, cfg.policy)  # collective
     return final
+
+
+def startup_checks(cfg: DistillConfig, device: torch.device, gpus: int) -> DistillConfig:
+    """The stage's start-up check (start_run's `check`: before the output directory is claimed or
+    a model loads): a teacher of another vocabulary refused in one line, then every stage's
+    (plan/check.py)."""
+    try:
+        check_teacher_vocabulary(load_config(Path(cfg.policy)).vocab_size,
+                                 load_config(Path(cfg.teacher)).vocab_size, cfg.teacher)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return startup_check(cfg, device, gpus)
 
 
 def iteration_step(cfg: DistillConfig, models: PPOModels, teacher: Teacher, opts: Optimizers,
