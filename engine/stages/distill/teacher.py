@@ -5,17 +5,44 @@ state at each sampled position, not its logits: the fused divergence applies its
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from ...config.distill import check_teacher_vocabulary
 from ...data.packing import PackedBatch
+from ...errors import UsageError
 from ...model.causal_lm import CausalLM
-from ...model.hf_io import load_model
+from ...model.hf_io import load_config, load_model, load_tokenizer
 from ...model.lm_head import head_dtype, lm_head_logprobs
 from ...parallel import distributed
 from ...parallel.dims import ParallelDims
 from ...parallel.layout import layout_at_load
 from ..ppo.microbatches import forward_in_microbatches
+
+
+# The files of a tokenizer transformers loads from a model directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def refuse_other_vocabulary(student_dir: str, teacher_dir: str) -> None:
+    """UsageError in one line unless the teacher's vocabulary is the student's: the same
+    vocab_size (config.json) and, where the teacher's directory holds a tokenizer, every token at
+    the same id (a chat template of its own is no difference)."""
+    try:
+        check_teacher_vocabulary(load_config(Path(student_dir)).vocab_size,
+                                 load_config(Path(teacher_dir)).vocab_size, teacher_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not any((Path(teacher_dir) / name).exists() for name in TOKENIZER_FILES):
+        return
+    ours, theirs = (load_tokenizer(d).get_vocab() for d in (student_dir, teacher_dir))
+    moved = sorted(t for t in ours.keys() | theirs.keys() if ours.get(t) != theirs.get(t))
+    if moved:
+        raise UsageError(f"teacher={teacher_dir}: its tokenizer gives {len(moved)} token(s) another "
+                         f"id than the student's (policy), e.g. {moved[0]!r}: "
+                         f"{theirs.get(moved[0])} against {ours.get(moved[0])}; distillation needs "
+                         "one vocabulary")
 
 
 @dataclass

@@ -21,10 +21,9 @@ from typing import Callable, Optional
 import torch
 
 from ...config.compatibility import refuse_incompatible
-from ...config.distill import DistillConfig, check_teacher_vocabulary
+from ...config.distill import DistillConfig
 from ...data.prompts import PromptRow, load_prompts
-from ...errors import NonFiniteError, UsageError
-from ...model.hf_io import load_config
+from ...errors import NonFiniteError
 from ...parallel import distributed
 from ...plan.check import startup_check
 from ...runs.run_dir import releases_output_dir
@@ -45,7 +44,7 @@ from ..ppo.trainer import build_models, build_optimizers, open_rewards, trainabl
 from ..ppo.update import Optimizers
 from ..rewards.combined import RewardFunctions
 from .completions import check_completions, completion_rows, on_policy
-from .teacher import Teacher, load_teacher, score_with_teacher
+from .teacher import Teacher, load_teacher, refuse_other_vocabulary, score_with_teacher
 from .update import DistillBatch, DistillSettings, distill_update
 
 
@@ -109,11 +108,7 @@ def startup_checks(cfg: DistillConfig, device: torch.device, gpus: int) -> Disti
     """The stage's start-up check (start_run's `check`: before the output directory is claimed or
     a model loads): a teacher of another vocabulary refused in one line, then every stage's
     (plan/check.py)."""
-    try:
-        check_teacher_vocabulary(load_config(Path(cfg.policy)).vocab_size,
-                                 load_config(Path(cfg.teacher)).vocab_size, cfg.teacher)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    refuse_other_vocabulary(cfg.policy, cfg.teacher)
     return startup_check(cfg, device, gpus)
 
 

@@ -3,6 +3,7 @@ while the teacher stays bitwise unchanged, in each mode; runs resume bit-exactly
 LoRA, with GKD's dataset completions mixed in); a teacher of another vocabulary is refused in one
 line; `fusedrl distill --help` names the teacher; `fusedrl plan distill` counts the teacher."""
 import json
+import shutil
 
 import datasets
 import pytest
@@ -138,11 +139,24 @@ def test_multi_turn_trajectories_distill_the_model_tokens_only(tmp_path):
     assert row["turns/mean"] >= 2.5 and row["divergence"] > 0
 
 
-def test_a_teacher_of_another_vocabulary_is_refused(setup):
-    root, _, _, other, _ = setup
+def test_a_teacher_of_another_vocabulary_is_refused(setup, tmp_path):
+    """Another vocab_size, or the same size with tokens at other ids: refused in one line before
+    the output directory is claimed."""
+    root, student, teacher, other, _ = setup
     cfg = config(setup, "mismatch")
     cfg.teacher = str(other)
-    with pytest.raises(UsageError, match=r"teacher=.*320 tokens.*300.*one vocabulary"):
+    with pytest.raises(UsageError, match=r"^teacher=.*320 tokens, the student's \(policy\) 300; "
+                                         r"distillation needs one vocabulary$"):
+        train_distill(cfg)
+    assert not (root / "mismatch" / ".fusedrl-run").exists()
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(teacher, shuffled)
+    tokenizer = json.loads((shuffled / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["the"], vocab["Ġdog"] = vocab["Ġdog"], vocab["the"]
+    (shuffled / "tokenizer.json").write_text(json.dumps(tokenizer))
+    cfg.teacher = str(shuffled)
+    with pytest.raises(UsageError, match=r"^teacher=.*: its tokenizer gives 2 token\(s\) another id"):
         train_distill(cfg)
 
 
