@@ -39,8 +39,8 @@ def refuse_other_vocabulary(student_dir: str, teacher_dir: str) -> None:
     ours, theirs = (load_tokenizer(d).get_vocab() for d in (student_dir, teacher_dir))
     moved = sorted(t for t in ours.keys() | theirs.keys() if ours.get(t) != theirs.get(t))
     if moved:
-        raise UsageError(f"teacher={teacher_dir}: its tokenizer gives {len(moved)} token(s) another "
-                         f"id than the student's (policy), e.g. {moved[0]!r}: "
+        raise UsageError(f"teacher={teacher_dir}: its tokenizer gives {len(moved)} token(s) "
+                         f"another id than the student's (policy), e.g. {moved[0]!r}: "
                          f"{theirs.get(moved[0])} against {ours.get(moved[0])}; distillation needs "
                          "one vocabulary")
 
