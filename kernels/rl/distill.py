@@ -12,6 +12,7 @@ chunks.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -111,9 +112,6 @@ def _check_teacher(mode, student_hidden, student_weight, teacher_hidden, teacher
         if topk_ids.device != student_hidden.device:
             raise ValueError(f"{OP}: teacher_topk_ids is on {topk_ids.device} but student_hidden "
                              f"is on {student_hidden.device}")
-        if sync_checks_enabled(topk_ids) and topk_ids.numel() and \
-                bool(((topk_ids < 0) | (topk_ids >= vocab)).any()):
-            raise ValueError(f"{OP}: teacher_topk_ids must be in [0, {vocab})")
         return
     if topk_ids is not None or topk_logprobs is not None:
         raise ValueError(f"{OP}: teacher_topk_ids / teacher_topk_logprobs are read by "
@@ -226,8 +224,16 @@ def linear_distill_divergence(
             checks.check_label_range(OP, labels, weight.shape[0], ignore_index=0)
     if mode == "top_k":
         k = teacher_topk_ids.shape[-1]
-        teacher = (None, None, None, None, teacher_topk_ids.reshape(-1, k),
-                   teacher_topk_logprobs.reshape(-1, k))
+        # A masked row's entries (padding, maybe -1 or NaN) are never read: K distinct ids with
+        # the uniform mass over K + 1 buckets stand in for them.
+        ids = torch.where(valid[:, None], teacher_topk_ids.reshape(-1, k),
+                          torch.arange(k, device=valid.device))
+        logprobs = torch.where(valid[:, None], teacher_topk_logprobs.reshape(-1, k),
+                               -math.log(k + 1))
+        if sync_checks_enabled(ids) and bool(((ids < 0) | (ids >= weight.shape[0])).any()):
+            raise ValueError(f"{OP}: teacher_topk_ids must be in [0, {weight.shape[0]}) on the "
+                             f"valid rows")
+        teacher = (None, None, None, None, ids, logprobs)
     else:
         teacher = (*_head(teacher_hidden, teacher_weight, teacher_bias),
                    labels, None, None)

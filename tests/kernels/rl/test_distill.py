@@ -316,6 +316,10 @@ def test_bad_arguments_are_named():
         linear_distill_divergence(*args[:2], None, None, x["mask"], mode="top_k",
                                   teacher_topk_ids=torch.zeros(4, 7, dtype=torch.long),
                                   teacher_topk_logprobs=torch.zeros(4, 7))
+    with pytest.raises(ValueError, match="teacher_topk_ids"):
+        linear_distill_divergence(*args[:2], None, None, None, mode="top_k",
+                                  teacher_topk_ids=torch.full((4, 2), 7),
+                                  teacher_topk_logprobs=torch.zeros(4, 2))
 
 
 @needs_triton
@@ -334,3 +338,23 @@ def test_fused_kernels_split_the_vocabulary_and_skip_masked_tiles(beta, monkeypa
                 beta=beta, temperature=0.7)
     compare_fp32(ours, exact)
     assert torch.all(ours[0][:64] == 0) and torch.all(ours[2][:64] == 0)
+
+
+def test_top_k_padding_rows_are_never_read():
+    """A masked row's teacher entries may be padding (-1 ids, NaN log-probs): no effect on the
+    valid rows, no NaN anywhere, 0 gradient on the masked rows."""
+    inputs = make_inputs(6, 5, 7, 13, p_valid=1.0)
+    teacher = top_k_teacher(inputs, 4, 1.0)
+    mask = torch.tensor([True, False, True, True, False, True], device=DEVICE)
+    padded = {k: v.clone() for k, v in teacher.items()}
+    padded["teacher_topk_ids"][~mask] = -1
+    padded["teacher_topk_logprobs"][~mask] = float("nan")
+    outs = []
+    for t in (teacher, padded):
+        h = inputs["student_hidden"].clone().requires_grad_()
+        out = linear_distill_divergence(h, inputs["student_weight"], None, None, mask, beta=0.5,
+                                        mode="top_k", reduction="none", **t)
+        out.divergence.sum().backward()
+        outs.append((out.divergence, h.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert torch.isfinite(outs[1][1]).all() and torch.all(outs[1][1][~mask] == 0)
