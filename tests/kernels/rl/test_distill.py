@@ -157,15 +157,22 @@ def test_fully_masked_batch_gives_zero_and_zero_gradients(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n_rows", [0, 1])
-def test_empty_and_single_row(backend, n_rows):
+@pytest.mark.parametrize("lead", [(0,), (1,), (3, 1)], ids=["N=0", "N=1", "T=1"])
+def test_empty_single_row_and_one_step(backend, lead):
+    """N = 0, N = 1, and [B, T=1, H] host inputs with a masked row."""
+    n_rows = math.prod(lead)
     inputs = make_inputs(n_rows, 4, 6, 11, p_valid=1.0)
+    if len(lead) == 2:
+        inputs["mask"][1] = False
+    inputs = {k: t.reshape(*lead, *t.shape[1:]) if k in ("student_hidden", "teacher_hidden",
+                                                          "mask") else t
+              for k, t in inputs.items()}
     with use_backend(backend):
         ours = run(linear_distill_divergence, inputs, beta=0.5)
     exact = run(reference.linear_distill_divergence, inputs, lambda t: t.detach().double(),
                 beta=0.5)
     compare_fp32(ours, exact)
-    assert ours[0].shape == (n_rows,) and ours[2].shape == (n_rows, 4)
+    assert ours[0].shape == lead and ours[2].shape == (*lead, 4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
