@@ -142,6 +142,26 @@ def _head(hidden, weight, bias):
             None if bias is None else bias.to(dtype))
 
 
+def _teacher_inputs(mode, valid, vocab, hidden, weight, bias, labels, topk_ids, topk_logprobs):
+    """(hidden [N, Ht], weight, bias, labels [N], topk_ids [N, K], topk_logprobs [N, K]) as the
+    paths take them, None where the mode reads nothing. What a masked row holds is never read
+    (a pad label -100, padding ids -1, NaN log-probs): harmless stand-ins replace it."""
+    if mode == "top_k":
+        k = topk_ids.shape[-1]
+        # K distinct ids with the uniform mass over K + 1 buckets
+        ids = torch.where(valid[:, None], topk_ids.reshape(-1, k),
+                          torch.arange(k, device=valid.device))
+        logprobs = torch.where(valid[:, None], topk_logprobs.reshape(-1, k), -math.log(k + 1))
+        if sync_checks_enabled(ids) and bool(((ids < 0) | (ids >= vocab)).any()):
+            raise ValueError(f"{OP}: teacher_topk_ids must be in [0, {vocab}) on the valid rows")
+        return None, None, None, None, ids, logprobs
+    if labels is not None:
+        labels = torch.where(valid, labels.reshape(-1), 0)
+        if sync_checks_enabled(labels):
+            checks.check_label_range(OP, labels, vocab, ignore_index=0)
+    return (*_head(hidden, weight, bias), labels, None, None)
+
+
 def _sampled(hidden, weight, bias, teacher, valid, backend, temperature, scales, softcaps):
     """(log p_s(y) - log p_t(y), the student's entropy) [N], 0 on masked rows: linear_token_logprobs
     of each head on ``backend``'s path, the teacher's without a graph."""
@@ -198,7 +218,9 @@ def linear_distill_divergence(
         labels: [...] int sampled tokens in [0, V), mode="sampled" only.
         teacher_topk_ids: [..., K] int distinct token ids, teacher_topk_logprobs [..., K] float,
             mode="top_k" only (1 <= K < V).
-        chunk_size: rows per chunk of the PyTorch path (default: CHUNK_BYTES of logits).
+        chunk_size: rows per chunk of the PyTorch path (default: CHUNK_BYTES of logits); on the
+            fused path, the backward's vocabulary chunk holds chunk_size x V logits (default:
+            linear_logprobs' budget).
     Returns:
         DistillOutput(divergence, entropy) in fp32 (fp64 for fp64 inputs).
     """
@@ -217,26 +239,8 @@ def linear_distill_divergence(
     valid = (torch.ones(lead, dtype=torch.bool, device=student_hidden.device) if valid is None
              else valid != 0).reshape(-1)
     hidden, weight, bias = _head(student_hidden, student_weight, student_bias)
-    if labels is not None:
-        # a masked row's label may be a pad (-100): it is never read, so 0 stands in for it
-        labels = torch.where(valid, labels.reshape(-1), 0)
-        if sync_checks_enabled(labels):
-            checks.check_label_range(OP, labels, weight.shape[0], ignore_index=0)
-    if mode == "top_k":
-        k = teacher_topk_ids.shape[-1]
-        # A masked row's entries (padding, maybe -1 or NaN) are never read: K distinct ids with
-        # the uniform mass over K + 1 buckets stand in for them.
-        ids = torch.where(valid[:, None], teacher_topk_ids.reshape(-1, k),
-                          torch.arange(k, device=valid.device))
-        logprobs = torch.where(valid[:, None], teacher_topk_logprobs.reshape(-1, k),
-                               -math.log(k + 1))
-        if sync_checks_enabled(ids) and bool(((ids < 0) | (ids >= weight.shape[0])).any()):
-            raise ValueError(f"{OP}: teacher_topk_ids must be in [0, {weight.shape[0]}) on the "
-                             f"valid rows")
-        teacher = (None, None, None, None, ids, logprobs)
-    else:
-        teacher = (*_head(teacher_hidden, teacher_weight, teacher_bias),
-                   labels, None, None)
+    teacher = _teacher_inputs(mode, valid, weight.shape[0], teacher_hidden, teacher_weight,
+                              teacher_bias, labels, teacher_topk_ids, teacher_topk_logprobs)
     backend = backend_for(hidden, interpret_on_auto=False)
     if mode == "sampled":
         divergence, entropy = _sampled(hidden, weight, bias, teacher, valid, backend, temperature,
