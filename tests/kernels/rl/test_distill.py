@@ -365,3 +365,15 @@ def test_top_k_padding_rows_are_never_read():
         outs.append((out.divergence, h.grad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert torch.isfinite(outs[1][1]).all() and torch.all(outs[1][1][~mask] == 0)
+
+
+@needs_triton
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_custom_op_registrations(beta):
+    """fusedrl::linear_distill_fwd's schema, fake tensors (what torch.compile traces with) and
+    autograd agree with the op (torch.library.opcheck)."""
+    x = make_inputs(5, 4, 6, 20)
+    args = (x["student_hidden"].requires_grad_(), x["student_weight"].requires_grad_(),
+            x["student_bias"].requires_grad_(), x["teacher_hidden"], x["teacher_weight"], None,
+            x["mask"].to(torch.int8), beta, 1.0, 1.3, 16)
+    torch.library.opcheck(torch.ops.fusedrl.linear_distill_fwd.default, args)
