@@ -12,6 +12,7 @@ chunks.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -111,9 +112,6 @@ def _check_teacher(mode, student_hidden, student_weight, teacher_hidden, teacher
         if topk_ids.device != student_hidden.device:
             raise ValueError(f"{OP}: teacher_topk_ids is on {topk_ids.device} but student_hidden "
                              f"is on {student_hidden.device}")
-        if sync_checks_enabled(topk_ids) and topk_ids.numel() and \
-                bool(((topk_ids < 0) | (topk_ids >= vocab)).any()):
-            raise ValueError(f"{OP}: teacher_topk_ids must be in [0, {vocab})")
         return
     if topk_ids is not None or topk_logprobs is not None:
         raise ValueError(f"{OP}: teacher_topk_ids / teacher_topk_logprobs are read by "
@@ -142,6 +140,26 @@ def _head(hidden, weight, bias):
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
     return (hidden.to(dtype).reshape(-1, weight.shape[1]), weight.to(dtype),
             None if bias is None else bias.to(dtype))
+
+
+def _teacher_inputs(mode, valid, vocab, hidden, weight, bias, labels, topk_ids, topk_logprobs):
+    """(hidden [N, Ht], weight, bias, labels [N], topk_ids [N, K], topk_logprobs [N, K]) as the
+    paths take them, None where the mode reads nothing. What a masked row holds is never read
+    (a pad label -100, padding ids -1, NaN log-probs): harmless stand-ins replace it."""
+    if mode == "top_k":
+        k = topk_ids.shape[-1]
+        # K distinct ids with the uniform mass over K + 1 buckets
+        ids = torch.where(valid[:, None], topk_ids.reshape(-1, k),
+                          torch.arange(k, device=valid.device))
+        logprobs = torch.where(valid[:, None], topk_logprobs.reshape(-1, k), -math.log(k + 1))
+        if sync_checks_enabled(ids) and bool(((ids < 0) | (ids >= vocab)).any()):
+            raise ValueError(f"{OP}: teacher_topk_ids must be in [0, {vocab}) on the valid rows")
+        return None, None, None, None, ids, logprobs
+    if labels is not None:
+        labels = torch.where(valid, labels.reshape(-1), 0)
+        if sync_checks_enabled(labels):
+            checks.check_label_range(OP, labels, vocab, ignore_index=0)
+    return (*_head(hidden, weight, bias), labels, None, None)
 
 
 def _sampled(hidden, weight, bias, teacher, valid, backend, temperature, scales, softcaps):
@@ -200,7 +218,9 @@ def linear_distill_divergence(
         labels: [...] int sampled tokens in [0, V), mode="sampled" only.
         teacher_topk_ids: [..., K] int distinct token ids, teacher_topk_logprobs [..., K] float,
             mode="top_k" only (1 <= K < V).
-        chunk_size: rows per chunk of the PyTorch path (default: CHUNK_BYTES of logits).
+        chunk_size: rows per chunk of the PyTorch path (default: CHUNK_BYTES of logits); on the
+            fused path, the backward's vocabulary chunk holds chunk_size x V logits (default:
+            linear_logprobs' budget).
     Returns:
         DistillOutput(divergence, entropy) in fp32 (fp64 for fp64 inputs).
     """
@@ -219,18 +239,8 @@ def linear_distill_divergence(
     valid = (torch.ones(lead, dtype=torch.bool, device=student_hidden.device) if valid is None
              else valid != 0).reshape(-1)
     hidden, weight, bias = _head(student_hidden, student_weight, student_bias)
-    if labels is not None:
-        # a masked row's label may be a pad (-100): it is never read, so 0 stands in for it
-        labels = torch.where(valid, labels.reshape(-1), 0)
-        if sync_checks_enabled(labels):
-            checks.check_label_range(OP, labels, weight.shape[0], ignore_index=0)
-    if mode == "top_k":
-        k = teacher_topk_ids.shape[-1]
-        teacher = (None, None, None, None, teacher_topk_ids.reshape(-1, k),
-                   teacher_topk_logprobs.reshape(-1, k))
-    else:
-        teacher = (*_head(teacher_hidden, teacher_weight, teacher_bias),
-                   labels, None, None)
+    teacher = _teacher_inputs(mode, valid, weight.shape[0], teacher_hidden, teacher_weight,
+                              teacher_bias, labels, teacher_topk_ids, teacher_topk_logprobs)
     backend = backend_for(hidden, interpret_on_auto=False)
     if mode == "sampled":
         divergence, entropy = _sampled(hidden, weight, bias, teacher, valid, backend, temperature,

@@ -84,6 +84,7 @@ def distill_forward(hs, ws, bs, ht, wt, bt, valid, beta, inv_s, inv_t):
         _jsd_kernel[(row_tiles, n_splits)](*heads, norms, sums, n_rows, vocab, split_cols,
                                            inv_s, inv_t, beta, **launch)
         divergence, aux = sums.sum(dim=1).unbind(0)
+        aux = aux.clone()   # an output of its own, not a view into the sums
     live = valid != 0
     return torch.where(live, divergence, 0.0), torch.where(live, entropy, 0.0), aux, norms
 

@@ -44,6 +44,17 @@ def _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, row_
 
 
 @triton.jit
+def _row_tile(valid_ptr, n_rows, BLOCK_M: tl.constexpr):
+    """(rows [BLOCK_M] int64, rows < N, whether any of them is valid) of this program's row tile,
+    program_id(0): it varies fastest, so the programs running together walk the same weight
+    tiles."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    live = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
+    return rows, row_ok, tl.sum(live.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def _log_probs(zs, zt, norms_ptr, rows, row_ok, n_rows):
     """(log p_s, log p_t) [BLOCK_M, BLOCK_N] of both heads' scaled logits, from NORMS."""
     shift_s = tl.load(norms_ptr + rows, mask=row_ok, other=0.0)
@@ -84,13 +95,10 @@ def _stats_kernel(
     INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # program_id(0) varies fastest: the programs running together walk the same weight tiles.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows, row_ok, any_live = _row_tile(valid_ptr, n_rows, BLOCK_M)
     split = tl.program_id(1)
-    row_ok = rows < n_rows
-    live = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
     # A tile of masked rows (a prompt) computes nothing: the host zeroes its rows' results.
-    if tl.sum(live.to(tl.int32), axis=0) > 0:
+    if any_live:
         m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
         s_s = tl.zeros([BLOCK_M], dtype=tl.float32)
         t_s = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -138,11 +146,9 @@ def _jsd_kernel(
     INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows, row_ok, any_live = _row_tile(valid_ptr, n_rows, BLOCK_M)
     split = tl.program_id(1)
-    row_ok = rows < n_rows
-    live = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
-    if tl.sum(live.to(tl.int32), axis=0) > 0:
+    if any_live:
         jsd = tl.zeros([BLOCK_M], dtype=tl.float32)
         kl_s = tl.zeros([BLOCK_M], dtype=tl.float32)
         begin = split * split_cols

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..reference.distill import full_terms, scaled_logits, top_k_terms
 from ..reference.statistics import compute_dtype
+from .linear_logprobs_torch import HeadGrads
 
 
 class DistillSpec(NamedTuple):
@@ -82,12 +83,7 @@ class ChunkedDistill(torch.autograd.Function):
         hidden, weight, bias, valid = ctx.saved_tensors
         spec = ctx.spec
         cd = compute_dtype(hidden)
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_weight \
-            else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_bias \
-            else None
+        grads = HeadGrads(hidden, weight, ctx.needs_input_grad[:3])
         g_all = torch.where(valid, grad_divergence.to(cd), 0.0)
         for start, end in _chunks(hidden.shape[0], spec.chunk_size):
             h = hidden[start:end]
@@ -95,14 +91,8 @@ class ChunkedDistill(torch.autograd.Function):
                 pre = F.linear(h, weight, bias).to(cd).detach().requires_grad_()   # [C, V]
                 div, _ = _chunk_terms(_student_logits(pre, spec), ctx.teacher, start, end, spec)
                 (grad,) = torch.autograd.grad(div, pre, g_all[start:end])           # [C, V]
-            if need_hidden:
-                grad_hidden[start:end] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_weight:
-                grad_weight.addmm_(grad.t(), h.to(cd))
-            if need_bias:
-                grad_bias += grad.sum(dim=0)
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(weight.dtype), None, None, None)
+            grads.add(grad, h, start, end)
+        return grads.result() + (None,) * 3
 
 
 def chunked_distill(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -157,15 +157,22 @@ def test_fully_masked_batch_gives_zero_and_zero_gradients(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n_rows", [0, 1])
-def test_empty_and_single_row(backend, n_rows):
+@pytest.mark.parametrize("lead", [(0,), (1,), (3, 1)], ids=["N=0", "N=1", "T=1"])
+def test_empty_single_row_and_one_step(backend, lead):
+    """N = 0, N = 1, and [B, T=1, H] host inputs with a masked row."""
+    n_rows = math.prod(lead)
     inputs = make_inputs(n_rows, 4, 6, 11, p_valid=1.0)
+    if len(lead) == 2:
+        inputs["mask"][1] = False
+    inputs = {k: t.reshape(*lead, *t.shape[1:]) if k in ("student_hidden", "teacher_hidden",
+                                                          "mask") else t
+              for k, t in inputs.items()}
     with use_backend(backend):
         ours = run(linear_distill_divergence, inputs, beta=0.5)
     exact = run(reference.linear_distill_divergence, inputs, lambda t: t.detach().double(),
                 beta=0.5)
     compare_fp32(ours, exact)
-    assert ours[0].shape == (n_rows,) and ours[2].shape == (n_rows, 4)
+    assert ours[0].shape == lead and ours[2].shape == (*lead, 4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -316,6 +323,10 @@ def test_bad_arguments_are_named():
         linear_distill_divergence(*args[:2], None, None, x["mask"], mode="top_k",
                                   teacher_topk_ids=torch.zeros(4, 7, dtype=torch.long),
                                   teacher_topk_logprobs=torch.zeros(4, 7))
+    with pytest.raises(ValueError, match="teacher_topk_ids"):
+        linear_distill_divergence(*args[:2], None, None, None, mode="top_k",
+                                  teacher_topk_ids=torch.full((4, 2), 7),
+                                  teacher_topk_logprobs=torch.zeros(4, 2))
 
 
 @needs_triton
@@ -334,3 +345,35 @@ def test_fused_kernels_split_the_vocabulary_and_skip_masked_tiles(beta, monkeypa
                 beta=beta, temperature=0.7)
     compare_fp32(ours, exact)
     assert torch.all(ours[0][:64] == 0) and torch.all(ours[2][:64] == 0)
+
+
+def test_top_k_padding_rows_are_never_read():
+    """A masked row's teacher entries may be padding (-1 ids, NaN log-probs): no effect on the
+    valid rows, no NaN anywhere, 0 gradient on the masked rows."""
+    inputs = make_inputs(6, 5, 7, 13, p_valid=1.0)
+    teacher = top_k_teacher(inputs, 4, 1.0)
+    mask = torch.tensor([True, False, True, True, False, True], device=DEVICE)
+    padded = {k: v.clone() for k, v in teacher.items()}
+    padded["teacher_topk_ids"][~mask] = -1
+    padded["teacher_topk_logprobs"][~mask] = float("nan")
+    outs = []
+    for t in (teacher, padded):
+        h = inputs["student_hidden"].clone().requires_grad_()
+        out = linear_distill_divergence(h, inputs["student_weight"], None, None, mask, beta=0.5,
+                                        mode="top_k", reduction="none", **t)
+        out.divergence.sum().backward()
+        outs.append((out.divergence, h.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert torch.isfinite(outs[1][1]).all() and torch.all(outs[1][1][~mask] == 0)
+
+
+@needs_triton
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_custom_op_registrations(beta):
+    """fusedrl::linear_distill_fwd's schema, fake tensors (what torch.compile traces with) and
+    autograd agree with the op (torch.library.opcheck)."""
+    x = make_inputs(5, 4, 6, 20)
+    args = (x["student_hidden"].requires_grad_(), x["student_weight"].requires_grad_(),
+            x["student_bias"].requires_grad_(), x["teacher_hidden"], x["teacher_weight"], None,
+            x["mask"].to(torch.int8), beta, 1.0, 1.3, 16)
+    torch.library.opcheck(torch.ops.fusedrl.linear_distill_fwd.default, args)
