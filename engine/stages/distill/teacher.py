@@ -25,15 +25,18 @@ from ..ppo.microbatches import forward_in_microbatches
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
-def refuse_other_vocabulary(student_dir: str, teacher_dir: str) -> None:
+def refuse_other_vocabulary(student_dir: str, teacher_dir: str, top_k: int | None = None) -> None:
     """UsageError in one line unless the teacher's vocabulary is the student's: the same
     vocab_size (config.json) and, where the teacher's directory holds a tokenizer, every token at
-    the same id (a chat template of its own is no difference)."""
+    the same id (a chat template of its own is no difference); with `top_k` (distill.mode=top_k),
+    unless it is below the vocabulary's size."""
+    vocab = load_config(Path(student_dir)).vocab_size
     try:
-        check_teacher_vocabulary(load_config(Path(student_dir)).vocab_size,
-                                 load_config(Path(teacher_dir)).vocab_size, teacher_dir)
+        check_teacher_vocabulary(vocab, load_config(Path(teacher_dir)).vocab_size, teacher_dir)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if top_k is not None and top_k >= vocab:
+        raise UsageError(f"distill.top_k={top_k} must be below the vocabulary's {vocab} tokens")
     if not any((Path(teacher_dir) / name).exists() for name in TOKENIZER_FILES):
         return
     ours, theirs = (load_tokenizer(d).get_vocab() for d in (student_dir, teacher_dir))

@@ -106,9 +106,10 @@ def _train(cfg: DistillConfig, rewards: Optional[RewardFunctions], evaluate, dat
 
 def startup_checks(cfg: DistillConfig, device: torch.device, gpus: int) -> DistillConfig:
     """The stage's start-up check (start_run's `check`: before the output directory is claimed or
-    a model loads): a teacher of another vocabulary refused in one line, then every stage's
-    (plan/check.py)."""
-    refuse_other_vocabulary(cfg.policy, cfg.teacher)
+    a model loads): a teacher of another vocabulary (or distill.top_k past it) refused in one
+    line, then every stage's (plan/check.py)."""
+    refuse_other_vocabulary(cfg.policy, cfg.teacher,
+                            cfg.distill.top_k if cfg.distill.mode == "top_k" else None)
     return startup_check(cfg, device, gpus)
 
 

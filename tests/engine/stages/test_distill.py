@@ -158,6 +158,9 @@ def test_a_teacher_of_another_vocabulary_is_refused(setup, tmp_path):
     cfg.teacher = str(shuffled)
     with pytest.raises(UsageError, match=r"^teacher=.*: its tokenizer gives 2 token\(s\) another id"):
         train_distill(cfg)
+    cfg = config(setup, "top-k", distill=DistillSection(mode="top_k", top_k=300))
+    with pytest.raises(UsageError, match=r"^distill.top_k=300 must be below the vocabulary's 300"):
+        train_distill(cfg)
 
 
 @pytest.mark.parametrize("fields, message", [
