@@ -68,6 +68,9 @@ class DemoConfig:
         check(self.task == "sort" or self.algo == "grpo",
               f"algo must be grpo with task={self.task} (its reward is the program's), got "
               f"{self.algo!r}")
+        check(self.task != "distill" or self.lora_rank == 0,
+              f"lora_rank={self.lora_rank} with task=distill: its student trains every weight "
+              "(fusedrl distill takes lora.rank for LoRA students)")
         check(0 <= self.tool_calls <= 1, f"tool_calls must be in [0, 1], got {self.tool_calls}")
         check(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
         check(2 <= self.digits <= 8, f"digits must be in [2, 8], got {self.digits}")

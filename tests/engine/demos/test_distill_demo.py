@@ -1,6 +1,8 @@
 """`fusedrl demo task=distill` end to end on a very short setting: its table, results.json and runs."""
 import json
 
+import pytest
+
 from fusedrl.engine import cli
 from fusedrl.engine.config.demo import DemoConfig
 
@@ -22,6 +24,9 @@ def test_distill_demo_end_to_end(tmp_path, capsys, cpu_user_backend):
     assert student["hidden_size"] < teacher["hidden_size"]
 
 
-def test_the_distill_demo_has_its_own_output_dir():
-    assert DemoConfig(task="distill").output_dir == "fusedrl-demo-distill"
+def test_the_distill_demo_has_its_own_output_dir_and_defaults():
+    cfg = DemoConfig(task="distill")
+    assert (cfg.output_dir, cfg.rl_iterations, cfg.digits) == ("fusedrl-demo-distill", 45, 4)
     assert DemoConfig().output_dir == "fusedrl-demo"
+    with pytest.raises(ValueError, match=r"^lora_rank=4 with task=distill: its student trains"):
+        DemoConfig(task="distill", lora_rank=4)
