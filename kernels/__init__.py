@@ -36,6 +36,7 @@ else:
                                 importance_weights, masked_mean, masked_moments)
     from .rl.kl import kl_penalty
     from .rl.linear_logprobs import linear_token_logprobs
+    from .rl.distill import DistillOutput, linear_distill_divergence
     from .rl.ppo_loss import ppo_policy_loss, ppo_value_loss
     from .rl.logprobs import token_logprobs
     from .model.norm import rms_norm
@@ -55,7 +56,8 @@ else:
         "aggregation_rule",
         "masked_mean",
         "masked_moments", "explained_variance", "importance_weights", "group_advantages",
-        "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_whiten",
+        "token_logprobs", "linear_token_logprobs", "linear_distill_divergence", "DistillOutput",
+        "kl_penalty", "gae", "masked_whiten",
         "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul", "norm_linear",
         "moe_sort", "moe_permute", "moe_unpermute", "grouped_linear",
         "store_kv", "rope_store_decode", "sample", "sample_triton", "SamplerWorkspace", "exact",

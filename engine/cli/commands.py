@@ -1,13 +1,13 @@
 """The `fusedrl` command: parsing and dispatch of every subcommand.
 
-    fusedrl info | demo | generate | sft | rm | ppo | grpo | plan | export | plot | bench
+    fusedrl info | demo | generate | sft | rm | ppo | grpo | distill | plan | export | plot | bench
     (`fusedrl <command> --help`)
 
 Parsing needs only the torch-free config package: `fusedrl --help`, `fusedrl <stage> --help`, config
 errors and wrong paths (engine/runs/path_checks.py) import neither torch nor transformers. Each
 command's work is imported when it runs, after its arguments and paths are checked.
-sft, rm, ppo and grpo read a YAML config plus `key=value` overrides, set on the command's own
-defaults (engine/config/io.py); every option of the stage's config dataclass is listed in its
+sft, rm, ppo, grpo and distill read a YAML config plus `key=value` overrides, set on the command's
+own defaults (engine/config/io.py); every option of the stage's config dataclass is listed in its
 `--help`, `--print-config` prints them resolved, and unknown keys, wrong types or impossible values
 stop the command with a message naming the key (did-you-mean included) before any model is loaded.
 
@@ -27,6 +27,7 @@ from .. import errors
 from ..config import io as config_io
 from ..config.compatibility import table_lines
 from ..config.demo import DemoConfig
+from ..config.distill import DistillConfig
 from ..config.ppo import GRPOConfig, PPOConfig
 from ..config.train import RMConfig, SFTConfig
 from ..runs import path_checks, run_dir, run_paths
@@ -84,6 +85,11 @@ def _train_ppo(config):
     return train_ppo(config)
 
 
+def _train_distill(config):
+    from ..stages.distill.trainer import train_distill
+    return train_distill(config)
+
+
 STAGES = {
     "sft": (SFTConfig, _train_sft,
             "supervised fine-tuning on demonstrations (loss on response tokens)"),
@@ -93,6 +99,9 @@ STAGES = {
     "grpo": (GRPOConfig, _train_ppo,
              "critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++ baseline) against a "
              "reward function or model"),
+    "distill": (DistillConfig, _train_distill,
+                "on-policy distillation: the student (policy) samples, a frozen teacher=DIR of the "
+                "same vocabulary scores every token, the student minimizes the divergence"),
 }
 
 
@@ -195,6 +204,8 @@ def run_demo(args) -> int:
     path_checks.check_output_dir(cfg.output_dir)
     if cfg.task == "tool":
         from ..demos.tool import format_tool_table as format_table, run_tool_demo as demo
+    elif cfg.task == "distill":
+        from ..demos.distill import format_distill_table as format_table, run_distill_demo as demo
     else:
         from ..demos.sorting import format_table, run_demo as demo
     table = demo(cfg, quiet=args.quiet)
@@ -208,7 +219,8 @@ def add_demo_parser(commands) -> None:
         "demo", help="the whole RLHF recipe on a program-checkable task, no downloads",
         description="SFT -> reward model -> PPO (or algo=grpo: SFT -> GRPO with the program's "
                     "reward) on a digit-sorting task, from nothing; task=tool: SFT -> multi-turn "
-                    "GRPO of a model learning to call an add tool",
+                    "GRPO of a model learning to call an add tool; task=distill: a sorting teacher "
+                    "distilled on-policy into a smaller student, beside GRPO",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=lambda: "options (key=value):\n" + "\n".join(config_io.describe(DemoConfig)))
     p.add_argument("overrides", nargs="*", metavar="key=value",

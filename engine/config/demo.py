@@ -12,16 +12,19 @@ from .train import Precision
 # The default task's output directory; every other task's is this name, a dash and the task's.
 DEMO_DIR = "fusedrl-demo"
 
-# The options whose default depends on the task (None: this default): sort, tool.
-TASK_DEFAULTS = {"digits": (4, 3), "sft_epochs": (4, 8), "algo": ("ppo", "grpo"),
-                 "rl_iterations": (100, 30)}
+TASKS = ("sort", "tool", "distill")
+# The options whose default depends on the task (None: this default), one per TASKS.
+TASK_DEFAULTS = {"digits": (4, 3, 4), "sft_epochs": (4, 8, 4), "algo": ("ppo", "grpo", "grpo"),
+                 "rl_iterations": (100, 30, 45)}
 
 
 @dataclass
 class DemoConfig:
-    task: Literal["sort", "tool"] = option(
+    task: Literal["sort", "tool", "distill"] = option(
         "sort: single-turn, sort the prompt's digits; tool: multi-turn, add two numbers by calling "
-        "an add tool (SFT on tool-call conversations, then GRPO with the tool)", "sort")
+        "an add tool (SFT on tool-call conversations, then GRPO with the tool); distill: a teacher "
+        "trained to sort distilled on-policy into a smaller, weaker student, beside GRPO of the "
+        "same budget from the same start", "sort")
     output_dir: str | None = option(
         "where the runs, table and plot go (default: fusedrl-demo for task=sort, "
         "fusedrl-demo-TASK for each other task, so every task's run keeps its own)")
@@ -34,12 +37,16 @@ class DemoConfig:
     tool_calls: float = option(
         "task=tool: fraction of SFT demonstrations that call the tool (the others "
         "answer at once)", 0.5)
-    sft_epochs: int | None = option("SFT epochs (default: sort 4, tool 8)")
+    sft_epochs: int | None = option(
+        "SFT epochs (task=distill: the teacher's; the student's is 1) (default: sort 4, tool 8, "
+        "distill 4)")
     rm_epochs: int = option("reward-model epochs", 3)
     algo: Literal["ppo", "grpo"] | None = option(
         "ppo: SFT -> reward model -> PPO; grpo: SFT -> GRPO with the program's check as the reward "
         "(default: sort ppo, tool grpo, its only one)")
-    rl_iterations: int | None = option("PPO or GRPO iterations (default: sort 100, tool 30)")
+    rl_iterations: int | None = option(
+        "PPO or GRPO iterations (task=distill: distillation's and GRPO's each) (default: sort "
+        "100, tool 30, distill 45)")
     rl_prompts: int = option("prompts per iteration (PPO samples 4 responses each, GRPO 8)", 16)
     eval_samples: int = option("samples per held-out prompt for the accuracy", 4)
     lora_rank: int = option(
@@ -57,12 +64,17 @@ class DemoConfig:
     def __post_init__(self):
         for name, defaults in TASK_DEFAULTS.items():
             if getattr(self, name) is None:
-                setattr(self, name, defaults[self.task == "tool"])
+                setattr(self, name, defaults[TASKS.index(self.task)]
+                        if self.task in TASKS else defaults[0])
         if self.output_dir is None:
             self.output_dir = default_output_dir(self.task)
         check_fields(self)
         check(self.task == "sort" or self.algo == "grpo",
-              f"algo must be grpo with task=tool (its reward is the program's), got {self.algo!r}")
+              f"algo must be grpo with task={self.task} (its reward is the program's), got "
+              f"{self.algo!r}")
+        check(self.task != "distill" or self.lora_rank == 0,
+              f"lora_rank={self.lora_rank} with task=distill: its student trains every weight "
+              "(fusedrl distill takes lora.rank for LoRA students)")
         check(0 <= self.tool_calls <= 1, f"tool_calls must be in [0, 1], got {self.tool_calls}")
         check(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
         check(2 <= self.digits <= 8, f"digits must be in [2, 8], got {self.digits}")

@@ -121,10 +121,10 @@ def build_tokenizer():
 
 
 def build_base_model(out_dir: Path, seed: int, arch: str = "llama", tokenizer=None,
-                     max_positions: int = 64) -> str:
+                     max_positions: int = 64, **sizes) -> str:
     """A tiny random Llama (or Qwen3-MoE of the same shapes, 8 experts of half the MLP width, top-2)
     over `tokenizer`'s vocabulary (default: this task's) and the tokenizer, saved as a Hugging Face
-    directory."""
+    directory; `sizes` (hidden_size, intermediate_size, num_hidden_layers) replace the shapes'."""
     import torch
     import transformers
 
@@ -135,6 +135,7 @@ def build_base_model(out_dir: Path, seed: int, arch: str = "llama", tokenizer=No
                   max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                   tie_word_embeddings=True)
+    shapes.update(sizes)
     if arch == "qwen3_moe":
         config = transformers.Qwen3MoeConfig(**shapes, head_dim=24, num_experts=8,
                                              num_experts_per_tok=2, moe_intermediate_size=96,

@@ -14,7 +14,8 @@ from .units import parse_bytes
 
 # Required options the plan does not read: a placeholder stands in when the user gives none.
 _UNREAD = {"sft": ("output_dir", "data.train_file"), "rm": ("output_dir", "data.train_file"),
-           "ppo": ("output_dir", "prompts_file"), "grpo": ("output_dir", "prompts_file")}
+           "ppo": ("output_dir", "prompts_file"), "grpo": ("output_dir", "prompts_file"),
+           "distill": ("output_dir", "prompts_file")}
 PLACEHOLDER = "(not read by the plan)"
 
 

@@ -115,12 +115,13 @@ def supervised_models(stage: str, cfg, config: ModelConfig, dtype: torch.dtype) 
 
 
 def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None,
-               dtype: torch.dtype) -> list[Part]:
+               dtype: torch.dtype, teacher_config: ModelConfig | None = None) -> list[Part]:
     """The models of build_models (engine/stages/ppo/trainer.py), on the meta device: the policy
     (a frozen base with lora), the reference (none with lora), the reward model (when reward_model
     is set), the critic (separate: a ValueModel, or with critic_lora adapters on the reward model's
     decoder or on a frozen copy of the policy) or the shared value head. An adapted model's frozen
-    base is sharded like any frozen model."""
+    base is sharded like any frozen model. With `teacher_config` (distillation: its stage loads no
+    reference) the frozen teacher stands where the reference would."""
     policy = _meta(CausalLM, policy_config, dtype)
     lora = adapters.attach(policy, cfg.lora)
     parts = [
@@ -129,7 +130,10 @@ def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None,
              adapted=lora is not None)]
     if lora is not None:
         parts += _lora_parts(lora, "policy")
-    else:
+    if teacher_config is not None:
+        parts.append(Part("teacher", _meta(CausalLM, teacher_config, dtype), sharded=True,
+                          config=teacher_config))
+    elif lora is None:
         parts.append(
             Part("reference", _meta(CausalLM, policy_config, dtype), sharded=True,
                  config=policy_config))

@@ -129,9 +129,9 @@ class Setup:
             return False
         if part.trained:
             return self.offload_optimizer
-        # train.frozen_offload (PPO): the reference and the reward model (unless the LoRA critic's
-        # trunk).
-        frozen = part.role == "reference" or (part.role == "reward model" and
+        # train.frozen_offload (PPO): the reference (distill: the teacher) and the reward model
+        # (unless the LoRA critic's trunk).
+        frozen = part.role in ("reference", "teacher") or (part.role == "reward model" and
                                               not any(p.role == "critic adapters"
                                                       for p in self.parts))
         return frozen and getattr(self.cfg.train, "frozen_offload", False)
@@ -276,10 +276,22 @@ def persistent_bytes(s: Setup) -> int:
     return whole_bytes(policy) if s.shards(policy) > 1 or s.offloaded(policy) else 0
 
 
+def teacher_head_bytes(s: Setup) -> int:
+    """distill: the teacher's LM head, gathered whole on each rank once it loads ([V, Ht]:
+    engine/stages/distill/teacher.py) where the teacher is sharded or sliced; one process reads the
+    head as it is."""
+    teacher = next((part for part in s.parts if part.role == "teacher"), None)
+    if teacher is None or s.ranks == 1:
+        return 0
+    return teacher.config.vocab_size * teacher.config.hidden_size * _elem(s)
+
+
 def _resident(s: Setup) -> dict:
-    """What every phase after load holds: the weights (the persistent generation buffers among them)
-    and (kept from the first step on) the optimizer."""
-    return {"weights": weight_bytes(s) + persistent_bytes(s), "optimizer": optimizer_bytes(s)}
+    """What every phase after load holds: the weights (the persistent generation buffers and a
+    distilling run's whole teacher head among them) and (kept from the first step on) the
+    optimizer."""
+    return {"weights": weight_bytes(s) + persistent_bytes(s) + teacher_head_bytes(s),
+            "optimizer": optimizer_bytes(s)}
 
 
 def load_phase(s: Setup) -> dict:

@@ -48,7 +48,9 @@ def stage_setup(cfg, gpus: int, device: str = "cuda",
     dtype = param_dtype(resolve_precision(cfg.train.precision, torch.device(device)))
     if stage == "ppo":
         rm = model_config(cfg.reward_model) if cfg.reward_model else None
-        parts = ppo_models(cfg, model_config(cfg.policy), rm, dtype)
+        teacher = getattr(cfg, "teacher", None)  # distill's frozen teacher
+        parts = ppo_models(cfg, model_config(cfg.policy), rm, dtype,
+                           model_config(teacher) if teacher else None)
     else:
         parts = supervised_models(stage, cfg, model_config(cfg.model), dtype)
     # One process is refused train.optimizer_offload (parallel/validate.py): nothing is offloaded.

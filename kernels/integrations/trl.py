@@ -25,20 +25,9 @@ from trl.trainer.utils import FusedCausalLMOutput, nanmax, nanmin
 
 from ..rl.linear_logprobs import linear_token_logprobs
 from .grpo_loss import CLIPPED_TYPES, LOSS_TYPES, FusedLinearGRPOLoss
+from .lm_head import head_transform
 
 log = logging.getLogger(__name__)
-
-
-def head_transform(config) -> tuple[float, float | None]:
-    """(logit_scale, softcap) of a transformers config's LM head, read as TRL reads them."""
-    text = config.get_text_config()
-    scale = getattr(text, "logit_scale", None)
-    for name in ("output_multiplier", "lm_head_multiplier"):
-        scale = getattr(text, name, None) if scale is None else scale
-    if scale is None and getattr(text, "logits_scaling", None) is not None:
-        scale = (text.logits_scaling if text.model_type == "hyperclovax"
-                 else 1 / text.logits_scaling)
-    return (1.0 if scale is None else float(scale)), getattr(text, "final_logit_softcapping", None)
 
 
 def router_aux_loss(model, text, backbone_outputs, attention_mask):
@@ -205,3 +194,6 @@ class FusedGRPOTrainer(GRPOTrainer):
             metrics["clip_ratio/high_max"].append(nanmax(gather(row_means(high))).item())
         elif self.loss_type == "cispo":
             metrics["cispo_clip_ratio"].append(global_mean(high.float()))
+
+
+from .trl_distill import FusedDistillationTrainer  # noqa: E402,F401  (re-exported)

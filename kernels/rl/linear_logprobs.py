@@ -169,36 +169,48 @@ def fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels, lse,
     return grad
 
 
-def backward_chunks(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
-                    temperature, ignore_index, chunk_size, need_weight_grad, fuse_matmul):
-    """(d hidden [N, H], d weight [V, H] or [0], d bias [V] or [0]) for upstream gradients
-    grad_logp, grad_entropy ([N] or [0]) fp32, in vocabulary chunks (see the module docstring)."""
+def head_grads(hidden, weight, bias, columns, need_weight_grad, logit_grad):
+    """(d hidden [N, H] in hidden's dtype, d weight [V, H] or [0], d bias [V] or [0]) of a head
+    hidden [N, H] @ weight [V, H].T (+ bias) whose logits' gradient comes a vocabulary chunk of
+    ``columns`` at a time: logit_grad(start, end) -> [N, end - start] in hidden's dtype. Each chunk
+    feeds two matmuls (see the module docstring); d hidden accumulates in fp32."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     grad_weight = torch.empty_like(weight) if need_weight_grad else weight.new_empty(0)
     grad_bias = (torch.empty_like(bias) if bias is not None and need_weight_grad
                  else weight.new_empty(0))
-    has_entropy_grad = grad_entropy.numel() > 0
     if n_rows == 0:
         return grad_hidden.to(hidden.dtype), grad_weight.zero_(), grad_bias.zero_()
-    grad_logp = grad_logp.float().contiguous()
-    grad_entropy = grad_entropy.float().contiguous() if has_entropy_grad else None
-    for start, end in _chunks(vocab, vocab_chunk_size(n_rows, vocab, chunk_size)):
-        w = weight[start:end]                                               # [Vc, H]
-        if fuse_matmul:
-            grad_logits = fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels,
-                                           lse, entropy, temperature, ignore_index, start, end)
-        else:
-            # the chunk's logits [N, Vc], turned into their gradient in place
-            grad_logits = F.linear(hidden, w, None if bias is None else bias[start:end])
-            token_logprobs_backward(grad_logp, grad_entropy, grad_logits, labels, lse, entropy,
-                                    temperature, ignore_index, out=grad_logits, label_offset=start)
+    for start, end in _chunks(vocab, columns):
+        grad_logits = logit_grad(start, end)                                # [N, Vc]
         if need_weight_grad:
             torch.mm(grad_logits.t(), hidden, out=grad_weight[start:end])
             if bias is not None:
                 grad_bias[start:end].copy_(grad_logits.sum(dim=0, dtype=torch.float32))
-        grad_hidden += torch.mm(grad_logits, w)
+        grad_hidden += torch.mm(grad_logits, weight[start:end])
     return grad_hidden.to(hidden.dtype), grad_weight, grad_bias
+
+
+def backward_chunks(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                    temperature, ignore_index, chunk_size, need_weight_grad, fuse_matmul):
+    """(d hidden [N, H], d weight [V, H] or [0], d bias [V] or [0]) for upstream gradients
+    grad_logp, grad_entropy ([N] or [0]) fp32, in vocabulary chunks (see the module docstring)."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    grad_logp = grad_logp.float().contiguous()
+    grad_entropy = grad_entropy.float().contiguous() if grad_entropy.numel() > 0 else None
+
+    def logit_grad(start, end):
+        if fuse_matmul:
+            return fused_logit_grad(grad_logp, grad_entropy, hidden, weight, bias, labels, lse,
+                                    entropy, temperature, ignore_index, start, end)
+        # the chunk's logits [N, Vc], turned into their gradient in place
+        grad_logits = F.linear(hidden, weight[start:end], None if bias is None else bias[start:end])
+        token_logprobs_backward(grad_logp, grad_entropy, grad_logits, labels, lse, entropy,
+                                temperature, ignore_index, out=grad_logits, label_offset=start)
+        return grad_logits
+
+    return head_grads(hidden, weight, bias, vocab_chunk_size(n_rows, vocab, chunk_size),
+                      need_weight_grad, logit_grad)
 
 
 @torch.library.custom_op("fusedrl::linear_token_logprobs_fwd", mutates_args=())

@@ -47,6 +47,36 @@ def _chunks(total: int, size: int):
         yield start, min(start + size, total)
 
 
+class HeadGrads:
+    """The gradients of a head's inputs (hidden [N, H], weight [V, H], bias [V]) that a row-chunked
+    backward accumulates, one chunk's logit gradient at a time; None where ``needed`` (hidden,
+    weight, bias) says no. The head's gradient accumulates in the compute dtype."""
+
+    def __init__(self, hidden, weight, needed):
+        cd = compute_dtype(hidden)
+        self.hidden, self.weight = hidden, weight
+        self.grad_hidden = torch.zeros_like(hidden) if needed[0] else None
+        self.grad_weight = (torch.zeros(weight.shape, dtype=cd, device=weight.device)
+                            if needed[1] else None)
+        self.grad_bias = (torch.zeros(weight.shape[0], dtype=cd, device=weight.device)
+                          if needed[2] else None)
+
+    def add(self, grad, h, start, end):
+        """The rows [start, end)'s logit gradient grad [C, V] (compute dtype); h their hidden."""
+        if self.grad_hidden is not None:
+            self.grad_hidden[start:end] = (grad.to(self.weight.dtype) @ self.weight).to(h.dtype)
+        if self.grad_weight is not None:
+            self.grad_weight.addmm_(grad.t(), h.to(grad.dtype))
+        if self.grad_bias is not None:
+            self.grad_bias += grad.sum(dim=0)
+
+    def result(self):
+        """(d hidden, d weight, d bias), each in its input's dtype or None."""
+        dtype = self.weight.dtype
+        return (self.grad_hidden, None if self.grad_weight is None else self.grad_weight.to(dtype),
+                None if self.grad_bias is None else self.grad_bias.to(dtype))
+
+
 class ChunkedHead(torch.autograd.Function):
     """(logp [N], entropy [N] or [0], lse [N]) of hidden [N, H] through weight [V, H] (+ bias)."""
 
@@ -83,12 +113,7 @@ class ChunkedHead(torch.autograd.Function):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         temperature, ignore_index, chunk_size, logit_scale, softcap = ctx.args
         cd = lse.dtype
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = (torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_weight
-                       else None)
-        grad_bias = (torch.zeros(weight.shape[0], dtype=cd, device=weight.device)
-                     if need_bias else None)
+        grads = HeadGrads(hidden, weight, ctx.needs_input_grad[:3])
         has_entropy_grad = entropy.numel() > 0
         valid = labels != ignore_index
         for start, end in _chunks(hidden.shape[0], chunk_size):
@@ -115,15 +140,8 @@ class ChunkedHead(torch.autograd.Function):
                 grad.mul_(1.0 - t * t)
             if logit_scale != 1.0:
                 grad.mul_(logit_scale)
-            if need_hidden:
-                grad_hidden[start:end] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_weight:
-                grad_weight.addmm_(grad.t(), h.to(cd))
-            if need_bias:
-                grad_bias += grad.sum(dim=0)
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(weight.dtype),
-                None, None, None, None, None, None, None)
+            grads.add(grad, h, start, end)
+        return grads.result() + (None,) * 7
 
 
 def chunked_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor,

@@ -106,7 +106,7 @@ def open_rewards(cfg: PPOConfig, reward_fn=None) -> Optional[RewardFunctions]:
 
 def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
                  rewards: Optional[RewardFunctions],
-                 dims: Optional[ParallelDims] = None) -> PPOModels:
+                 dims: Optional[ParallelDims] = None, with_reference: bool = True) -> PPOModels:
     """Policy (trainable, shared with the actor), frozen reference, critic and scorer (the reward
     model, else the open `rewards`: open_rewards), with parameters in `dtype` (train.precision;
     the critic's value head stays fp32). With lora.rank > 0 the policy's weights are frozen under
@@ -115,7 +115,9 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
     Under torchrun each model is sharded on the meta device and each rank reads only its shards
     (hf_io.load_model); a LoRA-adapted base too, its adapters and heads whole on every rank (but
     tensor-parallel, where the adapters are sliced like their base's weights). Each model is laid
-    out for its role over `dims` (default: from cfg.train; engine/parallel/layout.py)."""
+    out for its role over `dims` (default: from cfg.train; engine/parallel/layout.py).
+    with_reference=False: no reference model either (a stage that takes no KL to it: distillation,
+    whose frozen teacher is the anchor)."""
     lora_run = cfg.lora.enabled
     if dims is None:
         dims = ParallelDims.from_train(cfg.train, distributed.world_size(),
@@ -125,8 +127,8 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
                         shard=sharder if lora_run else layout_at_load("trained", dims))
     policy.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
     lora = adapters.attach(policy, cfg.lora)
-    reference = None if lora else load_model(cfg.policy, dtype=dtype, device=device,
-                                             shard=frozen).eval().requires_grad_(False)
+    reference = None if lora or not with_reference else load_model(
+        cfg.policy, dtype=dtype, device=device, shard=frozen).eval().requires_grad_(False)
     rm = None
     if cfg.reward_model:
         rm_is_trunk = cfg.critic == "separate" and cfg.critic_lora.enabled

@@ -1,0 +1,52 @@
+"""linear_distill_divergence at its hosts' call shapes, against the hosts' own code: TRL 1.x's
+_chunked_divergence_loss and DistillationTrainer (FusedDistillationTrainer), Liger's
+LigerFusedLinearJSD (FusedLinearJSDLoss). TRL 1.x and Liger live in .ci-trl (see test_trl.py),
+put first on the path of one worker process; without them these tests skip and say so. Liger's
+Triton kernels run in the interpreter there."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_trl import TRL_DIR, pytestmark  # noqa: F401  (the same skip)
+
+WORKER = Path(__file__).with_name("distill_worker.py")
+
+
+@pytest.fixture(scope="module")
+def host_runs() -> dict:
+    """Every check in one worker process: {check: {case: errors}}."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TRL_DIR), str(WORKER.parent)]),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(WORKER), "trl_loss", "liger", "trainer"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_trl_chunked_divergence_loss_shape(host_runs):
+    """beta 0, 0.5, 1 x temperature 1, 0.7 x num_items_in_batch or not: 12 cases."""
+    assert len(host_runs["trl_loss"]) == 12
+    for case, errors in host_runs["trl_loss"].items():
+        assert errors["loss_value"] > 0.1 and errors["n_valid"] == 0, (case, errors)
+        assert errors["loss"] <= 1e-5 and errors["entropy"] <= 1e-5, (case, errors)
+        assert errors["grad"] <= 1e-4, (case, errors)
+
+
+def test_liger_fused_linear_jsd_shape_and_beta_convention(host_runs):
+    """The same jsd_beta on both sides gives the same loss: Liger's convention is TRL's."""
+    assert len(host_runs["liger"]) == 6
+    for case, errors in host_runs["liger"].items():
+        assert errors["loss_value"] > 0.1, (case, errors)
+        assert errors["loss"] <= 1e-5 and errors["grad"] <= 1e-4, (case, errors)
+
+
+def test_fused_distillation_trainer_loss_equals_trls(host_runs):
+    assert set(host_runs["trainer"]) == {"beta=0.0", "beta=0.5", "beta=1.0"}
+    for case, errors in host_runs["trainer"].items():
+        assert errors["loss_value"] > 1e-3, (case, errors)
+        assert errors["loss"] <= 1e-6 and errors["entropy"] <= 1e-6, (case, errors)
+        assert errors["grad"] <= 1e-4, (case, errors)
