@@ -14,8 +14,8 @@ no longer has (`needs_restart`).
 A run's requests are each trajectory's opening and finished turns as the prompt and its current
 turn's tokens as the answer (so params.max_new_tokens bounds the turn, as in one uninterrupted
 run); a finished turn asks the environment in a worker pool (agent_loop.py's `_step`), its reply
-rejoining as the engine's on_end hook (inference/multi_turn.py's rules: done, max_turns, no room
-left). A reply still pending when the stop rule stops the run is waited for and kept: the
+rejoining as the engine's on_end hook (inference/multi_turn.py's turn_ends: done, max_turns, no
+room left). A reply still pending when the stop rule stops the run is waited for and kept: the
 trajectory goes on after it in the next run.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from ..inference.multi_turn import Trajectory
+from ..inference.multi_turn import Trajectory, turn_ends
 from ..inference.request import Request
 from ..inference.sampling_params import SamplingParams
 from .chat_render import ChatRenderer
@@ -139,14 +139,11 @@ class _Run:
         return None
 
     def follow(self, seq, reply, limit: int, max_turns: int):
-        """The run's next move for a reply (inference/multi_turn.py's rules): its tokens, or None
-        to end the trajectory."""
-        if reply.done:
-            return self.end("done")
-        if self.sample["turns"] >= max_turns:
-            return self.end("max_turns")
-        if not reply.token_ids or seq.num_tokens + len(reply.token_ids) >= limit:
-            return self.end("length")
+        """The run's next move for a reply (inference/multi_turn.py turn_ends): its tokens, or
+        None to end the trajectory."""
+        reason = turn_ends(reply, self.sample["turns"], seq.num_tokens, limit, max_turns)
+        if reason is not None:
+            return self.end(reason)
         start = seq.num_tokens - len(self.group["prompt"])
         self.spans.append((start, start + len(reply.token_ids)))
         return list(reply.token_ids)
