@@ -75,7 +75,7 @@ def run_agents(generate_turns: Callable, renderer: ChatRenderer, environments: E
                rows: list[dict], params: SamplingParams,
                limits: AgentLimits) -> list[AgentTrajectory]:
     """params.n trajectories per row (rows prompt by prompt, sample by sample). `generate_turns`
-    is LLM.generate_turns (or the hybrid actor's); `environments`: an EnvSource (isolated as
+    is LLM.generate_turns; `environments`: an EnvSource (isolated as
     limits.env_isolation says) or a function row -> environment (in the trainer's threads); the
     end-of-turn token of the template is added to params' stop tokens."""
     n, opener = params.n, _opener(environments, limits)

@@ -1,21 +1,23 @@
-"""Multi-turn trajectories carried across engine runs (partial rollouts of tools and environments):
-each trajectory's environment stays alive while the trajectory is in flight, and every run
-continues the unfinished ones from where they stand under a stop rule (a token budget, enough
-groups done) instead of running each to its end.
+"""Multi-turn trajectories run by the engine's one loop, each with its environment: carried across
+engine runs (partial rollouts of tools and environments: the environment stays alive while the
+trajectory is in flight, and every run continues the unfinished ones from where they stand under a
+stop rule, a token budget or enough groups done), or run to their end in one (whole groups).
 
 A trajectory is a plain dict of host lists (what a checkpoint keeps): `answer`, every token after
 the group's opening (the model's and the environment's), `mask` (True on the model's), `logprobs`
 (the sampler's, one per model token), `turn_start` (where in `answer` the model's current turn
 began), `turns`, `finish` (None while in flight) and `seed` (its random stream: a run continues it
-at its own positions). Its environment (and conversation) lives here, beside it, keyed by the
-dict's identity: not in a checkpoint, so a resumed run restarts a trajectory whose environment it
-no longer has (`needs_restart`).
+at its own positions) or, in a run to the end (whole groups), `index` (which sample of its group it
+is: the stream params.seed fixes for it, as LLM.generate_turns draws it; `new_trajectory`). Its
+environment (and conversation) lives here, beside it, keyed by the dict's identity: not in a
+checkpoint, so a resumed run restarts a trajectory whose environment it no longer has
+(`needs_restart`).
 
 A run's requests are each trajectory's opening and finished turns as the prompt and its current
 turn's tokens as the answer (so params.max_new_tokens bounds the turn, as in one uninterrupted
 run); a finished turn asks the environment in a worker pool (agent_loop.py's `_step`), its reply
-rejoining as the engine's on_end hook (inference/multi_turn.py's rules: done, max_turns, no room
-left). A reply still pending when the stop rule stops the run is waited for and kept: the
+rejoining as the engine's on_end hook (inference/multi_turn.py's turn_ends: done, max_turns, no
+room left). A reply still pending when the stop rule stops the run is waited for and kept: the
 trajectory goes on after it in the next run.
 """
 from __future__ import annotations
@@ -23,12 +25,19 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from ..inference.multi_turn import Trajectory
+from ..inference.multi_turn import Trajectory, turn_ends
 from ..inference.request import Request
 from ..inference.sampling_params import SamplingParams
 from .chat_render import ChatRenderer
 from .agent_loop import (AgentLimits, AgentTrajectory, Environments, _close_conversation, _opener,
                       _opening, _reset, _State, _step, end_of_turn_params)
+
+
+def new_trajectory(index: int) -> dict:
+    """Sample `index` of its group, no token yet, drawing the stream the run's params.seed fixes
+    for it (a whole group's trajectory)."""
+    return {"index": index, "answer": [], "mask": [], "logprobs": [], "turn_start": 0,
+            "turns": 0, "finish": None}
 
 
 class CarriedTrajectories:
@@ -49,22 +58,28 @@ class CarriedTrajectories:
         """Whether `trajectory` has no environment here (new, or resumed from a checkpoint)."""
         return id(trajectory) not in self.live
 
-    def open(self, group: dict, row: dict, samples: list[dict]) -> None:
-        """Environments (made from `row`, reset) for these trajectories of `group` (each reset to
-        no token by the caller), their old ones closed; when every one of the group restarts, its
-        prompt becomes their opening's token ids (the rendered reset messages: the same for all
-        its samples)."""
-        for sample in samples:
-            old = self.live.pop(id(sample), None)
-            if old is not None:
-                old[1].env.close()
-        states = [_State(self.opener(row)) for _ in samples]  # workers spawned here
-        list(self.pool.map(lambda s: _reset(s, self.limits), states))
-        opening = _opening(states, self.renderer, self.limits, 0)
-        if len(samples) == len(group["samples"]):
-            group["prompt"] = opening
-        for sample, state in zip(samples, states):
-            self.live[id(sample)] = (sample, state)
+    def open(self, starts: list[tuple[dict, dict, list[dict]]]) -> None:
+        """Environments for the trajectories about to start: for each (group, row, samples),
+        these trajectories of `group` (each reset to no token by the caller) get environments made
+        from `row` and reset (every one in the pool at once), their old ones closed; when every
+        one of a group starts, its prompt becomes their opening's token ids (the rendered reset
+        messages: the same for all its samples)."""
+        states = []
+        for _, row, samples in starts:
+            group_states = []
+            for sample in samples:
+                old = self.live.pop(id(sample), None)
+                if old is not None:
+                    old[1].env.close()
+                state = _State(self.opener(row))  # its worker spawned here
+                self.live[id(sample)] = (sample, state)  # closed by close() whatever follows
+                group_states.append(state)
+            states.append(group_states)
+        list(self.pool.map(lambda s: _reset(s, self.limits), [s for g in states for s in g]))
+        for g, ((group, _, samples), group_states) in enumerate(zip(starts, states)):
+            opening = _opening(group_states, self.renderer, self.limits, g)
+            if len(samples) == len(group["samples"]):
+                group["prompt"] = opening
 
     def advance(self, rows: list[tuple[dict, dict]], stop) -> list:
         """Continue the unfinished trajectories `rows` ((group, trajectory), each opened) in one
@@ -74,7 +89,8 @@ class CarriedTrajectories:
         for group, sample in rows:
             start = sample["turn_start"]
             requests.append(Request(group["prompt"] + sample["answer"][:start], self.params,
-                                    answer=sample["answer"][start:], seed=sample["seed"],
+                                    answer=sample["answer"][start:], seed=sample.get("seed"),
+                                    sample_index=sample.get("index", 0),
                                     max_total_tokens=self.limit))
             turns.append(_Run(group, sample, self.live[id(sample)][1]))
         pending: dict[int, _Reply] = {}
@@ -139,14 +155,11 @@ class _Run:
         return None
 
     def follow(self, seq, reply, limit: int, max_turns: int):
-        """The run's next move for a reply (inference/multi_turn.py's rules): its tokens, or None
-        to end the trajectory."""
-        if reply.done:
-            return self.end("done")
-        if self.sample["turns"] >= max_turns:
-            return self.end("max_turns")
-        if not reply.token_ids or seq.num_tokens + len(reply.token_ids) >= limit:
-            return self.end("length")
+        """The run's next move for a reply (inference/multi_turn.py turn_ends): its tokens, or
+        None to end the trajectory."""
+        reason = turn_ends(reply, self.sample["turns"], seq.num_tokens, limit, max_turns)
+        if reason is not None:
+            return self.end(reason)
         start = seq.num_tokens - len(self.group["prompt"])
         self.spans.append((start, start + len(reply.token_ids)))
         return list(reply.token_ids)

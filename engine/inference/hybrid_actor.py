@@ -75,7 +75,7 @@ class HybridActor:
                            speculative_tokens=speculative_tokens, speculate_below=speculate_below,
                            prefill_chunk=prefill_chunk)
         self.record_routing = record_routing
-        # The last generate's routing records [sum of prompt + response lengths, sparse layers, k],
+        # The last rollout's routing records [sum of prompt + response lengths, sparse layers, k],
         # rows as pack_rollout packs them (None without record_routing).
         self.last_routing = None
 
@@ -103,33 +103,6 @@ class HybridActor:
         runner = self.llm.runner
         return kv_bytes_per_block(runner.config, runner.dtype,
                                   runner.block_size) * runner.num_blocks
-
-    @torch.no_grad()
-    def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
-                         params: SamplingParams, token_budget: int | None, groups: list[int],
-                         groups_needed: int):
-        """LLM.continue_answers from the current weights (a partial rollout's step), the pool
-        released after it as `generate` does. Returns its Completions (host tokens, log-probs);
-        with record_routing `last_routing` holds each row's records, prompt + whole answer."""
-        with self.whole_weights():
-            out = self.llm.continue_answers(prompts, answers, seeds, params, token_budget, groups,
-                                            groups_needed)
-        self._after_rollout([c.routing_rows for c in out])
-        return out
-
-    @torch.no_grad()
-    def generate_turns(self, prompts: list[list[int]], params: SamplingParams, on_turn_end, *,
-                       max_turns: int, max_total_tokens: int | None = None, stop=None):
-        """Multi-turn trajectories from the current weights (LLM.generate_turns); their model
-        tokens' log-probs stay on the device until the next rollout (`self.llm.device_logprobs`);
-        with record_routing `last_routing` holds each trajectory's records, prompt + token_ids."""
-        with self.whole_weights():
-            trajectories = self.llm.generate_turns(prompts, params, on_turn_end,
-                                                   max_turns=max_turns,
-                                                   max_total_tokens=max_total_tokens,
-                                                   stop=stop)
-        self._after_rollout([t.routing_rows for t in trajectories])
-        return trajectories
 
     @torch.no_grad()
     def run(self, requests: list[Request], stop=None, on_end=None) -> list:

@@ -114,24 +114,35 @@ class _Later:
         self.result = follow
 
 
-def _follow(row: _Turns, seq: Sequence, reply: TurnReply, limit: int, max_turns: int):
-    """The run's next move for a reply: its tokens to resume with, or None to end the trajectory
-    (the environment said done, the turns are used up: the last one is still answered, for its
-    reward, or no room is left)."""
+def turn_ends(reply: TurnReply, turns: int, num_tokens: int, limit: int,
+              max_turns: int) -> str | None:
+    """Whether a trajectory ends after its reply, and why: 'done' (the environment said so),
+    'max_turns' (`turns` model turns used up: the last one is still answered, for its reward),
+    'length' (no reply tokens, or no room left below `limit` after them for the model to say
+    anything); None: it goes on with the reply's tokens. num_tokens: the sequence's tokens so
+    far, prompt included. The one rule every multi-turn run follows (carried trajectories too:
+    engine/agents/carried.py)."""
     if not isinstance(reply, TurnReply):
         raise TypeError(f"on_turn_end returned {type(reply).__name__}: expected a TurnReply (or a "
                         "Future of one)")
     if reply.done:
-        row.finish_reason = "done"
-    elif row.turns >= max_turns:
-        row.finish_reason = "max_turns"
-    elif not reply.token_ids or seq.num_tokens + len(reply.token_ids) >= limit:
-        row.finish_reason = "length"  # no room left for the model to say anything
-    else:
-        start = seq.num_tokens - seq.num_prompt_tokens
-        row.environment_spans.append((start, start + len(reply.token_ids)))
-        return list(reply.token_ids)
+        return "done"
+    if turns >= max_turns:
+        return "max_turns"
+    if not reply.token_ids or num_tokens + len(reply.token_ids) >= limit:
+        return "length"
     return None
+
+
+def _follow(row: _Turns, seq: Sequence, reply: TurnReply, limit: int, max_turns: int):
+    """The run's next move for a reply (turn_ends): its tokens to resume with, or None to end the
+    trajectory."""
+    row.finish_reason = turn_ends(reply, row.turns, seq.num_tokens, limit, max_turns) or ""
+    if row.finish_reason:
+        return None
+    start = seq.num_tokens - seq.num_prompt_tokens
+    row.environment_spans.append((start, start + len(reply.token_ids)))
+    return list(reply.token_ids)
 
 
 def _trajectory(row: _Turns, seq: Sequence) -> Trajectory:

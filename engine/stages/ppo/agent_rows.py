@@ -2,7 +2,8 @@
 with its own environment (engine/agents), handed on as every mode's rows (sampled_rows.py): packed
 with only the model's tokens as targets (the environment's are context: no loss, KL or entropy on
 them) and scored by the environment's rewards, plus the run's reward functions or reward model
-where set. sampler.py samples them in whole groups, with dynamic sampling where asked.
+where set. sampler.py samples them in whole groups, with dynamic sampling where asked, run to their
+end through the path partial rollouts continue them on (engine/agents/carried.py).
 
 Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 are group g: a
 GRPO group is the n trajectories of one initial prompt.
@@ -12,8 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ...agents import (AgentLimits, ChatRenderer, EnvSource, agent_metrics, load_environment,
-                       load_tools, parser_for, run_agents, tool_schema)
+import torch
+
+from ...agents import (AgentLimits, CarriedTrajectories, ChatRenderer, EnvSource, agent_metrics,
+                       load_environment, load_tools, parser_for, tool_schema)
+from ...agents.carried import new_trajectory
 from ...config.ppo import RolloutConfig
 from .sampled_rows import Generated, sampled_routing, sampling_params
 from .models import PPOModels
@@ -59,24 +63,36 @@ class TrajectoryGenerator:
 
     def generate(self, sources: list, seed: int, timer: PhaseTimer) -> Generated:
         """The trajectories of these prompt rows (data/prompts.py PromptRow: the prompt and the
-        columns the environment is made from); `seed` fixes the sampling; timed as "generate"."""
-        rollout = self.rollout
-        params = sampling_params(rollout, seed, rollout.samples_per_prompt)
-        rows = [{"prompt": source.prompt, **source.columns} for source in sources]
-        with timer.phase("generate"):
-            trajectories = run_agents(self.models.actor.generate_turns, self.agents.renderer,
-                                      self.agents.source, rows, params, self.agents.limits)
+        columns the environment is made from); `seed` fixes the sampling; timed as "generate".
+        They run as partial rollouts' do (engine/agents/carried.py: the engine's one loop, each
+        finished turn answered by its environment), to their end: no stop rule."""
+        rollout, n = self.rollout, self.rollout.samples_per_prompt
+        actor, agents = self.models.actor, self.agents
+        carried = CarriedTrajectories(actor.run, agents.renderer, agents.source,
+                                      sampling_params(rollout, seed, n), agents.limits,
+                                      actor.llm.config.max_model_len)
+        groups = [{"prompt": [], "samples": [new_trajectory(j) for j in range(n)]}
+                  for _ in sources]
+        rows = [(group, sample) for group in groups for sample in group["samples"]]
+        try:
+            with timer.phase("generate"):
+                carried.open([(group, {"prompt": source.prompt, **source.columns},
+                               group["samples"]) for group, source in zip(groups, sources)])
+                carried.advance(rows, None)
+                trajectories = carried.trajectories(rows)
+        finally:
+            carried.close()
         self.drawn += trajectories
-        tokens = [t.tokens for t in trajectories]
         # A trajectory that left the batch (env_errors=skip) has no target: nothing of it is
         # trained, and its group's statistics are the others'
         # (advantages.py group_token_advantages).
-        masks = [[False] * len(t.tokens.model_mask) if t.error else t.tokens.model_mask
-                 for t in trajectories]
-        logprobs = self.models.actor.llm.device_logprobs(
-            [s for t in trajectories if not t.error for s in t.tokens.logprob_slots])
-        return Generated([t.prompt_token_ids for t in tokens], [t.token_ids for t in tokens],
-                         logprobs, rollout.samples_per_prompt, sources, masks,
+        masks = [[False] * len(s["mask"]) if t.error else s["mask"]
+                 for (_, s), t in zip(rows, trajectories)]
+        logprobs = torch.tensor([x for (_, s), t in zip(rows, trajectories) if not t.error
+                                 for x in s["logprobs"]], dtype=torch.float32,
+                                device=actor.llm.device)
+        return Generated([group["prompt"] for group, _ in rows], [s["answer"] for _, s in rows],
+                         logprobs, n, sources, masks,
                          [[] if t.error else list(t.turn_rewards) for t in trajectories],
                          trajectories, sampled_routing(self.models))
 

@@ -1,6 +1,7 @@
 """Single-turn answers, the rollout's simplest rows (a trajectory of one turn: `AnswerGenerator`),
-sampled in whole groups (whole_groups.py); partial rollouts continue them themselves
-(partial.py).
+sampled in whole groups (whole_groups.py) as requests of the engine's one loop
+(HybridActor.run), the loop partial rollouts continue them through (partial.py) and trajectories
+run in (agent_rows.py).
 
 Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 are group g
 (scored_rows.py).
@@ -11,6 +12,7 @@ from typing import Optional
 
 from ...config.ppo import RolloutConfig
 from ...data.prompts import PromptRow
+from ...inference.request import Request
 from .sampled_rows import Generated, sampled_routing, sampling_params, score_generated
 from .models import PPOModels
 from .phase_timer import PhaseTimer
@@ -34,12 +36,18 @@ class AnswerGenerator:
                 sources: Optional[list[PromptRow]] = None) -> Generated:
         """generate() on prompt token ids [groups][prompt tokens]; sources: their rows, or None
         (the decoded prompts stand in for the reward functions, without columns)."""
-        rollout = self.rollout
+        rollout, n = self.rollout, self.rollout.samples_per_prompt
+        params = sampling_params(rollout, seed, n)
+        # One request per row, sample j of its prompt drawing the stream fixed by (seed, prompt,
+        # j): the engine's one loop, as partial rollouts and trajectories run it (HybridActor.run).
+        requests = [Request(ids, params, sample_index=j) for ids in prompts for j in range(n)]
         with timer.phase("generate"):
-            prompt_ids, responses, sampler_logprobs = self.models.actor.generate(
-                prompts, sampling_params(rollout, seed, rollout.samples_per_prompt))
-        return Generated(prompt_ids, responses, sampler_logprobs, rollout.samples_per_prompt,
-                         sources, routing=sampled_routing(self.models))
+            seqs = self.models.actor.run(requests)
+        logprobs = self.models.actor.llm.device_logprobs(
+            [slot for seq in seqs for slot in seq.logprob_slots])
+        return Generated([list(seq.request.prompt) for seq in seqs],
+                         [seq.completion_token_ids for seq in seqs], logprobs, n, sources,
+                         routing=sampled_routing(self.models))
 
     def take_metrics(self) -> dict:
         """What the answers since the last call did: nothing beyond their rows' metrics."""

@@ -219,7 +219,7 @@ class PartialRollouts:
         """An environment for every trajectory about to start: new, dropped as stale, or one
         whose environment this process does not have (a resumed run's: it starts again, its
         tokens dropped). Returns how many had tokens (restarted)."""
-        restarted = 0
+        restarted, starts = 0, []
         for group in groups:
             starting = [s for s in group["samples"]
                         if not s["answer"] or self.carried.needs_restart(s)]
@@ -228,8 +228,10 @@ class PartialRollouts:
                 restart(sample)
             if starting:
                 source = group["source"] or {"prompt": "", "columns": {}}
-                self.carried.open(group, {"prompt": source["prompt"], **source["columns"]},
-                                  starting)
+                starts.append((group, {"prompt": source["prompt"], **source["columns"]},
+                               starting))
+        if starts:
+            self.carried.open(starts)
         return restarted
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ from engine_testing import random_prompts
 from reward_testing import vowel_fraction
 from test_ppo import config as ppo_config, setup  # noqa: F401 (the fixture)
 from test_ppo_exact import assert_exact
-from test_ppo_partial import grpo as partial_grpo
+from test_partial import grpo as partial_grpo
 from train_testing import save_tiny_model, write_jsonl
 
 pytestmark = pytest.mark.gpu

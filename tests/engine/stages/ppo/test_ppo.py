@@ -46,7 +46,7 @@ def setup(tmp_path_factory):
 def torch_kernels():
     """Every run here is on the CPU: its ops on torch's kernels, as on a machine without the Triton
     interpreter. The stage's wiring is under test; the fused kernels are tests/kernels' (and a PPO
-    update's on them, test_one_forward's)."""
+    update's on them, test_forwards.py's)."""
     with use_backend("torch"):
         yield
 
