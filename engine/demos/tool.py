@@ -3,7 +3,7 @@ calculator tool. The task, data, tokenizer and tool come from engine/demos/tool_
   1. SFT on conversations (data/chat.py's tool_calls rows) of which cfg.tool_calls call the `add`
      tool and the others answer at once: the SFT policy calls it now and then, and its direct
      answers are mostly wrong;
-  2. GRPO with the tool (rollout.tools: multi-turn trajectories through LLM.generate_turns, the
+  2. GRPO with the tool (rollout.tools: multi-turn trajectories through the engine's one loop, the
      tool's results as `tool` messages, the loss on the model's tokens only) and the program's
      check of the final answer as the reward.
 Accuracy is the program's judgement of the final answer of trajectories sampled with the tool at
