@@ -41,6 +41,9 @@ FORBIDDEN = [
     ("fusedrl.kernels", "fusedrl.engine"),
     # The parallel layout lays models out; it reads no data.
     ("fusedrl.engine.parallel", "fusedrl.engine.data"),
+    # Generation takes its own arguments (SamplingParams, Request), never a stage's config: the
+    # engine is usable without the config package, and its few refusals are its own rules.
+    ("fusedrl.engine.inference", "fusedrl.engine.config"),
 ] + [
     # The oracle imports none of the kernels it checks.
     ("fusedrl.kernels.reference", f"fusedrl.kernels.{family}") for family in (
