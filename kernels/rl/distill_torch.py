@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ..reference.distill import LOG_P_FLOOR, full_terms, scaled_logits, top_k_terms
+from ..reference.distill import full_terms, scaled_logits, top_k_terms
 from ..reference.statistics import compute_dtype
 from .linear_logprobs_torch import HeadGrads
 
@@ -61,15 +61,14 @@ def _teacher_logits(teacher, start, end, spec: DistillSpec):
 
 def _full_logit_grad(zs, zt, beta: float):
     """d/dzs [C, V] of full_terms' divergence, written out (autograd's over [C, V] holds several
-    times the buffers): the forward KL's p_s T - p_t (T: the teacher's mass where log p_s is above
-    LOG_P_FLOOR, 1 unless the logits are ~1e4 apart), the reverse KL's p_s (log p_s - log p_t -
-    KL), the JSD's (1 - beta) p_s (log p_s - log m - KL(p_s || m)) (its terms through m cancel but
-    p_s's own). Log-probs clamped at LOG_P_FLOOR as the terms clamp them."""
+    times the buffers): the forward KL's p_s T - p_t (T: the teacher's mass where log p_s is
+    finite, 1 without -inf logits), the reverse KL's p_s (log p_s - log p_t - KL), the JSD's
+    (1 - beta) p_s (log p_s - log m - KL(p_s || m)) (its terms through m cancel but p_s's own)."""
     log_ps = torch.log_softmax(zs, dim=-1)
-    log_pt = torch.log_softmax(zt.to(zs.dtype), dim=-1).clamp_(min=LOG_P_FLOOR)
+    log_pt = torch.log_softmax(zt.to(zs.dtype), dim=-1)
     p_s = log_ps.exp()
     if beta == 0.0:
-        p_t = log_pt.exp_().mul_(log_ps > LOG_P_FLOOR)
+        p_t = log_pt.exp_().mul_(torch.isfinite(log_ps))
         return p_s.mul_(p_t.sum(dim=-1, keepdim=True)).sub_(p_t)
     if beta == 1.0:
         gap = log_ps.sub_(log_pt)
