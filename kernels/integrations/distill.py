@@ -8,8 +8,8 @@
                             teacher_weight, shift_labels)``
 
 Liger 0.8.5's ``jsd_beta`` is TRL's ``beta`` (both read from their sources, and checked side by
-side in tests/kernels/integrations/test_distill.py): 0 the forward KL(teacher || student), 1 the
-reverse KL(student || teacher), in between beta KL(p_t || m) + (1 - beta) KL(p_s || m) with
+side in tests/kernels/integrations/test_distill_hosts.py): 0 the forward KL(teacher || student),
+1 the reverse KL(student || teacher), in between beta KL(p_t || m) + (1 - beta) KL(p_s || m) with
 m = beta p_t + (1 - beta) p_s. Liger's default is 0.5, TRL's 1.0. Liger takes no bias, logit scale
 or soft cap, and means over the rows whose label is not ignore_index (every row without labels).
 """

@@ -22,11 +22,6 @@ import torch.nn.functional as F
 
 from .statistics import compute_dtype
 
-# log p below this has p == 0 in every float dtype: terms p * (log p - log q) there are 0, and
-# clamping keeps a -inf log-prob from making 0 * inf = NaN in value or gradient.
-LOG_P_FLOOR = -1e4
-
-
 def scaled_logits(hidden, weight, bias, logit_scale, softcap, temperature):
     """z = cap * tanh(s * (hidden @ weight.T + bias) / cap) / temperature [..., V] in the compute
     dtype (without a cap: s * logits / temperature)."""
@@ -36,16 +31,21 @@ def scaled_logits(hidden, weight, bias, logit_scale, softcap, temperature):
     return z / temperature
 
 
+def _finite_where_empty(log_p, p):
+    """log_p with -inf replaced by 0 where p is 0: such a term is 0 (its limit), and 0 * inf would
+    make it, and its gradient, NaN. Finite log-probs pass unchanged (however small)."""
+    return log_p.masked_fill(torch.isneginf(log_p) & (p == 0), 0.0)
+
+
 def _kl_terms(log_p, log_q):
-    """sum p (log p - log q) over the last dim, a -inf-free 0 where p is 0."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    """sum p (log p - log q) over the last dim; 0 for the terms where p is 0."""
+    p = log_p.exp()
+    return (p * (_finite_where_empty(log_p, p) - _finite_where_empty(log_q, p))).sum(dim=-1)
 
 
 def bucket_divergence(log_ps, log_pt, beta: float):
     """TRL's divergence between two distributions given as log-probs [..., B] over the same B
     buckets (a vocabulary, or top-K tokens and a tail) -> [...]."""
-    log_ps = log_ps.clamp(min=LOG_P_FLOOR)
-    log_pt = log_pt.clamp(min=LOG_P_FLOOR)
     if beta == 0.0:
         return _kl_terms(log_pt, log_ps)
     if beta == 1.0:
@@ -56,8 +56,8 @@ def bucket_divergence(log_ps, log_pt, beta: float):
 
 def entropy_of(log_p):
     """-sum p log p over the last dim of log-probs [..., V] -> [...]."""
-    log_p = log_p.clamp(min=LOG_P_FLOOR)
-    return -(log_p.exp() * log_p).sum(dim=-1)
+    p = log_p.exp()
+    return -(p * _finite_where_empty(log_p, p)).sum(dim=-1)
 
 
 def with_tail(log_p):

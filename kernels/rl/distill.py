@@ -28,11 +28,11 @@ from ..reference.distill import reduce_divergence
 OP = "linear_distill_divergence"
 MODES = ("full", "sampled", "top_k")
 REDUCTIONS = ("mean", "sum", "none")
-# Bytes of one [C, V] buffer of the row-chunked path, whose backward holds a few tens of them
-# (autograd's intermediates of one chunk's terms, both heads' logits). Measured on the CPU at
-# N=4096, H=256, V=32000, beta 0.5 (bench/bench_distill.py): 16 MiB peaked at 753 MiB above the
-# inputs, 4 MiB at 261 MiB but 1.6x slower (each chunk streams both heads again); 8 MiB between.
-CHUNK_BYTES = 1 << 23
+# Bytes of one [C, V] buffer of the row-chunked path, which holds a few tens of them at its peak
+# (the forward's terms of both heads' logits). Measured on the CPU at N=4096, H=256, V=32000,
+# beta 0.5 (bench/bench_distill.py, a loaded 2-core machine): 16 MiB peaked at 402 MiB above the
+# inputs in 16 s, 8 MiB at 206 MiB in 27 s (each chunk streams both heads again).
+CHUNK_BYTES = 1 << 24
 
 
 class DistillOutput(NamedTuple):

@@ -49,7 +49,7 @@ def distill_forward(hs, ws, bs, ht, wt, bt, valid, beta, inv_s, inv_t):
     """(divergence, entropy, aux) [N] fp32 and norms [NORMS, N] fp32 of the student hidden
     hs [N, Ks] through ws [V, Ks] (+ bs) against the teacher ht [N, Kt], wt [V, Kt] (+ bt), each
     head's logits times inv_s / inv_t; divergence and entropy 0 where valid [N] (int8) is 0.
-    aux: what backward reads besides the norms (the KL, or KL(p_s || m) for the JSD)."""
+    aux: what backward reads besides the norms (beta 1: E_ps[zs - zt]; the JSD: KL(p_s || m))."""
     n_rows, vocab = hs.shape[0], ws.shape[0]
     if n_rows == 0:
         return (*(hs.new_zeros(0, dtype=torch.float32) for _ in range(3)),
@@ -77,8 +77,10 @@ def distill_forward(hs, ws, bs, ht, wt, bt, valid, beta, inv_s, inv_t):
         divergence = cross_t / sum_t + lse_gap
         aux = divergence
     elif mode == 1:
-        divergence = cross_s / sum_s - lse_gap
-        aux = divergence
+        # backward's p_s ((zs - zt) - E_ps[zs - zt]): the mean from the same logits as each
+        # term, so a one-hot student gets exactly 0 (not the rounding of two log-sum-exps)
+        aux = cross_s / sum_s
+        divergence = aux - lse_gap
     else:
         sums = torch.zeros(2, n_splits, n_rows, dtype=torch.float32, device=hs.device)
         _jsd_kernel[(row_tiles, n_splits)](*heads, norms, sums, n_rows, vocab, split_cols,

@@ -173,7 +173,7 @@ def _logit_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,  # as _stats_kernel's, the heads (and
                                                      # biases) at the chunk's first column
     norms_ptr,                # [4, N] fp32: NORMS
-    aux_ptr,                  # [N] fp32: the KL (MODE 1) or KL(p_s || m) (MODE 2)
+    aux_ptr,                  # [N] fp32: E_ps[zs - zt] (MODE 1) or KL(p_s || m) (MODE 2)
     grad_div_ptr,             # [N] fp32 upstream gradient, 0 on masked rows
     grad_ptr,                 # [N, n_cols] out, the student hidden's dtype
     n_rows, n_cols, inv_s, inv_t, beta,
@@ -200,7 +200,8 @@ def _logit_grad_kernel(
         if MODE == 0:
             grad_z = p_s - tl.exp(log_pt)
         elif MODE == 1:
-            grad_z = tl.where(p_s > 0, p_s * (log_ps - log_pt - aux), 0.0)
+            # p_s (log p_s - log p_t - KL) with the log-sum-exps cancelled: aux = E_ps[zs - zt]
+            grad_z = tl.where(p_s > 0, p_s * ((zs - zt) - aux), 0.0)
         else:
             grad_z = (1.0 - beta) * tl.where(
                 p_s > 0, p_s * (log_ps - _log_mixture(log_ps, log_pt, beta) - aux), 0.0)

@@ -4,13 +4,15 @@ of linear_distill_divergence, and every backend's path for what the Triton kerne
 
 Forward makes a row chunk's logits of both heads [C, V], evaluates the per-token terms of
 reference/distill.py on them and keeps two floats per row (divergence, student entropy). Backward
-remakes each chunk, differentiates the chunk's terms with respect to the student's logits only
-(autograd over [C, V], then dropped) and feeds that gradient to the head's two matmuls: the extra
-memory is a few [C, V] buffers whatever N is, plus the fp32 gradient of the head. The teacher's
+remakes each chunk, writes the gradient of the chunk's terms with respect to the student's logits
+(by hand for the full divergence, by autograd over [C, V] for the top-K mode's) and feeds it to
+the head's two matmuls: the extra memory is a few [C, V] buffers whatever N is, plus the fp32
+gradient of the head. The teacher's
 logits are made under no_grad and nothing of the teacher is saved but its inputs.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -39,23 +41,52 @@ def _chunks(total: int, size: int):
 
 
 def _student_logits(pre, spec: DistillSpec):
-    """The student's scaled logits from its raw head output pre [C, V] (compute dtype)."""
+    """(zs, slope): the student's scaled logits from its raw head output pre [C, V] (compute
+    dtype), and d zs / d pre (a number, or [C, V] with a soft cap)."""
     z = pre * spec.student_logit_scale
+    slope = spec.student_logit_scale / spec.temperature
     if spec.student_softcap is not None:
-        z = spec.student_softcap * torch.tanh(z / spec.student_softcap)
-    return z / spec.temperature
+        t = torch.tanh(z / spec.student_softcap)
+        z = spec.student_softcap * t
+        slope = (1.0 - t * t).mul_(slope)
+    return z / spec.temperature, slope
+
+
+def _teacher_logits(teacher, start, end, spec: DistillSpec):
+    hidden, weight, bias = teacher[:3]
+    with torch.no_grad():
+        return scaled_logits(hidden[start:end], weight, bias, spec.teacher_logit_scale,
+                             spec.teacher_softcap, spec.temperature)
+
+
+def _full_logit_grad(zs, zt, beta: float):
+    """d/dzs [C, V] of full_terms' divergence, written out (autograd's over [C, V] holds several
+    times the buffers): the forward KL's p_s T - p_t (T: the teacher's mass where log p_s is
+    finite, 1 without -inf logits), the reverse KL's p_s (log p_s - log p_t - KL), the JSD's
+    (1 - beta) p_s (log p_s - log m - KL(p_s || m)) (its terms through m cancel but p_s's own)."""
+    log_ps = torch.log_softmax(zs, dim=-1)
+    log_pt = torch.log_softmax(zt.to(zs.dtype), dim=-1)
+    p_s = log_ps.exp()
+    if beta == 0.0:
+        p_t = log_pt.exp_().mul_(torch.isfinite(log_ps))
+        return p_s.mul_(p_t.sum(dim=-1, keepdim=True)).sub_(p_t)
+    if beta == 1.0:
+        gap = log_ps.sub_(log_pt)
+    else:
+        log_m = torch.logaddexp(log_ps + math.log(1.0 - beta), log_pt.add_(math.log(beta)))
+        gap = log_ps.sub_(log_m)
+    gap = torch.where(p_s > 0, gap, 0.0)
+    grad = gap.sub_(torch.linalg.vecdot(p_s, gap)[:, None]).mul_(p_s)
+    return grad if beta == 1.0 else grad.mul_(1.0 - beta)
 
 
 def _chunk_terms(zs, teacher, start, end, spec: DistillSpec):
     """(divergence, entropy) [C] of the rows [start, end): zs [C, V] the student's scaled logits,
     teacher (hidden, weight, bias, labels, topk_ids, topk_logprobs)."""
-    hidden, weight, bias, _, topk_ids, topk_logprobs = teacher
     if spec.mode == "top_k":
+        topk_ids, topk_logprobs = teacher[4:]
         return top_k_terms(zs, topk_ids[start:end], topk_logprobs[start:end], spec.beta)
-    with torch.no_grad():
-        zt = scaled_logits(hidden[start:end], weight, bias, spec.teacher_logit_scale,
-                           spec.teacher_softcap, spec.temperature)
-    return full_terms(zs, zt, spec.beta)
+    return full_terms(zs, _teacher_logits(teacher, start, end, spec), spec.beta)
 
 
 class ChunkedDistill(torch.autograd.Function):
@@ -69,7 +100,7 @@ class ChunkedDistill(torch.autograd.Function):
         divergence = hidden.new_zeros(n_rows, dtype=cd)
         entropy = hidden.new_zeros(n_rows, dtype=cd)
         for start, end in _chunks(n_rows, spec.chunk_size):
-            zs = _student_logits(F.linear(hidden[start:end], weight, bias).to(cd), spec)
+            zs, _ = _student_logits(F.linear(hidden[start:end], weight, bias).to(cd), spec)
             div, ent = _chunk_terms(zs, teacher, start, end, spec)
             divergence[start:end] = torch.where(valid[start:end], div, 0.0)
             entropy[start:end] = torch.where(valid[start:end], ent, 0.0)
@@ -86,11 +117,17 @@ class ChunkedDistill(torch.autograd.Function):
         grads = HeadGrads(hidden, weight, ctx.needs_input_grad[:3])
         g_all = torch.where(valid, grad_divergence.to(cd), 0.0)
         for start, end in _chunks(hidden.shape[0], spec.chunk_size):
-            h = hidden[start:end]
-            with torch.enable_grad():
-                pre = F.linear(h, weight, bias).to(cd).detach().requires_grad_()   # [C, V]
-                div, _ = _chunk_terms(_student_logits(pre, spec), ctx.teacher, start, end, spec)
-                (grad,) = torch.autograd.grad(div, pre, g_all[start:end])           # [C, V]
+            h, g = hidden[start:end], g_all[start:end]
+            if spec.mode == "full":
+                zs, slope = _student_logits(F.linear(h, weight, bias).to(cd), spec)  # [C, V]
+                grad = _full_logit_grad(zs, _teacher_logits(ctx.teacher, start, end, spec),
+                                        spec.beta).mul_(g[:, None]).mul_(slope)
+            else:
+                with torch.enable_grad():
+                    pre = F.linear(h, weight, bias).to(cd).detach().requires_grad_()
+                    zs, _ = _student_logits(pre, spec)
+                    div, _ = _chunk_terms(zs, ctx.teacher, start, end, spec)
+                    (grad,) = torch.autograd.grad(div, pre, g)                      # [C, V]
             grads.add(grad, h, start, end)
         return grads.result() + (None,) * 3
 

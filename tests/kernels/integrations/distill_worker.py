@@ -1,4 +1,4 @@
-"""Run under TRL 1.x and Liger (their directory first on sys.path, see test_distill.py): our
+"""Run under TRL 1.x and Liger (their directory first on sys.path, see test_distill_hosts.py): our
 divergence at their call shapes against their own code. Prints one JSON line of the errors
 measured."""
 import json

@@ -127,14 +127,15 @@ def reference_terms(zs, zt, beta, temperature):
                                                temperature=temperature, reduction="none")[0]
 
 
-def test_torch_backward_matches_finite_differences():
-    """The chunked path's own backward (autograd per chunk, the head's matmuls by hand) against
-    torch.autograd.gradcheck, in float64, JSD with soft-capping and a logit scale."""
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_torch_backward_matches_finite_differences(beta):
+    """The chunked path's own backward (the logit gradient written out per chunk, the head's
+    matmuls) against torch.autograd.gradcheck, in float64, with soft-capping and a logit scale."""
     inputs = make_inputs(5, 3, 4, 7, torch.float64)
 
     def f(h, w, b):
         return linear_distill_divergence(
-            h, w, inputs["teacher_hidden"], inputs["teacher_weight"], inputs["mask"], 0.3, 0.9,
+            h, w, inputs["teacher_hidden"], inputs["teacher_weight"], inputs["mask"], beta, 0.9,
             reduction="none", student_bias=b, student_logit_scale=1.3, student_softcap=4.0,
             teacher_softcap=3.0, chunk_size=2).divergence
 
