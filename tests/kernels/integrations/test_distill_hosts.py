@@ -1,30 +1,19 @@
 """linear_distill_divergence at its hosts' call shapes, against the hosts' own code: TRL 1.x's
 _chunked_divergence_loss and DistillationTrainer (FusedDistillationTrainer), Liger's
-LigerFusedLinearJSD (FusedLinearJSDLoss). TRL 1.x and Liger live in .ci-trl (see test_trl.py),
+LigerFusedLinearJSD (FusedLinearJSDLoss). TRL 1.x and Liger live in .ci-trl (see trl_testing.py),
 put first on the path of one worker process; without them these tests skip and say so. Liger's
 Triton kernels run in the interpreter there."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from test_trl import TRL_DIR, pytestmark  # noqa: F401  (the same skip)
+from trl_testing import needs_trl, run_worker
 
-WORKER = Path(__file__).with_name("distill_worker.py")
+pytestmark = needs_trl
 
 
 @pytest.fixture(scope="module")
 def host_runs() -> dict:
     """Every check in one worker process: {check: {case: errors}}."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TRL_DIR), str(WORKER.parent)]),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(WORKER), "trl_loss", "liger", "trainer"],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker("distill_worker.py", "trl_loss", "liger", "trainer")
 
 
 def test_trl_chunked_divergence_loss_shape(host_runs):
