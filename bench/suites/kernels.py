@@ -15,7 +15,8 @@ import os
 
 import torch
 
-from .. import bench_distill, bench_integrations, bench_kernels, results
+from .. import (bench_attention, bench_distill, bench_integrations, bench_kernels,
+               bench_sampler, harness, results)
 from ..context import Context, peer_version
 
 SUITE = "kernels"
@@ -122,7 +123,8 @@ def grpo_loss_rows(ctx: Context) -> list[dict]:
 
 # The distillation divergence's peers (bench_distill's variants): their rows' names, distributions.
 DISTILL_VARIANTS = {"torch": ("eager", None), "fusedrl": ("fusedrl", None),
-                    "trl": ("trl chunked divergence", "trl"), "liger": ("liger jsd", "liger-kernel")}
+                    "trl": ("trl chunked divergence", "trl"),
+                    "liger": ("liger jsd", "liger-kernel")}
 
 
 def distill_shape(quick: bool) -> tuple[int, int, int]:
@@ -148,6 +150,49 @@ def distill_rows(ctx: Context) -> list[dict]:
                      "_chunked_divergence_loss")
 
 
+def attention_rows(ctx: Context, budget: float) -> list[dict]:
+    """bench_attention's two cases (a packed batch's forward + backward, a paged prefill over
+    shared prefix pages): the engine's path, the padded groups and the per-sequence SDPA loop.
+    Compute-bound: fraction_of_limit is the causal attention's FLOPs per second over FLOP/s."""
+    out = []
+    for r in bench_attention.measure(ctx.quick, ctx.device, budget):
+        if not ctx.wanted(f"attention {r['case']}"):
+            continue
+        seconds = r["ms"] / 1e3
+        impl = "fusedrl" if r["impl"] == "engine" else r["impl"]
+        out.append(results.make_row(
+            SUITE, f"attention {r['case']}", impl,
+            fraction_of_limit=ctx.flops_fraction(r["flops"] / seconds), limit=ctx.flops_limit,
+            seconds=seconds, ms=r["ms"], flops=r["flops"], attention_ops=r["attention_ops"],
+            speedup_over_loop=r["speedup"], peak_extra_mib=r.get("peak_extra_mib")))
+    return out
+
+
+def sampler_rows(ctx: Context, budget: float) -> list[dict]:
+    """bench_sampler's decode step per batch and mode: ours (sample) and the eager reference
+    (reference.sample, the same draws). Memory-bound: fraction_of_limit is one read of the
+    logits per second over the bandwidth."""
+    from fusedrl.kernels import reference
+    batches, vocab = ((1, 4), 2048) if ctx.quick else (bench_sampler.BATCHES, bench_sampler.VOCAB)
+    timer_us = lambda fn: 1e3 * harness.time_ms(fn, ctx.device, budget_s=budget)  # noqa: E731
+    name = lambda mode, batch: f"sampler {mode} B={batch} V={vocab}"  # noqa: E731
+    out = []
+    for batch in batches:
+        if not any(ctx.wanted(name(mode, batch)) for mode in bench_sampler.MODES):
+            continue
+        for impl, sampler in (("fusedrl", bench_sampler.sample), ("eager", reference.sample)):
+            r = bench_sampler.measure(batch, vocab, ctx.device, timer_us, ctx.dtype, sampler)
+            read_bytes = batch * vocab * ctx.dtype.itemsize
+            for mode in filter(lambda mode: ctx.wanted(name(mode, batch)), bench_sampler.MODES):
+                seconds = r[f"{mode}_us"] / 1e6
+                out.append(results.make_row(
+                    SUITE, name(mode, batch), impl,
+                    fraction_of_limit=ctx.bandwidth_fraction(read_bytes / seconds),
+                    limit=ctx.bandwidth_limit, seconds=seconds, bytes_moved=read_bytes,
+                    one_read_seconds=r["one_read_us"] / 1e6))
+    return out
+
+
 def rows(ctx: Context) -> list[dict]:
     budget, reps, host_calls = (0.02, 1, 2) if ctx.quick else (1.0, 3, None)
     # torch.compile's CPU compile takes longer than a quick run of the whole suite.
@@ -164,5 +209,7 @@ def rows(ctx: Context) -> list[dict]:
                                     "(compiling takes longer than the quick suite)",
                                     case_limit(ctx, case))
                 for impl in skip if impl in case.impls]
-    out += grpo_loss_rows(ctx) if ctx.wanted("grpo_loss") else []
-    return out + (distill_rows(ctx) if ctx.wanted("distill_divergence") else [])
+    out += sampler_rows(ctx, budget) if ctx.wants_family("sampler") else []
+    out += attention_rows(ctx, budget) if ctx.wants_family("attention") else []
+    out += grpo_loss_rows(ctx) if ctx.wants_family("grpo_loss") else []
+    return out + (distill_rows(ctx) if ctx.wants_family("distill_divergence") else [])
