@@ -9,8 +9,10 @@ two shapes:
 Implementations: "loop" (one SDPA call per sequence, the code before), "padded groups"
 (kernels/attention/padded.py, the CPU path), "engine" (kernels/attention/paths.py's choice on this
 device: a varlen flash-attention call on CUDA in bf16). Reported: median ms, attention ops
-dispatched per call (forward and backward), speed-up over the loop. Printed as a table, saved as
-JSON.
+dispatched per call (forward and backward), speed-up over the loop, and the causal attention's
+FLOPs (what no implementation avoids: 4 per visible query-key pair, head and channel forward, 2.5x
+that backward). Printed as a table, saved as JSON; `fusedrl bench kernels` reports the same
+measurement (measure()) as rows of its schema.
 
     python bench/bench_attention.py               # headline: bf16, 32 query heads over 8, head dim 128
     python bench/bench_attention.py --quick       # fp32, 4 heads over 2, 1/16 of the sequences (CPU)
@@ -59,8 +61,15 @@ def _loop(q, k, v, seqlens_q, seqlens_k, scale):
     return torch.cat(outs)
 
 
+def causal_flops(seqlens_q, seqlens_k, heads, head_dim) -> int:
+    """Forward FLOPs of causal attention, queries the last Lq of their Lk keys: QK^T and PV, 2 each
+    per visible (query, key) pair, head and channel."""
+    pairs = sum(lq * (lk - lq) + lq * (lq + 1) // 2 for lq, lk in zip(seqlens_q, seqlens_k))
+    return 4 * heads * head_dim * pairs
+
+
 def train_case(quick, device, dtype, heads, kv_heads, head_dim):
-    """(name, {impl: thunk}) for forward + backward of one packed batch."""
+    """(name, {impl: thunk}, FLOPs) for forward + backward of one packed batch."""
     g = torch.Generator().manual_seed(0)
     lens = _lengths(8 if quick else 128, 64, 192, g)
     n, scale = sum(lens), head_dim ** -0.5
@@ -75,11 +84,13 @@ def train_case(quick, device, dtype, heads, kv_heads, head_dim):
              "padded groups": backward(lambda: packed_causal_attention(
                  q, k, v, paths._padded_plan(meta, device), scale)),
              "engine": backward(lambda: paths.varlen_attention(q, k, v, meta))}
-    return f"train fwd+bwd: {len(lens)} seqs, {n} tokens", impls
+    flops = causal_flops(lens, lens, heads, head_dim) * 7 // 2  # the backward: 2.5x the forward
+    return f"train fwd+bwd: {len(lens)} seqs, {n} tokens", impls, flops
 
 
 def prefill_case(quick, device, dtype, heads, kv_heads, head_dim):
-    """(name, {impl: thunk}) for the prefill of n samples per prompt over shared prefix pages."""
+    """(name, {impl: thunk}, FLOPs) for the prefill of n samples per prompt over shared prefix
+    pages."""
     g = torch.Generator().manual_seed(1)
     prompts = _lengths(2 if quick else 32, 32 if quick else 256, 96 if quick else 768, g)
     seqlens_k = [p for p in prompts for _ in range(4)]
@@ -109,7 +120,40 @@ def prefill_case(quick, device, dtype, heads, kv_heads, head_dim):
                  q, k_cache, v_cache, block_tables, paths._padded_plan(meta, device), scale),
              "engine": lambda: paths.prefill_attention(q, None, None, k_cache, v_cache, meta)}
     name = f"prefill: {len(prompts)} prompts x 4, {sum(seqlens_q)} new of {sum(seqlens_k)} tokens"
-    return name, impls
+    return name, impls, causal_flops(seqlens_q, seqlens_k, heads, head_dim)
+
+
+def shape(quick: bool, device: torch.device) -> tuple[torch.dtype, tuple[int, int, int]]:
+    """The dtype and (query heads, K/V heads, head dim): the headline's, or --quick's."""
+    # CUDA's fused attention kernels take half types: fp32 queries with fewer K/V heads (GQA) fall
+    # back to SDPA's math decomposition (matmul, softmax, matmul), which has no attention op to count.
+    dtype = torch.float32 if quick and device.type == "cpu" else torch.bfloat16
+    return dtype, ((4, 2, 64) if quick else (32, 8, 128))
+
+
+def measure(quick: bool, device: torch.device, budget: float) -> list[dict]:
+    """Per case and implementation: case, impl, ms (median), attention_ops, speedup (over the
+    loop), flops (the causal attention's) and on CUDA peak_extra_mib (max_memory_allocated above
+    the allocated, during one call)."""
+    dtype, heads = shape(quick, device)
+    rows = []
+    for make in (train_case, prefill_case):
+        name, impls, flops = make(quick, device, dtype, *heads)
+        loop_ms = None
+        for impl, thunk in impls.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            with _AttentionOps() as ops:
+                thunk()
+            row = {"case": name, "impl": impl, "attention_ops": ops.count, "flops": flops}
+            if device.type == "cuda":
+                row["peak_extra_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            row["ms"] = harness.time_ms(thunk, device, budget_s=budget)
+            loop_ms = loop_ms or row["ms"]
+            rows.append({**row, "speedup": loop_ms / row["ms"]})
+    return rows
 
 
 def main(argv=None):
@@ -119,26 +163,13 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of repetitions per timing")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = (4, 2, 64) if args.quick else (32, 8, 128)
-    # CUDA's fused attention kernels take half types: fp32 queries with fewer K/V heads (GQA) fall back
-    # to SDPA's math decomposition (matmul, softmax, matmul), which has no attention op to count.
-    dtype = torch.float32 if args.quick and device.type == "cpu" else torch.bfloat16
-    rows = []
-    for make in (train_case, prefill_case):
-        name, impls = make(args.quick, device, dtype, *shape)
-        loop_ms = None
-        for impl, thunk in impls.items():
-            with _AttentionOps() as ops:
-                thunk()
-            ms = harness.time_ms(thunk, device, budget_s=args.budget)
-            loop_ms = loop_ms or ms
-            rows.append({"case": name, "impl": impl, "ms": ms, "attention_ops": ops.count,
-                         "speedup": loop_ms / ms})
+    rows = measure(args.quick, device, args.budget)
     print(harness.format_table(rows, [("case", "case"), ("impl", "impl"), ("ms", "ms"),
                                       ("attention_ops", "attention ops"), ("speedup", "x loop")]))
     if args.json:
+        dtype, heads = shape(args.quick, device)
         harness.write_json(args.json, {"meta": harness.run_metadata(device), "dtype": str(dtype),
-                                        "heads": shape, "results": rows})
+                                        "heads": heads, "results": rows})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""GPU time of the sampler per decode step (`fusedrl.kernels.sample`, the split-row Triton
-kernels) at batch 1 / 32 / 256 over a 151936-token bf16 vocabulary: greedy, top-p 0.9, top-k 50 and
-min-p 0.1, next to one read of the logits (a row max) and the bytes-per-second of that read. CUDA only.
+"""Time of the sampler per decode step (`fusedrl.kernels.sample`: the split-row Triton kernels
+where the model's kernels run, else the torch reference) at batch 1 / 32 / 256 over a
+151936-token bf16 vocabulary: greedy, top-p 0.9, top-k 50 and min-p 0.1, next to one read of the
+logits (a row max) and the bytes-per-second of that read. The script needs CUDA; `fusedrl bench
+kernels` reports the same measurement (measure()) on any device, beside the eager reference.
 
     python bench/bench_sampler.py [--out results.json]
 """
@@ -33,10 +35,35 @@ def gpu_us(fn, iters: int = 200) -> float:
     return start.elapsed_time(end) * 1000 / iters
 
 
-def sampling_args(batch: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
-    full = lambda v, dtype: torch.full((batch,), v, dtype=dtype, device="cuda")  # noqa: E731
+def sampling_args(batch: int, device, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """sample()'s per-row arguments after the logits: every row the same mode."""
+    full = lambda v, dtype: torch.full((batch,), v, dtype=dtype, device=device)  # noqa: E731
     return (full(temperature, torch.float32), full(top_k, torch.int64), full(top_p, torch.float32),
-            torch.arange(batch, device="cuda"), full(200, torch.int64), full(min_p, torch.float32))
+            torch.arange(batch, device=device), full(200, torch.int64), full(min_p, torch.float32))
+
+
+def model_logits(batch: int, vocab: int, device, dtype=torch.bfloat16) -> torch.Tensor:
+    """[batch, vocab] model-like rows: a wide bulk and a few far-ahead tokens (a trained LM's
+    logits are peaked)."""
+    g = torch.Generator(device).manual_seed(batch)
+    logits = torch.randn(batch, vocab, generator=g, device=device) * 2.5
+    logits[:, :64] += 12 * torch.rand(batch, 64, generator=g, device=device)
+    return logits.to(dtype)
+
+
+def measure(batch: int, vocab: int, device, timer_us, dtype=torch.bfloat16, sampler=sample) -> dict:
+    """One batch's row: one_read_us (a row max), read_GBps, f"{mode}_us" per mode of MODES
+    (timer_us(fn): microseconds per call of fn), top_p_over_greedy. sampler: sample()'s signature
+    (the eager reference's too)."""
+    logits = model_logits(batch, vocab, device, dtype)
+    read = timer_us(lambda: logits.amax(-1))
+    row = {"batch": batch, "one_read_us": read,
+           "read_GBps": logits.numel() * logits.element_size() / read / 1e3}
+    for name, kw in MODES.items():
+        params = sampling_args(batch, device, **kw)
+        row[f"{name}_us"] = timer_us(lambda: sampler(logits, *params))
+    row["top_p_over_greedy"] = row["top_p=0.9_us"] / row["greedy_us"]
+    return row
 
 
 def main(argv=None) -> int:
@@ -48,17 +75,7 @@ def main(argv=None) -> int:
         return 1
     rows = []
     for batch in BATCHES:
-        g = torch.Generator("cuda").manual_seed(batch)
-        # Model-like rows: a wide bulk and a few far-ahead tokens (a trained LM's logits are peaked).
-        logits = torch.randn(batch, VOCAB, generator=g, device="cuda") * 2.5
-        logits[:, :64] += 12 * torch.rand(batch, 64, generator=g, device="cuda")
-        logits = logits.to(torch.bfloat16)
-        read = gpu_us(lambda: logits.amax(-1))
-        row = {"batch": batch, "one_read_us": read, "read_GBps": logits.numel() * 2 / read / 1e3}
-        for name, kw in MODES.items():
-            params = sampling_args(batch, **kw)
-            row[f"{name}_us"] = gpu_us(lambda: sample(logits, *params))
-        row["top_p_over_greedy"] = row["top_p=0.9_us"] / row["greedy_us"]
+        row = measure(batch, VOCAB, "cuda", gpu_us)
         rows.append(row)
         print(" | ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     if args.out:

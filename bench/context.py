@@ -30,6 +30,12 @@ class Context:
         """Whether the case `name` runs (the option only=: a case whose name holds one of them)."""
         return not self.options.only or any(part in name for part in self.options.only)
 
+    def wants_family(self, family: str) -> bool:
+        """Whether any case of the family named `family` (its cases' names start with it) may
+        run: only= names the family or one of its cases."""
+        return not self.options.only or any(part in family or part.startswith(family)
+                                            for part in self.options.only)
+
     def progress(self, items, desc: str):
         """items with a progress bar on stderr (where it is a terminal)."""
         from tqdm.auto import tqdm

@@ -1,10 +1,13 @@
 """The kernels suite: every fused op of bench_kernels.py (ours, eager PyTorch, torch.compile,
-Liger where it runs) and the GRPO loss from hidden states of bench_integrations.py (ours, plain
-PyTorch, Liger's, TRL 1.x's fused head, each in its own process), as rows of the schema.
+Liger where it runs), the GRPO loss from hidden states of bench_integrations.py (ours, plain
+PyTorch, Liger's, TRL 1.x's fused head) and the distillation divergence of bench_distill.py (ours,
+plain PyTorch, TRL 1.x's chunked divergence, Liger's JSD), the last two each variant in its own
+process, as rows of the schema.
 
 A memory-bound op's fraction_of_limit is its bytes moved (what an ideal kernel reads and writes)
 per second over the device's bandwidth; a compute-bound one's (the fused LM head, the GRPO loss)
-its unavoidable GEMM FLOPs per second over the device's FLOP/s.
+its unavoidable GEMM FLOPs per second over the device's FLOP/s. The distillation divergence's rows
+are compute-bound too: the student's forward and backward GEMMs and the teacher's forward.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ import os
 
 import torch
 
-from .. import bench_integrations, bench_kernels, results
+from .. import (bench_attention, bench_distill, bench_integrations, bench_kernels,
+               bench_sampler, harness, results)
 from ..context import Context, peer_version
 
 SUITE = "kernels"
@@ -22,7 +26,8 @@ LIGER_OPS = ("token_logprobs", "linear_token_logprobs")
 
 def kernel_cases(quick: bool) -> list:
     """Every bench_kernels case (quick: shapes small enough for the Triton interpreter on a CPU).
-    The distillation divergence's cases (bench_distill.py) join this list as one more family."""
+    The two losses from hidden states, each variant in its own process, are grpo_loss_rows' and
+    distill_rows'."""
     if not quick:
         return bench_kernels.all_cases(False)
     return (bench_kernels.token_logprobs_cases(16, 256, torch.float32)
@@ -73,6 +78,33 @@ def case_rows(ctx: Context, case, measured: list[dict]) -> list[dict]:
     return out
 
 
+def peer_rows(ctx: Context, name: str, variants: dict, measured: list[dict], flops: int,
+              keys: tuple, trl_needs: str) -> list[dict]:
+    """The rows of a loss measured per variant in its own process (bench_integrations',
+    bench_distill's rows: variant, seconds, peak_extra_mib, the figures `keys`, or error): each
+    peer named with its version, "not installed" where it is not. trl_needs: what an older TRL
+    lacks, the status of its row."""
+    out = []
+    for r in measured:
+        impl, dist = variants[r["variant"]]
+        version = peer_version(dist) if dist else None
+        if dist and version is None:
+            out.append(results.missing_row(SUITE, name, impl, "not installed", ctx.flops_limit))
+            continue
+        impl = f"{impl} {version}" if version else impl
+        if "error" in r:
+            status = r["error"]
+            if dist == "trl" and ("ModuleNotFoundError" in status or "ImportError" in status):
+                status = f"not installed (TRL 1.x; trl {version} has no {trl_needs})"
+            out.append(results.missing_row(SUITE, name, impl, status, ctx.flops_limit))
+            continue
+        out.append(results.make_row(
+            SUITE, name, impl, fraction_of_limit=ctx.flops_fraction(flops / r["seconds"]),
+            limit=ctx.flops_limit, seconds=r["seconds"], flops=flops,
+            peak_extra_mib=r["peak_extra_mib"], **{k: r.get(k) for k in keys}))
+    return out
+
+
 # The GRPO loss's peers (bench_integrations' variants) and their rows' names and distributions.
 LOSS_VARIANTS = {"torch": ("eager", None), "fusedrl": ("fusedrl", None),
                  "liger": ("liger", "liger-kernel"), "trl_head": ("trl fused head", "trl")}
@@ -85,25 +117,79 @@ def grpo_loss_rows(ctx: Context) -> list[dict]:
                              "trl_dir": os.environ.get("PYTHONPATH", "")})()
     name = f"grpo_loss fwd+bwd N={n} H={h} V={v}"
     flops = 3 * 2 * n * h * v  # logits, d hidden, d weight: the GEMMs no implementation avoids
+    return peer_rows(ctx, name, LOSS_VARIANTS, bench_integrations.bench_shape(n, h, v, args),
+                     flops, ("loss_error", "grad_weight_rel_error"), "trl.kernels")
+
+
+# The distillation divergence's peers (bench_distill's variants): their rows' names, distributions.
+DISTILL_VARIANTS = {"torch": ("eager", None), "fusedrl": ("fusedrl", None),
+                    "trl": ("trl chunked divergence", "trl"),
+                    "liger": ("liger jsd", "liger-kernel")}
+
+
+def distill_shape(quick: bool) -> tuple[int, int, int]:
+    """N, H, V: the student's rows, width and vocabulary (the teacher is twice as wide)."""
+    return (64, 16, 256) if quick else (4096, 896, 151936)
+
+
+def distill_rows(ctx: Context) -> list[dict]:
+    """The distillation divergence from two LM heads (beta 0.5, the JSD, temperature 0.7),
+    forward + backward, each variant in its own process (peak memory its own); a peer not
+    installed is not started."""
+    n, h, v = distill_shape(ctx.quick)
+    args = type("Args", (), {"device": ctx.device.type, "chunk_size": None,
+                             "trl_dir": os.environ.get("PYTHONPATH", "")})()
+    name = (f"distill_divergence fwd+bwd N={n} H={h} V={v} teacher H={2 * h} "
+            f"beta={bench_distill.BETA}")
+    # the student's logits, d hidden and d weight, the teacher's logits: the GEMMs none avoids
+    flops = 2 * n * v * (3 * h + 2 * h)
+    measured = [bench_distill.run_in_process(variant, n, h, v, args)
+                if dist is None or peer_version(dist) else {"variant": variant}
+                for variant, (_, dist) in DISTILL_VARIANTS.items()]
+    return peer_rows(ctx, name, DISTILL_VARIANTS, measured, flops, ("loss",),
+                     "_chunked_divergence_loss")
+
+
+def attention_rows(ctx: Context, budget: float) -> list[dict]:
+    """bench_attention's two cases (a packed batch's forward + backward, a paged prefill over
+    shared prefix pages): the engine's path, the padded groups and the per-sequence SDPA loop.
+    Compute-bound: fraction_of_limit is the causal attention's FLOPs per second over FLOP/s."""
     out = []
-    for r in bench_integrations.bench_shape(n, h, v, args):
-        impl, dist = LOSS_VARIANTS[r["variant"]]
-        version = peer_version(dist) if dist else None
-        if dist and version is None:
-            out.append(results.missing_row(SUITE, name, impl, "not installed", ctx.flops_limit))
+    for r in bench_attention.measure(ctx.quick, ctx.device, budget):
+        if not ctx.wanted(f"attention {r['case']}"):
             continue
-        impl = f"{impl} {version}" if version else impl
-        if "error" in r:
-            status = r["error"]
-            if dist == "trl" and "ModuleNotFoundError" in status:
-                status = f"not installed (TRL 1.x; trl {version} has no trl.kernels)"
-            out.append(results.missing_row(SUITE, name, impl, status, ctx.flops_limit))
-            continue
+        seconds = r["ms"] / 1e3
+        impl = "fusedrl" if r["impl"] == "engine" else r["impl"]
         out.append(results.make_row(
-            SUITE, name, impl, fraction_of_limit=ctx.flops_fraction(flops / r["seconds"]),
-            limit=ctx.flops_limit, seconds=r["seconds"], flops=flops,
-            peak_extra_mib=r["peak_extra_mib"], loss_error=r.get("loss_error"),
-            grad_weight_rel_error=r.get("grad_weight_rel_error")))
+            SUITE, f"attention {r['case']}", impl,
+            fraction_of_limit=ctx.flops_fraction(r["flops"] / seconds), limit=ctx.flops_limit,
+            seconds=seconds, ms=r["ms"], flops=r["flops"], attention_ops=r["attention_ops"],
+            speedup_over_loop=r["speedup"], peak_extra_mib=r.get("peak_extra_mib")))
+    return out
+
+
+def sampler_rows(ctx: Context, budget: float) -> list[dict]:
+    """bench_sampler's decode step per batch and mode: ours (sample) and the eager reference
+    (reference.sample, the same draws). Memory-bound: fraction_of_limit is one read of the
+    logits per second over the bandwidth."""
+    from fusedrl.kernels import reference
+    batches, vocab = ((1, 4), 2048) if ctx.quick else (bench_sampler.BATCHES, bench_sampler.VOCAB)
+    timer_us = lambda fn: 1e3 * harness.time_ms(fn, ctx.device, budget_s=budget)  # noqa: E731
+    name = lambda mode, batch: f"sampler {mode} B={batch} V={vocab}"  # noqa: E731
+    out = []
+    for batch in batches:
+        if not any(ctx.wanted(name(mode, batch)) for mode in bench_sampler.MODES):
+            continue
+        for impl, sampler in (("fusedrl", bench_sampler.sample), ("eager", reference.sample)):
+            r = bench_sampler.measure(batch, vocab, ctx.device, timer_us, ctx.dtype, sampler)
+            read_bytes = batch * vocab * ctx.dtype.itemsize
+            for mode in filter(lambda mode: ctx.wanted(name(mode, batch)), bench_sampler.MODES):
+                seconds = r[f"{mode}_us"] / 1e6
+                out.append(results.make_row(
+                    SUITE, name(mode, batch), impl,
+                    fraction_of_limit=ctx.bandwidth_fraction(read_bytes / seconds),
+                    limit=ctx.bandwidth_limit, seconds=seconds, bytes_moved=read_bytes,
+                    one_read_seconds=r["one_read_us"] / 1e6))
     return out
 
 
@@ -123,4 +209,7 @@ def rows(ctx: Context) -> list[dict]:
                                     "(compiling takes longer than the quick suite)",
                                     case_limit(ctx, case))
                 for impl in skip if impl in case.impls]
-    return out + (grpo_loss_rows(ctx) if ctx.wanted("grpo_loss") else [])
+    out += sampler_rows(ctx, budget) if ctx.wants_family("sampler") else []
+    out += attention_rows(ctx, budget) if ctx.wants_family("attention") else []
+    out += grpo_loss_rows(ctx) if ctx.wants_family("grpo_loss") else []
+    return out + (distill_rows(ctx) if ctx.wants_family("distill_divergence") else [])

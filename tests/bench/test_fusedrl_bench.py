@@ -9,14 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fusedrl.bench import devices, results
 from fusedrl.engine.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TRL_DIR = Path(os.environ.get("FUSEDRL_TRL_DIR", ROOT / ".ci-trl"))
-# One case per suite: a small RL op, batch-1 decode, the train step, a GRPO iteration.
-ONE_OF_EACH = "only=gae fwd,batch 1,128 tokens,grpo iteration"
+# One case per suite (a small RL op, batch-1 decode, the train step, a GRPO iteration), and one of
+# each of the kernels suite's sampler and attention families.
+ONE_OF_EACH = ("only=gae fwd,batch 1,128 tokens,grpo iteration,sampler top_p=0.9 B=1,"
+               "attention prefill")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +46,9 @@ def test_all_quick_writes_one_schema_with_every_suite_and_its_limit(quick_run):
             assert row["fraction_of_limit"] is None and "seconds" not in row, row
     ours = {r["suite"] for r in rows if r["impl"] == "fusedrl" and r["status"] == "ok"}
     assert ours == set(results.SUITES)
+    kernels = {(r["name"].split()[0], r["impl"]) for r in rows if r["suite"] == "kernels"}
+    assert {("sampler", "fusedrl"), ("sampler", "eager"), ("attention", "fusedrl"),
+            ("attention", "loop"), ("attention", "padded groups")} <= kernels, kernels
     assert (quick_run / "results.md").read_text().count("## ") == 4
     assert (quick_run / "fraction_of_limit.png").stat().st_size > 0
     assert (quick_run / "phases.png").stat().st_size > 0
@@ -102,14 +108,29 @@ def test_the_device_table_names_each_datacenter_gpu_and_nothing_else():
 
 @pytest.mark.integration
 @pytest.mark.skipif(not (TRL_DIR / "trl").is_dir(), reason=f"TRL 1.x is not installed in {TRL_DIR}")
-def test_a_trl_1x_row_runs_where_trl_1x_is_installed(tmp_path):
-    """TRL 1.x's fused head beside ours (the GRPO loss from hidden states), its version named."""
-    env = {**os.environ, "PYTHONPATH": str(TRL_DIR)}
-    done = subprocess.run([sys.executable, "-m", "fusedrl.engine.cli", "bench", "kernels",
-                           "--quick", "only=grpo_loss", f"output_dir={tmp_path}"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    trl = next(r for r in rows if r["impl"].startswith("trl fused head 1."))
-    assert trl["status"] == "ok" and trl["seconds"] > 0 and trl["grad_weight_rel_error"] < 1e-4
-    assert {r["impl"].split()[0] for r in rows} >= {"eager", "fusedrl", "liger", "trl"}
+def test_trl_1x_and_liger_rows_run_beside_ours_where_installed(monkeypatch):
+    """TRL 1.x's fused head (the GRPO loss from hidden states) and chunked divergence (the
+    distillation divergence), Liger's, ours and eager PyTorch side by side, versions named: the
+    kernels suite's two losses, each variant in its own process with TRL_DIR first on its path
+    (the suite's own rows, called without the command's limits measurement and charts)."""
+    from fusedrl.bench.command import BenchOptions
+    from fusedrl.bench.context import Context
+    from fusedrl.bench.suites import kernels
+    monkeypatch.setenv("PYTHONPATH", str(TRL_DIR))
+    monkeypatch.syspath_prepend(str(TRL_DIR))  # the peers' versions, as the command reads them
+    limits = devices.Limits("CPU (test)", 1e11, 1e10, "measured")
+    ctx = Context(torch.device("cpu"), limits, BenchOptions(quick=True))
+    rows = kernels.grpo_loss_rows(ctx) + kernels.distill_rows(ctx)
+    for family, trl_impl in (("grpo_loss", "trl fused head 1."),
+                             ("distill_divergence", "trl chunked divergence 1.")):
+        mine = [r for r in rows if r["name"].startswith(family)]
+        assert {r["impl"].split()[0] for r in mine} == {"eager", "fusedrl", "liger", "trl"}, mine
+        assert all(r["status"] == "ok" and r["seconds"] > 0 and r["fraction_of_limit"] > 0
+                   for r in mine), mine
+        assert next(r for r in mine if r["impl"].startswith(trl_impl))
+    grpo_trl = next(r for r in rows if r["impl"].startswith("trl fused head"))
+    assert grpo_trl["grad_weight_rel_error"] < 1e-4, grpo_trl
+    # every distillation variant's loss is the eager one's (the same divergence of the same inputs)
+    distill = [r for r in rows if r["name"].startswith("distill_divergence")]
+    eager = next(r["loss"] for r in distill if r["impl"] == "eager")
+    assert all(abs(r["loss"] - eager) <= 1e-5 * abs(eager) for r in distill), distill
