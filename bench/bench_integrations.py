@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -115,7 +114,7 @@ def run_variant(name: str, inputs_path: str, grads_path: str, device: str) -> di
         torch.cuda.synchronize(dev)
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = harness.rss_baseline()
     start = time.perf_counter()
     loss = step()
     harness.synchronize(dev)
@@ -125,7 +124,7 @@ def run_variant(name: str, inputs_path: str, grads_path: str, device: str) -> di
         hidden.grad = weight.grad = None
         seconds = harness.time_ms(step, dev, min_reps=3) / 1e3
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+        peak = harness.peak_rss_above(rss_before)
     save_file({"loss": loss.detach().reshape(1).cpu(), "hidden": hidden.grad.cpu(),
                "weight": weight.grad.cpu()}, grads_path)
     return {"peak_extra_mib": peak / 2**20, "seconds": seconds}

@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -126,6 +127,32 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional
     fn()
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def rss_baseline() -> int:
+    """This process's resident bytes now, with Linux's peak (VmHWM) reset to them (clear_refs 5):
+    what peak_rss_above counts from. ru_maxrss alone keeps the highest point of everything before
+    (imports, earlier buffers since freed), which would hide a peak below it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+        return _status_kib("VmRSS") * 1024
+    except (OSError, StopIteration):  # not Linux: the process's peak so far stands in
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_above(baseline: int) -> int:
+    """Peak resident bytes since rss_baseline() returned `baseline`, above it (CPU runs)."""
+    try:
+        peak = _status_kib("VmHWM") * 1024
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(peak - baseline, 0)
 
 
 def copy_bandwidth_gbps(device: torch.device, n_bytes: int) -> float:

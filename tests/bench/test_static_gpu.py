@@ -4,6 +4,8 @@ sm_80 and sm_90) is a step of .ci/run under triton 3.6, the GPU image's, before 
 under the venv's triton and with the CUDA objects is committed in bench/results/static_gpu.*. It is
 not a test here as well: recording the workload in the interpreter costs minutes of 2 cores, and one
 run per CI checks it."""
+from pathlib import Path
+
 import static_gpu
 from gpucheck.compile import ptx_accesses
 from gpucheck.occupancy import occupancy
@@ -42,3 +44,11 @@ def test_a_16_bit_gemm_without_tensor_cores_fails():
     assert static_gpu.problems({**row, "mma": {"HGMMA": 4}}) == []
     fp32 = {**row, "args": {"w_ptr": {"tensor": "float32", "misalign": 0}}}
     assert static_gpu.problems(fp32) == []  # full-fp32 products: no tensor cores expected
+
+
+def test_the_cuda_check_compiles_csrc_sources():
+    """The CUDA half of the check globs csrc/*.cu from the repository's top: a wrong top finds no
+    source and reports 0 CUDA kernels with 0 failures."""
+    from gpucheck import cuda
+    assert sorted(p.name for p in (cuda.ROOT / "csrc").glob("*.cu")) == sorted(
+        p.name for p in (Path(__file__).resolve().parents[2] / "csrc").glob("*.cu")) != []

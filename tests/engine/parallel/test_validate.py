@@ -70,7 +70,7 @@ def test_the_plan_refuses_what_the_run_would(qwen2_dir, capsys):
     validate(cfg, 2)  # FSDP2's shards are gathered: kept
 
 
-def test_context_parallel_refuses_the_reward_model_stage_lora_beside_slices_and_a_critic():
+def test_context_parallel_refuses_the_reward_model_stage_and_lora_beside_slices():
     rm = RMConfig(model="m", output_dir="o", data=DataConfig(train_file="f", format="pairwise"),
                   train=TrainConfig(device="cpu", context_parallel=2))
     with pytest.raises(UsageError, match=r"^train.context_parallel=2: only SFT, PPO and GRPO train context-parallel$"):
@@ -80,10 +80,6 @@ def test_context_parallel_refuses_the_reward_model_stage_lora_beside_slices_and_
     with pytest.raises(UsageError, match=r"^train.context_parallel=2 with lora.rank=4 beside "
                                          r"train.tensor_parallel=2: not supported \("):
         validate(cfg, 4)
-    cfg = grpo(context_parallel=2)
-    cfg.critic, cfg.reward_model = "shared", "rm"
-    with pytest.raises(UsageError, match=r"^train.context_parallel=2 with critic='shared': not supported \("):
-        validate(cfg, 2)
 
 
 def test_the_plan_refuses_a_context_size_that_does_not_divide_the_gpus(qwen2_dir, capsys):

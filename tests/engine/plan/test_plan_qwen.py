@@ -2,10 +2,9 @@
 fits today and why the rest does not. The 14B and larger runs recompute activations
 (train.gradient_checkpointing), as such runs do: without it a 16-row micro-batch of 320 tokens
 keeps ~40 GB of a 14B model's activations."""
-import importlib.util
 import json
-from pathlib import Path
 
+import plan_table  # tests/tools/plan_table.py (on the tests' path)
 import pytest
 
 from fusedrl.engine import cli
@@ -18,10 +17,6 @@ GB = 10**9
 NODE = dict(gpus=8, gpu_memory=80 * GB)
 CKPT = "train.gradient_checkpointing=true"
 POOL = "rollout.kv_cache_memory=268435456"  # a fixed 256 MiB pool: the rest is the point
-_spec = importlib.util.spec_from_file_location(
-    "plan_table", Path(__file__).resolve().parents[3] / "bench" / "plan_table.py")
-plan_table = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plan_table)
 
 
 @pytest.fixture(scope="module")
