@@ -98,18 +98,10 @@ def run_variant(name: str, n: int, h: int, v: int, device: str, chunk_size=None)
         loss.backward()
         return loss
 
+    loss, peak, _ = harness.first_call_peak(step, dev)
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    rss_before = harness.rss_baseline()
-    loss = step()
-    harness.synchronize(dev)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) - base
         seconds = harness.time_ms(step, dev, min_reps=3) / 1e3
     else:
-        peak = harness.peak_rss_above(rss_before)
         # the second call's time: the first pays one-time imports (autograd.grad's, ~2 s)
         hidden.grad = weight.grad = None
         start = time.perf_counter()

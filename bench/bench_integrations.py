@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -110,21 +109,10 @@ def run_variant(name: str, inputs_path: str, grads_path: str, device: str) -> di
         loss.backward()
         return loss
 
+    loss, peak, seconds = harness.first_call_peak(step, dev)
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    rss_before = harness.rss_baseline()
-    start = time.perf_counter()
-    loss = step()
-    harness.synchronize(dev)
-    seconds = time.perf_counter() - start
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) - base
         hidden.grad = weight.grad = None
         seconds = harness.time_ms(step, dev, min_reps=3) / 1e3
-    else:
-        peak = harness.peak_rss_above(rss_before)
     save_file({"loss": loss.detach().reshape(1).cpu(), "hidden": hidden.grad.cpu(),
                "weight": weight.grad.cpu()}, grads_path)
     return {"peak_extra_mib": peak / 2**20, "seconds": seconds}

@@ -155,6 +155,23 @@ def peak_rss_above(baseline: int) -> int:
     return max(peak - baseline, 0)
 
 
+def first_call_peak(step: Callable[[], object], device: torch.device) -> tuple[object, int, float]:
+    """step() once: (its result, its peak bytes above what was held before it, its seconds). The
+    peak is the allocator's on a GPU and the resident set's on the CPU (rss_baseline)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = rss_baseline()
+    start = time.perf_counter()
+    result = step()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        return result, torch.cuda.max_memory_allocated(device) - base, seconds
+    return result, peak_rss_above(rss_before), seconds
+
+
 def copy_bandwidth_gbps(device: torch.device, n_bytes: int) -> float:
     """Device-to-device copy bandwidth (read + write bytes per second): the memory roofline."""
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
