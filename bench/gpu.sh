@@ -16,7 +16,8 @@
 # --bundle: OUTDIR.tar.gz, OUTDIR removed (also when a stage fails or the call's time runs out);
 # --minutes: the call's limit (each stage's timeout is cut to what is left, a stage with no time
 # left is skipped and said so, and the bundle is written before the device would stop the call).
-# Stages: build tests tests_gpu tests_rest smoke bench_all moe_decode kernels linear_tune rl_ops
+# Stages: build tests tests_gpu tests_rest smoke bench_all suite_kernels suite_generate suite_train
+# suite_rl moe_decode kernels linear_tune rl_ops
 # attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens
 # ppo_lora ppo_lora_trl grpo demo traffic. `build` also copies the extension into OUTDIR (carried by
 # later calls on a fresh machine: see `plan`). bench_all writes OUTDIR/bench/results.json after each
@@ -39,7 +40,8 @@ EXTENSION=kernels/_C.cpython-312-x86_64-linux-gnu.so  # the image's Python 3.12
 
 # Seconds each stage of the visit may take (its timeout) at most; the chunks are stopped by SIGINT
 # (pytest reports what ran) and killed 20 s later, so a chunk's limit holds 20 s of margin.
-declare -A LIMIT_S=([build]=120 [smoke]=90 [tests_gpu]=175 [tests_rest]=330 [bench_all]=185)
+declare -A LIMIT_S=([build]=120 [smoke]=90 [tests_gpu]=175 [tests_rest]=330 [bench_all]=185
+                   [suite_kernels]=300 [suite_generate]=120 [suite_train]=120 [suite_rl]=180)
 SETUP_S=40   # install, the wheels, the environment record
 BUNDLE_S=15  # the record and the archive, after the last stage
 
@@ -243,6 +245,12 @@ for stage in $stages; do
     # results.md and charts in OUTDIR/bench, written after each suite.
     bench_all) PYTHONPATH="/tmp/fusedrl-trl1${PYTHONPATH:+:$PYTHONPATH}" run bench_all "${LIMIT_S[bench_all]}" \
                  python -m fusedrl.engine.cli bench all model=qwen2.5-0.5b output_dir="$out/bench" ;;
+    # One suite of `fusedrl bench` (suite_kernels, suite_generate, suite_train, suite_rl): a visit
+    # too short for bench_all's four takes the ones it has minutes for, each in OUTDIR/bench_SUITE.
+    suite_kernels|suite_generate|suite_train|suite_rl)
+              PYTHONPATH="/tmp/fusedrl-trl1${PYTHONPATH:+:$PYTHONPATH}" run "$stage" "${LIMIT_S[$stage]}" \
+                python -m fusedrl.engine.cli bench "${stage#suite_}" model=qwen2.5-0.5b \
+                output_dir="$out/bench_${stage#suite_}" ;;
     moe_decode) run bench_moe_decode 240 python bench/bench_moe_decode.py --out "$out/bench_moe_decode.json" ;;
     kernels)  run bench_kernels 300 python bench/bench_kernels.py --ops token_logprobs,linear_token_logprobs \
                 --json "$out/bench_kernels.json" ;;

@@ -11,11 +11,13 @@ from .triton_compat import tl, triton
 @triton.jit
 def dot_nt(a, w, acc, INTERPRETED: tl.constexpr):
     """acc + a [M, K] @ w [N, K].T in fp32. 16-bit inputs take the tensor cores; fp32 inputs are
-    multiplied in full fp32 ("ieee", as torch's matmul does by default), not TF32. The interpreter's
-    tl.dot is numpy's matmul, which mishandles 16-bit floats: there, fp32 products summed over the
-    K tile stand in for the mma."""
+    multiplied in full fp32 ("ieee", as torch's matmul does by default), not TF32, and so are fp64
+    inputs, rounded to fp32 first (an fp64 tl.dot would return fp64, not the fp32 accumulator; the
+    interpreter's branch rounds them the same way). The interpreter's tl.dot is numpy's matmul,
+    which mishandles 16-bit floats: there, fp32 products summed over the K tile stand in for the
+    mma."""
     if INTERPRETED:
         return acc + tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    if a.dtype == tl.float32:
-        return tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+    if a.dtype == tl.float32 or a.dtype == tl.float64:
+        return tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
     return tl.dot(a, tl.trans(w), acc)

@@ -11,6 +11,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton reads the variable when a kernel is defined: a module that sets it while the suite is
+# collected makes every kernel defined after it an interpreted one, in every worker (on a GPU they
+# then copy CUDA tensors to the host, break graph capture and refuse CPU tensors).
+_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
 
 # pytest-xdist's workers share the machine's cores: each takes its share for torch's intra-op
 # threads, and so do the processes it starts (OMP_NUM_THREADS). With torch's default of one thread
@@ -68,6 +72,13 @@ def pytest_configure(config):
     # (`--benchmark-enable` brings them back).
     if hasattr(config.option, "benchmark_disable"):
         config.option.benchmark_disable = True
+
+
+def pytest_collectreport(report):
+    if os.environ.get("TRITON_INTERPRET") != _INTERPRET_AT_START:
+        raise pytest.UsageError(
+            f"{report.nodeid}: importing it changed TRITON_INTERPRET from {_INTERPRET_AT_START!r} to "
+            f"{os.environ.get('TRITON_INTERPRET')!r}; set it only where torch.cuda.is_available() is False")
 
 
 def pytest_xdist_make_scheduler(config, log):

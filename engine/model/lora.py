@@ -98,13 +98,14 @@ class ProjectionAdapters(nn.Module):
 
     @torch.no_grad()
     def merge_into(self, linear: nn.Linear) -> None:
-        """W[rows of t] += scale * B_t @ A_t, computed in fp32 and rounded once into W's dtype; on a
-        sharded W each rank adds into its own shard (the whole adapters: gathered when sliced,
-        collective), at the rows `row_blocks` gives t in W's layout (rank-interleaved when packed
-        for tensor ranks)."""
+        """W[rows of t] += scale * B_t @ A_t, computed in fp64 and rounded once into W's dtype, so
+        that a merge on the GPU (a run's) and on the CPU (`fusedrl export --merge`) give the same
+        bits (fp32 GEMMs round differently there); on a sharded W each rank adds into its own shard
+        (the whole adapters: gathered when sliced, collective), at the rows `row_blocks` gives t in
+        W's layout (rank-interleaved when packed for tensor ranks)."""
         for t, s in self.slices.items():
             # gathered when sliced
-            b, a = (sharded.whole_value(p).float() for p in (self.lora_B[t], self.lora_A[t]))
+            b, a = (sharded.whole_value(p).double() for p in (self.lora_B[t], self.lora_A[t]))
             delta = b @ a * self.scale  # [size_t, in]
             blocks = (linear.row_blocks() if hasattr(linear, "row_blocks")
                       else [(t, s.start, 0, delta.shape[0])])

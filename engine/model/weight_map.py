@@ -156,10 +156,10 @@ def overlap(block: Block, offsets: list[int], shape) -> Optional[tuple[tuple, tu
 
 @torch.no_grad()
 def add_rows(param: torch.Tensor, row: int, delta: torch.Tensor) -> None:
-    """param[row:row + R] += delta [R, ...] (summed in fp32, rounded once into param's dtype), on
+    """param[row:row + R] += delta [R, ...] (summed in fp64, rounded once into param's dtype), on
     this rank's shard only: each rank adds the rows and columns it holds."""
     local, offsets = local_box(param)
     found = overlap(Block("", "", param, row, 0, delta.shape[0]), offsets, local.shape)
     if found is not None:
         source, target = found
-        local[target] = (local[target].float() + delta[source].float()).to(local.dtype)
+        local[target] = (local[target].double() + delta[source].double()).to(local.dtype)

@@ -16,6 +16,18 @@ from .varlen import torch_varlen_call
 
 # flash-attn 2 reads a paged KV cache only when a page holds a multiple of this many tokens.
 FLASH_PAGE_MULTIPLE = 256
+# The flash kernels (flash-attn's and torch's varlen entry) take head sizes that are multiples of 8,
+# up to 256; torch's SDPA pads other sizes, the varlen entry refuses them ("head_size must be a
+# multiple of 8"), so a model with heads of 12 takes the padded SDPA path.
+FLASH_HEAD_MULTIPLE, FLASH_MAX_HEAD = 8, 256
+
+
+def flash_serves(q: torch.Tensor) -> bool:
+    """Whether a flash kernel can take queries ``q`` [N, H, D]: CUDA fp16/bf16, D a multiple of
+    FLASH_HEAD_MULTIPLE up to FLASH_MAX_HEAD."""
+    head = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and head % FLASH_HEAD_MULTIPLE == 0 and head <= FLASH_MAX_HEAD)
 
 
 @functools.cache
@@ -32,7 +44,8 @@ def attention_backend(q: torch.Tensor, page_size: Optional[int] = None) -> str:
 
     page_size None (attention over the forward's own keys: a packed training batch, a prefill with
     nothing cached, a prefill's keys gathered from the pages): "flash_attn" (installed; CUDA
-    fp16/bf16), else "torch_varlen" (torch's varlen flash kernel, torch >= 2.10; CUDA fp16/bf16;
+    fp16/bf16 and a head size flash takes: flash_serves), else "torch_varlen" (torch's varlen flash
+    kernel, torch >= 2.10; the same conditions;
     only where it passed its check against SDPA on q's device and dtype, see varlen.py), else
     "torch" (padded SDPA). The varlen kernels ignore the op backend: they are the only fast path
     for a packed batch, and the padded SDPA path is their oracle.
@@ -42,7 +55,7 @@ def attention_backend(q: torch.Tensor, page_size: Optional[int] = None) -> str:
     (our fused decode kernel) or "torch" (a gather; a prefill then gathers its keys and asks again
     with page_size None).
     """
-    cuda_half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    cuda_half = flash_serves(q)
     if page_size is not None:
         if cuda_half and flash_attn() is not None and page_size % FLASH_PAGE_MULTIPLE == 0:
             return "flash_attn"

@@ -133,7 +133,7 @@ def _merge_kernel(
     row_ptr,
     win_ptr,
     token_ptr,  # [B] int64 out (rows without a 2nd pass)
-    logprob_ptr,  # [B] fp32 out (rows without a 2nd pass)
+    logprob_ptr,  # [B] fp32 out (rows without a 2nd pass; 2nd-pass rows: 0, or NaN for a NaN row)
     V, chunks,
     CHUNKS: tl.constexpr, PROFILE: tl.constexpr, CELLS_PER_UNIT: tl.constexpr, WINDOW: tl.constexpr,
     SLACK: tl.constexpr, IS_FP32: tl.constexpr, IS_FP16: tl.constexpr,
@@ -152,8 +152,10 @@ def _merge_kernel(
     _, z_key, _ = lanes_reduce(c_max, tl.load(stat_ptr + here * 4 + 2, mask=live, other=0.0),
                                no_entropy, False)
     top_key = tl.max(tl.load(arg_ptr + here * 5 + 1, mask=live, other=-32768))
-    greedy_token = tl.min(
-        tl.where(c_max == m, tl.load(arg_ptr + here * 5, mask=live, other=0), 2147483647))
+    # A NaN row matches no maximum: the token is clamped into the vocabulary, so that the NaN reaches
+    # the caller as the log-prob, never as an index past the embedding (a device-side assert).
+    greedy_token = tl.minimum(tl.min(
+        tl.where(c_max == m, tl.load(arg_ptr + here * 5, mask=live, other=0), 2147483647)), V - 1)
     if greedy:
         tl.store(token_ptr + row, greedy_token.to(tl.int64))
         tl.store(logprob_ptr + row, -tl.log(z))  # the max's own log-prob: 0 - log sum exp(s - max)
@@ -162,9 +164,9 @@ def _merge_kernel(
         # The chunks wrote their best Gumbel score and its token for plain draws only: read them
         # here, never the unwritten workspace of other rows.
         c_score = tl.load(stat_ptr + here * 4 + 3, mask=live, other=float("-inf"))
-        drawn = tl.min(
+        drawn = tl.minimum(tl.min(
             tl.where(c_score == tl.max(c_score),
-                     tl.load(arg_ptr + here * 5 + 2, mask=live, other=0), 2147483647))
+                     tl.load(arg_ptr + here * 5 + 2, mask=live, other=0), 2147483647)), V - 1)
         tl.store(token_ptr + row, drawn.to(tl.int64))
         tl.store(logprob_ptr + row, -m - tl.log(z))
     if second:
@@ -184,6 +186,9 @@ def _merge_kernel(
             mode = tl.where(fits, 1, 2)
             key_lo = tl.where(fits, lo, 32768)  # the fallback: nothing above, an empty window
             key_hi = tl.where(fits, hi, 32767)
+        # The second pass adds this to its log-prob: 0, or NaN where a logit is NaN or +inf (the
+        # whole row's sum is then NaN), which the kept tokens' sum alone would not show.
+        tl.store(logprob_ptr + row, z * 0.0)
         tl.store(row_ptr + row * 3, m)
         tl.store(row_ptr + row * 3 + 1, floor)
         tl.store(row_ptr + row * 3 + 2, z_key)

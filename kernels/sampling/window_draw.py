@@ -156,7 +156,8 @@ def _finish_kernel(
     logits_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, pos_ptr,
     row_ptr, win_ptr, part_ptr, part_arg_ptr, count_ptr, best_ptr, fixed_ptr,  # as written above
     token_ptr,  # [B] int64: written here for rows with a 2nd pass, read for the plain draws
-    logprob_ptr,  # [B] fp32: idem (plain draws: -max - log z, the token's scaled logit added here)
+    logprob_ptr,  # [B] fp32: idem (plain draws: -max - log z, the token's scaled logit added here;
+                  # 2nd-pass rows: 0 or NaN from _merge_kernel, added to their log-prob)
     V, stride, chunks,
     CHUNKS: tl.constexpr, CHUNK: tl.constexpr, WINDOW: tl.constexpr, FIXED: tl.constexpr,
     EMPTY: tl.constexpr, IS_FP32: tl.constexpr, IS_FP16: tl.constexpr,
@@ -248,9 +249,10 @@ def _finish_kernel(
                 token = tl.where(better, start + tl.argmax(score, 0), token)
                 best = tl.where(better, tl.max(score), best)
                 z += tl.sum(tl.where(kept, tl.exp(s - m), 0.0))
+        token = tl.minimum(tl.maximum(token, 0), V - 1)  # NaN logits: see _merge_kernel
         s_token = tl.load(logits_row + token).to(tl.float32) * inv_temp
         tl.store(token_ptr + row, token.to(tl.int64))
-        tl.store(logprob_ptr + row, s_token - m - tl.log(z))
+        tl.store(logprob_ptr + row, s_token - m - tl.log(z) + tl.load(logprob_ptr + row))
     elif greedy == 0:
         token = tl.load(token_ptr + row)
         s_token = tl.load(logits_row + token).to(tl.float32) * inv_temp

@@ -1,15 +1,12 @@
 """bench/count_linear_logprobs counts linear_token_logprobs' launches per chunk: a matmul and the
 token_logprobs kernel per row chunk forward; per vocabulary chunk backward the recompute, the
 gradient kernel, the d weight slice and d hidden's matmul and accumulation."""
-import os
-
-import pytest
 import torch
 
 import count_linear_logprobs
+from kernel_testing import needs_interpreter
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="counts the Triton interpreter's loads (TRITON_INTERPRET=1)")
+pytestmark = needs_interpreter
 
 
 def test_launches_per_chunk():

@@ -149,3 +149,5 @@ def test_attention_backend(monkeypatch):
         assert attention_backend(q) in ("flash_attn", "torch_varlen")
         assert attention_backend(q, 16) == "triton"
         assert attention_backend(q.float()) == "torch"
+        # heads of 12 (the distillation demo's student): torch's varlen entry refuses them
+        assert attention_backend(torch.zeros(2, 4, 12, dtype=torch.bfloat16, device=DEVICE)) == "torch"

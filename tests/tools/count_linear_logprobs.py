@@ -18,9 +18,12 @@ import json
 import os
 from collections import Counter
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
 
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    # Before any Triton kernel is defined. Never on a GPU machine: imported by the suite there, it
+    # would turn every kernel defined later into an interpreted one, in every pytest worker.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fusedrl.kernels.rl.linear_logprobs as linear  # noqa: E402
 from fusedrl.bench import harness  # noqa: E402

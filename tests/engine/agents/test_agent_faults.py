@@ -172,6 +172,9 @@ def test_a_gil_holding_leaking_or_exiting_environment_is_contained(llm, mode):
         while alive.is_set():
             beats.append(1)
             threading.Event().wait(0.01)
+    # A first rollout in this process starts the engine's own host memory (on a GPU: the CUDA
+    # context, cuBLAS, the decode graphs; ~180 MB), which is not the environment's.
+    rollout(llm, ["ok"])
     before, ticker = rss(), threading.Thread(target=heartbeat)
     ticker.start()
     try:

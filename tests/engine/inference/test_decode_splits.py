@@ -36,7 +36,7 @@ def test_graph_and_eager_decode_choose_the_same_splits_for_the_same_rows(qwen2_d
     prompts = random_prompts([5, 11, 3, 9, 7, 4, 6, 8], seed=3)
     graphed = LLM(qwen2_dir, max_num_seqs=8)
     graphed.runner.graphs = _DecodeGraphs(graphed.runner, max_num_seqs=8, capture=False)
-    eager = LLM(qwen2_dir, max_num_seqs=8)
+    eager = LLM(qwen2_dir, max_num_seqs=8, use_cuda_graphs=False)  # a GPU captures by default
     assert eager.runner.graphs is None
     from_graphs = _decode_launches(graphed, monkeypatch, prompts)
     from_eager = _decode_launches(eager, monkeypatch, prompts)

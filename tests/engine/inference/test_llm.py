@@ -149,7 +149,7 @@ def test_device_logprobs_are_the_completions_logprobs_through_preemption(qwen2_d
     slots = [s for c in completions for s in c.logprob_slots]
     assert len(set(slots)) == len(slots) == sum(len(c.token_ids) for c in completions)
     for c in completions:
-        assert torch.equal(tiny.device_logprobs(c.logprob_slots), torch.tensor(c.logprobs, dtype=torch.float32))
+        assert torch.equal(tiny.device_logprobs(c.logprob_slots).cpu(), torch.tensor(c.logprobs, dtype=torch.float32))
     with pytest.raises(ValueError, match=r"slots must be in \[0, \d+\)"):
         tiny.device_logprobs([max(slots) + 1])
 
@@ -163,7 +163,7 @@ def test_sampled_logprobs_are_under_the_sampling_distribution(qwen2_dir):
     with torch.no_grad():
         logits = llm.model.compute_logits(llm.model.forward_packed(torch.tensor(ids, device=llm.device), [len(ids)]))
     for i, (token, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
-        row = logits[len(prompt) - 1 + i][None]
+        row = logits[len(prompt) - 1 + i][None].cpu()
         inv_temp = torch.tensor([1 / 0.7])
         scaled = row * inv_temp
         # top-k 20 on the 16-bit order key (fp32 logits: their bf16 truncation; ties kept): sampler.py

@@ -150,6 +150,19 @@ def test_top_k_at_or_above_the_vocabulary_is_no_filter_and_one_token_vocab():
     assert tokens.tolist() == [0, 0] and logprobs.abs().max() < 1e-6
 
 
+def test_a_nan_row_gives_a_nan_logprob_and_a_token_inside_the_vocabulary():
+    """NaN logits match no maximum and no score: the token must still index the vocabulary (the
+    next step embeds it; past the table it is a device-side assert on a GPU, not the engine's
+    NonFiniteError), and the log-prob carries the NaN."""
+    logits = torch.randn(4, CHUNK + 37, generator=torch.Generator(DEVICE).manual_seed(8), device=DEVICE)
+    logits[:, 3] = float("nan")
+    temperatures, top_ks, top_ps, seeds, positions, min_ps = rows(4)
+    temperatures[0], top_ks[2], top_ps[3] = 0.0, 5, 0.9  # greedy, plain, top-k, top-p
+    tokens, logprobs = sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
+    assert ((tokens >= 0) & (tokens < logits.shape[1])).all(), tokens
+    assert logprobs.isnan().all(), logprobs
+
+
 def test_empty_batch():
     tokens, logprobs = sample_triton(torch.zeros(0, 9, device=DEVICE), *rows(0))
     assert tokens.shape == (0,) and logprobs.shape == (0,) and tokens.device.type == DEVICE
