@@ -69,7 +69,8 @@ class LLM(EngineLoop):
     memory on CUDA (pass a budget when a trainer shares the GPU), 1 GiB on CPU. The pool is never
     larger than max_num_seqs full-length sequences.
     max_num_batched_tokens: prompt tokens per prefill step (a longer lone prompt still runs).
-    use_cuda_graphs: capture decode steps as CUDA graphs (CUDA only); False runs them eagerly.
+    use_cuda_graphs: capture decode steps as CUDA graphs (CUDA only, and not on the torch
+        backend, whose reference ops are not capturable); False runs them eagerly.
     batch_invariant: exact on-policy mode: every step runs in batch-invariant primitives
     (`model.invariant`: fixed-tile Triton kernels on GPUs, fixed-order torch ops on the CPU), so a
     token's log-prob does not depend on the batch and equals, bit for bit, what

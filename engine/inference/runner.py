@@ -19,7 +19,7 @@ from ..model.moe import routing_trace
 from ..model.primitives import DECODE
 from .decode_inputs import DecodeInputs
 from .routing_record import RoutingRecorder
-from ...kernels import SamplerWorkspace, sample
+from ...kernels import SamplerWorkspace, model_backend, sample
 from ...kernels.attention import AttentionMetadata, launch_splits, sequence_slot
 from .sequence import Sequence
 
@@ -110,7 +110,10 @@ class ModelRunner:
         self.forwards = 0  # model forwards run (prefill, decode and speculative verify steps)
         self.verify_workspace = None  # the sampler's windows for verify steps' rows
         self.graphs = None
-        if use_cuda_graphs and self.device.type == "cuda":
+        # The torch backend's decode is the reference's: it selects rows by masks (a host sync),
+        # which no graph can capture; it runs eagerly.
+        if use_cuda_graphs and self.device.type == "cuda" \
+                and model_backend(torch.empty(0, device=self.device)) != "torch":
             self.graphs = _DecodeGraphs(self, max_num_seqs)
 
     def allocate_kv_pool(self) -> None:

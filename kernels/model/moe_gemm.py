@@ -56,6 +56,10 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
         or x.dtype != weight.dtype):
         raise ValueError(f"grouped_linear: x {x.dtype} {tuple(x.shape)} and weight {weight.dtype} "
                          f"{tuple(weight.shape)} must be [R, K] and [E, O, K] of one dtype")
+    for name, t in (("weight", weight), ("offsets", offsets)):
+        if t.device != x.device:
+            raise ValueError(f"grouped_linear: {name} is on {t.device}: expected x's device, "
+                             f"{x.device}")
     if offsets.dtype != torch.int32 or offsets.shape != (weight.shape[0],):
         raise ValueError(
             f"grouped_linear: offsets is {offsets.dtype} {tuple(offsets.shape)}: expected int32 "

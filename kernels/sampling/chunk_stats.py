@@ -152,8 +152,8 @@ def _merge_kernel(
     _, z_key, _ = lanes_reduce(c_max, tl.load(stat_ptr + here * 4 + 2, mask=live, other=0.0),
                                no_entropy, False)
     top_key = tl.max(tl.load(arg_ptr + here * 5 + 1, mask=live, other=-32768))
-    # A NaN row matches no maximum: the token is clamped into the vocabulary, so that the NaN reaches
-    # the caller as the log-prob, never as an index past the embedding (a device-side assert).
+    # A NaN row matches no maximum: the token is clamped into the vocabulary, so that the NaN
+    # reaches the caller as the log-prob, never as an index past the embedding (a device assert).
     greedy_token = tl.minimum(tl.min(
         tl.where(c_max == m, tl.load(arg_ptr + here * 5, mask=live, other=0), 2147483647)), V - 1)
     if greedy:

@@ -134,7 +134,11 @@ def _sample_op(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.T
     part = torch.empty(batch, chunks, 3, dtype=torch.float32, device=device)
     part_args = torch.empty(batch, chunks, 2, dtype=torch.int32, device=device)
     window = (window_counts, window_best, window_mass)
-    dtypes = dict(IS_FP32=logits.dtype == torch.float32, IS_FP16=logits.dtype == torch.float16)
+    # No FMA contraction: a fused x * inv_temp - m skips the product's rounding, so the max token's
+    # scaled logit minus the max is not 0 (at temperature 1e-8, off by ~1e5: a kept mass of 0 and
+    # a log-prob of inf), and the Gumbel scores round otherwise than the reference's separate ops.
+    dtypes = dict(IS_FP32=logits.dtype == torch.float32, IS_FP16=logits.dtype == torch.float16,
+                  enable_fp_fusion=False)
     _chunk_stats_kernel[(batch, chunks)](logits, *params, seeds, positions, stats, args, profile,
                                          vocab, logits.stride(0), CHUNK=block, PROFILE=PROFILE,
                                          CELLS_PER_UNIT=CELLS_PER_UNIT, **dtypes)

@@ -14,7 +14,7 @@ from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
 from fusedrl.kernels import linear_token_logprobs, use_backend
 from engine_testing import ARCHS, VOCAB, make_hf_model, random_prompts
-from kernel_testing import needs_triton
+from kernel_testing import DEVICE, ON_GPU, needs_triton
 
 # fp32 on CPU: both sides do the same ops in the same order; what differs is matmul blocking and
 # SDPA kernels, which moves logits by a few ulps of their magnitude (~1), so 1e-5 is tight yet robust.
@@ -259,8 +259,8 @@ def test_decode_set_falls_back_to_the_composition_where_the_fused_kernel_cannot_
     from fusedrl.engine.model.causal_lm import Projection, RMSNorm
     from fusedrl.engine.model.primitives import DECODE, FORWARD
     torch.manual_seed(0)
-    norm, proj = RMSNorm(16, 1e-6), Projection(16, 8, bias=True)
-    x, residual = torch.randn(3, 16), torch.randn(3, 16)
+    norm, proj = RMSNorm(16, 1e-6).to(DEVICE), Projection(16, 8, bias=True).to(DEVICE)
+    x, residual = torch.randn(3, 16, device=DEVICE), torch.randn(3, 16, device=DEVICE)
     proj.register_forward_hook(lambda module, args, out: out + 1.0)
     with use_backend("triton"), torch.no_grad():
         hooked, _ = DECODE.norm_linear(x, residual, norm, proj, DECODE)
@@ -286,18 +286,18 @@ class FusedOps(TorchDispatchMode):
 
 @needs_triton
 def test_a_forward_and_its_recompute_run_on_one_model_backend(monkeypatch):
-    """The walk asks the decider once: under TRITON_INTERPRET=1, "auto" keeps a CPU forward and the
-    backward's recompute of its checkpointed layers on torch (not one fusedrl op); asked for by name,
-    the fused ops run, and the recompute, which runs after the `with` block, takes them again."""
+    """The walk asks the decider once: "auto" keeps a CPU forward and the backward's recompute of
+    its checkpointed layers on torch (not one fusedrl op; under TRITON_INTERPRET=1 too), a CUDA one
+    on the fused ops; asked for by name, the fused ops run, and the recompute, which runs after the
+    `with` block, takes them again."""
     monkeypatch.delenv("FUSEDRL_BACKEND", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     hf = make_hf_model("llama", num_hidden_layers=2)
-    model = CausalLM(ModelConfig.from_hf(hf.config))
+    model = CausalLM(ModelConfig.from_hf(hf.config)).to(DEVICE)
     model.gradient_checkpointing = True
-    ids = torch.randint(10, 300, (7,))
+    ids = torch.randint(10, 300, (7,), device=DEVICE)
     with FusedOps() as ops:
         model.forward_packed(ids, [3, 4]).square().mean().backward()
-    assert ops.names == []
+    assert ops.names.count("fusedrl::rope") == (4 if ON_GPU else 0)
     with FusedOps() as ops:
         with use_backend("triton"):
             hidden = model.forward_packed(ids, [3, 4])

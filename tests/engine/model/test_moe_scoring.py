@@ -14,7 +14,7 @@ from fusedrl.engine.model.moe import SparseMoeBlock
 from fusedrl.engine.model.moe_config import MoEConfig
 from fusedrl.engine.model.primitives import FORWARD
 from fusedrl.kernels import use_backend
-from kernel_testing import check_against_float64, needs_triton
+from kernel_testing import DEVICE, check_against_float64, needs_triton
 from moe_testing import make_moe_model
 
 MOE = MoEConfig(num_experts=7, top_k=3, intermediate_size=12, sparse_layers=(0,), norm_topk_prob=True,
@@ -56,6 +56,7 @@ def test_sigmoid_block_matches_float64_reference(tokens, hidden, norm):
     inputs = (torch.randn(tokens, hidden, generator=g), torch.randn(moe.num_experts, hidden, generator=g),
               0.3 * torch.randn(moe.num_experts, 2 * moe.intermediate_size, hidden, generator=g),
               0.3 * torch.randn(moe.num_experts, hidden, moe.intermediate_size, generator=g))
+    inputs = tuple(t.to(DEVICE) for t in inputs)
     check_against_float64(kernel_block(moe, hidden), dense_reference(moe), inputs, (0, 1, 2, 3),
                           name=f"sigmoid moe block {tokens}x{hidden}")
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fusedrl.kernels import grouped_linear, moe_permute, moe_sort, moe_unpermute, reference, use_backend
+from fusedrl.kernels.dispatch import grouped_gemm_path
 from kernel_testing import DEVICE, check_against_float64, needs_triton
 
 pytestmark = needs_triton
@@ -56,7 +57,8 @@ def test_grouped_linear_matches_per_expert_float64_matmuls():
     torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
     y.sum().backward()  # an expanded gradient: grouped_linear makes it contiguous
     # d sum / d w[e][o] is the sum of group e's rows, the same for every output o
-    row_sums = torch.zeros(6, 24, dtype=torch.float64).index_add_(0, expert_of_row, x.detach().double())
+    row_sums = torch.zeros(6, 24, dtype=torch.float64, device=DEVICE).index_add_(0, expert_of_row,
+                                                                                 x.detach().double())
     torch.testing.assert_close(w.grad.double(), row_sums[:, None, :].expand(6, 12, 24), atol=1e-5, rtol=1e-5)
     assert (w.grad[3:] == 0).all()  # experts 3..5 got no rows
 
@@ -69,6 +71,9 @@ def test_bad_indices_name_themselves():
         moe_unpermute(torch.randn(8, 8), torch.zeros(8, dtype=torch.int64), torch.zeros(8, dtype=torch.int64),
                       torch.rand(4, 3))
     with pytest.raises(ValueError, match="grouped_linear: offsets is torch.int64"):
-        grouped_linear(x, torch.randn(2, 4, 8), torch.tensor([2, 4]))
-    with pytest.raises(ValueError, match="grouped_linear: weight \\(2, 3, 8\\) in torch.float32: .* 16 bytes"):
-        grouped_linear(x, torch.randn(2, 3, 8), torch.tensor([2, 4], dtype=torch.int32))
+        grouped_linear(x, torch.randn(2, 4, 8, device=DEVICE), torch.tensor([2, 4], device=DEVICE))
+    with pytest.raises(ValueError, match="grouped_linear: weight is on meta: expected x's device"):
+        grouped_linear(x, torch.randn(2, 4, 8, device="meta"), torch.tensor([2, 4], dtype=torch.int32))
+    if grouped_gemm_path(x) == "grouped_mm":  # torch's grouped GEMM's own rule (not the kernel's)
+        with pytest.raises(ValueError, match="grouped_linear: weight \\(2, 3, 8\\) in torch.float32: .* 16 bytes"):
+            grouped_linear(x, torch.randn(2, 3, 8), torch.tensor([2, 4], dtype=torch.int32))

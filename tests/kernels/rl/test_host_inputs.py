@@ -168,7 +168,7 @@ def test_kl_is_weight_is_differentiable(backend):
 
 
 def test_aggregate_takes_the_hosts_normalizers():
-    per_token = torch.randn(4, 6, dtype=torch.float64)
+    per_token = torch.randn(4, 6, dtype=torch.float64, device=DEVICE)
     mask = rand_mask(4, 6).to(torch.float64)
     # TRL's dr_grpo: the masked sum over B x max_completion_length; verl's: over a constant.
     max_len = 10

@@ -14,6 +14,7 @@ from fusedrl.engine.stages.ppo.update import UpdateSettings, minibatch_loss
 from fusedrl.kernels import use_backend
 from engine_testing import random_prompts, rewards_in_thread
 from test_ppo import config, low_id_fraction, rollout_of, setup, vowel_fraction  # noqa: F401 (fixture)
+from kernel_testing import DEVICE
 from train_testing import save_tiny_model
 
 
@@ -31,7 +32,7 @@ def test_first_update_ratio_is_exactly_one(setup, one_layer_policy, critic):
     cfg = config(root, policy_dir, prompts, "one-forward", critic=critic,
                  ppo=UpdateConfig(epochs=1, minibatch_size=6, ent_coef=0.01))
     with use_backend("triton"):
-        models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
+        models = build_models(cfg, torch.device(DEVICE), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
                               rewards_in_thread(vowel_fraction))
         models.score = low_id_fraction
         rollout, _ = rollout_of(models, random_prompts([5, 3], seed=3), cfg, 0.05, sampler_backend="torch")

@@ -17,6 +17,7 @@ from fusedrl.engine.stages.ppo.trainer import build_models, train_ppo
 from fusedrl.engine.stages.ppo.update import UpdateSettings, minibatch_loss
 from fusedrl.kernels import use_backend
 from engine_testing import make_tokenizer, random_prompts, rewards_in_thread
+from kernel_testing import DEVICE
 from moe_testing import make_moe_model
 from test_ppo import config, low_id_fraction, rollout_of, vowel_fraction  # noqa: F401
 
@@ -47,7 +48,7 @@ def test_routing_replay_makes_the_first_ratio_exactly_one(moe_setup, tmp_path, s
                                   prefix_sharing=False))
     assert cfg.rollout.routing_replay  # on by default
     with use_backend("triton"):
-        models = build_models(cfg, torch.device("cpu"), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
+        models = build_models(cfg, torch.device(DEVICE), torch.float32, AutoTokenizer.from_pretrained(policy_dir),
                               rewards_in_thread(vowel_fraction))
         assert models.policy.config.moe.scoring_func == scoring_func
         models.score = low_id_fraction
@@ -55,8 +56,9 @@ def test_routing_replay_makes_the_first_ratio_exactly_one(moe_setup, tmp_path, s
                                      sampler_backend="torch")
         packed = rollout.packed
         assert packed.routing.shape == (packed.input_ids.shape[0], 1, 2) and packed.routing.dtype == torch.int16
-        last = torch.tensor(packed.seqlens).cumsum(0) - 1  # each row's last token: never forwarded by the sampler
-        recorded = torch.ones(packed.input_ids.shape[0], dtype=torch.bool).index_fill(0, last, False)
+        on = packed.routing.device
+        last = torch.tensor(packed.seqlens, device=on).cumsum(0) - 1  # each row's last token: never forwarded by the sampler
+        recorded = torch.ones(packed.input_ids.shape[0], dtype=torch.bool, device=on).index_fill(0, last, False)
         assert (packed.routing[recorded] >= 0).all() and (packed.routing[~recorded] == -1).all()
         logp, _, _ = policy_forward(models, packed, cfg.rollout.temperature, with_entropy=False)
         minibatch = rollout.rows([4, 1, 5])
