@@ -8,9 +8,11 @@ reach inside the custom op gave a bf16 forward and an fp32 recompute against the
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from ...kernels import linear_token_logprobs
+from ...kernels import linear_token_logprobs, model_backend, use_backend
 from ..ranks.tensor_parallel_ops import vocab_parallel_logprobs
 
 
@@ -36,6 +38,11 @@ def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         with torch.autocast(hidden.device.type, enabled=False):
             return vocab_parallel_logprobs(hidden.to(dtype), weight.to_local().to(dtype), labels,
                                            start, group, temperature, with_entropy)
-    with torch.autocast(hidden.device.type, enabled=False):
+    # The head runs on the model's backend, as the decoder walk does: "auto" keeps CPU tensors on
+    # torch even under TRITON_INTERPRET=1 (a training run's head in the interpreter took two thirds
+    # of its time); asked for by name, or on CUDA, the op decides as it always does.
+    on_torch = model_backend(hidden) == "torch"
+    with torch.autocast(hidden.device.type, enabled=False), \
+            use_backend("torch") if on_torch else contextlib.nullcontext():
         return linear_token_logprobs(hidden.to(dtype), weight.to(dtype), labels,
                                      temperature=temperature, return_entropy=with_entropy)
