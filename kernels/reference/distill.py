@@ -60,18 +60,11 @@ def entropy_of(log_p):
     return -(p * _finite_where_empty(log_p, p)).sum(dim=-1)
 
 
-# The tail bucket's floor: where the K tokens hold (nearly) all the mass, the rest is given this
-# much (log(1 - e^-1e-7), about log 1e-7), so that neither side's tail is ever log 0.
-TAIL_FLOOR = math.log(-math.expm1(-1e-7))
-
-
 def with_tail(log_p):
     """Log-probs [..., K] of K distinct tokens, with the log of the rest's mass appended as a
-    (K + 1)-th bucket: log(1 - sum p), at least TAIL_FLOOR. Summed in float64: 1 - sum p cancels
-    where the K hold nearly everything (a tail of 1e-4 from fp32 log-probs is ~1e-3 off, in
-    float64 ~1e-12), then rounded to log_p's dtype."""
-    total = torch.logsumexp(log_p.double(), dim=-1, keepdim=True).clamp(max=-1e-7)
-    return torch.cat([log_p, torch.log(-torch.expm1(total)).to(log_p.dtype)], dim=-1)
+    (K + 1)-th bucket: log(1 - sum p), clamped where the K hold (nearly) all of it."""
+    total = torch.logsumexp(log_p, dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([log_p, torch.log(-torch.expm1(total))], dim=-1)
 
 
 def full_terms(zs, zt, beta: float):
@@ -85,12 +78,7 @@ def top_k_terms(zs, topk_ids, topk_logprobs, beta: float):
     """(divergence, student entropy) [...] of the student's scaled logits zs [..., V] against a
     teacher known by its top-K token ids and log-probs [..., K], each side with its tail bucket."""
     log_ps = torch.log_softmax(zs, dim=-1)
-    ids = topk_ids.long()
-    # The student's tail from its logits outside the K, log sum exp(rest) - log sum exp(all): no
-    # 1 - sum p to cancel (its logits are known, the teacher's only through its K log-probs).
-    rest = torch.logsumexp(zs.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)
-    tail = (rest - torch.logsumexp(zs, dim=-1, keepdim=True)).clamp(min=TAIL_FLOOR)
-    student = torch.cat([log_ps.gather(-1, ids), tail], dim=-1)
+    student = with_tail(log_ps.gather(-1, topk_ids.long()))
     teacher = with_tail(topk_logprobs.to(zs.dtype))
     return bucket_divergence(student, teacher, beta), entropy_of(log_ps)
 
