@@ -260,9 +260,72 @@ def engine_trainer(_):
     return {"error": ""}
 
 
+def signature_gaps(ours, theirs) -> list:
+    """Where ``ours`` does not take ``theirs``' parameters (name, kind, default, in order; ours may
+    add keyword-only ones after them)."""
+    import inspect
+    mine = list(inspect.signature(ours).parameters.values())
+    gaps = [f"{theirs.__qualname__}: {p} != {q}" for p, q in
+            zip(inspect.signature(theirs).parameters.values(), mine)
+            if (p.name, p.kind, p.default) != (q.name, q.kind, q.default)]
+    extra = mine[len(inspect.signature(theirs).parameters):]
+    return gaps + [f"{ours.__qualname__}: extra {p} not keyword-only" for p in extra
+                   if p.kind != p.KEYWORD_ONLY]
+
+
+def liger_api(_):
+    """LigerFusedLinearGRPOLoss's constructor and forward, taken whole: the signatures; luspo and
+    vespo (Liger's vespo shapes given by position), the reference as ref_input through
+    ref_weight, ref_weight / ref_bias without ref_input; loss, gradients and metrics."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    from fusedrl.kernels.integrations import FusedLinearGRPOLoss
+    gaps = (signature_gaps(FusedLinearGRPOLoss.__init__, LigerFusedLinearGRPOLoss.__init__)
+            + signature_gaps(FusedLinearGRPOLoss.forward, LigerFusedLinearGRPOLoss.forward))
+    x = liger_inputs(3)
+    ones = torch.ones(B, T)
+    out = {"signature_gaps": gaps}
+    # luspo: TRL 1.16's and Liger's aggregations agree at sequence level without a KL term, and
+    # with a mask of ones (module docstring of grpo_loss.py)
+    out["luspo/sequence"] = against_liger(dict(loss_type="luspo", beta=0.0,
+                                               importance_sampling_level="sequence"), {}, 3)
+    out["luspo/token_ones"] = against_liger(dict(loss_type="luspo", epsilon_high=0.28),
+                                            dict(mask=ones, is_ratio=x["is_ratio"]), 3)
+    out["vespo/float_mask"] = against_liger(dict(loss_type="vespo", beta=0.04),
+                                            dict(is_ratio=x["is_ratio"]), 3)
+    out["vespo/items"] = against_liger(dict(loss_type="vespo", beta=0.0, vespo_k_pos=1.5,
+                                            vespo_lambda_pos=2.5, vespo_k_neg=2.0,
+                                            vespo_lambda_neg=1.0), dict(items=40.0), 3)
+    positional = (0.04, False, True, 2, 0.2, 0.28, "vespo", None, "token", 1.0, 1.05, 0.9, None,
+                  True, 1.5, 2.5, 2.0, 1.0)
+    runs = []
+    for cls in (LigerFusedLinearGRPOLoss, FusedLinearGRPOLoss):
+        runs.append(run_loss(cls(*positional), x, is_ratio=x["is_ratio"]))
+    out["positional"] = {"loss": rel(runs[1][0], runs[0][0]), "d_hidden": rel(runs[1][1],
+                                                                              runs[0][1])}
+    gen = torch.Generator().manual_seed(4)
+    ref_input, ref_weight = torch.randn(B, T, H, generator=gen), torch.randn(V, H, generator=gen)
+    ref_bias = torch.randn(V, generator=gen)
+    for name, extra in (("ref_input", dict(ref_input=ref_input, ref_weight=ref_weight,
+                                           ref_bias=ref_bias)),
+                        ("ref_weight_alone", dict(ref_weight=ref_weight, ref_bias=ref_bias,
+                                                  ref_per_token_logps=x["ref"]))):
+        results = []
+        for cls in (LigerFusedLinearGRPOLoss, FusedLinearGRPOLoss):
+            hidden = x["hidden"].clone().requires_grad_()
+            loss, metrics = cls(compiled=False)(hidden, x["weight"], x["ids"], x["mask"],
+                                                x["adv"], old_per_token_logps=x["old"], **extra)
+            results.append((loss.detach(), torch.autograd.grad(loss, hidden)[0],
+                            [float(m) for m in metrics]))
+        (l0, g0, m0), (l1, g1, m1) = results
+        out[name] = {"loss": rel(l1, l0), "d_hidden": rel(g1, g0), "metrics": m1,
+                     "their_metrics": m0, "kl": m0[0]}
+    return out
+
+
 CHECKS = {"liger_sequence": liger_sequence, "liger_float_mask": liger_float_mask,
           "liger_no_reference": liger_no_reference, "trl_loss": trl_loss, "fp32_head": fp32_head,
-          "moe": moe, "engine_trainer": engine_trainer}
+          "moe": moe, "engine_trainer": engine_trainer,
+          "liger_api": liger_api}
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ TRL_LOSSES = "grpo/sequence,bnpo/token,cispo/token,sapo/token,grpo/sequence/bina
 def runs() -> dict:
     return run_worker("host_shapes_worker.py", "liger_sequence", "liger_float_mask",
                       "liger_no_reference", f"trl_loss:{TRL_LOSSES}", "fp32_head", "moe",
-                      "engine_trainer")
+                      "engine_trainer", "liger_api")
 
 
 def assert_matches_liger(case, name):
@@ -96,3 +96,21 @@ def test_trl_s_config_in_the_engine_trainer_is_refused_naming_ours(runs):
     error = runs["engine_trainer"]["error"]
     assert error.startswith("ConfigError: args: expected fusedrl.engine.GRPOConfig") and \
         "got trl." in error and "\n" not in error, error
+
+
+def test_liger_grpo_constructor_and_forward_are_taken_whole(runs):
+    """LigerFusedLinearGRPOLoss 0.8.5's parameters (names, positions, defaults) are ours; luspo,
+    vespo (its four shapes given by position), the reference as ref_input through ref_weight,
+    and ref_weight / ref_bias without ref_input (not read, as Liger) give Liger's values."""
+    result = runs["liger_api"]
+    assert result.pop("signature_gaps") == []
+    positional = result.pop("positional")
+    assert positional["loss"] <= 1e-5 and positional["d_hidden"] <= 1e-5, positional
+    for name in ("ref_input", "ref_weight_alone"):
+        case = result.pop(name)
+        assert case["kl"] > 1e-3 and case["loss"] <= 1e-5 and case["d_hidden"] <= 1e-5, case
+        assert case["metrics"] == pytest.approx(case["their_metrics"], abs=1e-6), (name, case)
+    assert set(result) == {"luspo/sequence", "luspo/token_ones", "vespo/float_mask",
+                           "vespo/items"}
+    for name, case in result.items():
+        assert_matches_liger(case, name)
