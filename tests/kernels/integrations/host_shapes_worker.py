@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from trl_worker import COMPLETION, PROMPT, ROWS, VOCAB, config, dataset, reward, tokenizer
-from trl_worker import tiny_qwen2_dir
+from trl_worker import signature_gaps, tiny_qwen2_dir
 
 B, T, H, V = 5, 9, 16, 37
 
@@ -258,19 +258,6 @@ def engine_trainer(_):
     except ValueError as error:
         return {"error": f"{type(error).__name__}: {error}"}
     return {"error": ""}
-
-
-def signature_gaps(ours, theirs) -> list:
-    """Where ``ours`` does not take ``theirs``' parameters (name, kind, default, in order; ours may
-    add keyword-only ones after them)."""
-    import inspect
-    mine = list(inspect.signature(ours).parameters.values())
-    gaps = [f"{theirs.__qualname__}: {p} != {q}" for p, q in
-            zip(inspect.signature(theirs).parameters.values(), mine)
-            if (p.name, p.kind, p.default) != (q.name, q.kind, q.default)]
-    extra = mine[len(inspect.signature(theirs).parameters):]
-    return gaps + [f"{ours.__qualname__}: extra {p} not keyword-only" for p in extra
-                   if p.kind != p.KEYWORD_ONLY]
 
 
 def liger_api(_):
