@@ -31,7 +31,9 @@ REDUCTIONS = ("mean", "sum", "none")
 # distill_torch.py), which holds a few tens of them at its peak (the forward's terms of both
 # heads' logits). Measured on the CPU at N=4096, H=256, V=32000, beta 0.5 (bench/bench_distill.py,
 # a loaded 2-core machine), with fp32 terms then: 16 MiB peaked at 402 MiB above the inputs in
-# 16 s, 8 MiB at 206 MiB in 27 s (each chunk streams both heads again).
+# 16 s, 8 MiB at 206 MiB in 27 s (each chunk streams both heads again). Float64 terms at 16 MiB
+# (half the rows a chunk), temperature 0.7, 10% masked, a heavily loaded CPU: 329 MiB in 165 s,
+# where fp32 terms took 310 MiB in 93 s.
 CHUNK_BYTES = 1 << 24
 TERM_BYTES = torch.float64.itemsize
 
