@@ -5,7 +5,9 @@ the rule that the model's code runs only in a strong sandbox unless a weaker one
   bwrap_command.py says what the code sees and may do.
 - `unshare` (weak): new network and pid namespaces only; the host's files and unix socket files
   stay reachable with the caller's permissions (as root: all of them, the caller's memory through
-  the host's /proc, and the caller's network through setns). Isolation.not_isolated lists it all.
+  the host's /proc, and the caller's network through setns), and so do AF_VSOCK ports (a network
+  namespace does not separate them) and the kernel's objects no cap counts (System V IPC, AIO
+  contexts, ptys). Isolation.not_isolated lists it all.
 - `none` (weak): a new process session and resource limits only.
 The program of a mode is found once, on the caller's PATH (bwrap: the first there that runs a
 strong sandbox), and run from that absolute path (a run's own PATH is a fixed one).
@@ -78,14 +80,17 @@ class Isolation:
         reached.append("host processes through /proc (the trainer's memory and environment)"
                        if self.pids else "host processes (signals, /proc, the trainer's memory)")
         return reached + ["the trainer's uid (as root: root, every capability)",
-                          "System V and POSIX IPC", "the kernel's surface (no seccomp)"]
+                          "AF_VSOCK sockets (a port space the host shares)",
+                          "System V and POSIX IPC", "kernel objects no cap counts (AIO "
+                          "contexts, inotify and fanotify groups, ptys: host-wide or the "
+                          "trainer's uid's counts)", "the kernel's surface (no seccomp)"]
 
     def describe(self) -> str:
         """One line: the mode, whether it is strong, and what it does not isolate."""
         if self.strong:
             return ("sandbox: bwrap (strong): own user, pid, mount, network, ipc and uts "
                     "namespaces, uid 65534, no capabilities, seccomp, read-only interpreter "
-                    "and /dev, size-capped tmpfs (docs/safety.md)")
+                    "and /dev, no pty, tmpfs capped in size and inodes (docs/safety.md)")
         return (f"sandbox: {self.kind} (WEAK: NOT isolated: {'; '.join(self.not_isolated())}; "
                 f"bubblewrap unusable: {self.why_not_strong}; docs/safety.md)")
 
