@@ -72,3 +72,41 @@ for directory in {directories!r}:
     got.append(made)
 print(json.dumps(got))
 """
+
+
+def hold_everything(sizes: dict, inodes: int, arrays: int) -> str:
+    """Everything a run may hold outside its processes' address space, at once: `sizes[directory]`
+    MiB written into each directory (8 MiB files, from a 1 MiB buffer: its own memory stays
+    small), then up to `inodes` empty files in each, then up to `arrays` System V semaphore arrays
+    of 32,000 semaphores (2 MiB of kernel memory each where allowed); removes the arrays, and
+    reports [MiB written per directory, files made per directory, arrays made]."""
+    return f"""
+import ctypes, json, os
+chunk, written, made = b'x' * (1 << 20), [], []
+for directory, total_mb in {sizes!r}.items():
+    done = 0
+    try:
+        while done < total_mb:
+            with open(f'{{directory}}/data{{done // 8}}', 'ab') as out:
+                out.write(chunk)
+            done += 1
+    except OSError:
+        pass
+    written.append(done)
+for directory in {sizes!r}:
+    count = 0
+    try:
+        while count < {inodes}:
+            os.close(os.open(f'{{directory}}/i{{count}}', os.O_CREAT | os.O_WRONLY, 0o600))
+            count += 1
+    except OSError:
+        pass
+    made.append(count)
+libc = ctypes.CDLL(None, use_errno=True)
+ids = []
+while len(ids) < {arrays} and (array := libc.semget(0, 32000, 0o1600)) >= 0:
+    ids.append(array)
+for array in ids:
+    libc.semctl(array, 0, 0)  # IPC_RMID
+print(json.dumps([written, made, len(ids)]))
+"""

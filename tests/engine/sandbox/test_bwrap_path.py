@@ -1,6 +1,6 @@
 """bubblewrap is found once, on the caller's PATH, and every run starts that file (a run's own PATH
 is a fixed one, without the caller's directories); a bubblewrap the sandbox's user cannot start
-(a root trainer's sandbox runs as a fresh uid that sees neither /tmp nor root's directories) is
+(a root trainer's sandbox runs as a fresh uid that enters no root-only directory) is
 refused at detection in one line naming it and why, or passed over for one later on PATH that
 works; a PATH without one is named in the refusal. test_sandbox_as_plain_user.py runs the first
 case with the trainer as a plain user."""
@@ -38,7 +38,7 @@ def first_on_path(directory) -> str:
 
 @pytest.mark.skipif(not os.path.isdir("/var/tmp"), reason="no /var/tmp")
 def test_the_bwrap_found_off_the_fixed_path_is_the_one_that_runs(with_path):
-    # Where the sandbox's user (a root trainer's fresh uid too) may enter: not /tmp, not /root.
+    # Where the sandbox's user (a root trainer's fresh uid too) may enter: not /root.
     directory = tempfile.mkdtemp(prefix="fusedrl-bwrap-", dir="/var/tmp")
     try:
         os.chmod(directory, 0o755)

@@ -12,7 +12,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from fusedrl.engine.sandbox.runner import MAX_PROCESSES
 import sandbox_testing as attack
 
 pytestmark = pytest.mark.integration
-PLAIN = 65534
+PLAIN = attack.PLAIN
 ENGINE = Path(__file__).resolve().parents[3] / "engine"
 TESTING = Path(__file__).resolve().parents[1]
 
@@ -63,21 +62,10 @@ print(json.dumps(out))
 '''
 
 
-def plain_python():
-    """An interpreter uid 65534 can run (the system's, else the suite's), or None."""
-    for python in ("/usr/bin/python3", os.path.realpath(sys.executable)):
-        if os.path.exists(python) and subprocess.run(
-                ["setpriv", f"--reuid={PLAIN}", f"--regid={PLAIN}", "--clear-groups", python,
-                 "-c", "import sys; assert sys.version_info >= (3, 9)"],
-                capture_output=True).returncode == 0:
-            return python
-    return None
-
-
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("bwrap"),
                     reason="needs root to become a plain user, setpriv and bubblewrap")
 def test_a_plain_users_sandbox_holds():
-    python = plain_python()
+    python = attack.plain_python()
     if python is None:
         pytest.skip("no interpreter uid 65534 may run")
     tmp_path = Path(tempfile.mkdtemp(prefix="fusedrl-plain-user-"))  # pytest's is root's alone
@@ -103,9 +91,8 @@ def probe(python: str, tmp_path: Path) -> None:
     wrapper_dir.mkdir(mode=0o755)
     wrapper = attack.bwrap_wrapper(str(wrapper_dir), shutil.which("bwrap"))
     done = subprocess.run(
-        ["setpriv", f"--reuid={PLAIN}", f"--regid={PLAIN}", "--clear-groups", python, "-I", "-c",
-         PROBE, str(tmp_path / "pkg"), str(TESTING), str(secret),
-         "1" if platform.machine() == "x86_64" else "", str(wrapper_dir)],
+        [*attack.as_plain_user(python), "-I", "-c", PROBE, str(tmp_path / "pkg"), str(TESTING),
+         str(secret), "1" if platform.machine() == "x86_64" else "", str(wrapper_dir)],
         capture_output=True, text=True, timeout=120, cwd=home)
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
