@@ -141,7 +141,10 @@ class BwrapCommand:
 def probe(bwrap: str) -> str:
     """'' when a bubblewrap sandbox started from the absolute path `bwrap` runs a statement here,
     else why not (one line)."""
-    command = BwrapCommand(bwrap, {"main.py": "pass\n"}, max_processes=8)
+    try:
+        command = BwrapCommand(bwrap, {"main.py": "pass\n"}, max_processes=8)
+    except RuntimeError as e:  # no directory for the run's mounts
+        return str(e)
     try:
         done = subprocess.run(command.argv, pass_fds=command.fds, preexec_fn=command.enter,
                               stdin=subprocess.DEVNULL,
@@ -150,8 +153,12 @@ def probe(bwrap: str) -> str:
         who = f"uid {os.geteuid()}" if command.uid is None else "a fresh uid"
         return (f"bwrap at {bwrap} cannot be started by the sandbox's user ({who}): "
                 f"{e.strerror}; install bubblewrap where every user can run it (/usr/bin)")
-    except subprocess.SubprocessError as e:
+    except subprocess.TimeoutExpired as e:
         return f"{type(e).__name__}: {e}"
+    except subprocess.SubprocessError as e:  # what preexec_fn raised is not passed on
+        return (f"the run's mounts before bwrap at {bwrap} (run_mounts.py: a private mount "
+                f"namespace{'' if command.uid else ' in a user namespace'} with capped tmpfs "
+                f"under {command.holder}) could not be made: {e}")
     finally:
         command.close()
     lines = done.stderr.decode(errors="replace").strip().splitlines()

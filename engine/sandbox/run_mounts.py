@@ -19,8 +19,9 @@ import os
 # name in the holder: (where bubblewrap binds it, MiB, inodes)
 MOUNTS = {"tmp": ("/tmp", 64, 4096), "sandbox": ("/sandbox", 64, 4096),
           "shm": ("/dev/shm", 16, 1024)}  # /dev/shm: POSIX shared memory, multiprocessing's locks
-# Where the holder may go: a directory nothing bubblewrap or the interpreter needs lives under.
-HOLDERS = ("/dev/shm", "/run", "/mnt")
+# Where the holder may go: a directory nothing bubblewrap or the interpreter needs lives under
+# (/tmp last: a bubblewrap or interpreter there would be hidden).
+HOLDERS = ("/dev/shm", "/run", "/mnt", "/tmp")
 _CLONE_NEWNS, _CLONE_NEWUSER = 0x00020000, 0x10000000
 _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 

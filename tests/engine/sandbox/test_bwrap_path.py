@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from fusedrl.engine.sandbox import SandboxRefused, detect, isolation, run_python
+from fusedrl.engine.sandbox import SandboxRefused, detect, isolation, run_mounts, run_python
 import sandbox_testing as attack
 
 BWRAP = detect().program  # the suite's: an absolute path
@@ -76,3 +76,13 @@ def test_a_path_without_bwrap_is_refused_naming_it(monkeypatch, with_path, tmp_p
     assert detect().why_not_strong == f"bwrap not found on PATH={tmp_path}"
     with pytest.raises(SandboxRefused, match=f"PATH={tmp_path}"):
         run_python("print(1)")
+
+
+def test_a_run_whose_capped_mounts_cannot_be_made_is_refused_in_one_line(monkeypatch, with_path):
+    """The tmpfs are mounted (size and inodes capped) before bubblewrap starts: a failure there
+    is bubblewrap's failure, said at detection."""
+    monkeypatch.setitem(run_mounts.MOUNTS, "tmp", ("/tmp", 64, "not-a-count"))
+    with_path(os.path.dirname(BWRAP))
+    found = detect()
+    assert not found.strong and "\n" not in found.why_not_strong
+    assert "run_mounts.py" in found.why_not_strong and BWRAP in found.why_not_strong
