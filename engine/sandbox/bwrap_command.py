@@ -58,10 +58,12 @@ def python() -> str:
 class BwrapCommand:
     """`argv` runs `python -I -B main.py` (or `args`) with `files` ({name: text}, main.py among
     them) in /sandbox, through the bubblewrap at the absolute path `bwrap`; the memory files it
-    reads stay open until close()."""
+    reads stay open until close(). `capped=False` (a plain user only, where no user namespace of
+    its own may mount: Ubuntu's AppArmor restriction) lets bubblewrap mount the tmpfs, capped in
+    size only."""
 
     def __init__(self, bwrap: str, files: Mapping[str, str], max_processes: int,
-                 args: tuple[str, ...] = ("-I", "-B", "main.py")):
+                 args: tuple[str, ...] = ("-I", "-B", "main.py"), capped: bool = True):
         if not os.path.isabs(bwrap):
             raise ValueError(f"BwrapCommand: bwrap={bwrap!r}, expected an absolute path")
         self.fds: list[int] = []
@@ -78,6 +80,7 @@ class BwrapCommand:
         base = os.path.realpath(sys.base_prefix)
         self.uid = fresh_user.new_uid() if fresh_user.needed() else None
         self.prefix = "" if base.startswith("/usr/") else base  # to show: /usr is bound whole
+        self.capped = capped or self.uid is not None  # root can always mount
         self.holder = run_mounts.holder()
         if self.prefix:
             words += ["--ro-bind", run_mounts.view(self.holder) if self.uid else base, base]
@@ -87,8 +90,8 @@ class BwrapCommand:
             words += ["--dev-bind", f"/dev/{device}", f"/dev/{device}"]
         for at, name in enumerate(("stdin", "stdout", "stderr")):
             words += ["--symlink", f"/proc/self/fd/{at}", f"/dev/{name}"]
-        words += ["--symlink", "/proc/self/fd", "/dev/fd",
-                  *run_mounts.bind_words(self.holder), "--remount-ro", "/dev"]
+        words += ["--symlink", "/proc/self/fd", "/dev/fd", *self._mount_words(), "--remount-ro",
+                  "/dev"]
         made = {SANDBOX_DIR}
         for name, text in files.items():
             path = os.path.join(SANDBOX_DIR, name)
@@ -105,9 +108,18 @@ class BwrapCommand:
     def enter(self) -> None:
         """In the child before exec: the run's capped mounts, then (a root caller) its fresh
         uid."""
-        run_mounts.enter(self.holder, self.uid, self.prefix if self.uid is not None else "")
+        if self.capped:
+            run_mounts.enter(self.holder, self.uid, self.prefix if self.uid is not None else "")
         if self.uid is not None:
             fresh_user.become(self.uid)
+
+    def _mount_words(self) -> list[str]:
+        if self.capped:
+            return run_mounts.bind_words(self.holder)
+        words: list[str] = []
+        for inside, size_mb, _inodes in run_mounts.MOUNTS.values():
+            words += ["--perms", "0700", "--size", str(size_mb << 20), "--tmpfs", inside]
+        return words
 
     def _memory_file(self, data: bytes) -> int:
         fd = os.memfd_create("fusedrl-sandbox", 0)  # inheritable: no MFD_CLOEXEC
@@ -138,11 +150,11 @@ class BwrapCommand:
         self.fds = []
 
 
-def probe(bwrap: str) -> str:
-    """'' when a bubblewrap sandbox started from the absolute path `bwrap` runs a statement here,
-    else why not (one line)."""
+def probe(bwrap: str, capped: bool = True) -> str:
+    """'' when a bubblewrap sandbox started from the absolute path `bwrap` (its tmpfs `capped` in
+    inodes or not) runs a statement here, else why not (one line)."""
     try:
-        command = BwrapCommand(bwrap, {"main.py": "pass\n"}, max_processes=8)
+        command = BwrapCommand(bwrap, {"main.py": "pass\n"}, max_processes=8, capped=capped)
     except RuntimeError as e:  # no directory for the run's mounts
         return str(e)
     try:

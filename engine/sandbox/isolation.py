@@ -49,6 +49,7 @@ class Isolation:
     pids: bool  # its own pid namespace: nothing it starts outlives it, signals reach no host one
     why_not_strong: str = ""
     program: str = ""
+    uncapped: str = ""  # bwrap: why its tmpfs' inodes are not capped ('' when they are)
 
     def __post_init__(self):
         if self.kind in ("bwrap", "unshare") and not os.path.isabs(self.program):
@@ -88,9 +89,11 @@ class Isolation:
     def describe(self) -> str:
         """One line: the mode, whether it is strong, and what it does not isolate."""
         if self.strong:
+            tmpfs = "tmpfs capped in size and inodes" if not self.uncapped else \
+                f"tmpfs capped in size (inodes NOT capped: {self.uncapped})"
             return ("sandbox: bwrap (strong): own user, pid, mount, network, ipc and uts "
                     "namespaces, uid 65534, no capabilities, seccomp, read-only interpreter "
-                    "and /dev, no pty, tmpfs capped in size and inodes (docs/safety.md)")
+                    f"and /dev, no pty, {tmpfs} (docs/safety.md)")
         return (f"sandbox: {self.kind} (WEAK: NOT isolated: {'; '.join(self.not_isolated())}; "
                 f"bubblewrap unusable: {self.why_not_strong}; docs/safety.md)")
 
@@ -171,19 +174,24 @@ def _not_on_path(name: str) -> str:
     return f"{name} not found on PATH={os.environ.get('PATH', os.defpath)}"
 
 
-def _bwrap_problem() -> tuple[str, str]:
-    """(the absolute path of the first bwrap on PATH that runs a strong sandbox here, ''), else
-    ('', why not: each one tried, or where it looked)."""
+def _bwrap_problem() -> tuple[str, str, str]:
+    """(the absolute path of the first bwrap on PATH that runs a strong sandbox here, '', why its
+    tmpfs' inodes are not capped or ''), else ('', why not: each one tried, or where it looked,
+    '')."""
     from .bwrap_command import probe  # the probe runs a real sandbox
     if seccomp.program() is None:
-        return "", "no seccomp table for this architecture"
+        return "", "no seccomp table for this architecture", ""
     problems = []
     for bwrap in _on_path("bwrap"):
         problem = probe(bwrap)
         if not problem:
-            return bwrap, ""
+            return bwrap, "", ""
+        # A plain user that may not mount in a user namespace of its own (Ubuntu's AppArmor
+        # restriction) still gets bubblewrap's isolation, its tmpfs capped in size only.
+        if "run_mounts.py" in problem and os.geteuid() != 0 and not probe(bwrap, capped=False):
+            return bwrap, "", problem
         problems.append(problem if bwrap in problem else f"bwrap at {bwrap}: {problem}")
-    return "", " | ".join(problems) or _not_on_path("bwrap")
+    return "", " | ".join(problems) or _not_on_path("bwrap"), ""
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,9 +200,11 @@ def detect(prefer: str = "auto") -> Isolation:
     and fails in one line when it does not work)."""
     if prefer not in ("auto", "bwrap", "unshare", "none"):
         raise ValueError(f"sandbox isolation {prefer!r}: expected auto, bwrap, unshare or none")
-    bwrap, problem = _bwrap_problem() if prefer in ("auto", "bwrap") else ("", "not chosen")
+    bwrap, problem, uncapped = _bwrap_problem() if prefer in ("auto", "bwrap") else \
+        ("", "not chosen", "")
     if not problem:
-        return Isolation("bwrap", network=True, filesystem=True, pids=True, program=bwrap)
+        return Isolation("bwrap", network=True, filesystem=True, pids=True, program=bwrap,
+                         uncapped=uncapped)
     if prefer == "bwrap":
         raise RuntimeError(f"sandbox isolation 'bwrap' does not work on this machine: {problem}")
     if prefer in ("auto", "unshare"):
