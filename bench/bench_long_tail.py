@@ -43,7 +43,7 @@ from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.scheduler import Scheduler
 from fusedrl.engine.inference.sequence import Sequence
 from fusedrl.engine.inference.stop_rules import GroupsDone
-from fusedrl.engine.stages.ppo.partial import (complete, drop_stale, new_group, new_groups_wanted,
+from fusedrl.engine.stages.rollout.partial import (complete, drop_stale, new_group, new_groups_wanted,
                                                unfinished)
 
 # Qwen2.5-7B: 7.616B parameters in bf16; K and V of 28 layers x 4 kv heads x 128 per token.

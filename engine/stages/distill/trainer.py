@@ -31,17 +31,17 @@ from ...sandbox.isolation import open_sandbox
 from ...train import adapters, optim, runlog
 from ...train.loop import RunPlan, run_training
 from ...train.run_setup import start_run
-from ..ppo.advantages import group_token_advantages
-from ..ppo.agent_rows import build_agents
-from ..ppo.sampled_rows import Scoring
-from ..ppo.models import PPOModels
-from ..ppo.phase_timer import PhaseTimer
-from ..ppo.prompt_stream import next_prompts
-from ..ppo.sampler import build_sampler
-from ..ppo.scored_rows import Samples
-from ..ppo.state import PPOState
-from ..ppo.trainer import build_models, build_optimizers, open_rewards, trainables
-from ..ppo.update import Optimizers
+from ..rollout.group_advantages import group_token_advantages
+from ..rollout.agent_rows import build_agents
+from ..rollout.sampled_rows import Scoring
+from ..rollout.models import PPOModels
+from ..rollout.phase_timer import PhaseTimer
+from ..rollout.prompt_stream import next_prompts
+from ..rollout.sampler import build_sampler
+from ..rollout.scored_rows import Samples
+from ..rollout.state import PPOState
+from ..rollout.build import build_models, build_optimizers, open_rewards, trainables
+from ..rollout.optimizers import Optimizers
 from ..rewards.combined import RewardFunctions
 from .completions import check_completions, completion_rows, on_policy
 from .teacher import Teacher, load_teacher, refuse_other_vocabulary, score_with_teacher

@@ -16,8 +16,8 @@ from fusedrl.engine.agents.environment import EnvironmentFailure
 from fusedrl.engine.agents.agent_loop import _opener, _reset, _State, _step
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.stages.ppo.advantages import group_token_advantages
-from fusedrl.engine.stages.ppo.reward_scores import trajectory_inputs
+from fusedrl.engine.stages.rollout.group_advantages import group_token_advantages
+from fusedrl.engine.stages.rollout.reward_scores import trajectory_inputs
 from fusedrl.engine.stages.rewards.combined import open_reward_functions
 from fusedrl.engine.stages.rewards.functions import RewardFunctionError, RewardInputs
 from fusedrl.kernels import group_advantages

@@ -19,7 +19,7 @@ from fusedrl.engine.demos.tool_task import (add, build_tokenizer, conversation, 
                                             make_pairs, question, tool_reward, write_tool_data)
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.multi_turn import Trajectory
-from fusedrl.engine.stages.ppo.reward_scores import trajectory_inputs
+from fusedrl.engine.stages.rollout.reward_scores import trajectory_inputs
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from fusedrl.engine.parallel.dims import ParallelDims
 from fusedrl.engine.stages.distill.teacher import load_teacher, score_with_teacher
 from fusedrl.engine.stages.distill.trainer import train_distill
 from fusedrl.engine.stages.distill.update import DistillBatch, DistillSettings, distill_update
-from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
-from fusedrl.engine.stages.ppo.answer_rows import sample_and_score
-from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
+from fusedrl.engine.stages.rollout.phase_timer import PhaseTimer
+from fusedrl.engine.stages.rollout.answer_rows import sample_and_score
+from fusedrl.engine.stages.rollout.build import build_models, build_optimizers
 from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.kernels import use_backend
 from agent_testing import save_chat_model

@@ -13,9 +13,9 @@ from fusedrl.engine.config.ppo import RolloutConfig
 from fusedrl.engine.data.prompts import PromptRow
 from fusedrl.engine.inference.hybrid_actor import HybridActor
 from fusedrl.engine.model.hf_io import load_model, load_tokenizer
-from fusedrl.engine.stages.ppo.agent_rows import TrajectoryGenerator, build_agents
-from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
-from fusedrl.engine.stages.ppo.sampled_rows import sampling_params
+from fusedrl.engine.stages.rollout.agent_rows import TrajectoryGenerator, build_agents
+from fusedrl.engine.stages.rollout.phase_timer import PhaseTimer
+from fusedrl.engine.stages.rollout.sampled_rows import sampling_params
 from agent_testing import save_chat_model
 from invariant_testing import one_thread  # noqa: F401 (autouse: one intra-op thread)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
-from fusedrl.engine.stages.ppo.partial import drop_stale, new_group, new_groups_wanted
+from fusedrl.engine.stages.rollout.partial import drop_stale, new_group, new_groups_wanted
 from fusedrl.engine.stages.ppo.update import UpdateSettings
 from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.kernels import use_backend

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from fusedrl.engine.config.ppo import GRPOConfig, PPOConfig, RolloutConfig
-from fusedrl.engine.stages.ppo.advantages import group_token_advantages
-from fusedrl.engine.stages.ppo.packs import concat_packs, pack_rollout
-from fusedrl.engine.stages.ppo.scored_rows import Samples
-from fusedrl.engine.stages.ppo.sampled_rows import overlong_penalty
-from fusedrl.engine.stages.ppo.whole_groups import draw_samples, varied_groups
+from fusedrl.engine.stages.rollout.group_advantages import group_token_advantages
+from fusedrl.engine.stages.rollout.packs import concat_packs, pack_rollout
+from fusedrl.engine.stages.rollout.scored_rows import Samples
+from fusedrl.engine.stages.rollout.sampled_rows import overlong_penalty
+from fusedrl.engine.stages.rollout.whole_groups import draw_samples, varied_groups
 
 
 def grpo_config(**rollout):

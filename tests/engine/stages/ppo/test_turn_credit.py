@@ -8,7 +8,7 @@ import torch
 import fusedrl.kernels as kernels
 from fusedrl.engine import GRPOConfig, PPOConfig, run_grpo, run_ppo
 from fusedrl.engine.stages.ppo import trainer
-from fusedrl.engine.stages.ppo.turn_credit import (per_turn, place_turn_rewards, turn_returns,
+from fusedrl.engine.stages.rollout.turn_credit import (per_turn, place_turn_rewards, turn_returns,
                                              turn_spans, turn_token_advantages)
 from agent_testing import save_chat_model
 

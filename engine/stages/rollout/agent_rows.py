@@ -85,7 +85,7 @@ class TrajectoryGenerator:
         self.drawn += trajectories
         # A trajectory that left the batch (env_errors=skip) has no target: nothing of it is
         # trained, and its group's statistics are the others'
-        # (advantages.py group_token_advantages).
+        # (group_advantages.py group_token_advantages).
         masks = [[False] * len(s["mask"]) if t.error else s["mask"]
                  for (_, s), t in zip(rows, trajectories)]
         logprobs = torch.tensor([x for (_, s), t in zip(rows, trajectories) if not t.error
