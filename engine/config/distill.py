@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .compatibility import distill_rules, refuse_ignored
 from .fields import check, check_fields, option
 from .ppo import Critic, GRPOConfig, RewardConfig, UpdateConfig
 from .rollout import RolloutConfig
@@ -86,12 +87,7 @@ class DistillConfig(GRPOConfig):
               f"reward.kl_coef must be 0, got {self.ppo.kl_loss_coef} and {self.reward.kl_coef}")
         # (distill.reward_coef > 0 without a reward is refused when the run opens its rewards: a
         # Python caller may pass reward_fn= to train_distill)
-        check(self.distill.reward_coef > 0 or not (self.reward_fn or self.reward_model),
-              "distill.reward_coef=0 ignores reward_fn and reward_model: set "
-              "distill.reward_coef > 0 to use them")
-        check(self.train.context_parallel == 1,
-              "distill runs the teacher and the student on whole rows: train.context_parallel "
-              f"must be 1, got {self.train.context_parallel}")
+        refuse_ignored(distill_rules(self), self)
         check(self.distill.mode != "sampled"
               or self.distill.temperature == self.rollout.temperature,
               "distill.mode=sampled compares the teacher's log-probs with the sampler's: "
@@ -100,9 +96,6 @@ class DistillConfig(GRPOConfig):
         check(self.distill.mode != "sampled" or self.distill.lmbda == 1,
               "distill.mode=sampled is a policy gradient on the student's own samples: "
               f"distill.lmbda must be 1, got {self.distill.lmbda}")
-        check(not self.rollout.partial_rollouts,
-              "distill samples each batch whole (the teacher scores finished rows): "
-              "rollout.partial_rollouts must be false")
 
 
 def check_teacher_vocabulary(student_vocab: int, teacher_vocab: int, teacher: str) -> None:

@@ -117,21 +117,7 @@ def minibatch_backward(models: PPOModels, batch: PPOBatch, settings: UpdateSetti
                              (packed.prefix_groups, packed.prompt_lens))
     # Agreed before the forwards (their collectives).
     most = distributed.max_over_ranks(len(micros), models.ranks)
-    left = iter(range(most - 1, -1, -1))  # micro-batch backwards left after each
-
-    def backward(loss):
-        # HSDP: a model's gradients cross the shard groups (the nodes) in its last backward of the
-        # minibatch only: the critic's (or value head's) last micro-batch, the policy's PPO-ptx if
-        # any.
-        last = next(left) == 0
-        for model in (models.critic, models.value_head):
-            if model is not None:
-                distributed.all_reduce_in_backward(model, last)
-        distributed.all_reduce_in_backward(models.policy, last and ptx_loss is None)
-        # Context-parallel: FSDP averages over every rank, and a context group's C ranks hold parts
-        # of one gradient (parallel/context_parallel.py): times C, their sum.
-        cp = models.policy.context_parallel
-        (loss * models.ranks.size() * (cp.size if cp is not None else 1)).backward()
+    backward = micro_backward(models, most, with_ptx=ptx_loss is not None)
     totals: dict = {}
     total_loss = torch.zeros((), device=batch.mask.device)
     for rows in micros:
@@ -170,17 +156,42 @@ def minibatch_backward(models: PPOModels, batch: PPOBatch, settings: UpdateSetti
         (p.ptx_coef * ptx).backward()
         total_loss = total_loss + ptx.detach()
     totals["loss"] = total_loss
-    if models.ranks.size() > 1:
-        # The forwards run only to keep the ranks in step (a fill on the device: no host copy).
-        totals["spare_forwards"] = torch.full((), float(spares), device=total_loss.device)
-        # Sums of the ranks' weighted shares: the global minibatch's stats, in one all-reduce.
-        names = list(totals)
-        summed = distributed.all_reduce_tensor(torch.stack([totals[k] for k in names]),
-                                               ranks=models.ranks)
-        totals = dict(zip(names, summed))
+    totals = summed_over_ranks(totals, spares, models.ranks)
     if ptx is not None:  # the PPO-ptx batch is the same on every rank: its loss is not summed
         totals["ptx_loss"] = ptx.detach()
     return totals
+
+
+def micro_backward(models: PPOModels, backwards: int, with_ptx: bool) -> Callable:
+    """backward(loss) of each of a minibatch's `backwards` micro-batch losses, in order. HSDP: a
+    model's gradients cross the shard groups (the nodes) in its last backward of the minibatch
+    only: the critic's (or value head's) last micro-batch, the policy's PPO-ptx if any."""
+    left = iter(range(backwards - 1, -1, -1))  # micro-batch backwards left after each
+
+    def backward(loss: torch.Tensor) -> None:
+        last = next(left) == 0
+        for model in (models.critic, models.value_head):
+            if model is not None:
+                distributed.all_reduce_in_backward(model, last)
+        distributed.all_reduce_in_backward(models.policy, last and not with_ptx)
+        # Context-parallel: FSDP averages over every rank, and a context group's C ranks hold parts
+        # of one gradient (parallel/context_parallel.py): times C, their sum.
+        cp = models.policy.context_parallel
+        (loss * models.ranks.size() * (cp.size if cp is not None else 1)).backward()
+    return backward
+
+
+def summed_over_ranks(totals: dict, spares: int, ranks: distributed.DataRanks) -> dict:
+    """A minibatch's stats (0-dim tensors: every rank's weighted shares) summed over the data
+    ranks in one all-reduce: the global minibatch's, with spare_forwards (the forwards run only to
+    keep the ranks in step); themselves on one rank."""
+    if ranks.size() == 1:
+        return totals
+    loss = totals["loss"]
+    totals = {**totals, "spare_forwards": torch.full((), float(spares), device=loss.device)}
+    names = list(totals)
+    summed = distributed.all_reduce_tensor(torch.stack([totals[k] for k in names]), ranks=ranks)
+    return dict(zip(names, summed))
 
 
 def minibatch_loss(models: PPOModels, batch: PPOBatch, settings: UpdateSettings,

@@ -1,4 +1,4 @@
-"""The one rollout interface (stages/ppo/sampler.py): the config picks its rows and its schedule,
+"""The one rollout interface (stages/rollout/sampler.py): the config picks its rows and its schedule,
 and every mode's metrics come out of the one Sampler (the schedule's, its rows' included,
 speculative decoding's)."""
 from types import SimpleNamespace

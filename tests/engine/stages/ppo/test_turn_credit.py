@@ -1,4 +1,4 @@
-"""Turn-level credit (reward.per_turn, stages/ppo/turn_credit.py): an environment's reward of each turn
+"""Turn-level credit (reward.per_turn, stages/rollout/turn_credit.py): an environment's reward of each turn
 sits at that turn's last model token of the rollout PPO's GAE and critic learn from, and with
 ppo.turn_advantages a group's turns are the units of its advantages."""
 import datasets
