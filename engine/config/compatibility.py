@@ -292,8 +292,9 @@ def distill_rules(cfg) -> list[Rule]:
 
 
 def refuse_ignored(rules: list[Rule], config) -> None:
-    """ValueError naming the option of the first rule that holds, its value in `config`, and why."""
+    """ConfigValueError (a ValueError) naming the option of the first rule that holds, its value
+    in `config`, and why."""
     for key, ignored, why in rules:
         if ignored:
-            raise ValueError(f"{key}={option_value(config, key)!r} would be ignored: it is not "
-                             f"read {why}")
+            raise ConfigValueError(f"{key}={option_value(config, key)!r} would be ignored: it "
+                                   f"is not read {why}")
