@@ -65,16 +65,17 @@ class VisionProcessor:
         self.merge_size = int(image_processor.merge_size)
 
     @classmethod
-    def from_pretrained(cls, path) -> "VisionProcessor":
-        """The tokenizer and image processor (preprocessor_config.json) of a model directory; the
-        chat template from the tokenizer, or the directory's chat_template.jinja / .json."""
+    def from_pretrained(cls, path, tokenizer=None) -> "VisionProcessor":
+        """The image processor (preprocessor_config.json) of a model directory with `tokenizer`
+        (default: the directory's, by AutoTokenizer); the chat template the directory's
+        chat_template.jinja / .json, else the tokenizer's."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
         path = Path(path)
-        if not (path / "preprocessor_config.json").is_file():
+        if not is_vision_directory(path):
             raise ValueError(f"{path} has no preprocessor_config.json: a vision model directory "
                              "holds its image processor's config")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         image_processor = AutoImageProcessor.from_pretrained(path)
         return cls(tokenizer, image_processor, _directory_template(path))
 
@@ -151,6 +152,11 @@ class VisionProcessor:
             self.tokenizer.chat_template = self.chat_template
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
+
+
+def is_vision_directory(path) -> bool:
+    """Whether model directory `path` holds an image processor's config (a vision model's)."""
+    return (Path(path) / "preprocessor_config.json").is_file()
 
 
 def _directory_template(path: Path) -> str | None:

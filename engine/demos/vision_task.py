@@ -16,8 +16,9 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
 EMPTY = (255, 255, 255)
 CELLS, CELL_PIXELS = 2, 8            # a 2 x 2 grid of 8-pixel cells: a 16-pixel square picture
 DIGITS = [str(d) for d in range(CELLS * CELLS + 1)]
-VISION = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-          "<|video_pad|>"]
+# In the order of the model config's ids (image, video, vision start, vision end: consecutive
+# from image_token_id, engine/model/vision/tiny.py).
+VISION = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"]
 TURNS = ["<|im_start|>", "<|im_end|>"]
 SPECIAL = ["<pad>", "<s>", "</s>"]
 WORDS = ["user", "assistant", "how", "many", "?", *COLOURS, *DIGITS]

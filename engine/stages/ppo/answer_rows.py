@@ -40,7 +40,11 @@ class AnswerGenerator:
         params = sampling_params(rollout, seed, n)
         # One request per row, sample j of its prompt drawing the stream fixed by (seed, prompt,
         # j): the engine's one loop, as partial rollouts and trajectories run it (HybridActor.run).
-        requests = [Request(ids, params, sample_index=j) for ids in prompts for j in range(n)]
+        # A prompt's images (its row's, processed once when the data was read) go with each of
+        # its n requests: the engine runs the vision tower once for them and shares its KV.
+        images = [getattr(row, "images", None) for row in sources or [None] * len(prompts)]
+        requests = [Request(ids, params, sample_index=j, images=pixels)
+                    for ids, pixels in zip(prompts, images) for j in range(n)]
         with timer.phase("generate"):
             seqs = self.models.actor.run(requests)
         logprobs = self.models.actor.llm.device_logprobs(
