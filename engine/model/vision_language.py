@@ -5,8 +5,8 @@ An image enters as transformers' Qwen2-VL image processor emits it (pixel_values
 patch * patch**2], image_grid_thw [I, 3]) with its placeholder tokens already in input_ids. The
 model runs the tower, puts its features in place of those tokens (their count checked against the
 grids), and rotates by M-RoPE positions it computes itself (vision/mrope.py), so the features
-and the positions cannot disagree with the tokens. Parameter names: the decoder's `model.*` and `lm_head`,
-the tower's `visual.*` (hf_io maps the checkpoint layouts transformers writes).
+and the positions cannot disagree with the tokens. Parameter names: the decoder's `model.*` and
+`lm_head`, the tower's `visual.*` (hf_io maps the checkpoint layouts transformers writes).
 """
 from __future__ import annotations
 
