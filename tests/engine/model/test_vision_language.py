@@ -6,6 +6,8 @@ import torch
 
 from fusedrl.engine.model.hf_io import load_model, save_model
 from fusedrl.engine.model.vision_language import VisionLanguageModel
+from fusedrl.kernels import use_backend
+from kernel_testing import needs_triton
 from vision_testing import FAMILIES, hf_inputs, image_prompt, save_vlm
 
 # fp32 on the CPU, the same ops in the same order on both sides (the tower is transformers' own).
@@ -116,3 +118,15 @@ def test_tokens_and_images_that_disagree_are_one_line_errors(vlms):
     _one_line_error(model, torch.cat([ids, torch.tensor([c.video_token_id])]), pixels, grids,
                     "videos are not supported")
     _one_line_error(model, ids, pixels[:-1], grids, r"pixel_values: shape \(55, 96\), expected \(56, 96\)")
+
+
+@needs_triton
+def test_the_triton_walk_matches_transformers(vlms):
+    """The fused kernels' walk (M-RoPE inside the rotary kernel) on the same prompt."""
+    path, hf = vlms["qwen3_vl"]
+    model = load_model(path)
+    ids, pixels, grids = _prompt(hf.config)
+    with torch.no_grad(), use_backend("triton"):
+        actual = model.compute_logits(model.forward_packed(ids, [len(ids)], pixel_values=pixels,
+                                                           image_grid_thw=grids))
+    torch.testing.assert_close(actual, _hf_logits(hf, ids, pixels, grids), atol=ATOL, rtol=0)
