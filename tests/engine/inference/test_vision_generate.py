@@ -10,6 +10,7 @@ from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.data.vision_processor import ImageInputs
 from fusedrl.engine.inference.image_prefill import image_digest
 from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.kernels import linear_token_logprobs
 from vision_testing import FAMILIES, hf_inputs, image_prompt, save_vlm
 
 NEW = 12
@@ -135,3 +136,24 @@ def test_the_image_digest_follows_pixels_and_grids():
     assert key != image_digest(ImageInputs(pixels + 1, grids))
     assert key != image_digest(ImageInputs(pixels, torch.tensor([[1, 1, 4]])))
     assert key != image_digest(ImageInputs(pixels.bfloat16(), grids))
+
+
+def test_rollout_logprobs_are_training_logprobs_under_the_vision_mask(vlms):
+    """Sampled answers' log-probs from the engine equal a training forward's over prompt + answer
+    with the same images, the LM head's log-probs taken with the model's logit_bias (the sampler's
+    mask); fp32, not the exact mode, so to rounding."""
+    path, hf = vlms["qwen2_5_vl"]
+    ids, pixels, grids = _prompt(hf.config)
+    llm = _llm(path)
+    out = llm.generate([ids.tolist()], SamplingParams(temperature=1.0, max_new_tokens=8, n=2,
+                                                      seed=3),
+                       images=[ImageInputs(pixels, grids)])[0].outputs
+    model = llm.model
+    for completion in out:
+        full = torch.cat([ids, torch.tensor(completion.token_ids)])
+        with torch.no_grad():
+            hidden = model.forward_packed(full, [len(full)], pixel_values=pixels,
+                                          image_grid_thw=grids)
+            logp = linear_token_logprobs(hidden[len(ids) - 1:-1], model.lm_head.weight,
+                                         full[len(ids):], bias=model.logit_bias())
+        torch.testing.assert_close(logp, torch.tensor(completion.logprobs), atol=1e-4, rtol=0)
