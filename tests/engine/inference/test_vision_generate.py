@@ -5,7 +5,6 @@ carried answers composing with images."""
 import pytest
 import torch
 
-from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.data.vision_processor import ImageInputs
 from fusedrl.engine.inference.image_prefill import image_digest
@@ -125,8 +124,6 @@ def test_images_that_do_not_fit_the_prompt_are_one_line_errors(vlms, qwen2_dir):
     with pytest.raises(ValueError, match=r"^prompts\[0\] has images but the model \(qwen2\)"):
         LLM(qwen2_dir, kv_cache_memory=1 << 22).generate(
             [[1, 2, 3]], GREEDY, images=[ImageInputs(pixels, grids)])
-    with pytest.raises(ConfigValueError, match="batch_invariant=True with a vision-language"):
-        LLM(path, kv_cache_memory=1 << 22, batch_invariant=True)
 
 
 def test_the_image_digest_follows_pixels_and_grids():
@@ -157,3 +154,29 @@ def test_rollout_logprobs_are_training_logprobs_under_the_vision_mask(vlms):
             logp = linear_token_logprobs(hidden[len(ids) - 1:-1], model.lm_head.weight,
                                          full[len(ids):], bias=model.logit_bias())
         torch.testing.assert_close(logp, torch.tensor(completion.logprobs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_mode_rollout_logprobs_are_training_logprobs_bit_for_bit(vlms, family):
+    """batch_invariant: each sampled token's log-prob equals, bitwise, what the trainer's exact
+    forward (packed_hidden with the same images, both answers in one pack) and head_logprobs with
+    the sampler's mask give for it."""
+    path, hf = vlms[family]
+    ids, pixels, grids = _prompt(hf.config)
+    llm = _llm(path, batch_invariant=True)
+    out = llm.generate([ids.tolist()], SamplingParams(temperature=1.0, max_new_tokens=6, n=2,
+                                                      seed=4),
+                       images=[ImageInputs(pixels, grids)])[0].outputs
+    mode, model = llm.batch_invariant, llm.model
+    rows = [torch.cat([ids, torch.tensor(c.token_ids)]) for c in out]
+    with torch.no_grad():
+        hidden = mode.packed_hidden(model, torch.cat(rows), [len(r) for r in rows],
+                                    pixel_values=torch.cat([pixels, pixels]),
+                                    image_grid_thw=torch.cat([grids, grids]))
+    start = 0
+    for row, completion in zip(rows, out):
+        answer = slice(start + len(ids) - 1, start + len(row) - 1)
+        logp = mode.head_logprobs(hidden[answer], model.lm_head.weight, row[len(ids):],
+                                  temperature=1.0, masked=model.config.vision.vision_token_ids)
+        assert torch.equal(logp, torch.tensor(completion.logprobs))
+        start += len(row)
