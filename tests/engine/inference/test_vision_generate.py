@@ -180,3 +180,20 @@ def test_exact_mode_rollout_logprobs_are_training_logprobs_bit_for_bit(vlms, fam
                                   temperature=1.0, masked=model.config.vision.vision_token_ids)
         assert torch.equal(logp, torch.tensor(completion.logprobs))
         start += len(row)
+
+
+def test_the_decode_graph_path_keeps_the_offsets(vlms):
+    """The CUDA-graph path's persistent buffers (replayed eagerly here): decode positions carry each
+    sequence's offset into padded batches; an image prompt and a text prompt decode together."""
+    from fusedrl.engine.inference.decode_graphs import DecodeGraphs
+
+    path, hf = vlms["qwen3_vl"]
+    ids, pixels, grids = _prompt(hf.config)
+    llm = _llm(path, max_num_seqs=4)
+    llm.runner.graphs = DecodeGraphs(llm.runner, max_num_seqs=4, capture=False)
+    text = [40, 41, 42]
+    outs = llm.generate([ids.tolist(), text], GREEDY, images=[ImageInputs(pixels, grids), None])
+    with torch.no_grad():
+        plain = hf.generate(input_ids=torch.tensor([text]), max_new_tokens=NEW, do_sample=False,
+                            suppress_tokens=_vision_ids(hf.config))[0, len(text):].tolist()
+    assert [o.outputs[0].token_ids for o in outs] == [_hf_greedy(hf, ids, pixels, grids), plain]
