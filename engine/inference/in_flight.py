@@ -109,6 +109,12 @@ class Group:
     def complete(self) -> bool:
         return all(s.done for s in self.samples)
 
+    @property
+    def images(self):
+        """The prompt's processed images (its source row's ImageInputs), or None: text. Read from
+        the row, never copied, so a prompt's samples cannot part from its images."""
+        return None if self.source is None else self.source.images
+
     def state_dict(self) -> dict:
         source = self.source
         return {"prompt": list(self.prompt), "samples": [s.state_dict() for s in self.samples],

@@ -123,7 +123,8 @@ def _train(cfg: PPOConfig, rewards: Optional[RewardFunctions],
     refuse_incompatible(cfg, moe=run.configs["policy"].moe is not None)
     agents = build_agents(cfg.rollout, tokenizer)  # tools, environment, template: before any model
     prompts, truncated = load_prompts(
-        cfg.prompts_file if dataset is None else dataset, tokenizer, cfg.rollout.max_prompt_length,
+        cfg.prompts_file if dataset is None else dataset, run.data_reader,
+        cfg.rollout.max_prompt_length,
         run.configs["policy"].max_model_len, cfg.rollout.truncate_prompts, cfg.data.prompt_column,
         cfg.data.chat_template)
     models = build_models(cfg, device, run.dtype, tokenizer, rewards, run.dims)

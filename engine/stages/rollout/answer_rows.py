@@ -28,8 +28,11 @@ def advance_answers(models: PPOModels, params: SamplingParams):
     drawing its own seed's stream at its own positions (or, seed None, the stream params.seed fixes
     for its index), params.max_new_tokens counting its earlier tokens."""
     def advance(rows: Rows, stop) -> list:
+        # A prompt's images (its row's, processed once when the data was read) go with each of
+        # its samples' requests: the engine runs the vision tower once for them and shares its KV.
         seqs = models.actor.run([Request(group.prompt, params, answer=sample.tokens,
-                                         sample_index=sample.index, seed=sample.seed)
+                                         sample_index=sample.index, seed=sample.seed,
+                                         images=group.images)
                                  for group, sample in rows], stop)
         for (group, sample), seq in zip(rows, seqs):
             sample.tokens = seq.token_ids[len(group.prompt):]
