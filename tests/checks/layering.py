@@ -34,7 +34,7 @@ MAX_LINE_CHARS = 100
 # its place here or the check fails). Processes the trainer starts for user and model code belong
 # to the sandbox, below data and the model; agents (environments, tools) sit on generation and the
 # sandbox and below the stages that train with them.
-ENGINE_LAYERS = ["errors", "ranks", "runs", "config", "sandbox", "data", "model", "parallel",
+ENGINE_LAYERS = ["errors", "exact_reasons", "ranks", "runs", "config", "sandbox", "data", "model", "parallel",
                  "inference", "train", "plan", "agents", "stages", "demos", "trainers", "api", "cli"]
 # (importer prefix, forbidden import prefix): what the order above still allows and must not be.
 FORBIDDEN = [
