@@ -139,6 +139,16 @@ def test_package_docstrings_name_what_exists():
     assert found == [], "package docstrings name what does not exist:\n" + "\n".join(found)
 
 
+def test_every_engine_package_has_its_test_folder():
+    """tests/engine/ mirrors the engine: each package below engine/ (a folder with __init__.py)
+    has the folder of the same path under tests/engine/, holding test files."""
+    packages = sorted(init.parent.relative_to(ROOT / "engine")
+                      for init in (ROOT / "engine").rglob("*/__init__.py"))
+    missing = [package.as_posix() for package in packages
+               if not any((ROOT / "tests" / "engine" / package).glob("test_*.py"))]
+    assert missing == [], "engine packages without a test folder: " + ", ".join(missing)
+
+
 def test_the_engine_docstring_names_every_subpackage():
     doc = ast.get_docstring(ast.parse((ROOT / "engine" / "__init__.py").read_text(encoding="utf-8")))
     subpackages = sorted(p.parent.name for p in (ROOT / "engine").glob("*/__init__.py"))
