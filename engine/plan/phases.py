@@ -245,7 +245,7 @@ def generation_gathered(s: Setup, policy: Part) -> int:
     """Weights generation holds on top of the policy's shards (engine/parallel/tensor_parallel.py):
     at train.tensor_parallel T > 1 its tensor slices (1/T of the policy) gathered from the data
     group when sharded there (Setup.data_sharded), else none (the data groups hold copies: each GPU
-    reads its slices where they lie); at T = 1 the whole policy (HybridActor.generate runs inside
+    reads its slices where they lie); at T = 1 the whole policy (HybridActor.run runs inside
     distributed.gathered(policy)),
     unless it is read from the persistent buffers (rollout.persistent_weights: counted with the
     weights, persistent_bytes)."""

@@ -70,7 +70,7 @@ class TrajectoryGenerator:
         actor, agents = self.models.actor, self.agents
         carried = CarriedTrajectories(actor.run, agents.renderer, agents.source,
                                       sampling_params(rollout, seed, n), agents.limits,
-                                      actor.llm.config.max_model_len)
+                                      actor.max_model_len)
         groups = [{"prompt": [], "samples": [new_trajectory(j) for j in range(n)]}
                   for _ in sources]
         rows = [(group, sample) for group in groups for sample in group["samples"]]
@@ -90,7 +90,7 @@ class TrajectoryGenerator:
                  for (_, s), t in zip(rows, trajectories)]
         logprobs = torch.tensor([x for (_, s), t in zip(rows, trajectories) if not t.error
                                  for x in s["logprobs"]], dtype=torch.float32,
-                                device=actor.llm.device)
+                                device=actor.device)
         return Generated([group["prompt"] for group, _ in rows], [s["answer"] for _, s in rows],
                          logprobs, n, sources, masks,
                          [[] if t.error else list(t.turn_rewards) for t in trajectories],

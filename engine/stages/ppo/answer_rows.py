@@ -43,7 +43,7 @@ class AnswerGenerator:
         requests = [Request(ids, params, sample_index=j) for ids in prompts for j in range(n)]
         with timer.phase("generate"):
             seqs = self.models.actor.run(requests)
-        logprobs = self.models.actor.llm.device_logprobs(
+        logprobs = self.models.actor.device_logprobs(
             [slot for seq in seqs for slot in seq.logprob_slots])
         return Generated([list(seq.request.prompt) for seq in seqs],
                          [seq.completion_token_ids for seq in seqs], logprobs, n, sources,

@@ -212,7 +212,7 @@ class PartialRollouts:
             trajectories = self.carried.trajectories(
                 [(g, s) for g in trained for s in g["samples"]])
             metrics.update(agent_metrics(trajectories))
-        return self.score(completed(trained, rollout.samples_per_prompt, models.actor.llm.device,
+        return self.score(completed(trained, rollout.samples_per_prompt, models.actor.device,
                                     records, trajectories), timer), metrics
 
     def open_environments(self, groups: list[dict]) -> int:
