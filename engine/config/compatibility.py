@@ -10,8 +10,8 @@ holds in a config that has both options (SFT's and RM's have no rollout). Every 
 when built, and engine/parallel/validate.py again at a run's start (a config changed in place
 since); what depends on the number of GPUs or a model's shape stays there. The engine refuses
 its own arguments beside its exact mode by a rule of its own (engine/inference/exact_pairs.py: no
-config there); `fusedrl <stage> --help` and docs/runs.md show this table (table_lines,
-markdown_table).
+config there), with the same reasons (engine/exact_reasons.py); `fusedrl <stage> --help` and
+docs/runs.md show this table (table_lines, markdown_table).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
+from .. import exact_reasons
 from ..errors import ConfigValueError
 from .estimators import CRITIC_ESTIMATORS, TURN_ESTIMATORS
 
@@ -96,8 +97,6 @@ class Pair:
                 "off")
 
 
-_VERIFY = "a speculative verify step is not the decode step that one reproduces"
-_CHUNK = "a chunked prefill is not the forward that one reproduces"
 _CP, _EP, _TP = "train.context_parallel", "train.expert_parallel", "train.tensor_parallel"
 _ROWS = "it forwards rows whole, which a context group splits"
 _MASKS = "each tensor rank would draw its own dropout mask on the same input"
@@ -109,8 +108,8 @@ INCOMPATIBLE: tuple[Pair, ...] = (
          "cannot reproduce"),
     Pair("rollout.tools", "rollout.environment",
          "an environment that wants tools calls them in its step"),
-    Pair("rollout.speculative_tokens", "rollout.exact", _VERIFY),
-    Pair("rollout.prefill_chunk", "rollout.exact", _CHUNK),
+    Pair("rollout.speculative_tokens", "rollout.exact", exact_reasons.SPECULATIVE_VERIFY),
+    Pair("rollout.prefill_chunk", "rollout.exact", exact_reasons.CHUNKED_PREFILL),
     Pair("rollout.dynamic_sampling", "ppo.estimator",
          "it drops groups of equal scores: it needs a group estimator",
          applies=lambda c: c.ppo.estimator in CRITIC_ESTIMATORS),
@@ -123,9 +122,7 @@ INCOMPATIBLE: tuple[Pair, ...] = (
          "a turn's reward sits where the environment gave it, unnormalized"),
     Pair("reward.per_turn", "reward.clip",
          "a turn's reward sits where the environment gave it, unclipped"),
-    Pair("rollout.exact", MOE,
-         "its expert GEMMs have no batch-invariant mode; rollout.routing_replay keeps the "
-         "trainer's experts the sampler's"),
+    Pair("rollout.exact", MOE, exact_reasons.mixture_of_experts("rollout.routing_replay")),
     # Parallel layouts: the pairs refused whatever the number of GPUs (validate.py checks the
     # sizes against the ranks and the model).
     Pair(_CP, "train.expert_parallel", "expert groups are not laid out beside context groups"),
@@ -150,8 +147,7 @@ INCOMPATIBLE: tuple[Pair, ...] = (
          applies=lambda c: c.train.data_parallel == "hybrid"),
     Pair(_TP, "lora.dropout", _MASKS, applies=lambda c: c.lora.enabled),
     Pair(_TP, "critic_lora.dropout", _MASKS, applies=lambda c: c.critic_lora.enabled),
-    Pair(_TP, "rollout.exact",
-         "its fixed reduction order is one device's, not the tensor ranks' all-reduces'"),
+    Pair(_TP, "rollout.exact", exact_reasons.TENSOR_PARALLEL),
 )
 
 

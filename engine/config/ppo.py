@@ -13,6 +13,7 @@ from .estimators import (AGGREGATIONS, CRITIC_ESTIMATORS, ESTIMATORS, Aggregatio
 from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
+from .parallel_job import ParallelJob
 from .rollout import AUTO_FORWARD_TOKENS, RolloutConfig
 from .sandbox import SandboxConfig
 from .train import DATA_SOURCE, OptimConfig, RunConfig
@@ -278,6 +279,12 @@ class RLConfig(Loadable):
         first; the first model's tokenizer is the run's)."""
         return ({"policy": self.policy, "reward_model": self.reward_model},
                 {"prompts_file": self.prompts_file})
+
+    def parallel_job(self) -> ParallelJob:
+        """What the parallel layout and the plan read of this stage (config/parallel_job.py)."""
+        return ParallelJob(self.train, self.lora.rank, self.policy,
+                           persistent_weights=self.rollout.persistent_weights,
+                           refuse_pairs=lambda moe: refuse_incompatible(self, moe=moe))
 
     def require_data(self) -> None:
         """ValueError unless the config names its prompts (a Python caller may pass a

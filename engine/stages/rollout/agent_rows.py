@@ -71,7 +71,7 @@ class TrajectoryGenerator:
         actor, agents = self.models.actor, self.agents
         carried = CarriedTrajectories(actor.run, agents.renderer, agents.source,
                                       sampling_params(rollout, seed, n), agents.limits,
-                                      actor.llm.config.max_model_len)
+                                      actor.max_model_len)
         groups = [Group.new([], n, source=source, multi_turn=True) for source in sources]
         rows = [(group, sample) for group in groups for sample in group.samples]
         try:
@@ -83,7 +83,7 @@ class TrajectoryGenerator:
         finally:
             carried.close()
         self.drawn += trajectories
-        return generated_of(groups, n, actor.llm.device, trajectories)
+        return generated_of(groups, n, actor.device, trajectories)
 
     def take_metrics(self) -> dict:
         """The agents' metrics (engine/agents agent_metrics) of every trajectory since the last

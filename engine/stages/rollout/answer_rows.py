@@ -67,7 +67,7 @@ class AnswerGenerator:
         advance = advance_answers(self.models, sampling_params(self.rollout, seed, n))
         with timer.phase("generate"):
             advance_rows(self.models, rows, advance, None, 0)
-        return generated_of(groups, n, self.models.actor.llm.device)
+        return generated_of(groups, n, self.models.actor.device)
 
     def take_metrics(self) -> dict:
         """What the answers since the last call did: nothing beyond their rows' metrics."""

@@ -159,7 +159,7 @@ class PartialRollouts:
                 [(g, s) for g in trained for s in g.samples])
             metrics.update(agent_metrics(trajectories))
         samples = self.score(generated_of(trained, rollout.samples_per_prompt,
-                                          models.actor.llm.device, trajectories), timer)
+                                          models.actor.device, trajectories), timer)
         if rollout.dynamic_sampling:  # the varied groups of those complete
             samples, counts = keep_varied(samples, ranks)
             metrics.update(counts)

@@ -23,7 +23,7 @@ from fusedrl.engine.stages.rollout.packs import pack_rollout
 from fusedrl.engine.stages.ppo.forwards import policy_forward, response_logprobs
 from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.kernels import use_backend
-from engine_testing import VOCAB, random_prompts, rewards_in_thread
+from engine_testing import VOCAB, random_prompts, rewards_in_thread, sample_responses
 from reward_testing import vowel_fraction
 from train_testing import checkpoint_data, copy_checkpoint, save_tiny_model, write_jsonl
 
@@ -144,13 +144,13 @@ def test_a_released_kv_pool_comes_back_for_the_next_rollout(setup):
                           rewards_in_thread(vowel_fraction))
     actor, params = models.actor, SamplingParams(n=3, max_new_tokens=6, seed=5)
     pool = actor.kv_pool_bytes
-    runs = [actor.generate(random_prompts([4, 6]), params) for _ in range(2)]
+    runs = [sample_responses(actor, random_prompts([4, 6]), params) for _ in range(2)]
     assert actor.llm.runner.kv_pool is None and actor.kv_pool_bytes == pool      # freed, budget unchanged
     actor.release_kv_pool = False
-    runs.append(actor.generate(random_prompts([4, 6]), params))
+    runs.append(sample_responses(actor, random_prompts([4, 6]), params))
     assert actor.llm.runner.kv_pool is not None
-    for prompts_, responses, logprobs in runs[1:]:
-        assert (prompts_, responses) == runs[0][:2] and torch.equal(logprobs, runs[0][2])
+    for responses, logprobs in runs[1:]:
+        assert responses == runs[0][0] and torch.equal(logprobs, runs[0][1])
 
 
 def test_ppo_update_moves_the_policy_toward_the_reward(setup):

@@ -19,8 +19,7 @@ from fusedrl.engine.train.loop import SkipCount
 from fusedrl.engine.train.loop_state import loop_state_check
 from fusedrl.engine.train.runlog import read_metrics
 from cli_testing import cli_error
-from test_run_dirs import sft
-from train_testing import demonstrations, write_jsonl
+from train_testing import demonstrations, sft, write_jsonl
 
 
 @pytest.fixture(autouse=True)

@@ -43,8 +43,8 @@ class Schedule:
 
 def test_every_mode_s_metrics_come_out_of_the_one_sampler():
     spec = iter([{"drafted": 5, "accepted": 3}, {"drafted": 1, "accepted": 0}])
-    llm = SimpleNamespace(take_speculation=lambda: next(spec))
-    models = SimpleNamespace(ranks=WORLD, actor=SimpleNamespace(llm=llm))
+    actor = SimpleNamespace(take_speculation=lambda: next(spec))
+    models = SimpleNamespace(ranks=WORLD, actor=actor)
     sampler = Sampler(models, Schedule(), speculative=True)
     assert sampler.sample(PPOState(), 7, None) == (
         None, {"carried": 7, "spec/drafted": 5, "spec/accepted": 3})
