@@ -32,8 +32,8 @@ from ..config.ppo import GRPOConfig, PPOConfig
 from ..config.train import RMConfig, SFTConfig
 from ..runs import path_checks, run_dir, run_paths
 from ..train import trackers
-from ...bench.command import add_bench_parser
 from . import process
+from .bench import add_bench_parser
 from .generate import add_generate_parser
 
 # --- info -------------------------------------------------------------------------------------
