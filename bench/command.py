@@ -20,7 +20,8 @@ from .options import SHAPE_NAMES, SUITE_HELP, SUITES, parse_options
 
 OVERRIDES_HELP = (f"model=NAME|DIR (one of {', '.join(SHAPE_NAMES)}; default qwen2.5-0.5b), "
                   f"seed=N, output_dir=DIR, overwrite=true, only=TEXT[,TEXT...] (the cases whose "
-                  f"name holds one, e.g. only=gae,grpo), max_minutes=M (the run's deadline), "
+                  f"name, 'suite: case', holds one, e.g. only=gae,grpo), max_minutes=M (the "
+                  f"run's deadline), "
                   f"row_seconds=S (one case's budget), interpret=true (CPU: our Triton kernels "
                   f"in the interpreter instead of the PyTorch backend the engine runs there)")
 

@@ -45,7 +45,8 @@ class Context:
         return row
 
     def wanted(self, name: str) -> bool:
-        """Whether the case `name` runs (the option only=: a case whose name holds one of them)."""
+        """Whether the case `name` ("suite: case") runs (the option only=: a case whose name holds
+        one of them)."""
         return not self.options.only or any(part in name for part in self.options.only)
 
     @contextlib.contextmanager

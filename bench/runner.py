@@ -94,7 +94,7 @@ def run_suites(suites: list[str], ctx, recorder, clock: Clock) -> None:
     for i, suite in enumerate(suites):
         module = importlib.import_module(f"fusedrl.bench.suites.{suite}")
         with ctx.scope(), use_backend(suite_backend(ctx.device, ctx.options)):
-            cases = [case for case in module.cases(ctx) if ctx.wanted(case.name)]
+            cases = [case for case in module.cases(ctx) if ctx.wanted(f"{suite}: {case.name}")]
             for k, case in enumerate(cases):
                 left = clock.describe(len(cases) - k - 1, suites[i + 1:])
                 if clock.left() is not None and clock.left() <= 0:

@@ -68,8 +68,8 @@ def engine(ctx: Context, shape: Shape) -> Engine:
 
 
 def decode_name(ctx: Context, shape: Shape, batch: int) -> str:
-    return (f"decode batch {batch}, prompt {shape.prompt_len}, {shape.new_tokens} new "
-            f"({shapes.model_label(ctx.options.model, ctx.quick, ctx.options.seed)})")
+    return (f"decode batch {batch} (prompt {shape.prompt_len}, {shape.new_tokens} new; "
+            f"{shapes.model_label(ctx.options.model, ctx.quick, ctx.options.seed)})")
 
 
 def mixed_name(ctx: Context, shape: Shape) -> str:

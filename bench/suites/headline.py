@@ -48,9 +48,23 @@ def moe_rows(ctx: Context):
         bench_moe_decode.time_ours(llm, prompts, params)
     _, decode_s, decode_tokens, _ = bench_moe_decode.time_ours(llm, prompts, params)
     seconds = decode_s / decode_tokens  # one step at batch 1
+    roofline = ctx.limits.bytes_per_s / active_weight_bytes(model, shape)
     yield results.make_row(
-        SUITE, moe_name(ctx), "fusedrl", fraction_of_limit=None, limit="none",
-        seconds=seconds, decode_tok_s=decode_tokens / decode_s, ms_per_step=seconds * 1e3)
+        SUITE, moe_name(ctx), "fusedrl", fraction_of_limit=(1 / seconds) / roofline,
+        limit="decode roofline (active weights)", seconds=seconds,
+        decode_tok_s=decode_tokens / decode_s, roofline_tok_s=roofline)
+
+
+def active_weight_bytes(model, shape: dict) -> int:
+    """The bytes a decode step at batch 1 must read: every weight but the experts, and of each
+    layer's experts the top-k the token is routed to (the embedding row left out)."""
+    share = shape["num_experts_per_tok"] / shape["num_experts"]
+    total = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        total += p.numel() * p.element_size() * (share if ".experts." in name else 1)
+    return int(total)
 
 
 def moe_name(ctx: Context) -> str:

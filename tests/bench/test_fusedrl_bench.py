@@ -17,9 +17,10 @@ from fusedrl.engine.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TRL_DIR = Path(os.environ.get("FUSEDRL_TRL_DIR", ROOT / ".ci-trl"))
-# One case per suite (a small RL op, batch-1 decode, the train step, a GRPO iteration), and one of
-# each of the kernels suite's sampler and attention families.
-ONE_OF_EACH = "only=gae fwd,batch 1,128 tokens,grpo iteration,sampler B=1,attention"
+# One case per suite (a small RL op, batch-1 decode, the train step, a GRPO iteration, the headline
+# set's MoE decode step), and one of each of the kernels suite's sampler and attention families.
+ONE_OF_EACH = ("only=kernels: gae fwd,generate: decode batch 1 (,train: 128 tokens,rl: grpo,"
+               "kernels: sampler B=1,kernels: attention,headline: moe")
 
 
 @pytest.fixture(scope="module")
