@@ -102,7 +102,9 @@ prepare() {
 }
 
 # bench_stage STAGE SECONDS [--quick]: the `fusedrl bench` command of a suite_* or bench_all stage,
-# its deadline the stage's seconds less 15 (the record's last write), output in OUTDIR/bench_*.
+# output in OUTDIR/bench_*; each suite's deadline its share of the stage's seconds less 15 (the
+# record's last write) and less START_S (the process's start: imports, the device, its limits).
+START_S=25
 bench_stage() {
   local stage=$1 seconds=$2 quick=${3:-} suites minutes
   case $stage in
@@ -112,7 +114,7 @@ bench_stage() {
   esac
   set -- $suites
   for suite in $suites; do
-    minutes=$(python -c "print(max(($seconds - 15) / $# / 60, 0.1))")
+    minutes=$(python -c "print(max((($seconds - 15) / $# - $START_S) / 60, 0.1))")
     PYTHONPATH="/tmp/fusedrl-trl1${PYTHONPATH:+:$PYTHONPATH}" python -m fusedrl.engine.cli bench \
       "$suite" $quick model=qwen2.5-0.5b max_minutes="$minutes" output_dir="$out/bench_$suite" \
       overwrite=true || return 1
@@ -122,7 +124,7 @@ bench_stage() {
 # rehearse: the plan's stages here, on the CPU, --quick (the GPU's stages skipped, and said so),
 # each stage's seconds printed: a visit that would break is found before a GPU comes.
 rehearse() {
-  local entry minutes stages stage start code=0 i=0
+  local entry minutes stages stage start took code=0 i=0
   out=$(mktemp -d /tmp/fusedrl-rehearse.XXXXXX)
   cd "$(dirname "$0")/.." || return 1
   for entry in "${PLAN[@]}"; do
@@ -135,7 +137,9 @@ rehearse() {
       fi
       start=$SECONDS
       bench_stage "$stage" "${LIMIT_S[$stage]}" --quick > "$out/$stage.log" 2>&1 || code=1
-      echo "call $i $stage: $((SECONDS - start)) s (limit ${LIMIT_S[$stage]} s), exit $code; log $out/$stage.log"
+      took=$((SECONDS - start))
+      echo "call $i $stage: $took s (limit ${LIMIT_S[$stage]} s$([ "$took" -gt "${LIMIT_S[$stage]}" ] \
+        && echo ": over it, on this CPU")), exit $code; log $out/$stage.log"
     done
   done
   echo "rehearsal: $SECONDS s, exit $code"
@@ -313,7 +317,8 @@ for stage in $stages; do
     # OUTDIR/bench_SUITE, its deadline the stage's time left.
     bench_all|suite_headline|suite_rest|suite_kernels|suite_generate|suite_train|suite_rl)
               run "$stage" "${LIMIT_S[$stage]}" bash -c "$(declare -f bench_stage); out='$out'; \
-                REST_SUITES='$REST_SUITES'; bench_stage $stage $(left "${LIMIT_S[$stage]}")" ;;
+                REST_SUITES='$REST_SUITES'; START_S=$START_S; bench_stage $stage \
+                $(left "${LIMIT_S[$stage]}")" ;;
     moe_decode) run bench_moe_decode 240 python bench/bench_moe_decode.py --out "$out/bench_moe_decode.json" ;;
     kernels)  run bench_kernels 300 python bench/bench_kernels.py --ops token_logprobs,linear_token_logprobs \
                 --json "$out/bench_kernels.json" ;;

@@ -144,11 +144,11 @@ def distill_name(n: int, h: int, v: int) -> str:
             f"beta={bench_distill.BETA}")
 
 
-def distill_rows(ctx: Context) -> list[dict]:
+def distill_rows(ctx: Context, shape: tuple[int, int, int] | None = None) -> list[dict]:
     """The distillation divergence from two LM heads (beta 0.5, the JSD, temperature 0.7),
     forward + backward, each variant in its own process (peak memory its own); a peer not
-    installed is not started."""
-    n, h, v = distill_shape(ctx.quick)
+    installed is not started. shape: N, H, V (default: distill_shape's)."""
+    n, h, v = shape or distill_shape(ctx.quick)
     args = type("Args", (), {"device": ctx.device.type, "chunk_size": None,
                              "trl_dir": os.environ.get("PYTHONPATH", "")})()
     name = distill_name(n, h, v)
