@@ -9,9 +9,10 @@ import importlib
 BENCH_COMMAND = "fusedrl.bench.command"
 
 
-def add_bench_parser(commands, add_debug_flag) -> None:
+def add_bench_parser(commands, _add_debug_flag) -> None:
     """`fusedrl bench` on the `fusedrl` command's subparsers (its own parser: `fusedrl bench
-    --help`)."""
+    --help`; `--debug` is read from its arguments, so the flag adder the other commands take is
+    not used)."""
     p = commands.add_parser("bench", add_help=False, prefix_chars="+",  # every option is its own
                             help="benchmark kernels, generation, training and RL against the "
                                  "peers and the device's limit (fusedrl bench --help)")
