@@ -9,7 +9,8 @@ import os
 SUITE_HELP = {
     "headline": "one row per claim (decode at batch 1 and 256, the mixed workload, the sampler, "
                 "a 1k-token training micro-batch, the small RL ops, the fused head, GRPO and PPO "
-                "iterations, the distillation divergence, an MoE decode step), each beside its peer",
+                "iterations, the distillation divergence, an MoE decode step), each beside its "
+                "peer",
     "kernels": "every fused op against eager PyTorch, torch.compile and the installed peers "
                "(Liger, TRL 1.x's fused head): time, peak memory, bytes moved, fraction of "
                "the memory bandwidth",

@@ -1,6 +1,7 @@
 """What both sides of bench_ppo.py share: the shape of an iteration, the prompts, the word-level
 tokenizer whose token i reads `t<i>`, the verifiable reward function of the GRPO comparison, the
 LoRA targets and the clock of the measured iteration."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,7 @@ import transformers
 
 from fusedrl.bench import timing
 
-PAD_ID = 0   # prompts are drawn from ids >= 10, so neither pad nor EOS appears in them
+PAD_ID = 0  # prompts are drawn from ids >= 10, so neither pad nor EOS appears in them
 GRPO_KL_COEF = 0.001  # ours: ppo.kl_loss_coef (GRPO's default); TRL: beta
 
 
@@ -24,7 +25,9 @@ class Shape:
     new_tokens: int
     minibatches: int
     micro: int
-    tokens_per_micro: int | None = None   # ours: rows packed up to this many tokens per forward instead
+    tokens_per_micro: int | None = (
+        None  # ours: rows packed up to this many tokens per forward instead
+    )
 
     @property
     def rows(self) -> int:
@@ -32,8 +35,10 @@ class Shape:
 
     def __post_init__(self):
         if self.rows % (self.minibatches * self.micro):
-            raise ValueError(f"prompts*samples={self.rows} must be a multiple of minibatches*micro="
-                             f"{self.minibatches * self.micro}")
+            raise ValueError(
+                f"prompts*samples={self.rows} must be a multiple of minibatches*micro="
+                f"{self.minibatches * self.micro}"
+            )
 
 
 def even_token_share(prompts, completions, **_) -> list[float]:
@@ -53,11 +58,17 @@ def build_tokenizer(eos_id: int, vocab_size: int | None = None):
 
     vocab = {f"t{i}": i for i in range(vocab_size or 0)}
     vocab.update({"<pad>": PAD_ID, "<eos>": eos_id})
-    vocab = {word: i for word, i in vocab.items() if word in ("<pad>", "<eos>") or i not in (PAD_ID, eos_id)}
+    vocab = {
+        word: i
+        for word, i in vocab.items()
+        if word in ("<pad>", "<eos>") or i not in (PAD_ID, eos_id)
+    }
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>"
+    )
 
 
 def make_prompts(shape: Shape, vocab: int) -> list[list[int]]:
@@ -75,16 +86,23 @@ class IterationClock:
     def mark(self):
         timing.synchronize(self.device)
         self.marks.append(time.perf_counter())
-        if self.device.type == "cuda" and len(self.marks) < 3:       # the end mark keeps the peak
+        if self.device.type == "cuda" and len(self.marks) < 3:  # the end mark keeps the peak
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def result(self) -> dict:
         if len(self.marks) != 3:
-            raise RuntimeError(f"expected marks at 2 iterations' starts and the end, got {len(self.marks)}")
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+            raise RuntimeError(
+                f"expected marks at 2 iterations' starts and the end, got {len(self.marks)}"
+            )
+        peak = (
+            torch.cuda.max_memory_allocated(self.device) / 2**30
+            if self.device.type == "cuda"
+            else None
+        )
         return {"iteration_s": self.marks[2] - self.marks[1], "peak_gib": peak}
 
 
 def lora_targets() -> list[str]:
     from fusedrl.engine.config.lora import PROJECTIONS
+
     return list(PROJECTIONS)

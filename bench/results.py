@@ -104,7 +104,8 @@ def markdown(payload: dict) -> str:
         backend += "; our Triton kernels in the interpreter (CPU times, not a GPU's)"
     lines = [f"# fusedrl bench: {meta.get('device')}", "",
              f"Commit {meta.get('commit')}; torch {meta.get('torch')}; kernel backend {backend}; "
-             f"`{meta.get('command')}`; {meta.get('time_utc')}; run {meta.get('ended', 'running')}.",
+             f"`{meta.get('command')}`; {meta.get('time_utc')}; "
+             f"run {meta.get('ended', 'running')}.",
              "", f"Limits ({limits.get('label')}): "
              f"{(limits.get('flops_per_s') or 0) / 1e12:.3g} TFLOP/s, "
              f"{(limits.get('bytes_per_s') or 0) / 1e9:.3g} GB/s; each row's `fraction of limit` "

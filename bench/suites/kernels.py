@@ -135,7 +135,8 @@ DISTILL_VARIANTS = {"torch": ("eager", None), "fusedrl": ("fusedrl", None),
 
 def distill_shape(quick: bool) -> tuple[int, int, int]:
     """N, H, V: the student's rows, width and vocabulary (the teacher is twice as wide); quick:
-    [N, V] logits of 32 MiB in fp32 (the teacher's too), enough to set the fused path's memory apart."""
+    [N, V] logits of 32 MiB in fp32 (the teacher's too), enough to set the fused path's memory
+    apart."""
     return shapes.DISTILL_QUICK if quick else (4096, 896, 151936)
 
 
