@@ -2,12 +2,12 @@
 
 `run_python(code, timeout_s=..., memory_mb=...)` runs `code` as main.py (beside any `files`) with
 `python -I -B main.py` in its own process session under resource limits (CPU time, address space,
-file size, open files, queued signals), in the isolation of isolation.py (a strong one, or a weak one asked for),
-with the run's total processes and memory capped by its own cgroups where they can be made
-(run_cgroup.py); it kills the whole run at the timeout or when its caller dies, keeps at most
-`output_limit` bytes of each stream, and leaves nothing behind: under bubblewrap the work
-directory is a tmpfs; a weak mode's temporary directory is removed. The environment is scrubbed
-to PATH, HOME (the work directory) and a UTF-8 locale.
+file size, open files, queued signals), in the isolation of isolation.py (a strong one, or a
+weak one asked for), with the run's total processes and memory capped by its own cgroups where
+they can be made (run_cgroup.py); it kills the whole run at the timeout or when its caller dies,
+keeps at most `output_limit` bytes of each stream, and leaves nothing behind: under bubblewrap
+the work directory is a tmpfs; a weak mode's temporary directory is removed. The environment is
+scrubbed to PATH, HOME (the work directory) and a UTF-8 locale.
 """
 from __future__ import annotations
 
