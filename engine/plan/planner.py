@@ -14,7 +14,7 @@ import torch
 
 from ..config import io as config_io
 from ..errors import UsageError
-from ..config.ppo import PPOConfig
+from ..config.ppo import RLConfig
 from ..config.train import RMConfig
 from ..model.hf_io import load_config
 from ..train.precision import param_dtype, resolve_precision
@@ -29,7 +29,7 @@ from ..parallel.validate import check_tensor_parallel, slices_sharded
 
 def stage_of(cfg) -> str:
     """'sft', 'rm' or 'ppo' (GRPO is the PPO stage with other defaults)."""
-    return "ppo" if isinstance(cfg, PPOConfig) else "rm" if isinstance(cfg, RMConfig) else "sft"
+    return "ppo" if isinstance(cfg, RLConfig) else "rm" if isinstance(cfg, RMConfig) else "sft"
 
 
 @functools.lru_cache(maxsize=16)
@@ -140,7 +140,7 @@ def with_overrides(cfg, overrides: list[str]):
 def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
     """(what it is, overrides, GPUs) of each change the advice tries."""
     out = []
-    moe = model_config(cfg.policy if isinstance(cfg, PPOConfig) else cfg.model).moe is not None
+    moe = model_config(cfg.policy if isinstance(cfg, RLConfig) else cfg.model).moe is not None
     # Offloading moves FSDP2's shards: none of a LoRA run's adapters, nor of tensor slices copied
     # across the data groups.
     if not cfg.train.optimizer_offload and gpus > 1 and cfg.lora.rank == 0 and (
@@ -157,7 +157,7 @@ def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
         # An MoE model's adapters go on attention only (lora.add_lora refuses MLP targets there).
         out.append(("train LoRA adapters only", ["lora.rank=64"] + (
             ["lora.target_modules=q_proj,k_proj,v_proj,o_proj"] if moe else []), gpus))
-    if isinstance(cfg, PPOConfig):
+    if isinstance(cfg, RLConfig):
         if cfg.ppo.microbatch_size != 1:
             out.append(("a smaller token budget per forward", ["ppo.tokens_per_microbatch=null",
                                                                "ppo.microbatch_size=1"], gpus))

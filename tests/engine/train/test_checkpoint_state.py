@@ -12,7 +12,7 @@ import torch
 from fusedrl.engine import cli
 from fusedrl.engine.runs.durable import MANIFEST, CorruptDirectory, verify_manifest, write_manifest
 from fusedrl.engine.errors import UsageError
-from fusedrl.engine.stages.ppo.state import PPOState
+from fusedrl.engine.stages.rollout.state import PPOState
 from fusedrl.engine.train.checkpoint import checkpoint_dir
 from fusedrl.engine.train.checkpoint.parts import check_rng_state, rng_state
 from fusedrl.engine.train.loop import SkipCount

@@ -8,16 +8,18 @@ import torch
 
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.value_model import value_model_from_reward_model
-from fusedrl.engine.stages.ppo.prompt_stream import prompt_indices
-from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, build_models, build_optimizers, train_ppo
+from fusedrl.engine.stages.rollout.prompt_stream import prompt_indices
+from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, train_ppo
+from fusedrl.engine.stages.rollout.build import build_models, build_optimizers
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, PPOConfig, RewardConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.stages.ppo.advantages import RunningMoments
-from fusedrl.engine.stages.ppo.answer_rows import sample_and_score
-from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
-from fusedrl.engine.stages.ppo.update import UpdateSettings, microbatch_rows, minibatch_backward, ppo_update
+from fusedrl.engine.stages.rollout.answer_rows import sample_and_score
+from fusedrl.engine.stages.rollout.phase_timer import PhaseTimer
+from fusedrl.engine.stages.ppo.update import UpdateSettings, minibatch_backward, ppo_update
+from fusedrl.engine.stages.rollout.microbatches import microbatch_rows
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
 from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollout
-from fusedrl.engine.stages.ppo.packs import pack_rollout
+from fusedrl.engine.stages.rollout.packs import pack_rollout
 from fusedrl.engine.stages.ppo.forwards import policy_forward, response_logprobs
 from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.kernels import use_backend

@@ -50,6 +50,13 @@ class Generated:
     trajectories: list | None = None
     routing: torch.Tensor | None = None
 
+    @property
+    def images(self) -> list | None:
+        """[R] each row's images (its prompt row's ImageInputs, None for text); None: no row has
+        any."""
+        rows = [getattr(p, "images", None) for p in self.sources or () for _ in range(self.n)]
+        return rows if any(i is not None for i in rows) else None
+
 
 def sampled_routing(models: PPOModels) -> torch.Tensor | None:
     """The routing records of the actor's last generation call (HybridActor.last_routing: every
@@ -104,7 +111,7 @@ def score_generated(models: PPOModels, generated: Generated, rollout: RolloutCon
     device = models.actor.llm.device  # where the policy runs (its resting shards may be on CPU)
     packed = pack_rollout(generated.prompts, generated.responses, device,
                           share_prompts=share_prompts and generated.n > 1,
-                          model_masks=generated.model_masks)
+                          model_masks=generated.model_masks, images=generated.images)
     if generated.routing is not None:  # the training forwards route as the sampler did
         packed = packed._replace(routing=generated.routing.to(device))
     n = generated.n

@@ -24,7 +24,7 @@ from ...data.prompts import PromptRow
 from ...parallel import distributed
 from .agent_rows import Agents, TrajectoryGenerator
 from ...agents import CarriedTrajectories
-from .sampled_rows import Generated, Scoring, sampling_params
+from .sampled_rows import Scoring, sampling_params
 from .models import PPOModels
 from .partial import PartialRollouts
 from .whole_groups import WholeGroups

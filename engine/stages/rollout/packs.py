@@ -12,12 +12,15 @@ from ...data.packing import PackedBatch, pack_sequences
 
 def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
                  width: int | None = None, share_prompts: bool = False,
-                 model_masks: list[list[bool]] | None = None) -> PackedBatch:
+                 model_masks: list[list[bool]] | None = None,
+                 images: list | None = None) -> PackedBatch:
     """Pack prompt + response pairs, the response tokens as targets on an [R, width] grid
     (default width: the longest response). share_prompts (train.prefix_sharing): rows with the
     same prompt forward it once (engine/data/prefix_sharing.py). model_masks (one bool per
     response token: a multi-turn trajectory's sampled tokens): only those are targets, the
-    environment's tokens are context."""
+    environment's tokens are context. images: each row's ImageInputs (its prompt's, None for
+    text), placed in the pack for every forward; rows with images do not share prompts (the model
+    forwards a pack with images whole)."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"pack_rollout: need as many responses as prompts (> 0), got "
                          f"{len(prompts)} prompts and {len(responses)} responses")
@@ -30,7 +33,8 @@ def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
     targets = model_masks or [True] * len(prompts)
     return pack_sequences([(p, r, tuple(t) if isinstance(t, list) else t)
                            for p, r, t in zip(prompts, responses, targets)], width=width,
-                          device=device, share_prompts=share_prompts)
+                          device=device, images=images,
+                          share_prompts=share_prompts and not any(images or ()))
 
 
 def concat_packs(parts: list[PackedBatch]) -> PackedBatch:
@@ -59,7 +63,18 @@ def concat_packs(parts: list[PackedBatch]) -> PackedBatch:
                        [n for p in parts for n in p.target_counts], [], torch.cat(grids), width,
                        torch.cat([p.positions for p in parts]), cu.to(parts[0].input_ids.device),
                        None if parts[0].routing is None else torch.cat([p.routing for p in parts]),
-                       prefix_groups, [n for p in parts for n in p.prompt_lens])
+                       prefix_groups, [n for p in parts for n in p.prompt_lens],
+                       *_joined_images(parts))
+
+
+def _joined_images(parts: list[PackedBatch]) -> tuple:
+    """The parts' (pixel_values, image_grid_thw, image_counts) one after the other."""
+    if all(p.pixel_values is None for p in parts):
+        return None, None, []
+    with_images = [p for p in parts if p.pixel_values is not None]
+    return (torch.cat([p.pixel_values for p in with_images]),
+            torch.cat([p.image_grid_thw for p in with_images]),
+            [n for p in parts for n in (p.image_counts or [0] * len(p.seqlens))])
 
 
 def pad_width(grid: torch.Tensor, width: int) -> torch.Tensor:
