@@ -111,6 +111,19 @@ def run_trl_grpo(shape: Shape, policy_dir: Path, device: torch.device, lora: int
     }
 
 
+def trl_ppo_models(policy_dir: Path, rm_dir: Path, lora: int) -> tuple:
+    """TRL PPO's four models in fp32: policy, reference (None with LoRA: TRL's reference is then the
+    policy with its adapters disabled), reward and value (both from the reward model)."""
+    load = dict(dtype=torch.float32)
+    policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
+    reference = (
+        None if lora else transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
+    )
+    reward = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, **load)
+    value = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, **load)
+    return policy, reference, reward, value
+
+
 def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device, lora: int) -> dict:
     import trl
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -134,14 +147,7 @@ def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device, 
             clock.mark()
 
     cuda = device.type == "cuda"
-    load = dict(dtype=torch.float32)
-    policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
-    # With PEFT, TRL's reference is the policy with its adapters disabled (ref_model=None).
-    reference = (
-        None if lora else transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
-    )
-    reward = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, **load)
-    value = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, **load)
+    policy, reference, reward, value = trl_ppo_models(policy_dir, rm_dir, lora)
     tokenizer = build_tokenizer(policy.config.eos_token_id)
     rows = [
         {"input_ids": p}
