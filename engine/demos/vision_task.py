@@ -51,13 +51,23 @@ def question(colour: str) -> str:
     return f"how many {colour} ?"
 
 
+def task_messages(task: dict) -> list[dict]:
+    """A task's prompt in TRL's conversational format: the picture's part, then the question."""
+    return [{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": question(task["colour"])}]}]
+
+
 def is_correct(answer: int, response: str) -> bool:
     """The program's judgement: the response is the count, one digit."""
     return response.split() == [str(answer)]
 
 
 def make_tasks(n: int, rng: random.Random, exclude: set = frozenset()) -> list[dict]:
-    """n distinct (cells, colour) tasks: {"cells", "colour", "answer"}."""
+    """n distinct (cells, colour) tasks: {"cells", "colour", "answer"}, none of `exclude`."""
+    possible = (len(COLOURS) + 1) ** (CELLS * CELLS) * len(COLOURS) - len(exclude)
+    if n > possible:
+        raise ValueError(f"{n} distinct tasks asked for, but only {possible} pictures and "
+                         "questions are left")
     out, seen = [], set(exclude)
     choices = [*COLOURS, None]
     while len(out) < n:
@@ -86,8 +96,7 @@ def write_vision_data(train_prompts: int, eval_prompts: int, noise: float, seed:
         shown = task["answer"]
         if rng.random() < noise:
             shown = rng.choice([d for d in range(len(DIGITS)) if d != shown])
-        text = {"type": "text", "text": question(task["colour"])}
-        prompt = [{"role": "user", "content": [{"type": "image"}, text]}]
+        prompt = task_messages(task)
         demos.append({"prompt": prompt, "completion": str(shown), "images": [task["image"]]})
         prompts.append({"prompt": prompt, "images": [task["image"]], "answer": task["answer"]})
     return {"sft": _write_jsonl(data_dir / "demonstrations.jsonl", demos),

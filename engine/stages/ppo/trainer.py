@@ -33,10 +33,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ...config.compatibility import refuse_incompatible
+from ...config.compatibility import refuse_for_vision, refuse_incompatible
 from ...config.ppo import GRPOConfig, PPOConfig
 from ...config.train import DataConfig
 from ...data.loading import load_examples
+from ...train.vision_tower import set_vision_trainable
 from ...data.prompts import load_prompts
 from ...errors import UsageError
 from ...inference.hybrid_actor import HybridActor
@@ -126,6 +127,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
     policy = load_model(cfg.policy, dtype=dtype, device=device,
                         shard=sharder if lora_run else layout_at_load("trained", dims))
     policy.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
+    set_vision_trainable(policy, cfg.train.train_vision)
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora or not with_reference else load_model(
         cfg.policy, dtype=dtype, device=device, shard=frozen).eval().requires_grad_(False)
@@ -284,6 +286,8 @@ def _train(cfg: PPOConfig, rewards: Optional[RewardFunctions],
     device, tokenizer = run.device, run.tokenizer
     # the pairs of options a mixture-of-experts policy does not run with, from its config.json
     refuse_incompatible(cfg, moe=run.configs["policy"].moe is not None)
+    if run.processor is not None:
+        refuse_for_vision(cfg)
     agents = build_agents(cfg.rollout, tokenizer)  # tools, environment, template: before any model
     prompts, truncated = load_prompts(
         cfg.prompts_file if dataset is None else dataset, run.data_reader,
