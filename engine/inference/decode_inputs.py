@@ -64,7 +64,7 @@ class DecodeInputs:
         i64[:,
             :b] = np.asarray(
                 [
-                    (s.token_ids[-1], s.num_tokens - 1,
+                    (s.token_ids[-1], s.num_tokens - 1 + s.rope_delta,
                      sequence_slot(s.block_table, s.num_tokens - 1, self.block_size), s.num_tokens,
                         s.params.top_k, s.seed) for s in seqs], dtype=np.int64).T
         f32[:,

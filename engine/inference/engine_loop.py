@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Callable, Iterable
 
 from ..errors import NonFiniteError
+from .image_prefill import attach_positions, check_images
 from .request import Request
 from .sampling_params import SamplingParams
 from .sequence import Sequence, SequenceStatus
@@ -50,8 +51,8 @@ class EngineLoop:
     def check(self, request: Request, index: int = 0) -> None:
         """A ValueError naming requests[index] when the request cannot run: not a Request of
         SamplingParams, an empty prompt or one that fills the context, a token id outside the
-        vocabulary, an answer that leaves nothing to generate, or a sequence the KV pool cannot
-        hold."""
+        vocabulary, an answer that leaves nothing to generate, a sequence the KV pool cannot
+        hold, or images that do not match the prompt's placeholders (image_prefill.py)."""
         if not isinstance(request, Request):
             raise TypeError(f"requests[{index}] must be a Request, got {type(request).__name__}")
         params, ids = request.params, request.prompt
@@ -70,6 +71,7 @@ class EngineLoop:
             bad = next(t for t in tokens if not 0 <= t < vocab)
             raise ValueError(
                 f"prompts[{index}] has token id {bad} outside the vocabulary [0, {vocab})")
+        check_images(request, self.config, index)
         longest = min(len(ids) + params.max_new_tokens, max_len)
         if request.answer and len(ids) + len(request.answer) >= longest:
             raise ValueError(f"answers[{index}] has {len(request.answer)} tokens: nothing is left "
@@ -210,6 +212,7 @@ class EngineLoop:
         else:
             seed = hash((params.seed, request.prompt, request.sample_index)) & (2**63 - 1)
         seq = Sequence(self._next_seq_id, request, seed)
+        attach_positions(seq, self.config, self.runner.images)
         self._next_seq_id += 1
         self.scheduler.add(seq)
         return seq

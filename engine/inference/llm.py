@@ -146,7 +146,8 @@ class LLM(EngineLoop):
         tp = self.model.tensor_parallel  # parallel/tensor_parallel.py: its slices, its heads' KV
         refuse_beside_exact(self.batch_invariant is not None,
                             speculative_tokens=speculative_tokens, prefill_chunk=prefill_chunk,
-                            moe=self.config.moe is not None, tensor_parallel=tp is not None)
+                            moe=self.config.moe is not None, tensor_parallel=tp is not None,
+                            vision=self.config.vision is not None)
         num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size,
                                            self.device, tp.size if tp else 1)
         num_blocks = min(num_blocks, max_num_seqs * -(-self.config.max_model_len // block_size))
@@ -169,12 +170,15 @@ class LLM(EngineLoop):
 
     def generate(self, prompts,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False, decode_text: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = False, decode_text: bool = True,
+                 images: list | None = None) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids; one prompt or a list of them).
 
         Returns one RequestOutput per prompt, in order, each with `sampling_params.n` completions.
         decode_text=False leaves Completion.text None: rollouts that only read token ids skip the
-        tokenizer's decode of every response.
+        tokenizer's decode of every response. images: a vision-language model's, one ImageInputs
+        (or None) per prompt, whose placeholder tokens the prompt holds; its n samples share the
+        tower's output and the prompt's KV.
         """
         if isinstance(prompts, (list, tuple)) and not prompts:
             return []
@@ -184,11 +188,12 @@ class LLM(EngineLoop):
         if len(params) != len(prompts):
             raise ValueError(
                 f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        images = _per_prompt(images, len(prompts))
         token_ids = [self._tokenize(p, i) for i, p in enumerate(prompts)]
-        for i, (ids, p) in enumerate(zip(token_ids, params)):
-            self.check(Request(ids, p), i)
-        requests = [Request(ids, p, sample_index=j)
-                    for ids, p in zip(token_ids, params) for j in range(p.n)]
+        for i, (ids, p, im) in enumerate(zip(token_ids, params, images)):
+            self.check(Request(ids, p, images=im), i)
+        requests = [Request(ids, p, sample_index=j, images=im)
+                    for ids, p, im in zip(token_ids, params, images) for j in range(p.n)]
         seqs = iter(self.run(requests, use_tqdm=use_tqdm))
         return [RequestOutput(ids, [self._completion(next(seqs), decode_text) for _ in range(p.n)])
                 for ids, p in zip(token_ids, params)]
@@ -205,15 +210,16 @@ class LLM(EngineLoop):
 
     def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
                          params: SamplingParams, token_budget: int | None = None,
-                         groups: list[int] | None = None, groups_needed: int | None = None
-                         ) -> list[Completion]:
+                         groups: list[int] | None = None, groups_needed: int | None = None,
+                         images: list | None = None) -> list[Completion]:
         """Generate each answer on from where it stands (prompt + answer prefilled again: a partial
         rollout's carried answers under new weights; an empty answer starts one), each row drawing
         from its own seed's stream at its own positions, as one uninterrupted generate would, with
         params.max_new_tokens counting the answer's earlier tokens. token_budget: stop every row
         once this many tokens were drawn (stop_rules.TokenBudget); groups (one id per row) and
         groups_needed: stop once that many groups have all their rows finished (GroupsDone).
-        Stopped rows have finish_reason None (their blocks freed).
+        Stopped rows have finish_reason None (their blocks freed). images: each row's prompt's (a
+        vision-language model's), as generate's.
         Returns one Completion per row of the tokens and log-probs added by this call (its
         routing_rows: the whole sequence's, prompt and carried answer included)."""
         if len({len(prompts), len(answers), len(seeds)}) != 1:
@@ -221,8 +227,8 @@ class LLM(EngineLoop):
                              "seeds: expected as many")
         stop = first_of(None if token_budget is None else TokenBudget(token_budget),
                         None if groups_needed is None else GroupsDone(groups, groups_needed))
-        seqs = self.run([Request(p, params, answer=a, seed=s)
-                         for p, a, s in zip(prompts, answers, seeds)], stop)
+        seqs = self.run([Request(p, params, answer=a, seed=s, images=im) for p, a, s, im in zip(
+            prompts, answers, seeds, _per_prompt(images, len(prompts)))], stop)
         return [self._completion(seq, False, len(seq.request.prompt) + len(seq.request.answer))
                 for seq in seqs]
 
@@ -268,6 +274,19 @@ class LLM(EngineLoop):
                 if self.tokenizer and decode_text else None)
         return Completion(ids, seq.logprobs, seq.finish_reason, text, seq.logprob_slots,
                           routing_rows(seq))
+
+
+def _per_prompt(images, count: int) -> list:
+    """images (one ImageInputs or None per prompt, or None for none) as a list of `count`."""
+    if images is None:
+        return [None] * count
+    if len(images) != count:
+        raise ValueError(f"images has {len(images)} entries for {count} prompts")
+    for i, im in enumerate(images):
+        if im is not None and not all(hasattr(im, a) for a in ("pixel_values", "image_grid_thw")):
+            raise TypeError(f"images[{i}] is a {type(im).__name__}: expected None or an ImageInputs"
+                            " (pixel_values, image_grid_thw)")
+    return list(images)
 
 
 def _is_single_prompt(prompts) -> bool:

@@ -54,4 +54,26 @@ def hf_inputs(config, input_ids, pixel_values, grids) -> dict:
                 mm_token_type_ids=(input_ids == config.image_token_id).int()[None])
 
 
-__all__ = ["FAMILIES", "VOCAB", "make_vlm", "save_vlm", "image_prompt", "hf_inputs"]
+def save_vlm_with_processor(path, family: str = "qwen2_5_vl", seed: int = 0):
+    """A tiny VLM of `family` over the vision demo's word-level tokenizer and image processor
+    (engine/demos/vision_task.py), saved with both into `path` -> (transformers model,
+    VisionProcessor)."""
+    from fusedrl.engine.demos.vision_task import build_vision_processor
+
+    processor = build_vision_processor()
+    vocab = processor.tokenizer.get_vocab()
+    torch.manual_seed(seed)
+    config = tiny_vlm_config(family, vocab_size=len(vocab), image_token_id=vocab["<|image_pad|>"],
+                             eos_token_id=vocab["</s>"])
+    model = HF_CLASSES[family](config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor
+
+
+__all__ = ["FAMILIES", "VOCAB", "make_vlm", "save_vlm", "image_prompt", "hf_inputs",
+           "save_vlm_with_processor"]

@@ -7,7 +7,7 @@ import torch
 
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.multi_turn import TurnReply
-from fusedrl.engine.inference.runner import _DecodeGraphs
+from fusedrl.engine.inference.decode_graphs import DecodeGraphs
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.moe import routing_trace
 from engine_testing import random_prompts
@@ -22,7 +22,7 @@ def test_records_are_the_training_forward_s_choices(tmp_path, graphs, device):
               use_cuda_graphs=graphs)
     # the graph bookkeeping (padded batch sizes), replayed eagerly
     if graphs and device.type != "cuda":
-        llm.runner.graphs = _DecodeGraphs(llm.runner, max_num_seqs=6, capture=False)
+        llm.runner.graphs = DecodeGraphs(llm.runner, max_num_seqs=6, capture=False)
     prompts = random_prompts([9, 5], seed=3)
     outputs = llm.generate(prompts, SamplingParams(n=2, temperature=1.0, seed=1, max_new_tokens=7))
     model = llm.model
