@@ -14,8 +14,8 @@ DEMO_DIR = "fusedrl-demo"
 
 TASKS = ("sort", "tool", "distill", "vision")
 # The options whose default depends on the task (None: this default), one per TASKS.
-TASK_DEFAULTS = {"digits": (4, 3, 4, 4), "sft_epochs": (4, 8, 4, 2),
-                 "algo": ("ppo", "grpo", "grpo", "grpo"), "rl_iterations": (100, 30, 45, 20),
+TASK_DEFAULTS = {"digits": (4, 3, 4, 4), "sft_epochs": (4, 8, 4, 8),
+                 "algo": ("ppo", "grpo", "grpo", "grpo"), "rl_iterations": (100, 30, 45, 60),
                  "train_prompts": (2000, 2000, 2000, 600)}
 
 
@@ -45,14 +45,14 @@ class DemoConfig:
         "answer at once)", 0.5)
     sft_epochs: int | None = option(
         "SFT epochs (task=distill: the teacher's; the student's is 1) (default: sort 4, tool 8, "
-        "distill 4, vision 2)")
+        "distill 4, vision 8)")
     rm_epochs: int = option("reward-model epochs", 3)
     algo: Literal["ppo", "grpo"] | None = option(
         "ppo: SFT -> reward model -> PPO; grpo: SFT -> GRPO with the program's check as the reward "
         "(default: sort ppo, tool grpo, its only one)")
     rl_iterations: int | None = option(
         "PPO or GRPO iterations (task=distill: distillation's and GRPO's each) (default: sort "
-        "100, tool 30, distill 45, vision 20)")
+        "100, tool 30, distill 45, vision 60)")
     rl_prompts: int = option("prompts per iteration (PPO samples 4 responses each, GRPO 8)", 16)
     eval_samples: int = option("samples per held-out prompt for the accuracy", 4)
     lora_rank: int = option(
