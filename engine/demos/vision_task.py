@@ -1,10 +1,10 @@
 """The vision demo's task, data and model, built from nothing: count the coloured squares in a
-picture. A 24 x 16 image holds a 2 x 3 grid of 8 x 8 cells, each empty (white) or a red, green or
-blue square; "how many squares ?" is answered by a digit, 0 to 6, and a program judges it. Everything is
-made here: the pictures (PIL), a word-level Hugging Face tokenizer with the Qwen-VL vision tokens
-and a chat template, a Qwen2-VL image processor (4-pixel patches merged 2 x 2, so one image token
-per cell), a tiny random Qwen2.5-VL saved by transformers, noisy demonstrations and prompts. The
-recipe that trains on them is engine/demos/vision.py.
+picture. A 24 x 16 image holds a 2 x 3 grid of 8 x 8 cells, each empty (white) or a red, green
+or blue square; "how many squares ?" is answered by a digit, 0 to 6, and a program judges it.
+Everything is made here: the pictures (PIL), a word-level Hugging Face tokenizer with the Qwen-VL
+vision tokens and a chat template, a Qwen2-VL image processor (4-pixel patches merged 2 x 2, so
+one image token per cell), noisy demonstrations and prompts in TRL's format. The recipe and the
+tiny random Qwen2.5-VL it trains are engine/demos/vision.py's.
 """
 from __future__ import annotations
 
