@@ -145,7 +145,7 @@ def iteration_step(cfg: DistillConfig, models: PPOModels, teacher: Teacher, opts
         with timer.phase("train"):
             update = distill_update(models, teacher, opts, batch, settings, cfg.seed + it)
         metrics.update(update, on_policy=fresh, lr=schedules[0].get_last_lr()[0],
-                       **batch_metrics(samples, models),
+                       **batch_metrics(samples, models, cfg.distill.reward_coef > 0),
                        **(models.score.metrics() if models.score is not None else {}))
         for s in schedules:
             optim.advance_schedule(s)
@@ -168,10 +168,13 @@ def reward_advantages(cfg: DistillConfig, models: PPOModels,
     return grid.view(-1).index_select(0, samples.packed.grid_index)
 
 
-def batch_metrics(samples: Samples, models: PPOModels) -> dict:
-    """The batch's size and scores over the data ranks: tokens (targets), rows, score_mean."""
+def batch_metrics(samples: Samples, models: PPOModels, rewarded: bool) -> dict:
+    """The batch's size over the data ranks: tokens (targets), rows; and score_mean when a reward
+    scores the rows (distill.reward_coef > 0: without one there is no score to report)."""
     packed = samples.packed
     sums = distributed.all_reduce_sum({"tokens": packed.num_targets, "rows": len(packed.seqlens)},
                                       models.ranks)
+    if not rewarded:
+        return sums
     score = distributed.all_reduce_tensor(samples.scores.double().sum(), ranks=models.ranks)
     return {**sums, "score_mean": runlog.host_values({"s": score})["s"] / max(sums["rows"], 1)}

@@ -117,6 +117,7 @@ def test_a_run_resumes_bit_exactly(setup, lora):
     assert {r["on_policy"] for r in rows} == {True, False}  # seed 0: one of each
     for key in ("divergence", "entropy", "teacher_logprob"):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in rows), key
+    assert not any("score_mean" in r for r in rows)   # no reward (distill.reward_coef 0)
 
 
 def test_multi_turn_trajectories_distill_the_model_tokens_only(tmp_path):
