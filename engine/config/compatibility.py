@@ -182,8 +182,6 @@ VISION_REFUSED: tuple[tuple[str, str], ...] = (
     (_TP, "the vision tower is not sliced over tensor ranks"),
     (_CP, "a row with images is not split over a context group"),
     ("train.optimizer_offload", "not shown with a vision tower"),
-    ("rollout.exact", "the batch-invariant attention takes token indices as positions, which "
-                      "M-RoPE's prompt positions are not (the engine's own refusal)"),
 )
 
 

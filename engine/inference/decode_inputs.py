@@ -55,7 +55,8 @@ class DecodeInputs:
     def fill(self, seqs: list[Sequence], size: int, full_tables: bool) -> None:
         """Write the decode inputs of `seqs` (each at its last token) into rows [0, len(seqs)), pad
         rows up to `size`, and send them to the device. full_tables: also lay the block tables out
-        at full width in `block_tables` (for a graph; one device copy)."""
+        at full width in `block_tables` (for a graph; one device copy). A position is the token's
+        index plus its sequence's M-RoPE decode offset (0 for text: sequence.py's rope_delta)."""
         b = len(seqs)
         if not b <= size <= self.rows:
             raise ValueError(f"decode batch of {b} sequences in {size} rows: expected "

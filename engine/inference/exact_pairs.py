@@ -16,21 +16,18 @@ REASONS = {
                                   "record_routing keeps the trainer's experts the sampler's",
     "tensor parallelism": "its fixed reduction order is one device's, not the tensor ranks' "
                           "all-reduces'",
-    "a vision-language model": "its attention takes token positions where M-RoPE's prompt "
-                               "positions are not token indices; not yet separated",
 }
 
 
 def refuse_beside_exact(exact: bool, *, speculative_tokens: int = 0,
                         prefill_chunk: int | None = None, moe: bool = False,
-                        tensor_parallel: bool = False, vision: bool = False) -> None:
+                        tensor_parallel: bool = False) -> None:
     """ConfigValueError (one line naming both) for the first of these that the exact mode
     (`exact`: LLM's batch_invariant on) would run beside."""
     if not exact:
         return
     beside = {"speculative_tokens": speculative_tokens, "prefill_chunk": prefill_chunk,
-              "a mixture-of-experts model": moe, "tensor parallelism": tensor_parallel,
-              "a vision-language model": vision}
+              "a mixture-of-experts model": moe, "tensor parallelism": tensor_parallel}
     for name, value in beside.items():
         if value:
             shown = name if isinstance(value, bool) else f"{name}={value!r}"

@@ -146,8 +146,7 @@ class LLM(EngineLoop):
         tp = self.model.tensor_parallel  # parallel/tensor_parallel.py: its slices, its heads' KV
         refuse_beside_exact(self.batch_invariant is not None,
                             speculative_tokens=speculative_tokens, prefill_chunk=prefill_chunk,
-                            moe=self.config.moe is not None, tensor_parallel=tp is not None,
-                            vision=self.config.vision is not None)
+                            moe=self.config.moe is not None, tensor_parallel=tp is not None)
         num_blocks = num_blocks_for_budget(kv_cache_memory, self.config, param.dtype, block_size,
                                            self.device, tp.size if tp else 1)
         num_blocks = min(num_blocks, max_num_seqs * -(-self.config.max_model_len // block_size))

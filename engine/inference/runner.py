@@ -12,7 +12,7 @@ import torch
 
 from ..model.config import ModelConfig
 from ..model.causal_lm import CausalLM
-from ..model.invariant import BatchInvariant
+from ..model.invariant import BatchInvariant, mask_logits
 from ..model.moe import routing_trace
 from ..model.primitives import DECODE
 from .decode_graphs import DecodeGraphs
@@ -198,7 +198,7 @@ class ModelRunner:
         image features at their rows (image_prefill.py). What a decode graph captures."""
         if self.batch_invariant is not None:
             return self.batch_invariant.paged_hidden(self.model, input_ids, positions, meta,
-                                                     self.kv_caches)
+                                                     self.kv_caches, visual)
         # None: the model's FORWARD
         prims = DECODE if meta.is_decode and self.fuse_decode_gemms else None
         run = self.model.entry()  # persistent weights: past the root's FSDP hook
@@ -292,7 +292,9 @@ class ModelRunner:
                 logits = logits.index_fill(1, self.vision_ids, float("-inf"))
             return sample(logits, *sampling, workspace=workspace or self.sampler_workspace)
         mode = self.batch_invariant
-        logits = mode.logits(hidden, self.model.lm_head.weight)  # [B, V] fp32
+        # [B, V] fp32, the vision tokens masked as the trainer's head_logprobs(masked=...) does
+        logits = mask_logits(mode.logits(hidden, self.model.lm_head.weight),
+                             () if self.vision_ids is None else self.vision_ids)
         tokens, _ = sample(logits, *sampling, workspace=self.sampler_workspace)
         return tokens, mode.sampler_logprobs(logits, tokens, sampling[0])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import kernels
 from .config import ModelConfig
 
 
@@ -11,8 +12,8 @@ class RotaryTable:
     """cos/sin [L, D] of every position below max_model_len, computed in fp32 as transformers does,
     kept out of the module's buffers so that `model.to(bfloat16)` cannot round the angles. Per
     (device, dtype) a cast copy is cached (`tables`); RotaryAngles gathers a forward's rows.
-    `axes` [D] (M-RoPE, None for a text model): which of a token's three positions (time, height,
-    width) each column's angle is taken at."""
+    `axes` [D / 2] (M-RoPE, None for a text model): which of a token's three positions (time,
+    height, width) each frequency's angle is taken at."""
 
     def __init__(self, config: ModelConfig):
         # Built on the CPU explicitly: the model itself may be constructed under a meta device.
@@ -22,7 +23,7 @@ class RotaryTable:
         self.cos, self.sin = emb.cos(), emb.sin()
         self.axes = None
         if config.vision is not None:
-            self.axes = torch.tensor(config.vision.mrope_axes * 2, dtype=torch.int64, device="cpu")
+            self.axes = torch.tensor(config.vision.mrope_axes, dtype=torch.int64, device="cpu")
         self._cast: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def tables(self, device, dtype) -> tuple[torch.Tensor, ...]:
@@ -41,9 +42,10 @@ class RotaryAngles:
     tables by position itself, so a decode step gathers nothing (its positions are 1-D: past a
     prompt every M-RoPE axis holds the same position).
 
-    positions [N], or [3, N] for M-RoPE: column c of token n then takes its angle at position
-    positions[axes[c], n], which is transformers' composition of the three axes' angles (each a
-    row of the same fp32 table, so the values are bitwise the ones it computes)."""
+    positions [N], or [3, N] for M-RoPE: frequency d of token n then takes its angle at position
+    positions[axes[d], n], which is transformers' composition of the three axes' angles (each a
+    row of the same fp32 table, so the values are bitwise the ones it computes); kernels.mrope
+    reads them from the tables inside the rotation (no rows gathered)."""
 
     def __init__(self, table: RotaryTable, positions: torch.Tensor, dtype, rope):
         self.cos_table, self.sin_table, self.axes = table.tables(positions.device, dtype)
@@ -56,13 +58,8 @@ class RotaryAngles:
 
     def rotate(self, q, k):
         """q [N, H, D], k [N, Hkv, D] -> rotated (q, k)."""
+        if self.positions.dim() == 2:
+            return kernels.mrope(q, k, self.cos_table, self.sin_table, self.positions, self.axes)
         if self._rows is None:
-            self._rows = tuple(self._gather(t) for t in (self.cos_table, self.sin_table))
+            self._rows = (self.cos_table[self.positions], self.sin_table[self.positions])
         return self.rope(q, k, *self._rows)
-
-    def _gather(self, table: torch.Tensor) -> torch.Tensor:
-        """table [L, D] -> each token's row [N, D] (M-RoPE: composed from its three rows)."""
-        if self.positions.dim() == 1:
-            return table[self.positions]
-        rows = table[self.positions]  # [3, N, D]
-        return rows.take_along_dim(self.axes.view(1, 1, -1), dim=0)[0]

@@ -55,6 +55,14 @@ class VisionLanguageModel(CausalLM):
             return None
         return VisualRows(rows, features)
 
+    def logit_bias(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """[vocab]: -inf at the image, video and vision-boundary ids, 0 elsewhere: the mask the
+        engine's sampler applies, as `bias=` of kernels.linear_token_logprobs, so training's
+        log-probs are under the distribution the rollout drew from."""
+        bias = torch.zeros(self.config.vocab_size, dtype=dtype, device=device)
+        bias[list(self.config.vision.vision_token_ids)] = float("-inf")
+        return bias
+
     def position_shape(self, input_ids) -> tuple[int, ...]:
         """M-RoPE's [3, N]."""
         return (3, input_ids.shape[0])

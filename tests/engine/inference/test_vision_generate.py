@@ -5,11 +5,11 @@ carried answers composing with images."""
 import pytest
 import torch
 
-from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.data.vision_processor import ImageInputs
 from fusedrl.engine.inference.image_prefill import image_digest
 from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.kernels import linear_token_logprobs
 from vision_testing import FAMILIES, hf_inputs, image_prompt, save_vlm
 
 NEW = 12
@@ -124,8 +124,6 @@ def test_images_that_do_not_fit_the_prompt_are_one_line_errors(vlms, qwen2_dir):
     with pytest.raises(ValueError, match=r"^prompts\[0\] has images but the model \(qwen2\)"):
         LLM(qwen2_dir, kv_cache_memory=1 << 22).generate(
             [[1, 2, 3]], GREEDY, images=[ImageInputs(pixels, grids)])
-    with pytest.raises(ConfigValueError, match="batch_invariant=True with a vision-language"):
-        LLM(path, kv_cache_memory=1 << 22, batch_invariant=True)
 
 
 def test_the_image_digest_follows_pixels_and_grids():
@@ -135,3 +133,67 @@ def test_the_image_digest_follows_pixels_and_grids():
     assert key != image_digest(ImageInputs(pixels + 1, grids))
     assert key != image_digest(ImageInputs(pixels, torch.tensor([[1, 1, 4]])))
     assert key != image_digest(ImageInputs(pixels.bfloat16(), grids))
+
+
+def test_rollout_logprobs_are_training_logprobs_under_the_vision_mask(vlms):
+    """Sampled answers' log-probs from the engine equal a training forward's over prompt + answer
+    with the same images, the LM head's log-probs taken with the model's logit_bias (the sampler's
+    mask); fp32, not the exact mode, so to rounding."""
+    path, hf = vlms["qwen2_5_vl"]
+    ids, pixels, grids = _prompt(hf.config)
+    llm = _llm(path)
+    out = llm.generate([ids.tolist()], SamplingParams(temperature=1.0, max_new_tokens=8, n=2,
+                                                      seed=3),
+                       images=[ImageInputs(pixels, grids)])[0].outputs
+    model = llm.model
+    for completion in out:
+        full = torch.cat([ids, torch.tensor(completion.token_ids)])
+        with torch.no_grad():
+            hidden = model.forward_packed(full, [len(full)], pixel_values=pixels,
+                                          image_grid_thw=grids)
+            logp = linear_token_logprobs(hidden[len(ids) - 1:-1], model.lm_head.weight,
+                                         full[len(ids):], bias=model.logit_bias())
+        torch.testing.assert_close(logp, torch.tensor(completion.logprobs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_mode_rollout_logprobs_are_training_logprobs_bit_for_bit(vlms, family):
+    """batch_invariant: each sampled token's log-prob equals, bitwise, what the trainer's exact
+    forward (packed_hidden with the same images, both answers in one pack) and head_logprobs with
+    the sampler's mask give for it."""
+    path, hf = vlms[family]
+    ids, pixels, grids = _prompt(hf.config)
+    llm = _llm(path, batch_invariant=True)
+    out = llm.generate([ids.tolist()], SamplingParams(temperature=1.0, max_new_tokens=6, n=2,
+                                                      seed=4),
+                       images=[ImageInputs(pixels, grids)])[0].outputs
+    mode, model = llm.batch_invariant, llm.model
+    rows = [torch.cat([ids, torch.tensor(c.token_ids)]) for c in out]
+    with torch.no_grad():
+        hidden = mode.packed_hidden(model, torch.cat(rows), [len(r) for r in rows],
+                                    pixel_values=torch.cat([pixels, pixels]),
+                                    image_grid_thw=torch.cat([grids, grids]))
+    start = 0
+    for row, completion in zip(rows, out):
+        answer = slice(start + len(ids) - 1, start + len(row) - 1)
+        logp = mode.head_logprobs(hidden[answer], model.lm_head.weight, row[len(ids):],
+                                  temperature=1.0, masked=model.config.vision.vision_token_ids)
+        assert torch.equal(logp, torch.tensor(completion.logprobs))
+        start += len(row)
+
+
+def test_the_decode_graph_path_keeps_the_offsets(vlms):
+    """The CUDA-graph path's persistent buffers (replayed eagerly here): decode positions carry each
+    sequence's offset into padded batches; an image prompt and a text prompt decode together."""
+    from fusedrl.engine.inference.decode_graphs import DecodeGraphs
+
+    path, hf = vlms["qwen3_vl"]
+    ids, pixels, grids = _prompt(hf.config)
+    llm = _llm(path, max_num_seqs=4)
+    llm.runner.graphs = DecodeGraphs(llm.runner, max_num_seqs=4, capture=False)
+    text = [40, 41, 42]
+    outs = llm.generate([ids.tolist(), text], GREEDY, images=[ImageInputs(pixels, grids), None])
+    with torch.no_grad():
+        plain = hf.generate(input_ids=torch.tensor([text]), max_new_tokens=NEW, do_sample=False,
+                            suppress_tokens=_vision_ids(hf.config))[0, len(text):].tolist()
+    assert [o.outputs[0].token_ids for o in outs] == [_hf_greedy(hf, ids, pixels, grids), plain]

@@ -3,9 +3,13 @@ checkpoint layouts (single, sharded, exported) and the one-line errors of tokens
 disagree."""
 import pytest
 import torch
+import transformers
 
 from fusedrl.engine.model.hf_io import load_model, save_model
+from fusedrl.engine.model.vision.tiny import tiny_vlm_config
 from fusedrl.engine.model.vision_language import VisionLanguageModel
+from fusedrl.kernels import use_backend
+from kernel_testing import needs_triton
 from vision_testing import FAMILIES, hf_inputs, image_prompt, save_vlm
 
 # fp32 on the CPU, the same ops in the same order on both sides (the tower is transformers' own).
@@ -116,3 +120,35 @@ def test_tokens_and_images_that_disagree_are_one_line_errors(vlms):
     _one_line_error(model, torch.cat([ids, torch.tensor([c.video_token_id])]), pixels, grids,
                     "videos are not supported")
     _one_line_error(model, ids, pixels[:-1], grids, r"pixel_values: shape \(55, 96\), expected \(56, 96\)")
+
+
+@needs_triton
+def test_the_triton_walk_matches_transformers(vlms):
+    """The fused kernels' walk (M-RoPE inside the rotary kernel) on the same prompt."""
+    path, hf = vlms["qwen3_vl"]
+    model = load_model(path)
+    ids, pixels, grids = _prompt(hf.config)
+    with torch.no_grad(), use_backend("triton"):
+        actual = model.compute_logits(model.forward_packed(ids, [len(ids)], pixel_values=pixels,
+                                                           image_grid_thw=grids))
+    torch.testing.assert_close(actual, _hf_logits(hf, ids, pixels, grids), atol=ATOL, rtol=0)
+
+
+def test_tied_embeddings_load_and_export(tmp_path):
+    """Qwen2.5-VL-3B's layout: the LM head is the embedding (no lm_head tensor saved)."""
+    torch.manual_seed(0)
+    config = tiny_vlm_config("qwen2_5_vl", vocab_size=300, tie_word_embeddings=True)
+    hf = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path / "in")
+    model = load_model(tmp_path / "in")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids, pixels, grids = _prompt(config)
+    with torch.no_grad():
+        actual = model.compute_logits(model.forward_packed(ids, [len(ids)], pixel_values=pixels,
+                                                           image_grid_thw=grids))
+    expected = _hf_logits(hf, ids, pixels, grids)
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+    save_model(model, tmp_path / "out", source_dir=tmp_path / "in")
+    back = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(_hf_logits(back.eval(), ids, pixels, grids), expected, atol=0,
+                               rtol=0)

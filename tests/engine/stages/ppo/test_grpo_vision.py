@@ -52,6 +52,28 @@ def test_grpo_with_images_runs_and_never_samples_a_vision_token(setup):
     assert all(p[0].startswith("images/") for _, _, images in seen for p in images)
 
 
+def test_grpo_with_images_in_exact_mode_has_zero_log_prob_mismatch(setup):
+    """rollout.exact: the sampler's log-prob of every sampled token equals the trainer's old-policy
+    forward's bit for bit, the images included, in both iterations (the second after an update)."""
+    root, base, data, _ = setup
+    cfg = GRPOConfig(
+        policy=base, prompts_file=data["prompts"], output_dir=str(root / "exact"), seed=0,
+        rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=3,
+                              temperature=0.9, kv_cache_memory=1 << 22, max_prompt_length=20,
+                              exact=True),
+        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=6, vf_coef=0.0,
+                         is_mode="tis"),
+        optim=OptimConfig(lr=1e-2),
+        train=LoopConfig(iterations=2, progress=False, device="cpu", resume=False))
+    train_ppo(cfg, reward_fn=count_reward)
+    rows = [r for r in read_metrics(root / "exact") if r["kind"] == "train"]
+    assert len(rows) == 2
+    for r in rows:
+        assert (r["logprob_mismatch"], r["logprob_mismatch_max"],
+                r["logprob_mismatch_tokens"]) == (0, 0, 0), r
+        assert r["is_weight_mean"] == 1 and r["is_weight_max"] == 1, r
+
+
 @pytest.mark.integration
 def test_fusedrl_grpo_command_with_images_runs_to_the_end(setup):
     """`fusedrl grpo` on the JSONL rows (images by path) with a reward function named by module."""
