@@ -1,7 +1,7 @@
 """Config of `fusedrl generate`: the model, the prompts, how to sample and where to run. Torch-free.
 
 Read like every stage's config (engine/config/io.py: a YAML file, then `key=value` overrides); the
-command's flags (`--max-new-tokens 64`) are aliases of these keys (engine/cli/commands.py)."""
+command's flags (`--max-new-tokens 64`) are aliases of these keys (engine/cli/generate.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

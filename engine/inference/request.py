@@ -1,9 +1,10 @@
 """Request: what the engine is asked to generate for one row (one sample of one prompt).
 
 Every way of generating is a list of Requests run through one loop (`LLM.run`): `generate` asks
-for params.n samples of each prompt, `continue_answers` for answers carried from an earlier call,
-`generate_turns` for trajectories whose finished turns pause for an environment's reply. The mode
-lives in the request's fields and in the run's hooks, never in a field of the Sequence.
+for params.n samples of each prompt, a Request with an `answer` continues one carried from an
+earlier call, `generate_turns` asks for trajectories whose finished turns pause for an
+environment's reply. The mode lives in the request's fields and in the run's hooks, never in a
+field of the Sequence.
 """
 from __future__ import annotations
 

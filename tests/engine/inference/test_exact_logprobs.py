@@ -12,7 +12,7 @@ from fusedrl.engine.inference.runner import kv_bytes_per_block
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.multi_turn import TurnReply
 from fusedrl.engine.model.invariant import BatchInvariant
-from fusedrl.engine.stages.ppo.packs import pack_rollout
+from fusedrl.engine.stages.rollout.packs import pack_rollout
 from engine_testing import make_hf_model, make_tokenizer, random_prompts
 from invariant_testing import one_thread  # noqa: F401 (autouse fixture)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fusedrl.engine.inference.llm import LLM
+from fusedrl.engine.inference.request import Request
 from fusedrl.engine.data.vision_processor import ImageInputs
 from fusedrl.engine.inference.image_prefill import image_digest
 from fusedrl.engine.inference.sampling_params import SamplingParams
@@ -107,9 +108,10 @@ def test_a_carried_answer_continues_with_its_images(vlms):
     path, hf = vlms["qwen3_vl"]
     ids, pixels, grids = _prompt(hf.config)
     expected = _hf_greedy(hf, ids, pixels, grids)
-    rows = _llm(path).continue_answers([ids.tolist()], [expected[:5]], [0], GREEDY,
-                                       images=[ImageInputs(pixels, grids)])
-    assert rows[0].token_ids == expected[5:]
+    request = Request(ids.tolist(), GREEDY, answer=expected[:5], seed=0,
+                      images=ImageInputs(pixels, grids))
+    seq = _llm(path).run([request])[0]
+    assert seq.token_ids[len(ids) + 5:] == expected[5:]
 
 
 def test_images_that_do_not_fit_the_prompt_are_one_line_errors(vlms, qwen2_dir):

@@ -24,7 +24,7 @@ from ...data.prompts import PromptRow
 from ...parallel import distributed
 from .agent_rows import Agents, TrajectoryGenerator
 from ...agents import CarriedTrajectories
-from .sampled_rows import Generated, Scoring, sampling_params
+from .sampled_rows import Scoring, sampling_params
 from .models import PPOModels
 from .partial import PartialRollouts
 from .whole_groups import WholeGroups
@@ -60,7 +60,7 @@ class Sampler:
         metrics of their sampling; `seed` fixes it; timed as "generate" and "score"."""
         samples, metrics = self.schedule.sample(state, seed, timer)
         if self.speculative:
-            spec = distributed.all_reduce_sum(self.models.actor.llm.take_speculation(),
+            spec = distributed.all_reduce_sum(self.models.actor.take_speculation(),
                                               self.models.ranks)
             metrics.update({f"spec/{k}": v for k, v in spec.items()})
         return samples, metrics
@@ -85,7 +85,7 @@ def build_sampler(cfg: PPOConfig, models: PPOModels, prompts: list[PromptRow],
         carried = None if agents is None else CarriedTrajectories(
             models.actor.run, agents.renderer, agents.source,
             sampling_params(rollout, n=rollout.samples_per_prompt), agents.limits,
-            models.actor.llm.config.max_model_len)
+            models.actor.max_model_len)
         schedule = PartialRollouts(models, draw, score, rollout, carried)
     else:
         rows = (AnswerGenerator(models, rollout) if agents is None

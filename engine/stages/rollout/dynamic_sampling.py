@@ -1,57 +1,21 @@
-"""Whole groups, the schedule of every group sampled to its end in the iteration that drew its
-prompt (`WholeGroups`), over any rows (single-turn answers or multi-turn trajectories: a
-`RowGenerator`), and DAPO's dynamic sampling (`draw_samples`): keep only prompt groups whose scores
-differ, drawing more prompts until the batch is full.
+"""DAPO's dynamic sampling (rollout.dynamic_sampling): keep only the prompt groups whose scores
+differ (a group of equal scores has no signal for a group estimator). Whole groups draw more
+prompts until the batch is full (`draw_samples`, at most rollout.max_sampling_rounds rounds);
+partial rollouts keep the varied ones of each iteration's complete groups (`keep_varied`: the
+groups in flight top the next iteration up).
 
 Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 are group g
 (scored_rows.py).
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
-from ...config.ppo import PPOConfig, RolloutConfig
-from ...data.prompts import PromptRow
+from ...config.ppo import RolloutConfig
 from ...parallel import distributed
-from .phase_timer import PhaseTimer
-from .state import PPOState
-from .sampled_rows import Generated
 from .scored_rows import Samples
-
-
-class RowGenerator(Protocol):
-    """What a group's rows are: generate(prompt rows, seed, timer) -> Generated, R = rows x
-    rollout.samples_per_prompt; take_metrics(): what the rows since the last call did."""
-
-    def generate(self, sources: list[PromptRow], seed: int, timer: PhaseTimer) -> Generated: ...
-
-    def take_metrics(self) -> dict: ...
-
-
-class WholeGroups:
-    """Every group sampled to its end in the iteration that drew its prompt: prompts_per_iteration
-    prompt rows from the stream, their rows scored (with rollout.dynamic_sampling: the groups of
-    equal scores dropped and more drawn, draw_samples)."""
-
-    def __init__(self, rows: RowGenerator,
-                 draw_prompts: Callable[[PPOState, int], list[PromptRow]],
-                 score: Callable[[Generated, PhaseTimer], Samples], cfg: PPOConfig,
-                 ranks: distributed.DataRanks):
-        self.rows, self.draw_prompts, self.score = rows, draw_prompts, score
-        self.rollout, self.ranks = cfg.rollout, ranks
-
-    def sample(self, state: PPOState, seed: int, timer: PhaseTimer) -> tuple[Samples, dict]:
-        """The iteration's groups and metrics: dynamic sampling's and the rows' (every round's)."""
-        samples, metrics = draw_samples(
-            lambda: self.draw_prompts(state, self.rollout.prompts_per_iteration),
-            lambda batch, seed: self.score(self.rows.generate(batch, seed, timer), timer),
-            self.rollout, seed, self.ranks)
-        return samples, {**metrics, **self.rows.take_metrics()}
-
-    def close(self) -> None:
-        """Nothing outlives an iteration here."""
 
 
 def varied_groups(scores: torch.Tensor, n: int) -> list[int]:
@@ -93,3 +57,14 @@ def draw_samples(draw_prompts: Callable[[], list],
     batch = batch.take_groups(list(range(min(fewest, target))))
     counts = distributed.all_reduce_sum({"groups_drawn": drawn, "groups_kept": batch.groups}, ranks)
     return batch, {"sampling_rounds": rounds, **counts}
+
+
+def keep_varied(samples: Samples, ranks: distributed.DataRanks = distributed.WORLD
+                ) -> tuple[Samples, dict]:
+    """The groups of `samples` whose scores differ, as many on every rank as on the rank that
+    keeps fewest (over the data `ranks`), and the counts: groups_drawn, groups_kept (summed over
+    the ranks)."""
+    kept = samples.take_groups(varied_groups(samples.scores, samples.n))
+    kept = kept.take_groups(list(range(distributed.min_over_ranks(kept.groups, ranks))))
+    counts = {"groups_drawn": samples.groups, "groups_kept": kept.groups}
+    return kept, distributed.all_reduce_sum(counts, ranks)

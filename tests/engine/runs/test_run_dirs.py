@@ -23,7 +23,7 @@ from fusedrl.engine.model.hf_io import INDEX_FILE, load_model
 from fusedrl.engine.train.runlog import read_metrics
 from cli_testing import assert_one_line_error, cli_error, run_fusedrl
 from dist_testing import run_ranks
-from train_testing import demonstrations, save_tiny_model, write_jsonl
+from train_testing import demonstrations, save_tiny_model, sft, write_jsonl
 
 
 @pytest.fixture
@@ -40,12 +40,6 @@ def train_file(tmp_path_factory):
 def torch_backend(monkeypatch):
     # The ops on their torch backend, here and in child processes: only the directories matter here.
     monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
-
-
-def sft(model, data, out, *extra, steps=2):
-    return ["sft", f"model={model}", f"output_dir={out}", f"data.train_file={data}", "data.max_length=48",
-            "data.max_prompt_length=24", "data.tokens_per_batch=128", "data.eval_fraction=0",
-            f"train.max_steps={steps}", "train.save_every=1", "train.progress=false", *extra]
 
 
 def listing(directory):

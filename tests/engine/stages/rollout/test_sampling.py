@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from fusedrl.engine.config.ppo import GRPOConfig, PPOConfig, RolloutConfig
-from fusedrl.engine.stages.ppo.advantages import group_token_advantages
-from fusedrl.engine.stages.ppo.packs import concat_packs, pack_rollout
-from fusedrl.engine.stages.ppo.scored_rows import Samples
-from fusedrl.engine.stages.ppo.sampled_rows import overlong_penalty
-from fusedrl.engine.stages.ppo.whole_groups import draw_samples, varied_groups
+from fusedrl.engine.stages.rollout.group_advantages import group_token_advantages
+from fusedrl.engine.stages.rollout.packs import concat_packs, pack_rollout
+from fusedrl.engine.stages.rollout.scored_rows import Samples
+from fusedrl.engine.stages.rollout.sampled_rows import overlong_penalty
+from fusedrl.engine.stages.rollout.dynamic_sampling import draw_samples, keep_varied, varied_groups
 
 
 def grpo_config(**rollout):
@@ -63,6 +63,14 @@ def test_dynamic_sampling_stops_at_its_cap_with_what_it_has():
     assert samples.groups == 1 and samples.scores.tolist() == [0, 5] and metrics["sampling_rounds"] == 2
     samples, _ = draw_samples(stream, fake_sampler([[1, 1, 1, 1], [0, 0, 2, 2]]), cfg.rollout, seed=0)
     assert samples.groups == 0     # nothing to learn from: the trainer skips the iteration
+
+
+def test_partial_rollouts_keep_the_varied_groups_of_those_complete():
+    samples = fake_sampler([[1, 1, 0, 1, 2, 2]])([[1], [2], [3]], 0)
+    kept, counts = keep_varied(samples)
+    assert kept.prompts == [[2], [2]] and kept.scores.tolist() == [0, 1]
+    assert counts == {"groups_drawn": 3, "groups_kept": 1}
+    assert keep_varied(fake_sampler([[1, 1]])([[1]], 0))[0].groups == 0
 
 
 def test_concatenated_packs_equal_one_pack_of_all_rows():

@@ -1,7 +1,9 @@
-"""Whole groups of multi-turn trajectories (stages/ppo/agent_rows.py) run through the path partial
-rollouts carry them on (engine/agents/carried.py): for a fixed seed they are the trajectories
-LLM.generate_turns samples (run_agents), token for token, with the same model masks, log-prob
-bits, rewards, conversations and finish reasons, and environment errors leave the same rows."""
+"""Whole groups of multi-turn trajectories (stages/rollout/agent_rows.py) run through the path
+partial rollouts carry them on (engine/agents/carried.py): for a fixed seed they are the
+trajectories the demos' run_agents samples (a thin wrapper over that path), token for token, with
+the same model masks, log-prob bits, rewards, conversations and finish reasons, and environment
+errors leave the same rows (the tokens LLM.generate_turns drew before the path was shared are
+held by tests/engine/stages/seeded_record.json)."""
 import types
 
 import pytest
@@ -13,9 +15,9 @@ from fusedrl.engine.config.ppo import RolloutConfig
 from fusedrl.engine.data.prompts import PromptRow
 from fusedrl.engine.inference.hybrid_actor import HybridActor
 from fusedrl.engine.model.hf_io import load_model, load_tokenizer
-from fusedrl.engine.stages.ppo.agent_rows import TrajectoryGenerator, build_agents
-from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
-from fusedrl.engine.stages.ppo.sampled_rows import sampling_params
+from fusedrl.engine.stages.rollout.agent_rows import TrajectoryGenerator, build_agents
+from fusedrl.engine.stages.rollout.phase_timer import PhaseTimer
+from fusedrl.engine.stages.rollout.sampled_rows import sampling_params
 from agent_testing import save_chat_model
 from invariant_testing import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
@@ -36,7 +38,7 @@ def chat_model(tmp_path_factory):
     ("agent_fault_envs:Hostile", [{"mode": "crash"}, {"mode": "ok"}, {"mode": "ok"}],
      {"max_turns": 2}),
 ])
-def test_whole_groups_sample_what_generate_turns_samples(chat_model, environment, columns,
+def test_whole_groups_sample_what_run_agents_samples(chat_model, environment, columns,
                                                          limits):
     rollout = RolloutConfig(samples_per_prompt=3, max_new_tokens=6, temperature=1.0,
                             kv_cache_memory=1 << 22, environment=environment, **limits)
@@ -49,7 +51,7 @@ def test_whole_groups_sample_what_generate_turns_samples(chat_model, environment
         generated = TrajectoryGenerator(types.SimpleNamespace(actor=actor), agents,
                                         rollout).generate(sources, 11, PhaseTimer(CPU))
         rows = [{"prompt": s.prompt, **s.columns} for s in sources]
-        expected = run_agents(actor.llm.generate_turns, agents.renderer, agents.source, rows,
+        expected = run_agents(actor.llm, agents.renderer, agents.source, rows,
                               sampling_params(rollout, 11, rollout.samples_per_prompt),
                               agents.limits)
         expected_logprobs = actor.llm.device_logprobs(

@@ -48,3 +48,24 @@ def forward_in_microbatches(packed: PackedBatch, budget: Optional[int],
     smallest = min(micros, key=lambda micro: sum(micro.seqlens))
     distributed.match_forwards(len(micros), most, lambda: forward(smallest))
     return _join(outputs)
+
+
+def microbatch_rows(seqlens: list[int], rows_per_microbatch: Optional[int],
+                    tokens_per_microbatch: Optional[int],
+                    shared: tuple[list[int], list[int]] = ([], [])) -> list[list[int]]:
+    """A minibatch's rows (of these token counts) split into micro-batches, in order: packed up to
+    tokens_per_microbatch forwarded tokens (PPOConfig checks that one row always fits; shared: the
+    rows' prefix groups and prompt lengths, a prompt counted once per micro-batch), else
+    rows_per_microbatch rows each (None: all at once)."""
+    if tokens_per_microbatch is not None:
+        return pack(seqlens, tokens_per_microbatch, "tokens_per_microbatch", shared)
+    size = rows_per_microbatch or len(seqlens)
+    return [list(range(start, min(start + size, len(seqlens))))
+            for start in range(0, len(seqlens), size)]
+
+
+def minibatch_bounds(rows: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of an epoch's minibatches over `rows` rows: ceil(rows / size) of them, their
+    sizes as equal as the rows allow (at most `size`, differing by at most one)."""
+    count = -(-rows // size)
+    return [(i * rows // count, (i + 1) * rows // count) for i in range(count)]

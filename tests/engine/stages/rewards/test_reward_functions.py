@@ -125,7 +125,7 @@ def test_the_thread_form_scores_the_same(user_module, pool):
 
 def test_reward_inputs_carry_each_rows_prompt_and_columns():
     from engine_testing import make_tokenizer
-    from fusedrl.engine.stages.ppo.reward_scores import reward_inputs
+    from fusedrl.engine.stages.rollout.reward_scores import reward_inputs
     tokenizer = make_tokenizer()
     prompts = [tokenizer.encode("hello world"), tokenizer.encode("the lazy dog")]
     responses = [tokenizer.encode(" fox"), tokenizer.encode(" jumps over")]

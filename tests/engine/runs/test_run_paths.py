@@ -16,8 +16,8 @@ from fusedrl.engine.runs.run_paths import module_file, pinned, run_inputs
 from fusedrl.engine.stages.ppo.trainer import train_ppo
 from cli_testing import cli_error
 from reward_testing import vowel_fraction
-from test_run_dirs import listing, sft
-from train_testing import demonstrations, write_jsonl
+from test_run_dirs import listing
+from train_testing import demonstrations, sft, write_jsonl
 
 
 @pytest.fixture(autouse=True)

@@ -20,9 +20,9 @@ from fusedrl.engine.parallel.dims import ParallelDims
 from fusedrl.engine.stages.distill.teacher import load_teacher, score_with_teacher
 from fusedrl.engine.stages.distill.trainer import train_distill
 from fusedrl.engine.stages.distill.update import DistillBatch, DistillSettings, distill_update
-from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
-from fusedrl.engine.stages.ppo.answer_rows import sample_and_score
-from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
+from fusedrl.engine.stages.rollout.phase_timer import PhaseTimer
+from fusedrl.engine.stages.rollout.answer_rows import sample_and_score
+from fusedrl.engine.stages.rollout.build import build_models, build_optimizers
 from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.kernels import use_backend
 from agent_testing import save_chat_model
@@ -140,6 +140,21 @@ def test_multi_turn_trajectories_distill_the_model_tokens_only(tmp_path):
     assert row["turns/mean"] >= 2.5 and row["divergence"] > 0
 
 
+def test_partial_rollouts_distill_the_groups_they_complete(setup):
+    """Answers carried across iterations under a token budget: an iteration that completes no
+    group trains nothing, the others distill the complete groups (the divergence nonzero)."""
+    rollout = RolloutConfig(prompts_per_iteration=1, samples_per_prompt=2, max_new_tokens=6,
+                            kv_cache_memory=1 << 22, partial_rollouts=True,
+                            tokens_per_iteration=8)
+    train_distill(config(setup, "partial", rollout=rollout,
+                         train=LoopConfig(iterations=3, progress=False, device="cpu")))
+    rows = [r for r in read_metrics(str(setup[0] / "partial")) if r["kind"] == "train"]
+    assert rows[0]["carried"] > 0 and rows[0]["groups_trained"] == 0
+    trained = [r for r in rows if r["groups_trained"]]
+    assert trained and all(r["divergence"] > 0 and r["grad_norm"] > 0 and r["tokens"] > 0
+                           for r in trained)
+
+
 def test_a_teacher_of_another_vocabulary_is_refused(setup, tmp_path):
     """Another vocab_size, or the same size with tokens at other ids: refused in one line before
     the output directory is claimed."""
@@ -168,7 +183,10 @@ def test_a_teacher_of_another_vocabulary_is_refused(setup, tmp_path):
     (dict(distill=DistillSection(mode="sampled", temperature=0.7)),
      r"distill.temperature \(0.7\) must equal rollout.temperature"),
     (dict(distill=DistillSection(mode="sampled", lmbda=0.5)), r"distill.lmbda must be 1"),
-    (dict(reward_fn="reward_testing:vowel_fraction"), r"distill.reward_coef=0 ignores reward_fn"),
+    (dict(reward_fn="reward_testing:vowel_fraction"),
+     r"reward_fn='reward_testing:vowel_fraction' would be ignored: .* distill.reward_coef=0"),
+    (dict(train=LoopConfig(context_parallel=2)),
+     r"train.context_parallel=2 with teacher=.*: not supported \(distillation runs"),
     (dict(ppo=UpdateConfig(estimator="grpo", vf_coef=0.0, kl_loss_coef=0.01)),
      r"ppo.kl_loss_coef and reward.kl_coef must be 0"),
 ])

@@ -2,8 +2,8 @@
 with its own environment (engine/agents), handed on as every mode's rows (sampled_rows.py): packed
 with only the model's tokens as targets (the environment's are context: no loss, KL or entropy on
 them) and scored by the environment's rewards, plus the run's reward functions or reward model
-where set. sampler.py samples them in whole groups, with dynamic sampling where asked, run to their
-end through the path partial rollouts continue them on (engine/agents/carried.py).
+where set. whole groups run them to their end through the path partial rollouts continue them on
+(engine/agents/carried.py).
 
 Rows are ordered prompt by prompt, sample by sample, so rows g*n .. g*n + n - 1 are group g: a
 GRPO group is the n trajectories of one initial prompt.
@@ -13,13 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from ...agents import (AgentLimits, CarriedTrajectories, ChatRenderer, EnvSource, agent_metrics,
                        load_environment, load_tools, parser_for, tool_schema)
-from ...agents.carried import new_trajectory
+from ...inference.in_flight import Group
 from ...config.ppo import RolloutConfig
-from .sampled_rows import Generated, sampled_routing, sampling_params
+from .rows import advance_rows, generated_of
+from .sampled_rows import Generated, sampling_params
 from .models import PPOModels
 from .phase_timer import PhaseTimer
 
@@ -65,36 +64,26 @@ class TrajectoryGenerator:
         """The trajectories of these prompt rows (data/prompts.py PromptRow: the prompt and the
         columns the environment is made from); `seed` fixes the sampling; timed as "generate".
         They run as partial rollouts' do (engine/agents/carried.py: the engine's one loop, each
-        finished turn answered by its environment), to their end: no stop rule."""
+        finished turn answered by its environment), to their end: no stop rule. A trajectory
+        that left the batch (env_errors=skip) has no target: nothing of it is trained, and its
+        group's statistics are the others' (group_advantages.py)."""
         rollout, n = self.rollout, self.rollout.samples_per_prompt
         actor, agents = self.models.actor, self.agents
         carried = CarriedTrajectories(actor.run, agents.renderer, agents.source,
                                       sampling_params(rollout, seed, n), agents.limits,
-                                      actor.llm.config.max_model_len)
-        groups = [{"prompt": [], "samples": [new_trajectory(j) for j in range(n)]}
-                  for _ in sources]
-        rows = [(group, sample) for group in groups for sample in group["samples"]]
+                                      actor.max_model_len)
+        groups = [Group.new([], n, source=source, multi_turn=True) for source in sources]
+        rows = [(group, sample) for group in groups for sample in group.samples]
         try:
             with timer.phase("generate"):
                 carried.open([(group, {"prompt": source.prompt, **source.columns},
-                               group["samples"]) for group, source in zip(groups, sources)])
-                carried.advance(rows, None)
+                               group.samples) for group, source in zip(groups, sources)])
+                advance_rows(self.models, rows, carried.advance, None, 0)
                 trajectories = carried.trajectories(rows)
         finally:
             carried.close()
         self.drawn += trajectories
-        # A trajectory that left the batch (env_errors=skip) has no target: nothing of it is
-        # trained, and its group's statistics are the others'
-        # (advantages.py group_token_advantages).
-        masks = [[False] * len(s["mask"]) if t.error else s["mask"]
-                 for (_, s), t in zip(rows, trajectories)]
-        logprobs = torch.tensor([x for (_, s), t in zip(rows, trajectories) if not t.error
-                                 for x in s["logprobs"]], dtype=torch.float32,
-                                device=actor.llm.device)
-        return Generated([group["prompt"] for group, _ in rows], [s["answer"] for _, s in rows],
-                         logprobs, n, sources, masks,
-                         [[] if t.error else list(t.turn_rewards) for t in trajectories],
-                         trajectories, sampled_routing(self.models))
+        return generated_of(groups, n, actor.device, trajectories)
 
     def take_metrics(self) -> dict:
         """The agents' metrics (engine/agents agent_metrics) of every trajectory since the last

@@ -12,15 +12,14 @@ import torch
 from fusedrl.engine import cli
 from fusedrl.engine.runs.durable import MANIFEST, CorruptDirectory, verify_manifest, write_manifest
 from fusedrl.engine.errors import UsageError
-from fusedrl.engine.stages.ppo.state import PPOState
+from fusedrl.engine.stages.rollout.state import PPOState
 from fusedrl.engine.train.checkpoint import checkpoint_dir
 from fusedrl.engine.train.checkpoint.parts import check_rng_state, rng_state
 from fusedrl.engine.train.loop import SkipCount
 from fusedrl.engine.train.loop_state import loop_state_check
 from fusedrl.engine.train.runlog import read_metrics
 from cli_testing import cli_error
-from test_run_dirs import sft
-from train_testing import demonstrations, write_jsonl
+from train_testing import demonstrations, sft, write_jsonl
 
 
 @pytest.fixture(autouse=True)

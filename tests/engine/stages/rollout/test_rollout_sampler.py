@@ -1,4 +1,4 @@
-"""The one rollout interface (stages/ppo/sampler.py): the config picks its rows and its schedule,
+"""The one rollout interface (stages/rollout/sampler.py): the config picks its rows and its schedule,
 and every mode's metrics come out of the one Sampler (the schedule's, its rows' included,
 speculative decoding's)."""
 from types import SimpleNamespace
@@ -7,12 +7,12 @@ import pytest
 
 from fusedrl.engine.config.ppo import GRPOConfig
 from fusedrl.engine.parallel.distributed import WORLD
-from fusedrl.engine.stages.ppo.agent_rows import TrajectoryGenerator
-from fusedrl.engine.stages.ppo.partial import PartialRollouts
-from fusedrl.engine.stages.ppo.sampler import Sampler, build_sampler
-from fusedrl.engine.stages.ppo.whole_groups import WholeGroups
-from fusedrl.engine.stages.ppo.answer_rows import AnswerGenerator
-from fusedrl.engine.stages.ppo.state import PPOState
+from fusedrl.engine.stages.rollout.agent_rows import TrajectoryGenerator
+from fusedrl.engine.stages.rollout.partial import PartialRollouts
+from fusedrl.engine.stages.rollout.sampler import Sampler, build_sampler
+from fusedrl.engine.stages.rollout.whole_groups import WholeGroups
+from fusedrl.engine.stages.rollout.answer_rows import AnswerGenerator
+from fusedrl.engine.stages.rollout.state import PPOState
 
 
 def config(**rollout):
@@ -43,8 +43,8 @@ class Schedule:
 
 def test_every_mode_s_metrics_come_out_of_the_one_sampler():
     spec = iter([{"drafted": 5, "accepted": 3}, {"drafted": 1, "accepted": 0}])
-    llm = SimpleNamespace(take_speculation=lambda: next(spec))
-    models = SimpleNamespace(ranks=WORLD, actor=SimpleNamespace(llm=llm))
+    actor = SimpleNamespace(take_speculation=lambda: next(spec))
+    models = SimpleNamespace(ranks=WORLD, actor=actor)
     sampler = Sampler(models, Schedule(), speculative=True)
     assert sampler.sample(PPOState(), 7, None) == (
         None, {"carried": 7, "spec/drafted": 5, "spec/accepted": 3})

@@ -108,7 +108,7 @@ def score_generated(models: PPOModels, generated: Generated, rollout: RolloutCon
     off): the environment's rewards count discounted across turns in the scores and are kept per
     turn for their placement (turn_credit.py). Timed as "score"."""
     generated = same_on_context_ranks(models, generated)
-    device = models.actor.llm.device  # where the policy runs (its resting shards may be on CPU)
+    device = models.actor.device  # where the policy runs (its resting shards may be on CPU)
     packed = pack_rollout(generated.prompts, generated.responses, device,
                           share_prompts=share_prompts and generated.n > 1,
                           model_masks=generated.model_masks, images=generated.images)

@@ -12,7 +12,8 @@ from fusedrl.engine import cli
 from fusedrl.engine.config import io as config_io
 from fusedrl.engine.config.ppo import GRPOConfig
 from fusedrl.engine.config.train import RMConfig, SFTConfig
-from fusedrl.engine.stages.ppo.update import minibatch_bounds, minibatch_rule
+from fusedrl.engine.stages.rollout.microbatches import minibatch_bounds
+from fusedrl.engine.stages.ppo.update import minibatch_rule
 from train_testing import demonstrations, write_jsonl
 
 

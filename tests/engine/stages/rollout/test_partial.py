@@ -1,4 +1,4 @@
-"""Partial rollouts (rollout.partial_rollouts, stages/ppo/partial.py) on a tiny model: answers
+"""Partial rollouts (rollout.partial_rollouts, stages/rollout/partial.py) on a tiny model: answers
 carried across iterations under a small token budget, groups trained whole, no token older than
 rollout.max_staleness, and a resumed run equal to the uninterrupted one."""
 import dataclasses
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
-from fusedrl.engine.stages.ppo.partial import drop_stale, new_group, new_groups_wanted
+from fusedrl.engine.inference.in_flight import Group
+from fusedrl.engine.stages.rollout.partial import drop_stale, new_groups_wanted
 from fusedrl.engine.stages.ppo.update import UpdateSettings
 from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.kernels import use_backend
@@ -69,13 +70,13 @@ def test_an_iteration_that_generates_nothing_trains_the_groups_already_complete(
 
 
 def test_stale_answers_are_dropped_and_sampled_again():
-    group = new_group([1, 2], 2, seed=5)
-    old, fresh = group["samples"]
-    old.update(answer=[7, 8], logprobs=[-1.0, -2.0], versions=[3, 4], finish="stop")
-    fresh.update(answer=[9], logprobs=[-0.5], versions=[5])
+    group = Group.new([1, 2], 2, seed=5)
+    old, fresh = group.samples
+    old.tokens, old.logprobs, old.versions, old.finish = [7, 8], [-1.0, -2.0], [3, 4], "stop"
+    fresh.tokens, fresh.logprobs, fresh.versions = [9], [-0.5], [5]
     assert drop_stale([group], iteration=6, max_staleness=2) == (1, 2)
-    assert old["answer"] == [] and old["finish"] is None and fresh["answer"] == [9]
-    assert old["seed"] != fresh["seed"]
+    assert old.tokens == [] and old.finish is None and fresh.tokens == [9]
+    assert old.seed != fresh.seed
 
 
 def test_partial_rollouts_turn_the_is_correction_on_and_refuse_what_cannot_carry():
