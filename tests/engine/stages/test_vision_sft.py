@@ -14,7 +14,7 @@ from fusedrl.engine.demos.vision import build_vision_model
 from fusedrl.engine.demos.vision_task import build_vision_processor, write_vision_data
 from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.model.hf_io import load_model
-from fusedrl.engine.stages.ppo.packs import concat_packs
+from fusedrl.engine.stages.rollout.packs import concat_packs
 from fusedrl.engine.stages.sft import train_sft
 
 
