@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
+from fusedrl.bench import harness
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import harness  # noqa: E402
 
 VARIANTS = ("torch", "fusedrl", "trl", "liger")
 GRID = [f"{n},{h},{v}" for n in (4096, 16384) for h in (256, 896) for v in (32000, 151936)]
@@ -125,7 +125,7 @@ def run_in_process(name: str, n: int, h: int, v: int, args) -> dict:
     if name == "torch" and args.device == "cpu" and PLAIN_BUFFERS * n * v * 4 > free_bytes():
         row["error"] = f"left out: ~{PLAIN_BUFFERS * n * v * 4 / 2**30:.0f} GiB of [N, V] buffers"
         return row
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.trl_dir, str(HERE)])}
+    env = {**os.environ, "PYTHONPATH": args.trl_dir}
     done = subprocess.run([sys.executable, __file__, "--run-variant", name, str(n), str(h),
                            str(v), "--device", args.device]
                           + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else []),

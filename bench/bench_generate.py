@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from fusedrl.bench import harness
-from fusedrl.bench.shapes import QWEN25_05B, QWEN3_06B
+from fusedrl.bench.shapes import QWEN25_05B, QWEN3_06B, TINY
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.runner import kv_bytes_per_block
@@ -34,9 +34,6 @@ from fusedrl.engine.inference.runner import kv_bytes_per_block
 # --model: (transformers config class, shape, name in the report)
 MODELS = {"qwen2.5-0.5b": (transformers.Qwen2Config, QWEN25_05B, "Qwen2.5-0.5B shape (random init)"),
           "qwen3-0.6b": (transformers.Qwen3Config, QWEN3_06B, "Qwen3-0.6B shape (random init)")}
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True,
-            eos_token_id=2)
 
 
 def parse_args(argv=None):

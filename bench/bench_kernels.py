@@ -31,8 +31,9 @@ import torch
 
 from fusedrl.bench import harness
 
-if not torch.cuda.is_available():
-    # Triton reads this when the kernels are defined, i.e. at `import fusedrl.kernels`.
+if __name__ == "__main__" and not torch.cuda.is_available():
+    # The script on the CPU runs our Triton kernels in the interpreter (`fusedrl bench` runs the
+    # PyTorch backend there unless asked). Triton reads this at `import fusedrl.kernels`.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fusedrl.kernels as kernels
@@ -55,10 +56,20 @@ class Case:
     floor_flops: Optional[int] = None  # compute-bound: the matmul FLOPs no implementation avoids
 
 
-def fused(fn: Callable, backend: str = "triton") -> Callable:
-    """Run fn on one of our fused backends."""
+def ours_backend() -> str:
+    """Where the "fusedrl" rows run: Triton on a GPU; on the CPU the PyTorch backend the engine
+    runs there (what `fusedrl bench` asks for), Triton's interpreter only where it is on and the
+    backend left to "auto" (the script, or `fusedrl bench ... interpret=true`)."""
+    if torch.cuda.is_available():
+        return "triton"
+    asked = kernels.requested_backend()
+    return "triton" if asked == "auto" and kernels.triton_interpreting() else asked
+
+
+def fused(fn: Callable, backend: str | None = None) -> Callable:
+    """Run fn on one of our backends (None: ours_backend(), decided at the call)."""
     def call(*args, **kwargs):
-        with use_backend(backend):
+        with use_backend(backend or ours_backend()):
             return fn(*args, **kwargs)
     return call
 
@@ -139,7 +150,7 @@ def linear_token_logprobs_cases(n_rows: int, hidden: int, vocab: int, dtype: tor
                 "labels": torch.randint(0, vocab, (n_rows,), device=device)}
 
     def unfused(hidden, weight, labels):
-        with use_backend("triton"):
+        with use_backend(ours_backend()):
             return kernels.token_logprobs(hidden @ weight.t(), labels)
 
     def through_cublas(hidden, weight, labels):

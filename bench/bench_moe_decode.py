@@ -15,22 +15,13 @@ import torch
 import transformers
 
 from fusedrl.bench import harness
+from fusedrl.bench.shapes import moe_decode_shape
 from fusedrl.bench.bench_generate import time_ours
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
 from fusedrl.kernels import dispatch
-
-QWEN3_30B_A3B = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                     num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
-                     intermediate_size=6144, vocab_size=151936, norm_topk_prob=True,
-                     rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=4096,
-                     tie_word_embeddings=False)
-TINY = dict(QWEN3_30B_A3B, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-            intermediate_size=128, vocab_size=256)
-
 
 def moe_model(shape: dict, layers: int, dtype: torch.dtype, device) -> CausalLM:
     """A random Qwen3-MoE CausalLM of `shape` (Qwen3MoeConfig's fields), `layers` sparse layers."""
@@ -56,7 +47,7 @@ def main(argv=None) -> None:
     device = torch.device("cpu" if args.quick else "cuda")
     dtype = torch.float32 if args.quick else torch.bfloat16
     sizes, new_tokens = ([1, 2], 4) if args.quick else (args.batch_sizes, args.new_tokens)
-    model = moe_model(TINY if args.quick else QWEN3_30B_A3B, 2, dtype, device)
+    model = moe_model(moe_decode_shape(args.quick), 2, dtype, device)
     llm = LLM(model, kv_cache_memory=(1 << 24) if args.quick else (8 << 30))
     rows = []
     for batch in sizes:

@@ -60,7 +60,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -73,48 +72,19 @@ import torch
 import transformers
 
 from fusedrl.bench import harness
-from fusedrl.bench.bench_generate import QWEN25_05B, TINY
-from fusedrl.bench.bench_sft import build_model_dir
+from fusedrl.bench.ppo_common import (GRPO_KL_COEF, PAD_ID, IterationClock, Shape,  # noqa: F401
+                                      build_tokenizer, even_token_share, lora_targets,
+                                      make_prompts)
+from fusedrl.bench.ppo_trl import run_trl, run_trl_grpo
+from fusedrl.bench.shapes import QWEN25_05B, TINY, model_dir
 
-PAD_ID = 0   # prompts are drawn from ids >= 10, so neither pad nor EOS appears in them
 COLUMNS = [("side", "side"), ("iteration_s", "iteration s"), ("time_generate", "generate s"),
            ("response_tokens", "response tokens"), ("tokens_per_s", "tokens/s"), ("peak_gib", "peak GiB")]
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    prompts: int
-    samples: int
-    prompt_len: int
-    new_tokens: int
-    minibatches: int
-    micro: int
-    tokens_per_micro: int | None = None   # ours: rows packed up to this many tokens per forward instead
-
-    @property
-    def rows(self) -> int:
-        return self.prompts * self.samples
-
-    def __post_init__(self):
-        if self.rows % (self.minibatches * self.micro):
-            raise ValueError(f"prompts*samples={self.rows} must be a multiple of minibatches*micro="
-                             f"{self.minibatches * self.micro}")
 
 
 SIDES = ["ours", "trl", "ours_lora", "trl_lora"]
 DEFAULT_SHAPES = {("ppo", False): "32x4x128x256", ("ppo", True): "4x2x16x16",
                   ("grpo", False): "16x8x128x256", ("grpo", True): "2x4x16x16"}
-GRPO_KL_COEF = 0.001  # ours: ppo.kl_loss_coef (GRPO's default); TRL: beta
-
-
-def even_token_share(prompts, completions, **_) -> list[float]:
-    """The verifiable reward of the GRPO comparison: the share of a completion's tokens (`t<id>`
-    words, see build_tokenizer) whose id is even. Both sides call it on decoded texts."""
-    scores = []
-    for text in completions:
-        ids = [int(i) for i in re.findall(r"t(\d+)", text)]
-        scores.append(sum(i % 2 == 0 for i in ids) / max(len(ids), 1))
-    return scores
 
 
 def parse_args(argv=None):
@@ -165,50 +135,6 @@ def build_reward_model_dir(quick: bool, config=None) -> Path:
     path = Path(tempfile.mkdtemp(prefix="bench_ppo_rm_"))
     transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
     return path
-
-
-def build_tokenizer(eos_id: int, vocab_size: int | None = None):
-    """A real fast tokenizer carrying the special ids and, with vocab_size, a word `t<i>` for every
-    other id, so that texts and ids map one to one (the GRPO sides exchange texts)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {f"t{i}": i for i in range(vocab_size or 0)}
-    vocab.update({"<pad>": PAD_ID, "<eos>": eos_id})
-    vocab = {word: i for word, i in vocab.items() if word in ("<pad>", "<eos>") or i not in (PAD_ID, eos_id)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-
-
-def make_prompts(shape: Shape, vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(10, vocab, (shape.prompts, shape.prompt_len), generator=g).tolist()
-
-
-class IterationClock:
-    """Wall time and peak memory between the last two marks: marks at each iteration's start and
-    at the end of the last, so with two iterations that is the second (the first warms up)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.marks = device, []
-
-    def mark(self):
-        harness.synchronize(self.device)
-        self.marks.append(time.perf_counter())
-        if self.device.type == "cuda" and len(self.marks) < 3:       # the end mark keeps the peak
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def result(self) -> dict:
-        if len(self.marks) != 3:
-            raise RuntimeError(f"expected marks at 2 iterations' starts and the end, got {len(self.marks)}")
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
-        return {"iteration_s": self.marks[2] - self.marks[1], "peak_gib": peak}
-
-
-def lora_targets() -> list[str]:
-    from fusedrl.engine.config.lora import PROJECTIONS
-    return list(PROJECTIONS)
 
 
 def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device, lora: int) -> dict:
@@ -294,112 +220,6 @@ def planned_peak_bytes(cfg, device: torch.device) -> int:
     return plan_stage(cfg, 1, memory, device=device.type, advise=False).peak
 
 
-def peft_config(lora: int):
-    """TRL's side of --lora: PEFT adapters of the same rank, alpha and targets as ours (None: full)."""
-    if not lora:
-        return None
-    import peft
-    return peft.LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=lora_targets(), task_type="CAUSAL_LM")
-
-
-def run_trl_grpo(shape: Shape, policy_dir: Path, device: torch.device, lora: int) -> dict:
-    """TRL's GRPOTrainer on the same policy and prompts: one generation of all rows per iteration,
-    `minibatches` optimizer steps of `micro`-row micro-batches over it."""
-    import datasets
-    import trl
-    from trl import GRPOConfig, GRPOTrainer
-
-    clock, generate_s, generated = IterationClock(device), [], []
-    steps = {"done": 0}
-
-    class Clock(transformers.TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            steps["done"] += 1
-            if steps["done"] % shape.minibatches == 0:   # an iteration: one generation's optimizer steps
-                clock.mark()
-
-    cuda = device.type == "cuda"
-    policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    tokenizer = build_tokenizer(policy.config.eos_token_id, policy.config.vocab_size)
-    generate = policy.generate
-
-    def timed_generate(*args, **kwargs):                     # once per generation (the whole batch)
-        harness.synchronize(device)
-        start = time.perf_counter()
-        out = generate(*args, **kwargs)
-        harness.synchronize(device)
-        generate_s.append(time.perf_counter() - start)
-        prompt_width = kwargs["input_ids"].shape[1] if "input_ids" in kwargs else args[0].shape[1]
-        generated.append(out.shape[0] * (out.shape[1] - prompt_width))  # [rows, prompt + generated]
-        return out
-    policy.generate = timed_generate
-    prompts = [" ".join(f"t{i}" for i in p) for p in make_prompts(shape, policy.config.vocab_size)]
-    rows = datasets.Dataset.from_list([{"prompt": p} for p in prompts])  # TRL 1.x takes a Dataset
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_grpo_trl_"), per_device_train_batch_size=shape.micro,
-                      gradient_accumulation_steps=shape.rows // shape.minibatches // shape.micro,
-                      steps_per_generation=shape.rows // shape.micro, num_generations=shape.samples,
-                      max_completion_length=shape.new_tokens, generation_kwargs={"min_new_tokens": shape.new_tokens},
-                      temperature=1.0, beta=GRPO_KL_COEF, num_iterations=1, max_steps=2 * shape.minibatches,
-                      bf16=cuda, use_cpu=not cuda, report_to=[], save_strategy="no", disable_tqdm=True,
-                      logging_steps=10**6, seed=0)
-    trainer = GRPOTrainer(model=policy, reward_funcs=even_token_share, args=args, train_dataset=rows,
-                          processing_class=tokenizer, callbacks=[Clock()], peft_config=peft_config(lora))
-    clock.mark()
-    trainer.train()
-    return {**clock.result(), "response_tokens": generated[-1], "time_generate": generate_s[-1],
-            "generations": len(generate_s), "trl": trl.__version__}
-
-
-def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device, lora: int) -> dict:
-    import trl
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-    from trl.experimental.ppo import ppo_trainer as trl_ppo
-
-    clock, generate_s, generated = IterationClock(device), [], []
-    batch_generation = trl_ppo.batch_generation
-
-    def timed_generation(*args, **kwargs):                   # TRL calls it once per iteration
-        harness.synchronize(device)
-        start = time.perf_counter()
-        out = batch_generation(*args, **kwargs)
-        harness.synchronize(device)
-        generate_s.append(time.perf_counter() - start)
-        rows, width = out[0].shape                             # [rows, prompt + generated]; no stop token
-        generated.append(rows * (width - shape.prompt_len))
-        return out
-
-    class Clock(transformers.TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.mark()
-
-    cuda = device.type == "cuda"
-    load = dict(dtype=torch.float32)
-    policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
-    # With PEFT, TRL's reference is the policy with its adapters disabled (ref_model=None).
-    reference = None if lora else transformers.AutoModelForCausalLM.from_pretrained(policy_dir, **load)
-    reward = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, **load)
-    value = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, **load)
-    tokenizer = build_tokenizer(policy.config.eos_token_id)
-    rows = [{"input_ids": p} for p in make_prompts(shape, policy.config.vocab_size) for _ in range(shape.samples)]
-    output_dir = tempfile.mkdtemp(prefix="bench_ppo_trl_")      # save_strategy="no": stays empty
-    args = PPOConfig(output_dir=output_dir, per_device_train_batch_size=shape.micro,
-                     gradient_accumulation_steps=shape.rows // shape.micro, num_mini_batches=shape.minibatches,
-                     num_ppo_epochs=1, response_length=shape.new_tokens, total_episodes=2 * shape.rows,
-                     temperature=1.0, kl_coef=0.05, vf_coef=0.1, bf16=cuda, use_cpu=not cuda, report_to=[],
-                     num_sample_generations=0, save_strategy="no", disable_tqdm=True, seed=0)
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
-                         reward_model=reward, value_model=value, train_dataset=rows, eval_dataset=rows[:1],
-                         callbacks=[Clock()], peft_config=peft_config(lora))
-    clock.mark()
-    trl_ppo.batch_generation = timed_generation
-    try:
-        trainer.train()
-    finally:                                # --quick runs the next side in this process
-        trl_ppo.batch_generation = batch_generation
-    return {**clock.result(), "response_tokens": generated[-1], "time_generate": generate_s[-1],
-            "trl": trl.__version__, "local_rollout_forward_batch_size": args.local_rollout_forward_batch_size}
-
-
 def bench_device(quick: bool) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
 
@@ -462,7 +282,7 @@ def main(argv=None):
                                                  args.lora))
         return
     device = bench_device(args.quick)
-    policy_dir = build_model_dir(args.quick)
+    policy_dir = model_dir("qwen2.5-0.5b", args.quick, 0).path
     # GRPO scores with a function: no reward model (its directory argument is the policy's, unused).
     dirs = (policy_dir, build_reward_model_dir(args.quick) if args.algo == "ppo" else policy_dir)
     try:

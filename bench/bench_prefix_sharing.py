@@ -53,7 +53,7 @@ class Shape:
 
 QWEN25_7B = Shape(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944,
                   vocab=152064)
-TINY = Shape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=300)
+SMALL = Shape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=300)
 
 
 def segments(groups: int, group: int, prompt: int, answer: int,
@@ -95,9 +95,9 @@ def verify(group: int, prompt: int, answer: int) -> dict:
     import transformers
     from fusedrl.engine.model.causal_lm import CausalLM
     from fusedrl.engine.model.config import ModelConfig
-    hf = transformers.LlamaConfig(hidden_size=TINY.hidden, intermediate_size=TINY.intermediate,
-                                  num_hidden_layers=TINY.layers, num_attention_heads=TINY.heads,
-                                  num_key_value_heads=TINY.kv_heads, vocab_size=TINY.vocab,
+    hf = transformers.LlamaConfig(hidden_size=SMALL.hidden, intermediate_size=SMALL.intermediate,
+                                  num_hidden_layers=SMALL.layers, num_attention_heads=SMALL.heads,
+                                  num_key_value_heads=SMALL.kv_heads, vocab_size=SMALL.vocab,
                                   max_position_embeddings=4096)
     torch.manual_seed(0)
     model = CausalLM(ModelConfig.from_hf(hf))
@@ -111,7 +111,7 @@ def verify(group: int, prompt: int, answer: int) -> dict:
         queries, _, _ = segments(1, group, prompt, answer, share)
         out["shared" if share else "whole"] = {
             "counted_flops": counter.get_total_flops(),
-            "modeled_flops": sum(queries) * TINY.gemm_flops_per_token()}
+            "modeled_flops": sum(queries) * SMALL.gemm_flops_per_token()}
     return out
 
 

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 from contextlib import nullcontext
 import json
-import tempfile
 from pathlib import Path
 
 import torch
 import transformers
 
 from fusedrl.bench import harness
-from fusedrl.bench.bench_generate import QWEN25_05B, TINY
+from fusedrl.bench.shapes import QWEN25_05B, TINY, model_dir as checkpoint_dir
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.train.optim import build_optimizer, build_scheduler
 from fusedrl.engine.stages.sft import sft_stage
@@ -54,15 +53,6 @@ def parse_args():
     if args.out is None:
         args.out = str(Path(__file__).resolve().parent / "results" / ("sft_quick.json" if args.quick else "sft.json"))
     return args
-
-
-def build_model_dir(quick: bool) -> Path:
-    """A random-init Qwen2 checkpoint (fp32) on disk, loaded by both sides."""
-    config = transformers.Qwen2Config(**(TINY if quick else QWEN25_05B))
-    torch.manual_seed(0)
-    path = Path(tempfile.mkdtemp(prefix="bench_sft_"))
-    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def make_batch(b: int, t: int, vocab: int):
@@ -127,7 +117,7 @@ def _measure(step, device, tokens: int) -> dict:
 def main():
     args = parse_args()
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
-    model_dir = build_model_dir(args.quick)
+    model_dir = checkpoint_dir("qwen2.5-0.5b", args.quick, 0).path
     vocab = (TINY if args.quick else QWEN25_05B)["vocab_size"]
     rows = []
     for b, t in args.shapes:

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from fusedrl.bench import harness
+from fusedrl.bench import harness, timing
 from fusedrl.engine.model.lm_head import lm_head_logprobs
 from fusedrl.engine.train.fused_adamw import FusedAdamW
 from fusedrl.engine.train.optim import clip_and_step
@@ -32,10 +32,11 @@ def measure_step(model, optimizer, tokens: int, seq_len: int, device: torch.devi
         hidden = model.forward_packed(ids, [seq] * (tokens // seq))
         lm_head_logprobs(hidden, model.lm_head.weight, labels).mean().backward()
 
-    ms = harness.time_ms(fwd_bwd, device, min_reps=3, budget_s=budget_s)
-    step_ms = harness.time_ms(lambda: clip_and_step([optimizer], 1.0), device, min_reps=3,
-                              budget_s=budget_s * 0.6)
-    return {"tokens": tokens, "fwd_bwd_ms": round(ms, 3), "optimizer_step_ms": round(step_ms, 3)}
+    loop = timing.measure(fwd_bwd, device, min_reps=3, budget_s=budget_s)
+    step = timing.measure(lambda: clip_and_step([optimizer], 1.0), device, min_reps=3,
+                          budget_s=budget_s * 0.6)
+    return {"tokens": tokens, "fwd_bwd_ms": round(loop.median_s * 1e3, 3),
+            "optimizer_step_ms": round(step.median_s * 1e3, 3), "timings": (loop, step)}
 
 
 def main():
@@ -52,7 +53,8 @@ def main():
     optimizer = FusedAdamW([p for p in model.parameters()], lr=1e-5)
     rows = []
     for tokens in args.tokens or ([64] if args.quick else [1024, 4096, 16384]):
-        rows.append(measure_step(model, optimizer, tokens, args.seq_len, device))
+        step = measure_step(model, optimizer, tokens, args.seq_len, device)
+        rows.append({k: v for k, v in step.items() if k != "timings"})
         print(rows[-1], flush=True)
     if args.out:
         harness.write_json(args.out, {**harness.run_metadata(device), "results": rows})

@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from . import harness
+from . import timing
 
 # Name fragment as torch.cuda.get_device_name reports it -> (label, dense bf16 FLOP/s, HBM bytes/s),
 # from NVIDIA's datasheets (SXM parts). Checked in order: H200 before H100, the 40 GB A100 first.
@@ -25,11 +25,13 @@ DATASHEET = (
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """What 100% means on this device: `flops_per_s` (bf16 dense on a GPU; on the CPU the measured
-    fp32 matmul rate) and `bytes_per_s` (HBM, or the measured copy bandwidth)."""
+    fp32 matmul rate) and `bytes_per_s` (HBM, or the measured copy bandwidth); spread: a measured
+    limit's runs (each figure's lowest and highest, and how many)."""
     label: str
     flops_per_s: float
     bytes_per_s: float
     source: str          # "datasheet" | "measured"
+    spread: dict | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -43,22 +45,42 @@ def datasheet_limits(name: str) -> Limits | None:
     return None
 
 
-def measured_limits(device: torch.device, quick: bool) -> Limits:
-    """The device's limits measured here: a square matmul's rate (bf16 on a GPU, fp32 on the
-    CPU, whose bf16 matmul is emulated) and a copy's bandwidth (read + write bytes per second)."""
+# A measured limit is the best of RUNS runs of each measure (the fastest call of each run): the
+# machine's other work only ever slows a call down, so the best is the stable figure (one run's
+# median moved 2.6x between two runs on a shared CPU). The two measures alternate, so both see
+# the same stretch of the machine's load; the same sizes with --quick or without.
+RUNS = 9
+
+
+def _spread(values: list[float]) -> dict:
+    return {"lowest": min(values), "highest": max(values), "runs": len(values)}
+
+
+def measured_limits(device: torch.device) -> Limits:
+    """The device's limits measured here, the best of RUNS runs: a square matmul's rate (bf16 on
+    a GPU, fp32 on the CPU, whose bf16 matmul is emulated) and a copy's bandwidth (read + write
+    bytes per second; 128 MiB on the CPU, four times its last-level cache here)."""
     gpu = device.type == "cuda"
-    n = 8192 if gpu else (256 if quick else 1024)
-    copy_bytes = (1 << 30) if gpu else (32 << 20 if quick else 256 << 20)
-    flops = harness.matmul_tflops(device, n, torch.bfloat16 if gpu else torch.float32) * 1e12
-    bandwidth = harness.copy_bandwidth_gbps(device, copy_bytes) * 1e9
+    n, copy_bytes = (8192, 1 << 30) if gpu else (512, 128 << 20)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    src = torch.empty(copy_bytes // 4, device=device).uniform_()
+    dst = torch.empty_like(src)
+    flops, bandwidth = [], []
+    for _ in range(RUNS):
+        matmul = timing.measure(lambda: torch.mm(a, b), device, min_reps=10, budget_s=0.1)
+        flops.append(2 * n**3 / matmul.best_s)
+        copy = timing.measure(lambda: dst.copy_(src), device, min_reps=10, budget_s=0.1)
+        bandwidth.append(2 * copy_bytes / copy.best_s)
     label = "GPU (measured)" if gpu else "CPU (measured: fp32 matmul, copy bandwidth)"
-    return Limits(label, flops, bandwidth, "measured")
+    return Limits(label, max(flops), max(bandwidth), "measured",
+                  {"flops_per_s": _spread(flops), "bytes_per_s": _spread(bandwidth)})
 
 
-def device_limits(device: torch.device, quick: bool = False) -> Limits:
+def device_limits(device: torch.device) -> Limits:
     """The datasheet's limits for a GPU in the table, else the measured ones."""
     if device.type == "cuda":
         known = datasheet_limits(torch.cuda.get_device_name(device))
         if known is not None:
             return known
-    return measured_limits(device, quick)
+    return measured_limits(device)

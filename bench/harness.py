@@ -8,13 +8,15 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from . import timing
+from .timing import synchronize
 
 
 def device_name(device: torch.device) -> str:
@@ -73,33 +75,11 @@ def meta_line(meta: dict) -> str:
             f"{meta['triton']}, transformers {meta['transformers']}, Python {meta['python']}.\n\n")
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(fn: Callable[[], object], device: torch.device, *, min_reps: int = 3,
             budget_s: float = 1.0) -> float:
-    """Median wall time of fn in milliseconds, after one warm-up call (which also compiles).
-
-    On GPU, CUDA events around each call; repetitions continue until budget_s or 200 calls.
-    """
-    fn()
-    synchronize(device)
-    times, start_all = [], time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start_all < budget_s and len(times) < 200):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+    """Median time of fn in milliseconds after one warm-up call (timing.measure: the Timing, its
+    spread included, goes to the open ledger)."""
+    return timing.measure(fn, device, min_reps=min_reps, budget_s=budget_s).median_s * 1e3
 
 
 def host_us(fn: Callable[[], object], device: torch.device, *, calls: int = 50) -> float:
@@ -172,19 +152,20 @@ def first_call_peak(step: Callable[[], object], device: torch.device) -> tuple[o
     return result, peak_rss_above(rss_before), seconds
 
 
-def copy_bandwidth_gbps(device: torch.device, n_bytes: int) -> float:
+def copy_bandwidth_gbps(device: torch.device, n_bytes: int, budget_s: float = 1.0) -> float:
     """Device-to-device copy bandwidth (read + write bytes per second): the memory roofline."""
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
+    ms = time_ms(lambda: dst.copy_(src), device, budget_s=budget_s)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype = torch.bfloat16) -> float:
+def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype = torch.bfloat16,
+                  budget_s: float = 1.0) -> float:
     """Achieved TFLOP/s of an n x n x n matmul in ``dtype``: the compute roofline."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = time_ms(lambda: a @ b, device)
+    ms = time_ms(lambda: a @ b, device, budget_s=budget_s)
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 

@@ -1,9 +1,11 @@
 """One result schema for every suite, and what is made of it: `results.json`, `results.md`, the
 comparison of two result files.
 
-    {"meta": {"device", "driver", "limits", "versions", "commit", "command", "time_utc", ...},
-     "rows": [{"suite": "kernels" | "generate" | "train" | "rl", "name", "impl", "status",
-               "fraction_of_limit", "limit", <figures>}, ...]}
+    {"meta": {"device", "driver", "limits", "versions", "commit", "command", "time_utc",
+              "backend", "triton_interpreter", "ended", ...},
+     "rows": [{"suite": "headline" | "kernels" | "generate" | "train" | "rl", "name", "impl",
+               "status", "fraction_of_limit", "limit", "seconds", "seconds_p20", "seconds_p80",
+               "n", "setup_s", "compile_s", "measure_s", <figures>}, ...]}
 
 A row is one implementation (ours or a peer, named with its version) of one case; `status` is
 "ok", "not installed" or the error that stopped it, and a row that did not run has no figures:
@@ -14,12 +16,15 @@ decode roofline for generation. Torch-free: `fusedrl bench compare` reads files 
 from __future__ import annotations
 
 import json
-import math
-import os
 
-SUITES = ("kernels", "generate", "train", "rl")
+from .options import SUITES
+
 # A row's keys that are not figures (compare and the table treat them apart).
 LABELS = ("suite", "name", "impl", "status", "limit", "peer_version", "note")
+# Figures the table leaves out (the spread and the phases have columns of their own; elapsed_s
+# is when the row landed).
+NOT_COLUMNS = ("seconds_p20", "seconds_p80", "n", "setup_s", "compile_s", "measure_s",
+               "elapsed_s")
 
 
 def make_row(suite: str, name: str, impl: str, *, fraction_of_limit: float | None, limit: str,
@@ -50,29 +55,65 @@ def _cell(value) -> str:
     return str(value)
 
 
-# The table's figure columns, in order: the ones most rows carry.
-MAIN_FIGURES = ("ms", "tokens_per_s", "tok_s", "gbps", "peak_mib", "fraction_of_limit")
+# The table's figure columns (header with its unit, the row keys that fill it, first found): the
+# rest of a row's figures are in results.json.
+COLUMNS = (("tok/s", ("tok_s", "tokens_per_s", "tokens_per_s_per_gpu")),
+           ("GB/s", ("gbps",)), ("peak (MiB)", ("peak_extra_mib",)),
+           ("peak (GiB)", ("peak_gib", "process_peak_rss_gib")), ("plan peak (GiB)",
+                                                                 ("plan_peak_gib",)))
+
+
+def _time_cells(row: dict) -> list[str]:
+    """time (ms), p20-p80 (n), and setup / compile / measure seconds."""
+    if row.get("seconds") is None:
+        return ["-", "-", "-"]
+    spread = (f"{row['seconds_p20'] * 1e3:.3g}-{row['seconds_p80'] * 1e3:.3g} ({row['n']})"
+              if "seconds_p20" in row else "-")
+    phases = "/".join(_cell(row.get(k)) for k in ("setup_s", "compile_s", "measure_s"))
+    return [f"{row['seconds'] * 1e3:.4g}", spread, phases]
+
+
+def _first(row: dict, keys: tuple[str, ...]):
+    return next((row[k] for k in keys if row.get(k) is not None), None)
+
+
+def suite_table(rows: list[dict]) -> list[str]:
+    """One suite's table: the time with its spread and phases, then only the COLUMNS its rows
+    have, units in the headers."""
+    columns = [(head, keys) for head, keys in COLUMNS if any(_first(r, keys) is not None
+                                                             for r in rows)]
+    share = any(r.get("fraction_of_limit") is not None for r in rows)
+    head = ["case", "impl", "status", "time (ms)", "p20-p80 ms (n)", "setup/compile/measure s",
+            *(h for h, _ in columns), *(["fraction of limit", "of"] if share else [])]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r["name"], r["impl"], r["status"], *_time_cells(r),
+                 *(_cell(_first(r, keys)) for _, keys in columns)]
+        if share:
+            cells += [_cell(r.get("fraction_of_limit")), r.get("limit") or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(payload: dict) -> str:
-    """results.md: the meta line, then one table per suite (its rows' figures as columns)."""
+    """results.md: what ran (device, backend, limits named once), then one table per suite."""
     meta = payload["meta"]
+    limits = meta.get("limits", {})
+    backend = meta.get("backend", "auto")
+    if meta.get("triton_interpreter"):
+        backend += "; our Triton kernels in the interpreter (CPU times, not a GPU's)"
     lines = [f"# fusedrl bench: {meta.get('device')}", "",
-             f"Commit {meta.get('commit')}; limits: {meta.get('limits', {}).get('label')}; "
-             f"torch {meta.get('torch')}; `{meta.get('command')}`; {meta.get('time_utc')}.", ""]
+             f"Commit {meta.get('commit')}; torch {meta.get('torch')}; kernel backend {backend}; "
+             f"`{meta.get('command')}`; {meta.get('time_utc')}; "
+             f"run {meta.get('ended', 'running')}.",
+             "", f"Limits ({limits.get('label')}): "
+             f"{(limits.get('flops_per_s') or 0) / 1e12:.3g} TFLOP/s, "
+             f"{(limits.get('bytes_per_s') or 0) / 1e9:.3g} GB/s; each row's `fraction of limit` "
+             f"is of the limit its `of` names; every figure is in results.json.", ""]
     for suite in SUITES:
         rows = [r for r in payload["rows"] if r["suite"] == suite]
-        if not rows:
-            continue
-        keys = sorted({k for r in rows for k in figures(r)},
-                      key=lambda k: (MAIN_FIGURES.index(k) if k in MAIN_FIGURES else -1, k))
-        keys = [k for k in keys if k != "fraction_of_limit"] + ["fraction_of_limit"]
-        head = ["name", "impl", "status", *keys, "limit"]
-        lines += [f"## {suite}", "", "| " + " | ".join(head) + " |",
-                  "|" + " --- |" * len(head)]
-        for r in rows:
-            lines.append("| " + " | ".join(_cell(r.get(k)) for k in head) + " |")
-        lines.append("")
+        if rows:
+            lines += [f"## {suite}", "", *suite_table(rows), ""]
     return "\n".join(lines)
 
 
@@ -102,8 +143,10 @@ def compare(a: dict, b: dict) -> list[dict]:
         if other is None:
             continue
         fa, fb = figures(other), figures(row)
-        for key in sorted(set(fa) & set(fb)):
-            ratio = fb[key] / fa[key] if fa[key] else math.nan
+        for key in sorted(set(fa) & set(fb) - set(NOT_COLUMNS)):
+            if not fa[key]:  # no ratio to a zero (0/0 or x/0): the figure is left out
+                continue
+            ratio = fb[key] / fa[key]
             out.append({"suite": row["suite"], "name": row["name"], "impl": row["impl"],
                         "figure": key, "a": fa[key], "b": fb[key], "b_over_a": ratio})
     return out
@@ -124,19 +167,3 @@ def compare_table(a_path: str, b_path: str) -> str:
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     return head + "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths))
                             for line in table)
-
-
-def write(out_dir: str, payload: dict) -> list[str]:
-    """results.json (written, then renamed: never half-written), results.md and the charts into
-    out_dir; returns the paths written."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "results.json")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-    md = os.path.join(out_dir, "results.md")
-    with open(md, "w", encoding="utf-8") as f:
-        f.write(markdown(payload))
-    from .charts import draw_charts
-    return [path, md, *draw_charts(payload, out_dir)]

@@ -1,18 +1,24 @@
-"""A `fusedrl bench` run: the device and its limits, each suite's rows, the meta record, the table
-printed and (with output_dir) results.json, results.md and the charts written after each suite, so a
-run cut short leaves what it measured.
-One process, one device (command.py refuses torchrun).
-"""
+"""A `fusedrl bench` run: the device and its limits, then each suite's cases in order, every row
+recorded the moment it is measured (record.py), within the run's deadline (max_minutes=) and each
+case's budget (row_seconds=); a case that does not fit gives rows saying `not run: time`. SIGTERM
+ends the run as Ctrl-C does, its files holding every finished row. One process, one device
+(command.py refuses torchrun)."""
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
+import signal
 import subprocess
+import time
 
 from . import results
-from .command import BenchOptions
+from .cases import NOT_RUN_TIME, not_run, run_case
+from .options import BenchOptions
 
 PEERS = ("torch", "triton", "transformers", "trl", "liger-kernel", "matplotlib")
+# Under --quick no case may take longer than this unless row_seconds= says otherwise.
+QUICK_CASE_S = 300.0
 
 
 def _driver() -> str | None:
@@ -40,46 +46,96 @@ def run_meta(device, limits, options: BenchOptions, command: str) -> dict:
     from . import harness
     meta = harness.run_metadata(device)
     meta.update(commit=meta["git_commit"], driver=_driver(), limits=limits.as_dict(),
-                versions=_versions(), command=command,
-                model=options.model, seed=options.seed, quick=options.quick)
+                versions=_versions(), command=command, model=options.model, seed=options.seed,
+                quick=options.quick, max_minutes=options.max_minutes,
+                row_seconds=options.row_seconds)
     return meta
 
 
-def suite_backend(suite: str, device) -> str:
-    """The kernel backend a suite's engine runs on: the default ("auto") on a GPU; on the CPU the
-    PyTorch backend, what the engine runs there (the kernels suite names its backends itself: its
-    Triton rows run in the interpreter)."""
-    return "auto" if device.type == "cuda" or suite == "kernels" else "torch"
+def suite_backend(device, options: BenchOptions) -> str:
+    """The kernel backend the engine runs: the default ("auto") on a GPU; on the CPU the PyTorch
+    backend, what the engine runs there, unless interpret=true asks for our Triton kernels in the
+    interpreter."""
+    return "auto" if device.type == "cuda" or options.interpret else "torch"
+
+
+class Clock:
+    """The run's deadline (max_minutes) and each case's budget (row_seconds; under --quick at most
+    QUICK_CASE_S): the seconds a case may take, None for no limit."""
+
+    def __init__(self, options: BenchOptions):
+        self.start = time.monotonic()
+        self.deadline = None if options.max_minutes is None else options.max_minutes * 60
+        self.per_case = options.row_seconds or (QUICK_CASE_S if options.quick else None)
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - (time.monotonic() - self.start)
+
+    def budget(self) -> float | None:
+        left = self.left()
+        if left is None:
+            return self.per_case
+        return left if self.per_case is None else min(left, self.per_case)
+
+    def describe(self, cases_left: int, suites_left: list[str]) -> str:
+        text = f"{cases_left} cases left" + (f", then {' '.join(suites_left)}"
+                                             if suites_left else "")
+        left = self.left()
+        return text + ("" if left is None else f", {max(left, 0):.0f} s to the deadline")
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_suites(suites: list[str], ctx, recorder, clock: Clock) -> None:
+    """Every case of every suite, in order, each row recorded as it comes."""
+    from fusedrl.kernels import use_backend
+    for i, suite in enumerate(suites):
+        module = importlib.import_module(f"fusedrl.bench.suites.{suite}")
+        with ctx.scope(), use_backend(suite_backend(ctx.device, ctx.options)):
+            cases = [case for case in module.cases(ctx) if ctx.wanted(f"{suite}: {case.name}")]
+            for k, case in enumerate(cases):
+                left = clock.describe(len(cases) - k - 1, suites[i + 1:])
+                if clock.left() is not None and clock.left() <= 0:
+                    for row in not_run(case, case.impls, f"{NOT_RUN_TIME} (the run's deadline)"):
+                        recorder.add(row, left)
+                    continue
+                run_case(case, clock.budget(), lambda row: recorder.add(ctx.named(row), left))
 
 
 def run(suites: list[str], options: BenchOptions, command: str) -> dict:
     """Run the suites in order; returns the payload (meta and rows). command: the command line,
     as the record names it."""
     import torch
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and options.interpret:
         # Triton reads this when the kernels are defined, i.e. at `import fusedrl.kernels`.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ["TRITON_INTERPRET"] = "1"
     from .context import Context
     from .devices import device_limits
-    from .suites import generate, kernels, rl, train
-    runners = {"kernels": kernels.rows, "generate": generate.rows, "train": train.rows,
-               "rl": rl.rows}
+    from .record import Recorder
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
                           else "cpu")
-    limits = device_limits(device, options.quick)
+    clock = Clock(options)
+    limits = device_limits(device)
     ctx = Context(device, limits, options)
-    payload = {"meta": run_meta(device, limits, options, command), "rows": []}
-    payload["meta"]["backends"] = {suite: suite_backend(suite, device) for suite in suites}
-    print(f"fusedrl bench {' '.join(suites)}: {payload['meta']['device']}, limits "
+    meta = run_meta(device, limits, options, command)
+    meta["backend"] = suite_backend(device, options)
+    meta["triton_interpreter"] = device.type == "cpu" and options.interpret
+    recorder = Recorder(options.output_dir, meta)
+    print(f"fusedrl bench {' '.join(suites)}: {meta['device']}, kernel backend {meta['backend']}"
+          f"{' (Triton interpreter)' if meta['triton_interpreter'] else ''}; limits "
           f"{limits.label}: {limits.flops_per_s / 1e12:.3g} TFLOP/s, "
           f"{limits.bytes_per_s / 1e9:.3g} GB/s", flush=True)
-    from fusedrl.kernels import use_backend
-    for suite in suites:
-        with use_backend(suite_backend(suite, device)):
-            payload["rows"] += runners[suite](ctx)
-        if options.output_dir:
-            results.write(options.output_dir, payload)
-    print(results.markdown(payload))
+    before = signal.signal(signal.SIGTERM, _terminate)
+    ended = "interrupted"
+    try:
+        run_suites(suites, ctx, recorder, clock)
+        ended = "complete"
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        recorder.close(ended)
+    print(results.markdown(recorder.payload))
     if options.output_dir:
         print(f"results: {os.path.join(options.output_dir, 'results.json')}")
-    return payload
+    return recorder.payload

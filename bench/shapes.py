@@ -59,6 +59,26 @@ _TINY_EXTRA = {"Qwen3Config": dict(head_dim=16),
                                       moe_intermediate_size=32, tie_word_embeddings=False)}
 
 
+# The headline set's kernel shapes (docs/bench.md): the small RL ops (batch x steps, fp32); the
+# fused log-prob + entropy at TRL's shape (tokens, hidden, vocabulary); the fused head's memory at
+# Liger's (tokens, hidden, vocabulary); --quick: shapes a CPU runs in seconds whose [N, V] logits
+# (32-64 MiB in fp32) still set the fused paths' memory apart.
+RL_OPS = (256, 2048)
+TRL_LOGPROBS, TRL_LOGPROBS_QUICK = (8192, 4096, 151936), (256, 64, 32768)
+LIGER_HEAD, LIGER_HEAD_QUICK = (4096, 4096, 128256), (512, 64, 32768)
+DISTILL_QUICK = (256, 64, 32768)
+
+
+def moe_decode_shape(quick: bool) -> dict:
+    """Qwen3-30B-A3B's layer shape (Qwen3MoeConfig's fields but the layer count), quick: at
+    TINY's size."""
+    fields = {k: v for k, v in QWEN3_30B_A3B.items() if k != "num_hidden_layers"}
+    if quick:
+        tiny = {**TINY, **_TINY_EXTRA["Qwen3MoeConfig"]}
+        fields.update({k: v for k, v in tiny.items() if k != "num_hidden_layers"})
+    return fields
+
+
 def hf_config(name: str, quick: bool = False):
     """The transformers config of the named shape (`SHAPES`); quick: its architecture at TINY's
     size."""
@@ -86,21 +106,27 @@ class ModelDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
+def model_label(model: str, quick: bool, seed: int) -> str:
+    """How a run's rows name their checkpoint: a local directory, or a named shape's random init."""
+    if os.path.isdir(model):
+        return f"{model} (local)"
+    return f"{model} shape ({'tiny ' if quick else ''}random init, seed {seed})"
+
+
 def model_dir(model: str, quick: bool, seed: int, dtype: torch.dtype = torch.float32) -> ModelDir:
     """A local Hugging Face directory as it is, or the named shape's random-init checkpoint (seeded)
     written to a new temporary directory."""
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise ValueError(f"model={model}: a directory without config.json")
-        return ModelDir(Path(model), f"{model} (local)", False)
+        return ModelDir(Path(model), model_label(model, quick, seed), False)
     import transformers
     config = hf_config(model, quick)
     torch.manual_seed(seed)
     hf = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     path = Path(tempfile.mkdtemp(prefix="fusedrl_bench_model_"))
     hf.save_pretrained(path)
-    size = "tiny " if quick else ""
-    return ModelDir(path, f"{model} shape ({size}random init, seed {seed})", True)
+    return ModelDir(path, model_label(model, quick, seed), True)
 
 
 # The engine's own config names for Qwen2.5-0.5B (engine/model/config.py's ModelConfig).

@@ -36,7 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # plus untied 32000 x 768 embedding and LM head.
 QWEN2_155M = dict(hidden_size=768, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=12,
                   num_key_value_heads=12, vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=False)
-TINY = dict(QWEN2_155M, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+QUICK_SHAPE = dict(QWEN2_155M, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512)
 WORDS = "the quick brown fox jumps over the lazy dog hello world".split()
 
@@ -101,7 +101,7 @@ def main():
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="sharded_memory_") as tmp:
         root = Path(tmp)
-        model_dir, train, params = build(root, TINY if args.quick else QWEN2_155M)
+        model_dir, train, params = build(root, QUICK_SHAPE if args.quick else QWEN2_155M)
         one, many = run(root, model_dir, train, 1), run(root, model_dir, train, args.ranks)
     result = {"meta": harness.run_metadata(torch.device("cpu")), "device": "cpu (gloo ranks)", "parameters": params, "dtype": "float32", "ranks": args.ranks,
               "one_process_peak_rss_bytes": one, "largest_rank_peak_rss_bytes": many, "ratio": round(many / one, 3),

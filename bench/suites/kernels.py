@@ -11,12 +11,14 @@ are compute-bound too: the student's forward and backward GEMMs and the teacher'
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 from .. import (bench_attention, bench_distill, bench_integrations, bench_kernels,
-               bench_sampler, harness, results)
+               bench_sampler, harness, results, shapes)
+from ..cases import Case
 from ..context import Context, peer_version
 
 SUITE = "kernels"
@@ -25,15 +27,14 @@ LIGER_OPS = ("token_logprobs", "linear_token_logprobs")
 
 
 def kernel_cases(quick: bool) -> list:
-    """Every bench_kernels case (quick: shapes small enough for the Triton interpreter on a CPU).
-    The two losses from hidden states, each variant in its own process, are grpo_loss_rows' and
-    distill_rows'."""
+    """Every bench_kernels case (quick: small shapes, a CPU's minutes). The two losses from hidden
+    states, each variant in its own process, are grpo_loss_rows' and distill_rows'."""
     if not quick:
         return bench_kernels.all_cases(False)
-    return (bench_kernels.token_logprobs_cases(16, 256, torch.float32)
-            + bench_kernels.linear_token_logprobs_cases(16, 32, 256, torch.float32)
-            + bench_kernels.model_op_cases(16, 64, (4, 2), 16, torch.float32)
-            + bench_kernels.rl_cases(4, 64))
+    return (bench_kernels.token_logprobs_cases(64, 4096, torch.float32)
+            + bench_kernels.linear_token_logprobs_cases(64, 64, 4096, torch.float32)
+            + bench_kernels.model_op_cases(64, 64, (4, 2), 16, torch.float32)
+            + bench_kernels.rl_cases(*shapes.RL_OPS))
 
 
 def _impl_name(impl: str) -> str:
@@ -57,7 +58,7 @@ def case_rows(ctx: Context, case, measured: list[dict]) -> list[dict]:
     name = case_name(case)
     out = []
     for r in measured:
-        figures = {k: r.get(k) for k in ("ms", "gbps", "peak_extra_mib", "host_us", "launches",
+        figures = {k: r.get(k) for k in ("gbps", "peak_extra_mib", "host_us", "launches",
                                           "host_syncs") if r.get(k) is not None}
         fraction, limit = None, case_limit(ctx, case)
         if "ms" in r:
@@ -110,12 +111,17 @@ LOSS_VARIANTS = {"torch": ("eager", None), "fusedrl": ("fusedrl", None),
                  "liger": ("liger", "liger-kernel"), "trl_head": ("trl fused head", "trl")}
 
 
-def grpo_loss_rows(ctx: Context) -> list[dict]:
-    """The GRPO loss from hidden states, each variant in its own process (peak memory its own)."""
-    n, h, v = (32, 16, 128) if ctx.quick else (4096, 896, 151936)
+def grpo_loss_name(n: int, h: int, v: int) -> str:
+    return f"grpo_loss fwd+bwd N={n} H={h} V={v}"
+
+
+def grpo_loss_rows(ctx: Context, shape: tuple[int, int, int] | None = None) -> list[dict]:
+    """The GRPO loss from hidden states, each variant in its own process (peak memory its own);
+    shape: N, H, V (default: the suite's)."""
+    n, h, v = shape or ((32, 16, 128) if ctx.quick else (4096, 896, 151936))
     args = type("Args", (), {"variants": list(LOSS_VARIANTS), "device": ctx.device.type,
                              "trl_dir": os.environ.get("PYTHONPATH", "")})()
-    name = f"grpo_loss fwd+bwd N={n} H={h} V={v}"
+    name = grpo_loss_name(n, h, v)
     flops = 3 * 2 * n * h * v  # logits, d hidden, d weight: the GEMMs no implementation avoids
     return peer_rows(ctx, name, LOSS_VARIANTS, bench_integrations.bench_shape(n, h, v, args),
                      flops, ("loss_error", "grad_weight_rel_error"), "trl.kernels")
@@ -128,19 +134,25 @@ DISTILL_VARIANTS = {"torch": ("eager", None), "fusedrl": ("fusedrl", None),
 
 
 def distill_shape(quick: bool) -> tuple[int, int, int]:
-    """N, H, V: the student's rows, width and vocabulary (the teacher is twice as wide)."""
-    return (64, 16, 256) if quick else (4096, 896, 151936)
+    """N, H, V: the student's rows, width and vocabulary (the teacher is twice as wide); quick:
+    [N, V] logits of 32 MiB in fp32 (the teacher's too), enough to set the fused path's memory
+    apart."""
+    return shapes.DISTILL_QUICK if quick else (4096, 896, 151936)
 
 
-def distill_rows(ctx: Context) -> list[dict]:
+def distill_name(n: int, h: int, v: int) -> str:
+    return (f"distill_divergence fwd+bwd N={n} H={h} V={v} teacher H={2 * h} "
+            f"beta={bench_distill.BETA}")
+
+
+def distill_rows(ctx: Context, shape: tuple[int, int, int] | None = None) -> list[dict]:
     """The distillation divergence from two LM heads (beta 0.5, the JSD, temperature 0.7),
     forward + backward, each variant in its own process (peak memory its own); a peer not
-    installed is not started."""
-    n, h, v = distill_shape(ctx.quick)
+    installed is not started. shape: N, H, V (default: distill_shape's)."""
+    n, h, v = shape or distill_shape(ctx.quick)
     args = type("Args", (), {"device": ctx.device.type, "chunk_size": None,
                              "trl_dir": os.environ.get("PYTHONPATH", "")})()
-    name = (f"distill_divergence fwd+bwd N={n} H={h} V={v} teacher H={2 * h} "
-            f"beta={bench_distill.BETA}")
+    name = distill_name(n, h, v)
     # the student's logits, d hidden and d weight, the teacher's logits: the GEMMs none avoids
     flops = 2 * n * v * (3 * h + 2 * h)
     measured = [bench_distill.run_in_process(variant, n, h, v, args)
@@ -150,66 +162,83 @@ def distill_rows(ctx: Context) -> list[dict]:
                      "_chunked_divergence_loss")
 
 
-def attention_rows(ctx: Context, budget: float) -> list[dict]:
+ATTENTION = "attention (packed train fwd+bwd; paged prefill over shared prefix pages)"
+
+
+def attention_rows(ctx: Context, budget: float):
     """bench_attention's two cases (a packed batch's forward + backward, a paged prefill over
     shared prefix pages): the engine's path, the padded groups and the per-sequence SDPA loop.
     Compute-bound: fraction_of_limit is the causal attention's FLOPs per second over FLOP/s."""
-    out = []
     for r in bench_attention.measure(ctx.quick, ctx.device, budget):
-        if not ctx.wanted(f"attention {r['case']}"):
-            continue
         seconds = r["ms"] / 1e3
         impl = "fusedrl" if r["impl"] == "engine" else r["impl"]
-        out.append(results.make_row(
+        yield results.make_row(
             SUITE, f"attention {r['case']}", impl,
             fraction_of_limit=ctx.flops_fraction(r["flops"] / seconds), limit=ctx.flops_limit,
-            seconds=seconds, ms=r["ms"], flops=r["flops"], attention_ops=r["attention_ops"],
-            speedup_over_loop=r["speedup"], peak_extra_mib=r.get("peak_extra_mib")))
-    return out
+            seconds=seconds, flops=r["flops"], attention_ops=r["attention_ops"],
+            speedup_over_loop=r["speedup"], peak_extra_mib=r.get("peak_extra_mib"))
 
 
-def sampler_rows(ctx: Context, budget: float) -> list[dict]:
-    """bench_sampler's decode step per batch and mode: ours (sample) and the eager reference
-    (reference.sample, the same draws). Memory-bound: fraction_of_limit is one read of the
-    logits per second over the bandwidth."""
+def sampler_name(batch: int, vocab: int) -> str:
+    return f"sampler B={batch} V={vocab}"
+
+
+def sampler_rows(ctx: Context, batch: int, vocab: int, budget: float, suite: str = SUITE):
+    """bench_sampler's decode step at one batch, every mode: ours (sample) and the eager
+    reference (reference.sample, the same draws). Memory-bound: fraction_of_limit is one read of
+    the logits per second over the bandwidth."""
     from fusedrl.kernels import reference
-    batches, vocab = ((1, 4), 2048) if ctx.quick else (bench_sampler.BATCHES, bench_sampler.VOCAB)
     timer_us = lambda fn: 1e3 * harness.time_ms(fn, ctx.device, budget_s=budget)  # noqa: E731
-    name = lambda mode, batch: f"sampler {mode} B={batch} V={vocab}"  # noqa: E731
-    out = []
-    for batch in batches:
-        if not any(ctx.wanted(name(mode, batch)) for mode in bench_sampler.MODES):
-            continue
-        for impl, sampler in (("fusedrl", bench_sampler.sample), ("eager", reference.sample)):
-            r = bench_sampler.measure(batch, vocab, ctx.device, timer_us, ctx.dtype, sampler)
-            read_bytes = batch * vocab * ctx.dtype.itemsize
-            for mode in filter(lambda mode: ctx.wanted(name(mode, batch)), bench_sampler.MODES):
-                seconds = r[f"{mode}_us"] / 1e6
-                out.append(results.make_row(
-                    SUITE, name(mode, batch), impl,
-                    fraction_of_limit=ctx.bandwidth_fraction(read_bytes / seconds),
-                    limit=ctx.bandwidth_limit, seconds=seconds, bytes_moved=read_bytes,
-                    one_read_seconds=r["one_read_us"] / 1e6))
-    return out
+    read_bytes = batch * vocab * ctx.dtype.itemsize
+    for impl, sampler in (("fusedrl", bench_sampler.sample), ("eager", reference.sample)):
+        r = bench_sampler.measure(batch, vocab, ctx.device, timer_us, ctx.dtype, sampler)
+        for mode in bench_sampler.MODES:
+            seconds = r[f"{mode}_us"] / 1e6
+            yield results.make_row(
+                suite, f"sampler {mode} B={batch} V={vocab}", impl,
+                fraction_of_limit=ctx.bandwidth_fraction(read_bytes / seconds),
+                limit=ctx.bandwidth_limit, seconds=seconds, bytes_moved=read_bytes,
+                one_read_seconds=r["one_read_us"] / 1e6)
 
 
-def rows(ctx: Context) -> list[dict]:
-    budget, reps, host_calls = (0.02, 1, 2) if ctx.quick else (1.0, 3, None)
-    # torch.compile's CPU compile takes longer than a quick run of the whole suite.
+def case_impls(case) -> tuple[str, ...]:
+    impls = tuple(_impl_name(i) for i in case.impls)
+    return impls + (("liger",) if case.op in LIGER_OPS and "liger" not in case.impls else ())
+
+
+def kernel_case(ctx: Context, case, budget: float, reps: int, host_calls) -> Case:
+    """One bench_kernels case as a Case of this suite (torch.compile left out on the CPU under
+    --quick: its compile outlasts the quick suite)."""
     skip = {"torch.compile"} if ctx.quick and ctx.device.type == "cpu" else set()
-    limits = ctx.limits
-    out = []
-    cases = [case for case in kernel_cases(ctx.quick) if ctx.wanted(case_name(case))]
-    for case in ctx.progress(cases, "kernels"):
+    # On the CPU "fusedrl cuBLAS" is "fusedrl" (the PyTorch backend has one GEMM either way).
+    same = {"fusedrl cuBLAS"} if ctx.device.type == "cpu" and not ctx.interpreted else set()
+
+    def measure():
+        limits = ctx.limits
         measured = bench_kernels.measure(case, ctx.device, limits.bytes_per_s / 1e9,
-                                         limits.flops_per_s / 1e12, skip, budget, reps,
+                                         limits.flops_per_s / 1e12, skip | same, budget, reps,
                                          host_calls)
-        out += case_rows(ctx, case, measured)
-        out += [results.missing_row(SUITE, case_name(case), impl, "not run: --quick on the CPU "
-                                    "(compiling takes longer than the quick suite)",
-                                    case_limit(ctx, case))
-                for impl in skip if impl in case.impls]
-    out += sampler_rows(ctx, budget) if ctx.wants_family("sampler") else []
-    out += attention_rows(ctx, budget) if ctx.wants_family("attention") else []
-    out += grpo_loss_rows(ctx) if ctx.wants_family("grpo_loss") else []
-    return out + (distill_rows(ctx) if ctx.wants_family("distill_divergence") else [])
+        yield from case_rows(ctx, case, measured)
+        for impl in skip & set(case.impls):
+            yield results.missing_row(SUITE, case_name(case), impl, "not run: --quick on the "
+                                      "CPU (compiling takes longer than the quick suite)",
+                                      case_limit(ctx, case))
+    impls = tuple(i for i in case_impls(case) if i not in same)
+    return Case(SUITE, case_name(case), impls, measure)
+
+
+def cases(ctx: Context) -> list[Case]:
+    """Every case of the suite, in order."""
+    budget, reps, host_calls = (0.05, 3, 2) if ctx.quick else (1.0, 3, None)
+    out = [kernel_case(ctx, case, budget, reps, host_calls) for case in kernel_cases(ctx.quick)]
+    batches, vocab = ((1, 4), 2048) if ctx.quick else (bench_sampler.BATCHES, bench_sampler.VOCAB)
+    out += [Case(SUITE, sampler_name(batch, vocab), ("fusedrl", "eager"),
+                 functools.partial(sampler_rows, ctx, batch, vocab, budget)) for batch in batches]
+    out.append(Case(SUITE, ATTENTION, ("fusedrl", "padded", "loop"),
+                    functools.partial(attention_rows, ctx, budget)))
+    n, h, v = (32, 16, 128) if ctx.quick else (4096, 896, 151936)
+    out.append(Case(SUITE, grpo_loss_name(n, h, v), ("eager", "fusedrl", "liger", "trl"),
+                    functools.partial(grpo_loss_rows, ctx)))
+    out.append(Case(SUITE, distill_name(*distill_shape(ctx.quick)),
+                    ("eager", "fusedrl", "trl", "liger"), functools.partial(distill_rows, ctx)))
+    return out

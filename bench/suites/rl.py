@@ -16,11 +16,13 @@ of the same shape: attention left out, an estimate.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import resource
 import types
 
 from .. import bench_ppo, results, shapes
+from ..cases import Case
 from ..context import Context, peer_version
 
 SUITE = "rl"
@@ -50,7 +52,7 @@ def ours_row(ctx: Context, algo: str, shape, name: str, r: dict) -> dict:
         "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     return results.make_row(
         SUITE, name, "fusedrl", fraction_of_limit=ctx.flops_fraction(flops / r["iteration_s"]),
-        limit=f"model FLOP/s (estimate), {ctx.limits.label}", seconds=r["iteration_s"],
+        limit="model FLOP/s (estimate)", seconds=r["iteration_s"],
         tokens_per_s_per_gpu=per_gpu, response_tokens=r["response_tokens"],
         **{f"time_{p}": r.get(f"time_{p}") for p in PHASES},
         weight_sync_s=r["weight_sync_s"],
@@ -78,7 +80,7 @@ def peer_row(ctx: Context, algo: str, shape, name: str, dirs, parameters: int) -
     for the same FLOP estimate as ours): in this process on the CPU, in its own on a GPU (its
     peak memory its own)."""
     impl, status = peer_status(algo)
-    limit = f"model FLOP/s (estimate), {ctx.limits.label}"
+    limit = "model FLOP/s (estimate)"
     if impl is None:
         return results.missing_row(SUITE, name, "trl", status, limit)
     args = types.SimpleNamespace(algo=algo, shape=shape, quick=ctx.device.type == "cpu", lora=0)
@@ -95,31 +97,43 @@ def peer_row(ctx: Context, algo: str, shape, name: str, dirs, parameters: int) -
         **({"peak_gib": r["peak_gib"]} if r.get("peak_gib") is not None else {}))
 
 
-def rows(ctx: Context) -> list[dict]:
-    """A GRPO and a PPO iteration, ours then the peer, on one random-init checkpoint (and for PPO
-    a reward model of the same architecture and shape)."""
+def checkpoints(ctx: Context):
+    """The policy's random-init checkpoint (and, made when PPO first needs it, a reward model of
+    the same architecture and shape), shared by the suite's cases."""
     import torch
-    algos = [algo for algo in ("grpo", "ppo") if ctx.wanted(f"{algo} iteration")]
-    if not algos:
-        return []
-    policy = shapes.model_dir(ctx.options.model, ctx.quick, ctx.options.seed, torch.float32)
-    reward = None
-    out = []
-    try:
-        for algo in ctx.progress(algos, "rl"):
-            shape = _shape(algo, ctx.quick)
-            if algo == "ppo" and reward is None:
-                import transformers
-                reward = bench_ppo.build_reward_model_dir(
-                    ctx.quick, transformers.AutoConfig.from_pretrained(policy.path))
-            dirs = (policy.path, reward if algo == "ppo" else policy.path)
-            name = _name(algo, shape, policy.label)
-            r = bench_ppo.run_side("ours", algo, shape, dirs, ctx.device.type == "cpu", 0)
-            out.append(ours_row(ctx, algo, shape, name, r))
-            out.append(peer_row(ctx, algo, shape, name, dirs, r["policy_parameters"]))
-    finally:
-        policy.remove()
-        if reward is not None:
-            import shutil
-            shutil.rmtree(reward, ignore_errors=True)
-    return out
+    return ctx.shared("rl policy", lambda: shapes.model_dir(ctx.options.model, ctx.quick,
+                                                           ctx.options.seed, torch.float32),
+                      lambda model: model.remove())
+
+
+def reward_dir(ctx: Context, policy):
+    import shutil
+
+    import transformers
+
+    def make():
+        return bench_ppo.build_reward_model_dir(
+            ctx.quick, transformers.AutoConfig.from_pretrained(policy.path))
+    return ctx.shared("rl reward model", make, lambda path: shutil.rmtree(path, True))
+
+
+def iteration_name(ctx: Context, algo: str) -> str:
+    label = shapes.model_label(ctx.options.model, ctx.quick, ctx.options.seed)
+    return _name(algo, _shape(algo, ctx.quick), label)
+
+
+def iteration_rows(ctx: Context, algo: str):
+    """Ours, then the algorithm's TRL peer, on the same checkpoints."""
+    policy = checkpoints(ctx)
+    shape = _shape(algo, ctx.quick)
+    dirs = (policy.path, reward_dir(ctx, policy) if algo == "ppo" else policy.path)
+    name = iteration_name(ctx, algo)
+    r = bench_ppo.run_side("ours", algo, shape, dirs, ctx.device.type == "cpu", 0)
+    yield ours_row(ctx, algo, shape, name, r)
+    yield peer_row(ctx, algo, shape, name, dirs, r["policy_parameters"])
+
+
+def cases(ctx: Context) -> list[Case]:
+    """A GRPO and a PPO iteration (ours, then the peer)."""
+    return [Case(SUITE, iteration_name(ctx, algo), ("fusedrl", "trl"),
+                 functools.partial(iteration_rows, ctx, algo)) for algo in ("grpo", "ppo")]

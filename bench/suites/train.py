@@ -9,11 +9,13 @@ not) plus causal attention's 6 x 2 x layers x (sequence / 2) x query width per t
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
 from .. import bench_train_step, results, shapes
+from ..cases import Case
 from ..context import Context
 
 SUITE = "train"
@@ -47,26 +49,40 @@ def flops_per_token(lm, seq_len: int) -> float:
     return 6 * matmul + 3 * attention
 
 
-def rows(ctx: Context) -> list[dict]:
-    from fusedrl.engine.train.fused_adamw import FusedAdamW
-    tokens_list, seq_len = ([128], 64) if ctx.quick else ([1024, 4096, 16384], 256)
+def train_name(ctx: Context, tokens: int, seq_len: int) -> str:
     label = f"{ctx.options.model}{' tiny' if ctx.quick else ''}"
-    cases = {tokens: f"{tokens} tokens, sequences of {min(seq_len, tokens)} ({label})"
-             for tokens in tokens_list}
-    cases = {tokens: name for tokens, name in cases.items() if ctx.wanted(name)}
-    if not cases:
-        return []
-    lm = engine_model(ctx)
-    optimizer = FusedAdamW(list(lm.parameters()), lr=1e-5)
-    out = []
-    for tokens, name in ctx.progress(cases.items(), "train"):
-        step = bench_train_step.measure_step(lm, optimizer, tokens, seq_len, ctx.device,
-                                             budget_s=0.5 if ctx.quick else 5.0)
-        seconds = (step["fwd_bwd_ms"] + step["optimizer_step_ms"]) / 1e3
-        flops = flops_per_token(lm, min(seq_len, tokens)) * tokens
-        out.append(results.make_row(
-            SUITE, name, "fusedrl", fraction_of_limit=ctx.flops_fraction(flops / seconds),
-            limit=f"MFU, {ctx.flops_limit}", seconds=seconds, tokens_per_s=tokens / seconds,
-            fwd_bwd_ms=step["fwd_bwd_ms"], optimizer_step_ms=step["optimizer_step_ms"],
-            model_flops=flops))
-    return out
+    return f"{tokens} tokens, sequences of {min(seq_len, tokens)} ({label})"
+
+
+def step_rows(ctx: Context, tokens: int, seq_len: int, suite: str = SUITE):
+    """One micro-batch of `tokens` through forward + backward, then the optimizer step."""
+    from fusedrl.engine.train.fused_adamw import FusedAdamW
+
+    def make():
+        lm = engine_model(ctx)
+        return lm, FusedAdamW(list(lm.parameters()), lr=1e-5)
+    lm, optimizer = ctx.shared("train model", make)
+    step = bench_train_step.measure_step(lm, optimizer, tokens, seq_len, ctx.device,
+                                         budget_s=0.5 if ctx.quick else 5.0)
+    loop, update = step["timings"]
+    seconds = loop.median_s + update.median_s
+    flops = flops_per_token(lm, min(seq_len, tokens)) * tokens
+    yield results.make_row(
+        suite, train_name(ctx, tokens, seq_len), "fusedrl",
+        fraction_of_limit=ctx.flops_fraction(flops / seconds), limit="MFU (FLOP/s)",
+        seconds=seconds, seconds_p20=loop.p20_s + update.p20_s,
+        seconds_p80=loop.p80_s + update.p80_s, n=min(loop.n, update.n),
+        tokens_per_s=tokens / seconds, fwd_bwd_ms=step["fwd_bwd_ms"],
+        optimizer_step_ms=step["optimizer_step_ms"], model_flops=flops)
+
+
+def cases_at(ctx: Context, tokens: int) -> Case:
+    """The micro-batch of `tokens` tokens (sequences of 256; quick: 64)."""
+    seq_len = 64 if ctx.quick else 256
+    return Case(SUITE, train_name(ctx, tokens, seq_len), ("fusedrl",),
+                functools.partial(step_rows, ctx, tokens, seq_len))
+
+
+def cases(ctx: Context) -> list[Case]:
+    """One case per micro-batch size (quick: 128 tokens)."""
+    return [cases_at(ctx, tokens) for tokens in ([128] if ctx.quick else [1024, 4096, 16384])]

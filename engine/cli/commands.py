@@ -27,8 +27,8 @@ from .. import errors
 from ..config import io as config_io
 from ..config.demo import DemoConfig
 from ..runs import path_checks, run_dir
-from ...bench.command import add_bench_parser
 from . import process
+from .bench import add_bench_parser
 from .flags import add_debug_flag, add_quiet_flag
 from .generate import add_generate_parser
 from .run_outputs import add_export_parser, add_plot_parser

@@ -7,8 +7,10 @@ Rules: a field with a translation is translated at whatever value it holds, TRL'
 included (TRL's `learning_rate` 1e-6 is the run's `optim.lr`); a field without one is refused when
 its value differs from TRL's default (a default TRL field leaves ours at our default: TRL's
 `lr_scheduler_type` "linear" is not ours, and only a value someone set is refused); the vLLM
-fields are inert without `use_vllm` (as in TRL). `TRANSLATIONS[name]` is the table of config
-class `name`.
+fields are inert without `use_vllm` (as in TRL). TRL counts its steps (max_steps, warmup_steps,
+logging_steps, save_steps) in optimizer steps, ours in iterations: they are divided by the
+optimizer steps one iteration takes (`steps_per_iteration`). `TRANSLATIONS[name]` is the table
+of config class `name`.
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def _save_strategy(value, _) -> dict:
 
 
 def _save_steps(value, config) -> dict:
-    return (_positive_int("train.save_every", "save_steps")(value, config)
+    return (_cadence("train.save_every", "save_steps")(value, config)
             if getattr(config.save_strategy, "value", config.save_strategy) == "steps" else {})
 
 
@@ -83,14 +85,53 @@ def _report_to(value, _) -> dict:
     return {"train.report_to": names} if names else {}
 
 
-def _max_steps(value, _) -> dict:
-    return {"train.iterations": int(value)} if value > 0 else {}
+def steps_per_iteration(config) -> int:
+    """TRL's optimizer steps in one of our iterations (one generation batch, its epochs): GRPO's
+    num_iterations x steps_per_generation / gradient_accumulation_steps (TRL's max_steps,
+    logging_steps, save_steps and warmup_steps count optimizer steps; ours count iterations);
+    distillation's 1 (each optimizer step samples its own batch, as DISTILL translates it)."""
+    if not hasattr(config, "steps_per_generation"):
+        return 1
+    generations = config.steps_per_generation // config.gradient_accumulation_steps
+    return max(1, config.num_iterations * generations)
 
 
-def _warmup(value, _) -> dict:
+def _steps_per_generation(value, config) -> dict:
+    if value % config.gradient_accumulation_steps:
+        raise Untranslatable(f"a generation batch would end inside an optimizer step: ours takes "
+                             f"a multiple of gradient_accumulation_steps "
+                             f"({config.gradient_accumulation_steps})")
+    return {}    # its rows: generation_batch_size's translation
+
+
+def _in_iterations(key: str, exact: bool) -> Translate:
+    """TRL's optimizer steps as our iterations into `key`: `exact` refuses a count that is not a
+    whole number of iterations (the run's length); otherwise rounded up (a cadence)."""
+    def translate(value, config):
+        per = steps_per_iteration(config)
+        if exact and value % per:
+            raise Untranslatable(f"TRL counts optimizer steps; one fusedrl iteration takes {per} "
+                                 f"of them here (num_iterations x steps_per_generation / "
+                                 f"gradient_accumulation_steps): give a multiple of {per}")
+        return {key: max(1, -(-int(value) // per)) if value else 0}
+    return translate
+
+
+def _max_steps(value, config) -> dict:
+    return _in_iterations("train.iterations", exact=True)(value, config) if value > 0 else {}
+
+
+def _cadence(key: str, what: str) -> Translate:
+    """A positive count of TRL's optimizer steps as iterations, rounded up (how often, not how
+    long: logging, saving)."""
+    positive, in_iterations = _positive_int(key, what), _in_iterations(key, exact=False)
+    return lambda value, config: in_iterations(positive(value, config)[key], config)
+
+
+def _warmup(value, config) -> dict:
     if 0 < value < 1:
         raise Untranslatable("a warmup ratio: ours takes optim.warmup_steps, a number of steps")
-    return {"optim.warmup_steps": int(value)}
+    return _in_iterations("optim.warmup_steps", exact=True)(value, config)
 
 
 def _generation_batch(value, config) -> dict:
@@ -133,6 +174,15 @@ def _bias_corrected_kl(value, config) -> dict:
     return {}
 
 
+def _distill_batch(value, config) -> dict:
+    rows = value * config.gradient_accumulation_steps
+    if rows % 2:
+        raise Untranslatable(f"x gradient_accumulation_steps = {rows} rows a step: ours samples "
+                             f"two completions of each prompt, so an even number")
+    return {"ppo.minibatch_size": rows, "rollout.prompts_per_iteration": rows // 2,
+            "rollout.samples_per_prompt": 2}
+
+
 def _vllm(value, _) -> dict:
     if value:
         raise Untranslatable("ours samples with its own engine in the trainer's process")
@@ -155,7 +205,7 @@ COMMON: dict[str, Translate] = {
         "ppo.minibatch_size": value * config.gradient_accumulation_steps},
     "gradient_accumulation_steps": lambda value, _: {},   # read with the batch size
     "max_steps": _max_steps,
-    "logging_steps": _positive_int("train.log_every", "logging_steps"),
+    "logging_steps": _cadence("train.log_every", "logging_steps"),
     "save_strategy": _save_strategy,
     "save_steps": _save_steps,
     "save_total_limit": unless_none("train.keep_checkpoints"),
@@ -179,7 +229,7 @@ GRPO: dict[str, Translate] = {
     **COMMON,
     "num_generations": to("rollout.samples_per_prompt"),
     "generation_batch_size": _generation_batch,
-    "steps_per_generation": lambda value, _: {},    # read through generation_batch_size
+    "steps_per_generation": _steps_per_generation,
     "num_iterations": to("ppo.epochs"),
     "temperature": to("rollout.temperature"),
     # TRL's GRPO has no KL in the reward: its beta is the KL loss term's weight
@@ -198,7 +248,10 @@ GRPO: dict[str, Translate] = {
 
 DISTILL: dict[str, Translate] = {
     **COMMON,
-    # (TRL samples one completion per prompt; ours rollout.samples_per_prompt of each prompt)
+    # TRL samples one completion per prompt for each optimizer step's per_device_train_batch_size
+    # x gradient_accumulation_steps rows: ours the same rows per iteration, two per prompt (the
+    # fewest a group holds), one optimizer step, so TRL's step counts are our iterations
+    "per_device_train_batch_size": _distill_batch,
     "teacher_model_name_or_path": unless_none("teacher"),
     "temperature": to("rollout.temperature", "distill.temperature"),
     "beta": to("distill.beta"),

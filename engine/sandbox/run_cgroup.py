@@ -1,6 +1,6 @@
-"""A sandbox run's own cgroups: the total of its processes (`pids`) and of its memory, page cache
-and tmpfs pages included (`memory`), capped across everything it starts, and every process of it
-found at the end, whatever session or process group it moved to.
+"""A sandbox run's own cgroups: the total of its processes (`pids`) and of its memory, page cache,
+tmpfs pages and TCP's socket buffers included (`memory`), capped across everything it starts,
+and every process of it found at the end, whatever session or process group it moved to.
 
 The hierarchies are found where this process really is (/proc/self/cgroup read against
 /proc/self/mountinfo: cgroup v1's per-controller mounts, or v2's unified one), and a child cgroup
@@ -18,6 +18,9 @@ import uuid
 _LIMITS = {"pids": (("pids.max",), ("pids.max",)),
            "memory": (("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"),
                       ("memory.max", "memory.swap.max"))}
+# cgroup v1 counts TCP's socket buffers apart from memory.limit_in_bytes, uncapped unless this
+# is set: a run's loopback connections held 343 MiB at a 256 MiB cap (v2's memory.max counts them)
+_V1_TCP, TCP_MB = "memory.kmem.tcp.limit_in_bytes", 16
 
 
 class RunCgroup:
@@ -52,6 +55,9 @@ class RunCgroup:
                     if at == 0 or os.path.exists(os.path.join(path, limit)):
                         with open(os.path.join(path, limit), "w") as out:
                             out.write(value)
+                if controller == "memory" and os.path.exists(os.path.join(path, _V1_TCP)):
+                    with open(os.path.join(path, _V1_TCP), "w") as out:
+                        out.write(str(min(TCP_MB << 20, memory_bytes)))
             except OSError:
                 if path not in paths.values():
                     _remove(path)

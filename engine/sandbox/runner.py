@@ -2,12 +2,12 @@
 
 `run_python(code, timeout_s=..., memory_mb=...)` runs `code` as main.py (beside any `files`) with
 `python -I -B main.py` in its own process session under resource limits (CPU time, address space,
-file size, open files), in the isolation of isolation.py (a strong one, or a weak one asked for),
-with the run's total processes and memory capped by its own cgroups where they can be made
-(run_cgroup.py); it kills the whole run at the timeout or when its caller dies, keeps at most
-`output_limit` bytes of each stream, and leaves nothing behind: under bubblewrap the work
-directory is a tmpfs; a weak mode's temporary directory is removed. The environment is scrubbed
-to PATH, HOME (the work directory) and a UTF-8 locale.
+file size, open files, queued signals), in the isolation of isolation.py (a strong one, or a
+weak one asked for), with the run's total processes and memory capped by its own cgroups where
+they can be made (run_cgroup.py); it kills the whole run at the timeout or when its caller dies,
+keeps at most `output_limit` bytes of each stream, and leaves nothing behind: under bubblewrap
+the work directory is a tmpfs; a weak mode's temporary directory is removed. The environment is
+scrubbed to PATH, HOME (the work directory) and a UTF-8 locale.
 """
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ from .run_cgroup import RunCgroup
 MAX_PROCESSES = 32  # per run: enough for a program that uses a few workers, not for a fork bomb
 OPEN_FILES = 64
 FILE_MB = 16  # largest file a run may write (RLIMIT_FSIZE)
+# Signals queued with their data and POSIX timers (RLIMIT_SIGPENDING, counted per uid: a plain
+# user's trainer's own): the inherited limit let one run hold ~96k timers, 41 MiB of kernel memory
+# no other cap counts. The kernel's own signals (SIGCHLD, kill) pass whatever the limit.
+QUEUED_SIGNALS = 64
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -168,7 +172,9 @@ def _limits(timeout_s: float, memory_mb: int) -> list[tuple[int, tuple[int, int]
               (resource.RLIMIT_FSIZE, (FILE_MB << 20, FILE_MB << 20)),
               (resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES)),
               (resource.RLIMIT_CORE, (0, 0))]
-    return limits
+    hard = resource.getrlimit(resource.RLIMIT_SIGPENDING)[1]
+    queued = QUEUED_SIGNALS if hard == resource.RLIM_INFINITY else min(QUEUED_SIGNALS, hard)
+    return limits + [(resource.RLIMIT_SIGPENDING, (queued, queued))]
 
 
 def _kill_everything(process: subprocess.Popen, cgroup: RunCgroup) -> None:

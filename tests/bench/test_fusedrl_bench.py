@@ -1,6 +1,7 @@
 """`fusedrl bench`: one case of each suite through the command (--quick, only=), the schema of
-results.json, the rl row's weight sync and plan, compare's ratios, the options' one-line errors,
-the device table. Times are reported, never checked."""
+results.json (every timing with its spread and phases), the rl row's weight sync and plan,
+compare's ratios, the options' one-line errors, the device table. Times are reported, never
+checked."""
 import copy
 import json
 import os
@@ -16,10 +17,10 @@ from fusedrl.engine.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TRL_DIR = Path(os.environ.get("FUSEDRL_TRL_DIR", ROOT / ".ci-trl"))
-# One case per suite (a small RL op, batch-1 decode, the train step, a GRPO iteration), and one of
-# each of the kernels suite's sampler and attention families.
-ONE_OF_EACH = ("only=gae fwd,batch 1,128 tokens,grpo iteration,sampler top_p=0.9 B=1,"
-               "attention prefill")
+# One case per suite (a small RL op, batch-1 decode, the train step, a GRPO iteration, the headline
+# set's MoE decode step), and one of each of the kernels suite's sampler and attention families.
+ONE_OF_EACH = ("only=kernels: gae fwd,generate: decode batch 1 (,train: 128 tokens,rl: grpo,"
+               "kernels: sampler B=1,kernels: attention,headline: moe")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_all_quick_writes_one_schema_with_every_suite_and_its_limit(quick_run):
     else:
         assert meta["commit"] and meta["device"].startswith("cpu")
         assert meta["limits"]["source"] == "measured" and "CPU" in meta["limits"]["label"]
-    assert meta["command"].startswith("fusedrl bench all --quick")
+    assert meta["command"].startswith("fusedrl bench all --quick") and meta["ended"] == "complete"
     assert {"torch", "trl", "transformers"} <= set(meta["versions"]) and meta["time_utc"]
     rows = payload["rows"]
     assert {r["suite"] for r in rows} == set(results.SUITES)
@@ -45,6 +46,8 @@ def test_all_quick_writes_one_schema_with_every_suite_and_its_limit(quick_run):
         assert "fraction_of_limit" in row and row["limit"], row
         if row["status"] == "ok":
             assert 0 < row["fraction_of_limit"] and row["seconds"] > 0, row
+            assert row["seconds_p20"] <= row["seconds"] <= row["seconds_p80"] and row["n"] >= 1
+            assert min(row["setup_s"], row["compile_s"], row["measure_s"]) >= 0, row
         else:  # a peer that did not run has no figures
             assert row["fraction_of_limit"] is None and "seconds" not in row, row
     ours = {r["suite"] for r in rows if r["impl"] == "fusedrl" and r["status"] == "ok"}
@@ -52,7 +55,14 @@ def test_all_quick_writes_one_schema_with_every_suite_and_its_limit(quick_run):
     kernels = {(r["name"].split()[0], r["impl"]) for r in rows if r["suite"] == "kernels"}
     assert {("sampler", "fusedrl"), ("sampler", "eager"), ("attention", "fusedrl"),
             ("attention", "loop"), ("attention", "padded groups")} <= kernels, kernels
-    assert (quick_run / "results.md").read_text().count("## ") == 4
+    # the CPU's rows run what the engine runs there (the PyTorch backend), not the interpreter
+    assert torch.cuda.is_available() or (meta["backend"] == "torch"
+                                         and not meta["triton_interpreter"])
+    assert not any("interpreter" in r["impl"] for r in rows)
+    streamed = [json.loads(line) for line in (quick_run / "results.jsonl").read_text().splitlines()]
+    assert [(r["suite"], r["name"], r["impl"]) for r in streamed] == \
+        [(r["suite"], r["name"], r["impl"]) for r in rows]
+    assert (quick_run / "results.md").read_text().count("## ") == 5
     assert (quick_run / "fraction_of_limit.png").stat().st_size > 0
     assert (quick_run / "phases.png").stat().st_size > 0
 
@@ -117,14 +127,15 @@ def test_trl_1x_and_liger_rows_run_beside_ours_where_installed(monkeypatch):
     distillation divergence), Liger's, ours and eager PyTorch side by side, versions named: the
     kernels suite's two losses, each variant in its own process with TRL_DIR first on its path
     (the suite's own rows, called without the command's limits measurement and charts)."""
-    from fusedrl.bench.command import BenchOptions
+    from fusedrl.bench.options import BenchOptions
     from fusedrl.bench.context import Context
     from fusedrl.bench.suites import kernels
     monkeypatch.setenv("PYTHONPATH", str(TRL_DIR))
     monkeypatch.syspath_prepend(str(TRL_DIR))  # the peers' versions, as the command reads them
     limits = devices.Limits("CPU (test)", 1e11, 1e10, "measured")
     ctx = Context(torch.device("cpu"), limits, BenchOptions(quick=True))
-    rows = kernels.grpo_loss_rows(ctx) + kernels.distill_rows(ctx)
+    # small shapes: the peers' agreement, not the memory the suite's shapes show
+    rows = kernels.grpo_loss_rows(ctx) + kernels.distill_rows(ctx, (64, 16, 256))
     for family, trl_impl in (("grpo_loss", "trl fused head 1."),
                              ("distill_divergence", "trl chunked divergence 1.")):
         mine = [r for r in rows if r["name"].startswith(family)]

@@ -1,6 +1,6 @@
 """Attack programs on the kernel's objects and counts that no size cap of a run counts (System V
 IPC, POSIX message queues, AIO contexts, inotify and fanotify groups, ptys, vsock ports, tmpfs
-inodes), each the source of a program printing one JSON list, as sandbox_testing.py's. Standard
+inodes, POSIX timers, TCP buffers), each the source of a program printing one JSON list, as sandbox_testing.py's. Standard
 library only: the plain-user probe runs them under the system's interpreter too."""
 
 # What kernel_objects() reports for each kind of object it made.
@@ -52,6 +52,51 @@ try:
 except OSError:
     pass
 print(json.dumps(got))
+"""
+
+
+def posix_timers(limit: int) -> str:
+    """Makes up to `limit` POSIX timers (SIGEV_NONE: none ever fires; each holds a queued signal
+    counted by RLIMIT_SIGPENDING) and reports [how many were made]; they go with the process."""
+    return f"""
+import ctypes, json
+libc = ctypes.CDLL(None, use_errno=True)
+class SigEvent(ctypes.Structure):  # struct sigevent: value, signo, notify, the union's room
+    _fields_ = [('value', ctypes.c_void_p), ('signo', ctypes.c_int), ('notify', ctypes.c_int),
+                ('rest', ctypes.c_char * 48)]
+event, timer, made = SigEvent(None, 0, 1), ctypes.c_void_p(), 0  # notify 1: SIGEV_NONE
+while made < {limit} and libc.timer_create(1, ctypes.byref(event), ctypes.byref(timer)) == 0:
+    made += 1  # clock 1: CLOCK_MONOTONIC
+print(json.dumps([made]))
+"""
+
+
+def tcp_buffers(limit_mb: int) -> str:
+    """Queues up to `limit_mb` MiB on loopback TCP connections nobody reads (each end's buffers
+    at the kernel's most), as many as the open-file limit allows; reports [MiB queued]."""
+    return f"""
+import json, socket
+server = socket.socket()
+server.bind(('127.0.0.1', 0))
+server.listen(64)
+chunk, queued, held = b'x' * 65536, 0, []
+while queued < {limit_mb} << 20:
+    try:
+        sender = socket.socket()
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 30)
+        sender.connect(server.getsockname())
+        receiver = server.accept()[0]
+    except OSError:  # no descriptor left
+        break
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 30)
+    sender.setblocking(False)
+    held += [sender, receiver]  # kept open: nobody reads
+    try:
+        while queued < {limit_mb} << 20:
+            queued += sender.send(chunk)
+    except OSError:  # full (or the memory cap's pressure)
+        pass
+print(json.dumps([queued >> 20]))
 """
 
 

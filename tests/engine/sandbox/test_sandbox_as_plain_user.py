@@ -2,7 +2,7 @@
 through run_python as test_sandbox_attacks.py does as root: its own 0600 file unread, its network
 and memory out of reach, no descriptor of the box's pid 1 (the same uid) opened, the kernel's
 surface, every socket family but unix, inet and inet6 and every kernel object no cap counts
-(System V IPC, AIO, inotify, ptys) denied, /dev read-only, /dev/shm capped, each tmpfs's inodes
+(System V IPC, AIO, inotify, ptys) denied, POSIX timers at the queued-signal cap, /dev read-only, /dev/shm capped, each tmpfs's inodes
 capped, no memory outside the caps, a fork bomb held at the process cap (counted in the sandbox's
 own user namespace), nothing left after the deadline; and a bubblewrap found off the run's fixed
 PATH is the one that runs (test_bwrap_path.py). Run where the suite runs as root (a plain user's
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fusedrl.engine.sandbox.bwrap_command import SHM_INODES, SHM_MB, TMPFS_INODES
-from fusedrl.engine.sandbox.runner import MAX_PROCESSES
+from fusedrl.engine.sandbox.runner import MAX_PROCESSES, QUEUED_SIGNALS
 import sandbox_testing as attack
 
 pytestmark = pytest.mark.integration
@@ -31,6 +31,7 @@ import json, os, socket, sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from fusedrl.engine.sandbox import detect, run_python
 from fusedrl.engine.sandbox.bwrap_command import SHM_MB, TMPFS_INODES
+from fusedrl.engine.sandbox.runner import QUEUED_SIGNALS
 import sandbox_kernel_testing as kernel_attack
 import sandbox_testing as attack
 secret, marker = sys.argv[3], f"fusedrl-plain-{os.getpid()}"  # not in our own command line
@@ -47,6 +48,7 @@ out["others"] = run(attack.other_processes())
 out["sockets"] = run(attack.socket_families())
 out["shared"] = run(attack.unbounded_shared_memory())
 out["objects"] = run(kernel_attack.kernel_objects())
+out["timers"] = run(kernel_attack.posix_timers(4 * QUEUED_SIGNALS))
 out["inodes"] = run(kernel_attack.fill_inodes(["/tmp", "/sandbox", "/dev/shm"], 2 * TMPFS_INODES),
                     timeout_s=20)
 out["dev"] = run(attack.fill({"/dev": 16, "/dev/shm": 4 * SHM_MB}), memory_mb=256, timeout_s=8)
@@ -99,6 +101,7 @@ def probe(python: str, tmp_path: Path) -> None:
     assert out["uid"] == PLAIN and out["mode"] == "bwrap", out
     assert out["read"] == out["network"] == out["trainer"] == out["kernel"] == [], out
     assert out["others"] == out["sockets"] == out["shared"] == out["objects"] == [], out
+    assert out["timers"] == [QUEUED_SIGNALS], out
     assert out["inodes"][0] < TMPFS_INODES and out["inodes"][1] < TMPFS_INODES, out
     assert out["inodes"][2] < SHM_INODES, out
     assert out["dev"][0] == 0 and out["dev"][1] <= SHM_MB, out

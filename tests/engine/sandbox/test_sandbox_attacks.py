@@ -18,7 +18,7 @@ import pytest
 from fusedrl.engine.sandbox import detect, run_python
 from fusedrl.engine.sandbox.bwrap_command import SHM_INODES, SHM_MB, TMPFS_INODES, TMPFS_MB
 from fusedrl.engine.sandbox.run_cgroup import RunCgroup
-from fusedrl.engine.sandbox.runner import MAX_PROCESSES
+from fusedrl.engine.sandbox.runner import MAX_PROCESSES, QUEUED_SIGNALS
 import sandbox_kernel_testing as kernel_attack
 import sandbox_testing as attack
 
@@ -112,6 +112,22 @@ def test_no_kernel_object_outside_the_caps_is_made():
     """System V semaphores held GiBs of kernel memory at memory_mb=64; an AIO context takes a
     host-wide count; inotify groups the trainer's uid's; ptys a host-wide count."""
     assert attack.reported(run_python(kernel_attack.kernel_objects())) == []
+
+
+def test_posix_timers_stop_at_the_queued_signal_cap():
+    """Each timer holds a queued signal: the inherited RLIMIT_SIGPENDING let ~96k of them (41 MiB
+    of kernel memory) in, counted against the uid a plain user's trainer runs as."""
+    made = attack.reported(run_python(kernel_attack.posix_timers(4 * QUEUED_SIGNALS)))
+    assert made == [QUEUED_SIGNALS], made
+
+
+@pytest.mark.skipif(not RunCgroup.memory_capped(),
+                    reason="no memory cgroup here: a plain user's run caps memory per process")
+def test_tcp_buffers_are_within_the_runs_memory_cap():
+    """cgroup v1 counts socket buffers apart from the memory cap: 30 loopback connections nobody
+    read held 343 MiB at memory_mb=256 before its kmem.tcp was capped too."""
+    queued = attack.reported(run_python(kernel_attack.tcp_buffers(512), memory_mb=64))
+    assert queued[0] <= 64, queued
 
 
 def test_each_tmpfs_caps_its_inodes():

@@ -290,7 +290,7 @@ def engine_trainer(_):
         use_bias_correction_kl=False, epsilon_high=0.28, loss_type="dr_grpo",
         num_generations=4, generation_batch_size=16, per_device_train_batch_size=4,
         gradient_accumulation_steps=2, importance_sampling_level="sequence", scale_rewards="none",
-        max_completion_length=48, temperature=0.9, max_steps=7, bf16=False)).args
+        max_completion_length=48, temperature=0.9, max_steps=8, logging_steps=3, bf16=False)).args
     result["grpo_set"] = {
         "lr": grpo.optim.lr, "kl_loss_coef": grpo.ppo.kl_loss_coef,
         "clip_eps_high": grpo.ppo.clip_eps_high, "agg": grpo.ppo.agg,
@@ -298,13 +298,17 @@ def engine_trainer(_):
         grpo.rollout.samples_per_prompt, "prompts_per_iteration": grpo.rollout.prompts_per_iteration,
         "minibatch_size": grpo.ppo.minibatch_size, "ratio_level": grpo.ppo.ratio_level,
         "estimator": grpo.ppo.estimator, "temperature": grpo.rollout.temperature,
-        "iterations": grpo.train.iterations, "precision": grpo.train.precision}
+        "iterations": grpo.train.iterations, "log_every": grpo.train.log_every,
+        "precision": grpo.train.precision}
     distill = DistillTrainer(model=out, args=DistillationConfig(
         output_dir=out, use_cpu=True, report_to=[], beta=0.5, temperature=0.8,
-        teacher_model_name_or_path="teacher-dir")).args
+        teacher_model_name_or_path="teacher-dir", per_device_train_batch_size=3,
+        gradient_accumulation_steps=2, max_steps=5)).args
     result["distill_set"] = {"beta": distill.distill.beta, "temperature": distill.distill.temperature,
                              "rollout_temperature": distill.rollout.temperature,
-                             "teacher": distill.teacher}
+                             "teacher": distill.teacher, "iterations": distill.train.iterations,
+                             "rows": [distill.rollout.prompts_per_iteration,
+                                      distill.rollout.samples_per_prompt, distill.ppo.minibatch_size]}
     try:
         GRPOTrainer(model=out, args=GRPOConfig(output_dir=out, use_cpu=True, loss_type="sapo",
                                                lr_scheduler_type="cosine", use_vllm=True))

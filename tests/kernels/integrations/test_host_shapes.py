@@ -112,9 +112,9 @@ def test_trl_s_configs_are_translated_field_by_field_in_the_engine_trainers(runs
         "lr": 3e-5, "kl_loss_coef": 0.02, "clip_eps_high": 0.28, "agg": "seq-mean-token-sum-norm",
         "loss_agg_norm": 48.0, "samples_per_prompt": 4, "prompts_per_iteration": 4,
         "minibatch_size": 8, "ratio_level": "sequence", "estimator": "dr_grpo", "temperature": 0.9,
-        "iterations": 7, "precision": "fp32"}
+        "iterations": 4, "log_every": 2, "precision": "fp32"}  # TRL's steps: 2 per generation
     assert result["distill_set"] == {"beta": 0.5, "temperature": 0.8, "rollout_temperature": 0.8,
-                                     "teacher": "teacher-dir"}
+                                     "teacher": "teacher-dir", "iterations": 5, "rows": [3, 2, 6]}
     lines = result["refusals"].splitlines()
     assert lines[0] == "ConfigError: args: TRL's GRPOConfig fields fusedrl cannot take (3):"
     assert sorted(line.split("=")[0].strip() for line in lines[1:]) == [

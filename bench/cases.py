@@ -1,0 +1,111 @@
+"""A case (one claim at one shape, its implementations' rows), and how the runner runs one: within
+its time budget (a SIGALRM timer), its rows given their spread (median, p20, p80, n) and its
+seconds split into setup_s, compile_s (warm-up: compile and autotune) and measure_s (the timed
+loops), from the ledger (timing.py) kept while it runs."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import threading
+import time
+from typing import Callable, Iterable, Iterator
+
+from . import results, timing
+
+NOT_RUN_TIME = "not run: time"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """suite, name (shape included); impls: the rows it gives, named before it runs (the rows a
+    case that does not run says so for); measure: its rows, each yielded the moment it is
+    measured."""
+    suite: str
+    name: str
+    impls: tuple[str, ...]
+    measure: Callable[[], Iterable[dict]]
+
+
+class CaseTimeout(BaseException):
+    """A case ran past its budget (raised by the timer inside it). Not an Exception: the measuring
+    code's own `except Exception` (a peer that cannot run is a row, not the end) lets it through."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """CaseTimeout inside the block after `seconds` (None, or outside the main thread: none)."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CaseTimeout(f"past {seconds:.0f} s")
+
+    before = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def not_run(case: Case, impls, status: str) -> list[dict]:
+    """The rows of `impls` of a case that gave none: status says why, no figures."""
+    return [results.missing_row(case.suite, case.name, impl, status, "not measured")
+            for impl in impls]
+
+
+class _Phases:
+    """Splits a case's seconds over its rows: a row whose seconds are one loop's median takes that
+    loop's spread, warm-up and loop seconds; any other row the case's seconds not yet given to a
+    row (compile: warm-ups; measure: loops, else the row's own seconds, n 1). setup_s: the rest."""
+
+    def __init__(self, book: timing.Ledger):
+        self.book, self.start = book, time.perf_counter()
+        self.given_compile = self.given_measure = self.given_setup = 0.0
+
+    def attach(self, row: dict) -> dict:
+        seconds = row.get("seconds")
+        if row.get("status") != "ok" or seconds is None:
+            return row
+        loop = self.book.matching(seconds)
+        if loop is not None:
+            compile_s, measure_s = loop.warmup_s, loop.measure_s
+            row.update(loop.figures())
+        else:  # a figure of its own (a sum of loops with its spread, or one timed run)
+            compile_s = max(self.book.compile_s() - self.given_compile, 0.0)
+            measure_s = max(self.book.measure_s() - self.given_measure, 0.0) or seconds
+            if "seconds_p20" not in row:
+                row.update(timing.Timing.of([seconds]).figures())
+        self.given_compile += compile_s
+        self.given_measure += measure_s
+        spent = time.perf_counter() - self.start
+        setup = max(spent - self.book.compile_s() - self.book.measure_s() - self.given_setup, 0.0)
+        self.given_setup += setup
+        row.update(setup_s=round(setup, 4), compile_s=round(compile_s, 4),
+                   measure_s=round(measure_s, 4))
+        return row
+
+
+def run_case(case: Case, budget_s: float | None, emit: Callable[[dict], None]) -> None:
+    """Run `case` within budget_s, emit(row) for each row as it comes; an implementation the case
+    did not reach gets a row saying why (the time, or the error that stopped the case)."""
+    done: set[str] = set()
+    with timing.ledger() as book:
+        phases = _Phases(book)
+        try:
+            with time_limit(budget_s):
+                for row in case.measure():
+                    done.add(row["impl"].split()[0])
+                    emit(phases.attach(row))
+        except CaseTimeout:
+            status = f"{NOT_RUN_TIME} (the case's budget, {budget_s:.0f} s, was spent)"
+            for row in not_run(case, [i for i in case.impls if i.split()[0] not in done], status):
+                emit(row)
+        except Exception as error:  # one case's failure is its rows' status, not the run's end
+            status = f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}" \
+                if str(error) else f"error: {type(error).__name__}"
+            for row in not_run(case, [i for i in case.impls if i.split()[0] not in done], status):
+                emit(row)

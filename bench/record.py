@@ -1,0 +1,89 @@
+"""A run's record, kept current row by row: each row appended to DIR/results.jsonl the moment it
+is measured, DIR/results.json and DIR/results.md rewritten (written, then renamed: a reader, or a
+run stopped by SIGTERM or Ctrl-C, always finds valid files holding every finished row), and one
+progress line printed per row (case, implementation, figure, elapsed, what is left)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from . import results
+
+# The figure a progress line shows, the first a row has (a rate, else its time).
+PROGRESS_FIGURES = (("tok_s", "tok/s"), ("tokens_per_s", "tok/s"),
+                    ("tokens_per_s_per_gpu", "tok/s/GPU"))
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def figure_text(row: dict) -> str:
+    """The row's main figure for the progress line: a rate, or its time with the spread."""
+    if row.get("status") != "ok":
+        return row.get("status", "")
+    for key, unit in PROGRESS_FIGURES:
+        if row.get(key) is not None:
+            return f"{row[key]:.4g} {unit}"
+    seconds = row.get("seconds")
+    if seconds is None:
+        return "ok"
+    spread = (f" (p20 {row['seconds_p20'] * 1e3:.3g}, p80 {row['seconds_p80'] * 1e3:.3g}, "
+              f"n {row['n']})" if "seconds_p20" in row else "")
+    return f"{seconds * 1e3:.4g} ms{spread}"
+
+
+class Recorder:
+    """The payload {"meta", "rows"} of one run, written after every row (output_dir None: only
+    printed)."""
+
+    def __init__(self, output_dir: str | None, meta: dict):
+        self.output_dir = output_dir
+        self.payload = {"meta": meta, "rows": []}
+        self.start = time.monotonic()
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+            open(self.path("results.jsonl"), "w", encoding="utf-8").close()
+            self.rewrite()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.output_dir, name)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def rewrite(self) -> None:
+        if self.output_dir:
+            _write_atomic(self.path("results.json"), json.dumps(self.payload, indent=2))
+            _write_atomic(self.path("results.md"), results.markdown(self.payload))
+
+    def add(self, row: dict, left: str) -> None:
+        """Record `row` (appended, files rewritten) and print its progress line; left: what is
+        left of the run, as the line says it."""
+        row["elapsed_s"] = round(self.elapsed(), 3)
+        self.payload["rows"].append(row)
+        if self.output_dir:
+            with open(self.path("results.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            self.rewrite()
+        print(f"[{self.elapsed():7.1f} s] {row['suite']}: {row['name']} | {row['impl']} | "
+              f"{figure_text(row)} | {left}", flush=True)
+
+    def close(self, ended: str) -> list[str]:
+        """The final files (ended: "complete" or why the run stopped) and, for a complete run,
+        the charts; returns the paths written."""
+        self.payload["meta"]["ended"] = ended
+        self.payload["meta"]["wall_s"] = round(self.elapsed(), 3)
+        self.rewrite()
+        if not self.output_dir:
+            return []
+        written = [self.path("results.json"), self.path("results.md"),
+                   self.path("results.jsonl")]
+        if ended == "complete":
+            from .charts import draw_charts
+            written += draw_charts(self.payload, self.output_dir)
+        return written
