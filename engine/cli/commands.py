@@ -73,6 +73,8 @@ def run_demo(args) -> int:
         from ..demos.tool import format_tool_table as format_table, run_tool_demo as demo
     elif cfg.task == "distill":
         from ..demos.distill import format_distill_table as format_table, run_distill_demo as demo
+    elif cfg.task == "vision":
+        from ..demos.vision import format_vision_table as format_table, run_vision_demo as demo
     else:
         from ..demos.sorting import format_table, run_demo as demo
     table = demo(cfg, quiet=args.quiet)

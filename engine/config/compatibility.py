@@ -161,6 +161,38 @@ def refuse_incompatible(config, moe: bool | None = None, names: dict | None = No
             raise ConfigValueError(pair.message(config, names))
 
 
+# What a vision-language policy (or SFT model) does not run with yet: (dotted option, why), refused
+# by refuse_for_vision at the run's start, when the model's directory holds an image processor.
+VISION_REFUSED: tuple[tuple[str, str], ...] = (
+    ("rollout.partial_rollouts", "a carried answer does not keep its prompt's images"),
+    ("rollout.tools", "a trajectory's later turns are rendered as text, with no image slot"),
+    ("rollout.environment", "a trajectory's later turns are rendered as text, with no image slot"),
+    ("reward_model", "a reward model scores text only: score with reward functions"),
+    ("critic", "the critic is a text value model: use a group estimator (grpo, rloo, ...)"),
+    ("train.prefix_sharing", "a pack with images is forwarded whole"),
+    ("ppo.ptx_coef", "the PPO-ptx data are read as text"),
+    (_TP, "the vision tower is not sliced over tensor ranks"),
+    (_CP, "a row with images is not split over a context group"),
+    ("train.optimizer_offload", "not shown with a vision tower"),
+)
+
+
+def refuse_for_vision(config) -> None:
+    """ConfigValueError (one line) for the first option of VISION_REFUSED that `config` (a stage's
+    config with a vision-language model) sets, and for train.train_vision beside LoRA adapters
+    (only the decoder's projections take adapters; the tower would be trained in full beside them,
+    and the adapter export would leave it out)."""
+    for key, why in VISION_REFUSED:
+        if has_option(config, key) and is_on(config, key):
+            raise ConfigValueError(f"{key}={option_value(config, key)!r} with a vision-language "
+                                   f"model: not supported ({why}); set it off")
+    if config.train.train_vision and config.lora.enabled:
+        raise ConfigValueError(
+            f"train.train_vision=true with lora.rank={config.lora.rank}: not supported (adapters "
+            "go on the decoder only, and their export would leave the trained tower out); train "
+            "the tower in full without adapters, or keep it frozen")
+
+
 def _class_has(config_cls, key: str) -> bool:
     """Whether config class `config_cls` has dotted option `key` (MOE: every stage's model)."""
     if key == MOE:

@@ -12,41 +12,47 @@ from .train import Precision
 # The default task's output directory; every other task's is this name, a dash and the task's.
 DEMO_DIR = "fusedrl-demo"
 
-TASKS = ("sort", "tool", "distill")
+TASKS = ("sort", "tool", "distill", "vision")
 # The options whose default depends on the task (None: this default), one per TASKS.
-TASK_DEFAULTS = {"digits": (4, 3, 4), "sft_epochs": (4, 8, 4), "algo": ("ppo", "grpo", "grpo"),
-                 "rl_iterations": (100, 30, 45)}
+TASK_DEFAULTS = {"digits": (4, 3, 4, 4), "sft_epochs": (4, 8, 4, 8),
+                 "algo": ("ppo", "grpo", "grpo", "grpo"), "rl_iterations": (100, 30, 45, 60),
+                 "train_prompts": (2000, 2000, 2000, 600)}
 
 
 @dataclass
 class DemoConfig:
-    task: Literal["sort", "tool", "distill"] = option(
+    task: Literal["sort", "tool", "distill", "vision"] = option(
         "sort: single-turn, sort the prompt's digits; tool: multi-turn, add two numbers by calling "
         "an add tool (SFT on tool-call conversations, then GRPO with the tool); distill: a teacher "
         "trained to sort distilled on-policy into a smaller, weaker student, beside GRPO of the "
-        "same budget from the same start", "sort")
+        "same budget from the same start; vision: a tiny vision-language model counts coloured "
+        "squares in pictures drawn in code (SFT on noisy answers, then GRPO with the program's "
+        "check)",
+        "sort")
     output_dir: str | None = option(
         "where the runs, table and plot go (default: fusedrl-demo for task=sort, "
         "fusedrl-demo-TASK for each other task, so every task's run keeps its own)")
     seed: int = option("seed of the data, the model init and every stage", 0)
     digits: int | None = option(
         "digits per prompt (sort) or per number (tool) (default: sort 4, tool 3)")
-    train_prompts: int = option("prompts for SFT, RM and PPO", 2000)
+    train_prompts: int | None = option(
+        "prompts for SFT, RM and PPO (default: 2000; vision 600 pictures)")
     eval_prompts: int = option("held-out prompts for the accuracy", 100)
-    demo_noise: float = option("task=sort: fraction of SFT demonstrations that are wrong", 0.4)
+    demo_noise: float = option(
+        "task=sort and vision: fraction of SFT demonstrations that are wrong", 0.4)
     tool_calls: float = option(
         "task=tool: fraction of SFT demonstrations that call the tool (the others "
         "answer at once)", 0.5)
     sft_epochs: int | None = option(
         "SFT epochs (task=distill: the teacher's; the student's is 1) (default: sort 4, tool 8, "
-        "distill 4)")
+        "distill 4, vision 8)")
     rm_epochs: int = option("reward-model epochs", 3)
     algo: Literal["ppo", "grpo"] | None = option(
         "ppo: SFT -> reward model -> PPO; grpo: SFT -> GRPO with the program's check as the reward "
         "(default: sort ppo, tool grpo, its only one)")
     rl_iterations: int | None = option(
         "PPO or GRPO iterations (task=distill: distillation's and GRPO's each) (default: sort "
-        "100, tool 30, distill 45)")
+        "100, tool 30, distill 45, vision 60)")
     rl_prompts: int = option("prompts per iteration (PPO samples 4 responses each, GRPO 8)", 16)
     eval_samples: int = option("samples per held-out prompt for the accuracy", 4)
     lora_rank: int = option(

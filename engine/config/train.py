@@ -149,6 +149,9 @@ class RunConfig:
         "where the run's memory plan (`fusedrl plan`) does not fit without it (or its KV pool "
         "holds less than one group of full-length answers), and with train.activation_offload; off "
         "on the CPU", "auto")
+    train_vision: bool = option(
+        "a vision-language model: train its vision tower (and patch merger) too; false: frozen, "
+        "only the decoder trains (docs/vision.md)", False)
     activation_offload: bool = option(
         "with train.gradient_checkpointing: each layer's saved input and residual rest in (pinned) "
         "CPU memory from the forward to the backward, copied back one layer ahead (prefetched on "

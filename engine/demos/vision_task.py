@@ -1,10 +1,10 @@
-"""The vision demo's task, data and model, built from nothing: count the squares of one colour in
-a picture. A 16 x 16 image holds a 2 x 2 grid of 8 x 8 cells, each red, green, blue or empty
-(white); "how many red ?" is answered by a digit, 0 to 4, and a program judges it. Everything is
-made here: the pictures (PIL), a word-level Hugging Face tokenizer with the Qwen-VL vision tokens
-and a chat template, a Qwen2-VL image processor (4-pixel patches merged 2 x 2, so one image token
-per cell), a tiny random Qwen2.5-VL saved by transformers, noisy demonstrations and prompts. The
-recipe that trains on them is engine/demos/vision.py.
+"""The vision demo's task, data and model, built from nothing: count the coloured squares in a
+picture. A 24 x 16 image holds a 2 x 3 grid of 8 x 8 cells, each empty (white) or a red, green
+or blue square; "how many squares ?" is answered by a digit, 0 to 6, and a program judges it.
+Everything is made here: the pictures (PIL), a word-level Hugging Face tokenizer with the Qwen-VL
+vision tokens and a chat template, a Qwen2-VL image processor (4-pixel patches merged 2 x 2, so
+one image token per cell), noisy demonstrations and prompts in TRL's format. The recipe and the
+tiny random Qwen2.5-VL it trains are engine/demos/vision.py's.
 """
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ from pathlib import Path
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
 EMPTY = (255, 255, 255)
-CELLS, CELL_PIXELS = 2, 8            # a 2 x 2 grid of 8-pixel cells: a 16-pixel square picture
-DIGITS = [str(d) for d in range(CELLS * CELLS + 1)]
+ROWS, COLUMNS, CELL_PIXELS = 2, 3, 8   # a 2 x 3 grid of 8-pixel cells: a 24 x 16 picture
+CELLS = ROWS * COLUMNS
+DIGITS = [str(d) for d in range(CELLS + 1)]
 # In the order of the model config's ids (image, video, vision start, vision end: consecutive
 # from image_token_id, engine/model/vision/tiny.py).
 VISION = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"]
 TURNS = ["<|im_start|>", "<|im_end|>"]
 SPECIAL = ["<pad>", "<s>", "</s>"]
-WORDS = ["user", "assistant", "how", "many", "?", *COLOURS, *DIGITS]
+WORDS = ["user", "assistant", "how", "many", "squares", "?", *DIGITS]
 # The template writes an image part as the vision start, the image token and the vision end, as
 # Qwen2.5-VL's does (the processor expands the image token to one per merged patch).
 CHAT_TEMPLATE = (
@@ -35,20 +36,24 @@ CHAT_TEMPLATE = (
 # --- the task ----------------------------------------------------------------------------------
 
 def draw(cells: list[str | None]):
-    """The picture of CELLS x CELLS cells (row-major colour names, None: empty) as a PIL image."""
+    """The picture of ROWS x COLUMNS cells (row-major colour names, None: empty), a PIL image."""
     from PIL import Image
 
-    side = CELLS * CELL_PIXELS
-    image = Image.new("RGB", (side, side), EMPTY)
+    image = Image.new("RGB", (COLUMNS * CELL_PIXELS, ROWS * CELL_PIXELS), EMPTY)
     for i, colour in enumerate(cells):
         if colour is not None:
-            x, y = (i % CELLS) * CELL_PIXELS, (i // CELLS) * CELL_PIXELS
+            x, y = (i % COLUMNS) * CELL_PIXELS, (i // COLUMNS) * CELL_PIXELS
             image.paste(COLOURS[colour], (x, y, x + CELL_PIXELS, y + CELL_PIXELS))
     return image
 
 
-def question(colour: str) -> str:
-    return f"how many {colour} ?"
+QUESTION = "how many squares ?"
+
+
+def task_messages(task: dict) -> list[dict]:
+    """A task's prompt in TRL's conversational format: the picture's part, then the question."""
+    return [{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": QUESTION}]}]
 
 
 def is_correct(answer: int, response: str) -> bool:
@@ -57,15 +62,18 @@ def is_correct(answer: int, response: str) -> bool:
 
 
 def make_tasks(n: int, rng: random.Random, exclude: set = frozenset()) -> list[dict]:
-    """n distinct (cells, colour) tasks: {"cells", "colour", "answer"}."""
+    """n distinct pictures, none of `exclude`, as tasks {"cells", "answer"}: each cell empty or a
+    square of a random colour, alike likely, the answer the number of squares."""
+    possible = (len(COLOURS) + 1) ** CELLS - len(exclude)
+    if n > possible:
+        raise ValueError(f"{n} distinct pictures asked for, but only {possible} are left")
     out, seen = [], set(exclude)
-    choices = [*COLOURS, None]
     while len(out) < n:
-        cells, colour = tuple(rng.choice(choices) for _ in range(CELLS * CELLS)), rng.choice(
-            list(COLOURS))
-        if (cells, colour) not in seen:
-            seen.add((cells, colour))
-            out.append({"cells": cells, "colour": colour, "answer": cells.count(colour)})
+        cells = tuple(rng.choice(list(COLOURS)) if rng.random() < 0.5 else None
+                      for _ in range(CELLS))
+        if cells not in seen:
+            seen.add(cells)
+            out.append({"cells": cells, "answer": CELLS - cells.count(None)})
     return out
 
 
@@ -76,7 +84,7 @@ def write_vision_data(train_prompts: int, eval_prompts: int, noise: float, seed:
     prompts with their `answer` column, and held-out tasks."""
     rng = random.Random(seed)
     train = make_tasks(train_prompts, rng)
-    held_out = make_tasks(eval_prompts, rng, exclude={(t["cells"], t["colour"]) for t in train})
+    held_out = make_tasks(eval_prompts, rng, exclude={t["cells"] for t in train})
     (data_dir / "images").mkdir(parents=True, exist_ok=True)
     for i, task in enumerate(train + held_out):
         task["image"] = f"images/{i}.png"
@@ -86,8 +94,7 @@ def write_vision_data(train_prompts: int, eval_prompts: int, noise: float, seed:
         shown = task["answer"]
         if rng.random() < noise:
             shown = rng.choice([d for d in range(len(DIGITS)) if d != shown])
-        text = {"type": "text", "text": question(task["colour"])}
-        prompt = [{"role": "user", "content": [{"type": "image"}, text]}]
+        prompt = task_messages(task)
         demos.append({"prompt": prompt, "completion": str(shown), "images": [task["image"]]})
         prompts.append({"prompt": prompt, "images": [task["image"]], "answer": task["answer"]})
     return {"sft": _write_jsonl(data_dir / "demonstrations.jsonl", demos),
@@ -100,9 +107,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def count_reward(completions: list[str], answer: list[int], **_) -> list[float]:
-    """The GRPO reward, a TRL-style reward function: 1.0 for the right count, else 0.0."""
-    return [float(is_correct(a, c)) for c, a in zip(completions, answer)]
+def count_reward(completions: list, answer: list[int], **_) -> list[float]:
+    """The GRPO reward, a TRL-style reward function: 1.0 for the right count, else 0.0. The prompts
+    are conversational, so each completion is TRL's [{"role": "assistant", "content": text}]."""
+    return [float(is_correct(a, c[-1]["content"] if isinstance(c, list) else c))
+            for c, a in zip(completions, answer)]
 
 
 # --- the model ---------------------------------------------------------------------------------

@@ -26,12 +26,16 @@ def head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                     temperature: float = 1.0, with_entropy: bool = False):
+                     temperature: float = 1.0, with_entropy: bool = False, bias=None):
     """hidden [M, H] (the rows predicting `labels`), weight [V, H], labels [M] -> fp32 log-probs [M]
-    under softmax(logits / temperature), and with_entropy: (log-probs [M], entropy [M])."""
+    under softmax(logits / temperature), and with_entropy: (log-probs [M], entropy [M]). bias [V]
+    (fp32) is added to the logits: a vision-language model's -inf at its vision ids, the mask its
+    sampler draws under (VisionLanguageModel.logit_bias)."""
     dtype = head_dtype(hidden, weight)
     # a tensor-parallel LM head (engine/parallel/tensor_parallel.py): its vocabulary rows
     if hasattr(weight, "to_local"):
+        if bias is not None:
+            raise ValueError("a logit bias on a tensor-parallel LM head is not supported")
         group = weight.device_mesh.get_group()
         start = weight.device_mesh.get_local_rank() * -(
             -weight.shape[0] // weight.device_mesh.size())
@@ -45,4 +49,5 @@ def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     with torch.autocast(hidden.device.type, enabled=False), \
             use_backend("torch") if on_torch else contextlib.nullcontext():
         return linear_token_logprobs(hidden.to(dtype), weight.to(dtype), labels,
+                                     bias=None if bias is None else bias.to(dtype),
                                      temperature=temperature, return_entropy=with_entropy)

@@ -37,6 +37,25 @@ def rollout_prefill_tokens(r, max_model_len: int) -> int:
     return min(max(PREFILL_TOKENS, alone), prefilled)
 
 
+def vision_activations(c: ModelConfig, elem: int, tokens: int, trained: bool) -> int:
+    """Peak activation bytes of a vision-language model's tower in a forward over `tokens` tokens
+    (0 for a text model), bounded as if every token were an image token (merge**2 patches each):
+    trained (train.train_vision), autograd keeps per patch and block what a decoder layer keeps
+    (saved_per_layer at the tower's widths, attention q = k = v = its hidden size) and the merger's
+    input; frozen, no graph is built and one block's moment is held (forward_bytes_per_token's).
+    The tower's output rows are decoder inputs, counted with the decoder."""
+    if c.vision is None or not tokens:
+        return 0
+    v = c.hf_config.vision_config
+    h, i = v.hidden_size, v.intermediate_size
+    patches = tokens * c.vision.spatial_merge_size ** 2
+    if trained:
+        per_patch = v.depth * (4 * h + 6 * h + 3 * i) + h
+    else:
+        per_patch = 8 * h + 3 * h + 3 * i
+    return int(patches * elem * per_patch)
+
+
 def _widths(c: ModelConfig) -> tuple[int, int, int, int]:
     return c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
 

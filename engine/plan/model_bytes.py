@@ -18,7 +18,9 @@ from ..model.causal_lm import CausalLM
 from ..model.config import ModelConfig
 from ..model.reward_model import RewardModel
 from ..model.value_model import LoRACritic, ValueModel, shared_value_head
+from ..model.vision_language import VisionLanguageModel
 from ..train import adapters
+from ..train.vision_tower import set_vision_trainable
 from ..parallel.distributed import shard_units
 
 
@@ -93,6 +95,16 @@ def _meta(cls, config: ModelConfig, dtype: torch.dtype) -> nn.Module:
         return cls(dataclasses.replace(config, max_model_len=1), dtype)
 
 
+def _language_model(config: ModelConfig, dtype: torch.dtype, train_vision: bool = False):
+    """The stage's language model on meta: a VisionLanguageModel for a vision config (its tower
+    trainable only with train.train_vision, as the stages set it), else a CausalLM."""
+    if config.vision is None:
+        return _meta(CausalLM, config, dtype)
+    model = _meta(VisionLanguageModel, config, dtype)
+    set_vision_trainable(model, train_vision)
+    return model
+
+
 def _lora_parts(lora, role: str) -> list[Part]:
     """The adapters (and the heads trained with them), replicated on every rank."""
     return [Part(f"{role} adapters", lora, sharded=False, trained=list(lora.parameters()))]
@@ -102,7 +114,8 @@ def supervised_models(stage: str, cfg, config: ModelConfig, dtype: torch.dtype) 
     """SFT: the causal LM; RM: the reward model built from it (a whole copy while loading). With
     lora.rank > 0 only its adapters (and head) train; its frozen base is sharded like any frozen
     model."""
-    model = _meta(CausalLM if stage == "sft" else RewardModel, config, dtype)
+    model = (_language_model(config, dtype, cfg.train.train_vision) if stage == "sft"
+             else _meta(RewardModel, config, dtype))
     heads = {"score": model.score} if stage == "rm" else None
     lora = adapters.attach(model, cfg.lora, heads)
     if lora is not None:
@@ -122,7 +135,7 @@ def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None,
     decoder or on a frozen copy of the policy) or the shared value head. An adapted model's frozen
     base is sharded like any frozen model. With `teacher_config` (distillation: its stage loads no
     reference) the frozen teacher stands where the reference would."""
-    policy = _meta(CausalLM, policy_config, dtype)
+    policy = _language_model(policy_config, dtype, cfg.train.train_vision)
     lora = adapters.attach(policy, cfg.lora)
     parts = [
         Part("policy", policy, sharded=True,
@@ -131,11 +144,11 @@ def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None,
     if lora is not None:
         parts += _lora_parts(lora, "policy")
     if teacher_config is not None:
-        parts.append(Part("teacher", _meta(CausalLM, teacher_config, dtype), sharded=True,
+        parts.append(Part("teacher", _language_model(teacher_config, dtype), sharded=True,
                           config=teacher_config))
     elif lora is None:
         parts.append(
-            Part("reference", _meta(CausalLM, policy_config, dtype), sharded=True,
+            Part("reference", _language_model(policy_config, dtype), sharded=True,
                  config=policy_config))
     rm = _meta(RewardModel, rm_config, dtype) if rm_config is not None else None
     lora_critic_on_rm = cfg.critic == "separate" and cfg.critic_lora.enabled and rm is not None

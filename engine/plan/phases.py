@@ -26,7 +26,7 @@ from ..model.causal_lm import CausalLM
 from ..model.reward_model import RewardModel
 from ..model.value_model import ValueModel
 from .activations import (context_share, forward_activations, rollout_prefill_tokens,
-                          shared_prefix_tokens, training_activations)
+                          shared_prefix_tokens, training_activations, vision_activations)
 from .model_bytes import Part, param_bytes, unique_params, unit_bytes
 from .setup import Setup
 from .kv_pool import PoolFigures, held_in, pool_bytes, pool_figures
@@ -219,7 +219,9 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part],
     backward = {**_resident(s), "grads": grads + unsharded_grads, "gathered": gathered,
                 "activations": sum(training_activations(
                     p.config, elem, ckpt, tokens, lm_head=_has_lm_head(s, p), offload=offload,
-                    shared_keys=shared_keys, fused=s.fused) for p in trained_decoders)}
+                    shared_keys=shared_keys, fused=s.fused) + vision_activations(
+                    p.config, elem, tokens, s.job.train.train_vision)
+                    for p in trained_decoders)}
     step = {**_resident(s), "grads": grads + step_buffer_bytes(s)}
     return max(backward, step, key=lambda d: sum(d.values()))
 
@@ -271,7 +273,8 @@ def ppo_phases(s: Setup) -> dict:
     # fp32 logits of a decode step and the sampler's work copy
     sampler_logits = 2 * 4 * r.max_rows * c.vocab_size
     rollout = {**base, "gathered": gathered,
-               "activations": forward_activations(c, elem, prefill, lm_head=False) + sampler_logits}
+               "activations": forward_activations(c, elem, prefill, lm_head=False) + sampler_logits
+               + vision_activations(c, elem, prefill, trained=False)}
 
     # train.prefix_sharing: a forward reads each group's prompt once, gathers its keys per answer.
     sharing = s.job.train.shares_prefixes
@@ -287,7 +290,8 @@ def ppo_phases(s: Setup) -> dict:
         return ((0 if r.persistent_weights else whole_bytes(part)) if exact
                 else forward_gathered(s, part),
                 forward_activations(part.config, elem, scored, lm_head=_has_lm_head(s, part),
-                                    shared_keys=scored_keys))
+                                    shared_keys=scored_keys)
+                + vision_activations(part.config, elem, scored, trained=False))
     decoders = [part for part in s.parts if part.config is not None]
     gathered_s, act_s = max((scoring_cost(part) for part in decoders), key=sum)
     scoring = {**base, "gathered": gathered_s, "activations": act_s}

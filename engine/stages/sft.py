@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..config.compatibility import refuse_for_vision
 from ..config.train import SFTConfig
 from ..data.loading import load_examples
 from ..data.packing import PackedBatch, collate_sft
@@ -23,6 +24,7 @@ from ..parallel.layout import layout_at_load
 from ..plan.check import supervised_startup_check
 from ..train.router_losses import with_router_losses
 from ..train.supervised import Stage, train
+from ..train.vision_tower import set_vision_trainable
 
 
 def target_nll_sum(model, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -82,9 +84,12 @@ def train_sft(cfg: SFTConfig, dataset=None, eval_dataset=None, callbacks=()) -> 
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="sft", config=cfg,
                     check=supervised_startup_check)
     cfg = run.config  # train.gradient_checkpointing=auto resolved
+    if run.processor is not None:
+        refuse_for_vision(cfg)
     examples = load_examples(cfg.data, run.data_reader, "sft", cfg.seed, dataset, eval_dataset)
     sharder = layout_at_load("adapted" if cfg.lora.enabled else "trained", run.dims)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device, shard=sharder)
+    set_vision_trainable(model, cfg.train.train_vision)
     lora = adapters.attach(model, cfg.lora)
     train(model, sft_stage(run.dtype, run.device, sharder, cfg.moe), examples.train, examples.eval,
           cfg, run.device, examples.info, lora, run.dims, callbacks)

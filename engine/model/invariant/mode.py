@@ -50,7 +50,8 @@ class BatchInvariant:
                 "expected a power of two >= 16")
 
     def packed_hidden(self, model, input_ids: torch.Tensor, seqlens: list[int], *,
-                      pixel_values=None, image_grid_thw=None) -> torch.Tensor:
+                      pixel_values=None, image_grid_thw=None,
+                      image_counts: list[int] = ()) -> torch.Tensor:
         """The training forward: input_ids [N] holding sequences of `seqlens` back to back
         (positions restart at 0 in each), on the model's device -> final hidden states [N, hidden]
         of `model` (a CausalLM). A vision-language model's pack: its images (pixel_values,
@@ -71,7 +72,7 @@ class BatchInvariant:
             return model.entry()(input_ids, positions, attend=attend, prims=EXACT)
         rotary = model.mrope_positions(input_ids, seqlens, image_grid_thw)[0]
         features = (None if pixel_values is None
-                    else model.encode_images(pixel_values, image_grid_thw))
+                    else _encoded_by_sequence(model, pixel_values, image_grid_thw, image_counts))
         return model.entry()(input_ids, rotary, attend=attend, prims=EXACT,
                              visual=model.visual_rows(input_ids, features))
 
@@ -190,3 +191,24 @@ def _token_positions(meta: AttentionMetadata, seq_index: torch.Tensor) -> torch.
 def _sequence_of_each_token(lens: torch.Tensor) -> torch.Tensor:
     """lens [S] int64 sequence lengths -> [sum(lens)] int64: each token's sequence, back to back."""
     return torch.repeat_interleave(torch.arange(lens.shape[0], device=lens.device), lens)
+
+
+def _encoded_by_sequence(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                         image_counts) -> object:
+    """The tower's features of a pack's images, each sequence's images encoded on their own
+    (image_counts [S]: images per sequence; empty: all at once), as the engine encodes each
+    prompt's: the tower's matmuls round by how many patches they see together, so only the same
+    grouping gives the same bits."""
+    if not image_counts:
+        return model.encode_images(pixel_values, image_grid_thw)
+    grids = torch.as_tensor(image_grid_thw)
+    patches = grids.prod(dim=1).tolist()
+    parts, image, row = [], 0, 0
+    for count in image_counts:
+        if count:
+            rows = sum(patches[image:image + count])
+            parts.append(model.encode_images(pixel_values[row:row + rows],
+                                             grids[image:image + count]))
+            image, row = image + count, row + rows
+    return type(parts[0])(torch.cat([p.embeds for p in parts]),
+                          tuple(torch.cat(d) for d in zip(*(p.deepstack for p in parts))))

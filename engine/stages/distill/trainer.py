@@ -24,7 +24,7 @@ import torch
 from ...config.compatibility import refuse_incompatible
 from ...config.distill import DistillConfig
 from ...data.prompts import PromptRow, load_prompts
-from ...errors import NonFiniteError
+from ...errors import ConfigValueError, NonFiniteError
 from ...parallel import distributed
 from ...plan.check import startup_check
 from ...runs.run_dir import releases_output_dir
@@ -79,6 +79,11 @@ def _train(cfg: DistillConfig, rewards: Optional[RewardFunctions], evaluate, dat
                     config=cfg, check=startup_checks)
     cfg = run.config
     refuse_incompatible(cfg, moe=run.configs["policy"].moe is not None)
+    if run.processor is not None or any(c.vision is not None for c in run.configs.values()):
+        raise ConfigValueError(
+            f"policy={cfg.policy} or teacher={cfg.teacher} is a vision-language model: not "
+            "supported by distillation yet (its prompts and the teacher's forward are text "
+            "only; docs/vision.md)")
     device, tokenizer = run.device, run.tokenizer
     agents = build_agents(cfg.rollout, tokenizer)
     prompts, truncated = load_prompts(

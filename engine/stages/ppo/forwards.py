@@ -54,18 +54,29 @@ def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_en
             hidden, target_rows, _ = model.forward_rows(packed, layout)       # [N', H]
         h = hidden.index_select(0, target_rows)                                # [M, H]
         out = lm_head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
-                               with_entropy=with_entropy)
+                               with_entropy=with_entropy, bias=_sampler_mask(model, h.device))
     else:
         # The mode reads the parameters directly, past FSDP's forward hooks: whole weights while it
         # runs.
         with whole() if whole is not None else distributed.gathered(model):
-            hidden = invariant.packed_hidden(model, packed.input_ids, packed.seqlens)
+            hidden = invariant.packed_hidden(model, packed.input_ids, packed.seqlens,
+                                             pixel_values=packed.pixel_values,
+                                             image_grid_thw=packed.image_grid_thw,
+                                             image_counts=packed.image_counts)
             h = hidden.index_select(0, packed.target_rows)
+            vision = getattr(model.config, "vision", None)
             out = invariant.head_logprobs(h, model.lm_head.weight, packed.target_ids,
-                                          temperature=temperature, with_entropy=with_entropy)
+                                          temperature=temperature, with_entropy=with_entropy,
+                                          masked=() if vision is None else vision.vision_token_ids)
     logp, entropy = out if with_entropy else (out, None)
     values = None if value_head is None else packed.to_grid(value_head(h).squeeze(-1).float())
     return packed.to_grid(logp), None if entropy is None else packed.to_grid(entropy), values
+
+
+def _sampler_mask(model, device):
+    """The logit bias the engine's sampler draws under (a vision-language model's -inf at its
+    vision ids), so that the trainer's log-probs are of the same distribution; None for text."""
+    return model.logit_bias(device) if getattr(model.config, "vision", None) is not None else None
 
 
 def policy_forward(models: PPOModels, packed: PackedBatch, temperature: float, with_entropy: bool,

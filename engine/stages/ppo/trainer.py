@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ...config.compatibility import refuse_incompatible
+from ...config.compatibility import refuse_for_vision, refuse_incompatible
 from ...config.ppo import GRPOConfig, PPOConfig
 from ...config.train import DataConfig
 from ...data.loading import load_examples
@@ -121,6 +121,8 @@ def _train(cfg: PPOConfig, rewards: Optional[RewardFunctions],
     device, tokenizer = run.device, run.tokenizer
     # the pairs of options a mixture-of-experts policy does not run with, from its config.json
     refuse_incompatible(cfg, moe=run.configs["policy"].moe is not None)
+    if run.processor is not None:
+        refuse_for_vision(cfg)
     agents = build_agents(cfg.rollout, tokenizer)  # tools, environment, template: before any model
     prompts, truncated = load_prompts(
         cfg.prompts_file if dataset is None else dataset, run.data_reader,

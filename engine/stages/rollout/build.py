@@ -22,6 +22,7 @@ from ...parallel.dims import ParallelDims
 from ...parallel.layout import layout, layout_at_load
 from ...plan.planner import rollout_kv_bytes
 from ...train import adapters, optim
+from ...train.vision_tower import set_vision_trainable
 from ...train.checkpoint import SavedModel, Trainables
 from ..rewards.combined import RewardFunctions, open_reward_functions
 from .models import PPOModels
@@ -71,6 +72,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
     policy = load_model(cfg.policy, dtype=dtype, device=device,
                         shard=sharder if lora_run else layout_at_load("trained", dims))
     policy.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
+    set_vision_trainable(policy, cfg.train.train_vision)
     lora = adapters.attach(policy, cfg.lora)
     reference = None if lora or not with_reference else load_model(
         cfg.policy, dtype=dtype, device=device, shard=frozen).eval().requires_grad_(False)

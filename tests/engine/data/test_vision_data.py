@@ -35,9 +35,10 @@ def _write(tmp_path, rows, name="rows.jsonl"):
     return str(path)
 
 
-def _picture(tmp_path, name="a.png", size=16, cells=("red", None, "red", "blue")):
+def _picture(tmp_path, name="a.png", size=None, cells=("red", None, "red", "blue")):
+    """A 24 x 16 picture (3 x 2 merged patches: 6 image tokens), or resized to size x size."""
     image = draw(list(cells))
-    if size != 16:
+    if size is not None:
         image = image.resize((size, size))
     image.save(tmp_path / name)
     return name
@@ -57,12 +58,12 @@ def test_expansion_matches_the_image_processors_grid(processor, tmp_path):
                 Image.open(tmp_path / large).convert("RGB")], return_tensors="pt")
     torch.testing.assert_close(row.images.pixel_values, reference["pixel_values"].float(),
                                rtol=0, atol=0)
-    assert row.images.image_grid_thw.tolist() == [[1, 4, 4], [1, 8, 8]]
+    assert row.images.image_grid_thw.tolist() == [[1, 4, 6], [1, 8, 8]]
     ids, tok = row.ids, processor.tokenizer
-    assert ids.count(processor.image_token_id) == 4 + 16
+    assert ids.count(processor.image_token_id) == 6 + 16
     start, end = tok.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
     first = ids.index(start)
-    assert ids[first + 1:first + 6] == [processor.image_token_id] * 4 + [end]
+    assert ids[first + 1:first + 8] == [processor.image_token_id] * 6 + [end]
     assert row.columns["answer"] == 2 and row.prompt == _user(IMAGE, TEXT, IMAGE)
 
 
@@ -129,7 +130,7 @@ def test_truncation_never_splits_an_image(processor, tmp_path):
                              {"prompt": image_first, "images": [name]}])
     rows, _ = load_prompts(path, processor, max_prompt_length=20, max_model_len=64)
     row, = rows
-    assert len(row.ids) == 20 and row.ids.count(processor.image_token_id) == 4
+    assert len(row.ids) == 20 and row.ids.count(processor.image_token_id) == 6
     assert row.images.num_images == 1
     # Every row would be cut inside its image: refused as a whole, not trained on broken samples.
     with pytest.raises(DataError, match="no prompts left"):
@@ -156,8 +157,8 @@ def test_sft_examples_carry_their_images(processor, tmp_path):
     tok = processor.tokenizer
     for ex in examples.train:
         assert ex.responses == ([tok.convert_tokens_to_ids("2"), tok.eos_token_id],)
-        assert ex.prompt.count(processor.image_token_id) == 4
-        assert ex.images.image_grid_thw.tolist() == [[1, 4, 4]]
+        assert ex.prompt.count(processor.image_token_id) == 6
+        assert ex.images.image_grid_thw.tolist() == [[1, 4, 6]]
     assert examples.train[1].prompt == examples.train[2].prompt
 
 

@@ -1,0 +1,38 @@
+"""`fusedrl plan` of a vision-language policy: the tower's weights are the policy's (and the
+reference's), trained only with train.train_vision, and its activations are in the phases."""
+import pytest
+
+from fusedrl.engine.cli import STAGES
+from fusedrl.engine.demos.vision import build_vision_model
+from fusedrl.engine.demos.vision_task import build_vision_processor
+from fusedrl.engine.model.hf_io import load_model
+from fusedrl.engine.plan.command import plan_config
+from fusedrl.engine.plan.phases import model_rows
+from fusedrl.engine.plan.planner import plan_stage, stage_setup
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    return build_vision_model(tmp_path_factory.mktemp("vlm") / "m", 0, build_vision_processor())
+
+
+def _config(model_dir, *overrides):
+    return plan_config("grpo", STAGES["grpo"][0], None,
+                       [f"policy={model_dir}", "reward_fn=rewards:score",
+                        "rollout.kv_cache_memory=1048576", *overrides])
+
+
+def test_the_plan_counts_the_vision_tower(vlm):
+    model = load_model(vlm)
+    tower = sum(p.numel() for p in model.visual.parameters())
+    everything = sum(p.numel() for p in model.parameters())
+    assert tower > 0
+    frozen = {r["role"]: r for r in model_rows(stage_setup(_config(vlm), 1))}
+    assert frozen["policy"]["parameters"] == frozen["reference"]["parameters"] == everything
+    assert frozen["policy"]["trained_parameters"] == everything - tower
+    trained = {r["role"]: r for r in model_rows(stage_setup(
+        _config(vlm, "train.train_vision=true"), 1))}
+    assert trained["policy"]["trained_parameters"] == everything
+    lean, full = (plan_stage(_config(vlm, *o), 1, 80 * 10**9, device="cpu")
+                  for o in ((), ("train.train_vision=true",)))
+    assert full.phases["update"]["activations"] > lean.phases["update"]["activations"]

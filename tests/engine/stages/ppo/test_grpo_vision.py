@@ -1,0 +1,89 @@
+"""GRPO of a tiny Qwen2.5-VL on rows with an `images` column, scored by a TRL-style reward function
+reading the rows' columns: the run goes to the end, its prompts reach the engine with their images,
+and no sampled token is one of the model's vision tokens (the random base model would sample one in
+about every sixth token if the sampler did not mask them)."""
+import pytest
+
+from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
+from fusedrl.engine.config.train import OptimConfig
+from fusedrl.engine.demos.vision import build_vision_model
+from fusedrl.engine.demos.vision_task import (build_vision_processor, count_reward,
+                                              write_vision_data)
+from fusedrl.engine.model.hf_io import load_config
+from fusedrl.engine.stages.ppo.trainer import train_ppo
+from fusedrl.engine.train.runlog import read_metrics
+from cli_testing import run_fusedrl
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo_vision")
+    processor = build_vision_processor()
+    data = write_vision_data(8, 2, 0.0, 0, root / "data")
+    return root, build_vision_model(root / "base", 0, processor), data, processor
+
+
+def test_grpo_with_images_runs_and_never_samples_a_vision_token(setup):
+    root, base, data, processor = setup
+    seen = []
+
+    def reward(prompts, completions, completion_ids, answer, images, **_):
+        seen.append((completion_ids, answer, images))
+        return count_reward(completions, answer)
+
+    cfg = GRPOConfig(
+        policy=base, prompts_file=data["prompts"], output_dir=str(root / "grpo"), seed=0,
+        rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=4, max_new_tokens=3,
+                              kv_cache_memory=1 << 22, max_prompt_length=20),
+        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=8, vf_coef=0.0),
+        optim=OptimConfig(lr=1e-2),
+        train=LoopConfig(iterations=2, progress=False, device="cpu", resume=False))
+    cfg.reward.isolation = "thread"
+    train_ppo(cfg, reward_fn=reward)
+    rows = [r for r in read_metrics(root / "grpo") if r["kind"] == "train"]
+    assert len(rows) == 2
+    sampled = [t for ids, _, _ in seen for row in ids for t in row]
+    # The model's vision ids (image, video, vision start and end), those an image slot reads.
+    vision_ids = set(load_config(base).vision.vision_token_ids)
+    assert len(vision_ids) == 4 and vision_ids <= processor.reserved_ids
+    assert len(sampled) >= 2 * 8 and not set(sampled) & vision_ids
+    # The rows' columns reach the reward as the data holds them: the answer and the image paths.
+    assert all(isinstance(a, int) for _, answers, _ in seen for a in answers)
+    assert all(p[0].startswith("images/") for _, _, images in seen for p in images)
+
+
+def test_grpo_with_images_in_exact_mode_has_zero_log_prob_mismatch(setup):
+    """rollout.exact: the sampler's log-prob of every sampled token equals the trainer's old-policy
+    forward's bit for bit, the images included, in both iterations (the second after an update)."""
+    root, base, data, _ = setup
+    cfg = GRPOConfig(
+        policy=base, prompts_file=data["prompts"], output_dir=str(root / "exact"), seed=0,
+        rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=3,
+                              temperature=0.9, kv_cache_memory=1 << 22, max_prompt_length=20,
+                              exact=True),
+        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=6, vf_coef=0.0,
+                         is_mode="tis"),
+        optim=OptimConfig(lr=1e-2),
+        train=LoopConfig(iterations=2, progress=False, device="cpu", resume=False))
+    train_ppo(cfg, reward_fn=count_reward)
+    rows = [r for r in read_metrics(root / "exact") if r["kind"] == "train"]
+    assert len(rows) == 2
+    for r in rows:
+        assert (r["logprob_mismatch"], r["logprob_mismatch_max"],
+                r["logprob_mismatch_tokens"]) == (0, 0, 0), r
+        assert r["is_weight_mean"] == 1 and r["is_weight_max"] == 1, r
+
+
+@pytest.mark.integration
+def test_fusedrl_grpo_command_with_images_runs_to_the_end(setup):
+    """`fusedrl grpo` on the JSONL rows (images by path) with a reward function named by module."""
+    root, base, data, _ = setup
+    out = root / "cli"
+    result = run_fusedrl(
+        "grpo", f"policy={base}", f"prompts_file={data['prompts']}", f"output_dir={out}",
+        "reward_fn=fusedrl.engine.demos.vision_task:count_reward", "train.iterations=1",
+        "train.device=cpu", "train.progress=false", "rollout.prompts_per_iteration=2",
+        "rollout.samples_per_prompt=2", "rollout.max_new_tokens=2",
+        "rollout.kv_cache_memory=4194304", "ppo.minibatch_size=4", timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "final" / "preprocessor_config.json").is_file()
