@@ -16,6 +16,7 @@ naming the file. transformers is never asked to run code shipped with a model
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -44,6 +45,8 @@ except ImportError:
 
 # Tensors some checkpoints carry that the decoder recomputes (RoPE frequencies).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# The tokenizer's reserved vision token the sampler masks with the model's four (VisionSpec).
+VISION_PAD = "<|vision_pad|>"
 # Checkpoint name prefixes transformers 5 writes for a vision-language model -> the model's own
 # (the Hub's Qwen2.5-VL layout: `model.layers.*`, `visual.*`), read in either layout. Saving writes
 # the layout transformers' save_pretrained writes for the family (qwen3_vl: its own prefixes; the
@@ -78,10 +81,26 @@ def load_config(model_dir) -> ModelConfig:
         # an in-memory model's run) would pay for nothing.
         from transformers import AutoConfig
 
-        return ModelConfig.from_hf(
+        config = ModelConfig.from_hf(
             AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False))
     except (ValueError, _ConfigValidationError) as e:
         raise ModelError(f"{model_dir}: {e}") from None
+    if config.vision is not None:
+        pad = _added_token_id(Path(model_dir), VISION_PAD)
+        if pad is not None and 0 <= pad < config.vocab_size:
+            config.vision = dataclasses.replace(config.vision, vision_pad_token_id=pad)
+    return config
+
+
+def _added_token_id(model_dir: Path, content: str) -> int | None:
+    """The id of the added token `content` in model_dir/tokenizer.json, None when the directory
+    has no readable tokenizer.json or the token is not one of its added tokens."""
+    try:
+        added = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        ids = [t["id"] for t in added.get("added_tokens", ()) if t.get("content") == content]
+    except (OSError, ValueError, AttributeError, TypeError, KeyError, RecursionError):
+        return None
+    return ids[0] if ids and isinstance(ids[0], int) else None
 
 
 TOKENIZER_PROBE = "hello world 0123456789"  # letters, digits, a space: a real vocabulary has some

@@ -12,7 +12,8 @@ VISION_FAMILIES = {"qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
 class VisionSpec:
     """family: config.json's model_type. mrope_axes[j]: which position axis (0 time, 1 height, 2
     width) rotates rotary column j and j + head_dim / 2. deepstack_layers: how many decoder layers
-    add a deepstack feature after them (Qwen3-VL; 0 for Qwen2.5-VL)."""
+    add a deepstack feature after them (Qwen3-VL; 0 for Qwen2.5-VL). vision_pad_token_id: the
+    tokenizer's `<|vision_pad|>` where it has one (not in config.json; hf_io reads it beside)."""
 
     family: str
     image_token_id: int
@@ -25,12 +26,17 @@ class VisionSpec:
     in_channels: int
     mrope_axes: tuple[int, ...]
     deepstack_layers: int
+    vision_pad_token_id: int | None = None
 
     @property
     def vision_token_ids(self) -> tuple[int, ...]:
-        """The ids a sampler must never emit: image, video and the vision boundaries."""
+        """The ids a sampler must never emit: image, video, the vision boundaries and the
+        tokenizer's `<|vision_pad|>`. The model reads no image at that last one, but the data
+        refuses it in any text (VisionProcessor.check_text): a sampled one would make a rollout's
+        answer a text the data cannot take back (an SFT row, a next turn)."""
+        pad = () if self.vision_pad_token_id is None else (self.vision_pad_token_id,)
         return (self.image_token_id, self.video_token_id, self.vision_start_token_id,
-                self.vision_end_token_id)
+                self.vision_end_token_id, *pad)
 
     def tokens_per_image(self, grid_thw) -> int:
         """Placeholder tokens of one image of grid (t, h, w) in patches: t * h * w / merge**2."""

@@ -199,3 +199,23 @@ def test_the_decode_graph_path_keeps_the_offsets(vlms):
         plain = hf.generate(input_ids=torch.tensor([text]), max_new_tokens=NEW, do_sample=False,
                             suppress_tokens=_vision_ids(hf.config))[0, len(text):].tolist()
     assert [o.outputs[0].token_ids for o in outs] == [_hf_greedy(hf, ids, pixels, grids), plain]
+
+
+def test_the_sampler_never_emits_the_tokenizers_vision_pad(tmp_path):
+    """`<|vision_pad|>` is not in config.json but the data refuses it in any text, so the sampler
+    masks it with the four vision ids: here its lm_head row is set to win the first greedy step
+    (transformers, suppressing only the four, emits it), and the engine never samples it."""
+    from vision_testing import save_vlm_with_processor
+
+    hf, processor = save_vlm_with_processor(tmp_path)
+    pad = processor.tokenizer.convert_tokens_to_ids("<|vision_pad|>")
+    ids, pixels, grids = image_prompt(hf.config, [[7, 8], [9]], [(1, 4, 6), (1, 4, 4)])
+    with torch.no_grad():
+        out = hf(**hf_inputs(hf.config, ids, pixels, grids), output_hidden_states=True)
+        last = out.hidden_states[-1][0, -1]
+        hf.lm_head.weight[pad] = last * (out.logits[0, -1].max() + 10) / last.dot(last)
+    hf.save_pretrained(tmp_path)
+    assert _hf_greedy(hf, ids, pixels, grids)[0] == pad
+    (answer,) = _llm(tmp_path).generate([ids.tolist()], GREEDY,
+                                        images=[ImageInputs(pixels, grids)])[0].outputs
+    assert len(answer.token_ids) == NEW and pad not in answer.token_ids

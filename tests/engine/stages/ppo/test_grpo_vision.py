@@ -43,9 +43,9 @@ def test_grpo_with_images_runs_and_never_samples_a_vision_token(setup):
     rows = [r for r in read_metrics(root / "grpo") if r["kind"] == "train"]
     assert len(rows) == 2
     sampled = [t for ids, _, _ in seen for row in ids for t in row]
-    # The model's vision ids (image, video, vision start and end), those an image slot reads.
+    # The model's vision ids (image, video, vision start and end, the tokenizer's vision pad).
     vision_ids = set(load_config(base).vision.vision_token_ids)
-    assert len(vision_ids) == 4 and vision_ids <= processor.reserved_ids
+    assert len(vision_ids) == 5 and vision_ids <= processor.reserved_ids
     assert len(sampled) >= 2 * 8 and not set(sampled) & vision_ids
     # The rows' columns reach the reward as the data holds them: the answer and the image paths.
     assert all(isinstance(a, int) for _, answers, _ in seen for a in answers)
