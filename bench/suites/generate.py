@@ -7,15 +7,21 @@ fraction_of_limit is the decode tokens/s over the decode roofline: a step reads 
 and each sequence's KV at the device's bandwidth. For the mixed workload the roofline is taken at
 the batch the engine holds (every request, up to max_num_seqs) and the mean context (mean prompt +
 half the mean output), and the output tokens/s include the prefills: a bound, not a target.
+
+The vision-language rollout (bench_vlm_rollout.py): P prompts of one image each, n samples per
+prompt at temperature 1, ours and transformers' `generate` on the same random-init Qwen2.5-VL;
+tokens/s include the vision tower, whose seconds and share of the rollout each row gives.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import shutil
+import time
 
 import torch
 
-from .. import bench_generate, results, shapes, timing
+from .. import bench_generate, bench_vlm_rollout, results, shapes, timing
 from ..cases import Case
 from ..context import Context, peer_version
 
@@ -131,6 +137,63 @@ def mixed_rows(ctx: Context, shape: Shape):
         roofline_tok_s=roofline)
 
 
+def vlm_name(ctx: Context) -> str:
+    r = bench_vlm_rollout.QUICK if ctx.quick else bench_vlm_rollout.FULL
+    model = "tiny Qwen2.5-VL" if ctx.quick else "Qwen2.5-VL-3B text shape, 8-block tower"
+    return (f"vlm rollout: {r.prompts} prompts x 1 image ({r.grid[1]}x{r.grid[2]} patches) x "
+            f"{r.samples} samples, {r.new_tokens} new ({model}, random init)")
+
+
+def vlm_rows(ctx: Context):
+    """A GRPO-style rollout with images, ours then transformers': sampled tokens/s (the vision
+    tower included), the tower's seconds and share, against the decode roofline at batch P x n."""
+    from fusedrl.engine.inference.llm import LLM
+    from fusedrl.engine.inference.runner import kv_bytes_per_block
+    r = bench_vlm_rollout.QUICK if ctx.quick else bench_vlm_rollout.FULL
+    path, hf = bench_vlm_rollout.build(ctx.quick, ctx.options.seed, ctx.dtype, ctx.device)
+    try:
+        llm = LLM(path, dtype=ctx.dtype, device=str(ctx.device),
+                  max_num_seqs=r.prompts * r.samples,
+                  kv_cache_memory=0.5 if ctx.device.type == "cuda" else 256 << 20)
+        ids, images = bench_vlm_rollout.prompts(hf.config, r, ctx.options.seed)
+        decoder_bytes = sum(p.numel() * p.element_size()
+                            for name, p in llm.model.named_parameters()
+                            if not name.startswith("visual."))
+        roofline = bench_generate.decode_roofline_tok_s(
+            r.prompts * r.samples, len(ids[0]) + r.new_tokens / 2, decoder_bytes,
+            kv_bytes_per_block(llm.config, ctx.dtype, 1), ctx.limits.bytes_per_s)
+        runs = {"fusedrl": lambda: bench_vlm_rollout.time_ours(llm, ids, images, r,
+                                                               ctx.options.seed, ctx.device),
+                f"transformers {peer_version('transformers')}":
+                    lambda: bench_vlm_rollout.time_hf(hf, ids, images, r, ctx.device)}
+        for impl, run in runs.items():
+            yield vlm_row(ctx, impl, run, roofline)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def vlm_row(ctx: Context, impl: str, run, roofline: float) -> dict:
+    """One implementation's row: a warm-up rollout, then 3 timed; the median one's figures."""
+    start = time.perf_counter()
+    run()  # the warm-up: the row's compile_s
+    warmup_s = time.perf_counter() - start
+    rollouts = [run() for _ in range(3)]
+    seconds = [x["seconds"] for x in rollouts]
+    timing.note(timing.Timing.of(seconds, warmup_s, sum(seconds)))
+    median = sorted(rollouts, key=lambda x: x["seconds"])[1]
+    tok_s = median["tokens"] / median["seconds"]
+    return results.make_row(
+        SUITE, vlm_name(ctx), impl, fraction_of_limit=tok_s / roofline,
+        limit="decode roofline at batch prompts x samples", seconds=median["seconds"],
+        tok_s=tok_s, tower_s=median["tower_s"], tower_share=median["tower_s"] / median["seconds"],
+        tower_runs=median["tower_runs"], output_tokens=median["tokens"], roofline_tok_s=roofline)
+
+
+def vlm_case(ctx: Context) -> Case:
+    return Case(SUITE, vlm_name(ctx), ("fusedrl", "transformers"),
+                functools.partial(vlm_rows, ctx))
+
+
 def decode_case(ctx: Context, batch: int) -> Case:
     shape = QUICK if ctx.quick else FULL
     impls = ("fusedrl", "transformers") if batch == 1 else ("fusedrl",)
@@ -145,6 +208,7 @@ def mixed_case(ctx: Context) -> Case:
 
 
 def cases(ctx: Context) -> list[Case]:
-    """Decode at each batch, then the mixed workload."""
+    """Decode at each batch, the mixed workload, then the vision-language rollout."""
     shape = QUICK if ctx.quick else FULL
-    return [*(decode_case(ctx, batch) for batch in shape.batches), mixed_case(ctx)]
+    return [*(decode_case(ctx, batch) for batch in shape.batches), mixed_case(ctx),
+            vlm_case(ctx)]
