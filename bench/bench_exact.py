@@ -21,7 +21,7 @@ from fusedrl.bench.bench_generate import build_model_dir, time_ours
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.model.hf_io import load_model
-from fusedrl.engine.stages.ppo.packs import pack_rollout
+from fusedrl.engine.stages.rollout.packs import pack_rollout
 from fusedrl.engine.stages.ppo.forwards import response_logprobs
 
 

@@ -8,7 +8,7 @@ far below the cap, a few at it). The parameters are this benchmark's assumption,
 
 The lengths are replayed through the engine's own Scheduler and BlockManager (continuous batching,
 paged KV, preemption, speculative slot reservation and rollback) with a stand-in model that ends
-each answer at its drawn length; partial rollouts follow the trainer's rules (stages/ppo/partial.py:
+each answer at its drawn length; partial rollouts follow the trainer's rules (stages/rollout/partial.py:
 groups in flight topped up to 2 x --prompts, the iteration ended at --prompts complete groups (or a
 token budget), answers carried and prefilled again, stale answers dropped); the engine runs at most
 RolloutConfig.max_rows rows at once (--prompts x --samples, twice that with partial rollouts).
@@ -43,8 +43,8 @@ from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.scheduler import Scheduler
 from fusedrl.engine.inference.sequence import Sequence
 from fusedrl.engine.inference.stop_rules import GroupsDone
-from fusedrl.engine.stages.ppo.partial import (complete, drop_stale, new_group, new_groups_wanted,
-                                               unfinished)
+from fusedrl.engine.inference.in_flight import Group, unfinished
+from fusedrl.engine.stages.rollout.partial import drop_stale, new_groups_wanted
 
 # Qwen2.5-7B: 7.616B parameters in bf16; K and V of 28 layers x 4 kv heads x 128 per token.
 PARAMS, WEIGHT_BYTES, LAYERS, HIDDEN = 7.616e9, 15.23e9, 28, 3584
@@ -161,36 +161,37 @@ def partial(args, seed: int, speculate: bool) -> dict:
     # speculation.
     model = StandIn(args, random.Random(seed + 1), 2 * args.prompts * args.samples)
     groups, trained, next_id, it = [], 0, 0, 0
+    length_of = {}  # id(sample) -> the length its answer ends at
     dropped = dropped_tokens = groups_trained = 0
     while groups_trained < args.iterations * args.prompts:
         answers, tokens = drop_stale(groups, it, args.max_staleness)
         dropped, dropped_tokens = dropped + answers, dropped_tokens + tokens
         for _ in range(new_groups_wanted(len(groups), args.prompts)):
-            group = new_group([PROMPT_TOKEN] * args.prompt_tokens, args.samples,
+            group = Group.new([PROMPT_TOKEN] * args.prompt_tokens, args.samples,
                               rng.getrandbits(32))
-            for sample, length in zip(group["samples"], lengths(args, rng, args.samples)):
-                sample["length"] = length
+            for sample, length in zip(group.samples, lengths(args, rng, args.samples)):
+                length_of[id(sample)] = length
             groups.append(group)
         rows = []
-        for g, sample in unfinished(groups):
-            prompt = groups[g]["prompt"]
-            seq = Sequence(next_id, Request(prompt, PARAMS_OF(args), answer=sample["answer"]), 0)
-            rows.append((seq, g, sample))
+        index = {id(g): i for i, g in enumerate(groups)}
+        for group, sample in unfinished(groups):
+            seq = Sequence(next_id, Request(group.prompt, PARAMS_OF(args), answer=sample.tokens), 0)
+            rows.append((seq, index[id(group)], sample))
             next_id += 1
-        needed = args.prompts - sum(map(complete, groups))
+        needed = args.prompts - sum(g.complete for g in groups)
         if needed > 0:
-            model.run([(seq, sample["length"]) for seq, _, sample in rows],
+            model.run([(seq, length_of[id(sample)]) for seq, _, sample in rows],
                       args.tokens_per_iteration, speculate,
                       GroupsDone([g for _, g, _ in rows], needed))
         for seq, _, sample in rows:
-            new = seq.completion_token_ids[len(sample["answer"]):]
-            sample["answer"] += new
-            sample["versions"] += [it] * len(new)
-            sample["finish"] = "stop" if len(sample["answer"]) == sample["length"] else None
-        done = [g for g in groups if complete(g)][:args.prompts]
+            new = seq.completion_token_ids[len(sample.tokens):]
+            sample.tokens += new
+            sample.versions += [it] * len(new)
+            sample.finish = "stop" if len(sample.tokens) == length_of[id(sample)] else None
+        done = [g for g in groups if g.complete][:args.prompts]
         groups = [g for g in groups if not any(g is d for d in done)]
         groups_trained += len(done)
-        trained += sum(len(s["answer"]) for g in done for s in g["samples"])
+        trained += sum(len(s.tokens) for g in done for s in g.samples)
         it += 1
     return {**model.counts, "trained_tokens": trained, "iterations": it, "dropped_answers": dropped,
             "dropped_tokens": dropped_tokens}

@@ -215,13 +215,13 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
     from fusedrl.engine.config.lora import LoRAConfig
     from fusedrl.engine.model.hf_io import load_config
     from fusedrl.engine.inference.runner import kv_bytes_per_block
-    from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
+    from fusedrl.engine.stages.rollout.build import build_models, build_optimizers
     from fusedrl.engine.stages.rewards.combined import open_reward_functions
     from fusedrl.engine.config.ppo import (GRPOConfig, LoopConfig, UpdateConfig, PPOConfig, RewardConfig,
                                            RolloutConfig)
     from fusedrl.engine.stages.ppo.advantages import RunningMoments
-    from fusedrl.engine.stages.ppo.answer_rows import sample_and_score
-    from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
+    from fusedrl.engine.stages.rollout.answer_rows import sample_and_score
+    from fusedrl.engine.stages.rollout.phase_timer import PhaseTimer
     from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollout
     from fusedrl.engine.stages.ppo.update import UpdateSettings, ppo_update
     from fusedrl.engine.train.precision import param_dtype, resolve_precision

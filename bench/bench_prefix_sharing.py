@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fusedrl.bench import harness
 from fusedrl.engine.data.prefix_sharing import share_prefixes
-from fusedrl.engine.stages.ppo.packs import pack_rollout
+from fusedrl.engine.stages.rollout.packs import pack_rollout
 
 FORWARDS_PER_ITERATION = 5  # reference + old log-probs + the update's forward and backward (2x)
 # What the FLOPs in the result are (its "modeled" field); the tokens are counted.

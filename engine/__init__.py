@@ -2,7 +2,8 @@
 
 `run_sft`, `run_rm`, `run_ppo`, `run_grpo` with `SFTConfig`, `RMConfig`, `PPOConfig`, `GRPOConfig`
 to train from a program, or their trainer objects `SFTTrainer`, `RewardTrainer`, `PPOTrainer`,
-`GRPOTrainer` (TRL's shape: model, args, datasets, `Callback`s; docs/python_api.md);
+`GRPOTrainer`, `DistillTrainer` (TRL's shape: model, args, datasets, `Callback`s; `args` also
+TRL's `GRPOConfig` / `DistillationConfig`, translated; docs/python_api.md);
 `LLM(model_dir).generate(prompts, SamplingParams(...))` for generation; `load_model` /
 `save_model` for Hugging Face directories; `CausalLM.forward_packed` for the training forward.
 The names are loaded on first use, so `import fusedrl.engine` (and `fusedrl --help`) imports
@@ -28,6 +29,7 @@ _PUBLIC = {
     "GRPOConfig": ".config.ppo", "run_sft": ".api", "run_rm": ".api", "run_ppo": ".api",
     "run_grpo": ".api", "TrainResult": ".trainers", "SFTTrainer": ".trainers",
     "RewardTrainer": ".trainers", "PPOTrainer": ".trainers", "GRPOTrainer": ".trainers",
+    "DistillConfig": ".config.distill", "DistillTrainer": ".trainers",
     "Callback": ".train.callbacks", "FusedRLError": ".errors", "UsageError": ".errors",
     "DataError": ".data.records",
     "LLM": ".inference.llm", "RequestOutput": ".inference.llm", "Completion": ".inference.llm",

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .config.distill import DistillConfig
 from .config.io import ConfigError, to_dict
 from .config.ppo import GRPOConfig, PPOConfig
 from .config.train import RMConfig, SFTConfig
+from .config.trl_config import is_trl_config, translate
 from .data.sources import is_dataset
 from .errors import RunComplete, UsageError
 from .runs.path_checks import check_input_file
@@ -43,12 +45,14 @@ class TrainResult:
 
 
 def as_config(cls, config, overrides: list[str] = ()):
-    """`config` as a `cls`: an instance of it (overrides applied on its values), a nested dict, or
-    the path of a YAML file; a ConfigError (a ValueError) naming the bad key otherwise, and one
-    naming ours for another library's config of the same name (TRL's GRPOConfig: its options are
-    not ours)."""
+    """`config` as a `cls`: an instance of it (overrides applied on its values), a nested dict,
+    the path of a YAML file, or TRL's GRPOConfig / DistillationConfig (translated field by field,
+    config/trl_config.py: the fields ours cannot take refused one line each); a ConfigError (a
+    ValueError) naming the bad key otherwise, and one naming ours for another config."""
     if isinstance(config, cls):
         return cls.from_dict(to_dict(config), overrides) if overrides else config
+    if is_trl_config(config):
+        return cls.from_dict(translate(config, cls.__name__), overrides)
     if isinstance(config, dict):
         return cls.from_dict(config, overrides)
     if isinstance(config, (str, Path)):
@@ -256,3 +260,16 @@ class GRPOTrainer(PPOTrainer):
     """GRPO (GRPOConfig): PPOTrainer with GRPO's defaults (group advantages, no critic)."""
 
     config_class = GRPOConfig
+
+
+class DistillTrainer(PPOTrainer):
+    """On-policy distillation (DistillConfig; engine/stages/distill/): the student is `model`, the
+    teacher args.teacher (TRL's DistillationConfig: teacher_model_name_or_path); `reward_funcs`
+    are read with distill.reward_coef > 0."""
+
+    config_class = DistillConfig
+
+    def _run(self, args) -> Path:
+        from .stages.distill.trainer import train_distill
+        return train_distill(args, reward_fn=self.reward_funcs, dataset=self.train_dataset,
+                             callbacks=self.callbacks)

@@ -11,14 +11,14 @@ The RL statistics (masked mean, moments and whitening, loss aggregation, the IS/
 group advantages) are written once, in statistics.py; the ones that pool entries take `sum_over`,
 the ranks' sum, and give every rank what one process computes on all ranks' rows.
 
-The model's ops (the engine's only way in): `rms_norm`, `rope`, `silu_mul`, `norm_linear` (a decode
-step's norm + projection), the mixture-of-experts layer's `moe_sort`, `moe_permute`,
-`grouped_linear` and `moe_unpermute`, `store_kv` and `rope_store_decode` (the paged KV cache),
-`sample_triton` with its `SamplerWorkspace`, and `exact`, the batch-invariant mode's ops. The
-decider's questions (`backend_for`, `model_backend`, ...) come from `dispatch`, the one place that
-reads the environment and looks at devices to choose an implementation; attention's
-(`attention_backend`) from `fusedrl.kernels.attention`, the public subpackage that holds every
-attention path the engine calls.
+The model's ops (the engine's only way in): `rms_norm`, `rope` (and `mrope`, M-RoPE's),
+`silu_mul`, `norm_linear` (a decode step's norm + projection), the mixture-of-experts layer's
+`moe_sort`, `moe_permute`, `grouped_linear` and `moe_unpermute`, `store_kv` and
+`rope_store_decode` (the paged KV cache), `sample_triton` with its `SamplerWorkspace`, and `exact`,
+the batch-invariant mode's ops. The decider's questions (`backend_for`, `model_backend`, ...)
+come from `dispatch`, the one place that reads the environment and looks at devices to choose an
+implementation; attention's (`attention_backend`) from `fusedrl.kernels.attention`, the public
+subpackage that holds every attention path the engine calls.
 """
 if __name__ != "fusedrl.kernels":
     # The repository root is on sys.path and this folder was imported as `kernels`: see shadowed.py.
@@ -41,6 +41,7 @@ else:
     from .rl.logprobs import token_logprobs
     from .model.norm import rms_norm
     from .model.rotary import rope
+    from .model.mrope import mrope
     from .model.swiglu import silu_mul
     from .model.norm_linear import norm_linear
     from .model.moe_permute import moe_permute, moe_unpermute
@@ -58,7 +59,7 @@ else:
         "masked_moments", "explained_variance", "importance_weights", "group_advantages",
         "token_logprobs", "linear_token_logprobs", "linear_distill_divergence", "DistillOutput",
         "kl_penalty", "gae", "masked_whiten",
-        "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "silu_mul", "norm_linear",
+        "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "mrope", "silu_mul", "norm_linear",
         "moe_sort", "moe_permute", "moe_unpermute", "grouped_linear",
         "store_kv", "rope_store_decode", "sample", "sample_triton", "SamplerWorkspace", "exact",
     ]

@@ -1,16 +1,16 @@
 """Agents: multi-turn rollouts with tools and environments (docs/agents.md).
 
-`run_agents(llm.generate_turns, ChatRenderer(tokenizer, schemas), EnvSource(...), rows, params,
-limits)`
+`run_agents(llm, ChatRenderer(tokenizer, schemas), EnvSource(...), rows, params, limits)`
 samples trajectories whose turns alternate between the model and an environment (environment.py's
-protocol, or `ToolEnvironment` answering the model's tool calls), token in, token out;
-`CarriedTrajectories` continues them across engine runs, their environments alive in between
-(partial rollouts).
+protocol, or `ToolEnvironment` answering the model's tool calls), token in, token out: a thin
+wrapper over `CarriedTrajectories`, which continues them (typed engine/inference/in_flight.py
+samples) across engine runs, their environments alive in between (partial rollouts), or runs them
+to their end (whole groups).
 """
-from .carried import CarriedTrajectories
+from .carried import CarriedTrajectories, run_agents
 from .chat_render import ChatRenderer
 from .environment import EnvironmentFailure, load_environment
-from .agent_loop import AgentLimits, AgentTrajectory, agent_metrics, run_agents
+from .agent_loop import AgentLimits, AgentTrajectory, agent_metrics
 from .sources import EnvSource
 from .tool_calls import ToolCall, parse_hermes, parser_for
 from .tools import ToolEnvironment, load_tools, tool_schema

@@ -1,4 +1,5 @@
-"""The `fusedrl` command: parsing and dispatch of every subcommand.
+"""The `fusedrl` command: parsing and dispatch of every subcommand (info and demo here; the
+training stages and plan in stages.py, plot and export in run_outputs.py, generate in generate.py).
 
     fusedrl info | demo | generate | sft | rm | ppo | grpo | distill | plan | export | plot | bench
     (`fusedrl <command> --help`)
@@ -18,23 +19,20 @@ exit 2 for usage errors (options, arguments, paths) and 1 for failures (engine/e
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 
 from .. import errors
 from ..config import io as config_io
-from ..config.compatibility import table_lines
 from ..config.demo import DemoConfig
-from ..config.distill import DistillConfig
-from ..config.ppo import GRPOConfig, PPOConfig
-from ..config.train import RMConfig, SFTConfig
-from ..runs import path_checks, run_dir, run_paths
-from ..train import trackers
+from ..runs import path_checks, run_dir
 from ...bench.command import add_bench_parser
 from . import process
+from .flags import add_debug_flag, add_quiet_flag
 from .generate import add_generate_parser
+from .run_outputs import add_export_parser, add_plot_parser
+from .stages import STAGES, add_plan_parser, add_stage_parser
 
 # --- info -------------------------------------------------------------------------------------
 
@@ -60,137 +58,6 @@ def run_info(_args) -> int:
     for device in devices:
         print(f"  {device}: ops run on '{kernels.backend_for(torch.empty(0, device=device))}'")
     return 0
-
-
-# --- sft / rm / ppo ----------------------------------------------------------------------------
-
-REFUSED_EPILOG = """
-
-options refused together, in one line before any model loads (engine/config/compatibility.py):
-{pairs}"""
-
-
-def _train_sft(config):
-    from ..stages.sft import train_sft
-    return train_sft(config)
-
-
-def _train_rm(config):
-    from ..stages.rm import train_rm
-    return train_rm(config)
-
-
-def _train_ppo(config):
-    from ..stages.ppo.trainer import train_ppo
-    return train_ppo(config)
-
-
-def _train_distill(config):
-    from ..stages.distill.trainer import train_distill
-    return train_distill(config)
-
-
-STAGES = {
-    "sft": (SFTConfig, _train_sft,
-            "supervised fine-tuning on demonstrations (loss on response tokens)"),
-    "rm": (RMConfig, _train_rm, "reward model on pairwise or K-way rankings"),
-    "ppo": (PPOConfig, _train_ppo,
-            "PPO of the SFT policy against a reward model (InstructGPT step 3)"),
-    "grpo": (GRPOConfig, _train_ppo,
-             "critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++ baseline) against a "
-             "reward function or model"),
-    "distill": (DistillConfig, _train_distill,
-                "on-policy distillation: the student (policy) samples, a frozen teacher=DIR of the "
-                "same vocabulary scores every token, the student minimizes the divergence"),
-}
-
-
-def add_stage_parser(commands, name: str) -> None:
-    config_cls, _, summary = STAGES[name]
-    p = commands.add_parser(name, help=summary, description=summary,
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog=lambda: config_io.options_epilog(config_cls)
-                            + REFUSED_EPILOG.format(pairs="\n".join(table_lines(config_cls))))
-    p.add_argument("--config", help="YAML file with the options below")
-    add_debug_flag(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="options overriding the file")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config as YAML and exit")
-    add_quiet_flag(p)
-    p.set_defaults(run=lambda args: run_stage(args, name))
-
-
-def add_quiet_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress on stderr (train.progress=false), and no warnings, notes "
-                             "or progress bars of transformers and datasets themselves (errors "
-                             "stay)")
-
-
-# --print-config shows a config before it is run: output_dir, which only a run needs, may be left
-# out. This stands in for it while the config is built, and is printed as the empty default.
-_UNSET_OUTPUT_DIR = "(not given)"
-
-
-def print_stage_config(config_cls, path, overrides: list[str]) -> int:
-    """--print-config of a training stage: its config resolved as a run resolves it, output_dir
-    not required (printed empty when left out)."""
-    config = config_io.command_config(config_cls, path, overrides,
-                                      fill={"output_dir": _UNSET_OUTPUT_DIR})
-    if config.output_dir == _UNSET_OUTPUT_DIR:
-        config.output_dir = ""
-    return config_io.print_config(config)
-
-
-def run_stage(args, name: str) -> int:
-    config_cls, train, _ = STAGES[name]
-    quiet = ["train.progress=false"] if args.quiet else []
-    if args.print_config:
-        return print_stage_config(config_cls, args.config, args.overrides + quiet)
-    config = config_io.command_config(config_cls, args.config, args.overrides + quiet)
-    trackers.check_installed(trackers.tracker_names(config.train))  # before anything is created
-    try:
-        config.require_model()
-        config.require_data()
-    except ValueError as e:
-        raise errors.UsageError(str(e)) from None
-    models, files = config.paths()
-    path_checks.check_paths(models, files, config.output_dir)  # before the stage imports torch
-    run_dir.check_target(config.output_dir, name, overwrite=config.train.overwrite,
-                         resume=config.train.resume,
-                         inputs=run_paths.run_inputs(config, args.config),
-                         overwrite_option="train.overwrite=true", resume_option="train.resume=true")
-    out = train(config)
-    print(f"fusedrl {name}: model written to {out}")
-    return 0
-
-
-# --- plan -------------------------------------------------------------------------------------
-
-def add_plan_parser(commands) -> None:
-    p = commands.add_parser("plan",
-                            help="per-GPU memory of a training stage in each phase, before launch",
-                            description="per-GPU bytes of a stage's load, rollout, scoring, update "
-                                        "and export (weights, grads, optimizer, KV pool, gathered "
-                                        "weights, activations), whether it fits and what to change "
-                                        "if not; needs only config.json")
-    p.add_argument("stage", choices=list(STAGES))
-    p.add_argument("--config", help="the stage's YAML config")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="the stage's options (`fusedrl STAGE --help`)")
-    p.add_argument("--gpus", type=int, default=1,
-                   help="GPUs of the run (torchrun --nnodes x --nproc-per-node)")
-    p.add_argument("--gpus-per-node", type=int,
-                   help="GPUs of a node (default --gpus): data_parallel=hybrid's shards")
-    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB or 79.6GiB")
-    p.add_argument("--json", action="store_true", help="print one JSON object (with `fits`)")
-    add_debug_flag(p)
-    p.set_defaults(run=_plan)
-
-
-def _plan(args) -> int:
-    from ..plan.command import run_plan
-    return run_plan(args.stage, STAGES[args.stage][0], args)
 
 
 # --- demo -------------------------------------------------------------------------------------
@@ -232,97 +99,7 @@ def add_demo_parser(commands) -> None:
     p.set_defaults(run=run_demo)
 
 
-# --- plot -------------------------------------------------------------------------------------
-
-def add_plot_parser(commands) -> None:
-    p = commands.add_parser("plot", help="plot a run's metrics as PNG curves",
-                            description="PNG curves of a run's metrics.jsonl (one file per record "
-                                        "kind)")
-    p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
-    p.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
-    add_debug_flag(p)
-    p.set_defaults(run=run_plot)
-
-
-def run_plot(args) -> int:
-    path_checks.check_run_dir(args.run_dir)  # before importing matplotlib and torch
-    from ..train.plot import plot_run
-    try:
-        written = plot_run(args.run_dir, args.out)
-    except FileNotFoundError as e:
-        raise errors.UsageError(str(e)) from e
-    if not written:
-        raise errors.FusedRLError(f"no train or eval records in {args.run_dir}/metrics.jsonl")
-    for path in written:
-        print(path)
-    return 0
-
-
-# --- export -----------------------------------------------------------------------------------
-
-def add_export_parser(commands) -> None:
-    p = commands.add_parser(
-        "export", help="merge a LoRA adapter into its base model (a Hugging Face directory)",
-        description="Fold a PEFT LoRA adapter directory (a run's final_adapter/, a checkpoint's "
-                    "policy_adapter/ or PEFT's own) into its base model's weights and write a "
-                    "transformers-loadable directory.")
-    p.add_argument("adapter",
-                   help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--merge", action="store_true",
-                   help="write the merged model (required: the adapter "
-                        "directory itself is already PEFT's format)")
-    p.add_argument("--out", required=True,
-                   help="output directory: new, empty, or an earlier export (with "
-                        "--overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier export in --out (never a directory "
-                        "fusedrl did not make, nor an input)")
-    p.add_argument("--base",
-                   help="base model directory (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--dtype", default="auto",
-                   help="float32 | bfloat16 | float16 | auto (the base checkpoint's)")
-    add_debug_flag(p)
-    p.set_defaults(run=run_export)
-
-
-def _adapter_base(adapter: str) -> str:
-    """The base model an adapter directory records (checked before torch is imported)."""
-    config = f"{adapter}/adapter_config.json"
-    try:
-        base = json.loads(open(config, encoding="utf-8").read()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError) as e:
-        raise errors.UsageError(
-            f"{adapter}: not a PEFT adapter directory ({config}: {e})") from None
-    if not base:
-        raise errors.UsageError(f"{config} names no base_model_name_or_path: give --base")
-    return base
-
-
-def run_export(args) -> int:
-    if not args.merge:
-        raise errors.UsageError(
-            "nothing to export without --merge: the adapter directory is already PEFT's "
-            "format; --merge writes the merged model")
-    base = args.base or _adapter_base(args.adapter)
-    path_checks.check_model_path(base, "--base")
-    # before importing torch; merge_adapter checks again
-    run_dir.check_target(args.out, "export", overwrite=args.overwrite, inputs=[args.adapter, base],
-                         option="--out", overwrite_option="--overwrite")
-    path_checks.check_output_dir(args.out, "--out")
-    from ..model.peft_io import merge_adapter
-    merge_adapter(args.adapter, base, args.out, args.dtype, args.overwrite)
-    print(f"fusedrl export: merged model written to {args.out}")
-    return 0
-
-
 # --- the command ------------------------------------------------------------------------------
-
-def add_debug_flag(parser: argparse.ArgumentParser) -> None:
-    """--debug on the top-level parser and on each command (before or after the command name).
-    SUPPRESS: a command's parser must not reset a --debug given before the command to False."""
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help=f"show the traceback of an error (also: {errors.DEBUG_ENV}=1)")
-
 
 class CommandParser(argparse.ArgumentParser):
     """A command's parser whose epilog may be given as a function, called when the epilog is read

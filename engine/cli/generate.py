@@ -56,7 +56,7 @@ class _Alias(argparse.Action):
 # flag -> (config key, argparse options): the flags `fusedrl generate` had before it read a config.
 _GENERATE_FLAGS = {
     "--model": ("model", {}), "--prompt": ("prompts", {"repeat": True}),
-    "--prompt-file": ("prompt_file", {}),
+    "--prompt-file": ("prompt_file", {}), "--image": ("images", {"repeat": True}),
     "--n": ("n", {"type": int}), "--max-new-tokens": ("max_new_tokens", {"type": int}),
     "--temperature": ("temperature", {"type": float}), "--top-k": ("top_k", {"type": int}),
     "--top-p": ("top_p", {"type": float}), "--seed": ("seed", {"type": int}),
@@ -160,6 +160,28 @@ def _templated(cfg, prompts: list[str]) -> list[str]:
     return [render_prompt(tokenizer, (("user", prompt),), tools=schemas) for prompt in prompts]
 
 
+def _with_images(cfg, prompts: list[str]) -> tuple[list[list[int]], list]:
+    """Each prompt after cfg.images (as a user turn of the chat template with cfg.chat_template,
+    else as vision start, image, vision end per image, then the text), processed by the model
+    directory's VisionProcessor: (token ids with each image's placeholders, their ImageInputs)."""
+    from ..data.vision_processor import IMAGE_TOKEN, VISION_START, VisionProcessor
+    from ..data.vision_rows import open_image
+    if cfg.tensor_parallel != 1:
+        raise errors.UsageError("--image with --tensor-parallel: not supported; generate images "
+                                "on one device")
+    try:
+        processor = VisionProcessor.from_pretrained(cfg.model)
+        pictures = [open_image(path, None, i) for i, path in enumerate(cfg.images)]
+    except ValueError as e:
+        raise errors.UsageError(f"--image: {e}") from None
+    texts = [processor.render([{"role": "user", "content": [{"type": "image"}] * len(pictures)
+                                + [{"type": "text", "text": p}]}], True)
+             if cfg.chat_template else
+             (VISION_START + IMAGE_TOKEN + "<|vision_end|>") * len(pictures) + p for p in prompts]
+    encoded = [processor.encode(text, pictures) for text in texts]
+    return [ids for ids, _ in encoded], [pixels for _, pixels in encoded]
+
+
 def run_generate(args) -> int:
     """Complete the prompts of the config the command line gives; print them (text or JSON
     lines)."""
@@ -185,7 +207,11 @@ def run_generate(args) -> int:
     from ..train.run_setup import check_model_dir, resolve_device
     check_model_dir(cfg.model, "--model")
     device = resolve_device(cfg.device, "--device")
-    given, prompts = prompts, _templated(cfg, prompts)  # the user's, and what the model reads
+    given, images = prompts, None
+    if cfg.images:  # token ids with each image's placeholders, and the images' pixels
+        prompts, images = _with_images(cfg, prompts)
+    else:
+        prompts = _templated(cfg, prompts)  # what the model reads
     # an argument the engine rejects; the model's own problems are FusedRLErrors and pass through
     try:
         if cfg.tensor_parallel != 1:
@@ -197,7 +223,7 @@ def run_generate(args) -> int:
                       block_size=cfg.block_size, device=device,
                       speculative_tokens=cfg.speculative_tokens,
                       speculate_below=cfg.speculate_below)
-            outputs = llm.generate(prompts, params, use_tqdm=cfg.progress)
+            outputs = llm.generate(prompts, params, use_tqdm=cfg.progress, images=images)
             if cfg.speculative_tokens:
                 tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
                 print(f"speculative decoding: {llm.runner.forwards} model forwards for {tokens} "

@@ -10,8 +10,8 @@ holds in a config that has both options (SFT's and RM's have no rollout). Every 
 when built, and engine/parallel/validate.py again at a run's start (a config changed in place
 since); what depends on the number of GPUs or a model's shape stays there. The engine refuses
 its own arguments beside its exact mode by a rule of its own (engine/inference/exact_pairs.py: no
-config there); `fusedrl <stage> --help` and docs/runs.md show this table (table_lines,
-markdown_table).
+config there), with the same reasons (engine/exact_reasons.py); `fusedrl <stage> --help` and
+docs/runs.md show this table (table_lines, markdown_table).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
+from .. import exact_reasons
 from ..errors import ConfigValueError
 from .estimators import CRITIC_ESTIMATORS, TURN_ESTIMATORS
 
@@ -96,24 +97,19 @@ class Pair:
                 "off")
 
 
-_VERIFY = "a speculative verify step is not the decode step that one reproduces"
-_CHUNK = "a chunked prefill is not the forward that one reproduces"
 _CP, _EP, _TP = "train.context_parallel", "train.expert_parallel", "train.tensor_parallel"
 _ROWS = "it forwards rows whole, which a context group splits"
 _MASKS = "each tensor rank would draw its own dropout mask on the same input"
 
 INCOMPATIBLE: tuple[Pair, ...] = (
     Pair("reward_model", "reward_fn", "the run is scored by one of them"),
-    Pair("reward_model", "reward.weights", "the weights weigh reward functions"),
-    Pair("rollout.partial_rollouts", "rollout.dynamic_sampling",
-         "dynamic sampling draws whole groups again"),
     Pair("rollout.partial_rollouts", "rollout.exact",
          "a carried answer mixes tokens of older weights, which exact's bitwise old log-probs "
          "cannot reproduce"),
     Pair("rollout.tools", "rollout.environment",
          "an environment that wants tools calls them in its step"),
-    Pair("rollout.speculative_tokens", "rollout.exact", _VERIFY),
-    Pair("rollout.prefill_chunk", "rollout.exact", _CHUNK),
+    Pair("rollout.speculative_tokens", "rollout.exact", exact_reasons.SPECULATIVE_VERIFY),
+    Pair("rollout.prefill_chunk", "rollout.exact", exact_reasons.CHUNKED_PREFILL),
     Pair("rollout.dynamic_sampling", "ppo.estimator",
          "it drops groups of equal scores: it needs a group estimator",
          applies=lambda c: c.ppo.estimator in CRITIC_ESTIMATORS),
@@ -126,9 +122,7 @@ INCOMPATIBLE: tuple[Pair, ...] = (
          "a turn's reward sits where the environment gave it, unnormalized"),
     Pair("reward.per_turn", "reward.clip",
          "a turn's reward sits where the environment gave it, unclipped"),
-    Pair("rollout.exact", MOE,
-         "its expert GEMMs have no batch-invariant mode; rollout.routing_replay keeps the "
-         "trainer's experts the sampler's"),
+    Pair("rollout.exact", MOE, exact_reasons.mixture_of_experts("rollout.routing_replay")),
     # Parallel layouts: the pairs refused whatever the number of GPUs (validate.py checks the
     # sizes against the ranks and the model).
     Pair(_CP, "train.expert_parallel", "expert groups are not laid out beside context groups"),
@@ -138,6 +132,7 @@ INCOMPATIBLE: tuple[Pair, ...] = (
          "does", beside=_TP),
     Pair(_CP, MOE, "its router losses are per forward"),
     Pair(_CP, "reward_model", "the score head reads whole rows"),
+    Pair(_CP, "teacher", "distillation runs the teacher and the student on whole rows"),
     Pair(_CP, "train.prefix_sharing", _ROWS),
     Pair(_CP, "rollout.exact", _ROWS),
     Pair(_CP, "ppo.ptx_coef", "the PPO-ptx forwards are not split over a context group"),
@@ -152,10 +147,7 @@ INCOMPATIBLE: tuple[Pair, ...] = (
          applies=lambda c: c.train.data_parallel == "hybrid"),
     Pair(_TP, "lora.dropout", _MASKS, applies=lambda c: c.lora.enabled),
     Pair(_TP, "critic_lora.dropout", _MASKS, applies=lambda c: c.critic_lora.enabled),
-    Pair(_TP, "rollout.exact",
-         "its fixed reduction order is one device's, not the tensor ranks' all-reduces'"),
-    Pair("train.optimizer_offload", "lora.rank",
-         "the adapters' optimizer state is small: nothing to offload"),
+    Pair(_TP, "rollout.exact", exact_reasons.TENSOR_PARALLEL),
 )
 
 
@@ -221,6 +213,13 @@ def lora_rules(lora, section: str) -> list[Rule]:
             for name in ("alpha", "dropout", "target_modules")]
 
 
+def offload_rule(cfg) -> Rule:
+    """train.optimizer_offload beside adapters: every stage's."""
+    return ("train.optimizer_offload", cfg.train.optimizer_offload and cfg.lora.enabled,
+            "with lora.rank > 0 (the adapters are whole on every rank, no FSDP2-sharded model is "
+            "trained: nothing offloads)")
+
+
 def supervised_rules(cfg) -> list[Rule]:
     """SFT's and the reward model's: the eval options, LoRA's."""
     data, train = cfg.data, cfg.train
@@ -231,7 +230,7 @@ def supervised_rules(cfg) -> list[Rule]:
              "without eval data (no data.eval_file, data.eval_fraction=0); set one of them"),
             ("data.eval_fraction", unread_fraction,
              "with data.eval_file set (evaluation uses that file); unset one of them"),
-            *lora_rules(cfg.lora, "lora")]
+            offload_rule(cfg), *lora_rules(cfg.lora, "lora")]
 
 
 def rl_rules(cfg) -> list[Rule]:
@@ -248,6 +247,11 @@ def rl_rules(cfg) -> list[Rule]:
             ("rollout.max_sampling_rounds",
              is_set(rollout, "max_sampling_rounds") and not rollout.dynamic_sampling,
              "without rollout.dynamic_sampling=true"),
+            ("rollout.max_sampling_rounds",
+             is_set(rollout, "max_sampling_rounds") and rollout.partial_rollouts,
+             "with rollout.partial_rollouts (the groups in flight top the next iteration up)"),
+            ("reward.weights", reward.weights is not None and cfg.reward_model is not None,
+             "with reward_model (the weights weigh reward functions)"),
             ("rollout.overlong_penalty",
              is_set(rollout, "overlong_penalty") and rollout.overlong_buffer == 0,
              "without rollout.overlong_buffer > 0"),
@@ -270,12 +274,23 @@ def rl_rules(cfg) -> list[Rule]:
              f"by ppo.estimator={ppo.estimator} (its returns discount per token: ppo.gamma)"),
             ("ppo.turn_advantages", ppo.turn_advantages and not reward.per_turn,
              "without reward.per_turn=true"),
-            *lora_rules(cfg.lora, "lora"), *lora_rules(cfg.critic_lora, "critic_lora")]
+            offload_rule(cfg), *lora_rules(cfg.lora, "lora"),
+            *lora_rules(cfg.critic_lora, "critic_lora")]
+
+
+def distill_rules(cfg) -> list[Rule]:
+    """Distillation's beyond the RL rules: a reward given where distill.reward_coef=0 reads
+    none."""
+    reward = "reward_fn" if cfg.reward_fn else "reward_model"
+    return [(reward, cfg.distill.reward_coef == 0 and bool(cfg.reward_fn or cfg.reward_model),
+             "with distill.reward_coef=0 (the teacher alone); set distill.reward_coef > 0 to use "
+             "it")]
 
 
 def refuse_ignored(rules: list[Rule], config) -> None:
-    """ValueError naming the option of the first rule that holds, its value in `config`, and why."""
+    """ConfigValueError (a ValueError) naming the option of the first rule that holds, its value
+    in `config`, and why."""
     for key, ignored, why in rules:
         if ignored:
-            raise ValueError(f"{key}={option_value(config, key)!r} would be ignored: it is not "
-                             f"read {why}")
+            raise ConfigValueError(f"{key}={option_value(config, key)!r} would be ignored: it "
+                                   f"is not read {why}")

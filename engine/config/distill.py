@@ -1,13 +1,16 @@
-"""Config of the on-policy distillation stage (`fusedrl distill`): GRPO's config (the policy, which
-is the student, its prompts, rollout, optimizer, loop, LoRA) plus the frozen teacher and the
-`distill` section. Torch-free."""
+"""Config of the on-policy distillation stage (`fusedrl distill`): the sections every RL stage reads
+(RLConfig: the policy, which is the student, its prompts, reward, rollout, update, optimizer, loop,
+LoRA) plus the frozen teacher and the `distill` section; no critic, no PPO-ptx. Torch-free."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
+from .estimators import CRITIC_ESTIMATORS
+from .compatibility import distill_rules, refuse_ignored, refuse_incompatible, rl_rules
 from .fields import check, check_fields, option
-from .ppo import Critic, GRPOConfig, RewardConfig, UpdateConfig
+from .lora import LoRAConfig
+from .ppo import RewardConfig, RLConfig, UpdateConfig
 from .rollout import RolloutConfig
 
 DistillMode = Literal["full", "sampled", "top_k"]
@@ -51,7 +54,7 @@ def _distill_update() -> UpdateConfig:
 
 
 @dataclass
-class DistillConfig(GRPOConfig):
+class DistillConfig(RLConfig):
     """On-policy distillation (`fusedrl distill`): the student (`policy`) samples from its one
     weight copy, a frozen teacher of the same vocabulary scores every sampled token in the
     trainer's own process, and the student minimizes the per-token divergence to it."""
@@ -61,7 +64,6 @@ class DistillConfig(GRPOConfig):
         "laid out like a reference model (required)", "")
     policy: str = option("the student: a Hugging Face model directory (required)", "")
     distill: DistillSection = option("the divergence", factory=DistillSection)
-    critic: Critic = option("none: distillation needs no value model", "none")
     rollout: RolloutConfig = option("generation",
                                     factory=lambda: RolloutConfig(samples_per_prompt=4))
     ppo: UpdateConfig = option(
@@ -69,6 +71,12 @@ class DistillConfig(GRPOConfig):
         "the reward's group advantage with distill.reward_coef > 0)", factory=_distill_update)
     reward: RewardConfig = option("the reward functions' settings (with distill.reward_coef > 0)",
                                   factory=lambda: RewardConfig(kl_coef=0.0))
+    # What the shared stage pieces read of an RL run, fixed here (not options): no critic, no
+    # PPO-ptx.
+    critic: ClassVar[str] = "none"
+    critic_lr: ClassVar[None] = None
+    critic_lora: ClassVar[LoRAConfig] = LoRAConfig()
+    ptx_file: ClassVar[None] = None
 
     def paths(self) -> tuple[dict, dict]:
         models, files = super().paths()
@@ -80,18 +88,21 @@ class DistillConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check(self.ppo.estimator not in CRITIC_ESTIMATORS,
+              f"ppo.estimator={self.ppo.estimator} needs a critic: distill has none (a group "
+              "estimator weighs the reward with distill.reward_coef > 0)")
+        check(self.rollout.samples_per_prompt >= 2,
+              f"ppo.estimator={self.ppo.estimator} compares each prompt's responses: "
+              "rollout.samples_per_prompt "
+              f"must be >= 2, got {self.rollout.samples_per_prompt}")
         # The teacher replaces the reference: none is loaded, so no KL to it can be taken.
         check(self.ppo.kl_loss_coef == 0 and self.reward.kl_coef == 0,
               "distill loads no reference model (the teacher is the anchor): ppo.kl_loss_coef and "
               f"reward.kl_coef must be 0, got {self.ppo.kl_loss_coef} and {self.reward.kl_coef}")
         # (distill.reward_coef > 0 without a reward is refused when the run opens its rewards: a
         # Python caller may pass reward_fn= to train_distill)
-        check(self.distill.reward_coef > 0 or not (self.reward_fn or self.reward_model),
-              "distill.reward_coef=0 ignores reward_fn and reward_model: set "
-              "distill.reward_coef > 0 to use them")
-        check(self.train.context_parallel == 1,
-              "distill runs the teacher and the student on whole rows: train.context_parallel "
-              f"must be 1, got {self.train.context_parallel}")
+        refuse_incompatible(self)
+        refuse_ignored(rl_rules(self) + distill_rules(self), self)
         check(self.distill.mode != "sampled"
               or self.distill.temperature == self.rollout.temperature,
               "distill.mode=sampled compares the teacher's log-probs with the sampler's: "
@@ -100,9 +111,6 @@ class DistillConfig(GRPOConfig):
         check(self.distill.mode != "sampled" or self.distill.lmbda == 1,
               "distill.mode=sampled is a policy gradient on the student's own samples: "
               f"distill.lmbda must be 1, got {self.distill.lmbda}")
-        check(not self.rollout.partial_rollouts,
-              "distill samples each batch whole (the teacher scores finished rows): "
-              "rollout.partial_rollouts must be false")
 
 
 def check_teacher_vocabulary(student_vocab: int, teacher_vocab: int, teacher: str) -> None:

@@ -1,7 +1,7 @@
 """Config of `fusedrl generate`: the model, the prompts, how to sample and where to run. Torch-free.
 
 Read like every stage's config (engine/config/io.py: a YAML file, then `key=value` overrides); the
-command's flags (`--max-new-tokens 64`) are aliases of these keys (engine/cli/commands.py)."""
+command's flags (`--max-new-tokens 64`) are aliases of these keys (engine/cli/generate.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +15,8 @@ class GenerateConfig:
     prompts: list[str] = option("prompts to complete (also --prompt TEXT, repeatable)",
                                 factory=list)
     prompt_file: str | None = option("a file with one prompt per line, after `prompts`")
+    images: list[str] = option("image files every prompt opens with (also --image FILE, "
+                               "repeatable), for a vision-language model", factory=list)
     n: int = option("completions per prompt", 1)
     max_new_tokens: int = option("tokens to generate at most per completion", 128)
     temperature: float = option("sampling temperature; 0 = greedy", 1.0)

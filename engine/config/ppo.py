@@ -13,6 +13,7 @@ from .estimators import (AGGREGATIONS, CRITIC_ESTIMATORS, ESTIMATORS, Aggregatio
 from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
+from .parallel_job import ParallelJob
 from .rollout import AUTO_FORWARD_TOKENS, RolloutConfig
 from .sandbox import SandboxConfig
 from .train import DATA_SOURCE, OptimConfig, RunConfig
@@ -217,8 +218,11 @@ class LoopConfig(RunConfig):
 
 
 @dataclass
-class PPOConfig(Loadable):
-    """InstructGPT step 3: PPO of the SFT policy against a reward model (or a reward function)."""
+class RLConfig(Loadable):
+    """What every RL stage (PPO, GRPO, distillation) reads: the policy and its prompts, the reward,
+    the rollout, the update, the optimizer and the loop. A stage's config composes these sections
+    with its own (PPOConfig: the critic and PPO-ptx; DistillConfig: the teacher); the shared stage
+    pieces (engine/stages/rollout) read them alone."""
 
     policy: str = option(
         "SFT policy: a Hugging Face model directory (also the frozen reference) (required)", "")
@@ -230,16 +234,10 @@ class PPOConfig(Loadable):
         "completion_ids=, each column of the prompt rows) or fn(prompts, responses) texts -> "
         "list of floats (None: not applicable to a row); weighted by reward.weights "
         "(docs/rewards.md)")
-    critic: Critic = option("separate (a value model initialized from the reward model) | shared "
-                            "(a value head on the policy's trunk) | none (critic-free: a group "
-                            "estimator)",
-                            "separate")
     prompts_file: str = option(f"prompts, one per row (column data.prompt_column): {DATA_SOURCE} "
                                "(required; from Python a datasets.Dataset may be passed instead: "
                                "docs/python_api.md)", "")
     data: PromptDataConfig = option("reading the prompts", factory=PromptDataConfig)
-    ptx_file: str | None = option("demonstrations (a data file, as SFT's) for the PPO-ptx loss "
-                                  "(with ppo.ptx_coef > 0)")
     output_dir: str = option("run directory: config, metrics, checkpoints, final policy (required)",
                              "")
     seed: int = option("seed of the prompt order, sampling and torch RNG", 0)
@@ -248,7 +246,6 @@ class PPOConfig(Loadable):
     reward: RewardConfig = option("reward shaping and KL control", factory=RewardConfig)
     optim: OptimConfig = option("policy optimizer (the schedule steps once per iteration)",
                                 factory=OptimConfig)
-    critic_lr: float | None = option("critic learning rate (default: optim.lr)")
     train: LoopConfig = option("loop", factory=LoopConfig)
     sandbox: SandboxConfig = option("the sandbox of the model's code (code_tests, the python tool)",
                                     factory=SandboxConfig)
@@ -258,13 +255,6 @@ class PPOConfig(Loadable):
     lora: LoRAConfig = option(
         "low-rank adapters on the policy (lora.rank > 0: its weights stay frozen and the "
         "reference is the policy with its adapters off, no second copy)", factory=LoRAConfig)
-    critic_lora: LoRAConfig = option(
-        "low-rank adapters on the separate critic (critic_lora.rank > 0: the critic holds no "
-        "decoder of its own: its adapters and value head run on the reward model's frozen one, "
-        "which scores with them off; with reward_fn the critic starts from the policy instead and "
-        "gets a frozen copy of the policy's weights). A section apart from `lora`: the critic's "
-        "rank and targets are tuned apart from the policy's, either can be LoRA alone, and "
-        "lora-only runs and their checkpoints keep their full critic", factory=LoRAConfig)
 
     @property
     def microbatch_tokens(self) -> int | None:
@@ -288,7 +278,13 @@ class PPOConfig(Loadable):
         """({option: model directory or None}, {option: input file or None}) the run reads (checked
         first; the first model's tokenizer is the run's)."""
         return ({"policy": self.policy, "reward_model": self.reward_model},
-                {"prompts_file": self.prompts_file, "ptx_file": self.ptx_file})
+                {"prompts_file": self.prompts_file})
+
+    def parallel_job(self) -> ParallelJob:
+        """What the parallel layout and the plan read of this stage (config/parallel_job.py)."""
+        return ParallelJob(self.train, self.lora.rank, self.policy,
+                           persistent_weights=self.rollout.persistent_weights,
+                           refuse_pairs=lambda moe: refuse_incompatible(self, moe=moe))
 
     def require_data(self) -> None:
         """ValueError unless the config names its prompts (a Python caller may pass a
@@ -309,6 +305,39 @@ class PPOConfig(Loadable):
         check(weights is None or not specs or len(weights) == len(specs),
               f"reward.weights has {len(weights or ())} weight(s) for {len(specs)} reward "
               f"function(s) (reward_fn={self.reward_fn!r}): give one per function")
+        longest = self.rollout.max_prompt_length + self.rollout.max_new_tokens
+        check(self.ppo.tokens_per_microbatch in (None, "auto")
+              or self.ppo.tokens_per_microbatch >= longest,
+              f"ppo.tokens_per_microbatch={self.ppo.tokens_per_microbatch} must hold one row: "
+              "rollout."
+              f"max_prompt_length + rollout.max_new_tokens = {longest} tokens")
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """InstructGPT step 3: PPO of the SFT policy against a reward model (or a reward function)."""
+
+    critic: Critic = option("separate (a value model initialized from the reward model) | shared "
+                            "(a value head on the policy's trunk) | none (critic-free: a group "
+                            "estimator)",
+                            "separate")
+    ptx_file: str | None = option("demonstrations (a data file, as SFT's) for the PPO-ptx loss "
+                                  "(with ppo.ptx_coef > 0)")
+    critic_lr: float | None = option("critic learning rate (default: optim.lr)")
+    critic_lora: LoRAConfig = option(
+        "low-rank adapters on the separate critic (critic_lora.rank > 0: the critic holds no "
+        "decoder of its own: its adapters and value head run on the reward model's frozen one, "
+        "which scores with them off; with reward_fn the critic starts from the policy instead and "
+        "gets a frozen copy of the policy's weights). A section apart from `lora`: the critic's "
+        "rank and targets are tuned apart from the policy's, either can be LoRA alone, and "
+        "lora-only runs and their checkpoints keep their full critic", factory=LoRAConfig)
+
+    def paths(self) -> tuple[dict, dict]:
+        models, files = super().paths()
+        return models, {**files, "ptx_file": self.ptx_file}
+
+    def __post_init__(self):
+        super().__post_init__()
         check(self.ppo.ptx_coef == 0 or bool(self.ptx_file), "ppo.ptx_coef > 0 needs ptx_file")
         check(self.critic_lr is None or self.critic_lr > 0,
               f"critic_lr must be > 0, got {self.critic_lr}")
@@ -326,12 +355,6 @@ class PPOConfig(Loadable):
               "critic_lora.rank > 0 adapts the separate critic: set critic=separate (got "
               f"critic={self.critic}; "
               "the shared value head trains with the policy, under `lora`)")
-        longest = self.rollout.max_prompt_length + self.rollout.max_new_tokens
-        check(self.ppo.tokens_per_microbatch in (None, "auto")
-              or self.ppo.tokens_per_microbatch >= longest,
-              f"ppo.tokens_per_microbatch={self.ppo.tokens_per_microbatch} must hold one row: "
-              "rollout."
-              f"max_prompt_length + rollout.max_new_tokens = {longest} tokens")
         refuse_incompatible(self)
         refuse_ignored(rl_rules(self), self)
 

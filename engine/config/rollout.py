@@ -72,9 +72,11 @@ class RolloutConfig:
         "so sampler and trainer agree on the experts; no effect on dense models", True)
     dynamic_sampling: bool = option(
         "DAPO dynamic sampling: drop prompt groups whose scores are all equal and "
-        "sample more prompts until prompts_per_iteration groups are kept", False)
+        "sample more prompts until prompts_per_iteration groups are kept (with "
+        "partial_rollouts: train the varied ones of the groups complete, the groups in flight "
+        "topping the next iteration up)", False)
     max_sampling_rounds: int = option(
-        "dynamic sampling: at most this many generate rounds per iteration", 4)
+        "dynamic sampling of whole groups: at most this many generate rounds per iteration", 4)
     overlong_buffer: int = option(
         "DAPO overlong shaping: responses longer than max_new_tokens - overlong_buffer "
         "lose up to overlong_penalty, linearly (0 = off)", 0)

@@ -7,15 +7,17 @@ Nothing here imports torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from .fields import check, check_fields, option
 from .compatibility import refuse_ignored, refuse_incompatible, supervised_rules
 from .io import Loadable
 from .lora import LoRAConfig
 from .moe import RouterLossConfig
+from .parallel_job import ParallelJob
 
 DataFormat = Literal["auto", "chat", "prompt_completion", "demonstration", "text", "pairwise",
                      "ranking", "hh", "implicit"]
@@ -136,6 +138,8 @@ def _names(value) -> list[str]:
 class RunConfig:
     """The loop options every stage shares (its `train` section); "step" is the stage's unit of
     progress (an optimizer step for SFT/RM, an iteration for PPO)."""
+    # Frozen models to offload are the RL loop's (LoopConfig's option); every other stage's is off.
+    frozen_offload: ClassVar[bool] = False
     device: str | None = option("cuda or cpu (default: cuda when available)")
     precision: Precision = option(
         "bf16-mixed (bf16 weights, fp32 master weights and moments in the optimizer) "
@@ -310,6 +314,13 @@ class StageConfig(Loadable):
         datasets.Dataset instead: then this is not called)."""
         check(bool(self.data.train_file), f"data.train_file is required ({DATA_SOURCE})")
 
+    def parallel_job(self) -> ParallelJob:
+        """What the parallel layout and the plan read of this stage (config/parallel_job.py): its
+        model trains expert- and context-parallel (RMConfig's: neither)."""
+        return ParallelJob(self.train, self.lora.rank, self.model,
+                           persistent_weights=False,
+                           refuse_pairs=lambda moe: refuse_incompatible(self, moe=moe))
+
     def require_model(self) -> None:
         """ValueError unless the config names its model: checked when a run or a plan starts, not
         when the config is built, so a trainer object can take the model as `model=`."""
@@ -355,6 +366,10 @@ class RMConfig(StageConfig):
     def paths(self) -> tuple[dict, dict]:
         models, files = super().paths()
         return models, {**files, "reference_file": self.reference_file}
+
+    def parallel_job(self) -> ParallelJob:
+        """StageConfig's, with no model trained expert- or context-parallel."""
+        return dataclasses.replace(super().parallel_job(), trained_model=None)
 
     def __post_init__(self):
         super().__post_init__()

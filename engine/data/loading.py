@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .records import DataError, parser_for
-from .sources import read_records, source_name
+from .sources import is_dataset, read_records, source_name
 from .tokenization import TokenizedExample, tokenize_record
+from .vision_processor import VisionProcessor
+from .vision_rows import VisionRecord, parse_vision_row, tokenize_vision_record
 from ..config.train import DataConfig
 
 
@@ -29,7 +32,12 @@ def tokenize_all(records, where: list[str], tokenizer,
     out = []
     for record, location in zip(records, where):
         try:
-            out.append(tokenize_record(tokenizer, record, cfg.max_length, cfg.max_prompt_length))
+            if isinstance(record, VisionRecord):
+                out.append(tokenize_vision_record(tokenizer, record, cfg.max_length,
+                                                  cfg.max_prompt_length))
+            else:
+                out.append(tokenize_record(tokenizer, record, cfg.max_length,
+                                           cfg.max_prompt_length))
         except ValueError as e:
             raise DataError(f"{location}: {e}") from None
     kept = [e for e in out if e is not None]
@@ -48,15 +56,17 @@ def split_off(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]
 def load_examples(cfg: DataConfig, tokenizer, stage: str, seed: int, dataset=None,
                   eval_dataset=None) -> Examples:
     """Read cfg.train_file, or `dataset` (and cfg.eval_file or `eval_dataset`, or hold out
-    cfg.eval_fraction) for stage sft|rm."""
-    parse = parser_for(stage, cfg.format, all_turns=cfg.train_on == "assistant_turns")
+    cfg.eval_fraction) for stage sft|rm. With a VisionProcessor as `tokenizer` (a vision model),
+    sft rows are read by data/vision_rows.py, with or without images."""
     source = dataset if dataset is not None else cfg.train_file
+    parse = _parser(cfg, tokenizer, stage, source)
     train = read_records(source, parse, cfg.skip_malformed, cfg.columns())
     records, where = train.records, train.where
     info = {"skipped_lines": train.skipped, "skipped_first": train.errors[:5]}
     held_source = eval_dataset if eval_dataset is not None else cfg.eval_file or None
     if held_source is not None:
-        held = read_records(held_source, parse, cfg.skip_malformed, cfg.columns())
+        held = read_records(held_source, _parser(cfg, tokenizer, stage, held_source),
+                            cfg.skip_malformed, cfg.columns())
         eval_records, eval_where = held.records, held.where
         info["skipped_lines"] += held.skipped
         info["skipped_first"] += held.errors[:5]
@@ -76,9 +86,20 @@ def load_examples(cfg: DataConfig, tokenizer, stage: str, seed: int, dataset=Non
     if info["dropped_examples"]:
         report(
             f"dropped {info['dropped_examples']} example(s) whose prompt left no room for a "
-            "response "
-            f"within data.max_length={cfg.max_length}")
+            f"response within data.max_length={cfg.max_length}, or whose cut to "
+            f"data.max_prompt_length={cfg.max_prompt_length} would reach an image")
     return Examples(train_ex, eval_ex, records, info)
+
+
+def _parser(cfg: DataConfig, tokenizer, stage: str, source):
+    """The row parser of `stage`: data/records.py's, or for a vision model data/vision_rows.py's
+    (relative image paths from the data file's folder)."""
+    if not isinstance(tokenizer, VisionProcessor):
+        return parser_for(stage, cfg.format, all_turns=cfg.train_on == "assistant_turns")
+    if stage != "sft":
+        raise DataError(f"{stage} data for a vision model: only sft and the RL stages read images")
+    base = None if is_dataset(source) else Path(source).parent
+    return lambda row: parse_vision_row(row, tokenizer, base, with_response=True)
 
 
 def report(message: str) -> None:

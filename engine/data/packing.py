@@ -42,6 +42,11 @@ class PackedBatch(NamedTuple):
     # forward. [] = off.
     prefix_groups: list[int] = []
     prompt_lens: list[int] = []
+    # A vision model's images (vision_processor.ImageInputs of each sequence, joined in sequence
+    # order): [P, patch values] pixels, [I, 3] grids and [S] images per sequence; None / [] = text.
+    pixel_values: Optional[torch.Tensor] = None
+    image_grid_thw: Optional[torch.Tensor] = None
+    image_counts: list[int] = []
 
     @property
     def num_targets(self) -> int:
@@ -83,7 +88,23 @@ class PackedBatch(NamedTuple):
             None if self.cu_seqlens is None else _cu_seqlens(seqlens, device),
             None if self.routing is None else self.routing.index_select(0, token_index),
             [self.prefix_groups[s] for s in seqs] if self.prefix_groups else [],
-            [self.prompt_lens[s] for s in seqs] if self.prompt_lens else [])
+            [self.prompt_lens[s] for s in seqs] if self.prompt_lens else [],
+            *self._select_images(seqs))
+
+    def _select_images(self, seqs: list[int]) -> tuple:
+        """(pixel_values, image_grid_thw, image_counts) of the sequences `seqs`, in that order."""
+        if self.pixel_values is None:
+            return None, None, []
+        image_starts = _starts(self.image_counts)
+        patches = self.image_grid_thw.prod(dim=1).tolist()
+        patch_starts = _starts(patches)
+        images = [i for s in seqs for i in range(image_starts[s],
+                                                  image_starts[s] + self.image_counts[s])]
+        rows = [r for i in images for r in range(patch_starts[i], patch_starts[i] + patches[i])]
+        device = self.pixel_values.device
+        return (self.pixel_values.index_select(0, _long(rows, device)),
+                self.image_grid_thw.index_select(0, _long(images, self.image_grid_thw.device)),
+                [self.image_counts[s] for s in seqs])
 
     @property
     def forwarded_tokens(self) -> int:
@@ -107,13 +128,14 @@ def _starts(sizes: list[int]) -> list[int]:
 
 def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *,
                    group_sizes: list[int] = (), width: int = 0, device=None,
-                   share_prompts: bool = False) -> PackedBatch:
+                   share_prompts: bool = False, images: list | None = None) -> PackedBatch:
     """Pack (prompt, response, is_target) triples: each becomes prompt + response, and when
     is_target its response tokens are targets (is_target may also be one bool per response token:
     the trained turns of a conversation, a trajectory's model tokens). width > 0 adds the
     [S, width] grid of PPO, a target at its response column. The positions and sequence
     boundaries are built here once, for every forward over the pack. share_prompts: sequences
-    with the same prompt are marked to forward it once (prefix_sharing.py)."""
+    with the same prompt are marked to forward it once (prefix_sharing.py). images: each
+    sequence's ImageInputs (its prompt holds their tokens) or None, joined in sequence order."""
     ids, seqlens, rows, targets, counts, grid, positions = [], [], [], [], [], [], []
     for s, (prompt, response, is_target) in enumerate(sequences):
         sequence = prompt + response
@@ -137,7 +159,19 @@ def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *
                        counts, list(group_sizes), _long(grid, device) if width else None, width,
                        _long(positions, device), _cu_seqlens(seqlens, device), None,
                        prompt_groups([p for p, _, _ in sequences]) if share_prompts else [],
-                       [len(p) for p, _, _ in sequences] if share_prompts else [])
+                       [len(p) for p, _, _ in sequences] if share_prompts else [],
+                       *join_images(images, device))
+
+
+def join_images(images: list | None, device) -> tuple:
+    """Each sequence's ImageInputs (or None) -> (pixel_values [P, D], image_grid_thw [I, 3],
+    images per sequence [S]) of them all in order; (None, None, []) when none has an image."""
+    present = [i for i in images or () if i is not None]
+    if not present:
+        return None, None, []
+    return (torch.cat([i.pixel_values for i in present]).to(device),
+            torch.cat([i.image_grid_thw for i in present]).to(device),
+            [0 if i is None else i.num_images for i in images])
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -182,7 +216,7 @@ def epoch_batches(examples: list[TokenizedExample], budget: int, seed: int, epoc
 def collate_sft(examples: list[TokenizedExample]) -> PackedBatch:
     """SFT micro-batch: every response token is a target (of a conversation, its trained turns')."""
     return pack_sequences([(ex.prompt, ex.responses[0], True if ex.masks is None else ex.masks[0])
-                           for ex in examples])
+                           for ex in examples], images=[ex.images for ex in examples])
 
 
 def collate_rm(examples: list[TokenizedExample]) -> PackedBatch:

@@ -7,6 +7,10 @@ SFT gave its prompts); so does a string, as one user turn, when data.chat_templa
 template in the tokenizer; with data.chat_template=none a string is the policy's text as it is (a
 policy trained on plain prompt + completion strings). Each prompt keeps its last
 rollout.max_prompt_length tokens and must leave room to generate within the model's context.
+
+For a vision model (a VisionProcessor in place of the tokenizer) every row is read by
+data/vision_rows.py: its images processed once into the PromptRow's `images`, whose tokens its ids
+hold expanded; a prompt whose cut would reach an image is dropped and counted, never split.
 """
 from __future__ import annotations
 
@@ -17,16 +21,20 @@ from .loading import report
 from .records import DataError, parse_turns
 from .sources import read_records, source_name
 from .tokenization import tokenize_prompt
+from .vision_processor import ImageInputs, VisionProcessor
+from .vision_rows import parse_vision_row, tokenize_vision_prompt
 
 
 @dataclass(frozen=True)
 class PromptRow:
     """One RL prompt: the policy's token ids, the prompt as the data holds it (a string or a message
-    list, what TRL-style reward functions receive as `prompts`) and the row's other columns."""
+    list, what TRL-style reward functions receive as `prompts`), the row's other columns (a vision
+    row's `images` among them, as the data holds them) and its processed images (None: text)."""
 
     ids: list[int]
     prompt: str | list
     columns: dict = field(default_factory=dict)
+    images: ImageInputs | None = None
 
 
 def column_lists(rows: list[PromptRow]) -> dict[str, list]:
@@ -66,24 +74,41 @@ def load_prompts(source, tokenizer, max_prompt_length: int, max_model_len: int,
     DataError naming its row, or with truncate_to_context its last max_model_len - 1 tokens.
     """
     columns = {"prompt": prompt_column} if prompt_column != "prompt" else None
-    read = read_records(source, _parse, columns=columns)
-    prompts, truncated = [], 0
+    vision = isinstance(tokenizer, VisionProcessor)
+    read = read_records(source, _vision_parser(tokenizer, source) if vision else _parse,
+                        columns=columns)
+    prompts, truncated, dropped = [], 0, 0
     for (prompt, extra), where in zip(read.records, read.where):
+        pixels = None
         try:
-            text = prompt_text(tokenizer, prompt, chat_template)
+            if vision:
+                encoded = tokenize_vision_prompt(tokenizer, prompt, max_prompt_length)
+                if encoded is None:
+                    dropped += 1
+                    continue
+                (ids, pixels), prompt = encoded, extra.pop("prompt")
+            else:
+                text = prompt_text(tokenizer, prompt, chat_template)
+                ids = tokenize_prompt(tokenizer, text, max_prompt_length)
         except ValueError as e:
             raise DataError(f"{where}: {e}") from None
-        ids = tokenize_prompt(tokenizer, text, max_prompt_length)
         if len(ids) >= max_model_len:
             if not truncate_to_context:
                 raise DataError(f"{where}: the prompt has {len(ids)} tokens, which leaves no room "
                                 f"to generate within the model's context of {max_model_len}; "
                                 "shorten it, lower rollout.max_prompt_length, or set "
                                 "rollout.truncate_prompts=true")
+            if pixels is not None:
+                dropped += 1
+                continue
             ids, truncated = ids[-(max_model_len - 1):], truncated + 1
-        prompts.append(PromptRow(ids, prompt, extra))
+        prompts.append(PromptRow(ids, prompt, extra, pixels))
+    _report_dropped(source, dropped, max_prompt_length, max_model_len)
+    if not prompts:
+        raise DataError(f"{source_name(source)}: no prompts left once those whose cut would reach "
+                        "an image were dropped")
     strings = sum(isinstance(p.prompt, str) for p in prompts)
-    if strings and chat_template == "auto" and has_template(tokenizer):
+    if strings and chat_template == "auto" and not vision and has_template(tokenizer):
         # Said once: a policy trained on plain strings would otherwise meet a format it never saw.
         report(f"{source_name(source)}: {strings} string prompt(s) go through the tokenizer's chat "
                "template as a user turn (data.chat_template=auto; none keeps them as they are)")
@@ -92,3 +117,26 @@ def load_prompts(source, tokenizer, max_prompt_length: int, max_model_len: int,
                f"{max_model_len - 1} tokens to fit the model's context "
                "(rollout.truncate_prompts=true)")
     return prompts, truncated
+
+
+def _vision_parser(processor: VisionProcessor, source):
+    """A vision row -> (its VisionRecord, the other columns with the prompt as the data holds it
+    under "prompt", for the PromptRow)."""
+    from pathlib import Path
+
+    from .sources import is_dataset
+
+    base = None if is_dataset(source) else Path(source).parent
+
+    def parse(row: dict):
+        record = parse_vision_row(row, processor, base, with_response=False)
+        return record, {"prompt": row.get("prompt"), **{k: v for k, v in row.items()
+                                                       if k != "prompt"}}
+    return parse
+
+
+def _report_dropped(source, dropped: int, max_prompt_length: int, max_model_len: int) -> None:
+    if dropped:
+        report(f"{source_name(source)}: dropped {dropped} prompt(s) with images longer than "
+               f"rollout.max_prompt_length={max_prompt_length} (or the context of "
+               f"{max_model_len}): their cut would reach an image, which is never split")

@@ -29,11 +29,14 @@ from .records import Demonstration, Ranking
 @dataclass(frozen=True)
 class TokenizedExample:
     """Prompt ids and one or more response ids (SFT: one; RM: K, best first). `masks`: per response,
-    which of its tokens are trained (a conversation's assistant turns); None: all of them."""
+    which of its tokens are trained (a conversation's assistant turns); None: all of them.
+    `images`: the prompt's images (data/vision_processor.py's ImageInputs) whose tokens the prompt
+    holds expanded, None for text."""
 
     prompt: list[int]
     responses: tuple[list[int], ...]
     masks: tuple[tuple[bool, ...], ...] | None = None
+    images: object = None
 
     @property
     def num_tokens(self) -> int:

@@ -42,7 +42,7 @@ def tool_accuracy(model, tokenizer, prompts: list[str], samples: int, seed: int)
     llm = LLM(model, tokenizer=tokenizer, kv_cache_memory=1 << 24,
               max_num_seqs=len(prompts) * samples, use_cuda_graphs=False)
     trajectories = run_agents(
-        llm.generate_turns, ChatRenderer(tokenizer, [tool_schema(add)]),
+        llm, ChatRenderer(tokenizer, [tool_schema(add)]),
         lambda row: ToolEnvironment({"add": add}, parse_hermes, row["prompt"]),
         [{"prompt": p} for p in prompts],
         SamplingParams(n=samples, temperature=TEMPERATURE, max_new_tokens=MAX_NEW_TOKENS,

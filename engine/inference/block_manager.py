@@ -3,9 +3,10 @@ sharing.
 
 Pure bookkeeping over block ids; the runner turns block tables into tensors.
 
-Prefix sharing: a full block is keyed by (id of the block before it, its token ids). Two sequences
-with the same leading tokens (the n samples of one prompt) therefore map those tokens to the same
-blocks, held once with a reference count. Only *live* blocks are shared: a block whose count drops
+Prefix sharing: a full block is keyed by (id of the block before it, the digest of the
+sequence's images if any, its token ids). Two sequences with the same leading tokens (the n
+samples of one prompt) therefore map those tokens to the same blocks, held once with a reference
+count. Only *live* blocks are shared: a block whose count drops
 to zero forgets its key, so K/V computed under older weights (the trainer updates them between
 `generate` calls) is never reused. Blocks past the sequence's second-to-last token are never shared,
 so the token fed to the model always has its own block to write into and there is no copy-on-write.
@@ -48,7 +49,9 @@ class BlockManager:
         return shared
 
     def _key(self, seq: Sequence, i: int, parent: int) -> tuple:
-        return parent, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+        # The images' digest too: the same placeholder tokens over other pixels are other K/V.
+        tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
+        return parent, seq.image_key, tuple(tokens)
 
     def can_allocate(self, seq: Sequence) -> bool:
         needed = self.blocks_for(seq.num_tokens) - len(self._shared_prefix(seq))

@@ -55,7 +55,8 @@ class DecodeInputs:
     def fill(self, seqs: list[Sequence], size: int, full_tables: bool) -> None:
         """Write the decode inputs of `seqs` (each at its last token) into rows [0, len(seqs)), pad
         rows up to `size`, and send them to the device. full_tables: also lay the block tables out
-        at full width in `block_tables` (for a graph; one device copy)."""
+        at full width in `block_tables` (for a graph; one device copy). A position is the token's
+        index plus its sequence's M-RoPE decode offset (0 for text: sequence.py's rope_delta)."""
         b = len(seqs)
         if not b <= size <= self.rows:
             raise ValueError(f"decode batch of {b} sequences in {size} rows: expected "
@@ -64,7 +65,7 @@ class DecodeInputs:
         i64[:,
             :b] = np.asarray(
                 [
-                    (s.token_ids[-1], s.num_tokens - 1,
+                    (s.token_ids[-1], s.num_tokens - 1 + s.rope_delta,
                      sequence_slot(s.block_table, s.num_tokens - 1, self.block_size), s.num_tokens,
                         s.params.top_k, s.seed) for s in seqs], dtype=np.int64).T
         f32[:,

@@ -1,25 +1,30 @@
 """The engine's one loop, in the shape of nano-vllm's LLMEngine: `add(request)` queues a Request
-(request.py), `step()` runs one step, its kind (a prefill, a prompt's chunk, a decode step or a
-speculative verify step) chosen by one planner (`_plan`), and keeps its tokens' log-prob slots and
-routing records in one place for every kind; `run(requests, stop, on_end)` steps until every
-sequence is done or a stop rule (stop_rules.py) says so, with an `on_end` hook on a finished turn
-that ends the sequence, resumes it with more tokens (an environment's reply) or hands back a
-Future of either, waited for only when nothing else can run.
+(request.py), `step()` runs one step, its kind (a prefill, a prompt's chunk, a decode step: the
+scheduler's; a speculative verify step where the decode tail has drafts) run by one path that
+keeps its tokens' log-prob slots and routing records in one place for every kind;
+`run(requests, stop, on_end)` steps until every sequence is done or a stop rule (stop_rules.py)
+says so, with an `on_end` hook on a finished turn that ends the sequence, resumes it with more
+tokens (an environment's reply) or hands back a Future of either, waited for only when nothing
+else can run.
 
-`EngineLoop` is LLM's (llm.py) base: LLM builds the parts the loop drives (`scheduler`,
-`block_manager`, `runner`, `config`, the random stream `_rng`, `speculative_tokens`,
-`speculate_below`, `speculation`) and the requests of its generate, continue_answers and
-generate_turns.
+`EngineLoop(scheduler, blocks, runner, drafts, seed)` runs on the parts it is given and makes its
+own state (the paused turns, the next sequence id, the random stream of unseeded requests); LLM
+(llm.py) builds the parts from a model and the requests of its generate and generate_turns.
 """
 from __future__ import annotations
 
 import math
-from enum import Enum
+import random
 from typing import Callable, Iterable
 
 from ..errors import NonFiniteError
+from .block_manager import BlockManager
+from .drafts import Drafts
+from .image_prefill import attach_positions, check_images
 from .request import Request
+from .runner import ModelRunner
 from .sampling_params import SamplingParams
+from .scheduler import Scheduler, StepKind
 from .sequence import Sequence, SequenceStatus
 from .stop_rules import StopRule
 
@@ -28,16 +33,21 @@ from .stop_rules import StopRule
 TurnEnd = Callable[[int, Sequence], object]
 
 
-class StepKind(Enum):
-    """What one engine step runs (EngineLoop._plan)."""
-    PREFILL = "prefill"  # admitted sequences' new tokens, then a draw each
-    CHUNK = "chunk"  # a long prompt's chunk that is not its last: K/V written, nothing drawn
-    DECODE = "decode"  # every running sequence's next token (a CUDA graph where captured)
-    VERIFY = "verify"  # the decode tail's n-gram drafts checked in one forward (speculative)
-
-
 class EngineLoop:
-    """Requests in, steps run, sequences out (the parts are set by the subclass, LLM)."""
+    """Requests in, steps run, sequences out, over its parts: `scheduler` (which sequences run
+    next, and the step's kind), `blocks` (the KV pool's blocks), `runner` (the model's forwards and
+    the kept log-probs) and `drafts` (speculative decoding's drafts for the decode tail). `seed`:
+    of the stream unseeded requests draw their seeds from (None: from the OS); every tensor rank
+    must pass the same one."""
+
+    def __init__(self, scheduler: Scheduler, blocks: BlockManager, runner: ModelRunner,
+                 drafts: Drafts, seed: int | None = None):
+        self.scheduler, self.block_manager, self.runner, self.drafts = (
+            scheduler, blocks, runner, drafts)
+        self.config = runner.config
+        self._next_seq_id = 0
+        self._paused: dict[int, Sequence] = {}  # seq_id -> a finished turn kept for on_end
+        self._rng = random.Random(seed)
 
     def add(self, request: Request, index: int = 0) -> Sequence:
         """Queue one request (checked first: `index` names it in the error); the next steps run it.
@@ -50,8 +60,8 @@ class EngineLoop:
     def check(self, request: Request, index: int = 0) -> None:
         """A ValueError naming requests[index] when the request cannot run: not a Request of
         SamplingParams, an empty prompt or one that fills the context, a token id outside the
-        vocabulary, an answer that leaves nothing to generate, or a sequence the KV pool cannot
-        hold."""
+        vocabulary, an answer that leaves nothing to generate, a sequence the KV pool cannot
+        hold, or images that do not match the prompt's placeholders (image_prefill.py)."""
         if not isinstance(request, Request):
             raise TypeError(f"requests[{index}] must be a Request, got {type(request).__name__}")
         params, ids = request.params, request.prompt
@@ -70,6 +80,7 @@ class EngineLoop:
             bad = next(t for t in tokens if not 0 <= t < vocab)
             raise ValueError(
                 f"prompts[{index}] has token id {bad} outside the vocabulary [0, {vocab})")
+        check_images(request, self.config, index)
         longest = min(len(ids) + params.max_new_tokens, max_len)
         if request.answer and len(ids) + len(request.answer) >= longest:
             raise ValueError(f"answers[{index}] has {len(request.answer)} tokens: nothing is left "
@@ -83,17 +94,19 @@ class EngineLoop:
                 "raise kv_cache_memory or lower max_new_tokens")
 
     def step(self) -> list[Sequence] | None:
-        """One step of the queued sequences: scheduled, its kind planned (`_plan`), run, its tokens
-        appended and their log-prob slots and routing records kept (here, for every kind). Returns
-        the sequences whose turn it finished (ended, or PAUSED with their blocks kept when they
-        pause), or None when nothing can run (every waiting sequence needs blocks that paused
-        ones hold, and none holds any)."""
-        batch, is_prefill = self.scheduler.schedule()
+        """One step of the queued sequences: scheduled (its kind the scheduler's; a decode step of
+        the tail with drafts a VERIFY), run, its tokens appended and their log-prob slots and
+        routing records kept (here, for every kind). Returns the sequences whose turn it finished
+        (ended, or PAUSED with their blocks kept when they pause), or None when nothing can run
+        (every waiting sequence needs blocks that paused ones hold, and none holds any)."""
+        batch, kind = self.scheduler.schedule()
         if not batch and self._release_paused():
-            batch, is_prefill = self.scheduler.schedule()
+            batch, kind = self.scheduler.schedule()
         if not batch:
             return None
-        kind, drafts = self._plan(batch, is_prefill)
+        drafts = self.drafts.propose(batch) if kind is StepKind.DECODE else None
+        if drafts is not None:
+            kind = StepKind.VERIFY
         # positions each sequence forwards in this step: [start, end)
         if kind is StepKind.DECODE:
             spans = [(s, s.num_tokens - 1, s.num_tokens) for s in batch]
@@ -108,11 +121,9 @@ class EngineLoop:
             self.runner.prefill_chunk(batch[0])
         elif kind is StepKind.VERIFY:
             emitted = self.runner.verify(batch, drafts)
-            self.speculation["drafted"] += sum(map(len, drafts))
-            # a row emits its accepted draft tokens and the one draw after them
-            self.speculation["accepted"] += sum(len(tokens) - 1 for tokens in emitted)
+            self.drafts.count(drafts, emitted)
         else:
-            emitted = [[t] for t in self.runner.run(batch, is_prefill)]
+            emitted = [[t] for t in self.runner.run(batch, kind is StepKind.PREFILL)]
         if self.runner.routing is not None:  # before postprocess frees a finished one's blocks
             self.runner.keep_routing(spans, kind is StepKind.DECODE)
         if kind is StepKind.CHUNK:
@@ -210,19 +221,10 @@ class EngineLoop:
         else:
             seed = hash((params.seed, request.prompt, request.sample_index)) & (2**63 - 1)
         seq = Sequence(self._next_seq_id, request, seed)
+        attach_positions(seq, self.config, self.runner.images)
         self._next_seq_id += 1
         self.scheduler.add(seq)
         return seq
-
-    def _plan(self, batch: list[Sequence], is_prefill: bool
-              ) -> tuple[StepKind, list[list[int]] | None]:
-        """The kind of the scheduled step, and a verify step's drafts: a prefill whose sequence
-        has a chunk end is a CHUNK (not its last), a decode step of the tail with a draft a VERIFY
-        (`_drafts`)."""
-        if is_prefill:
-            return (StepKind.CHUNK if batch[0].chunk_end is not None else StepKind.PREFILL), None
-        drafts = self._drafts(batch)
-        return (StepKind.DECODE, None) if drafts is None else (StepKind.VERIFY, drafts)
 
     def _follow(self, seq: Sequence, reply) -> bool:
         """What follows a finished turn: None ends the sequence (True), token ids resume it."""
@@ -270,21 +272,6 @@ class EngineLoop:
         self._paused.clear()
         for seq in stopped:
             seq.finish_reason = None
-
-    def _drafts(self, batch: list[Sequence]) -> list[list[int]] | None:
-        """Each row's n-gram draft, cut to its token limits and to the KV slots free blocks give it;
-        None (a plain decode step) off the tail or where no row has a draft."""
-        if not self.speculative_tokens or len(batch) >= self.speculate_below:
-            return None
-        drafts = []
-        for seq in batch:
-            room = min(seq.params.max_new_tokens - (seq.num_tokens - seq.num_prompt_tokens),
-                       self.config.max_model_len - seq.num_tokens) - 1  # the draw after the draft
-            draft = seq.draft_index.draft(seq.token_ids, min(self.speculative_tokens, room))
-            slots = (self.block_manager.reserve(seq, seq.num_tokens + len(draft)) if draft
-                     else seq.num_tokens)
-            drafts.append(draft[:slots - seq.num_tokens])
-        return drafts if any(drafts) else None
 
     def _collect_logprobs(self, seqs: list[Sequence]) -> None:
         """Fill each sequence's host log-probs from the device buffer (one copy for the whole call),

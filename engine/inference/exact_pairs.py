@@ -1,21 +1,19 @@
-"""What the engine's batch-invariant (exact) mode cannot run beside, and why: the engine's own
-rule over its arguments, torch-free and config-free. The mode reproduces one decode walk bit for
-bit (the walk the trainer's old-log-prob forward runs again); each of these runs a forward that
-walk is not. The run configs' table (config/compatibility.py) refuses the rollout options these
+"""What the engine's batch-invariant (exact) mode cannot run beside, and why (the reasons are
+engine/exact_reasons.py's): the engine's own rule over its arguments, torch-free and config-free.
+The run configs' table (config/compatibility.py) refuses the rollout options these
 arguments come from, before any model loads.
 """
 from __future__ import annotations
 
+from .. import exact_reasons
 from ..errors import ConfigValueError
 
 # (what LLM's argument is, as the refusal names it) -> why the exact mode cannot run beside it
 REASONS = {
-    "speculative_tokens": "a speculative verify step is not the decode step that one reproduces",
-    "prefill_chunk": "a chunked prefill is not the forward that one reproduces",
-    "a mixture-of-experts model": "its expert GEMMs have no batch-invariant mode; "
-                                  "record_routing keeps the trainer's experts the sampler's",
-    "tensor parallelism": "its fixed reduction order is one device's, not the tensor ranks' "
-                          "all-reduces'",
+    "speculative_tokens": exact_reasons.SPECULATIVE_VERIFY,
+    "prefill_chunk": exact_reasons.CHUNKED_PREFILL,
+    "a mixture-of-experts model": exact_reasons.mixture_of_experts("record_routing"),
+    "tensor parallelism": exact_reasons.TENSOR_PARALLEL,
 }
 
 

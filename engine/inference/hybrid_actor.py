@@ -10,7 +10,7 @@ next one, where CUDA graphs allow: a captured decode step holds the pool's addre
 graphs (one process on CUDA) the pool stays; without them (under torchrun, on the CPU) it goes.
 
 Under torchrun (the policy sharded by FSDP2) each rank generates its own share of the prompts from
-the whole parameters: `generate` gathers them (`unshard()`) before the rollout and frees them
+the whole parameters: `run` gathers them (`unshard()`) before the rollout and frees them
 (`reshard()`) after, so a rank holds one whole copy of the policy's parameters only while it
 generates (on top of its shard), and its forwards inside issue no collective, whatever its number
 of decode steps. The KV pool is per rank. CUDA graphs are off there: the gathered parameters are
@@ -39,7 +39,6 @@ from ..parallel.expert_parallel import gathered_experts
 from ..model.invariant import BatchInvariant
 from ..parallel import distributed
 from .request import Request
-from .sampling_params import SamplingParams
 from .sequence import routing_rows
 
 
@@ -113,22 +112,25 @@ class HybridActor:
         self._after_rollout([routing_rows(seq) for seq in seqs])
         return seqs
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams
-                 ) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
-        """Sample params.n responses per prompt from the current weights.
+    @property
+    def device(self) -> torch.device:
+        """Where the policy runs, its rollouts' log-probs lie (its resting shards may be on CPU)."""
+        return self.llm.device
 
-        Returns (prompt of each row, response of each row, the sampler's log-prob of every response
-        token: [sum of response lengths] fp32 on the policy's device, row after row), rows ordered
-        prompt by prompt, sample by sample. The log-probs never leave the device.
-        """
-        with self.whole_weights():
-            # PPO reads token ids only
-            outputs = self.llm.generate(prompts, params, decode_text=False)
-        completions = [(out.prompt_token_ids, c) for out in outputs for c in out.outputs]
-        self._after_rollout([c.routing_rows for _, c in completions])
-        slots = [slot for _, c in completions for slot in c.logprob_slots]
-        return ([p for p, _ in completions], [c.token_ids for _, c in completions],
-                self.llm.device_logprobs(slots))
+    @property
+    def max_model_len(self) -> int:
+        """The policy's context length: no sequence it generates is longer."""
+        return self.llm.config.max_model_len
+
+    def device_logprobs(self, slots: list[int]) -> torch.Tensor:
+        """The last rollout's sampled log-probs at these slots (its sequences' logprob_slots), one
+        fp32 tensor [len(slots)] on `device` (LLM.device_logprobs)."""
+        return self.llm.device_logprobs(slots)
+
+    def take_speculation(self) -> dict:
+        """{"drafted", "accepted"}: speculative decoding's draft tokens since the last call
+        (LLM.take_speculation)."""
+        return self.llm.take_speculation()
 
     def _after_rollout(self, routing_rows: list[list[int]]) -> None:
         """Every rollout's end, whichever way it generated: with record_routing `last_routing`

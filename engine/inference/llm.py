@@ -1,8 +1,9 @@
 """LLM: the generation API. `LLM(model_dir).generate(prompts, SamplingParams(...))`.
 
-Wires checkpoint loading, the block manager, the scheduler and the model runner together under the
-engine's one loop (engine_loop.py: add, step, run); `generate`, `continue_answers` and
-`generate_turns` (multi_turn.py) build its Requests and read its sequences back.
+A builder: checkpoint loading, then the parts of the engine's one loop (engine_loop.py: add,
+step, run), its block manager, scheduler, model runner and drafts, made from the model and the
+arguments; `generate` and `generate_turns` (multi_turn.py) build its Requests and read its sequences
+back (a caller with Requests of its own, carried answers among them, runs them with `run`).
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ from ..model.invariant import BatchInvariant
 from .engine_loop import EngineLoop
 from .exact_pairs import refuse_beside_exact
 from .multi_turn import OnTurnEnd, Trajectory, generate_turns
+from .drafts import Drafts
 from .request import Request
 from .runner import ModelRunner, num_blocks_for_budget
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, routing_rows
-from .stop_rules import GroupsDone, StopRule, TokenBudget, first_of
+from .stop_rules import StopRule
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # CPU has no "free memory" to take a fraction of: 1 GiB
 
@@ -123,9 +125,6 @@ class LLM(EngineLoop):
             raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1 or None")
         if not isinstance(speculative_tokens, int) or speculative_tokens < 0:
             raise ValueError(f"speculative_tokens={speculative_tokens!r} must be an int >= 0")
-        self.speculative_tokens, self.speculate_below = speculative_tokens, speculate_below
-        # speculative decoding's draft tokens verified and accepted since take_speculation()
-        self.speculation = {"drafted": 0, "accepted": 0}
         if isinstance(model_dir, CausalLM):
             self.model = model_dir
         else:
@@ -154,27 +153,29 @@ class LLM(EngineLoop):
             raise ConfigValueError(
                 f"kv_cache_memory={kv_cache_memory!r} does not hold one block of "
                              f"{block_size} tokens")
-        self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs,
-                                   max(max_num_batched_tokens, self.config.max_model_len),
-                                   self.config.max_model_len, self.config.eos_token_ids,
-                                   prefill_chunk)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs,
-                                  self.batch_invariant, fuse_decode_gemms, record_routing,
-                                  device=self.device, tensor_parallel=tp)
-        self._next_seq_id = 0
-        self._paused: dict[int, Sequence] = {}  # seq_id -> a finished turn kept for on_end
+        blocks = BlockManager(num_blocks, block_size)
+        max_len = self.config.max_model_len
+        scheduler = Scheduler(blocks, max_num_seqs, max(max_num_batched_tokens, max_len), max_len,
+                              self.config.eos_token_ids, prefill_chunk)
+        runner = ModelRunner(self.model, num_blocks, block_size, max_num_seqs, use_cuda_graphs,
+                             self.batch_invariant, fuse_decode_gemms, record_routing,
+                             device=self.device, tensor_parallel=tp)
+        drafts = Drafts(speculative_tokens, speculate_below, blocks, max_len)
         # Every tensor rank must draw the same seeds (they sample the same rows in lockstep).
-        self._rng = random.Random(tp.same_on_ranks(random.getrandbits(63)) if tp else None)
+        super().__init__(scheduler, blocks, runner, drafts,
+                         seed=tp.same_on_ranks(random.getrandbits(63)) if tp else None)
 
     def generate(self, prompts,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False, decode_text: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = False, decode_text: bool = True,
+                 images: list | None = None) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids; one prompt or a list of them).
 
         Returns one RequestOutput per prompt, in order, each with `sampling_params.n` completions.
         decode_text=False leaves Completion.text None: rollouts that only read token ids skip the
-        tokenizer's decode of every response.
+        tokenizer's decode of every response. images: a vision-language model's, one ImageInputs
+        (or None) per prompt, whose placeholder tokens the prompt holds; its n samples share the
+        tower's output and the prompt's KV.
         """
         if isinstance(prompts, (list, tuple)) and not prompts:
             return []
@@ -184,11 +185,12 @@ class LLM(EngineLoop):
         if len(params) != len(prompts):
             raise ValueError(
                 f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        images = _per_prompt(images, len(prompts))
         token_ids = [self._tokenize(p, i) for i, p in enumerate(prompts)]
-        for i, (ids, p) in enumerate(zip(token_ids, params)):
-            self.check(Request(ids, p), i)
-        requests = [Request(ids, p, sample_index=j)
-                    for ids, p in zip(token_ids, params) for j in range(p.n)]
+        for i, (ids, p, im) in enumerate(zip(token_ids, params, images)):
+            self.check(Request(ids, p, images=im), i)
+        requests = [Request(ids, p, sample_index=j, images=im)
+                    for ids, p, im in zip(token_ids, params, images) for j in range(p.n)]
         seqs = iter(self.run(requests, use_tqdm=use_tqdm))
         return [RequestOutput(ids, [self._completion(next(seqs), decode_text) for _ in range(p.n)])
                 for ids, p in zip(token_ids, params)]
@@ -203,34 +205,10 @@ class LLM(EngineLoop):
         return generate_turns(self, prompts, sampling_params, on_turn_end, max_turns=max_turns,
                               max_total_tokens=max_total_tokens, stop=stop)
 
-    def continue_answers(self, prompts: list[list[int]], answers: list[list[int]], seeds: list[int],
-                         params: SamplingParams, token_budget: int | None = None,
-                         groups: list[int] | None = None, groups_needed: int | None = None
-                         ) -> list[Completion]:
-        """Generate each answer on from where it stands (prompt + answer prefilled again: a partial
-        rollout's carried answers under new weights; an empty answer starts one), each row drawing
-        from its own seed's stream at its own positions, as one uninterrupted generate would, with
-        params.max_new_tokens counting the answer's earlier tokens. token_budget: stop every row
-        once this many tokens were drawn (stop_rules.TokenBudget); groups (one id per row) and
-        groups_needed: stop once that many groups have all their rows finished (GroupsDone).
-        Stopped rows have finish_reason None (their blocks freed).
-        Returns one Completion per row of the tokens and log-probs added by this call (its
-        routing_rows: the whole sequence's, prompt and carried answer included)."""
-        if len({len(prompts), len(answers), len(seeds)}) != 1:
-            raise ValueError(f"{len(prompts)} prompts, {len(answers)} answers and {len(seeds)} "
-                             "seeds: expected as many")
-        stop = first_of(None if token_budget is None else TokenBudget(token_budget),
-                        None if groups_needed is None else GroupsDone(groups, groups_needed))
-        seqs = self.run([Request(p, params, answer=a, seed=s)
-                         for p, a, s in zip(prompts, answers, seeds)], stop)
-        return [self._completion(seq, False, len(seq.request.prompt) + len(seq.request.answer))
-                for seq in seqs]
-
     def take_speculation(self) -> dict:
         """{"drafted", "accepted"}: speculative decoding's draft tokens verified and accepted since
         the last call (zeros without speculative_tokens); starts counting again."""
-        counts, self.speculation = self.speculation, {"drafted": 0, "accepted": 0}
-        return counts
+        return self.drafts.take()
 
     def device_logprobs(self, slots: list[int]) -> torch.Tensor:
         """The last run's sampled log-probs at these logprob_slots (Completion's, Trajectory's), as
@@ -260,14 +238,26 @@ class LLM(EngineLoop):
             raise ValueError(f"prompts[{index}] must be a string or a list of ints")
         return list(prompt)
 
-    def _completion(self, seq: Sequence, decode_text: bool, start: int | None = None
-                    ) -> Completion:
-        """The tokens from `start` (default: the prompt's end) with the run's log-probs."""
-        ids = seq.token_ids[seq.num_prompt_tokens if start is None else start:]
+    def _completion(self, seq: Sequence, decode_text: bool) -> Completion:
+        """The tokens after the prompt with the run's log-probs."""
+        ids = seq.token_ids[seq.num_prompt_tokens:]
         text = (self.tokenizer.decode(ids, skip_special_tokens=True)
                 if self.tokenizer and decode_text else None)
         return Completion(ids, seq.logprobs, seq.finish_reason, text, seq.logprob_slots,
                           routing_rows(seq))
+
+
+def _per_prompt(images, count: int) -> list:
+    """images (one ImageInputs or None per prompt, or None for none) as a list of `count`."""
+    if images is None:
+        return [None] * count
+    if len(images) != count:
+        raise ValueError(f"images has {len(images)} entries for {count} prompts")
+    for i, im in enumerate(images):
+        if im is not None and not all(hasattr(im, a) for a in ("pixel_values", "image_grid_thw")):
+            raise TypeError(f"images[{i}] is a {type(im).__name__}: expected None or an ImageInputs"
+                            " (pixel_values, image_grid_thw)")
+    return list(images)
 
 
 def _is_single_prompt(prompts) -> bool:

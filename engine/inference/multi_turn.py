@@ -61,13 +61,54 @@ class Trajectory:
 OnTurnEnd = Callable[[int, list[int]], Union[TurnReply, "Future[TurnReply]"]]
 
 
-class _Turns:
-    """The bookkeeping of one trajectory beside its Sequence."""
+class TurnBook:
+    """The bookkeeping of one trajectory's turns beside its Sequence, for every multi-turn run
+    (generate_turns here, carried trajectories: engine/agents/carried.py): the model turns so far,
+    the spans of environment tokens a run appended, why it ended (None: not yet). opening: the
+    tokens of the sequence before the trajectory's own (its prompt); turns: those it had before
+    this run."""
 
-    def __init__(self):
+    def __init__(self, opening: int, turns: int = 0):
+        self.opening, self.turns = opening, turns
         self.environment_spans: list[tuple[int, int]] = []  # [start, end) of appended tokens
-        self.turns = 0
-        self.finish_reason = ""
+        self.finish_reason: str | None = None
+
+    def turn_ended(self, seq: Sequence, limit: int) -> bool:
+        """Count the turn `seq` just ended; False (finish 'length') when no room is left below
+        `limit` for anything after it."""
+        self.turns += 1
+        if seq.num_tokens >= limit:
+            self.finish_reason = "length"
+            return False
+        return True
+
+    def end(self, reason: str) -> None:
+        self.finish_reason = reason
+
+    def follow(self, seq: Sequence, reply: TurnReply, limit: int, max_turns: int):
+        """The run's next move for a reply (turn_ends): its tokens to resume with, or None to end
+        the trajectory."""
+        reason = turn_ends(reply, self.turns, seq.num_tokens, limit, max_turns)
+        if reason is not None:
+            return self.end(reason)
+        start = seq.num_tokens - self.opening
+        self.environment_spans.append((start, start + len(reply.token_ids)))
+        return list(reply.token_ids)
+
+    def model_mask(self, earlier: list[bool], length: int) -> list[bool]:
+        """The mask of a trajectory of `length` tokens whose first ones had mask `earlier`: True
+        on the model's tokens, False on the environment's this run appended."""
+        mask = earlier + [True] * (length - len(earlier))
+        for start, end in self.environment_spans:
+            mask[start:end] = [False] * (end - start)
+        return mask
+
+
+def aligned_logprobs(mask: list[bool], model_logprobs: list[float]) -> list[float]:
+    """One log-prob per token of a trajectory: the model's tokens' in order, 0.0 on the
+    environment's."""
+    model = iter(model_logprobs)
+    return [next(model) if is_model else 0.0 for is_model in mask]
 
 
 def generate_turns(llm, prompts: list[list[int]], params: SamplingParams, on_turn_end: OnTurnEnd, *,
@@ -89,18 +130,16 @@ def generate_turns(llm, prompts: list[list[int]], params: SamplingParams, on_tur
             f"hold one trajectory of max_total_tokens={limit}; raise the pool or lower the cap")
     requests = [Request(ids, params, sample_index=j, max_total_tokens=limit)
                 for ids in prompts for j in range(params.n)]
-    rows = [_Turns() for _ in requests]
+    rows = [TurnBook(len(request.prompt)) for request in requests]
 
     def on_end(index: int, seq: Sequence):
         row = rows[index]
-        row.turns += 1
-        if seq.num_tokens >= limit:
-            row.finish_reason = "length"
+        if not row.turn_ended(seq, limit):
             return None
         reply = on_turn_end(index, seq.token_ids[seq.turn_start:])
         if isinstance(reply, Future):
-            return _Later(lambda: _follow(row, seq, reply.result(), limit, max_turns))
-        return _follow(row, seq, reply, limit, max_turns)
+            return _Later(lambda: row.follow(seq, reply.result(), limit, max_turns))
+        return row.follow(seq, reply, limit, max_turns)
 
     seqs = llm.run(requests, stop, on_end)
     return [_trajectory(row, seq) for row, seq in zip(rows, seqs)]
@@ -134,23 +173,8 @@ def turn_ends(reply: TurnReply, turns: int, num_tokens: int, limit: int,
     return None
 
 
-def _follow(row: _Turns, seq: Sequence, reply: TurnReply, limit: int, max_turns: int):
-    """The run's next move for a reply (turn_ends): its tokens to resume with, or None to end the
-    trajectory."""
-    row.finish_reason = turn_ends(reply, row.turns, seq.num_tokens, limit, max_turns) or ""
-    if row.finish_reason:
-        return None
-    start = seq.num_tokens - seq.num_prompt_tokens
-    row.environment_spans.append((start, start + len(reply.token_ids)))
-    return list(reply.token_ids)
-
-
-def _trajectory(row: _Turns, seq: Sequence) -> Trajectory:
-    mask = [True] * (seq.num_tokens - seq.num_prompt_tokens)
-    for start, end in row.environment_spans:
-        mask[start:end] = [False] * (end - start)
-    model_logprobs = iter(seq.logprobs)
-    logprobs = [next(model_logprobs) if is_model else 0.0 for is_model in mask]
+def _trajectory(row: TurnBook, seq: Sequence) -> Trajectory:
+    mask = row.model_mask([], seq.num_tokens - seq.num_prompt_tokens)
     return Trajectory(seq.token_ids[:seq.num_prompt_tokens], seq.completion_token_ids, mask,
-                      logprobs, list(seq.logprob_slots), row.turns, row.finish_reason or None,
-                      seq.prefilled_tokens, routing_rows(seq))
+                      aligned_logprobs(mask, seq.logprobs), list(seq.logprob_slots), row.turns,
+                      row.finish_reason, seq.prefilled_tokens, routing_rows(seq))

@@ -7,17 +7,17 @@ copy is its sampled token ids; their log-probs stay on the device until the run 
 """
 from __future__ import annotations
 
-import functools
-from types import SimpleNamespace
 
 import torch
 
 from ..model.config import ModelConfig
 from ..model.causal_lm import CausalLM
-from ..model.invariant import BatchInvariant
+from ..model.invariant import BatchInvariant, mask_logits
 from ..model.moe import routing_trace
 from ..model.primitives import DECODE
+from .decode_graphs import DecodeGraphs
 from .decode_inputs import DecodeInputs
+from .image_prefill import ImageCache, span_positions
 from .routing_record import RoutingRecorder
 from ...kernels import SamplerWorkspace, model_backend, sample
 from ...kernels.attention import AttentionMetadata, launch_splits, sequence_slot
@@ -108,13 +108,16 @@ class ModelRunner:
             device=self.device)
         self._prefill_routing = None
         self.forwards = 0  # model forwards run (prefill, decode and speculative verify steps)
+        # A vision-language model's tower outputs of the run, and the ids it never samples.
+        self.images = ImageCache(model) if c.vision else None
+        self.vision_ids = self._tensor(c.vision.vision_token_ids, torch.int64) if c.vision else None
         self.verify_workspace = None  # the sampler's windows for verify steps' rows
         self.graphs = None
         # The torch backend's decode is the reference's: it selects rows by masks (a host sync),
         # which no graph can capture; it runs eagerly.
         if use_cuda_graphs and self.device.type == "cuda" \
                 and model_backend(torch.empty(0, device=self.device)) != "torch":
-            self.graphs = _DecodeGraphs(self, max_num_seqs)
+            self.graphs = DecodeGraphs(self, max_num_seqs)
 
     def allocate_kv_pool(self) -> None:
         """The paged KV pool (again after release_kv_pool): one tensor for all layers, [K/V, layer,
@@ -141,9 +144,9 @@ class ModelRunner:
         written into the pool, nothing sampled."""
         self.allocate_kv_pool()
         self.forwards += 1
-        input_ids, positions, meta, _ = self._prepare_packed(
-            [(seq.block_table, seq.token_ids[:seq.chunk_end], seq.num_cached_tokens)])
-        self.forward_step(input_ids, positions, meta)
+        input_ids, positions, meta, _, visual = self._prepare_packed(
+            [(seq.block_table, seq.token_ids[:seq.chunk_end], seq.num_cached_tokens)], [seq])
+        self.forward_step(input_ids, positions, meta, visual)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
@@ -166,6 +169,8 @@ class ModelRunner:
         self.logprobs_kept = 0
         if self.routing is not None:
             self.routing.reset()
+        if self.images is not None:
+            self.images.clear()
 
     def kept_logprobs(self) -> list[float]:
         """Every log-prob kept since logprobs_kept was last reset, on the host (one copy)."""
@@ -187,21 +192,21 @@ class ModelRunner:
         return self.logprob_buffer.index_select(0, self._tensor(slots, torch.int64))
 
     def forward_step(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                     meta: AttentionMetadata) -> torch.Tensor:
+                     meta: AttentionMetadata, visual=None) -> torch.Tensor:
         """The model's forward over the pages (the default kernels, or the batch-invariant walk):
-        input_ids, positions [N] -> final hidden states [N, hidden]. What a decode graph
-        captures."""
+        input_ids, positions [N] ([3, N]: M-RoPE's) -> final hidden states [N, hidden]; visual:
+        image features at their rows (image_prefill.py). What a decode graph captures."""
         if self.batch_invariant is not None:
             return self.batch_invariant.paged_hidden(self.model, input_ids, positions, meta,
-                                                     self.kv_caches)
+                                                     self.kv_caches, visual)
         # None: the model's FORWARD
         prims = DECODE if meta.is_decode and self.fuse_decode_gemms else None
         run = self.model.entry()  # persistent weights: past the root's FSDP hook
         if self.routing is None:
-            return run(input_ids, positions, meta, self.kv_caches, prims=prims)
+            return run(input_ids, positions, meta, self.kv_caches, prims=prims, visual=visual)
         # Decode: into routing_out, the buffer a graph writes; prefill (eager): the trace's tensors.
         with routing_trace(self.model, out=self.routing_out if meta.is_decode else None) as trace:
-            hidden = run(input_ids, positions, meta, self.kv_caches, prims=prims)
+            hidden = run(input_ids, positions, meta, self.kv_caches, prims=prims, visual=visual)
         if not meta.is_decode:
             self._prefill_routing = torch.stack(
                 [trace.chosen[layer] for layer in sorted(trace.chosen)])
@@ -235,9 +240,9 @@ class ModelRunner:
     def _prefill(self, seqs: list[Sequence]):
         """The new tokens of each sequence, from its first uncached one; samples after the last."""
         self.forwards += 1
-        input_ids, positions, meta, last = self._prepare_packed(
-            [(s.block_table, s.token_ids, s.num_cached_tokens) for s in seqs])
-        return self._sample(self.forward_step(input_ids, positions, meta)[last],
+        input_ids, positions, meta, last, visual = self._prepare_packed(
+            [(s.block_table, s.token_ids, s.num_cached_tokens) for s in seqs], seqs)
+        return self._sample(self.forward_step(input_ids, positions, meta, visual)[last],
                             self._prepare_sampling(seqs))
 
     @torch.inference_mode()
@@ -255,8 +260,9 @@ class ModelRunner:
         self.allocate_kv_pool()
         self.forwards += 1
         rows = [(s.block_table, s.token_ids + d, s.num_tokens - 1) for s, d in zip(seqs, drafts)]
-        input_ids, positions, meta, _ = self._prepare_packed(rows)
-        hidden = self.forward_step(input_ids, positions, meta)  # [sum of (1 + draft), hidden]
+        input_ids, positions, meta, _, visual = self._prepare_packed(rows, seqs)
+        # [sum of (1 + draft), hidden]
+        hidden = self.forward_step(input_ids, positions, meta, visual)
         spans = [(s, s.num_tokens + i) for s, d in zip(seqs, drafts) for i in range(len(d) + 1)]
         if self.verify_workspace is None or self.verify_workspace.rows < len(spans):
             self.verify_workspace = SamplerWorkspace(len(spans), self.device)
@@ -282,9 +288,13 @@ class ModelRunner:
             # write and read the logits twice more.
             tp = self.tensor_parallel
             logits = tp.logits(self.model.lm_head, hidden) if tp else self.model.lm_head(hidden)
+            if self.vision_ids is not None:  # never an image, video or vision boundary token
+                logits = logits.index_fill(1, self.vision_ids, float("-inf"))
             return sample(logits, *sampling, workspace=workspace or self.sampler_workspace)
         mode = self.batch_invariant
-        logits = mode.logits(hidden, self.model.lm_head.weight)  # [B, V] fp32
+        # [B, V] fp32, the vision tokens masked as the trainer's head_logprobs(masked=...) does
+        logits = mask_logits(mode.logits(hidden, self.model.lm_head.weight),
+                             () if self.vision_ids is None else self.vision_ids)
         tokens, _ = sample(logits, *sampling, workspace=self.sampler_workspace)
         return tokens, mode.sampler_logprobs(logits, tokens, sampling[0])
 
@@ -297,9 +307,10 @@ class ModelRunner:
         rows = [t + [-1] * (width - len(t)) for t in tables]
         return self._tensor(rows, torch.int32)  # [B, width]
 
-    def _prepare_packed(self, rows: list[tuple[list[int], list[int], int]]):
-        """A packed forward over rows (block table, token ids, start): each row's tokens from
-        `start` on, attending to its KV before it (in the pages) and to each other causally."""
+    def _prepare_packed(self, rows: list[tuple[list[int], list[int], int]], seqs: list[Sequence]):
+        """A packed forward over rows (block table, token ids, start), one per sequence of `seqs`:
+        each row's tokens from `start` on, attending to its KV before it (in the pages) and to each
+        other causally -> (input_ids, positions, meta, each row's last token, visual rows)."""
         input_ids, positions, slots, seqlens_q, seqlens_k = [], [], [], [], []
         for table, ids, start in rows:
             input_ids += ids[start:]
@@ -315,8 +326,12 @@ class ModelRunner:
             block_tables=(self._block_tables([table for table, _, _ in rows])
                           if seqlens_q != seqlens_k else None))
         last = cu_q[1:] - 1  # index of each sequence's last token in the packed batch
-        return self._tensor(input_ids, torch.int64), self._tensor(positions,
-                                                                  torch.int64), meta, last
+        visual, spans = None, [(s, start, len(ids)) for s, (_, ids, start) in zip(seqs, rows)]
+        if self.images is not None:  # M-RoPE's [3, N] positions, the image features
+            positions = [sum(axis, []) for axis in zip(*(span_positions(*x) for x in spans))]
+            visual = self.images.visual_rows(spans, self.device)
+        return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
+                last, visual)
 
     def _prepare_sampling(self, seqs: list[Sequence], draw_positions: list[int] | None = None):
         """The sampler's per-row tensors; a row draws the token at its draw position (default: the
@@ -328,67 +343,3 @@ class ModelRunner:
                 self._tensor([s.seed for s in seqs], torch.int64),
                 self._tensor(draw_positions or [s.num_tokens for s in seqs], torch.int64),
                 self._tensor([p.min_p for p in ps], torch.float32))
-
-
-def capture_error_mode() -> str:
-    """The stream-capture mode of a decode graph: "thread_local" while a process group is up (NCCL's
-    watchdog thread queries its events during our capture, which "global" turns into a capture
-    failure), else "global" (any thread's unsafe call during the capture is an error)."""
-    dist = torch.distributed
-    return "thread_local" if dist.is_available() and dist.is_initialized() else "global"
-
-
-class _DecodeGraphs:
-    """CUDA graphs of the whole decode step (`ModelRunner.decode_step`: embedding, layers, final
-    norm, LM head and sampler) at GRAPH_BATCH_SIZES, reading the runner's `DecodeInputs` device
-    buffers and writing tokens and log-probs [max_batch] into buffers of their own.
-
-    The inputs' padding rows carry slot -1 (nothing written) and context length 0 (nothing read), so
-    a batch of 5 replays the graph of 8 and keeps the first 5 rows. `capture=False` keeps the same
-    buffers and padding but replays by running the step eagerly: how the tests check this
-    bookkeeping on a machine without CUDA.
-    """
-
-    def __init__(self, runner: ModelRunner, max_num_seqs: int, capture: bool = True):
-        self.runner = runner
-        sizes = [b for b in runner.GRAPH_BATCH_SIZES if b <= max_num_seqs]
-        if not sizes or sizes[-1] < max_num_seqs <= runner.GRAPH_BATCH_SIZES[-1]:
-            sizes.append(max_num_seqs)
-        self.max_batch = sizes[-1]
-        self.tokens = torch.zeros(self.max_batch, dtype=torch.int64, device=runner.device)
-        self.logprobs = torch.zeros(self.max_batch, dtype=torch.float32, device=runner.device)
-        self.graphs = {}
-        self.pool = None
-        # largest first: smaller graphs reuse its pool
-        self._capture(sorted(sizes, reverse=True), capture)
-
-    def _step(self, size: int):
-        tokens, logprobs = self.runner.decode_step(size, full_tables=True)
-        self.tokens[:size] = tokens
-        self.logprobs[:size] = logprobs
-
-    @torch.inference_mode()
-    def _capture(self, sizes, capture: bool):
-        for b in sizes:
-            step = functools.partial(self._step, b)
-            step()  # warm-up on the padding rows: Triton kernels compile outside the capture
-            if not capture:
-                self.graphs[b] = SimpleNamespace(replay=step)
-                continue
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, self.pool, capture_error_mode=capture_error_mode()):
-                step()
-            self.pool = graph.pool()
-            self.graphs[b] = graph
-        if capture:
-            torch.cuda.synchronize()
-
-    def size_for(self, batch: int) -> int:
-        """The smallest captured size that holds `batch` rows."""
-        return min(s for s in self.graphs if s >= batch)
-
-    def replay(self, size: int):
-        """Run the graph of `size` rows on the inputs filled for it -> (tokens, logprobs) [size]."""
-        self.graphs[size].replay()
-        return self.tokens[:size], self.logprobs[:size]

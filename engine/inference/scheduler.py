@@ -12,9 +12,19 @@ the next turn's prompt tokens and queues them for a prefill of those tokens only
 from __future__ import annotations
 
 from collections import deque
+from enum import Enum
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
+
+
+class StepKind(Enum):
+    """What one engine step runs: the scheduler says which of the first three; the loop makes a
+    DECODE of the tail a VERIFY where its rows have drafts (ngram_draft.Drafts)."""
+    PREFILL = "prefill"  # admitted sequences' new tokens, then a draw each
+    CHUNK = "chunk"  # a long prompt's chunk that is not its last: K/V written, nothing drawn
+    DECODE = "decode"  # every running sequence's next token (a CUDA graph where captured)
+    VERIFY = "verify"  # the decode tail's n-gram drafts checked in one forward (speculative)
 
 
 class Scheduler:
@@ -42,16 +52,19 @@ class Scheduler:
     def is_finished(self) -> bool:
         return not self.waiting and not self.running and self.prefilling is None
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """The sequences of the next step and whether it is a prefill (a chunk's too)."""
+    def schedule(self) -> tuple[list[Sequence], StepKind]:
+        """The sequences of the next step and its kind: PREFILL, a prompt's CHUNK that is not its
+        last, or DECODE (an empty batch: nothing can run)."""
         if self.prefilling is not None:
             self._decode_turn = not self._decode_turn
             batch = self._decode_batch() if self._decode_turn and self.running else []
-            return (batch, False) if batch else ([self._next_chunk()], True)
+            if batch:
+                return batch, StepKind.DECODE
+            return _prefill_kind([self._next_chunk()])
         batch = self._admit()
         if batch:
-            return batch, True
-        return self._decode_batch(), False
+            return _prefill_kind(batch)
+        return self._decode_batch(), StepKind.DECODE
 
     def _chunked(self, seq: Sequence) -> bool:
         return self.prefill_chunk is not None and seq.num_tokens > self.prefill_chunk
@@ -195,3 +208,9 @@ class Scheduler:
         if seq.num_tokens >= min(self.max_model_len, seq.token_limit or self.max_model_len):
             return "length"
         return None
+
+
+def _prefill_kind(batch: list[Sequence]) -> tuple[list[Sequence], StepKind]:
+    """A prefill's batch with its kind: a CHUNK where its one sequence has a chunk end (a chunk that
+    is not its last), else a PREFILL."""
+    return batch, StepKind.CHUNK if batch[0].chunk_end is not None else StepKind.PREFILL

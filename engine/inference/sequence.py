@@ -46,6 +46,13 @@ class Sequence:
         self.draft_index = NgramIndex()  # speculative decoding's drafts (ngram_draft.py)
         self.chunk_end: int | None = None  # chunked prefill: this step prefills up to here
         self.prefilled_tokens = 0  # tokens sent through prefill (a chunk's, a resumed turn's)
+        # A vision-language prompt's images (request.images) and their digest, its M-RoPE
+        # positions [3][P] and decode offset: token p >= P sits at p + rope_delta
+        # (image_prefill.py sets them).
+        self.images = request.images
+        self.image_key: str | None = None
+        self.mrope: list[list[int]] | None = None
+        self.rope_delta = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

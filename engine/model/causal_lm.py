@@ -37,6 +37,7 @@ from .attention import attention_step
 from .config import ModelConfig
 from .moe import SparseMoeBlock, agree_buffers, trace_restorer
 from .primitives import FORWARD, past_hooks
+from .rotary import RotaryAngles, RotaryTable
 
 # (layer index, q [N, H, D], k [N, Hkv, D], v [N, Hkv, D] with q and k before RoPE, the forward's
 # RotaryAngles) -> attention output [N, H, D]. An attend rotates q and k by `angles.rotate` first,
@@ -101,45 +102,6 @@ class PackedProjection(Projection):
                              f"tensor_parallel={self.tensor_parallel} "
                              "layout runs only tensor-parallel)")
         return y.split([size // shards for _, size in self.parts], dim=-1)
-
-
-class RotaryTable:
-    """cos/sin [L, D] of every position below max_model_len, computed in fp32 as transformers does,
-    kept out of the module's buffers so that `model.to(bfloat16)` cannot round the angles. Per
-    (device, dtype) a cast copy is cached (`tables`); RotaryAngles gathers a forward's rows."""
-
-    def __init__(self, config: ModelConfig):
-        # Built on the CPU explicitly: the model itself may be constructed under a meta device.
-        positions = torch.arange(config.max_model_len, dtype=torch.int64, device="cpu").float()
-        freqs = positions[:, None] * config.inv_freq().to("cpu")[None, :]  # [L, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [L, D]
-        self.cos, self.sin = emb.cos(), emb.sin()
-        self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def tables(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [max_model_len, D] in `dtype` on `device` (cast once, then cached)."""
-        key = (torch.device(device), dtype)
-        if key not in self._cast:
-            self._cast[key] = (self.cos.to(device, dtype), self.sin.to(device, dtype))
-        return self._cast[key]
-
-
-class RotaryAngles:
-    """The rotary angles of one forward's tokens: the tables and the positions, each token's rows
-    gathered on the first `rotate` (once for every layer). A fused decode attention reads the
-    tables by position itself, so a decode step gathers nothing."""
-
-    def __init__(self, table: RotaryTable, positions: torch.Tensor, dtype, rope):
-        self.cos_table, self.sin_table = table.tables(positions.device, dtype)
-        self.positions = positions
-        self.rope = rope  # the walk's primitive: (q, k, cos [N, D], sin [N, D]) -> rotated (q, k)
-        self._rows = None
-
-    def rotate(self, q, k):
-        """q [N, H, D], k [N, Hkv, D] -> rotated (q, k)."""
-        if self._rows is None:
-            self._rows = (self.cos_table[self.positions], self.sin_table[self.positions])
-        return self.rope(q, k, *self._rows)
 
 
 class Attention(nn.Module):
@@ -265,14 +227,16 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, positions, meta: AttentionMetadata | None = None, kv_caches=None,
-                *, attend: Attend | None = None, prims: SimpleNamespace | None = None):
-        """input_ids, positions [N] -> final hidden states [N, hidden].
+                *, attend: Attend | None = None, prims: SimpleNamespace | None = None,
+                visual=None):
+        """input_ids, positions [N] ([3, N]: M-RoPE's) -> final hidden states [N, hidden].
 
         kv_caches: per layer (k_cache, v_cache) for prefill/decode, or None for a packed training
         batch. attend, prims: the walk's attention and primitive set given whole instead of built
         from `meta` (the batch-invariant mode; a decode step's `primitives.DECODE`); passed through
         here, not to `hidden_states`, so that FSDP's root hooks run (they initialize its state
-        before any layer's).
+        before any layer's). visual: a vision-language model's image features at their tokens
+        (vision/rows.py's VisualRows), or None.
         """
         if attend is None:
             attend = attention_step(meta, kv_caches)
@@ -280,7 +244,7 @@ class CausalLM(nn.Module):
             prims = self.tensor_parallel.prims(prims or FORWARD)
         if self.past_fsdp_hooks:
             prims = past_hooks(prims or FORWARD)
-        return self.hidden_states(input_ids, positions, attend, prims)
+        return self.hidden_states(input_ids, positions, attend, prims, visual)
 
     def entry(self) -> Callable:
         """What a step calls to run `forward`: the model itself, through FSDP's root hook (which
@@ -290,13 +254,15 @@ class CausalLM(nn.Module):
         return self.forward if self.past_fsdp_hooks else self
 
     def hidden_states(self, input_ids, positions, attend: Attend,
-                      prims: SimpleNamespace | None = None):
+                      prims: SimpleNamespace | None = None, visual=None):
         """The one walk of the decoder: input_ids, positions [N] -> final hidden states [N, hidden],
         attention from `attend` (what differs between packed, prefill and decode steps) and every
         other op from `prims` (default `primitives.FORWARD`), all on the model backend the decider
         names for the activations (asked once; a layer recomputed in backward runs on it too)."""
         prims = prims or FORWARD
         x = prims.embed(self.model.embed_tokens, input_ids)
+        if visual is not None:  # image features in place of their placeholder tokens' embeddings
+            x = visual.place(x)
         backend = kernels.model_backend(x)
         angles = RotaryAngles(self.rotary, positions, x.dtype, prims.rope)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
@@ -308,7 +274,7 @@ class CausalLM(nn.Module):
         residual = None
         offload = ActivationOffload() if recompute and self.activation_offload else None
         with kernels.use_backend(backend), offload.hooks() if offload else contextlib.nullcontext():
-            for layer in self.model.layers:
+            for i, layer in enumerate(self.model.layers):
                 args = (x, residual, angles, attend, prims)
                 if recompute:
                     x, residual = checkpoint(prims.enter, layer, *args, use_reentrant=False,
@@ -316,6 +282,8 @@ class CausalLM(nn.Module):
                         contextlib.nullcontext(), _both(kernels.use_backend(backend), routing())))
                 else:
                     x, residual = prims.enter(layer, *args)
+                if visual is not None:  # Qwen3-VL's deepstack features after the first layers
+                    x = visual.after_layer(i, x)
         if offload is not None:
             self.offloaded_bytes += offload.bytes_moved
         with kernels.use_backend(backend):
@@ -333,13 +301,14 @@ class CausalLM(nn.Module):
                 "on "
                 f"the model's device {weight.device}")
 
-    def forward_packed(self, input_ids, seqlens: list[int], positions=None, cu_seqlens=None):
+    def forward_packed(self, input_ids, seqlens: list[int], positions=None, cu_seqlens=None,
+                       visual=None):
         """Training forward over packed sequences: input_ids [N] (sum(seqlens) == N) on the model's
         device -> hidden [N, hidden].
 
         Positions restart at 0 for each sequence and no token attends across sequences. positions
         [N] int64 and cu_seqlens [S + 1] int32, when given (a PackedBatch's, built once per pack),
-        spare rebuilding them for every forward over the same pack.
+        spare rebuilding them for every forward over the same pack. visual: as forward's.
         """
         self.check_input_ids(input_ids)
         if sum(seqlens) != input_ids.shape[0] or min(seqlens) < 1:
@@ -348,7 +317,7 @@ class CausalLM(nn.Module):
         if max(seqlens) > self.config.max_model_len:
             raise ValueError(f"a sequence of {max(seqlens)} tokens exceeds max_model_len "
                              f"{self.config.max_model_len}")
-        for name, given, shape in (("positions", positions, (input_ids.shape[0],)),
+        for name, given, shape in (("positions", positions, self.position_shape(input_ids)),
                                    ("cu_seqlens", cu_seqlens, (len(seqlens) + 1,))):
             if (given is not None
                 and (tuple(given.shape) != shape or given.device != input_ids.device)):
@@ -361,7 +330,11 @@ class CausalLM(nn.Module):
             starts = meta.cu_seqlens_q[:-1].long().repeat_interleave(
                 torch.tensor(seqlens, device=input_ids.device), output_size=input_ids.shape[0])
             positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
-        return self.entry()(input_ids, positions, meta)
+        return self.entry()(input_ids, positions, meta, visual=visual)
+
+    def position_shape(self, input_ids) -> tuple[int, ...]:
+        """The shape of a training forward's positions for input_ids [N]: [N]."""
+        return (input_ids.shape[0],)
 
     def forward_rows(self, packed, layout=None):
         """Hidden states of a PackedBatch's rows: (hidden [N', hidden], rows [M] of it predicting

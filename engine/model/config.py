@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .moe_config import UNSUPPORTED_MOE, MoEConfig, moe_from_hf
+from .vision.spec import VISION_FAMILIES, VisionSpec
 
 # model_type -> (q/k/v bias, o_proj bias, mlp bias, q/k RMSNorm) as functions of the HF config,
 # mirroring the nn.Linear(..., bias=...) choices in each transformers modeling file.
@@ -23,7 +24,7 @@ _ARCHS = {
     "qwen3_moe": lambda c: (c.attention_bias, c.attention_bias, False, True),
     "mixtral": lambda c: (False, False, False, False),
 }
-SUPPORTED_ARCHS = tuple(_ARCHS)
+SUPPORTED_ARCHS = tuple(_ARCHS) + tuple(VISION_FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # config.json's sizes, required and optional (HF names): ints the kernels' int32 offsets can index.
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -61,6 +62,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     # the sparse layers' experts (moe_config.py); None: every layer dense
     moe: MoEConfig | None = None
+    # a vision-language model's images (vision/spec.py); None: a text model
+    vision: VisionSpec | None = None
     torch_dtype: torch.dtype | None = None
     hf_config: object = field(default=None, repr=False)
 
@@ -81,7 +84,7 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported model_type {model_type!r}: its {UNSUPPORTED_MOE[model_type]} "
                 f"are not implemented; supported: {', '.join(SUPPORTED_ARCHS)}")
-        if model_type not in _ARCHS:
+        if model_type not in _ARCHS and model_type not in VISION_FAMILIES:
             raise ValueError(
                 f"unsupported model_type {model_type!r} (architectures={architectures}); "
                 f"supported: {', '.join(SUPPORTED_ARCHS)}")
@@ -97,9 +100,22 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf_config) -> "ModelConfig":
-        """Validate a transformers config and copy out what the decoder needs."""
+        """Validate a transformers config and copy out what the decoder needs (a vision-language
+        model's: its text_config's, with `vision` from the whole)."""
         model_type = getattr(hf_config, "model_type", None)
         cls.check_model_type(model_type, getattr(hf_config, "architectures", None))
+        if model_type in VISION_FAMILIES:
+            text = cls.from_text(hf_config.text_config, VISION_FAMILIES[model_type])
+            text.model_type, text.hf_config = model_type, hf_config
+            text.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+            text.torch_dtype = _dtype(hf_config) or text.torch_dtype
+            text.vision = VisionSpec.from_hf(hf_config, text.head_dim)
+            return text
+        return cls.from_text(hf_config, model_type)
+
+    @classmethod
+    def from_text(cls, hf_config, model_type: str) -> "ModelConfig":
+        """The decoder of `hf_config`, a config of architecture `model_type` (one of _ARCHS)."""
         _check_sizes(hf_config)
         act = getattr(hf_config, "hidden_act", "silu")
         if act != "silu":
@@ -118,9 +134,6 @@ class ModelConfig:
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
         eos = getattr(hf_config, "eos_token_id", None)
         eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
         return cls(
             model_type=model_type,
             vocab_size=hf_config.vocab_size,
@@ -134,7 +147,8 @@ class ModelConfig:
             max_model_len=_max_model_len(hf_config),
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             qkv_bias=bool(qkv_bias), o_bias=bool(o_bias), mlp_bias=bool(mlp_bias), qk_norm=qk_norm,
-            rope_theta=rope_theta, rope_scaling=rope, eos_token_ids=eos, torch_dtype=dtype,
+            rope_theta=rope_theta, rope_scaling=rope, eos_token_ids=eos,
+            torch_dtype=_dtype(hf_config),
             moe=moe_from_hf(hf_config, model_type), hf_config=hf_config,
         )
 
@@ -150,6 +164,12 @@ class ModelConfig:
         if self.rope_type == "llama3":
             return _llama3_inv_freq(inv_freq, self.rope_scaling)
         return inv_freq
+
+
+def _dtype(hf_config) -> torch.dtype | None:
+    """config.json's dtype (transformers 5's `dtype`, 4.x's `torch_dtype`), or None."""
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _rope_parameters(hf_config) -> dict:

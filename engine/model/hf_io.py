@@ -32,6 +32,7 @@ from ..runs.path_checks import CONFIG_FILE
 from .config import ModelConfig
 from .footprint import refuse_unfit_weights
 from .causal_lm import CausalLM
+from .vision_language import VisionLanguageModel
 from .streamed_save import INDEX_FILE, SINGLE_FILE, check_finite_shards, write_weights
 from .weight_map import hf_blocks, hf_shape, local_box, overlap, packed_blocks
 
@@ -43,10 +44,17 @@ except ImportError:
 
 # Tensors some checkpoints carry that the decoder recomputes (RoPE frequencies).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# Checkpoint name prefixes transformers 5 writes for a vision-language model -> the model's own
+# (the Hub's Qwen2.5-VL layout: `model.layers.*`, `visual.*`), read in either layout. Saving writes
+# the layout transformers' save_pretrained writes for the family (qwen3_vl: its own prefixes; the
+# version installed loads a Qwen3-VL checkpoint only in those).
+_VISION_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+_PREFIXED_FAMILIES = ("qwen3_vl",)
 # Non-weight files copied along when saving, so the saved directory is complete for transformers.
 _SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
-               "added_tokens.json", "chat_template.jinja")
+               "added_tokens.json", "chat_template.jinja", "preprocessor_config.json",
+               "processor_config.json", "video_preprocessor_config.json")
 
 
 def load_config(model_dir) -> ModelConfig:
@@ -151,6 +159,8 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM,
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: no such model directory")
     config = load_config(model_dir)
+    if config.vision is not None and model_cls is CausalLM:
+        model_cls = VisionLanguageModel
     dtype = resolve_dtype(dtype, config)
     ranks = world.world_size() if shard is not None else 1
     refuse_unfit_weights(config, dtype, device, model_dir, ranks)
@@ -177,6 +187,8 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM,
                     or (name == "lm_head.weight" and config.tie_word_embeddings)):
                     continue
                 target = renames.get(name, name)
+                if config.vision is not None:
+                    target = _vision_name(target)
                 if target not in expected and target not in packed:
                     raise ModelError(
                         f"unexpected tensor {name!r} in {path.name}: not a parameter of a "
@@ -210,6 +222,22 @@ def _fill(f, name: str, path: Path, blocks: list) -> None:
                 local[target].copy_(view[source])
     except (SafetensorError, OSError) as e:  # e.g. a file cut short after its header
         raise ModelError(f"{path}: tensor {name!r} cannot be read ({e})") from None
+
+
+def _vision_name(name: str) -> str:
+    """A vision-language checkpoint's tensor name as the model's parameter name."""
+    for prefix, ours in _VISION_PREFIXES:
+        if name.startswith(prefix):
+            return ours + name[len(prefix):]
+    return name
+
+
+def _prefixed_name(name: str) -> str:
+    """A vision-language model's parameter name as transformers 5 writes it."""
+    for prefix, ours in _VISION_PREFIXES:
+        if name.startswith(ours):
+            return prefix + name[len(ours):]
+    return name
 
 
 def _check_regular(path: Path) -> None:
@@ -277,12 +305,13 @@ def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int =
     sharded.reshard(model)  # a root FSDP unit left gathered by an eval forward: read its shards
     check_finite_shards(model, f"the model for {out_dir}")
     skip = ("lm_head.weight",) if model.config.tie_word_embeddings else ()
+    rename = _prefixed_name if model.config.model_type in _PREFIXED_FAMILIES else None
     if not world.is_main():
-        write_weights(model, None, max_shard_bytes, skip)
+        write_weights(model, None, max_shard_bytes, skip, rename)
     else:
         with written_whole(out_dir, before_rename) as tmp:
             _write_config(model, tmp)
-            write_weights(model, tmp, max_shard_bytes, skip)
+            write_weights(model, tmp, max_shard_bytes, skip, rename)
             for name in _SIDE_FILES if source_dir else ():
                 src = Path(source_dir) / name
                 if src.exists():

@@ -42,11 +42,14 @@ def check_finite_shards(model: nn.Module, what: str) -> None:
         raise non_finite_error(named[int(bad[0])][0], what)
 
 
-def write_weights(model: nn.Module, directory, max_shard_bytes: int, skip=()) -> None:
+def write_weights(model: nn.Module, directory, max_shard_bytes: int, skip=(),
+                  rename=None) -> None:
     """Write `model`'s Hugging Face tensors (all but the names in `skip`) into `directory` (rank 0;
     None on the other ranks, which only take part in the gathers): model.safetensors, or numbered
-    files and their index past max_shard_bytes. Collective."""
-    blocks = {name: b for name, b in hf_blocks(model).items() if name not in skip}
+    files and their index past max_shard_bytes. rename(name) -> the name written (None: as is).
+    Collective."""
+    blocks = {(rename(name) if rename else name): b for name, b in hf_blocks(model).items()
+              if name not in skip}
     files = _split(blocks, max_shard_bytes)
     names = [SINGLE_FILE] if len(files) == 1 else [
         f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"

@@ -70,7 +70,7 @@ class ParallelDims:
         (replicate); at train.context_parallel = C > 1 world / C data ranks; else
         train.data_parallel's shard group (shard_group_size). Checks nothing
         engine/parallel/validate.py checks: call that first."""
-        t, c = train.tensor_parallel, getattr(train, "context_parallel", 1)
+        t, c = train.tensor_parallel, train.context_parallel
         data = world // (t * c)
         if t > 1 or c > 1:
             shard = data if train.data_parallel == "shard" else 1
@@ -78,7 +78,7 @@ class ParallelDims:
             shard = shard_group_size(train.data_parallel, world, train.shard_group_size,
                                      local_world)
         return cls(world, data // shard, shard, c, t, train.expert_parallel, train.data_parallel,
-                   device_type, train.optimizer_offload, getattr(train, "frozen_offload", False),
+                   device_type, train.optimizer_offload, train.frozen_offload,
                    train.expert_capacity_factor)
 
     @classmethod

@@ -7,23 +7,24 @@ here depends on what a config alone does not say: the number of ranks (an offloa
 size dividing the ranks, slices copied or sharded over the data groups, a shard group dividing the
 ranks) or the model (a dense model given experts to shard, an MoE model beside context groups).
 
-`validate(cfg, gpus)` checks a stage config on `gpus` ranks before anything loads: what each stage
-runs first (through the plan's start-up check, engine/plan/check.py), and what `fusedrl plan`
-checks before planning. The checks the layout or generation runs on what it is given (the tensor
-size against a model's heads, persistent weights where nothing is gathered, the batch-invariant
-rollout beside tensor slices) are the functions below it, called where those facts are known.
+`validate(job, gpus)` checks a stage's ParallelJob (engine/config/parallel_job.py: what its
+config says of the layout; no stage section is read here) on `gpus` ranks before anything loads:
+what each stage runs first (through the plan's start-up check, engine/plan/check.py), and what
+`fusedrl plan` checks before planning. The checks the layout or generation runs on what it is
+given (the tensor size against a model's heads, persistent weights where nothing is gathered, the
+batch-invariant rollout beside tensor slices) are the functions below it, called where those facts
+are known.
 """
 from __future__ import annotations
 
-from ..config.compatibility import refuse_incompatible
-from ..config.train import SFTConfig
+from ..config.parallel_job import ParallelJob
 from ..errors import ConfigValueError, UsageError
 from ..model.config import ModelConfig
 from .dims import shard_group_size
 
 
-def validate(cfg, gpus: int, gpus_per_node: int | None = None) -> None:
-    """UsageError (exit 2) when stage config `cfg` combines options the engine does not run on
+def validate(job: ParallelJob, gpus: int, gpus_per_node: int | None = None) -> None:
+    """UsageError (exit 2) when a stage's `job` combines options the engine does not run on
     `gpus` ranks: a pair of the compatibility table (refuse_incompatible; its mixture-of-experts
     pairs where the model's config is read for expert or context parallelism),
     train.optimizer_offload or train.frozen_offload in one process (they are FSDP2's CPU offload of
@@ -34,34 +35,33 @@ def validate(cfg, gpus: int, gpus_per_node: int | None = None) -> None:
     tensor slices copied), and train.data_parallel=hybrid with a shard group that does not divide
     the ranks (ConfigValueError; a node holds `gpus_per_node` of them, default torchrun's
     LOCAL_WORLD_SIZE)."""
-    train, t = cfg.train, cfg.train.tensor_parallel
-    refuse_incompatible(cfg)  # a config changed in place since it was built
+    train, t = job.train, job.train.tensor_parallel
+    job.refuse_pairs(None)  # a config changed in place since it was built
     if train.optimizer_offload and gpus == 1:
         raise UsageError(
             "train.optimizer_offload=true offloads FSDP2's sharded parameters, gradients and "
             "optimizer state: run under torchrun (one process keeps them on its device)")
-    if getattr(train, "frozen_offload", False) and gpus == 1:
+    if job.train.frozen_offload and gpus == 1:
         raise UsageError(
             "train.frozen_offload=true offloads the frozen models' FSDP2 shards: run under "
             "torchrun (one process keeps them on its device)")
-    if train.optimizer_offload and t > 1 and not slices_sharded(cfg, gpus):
+    if train.optimizer_offload and t > 1 and not slices_sharded(job, gpus):
         raise UsageError(
             f"train.optimizer_offload=true with train.tensor_parallel={t} on {gpus} GPUs at "
             f"train.data_parallel={train.data_parallel}: expected tensor slices sharded over the "
             "data groups (train.data_parallel=shard, more GPUs than T) (copied slices are not "
             "offloaded)")
-    if t > 1 and (unsupported := tensor_parallel_gaps(cfg, gpus)):
+    if t > 1 and (unsupported := tensor_parallel_gaps(job, gpus)):
         raise UsageError(
             f"train.tensor_parallel={t} with {', '.join(unsupported)}: not supported "
             "tensor-parallel (SFT, RM, PPO and GRPO train tensor-parallel, LoRA included)")
-    refuse_expert_parallel(cfg, gpus)
-    refuse_context_parallel(cfg, gpus)
-    copies = t > 1 and not slices_sharded(cfg, gpus)  # slices read where they lie
-    if (getattr(getattr(cfg, "rollout", None), "persistent_weights", False)
-        and (gpus == 1 or copies)):
+    refuse_expert_parallel(job, gpus)
+    refuse_context_parallel(job, gpus)
+    copies = t > 1 and not slices_sharded(job, gpus)  # slices read where they lie
+    if job.persistent_weights and (gpus == 1 or copies):
         where = ("one process" if gpus == 1 else
                  f"train.tensor_parallel={t} on {gpus} GPUs at train.data_parallel="
-                 f"{train.data_parallel}{' with lora' if cfg.lora.rank > 0 else ''}")
+                 f"{train.data_parallel}{' with lora' if job.lora_rank > 0 else ''}")
         raise UsageError(
             f"rollout.persistent_weights=true keeps a gathered copy of the policy's FSDP2 shards: "
             "expected torchrun at train.tensor_parallel=1, or tensor slices sharded over the data "
@@ -80,37 +80,30 @@ def check_models(train, world: int, configs: dict) -> None:
             check_tensor_parallel(train.tensor_parallel, world, config)
 
 
-def slices_sharded(cfg, gpus: int) -> bool:
+def slices_sharded(job: ParallelJob, gpus: int) -> bool:
     """Whether FSDP2 shards the trained models' tensor slices over the data groups
     (engine/parallel/tensor_parallel.py): train.data_parallel=shard on more GPUs than
     train.tensor_parallel, no LoRA base."""
-    return (cfg.train.data_parallel ==
-            "shard" and gpus > cfg.train.tensor_parallel and cfg.lora.rank == 0)
+    return (job.train.data_parallel ==
+            "shard" and gpus > job.train.tensor_parallel and job.lora_rank == 0)
 
 
-def tensor_parallel_gaps(cfg, gpus: int) -> list[str]:
-    """The options of `cfg` set to what does not train tensor-parallel on `gpus` GPUs (the pairs
+def tensor_parallel_gaps(job: ParallelJob, gpus: int) -> list[str]:
+    """The options of `job` set to what does not train tensor-parallel on `gpus` GPUs (the pairs
     refused whatever the GPUs are the compatibility table's): offloading the frozen models' shards
     where the slices are not sharded over data groups."""
-    if getattr(cfg.train, "frozen_offload", False) and not slices_sharded(cfg, gpus):
+    if job.train.frozen_offload and not slices_sharded(job, gpus):
         return ["train.frozen_offload=true without tensor slices sharded over the data groups"]
     return []
 
 
-def _stage_model(cfg):
-    """The directory of the model a stage trains experts or context groups of (SFT's model,
-    PPO/GRPO's policy), None for the reward-model stage (neither runs there)."""
-    return cfg.model if isinstance(cfg, SFTConfig) else getattr(cfg, "policy", None)
-
-
-def refuse_expert_parallel(cfg, gpus: int) -> None:
+def refuse_expert_parallel(job: ParallelJob, gpus: int) -> None:
     """UsageError (one line) for a train.expert_parallel E > 1 training cannot run: E not dividing
     the world size (groups of E ranks, each holding every expert once) or the experts, a
     dense model (SFT's model, PPO/GRPO's policy), or in the reward-model stage; with an MoE model
     the compatibility table's mixture-of-experts pairs; train.expert_capacity_factor set without
     it (nothing to exchange). The options it does not run beside are the table's."""
-    e = getattr(cfg.train, "expert_parallel", 1)
-    factor = getattr(cfg.train, "expert_capacity_factor", 0.0)
+    e, factor = job.train.expert_parallel, job.train.expert_capacity_factor
     if factor > 0 and e == 1:
         raise UsageError(
             f"train.expert_capacity_factor={factor} with train.expert_parallel=1: expected "
@@ -118,7 +111,7 @@ def refuse_expert_parallel(cfg, gpus: int) -> None:
     if e == 1:
         return
     from ..model.hf_io import load_config
-    model = _stage_model(cfg)
+    model = job.trained_model
     moe = load_config(model).moe if model is not None else None
     problem = ("only SFT, PPO and GRPO train expert-parallel" if model is None
                else f"expected a divisor of the world size {gpus} (expert groups of E ranks)"
@@ -129,19 +122,19 @@ def refuse_expert_parallel(cfg, gpus: int) -> None:
                else None)
     if problem is not None:
         raise UsageError(f"train.expert_parallel={e}: {problem}")
-    refuse_incompatible(cfg, moe=True)
+    job.refuse_pairs(True)
 
 
-def refuse_context_parallel(cfg, gpus: int) -> None:
+def refuse_context_parallel(job: ParallelJob, gpus: int) -> None:
     """UsageError (one line) for a train.context_parallel C > 1 the engine does not run: C not
     dividing the ranks, the reward-model stage, or the compatibility table's pairs with the model
     read (an MoE model: its router losses are per forward). The options it does not run beside
     are the table's."""
-    c, t = cfg.train.context_parallel, cfg.train.tensor_parallel
+    c, t = job.train.context_parallel, job.train.tensor_parallel
     if c == 1:
         return
     from ..model.hf_io import load_config
-    model = _stage_model(cfg)
+    model = job.trained_model
     groups = ("context groups of C ranks" if t == 1 else
               f"C x train.tensor_parallel={t} ranks a data rank")
     problem = ("only SFT, PPO and GRPO train context-parallel" if model is None
@@ -149,7 +142,7 @@ def refuse_context_parallel(cfg, gpus: int) -> None:
                else None)
     if problem is not None:
         raise UsageError(f"train.context_parallel={c}: {problem}")
-    refuse_incompatible(cfg, moe=load_config(model).moe is not None)
+    job.refuse_pairs(load_config(model).moe is not None)
 
 
 def fitting_sizes(world: int, config: ModelConfig) -> list[int]:

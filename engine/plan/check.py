@@ -23,7 +23,7 @@ def refuse_unfit(cfg, device: torch.device, gpus: int) -> MemoryPlan | None:
     """UsageError (exit 2) when `cfg` combines parallel options the engine does not run on `gpus`
     ranks (validate), or when its plan on `gpus` GPUs like `device` does not fit: only on CUDA,
     where the memory is known, and unless train.memory_check is off. Returns the plan it made."""
-    validate(cfg, gpus)
+    validate(cfg.parallel_job(), gpus)
     if device.type != "cuda" or not cfg.train.memory_check:
         return None
     total = torch.cuda.get_device_properties(device).total_memory

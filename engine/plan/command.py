@@ -52,7 +52,7 @@ def run_plan(stage: str, config_cls, args) -> int:
     from ..parallel.validate import validate
     from .planner import plan_stage
     from .report import format_plan, to_json
-    validate(cfg, args.gpus, per_node)
+    validate(cfg.parallel_job(), args.gpus, per_node)
     plan = plan_stage(cfg, args.gpus, gpu_memory, gpus_per_node=per_node)
     print(json.dumps(to_json(plan)) if args.json else format_plan(plan, f"fusedrl plan {stage}"))
     return 0

@@ -20,8 +20,6 @@ whole gradients before the reduce-scatter come onto the GPU.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from ..model.causal_lm import CausalLM
@@ -29,112 +27,14 @@ from ..model.reward_model import RewardModel
 from ..model.value_model import ValueModel
 from .activations import (context_share, forward_activations, rollout_prefill_tokens,
                           shared_prefix_tokens, training_activations)
-from .model_bytes import Part, local_numel, param_bytes, unique_params, unit_bytes
+from .model_bytes import Part, param_bytes, unique_params, unit_bytes
+from .setup import Setup
 from .kv_pool import PoolFigures, held_in, pool_bytes, pool_figures
 
 PHASES = ("load", "rollout", "scoring", "update", "export")
 CATEGORIES = ("weights", "grads", "optimizer", "kv_pool", "gathered", "activations")
 # FSDP2 all-gathers the next layer while the current one runs (forward and backward prefetch).
 LAYERS_GATHERED = 2
-
-
-@dataclass
-class Setup:
-    """What the plan is computed from: the stage, its config, its models (built on meta), the
-    ranks."""
-    stage: str
-    cfg: object
-    parts: list[Part]
-    ranks: int
-    shard_group: int            # ranks an FSDP model is split over (distributed.shard_group_size)
-    dtype: torch.dtype          # of the models' parameters (train.precision)
-    offload_optimizer: bool
-    gpu_memory: int | None = None  # what rollout.kv_cache_memory's fraction or `auto` is of
-    # parameter lists and unit sizes, computed once
-    memo: dict = field(default_factory=dict, repr=False)
-    fused: bool = True          # the decoder's fused kernels run (CUDA), else its torch ops
-
-    def once(self, key, compute):
-        if key not in self.memo:
-            self.memo[key] = compute()
-        return self.memo[key]
-
-    def fsdp(self, part: Part) -> bool:
-        """An FSDP2 model: shard() wraps it under torchrun (in replicate mode its units still
-        gather)."""
-        return part.sharded and self.ranks > 1
-
-    def shards(self, part: Part) -> int:
-        """The ranks its parameters, gradients and optimizer state are split over: the shard group
-        of train.data_parallel (every GPU: shard; train.shard_group_size, one node's by default:
-        hybrid; 1, whole copies: replicate); at train.tensor_parallel T > 1 every GPU where the data
-        groups shard the tensor slices too (data_sharded), else the T ranks of a tensor group (the
-        data groups hold copies: engine/parallel/tensor_parallel.py); 1 for a model every GPU holds
-        whole."""
-        if not self.fsdp(part):
-            return 1
-        if self.cfg.train.tensor_parallel == 1:
-            return self.shard_group
-        return self.ranks if self.data_sharded(part) else self.cfg.train.tensor_parallel
-
-    def data_sharded(self, part: Part) -> bool:
-        """At T > 1 on more than T GPUs at train.data_parallel=shard, FSDP2 shards its tensor slices
-        over the data groups (engine/parallel/tensor_parallel.py); not a LoRA base's, nor the shared
-        value head."""
-        t = self.cfg.train.tensor_parallel
-        return (t > 1 and self.ranks > t and self.fsdp(part) and self.cfg.train.data_parallel ==
-                "shard"
-                and not part.adapted and part.role != "value head")
-
-    def gathered_share(self, part: Part) -> int:
-        """A unit's gathered weights are 1 / this of it (T > 1: its tensor slices, when sharded over
-        the data groups); 0 where nothing is gathered (a model whole on every GPU; slices read in
-        place)."""
-        if (not self.fsdp(part)
-            or (self.cfg.train.tensor_parallel > 1 and not self.data_sharded(part))):
-            return 0
-        return self.cfg.train.tensor_parallel
-
-    def slice_bytes(self, part: Part) -> int:
-        """A GPU's tensor slice of `part`: 1 / T of its weights."""
-        return sum(self.local_numel(p, self.cfg.train.tensor_parallel) * p.element_size()
-                   for p in unique_params(part.module))
-
-    @property
-    def experts(self) -> tuple[int, set[int]]:
-        """(E, ids of the parameters expert parallelism holds): at train.expert_parallel=E > 1 under
-        torchrun the trained policy's (SFT's model's) experts, E / num_experts of them whole per
-        rank and outside FSDP's units (engine/parallel/expert_parallel.py); (1, empty) otherwise."""
-        def compute():
-            e = getattr(self.cfg.train, "expert_parallel", 1)
-            if e == 1 or self.ranks == 1:
-                return 1, set()
-            return e, {id(p) for part in self.parts
-                       if part.role in ("policy", "model") and part.trained
-                       for name, p in part.module.named_parameters() if ".experts." in name}
-        return self.once("experts", compute)
-
-    def local_numel(self, p: torch.Tensor, shards: int) -> int:
-        """Elements of `p` on rank 0 of `shards` (Setup.shards): an expert-parallel parameter's 1/E,
-        else model_bytes.local_numel."""
-        e, ids = self.experts
-        return p.numel() // e if id(p) in ids else local_numel(p, shards)
-
-    def offloaded(self, part: Part) -> bool:
-        """Its shards rest in CPU memory (distributed.shard's CPUOffloadPolicy), as build_models
-        decides: with train.optimizer_offload a trained FSDP2 model (parameters, gradients,
-        optimizer state; adapters stay on the GPU), with train.frozen_offload the frozen ones."""
-        if (not self.fsdp(part)
-            or (self.cfg.train.tensor_parallel > 1 and not self.data_sharded(part))):
-            return False
-        if part.trained:
-            return self.offload_optimizer
-        # train.frozen_offload (PPO): the reference (distill: the teacher) and the reward model
-        # (unless the LoRA critic's trunk).
-        frozen = part.role in ("reference", "teacher") or (part.role == "reward model" and
-                                              not any(p.role == "critic adapters"
-                                                      for p in self.parts))
-        return frozen and getattr(self.cfg.train, "frozen_offload", False)
 
 
 def _params(s: Setup) -> list[tuple[torch.Tensor, Part]]:
@@ -216,8 +116,8 @@ def pool_phases(s: Setup) -> tuple[str, ...]:
     the rollout where no CUDA graph holds it: under torchrun gathering by unshard (graphs off);
     where decode steps are CUDA graphs (one process, tensor slices copied across the data groups,
     rollout.persistent_weights) the pool stays."""
-    copies = s.cfg.train.tensor_parallel > 1 and not s.data_sharded(_policy(s))
-    graphs = s.ranks == 1 or copies or s.cfg.rollout.persistent_weights
+    copies = s.job.train.tensor_parallel > 1 and not s.data_sharded(_policy(s))
+    graphs = s.ranks == 1 or copies or s.job.persistent_weights
     return held_in(s.cfg, s.ranks, graphs)
 
 
@@ -225,7 +125,7 @@ def kv_pool(s: Setup, phases: dict) -> PoolFigures:
     """The paged KV pool of HybridActor beside `phases` (the pool left out): kv_pool.pool_bytes;
     with tensor parallelism a GPU holds its key/value heads' share of every block (so T times the
     blocks)."""
-    c, t = _policy(s).config, s.cfg.train.tensor_parallel
+    c, t = _policy(s).config, s.job.train.tensor_parallel
     nbytes = pool_bytes(s.cfg, c, s.dtype, t, s.gpu_memory, phases, pool_phases(s))
     return pool_figures(s.cfg, c, s.dtype, t, nbytes)
 
@@ -268,10 +168,10 @@ def persistent_bytes(s: Setup) -> int:
     train.tensor_parallel > 1), but where its local shards are whole on the GPU already
     (data_parallel=replicate, not offloaded), read as they are."""
     policy = _policy(s)
-    if (not getattr(getattr(s.cfg, "rollout", None), "persistent_weights", False)
+    if (not s.job.persistent_weights
         or not s.fsdp(policy)):
         return 0
-    if s.cfg.train.tensor_parallel > 1:
+    if s.job.train.tensor_parallel > 1:
         return s.slice_bytes(policy) if s.data_sharded(policy) else 0
     return whole_bytes(policy) if s.shards(policy) > 1 or s.offloaded(policy) else 0
 
@@ -305,9 +205,9 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part],
     FSDP roots and layers gathered, a unit's whole gradients) and the step (the fp32 gradient copy).
     shared_keys: keys gathered per token by prefix sharing; at C > 1 a context rank's
     (context_share)."""
-    tokens, shared_keys = context_share(s.cfg.train.context_parallel, tokens, shared_keys)
-    elem, ckpt = _elem(s), s.cfg.train.checkpointing()
-    offload = getattr(s.cfg.train, "activation_offload", False)
+    tokens, shared_keys = context_share(s.job.train.context_parallel, tokens, shared_keys)
+    elem, ckpt = _elem(s), s.job.train.checkpointing()
+    offload = s.job.train.activation_offload
     grads = grad_bytes(s)
     unsharded_grads = 0
     gathered = 0
@@ -345,12 +245,12 @@ def generation_gathered(s: Setup, policy: Part) -> int:
     """Weights generation holds on top of the policy's shards (engine/parallel/tensor_parallel.py):
     at train.tensor_parallel T > 1 its tensor slices (1/T of the policy) gathered from the data
     group when sharded there (Setup.data_sharded), else none (the data groups hold copies: each GPU
-    reads its slices where they lie); at T = 1 the whole policy (HybridActor.generate runs inside
+    reads its slices where they lie); at T = 1 the whole policy (HybridActor.run runs inside
     distributed.gathered(policy)),
     unless it is read from the persistent buffers (rollout.persistent_weights: counted with the
     weights, persistent_bytes)."""
-    t = s.cfg.train.tensor_parallel
-    if not s.fsdp(policy) or s.cfg.rollout.persistent_weights:
+    t = s.job.train.tensor_parallel
+    if not s.fsdp(policy) or s.job.persistent_weights:
         return 0
     if t > 1:
         return s.slice_bytes(policy) if s.data_sharded(policy) else 0
@@ -374,11 +274,11 @@ def ppo_phases(s: Setup) -> dict:
                "activations": forward_activations(c, elem, prefill, lm_head=False) + sampler_logits}
 
     # train.prefix_sharing: a forward reads each group's prompt once, gathers its keys per answer.
-    sharing = s.cfg.train.shares_prefixes
+    sharing = s.job.train.shares_prefixes
     forwarded, shared_keys = shared_prefix_tokens(rows, r.samples_per_prompt, r.max_prompt_length,
                                                   r.max_new_tokens, sharing)
     # rollout.tokens_per_forward: each scoring forward holds at most that many forwarded tokens.
-    scored, scored_keys = context_share(s.cfg.train.context_parallel,
+    scored, scored_keys = context_share(s.job.train.context_parallel,
                                         min(forwarded, r.forward_tokens or forwarded), shared_keys)
 
     def scoring_cost(part: Part) -> tuple[int, int]:

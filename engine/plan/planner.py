@@ -14,13 +14,14 @@ import torch
 
 from ..config import io as config_io
 from ..errors import UsageError
-from ..config.ppo import PPOConfig
+from ..config.ppo import RLConfig
 from ..config.train import RMConfig
 from ..model.hf_io import load_config
 from ..train.precision import param_dtype, resolve_precision
 from .model_bytes import ppo_models, supervised_models
 from .memory_plan import MemoryPlan
-from .phases import Setup, host_optimizer_bytes, model_rows, plan_phases
+from .phases import host_optimizer_bytes, model_rows, plan_phases
+from .setup import Setup
 from .units import format_bytes
 from .kv_pool import fit_to_free
 from ..parallel.dims import shard_group_size
@@ -29,7 +30,7 @@ from ..parallel.validate import check_tensor_parallel, slices_sharded
 
 def stage_of(cfg) -> str:
     """'sft', 'rm' or 'ppo' (GRPO is the PPO stage with other defaults)."""
-    return "ppo" if isinstance(cfg, PPOConfig) else "rm" if isinstance(cfg, RMConfig) else "sft"
+    return "ppo" if isinstance(cfg, RLConfig) else "rm" if isinstance(cfg, RMConfig) else "sft"
 
 
 @functools.lru_cache(maxsize=16)
@@ -48,7 +49,7 @@ def stage_setup(cfg, gpus: int, device: str = "cuda",
     dtype = param_dtype(resolve_precision(cfg.train.precision, torch.device(device)))
     if stage == "ppo":
         rm = model_config(cfg.reward_model) if cfg.reward_model else None
-        teacher = getattr(cfg, "teacher", None)  # distill's frozen teacher
+        teacher = cfg.paths()[0].get("teacher")  # distill's frozen teacher
         parts = ppo_models(cfg, model_config(cfg.policy), rm, dtype,
                            model_config(teacher) if teacher else None)
     else:
@@ -57,7 +58,7 @@ def stage_setup(cfg, gpus: int, device: str = "cuda",
     group = shard_group_size(cfg.train.data_parallel, gpus, cfg.train.shard_group_size,
                              gpus_per_node or gpus)
     offload = cfg.train.optimizer_offload and gpus > 1
-    return Setup(stage, cfg, parts, gpus, group, dtype, offload, gpu_memory,
+    return Setup(stage, cfg, cfg.parallel_job(), parts, gpus, group, dtype, offload, gpu_memory,
                  fused=torch.device(device).type == "cuda")
 
 
@@ -140,11 +141,11 @@ def with_overrides(cfg, overrides: list[str]):
 def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
     """(what it is, overrides, GPUs) of each change the advice tries."""
     out = []
-    moe = model_config(cfg.policy if isinstance(cfg, PPOConfig) else cfg.model).moe is not None
+    moe = model_config(cfg.policy if isinstance(cfg, RLConfig) else cfg.model).moe is not None
     # Offloading moves FSDP2's shards: none of a LoRA run's adapters, nor of tensor slices copied
     # across the data groups.
     if not cfg.train.optimizer_offload and gpus > 1 and cfg.lora.rank == 0 and (
-            cfg.train.tensor_parallel == 1 or slices_sharded(cfg, gpus)):
+            cfg.train.tensor_parallel == 1 or slices_sharded(cfg.parallel_job(), gpus)):
         out.append(
             ("offload the optimizer state to CPU memory", ["train.optimizer_offload=true"], gpus))
     if not cfg.train.gradient_checkpointing:
@@ -157,7 +158,7 @@ def candidate_changes(cfg, gpus: int) -> list[tuple[str, list[str], int]]:
         # An MoE model's adapters go on attention only (lora.add_lora refuses MLP targets there).
         out.append(("train LoRA adapters only", ["lora.rank=64"] + (
             ["lora.target_modules=q_proj,k_proj,v_proj,o_proj"] if moe else []), gpus))
-    if isinstance(cfg, PPOConfig):
+    if isinstance(cfg, RLConfig):
         if cfg.ppo.microbatch_size != 1:
             out.append(("a smaller token budget per forward", ["ppo.tokens_per_microbatch=null",
                                                                "ppo.microbatch_size=1"], gpus))

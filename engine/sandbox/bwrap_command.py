@@ -5,9 +5,10 @@ fresh_user.py). The code runs in new user, pid, mount, network, ipc, uts and cgr
 uid/gid 65534, with every capability dropped, no further user namespace (`--disable-userns`), the
 seccomp filter of seccomp.py, a new session, and SIGKILL when bwrap or its parent dies. It sees:
 /usr and the interpreter's prefix read-only, its own /proc (its own processes only), a read-only
-/dev of bubblewrap's minimal device set, and three size-capped tmpfs: /tmp and its work directory
-/sandbox of TMPFS_MB each, where its files are copied from memory (nothing of a run is on the
-host's disk), and /dev/shm of SHM_MB; the rest is read-only. No home, no run directory, no /etc.
+/dev of DEVICES alone (no devpts: no pty, whose count is the host's), and three tmpfs capped in
+size and inodes (run_mounts.py): /tmp and its work directory /sandbox of TMPFS_MB each, where its
+files are copied from memory (nothing of a run is on the host's disk), and /dev/shm of SHM_MB;
+the rest is read-only. No home, no run directory, no /etc.
 
 Its pid 1 is INIT, not bubblewrap's (`--as-pid-1`): bubblewrap's init runs as the code's uid and
 holds the trainer's pipes, which the code could reopen through /proc/1/fd. INIT sets RLIMIT_NPROC
@@ -25,12 +26,13 @@ import sys
 import time
 from typing import Mapping
 
-from . import fresh_user, seccomp
+from . import fresh_user, run_mounts, seccomp
 
 NOBODY = 65534
-SANDBOX_DIR = "/sandbox"  # the run's work directory inside
-TMPFS_MB = 64  # each of /tmp and /sandbox
-SHM_MB = 16  # /dev/shm: POSIX shared memory and semaphores (multiprocessing's locks)
+SANDBOX_DIR = run_mounts.MOUNTS["sandbox"][0]  # the run's work directory inside
+TMPFS_MB, TMPFS_INODES = run_mounts.MOUNTS["tmp"][1:]  # each of /tmp and /sandbox
+SHM_MB, SHM_INODES = run_mounts.MOUNTS["shm"][1:]  # /dev/shm
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")  # bubblewrap's --dev set, no pts
 INIT = """\
 import ctypes, os, resource, signal, sys
 limit = int(sys.argv[1])
@@ -56,10 +58,12 @@ def python() -> str:
 class BwrapCommand:
     """`argv` runs `python -I -B main.py` (or `args`) with `files` ({name: text}, main.py among
     them) in /sandbox, through the bubblewrap at the absolute path `bwrap`; the memory files it
-    reads stay open until close()."""
+    reads stay open until close(). `capped=False` (a plain user only, where no user namespace of
+    its own may mount: Ubuntu's AppArmor restriction) lets bubblewrap mount the tmpfs, capped in
+    size only."""
 
     def __init__(self, bwrap: str, files: Mapping[str, str], max_processes: int,
-                 args: tuple[str, ...] = ("-I", "-B", "main.py")):
+                 args: tuple[str, ...] = ("-I", "-B", "main.py"), capped: bool = True):
         if not os.path.isabs(bwrap):
             raise ValueError(f"BwrapCommand: bwrap={bwrap!r}, expected an absolute path")
         self.fds: list[int] = []
@@ -76,14 +80,18 @@ class BwrapCommand:
         base = os.path.realpath(sys.base_prefix)
         self.uid = fresh_user.new_uid() if fresh_user.needed() else None
         self.prefix = "" if base.startswith("/usr/") else base  # to show: /usr is bound whole
+        self.capped = capped or self.uid is not None  # root can always mount
+        self.holder = run_mounts.holder()
         if self.prefix:
-            words += ["--ro-bind", fresh_user.VIEW if self.uid else base, base]
-        # bubblewrap's /dev is a tmpfs of half the host's memory: read-only, with a capped
-        # /dev/shm mounted on it (a remount is not recursive: the device nodes stay usable).
-        words += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
-        for directory, size_mb in (("/dev/shm", SHM_MB), ("/tmp", TMPFS_MB),
-                                   (SANDBOX_DIR, TMPFS_MB)):
-            words += ["--perms", "0700", "--size", str(size_mb << 20), "--tmpfs", directory]
+            words += ["--ro-bind", run_mounts.view(self.holder) if self.uid else base, base]
+        # /dev read-only (a remount is not recursive: the device nodes and /dev/shm stay usable).
+        words += ["--proc", "/proc", "--tmpfs", "/dev"]
+        for device in DEVICES:
+            words += ["--dev-bind", f"/dev/{device}", f"/dev/{device}"]
+        for at, name in enumerate(("stdin", "stdout", "stderr")):
+            words += ["--symlink", f"/proc/self/fd/{at}", f"/dev/{name}"]
+        words += ["--symlink", "/proc/self/fd", "/dev/fd", *self._mount_words(), "--remount-ro",
+                  "/dev"]
         made = {SANDBOX_DIR}
         for name, text in files.items():
             path = os.path.join(SANDBOX_DIR, name)
@@ -98,9 +106,20 @@ class BwrapCommand:
                      python(), "-I", "-S", "-c", INIT, str(max_processes), python(), *args]
 
     def enter(self) -> None:
-        """In the child before exec (a root caller's): become the run's fresh uid."""
+        """In the child before exec: the run's capped mounts, then (a root caller) its fresh
+        uid."""
+        if self.capped:
+            run_mounts.enter(self.holder, self.uid, self.prefix if self.uid is not None else "")
         if self.uid is not None:
-            fresh_user.enter(self.uid, self.prefix)
+            fresh_user.become(self.uid)
+
+    def _mount_words(self) -> list[str]:
+        if self.capped:
+            return run_mounts.bind_words(self.holder)
+        words: list[str] = []
+        for inside, size_mb, _inodes in run_mounts.MOUNTS.values():
+            words += ["--perms", "0700", "--size", str(size_mb << 20), "--tmpfs", inside]
+        return words
 
     def _memory_file(self, data: bytes) -> int:
         fd = os.memfd_create("fusedrl-sandbox", 0)  # inheritable: no MFD_CLOEXEC
@@ -131,21 +150,27 @@ class BwrapCommand:
         self.fds = []
 
 
-def probe(bwrap: str) -> str:
-    """'' when a bubblewrap sandbox started from the absolute path `bwrap` runs a statement here,
-    else why not (one line)."""
-    command = BwrapCommand(bwrap, {"main.py": "pass\n"}, max_processes=8)
+def probe(bwrap: str, capped: bool = True) -> str:
+    """'' when a bubblewrap sandbox started from the absolute path `bwrap` (its tmpfs `capped` in
+    inodes or not) runs a statement here, else why not (one line)."""
+    try:
+        command = BwrapCommand(bwrap, {"main.py": "pass\n"}, max_processes=8, capped=capped)
+    except RuntimeError as e:  # no directory for the run's mounts
+        return str(e)
     try:
         done = subprocess.run(command.argv, pass_fds=command.fds, preexec_fn=command.enter,
                               stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=20)
     except OSError as e:  # exec failed: the sandbox's user cannot reach that file
-        who = f"uid {os.geteuid()}" if command.uid is None else \
-            "a fresh uid, /tmp hidden from it" if command.prefix else "a fresh uid"
+        who = f"uid {os.geteuid()}" if command.uid is None else "a fresh uid"
         return (f"bwrap at {bwrap} cannot be started by the sandbox's user ({who}): "
                 f"{e.strerror}; install bubblewrap where every user can run it (/usr/bin)")
-    except subprocess.SubprocessError as e:
+    except subprocess.TimeoutExpired as e:
         return f"{type(e).__name__}: {e}"
+    except subprocess.SubprocessError as e:  # what preexec_fn raised is not passed on
+        return (f"the run's mounts before bwrap at {bwrap} (run_mounts.py: a private mount "
+                f"namespace{'' if command.uid else ' in a user namespace'} with capped tmpfs "
+                f"under {command.holder}) could not be made: {e}")
     finally:
         command.close()
     lines = done.stderr.decode(errors="replace").strip().splitlines()

@@ -5,7 +5,9 @@ the rule that the model's code runs only in a strong sandbox unless a weaker one
   bwrap_command.py says what the code sees and may do.
 - `unshare` (weak): new network and pid namespaces only; the host's files and unix socket files
   stay reachable with the caller's permissions (as root: all of them, the caller's memory through
-  the host's /proc, and the caller's network through setns). Isolation.not_isolated lists it all.
+  the host's /proc, and the caller's network through setns), and so do AF_VSOCK ports (a network
+  namespace does not separate them) and the kernel's objects no cap counts (System V IPC, AIO
+  contexts, ptys). Isolation.not_isolated lists it all.
 - `none` (weak): a new process session and resource limits only.
 The program of a mode is found once, on the caller's PATH (bwrap: the first there that runs a
 strong sandbox), and run from that absolute path (a run's own PATH is a fixed one).
@@ -47,6 +49,7 @@ class Isolation:
     pids: bool  # its own pid namespace: nothing it starts outlives it, signals reach no host one
     why_not_strong: str = ""
     program: str = ""
+    uncapped: str = ""  # bwrap: why its tmpfs' inodes are not capped ('' when they are)
 
     def __post_init__(self):
         if self.kind in ("bwrap", "unshare") and not os.path.isabs(self.program):
@@ -78,14 +81,19 @@ class Isolation:
         reached.append("host processes through /proc (the trainer's memory and environment)"
                        if self.pids else "host processes (signals, /proc, the trainer's memory)")
         return reached + ["the trainer's uid (as root: root, every capability)",
-                          "System V and POSIX IPC", "the kernel's surface (no seccomp)"]
+                          "AF_VSOCK sockets (a port space the host shares)",
+                          "System V and POSIX IPC", "kernel objects no cap counts (AIO "
+                          "contexts, inotify and fanotify groups, ptys: host-wide or the "
+                          "trainer's uid's counts)", "the kernel's surface (no seccomp)"]
 
     def describe(self) -> str:
         """One line: the mode, whether it is strong, and what it does not isolate."""
         if self.strong:
+            tmpfs = "tmpfs capped in size and inodes" if not self.uncapped else \
+                f"tmpfs capped in size (inodes NOT capped: {self.uncapped})"
             return ("sandbox: bwrap (strong): own user, pid, mount, network, ipc and uts "
                     "namespaces, uid 65534, no capabilities, seccomp, read-only interpreter "
-                    "and /dev, size-capped tmpfs (docs/safety.md)")
+                    f"and /dev, no pty, {tmpfs} (docs/safety.md)")
         return (f"sandbox: {self.kind} (WEAK: NOT isolated: {'; '.join(self.not_isolated())}; "
                 f"bubblewrap unusable: {self.why_not_strong}; docs/safety.md)")
 
@@ -166,19 +174,24 @@ def _not_on_path(name: str) -> str:
     return f"{name} not found on PATH={os.environ.get('PATH', os.defpath)}"
 
 
-def _bwrap_problem() -> tuple[str, str]:
-    """(the absolute path of the first bwrap on PATH that runs a strong sandbox here, ''), else
-    ('', why not: each one tried, or where it looked)."""
+def _bwrap_problem() -> tuple[str, str, str]:
+    """(the absolute path of the first bwrap on PATH that runs a strong sandbox here, '', why its
+    tmpfs' inodes are not capped or ''), else ('', why not: each one tried, or where it looked,
+    '')."""
     from .bwrap_command import probe  # the probe runs a real sandbox
     if seccomp.program() is None:
-        return "", "no seccomp table for this architecture"
+        return "", "no seccomp table for this architecture", ""
     problems = []
     for bwrap in _on_path("bwrap"):
         problem = probe(bwrap)
         if not problem:
-            return bwrap, ""
+            return bwrap, "", ""
+        # A plain user that may not mount in a user namespace of its own (Ubuntu's AppArmor
+        # restriction) still gets bubblewrap's isolation, its tmpfs capped in size only.
+        if "run_mounts.py" in problem and os.geteuid() != 0 and not probe(bwrap, capped=False):
+            return bwrap, "", problem
         problems.append(problem if bwrap in problem else f"bwrap at {bwrap}: {problem}")
-    return "", " | ".join(problems) or _not_on_path("bwrap")
+    return "", " | ".join(problems) or _not_on_path("bwrap"), ""
 
 
 @functools.lru_cache(maxsize=None)
@@ -187,9 +200,11 @@ def detect(prefer: str = "auto") -> Isolation:
     and fails in one line when it does not work)."""
     if prefer not in ("auto", "bwrap", "unshare", "none"):
         raise ValueError(f"sandbox isolation {prefer!r}: expected auto, bwrap, unshare or none")
-    bwrap, problem = _bwrap_problem() if prefer in ("auto", "bwrap") else ("", "not chosen")
+    bwrap, problem, uncapped = _bwrap_problem() if prefer in ("auto", "bwrap") else \
+        ("", "not chosen", "")
     if not problem:
-        return Isolation("bwrap", network=True, filesystem=True, pids=True, program=bwrap)
+        return Isolation("bwrap", network=True, filesystem=True, pids=True, program=bwrap,
+                         uncapped=uncapped)
     if prefer == "bwrap":
         raise RuntimeError(f"sandbox isolation 'bwrap' does not work on this machine: {problem}")
     if prefer in ("auto", "unshare"):

@@ -74,7 +74,8 @@ def run_python(code: str, *, stdin: Optional[str] = None, timeout_s: float = 10.
     bwrap = work_dir = None
     try:
         if isolation.strong:
-            bwrap = BwrapCommand(isolation.program, every_file, MAX_PROCESSES)
+            bwrap = BwrapCommand(isolation.program, every_file, MAX_PROCESSES,
+                                 capped=not isolation.uncapped)
             argv, cwd, home, fds = bwrap.argv, "/", SANDBOX_DIR, bwrap.fds
         else:
             work_dir = tempfile.mkdtemp(prefix=work_dir_prefix(os.getpid()))

@@ -6,10 +6,11 @@ architecture without a table here. Denied: namespaces (`unshare`, `setns`, `clon
 flag; `clone3` answers ENOSYS so the C library falls back to `clone`, whose flags are checked),
 mounts, `ptrace` and `process_vm_*`, `bpf`, the keyring, `io_uring_*`, `userfaultfd`,
 `perf_event_open`, kernel modules and kexec, `open_by_handle_at`, memory outside every size cap
-(`memfd_create`, `memfd_secret`, System V `shmget`), and every socket family but AF_UNIX, AF_INET
-and AF_INET6 (`socket` and `socketpair`: netlink, packet, vsock, whose port space a network
-namespace does not separate, and the rest). Another architecture's calling convention (x32, i386
-on x86_64) kills the process.
+(`memfd_create`, `memfd_secret`), kernel objects no cap counts (System V shared memory,
+semaphores and message queues, POSIX message queues, AIO contexts, inotify and fanotify), and
+every socket family but AF_UNIX, AF_INET and AF_INET6 (`socket` and `socketpair`: netlink, packet,
+vsock, whose port space a network namespace does not separate, and the rest). Another
+architecture's calling convention (x32, i386 on x86_64) kills the process.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import platform
 import struct
 from typing import Optional
 
-_DENIED = {  # name: (x86_64 number, aarch64 number)
+_DENIED = {  # name: (x86_64 number, aarch64 number or None)
     "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40), "umount2": (166, 39),
     "pivot_root": (155, 41), "chroot": (161, 51), "ptrace": (101, 117),
     "process_vm_readv": (310, 270), "process_vm_writev": (311, 271), "bpf": (321, 280),
@@ -29,7 +30,15 @@ _DENIED = {  # name: (x86_64 number, aarch64 number)
     "delete_module": (176, 106), "open_by_handle_at": (304, 265), "open_tree": (428, 428),
     "move_mount": (429, 429), "fsopen": (430, 430), "fsconfig": (431, 431),
     "fsmount": (432, 432), "fspick": (433, 433), "mount_setattr": (442, 442),
-    "memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194),
+    "memfd_create": (319, 279), "memfd_secret": (447, 447),
+    # Kernel objects no cap counts: System V IPC (a run's semaphore arrays held GiBs of kernel
+    # memory), POSIX message queues, AIO contexts (fs.aio-max-nr is host-wide), inotify and
+    # fanotify groups (counted per uid: a plain-user trainer's own).
+    "shmget": (29, 194), "shmat": (30, 196), "shmctl": (31, 195), "shmdt": (67, 197),
+    "semget": (64, 190), "semop": (65, 193), "semctl": (66, 191), "semtimedop": (220, 192),
+    "msgget": (68, 186), "msgsnd": (69, 189), "msgrcv": (70, 188), "msgctl": (71, 187),
+    "mq_open": (240, 180), "io_setup": (206, 0), "io_submit": (209, 2),
+    "inotify_init": (253, None), "inotify_init1": (294, 26), "fanotify_init": (300, 262),
 }
 _CLONE, _CLONE3, _SOCKET, _SOCKETPAIR = (56, 220), (435, 435), (41, 198), (53, 199)
 _ARCHES = {"x86_64": (0, 0xC000003E), "amd64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7),
@@ -54,7 +63,8 @@ def program(machine: Optional[str] = None) -> Optional[bytes]:
     code: list = [(_LD_W_ABS, _ARCH), (_JEQ, "nr", "kill", audit_arch),
                   ("kill", _RET, _KILL_PROCESS), ("nr", _LD_W_ABS, _NR),
                   (_JGE, "deny", None, _X32_BIT)]
-    code += [(_JEQ, "deny", None, numbers[column]) for numbers in _DENIED.values()]
+    code += [(_JEQ, "deny", None, numbers[column]) for numbers in _DENIED.values()
+             if numbers[column] is not None]  # None: not a syscall of that architecture
     code += [(_JEQ, "clone", None, _CLONE[column]), (_JEQ, "enosys", None, _CLONE3[column]),
              (_JEQ, "socket", None, _SOCKET[column]), (_JEQ, "socket", None, _SOCKETPAIR[column]),
              (_RET, _ALLOW),

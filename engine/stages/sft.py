@@ -41,8 +41,10 @@ def sft_loss(model, batch: PackedBatch, step_counts: dict):
     if model.context_parallel is not None:
         nll_sum = -shard_logprobs(model, batch, model.context_parallel).sum()
     else:
+        images = {} if batch.pixel_values is None else {
+            "pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
         hidden = model.forward_packed(batch.input_ids, batch.seqlens, batch.positions,
-                                      batch.cu_seqlens)  # [N, H]
+                                      batch.cu_seqlens, **images)  # [N, H]
         nll_sum = target_nll_sum(model, hidden, batch)
     stats = {"nll_sum": nll_sum.detach()}
     if (dropped := dropped_assignments(model)) is not None:  # fixed-capacity expert parallelism
@@ -80,7 +82,7 @@ def train_sft(cfg: SFTConfig, dataset=None, eval_dataset=None, callbacks=()) -> 
     run = start_run(cfg.seed, cfg.train, cfg.output_dir, *cfg.paths(), kind="sft", config=cfg,
                     check=supervised_startup_check)
     cfg = run.config  # train.gradient_checkpointing=auto resolved
-    examples = load_examples(cfg.data, run.tokenizer, "sft", cfg.seed, dataset, eval_dataset)
+    examples = load_examples(cfg.data, run.data_reader, "sft", cfg.seed, dataset, eval_dataset)
     sharder = layout_at_load("adapted" if cfg.lora.enabled else "trained", run.dims)
     model = load_model(cfg.model, dtype=run.dtype, device=run.device, shard=sharder)
     lora = adapters.attach(model, cfg.lora)

@@ -136,24 +136,7 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
     after saving a checkpoint when SIGTERM or SIGINT stopped it.
     """
     options = plan.options
-    if options.resume:
-        refuse_if_complete(plan)
-    removed = []
-    # only in a directory fusedrl made
-    if distributed.is_main() and read_marker(plan.run_dir) is not None:
-        removed = (remove_leftovers(plan.run_dir, REPLACED_WHOLE)
-                   + remove_leftovers(f"{plan.run_dir}/checkpoints", rf"{PREFIX}\d+"))
-    distributed.barrier()  # no rank reads the run directory while rank 0 cleans it
-    resuming = options.resume and latest_checkpoint(plan.run_dir) is not None
-    # before the checkpoint loads
-    changed = resume_changes(plan.run_dir, plan.config) if resuming else {}
-    check_loop = loop_state_check(state, SkipCount(), plan.total_steps)
-    resume_from, loaded = resume(plan.run_dir, parts, check_loop) if options.resume else (None, {})
-    skips = SkipCount(**loaded.pop("loop", {}))
-    for key, value in loaded.items():
-        setattr(state, key, value)
-    data_files = plan.config.paths()[1] if hasattr(plan.config, "paths") else {}
-    data_changes = record_data(plan.run_dir, data_files) if distributed.is_main() else []
+    resume_from, skips, removed, notices = _start(plan, parts, state)
     run = SilentLog()
     if distributed.is_main():
         run = RunLog(plan.run_dir, plan.config, plan.total_steps, state.step, options.progress,
@@ -174,15 +157,8 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
         run.log("info", state.step, {**(info or {}), "total_steps": plan.total_steps,
                                      "world_size": distributed.world_size(),
                                      "resumed_from": str(resume_from) if resume_from else None,
-                                     "removed_leftovers": len(removed)})
-        if resume_from is not None:
-            run.notice(state.step, f"resuming from step {state.step} of {plan.total_steps} "
-                                   f"(checkpoint {resume_from})")
-        for key, (before, after) in changed.items():
-            run.notice(state.step, f"resumed with {key}={after!r} (was {before!r})")
-        for line in data_changes if resume_from else ():
-            run.notice(state.step, line)
-        for message in plan.notices:
+                                     "removed_leftovers": removed})
+        for message in notices + plan.notices:
             run.notice(state.step, message)
         with StopRequests(announce=distributed.is_main()) as stops:
             while state.step < plan.total_steps:
@@ -206,6 +182,39 @@ def run_training(plan: RunPlan, parts: Trainables, state, step: Callable[[object
     finally:
         run.close()
     return state
+
+
+def _start(plan: RunPlan, parts: Trainables, state) -> tuple[Path | None, SkipCount, int, list]:
+    """A run's start, before its log opens: an ended run refused (train.resume), the leftovers of
+    a crash removed (rank 0, in a directory fusedrl made), the latest checkpoint loaded into
+    `parts` and `state` (train.resume), the data files recorded. Returns (the checkpoint resumed
+    from or None, the loop's skip counts, how many leftovers went, the notices of a resume: its
+    step, the options and data files changed since)."""
+    if plan.options.resume:
+        refuse_if_complete(plan)
+    removed = []
+    # only in a directory fusedrl made
+    if distributed.is_main() and read_marker(plan.run_dir) is not None:
+        removed = (remove_leftovers(plan.run_dir, REPLACED_WHOLE)
+                   + remove_leftovers(f"{plan.run_dir}/checkpoints", rf"{PREFIX}\d+"))
+    distributed.barrier()  # no rank reads the run directory while rank 0 cleans it
+    resuming = plan.options.resume and latest_checkpoint(plan.run_dir) is not None
+    # before the checkpoint loads
+    changed = resume_changes(plan.run_dir, plan.config) if resuming else {}
+    check_loop = loop_state_check(state, SkipCount(), plan.total_steps)
+    resume_from, loaded = (resume(plan.run_dir, parts, check_loop) if plan.options.resume
+                           else (None, {}))
+    skips = SkipCount(**loaded.pop("loop", {}))
+    for key, value in loaded.items():
+        setattr(state, key, value)
+    data_files = plan.config.paths()[1] if hasattr(plan.config, "paths") else {}
+    data_changes = record_data(plan.run_dir, data_files) if distributed.is_main() else []
+    if resume_from is None:
+        return None, skips, len(removed), []
+    notices = [f"resuming from step {state.step} of {plan.total_steps} (checkpoint {resume_from})"]
+    notices += [f"resumed with {key}={after!r} (was {before!r})"
+                for key, (before, after) in changed.items()]
+    return resume_from, skips, len(removed), notices + data_changes
 
 
 def interrupted(plan: RunPlan, step: int, signum: int, saved: Path, run) -> Interrupted:

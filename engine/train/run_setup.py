@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from ..config.train import RunConfig
+from ..data.vision_processor import VisionProcessor, is_vision_directory
 from ..runs import run_dir
 from ..errors import ModelError, UsageError
 from ..model.hf_io import TOKENIZER_PROBE, load_config, load_tokenizer, tokenizer_encodes
@@ -38,6 +39,14 @@ class RunContext:
     configs: dict            # {option: ModelConfig} of the model directories checked
     dims: ParallelDims       # the job's parallel layout (engine/parallel/dims.py)
     config: object = None    # the stage's config as the run runs it (`check`'s, auto resolved)
+    # A vision model's VisionProcessor (data/vision_processor.py: the tokenizer and its image
+    # processor), which reads the data in place of the tokenizer; None for a text model.
+    processor: object = None
+
+    @property
+    def data_reader(self):
+        """What reads the run's data: the processor of a vision model, else the tokenizer."""
+        return self.processor if self.processor is not None else self.tokenizer
 
 
 def resolve_device(name: str | None, option: str = "train.device") -> torch.device:
@@ -116,7 +125,10 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
     random.seed(seed)
     torch.manual_seed(seed)
     dtype = param_dtype(resolve_precision(options.precision, device))
-    return RunContext(device, dtype, tokenizer, configs, dims, config)
+    first = Path(next(iter(models.values())))
+    processor = (VisionProcessor.from_pretrained(first, tokenizer) if is_vision_directory(first)
+                 else None)
+    return RunContext(device, dtype, tokenizer, configs, dims, config, processor)
 
 
 def run_tokenizer(option: str, path):

@@ -11,14 +11,22 @@ Liger read it), and the loss is sum over tokens of c_b * m_bt * term_bt with TRL
     dapo      1 / max(num_items_in_batch / world, 1) (1 / max(sum m, 1) without it)
     cispo     -min(r, epsilon_high) (no gradient) * A * logp, normalized as dapo
     sapo      -sigmoid(tau (r - 1)) * 4 / tau * A, normalized as grpo
+    luspo     the clipped term, each row's tokens summed and weighed by 1 / B (TRL 1.16's
+              (loss * m).sum(-1).mean(); Liger 0.8.5's weighs every position of a row, the
+              masked ones too, by sum_t m_bt / T: the same where the mask is all ones, or at
+              importance_sampling_level "sequence" without a KL term)
+    vespo     -phi(w) (no gradient) * A * logp, normalized as dapo: phi(w) = e^lambda w^k
+              e^(-lambda w) of each row's w = exp(sum_t m (logp - old) + sum_t log vllm_is_ratio)
+              (the logs clamped to [log 1e-8, 20]), k, lambda = vespo_k_pos, vespo_lambda_pos
+              where A >= 0, else the _neg pair; the sampler's IS ratio is inside phi, not a factor
 Importance-sampling levels: "token"; "sequence" (GSPO, TRL's and Liger's): r is each row's
 exp(sum_t m (logp - old) / max(sum_t m, 1)), differentiated through that mean; "sequence_token"
-(GSPO-token, verl's): the same value, each token's log-prob with gradient 1.
-luspo and vespo are refused (ValueError); TRL's delta (two-sided clipping) is dual_clip = delta,
-which it equals for delta > 1 + epsilon_high.
+(GSPO-token, verl's): the same value, each token's log-prob with gradient 1. TRL's delta
+(two-sided clipping) is dual_clip = delta, which it equals for delta > 1 + epsilon_high.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -27,8 +35,8 @@ from ..rl.kl import kl_penalty
 from ..rl.linear_logprobs import linear_token_logprobs
 from ..rl.ppo_loss import ppo_policy_loss, token_advantages
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
-CLIPPED_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+CLIPPED_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 IS_LEVELS = ("token", "sequence", "sequence_token")
 IGNORE_INDEX = -100
 OP = "FusedLinearGRPOLoss"
@@ -53,6 +61,8 @@ def loss_weights(loss_type: str, weights: torch.Tensor, max_completion_length: O
     rows = weights.shape[0]
     if loss_type in ("grpo", "sapo"):
         return weights / (rows * weights.sum(-1, keepdim=True).clamp(min=1.0))
+    if loss_type == "luspo":
+        return weights / max(rows, 1)
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError(f"{OP}: loss_type 'dr_grpo' needs max_completion_length")
@@ -92,25 +102,46 @@ def per_row(op: str, name: str, x: Optional[torch.Tensor], like: torch.Tensor):
                      f"got {tuple(x.shape)}")
 
 
+def gamma_weights(log_ratio: torch.Tensor, weights: torch.Tensor, advantages: torch.Tensor,
+                  is_ratio: Optional[torch.Tensor], shapes: tuple) -> torch.Tensor:
+    """VESPO's phi(w) [B, 1] (or advantages' [B, T]) without gradient: log_ratio [B, T] the
+    token log-ratios, weights [B, T] the mask's values, is_ratio [B, 1] / [B, T] or None, shapes
+    (k_pos, lambda_pos, k_neg, lambda_neg); see the module docstring."""
+    floor = math.log(1e-8)
+    with torch.no_grad():
+        log_w = (log_ratio.float().clamp(-20.0, 20.0) * weights).sum(-1, keepdim=True)
+        if is_ratio is not None:
+            log_w = log_w + is_ratio.float().log().clamp(floor, 20.0).sum(-1, keepdim=True)
+        log_w = log_w.clamp(floor, 20.0)
+        k_pos, lambda_pos, k_neg, lambda_neg = shapes
+        nonneg = advantages >= 0
+        k = torch.where(nonneg, k_pos, k_neg)
+        lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
+        return (lam + k * log_w - lam * log_w.exp()).exp().nan_to_num(0.0, 0.0, 0.0)
+
+
 class FusedLinearGRPOLoss(torch.nn.Module):
     """The GRPO-family loss of hidden states through the LM head, Liger's call shape.
 
-    Constructor: Liger's arguments and defaults (beta 0.04, epsilon_low/high 0.2, loss_type "dapo",
-    temperature 1, use_ref_model True: beta != 0 then needs ref_per_token_logps; False: no
-    reference, the KL term is 0 as Liger's); ``chunk_size`` is Liger's too (sequences per chunk;
-    None: our byte budget, linear_logprobs.CHUNK_BYTES); ``compiled`` is taken and has no effect
-    (our kernels need no compile). importance_sampling_level also takes "sequence_token" (see the
-    module docstring). Ours only: logit_scale, softcap (the head's, see linear_token_logprobs),
-    binary_mask (every nonzero mask value weighs 1), return_stats (metrics as a dict).
+    Constructor: LigerFusedLinearGRPOLoss's arguments, positions and defaults (Liger 0.8.5: beta
+    0.04, epsilon_low/high 0.2, loss_type "dapo", temperature 1, use_ref_model True: beta != 0
+    then needs ref_per_token_logps or ref_input; False: no reference, the KL term is 0 as
+    Liger's). ``compiled`` and ``chunk_size`` (Liger's sequences per torch.compile'd chunk) change
+    nothing here: our head streams the vocabulary in chunks of its own byte budget
+    (linear_logprobs.CHUNK_BYTES). importance_sampling_level also takes "sequence_token" (see the
+    module docstring). Ours only, keyword-only: logit_scale, softcap (the head's, see
+    linear_token_logprobs), binary_mask (every nonzero mask value weighs 1), return_stats
+    (metrics as a dict).
     """
 
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True,
-                 chunk_size: Optional[int] = None, epsilon_low: float = 0.2,
-                 epsilon_high: float = 0.2, loss_type: str = "dapo",
-                 max_completion_length: Optional[int] = None,
+                 chunk_size: int = 1, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+                 loss_type: str = "dapo", max_completion_length: Optional[int] = None,
                  importance_sampling_level: str = "token", sapo_temperature_pos: float = 1.0,
                  sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
-                 delta: Optional[float] = None, use_bias_correction_kl: bool = False, *,
+                 delta: Optional[float] = None, use_bias_correction_kl: bool = False,
+                 vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *,
                  logit_scale: float = 1.0, softcap: Optional[float] = None,
                  binary_mask: bool = False, return_stats: bool = False):
         super().__init__()
@@ -127,11 +158,12 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             raise ValueError(f"{OP}: the sapo temperatures must be positive, got "
                              f"{(sapo_temperature_pos, sapo_temperature_neg)}")
         self.beta, self.loss_type, self.chunk_size = beta, loss_type, chunk_size
-        self.use_ref_model, self.binary_mask = use_ref_model, binary_mask
+        self.compiled, self.use_ref_model, self.binary_mask = compiled, use_ref_model, binary_mask
         self.epsilon_low, self.epsilon_high, self.delta = epsilon_low, epsilon_high, delta
         self.max_completion_length = max_completion_length
         self.importance_sampling_level = importance_sampling_level
         self.sapo_temperatures = (sapo_temperature_pos, sapo_temperature_neg)
+        self.vespo_shapes = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
         self.temperature, self.logit_scale, self.softcap = temperature, logit_scale, softcap
         self.use_bias_correction_kl, self.return_stats = use_bias_correction_kl, return_stats
 
@@ -139,30 +171,34 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                 selected_token_ids: torch.Tensor, attention_mask: torch.Tensor,
                 advantages: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 ref_per_token_logps: Optional[torch.Tensor] = None,
-                old_per_token_logps: Optional[torch.Tensor] = None, ref_input=None,
-                ref_weight=None, ref_bias=None, vllm_is_ratio: Optional[torch.Tensor] = None,
-                num_items_in_batch=None):
+                old_per_token_logps: Optional[torch.Tensor] = None,
+                ref_input: Optional[torch.Tensor] = None,
+                ref_weight: Optional[torch.Tensor] = None, ref_bias: Optional[torch.Tensor] = None,
+                vllm_is_ratio: Optional[torch.Tensor] = None, num_items_in_batch=None):
         """(loss [], metrics): _input [B, T, H], lin_weight [V, H], selected_token_ids [B, T],
         attention_mask [B, T] (the completion mask; its values weigh the tokens), advantages
         [B] / [B, 1] / [B, T], optional bias [V], ref_per_token_logps and old_per_token_logps
         [B, T] (old: none = on-policy), vllm_is_ratio [B] / [B, 1] / [B, T] (the sampler's IS
-        weight of the policy term). metrics: Liger's list [mean KL (when beta != 0; 0.0 with
-        use_ref_model=False), clip ratio], or with return_stats a dict (kl, clip_ratio,
-        clipfrac_low, clipfrac_high, entropy). ref_input/ref_weight/ref_bias (Liger's reference
-        head) are refused: pass ref_per_token_logps."""
-        if ref_input is not None or ref_weight is not None or ref_bias is not None:
-            raise ValueError(f"{OP}: pass ref_per_token_logps, not ref_input/ref_weight/ref_bias "
-                             "(the reference model's head)")
+        weight of the policy term). The reference as Liger takes it: ref_per_token_logps, else
+        ref_input [B, T, Hr] through ref_weight [V, Hr] (+ ref_bias) without gradient; ref_weight
+        and ref_bias without ref_input are not read. metrics: Liger's list [mean KL (when
+        beta != 0; 0.0 with use_ref_model=False), clip ratio], or with return_stats a dict (kl,
+        clip_ratio, clipfrac_low, clipfrac_high, entropy)."""
         if _input.dim() != 3 or selected_token_ids.shape != _input.shape[:2]:
             raise ValueError(f"{OP}: expected _input [B, T, H] and selected_token_ids [B, T], "
                              f"got {tuple(_input.shape)} and {tuple(selected_token_ids.shape)}")
         weights = mask_weights(attention_mask, selected_token_ids, self.binary_mask)
         labels = torch.where(weights != 0, selected_token_ids, IGNORE_INDEX)
-        chunk = None if self.chunk_size is None else self.chunk_size * _input.shape[1]
-        logp, entropy = linear_token_logprobs(
-            _input, lin_weight, labels, bias=bias, temperature=self.temperature,
-            return_entropy=True, chunk_size=chunk, logit_scale=self.logit_scale,
-            softcap=self.softcap)
+        head = dict(temperature=self.temperature, logit_scale=self.logit_scale,
+                    softcap=self.softcap)
+        logp, entropy = linear_token_logprobs(_input, lin_weight, labels, bias=bias,
+                                              return_entropy=True, **head)
+        if self.use_ref_model and ref_per_token_logps is None and ref_input is not None:
+            if ref_weight is None:
+                raise ValueError(f"{OP}: ref_input needs ref_weight (the reference's LM head)")
+            with torch.no_grad():
+                ref_per_token_logps = linear_token_logprobs(ref_input, ref_weight, labels,
+                                                            bias=ref_bias, **head)
         loss, terms = self.loss_from_logps(logp, weights, advantages, old_per_token_logps,
                                            ref_per_token_logps, vllm_is_ratio, num_items_in_batch)
         return loss, self._metrics(terms, entropy)
@@ -186,7 +222,13 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                                   num_items_in_batch)
         policy_weight = agg_weight if is_ratio is None else agg_weight * is_ratio.detach().float()
         log_ratio = self._log_ratio(logp.float(), old.float(), weights)
-        loss = self._policy_loss(logp, log_ratio, advantages, policy_weight)
+        if self.loss_type == "vespo":
+            # the sampler's ratio is inside phi (TRL's and Liger's), not a factor of the term
+            phi = gamma_weights(logp.float() - old.float(), weights, advantages, is_ratio,
+                                self.vespo_shapes)
+            loss = -(phi * token_advantages(OP, advantages, logp) * logp * agg_weight).sum()
+        else:
+            loss = self._policy_loss(logp, log_ratio, advantages, policy_weight)
         kl = None
         if self.beta != 0.0:
             # Liger without a reference model: the policy's own log-probs, a KL of 0
@@ -238,7 +280,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         if self.loss_type == "cispo":
             return torch.zeros_like(coef * adv, dtype=torch.bool), (coef > self.epsilon_high) & (
                 adv > 0)
-        if self.loss_type == "sapo":
+        if self.loss_type in ("sapo", "vespo"):
             none = torch.zeros_like(coef * adv, dtype=torch.bool)
             return none, none
         return ((coef < 1 - self.epsilon_low) & (adv < 0),

@@ -9,7 +9,8 @@ Two swaps, everything else is TRL's:
   _compute_loss       FusedLinearGRPOLoss.loss_from_logps (our PPO loss, KL and aggregation) with
                       TRL's normalizers and metrics
 What ours does not cover falls back to TRL's own _compute_loss, said once in the log: loss types
-luspo and vespo, off_policy_mask_threshold, top_entropy_quantile < 1, the entropy bonus,
+luspo and vespo (FusedLinearGRPOLoss has them; this trainer does not log their metrics),
+off_policy_mask_threshold, top_entropy_quantile < 1, the entropy bonus,
 delta <= 1 + epsilon_high. A mixture of experts' load-balancing loss (router_aux_loss_coef) is
 added as TRL adds it; TRL's cast_lm_head_to_fp32 runs our head in fp32.
 """
@@ -24,10 +25,12 @@ from trl import GRPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, nanmax, nanmin
 
 from ..rl.linear_logprobs import linear_token_logprobs
-from .grpo_loss import CLIPPED_TYPES, LOSS_TYPES, FusedLinearGRPOLoss
+from .grpo_loss import CLIPPED_TYPES, FusedLinearGRPOLoss
 from .lm_head import head_transform
 
 log = logging.getLogger(__name__)
+# The loss types whose TRL normalizers and metrics _compute_loss below reproduces.
+TRAINER_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 
 
 def router_aux_loss(model, text, backbone_outputs, attention_mask):
@@ -92,7 +95,7 @@ def fallback_reasons(trainer) -> list[str]:
     """What in the trainer's configuration our loss does not cover (empty: ours runs)."""
     args = trainer.args
     reasons = []
-    if trainer.loss_type not in LOSS_TYPES:
+    if trainer.loss_type not in TRAINER_LOSS_TYPES:
         reasons.append(f"loss_type {trainer.loss_type!r}")
     if getattr(trainer, "off_policy_mask_threshold", None) is not None:
         reasons.append("off_policy_mask_threshold")

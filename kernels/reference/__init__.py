@@ -9,7 +9,7 @@ transformers' compositions), the mixture-of-experts permutation's (moe.py) and t
 (sampling.py) are re-exported here too.
 """
 from .distill import linear_distill_divergence
-from .model import (norm_linear, paged_decode, rms_norm, rope, rope_store_decode, silu_mul,
+from .model import (mrope, norm_linear, paged_decode, rms_norm, rope, rope_store_decode, silu_mul,
                     store_kv)
 from .moe import grouped_linear, moe_permute, moe_unpermute
 from .rl import (gae, kl_penalty, linear_token_logprobs, policy_terms, ppo_policy_loss,
@@ -21,7 +21,7 @@ from .statistics import (aggregate, compute_dtype, masked_mean, masked_moments, 
 __all__ = [
     "token_logprobs", "linear_token_logprobs", "kl_penalty", "gae", "masked_mean", "masked_moments",
     "masked_whiten", "weighted_sum", "aggregate", "policy_terms", "ppo_policy_loss", "value_terms",
-    "ppo_value_loss", "rms_norm", "silu_mul", "rope", "norm_linear", "store_kv", "paged_decode",
-    "rope_store_decode", "sample", "linear_distill_divergence", "moe_permute", "moe_unpermute",
-    "grouped_linear",
+    "ppo_value_loss", "rms_norm", "silu_mul", "rope", "mrope", "norm_linear", "store_kv",
+    "paged_decode", "rope_store_decode", "sample", "linear_distill_divergence", "moe_permute",
+    "moe_unpermute", "grouped_linear",
 ]

@@ -46,6 +46,16 @@ def rope(q, k, cos, sin):
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+def mrope(q, k, cos_table, sin_table, positions, axes):
+    """q [N, Hq, D], k [N, Hk, D] rotated by M-RoPE: column c of token n at the angle of table row
+    positions[axes[c mod D/2], n] (positions [3, N], axes [D / 2]), transformers' composition of
+    the three axes' rows -> (q, k)."""
+    rows_cos, rows_sin = (t[positions.long()] for t in (cos_table, sin_table))  # [3, N, D]
+    column_axes = torch.cat((axes, axes)).long().view(1, 1, -1)
+    cos, sin = (r.take_along_dim(column_axes, dim=0)[0] for r in (rows_cos, rows_sin))
+    return rope(q, k, cos, sin)
+
+
 def norm_linear(x, residual, norm_weight, eps, weight, bias=None, glu=False):
     """(F.linear(RMSNorm(x + residual)), x + residual) for x, residual [M, K] (residual may be None:
     the stream is x), with SiLU(gate) * up of the packed output when glu."""

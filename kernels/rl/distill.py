@@ -22,17 +22,20 @@ from ..dispatch import backend_for, sync_checks_enabled, use_backend
 from .distill_host import fused_distill
 from .distill_torch import DistillSpec, chunked_distill
 from .linear_logprobs import default_chunk_size as fused_chunk_size, linear_token_logprobs
-from .statistics import compute_dtype
 from ..reference.distill import reduce_divergence
 
 OP = "linear_distill_divergence"
 MODES = ("full", "sampled", "top_k")
 REDUCTIONS = ("mean", "sum", "none")
-# Bytes of one [C, V] buffer of the row-chunked path, which holds a few tens of them at its peak
-# (the forward's terms of both heads' logits). Measured on the CPU at N=4096, H=256, V=32000,
-# beta 0.5 (bench/bench_distill.py, a loaded 2-core machine): 16 MiB peaked at 402 MiB above the
-# inputs in 16 s, 8 MiB at 206 MiB in 27 s (each chunk streams both heads again).
+# Bytes of one [C, V] float64 buffer of the row-chunked path (its terms are evaluated in float64,
+# distill_torch.py), which holds a few tens of them at its peak (the forward's terms of both
+# heads' logits). Measured on the CPU at N=4096, H=256, V=32000, beta 0.5 (bench/bench_distill.py,
+# a loaded 2-core machine), with fp32 terms then: 16 MiB peaked at 402 MiB above the inputs in
+# 16 s, 8 MiB at 206 MiB in 27 s (each chunk streams both heads again). Float64 terms at 16 MiB
+# (half the rows a chunk), temperature 0.7, 10% masked, a heavily loaded CPU: 329 MiB in 165 s,
+# where fp32 terms took 310 MiB in 93 s.
 CHUNK_BYTES = 1 << 24
+TERM_BYTES = torch.float64.itemsize
 
 
 class DistillOutput(NamedTuple):
@@ -46,9 +49,9 @@ class DistillOutput(NamedTuple):
     entropy: torch.Tensor
 
 
-def default_chunk_size(n_rows: int, vocab_size: int, itemsize: int) -> int:
-    """Rows per chunk of the PyTorch path: CHUNK_BYTES of logits of ``itemsize`` bytes, at least
-    16."""
+def default_chunk_size(n_rows: int, vocab_size: int, itemsize: int = TERM_BYTES) -> int:
+    """Rows per chunk of the PyTorch path: CHUNK_BYTES of logits of ``itemsize`` bytes (float64
+    terms by default), at least 16."""
     return max(1, min(max(n_rows, 1), max(16, CHUNK_BYTES // (max(vocab_size, 1) * itemsize))))
 
 
@@ -75,6 +78,7 @@ def _check_head(name: str, hidden, weight, bias, lead):
 
 def _check_options(beta, temperature, reduction, num_items_in_batch, mode, scales, softcaps,
                    chunk_size):
+    """The options; scales and softcaps (student's, teacher's)."""
     checks.check_unit_interval(OP, "beta", beta)
     checks.check_positive(OP, "temperature", temperature)
     checks.check_choice(OP, "reduction", reduction, REDUCTIONS)
@@ -82,11 +86,10 @@ def _check_options(beta, temperature, reduction, num_items_in_batch, mode, scale
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(f"{OP}: num_items_in_batch divides the sum of reduction='mean'; got it "
                          f"with reduction={reduction!r}")
-    for name, value in scales.items():
-        checks.check_positive(OP, name, value)
-    for name, value in softcaps.items():
-        if value is not None:
-            checks.check_positive(OP, name, value)
+    for side, scale, softcap in zip(("student", "teacher"), scales, softcaps):
+        checks.check_positive(OP, f"{side}_logit_scale", scale)
+        if softcap is not None:
+            checks.check_positive(OP, f"{side}_softcap", softcap)
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                    or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -224,13 +227,12 @@ def linear_distill_divergence(
     Returns:
         DistillOutput(divergence, entropy) in fp32 (fp64 for fp64 inputs).
     """
+    scales, softcaps = (student_logit_scale, teacher_logit_scale), (student_softcap,
+                                                                    teacher_softcap)
     checks.check_tensor(OP, "student_hidden", student_hidden)
     checks.check_tensor(OP, "student_weight", student_weight)
     _check_head("student", student_hidden, student_weight, student_bias, None)
-    _check_options(beta, temperature, reduction, num_items_in_batch, mode,
-                   {"student_logit_scale": student_logit_scale,
-                    "teacher_logit_scale": teacher_logit_scale},
-                   {"student_softcap": student_softcap, "teacher_softcap": teacher_softcap},
+    _check_options(beta, temperature, reduction, num_items_in_batch, mode, scales, softcaps,
                    chunk_size)
     _check_teacher(mode, student_hidden, student_weight, teacher_hidden, teacher_weight,
                    teacher_bias, labels, teacher_topk_ids, teacher_topk_logprobs)
@@ -244,21 +246,15 @@ def linear_distill_divergence(
     backend = backend_for(hidden, interpret_on_auto=False)
     if mode == "sampled":
         divergence, entropy = _sampled(hidden, weight, bias, teacher, valid, backend, temperature,
-                                       (student_logit_scale, teacher_logit_scale),
-                                       (student_softcap, teacher_softcap))
-    elif backend != "torch" and mode == "full" and student_softcap is None \
-            and teacher_softcap is None:
-        ht, wt, bt = teacher[:3]
+                                       scales, softcaps)
+    elif backend != "torch" and mode == "full" and softcaps == (None, None):
         divergence, entropy = fused_distill(
-            hidden, weight, bias, ht, wt, bt, valid, beta, student_logit_scale / temperature,
-            teacher_logit_scale / temperature,
+            hidden, weight, bias, *teacher[:3], valid, beta, scales[0] / temperature,
+            scales[1] / temperature,
             chunk_size or fused_chunk_size(hidden.shape[0], weight.shape[0], hidden.itemsize))
     else:
-        cd = compute_dtype(hidden)
-        spec = DistillSpec(mode, float(beta), float(temperature), float(student_logit_scale),
-                           float(teacher_logit_scale), student_softcap, teacher_softcap,
-                           chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0],
-                                                            cd.itemsize))
+        spec = DistillSpec(mode, float(beta), float(temperature), *map(float, scales), *softcaps,
+                           chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0]))
         divergence, entropy = chunked_distill(hidden, weight, bias, valid, teacher, spec)
     divergence = reduce_divergence(divergence.reshape(lead), valid.reshape(lead), reduction,
                                    num_items_in_batch)

@@ -5,7 +5,8 @@ modules: each package is a unit, each module directly in fusedrl.engine or fused
 own), engine imports of private kernel modules (anything below `fusedrl.kernels` but the package
 itself and its public subpackages, PUBLIC_KERNEL_PACKAGES), upward imports between the engine's
 layers, duck-typed upward calls (getattr / hasattr / setattr of an attribute the parallel layout
-owns, which reaches a layer above without importing it), library files long enough to ask for a
+owns, which reaches a layer above without importing it), a stage's config section read below the
+stages (STAGE_SECTIONS), library files long enough to ask for a
 split by concept, and library lines over 100 characters.
 
     python tests/checks/layering.py         # prints the report; exit 1 when any rule is broken
@@ -34,7 +35,7 @@ MAX_LINE_CHARS = 100
 # its place here or the check fails). Processes the trainer starts for user and model code belong
 # to the sandbox, below data and the model; agents (environments, tools) sit on generation and the
 # sandbox and below the stages that train with them.
-ENGINE_LAYERS = ["errors", "ranks", "runs", "config", "sandbox", "data", "model", "parallel",
+ENGINE_LAYERS = ["errors", "exact_reasons", "ranks", "runs", "config", "sandbox", "data", "model", "parallel",
                  "inference", "train", "plan", "agents", "stages", "demos", "trainers", "api", "cli"]
 # (importer prefix, forbidden import prefix): what the order above still allows and must not be.
 FORBIDDEN = [
@@ -53,6 +54,15 @@ FORBIDDEN = [
 # import graph does not show.
 LAYOUT_ATTRIBUTES = {"tensor_parallel", "offloaded", "expert_shard", "data_sharded",
                      "past_fsdp_hooks"}
+# The sections only some stages' configs have (config/ppo.py, config/distill.py): a layer below the
+# stages takes what it needs of them as a typed input its stage's config builds (ParallelJob,
+# SamplingParams), never the section. Read by name with getattr / hasattr anywhere below the
+# stages, or as an attribute in STAGE_FREE, they are a stage's option guessed at from below.
+STAGE_SECTIONS = {"rollout", "teacher", "ppo", "reward", "reward_model", "critic_lora", "distill"}
+BELOW_STAGES = ["ranks", "runs", "sandbox", "data", "model", "parallel", "inference", "train",
+                "plan"]
+# The plan sizes the rollout a PPO config describes: it alone reads those sections' fields.
+STAGE_FREE = ["ranks", "runs", "sandbox", "data", "model", "parallel", "inference", "train"]
 
 
 def modules() -> dict[str, pathlib.Path]:
@@ -131,6 +141,25 @@ def duck_typed_calls(name: str, path: pathlib.Path) -> list[str]:
                 and isinstance(node.args[1], ast.Constant)
                 and node.args[1].value in LAYOUT_ATTRIBUTES):
             found.append(f"{name}:{node.lineno} {node.func.id}(..., {node.args[1].value!r})")
+    return found
+
+
+def stage_section_reads(name: str, path: pathlib.Path) -> list[str]:
+    """'module:line read' for each read of a STAGE_SECTIONS name in a layer below the stages:
+    getattr / hasattr of it by name in BELOW_STAGES, `x.section` in STAGE_FREE."""
+    layer = engine_layer(name)
+    if layer not in BELOW_STAGES:
+        return []
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr") and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value in STAGE_SECTIONS):
+            found.append(f"{name}:{node.lineno} {node.func.id}(..., {node.args[1].value!r})")
+        elif (isinstance(node, ast.Attribute) and node.attr in STAGE_SECTIONS
+              and layer in STAGE_FREE):
+            found.append(f"{name}:{node.lineno} .{node.attr}")
     return found
 
 
@@ -237,6 +266,7 @@ def report() -> dict:
                      for low, high in FORBIDDEN if within(name, low) and within(target, high)})
     ducks = sorted(call for name, path in known.items() if within(name, "fusedrl.engine")
                    for call in duck_typed_calls(name, path))
+    sections = sorted(read for name, path in known.items() for read in stage_section_reads(name, path))
     texts = {path: path.read_text(encoding="utf-8").splitlines() for path in known.values()}
     long_files = sorted(f"{path.relative_to(ROOT)}: {len(lines)}" for path, lines in texts.items()
                         if len(lines) > MAX_LINES)
@@ -246,7 +276,7 @@ def report() -> dict:
             "top_level_cycles": cycles(top_level_graph(graph)),
             "layer_order": layer_order_breaks(graph),
             "private_kernel_imports": private, "upward_imports": upward,
-            "duck_typed_calls": ducks, "files_over_limit": long_files, "lines_over_limit": long_lines}
+            "duck_typed_calls": ducks, "stage_section_reads": sections, "files_over_limit": long_files, "lines_over_limit": long_lines}
 
 
 def main() -> int:

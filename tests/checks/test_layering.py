@@ -14,6 +14,7 @@ def test_the_tree_keeps_its_layers():
     assert found["private_kernel_imports"] == []
     assert found["upward_imports"] == []
     assert found["duck_typed_calls"] == []
+    assert found["stage_section_reads"] == []
     assert found["files_over_limit"] == []
     assert found["lines_over_limit"] == []
 
@@ -75,6 +76,18 @@ def test_duck_typed_layout_reads_are_found(tmp_path: pathlib.Path):
     assert layering.duck_typed_calls("fusedrl.engine.model.walk", path) == [
         "fusedrl.engine.model.walk:2 getattr(..., 'tensor_parallel')",
         "fusedrl.engine.model.walk:3 hasattr(..., 'offloaded')"]
+
+
+def test_stage_section_reads_below_the_stages_are_found(tmp_path: pathlib.Path):
+    path = tmp_path / "m.py"
+    path.write_text('def f(cfg):\n    teacher = getattr(cfg, "teacher", None)\n'
+                    '    return cfg.rollout.exact or cfg.train.tensor_parallel\n')
+    assert layering.stage_section_reads("fusedrl.engine.parallel.m", path) == [
+        "fusedrl.engine.parallel.m:2 getattr(..., 'teacher')", "fusedrl.engine.parallel.m:3 .rollout"]
+    # the plan sizes a PPO config's rollout: only its duck-typed reads count
+    assert layering.stage_section_reads("fusedrl.engine.plan.m", path) == [
+        "fusedrl.engine.plan.m:2 getattr(..., 'teacher')"]
+    assert layering.stage_section_reads("fusedrl.engine.stages.ppo.m", path) == []
 
 
 def test_upward_imports_match_whole_module_names():

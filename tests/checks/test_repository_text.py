@@ -22,6 +22,8 @@ REPO_PATH = re.compile(r"(?<![\w./-])((?:engine|kernels|csrc|bench|tests|docs|\.
 LOCAL_NAME = re.compile(r"(?<![\w./-])([A-Za-z_]\w*(?:\.py|/))(?![\w/])")
 # Where docs/architecture.md's tree puts a folder's name; its descriptions are indented further.
 TREE_NAME_COLUMNS = 20
+# The packages every module of which docs/architecture.md's tree names.
+TREE_PACKAGES = ("engine", "kernels")
 # Build outputs the docs name: the CUDA extension (setup.py's EXTENSION) exists once built.
 BUILT = re.compile(r"(^|/)_C\.[\w.-]+\.so$")
 
@@ -63,12 +65,11 @@ def names_missing_under(folder: Path, text: str) -> list[str]:
     return missing
 
 
-def tree_misses(tree: str, root: Path = ROOT) -> list[str]:
-    """'line: name' for each module or folder a layout tree names that its folder does not hold. A
-    name in the first TREE_NAME_COLUMNS columns that ends in / opens a folder inside the one less
+def tree_lines(tree: str, root: Path = ROOT):
+    """(line number, the folder the line stands in, the line) for each line of a layout tree. A name
+    in the first TREE_NAME_COLUMNS columns that ends in / opens a folder inside the one less
     indented; every line is read against the folder it stands in."""
     folders: list[tuple[int, Path]] = []
-    missing = []
     for i, line in enumerate(tree.splitlines(), 1):
         indent = len(line) - len(line.lstrip())
         if line.strip() and indent < TREE_NAME_COLUMNS:
@@ -77,9 +78,24 @@ def tree_misses(tree: str, root: Path = ROOT) -> list[str]:
             first = line.split()[0]
             if first.endswith("/"):
                 folders.append((indent, (folders[-1][1] if folders else root) / first.rstrip("/")))
-        folder = folders[-1][1] if folders else root
-        missing += [f"{i}: {name}" for name in names_missing_under(folder, line)]
-    return missing
+        yield i, (folders[-1][1] if folders else root), line
+
+
+def tree_misses(tree: str, root: Path = ROOT) -> list[str]:
+    """'line: name' for each module or folder a layout tree names that its folder does not hold."""
+    return [f"{i}: {name}" for i, folder, line in tree_lines(tree, root)
+            for name in names_missing_under(folder, line)]
+
+
+def unnamed_modules(tree: str, packages: tuple[str, ...], root: Path = ROOT) -> list[str]:
+    """The modules (`x.py`, less `__init__.py` and `__main__.py`) below `packages` that no line of
+    the tree names: a name counts for every module of that name below the folder its line stands
+    in (`ppo/: trainer.py` under `stages/` names stages' trainer.py modules)."""
+    named = {hit for _, folder, line in tree_lines(tree, root) for name in LOCAL_NAME.findall(line)
+             if name.endswith(".py") for hit in folder.rglob(name)}
+    modules = [path for package in packages for path in sorted((root / package).rglob("*.py"))
+               if path.name not in ("__init__.py", "__main__.py") and "__pycache__" not in path.parts]
+    return [path.relative_to(root).as_posix() for path in modules if path not in named]
 
 
 def test_no_issue_numbers_or_commit_hashes():
@@ -102,9 +118,17 @@ def test_every_path_named_in_the_docs_exists():
     assert found == [], "paths the docs name that do not exist:\n" + "\n".join(found)
 
 
+def architecture_tree() -> str:
+    return (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8").split("```")[1]
+
+
 def test_the_architecture_tree_names_what_exists():
-    tree = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8").split("```")[1]
-    assert tree_misses(tree) == [], "docs/architecture.md's tree names what does not exist"
+    assert tree_misses(architecture_tree()) == [], "docs/architecture.md's tree names what does not exist"
+
+
+def test_the_architecture_tree_names_every_module():
+    missing = unnamed_modules(architecture_tree(), TREE_PACKAGES)
+    assert missing == [], "modules docs/architecture.md's tree does not name:\n" + "\n".join(missing)
 
 
 def test_package_docstrings_name_what_exists():
@@ -113,6 +137,16 @@ def test_package_docstrings_name_what_exists():
              for name in names_missing_under(init.parent, ast.get_docstring(ast.parse(
                  init.read_text(encoding="utf-8"))) or "")]
     assert found == [], "package docstrings name what does not exist:\n" + "\n".join(found)
+
+
+def test_every_engine_package_has_its_test_folder():
+    """tests/engine/ mirrors the engine: each package below engine/ (a folder with __init__.py)
+    has the folder of the same path under tests/engine/, holding test files."""
+    packages = sorted(init.parent.relative_to(ROOT / "engine")
+                      for init in (ROOT / "engine").rglob("*/__init__.py"))
+    missing = [package.as_posix() for package in packages
+               if not any((ROOT / "tests" / "engine" / package).glob("test_*.py"))]
+    assert missing == [], "engine packages without a test folder: " + ", ".join(missing)
 
 
 def test_the_engine_docstring_names_every_subpackage():
@@ -127,6 +161,15 @@ def test_tree_misses_are_found(tmp_path: Path):
     tree = ("pkg/                real.py, gone.py\n  inner/            real.py, inner/, ghost/\n"
             "                    continued: real.py, lost.py\nother/              x.py\n")
     assert tree_misses(tree, tmp_path) == ["1: gone.py", "2: ghost/", "3: lost.py", "4: x.py"]
+
+
+def test_unnamed_modules_are_found(tmp_path: Path):
+    (tmp_path / "pkg" / "inner").mkdir(parents=True)
+    for module in ("__init__.py", "named.py", "inner/deep.py", "inner/unnamed.py", "inner/later.py"):
+        (tmp_path / "pkg" / module).write_text("")
+    tree = ("pkg/                named.py\n  inner/            deep.py, and more:\n"
+            "                    later.py\nother/              unnamed.py\n")
+    assert unnamed_modules(tree, ("pkg",), tmp_path) == ["pkg/inner/unnamed.py"]
 
 
 # The marks are written in pieces so that this file holds none of them whole.

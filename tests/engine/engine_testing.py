@@ -120,3 +120,13 @@ def make_cycle_model(period: int = 7, sharpness: float = 30.0, seed: int = 0):
         before = torch.where(cycled, start + (ids - start - 1) % period, ids)
         model.lm_head.weight.copy_(sharpness * embed[before] / BASE["hidden_size"] ** 0.5)
     return model
+
+
+def sample_responses(actor, prompts, params):
+    """A HybridActor's params.n responses per prompt from its current weights (prompt by prompt,
+    sample by sample), and their sampler log-probs [sum of response lengths] on its device, as a
+    rollout's rows read them."""
+    from fusedrl.engine.inference.request import Request
+    seqs = actor.run([Request(p, params, sample_index=j) for p in prompts for j in range(params.n)])
+    return ([s.completion_token_ids for s in seqs],
+            actor.device_logprobs([slot for s in seqs for slot in s.logprob_slots]))

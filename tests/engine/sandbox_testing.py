@@ -4,7 +4,11 @@ Standard library only: tests/engine/sandbox/test_sandbox_as_plain_user.py runs t
 plain user's interpreter too."""
 import json
 import os
+import subprocess
+import sys
 import time
+
+PLAIN = 65534  # the plain user the tests become (setpriv)
 
 # Each syscall the seccomp filter must deny, with arguments that would otherwise succeed or fail
 # differently (x86_64 numbers; the test skips elsewhere).
@@ -327,3 +331,19 @@ def holding(marker: str) -> list:
         except (OSError, ValueError):
             pass
     return found
+
+
+def plain_python():
+    """An interpreter uid PLAIN can run (the system's, else the suite's), or None."""
+    for python in ("/usr/bin/python3", os.path.realpath(sys.executable)):
+        if os.path.exists(python) and subprocess.run(
+                ["setpriv", f"--reuid={PLAIN}", f"--regid={PLAIN}", "--clear-groups", python,
+                 "-c", "import sys; assert sys.version_info >= (3, 9)"],
+                capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+def as_plain_user(python: str) -> list:
+    """The command prefix running `python` as uid PLAIN."""
+    return ["setpriv", f"--reuid={PLAIN}", f"--regid={PLAIN}", "--clear-groups", python]

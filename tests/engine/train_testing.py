@@ -64,6 +64,13 @@ def sorted_digit_preferences(n, seed=0, length=6):
     return rows
 
 
+def sft(model, data, out, *extra, steps=2):
+    """The argv of a two-step SFT run of `model` on `data` into `out` that saves every step."""
+    return ["sft", f"model={model}", f"output_dir={out}", f"data.train_file={data}", "data.max_length=48",
+            "data.max_prompt_length=24", "data.tokens_per_batch=128", "data.eval_fraction=0",
+            f"train.max_steps={steps}", "train.save_every=1", "train.progress=false", *extra]
+
+
 def _stage_config(cls, model_dir, train_file, out_dir, tokens_per_batch, lr, data, optim, train, kw):
     return cls(
         model=str(model_dir), output_dir=str(out_dir), **kw,

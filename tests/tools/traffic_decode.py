@@ -26,6 +26,7 @@ from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.request import Request
 from fusedrl.engine.inference.runner import kv_bytes_per_block
 from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.inference.scheduler import StepKind
 from fusedrl.kernels.invariant import fixed_order as invariant_ops
 from fusedrl.kernels.invariant.chunked_attention import chunked_attention
 from fusedrl.kernels import reference, use_backend
@@ -62,8 +63,8 @@ def decode_batch(llm: LLM, batch: int, context: int, top_p: float) -> list:
         ids = [10 + (i + j) % min(1000, llm.config.vocab_size - 10) for j in range(context - 1)]
         llm.add(Request(ids, params))
     while True:
-        seqs, is_prefill = llm.scheduler.schedule()
-        if not is_prefill:
+        seqs, kind = llm.scheduler.schedule()
+        if kind is StepKind.DECODE:
             break
         llm.scheduler.postprocess(seqs, [11] * len(seqs))
     llm.runner.kv_pool.normal_()

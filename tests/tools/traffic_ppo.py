@@ -43,12 +43,12 @@ from fusedrl.engine.inference.runner import kv_bytes_per_block
 from fusedrl.engine.model.reward_model import reward_model_from_lm
 from fusedrl.engine.model.value_model import value_model_from_reward_model
 from fusedrl.engine.stages.ppo.advantages import RunningMoments
-from fusedrl.engine.stages.ppo.answer_rows import sample_and_score
-from fusedrl.engine.stages.ppo.trainer import build_optimizers
-from fusedrl.engine.stages.ppo.models import PPOModels
-from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
+from fusedrl.engine.stages.rollout.answer_rows import sample_and_score
+from fusedrl.engine.stages.rollout.build import build_optimizers
+from fusedrl.engine.stages.rollout.models import PPOModels
+from fusedrl.engine.stages.rollout.phase_timer import PhaseTimer
 from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollout
-from fusedrl.engine.stages.ppo.reward_scores import reward_model_scorer
+from fusedrl.engine.stages.rollout.reward_scores import reward_model_scorer
 from fusedrl.engine.stages.ppo.update import UpdateSettings, ppo_update
 from fusedrl.kernels import use_backend
 

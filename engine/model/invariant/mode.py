@@ -49,10 +49,13 @@ class BatchInvariant:
                 f"BatchInvariant.segment={self.segment!r} is invalid: "
                 "expected a power of two >= 16")
 
-    def packed_hidden(self, model, input_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+    def packed_hidden(self, model, input_ids: torch.Tensor, seqlens: list[int], *,
+                      pixel_values=None, image_grid_thw=None) -> torch.Tensor:
         """The training forward: input_ids [N] holding sequences of `seqlens` back to back
         (positions restart at 0 in each), on the model's device -> final hidden states [N, hidden]
-        of `model` (a CausalLM)."""
+        of `model` (a CausalLM). A vision-language model's pack: its images (pixel_values,
+        image_grid_thw of every image in token order) placed and rotated by M-RoPE, the attention
+        still by token index."""
         if sum(seqlens) != input_ids.shape[0] or min(seqlens, default=0) < 1:
             raise ValueError(f"seqlens={seqlens} must be positive and sum to {input_ids.shape[0]}")
         model.check_input_ids(input_ids)
@@ -64,13 +67,22 @@ class BatchInvariant:
 
         def attend(layer, q, k, v, angles):
             return fresh(*angles.rotate(q, k), v)
-        return model.entry()(input_ids, positions, attend=attend, prims=EXACT)
+        if model.config.vision is None:
+            return model.entry()(input_ids, positions, attend=attend, prims=EXACT)
+        rotary = model.mrope_positions(input_ids, seqlens, image_grid_thw)[0]
+        features = (None if pixel_values is None
+                    else model.encode_images(pixel_values, image_grid_thw))
+        return model.entry()(input_ids, rotary, attend=attend, prims=EXACT,
+                             visual=model.visual_rows(input_ids, features))
 
     def paged_hidden(self, model, input_ids: torch.Tensor, positions: torch.Tensor,
-                     meta: AttentionMetadata, kv_caches: list) -> torch.Tensor:
+                     meta: AttentionMetadata, kv_caches: list, visual=None) -> torch.Tensor:
         """A prefill or decode step against the paged cache: input_ids, positions [N], the runner's
         metadata, per-layer (k_cache, v_cache) whose block size is chunk_size -> hidden [N, hidden].
-        New K/V are stored before attending. No host sync (a decode step can be a CUDA graph)."""
+        New K/V are stored before attending. No host sync (a decode step can be a CUDA graph).
+        A vision-language model's positions are its rotary ones (M-RoPE's [3, N] in a prefill,
+        token index + decode offset in a decode step) and visual its image rows; its attention
+        takes the token indices from the metadata."""
         block_size = kv_caches[0][0].shape[1]
         if block_size != self.chunk_size:
             raise ValueError(
@@ -81,6 +93,10 @@ class BatchInvariant:
         else:
             seq_index = _sequence_of_each_token(
                 torch.tensor(meta.seqlens_q, device=input_ids.device))
+        rotary = positions
+        if model.config.vision is not None:
+            positions = _token_positions(meta, seq_index)
+        walk = {"attend": None, "prims": EXACT, "visual": visual}
         # a prefill with nothing cached: the new tokens are whole sequences
         if meta.block_tables is None:
             fresh = self._fresh_attention(positions, seq_index, meta.cu_seqlens_q[:-1].long(),
@@ -90,7 +106,7 @@ class BatchInvariant:
                 q, k = angles.rotate(q, k)
                 kernels.store_kv(k, v, *kv_caches[layer], meta.slot_mapping)
                 return fresh(q, k, v)
-            return model.entry()(input_ids, positions, attend=attend, prims=EXACT)
+            return model.entry()(input_ids, rotary, **{**walk, "attend": attend})
         # -1 -> row 0
         page_table = page_slot(meta.block_tables.clamp(min=0), 0, self.chunk_size).to(torch.int32)
         # the table's reach: a host int
@@ -103,7 +119,7 @@ class BatchInvariant:
             return EXACT.attention(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), positions,
                                    seq_index, page_table, self.chunk_size, self.segment,
                                    max_position)
-        return model.entry()(input_ids, positions, attend=attend, prims=EXACT)
+        return model.entry()(input_ids, rotary, **{**walk, "attend": attend})
 
     def _fresh_attention(self, positions, seq_index, starts, max_len: int):
         """Attention over the K/V of this forward's own tokens (a pack, or a prefill with nothing
@@ -134,21 +150,41 @@ class BatchInvariant:
                                   torch.where(temperatures > 0, temperatures, 1.0))[0]
 
     def head_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                      temperature: float, with_entropy: bool = False):
+                      temperature: float, with_entropy: bool = False, masked=()):
         """The trainer's log-probs: hidden [M, H] (rows predicting labels [M]), LM head weight [V,
         H] -> fp32 log-probs [M] under softmax(logits / temperature) (and the entropy [M]
-        with_entropy). The logits exist for a piece of the rows at a time."""
+        with_entropy). The logits exist for a piece of the rows at a time. masked: token ids whose
+        logits are -inf, as the sampler's (a vision-language model's vision_token_ids)."""
         temperatures = torch.full(labels.shape, temperature, dtype=torch.float32,
                                   device=hidden.device)
         step = max(32, LOGIT_ELEMENTS // weight.shape[0] // 32 * 32)  # whole 32-row tiles per piece
-        pieces = [EXACT.row_logprobs(self.logits(hidden[i:i + step], weight), labels[i:i + step],
-                                     temperatures[i:i + step])
+        pieces = [EXACT.row_logprobs(mask_logits(self.logits(hidden[i:i + step], weight), masked),
+                                     labels[i:i + step], temperatures[i:i + step])
                   for i in range(0, hidden.shape[0], step)]
         logp = (torch.cat([p[0] for p in pieces]) if pieces
                 else hidden.new_zeros(0, dtype=torch.float32))
         if not with_entropy:
             return logp
         return logp, torch.cat([p[1] for p in pieces]) if pieces else logp.clone()
+
+
+def mask_logits(logits: torch.Tensor, masked) -> torch.Tensor:
+    """logits [M, V] with columns `masked` (token ids: a tensor or a sequence) set to -inf."""
+    if len(masked) == 0:
+        return logits
+    ids = torch.as_tensor(masked, dtype=torch.int64).to(logits.device)
+    return logits.index_fill(1, ids, float("-inf"))
+
+
+def _token_positions(meta: AttentionMetadata, seq_index: torch.Tensor) -> torch.Tensor:
+    """Each forwarded token's index in its sequence [N] int64: a decode step's last token (context
+    length - 1), a prefill's rows after their cached prefix."""
+    if meta.is_decode:
+        return (meta.context_lens.long() - 1).clamp(min=0)
+    device = seq_index.device
+    cached = torch.tensor([k - q for q, k in zip(meta.seqlens_q, meta.seqlens_k)], device=device)
+    first = meta.cu_seqlens_q[:-1].long()
+    return torch.arange(seq_index.shape[0], device=device) - first[seq_index] + cached[seq_index]
 
 
 def _sequence_of_each_token(lens: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from ...config.distill import DistillConfig
 from ...data.prompts import PromptRow
 from ...data.records import DataError, parser_for
 from ...data.tokenization import tokenize_record
-from ..ppo.sampled_rows import Generated
+from ..rollout.sampled_rows import Generated
 
 
 def on_policy(cfg: DistillConfig, iteration: int) -> bool:

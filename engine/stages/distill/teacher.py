@@ -18,7 +18,7 @@ from ...model.lm_head import head_dtype, lm_head_logprobs
 from ...parallel import distributed
 from ...parallel.dims import ParallelDims
 from ...parallel.layout import layout_at_load
-from ..ppo.microbatches import forward_in_microbatches
+from ..rollout.microbatches import forward_in_microbatches
 
 
 # The files of a tokenizer transformers loads from a model directory.

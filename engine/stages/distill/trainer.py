@@ -1,13 +1,14 @@
 """The on-policy distillation stage: `train_distill(DistillConfig(...))` trains the student (the
 config's `policy`) to match a frozen teacher of the same vocabulary on the student's own samples.
 
-An iteration: the student samples (the PPO stage's one rollout interface, ppo/sampler.py: from its
-one weight copy in the hybrid actor; single-turn answers or multi-turn trajectories, whose
-environment tokens are no targets), or with GKD's distill.lmbda < 1 takes the dataset's
-completions instead (completions.py); the teacher reads the batch in one frozen forward in this
-process, laid out as the reference model is (teacher.py); the student then takes ppo.epochs of
-minibatch steps on the divergence at every target token (update.py), plus distill.reward_coef x
-the reward's group advantage when asked. No reference model is loaded: the teacher is the anchor.
+An iteration: the student samples (the RL stages' one rollout interface, rollout/sampler.py: from
+its one weight copy in the hybrid actor; single-turn answers or multi-turn trajectories, whose
+environment tokens are no targets; whole groups or partial rollouts), or with GKD's distill.lmbda <
+1 takes the dataset's completions instead (completions.py); the teacher reads the batch in one
+frozen forward in this process, laid out as the reference model is (teacher.py); the student then
+takes ppo.epochs of minibatch steps on the divergence at every target token (update.py), plus
+distill.reward_coef x the reward's group advantage when asked. No reference model is loaded: the
+teacher is the anchor.
 
 RUN_DIR/ as for GRPO: config.yaml, metrics.jsonl, checkpoints/step-0000000N/ (the student, or with
 lora its adapters, the optimizer, schedule, RNG and loop state: resumable and bit-exact as every
@@ -31,17 +32,17 @@ from ...sandbox.isolation import open_sandbox
 from ...train import adapters, optim, runlog
 from ...train.loop import RunPlan, run_training
 from ...train.run_setup import start_run
-from ..ppo.advantages import group_token_advantages
-from ..ppo.agent_rows import build_agents
-from ..ppo.sampled_rows import Scoring
-from ..ppo.models import PPOModels
-from ..ppo.phase_timer import PhaseTimer
-from ..ppo.prompt_stream import next_prompts
-from ..ppo.sampler import build_sampler
-from ..ppo.scored_rows import Samples
-from ..ppo.state import PPOState
-from ..ppo.trainer import build_models, build_optimizers, open_rewards, trainables
-from ..ppo.update import Optimizers
+from ..rollout.group_advantages import group_token_advantages
+from ..rollout.agent_rows import build_agents
+from ..rollout.sampled_rows import Scoring
+from ..rollout.models import PPOModels
+from ..rollout.phase_timer import PhaseTimer
+from ..rollout.prompt_stream import next_prompts
+from ..rollout.sampler import Sampler, build_sampler
+from ..rollout.scored_rows import Samples
+from ..rollout.state import PPOState
+from ..rollout.build import build_models, build_optimizers, open_rewards, trainables
+from ..rollout.optimizers import Optimizers
 from ..rewards.combined import RewardFunctions
 from .completions import check_completions, completion_rows, on_policy
 from .teacher import Teacher, load_teacher, refuse_other_vocabulary, score_with_teacher
@@ -92,13 +93,17 @@ def _train(cfg: DistillConfig, rewards: Optional[RewardFunctions], evaluate, dat
     opts, schedules = build_optimizers(models, cfg)
     plan = RunPlan(cfg.output_dir, cfg, cfg.train, cfg.train.iterations,
                    eval_every=cfg.train.log_every, callbacks=callbacks)
-    run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype, run.dims),
-                 PPOState(), iteration_step(cfg, models, teacher, opts, schedules, prompts,
-                                            agents, tokenizer, device),
-                 evaluate=None if evaluate is None else lambda: evaluate(models),
-                 info={"prompts": len(prompts), "truncated_prompts": truncated,
-                       "kv_pool_bytes": models.actor.kv_pool_bytes, "sandbox": sandbox_mode},
-                 device=device)
+    sampler = build_sampler(cfg, models, prompts, agents)
+    try:
+        run_training(plan, trainables(cfg, models, opts, schedules, device, run.dtype, run.dims),
+                     PPOState(), iteration_step(cfg, models, teacher, opts, schedules, prompts,
+                                                sampler, tokenizer, device),
+                     evaluate=None if evaluate is None else lambda: evaluate(models),
+                     info={"prompts": len(prompts), "truncated_prompts": truncated,
+                           "kv_pool_bytes": models.actor.kv_pool_bytes, "sandbox": sandbox_mode},
+                     device=device)
+    finally:
+        sampler.close()  # environments of trajectories still in flight (partial rollouts)
     final = Path(cfg.output_dir) / "final"
     adapters.export(models.policy, models.lora, final, cfg.policy)  # collective
     return final
@@ -114,11 +119,11 @@ def startup_checks(cfg: DistillConfig, device: torch.device, gpus: int) -> Disti
 
 
 def iteration_step(cfg: DistillConfig, models: PPOModels, teacher: Teacher, opts: Optimizers,
-                   schedules: list, prompts: list[PromptRow], agents, tokenizer,
+                   schedules: list, prompts: list[PromptRow], sampler: Sampler, tokenizer,
                    device) -> Callable[[PPOState], dict]:
     """One distillation iteration as the training loop's step: the batch (the student's samples,
-    or the dataset's completions), the teacher's forward, the update, the schedules moved on."""
-    sampler = build_sampler(cfg, models, prompts, agents)
+    `sampler`'s, or the dataset's completions), the teacher's forward, the update, the schedules
+    moved on (an iteration whose partial rollouts complete no group trains nothing)."""
     score = Scoring.of(cfg, models)
     settings = DistillSettings.of(cfg)
     r = cfg.rollout
@@ -129,6 +134,10 @@ def iteration_step(cfg: DistillConfig, models: PPOModels, teacher: Teacher, opts
         fresh = on_policy(cfg, it)
         if fresh:
             samples, metrics = sampler.sample(state, cfg.seed * 1_000_003 + it, timer)
+            if samples is None:  # partial rollouts: every group still has answers in flight
+                for s in schedules:
+                    optim.advance_schedule(s)
+                return {**metrics, **timer.metrics()}
         else:
             rows = next_prompts(prompts, r.prompts_per_iteration, cfg.seed, state, models.ranks)
             samples = score(completion_rows(rows, tokenizer, r.max_prompt_length,
@@ -145,7 +154,7 @@ def iteration_step(cfg: DistillConfig, models: PPOModels, teacher: Teacher, opts
         with timer.phase("train"):
             update = distill_update(models, teacher, opts, batch, settings, cfg.seed + it)
         metrics.update(update, on_policy=fresh, lr=schedules[0].get_last_lr()[0],
-                       **batch_metrics(samples, models),
+                       **batch_metrics(samples, models, cfg.distill.reward_coef > 0),
                        **(models.score.metrics() if models.score is not None else {}))
         for s in schedules:
             optim.advance_schedule(s)
@@ -168,10 +177,13 @@ def reward_advantages(cfg: DistillConfig, models: PPOModels,
     return grid.view(-1).index_select(0, samples.packed.grid_index)
 
 
-def batch_metrics(samples: Samples, models: PPOModels) -> dict:
-    """The batch's size and scores over the data ranks: tokens (targets), rows, score_mean."""
+def batch_metrics(samples: Samples, models: PPOModels, rewarded: bool) -> dict:
+    """The batch's size over the data ranks: tokens (targets), rows; and score_mean when a reward
+    scores the rows (distill.reward_coef > 0: without one there is no score to report)."""
     packed = samples.packed
     sums = distributed.all_reduce_sum({"tokens": packed.num_targets, "rows": len(packed.seqlens)},
                                       models.ranks)
+    if not rewarded:
+        return sums
     score = distributed.all_reduce_tensor(samples.scores.double().sum(), ranks=models.ranks)
     return {**sums, "score_mean": runlog.host_values({"s": score})["s"] / max(sums["rows"], 1)}

@@ -25,8 +25,9 @@ from ...data.prefix_sharing import grouped_order
 from ...model.lm_head import head_dtype, lm_head_logprobs
 from ...parallel import distributed
 from ...train import runlog
-from ..ppo.models import PPOModels
-from ..ppo.update import Optimizers, microbatch_rows, minibatch_bounds
+from ..rollout.models import PPOModels
+from ..rollout.optimizers import Optimizers
+from ..rollout.microbatches import microbatch_rows, minibatch_bounds
 from .teacher import Teacher, TeacherScores, target_index
 
 

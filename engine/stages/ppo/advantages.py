@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ...config.estimators import CRITIC_ESTIMATORS
-from ....kernels import SumOver, gae, group_advantages, masked_moments, masked_whiten
+from ....kernels import SumOver, gae, masked_moments, masked_whiten
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
@@ -76,20 +76,6 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: to
     if whiten:
         advantages = masked_whiten(advantages, mask, sum_over=sum_over)
     return advantages, returns
-
-
-def group_token_advantages(scores: torch.Tensor, mask: torch.Tensor, n: int, estimator: str,
-                           sum_over: SumOver = None) -> torch.Tensor:
-    """Critic-free advantages [R, T]: the group estimator over each prompt's n scores (rows g*n ..
-    g*n + n - 1 are prompt g), each row's advantage on every one of its valid tokens; batch
-    statistics (reinforce_pp_baseline) over every rank's groups with sum_over the ranks' sum.
-    scores [R], mask [R, T] -> fp32 [R, T], 0 off the mask. A row with no valid token (an agent
-    trajectory that left the batch) is no sample of its group: its score is not read and its
-    group's statistics are the other rows'."""
-    sampled = mask.bool().any(dim=-1).view(-1, n)
-    per_row = group_advantages(scores.view(-1, n), estimator=estimator, sum_over=sum_over,
-                               valid=sampled).reshape(-1)   # [R]
-    return torch.where(mask.bool(), per_row[:, None], 0.0)
 
 
 @dataclass

@@ -21,15 +21,15 @@ from ...config.estimators import GROUP_ESTIMATORS
 from ...config.ppo import PPOConfig
 from ...train import runlog
 from ....kernels import explained_variance, kl_penalty, masked_mean, masked_moments
-from .advantages import (RunningMoments, advantages_and_returns, finite_rows,
-                         group_token_advantages, shape_rewards)
+from .advantages import RunningMoments, advantages_and_returns, finite_rows, shape_rewards
 from .forwards import policy_forward, reference_logprobs
-from .microbatches import forward_in_microbatches
-from .models import PPOModels
-from .phase_timer import PhaseTimer
+from ..rollout.group_advantages import group_token_advantages
+from ..rollout.microbatches import forward_in_microbatches
+from ..rollout.models import PPOModels
+from ..rollout.phase_timer import PhaseTimer
 from .batch import PPOBatch
-from .scored_rows import Samples
-from .turn_credit import place_turn_rewards, turn_returns, turn_token_advantages
+from ..rollout.scored_rows import Samples
+from ..rollout.turn_credit import place_turn_rewards, turn_returns, turn_token_advantages
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from ...data.prefix_sharing import share_prefixes
 from ...model.invariant import BatchInvariant
 from ...model.lm_head import lm_head_logprobs
 from ...model.moe import replay_of, routing_trace
-from .models import PPOModels
+from ..rollout.models import PPOModels
 
 
 def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_entropy: bool = False,

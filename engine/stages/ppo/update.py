@@ -27,14 +27,15 @@ from ...config.moe import RouterLossConfig
 from ...config.ppo import PPOConfig, UpdateConfig
 from ...model.moe import moe_blocks, routing_trace
 from ...train.router_losses import trace_losses
-from ...data.packing import pack
 from ...data.prefix_sharing import grouped_order
 from ...parallel import distributed
-from ...train import optim, runlog
+from ...train import runlog
 from ....kernels import (aggregation_rule, importance_weights, kl_penalty, masked_mean,
                          ppo_policy_loss, ppo_value_loss)
 from .forwards import policy_forward
-from .models import PPOModels
+from ..rollout.microbatches import microbatch_rows, minibatch_bounds
+from ..rollout.models import PPOModels
+from ..rollout.optimizers import Optimizers
 from .batch import PPOBatch
 
 
@@ -75,37 +76,6 @@ class UpdateResult:
                 "epochs_done": self.epochs_done}
 
 
-@dataclass
-class Optimizers:
-    """The policy's optimizer (and the shared value head's params) and the separate critic's;
-    tensor_parallel: the policy's engine/parallel/tensor_parallel.TensorParallel at
-    train.tensor_parallel > 1 (every model on the same tensor ranks), else None."""
-    policy: torch.optim.Optimizer
-    critic: Optional[torch.optim.Optimizer]
-    max_grad_norm: float
-    tensor_parallel: Optional[object] = None
-
-    def zero_grad(self):
-        for o in self.all():
-            o.zero_grad(set_to_none=True)
-
-    def all(self) -> list[torch.optim.Optimizer]:
-        return [self.policy] + ([self.critic] if self.critic is not None else [])
-
-    def clip_and_step(self, loss: torch.Tensor) -> torch.Tensor:
-        """Clip each model's gradients by its own norm and step all, unless a norm or `loss` is not
-        finite (decided on the device, see optim.clip_and_step). Returns the norms before clipping
-        ([models] fp32, policy first): a non-finite one means the update was skipped.
-        Tensor-parallel, the sliced gradients are first averaged over the data groups (FSDP's
-        reduction, whose hooks the walk bypasses)."""
-        if self.tensor_parallel is not None:
-            self.tensor_parallel.average_over_data(p for o in self.all()
-                                                   for p in optim.parameters(o))
-        norms = optim.clip_and_step(self.all(), self.max_grad_norm, loss)
-        # On one device (the policy's adapters on the GPU, an offloaded critic's norm on the CPU).
-        return torch.stack([n.to(norms[0].device) for n in norms])
-
-
 def aggregation_units(mask: torch.Tensor, agg: str) -> Optional[torch.Tensor]:
     """[B] what each row adds to the denominator of `agg` (valid tokens for token-mean, 1 per
     non-empty row for the seq-mean modes), or None for the sums, which add up as they are."""
@@ -118,20 +88,6 @@ def _global_total(units: Optional[torch.Tensor],
     if units is None:
         return None
     return distributed.all_reduce_tensor(units.sum(), ranks=ranks).clamp_min(1)
-
-
-def microbatch_rows(seqlens: list[int], rows_per_microbatch: Optional[int],
-                    tokens_per_microbatch: Optional[int],
-                    shared: tuple[list[int], list[int]] = ([], [])) -> list[list[int]]:
-    """A minibatch's rows (of these token counts) split into micro-batches, in order: packed up to
-    tokens_per_microbatch forwarded tokens (PPOConfig checks that one row always fits; shared: the
-    rows' prefix groups and prompt lengths, a prompt counted once per micro-batch), else
-    rows_per_microbatch rows each (None: all at once)."""
-    if tokens_per_microbatch is not None:
-        return pack(seqlens, tokens_per_microbatch, "tokens_per_microbatch", shared)
-    size = rows_per_microbatch or len(seqlens)
-    return [list(range(start, min(start + size, len(seqlens))))
-            for start in range(0, len(seqlens), size)]
 
 
 def minibatch_backward(models: PPOModels, batch: PPOBatch, settings: UpdateSettings,
@@ -161,21 +117,7 @@ def minibatch_backward(models: PPOModels, batch: PPOBatch, settings: UpdateSetti
                              (packed.prefix_groups, packed.prompt_lens))
     # Agreed before the forwards (their collectives).
     most = distributed.max_over_ranks(len(micros), models.ranks)
-    left = iter(range(most - 1, -1, -1))  # micro-batch backwards left after each
-
-    def backward(loss):
-        # HSDP: a model's gradients cross the shard groups (the nodes) in its last backward of the
-        # minibatch only: the critic's (or value head's) last micro-batch, the policy's PPO-ptx if
-        # any.
-        last = next(left) == 0
-        for model in (models.critic, models.value_head):
-            if model is not None:
-                distributed.all_reduce_in_backward(model, last)
-        distributed.all_reduce_in_backward(models.policy, last and ptx_loss is None)
-        # Context-parallel: FSDP averages over every rank, and a context group's C ranks hold parts
-        # of one gradient (parallel/context_parallel.py): times C, their sum.
-        cp = models.policy.context_parallel
-        (loss * models.ranks.size() * (cp.size if cp is not None else 1)).backward()
+    backward = micro_backward(models, most, with_ptx=ptx_loss is not None)
     totals: dict = {}
     total_loss = torch.zeros((), device=batch.mask.device)
     for rows in micros:
@@ -214,17 +156,42 @@ def minibatch_backward(models: PPOModels, batch: PPOBatch, settings: UpdateSetti
         (p.ptx_coef * ptx).backward()
         total_loss = total_loss + ptx.detach()
     totals["loss"] = total_loss
-    if models.ranks.size() > 1:
-        # The forwards run only to keep the ranks in step (a fill on the device: no host copy).
-        totals["spare_forwards"] = torch.full((), float(spares), device=total_loss.device)
-        # Sums of the ranks' weighted shares: the global minibatch's stats, in one all-reduce.
-        names = list(totals)
-        summed = distributed.all_reduce_tensor(torch.stack([totals[k] for k in names]),
-                                               ranks=models.ranks)
-        totals = dict(zip(names, summed))
+    totals = summed_over_ranks(totals, spares, models.ranks)
     if ptx is not None:  # the PPO-ptx batch is the same on every rank: its loss is not summed
         totals["ptx_loss"] = ptx.detach()
     return totals
+
+
+def micro_backward(models: PPOModels, backwards: int, with_ptx: bool) -> Callable:
+    """backward(loss) of each of a minibatch's `backwards` micro-batch losses, in order. HSDP: a
+    model's gradients cross the shard groups (the nodes) in its last backward of the minibatch
+    only: the critic's (or value head's) last micro-batch, the policy's PPO-ptx if any."""
+    left = iter(range(backwards - 1, -1, -1))  # micro-batch backwards left after each
+
+    def backward(loss: torch.Tensor) -> None:
+        last = next(left) == 0
+        for model in (models.critic, models.value_head):
+            if model is not None:
+                distributed.all_reduce_in_backward(model, last)
+        distributed.all_reduce_in_backward(models.policy, last and not with_ptx)
+        # Context-parallel: FSDP averages over every rank, and a context group's C ranks hold parts
+        # of one gradient (parallel/context_parallel.py): times C, their sum.
+        cp = models.policy.context_parallel
+        (loss * models.ranks.size() * (cp.size if cp is not None else 1)).backward()
+    return backward
+
+
+def summed_over_ranks(totals: dict, spares: int, ranks: distributed.DataRanks) -> dict:
+    """A minibatch's stats (0-dim tensors: every rank's weighted shares) summed over the data
+    ranks in one all-reduce: the global minibatch's, with spare_forwards (the forwards run only to
+    keep the ranks in step); themselves on one rank."""
+    if ranks.size() == 1:
+        return totals
+    loss = totals["loss"]
+    totals = {**totals, "spare_forwards": torch.full((), float(spares), device=loss.device)}
+    names = list(totals)
+    summed = distributed.all_reduce_tensor(torch.stack([totals[k] for k in names]), ranks=ranks)
+    return dict(zip(names, summed))
 
 
 def minibatch_loss(models: PPOModels, batch: PPOBatch, settings: UpdateSettings,
@@ -266,13 +233,6 @@ def minibatch_loss(models: PPOModels, batch: PPOBatch, settings: UpdateSettings,
         loss = loss + w["token"] * router_loss
         stats.update(router_stats)
     return loss, stats
-
-
-def minibatch_bounds(rows: int, size: int) -> list[tuple[int, int]]:
-    """[start, end) of an epoch's minibatches over `rows` rows: ceil(rows / size) of them, their
-    sizes as equal as the rows allow (at most `size`, differing by at most one)."""
-    count = -(-rows // size)
-    return [(i * rows // count, (i + 1) * rows // count) for i in range(count)]
 
 
 def minibatch_rule(rows: int, size: int) -> str | None:

@@ -13,11 +13,11 @@ import torch
 from fusedrl.engine.agents import (AgentLimits, ChatRenderer, EnvSource, ToolEnvironment,
                                    agent_metrics, parse_hermes, run_agents, tool_schema)
 from fusedrl.engine.agents.environment import EnvironmentFailure
-from fusedrl.engine.agents.agent_loop import _opener, _reset, _State, _step
+from fusedrl.engine.agents.agent_loop import opener, reset_environment, EnvState, step_environment
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.stages.ppo.advantages import group_token_advantages
-from fusedrl.engine.stages.ppo.reward_scores import trajectory_inputs
+from fusedrl.engine.stages.rollout.group_advantages import group_token_advantages
+from fusedrl.engine.stages.rollout.reward_scores import trajectory_inputs
 from fusedrl.engine.stages.rewards.combined import open_reward_functions
 from fusedrl.engine.stages.rewards.functions import RewardFunctionError, RewardInputs
 from fusedrl.kernels import group_advantages
@@ -43,7 +43,7 @@ def llm(tmp_path_factory):
 def rollout(llm, modes, tokenizer=None, **overrides):
     renderer = ChatRenderer(tokenizer or make_chat_tokenizer())
     rows = [{"prompt": "hello world", "mode": mode} for mode in modes]
-    return run_agents(llm.generate_turns, renderer, HOSTILE, rows, PARAMS, limits(**overrides))
+    return run_agents(llm, renderer, HOSTILE, rows, PARAMS, limits(**overrides))
 
 
 class Row:
@@ -149,11 +149,11 @@ def test_a_hanging_tool_is_killed_at_its_deadline_with_no_thread_left():
     renderer, tokenizer = ChatRenderer(make_chat_tokenizer()), make_chat_tokenizer()
     before = set(threading.enumerate())
     lim = limits(env_timeout_s=1.0)
-    state = _State(_opener(source, lim)({"prompt": "hi"}))
-    _reset(state, lim)
+    state = EnvState(opener(source, lim)({"prompt": "hi"}))
+    reset_environment(state, lim)
     worker = state.env.process
-    assert not _step(state, renderer, tokenizer.encode(tool_call("add", a=2, b=3)), lim).done
-    reply = _step(state, renderer, tokenizer.encode(tool_call("stuck", x=1)), lim)
+    assert not step_environment(state, renderer, tokenizer.encode(tool_call("add", a=2, b=3)), lim).done
+    reply = step_environment(state, renderer, tokenizer.encode(tool_call("stuck", x=1)), lim)
     assert reply.done and state.error == "timeout" and "env_timeout_s=1" in state.error_text
     assert worker.poll() is not None and state.env.process is None  # killed and reaped
     assert set(threading.enumerate()) == before

@@ -48,7 +48,7 @@ def llm(tmp_path_factory):
 
 def rollout(llm, rows, limits=LIMITS):
     renderer = ChatRenderer(make_chat_tokenizer())
-    return run_agents(llm.generate_turns, renderer, lambda row: Scripted(**row), rows, PARAMS, limits)
+    return run_agents(llm, renderer, lambda row: Scripted(**row), rows, PARAMS, limits)
 
 
 def test_three_turns_with_long_observations(llm):

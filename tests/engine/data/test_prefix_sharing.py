@@ -10,7 +10,7 @@ from fusedrl.engine.model.reward_model import reward_model_from_lm
 from fusedrl.engine.model.scalar_head import ScalarHead
 from fusedrl.engine.model.value_model import values_at_targets
 from fusedrl.engine.stages.ppo.forwards import response_logprobs
-from fusedrl.engine.stages.ppo.packs import concat_packs, pack_rollout
+from fusedrl.engine.stages.rollout.packs import concat_packs, pack_rollout
 from engine_testing import random_prompts
 from train_testing import save_tiny_model
 

@@ -2,7 +2,7 @@
 through the tool_calls data path, its config, and the whole demo on a very short setting."""
 import json
 import random
-from concurrent.futures import Future
+import types
 
 import pytest
 
@@ -18,8 +18,8 @@ from fusedrl.engine.demos.tool import TOOLS
 from fusedrl.engine.demos.tool_task import (add, build_tokenizer, conversation, final_answer, is_correct,
                                             make_pairs, question, tool_reward, write_tool_data)
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.inference.multi_turn import Trajectory
-from fusedrl.engine.stages.ppo.reward_scores import trajectory_inputs
+from fusedrl.engine.inference.sequence import Sequence
+from fusedrl.engine.stages.rollout.reward_scores import trajectory_inputs
 
 
 @pytest.fixture(scope="module")
@@ -53,24 +53,27 @@ def test_the_judge_reads_the_last_turn():
 
 
 def scripted_policy(tok, turns: list[list[str]]):
-    """A generate_turns that says each row's scripted turns (one sample per row), each closed by
-    the template's end of turn, with the environment's replies between them as the engine's."""
-    def generate_turns(openings, params, on_turn_end, *, max_turns, max_total_tokens):
-        out = []
-        for i, (prompt, said) in enumerate(zip(openings, turns)):
-            ids, mask = [], []
-            for text in said[:max_turns]:
+    """An engine (run and config, as run_agents takes LLM) that says each row's scripted turns (one
+    sample per row), each closed by the template's end of turn, with the environment's replies
+    between them as the engine's: each turn handed to the on_end hook, its reply (or None, the
+    end) taken as LLM.run takes it."""
+    def run(requests, stop, on_end):
+        seqs = []
+        for i, (request, said) in enumerate(zip(requests, turns)):
+            seq = Sequence(i, request, 0)
+            for text in said:
+                seq.turn_start = seq.num_tokens
                 turn = tok.encode(text + "<|im_end|>", add_special_tokens=False)
-                ids, mask = ids + turn, mask + [True] * len(turn)
-                reply = on_turn_end(i, turn)
-                reply = reply.result() if isinstance(reply, Future) else reply
-                if reply.done:
+                seq.token_ids += turn
+                seq.logprobs += [0.0] * len(turn)
+                reply = on_end(i, seq)
+                reply = reply.result() if hasattr(reply, "result") else reply
+                if reply is None:
                     break
-                ids, mask = ids + list(reply.token_ids), mask + [False] * len(reply.token_ids)
-            out.append(Trajectory(list(prompt), ids, mask, [0.0] * len(ids), [], len(said), "done",
-                                  len(prompt)))
-        return out
-    return generate_turns
+                seq.token_ids += reply
+            seqs.append(seq)
+        return seqs
+    return types.SimpleNamespace(run=run, config=types.SimpleNamespace(max_model_len=1024))
 
 
 def test_the_reward_judges_what_the_trainer_hands_it(tok):

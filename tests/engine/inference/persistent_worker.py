@@ -19,6 +19,7 @@ from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.moe import moe_blocks
 from fusedrl.engine.stages.sft import sft_loss
 from fusedrl.engine.train import optim
+from engine_testing import sample_responses
 
 # Each rank its own prompts, of its own count and lengths: the ranks run different numbers of decode
 # steps, which only a walk issuing no collective survives.
@@ -45,8 +46,8 @@ def same_rollouts(persistent, gathered, params, exact: bool):
     """Both actors' responses and sampler log-probs for this rank's prompts: equal (bit for bit
     eagerly; a CUDA graph's padded batch may tile its GEMMs otherwise). Returns the persistent one's."""
     prompts = PROMPTS[distributed.rank()]
-    _, responses, logp = persistent.generate(prompts, params)
-    _, want, want_logp = gathered.generate(prompts, params)
+    responses, logp = sample_responses(persistent, prompts, params)
+    want, want_logp = sample_responses(gathered, prompts, params)
     assert responses == want, f"{responses} != {want}"
     if exact:
         assert torch.equal(logp, want_logp)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from fusedrl import kernels
 from fusedrl.engine.inference.llm import LLM
-from fusedrl.engine.inference.runner import _DecodeGraphs, capture_error_mode
+from fusedrl.engine.inference.decode_graphs import DecodeGraphs, capture_error_mode
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.kernels.attention import paged
 from engine_testing import random_prompts
@@ -35,7 +35,7 @@ def test_graph_and_eager_decode_choose_the_same_splits_for_the_same_rows(qwen2_d
     monkeypatch.setattr(paged, "sm_count", lambda device: H100_SMS)
     prompts = random_prompts([5, 11, 3, 9, 7, 4, 6, 8], seed=3)
     graphed = LLM(qwen2_dir, max_num_seqs=8)
-    graphed.runner.graphs = _DecodeGraphs(graphed.runner, max_num_seqs=8, capture=False)
+    graphed.runner.graphs = DecodeGraphs(graphed.runner, max_num_seqs=8, capture=False)
     eager = LLM(qwen2_dir, max_num_seqs=8, use_cuda_graphs=False)  # a GPU captures by default
     assert eager.runner.graphs is None
     from_graphs = _decode_launches(graphed, monkeypatch, prompts)

@@ -6,10 +6,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fusedrl.engine.inference.engine_loop import StepKind
+from fusedrl.engine.inference.block_manager import BlockManager
+from fusedrl.engine.inference.drafts import Drafts
+from fusedrl.engine.inference.engine_loop import EngineLoop
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.request import Request
+from fusedrl.engine.inference.runner import ModelRunner
 from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.inference.scheduler import Scheduler, StepKind
+from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.inference.stop_rules import GroupsDone, TokenBudget, first_of
 from engine_testing import random_prompts
 
@@ -27,22 +32,42 @@ def test_added_and_stepped_requests_are_generate_s(llm):
     expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
     seqs = [llm.add(Request(p, GREEDY), i) for i, p in enumerate(PROMPTS)]
     kinds = []
-    original = llm._plan
+    schedule = llm.scheduler.schedule
 
-    def plan(batch, is_prefill):  # which kinds the one planner chose
-        kinds.append(original(batch, is_prefill)[0])
-        return original(batch, is_prefill)
-    llm._plan = plan
+    def spied():  # which kinds the scheduler said
+        batch, kind = schedule()
+        kinds.append(kind)
+        return batch, kind
+    llm.scheduler.schedule = spied
     try:
         while not all(s.is_finished for s in seqs):
             assert llm.step() is not None
     finally:
-        del llm._plan
+        del llm.scheduler.schedule
     assert [s.completion_token_ids for s in seqs] == expected
     # the 11-token prompt's chunks, the others' prefill, decode steps (speculative on the tail)
     assert {StepKind.CHUNK, StepKind.PREFILL, StepKind.DECODE} <= set(kinds)
     assert sum(len(s.logprob_slots) for s in seqs) == llm.runner.logprobs_kept == 18
     assert llm.step() is None  # nothing queued
+
+
+def test_an_engine_loop_runs_on_the_parts_it_is_given(llm, qwen2_dir):
+    """EngineLoop(scheduler, blocks, runner, drafts) built by hand: LLM's tokens and log-probs,
+    speculative verify steps counted by its drafts."""
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=6, seed=3)
+    llm.take_speculation()
+    expected = [c for o in llm.generate(PROMPTS, sampled) for c in o.outputs]
+    speculation = llm.take_speculation()
+    model = load_model(qwen2_dir, device="cpu")
+    max_len, blocks = model.config.max_model_len, llm.block_manager.num_blocks
+    manager = BlockManager(blocks, 4)
+    loop = EngineLoop(Scheduler(manager, 256, 16384, max_len, model.config.eos_token_ids, 5),
+                      manager, ModelRunner(model, blocks, 4, 256, False),
+                      Drafts(2, 8, manager, max_len))
+    seqs = loop.run([Request(p, sampled) for p in PROMPTS])
+    assert [s.completion_token_ids for s in seqs] == [c.token_ids for c in expected]
+    assert [s.logprobs for s in seqs] == [c.logprobs for c in expected]
+    assert loop.drafts.take() == speculation
 
 
 def test_stop_rules_compose_and_stop_the_unfinished(llm):

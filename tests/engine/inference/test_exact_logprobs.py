@@ -12,7 +12,7 @@ from fusedrl.engine.inference.runner import kv_bytes_per_block
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.multi_turn import TurnReply
 from fusedrl.engine.model.invariant import BatchInvariant
-from fusedrl.engine.stages.ppo.packs import pack_rollout
+from fusedrl.engine.stages.rollout.packs import pack_rollout
 from engine_testing import make_hf_model, make_tokenizer, random_prompts
 from invariant_testing import one_thread  # noqa: F401 (autouse fixture)
 
@@ -208,7 +208,7 @@ def test_the_decode_graph_path_keeps_the_bits(one_layer_dirs):
     """On a GPU the exact mode's decode steps are CUDA graphs: static buffers, batches padded with
     rows of slot -1 and position 0 over a full-width block table. That bookkeeping, replayed eagerly
     here on the Triton path, gives the same tokens and log-probs as the eager steps."""
-    from fusedrl.engine.inference.runner import _DecodeGraphs
+    from fusedrl.engine.inference.decode_graphs import DecodeGraphs
 
     path = one_layer_dirs["qwen2"]
     prompts = random_prompts([5, 13, 2], seed=3)
@@ -216,7 +216,7 @@ def test_the_decode_graph_path_keeps_the_bits(one_layer_dirs):
     with kernels.use_backend("triton"):
         eager = rows_of(exact_llm(path).generate(prompts, params))
         llm = exact_llm(path)
-        llm.runner.graphs = _DecodeGraphs(llm.runner, max_num_seqs=4, capture=False)
+        llm.runner.graphs = DecodeGraphs(llm.runner, max_num_seqs=4, capture=False)
         fills = []  # (sequences, rows, full-width tables) of each decode step
         fill = llm.runner.decode_inputs.fill
         llm.runner.decode_inputs.fill = lambda seqs, size, full_tables: (

@@ -283,11 +283,11 @@ def test_unknown_dtype_is_rejected(qwen2_dir):
 def test_decode_graph_bookkeeping_pads_batches_without_changing_tokens(qwen2_dir, reference):
     """The CUDA-graph path's static buffers and padding rows (slot -1, context 0), replayed eagerly:
     batches of 1..5 sequences run in buffers of 1, 2, 4 and 5 rows."""
-    from fusedrl.engine.inference.runner import _DecodeGraphs
+    from fusedrl.engine.inference.decode_graphs import DecodeGraphs
 
     prompts, expected = reference
     llm = LLM(qwen2_dir, block_size=4, max_num_seqs=5)
-    llm.runner.graphs = _DecodeGraphs(llm.runner, max_num_seqs=5, capture=False)
+    llm.runner.graphs = DecodeGraphs(llm.runner, max_num_seqs=5, capture=False)
     assert sorted(llm.runner.graphs.graphs) == [1, 2, 4, 5]
     fills = []  # (sequences, rows, full-width tables) of each decode step
     fill = llm.runner.decode_inputs.fill

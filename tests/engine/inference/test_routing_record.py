@@ -1,14 +1,16 @@
 """The sampler's routing records: every forwarded token's experts, shared prompt blocks and padded
 decode graphs included, equal to what a packed training forward over the same tokens chooses,
 whichever step kind forwarded the token (decode, chunked prefill, speculative verify) and whichever
-request built the sequence (generate, continue_answers, generate_turns)."""
+request built the sequence (generate, carried answers run as Requests, generate_turns)."""
 import pytest
 import torch
 
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.multi_turn import TurnReply
-from fusedrl.engine.inference.runner import _DecodeGraphs
+from fusedrl.engine.inference.decode_graphs import DecodeGraphs
+from fusedrl.engine.inference.request import Request
 from fusedrl.engine.inference.sampling_params import SamplingParams
+from fusedrl.engine.inference.sequence import routing_rows
 from fusedrl.engine.model.moe import routing_trace
 from engine_testing import random_prompts
 from moe_testing import make_moe_model
@@ -22,7 +24,7 @@ def test_records_are_the_training_forward_s_choices(tmp_path, graphs, device):
               use_cuda_graphs=graphs)
     # the graph bookkeeping (padded batch sizes), replayed eagerly
     if graphs and device.type != "cuda":
-        llm.runner.graphs = _DecodeGraphs(llm.runner, max_num_seqs=6, capture=False)
+        llm.runner.graphs = DecodeGraphs(llm.runner, max_num_seqs=6, capture=False)
     prompts = random_prompts([9, 5], seed=3)
     outputs = llm.generate(prompts, SamplingParams(n=2, temperature=1.0, seed=1, max_new_tokens=7))
     model = llm.model
@@ -85,10 +87,11 @@ def test_records_are_the_training_forward_s_whichever_step_and_request_sampled(t
     # Carried answers prefilled again (chunked too), then decoded on.
     llm = engine(prefill_chunk=5)
     halves = [answer[:len(answer) // 2] for answer in plain]
-    carried = llm.continue_answers(prompts, halves, [1, 2], greedy)
-    for prompt, half, c in zip(prompts, halves, carried):
-        assert half + c.token_ids == plain[prompts.index(prompt)]
-        check_records(llm, prompt + half + c.token_ids, c.routing_rows, device)
+    carried = llm.run([Request(p, greedy, answer=h, seed=s)
+                       for p, h, s in zip(prompts, halves, [1, 2])])
+    for prompt, half, seq in zip(prompts, halves, carried):
+        assert seq.completion_token_ids == plain[prompts.index(prompt)]
+        check_records(llm, seq.token_ids, routing_rows(seq), device)
     # Multi-turn: later turns prefill the environment's tokens on top of the kept blocks.
     llm = engine(speculative_tokens=2)
     replies = {}

@@ -2,7 +2,7 @@
 from fusedrl.engine.inference.block_manager import BlockManager
 from fusedrl.engine.inference.request import Request
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.inference.scheduler import Scheduler
+from fusedrl.engine.inference.scheduler import Scheduler, StepKind
 from fusedrl.engine.inference.sequence import Sequence, SequenceStatus
 
 EOS = 2
@@ -20,9 +20,9 @@ def add(sched, seq_id, n_prompt, **params):
 
 
 def step(sched, token=7):
-    batch, is_prefill = sched.schedule()
+    batch, kind = sched.schedule()
     finished = sched.postprocess(batch, [token] * len(batch))
-    return batch, is_prefill, finished
+    return batch, kind is not StepKind.DECODE, finished
 
 
 def test_prefill_then_decode_and_new_requests_join_the_running_batch():
@@ -38,6 +38,28 @@ def test_prefill_then_decode_and_new_requests_join_the_running_batch():
     batch, is_prefill, finished = step(sched)
     assert batch == [a, b] and finished == [a] and a.finish_reason == "length"
     assert a.completion_token_ids == [7, 7, 7] and a.block_table == []
+
+
+def test_the_scheduler_says_each_step_s_kind_chunks_taking_turns_with_decode_steps():
+    bm = BlockManager(16, 4)
+    sched = Scheduler(bm, 8, 64, 64, (EOS,), prefill_chunk=4)
+    short, long = add(sched, 0, 3, max_new_tokens=5), None
+    kinds = []
+    for _ in range(7):
+        if len(kinds) == 2:
+            long = add(sched, 1, 10, max_new_tokens=5)
+        batch, kind = sched.schedule()
+        kinds.append(kind)
+        if kind is StepKind.CHUNK:
+            assert batch == [long]
+            sched.chunk_done(long)
+        else:
+            sched.postprocess(batch, [7] * len(batch))
+    # the long prompt's first chunk, then its chunks and the short one's decode steps alternate;
+    # its last chunk is a PREFILL (its first token drawn)
+    assert kinds == [StepKind.PREFILL, StepKind.DECODE, StepKind.CHUNK, StepKind.DECODE,
+                     StepKind.CHUNK, StepKind.DECODE, StepKind.PREFILL]
+    assert short.num_tokens == 3 + 4 and long.num_tokens == 11
 
 
 def test_finish_on_eos_stop_token_and_length_frees_blocks_at_once():

@@ -10,7 +10,7 @@ from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.ngram_draft import NgramIndex
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from engine_testing import make_cycle_model, make_tokenizer
+from engine_testing import make_cycle_model, make_tokenizer, sample_responses
 
 CYCLE_PROMPTS = [[12, 13, 14], [40, 41], [100]]
 
@@ -130,9 +130,10 @@ def test_the_hybrid_actor_speculates_with_the_plain_rollout(cycle_dir):
     from fusedrl.engine.model.hf_io import load_model
     policy = load_model(cycle_dir)
     params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, ignore_eos=True, seed=5)
-    rollouts = [HybridActor(policy, kv_cache_memory=1 << 22, block_size=4, speculative_tokens=k,
-                            speculate_below=16).generate(CYCLE_PROMPTS, params) for k in (0, 4)]
-    (_, plain, plain_logprobs), (_, spec, spec_logprobs) = rollouts
+    rollouts = [sample_responses(HybridActor(policy, kv_cache_memory=1 << 22, block_size=4,
+                                             speculative_tokens=k, speculate_below=16),
+                                 CYCLE_PROMPTS, params) for k in (0, 4)]
+    (plain, plain_logprobs), (spec, spec_logprobs) = rollouts
     assert spec == plain
     torch.testing.assert_close(spec_logprobs, plain_logprobs, atol=1e-4, rtol=0)
 

@@ -17,6 +17,7 @@ from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.primitives import FORWARD
 from fusedrl.engine.parallel.dims import ParallelDims
 from fusedrl.engine.parallel.tensor_parallel import shard_tensor_parallel
+from engine_testing import sample_responses
 
 PROMPTS = [[11, 12, 13, 14, 15], [40, 41, 42], [100, 200, 150, 33, 34, 35, 36, 37, 38]]
 
@@ -64,7 +65,7 @@ def check(device: str, model_dir: str) -> None:
     tokens = [c.token_ids for o in sampled for c in o.outputs]
     assert distributed.all_gather(tokens) == [tokens] * 2
     # The packed training-shaped forward's logits against the whole model's, within fp32 rounding.
-    responses = actor.generate(PROMPTS, greedy)[1]
+    responses = sample_responses(actor, PROMPTS, greedy)[0]
     assert responses == [c.token_ids for o in expected for c in o.outputs]
     assert local_storage(model) == before, "the hybrid actor moved a parameter's storage"
     ids = torch.tensor([t for p in PROMPTS for t in p], device=device)

@@ -7,7 +7,7 @@ from fusedrl.engine.config.train import RunConfig
 from fusedrl.engine.model.activation_offload import ActivationOffload
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.stages.ppo.forwards import response_logprobs
-from fusedrl.engine.stages.ppo.packs import pack_rollout
+from fusedrl.engine.stages.rollout.packs import pack_rollout
 from engine_testing import random_prompts
 from train_testing import save_tiny_model
 

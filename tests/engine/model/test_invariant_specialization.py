@@ -13,7 +13,7 @@ import torch
 from fusedrl import kernels
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.stages.ppo.packs import pack_rollout
+from fusedrl.engine.stages.rollout.packs import pack_rollout
 from gpucheck.record import recording
 from engine_testing import random_prompts
 from kernel_testing import needs_interpreter

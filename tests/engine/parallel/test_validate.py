@@ -28,7 +28,7 @@ def grpo(**train):
 def test_sizes_the_ranks_do_not_take_are_refused_in_one_line(train, gpus, message):
     cfg = grpo(**train)
     with pytest.raises(UsageError, match=message):
-        validate(cfg, gpus)
+        validate(cfg.parallel_job(), gpus)
     with pytest.raises(UsageError, match=message):
         refuse_unfit(cfg, torch.device("cpu"), gpus)
 
@@ -46,7 +46,7 @@ def test_pairs_are_the_compatibility_tables_when_built_and_at_the_start(train, m
         grpo(**train)
     cfg = grpo()
     cfg.train = LoopConfig(device="cpu", **train)  # set in place: no check ran
-    for check in (lambda: validate(cfg, 4), lambda: refuse_unfit(cfg, torch.device("cpu"), 4)):
+    for check in (lambda: validate(cfg.parallel_job(), 4), lambda: refuse_unfit(cfg, torch.device("cpu"), 4)):
         with pytest.raises(UsageError, match=message):
             check()
 
@@ -55,9 +55,9 @@ def test_lora_dropout_at_tensor_parallel_is_refused_by_the_table():
     cfg = grpo(tensor_parallel=2)
     cfg.lora = LoRAConfig(rank=4, dropout=0.1)
     with pytest.raises(UsageError, match=r"^train.tensor_parallel=2 with lora.dropout=0.1: not "):
-        validate(cfg, 4)
+        validate(cfg.parallel_job(), 4)
     cfg.lora = LoRAConfig(rank=4)
-    validate(cfg, 4)
+    validate(cfg.parallel_job(), 4)
 
 
 def test_the_plan_refuses_what_the_run_would(qwen2_dir, capsys):
@@ -67,19 +67,19 @@ def test_the_plan_refuses_what_the_run_would(qwen2_dir, capsys):
     assert err.startswith("fusedrl plan: rollout.persistent_weights=true keeps a gathered copy")
     cfg = grpo()
     cfg.rollout = RolloutConfig(persistent_weights=True)
-    validate(cfg, 2)  # FSDP2's shards are gathered: kept
+    validate(cfg.parallel_job(), 2)  # FSDP2's shards are gathered: kept
 
 
 def test_context_parallel_refuses_the_reward_model_stage_and_lora_beside_slices():
     rm = RMConfig(model="m", output_dir="o", data=DataConfig(train_file="f", format="pairwise"),
                   train=TrainConfig(device="cpu", context_parallel=2))
     with pytest.raises(UsageError, match=r"^train.context_parallel=2: only SFT, PPO and GRPO train context-parallel$"):
-        validate(rm, 2)
+        validate(rm.parallel_job(), 2)
     cfg = grpo(context_parallel=2, tensor_parallel=2)
     cfg.lora = LoRAConfig(rank=4)
     with pytest.raises(UsageError, match=r"^train.context_parallel=2 with lora.rank=4 beside "
                                          r"train.tensor_parallel=2: not supported \("):
-        validate(cfg, 4)
+        validate(cfg.parallel_job(), 4)
 
 
 def test_the_plan_refuses_a_context_size_that_does_not_divide_the_gpus(qwen2_dir, capsys):
@@ -97,4 +97,4 @@ def test_context_parallel_beside_a_mixture_of_experts_model_is_the_tables_pair(t
     cfg = sft_config(tmp_path / "moe", tmp_path / "train.jsonl", tmp_path / "out", train={"context_parallel": 2})
     with pytest.raises(UsageError, match=r"^train.context_parallel=2 with a mixture-of-experts model: not supported "
                                          r"\(its router losses are per forward\); set one of them off$"):
-        validate(cfg, 2)
+        validate(cfg.parallel_job(), 2)

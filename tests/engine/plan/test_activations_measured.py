@@ -12,7 +12,7 @@ from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.plan.activations import (forward_activations, shared_prefix_tokens,
                                              training_activations)
 from fusedrl.engine.stages.ppo.forwards import response_logprobs
-from fusedrl.engine.stages.ppo.packs import pack_rollout
+from fusedrl.engine.stages.rollout.packs import pack_rollout
 from engine_testing import random_prompts
 from live_bytes import LiveBytes
 from train_testing import save_tiny_model

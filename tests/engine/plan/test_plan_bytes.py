@@ -13,7 +13,7 @@ from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_
 from fusedrl.engine.plan import phases
 from fusedrl.engine.plan.planner import stage_setup
 from fusedrl.engine.stages.ppo.forwards import policy_forward
-from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
+from fusedrl.engine.stages.rollout.build import build_models, build_optimizers
 from fusedrl.engine.stages.rm import rm_counts, rm_loss
 from fusedrl.engine.stages.sft import sft_loss
 from fusedrl.engine.train import adapters, optim

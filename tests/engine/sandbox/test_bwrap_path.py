@@ -1,6 +1,6 @@
 """bubblewrap is found once, on the caller's PATH, and every run starts that file (a run's own PATH
 is a fixed one, without the caller's directories); a bubblewrap the sandbox's user cannot start
-(a root trainer's sandbox runs as a fresh uid that sees neither /tmp nor root's directories) is
+(a root trainer's sandbox runs as a fresh uid that enters no root-only directory) is
 refused at detection in one line naming it and why, or passed over for one later on PATH that
 works; a PATH without one is named in the refusal. test_sandbox_as_plain_user.py runs the first
 case with the trainer as a plain user."""
@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from fusedrl.engine.sandbox import SandboxRefused, detect, isolation, run_python
+from fusedrl.engine.sandbox import SandboxRefused, detect, isolation, run_mounts, run_python
 import sandbox_testing as attack
 
 BWRAP = detect().program  # the suite's: an absolute path
@@ -38,7 +38,7 @@ def first_on_path(directory) -> str:
 
 @pytest.mark.skipif(not os.path.isdir("/var/tmp"), reason="no /var/tmp")
 def test_the_bwrap_found_off_the_fixed_path_is_the_one_that_runs(with_path):
-    # Where the sandbox's user (a root trainer's fresh uid too) may enter: not /tmp, not /root.
+    # Where the sandbox's user (a root trainer's fresh uid too) may enter: not /root.
     directory = tempfile.mkdtemp(prefix="fusedrl-bwrap-", dir="/var/tmp")
     try:
         os.chmod(directory, 0o755)
@@ -76,3 +76,20 @@ def test_a_path_without_bwrap_is_refused_naming_it(monkeypatch, with_path, tmp_p
     assert detect().why_not_strong == f"bwrap not found on PATH={tmp_path}"
     with pytest.raises(SandboxRefused, match=f"PATH={tmp_path}"):
         run_python("print(1)")
+
+
+def test_a_run_whose_capped_mounts_cannot_be_made_is_refused_or_said_in_one_line(monkeypatch,
+                                                                                with_path):
+    """The tmpfs are mounted (size and inodes capped) before bubblewrap starts. Where that fails,
+    a root trainer has no strong mode (it can always mount: something is wrong), said at
+    detection; a plain user (whom Ubuntu's AppArmor may forbid mounting in a user namespace of its
+    own) keeps bubblewrap with its tmpfs capped in size only, and describe() says why."""
+    monkeypatch.setitem(run_mounts.MOUNTS, "tmp", ("/tmp", 64, "not-a-count"))
+    with_path(os.path.dirname(BWRAP))
+    found = detect()
+    said = found.why_not_strong if os.geteuid() == 0 else found.describe()
+    assert found.strong == (os.geteuid() != 0) and "\n" not in said
+    assert "run_mounts.py" in said and BWRAP in said
+    if found.strong:
+        assert "inodes NOT capped" in said
+        assert run_python("print(1)").stdout == "1\n"

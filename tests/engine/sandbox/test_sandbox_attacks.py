@@ -1,9 +1,10 @@
 """The model's code as an attacker, through run_python in the strong sandbox (bubblewrap): no file
 outside its work directory read or written, no network, no way to the trainer's memory or to any
-descriptor of a process not its own, the kernel's attack surface and every socket family but
-unix, inet and inet6 denied, processes, memory, /tmp and /dev/shm capped for the whole run, /dev
-read-only, nothing left after its deadline; and, where no strong sandbox works, its code refused
-unless asked for."""
+descriptor of a process not its own, the kernel's attack surface, every socket family but unix,
+inet and inet6, and every kernel object no cap counts (System V IPC, POSIX message queues, AIO,
+inotify, fanotify, ptys) denied, processes, memory, the tmpfs' sizes and inodes capped for the
+whole run, /dev read-only, nothing left after its deadline; and, where no strong sandbox works,
+its code refused unless asked for."""
 import glob
 import os
 import platform
@@ -15,9 +16,10 @@ import time
 import pytest
 
 from fusedrl.engine.sandbox import detect, run_python
-from fusedrl.engine.sandbox.bwrap_command import SHM_MB, TMPFS_MB
+from fusedrl.engine.sandbox.bwrap_command import SHM_INODES, SHM_MB, TMPFS_INODES, TMPFS_MB
 from fusedrl.engine.sandbox.run_cgroup import RunCgroup
 from fusedrl.engine.sandbox.runner import MAX_PROCESSES
+import sandbox_kernel_testing as kernel_attack
 import sandbox_testing as attack
 
 pytestmark = [pytest.mark.integration,
@@ -104,6 +106,20 @@ def test_only_unix_inet_and_inet6_sockets_are_made():
 
 def test_no_memory_outside_the_caps_is_held():
     assert attack.reported(run_python(attack.unbounded_shared_memory())) == []
+
+
+def test_no_kernel_object_outside_the_caps_is_made():
+    """System V semaphores held GiBs of kernel memory at memory_mb=64; an AIO context takes a
+    host-wide count; inotify groups the trainer's uid's; ptys a host-wide count."""
+    assert attack.reported(run_python(kernel_attack.kernel_objects())) == []
+
+
+def test_each_tmpfs_caps_its_inodes():
+    """Empty files take inodes, not blocks: a size cap alone let 200k of them in."""
+    made = attack.reported(run_python(kernel_attack.fill_inodes(
+        ["/tmp", "/sandbox", "/dev/shm"], 2 * TMPFS_INODES), timeout_s=20))
+    # Each mount's root directory is one of its inodes; /sandbox holds main.py too.
+    assert made[0] < TMPFS_INODES and made[1] < TMPFS_INODES and made[2] < SHM_INODES, made
 
 
 def test_a_fork_bomb_meets_the_process_cap_and_leaves_nothing():

@@ -68,3 +68,20 @@ def test_socket_families_memory_and_namespaces_by_the_filters_own_rules(machine)
     assert run_filter(program, socket, 1, arch=0x40000003) == 0x80000000  # i386: killed
     if machine == "x86_64":
         assert run_filter(program, 0x40000000 | socket, 1, arch) == eperm  # x32
+
+
+# machine: the kernel objects no cap counts: System V IPC (shm, sem, msg), mq_open, io_setup,
+# io_submit, inotify_init1, fanotify_init (and x86_64's inotify_init)
+KERNEL_OBJECTS = {"x86_64": (29, 30, 31, 67, 64, 65, 66, 220, 68, 69, 70, 71, 240, 206, 209, 294,
+                             300, 253),
+                  "aarch64": (194, 196, 195, 197, 190, 193, 191, 192, 186, 189, 188, 187, 180, 0,
+                              2, 26, 262)}
+
+
+@pytest.mark.parametrize("machine", list(KERNEL_OBJECTS))
+def test_kernel_objects_no_cap_counts_are_denied_by_the_filters_own_rules(machine):
+    program, arch = seccomp.program(machine), NUMBERS[machine][0]
+    for call in KERNEL_OBJECTS[machine]:
+        assert run_filter(program, call, 0, arch) == 0x00050000 | errno.EPERM, call
+    for call in (1, 3) if machine == "x86_64" else (64, 57):  # write, close
+        assert run_filter(program, call, 0, arch) == 0x7FFF0000

@@ -8,7 +8,7 @@ import fusedrl.kernels as kernels
 from fusedrl.engine import GRPOConfig, run_grpo
 from fusedrl.engine.agents import AgentLimits, ChatRenderer, ToolEnvironment, parse_hermes, tool_schema
 from fusedrl.engine.agents.isolation import ThreadEnvironment
-from fusedrl.engine.agents.agent_loop import _reset, _State, _step
+from fusedrl.engine.agents.agent_loop import reset_environment, EnvState, step_environment
 from fusedrl.engine.sandbox import detect
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import add, broken, save_chat_model, stuck, tool_call
@@ -87,13 +87,13 @@ def test_a_raising_or_hanging_tool_ends_its_trajectory_in_time(tool, error):
     tokenizer = make_chat_tokenizer()
     tools = {"add": add, tool.__name__: tool}
     renderer = ChatRenderer(tokenizer, [tool_schema(fn) for fn in tools.values()])
-    state = _State(ThreadEnvironment(lambda row: ToolEnvironment(tools, parse_hermes, "hi"), {},
+    state = EnvState(ThreadEnvironment(lambda row: ToolEnvironment(tools, parse_hermes, "hi"), {},
                                      max_chars=1000))
     limits = AgentLimits(max_turns=3, max_total_tokens=None, env_timeout_s=0.5)
-    _reset(state, limits)
-    answered = _step(state, renderer, tokenizer.encode(tool_call("add", a=2, b=3)), limits)
+    reset_environment(state, limits)
+    answered = step_environment(state, renderer, tokenizer.encode(tool_call("add", a=2, b=3)), limits)
     assert not answered.done and state.messages[-1] == {"role": "tool", "name": "add", "content": "5"}
-    reply = _step(state, renderer, tokenizer.encode(tool_call(tool.__name__, x=1)), limits)
+    reply = step_environment(state, renderer, tokenizer.encode(tool_call(tool.__name__, x=1)), limits)
     assert reply.done and state.error == error and state.seconds < 5
 
 

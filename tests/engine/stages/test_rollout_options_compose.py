@@ -164,3 +164,18 @@ def test_dynamic_sampling_keeps_the_environment_s_groups_whose_scores_differ(tmp
     for r in records:
         assert (r["sampling_rounds"], r["groups_drawn"], r["groups_kept"]) == (2, 4, 2)
         assert r["turns/mean"] == 3 and not r.get("skipped")
+
+
+def test_partial_rollouts_with_dynamic_sampling_train_the_varied_groups_they_complete(tmp_path):
+    # The fox's trajectories all earn 0: its complete group is dropped, the dog's trains; the
+    # groups in flight top the next iteration up.
+    records = grpo(tmp_path, {"environment": "turn_testing:FoxPaysNothing", "max_new_tokens": 6,
+                              "env_isolation": "thread", "dynamic_sampling": True,
+                              "partial_rollouts": True, "prompts_per_iteration": 1,
+                              "tokens_per_iteration": 40},
+                   reward_fn=None, iterations=4)
+    trained = [r for r in records if r.get("groups_kept")]
+    assert trained and all(r["groups_kept"] <= r["groups_drawn"] for r in trained)
+    assert sum(r["groups_drawn"] - r["groups_kept"] for r in records if "groups_drawn" in r) > 0
+    for r in trained:
+        assert r["grad_norm"] > 0 and r["policy_loss"] != 0 and r["drawn_tokens"] > 0

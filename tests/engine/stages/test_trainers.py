@@ -152,16 +152,23 @@ def test_a_trl_user_s_list_of_dicts_and_word_level_tokenizer_train(tmp_path):
     assert seen and set(seen) <= {r["prompt"] for r in rows}
 
 
-def test_another_library_s_config_or_a_bad_dataset_is_one_line(tmp_path):
+def test_trl_s_config_is_translated_and_a_bad_dataset_is_one_line(tmp_path):
+    """TRL's GRPOConfig (the installed TRL's; TRL 1.16's every field: test_host_shapes.py) is
+    translated, its learning rate ours; a field without a translation is refused once set."""
     trl = pytest.importorskip("trl")
     theirs = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True,
-                            bf16=False)
+                            bf16=False, learning_rate=2e-5)
+    args = GRPOTrainer(model=str(tmp_path), reward_funcs=vowels, args=theirs).args
+    assert args.optim.lr == 2e-5 and args.train.precision == "fp32"
+    theirs.lr_scheduler_type = "cosine"
     with pytest.raises(ValueError) as error:
         GRPOTrainer(model=str(tmp_path), reward_funcs=vowels, args=theirs)
-    message = str(error.value)
-    assert "\n" not in message and message.startswith(
-        "args: expected fusedrl.engine.GRPOConfig (or a dict or a YAML file path of its options), "
-        "got trl.")
+    assert str(error.value).splitlines()[1:] == [
+        "  lr_scheduler_type='cosine': no fusedrl option (TRL's default 'linear' is the only "
+        "value taken)"]
+    with pytest.raises(ValueError, match="args: expected fusedrl.engine.GRPOConfig .*, got "
+                                         "builtins.int"):
+        GRPOTrainer(model=str(tmp_path), reward_funcs=vowels, args=3)
     for bad, what in (([], "a list of 0 rows"), (["hello"], "a list of 1 rows"), (3, "int")):
         with pytest.raises(UsageError, match=f"train_dataset: expected a datasets.Dataset or a "
                                              f"non-empty list of row dicts, got {what}"):

@@ -10,10 +10,10 @@ import fusedrl.kernels as kernels
 from fusedrl.engine import GRPOConfig, SFTConfig, UsageError, run_grpo, run_rm, run_sft
 from fusedrl.engine.cli import main
 from fusedrl.engine.data.prompts import PromptRow
-from fusedrl.engine.stages.ppo.packs import pack_rollout
-from fusedrl.engine.stages.ppo.scored_rows import Samples
-from fusedrl.engine.stages.ppo.state import PPOState
-from fusedrl.engine.stages.ppo.prompt_stream import next_prompts
+from fusedrl.engine.stages.rollout.packs import pack_rollout
+from fusedrl.engine.stages.rollout.scored_rows import Samples
+from fusedrl.engine.stages.rollout.state import PPOState
+from fusedrl.engine.stages.rollout.prompt_stream import next_prompts
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import make_chat_tokenizer, make_hf_model
 

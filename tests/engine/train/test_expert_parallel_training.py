@@ -148,7 +148,7 @@ def test_expert_parallel_refusals(tmp_path, expert_parallel, gpus, extra, messag
     cfg = stage_config(base, tmp_path / "train.jsonl", tmp_path / "out", train={"expert_parallel": expert_parallel},
                        **extra)
     with pytest.raises(UsageError, match=f"train.expert_parallel={expert_parallel}: .*{message}"):
-        refuse_expert_parallel(cfg, gpus)
+        refuse_expert_parallel(cfg.parallel_job(), gpus)
 
 
 def test_capacity_factor_refusals(tmp_path):
@@ -159,9 +159,9 @@ def test_capacity_factor_refusals(tmp_path):
         return sft_config(tmp_path / "moe", tmp_path / "train.jsonl", tmp_path / "out",
                           train={"expert_parallel": experts, "expert_capacity_factor": factor})
 
-    refuse_expert_parallel(cfg(1.5, experts=2), 2)
+    refuse_expert_parallel(cfg(1.5, experts=2).parallel_job(), 2)
     with pytest.raises(UsageError, match=r"^train.expert_capacity_factor=1.5 with train.expert_parallel=1: "
                                          "expected train.expert_parallel > 1"):
-        refuse_expert_parallel(cfg(1.5), 2)
+        refuse_expert_parallel(cfg(1.5).parallel_job(), 2)
     with pytest.raises(ValueError, match="train.expert_capacity_factor must be a finite number >= 0, got -1"):
         cfg(-1)

@@ -8,7 +8,7 @@ import tempfile
 import torch
 import transformers
 
-from trl_worker import VOCAB, dataset, tokenizer
+from trl_worker import VOCAB, dataset, signature_gaps, tokenizer
 
 PROMPT, COMPLETION, ROWS = 5, 7, 4
 
@@ -58,10 +58,10 @@ def trl_loss_errors():
 
 
 def liger_errors():
-    """Liger's LigerFusedLinearJSD and our FusedLinearJSDLoss at Liger's call shape: labels with
+    """Liger's LigerFusedLinearJSD and our FusedLinearJSD at Liger's call shape: labels with
     ignored rows, and none; jsd_beta 0, 0.3, 1 (TRL's convention on both sides)."""
     from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
-    from fusedrl.kernels.integrations.distill import FusedLinearJSDLoss
+    from fusedrl.kernels.integrations import FusedLinearJSD
     gen = torch.Generator().manual_seed(1)
     errors = {}
     for beta in (0.0, 0.3, 1.0):
@@ -71,13 +71,55 @@ def liger_errors():
             labels[:4] = -100
             labels = labels if labelled else None
             results = []
-            for cls in (LigerFusedLinearJSD, FusedLinearJSDLoss):
-                loss = cls(beta, -100, 0.7)(hs, ws, ht, wt, labels)
+            for cls in (LigerFusedLinearJSD, FusedLinearJSD):
+                loss = cls(beta, -100, 0.7, torch.float32)(hs, ws, ht, wt, labels)
                 results.append((loss, torch.autograd.grad(loss, (hs, ws))))
             (l0, g0), (l1, g1) = results
             errors[f"beta={beta},labels={labelled}"] = {
                 "loss": rel_error(l1, l0), "loss_value": l0.item(),
                 "grad": max(rel_error(a, b) for a, b in zip(g1, g0))}
+    return errors
+
+
+def liger_loss_errors():
+    """Liger's LigerFusedLinearJSDLoss and our FusedLinearJSDLoss built from the same arguments
+    (by position and by keyword; Liger's compiled=False, which changes nothing in ours) on the
+    same inputs: the default (half cross-entropy), the issue's positional (0.0, 1.0, 0.5), the
+    hard term alone, biases on both heads, a teacher's head padded past the student's
+    vocabulary, return_soft_hard_loss; loss(es) and the student's gradients. Also both Liger
+    classes' signatures against ours."""
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+    from fusedrl.kernels.integrations import FusedLinearJSD, FusedLinearJSDLoss
+    gaps = [gap for ours, theirs in ((FusedLinearJSDLoss, LigerFusedLinearJSDLoss),
+                                     (FusedLinearJSD, LigerFusedLinearJSD))
+            for name in ("__init__", "forward")
+            for gap in signature_gaps(getattr(ours, name), getattr(theirs, name))]
+    gen = torch.Generator().manual_seed(3)
+    cases = {"default": ((), {}, {}), "positional": ((0.0, 1.0, 0.5), {}, {}),
+             "hard_only": ((1.0, 0.0, 0.3, -100, 0.7), {}, {}),
+             "biases": ((), dict(beta=1.0, temperature=0.7), dict(biases=True)),
+             "padded_teacher": ((0.2, 0.8, 0.0), {}, dict(biases=True, pad=3)),
+             "soft_hard": ((0.3, 0.7, 0.5, -1, 2.0, False, 4, True), {}, dict(ignore=-1))}
+    errors = {"signature_gaps": gaps}
+    for name, (args, kwargs, shape) in cases.items():
+        hs, ws, ht, wt = head_inputs(gen, (13,), 6, 10, 37)
+        wt = torch.cat([wt, torch.randn(shape.get("pad", 0), 10, generator=gen)])
+        labels = torch.randint(0, 37, (13,), generator=gen)
+        labels[:4] = shape.get("ignore", -100)
+        bs = torch.randn(37, generator=gen).requires_grad_() if shape.get("biases") else None
+        bt = torch.randn(wt.shape[0], generator=gen) if shape.get("biases") else None
+        results = []
+        for cls in (LigerFusedLinearJSDLoss, FusedLinearJSDLoss):
+            theirs = cls is LigerFusedLinearJSDLoss and len(args) < 6
+            module = cls(*args, **kwargs, **({"compiled": False} if theirs else {}))
+            out = module(hs, ws, ht, wt, labels, bs, bt)
+            losses = out if isinstance(out, tuple) else (out,)
+            inputs = (hs, ws) if bs is None else (hs, ws, bs)
+            results.append((torch.stack(losses), torch.autograd.grad(losses[0], inputs)))
+        (l0, g0), (l1, g1) = results
+        errors[name] = {"loss": rel_error(l1, l0), "loss_value": l0[0].item(),
+                        "outputs": len(l1), "grad": max(rel_error(a, b) for a, b in zip(g1, g0))}
     return errors
 
 
@@ -130,7 +172,8 @@ def trainer_errors():
     return errors
 
 
-CHECKS = {"trl_loss": trl_loss_errors, "liger": liger_errors, "trainer": trainer_errors}
+CHECKS = {"trl_loss": trl_loss_errors, "liger": liger_errors, "liger_loss": liger_loss_errors,
+          "trainer": trainer_errors}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from trl_worker import COMPLETION, PROMPT, ROWS, VOCAB, config, dataset, reward, tokenizer
-from trl_worker import tiny_qwen2_dir
+from trl_worker import signature_gaps, tiny_qwen2_dir
 
 B, T, H, V = 5, 9, 16, 37
 
@@ -249,20 +249,139 @@ def moe(_):
 
 
 def engine_trainer(_):
-    """TRL 1.x's GRPOConfig handed to our engine's GRPOTrainer: the one-line refusal."""
-    from trl import GRPOConfig
-    from fusedrl.engine import GRPOTrainer
+    """TRL 1.16's GRPOConfig and DistillationConfig handed to our engine's trainers: every field of
+    each walked. At TRL's defaults both translate (the options they give); each field without a
+    translation, set to a value of no meaning to TRL's checks, is refused in a line of its own;
+    a few set values translate to their options; several refusals at once give one line each."""
+    import copy
+    import dataclasses
+    from trl import DistillationConfig, GRPOConfig
+    from fusedrl.engine import DistillTrainer, GRPOTrainer
+    from fusedrl.engine.config.aliases import has_key
+    from fusedrl.engine.config.trl_config import TRANSLATIONS, _inert
     out = tempfile.mkdtemp()
+    result = {}
+    for trl_cls, trainer_cls in ((GRPOConfig, GRPOTrainer), (DistillationConfig, DistillTrainer)):
+        name = trl_cls.__name__
+        base = trl_cls(output_dir=out, use_cpu=True, report_to=[])
+        args = trainer_cls(model=out, args=base).args
+        walked = {}
+        for field in dataclasses.fields(base):
+            if field.name in TRANSLATIONS[name]:
+                walked[field.name] = "translated"
+                continue
+            changed = copy.copy(base)
+            setattr(changed, field.name, ("set by the test",))
+            try:
+                trainer_cls(model=out, args=changed)
+                walked[field.name] = "taken"
+            except ValueError as error:
+                lines = str(error).splitlines()
+                walked[field.name] = ("refused" if len(lines) == 2 and
+                                      lines[1].startswith(f"  {field.name}=") else str(error))
+            if _inert(field.name, changed):
+                walked[field.name] = "inert"
+        keys = [key for key in translated(base, name) if not has_key(type(args), key)]
+        result[name] = {"walked": walked, "unknown_keys": keys,
+                        "lr": args.optim.lr, "max_new_tokens": args.rollout.max_new_tokens,
+                        "device": args.train.device}
+    grpo = GRPOTrainer(model=out, args=GRPOConfig(
+        output_dir=out, use_cpu=True, report_to=[], learning_rate=3e-5, beta=0.02,
+        use_bias_correction_kl=False, epsilon_high=0.28, loss_type="dr_grpo",
+        num_generations=4, generation_batch_size=16, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, importance_sampling_level="sequence", scale_rewards="none",
+        max_completion_length=48, temperature=0.9, max_steps=7, bf16=False)).args
+    result["grpo_set"] = {
+        "lr": grpo.optim.lr, "kl_loss_coef": grpo.ppo.kl_loss_coef,
+        "clip_eps_high": grpo.ppo.clip_eps_high, "agg": grpo.ppo.agg,
+        "loss_agg_norm": grpo.ppo.loss_agg_norm, "samples_per_prompt":
+        grpo.rollout.samples_per_prompt, "prompts_per_iteration": grpo.rollout.prompts_per_iteration,
+        "minibatch_size": grpo.ppo.minibatch_size, "ratio_level": grpo.ppo.ratio_level,
+        "estimator": grpo.ppo.estimator, "temperature": grpo.rollout.temperature,
+        "iterations": grpo.train.iterations, "precision": grpo.train.precision}
+    distill = DistillTrainer(model=out, args=DistillationConfig(
+        output_dir=out, use_cpu=True, report_to=[], beta=0.5, temperature=0.8,
+        teacher_model_name_or_path="teacher-dir")).args
+    result["distill_set"] = {"beta": distill.distill.beta, "temperature": distill.distill.temperature,
+                             "rollout_temperature": distill.rollout.temperature,
+                             "teacher": distill.teacher}
     try:
-        GRPOTrainer(model=out, args=GRPOConfig(output_dir=out, use_cpu=True, report_to=[]))
+        GRPOTrainer(model=out, args=GRPOConfig(output_dir=out, use_cpu=True, loss_type="sapo",
+                                               lr_scheduler_type="cosine", use_vllm=True))
+        result["refusals"] = ""
     except ValueError as error:
-        return {"error": f"{type(error).__name__}: {error}"}
-    return {"error": ""}
+        result["refusals"] = f"{type(error).__name__}: {error}"
+    try:
+        GRPOTrainer(model=out, args=DistillationConfig(output_dir=out, use_cpu=True))
+        result["wrong_trainer"] = ""
+    except ValueError as error:
+        result["wrong_trainer"] = f"{type(error).__name__}: {error}"
+    return result
+
+
+def translated(config, name):
+    """The flat {our key: value} a TRL config at its values translates to."""
+    from fusedrl.engine.config.trl_config import TRANSLATIONS
+    flat = {}
+    for field, translate in TRANSLATIONS[name].items():
+        flat.update(translate(getattr(config, field), config))
+    return flat
+
+
+
+def liger_api(_):
+    """LigerFusedLinearGRPOLoss's constructor and forward, taken whole: the signatures; luspo and
+    vespo (Liger's vespo shapes given by position), the reference as ref_input through
+    ref_weight, ref_weight / ref_bias without ref_input; loss, gradients and metrics."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    from fusedrl.kernels.integrations import FusedLinearGRPOLoss
+    gaps = (signature_gaps(FusedLinearGRPOLoss.__init__, LigerFusedLinearGRPOLoss.__init__)
+            + signature_gaps(FusedLinearGRPOLoss.forward, LigerFusedLinearGRPOLoss.forward))
+    x = liger_inputs(3)
+    ones = torch.ones(B, T)
+    out = {"signature_gaps": gaps}
+    # luspo: TRL 1.16's and Liger's aggregations agree at sequence level without a KL term, and
+    # with a mask of ones (module docstring of grpo_loss.py)
+    out["luspo/sequence"] = against_liger(dict(loss_type="luspo", beta=0.0,
+                                               importance_sampling_level="sequence"), {}, 3)
+    out["luspo/token_ones"] = against_liger(dict(loss_type="luspo", epsilon_high=0.28),
+                                            dict(mask=ones, is_ratio=x["is_ratio"]), 3)
+    out["vespo/float_mask"] = against_liger(dict(loss_type="vespo", beta=0.04),
+                                            dict(is_ratio=x["is_ratio"]), 3)
+    out["vespo/items"] = against_liger(dict(loss_type="vespo", beta=0.0, vespo_k_pos=1.5,
+                                            vespo_lambda_pos=2.5, vespo_k_neg=2.0,
+                                            vespo_lambda_neg=1.0), dict(items=40.0), 3)
+    positional = (0.04, False, True, 2, 0.2, 0.28, "vespo", None, "token", 1.0, 1.05, 0.9, None,
+                  True, 1.5, 2.5, 2.0, 1.0)
+    runs = []
+    for cls in (LigerFusedLinearGRPOLoss, FusedLinearGRPOLoss):
+        runs.append(run_loss(cls(*positional), x, is_ratio=x["is_ratio"]))
+    out["positional"] = {"loss": rel(runs[1][0], runs[0][0]), "d_hidden": rel(runs[1][1],
+                                                                              runs[0][1])}
+    gen = torch.Generator().manual_seed(4)
+    ref_input, ref_weight = torch.randn(B, T, H, generator=gen), torch.randn(V, H, generator=gen)
+    ref_bias = torch.randn(V, generator=gen)
+    for name, extra in (("ref_input", dict(ref_input=ref_input, ref_weight=ref_weight,
+                                           ref_bias=ref_bias)),
+                        ("ref_weight_alone", dict(ref_weight=ref_weight, ref_bias=ref_bias,
+                                                  ref_per_token_logps=x["ref"]))):
+        results = []
+        for cls in (LigerFusedLinearGRPOLoss, FusedLinearGRPOLoss):
+            hidden = x["hidden"].clone().requires_grad_()
+            loss, metrics = cls(compiled=False)(hidden, x["weight"], x["ids"], x["mask"],
+                                                x["adv"], old_per_token_logps=x["old"], **extra)
+            results.append((loss.detach(), torch.autograd.grad(loss, hidden)[0],
+                            [float(m) for m in metrics]))
+        (l0, g0, m0), (l1, g1, m1) = results
+        out[name] = {"loss": rel(l1, l0), "d_hidden": rel(g1, g0), "metrics": m1,
+                     "their_metrics": m0, "kl": m0[0]}
+    return out
 
 
 CHECKS = {"liger_sequence": liger_sequence, "liger_float_mask": liger_float_mask,
           "liger_no_reference": liger_no_reference, "trl_loss": trl_loss, "fp32_head": fp32_head,
-          "moe": moe, "engine_trainer": engine_trainer}
+          "moe": moe, "engine_trainer": engine_trainer,
+          "liger_api": liger_api}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """linear_distill_divergence at its hosts' call shapes, against the hosts' own code: TRL 1.x's
 _chunked_divergence_loss and DistillationTrainer (FusedDistillationTrainer), Liger's
-LigerFusedLinearJSD (FusedLinearJSDLoss). TRL 1.x and Liger live in .ci-trl (see trl_testing.py),
+LigerFusedLinearJSD (FusedLinearJSD) and LigerFusedLinearJSDLoss (FusedLinearJSDLoss). TRL 1.x and Liger live in .ci-trl (see trl_testing.py),
 put first on the path of one worker process; without them these tests skip and say so. Liger's
 Triton kernels run in the interpreter there."""
 import pytest
@@ -13,7 +13,7 @@ pytestmark = needs_trl
 @pytest.fixture(scope="module")
 def host_runs() -> dict:
     """Every check in one worker process: {check: {case: errors}}."""
-    return run_worker("distill_worker.py", "trl_loss", "liger", "trainer")
+    return run_worker("distill_worker.py", "trl_loss", "liger", "liger_loss", "trainer")
 
 
 def test_trl_chunked_divergence_loss_shape(host_runs):
@@ -31,6 +31,21 @@ def test_liger_fused_linear_jsd_shape_and_beta_convention(host_runs):
     for case, errors in host_runs["liger"].items():
         assert errors["loss_value"] > 0.1, (case, errors)
         assert errors["loss"] <= 1e-5 and errors["grad"] <= 1e-4, (case, errors)
+
+
+def test_liger_jsd_loss_constructor_and_forward_are_taken_whole(host_runs):
+    """LigerFusedLinearJSDLoss and LigerFusedLinearJSD 0.8.5's parameters (names, positions,
+    defaults) are ours; built from the same arguments, by position or keyword, ours gives
+    Liger's loss (its half cross-entropy by default), soft and hard terms, and gradients (the
+    student's bias included), a teacher's head padded past the student's vocabulary too."""
+    result = dict(host_runs["liger_loss"])
+    assert result.pop("signature_gaps") == []
+    assert set(result) == {"default", "positional", "hard_only", "biases", "padded_teacher",
+                           "soft_hard"}
+    assert result["soft_hard"]["outputs"] == 3
+    for case, errors in result.items():
+        assert errors["loss_value"] > 0.1, (case, errors)
+        assert errors["loss"] <= 1e-5 and errors["grad"] <= 1e-5, (case, errors)
 
 
 def test_fused_distillation_trainer_loss_equals_trls(host_runs):

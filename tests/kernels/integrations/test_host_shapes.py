@@ -16,7 +16,7 @@ TRL_LOSSES = "grpo/sequence,bnpo/token,cispo/token,sapo/token,grpo/sequence/bina
 def runs() -> dict:
     return run_worker("host_shapes_worker.py", "liger_sequence", "liger_float_mask",
                       "liger_no_reference", f"trl_loss:{TRL_LOSSES}", "fp32_head", "moe",
-                      "engine_trainer")
+                      "engine_trainer", "liger_api")
 
 
 def assert_matches_liger(case, name):
@@ -92,7 +92,50 @@ def test_qwen3_moe_trains_in_the_drop_in_trainer(runs):
     assert result["params"] <= 1e-4
 
 
-def test_trl_s_config_in_the_engine_trainer_is_refused_naming_ours(runs):
-    error = runs["engine_trainer"]["error"]
-    assert error.startswith("ConfigError: args: expected fusedrl.engine.GRPOConfig") and \
-        "got trl." in error and "\n" not in error, error
+def test_trl_s_configs_are_translated_field_by_field_in_the_engine_trainers(runs):
+    """Every field of TRL 1.16's GRPOConfig and DistillationConfig is translated to our options
+    or, once set, refused in a line of its own (the vLLM fields inert without use_vllm); TRL's
+    defaults translate (its learning rate and completion length become ours); set values reach
+    their options; a DistillationConfig in the GRPO trainer is refused naming the right one."""
+    result = runs["engine_trainer"]
+    for name, translated in (("GRPOConfig", 45), ("DistillationConfig", 32)):
+        case = result[name]
+        walked = case["walked"]
+        assert set(walked.values()) == {"translated", "refused", "inert"}, \
+            {field: outcome for field, outcome in walked.items()
+             if outcome not in ("translated", "refused", "inert")}
+        assert list(walked.values()).count("translated") == translated, name
+        assert all(walked[field] == "inert" for field in walked if field.startswith("vllm_"))
+        assert case["unknown_keys"] == [] and case["lr"] == 1e-6, case
+        assert case["max_new_tokens"] == 512 and case["device"] == "cpu", case
+    assert result["grpo_set"] == {
+        "lr": 3e-5, "kl_loss_coef": 0.02, "clip_eps_high": 0.28, "agg": "seq-mean-token-sum-norm",
+        "loss_agg_norm": 48.0, "samples_per_prompt": 4, "prompts_per_iteration": 4,
+        "minibatch_size": 8, "ratio_level": "sequence", "estimator": "dr_grpo", "temperature": 0.9,
+        "iterations": 7, "precision": "fp32"}
+    assert result["distill_set"] == {"beta": 0.5, "temperature": 0.8, "rollout_temperature": 0.8,
+                                     "teacher": "teacher-dir"}
+    lines = result["refusals"].splitlines()
+    assert lines[0] == "ConfigError: args: TRL's GRPOConfig fields fusedrl cannot take (3):"
+    assert sorted(line.split("=")[0].strip() for line in lines[1:]) == [
+        "loss_type", "lr_scheduler_type", "use_vllm"]
+    assert result["wrong_trainer"].startswith("ConfigError: args: TRL's DistillationConfig "
+                                              "configures fusedrl.engine's DistillTrainer")
+
+
+def test_liger_grpo_constructor_and_forward_are_taken_whole(runs):
+    """LigerFusedLinearGRPOLoss 0.8.5's parameters (names, positions, defaults) are ours; luspo,
+    vespo (its four shapes given by position), the reference as ref_input through ref_weight,
+    and ref_weight / ref_bias without ref_input (not read, as Liger) give Liger's values."""
+    result = runs["liger_api"]
+    assert result.pop("signature_gaps") == []
+    positional = result.pop("positional")
+    assert positional["loss"] <= 1e-5 and positional["d_hidden"] <= 1e-5, positional
+    for name in ("ref_input", "ref_weight_alone"):
+        case = result.pop(name)
+        assert case["kl"] > 1e-3 and case["loss"] <= 1e-5 and case["d_hidden"] <= 1e-5, case
+        assert case["metrics"] == pytest.approx(case["their_metrics"], abs=1e-6), (name, case)
+    assert set(result) == {"luspo/sequence", "luspo/token_ones", "vespo/float_mask",
+                           "vespo/items"}
+    for name, case in result.items():
+        assert_matches_liger(case, name)

@@ -1,5 +1,6 @@
 """Run under TRL 1.x (its directory first on sys.path, see test_trl.py): our GRPO loss and trainer
 against TRL's own on a tiny Qwen2 built here. Prints one JSON line of the errors measured."""
+import inspect
 import json
 import sys
 import tempfile
@@ -9,6 +10,18 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 VOCAB, PROMPT, COMPLETION, ROWS = 48, 5, 7, 4
+
+
+def signature_gaps(ours, theirs) -> list:
+    """Where ``ours`` does not take ``theirs``' parameters (name, kind, default, in order; ours may
+    add keyword-only ones after them)."""
+    mine = list(inspect.signature(ours).parameters.values())
+    gaps = [f"{theirs.__qualname__}: {p} != {q}" for p, q in
+            zip(inspect.signature(theirs).parameters.values(), mine)
+            if (p.name, p.kind, p.default) != (q.name, q.kind, q.default)]
+    extra = mine[len(inspect.signature(theirs).parameters):]
+    return gaps + [f"{ours.__qualname__}: extra {p} not keyword-only" for p in extra
+                   if p.kind != p.KEYWORD_ONLY]
 
 
 def tiny_qwen2_dir():

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from fusedrl.engine.config.ppo import UpdateConfig
-from fusedrl.engine.stages.ppo.trainer import build_models
+from fusedrl.engine.stages.rollout.build import build_models
 from fusedrl.engine.stages.ppo.forwards import policy_forward
 from fusedrl.engine.stages.ppo.update import UpdateSettings, minibatch_loss
 from fusedrl.kernels import use_backend

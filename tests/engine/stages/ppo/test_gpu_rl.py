@@ -18,7 +18,7 @@ from fusedrl.engine.model.peft_io import WEIGHTS_FILE
 from fusedrl.engine.plan.activations import shared_prefix_tokens, training_activations
 from fusedrl.engine.plan.planner import plan_stage
 from fusedrl.engine.stages.ppo.forwards import response_logprobs
-from fusedrl.engine.stages.ppo.packs import pack_rollout
+from fusedrl.engine.stages.rollout.packs import pack_rollout
 from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.runlog import read_metrics
 from agent_testing import save_chat_model

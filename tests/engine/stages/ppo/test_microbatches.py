@@ -8,13 +8,13 @@ import torch
 from fusedrl.engine.config.ppo import LoopConfig, PPOConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
-from fusedrl.engine.stages.ppo.microbatches import microbatches
+from fusedrl.engine.stages.rollout.microbatches import microbatches
 from fusedrl.engine.stages.ppo.advantages import RunningMoments
 from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollout
-from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
-from fusedrl.engine.stages.ppo.answer_rows import sample_and_score
-from fusedrl.engine.stages.ppo.reward_scores import score_rows
-from fusedrl.engine.stages.ppo.trainer import build_models
+from fusedrl.engine.stages.rollout.phase_timer import PhaseTimer
+from fusedrl.engine.stages.rollout.answer_rows import sample_and_score
+from fusedrl.engine.stages.rollout.reward_scores import score_rows
+from fusedrl.engine.stages.rollout.build import build_models
 from engine_testing import random_prompts
 from train_testing import save_tiny_model, write_jsonl
 

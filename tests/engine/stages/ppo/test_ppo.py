@@ -8,20 +8,22 @@ import torch
 
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.value_model import value_model_from_reward_model
-from fusedrl.engine.stages.ppo.prompt_stream import prompt_indices
-from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, build_models, build_optimizers, train_ppo
+from fusedrl.engine.stages.rollout.prompt_stream import prompt_indices
+from fusedrl.engine.stages.ppo.trainer import KLCeilingExceeded, train_ppo
+from fusedrl.engine.stages.rollout.build import build_models, build_optimizers
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, PPOConfig, RewardConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.stages.ppo.advantages import RunningMoments
-from fusedrl.engine.stages.ppo.answer_rows import sample_and_score
-from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
-from fusedrl.engine.stages.ppo.update import UpdateSettings, microbatch_rows, minibatch_backward, ppo_update
+from fusedrl.engine.stages.rollout.answer_rows import sample_and_score
+from fusedrl.engine.stages.rollout.phase_timer import PhaseTimer
+from fusedrl.engine.stages.ppo.update import UpdateSettings, minibatch_backward, ppo_update
+from fusedrl.engine.stages.rollout.microbatches import microbatch_rows
 from fusedrl.engine.model.reward_model import reward_model_from_lm, save_reward_model
 from fusedrl.engine.stages.ppo.experience import ExperienceSettings, make_rollout
-from fusedrl.engine.stages.ppo.packs import pack_rollout
+from fusedrl.engine.stages.rollout.packs import pack_rollout
 from fusedrl.engine.stages.ppo.forwards import policy_forward, response_logprobs
 from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.kernels import use_backend
-from engine_testing import VOCAB, random_prompts, rewards_in_thread
+from engine_testing import VOCAB, random_prompts, rewards_in_thread, sample_responses
 from reward_testing import vowel_fraction
 from train_testing import checkpoint_data, copy_checkpoint, save_tiny_model, write_jsonl
 
@@ -142,13 +144,13 @@ def test_a_released_kv_pool_comes_back_for_the_next_rollout(setup):
                           rewards_in_thread(vowel_fraction))
     actor, params = models.actor, SamplingParams(n=3, max_new_tokens=6, seed=5)
     pool = actor.kv_pool_bytes
-    runs = [actor.generate(random_prompts([4, 6]), params) for _ in range(2)]
+    runs = [sample_responses(actor, random_prompts([4, 6]), params) for _ in range(2)]
     assert actor.llm.runner.kv_pool is None and actor.kv_pool_bytes == pool      # freed, budget unchanged
     actor.release_kv_pool = False
-    runs.append(actor.generate(random_prompts([4, 6]), params))
+    runs.append(sample_responses(actor, random_prompts([4, 6]), params))
     assert actor.llm.runner.kv_pool is not None
-    for prompts_, responses, logprobs in runs[1:]:
-        assert (prompts_, responses) == runs[0][:2] and torch.equal(logprobs, runs[0][2])
+    for responses, logprobs in runs[1:]:
+        assert responses == runs[0][0] and torch.equal(logprobs, runs[0][1])
 
 
 def test_ppo_update_moves_the_policy_toward_the_reward(setup):

@@ -13,9 +13,10 @@ from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.peft_io import WEIGHTS_FILE
 from fusedrl.engine.model.reward_model import load_reward_model, reward_model_from_lm, save_reward_model
 from fusedrl.engine.model.value_model import LoRACritic, load_value_model, values_at_targets
-from fusedrl.engine.stages.ppo.phase_timer import PhaseTimer
-from fusedrl.engine.stages.ppo.answer_rows import sample_and_score
-from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers, train_ppo
+from fusedrl.engine.stages.rollout.phase_timer import PhaseTimer
+from fusedrl.engine.stages.rollout.answer_rows import sample_and_score
+from fusedrl.engine.stages.rollout.build import build_models, build_optimizers
+from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.checkpoint import read_tensors
 from fusedrl.engine.train.runlog import read_metrics
 from engine_testing import random_prompts

@@ -10,7 +10,7 @@ from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, Upd
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.peft_io import WEIGHTS_FILE
 from fusedrl.engine.stages.ppo.forwards import policy_forward, reference_logprobs, response_logprobs
-from fusedrl.engine.stages.ppo.trainer import build_models, build_optimizers
+from fusedrl.engine.stages.rollout.build import build_models, build_optimizers
 from fusedrl.engine.stages.ppo.update import UpdateSettings, ppo_update
 from engine_testing import random_prompts
 from train_testing import checkpoint_data

@@ -13,7 +13,8 @@ from fusedrl.engine.config.moe import RouterLossConfig
 from fusedrl.engine.config.ppo import LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.stages.ppo.forwards import policy_forward
-from fusedrl.engine.stages.ppo.trainer import build_models, train_ppo
+from fusedrl.engine.stages.rollout.build import build_models
+from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.stages.ppo.update import UpdateSettings, minibatch_loss
 from fusedrl.kernels import use_backend
 from engine_testing import make_tokenizer, random_prompts, rewards_in_thread

@@ -9,7 +9,7 @@ import torch
 from fusedrl.engine.config.ppo import RewardConfig
 from fusedrl.engine.model.hf_io import load_tokenizer
 from fusedrl.engine.stages.ppo.experience import non_finite_reason
-from fusedrl.engine.stages.ppo.reward_scores import FunctionScorer
+from fusedrl.engine.stages.rollout.reward_scores import FunctionScorer
 from fusedrl.engine.stages.rewards.combined import open_reward_functions
 from fusedrl.engine.stages.rewards.functions import RewardFunctionError
 

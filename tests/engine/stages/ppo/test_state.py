@@ -6,7 +6,8 @@ import torch
 
 from fusedrl.engine.config.ppo import PPOConfig, RewardConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.stages.ppo.experience import ExperienceSettings
-from fusedrl.engine.stages.ppo.state import Controllers, PPOState
+from fusedrl.engine.stages.ppo.controllers import Controllers
+from fusedrl.engine.stages.rollout.state import PPOState
 from fusedrl.engine.stages.ppo.update import UpdateSettings
 
 

@@ -1,4 +1,4 @@
-"""Turn-level credit (reward.per_turn, stages/ppo/turn_credit.py): an environment's reward of each turn
+"""Turn-level credit (reward.per_turn, stages/rollout/turn_credit.py): an environment's reward of each turn
 sits at that turn's last model token of the rollout PPO's GAE and critic learn from, and with
 ppo.turn_advantages a group's turns are the units of its advantages."""
 import datasets
@@ -8,7 +8,7 @@ import torch
 import fusedrl.kernels as kernels
 from fusedrl.engine import GRPOConfig, PPOConfig, run_grpo, run_ppo
 from fusedrl.engine.stages.ppo import trainer
-from fusedrl.engine.stages.ppo.turn_credit import (per_turn, place_turn_rewards, turn_returns,
+from fusedrl.engine.stages.rollout.turn_credit import (per_turn, place_turn_rewards, turn_returns,
                                              turn_spans, turn_token_advantages)
 from agent_testing import save_chat_model
 
