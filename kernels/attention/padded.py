@@ -1,8 +1,10 @@
 """Loop-free attention over many sequences with plain SDPA: the portable path (CPU, and CUDA without
 a varlen kernel for the dtype).
 
-Sequences are grouped by the powers of two just above their query and key lengths. One gather per
-tensor lays every group out as a right-padded batch ([b, Wq, H, D] queries, [b, Wk, Hkv, D] keys),
+Sequences are grouped by the powers of two just above their query and key lengths, and padded to
+them: a sequence's SDPA shape, and so its rounding, is the same in any batch (a training forward
+equals the scoring forward of the same rows over another batch). One gather per tensor lays every
+group out as a right-padded batch ([b, Wq, H, D] queries, [b, Wk, Hkv, D] keys),
 each group runs as one SDPA call, and one more gather puts the rows back in pack order. The number
 of calls is the number of groups: at most (ceil(log2(longest query)) + 1) x (ceil(log2(longest key))
 + 1), in practice 1-3, and it does not grow with the number of sequences. Rounding to powers of two
@@ -29,8 +31,8 @@ class _Group:
     """Sequences that run as one padded SDPA call."""
 
     num_seqs: int
-    width_q: int  # longest query length in the group
-    width_k: int  # longest key length in the group
+    width_q: int  # the group's power of two at or above its query lengths
+    width_k: int  # the same for its key lengths
     # [b] Lk - Lq (cached prefix), on device; None when all are 0
     query_offsets: torch.Tensor | None
 
@@ -61,12 +63,15 @@ def plan_groups(seqlens_q: list[int], seqlens_k: list[int], device) -> PaddedPla
             f"need 1 <= seqlens_q <= seqlens_k per sequence, got {seqlens_q} and {seqlens_k}")
     q_starts = np.cumsum(len_q) - len_q
     # ceil(log2(L)) is below 64, so the pair makes one integer key (np.unique sorts the keys).
-    _, group_of_seq = np.unique(_ceil_log2(len_q) * 64 + _ceil_log2(len_k), return_inverse=True)
+    log_q, log_k = _ceil_log2(len_q), _ceil_log2(len_k)
+    _, group_of_seq = np.unique(log_q * 64 + log_k, return_inverse=True)
     groups, q_rows, key_seq_ids, key_positions, real = [], [], [], [], []
     for g in range(int(group_of_seq.max()) + 1):
         seq_ids = np.flatnonzero(group_of_seq == g)  # [b]
         lq, lk = len_q[seq_ids, None], len_k[seq_ids, None]  # [b, 1]
-        rows_q, rows_k = np.arange(lq.max())[None], np.arange(lk.max())[None]
+        # Padded to the group's powers of two, not its longest sequence: a sequence's SDPA shape
+        # (and so its rounding) then depends on its own lengths only, never on the batch it is in.
+        rows_q, rows_k = (np.arange(1 << int(x[seq_ids[0]]))[None] for x in (log_q, log_k))
         q_rows.append((q_starts[seq_ids, None] + np.minimum(rows_q, lq - 1)).ravel())
         real.append((rows_q < lq).ravel())
         key_seq_ids.append(np.repeat(seq_ids, rows_k.shape[1]))

@@ -55,8 +55,9 @@ def varlen_attention(q, k, v, meta: AttentionMetadata):
         return kernel(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, max(meta.seqlens_q),
                       max(meta.seqlens_k), scale)
     lens = meta.seqlens_q
-    # Equal lengths (a batch of same-length prompts): a view, no gathers.
-    if len(set(lens)) == 1 and meta.seqlens_k == lens:
+    # Equal lengths of a power of two (a batch of same-length prompts): a view, no gathers, the
+    # padded path's shape; other lengths pad to theirs, as they would in any other batch.
+    if len(set(lens)) == 1 and meta.seqlens_k == lens and lens[0] & (lens[0] - 1) == 0:
         # [B, H, L, D]
         batch = [x.unflatten(0, (len(lens), lens[0])).transpose(1, 2) for x in (q, k, v)]
         out = F.scaled_dot_product_attention(*batch, is_causal=True, scale=scale, enable_gqa=True)

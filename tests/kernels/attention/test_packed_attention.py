@@ -50,6 +50,38 @@ def test_packed_sequences_do_not_see_each_other():
     torch.testing.assert_close(again[6:], out[6:], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("prefix", [0, 7])
+def test_a_sequence_rounds_the_same_in_any_batch(prefix):
+    """fp32: a sequence's outputs and gradients are bitwise the same alone, beside a longer
+    sequence of its power-of-two group, or beside others (the padded width is its own group's
+    power of two, not the batch's longest): a training forward equals the scoring forward over
+    another batch of the same rows. prefix: keys before each query (a shared prompt)."""
+    lens = [9, 13, 5, 16, 11]
+    seqlens_k = [n + prefix for n in lens]
+    q, k, v = random_qkv(sum(lens), sum(seqlens_k), 4, 2, torch.float32, seed=3)
+
+    def rows_of(i, lengths, starts):
+        return range(starts[i], starts[i] + lengths[i])
+
+    def run(picked):
+        q_starts = [sum(lens[:i]) for i in range(len(lens))]
+        k_starts = [sum(seqlens_k[:i]) for i in range(len(lens))]
+        pq, pk, pv = (x[[r for i in picked for r in rows_of(i, lens_, starts)]].detach()
+                      .requires_grad_()
+                      for x, lens_, starts in ((q, lens, q_starts), (k, seqlens_k, k_starts),
+                                               (v, seqlens_k, k_starts)))
+        plan = plan_groups([lens[i] for i in picked], [seqlens_k[i] for i in picked], "cpu")
+        out = packed_causal_attention(pq, pk, pv, plan, SCALE)
+        out.backward(torch.ones_like(out))
+        first_q, first_k = lens[picked[0]], seqlens_k[picked[0]]
+        return out[:first_q], pq.grad[:first_q], pk.grad[:first_k], pv.grad[:first_k]
+
+    alone = run([0])
+    for batch in ([0, 1], [0, 1, 2, 3, 4], [0, 2, 4]):
+        for a, b in zip(alone, run(batch)):
+            assert torch.equal(a, b), batch
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_prefill_reads_cached_prefixes_from_shuffled_pages(dtype):
     """Sequences with no prefix, a one-token query over a long prefix, and cut mid-block."""
