@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from fusedrl.bench import harness, timing
+from fusedrl.bench import harness, ranks, timing
 from fusedrl.engine.model.lm_head import lm_head_logprobs
 from fusedrl.engine.train.fused_adamw import FusedAdamW
 from fusedrl.engine.train.optim import clip_and_step
@@ -22,7 +22,8 @@ from fusedrl.bench.shapes import qwen_like
 def measure_step(model, optimizer, tokens: int, seq_len: int, device: torch.device,
                  budget_s: float = 5.0) -> dict:
     """Median ms of one micro-batch of `tokens` tokens (packed sequences of `seq_len`): forward,
-    the fused LM head's log-probs and backward; and of the optimizer step (clipped) after it."""
+    the fused LM head's log-probs and backward (under torchrun: and the gradients' all-reduce);
+    and of the optimizer step (clipped) after it."""
     seq = min(seq_len, tokens)
     ids = torch.randint(10, model.config.vocab_size, (tokens,), device=device)
     labels = torch.roll(ids, -1)
@@ -31,6 +32,8 @@ def measure_step(model, optimizer, tokens: int, seq_len: int, device: torch.devi
         model.zero_grad(set_to_none=True)
         hidden = model.forward_packed(ids, [seq] * (tokens // seq))
         lm_head_logprobs(hidden, model.lm_head.weight, labels).mean().backward()
+        if ranks.several():  # data parallel: the ranks' gradients averaged, as DDP does
+            ranks.average_gradients(model.parameters())
 
     loop = timing.measure(fwd_bwd, device, min_reps=3, budget_s=budget_s)
     step = timing.measure(lambda: clip_and_step([optimizer], 1.0), device, min_reps=3,

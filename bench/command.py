@@ -5,6 +5,7 @@ its arguments whole; engine/cli/bench.py). Its parser, the run of the suites, an
                   [seed=N] [output_dir=DIR] [overwrite=true] [only=TEXT,...] [max_minutes=M]
                   [row_seconds=S] [interpret=true]
     fusedrl bench compare A.json B.json
+    torchrun --nproc-per-node=N -m fusedrl.engine.cli bench train | rl ...   # per-GPU rows
 
 output_dir=DIR: DIR/results.jsonl (a row a line, appended as measured), DIR/results.json (the
 schema of results.py) and DIR/results.md, rewritten after every row; PNG charts at the end.
@@ -16,7 +17,7 @@ import os
 
 from fusedrl.engine.errors import UsageError
 
-from .options import SHAPE_NAMES, SUITE_HELP, SUITES, parse_options
+from .options import PER_RANK_SUITES, SHAPE_NAMES, SUITE_HELP, SUITES, parse_options
 
 OVERRIDES_HELP = (f"model=NAME|DIR (one of {', '.join(SHAPE_NAMES)}; default qwen2.5-0.5b), "
                   f"seed=N, output_dir=DIR, overwrite=true, only=TEXT[,TEXT...] (the cases whose "
@@ -47,12 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_suites(args) -> int:
+def check_world(suites: list[str]) -> None:
+    """UsageError naming the first suite that cannot run on every rank (WORLD_SIZE > 1 only:
+    train and rl run on every rank, the others in one process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # timed loops repeat until a time budget is spent: a count per rank
-        raise UsageError(f"WORLD_SIZE={world}: fusedrl bench runs in one process on one "
-                         f"device (its timed loops would issue unmatched collectives across "
-                         f"ranks); run it without torchrun")
+    for suite in suites if world > 1 else []:
+        if suite not in PER_RANK_SUITES:
+            raise UsageError(f"fusedrl bench {suite} under torchrun (WORLD_SIZE={world}): "
+                             f"expected one of {', '.join(PER_RANK_SUITES)} (the others "
+                             f"run in one process, without torchrun)")
+
+
+def run_suites(args) -> int:
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    check_world(suites)
     try:
         options = parse_options(args.overrides, args.quick)
     except ValueError as e:
@@ -60,7 +69,7 @@ def run_suites(args) -> int:
     from .runner import run
     command = " ".join(["fusedrl bench", args.suite, *(["--quick"] if args.quick else []),
                         *args.overrides])
-    run(list(SUITES) if args.suite == "all" else [args.suite], options, command)
+    run(suites, options, command)
     return 0
 
 

@@ -39,10 +39,10 @@ def figure_text(row: dict) -> str:
 
 class Recorder:
     """The payload {"meta", "rows"} of one run, written after every row (output_dir None: only
-    printed)."""
+    printed; quiet: not even that, a torchrun rank other than 0)."""
 
-    def __init__(self, output_dir: str | None, meta: dict):
-        self.output_dir = output_dir
+    def __init__(self, output_dir: str | None, meta: dict, quiet: bool = False):
+        self.output_dir, self.quiet = output_dir, quiet
         self.payload = {"meta": meta, "rows": []}
         self.start = time.monotonic()
         if output_dir:
@@ -70,8 +70,9 @@ class Recorder:
             with open(self.path("results.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             self.rewrite()
-        print(f"[{self.elapsed():7.1f} s] {row['suite']}: {row['name']} | {row['impl']} | "
-              f"{figure_text(row)} | {left}", flush=True)
+        if not self.quiet:
+            print(f"[{self.elapsed():7.1f} s] {row['suite']}: {row['name']} | {row['impl']} | "
+                  f"{figure_text(row)} | {left}", flush=True)
 
     def close(self, ended: str) -> list[str]:
         """The final files (ended: "complete" or why the run stopped) and, for a complete run,

@@ -58,6 +58,7 @@ def _cell(value) -> str:
 # The table's figure columns (header with its unit, the row keys that fill it, first found): the
 # rest of a row's figures are in results.json.
 COLUMNS = (("tok/s", ("tok_s", "tokens_per_s", "tokens_per_s_per_gpu")),
+           ("tok/s, all GPUs", ("tokens_per_s_total",)),
            ("GB/s", ("gbps",)), ("peak (MiB)", ("peak_extra_mib",)),
            ("peak (GiB)", ("peak_gib", "process_peak_rss_gib")), ("plan peak (GiB)",
                                                                  ("plan_peak_gib",)))
@@ -102,7 +103,9 @@ def markdown(payload: dict) -> str:
     backend = meta.get("backend", "auto")
     if meta.get("triton_interpreter"):
         backend += "; our Triton kernels in the interpreter (CPU times, not a GPU's)"
-    lines = [f"# fusedrl bench: {meta.get('device')}", "",
+    world = meta.get("world_size") or 1
+    ranks = f" x {world} ranks (torchrun; tok/s per GPU)" if world > 1 else ""
+    lines = [f"# fusedrl bench: {meta.get('device')}{ranks}", "",
              f"Commit {meta.get('commit')}; torch {meta.get('torch')}; kernel backend {backend}; "
              f"`{meta.get('command')}`; {meta.get('time_utc')}; "
              f"run {meta.get('ended', 'running')}.",

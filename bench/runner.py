@@ -1,8 +1,9 @@
 """A `fusedrl bench` run: the device and its limits, then each suite's cases in order, every row
 recorded the moment it is measured (record.py), within the run's deadline (max_minutes=) and each
 case's budget (row_seconds=); a case that does not fit gives rows saying `not run: time`. SIGTERM
-ends the run as Ctrl-C does, its files holding every finished row. One process, one device
-(command.py refuses torchrun)."""
+ends the run as Ctrl-C does, its files holding every finished row. Under torchrun (train and rl
+only; command.py refuses the others) every rank runs every case on its own device, each row's
+figures combined over the ranks (ranks.py), and rank 0 alone writes the files and prints."""
 from __future__ import annotations
 
 import importlib
@@ -12,7 +13,7 @@ import signal
 import subprocess
 import time
 
-from . import results
+from . import ranks, results
 from .cases import NOT_RUN_TIME, not_run, run_case
 from .options import BenchOptions
 
@@ -99,9 +100,10 @@ def run_suites(suites: list[str], ctx, recorder, clock: Clock) -> None:
                 left = clock.describe(len(cases) - k - 1, suites[i + 1:])
                 if clock.left() is not None and clock.left() <= 0:
                     for row in not_run(case, case.impls, f"{NOT_RUN_TIME} (the run's deadline)"):
-                        recorder.add(row, left)
+                        recorder.add(ranks.combine(row), left)
                     continue
-                run_case(case, clock.budget(), lambda row: recorder.add(ctx.named(row), left))
+                run_case(case, clock.budget(),
+                         lambda row: recorder.add(ranks.combine(ctx.named(row)), left))
 
 
 def run(suites: list[str], options: BenchOptions, command: str) -> dict:
@@ -114,19 +116,22 @@ def run(suites: list[str], options: BenchOptions, command: str) -> dict:
     from .context import Context
     from .devices import device_limits
     from .record import Recorder
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
-                          else "cpu")
+    device = ranks.start("cuda" if torch.cuda.is_available() else "cpu")
+    main = ranks.is_main()
     clock = Clock(options)
     limits = device_limits(device)
     ctx = Context(device, limits, options)
     meta = run_meta(device, limits, options, command)
     meta["backend"] = suite_backend(device, options)
     meta["triton_interpreter"] = device.type == "cpu" and options.interpret
-    recorder = Recorder(options.output_dir, meta)
-    print(f"fusedrl bench {' '.join(suites)}: {meta['device']}, kernel backend {meta['backend']}"
-          f"{' (Triton interpreter)' if meta['triton_interpreter'] else ''}; limits "
-          f"{limits.label}: {limits.flops_per_s / 1e12:.3g} TFLOP/s, "
-          f"{limits.bytes_per_s / 1e9:.3g} GB/s", flush=True)
+    meta["world_size"] = ranks.world_size()
+    recorder = Recorder(options.output_dir if main else None, meta, quiet=not main)
+    if main:
+        print(f"fusedrl bench {' '.join(suites)}: {meta['device']}"
+              f"{_ranks_text(meta['world_size'])}, kernel backend {meta['backend']}"
+              f"{' (Triton interpreter)' if meta['triton_interpreter'] else ''}; limits "
+              f"{limits.label}: {limits.flops_per_s / 1e12:.3g} TFLOP/s, "
+              f"{limits.bytes_per_s / 1e9:.3g} GB/s", flush=True)
     before = signal.signal(signal.SIGTERM, _terminate)
     ended = "interrupted"
     try:
@@ -135,7 +140,13 @@ def run(suites: list[str], options: BenchOptions, command: str) -> dict:
     finally:
         signal.signal(signal.SIGTERM, before)
         recorder.close(ended)
-    print(results.markdown(recorder.payload))
-    if options.output_dir:
-        print(f"results: {os.path.join(options.output_dir, 'results.json')}")
+        ranks.stop()
+    if main:
+        print(results.markdown(recorder.payload))
+        if options.output_dir:
+            print(f"results: {os.path.join(options.output_dir, 'results.json')}")
     return recorder.payload
+
+
+def _ranks_text(world: int) -> str:
+    return f" x {world} ranks (figures per GPU and in total)" if world > 1 else ""

@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import ranks
+
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
@@ -107,23 +109,32 @@ def synchronize(device: torch.device) -> None:
 def measure(fn: Callable[[], object], device: torch.device, *, min_reps: int = 3,
             budget_s: float = 1.0, max_reps: int = 200) -> Timing:
     """fn timed after one warm-up call: at least min_reps calls, more until budget_s or max_reps
-    (CUDA events around each call on a GPU, wall time on the CPU)."""
+    (CUDA events around each call on a GPU, wall time on the CPU). Under torchrun the count is
+    agreed before the loop goes on (ranks.py): fn may issue collectives."""
     start = time.perf_counter()
     fn()
     synchronize(device)
     warmup_s = time.perf_counter() - start
     samples, start = [], time.perf_counter()
-    while len(samples) < min_reps or (time.perf_counter() - start < budget_s
-                                      and len(samples) < max_reps):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - begin)
+    while len(samples) < min_reps or (not ranks.several() and len(samples) < max_reps
+                                      and time.perf_counter() - start < budget_s):
+        samples.append(_timed_call(fn, device))
+    if ranks.several():  # each rank's choice from its first calls; every rank runs the fewest
+        fits = int(budget_s / max(statistics.median(samples), 1e-9))
+        for _ in range(ranks.agreed_count(max(min(fits, max_reps), min_reps)) - len(samples)):
+            samples.append(_timed_call(fn, device))
     return note(Timing.of(samples, warmup_s, time.perf_counter() - start))
+
+
+def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """One call's seconds (CUDA events around it on a GPU, wall time on the CPU)."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin

@@ -106,9 +106,11 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch):
         assert main(["bench", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"fusedrl bench: ") and expected in err and "\n" not in err, err
-    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused before anything runs
-    assert main(["bench", "train", "--quick"]) == 2
-    assert "WORLD_SIZE=2: fusedrl bench runs in one process" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun only train and rl run, on every rank
+    assert main(["bench", "all", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fusedrl bench headline under torchrun (WORLD_SIZE=2): expected one of train, rl" \
+        in err and "\n" not in err, err
 
 
 def test_the_device_table_names_each_datacenter_gpu_and_nothing_else():
