@@ -1,4 +1,4 @@
-"""`fusedrl bench` under torchrun (train and rl: options.PER_RANK_SUITES): each rank on its own
+"""`fusedrl bench` under torchrun (options.PER_RANK_SUITES: train): each rank on its own
 device (cuda:LOCAL_RANK on a GPU, the CPU with gloo), the process group they share, the
 repetition count every rank agrees on (each rank's choice reduced to one, so every rank issues the
 same number of collectives), and a row's figures combined over the ranks (rank 0 records it).

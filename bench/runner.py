@@ -1,8 +1,8 @@
 """A `fusedrl bench` run: the device and its limits, then each suite's cases in order, every row
 recorded the moment it is measured (record.py), within the run's deadline (max_minutes=) and each
 case's budget (row_seconds=); a case that does not fit gives rows saying `not run: time`. SIGTERM
-ends the run as Ctrl-C does, its files holding every finished row. Under torchrun (train and rl
-only; command.py refuses the others) every rank runs every case on its own device, each row's
+ends the run as Ctrl-C does, its files holding every finished row. Under torchrun (train only;
+command.py refuses the others) every rank runs every case on its own device, each row's
 figures combined over the ranks (ranks.py), and rank 0 alone writes the files and prints."""
 from __future__ import annotations
 

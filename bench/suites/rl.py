@@ -21,7 +21,7 @@ import importlib.util
 import resource
 import types
 
-from .. import bench_ppo, ranks, results, shapes
+from .. import bench_ppo, results, shapes
 from ..cases import Case
 from ..context import Context, peer_version
 
@@ -47,7 +47,7 @@ def _name(algo: str, shape: bench_ppo.Shape, label: str) -> str:
 def ours_row(ctx: Context, algo: str, shape, name: str, r: dict) -> dict:
     tokens = shape.rows * (shape.prompt_len + shape.new_tokens)
     flops = 2 * r["policy_parameters"] * tokens * PASSES[algo]
-    per_gpu = r["response_tokens"] / r["iteration_s"]  # this rank's (ranks.combine: all's)
+    per_gpu = r["response_tokens"] / r["iteration_s"]  # one process on one GPU
     peak = {"peak_gib": r["peak_gib"]} if r.get("peak_gib") is not None else {
         "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     return results.make_row(
@@ -81,8 +81,6 @@ def peer_row(ctx: Context, algo: str, shape, name: str, dirs, parameters: int) -
     peak memory its own)."""
     impl, status = peer_status(algo)
     limit = "model FLOP/s (estimate)"
-    if ranks.several():  # TRL's trainers would start their own process group
-        impl, status = None, "not run: the peer runs in one process (without torchrun)"
     if impl is None:
         return results.missing_row(SUITE, name, "trl", status, limit)
     args = types.SimpleNamespace(algo=algo, shape=shape, quick=ctx.device.type == "cpu", lora=0)
