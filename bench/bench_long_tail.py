@@ -40,7 +40,7 @@ from fusedrl.bench import harness
 from fusedrl.engine.inference.block_manager import BlockManager
 from fusedrl.engine.inference.request import Request
 from fusedrl.engine.inference.sampling_params import SamplingParams
-from fusedrl.engine.inference.scheduler import Scheduler
+from fusedrl.engine.inference.scheduler import Scheduler, StepKind
 from fusedrl.engine.inference.sequence import Sequence
 from fusedrl.engine.inference.stop_rules import GroupsDone
 from fusedrl.engine.inference.in_flight import Group, unfinished
@@ -85,8 +85,8 @@ class StandIn:
             self.scheduler.add(seq)
         drawn = 0
         while not self.scheduler.is_finished():
-            batch, is_prefill = self.scheduler.schedule()
-            if is_prefill:
+            batch, kind = self.scheduler.schedule()
+            if kind is StepKind.PREFILL:  # no prompt here is long enough for a CHUNK
                 tokens = [self.next_tokens(s, target[s.seq_id], 1) for s in batch]
                 self.prefill(batch)
             else:

@@ -46,4 +46,4 @@ def test_the_wheel_holds_fusedrl_bench_and_its_command_runs_from_it(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "{kernels,generate,train,rl,all,compare}" in done.stdout
+    assert "{headline,kernels,generate,train,rl,all,compare}" in done.stdout
