@@ -1,6 +1,7 @@
 """Shared helpers for the vision-language tests: tiny random Qwen2.5-VL and Qwen3-VL models saved by
 transformers (engine/model/vision/tiny.py's configs, weights widened so greedy argmaxes are well
 separated), and prompts of text and images as transformers' processor lays them out."""
+import pytest
 import torch
 import transformers
 
@@ -77,3 +78,13 @@ def save_vlm_with_processor(path, family: str = "qwen2_5_vl", seed: int = 0):
 
 __all__ = ["FAMILIES", "VOCAB", "make_vlm", "save_vlm", "image_prompt", "hf_inputs",
            "save_vlm_with_processor"]
+
+
+@pytest.fixture(scope="module")
+def vlms(tmp_path_factory):
+    """family -> (directory, transformers model)."""
+    out = {}
+    for family in FAMILIES:
+        path = tmp_path_factory.mktemp(family)
+        out[family] = (path, save_vlm(path, family))
+    return out

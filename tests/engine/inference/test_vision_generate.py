@@ -11,20 +11,11 @@ from fusedrl.engine.data.vision_processor import ImageInputs
 from fusedrl.engine.inference.image_prefill import image_digest
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.kernels import linear_token_logprobs
-from vision_testing import FAMILIES, hf_inputs, image_prompt, save_vlm
+from vision_testing import FAMILIES, hf_inputs, image_prompt
+from vision_testing import vlms  # noqa: F401 (the fixture)
 
 NEW = 12
 GREEDY = SamplingParams(temperature=0, max_new_tokens=NEW)
-
-
-@pytest.fixture(scope="module")
-def vlms(tmp_path_factory):
-    """family -> (directory, transformers model)."""
-    out = {}
-    for family in FAMILIES:
-        path = tmp_path_factory.mktemp(family)
-        out[family] = (path, save_vlm(path, family))
-    return out
 
 
 def _vision_ids(config):

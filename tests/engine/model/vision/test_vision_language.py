@@ -11,20 +11,11 @@ from fusedrl.engine.model.vision_language import VisionLanguageModel
 from fusedrl.kernels import use_backend
 from kernel_testing import needs_triton
 from vision_testing import FAMILIES, hf_inputs, image_prompt, save_vlm
+from vision_testing import vlms  # noqa: F401 (the fixture)
 
 # fp32 on the CPU, the same ops in the same order on both sides (the tower is transformers' own).
 ATOL = 1e-4
 GRIDS = [(1, 4, 6), (1, 8, 4)]  # two images: 6 and 8 placeholder tokens
-
-
-@pytest.fixture(scope="module")
-def vlms(tmp_path_factory):
-    """family -> (directory, transformers model)."""
-    out = {}
-    for family in FAMILIES:
-        path = tmp_path_factory.mktemp(family)
-        out[family] = (path, save_vlm(path, family))
-    return out
 
 
 def _prompt(config, seed=0):
