@@ -62,21 +62,22 @@ class DecodeInputs:
             raise ValueError(f"decode batch of {b} sequences in {size} rows: expected "
                              f"{b} <= size <= {self.rows} (max_num_seqs)")
         i64, f32, i32 = self._i64, self._f32, self._i32
-        i64[:,
-            :b] = np.asarray(
-                [
-                    (s.token_ids[-1], s.num_tokens - 1 + s.rope_delta,
-                     sequence_slot(s.block_table, s.num_tokens - 1, self.block_size), s.num_tokens,
-                        s.params.top_k, s.seed) for s in seqs], dtype=np.int64).T
-        f32[:,
-            :b] = np.asarray([(s.params.temperature, s.params.top_p, s.params.min_p) for s in seqs],
-                                dtype=np.float32).T
-        i32[:b] = [s.num_tokens for s in seqs]
-        w = max(len(s.block_table) for s in seqs)
-        tables = i32[self.rows:self.rows + size * w].reshape(size, w)
-        tables[:] = 0
-        for r, s in enumerate(seqs):
-            tables[r, :len(s.block_table)] = s.block_table
+        # One pass over the rows (a row's fields read once), then one numpy write per buffer.
+        ints, floats, tables = [], [], []
+        for s in seqs:
+            n, p, table = s.num_tokens, s.params, s.block_table
+            ints.append((s.token_ids[-1], n - 1 + s.rope_delta,
+                         sequence_slot(table, n - 1, self.block_size), n, p.top_k, s.seed))
+            floats.append((p.temperature, p.top_p, p.min_p))
+            tables.append(table)
+        i64[:, :b] = np.asarray(ints, dtype=np.int64).T
+        f32[:, :b] = np.asarray(floats, dtype=np.float32).T
+        i32[:b] = i64[_I64.index("draw_positions"), :b]  # the context length: num_tokens
+        w = max(map(len, tables))
+        packed = i32[self.rows:self.rows + size * w].reshape(size, w)
+        packed[:] = 0
+        for r, table in enumerate(tables):
+            packed[r, :len(table)] = table
         i64[:, b:size] = 0
         i64[_I64.index("slot_mapping"), b:size] = -1
         f32[:, b:size] = 0.0

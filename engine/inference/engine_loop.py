@@ -107,9 +107,11 @@ class EngineLoop:
         drafts = self.drafts.propose(batch) if kind is StepKind.DECODE else None
         if drafts is not None:
             kind = StepKind.VERIFY
-        # positions each sequence forwards in this step: [start, end)
+        routing = self.runner.routing is not None
+        # positions each sequence forwards in this step: [start, end) (a decode step's only to
+        # keep routing records)
         if kind is StepKind.DECODE:
-            spans = [(s, s.num_tokens - 1, s.num_tokens) for s in batch]
+            spans = [(s, s.num_tokens - 1, s.num_tokens) for s in batch] if routing else None
         elif kind is StepKind.VERIFY:
             spans = [(s, s.num_tokens - 1, s.num_tokens + len(d)) for s, d in zip(batch, drafts)]
         else:
@@ -124,20 +126,24 @@ class EngineLoop:
             self.drafts.count(drafts, emitted)
         else:
             emitted = [[t] for t in self.runner.run(batch, kind is StepKind.PREFILL)]
-        if self.runner.routing is not None:  # before postprocess frees a finished one's blocks
+        if routing:  # before postprocess frees a finished one's blocks
             self.runner.keep_routing(spans, kind is StepKind.DECODE)
         if kind is StepKind.CHUNK:
             self.scheduler.chunk_done(batch[0])
             return []
-        before = [seq.num_tokens for seq in batch]
-        finished = self.scheduler.postprocess(
-            batch, emitted if kind is StepKind.VERIFY else [t for t, in emitted])
-        # A finishing token drops the draws after it: their slots are skipped, and the rows of
-        # positions a rejected draft held (the last token has none: it is not forwarded yet).
-        for seq, tokens, had in zip(batch, emitted, before):
-            seq.logprob_slots += range(first, first + seq.num_tokens - had)
-            first += len(tokens)
-            del seq.routing_rows[seq.num_tokens - 1:]
+        if kind is StepKind.VERIFY:
+            before = [seq.num_tokens for seq in batch]
+            finished = self.scheduler.postprocess(batch, emitted)
+            # A finishing token drops the draws after it: their slots are skipped, and the rows
+            # of positions a rejected draft held (the last token has none: not forwarded yet).
+            for seq, tokens, had in zip(batch, emitted, before):
+                seq.logprob_slots += range(first, first + seq.num_tokens - had)
+                first += len(tokens)
+                del seq.routing_rows[seq.num_tokens - 1:]
+        else:  # one token a row, each kept: its log-prob at the row's slot
+            finished = self.scheduler.postprocess(batch, [t for t, in emitted])
+            for slot, seq in enumerate(batch, first):
+                seq.logprob_slots.append(slot)
         for seq in finished:
             if seq.status is SequenceStatus.PAUSED:
                 self._paused[seq.seq_id] = seq

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.device_tensors import device_tensor
 from ..model.config import ModelConfig
 from ..model.causal_lm import CausalLM
 from ..model.invariant import BatchInvariant, mask_logits
@@ -299,8 +300,7 @@ class ModelRunner:
         return tokens, mode.sampler_logprobs(logits, tokens, sampling[0])
 
     def _tensor(self, data, dtype):
-        return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
-            self.device, non_blocking=True)
+        return device_tensor(data, dtype, self.device)
 
     def _block_tables(self, tables: list[list[int]]):
         width = max(len(t) for t in tables)

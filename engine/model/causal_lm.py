@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ... import kernels
+from ..data.device_tensors import cu_seqlens as packed_cu_seqlens, last_rows, packed_positions
 from ..data.prefix_sharing import share_prefixes
 from .activation_offload import ActivationOffload
 from ...kernels.attention import AttentionMetadata
@@ -324,12 +325,12 @@ class CausalLM(nn.Module):
                 raise ValueError(
                     f"{name} is {tuple(given.shape)} on {given.device}: expected {shape} on "
                     f"{input_ids.device}")
-        meta = AttentionMetadata.packed(seqlens, input_ids.device, cu_seqlens)
+        # Made on the host and sent without a blocking copy (device_tensors.py)
+        if cu_seqlens is None:
+            cu_seqlens = packed_cu_seqlens(seqlens, input_ids.device)
         if positions is None:
-            # [N] start of each token's sequence
-            starts = meta.cu_seqlens_q[:-1].long().repeat_interleave(
-                torch.tensor(seqlens, device=input_ids.device), output_size=input_ids.shape[0])
-            positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
+            positions = packed_positions(seqlens, input_ids.device)
+        meta = AttentionMetadata.packed(seqlens, input_ids.device, cu_seqlens)
         return self.entry()(input_ids, positions, meta, visual=visual)
 
     def position_shape(self, input_ids) -> tuple[int, ...]:
@@ -348,7 +349,7 @@ class CausalLM(nn.Module):
         if layout is None:
             hidden = self.forward_packed(packed.input_ids, packed.seqlens, packed.positions,
                                          packed.cu_seqlens)
-            last = torch.tensor(packed.seqlens, device=hidden.device).cumsum(0) - 1
+            last = last_rows(packed.seqlens, hidden.device)
             return hidden, packed.target_rows, last
         self.check_input_ids(packed.input_ids)
         if max(layout.seqlens_k) > self.config.max_model_len:

@@ -17,6 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..data.device_tensors import last_rows
 from ..runs.durable import check_finite
 from .hf_io import load_config, load_model, save_model
 from .config import ModelConfig
@@ -37,7 +38,7 @@ class RewardModel(CausalLM):
 
     def raw_rewards(self, hidden: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
         """hidden [N, H] of packed sequences -> fp32 scores at each sequence's last token [S]."""
-        last = torch.tensor(seqlens, device=hidden.device).cumsum(0) - 1    # [S]
+        last = last_rows(seqlens, hidden.device)    # [S]
         return self.score(hidden.index_select(0, last)).squeeze(-1)
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.device_tensors import last_rows
 from .causal_lm import CausalLM
 from .config import ModelConfig
 from .vision.mrope import packed_positions
@@ -104,5 +105,5 @@ class VisionLanguageModel(CausalLM):
         hidden = self.forward_packed(packed.input_ids, packed.seqlens, None, packed.cu_seqlens,
                                      pixel_values=pixels,
                                      image_grid_thw=getattr(packed, "image_grid_thw", None))
-        last = torch.tensor(packed.seqlens, device=hidden.device).cumsum(0) - 1
+        last = last_rows(packed.seqlens, hidden.device)
         return hidden, packed.target_rows, last

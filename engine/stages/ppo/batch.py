@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...data.device_tensors import device_tensor
 from ...data.packing import PackedBatch
 
 
@@ -38,7 +39,7 @@ class PPOBatch:
 
     def rows(self, index: list[int]) -> "PPOBatch":
         """The sub-batch of the given rows (same width T), every field cut by one index tensor."""
-        pick = torch.tensor(index, device=self.mask.device)
+        pick = device_tensor(index, torch.int64, self.mask.device)
         fields = {name: value.index_select(0, pick) for name, value in vars(self).items()
                   if isinstance(value, torch.Tensor)}
         return PPOBatch(packed=self.packed.select(index), **fields)

@@ -27,6 +27,7 @@ from ...config.moe import RouterLossConfig
 from ...config.ppo import PPOConfig, UpdateConfig
 from ...model.moe import moe_blocks, routing_trace
 from ...train.router_losses import trace_losses
+from ...data.device_tensors import device_tensor
 from ...data.prefix_sharing import grouped_order
 from ...parallel import distributed
 from ...train import runlog
@@ -123,7 +124,7 @@ def minibatch_backward(models: PPOModels, batch: PPOBatch, settings: UpdateSetti
     for rows in micros:
         micro, pick = batch, None
         if len(micros) > 1:
-            micro, pick = batch.rows(rows), torch.tensor(rows, device=batch.mask.device)
+            micro, pick = batch.rows(rows), device_tensor(rows, torch.int64, batch.mask.device)
         # A micro-batch's share of the global minibatch's units (1 for the sums, which add up as
         # they are).
         weights = {kind: 1.0 if u is None

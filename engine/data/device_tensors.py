@@ -1,0 +1,41 @@
+"""Small index tensors built on the host and sent to the device without waiting for it.
+
+`torch.tensor(data, device=cuda)` copies from pageable memory with non_blocking=False, which
+synchronizes the stream: the host waits for every kernel already queued (a training step's whole
+backward) before it can launch the next one, a sync no dispatcher-level counter sees. A pinned
+staging tensor and a non-blocking copy enqueue the copy instead (the caching host allocator keeps
+the pinned block until the copy has run), so the host keeps launching ahead of the GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def device_tensor(data, dtype: torch.dtype, device) -> torch.Tensor:
+    """Python data (a list of numbers, nested lists, a range) as a `dtype` tensor on `device`, its
+    host-to-device copy enqueued (pinned and non-blocking on CUDA; a plain tensor elsewhere)."""
+    device = torch.device(device)
+    # On the host: a list's values in pinned memory, or (off CUDA) an array's own memory
+    host = (torch.tensor(data, dtype=dtype, pin_memory=True) if device.type == "cuda"
+            else torch.as_tensor(data, dtype=dtype))
+    return host.to(device, non_blocking=True)
+
+
+def last_rows(seqlens: list[int], device) -> torch.Tensor:
+    """Each packed sequence's last row [S] int64 (the cumulative lengths less one), sent once."""
+    return device_tensor(np.cumsum(seqlens, dtype=np.int64) - 1, torch.int64, device)
+
+
+def packed_positions(seqlens: list[int], device) -> torch.Tensor:
+    """Each token's position in its sequence [N] int64 (restarting at 0 in each) of packed
+    sequences of these lengths, made on the host and sent in one copy."""
+    ends = np.cumsum(seqlens, dtype=np.int64)
+    return device_tensor(np.arange(ends[-1], dtype=np.int64) - np.repeat(ends - seqlens, seqlens),
+                         torch.int64, device)
+
+
+def cu_seqlens(seqlens: list[int], device) -> torch.Tensor:
+    """The sequences' boundaries [S + 1] int32 (0, then the cumulative lengths), sent once."""
+    cu = np.concatenate(([0], np.cumsum(seqlens))).astype(np.int32)
+    return device_tensor(cu, torch.int32, device)

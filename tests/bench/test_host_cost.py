@@ -1,0 +1,47 @@
+"""The host cost report's counts, live at tiny shapes on the torch backend: a decode step outside
+its graph makes one host sync (the tokens read back), launches its input and log-prob copies only
+and no blocking copy to the device; a training micro-batch makes no host sync and no blocking copy
+(its positions and sequence bounds are made on the host and sent without waiting)."""
+import torch
+
+import host_cost
+import traffic_ppo
+from fusedrl.bench.shapes import qwen_like
+from fusedrl.engine.data.device_tensors import cu_seqlens, last_rows, packed_positions
+from fusedrl.kernels import use_backend
+
+
+def test_a_decode_step_outside_its_graph_syncs_once_and_launches_only_its_copies():
+    with use_backend("torch"):
+        llm = host_cost.decode_engine(3)
+        counter = host_cost.HostCounter()
+        llm.runner.graphs.replay = counter.outside(llm.runner.graphs.replay)
+        with counter:
+            llm.step()
+    assert dict(counter.syncs) == {"tolist": 1}
+    # 3 input buffers, the graph's full-width block tables, the kept log-probs
+    assert counter.names == ["aten::copy_"] * 5
+    assert counter.built == 0 and not counter.copies
+
+
+def test_a_training_micro_batch_has_no_host_sync_and_no_blocking_copy():
+    model = qwen_like(1, torch.float32, "cpu", **host_cost.SMALL)
+    ids = torch.randint(10, host_cost.SMALL["vocab_size"], (12,))
+    # the value-reading label check off, as on a GPU
+    seqlens = [4, 4, 4]  # equal lengths: one SDPA call, as a GPU's varlen one
+    with use_backend("torch"), traffic_ppo.value_checks_as_on_gpu():
+        host_cost.micro_batch(model, ids, seqlens)  # warm-up: the rotary tables cast once
+        with host_cost.HostCounter() as counter:
+            host_cost.micro_batch(model, ids, seqlens)
+    assert sum(counter.syncs.values()) == 0, dict(counter.syncs)
+    assert set(counter.copies) <= {"non-blocking"}, dict(counter.copies)
+
+
+def test_the_host_built_positions_and_bounds_are_the_former_device_ops():
+    seqlens = [5, 1, 3, 7]
+    starts = torch.tensor([0, 5, 6, 9]).repeat_interleave(torch.tensor(seqlens))
+    assert torch.equal(packed_positions(seqlens, "cpu"), torch.arange(16) - starts)
+    cu = cu_seqlens(seqlens, "cpu")
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 5, 6, 9, 16]
+    last = last_rows(seqlens, "cpu")
+    assert last.dtype == torch.int64 and last.tolist() == [4, 5, 8, 15]
