@@ -35,7 +35,7 @@ def packed_positions(seqlens: list[int], device) -> torch.Tensor:
                          torch.int64, device)
 
 
-def cu_seqlens(seqlens: list[int], device) -> torch.Tensor:
+def packed_cu_seqlens(seqlens: list[int], device) -> torch.Tensor:
     """The sequences' boundaries [S + 1] int32 (0, then the cumulative lengths), sent once."""
     cu = np.concatenate(([0], np.cumsum(seqlens))).astype(np.int32)
     return device_tensor(cu, torch.int32, device)

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..errors import ConfigValueError
+from .device_tensors import device_tensor, packed_cu_seqlens
 from .prefix_sharing import forwarded_tokens, prompt_groups
 from .tokenization import TokenizedExample
 
@@ -85,7 +86,7 @@ class PackedBatch(NamedTuple):
             [], None if self.grid_index is None else
             self.grid_index.index_select(0, target_index) + _long(grid_shift, device), self.width,
             None if self.positions is None else self.positions.index_select(0, token_index),
-            None if self.cu_seqlens is None else _cu_seqlens(seqlens, device),
+            None if self.cu_seqlens is None else packed_cu_seqlens(seqlens, device),
             None if self.routing is None else self.routing.index_select(0, token_index),
             [self.prefix_groups[s] for s in seqs] if self.prefix_groups else [],
             [self.prompt_lens[s] for s in seqs] if self.prompt_lens else [],
@@ -113,13 +114,7 @@ class PackedBatch(NamedTuple):
 
 
 def _long(values: list[int], device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
-
-
-def _cu_seqlens(seqlens: list[int], device) -> torch.Tensor:
-    """[S + 1] int32 boundaries, summed on the host (its lengths are host lists)."""
-    return torch.tensor(list(itertools.accumulate(seqlens, initial=0)), dtype=torch.int32,
-                        device=device)
+    return device_tensor(values, torch.int64, device)
 
 
 def _starts(sizes: list[int]) -> list[int]:
@@ -157,7 +152,7 @@ def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *
         seqlens.append(len(sequence))
     return PackedBatch(_long(ids, device), seqlens, _long(rows, device), _long(targets, device),
                        counts, list(group_sizes), _long(grid, device) if width else None, width,
-                       _long(positions, device), _cu_seqlens(seqlens, device), None,
+                       _long(positions, device), packed_cu_seqlens(seqlens, device), None,
                        prompt_groups([p for p, _, _ in sequences]) if share_prompts else [],
                        [len(p) for p, _, _ in sequences] if share_prompts else [],
                        *join_images(images, device))

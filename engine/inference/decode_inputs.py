@@ -1,13 +1,13 @@
-"""DecodeInputs: a decode step's inputs in persistent buffers, written on the host and sent in three
-copies.
+"""DecodeInputs: a decode step's inputs in persistent buffers, written on the host and sent in one
+copy.
 
 A decode step needs, per row, the last token, its position, the KV slot it writes, the context
 length and block table it reads, and the sampling parameters (temperature, top-k, top-p, min-p, seed
 and the drawn token's position). Building each from a Python list costs a tensor construction, a
 pinned staging buffer and a copy apiece, a dozen per step, which at small batch is most of a step's
-host time. Here the rows are written into numpy views of three pinned host buffers (one per dtype)
-and each buffer goes to the device in one non-blocking copy. The device buffers are what the decode
-CUDA graphs read: they never move, so a graph captured on them stays valid.
+host time. Here the rows are written into numpy views (one per dtype) of one pinned host buffer of
+bytes, whose used prefix goes to the device in one non-blocking copy. The device buffer's views are
+what the decode CUDA graphs read: they never move, so a graph captured on them stays valid.
 
 Rows past the batch (the padding of a graph captured for more rows) get slot -1 (nothing written),
 context length 0 (nothing read), block 0 and greedy sampling of token 0.
@@ -34,23 +34,30 @@ class DecodeInputs:
     def __init__(self, rows: int, width: int, block_size: int, device: torch.device):
         self.rows, self.width, self.block_size = rows, width, block_size
         pin = torch.device(device).type == "cuda"
-        self._host_i64 = torch.zeros(len(_I64), rows, dtype=torch.int64, pin_memory=pin)
-        self._host_f32 = torch.zeros(len(_F32), rows, dtype=torch.float32, pin_memory=pin)
-        # Context lengths [rows], then the batch's block tables packed as [size, w] (w: this step's
-        # widest).
-        self._host_i32 = torch.zeros(rows + rows * width, dtype=torch.int32, pin_memory=pin)
-        self._i64, self._f32, self._i32 = self._host_i64.numpy(), self._host_f32.numpy(
-            ), self._host_i32.numpy()
-        self.i64 = torch.zeros_like(self._host_i64, device=device)
-        self.f32 = torch.zeros_like(self._host_f32, device=device)
-        self.i32 = torch.zeros_like(self._host_i32, device=device)
+        # One buffer of bytes on each side, the int64, fp32 and int32 rows views of it at their
+        # offsets (int32: context lengths [rows], then the batch's block tables packed as [size, w],
+        # w this step's widest): a step's inputs go in one copy, of the bytes it uses.
+        self._i32_start = 8 * len(_I64) * rows + 4 * len(_F32) * rows
+        nbytes = self._i32_start + 4 * (rows + rows * width)
+        self._host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self._device = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self._i64, self._f32, self._i32 = (t.numpy() for t in self._views(self._host))
+        self.i64, self.f32, self.i32 = self._views(self._device)
         # The block tables at full width, what a graph reads (its shape cannot follow the step's
         # width).
         self.block_tables = torch.zeros(rows, width, dtype=torch.int32, device=device)
         # what a graph's warm-up and capture run on: no writes
         self._i64[_I64.index("slot_mapping")] = -1
-        self.i64.copy_(self._host_i64)
+        self._device.copy_(self._host)
         self.table_width = 0
+
+    def _views(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The int64 [6, rows], fp32 [3, rows] and int32 [rows + rows * width] views of a byte
+        buffer laid out as __init__ says."""
+        f32_start = 8 * len(_I64) * self.rows
+        return (buffer[:f32_start].view(torch.int64).view(len(_I64), self.rows),
+                buffer[f32_start:self._i32_start].view(torch.float32).view(len(_F32), self.rows),
+                buffer[self._i32_start:].view(torch.int32))
 
     def fill(self, seqs: list[Sequence], size: int, full_tables: bool) -> None:
         """Write the decode inputs of `seqs` (each at its last token) into rows [0, len(seqs)), pad
@@ -84,10 +91,9 @@ class DecodeInputs:
         i32[b:size] = 0
         # Non-blocking: the step ends in a device-to-host copy of its tokens (a sync), so no copy is
         # still reading these host buffers when the next step writes them.
-        self.i64.copy_(self._host_i64, non_blocking=True)
-        self.f32.copy_(self._host_f32, non_blocking=True)
         end = self.rows + size * w
-        self.i32[:end].copy_(self._host_i32[:end], non_blocking=True)
+        used = self._i32_start + 4 * end
+        self._device[:used].copy_(self._host[:used], non_blocking=True)
         if full_tables:
             self.block_tables[:size, :w] = self.i32[self.rows:end].view(size, w)
         self.table_width = w

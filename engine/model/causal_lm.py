@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ... import kernels
-from ..data.device_tensors import cu_seqlens as packed_cu_seqlens, last_rows, packed_positions
+from ..data.device_tensors import last_rows, packed_cu_seqlens, packed_positions
 from ..data.prefix_sharing import share_prefixes
 from .activation_offload import ActivationOffload
 from ...kernels.attention import AttentionMetadata

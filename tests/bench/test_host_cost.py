@@ -7,7 +7,7 @@ import torch
 import host_cost
 import traffic_ppo
 from fusedrl.bench.shapes import qwen_like
-from fusedrl.engine.data.device_tensors import cu_seqlens, last_rows, packed_positions
+from fusedrl.engine.data.device_tensors import last_rows, packed_cu_seqlens, packed_positions
 from fusedrl.kernels import use_backend
 
 
@@ -19,8 +19,8 @@ def test_a_decode_step_outside_its_graph_syncs_once_and_launches_only_its_copies
         with counter:
             llm.step()
     assert dict(counter.syncs) == {"tolist": 1}
-    # 3 input buffers, the graph's full-width block tables, the kept log-probs
-    assert counter.names == ["aten::copy_"] * 5
+    # the inputs' one buffer, the graph's full-width block tables, the kept log-probs
+    assert counter.names == ["aten::copy_"] * 3
     assert counter.built == 0 and not counter.copies
 
 
@@ -41,7 +41,7 @@ def test_the_host_built_positions_and_bounds_are_the_former_device_ops():
     seqlens = [5, 1, 3, 7]
     starts = torch.tensor([0, 5, 6, 9]).repeat_interleave(torch.tensor(seqlens))
     assert torch.equal(packed_positions(seqlens, "cpu"), torch.arange(16) - starts)
-    cu = cu_seqlens(seqlens, "cpu")
+    cu = packed_cu_seqlens(seqlens, "cpu")
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 5, 6, 9, 16]
     last = last_rows(seqlens, "cpu")
     assert last.dtype == torch.int64 and last.tolist() == [4, 5, 8, 15]

@@ -55,7 +55,7 @@ import traffic_ppo  # noqa: E402
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
              head_dim=16)
-BATCHES = (1, 64)
+BATCHES = (1, 64, 256)
 STEPS = 200
 PROMPT = 127
 REAL_LAYERS = 24

@@ -120,7 +120,7 @@ def minibatch_backward(models: PPOModels, teacher: Teacher, batch: DistillBatch,
     (0-dim tensors on the device)."""
     p, packed = s.ppo, batch.packed
     device = batch.sampler_logprobs.device
-    tokens = torch.tensor(float(packed.num_targets), device=device)
+    tokens = torch.full((), float(packed.num_targets), device=device)  # a fill: no host copy
     total = distributed.all_reduce_tensor(tokens, ranks=models.ranks).clamp_min(1)
     micros = microbatch_rows(packed.seqlens, p.microbatch_size, p.tokens_per_microbatch,
                              (packed.prefix_groups, packed.prompt_lens))
