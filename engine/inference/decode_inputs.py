@@ -25,6 +25,11 @@ from .sequence import Sequence
 # Rows of the int64 buffer and of the fp32 one.
 _I64 = ("input_ids", "positions", "slot_mapping", "draw_positions", "top_ks", "seeds")
 _F32 = ("temperatures", "top_ps", "min_ps")
+ALIGN = 256  # bytes: where the CUDA caching allocator starts a block
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // ALIGN) * ALIGN
 
 
 class DecodeInputs:
@@ -36,8 +41,10 @@ class DecodeInputs:
         pin = torch.device(device).type == "cuda"
         # One buffer of bytes on each side, the int64, fp32 and int32 rows views of it at their
         # offsets (int32: context lengths [rows], then the batch's block tables packed as [size, w],
-        # w this step's widest): a step's inputs go in one copy, of the bytes it uses.
-        self._i32_start = 8 * len(_I64) * rows + 4 * len(_F32) * rows
+        # w this step's widest): a step's inputs go in one copy, of the bytes it uses. Each view
+        # starts where an allocation of its own would (ALIGN): the kernels see the same alignment.
+        self._f32_start = _aligned(8 * len(_I64) * rows)
+        self._i32_start = _aligned(self._f32_start + 4 * len(_F32) * rows)
         nbytes = self._i32_start + 4 * (rows + rows * width)
         self._host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
         self._device = torch.zeros(nbytes, dtype=torch.uint8, device=device)
@@ -54,9 +61,9 @@ class DecodeInputs:
     def _views(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The int64 [6, rows], fp32 [3, rows] and int32 [rows + rows * width] views of a byte
         buffer laid out as __init__ says."""
-        f32_start = 8 * len(_I64) * self.rows
-        return (buffer[:f32_start].view(torch.int64).view(len(_I64), self.rows),
-                buffer[f32_start:self._i32_start].view(torch.float32).view(len(_F32), self.rows),
+        f32_end = self._f32_start + 4 * len(_F32) * self.rows
+        return (buffer[:8 * len(_I64) * self.rows].view(torch.int64).view(len(_I64), self.rows),
+                buffer[self._f32_start:f32_end].view(torch.float32).view(len(_F32), self.rows),
                 buffer[self._i32_start:].view(torch.int32))
 
     def fill(self, seqs: list[Sequence], size: int, full_tables: bool) -> None:
