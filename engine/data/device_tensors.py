@@ -13,13 +13,12 @@ import torch
 
 
 def device_tensor(data, dtype: torch.dtype, device) -> torch.Tensor:
-    """Python data (a list of numbers, nested lists, a range) as a `dtype` tensor on `device`, its
-    host-to-device copy enqueued (pinned and non-blocking on CUDA; a plain tensor elsewhere)."""
-    device = torch.device(device)
-    # On the host: a list's values in pinned memory, or (off CUDA) an array's own memory
-    host = (torch.tensor(data, dtype=dtype, pin_memory=True) if device.type == "cuda"
-            else torch.as_tensor(data, dtype=dtype))
-    return host.to(device, non_blocking=True)
+    """Python data (a list of numbers, nested lists, a range, a numpy array) as a `dtype` tensor
+    on `device`, its host-to-device copy enqueued (pinned and non-blocking on CUDA; elsewhere a
+    plain tensor)."""
+    if device is None or torch.device(device).type != "cuda":  # None: the default device
+        return torch.as_tensor(data, dtype=dtype, device=device)  # an array's own memory
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def last_rows(seqlens: list[int], device) -> torch.Tensor:

@@ -8,8 +8,10 @@ CPU (DecodeGraphs(capture=False): the same buffers and padding, the replay run e
 so small (1 layer, hidden 64, the torch backend) that the step is almost all host, and everything
 inside the replay (what the graph holds on a GPU) is left out of each figure:
 
-- host time per decode step outside the graph (median of STEPS steps), at batch 1 and 64, with a
-  cProfile breakdown (functions by their own time, the replay excluded);
+- host time per decode step outside the graph (median of STEPS steps), at batch 1, 64 and 256,
+  with a cProfile breakdown (functions by their own time, the replay excluded). Times are the host
+  thread's CPU time (time.thread_time), not wall time: on a shared machine a wall clock counts the
+  other processes' turns too;
 - host syncs per step (launch_count's: item / bool / nonzero / tolist / cpu / numpy ...);
 - device ops launched per step outside the graph (launch_count's rules: copies count);
 - tensors built from Python data (each one host-to-device copy on a GPU) and, of the copies to a
@@ -22,8 +24,8 @@ value-reading checks off as on a GPU) at 1 and 2 layers, extrapolated to Qwen2.5
 CPU time is taken on the torch backend (the whole micro-batch at a negligible shape: an upper bound
 on its Python and dispatch cost on this CPU).
 
-    python tests/tools/host_cost.py                     # writes bench/results/host_cost_cpu.{json,md}
-    python tests/tools/host_cost.py --before OLD.json   # the md with OLD's figures beside
+    python tests/tools/host_cost.py                    # bench/results/host_cost_cpu.{json,md}
+    python tests/tools/host_cost.py --before OLD.json  # the md with OLD's figures beside
 """
 from __future__ import annotations
 
@@ -135,17 +137,17 @@ def decode_report(batch: int) -> dict:
         replay, inside = graphs.replay, []
 
         def timed_replay(size):
-            start = time.perf_counter()
+            start = time.thread_time()
             try:
                 return replay(size)
             finally:
-                inside.append(time.perf_counter() - start)
+                inside.append(time.thread_time() - start)
         graphs.replay = timed_replay
         host = []
         for _ in range(STEPS):
-            start = time.perf_counter()
+            start = time.thread_time()
             llm.step()
-            host.append(time.perf_counter() - start - inside.pop())
+            host.append(time.thread_time() - start - inside.pop())
         profile = cProfile.Profile()
 
         def unprofiled_replay(size):
@@ -214,9 +216,9 @@ def micro_batch_report() -> dict:
     times = []
     with use_backend("torch"):
         for _ in range(5 + 50):
-            start = time.perf_counter()
+            start = time.thread_time()
             micro_batch(model, ids, [8] * 4)
-            times.append(time.perf_counter() - start)
+            times.append(time.thread_time() - start)
     return {"launches_per_layer": layer, "launches_outside_layers": one.launches - layer,
             f"launches_{REAL_LAYERS}_layers": one.launches + (REAL_LAYERS - 1) * layer,
             "syncs": dict(two.syncs), "built_from_python": two.built,
@@ -249,7 +251,7 @@ def table(r: dict, before: dict | None) -> str:
         o = old_decode.get(d["batch"], {})
         b = d["batch"]
         lines += [
-            f"| decode batch {b}: host us per step outside the graph (median, CPU) | "
+            f"| decode batch {b}: host CPU us per step outside the graph (median) | "
             f"{cell(d['host_us_median'], o.get('host_us_median'))} |",
             f"| decode batch {b}: host syncs per step | "
             f"{cell(total(d['syncs']), total(o['syncs']) if o else None)} |",
@@ -264,7 +266,7 @@ def table(r: dict, before: dict | None) -> str:
                        ("launches_per_layer", "launches per layer"),
                        ("launches_outside_layers", "launches outside the layers"),
                        ("built_from_python", "tensors built from Python data"),
-                       ("cpu_ms_2_layers_torch_backend", "CPU ms, 2 layers, torch backend")):
+                       ("cpu_ms_2_layers_torch_backend", "host CPU ms, 2 layers, torch backend")):
         lines.append(f"| training micro-batch: {label} | {cell(m[key], o[key] if o else None)} |")
     lines += [f"| training micro-batch: host syncs | "
               f"{cell(total(m['syncs']), total(o['syncs']) if o else None)} |",
@@ -305,13 +307,16 @@ def main():
     out.with_suffix(".json").write_text(json.dumps(r, indent=1) + "\n")
     text = ("# Host cost of a decode step and a training micro-batch (CPU counts and CPU times)\n\n"
             + harness.meta_line(r["meta"])
-            + "Written by `python tests/tools/host_cost.py`; see its docstring for what is counted. "
-            "Times are of this CPU, not of a GPU's host.\n\n" + table(r, before) + "\n"
+            + "Written by `python tests/tools/host_cost.py`; see its docstring for what is "
+            "counted. Times are the host thread's CPU time on this CPU, not a GPU host's, and "
+            "cProfile's rows carry its own per-call overhead (read them as shares).\n\n"
+            + table(r, before) + "\n"
             + details(r))
     if before:
         text += f"\nBefore: {harness.meta_line(before['meta'])}"
     out.with_suffix(".md").write_text(text)
     print(text)
+
 
 if __name__ == "__main__":
     main()
