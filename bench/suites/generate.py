@@ -26,6 +26,7 @@ from ..cases import Case
 from ..context import Context, peer_version
 
 SUITE = "generate"
+ENGINE = "generate engine"  # the Context.shared key of the decode and mixed cases' engine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,7 @@ def engine(ctx: Context, shape: Shape) -> Engine:
                          SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
         return Engine(model, llm, weight_bytes, kv_bytes_per_block(llm.config, dtype, 1))
-    return ctx.shared("generate engine", make, lambda e: e.model.remove())
+    return ctx.shared(ENGINE, make, lambda e: e.model.remove())
 
 
 def decode_name(ctx: Context, shape: Shape, batch: int) -> str:
@@ -198,13 +199,13 @@ def decode_case(ctx: Context, batch: int) -> Case:
     shape = QUICK if ctx.quick else FULL
     impls = ("fusedrl", "transformers") if batch == 1 else ("fusedrl",)
     return Case(SUITE, decode_name(ctx, shape, batch), impls,
-                functools.partial(decode_rows, ctx, shape, batch))
+                functools.partial(decode_rows, ctx, shape, batch), shares=(ENGINE,))
 
 
 def mixed_case(ctx: Context) -> Case:
     shape = QUICK if ctx.quick else FULL
     return Case(SUITE, mixed_name(ctx, shape), ("fusedrl",),
-                functools.partial(mixed_rows, ctx, shape))
+                functools.partial(mixed_rows, ctx, shape), shares=(ENGINE,))
 
 
 def cases(ctx: Context) -> list[Case]:

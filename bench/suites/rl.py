@@ -6,7 +6,9 @@ storage), and the peak memory beside `fusedrl plan`'s prediction for the same co
 the same checkpoint and prompts where installed: TRL 1.x's GRPOTrainer, and for PPO trl 0.29's
 `trl.experimental.ppo` (TRL 1.x ships no PPO trainer); a missing one's row says so.
 
-Measured peak: torch.cuda.max_memory_allocated over the measured iteration on a GPU; on the CPU the
+Measured peak: torch.cuda.max_memory_allocated over the measured iteration on a GPU, above what the
+process held before the side began, the KV pool the actor allocated included, as the plan's peak
+includes it (both pools in the row: kv_pool_gib, plan_kv_pool_gib; its note says so); on the CPU the
 process's peak resident set (torch, the models and everything else the process ever held, a bound
 that is not comparable to the plan's device bytes; labelled so). fraction_of_limit: the iteration's
 model FLOPs per second over the device's FLOP/s, with 2 FLOPs per policy parameter per token per
@@ -23,15 +25,18 @@ import types
 
 from .. import bench_ppo, results, shapes
 from ..cases import Case
-from ..context import Context, peer_version
+from ..context import Context, free_device, peer_version
 
 SUITE = "rl"
+CHECKPOINTS = ("rl policy", "rl reward model")  # the Context.shared keys of its checkpoints
 # PROMPTS x SAMPLES x PROMPT_LEN x NEW_TOKENS, minibatches, rows per micro-batch.
 SHAPES = {("grpo", False): ((16, 8, 128, 256), 4, 16), ("ppo", False): ((32, 4, 128, 256), 4, 16),
           ("grpo", True): ((2, 4, 16, 16), 2, 2), ("ppo", True): ((4, 2, 16, 16), 2, 2)}
 # Forward passes per token of each model of the iteration (see the docstring).
 PASSES = {"grpo": 1 + 1 + 1 + 3, "ppo": (1 + 1 + 1 + 3) + (1 + 3) + 1}
 PHASES = ("generate", "score", "reference", "old", "train")
+PEAK_NOTE = ("peak: the allocator's over the measured iteration above what the process held "
+             "before; it and the plan's both hold the KV pool (kv_pool_gib, plan_kv_pool_gib)")
 
 
 def _shape(algo: str, quick: bool) -> bench_ppo.Shape:
@@ -48,7 +53,7 @@ def ours_row(ctx: Context, algo: str, shape, name: str, r: dict) -> dict:
     tokens = shape.rows * (shape.prompt_len + shape.new_tokens)
     flops = 2 * r["policy_parameters"] * tokens * PASSES[algo]
     per_gpu = r["response_tokens"] / r["iteration_s"]  # one process on one GPU
-    peak = {"peak_gib": r["peak_gib"]} if r.get("peak_gib") is not None else {
+    peak = {"peak_gib": r["peak_gib"], "note": PEAK_NOTE} if r.get("peak_gib") is not None else {
         "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     return results.make_row(
         SUITE, name, "fusedrl", fraction_of_limit=ctx.flops_fraction(flops / r["iteration_s"]),
@@ -57,7 +62,7 @@ def ours_row(ctx: Context, algo: str, shape, name: str, r: dict) -> dict:
         **{f"time_{p}": r.get(f"time_{p}") for p in PHASES},
         weight_sync_s=r["weight_sync_s"],
         weight_copies=0 if r["weights_shared"] else 1, plan_peak_gib=r["plan_peak_gib"],
-        kv_pool_gib=r["kv_pool_gib"], **peak)
+        kv_pool_gib=r["kv_pool_gib"], plan_kv_pool_gib=r["plan_kv_pool_gib"], **peak)
 
 
 def peer_status(algo: str) -> tuple[str | None, str]:
@@ -85,6 +90,7 @@ def peer_row(ctx: Context, algo: str, shape, name: str, dirs, parameters: int) -
         return results.missing_row(SUITE, name, "trl", status, limit)
     args = types.SimpleNamespace(algo=algo, shape=shape, quick=ctx.device.type == "cpu", lora=0)
     run = bench_ppo.run_in_this_process if args.quick else bench_ppo.run_in_subprocess
+    free_device(ctx.device)  # what our side left (its models, the KV pool) is the peer's now
     r = run("trl", args, dirs)
     if "error" in r:
         return results.missing_row(SUITE, name, impl, r["error"][:200], limit)
@@ -101,7 +107,7 @@ def checkpoints(ctx: Context):
     """The policy's random-init checkpoint (and, made when PPO first needs it, a reward model of
     the same architecture and shape), shared by the suite's cases."""
     import torch
-    return ctx.shared("rl policy", lambda: shapes.model_dir(ctx.options.model, ctx.quick,
+    return ctx.shared(CHECKPOINTS[0], lambda: shapes.model_dir(ctx.options.model, ctx.quick,
                                                            ctx.options.seed, torch.float32),
                       lambda model: model.remove())
 
@@ -114,7 +120,7 @@ def reward_dir(ctx: Context, policy):
     def make():
         return bench_ppo.build_reward_model_dir(
             ctx.quick, transformers.AutoConfig.from_pretrained(policy.path))
-    return ctx.shared("rl reward model", make, lambda path: shutil.rmtree(path, True))
+    return ctx.shared(CHECKPOINTS[1], make, lambda path: shutil.rmtree(path, True))
 
 
 def iteration_name(ctx: Context, algo: str) -> str:
@@ -136,4 +142,5 @@ def iteration_rows(ctx: Context, algo: str):
 def cases(ctx: Context) -> list[Case]:
     """A GRPO and a PPO iteration (ours, then the peer)."""
     return [Case(SUITE, iteration_name(ctx, algo), ("fusedrl", "trl"),
-                 functools.partial(iteration_rows, ctx, algo)) for algo in ("grpo", "ppo")]
+                 functools.partial(iteration_rows, ctx, algo), shares=CHECKPOINTS)
+            for algo in ("grpo", "ppo")]

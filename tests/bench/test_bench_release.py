@@ -1,0 +1,96 @@
+"""Every `fusedrl bench` case leaves the device as it found it: what a case built (the engine,
+its KV pool) is gone before the next case starts unless the next names it in Case.shares, the
+device is freed between cases (context.free_device), and a case's budget bounds its timed
+repetitions, never its first measurement (a slow setup still gives its row)."""
+import time
+import weakref
+
+import torch
+
+from fusedrl.bench import context, devices, runner, timing
+from fusedrl.bench.cases import Case, run_case
+from fusedrl.bench.options import BenchOptions
+from fusedrl.bench.suites import generate
+
+FIXED = devices.Limits("CPU (test)", 1e11, 1e10, "measured")
+
+
+def quick_context() -> context.Context:
+    return context.Context(torch.device("cpu"), FIXED, BenchOptions(quick=True))
+
+
+def run(cases, ctx, options=None):
+    rows = []
+    clock = runner.Clock(options or ctx.options)
+    runner.run_cases(cases, ctx, clock, lambda row, left: rows.append(row))
+    return rows
+
+
+def test_the_engine_a_case_built_is_dead_before_a_case_that_does_not_share_it(monkeypatch):
+    """The quick decode case's LLM (its scheduler and runner point at each other: a cycle) is
+    kept for the mixed case, which names it, and collected before the next, which does not."""
+    from fusedrl.engine.inference import llm as llm_module
+    built = []
+
+    class Recorded(llm_module.LLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(weakref.ref(self))
+    monkeypatch.setattr(llm_module, "LLM", Recorded)
+    seen = []
+
+    def probe():
+        seen.append([ref() is None for ref in built])
+        yield {"suite": "headline", "name": "probe", "impl": "probe", "status": "ok",
+               "fraction_of_limit": None, "limit": "-"}
+    ctx = quick_context()
+    cases = [generate.decode_case(ctx, 16), generate.mixed_case(ctx),
+             Case("headline", "probe", ("probe",), probe)]
+    with ctx.scope():
+        rows = run(cases, ctx)
+    assert [r["status"] for r in rows] == ["ok"] * 3, rows
+    assert len(built) == 1 and seen == [[True]]  # built once, shared, then released
+
+
+def test_the_runner_frees_the_device_after_every_case_and_keeps_only_what_is_named(monkeypatch):
+    events = []
+    monkeypatch.setattr(context, "free_device", lambda device: events.append("free"))
+    ctx = quick_context()
+
+    def case(name, shares=(), reads=None):
+        def measure():
+            value = ctx.shared(reads, lambda: object(), lambda v: events.append(f"drop {reads}")) \
+                if reads else None
+            events.append(f"{name} {id(value) if value is not None else ''}".strip())
+            yield {"suite": "headline", "name": name, "impl": "x", "status": "ok",
+                   "fraction_of_limit": None, "limit": "-"}
+        return Case("headline", name, ("x",), measure, shares)
+    run([case("a", reads="m"), case("b", ("m",), "m"), case("c")], ctx)
+    first, second = events[1].split()[1], events[3].split()[1]
+    assert first == second  # b found a's value: named in its shares
+    assert [e.split()[0] for e in events] == ["free", "a", "free", "b", "drop", "free", "c",
+                                              "free"], events
+
+
+def test_a_slow_setup_still_gets_its_first_measurement_the_budget_bounds_the_loop():
+    def slow():
+        time.sleep(0.3)  # setup past the whole budget
+        t = timing.measure(lambda: sum(range(1000)), torch.device("cpu"), min_reps=3,
+                           budget_s=5.0)
+        yield {"suite": "headline", "name": "slow", "impl": "x", "status": "ok",
+               "fraction_of_limit": 1.0, "limit": "-", "seconds": t.median_s}
+    rows = []
+    run_case(Case("headline", "slow", ("x",), slow), 0.1, rows.append)
+    assert rows[0]["status"] == "ok" and rows[0]["n"] == 1 and rows[0]["setup_s"] >= 0.3, rows
+    rows = []  # without a budget the loop runs to its own
+    run_case(Case("headline", "slow", ("x",), slow), None, rows.append)
+    assert rows[0]["n"] > 3, rows
+
+
+def test_the_runs_deadline_still_stops_a_case():
+    def endless():
+        time.sleep(5)
+        yield {}
+    rows = []
+    run_case(Case("headline", "endless", ("x", "y"), endless), 0.1, rows.append, 0.2)
+    assert [r["status"] for r in rows] == ["not run: time (the run's deadline, 0 s)"] * 2, rows
