@@ -1,16 +1,18 @@
 """Every `fusedrl bench` case leaves the device as it found it: what a case built (the engine,
 its KV pool) is gone before the next case starts unless the next names it in Case.shares, the
 device is freed between cases (context.free_device), and a case's budget bounds its timed
-repetitions, never its first measurement (a slow setup still gives its row)."""
+repetitions, never its first measurement (a slow setup still gives its row). The two losses'
+variants measured in the bench's process (a GPU's way) each get a timed loop, one after another,
+a peer that is not installed never imported."""
 import time
 import weakref
 
 import torch
 
-from fusedrl.bench import context, devices, runner, timing
+from fusedrl.bench import bench_distill, bench_integrations, context, devices, runner, timing
 from fusedrl.bench.cases import Case, run_case
 from fusedrl.bench.options import BenchOptions
-from fusedrl.bench.suites import generate
+from fusedrl.bench.suites import generate, kernels
 
 FIXED = devices.Limits("CPU (test)", 1e11, 1e10, "measured")
 
@@ -94,3 +96,26 @@ def test_the_runs_deadline_still_stops_a_case():
     rows = []
     run_case(Case("headline", "endless", ("x", "y"), endless), 0.1, rows.append, 0.2)
     assert [r["status"] for r in rows] == ["not run: time (the run's deadline, 0 s)"] * 2, rows
+
+
+def test_the_losses_variants_in_one_process_each_get_a_timed_loop_peers_not_installed_skipped(
+        monkeypatch):
+    monkeypatch.setattr(kernels, "peer_version", lambda dist: None)  # no peer installed
+    built = []
+    for module in (bench_integrations, bench_distill):
+        monkeypatch.setattr(module, "variant_loss", lambda name, *a, _f=module.variant_loss:
+                            built.append(name) or _f(name, *a))
+    ctx = quick_context()
+    rows = []
+    for measure in (lambda: kernels.grpo_loss_rows(ctx, (64, 16, 96), here=True),
+                    lambda: kernels.distill_rows(ctx, (64, 16, 96), here=True)):
+        run_case(Case("kernels", "loss", ("eager", "fusedrl", "liger", "trl"), measure), 30.0,
+                 rows.append)
+    assert built == ["torch", "fusedrl"] * 2  # the peers' losses never built, never imported
+    ours = [r for r in rows if r["status"] == "ok"]
+    assert [r["impl"] for r in ours] == ["eager", "fusedrl"] * 2, rows
+    assert all(r["n"] >= 3 and r["seconds_p20"] <= r["seconds"] <= r["seconds_p80"]
+               and r["peak_extra_mib"] >= 0 for r in ours), ours
+    assert ours[1]["grad_weight_rel_error"] < 1e-4 and ours[1]["loss_error"] < 1e-4, ours[1]
+    assert abs(ours[3]["loss"] - ours[2]["loss"]) <= 1e-5 * abs(ours[2]["loss"]), ours
+    assert sorted(r["status"] for r in rows if r["status"] != "ok") == ["not installed"] * 4

@@ -139,7 +139,7 @@ def test_trl_1x_and_liger_rows_run_beside_ours_where_installed(monkeypatch):
     limits = devices.Limits("CPU (test)", 1e11, 1e10, "measured")
     ctx = Context(torch.device("cpu"), limits, BenchOptions(quick=True))
     # small shapes: the peers' agreement, not the memory the suite's shapes show
-    rows = kernels.grpo_loss_rows(ctx) + kernels.distill_rows(ctx, (64, 16, 256))
+    rows = [*kernels.grpo_loss_rows(ctx), *kernels.distill_rows(ctx, (64, 16, 256))]
     for family, trl_impl in (("grpo_loss", "trl fused head 1."),
                              ("distill_divergence", "trl chunked divergence 1.")):
         mine = [r for r in rows if r["name"].startswith(family)]
