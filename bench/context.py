@@ -24,6 +24,7 @@ class Context:
     options: BenchOptions
     _shared: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     _releases: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    _on_disk: set = dataclasses.field(default_factory=set, compare=False, repr=False)
 
     @property
     def quick(self) -> bool:
@@ -56,24 +57,30 @@ class Context:
         try:
             yield
         finally:
-            self.release()
+            self.release(suite_end=True)
 
     def shared(self, key: str, make: Callable[[], object],
-               release: Callable[[object], None] | None = None):
+               release: Callable[[object], None] | None = None, on_disk: bool = False):
         """make()'s value, made once and kept while the cases that follow name `key` in their
-        Case.shares (release(value) when it is dropped)."""
+        Case.shares (release(value) when it is dropped); on_disk: a value that holds no device
+        memory (a checkpoint's directory), kept until the suite ends."""
         if key not in self._shared:
             value = make()
             self._shared[key] = value
             if release is not None:
                 self._releases[key] = release
+            if on_disk:
+                self._on_disk.add(key)
         return self._shared[key]
 
-    def release(self, keep: tuple[str, ...] = ()) -> None:
-        """Drop every shared value but those named in `keep` (the last made first, each with its
-        release), then free what the device holds (free_device)."""
-        for key in reversed([k for k in self._shared if k not in keep]):
+    def release(self, keep: tuple[str, ...] = (), suite_end: bool = False) -> None:
+        """Drop every shared value but those named in `keep` and, until the suite's end, those
+        on disk (the last made first, each with its release), then free what the device holds
+        (free_device)."""
+        kept = set(keep) | (set() if suite_end else self._on_disk)
+        for key in reversed([k for k in self._shared if k not in kept]):
             value = self._shared.pop(key)
+            self._on_disk.discard(key)
             release = self._releases.pop(key, None)
             if release is not None:
                 release(value)

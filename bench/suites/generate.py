@@ -41,6 +41,8 @@ class Shape:
 
 
 FULL = Shape(128, 512, (1, 256), 256, (100, 1024))
+# transformers' decode at batch 1 runs this many new tokens at most (its row says so).
+HF_NEW_TOKENS = 64
 QUICK = Shape(16, 32, (1, 16), 16, (8, 64))
 
 
@@ -104,22 +106,33 @@ def decode_rows(ctx: Context, shape: Shape, batch: int):
         decode_tok_s=decode_tokens / decode_s, roofline_tok_s=roofline,
         weight_bytes=e.weight_bytes)
     if batch == 1:
-        yield hf_row(ctx, e.model, prompts, shape.new_tokens, name, roofline)
+        new = min(shape.new_tokens, HF_NEW_TOKENS)
+        hf_roofline = bench_generate.decode_roofline_tok_s(
+            1, shape.prompt_len + new / 2, e.weight_bytes, e.kv_per_token, ctx.limits.bytes_per_s)
+        yield hf_row(ctx, e.model, prompts, new, name, hf_roofline)
 
 
 def hf_row(ctx: Context, model, prompts, new_tokens: int, name: str, roofline: float) -> dict:
-    """transformers' `generate` on the same checkpoint and prompt (SDPA, greedy, no stop)."""
+    """transformers' `generate` on the same checkpoint and prompt, its fair settings named in the
+    row (the suite's dtype, SDPA, the KV cache on; greedy, no stop), new_tokens of them (its
+    tokens/s is flat over the length: a few seconds say it); the model loaded onto the device
+    directly. forward_ms: one decode step's forward alone (the model's share of a token's time,
+    the rest being generate's own)."""
     import transformers
-    impl = f"transformers {peer_version('transformers')}"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model.path, dtype=ctx.dtype,
-                                                           attn_implementation="sdpa")
-    hf = hf.to(ctx.device).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        model.path, dtype=ctx.dtype, attn_implementation="sdpa",
+        device_map=str(ctx.device)).eval()
+    settings = (f"{hf.config._attn_implementation}, {str(ctx.dtype).replace('torch.', '')}, KV "
+                f"cache {'on' if hf.generation_config.use_cache else 'off'}; {new_tokens} new")
     with timing.warm_up():
         bench_generate.time_hf(hf, prompts, 4, ctx.device)
     seconds = bench_generate.time_hf(hf, prompts, new_tokens, ctx.device)
-    return results.make_row(SUITE, name, impl, fraction_of_limit=new_tokens / seconds / roofline,
-                            limit="decode roofline", seconds=seconds, tok_s=new_tokens / seconds,
-                            roofline_tok_s=roofline)
+    forward_s = bench_generate.hf_step_seconds(hf, prompts, ctx.device)
+    return results.make_row(
+        SUITE, name, f"transformers {peer_version('transformers')} ({settings})",
+        fraction_of_limit=new_tokens / seconds / roofline, limit="decode roofline",
+        seconds=seconds, tok_s=new_tokens / seconds, new_tokens=new_tokens,
+        forward_ms=forward_s * 1e3, roofline_tok_s=roofline)
 
 
 def mixed_rows(ctx: Context, shape: Shape):

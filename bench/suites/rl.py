@@ -23,6 +23,8 @@ import importlib.util
 import resource
 import types
 
+import torch
+
 from .. import bench_ppo, results, shapes
 from ..cases import Case
 from ..context import Context, free_device, peer_version
@@ -106,10 +108,9 @@ def peer_row(ctx: Context, algo: str, shape, name: str, dirs, parameters: int) -
 def checkpoints(ctx: Context):
     """The policy's random-init checkpoint (and, made when PPO first needs it, a reward model of
     the same architecture and shape), shared by the suite's cases."""
-    import torch
     return ctx.shared(CHECKPOINTS[0], lambda: shapes.model_dir(ctx.options.model, ctx.quick,
                                                            ctx.options.seed, torch.float32),
-                      lambda model: model.remove())
+                      lambda model: model.remove(), on_disk=True)
 
 
 def reward_dir(ctx: Context, policy):
@@ -120,7 +121,7 @@ def reward_dir(ctx: Context, policy):
     def make():
         return bench_ppo.build_reward_model_dir(
             ctx.quick, transformers.AutoConfig.from_pretrained(policy.path))
-    return ctx.shared(CHECKPOINTS[1], make, lambda path: shutil.rmtree(path, True))
+    return ctx.shared(CHECKPOINTS[1], make, lambda path: shutil.rmtree(path, True), on_disk=True)
 
 
 def iteration_name(ctx: Context, algo: str) -> str:
@@ -128,19 +129,43 @@ def iteration_name(ctx: Context, algo: str) -> str:
     return _name(algo, _shape(algo, ctx.quick), label)
 
 
-def iteration_rows(ctx: Context, algo: str):
-    """Ours, then the algorithm's TRL peer, on the same checkpoints."""
+def iteration_dirs(ctx: Context, algo: str) -> tuple:
+    """(policy, reward model) directories of the algorithm's iteration (GRPO: the policy's twice,
+    its reward a function)."""
     policy = checkpoints(ctx)
+    return policy.path, reward_dir(ctx, policy) if algo == "ppo" else policy.path
+
+
+def ours_rows(ctx: Context, algo: str):
     shape = _shape(algo, ctx.quick)
-    dirs = (policy.path, reward_dir(ctx, policy) if algo == "ppo" else policy.path)
-    name = iteration_name(ctx, algo)
-    r = bench_ppo.run_side("ours", algo, shape, dirs, ctx.device.type == "cpu", 0)
-    yield ours_row(ctx, algo, shape, name, r)
-    yield peer_row(ctx, algo, shape, name, dirs, r["policy_parameters"])
+    r = bench_ppo.run_side("ours", algo, shape, iteration_dirs(ctx, algo),
+                           ctx.device.type == "cpu", 0)
+    yield ours_row(ctx, algo, shape, iteration_name(ctx, algo), r)
+
+
+def peer_rows(ctx: Context, algo: str):
+    """The algorithm's TRL peer on our checkpoints (their policy's parameters: the same FLOP
+    estimate as ours)."""
+    import transformers
+    dirs = iteration_dirs(ctx, algo)
+    with torch.device("meta"):  # counted, not made
+        policy = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(dirs[0]))
+    yield peer_row(ctx, algo, _shape(algo, ctx.quick), iteration_name(ctx, algo), dirs,
+                   sum(p.numel() for p in policy.parameters()))
+
+
+def ours_case(ctx: Context, algo: str) -> Case:
+    return Case(SUITE, iteration_name(ctx, algo), ("fusedrl",),
+                functools.partial(ours_rows, ctx, algo), shares=CHECKPOINTS)
+
+
+def peer_case(ctx: Context, algo: str) -> Case:
+    return Case(SUITE, iteration_name(ctx, algo), ("trl",),
+                functools.partial(peer_rows, ctx, algo), shares=CHECKPOINTS)
 
 
 def cases(ctx: Context) -> list[Case]:
-    """A GRPO and a PPO iteration (ours, then the peer)."""
-    return [Case(SUITE, iteration_name(ctx, algo), ("fusedrl", "trl"),
-                 functools.partial(iteration_rows, ctx, algo), shares=CHECKPOINTS)
-            for algo in ("grpo", "ppo")]
+    """A GRPO and a PPO iteration, each ours then its peer (a case each: the device freed
+    between them)."""
+    return [case(ctx, algo) for algo in ("grpo", "ppo") for case in (ours_case, peer_case)]
