@@ -4,6 +4,7 @@ device is freed between cases (context.free_device), and a case's budget bounds 
 repetitions, never its first measurement (a slow setup still gives its row). The two losses'
 variants measured in the bench's process (a GPU's way) each get a timed loop, one after another,
 a peer that is not installed never imported."""
+import gc
 import time
 import weakref
 
@@ -29,14 +30,17 @@ def run(cases, ctx, options=None):
 
 
 def test_the_engine_a_case_built_is_dead_before_a_case_that_does_not_share_it(monkeypatch):
-    """The quick decode case's LLM (its scheduler and runner point at each other: a cycle) is
-    kept for the mixed case, which names it, and collected before the next, which does not."""
+    """The quick decode case's LLM is kept for the mixed case, which names it, and collected
+    before the next, which does not; with the cycle a GPU's engine has (its runner and the decode
+    graphs that step it point at each other), made here with graphs that replay eagerly."""
     from fusedrl.engine.inference import llm as llm_module
+    from fusedrl.engine.inference.decode_graphs import DecodeGraphs
     built = []
 
     class Recorded(llm_module.LLM):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            self.runner.cycle = DecodeGraphs(self.runner, 2, capture=False)
             built.append(weakref.ref(self))
     monkeypatch.setattr(llm_module, "LLM", Recorded)
     seen = []
@@ -48,8 +52,12 @@ def test_the_engine_a_case_built_is_dead_before_a_case_that_does_not_share_it(mo
     ctx = quick_context()
     cases = [generate.decode_case(ctx, 16), generate.mixed_case(ctx),
              Case("headline", "probe", ("probe",), probe)]
-    with ctx.scope():
-        rows = run(cases, ctx)
+    gc.disable()  # as for long-lived objects: only the runner's collection frees the cycle
+    try:
+        with ctx.scope():
+            rows = run(cases, ctx)
+    finally:
+        gc.enable()
     assert [r["status"] for r in rows] == ["ok"] * 3, rows
     assert len(built) == 1 and seen == [[True]]  # built once, shared, then released
 
