@@ -10,8 +10,9 @@ Per variant and shape: the peak extra memory of forward + backward, the time and
 CPU each in a fresh process (the process's peak RSS above what it held once the inputs were made;
 one forward + backward after a first one); on a GPU `fusedrl bench` measures them in its own
 process one after another (measure_here: max_memory_allocated above the allocated, the memory
-freed between them, a time-budgeted loop), this script in a process each (the median of three). A variant whose plain [N, V] buffers would not fit in the
-machine's free memory is left out and says so.
+freed between them, a time-budgeted loop), this script in a process each (the median of three).
+A variant whose plain [N, V] buffers would not fit in the machine's free memory is left out and
+says so.
 
     python bench/bench_distill.py                  # N 4096 and 16384 x H 256 and 896 x V 32000
                                                    # and 151936 (the CPU's takes hours)

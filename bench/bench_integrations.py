@@ -126,8 +126,9 @@ def measure_here(n: int, h: int, v: int, variants: dict, device: torch.device,
                  budget_s: float) -> Iterator[dict]:
     """Each variant in this process, one after another (harness.variant_here: the allocator's
     peak each one's own, the memory freed between them), its row (as bench_shape's, the errors
-    against plain PyTorch's, "torch", which comes first) yielded as it is measured. variants: name ->
-    whether it runs here (False: a peer not installed, not imported; its row has no figures)."""
+    against plain PyTorch's, "torch", which comes first) yielded as it is measured. variants:
+    name -> whether it runs here (False: a peer not installed, not imported; its row has no
+    figures)."""
     x = {k: t.to(device) for k, t in make_inputs(n, h, v).items()}
     oracle = None
     for name, runs in variants.items():

@@ -104,9 +104,9 @@ class Context:
 
 def free_device(device: torch.device) -> None:
     """Collect what no one holds (reference cycles included: on a GPU an engine's model runner and
-    its decode graphs point at each other, the KV pool inside) and, on a GPU, hand the allocator's cached blocks back to the driver and
-    start the peak over, so the next case, or a peer's process, finds the memory free and its
-    peak its own."""
+    its decode graphs point at each other, the KV pool inside) and, on a GPU, hand the
+    allocator's cached blocks back to the driver and start the peak over, so the next case, or a
+    peer's process, finds the memory free and its peak its own."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

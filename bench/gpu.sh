@@ -77,8 +77,8 @@ PLAN=(
   "3|tests_gpu suite_rest|.whl $EXTENSION"
 )
 
-# stage_limit STAGE MINUTES STAGES: STAGE's seconds in a call of MINUTES running STAGES: its LIMIT_S,
-# or for a stage of REST_OF_CALL what the call's other stages, its setup and bundle leave.
+# stage_limit STAGE MINUTES STAGES: STAGE's seconds in a call of MINUTES running STAGES: its
+# LIMIT_S, or for a stage of REST_OF_CALL what the call's other stages, its setup and bundle leave.
 stage_limit() {
   local stage=$1 minutes=$2 others=0 other
   if [[ " $REST_OF_CALL " != *" $stage "* ]]; then echo "${LIMIT_S[$stage]}"; return; fi
@@ -104,8 +104,9 @@ print_plan() {
     printf 'call %d (%d min, limits %d s): %s; carry: %s\n' "$i" "$minutes" "$limits" "$stages" "$carry"
     for stage in $stages; do
       [[ " $REST_OF_CALL " == *" $stage "* ]] || continue
-      printf '  %s: the rest of the call, until its deadline less the bundle: at least %d s (what\n' \
+      printf '  %s: the rest of the call, until its deadline less the bundle: at least %d s' \
         "$stage" "$(stage_limit "$stage" "$minutes" "$stages")"
+      printf ' (what\n' 
       printf '  the limits leave), more when the stages before it end early\n'
     done
   done

@@ -139,7 +139,8 @@ def measure(fn: Callable[[], object], device: torch.device, *, min_reps: int = 3
     left = budget_left()
     if left is not None:
         budget_s = min(budget_s, max(left, 0.0))
-        min_reps = min_reps if left > 0 else 1
+        # one call once it is spent; not under torchrun, where every rank must make the same calls
+        min_reps = min_reps if left > 0 or ranks.several() else 1
     samples, start = [], time.perf_counter()
     while len(samples) < min_reps or (not ranks.several() and len(samples) < max_reps
                                       and time.perf_counter() - start < budget_s):
