@@ -93,7 +93,7 @@ def cases(ctx: Context) -> list[Case]:
         headline(generate.mixed_case(ctx)),
         headline(train.cases_at(ctx, 128 if ctx.quick else 1024)),
         *(headline(rl_case) for rl_case in rl.cases(ctx)),
-        headline(Case(kernels.SUITE, kernels.sampler_name(1, vocab), ("fusedrl", "eager"),
+        headline(Case(kernels.SUITE, kernels.sampler_name(1, vocab), kernels.SAMPLER_IMPLS,
                       functools.partial(kernels.sampler_rows, ctx, 1, vocab, budget))),
         *(kernel_case(ctx, case) for case in bench_kernels.rl_cases(*shapes.RL_OPS)),
         *(kernel_case(ctx, case) for case in logprobs),
