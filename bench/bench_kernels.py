@@ -143,6 +143,39 @@ def token_logprobs_cases(n_rows: int, vocab: int, dtype: torch.dtype) -> list[Ca
     return cases
 
 
+def trl_logprob_entropy():
+    """TRL's log-prob + entropy from logits (`selective_log_softmax` then `entropy_from_logits`,
+    two passes over the logits), or None where TRL is not installed."""
+    try:
+        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+    except ImportError:
+        return None
+    return lambda logits, labels: (selective_log_softmax(logits, labels),
+                                   entropy_from_logits(logits))
+
+
+def logprobs_entropy_cases(n_rows: int, vocab: int, dtype: torch.dtype) -> list[Case]:
+    """Each token's log-prob and the row's entropy from logits [N, V], forward only: what TRL's
+    GRPO, RLOO and DPO trainers compute 2-4 times a step (TRL's published figure is for 8,192
+    tokens of a 151,936 vocabulary, bf16). Ideal bytes: one read of the logits."""
+    def make(device):
+        return {"logits": torch.randn(n_rows, vocab, device=device, dtype=dtype) * 2,
+                "labels": torch.randint(0, vocab, (n_rows,), device=device)}
+
+    def both(fn):
+        return lambda logits, labels: fn(logits, labels, return_entropy=True)
+
+    shape = f"{n_rows}x{vocab} {str(dtype).removeprefix('torch.')}"
+    eager = both(reference.token_logprobs)
+    impls = {**ours(forward_only, both(kernels.token_logprobs)), "eager": forward_only(eager),
+             "torch.compile": forward_only(compiled(eager))}
+    trl = trl_logprob_entropy()
+    if trl is not None:
+        impls["trl"] = forward_only(trl)
+    element = torch.finfo(dtype).bits // 8
+    return [Case("token_logprobs+entropy", "fwd", shape, n_rows * vocab * element, make, impls)]
+
+
 def linear_token_logprobs_cases(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype) -> list[Case]:
     def make(device):
         return {"hidden": torch.randn(n_rows, hidden, device=device, dtype=dtype),

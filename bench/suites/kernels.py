@@ -42,6 +42,8 @@ def _impl_name(impl: str) -> str:
         return "fusedrl cuda"
     if impl == "liger":
         return f"liger {peer_version('liger-kernel')}"
+    if impl == "trl":
+        return f"trl {peer_version('trl')}"
     return impl
 
 
