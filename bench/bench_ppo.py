@@ -211,13 +211,15 @@ def weight_sync(actor, device: torch.device) -> dict:
 
 
 def planned_peak_bytes(cfg, device: torch.device) -> int:
-    """`fusedrl plan`'s per-device peak for this run's config on one device of this one's memory."""
+    """`fusedrl plan`'s per-device peak for this run's config on devices of this one's memory, as
+    many as the run's ranks (one without torchrun; under it, one machine's)."""
     from fusedrl.engine.plan.planner import plan_stage
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return plan_stage(cfg, 1, memory, device=device.type, advise=False).peak
+    ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return plan_stage(cfg, ranks, memory, device=device.type, advise=False).peak
 
 
 def bench_device(quick: bool) -> torch.device:

@@ -1,7 +1,7 @@
 """A `fusedrl bench` run: the device and its limits, then each suite's cases in order, every row
 recorded the moment it is measured (record.py), within the run's deadline (max_minutes=) and each
 case's budget (row_seconds=); a case that does not fit gives rows saying `not run: time`. SIGTERM
-ends the run as Ctrl-C does, its files holding every finished row. Under torchrun (train only;
+ends the run as Ctrl-C does, its files holding every finished row. Under torchrun (train and rl;
 command.py refuses the others) every rank runs every case on its own device, each row's
 figures combined over the ranks (ranks.py), and rank 0 alone writes the files and prints."""
 from __future__ import annotations
@@ -62,7 +62,9 @@ def suite_backend(device, options: BenchOptions) -> str:
 
 class Clock:
     """The run's deadline (max_minutes) and each case's budget (row_seconds; under --quick at most
-    QUICK_CASE_S): the seconds a case may take, None for no limit."""
+    QUICK_CASE_S): the seconds a case may take, None for no limit. Under torchrun the ranks agree:
+    the deadline counts as passed when it has on any rank, and a case runs to its end (a timer
+    stopping one rank inside a case would leave the others waiting in a collective)."""
 
     def __init__(self, options: BenchOptions):
         self.start = time.monotonic()
@@ -72,7 +74,14 @@ class Clock:
     def left(self) -> float | None:
         return None if self.deadline is None else self.deadline - (time.monotonic() - self.start)
 
+    def past_deadline(self) -> bool:
+        """Whether the run's deadline has passed (on any rank: every rank skips the same cases)."""
+        left = self.left()
+        return left is not None and ranks.agreed_least(left) <= 0
+
     def budget(self) -> float | None:
+        if ranks.several():
+            return None
         left = self.left()
         if left is None:
             return self.per_case
@@ -98,7 +107,7 @@ def run_suites(suites: list[str], ctx, recorder, clock: Clock) -> None:
             cases = [case for case in module.cases(ctx) if ctx.wanted(f"{suite}: {case.name}")]
             for k, case in enumerate(cases):
                 left = clock.describe(len(cases) - k - 1, suites[i + 1:])
-                if clock.left() is not None and clock.left() <= 0:
+                if clock.past_deadline():
                     for row in not_run(case, case.impls, f"{NOT_RUN_TIME} (the run's deadline)"):
                         recorder.add(ranks.combine(row), left)
                     continue
