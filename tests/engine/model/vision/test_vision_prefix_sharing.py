@@ -93,3 +93,28 @@ def test_the_shared_layout_s_gradients_are_the_unshared_ones(vlms, family):
     for name in unshared:
         torch.testing.assert_close(shared[name], unshared[name], atol=1e-6, rtol=1e-4,
                                    msg=name)
+
+
+def test_micro_batches_and_joined_rounds_keep_each_group_s_images(vlms):
+    """A micro-batch holding part of a group (its first row left out) shares the prompt of the rows
+    it holds, with their images; two sampling rounds joined (concat_packs, dynamic sampling) keep
+    each round's groups apart."""
+    from fusedrl.engine.stages.rollout.packs import concat_packs
+
+    path, hf = vlms["qwen2_5_vl"]
+    model = load_model(path).float()
+    prompts, answers, images = rollout(hf.config)
+    whole = pack_rollout(prompts, answers, "cpu", images=images)
+    shared = pack_rollout(prompts, answers, "cpu", share_prompts=True, images=images)
+    part = [2, 4, 5, 6]  # a1, b1, a2, t1
+    joined = concat_packs([shared, shared.select(part)])
+    assert joined.prefix_groups[7:] == [3, 4, 3, 5]
+    with torch.no_grad(), use_backend("torch"):
+        expected = target_logits(model, whole)
+        targets = torch.arange(len(whole.target_counts)).repeat_interleave(
+            torch.tensor(whole.target_counts))
+        of_part = torch.cat([expected[targets == r] for r in part])
+        torch.testing.assert_close(target_logits(model, shared.select(part)), of_part,
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(target_logits(model, joined),
+                                   torch.cat([expected, of_part]), atol=1e-5, rtol=0)
