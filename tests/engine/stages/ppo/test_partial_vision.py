@@ -2,8 +2,8 @@
 at the token budget in iteration 1 and carried; iteration 2 continues it with its prompt's images
 and trains whole groups. A checkpoint names each row with images (its index and images' sha256,
 no pixels); a resumed run reads it back from the data and ends with the uninterrupted run's weights
-and rewards; under greedy sampling a carried answer is the answer one uninterrupted generation
-gives."""
+and rewards; under greedy sampling (top_k=1) a carried answer is the answer one uninterrupted
+generation gives."""
 import dataclasses
 import json
 
@@ -62,9 +62,16 @@ def run(cfg) -> list:
     return seen
 
 
-def test_carried_answers_keep_their_images_and_resume_exactly(setup):
+@pytest.fixture(scope="module")
+def straight(setup):
+    """Two iterations of greedy partial rollouts (top_k=1): every answer cut at the budget in
+    iteration 1 and carried, the first two groups trained in iteration 2 -> what the reward saw."""
+    root, base, prompts, _ = setup
+    return run(grpo(root, base, prompts, "straight", top_k=1))
+
+
+def test_carried_answers_keep_their_images_and_resume_exactly(setup, straight):
     root, base, prompts, processor = setup
-    straight = run(grpo(root, base, prompts, "straight"))
     train = [r for r in read_metrics(root / "straight") if r["kind"] == "train"]
     assert [(r["carried"], r["groups_trained"]) for r in train] == [(12, 0), (0, 2)], train
     assert "policy_loss" in train[1] and train[1]["staleness_max"] == 1
@@ -78,7 +85,7 @@ def test_carried_answers_keep_their_images_and_resume_exactly(setup):
         assert group["source"] == {"row": row.index, "images_sha256": image_digest(row.images)}
         assert group["prompt"] == row.ids and all(len(s["answer"]) == 3 for s in group["samples"])
     copy_checkpoint(root / "straight", 1, root / "resumed")
-    resumed = run(grpo(root, base, prompts, "resumed"))
+    resumed = run(grpo(root, base, prompts, "resumed", top_k=1))
     assert resumed == straight and len(straight) == 1 and len(straight[0]) == 6
     a, b = (load_model(root / r / "final").state_dict() for r in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -87,15 +94,13 @@ def test_carried_answers_keep_their_images_and_resume_exactly(setup):
     assert [images for _, _, images in straight[0]] == named and named[0] != named[3]
 
 
-def test_a_carried_answer_is_the_uninterrupted_answer_under_greedy_sampling(setup):
-    """top_k=1: iteration 2 trains the first two groups, cut in iteration 1 and continued under
-    the same weights (nothing trained in between), with the answers whole groups draw for the
-    same prompts in one generation."""
+def test_a_carried_answer_is_the_uninterrupted_answer_under_greedy_sampling(setup, straight):
+    """The trained answers, cut in iteration 1 and continued in iteration 2 under the same weights
+    (nothing trained in between), are those whole groups draw for the same prompts in one
+    generation."""
     root, base, prompts, _ = setup
-    carried = run(grpo(root, base, prompts, "greedy-partial", top_k=1))
-    whole = run(dataclasses.replace(grpo(root, base, prompts, "greedy-whole", partial=False,
-                                         top_k=1),
+    whole = run(dataclasses.replace(grpo(root, base, prompts, "whole", partial=False, top_k=1),
                                     train=LoopConfig(iterations=1, progress=False, device="cpu")))
-    assert len(carried) == len(whole) == 1 and carried[0] == whole[0]
+    assert len(whole) == 1 and straight[0] == whole[0]
     # Every prompt's text is the same question: the answers differ by their images alone.
     assert len({tuple(c) for _, c, _ in whole[0]}) > 1
