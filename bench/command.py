@@ -5,7 +5,7 @@ its arguments whole; engine/cli/bench.py). Its parser, the run of the suites, an
                   [seed=N] [output_dir=DIR] [overwrite=true] [only=TEXT,...] [max_minutes=M]
                   [row_seconds=S] [interpret=true]
     fusedrl bench compare A.json B.json
-    torchrun --nproc-per-node=N -m fusedrl.engine.cli bench train ...   # per-GPU rows
+    torchrun --nproc-per-node=N -m fusedrl.engine.cli bench train|rl ...   # per-GPU rows
 
 output_dir=DIR: DIR/results.jsonl (a row a line, appended as measured), DIR/results.json (the
 schema of results.py) and DIR/results.md, rewritten after every row; PNG charts at the end.
@@ -23,7 +23,7 @@ OVERRIDES_HELP = (f"model=NAME|DIR (one of {', '.join(SHAPE_NAMES)}; default qwe
                   f"seed=N, output_dir=DIR, overwrite=true, only=TEXT[,TEXT...] (the cases whose "
                   f"name, 'suite: case', holds one, e.g. only=gae,grpo), max_minutes=M (the "
                   f"run's deadline), "
-                  f"row_seconds=S (one case's budget), interpret=true (CPU: our Triton kernels "
+                  f"row_seconds=S (one case's budget for its timed repetitions), interpret=true (CPU: our Triton kernels "
                   f"in the interpreter instead of the PyTorch backend the engine runs there)")
 
 

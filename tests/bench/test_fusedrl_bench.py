@@ -55,6 +55,9 @@ def test_all_quick_writes_one_schema_with_every_suite_and_its_limit(quick_run):
     kernels = {(r["name"].split()[0], r["impl"]) for r in rows if r["suite"] == "kernels"}
     assert {("sampler", "fusedrl"), ("sampler", "eager"), ("attention", "fusedrl"),
             ("attention", "loop"), ("attention", "padded groups")} <= kernels, kernels
+    # the sampler replayed from a CUDA graph (as the engine's decode step runs it): CUDA only
+    graphed = [r for r in rows if r["impl"] == "fusedrl CUDA graph"]
+    assert graphed and all((r["status"] == "ok") == torch.cuda.is_available() for r in graphed)
     # the CPU's rows run what the engine runs there (the PyTorch backend), not the interpreter
     assert torch.cuda.is_available() or (meta["backend"] == "torch"
                                          and not meta["triton_interpreter"])
@@ -74,11 +77,21 @@ def test_rl_row_measures_the_weight_sync_and_sits_beside_the_plan(quick_run):
     assert grpo["weight_copies"] == 0 and 0 <= grpo["weight_sync_s"] < grpo["seconds"]
     # the allocator's peak on a GPU, the process's resident peak on the CPU
     assert grpo["plan_peak_gib"] > 0 and grpo.get("peak_gib", grpo.get("process_peak_rss_gib")) > 0
+    # the KV pool on both sides of the comparison: the one the actor allocated, the plan's
+    assert 0 < grpo["kv_pool_gib"] <= grpo["plan_kv_pool_gib"] < grpo["plan_peak_gib"], grpo
     assert grpo["response_tokens"] == 2 * 4 * 16 and grpo["tokens_per_s_per_gpu"] > 0
     phases = sum(grpo[f"time_{p}"] for p in ("generate", "score", "reference", "old", "train"))
     assert phases <= grpo["seconds"]
     peer = next(r for r in rows if r["suite"] == "rl" and r["impl"] != "fusedrl")
     assert peer["impl"].startswith("trl")
+
+
+def test_the_transformers_decode_peer_names_its_fair_settings_and_its_capped_tokens(quick_run):
+    rows = json.loads((quick_run / "results.json").read_text())["rows"]
+    hf = next(r for r in rows if r["suite"] == "generate" and r["impl"].startswith("transformers"))
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    assert hf["impl"].endswith(f"(sdpa, {dtype}, KV cache on; {hf['new_tokens']} new)"), hf
+    assert hf["status"] == "ok" and hf["forward_ms"] > 0 and hf["new_tokens"] <= 64, hf
 
 
 def test_compare_prints_each_shared_figure_as_a_ratio(quick_run, tmp_path, capsys):
@@ -106,13 +119,13 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch):
         assert main(["bench", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"fusedrl bench: ") and expected in err and "\n" not in err, err
-    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun only train runs, on every rank
-    for suite in ("all", "rl"):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun only train and rl run, on every rank
+    for suite in ("all", "generate"):
         assert main(["bench", suite, "--quick"]) == 2
         err = capsys.readouterr().err.strip()
         named = "headline" if suite == "all" else suite
-        assert f"fusedrl bench {named} under torchrun (WORLD_SIZE=2): expected one of train" \
-            in err and "\n" not in err, err
+        assert f"fusedrl bench {named} under torchrun (WORLD_SIZE=2): expected one of train, " \
+            "rl" in err and "\n" not in err, err
 
 
 def test_the_device_table_names_each_datacenter_gpu_and_nothing_else():
@@ -139,7 +152,7 @@ def test_trl_1x_and_liger_rows_run_beside_ours_where_installed(monkeypatch):
     limits = devices.Limits("CPU (test)", 1e11, 1e10, "measured")
     ctx = Context(torch.device("cpu"), limits, BenchOptions(quick=True))
     # small shapes: the peers' agreement, not the memory the suite's shapes show
-    rows = kernels.grpo_loss_rows(ctx) + kernels.distill_rows(ctx, (64, 16, 256))
+    rows = [*kernels.grpo_loss_rows(ctx), *kernels.distill_rows(ctx, (64, 16, 256))]
     for family, trl_impl in (("grpo_loss", "trl fused head 1."),
                              ("distill_divergence", "trl chunked divergence 1.")):
         mine = [r for r in rows if r["name"].startswith(family)]
