@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .device_tensors import device_tensor, packed_cu_seqlens
+
 
 @dataclass
 class SharedLayout:
@@ -115,11 +117,10 @@ def share_prefixes(packed) -> SharedLayout | None:
     device = packed.input_ids.device
 
     def long(values):
-        return torch.tensor(values, dtype=torch.int64, device=device)
+        return device_tensor(values, torch.int64, device)
 
     def cu(lengths):
-        bounds = list(itertools.accumulate(lengths, initial=0))
-        return torch.tensor(bounds, dtype=torch.int32, device=device)
+        return packed_cu_seqlens(lengths, device)
     return SharedLayout(long(token_index), seqlens_q, seqlens_k, cu(seqlens_q), cu(seqlens_k),
                         long(key_rows), long(new_of_old).index_select(0, packed.target_rows),
                         long(last_rows))

@@ -44,13 +44,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
-from fusedrl.bench import harness, launch_count  # noqa: E402
+from fusedrl.bench import bench_train_step, harness, launch_count  # noqa: E402
 from fusedrl.bench.shapes import qwen_like  # noqa: E402
 from fusedrl.engine.inference.decode_graphs import DecodeGraphs  # noqa: E402
 from fusedrl.engine.inference.llm import LLM  # noqa: E402
 from fusedrl.engine.inference.request import Request  # noqa: E402
 from fusedrl.engine.inference.sampling_params import SamplingParams  # noqa: E402
-from fusedrl.engine.model.lm_head import lm_head_logprobs  # noqa: E402
 from fusedrl.kernels import use_backend  # noqa: E402
 
 import traffic_ppo  # noqa: E402
@@ -60,6 +59,7 @@ SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4,
              head_dim=16)
 BATCHES = (1, 64, 256)
 STEPS = 200
+MICRO_TOKENS, MICRO_SEQ = 32, 8  # bench_train_step's 1k tokens in 4 sequences, scaled down
 ROUNDS = 3  # of STEPS steps each: the least disturbed round's median is the figure
 PROMPT = 127
 REAL_LAYERS = 24
@@ -187,21 +187,20 @@ def _top(profile: cProfile.Profile) -> list[dict]:
             for (file, line, name), (_, calls, own, cum, _) in rows]
 
 
-def micro_batch(model, ids: torch.Tensor, seqlens: list[int]) -> None:
-    """bench_train_step's micro-batch: the packed forward, the LM head's log-probs, backward."""
-    model.zero_grad(set_to_none=True)
-    hidden = model.forward_packed(ids, seqlens)
-    lm_head_logprobs(hidden, model.lm_head.weight, torch.roll(ids, -1)).mean().backward()
+def micro_batch(model):
+    """bench_train_step's micro-batch (MICRO_TOKENS tokens in sequences of MICRO_SEQ): the packed
+    forward, the fused LM head's log-probs, backward."""
+    return bench_train_step.micro_batch(model, MICRO_TOKENS, MICRO_SEQ, torch.device("cpu"))
 
 
 def micro_batch_counts(layers: int) -> HostCounter:
     torch.manual_seed(0)
     model = qwen_like(layers, torch.float32, "cpu", **SMALL)
-    ids = torch.randint(10, SMALL["vocab_size"], (32,), generator=torch.Generator().manual_seed(1))
+    run = micro_batch(model)
     with use_backend("triton"), traffic_ppo.value_checks_as_on_gpu():
-        micro_batch(model, ids, [8] * 4)  # warm-up: per-(device, dtype) caches
+        run()  # warm-up: per-(device, dtype) caches
         with HostCounter() as counter:
-            micro_batch(model, ids, [8] * 4)
+            run()
     return counter
 
 
@@ -212,12 +211,12 @@ def micro_batch_report() -> dict:
     layer = two.launches - one.launches
     torch.manual_seed(0)
     model = qwen_like(2, torch.float32, "cpu", **SMALL)
-    ids = torch.randint(10, SMALL["vocab_size"], (32,))
+    run = micro_batch(model)
     times = []
     with use_backend("torch"):
         for _ in range(5 + 50):
             start = time.thread_time()
-            micro_batch(model, ids, [8] * 4)
+            run()
             times.append(time.thread_time() - start)
         times = sorted(times[5:])[:25]  # the least disturbed half
     return {"launches_per_layer": layer, "launches_outside_layers": one.launches - layer,
