@@ -18,6 +18,8 @@ inside the replay (what the graph holds on a GPU) is left out of each figure:
 - tensors built from Python data (each one host-to-device copy on a GPU) and, of the copies to a
   device, the blocking ones: `torch.tensor(data, device=...)` and `.to(device)` without
   non_blocking, which on a GPU wait for the whole stream (a sync the dispatcher never sees).
+  engine/data/device_tensors.py's non-blocking copies happen on a GPU only: on the CPU it makes
+  the tensor where it is, so they count as built, not as copies.
 
 A training micro-batch (bench_train_step's: forward_packed of 4 sequences of 8 tokens, the fused LM
 head's log-probs, backward) is counted on the GPU's path (the Triton kernels, TRITON_INTERPRET=1,
@@ -27,6 +29,7 @@ at a negligible shape: an upper bound on its Python and dispatch cost on this CP
 
     python tests/tools/host_cost.py                    # bench/results/host_cost_cpu.{json,md}
     python tests/tools/host_cost.py --before OLD.json  # the md with OLD's figures beside
+    python tests/tools/host_cost.py --render NEW.json --before OLD.json  # the md alone
 """
 from __future__ import annotations
 
@@ -299,12 +302,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(RESULTS / "host_cost_cpu"), help="path without extension")
     p.add_argument("--before", help="an earlier run's json, shown beside this one in the md")
+    p.add_argument("--render", help="a run's json: write its md (beside --before's) unmeasured")
     args = p.parse_args()
     torch.set_num_threads(1)  # the host's one thread, as a GPU's engine runs it
-    r = {"meta": harness.run_metadata(torch.device("cpu")), **report()}
-    before = json.loads(Path(args.before).read_text()) if args.before else None
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(r, indent=1) + "\n")
+    if args.render:
+        r = json.loads(Path(args.render).read_text())
+    else:
+        r = {"meta": harness.run_metadata(torch.device("cpu")), **report()}
+        out.with_suffix(".json").write_text(json.dumps(r, indent=1) + "\n")
+    before = json.loads(Path(args.before).read_text()) if args.before else None
     text = ("# Host cost of a decode step and a training micro-batch (CPU counts and CPU times)\n\n"
             + harness.meta_line(r["meta"])
             + "Written by `python tests/tools/host_cost.py`; see its docstring for what is "
