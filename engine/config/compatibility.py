@@ -169,7 +169,6 @@ VISION_REFUSED: tuple[tuple[str, str], ...] = (
     ("reward_model", "a reward model scores text only: score with reward functions"),
     ("critic", "the critic is a text value model: use a group estimator (grpo, rloo, ...)"),
     ("ppo.ptx_coef", "the PPO-ptx data are read as text"),
-    (_TP, "the vision tower is not sliced over tensor ranks"),
     (_CP, "a row with images is not split over a context group"),
     ("train.optimizer_offload", "not shown with a vision tower"),
 )

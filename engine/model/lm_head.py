@@ -34,14 +34,12 @@ def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     dtype = head_dtype(hidden, weight)
     # a tensor-parallel LM head (engine/parallel/tensor_parallel.py): its vocabulary rows
     if hasattr(weight, "to_local"):
-        if bias is not None:
-            raise ValueError("a logit bias on a tensor-parallel LM head is not supported")
         group = weight.device_mesh.get_group()
         start = weight.device_mesh.get_local_rank() * -(
             -weight.shape[0] // weight.device_mesh.size())
         with torch.autocast(hidden.device.type, enabled=False):
             return vocab_parallel_logprobs(hidden.to(dtype), weight.to_local().to(dtype), labels,
-                                           start, group, temperature, with_entropy)
+                                           start, group, temperature, with_entropy, bias=bias)
     # The head runs on the model's backend, as the decoder walk does: "auto" keeps CPU tensors on
     # torch even under TRITON_INTERPRET=1 (a training run's head in the interpreter took two thirds
     # of its time); asked for by name, or on CUDA, the op decides as it always does.
