@@ -168,7 +168,6 @@ VISION_REFUSED: tuple[tuple[str, str], ...] = (
     ("rollout.tools", "a trajectory's later turns are rendered as text, with no image slot"),
     ("rollout.environment", "a trajectory's later turns are rendered as text, with no image slot"),
     ("reward_model", "a reward model scores text only: score with reward functions"),
-    ("critic", "the critic is a text value model: use a group estimator (grpo, rloo, ...)"),
     ("train.prefix_sharing", "a pack with images is forwarded whole"),
     ("ppo.ptx_coef", "the PPO-ptx data are read as text"),
     (_TP, "the vision tower is not sliced over tensor ranks"),
