@@ -167,7 +167,6 @@ VISION_REFUSED: tuple[tuple[str, str], ...] = (
     ("rollout.partial_rollouts", "a carried answer does not keep its prompt's images"),
     ("rollout.tools", "a trajectory's later turns are rendered as text, with no image slot"),
     ("rollout.environment", "a trajectory's later turns are rendered as text, with no image slot"),
-    ("reward_model", "a reward model scores text only: score with reward functions"),
     ("train.prefix_sharing", "a pack with images is forwarded whole"),
     ("ppo.ptx_coef", "the PPO-ptx data are read as text"),
     (_TP, "the vision tower is not sliced over tensor ranks"),
@@ -190,6 +189,17 @@ def refuse_for_vision(config) -> None:
             f"train.train_vision=true with lora.rank={config.lora.rank}: not supported (adapters "
             "go on the decoder only, and their export would leave the trained tower out); train "
             "the tower in full without adapters, or keep it frozen")
+
+
+def refuse_text_reward_model(reward_model: str | None, rm_config) -> None:
+    """With a vision-language policy: ConfigValueError (one line) when `reward_model` (its
+    directory, None: unused) is a text model (`rm_config`, its ModelConfig, describes no vision
+    tower): the rollout's rows hold image tokens it would read as text, without the images."""
+    if reward_model is not None and rm_config.vision is None:
+        raise ConfigValueError(
+            f"reward_model={reward_model!r} is a text model but the policy is a vision-language "
+            "model: its rows' image tokens need a vision-language reward model (fusedrl rm on "
+            "the policy's base), or score with reward functions")
 
 
 def _class_has(config_cls, key: str) -> bool:
