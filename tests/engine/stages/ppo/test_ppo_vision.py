@@ -1,7 +1,8 @@
 """PPO with a critic on rows with images: the separate critic (a value model built from a tiny
-Qwen2.5-VL policy's checkpoint) and the shared value head see each sample's images, the very
-pixel tensors of the rollout's pack the policy's forward takes, and their values move with the
-image alone."""
+Qwen2.5-VL policy's checkpoint, or from a vision-language reward model) and the shared value head
+see each sample's images, the very pixel tensors of the rollout's pack the policy's forward takes,
+and their values move with the image alone; a vision-language reward model scores the rollout
+with its images (a text one beside a vision policy is refused)."""
 import pytest
 import torch
 
@@ -12,10 +13,13 @@ from fusedrl.engine.data.prompts import load_prompts
 from fusedrl.engine.demos.vision import build_vision_model
 from fusedrl.engine.demos.vision_task import (build_vision_processor, count_reward,
                                               write_vision_data)
+from fusedrl.engine.errors import ConfigValueError
+from fusedrl.engine.model.reward_model import load_or_start_reward_model, save_reward_model
 from fusedrl.engine.model.value_model import ValueModel, load_value_model
 from fusedrl.engine.model.vision_language import VisionLanguageModel
 from fusedrl.engine.stages.ppo import trainer
 from fusedrl.engine.train.runlog import read_metrics
+from train_testing import save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +30,10 @@ def setup(tmp_path_factory):
     return root, build_vision_model(root / "base", 0, processor), data, processor
 
 
-def ppo_config(root, base, data, name, critic):
+def ppo_config(root, base, data, name, critic, **options):
     return PPOConfig(
         policy=base, prompts_file=data["prompts"], output_dir=str(root / name), seed=0,
-        critic=critic,
+        critic=critic, **options,
         rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=3,
                               kv_cache_memory=1 << 22, max_prompt_length=20),
         ppo=UpdateConfig(epochs=1, minibatch_size=4),
@@ -38,14 +42,16 @@ def ppo_config(root, base, data, name, critic):
 
 
 def watch_towers(monkeypatch) -> dict:
-    """Record the pixel_values tensor of every call of the policy's and the critic's vision towers
-    (by role), in call order, as ("policy" | "critic", tensor)."""
+    """Record the pixel_values tensor of every call of the policy's, the critic's and the reward
+    model's vision towers, in call order, as (role, tensor)."""
     calls = []
     build = trainer.build_models
 
     def build_and_watch(*args, **kwargs):
         models = build(*args, **kwargs)
-        for role, model in (("policy", models.policy), ("critic", models.critic)):
+        scorer = getattr(models.score, "rm", None)
+        for role, model in (("policy", models.policy), ("critic", models.critic),
+                            ("reward model", scorer)):
             if model is not None:
                 model.visual.register_forward_pre_hook(
                     lambda _, inputs, role=role: calls.append((role, inputs[0])))
@@ -119,3 +125,45 @@ def test_ppo_shared_value_head_with_images_runs_to_the_end(setup):
     assert len(rows) == 2
     assert all(torch.isfinite(torch.tensor([r["value_loss"], r["policy_loss"]])).all()
                for r in rows)
+
+
+def vision_reward_model(base, out) -> str:
+    """A reward model directory started from the vision policy's checkpoint, its score head drawn
+    at random (what `fusedrl rm` would export, untrained)."""
+    rm = load_or_start_reward_model(base)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        rm.score.weight.normal_()
+    save_reward_model(rm, out, source_dir=base)
+    return str(out)
+
+
+def test_ppo_scored_by_a_vision_reward_model_with_its_critic(setup, monkeypatch):
+    """reward_model: a vision-language reward model scores each rollout row with the row's own
+    processed pixels, and the separate critic starts from it (its score head as the value head)."""
+    root, base, data, processor = setup
+    rm_dir = vision_reward_model(base, root / "rm")
+    calls = watch_towers(monkeypatch)
+    trainer.train_ppo(ppo_config(root, base, data, "with_rm", "separate", reward_model=rm_dir))
+    rows = [r for r in read_metrics(root / "with_rm") if r["kind"] == "train"]
+    assert len(rows) == 2
+    assert all(torch.isfinite(torch.tensor([r["score_std"], r["value_loss"]])).all()
+               for r in rows)
+    assert all(r["score_std"] > 0 for r in rows)  # the random head tells the rows apart
+    known = prompt_pixels(data, processor)
+    scored = [pixels for role, pixels in calls if role == "reward model"]
+    assert len(scored) >= 2
+    for pixels in scored:
+        for chunk in pixels.split(known[0].shape[0]):
+            assert any(torch.equal(chunk, p) for p in known)
+    for i in [i for i, (role, _) in enumerate(calls) if role == "critic"]:
+        assert calls[i - 1][0] == "policy" and calls[i][1] is calls[i - 1][1]
+
+
+def test_a_text_reward_model_beside_a_vision_policy_is_refused(setup, tmp_path):
+    root, base, data, _ = setup
+    text_rm = save_tiny_model(tmp_path / "text_rm", "qwen2")
+    with pytest.raises(ConfigValueError, match="is a text model but the policy is a "
+                                               "vision-language model"):
+        trainer.train_ppo(ppo_config(root, base, data, "refused", "separate",
+                                     reward_model=str(text_rm)))
