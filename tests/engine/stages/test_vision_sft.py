@@ -99,15 +99,3 @@ def test_what_a_vision_model_does_not_run_with_is_refused(tmp_path, options, nam
         refuse_for_vision(PPOConfig(policy=str(tmp_path), prompts_file="p.jsonl", critic=critic,
                                     output_dir=str(tmp_path / "o"), reward_fn=["m:f"]))
 
-
-def test_distillation_of_a_vision_model_is_refused(vision_run):
-    from fusedrl.engine.config.distill import DistillConfig
-    from fusedrl.engine.stages.distill.trainer import train_distill
-
-    root, base, data = vision_run
-    cfg = DistillConfig(policy=base, teacher=base, prompts_file=data["prompts"],
-                        output_dir=str(root / "distill"),
-                        train=LoopConfig(device="cpu", progress=False))
-    with pytest.raises(ConfigValueError, match="is a vision-language model: not supported by "
-                                               "distillation yet"):
-        train_distill(cfg)
