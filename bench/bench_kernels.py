@@ -52,7 +52,7 @@ class Case:
     bytes_moved: Optional[int]     # what an ideal kernel reads + writes (None: compute-bound)
     make_inputs: Callable[[torch.device], dict]
     impls: dict[str, Callable[[dict], Thunk]] = field(default_factory=dict)
-    host_bound: bool = False       # report host microseconds and launches per call
+    report_host: bool = False      # report host microseconds and launches per call
     floor_flops: Optional[int] = None  # compute-bound: the matmul FLOPs no implementation avoids
 
 
@@ -143,6 +143,39 @@ def token_logprobs_cases(n_rows: int, vocab: int, dtype: torch.dtype) -> list[Ca
     return cases
 
 
+def trl_logprob_entropy():
+    """TRL's log-prob + entropy from logits (`selective_log_softmax` then `entropy_from_logits`,
+    two passes over the logits), or None where TRL is not installed."""
+    try:
+        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+    except ImportError:
+        return None
+    return lambda logits, labels: (selective_log_softmax(logits, labels),
+                                   entropy_from_logits(logits))
+
+
+def logprobs_entropy_cases(n_rows: int, vocab: int, dtype: torch.dtype) -> list[Case]:
+    """Each token's log-prob and the row's entropy from logits [N, V], forward only: what TRL's
+    GRPO, RLOO and DPO trainers compute 2-4 times a step (TRL's published figure is for 8,192
+    tokens of a 151,936 vocabulary, bf16). Ideal bytes: one read of the logits."""
+    def make(device):
+        return {"logits": torch.randn(n_rows, vocab, device=device, dtype=dtype) * 2,
+                "labels": torch.randint(0, vocab, (n_rows,), device=device)}
+
+    def both(fn):
+        return lambda logits, labels: fn(logits, labels, return_entropy=True)
+
+    shape = f"{n_rows}x{vocab} {str(dtype).removeprefix('torch.')}"
+    eager = both(reference.token_logprobs)
+    impls = {**ours(forward_only, both(kernels.token_logprobs)), "eager": forward_only(eager),
+             "torch.compile": forward_only(compiled(eager))}
+    trl = trl_logprob_entropy()
+    if trl is not None:
+        impls["trl"] = forward_only(trl)
+    element = torch.finfo(dtype).bits // 8
+    return [Case("token_logprobs+entropy", "fwd", shape, n_rows * vocab * element, make, impls)]
+
+
 def linear_token_logprobs_cases(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype) -> list[Case]:
     def make(device):
         return {"hidden": torch.randn(n_rows, hidden, device=device, dtype=dtype),
@@ -217,7 +250,7 @@ def rl_cases(batch: int, steps: int) -> list[Case]:
                 "torch.compile": wrap(compiled(make_fn(ref)))}
 
     def rl_case(op, mode, bytes_per_token, names, impls):
-        return Case(op, mode, shape, n * bytes_per_token, rl_inputs(batch, steps, names), impls, host_bound=True)
+        return Case(op, mode, shape, n * bytes_per_token, rl_inputs(batch, steps, names), impls, report_host=True)
 
     return [
         # fwd: 2 fp32 in + mask + fp32 out; bwd: grad + 2 in + mask + grad out.
@@ -278,7 +311,11 @@ def model_op_cases(n_rows: int, hidden: int, heads: tuple[int, int], head_dim: i
                                     ("fwd+bwd", lambda f, g=grads: forward_backward(f, g), 3)):
             impls = {**ours(build, wrap(public)), "eager": build(wrap(ref)),
                      "torch.compile": build(compiled(wrap(ref)))}
-            cases.append(Case(op, mode, shape, passes * n_rows * row_bytes, make, impls))
+            # With host figures: on an H100 our forward + backward of these ops took several
+            # times their bytes' time (0.65-0.84 ms at 16,384 rows; eager's SiLU * up 0.29 ms);
+            # the host microseconds per call say whether that is launches and dispatch.
+            cases.append(Case(op, mode, shape, passes * n_rows * row_bytes, make, impls,
+                              report_host=True))
     return cases
 
 
@@ -317,7 +354,7 @@ def measure(case: Case, device: torch.device, copy_gbps: float, matmul_tflops: f
             row["ms"] = harness.time_ms(thunk, device, budget_s=budget_s, min_reps=min_reps)
             row["peak_extra_mib"] = (lambda b: None if b is None else b / 2**20)(
                 harness.peak_extra_bytes(thunk, device))
-            if case.host_bound:
+            if case.report_host:
                 calls = host_calls or (50 if device.type == "cuda" else 5)
                 row["host_us"] = harness.host_us(thunk, device, calls=calls)
                 if name != "torch.compile":

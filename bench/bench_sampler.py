@@ -15,6 +15,7 @@ import sys
 import torch
 
 from fusedrl.kernels import sample
+from fusedrl.kernels.sampling.sampler import SamplerWorkspace
 
 VOCAB = 151936
 BATCHES = (1, 32, 256)
@@ -51,17 +52,38 @@ def model_logits(batch: int, vocab: int, device, dtype=torch.bfloat16) -> torch.
     return logits.to(dtype)
 
 
-def measure(batch: int, vocab: int, device, timer_us, dtype=torch.bfloat16, sampler=sample) -> dict:
+def graphed(fn):
+    """fn's device work captured once in a CUDA graph; returns a callable that replays it. The
+    engine's decode step runs the sampler inside its captured graph, so a replay is what a decode
+    step pays for it (no launch or dispatch cost on the host)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture: compiles, allocator pools
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def measure(batch: int, vocab: int, device, timer_us, dtype=torch.bfloat16, sampler=sample,
+            graph: bool = False) -> dict:
     """One batch's row: one_read_us (a row max), read_GBps, f"{mode}_us" per mode of MODES
     (timer_us(fn): microseconds per call of fn), top_p_over_greedy. sampler: sample()'s signature
-    (the eager reference's too)."""
+    (the eager reference's too); graph: each mode's call captured in a CUDA graph with a workspace
+    kept across calls (as the engine runs it) and the replay timed (CUDA only, `sample` only)."""
     logits = model_logits(batch, vocab, device, dtype)
     read = timer_us(lambda: logits.amax(-1))
     row = {"batch": batch, "one_read_us": read,
            "read_GBps": logits.numel() * logits.element_size() / read / 1e3}
+    workspace = SamplerWorkspace(max(1, batch), device) if graph else None
     for name, kw in MODES.items():
         params = sampling_args(batch, device, **kw)
-        row[f"{name}_us"] = timer_us(lambda: sampler(logits, *params))
+        call = (lambda: sampler(logits, *params, workspace=workspace)) if graph else (
+            lambda: sampler(logits, *params))
+        row[f"{name}_us"] = timer_us(graphed(call) if graph else call)
     row["top_p_over_greedy"] = row["top_p=0.9_us"] / row["greedy_us"]
     return row
 

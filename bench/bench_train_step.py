@@ -19,11 +19,10 @@ from fusedrl.engine.train.optim import clip_and_step
 from fusedrl.bench.shapes import qwen_like
 
 
-def measure_step(model, optimizer, tokens: int, seq_len: int, device: torch.device,
-                 budget_s: float = 5.0) -> dict:
-    """Median ms of one micro-batch of `tokens` tokens (packed sequences of `seq_len`): forward,
-    the fused LM head's log-probs and backward (under torchrun: and the gradients' all-reduce);
-    and of the optimizer step (clipped) after it."""
+def micro_batch(model, tokens: int, seq_len: int, device: torch.device):
+    """A callable running one micro-batch of `tokens` random tokens (packed sequences of
+    `seq_len`): the packed forward, the fused LM head's log-probs and backward (under torchrun:
+    and the gradients' all-reduce)."""
     seq = min(seq_len, tokens)
     ids = torch.randint(10, model.config.vocab_size, (tokens,), device=device)
     labels = torch.roll(ids, -1)
@@ -34,8 +33,16 @@ def measure_step(model, optimizer, tokens: int, seq_len: int, device: torch.devi
         lm_head_logprobs(hidden, model.lm_head.weight, labels).mean().backward()
         if ranks.several():  # data parallel: the ranks' gradients averaged, as DDP does
             ranks.average_gradients(model.parameters())
+    return fwd_bwd
 
-    loop = timing.measure(fwd_bwd, device, min_reps=3, budget_s=budget_s)
+
+def measure_step(model, optimizer, tokens: int, seq_len: int, device: torch.device,
+                 budget_s: float = 5.0) -> dict:
+    """Median ms of one micro-batch of `tokens` tokens (packed sequences of `seq_len`): forward,
+    the fused LM head's log-probs and backward (under torchrun: and the gradients' all-reduce);
+    and of the optimizer step (clipped) after it."""
+    loop = timing.measure(micro_batch(model, tokens, seq_len, device), device, min_reps=3,
+                          budget_s=budget_s)
     step = timing.measure(lambda: clip_and_step([optimizer], 1.0), device, min_reps=3,
                           budget_s=budget_s * 0.6)
     return {"tokens": tokens, "fwd_bwd_ms": round(loop.median_s * 1e3, 3),

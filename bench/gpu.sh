@@ -19,7 +19,7 @@
 # left is skipped and said so, and the bundle is written before the device would stop the call).
 # Stages: build tests tests_gpu tests_rest smoke bench_all suite_headline suite_rest suite_kernels
 # suite_generate suite_train suite_rl moe_decode kernels linear_tune rl_ops
-# attention generate generate_unfused generate_qwen3 sampler exact sft train_step ppo ppo_tokens
+# attention generate generate_unfused generate_qwen3 sampler exact sft train_step profile ppo ppo_tokens
 # ppo_lora ppo_lora_trl grpo demo traffic. `build` also copies the extension into OUTDIR (carried by
 # later calls on a fresh machine: see `plan`). `fusedrl bench` writes every row the moment it is
 # measured (OUTDIR/bench_*/results.jsonl, results.json, results.md), within the stage's minutes
@@ -34,7 +34,7 @@
 # transformers versions.
 set -uo pipefail
 ALL_STAGES="build tests smoke bench_all moe_decode kernels linear_tune rl_ops attention generate generate_unfused generate_qwen3 \
-sampler exact sft train_step ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic"
+sampler exact sft train_step profile ppo ppo_tokens ppo_lora ppo_lora_trl grpo demo traffic"
 # The suite's chunks (stage: test paths and marker expression). The process-starting modules
 # (integration: torchrun ranks on gloo, the `fusedrl` command on the CPU) prove nothing about the GPU
 # and stay out; the GPU smoke stage runs NCCL.
@@ -348,6 +348,7 @@ for stage in $stages; do
     sft)      run bench_sft 300 python bench/bench_sft.py --out "$out/bench_sft.json" ;;
     # A micro-batch's forward + backward (bar: 1k tokens <= 15 ms) and the optimizer step.
     train_step) run bench_train_step 300 python bench/bench_train_step.py --out "$out/bench_train_step.json" ;;
+    profile)  run profile 120 python bench/profile_steps.py --out "$out/profile" ;;
     ppo)      run bench_ppo 420 python bench/bench_ppo.py --out "$out/bench_ppo.json" ;;
     # Ours alone, each minibatch's 32 rows (128 + 256 tokens) packed into one forward by
     # ppo.tokens_per_microbatch instead of 16-row micro-batches: compare with stage ppo's ours.

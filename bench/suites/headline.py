@@ -2,11 +2,13 @@
 peer where installed, taken from the other suites (their measuring code, their rows, named suite
 "headline"): decode at batch 1 and 256 at the model's shape, the mixed workload, a 1k-token
 training micro-batch, one GRPO and one PPO iteration (the latter's peak beside `fusedrl plan`'s),
-the sampler at batch 1, the small RL ops at 256 x 2048 fp32, the fused log-prob + entropy at TRL's
-shape (V 151,936, H 4,096, 8,192 tokens), the fused head's memory and time at Liger's (the GRPO
-loss from hidden states, V 128,256, H 4,096, 4,096 tokens), the distillation divergence, and an
-MoE decode step at Qwen3-30B-A3B's layer shape. --quick: the same claims at shapes a CPU runs in
-seconds whose [N, V] logits (32-64 MiB) still set the fused paths' memory apart.
+the sampler at batch 1, the small RL ops at 256 x 2048 fp32, the log-prob + entropy at TRL's shape
+(8,192 tokens, V 151,936, bf16) from logits (forward, beside TRL's two passes; TRL publishes
+0.89 ms for its fused kernel) and from hidden states (H 4,096, forward + backward), the fused
+head's memory and time at Liger's (the GRPO loss from hidden states, V 128,256, H 4,096, 4,096
+tokens), the distillation divergence, and an MoE decode step at Qwen3-30B-A3B's layer shape.
+--quick: the same claims at shapes a CPU runs in seconds whose [N, V] logits (32-64 MiB) still set
+the fused paths' memory apart.
 """
 from __future__ import annotations
 
@@ -93,9 +95,10 @@ def cases(ctx: Context) -> list[Case]:
         headline(generate.mixed_case(ctx)),
         headline(train.cases_at(ctx, 128 if ctx.quick else 1024)),
         *(headline(rl_case) for rl_case in rl.cases(ctx)),
-        headline(Case(kernels.SUITE, kernels.sampler_name(1, vocab), ("fusedrl", "eager"),
+        headline(Case(kernels.SUITE, kernels.sampler_name(1, vocab), kernels.SAMPLER_IMPLS,
                       functools.partial(kernels.sampler_rows, ctx, 1, vocab, budget))),
         *(kernel_case(ctx, case) for case in bench_kernels.rl_cases(*shapes.RL_OPS)),
+        *(kernel_case(ctx, case) for case in bench_kernels.logprobs_entropy_cases(n, v, dtype)),
         *(kernel_case(ctx, case) for case in logprobs),
         headline(Case(kernels.SUITE, kernels.grpo_loss_name(*head),
                       ("eager", "fusedrl", "liger", "trl"),

@@ -42,6 +42,8 @@ def _impl_name(impl: str) -> str:
         return "fusedrl cuda"
     if impl == "liger":
         return f"liger {peer_version('liger-kernel')}"
+    if impl == "trl":
+        return f"trl {peer_version('trl')}"
     return impl
 
 
@@ -183,15 +185,28 @@ def sampler_name(batch: int, vocab: int) -> str:
     return f"sampler B={batch} V={vocab}"
 
 
+# The sampler's rows: ours as called from Python (its launches and dispatch on the host each
+# call), ours replayed from a CUDA graph (as the engine's decode step runs it), the eager reference.
+SAMPLER_IMPLS = ("fusedrl", "fusedrl CUDA graph", "eager")
+
+
 def sampler_rows(ctx: Context, batch: int, vocab: int, budget: float, suite: str = SUITE):
-    """bench_sampler's decode step at one batch, every mode: ours (sample) and the eager
-    reference (reference.sample, the same draws). Memory-bound: fraction_of_limit is one read of
-    the logits per second over the bandwidth."""
+    """bench_sampler's decode step at one batch, every mode: ours (sample) called, ours replayed
+    from a CUDA graph, and the eager reference (reference.sample, the same draws). Memory-bound:
+    fraction_of_limit is one read of the logits per second over the bandwidth."""
     from fusedrl.kernels import reference
     timer_us = lambda fn: 1e3 * harness.time_ms(fn, ctx.device, budget_s=budget)  # noqa: E731
     read_bytes = batch * vocab * ctx.dtype.itemsize
-    for impl, sampler in (("fusedrl", bench_sampler.sample), ("eager", reference.sample)):
-        r = bench_sampler.measure(batch, vocab, ctx.device, timer_us, ctx.dtype, sampler)
+    graphs = ctx.device.type == "cuda"
+    for impl, sampler, graph in zip(SAMPLER_IMPLS, (bench_sampler.sample, bench_sampler.sample,
+                                                    reference.sample), (False, True, False)):
+        if graph and not graphs:
+            for mode in bench_sampler.MODES:
+                yield results.missing_row(suite, f"sampler {mode} B={batch} V={vocab}", impl,
+                                          "not run: CUDA graphs need a CUDA device",
+                                          ctx.bandwidth_limit)
+            continue
+        r = bench_sampler.measure(batch, vocab, ctx.device, timer_us, ctx.dtype, sampler, graph)
         for mode in bench_sampler.MODES:
             seconds = r[f"{mode}_us"] / 1e6
             yield results.make_row(
@@ -232,7 +247,7 @@ def cases(ctx: Context) -> list[Case]:
     budget, reps, host_calls = (0.05, 3, 2) if ctx.quick else (1.0, 3, None)
     out = [kernel_case(ctx, case, budget, reps, host_calls) for case in kernel_cases(ctx.quick)]
     batches, vocab = ((1, 4), 2048) if ctx.quick else (bench_sampler.BATCHES, bench_sampler.VOCAB)
-    out += [Case(SUITE, sampler_name(batch, vocab), ("fusedrl", "eager"),
+    out += [Case(SUITE, sampler_name(batch, vocab), SAMPLER_IMPLS,
                  functools.partial(sampler_rows, ctx, batch, vocab, budget)) for batch in batches]
     out.append(Case(SUITE, ATTENTION, ("fusedrl", "padded", "loop"),
                     functools.partial(attention_rows, ctx, budget)))

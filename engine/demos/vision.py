@@ -76,16 +76,30 @@ def vision_accuracy(model, processor, tasks: list[dict], samples: int, seed: int
     return sum(judged) / len(judged)
 
 
+def train_vision_sft(cfg: DemoConfig, base: str, demonstrations: str, out: Path,
+                     loop: dict) -> str:
+    """The demo's SFT stage: cfg.sft_epochs over the demonstrations (a JSONL file of TRL rows with
+    images) from the base model; returns the SFT policy's directory. loop: TrainConfig's device,
+    precision, progress and resume."""
+    from ..config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
+    from ..stages.sft import train_sft
+
+    return train_sft(SFTConfig(
+        model=base, output_dir=str(out), seed=cfg.seed,
+        data=DataConfig(train_file=demonstrations, tokens_per_batch=SFT_ROWS * 19,
+                        max_length=MAX_LENGTH, max_prompt_length=MAX_LENGTH - 4, eval_fraction=0),
+        optim=OptimConfig(lr=3e-3, warmup_steps=10, weight_decay=0.0),
+        train=TrainConfig(epochs=cfg.sft_epochs, **loop, eval_every=0)))
+
+
 @releases_output_dir
 def run_vision_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     """SFT on noisy counting demonstrations with pictures, then GRPO with the program's reward;
     returns (and saves) the final table. cfg.output_dir is held as run_demo holds it
     (engine/demos/sorting.py)."""
     from ..config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
-    from ..config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
     from ..model.hf_io import load_model
     from ..stages.ppo.trainer import train_ppo
-    from ..stages.sft import train_sft
     from ..train.plot import plot_run
 
     start = time.perf_counter()
@@ -97,12 +111,7 @@ def run_vision_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     base = build_vision_model(out / "base", cfg.seed, processor)
     loop = dict(device="cpu" if not torch.cuda.is_available() else None, precision=cfg.precision,
                 progress=not quiet, resume=False)
-    sft_dir = train_sft(SFTConfig(
-        model=base, output_dir=str(out / "sft"), seed=cfg.seed,
-        data=DataConfig(train_file=data["sft"], tokens_per_batch=SFT_ROWS * 19,
-                        max_length=MAX_LENGTH, max_prompt_length=MAX_LENGTH - 4, eval_fraction=0),
-        optim=OptimConfig(lr=3e-3, warmup_steps=10, weight_decay=0.0),
-        train=TrainConfig(epochs=cfg.sft_epochs, eval_every=0, **loop)))
+    sft_dir = train_vision_sft(cfg, base, data["sft"], out / "sft", loop)
 
     def accuracy(model) -> float:
         return vision_accuracy(model, processor, data["held_out"], cfg.eval_samples, cfg.seed)

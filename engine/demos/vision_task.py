@@ -51,9 +51,10 @@ QUESTION = "how many squares ?"
 
 
 def task_messages(task: dict) -> list[dict]:
-    """A task's prompt in TRL's conversational format: the picture's part, then the question."""
+    """A task's prompt in TRL's conversational format: the picture's part, then its question
+    (the task's "question", else QUESTION)."""
     return [{"role": "user", "content": [{"type": "image"},
-                                         {"type": "text", "text": QUESTION}]}]
+                                         {"type": "text", "text": task.get("question", QUESTION)}]}]
 
 
 def is_correct(answer: int, response: str) -> bool:
@@ -61,9 +62,11 @@ def is_correct(answer: int, response: str) -> bool:
     return response.split() == [str(answer)]
 
 
-def make_tasks(n: int, rng: random.Random, exclude: set = frozenset()) -> list[dict]:
+def make_tasks(n: int, rng: random.Random, exclude: set = frozenset(),
+               counted: frozenset = frozenset(COLOURS)) -> list[dict]:
     """n distinct pictures, none of `exclude`, as tasks {"cells", "answer"}: each cell empty or a
-    square of a random colour, alike likely, the answer the number of squares."""
+    square of a random colour, alike likely, the answer the number of squares whose colour is
+    `counted` (default: every square)."""
     possible = (len(COLOURS) + 1) ** CELLS - len(exclude)
     if n > possible:
         raise ValueError(f"{n} distinct pictures asked for, but only {possible} are left")
@@ -73,21 +76,24 @@ def make_tasks(n: int, rng: random.Random, exclude: set = frozenset()) -> list[d
                       for _ in range(CELLS))
         if cells not in seen:
             seen.add(cells)
-            out.append({"cells": cells, "answer": CELLS - cells.count(None)})
+            out.append({"cells": cells, "answer": sum(c in counted for c in cells)})
     return out
 
 
 def write_vision_data(train_prompts: int, eval_prompts: int, noise: float, seed: int,
-                      data_dir: Path) -> dict:
+                      data_dir: Path, counted: frozenset = frozenset(COLOURS),
+                      question: str = QUESTION) -> dict:
     """PNG pictures and JSONL rows in TRL's format (an `images` column of paths, a `prompt` message
     list with an image part): noisy demonstrations (a `noise` fraction answer a wrong count), GRPO
-    prompts with their `answer` column, and held-out tasks."""
+    prompts with their `answer` column, and held-out tasks; `counted` and `question` as in
+    make_tasks and task_messages (default: every square, QUESTION)."""
     rng = random.Random(seed)
-    train = make_tasks(train_prompts, rng)
-    held_out = make_tasks(eval_prompts, rng, exclude={t["cells"] for t in train})
+    train = make_tasks(train_prompts, rng, counted=counted)
+    held_out = make_tasks(eval_prompts, rng, exclude={t["cells"] for t in train}, counted=counted)
     (data_dir / "images").mkdir(parents=True, exist_ok=True)
     for i, task in enumerate(train + held_out):
         task["image"] = f"images/{i}.png"
+        task["question"] = question
         draw(list(task["cells"])).save(data_dir / task["image"])
     demos, prompts = [], []
     for task in train:

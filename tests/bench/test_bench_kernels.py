@@ -59,3 +59,21 @@ def test_linear_row_reports_the_three_gemm_floor(tmp_path):
         floor_ms = gemm_ms * (3 if mode == "fwd+bwd" else 1)
         assert row["floor_ms"] == pytest.approx(floor_ms)
         assert row["frac_of_floor"] == pytest.approx(floor_ms / row["ms"])
+
+
+def test_logprob_entropy_rows_compute_what_trls_two_passes_compute():
+    """The headline's log-prob + entropy from logits: every implementation runs, and TRL's two
+    passes (its published claim's baseline) give our values, so the rows time the same thing."""
+    cases = bench_kernels.logprobs_entropy_cases(5, 257, torch.float32)
+    assert [c.op for c in cases] == ["token_logprobs+entropy"]
+    inputs = cases[0].make_inputs(torch.device(DEVICE))
+    for impl in ("fusedrl", "eager", *(("trl",) if "trl" in cases[0].impls else ())):
+        cases[0].impls[impl](inputs)()
+    trl = bench_kernels.trl_logprob_entropy()
+    if trl is None:
+        pytest.skip("trl is not installed")
+    logp, entropy = trl(inputs["logits"], inputs["labels"])
+    want_logp, want_entropy = bench_kernels.reference.token_logprobs(
+        inputs["logits"].double(), inputs["labels"], return_entropy=True)
+    torch.testing.assert_close(logp.double(), want_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), want_entropy, rtol=1e-5, atol=1e-5)

@@ -55,6 +55,9 @@ def test_all_quick_writes_one_schema_with_every_suite_and_its_limit(quick_run):
     kernels = {(r["name"].split()[0], r["impl"]) for r in rows if r["suite"] == "kernels"}
     assert {("sampler", "fusedrl"), ("sampler", "eager"), ("attention", "fusedrl"),
             ("attention", "loop"), ("attention", "padded groups")} <= kernels, kernels
+    # the sampler replayed from a CUDA graph (as the engine's decode step runs it): CUDA only
+    graphed = [r for r in rows if r["impl"] == "fusedrl CUDA graph"]
+    assert graphed and all((r["status"] == "ok") == torch.cuda.is_available() for r in graphed)
     # the CPU's rows run what the engine runs there (the PyTorch backend), not the interpreter
     assert torch.cuda.is_available() or (meta["backend"] == "torch"
                                          and not meta["triton_interpreter"])
