@@ -147,7 +147,8 @@ def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int,
     for group in pack([len(s) for s in sequences], budget):
         seqs = [sequences[i] for i in group]
         ids = torch.tensor(sum(seqs, []), device=device)
-        pixels, grids, _ = join_images(images and [images[i] for i in group], device)
+        pixels, grids, _ = join_images(None if images is None else [images[i] for i in group],
+                                       device)
         hidden = model.forward_packed(ids, [len(s) for s in seqs], **(
             {} if pixels is None else {"pixel_values": pixels, "image_grid_thw": grids}))
         total += model.raw_rewards(hidden, [len(s) for s in seqs]).sum().item()

@@ -3,6 +3,7 @@ learns which colour the picture's squares are (the chosen response names it, the
 another colour, the question the same for every row), so only the image can tell the two apart;
 it ranks held-out pictures far above chance, and its score of one answer moves with the picture
 alone. The rows' rules (data/vision_rankings.py) are refused in one line."""
+import dataclasses
 import json
 import math
 import random
@@ -16,7 +17,7 @@ from fusedrl.engine.demos.vision import build_vision_model
 from fusedrl.engine.demos.vision_task import CELLS, COLOURS, WORDS, build_vision_processor, draw
 from fusedrl.engine.model.reward_model import load_reward_model
 from fusedrl.engine.model.vision_language import VisionLanguageModel
-from fusedrl.engine.stages.rm import train_rm
+from fusedrl.engine.stages.rm import mean_raw_reward, train_rm, vision_references
 from fusedrl.engine.train.runlog import read_metrics
 from train_testing import rm_config
 
@@ -90,6 +91,30 @@ def test_vision_rm_score_moves_with_the_picture_alone(trained):
         scores.append(rm.packed_rewards(packed).item())
     right, wrong = scores
     assert right - wrong > 1.0, scores
+
+
+def test_reference_file_rows_with_images_set_the_offset(trained, tmp_path):
+    """reference_file's demonstrations with images (SFT rows) are the references: scored packed
+    together, their mean is the mean of their scores one by one."""
+    cfg, final, processor = trained
+    (tmp_path / "images").mkdir()
+    rows = [{"prompt": QUESTION, "completion": colour, "images": [f"images/{colour}.png"]}
+            for colour in ("red", "green", "blue")]
+    for colour in ("red", "green", "blue"):
+        draw([colour] * CELLS).save(tmp_path / "images" / f"{colour}.png")
+    (tmp_path / "ref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = dataclasses.replace(cfg, reference_file=str(tmp_path / "ref.jsonl"))
+    sequences, images = vision_references(cfg, processor, [])
+    assert len(sequences) == 3 and all(i.num_images == 1 for i in images)
+    rm = load_reward_model(final)
+    packed = mean_raw_reward(rm, sequences, 256, "cpu", images)
+    with torch.no_grad():
+        alone = [rm.raw_rewards(rm.forward_packed(torch.tensor(s), [len(s)],
+                                                  pixel_values=i.pixel_values,
+                                                  image_grid_thw=i.image_grid_thw),
+                                [len(s)]).item() for s, i in zip(sequences, images)]
+    assert packed == pytest.approx(sum(alone) / 3, abs=1e-5)
+    assert max(alone) - min(alone) > 0.1  # three pictures, three scores
 
 
 @pytest.mark.parametrize("row,error", [

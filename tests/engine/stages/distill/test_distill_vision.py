@@ -38,9 +38,9 @@ def config(setup, name, teacher=None, **fields):
     defaults = dict(
         rollout=RolloutConfig(prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=3,
                               kv_cache_memory=1 << 22, max_prompt_length=20),
-        ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.0, vf_coef=0.0, epochs=2,
-                         minibatch_size=4),
-        train=LoopConfig(iterations=2, progress=False, device="cpu", resume=False))
+        ppo=UpdateConfig(estimator="grpo", kl_loss_coef=0.0, vf_coef=0.0, epochs=1,
+                         minibatch_size=2),
+        train=LoopConfig(iterations=1, progress=False, device="cpu", resume=False))
     return DistillConfig(policy=student, teacher=teacher or default_teacher,
                          prompts_file=data["prompts"], output_dir=str(root / name),
                          **{**defaults, **fields})
@@ -66,11 +66,10 @@ def test_vision_distillation_runs_with_the_teacher_reading_the_rows_images(setup
     monkeypatch.setattr(trainer, "load_teacher", load_and_watch)
     trainer.train_distill(config(setup, mode, distill=DistillSection(mode=mode, top_k=8)))
     rows = [r for r in read_metrics(root / mode) if r["kind"] == "train"]
-    assert len(rows) == 2
-    for r in rows:
-        assert all(torch.isfinite(torch.tensor(r[k])) for k in ("divergence", "teacher_logprob"))
+    assert len(rows) == 1 and rows[0]["updates"] == 2  # two minibatches of two rows
+    assert all(torch.isfinite(torch.tensor(rows[0][k])) for k in ("divergence", "teacher_logprob"))
     known = prompt_pixels(data, processor)
-    assert len(seen) >= 2  # a teacher forward per iteration
+    assert seen  # the teacher's forward over the iteration's rows
     for pixels in seen:
         for chunk in pixels.split(known[0].shape[0]):
             assert any(torch.equal(chunk, p) for p in known)
