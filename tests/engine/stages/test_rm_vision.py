@@ -19,6 +19,7 @@ from fusedrl.engine.model.reward_model import load_reward_model
 from fusedrl.engine.model.vision_language import VisionLanguageModel
 from fusedrl.engine.stages.rm import mean_raw_reward, train_rm, vision_references
 from fusedrl.engine.train.runlog import read_metrics
+from cli_testing import run_fusedrl
 from train_testing import rm_config
 
 QUESTION = "which colour ?"
@@ -150,3 +151,19 @@ def test_a_ranking_shares_its_prompt_and_pixels_over_its_responses():
                            images=[example.images] * 3)
     assert batch.image_counts == [1, 1, 1]
     assert torch.equal(batch.pixel_values, example.images.pixel_values.repeat(3, 1))
+
+
+@pytest.mark.integration
+def test_fusedrl_rm_command_on_rows_with_images(trained, tmp_path):
+    """`fusedrl rm` on the JSONL rankings (images by path): two steps, the reward model exported
+    with its processor, and loaded back as a vision-language reward model."""
+    cfg, _, _ = trained
+    out = tmp_path / "cli"
+    result = run_fusedrl(
+        "rm", f"model={cfg.model}", f"data.train_file={cfg.data.train_file}",
+        f"output_dir={out}", "data.eval_fraction=0", "data.tokens_per_batch=256", "data.max_length=48",
+        "data.max_prompt_length=24",
+        "train.max_steps=2", "train.device=cpu", "train.progress=false", timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "final" / "preprocessor_config.json").is_file()
+    assert isinstance(load_reward_model(out / "final"), VisionLanguageModel)
