@@ -161,9 +161,9 @@ def test_fusedrl_rm_command_on_rows_with_images(trained, tmp_path):
     out = tmp_path / "cli"
     result = run_fusedrl(
         "rm", f"model={cfg.model}", f"data.train_file={cfg.data.train_file}",
-        f"output_dir={out}", "data.eval_fraction=0", "data.tokens_per_batch=256", "data.max_length=48",
-        "data.max_prompt_length=24",
-        "train.max_steps=2", "train.device=cpu", "train.progress=false", timeout=600)
+        f"output_dir={out}", "data.eval_fraction=0", "data.tokens_per_batch=256",
+        "data.max_length=48", "data.max_prompt_length=24", "train.max_steps=2",
+        "train.device=cpu", "train.progress=false", timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "final" / "preprocessor_config.json").is_file()
     assert isinstance(load_reward_model(out / "final"), VisionLanguageModel)
