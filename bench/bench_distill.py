@@ -6,11 +6,13 @@ the CPU, where its inner kernel is Triton's, its chunked PyTorch LigerFusedLinea
 hard loss off). Same inputs for all: student [N, H], a teacher twice as wide, a mask with 10%
 of the rows off, beta 0.5 (the JSD, the most work), temperature 0.7.
 
-Per variant and shape, in a fresh process: the peak extra memory of forward + backward (the
-process's peak RSS above what it held once the inputs were made, on the CPU; max_memory_allocated
-above the allocated on a GPU), the time of one forward + backward after a first one (on a GPU
-the median of three) and the loss. A variant whose plain [N, V] buffers would not fit in the
-machine's free memory is left out and says so.
+Per variant and shape: the peak extra memory of forward + backward, the time and the loss. On the
+CPU each in a fresh process (the process's peak RSS above what it held once the inputs were made;
+one forward + backward after a first one); on a GPU `fusedrl bench` measures them in its own
+process one after another (measure_here: max_memory_allocated above the allocated, the memory
+freed between them, a time-budgeted loop), this script in a process each (the median of three).
+A variant whose plain [N, V] buffers would not fit in the machine's free memory is left out and
+says so.
 
     python bench/bench_distill.py                  # N 4096 and 16384 x H 256 and 896 x V 32000
                                                    # and 151936 (the CPU's takes hours)
@@ -29,10 +31,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from fusedrl.bench import harness
+from fusedrl.bench.context import free_device
 
 HERE = Path(__file__).resolve().parent
 
@@ -109,6 +113,38 @@ def run_variant(name: str, n: int, h: int, v: int, device: str, chunk_size=None)
         seconds = time.perf_counter() - start
     return {"peak_extra_mib": peak / 2**20, "seconds": seconds, "loss": loss.item(),
             "grad_weight_norm": weight.grad.norm().item()}
+
+
+def measure_here(n: int, h: int, v: int, variants: dict, device: torch.device,
+                 budget_s: float, chunk_size=None) -> Iterator[dict]:
+    """Each variant in this process, one after another (harness.variant_here), its row (as
+    run_in_process's) yielded as it is measured. variants: name -> whether it runs here (False: a
+    peer not installed, not imported; its row has no figures)."""
+    x = make_inputs(n, h, v, device)
+    for name, runs in variants.items():
+        row = {"variant": name, "n": n, "h": h, "v": v}
+        if runs:
+            try:
+                row.update(_variant_here(name, x, device, budget_s, chunk_size))
+            except Exception as error:  # noqa: BLE001 - a variant that cannot run is its row
+                row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        free_device(device)
+        yield row
+
+
+def _variant_here(name: str, x: dict, device: torch.device, budget_s: float, chunk_size) -> dict:
+    hidden = x["student_hidden"].detach().requires_grad_()
+    weight = x["student_weight"].detach().requires_grad_()
+    loss_fn = variant_loss(name, device, chunk_size)
+
+    def step():
+        loss = loss_fn(x, hidden, weight)
+        loss.backward()
+        return loss
+    measured = harness.variant_here(step, lambda: {"weight": weight.grad}, device, budget_s)
+    return {"peak_extra_mib": measured["peak_extra_mib"], "seconds": measured["seconds"],
+            "loss": measured["loss"].item(),
+            "grad_weight_norm": measured["grads"]["weight"].norm().item()}
 
 
 def free_bytes() -> int:

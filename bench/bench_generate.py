@@ -96,7 +96,7 @@ def decode_roofline_tok_s(batch: int, mean_context: float, weight_bytes: int, kv
 def time_hf(hf, prompts, new_tokens, device):
     ids = torch.tensor(prompts, device=device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+                  attention_mask=torch.ones_like(ids), pad_token_id=0, use_cache=True)
     with torch.no_grad():
         harness.synchronize(device)
         t = time.perf_counter()
@@ -104,6 +104,22 @@ def time_hf(hf, prompts, new_tokens, device):
         harness.synchronize(device)
     assert out.shape[1] == ids.shape[1] + new_tokens
     return time.perf_counter() - t
+
+
+def hf_step_seconds(hf, prompts, device, steps: int = 8) -> float:
+    """Seconds of one decode step's forward of a transformers model (batch of `prompts`, the KV
+    cache of the prompt filled first): the model's own share of generate's time per token."""
+    ids = torch.tensor(prompts, device=device)
+    with torch.no_grad():
+        out = hf(input_ids=ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        hf(input_ids=token, past_key_values=cache, use_cache=True)  # the first step: warm-up
+        harness.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            hf(input_ids=token, past_key_values=cache, use_cache=True)
+        harness.synchronize(device)
+    return (time.perf_counter() - start) / steps
 
 
 def mixed_lengths(args, vocab_size: int):

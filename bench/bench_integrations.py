@@ -4,10 +4,12 @@ chunk_size), Liger's (LigerFusedLinearGRPOLoss, compiled=False), TRL 1.x's fused
 logits, log_softmax, gather). Same inputs for all ([B, T, H] hidden, [V, H] head, ratio != 1,
 beta 0.04, loss_type grpo), saved once with safetensors and loaded by each variant.
 
-Per variant, in a fresh process: the loss and its gradients (compared with plain PyTorch's), the
-peak extra memory of forward + backward (the process's peak RSS above what it held before, on the
-CPU; max_memory_allocated above the allocated on a GPU) and the time (one run, on a GPU the median
-of three). Results JSON: commit, device, versions, per shape and variant.
+Per variant: the loss and its gradients (compared with plain PyTorch's), the peak extra memory of
+forward + backward and the time. On the CPU each variant in a fresh process (the process's peak RSS
+above what it held before; one run); on a GPU `fusedrl bench` measures them in its own process one
+after another (measure_here: max_memory_allocated above the allocated, the memory freed between
+them, the time of a time-budgeted loop), this script in a process each (the median of three).
+Results JSON: commit, device, versions, per shape and variant.
 
     python bench/bench_integrations.py [--shapes N,H,V ...] [--json out.json]
 
@@ -23,11 +25,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from fusedrl.bench import harness
+from fusedrl.bench.context import free_device
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,7 +39,7 @@ VARIANTS = ("torch", "fusedrl", "liger", "trl_head")
 BETA, EPS, ROWS_PER_SEQ = 0.04, 0.2, 512
 
 
-def make_inputs(n: int, h: int, v: int, path: str) -> None:
+def make_inputs(n: int, h: int, v: int) -> dict:
     """[B, T, H] hidden (B x T = n), [V, H] head, ids, a completion mask with padded tails, [B]
     advantages, and old/ref log-probs near the policy's (so the ratio is near, not at, 1)."""
     gen = torch.Generator().manual_seed(0)
@@ -49,10 +53,10 @@ def make_inputs(n: int, h: int, v: int, path: str) -> None:
         mask[row, t - int(torch.randint(0, t // 4 + 1, (1,), generator=gen)):] = 0
     logp = torch.cat([torch.log_softmax(hidden[i] @ weight.t(), -1).gather(-1, ids[i, :, None])
                       .squeeze(-1)[None] for i in range(b)])
-    save_file({"hidden": hidden, "weight": weight, "ids": ids, "mask": mask,
-               "advantages": torch.randn(b, generator=gen),
-               "old": logp + 0.05 * torch.randn(b, t, generator=gen),
-               "ref": logp + 0.05 * torch.randn(b, t, generator=gen)}, path)
+    return {"hidden": hidden, "weight": weight, "ids": ids, "mask": mask,
+            "advantages": torch.randn(b, generator=gen),
+            "old": logp + 0.05 * torch.randn(b, t, generator=gen),
+            "ref": logp + 0.05 * torch.randn(b, t, generator=gen)}
 
 
 def trl_loss(logp, old, ref, advantages, mask):
@@ -118,6 +122,46 @@ def run_variant(name: str, inputs_path: str, grads_path: str, device: str) -> di
     return {"peak_extra_mib": peak / 2**20, "seconds": seconds}
 
 
+def measure_here(n: int, h: int, v: int, variants: dict, device: torch.device,
+                 budget_s: float) -> Iterator[dict]:
+    """Each variant in this process, one after another (harness.variant_here: the allocator's
+    peak each one's own, the memory freed between them), its row (as bench_shape's, the errors
+    against plain PyTorch's, "torch", which comes first) yielded as it is measured. variants:
+    name -> whether it runs here (False: a peer not installed, not imported; its row has no
+    figures)."""
+    x = {k: t.to(device) for k, t in make_inputs(n, h, v).items()}
+    oracle = None
+    for name, runs in variants.items():
+        row = {"variant": name, "n": n, "h": h, "v": v}
+        if runs:
+            try:
+                measured = _variant_here(name, x, device, budget_s)
+            except Exception as error:  # noqa: BLE001 - a variant that cannot run is its row
+                row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+            else:
+                grads = {"loss": measured.pop("loss"), **measured.pop("grads")}
+                oracle = grads if name == "torch" else oracle
+                row.update(measured)
+                if oracle is not None:
+                    compare(row, grads, oracle)
+                del grads
+        free_device(device)
+        yield row
+
+
+def _variant_here(name: str, x: dict, device: torch.device, budget_s: float) -> dict:
+    hidden = x["hidden"].detach().requires_grad_()
+    weight = x["weight"].detach().requires_grad_()
+    loss_fn = variant_loss(name)
+
+    def step():
+        loss = loss_fn(x, hidden, weight)
+        loss.backward()
+        return loss
+    return harness.variant_here(step, lambda: {"hidden": hidden.grad, "weight": weight.grad},
+                                device, budget_s)
+
+
 def versions(trl_dir: str) -> dict:
     """The peers' versions, read in a process with trl_dir on its path."""
     code = ("import json, importlib.metadata as m\nout = {}\n"
@@ -142,7 +186,7 @@ def bench_shape(n: int, h: int, v: int, args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_integrations_") as tmp:
         inputs_path = os.path.join(tmp, "inputs.safetensors")
-        make_inputs(n, h, v, inputs_path)
+        save_file(make_inputs(n, h, v), inputs_path)
         results = {}
         for name in args.variants:
             grads_path = os.path.join(tmp, f"{name}.safetensors")

@@ -152,6 +152,8 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
     from fusedrl.engine.stages.ppo.update import UpdateSettings, ppo_update
     from fusedrl.engine.train.precision import param_dtype, resolve_precision
 
+    # What the process held before this side (another case's leftovers): not in its peak.
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     # The KV pool holds every row's prompt and response (no credit for prompt sharing), in the weights' dtype.
     dtype = param_dtype(resolve_precision("auto", device))
     model_config = load_config(policy_dir)
@@ -179,7 +181,7 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
     models = build_models(cfg, device, dtype, tokenizer, rewards)
     opts, _ = build_optimizers(models, cfg)
     prompts = make_prompts(shape, models.policy.config.vocab_size)
-    clock = IterationClock(device)
+    clock = IterationClock(device, held)
     for iteration in range(2):
         clock.mark()
         timer = PhaseTimer(device)
@@ -192,7 +194,7 @@ def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: to
     return {**clock.result(), "response_tokens": int(rollout.mask.sum()), **timer.metrics(),
             "kv_pool_gib": models.actor.kv_pool_bytes / 2**30, **weight_sync(models.actor, device),
             "policy_parameters": sum(p.numel() for p in models.policy.parameters()),
-            "plan_peak_gib": planned_peak_bytes(cfg, device) / 2**30}
+            **planned_peak(cfg, device)}
 
 
 def weight_sync(actor, device: torch.device) -> dict:
@@ -210,14 +212,20 @@ def weight_sync(actor, device: torch.device) -> dict:
     return {"weight_sync_s": seconds, "weights_shared": shared}
 
 
-def planned_peak_bytes(cfg, device: torch.device) -> int:
-    """`fusedrl plan`'s per-device peak for this run's config on one device of this one's memory."""
+def planned_peak(cfg, device: torch.device) -> dict:
+    """`fusedrl plan`'s per-device peak for this run's config on one device of this one's memory
+    (plan_peak_gib), and the KV pool inside it (plan_kv_pool_gib: the config's bytes, capped at
+    the rows' full length): the measured peak holds the pool the actor allocated (kv_pool_gib),
+    so both sides count it."""
     from fusedrl.engine.plan.planner import plan_stage
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return plan_stage(cfg, 1, memory, device=device.type, advise=False).peak
+    plan = plan_stage(cfg, 1, memory, device=device.type, advise=False)
+    pool = plan.kv_pool.bytes if plan.kv_pool is not None else None
+    return {"plan_peak_gib": plan.peak / 2**30,
+            "plan_kv_pool_gib": None if pool is None else pool / 2**30}
 
 
 def bench_device(quick: bool) -> torch.device:

@@ -1,7 +1,9 @@
-"""A case (one claim at one shape, its implementations' rows), and how the runner runs one: within
-its time budget (a SIGALRM timer), its rows given their spread (median, p20, p80, n) and its
-seconds split into setup_s, compile_s (warm-up: compile and autotune) and measure_s (the timed
-loops), from the ledger (timing.py) kept while it runs."""
+"""A case (one claim at one shape, its implementations' rows), and how the runner runs one: its
+time budget bounds its timed repetitions (timing.case_budget: a case whose setup or compile ran
+long still gets its first measurement), a hard limit (the run's deadline: a SIGALRM timer) stops
+it; its rows given their spread (median, p20, p80, n) and its seconds split into setup_s,
+compile_s (warm-up: compile and autotune) and measure_s (the timed loops), from the ledger
+(timing.py) kept while it runs."""
 from __future__ import annotations
 
 import contextlib
@@ -20,11 +22,13 @@ NOT_RUN_TIME = "not run: time"
 class Case:
     """suite, name (shape included); impls: the rows it gives, named before it runs (the rows a
     case that does not run says so for); measure: its rows, each yielded the moment it is
-    measured."""
+    measured; shares: the keys of Context.shared it reads (what the case before it made and may
+    keep for it; everything else is released before it starts)."""
     suite: str
     name: str
     impls: tuple[str, ...]
     measure: Callable[[], Iterable[dict]]
+    shares: tuple[str, ...] = ()
 
 
 class CaseTimeout(BaseException):
@@ -89,19 +93,22 @@ class _Phases:
         return row
 
 
-def run_case(case: Case, budget_s: float | None, emit: Callable[[dict], None]) -> None:
-    """Run `case` within budget_s, emit(row) for each row as it comes; an implementation the case
-    did not reach gets a row saying why (the time, or the error that stopped the case)."""
+def run_case(case: Case, budget_s: float | None, emit: Callable[[dict], None],
+             limit_s: float | None = None, limit: str = "the run's deadline") -> None:
+    """Run `case`, emit(row) for each row as it comes: budget_s bounds its timed repetitions
+    (once spent, each loop still times one call), limit_s stops it (`limit` names what that is);
+    an implementation the case did not reach gets a row saying why (the time, or the error that
+    stopped the case)."""
     done: set[str] = set()
-    with timing.ledger() as book:
+    with timing.ledger() as book, timing.case_budget(budget_s):
         phases = _Phases(book)
         try:
-            with time_limit(budget_s):
+            with time_limit(limit_s):
                 for row in case.measure():
                     done.add(row["impl"].split()[0])
                     emit(phases.attach(row))
         except CaseTimeout:
-            status = f"{NOT_RUN_TIME} (the case's budget, {budget_s:.0f} s, was spent)"
+            status = f"{NOT_RUN_TIME} ({limit}, {limit_s:.0f} s)"
             for row in not_run(case, [i for i in case.impls if i.split()[0] not in done], status):
                 emit(row)
         except Exception as error:  # one case's failure is its rows' status, not the run's end

@@ -23,7 +23,7 @@ OVERRIDES_HELP = (f"model=NAME|DIR (one of {', '.join(SHAPE_NAMES)}; default qwe
                   f"seed=N, output_dir=DIR, overwrite=true, only=TEXT[,TEXT...] (the cases whose "
                   f"name, 'suite: case', holds one, e.g. only=gae,grpo), max_minutes=M (the "
                   f"run's deadline), "
-                  f"row_seconds=S (one case's budget), interpret=true (CPU: our Triton kernels "
+                  f"row_seconds=S (one case's budget for its timed repetitions), interpret=true (CPU: our Triton kernels "
                   f"in the interpreter instead of the PyTorch backend the engine runs there)")
 
 

@@ -152,6 +152,21 @@ def first_call_peak(step: Callable[[], object], device: torch.device) -> tuple[o
     return result, peak_rss_above(rss_before), seconds
 
 
+def variant_here(step: Callable[[], object], grads: Callable[[], dict], device: torch.device,
+                 budget_s: float) -> dict:
+    """One variant of a loss measured in this process, after the one before it: step() once (its
+    peak above what was held before it: first_call_peak), grads() then (tensors, copied to the
+    CPU), then step() timed (timing.measure, its loop in the open ledger; budget_s at most, the
+    case's budget bounding it). {"loss", "grads", "peak_extra_mib", "seconds"}; what the variant
+    allocated is freed by the caller dropping its tensors (context.free_device)."""
+    loss, peak, _ = first_call_peak(step, device)
+    # copies (a CPU tensor's .cpu() is itself: the timed calls would add into it)
+    copied = {name: t.detach().to("cpu", copy=True) for name, t in grads().items()}
+    out = {"loss": loss.detach().float().cpu(), "grads": copied, "peak_extra_mib": peak / 2**20}
+    out["seconds"] = timing.measure(step, device, min_reps=3, budget_s=budget_s).median_s
+    return out
+
+
 def copy_bandwidth_gbps(device: torch.device, n_bytes: int, budget_s: float = 1.0) -> float:
     """Device-to-device copy bandwidth (read + write bytes per second): the memory roofline."""
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()

@@ -38,7 +38,8 @@ class BenchOptions:
     only: tuple[str, ...] = ()     # run the cases whose name holds one of these (all: empty)
     quick: bool = False
     max_minutes: float | None = None  # the run's deadline: cases past it are "not run: time"
-    row_seconds: float | None = None  # one case's budget (None: what the deadline leaves)
+    row_seconds: float | None = None  # a case's budget for its timed repetitions (None: what
+    # the deadline leaves); its first measurement is never refused
     interpret: bool = False        # CPU: our Triton kernels in the interpreter (else torch's)
 
     def __post_init__(self):

@@ -78,10 +78,11 @@ def make_prompts(shape: Shape, vocab: int) -> list[list[int]]:
 
 class IterationClock:
     """Wall time and peak memory between the last two marks: marks at each iteration's start and
-    at the end of the last, so with two iterations that is the second (the first warms up)."""
+    at the end of the last, so with two iterations that is the second (the first warms up). The
+    peak is above `held` (bytes the process held before the side began: not the side's)."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.marks = device, []
+    def __init__(self, device: torch.device, held: int = 0):
+        self.device, self.marks, self.held = device, [], held
 
     def mark(self):
         timing.synchronize(self.device)
@@ -95,7 +96,7 @@ class IterationClock:
                 f"expected marks at 2 iterations' starts and the end, got {len(self.marks)}"
             )
         peak = (
-            torch.cuda.max_memory_allocated(self.device) / 2**30
+            (torch.cuda.max_memory_allocated(self.device) - self.held) / 2**30
             if self.device.type == "cuda"
             else None
         )

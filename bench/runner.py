@@ -1,6 +1,9 @@
 """A `fusedrl bench` run: the device and its limits, then each suite's cases in order, every row
-recorded the moment it is measured (record.py), within the run's deadline (max_minutes=) and each
-case's budget (row_seconds=); a case that does not fit gives rows saying `not run: time`. SIGTERM
+recorded the moment it is measured (record.py), within the run's deadline (max_minutes=), each
+case's budget (row_seconds=, what is left of the deadline at most) bounding its timed repetitions;
+a case the deadline cuts gives rows saying `not run: time`. Between cases the context releases
+what the next case does not name (Case.shares) and frees the device (context.free_device), so
+every case, and every peer's process, finds the device as the first found it. SIGTERM
 ends the run as Ctrl-C does, its files holding every finished row. Under torchrun (train only;
 command.py refuses the others) every rank runs every case on its own device, each row's
 figures combined over the ranks (ranks.py), and rank 0 alone writes the files and prints."""
@@ -12,13 +15,14 @@ import os
 import signal
 import subprocess
 import time
+from typing import Callable
 
 from . import ranks, results
-from .cases import NOT_RUN_TIME, not_run, run_case
+from .cases import NOT_RUN_TIME, Case, not_run, run_case
 from .options import BenchOptions
 
 PEERS = ("torch", "triton", "transformers", "trl", "liger-kernel", "matplotlib")
-# Under --quick no case may take longer than this unless row_seconds= says otherwise.
+# Under --quick no case may take longer than this (a hard stop; the budget only bounds repetitions).
 QUICK_CASE_S = 300.0
 
 
@@ -61,13 +65,15 @@ def suite_backend(device, options: BenchOptions) -> str:
 
 
 class Clock:
-    """The run's deadline (max_minutes) and each case's budget (row_seconds; under --quick at most
-    QUICK_CASE_S): the seconds a case may take, None for no limit."""
+    """The run's deadline (max_minutes) and each case's budget (row_seconds): the seconds of timed
+    repetitions a case may spend (budget), and when it is stopped (limit: the deadline; under
+    --quick at most QUICK_CASE_S); None for no limit."""
 
     def __init__(self, options: BenchOptions):
         self.start = time.monotonic()
         self.deadline = None if options.max_minutes is None else options.max_minutes * 60
-        self.per_case = options.row_seconds or (QUICK_CASE_S if options.quick else None)
+        self.per_case = options.row_seconds
+        self.quick = options.quick
 
     def left(self) -> float | None:
         return None if self.deadline is None else self.deadline - (time.monotonic() - self.start)
@@ -77,6 +83,13 @@ class Clock:
         if left is None:
             return self.per_case
         return left if self.per_case is None else min(left, self.per_case)
+
+    def limit(self) -> tuple[float | None, str]:
+        """(the seconds after which a case is stopped, what that limit is)."""
+        left = self.left()
+        if self.quick and (left is None or left > QUICK_CASE_S):
+            return QUICK_CASE_S, "a case's most under --quick"
+        return left, "the run's deadline"
 
     def describe(self, cases_left: int, suites_left: list[str]) -> str:
         text = f"{cases_left} cases left" + (f", then {' '.join(suites_left)}"
@@ -89,6 +102,21 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def run_cases(cases: list[Case], ctx, clock: Clock, add: Callable[[dict, str], None],
+              suites_left: list[str] = ()) -> None:
+    """The cases in order, add(row, progress) for each row as it comes; after each case what the
+    next one does not name in its shares is released and the device freed (Context.release)."""
+    ctx.release(cases[0].shares if cases else ())
+    for k, case in enumerate(cases):
+        left = clock.describe(len(cases) - k - 1, list(suites_left))
+        if clock.left() is not None and clock.left() <= 0:
+            for row in not_run(case, case.impls, f"{NOT_RUN_TIME} (the run's deadline)"):
+                add(row, left)
+            continue
+        run_case(case, clock.budget(), lambda row: add(row, left), *clock.limit())
+        ctx.release(cases[k + 1].shares if k + 1 < len(cases) else ())
+
+
 def run_suites(suites: list[str], ctx, recorder, clock: Clock) -> None:
     """Every case of every suite, in order, each row recorded as it comes."""
     from fusedrl.kernels import use_backend
@@ -96,14 +124,9 @@ def run_suites(suites: list[str], ctx, recorder, clock: Clock) -> None:
         module = importlib.import_module(f"fusedrl.bench.suites.{suite}")
         with ctx.scope(), use_backend(suite_backend(ctx.device, ctx.options)):
             cases = [case for case in module.cases(ctx) if ctx.wanted(f"{suite}: {case.name}")]
-            for k, case in enumerate(cases):
-                left = clock.describe(len(cases) - k - 1, suites[i + 1:])
-                if clock.left() is not None and clock.left() <= 0:
-                    for row in not_run(case, case.impls, f"{NOT_RUN_TIME} (the run's deadline)"):
-                        recorder.add(ranks.combine(row), left)
-                    continue
-                run_case(case, clock.budget(),
-                         lambda row: recorder.add(ranks.combine(ctx.named(row)), left))
+            run_cases(cases, ctx, clock,
+                      lambda row, left: recorder.add(ranks.combine(ctx.named(row)), left),
+                      suites[i + 1:])
 
 
 def run(suites: list[str], options: BenchOptions, command: str) -> dict:

@@ -5,7 +5,9 @@ repeats it until a time budget is spent: a Timing holds the median, the 20th and
 and the count of the repeated calls, and the seconds of the warm-up and of the loop. While a
 ledger is open (`ledger()`, the runner's, around each case) every Timing and every `warm_up()`
 block is also noted there, so the runner splits a case's seconds into setup, compile and measure
-and gives each row the spread of the loop its figure came from.
+and gives each row the spread of the loop its figure came from. While a case's budget is open
+(`case_budget()`, the runner's), each loop's repetitions stop at its end, and a loop that starts
+after it times one call: the budget bounds the repetitions, never the first measurement.
 """
 from __future__ import annotations
 
@@ -70,6 +72,24 @@ class Ledger:
 
 
 _open: list[Ledger] = []
+_budget_ends: list[float] = []  # perf_counter() at which each open case budget is spent
+
+
+@contextlib.contextmanager
+def case_budget(seconds: float | None) -> Iterator[None]:
+    """A case's budget for its timed repetitions (None: none), from now."""
+    _budget_ends.append(float("inf") if seconds is None else time.perf_counter() + seconds)
+    try:
+        yield
+    finally:
+        _budget_ends.pop()
+
+
+def budget_left() -> float | None:
+    """Seconds left of the innermost case budget (None outside one, or with none)."""
+    if not _budget_ends or _budget_ends[-1] == float("inf"):
+        return None
+    return _budget_ends[-1] - time.perf_counter()
 
 
 @contextlib.contextmanager
@@ -109,12 +129,18 @@ def synchronize(device: torch.device) -> None:
 def measure(fn: Callable[[], object], device: torch.device, *, min_reps: int = 3,
             budget_s: float = 1.0, max_reps: int = 200) -> Timing:
     """fn timed after one warm-up call: at least min_reps calls, more until budget_s or max_reps
-    (CUDA events around each call on a GPU, wall time on the CPU). Under torchrun the count is
+    (CUDA events around each call on a GPU, wall time on the CPU); budget_s cut to what is left of
+    the case's budget (case_budget), min_reps 1 once that is spent. Under torchrun the count is
     agreed before the loop goes on (ranks.py): fn may issue collectives."""
     start = time.perf_counter()
     fn()
     synchronize(device)
     warmup_s = time.perf_counter() - start
+    left = budget_left()
+    if left is not None:
+        budget_s = min(budget_s, max(left, 0.0))
+        # one call once it is spent; not under torchrun, where every rank must make the same calls
+        min_reps = min_reps if left > 0 or ranks.several() else 1
     samples, start = [], time.perf_counter()
     while len(samples) < min_reps or (not ranks.several() and len(samples) < max_reps
                                       and time.perf_counter() - start < budget_s):

@@ -26,6 +26,7 @@ from ..cases import Case
 from ..context import Context, peer_version
 
 SUITE = "generate"
+ENGINE = "generate engine"  # the Context.shared key of the decode and mixed cases' engine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,8 @@ class Shape:
 
 
 FULL = Shape(128, 512, (1, 256), 256, (100, 1024))
+# transformers' decode at batch 1 runs this many new tokens at most (its row says so).
+HF_NEW_TOKENS = 64
 QUICK = Shape(16, 32, (1, 16), 16, (8, 64))
 
 
@@ -70,7 +73,7 @@ def engine(ctx: Context, shape: Shape) -> Engine:
                          SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
         return Engine(model, llm, weight_bytes, kv_bytes_per_block(llm.config, dtype, 1))
-    return ctx.shared("generate engine", make, lambda e: e.model.remove())
+    return ctx.shared(ENGINE, make, lambda e: e.model.remove())
 
 
 def decode_name(ctx: Context, shape: Shape, batch: int) -> str:
@@ -103,22 +106,33 @@ def decode_rows(ctx: Context, shape: Shape, batch: int):
         decode_tok_s=decode_tokens / decode_s, roofline_tok_s=roofline,
         weight_bytes=e.weight_bytes)
     if batch == 1:
-        yield hf_row(ctx, e.model, prompts, shape.new_tokens, name, roofline)
+        new = min(shape.new_tokens, HF_NEW_TOKENS)
+        hf_roofline = bench_generate.decode_roofline_tok_s(
+            1, shape.prompt_len + new / 2, e.weight_bytes, e.kv_per_token, ctx.limits.bytes_per_s)
+        yield hf_row(ctx, e.model, prompts, new, name, hf_roofline)
 
 
 def hf_row(ctx: Context, model, prompts, new_tokens: int, name: str, roofline: float) -> dict:
-    """transformers' `generate` on the same checkpoint and prompt (SDPA, greedy, no stop)."""
+    """transformers' `generate` on the same checkpoint and prompt, its fair settings named in the
+    row (the suite's dtype, SDPA, the KV cache on; greedy, no stop), new_tokens of them (its
+    tokens/s is flat over the length: a few seconds say it); the model loaded onto the device
+    directly. forward_ms: one decode step's forward alone (the model's share of a token's time,
+    the rest being generate's own)."""
     import transformers
-    impl = f"transformers {peer_version('transformers')}"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model.path, dtype=ctx.dtype,
-                                                           attn_implementation="sdpa")
-    hf = hf.to(ctx.device).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        model.path, dtype=ctx.dtype, attn_implementation="sdpa",
+        device_map=str(ctx.device)).eval()
+    settings = (f"{hf.config._attn_implementation}, {str(ctx.dtype).replace('torch.', '')}, KV "
+                f"cache {'on' if hf.generation_config.use_cache else 'off'}; {new_tokens} new")
     with timing.warm_up():
         bench_generate.time_hf(hf, prompts, 4, ctx.device)
     seconds = bench_generate.time_hf(hf, prompts, new_tokens, ctx.device)
-    return results.make_row(SUITE, name, impl, fraction_of_limit=new_tokens / seconds / roofline,
-                            limit="decode roofline", seconds=seconds, tok_s=new_tokens / seconds,
-                            roofline_tok_s=roofline)
+    forward_s = bench_generate.hf_step_seconds(hf, prompts, ctx.device)
+    return results.make_row(
+        SUITE, name, f"transformers {peer_version('transformers')} ({settings})",
+        fraction_of_limit=new_tokens / seconds / roofline, limit="decode roofline",
+        seconds=seconds, tok_s=new_tokens / seconds, new_tokens=new_tokens,
+        forward_ms=forward_s * 1e3, roofline_tok_s=roofline)
 
 
 def mixed_rows(ctx: Context, shape: Shape):
@@ -198,13 +212,13 @@ def decode_case(ctx: Context, batch: int) -> Case:
     shape = QUICK if ctx.quick else FULL
     impls = ("fusedrl", "transformers") if batch == 1 else ("fusedrl",)
     return Case(SUITE, decode_name(ctx, shape, batch), impls,
-                functools.partial(decode_rows, ctx, shape, batch))
+                functools.partial(decode_rows, ctx, shape, batch), shares=(ENGINE,))
 
 
 def mixed_case(ctx: Context) -> Case:
     shape = QUICK if ctx.quick else FULL
     return Case(SUITE, mixed_name(ctx, shape), ("fusedrl",),
-                functools.partial(mixed_rows, ctx, shape))
+                functools.partial(mixed_rows, ctx, shape), shares=(ENGINE,))
 
 
 def cases(ctx: Context) -> list[Case]:

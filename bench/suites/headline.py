@@ -6,9 +6,10 @@ the sampler at batch 1, the small RL ops at 256 x 2048 fp32, the log-prob + entr
 (8,192 tokens, V 151,936, bf16) from logits (forward, beside TRL's two passes; TRL publishes
 0.89 ms for its fused kernel) and from hidden states (H 4,096, forward + backward), the fused
 head's memory and time at Liger's (the GRPO loss from hidden states, V 128,256, H 4,096, 4,096
-tokens), the distillation divergence, and an MoE decode step at Qwen3-30B-A3B's layer shape.
---quick: the same claims at shapes a CPU runs in seconds whose [N, V] logits (32-64 MiB) still set
-the fused paths' memory apart.
+tokens), the distillation divergence, and an MoE decode step at Qwen3-30B-A3B's layer shape; then
+the slow peers, TRL's GRPO and PPO trainers (a process each, a minute or more), so that every
+claim has its row first. --quick: the same claims at shapes a CPU runs in seconds whose [N, V]
+logits (32-64 MiB) still set the fused paths' memory apart.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ..context import Context
 from . import generate, kernels, rl, train
 
 SUITE = "headline"
+ALGOS = ("grpo", "ppo")
 
 
 def headline(case: Case) -> Case:
@@ -94,7 +96,7 @@ def cases(ctx: Context) -> list[Case]:
         *(headline(generate.decode_case(ctx, batch)) for batch in shape.batches),
         headline(generate.mixed_case(ctx)),
         headline(train.cases_at(ctx, 128 if ctx.quick else 1024)),
-        *(headline(rl_case) for rl_case in rl.cases(ctx)),
+        *(headline(rl.ours_case(ctx, algo)) for algo in ALGOS),
         headline(Case(kernels.SUITE, kernels.sampler_name(1, vocab), kernels.SAMPLER_IMPLS,
                       functools.partial(kernels.sampler_rows, ctx, 1, vocab, budget))),
         *(kernel_case(ctx, case) for case in bench_kernels.rl_cases(*shapes.RL_OPS)),
@@ -107,4 +109,5 @@ def cases(ctx: Context) -> list[Case]:
                       ("eager", "fusedrl", "trl", "liger"),
                       functools.partial(kernels.distill_rows, ctx))),
         Case(SUITE, moe_name(ctx), ("fusedrl",), functools.partial(moe_rows, ctx)),
+        *(headline(rl.peer_case(ctx, algo)) for algo in ALGOS),
     ]

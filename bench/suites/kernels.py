@@ -1,8 +1,10 @@
 """The kernels suite: every fused op of bench_kernels.py (ours, eager PyTorch, torch.compile,
 Liger where it runs), the GRPO loss from hidden states of bench_integrations.py (ours, plain
 PyTorch, Liger's, TRL 1.x's fused head) and the distillation divergence of bench_distill.py (ours,
-plain PyTorch, TRL 1.x's chunked divergence, Liger's JSD), the last two each variant in its own
-process, as rows of the schema.
+plain PyTorch, TRL 1.x's chunked divergence, Liger's JSD), as rows of the schema. The last two's
+variants: on a GPU in this process one after another (each one's peak the allocator's above what
+was held, the memory freed between them, a time-budgeted loop as the other rows'), on the CPU each
+in its own process (the resident set's peak is a process's); a peer not installed is not imported.
 
 A memory-bound op's fraction_of_limit is its bytes moved (what an ideal kernel reads and writes)
 per second over the device's bandwidth; a compute-bound one's (the fused LM head, the GRPO loss)
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Iterable, Iterator
 
 import torch
 
@@ -28,7 +31,7 @@ LIGER_OPS = ("token_logprobs", "linear_token_logprobs")
 
 def kernel_cases(quick: bool) -> list:
     """Every bench_kernels case (quick: small shapes, a CPU's minutes). The two losses from hidden
-    states, each variant in its own process, are grpo_loss_rows' and distill_rows'."""
+    states are grpo_loss_rows' and distill_rows'."""
     if not quick:
         return bench_kernels.all_cases(False)
     return (bench_kernels.token_logprobs_cases(64, 4096, torch.float32)
@@ -81,31 +84,41 @@ def case_rows(ctx: Context, case, measured: list[dict]) -> list[dict]:
     return out
 
 
-def peer_rows(ctx: Context, name: str, variants: dict, measured: list[dict], flops: int,
-              keys: tuple, trl_needs: str) -> list[dict]:
-    """The rows of a loss measured per variant in its own process (bench_integrations',
-    bench_distill's rows: variant, seconds, peak_extra_mib, the figures `keys`, or error): each
-    peer named with its version, "not installed" where it is not. trl_needs: what an older TRL
-    lacks, the status of its row."""
-    out = []
+def peer_rows(ctx: Context, name: str, variants: dict, measured: Iterable[dict], flops: int,
+              keys: tuple, trl_needs: str) -> Iterator[dict]:
+    """The rows of a loss measured per variant (bench_integrations', bench_distill's rows:
+    variant, seconds, peak_extra_mib, the figures `keys`, or error), each as it comes: each peer
+    named with its version, "not installed" where it is not. trl_needs: what an older TRL lacks,
+    the status of its row."""
     for r in measured:
         impl, dist = variants[r["variant"]]
         version = peer_version(dist) if dist else None
         if dist and version is None:
-            out.append(results.missing_row(SUITE, name, impl, "not installed", ctx.flops_limit))
+            yield results.missing_row(SUITE, name, impl, "not installed", ctx.flops_limit)
             continue
         impl = f"{impl} {version}" if version else impl
         if "error" in r:
             status = r["error"]
             if dist == "trl" and ("ModuleNotFoundError" in status or "ImportError" in status):
                 status = f"not installed (TRL 1.x; trl {version} has no {trl_needs})"
-            out.append(results.missing_row(SUITE, name, impl, status, ctx.flops_limit))
+            yield results.missing_row(SUITE, name, impl, status, ctx.flops_limit)
             continue
-        out.append(results.make_row(
+        yield results.make_row(
             SUITE, name, impl, fraction_of_limit=ctx.flops_fraction(flops / r["seconds"]),
             limit=ctx.flops_limit, seconds=r["seconds"], flops=flops,
-            peak_extra_mib=r["peak_extra_mib"], **{k: r.get(k) for k in keys}))
-    return out
+            peak_extra_mib=r["peak_extra_mib"], **{k: r.get(k) for k in keys})
+
+
+def installed(variants: dict) -> dict:
+    """variant -> whether it runs here: its peer's distribution installed (ours always)."""
+    return {variant: dist is None or peer_version(dist) is not None
+            for variant, (_, dist) in variants.items()}
+
+
+def variants_here(ctx: Context, here: bool | None) -> bool:
+    """Whether a loss's variants run in this process (here=None: on a GPU, where the allocator
+    gives each its own peak; the CPU's resident set needs a process each)."""
+    return ctx.device.type == "cuda" if here is None else here
 
 
 # The GRPO loss's peers (bench_integrations' variants) and their rows' names and distributions.
@@ -117,16 +130,27 @@ def grpo_loss_name(n: int, h: int, v: int) -> str:
     return f"grpo_loss fwd+bwd N={n} H={h} V={v}"
 
 
-def grpo_loss_rows(ctx: Context, shape: tuple[int, int, int] | None = None) -> list[dict]:
-    """The GRPO loss from hidden states, each variant in its own process (peak memory its own);
-    shape: N, H, V (default: the suite's)."""
+def grpo_loss_rows(ctx: Context, shape: tuple[int, int, int] | None = None,
+                   here: bool | None = None) -> Iterator[dict]:
+    """The GRPO loss from hidden states, every variant (variants_here: in this process or each in
+    its own); shape: N, H, V (default: the suite's)."""
     n, h, v = shape or ((32, 16, 128) if ctx.quick else (4096, 896, 151936))
-    args = type("Args", (), {"variants": list(LOSS_VARIANTS), "device": ctx.device.type,
-                             "trl_dir": os.environ.get("PYTHONPATH", "")})()
     name = grpo_loss_name(n, h, v)
     flops = 3 * 2 * n * h * v  # logits, d hidden, d weight: the GEMMs no implementation avoids
-    return peer_rows(ctx, name, LOSS_VARIANTS, bench_integrations.bench_shape(n, h, v, args),
-                     flops, ("loss_error", "grad_weight_rel_error"), "trl.kernels")
+    if variants_here(ctx, here):
+        measured = bench_integrations.measure_here(n, h, v, installed(LOSS_VARIANTS), ctx.device,
+                                                   loop_budget(ctx))
+    else:
+        args = type("Args", (), {"variants": list(LOSS_VARIANTS), "device": ctx.device.type,
+                                 "trl_dir": os.environ.get("PYTHONPATH", "")})()
+        measured = bench_integrations.bench_shape(n, h, v, args)
+    yield from peer_rows(ctx, name, LOSS_VARIANTS, measured, flops,
+                         ("loss_error", "grad_weight_rel_error"), "trl.kernels")
+
+
+def loop_budget(ctx: Context) -> float:
+    """Seconds of timed calls per row (the kernel rows' own)."""
+    return 0.05 if ctx.quick else 1.0
 
 
 # The distillation divergence's peers (bench_distill's variants): their rows' names, distributions.
@@ -147,21 +171,25 @@ def distill_name(n: int, h: int, v: int) -> str:
             f"beta={bench_distill.BETA}")
 
 
-def distill_rows(ctx: Context, shape: tuple[int, int, int] | None = None) -> list[dict]:
+def distill_rows(ctx: Context, shape: tuple[int, int, int] | None = None,
+                 here: bool | None = None) -> Iterator[dict]:
     """The distillation divergence from two LM heads (beta 0.5, the JSD, temperature 0.7),
-    forward + backward, each variant in its own process (peak memory its own); a peer not
-    installed is not started. shape: N, H, V (default: distill_shape's)."""
+    forward + backward, every variant (variants_here: in this process or each in its own); a
+    peer not installed is not imported. shape: N, H, V (default: distill_shape's)."""
     n, h, v = shape or distill_shape(ctx.quick)
-    args = type("Args", (), {"device": ctx.device.type, "chunk_size": None,
-                             "trl_dir": os.environ.get("PYTHONPATH", "")})()
     name = distill_name(n, h, v)
     # the student's logits, d hidden and d weight, the teacher's logits: the GEMMs none avoids
     flops = 2 * n * v * (3 * h + 2 * h)
-    measured = [bench_distill.run_in_process(variant, n, h, v, args)
-                if dist is None or peer_version(dist) else {"variant": variant}
-                for variant, (_, dist) in DISTILL_VARIANTS.items()]
-    return peer_rows(ctx, name, DISTILL_VARIANTS, measured, flops, ("loss",),
-                     "_chunked_divergence_loss")
+    runs = installed(DISTILL_VARIANTS)
+    if variants_here(ctx, here):
+        measured = bench_distill.measure_here(n, h, v, runs, ctx.device, loop_budget(ctx))
+    else:
+        args = type("Args", (), {"device": ctx.device.type, "chunk_size": None,
+                                 "trl_dir": os.environ.get("PYTHONPATH", "")})()
+        measured = (bench_distill.run_in_process(variant, n, h, v, args) if runs[variant]
+                    else {"variant": variant} for variant in DISTILL_VARIANTS)
+    yield from peer_rows(ctx, name, DISTILL_VARIANTS, measured, flops, ("loss",),
+                         "_chunked_divergence_loss")
 
 
 ATTENTION = "attention (packed train fwd+bwd; paged prefill over shared prefix pages)"

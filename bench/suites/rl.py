@@ -6,7 +6,9 @@ storage), and the peak memory beside `fusedrl plan`'s prediction for the same co
 the same checkpoint and prompts where installed: TRL 1.x's GRPOTrainer, and for PPO trl 0.29's
 `trl.experimental.ppo` (TRL 1.x ships no PPO trainer); a missing one's row says so.
 
-Measured peak: torch.cuda.max_memory_allocated over the measured iteration on a GPU; on the CPU the
+Measured peak: torch.cuda.max_memory_allocated over the measured iteration on a GPU, above what the
+process held before the side began, the KV pool the actor allocated included, as the plan's peak
+includes it (both pools in the row: kv_pool_gib, plan_kv_pool_gib; its note says so); on the CPU the
 process's peak resident set (torch, the models and everything else the process ever held, a bound
 that is not comparable to the plan's device bytes; labelled so). fraction_of_limit: the iteration's
 model FLOPs per second over the device's FLOP/s, with 2 FLOPs per policy parameter per token per
@@ -21,17 +23,22 @@ import importlib.util
 import resource
 import types
 
+import torch
+
 from .. import bench_ppo, results, shapes
 from ..cases import Case
-from ..context import Context, peer_version
+from ..context import Context, free_device, peer_version
 
 SUITE = "rl"
+CHECKPOINTS = ("rl policy", "rl reward model")  # the Context.shared keys of its checkpoints
 # PROMPTS x SAMPLES x PROMPT_LEN x NEW_TOKENS, minibatches, rows per micro-batch.
 SHAPES = {("grpo", False): ((16, 8, 128, 256), 4, 16), ("ppo", False): ((32, 4, 128, 256), 4, 16),
           ("grpo", True): ((2, 4, 16, 16), 2, 2), ("ppo", True): ((4, 2, 16, 16), 2, 2)}
 # Forward passes per token of each model of the iteration (see the docstring).
 PASSES = {"grpo": 1 + 1 + 1 + 3, "ppo": (1 + 1 + 1 + 3) + (1 + 3) + 1}
 PHASES = ("generate", "score", "reference", "old", "train")
+PEAK_NOTE = ("peak: the allocator's over the measured iteration above what the process held "
+             "before; it and the plan's both hold the KV pool (kv_pool_gib, plan_kv_pool_gib)")
 
 
 def _shape(algo: str, quick: bool) -> bench_ppo.Shape:
@@ -48,7 +55,7 @@ def ours_row(ctx: Context, algo: str, shape, name: str, r: dict) -> dict:
     tokens = shape.rows * (shape.prompt_len + shape.new_tokens)
     flops = 2 * r["policy_parameters"] * tokens * PASSES[algo]
     per_gpu = r["response_tokens"] / r["iteration_s"]  # one process on one GPU
-    peak = {"peak_gib": r["peak_gib"]} if r.get("peak_gib") is not None else {
+    peak = {"peak_gib": r["peak_gib"], "note": PEAK_NOTE} if r.get("peak_gib") is not None else {
         "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     return results.make_row(
         SUITE, name, "fusedrl", fraction_of_limit=ctx.flops_fraction(flops / r["iteration_s"]),
@@ -57,7 +64,7 @@ def ours_row(ctx: Context, algo: str, shape, name: str, r: dict) -> dict:
         **{f"time_{p}": r.get(f"time_{p}") for p in PHASES},
         weight_sync_s=r["weight_sync_s"],
         weight_copies=0 if r["weights_shared"] else 1, plan_peak_gib=r["plan_peak_gib"],
-        kv_pool_gib=r["kv_pool_gib"], **peak)
+        kv_pool_gib=r["kv_pool_gib"], plan_kv_pool_gib=r["plan_kv_pool_gib"], **peak)
 
 
 def peer_status(algo: str) -> tuple[str | None, str]:
@@ -85,6 +92,7 @@ def peer_row(ctx: Context, algo: str, shape, name: str, dirs, parameters: int) -
         return results.missing_row(SUITE, name, "trl", status, limit)
     args = types.SimpleNamespace(algo=algo, shape=shape, quick=ctx.device.type == "cpu", lora=0)
     run = bench_ppo.run_in_this_process if args.quick else bench_ppo.run_in_subprocess
+    free_device(ctx.device)  # what our side left (its models, the KV pool) is the peer's now
     r = run("trl", args, dirs)
     if "error" in r:
         return results.missing_row(SUITE, name, impl, r["error"][:200], limit)
@@ -100,10 +108,9 @@ def peer_row(ctx: Context, algo: str, shape, name: str, dirs, parameters: int) -
 def checkpoints(ctx: Context):
     """The policy's random-init checkpoint (and, made when PPO first needs it, a reward model of
     the same architecture and shape), shared by the suite's cases."""
-    import torch
-    return ctx.shared("rl policy", lambda: shapes.model_dir(ctx.options.model, ctx.quick,
+    return ctx.shared(CHECKPOINTS[0], lambda: shapes.model_dir(ctx.options.model, ctx.quick,
                                                            ctx.options.seed, torch.float32),
-                      lambda model: model.remove())
+                      lambda model: model.remove(), on_disk=True)
 
 
 def reward_dir(ctx: Context, policy):
@@ -114,7 +121,7 @@ def reward_dir(ctx: Context, policy):
     def make():
         return bench_ppo.build_reward_model_dir(
             ctx.quick, transformers.AutoConfig.from_pretrained(policy.path))
-    return ctx.shared("rl reward model", make, lambda path: shutil.rmtree(path, True))
+    return ctx.shared(CHECKPOINTS[1], make, lambda path: shutil.rmtree(path, True), on_disk=True)
 
 
 def iteration_name(ctx: Context, algo: str) -> str:
@@ -122,18 +129,43 @@ def iteration_name(ctx: Context, algo: str) -> str:
     return _name(algo, _shape(algo, ctx.quick), label)
 
 
-def iteration_rows(ctx: Context, algo: str):
-    """Ours, then the algorithm's TRL peer, on the same checkpoints."""
+def iteration_dirs(ctx: Context, algo: str) -> tuple:
+    """(policy, reward model) directories of the algorithm's iteration (GRPO: the policy's twice,
+    its reward a function)."""
     policy = checkpoints(ctx)
+    return policy.path, reward_dir(ctx, policy) if algo == "ppo" else policy.path
+
+
+def ours_rows(ctx: Context, algo: str):
     shape = _shape(algo, ctx.quick)
-    dirs = (policy.path, reward_dir(ctx, policy) if algo == "ppo" else policy.path)
-    name = iteration_name(ctx, algo)
-    r = bench_ppo.run_side("ours", algo, shape, dirs, ctx.device.type == "cpu", 0)
-    yield ours_row(ctx, algo, shape, name, r)
-    yield peer_row(ctx, algo, shape, name, dirs, r["policy_parameters"])
+    r = bench_ppo.run_side("ours", algo, shape, iteration_dirs(ctx, algo),
+                           ctx.device.type == "cpu", 0)
+    yield ours_row(ctx, algo, shape, iteration_name(ctx, algo), r)
+
+
+def peer_rows(ctx: Context, algo: str):
+    """The algorithm's TRL peer on our checkpoints (their policy's parameters: the same FLOP
+    estimate as ours)."""
+    import transformers
+    dirs = iteration_dirs(ctx, algo)
+    with torch.device("meta"):  # counted, not made
+        policy = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(dirs[0]))
+    yield peer_row(ctx, algo, _shape(algo, ctx.quick), iteration_name(ctx, algo), dirs,
+                   sum(p.numel() for p in policy.parameters()))
+
+
+def ours_case(ctx: Context, algo: str) -> Case:
+    return Case(SUITE, iteration_name(ctx, algo), ("fusedrl",),
+                functools.partial(ours_rows, ctx, algo), shares=CHECKPOINTS)
+
+
+def peer_case(ctx: Context, algo: str) -> Case:
+    return Case(SUITE, iteration_name(ctx, algo), ("trl",),
+                functools.partial(peer_rows, ctx, algo), shares=CHECKPOINTS)
 
 
 def cases(ctx: Context) -> list[Case]:
-    """A GRPO and a PPO iteration (ours, then the peer)."""
-    return [Case(SUITE, iteration_name(ctx, algo), ("fusedrl", "trl"),
-                 functools.partial(iteration_rows, ctx, algo)) for algo in ("grpo", "ppo")]
+    """A GRPO and a PPO iteration, each ours then its peer (a case each: the device freed
+    between them)."""
+    return [case(ctx, algo) for algo in ("grpo", "ppo") for case in (ours_case, peer_case)]

@@ -19,6 +19,7 @@ from ..cases import Case
 from ..context import Context
 
 SUITE = "train"
+MODEL = "train model"  # the Context.shared key of the model and optimizer its cases share
 
 
 def engine_model(ctx: Context):
@@ -61,7 +62,7 @@ def step_rows(ctx: Context, tokens: int, seq_len: int, suite: str = SUITE):
     def make():
         lm = engine_model(ctx)
         return lm, FusedAdamW(list(lm.parameters()), lr=1e-5)
-    lm, optimizer = ctx.shared("train model", make)
+    lm, optimizer = ctx.shared(MODEL, make)
     step = bench_train_step.measure_step(lm, optimizer, tokens, seq_len, ctx.device,
                                          budget_s=0.5 if ctx.quick else 5.0)
     loop, update = step["timings"]
@@ -80,7 +81,7 @@ def cases_at(ctx: Context, tokens: int) -> Case:
     """The micro-batch of `tokens` tokens (sequences of 256; quick: 64)."""
     seq_len = 64 if ctx.quick else 256
     return Case(SUITE, train_name(ctx, tokens, seq_len), ("fusedrl",),
-                functools.partial(step_rows, ctx, tokens, seq_len))
+                functools.partial(step_rows, ctx, tokens, seq_len), shares=(MODEL,))
 
 
 def cases(ctx: Context) -> list[Case]:

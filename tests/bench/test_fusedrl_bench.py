@@ -77,11 +77,21 @@ def test_rl_row_measures_the_weight_sync_and_sits_beside_the_plan(quick_run):
     assert grpo["weight_copies"] == 0 and 0 <= grpo["weight_sync_s"] < grpo["seconds"]
     # the allocator's peak on a GPU, the process's resident peak on the CPU
     assert grpo["plan_peak_gib"] > 0 and grpo.get("peak_gib", grpo.get("process_peak_rss_gib")) > 0
+    # the KV pool on both sides of the comparison: the one the actor allocated, the plan's
+    assert 0 < grpo["kv_pool_gib"] <= grpo["plan_kv_pool_gib"] < grpo["plan_peak_gib"], grpo
     assert grpo["response_tokens"] == 2 * 4 * 16 and grpo["tokens_per_s_per_gpu"] > 0
     phases = sum(grpo[f"time_{p}"] for p in ("generate", "score", "reference", "old", "train"))
     assert phases <= grpo["seconds"]
     peer = next(r for r in rows if r["suite"] == "rl" and r["impl"] != "fusedrl")
     assert peer["impl"].startswith("trl")
+
+
+def test_the_transformers_decode_peer_names_its_fair_settings_and_its_capped_tokens(quick_run):
+    rows = json.loads((quick_run / "results.json").read_text())["rows"]
+    hf = next(r for r in rows if r["suite"] == "generate" and r["impl"].startswith("transformers"))
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    assert hf["impl"].endswith(f"(sdpa, {dtype}, KV cache on; {hf['new_tokens']} new)"), hf
+    assert hf["status"] == "ok" and hf["forward_ms"] > 0 and hf["new_tokens"] <= 64, hf
 
 
 def test_compare_prints_each_shared_figure_as_a_ratio(quick_run, tmp_path, capsys):
@@ -142,7 +152,7 @@ def test_trl_1x_and_liger_rows_run_beside_ours_where_installed(monkeypatch):
     limits = devices.Limits("CPU (test)", 1e11, 1e10, "measured")
     ctx = Context(torch.device("cpu"), limits, BenchOptions(quick=True))
     # small shapes: the peers' agreement, not the memory the suite's shapes show
-    rows = kernels.grpo_loss_rows(ctx) + kernels.distill_rows(ctx, (64, 16, 256))
+    rows = [*kernels.grpo_loss_rows(ctx), *kernels.distill_rows(ctx, (64, 16, 256))]
     for family, trl_impl in (("grpo_loss", "trl fused head 1."),
                              ("distill_divergence", "trl chunked divergence 1.")):
         mine = [r for r in rows if r["name"].startswith(family)]

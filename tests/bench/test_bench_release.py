@@ -1,0 +1,129 @@
+"""Every `fusedrl bench` case leaves the device as it found it: what a case built (the engine,
+its KV pool) is gone before the next case starts unless the next names it in Case.shares, the
+device is freed between cases (context.free_device), and a case's budget bounds its timed
+repetitions, never its first measurement (a slow setup still gives its row). The two losses'
+variants measured in the bench's process (a GPU's way) each get a timed loop, one after another,
+a peer that is not installed never imported."""
+import gc
+import time
+import weakref
+
+import torch
+
+from fusedrl.bench import bench_distill, bench_integrations, context, devices, runner, timing
+from fusedrl.bench.cases import Case, run_case
+from fusedrl.bench.options import BenchOptions
+from fusedrl.bench.suites import generate, kernels
+
+FIXED = devices.Limits("CPU (test)", 1e11, 1e10, "measured")
+
+
+def quick_context() -> context.Context:
+    return context.Context(torch.device("cpu"), FIXED, BenchOptions(quick=True))
+
+
+def run(cases, ctx, options=None):
+    rows = []
+    clock = runner.Clock(options or ctx.options)
+    runner.run_cases(cases, ctx, clock, lambda row, left: rows.append(row))
+    return rows
+
+
+def test_the_engine_a_case_built_is_dead_before_a_case_that_does_not_share_it(monkeypatch):
+    """The quick decode case's LLM is kept for the mixed case, which names it, and collected
+    before the next, which does not; with the cycle a GPU's engine has (its runner and the decode
+    graphs that step it point at each other), made here with graphs that replay eagerly."""
+    from fusedrl.engine.inference import llm as llm_module
+    from fusedrl.engine.inference.decode_graphs import DecodeGraphs
+    built = []
+
+    class Recorded(llm_module.LLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.runner.cycle = DecodeGraphs(self.runner, 2, capture=False)
+            built.append(weakref.ref(self))
+    monkeypatch.setattr(llm_module, "LLM", Recorded)
+    seen = []
+
+    def probe():
+        seen.append([ref() is None for ref in built])
+        yield {"suite": "headline", "name": "probe", "impl": "probe", "status": "ok",
+               "fraction_of_limit": None, "limit": "-"}
+    ctx = quick_context()
+    cases = [generate.decode_case(ctx, 16), generate.mixed_case(ctx),
+             Case("headline", "probe", ("probe",), probe)]
+    gc.disable()  # as for long-lived objects: only the runner's collection frees the cycle
+    try:
+        with ctx.scope():
+            rows = run(cases, ctx)
+    finally:
+        gc.enable()
+    assert [r["status"] for r in rows] == ["ok"] * 3, rows
+    assert len(built) == 1 and seen == [[True]]  # built once, shared, then released
+
+
+def test_the_runner_frees_the_device_after_every_case_and_keeps_only_what_is_named(monkeypatch):
+    events = []
+    monkeypatch.setattr(context, "free_device", lambda device: events.append("free"))
+    ctx = quick_context()
+
+    def case(name, shares=(), reads=None):
+        def measure():
+            value = ctx.shared(reads, lambda: object(), lambda v: events.append(f"drop {reads}")) \
+                if reads else None
+            events.append(f"{name} {id(value) if value is not None else ''}".strip())
+            yield {"suite": "headline", "name": name, "impl": "x", "status": "ok",
+                   "fraction_of_limit": None, "limit": "-"}
+        return Case("headline", name, ("x",), measure, shares)
+    run([case("a", reads="m"), case("b", ("m",), "m"), case("c")], ctx)
+    first, second = events[1].split()[1], events[3].split()[1]
+    assert first == second  # b found a's value: named in its shares
+    assert [e.split()[0] for e in events] == ["free", "a", "free", "b", "drop", "free", "c",
+                                              "free"], events
+
+
+def test_a_slow_setup_still_gets_its_first_measurement_the_budget_bounds_the_loop():
+    def slow():
+        time.sleep(0.3)  # setup past the whole budget
+        t = timing.measure(lambda: sum(range(1000)), torch.device("cpu"), min_reps=3,
+                           budget_s=5.0)
+        yield {"suite": "headline", "name": "slow", "impl": "x", "status": "ok",
+               "fraction_of_limit": 1.0, "limit": "-", "seconds": t.median_s}
+    rows = []
+    run_case(Case("headline", "slow", ("x",), slow), 0.1, rows.append)
+    assert rows[0]["status"] == "ok" and rows[0]["n"] == 1 and rows[0]["setup_s"] >= 0.3, rows
+    rows = []  # without a budget the loop runs to its own
+    run_case(Case("headline", "slow", ("x",), slow), None, rows.append)
+    assert rows[0]["n"] > 3, rows
+
+
+def test_the_runs_deadline_still_stops_a_case():
+    def endless():
+        time.sleep(5)
+        yield {}
+    rows = []
+    run_case(Case("headline", "endless", ("x", "y"), endless), 0.1, rows.append, 0.2)
+    assert [r["status"] for r in rows] == ["not run: time (the run's deadline, 0 s)"] * 2, rows
+
+
+def test_the_losses_variants_in_one_process_each_get_a_timed_loop_peers_not_installed_skipped(
+        monkeypatch):
+    monkeypatch.setattr(kernels, "peer_version", lambda dist: None)  # no peer installed
+    built = []
+    for module in (bench_integrations, bench_distill):
+        monkeypatch.setattr(module, "variant_loss", lambda name, *a, _f=module.variant_loss:
+                            built.append(name) or _f(name, *a))
+    ctx = quick_context()
+    rows = []
+    for measure in (lambda: kernels.grpo_loss_rows(ctx, (64, 16, 96), here=True),
+                    lambda: kernels.distill_rows(ctx, (64, 16, 96), here=True)):
+        run_case(Case("kernels", "loss", ("eager", "fusedrl", "liger", "trl"), measure), 30.0,
+                 rows.append)
+    assert built == ["torch", "fusedrl"] * 2  # the peers' losses never built, never imported
+    ours = [r for r in rows if r["status"] == "ok"]
+    assert [r["impl"] for r in ours] == ["eager", "fusedrl"] * 2, rows
+    assert all(r["n"] >= 3 and r["seconds_p20"] <= r["seconds"] <= r["seconds_p80"]
+               and r["peak_extra_mib"] >= 0 for r in ours), ours
+    assert ours[1]["grad_weight_rel_error"] < 1e-4 and ours[1]["loss_error"] < 1e-4, ours[1]
+    assert abs(ours[3]["loss"] - ours[2]["loss"]) <= 1e-5 * abs(ours[2]["loss"]), ours
+    assert sorted(r["status"] for r in rows if r["status"] != "ok") == ["not installed"] * 4
