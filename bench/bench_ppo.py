@@ -213,16 +213,17 @@ def weight_sync(actor, device: torch.device) -> dict:
 
 
 def planned_peak(cfg, device: torch.device) -> dict:
-    """`fusedrl plan`'s per-device peak for this run's config on one device of this one's memory
-    (plan_peak_gib), and the KV pool inside it (plan_kv_pool_gib: the config's bytes, capped at
-    the rows' full length): the measured peak holds the pool the actor allocated (kv_pool_gib),
-    so both sides count it."""
+    """`fusedrl plan`'s per-device peak for this run's config on devices of this one's memory, as
+    many as the run's ranks (one without torchrun; under it, one machine's) (plan_peak_gib), and
+    the KV pool inside it (plan_kv_pool_gib: the config's bytes, capped at the rows' full length):
+    the measured peak holds the pool the actor allocated (kv_pool_gib), so both sides count it."""
     from fusedrl.engine.plan.planner import plan_stage
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    plan = plan_stage(cfg, 1, memory, device=device.type, advise=False)
+    ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    plan = plan_stage(cfg, ranks, memory, device=device.type, advise=False)
     pool = plan.kv_pool.bytes if plan.kv_pool is not None else None
     return {"plan_peak_gib": plan.peak / 2**30,
             "plan_kv_pool_gib": None if pool is None else pool / 2**30}

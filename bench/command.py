@@ -5,7 +5,7 @@ its arguments whole; engine/cli/bench.py). Its parser, the run of the suites, an
                   [seed=N] [output_dir=DIR] [overwrite=true] [only=TEXT,...] [max_minutes=M]
                   [row_seconds=S] [interpret=true]
     fusedrl bench compare A.json B.json
-    torchrun --nproc-per-node=N -m fusedrl.engine.cli bench train ...   # per-GPU rows
+    torchrun --nproc-per-node=N -m fusedrl.engine.cli bench train|rl ...   # per-GPU rows
 
 output_dir=DIR: DIR/results.jsonl (a row a line, appended as measured), DIR/results.json (the
 schema of results.py) and DIR/results.md, rewritten after every row; PNG charts at the end.

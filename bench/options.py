@@ -21,10 +21,9 @@ SUITE_HELP = {
           "beside `fusedrl plan`'s prediction; TRL 1.x's GRPOTrainer where installed",
 }
 SUITES = tuple(SUITE_HELP)
-# The suites whose cases run on every rank under torchrun; the others run in one process (rl
-# too: its iteration's ranks part ways inside the engine's FSDP rollout, one gathering weights
-# while the other has finished, so it would hang).
-PER_RANK_SUITES = ("train",)
+# The suites whose cases run on every rank under torchrun (each rank issuing the same
+# collectives: bench/ranks.py); the others run in one process.
+PER_RANK_SUITES = ("train", "rl")
 SHAPE_NAMES = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "llama-3.1-8b", "qwen3-30b-a3b")
 
 

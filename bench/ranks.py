@@ -1,4 +1,4 @@
-"""`fusedrl bench` under torchrun (options.PER_RANK_SUITES: train): each rank on its own
+"""`fusedrl bench` under torchrun (options.PER_RANK_SUITES: train, rl): each rank on its own
 device (cuda:LOCAL_RANK on a GPU, the CPU with gloo), the process group they share, the
 repetition count every rank agrees on (each rank's choice reduced to one, so every rank issues the
 same number of collectives), and a row's figures combined over the ranks (rank 0 records it).
@@ -6,14 +6,18 @@ One process (no torchrun): world 1, nothing reduced."""
 from __future__ import annotations
 
 import os
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 # Figures summed over the ranks (a rate each rank reaches on its own GPU), and those taken from
-# the slowest rank (a step ends when its last rank does).
+# the slowest rank (a step ends when its last rank does; the rl suite's phases and weight sync
+# too).
 SUMMED = ("tokens_per_s", "tokens_per_s_per_gpu")
-SLOWEST = ("seconds", "seconds_p20", "seconds_p80")
+SLOWEST = ("seconds", "seconds_p20", "seconds_p80", "weight_sync_s", "time_generate", "time_score",
+           "time_reference", "time_old", "time_train")
+T = TypeVar("T")
 
 
 def world_size() -> int:
@@ -61,10 +65,39 @@ def several() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def made_once(make: Callable[[], T]) -> T:
+    """make()'s value made on rank 0 alone and given to every rank (its result must pickle: a
+    directory's path, say), the others waiting for it; make() in one process. What only rank 0
+    can do: transformers' save_pretrained writes on global rank 0 alone once a process group is
+    started, so a checkpoint every rank reads is written there (one machine: a local path). An
+    error there is raised on every rank, so that every rank leaves the case at the same point."""
+    if not several():
+        return make()
+    box: list = [None]
+    failure = None
+    if is_main():
+        try:
+            box[0] = ("ok", make())
+        except Exception as error:  # the others are told, then it is raised here too
+            failure, box[0] = error, ("error", f"{type(error).__name__}: {error}")
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if failure is not None:
+        raise failure
+    if status != "ok":
+        raise RuntimeError(f"on rank 0: {value}")
+    return value
+
+
 def agreed_count(count: int) -> int:
     """The repetition count every rank runs: the smallest of the ranks' choices (count: this
     rank's choice; itself in one process)."""
-    return int(_reduce([count], dist.ReduceOp.MIN)[0]) if several() else count
+    return int(agreed_least(count))
+
+
+def agreed_least(value: float) -> float:
+    """The smallest of the ranks' values (value: this rank's; itself in one process)."""
+    return _reduce([value], dist.ReduceOp.MIN)[0] if several() else value
 
 
 def average_gradients(parameters) -> None:

@@ -4,7 +4,7 @@ case's budget (row_seconds=, what is left of the deadline at most) bounding its 
 a case the deadline cuts gives rows saying `not run: time`. Between cases the context releases
 what the next case does not name (Case.shares) and frees the device (context.free_device), so
 every case, and every peer's process, finds the device as the first found it. SIGTERM
-ends the run as Ctrl-C does, its files holding every finished row. Under torchrun (train only;
+ends the run as Ctrl-C does, its files holding every finished row. Under torchrun (train and rl;
 command.py refuses the others) every rank runs every case on its own device, each row's
 figures combined over the ranks (ranks.py), and rank 0 alone writes the files and prints."""
 from __future__ import annotations
@@ -67,7 +67,9 @@ def suite_backend(device, options: BenchOptions) -> str:
 class Clock:
     """The run's deadline (max_minutes) and each case's budget (row_seconds): the seconds of timed
     repetitions a case may spend (budget), and when it is stopped (limit: the deadline; under
-    --quick at most QUICK_CASE_S); None for no limit."""
+    --quick at most QUICK_CASE_S); None for no limit. Under torchrun the ranks agree: the deadline
+    counts as passed when it has on any rank, and no timer stops a case (one rank stopped inside a
+    case would leave the others waiting in a collective): it runs to its end."""
 
     def __init__(self, options: BenchOptions):
         self.start = time.monotonic()
@@ -84,8 +86,15 @@ class Clock:
             return self.per_case
         return left if self.per_case is None else min(left, self.per_case)
 
+    def past_deadline(self) -> bool:
+        """Whether the run's deadline has passed (on any rank: every rank skips the same cases)."""
+        left = self.left()
+        return left is not None and ranks.agreed_least(left) <= 0
+
     def limit(self) -> tuple[float | None, str]:
         """(the seconds after which a case is stopped, what that limit is)."""
+        if ranks.several():
+            return None, "none under torchrun"
         left = self.left()
         if self.quick and (left is None or left > QUICK_CASE_S):
             return QUICK_CASE_S, "a case's most under --quick"
@@ -109,7 +118,7 @@ def run_cases(cases: list[Case], ctx, clock: Clock, add: Callable[[dict, str], N
     ctx.release(cases[0].shares if cases else ())
     for k, case in enumerate(cases):
         left = clock.describe(len(cases) - k - 1, list(suites_left))
-        if clock.left() is not None and clock.left() <= 0:
+        if clock.past_deadline():
             for row in not_run(case, case.impls, f"{NOT_RUN_TIME} (the run's deadline)"):
                 add(row, left)
             continue

@@ -6,6 +6,12 @@ storage), and the peak memory beside `fusedrl plan`'s prediction for the same co
 the same checkpoint and prompts where installed: TRL 1.x's GRPOTrainer, and for PPO trl 0.29's
 `trl.experimental.ppo` (TRL 1.x ships no PPO trainer); a missing one's row says so.
 
+Under torchrun every rank runs the iteration on its own GPU, every rank the whole batch (its
+policy FSDP-sharded over the ranks, gathered for each rollout): the rows give tokens/s per GPU (the
+ranks' mean) and in total, and the slowest rank's times (ranks.combine). The iteration count is
+fixed (two), so every rank issues the same collectives. The checkpoints are written on rank 0 and
+read by every rank (ranks.made_once). The peers' rows say they were not run (SEVERAL_RANKS_PEER).
+
 Measured peak: torch.cuda.max_memory_allocated over the measured iteration on a GPU, above what the
 process held before the side began, the KV pool the actor allocated included, as the plan's peak
 includes it (both pools in the row: kv_pool_gib, plan_kv_pool_gib; its note says so); on the CPU the
@@ -25,7 +31,7 @@ import types
 
 import torch
 
-from .. import bench_ppo, results, shapes
+from .. import bench_ppo, ranks, results, shapes
 from ..cases import Case
 from ..context import Context, free_device, peer_version
 
@@ -37,6 +43,10 @@ SHAPES = {("grpo", False): ((16, 8, 128, 256), 4, 16), ("ppo", False): ((32, 4, 
 # Forward passes per token of each model of the iteration (see the docstring).
 PASSES = {"grpo": 1 + 1 + 1 + 3, "ppo": (1 + 1 + 1 + 3) + (1 + 3) + 1}
 PHASES = ("generate", "score", "reference", "old", "train")
+# Under torchrun the peer is not run: TRL's trainer would start its own data-parallel run over the
+# ranks' process group (accelerate), not one process per GPU beside ours.
+SEVERAL_RANKS_PEER = ("not run: under torchrun (TRL's trainer would join the ranks' process "
+                      "group); `fusedrl bench rl` without torchrun runs it")
 PEAK_NOTE = ("peak: the allocator's over the measured iteration above what the process held "
              "before; it and the plan's both hold the KV pool (kv_pool_gib, plan_kv_pool_gib)")
 
@@ -54,7 +64,7 @@ def _name(algo: str, shape: bench_ppo.Shape, label: str) -> str:
 def ours_row(ctx: Context, algo: str, shape, name: str, r: dict) -> dict:
     tokens = shape.rows * (shape.prompt_len + shape.new_tokens)
     flops = 2 * r["policy_parameters"] * tokens * PASSES[algo]
-    per_gpu = r["response_tokens"] / r["iteration_s"]  # one process on one GPU
+    per_gpu = r["response_tokens"] / r["iteration_s"]  # this rank's rows on its GPU
     peak = {"peak_gib": r["peak_gib"], "note": PEAK_NOTE} if r.get("peak_gib") is not None else {
         "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     return results.make_row(
@@ -88,6 +98,8 @@ def peer_row(ctx: Context, algo: str, shape, name: str, dirs, parameters: int) -
     peak memory its own)."""
     impl, status = peer_status(algo)
     limit = "model FLOP/s (estimate)"
+    if impl is not None and ranks.several():
+        impl, status = None, SEVERAL_RANKS_PEER
     if impl is None:
         return results.missing_row(SUITE, name, "trl", status, limit)
     args = types.SimpleNamespace(algo=algo, shape=shape, quick=ctx.device.type == "cpu", lora=0)
@@ -105,12 +117,18 @@ def peer_row(ctx: Context, algo: str, shape, name: str, dirs, parameters: int) -
         **({"peak_gib": r["peak_gib"]} if r.get("peak_gib") is not None else {}))
 
 
+def _by_rank_0(release):
+    """release(made) on rank 0 alone, which made it (ranks.made_once)."""
+    return lambda made: release(made) if ranks.is_main() else None
+
+
 def checkpoints(ctx: Context):
     """The policy's random-init checkpoint (and, made when PPO first needs it, a reward model of
-    the same architecture and shape), shared by the suite's cases."""
-    return ctx.shared(CHECKPOINTS[0], lambda: shapes.model_dir(ctx.options.model, ctx.quick,
-                                                           ctx.options.seed, torch.float32),
-                      lambda model: model.remove(), on_disk=True)
+    the same architecture and shape), shared by the suite's cases: written on rank 0 under
+    torchrun, read by every rank."""
+    return ctx.shared(CHECKPOINTS[0], lambda: ranks.made_once(lambda: shapes.model_dir(
+        ctx.options.model, ctx.quick, ctx.options.seed, torch.float32)),
+        _by_rank_0(shapes.ModelDir.remove), on_disk=True)
 
 
 def reward_dir(ctx: Context, policy):
@@ -121,7 +139,8 @@ def reward_dir(ctx: Context, policy):
     def make():
         return bench_ppo.build_reward_model_dir(
             ctx.quick, transformers.AutoConfig.from_pretrained(policy.path))
-    return ctx.shared(CHECKPOINTS[1], make, lambda path: shutil.rmtree(path, True), on_disk=True)
+    return ctx.shared(CHECKPOINTS[1], lambda: ranks.made_once(make),
+                      _by_rank_0(lambda path: shutil.rmtree(path, True)), on_disk=True)
 
 
 def iteration_name(ctx: Context, algo: str) -> str:

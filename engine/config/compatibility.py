@@ -164,10 +164,8 @@ def refuse_incompatible(config, moe: bool | None = None, names: dict | None = No
 # What a vision-language policy (or SFT model) does not run with yet: (dotted option, why), refused
 # by refuse_for_vision at the run's start, when the model's directory holds an image processor.
 VISION_REFUSED: tuple[tuple[str, str], ...] = (
-    ("rollout.partial_rollouts", "a carried answer does not keep its prompt's images"),
     ("rollout.tools", "a trajectory's later turns are rendered as text, with no image slot"),
     ("rollout.environment", "a trajectory's later turns are rendered as text, with no image slot"),
-    ("train.prefix_sharing", "a pack with images is forwarded whole"),
     ("ppo.ptx_coef", "the PPO-ptx data are read as text"),
     (_TP, "the vision tower is not sliced over tensor ranks"),
     (_CP, "a row with images is not split over a context group"),

@@ -96,9 +96,9 @@ class PackedBatch(NamedTuple):
             None if self.routing is None else self.routing.index_select(0, token_index),
             [self.prefix_groups[s] for s in seqs] if self.prefix_groups else [],
             [self.prompt_lens[s] for s in seqs] if self.prompt_lens else [],
-            *self._select_images(seqs))
+            *self.images_of(seqs))
 
-    def _select_images(self, seqs: list[int]) -> tuple:
+    def images_of(self, seqs: list[int]) -> tuple:
         """(pixel_values, image_grid_thw, image_counts) of the sequences `seqs`, in that order."""
         if self.pixel_values is None:
             return None, None, []
@@ -141,8 +141,9 @@ def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *
     the trained turns of a conversation, a trajectory's model tokens). width > 0 adds the
     [S, width] grid of PPO, a target at its response column. The positions and sequence
     boundaries are built here once, for every forward over the pack. share_prompts: sequences
-    with the same prompt are marked to forward it once (prefix_sharing.py). images: each
-    sequence's ImageInputs (its prompt holds their tokens) or None, joined in sequence order."""
+    with the same prompt (and the same images) are marked to forward it once (prefix_sharing.py).
+    images: each sequence's ImageInputs (its prompt holds their tokens) or None, joined in
+    sequence order."""
     ids, seqlens, rows, targets, counts, grid, positions = [], [], [], [], [], [], []
     for s, (prompt, response, is_target) in enumerate(sequences):
         sequence = prompt + response
@@ -165,7 +166,8 @@ def pack_sequences(sequences: list[tuple[list[int], list[int], bool | tuple]], *
     return PackedBatch(_long(ids, device), seqlens, _long(rows, device), _long(targets, device),
                        counts, list(group_sizes), _long(grid, device) if width else None, width,
                        _long(positions, device), _cu_seqlens(seqlens, device), None,
-                       prompt_groups([p for p, _, _ in sequences]) if share_prompts else [],
+                       prompt_groups([p for p, _, _ in sequences], images) if share_prompts
+                       else [],
                        [len(p) for p, _, _ in sequences] if share_prompts else [],
                        *join_images(images, device))
 

@@ -41,10 +41,15 @@ class SharedLayout:
         return sum(self.seqlens_q)
 
 
-def prompt_groups(prompts: list[list[int]]) -> list[int]:
-    """[R] group id of each row: rows with the same prompt tokens share an id (first-seen order)."""
+def prompt_groups(prompts: list[list[int]], images: list | None = None) -> list[int]:
+    """[R] group id of each row: rows with the same prompt tokens share an id (first-seen order);
+    images: each row's prompt images (a vision model's ImageInputs, None: text), which rows must
+    share too, as the same object (a group's rows hold their prompt row's): two prompts of the
+    same tokens over other pixels are other prompts."""
     ids: dict[tuple, int] = {}
-    return [ids.setdefault(tuple(p), len(ids)) for p in prompts]
+    shown = images or [None] * len(prompts)
+    return [ids.setdefault((tuple(p), None if i is None else id(i)), len(ids))
+            for p, i in zip(prompts, shown)]
 
 
 def members(groups: list[int]) -> dict[int, list[int]]:

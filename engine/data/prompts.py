@@ -29,12 +29,15 @@ from .vision_rows import parse_vision_row, tokenize_vision_prompt
 class PromptRow:
     """One RL prompt: the policy's token ids, the prompt as the data holds it (a string or a message
     list, what TRL-style reward functions receive as `prompts`), the row's other columns (a vision
-    row's `images` among them, as the data holds them) and its processed images (None: text)."""
+    row's `images` among them, as the data holds them), its processed images (None: text) and its
+    index in the run's prompts (load_prompts' list; None: a row built elsewhere), by which a
+    checkpoint names a row with images instead of copying its pixels."""
 
     ids: list[int]
     prompt: str | list
     columns: dict = field(default_factory=dict)
     images: ImageInputs | None = None
+    index: int | None = None
 
 
 def column_lists(rows: list[PromptRow]) -> dict[str, list]:
@@ -102,7 +105,7 @@ def load_prompts(source, tokenizer, max_prompt_length: int, max_model_len: int,
                 dropped += 1
                 continue
             ids, truncated = ids[-(max_model_len - 1):], truncated + 1
-        prompts.append(PromptRow(ids, prompt, extra, pixels))
+        prompts.append(PromptRow(ids, prompt, extra, pixels, len(prompts)))
     _report_dropped(source, dropped, max_prompt_length, max_model_len)
     if not prompts:
         raise DataError(f"{source_name(source)}: no prompts left once those whose cut would reach "

@@ -7,8 +7,10 @@ across iterations, saved in every checkpoint).
 
 A checkpoint holds each group's `state_dict()`: plain lists and numbers (no pickle), read back with
 `Group.load`. What lives only beside the loop (a sample's routing records and its environment) is
-not in it. A new typed field of a prompt (images, say) is one more field of `Group`, saved in its
-state_dict.
+not in it. A prompt row with images is named, not copied: its index in the run's prompts and the
+sha256 of its processed images (image_prefill.image_digest), so a resumed run reads the same row,
+images included, back from the data (`Group.load(state, rows)`), and a row whose images changed
+since is a one-line error rather than a sample continued over other pixels.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import random
 from dataclasses import dataclass, field
 
 from ..data.prompts import PromptRow
+from .image_prefill import image_digest
 
 
 @dataclass
@@ -87,10 +90,13 @@ class Sample:
 class Group:
     """A prompt's samples: prompt, its token ids (a multi-turn group's: its environments'
     rendered opening); source, the data row it came from (the reward functions' and the
-    environments' input; None: the decoded prompt stands in)."""
+    environments' input; None: the decoded prompt stands in); images_sha256: its images' digest,
+    once a checkpoint has named them (computed once: a group is saved every iteration it is in
+    flight)."""
     prompt: list[int]
     samples: list[Sample]
     source: PromptRow | None = None
+    images_sha256: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def new(cls, prompt: list[int], n: int, seed: int | None = None,
@@ -116,10 +122,23 @@ class Group:
         return None if self.source is None else self.source.images
 
     def state_dict(self) -> dict:
-        source = self.source
         return {"prompt": list(self.prompt), "samples": [s.state_dict() for s in self.samples],
-                "source": None if source is None else {"prompt": source.prompt,
-                                                       "columns": source.columns}}
+                "source": self._source_state()}
+
+    def _source_state(self) -> dict | None:
+        """The source row as a checkpoint keeps it: a text row's prompt and columns; a row with
+        images by its index in the run's prompts and its images' sha256 (never its pixels)."""
+        source = self.source
+        if source is None:
+            return None
+        if source.images is None:
+            return {"prompt": source.prompt, "columns": source.columns}
+        if source.index is None:
+            raise ValueError("a group in flight has a prompt row with images but no index in the "
+                             "run's prompts (PromptRow.index): a checkpoint could not name it")
+        if self.images_sha256 is None:
+            self.images_sha256 = image_digest(source.images)
+        return {"row": source.index, "images_sha256": self.images_sha256}
 
     def load_state_dict(self, state: dict) -> None:
         """The prompt and each sample's checkpointed fields set from `state` (a context group's
@@ -129,11 +148,34 @@ class Group:
             sample.load_state_dict(kept)
 
     @classmethod
-    def load(cls, state: dict) -> "Group":
-        source = state.get("source")
-        row = None if source is None else PromptRow(list(state["prompt"]), source["prompt"],
-                                                    source["columns"])
-        return cls(list(state["prompt"]), [Sample.load(s) for s in state["samples"]], row)
+    def load(cls, state: dict, rows: list[PromptRow] | None = None) -> "Group":
+        """The group a state_dict holds; rows: the run's prompts (load_prompts' list), where a
+        row with images named by the state is read back from (its images the data's)."""
+        source, prompt = state.get("source"), list(state["prompt"])
+        samples = [Sample.load(s) for s in state["samples"]]
+        if source is None:
+            return cls(prompt, samples)
+        if "row" not in source:
+            return cls(prompt, samples, PromptRow(prompt, source["prompt"], source["columns"]))
+        row = named_row(source["row"], source["images_sha256"], prompt, rows)
+        return cls(prompt, samples, row, source["images_sha256"])
+
+
+def named_row(index: int, sha256: str, prompt: list[int],
+              rows: list[PromptRow] | None) -> PromptRow:
+    """rows[index], checked to be the row a checkpoint named: the same prompt ids and images of
+    the same sha256; else a one-line ValueError (the data changed since the checkpoint)."""
+    where = f"the checkpoint's group in flight on prompt row {index}"
+    if rows is None or not 0 <= index < len(rows):
+        have = "no prompts" if rows is None else f"{len(rows)} prompts"
+        raise ValueError(f"{where}: the run has {have}; resume with the data it was saved with")
+    row = rows[index]
+    got = None if row.images is None else image_digest(row.images)
+    if row.ids != prompt or got != sha256:
+        what = "prompt tokens" if row.ids != prompt else f"images (sha256 {str(got)[:12]})"
+        raise ValueError(f"{where}: the data's row has other {what} than the checkpoint's "
+                         f"(images sha256 {sha256[:12]}): the data changed since the checkpoint")
+    return row
 
 
 def unfinished(groups: list[Group]) -> list[tuple[Group, Sample]]:

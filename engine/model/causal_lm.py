@@ -358,12 +358,19 @@ class CausalLM(nn.Module):
             last = torch.tensor(packed.seqlens, device=hidden.device).cumsum(0) - 1
             return hidden, packed.target_rows, last
         self.check_input_ids(packed.input_ids)
+        ids, positions = (t.index_select(0, layout.token_index)
+                          for t in (packed.input_ids, packed.positions))
+        return self.forward_shared(ids, positions, layout)
+
+    def forward_shared(self, ids, positions, layout, visual=None):
+        """The forward over a shared layout's token stream: ids [N'] and positions [N'] (M-RoPE's:
+        [3, N']), each token's from its row, in stream order (layout.token_index's) -> (hidden
+        [N', hidden], rows [M] predicting the pack's targets, rows [S] of each row's last token);
+        visual: image features at the stream's placeholder tokens, as forward's."""
         if max(layout.seqlens_k) > self.config.max_model_len:
             raise ValueError(f"a sequence of {max(layout.seqlens_k)} tokens exceeds max_model_len "
                              f"{self.config.max_model_len}")
-        ids, positions = (t.index_select(0, layout.token_index)
-                          for t in (packed.input_ids, packed.positions))
-        hidden = self.entry()(ids, positions, AttentionMetadata.shared(layout))
+        hidden = self.entry()(ids, positions, AttentionMetadata.shared(layout), visual=visual)
         return hidden, layout.target_rows, layout.last_rows
 
     def compute_logits(self, hidden):

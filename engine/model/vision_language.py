@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from ..data.prefix_sharing import members, share_prefixes
 from .causal_lm import CausalLM
 from .config import ModelConfig
 from .vision.mrope import packed_positions
@@ -101,19 +102,32 @@ class VisionLanguageModel(CausalLM):
 
     def forward_rows(self, packed, layout=None):
         """CausalLM.forward_rows over a pack that may hold images (`packed.pixel_values`,
-        `packed.image_grid_thw`, None or absent for text). A pack with images is forwarded whole:
-        prefix sharing of image prompts is not implemented (a ValueError)."""
+        `packed.image_grid_thw`, None or absent for text). With packed.prefix_groups (layout:
+        engine/data/prefix_sharing.py's, built here when not given) a group's rows read their
+        prompt once, its images included: a group shares one prompt row's images (pack_sequences
+        groups rows by their prompt tokens and their images), so its first row's images are
+        encoded once and placed at the shared prompt's placeholders, and every token keeps its
+        row's M-RoPE position (the shared prompt's are the prompt's own)."""
         pixels = getattr(packed, "pixel_values", None)
         if pixels is None and not bool(
                 (packed.input_ids == self.config.vision.image_token_id).any()):
             return super().forward_rows(packed, layout)
-        if layout is not None or getattr(packed, "prefix_groups", None):
-            raise ValueError("prefix sharing of prompts with images is not implemented")
-        hidden = self.forward_packed(packed.input_ids, packed.seqlens, None, packed.cu_seqlens,
-                                     pixel_values=pixels,
-                                     image_grid_thw=getattr(packed, "image_grid_thw", None))
-        last = torch.tensor(packed.seqlens, device=hidden.device).cumsum(0) - 1
-        return hidden, packed.target_rows, last
+        grids = getattr(packed, "image_grid_thw", None)
+        layout = layout or share_prefixes(packed)
+        if layout is None:
+            hidden = self.forward_packed(packed.input_ids, packed.seqlens, None,
+                                         packed.cu_seqlens, pixel_values=pixels,
+                                         image_grid_thw=grids)
+            last = torch.tensor(packed.seqlens, device=hidden.device).cumsum(0) - 1
+            return hidden, packed.target_rows, last
+        self.check_input_ids(packed.input_ids)
+        positions = self.mrope_positions(packed.input_ids, packed.seqlens, grids)[0]
+        ids = packed.input_ids.index_select(0, layout.token_index)
+        firsts = [rows[0] for rows in members(packed.prefix_groups).values()]
+        pixels, grids, _ = packed.images_of(firsts)
+        features = None if pixels is None else self.encode_images(pixels, grids)
+        return self.forward_shared(ids, positions.index_select(1, layout.token_index), layout,
+                                   self.visual_rows(ids, features))
 
 
 @functools.cache

@@ -119,13 +119,13 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch):
         assert main(["bench", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"fusedrl bench: ") and expected in err and "\n" not in err, err
-    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun only train runs, on every rank
-    for suite in ("all", "rl"):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun only train and rl run, on every rank
+    for suite in ("all", "generate"):
         assert main(["bench", suite, "--quick"]) == 2
         err = capsys.readouterr().err.strip()
         named = "headline" if suite == "all" else suite
-        assert f"fusedrl bench {named} under torchrun (WORLD_SIZE=2): expected one of train" \
-            in err and "\n" not in err, err
+        assert f"fusedrl bench {named} under torchrun (WORLD_SIZE=2): expected one of train, " \
+            "rl" in err and "\n" not in err, err
 
 
 def test_the_device_table_names_each_datacenter_gpu_and_nothing_else():

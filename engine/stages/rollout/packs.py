@@ -19,8 +19,8 @@ def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
     same prompt forward it once (engine/data/prefix_sharing.py). model_masks (one bool per
     response token: a multi-turn trajectory's sampled tokens): only those are targets, the
     environment's tokens are context. images: each row's ImageInputs (its prompt's, None for
-    text), placed in the pack for every forward; rows with images do not share prompts (the model
-    forwards a pack with images whole)."""
+    text), placed in the pack for every forward; rows share a prompt with its images (a group's
+    rows hold the same ImageInputs: its prompt row's)."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"pack_rollout: need as many responses as prompts (> 0), got "
                          f"{len(prompts)} prompts and {len(responses)} responses")
@@ -34,7 +34,7 @@ def pack_rollout(prompts: list[list[int]], responses: list[list[int]], device,
     return pack_sequences([(p, r, tuple(t) if isinstance(t, list) else t)
                            for p, r, t in zip(prompts, responses, targets)], width=width,
                           device=device, images=images,
-                          share_prompts=share_prompts and not any(images or ()))
+                          share_prompts=share_prompts)
 
 
 def concat_packs(parts: list[PackedBatch]) -> PackedBatch:

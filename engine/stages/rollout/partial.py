@@ -28,6 +28,13 @@ positions (one engine run of requests with their answers so far: inference/reque
 Multi-turn trajectories (rollout.tools, rollout.environment) carry the same way, their
 environments alive on the samples (engine/agents/carried.py): not in a checkpoint, so a resumed
 run restarts the trajectories it had in flight (counted).
+
+A prompt with images carries them as it carries its tokens: the group's source row holds them, each
+continuation sends them again with the answer so far (the engine runs the tower on them once, and
+places the answer's tokens past the prompt's M-RoPE positions at their decode offset, as a plain
+decode would), and the group trains on its row's images. A checkpoint names the row (its index in
+the run's prompts and its images' sha256: in_flight.py), never its pixels; a resumed run reads the
+row back from the data.
 """
 from __future__ import annotations
 
@@ -92,13 +99,14 @@ class PartialRollouts:
     iteration handing on the ones complete (sampler.py): single-turn answers, or with `carried`
     (engine/agents/carried.py) multi-turn trajectories whose environments stay alive while they
     are in flight. draw_prompts(state, k): the stream's next k prompts of this rank; score:
-    everything after sampling (sampled_rows.Scoring)."""
+    everything after sampling (sampled_rows.Scoring); rows: the run's prompts, from which a
+    resumed run reads back the rows with images its checkpoint names (in_flight.Group.load)."""
 
     def __init__(self, models: PPOModels, draw_prompts: Callable[[PPOState, int], list[PromptRow]],
                  score: Callable[[Generated, PhaseTimer], Samples], rollout: RolloutConfig,
-                 carried: CarriedTrajectories | None = None):
+                 carried: CarriedTrajectories | None = None, rows: list[PromptRow] | None = None):
         self.models, self.draw_prompts, self.score = models, draw_prompts, score
-        self.rollout, self.carried = rollout, carried
+        self.rollout, self.carried, self.rows = rollout, carried, rows
         self.advance = (advance_answers(models, sampling_params(rollout)) if carried is None
                         else carried.advance)
         # The typed groups in flight and the loop state's copy of them this schedule last wrote
@@ -109,7 +117,7 @@ class PartialRollouts:
     def in_flight(self, state: PPOState) -> list[Group]:
         """The groups in flight: this schedule's, or those a resumed run's loop state holds."""
         if state.in_flight is not self.saved:
-            self.groups = [Group.load(g) for g in state.in_flight]
+            self.groups = [Group.load(g, self.rows) for g in state.in_flight]
         return self.groups
 
     def keep(self, state: PPOState, groups: list[Group]) -> None:

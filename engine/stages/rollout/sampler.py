@@ -86,7 +86,7 @@ def build_sampler(cfg: PPOConfig, models: PPOModels, prompts: list[PromptRow],
             models.actor.run, agents.renderer, agents.source,
             sampling_params(rollout, n=rollout.samples_per_prompt), agents.limits,
             models.actor.max_model_len)
-        schedule = PartialRollouts(models, draw, score, rollout, carried)
+        schedule = PartialRollouts(models, draw, score, rollout, carried, prompts)
     else:
         rows = (AnswerGenerator(models, rollout) if agents is None
                 else TrajectoryGenerator(models, agents, rollout))

@@ -1,12 +1,16 @@
 """The typed samples in flight: a group's samples draw their own seeded streams (carried) or their
 index's (whole groups); a checkpoint's state_dict is plain JSON that loads back to the same
 samples, without what lives beside the loop (routing records, environments); a restart keeps the
-seed and empties the rest; a context group's first rank's state sets a group in place."""
+seed and empties the rest; a context group's first rank's state sets a group in place; a row with
+images is named in a checkpoint (index and sha256), never copied, and read back from the data."""
 import json
 
+import pytest
 import torch
 
 from fusedrl.engine.data.prompts import PromptRow
+from fusedrl.engine.data.vision_processor import ImageInputs
+from fusedrl.engine.inference.image_prefill import image_digest
 from fusedrl.engine.inference.in_flight import Group, Sample, unfinished
 
 
@@ -61,3 +65,32 @@ def test_a_restart_keeps_the_seed_and_a_first_rank_s_state_sets_the_group_in_pla
     group.load_state_dict(other.state_dict())
     assert group.prompt == [1] and first.tokens == [7, 8, 9] and first.routing is routing
     assert not group.complete and Group([1], [Sample(finish="stop")]).complete
+
+
+def image_rows() -> list[PromptRow]:
+    def images(seed):
+        return ImageInputs(torch.randn(4, 6, generator=torch.Generator().manual_seed(seed)),
+                           torch.tensor([[1, 2, 2]]))
+    return [PromptRow([3, 9, 9, 4, i], "how many ?", {"images": [f"{i}.png"]}, images(i), i)
+            for i in range(3)]
+
+
+def test_a_row_with_images_is_named_by_index_and_sha256_and_read_back_from_the_data():
+    rows = image_rows()
+    group = Group.new(rows[1].ids, 2, seed=4, source=rows[1])
+    group.samples[0].tokens, group.samples[0].logprobs, group.samples[0].versions = [5], [-1.0], [0]
+    state = json.loads(json.dumps(group.state_dict()))
+    assert state["source"] == {"row": 1, "images_sha256": image_digest(rows[1].images)}
+    again = image_rows()  # a resumed run's data: the same rows, read again
+    loaded = Group.load(state, again)
+    assert loaded.source is again[1] and loaded.images is again[1].images
+    assert loaded.samples[0].tokens == [5] and loaded.state_dict() == state
+    with pytest.raises(ValueError, match=r"prompt row 1: the run has no prompts"):
+        Group.load(state)
+    changed = image_rows()
+    changed[1] = PromptRow(rows[1].ids, "how many ?", {}, image_rows()[2].images, 1)
+    with pytest.raises(ValueError, match=r"row 1: the data's row has other images .* the data "
+                                         "changed since the checkpoint$"):
+        Group.load(state, changed)
+    with pytest.raises(ValueError, match="no index in the run's prompts"):
+        Group.new([1], 1, source=PromptRow([1], "x", {}, rows[0].images)).state_dict()

@@ -85,9 +85,7 @@ def _grpo(root, **options):
 
 
 @pytest.mark.parametrize("options,named", [
-    ({"rollout": {"partial_rollouts": True}}, "rollout.partial_rollouts=True"),
     ({"rollout": {"tools": ["m:f"]}}, "rollout.tools="),
-    ({"train": LoopConfig(device="cpu", prefix_sharing=True)}, "train.prefix_sharing=True"),
     ({"lora": LoRAConfig(rank=2), "train": LoopConfig(device="cpu", train_vision=True)},
      "train.train_vision=true with lora.rank=2"),
 ])

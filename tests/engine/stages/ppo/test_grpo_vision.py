@@ -1,7 +1,8 @@
 """GRPO of a tiny Qwen2.5-VL on rows with an `images` column, scored by a TRL-style reward function
 reading the rows' columns: the run goes to the end, its prompts reach the engine with their images,
-and no sampled token is one of the model's vision tokens (the random base model would sample one in
-about every sixth token if the sampler did not mask them)."""
+each group's rows read their prompt once in training (prefix sharing), and no sampled token is one
+of the model's vision tokens (the random base model would sample one in about every sixth token if
+the sampler did not mask them)."""
 import pytest
 
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
@@ -42,6 +43,8 @@ def test_grpo_with_images_runs_and_never_samples_a_vision_token(setup):
     train_ppo(cfg, reward_fn=reward)
     rows = [r for r in read_metrics(root / "grpo") if r["kind"] == "train"]
     assert len(rows) == 2
+    # train.prefix_sharing=auto: each group's 4 rows read its prompt, images included, once.
+    assert all(r["prefix/tokens_saved"] > 0 for r in rows), rows
     sampled = [t for ids, _, _ in seen for row in ids for t in row]
     # The model's vision ids (image, video, vision start and end, the tokenizer's vision pad).
     vision_ids = set(load_config(base).vision.vision_token_ids)
