@@ -1,6 +1,6 @@
 """PPO with a critic on rows with images: the separate critic (a value model built from a tiny
 Qwen2.5-VL policy's checkpoint, or from a vision-language reward model) and the shared value head
-see each sample's images, the very pixel tensors of the rollout's pack the policy's forward takes,
+see each sample's images, the pixels of the rollout's pack the policy's forward takes,
 and their values move with the image alone; a vision-language reward model scores the rollout
 with its images (a text one beside a vision policy is refused)."""
 import pytest
@@ -79,10 +79,11 @@ def test_ppo_separate_critic_with_images_takes_the_rollouts_pixels(setup, monkey
             assert torch.isfinite(torch.tensor(r[key])), (key, r)
     critic_calls = [i for i, (role, _) in enumerate(calls) if role == "critic"]
     # the old values of both iterations and the update's minibatches: each after the policy's
-    # forward over the same micro-batch, whose pixel tensor it reads itself (no second packing)
+    # forward over the same micro-batch, whose pixels it reads (the pack's, no second packing;
+    # each prompt group's images once where the rows share their prompt)
     assert len(critic_calls) >= 4
     for i in critic_calls:
-        assert calls[i - 1][0] == "policy" and calls[i][1] is calls[i - 1][1]
+        assert calls[i - 1][0] == "policy" and torch.equal(calls[i][1], calls[i - 1][1])
     # and those pixels are the data reader's, each row's image processed once (all of one size)
     known = prompt_pixels(data, processor)
     for i in critic_calls:
@@ -157,7 +158,7 @@ def test_ppo_scored_by_a_vision_reward_model_with_its_critic(setup, monkeypatch)
         for chunk in pixels.split(known[0].shape[0]):
             assert any(torch.equal(chunk, p) for p in known)
     for i in [i for i, (role, _) in enumerate(calls) if role == "critic"]:
-        assert calls[i - 1][0] == "policy" and calls[i][1] is calls[i - 1][1]
+        assert calls[i - 1][0] == "policy" and torch.equal(calls[i][1], calls[i - 1][1])
 
 
 def test_a_text_reward_model_beside_a_vision_policy_is_refused(setup, tmp_path):
