@@ -40,8 +40,9 @@ def test_scoring_in_microbatches_equals_scoring_whole(tmp_path):
     assert [n for p in cut for n in p.seqlens] == packed.seqlens                    # every row once, in order
     with torch.no_grad():
         whole = score_rows(models.score, samples.prompts, samples.responses, packed)
-    # fp32 GEMMs over fewer rows round in another order: a few units in the last place.
-    torch.testing.assert_close(samples.scores, whole.float(), rtol=1e-5, atol=1e-6)
+    # fp32 GEMMs over fewer rows round in another order, and on 2 intra-op threads (pytest -n 0
+    # on 2 cores) oneDNN blocks them otherwise again: through the layers, up to ~4e-5 relative.
+    torch.testing.assert_close(samples.scores, whole.float(), rtol=1e-4, atol=1e-5)
 
     def rollout(budget):
         s = dataclasses.replace(ExperienceSettings.of(cfg), tokens_per_forward=budget)
