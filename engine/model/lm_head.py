@@ -25,6 +25,16 @@ def head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def sampler_bias(model, device=None) -> torch.Tensor | None:
+    """The logit bias [V] fp32 the engine's sampler draws `model`'s tokens under: a vision-language
+    model's -inf at its vision ids (VisionLanguageModel.logit_bias), None for a text model; what
+    training's log-probs and a distillation's divergence add, so that they are of the sampler's
+    distribution."""
+    if getattr(model.config, "vision", None) is None:
+        return None
+    return model.logit_bias(device)
+
+
 def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                      temperature: float = 1.0, with_entropy: bool = False, bias=None):
     """hidden [M, H] (the rows predicting `labels`), weight [V, H], labels [M] -> fp32 log-probs [M]

@@ -63,4 +63,5 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     for directory in sys.argv[1:]:
         check(directory)
+    dist.barrier()  # no rank leaves while the other still reads its last broadcast
     dist.destroy_process_group()

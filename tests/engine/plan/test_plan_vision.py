@@ -53,3 +53,18 @@ def test_the_tower_is_whole_on_every_tensor_rank(vlm):
     policy = next(part for part in sharded.parts if part.role == "policy")
     tower = dict(policy.module.named_parameters())["visual.blocks.0.mlp.gate_proj.weight"]
     assert sharded.local_numel(tower, sharded.shards(policy)) == tower.numel() // 2
+
+
+def test_the_plan_counts_the_critics_tower_as_frozen(vlm):
+    """PPO's separate critic built from a vision policy holds the tower too (a vision value model),
+    trained only with train.train_vision, as the policy's."""
+    model = load_model(vlm)
+    tower = sum(p.numel() for p in model.visual.parameters())
+    everything = sum(p.numel() for p in model.parameters()) + model.config.hidden_size
+    config = plan_config("ppo", STAGES["ppo"][0], None,
+                         [f"policy={vlm}", "reward_fn=rewards:score", "critic=separate",
+                          "rollout.kv_cache_memory=1048576"])
+    critic = {r["role"]: r for r in model_rows(stage_setup(config, 1))}["critic"]
+    # the value head [1, H] beside the decoder and the tower; the LM head takes no gradient
+    assert critic["parameters"] == everything
+    assert critic["trained_parameters"] == everything - tower - model.lm_head.weight.numel()
