@@ -166,29 +166,54 @@ def refuse_incompatible(config, moe: bool | None = None, names: dict | None = No
 VISION_REFUSED: tuple[tuple[str, str], ...] = (
     ("rollout.tools", "a trajectory's later turns are rendered as text, with no image slot"),
     ("rollout.environment", "a trajectory's later turns are rendered as text, with no image slot"),
-    ("reward_model", "a reward model scores text only: score with reward functions"),
-    ("critic", "the critic is a text value model: use a group estimator (grpo, rloo, ...)"),
     ("ppo.ptx_coef", "the PPO-ptx data are read as text"),
-    (_TP, "the vision tower is not sliced over tensor ranks"),
     (_CP, "a row with images is not split over a context group"),
     ("train.optimizer_offload", "not shown with a vision tower"),
 )
 
+# Shown tensor-parallel with images (tests/engine/parallel/test_vision_tensor_parallel.py): SFT's
+# model and the GRPO family's policy and reference. Not yet beside them: (option, what it names),
+# refused at train.tensor_parallel > 1 where set; the stages' own options (teacher: distillation,
+# beta_rm: the reward-model stage) name the stage by being there.
+VISION_TP_UNSHOWN: tuple[tuple[str, str], ...] = (
+    ("critic", "a critic"), ("reward_model", "a reward model scoring"),
+    ("teacher", "distillation"), ("beta_rm", "the reward-model stage"))
+_STAGE_OPTIONS = ("teacher", "beta_rm")
+
 
 def refuse_for_vision(config) -> None:
     """ConfigValueError (one line) for the first option of VISION_REFUSED that `config` (a stage's
-    config with a vision-language model) sets, and for train.train_vision beside LoRA adapters
+    config with a vision-language model) sets, for train.tensor_parallel > 1 beside what
+    VISION_TP_UNSHOWN names, and for train.train_vision beside LoRA adapters
     (only the decoder's projections take adapters; the tower would be trained in full beside them,
     and the adapter export would leave it out)."""
     for key, why in VISION_REFUSED:
         if has_option(config, key) and is_on(config, key):
             raise ConfigValueError(f"{key}={option_value(config, key)!r} with a vision-language "
                                    f"model: not supported ({why}); set it off")
+    for key, what in VISION_TP_UNSHOWN:
+        if is_on(config, _TP) and has_option(config, key) and (
+                key in _STAGE_OPTIONS or is_on(config, key)):
+            raise ConfigValueError(
+                f"train.tensor_parallel={config.train.tensor_parallel} with a vision-language "
+                f"model and {what} ({key}): not shown yet (SFT and the GRPO family run "
+                "tensor-parallel with images); set train.tensor_parallel=1")
     if config.train.train_vision and config.lora.enabled:
         raise ConfigValueError(
             f"train.train_vision=true with lora.rank={config.lora.rank}: not supported (adapters "
             "go on the decoder only, and their export would leave the trained tower out); train "
             "the tower in full without adapters, or keep it frozen")
+
+
+def refuse_text_reward_model(reward_model: str | None, rm_config) -> None:
+    """With a vision-language policy: ConfigValueError (one line) when `reward_model` (its
+    directory, None: unused) is a text model (`rm_config`, its ModelConfig, describes no vision
+    tower): the rollout's rows hold image tokens it would read as text, without the images."""
+    if reward_model is not None and rm_config.vision is None:
+        raise ConfigValueError(
+            f"reward_model={reward_model!r} is a text model but the policy is a vision-language "
+            "model: its rows' image tokens need a vision-language reward model (fusedrl rm on "
+            "the policy's base), or score with reward functions")
 
 
 def _class_has(config_cls, key: str) -> bool:

@@ -13,6 +13,7 @@ from .records import DataError, parser_for
 from .sources import is_dataset, read_records, source_name
 from .tokenization import TokenizedExample, tokenize_record
 from .vision_processor import VisionProcessor
+from .vision_rankings import VisionRanking, parse_vision_ranking, tokenize_vision_ranking
 from .vision_rows import VisionRecord, parse_vision_row, tokenize_vision_record
 from ..config.train import DataConfig
 
@@ -35,6 +36,9 @@ def tokenize_all(records, where: list[str], tokenizer,
             if isinstance(record, VisionRecord):
                 out.append(tokenize_vision_record(tokenizer, record, cfg.max_length,
                                                   cfg.max_prompt_length))
+            elif isinstance(record, VisionRanking):
+                out.append(tokenize_vision_ranking(tokenizer, record, cfg.max_length,
+                                                   cfg.max_prompt_length))
             else:
                 out.append(tokenize_record(tokenizer, record, cfg.max_length,
                                            cfg.max_prompt_length))
@@ -57,7 +61,8 @@ def load_examples(cfg: DataConfig, tokenizer, stage: str, seed: int, dataset=Non
                   eval_dataset=None) -> Examples:
     """Read cfg.train_file, or `dataset` (and cfg.eval_file or `eval_dataset`, or hold out
     cfg.eval_fraction) for stage sft|rm. With a VisionProcessor as `tokenizer` (a vision model),
-    sft rows are read by data/vision_rows.py, with or without images."""
+    rows are read by data/vision_rows.py (sft) and data/vision_rankings.py (rm), with or without
+    images."""
     source = dataset if dataset is not None else cfg.train_file
     parse = _parser(cfg, tokenizer, stage, source)
     train = read_records(source, parse, cfg.skip_malformed, cfg.columns())
@@ -96,9 +101,9 @@ def _parser(cfg: DataConfig, tokenizer, stage: str, source):
     (relative image paths from the data file's folder)."""
     if not isinstance(tokenizer, VisionProcessor):
         return parser_for(stage, cfg.format, all_turns=cfg.train_on == "assistant_turns")
-    if stage != "sft":
-        raise DataError(f"{stage} data for a vision model: only sft and the RL stages read images")
     base = None if is_dataset(source) else Path(source).parent
+    if stage == "rm":
+        return lambda row: parse_vision_ranking(row, tokenizer, base)
     return lambda row: parse_vision_row(row, tokenizer, base, with_response=True)
 
 

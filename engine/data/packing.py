@@ -53,6 +53,13 @@ class PackedBatch(NamedTuple):
     def num_targets(self) -> int:
         return sum(self.target_counts)
 
+    def image_inputs(self) -> dict:
+        """{pixel_values, image_grid_thw} of the pack's images, as a vision-language model's
+        forward_packed takes them; {} for a pack without images (any model's forward)."""
+        if self.pixel_values is None:
+            return {}
+        return {"pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
+
     def to_grid(self, values: torch.Tensor) -> torch.Tensor:
         """Per-target values [M] -> [S, width], zeros off the targets (PPO's per-token layout)."""
         grid = values.new_zeros(len(self.seqlens) * self.width)
@@ -217,8 +224,9 @@ def collate_sft(examples: list[TokenizedExample]) -> PackedBatch:
 
 
 def collate_rm(examples: list[TokenizedExample]) -> PackedBatch:
-    """RM micro-batch: each example's K sequences, best first; the best response's tokens are the
-    targets of the beta_rm LM term."""
+    """RM micro-batch: each example's K sequences, best first (each with the example's images);
+    the best response's tokens are the targets of the beta_rm LM term."""
     sequences = [(ex.prompt, response, k == 0) for ex in examples
                  for k, response in enumerate(ex.responses)]
-    return pack_sequences(sequences, group_sizes=[len(ex.responses) for ex in examples])
+    return pack_sequences(sequences, group_sizes=[len(ex.responses) for ex in examples],
+                          images=[ex.images for ex in examples for _ in ex.responses])

@@ -211,6 +211,13 @@ class CausalLM(nn.Module):
         # Whether its FSDP2 shards rest in CPU memory (engine/parallel/distributed.shard's offload).
         self.offloaded = False
 
+    @classmethod
+    def variant_of(cls, model_cls: type) -> type:
+        """The class that builds `model_cls` (CausalLM or a subclass with heads: the reward and
+        value models) on a model of this one's kind: `model_cls` itself for a text model
+        (VisionLanguageModel answers with its vision variant)."""
+        return model_cls
+
     def set_recompute(self, checkpointing: bool, offload: bool = False):
         """train.gradient_checkpointing (each layer recomputed in backward) and, with it,
         train.activation_offload (the layers' saved inputs in CPU memory until the backward)."""
@@ -379,14 +386,15 @@ def _both(first, second):
 
 
 def rebuild_as(model_cls: type, like: CausalLM, state: dict, strict: bool = True) -> CausalLM:
-    """A `model_cls` (CausalLM or a subclass with extra heads) with `like`'s config, dtype and
-    device, filled from `state`: built on the meta device, so no random init is paid for.
+    """A `model_cls` (CausalLM or a subclass with extra heads; its vision variant when `like` is a
+    vision-language model) with `like`'s config, dtype and device, filled from `state`: built on
+    the meta device, so no random init is paid for.
 
     Returns the model; with strict=False, the missing and unexpected keys are in
     `model.load_report` for the caller to judge (e.g. a new head that starts at zero)."""
     param = next(like.parameters())
     with torch.device("meta"):
-        model = model_cls(like.config, param.dtype)
+        model = type(like).variant_of(model_cls)(like.config, param.dtype)
     model.to_empty(device=param.device)
     model.tie_weights()
     model.load_report = model.load_state_dict(state, strict=strict)

@@ -33,7 +33,7 @@ from ..runs.path_checks import CONFIG_FILE
 from .config import ModelConfig
 from .footprint import refuse_unfit_weights
 from .causal_lm import CausalLM
-from .vision_language import VisionLanguageModel
+from .vision_language import vision_variant
 from .streamed_save import INDEX_FILE, SINGLE_FILE, check_finite_shards, write_weights
 from .weight_map import hf_blocks, hf_shape, local_box, overlap, packed_blocks
 
@@ -165,7 +165,8 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM,
                fresh=()) -> CausalLM:
     """Build the decoder described by `model_dir` and fill it with the directory's weights.
 
-    `model_cls`: CausalLM or a subclass with extra parameters (the reward model's `score` head).
+    `model_cls`: CausalLM or a subclass with extra parameters (the reward model's `score` head);
+    for a vision-language config its vision variant (vision_language.vision_variant).
     `shard(model)`: shards the model in place while it is still on the meta device (e.g. FSDP2's
     fully_shard through distributed.shard); each rank then allocates and reads from the
     safetensors files (mmap) only the rows and columns of its own shards, so no rank ever holds a
@@ -178,8 +179,8 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM,
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: no such model directory")
     config = load_config(model_dir)
-    if config.vision is not None and model_cls is CausalLM:
-        model_cls = VisionLanguageModel
+    if config.vision is not None:  # the decoder with the tower, the class's heads on it
+        model_cls = vision_variant(model_cls)
     dtype = resolve_dtype(dtype, config)
     ranks = world.world_size() if shard is not None else 1
     refuse_unfit_weights(config, dtype, device, model_dir, ranks)

@@ -25,6 +25,16 @@ def head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def sampler_bias(model, device=None) -> torch.Tensor | None:
+    """The logit bias [V] fp32 the engine's sampler draws `model`'s tokens under: a vision-language
+    model's -inf at its vision ids (VisionLanguageModel.logit_bias), None for a text model; what
+    training's log-probs and a distillation's divergence add, so that they are of the sampler's
+    distribution."""
+    if getattr(model.config, "vision", None) is None:
+        return None
+    return model.logit_bias(device)
+
+
 def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                      temperature: float = 1.0, with_entropy: bool = False, bias=None):
     """hidden [M, H] (the rows predicting `labels`), weight [V, H], labels [M] -> fp32 log-probs [M]
@@ -34,14 +44,12 @@ def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     dtype = head_dtype(hidden, weight)
     # a tensor-parallel LM head (engine/parallel/tensor_parallel.py): its vocabulary rows
     if hasattr(weight, "to_local"):
-        if bias is not None:
-            raise ValueError("a logit bias on a tensor-parallel LM head is not supported")
         group = weight.device_mesh.get_group()
         start = weight.device_mesh.get_local_rank() * -(
             -weight.shape[0] // weight.device_mesh.size())
         with torch.autocast(hidden.device.type, enabled=False):
             return vocab_parallel_logprobs(hidden.to(dtype), weight.to_local().to(dtype), labels,
-                                           start, group, temperature, with_entropy)
+                                           start, group, temperature, with_entropy, bias=bias)
     # The head runs on the model's backend, as the decoder walk does: "auto" keeps CPU tensors on
     # torch even under TRITON_INTERPRET=1 (a training run's head in the interpreter took two thirds
     # of its time); asked for by name, or on CUDA, the op decides as it always does.

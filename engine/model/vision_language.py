@@ -10,6 +10,8 @@ and the positions cannot disagree with the tokens. Parameter names: the decoder'
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..data.device_tensors import last_rows
@@ -31,6 +33,12 @@ class VisionLanguageModel(CausalLM):
             raise ValueError(f"a {config.model_type} config describes no vision tower")
         super().__init__(config, dtype)
         self.visual = build_tower(config.hf_config, dtype)
+
+    @classmethod
+    def variant_of(cls, model_cls: type) -> type:
+        """`model_cls`'s vision variant (vision_variant): a reward or value model built from a
+        vision-language one sees the images too."""
+        return vision_variant(model_cls)
 
     def tie_weights(self):
         """CausalLM's, and the tower's computed rotary frequencies restored (both re-run after
@@ -121,3 +129,19 @@ class VisionLanguageModel(CausalLM):
         features = None if pixels is None else self.encode_images(pixels, grids)
         return self.forward_shared(ids, positions.index_select(1, layout.token_index), layout,
                                    self.visual_rows(ids, features))
+
+
+@functools.cache
+def vision_variant(model_cls: type) -> type:
+    """`model_cls` (CausalLM or a subclass with heads: the reward model's `score`, the critic's
+    `value_head`) for a vision-language config: VisionLanguageModel for CausalLM, else a subclass
+    of both (named Vision + its name) whose forwards place each pack's images as the policy's do
+    (forward_packed, forward_rows), so its heads read hidden states that saw the images. The one
+    class per `model_cls` (cached), so isinstance holds across loads."""
+    if issubclass(model_cls, VisionLanguageModel):
+        return model_cls
+    if model_cls is CausalLM:
+        return VisionLanguageModel
+    return type(f"Vision{model_cls.__name__}", (model_cls, VisionLanguageModel),
+                {"__doc__": f"{model_cls.__name__} on a vision-language model (vision_variant).",
+                 "__module__": __name__})

@@ -7,10 +7,12 @@ the column-parallel weights (packed q/k/v and gate/up, stored rank-interleaved b
 that a rank's contiguous rows are its heads; the embedding and the LM head by vocabulary rows, the
 last slice possibly shorter) and Shard(1) for the row-parallel ones (o_proj, down_proj). Norm
 weights, the row-parallel biases and heads (a reward model's score) stay whole on every tensor rank:
-they act on the replicated hidden states. Across the data groups the slices are either copies or,
-at train.data_parallel=shard, sharded further by FSDP2 over the data dimension (the torch 2-D
-composition): a rank then keeps 1 / (T x D) of every weight, gradient and optimizer state, and a
-layer's forward gathers only its tensor slices from the data group.
+they act on the replicated hidden states. So does a vision-language model's tower: every tensor rank
+encodes the same images and places the same features in the replicated embeddings (with
+train.train_vision its gradients are then the same on every rank). Across the data groups the
+slices are either copies or, at train.data_parallel=shard, sharded further by FSDP2 over the data
+dimension (the torch 2-D composition): a rank then keeps 1 / (T x D) of every weight, gradient and
+optimizer state, and a layer's forward gathers only its tensor slices from the data group.
 
 `TensorParallel.prims(base)` is the decoder walk's primitive set over the local tensor slices: a
 column-parallel GEMM on the local rows, one all-reduce after o_proj and one after down_proj, a
@@ -102,12 +104,16 @@ def shard_tensor_parallel(model: CausalLM, dims: ParallelDims, data_shard: bool 
     check_tensor_parallel(dims.tensor, dims.world, model.config)
     mesh = dims.mesh()
     interleave(model, dims.tensor)
-    rows = {id(m.weight) for m in model.modules() if type(m) is Projection}  # o_proj, down_proj
-    sliced = {id(p) for m in model.modules() for p in m.parameters(recurse=False)
+    # The decoder only: a vision-language model's tower (`visual`) stays whole on every tensor rank
+    # (Qwen3-VL's holds an nn.Embedding of patch positions, not a vocabulary).
+    decoder = list(model.model.modules())
+    rows = {id(m.weight) for m in decoder if type(m) is Projection}  # o_proj, down_proj
+    sliced = {id(p) for m in decoder for p in m.parameters(recurse=False)
               if isinstance(m, (PackedProjection, nn.Embedding)) or id(p) in rows}
     sliced.add(id(model.lm_head.weight))
-    # Whole on every rank: the norms, the row-parallel biases (added once, after the all-reduce) and
-    # any head (a reward model's score), which read the replicated hidden states.
+    # Whole on every rank: the norms, the row-parallel biases (added once, after the all-reduce),
+    # any head (a reward model's score), which read the replicated hidden states, and the vision
+    # tower, whose features every rank computes alike and places in the replicated embeddings.
     _lay_out(model, dims.sub("tensor"), rows, sliced)
     # context ranks: more data ranks to FSDP2
     data_sharded = data_shard and dims.data * dims.context > 1

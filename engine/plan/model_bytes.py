@@ -18,7 +18,7 @@ from ..model.causal_lm import CausalLM
 from ..model.config import ModelConfig
 from ..model.reward_model import RewardModel
 from ..model.value_model import LoRACritic, ValueModel, shared_value_head
-from ..model.vision_language import VisionLanguageModel
+from ..model.vision_language import vision_variant
 from ..train import adapters
 from ..train.vision_tower import set_vision_trainable
 from ..parallel.distributed import shard_units
@@ -88,21 +88,23 @@ def trained_params(model: nn.Module, lm_loss: bool = True) -> list[nn.Parameter]
             if p.requires_grad and gets_gradient(model, name, lm_loss)]
 
 
-def _meta(cls, config: ModelConfig, dtype: torch.dtype) -> nn.Module:
-    """`cls(config, dtype)` on the meta device. Its rotary table (no parameter: cos and sin of every
-    position, built on the CPU whatever the device) is built for one position, not max_model_len."""
+def _meta(cls, config: ModelConfig, dtype: torch.dtype, train_vision: bool = False) -> nn.Module:
+    """`cls(config, dtype)` on the meta device (its vision variant for a vision config, the tower
+    trainable only with train.train_vision, as the stages set it). Its rotary table (no parameter:
+    cos and sin of every position, built on the CPU whatever the device) is built for one
+    position, not max_model_len."""
+    if config.vision is not None:
+        cls = vision_variant(cls)
     with torch.device("meta"):
-        return cls(dataclasses.replace(config, max_model_len=1), dtype)
+        model = cls(dataclasses.replace(config, max_model_len=1), dtype)
+    set_vision_trainable(model, train_vision)
+    return model
 
 
 def _language_model(config: ModelConfig, dtype: torch.dtype, train_vision: bool = False):
-    """The stage's language model on meta: a VisionLanguageModel for a vision config (its tower
-    trainable only with train.train_vision, as the stages set it), else a CausalLM."""
-    if config.vision is None:
-        return _meta(CausalLM, config, dtype)
-    model = _meta(VisionLanguageModel, config, dtype)
-    set_vision_trainable(model, train_vision)
-    return model
+    """The stage's language model on meta: a VisionLanguageModel for a vision config, else a
+    CausalLM."""
+    return _meta(CausalLM, config, dtype, train_vision)
 
 
 def _lora_parts(lora, role: str) -> list[Part]:
@@ -115,7 +117,7 @@ def supervised_models(stage: str, cfg, config: ModelConfig, dtype: torch.dtype) 
     lora.rank > 0 only its adapters (and head) train; its frozen base is sharded like any frozen
     model."""
     model = (_language_model(config, dtype, cfg.train.train_vision) if stage == "sft"
-             else _meta(RewardModel, config, dtype))
+             else _meta(RewardModel, config, dtype, cfg.train.train_vision))
     heads = {"score": model.score} if stage == "rm" else None
     lora = adapters.attach(model, cfg.lora, heads)
     if lora is not None:
@@ -162,7 +164,7 @@ def ppo_models(cfg, policy_config: ModelConfig, rm_config: ModelConfig | None,
             Part("value head", head, sharded=lora is None, trained=list(head.parameters())))
     elif cfg.critic == "separate" and not cfg.critic_lora.enabled:
         trunk_config = rm_config or policy_config
-        critic = _meta(ValueModel, trunk_config, dtype)
+        critic = _meta(ValueModel, trunk_config, dtype, cfg.train.train_vision)
         parts.append(
             Part("critic", critic, sharded=True, trained=trained_params(critic, lm_loss=False),
                  config=trunk_config))

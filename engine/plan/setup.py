@@ -89,11 +89,26 @@ class Setup:
                        for name, p in part.module.named_parameters() if ".experts." in name}
         return self.once("experts", compute)
 
+    @property
+    def whole_on_tensor_ranks(self) -> set[int]:
+        """ids of the parameters every tensor rank holds whole at train.tensor_parallel > 1: a
+        vision-language model's tower (engine/parallel/tensor_parallel.py slices the decoder
+        only)."""
+        return self.once("tower", lambda: {
+            id(p) for part in self.parts
+            for name, p in part.module.named_parameters() if name.startswith("visual.")})
+
     def local_numel(self, p: torch.Tensor, shards: int) -> int:
-        """Elements of `p` on rank 0 of `shards` (Setup.shards): an expert-parallel parameter's 1/E,
-        else model_bytes.local_numel."""
+        """Elements of `p` on rank 0 of `shards` (Setup.shards): an expert-parallel parameter's 1/E;
+        a vision tower's at T > 1 split over the data groups only (shards / T); else
+        model_bytes.local_numel."""
         e, ids = self.experts
-        return p.numel() // e if id(p) in ids else local_numel(p, shards)
+        if id(p) in ids:
+            return p.numel() // e
+        t = self.job.train.tensor_parallel
+        if t > 1 and shards >= t and id(p) in self.whole_on_tensor_ranks:
+            shards //= t
+        return local_numel(p, shards)
 
     def offloaded(self, part: Part) -> bool:
         """Its shards rest in CPU memory (distributed.shard's CPUOffloadPolicy), as build_models

@@ -15,15 +15,17 @@ and RUN_DIR/final/, the adapters merged: the same reward model format as a full 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..config.compatibility import refuse_for_vision
 from ..config.train import RMConfig
 from ..data.loading import load_examples
-from ..data.packing import PackedBatch, collate_rm, pack
+from ..data.packing import PackedBatch, collate_rm, join_images, pack
 from ..data.records import parser_for
 from ..data.sources import read_records
 from ..data.tokenization import tokenize_record
@@ -38,6 +40,7 @@ from ..train.runlog import append_metrics
 from ..parallel.layout import layout_at_load
 from ..plan.check import supervised_startup_check
 from ..train.supervised import Stage, train
+from ..train.vision_tower import set_vision_trainable
 from .sft import target_nll_sum
 
 
@@ -74,7 +77,8 @@ def rm_counts(batch: PackedBatch) -> dict:
 def rm_loss(model: RewardModel, batch: PackedBatch, step_counts: dict, beta_rm: float):
     """This micro-batch's share of the step loss (see the module docstring), and summable stats."""
     # [N, H]
-    hidden = model.forward_packed(batch.input_ids, batch.seqlens, batch.positions, batch.cu_seqlens)
+    hidden = model.forward_packed(batch.input_ids, batch.seqlens, batch.positions, batch.cu_seqlens,
+                                  **batch.image_inputs())
     rewards = model.raw_rewards(hidden, batch.seqlens)                      # [S]
     rank_sum, correct, pairs = ranking_loss_sum(rewards, batch.group_sizes)
     loss = rank_sum / max(step_counts["examples"], 1)
@@ -121,15 +125,32 @@ def reference_sequences(cfg: RMConfig, tokenizer, records: list) -> list[list[in
     return out
 
 
+def vision_references(cfg: RMConfig, processor, train: list) -> tuple[list[list[int]], list]:
+    """reference_sequences for a vision model, with each sequence's images (ImageInputs or None):
+    the demonstrations of cfg.reference_file read as SFT rows with images, else the best
+    response of each training example (`train`, tokenized); at most max_reference."""
+    if cfg.reference_file:
+        data = dataclasses.replace(cfg.data, train_file=cfg.reference_file, eval_file=None,
+                                   eval_fraction=0.0)
+        train = load_examples(data, processor, "sft", cfg.seed).train
+    chosen = train[: cfg.max_reference]
+    return [ex.prompt + ex.responses[0] for ex in chosen], [ex.images for ex in chosen]
+
+
 @torch.no_grad()
-def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int, device) -> float:
-    """Mean raw score of `sequences`, scored in packed batches of at most `budget` tokens."""
+def mean_raw_reward(model: RewardModel, sequences: list[list[int]], budget: int, device,
+                    images: list | None = None) -> float:
+    """Mean raw score of `sequences`, scored in packed batches of at most `budget` tokens;
+    `images`: each sequence's ImageInputs (None: text), for a vision-language model."""
     model.eval()
     total = 0.0
     for group in pack([len(s) for s in sequences], budget):
         seqs = [sequences[i] for i in group]
         ids = torch.tensor(sum(seqs, []), device=device)
-        hidden = model.forward_packed(ids, [len(s) for s in seqs])
+        pixels, grids, _ = join_images(None if images is None else [images[i] for i in group],
+                                       device)
+        hidden = model.forward_packed(ids, [len(s) for s in seqs], **(
+            {} if pixels is None else {"pixel_values": pixels, "image_grid_thw": grids}))
         total += model.raw_rewards(hidden, [len(s) for s in seqs]).sum().item()
     model.train()
     return total / len(sequences)
@@ -145,19 +166,25 @@ def train_rm(cfg: RMConfig, dataset=None, eval_dataset=None, callbacks=()) -> Pa
                     check=supervised_startup_check)
     cfg = run.config  # train.gradient_checkpointing=auto resolved
     device, tokenizer = run.device, run.tokenizer
-    examples = load_examples(cfg.data, tokenizer, "rm", cfg.seed, dataset, eval_dataset)
+    if run.processor is not None:
+        refuse_for_vision(cfg)
+    examples = load_examples(cfg.data, run.data_reader, "rm", cfg.seed, dataset, eval_dataset)
     # The trained score head stays whole on every rank beside LoRA adapters (a replicated head).
     sharder = layout_at_load("adapted" if cfg.lora.enabled else "trained", run.dims,
                              lambda model: [model.score] if cfg.lora.enabled else [])
     # the head starts at zero: see reward_model_from_lm
     model = load_model(cfg.model, dtype=run.dtype, device=device, model_cls=RewardModel,
                        shard=sharder, fresh=["score.weight"])
+    set_vision_trainable(model, cfg.train.train_vision)
     lora = adapters.attach(model, cfg.lora, {"score": model.score})
     state = train(model, rm_stage(cfg, run.dtype, device, sharder), examples.train, examples.eval,
                   cfg, device, examples.info, lora, run.dims, callbacks)
-    references = reference_sequences(cfg, tokenizer, examples.records)
+    references, images = (reference_sequences(cfg, tokenizer, examples.records), None
+                          ) if run.processor is None else vision_references(cfg, run.processor,
+                                                                            examples.train)
     # Every rank scores all references (the sharded forward is collective), so all agree on it.
-    model.reward_offset = mean_raw_reward(model, references, cfg.data.tokens_per_batch, device)
+    model.reward_offset = mean_raw_reward(model, references, cfg.data.tokens_per_batch, device,
+                                          images)
     if not math.isfinite(model.reward_offset):  # PPO against it would skip every update
         raise NonFiniteError(
             f"the trained reward model scores the {len(references)} reference responses "

@@ -43,10 +43,8 @@ def sft_loss(model, batch: PackedBatch, step_counts: dict):
     if model.context_parallel is not None:
         nll_sum = -shard_logprobs(model, batch, model.context_parallel).sum()
     else:
-        images = {} if batch.pixel_values is None else {
-            "pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
         hidden = model.forward_packed(batch.input_ids, batch.seqlens, batch.positions,
-                                      batch.cu_seqlens, **images)  # [N, H]
+                                      batch.cu_seqlens, **batch.image_inputs())  # [N, H]
         nll_sum = target_nll_sum(model, hidden, batch)
     stats = {"nll_sum": nll_sum.detach()}
     if (dropped := dropped_assignments(model)) is not None:  # fixed-capacity expert parallelism

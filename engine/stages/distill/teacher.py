@@ -4,6 +4,7 @@ train.frozen_offload), and run once per batch over the rollout's one pack. It ha
 state at each sampled position, not its logits: the fused divergence applies its head."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from ...data.packing import PackedBatch
 from ...errors import UsageError
 from ...model.causal_lm import CausalLM
 from ...model.hf_io import load_config, load_model, load_tokenizer
-from ...model.lm_head import head_dtype, lm_head_logprobs
+from ...model.lm_head import head_dtype, lm_head_logprobs, sampler_bias
 from ...parallel import distributed
 from ...parallel.dims import ParallelDims
 from ...parallel.layout import layout_at_load
@@ -23,6 +24,8 @@ from ..rollout.microbatches import forward_in_microbatches
 
 # The files of a tokenizer transformers loads from a model directory.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+# A vision-language model's image processor, beside its tokenizer.
+PREPROCESSOR = "preprocessor_config.json"
 
 
 def refuse_other_vocabulary(student_dir: str, teacher_dir: str, top_k: int | None = None) -> None:
@@ -48,13 +51,50 @@ def refuse_other_vocabulary(student_dir: str, teacher_dir: str, top_k: int | Non
                          "one vocabulary")
 
 
+def refuse_other_images(student_dir: str, teacher_dir: str) -> None:
+    """UsageError in one line unless the teacher reads images as the student does: both text
+    models, or both vision-language models with the same vision token ids and the same image
+    processor (preprocessor_config.json: the pixels of a rollout's pack are the student's
+    processor's, and the teacher's forward takes them as they are)."""
+    specs = [load_config(Path(d)).vision for d in (student_dir, teacher_dir)]
+    if (specs[0] is None) != (specs[1] is None):
+        kinds = ["a vision-language model" if v is not None else "a text model" for v in specs]
+        raise UsageError(f"teacher={teacher_dir} is {kinds[1]} but the student (policy) is "
+                         f"{kinds[0]}: distillation needs both to read the same inputs")
+    if specs[0] is None:
+        return
+    if specs[0].vision_token_ids != specs[1].vision_token_ids:
+        raise UsageError(f"teacher={teacher_dir}: its vision token ids "
+                         f"{list(specs[1].vision_token_ids)} are not the student's "
+                         f"{list(specs[0].vision_token_ids)}; distillation needs one vocabulary")
+    processors = [_image_processor(d) for d in (student_dir, teacher_dir)]
+    differ = sorted(k for k in processors[0].keys() | processors[1].keys()
+                    if processors[0].get(k) != processors[1].get(k))
+    if differ:
+        raise UsageError(f"teacher={teacher_dir}: its image processor differs from the "
+                         f"student's in {differ[0]!r} ({processors[1].get(differ[0])!r} against "
+                         f"{processors[0].get(differ[0])!r}); the teacher reads the student's "
+                         "processed pixels, so both need one image processor")
+
+
+def _image_processor(model_dir: str) -> dict:
+    """A vision-language model directory's preprocessor_config.json, read; UsageError without."""
+    path = Path(model_dir) / PREPROCESSOR
+    if not path.is_file():
+        raise UsageError(f"{model_dir}: a vision-language model without {PREPROCESSOR} (its image "
+                         "processor); distillation compares the student's and the teacher's")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 @dataclass
 class Teacher:
-    """The frozen teacher and its LM head's whole weight [V, Ht] (gathered once: the teacher never
+    """The frozen teacher, its LM head's whole weight [V, Ht] (gathered once: the teacher never
     changes, and the divergence reads the head outside the teacher's forward, where FSDP2 holds
-    only shards)."""
+    only shards) and its logit bias [V] (lm_head.sampler_bias: a vision-language teacher's -inf at
+    the vision ids, which the student's sampler never draws; None for text)."""
     model: CausalLM
     head: torch.Tensor
+    bias: torch.Tensor | None = None
 
 
 def load_teacher(teacher_dir: str, dtype: torch.dtype, device, dims: ParallelDims) -> Teacher:
@@ -64,7 +104,7 @@ def load_teacher(teacher_dir: str, dtype: torch.dtype, device, dims: ParallelDim
                        shard=layout_at_load("frozen", dims)).eval().requires_grad_(False)
     with torch.no_grad():
         head = distributed.whole_value(model.lm_head.weight.detach())
-    return Teacher(model, head)
+    return Teacher(model, head, sampler_bias(model, head.device))
 
 
 @dataclass
@@ -90,18 +130,21 @@ class TeacherScores:
 TOP_K_ROWS = 1024
 
 
-def teacher_top_k(hidden: torch.Tensor, head: torch.Tensor, k: int,
-                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_top_k(hidden: torch.Tensor, head: torch.Tensor, k: int, temperature: float,
+                  bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [M, Ht], head [V, Ht] -> (ids [M, K] int64, log-probs [M, K] fp32) of the teacher's
-    K likeliest tokens under softmax(logits / temperature), TOP_K_ROWS rows of logits at a time
-    (never [M, V])."""
+    K likeliest tokens under softmax((logits + bias) / temperature) (bias [V] fp32 or None),
+    TOP_K_ROWS rows of logits at a time (never [M, V])."""
     if k >= head.shape[0]:
         raise ValueError(f"distill.top_k={k} must be below the vocabulary's {head.shape[0]} tokens")
     ids, logprobs = [], []
     dtype = head_dtype(hidden, head)
     with torch.autocast(hidden.device.type, enabled=False):
         for rows in hidden.split(TOP_K_ROWS):
-            logp = ((rows.to(dtype) @ head.to(dtype).T).float() / temperature).log_softmax(-1)
+            logits = (rows.to(dtype) @ head.to(dtype).T).float()
+            if bias is not None:
+                logits = logits + bias
+            logp = (logits / temperature).log_softmax(-1)
             top = logp.topk(k, dim=-1)
             ids.append(top.indices)
             logprobs.append(top.values)
@@ -120,10 +163,11 @@ def score_with_teacher(teacher: Teacher, packed: PackedBatch, temperature: float
     def forward(micro: PackedBatch):
         hidden, target_rows, _ = teacher.model.forward_rows(micro)             # [N', Ht]
         h = hidden.index_select(0, target_rows)                                # [M_i, Ht]
-        logp = lm_head_logprobs(h, teacher.head, micro.target_ids, temperature=temperature)
+        logp = lm_head_logprobs(h, teacher.head, micro.target_ids, temperature=temperature,
+                                bias=teacher.bias)
         if top_k is None:
             return h, logp, None, None
-        return (None, logp, *teacher_top_k(h, teacher.head, top_k, temperature))
+        return (None, logp, *teacher_top_k(h, teacher.head, top_k, temperature, teacher.bias))
     with torch.no_grad():
         return TeacherScores(*forward_in_microbatches(packed, tokens_per_forward, forward, ranks))
 

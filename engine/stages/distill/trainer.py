@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ...config.compatibility import refuse_incompatible
+from ...config.compatibility import refuse_for_vision, refuse_incompatible
 from ...config.distill import DistillConfig
 from ...data.prompts import PromptRow, load_prompts
 from ...errors import ConfigValueError, NonFiniteError
@@ -45,7 +45,8 @@ from ..rollout.build import build_models, build_optimizers, open_rewards, traina
 from ..rollout.optimizers import Optimizers
 from ..rewards.combined import RewardFunctions
 from .completions import check_completions, completion_rows, on_policy
-from .teacher import Teacher, load_teacher, refuse_other_vocabulary, score_with_teacher
+from .teacher import (Teacher, load_teacher, refuse_other_images, refuse_other_vocabulary,
+                      score_with_teacher)
 from .update import DistillBatch, DistillSettings, distill_update
 
 
@@ -79,15 +80,18 @@ def _train(cfg: DistillConfig, rewards: Optional[RewardFunctions], evaluate, dat
                     config=cfg, check=startup_checks)
     cfg = run.config
     refuse_incompatible(cfg, moe=run.configs["policy"].moe is not None)
-    if run.processor is not None or any(c.vision is not None for c in run.configs.values()):
-        raise ConfigValueError(
-            f"policy={cfg.policy} or teacher={cfg.teacher} is a vision-language model: not "
-            "supported by distillation yet (its prompts and the teacher's forward are text "
-            "only; docs/vision.md)")
+    if run.processor is not None:
+        refuse_for_vision(cfg)
+        if cfg.distill.lmbda < 1:
+            raise ConfigValueError(
+                f"distill.lmbda={cfg.distill.lmbda} with a vision-language model: not supported "
+                "(the dataset's completions are read as text prompts, without their images); "
+                "set distill.lmbda=1")
     device, tokenizer = run.device, run.tokenizer
     agents = build_agents(cfg.rollout, tokenizer)
     prompts, truncated = load_prompts(
-        cfg.prompts_file if dataset is None else dataset, tokenizer, cfg.rollout.max_prompt_length,
+        cfg.prompts_file if dataset is None else dataset, run.data_reader,
+        cfg.rollout.max_prompt_length,
         run.configs["policy"].max_model_len, cfg.rollout.truncate_prompts, cfg.data.prompt_column,
         cfg.data.chat_template)
     if cfg.distill.lmbda < 1:
@@ -116,10 +120,12 @@ def _train(cfg: DistillConfig, rewards: Optional[RewardFunctions], evaluate, dat
 
 def startup_checks(cfg: DistillConfig, device: torch.device, gpus: int) -> DistillConfig:
     """The stage's start-up check (start_run's `check`: before the output directory is claimed or
-    a model loads): a teacher of another vocabulary (or distill.top_k past it) refused in one
-    line, then every stage's (plan/check.py)."""
+    a model loads): a teacher of another vocabulary (or distill.top_k past it), or one that reads
+    images otherwise than the student, refused in one line, then every stage's
+    (plan/check.py)."""
     refuse_other_vocabulary(cfg.policy, cfg.teacher,
                             cfg.distill.top_k if cfg.distill.mode == "top_k" else None)
+    refuse_other_images(cfg.policy, cfg.teacher)
     return startup_check(cfg, device, gpus)
 
 

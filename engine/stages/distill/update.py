@@ -22,7 +22,7 @@ from ...config.distill import DistillConfig, DistillSection
 from ...config.ppo import UpdateConfig
 from ...data.packing import PackedBatch
 from ...data.prefix_sharing import grouped_order
-from ...model.lm_head import head_dtype, lm_head_logprobs
+from ...model.lm_head import head_dtype, lm_head_logprobs, sampler_bias
 from ...parallel import distributed
 from ...train import runlog
 from ..rollout.models import PPOModels
@@ -76,6 +76,8 @@ def micro_loss(models: PPOModels, teacher: Teacher, batch: DistillBatch, s: Dist
     # whole: a tensor-parallel head's vocabulary slices gathered (differentiably), as the
     # divergence reads every token of both heads; a plain tensor as it is
     weight = distributed.whole_value(policy.lm_head.weight)                    # [V, Hs]
+    # a vision student's sampler mask (-inf at its vision ids; None for text), and the teacher's
+    bias = sampler_bias(policy, h.device)
     stats = {"teacher_logprob": batch.teacher.logprobs.sum()}
     loss = h.new_zeros((), dtype=torch.float32)
     advantages = None
@@ -86,18 +88,21 @@ def micro_loss(models: PPOModels, teacher: Teacher, batch: DistillBatch, s: Dist
         teacher_head = {"teacher_hidden": None, "teacher_weight": None,
                         "teacher_topk_ids": t.topk_ids, "teacher_topk_logprobs": t.topk_logprobs
                         } if d.mode == "top_k" else {"teacher_hidden": t.hidden.to(dtype),
-                                                     "teacher_weight": teacher.head.to(dtype)}
+                                                     "teacher_weight": teacher.head.to(dtype),
+                                                     "teacher_bias": _cast(teacher.bias, dtype)}
         with torch.autocast(h.device.type, enabled=False):  # as lm_head.py: one dtype both ways
             divergence, entropy = linear_distill_divergence(
                 h.to(dtype), weight.to(dtype), mask=mask, beta=d.beta,
-                temperature=d.temperature, reduction="sum", mode=d.mode, **teacher_head)
+                temperature=d.temperature, reduction="sum", mode=d.mode,
+                student_bias=_cast(bias, dtype), **teacher_head)
         loss = loss + divergence / total_tokens
         stats.update(divergence=divergence.detach(), entropy=entropy.sum())  # per token: summed
     if d.mode == "sampled" or batch.advantages is not None:
         # at the sampler's temperature: the ratio to its log-probs (DistillConfig makes the
         # sampled mode's divergence temperature the same)
         logp, entropy = lm_head_logprobs(h, weight, batch.packed.target_ids,
-                                         temperature=s.sampling_temperature, with_entropy=True)
+                                         temperature=s.sampling_temperature, with_entropy=True,
+                                         bias=bias)
         advantages = torch.zeros_like(logp)
         if d.mode == "sampled":  # the reverse KL on the sampled token, as an advantage
             reverse_kl = batch.sampler_logprobs - batch.teacher.logprobs
@@ -110,6 +115,10 @@ def micro_loss(models: PPOModels, teacher: Teacher, batch: DistillBatch, s: Dist
                                      clip_eps=s.ppo.clip_eps)
         loss = loss + pg_loss * (logp.shape[0] / total_tokens)
     return loss, stats
+
+
+def _cast(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if bias is None else bias.to(dtype)
 
 
 def minibatch_backward(models: PPOModels, teacher: Teacher, batch: DistillBatch,

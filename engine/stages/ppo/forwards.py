@@ -13,7 +13,7 @@ from ...parallel.context_parallel import shard_logprobs, shard_values
 from ...data.packing import PackedBatch
 from ...data.prefix_sharing import share_prefixes
 from ...model.invariant import BatchInvariant
-from ...model.lm_head import lm_head_logprobs
+from ...model.lm_head import lm_head_logprobs, sampler_bias
 from ...model.moe import replay_of, routing_trace
 from ..rollout.models import PPOModels
 
@@ -54,7 +54,7 @@ def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_en
             hidden, target_rows, _ = model.forward_rows(packed, layout)       # [N', H]
         h = hidden.index_select(0, target_rows)                                # [M, H]
         out = lm_head_logprobs(h, model.lm_head.weight, packed.target_ids, temperature=temperature,
-                               with_entropy=with_entropy, bias=_sampler_mask(model, h.device))
+                               with_entropy=with_entropy, bias=sampler_bias(model, h.device))
     else:
         # The mode reads the parameters directly, past FSDP's forward hooks: whole weights while it
         # runs.
@@ -71,12 +71,6 @@ def response_logprobs(model, packed: PackedBatch, temperature: float, *, with_en
     logp, entropy = out if with_entropy else (out, None)
     values = None if value_head is None else packed.to_grid(value_head(h).squeeze(-1).float())
     return packed.to_grid(logp), None if entropy is None else packed.to_grid(entropy), values
-
-
-def _sampler_mask(model, device):
-    """The logit bias the engine's sampler draws under (a vision-language model's -inf at its
-    vision ids), so that the trainer's log-probs are of the same distribution; None for text."""
-    return model.logit_bias(device) if getattr(model.config, "vision", None) is not None else None
 
 
 def policy_forward(models: PPOModels, packed: PackedBatch, temperature: float, with_entropy: bool,

@@ -30,7 +30,8 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ...config.compatibility import refuse_for_vision, refuse_incompatible
+from ...config.compatibility import (refuse_for_vision, refuse_incompatible,
+                                      refuse_text_reward_model)
 from ...config.ppo import GRPOConfig, PPOConfig
 from ...config.train import DataConfig
 from ...data.loading import load_examples
@@ -123,6 +124,7 @@ def _train(cfg: PPOConfig, rewards: Optional[RewardFunctions],
     refuse_incompatible(cfg, moe=run.configs["policy"].moe is not None)
     if run.processor is not None:
         refuse_for_vision(cfg)
+        refuse_text_reward_model(cfg.reward_model, run.configs.get("reward_model"))
     agents = build_agents(cfg.rollout, tokenizer)  # tools, environment, template: before any model
     prompts, truncated = load_prompts(
         cfg.prompts_file if dataset is None else dataset, run.data_reader,

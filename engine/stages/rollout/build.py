@@ -129,7 +129,9 @@ def build_critic(cfg: PPOConfig, rm, device, dtype: torch.dtype, sharder: Callab
         critic = load_value_model(cfg.reward_model or cfg.policy, dtype=dtype, device=device,
                                   shard=sharder, start=start)
         critic.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
-        return critic.requires_grad_(True).train()
+        critic.requires_grad_(True)
+        set_vision_trainable(critic, cfg.train.train_vision)  # as the policy's tower
+        return critic.train()
     if rm is not None:
         trunk, head = rm, distributed.whole_value(rm.score.weight.detach())
     else:

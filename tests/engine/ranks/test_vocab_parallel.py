@@ -1,6 +1,7 @@
 """The tensor-parallel LM head's chunked vocabulary-parallel log-prob and entropy on 2 gloo ranks
-(vocab_parallel_worker.py): the one process's float64 values and gradients, and no [M, V/T] tensor
-kept for the backward: at most the one-process fused op's bytes (a few floats a row)."""
+(vocab_parallel_worker.py): the one process's float64 values and gradients, without and with a
+bias masking ids at -inf (a vision-language model's vision ids), and no [M, V/T] tensor kept for
+the backward: at most the one-process fused op's bytes (a few floats a row)."""
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ def test_two_ranks_equal_one_process_and_keep_a_few_floats_a_row(tmp_path):
     assert result.returncode == 0, result.stderr[-6000:]
     for rank in range(2):
         got = torch.load(tmp_path / f"rank-{rank}.pt")
-        for name in ("logp", "entropy", "grad_h", "grad_w"):  # fp32 sums against float64
+        names = ("logp", "entropy", "grad_h", "grad_w")
+        for name in (*names, *(f"masked_{n}" for n in names)):  # fp32 sums against float64
             torch.testing.assert_close(got[name].double(), got[f"ref_{name}"], atol=1e-4, rtol=1e-4,
                                        msg=name)
         # lse and the expected logit: 2 fp32 a row (the slice's logits: rows x slice x 4)

@@ -1,16 +1,19 @@
 """Run by test_vocab_parallel.py under `torchrun --nproc-per-node 2` (gloo): the vocabulary-parallel
 log-prob and entropy of each rank's slice against one process's float64 log-softmax over the whole
-vocabulary (values, hidden and weight gradients), and the bytes each path keeps for its backward
+vocabulary (values, hidden and weight gradients), without and with a logit bias masking ids at
+-inf (whole chunks of rank 0's slice among them), and the bytes each path keeps for its backward
 beside the one-process fused op's (`linear_token_logprobs`). Writes OUT/rank-R.pt."""
 import sys
 
 import torch
 import torch.distributed as dist
 
+from fusedrl.engine.ranks import tensor_parallel_ops
 from fusedrl.engine.ranks.tensor_parallel_ops import vocab_parallel_logprobs
 from fusedrl.kernels import linear_token_logprobs
 
 ROWS, HIDDEN, VOCAB, TEMPERATURE = 37, 24, 203, 0.7  # an odd vocabulary: slices of 102 and 101 rows
+MASKED = [*range(41), *range(199, VOCAB)]  # rank 0's first chunks of 16 rows, and the last ids
 
 
 def saved_bytes(run, inputs) -> int:
@@ -25,6 +28,31 @@ def saved_bytes(run, inputs) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run()
     return out, sum(kept.values())
+
+
+def masked(hidden, weight, labels, upstream, start: int, per_rank: int) -> dict:
+    """The log-prob and entropy under a bias at -inf on MASKED (labels elsewhere), in chunks of 16
+    vocabulary rows, and their gradients, beside the float64 masked log-softmax's."""
+    bias = torch.zeros(VOCAB)
+    bias[MASKED] = float("-inf")
+    labels = torch.where(bias[labels].isinf(), labels % 150 + 41, labels)
+    tensor_parallel_ops.CHUNK_BYTES = 4 * ROWS * 16
+    h = hidden.clone().requires_grad_()
+    w = weight[start:start + per_rank].clone().requires_grad_()
+    logp, entropy = vocab_parallel_logprobs(h, w, labels, start, dist.group.WORLD, TEMPERATURE,
+                                            True, bias=bias)
+    (logp * upstream[0] + entropy * upstream[1]).sum().backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    # The masked ids' probabilities are 0: the log-softmax over the others alone.
+    kept = torch.tensor([v for v in range(VOCAB) if v not in MASKED])
+    logsm = torch.log_softmax(h64 @ w64[kept].T / TEMPERATURE, dim=-1)
+    ref_logp = logsm.gather(1, torch.searchsorted(kept, labels)[:, None])[:, 0]
+    ref_entropy = -(logsm.exp() * logsm).sum(-1)
+    (ref_logp * upstream[0] + ref_entropy * upstream[1]).sum().backward()
+    return {"masked_logp": logp.detach(), "ref_masked_logp": ref_logp.detach(),
+            "masked_entropy": entropy.detach(), "ref_masked_entropy": ref_entropy.detach(),
+            "masked_grad_h": h.grad, "ref_masked_grad_h": h64.grad, "masked_grad_w": w.grad,
+            "ref_masked_grad_w": w64.grad[start:start + per_rank]}
 
 
 if __name__ == "__main__":
@@ -56,6 +84,7 @@ if __name__ == "__main__":
     torch.save({"logp": logp.detach(), "entropy": entropy.detach(), "ref_logp": ref_logp.detach(),
                 "ref_entropy": ref_entropy.detach(), "grad_h": h.grad, "ref_grad_h": h64.grad,
                 "grad_w": w.grad, "ref_grad_w": w64.grad[start:start + per_rank], "kept": kept,
-                "fused_kept": fused_kept, "rows": ROWS, "slice": w.shape[0]},
+                "fused_kept": fused_kept, "rows": ROWS, "slice": w.shape[0],
+                **masked(hidden, weight, labels, upstream, start, per_rank)},
                f"{sys.argv[1]}/rank-{rank}.pt")
     dist.destroy_process_group()

@@ -7,7 +7,8 @@ import torch
 from fusedrl.engine.config.compatibility import refuse_for_vision
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, PPOConfig, RolloutConfig
-from fusedrl.engine.config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
+from fusedrl.engine.config.distill import DistillConfig
+from fusedrl.engine.config.train import DataConfig, OptimConfig, RMConfig, SFTConfig, TrainConfig
 from fusedrl.engine.data.packing import pack_sequences
 from fusedrl.engine.data.vision_processor import ImageInputs
 from fusedrl.engine.demos.vision import build_vision_model
@@ -88,24 +89,31 @@ def _grpo(root, **options):
     ({"rollout": {"tools": ["m:f"]}}, "rollout.tools="),
     ({"lora": LoRAConfig(rank=2), "train": LoopConfig(device="cpu", train_vision=True)},
      "train.train_vision=true with lora.rank=2"),
+    ({"train": LoopConfig(device="cpu", tensor_parallel=2), "reward_model": "rm"},
+     r"train.tensor_parallel=2 with a vision-language model and a reward model scoring "
+     r"\(reward_model\): not shown yet"),
 ])
 def test_what_a_vision_model_does_not_run_with_is_refused(tmp_path, options, named):
     with pytest.raises(ConfigValueError, match=named.replace("[", "\\[")):
         refuse_for_vision(_grpo(tmp_path, **options))
-    with pytest.raises(ConfigValueError, match="critic='separate' with a vision-language model"):
-        refuse_for_vision(PPOConfig(policy=str(tmp_path), prompts_file="p.jsonl",
-                                    output_dir=str(tmp_path / "o"), reward_fn=["m:f"]))
     refuse_for_vision(_grpo(tmp_path))  # GRPO with reward functions runs
+    refuse_for_vision(_grpo(tmp_path, train=LoopConfig(device="cpu", tensor_parallel=2)))
+    with pytest.raises(ConfigValueError, match=r"^train.tensor_parallel=2 with a vision-language "
+                                               r"model and a critic \(critic\)"):
+        refuse_for_vision(PPOConfig(policy=str(tmp_path), prompts_file="p.jsonl",
+                                    output_dir=str(tmp_path / "o"), reward_fn=["m:f"],
+                                    train=LoopConfig(device="cpu", tensor_parallel=2)))
+    with pytest.raises(ConfigValueError, match=r"^train.tensor_parallel=2 with a vision-language "
+                                               r"model and distillation \(teacher\)"):
+        refuse_for_vision(DistillConfig(policy=str(tmp_path), teacher=str(tmp_path),
+                                        prompts_file="p.jsonl", output_dir=str(tmp_path / "d"),
+                                        train=LoopConfig(device="cpu", tensor_parallel=2)))
+    with pytest.raises(ConfigValueError, match=r"^train.tensor_parallel=2 with a vision-language "
+                                               r"model and the reward-model stage \(beta_rm\)"):
+        refuse_for_vision(RMConfig(model=str(tmp_path), output_dir=str(tmp_path / "r"),
+                                   data=DataConfig(train_file="p.jsonl", format="pairwise"),
+                                   train=TrainConfig(device="cpu", tensor_parallel=2)))
+    for critic in ("separate", "shared"):  # and PPO with a critic (tests/engine/stages/ppo/)
+        refuse_for_vision(PPOConfig(policy=str(tmp_path), prompts_file="p.jsonl", critic=critic,
+                                    output_dir=str(tmp_path / "o"), reward_fn=["m:f"]))
 
-
-def test_distillation_of_a_vision_model_is_refused(vision_run):
-    from fusedrl.engine.config.distill import DistillConfig
-    from fusedrl.engine.stages.distill.trainer import train_distill
-
-    root, base, data = vision_run
-    cfg = DistillConfig(policy=base, teacher=base, prompts_file=data["prompts"],
-                        output_dir=str(root / "distill"),
-                        train=LoopConfig(device="cpu", progress=False))
-    with pytest.raises(ConfigValueError, match="is a vision-language model: not supported by "
-                                               "distillation yet"):
-        train_distill(cfg)

@@ -19,7 +19,18 @@ from engine_testing import random_prompts
 from train_testing import save_tiny_model, write_jsonl
 
 
-def test_scoring_in_microbatches_equals_scoring_whole(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on two (pytest -n 0 on 2 cores) the CPU's GEMMs split
+    their rows over threads by the batch's size, so a micro-batch and the whole batch round apart
+    by more than their own order does (3.9e-5 relative, measured), which is not what this tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_scoring_in_microbatches_equals_scoring_whole(tmp_path, one_thread):
     policy_dir = save_tiny_model(tmp_path / "policy")
     rm = reward_model_from_lm(load_model(policy_dir))
     torch.nn.init.normal_(rm.score.weight)
