@@ -18,7 +18,8 @@ def device_tensor(data, dtype: torch.dtype, device) -> torch.Tensor:
     plain tensor)."""
     if device is None or torch.device(device).type != "cuda":  # None: the default device
         return torch.as_tensor(data, dtype=dtype, device=device)  # an array's own memory
-    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    host = torch.as_tensor(data, dtype=dtype, device="cpu").pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def last_rows(seqlens: list[int], device) -> torch.Tensor:
