@@ -274,8 +274,8 @@ import torch
 from fusedrl.bench import harness
 record = harness.run_metadata(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 record.update(driver=sys.argv[2] or None, nvcc=sys.argv[3] or None)
-with open(sys.argv[1], "w") as f:
-    json.dump(record, f, indent=2)
+with open(sys.argv[1], "w") as f:  # under "meta", as every JSON result kept in bench/results/
+    json.dump({"meta": record}, f, indent=2)
 print(json.dumps(record))
 PY
 
