@@ -11,24 +11,29 @@ import sys
 import pytest
 
 
-@pytest.mark.integration
-def test_train_under_torchrun_reports_per_gpu_figures_from_rank_0(tmp_path):
+def bench_on_two_ranks(suite: str, tmp_path, timeout: int):
+    """`fusedrl bench SUITE --quick` under torchrun on 2 gloo ranks (the PyTorch backend, a thread
+    each) -> (the finished subprocess.CompletedProcess, its results.json as a dict)."""
     out = tmp_path / "run"
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m",
-         "fusedrl.engine.cli", "bench", "train", "--quick", f"output_dir={out}"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+         "fusedrl.engine.cli", "bench", suite, "--quick", f"output_dir={out}"],
+        capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
         env={**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    payload = json.loads((out / "results.json").read_text())
+    return run, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.integration
+def test_train_under_torchrun_reports_per_gpu_figures_from_rank_0(tmp_path):
+    run, payload = bench_on_two_ranks("train", tmp_path, 120)
     assert payload["meta"]["world_size"] == 2 and payload["meta"]["ended"] == "complete"
     (row,) = payload["rows"]
     assert row["status"] == "ok" and row["world_size"] == 2
     assert row["tokens_per_s_total"] == pytest.approx(2 * row["tokens_per_s_per_gpu"])
     assert "tokens_per_s" not in row and row["n"] >= 3
     assert run.stdout.count("| fusedrl |") == 2  # rank 0's progress line and its table only
-    assert len((out / "results.jsonl").read_text().splitlines()) == 1
-
+    assert len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) == 1
 
 
 @pytest.mark.integration
@@ -36,14 +41,7 @@ def test_rl_under_torchrun_runs_to_the_end_with_per_gpu_rows_from_rank_0(tmp_pat
     """Both ranks run both iterations (the policy FSDP-sharded over them, gathered for each
     rollout) from the checkpoints rank 0 wrote; the TRL rows say why they were not run."""
     from fusedrl.bench.suites import rl
-    out = tmp_path / "run"
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m",
-         "fusedrl.engine.cli", "bench", "rl", "--quick", f"output_dir={out}"],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path,
-        env={**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    payload = json.loads((out / "results.json").read_text())
+    run, payload = bench_on_two_ranks("rl", tmp_path, 240)
     assert payload["meta"]["world_size"] == 2 and payload["meta"]["ended"] == "complete"
     rows = payload["rows"]
     assert [(r["name"].split()[0], r["impl"].split()[0]) for r in rows] == [
@@ -57,7 +55,8 @@ def test_rl_under_torchrun_runs_to_the_end_with_per_gpu_rows_from_rank_0(tmp_pat
         installed = rl.peer_status(algo)[0] is not None
         assert row["status"] == rl.SEVERAL_RANKS_PEER if installed \
             else row["status"].startswith("not installed"), row
-    assert len((out / "results.jsonl").read_text().splitlines()) == 4  # rank 0 alone writes
+    streamed = (tmp_path / "run" / "results.jsonl").read_text().splitlines()
+    assert len(streamed) == 4  # rank 0 alone writes
     assert run.stdout.count("| fusedrl |") == 4  # rank 0's progress lines and its table only
 
 

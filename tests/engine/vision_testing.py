@@ -76,8 +76,20 @@ def save_vlm_with_processor(path, family: str = "qwen2_5_vl", seed: int = 0):
     return model, processor
 
 
+def vision_demo_run(root, held_out: int = 2):
+    """What an RL test with images starts from: the vision demo's processor, its data for 8
+    pictures (and `held_out` held-out tasks) written under root/data, and its tiny Qwen2.5-VL
+    saved under root/base -> (base directory, write_vision_data's dict, processor)."""
+    from fusedrl.engine.demos.vision import build_vision_model
+    from fusedrl.engine.demos.vision_task import build_vision_processor, write_vision_data
+
+    processor = build_vision_processor()
+    data = write_vision_data(8, held_out, 0.0, 0, root / "data")
+    return build_vision_model(root / "base", 0, processor), data, processor
+
+
 __all__ = ["FAMILIES", "VOCAB", "make_vlm", "save_vlm", "image_prompt", "hf_inputs",
-           "save_vlm_with_processor"]
+           "save_vlm_with_processor", "vision_demo_run"]
 
 
 @pytest.fixture(scope="module")

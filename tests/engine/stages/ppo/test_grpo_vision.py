@@ -7,21 +7,18 @@ import pytest
 
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.config.train import OptimConfig
-from fusedrl.engine.demos.vision import build_vision_model
-from fusedrl.engine.demos.vision_task import (build_vision_processor, count_reward,
-                                              write_vision_data)
+from fusedrl.engine.demos.vision_task import count_reward
 from fusedrl.engine.model.hf_io import load_config
 from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.runlog import read_metrics
 from cli_testing import run_fusedrl
+from vision_testing import vision_demo_run
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo_vision")
-    processor = build_vision_processor()
-    data = write_vision_data(8, 2, 0.0, 0, root / "data")
-    return root, build_vision_model(root / "base", 0, processor), data, processor
+    return (root, *vision_demo_run(root))
 
 
 def test_grpo_with_images_runs_and_never_samples_a_vision_token(setup):

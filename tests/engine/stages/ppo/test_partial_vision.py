@@ -12,23 +12,21 @@ import torch
 
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.data.prompts import load_prompts
-from fusedrl.engine.demos.vision import build_vision_model
-from fusedrl.engine.demos.vision_task import (build_vision_processor, count_reward,
-                                              write_vision_data)
+from fusedrl.engine.demos.vision_task import count_reward
 from fusedrl.engine.inference.image_prefill import image_digest
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.kernels import use_backend
 from train_testing import checkpoint_data, copy_checkpoint
+from vision_testing import vision_demo_run
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("partial_vision")
-    processor = build_vision_processor()
-    data = write_vision_data(8, 0, 0.0, 0, root / "data")
-    return root, build_vision_model(root / "base", 0, processor), data["prompts"], processor
+    base, data, processor = vision_demo_run(root, held_out=0)
+    return root, base, data["prompts"], processor
 
 
 def grpo(root, base, prompts, run, partial=True, **rollout):

@@ -10,9 +10,7 @@ from fusedrl.engine.config.ppo import LoopConfig, PPOConfig, RolloutConfig, Upda
 from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.data.packing import pack_sequences
 from fusedrl.engine.data.prompts import load_prompts
-from fusedrl.engine.demos.vision import build_vision_model
-from fusedrl.engine.demos.vision_task import (build_vision_processor, count_reward,
-                                              write_vision_data)
+from fusedrl.engine.demos.vision_task import count_reward
 from fusedrl.engine.errors import ConfigValueError
 from fusedrl.engine.model.reward_model import load_or_start_reward_model, save_reward_model
 from fusedrl.engine.model.value_model import ValueModel, load_value_model
@@ -20,14 +18,13 @@ from fusedrl.engine.model.vision_language import VisionLanguageModel
 from fusedrl.engine.stages.ppo import trainer
 from fusedrl.engine.train.runlog import read_metrics
 from train_testing import save_tiny_model
+from vision_testing import vision_demo_run
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo_vision")
-    processor = build_vision_processor()
-    data = write_vision_data(8, 2, 0.0, 0, root / "data")
-    return root, build_vision_model(root / "base", 0, processor), data, processor
+    return (root, *vision_demo_run(root))
 
 
 def ppo_config(root, base, data, name, critic, **options):
