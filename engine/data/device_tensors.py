@@ -31,7 +31,8 @@ def packed_positions(seqlens: list[int], device) -> torch.Tensor:
     """Each token's position in its sequence [N] int64 (restarting at 0 in each) of packed
     sequences of these lengths, made on the host and sent in one copy."""
     ends = np.cumsum(seqlens, dtype=np.int64)
-    return device_tensor(np.arange(ends[-1], dtype=np.int64) - np.repeat(ends - seqlens, seqlens),
+    total = int(ends[-1]) if len(ends) else 0  # no sequences: no positions
+    return device_tensor(np.arange(total, dtype=np.int64) - np.repeat(ends - seqlens, seqlens),
                          torch.int64, device)
 
 
