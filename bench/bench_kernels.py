@@ -124,11 +124,16 @@ def liger_functional():
 
 # --- the ops -----------------------------------------------------------------------------------
 
-def token_logprobs_cases(n_rows: int, vocab: int, dtype: torch.dtype) -> list[Case]:
+def logits_inputs(n_rows: int, vocab: int, dtype: torch.dtype) -> Callable[[torch.device], dict]:
+    """make_inputs of the ops on logits: logits [N, V] (normal, scale 2) and labels [N]."""
     def make(device):
         return {"logits": torch.randn(n_rows, vocab, device=device, dtype=dtype) * 2,
                 "labels": torch.randint(0, vocab, (n_rows,), device=device)}
+    return make
 
+
+def token_logprobs_cases(n_rows: int, vocab: int, dtype: torch.dtype) -> list[Case]:
+    make = logits_inputs(n_rows, vocab, dtype)
     element = torch.finfo(dtype).bits // 8
     shape = f"{n_rows}x{vocab} {str(dtype).removeprefix('torch.')}"
     eager, comp = reference.token_logprobs, compiled(reference.token_logprobs)
@@ -158,9 +163,7 @@ def logprobs_entropy_cases(n_rows: int, vocab: int, dtype: torch.dtype) -> list[
     """Each token's log-prob and the row's entropy from logits [N, V], forward only: what TRL's
     GRPO, RLOO and DPO trainers compute 2-4 times a step (TRL's published figure is for 8,192
     tokens of a 151,936 vocabulary, bf16). Ideal bytes: one read of the logits."""
-    def make(device):
-        return {"logits": torch.randn(n_rows, vocab, device=device, dtype=dtype) * 2,
-                "labels": torch.randint(0, vocab, (n_rows,), device=device)}
+    make = logits_inputs(n_rows, vocab, dtype)
 
     def both(fn):
         return lambda logits, labels: fn(logits, labels, return_entropy=True)
