@@ -19,6 +19,7 @@ import torch
 from .. import checks, reference
 from ..dispatch import backend_for
 from .norm import rows_per_program
+from .rotary import rotate_at
 from ..triton_compat import tl, triton
 
 
@@ -38,15 +39,7 @@ def _mrope_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, axes_ptr, first_row, 
     cs_off = position.to(tl.int64) * 2 * HALF + d[None, :]
     x_off = (token * row_stride + head * head_stride)[:, None] + d[None, :]
     out_off = (r * 2 * HALF)[:, None] + d[None, :]
-    x1 = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + cs_off, mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + cs_off, mask=mask, other=0.0).to(tl.float32)
-    if BACKWARD:  # the transpose of a rotation is the rotation by the opposite angle
-        sin = -sin
-    tl.store(out_ptr + out_off, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + out_off + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    rotate_at(x_ptr, out_ptr, cos_ptr, sin_ptr, x_off, out_off, cs_off, mask, HALF, BACKWARD)
 
 
 @triton.jit(do_not_specialize=["n_tokens", "q_programs"])

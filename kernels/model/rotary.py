@@ -33,6 +33,15 @@ def _rotate_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, first_row, n_rows, heads, row
     x_off = (token * row_stride + head * head_stride)[:, None] + d[None, :]
     out_off = (r * 2 * HALF)[:, None] + d[None, :]
     cs_off = (token * 2 * HALF)[:, None] + d[None, :]
+    rotate_at(x_ptr, out_ptr, cos_ptr, sin_ptr, x_off, out_off, cs_off, mask, HALF, BACKWARD)
+
+
+@triton.jit
+def rotate_at(x_ptr, out_ptr, cos_ptr, sin_ptr, x_off, out_off, cs_off, mask, HALF: tl.constexpr,
+              BACKWARD: tl.constexpr):
+    """Rotate the rows whose first halves are at x_ptr + x_off (second halves HALF further) by the
+    table angles at cos_ptr/sin_ptr + cs_off into out_ptr + out_off: x * cos + rotate_half(x) * sin
+    in fp32, rounded once (BACKWARD: by the opposite angle). Also M-RoPE's (mrope.py)."""
     x1 = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
     cos = tl.load(cos_ptr + cs_off, mask=mask, other=0.0).to(tl.float32)
