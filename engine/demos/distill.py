@@ -13,16 +13,15 @@ prompts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from ..config.demo import DemoConfig
-from ..runs.durable import write_text_atomic
 from ..runs.run_dir import claim, releases_output_dir
-from .sorting import RL_LR, TEMPERATURE, last_metric, program_reward, sampled_accuracy
+from .sorting import (RL_LR, TEMPERATURE, aligned, last_metric, program_reward,
+                      sampled_accuracy, written)
 from .sorting_task import build_base_model, build_tokenizer, write_data
 
 # The student: the base's 96 wide, 3 layers, halved in width and cut to two layers (a quarter of
@@ -91,7 +90,6 @@ def run_distill_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     from ..config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
     from ..model.hf_io import load_model
     from ..stages.sft import train_sft
-    from ..train.plot import plot_run
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -132,9 +130,7 @@ def run_distill_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
         "seconds": time.perf_counter() - start,
     }
     table["gain_points"] = 100 * (table["student_after"] - table["student_before"])
-    write_text_atomic(out / "results.json", json.dumps(table, indent=2))
-    table["plots"] = [str(p) for run in ("distill", "grpo") for p in plot_run(out / run)]
-    return table
+    return written(out, table, ("distill", "grpo"))
 
 
 def format_distill_table(table: dict) -> str:
@@ -146,5 +142,4 @@ def format_distill_table(table: dict) -> str:
             ("distillation gain", f"{table['gain_points']:+.1f} points"),
             ("budget (each)", budget),
             ("wall time", f"{table['seconds']:.0f} s")]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    return aligned(rows)

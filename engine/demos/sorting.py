@@ -59,6 +59,30 @@ def last_metric(run_dir: str, kind: str, key: str):
     return rows[-1][key] if rows else None
 
 
+def rl_figures(out: Path, start: float) -> dict:
+    """The RL run's (out/rl) last mean score and KL, None where never logged, and the demo's wall
+    seconds since `start` (time.perf_counter)."""
+    return {"rl_mean_score": last_metric(str(out / "rl"), "train", "score_mean"),
+            "rl_kl": last_metric(str(out / "rl"), "train", "kl"),
+            "seconds": time.perf_counter() - start}
+
+
+def written(out: Path, table: dict, runs: tuple[str, ...]) -> dict:
+    """`table` written to out/results.json (whole or not at all), then the plots of the runs
+    (folders of out) added to it."""
+    from ..train.plot import plot_run
+
+    write_text_atomic(out / "results.json", json.dumps(table, indent=2))
+    table["plots"] = [str(p) for run in runs for p in plot_run(out / run)]
+    return table
+
+
+def aligned(rows: list[tuple[str, str]]) -> str:
+    """(label, value) rows as lines, the values in one column."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
 def rl_training(cfg: DemoConfig, min_lr_ratio: float = 1.0) -> dict:
     """The RL stage's optimizer (the rate decays to min_lr_ratio x its peak; 1.0: constant) and
     adapters (cfg.lora_rank > 0)."""
@@ -132,7 +156,6 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     only when it is an earlier demo and cfg.overwrite is set."""
     from ..config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
     from ..model.hf_io import load_model
-    from ..train.plot import plot_run
     from ..stages.sft import train_sft
 
     start = time.perf_counter()
@@ -167,14 +190,9 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
         else None,
         "rl_accuracy": rl_accuracy,
         "rl_gain_points": 100 * (rl_accuracy - sft_accuracy),
-        "rl_mean_score": last_metric(str(out / "rl"), "train", "score_mean"),
-        "rl_kl": last_metric(str(out / "rl"), "train", "kl"),
-        "seconds": time.perf_counter() - start,
+        **rl_figures(out, start),
     }
-    write_text_atomic(out / "results.json", json.dumps(table, indent=2))
-    runs = ("sft", "rm", "rl") if cfg.algo == "ppo" else ("sft", "rl")
-    table["plots"] = [str(p) for run in runs for p in plot_run(out / run)]
-    return table
+    return written(out, table, ("sft", "rm", "rl") if cfg.algo == "ppo" else ("sft", "rl"))
 
 
 def _shown(value, template: str) -> str:
@@ -192,5 +210,4 @@ def format_table(table: dict) -> str:
             (f"{algo} mean {score}", _shown(table["rl_mean_score"], "{:.3f}")),
             (f"{algo} KL to the SFT policy", _shown(table["rl_kl"], "{:.3f}")),
             ("wall time", f"{table['seconds']:.0f} s")]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    return aligned(rows)

@@ -11,16 +11,14 @@ the rollout temperature, on held-out questions.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from ..config.demo import DemoConfig
-from ..runs.durable import write_text_atomic
 from ..runs.run_dir import claim, releases_output_dir
-from .sorting import TEMPERATURE, last_metric, rl_training
+from .sorting import TEMPERATURE, aligned, rl_figures, rl_training, written
 from .sorting_task import build_base_model
 from .tool_task import (add, build_tokenizer, final_answer, is_correct, tool_reward,
                              write_tool_data)
@@ -62,7 +60,6 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     from ..config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
     from ..config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
     from ..model.hf_io import load_model
-    from ..train.plot import plot_run
     from ..stages.ppo.trainer import train_ppo
     from ..stages.sft import train_sft
 
@@ -104,13 +101,9 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
         "sft_accuracy": sft["accuracy"], "sft_tool_rate": sft["tool_rate"],
         "rl_accuracy": rl["accuracy"], "rl_tool_rate": rl["tool_rate"],
         "rl_gain_points": 100 * (rl["accuracy"] - sft["accuracy"]),
-        "rl_mean_score": last_metric(str(out / "rl"), "train", "score_mean"),
-        "rl_kl": last_metric(str(out / "rl"), "train", "kl"),
-        "seconds": time.perf_counter() - start,
+        **rl_figures(out, start),
     }
-    write_text_atomic(out / "results.json", json.dumps(table, indent=2))
-    table["plots"] = [str(p) for run in ("sft", "rl") for p in plot_run(out / run)]
-    return table
+    return written(out, table, ("sft", "rl"))
 
 
 def format_tool_table(table: dict) -> str:
@@ -121,5 +114,4 @@ def format_tool_table(table: dict) -> str:
         ("GRPO trajectories calling the tool", f"{100 * table['rl_tool_rate']:.1f}%"),
         ("GRPO gain over SFT", f"{table['rl_gain_points']:+.1f} points"),
         ("wall time", f"{table['seconds']:.0f} s")]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    return aligned(rows)

@@ -11,16 +11,14 @@ pictures.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from ..config.demo import DemoConfig
-from ..runs.durable import write_text_atomic
 from ..runs.run_dir import claim, releases_output_dir
-from .sorting import TEMPERATURE, last_metric, rl_training
+from .sorting import TEMPERATURE, aligned, rl_figures, rl_training, written
 from .vision_task import (build_vision_processor, count_reward, draw, is_correct,
                           task_messages, write_vision_data)
 
@@ -100,7 +98,6 @@ def run_vision_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     from ..config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
     from ..model.hf_io import load_model
     from ..stages.ppo.trainer import train_ppo
-    from ..train.plot import plot_run
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -132,13 +129,9 @@ def run_vision_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
         "task": "vision", "algo": "grpo",
         "sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy,
         "rl_gain_points": 100 * (rl_accuracy - sft_accuracy),
-        "rl_mean_score": last_metric(str(out / "rl"), "train", "score_mean"),
-        "rl_kl": last_metric(str(out / "rl"), "train", "kl"),
-        "seconds": time.perf_counter() - start,
+        **rl_figures(out, start),
     }
-    write_text_atomic(out / "results.json", json.dumps(table, indent=2))
-    table["plots"] = [str(p) for run in ("sft", "rl") for p in plot_run(out / run)]
-    return table
+    return written(out, table, ("sft", "rl"))
 
 
 def format_vision_table(table: dict) -> str:
@@ -147,5 +140,4 @@ def format_vision_table(table: dict) -> str:
             ("GRPO gain over SFT", f"{table['rl_gain_points']:+.1f} points"),
             ("GRPO mean program reward", f"{table['rl_mean_score'] or 0:.3f}"),
             ("wall time", f"{table['seconds']:.0f} s")]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    return aligned(rows)
