@@ -71,7 +71,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from fusedrl.bench import harness
+from fusedrl.bench import harness, triton_compiles
 from fusedrl.bench.ppo_common import (GRPO_KL_COEF, PAD_ID, IterationClock, Shape,  # noqa: F401
                                       build_tokenizer, even_token_share, lora_targets,
                                       make_prompts)
@@ -287,8 +287,9 @@ def compare(ours: dict, other: dict, key: str) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     if args.run_side:
-        harness.write_json(args.result, run_side(args.run_side, args.algo, args.shape, args.dirs, args.quick,
-                                                 args.lora))
+        with triton_compiles.record_from_env():  # a side of a recording bench run
+            result = run_side(args.run_side, args.algo, args.shape, args.dirs, args.quick, args.lora)
+        harness.write_json(args.result, result)
         return
     device = bench_device(args.quick)
     policy_dir = model_dir("qwen2.5-0.5b", args.quick, 0).path

@@ -11,7 +11,7 @@
 #
 #   bash bench/gpu.sh plan                     # the visit's calls, in order, minutes each
 #   bash bench/gpu.sh rehearse                 # HERE, on the CPU: the plan's bench stages, --quick
-#   bash bench/gpu.sh prepare                  # HERE, before the visit: .whl/ and .whl/COMMIT
+#   bash bench/gpu.sh prepare                  # HERE, before the visit: .whl/ (wheels, COMMIT, Triton cache)
 #   bash bench/gpu.sh --bundle OUTDIR callN    # planned call N: its stages within its minutes
 #   bash bench/gpu.sh [--bundle] [--minutes M] OUTDIR STAGE...   # some stages (all: none named)
 # --bundle: OUTDIR.tar.gz, OUTDIR removed (also when a stage fails or the call's time runs out);
@@ -25,8 +25,11 @@
 # measured (OUTDIR/bench_*/results.jsonl, results.json, results.md), within the stage's minutes
 # (max_minutes=): a cut call keeps every row it finished. Triton's cache lives in the tree
 # (.triton-cache, git-ignored), so a call on the same machine reuses the compiles of the one
-# before; OUTDIR/triton_cache.txt has its file count at the call's start and end (an unchanged count
-# over a stage: every kernel was a cache hit). Then copy what is worth keeping into bench/results/.
+# before, and a fresh machine's first call starts from the cache `prepare` built (see
+# prebuild_triton_cache); OUTDIR/triton_cache.txt has its file count at the call's start and end (an
+# unchanged count over a stage: every kernel was a cache hit) and the prebuilt cache's hits, and
+# OUTDIR/triton_compiles.jsonl every kernel the bench compiled (commit it: the next prebuild reads
+# it). Then copy what is worth keeping into bench/results/.
 #
 # The commit: .whl/COMMIT, written by `prepare` from git here (the device's copy of the tree need not
 # hold .git), else git's, else "unknown" (harness.git_commit); in OUTDIR/COMMIT, in every result's
@@ -88,7 +91,8 @@ stage_limit() {
 
 print_plan() {
   local i=0 total=0 minutes stages carry stage limits
-  echo "Here, before call 1: bash bench/gpu.sh prepare  (.whl/: the wheels and COMMIT)."
+  echo "Here, before call 1: bash bench/gpu.sh prepare  (.whl/: the wheels, COMMIT and the prebuilt"
+  echo "Triton cache)."
   echo "Each call: the device tool's run with command \"bash bench/gpu.sh --bundle \$OUT/visitN callN\""
   echo "(N the call's number), timeout_s 60 x its minutes, and carry as listed; it returns"
   echo "\$OUT/visitN.tar.gz, also when a stage fails or its time runs out. Before call 2:"
@@ -113,14 +117,44 @@ print_plan() {
   echo "plan: $i calls, $total minutes"
 }
 
-# prepare: the wheels (tests/tools/peer_wheels.sh) and the commit under test, both in .whl/ (git-ignored,
-# carried by every call).
+# prepare: the wheels (tests/tools/peer_wheels.sh), the commit under test and the prebuilt Triton
+# cache, all in .whl/ (git-ignored, carried by every call). Without the cache (its build failed, and
+# said why) the visit compiles its kernels, as before.
 prepare() {
-  local dirty=""
-  bash "$(dirname "$0")/../tests/tools/peer_wheels.sh" || return 1
+  local dirty="" repo
+  repo=$(cd "$(dirname "$0")/.." && pwd)
+  bash "$repo/tests/tools/peer_wheels.sh" || return 1
   [ -z "$(git status --porcelain --untracked-files=no)" ] || dirty="-dirty"
-  echo "$(git rev-parse HEAD)$dirty" > "$(dirname "$0")/../.whl/COMMIT"
-  echo "commit: $(cat "$(dirname "$0")/../.whl/COMMIT")"
+  echo "$(git rev-parse HEAD)$dirty" > "$repo/.whl/COMMIT"
+  echo "commit: $(cat "$repo/.whl/COMMIT")"
+  prebuild_triton_cache "$repo" || echo "no prebuilt Triton cache: the visit compiles its kernels"
+}
+
+# prebuild_triton_cache REPO: .whl/triton-cache.tar.gz and its manifest .whl/triton-cache.json,
+# the kernels the visits recorded (bench/results/*/call*/triton_compiles.jsonl) and the static
+# check's workload compiled for sm_90 under the key of the GPU image's Triton 3.6 on Python 3.12
+# (tests/tools/triton_prebuild.py; ~2.5 min on 2 cores); kept while kernels/ and the records are
+# unchanged. A call seeds an empty TRITON_CACHE_DIR with it; its triton_cache.txt gives the hits.
+prebuild_triton_cache() {
+  local repo=$1 stamp tmp records code
+  shopt -s nullglob
+  records=("$repo"/bench/results/*/call*/triton_compiles.jsonl)
+  shopt -u nullglob
+  stamp="$(git -C "$repo" rev-parse HEAD:kernels)$(git -C "$repo" diff --quiet HEAD -- kernels \
+    || echo -dirty) $(cat /dev/null "${records[@]}" | sha256sum | cut -c1-16)"
+  if [ -f "$repo/.whl/triton-cache.json" ] && [ "$(cat "$repo/.whl/triton-cache.stamp" 2> /dev/null)" = "$stamp" ]; then
+    echo "prebuilt Triton cache: kernels/ and the records unchanged, kept"; return 0
+  fi
+  (cd "$repo" && .ci/target_install python .ci-triton36 "triton==3.6.0" "numpy<2.4") || return 1
+  tmp=$(mktemp -d /tmp/fusedrl-prebuild.XXXXXX)
+  (cd "$repo" && env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION PYTHONPATH=.ci-triton36 \
+    python tests/tools/triton_prebuild.py --out "$tmp" --records "${records[@]}") \
+    && tar czf "$repo/.whl/triton-cache.tar.gz" -C "$tmp" cache \
+    && cp "$tmp/manifest.json" "$repo/.whl/triton-cache.json" \
+    && echo "$stamp" > "$repo/.whl/triton-cache.stamp"
+  code=$?
+  rm -rf "$tmp"
+  return $code
 }
 
 # bench_stage STAGE SECONDS [--quick]: the `fusedrl bench` command of a suite_* or bench_all stage,
@@ -208,7 +242,14 @@ cd "$repo"
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR="$repo/.triton-cache"
 unset TRITON_INTERPRET
 mkdir -p "$TRITON_CACHE_DIR"
-echo "start: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files in TRITON_CACHE_DIR" > "$out/triton_cache.txt"
+# A fresh machine's empty cache takes the kernels prebuilt by `prepare`; every Triton compile of the
+# bench's processes is recorded (bench/triton_compiles.py), for the next prebuild and the hits below.
+if [ -f .whl/triton-cache.tar.gz ] && [ -z "$(ls -A "$TRITON_CACHE_DIR")" ]; then
+  tar xzf .whl/triton-cache.tar.gz -C "$TRITON_CACHE_DIR" --strip-components 1 \
+    && echo "seeded from .whl/triton-cache.tar.gz (prebuilt on the CPU machine)" > "$out/triton_cache.txt"
+fi
+export FUSEDRL_TRITON_COMPILES="$out/triton_compiles.jsonl"
+echo "start: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files in TRITON_CACHE_DIR" >> "$out/triton_cache.txt"
 status=0
 
 # The record and (with --bundle) the archive: on every way out, a failed stage or an interrupt too.
@@ -216,6 +257,11 @@ finish() {
   trap - EXIT INT TERM
   echo "stages: $stages; exit status $status; $SECONDS s" >> "$out/stages.txt"
   echo "end: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files in TRITON_CACHE_DIR" >> "$out/triton_cache.txt"
+  # The kernels the bench used that the prebuilt cache held (hits) and the names of the others.
+  if [ -f "$FUSEDRL_TRITON_COMPILES" ] && [ -f .whl/triton-cache.json ]; then
+    python -m fusedrl.bench.triton_compiles hits "$FUSEDRL_TRITON_COMPILES" .whl/triton-cache.json \
+      >> "$out/triton_cache.txt" 2>&1
+  fi
   if [ "$bundle" = 1 ]; then
     # The device returns at most 8 files: the whole OUTDIR as one archive.
     tar czf "$out.tar.gz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out" || status=1

@@ -9,6 +9,7 @@ command.py refuses the others) every rank runs every case on its own device, eac
 figures combined over the ranks (ranks.py), and rank 0 alone writes the files and prints."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import os
@@ -17,7 +18,7 @@ import subprocess
 import time
 from typing import Callable
 
-from . import ranks, results
+from . import ranks, results, triton_compiles
 from .cases import NOT_RUN_TIME, Case, not_run, run_case
 from .options import BenchOptions
 
@@ -167,7 +168,8 @@ def run(suites: list[str], options: BenchOptions, command: str) -> dict:
     before = signal.signal(signal.SIGTERM, _terminate)
     ended = "interrupted"
     try:
-        run_suites(suites, ctx, recorder, clock)
+        with _compiles_recorded(device, options):
+            run_suites(suites, ctx, recorder, clock)
         ended = "complete"
     finally:
         signal.signal(signal.SIGTERM, before)
@@ -178,6 +180,18 @@ def run(suites: list[str], options: BenchOptions, command: str) -> dict:
         if options.output_dir:
             print(f"results: {os.path.join(options.output_dir, 'results.json')}")
     return recorder.payload
+
+
+def _compiles_recorded(device, options: BenchOptions):
+    """On a GPU: the Triton kernels the run compiles, for the next visit's prebuilt cache
+    (triton_compiles.py), in the file FUSEDRL_TRITON_COMPILES names (bench/gpu.sh: one per call),
+    else in OUTPUT_DIR/triton_compiles.jsonl; nothing without either."""
+    path = os.environ.get(triton_compiles.RECORD_ENV) or (
+        options.output_dir and os.path.join(options.output_dir, "triton_compiles.jsonl"))
+    if device.type != "cuda" or not path or not ranks.is_main():
+        return contextlib.nullcontext()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return triton_compiles.recording(path)
 
 
 def _ranks_text(world: int) -> str:

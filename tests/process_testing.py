@@ -18,7 +18,8 @@ import pathlib
 # (recording and compiling in child processes; its row checks are pure functions), whether
 # imported by name or read as an attribute of their module (`static_gpu.main`).
 PROCESS_STARTERS = {"subprocess", "multiprocessing", "torch.multiprocessing", "static_gpu.main",
-                    "static_gpu.build_report", "static_gpu.record_launches",
+                    "static_gpu.build_report", "gpucheck.record.record_workload",
+                    "triton_prebuild.main", "triton_prebuild.prebuild",
                     "dist_testing.run_ranks", "dist_testing.torchrun",
                     "dist_testing.torchrun_nodes", "dist_testing.torchrun_runs",
                     "cli_testing.run_fusedrl"}

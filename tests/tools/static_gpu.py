@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -34,22 +33,6 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 ARCHS = (80, 90)
-
-
-def record_launches(quick: bool) -> list[dict]:
-    """The distinct launches of gpucheck.workload, recorded in an interpreter child process."""
-    code = ("import json, sys; from gpucheck.record import recording; from gpucheck import workload\n"
-            "launches = {}\n"
-            f"with recording(launches): workload.run(quick={quick})\n"
-            "json.dump(list(launches.values()), sys.stdout)")
-    # The workload runs in the interpreter on CPU tensors, also on a GPU machine: hiding the GPU
-    # keeps its tensors on the CPU (on CUDA they would go to the real kernels, which record nothing).
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"recording the workload's launches failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout)
 
 
 def _compiling_process() -> None:
@@ -121,7 +104,8 @@ def table(report: dict) -> str:
 
 def build_report(with_cuda: bool, quick: bool = False, archs=ARCHS) -> dict:
     import triton
-    launches = record_launches(quick)
+    from gpucheck.record import record_workload
+    launches = record_workload(quick)
     jobs = [(record, arch) for record in launches for arch in archs]
     with ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, 8)), mp_context=get_context("spawn"),
                              initializer=_compiling_process) as pool:

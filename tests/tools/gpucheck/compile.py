@@ -69,6 +69,36 @@ def compile_launch(record: dict, arch: int):
                           options=options.__dict__), signature
 
 
+def _listed(value):
+    # JSON turned the tuples of a signature or an option into lists; a kernel's signature has none.
+    return tuple(value) if isinstance(value, list) else value
+
+
+def compile_specialization(data: str, arch: int):
+    """The CompiledKernel of one compile a GPU process recorded: Triton's own serialized
+    specialization (`serialize_specialization_data`, as bench/triton_compiles.py records it), read
+    back as `JITFunction.preload` reads it, for sm_`arch`. The recorded libdevice path is the GPU
+    machine's: the options take this Triton's (its bytes, which the key hashes, are the same)."""
+    import json
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec = json.loads(data)
+    module, _, name = spec["name"].rpartition(".")
+    fn = getattr(importlib.import_module(module), name)
+    constexprs = {
+        tuple(path): tl.dtype(value) if tl.dtype.is_dtype(value) else
+        tl.constexpr(value["constexpr"]) if isinstance(value, dict) and "constexpr" in value else value
+        for path, value in zip(spec["constant_keys"], spec["constant_vals"])}
+    attrs = {tuple(path): value for path, value in zip(spec["attrs_keys"], spec["attrs_vals"])}
+    signature = {k: _listed(v) for k, v in spec["signature"].items()}
+    options = {k: _listed(v) for k, v in spec["options"].items() if k != "extern_libs"}
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", arch, 32), options=options)
+
+
 def ptx_accesses(ptx: str) -> list[tuple[str, int, set]]:
     """(kind "ld"/"st", width in bits, PTX parameter indices the address derives from) of every
     global access (cp.async copies to shared memory count as loads), by forward data flow from each `ld.param` through the instructions that

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
+
+TOOLS = Path(__file__).resolve().parents[1]  # tests/tools: gpucheck's parent, put on a child's path
 
 
 def _describe(value):
@@ -74,3 +80,21 @@ def recording(launches: dict):
         yield launches
     finally:
         InterpretedFunction.run = original
+
+
+def record_workload(quick: bool) -> list[dict]:
+    """The distinct launches of gpucheck.workload (records as `recording` makes them), recorded in
+    an interpreter child process."""
+    code = ("import json, sys; from gpucheck.record import recording; from gpucheck import workload\n"
+            "launches = {}\n"
+            f"with recording(launches): workload.run(quick={quick})\n"
+            "json.dump(list(launches.values()), sys.stdout)")
+    # The workload runs in the interpreter on CPU tensors, also on a GPU machine: hiding the GPU
+    # keeps its tensors on the CPU (on CUDA they would go to the real kernels, which record nothing).
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": f"{TOOLS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"recording the workload's launches failed (exit {out.returncode}):\n"
+                           f"{out.stderr[-4000:]}")
+    return json.loads(out.stdout)

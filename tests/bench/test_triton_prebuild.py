@@ -1,0 +1,98 @@
+"""The prebuilt Triton cache a GPU visit carries (tests/tools/triton_prebuild.py): a compile that
+a GPU process records (bench/triton_compiles.py) is rebuilt here under the same cache hash, and so
+is a launch the static check's workload records; the key of another Python's Triton build; a
+visit's hits against a manifest.
+
+The round trip runs Triton's real JIT in a child process (no interpreter) on a stand-in driver
+that names an sm_90 target, so `warmup` compiles as a GPU process would, without a GPU."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fusedrl.bench.triton_compiles import hits
+from gpucheck.target_key import translated_key
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+ROUND_TRIP = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class Sm90:  # the JIT asks a driver for its target, device and stream; no kernel is launched
+        def get_current_target(self): return GPUTarget("cuda", 90, 32)
+        def get_current_device(self): return 0
+        def get_current_stream(self, device=None): return 0
+
+    from fusedrl.bench.triton_compiles import recording
+    from fusedrl.kernels.model.swiglu import BLOCK_COLS, _silu_mul_kernel
+    import triton_prebuild
+    from gpucheck.compile import compile_launch
+
+    record, out = sys.argv[1], sys.argv[2]
+    driver.set_active(Sm90())
+    gate_up = torch.empty(3, 2 * 896, dtype=torch.bfloat16)
+    with recording(record):
+        jit_hash = _silu_mul_kernel.warmup(gate_up, torch.empty(3, 896, dtype=torch.bfloat16), 896,
+                                           BLOCK=BLOCK_COLS, grid=(3, 1)).hash
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    manifest = triton_prebuild.prebuild(Path(out), python, 90, [Path(record)], workload=False,
+                                        quick=True)
+    # The static check's record of the same launch (gpucheck/record.py's form), compiled as the
+    # workload's launches are.
+    described = {"kernel": "fusedrl.kernels.model.swiglu:_silu_mul_kernel",
+                 "args": [["gate_up_ptr", {"tensor": "bfloat16", "misalign": 0}],
+                          ["out_ptr", {"tensor": "bfloat16", "misalign": 0}],
+                          ["n_cols", {"int": 896}]],
+                 "options": {"BLOCK": BLOCK_COLS}}
+    static_hash = compile_launch(described, 90)[0].hash
+    json.dump({"jit": jit_hash, "prebuilt": [k["hash"] for k in manifest["kernels"]],
+               "static": static_hash}, sys.stdout)
+""")
+
+
+@pytest.mark.integration
+def test_a_recorded_compile_is_rebuilt_under_the_gpu_processs_hash(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "jit-cache")
+    env["PYTHONPATH"] = os.pathsep.join([str(TOOLS), env.get("PYTHONPATH", "")])
+    record = tmp_path / "triton_compiles.jsonl"
+    out = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(record), str(tmp_path / "prebuilt")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    hashes = json.loads(out.stdout)
+    line = json.loads(record.read_text().splitlines()[0])
+    assert line["kernel"] == "fusedrl.kernels.model.swiglu:_silu_mul_kernel"
+    assert line["hash"] == hashes["jit"]
+    assert hashes["prebuilt"] == [hashes["jit"]]
+    assert hashes["static"] == hashes["jit"]
+    # the prebuilt cache holds the kernel where Triton looks it up (a folder per hash)
+    assert any((tmp_path / "prebuilt" / "cache").glob("*/_silu_mul_kernel.cubin"))
+
+
+def test_the_key_of_another_python_replaces_libtritons_digest_once():
+    key = "3.6.0" + "-".join(["aa" * 32, "bb" * 32, "cc" * 32])
+    assert translated_key(key, "bb" * 32, "dd" * 32) == key.replace("bb" * 32, "dd" * 32)
+    with pytest.raises(ValueError, match="0 times, expected once"):
+        translated_key(key, "ee" * 32, "dd" * 32)
+
+
+def test_a_visits_hits_are_its_kernels_found_in_the_manifest(tmp_path):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"kernels": [{"kernel": "m:a", "hash": "h1"},
+                                                {"kernel": "m:b", "hash": "h2"}]}))
+    record = tmp_path / "triton_compiles.jsonl"
+    lines = [{"kernel": "m:a", "hash": "h1"}, {"kernel": "m:c", "hash": "h3"},
+             {"kernel": "m:a", "hash": "h1"}]  # a second process loading the same kernel
+    record.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert hits(str(record), str(manifest)) == {"kernels_used": 2, "prebuilt": 2, "hits": 1,
+                                                "missed_kernels": ["m:c"]}
