@@ -54,10 +54,10 @@ EXTENSION=kernels/_C.cpython-312-x86_64-linux-gnu.so  # the image's Python 3.12
 # fixed, not yet measured again), the kernels suite's first 12 cases in 86 s.
 declare -A LIMIT_S=([build]=60 [smoke]=90 [tests_gpu]=90 [tests_rest]=215 [bench_all]=185
                    [suite_headline]=330 [suite_rest]=185 [suite_kernels]=300
-                   [suite_generate]=120 [suite_train]=120 [suite_rl]=180)
+                   [suite_generate]=120 [suite_train]=120 [suite_rl]=180 [profile]=120)
 # Stages that take what is left of their call (its deadline less the bundle) rather than their
 # LIMIT_S (theirs when a stage runs with no call limit, and under `rehearse`): the last of a call.
-REST_OF_CALL="suite_headline suite_rest"
+REST_OF_CALL="suite_headline suite_rest profile"
 # suite_rest: the other suites in one stage, one after the other, each until the stage's deadline
 # (the kernels suite first: its rows are the fewest in the headline set).
 REST_SUITES="kernels train generate rl"
@@ -72,12 +72,14 @@ BUNDLE_S=15  # the record and the archive, after the last stage
 # 7 minutes (~5.5 after the install and the build) to the headline set, one row per claim of the
 # GPU bars, ours first and the slow peers last (the rows past its minutes say `not run: time`);
 # call 2 carries the extension from call 1's bundle, runs the GPU tests (55 s) and gives the rest
-# of its 3 minutes to the other suites' rows. The rest of the tests (tests_rest, ~200 s) does not
-# fit beside them: a visit with minutes to spare runs it in a call of its own. Every call carries
-# .whl (datasets and the peers the tests import, and COMMIT).
+# of its 3 minutes to the profile of the two paths that missed their bars by the most (a decode
+# call, a training micro-batch: where their time goes, ~1 minute). The other suites' rows and the
+# rest of the tests (tests_rest, ~200 s) do not fit beside them: a visit with minutes to spare runs
+# them in calls of their own. Every call carries .whl (datasets and the peers the tests import,
+# COMMIT and the prebuilt Triton cache).
 PLAN=(
   "7|build suite_headline|.whl"
-  "3|tests_gpu suite_rest|.whl $EXTENSION"
+  "3|tests_gpu profile|.whl $EXTENSION"
 )
 
 # stage_limit STAGE MINUTES STAGES: STAGE's seconds in a call of MINUTES running STAGES: its
@@ -195,7 +197,11 @@ rehearse() {
         continue
       fi
       start=$SECONDS
-      bench_stage "$stage" "${LIMIT_S[$stage]}" --quick > "$out/$stage.log" 2>&1 || code=1
+      if [ "$stage" = profile ]; then
+        timeout "${LIMIT_S[$stage]}" python bench/profile_steps.py --out "$out/profile" --quick
+      else
+        bench_stage "$stage" "${LIMIT_S[$stage]}" --quick
+      fi > "$out/$stage.log" 2>&1 || code=1
       took=$((SECONDS - start))
       echo "call $i $stage: $took s (limit ${LIMIT_S[$stage]} s$([ "$took" -gt "${LIMIT_S[$stage]}" ] \
         && echo ": over it, on this CPU")), exit $code; log $out/$stage.log"
@@ -260,7 +266,7 @@ finish() {
   # The kernels the bench used that the prebuilt cache held (hits) and the names of the others.
   if [ -f "$FUSEDRL_TRITON_COMPILES" ] && [ -f .whl/triton-cache.json ]; then
     python -m fusedrl.bench.triton_compiles hits "$FUSEDRL_TRITON_COMPILES" .whl/triton-cache.json \
-      >> "$out/triton_cache.txt" 2>&1
+      2>&1 | tee -a "$out/triton_cache.txt"
   fi
   if [ "$bundle" = 1 ]; then
     # The device returns at most 8 files: the whole OUTDIR as one archive.
@@ -418,7 +424,10 @@ for stage in $stages; do
     sft)      run bench_sft 300 python bench/bench_sft.py --out "$out/bench_sft.json" ;;
     # A micro-batch's forward + backward (bar: 1k tokens <= 15 ms) and the optimizer step.
     train_step) run bench_train_step 300 python bench/bench_train_step.py --out "$out/bench_train_step.json" ;;
-    profile)  run profile 120 python bench/profile_steps.py --out "$out/profile" ;;
+    # the last stage of a call: what is left of it (no call limit: its LIMIT_S)
+    profile)  want=${LIMIT_S[profile]}
+              [ "$deadline" -gt 0 ] && want=$deadline
+              run profile "$want" python bench/profile_steps.py --out "$out/profile" ;;
     ppo)      run bench_ppo 420 python bench/bench_ppo.py --out "$out/bench_ppo.json" ;;
     # Ours alone, each minibatch's 32 rows (128 + 256 tokens) packed into one forward by
     # ppo.tokens_per_microbatch instead of 16-row micro-batches: compare with stage ppo's ours.

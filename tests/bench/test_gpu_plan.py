@@ -30,7 +30,7 @@ def test_the_visit_is_two_calls_and_10_minutes_the_headline_set_first_taking_the
     """A lent GPU gives 15 minutes with its start: at most 2 calls, 10 minutes of commands; each
     call's stage limits with its setup and bundle within its minutes; every call carries the wheels,
     the calls after the build the extension it built; the build, then the headline set, the last
-    stage of call 1, taking what is left of it; the GPU tests in the visit."""
+    stage of call 1, taking what is left of it; the GPU tests and the profile in the visit."""
     plan = subprocess.run(["bash", str(GPU_SH), "plan"], capture_output=True, text=True,
                           timeout=60)
     assert plan.returncode == 0, plan.stderr
@@ -49,7 +49,7 @@ def test_the_visit_is_two_calls_and_10_minutes_the_headline_set_first_taking_the
     assert calls[0][2].split()[-1] == "suite_headline"  # the rest of call 1 is the headline's
     rest = dict(re.findall(r"^  (\w+): the rest of the call, until its deadline less the bundle: "
                            r"at least (\d+) s", plan.stdout, re.M))
-    assert rest.keys() == {"suite_headline", "suite_rest"} and int(rest["suite_headline"]) >= 300
+    assert rest.keys() == {"suite_headline", "profile"} and int(rest["suite_headline"]) >= 300
     assert all(int(seconds) > 0 for seconds in rest.values())
     assert all(stages.split()[-1] in rest for _, _, stages, _ in calls)  # each call's last stage
 
