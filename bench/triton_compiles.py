@@ -24,12 +24,15 @@ def _hook(path: str, chained):
     from triton._C.libtriton import get_cache_invalidating_env_vars
 
     def hook(*, key, fn, compile, **kwargs):
-        kernel = fn.jit_function.device_caches[compile["device"]][0].get(key)
-        line = {"kernel": f"{fn.jit_function.fn.__module__}:{fn.jit_function.fn.__qualname__}",
-                "hash": getattr(kernel, "hash", None),
-                "specialization": compile["specialization_data"],
-                # a key ingredient the record cannot restore: prebuilds must run under the same
-                "invalidating_env": get_cache_invalidating_env_vars()}
+        name = f"{fn.jit_function.fn.__module__}:{fn.jit_function.fn.__qualname__}"
+        try:
+            kernel = fn.jit_function.device_caches[compile["device"]][0].get(key)
+            line = {"kernel": name, "hash": kernel.hash,
+                    "specialization": compile["specialization_data"],
+                    # a key ingredient the record cannot restore: prebuilds must run under the same
+                    "invalidating_env": get_cache_invalidating_env_vars()}
+        except Exception as error:  # a Triton whose hook passes other things: noted, never raised
+            line = {"kernel": name, "error": f"{type(error).__name__}: {error}"}
         # One write of one line in append mode: processes sharing the file do not interleave.
         with open(path, "a") as f:
             f.write(json.dumps(line) + "\n")
@@ -69,17 +72,22 @@ def record_from_env() -> contextlib.AbstractContextManager:
 def hits(record_path: str, manifest_path: str) -> dict:
     """What a visit's record says of the prebuilt cache it carried: distinct kernels the visit
     compiled or loaded, how many of them the prebuilt cache held (Triton found them there instead
-    of compiling), and the names of the others."""
+    of compiling), the names of the others, and those whose hash the hook could not read."""
     with open(manifest_path) as f:
         prebuilt = {entry["hash"] for entry in json.load(f)["kernels"]}
     used: dict[str, str] = {}
+    unrecorded = set()
     with open(record_path) as f:
         for text in f:
             line = json.loads(text)
-            used[line["hash"]] = line["kernel"]
+            if "hash" in line:
+                used[line["hash"]] = line["kernel"]
+            else:
+                unrecorded.add(line["kernel"])
     missed = sorted({name for h, name in used.items() if h not in prebuilt})
     return {"kernels_used": len(used), "prebuilt": len(prebuilt),
-            "hits": sum(h in prebuilt for h in used), "missed_kernels": missed}
+            "hits": sum(h in prebuilt for h in used), "missed_kernels": missed,
+            "unrecorded_kernels": sorted(unrecorded)}
 
 
 def main(argv: list[str]) -> int:

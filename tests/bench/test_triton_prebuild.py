@@ -92,7 +92,9 @@ def test_a_visits_hits_are_its_kernels_found_in_the_manifest(tmp_path):
                                                 {"kernel": "m:b", "hash": "h2"}]}))
     record = tmp_path / "triton_compiles.jsonl"
     lines = [{"kernel": "m:a", "hash": "h1"}, {"kernel": "m:c", "hash": "h3"},
-             {"kernel": "m:a", "hash": "h1"}]  # a second process loading the same kernel
+             {"kernel": "m:a", "hash": "h1"},  # a second process loading the same kernel
+             {"kernel": "m:d", "error": "KeyError: 'device'"}]  # the hook read no hash
     record.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert hits(str(record), str(manifest)) == {"kernels_used": 2, "prebuilt": 2, "hits": 1,
-                                                "missed_kernels": ["m:c"]}
+                                                "missed_kernels": ["m:c"],
+                                                "unrecorded_kernels": ["m:d"]}
