@@ -1,18 +1,21 @@
 """Where a decode step and a training micro-batch spend their time: torch.profiler summaries of the
-two paths whose GPU bars were missed by the most (decode at batch 1: 704 tok/s against 1,800; a
-1k-token micro-batch: 130 ms against 15 ms, on an H100), at the Qwen2.5-0.5B shape in bf16.
+paths whose GPU bars were missed (on an H100: decode at batch 1, 704 tok/s against 1,800; a 1k-token
+micro-batch, 130 ms against 15 ms; decode at batch 256, 24.2k tok/s against 70k), at the
+Qwen2.5-0.5B shape in bf16, in that order, each file written as soon as it is taken.
 
 For each path, a text file with its head: wall milliseconds per step, the device's busy
 milliseconds (the kernels' own time summed) and their share of the wall, kernels launched and host
 synchronizations per step; then the ops' table by device time and by host time (top 25 each).
 A busy share far below 1 says the host is the time: its table says where.
 
-    python bench/profile_steps.py --out DIR          # GPU: DIR/profile_decode.txt, profile_train.txt
+    python bench/profile_steps.py --out DIR          # GPU: DIR/profile_decode.txt, profile_train.txt,
+                                                     #      profile_decode_b256.txt
     python bench/profile_steps.py --out DIR --quick  # the tiny shape on the CPU (host times only)
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from fusedrl.engine.runs.durable import write_text_atomic
 
 MODEL = "qwen2.5-0.5b"
 DECODE_PROMPT, DECODE_TOKENS = 128, 64
+WIDE_BATCH, WIDE_BATCH_QUICK = 256, 4  # the second decode profile's batch (the bar's 256)
 TRAIN_TOKENS, TRAIN_SEQ = 1024, 256
 # Host calls that wait for the device (their names in the profiler's runtime rows).
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
@@ -69,22 +73,23 @@ def profiled(fn, steps: int, device: torch.device):
     return prof, wall
 
 
-def decode_profile(quick: bool, device: torch.device, dtype: torch.dtype) -> str:
-    """Greedy decode at batch 1 through the engine (CUDA-graph steps on a GPU), one call of
-    DECODE_TOKENS new tokens profiled: per step, the call's wall over its tokens."""
+def decode_profile(quick: bool, device: torch.device, dtype: torch.dtype, batch: int = 1) -> str:
+    """Greedy decode at `batch` through the engine (CUDA-graph steps on a GPU), one call of
+    DECODE_TOKENS new tokens per sequence profiled: per step, the call's wall over its steps."""
     from fusedrl.engine.inference.llm import LLM
     from fusedrl.engine.inference.sampling_params import SamplingParams
 
     model = shapes.model_dir(MODEL, quick, 0, dtype)
     try:
-        llm = LLM(str(model.path), dtype=dtype, device=str(device), max_num_seqs=1,
-                  kv_cache_memory=(1 << 30) if device.type == "cuda" else 64 << 20)
+        llm = LLM(str(model.path), dtype=dtype, device=str(device), max_num_seqs=batch,
+                  kv_cache_memory=(2 << 30) if device.type == "cuda" else 64 << 20)
         new = 8 if quick else DECODE_TOKENS
-        prompt = torch.randint(0, llm.config.vocab_size, (1, 16 if quick else DECODE_PROMPT),
-                               generator=torch.Generator().manual_seed(0)).tolist()
+        prompts = torch.randint(0, llm.config.vocab_size, (batch, 16 if quick else DECODE_PROMPT),
+                                generator=torch.Generator().manual_seed(0)).tolist()
         params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
-        prof, wall = profiled(lambda: llm.generate(prompt, params), 1, device)
-        return f"decode batch 1, {new} new tokens (one call)\n" + summary(prof, new, wall, device)
+        prof, wall = profiled(lambda: llm.generate(prompts, params), 1, device)
+        return (f"decode batch {batch}, {new} new tokens (one call)\n"
+                + summary(prof, new, wall, device))
     finally:
         model.remove()
 
@@ -111,7 +116,9 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = harness.run_metadata(device)
     stamp = f"commit {meta['git_commit']}; {meta['device']}; torch {meta['torch']}\n"
-    for name, make in (("decode", decode_profile), ("train", train_profile)):
+    wide = WIDE_BATCH_QUICK if args.quick else WIDE_BATCH
+    for name, make in (("decode", decode_profile), ("train", train_profile),
+                       (f"decode_b{wide}", functools.partial(decode_profile, batch=wide))):
         text = stamp + make(args.quick, device, dtype)
         write_text_atomic(out / f"profile_{name}.txt", text)
         print(text.split("\n\n")[0], flush=True)
