@@ -135,7 +135,7 @@ prepare() {
 # prebuild_triton_cache REPO: .whl/triton-cache.tar.gz and its manifest .whl/triton-cache.json,
 # the kernels the visits recorded (bench/results/*/call*/triton_compiles.jsonl) and the static
 # check's workload compiled for sm_90 under the key of the GPU image's Triton 3.6 on Python 3.12
-# (tests/tools/triton_prebuild.py; ~2.5 min on 2 cores); kept while kernels/ and the records are
+# (tests/tools/triton_prebuild.py; ~5 min on 2 cores); kept while kernels/ and the records are
 # unchanged. A call seeds an empty TRITON_CACHE_DIR with it; its triton_cache.txt gives the hits.
 prebuild_triton_cache() {
   local repo=$1 stamp tmp records code
