@@ -24,21 +24,15 @@ ROUND_TRIP = textwrap.dedent("""
     from pathlib import Path
 
     import torch
-    from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
-
-    class Sm90:  # the JIT asks a driver for its target, device and stream; no kernel is launched
-        def get_current_target(self): return GPUTarget("cuda", 90, 32)
-        def get_current_device(self): return 0
-        def get_current_stream(self, device=None): return 0
 
     from fusedrl.bench.triton_compiles import recording
     from fusedrl.kernels.model.swiglu import BLOCK_COLS, _silu_mul_kernel
     import triton_prebuild
-    from gpucheck.compile import compile_launch
+    from gpucheck.compile import TargetDriver, compile_launch
 
     record, out = sys.argv[1], sys.argv[2]
-    driver.set_active(Sm90())
+    driver.set_active(TargetDriver(90))  # the JIT compiles for sm_90; no kernel is launched
     gate_up = torch.empty(3, 2 * 896, dtype=torch.bfloat16)
     with recording(record):
         jit_hash = _silu_mul_kernel.warmup(gate_up, torch.empty(3, 896, dtype=torch.bfloat16), 896,

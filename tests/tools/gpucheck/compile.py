@@ -69,34 +69,37 @@ def compile_launch(record: dict, arch: int):
                           options=options.__dict__), signature
 
 
-def _listed(value):
-    # JSON turned the tuples of a signature or an option into lists; a kernel's signature has none.
-    return tuple(value) if isinstance(value, list) else value
+class TargetDriver:
+    """The driver Triton's JIT asks for its target and device when it compiles without launching
+    (`warmup`, `preload`): a stand-in naming sm_`arch`, so no GPU is needed."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
 
 
 def compile_specialization(data: str, arch: int):
-    """The CompiledKernel of one compile a GPU process recorded: Triton's own serialized
-    specialization (`serialize_specialization_data`, as bench/triton_compiles.py records it), read
-    back as `JITFunction.preload` reads it, for sm_`arch`. The recorded libdevice path is the GPU
-    machine's: the options take this Triton's (its bytes, which the key hashes, are the same)."""
+    """The CompiledKernel of one compile a GPU process recorded (Triton's own serialized
+    specialization, as bench/triton_compiles.py records it), compiled for sm_`arch` by Triton's own
+    `JITFunction.preload` on a TargetDriver. The recorded libdevice path is the GPU machine's: it
+    is dropped, and the options take this Triton's (the same bytes, which is what the key hashes)."""
     import json
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.runtime import driver
 
     spec = json.loads(data)
+    spec["options"].pop("extern_libs", None)
     module, _, name = spec["name"].rpartition(".")
-    fn = getattr(importlib.import_module(module), name)
-    constexprs = {
-        tuple(path): tl.dtype(value) if tl.dtype.is_dtype(value) else
-        tl.constexpr(value["constexpr"]) if isinstance(value, dict) and "constexpr" in value else value
-        for path, value in zip(spec["constant_keys"], spec["constant_vals"])}
-    attrs = {tuple(path): value for path, value in zip(spec["attrs_keys"], spec["attrs_vals"])}
-    signature = {k: _listed(v) for k, v in spec["signature"].items()}
-    options = {k: _listed(v) for k, v in spec["options"].items() if k != "extern_libs"}
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                          target=GPUTarget("cuda", arch, 32), options=options)
+    driver.set_active(TargetDriver(arch))
+    return getattr(importlib.import_module(module), name).preload(json.dumps(spec))
 
 
 def ptx_accesses(ptx: str) -> list[tuple[str, int, set]]:
