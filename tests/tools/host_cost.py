@@ -43,9 +43,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
 
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    # before any Triton kernel is defined; on a GPU machine the suite imports this module too,
+    # and an interpreted kernel there copies CUDA tensors to the host
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fusedrl.bench import bench_train_step, harness, launch_count  # noqa: E402
 from fusedrl.bench.shapes import qwen_like  # noqa: E402
