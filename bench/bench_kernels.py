@@ -335,6 +335,9 @@ def all_cases(quick: bool) -> list[Case]:
             + rl_cases(256, 2048) + rl_cases(1024, 4096) + rl_cases(8192, 2048))
 
 
+HOST_US_SECONDS = 1.0
+
+
 def launches_per_call(thunk: Thunk) -> tuple[int, int]:
     """(kernels launched, host syncs) by one call (after the timing's warm-up)."""
     with LaunchCounter() as counter:
@@ -345,7 +348,8 @@ def launches_per_call(thunk: Thunk) -> tuple[int, int]:
 def measure(case: Case, device: torch.device, copy_gbps: float, matmul_tflops: float, skip: set[str],
             budget_s: float, min_reps: int = 3, host_calls: int | None = None) -> list[dict]:
     """Each implementation of `case` not in `skip`: its rows (time, bandwidth or floor, peak memory,
-    host microseconds over `host_calls` calls (default 50 on a GPU, 5 on the CPU) and launches)."""
+    host microseconds over `host_calls` calls (default 50 on a GPU, 5 on the CPU; fewer where they
+    would take over HOST_US_SECONDS) and launches)."""
     inputs = case.make_inputs(device)
     rows = []
     for name, build in case.impls.items():
@@ -359,6 +363,9 @@ def measure(case: Case, device: torch.device, copy_gbps: float, matmul_tflops: f
                 harness.peak_extra_bytes(thunk, device))
             if case.report_host:
                 calls = host_calls or (50 if device.type == "cuda" else 5)
+                # a slow row issues calls for about HOST_US_SECONDS, not 50 of them (eager GAE's
+                # 2,048-step loop is 0.3 s a call: 50 calls were 15 s of a GPU visit's headline)
+                calls = max(1, min(calls, int(HOST_US_SECONDS * 1e3 / row["ms"])))
                 row["host_us"] = harness.host_us(thunk, device, calls=calls)
                 if name != "torch.compile":
                     row["launches"], row["host_syncs"] = launches_per_call(thunk)
