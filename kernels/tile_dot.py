@@ -1,7 +1,8 @@
 """The tensor-core tile product the GEMM kernels share, with the interpreter's stand-in.
 
-Users: model/norm_linear.py (decode's norm + projection) and rl/linear_logprobs_kernels.py
-(the LM head with the log-softmax in the GEMM's epilogue).
+Users: model/norm_linear.py (decode's norm + projection), rl/linear_logprobs_kernels.py
+(the LM head with the log-softmax in the GEMM's epilogue) and attention/paged.py (decode's
+scores and weighted values over a tile of cached positions).
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from .. import checks, reference
 from ..dispatch import fused_for_model
 from ..triton_compat import tl, triton
 from ..model.norm import rows_per_program
+from ..tile_dot import dot_nt
 
 
 @triton.jit
@@ -109,15 +110,22 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr,  # query heads per KV head (GQA)
     GROUP_PAD: tl.constexpr,  # GROUP rounded up to a power of two
     HEAD_DIM: tl.constexpr,
-    DIM_PAD: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    DIM_PAD: tl.constexpr,  # HEAD_DIM rounded up to a power of two, at least 16 (a dot's K)
     PAGE: tl.constexpr,  # block size of the cache
-    PAGE_PAD: tl.constexpr,  # PAGE rounded up to a power of two (tl.arange needs one)
+    PAGE_PAD: tl.constexpr,  # PAGE rounded up to a power of two: a tile holds at least one page
     NUM_SPLITS: tl.constexpr,  # programs sharing one sequence's pages (flash-decoding)
     NEW_TOKEN: tl.constexpr,
+    INTERPRETED: tl.constexpr,  # the interpreter's stand-in for the dots (tile_dot.dot_nt)
 ):
     # One program per (sequence, KV head, split): the GROUP query heads sharing a KV head read its
     # pages once; the pages are cut into NUM_SPLITS runs so that a small batch still fills the GPU.
-    # Online softmax over pages, fp32 accumulators.
+    # A run is read TILE positions at a time (several pages: one block-table gather, then K and V
+    # tiles the dots consume, which Triton's pipeliner prefetches a tile ahead); a page at a time,
+    # each a block id then K then V, the walk was latency-bound (130 us a layer at batch 256 on an
+    # H100, 17x its bytes). Online softmax over tiles, fp32 accumulators; the dots take the heads
+    # padded to 16 rows, their smallest M.
+    HEADS: tl.constexpr = GROUP_PAD if GROUP_PAD > 16 else 16
+    TILE: tl.constexpr = PAGE_PAD if PAGE_PAD > 64 else 64  # at least a page, MIN_SPLIT_TOKENS
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -125,12 +133,13 @@ def _paged_decode_kernel(
     num_pages = tl.cdiv(ctx, PAGE)
     # 1 on a padding row: no division by 0
     pages_per_split = tl.maximum(tl.cdiv(num_pages, NUM_SPLITS), 1)
-    first_page = split * pages_per_split
-    last_page = tl.minimum(first_page + pages_per_split, num_pages)
     cached = ctx - 1 if NEW_TOKEN else ctx  # positions read from the pages
-    g = tl.arange(0, GROUP_PAD)
+    # this split's positions: its pages' (with NEW_TOKEN the last page may hold the new one only)
+    first = split * pages_per_split * PAGE
+    stop = tl.minimum((split + 1) * pages_per_split * PAGE, cached)
+    g = tl.arange(0, HEADS)
     d = tl.arange(0, DIM_PAD)
-    p = tl.arange(0, PAGE_PAD)
+    t = tl.arange(0, TILE)
     heads = kv_head * GROUP + g
     q_mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
     q_rows = b * q_stride_b + heads * q_stride_h
@@ -139,26 +148,27 @@ def _paged_decode_kernel(
         q = _rotated(q_ptr, q_rows, d, q_mask, cos_ptr, sin_ptr, pos, HEAD_DIM)
     else:
         q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
-    q = q.to(tl.float32) * scale  # [G, D]
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-    # Only pages holding a cached position (with NEW_TOKEN the last page may hold the new one only).
-    for page in range(first_page, tl.minimum(last_page, tl.cdiv(cached, PAGE))):
-        block = tl.load(block_tables_ptr + b * bt_stride_b + page).to(tl.int64)
-        pos_k = page * PAGE + p
-        valid = (p < PAGE) & (pos_k < cached)
+    q = q.to(k_cache_ptr.dtype.element_ty)  # [G, D], the dot's operand (scaled after it)
+    m = tl.full([HEADS], float("-inf"), tl.float32)
+    l = tl.zeros([HEADS], tl.float32)
+    acc = tl.zeros([HEADS, DIM_PAD], tl.float32)
+    for start in range(first, stop, TILE):
+        pos_k = start + t
+        valid = pos_k < stop
+        block = tl.load(block_tables_ptr + b * bt_stride_b + pos_k // PAGE, mask=valid,
+                        other=0).to(tl.int64)
+        slot_k = block * PAGE + pos_k % PAGE
         kv_mask = valid[:, None] & (d[None, :] < HEAD_DIM)
-        kv_off = ((block * PAGE + p[:, None]) * NUM_KV_HEADS + kv_head) * HEAD_DIM + d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [P, D]
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, P]
+        kv_off = (slot_k[:, None] * NUM_KV_HEADS + kv_head) * HEAD_DIM + d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)  # [T, D]
+        s = dot_nt(q, k, tl.zeros([HEADS, TILE], tl.float32), INTERPRETED) * scale  # [G, T]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         probs = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(probs, axis=1)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [P, D]
-        acc = acc * alpha[:, None] + tl.sum(probs[:, :, None] * v[None, :, :], axis=1)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)  # [T, D]
+        acc = dot_nt(probs.to(v.dtype), tl.trans(v), acc * alpha[:, None], INTERPRETED)
         m = m_new
     if NEW_TOKEN:
         # The split holding the last page stores the new K (rotated) and V and attends to them from
@@ -175,7 +185,7 @@ def _paged_decode_kernel(
             cache_off = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM + one[:, None] + d[None, :]
             tl.store(k_cache_ptr + cache_off, k_new, mask=d_ok)
             tl.store(v_cache_ptr + cache_off, v_new, mask=d_ok)
-            s_new = tl.sum(q * k_new.to(tl.float32), axis=1)  # [G]
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale  # [G]
             m_new = tl.maximum(m, s_new)
             alpha = tl.exp(m - m_new)
             p_new = tl.exp(s_new - m_new)
@@ -307,7 +317,7 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     batch, num_heads, head_dim = q.shape
     _, page, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    dim_pad = triton.next_power_of_2(head_dim)
+    dim_pad = max(16, triton.next_power_of_2(head_dim))  # the dots' smallest K
     part_out = torch.empty(batch, num_heads, num_splits, dim_pad, dtype=torch.float32,
                            device=q.device)
     part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -320,7 +330,7 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
         k_new, v_new, k_new.stride(0), v_new.stride(0), cos, sin, positions, slots,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, PAGE=page, PAGE_PAD=triton.next_power_of_2(page),
-        NUM_SPLITS=num_splits, NEW_TOKEN=new is not None)
+        NUM_SPLITS=num_splits, NEW_TOKEN=new is not None, INTERPRETED=not q.is_cuda)
     out = q.new_empty(q.shape)
     _combine_splits_kernel[(batch, num_heads)](
         part_out, part_lse, out, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
