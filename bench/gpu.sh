@@ -375,6 +375,15 @@ run_chunk() {
   code=$?
   tail -n 40 "$out/$name.log"
   [ "$code" -eq 0 ] || status=1
+  # No test reported and a failure: under xdist a worker's collection error reaches the log only as
+  # the controller's internal error naming some test; the collection alone, in this process, says
+  # what stopped it (seconds, and only then).
+  if [ "$code" -ne 0 ] && [ ! -s "$out/$name.tally" ] && [ "$(left 60)" -ge 30 ]; then
+    echo "$name: no test reported; the collection alone, without xdist:" | tee -a "$out/$name.log"
+    # shellcheck disable=SC2086
+    timeout "$(left 60)" python -m pytest ${CHUNK_PATHS[$name]} -m "${CHUNK_MARKS[$name]}" \
+      --collect-only -q -p no:cacheprovider 2>&1 | grep -v -i "warn" | tail -n 15 | tee -a "$out/$name.log"
+  fi
   python tests/tools/pytest_tally.py "$out/$name.tally" "$name" "$((SECONDS - start))" "$code" | tee -a "$out/$name.log"
 }
 
