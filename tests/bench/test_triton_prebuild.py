@@ -73,6 +73,62 @@ def test_a_recorded_compile_is_rebuilt_under_the_gpu_processs_hash(tmp_path):
     assert any((tmp_path / "prebuilt" / "cache").glob("*/_silu_mul_kernel.cubin"))
 
 
+OLDER_RECORD = textwrap.dedent("""
+    import json, sys
+
+    import torch
+    from triton.runtime import driver
+
+    from fusedrl.bench.triton_compiles import recording
+    from fusedrl.kernels.model.norm_linear import _norm_linear_kernel
+    from gpucheck.compile import TargetDriver, compile_specialization
+
+    record = sys.argv[1]
+    driver.set_active(TargetDriver(90))
+    x = torch.empty(2, 896, dtype=torch.bfloat16)
+    w = torch.empty(1152, 896, dtype=torch.bfloat16)
+    with recording(record):
+        jit_hash = _norm_linear_kernel.warmup(
+            x, x, x, x[0], w, w[:, 0], torch.empty(2, 1152, dtype=torch.bfloat16), 2, 1152, 1e-6,
+            K=896, HAS_RESIDUAL=True, HAS_BIAS=True, GLU=False, INTERPRETED=False, BLOCK_M=16,
+            BLOCK_N=16, BLOCK_K=128, grid=(1, 72)).hash
+    spec = json.loads(json.loads(open(record).readline())["specialization"])
+    # The same launch recorded before the kernel took INTERPRETED (an argument mid-signature):
+    # the later constants one place earlier, INTERPRETED absent.
+    names = list(spec["signature"])
+    at = names.index("INTERPRETED")
+    back = lambda keys: [[k[0] - (k[0] > at), *k[1:]] for k in keys if k[0] != at]
+    vals = [v for k, v in zip(spec["constant_keys"], spec["constant_vals"]) if k[0] != at]
+    older = {**spec, "signature": {n: t for n, t in spec["signature"].items() if n != "INTERPRETED"},
+             "constant_keys": back(spec["constant_keys"]), "constant_vals": vals,
+             "attrs_keys": back(spec["attrs_keys"])}
+    rebuilt = compile_specialization(json.dumps(older), 90).hash
+    try:  # an argument the kernel no longer takes: a stale record, not a wrong entry
+        compile_specialization(json.dumps({**spec, "signature": {**spec["signature"], "gone": "i32"}}), 90)
+        stale = "compiled"
+    except ValueError as error:
+        stale = str(error)
+    json.dump({"jit": jit_hash, "rebuilt": rebuilt, "stale": stale}, sys.stdout)
+""")
+
+
+@pytest.mark.integration
+def test_a_record_from_before_the_interpreter_switch_is_rebuilt_with_it_off(tmp_path):
+    """A record taken before a kernel took INTERPRETED (GPU processes always pass it False) is
+    rebuilt as the GPU now launches it; a record with an argument the kernel no longer takes is
+    refused as stale."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "jit-cache")
+    env["PYTHONPATH"] = os.pathsep.join([str(TOOLS), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", OLDER_RECORD, str(tmp_path / "record.jsonl")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    hashes = json.loads(out.stdout)
+    assert hashes["rebuilt"] == hashes["jit"]
+    assert "recorded with other arguments (gone: ['gone']" in hashes["stale"]
+
+
 def test_the_key_of_another_python_replaces_libtritons_digest_once():
     key = "3.6.0" + "-".join(["aa" * 32, "bb" * 32, "cc" * 32])
     assert translated_key(key, "bb" * 32, "dd" * 32) == key.replace("bb" * 32, "dd" * 32)

@@ -7,8 +7,10 @@ The kernels: every compile a GPU visit recorded (bench/triton_compiles.py writes
 bench/results/*/call*/triton_compiles.jsonl: Triton's own specializations, exact) and the static
 check's representative workload (gpucheck.workload, recorded here in the interpreter: every public
 op at the headline shapes, specialized by Triton's binder as on the GPU). A kernel whose source
-changed since its record compiles to an entry no one asks for: harmless. A record naming a kernel
-that no longer exists or takes other arguments is counted as stale and skipped.
+changed since its record is compiled from the record under its new source: the entry the GPU asks
+for when it launches the same specialization again. A record from before a kernel took INTERPRETED
+is that launch with it False (gpucheck.compile.with_current_arguments); one naming a kernel that no
+longer exists or takes other arguments is counted as stale and skipped.
 
 The key (gpucheck/target_key.py): the GPU image runs Python 3.12, whose libtriton.so Triton hashes
 into every key; this process uses that wheel's digest. It must run under the GPU image's Triton

@@ -98,8 +98,44 @@ def compile_specialization(data: str, arch: int):
     spec = json.loads(data)
     spec["options"].pop("extern_libs", None)
     module, _, name = spec["name"].rpartition(".")
+    fn = getattr(importlib.import_module(module), name)
+    spec = with_current_arguments(spec, fn.arg_names)
     driver.set_active(TargetDriver(arch))
-    return getattr(importlib.import_module(module), name).preload(json.dumps(spec))
+    return fn.preload(json.dumps(spec))
+
+
+# A GPU process never runs the interpreter: a record taken before a kernel gained the switch to
+# the interpreter's stand-ins (tile_dot.dot_nt's INTERPRETED) is the same launch with it False.
+GPU_CONSTANTS = {"INTERPRETED": False}
+
+
+def with_current_arguments(spec: dict, arg_names: list[str]) -> dict:
+    """A recorded specialization over the kernel's arguments as they are now: the constants of
+    GPU_CONSTANTS it lacks added, every index moved to its argument's place. ValueError when it
+    lacks any other argument or names one the kernel no longer takes (a stale record)."""
+    recorded = list(spec["signature"])
+    missing = [n for n in arg_names if n not in spec["signature"]]
+    unknown = [n for n in recorded if n not in arg_names]
+    if unknown or any(n not in GPU_CONSTANTS for n in missing):
+        raise ValueError(f"{spec['name']}: recorded with other arguments "
+                         f"(gone: {unknown}, new: {missing})")
+    if not missing:
+        return spec
+    place = {i: arg_names.index(n) for i, n in enumerate(recorded)}
+    moved = lambda keys: [[place[k[0]], *k[1:]] for k in keys]  # noqa: E731
+    added = [[arg_names.index(n)] for n in missing]
+    constants = [*zip(moved(spec["constant_keys"]), spec["constant_vals"]),
+                 *zip(added, (GPU_CONSTANTS[n] for n in missing))]
+    attrs = list(zip(moved(spec["attrs_keys"]), spec["attrs_vals"]))
+    if any(k in spec["attrs_keys"] for k in spec["constant_keys"]):  # Triton 3.9: [] per constexpr
+        attrs += [(k, []) for k in added]
+    # in argument order, as Triton's binder lists them (the order enters the key)
+    constants.sort(key=lambda kv: kv[0])
+    attrs.sort(key=lambda kv: kv[0])
+    return {**spec,
+            "signature": {n: spec["signature"].get(n, "constexpr") for n in arg_names},
+            "constant_keys": [k for k, _ in constants], "constant_vals": [v for _, v in constants],
+            "attrs_keys": [k for k, _ in attrs], "attrs_vals": [v for _, v in attrs]}
 
 
 def ptx_accesses(ptx: str) -> list[tuple[str, int, set]]:
