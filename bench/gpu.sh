@@ -135,17 +135,21 @@ prepare() {
 # prebuild_triton_cache REPO: .whl/triton-cache.tar.gz and its manifest .whl/triton-cache.json,
 # the kernels the visits recorded (bench/results/*/call*/triton_compiles.jsonl) and the static
 # check's workload compiled for sm_90 under the key of the GPU image's Triton 3.6 on Python 3.12
-# (tests/tools/triton_prebuild.py; ~5 min on 2 cores); kept while kernels/ and the records are
-# unchanged. A call seeds an empty TRITON_CACHE_DIR with it; its triton_cache.txt gives the hits.
+# (tests/tools/triton_prebuild.py; ~5 min on 2 cores); kept while kernels/, the prebuild's code and
+# the records are unchanged. A call seeds an empty TRITON_CACHE_DIR with it; its triton_cache.txt
+# gives the hits.
 prebuild_triton_cache() {
   local repo=$1 stamp tmp records code
   shopt -s nullglob
   records=("$repo"/bench/results/*/call*/triton_compiles.jsonl)
   shopt -u nullglob
-  stamp="$(git -C "$repo" rev-parse HEAD:kernels)$(git -C "$repo" diff --quiet HEAD -- kernels \
-    || echo -dirty) $(cat /dev/null "${records[@]}" | sha256sum | cut -c1-16)"
+  # the kernels, the prebuild's own code (what it compiles and how) and the records
+  local sources=(kernels tests/tools/gpucheck tests/tools/triton_prebuild.py)
+  stamp="$(git -C "$repo" rev-parse "${sources[@]/#/HEAD:}" | sha256sum | cut -c1-16)$(git -C \
+    "$repo" diff --quiet HEAD -- "${sources[@]}" || echo -dirty) $(cat /dev/null "${records[@]}" \
+    | sha256sum | cut -c1-16)"
   if [ -f "$repo/.whl/triton-cache.json" ] && [ "$(cat "$repo/.whl/triton-cache.stamp" 2> /dev/null)" = "$stamp" ]; then
-    echo "prebuilt Triton cache: kernels/ and the records unchanged, kept"; return 0
+    echo "prebuilt Triton cache: kernels/, the prebuild and the records unchanged, kept"; return 0
   fi
   (cd "$repo" && .ci/target_install python .ci-triton36 "triton==3.6.0" "numpy<2.4") || return 1
   tmp=$(mktemp -d /tmp/fusedrl-prebuild.XXXXXX)
