@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from fusedrl.engine.model.causal_lm import CausalLM
 from fusedrl.engine.model.config import ModelConfig
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.parallel.expert_parallel import shard_experts
 from fusedrl.engine.model.moe import dropped_assignments, moe_blocks, routing_trace
 from engine_testing import random_prompts
@@ -45,4 +46,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for factor in sys.argv[2:] or ["0"]:
         run(sys.argv[1], float(factor))
-    dist.destroy_process_group()
+    distributed.leave(0)

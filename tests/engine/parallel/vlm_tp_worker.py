@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from fusedrl.engine.model.hf_io import load_model
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.parallel.dims import ParallelDims
 from fusedrl.engine.parallel.tensor_parallel import shard_tensor_parallel
 from vision_testing import image_prompt
@@ -63,5 +64,4 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     for directory in sys.argv[1:]:
         check(directory)
-    dist.barrier()  # no rank leaves while the other still reads its last broadcast
-    dist.destroy_process_group()
+    distributed.leave(0)  # a barrier first: no rank leaves while the other reads its last broadcast

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from fusedrl.engine.ranks import tensor_parallel_ops
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.ranks.tensor_parallel_ops import vocab_parallel_logprobs
 from fusedrl.kernels import linear_token_logprobs
 
@@ -87,4 +88,4 @@ if __name__ == "__main__":
                 "fused_kept": fused_kept, "rows": ROWS, "slice": w.shape[0],
                 **masked(hidden, weight, labels, upstream, start, per_rank)},
                f"{sys.argv[1]}/rank-{rank}.pt")
-    dist.destroy_process_group()
+    distributed.leave(0)

@@ -2,8 +2,6 @@
 tensor's own device kept (the collective receives the tensor where it is, never a host copy: no
 `cpu` / `tolist` / `item` counted by bench/launch_count.py's counter), the forward counts that
 token budgets even out, and the offload policy's round trip (in the same launch)."""
-import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -15,47 +13,38 @@ from fusedrl.bench.launch_count import LaunchCounter
 
 def _rank(rank: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        seen = []  # the device of every tensor a collective received
+    seen = []  # the device of every tensor a collective received
 
-        def spy(collective):
-            def call(*args, **kwargs):
-                for arg in args:
-                    seen.extend(t.device for t in (arg if isinstance(arg, list) else [arg])
-                                if isinstance(t, torch.Tensor))
-                return collective(*args, **kwargs)
-            return call
-        originals = dist.all_reduce, dist.all_gather
-        dist.all_reduce, dist.all_gather = spy(dist.all_reduce), spy(dist.all_gather)
-        x = torch.tensor([rank + 1.0, -2.0 * rank], dtype=torch.float64)    # [2]
-        try:
-            with LaunchCounter() as counter:
-                total, largest = distributed.all_reduce_tensor(x), distributed.all_reduce_tensor(x, "max")
-                rows = distributed.gather_rows(x[None])                      # [2 ranks, 2]
-        finally:
-            dist.all_reduce, dist.all_gather = originals
-        assert dict(counter.syncs) == {}, dict(counter.syncs)                # no host copy, no host read
-        assert set(seen) == {x.device} and len(seen) == 2 + 2 + 1            # 2 reductions; a gather: 2 parts + its own
-        assert total.tolist() == [3.0, -2.0] and largest.tolist() == [2.0, 0.0] and total.dtype == x.dtype
-        assert rows.tolist() == [[1.0, 0.0], [2.0, -2.0]] and rows.device == x.device
-        assert torch.equal(x, torch.tensor([rank + 1.0, -2.0 * rank], dtype=torch.float64))  # input untouched
-        assert distributed.all_reduce_sum({"n": rank + 1, "w": 0.25}) == {"n": 3, "w": 0.5}
-        assert (distributed.min_over_ranks(rank + 4), distributed.max_over_ranks(rank + 4)) == (4, 5)
-        # A token budget's forward counts: rank 0 cut 1 forward, rank 1 three; rank 0 adds two spares.
-        done = [1, 3][rank]
-        spares = []
-        assert distributed.match_forwards(done, distributed.max_over_ranks(done), lambda: spares.append(1)) == 2 - 2 * rank
-        assert len(spares) == 2 - 2 * rank
-        _offload_round_trips(rank)
+    def spy(collective):
+        def call(*args, **kwargs):
+            for arg in args:
+                seen.extend(t.device for t in (arg if isinstance(arg, list) else [arg])
+                            if isinstance(t, torch.Tensor))
+            return collective(*args, **kwargs)
+        return call
+    originals = dist.all_reduce, dist.all_gather
+    dist.all_reduce, dist.all_gather = spy(dist.all_reduce), spy(dist.all_gather)
+    x = torch.tensor([rank + 1.0, -2.0 * rank], dtype=torch.float64)    # [2]
+    try:
+        with LaunchCounter() as counter:
+            total, largest = distributed.all_reduce_tensor(x), distributed.all_reduce_tensor(x, "max")
+            rows = distributed.gather_rows(x[None])                      # [2 ranks, 2]
     finally:
-        dist.destroy_process_group()
-    # Every check passed: the rank ends here, without the interpreter's teardown. Under the full
-    # suite's load a rank has aborted in it now and then ("terminate called without an active
-    # exception", no Python error: C++ objects of the sharded models' process groups destroyed
-    # after what they need), which failed a test whose checks had nothing to do with it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        dist.all_reduce, dist.all_gather = originals
+    assert dict(counter.syncs) == {}, dict(counter.syncs)                # no host copy, no host read
+    assert set(seen) == {x.device} and len(seen) == 2 + 2 + 1            # 2 reductions; a gather: 2 parts + its own
+    assert total.tolist() == [3.0, -2.0] and largest.tolist() == [2.0, 0.0] and total.dtype == x.dtype
+    assert rows.tolist() == [[1.0, 0.0], [2.0, -2.0]] and rows.device == x.device
+    assert torch.equal(x, torch.tensor([rank + 1.0, -2.0 * rank], dtype=torch.float64))  # input untouched
+    assert distributed.all_reduce_sum({"n": rank + 1, "w": 0.25}) == {"n": 3, "w": 0.5}
+    assert (distributed.min_over_ranks(rank + 4), distributed.max_over_ranks(rank + 4)) == (4, 5)
+    # A token budget's forward counts: rank 0 cut 1 forward, rank 1 three; rank 0 adds two spares.
+    done = [1, 3][rank]
+    spares = []
+    assert distributed.match_forwards(done, distributed.max_over_ranks(done), lambda: spares.append(1)) == 2 - 2 * rank
+    assert len(spares) == 2 - 2 * rank
+    _offload_round_trips(rank)
+    distributed.leave(0)
 
 
 def _offload_round_trips(rank: int) -> None:

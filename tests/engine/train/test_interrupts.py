@@ -23,6 +23,7 @@ from fusedrl.engine.config import io as config_io
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.config.train import SFTConfig
 from fusedrl.engine.model.hf_io import load_model
+from fusedrl.engine.parallel import distributed
 from fusedrl.engine.stages.ppo.trainer import train_ppo
 from fusedrl.engine.stages.sft import train_sft
 from fusedrl.engine.train.checkpoint import list_checkpoints
@@ -208,15 +209,13 @@ def test_an_interrupt_exits_128_plus_the_signal_and_is_said_by_rank_0_alone(monk
 
 def _rank_stops(rank: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        with StopRequests(announce=False) as stops:
-            assert stops.agreed() == 0  # no signal anywhere: no rank stops
-            if rank == 1:
-                os.kill(os.getpid(), signal.SIGTERM)  # a signal reaching one rank alone
-                time.sleep(0.5)  # its handler runs here
-            assert stops.agreed() == signal.SIGTERM, rank  # both stop at this boundary
-    finally:
-        dist.destroy_process_group()
+    with StopRequests(announce=False) as stops:
+        assert stops.agreed() == 0  # no signal anywhere: no rank stops
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # a signal reaching one rank alone
+            time.sleep(0.5)  # its handler runs here
+        assert stops.agreed() == signal.SIGTERM, rank  # both stop at this boundary
+    distributed.leave(0)
 
 
 @pytest.mark.integration

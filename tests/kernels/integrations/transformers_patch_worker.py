@@ -11,6 +11,7 @@ import transformers
 from torch.distributed.fsdp import fully_shard
 
 from fusedrl.kernels.integrations import patch_model
+from fusedrl.engine.parallel import distributed
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
         for name, p in reference.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-5, msg=name)
         print("FSDP2 OK", file=sys.stderr)
-    dist.destroy_process_group()
+    distributed.leave(0)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from fusedrl.kernels import (explained_variance, group_advantages, masked_mean, masked_moments, masked_whiten)
 from fusedrl.kernels.rl import statistics
+from fusedrl.engine.parallel import distributed
 
 
 def whiten_by_hand(x: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
@@ -119,22 +120,20 @@ def statistics_of(data, sum_over):
 
 def _rank_main(rank: int, directory: str, split: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2)
-    try:
-        data = load_file(f"{directory}/data.safetensors")
-        rows, groups = SPLITS[split]
-        first_row, first_group = sum(rows[:rank]), sum(groups[:rank])
-        mine = {name: t[first_row:first_row + rows[rank]] for name, t in data.items() if name != "scores"}
-        mine["scores"] = data["scores"][first_group:first_group + groups[rank]]
+    data = load_file(f"{directory}/data.safetensors")
+    rows, groups = SPLITS[split]
+    first_row, first_group = sum(rows[:rank]), sum(groups[:rank])
+    mine = {name: t[first_row:first_row + rows[rank]] for name, t in data.items() if name != "scores"}
+    mine["scores"] = data["scores"][first_group:first_group + groups[rank]]
 
-        def all_reduce(t):
-            out = t.clone()
-            dist.all_reduce(out)
-            return out
-        out = {f"fn.{k}": v for k, v in statistics_of(mine, all_reduce).items()}
-        out.update({f"group.{k}": v for k, v in statistics_of(mine, dist.group.WORLD).items()})
-        save_file({k: v.contiguous() for k, v in out.items()}, f"{directory}/rank-{rank}.safetensors")
-    finally:
-        dist.destroy_process_group()
+    def all_reduce(t):
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+    out = {f"fn.{k}": v for k, v in statistics_of(mine, all_reduce).items()}
+    out.update({f"group.{k}": v for k, v in statistics_of(mine, dist.group.WORLD).items()})
+    save_file({k: v.contiguous() for k, v in out.items()}, f"{directory}/rank-{rank}.safetensors")
+    distributed.leave(0)
 
 
 @pytest.mark.parametrize("split", SPLITS)
