@@ -53,12 +53,19 @@ ROUND_TRIP = textwrap.dedent("""
 """)
 
 
-@pytest.mark.integration
-def test_a_recorded_compile_is_rebuilt_under_the_gpu_processs_hash(tmp_path):
+def jit_env(tmp_path) -> dict:
+    """A child's environment for Triton's real JIT: no interpreter, no variable that enters the
+    key, a cache of its own, the test tools importable."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "jit-cache")
     env["PYTHONPATH"] = os.pathsep.join([str(TOOLS), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.integration
+def test_a_recorded_compile_is_rebuilt_under_the_gpu_processs_hash(tmp_path):
+    env = jit_env(tmp_path)
     record = tmp_path / "triton_compiles.jsonl"
     out = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(record), str(tmp_path / "prebuilt")],
                          env=env, capture_output=True, text=True, timeout=300)
@@ -117,10 +124,7 @@ def test_a_record_from_before_the_interpreter_switch_is_rebuilt_with_it_off(tmp_
     """A record taken before a kernel took INTERPRETED (GPU processes always pass it False) is
     rebuilt as the GPU now launches it; a record with an argument the kernel no longer takes is
     refused as stale."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "jit-cache")
-    env["PYTHONPATH"] = os.pathsep.join([str(TOOLS), env.get("PYTHONPATH", "")])
+    env = jit_env(tmp_path)
     out = subprocess.run([sys.executable, "-c", OLDER_RECORD, str(tmp_path / "record.jsonl")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -2,7 +2,6 @@
 tensor's own device kept (the collective receives the tensor where it is, never a host copy: no
 `cpu` / `tolist` / `item` counted by bench/launch_count.py's counter), the forward counts that
 token budgets even out, and the offload policy's round trip (in the same launch)."""
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
