@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from fusedrl.bench import bench_train_step, harness, shapes
 from fusedrl.bench.timing import synchronize
 from fusedrl.engine.runs.durable import write_text_atomic
+from fusedrl.kernels.attention import packed_attention_kernel
 
 MODEL = "qwen2.5-0.5b"
 DECODE_PROMPT, DECODE_TOKENS = 128, 64
@@ -102,7 +103,8 @@ def train_profile(quick: bool, device: torch.device, dtype: torch.dtype) -> str:
     tokens = 64 if quick else TRAIN_TOKENS
     step = bench_train_step.micro_batch(model, tokens, 32 if quick else TRAIN_SEQ, device)
     prof, wall = profiled(step, 3, device)
-    return f"training micro-batch of {tokens} tokens\n" + summary(prof, 3, wall, device)
+    return (f"training micro-batch of {tokens} tokens; packed attention "
+            f"{packed_attention_kernel(device, dtype)}\n" + summary(prof, 3, wall, device))
 
 
 def main(argv=None) -> None:

@@ -2,7 +2,7 @@
 comparison of two result files.
 
     {"meta": {"device", "driver", "limits", "versions", "commit", "command", "time_utc",
-              "backend", "triton_interpreter", "ended", ...},
+              "backend", "triton_interpreter", "attention", "ended", ...},
      "rows": [{"suite": "headline" | "kernels" | "generate" | "train" | "rl", "name", "impl",
                "status", "fraction_of_limit", "limit", "seconds", "seconds_p20", "seconds_p80",
                "n", "setup_s", "compile_s", "measure_s", <figures>}, ...]}
@@ -107,6 +107,7 @@ def markdown(payload: dict) -> str:
     ranks = f" x {world} ranks (torchrun; tok/s per GPU)" if world > 1 else ""
     lines = [f"# fusedrl bench: {meta.get('device')}{ranks}", "",
              f"Commit {meta.get('commit')}; torch {meta.get('torch')}; kernel backend {backend}; "
+             f"packed attention {meta.get('attention', '-')}; "
              f"`{meta.get('command')}`; {meta.get('time_utc')}; "
              f"run {meta.get('ended', 'running')}.",
              "", f"Limits ({limits.get('label')}): "

@@ -146,6 +146,8 @@ def run(suites: list[str], options: BenchOptions, command: str) -> dict:
     if not torch.cuda.is_available() and options.interpret:
         # Triton reads this when the kernels are defined, i.e. at `import fusedrl.kernels`.
         os.environ["TRITON_INTERPRET"] = "1"
+    from fusedrl.kernels.attention import packed_attention_kernel
+
     from .context import Context
     from .devices import device_limits
     from .record import Recorder
@@ -157,6 +159,7 @@ def run(suites: list[str], options: BenchOptions, command: str) -> dict:
     meta = run_meta(device, limits, options, command)
     meta["backend"] = suite_backend(device, options)
     meta["triton_interpreter"] = device.type == "cpu" and options.interpret
+    meta["attention"] = packed_attention_kernel(device)
     meta["world_size"] = ranks.world_size()
     recorder = Recorder(options.output_dir if main else None, meta, quiet=not main)
     if main:

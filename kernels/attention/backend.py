@@ -65,3 +65,13 @@ def attention_backend(q: torch.Tensor, page_size: Optional[int] = None) -> str:
     if cuda_half and torch_varlen_call(q.device, q.dtype) is not None:
         return "torch_varlen"
     return "torch"
+
+
+def packed_attention_kernel(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The kernel a packed batch's attention (training, scoring, a prefill) runs on `device` in
+    `dtype` with GQA heads of 64, as a record names it: "flash_attn", "torch_varlen (GQA ...)" (how
+    the groups reach it: enable_gqa, K/V as they are, or grouped calls) or "padded SDPA"."""
+    backend = attention_backend(torch.empty(1, 2, 64, device=device, dtype=dtype))
+    if backend == "torch_varlen":
+        return f"torch_varlen (GQA {torch_varlen_call(device, dtype).gqa.replace('_', ' ')})"
+    return backend if backend == "flash_attn" else "padded SDPA"

@@ -5,11 +5,14 @@ scale)`, causal attention of packed sequences whose queries are the last of thei
 [Nq, H, D], differentiable.
 
 Its keyword arguments changed between releases (2.10 takes `is_causal`; later ones
-`window_size=(-1, 0)`, `scale` and `enable_gqa`; without the last, GQA runs as one call per member
-of the query groups, K/V as they are: `_grouped_calls`), so it is adapted from its signature and,
-before its first use on a device and dtype, checked against SDPA on a small case: a torch build
-whose kernel fails the check is not used (a warning says so), and the decider
-(backend.attention_backend) then names the padded SDPA path.
+`window_size=(-1, 0)` and `scale`; 2.13 `enable_gqa`), so it is adapted from its signature. GQA
+without `enable_gqa` has two candidates, best first: K/V passed as they are (the flash kernel
+underneath takes fewer K/V heads than query heads, one call a layer; a wrapper may refuse them),
+then one call per member of the query groups (`_grouped_calls`: G calls a layer, each paying the
+wrapper's and autograd's host cost; 7 for Qwen2.5, whose training step the GPU profile found
+host-bound). Before its first use on a device and dtype each candidate is checked against SDPA on a
+small GQA case, values and gradients: the first that passes is used; when none does a warning says
+why and the decider (backend.attention_backend) names the padded SDPA path.
 """
 from __future__ import annotations
 
@@ -23,69 +26,105 @@ from .padded import packed_causal_attention, plan_groups
 
 
 @functools.cache
-def _torch_varlen_call():
-    """torch's varlen_attn adapted to our call, or None when this torch has none."""
+def _torch_varlen_calls() -> tuple:
+    """torch's varlen_attn adapted to our call, the candidates best first (none when this torch
+    has no varlen_attn)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None
+        return ()
     return adapt_torch_varlen(varlen_attn)
 
 
 @functools.cache
 def torch_varlen_call(device: torch.device, dtype: torch.dtype):
-    """torch's varlen call for this device and dtype when it passed its check there, else None."""
-    call = _torch_varlen_call()
-    return None if call is None else checked_varlen_call(call, device, dtype)
+    """torch's varlen call for this device and dtype: the first candidate that passed its check
+    there, else None."""
+    calls = _torch_varlen_calls()
+    return checked_varlen_call(calls, device, dtype) if calls else None
 
 
-def checked_varlen_call(call, device, dtype):
-    """call when it runs and agrees with the padded SDPA path on two sequences (GQA, one with a
-    cached prefix, so the causal alignment is checked too); None with a warning otherwise."""
-    seqlens_q, seqlens_k = [2, 5], [6, 5]
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(sum(lens), heads, 64, generator=g).to(device, dtype)
-               for lens, heads in ((seqlens_q, 4), (seqlens_k, 2), (seqlens_k, 2)))
-    cu_q, cu_k = (torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=device)
-                  for lens in (seqlens_q, seqlens_k))
-    plan = plan_groups(seqlens_q, seqlens_k, device)
-    expected = packed_causal_attention(q.float(), k.float(), v.float(), plan, 64 ** -0.5)
-    try:
-        out = call(q, k, v, cu_q, cu_k, max(seqlens_q), max(seqlens_k), 64 ** -0.5)
-    except (RuntimeError, TypeError, ValueError) as error:
-        problem = f"it raised {type(error).__name__}: {error}"
-    else:
-        # 2e-2: bf16 rounding of outputs of magnitude ~1; a wrong mask moves them by ~0.1-1.
-        if torch.allclose(out.float(), expected, atol=2e-2):
+def checked_varlen_call(calls, device, dtype):
+    """The first of `calls` that runs and agrees with the padded SDPA path on two sequences (GQA,
+    one with a cached prefix, so the causal alignment and the heads' grouping are checked too), in
+    its output and in the gradients of q, k and v; None with a warning naming each one's problem
+    when none does."""
+    problems = []
+    for call in calls:
+        problem = _check_problem(call, device, dtype)
+        if problem is None:
             return call
-        problem = "its output differs from SDPA's"
-    warnings.warn(f"torch's varlen_attn is not used on {device} for {dtype} ({problem}); "
-                  "packed and prefill attention take the padded SDPA path")
+        problems.append(problem)
+    warnings.warn(f"torch's varlen_attn is not used on {device} for {dtype} "
+                  f"({'; '.join(problems)}); packed and prefill attention take the padded SDPA "
+                  "path")
     return None
 
 
-def adapt_torch_varlen(varlen_attn):
-    """Wrap a `varlen_attn` of any released signature as our call; None when it cannot do causal."""
+def _check_problem(call, device, dtype):
+    """Why `call` fails the check (a sentence), or None when it passes."""
+    seqlens_q, seqlens_k = [2, 5], [6, 5]
+    # The check may come first inside a generation's inference mode: its tensors are made and
+    # differentiated outside it.
+    with torch.inference_mode(False), torch.enable_grad():
+        plan = plan_groups(seqlens_q, seqlens_k, device)
+        g = torch.Generator().manual_seed(0)
+        q, k, v, upstream = (torch.randn(sum(lens), heads, 64, generator=g).to(device, dtype)
+                             for lens, heads in ((seqlens_q, 4), (seqlens_k, 2), (seqlens_k, 2),
+                                                 (seqlens_q, 4)))
+        cu_q, cu_k = (torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=device)
+                      for lens in (seqlens_q, seqlens_k))
+        inputs = [x.requires_grad_() for x in (q, k, v)]
+        reference = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        expected = packed_causal_attention(*reference, plan, 64 ** -0.5)
+        expected_grads = torch.autograd.grad(expected, reference, upstream.float())
+        try:
+            out = call(*inputs, cu_q, cu_k, max(seqlens_q), max(seqlens_k), 64 ** -0.5)
+            grads = torch.autograd.grad(out, inputs, upstream, allow_unused=True)
+        except (RuntimeError, TypeError, ValueError) as error:
+            return f"it raised {type(error).__name__}: {error}"
+    # 2e-2: bf16 rounding of outputs of magnitude ~1; a wrong mask moves them by ~0.1-1. The
+    # gradients (magnitude ~1, dk and dv summed over a group of 2): 5e-2.
+    if not torch.allclose(out.float(), expected, atol=2e-2):
+        return "its output differs from SDPA's"
+    if not all(got is not None and torch.allclose(got.float(), want, atol=5e-2, rtol=2e-2)
+               for got, want in zip(grads, expected_grads)):
+        return "its gradients differ from SDPA's"
+    return None
+
+
+def adapt_torch_varlen(varlen_attn) -> tuple:
+    """Wrap a `varlen_attn` of any released signature as our call, the candidates best first: with
+    enable_gqa one; without it K/V as they are, then the grouped calls (`call.gqa` names which).
+    None of them when it cannot do causal."""
     params = inspect.signature(varlen_attn).parameters
     if "window_size" in params:
         options = {"window_size": (-1, 0)}  # no left limit, no key to the right: causal
     elif "is_causal" in params:
         options = {"is_causal": True}
     else:
-        return None
-    takes_scale, takes_gqa = "scale" in params, "enable_gqa" in params
+        return ()
+    takes_scale = "scale" in params
 
-    def call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale):
-        if not takes_scale and scale != q.shape[-1] ** -0.5:
-            raise ValueError(f"this torch's varlen_attn has no scale argument (asked for {scale})")
-        kwargs = dict(options, scale=scale) if takes_scale else dict(options)
-        if k.shape[1] != q.shape[1]:
-            if not takes_gqa:
-                sizes = (cu_seqlens_q, cu_seqlens_k, max_q, max_k)
-                return _grouped_calls(varlen_attn, q, k, v, sizes, kwargs)
-            kwargs["enable_gqa"] = True
-        return varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, **kwargs)
-    return call
+    def adapted(gqa):
+        def call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale):
+            if not takes_scale and scale != q.shape[-1] ** -0.5:
+                raise ValueError(
+                    f"this torch's varlen_attn has no scale argument (asked for {scale})")
+            kwargs = dict(options, scale=scale) if takes_scale else dict(options)
+            sizes = (cu_seqlens_q, cu_seqlens_k, max_q, max_k)
+            if k.shape[1] != q.shape[1]:
+                if gqa == "grouped":
+                    return _grouped_calls(varlen_attn, q, k, v, sizes, kwargs)
+                if gqa == "flag":
+                    kwargs["enable_gqa"] = True
+            return varlen_attn(q, k, v, *sizes, **kwargs)
+        call.gqa = gqa
+        return call
+
+    if "enable_gqa" in params:
+        return (adapted("flag"),)
+    return adapted("as_they_are"), adapted("grouped")
 
 
 def _grouped_calls(varlen_attn, q, k, v, sizes, kwargs):

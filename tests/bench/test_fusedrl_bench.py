@@ -62,6 +62,9 @@ def test_all_quick_writes_one_schema_with_every_suite_and_its_limit(quick_run):
     assert torch.cuda.is_available() or (meta["backend"] == "torch"
                                          and not meta["triton_interpreter"])
     assert not any("interpreter" in r["impl"] for r in rows)
+    # which kernel a packed batch's attention ran, named once (on a GPU a varlen kernel, never the
+    # padded SDPA groups)
+    assert (meta["attention"] != "padded SDPA") == torch.cuda.is_available(), meta["attention"]
     streamed = [json.loads(line) for line in (quick_run / "results.jsonl").read_text().splitlines()]
     assert [(r["suite"], r["name"], r["impl"]) for r in streamed] == \
         [(r["suite"], r["name"], r["impl"]) for r in rows]

@@ -9,7 +9,8 @@ def test_quick_profiles_write_the_three_summaries(tmp_path):
     train = (tmp_path / "profile_train.txt").read_text()
     wide = (tmp_path / "profile_decode_b4.txt").read_text()
     assert "decode batch 1, 8 new tokens" in decode and "steps profiled: 8" in decode
-    assert "training micro-batch of 64 tokens" in train and "steps profiled: 3" in train
+    assert "training micro-batch of 64 tokens; packed attention padded SDPA" in train
+    assert "steps profiled: 3" in train
     assert "decode batch 4, 8 new tokens" in wide and "steps profiled: 8" in wide
     for text in (decode, train, wide):
         assert text.startswith("commit ") and "ms per step" in text
