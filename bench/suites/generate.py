@@ -1,7 +1,9 @@
 """The generate suite, with bench_generate.py's measuring code: greedy decode at batch 1 (ours and
 transformers' `generate` on the same checkpoint) and at batch 256 (ours), then the mixed workload
 (ours: requests whose prompt and output lengths are uniform in [100, 1024], all submitted at once,
-temperature 0.6), every output exactly its length (end-of-sequence ignored).
+temperature 0.6), every output exactly its length (end-of-sequence ignored), then decode at batch 1
+again with each RMSNorm and the projection after it unfused (cuBLAS's GEMMs): the A/B of the fused
+norm + GEMM kernel.
 
 fraction_of_limit is the decode tokens/s over the decode roofline: a step reads every weight once
 and each sequence's KV at the device's bandwidth. For the mixed workload the roofline is taken at
@@ -23,10 +25,11 @@ import torch
 
 from .. import bench_generate, bench_vlm_rollout, results, shapes, timing
 from ..cases import Case
-from ..context import Context, peer_version
+from ..context import Context, free_device, peer_version
 
 SUITE = "generate"
 ENGINE = "generate engine"  # the Context.shared key of the decode and mixed cases' engine
+UNFUSED = "fusedrl, norm + cuBLAS GEMMs"  # the decode A/B's row (unfused_decode_case)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +92,19 @@ def mixed_name(ctx: Context, shape: Shape) -> str:
 
 def decode_rows(ctx: Context, shape: Shape, batch: int):
     """Ours at `batch` (and transformers' at batch 1), against the same roofline."""
-    from fusedrl.engine.inference.sampling_params import SamplingParams
     e = engine(ctx, shape)
+    prompts, params, roofline = decode_inputs(ctx, shape, batch, e)
+    yield ours_row(ctx, shape, batch, e, e.llm, "fusedrl")
+    if batch == 1:
+        new = min(shape.new_tokens, HF_NEW_TOKENS)
+        hf_roofline = bench_generate.decode_roofline_tok_s(
+            1, shape.prompt_len + new / 2, e.weight_bytes, e.kv_per_token, ctx.limits.bytes_per_s)
+        yield hf_row(ctx, e.model, prompts, new, decode_name(ctx, shape, batch), hf_roofline)
+
+
+def decode_inputs(ctx: Context, shape: Shape, batch: int, e: Engine):
+    """The case's prompts [batch, prompt_len], its greedy fixed-length params and its roofline."""
+    from fusedrl.engine.inference.sampling_params import SamplingParams
     g = torch.Generator().manual_seed(ctx.options.seed + batch)
     prompts = torch.randint(0, e.llm.config.vocab_size, (batch, shape.prompt_len),
                             generator=g).tolist()
@@ -98,18 +112,49 @@ def decode_rows(ctx: Context, shape: Shape, batch: int):
     roofline = bench_generate.decode_roofline_tok_s(
         batch, shape.prompt_len + shape.new_tokens / 2, e.weight_bytes, e.kv_per_token,
         ctx.limits.bytes_per_s)
-    name = decode_name(ctx, shape, batch)
-    total, decode_s, decode_tokens, _ = bench_generate.time_ours(e.llm, prompts, params)
-    yield results.make_row(
-        SUITE, name, "fusedrl", fraction_of_limit=decode_tokens / decode_s / roofline,
-        limit="decode roofline", seconds=total, tok_s=batch * shape.new_tokens / total,
+    return prompts, params, roofline
+
+
+def ours_row(ctx: Context, shape: Shape, batch: int, e: Engine, llm, impl: str) -> dict:
+    """`llm`'s decode of the case's prompts: its row as `impl`."""
+    prompts, params, roofline = decode_inputs(ctx, shape, batch, e)
+    total, decode_s, decode_tokens, _ = bench_generate.time_ours(llm, prompts, params)
+    return results.make_row(
+        SUITE, decode_name(ctx, shape, batch), impl,
+        fraction_of_limit=decode_tokens / decode_s / roofline, limit="decode roofline",
+        seconds=total, tok_s=batch * shape.new_tokens / total,
         decode_tok_s=decode_tokens / decode_s, roofline_tok_s=roofline,
         weight_bytes=e.weight_bytes)
-    if batch == 1:
-        new = min(shape.new_tokens, HF_NEW_TOKENS)
-        hf_roofline = bench_generate.decode_roofline_tok_s(
-            1, shape.prompt_len + new / 2, e.weight_bytes, e.kv_per_token, ctx.limits.bytes_per_s)
-        yield hf_row(ctx, e.model, prompts, new, name, hf_roofline)
+
+
+def unfused_decode_case(ctx: Context, batch: int) -> Case:
+    """Ours at `batch` with each decode RMSNorm and the projection after it unfused (the norm
+    kernel, then cuBLAS; SiLU * up a kernel of its own): beside the decode row, the A/B that keeps
+    or drops kernels/model/norm_linear.py's fusion for decode steps (45% of a batch-1 step's device
+    time on an H100 in bench/results/2026-11-27-h100-2)."""
+    shape = QUICK if ctx.quick else FULL
+    return Case(SUITE, decode_name(ctx, shape, batch), (UNFUSED,),
+                functools.partial(unfused_rows, ctx, shape, batch), shares=(ENGINE,))
+
+
+def unfused_rows(ctx: Context, shape: Shape, batch: int):
+    """A second engine on the suite's checkpoint, fuse_decode_gemms=False, its KV pool sized for
+    the case's sequences alone (and its graphs for `batch` rows at most), warmed up, then timed
+    as the fused one is."""
+    from fusedrl.engine.inference.llm import LLM
+    from fusedrl.engine.inference.sampling_params import SamplingParams
+    e = engine(ctx, shape)
+    kv_bytes = 2 * batch * (shape.prompt_len + shape.new_tokens) * e.kv_per_token + (16 << 20)
+    llm = LLM(e.model.path, dtype=ctx.dtype, device=str(ctx.device), max_num_seqs=batch,
+              kv_cache_memory=kv_bytes, fuse_decode_gemms=False)
+    try:
+        prompts, _, _ = decode_inputs(ctx, shape, batch, e)
+        with timing.warm_up():
+            llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
+        yield ours_row(ctx, shape, batch, e, llm, UNFUSED)
+    finally:
+        del llm
+        free_device(ctx.device)
 
 
 def hf_row(ctx: Context, model, prompts, new_tokens: int, name: str, roofline: float) -> dict:
@@ -222,7 +267,8 @@ def mixed_case(ctx: Context) -> Case:
 
 
 def cases(ctx: Context) -> list[Case]:
-    """Decode at each batch, the mixed workload, then the vision-language rollout."""
+    """Decode at each batch, the mixed workload, decode at batch 1 unfused (the A/B of the fused
+    norm + GEMM), then the vision-language rollout."""
     shape = QUICK if ctx.quick else FULL
     return [*(decode_case(ctx, batch) for batch in shape.batches), mixed_case(ctx),
-            vlm_case(ctx)]
+            unfused_decode_case(ctx, 1), vlm_case(ctx)]

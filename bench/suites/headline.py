@@ -1,7 +1,8 @@
 """The headline set: one case per claim of the GPU bars, ordered by what matters, each beside its
 peer where installed, taken from the other suites (their measuring code, their rows, named suite
-"headline"): decode at batch 1 and 256 at the model's shape, the mixed workload, a 1k-token
-training micro-batch, one GRPO and one PPO iteration (the latter's peak beside `fusedrl plan`'s),
+"headline"): decode at batch 1 and 256 at the model's shape, the mixed workload, decode at
+batch 1 with the norms and GEMMs unfused (the A/B of the fused kernel that takes most of that
+step), a 1k-token training micro-batch, one GRPO and one PPO iteration (the latter's peak beside `fusedrl plan`'s),
 the sampler at batch 1, the small RL ops at 256 x 2048 fp32, the log-prob + entropy at TRL's shape
 (8,192 tokens, V 151,936, bf16) from logits (forward, beside TRL's two passes; TRL publishes
 0.89 ms for its fused kernel) and from hidden states (H 4,096, forward + backward), the fused
@@ -95,6 +96,7 @@ def cases(ctx: Context) -> list[Case]:
     return [
         *(headline(generate.decode_case(ctx, batch)) for batch in shape.batches),
         headline(generate.mixed_case(ctx)),
+        headline(generate.unfused_decode_case(ctx, 1)),
         headline(train.cases_at(ctx, 128 if ctx.quick else 1024)),
         *(headline(rl.ours_case(ctx, algo)) for algo in ALGOS),
         headline(Case(kernels.SUITE, kernels.sampler_name(1, vocab), kernels.SAMPLER_IMPLS,
