@@ -1,7 +1,9 @@
 """Where a decode step and a training micro-batch spend their time: torch.profiler summaries of the
-paths whose GPU bars were missed (on an H100: decode at batch 1, 704 tok/s against 1,800; a 1k-token
-micro-batch, 130 ms against 15 ms; decode at batch 256, 24.2k tok/s against 70k), at the
-Qwen2.5-0.5B shape in bf16, in that order, each file written as soon as it is taken.
+paths whose GPU bars were missed (on an H100: decode at batch 1, 711 tok/s against 1,800; a 1k-token
+micro-batch, 194 ms against 15 ms; decode at batch 256, 23.4k tok/s against 70k), at the
+Qwen2.5-0.5B shape in bf16, in that order, each file written as soon as it is taken; then PPO's
+policy and value losses at 256 x 2048 fp32 (forward + backward, 1.07 and 0.90 ms against
+torch.compile's 0.85 and 0.51).
 
 For each path, a text file with its head: wall milliseconds per step, the device's busy
 milliseconds (the kernels' own time summed) and their share of the wall, kernels launched and host
@@ -9,7 +11,7 @@ synchronizations per step; then the ops' table by device time and by host time (
 A busy share far below 1 says the host is the time: its table says where.
 
     python bench/profile_steps.py --out DIR          # GPU: DIR/profile_decode.txt, profile_train.txt,
-                                                     #      profile_decode_b256.txt
+                                                     #      profile_decode_b256.txt, profile_rl_ops.txt
     python bench/profile_steps.py --out DIR --quick  # the tiny shape on the CPU (host times only)
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fusedrl.bench import bench_train_step, harness, shapes
+from fusedrl.bench import bench_kernels, bench_train_step, harness, shapes
 from fusedrl.bench.timing import synchronize
 from fusedrl.engine.runs.durable import write_text_atomic
 from fusedrl.kernels.attention import packed_attention_kernel
@@ -31,6 +33,7 @@ MODEL = "qwen2.5-0.5b"
 DECODE_PROMPT, DECODE_TOKENS = 128, 64
 WIDE_BATCH, WIDE_BATCH_QUICK = 256, 4  # the second decode profile's batch (the bar's 256)
 TRAIN_TOKENS, TRAIN_SEQ = 1024, 256
+RL_OP_CALLS = 20
 # Host calls that wait for the device (their names in the profiler's runtime rows).
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
          "cudaMemcpy", "cudaStreamWaitEvent")
@@ -107,6 +110,27 @@ def train_profile(quick: bool, device: torch.device, dtype: torch.dtype) -> str:
             f"{packed_attention_kernel(device, dtype)}\n" + summary(prof, 3, wall, device))
 
 
+def rl_ops_profile(quick: bool, device: torch.device, dtype: torch.dtype) -> str:
+    """PPO's policy and value losses, forward + backward at the RL ops' shape (256 x 2048 fp32),
+    RL_OP_CALLS calls each on the backend of their fastest row (the CUDA twins where built, else
+    ours): the two small ops that trailed torch.compile, both host-bound."""
+    from fusedrl import kernels
+    from fusedrl.kernels import cuda_ext
+    backend = ("cuda" if device.type == "cuda" and cuda_ext.is_available()
+               else bench_kernels.ours_backend())
+    batch, steps = (8, 64) if quick else shapes.RL_OPS
+    sections = []
+    for op, names, grad in (("ppo_policy_loss", ("logp", "old_logp", "advantages"), "logp"),
+                            ("ppo_value_loss", ("values", "old_values", "returns"), "values")):
+        inputs = bench_kernels.rl_inputs(batch, steps, names)(device)
+        call = bench_kernels.forward_backward(bench_kernels.fused(getattr(kernels, op), backend),
+                                              (grad,))(inputs)
+        prof, wall = profiled(call, RL_OP_CALLS, device)
+        sections.append(f"{op} fwd+bwd {batch}x{steps} fp32, backend {backend} "
+                        f"({RL_OP_CALLS} calls)\n" + summary(prof, RL_OP_CALLS, wall, device))
+    return "\n".join(sections)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for profile_decode.txt, profile_train.txt")
@@ -120,7 +144,8 @@ def main(argv=None) -> None:
     stamp = f"commit {meta['git_commit']}; {meta['device']}; torch {meta['torch']}\n"
     wide = WIDE_BATCH_QUICK if args.quick else WIDE_BATCH
     for name, make in (("decode", decode_profile), ("train", train_profile),
-                       (f"decode_b{wide}", functools.partial(decode_profile, batch=wide))):
+                       (f"decode_b{wide}", functools.partial(decode_profile, batch=wide)),
+                       ("rl_ops", rl_ops_profile)):
         text = stamp + make(args.quick, device, dtype)
         write_text_atomic(out / f"profile_{name}.txt", text)
         print(text.split("\n\n")[0], flush=True)

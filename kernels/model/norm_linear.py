@@ -5,14 +5,18 @@ unfused step spends two (norm, q/k/v GEMM) or three (norm, gate/up GEMM, SiLU * 
     y, s = norm_linear(x, residual, norm_weight, eps, weight, bias)          # q/k/v
     h, s = norm_linear(x, residual, norm_weight, eps, weight, bias, glu=True)  # SiLU(gate) * up
 
-Each program owns a [BLOCK_M, BLOCK_N] tile of the output and walks K twice over its rows of x: the
-first pass sums the squares of s = x + residual (and the programs of the first column tile write s,
-the new residual stream), the second builds each normalized tile exactly as norm.py rounds it
-(s rounded to the activation dtype, round(s * rstd) before the weight) and feeds it to the
-tensor-core dot. At decode x is a few rows, so reading it twice costs nothing next to the weight,
-which is read once. With glu the program holds the gate and the up columns of the same outputs (rows
-j and C + j of the packed weight) and writes round(round(SiLU(gate)) * up), as swiglu.py
-does.
+Each program owns a [BLOCK_M, BLOCK_N] tile of the output and walks K once: s = x + residual
+(rounded to the activation dtype; the programs of the first column tile write it, the new residual
+stream), its squares summed beside the GEMM, and round(norm_weight * s) fed to the tensor-core dot
+against the weight's tile. RMSNorm scales each row by rstd = 1 / sqrt(mean(s^2) + eps), which
+commutes with the GEMM ((diag(rstd) S diag(w)) W^T = diag(rstd) (S diag(w) W^T)), so rstd
+multiplies the fp32 accumulator after the loop. A first pass over K for the statistics would put K
+/ BLOCK_K dependent loads and reductions ahead of the first weight load in every program: at
+decode (a few rows, a few microseconds a call) that latency was the kernel's largest share. The
+rounding differs from the unfused norm's (which rounds s * rstd before the weight) by a rounding
+of the same size, in another place. With glu the program holds the gate and the up columns of the
+same outputs (rows j and C + j of the packed weight) and writes round(round(SiLU(gate)) * up), as
+swiglu.py does.
 
 Forward only: the decoder uses it in decode steps (no autograd; the training and scoring forwards
 keep the norm and cuBLAS's GEMM, whose numbers the update differentiates). Runs where the
@@ -66,8 +70,14 @@ def _norm_linear_kernel(
     row_ok = rows < n_rows
     col_ok = cols < n_out
     kk = tl.arange(0, BLOCK_K)
-    # Pass 1: each row's sum of squares (and the new residual stream, written once).
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # One pass over K: the weight-scaled rows (not yet normalized) into the dot, their squares
+    # summed beside it (elementwise: one reduction after the loop), the new residual stream written
+    # by the programs of the first column tile. RMSNorm scales each row by its rstd, which commutes
+    # with the GEMM, so it is applied to the accumulator after the loop.
+    squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GLU:
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + kk) < K
         offs = rows[:, None] * K + (k0 + kk)[None, :]
@@ -77,20 +87,9 @@ def _norm_linear_kernel(
             if pid_n == 0:
                 tl.store(sum_ptr + offs, s, mask=mask)
         sf = s.to(tl.float32)
-        squares += tl.sum(sf * sf, axis=1)
-    rstd = 1.0 / tl.sqrt(squares / K + eps)
-    # Pass 2: the normalized tile, rounded as norm.py rounds it, times the weight's tile.
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if GLU:
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + kk) < K
-        offs = rows[:, None] * K + (k0 + kk)[None, :]
-        mask = row_ok[:, None] & k_ok[None, :]
-        s = _residual_sum(x_ptr, res_ptr, offs, mask, HAS_RESIDUAL)
-        normed = (s.to(tl.float32) * rstd[:, None]).to(s.dtype).to(tl.float32)
+        squares += sf * sf
         nw = tl.load(norm_w_ptr + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-        a = (nw[None, :] * normed).to(w_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_K]
+        a = (nw[None, :] * sf).to(w_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_K]
         w_mask = col_ok[:, None] & k_ok[None, :]
         w_offs = cols[:, None].to(tl.int64) * K + (k0 + kk)[None, :]
         w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K]
@@ -98,6 +97,10 @@ def _norm_linear_kernel(
         if GLU:
             w_up = tl.load(w_ptr + w_offs + n_out * K, mask=w_mask, other=0.0)
             acc_up = dot_nt(a, w_up, acc_up, INTERPRETED)
+    rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)  # [BLOCK_M]
+    acc = acc * rstd[:, None]
+    if GLU:
+        acc_up = acc_up * rstd[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GLU:
@@ -121,8 +124,8 @@ def tile_shape(rows: int, out_features: int) -> tuple[int, int, int]:
     rows) are bound by reading the weight: the smallest row tile the tensor cores take, K tiles of
     128 (256-byte rows of the weight per load), and column tiles narrow enough that the weight
     spreads over ~100+ programs even for Qwen2.5-0.5B's q/k/v (1152 outputs: 72 programs of 16).
-    Larger batches take 32-64 row tiles and 64-wide column tiles. Not yet timed on a GPU:
-    bench_generate's --unfused-decode-gemms run is the comparison against cuBLAS."""
+    Larger batches take 32-64 row tiles and 64-wide column tiles. The comparison against the
+    norm kernel + cuBLAS: the headline set's `fusedrl, norm + cuBLAS GEMMs` decode row."""
     if rows <= 16:
         return 16, (16 if out_features <= 2048 else 32), 128
     return min(64, triton.next_power_of_2(rows)), (32 if rows <= 64 else 64), 64

@@ -1,17 +1,24 @@
-"""bench/profile_steps.py (the GPU visit's profile of decode steps and a training micro-batch)
-runs to the end on the tiny shape here and writes the three summaries with their head and tables."""
+"""bench/profile_steps.py (the GPU visit's profile of decode steps, a training micro-batch and
+PPO's two losses) runs to the end on the tiny shape here and writes the four summaries with their
+head and tables."""
 from fusedrl.bench import profile_steps
 
 
-def test_quick_profiles_write_the_three_summaries(tmp_path):
+def test_quick_profiles_write_the_four_summaries(tmp_path):
     profile_steps.main(["--out", str(tmp_path), "--quick"])
     decode = (tmp_path / "profile_decode.txt").read_text()
     train = (tmp_path / "profile_train.txt").read_text()
     wide = (tmp_path / "profile_decode_b4.txt").read_text()
+    rl_ops = (tmp_path / "profile_rl_ops.txt").read_text()
     assert "decode batch 1, 8 new tokens" in decode and "steps profiled: 8" in decode
     assert "training micro-batch of 64 tokens; packed attention padded SDPA" in train
     assert "steps profiled: 3" in train
     assert "decode batch 4, 8 new tokens" in wide and "steps profiled: 8" in wide
+    # both losses, forward + backward on the CPU's backend, 20 calls each
+    assert "ppo_policy_loss fwd+bwd 8x64 fp32, backend torch (20 calls)" in rl_ops
+    assert "ppo_value_loss fwd+bwd 8x64 fp32, backend torch (20 calls)" in rl_ops
+    assert rl_ops.count("steps profiled: 20") == 2
+    for text in (decode, train, wide, rl_ops):
+        assert text.startswith("commit ") and "ms per step" in text and "By host time:" in text
     for text in (decode, train, wide):
-        assert text.startswith("commit ") and "ms per step" in text
-        assert "By host time:" in text and "aten::mm" in text  # the table lists the GEMMs
+        assert "aten::mm" in text  # the table lists the GEMMs

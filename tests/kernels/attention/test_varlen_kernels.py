@@ -164,4 +164,4 @@ def test_the_cuda_varlen_kernel_serves_packs_and_cached_prefixes(dtype):
     grads = torch.autograd.grad(out, (q, k, v), upstream.to("cuda", dtype))
     expected_grads = torch.autograd.grad(expected, reference_inputs, upstream)
     for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got.double().cpu(), want, atol=6e-2, rtol=0)
+        torch.testing.assert_close(got.double().cpu(), want, atol=6e-2, rtol=2e-2)

@@ -28,6 +28,8 @@ CASES = [  # rows, K, N (outputs), residual, bias, glu
     (5, 70, 24, True, False, True),   # gate/up with SiLU * up, K not a multiple of the K tile
     (3, 64, 50, False, False, False),  # no residual (the first layer's norm)
     (17, 33, 8, True, True, True),    # more rows than one row tile
+    (2, 300, 20, True, True, True),   # K over three K tiles of a decode step (the last partial)
+    (20, 150, 12, True, False, False),  # K over three tiles of a wider batch's tile shape
     (0, 32, 16, True, False, False),  # no rows
 ]
 
