@@ -18,6 +18,7 @@ script itself.
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -63,24 +64,32 @@ def build_model_dir(args, device, dtype) -> tuple[Path, transformers.PreTrainedM
     return path, hf
 
 
-def time_ours(llm: LLM, prompts, params):
-    """(total seconds, decode seconds, decode tokens, outputs), timing each engine step (each ends in a sync)."""
+@contextlib.contextmanager
+def step_times(llm: LLM):
+    """Inside: each engine step's (is_prefill, seconds, rows) appended to the yielded list, timed
+    around ModelRunner.run (which returns host lists: the step has finished on the device)."""
     steps = []
     run = llm.runner.run
 
     def timed(seqs, is_prefill):
         t = time.perf_counter()
-        out = run(seqs, is_prefill)  # returns host lists: the step has finished on the device
+        out = run(seqs, is_prefill)
         steps.append((is_prefill, time.perf_counter() - t, len(seqs)))
         return out
 
     llm.runner.run = timed
     try:
+        yield steps
+    finally:
+        llm.runner.run = run
+
+
+def time_ours(llm: LLM, prompts, params):
+    """(total seconds, decode seconds, decode tokens, outputs), timing each engine step (each ends in a sync)."""
+    with step_times(llm) as steps:
         t = time.perf_counter()
         outputs = llm.generate(prompts, params)
         total = time.perf_counter() - t
-    finally:
-        llm.runner.run = run
     assert all(len(o.outputs[0].token_ids) == params.max_new_tokens for o in outputs)
     decode = [(dt, b) for is_prefill, dt, b in steps if not is_prefill]
     return total, sum(dt for dt, _ in decode), sum(b for _, b in decode), outputs
@@ -136,17 +145,27 @@ def mixed_lengths(args, vocab_size: int):
 
 
 def time_mixed(llm: LLM, args, device) -> dict:
-    """Output tokens/s of the mixed-length requests, submitted together (continuous batching)."""
+    """Output tokens/s of the mixed-length requests, submitted together (continuous batching), and
+    where the call's seconds went: its prefill steps, its decode steps (their count and mean batch)
+    and the rest (the engine's host work between steps)."""
     prompts, params = mixed_lengths(args, llm.config.vocab_size)
     harness.synchronize(device)
-    t = time.perf_counter()
-    outputs = llm.generate(prompts, params, decode_text=False)
-    seconds = time.perf_counter() - t
+    with step_times(llm) as steps:
+        t = time.perf_counter()
+        outputs = llm.generate(prompts, params, decode_text=False)
+        seconds = time.perf_counter() - t
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert tokens == sum(p.max_new_tokens for p in params)
+    decode = [(dt, b) for is_prefill, dt, b in steps if not is_prefill]
+    prefill_s = sum(dt for is_prefill, dt, _ in steps if is_prefill)
+    decode_s = sum(dt for dt, _ in decode)
     return dict(requests=len(prompts), lengths=list(args.mixed_lengths), temperature=0.6,
                 prompt_tokens=sum(map(len, prompts)), output_tokens=tokens, seconds=seconds,
-                output_tok_s=tokens / seconds, preemptions=llm.scheduler.num_preemptions)
+                output_tok_s=tokens / seconds, preemptions=llm.scheduler.num_preemptions,
+                prefill_s=prefill_s, prefill_steps=len(steps) - len(decode), decode_s=decode_s,
+                decode_steps=len(decode),
+                mean_decode_batch=sum(b for _, b in decode) / max(len(decode), 1),
+                between_steps_s=seconds - prefill_s - decode_s)
 
 
 def main(argv=None):

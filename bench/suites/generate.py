@@ -193,7 +193,9 @@ def mixed_rows(ctx: Context, shape: Shape):
         limit=f"decode roofline at batch {batch}", seconds=mixed["seconds"],
         tok_s=mixed["output_tok_s"], output_tokens=mixed["output_tokens"],
         prompt_tokens=mixed["prompt_tokens"], preemptions=mixed["preemptions"],
-        roofline_tok_s=roofline)
+        roofline_tok_s=roofline, prefill_s=mixed["prefill_s"], prefill_steps=mixed["prefill_steps"],
+        decode_s=mixed["decode_s"], decode_steps=mixed["decode_steps"],
+        mean_decode_batch=mixed["mean_decode_batch"], between_steps_s=mixed["between_steps_s"])
 
 
 def vlm_name(ctx: Context) -> str:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import transformers
 
 from fusedrl.bench import bench_generate
@@ -25,6 +26,12 @@ def test_quick_run_reports_fixed_shapes_and_the_mixed_case(tmp_path):
     assert mixed["requests"] == len(prompts) == 8 and mixed["output_tokens"] == sum(p.max_new_tokens for p in params)
     assert all(4 <= len(p) <= 24 for p in prompts) and len({len(p) for p in prompts}) > 1
     assert mixed["output_tok_s"] > 0 and "mixed lengths: 8 requests" in proc.stdout
+    # where the call's seconds went: every request prefilled, at least a decode step per token after
+    # the first of the longest output, the host's share between steps what is left
+    assert mixed["prefill_steps"] >= 1 and mixed["decode_steps"] >= max(p.max_new_tokens for p in params) - 1
+    assert 0 < mixed["mean_decode_batch"] <= 8
+    parts = mixed["prefill_s"] + mixed["decode_s"] + mixed["between_steps_s"]
+    assert mixed["between_steps_s"] >= 0 and parts == pytest.approx(mixed["seconds"])
 
 
 def test_the_model_shapes_are_ones_the_engine_loads():
