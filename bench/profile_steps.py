@@ -113,11 +113,14 @@ def train_profile(quick: bool, device: torch.device, dtype: torch.dtype) -> str:
 def rl_ops_profile(quick: bool, device: torch.device, dtype: torch.dtype) -> str:
     """PPO's policy and value losses, forward + backward at the RL ops' shape (256 x 2048 fp32),
     RL_OP_CALLS calls each on the backend of their fastest row (the CUDA twins where built, else
-    ours): the two small ops that trailed torch.compile, both host-bound."""
+    Triton; the CPU's PyTorch backend here): the two small ops that trailed torch.compile, both
+    host-bound."""
     from fusedrl import kernels
     from fusedrl.kernels import cuda_ext
-    backend = ("cuda" if device.type == "cuda" and cuda_ext.is_available()
-               else bench_kernels.ours_backend())
+    if device.type == "cuda":
+        backend = "cuda" if cuda_ext.is_available() else "triton"
+    else:  # what the engine runs on the CPU, interpreter or not
+        backend = "torch"
     batch, steps = (8, 64) if quick else shapes.RL_OPS
     sections = []
     for op, names, grad in (("ppo_policy_loss", ("logp", "old_logp", "advantages"), "logp"),
