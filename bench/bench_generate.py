@@ -91,8 +91,14 @@ def time_ours(llm: LLM, prompts, params):
         outputs = llm.generate(prompts, params)
         total = time.perf_counter() - t
     assert all(len(o.outputs[0].token_ids) == params.max_new_tokens for o in outputs)
+    decode_s, decode_steps, decode_rows = decode_share(steps)
+    return total, decode_s, decode_rows, outputs
+
+
+def decode_share(steps) -> tuple[float, int, int]:
+    """Of step_times' steps, the decode steps': (seconds, steps, rows summed over them)."""
     decode = [(dt, b) for is_prefill, dt, b in steps if not is_prefill]
-    return total, sum(dt for dt, _ in decode), sum(b for _, b in decode), outputs
+    return sum(dt for dt, _ in decode), len(decode), sum(b for _, b in decode)
 
 
 def decode_roofline_tok_s(batch: int, mean_context: float, weight_bytes: int, kv_bytes_per_token: int,
@@ -156,15 +162,13 @@ def time_mixed(llm: LLM, args, device) -> dict:
         seconds = time.perf_counter() - t
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert tokens == sum(p.max_new_tokens for p in params)
-    decode = [(dt, b) for is_prefill, dt, b in steps if not is_prefill]
+    decode_s, decode_steps, decode_rows = decode_share(steps)
     prefill_s = sum(dt for is_prefill, dt, _ in steps if is_prefill)
-    decode_s = sum(dt for dt, _ in decode)
     return dict(requests=len(prompts), lengths=list(args.mixed_lengths), temperature=0.6,
                 prompt_tokens=sum(map(len, prompts)), output_tokens=tokens, seconds=seconds,
                 output_tok_s=tokens / seconds, preemptions=llm.scheduler.num_preemptions,
-                prefill_s=prefill_s, prefill_steps=len(steps) - len(decode), decode_s=decode_s,
-                decode_steps=len(decode),
-                mean_decode_batch=sum(b for _, b in decode) / max(len(decode), 1),
+                prefill_s=prefill_s, prefill_steps=len(steps) - decode_steps, decode_s=decode_s,
+                decode_steps=decode_steps, mean_decode_batch=decode_rows / max(decode_steps, 1),
                 between_steps_s=seconds - prefill_s - decode_s)
 
 

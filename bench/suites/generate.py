@@ -93,13 +93,13 @@ def mixed_name(ctx: Context, shape: Shape) -> str:
 def decode_rows(ctx: Context, shape: Shape, batch: int):
     """Ours at `batch` (and transformers' at batch 1), against the same roofline."""
     e = engine(ctx, shape)
-    prompts, params, roofline = decode_inputs(ctx, shape, batch, e)
-    yield ours_row(ctx, shape, batch, e, e.llm, "fusedrl")
+    inputs = decode_inputs(ctx, shape, batch, e)
+    yield ours_row(ctx, shape, batch, e, e.llm, "fusedrl", inputs)
     if batch == 1:
         new = min(shape.new_tokens, HF_NEW_TOKENS)
         hf_roofline = bench_generate.decode_roofline_tok_s(
             1, shape.prompt_len + new / 2, e.weight_bytes, e.kv_per_token, ctx.limits.bytes_per_s)
-        yield hf_row(ctx, e.model, prompts, new, decode_name(ctx, shape, batch), hf_roofline)
+        yield hf_row(ctx, e.model, inputs[0], new, decode_name(ctx, shape, batch), hf_roofline)
 
 
 def decode_inputs(ctx: Context, shape: Shape, batch: int, e: Engine):
@@ -115,9 +115,10 @@ def decode_inputs(ctx: Context, shape: Shape, batch: int, e: Engine):
     return prompts, params, roofline
 
 
-def ours_row(ctx: Context, shape: Shape, batch: int, e: Engine, llm, impl: str) -> dict:
-    """`llm`'s decode of the case's prompts: its row as `impl`."""
-    prompts, params, roofline = decode_inputs(ctx, shape, batch, e)
+def ours_row(ctx: Context, shape: Shape, batch: int, e: Engine, llm, impl: str,
+             inputs: tuple) -> dict:
+    """`llm`'s decode of the case's `inputs` (decode_inputs'): its row as `impl`."""
+    prompts, params, roofline = inputs
     total, decode_s, decode_tokens, _ = bench_generate.time_ours(llm, prompts, params)
     return results.make_row(
         SUITE, decode_name(ctx, shape, batch), impl,
@@ -148,10 +149,11 @@ def unfused_rows(ctx: Context, shape: Shape, batch: int):
     llm = LLM(e.model.path, dtype=ctx.dtype, device=str(ctx.device), max_num_seqs=batch,
               kv_cache_memory=kv_bytes, fuse_decode_gemms=False)
     try:
-        prompts, _, _ = decode_inputs(ctx, shape, batch, e)
+        inputs = decode_inputs(ctx, shape, batch, e)
+        warm_up = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
         with timing.warm_up():
-            llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
-        yield ours_row(ctx, shape, batch, e, llm, UNFUSED)
+            llm.generate(inputs[0], warm_up)
+        yield ours_row(ctx, shape, batch, e, llm, UNFUSED, inputs)
     finally:
         del llm
         free_device(ctx.device)

@@ -1,16 +1,16 @@
 """The headline set: one case per claim of the GPU bars, ordered by what matters, each beside its
 peer where installed, taken from the other suites (their measuring code, their rows, named suite
-"headline"): decode at batch 1 and 256 at the model's shape, the mixed workload, decode at
-batch 1 with the norms and GEMMs unfused (the A/B of the fused kernel that takes most of that
-step), a 1k-token training micro-batch, one GRPO and one PPO iteration (the latter's peak beside `fusedrl plan`'s),
-the sampler at batch 1, the small RL ops at 256 x 2048 fp32, the log-prob + entropy at TRL's shape
-(8,192 tokens, V 151,936, bf16) from logits (forward, beside TRL's two passes; TRL publishes
-0.89 ms for its fused kernel) and from hidden states (H 4,096, forward + backward), the fused
-head's memory and time at Liger's (the GRPO loss from hidden states, V 128,256, H 4,096, 4,096
-tokens), the distillation divergence, and an MoE decode step at Qwen3-30B-A3B's layer shape; then
-the slow peers, TRL's GRPO and PPO trainers (a process each, a minute or more), so that every
-claim has its row first. --quick: the same claims at shapes a CPU runs in seconds whose [N, V]
-logits (32-64 MiB) still set the fused paths' memory apart.
+"headline"): decode at batch 1 and 256 at the model's shape, the mixed workload, decode at batch 1
+with the norms and GEMMs unfused (the A/B of the fused kernel that takes most of that step), a
+1k-token training micro-batch, one GRPO and one PPO iteration (the latter's peak beside
+`fusedrl plan`'s), the sampler at batch 1, the small RL ops at 256 x 2048 fp32, the log-prob +
+entropy at TRL's shape (8,192 tokens, V 151,936, bf16) from logits (forward, beside TRL's two
+passes; TRL publishes 0.89 ms for its fused kernel) and from hidden states (H 4,096, forward +
+backward), the fused head's memory and time at Liger's (the GRPO loss from hidden states,
+V 128,256, H 4,096, 4,096 tokens), the distillation divergence, and an MoE decode step at
+Qwen3-30B-A3B's layer shape; then the slow peers, TRL's GRPO and PPO trainers (a process each, a
+minute or more), so that every claim has its row first. --quick: the same claims at shapes a CPU
+runs in seconds whose [N, V] logits (32-64 MiB) still set the fused paths' memory apart.
 """
 from __future__ import annotations
 
