@@ -10,8 +10,8 @@ Each program owns a [BLOCK_M, BLOCK_N] tile of the output and walks K once: s = 
 stream), its squares summed beside the GEMM, and round(norm_weight * s) fed to the tensor-core dot
 against the weight's tile. RMSNorm scales each row by rstd = 1 / sqrt(mean(s^2) + eps), which
 commutes with the GEMM ((diag(rstd) S diag(w)) W^T = diag(rstd) (S diag(w) W^T)), so rstd
-multiplies the fp32 accumulator after the loop. A first pass over K for the statistics would put K
-/ BLOCK_K dependent loads and reductions ahead of the first weight load in every program: at
+multiplies the fp32 accumulator after the loop. A first pass over K for the statistics would put
+K / BLOCK_K dependent loads and reductions ahead of the first weight load in every program: at
 decode (a few rows, a few microseconds a call) that latency was the kernel's largest share. The
 rounding differs from the unfused norm's (which rounds s * rstd before the weight) by a rounding
 of the same size, in another place. With glu the program holds the gate and the up columns of the
