@@ -21,5 +21,6 @@ from .pages import key_slots, page_slot, sequence_slot
 from .paths import flash_decode_attention, prefill_attention, varlen_attention
 
 __all__ = ["FLASH_PAGE_MULTIPLE", "attention_backend", "flash_attn", "packed_attention_kernel",
-           "AttentionMetadata", "varlen_attention", "prefill_attention", "flash_decode_attention", "store_kv",
-           "rope_store_decode", "launch_splits", "page_slot", "sequence_slot", "key_slots"]
+           "AttentionMetadata", "varlen_attention", "prefill_attention", "flash_decode_attention",
+           "store_kv", "rope_store_decode", "launch_splits", "page_slot", "sequence_slot",
+           "key_slots"]
