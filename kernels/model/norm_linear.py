@@ -26,7 +26,7 @@ fusedrl::norm_linear, one op to torch.compile, CUDA graphs and a TorchDispatchMo
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -119,35 +119,61 @@ def _norm_linear_kernel(
     tl.store(out_ptr + rows[:, None] * n_out + cols[None, :], result.to(dtype), mask=out_mask)
 
 
-def tile_shape(rows: int, out_features: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for M rows and N outputs. Small batches (a decode step of <= 16
-    rows) are bound by reading the weight: the smallest row tile the tensor cores take, K tiles of
-    128 (256-byte rows of the weight per load), and column tiles narrow enough that the weight
-    spreads over ~100+ programs even for Qwen2.5-0.5B's q/k/v (1152 outputs: 72 programs of 16).
-    Larger batches take 32-64 row tiles and 64-wide column tiles. The comparison against the
-    norm kernel + cuBLAS: the headline set's `fusedrl, norm + cuBLAS GEMMs` decode row."""
+class Tiles(NamedTuple):
+    """A launch's output tile BLOCK_M x BLOCK_N and K step BLOCK_K, and Triton's warps and pipeline
+    stages (None: Triton's defaults, 4 and 3 on an H100)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None
+
+    def options(self) -> dict:
+        """The launch keywords this shape sets (none for Triton's defaults)."""
+        return {k: v for k, v in (("num_warps", self.num_warps), ("num_stages", self.num_stages))
+                if v is not None}
+
+
+def tile_shape(rows: int, out_features: int) -> Tiles:
+    """The Tiles for M rows and N outputs. Small batches (a decode step of <= 16 rows) are bound by
+    reading the weight: the smallest row tile the tensor cores take, K tiles of 128 (256-byte rows
+    of the weight per load), and column tiles narrow enough that the weight spreads over ~100+
+    programs even for Qwen2.5-0.5B's q/k/v (1152 outputs: 72 programs of 16). Larger batches take
+    32-64 row tiles and 64-wide column tiles. Not yet tuned on a GPU: bench/tune_decode.py times
+    the alternatives against cuBLAS; the headline set's `fusedrl, norm + cuBLAS GEMMs` decode row
+    is the whole step's comparison."""
     if rows <= 16:
-        return 16, (16 if out_features <= 2048 else 32), 128
-    return min(64, triton.next_power_of_2(rows)), (32 if rows <= 64 else 64), 64
+        return Tiles(16, 16 if out_features <= 2048 else 32, 128)
+    return Tiles(min(64, triton.next_power_of_2(rows)), 32 if rows <= 64 else 64, 64)
+
+
+def launch(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+           weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool,
+           tiles: Optional[Tiles] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel on checked inputs (norm_linear's), at `tiles` (default: tile_shape's): (y [M, N],
+    s [M, K]); s is a copy of x when residual is None. No custom op: the op's body, and what
+    bench/tune_decode.py times at other tiles."""
+    out, total = _norm_linear_fake(x, residual, norm_weight, eps, weight, bias, glu)
+    rows, k = x.shape
+    n_out = out.shape[1]
+    if rows == 0:
+        return out, total
+    tiles = tiles or tile_shape(rows, n_out)
+    grid = (triton.cdiv(rows, tiles.block_m), triton.cdiv(n_out, tiles.block_n))
+    _norm_linear_kernel[grid](
+        x, x if residual is None else residual, total, norm_weight, weight,
+        weight if bias is None else bias, out, rows, n_out, eps, K=k,
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GLU=glu,
+        INTERPRETED=not x.is_cuda, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, **tiles.options())
+    return out, total
 
 
 @torch.library.custom_op("fusedrl::norm_linear", mutates_args=())
 def _norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor,
                     eps: float, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, total = _norm_linear_fake(x, residual, norm_weight, eps, weight, bias, glu)
-    rows, k = x.shape
-    n_out = out.shape[1]
-    if rows == 0:
-        return out, total
-    block_m, block_n, block_k = tile_shape(rows, n_out)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n_out, block_n))
-    _norm_linear_kernel[grid](
-        x, x if residual is None else residual, total, norm_weight, weight,
-        weight if bias is None else bias, out, rows, n_out, eps, K=k,
-        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GLU=glu,
-        INTERPRETED=not x.is_cuda, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    return out, total
+    return launch(x, residual, norm_weight, eps, weight, bias, glu)
 
 
 @_norm_linear_op.register_fake

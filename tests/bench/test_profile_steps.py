@@ -1,11 +1,13 @@
 """bench/profile_steps.py (the GPU visit's profile of decode steps, a training micro-batch and
 PPO's two losses) runs to the end on the tiny shape here and writes the four summaries with their
-head and tables."""
+head and tables; the decode kernels' launch-shape timings (tune_decode.py) are GPU-only and say so."""
 from fusedrl.bench import profile_steps
 
 
-def test_quick_profiles_write_the_four_summaries(tmp_path):
+def test_quick_profiles_write_the_four_summaries(tmp_path, capsys):
     profile_steps.main(["--out", str(tmp_path), "--quick"])
+    assert "tune_decode: not run (its rows are GPU timings)" in capsys.readouterr().out
+    assert not (tmp_path / "tune_decode.jsonl").exists()
     decode = (tmp_path / "profile_decode.txt").read_text()
     train = (tmp_path / "profile_train.txt").read_text()
     wide = (tmp_path / "profile_decode_b4.txt").read_text()

@@ -4,7 +4,9 @@ Every public op at the headline shapes (vocabularies 151936 / 128256 / 50257, bf
 and without entropy, forward and backward); `LLM.generate` on 1-layer models with the attention
 shapes of Qwen2.5-0.5B, Qwen3-0.6B and Llama-3-8B; the decode GEMMs at Qwen2.5-7B's and
 Qwen3-30B-A3B's hidden sizes and their paged decode at the split counts an H100 takes at long
-contexts; the MoE grouped GEMM with 128 experts; a training forward and backward. Rows are few
+contexts; the launch shapes bench/tune_decode.py times at Qwen2.5-0.5B's decode (so that a visit
+finds them in the prebuilt cache); the MoE grouped GEMM with 128 experts; a training forward and
+backward. Rows are few
 (the interpreter runs them on the CPU): what decides specialization and block sizes is the row
 length, the dtypes and the strides, which are the real ones.
 """
@@ -24,7 +26,8 @@ from fusedrl.engine.model.invariant import BatchInvariant
 from fusedrl.kernels.invariant.segment_attention import segment_attention
 from fusedrl.kernels.invariant.row_logprobs import row_logprobs
 from fusedrl.kernels.invariant.fixed_tile_matmul import linear_fixed_tiles
-from fusedrl.kernels.model.norm_linear import norm_linear
+from fusedrl.kernels.model.norm_linear import launch as norm_linear_launch, norm_linear
+from fusedrl.bench import tune_decode
 
 VOCABS = (151936, 128256, 50257)
 DTYPES = (torch.bfloat16, torch.float32)
@@ -178,17 +181,41 @@ def decode_splits_at_long_context(models=LARGE_MODELS) -> None:
     for _, _, heads, kv_heads, head_dim, _, _ in models:
         splits = {decode_splits(batch * kv_heads, context // page, page, GPU_SMS)
                   for batch in (1, 32) for context in (4096, 32768)}
-        for num_splits in sorted(splits):
-            q = torch.randn(2, heads, head_dim, dtype=torch.bfloat16)
-            k, v = (torch.randn(2, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(2))
-            k_cache, v_cache = (torch.randn(8, page, kv_heads, head_dim, dtype=torch.bfloat16)
-                                for _ in range(2))
-            table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
-            cos, sin = torch.ones(64, head_dim), torch.zeros(64, head_dim)
-            positions, slots = torch.tensor([40, 20]), torch.tensor([40, 84])
-            lens = torch.tensor([41, 21], dtype=torch.int32)
-            rope_store_decode_triton(q, k, v, cos, sin, positions, k_cache, v_cache, slots, table,
-                                     lens, head_dim ** -0.5, num_splits=num_splits)
+        paged_decode_at(heads, kv_heads, head_dim, sorted(splits))
+
+
+def paged_decode_at(heads: int, kv_heads: int, head_dim: int, splits) -> None:
+    """rope_store_decode_triton (bf16, pages of 16) at this attention shape, once per split count,
+    on two short contexts."""
+    page = 16
+    for num_splits in splits:
+        q = torch.randn(2, heads, head_dim, dtype=torch.bfloat16)
+        k, v = (torch.randn(2, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(2))
+        k_cache, v_cache = (torch.randn(8, page, kv_heads, head_dim, dtype=torch.bfloat16)
+                            for _ in range(2))
+        table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+        cos, sin = torch.ones(64, head_dim), torch.zeros(64, head_dim)
+        positions, slots = torch.tensor([40, 20]), torch.tensor([40, 84])
+        lens = torch.tensor([41, 21], dtype=torch.int32)
+        rope_store_decode_triton(q, k, v, cos, sin, positions, k_cache, v_cache, slots, table,
+                                 lens, head_dim ** -0.5, num_splits=num_splits)
+
+
+def decode_tune(shape=tune_decode.QWEN_05B) -> None:
+    """bench/tune_decode.py's launches, which a visit times: its candidate tiles of the norm + GEMM
+    kernel for each decode projection and row count, and the paged decode at each split count. The
+    rows and the output widths are runtime ints (a multiple of 16 stands in for each width, 4 rows
+    for each count: the tiles are what the count picks)."""
+    for rows in shape.rows:
+        for _, width, k, has_bias, glu, has_residual in tune_decode.projections(shape):
+            x, residual = (torch.randn(4, k, dtype=torch.bfloat16) for _ in range(2))
+            norm_weight = torch.ones(k, dtype=torch.bfloat16)
+            weight = torch.randn(64 if glu else 32, k, dtype=torch.bfloat16) / 30
+            bias = torch.randn(weight.shape[0], dtype=torch.bfloat16) if has_bias else None
+            for tiles in tune_decode.candidates(rows, width // 2 if glu else width):
+                norm_linear_launch(x, residual if has_residual else None, norm_weight, 1e-6,
+                                   weight, bias, glu, tiles)
+    paged_decode_at(shape.heads, shape.kv_heads, shape.head_dim, tune_decode.SPLITS)
 
 
 def moe(hidden: int = 2048, experts: int = 8, top_k: int = 2) -> None:
@@ -228,5 +255,6 @@ def run(quick: bool = False) -> None:
         if not quick:  # ~90 s of interpreter (K = 3584): the full check's, .ci/run's
             large_decode_gemms()
         decode_splits_at_long_context()
+        decode_tune()
         invariant_matmul()
         invariant_mode()

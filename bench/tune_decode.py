@@ -1,0 +1,336 @@
+"""The decode step's own kernels at other launch shapes, timed side by side at the Qwen2.5-0.5B
+shape in bf16: what decides `norm_linear.tile_shape` and `paged.decode_splits`, which were set by
+reasoning, never by a GPU's timings.
+
+The H100 profile of a batch-1 decode step (bench/results/2026-11-27-h100-2) put 45% of its device
+time in the fused norm + q/k/v and norm + gate/up kernel (11 us a call, about 0.9 TB/s), 20% in
+cuBLAS's GEMVs for o and down (two kernels each: split-K and its reduction) and 19% in the paged
+decode and its combine of splits. At a few rows a kernel is bound by how many bytes of weight it
+has in flight, which the tile, the warps and the pipeline's stages set. Rows, each the time of one
+call inside a CUDA graph of REPS back-to-back calls (as the decode graph runs them, no launch cost)
+whose weights rotate through enough copies to miss L2, as a step's 24 layers do:
+
+- per projection (q/k/v and gate/up: norm fused; o and down: the same kernel with a norm as a
+  stand-in for a GEMV of their shape) and rows (1 and 256): cuBLAS (the norm kernel, then the GEMM,
+  then SiLU * up: the engine's unfused decode), then norm_linear at tile_shape's tiles and at each
+  alternative of `candidates`; its weight bytes over the time against the datasheet's bandwidth;
+- the paged decode with RoPE and the KV store (one new token per sequence, contexts of CONTEXT
+  tokens, block tables as wide as a decode graph's) at batch 1 and 256, at each split count.
+
+Every alternative is first checked against the default launch's output (bf16 rounding apart); one
+that differs, or fails to compile, is a row saying so, never a timing. Each row is appended to
+OUT/tune_decode.jsonl and OUT/tune_decode.md is rewritten as it comes, so a stage cut at its
+deadline keeps what it measured.
+
+    python -m fusedrl.bench.tune_decode --out DIR                            # GPU
+    TRITON_INTERPRET=1 python -m fusedrl.bench.tune_decode --out DIR --quick # CPU smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fusedrl import kernels
+from fusedrl.engine.runs.durable import write_text_atomic
+from fusedrl.kernels.attention.paged import decode_splits, rope_store_decode_triton, sm_count
+from fusedrl.kernels.model.norm_linear import Tiles, launch, tile_shape
+
+from . import devices, harness, timing
+from .bench_sampler import graphed
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The model's decode sizes: hidden, q/k/v outputs, MLP width, attention heads and head size,
+    the page, the timed context, the block tables' width in pages (a decode graph's: the model's
+    context) and the row counts timed."""
+    hidden: int
+    qkv: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    page: int
+    context: int
+    table_pages: int
+    rows: tuple[int, ...]
+
+
+QWEN_05B = Shape(896, 1152, 4864, 14, 2, 64, 16, 384, 32768 // 16, (1, 256))
+QUICK = Shape(64, 128, 96, 4, 2, 16, 16, 40, 8, (1,))
+REPS = 20  # calls in one captured graph
+L2_MISS_BYTES = 128 << 20  # weights rotated through at least this much (an H100's L2 is 50 MB)
+SPLITS = (1, 2, 4, 8, 16, 32, 64)
+GPU_SMS = 132  # decode_splits' SM count off a GPU (an H100's), for the label of its choice
+
+
+def candidates(rows: int, n_out: int) -> list[Tiles]:
+    """tile_shape's tiles first, then alternatives changing what sets the bytes in flight: a longer
+    K step, more stages, wider column tiles, more warps."""
+    base = tile_shape(rows, n_out)
+    m, n, k = base.block_m, base.block_n, base.block_k
+    if rows <= 16:
+        others = [Tiles(m, n, 2 * k, 4, 3), Tiles(m, n, k, 4, 5), Tiles(m, 2 * n, k, 4, 4),
+                  Tiles(m, n, k // 2, 4, 6), Tiles(m, 2 * n, 2 * k, 8, 3)]
+    else:
+        others = [Tiles(m, 2 * n, k, 4, 3), Tiles(2 * m, n, k, 8, 3), Tiles(m, n, 2 * k, 4, 3),
+                  Tiles(m, n, k, 4, 4)]
+    return [base] + others
+
+
+def projections(shape: Shape) -> list[tuple]:
+    """(name, output rows of the weight, K, bias, glu, residual) of each decode projection."""
+    return [("q/k/v", shape.qkv, shape.hidden, True, False, True),
+            ("gate/up", 2 * shape.intermediate, shape.hidden, False, True, True),
+            ("o (stand-in)", shape.hidden, shape.hidden, False, False, False),
+            ("down (stand-in)", shape.hidden, shape.intermediate, False, False, False)]
+
+
+class Writer:
+    """Rows appended to OUT/tune_decode.jsonl (its first line the meta), OUT/tune_decode.md
+    rewritten after each, one line printed."""
+
+    def __init__(self, out: Path, meta: dict):
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl, self.md = out / "tune_decode.jsonl", out / "tune_decode.md"
+        self.meta, self.rows = meta, []
+        self.jsonl.write_text(json.dumps({"meta": meta}) + "\n")
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        write_text_atomic(self.md, self.table())
+        print(" | ".join(_cells(row)), flush=True)
+
+    def table(self) -> str:
+        head = ["case", "rows", "way", "launch", "us", "p20-p80 us", "GB/s", "of bandwidth",
+                "vs default", "vs cuBLAS"]
+        lines = [f"# Decode kernels at other launch shapes ({self.meta['device']}, commit "
+                 f"{self.meta['git_commit']})", "",
+                 f"Each time is one call's, in a CUDA graph of {self.meta['reps']} calls "
+                 f"(the calls themselves off CUDA); bandwidth: {self.meta['limit']}.", "",
+                 "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        lines += ["| " + " | ".join(_cells(r)) + " |" for r in self.rows]
+        return "\n".join(lines) + "\n"
+
+
+def _cells(row: dict) -> list[str]:
+    def fmt(key, spec):
+        return format(row[key], spec) if row.get(key) is not None else "-"
+    timed = row.get("us") is not None
+    return [row["case"], str(row["rows"]), row["way"], row["launch"],
+            fmt("us", ".2f") if timed else row["status"],
+            f"{row['us_p20']:.2f}-{row['us_p80']:.2f}" if timed else "-",
+            fmt("GBps", ".0f"), fmt("of_bandwidth", ".2f"), fmt("vs_default", ".2f"),
+            fmt("vs_cublas", ".2f")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """How the rows are taken: on `device` in `dtype`, `reps` calls a timed graph, each timing
+    within `budget_s`, none started after `deadline` (perf_counter), bandwidth `limit_bps`."""
+    device: torch.device
+    dtype: torch.dtype
+    reps: int
+    budget_s: float
+    deadline: float
+    limit_bps: float
+    quick: bool = False  # two launches of each kind (a smoke test)
+
+    def trimmed(self, options: list) -> list:
+        return options[:2] if self.quick else options
+
+    def timed(self, call) -> timing.Timing:
+        """Seconds per replay of `call` (which makes `reps` calls): a CUDA graph's replay on CUDA,
+        the calls themselves elsewhere."""
+        run = graphed(call) if self.device.type == "cuda" else call
+        return timing.measure(run, self.device, budget_s=self.budget_s)
+
+    def figures(self, t: timing.Timing, nbytes: int) -> dict:
+        """A timing's microseconds per call (median, p20, p80, n) and `nbytes` over it."""
+        us = t.median_s / self.reps * 1e6
+        return {"us": us, "us_p20": t.p20_s / self.reps * 1e6, "us_p80": t.p80_s / self.reps * 1e6,
+                "n": t.n, "GBps": nbytes / us / 1e3,
+                "of_bandwidth": nbytes / us * 1e6 / self.limit_bps}
+
+    def late(self) -> bool:
+        return time.perf_counter() > self.deadline
+
+
+def label(tiles: Tiles) -> str:
+    """BLOCK_M x BLOCK_N x BLOCK_K, and the warps and stages when set."""
+    shown = "x".join(str(v) for v in tiles[:3])
+    return shown + (f" w{tiles.num_warps}" if tiles.num_warps else "") + (
+        f" s{tiles.num_stages}" if tiles.num_stages else "")
+
+
+def _weights(n: int, k: int, sweep: Sweep) -> list[torch.Tensor]:
+    """The weight [n, k] and its copies: enough to miss L2 when the graph rotates through them."""
+    g = torch.Generator(device="cpu").manual_seed(n * 7 + k)
+    base = (torch.randn(n, k, generator=g) / k ** 0.5).to(sweep.device, sweep.dtype)
+    nbytes = base.numel() * base.element_size()
+    copies = min(sweep.reps, -(-L2_MISS_BYTES // nbytes)) if sweep.device.type == "cuda" else 1
+    return [base] + [base.clone() for _ in range(copies - 1)]
+
+
+def gemv_rows(shape: Shape, sweep: Sweep, writer: Writer) -> None:
+    """cuBLAS's unfused composition, then norm_linear's candidates, for each projection and row
+    count."""
+    for rows in shape.rows:
+        for name, n_w, k, has_bias, glu, has_residual in projections(shape):
+            weights = _weights(n_w, k, sweep)
+            nbytes = weights[0].numel() * weights[0].element_size()
+            g = torch.Generator(device="cpu").manual_seed(rows)
+            x, residual, norm_w, bias = (
+                t.to(sweep.device, sweep.dtype) for t in (
+                    torch.randn(rows, k, generator=g), torch.randn(rows, k, generator=g),
+                    1 + torch.randn(k, generator=g) / 10, torch.randn(n_w, generator=g)))
+            residual = residual if has_residual else None
+            bias = bias if has_bias else None
+            n_out = n_w // 2 if glu else n_w
+
+            def row(way, launch_label, **extra):
+                return {"case": name, "rows": rows, "way": way, "launch": launch_label, **extra}
+
+            def unfused():
+                for i in range(sweep.reps):
+                    h = kernels.rms_norm(x, norm_w, 1e-6, residual)
+                    h = h[0] if residual is not None else h  # (y, s) with a residual
+                    y = F.linear(h, weights[i % len(weights)], bias)
+                    if glu:
+                        kernels.silu_mul(y)
+
+            way = "norm kernel + GEMM" + (" + SiLU * up" if glu else "")
+            if sweep.late():
+                writer.add(row("cuBLAS", way, status="not run: time"))
+                continue
+            baseline = sweep.timed(unfused)
+            writer.add(row("cuBLAS", way, **sweep.figures(baseline, nbytes)))
+            tile_rows(sweep, writer, sweep.trimmed(candidates(rows, n_out)), row, baseline, nbytes,
+                      lambda tiles, w: launch(x, residual, norm_w, 1e-6, w, bias, glu, tiles)[0],
+                      weights)
+
+
+def tile_rows(sweep: Sweep, writer: Writer, tiles_list: list[Tiles], row, baseline, nbytes: int,
+              call, weights: list[torch.Tensor]) -> None:
+    """norm_linear at each of `tiles_list` (the default first): checked against the default's
+    output, then timed; call(tiles, weight) -> the output."""
+    reference, default_us = None, None
+    for tiles in tiles_list:
+        if sweep.late():
+            writer.add(row("norm_linear", label(tiles), status="not run: time"))
+            continue
+        try:
+            out = call(tiles, weights[0]).float()
+            if reference is not None and not torch.allclose(out, reference, atol=3e-2, rtol=3e-2):
+                writer.add(row("norm_linear", label(tiles),
+                               status="wrong: differs from the default"))
+                continue
+            reference = out if reference is None else reference
+            t = sweep.timed(lambda: [call(tiles, weights[i % len(weights)])
+                                     for i in range(sweep.reps)])
+        except Exception as error:  # out of resources at this launch: a finding, not the end
+            writer.add(row("norm_linear", label(tiles),
+                           status=f"failed: {type(error).__name__}: {error}"[:200]))
+            continue
+        figures = sweep.figures(t, nbytes)
+        default_us = default_us or figures["us"]
+        writer.add(row("norm_linear", label(tiles), **figures, tiles=tiles._asdict(),
+                       default=tiles is tiles_list[0], vs_default=default_us / figures["us"],
+                       vs_cublas=baseline.median_s / t.median_s))
+
+
+def decode_rows(shape: Shape, sweep: Sweep, writer: Writer) -> None:
+    """The paged decode (RoPE and store in the launch) at each split count, at batch 1 and the
+    largest row count: contexts of shape.context tokens, tables shape.table_pages wide."""
+    device, dtype = sweep.device, sweep.dtype
+    pages_each = -(-(shape.context + 1) // shape.page)
+    for batch in sorted({1, shape.rows[-1]}):
+        g = torch.Generator(device="cpu").manual_seed(batch)
+        blocks = batch * pages_each + 1
+        k_cache, v_cache = (
+            torch.randn(blocks, shape.page, shape.kv_heads, shape.head_dim, generator=g)
+            .to(device, dtype) for _ in range(2))
+        table = torch.zeros(batch, shape.table_pages, dtype=torch.int32)
+        table[:, :pages_each] = 1 + torch.arange(batch * pages_each, dtype=torch.int32).view(
+            batch, pages_each)
+        table = table.to(device)
+        q = torch.randn(batch, shape.heads, shape.head_dim, generator=g).to(device, dtype)
+        k, v = (torch.randn(batch, shape.kv_heads, shape.head_dim, generator=g).to(device, dtype)
+                for _ in range(2))
+        cos = torch.ones(shape.context + 1, shape.head_dim, device=device)
+        sin = torch.zeros(shape.context + 1, shape.head_dim, device=device)
+        # the new token at position `context`, stored in its page's slot, attended to with the rest
+        positions = torch.full((batch,), shape.context, dtype=torch.int64, device=device)
+        slots = table[:, pages_each - 1].long() * shape.page + shape.context % shape.page
+        lens = torch.full((batch,), shape.context + 1, dtype=torch.int32, device=device)
+        nbytes = 2 * batch * (shape.context + 1) * shape.kv_heads * shape.head_dim * (
+            torch.finfo(dtype).bits // 8)
+        default = decode_splits(batch * shape.kv_heads, shape.table_pages, shape.page,
+                                sm_count(device) or GPU_SMS)
+
+        def call(splits):
+            return rope_store_decode_triton(q, k, v, cos, sin, positions, k_cache, v_cache, slots,
+                                            table, lens, shape.head_dim ** -0.5, num_splits=splits)
+        reference, default_us = None, None
+        counts = sorted(set(SPLITS) | {default}, key=lambda s: (s != default, s))
+        for splits in sweep.trimmed(counts):
+            row = {"case": "paged decode + RoPE + store", "rows": batch, "way": "paged decode",
+                   "launch": f"{splits} splits" + (" (decode_splits')" * (splits == default)),
+                   "splits": splits, "default": splits == default}
+            if sweep.late():
+                writer.add({**row, "status": "not run: time"})
+                continue
+            out = call(splits).float()
+            if reference is not None and not torch.allclose(out, reference, atol=3e-2, rtol=3e-2):
+                writer.add({**row, "status": "wrong: differs from the default"})
+                continue
+            reference = out if reference is None else reference
+            figures = sweep.figures(sweep.timed(lambda: [call(splits) for _ in range(sweep.reps)]),
+                                    nbytes)
+            default_us = default_us or figures["us"]
+            writer.add({**row, **figures, "vs_default": default_us / figures["us"]})
+
+
+def run(out: Path, quick: bool = False, seconds: float = 60.0) -> list[dict]:
+    """Every row (see the module docstring) into OUT, none started after `seconds`; returns the
+    rows. Off CUDA (under TRITON_INTERPRET=1 only) the tiny shape, one call a timing."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("tune_decode: the Triton kernels need a CUDA device (or "
+                         "TRITON_INTERPRET=1)")
+    gpu = device.type == "cuda"
+    shape = QWEN_05B if gpu and not quick else QUICK
+    limits = devices.device_limits(device)
+    sweep = Sweep(device, torch.bfloat16, REPS if gpu else 1, 0.2 if gpu else 0.0,
+                  time.perf_counter() + seconds, limits.bytes_per_s, quick or not gpu)
+    meta = {**harness.run_metadata(device), "shape": dataclasses.asdict(shape), "reps": sweep.reps,
+            "limit": f"{limits.label}, {limits.bytes_per_s / 1e9:.0f} GB/s"}
+    writer = Writer(Path(out), meta)
+    with torch.inference_mode():
+        gemv_rows(shape, sweep, writer)
+        decode_rows(shape, sweep, writer)
+    return writer.rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true", help="the tiny shape (CPU smoke test)")
+    parser.add_argument("--seconds", type=float, default=60.0,
+                        help="rows not started by then say `not run: time`")
+    args = parser.parse_args(argv)
+    run(Path(args.out), args.quick, args.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
