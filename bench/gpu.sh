@@ -145,8 +145,9 @@ prebuild_triton_cache() {
   shopt -s nullglob
   records=("$repo"/bench/results/*/call*/triton_compiles.jsonl)
   shopt -u nullglob
-  # the kernels, the prebuild's own code (what it compiles and how) and the records
-  local sources=(kernels tests/tools/gpucheck tests/tools/triton_prebuild.py)
+  # the kernels, the prebuild's own code (what it compiles and how: the workload takes
+  # tune_decode's launch shapes) and the records
+  local sources=(kernels tests/tools/gpucheck tests/tools/triton_prebuild.py bench/tune_decode.py)
   stamp="$(git -C "$repo" rev-parse "${sources[@]/#/HEAD:}" | sha256sum | cut -c1-16)$(git -C \
     "$repo" diff --quiet HEAD -- "${sources[@]}" || echo -dirty) $(cat /dev/null "${records[@]}" \
     | sha256sum | cut -c1-16)"

@@ -7,14 +7,14 @@ time in the fused norm + q/k/v and norm + gate/up kernel (11 us a call, about 0.
 cuBLAS's GEMVs for o and down (two kernels each: split-K and its reduction) and 19% in the paged
 decode and its combine of splits. At a few rows a kernel is bound by how many bytes of weight it
 has in flight, which the tile, the warps and the pipeline's stages set. Rows, each the time of one
-call inside a CUDA graph of REPS back-to-back calls (as the decode graph runs them, no launch cost)
-whose weights rotate through enough copies to miss L2, as a step's 24 layers do:
+call inside a CUDA graph of back-to-back calls (as the decode graph runs them, no launch cost)
+whose operands rotate through enough copies (128 MB) to miss L2, as a step's 24 layers do:
 
 - per projection (q/k/v and gate/up: norm fused; o and down: the same kernel with a norm as a
   stand-in for a GEMV of their shape) and rows (1 and 256): cuBLAS (the norm kernel, then the GEMM,
   then SiLU * up: the engine's unfused decode), then norm_linear at tile_shape's tiles and at each
   alternative of `candidates`; its weight bytes over the time against the datasheet's bandwidth;
-- the paged decode with RoPE and the KV store (one new token per sequence, contexts of CONTEXT
+- the paged decode with RoPE and the KV store (one new token per sequence, contexts of 384
   tokens, block tables as wide as a decode graph's) at batch 1 and 256, at each split count.
 
 Every alternative is first checked against the default launch's output (bf16 rounding apart); one
@@ -65,8 +65,9 @@ class Shape:
 
 QWEN_05B = Shape(896, 1152, 4864, 14, 2, 64, 16, 384, 32768 // 16, (1, 256))
 QUICK = Shape(64, 128, 96, 4, 2, 16, 16, 40, 8, (1,))
-REPS = 20  # calls in one captured graph
-L2_MISS_BYTES = 128 << 20  # weights rotated through at least this much (an H100's L2 is 50 MB)
+REPS = 20  # calls in one captured graph, at least
+L2_MISS_BYTES = 128 << 20  # operands rotated through at least this much (an H100's L2: 50 MB)
+MAX_COPIES = 512  # operand sets at most (a batch-1 decode's 197 KB of K/V: 512 x 25 pages)
 SPLITS = (1, 2, 4, 8, 16, 32, 64)
 GPU_SMS = 132  # decode_splits' SM count off a GPU (an H100's), for the label of its choice
 
@@ -115,8 +116,9 @@ class Writer:
                 "vs default", "vs cuBLAS"]
         lines = [f"# Decode kernels at other launch shapes ({self.meta['device']}, commit "
                  f"{self.meta['git_commit']})", "",
-                 f"Each time is one call's, in a CUDA graph of {self.meta['reps']} calls "
-                 f"(the calls themselves off CUDA); bandwidth: {self.meta['limit']}.", "",
+                 f"Each time is one call's, in a CUDA graph of at least {self.meta['reps']} "
+                 "calls whose operands rotate through 128 MB (a row's `calls`; the calls "
+                 f"themselves off CUDA); bandwidth: {self.meta['limit']}.", "",
                  "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         lines += ["| " + " | ".join(_cells(r)) + " |" for r in self.rows]
         return "\n".join(lines) + "\n"
@@ -135,8 +137,9 @@ def _cells(row: dict) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-    """How the rows are taken: on `device` in `dtype`, `reps` calls a timed graph, each timing
-    within `budget_s`, none started after `deadline` (perf_counter), bandwidth `limit_bps`."""
+    """How the rows are taken: on `device` in `dtype`, at least `reps` calls a timed graph, each
+    timing within `budget_s`, none started after `deadline` (perf_counter), bandwidth
+    `limit_bps`."""
     device: torch.device
     dtype: torch.dtype
     reps: int
@@ -148,16 +151,29 @@ class Sweep:
     def trimmed(self, options: list) -> list:
         return options[:2] if self.quick else options
 
+    def copies(self, nbytes: int) -> int:
+        """Operand sets of `nbytes` a graph rotates through: L2_MISS_BYTES of them on CUDA (at most
+        MAX_COPIES), so each call reads its operands from memory as a decode step's layers do;
+        one elsewhere."""
+        if self.device.type != "cuda":
+            return 1
+        return max(1, min(MAX_COPIES, -(-L2_MISS_BYTES // nbytes)))
+
+    def calls(self, copies: int) -> int:
+        """Calls in one timed graph: every operand set once, at least `reps`."""
+        return max(self.reps, copies)
+
     def timed(self, call) -> timing.Timing:
-        """Seconds per replay of `call` (which makes `reps` calls): a CUDA graph's replay on CUDA,
-        the calls themselves elsewhere."""
+        """Seconds per replay of `call`: a CUDA graph of it replayed on CUDA, the call itself
+        elsewhere."""
         run = graphed(call) if self.device.type == "cuda" else call
         return timing.measure(run, self.device, budget_s=self.budget_s)
 
-    def figures(self, t: timing.Timing, nbytes: int) -> dict:
-        """A timing's microseconds per call (median, p20, p80, n) and `nbytes` over it."""
-        us = t.median_s / self.reps * 1e6
-        return {"us": us, "us_p20": t.p20_s / self.reps * 1e6, "us_p80": t.p80_s / self.reps * 1e6,
+    def figures(self, t: timing.Timing, calls: int, nbytes: int) -> dict:
+        """Microseconds per call of a timing of `calls` calls (median, p20, p80, n), and `nbytes`
+        a call over that time."""
+        us = t.median_s / calls * 1e6
+        return {"us": us, "us_p20": t.p20_s / calls * 1e6, "us_p80": t.p80_s / calls * 1e6,
                 "n": t.n, "GBps": nbytes / us / 1e3,
                 "of_bandwidth": nbytes / us * 1e6 / self.limit_bps}
 
@@ -172,23 +188,16 @@ def label(tiles: Tiles) -> str:
         f" s{tiles.num_stages}" if tiles.num_stages else "")
 
 
-def _weights(n: int, k: int, sweep: Sweep) -> list[torch.Tensor]:
-    """The weight [n, k] and its copies: enough to miss L2 when the graph rotates through them."""
-    g = torch.Generator(device="cpu").manual_seed(n * 7 + k)
-    base = (torch.randn(n, k, generator=g) / k ** 0.5).to(sweep.device, sweep.dtype)
-    nbytes = base.numel() * base.element_size()
-    copies = min(sweep.reps, -(-L2_MISS_BYTES // nbytes)) if sweep.device.type == "cuda" else 1
-    return [base] + [base.clone() for _ in range(copies - 1)]
-
-
 def gemv_rows(shape: Shape, sweep: Sweep, writer: Writer) -> None:
     """cuBLAS's unfused composition, then norm_linear's candidates, for each projection and row
-    count."""
+    count; the weights rotate through sweep.copies of them."""
     for rows in shape.rows:
         for name, n_w, k, has_bias, glu, has_residual in projections(shape):
-            weights = _weights(n_w, k, sweep)
-            nbytes = weights[0].numel() * weights[0].element_size()
-            g = torch.Generator(device="cpu").manual_seed(rows)
+            g = torch.Generator(device="cpu").manual_seed(n_w * 7 + k + rows)
+            weight = (torch.randn(n_w, k, generator=g) / k ** 0.5).to(sweep.device, sweep.dtype)
+            nbytes = weight.numel() * weight.element_size()
+            weights = [weight] + [weight.clone() for _ in range(sweep.copies(nbytes) - 1)]
+            calls = sweep.calls(len(weights))
             x, residual, norm_w, bias = (
                 t.to(sweep.device, sweep.dtype) for t in (
                     torch.randn(rows, k, generator=g), torch.randn(rows, k, generator=g),
@@ -198,10 +207,11 @@ def gemv_rows(shape: Shape, sweep: Sweep, writer: Writer) -> None:
             n_out = n_w // 2 if glu else n_w
 
             def row(way, launch_label, **extra):
-                return {"case": name, "rows": rows, "way": way, "launch": launch_label, **extra}
+                return {"case": name, "rows": rows, "way": way, "launch": launch_label,
+                        "calls": calls, **extra}
 
             def unfused():
-                for i in range(sweep.reps):
+                for i in range(calls):
                     h = kernels.rms_norm(x, norm_w, 1e-6, residual)
                     h = h[0] if residual is not None else h  # (y, s) with a residual
                     y = F.linear(h, weights[i % len(weights)], bias)
@@ -213,17 +223,19 @@ def gemv_rows(shape: Shape, sweep: Sweep, writer: Writer) -> None:
                 writer.add(row("cuBLAS", way, status="not run: time"))
                 continue
             baseline = sweep.timed(unfused)
-            writer.add(row("cuBLAS", way, **sweep.figures(baseline, nbytes)))
-            tile_rows(sweep, writer, sweep.trimmed(candidates(rows, n_out)), row, baseline, nbytes,
-                      lambda tiles, w: launch(x, residual, norm_w, 1e-6, w, bias, glu, tiles)[0],
-                      weights)
+            writer.add(row("cuBLAS", way, **sweep.figures(baseline, calls, nbytes)))
+            tile_rows(sweep, writer, sweep.trimmed(candidates(rows, n_out)), row, baseline,
+                      nbytes, lambda tiles, w: launch(x, residual, norm_w, 1e-6, w, bias, glu,
+                                                      tiles)[0], weights)
 
 
 def tile_rows(sweep: Sweep, writer: Writer, tiles_list: list[Tiles], row, baseline, nbytes: int,
               call, weights: list[torch.Tensor]) -> None:
     """norm_linear at each of `tiles_list` (the default first): checked against the default's
-    output, then timed; call(tiles, weight) -> the output."""
+    output, then timed over the weights (sweep.calls of them); call(tiles, weight) -> the
+    output."""
     reference, default_us = None, None
+    calls = sweep.calls(len(weights))
     for tiles in tiles_list:
         if sweep.late():
             writer.add(row("norm_linear", label(tiles), status="not run: time"))
@@ -236,12 +248,12 @@ def tile_rows(sweep: Sweep, writer: Writer, tiles_list: list[Tiles], row, baseli
                 continue
             reference = out if reference is None else reference
             t = sweep.timed(lambda: [call(tiles, weights[i % len(weights)])
-                                     for i in range(sweep.reps)])
+                                     for i in range(calls)])
         except Exception as error:  # out of resources at this launch: a finding, not the end
             writer.add(row("norm_linear", label(tiles),
                            status=f"failed: {type(error).__name__}: {error}"[:200]))
             continue
-        figures = sweep.figures(t, nbytes)
+        figures = sweep.figures(t, calls, nbytes)
         default_us = default_us or figures["us"]
         writer.add(row("norm_linear", label(tiles), **figures, tiles=tiles._asdict(),
                        default=tiles is tiles_list[0], vs_default=default_us / figures["us"],
@@ -250,19 +262,24 @@ def tile_rows(sweep: Sweep, writer: Writer, tiles_list: list[Tiles], row, baseli
 
 def decode_rows(shape: Shape, sweep: Sweep, writer: Writer) -> None:
     """The paged decode (RoPE and store in the launch) at each split count, at batch 1 and the
-    largest row count: contexts of shape.context tokens, tables shape.table_pages wide."""
+    largest row count: contexts of shape.context tokens, tables shape.table_pages wide, the calls
+    rotating through sweep.copies sets of pages."""
     device, dtype = sweep.device, sweep.dtype
     pages_each = -(-(shape.context + 1) // shape.page)
     for batch in sorted({1, shape.rows[-1]}):
+        nbytes = 2 * batch * (shape.context + 1) * shape.kv_heads * shape.head_dim * (
+            torch.finfo(dtype).bits // 8)
+        copies = sweep.copies(nbytes)
+        calls = sweep.calls(copies)
         g = torch.Generator(device="cpu").manual_seed(batch)
-        blocks = batch * pages_each + 1
         k_cache, v_cache = (
-            torch.randn(blocks, shape.page, shape.kv_heads, shape.head_dim, generator=g)
-            .to(device, dtype) for _ in range(2))
-        table = torch.zeros(batch, shape.table_pages, dtype=torch.int32)
-        table[:, :pages_each] = 1 + torch.arange(batch * pages_each, dtype=torch.int32).view(
-            batch, pages_each)
-        table = table.to(device)
+            torch.randn(copies * batch * pages_each + 1, shape.page, shape.kv_heads,
+                        shape.head_dim, generator=g).to(device, dtype) for _ in range(2))
+        # set c's sequence b holds pages 1 + (c * batch + b) * pages_each onwards (page 0: padding)
+        tables = torch.zeros(copies, batch, shape.table_pages, dtype=torch.int32)
+        tables[:, :, :pages_each] = 1 + torch.arange(copies * batch * pages_each,
+                                                     dtype=torch.int32).view(copies, batch, -1)
+        tables = tables.to(device)
         q = torch.randn(batch, shape.heads, shape.head_dim, generator=g).to(device, dtype)
         k, v = (torch.randn(batch, shape.kv_heads, shape.head_dim, generator=g).to(device, dtype)
                 for _ in range(2))
@@ -270,22 +287,21 @@ def decode_rows(shape: Shape, sweep: Sweep, writer: Writer) -> None:
         sin = torch.zeros(shape.context + 1, shape.head_dim, device=device)
         # the new token at position `context`, stored in its page's slot, attended to with the rest
         positions = torch.full((batch,), shape.context, dtype=torch.int64, device=device)
-        slots = table[:, pages_each - 1].long() * shape.page + shape.context % shape.page
+        slots = tables[:, :, pages_each - 1].long() * shape.page + shape.context % shape.page
         lens = torch.full((batch,), shape.context + 1, dtype=torch.int32, device=device)
-        nbytes = 2 * batch * (shape.context + 1) * shape.kv_heads * shape.head_dim * (
-            torch.finfo(dtype).bits // 8)
         default = decode_splits(batch * shape.kv_heads, shape.table_pages, shape.page,
                                 sm_count(device) or GPU_SMS)
 
-        def call(splits):
-            return rope_store_decode_triton(q, k, v, cos, sin, positions, k_cache, v_cache, slots,
-                                            table, lens, shape.head_dim ** -0.5, num_splits=splits)
+        def call(splits, c=0):
+            return rope_store_decode_triton(q, k, v, cos, sin, positions, k_cache, v_cache,
+                                            slots[c], tables[c], lens, shape.head_dim ** -0.5,
+                                            num_splits=splits)
         reference, default_us = None, None
         counts = sorted(set(SPLITS) | {default}, key=lambda s: (s != default, s))
         for splits in sweep.trimmed(counts):
             row = {"case": "paged decode + RoPE + store", "rows": batch, "way": "paged decode",
                    "launch": f"{splits} splits" + (" (decode_splits')" * (splits == default)),
-                   "splits": splits, "default": splits == default}
+                   "splits": splits, "default": splits == default, "calls": calls}
             if sweep.late():
                 writer.add({**row, "status": "not run: time"})
                 continue
@@ -294,8 +310,8 @@ def decode_rows(shape: Shape, sweep: Sweep, writer: Writer) -> None:
                 writer.add({**row, "status": "wrong: differs from the default"})
                 continue
             reference = out if reference is None else reference
-            figures = sweep.figures(sweep.timed(lambda: [call(splits) for _ in range(sweep.reps)]),
-                                    nbytes)
+            t = sweep.timed(lambda: [call(splits, i % copies) for i in range(calls)])
+            figures = sweep.figures(t, calls, nbytes)
             default_us = default_us or figures["us"]
             writer.add({**row, **figures, "vs_default": default_us / figures["us"]})
 
