@@ -85,16 +85,15 @@ class BlockManager:
         for _ in range(len(seq.block_table), self.blocks_for(seq.num_tokens)):
             seq.block_table.append(self._take_free_block())
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether the last token of `seq` (the next one fed to the model) has, or can get, a
-        slot."""
-        return len(seq.block_table) >= self.blocks_for(seq.num_tokens) or self.num_free_blocks > 0
-
-    def append_slot(self, seq: Sequence):
-        """Make sure the last token of `seq` has a slot, taking one new block if it starts a
-        block."""
-        if len(seq.block_table) < self.blocks_for(seq.num_tokens):
-            seq.block_table.append(self._take_free_block())
+    def append_slot(self, seq: Sequence) -> bool:
+        """Give the last token of `seq` (the next one fed to the model) a slot, taking a new block
+        if it starts one; False, with nothing taken, when it needs a block and none is free."""
+        if len(seq.block_table) * self.block_size >= seq.num_tokens:
+            return True
+        if not self.free_block_ids:
+            return False
+        seq.block_table.append(self._take_free_block())
+        return True
 
     def reserve(self, seq: Sequence, num_tokens: int) -> int:
         """Give `seq` slots up to `num_tokens` tokens (a speculative step's draft) as far as free

@@ -124,8 +124,8 @@ class EngineLoop:
         elif kind is StepKind.VERIFY:
             emitted = self.runner.verify(batch, drafts)
             self.drafts.count(drafts, emitted)
-        else:
-            emitted = [[t] for t in self.runner.run(batch, kind is StepKind.PREFILL)]
+        else:  # one token a row
+            emitted = self.runner.run(batch, kind is StepKind.PREFILL)
         if routing:  # before postprocess frees a finished one's blocks
             self.runner.keep_routing(spans, kind is StepKind.DECODE)
         if kind is StepKind.CHUNK:
@@ -141,7 +141,7 @@ class EngineLoop:
                 first += len(tokens)
                 del seq.routing_rows[seq.num_tokens - 1:]
         else:  # one token a row, each kept: its log-prob at the row's slot
-            finished = self.scheduler.postprocess(batch, [t for t, in emitted])
+            finished = self.scheduler.postprocess(batch, emitted)
             for slot, seq in enumerate(batch, first):
                 seq.logprob_slots.append(slot)
         for seq in finished:

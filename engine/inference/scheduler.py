@@ -116,14 +116,13 @@ class Scheduler:
         batch = []
         while self.running:
             seq = self.running.popleft()
-            while not self.block_manager.can_append(seq):
+            while not self.block_manager.append_slot(seq):
                 if self.running:
                     self._preempt(self.running.pop())
                 else:  # cannot happen when the pool fits one sequence (checked at admission)
                     self._preempt(seq)
                     break
             else:
-                self.block_manager.append_slot(seq)
                 batch.append(seq)
         self.running.extend(batch)
         return batch
@@ -157,11 +156,15 @@ class Scheduler:
         on_end decides what follows). Returns the finished and paused ones."""
         finished = []
         for seq, tokens in zip(batch, token_ids):
-            for token_id in [tokens] if isinstance(tokens, int) else tokens:
-                seq.append(token_id)
-                reason = self._finish_reason(seq, token_id)
-                if reason:
-                    break
+            if isinstance(tokens, int):  # a decode step's one token (at batch 256, 256 a step)
+                seq.append(tokens)
+                reason = self._finish_reason(seq, tokens)
+            else:
+                for token_id in tokens:
+                    seq.append(token_id)
+                    reason = self._finish_reason(seq, token_id)
+                    if reason:
+                        break
             if reason:
                 seq.finish_reason = reason
                 if seq.pauses:
@@ -199,13 +202,15 @@ class Scheduler:
         self.block_manager.deallocate(seq)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
-        params = seq.params
+        params = seq.request.params
         if (token_id in params.stop_token_ids
             or (not params.ignore_eos and token_id in self.eos_token_ids)):
             return "stop"
-        if seq.num_tokens - seq.turn_start >= params.max_new_tokens:
+        num_tokens = len(seq.token_ids)
+        if num_tokens - seq.turn_start >= params.max_new_tokens:
             return "length"
-        if seq.num_tokens >= min(self.max_model_len, seq.token_limit or self.max_model_len):
+        limit = seq.token_limit
+        if num_tokens >= (self.max_model_len if not limit else min(limit, self.max_model_len)):
             return "length"
         return None
 

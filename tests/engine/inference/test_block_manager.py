@@ -100,12 +100,24 @@ def test_append_slot_takes_a_block_only_when_a_token_starts_one():
     bm.allocate(s)
     assert len(s.block_table) == 1
     s.append(5)  # token 5 starts block 2
-    assert bm.can_append(s)
-    bm.append_slot(s)
-    assert len(s.block_table) == 2
+    assert bm.append_slot(s)
+    assert len(s.block_table) == 2 and bm.num_free_blocks == 2
     s.append(6)
-    bm.append_slot(s)
-    assert len(s.block_table) == 2
+    assert bm.append_slot(s)
+    assert len(s.block_table) == 2 and bm.num_free_blocks == 2
+
+
+def test_append_slot_takes_nothing_when_the_pool_is_empty():
+    bm = BlockManager(num_blocks=2, block_size=4)
+    s = seq([1, 2, 3, 4, 5, 6, 7, 8])
+    bm.allocate(s)
+    assert bm.num_free_blocks == 0
+    s.append(9)  # starts a third block: none free
+    assert not bm.append_slot(s)
+    assert len(s.block_table) == 2 and bm.num_free_blocks == 0
+    s.token_ids.pop()
+    s.token_ids[-1] = 0  # the last token inside the second block: its slot is there
+    assert bm.append_slot(s) and len(s.block_table) == 2
 
 
 def test_invalid_sizes_are_rejected():
