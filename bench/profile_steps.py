@@ -1,10 +1,11 @@
 """Where a decode step and a training micro-batch spend their time: torch.profiler summaries of the
 paths whose GPU bars were missed (on an H100: decode at batch 1, 711 tok/s against 1,800; a 1k-token
 micro-batch, 194 ms against 15 ms; decode at batch 256, 23.4k tok/s against 70k), at the
-Qwen2.5-0.5B shape in bf16, in that order, each file written as soon as it is taken; then the
-decode kernels at other launch shapes (tune_decode.py, GPU only: tune_decode.jsonl and .md), then
-PPO's policy and value losses at 256 x 2048 fp32 (forward + backward, 1.07 and 0.90 ms against
-torch.compile's 0.85 and 0.51). Each step takes (quick, device, dtype, OUT).
+Qwen2.5-0.5B shape in bf16, in that order, each file written as soon as it is taken; then PPO's
+policy and value losses at 256 x 2048 fp32 (forward + backward, 1.07 and 0.90 ms against
+torch.compile's 0.85 and 0.51); last the decode kernels at other launch shapes (tune_decode.py,
+GPU only: tune_decode.jsonl and .md, a row at a time, so the stage's deadline cuts only its last
+rows). Each step takes (quick, device, dtype, OUT).
 
 For each path, a text file with its head: wall milliseconds per step, the device's busy
 milliseconds (the kernels' own time summed) and their share of the wall, kernels launched and host
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
     wide = WIDE_BATCH_QUICK if args.quick else WIDE_BATCH
     for name, make in (("decode", decode_profile), ("train", train_profile),
                        (f"decode_b{wide}", functools.partial(decode_profile, batch=wide)),
-                       ("tune", tune), ("rl_ops", rl_ops_profile)):
+                       ("rl_ops", rl_ops_profile), ("tune", tune)):
         text = make(args.quick, device, dtype, out)
         if text is not None:
             write_text_atomic(out / f"profile_{name}.txt", stamp + text)
