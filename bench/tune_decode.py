@@ -188,45 +188,44 @@ def label(tiles: Tiles) -> str:
         f" s{tiles.num_stages}" if tiles.num_stages else "")
 
 
-def gemv_rows(shape: Shape, sweep: Sweep, writer: Writer) -> None:
-    """cuBLAS's unfused composition, then norm_linear's candidates, for each projection and row
-    count; the weights rotate through sweep.copies of them."""
-    for rows in shape.rows:
-        for name, n_w, k, has_bias, glu, has_residual in projections(shape):
-            g = torch.Generator(device="cpu").manual_seed(n_w * 7 + k + rows)
-            weight = (torch.randn(n_w, k, generator=g) / k ** 0.5).to(sweep.device, sweep.dtype)
-            nbytes = weight.numel() * weight.element_size()
-            weights = [weight] + [weight.clone() for _ in range(sweep.copies(nbytes) - 1)]
-            calls = sweep.calls(len(weights))
-            x, residual, norm_w, bias = (
-                t.to(sweep.device, sweep.dtype) for t in (
-                    torch.randn(rows, k, generator=g), torch.randn(rows, k, generator=g),
-                    1 + torch.randn(k, generator=g) / 10, torch.randn(n_w, generator=g)))
-            residual = residual if has_residual else None
-            bias = bias if has_bias else None
-            n_out = n_w // 2 if glu else n_w
+def gemv_rows(shape: Shape, rows: int, sweep: Sweep, writer: Writer) -> None:
+    """cuBLAS's unfused composition, then norm_linear's candidates, for each projection at
+    `rows` rows; the weights rotate through sweep.copies of them."""
+    for name, n_w, k, has_bias, glu, has_residual in projections(shape):
+        g = torch.Generator(device="cpu").manual_seed(n_w * 7 + k + rows)
+        weight = (torch.randn(n_w, k, generator=g) / k ** 0.5).to(sweep.device, sweep.dtype)
+        nbytes = weight.numel() * weight.element_size()
+        weights = [weight] + [weight.clone() for _ in range(sweep.copies(nbytes) - 1)]
+        calls = sweep.calls(len(weights))
+        x, residual, norm_w, bias = (
+            t.to(sweep.device, sweep.dtype) for t in (
+                torch.randn(rows, k, generator=g), torch.randn(rows, k, generator=g),
+                1 + torch.randn(k, generator=g) / 10, torch.randn(n_w, generator=g)))
+        residual = residual if has_residual else None
+        bias = bias if has_bias else None
+        n_out = n_w // 2 if glu else n_w
 
-            def row(way, launch_label, **extra):
-                return {"case": name, "rows": rows, "way": way, "launch": launch_label,
-                        "calls": calls, **extra}
+        def row(way, launch_label, **extra):
+            return {"case": name, "rows": rows, "way": way, "launch": launch_label,
+                    "calls": calls, **extra}
 
-            def unfused():
-                for i in range(calls):
-                    h = kernels.rms_norm(x, norm_w, 1e-6, residual)
-                    h = h[0] if residual is not None else h  # (y, s) with a residual
-                    y = F.linear(h, weights[i % len(weights)], bias)
-                    if glu:
-                        kernels.silu_mul(y)
+        def unfused():
+            for i in range(calls):
+                h = kernels.rms_norm(x, norm_w, 1e-6, residual)
+                h = h[0] if residual is not None else h  # (y, s) with a residual
+                y = F.linear(h, weights[i % len(weights)], bias)
+                if glu:
+                    kernels.silu_mul(y)
 
-            way = "norm kernel + GEMM" + (" + SiLU * up" if glu else "")
-            if sweep.late():
-                writer.add(row("cuBLAS", way, status="not run: time"))
-                continue
-            baseline = sweep.timed(unfused)
-            writer.add(row("cuBLAS", way, **sweep.figures(baseline, calls, nbytes)))
-            tile_rows(sweep, writer, sweep.trimmed(candidates(rows, n_out)), row, baseline,
-                      nbytes, lambda tiles, w: launch(x, residual, norm_w, 1e-6, w, bias, glu,
-                                                      tiles)[0], weights)
+        way = "norm kernel + GEMM" + (" + SiLU * up" if glu else "")
+        if sweep.late():
+            writer.add(row("cuBLAS", way, status="not run: time"))
+            continue
+        baseline = sweep.timed(unfused)
+        writer.add(row("cuBLAS", way, **sweep.figures(baseline, calls, nbytes)))
+        tile_rows(sweep, writer, sweep.trimmed(candidates(rows, n_out)), row, baseline,
+                  nbytes, lambda tiles, w: launch(x, residual, norm_w, 1e-6, w, bias, glu,
+                                                  tiles)[0], weights)
 
 
 def tile_rows(sweep: Sweep, writer: Writer, tiles_list: list[Tiles], row, baseline, nbytes: int,
@@ -260,60 +259,59 @@ def tile_rows(sweep: Sweep, writer: Writer, tiles_list: list[Tiles], row, baseli
                        vs_cublas=baseline.median_s / t.median_s))
 
 
-def decode_rows(shape: Shape, sweep: Sweep, writer: Writer) -> None:
-    """The paged decode (RoPE and store in the launch) at each split count, at batch 1 and the
-    largest row count: contexts of shape.context tokens, tables shape.table_pages wide, the calls
-    rotating through sweep.copies sets of pages."""
+def decode_rows(shape: Shape, batch: int, sweep: Sweep, writer: Writer) -> None:
+    """The paged decode (RoPE and store in the launch) of `batch` sequences at each split count:
+    contexts of shape.context tokens, tables shape.table_pages wide, the calls rotating through
+    sweep.copies sets of pages."""
     device, dtype = sweep.device, sweep.dtype
     pages_each = -(-(shape.context + 1) // shape.page)
-    for batch in sorted({1, shape.rows[-1]}):
-        nbytes = 2 * batch * (shape.context + 1) * shape.kv_heads * shape.head_dim * (
-            torch.finfo(dtype).bits // 8)
-        copies = sweep.copies(nbytes)
-        calls = sweep.calls(copies)
-        g = torch.Generator(device="cpu").manual_seed(batch)
-        k_cache, v_cache = (
-            torch.randn(copies * batch * pages_each + 1, shape.page, shape.kv_heads,
-                        shape.head_dim, generator=g).to(device, dtype) for _ in range(2))
-        # set c's sequence b holds pages 1 + (c * batch + b) * pages_each onwards (page 0: padding)
-        tables = torch.zeros(copies, batch, shape.table_pages, dtype=torch.int32)
-        tables[:, :, :pages_each] = 1 + torch.arange(copies * batch * pages_each,
-                                                     dtype=torch.int32).view(copies, batch, -1)
-        tables = tables.to(device)
-        q = torch.randn(batch, shape.heads, shape.head_dim, generator=g).to(device, dtype)
-        k, v = (torch.randn(batch, shape.kv_heads, shape.head_dim, generator=g).to(device, dtype)
-                for _ in range(2))
-        cos = torch.ones(shape.context + 1, shape.head_dim, device=device)
-        sin = torch.zeros(shape.context + 1, shape.head_dim, device=device)
-        # the new token at position `context`, stored in its page's slot, attended to with the rest
-        positions = torch.full((batch,), shape.context, dtype=torch.int64, device=device)
-        slots = tables[:, :, pages_each - 1].long() * shape.page + shape.context % shape.page
-        lens = torch.full((batch,), shape.context + 1, dtype=torch.int32, device=device)
-        default = decode_splits(batch * shape.kv_heads, shape.table_pages, shape.page,
-                                sm_count(device) or GPU_SMS)
+    nbytes = 2 * batch * (shape.context + 1) * shape.kv_heads * shape.head_dim * (
+        torch.finfo(dtype).bits // 8)
+    copies = sweep.copies(nbytes)
+    calls = sweep.calls(copies)
+    g = torch.Generator(device="cpu").manual_seed(batch)
+    k_cache, v_cache = (
+        torch.randn(copies * batch * pages_each + 1, shape.page, shape.kv_heads,
+                    shape.head_dim, generator=g).to(device, dtype) for _ in range(2))
+    # set c's sequence b holds pages 1 + (c * batch + b) * pages_each onwards (page 0: padding)
+    tables = torch.zeros(copies, batch, shape.table_pages, dtype=torch.int32)
+    tables[:, :, :pages_each] = 1 + torch.arange(copies * batch * pages_each,
+                                                 dtype=torch.int32).view(copies, batch, -1)
+    tables = tables.to(device)
+    q = torch.randn(batch, shape.heads, shape.head_dim, generator=g).to(device, dtype)
+    k, v = (torch.randn(batch, shape.kv_heads, shape.head_dim, generator=g).to(device, dtype)
+            for _ in range(2))
+    cos = torch.ones(shape.context + 1, shape.head_dim, device=device)
+    sin = torch.zeros(shape.context + 1, shape.head_dim, device=device)
+    # the new token at position `context`, stored in its page's slot, attended to with the rest
+    positions = torch.full((batch,), shape.context, dtype=torch.int64, device=device)
+    slots = tables[:, :, pages_each - 1].long() * shape.page + shape.context % shape.page
+    lens = torch.full((batch,), shape.context + 1, dtype=torch.int32, device=device)
+    default = decode_splits(batch * shape.kv_heads, shape.table_pages, shape.page,
+                            sm_count(device) or GPU_SMS)
 
-        def call(splits, c=0):
-            return rope_store_decode_triton(q, k, v, cos, sin, positions, k_cache, v_cache,
-                                            slots[c], tables[c], lens, shape.head_dim ** -0.5,
-                                            num_splits=splits)
-        reference, default_us = None, None
-        counts = sorted(set(SPLITS) | {default}, key=lambda s: (s != default, s))
-        for splits in sweep.trimmed(counts):
-            row = {"case": "paged decode + RoPE + store", "rows": batch, "way": "paged decode",
-                   "launch": f"{splits} splits" + (" (decode_splits')" * (splits == default)),
-                   "splits": splits, "default": splits == default, "calls": calls}
-            if sweep.late():
-                writer.add({**row, "status": "not run: time"})
-                continue
-            out = call(splits).float()
-            if reference is not None and not torch.allclose(out, reference, atol=3e-2, rtol=3e-2):
-                writer.add({**row, "status": "wrong: differs from the default"})
-                continue
-            reference = out if reference is None else reference
-            t = sweep.timed(lambda: [call(splits, i % copies) for i in range(calls)])
-            figures = sweep.figures(t, calls, nbytes)
-            default_us = default_us or figures["us"]
-            writer.add({**row, **figures, "vs_default": default_us / figures["us"]})
+    def call(splits, c=0):
+        return rope_store_decode_triton(q, k, v, cos, sin, positions, k_cache, v_cache,
+                                        slots[c], tables[c], lens, shape.head_dim ** -0.5,
+                                        num_splits=splits)
+    reference, default_us = None, None
+    counts = sorted(set(SPLITS) | {default}, key=lambda s: (s != default, s))
+    for splits in sweep.trimmed(counts):
+        row = {"case": "paged decode + RoPE + store", "rows": batch, "way": "paged decode",
+               "launch": f"{splits} splits" + (" (decode_splits')" * (splits == default)),
+               "splits": splits, "default": splits == default, "calls": calls}
+        if sweep.late():
+            writer.add({**row, "status": "not run: time"})
+            continue
+        out = call(splits).float()
+        if reference is not None and not torch.allclose(out, reference, atol=3e-2, rtol=3e-2):
+            writer.add({**row, "status": "wrong: differs from the default"})
+            continue
+        reference = out if reference is None else reference
+        t = sweep.timed(lambda: [call(splits, i % copies) for i in range(calls)])
+        figures = sweep.figures(t, calls, nbytes)
+        default_us = default_us or figures["us"]
+        writer.add({**row, **figures, "vs_default": default_us / figures["us"]})
 
 
 def run(out: Path, quick: bool = False, seconds: float = 60.0) -> list[dict]:
@@ -332,8 +330,9 @@ def run(out: Path, quick: bool = False, seconds: float = 60.0) -> list[dict]:
             "limit": f"{limits.label}, {limits.bytes_per_s / 1e9:.0f} GB/s"}
     writer = Writer(Path(out), meta)
     with torch.inference_mode():
-        gemv_rows(shape, sweep, writer)
-        decode_rows(shape, sweep, writer)
+        for rows in shape.rows:  # batch 1's first: the headline's decode row
+            gemv_rows(shape, rows, sweep, writer)
+            decode_rows(shape, rows, sweep, writer)
     return writer.rows
 
 
