@@ -12,8 +12,9 @@ whose operands rotate through enough copies (128 MB) to miss L2, as a step's 24 
 
 - per projection (q/k/v and gate/up: norm fused; o and down: the same kernel with a norm as a
   stand-in for a GEMV of their shape) and rows (1 and 256): cuBLAS (the norm kernel, then the GEMM,
-  then SiLU * up: the engine's unfused decode), then norm_linear at tile_shape's tiles and at each
-  alternative of `candidates`; its weight bytes over the time against the datasheet's bandwidth;
+  then SiLU * up: the engine's unfused decode; for o and down, which the engine always gives
+  cuBLAS, the GEMM alone), then norm_linear at tile_shape's tiles and at each alternative of
+  `candidates`; its weight bytes over the time against the datasheet's bandwidth;
 - the paged decode with RoPE and the KV store (one new token per sequence, contexts of 384
   tokens, block tables as wide as a decode graph's) at batch 1 and 256, at each split count.
 
@@ -87,7 +88,9 @@ def candidates(rows: int, n_out: int) -> list[Tiles]:
 
 
 def projections(shape: Shape) -> list[tuple]:
-    """(name, output rows of the weight, K, bias, glu, residual) of each decode projection."""
+    """(name, output rows of the weight, K, bias, glu, fused) of each decode projection: fused, the
+    engine runs it in norm_linear (else cuBLAS's GEMM alone, and norm_linear, with a residual so
+    that it copies nothing, stands in for a GEMV kernel of that shape)."""
     return [("q/k/v", shape.qkv, shape.hidden, True, False, True),
             ("gate/up", 2 * shape.intermediate, shape.hidden, False, True, True),
             ("o (stand-in)", shape.hidden, shape.hidden, False, False, False),
@@ -189,9 +192,10 @@ def label(tiles: Tiles) -> str:
 
 
 def gemv_rows(shape: Shape, rows: int, sweep: Sweep, writer: Writer) -> None:
-    """cuBLAS's unfused composition, then norm_linear's candidates, for each projection at
-    `rows` rows; the weights rotate through sweep.copies of them."""
-    for name, n_w, k, has_bias, glu, has_residual in projections(shape):
+    """What the engine's unfused decode runs (the norm kernel, cuBLAS's GEMM and SiLU * up; for
+    o and down the GEMM alone), then norm_linear's candidates, for each projection at `rows` rows;
+    the weights rotate through sweep.copies of them."""
+    for name, n_w, k, has_bias, glu, fused in projections(shape):
         g = torch.Generator(device="cpu").manual_seed(n_w * 7 + k + rows)
         weight = (torch.randn(n_w, k, generator=g) / k ** 0.5).to(sweep.device, sweep.dtype)
         nbytes = weight.numel() * weight.element_size()
@@ -201,7 +205,6 @@ def gemv_rows(shape: Shape, rows: int, sweep: Sweep, writer: Writer) -> None:
             t.to(sweep.device, sweep.dtype) for t in (
                 torch.randn(rows, k, generator=g), torch.randn(rows, k, generator=g),
                 1 + torch.randn(k, generator=g) / 10, torch.randn(n_w, generator=g)))
-        residual = residual if has_residual else None
         bias = bias if has_bias else None
         n_out = n_w // 2 if glu else n_w
 
@@ -211,13 +214,12 @@ def gemv_rows(shape: Shape, rows: int, sweep: Sweep, writer: Writer) -> None:
 
         def unfused():
             for i in range(calls):
-                h = kernels.rms_norm(x, norm_w, 1e-6, residual)
-                h = h[0] if residual is not None else h  # (y, s) with a residual
+                h = kernels.rms_norm(x, norm_w, 1e-6, residual)[0] if fused else x
                 y = F.linear(h, weights[i % len(weights)], bias)
                 if glu:
                     kernels.silu_mul(y)
 
-        way = "norm kernel + GEMM" + (" + SiLU * up" if glu else "")
+        way = ("norm kernel + " if fused else "") + "GEMM" + (" + SiLU * up" if glu else "")
         if sweep.late():
             writer.add(row("cuBLAS", way, status="not run: time"))
             continue

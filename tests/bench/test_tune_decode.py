@@ -17,9 +17,12 @@ def test_quick_run_times_each_projection_and_split_beside_cublas(tmp_path):
     lines = (tmp_path / "tune_decode.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["meta"]["shape"]["hidden"] == tune_decode.QUICK.hidden
     assert [json.loads(line) for line in lines[1:]] == rows
-    for name, width, *_, glu, _ in tune_decode.projections(tune_decode.QUICK):
+    for name, width, *_, glu, fused in tune_decode.projections(tune_decode.QUICK):
         case = [r for r in rows if r["case"] == name]
         assert [r["way"] for r in case] == ["cuBLAS", "norm_linear", "norm_linear"]
+        # what the engine's unfused decode runs: o and down are cuBLAS's GEMM alone
+        assert case[0]["launch"] == ("norm kernel + GEMM" if fused else "GEMM") + (
+            " + SiLU * up" if glu else "")
         default = tile_shape(1, width // 2 if glu else width)
         assert case[1]["tiles"] == default._asdict() and case[1]["default"]
         assert case[2]["tiles"] != default._asdict() and not case[2]["default"]

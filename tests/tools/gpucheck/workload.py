@@ -207,14 +207,13 @@ def decode_tune(shape=tune_decode.QWEN_05B) -> None:
     rows and the output widths are runtime ints (a multiple of 16 stands in for each width, 4 rows
     for each count: the tiles are what the count picks)."""
     for rows in shape.rows:
-        for _, width, k, has_bias, glu, has_residual in tune_decode.projections(shape):
+        for _, width, k, has_bias, glu, _ in tune_decode.projections(shape):
             x, residual = (torch.randn(4, k, dtype=torch.bfloat16) for _ in range(2))
             norm_weight = torch.ones(k, dtype=torch.bfloat16)
             weight = torch.randn(64 if glu else 32, k, dtype=torch.bfloat16) / 30
             bias = torch.randn(weight.shape[0], dtype=torch.bfloat16) if has_bias else None
             for tiles in tune_decode.candidates(rows, width // 2 if glu else width):
-                norm_linear_launch(x, residual if has_residual else None, norm_weight, 1e-6,
-                                   weight, bias, glu, tiles)
+                norm_linear_launch(x, residual, norm_weight, 1e-6, weight, bias, glu, tiles)
     paged_decode_at(shape.heads, shape.kv_heads, shape.head_dim, tune_decode.SPLITS)
 
 
