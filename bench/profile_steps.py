@@ -5,7 +5,7 @@ Qwen2.5-0.5B shape in bf16, in that order, each file written as soon as it is ta
 policy and value losses at 256 x 2048 fp32 (forward + backward, 1.07 and 0.90 ms against
 torch.compile's 0.85 and 0.51); last the decode kernels at other launch shapes (tune_decode.py,
 GPU only: tune_decode.jsonl and .md, a row at a time, so the stage's deadline cuts only its last
-rows). Each step takes (quick, device, dtype, OUT).
+rows).
 
 For each path, a text file with its head: wall milliseconds per step, the device's busy
 milliseconds (the kernels' own time summed) and their share of the wall, kernels launched and host
@@ -40,7 +40,7 @@ RL_OP_CALLS = 20
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
          "cudaMemcpy", "cudaStreamWaitEvent")
 TOP = 25
-TUNE_SECONDS = 45  # tune_decode's rows not started by then say so (its table is 60 rows)
+TUNE_SECONDS = 45  # tune_decode's rows not started by then say so (its table is 66 rows)
 
 
 def summary(prof, steps: int, wall_s: float, device: torch.device) -> str:
@@ -80,8 +80,7 @@ def profiled(fn, steps: int, device: torch.device):
     return prof, wall
 
 
-def decode_profile(quick: bool, device: torch.device, dtype: torch.dtype, out: Path,
-                   batch: int = 1) -> str:
+def decode_profile(quick: bool, device: torch.device, dtype: torch.dtype, batch: int = 1) -> str:
     """Greedy decode at `batch` through the engine (CUDA-graph steps on a GPU), one call of
     DECODE_TOKENS new tokens per sequence profiled: per step, the call's wall over its steps."""
     from fusedrl.engine.inference.llm import LLM
@@ -102,7 +101,7 @@ def decode_profile(quick: bool, device: torch.device, dtype: torch.dtype, out: P
         model.remove()
 
 
-def train_profile(quick: bool, device: torch.device, dtype: torch.dtype, out: Path) -> str:
+def train_profile(quick: bool, device: torch.device, dtype: torch.dtype) -> str:
     """One micro-batch (forward, fused head, backward; no optimizer), three profiled."""
     small = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4,
                  num_kv_heads=2, head_dim=16)
@@ -114,7 +113,7 @@ def train_profile(quick: bool, device: torch.device, dtype: torch.dtype, out: Pa
             f"{packed_attention_kernel(device, dtype)}\n" + summary(prof, 3, wall, device))
 
 
-def rl_ops_profile(quick: bool, device: torch.device, dtype: torch.dtype, out: Path) -> str:
+def rl_ops_profile(quick: bool, device: torch.device, dtype: torch.dtype) -> str:
     """PPO's policy and value losses, forward + backward at the RL ops' shape (256 x 2048 fp32),
     RL_OP_CALLS calls each on the backend of their fastest row (the CUDA twins where built, else
     Triton; the CPU's PyTorch backend here): the two small ops that trailed torch.compile, both
@@ -152,20 +151,15 @@ def main(argv=None) -> None:
     wide = WIDE_BATCH_QUICK if args.quick else WIDE_BATCH
     for name, make in (("decode", decode_profile), ("train", train_profile),
                        (f"decode_b{wide}", functools.partial(decode_profile, batch=wide)),
-                       ("rl_ops", rl_ops_profile), ("tune", tune)):
-        text = make(args.quick, device, dtype, out)
-        if text is not None:
-            write_text_atomic(out / f"profile_{name}.txt", stamp + text)
-            print((stamp + text).split("\n\n")[0], flush=True)
-
-
-def tune(quick: bool, device: torch.device, dtype: torch.dtype, out: Path) -> None:
-    """The decode kernels at other launch shapes (tune_decode.py, its own files in OUT), on a GPU
-    only: the interpreter's times decide nothing."""
-    if device.type != "cuda":
+                       ("rl_ops", rl_ops_profile)):
+        text = stamp + make(args.quick, device, dtype)
+        write_text_atomic(out / f"profile_{name}.txt", text)
+        print(text.split("\n\n")[0], flush=True)
+    # Last, its own files in OUT: a GPU's timings only (the interpreter's decide nothing).
+    if device.type == "cuda":
+        tune_decode.run(out, seconds=TUNE_SECONDS)
+    else:
         print("tune_decode: not run (its rows are GPU timings)", flush=True)
-        return
-    tune_decode.run(out, seconds=TUNE_SECONDS)
 
 
 if __name__ == "__main__":
