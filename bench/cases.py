@@ -105,14 +105,21 @@ def run_case(case: Case, budget_s: float | None, emit: Callable[[dict], None],
         try:
             with time_limit(limit_s):
                 for row in case.measure():
-                    done.add(row["impl"].split()[0])
+                    done.add(row["impl"])
                     emit(phases.attach(row))
         except CaseTimeout:
             status = f"{NOT_RUN_TIME} ({limit}, {limit_s:.0f} s)"
-            for row in not_run(case, [i for i in case.impls if i.split()[0] not in done], status):
+            for row in not_run(case, [i for i in case.impls if not _reached(i, done)], status):
                 emit(row)
         except Exception as error:  # one case's failure is its rows' status, not the run's end
             status = f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}" \
                 if str(error) else f"error: {type(error).__name__}"
-            for row in not_run(case, [i for i in case.impls if i.split()[0] not in done], status):
+            for row in not_run(case, [i for i in case.impls if not _reached(i, done)], status):
                 emit(row)
+
+
+def _reached(impl: str, done: set[str]) -> bool:
+    """Whether a case's listed `impl` gave a row: one of that name, or for a one-word name (a
+    peer's, "trl") one whose first word it is ("trl 1.16.0", "fusedrl cuda"). A listed name of
+    several words ("fusedrl CUDA graph") is reached only by itself."""
+    return impl in done or (" " not in impl and any(d.split()[0] == impl for d in done))

@@ -1,11 +1,11 @@
 """Where a decode step and a training micro-batch spend their time: torch.profiler summaries of the
 paths whose GPU bars were missed (on an H100: decode at batch 1, 711 tok/s against 1,800; a 1k-token
 micro-batch, 194 ms against 15 ms; decode at batch 256, 23.4k tok/s against 70k), at the
-Qwen2.5-0.5B shape in bf16, in that order, each file written as soon as it is taken; then PPO's
-policy and value losses at 256 x 2048 fp32 (forward + backward, 1.07 and 0.90 ms against
-torch.compile's 0.85 and 0.51); last the decode kernels at other launch shapes (tune_decode.py,
-GPU only: tune_decode.jsonl and .md, a row at a time, so the stage's deadline cuts only its last
-rows).
+Qwen2.5-0.5B shape in bf16, in that order (the micro-batch also replayed from a CUDA graph), each
+file written as soon as it is taken; then PPO's policy and value losses at 256 x 2048 fp32 (forward
++ backward, 1.07 and 0.90 ms against torch.compile's 0.85 and 0.51); last the decode kernels at
+other launch shapes (tune_decode.py, GPU only: tune_decode.jsonl and .md, a row at a time, so the
+stage's deadline cuts only its last rows).
 
 For each path, a text file with its head: wall milliseconds per step, the device's busy
 milliseconds (the kernels' own time summed) and their share of the wall, kernels launched and host
@@ -102,15 +102,22 @@ def decode_profile(quick: bool, device: torch.device, dtype: torch.dtype, batch:
 
 
 def train_profile(quick: bool, device: torch.device, dtype: torch.dtype) -> str:
-    """One micro-batch (forward, fused head, backward; no optimizer), three profiled."""
+    """One micro-batch (forward, fused head, backward; no optimizer), three profiled; on a GPU
+    then three replays of it captured as a CUDA graph."""
     small = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4,
                  num_kv_heads=2, head_dim=16)
     model = shapes.qwen_like(2 if quick else 24, dtype, str(device), **(small if quick else {}))
     tokens = 64 if quick else TRAIN_TOKENS
-    step = bench_train_step.micro_batch(model, tokens, 32 if quick else TRAIN_SEQ, device)
-    prof, wall = profiled(step, 3, device)
-    return (f"training micro-batch of {tokens} tokens; packed attention "
+    seq = 32 if quick else TRAIN_SEQ
+    prof, wall = profiled(bench_train_step.micro_batch(model, tokens, seq, device), 3, device)
+    text = (f"training micro-batch of {tokens} tokens; packed attention "
             f"{packed_attention_kernel(device, dtype)}\n" + summary(prof, 3, wall, device))
+    if device.type != "cuda":
+        return text
+    replay = bench_train_step.captured_micro_batch(model, tokens, seq, device)
+    prof, wall = profiled(replay, 3, device)  # captured in its warm-up call
+    return (text + f"\n\nthe same micro-batch replayed from a CUDA graph (one filler row a "
+            "sequence)\n" + summary(prof, 3, wall, device))
 
 
 def rl_ops_profile(quick: bool, device: torch.device, dtype: torch.dtype) -> str:

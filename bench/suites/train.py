@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .. import bench_train_step, results, shapes
+from .. import bench_train_step, results, shapes, timing
 from ..cases import Case
 from ..context import Context
 
 SUITE = "train"
+GRAPH_IMPL = "fusedrl CUDA graph"  # the micro-batch replayed (engine/train/captured_micro_batch.py)
+LIMIT = "MFU (FLOP/s)"
 MODEL = "train model"  # the Context.shared key of the model and optimizer its cases share
 
 
@@ -56,31 +58,49 @@ def train_name(ctx: Context, tokens: int, seq_len: int) -> str:
 
 
 def step_rows(ctx: Context, tokens: int, seq_len: int, suite: str = SUITE):
-    """One micro-batch of `tokens` through forward + backward, then the optimizer step."""
+    """One micro-batch of `tokens` through forward + backward, then the optimizer step; on a GPU
+    the micro-batch again as a CUDA graph's replay (the same optimizer step's time added)."""
     from fusedrl.engine.train.fused_adamw import FusedAdamW
 
     def make():
         lm = engine_model(ctx)
         return lm, FusedAdamW(list(lm.parameters()), lr=1e-5)
     lm, optimizer = ctx.shared(MODEL, make)
+    budget = 0.5 if ctx.quick else 5.0
     step = bench_train_step.measure_step(lm, optimizer, tokens, seq_len, ctx.device,
-                                         budget_s=0.5 if ctx.quick else 5.0)
+                                         budget_s=budget)
     loop, update = step["timings"]
-    seconds = loop.median_s + update.median_s
     flops = flops_per_token(lm, min(seq_len, tokens)) * tokens
-    yield results.make_row(
-        suite, train_name(ctx, tokens, seq_len), "fusedrl",
-        fraction_of_limit=ctx.flops_fraction(flops / seconds), limit="MFU (FLOP/s)",
-        seconds=seconds, seconds_p20=loop.p20_s + update.p20_s,
-        seconds_p80=loop.p80_s + update.p80_s, n=min(loop.n, update.n),
-        tokens_per_s=tokens / seconds, fwd_bwd_ms=step["fwd_bwd_ms"],
-        optimizer_step_ms=step["optimizer_step_ms"], model_flops=flops)
+    name = train_name(ctx, tokens, seq_len)
+
+    def row(impl, loop):
+        seconds = loop.median_s + update.median_s
+        return results.make_row(
+            suite, name, impl, fraction_of_limit=ctx.flops_fraction(flops / seconds),
+            limit=LIMIT, seconds=seconds, seconds_p20=loop.p20_s + update.p20_s,
+            seconds_p80=loop.p80_s + update.p80_s, n=min(loop.n, update.n),
+            tokens_per_s=tokens / seconds, fwd_bwd_ms=round(loop.median_s * 1e3, 3),
+            optimizer_step_ms=step["optimizer_step_ms"], model_flops=flops)
+    yield row("fusedrl", loop)
+    if ctx.device.type != "cuda":
+        yield results.missing_row(suite, name, GRAPH_IMPL,
+                                  "not run: CUDA graphs need a CUDA device", LIMIT)
+        return
+    try:
+        replayed = timing.measure(
+            bench_train_step.captured_micro_batch(lm, tokens, seq_len, ctx.device), ctx.device,
+            min_reps=3, budget_s=budget)
+    except Exception as error:  # a capture that fails is this row's status, not the case's end
+        yield results.missing_row(suite, name, GRAPH_IMPL,
+                                  f"error: {type(error).__name__}: {str(error)[:160]}", LIMIT)
+        return
+    yield row(GRAPH_IMPL, replayed)
 
 
 def cases_at(ctx: Context, tokens: int) -> Case:
     """The micro-batch of `tokens` tokens (sequences of 256; quick: 64)."""
     seq_len = 64 if ctx.quick else 256
-    return Case(SUITE, train_name(ctx, tokens, seq_len), ("fusedrl",),
+    return Case(SUITE, train_name(ctx, tokens, seq_len), ("fusedrl", GRAPH_IMPL),
                 functools.partial(step_rows, ctx, tokens, seq_len), shares=(MODEL,))
 
 

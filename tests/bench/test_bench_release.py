@@ -106,6 +106,22 @@ def test_the_runs_deadline_still_stops_a_case():
     assert [r["status"] for r in rows] == ["not run: time (the run's deadline, 0 s)"] * 2, rows
 
 
+def test_a_case_stopped_after_some_rows_names_each_row_it_did_not_give():
+    """A listed name of several words ("fusedrl CUDA graph") is not taken as given by a row of its
+    first word; a one-word peer name is, by its versioned row ("trl 1.16.0")."""
+    def partial():
+        for impl in ("fusedrl", "trl 1.16.0"):
+            yield {"suite": "headline", "name": "p", "impl": impl, "status": "ok",
+                   "fraction_of_limit": None, "limit": "-", "seconds": None}
+        raise RuntimeError("capture failed")
+    rows = []
+    run_case(Case("headline", "p", ("fusedrl", "trl", "fusedrl CUDA graph", "liger"), partial),
+             None, rows.append)
+    assert [(r["impl"], r["status"]) for r in rows[2:]] == [
+        ("fusedrl CUDA graph", "error: RuntimeError: capture failed"),
+        ("liger", "error: RuntimeError: capture failed")], rows
+
+
 def test_the_losses_variants_in_one_process_each_get_a_timed_loop_peers_not_installed_skipped(
         monkeypatch):
     monkeypatch.setattr(kernels, "peer_version", lambda dist: None)  # no peer installed

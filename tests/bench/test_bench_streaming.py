@@ -58,7 +58,8 @@ def test_a_case_past_its_budget_times_one_call_and_past_the_deadline_says_not_ru
     monkeypatch.setattr(devices, "device_limits", lambda device: FIXED)
     out = tmp_path / "budget"
     assert main(["bench", "train", "--quick", "row_seconds=0.001", f"output_dir={out}"]) == 0
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    rows = [r for r in json.loads((out / "results.json").read_text())["rows"]
+            if r["impl"] != "fusedrl CUDA graph"]  # not run on the CPU
     assert rows and all(r["status"] == "ok" and r["n"] == 1 for r in rows), rows
     out = tmp_path / "deadline"
     assert main(["bench", "rl", "--quick", "max_minutes=0.0001", f"output_dir={out}"]) == 0

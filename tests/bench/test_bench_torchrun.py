@@ -28,12 +28,13 @@ def bench_on_two_ranks(suite: str, tmp_path, timeout: int):
 def test_train_under_torchrun_reports_per_gpu_figures_from_rank_0(tmp_path):
     run, payload = bench_on_two_ranks("train", tmp_path, 120)
     assert payload["meta"]["world_size"] == 2 and payload["meta"]["ended"] == "complete"
-    (row,) = payload["rows"]
+    row, graph = payload["rows"]
     assert row["status"] == "ok" and row["world_size"] == 2
     assert row["tokens_per_s_total"] == pytest.approx(2 * row["tokens_per_s_per_gpu"])
     assert "tokens_per_s" not in row and row["n"] >= 3
+    assert graph["impl"] == "fusedrl CUDA graph" and graph["status"].startswith("not run: CUDA")
     assert run.stdout.count("| fusedrl |") == 2  # rank 0's progress line and its table only
-    assert len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) == 1
+    assert len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) == 2
 
 
 @pytest.mark.integration
