@@ -39,7 +39,7 @@ from typing import Callable, Mapping, NamedTuple
 import numpy as np
 import torch
 
-from ...kernels.attention import AttentionMetadata, packed_attention_kernel
+from ...kernels.attention import AttentionMetadata, attention_backend
 
 # What a captured micro-batch's loss gets: hidden [rows, H] of the padded pack, and the columns
 # [rows] by name (the pack's rows' values, then each column's pad value) -> a scalar loss.
@@ -48,7 +48,7 @@ LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 # A bucket's rows are a multiple of this (Triton specializes integer arguments on divisibility).
 ROW_MULTIPLE = 16
 # Attention kernels whose graph replays any boundaries under the captured bound
-# (packed_attention_kernel's names).
+# (attention_backend's names).
 VARLEN_KERNELS = ("flash_attn", "torch_varlen")
 
 
@@ -86,13 +86,15 @@ class CapturedMicroBatch:
         self.rows = -(-(tokens + sequences) // ROW_MULTIPLE) * ROW_MULTIPLE
         self.columns = dict(columns)
         self.graphs = self.device.type == "cuda"
-        if self.graphs:
-            kernel = packed_attention_kernel(self.device, weight.dtype)
-            if not kernel.startswith(VARLEN_KERNELS):
+        if self.graphs:  # the kernel the model's packed forward takes, at its own head size
+            config = model.config
+            kernel = attention_backend(torch.empty(1, config.num_heads, config.head_dim,
+                                                   device=self.device, dtype=weight.dtype))
+            if kernel not in VARLEN_KERNELS:
                 raise ValueError(
                     f"CapturedMicroBatch: packed attention runs {kernel!r} on {self.device} for "
-                    f"{weight.dtype}; a graph needs a varlen kernel ({', '.join(VARLEN_KERNELS)}), "
-                    "which reads the boundaries from the device")
+                    f"{weight.dtype} at head size {config.head_dim}; a graph needs a varlen kernel "
+                    f"({', '.join(VARLEN_KERNELS)}), which reads the boundaries from the device")
         self._ids = torch.zeros(self.rows, dtype=torch.int64, device=self.device)
         self._positions = torch.zeros(self.rows, dtype=torch.int64, device=self.device)
         self._cu_seqlens = torch.zeros(sequences + 2, dtype=torch.int32, device=self.device)

@@ -19,9 +19,9 @@ SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_heads=4, n
 COLUMNS = {"labels": Column(torch.int64, 0), "weight": Column(torch.float32, 0.0)}
 
 
-def model_and_loss(device="cpu", dtype=torch.float32, seed=0):
+def model_and_loss(device="cpu", dtype=torch.float32, seed=0, **overrides):
     torch.manual_seed(seed)
-    model = qwen_like(2, dtype, device, **SMALL)
+    model = qwen_like(2, dtype, device, **{**SMALL, **overrides})
 
     def loss(hidden, columns):
         logp = lm_head_logprobs(hidden, model.lm_head.weight, columns["labels"])
@@ -164,7 +164,7 @@ def test_replays_give_the_eager_steps_loss_and_gradients_on_a_gpu():
     """On CUDA: captured once, replayed for packs of other lengths (fewer sequences, a filler of
     many rows), the losses and the summed gradients are the eager steps'; a .grad set to None
     since the capture is refused."""
-    model, loss = model_and_loss("cuda", torch.bfloat16)
+    model, loss = model_and_loss("cuda", torch.bfloat16, head_dim=64)  # the model's head size
     packs = [[40, 17, 3], [64], [9, 9, 30, 11]]
     data = [(seqlens, random_pack(seqlens, "cuda", seed=i)) for i, seqlens in enumerate(packs)]
     want_losses, want_grads = eager_grads(model, loss, data)
@@ -172,11 +172,23 @@ def test_replays_give_the_eager_steps_loss_and_gradients_on_a_gpu():
     model.zero_grad(set_to_none=True)
     for (seqlens, (ids, columns)), want in zip(data, want_losses):
         torch.testing.assert_close(captured.run(ids, seqlens, columns).clone(), want,
-                                   atol=2e-3, rtol=2e-2)
+                                   atol=0, rtol=1e-2)
     assert captured.graph is not None
-    for p, want in zip(model.parameters(), want_grads):
-        torch.testing.assert_close(p.grad.float(), want.float(), atol=2e-3, rtol=5e-2)
+    for (name, p), want in zip(model.named_parameters(), want_grads):
+        # bf16 gradients summed in another order (the padded GEMMs): ~1% of their norm; a row
+        # attending across a boundary or a lost micro-batch moves them by tens of percent.
+        error = (p.grad.float() - want.float()).norm() / want.float().norm()
+        assert error < 0.05, (name, error)
     model.zero_grad(set_to_none=True)
     seqlens, (ids, columns) = data[0]
     with pytest.raises(ValueError, match="set to None since the capture"):
         captured.run(ids, seqlens, columns)
+
+
+@pytest.mark.gpu
+def test_capture_is_refused_where_packed_attention_plans_on_the_host():
+    """fp32 on CUDA takes the padded SDPA path (no flash kernel for it), whose host plan a graph
+    would replay for every pack."""
+    model, loss = model_and_loss("cuda", torch.float32, head_dim=64)
+    with pytest.raises(ValueError, match="a graph needs a varlen kernel"):
+        CapturedMicroBatch(model, loss, COLUMNS, tokens=32, sequences=2)
