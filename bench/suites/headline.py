@@ -8,8 +8,10 @@ entropy at TRL's shape (8,192 tokens, V 151,936, bf16) from logits (forward, bes
 passes; TRL publishes 0.89 ms for its fused kernel) and from hidden states (H 4,096, forward +
 backward), the fused head's memory and time at Liger's (the GRPO loss from hidden states,
 V 128,256, H 4,096, 4,096 tokens), the distillation divergence, and an MoE decode step at
-Qwen3-30B-A3B's layer shape; then the slow peers, TRL's GRPO and PPO trainers (a process each, a
-minute or more), so that every claim has its row first. --quick: the same claims at shapes a CPU
+Qwen3-30B-A3B's layer shape; then the training micro-batch replayed from a CUDA graph (after every
+claim of ours: a capture that fails, or leaves the device in error, costs no other row of ours);
+then the slow peers, TRL's GRPO and PPO trainers (a process each, a minute or more), so that every
+claim has its row first. --quick: the same claims at shapes a CPU
 runs in seconds whose [N, V] logits (32-64 MiB) still set the fused paths' memory apart.
 """
 from __future__ import annotations
@@ -93,11 +95,12 @@ def cases(ctx: Context) -> list[Case]:
     distill = kernels.distill_shape(ctx.quick)
     budget = 0.05 if ctx.quick else 1.0
     vocab = bench_sampler.VOCAB
+    train_tokens = 128 if ctx.quick else 1024
     return [
         *(headline(generate.decode_case(ctx, batch)) for batch in shape.batches),
         headline(generate.mixed_case(ctx)),
         headline(generate.unfused_decode_case(ctx, 1)),
-        headline(train.cases_at(ctx, 128 if ctx.quick else 1024)),
+        headline(train.cases_at(ctx, train_tokens)),
         *(headline(rl.ours_case(ctx, algo)) for algo in ALGOS),
         headline(Case(kernels.SUITE, kernels.sampler_name(1, vocab), kernels.SAMPLER_IMPLS,
                       functools.partial(kernels.sampler_rows, ctx, 1, vocab, budget))),
@@ -111,5 +114,6 @@ def cases(ctx: Context) -> list[Case]:
                       ("eager", "fusedrl", "trl", "liger"),
                       functools.partial(kernels.distill_rows, ctx))),
         Case(SUITE, moe_name(ctx), ("fusedrl",), functools.partial(moe_rows, ctx)),
+        headline(train.cases_at(ctx, train_tokens, captured=True)),
         *(headline(rl.peer_case(ctx, algo)) for algo in ALGOS),
     ]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import bench_train_step, results, shapes, timing
+from .. import bench_train_step, results, shapes
 from ..cases import Case
 from ..context import Context
 
@@ -57,53 +57,45 @@ def train_name(ctx: Context, tokens: int, seq_len: int) -> str:
     return f"{tokens} tokens, sequences of {min(seq_len, tokens)} ({label})"
 
 
-def step_rows(ctx: Context, tokens: int, seq_len: int, suite: str = SUITE):
-    """One micro-batch of `tokens` through forward + backward, then the optimizer step; on a GPU
-    the micro-batch again as a CUDA graph's replay (the same optimizer step's time added)."""
+def step_rows(ctx: Context, tokens: int, seq_len: int, suite: str = SUITE, captured: bool = False):
+    """One micro-batch of `tokens` through forward + backward (captured: replayed from a CUDA
+    graph, a GPU only), then the optimizer step."""
     from fusedrl.engine.train.fused_adamw import FusedAdamW
+    name, impl = train_name(ctx, tokens, seq_len), GRAPH_IMPL if captured else "fusedrl"
+    if captured and ctx.device.type != "cuda":
+        yield results.missing_row(suite, name, impl, "not run: CUDA graphs need a CUDA device",
+                                  LIMIT)
+        return
 
     def make():
         lm = engine_model(ctx)
         return lm, FusedAdamW(list(lm.parameters()), lr=1e-5)
     lm, optimizer = ctx.shared(MODEL, make)
-    budget = 0.5 if ctx.quick else 5.0
     step = bench_train_step.measure_step(lm, optimizer, tokens, seq_len, ctx.device,
-                                         budget_s=budget)
+                                         budget_s=0.5 if ctx.quick else 5.0, captured=captured)
     loop, update = step["timings"]
+    seconds = loop.median_s + update.median_s
     flops = flops_per_token(lm, min(seq_len, tokens)) * tokens
-    name = train_name(ctx, tokens, seq_len)
-
-    def row(impl, loop):
-        seconds = loop.median_s + update.median_s
-        return results.make_row(
-            suite, name, impl, fraction_of_limit=ctx.flops_fraction(flops / seconds),
-            limit=LIMIT, seconds=seconds, seconds_p20=loop.p20_s + update.p20_s,
-            seconds_p80=loop.p80_s + update.p80_s, n=min(loop.n, update.n),
-            tokens_per_s=tokens / seconds, fwd_bwd_ms=round(loop.median_s * 1e3, 3),
-            optimizer_step_ms=step["optimizer_step_ms"], model_flops=flops)
-    yield row("fusedrl", loop)
-    if ctx.device.type != "cuda":
-        yield results.missing_row(suite, name, GRAPH_IMPL,
-                                  "not run: CUDA graphs need a CUDA device", LIMIT)
-        return
-    try:
-        replayed = timing.measure(
-            bench_train_step.captured_micro_batch(lm, tokens, seq_len, ctx.device), ctx.device,
-            min_reps=3, budget_s=budget)
-    except Exception as error:  # a capture that fails is this row's status, not the case's end
-        yield results.missing_row(suite, name, GRAPH_IMPL,
-                                  f"error: {type(error).__name__}: {str(error)[:160]}", LIMIT)
-        return
-    yield row(GRAPH_IMPL, replayed)
+    yield results.make_row(
+        suite, name, impl, fraction_of_limit=ctx.flops_fraction(flops / seconds), limit=LIMIT,
+        seconds=seconds, seconds_p20=loop.p20_s + update.p20_s,
+        seconds_p80=loop.p80_s + update.p80_s, n=min(loop.n, update.n),
+        tokens_per_s=tokens / seconds, fwd_bwd_ms=step["fwd_bwd_ms"],
+        optimizer_step_ms=step["optimizer_step_ms"], model_flops=flops)
 
 
-def cases_at(ctx: Context, tokens: int) -> Case:
-    """The micro-batch of `tokens` tokens (sequences of 256; quick: 64)."""
+def cases_at(ctx: Context, tokens: int, captured: bool = False) -> Case:
+    """The micro-batch of `tokens` tokens (sequences of 256; quick: 64), called or (captured)
+    replayed from a CUDA graph: a case of its own, so that a capture that fails, or leaves the
+    device in error, costs no other row when it runs last."""
     seq_len = 64 if ctx.quick else 256
-    return Case(SUITE, train_name(ctx, tokens, seq_len), ("fusedrl", GRAPH_IMPL),
-                functools.partial(step_rows, ctx, tokens, seq_len), shares=(MODEL,))
+    return Case(SUITE, train_name(ctx, tokens, seq_len), (GRAPH_IMPL if captured else "fusedrl",),
+                functools.partial(step_rows, ctx, tokens, seq_len, captured=captured),
+                shares=(MODEL,))
 
 
 def cases(ctx: Context) -> list[Case]:
-    """One case per micro-batch size (quick: 128 tokens)."""
-    return [cases_at(ctx, tokens) for tokens in ([128] if ctx.quick else [1024, 4096, 16384])]
+    """One case per micro-batch size (quick: 128 tokens), called; then each replayed from a CUDA
+    graph."""
+    sizes = [128] if ctx.quick else [1024, 4096, 16384]
+    return [cases_at(ctx, tokens, captured) for captured in (False, True) for tokens in sizes]
