@@ -1,19 +1,19 @@
 """Where a decode step and a training micro-batch spend their time: torch.profiler summaries of the
 paths whose GPU bars were missed (on an H100: decode at batch 1, 711 tok/s against 1,800; a 1k-token
 micro-batch, 194 ms against 15 ms; decode at batch 256, 23.4k tok/s against 70k), at the
-Qwen2.5-0.5B shape in bf16, in that order (the micro-batch also replayed from a CUDA graph), each
-file written as soon as it is taken; then PPO's policy and value losses at 256 x 2048 fp32 (forward
-+ backward, 1.07 and 0.90 ms against torch.compile's 0.85 and 0.51); last the decode kernels at
-other launch shapes (tune_decode.py, GPU only: tune_decode.jsonl and .md, a row at a time, so the
-stage's deadline cuts only its last rows).
+Qwen2.5-0.5B shape in bf16, in that order, each file written as soon as it is taken; then PPO's
+policy and value losses at 256 x 2048 fp32 (forward + backward, 1.07 and 0.90 ms against
+torch.compile's 0.85 and 0.51); then the decode kernels at other launch shapes (tune_decode.py,
+GPU only: tune_decode.jsonl and .md, a row at a time, so the stage's deadline cuts only its last
+rows); last, GPU only, the micro-batch replayed from a CUDA graph (profile_train_graph.txt: its
+first capture on a GPU, after everything else, since a failed one may leave the device in error).
 
 For each path, a text file with its head: wall milliseconds per step, the device's busy
 milliseconds (the kernels' own time summed) and their share of the wall, kernels launched and host
 synchronizations per step; then the ops' table by device time and by host time (top 25 each).
 A busy share far below 1 says the host is the time: its table says where.
 
-    python bench/profile_steps.py --out DIR          # GPU: DIR/profile_decode.txt, profile_train.txt,
-                                                     #      profile_decode_b256.txt, profile_rl_ops.txt
+    python bench/profile_steps.py --out DIR          # GPU: DIR/profile_*.txt, tune_decode.*
     python bench/profile_steps.py --out DIR --quick  # the tiny shape on the CPU (host times only)
 """
 from __future__ import annotations
@@ -101,23 +101,20 @@ def decode_profile(quick: bool, device: torch.device, dtype: torch.dtype, batch:
         model.remove()
 
 
-def train_profile(quick: bool, device: torch.device, dtype: torch.dtype) -> str:
-    """One micro-batch (forward, fused head, backward; no optimizer), three profiled; on a GPU
-    then three replays of it captured as a CUDA graph."""
+def train_profile(quick: bool, device: torch.device, dtype: torch.dtype,
+                  captured: bool = False) -> str:
+    """One micro-batch (forward, fused head, backward; no optimizer), three profiled (captured:
+    three replays of it from a CUDA graph, captured in the warm-up call)."""
     small = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4,
                  num_kv_heads=2, head_dim=16)
     model = shapes.qwen_like(2 if quick else 24, dtype, str(device), **(small if quick else {}))
     tokens = 64 if quick else TRAIN_TOKENS
     seq = 32 if quick else TRAIN_SEQ
-    prof, wall = profiled(bench_train_step.micro_batch(model, tokens, seq, device), 3, device)
-    text = (f"training micro-batch of {tokens} tokens; packed attention "
+    make = bench_train_step.captured_micro_batch if captured else bench_train_step.micro_batch
+    prof, wall = profiled(make(model, tokens, seq, device), 3, device)
+    how = "replayed from a CUDA graph (one filler row a sequence)" if captured else "called"
+    return (f"training micro-batch of {tokens} tokens, {how}; packed attention "
             f"{packed_attention_kernel(device, dtype)}\n" + summary(prof, 3, wall, device))
-    if device.type != "cuda":
-        return text
-    replay = bench_train_step.captured_micro_batch(model, tokens, seq, device)
-    prof, wall = profiled(replay, 3, device)  # captured in its warm-up call
-    return (text + f"\n\nthe same micro-batch replayed from a CUDA graph (one filler row a "
-            "sequence)\n" + summary(prof, 3, wall, device))
 
 
 def rl_ops_profile(quick: bool, device: torch.device, dtype: torch.dtype) -> str:
@@ -162,11 +159,19 @@ def main(argv=None) -> None:
         text = stamp + make(args.quick, device, dtype)
         write_text_atomic(out / f"profile_{name}.txt", text)
         print(text.split("\n\n")[0], flush=True)
-    # Last, its own files in OUT: a GPU's timings only (the interpreter's decide nothing).
-    if device.type == "cuda":
-        tune_decode.run(out, seconds=TUNE_SECONDS)
-    else:
-        print("tune_decode: not run (its rows are GPU timings)", flush=True)
+    # Then, its own files in OUT: a GPU's timings only (the interpreter's decide nothing).
+    if device.type != "cuda":
+        print("tune_decode, train_graph: not run (GPU timings; a graph needs CUDA)", flush=True)
+        return
+    tune_decode.run(out, seconds=TUNE_SECONDS)
+    # Last: the first capture a GPU makes of a training micro-batch, which could leave the device
+    # in error for whatever came after it.
+    try:
+        text = stamp + train_profile(False, device, dtype, captured=True)
+    except Exception as error:
+        text = stamp + f"the captured micro-batch failed: {type(error).__name__}: {error}\n"
+    write_text_atomic(out / "profile_train_graph.txt", text)
+    print(text.split("\n\n")[0], flush=True)
 
 
 if __name__ == "__main__":
