@@ -19,6 +19,8 @@ import json
 
 from .options import SUITES
 
+# The status of a row that replays a CUDA graph, on a device without CUDA.
+NO_CUDA_GRAPHS = "not run: CUDA graphs need a CUDA device"
 # A row's keys that are not figures (compare and the table treat them apart).
 LABELS = ("suite", "name", "impl", "status", "limit", "peer_version", "note")
 # Figures the table leaves out (the spread and the phases have columns of their own; elapsed_s

@@ -231,8 +231,7 @@ def sampler_rows(ctx: Context, batch: int, vocab: int, budget: float, suite: str
         if graph and not graphs:
             for mode in bench_sampler.MODES:
                 yield results.missing_row(suite, f"sampler {mode} B={batch} V={vocab}", impl,
-                                          "not run: CUDA graphs need a CUDA device",
-                                          ctx.bandwidth_limit)
+                                          results.NO_CUDA_GRAPHS, ctx.bandwidth_limit)
             continue
         r = bench_sampler.measure(batch, vocab, ctx.device, timer_us, ctx.dtype, sampler, graph)
         for mode in bench_sampler.MODES:

@@ -63,8 +63,7 @@ def step_rows(ctx: Context, tokens: int, seq_len: int, suite: str = SUITE, captu
     from fusedrl.engine.train.fused_adamw import FusedAdamW
     name, impl = train_name(ctx, tokens, seq_len), GRAPH_IMPL if captured else "fusedrl"
     if captured and ctx.device.type != "cuda":
-        yield results.missing_row(suite, name, impl, "not run: CUDA graphs need a CUDA device",
-                                  LIMIT)
+        yield results.missing_row(suite, name, impl, results.NO_CUDA_GRAPHS, LIMIT)
         return
 
     def make():

@@ -309,6 +309,18 @@ class CausalLM(nn.Module):
                 "on "
                 f"the model's device {weight.device}")
 
+    def check_pack(self, input_ids, seqlens: list[int]) -> None:
+        """A one-line ValueError unless input_ids [N] are ids on the model's device
+        (check_input_ids) packed as sequences of `seqlens`: positive lengths summing to N, none
+        past max_model_len."""
+        self.check_input_ids(input_ids)
+        if not seqlens or sum(seqlens) != input_ids.shape[0] or min(seqlens) < 1:
+            raise ValueError(
+                f"seqlens must be positive and sum to {input_ids.shape[0]}, got {seqlens}")
+        if max(seqlens) > self.config.max_model_len:
+            raise ValueError(f"a sequence of {max(seqlens)} tokens exceeds max_model_len "
+                             f"{self.config.max_model_len}")
+
     def forward_packed(self, input_ids, seqlens: list[int], positions=None, cu_seqlens=None,
                        visual=None):
         """Training forward over packed sequences: input_ids [N] (sum(seqlens) == N) on the model's
@@ -318,13 +330,7 @@ class CausalLM(nn.Module):
         [N] int64 and cu_seqlens [S + 1] int32, when given (a PackedBatch's, built once per pack),
         spare rebuilding them for every forward over the same pack. visual: as forward's.
         """
-        self.check_input_ids(input_ids)
-        if sum(seqlens) != input_ids.shape[0] or min(seqlens) < 1:
-            raise ValueError(
-                f"seqlens must be positive and sum to {input_ids.shape[0]}, got {seqlens}")
-        if max(seqlens) > self.config.max_model_len:
-            raise ValueError(f"a sequence of {max(seqlens)} tokens exceeds max_model_len "
-                             f"{self.config.max_model_len}")
+        self.check_pack(input_ids, seqlens)
         for name, given, shape in (("positions", positions, self.position_shape(input_ids)),
                                    ("cu_seqlens", cu_seqlens, (len(seqlens) + 1,))):
             if (given is not None

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ...kernels.attention import AttentionMetadata, attention_backend
+from ..data.device_tensors import copy_from_host, host_cu_seqlens, host_positions
 
 # What a captured micro-batch's loss gets: hidden [rows, H] of the padded pack, and the columns
 # [rows] by name (the pack's rows' values, then each column's pad value) -> a scalar loss.
@@ -105,7 +106,7 @@ class CapturedMicroBatch:
         self._meta = AttentionMetadata.packed([self.rows - sequences] + [1] * sequences,
                                               self.device, self._cu_seqlens)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self._grads: list[torch.Tensor] = []
+        self._grads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (parameter, its .grad)
         self._loss: torch.Tensor | None = None
 
     def fits(self, tokens: int, sequences: int) -> bool:
@@ -125,7 +126,7 @@ class CapturedMicroBatch:
             return self._step()
         if self.graph is None:
             self.graph = self._capture()
-        elif any(p.grad is not g for p, g in zip(self._parameters(), self._grads)):
+        elif any(p.grad is not g for p, g in self._grads):
             raise ValueError(
                 "CapturedMicroBatch.run: a parameter's .grad was replaced or set to None since the "
                 "capture, and the graph adds into the captured tensors; zero gradients in place "
@@ -134,16 +135,10 @@ class CapturedMicroBatch:
         return self._loss
 
     def _check(self, input_ids, seqlens, columns):
-        self.model.check_input_ids(input_ids)
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids is {tuple(input_ids.shape)}: expected [N]")
+        self.model.check_pack(input_ids, seqlens)
         n = input_ids.shape[0]
-        if (not seqlens or sum(seqlens) != n or min(seqlens) < 1
-                or any(isinstance(s, bool) or not isinstance(s, int) for s in seqlens)):
-            raise ValueError(f"seqlens={seqlens}: expected positive ints summing to {n}")
-        if max(seqlens) > self.model.config.max_model_len:
-            raise ValueError(f"a sequence of {max(seqlens)} tokens exceeds max_model_len "
-                             f"{self.model.config.max_model_len}")
         if not self.fits(n, len(seqlens)):
             raise ValueError(
                 f"a pack of {n} tokens in {len(seqlens)} sequences does not fit the bucket of at "
@@ -167,12 +162,10 @@ class CapturedMicroBatch:
         for name, value in columns.items():
             self._values[name][:n].copy_(value)
             self._values[name][n:].fill_(self.columns[name].pad)
-        ends = np.cumsum(seqlens, dtype=np.int64)
         positions = np.zeros(self.rows, dtype=np.int64)  # filler rows: position 0
-        positions[:n] = np.arange(n, dtype=np.int64) - np.repeat(ends - seqlens, seqlens)
-        cu = np.concatenate(([0], np.cumsum(padded))).astype(np.int32)
-        for static, host in ((self._positions, positions), (self._cu_seqlens, cu)):
-            static.copy_(_staged(host), non_blocking=True)
+        positions[:n] = host_positions(seqlens)
+        copy_from_host(self._positions, positions)
+        copy_from_host(self._cu_seqlens, host_cu_seqlens(padded))
         if not self.graphs:  # eager: the attention may plan on the host from the true lengths
             self._meta = AttentionMetadata.packed(padded, self.device, self._cu_seqlens)
 
@@ -182,14 +175,11 @@ class CapturedMicroBatch:
         loss.backward()
         return loss.detach()
 
-    def _parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     def _capture(self) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream (as torch's whole-network capture does), then capture one step
         and replay it for the pack now in the buffers (a capture runs nothing). The warm-up's
         gradients are thrown away: the parameters' own gradients are set aside and restored."""
-        params = self._parameters()
+        params = [p for p in self.model.parameters() if p.requires_grad]
         kept = [p.grad for p in params]
         for p in params:
             p.grad = None
@@ -202,7 +192,7 @@ class CapturedMicroBatch:
         current.wait_stream(side)
         for p, grad in zip(params, kept):
             p.grad = grad if grad is not None else torch.zeros_like(p)
-        self._grads = [p.grad for p in params]
+        self._grads = [(p, p.grad) for p in params]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._loss = self._step()
@@ -214,10 +204,3 @@ def filler_lengths(rows: int, sequences: int) -> list[int]:
     as even as can be (attention's work grows with the square of a sequence)."""
     base, extra = divmod(rows, sequences)
     return [base + 1] * extra + [base] * (sequences - extra)
-
-
-def _staged(host: np.ndarray) -> torch.Tensor:
-    """A host array ready for a non-blocking copy: pinned on a CUDA machine (the caching host
-    allocator keeps it until its copy has run)."""
-    tensor = torch.from_numpy(host)
-    return tensor.pin_memory() if torch.cuda.is_available() else tensor

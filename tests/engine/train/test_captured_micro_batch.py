@@ -95,7 +95,7 @@ def test_filler_lengths_and_fits():
 
 @pytest.mark.parametrize("seqlens, columns_change, message", [
     ([30, 30, 30], None, "does not fit the bucket"),
-    ([4, 0, 3], None, "expected positive ints"),
+    ([4, 0, 3], None, "seqlens must be positive"),
     ([70], None, "exceeds max_model_len"),
     ([4, 3], ("weight", torch.float64), "columns\\['weight'\\] is torch.float64"),
     ([4, 3], ("extra", torch.float32), "expected \\['labels', 'weight'\\]"),
