@@ -23,11 +23,13 @@ is captured with the bucket's longest possible sequence (`rows - sequences`). Th
 varlen kernel (flash-attn's or torch's): the padded SDPA path plans on the host from the lengths, so
 a graph of it would replay the capture's plan; on such a machine capture is refused.
 
-Gradients accumulate into `param.grad` as an eager backward's do: the graph adds into the gradient
-tensors the parameters held at capture (zeros where they had none), so they must be zeroed in place
-(`zero_grad(set_to_none=False)`, a foreach zero) and never replaced; `run` checks that they were
-not. The graph's activations live in its own memory pool while the object lives (one micro-batch's
-peak, as an eager step's).
+Gradients accumulate into `param.grad` as an eager backward's do. The graph adds into the gradient
+tensors the parameters held at capture (zeros where they had none), so before each replay `run`
+puts those tensors back where the parameters' `.grad` moved since: zeroed where it was set to None
+(`zero_grad()`'s default), holding the values of a tensor that replaced it. The sum is then an
+eager backward's; a zero in place (`zero_grad(set_to_none=False)`) costs nothing at the next run.
+The graph's activations live in its own memory pool while the object lives (one micro-batch's peak,
+as an eager step's).
 
 Without CUDA there is no graph: `run` runs the same step eagerly on the same padded buffers, which
 is what the CPU tests check (filler rows leave the loss and gradients unchanged).
@@ -119,18 +121,15 @@ class CapturedMicroBatch:
         columns name -> [N] (every column of the constructor's, each of its dtype) -> the loss []
         (the graph's own tensor on CUDA: overwritten by the next run; clone to keep it). The loss
         function sees hidden [rows, H] and columns [rows]: the pack's N rows, then the filler's.
-        The gradients are added to param.grad."""
+        The gradients are added to param.grad (reattach_grads: whatever zero_grad did to it)."""
         self._check(input_ids, seqlens, columns)
         self._fill(input_ids, seqlens, columns)
         if not self.graphs:
             return self._step()
         if self.graph is None:
             self.graph = self._capture()
-        elif any(p.grad is not g for p, g in self._grads):
-            raise ValueError(
-                "CapturedMicroBatch.run: a parameter's .grad was replaced or set to None since the "
-                "capture, and the graph adds into the captured tensors; zero gradients in place "
-                "(zero_grad(set_to_none=False))")
+        else:
+            reattach_grads(self._grads)
         self.graph.replay()
         return self._loss
 
@@ -197,6 +196,24 @@ class CapturedMicroBatch:
         with torch.cuda.graph(graph):
             self._loss = self._step()
         return graph
+
+
+def reattach_grads(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    """Each (parameter, the gradient tensor a graph adds into) made whole again: the tensor back on
+    `param.grad`, holding what an eager backward would add to: zeros where `.grad` was set to None
+    (one foreach zero for them all), the values of a tensor that replaced it."""
+    cleared = []
+    for param, held in pairs:
+        grad = param.grad
+        if grad is held:
+            continue
+        if grad is None:
+            cleared.append(held)
+        else:  # torch's .grad setter has checked its shape, dtype and device
+            held.copy_(grad)
+        param.grad = held
+    if cleared:
+        torch._foreach_zero_(cleared)
 
 
 def filler_lengths(rows: int, sequences: int) -> list[int]:
