@@ -17,6 +17,7 @@ caller passes it to run_python explicitly; otherwise run_python refuses in one l
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ..errors import UsageError
 from . import seccomp
@@ -117,27 +118,39 @@ def allow_weak_isolation(allowed: bool) -> None:
     os.environ[ALLOW_WEAK_ENV] = "1" if allowed else "0"
 
 
+@contextlib.contextmanager
 def open_sandbox(allow_weak: bool, uses: Sequence = (), reward_timeout_s: float = 0.0,
-                 multi_turn: bool = False) -> str:
-    """At a run's start: let the model's code run under a weak mode or not (the process and the
-    workers it starts) and return the mode's kind for the run's metrics. `uses`: the run's reward
-    functions and tools ('module:function' specs or callables); one of fusedrl's sandbox under a
-    weak mode not asked for is refused at once. The mode is said on stderr (the main rank) when
-    the run may run the model's code: a reward or tool of the sandbox, or any `multi_turn` run
-    (tools or an environment). `reward_timeout_s` (reward.fn_timeout_s) is passed on to the
-    reward workers."""
-    allow_weak_isolation(allow_weak)
-    if reward_timeout_s:
-        os.environ[REWARD_TIMEOUT_ENV] = str(reward_timeout_s)
-    found = detect()
-    sandboxed = any(_in_sandbox_package(use) for use in uses)
-    if sandboxed:
-        checked(None)
-    if (sandboxed or multi_turn) and int(os.environ.get("RANK", "0")) == 0:
-        refused = "" if found.strong or allow_weak else \
-            "; the model's code is refused (sandbox.allow_weak_isolation=true runs it)"
-        print(f"fusedrl: {found.describe()}{refused}", file=sys.stderr)
-    return found.kind
+                 multi_turn: bool = False) -> Iterator[str]:
+    """For a run's length (a context manager): let the model's code run under a weak mode or not
+    (the process and the workers it starts) and yield the mode's kind for the run's metrics.
+    `uses`: the run's reward functions and tools ('module:function' specs or callables); one of
+    fusedrl's sandbox under a weak mode not asked for is refused at once. The mode is said on
+    stderr (the main rank) when the run may run the model's code: a reward or tool of the sandbox,
+    or any `multi_turn` run (tools or an environment). `reward_timeout_s` (reward.fn_timeout_s; 0:
+    none) is passed on to the reward workers. Both reach the workers through the environment, which
+    is restored when the run ends: a later run in the process starts from the caller's own."""
+    saved = {name: os.environ.get(name) for name in (ALLOW_WEAK_ENV, REWARD_TIMEOUT_ENV)}
+    try:
+        allow_weak_isolation(allow_weak)
+        if reward_timeout_s:
+            os.environ[REWARD_TIMEOUT_ENV] = str(reward_timeout_s)
+        else:
+            os.environ.pop(REWARD_TIMEOUT_ENV, None)
+        found = detect()
+        sandboxed = any(_in_sandbox_package(use) for use in uses)
+        if sandboxed:
+            checked(None)
+        if (sandboxed or multi_turn) and int(os.environ.get("RANK", "0")) == 0:
+            refused = "" if found.strong or allow_weak else \
+                "; the model's code is refused (sandbox.allow_weak_isolation=true runs it)"
+            print(f"fusedrl: {found.describe()}{refused}", file=sys.stderr)
+        yield found.kind
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _in_sandbox_package(use) -> bool:

@@ -21,6 +21,10 @@ import logging
 import types
 
 import torch
+
+from .trl_required import require_trl
+
+require_trl(__name__)
 from trl import GRPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, nanmax, nanmin
 

@@ -10,6 +10,10 @@ logit_scale and final_logit_softcapping read as TRL reads them, TRL's beta and t
 from __future__ import annotations
 
 import torch
+
+from .trl_required import require_trl
+
+require_trl(__name__)
 from trl import DistillationTrainer
 
 from .distill import chunked_divergence_loss

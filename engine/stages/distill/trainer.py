@@ -63,15 +63,14 @@ def train_distill(cfg: DistillConfig, reward_fn=None,
     rewarded = cfg.distill.reward_coef > 0
     functions = ([] if not rewarded else cfg.reward_fns() if reward_fn is None
                  else list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
-    sandbox_mode = open_sandbox(cfg.sandbox.allow_weak_isolation,
-                                [*functions, *(cfg.rollout.tools or [])],
-                                cfg.reward.fn_timeout_s, cfg.rollout.multi_turn)
-    rewards = open_rewards(cfg, reward_fn) if rewarded else None
-    try:
-        return _train(cfg, rewards, evaluate, dataset, sandbox_mode, callbacks)
-    finally:
-        if rewards is not None:
-            rewards.close()
+    with open_sandbox(cfg.sandbox.allow_weak_isolation, [*functions, *(cfg.rollout.tools or [])],
+                      cfg.reward.fn_timeout_s, cfg.rollout.multi_turn) as sandbox_mode:
+        rewards = open_rewards(cfg, reward_fn) if rewarded else None
+        try:
+            return _train(cfg, rewards, evaluate, dataset, sandbox_mode, callbacks)
+        finally:
+            if rewards is not None:
+                rewards.close()
 
 
 def _train(cfg: DistillConfig, rewards: Optional[RewardFunctions], evaluate, dataset,

@@ -101,14 +101,14 @@ def train_ppo(cfg: PPOConfig, reward_fn=None,
     uses = [*cfg.reward_fns(), *(cfg.rollout.tools or [])] if reward_fn is None else [
         *(reward_fn if isinstance(reward_fn, (list, tuple)) else [reward_fn]),
         *(cfg.rollout.tools or [])]
-    sandbox_mode = open_sandbox(cfg.sandbox.allow_weak_isolation, uses,  # before workers start
-                                cfg.reward.fn_timeout_s, cfg.rollout.multi_turn)
-    rewards = open_rewards(cfg, reward_fn)
-    try:
-        return _train(cfg, rewards, evaluate, dataset, sandbox_mode, callbacks)
-    finally:
-        if rewards is not None:  # their workers end with the run, however it ends
-            rewards.close()
+    with open_sandbox(cfg.sandbox.allow_weak_isolation, uses,  # before workers start
+                      cfg.reward.fn_timeout_s, cfg.rollout.multi_turn) as sandbox_mode:
+        rewards = open_rewards(cfg, reward_fn)
+        try:
+            return _train(cfg, rewards, evaluate, dataset, sandbox_mode, callbacks)
+        finally:
+            if rewards is not None:  # their workers end with the run, however it ends
+                rewards.close()
 
 
 def _train(cfg: PPOConfig, rewards: Optional[RewardFunctions],

@@ -21,6 +21,7 @@ Torch-free: a worker process imports this module and the user's, nothing heavier
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -95,21 +96,41 @@ def load_function(source: FunctionSource) -> Callable:
 
 
 def _import(source: FunctionSource):
-    """The module of `source`: a file executed as a module named by its stem (its directory on
-    sys.path, as for a script), else a dotted name found in source.search_dir first (as `python -m`
-    would; the `fusedrl` script's own sys.path does not hold the current directory)."""
+    """The module of `source`: a dotted name found in source.search_dir first (as `python -m`
+    would; the `fusedrl` script's own sys.path does not hold the current directory), or a `.py`
+    file run as a module of its own (file_module)."""
     if source.module.endswith(".py"):
-        path = Path(source.module)
-        if str(path.parent) not in sys.path:
-            sys.path.insert(0, str(path.parent))
-        found = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(found)
-        sys.modules[path.stem] = module  # as an import would: pickling and dataclasses look there
-        found.loader.exec_module(module)
-        return module
+        return file_module(Path(source.module))
     if source.search_dir not in sys.path:
         sys.path.insert(0, source.search_dir)
     return importlib.import_module(source.module)
+
+
+def file_module(path: Path):
+    """A `.py` file executed as a module under a name no other module has (`fusedrl_reward_` + its
+    stem + a hash of its path), once per process: a file named like one of the process's modules
+    (json.py, utils.py) must not take that module's place in sys.modules, where dataclasses and
+    pickling look a class's module up. Its directory comes first on sys.path while it runs, so its
+    top-level imports find the modules beside it as a script's would; after, that directory is
+    looked in last (imports inside its functions still find them, and shadow nothing)."""
+    name = f"fusedrl_reward_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    folder = str(path.parent)
+    found = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(found)
+    sys.modules[name] = module
+    sys.path.insert(0, folder)
+    try:
+        found.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        sys.path.remove(folder)
+    if folder not in sys.path:
+        sys.path.append(folder)
+    return module
 
 
 @dataclass

@@ -151,10 +151,33 @@ def test_without_a_strong_sandbox_the_models_code_is_refused_in_one_line(monkeyp
     assert "\n" not in line and "sandbox.allow_weak_isolation=true" in line
     # At a run's start: refused at once for fusedrl's sandbox reward or tool, said for others.
     with pytest.raises(SandboxRefused, match="allow_weak_isolation"):
-        isolation.open_sandbox(False, ["fusedrl.engine.sandbox.code_tests:code_tests"])
-    assert isolation.open_sandbox(False, ["my_rewards:score"]) == "none"
+        with isolation.open_sandbox(False, ["fusedrl.engine.sandbox.code_tests:code_tests"]):
+            pass
+    with isolation.open_sandbox(False, ["my_rewards:score"]) as mode:
+        assert mode == "none"
     assert capfd.readouterr().err == ""  # recorded, not said: this run runs no model code
-    assert isolation.open_sandbox(False, ["my_rewards:score"], multi_turn=True) == "none"
+    with isolation.open_sandbox(False, ["my_rewards:score"], multi_turn=True) as mode:
+        assert mode == "none"
     assert "sandbox: none (WEAK" in capfd.readouterr().err
-    assert isolation.open_sandbox(True, ["fusedrl.engine.sandbox:python"]) == "none"
-    assert run_python("print(1)").stdout == "1\n"  # asked for: it runs, weakly
+    with isolation.open_sandbox(True, ["fusedrl.engine.sandbox:python"]) as mode:
+        assert mode == "none"
+        assert run_python("print(1)").stdout == "1\n"  # asked for: it runs, weakly
+    with pytest.raises(SandboxRefused):  # the run over: the caller's environment again
+        run_python("print(1)")
+
+
+def test_a_runs_sandbox_settings_end_with_it(monkeypatch):
+    """The weak-mode permission and the reward timeout a run passes to its workers through the
+    environment are the run's alone: restored when it ends (raising too), none left for the next."""
+    monkeypatch.delenv(isolation.ALLOW_WEAK_ENV, raising=False)
+    monkeypatch.setenv(isolation.REWARD_TIMEOUT_ENV, "7")  # the caller's own
+    with isolation.open_sandbox(True, reward_timeout_s=5.0):
+        assert os.environ[isolation.ALLOW_WEAK_ENV] == "1"
+        assert os.environ[isolation.REWARD_TIMEOUT_ENV] == "5.0"
+    assert isolation.ALLOW_WEAK_ENV not in os.environ
+    assert os.environ[isolation.REWARD_TIMEOUT_ENV] == "7"
+    with pytest.raises(RuntimeError), isolation.open_sandbox(False, reward_timeout_s=0.0):
+        assert isolation.REWARD_TIMEOUT_ENV not in os.environ  # no timeout: none passed on
+        raise RuntimeError("the run failed")
+    assert os.environ[isolation.REWARD_TIMEOUT_ENV] == "7"
+    assert isolation.ALLOW_WEAK_ENV not in os.environ

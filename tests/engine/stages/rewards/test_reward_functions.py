@@ -23,7 +23,7 @@ from fusedrl.engine.stages.rewards.combined import (TOTAL, metric_names, moments
                                                     open_reward_functions, summary, weighted_totals)
 from fusedrl.engine.stages.rewards.functions import (RewardCaller, RewardFunctionError,
                                                      RewardInputs, calling_style, checked_scores,
-                                                     source_of)
+                                                     load_function, source_of)
 from sandbox_testing import left_after
 
 pytestmark = pytest.mark.integration
@@ -207,6 +207,25 @@ def test_a_file_path_spec_is_absolute_from_the_start(user_module, monkeypatch):
     assert source.module == str(user_module / "trl_rewards.py")
     with pytest.raises(UsageError, match="is not a file"):
         source_of("missing.py:legacy")
+
+
+def test_a_file_named_like_a_module_of_the_process_takes_nothing_of_it(tmp_path, monkeypatch):
+    """A reward file json.py (importing helpers.py beside it) loaded in the trainer's process: the
+    process's json stays json, sys.path keeps its head, and the file loads once."""
+    (tmp_path / "helpers.py").write_text("BONUS = 2.0\n")
+    (tmp_path / "json.py").write_text(
+        "import helpers\n\ndef score(prompts, responses):\n"
+        "    return [helpers.BONUS for _ in responses]\n")
+    import json
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the worker's own, back after the test
+    head = list(sys.path[:3])
+    source = source_of(f"{tmp_path / 'json.py'}:score")
+    score = load_function(source)
+    assert score(["p"], ["r"]) == [2.0]
+    assert sys.modules["json"] is json and hasattr(json, "dumps")
+    assert sys.path[:3] == head and sys.path[-1] == str(tmp_path)
+    assert load_function(source) is score
+    assert score.__module__.startswith("fusedrl_reward_json_")
 
 
 def test_a_local_function_is_refused_for_a_worker_in_one_line(user_module):
