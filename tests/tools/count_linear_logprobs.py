@@ -1,7 +1,7 @@
 """Count what linear_token_logprobs does per chunk, on the CPU: kernels launched (bench/launch_count
 rules: each aten op and each Triton launch) and bytes moved (aten ops by bench/traffic_count's
 rules, an out= argument counted as read too; Triton kernels by what they load and store inside,
-bench/traffic_kernels), forward and backward, at a small shape under TRITON_INTERPRET=1.
+tests/tools/traffic_kernels.py), forward and backward, at a small shape under TRITON_INTERPRET=1.
 
 The counted shape is the target shape (default: the bar's N=16384, H=896, V=151936 bf16) with N,
 H, V and the default row chunk all divided by --scale, so that the per-logit ratios (weight and
