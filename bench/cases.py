@@ -23,12 +23,16 @@ class Case:
     """suite, name (shape included); impls: the rows it gives, named before it runs (the rows a
     case that does not run says so for); measure: its rows, each yielded the moment it is
     measured; shares: the keys of Context.shared it reads (what the case before it made and may
-    keep for it; everything else is released before it starts)."""
+    keep for it; everything else is released before it starts); model_paths: its fusedrl rows run
+    the model-scale paths (a decoder, generation, the sampler, paged attention:
+    dispatch.model_backend), which keep CPU tensors on the PyTorch backend even when the
+    interpreter is asked for."""
     suite: str
     name: str
     impls: tuple[str, ...]
     measure: Callable[[], Iterable[dict]]
     shares: tuple[str, ...] = ()
+    model_paths: bool = False
 
 
 class CaseTimeout(BaseException):
@@ -85,8 +89,12 @@ class _Phases:
                 row.update(timing.Timing.of([seconds]).figures())
         self.given_compile += compile_s
         self.given_measure += measure_s
+        # Setup: what neither the ledger holds nor a row was given (a row timed outside any loop
+        # gives its own seconds as measure_s, which the ledger never saw).
         spent = time.perf_counter() - self.start
-        setup = max(spent - self.book.compile_s() - self.book.measure_s() - self.given_setup, 0.0)
+        accounted = (max(self.book.compile_s(), self.given_compile)
+                     + max(self.book.measure_s(), self.given_measure) + self.given_setup)
+        setup = max(spent - accounted, 0.0)
         self.given_setup += setup
         row.update(setup_s=round(setup, 4), compile_s=round(compile_s, 4),
                    measure_s=round(measure_s, 4))

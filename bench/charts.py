@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 PHASES = ("generate", "score", "reference", "old", "train")
+# A row's tokens per second, by the key its suite gives it under.
+RATES = ("tok_s", "tokens_per_s_per_gpu")
 
 
 def _measured(rows: list[dict]) -> list[dict]:
@@ -48,24 +50,36 @@ def phases_chart(plt, rows: list[dict]):
 
 
 def peers_chart(plt, rows: list[dict]):
-    """Each case with a peer: every implementation's `seconds` over ours (below 1: faster)."""
-    cases: dict[tuple, dict[str, float]] = {}
+    """Each case with a peer: every implementation's cost over ours (below 1: faster), per token
+    where each of the case's rows gives a rate (RATES; its rows may time different amounts of work:
+    transformers' decode times fewer new tokens than ours), else per call (`seconds`)."""
+    cases: dict[tuple, dict[str, dict]] = {}
     for r in _measured(rows):
         if r.get("seconds"):
-            cases.setdefault((r["suite"], r["name"]), {})[r["impl"]] = r["seconds"]
-    bars = [(f"{suite}: {name.split(' (')[0]} [{impl}]", s / impls["fusedrl"])
+            cases.setdefault((r["suite"], r["name"]), {})[r["impl"]] = r
+    bars = [(f"{suite}: {name.split(' (')[0]} [{impl}]", cost / costs["fusedrl"])
             for (suite, name), impls in cases.items() if "fusedrl" in impls and len(impls) > 1
-            for impl, s in impls.items()]
+            for costs in [_costs(impls)] for impl, cost in costs.items()]
     if not bars:
         return None
     fig, ax = plt.subplots(figsize=(13, 0.3 * len(bars) + 1.5))
     ax.barh([b[0] for b in bars], [b[1] for b in bars])
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("time relative to fusedrl (log; above 1: slower than ours)")
+    ax.set_xlabel("time (per token where the rows give tokens/s) relative to fusedrl "
+                  "(log; above 1: slower than ours)")
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
     return fig
+
+
+def _costs(impls: dict[str, dict]) -> dict[str, float]:
+    """impl -> seconds per token of each row, where every row of the case has a rate; else its
+    seconds."""
+    rates = {impl: next((r[k] for k in RATES if r.get(k)), None) for impl, r in impls.items()}
+    if all(rates.values()):
+        return {impl: 1.0 / rate for impl, rate in rates.items()}
+    return {impl: r["seconds"] for impl, r in impls.items()}
 
 
 def draw_charts(payload: dict, out_dir: str) -> list[str]:

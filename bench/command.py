@@ -4,7 +4,7 @@ its arguments whole; engine/cli/bench.py). Its parser, the run of the suites, an
     fusedrl bench headline | kernels | generate | train | rl | all [--quick] [model=NAME|DIR]
                   [seed=N] [output_dir=DIR] [overwrite=true] [only=TEXT,...] [max_minutes=M]
                   [row_seconds=S] [interpret=true]
-    fusedrl bench compare A.json B.json
+    fusedrl bench compare A B            (each a results.json or the run directory holding it)
     torchrun --nproc-per-node=N -m fusedrl.engine.cli bench train|rl ...   # per-GPU rows
 
 output_dir=DIR: DIR/results.jsonl (a row a line, appended as measured), DIR/results.json (the
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     c = suites.add_parser("compare", help="two results.json side by side, as ratios per row",
                           description="B / A for every figure of every row both files hold")
-    c.add_argument("a", metavar="A.json")
-    c.add_argument("b", metavar="B.json")
+    c.add_argument("a", metavar="A", help="a results.json, or the run directory holding it")
+    c.add_argument("b", metavar="B", help="the same, of the run set beside A")
     return p
 
 

@@ -40,9 +40,10 @@ class Context:
         """Our Triton kernels run in the interpreter (the CPU, and only when asked)."""
         return self.device.type == "cpu" and self.options.interpret
 
-    def named(self, row: dict) -> dict:
-        """row with our implementation named "fusedrl (Triton interpreter)" where it ran there."""
-        if self.interpreted and row["impl"] == "fusedrl":
+    def named(self, row: dict, model_paths: bool) -> dict:
+        """row with our implementation named "fusedrl (Triton interpreter)" where it ran there: not
+        a row of the model-scale paths (Case.model_paths), which the interpreter never runs."""
+        if self.interpreted and not model_paths and row["impl"] == "fusedrl":
             row["impl"] = INTERPRETED
         return row
 

@@ -5,6 +5,7 @@ labelled so: a CPU limit is never presented as a GPU's."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -73,8 +74,13 @@ def measured_limits(device: torch.device) -> Limits:
         copy = timing.measure(lambda: dst.copy_(src), device, min_reps=10, budget_s=0.1)
         bandwidth.append(2 * copy_bytes / copy.best_s)
     label = "GPU (measured)" if gpu else "CPU (measured: fp32 matmul, copy bandwidth)"
-    return Limits(label, max(flops), max(bandwidth), "measured",
-                  {"flops_per_s": _spread(flops), "bytes_per_s": _spread(bandwidth)})
+    spread = {"flops_per_s": _spread(flops), "bytes_per_s": _spread(bandwidth)}
+    if not gpu:  # another process's work slows every run alike, which the best cannot undo
+        load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+        spread.update(load_average=load, cores=cores)
+        if load > cores:
+            label += f"; under load: {load:.1f} processes ready on {cores} cores, a low limit"
+    return Limits(label, max(flops), max(bandwidth), "measured", spread)
 
 
 def device_limits(device: torch.device) -> Limits:

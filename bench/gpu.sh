@@ -93,8 +93,26 @@ stage_limit() {
   echo $((minutes * 60 - SETUP_S - others - BUNDLE_S))
 }
 
+# prepared: whether .whl/COMMIT (prepare's) names this tree's commit, said in one line; a stale one
+# would label every result of the visit with another commit (harness.git_commit reads it first).
+# -dirty as harness.git_commit has it: any change git sees, untracked files included.
+prepared() {
+  local want dirty=""
+  [ -z "$(git status --porcelain)" ] || dirty="-dirty"
+  want="$(git rev-parse HEAD)$dirty"
+  if [ ! -f .whl/COMMIT ]; then
+    echo "not prepared: no .whl/COMMIT here (bash bench/gpu.sh prepare)"; return 1
+  fi
+  if [ "$(cat .whl/COMMIT)" != "$want" ]; then
+    echo "STALE: .whl/COMMIT is $(cat .whl/COMMIT), this tree is $want: run bash bench/gpu.sh prepare again"
+    return 1
+  fi
+  echo "prepared: .whl/COMMIT is this tree's commit, $want"
+}
+
 print_plan() {
   local i=0 total=0 minutes stages carry stage limits
+  (cd "$(dirname "$0")/.." && prepared) || true
   echo "Here, before call 1: bash bench/gpu.sh prepare  (.whl/: the wheels, COMMIT and the prebuilt"
   echo "Triton cache)."
   echo "Each call: the device tool's run with command \"bash bench/gpu.sh --bundle \$OUT/visitN callN\""
@@ -128,7 +146,7 @@ prepare() {
   local dirty="" repo
   repo=$(cd "$(dirname "$0")/.." && pwd)
   bash "$repo/tests/tools/peer_wheels.sh" || return 1
-  [ -z "$(git status --porcelain --untracked-files=no)" ] || dirty="-dirty"
+  [ -z "$(git status --porcelain)" ] || dirty="-dirty"
   echo "$(git rev-parse HEAD)$dirty" > "$repo/.whl/COMMIT"
   echo "commit: $(cat "$repo/.whl/COMMIT")"
   prebuild_triton_cache "$repo" || echo "no prebuilt Triton cache: the visit compiles its kernels"
@@ -195,6 +213,7 @@ rehearse() {
   local entry minutes stages stage start took code=0 i=0
   out=$(mktemp -d /tmp/fusedrl-rehearse.XXXXXX)
   cd "$(dirname "$0")/.." || return 1
+  prepared || code=1  # the stages still run: what else would break is found too
   for entry in "${PLAN[@]}"; do
     IFS='|' read -r minutes stages _ <<< "$entry"
     i=$((i + 1))

@@ -112,18 +112,20 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_cases(cases: list[Case], ctx, clock: Clock, add: Callable[[dict, str], None],
+def run_cases(cases: list[Case], ctx, clock: Clock, add: Callable[[dict, str, Case], None],
               suites_left: list[str] = ()) -> None:
-    """The cases in order, add(row, progress) for each row as it comes; after each case what the
-    next one does not name in its shares is released and the device freed (Context.release)."""
+    """The cases in order, add(row, progress, case) for each row as it comes (progress: what is
+    left, as the row comes); after each case what the next one does not name in its shares is
+    released and the device freed (Context.release)."""
     ctx.release(cases[0].shares if cases else ())
     for k, case in enumerate(cases):
-        left = clock.describe(len(cases) - k - 1, list(suites_left))
+        def emit(row, k=k, case=case):
+            add(row, clock.describe(len(cases) - k - 1, list(suites_left)), case)
         if clock.past_deadline():
             for row in not_run(case, case.impls, f"{NOT_RUN_TIME} (the run's deadline)"):
-                add(row, left)
+                emit(row)
             continue
-        run_case(case, clock.budget(), lambda row: add(row, left), *clock.limit())
+        run_case(case, clock.budget(), emit, *clock.limit())
         ctx.release(cases[k + 1].shares if k + 1 < len(cases) else ())
 
 
@@ -135,7 +137,8 @@ def run_suites(suites: list[str], ctx, recorder, clock: Clock) -> None:
         with ctx.scope(), use_backend(suite_backend(ctx.device, ctx.options)):
             cases = [case for case in module.cases(ctx) if ctx.wanted(f"{suite}: {case.name}")]
             run_cases(cases, ctx, clock,
-                      lambda row, left: recorder.add(ranks.combine(ctx.named(row)), left),
+                      lambda row, left, case: recorder.add(
+                          ranks.combine(ctx.named(row, case.model_paths)), left),
                       suites[i + 1:])
 
 

@@ -110,8 +110,13 @@ def warm_up() -> Iterator[None]:
     try:
         yield
     finally:
-        if _open:
-            _open[-1].warmups_s.append(time.perf_counter() - start)
+        note_warm_up(time.perf_counter() - start)
+
+
+def note_warm_up(seconds: float) -> None:
+    """Put the seconds of a warm-up timed elsewhere (a first iteration) in the open ledger."""
+    if _open:
+        _open[-1].warmups_s.append(seconds)
 
 
 def note(timing: Timing) -> Timing:

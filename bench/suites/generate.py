@@ -30,6 +30,12 @@ from ..context import Context, free_device, peer_version
 SUITE = "generate"
 ENGINE = "generate engine"  # the Context.shared key of the decode and mixed cases' engine
 UNFUSED = "fusedrl, norm + cuBLAS GEMMs"  # the decode A/B's row (unfused_decode_case)
+# What a decode row's fraction divides: ours times its decode steps apart from the prefill;
+# transformers' generate gives only the whole call (prefill included: a lower fraction).
+DECODE_STEPS_LIMIT = "decode roofline (the decode steps' tokens/s)"
+WHOLE_CALL_LIMIT = "decode roofline (the whole call's tokens/s, prefill included)"
+NO_FUSED_DECODE = ("not run: the fused decode kernels do not run here (the PyTorch backend), so "
+                   "both sides of the A/B would be the same path")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +128,7 @@ def ours_row(ctx: Context, shape: Shape, batch: int, e: Engine, llm, impl: str,
     total, decode_s, decode_tokens, _ = bench_generate.time_ours(llm, prompts, params)
     return results.make_row(
         SUITE, decode_name(ctx, shape, batch), impl,
-        fraction_of_limit=decode_tokens / decode_s / roofline, limit="decode roofline",
+        fraction_of_limit=decode_tokens / decode_s / roofline, limit=DECODE_STEPS_LIMIT,
         seconds=total, tok_s=batch * shape.new_tokens / total,
         decode_tok_s=decode_tokens / decode_s, roofline_tok_s=roofline,
         weight_bytes=e.weight_bytes)
@@ -135,7 +141,8 @@ def unfused_decode_case(ctx: Context, batch: int) -> Case:
     time on an H100 in bench/results/2026-11-27-h100-2)."""
     shape = QUICK if ctx.quick else FULL
     return Case(SUITE, decode_name(ctx, shape, batch), (UNFUSED,),
-                functools.partial(unfused_rows, ctx, shape, batch), shares=(ENGINE,))
+                functools.partial(unfused_rows, ctx, shape, batch), shares=(ENGINE,),
+                model_paths=True)
 
 
 def unfused_rows(ctx: Context, shape: Shape, batch: int):
@@ -144,6 +151,11 @@ def unfused_rows(ctx: Context, shape: Shape, batch: int):
     as the fused one is."""
     from fusedrl.engine.inference.llm import LLM
     from fusedrl.engine.inference.sampling_params import SamplingParams
+    from fusedrl.kernels import fused_for_model
+    if not fused_for_model(torch.empty(0, device=ctx.device)):  # both sides the same path
+        yield results.missing_row(SUITE, decode_name(ctx, shape, batch), UNFUSED, NO_FUSED_DECODE,
+                                  DECODE_STEPS_LIMIT)
+        return
     e = engine(ctx, shape)
     kv_bytes = 2 * batch * (shape.prompt_len + shape.new_tokens) * e.kv_per_token + (16 << 20)
     llm = LLM(e.model.path, dtype=ctx.dtype, device=str(ctx.device), max_num_seqs=batch,
@@ -177,7 +189,7 @@ def hf_row(ctx: Context, model, prompts, new_tokens: int, name: str, roofline: f
     forward_s = bench_generate.hf_step_seconds(hf, prompts, ctx.device)
     return results.make_row(
         SUITE, name, f"transformers {peer_version('transformers')} ({settings})",
-        fraction_of_limit=new_tokens / seconds / roofline, limit="decode roofline",
+        fraction_of_limit=new_tokens / seconds / roofline, limit=WHOLE_CALL_LIMIT,
         seconds=seconds, tok_s=new_tokens / seconds, new_tokens=new_tokens,
         forward_ms=forward_s * 1e3, roofline_tok_s=roofline)
 
@@ -254,20 +266,21 @@ def vlm_row(ctx: Context, impl: str, run, roofline: float) -> dict:
 
 def vlm_case(ctx: Context) -> Case:
     return Case(SUITE, vlm_name(ctx), ("fusedrl", "transformers"),
-                functools.partial(vlm_rows, ctx))
+                functools.partial(vlm_rows, ctx), model_paths=True)
 
 
 def decode_case(ctx: Context, batch: int) -> Case:
     shape = QUICK if ctx.quick else FULL
     impls = ("fusedrl", "transformers") if batch == 1 else ("fusedrl",)
     return Case(SUITE, decode_name(ctx, shape, batch), impls,
-                functools.partial(decode_rows, ctx, shape, batch), shares=(ENGINE,))
+                functools.partial(decode_rows, ctx, shape, batch), shares=(ENGINE,),
+                model_paths=True)
 
 
 def mixed_case(ctx: Context) -> Case:
     shape = QUICK if ctx.quick else FULL
     return Case(SUITE, mixed_name(ctx, shape), ("fusedrl",),
-                functools.partial(mixed_rows, ctx, shape), shares=(ENGINE,))
+                functools.partial(mixed_rows, ctx, shape), shares=(ENGINE,), model_paths=True)
 
 
 def cases(ctx: Context) -> list[Case]:

@@ -275,9 +275,10 @@ def cases(ctx: Context) -> list[Case]:
     out = [kernel_case(ctx, case, budget, reps, host_calls) for case in kernel_cases(ctx.quick)]
     batches, vocab = ((1, 4), 2048) if ctx.quick else (bench_sampler.BATCHES, bench_sampler.VOCAB)
     out += [Case(SUITE, sampler_name(batch, vocab), SAMPLER_IMPLS,
-                 functools.partial(sampler_rows, ctx, batch, vocab, budget)) for batch in batches]
+                 functools.partial(sampler_rows, ctx, batch, vocab, budget), model_paths=True)
+            for batch in batches]
     out.append(Case(SUITE, ATTENTION, ("fusedrl", "padded", "loop"),
-                    functools.partial(attention_rows, ctx, budget)))
+                    functools.partial(attention_rows, ctx, budget), model_paths=True))
     n, h, v = (32, 16, 128) if ctx.quick else (4096, 896, 151936)
     out.append(Case(SUITE, grpo_loss_name(n, h, v), ("eager", "fusedrl", "liger", "trl"),
                     functools.partial(grpo_loss_rows, ctx)))

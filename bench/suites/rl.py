@@ -176,7 +176,7 @@ def peer_rows(ctx: Context, algo: str):
 
 def ours_case(ctx: Context, algo: str) -> Case:
     return Case(SUITE, iteration_name(ctx, algo), ("fusedrl",),
-                functools.partial(ours_rows, ctx, algo), shares=CHECKPOINTS)
+                functools.partial(ours_rows, ctx, algo), shares=CHECKPOINTS, model_paths=True)
 
 
 def peer_case(ctx: Context, algo: str) -> Case:

@@ -90,7 +90,7 @@ def cases_at(ctx: Context, tokens: int, captured: bool = False) -> Case:
     seq_len = 64 if ctx.quick else 256
     return Case(SUITE, train_name(ctx, tokens, seq_len), (GRAPH_IMPL if captured else "fusedrl",),
                 functools.partial(step_rows, ctx, tokens, seq_len, captured=captured),
-                shares=(MODEL,))
+                shares=(MODEL,), model_paths=True)
 
 
 def cases(ctx: Context) -> list[Case]:

@@ -25,7 +25,7 @@ def quick_context() -> context.Context:
 def run(cases, ctx, options=None):
     rows = []
     clock = runner.Clock(options or ctx.options)
-    runner.run_cases(cases, ctx, clock, lambda row, left: rows.append(row))
+    runner.run_cases(cases, ctx, clock, lambda row, left, case: rows.append(row))
     return rows
 
 
@@ -95,6 +95,44 @@ def test_a_slow_setup_still_gets_its_first_measurement_the_budget_bounds_the_loo
     rows = []  # without a budget the loop runs to its own
     run_case(Case("headline", "slow", ("x",), slow), None, rows.append)
     assert rows[0]["n"] > 3, rows
+
+
+def test_a_row_timed_on_its_own_is_measure_not_setup_and_a_first_iteration_is_compile():
+    """A row whose seconds no loop holds (one timed run, as a decode or an RL iteration is) gives
+    them as measure_s, and setup_s does not count them again; a warm-up timed elsewhere (an RL
+    side's first iteration) is compile_s: the three add up to the case's wall time."""
+    def own():
+        time.sleep(0.1)  # setup
+        timing.note_warm_up(0.2)  # a first iteration, timed by the caller
+        time.sleep(0.2)
+        start = time.perf_counter()
+        time.sleep(0.3)  # the measured run
+        yield {"suite": "headline", "name": "own", "impl": "x", "status": "ok",
+               "fraction_of_limit": 1.0, "limit": "-", "seconds": time.perf_counter() - start}
+    rows = []
+    begin = time.perf_counter()
+    run_case(Case("headline", "own", ("x",), own), None, rows.append)
+    wall = time.perf_counter() - begin
+    row = rows[0]
+    assert row["measure_s"] >= 0.3 and row["compile_s"] == 0.2, row
+    assert 0.1 <= row["setup_s"] < 0.2, row
+    assert row["setup_s"] + row["compile_s"] + row["measure_s"] <= wall + 0.01, (row, wall)
+
+
+def test_under_the_interpreter_only_rows_that_ran_there_say_so():
+    """interpret=true on the CPU: a kernel op's fusedrl row is named for the interpreter; a row of
+    the model-scale paths (decode, the mixed workload, the sampler, the training micro-batch, the
+    RL iterations, MoE), which stay on the PyTorch backend there, keeps its name."""
+    from fusedrl.bench.suites import headline
+    ctx = context.Context(torch.device("cpu"), FIXED, BenchOptions(quick=True, interpret=True))
+    assert ctx.named({"impl": "fusedrl"}, model_paths=False)["impl"] == context.INTERPRETED
+    assert ctx.named({"impl": "fusedrl"}, model_paths=True)["impl"] == "fusedrl"
+    ops = ("kl_penalty", "gae", "masked_whiten", "ppo_policy_loss", "ppo_value_loss",
+           "token_logprobs", "linear_token_logprobs", "grpo_loss", "distill_divergence")
+    ours = [case for case in headline.cases(ctx) if any(i.startswith("fusedrl") for i in case.impls)]
+    assert len(ours) > 10
+    for case in ours:  # the model-scale paths are every case but the kernel ops'
+        assert case.model_paths == (case.name.split()[0].split("+")[0] not in ops), case.name
 
 
 def test_the_runs_deadline_still_stops_a_case():

@@ -2,7 +2,10 @@
 within 60 s of the command's start (2 CPU cores, --quick), SIGTERM halfway leaves a valid
 results.json with every finished row, the run's deadline turns what does not fit into rows saying
 `not run: time` and a case's budget bounds its repetitions; every timing has its spread; the table
-has only the columns a suite's rows fill; compare never divides by zero."""
+has only the columns a suite's rows fill, the process's resident set in a column of its own; a
+figure that is not finite is recorded as null (standard JSON) and named; compare never divides by
+zero, never prints a NaN, lists the matched rows it has no figure for and reads a run's
+directory."""
 import json
 import os
 import signal
@@ -13,7 +16,7 @@ import time
 import pytest
 import torch
 
-from fusedrl.bench import devices, results, timing
+from fusedrl.bench import devices, record, results, timing
 from fusedrl.engine.cli import main
 
 FIXED = devices.Limits("CPU (test)", 1e11, 1e10, "measured")
@@ -112,3 +115,121 @@ def test_compare_leaves_out_a_ratio_to_zero(tmp_path, capsys):
     text = results.compare_table(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
     assert "nan" not in text and "inf" not in text and "weight_copies" not in text
     assert any(line.split()[-1] == "0.5" for line in text.splitlines() if "seconds" in line)
+
+
+def _strict_json(text: str):
+    """json.loads refusing NaN and Infinity, which are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not standard JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_record_writes_a_not_finite_figure_as_null_and_names_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    recorder = record.Recorder(str(out), _payload([])["meta"])
+    recorder.add(results.make_row("kernels", "gae fwd 4x8", "fusedrl", fraction_of_limit=0.5,
+                                  limit="memory bandwidth", seconds=float("nan"),
+                                  gbps=float("inf"), loss=1.5), "1 case left")
+    recorder.add(results.make_row("kernels", "gae bwd 4x8", "fusedrl", fraction_of_limit=0.25,
+                                  limit="memory bandwidth", seconds=0.004), "0 cases left")
+    recorder.close("interrupted")  # a complete run would draw its charts too
+    payload = _strict_json((out / "results.json").read_text())
+    streamed = [_strict_json(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for rows in (payload["rows"], streamed):
+        bad, good = rows
+        assert bad["seconds"] is None and bad["gbps"] is None and bad["loss"] == 1.5, bad
+        assert bad["not_finite"] == ["seconds", "gbps"] and bad["status"] == "ok", bad
+        assert good["seconds"] == 0.004 and "not_finite" not in good, good
+    table = (out / "results.md").read_text()
+    assert "nan" not in table.lower() and "| ok (not finite: seconds, gbps) |" in table, table
+    progress = capsys.readouterr().out.splitlines()
+    assert "not finite: seconds, gbps" in progress[0] and "nan" not in progress[0], progress
+
+
+def _write(path, rows, meta):
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))  # a NaN written as NaN
+
+
+def test_compare_skips_a_not_finite_figure_in_either_file(tmp_path):
+    a = results.make_row("kernels", "gae fwd 4x8", "fusedrl", fraction_of_limit=0.5,
+                         limit="memory bandwidth", seconds=float("nan"), gbps=4.0, loss=2.0)
+    b = dict(a, seconds=0.001, gbps=8.0, loss=float("inf"))
+    _write(tmp_path / "a.json", [a], _payload([])["meta"])  # NaN literals, as a file may hold
+    _write(tmp_path / "b.json", [b], _payload([])["meta"])
+    text = results.compare_table(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    lowered = text.lower()
+    assert "nan" not in lowered and "inf" not in lowered, text
+    figures = [line.split()[-4] for line in text.splitlines() if line.startswith("kernels")]
+    assert figures == ["fraction_of_limit", "gbps"], text
+    assert any(line.split()[-1] == "2" for line in text.splitlines() if "gbps" in line), text
+
+
+def test_compare_lists_matched_rows_without_figures_and_counts_the_unmatched(tmp_path):
+    """A run cut by its deadline matches every row of a complete one: each is listed with its
+    status, not reported as matching nothing; rows with no partner are counted."""
+    measured = [results.make_row("rl", f"grpo {i}", "fusedrl", fraction_of_limit=0.1,
+                                 limit="model FLOP/s", seconds=1.0 + i) for i in range(3)]
+    cut = [results.missing_row("rl", r["name"], "fusedrl", "not run: time (the run's deadline)",
+                               "model FLOP/s") for r in measured]
+    a_only = results.make_row("train", "128 tokens", "fusedrl", fraction_of_limit=0.2,
+                              limit="model FLOP/s", seconds=0.5)
+    b_only = [results.missing_row("kernels", f"gae {i}", "eager", "not installed", "bandwidth")
+              for i in range(2)]
+    _write(tmp_path / "a.json", [*measured, a_only], _payload([])["meta"])
+    _write(tmp_path / "b.json", [*cut, *b_only], _payload([])["meta"])
+    text = results.compare_table(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert "no row of B matches" not in text, text
+    assert "3 rows of B match a row of A" in text, text
+    assert "1 row of A and 2 rows of B match none" in text, text
+    assert "  3: A ok | B not run: time (the run's deadline)" in text, text
+    for row in measured:
+        assert any(line.split()[:3] == ["rl", "grpo", row["name"].split()[1]]
+                   and line.endswith("not run: time (the run's deadline)")
+                   for line in text.splitlines()), text
+    # a row that failed in one file sits under the ratios of the rows both measured
+    failed = dict(measured[1], status="RuntimeError: CUDA out of memory", seconds=None,
+                  fraction_of_limit=None)
+    _write(tmp_path / "b.json", [dict(measured[0], seconds=2.0), failed], _payload([])["meta"])
+    text = results.compare_table(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert any(line.split()[-1] == "2" for line in text.splitlines() if "seconds" in line), text
+    assert "  1: A ok | B RuntimeError: CUDA out of memory" in text, text
+    assert "2 rows of B match a row of A" in text and "2 rows of A and 0 rows of B" in text, text
+
+
+def test_compare_reads_a_run_directory_and_a_null_meta(tmp_path, capsys):
+    row = results.make_row("rl", "grpo", "fusedrl", fraction_of_limit=0.1, limit="FLOP/s",
+                           seconds=2.0)
+    (tmp_path / "run").mkdir()
+    _write(tmp_path / "run" / "results.json", [row], _payload([])["meta"])
+    _write(tmp_path / "null_meta.json", [dict(row, seconds=1.0)], None)
+    assert json.loads((tmp_path / "null_meta.json").read_text())["meta"] is None
+    capsys.readouterr()
+    assert main(["bench", "compare", str(tmp_path / "run"), str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert f"A: {tmp_path / 'run' / 'results.json'} (cpu, commit c)" in out, out
+    assert any(line.split()[-1] == "1" for line in out.splitlines() if "seconds" in line), out
+    assert main(["bench", "compare", str(tmp_path / "run"), str(tmp_path / "null_meta.json")]) == 0
+    out = capsys.readouterr().out
+    assert "(None, commit None)" in out, out
+    assert any(line.split()[-1] == "0.5" for line in out.splitlines() if "seconds" in line), out
+
+
+def test_results_table_gives_the_process_rss_its_own_column_beside_no_plan():
+    """On the CPU the rl row has the process's resident-set high-water mark (monotonic over a
+    run), not a peak of its own: a column of its own, never the `peak (GiB)` the plan sits by."""
+    cpu = results.make_row("rl", "grpo", "fusedrl", fraction_of_limit=0.1, limit="FLOP/s",
+                           seconds=2.0, plan_peak_gib=0.00302, process_peak_rss_gib=0.604)
+    header = next(line for line in results.suite_table([cpu]) if line.startswith("| case"))
+    heads = header.strip("| ").split(" | ")
+    assert "peak (GiB)" not in heads and "plan peak (GiB)" in heads, heads
+    rss = next(h for h in heads if "process" in h)
+    assert "RSS high-water mark" in rss and "not the row's" in rss, rss
+    cells = results.suite_table([cpu])[2].strip("| ").split(" | ")
+    assert cells[heads.index(rss)] == "0.604" and cells[heads.index("plan peak (GiB)")] == "0.00302"
+    gpu = dict(cpu, peak_gib=2.5)
+    del gpu["process_peak_rss_gib"]
+    lines = results.suite_table([gpu, cpu])
+    heads = lines[0].strip("| ").split(" | ")
+    peak, plan = heads.index("peak (GiB)"), heads.index("plan peak (GiB)")
+    assert plan == peak + 1 and any("process" in h for h in heads), heads
+    assert [line.strip("| ").split(" | ")[peak] for line in lines[2:]] == ["2.5", "-"], lines

@@ -5,8 +5,6 @@ checked."""
 import copy
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -121,7 +119,7 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch):
             (["all", f"output_dir={tmp_path}"], "holds a results.json already")):
         assert main(["bench", *argv]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith(f"fusedrl bench: ") and expected in err and "\n" not in err, err
+        assert err.startswith("fusedrl bench: ") and expected in err and "\n" not in err, err
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun only train and rl run, on every rank
     for suite in ("all", "generate"):
         assert main(["bench", suite, "--quick"]) == 2
@@ -138,6 +136,19 @@ def test_the_device_table_names_each_datacenter_gpu_and_nothing_else():
     assert devices.datasheet_limits("NVIDIA A100-SXM4-80GB").bytes_per_s == 2.039e12
     assert devices.datasheet_limits("NVIDIA B200").flops_per_s == 2.25e15
     assert devices.datasheet_limits("NVIDIA GeForce RTX 4090") is None
+
+
+def test_a_cpu_limit_measured_under_load_says_so(monkeypatch):
+    """The machine's other work lowers a measured CPU limit whatever the estimator: its load is
+    recorded beside the limit, and a load past the cores named in the limit's label."""
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(devices, "RUNS", 1)
+    monkeypatch.setattr(devices.os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+    limits = devices.measured_limits(torch.device("cpu"))
+    assert limits.spread["load_average"] == cores + 3.0 and limits.spread["cores"] == cores
+    assert f"under load: {cores + 3.0:.1f} processes ready on {cores} cores" in limits.label
+    monkeypatch.setattr(devices.os, "getloadavg", lambda: (0.5, 0.0, 0.0))
+    assert "under load" not in devices.measured_limits(torch.device("cpu")).label
 
 
 @pytest.mark.integration

@@ -35,6 +35,8 @@ def test_the_visit_is_two_calls_and_10_minutes_the_headline_set_first_taking_the
                           timeout=60)
     assert plan.returncode == 0, plan.stderr
     lines = plan.stdout.strip().splitlines()
+    # first: whether .whl/COMMIT (what labels the visit's results) is this tree's commit
+    assert re.match(r"(prepared: |STALE: |not prepared: )", lines[0]), lines[0]
     last = re.fullmatch(r"plan: (\d+) calls, (\d+) minutes", lines[-1])
     assert last, lines[-1]
     calls = re.findall(r"^call \d+ \((\d+) min, limits (\d+) s\): (.*); carry: (.*)$", plan.stdout,
