@@ -1,8 +1,8 @@
 """Argument checks shared by the ops' host functions. Host functions check; kernels trust.
 
 Every error names the op, the argument, what it got and what was expected. None of these read
-tensor values (no host sync), except ``check_label_range`` which callers gate on
-``dispatch.sync_checks_enabled``.
+tensor values (no host sync), except ``check_label_range`` and ``check_values`` which callers gate
+on ``dispatch.sync_checks_enabled``.
 """
 from __future__ import annotations
 
@@ -112,20 +112,48 @@ def check_label_range(op: str, labels: torch.Tensor, vocab_size: int, ignore_ind
         )
 
 
+def check_values(op: str, name: str, x: torch.Tensor, ok: torch.Tensor, expected: str) -> None:
+    """Every entry of x where ``ok`` (bool, x's shape) holds, else a ValueError saying what each
+    must be (``expected``), how many are not and the first. Reads values: a sync on GPU."""
+    bad = ~ok
+    if bool(bad.any()):
+        first = x[bad][0].item()
+        raise ValueError(
+            f"{op}: {name} must be {expected}; got {int(bad.sum())} out of range (first: {first})")
+
+
 def check_kv_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, op: str = "store_kv") -> None:
     """k, v [N, Hkv, D] (heads and head dims contiguous) into contiguous caches [blocks, page, Hkv,
-    D] at slot_mapping [N] int64."""
+    D] of their dtype, all on one device, at slot_mapping [N] int64."""
     if k.shape != v.shape or k.shape[1:] != k_cache.shape[2:] or k_cache.shape != v_cache.shape:
         raise ValueError(
-            f"k {tuple(k.shape)}, v {tuple(v.shape)} do not fit caches {tuple(k_cache.shape)}")
+            f"{op}: k {tuple(k.shape)}, v {tuple(v.shape)} do not fit caches "
+            f"{tuple(k_cache.shape)}")
+    # The kernel would store with a silent cast, the reference's index_put refuses.
+    for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != k.dtype:
+            raise TypeError(f"{op}: {name} is {t.dtype} but k is {k.dtype}: expected one dtype")
+    for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache),
+                    ("slot_mapping", slot_mapping)):
+        if t.device != k.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but k is on {k.device}")
     if k.stride()[1:] != (k.shape[2], 1) or v.stride()[1:] != (v.shape[2], 1):
-        raise ValueError("k and v must have contiguous heads and head dims")
+        raise ValueError(f"{op}: k and v must have contiguous heads and head dims")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
+        raise ValueError(f"{op}: k_cache and v_cache must be contiguous")
     if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != torch.int64:
-        raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}], got {slot_mapping.dtype} "
-                         f"{tuple(slot_mapping.shape)}")
+        raise ValueError(f"{op}: slot_mapping must be int64 [{k.shape[0]}], got "
+                         f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+
+
+def check_slot_range(op: str, slot_mapping: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """Every slot is -1 (a padding row, skipped) or one of the cache's blocks * page slots. Reads
+    values: a sync on GPU."""
+    slots = k_cache.shape[0] * k_cache.shape[1]
+    check_values(op, "slot_mapping", slot_mapping,
+                 (slot_mapping == -1) | ((slot_mapping >= 0) & (slot_mapping < slots)),
+                 f"-1 (skip) or in [0, {slots}) (blocks x page)")
 
 
 def check_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -25,7 +25,7 @@ kernel checked, the page size). Its questions:
                              walk's norms, RoPE and SiLU*up, norm_linear, paged attention, the
                              sampler and the exact (batch-invariant) mode's ops; fused_for_model(x)
                              asks the same
-  grouped_gemm_path(x)       the MoE grouped GEMM's ("grouped_mm", "triton" or "loop"), see its
+  grouped_gemm_path(x, w)    the MoE grouped GEMM's ("grouped_mm", "triton" or "loop"), see its
                              docstring
 
 The override stack is thread-local (no process-wide mutable state) and is a plain list, which
@@ -170,26 +170,36 @@ TORCH_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None)
 
 
 def grouped_mm_path(device_type: str, dtype: torch.dtype, capability: Optional[tuple],
-                    has_grouped_mm: bool = True) -> str:
+                    has_grouped_mm: bool = True, *, aligned: bool = True,
+                    compiling: bool = False) -> str:
     """What `grouped_gemm_path` picks for inputs of `dtype` on `device_type` (capability (major,
     minor) on CUDA) with torch's grouped_mm there or not: "grouped_mm" where it reads nothing on
-    the host (the CPU; bf16 on sm_90/sm_100), "triton" (model/grouped_gemm.py) on any other GPU or
-    dtype, whose fallback would sync per call and fail inside CUDA-graph capture, and on any GPU
-    of a torch without it; "loop" (reference.grouped_linear) on the CPU of a torch without it."""
+    the host (bf16 on sm_90/sm_100; the CPU where it runs, below), "triton" (model/grouped_gemm.py)
+    on any other GPU or dtype, whose fallback would sync per call and fail inside CUDA-graph
+    capture, and on any GPU of a torch without it; "loop" (reference.grouped_linear) on the CPU
+    where grouped_mm would fail. On the CPU grouped_mm takes fp32, bf16 and fp16 rows of whole 16
+    bytes (`aligned`: the weight's in and out features), and under torch.compile (`compiling`: its
+    fake kernel) bf16 only; the loop takes every dtype and size. GPUs ignore `aligned` and
+    `compiling`: their grouped_mm path refuses unaligned sizes in one line."""
     if device_type != "cuda":
-        return "grouped_mm" if has_grouped_mm else "loop"
+        runs = dtype == torch.bfloat16 or (not compiling
+                                           and dtype in (torch.float32, torch.float16))
+        return "grouped_mm" if has_grouped_mm and aligned and runs else "loop"
     fast = (has_grouped_mm and dtype == torch.bfloat16 and capability is not None
             and capability[0] in GROUPED_MM_FAST_MAJORS)
     return "grouped_mm" if fast else "triton"
 
 
-def grouped_gemm_path(x: torch.Tensor) -> str:
-    """The MoE grouped GEMM's implementation for inputs like ``x``: "grouped_mm" (torch's
+def grouped_gemm_path(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> str:
+    """The MoE grouped GEMM's implementation for inputs like ``x`` (and ``weight`` [E, O, K], whose
+    sizes the CPU's choice reads; None: taken as whole 16-byte rows): "grouped_mm" (torch's
     F.grouped_mm), "triton" (ours) or "loop", by grouped_mm_path. Not an op backend: whatever
     backend is asked for, a CUDA run must not copy its offsets to the host (the torch backend's
     oracle is the CPU's grouped_mm)."""
     capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
-    return grouped_mm_path(x.device.type, x.dtype, capability, TORCH_GROUPED_MM is not None)
+    aligned = weight is None or not any(size * x.element_size() % 16 for size in weight.shape[1:])
+    return grouped_mm_path(x.device.type, x.dtype, capability, TORCH_GROUPED_MM is not None,
+                           aligned=aligned, compiling=torch.compiler.is_compiling())
 
 
 def fused_op(backend: str, name: str):

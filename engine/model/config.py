@@ -98,6 +98,19 @@ class ModelConfig:
             raise ValueError(f"config.json: num_hidden_layers={layers} exceeds {MAX_LAYERS}, "
                              "deeper than any model the engine serves")
 
+    @staticmethod
+    def check_present(raw: dict) -> None:
+        """ValueError naming the first size of _SIZES that config.json (as read, or its
+        text_config) leaves out: transformers would put its class's default in its place (Llama 2
+        7B's: hidden_size 4096, max_position_embeddings 2048), a model of other shapes than the
+        weights, found at the first tensor at best and never for the context length."""
+        text = raw.get("text_config")
+        text = text if isinstance(text, dict) else {}
+        for name in _SIZES:
+            if name not in raw and name not in text:
+                raise ValueError(f"config.json has no {name}: expected the model's own (an int), "
+                                 "not the default transformers would put in its place")
+
     @classmethod
     def from_hf(cls, hf_config) -> "ModelConfig":
         """Validate a transformers config and copy out what the decoder needs (a vision-language

@@ -74,6 +74,7 @@ def load_config(model_dir) -> ModelConfig:
     try:
         # Checked before transformers reads it: an unknown model_type is a page of text there.
         ModelConfig.check_model_type(model_type, architectures)
+        ModelConfig.check_present(raw)
         ModelConfig.check_depth(raw)
         # Imported here, not with the module: transformers' first model import lists every
         # architecture it ships (a quarter of a second on a quiet core), which a process that
@@ -212,7 +213,7 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM,
                 if target not in expected and target not in packed:
                     raise ModelError(
                         f"unexpected tensor {name!r} in {path.name}: not a parameter of a "
-                        f"{config.model_type} decoder with this config")
+                        f"{config.model_type} decoder with this config{_head_hint(name)}")
                 blocks, names_filled = ((expected[target], (target,)) if target in expected
                                         else packed[target])
                 _fill(f, name, path, blocks)
@@ -220,8 +221,24 @@ def load_model(model_dir, dtype="auto", device="cpu", model_cls=CausalLM,
     missing = sorted(set(expected) - seen)
     if missing:
         raise ModelError(f"missing tensor {missing[0]!r} in {model_dir}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                         + _head_hint(missing[0], missing=True))
     return model
+
+
+# The scalar heads a checkpoint's tensor names tell apart: what each directory is, for an error
+# that says a model was given where another kind was expected.
+_HEADS = {"score.weight": "a reward model (`fusedrl rm`: a score head)",
+          "value_head.weight": "a critic (a value head)"}
+
+
+def _head_hint(name: str, missing: bool = False) -> str:
+    """A clause naming what a directory is (or is not) by a scalar head's tensor, else ""."""
+    if name not in _HEADS:
+        return ""
+    if missing:
+        return f": the directory is not {_HEADS[name]}"
+    return f": the directory is {_HEADS[name]}, not a plain decoder"
 
 
 @torch.no_grad()

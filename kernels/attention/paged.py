@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks, reference
-from ..dispatch import fused_for_model
+from ..dispatch import fused_for_model, sync_checks_enabled
 from ..triton_compat import tl, triton
 from ..model.norm import rows_per_program
 from ..tile_dot import dot_nt
@@ -263,6 +263,9 @@ def rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache
     """A decode step's attention with its RoPE and KV store (arguments and result as
     `rope_store_decode_triton`): one launch on the "triton" model backend, the reference on
     "torch" (one pass: num_splits is the Triton launch's)."""
+    checks.check_kv_store(k, v, k_cache, v_cache, slot_mapping, op="rope_store_decode")
+    if sync_checks_enabled(slot_mapping):  # a slot past the pool would be written out of bounds
+        checks.check_slot_range("rope_store_decode", slot_mapping, k_cache)
     if fused_for_model(q):
         return rope_store_decode_triton(q, k, v, cos_table, sin_table, positions, k_cache, v_cache,
                                         slot_mapping, block_tables, context_lens, scale, num_splits)
@@ -278,7 +281,7 @@ def rope_store_decode_triton(q, k, v, cos_table, sin_table, positions, k_cache, 
     the new token -> [B, H, D] in q's dtype; k (rotated) and v written into the caches. The same
     numbers as `rope` then `store_kv_triton` then `paged_decode_triton`."""
     checks.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
-    checks.check_kv_store(k, v, k_cache, v_cache, slot_mapping)
+    checks.check_kv_store(k, v, k_cache, v_cache, slot_mapping, op="rope_store_decode")
     if positions.shape != (q.shape[0],) or positions.dtype != torch.int64:
         raise ValueError(
             f"positions must be int64 [{q.shape[0]}], got {positions.dtype} "
@@ -384,6 +387,9 @@ def _default_splits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
     """Write k, v [N, Hkv, D] into the caches [blocks, page, Hkv, D] at slot_mapping [N] int64 (slot
     -1: a padding row, skipped)."""
+    checks.check_kv_store(k, v, k_cache, v_cache, slot_mapping)
+    if sync_checks_enabled(slot_mapping):  # a slot past the pool would be written out of bounds
+        checks.check_slot_range("store_kv", slot_mapping, k_cache)
     if fused_for_model(k):
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:

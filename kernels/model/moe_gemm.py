@@ -1,7 +1,8 @@
 """The expert GEMMs of a mixture-of-experts layer: slots sorted by expert (`moe_sort`), then one
 grouped GEMM per projection over all experts (`grouped_linear`: torch's `F.grouped_mm` where it
-reads nothing on the host, else our Triton grouped GEMM, grouped_gemm.py, or on the CPU of a torch
-without grouped_mm one matmul per expert; the choice is dispatch.grouped_gemm_path's).
+reads nothing on the host, else our Triton grouped GEMM, grouped_gemm.py, or on the CPU where
+grouped_mm would fail (a torch without it, its dtypes and sizes, a trace) one matmul per expert; the
+choice is dispatch.grouped_gemm_path's).
 
 Capacity-free: every expert takes the rows routed to it, however many (zero included), and the
 group boundaries are device tensors, so neither op reads a value on the host: a decode step keeps
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import dispatch, reference
-from ..dispatch import grouped_gemm_path
+from .. import checks, dispatch, reference
+from ..dispatch import grouped_gemm_path, sync_checks_enabled
 from .grouped_gemm import grouped_gemm
 
 
@@ -25,6 +26,13 @@ def moe_sort(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
         raise ValueError(
             f"moe_sort: expert_ids is {expert_ids.dtype} {tuple(expert_ids.shape)}: expected "
             "integer [tokens, top_k]")
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+        raise ValueError(f"moe_sort: num_experts must be an int >= 1, got {num_experts!r}")
+    if sync_checks_enabled(expert_ids):
+        # An id past the experts sorts after the last group's end: its slot would be dropped.
+        checks.check_values("moe_sort", "expert_ids", expert_ids,
+                            (expert_ids >= 0) & (expert_ids < num_experts),
+                            f"in [0, {num_experts}) (num_experts)")
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     slot_rows = torch.empty_like(order).scatter_(0, order,
@@ -64,7 +72,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
         raise ValueError(
             f"grouped_linear: offsets is {offsets.dtype} {tuple(offsets.shape)}: expected int32 "
             f"({weight.shape[0]},)")
-    path = grouped_gemm_path(x)
+    if sync_checks_enabled(offsets):
+        _check_offsets(offsets, x.shape[0])
+    path = grouped_gemm_path(x, weight)
     if path == "triton":
         return grouped_gemm(x, weight, offsets)
     if path == "loop":
@@ -75,3 +85,17 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
             "whole 16 bytes (in and out features multiples of 16 / itemsize)")
     return _ContiguousGrad.apply(dispatch.TORCH_GROUPED_MM(x, weight.transpose(-2, -1),
                                                            offs=offsets))
+
+
+def _check_offsets(offsets: torch.Tensor, rows: int) -> None:
+    """offsets [E] must be group ends, non-decreasing from >= 0 to exactly R: a decrease gives a
+    group a negative size, a last end short of R leaves rows in no group. Reads values (E ints)."""
+    ends = offsets.tolist()
+    for i, end in enumerate(ends):
+        if end < (ends[i - 1] if i else 0):
+            raise ValueError(
+                f"grouped_linear: offsets must be non-decreasing group end rows >= 0, got "
+                f"offsets[{i}]={end}" + (f" after {ends[i - 1]}" if i else ""))
+    if (ends[-1] if ends else 0) != rows:
+        raise ValueError(f"grouped_linear: offsets[-1] must equal x's rows R={rows} (every row in "
+                         f"a group), got {ends[-1] if ends else None}")

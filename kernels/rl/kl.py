@@ -251,8 +251,10 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
     backend = cuda_ext.twin_or_fallback(backend_for(logp, OP), logp, ref_logp,
                                         supported=clamp is None and log_ratio_clamp is None)
     if backend == "torch":
+        # The reference keeps fp64 inputs in fp64 (the oracle's precision); the op returns fp32 on
+        # every backend, as its fused kernels do.
         return reference.kl_penalty(logp, ref_logp, estimator=estimator, mask=mask, clamp=clamp,
-                                    log_ratio_clamp=log_ratio_clamp)
+                                    log_ratio_clamp=log_ratio_clamp).to(torch.float32)
     mask = None if mask is None else mask.contiguous()
     if backend == "cuda":
         return torch.ops.fusedrl.cuda_kl_penalty_fwd(logp.contiguous(), ref_logp.contiguous(), mask,

@@ -323,7 +323,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     """Log-probability of each label under softmax(logits / temperature), fused.
 
     Args:
-        logits: [..., V] fp32/bf16/fp16 (fp64 is accepted and computed in fp32).
+        logits: [..., V] fp32/bf16/fp16 (fp64 is accepted: computed in fp32 by the fused
+            kernels, in fp64 by the torch backend, returned in fp32 by both).
         labels: [...] int32/int64, each in [0, V) or equal to ``ignore_index``.
         temperature: positive; the distribution is softmax(logits / temperature).
         ignore_index: label value whose outputs (and gradients) are 0.
@@ -352,8 +353,13 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         checks.check_label_range(OP, labels, n_cols, ignore_index)
     backend = cuda_ext.twin_or_fallback(backend_for(logits, OP), logits)
     if backend == "torch":
-        return reference.token_logprobs(logits, labels, temperature=temperature,
-                                        ignore_index=ignore_index, return_entropy=return_entropy)
+        # The reference keeps fp64 inputs in fp64 (the oracle's precision); the op returns fp32 on
+        # every backend, as its fused kernels do.
+        out = reference.token_logprobs(logits, labels, temperature=temperature,
+                                       ignore_index=ignore_index, return_entropy=return_entropy)
+        if return_entropy:
+            return out[0].to(torch.float32), out[1].to(torch.float32)
+        return out.to(torch.float32)
     logits_2d = logits.reshape(-1, n_cols)
     if logits_2d.stride(-1) != 1:
         logits_2d = logits_2d.contiguous()

@@ -20,8 +20,8 @@ import torch
 from .. import checks, cuda_ext, reference
 from ..dispatch import backend_for
 from .ppo_loss_ops import IS_MODE_IDS, policy_loss_op, value_loss_op
-from .statistics import (AGGS, IS_LEVELS, IS_MODES, clip_fractions, importance_weights,
-                         row_weights, sequence_ratio_logp)
+from .statistics import (AGGS, check_is_options, clip_fractions, importance_weights, row_weights,
+                         sequence_ratio_logp)
 
 POLICY_STATS = ("clipfrac", "dual_clipfrac", "approx_kl", "ratio_mean", "ratio_max")
 IS_STATS = ("is_weight_mean", "is_weight_max", "is_masked_frac")
@@ -175,17 +175,12 @@ def _policy_loss(op, logp, old_logp, advantages, mask, clip_eps, clip_eps_high, 
         raise ValueError(f"{op}: dual_clip must be a number > 1 or None, got {dual_clip!r}")
     old_logp, advantages = old_logp.detach(), advantages.detach()
     if is_mode is not None:
-        checks.check_choice(op, "is_mode", is_mode, IS_MODES)
-        checks.check_choice(op, "is_level", is_level, IS_LEVELS)
+        check_is_options(op, is_mode, is_level, is_cap, is_low, is_high, prefix="is_")
         if rollout_logprobs is None:
             raise ValueError(
                 f"{op}: is_mode={is_mode!r} needs rollout_logprobs (the sampler's log-probs)")
         checks.check_float(op, "rollout_logprobs", rollout_logprobs)
         checks.check_same_shape(op, "rollout_logprobs", rollout_logprobs, "logp", logp)
-        if not 0 < is_low <= 1 <= is_high or is_cap < 1:
-            raise ValueError(
-                f"{op}: need 0 < is_low <= 1 <= is_high and is_cap >= 1, got is_low={is_low}, "
-                f"is_high={is_high}, is_cap={is_cap}")
         rollout_logprobs = rollout_logprobs.detach()
     # "auto"'s measurements and the C++ twin are of the plain mode: the corrections run on Triton.
     plain = is_mode is None and ratio_level == "token"

@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
-from ..dispatch import fused_for_model
+from .. import checks, reference
+from ..dispatch import fused_for_model, sync_checks_enabled
 from .chunk_stats import _chunk_stats_kernel, _merge_kernel
 from .window_draw import _finish_kernel, _window_kernel
 from ..triton_compat import triton
@@ -94,6 +94,12 @@ def sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps
     bf16/fp16, read in their own dtype and computed in fp32). Returns (tokens [B] int64, logprobs
     [B] fp32). workspace: the key windows (>= B rows, on the logits' device), else a fresh one. A
     torch custom op (fusedrl::sample): one node to torch.compile, one op to a TorchDispatchMode."""
+    min_ps = _check_args("sample_triton", logits, temperatures, top_ks, top_ps, seeds, positions,
+                         min_ps)
+    return _sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps, workspace)
+
+
+def _sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps, workspace):
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     if workspace is None:
         workspace = SamplerWorkspace(max(1, logits.shape[0]), logits.device)
@@ -177,9 +183,42 @@ def sample(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps=None,
     Returns (tokens [B] int64, logprobs [B] fp32): the log-prob of each token under the distribution
     it was drawn from (temperature-scaled, filtered, renormalized; greedy rows: the model's).
     """
-    if min_ps is None:
-        min_ps = torch.zeros_like(top_ps, dtype=torch.float32)
+    min_ps = _check_args("sample", logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
     if fused_for_model(logits):
-        return sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps,
-                             workspace)
+        return _sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps,
+                              workspace)
     return reference.sample(logits, temperatures, top_ks, top_ps, seeds, positions, min_ps)
+
+
+def _check_args(op, logits, temperatures, top_ks, top_ps, seeds, positions, min_ps):
+    """`sample`'s arguments as its docstring has them -> min_ps (zeros for None). Shapes, dtypes
+    and devices always (the kernels index every per-row tensor by row: a short one is read out of
+    bounds); the values where dispatch.sync_checks_enabled (a negative temperature would reverse
+    the distribution, a NaN one or a top_p above 1 filter silently)."""
+    checks.check_dtype(op, "logits", logits, (torch.float32, torch.bfloat16, torch.float16))
+    if logits.dim() != 2 or logits.shape[1] < 1:
+        raise ValueError(f"{op}: logits must have shape [B, V] with V >= 1, got "
+                         f"{tuple(logits.shape)}")
+    if min_ps is None:
+        min_ps = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+    rows = (logits.shape[0],)
+    per_row = (("temperatures", temperatures, torch.float32), ("top_ks", top_ks, torch.int64),
+               ("top_ps", top_ps, torch.float32), ("seeds", seeds, torch.int64),
+               ("positions", positions, torch.int64), ("min_ps", min_ps, torch.float32))
+    for name, t, dtype in per_row:
+        checks.check_dtype(op, name, t, (dtype,))
+        if t.shape != rows:
+            raise ValueError(f"{op}: {name} must have shape {rows} (one per row of logits), got "
+                             f"{tuple(t.shape)}")
+        if t.device != logits.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but logits are on {logits.device}")
+    if sync_checks_enabled(logits):
+        checks.check_values(op, "temperatures", temperatures,
+                            torch.isfinite(temperatures) & (temperatures >= 0),
+                            "finite and >= 0 (0 = greedy)")
+        checks.check_values(op, "top_ks", top_ks, top_ks >= 0, ">= 0 (0 = off)")
+        checks.check_values(op, "top_ps", top_ps, (top_ps >= 0) & (top_ps <= 1),
+                            "in [0, 1] (1 = off, 0 = the most likely token only)")
+        checks.check_values(op, "min_ps", min_ps, (min_ps >= 0) & (min_ps <= 1),
+                            "in [0, 1] (0 = off)")
+    return min_ps

@@ -5,7 +5,7 @@ and no blocking copy to the device; a training micro-batch makes no host sync an
 import torch
 
 import host_cost
-import traffic_ppo
+from value_checks import value_checks_as_on_gpu
 from fusedrl.bench.shapes import qwen_like
 from fusedrl.engine.data.device_tensors import last_rows, packed_cu_seqlens, packed_positions
 from fusedrl.kernels import use_backend
@@ -28,7 +28,7 @@ def test_a_training_micro_batch_has_no_host_sync_and_no_blocking_copy():
     model = qwen_like(1, torch.float32, "cpu", **host_cost.SMALL)
     run = host_cost.micro_batch(model)  # equal lengths: one SDPA call, as a GPU's varlen one
     # the value-reading label check off, as on a GPU
-    with use_backend("torch"), traffic_ppo.value_checks_as_on_gpu():
+    with use_backend("torch"), value_checks_as_on_gpu():
         run()  # warm-up: the rotary tables cast once
         with host_cost.HostCounter() as counter:
             run()

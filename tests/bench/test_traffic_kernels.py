@@ -9,6 +9,7 @@ import torch
 from fusedrl.kernels.sampling.sampler import sample_triton
 from fusedrl.kernels.triton_compat import tl, triton
 from traffic_kernels import KernelTraffic
+from value_checks import value_checks_as_on_gpu
 
 needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                        reason="counts the Triton interpreter's loads (TRITON_INTERPRET=1)")
@@ -78,10 +79,10 @@ def test_sampler_is_one_op_and_a_warm_call_clears_nothing():
     logits = model_like_logits(2, vocab=5000)
     args = sampling_args(2, top_k=50, top_p=0.9)
     workspace = SamplerWorkspace(2, logits.device)
-    with TrafficCounter() as counter:
+    with value_checks_as_on_gpu(), TrafficCounter() as counter:  # as a GPU calls it
         sample_triton(logits, *args, workspace)
     assert dict(counter.ops) == {"other": 1}
-    with profile() as prof:
+    with value_checks_as_on_gpu(), profile() as prof:
         sample_triton(logits, *args, workspace)
     names = {event.name for event in prof.events()}
     assert not names & {"aten::zeros", "aten::zero_", "aten::fill_", "aten::full"}, names

@@ -56,6 +56,29 @@ def test_a_model_deeper_than_any_is_refused_before_transformers_reads_it(qwen2_d
         load_model(deep)
 
 
+@pytest.mark.parametrize("size", ["hidden_size", "vocab_size", "num_hidden_layers",
+                                  "max_position_embeddings"])
+def test_a_size_config_json_leaves_out_is_named_not_filled_with_a_default(qwen2_dir, tmp_path,
+                                                                          size):
+    """transformers would fill it with Llama 2 7B's value: a model of other shapes than its
+    weights, or (the context length) a silent 2048."""
+    missing = edited_model(qwen2_dir, tmp_path / "missing", **{size: None})
+    with pytest.raises(ModelError, match=f"config.json has no {size}: expected the model's own"):
+        load_config(missing)
+
+
+def test_a_decoder_given_as_a_reward_model_is_named_as_such(qwen2_dir):
+    """A language model's directory where a reward model is expected (reward_model=): the error
+    says what the directory is not, and the option that gave it."""
+    from fusedrl.engine.model.reward_model import load_reward_model
+    from fusedrl.engine.stages.rollout.build import named
+    with pytest.raises(ModelError) as refused, named("reward_model", qwen2_dir):
+        load_reward_model(qwen2_dir)
+    line = str(refused.value)
+    assert line.startswith(f"reward_model={qwen2_dir}: missing tensor 'score.weight'"), line
+    assert line.endswith("the directory is not a reward model (`fusedrl rm`: a score head)")
+
+
 def test_weights_that_are_not_a_regular_file_are_refused(qwen2_dir, tmp_path):
     fifo = edited_model(qwen2_dir, tmp_path / "fifo")
     (fifo / "model.safetensors").unlink()

@@ -58,7 +58,7 @@ from fusedrl.engine.inference.request import Request  # noqa: E402
 from fusedrl.engine.inference.sampling_params import SamplingParams  # noqa: E402
 from fusedrl.kernels import use_backend  # noqa: E402
 
-import traffic_ppo  # noqa: E402
+from value_checks import value_checks_as_on_gpu  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
@@ -203,7 +203,7 @@ def micro_batch_counts(layers: int) -> HostCounter:
     torch.manual_seed(0)
     model = qwen_like(layers, torch.float32, "cpu", **SMALL)
     run = micro_batch(model)
-    with use_backend("triton"), traffic_ppo.value_checks_as_on_gpu():
+    with use_backend("triton"), value_checks_as_on_gpu():
         run()  # warm-up: per-(device, dtype) caches
         with HostCounter() as counter:
             run()

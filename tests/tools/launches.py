@@ -55,6 +55,7 @@ from fusedrl.kernels import use_backend
 
 from fusedrl.bench import launch_count
 import traffic_ppo
+from value_checks import value_checks_as_on_gpu
 from fusedrl.bench.traffic_count import FREE, SYNC_OPS
 from fusedrl.bench.shapes import qwen_like
 
@@ -95,7 +96,7 @@ def micro_batch_launches(arch: str, layers: int, backend: str, dtype=torch.float
     lm: CausalLM = qwen_like(layers, dtype, "cpu", **ARCHS[arch])
     ids = torch.randint(3, 256, (16,), generator=torch.Generator().manual_seed(1))
     labels = torch.roll(ids, -1)
-    with use_backend(backend):
+    with use_backend(backend), value_checks_as_on_gpu():
         lm.forward_packed(ids, [8, 8])  # warm-up: per-(device, dtype) caches such as the cast RoPE tables
         with LaunchCounter() as counter:
             hidden = lm.forward_packed(ids, [8, 8])
@@ -115,7 +116,7 @@ def moe_block_decode() -> LaunchCounter:
     torch.manual_seed(0)
     block = qwen_like(1, torch.float32, "cpu", **MOE).model.layers[0].mlp
     h = torch.randn(4, MOE["hidden_size"])
-    with use_backend("triton"), torch.inference_mode():
+    with use_backend("triton"), torch.inference_mode(), value_checks_as_on_gpu():
         block(h, DECODE)  # warm-up
         with LaunchCounter() as counter:
             block(h, DECODE)
@@ -186,7 +187,7 @@ def supervised_step_syncs(stage_name: str) -> dict:
     forwards = step_forwards(stage, [examples[:1], examples[1:]], None)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, 10)
-    with use_backend("triton"), traffic_ppo.value_checks_as_on_gpu():
+    with use_backend("triton"), value_checks_as_on_gpu():
         train_step(model, stage, forwards, optimizer, scheduler, cfg, torch.device("cpu"))
         with launch_count.LaunchCounter() as counter:
             train_step(model, stage, forwards, optimizer, scheduler, cfg, torch.device("cpu"))

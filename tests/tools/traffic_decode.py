@@ -33,6 +33,7 @@ from fusedrl.kernels import reference, use_backend
 
 from fusedrl.bench.shapes import qwen_like
 from fusedrl.bench.traffic_count import TrafficCounter, weight_bytes
+from value_checks import value_checks_as_on_gpu
 
 REAL_LAYERS = 24
 # The budget: kernels launched by a decode step, per layer and outside the layers (a fused custom
@@ -80,7 +81,7 @@ def count_step(llm: LLM, seqs: list, stand_ins: dict) -> TrafficCounter:
     counter.region = "inputs"
     handles = counter.attribute(modules, after={"LM head": "sampler"})
     try:
-        with counter, counter.python_syncs():
+        with counter, counter.python_syncs(), value_checks_as_on_gpu():
             llm.runner.run(seqs, False)
     finally:
         for handle in handles:

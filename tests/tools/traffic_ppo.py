@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
 from dataclasses import dataclass
-from unittest import mock
 
 import torch
 
@@ -55,6 +53,7 @@ from fusedrl.kernels import use_backend
 from fusedrl.bench.traffic_count import TrafficCounter, weight_bytes
 from fusedrl.bench.shapes import qwen_like
 from traffic_decode import ORACLES
+from value_checks import value_checks_as_on_gpu
 
 
 @dataclass(frozen=True)
@@ -92,17 +91,6 @@ class CountingTimer(PhaseTimer):
         with super().phase(name):
             yield
         self.counter.region = "advantages"
-
-
-@contextlib.contextmanager
-def value_checks_as_on_gpu():
-    """The kernels' value-reading input checks off, as dispatch.sync_checks_enabled has them on a
-    GPU (they always run on CPU tensors, where reading a value costs no sync)."""
-    with contextlib.ExitStack() as stack:
-        for name, module in list(sys.modules.items()):
-            if name.startswith("fusedrl.kernels") and hasattr(module, "sync_checks_enabled"):
-                stack.enter_context(mock.patch.object(module, "sync_checks_enabled", lambda x: False))
-        yield
 
 
 def sync_budget(shape: Shape) -> int:

@@ -4,6 +4,7 @@ reference, the critic, the scorer), `open_rewards`, `build_optimizers` and `trai
 checkpoint holds)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from typing import Callable, Optional
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from ...config.ppo import PPOConfig
-from ...errors import UsageError
+from ...errors import ModelError, UsageError
 from ...inference.hybrid_actor import HybridActor
 from ...model.hf_io import load_model
 from ...model.reward_model import load_reward_model
@@ -50,6 +51,16 @@ def open_rewards(cfg: PPOConfig, reward_fn=None) -> Optional[RewardFunctions]:
                                  reward.fn_timeout_s)
 
 
+@contextlib.contextmanager
+def named(option: str, path):
+    """A model that will not load names the option that gave it: which of the run's models is not
+    what it should be (an SFT model given as reward_model lacks the score head)."""
+    try:
+        yield
+    except ModelError as e:
+        raise ModelError(f"{option}={path}: {e}") from None
+
+
 def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
                  rewards: Optional[RewardFunctions],
                  dims: Optional[ParallelDims] = None, with_reference: bool = True) -> PPOModels:
@@ -69,8 +80,9 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
         dims = ParallelDims.from_train(cfg.train, distributed.world_size(),
                                        torch.device(device).type)
     sharder, frozen = layout_at_load("adapted", dims), layout_at_load("frozen", dims)
-    policy = load_model(cfg.policy, dtype=dtype, device=device,
-                        shard=sharder if lora_run else layout_at_load("trained", dims))
+    with named("policy", cfg.policy):
+        policy = load_model(cfg.policy, dtype=dtype, device=device,
+                            shard=sharder if lora_run else layout_at_load("trained", dims))
     policy.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
     set_vision_trainable(policy, cfg.train.train_vision)
     lora = adapters.attach(policy, cfg.lora)
@@ -79,9 +91,10 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
     rm = None
     if cfg.reward_model:
         rm_is_trunk = cfg.critic == "separate" and cfg.critic_lora.enabled
-        rm = load_reward_model(cfg.reward_model, dtype=dtype, device=device,
-                               shard=sharder if rm_is_trunk
-                               else frozen).eval().requires_grad_(False)
+        with named("reward_model", cfg.reward_model):
+            rm = load_reward_model(cfg.reward_model, dtype=dtype, device=device,
+                                   shard=sharder if rm_is_trunk
+                                   else frozen).eval().requires_grad_(False)
     critic = value_head = None  # critic="none": a group estimator needs no values
     if cfg.critic == "separate":
         critic = build_critic(cfg, rm, device, dtype, sharder if cfg.critic_lora.enabled

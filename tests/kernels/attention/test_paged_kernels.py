@@ -8,9 +8,9 @@ reference is itself checked against a per-sequence dense attention written indep
 import pytest
 import torch
 
-from fusedrl.kernels import reference
+from fusedrl.kernels import reference, use_backend
 from fusedrl.kernels.attention.paged import (MAX_SPLITS, decode_splits, paged_decode_triton,
-                                             rope_store_decode_triton,
+                                             rope_store_decode, rope_store_decode_triton, store_kv,
                                              store_kv_triton)
 from kernel_testing import DEVICE, ULP, assert_close, needs_triton
 
@@ -200,3 +200,48 @@ def test_store_kv_rejects_mismatched_shapes():
     cache = torch.zeros(3, 4, 2, 16)
     with pytest.raises(ValueError, match="do not fit caches"):
         reference.store_kv(k, k, cache, cache, torch.zeros(2, dtype=torch.int64))
+
+
+def _store_inputs(n=3):
+    cache = torch.zeros(2, 4, 2, 8, device=DEVICE)  # 8 slots
+    return torch.randn(n, 2, 8, device=DEVICE), cache, cache.clone()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", ["k_cache dtype", "v dtype", "cache device", "slots device", "slot past the pool",
+                                  "slot below -1"])
+def test_store_kv_names_bad_caches_and_slots(case, backend, monkeypatch):
+    """Caches of k's dtype on k's device, and slots in the pool or -1 (a padding row, still taken):
+    refused in one line before a write (the kernel would cast silently or write past the pool)."""
+    monkeypatch.setenv("FUSEDRL_SYNC_CHECKS", "1")  # the slots' values are read on a GPU too
+    k, k_cache, v_cache = _store_inputs()
+    v, slots = k.clone(), torch.tensor([0, -1, 7], device=DEVICE)
+    error, match = ValueError, None
+    if case == "k_cache dtype":
+        k_cache, error, match = k_cache.double(), TypeError, "store_kv: k_cache is torch.float64 but k is torch.float32"
+    elif case == "v dtype":
+        v, error, match = v.half(), TypeError, "store_kv: v is torch.float16 but k is torch.float32"
+    elif case == "cache device":
+        v_cache, match = v_cache.to("meta"), "store_kv: v_cache is on meta but k is on"
+    elif case == "slots device":
+        slots, match = slots.to("meta"), "store_kv: slot_mapping is on meta but k is on"
+    elif case == "slot past the pool":
+        slots[2], match = 8, r"store_kv: slot_mapping must be -1 \(skip\) or in \[0, 8\) \(blocks x page\); got 1 out of range \(first: 8\)"
+    else:
+        slots[1], match = -2, r"store_kv: slot_mapping must be -1 \(skip\) or in \[0, 8\).*first: -2"
+    with use_backend(backend), pytest.raises(error, match=match):
+        store_kv(k, v, k_cache, v_cache, slots)
+    assert all(c.is_meta or c.abs().sum() == 0 for c in (k_cache, v_cache))  # nothing written
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rope_store_decode_names_a_slot_past_the_pool(backend, monkeypatch):
+    monkeypatch.setenv("FUSEDRL_SYNC_CHECKS", "1")  # the slots' values are read on a GPU too
+    q, k_cache, v_cache, table, lens = _paged_batch([5, 3], 4, 2, 16, 4, torch.float32)
+    q, k, v, cos, sin, pos, slots = _new_tokens(lens, 4, 2, 16, table, 4, torch.float32)
+    slots[0] = k_cache.shape[0] * 4
+    with use_backend(backend), pytest.raises(ValueError, match=rf"rope_store_decode: slot_mapping must be -1 \(skip\) "
+                                                               rf"or in \[0, {slots[0].item()}\)"):
+        rope_store_decode(q, k, v, cos, sin, pos, k_cache, v_cache, slots, table, lens, 0.25)
+    with use_backend(backend), pytest.raises(TypeError, match="rope_store_decode: k_cache is torch.float64"):
+        rope_store_decode(q, k, v, cos, sin, pos, k_cache.double(), v_cache.double(), slots, table, lens, 0.25)

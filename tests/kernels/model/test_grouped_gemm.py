@@ -1,7 +1,7 @@
 """The Triton grouped GEMM (kernels/model/grouped_gemm.py) against a float64 per-group reference and
 torch's grouped_mm: values and gradients, odd sizes, empty groups (first, inner, last), fp32 and
-bf16; and the choice between the two per device, dtype and GPU architecture
-(dispatch.grouped_mm_path)."""
+bf16; and the choice between the two per device, dtype and GPU architecture, and on the CPU per
+dtype, size and trace (dispatch.grouped_mm_path)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,50 @@ def test_the_grouped_gemm_path_per_device_dtype_and_architecture(device_type, dt
     assert dispatch.grouped_mm_path(device_type, dtype, capability) == path
 
 
+@pytest.mark.parametrize("device_type,dtype,aligned,compiling,path", [
+    # the CPU's grouped_mm: fp32, bf16 and fp16 eagerly, bf16 alone traced (its fake kernel), rows of
+    # whole 16 bytes; the loop takes the rest
+    ("cpu", torch.float32, True, True, "loop"),
+    ("cpu", torch.float16, True, True, "loop"),
+    ("cpu", torch.bfloat16, True, True, "grouped_mm"),
+    ("cpu", torch.float16, True, False, "grouped_mm"),
+    ("cpu", torch.float64, True, False, "loop"),
+    ("cpu", torch.float32, False, False, "loop"),
+    ("cpu", torch.bfloat16, False, True, "loop"),
+    # a GPU's choice reads neither: its grouped_mm path refuses unaligned sizes in one line
+    ("cuda", torch.bfloat16, False, True, "grouped_mm"),
+    ("cuda", torch.float32, False, True, "triton"),
+])
+def test_the_cpu_runs_grouped_mm_only_where_it_can(device_type, dtype, aligned, compiling, path):
+    capability = (9, 0) if device_type == "cuda" else None
+    assert dispatch.grouped_mm_path(device_type, dtype, capability, aligned=aligned, compiling=compiling) == path
+
+
+# (16, 32): rows of whole 16 bytes; (6, 5): not in any dtype
+@pytest.mark.parametrize("dtype,n_out,n_in", [(torch.float32, 16, 32), (torch.float64, 16, 32),
+                                              (torch.float32, 6, 5), (torch.bfloat16, 6, 5)])
+def test_grouped_linear_on_the_cpu_runs_any_dtype_and_size_eager_and_compiled(dtype, n_out, n_in):
+    """torch's CPU grouped_mm refuses fp64, rows not of whole 16 bytes and, traced, anything but
+    bf16: grouped_linear runs there all the same (the per-group loop), eager and under
+    torch.compile(fullgraph=True), values and gradients as the per-group products."""
+    torch._dynamo.reset()
+    offsets = torch.tensor([2, 2, 5], dtype=torch.int32)
+    g = torch.Generator().manual_seed(n_in)
+    x = torch.randn(5, n_in, generator=g).to(dtype)
+    w = (torch.randn(3, n_out, n_in, generator=g) / n_in ** 0.5).to(dtype)
+    expected = per_group_reference(offsets)(x.double(), w.double())
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    compiled = torch.compile(grouped_linear, fullgraph=True, backend="aot_eager")
+    for fn in (grouped_linear, compiled):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(xs, ws, offsets)
+        out.float().sum().backward()
+        torch.testing.assert_close(out.double(), expected, **tol)
+        # d sum / d x: each row's weight summed over the outputs
+        rows_expert = torch.tensor([0, 0, 2, 2, 2])
+        torch.testing.assert_close(xs.grad.double(), w.double().sum(1)[rows_expert], **tol)
+
+
 @pytest.mark.parametrize("device_type,capability,path", [
     ("cpu", None, "loop"), ("cuda", (9, 0), "triton"), ("cuda", (8, 0), "triton")])
 def test_a_torch_without_grouped_mm_never_takes_its_path(device_type, capability, path):
@@ -115,9 +159,9 @@ def test_grouped_linear_takes_the_path_dispatch_names(monkeypatch):
     offsets = offsets_of([2, 0, 3])
     # 24- and 20-byte rows
     x, w = torch.randn(5, 6, device=DEVICE), torch.randn(3, 5, 6, device=DEVICE)
-    monkeypatch.setattr(moe_gemm, "grouped_gemm_path", lambda x: "triton")
+    monkeypatch.setattr(moe_gemm, "grouped_gemm_path", lambda x, w: "triton")
     torch.testing.assert_close(grouped_linear(x, w, offsets), per_group_reference(offsets)(x, w))
     assert ran == ["triton"]
-    monkeypatch.setattr(moe_gemm, "grouped_gemm_path", lambda x: "grouped_mm")
+    monkeypatch.setattr(moe_gemm, "grouped_gemm_path", lambda x, w: "grouped_mm")
     with pytest.raises(ValueError, match="grouped_mm needs rows of whole 16 bytes"):
         grouped_linear(x, w, offsets)

@@ -74,6 +74,33 @@ def test_bad_indices_name_themselves():
         grouped_linear(x, torch.randn(2, 4, 8, device=DEVICE), torch.tensor([2, 4], device=DEVICE))
     with pytest.raises(ValueError, match="grouped_linear: weight is on meta: expected x's device"):
         grouped_linear(x, torch.randn(2, 4, 8, device="meta"), torch.tensor([2, 4], dtype=torch.int32))
-    if grouped_gemm_path(x) == "grouped_mm":  # torch's grouped GEMM's own rule (not the kernel's)
+    w = torch.randn(2, 3, 8, device=DEVICE)  # 12-byte output rows
+    if grouped_gemm_path(x, w) == "grouped_mm":  # torch's grouped GEMM's own rule (not the kernel's): a GPU's
         with pytest.raises(ValueError, match="grouped_linear: weight \\(2, 3, 8\\) in torch.float32: .* 16 bytes"):
-            grouped_linear(x, torch.randn(2, 3, 8), torch.tensor([2, 4], dtype=torch.int32))
+            grouped_linear(x, w, torch.tensor([2, 4], dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.parametrize("ids, match", [
+    ([[0, 5], [1, 2]], r"moe_sort: expert_ids must be in \[0, 5\) \(num_experts\); got 1 out of range \(first: 5\)"),
+    ([[0, -1], [7, 2]], r"moe_sort: expert_ids must be in \[0, 5\).*got 2 out of range \(first: -1\)"),
+])
+def test_expert_ids_past_the_experts_are_refused(ids, match, monkeypatch):
+    monkeypatch.setenv("FUSEDRL_SYNC_CHECKS", "1")  # the ids are read on a GPU too
+    # An id >= num_experts sorts after the last group's end: its slot would silently get no expert.
+    with pytest.raises(ValueError, match=match):
+        moe_sort(torch.tensor(ids, device=DEVICE), 5)
+    with pytest.raises(ValueError, match=r"moe_sort: num_experts must be an int >= 1, got 0"):
+        moe_sort(torch.zeros(2, 2, dtype=torch.int64, device=DEVICE), 0)
+
+
+@pytest.mark.parametrize("ends, match", [
+    ([3, 2, 5], r"grouped_linear: offsets must be non-decreasing group end rows >= 0, got offsets\[1\]=2 after 3"),
+    ([-1, 2, 5], r"grouped_linear: offsets must be non-decreasing group end rows >= 0, got offsets\[0\]=-1"),
+    ([2, 3, 4], r"grouped_linear: offsets\[-1\] must equal x's rows R=5 \(every row in a group\), got 4"),
+    ([2, 3, 6], r"grouped_linear: offsets\[-1\] must equal x's rows R=5 .*got 6"),
+])
+def test_offsets_that_are_not_group_ends_are_refused(ends, match, monkeypatch):
+    monkeypatch.setenv("FUSEDRL_SYNC_CHECKS", "1")  # the offsets are read on a GPU too
+    x, w = torch.randn(5, 16, device=DEVICE), torch.randn(3, 16, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        grouped_linear(x, w, torch.tensor(ends, dtype=torch.int32, device=DEVICE))

@@ -4,7 +4,7 @@ each weighted by its share of the aggregation units, sums to the whole minibatch
 import pytest
 import torch
 
-from fusedrl.kernels import aggregation_rule, reference
+from fusedrl.kernels import aggregate, aggregation_rule, reference
 from fusedrl.kernels.rl.statistics import AGGS, row_weights
 
 
@@ -68,3 +68,32 @@ def test_pieces_weighted_by_their_units_sum_to_the_whole(agg, cut):
 def test_unknown_agg_is_named():
     with pytest.raises(ValueError, match="unknown agg 'seq-mean'"):
         aggregation_rule(torch.ones(2, 3, dtype=torch.bool), "seq-mean")
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_aggregate_refuses_a_mask_that_would_broadcast(agg):
+    # A [1, 5] mask over [2, 5] tokens: one row of weights for two rows of tokens.
+    with pytest.raises(ValueError, match=r"aggregate: mask must have the shape of per_token \(2, 5\), got \(1, 5\)"):
+        aggregate(torch.ones(2, 5), torch.ones(1, 5, dtype=torch.bool), agg)
+    with pytest.raises(ValueError, match=r"aggregate: mask must have the shape of per_token \(2, 5\), got \(5,\)"):
+        aggregate(torch.ones(2, 5), torch.ones(5, dtype=torch.bool), agg)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: aggregate(torch.ones(2, 5), None, "seq-mean"), ValueError, "aggregate: unknown agg 'seq-mean'"),
+    (lambda: aggregate(torch.ones(2, 5, dtype=torch.long), None, "token-sum"), TypeError,
+     "aggregate: per_token must have dtype in"),
+    (lambda: aggregate(torch.ones(()), None, "token-sum"), ValueError,
+     r"aggregate: per_token must have shape \[..., T\], got \(\)"),
+    (lambda: aggregate(torch.ones(2, 5), None, "seq-mean-token-sum-norm", -3.0), ValueError,
+     "aggregate: norm must be a positive number, got -3.0"),
+    (lambda: aggregation_rule(torch.ones(2, 3, dtype=torch.complex64), "token-mean"), TypeError,
+     "aggregation_rule: mask must have dtype in"),
+    (lambda: aggregation_rule(torch.ones((), dtype=torch.bool), "token-mean"), ValueError,
+     r"aggregation_rule: mask must have shape \[..., T\], got \(\)"),
+    (lambda: aggregation_rule(torch.ones(2, 3, dtype=torch.bool), "seq-mean-token-sum-norm", 0.0), ValueError,
+     "aggregation_rule: norm must be a positive number, got 0.0"),
+])
+def test_bad_aggregation_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -51,3 +51,20 @@ def test_invalid_responses_leave_their_group(estimator):
     assert group_advantages(scores, estimator=estimator, valid=lone).abs().max().item() == 0.0
     with pytest.raises(ValueError, match="valid must be bool"):
         group_advantages(kept, estimator=estimator, valid=valid)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp_baseline"])
+def test_compiles_without_graph_breaks(estimator):
+    """The finite-scores check reads values: it runs only where dispatch.sync_checks_enabled (not
+    while torch.compile traces, where its branch would break the graph)."""
+    torch._dynamo.reset()
+    scores = torch.randn(3, 4)
+    valid = torch.rand(3, 4) > 0.2
+    compiled = torch.compile(lambda s, v: group_advantages(s, estimator=estimator, valid=v), fullgraph=True,
+                             backend="aot_eager")
+    torch.testing.assert_close(compiled(scores, valid), group_advantages(scores, estimator=estimator, valid=valid))
+
+
+def test_a_valid_mask_on_another_device_is_named():
+    with pytest.raises(ValueError, match="group_advantages: valid is on meta but scores is on cpu"):
+        group_advantages(torch.ones(2, 3), estimator="grpo", valid=torch.ones(2, 3, dtype=torch.bool, device="meta"))

@@ -56,6 +56,26 @@ def test_no_mask_and_empty(fused_backend):
     assert empty.shape == (0, 3)
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(clamp=0.5, log_ratio_clamp=1.0)])
+def test_fp64_inputs_give_fp32_kl_on_every_backend(kwargs):
+    """kl [...] fp32 as the docstring says, whatever the backend: the torch one computes fp64 inputs
+    in fp64 (its reference, the oracle, stays fp64) and returns them rounded, as the kernel does."""
+    logp = torch.randn(4, 6, device=DEVICE, dtype=torch.float64) - 2
+    ref = logp + torch.randn(4, 6, device=DEVICE, dtype=torch.float64) * 0.5
+    mask = rand_mask(4, 6)
+    exact = reference.kl_penalty(logp, ref, estimator="k3", mask=mask, **kwargs)
+    assert exact.dtype == torch.float64                                        # the oracle keeps fp64
+    for backend in ("torch", "triton"):
+        x = logp.clone().requires_grad_()
+        with use_backend(backend):
+            kl = kl_penalty(x, ref, estimator="k3", mask=mask, **kwargs)
+            weighted = kl_penalty(x, ref, estimator="k3", mask=mask, is_weight=torch.ones_like(ref), **kwargs)
+        assert kl.dtype == weighted.dtype == torch.float32, backend
+        assert_close(kl, exact, atol=1e-6, rtol=1e-5, name=f"kl {backend}")
+        kl.sum().backward()
+        assert x.grad.dtype == torch.float64, backend
+
+
 def test_k3_is_nonnegative(fused_backend):
     logp, ref = torch.randn(1000, device=DEVICE) * 3, torch.randn(1000, device=DEVICE) * 3
     with use_backend(fused_backend):

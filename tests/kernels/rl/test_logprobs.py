@@ -67,6 +67,24 @@ def test_unaligned_rows_take_head_body_and_tail(vocab, dtype, fused_backend):
     check_against_reference(fused_backend, logits, labels)
 
 
+def test_fp64_logits_give_fp32_outputs_on_every_backend():
+    """The docstring's fp32 outputs for fp64 logits: the torch backend computes them in fp64 (its
+    reference, the oracle, is left at fp64) and returns them rounded, as the fused kernels do."""
+    logits, labels = make_inputs((3, 5), 37, torch.float64)
+    ref_logp, ref_entropy = reference.token_logprobs(logits, labels, return_entropy=True)
+    assert ref_logp.dtype == torch.float64                                   # the oracle keeps fp64
+    for backend in ("torch", "triton"):
+        x = logits.clone().requires_grad_()
+        with use_backend(backend):
+            logp, entropy = token_logprobs(x, labels, return_entropy=True)
+            alone = token_logprobs(logits, labels)
+        assert logp.dtype == entropy.dtype == alone.dtype == torch.float32, backend
+        assert_close(logp, ref_logp, atol=2e-5, rtol=2e-5, name=f"logp {backend}")
+        assert_close(entropy, ref_entropy, atol=2e-5, rtol=2e-5, name=f"entropy {backend}")
+        (logp.sum() + entropy.sum()).backward()
+        assert x.grad.dtype == torch.float64, backend
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.6, 1.7])
 def test_temperature(temperature, dtype, fused_backend):

@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from fusedrl.kernels import (explained_variance, group_advantages, masked_mean, masked_moments, masked_whiten)
+from fusedrl.kernels import (explained_variance, group_advantages, importance_weights, masked_mean, masked_moments,
+                             masked_whiten)
 from fusedrl.kernels.rl import statistics
 from fusedrl.engine.parallel import distributed
 
@@ -80,6 +81,57 @@ def test_one_rank_sum_changes_neither_value_nor_gradient():
     torch.autograd.backward(summed, torch.arange(36.0).view(4, 9))
     torch.testing.assert_close(summed, plain)
     torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("op", [masked_mean, masked_moments])
+def test_a_mask_of_another_shape_or_device_is_refused(op):
+    # torch.where would broadcast a [1, 5] mask over both rows where the count does not: a mean of 2.
+    name = op.__name__
+    with pytest.raises(ValueError, match=rf"{name}: mask must have the shape of x \(2, 5\), got \(1, 5\)"):
+        op(torch.ones(2, 5), torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=rf"{name}: mask must have the shape of x \(2, 5\), got \(5,\)"):
+        op(torch.ones(2, 5), torch.ones(5))
+    with pytest.raises(ValueError, match=rf"{name}: mask is on meta but x is on cpu"):
+        op(torch.ones(2, 5), torch.ones(2, 5, dtype=torch.bool, device="meta"))
+    with pytest.raises(TypeError, match=rf"{name}: mask must be bool, integer or float"):
+        op(torch.ones(2, 5), torch.ones(2, 5, dtype=torch.complex64))
+    float_mask = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0]] * 2)         # TRL's completion_mask: nonzero = valid
+    x = torch.arange(10.0).view(2, 5)
+    torch.testing.assert_close(op(x, float_mask), op(x, float_mask != 0), rtol=0, atol=0)
+
+
+def test_explained_variance_refuses_shapes_that_would_broadcast():
+    returns = torch.randn(2, 5)
+    with pytest.raises(ValueError, match=r"explained_variance: values must have the shape of returns \(2, 5\), "
+                                         r"got \(2, 1\)"):
+        explained_variance(torch.randn(2, 1), returns, None)
+    with pytest.raises(ValueError, match=r"explained_variance: mask must have the shape of returns"):
+        explained_variance(returns, returns, torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"explained_variance: values must have dtype in"):
+        explained_variance(returns.long(), returns, None)
+
+
+def is_args(**changes):
+    args = dict(old_logp=torch.randn(2, 5), rollout_logp=torch.randn(2, 5), mask=torch.ones(2, 5, dtype=torch.bool),
+                mode="mis", level="token", cap=2.0, low=0.5, high=2.0)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(mode="x"), ValueError, r"importance_weights: unknown mode 'x'; expected one of \('tis', 'mis'\)"),
+    (dict(level="tokn"), ValueError, r"importance_weights: unknown level 'tokn'; expected one of"),
+    (dict(rollout_logp=torch.randn(2, 1)), ValueError,
+     r"importance_weights: rollout_logp must have the shape of old_logp \(2, 5\), got \(2, 1\)"),
+    (dict(mask=torch.ones(5, dtype=torch.bool)), ValueError, r"importance_weights: mask must have the shape of old_logp"),
+    (dict(mask=None), TypeError, r"importance_weights: mask must be a torch.Tensor, got NoneType"),
+    (dict(rollout_logp=torch.zeros(2, 5, dtype=torch.long)), TypeError, r"importance_weights: rollout_logp must have dtype"),
+    (dict(low=1.5), ValueError, r"importance_weights: need 0 < low <= 1 <= high and cap >= 1, got low=1.5"),
+    (dict(cap=0.5), ValueError, r"importance_weights: need 0 < low <= 1 <= high and cap >= 1, got .*cap=0.5"),
+])
+def test_importance_weights_checks_its_arguments(changes, error, match):
+    with pytest.raises(error, match=match):
+        importance_weights(**is_args(**changes))
 
 
 def test_bad_sum_over_is_named():

@@ -180,8 +180,9 @@ def test_a_row_draws_the_same_token_whatever_else_is_in_the_batch():
 def test_sample_dispatches_by_backend(monkeypatch):
     import fusedrl.kernels.sampling.sampler as sampler
 
-    calls = []
-    monkeypatch.setattr(sampler, "sample_triton", lambda *a: calls.append(1) or sample_triton(*a))
+    calls = []  # sample checks its arguments once, then launches past sample_triton's checks
+    launch = sampler._sample_triton
+    monkeypatch.setattr(sampler, "_sample_triton", lambda *a: calls.append(1) or launch(*a))
     logits, *rest = mixed_batch(7, torch.float32)
     with use_backend("torch"):
         sample(logits, *rest)
@@ -364,6 +365,46 @@ def test_the_window_workspace_is_left_empty():
     assert workspace.is_empty()
     fresh = sample_triton(*batch)
     assert torch.equal(reused[0], fresh[0]) and torch.equal(reused[1], fresh[1])
+
+
+BAD_ROWS = {  # (argument index after the logits, bad value, error, message)
+    "negative temperature": (0, [1.0, -0.5, 1.0, 1.0], ValueError,
+                             r"temperatures must be finite and >= 0 \(0 = greedy\); got 1 out of range \(first: -0.5\)"),
+    "nan temperature": (0, [1.0, 1.0, float("nan"), 1.0], ValueError, r"temperatures must be finite and >= 0.*first: nan"),
+    "inf temperature": (0, [float("inf")] * 4, ValueError, r"temperatures must be finite and >= 0 .*got 4 out of range \(first: inf\)"),
+    "negative top_k": (1, [0, -1, 0, 0], ValueError, r"top_ks must be >= 0 \(0 = off\).*first: -1"),
+    "top_p above 1": (2, [1.0, 1.0, 2.0, 1.0], ValueError, r"top_ps must be in \[0, 1\].*first: 2.0"),
+    "negative top_p": (2, [-0.1, 1.0, 1.0, 1.0], ValueError, r"top_ps must be in \[0, 1\]"),
+    "min_p above 1": (5, [0.0, 1.5, 0.0, 0.0], ValueError, r"min_ps must be in \[0, 1\] \(0 = off\).*first: 1.5"),
+    "short temperatures": (0, [1.0] * 3, ValueError, r"temperatures must have shape \(4,\) \(one per row of logits\), got \(3,\)"),
+    "long seeds": (3, list(range(5)), ValueError, r"seeds must have shape \(4,\).*got \(5,\)"),
+    "int32 top_ks": (1, torch.zeros(4, dtype=torch.int32), TypeError, r"top_ks must have dtype in \(int64\), got torch.int32"),
+    "fp64 top_ps": (2, torch.ones(4, dtype=torch.float64), TypeError, r"top_ps must have dtype in \(float32\)"),
+    "positions elsewhere": (4, torch.zeros(4, dtype=torch.int64, device="meta"), ValueError,
+                            r"positions is on meta but logits are on"),
+}
+
+
+@pytest.mark.parametrize("sampler", ["sample", "sample_triton"])
+@pytest.mark.parametrize("case", BAD_ROWS)
+def test_bad_per_row_arguments_are_named(case, sampler, monkeypatch):
+    """Each per-row tensor is [B] of its documented dtype on the logits' device, and (sync checks on,
+    as on the CPU) in its range: before any kernel reads it (a short one would be read past its end)."""
+    monkeypatch.setenv("FUSEDRL_SYNC_CHECKS", "1")  # the values are read on a GPU too
+    index, value, error, match = BAD_ROWS[case]
+    args = list(rows(4))
+    args[index] = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=args[index].dtype, device=DEVICE)
+    fn = sample if sampler == "sample" else sample_triton
+    for backend in ("torch", "triton") if sampler == "sample" else ("triton",):
+        with use_backend(backend), pytest.raises(error, match=f"{sampler}: {match}"):
+            fn(torch.randn(4, 9, device=DEVICE), *args)
+
+
+def test_bad_logits_are_named():
+    with pytest.raises(TypeError, match=r"sample: logits must have dtype in \(float32, bfloat16, float16\), got torch.float64"):
+        sample(torch.randn(4, 9, dtype=torch.float64, device=DEVICE), *rows(4))
+    with pytest.raises(ValueError, match=r"sample: logits must have shape \[B, V\] with V >= 1, got \(4, 0\)"):
+        sample(torch.zeros(4, 0, device=DEVICE), *rows(4))
 
 
 def test_a_workspace_too_small_or_elsewhere_is_refused():
