@@ -167,6 +167,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     compiling = torch.compiler.is_compiling()
     if (backend_for(x) == "torch" or (x.requires_grad and torch.is_grad_enabled())
             or (sum_fn is not None and compiling)):           # the custom op takes no function
-        return statistics.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps, sum_over=sum_fn)
+        # fp32 as the fused kernels give it, whatever x's dtype (the composition keeps fp64's)
+        return statistics.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps,
+                                        sum_over=sum_fn).to(torch.float32)
     args = (x.detach().contiguous(), mask.contiguous(), bool(shift_mean), float(eps))
     return _whiten_op(*args) if compiling else _whiten(*args, sum_fn)

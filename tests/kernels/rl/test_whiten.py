@@ -6,7 +6,7 @@ import torch
 
 from fusedrl.kernels import masked_whiten, reference, use_backend
 from fusedrl.kernels.rl import statistics, whiten
-from kernel_testing import DEVICE, assert_close, needs_triton, rand_mask
+from kernel_testing import DEVICE, TRITON_RUNS, assert_close, needs_triton, rand_mask
 
 pytestmark = needs_triton
 
@@ -55,3 +55,12 @@ def test_fast_path_is_the_torch_path(shape, max_programs, shift_mean, monkeypatc
     # fp32 rounding: Chan's per-block moments against two whole-tensor passes
     assert_close(fast, torch_path, atol=2e-6, rtol=2e-6)
     assert_close(over_ranks, torch_path, atol=2e-6, rtol=2e-6)
+
+
+def test_fp64_input_gives_fp32_on_every_backend():
+    """The docstring's fp32, whichever backend runs (the torch composition kept fp64's)."""
+    x = torch.randn(3, 7, dtype=torch.float64, device=DEVICE)
+    mask = rand_mask((3, 7))
+    for backend in ["torch"] + (["triton"] if TRITON_RUNS else []):
+        with use_backend(backend):
+            assert masked_whiten(x, mask).dtype == torch.float32, backend
