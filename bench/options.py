@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from fusedrl.engine.errors import UsageError
+from fusedrl.engine.runs import run_dir
+
 # Every suite, in the order `all` runs them: the headline set first (one row per claim).
 SUITE_HELP = {
     "headline": "one row per claim (decode at batch 1 and 256, the mixed workload, the sampler, "
@@ -24,6 +27,8 @@ SUITES = tuple(SUITE_HELP)
 # The suites whose cases run on every rank under torchrun (each rank issuing the same
 # collectives: bench/ranks.py); the others run in one process.
 PER_RANK_SUITES = ("train", "rl")
+# The kind of the marker (engine/runs/run_dir.py) a bench run's output_dir carries.
+BENCH_KIND = "bench"
 SHAPE_NAMES = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "llama-3.1-8b", "qwen3-30b-a3b")
 
 
@@ -51,12 +56,18 @@ class BenchOptions:
             if value is not None and not value > 0:
                 raise ValueError(f"{key}={value}: expected a positive number")
         if self.output_dir is not None:
-            target = os.path.join(self.output_dir, "results.json")
-            if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
-                raise ValueError(f"output_dir={self.output_dir}: exists and is not a directory")
-            if os.path.exists(target) and not self.overwrite:
-                raise ValueError(f"output_dir={self.output_dir}: holds a results.json already "
-                                 f"(overwrite=true replaces it)")
+            # The rules of every fusedrl output directory (engine/runs/run_dir.py): new, empty, or
+            # an earlier bench run (replaced only with overwrite=true); a directory fusedrl did
+            # not make, or another command's, is refused whatever overwrite says.
+            try:
+                run_dir.check_target(self.output_dir, BENCH_KIND, overwrite=self.overwrite,
+                                     inputs=self.inputs())
+            except UsageError as e:
+                raise ValueError(str(e)) from None
+
+    def inputs(self) -> tuple[str, ...]:
+        """What the run reads from disk (a local model directory), never to be replaced."""
+        return (self.model,) if self.model not in SHAPE_NAMES and os.path.isdir(self.model) else ()
 
 
 def _boolean(key: str, value: str) -> bool:

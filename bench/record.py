@@ -11,7 +11,10 @@ import math
 import os
 import time
 
+from fusedrl.engine.runs import run_dir
+
 from . import results
+from .options import BENCH_KIND
 
 # The figure a progress line shows, the first a row has (a rate, else its time).
 PROGRESS_FIGURES = (("tok_s", "tok/s"), ("tokens_per_s", "tok/s"),
@@ -67,14 +70,19 @@ def figure_text(row: dict) -> str:
 
 class Recorder:
     """The payload {"meta", "rows"} of one run, written after every row (output_dir None: only
-    printed; quiet: not even that, a torchrun rank other than 0)."""
+    printed; quiet: not even that, a torchrun rank other than 0). output_dir is taken as every
+    fusedrl command takes its directory (engine/runs/run_dir.py: claim): refused unless new, empty
+    or an earlier bench run, which is emptied first only with `overwrite`; marked as a bench run
+    and locked until `close`. `inputs`: what the run reads, never replaced."""
 
-    def __init__(self, output_dir: str | None, meta: dict, quiet: bool = False):
+    def __init__(self, output_dir: str | None, meta: dict, quiet: bool = False,
+                 overwrite: bool = False, inputs: tuple = ()):
         self.output_dir, self.quiet = output_dir, quiet
         self.payload = {"meta": meta, "rows": []}
         self.start = time.monotonic()
         if output_dir:
-            os.makedirs(output_dir, exist_ok=True)
+            run_dir.claim(output_dir, BENCH_KIND, overwrite=overwrite, inputs=inputs)
+            # Claimed: the directory holds nothing but the marker and the lock.
             open(self.path("results.jsonl"), "w", encoding="utf-8").close()
             self.rewrite()
 
@@ -112,12 +120,15 @@ class Recorder:
         the charts; returns the paths written."""
         self.payload["meta"]["ended"] = ended
         self.payload["meta"]["wall_s"] = round(self.elapsed(), 3)
-        self.rewrite()
         if not self.output_dir:
             return []
-        written = [self.path("results.json"), self.path("results.md"),
-                   self.path("results.jsonl")]
-        if ended == "complete":
-            from .charts import draw_charts
-            written += draw_charts(self.payload, self.output_dir)
+        try:
+            self.rewrite()
+            written = [self.path("results.json"), self.path("results.md"),
+                       self.path("results.jsonl")]
+            if ended == "complete":
+                from .charts import draw_charts
+                written += draw_charts(self.payload, self.output_dir)
+        finally:
+            run_dir.release(self.output_dir)
         return written

@@ -164,7 +164,8 @@ def run(suites: list[str], options: BenchOptions, command: str) -> dict:
     meta["triton_interpreter"] = device.type == "cpu" and options.interpret
     meta["attention"] = packed_attention_kernel(device)
     meta["world_size"] = ranks.world_size()
-    recorder = Recorder(options.output_dir if main else None, meta, quiet=not main)
+    recorder = Recorder(options.output_dir if main else None, meta, quiet=not main,
+                        overwrite=options.overwrite, inputs=options.inputs())
     if main:
         print(f"fusedrl bench {' '.join(suites)}: {meta['device']}"
               f"{_ranks_text(meta['world_size'])}, kernel backend {meta['backend']}"

@@ -1,5 +1,5 @@
-"""The directories fusedrl writes (a training run's output_dir, the demo's, an export's --out): one
-run per directory, and nothing replaced that fusedrl did not make.
+"""The directories fusedrl writes (a training run's output_dir, the demo's, a benchmark's, an
+export's --out): one run per directory, and nothing replaced that fusedrl did not make.
 
     DIR/.fusedrl-run         {"kind": "sft", "created": "2026-01-01T00:00:00Z"}: written when
     fusedrl
@@ -11,10 +11,12 @@ run per directory, and nothing replaced that fusedrl did not make.
 
 A command's target may be missing, empty, or an earlier output of the same command (marked). A
 non-empty directory without the marker is refused whatever the options: fusedrl never deletes what
-it did not make. An earlier output is continued (a training run with train.resume=true), replaced
-(overwrite), or refused. Replacing never touches the current directory, the home directory, `/`,
-any of their parents, a command's inputs or a directory holding one; a symbolic link inside the
-directory that leads out of it is refused (writes never go through it).
+it did not make. An earlier output of the same command is continued (a training run with
+train.resume=true), replaced (overwrite), or refused; another command's output is refused whatever
+the options (an export's --overwrite never deletes a training run, nor an rm run an sft run).
+Replacing never touches the current directory, the home directory, `/`, any of their parents, a
+command's inputs or a directory holding one; a symbolic link inside the directory that leads out of
+it is refused (writes never go through it).
 
 Torch-free: the command line runs `check_target` before importing torch; `claim` takes the lock and
 repeats the check under it.
@@ -93,14 +95,20 @@ def check_no_link_out(directory, option: str = "output_dir") -> None:
                         f"{target}, outside {option}; fusedrl never writes through it: remove it")
 
 
+def output_name(kind: str) -> str:
+    """What the fusedrl command `kind` leaves in its directory, for a message ("sft run")."""
+    return kind if kind == "export" else f"{kind} run"
+
+
 def check_target(path, kind: str, *, overwrite: bool, resume: bool = False, inputs: Iterable = (),
                  option: str = "output_dir", overwrite_option: str = "overwrite=true",
                  resume_option: str | None = None, probe_lock: bool = True) -> bool:
     """Whether the command `kind` may write into the directory `path`; writes nothing. Returns True
-    when it holds an earlier output to be replaced first (overwrite), False when it is new, empty or
-    continued (resume); a UsageError naming `option` and the way out (`overwrite_option`, and
-    `resume_option` for a command that can continue) otherwise, and when another run holds its lock
-    (probe_lock; off for the holder itself)."""
+    when it holds an earlier output of `kind` to be replaced first (overwrite), False when it is
+    new, empty or continued (resume); a UsageError naming `option` and the way out
+    (`overwrite_option`, and `resume_option` for a command that can continue) otherwise, whatever
+    `overwrite` says for a directory fusedrl did not make or another command's output, and when
+    another run holds its lock (probe_lock; off for the holder itself)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"{option}={path}: exists and is not a directory")
@@ -119,13 +127,15 @@ def check_target(path, kind: str, *, overwrite: bool, resume: bool = False, inpu
             f"{option}={path} exists, is not empty and was not made by fusedrl (no {MARKER}): "
             f"fusedrl never deletes what it did not make; choose another {option}")
     check_no_link_out(p, option)
+    # Before `overwrite`: it replaces an earlier output of this command, never another command's
+    # (an export's --overwrite over a training run would delete its checkpoints).
+    if marker["kind"] != kind:
+        raise UsageError(
+            f"{option}={path} holds a fusedrl {output_name(marker['kind'])}; {overwrite_option} "
+            f"replaces only an earlier fusedrl {output_name(kind)}: choose another {option}")
     if overwrite:
         check_replaceable(p, inputs, option)
         return True
-    if marker["kind"] != kind:
-        raise UsageError(
-            f"{option}={path} holds a fusedrl {marker['kind']} output, not {kind}; pass "
-            f"{overwrite_option} to replace it or another {option}")
     if resume:
         return False
     if resume_option is None:
@@ -205,7 +215,9 @@ def claim(path, kind: str, *, overwrite: bool, resume: bool = False, inputs: Ite
     try:
         if check(probe_lock=False) and empty:
             _empty(p)
-        if read_marker(p) is None:
+        marker = read_marker(p)
+        # A directory holding only another command's marker (and no output) is this command's now.
+        if marker is None or marker["kind"] != kind:
             write_marker(p, kind)
     except BaseException:
         lock.release()

@@ -25,10 +25,13 @@ _NOT_CURVES = {"kind", "step", "time", "epoch"}
 
 
 def curves(rows: list[dict], kind: str) -> dict[str, tuple[list, list]]:
-    """metric -> (steps, values) over the records of `kind`, numeric finite values only."""
+    """metric -> (steps, values) over the records of `kind`, numeric finite values only; a record
+    that is not a JSON object or has no numeric step (a hand-edited or foreign line) is skipped."""
+    from .runlog import is_step
+
     out: dict[str, tuple[list, list]] = {}
     for row in rows:
-        if row.get("kind") != kind:
+        if not isinstance(row, dict) or row.get("kind") != kind or not is_step(row.get("step")):
             continue
         for key, value in row.items():
             if key in _NOT_CURVES or isinstance(value, bool) or not isinstance(value, (int, float)):

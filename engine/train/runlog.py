@@ -100,22 +100,40 @@ def metrics_line(kind: str, step: int, metrics: dict) -> str:
 
 def keep_series(path: Path, last_step: int):
     """Drop the records past `last_step` (all of them for a fresh start, last_step 0) from a
-    metrics file, so a resumed run continues one series instead of starting a second; atomic."""
+    metrics file, so a resumed run continues one series instead of starting a second; atomic. A
+    line that is not a record (torn by a crash, even inside a multi-byte character) goes too."""
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if last_step > 0 and _step_of(line) <= last_step]
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = [text for text in map(_text_of, lines)
+            if text is not None and last_step > 0 and _step_of(text) <= last_step]
     if len(kept) == len(lines):
         return
     write_text_atomic(path, "".join(kept))
 
 
-def _step_of(line: str) -> float:
-    """A record's step; a torn line (a crash mid-write) sorts last, so it is dropped."""
+def _text_of(line: bytes) -> str | None:
+    """A metrics line as text; None when it is not UTF-8 (a write torn inside a character)."""
     try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a torn or malformed line (a crash mid-write) sorts last, so it is
+    dropped."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
         return math.inf
+    return step if is_step(step) else math.inf
+
+
+def is_step(value) -> bool:
+    """Whether `value` is a record's step: a finite number (not a bool)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def append_metrics(run_dir, kind: str, step: int, metrics: dict):
@@ -129,16 +147,20 @@ def _plain(metrics: dict) -> dict:
 
 
 def read_metrics(run_dir) -> list[dict]:
-    """All records of RUN_DIR/metrics.jsonl (a torn last line from a crash is ignored)."""
+    """All records (JSON objects) of RUN_DIR/metrics.jsonl; a line that is not one is ignored: a
+    torn last line from a crash, even one torn inside a multi-byte character."""
     rows = []
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: not a fusedrl run directory")
-    for line in path.read_text(encoding="utf-8").splitlines():
+    # Decoded line by line: one line that is not UTF-8 drops that line, not the file.
+    for line in path.read_bytes().splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 

@@ -116,7 +116,7 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch):
             (["kernels", "speed=fast"], "'speed=fast': expected key=value with key one of"),
             (["rl", "model=gpt-9"], "model=gpt-9: expected one of qwen2.5-0.5b"),
             (["train", "seed=x"], "seed=x: expected an integer"),
-            (["all", f"output_dir={tmp_path}"], "holds a results.json already")):
+            (["all", f"output_dir={tmp_path}"], "was not made by fusedrl")):
         assert main(["bench", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("fusedrl bench: ") and expected in err and "\n" not in err, err
@@ -127,6 +127,57 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch):
         named = "headline" if suite == "all" else suite
         assert f"fusedrl bench {named} under torchrun (WORLD_SIZE=2): expected one of train, " \
             "rl" in err and "\n" not in err, err
+
+
+def _listing(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None
+            for p in sorted(directory.rglob("*"))}
+
+
+def test_output_dir_is_never_one_fusedrl_did_not_make_and_an_earlier_run_goes_only_when_asked(
+        tmp_path, capsys, monkeypatch):
+    """output_dir follows every fusedrl command's rules (engine/runs/run_dir.py): a directory
+    fusedrl did not make, or another command's output, is refused in one line whatever overwrite
+    says and left as it was; an earlier bench run is replaced only with overwrite=true."""
+    monkeypatch.setattr(devices, "device_limits",
+                        lambda device: devices.Limits("CPU (test)", 1e11, 1e10, "measured"))
+    one_case = ["headline", "--quick", "only=kl_penalty fwd 256"]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "results.md").write_text("my notes\n")
+    (notes / "results.jsonl").write_text('{"mine": 1}\n')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text('{"mine": 1}')
+    sft_run = tmp_path / "sft_run"
+    sft_run.mkdir()
+    (sft_run / ".fusedrl-run").write_text('{"kind": "sft", "created": "2026-01-01T00:00:00Z"}\n')
+    (sft_run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    for target, expected in ((notes, "exists, is not empty and was not made by fusedrl"),
+                             (mine, "exists, is not empty and was not made by fusedrl"),
+                             (sft_run, "holds a fusedrl sft run; overwrite=true replaces only an "
+                                       "earlier fusedrl bench run: choose another output_dir")):
+        before = _listing(target)
+        for extra in ([], ["overwrite=true"]):
+            assert main(["bench", *one_case, f"output_dir={target}", *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith(
+                f"fusedrl bench: output_dir={target} ") and expected in err, err
+            assert _listing(target) == before
+    out = tmp_path / "run"
+    assert main(["bench", *one_case, f"output_dir={out}"]) == 0
+    assert json.loads((out / ".fusedrl-run").read_text())["kind"] == "bench"
+    first = json.loads((out / "results.json").read_text())
+    assert main(["bench", *one_case, f"output_dir={out}"]) == 2
+    assert capsys.readouterr().err == (f"fusedrl bench: output_dir={out} exists and is not empty; "
+                                       "pass overwrite=true or another output_dir\n")
+    assert json.loads((out / "results.json").read_text()) == first
+    (out / "stale.png").write_bytes(b"")  # an earlier run's file: replaced with the run
+    assert main(["bench", *one_case, f"output_dir={out}", "overwrite=true"]) == 0
+    assert not (out / "stale.png").exists()
+    second = json.loads((out / "results.json").read_text())
+    assert second["meta"]["command"].endswith("overwrite=true") and len(second["rows"]) == len(
+        (out / "results.jsonl").read_text().splitlines())
 
 
 def test_the_device_table_names_each_datacenter_gpu_and_nothing_else():

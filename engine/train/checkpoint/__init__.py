@@ -23,7 +23,8 @@ crash mid-save leaves no `step-*` directory at all: `latest_checkpoint` never se
 (and `run_training` removes such leftovers when a run starts). Nothing non-finite is written. A
 resume verifies the newest checkpoint against its manifest; a corrupt one is renamed
 `corrupt-step-*` (kept for inspection, never loaded again) and the previous one is used, with a
-warning.
+warning. When none verifies the resume is refused, naming them (the run is never restarted from
+step 0 on its own, dropping its metrics).
 """
 from .parts import SavedModel, Trainables
 from .restore import CheckpointMismatch

@@ -13,7 +13,7 @@ import torch
 
 from ...runs.durable import (CorruptDirectory, check_finite, publish, temp_dir, verify_manifest,
                         write_manifest)
-from ...errors import NonFiniteError, UsageError
+from ...errors import FusedRLError, NonFiniteError, UsageError
 from ...parallel import distributed
 from .parts import Trainables, rng_state, trainer_state
 from .restore import Source, restore
@@ -148,13 +148,17 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 def resume(run_dir, parts: Trainables, check_loop=None) -> tuple[Path | None, dict]:
     """Load the newest checkpoint that verifies (its loop state by `check_loop`: load_checkpoint);
-    (its path, loop state), or (None, {}) when none. A corrupt one is set aside as `corrupt-step-*`
-    with a warning on stderr, and the previous tried. With several ranks every rank verifies the
-    same files (so all agree) and rank 0 sets it aside."""
+    (its path, loop state), or (None, {}) when the run has none. A corrupt one is set aside as
+    `corrupt-step-*` with a warning on stderr, and the previous tried. When none verifies (and so
+    when only checkpoints set aside are left), a FusedRLError naming them: the run is not restarted
+    from step 0, which would drop its metrics. With several ranks every rank verifies the same
+    files (so all agree) and rank 0 sets it aside."""
+    set_aside = False
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path, parts, check_loop)
         except CorruptDirectory as e:
+            set_aside = True  # on every rank alike: they verify the same files
             distributed.barrier()  # every rank is done reading it
             if not distributed.is_main():
                 continue
@@ -166,4 +170,18 @@ def resume(run_dir, parts: Trainables, check_loop=None) -> tuple[Path | None, di
                 f"fusedrl: warning: checkpoint {path.name} is corrupt ({e}); moved to "
                 f"{aside.name}, "
                 "trying the previous one", file=sys.stderr)
+    if set_aside:
+        distributed.barrier()  # rank 0 has set every one aside before any rank lists them
+    # Those set aside now, and by an earlier resume that was refused here: with no checkpoint
+    # left, a rerun would otherwise start from step 0.
+    root = Path(run_dir) / "checkpoints"
+    corrupt = sorted(p.name for p in root.iterdir() if p.is_dir()
+                     and p.name.startswith(CORRUPT_PREFIX + PREFIX)) if root.is_dir() else []
+    if corrupt:
+        named = ", ".join(corrupt if len(corrupt) <= 4 else
+                          [*corrupt[:3], f"and {len(corrupt) - 3} more"])
+        raise FusedRLError(
+            f"no checkpoint of {run_dir} verifies: every one is corrupt and set aside in {root} "
+            f"({named}); the run is not restarted from step 0 on its own: rerun with "
+            "train.overwrite=true to start it again (its checkpoints and metrics deleted)")
     return None, {}

@@ -150,8 +150,8 @@ def test_an_earlier_run_is_continued_or_replaced_only_when_asked(base_dir, train
     assert (code, err) == (2, f"fusedrl sft: output_dir={run} holds an earlier sft run; pass train.resume=true to "
                               "continue it, train.overwrite=true to replace it, or another output_dir\n")
     code, err = cli_error(["rm", f"model={base_dir}", f"output_dir={run}", f"data.train_file={train_file}"], capsys)
-    assert (code, err) == (2, f"fusedrl rm: output_dir={run} holds a fusedrl sft output, not rm; pass "
-                              "train.overwrite=true to replace it or another output_dir\n")
+    assert (code, err) == (2, f"fusedrl rm: output_dir={run} holds a fusedrl sft run; train.overwrite=true "
+                              "replaces only an earlier fusedrl rm run: choose another output_dir\n")
     # Leftovers of killed writes go when a run continues; hidden files merely named like them stay.
     ours, theirs = run / ".final.tmp-abc123", [run / ".notes.tmp-1", run / ".bashrc.old-2", run / "x.tmp-3"]
     for path in (ours, *theirs):
@@ -164,6 +164,46 @@ def test_an_earlier_run_is_continued_or_replaced_only_when_asked(base_dir, train
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [1, 2]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
     assert [r["resumed_from"] for r in read_metrics(run) if "resumed_from" in r] == [None]
+
+
+def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(
+        base_dir, adapter_dir, train_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(sft(base_dir, train_file, run)) == 0
+    merged = tmp_path / "merged"
+    assert cli.main(["export", str(adapter_dir), "--merge", "--out", str(merged)]) == 0
+    sft_run, export = listing(run), listing(merged)
+    for argv, refusal in (
+            (["export", str(adapter_dir), "--merge", "--out", str(run), "--overwrite"],
+             f"fusedrl export: --out={run} holds a fusedrl sft run; --overwrite replaces only an earlier "
+             "fusedrl export: choose another --out\n"),
+            (["rm", f"model={base_dir}", f"output_dir={run}", f"data.train_file={train_file}",
+              "train.overwrite=true"],
+             f"fusedrl rm: output_dir={run} holds a fusedrl sft run; train.overwrite=true replaces only an "
+             "earlier fusedrl rm run: choose another output_dir\n"),
+            (["demo", f"output_dir={run}", "overwrite=true"],
+             f"fusedrl demo: output_dir={run} holds a fusedrl sft run; overwrite=true replaces only an "
+             "earlier fusedrl demo run: choose another output_dir\n"),
+            (sft(base_dir, train_file, merged, "train.overwrite=true"),
+             f"fusedrl sft: output_dir={merged} holds a fusedrl export; train.overwrite=true replaces only "
+             "an earlier fusedrl sft run: choose another output_dir\n")):
+        assert cli_error(argv, capsys) == (2, refusal)
+        assert listing(run) == sft_run and listing(merged) == export
+    # Under the lock too (what a stage and an export call once the command line's check passed).
+    for path, kind, option in ((run, "export", "--out"), (merged, "ppo", "output_dir")):
+        with pytest.raises(UsageError, match="replaces only an earlier fusedrl"):
+            run_dir.claim(path, kind, overwrite=True, option=option)
+    assert listing(run) == sft_run and listing(merged) == export
+
+
+def test_a_directory_holding_only_another_command_s_marker_is_marked_anew(tmp_path):
+    # A run killed before it wrote anything leaves its marker and lock: the next command's output
+    # carries that command's marker, so that the command may continue or replace it later.
+    run_dir.claim(tmp_path / "run", "sft", overwrite=False)
+    run_dir.release(tmp_path / "run")
+    run_dir.claim(tmp_path / "run", "rm", overwrite=False)
+    run_dir.release(tmp_path / "run")
+    assert run_dir.read_marker(tmp_path / "run")["kind"] == "rm"
 
 
 def test_leftover_cleanup_matches_only_the_names_given(tmp_path):

@@ -15,7 +15,7 @@ from fusedrl.engine.cli import main
 from fusedrl.engine.config.lora import LoRAConfig
 from fusedrl.engine.config.train import OptimConfig
 from fusedrl.engine.runs.durable import CorruptDirectory, write_manifest
-from fusedrl.engine.errors import NonFiniteError, one_line
+from fusedrl.engine.errors import FusedRLError, NonFiniteError, one_line
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.model.lora import add_lora
 from fusedrl.engine.model.peft_io import read_adapter_weights
@@ -131,12 +131,61 @@ def test_a_planted_pickle_never_runs(base_dir, tmp_path, where):
     fresh = Run(base_dir)
     if where == "beside the index":
         assert resume(tmp_path, fresh.parts)[1] == LOOP
-    else:  # not JSON: set aside as corrupt, never unpickled
+    else:  # not JSON: set aside as corrupt, never unpickled (and, the only one, not restarted from 0)
         before = fresh.snapshot()
-        assert resume(tmp_path, fresh.parts) == (None, {})
+        with pytest.raises(FusedRLError, match=f"no checkpoint of {tmp_path} verifies"):
+            resume(tmp_path, fresh.parts)
         assert_same(fresh.snapshot(), before)
         assert list_checkpoints(tmp_path) == [] and (tmp_path / "checkpoints" / f"corrupt-{path.name}").is_dir()
     assert not marker.exists()
+
+
+def corrupt_weights(checkpoint):
+    """One flipped byte in the checkpoint's tensors: same size, wrong (its manifest says so)."""
+    weights = checkpoint / "rank-00000.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+
+def test_when_no_checkpoint_verifies_the_resume_is_refused_not_restarted_from_step_0(base_dir, tmp_path, capsys):
+    run = Run(base_dir).train()
+    for step in (1, 2):
+        corrupt_weights(save_checkpoint(tmp_path, step, run.parts, {**LOOP, "step": step}))
+    refusal = (f"no checkpoint of {tmp_path} verifies: every one is corrupt and set aside in {tmp_path / 'checkpoints'} "
+               "(corrupt-step-00000001, corrupt-step-00000002); the run is not restarted from step 0 on its own: "
+               "rerun with train.overwrite=true to start it again (its checkpoints and metrics deleted)")
+    with pytest.raises(FusedRLError) as refused:
+        resume(tmp_path, Run(base_dir).parts)
+    assert str(refused.value) == refusal
+    err = capsys.readouterr().err
+    assert "checkpoint step-00000002 is corrupt" in err and "checkpoint step-00000001 is corrupt" in err
+    # Asked again, with only the checkpoints set aside left: the same refusal, not a fresh start.
+    with pytest.raises(FusedRLError) as again:
+        resume(tmp_path, Run(base_dir).parts)
+    assert str(again.value) == refusal
+    assert resume(tmp_path / "new", Run(base_dir).parts) == (None, {})  # a run with no checkpoint starts at 0
+
+
+def test_fusedrl_sft_whose_every_checkpoint_is_corrupt_stops_in_one_line_and_keeps_its_metrics(
+        base_dir, tmp_path, capsys):
+    args = sft_command(base_dir, tmp_path)
+    assert main(args) == 0
+    run = tmp_path / "run"
+    for step in (1, 2):
+        corrupt_weights(checkpoint_dir(run, step))
+    metrics = (run / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main([*args, "train.max_steps=3"]) == 1
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert last.startswith(f"fusedrl sft: no checkpoint of {run} verifies") and "train.overwrite=true" in last, err
+    assert "corrupt-step-00000001, corrupt-step-00000002" in last
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["corrupt-step-00000001", "corrupt-step-00000002"]
+    # The way out the line names: the run starts again.
+    assert main([*args, "train.overwrite=true"]) == 0
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [1, 2]
 
 
 def sft_command(base_dir, tmp_path):
