@@ -117,8 +117,9 @@ def _generate_tensor_parallel(cfg, prompts, params, device):
                                     speculate_below=cfg.speculate_below)
 
 
-def _prompts(cfg) -> list[str]:
-    """cfg.prompts, then prompt_file's lines (each a JSON string or raw text)."""
+def _prompts(cfg) -> list[str | list]:
+    """cfg.prompts, then prompt_file's prompts (_file_prompt: a line's raw text, or a JSON object
+    line's "prompt")."""
     from ..data.records import DataError, decode_line, numbered_lines
     prompts = list(cfg.prompts)
     if cfg.prompt_file:
@@ -126,14 +127,28 @@ def _prompts(cfg) -> list[str]:
             raise errors.UsageError(f"--prompt-file {cfg.prompt_file}: not a regular file (a "
                                     "directory, FIFO or device); expected a text file of one "
                                     "prompt per line")
+        # A .jsonl file, or one whose first line is a JSON object, is a prompts file as a run
+        # reads it: a line there that is not an object is a mistake, not a prompt.
+        rows = cfg.prompt_file.endswith(".jsonl")
+        read = []
         try:
             for lineno, raw in numbered_lines(cfg.prompt_file, MAX_PROMPT_BYTES):
                 try:
-                    prompts.append(decode_line(raw))
+                    line = decode_line(raw)
+                    prompt, row = _file_prompt(line, cfg)
+                    rows = rows or (row and not read)
+                    if rows and not row:
+                        raise ValueError("expected a JSON object with a \"prompt\" (the file's "
+                                         f"lines are JSON objects), got {line.strip()[:60]!r}")
                 except ValueError as e:
                     raise DataError(f"{cfg.prompt_file}:{lineno}: {e}") from None
+                read.append(prompt)
         except OSError as e:
             raise errors.UsageError(f"--prompt-file {cfg.prompt_file}: {e.strerror}") from None
+        if not read:
+            raise errors.UsageError(f"--prompt-file {cfg.prompt_file} has no prompts (it is "
+                                    "empty or blank); expected one prompt per line")
+        prompts += read
     if not prompts:
         raise errors.UsageError(
             "give --prompt TEXT (repeatable) or --prompt-file FILE (the options prompts, "
@@ -141,14 +156,43 @@ def _prompts(cfg) -> list[str]:
     return prompts
 
 
-def _templated(cfg, prompts: list[str]) -> list[str]:
-    """`prompts`, each rendered as a user turn by the model directory's chat template with the
-    generation prompt and cfg.tools' schemas (data/chat.py's render_prompt: what a run's rollout
-    opens with), when cfg.chat_template; else as they are. Before the model loads."""
+def _file_prompt(line: str, cfg) -> tuple[str | list, bool]:
+    """(the prompt of one --prompt-file line, whether the line is a JSON object). A JSON object
+    is a row of a run's prompts file (data/prompts.py): its "prompt" is a string, or a message
+    list rendered through the chat template (with --chat-template, without --image); any other
+    line is the prompt's raw text. ValueError for an object without a usable prompt."""
+    from ..data.records import parse_turns
+    try:
+        row = json.loads(line) if line.lstrip().startswith("{") else None
+    except ValueError:
+        row = None  # text that opens with a brace
+    if not isinstance(row, dict):
+        return line, False
+    prompt = row.get("prompt")
+    if isinstance(prompt, list):
+        parse_turns(prompt, "prompt")
+        if not cfg.chat_template or cfg.images:
+            raise ValueError('a message list as "prompt" is rendered through the chat template: '
+                             "pass --chat-template (and no --image), or give the prompt as a "
+                             "string")
+        return prompt, True
+    if not isinstance(prompt, str) or not prompt:
+        got = repr(prompt)[:60] if "prompt" in row else f"the keys {sorted(row)}"
+        raise ValueError('expected "prompt": a non-empty string or a message list, got '
+                         f"{got}")
+    return prompt, True
+
+
+def _templated(cfg, prompts: list[str | list]) -> list[str]:
+    """`prompts`, each rendered (a string as a user turn, a message list as its turns) by the model
+    directory's chat template with the generation prompt and cfg.tools' schemas (data/chat.py's
+    render_prompt: what a run's rollout opens with), when cfg.chat_template; else as they are.
+    Before the model loads."""
     if not cfg.chat_template:
         return prompts
     from ..agents.tools import load_tools, tool_schema
     from ..data.chat import has_template, render_prompt
+    from ..data.records import parse_turns
     from ..inference.llm import directory_tokenizer
     tools = load_tools(cfg.tools, "--tool")
     tokenizer = directory_tokenizer(Path(cfg.model))
@@ -157,7 +201,8 @@ def _templated(cfg, prompts: list[str]) -> list[str]:
             f"--chat-template: the tokenizer of --model {cfg.model} has no chat template "
             "(chat_template.jinja, or chat_template in tokenizer_config.json)")
     schemas = json.dumps([tool_schema(fn, "--tool") for fn in tools.values()]) if tools else None
-    return [render_prompt(tokenizer, (("user", prompt),), tools=schemas) for prompt in prompts]
+    return [render_prompt(tokenizer, parse_turns(prompt, "prompt") if isinstance(prompt, list)
+                          else (("user", prompt),), tools=schemas) for prompt in prompts]
 
 
 def _with_images(cfg, prompts: list[str]) -> tuple[list[list[int]], list]:
@@ -239,6 +284,7 @@ def run_generate(args) -> int:
                                   "token_ids": c.token_ids, "logprobs": c.logprobs,
                                   "finish_reason": c.finish_reason}))
             else:
-                print(f"[{i}.{j}] {prompt}{c.text}  ({c.finish_reason}, {len(c.token_ids)} tokens)")
+                shown = prompt if isinstance(prompt, str) else json.dumps(prompt)  # a message list
+                print(f"[{i}.{j}] {shown}{c.text}  ({c.finish_reason}, {len(c.token_ids)} tokens)")
     sys.stdout.flush()
     return 0

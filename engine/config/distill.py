@@ -3,6 +3,7 @@
 LoRA) plus the frozen teacher and the `distill` section; no critic, no PPO-ptx. Torch-free."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -11,7 +12,7 @@ from .compatibility import distill_rules, refuse_ignored, refuse_incompatible, r
 from .fields import check, check_fields, option
 from .lora import LoRAConfig
 from .ppo import RewardConfig, RLConfig, UpdateConfig
-from .rollout import RolloutConfig
+from .rollout import MIN_TEMPERATURE, RolloutConfig
 
 DistillMode = Literal["full", "sampled", "top_k"]
 
@@ -41,7 +42,9 @@ class DistillSection:
     def __post_init__(self):
         check_fields(self, "distill.")
         check(0 <= self.beta <= 1, f"distill.beta must be in [0, 1], got {self.beta}")
-        check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+        check(MIN_TEMPERATURE <= self.temperature < math.inf,
+              f"distill.temperature must be a finite number >= {MIN_TEMPERATURE:g}, got "
+              f"{self.temperature}")
         check(self.top_k >= 1, f"distill.top_k must be >= 1, got {self.top_k}")
         check(self.reward_coef >= 0, f"distill.reward_coef must be >= 0, got {self.reward_coef}")
         check(0 <= self.lmbda <= 1, f"distill.lmbda must be in [0, 1], got {self.lmbda}")

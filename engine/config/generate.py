@@ -14,7 +14,10 @@ class GenerateConfig:
     model: str = option("Hugging Face model directory (required)", "")
     prompts: list[str] = option("prompts to complete (also --prompt TEXT, repeatable)",
                                 factory=list)
-    prompt_file: str | None = option("a file with one prompt per line, after `prompts`")
+    prompt_file: str | None = option(
+        "a file with one prompt per line, after `prompts`: a line's text, or of a JSON object line "
+        "(every line of a .jsonl file, or of a file opening with one) its \"prompt\", a string "
+        "or a message list (with chat_template=true), as a run's prompts file holds it")
     images: list[str] = option("image files every prompt opens with (also --image FILE, "
                                "repeatable), for a vision-language model", factory=list)
     n: int = option("completions per prompt", 1)

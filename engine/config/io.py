@@ -156,7 +156,13 @@ def _coerce(tp, value, key: str, root):
         if isinstance(value, str):
             value = [item.strip() for item in value.split(",") if item.strip()]
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list (or comma-separated text), got {value!r}")
+            # A lone item is a list of one (reward.weights=1.0 for one reward function), as the
+            # comma-separated text of one item is; anything else is not a list.
+            try:
+                return [_coerce(args[0], value, key, root)]
+            except ConfigError:
+                raise ConfigError(f"{key}: expected a list (or comma-separated text), got "
+                                  f"{value!r}") from None
         return [_coerce(args[0], item, f"{key}[{i}]", root) for i, item in enumerate(value)]
     if tp is float and isinstance(value, str):
         value = _float_or_text(value)
@@ -253,9 +259,10 @@ def options_epilog(cls) -> str:
 
 
 def read_yaml(path) -> dict:
-    """The mapping of keys in YAML file `path` ({} for an empty file); ConfigError for invalid
-    YAML, nesting deeper than MAX_YAML_DEPTH, or a top level that is not a mapping."""
-    data = _parse_yaml(Path(path).read_text(encoding="utf-8"), f"{path}:")
+    """The mapping of keys in YAML file `path` ({} for an empty file); ConfigError for bytes that
+    are not UTF-8, invalid YAML, nesting deeper than MAX_YAML_DEPTH, or a top level that is not a
+    mapping."""
+    data = _parse_yaml(_utf8_text(path), f"{path}:")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -263,6 +270,18 @@ def read_yaml(path) -> dict:
             f"{path}: expected a mapping of keys (key: value lines), got a YAML "
             f"{type(data).__name__}")
     return data
+
+
+def _utf8_text(path) -> str:
+    """The text of file `path`; ConfigError naming the file, line and column of the first byte that
+    is not UTF-8 (the decoder's own message names neither the file nor the line)."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, line_start = raw.count(b"\n", 0, e.start) + 1, raw.rfind(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                          f"{e.start - line_start + 1}); a config file is UTF-8 text") from None
 
 
 MAX_YAML_DEPTH = 100  # a config nests 2-3 levels; Python's recursion limit would allow ~300

@@ -106,8 +106,9 @@ class UpdateConfig:
 
     def __post_init__(self):
         check_fields(self, "ppo.")
-        check(self.epochs >= 1 and self.minibatch_size >= 1,
-              "ppo.epochs and ppo.minibatch_size must be >= 1")
+        check(self.epochs >= 1, f"ppo.epochs must be >= 1, got {self.epochs}")
+        check(self.minibatch_size >= 1,
+              f"ppo.minibatch_size must be >= 1, got {self.minibatch_size}")
         check(self.microbatch_size is None or self.microbatch_size >= 1,
                f"ppo.microbatch_size must be >= 1 or null, got {self.microbatch_size}")
         check(self.tokens_per_microbatch in (None, "auto")
@@ -118,8 +119,8 @@ class UpdateConfig:
         check(self.tokens_per_microbatch in (None, "auto") or self.microbatch_size is None,
               f"ppo.tokens_per_microbatch={self.tokens_per_microbatch} and ppo.microbatch_size="
               f"{self.microbatch_size}: set one of them (micro-batches by tokens or by rows)")
-        check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1,
-              "ppo.gamma and ppo.lam must be in [0, 1]")
+        check(0 <= self.gamma <= 1, f"ppo.gamma must be in [0, 1], got {self.gamma}")
+        check(0 <= self.lam <= 1, f"ppo.lam must be in [0, 1], got {self.lam}")
         for name in ("vf_coef", "ent_coef", "ptx_coef", "max_approx_kl", "kl_loss_coef"):
             check(getattr(self, name) >= 0, f"ppo.{name} must be >= 0, got {getattr(self, name)}")
         # What the loss kernels would reject mid-run (fusedrl.kernels.ppo_policy_loss /
@@ -157,8 +158,9 @@ class RewardConfig:
     fn_timeout_s: float = option(
         "reward_fn: a call that has not returned after this many seconds fails the run", 300.0)
     weights: list[float] | None = option(
-        "reward_fn: one weight per function (YAML [1.0, 0.5] or 1.0,0.5); a row's reward is the "
-        "weighted sum of the functions that do not return None for it (None = all 1)")
+        "reward_fn: one weight per function (YAML [1.0, 0.5] or 1.0,0.5; one function's: 2.0); a "
+        "row's reward is the weighted sum of the functions that do not return None for it (None "
+        "= all 1)")
     isolation: RewardIsolation = option(
         "reward_fn: process (each function in a worker process of its own, reused across "
         "iterations: a call past reward.fn_timeout_s is killed whatever it holds, its exit or "
@@ -173,6 +175,11 @@ class RewardConfig:
         check(self.kl_coef >= 0, f"reward.kl_coef must be >= 0, got {self.kl_coef}")
         check(self.kl_target is None or self.kl_target > 0,
               f"reward.kl_target must be > 0 or null, got {self.kl_target}")
+        # A KL per sequence is >= 0: a ceiling <= 0 would stop the run at its first iteration,
+        # after the models loaded and a rollout ran.
+        check(self.kl_ceiling is None or 0 < self.kl_ceiling < math.inf,
+              f"reward.kl_ceiling must be a finite number > 0 or null (off), got "
+              f"{self.kl_ceiling}")
         check(self.kl_horizon > 0, f"reward.kl_horizon must be > 0, got {self.kl_horizon}")
         check(0 <= self.turn_gamma <= 1,
               f"reward.turn_gamma must be in [0, 1], got {self.turn_gamma}")

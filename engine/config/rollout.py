@@ -3,6 +3,7 @@ answers (partial rollouts, speculative decoding, chunked prefill) and multi-turn
 (tools, environments). Torch-free."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,6 +12,11 @@ from .fields import check, check_fields, option
 # A forward's token budget at auto (rollout.tokens_per_forward, ppo.tokens_per_microbatch): this
 # many tokens, or one full-length row where a row is longer.
 AUTO_FORWARD_TOKENS = 16384
+# The smallest rollout.temperature (and distill.temperature), the floor SamplingParams keeps
+# (inference/sampling_params.py says why): a smaller one would pass here and fail only once the
+# models load and a rollout runs, with log-probs gone NaN. Rollouts have no greedy 0: GRPO and PPO
+# learn from the differences between samples.
+MIN_TEMPERATURE = 1e-4
 
 EnvErrors = Literal["skip", "fail"]
 EnvIsolation = Literal["process", "thread"]
@@ -30,7 +36,8 @@ class RolloutConfig:
         "failing on it", False)
     max_new_tokens: int = option("response length limit", 64)
     temperature: float = option(
-        "sampling temperature (> 0); log-probs are taken at the same temperature", 1.0)
+        f"sampling temperature (>= {MIN_TEMPERATURE:g}); log-probs are taken at the same "
+        "temperature", 1.0)
     top_k: int = option("top-k filter of the sampler (0 = off)", 0)
     top_p: float = option("nucleus filter of the sampler (1.0 = off)", 1.0)
     ignore_eos: bool = option(
@@ -150,9 +157,9 @@ class RolloutConfig:
                      "block_size", "max_sampling_rounds", "speculate_below"):
             check(getattr(self, name) >= 1,
                   f"rollout.{name} must be >= 1, got {getattr(self, name)}")
-        check(self.max_staleness >= 0 and self.speculative_tokens >= 0,
-              f"rollout.max_staleness and rollout.speculative_tokens must be >= 0, got "
-              f"{self.max_staleness} and {self.speculative_tokens}")
+        for name in ("max_staleness", "speculative_tokens"):
+            check(getattr(self, name) >= 0,
+                  f"rollout.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("tokens_per_iteration", "prefill_chunk"):
             check(getattr(self, name) is None or getattr(self, name) >= 1,
                   f"rollout.{name} must be >= 1 or null, got {getattr(self, name)}")
@@ -164,9 +171,12 @@ class RolloutConfig:
               f"rollout.tokens_per_forward={self.tokens_per_forward!r} must hold one row: "
               "rollout.max_prompt_length "
               f"+ rollout.max_new_tokens = {longest} tokens (or be auto or null)")
-        check(self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}")
-        check(self.top_k >= 0 and 0 < self.top_p <= 1,
-              "rollout.top_k must be >= 0 and rollout.top_p in (0, 1]")
+        check(MIN_TEMPERATURE <= self.temperature < math.inf,
+              f"rollout.temperature must be a finite number >= {MIN_TEMPERATURE:g} (a smaller "
+              "one is greedy in all but name and overflows the scaled logits), got "
+              f"{self.temperature}")
+        check(self.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {self.top_k}")
+        check(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         check(0 <= self.overlong_buffer < self.max_new_tokens and self.overlong_penalty >= 0,
               f"rollout.overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}) and "
               f"rollout.overlong_penalty >= 0, got {self.overlong_buffer} and "

@@ -111,10 +111,12 @@ class OptimConfig:
 
     def __post_init__(self):
         check(0 < self.lr < math.inf, f"optim.lr must be a finite number > 0, got {self.lr}")
-        check(self.weight_decay >= 0 and self.eps > 0,
-              "optim.weight_decay must be >= 0, optim.eps > 0")
-        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
-              "optim.beta1 and optim.beta2 must be in [0, 1)")
+        check(self.weight_decay >= 0,
+              f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
+        for name in ("beta1", "beta2"):
+            check(0 <= getattr(self, name) < 1,
+                  f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
         check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         check(0 <= self.min_lr_ratio <= 1,
               f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -267,11 +269,12 @@ class RunConfig:
         check(self.device in (None, "cpu", "cuda") or self.device.startswith("cuda:"),
                f"train.device must be cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("save_every", "keep_checkpoints", "max_consecutive_skips"):
-            check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
+            check(getattr(self, name) >= 0,
+                  f"train.{name} must be >= 0, got {getattr(self, name)}")
         check(0 <= self.save_every_minutes < math.inf,
               "train.save_every_minutes must be a finite number >= 0, got "
               f"{self.save_every_minutes}")
-        check(self.log_every >= 1, "train.log_every must be >= 1")
+        check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         self.report_to = _names(self.report_to)
         unknown = [n for n in self.report_to if n not in TRACKERS]
         check(not unknown, f"train.report_to: {unknown[0] if unknown else ''!r} is not a tracker; "
@@ -291,7 +294,7 @@ class TrainConfig(RunConfig):
         check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         check(self.max_steps is None or self.max_steps >= 1,
               f"train.max_steps must be >= 1, got {self.max_steps}")
-        check(self.eval_every >= 0, "train.eval_every must be >= 0")
+        check(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
 
 
 @dataclass

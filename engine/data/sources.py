@@ -152,12 +152,38 @@ def _load(path: Path):
         except (FileNotFoundError, ValueError, OSError, TypeError) as e:
             kind = ("a directory written by datasets' save_to_disk" if path.is_dir()
                     else f"a {path.suffix} file")
-            raise DataError(f"{path}: cannot be read as {kind}: {_first_line(e)}") from None
+            raise DataError(f"{path}: cannot be read as {kind}: {_reason(e)}") from None
         except Exception as e:  # datasets' own errors (a schema that does not fit, a corrupt file)
-            raise DataError(f"{path}: datasets could not read it: {_first_line(e)}") from None
+            raise DataError(f"{path}: datasets could not read it: {_reason(e, wrapper=True)}"
+                            ) from None
 
 
-def _first_line(error: Exception) -> str:
+def _reason(error: BaseException, wrapper: bool = False) -> str:
+    """`error`'s type and first line and, where it has a cause, its chain's root's (the parser's
+    own words: the row, the character). `wrapper`: an error that may only say that another
+    happened (datasets' DatasetGenerationError: "An error occurred while generating the
+    dataset"), shown by its direct cause instead when it has one."""
+    chain = _chain(error)
+    if wrapper and len(chain) > 1:
+        chain = chain[1:]
+    shown = _first_line(chain[0])
+    return shown if len(chain) == 1 else f"{shown} (from {_first_line(chain[-1])})"
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error`, then the error it was raised from or while handling, down to the root, as Python
+    shows the chain under a traceback."""
+    chain = [error]
+    while True:
+        last = chain[-1]
+        below = last.__cause__ if last.__cause__ is not None else (
+            None if last.__suppress_context__ else last.__context__)
+        if below is None or any(below is e for e in chain):
+            return chain
+        chain.append(below)
+
+
+def _first_line(error: BaseException) -> str:
     """The exception's type and the first line of its message."""
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 

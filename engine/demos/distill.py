@@ -21,7 +21,7 @@ import torch
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
 from .sorting import (RL_LR, TEMPERATURE, aligned, last_metric, program_reward,
-                      sampled_accuracy, written)
+                      sampled_accuracy, starts_over, written)
 from .sorting_task import build_base_model, build_tokenizer, write_data
 
 # The student: the base's 96 wide, 3 layers, halved in width and cut to two layers (a quarter of
@@ -82,6 +82,7 @@ def run_grpo_baseline(cfg: DemoConfig, out: Path, prompts: str, student: Path,
         reward_fn=program_reward)
 
 
+@starts_over
 @releases_output_dir
 def run_distill_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     """The teacher and the student by SFT, then distillation and GRPO from the same student;

@@ -15,21 +15,40 @@ on held-out prompts, sampling at the rollout temperature.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..config.demo import DemoConfig
 from ..runs.durable import write_text_atomic
+from ..errors import Interrupted
 from ..runs.run_dir import claim, releases_output_dir
+from ..train.loop import RunInterrupted
 from .sorting_task import build_base_model, build_tokenizer, is_correct, write_data
 
 TEMPERATURE = 1.0
 # The RL stage's peak learning rate: full fine-tuning, and LoRA, whose low-rank updates (B starts
 # at zero) need a larger step to move the policy as far in as many iterations.
 RL_LR, RL_LORA_LR = 2e-4, 2e-3
+
+
+def starts_over(demo: Callable) -> Callable:
+    """Decorates a demo's entry point: a stage the demo runs stopped by a signal says how to rerun
+    the demo. Its stages run with train.resume=false (a demo is claimed whole and replaced on a
+    rerun, never continued), so the stage's own advice, the same command with train.resume=true,
+    is not an option of `fusedrl demo`."""
+    @functools.wraps(demo)
+    def run(cfg, *args, **kwargs):
+        try:
+            return demo(cfg, *args, **kwargs)
+        except RunInterrupted as stop:
+            raise Interrupted(f"{stop.stopped}; a demo does not resume: rerun it with "
+                              "overwrite=true to start it again", stop.exit_code - 128) from stop
+    return run
 
 
 def sampled_accuracy(model, tokenizer, prompts: list[str], samples: int, temperature: float,
@@ -149,6 +168,7 @@ def run_grpo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: 
         reward_fn=program_reward, evaluate=evaluate)
 
 
+@starts_over
 @releases_output_dir
 def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     """SFT, then PPO (with a reward model) or GRPO (with the program's reward) on the sorting task;

@@ -18,7 +18,7 @@ import torch
 
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
-from .sorting import TEMPERATURE, aligned, rl_figures, rl_training, written
+from .sorting import TEMPERATURE, aligned, rl_figures, rl_training, starts_over, written
 from .sorting_task import build_base_model
 from .tool_task import (add, build_tokenizer, final_answer, is_correct, tool_reward,
                              write_tool_data)
@@ -52,6 +52,7 @@ def tool_accuracy(model, tokenizer, prompts: list[str], samples: int, seed: int)
             "tool_rate": sum(t.tokens.turns > 1 for t in trajectories) / len(trajectories)}
 
 
+@starts_over
 @releases_output_dir
 def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     """SFT on tool-use conversations, then GRPO with the tool; returns (and saves) the final table.

@@ -18,7 +18,7 @@ import torch
 
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
-from .sorting import TEMPERATURE, aligned, rl_figures, rl_training, written
+from .sorting import TEMPERATURE, aligned, rl_figures, rl_training, starts_over, written
 from .vision_task import (build_vision_processor, count_reward, draw, is_correct,
                           task_messages, write_vision_data)
 
@@ -90,6 +90,7 @@ def train_vision_sft(cfg: DemoConfig, base: str, demonstrations: str, out: Path,
         train=TrainConfig(epochs=cfg.sft_epochs, **loop, eval_every=0)))
 
 
+@starts_over
 @releases_output_dir
 def run_vision_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     """SFT on noisy counting demonstrations with pictures, then GRPO with the program's reward;

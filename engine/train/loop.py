@@ -217,13 +217,23 @@ def _start(plan: RunPlan, parts: Trainables, state) -> tuple[Path | None, SkipCo
     return resume_from, skips, len(removed), notices + data_changes
 
 
-def interrupted(plan: RunPlan, step: int, signum: int, saved: Path, run) -> Interrupted:
+class RunInterrupted(Interrupted):
+    """The loop's stop by a signal. `stopped` is its message without the advice of how to go on:
+    a caller whose rerun is not the same command (a demo, which starts its runs over) gives its
+    own."""
+
+    def __init__(self, stopped: str, advice: str, signum: int):
+        super().__init__(f"{stopped}; {advice}", signum)
+        self.stopped = stopped
+
+
+def interrupted(plan: RunPlan, step: int, signum: int, saved: Path, run) -> RunInterrupted:
     """The one-line stop of a run a signal ended at `step`, checkpoint `saved` (logged first)."""
     name = signal.Signals(signum).name
     run.log("info", step, {"stopped": name, "checkpoint": str(saved)})
     how = "the same command" if plan.options.resume else "the same command with train.resume=true"
-    return Interrupted(f"stopped by {name} at step {step} of {plan.total_steps}, checkpoint "
-                       f"{saved} saved; {how} resumes the run from there", signum)
+    return RunInterrupted(f"stopped by {name} at step {step} of {plan.total_steps}, checkpoint "
+                          f"{saved} saved", f"{how} resumes the run from there", signum)
 
 
 def run_step(plan: RunPlan, state, step: Callable[[object], dict], skips: SkipCount, run,

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ...config.ppo import PPOConfig
+from ...config.ppo import GRPOConfig, PPOConfig
 from ...errors import ModelError, UsageError
 from ...inference.hybrid_actor import HybridActor
 from ...model.hf_io import load_model
@@ -43,8 +43,11 @@ def open_rewards(cfg: PPOConfig, reward_fn=None) -> Optional[RewardFunctions]:
     if not functions and cfg.rollout.environment:
         return None
     if not functions:
+        # The stages share this: name the one the user ran (`fusedrl grpo` is no PPO to them).
+        stage = ("GRPO" if isinstance(cfg, GRPOConfig) else "PPO" if isinstance(cfg, PPOConfig)
+                 else "distillation with distill.reward_coef > 0")
         raise UsageError(
-            "PPO needs a reward: set reward_model, reward_fn or rollout.environment (or "
+            f"{stage} needs a reward: set reward_model, reward_fn or rollout.environment (or "
             "pass reward_fn=...)")
     reward = cfg.reward
     return open_reward_functions(functions, reward.weights, reward.isolation,

@@ -78,10 +78,47 @@ def test_non_finite_options_are_refused_before_any_work(option, capsys):
     assert (code, err) == (2, f"fusedrl grpo: {key} must be a finite number, got {shown}\n")
 
 
-def test_an_infinite_sampling_temperature_is_refused(qwen2_dir, capsys):
-    code, err = cli_error(["generate", "--model", str(qwen2_dir), "--prompt", "hi", "--temperature", "inf"], capsys)
-    assert (code, err) == (2, "fusedrl generate: --temperature=inf is invalid: expected a finite number >= 0 "
-                              "(0 = greedy)\n")
+@pytest.mark.parametrize("temperature", ["inf", "1e-40", "1e-5"])
+def test_an_infinite_or_vanishing_sampling_temperature_is_refused(qwen2_dir, capsys, temperature):
+    # 1e-40 overflowed the scaled logits: the model was blamed for the NaN log-probs.
+    code, err = cli_error(["generate", "--model", str(qwen2_dir), "--prompt", "hi", "--temperature", temperature],
+                          capsys)
+    assert (code, err) == (2, f"fusedrl generate: --temperature={float(temperature)!r} is invalid: expected 0 "
+                              "(greedy) or a finite number >= 0.0001\n")
+
+
+@pytest.mark.parametrize("command, option, message", [
+    ("grpo", "rollout.temperature=1e-45", "rollout.temperature must be a finite number >= 0.0001 (a smaller one is "
+                                          "greedy in all but name and overflows the scaled logits), got 1e-45"),
+    ("distill", "distill.temperature=1e-9", "distill.temperature must be a finite number >= 0.0001, got 1e-09"),
+    ("grpo", "reward.kl_ceiling=-1", "reward.kl_ceiling must be a finite number > 0 or null (off), got -1.0"),
+    ("grpo", "reward.kl_ceiling=0", "reward.kl_ceiling must be a finite number > 0 or null (off), got 0.0"),
+    ("grpo", "optim.weight_decay=-0.1", "optim.weight_decay must be >= 0, got -0.1"),
+    ("grpo", "optim.eps=0", "optim.eps must be > 0, got 0.0"),
+    ("grpo", "optim.beta1=1", "optim.beta1 must be in [0, 1), got 1.0"),
+    ("grpo", "optim.beta2=-0.5", "optim.beta2 must be in [0, 1), got -0.5"),
+    ("grpo", "ppo.epochs=0", "ppo.epochs must be >= 1, got 0"),
+    ("grpo", "ppo.minibatch_size=0", "ppo.minibatch_size must be >= 1, got 0"),
+    ("grpo", "ppo.gamma=1.5", "ppo.gamma must be in [0, 1], got 1.5"),
+    ("grpo", "ppo.lam=-1", "ppo.lam must be in [0, 1], got -1.0"),
+    ("grpo", "rollout.top_k=-1", "rollout.top_k must be >= 0 (0 = off), got -1"),
+    ("grpo", "rollout.top_p=0", "rollout.top_p must be in (0, 1], got 0.0"),
+    ("grpo", "rollout.speculative_tokens=-2", "rollout.speculative_tokens must be >= 0, got -2"),
+    ("grpo", "train.log_every=0", "train.log_every must be >= 1, got 0"),
+    ("grpo", "train.keep_checkpoints=-1", "train.keep_checkpoints must be >= 0, got -1"),
+    ("sft", "train.eval_every=-1", "train.eval_every must be >= 0, got -1"),
+])
+def test_an_out_of_range_option_is_refused_by_its_key_and_value_before_any_work(command, option, message,
+                                                                                 tmp_path, capsys, monkeypatch):
+    """Each refusal names the one key that failed and its value, from the config alone: nothing is
+    loaded and no run directory is made (a KL ceiling <= 0 used to stop the run after its first
+    rollout)."""
+    monkeypatch.chdir(tmp_path)
+    required = {"grpo": RL_REQUIRED, "distill": ["policy=p", "teacher=t", "prompts_file=f", "output_dir=o"],
+                "sft": ["model=m", "output_dir=o", "data.train_file=t"]}[command]
+    code, err = cli_error([command, *required, option], capsys)
+    assert (code, err) == (2, f"fusedrl {command}: {message}\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_infinite_option_is_one_line_before_the_paths_are_checked(tmp_path, capsys):
@@ -95,7 +132,11 @@ def test_malformed_config_files_and_values_are_one_line(tmp_path, capsys):
     as_list.write_text("- model: m\n- output_dir: o\n")
     deep = tmp_path / "deep.yaml"
     deep.write_text("[" * 20000 + "]" * 20000)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("model: m\noutput_dir: caf\u00e9\n".encode("latin-1"))
     for argv, message in [
+        (["--config", str(latin1)], f"{latin1}:2: not valid UTF-8 (byte 0xe9 at column 16); a config file is UTF-8 "
+                                    "text\n"),
         (["--config", str(as_list)], f"{as_list}: expected a mapping of keys (key: value lines), got a YAML list"),
         (["--config", str(deep)], f"{deep}: nested too deeply to be a config"),
         (["optim.lr=" + "[" * 20000], "override optim.lr: nested too deeply to be a config"),

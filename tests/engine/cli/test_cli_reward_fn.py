@@ -125,10 +125,31 @@ def test_reward_options_from_the_command_line_and_yaml(tmp_path):
                                      "reward:\n  weights: [2, 1]\n  isolation: thread\n")
     cfg = config_io.load(GRPOConfig, tmp_path / "c.yaml", [f"{k}={v}" for k, v in required.items()])
     assert cfg.reward_fns() == ["a:f", "b:g"] and cfg.reward.weights == [2.0, 1.0]
+    # One function's one weight needs no list: a lone number is a list of one, from YAML too.
+    for override in ("reward.weights=1.0", "reward.weights=2", "reward.weights=1.0e-1"):
+        cfg = config_io.load(GRPOConfig, None, [f"{k}={v}" for k, v in required.items()]
+                             + ["reward_fn=a:f", override])
+        assert cfg.reward.weights == [float(override.partition("=")[2])]
+    (tmp_path / "one.yaml").write_text("reward_fn: a:f\nreward:\n  weights: 0.5\n")
+    cfg = config_io.load(GRPOConfig, tmp_path / "one.yaml", [f"{k}={v}" for k, v in required.items()])
+    assert cfg.reward.weights == [0.5]
     refused = [("reward.weights=[1]", r"reward.weights has 1 weight\(s\) for 2 reward function"),
                ("reward.weights=1,x", r"reward.weights\[1\]: expected float"),
+               ("reward.weights=true", r"reward.weights: expected a list \(or comma-separated text\), "
+                                       "got True"),
+               ("reward.weights=1.0", r"reward.weights has 1 weight\(s\) for 2 reward function"),
                ("reward.isolation=fork", "expected one of \\('process', 'thread'\\)")]
     for override, message in refused:
         with pytest.raises(ValueError, match=message):
             config_io.load(GRPOConfig, tmp_path / "c.yaml",
                            [f"{k}={v}" for k, v in required.items()] + [override])
+
+
+@pytest.mark.parametrize("command, stage", [("grpo", "GRPO"), ("ppo", "PPO")])
+def test_a_run_without_a_reward_names_the_command_run(workdir, qwen2_dir, tmp_path, capsys, command,
+                                                      stage):
+    argv = [command, f"policy={qwen2_dir}", f"output_dir={tmp_path / 'run'}",
+            f"prompts_file={workdir / 'prompts.jsonl'}", "train.device=cpu"]
+    code, err = cli_error(argv, capsys)
+    assert (code, err) == (2, f"fusedrl {command}: {stage} needs a reward: set reward_model, "
+                              "reward_fn or rollout.environment (or pass reward_fn=...)\n")

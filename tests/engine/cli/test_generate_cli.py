@@ -107,3 +107,82 @@ def test_a_mistyped_flag_value_is_one_line_without_the_usage(capsys):
     assert exit.value.code == 2
     assert capsys.readouterr().err == ("fusedrl generate: argument --n: invalid int value: 'two' "
                                        "(see `fusedrl generate --help`)\n")
+
+
+def test_a_jsonl_prompt_file_gives_each_row_s_prompt(qwen2_dir, tmp_path, capsys):
+    """A run's prompts file (`{"prompt": ...}` rows) completes each row's prompt, not the row's
+    JSON text; a line of text whose first character is a brace stays text."""
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text('{"prompt": "the lazy dog", "answer": "x"}\n\n{"prompt": "{a} b"}\n')
+    text = tmp_path / "prompts.txt"
+    text.write_text('{"prompt": "hello world"}\n{not json} at all\n')
+    common = ["--model", str(qwen2_dir), "--temperature", "0", "--max-new-tokens", "2", "--json",
+              "--no-progress", "--kv-cache-memory", "1000000"]
+    for path, expected in [(rows, ["the lazy dog", "{a} b"]),
+                           (text, ["hello world", "{not json} at all"])]:
+        if path == text:  # its first line is an object: every line must be one
+            code, err = cli.main(["generate", "--prompt-file", str(path), *common]), capsys.readouterr().err
+            assert (code, err) == (1, f"fusedrl generate: {path}:2: expected a JSON object with a "
+                                      "\"prompt\" (the file's lines are JSON objects), got '{not json} "
+                                      "at all'\n")
+            continue
+        assert cli.main(["generate", "--prompt-file", str(path), *common]) == 0
+        printed = [json.loads(line)["prompt"] for line in capsys.readouterr().out.splitlines()]
+        assert printed == expected
+    raw = tmp_path / "raw.txt"
+    raw.write_text("{not json} at all\nhello world\n")
+    assert cli.main(["generate", "--prompt-file", str(raw), *common]) == 0
+    assert [json.loads(line)["prompt"] for line in capsys.readouterr().out.splitlines()] == [
+        "{not json} at all", "hello world"]
+
+
+@pytest.mark.parametrize("lines, says", [
+    ('{"text": "hi"}\n', "1: expected \"prompt\": a non-empty string or a message list, got the keys ['text']"),
+    ('{"prompt": 3}\n', "1: expected \"prompt\": a non-empty string or a message list, got 3"),
+    ('{"prompt": ""}\n', "1: expected \"prompt\": a non-empty string or a message list, got ''"),
+    ('{"prompt": "a"}\n{"prompt": [{"role": "user"}]}\n',
+     "2: prompt[0] must be an object with string role and content"),
+    ('{"prompt": [{"role": "user", "content": "hi"}]}\n',
+     "1: a message list as \"prompt\" is rendered through the chat template: pass --chat-template (and "
+     "no --image), or give the prompt as a string"),
+    ('{"prompt": "a"}\n["b"]\n', "2: expected a JSON object with a \"prompt\" (the file's lines are JSON "
+                                 "objects), got '[\"b\"]'"),
+])
+def test_a_prompt_file_row_without_a_usable_prompt_is_refused_by_file_and_line(qwen2_dir, tmp_path, capsys,
+                                                                               lines, says):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(lines)
+    code = cli.main(["generate", "--model", str(qwen2_dir), "--prompt-file", str(path)])
+    assert (code, capsys.readouterr().err) == (1, f"fusedrl generate: {path}:{says}\n")
+
+
+def test_an_empty_prompt_file_is_named(qwen2_dir, tmp_path, capsys):
+    path = tmp_path / "prompts.txt"
+    for text in ("", "\n  \n"):
+        path.write_text(text)
+        code = cli.main(["generate", "--model", str(qwen2_dir), "--prompt-file", str(path), "--prompt", "hi"])
+        assert (code, capsys.readouterr().err) == (
+            2, f"fusedrl generate: --prompt-file {path} has no prompts (it is empty or blank); expected one "
+               "prompt per line\n")
+
+
+def test_a_message_list_prompt_renders_through_the_chat_template(tmp_path, capsys):
+    """A row's message list is the conversation the chat template renders, as a run renders it: the
+    same tokens as the same question given as a string prompt (one user turn)."""
+    from fusedrl.engine.demos.sorting_task import build_base_model
+    from fusedrl.engine.demos.tool_task import build_tokenizer
+
+    model = build_base_model(tmp_path / "model", 0, "llama", build_tokenizer(), 128)
+    question = "what is 482 + 377 ?"
+    path = tmp_path / "prompts.jsonl"
+    messages = [{"role": "user", "content": question}]
+    path.write_text(json.dumps({"prompt": messages}) + "\n")
+    common = ["--model", model, "--chat-template", "--temperature", "0", "--max-new-tokens", "4", "--json",
+              "--no-progress", "--device", "cpu"]
+    assert cli.main(["generate", "--prompt-file", str(path), *common]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert cli.main(["generate", "--prompt", question, *common]) == 0
+    (same,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["prompt"] == messages and row["token_ids"] == same["token_ids"]
+    assert cli.main(["generate", "--prompt-file", str(path), *[a for a in common if a != "--json"]]) == 0
+    assert capsys.readouterr().out.startswith(f"[0.0] {json.dumps(messages)}")

@@ -65,3 +65,22 @@ def test_a_hub_name_and_unknown_files_are_one_line(tmp_path):
         sft_rows(tmp_path / "broken.parquet")
     with pytest.raises(UsageError, match="is a directory, expected a data file or a directory"):
         check_input_file(tmp_path, "data.train_file")
+
+
+def test_a_malformed_file_is_refused_with_the_parser_s_own_words(tmp_path):
+    """datasets wraps a reader's failure in DatasetGenerationError ("An error occurred while
+    generating the dataset"): the one line says what the parser met instead."""
+    (tmp_path / "bad.csv").write_text('prompt,completion\n"the quick, brown fox\n')
+    with pytest.raises(DataError) as error:
+        sft_rows(tmp_path / "bad.csv")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'bad.csv'}: datasets could not read it: ParserError: "
+                              "Error tokenizing data")
+    assert "EOF inside string" in message and "\n" not in message, message
+    (tmp_path / "bad.json").write_text("not json at all\n")
+    with pytest.raises(DataError) as error:
+        sft_rows(tmp_path / "bad.json")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'bad.json'}: datasets could not read it: ")
+    assert "JSON parse error" in message and "DatasetGenerationError" not in message, message
+    assert "\n" not in message

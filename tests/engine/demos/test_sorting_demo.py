@@ -74,3 +74,32 @@ def test_moe_demo_base_model_and_its_adapters(tmp_path):
     assert [b.moe.num_experts * 10 + b.moe.top_k for b in moe_blocks(model)] == [82, 82, 82]
     assert rl_training(DemoConfig(arch="qwen3_moe", lora_rank=4))["lora"].targets == ("q_proj", "k_proj", "v_proj",
                                                                                         "o_proj")
+
+
+def test_a_stopped_demo_says_how_to_rerun_the_demo(tmp_path, capsys, cpu_user_backend, monkeypatch):
+    """Ctrl-C in one of the demo's stages: its advice is the demo's (its stages run with
+    train.resume=false, which `fusedrl demo` has no option for), and the advice works."""
+    import os
+    import signal
+
+    from fusedrl.engine.train import loop
+
+    step = loop.run_step
+
+    def ctrl_c_at_the_first_step(*args, **kwargs):
+        monkeypatch.setattr(loop, "run_step", step)
+        os.kill(os.getpid(), signal.SIGINT)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "run_step", ctrl_c_at_the_first_step)
+    out = tmp_path / "grpo"
+    args = ["demo", "algo=grpo", f"output_dir={out}", "train_prompts=64", "eval_prompts=6",
+            "sft_epochs=1", "rl_iterations=1", "rl_prompts=4", "eval_samples=2", "--quiet"]
+    assert cli.main(args) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("fusedrl demo: stopped by SIGINT at step 1 of ")
+    assert err[-1].endswith("saved; a demo does not resume: rerun it with overwrite=true to start "
+                            "it again")
+    assert "train.resume" not in err[-1]
+    assert cli.main([*args, "overwrite=true"]) == 0
+    assert (out / "rl" / "final" / "model.safetensors").exists()
