@@ -301,6 +301,20 @@ class _DepthLimitedLoader(yaml.SafeLoader):
         finally:
             self.depth -= 1
 
+    def construct_mapping(self, node, deep=False):
+        """A mapping whose key is written twice is refused at the second (YAML would keep the last
+        in silence: `optim: {lr: 1e-4, lr: 2e-4}` trains at one of them without a word). A key
+        that a merge (`<<: *base`) brings in may still be overridden."""
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            if (key_node.tag, key_node.value) in seen:
+                raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: key "
+                                     f"{key_node.value!r} written twice in one mapping")
+            seen.add((key_node.tag, key_node.value))
+        return super().construct_mapping(node, deep=deep)
+
 
 def _parse_yaml(text: str, where: str):
     """YAML `text` as Python values; ConfigError starting with `where` when it is not YAML or is

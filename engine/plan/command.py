@@ -39,9 +39,8 @@ def run_plan(stage: str, config_cls, args) -> int:
         raise UsageError(str(e)) from None
     if args.gpus < 1:
         raise UsageError(f"--gpus={args.gpus}: expected at least 1")
-    per_node = args.gpus_per_node or args.gpus
-    if (args.gpus_per_node is not None
-        and not (0 < per_node <= args.gpus and args.gpus % per_node == 0)):
+    per_node = args.gpus if args.gpus_per_node is None else args.gpus_per_node
+    if not (0 < per_node <= args.gpus and args.gpus % per_node == 0):  # 0 too: no node has none
         raise UsageError(
             f"--gpus-per-node={args.gpus_per_node}: expected a divisor of --gpus={args.gpus}")
     cfg = plan_config(stage, config_cls, args.config, args.overrides)

@@ -134,7 +134,11 @@ def test_malformed_config_files_and_values_are_one_line(tmp_path, capsys):
     deep.write_text("[" * 20000 + "]" * 20000)
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("model: m\noutput_dir: caf\u00e9\n".encode("latin-1"))
+    twice = tmp_path / "twice.yaml"  # YAML itself keeps the last in silence
+    twice.write_text("model: m\noptim:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")
     for argv, message in [
+        (["--config", str(twice)], f"{twice}: not valid YAML: line 4: key 'lr' written twice in one "
+                                   "mapping\n"),
         (["--config", str(latin1)], f"{latin1}:2: not valid UTF-8 (byte 0xe9 at column 16); a config file is UTF-8 "
                                     "text\n"),
         (["--config", str(as_list)], f"{as_list}: expected a mapping of keys (key: value lines), got a YAML list"),

@@ -42,8 +42,9 @@ def test_the_command_takes_the_gpus_of_a_node(qwen_7b, capsys):
     assert json.loads(capsys.readouterr().out)["shard_group"] == 8
     assert cli.main([*options, "--gpus-per-node", "8"]) == 0
     assert "16 GPU(s) x 80.0 GB, FSDP shard groups of 8, bytes per GPU" in capsys.readouterr().out
-    assert cli_error([*options, "--gpus-per-node", "3"], capsys) == (
-        2, "fusedrl plan: --gpus-per-node=3: expected a divisor of --gpus=16\n")
+    for per_node in ("3", "0"):  # 0 was taken as "all of them"
+        assert cli_error([*options, "--gpus-per-node", per_node], capsys) == (
+            2, f"fusedrl plan: --gpus-per-node={per_node}: expected a divisor of --gpus=16\n")
     code, err = cli_error([*options, "train.shard_group_size=3"], capsys)
     assert (code, err) == (2, "fusedrl plan: train.shard_group_size=3 with train.data_parallel=hybrid: expected a "
                               "size dividing the 16 ranks (set train.shard_group_size to one)\n")
