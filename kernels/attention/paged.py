@@ -48,10 +48,18 @@ def _store_kv_kernel(
     tl.store(v_cache_ptr + (slot * ROW)[:, None] + offs[None, :], v, mask=mask)
 
 
+def check_kv_write(op, k, v, k_cache, v_cache, slot_mapping):
+    """A KV store's arguments (checks.check_kv_store) and, where sync checks run, its slots: one
+    past the pool would be written out of bounds."""
+    checks.check_kv_store(k, v, k_cache, v_cache, slot_mapping, op=op)
+    if sync_checks_enabled(slot_mapping):
+        checks.check_slot_range(op, slot_mapping, k_cache)
+
+
 def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     """Write rows of `k`, `v` [N, Hkv, D] into the caches at `slot_mapping` [N] (int64, -1 =
     skip)."""
-    checks.check_kv_store(k, v, k_cache, v_cache, slot_mapping)
+    check_kv_write("store_kv", k, v, k_cache, v_cache, slot_mapping)
     torch.ops.fusedrl.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -263,12 +271,10 @@ def rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache
     """A decode step's attention with its RoPE and KV store (arguments and result as
     `rope_store_decode_triton`): one launch on the "triton" model backend, the reference on
     "torch" (one pass: num_splits is the Triton launch's)."""
-    checks.check_kv_store(k, v, k_cache, v_cache, slot_mapping, op="rope_store_decode")
-    if sync_checks_enabled(slot_mapping):  # a slot past the pool would be written out of bounds
-        checks.check_slot_range("rope_store_decode", slot_mapping, k_cache)
-    if fused_for_model(q):
+    if fused_for_model(q):  # which checks its arguments
         return rope_store_decode_triton(q, k, v, cos_table, sin_table, positions, k_cache, v_cache,
                                         slot_mapping, block_tables, context_lens, scale, num_splits)
+    check_kv_write("rope_store_decode", k, v, k_cache, v_cache, slot_mapping)
     return reference.rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache, v_cache,
                                        slot_mapping, block_tables, context_lens, scale)
 
@@ -281,7 +287,7 @@ def rope_store_decode_triton(q, k, v, cos_table, sin_table, positions, k_cache, 
     the new token -> [B, H, D] in q's dtype; k (rotated) and v written into the caches. The same
     numbers as `rope` then `store_kv_triton` then `paged_decode_triton`."""
     checks.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
-    checks.check_kv_store(k, v, k_cache, v_cache, slot_mapping, op="rope_store_decode")
+    check_kv_write("rope_store_decode", k, v, k_cache, v_cache, slot_mapping)
     if positions.shape != (q.shape[0],) or positions.dtype != torch.int64:
         raise ValueError(
             f"positions must be int64 [{q.shape[0]}], got {positions.dtype} "
@@ -387,12 +393,10 @@ def _default_splits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
     """Write k, v [N, Hkv, D] into the caches [blocks, page, Hkv, D] at slot_mapping [N] int64 (slot
     -1: a padding row, skipped)."""
-    checks.check_kv_store(k, v, k_cache, v_cache, slot_mapping)
-    if sync_checks_enabled(slot_mapping):  # a slot past the pool would be written out of bounds
-        checks.check_slot_range("store_kv", slot_mapping, k_cache)
-    if fused_for_model(k):
+    if fused_for_model(k):  # which checks its arguments
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
+        check_kv_write("store_kv", k, v, k_cache, v_cache, slot_mapping)
         reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
