@@ -94,7 +94,7 @@ class Recorder:
 
     def rewrite(self) -> None:
         if self.output_dir:  # rows are finite as added; meta is made so here (standard JSON)
-            payload = finite(self.payload)
+            payload = {**self.payload, "meta": finite(self.payload["meta"])}
             _write_atomic(self.path("results.json"),
                           json.dumps(payload, indent=2, allow_nan=False))
             _write_atomic(self.path("results.md"), results.markdown(payload))

@@ -196,13 +196,14 @@ def compare(a: dict, b: dict) -> list[dict]:
     return out
 
 
-def matching(a: dict, b: dict) -> dict:
-    """How the rows of A and B pair up (by suite, name, impl): `matched` (B's rows that match a row
-    of A), `unmeasured` (the matched ones with no ratio: (suite, name, impl, A's status, B's
-    status) each), `only_a` and `only_b` (how many rows of each match no row of the other)."""
+def matching(a: dict, b: dict, ratios: list[dict]) -> dict:
+    """How the rows of A and B pair up (by suite, name, impl), given compare(a, b)'s `ratios`:
+    `matched` (B's rows that match a row of A), `unmeasured` (the matched ones with no ratio:
+    (suite, name, impl, A's status, B's status) each), `only_a` and `only_b` (how many rows of each
+    match no row of the other)."""
     index = {_key(r): r for r in a["rows"]}
     keys_b = {_key(r) for r in b["rows"]}
-    measured = {(r["suite"], r["name"], r["impl"]) for r in compare(a, b)}
+    measured = {_key(r) for r in ratios}
     matched = [r for r in b["rows"] if _key(r) in index]
     unmeasured = [(*_key(r), status_text(index[_key(r)]), status_text(r))
                   for r in matched if _key(r) not in measured]
@@ -231,7 +232,8 @@ def compare_table(a_path: str, b_path: str) -> str:
     per pair of statuses first)."""
     a_path, b_path = results_path(a_path), results_path(b_path)
     a, b = load(a_path), load(b_path)
-    rows, match = compare(a, b), matching(a, b)
+    rows = compare(a, b)
+    match = matching(a, b, rows)
     lines = [f"A: {a_path} ({a['meta'].get('device')}, commit {a['meta'].get('commit')})",
              f"B: {b_path} ({b['meta'].get('device')}, commit {b['meta'].get('commit')})"]
     if not match["matched"]:

@@ -105,23 +105,15 @@ def keep_series(path: Path, last_step: int):
     if not path.exists():
         return
     lines = path.read_bytes().splitlines(keepends=True)
-    kept = [text for text in map(_text_of, lines)
-            if text is not None and last_step > 0 and _step_of(text) <= last_step]
+    kept = [line for line in lines if last_step > 0 and _step_of(line) <= last_step]
     if len(kept) == len(lines):
         return
-    write_text_atomic(path, "".join(kept))
+    write_text_atomic(path, b"".join(kept).decode("utf-8"))  # each kept line parsed as UTF-8 JSON
 
 
-def _text_of(line: bytes) -> str | None:
-    """A metrics line as text; None when it is not UTF-8 (a write torn inside a character)."""
-    try:
-        return line.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _step_of(line: str) -> float:
-    """A record's step; a torn or malformed line (a crash mid-write) sorts last, so it is
+def _step_of(line: bytes) -> float:
+    """A record's step; a torn or malformed line (a crash mid-write, even inside a multi-byte
+    character: json.loads decodes the bytes and raises a ValueError) sorts last, so it is
     dropped."""
     try:
         step = json.loads(line)["step"]
@@ -156,8 +148,8 @@ def read_metrics(run_dir) -> list[dict]:
     # Decoded line by line: one line that is not UTF-8 drops that line, not the file.
     for line in path.read_bytes().splitlines():
         try:
-            row = json.loads(line.decode("utf-8"))
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            row = json.loads(line)  # bytes: a line that is not UTF-8 is a ValueError too
+        except (ValueError, RecursionError):
             continue
         if isinstance(row, dict):
             rows.append(row)
