@@ -72,10 +72,11 @@ BUNDLE_S=15  # the record and the archive, after the last stage
 # 7 minutes (~5.5 after the install and the build) to the headline set, one row per claim of the
 # GPU bars, ours first and the slow peers last (the rows past its minutes say `not run: time`);
 # call 2 carries the extension from call 1's bundle, runs the GPU tests (55 s) and gives the rest
-# of its 3 minutes to the profile of the paths that missed their bars (a decode call at batch 1, a
-# training micro-batch, a decode call at batch 256, PPO's two losses, then the decode kernels'
-# launch shapes timed against cuBLAS (bench/tune_decode.py, a row at a time until the deadline):
-# where their time goes, and which tiles and splits would spend less of it). The other suites'
+# of its 3 minutes to what no visit has measured, then the profile of the paths that missed their
+# bars (the decode kernels' launch shapes timed against cuBLAS, bench/tune_decode.py, a row at a
+# time; the micro-batch replayed from a CUDA graph; decode calls at batch 256 and 1, a training
+# micro-batch, PPO's two losses: which tiles and splits would spend less, and where the time
+# goes). The other suites'
 # rows and the rest of the tests (tests_rest, ~200 s) do not fit beside them: a visit with minutes
 # to spare runs them in calls of their own. Every call carries .whl (datasets and the peers the tests import,
 # COMMIT and the prebuilt Triton cache).

@@ -1,12 +1,14 @@
-"""Where a decode step and a training micro-batch spend their time: torch.profiler summaries of the
-paths whose GPU bars were missed (on an H100: decode at batch 1, 711 tok/s against 1,800; a 1k-token
-micro-batch, 194 ms against 15 ms; decode at batch 256, 23.4k tok/s against 70k), at the
-Qwen2.5-0.5B shape in bf16, in that order, each file written as soon as it is taken; then PPO's
-policy and value losses at 256 x 2048 fp32 (forward + backward, 1.07 and 0.90 ms against
-torch.compile's 0.85 and 0.51); then the decode kernels at other launch shapes (tune_decode.py,
-GPU only: tune_decode.jsonl and .md, a row at a time, so the stage's deadline cuts only its last
-rows); last, GPU only, the micro-batch replayed from a CUDA graph (profile_train_graph.txt: its
-first capture on a GPU, after everything else, since a failed one may leave the device in error).
+"""Where a decode step and a training micro-batch spend their time, at the Qwen2.5-0.5B shape in
+bf16, what no visit has measured first, each file written as soon as it is taken: on a GPU, the
+decode kernels at other launch shapes (tune_decode.py: tune_decode.jsonl and .md, a row at a time,
+so a deadline cuts only its last rows; the kernels that take 45% and 20% of a batch-1 step's device
+time, whose launch shapes no GPU has chosen), then the micro-batch replayed from a CUDA graph
+(profile_train_graph.txt: its first profile; a failed capture may leave the device in error, so
+only profiles an earlier visit took come after it). Then torch.profiler summaries of the paths whose
+GPU bars were missed (on an H100: decode at batch 256, 23.4k tok/s against 70k, whose paged decode
+changed since; decode at batch 1, 711 tok/s against 1,800; a 1k-token micro-batch called, 194 ms
+against 15 ms) and PPO's policy and value losses at 256 x 2048 fp32 (forward + backward, 1.07 and
+0.90 ms against torch.compile's 0.85 and 0.51).
 
 For each path, a text file with its head: wall milliseconds per step, the device's busy
 milliseconds (the kernels' own time summed) and their share of the wall, kernels launched and host
@@ -40,7 +42,7 @@ RL_OP_CALLS = 20
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
          "cudaMemcpy", "cudaStreamWaitEvent")
 TOP = 25
-TUNE_SECONDS = 45  # tune_decode's rows not started by then say so (its table is 66 rows)
+TUNE_SECONDS = 50  # tune_decode's rows not started by then say so (its batch-1 rows first)
 
 
 def summary(prof, steps: int, wall_s: float, device: torch.device) -> str:
@@ -153,26 +155,27 @@ def main(argv=None) -> None:
     meta = harness.run_metadata(device)
     stamp = f"commit {meta['git_commit']}; {meta['device']}; torch {meta['torch']}\n"
     wide = WIDE_BATCH_QUICK if args.quick else WIDE_BATCH
-    for name, make in (("decode", decode_profile), ("train", train_profile),
-                       (f"decode_b{wide}", functools.partial(decode_profile, batch=wide)),
+    gpu = device.type == "cuda"
+    # First what no earlier visit measured (GPU timings only; the interpreter's decide nothing):
+    # the decode kernels' launch shapes, then the micro-batch replayed from a CUDA graph (after the
+    # tuning: a failed first capture could leave the device in error for what comes after it).
+    if gpu:
+        tune_decode.run(out, seconds=TUNE_SECONDS)
+        try:
+            text = stamp + train_profile(False, device, dtype, captured=True)
+        except Exception as error:
+            text = stamp + f"the captured micro-batch failed: {type(error).__name__}: {error}\n"
+        write_text_atomic(out / "profile_train_graph.txt", text)
+        print(text.split("\n\n")[0], flush=True)
+    else:
+        print("tune_decode, train_graph: not run (GPU timings; a graph needs CUDA)", flush=True)
+    # Then the paths an earlier visit profiled, the one whose kernel changed since first.
+    for name, make in ((f"decode_b{wide}", functools.partial(decode_profile, batch=wide)),
+                       ("decode", decode_profile), ("train", train_profile),
                        ("rl_ops", rl_ops_profile)):
         text = stamp + make(args.quick, device, dtype)
         write_text_atomic(out / f"profile_{name}.txt", text)
         print(text.split("\n\n")[0], flush=True)
-    # Then, its own files in OUT: a GPU's timings only (the interpreter's decide nothing).
-    if device.type != "cuda":
-        print("tune_decode, train_graph: not run (GPU timings; a graph needs CUDA)", flush=True)
-        return
-    tune_decode.run(out, seconds=TUNE_SECONDS)
-    # Last: the first capture a GPU makes of a training micro-batch, which could leave the device
-    # in error for whatever came after it.
-    try:
-        text = stamp + train_profile(False, device, dtype, captured=True)
-    except Exception as error:
-        text = stamp + f"the captured micro-batch failed: {type(error).__name__}: {error}\n"
-    write_text_atomic(out / "profile_train_graph.txt", text)
-    print(text.split("\n\n")[0], flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -73,14 +73,23 @@ SPLITS = (1, 2, 4, 8, 16, 32, 64)
 GPU_SMS = 132  # decode_splits' SM count off a GPU (an H100's), for the label of its choice
 
 
+# One row: the GEMV on the CUDA cores (a tile of one row: tile_dot's sum of products), its column
+# tiles narrow enough to spread the weight over hundreds of programs, its K steps long enough to
+# keep several KB of weight in flight each.
+GEMV = (Tiles(1, 8, 512, 4, 2), Tiles(1, 4, 512, 4, 3), Tiles(1, 16, 256, 4, 3))
+
+
 def candidates(rows: int, n_out: int) -> list[Tiles]:
-    """tile_shape's tiles first, then alternatives changing what sets the bytes in flight: a longer
-    K step, more stages, wider column tiles, more warps."""
+    """tile_shape's tiles first, then (one row) the GEMV tiles, then alternatives changing what
+    sets the bytes in flight: a longer K step, more stages, narrower or wider column tiles, more
+    warps."""
     base = tile_shape(rows, n_out)
     m, n, k = base.block_m, base.block_n, base.block_k
     if rows <= 16:
-        others = [Tiles(m, n, 2 * k, 4, 3), Tiles(m, n, k, 4, 5), Tiles(m, 2 * n, k, 4, 4),
-                  Tiles(m, n, k // 2, 4, 6), Tiles(m, 2 * n, 2 * k, 8, 3)]
+        others = [*(GEMV if rows == 1 else ()), Tiles(m, n, 2 * k, 4, 3), Tiles(m, n, k, 4, 5),
+                  Tiles(m, 2 * n, k, 4, 4), Tiles(m, n, k // 2, 4, 6), Tiles(m, 2 * n, 2 * k, 8, 3)]
+        if n > 16:  # gate/up's 152 programs of 32 columns: 1.15 waves of an H100's 132 SMs
+            others.append(Tiles(m, n // 2, k, 4, 3))
     else:
         others = [Tiles(m, 2 * n, k, 4, 3), Tiles(2 * m, n, k, 8, 3), Tiles(m, n, 2 * k, 4, 3),
                   Tiles(m, n, k, 4, 4)]

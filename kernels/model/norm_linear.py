@@ -121,7 +121,8 @@ def _norm_linear_kernel(
 
 class Tiles(NamedTuple):
     """A launch's output tile BLOCK_M x BLOCK_N and K step BLOCK_K, and Triton's warps and pipeline
-    stages (None: Triton's defaults, 4 and 3 on an H100)."""
+    stages (None: Triton's defaults, 4 and 3 on an H100). A row tile of 16 or more takes the tensor
+    cores; fewer (a GEMV's 1) sums the products on the CUDA cores (tile_dot.dot_nt)."""
     block_m: int
     block_n: int
     block_k: int

@@ -7,7 +7,7 @@ import torch
 from fusedrl.kernels import use_backend
 from fusedrl.kernels.model.norm import rms_norm
 from fusedrl.kernels import reference
-from fusedrl.kernels.model.norm_linear import norm_linear
+from fusedrl.kernels.model.norm_linear import Tiles, launch, norm_linear
 from kernel_testing import DEVICE, ULP, assert_close, needs_triton
 
 pytestmark = needs_triton
@@ -76,3 +76,20 @@ def test_bad_arguments_name_themselves():
             norm_linear(x, r[:1], norm_w, 1e-6, weight, b)
         with pytest.raises(ValueError, match="bias must be \\[6\\]"):
             norm_linear(x, r, norm_w, 1e-6, weight, b[:3])
+
+
+@pytest.mark.parametrize("tiles", [Tiles(1, 8, 64, 4, 2), Tiles(4, 4, 128, 4, 3)])
+@pytest.mark.parametrize("glu", [False, True])
+def test_row_tiles_under_sixteen_rows_give_the_same_numbers(tiles, glu):
+    """Row tiles of fewer than 16 rows (the GEMV tiles bench/tune_decode.py times; tile_dot sums
+    their products on the CUDA cores) against float64, rows spanning several row tiles and a
+    partial K tile."""
+    x, r, norm_w, weight, b = inputs(5, 150, 20, torch.bfloat16, True, True, glu, seed=3)
+    with use_backend("triton"):
+        y, total = launch(x, r, norm_w, 1e-6, weight, b, glu, tiles)
+    as64 = [t.double() for t in (x, r, norm_w, weight, b)]
+    y64, total64 = reference.norm_linear(*as64[:3], 1e-6, *as64[3:], glu)
+    assert_close(y, y64, atol=6 * ULP[torch.bfloat16], rtol=6 * ULP[torch.bfloat16],
+                 name=f"norm_linear at {tiles}")
+    with use_backend("triton"):
+        assert torch.equal(total, rms_norm(x, norm_w, 1e-6, r)[1])
