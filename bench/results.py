@@ -175,15 +175,38 @@ def _key(row: dict) -> tuple:
     return row["suite"], row["name"], row["impl"]
 
 
-def compare(a: dict, b: dict) -> list[dict]:
-    """Per row present in both (by suite, name, impl) and each figure both measured (finite in
-    both, not zero in A): B / A."""
+def _word_key(row: dict) -> tuple:
+    return row["suite"], row["name"], row["impl"].split()[0] if row["impl"].split() else ""
+
+
+def pairs(a: dict, b: dict) -> list[tuple[dict, dict]]:
+    """(A's row, B's row) for each row of B that matches one of A: by suite, name and impl; else,
+    where one of the two impls is a single word (the name a case lists a peer by before it runs:
+    a cut run's `trl`, not run, beside another run's measured `trl 1.16.0`), by that word, when it
+    names one row of the case on each side."""
     index = {_key(r): r for r in a["rows"]}
+    words_a, words_b = ({} for _ in range(2))
+    for rows, words in ((a["rows"], words_a), (b["rows"], words_b)):
+        for r in rows:
+            words.setdefault(_word_key(r), []).append(r)
     out = []
     for row in b["rows"]:
         other = index.get(_key(row))
         if other is None:
-            continue
+            same_a, same_b = words_a.get(_word_key(row), []), words_b[_word_key(row)]
+            if len(same_a) == 1 == len(same_b) and (" " not in same_a[0]["impl"]
+                                                    or " " not in row["impl"]):
+                other = same_a[0]
+        if other is not None:
+            out.append((other, row))
+    return out
+
+
+def compare(a: dict, b: dict) -> list[dict]:
+    """Per pair of rows (`pairs`) and each figure both measured (finite in both, not zero in A):
+    B / A."""
+    out = []
+    for other, row in pairs(a, b):
         fa, fb = figures(other), figures(row)
         for key in sorted(set(fa) & set(fb) - set(NOT_COLUMNS)):
             if not fa[key]:  # no ratio to a zero (0/0 or x/0): the figure is left out
@@ -197,19 +220,17 @@ def compare(a: dict, b: dict) -> list[dict]:
 
 
 def matching(a: dict, b: dict, ratios: list[dict]) -> dict:
-    """How the rows of A and B pair up (by suite, name, impl), given compare(a, b)'s `ratios`:
+    """How the rows of A and B pair up (`pairs`), given compare(a, b)'s `ratios`:
     `matched` (B's rows that match a row of A), `unmeasured` (the matched ones with no ratio:
     (suite, name, impl, A's status, B's status) each), `only_a` and `only_b` (how many rows of each
     match no row of the other)."""
-    index = {_key(r): r for r in a["rows"]}
-    keys_b = {_key(r) for r in b["rows"]}
+    paired = pairs(a, b)
     measured = {_key(r) for r in ratios}
-    matched = [r for r in b["rows"] if _key(r) in index]
-    unmeasured = [(*_key(r), status_text(index[_key(r)]), status_text(r))
-                  for r in matched if _key(r) not in measured]
-    return {"matched": len(matched), "unmeasured": unmeasured,
-            "only_a": sum(_key(r) not in keys_b for r in a["rows"]),
-            "only_b": len(b["rows"]) - len(matched)}
+    unmeasured = [(*_key(row), status_text(other), status_text(row))
+                  for other, row in paired if _key(row) not in measured]
+    return {"matched": len(paired), "unmeasured": unmeasured,
+            "only_a": len(a["rows"]) - len({id(other) for other, _ in paired}),
+            "only_b": len(b["rows"]) - len(paired)}
 
 
 def _columns(table: list[list[str]]) -> list[str]:

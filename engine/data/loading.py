@@ -70,6 +70,10 @@ def load_examples(cfg: DataConfig, tokenizer, stage: str, seed: int, dataset=Non
     info = {"skipped_lines": train.skipped, "skipped_first": train.errors[:5]}
     held_source = eval_dataset if eval_dataset is not None else cfg.eval_file or None
     if held_source is not None:
+        if _same_file(held_source, source):
+            report(f"data.eval_file is data.train_file ({held_source}): the eval loss is the "
+                   "training rows' own, which says nothing of held-out data; leave "
+                   "data.eval_file unset to hold out data.eval_fraction of the file instead")
         held = read_records(held_source, _parser(cfg, tokenizer, stage, held_source),
                             cfg.skip_malformed, cfg.columns())
         eval_records, eval_where = held.records, held.where
@@ -94,6 +98,16 @@ def load_examples(cfg: DataConfig, tokenizer, stage: str, seed: int, dataset=Non
             f"response within data.max_length={cfg.max_length}, or whose cut to "
             f"data.max_prompt_length={cfg.max_prompt_length} would reach an image")
     return Examples(train_ex, eval_ex, records, info)
+
+
+def _same_file(a, b) -> bool:
+    """Whether two data sources are one file on disk (datasets objects never are)."""
+    if is_dataset(a) or is_dataset(b):
+        return False
+    try:
+        return Path(a).resolve().samefile(Path(b).resolve())
+    except OSError:  # either missing: read_records names it
+        return False
 
 
 def _parser(cfg: DataConfig, tokenizer, stage: str, source):

@@ -168,6 +168,7 @@ class DirLock:
         if create:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self.made_directory = False  # claim's: it created the directory
 
     def release(self) -> None:
         if self._fd is not None:
@@ -201,17 +202,20 @@ def claim(path, kind: str, *, overwrite: bool, resume: bool = False, inputs: Ite
     into a directory that is refused), create it, lock it (a UsageError naming the holder's pid when
     another run holds it), check again under the lock, empty an earlier output when overwriting
     (unless `empty` is off: a command that replaces the directory whole, as export does), and
-    mark it. The lock is held until `release(path)`."""
+    mark it. The lock is held until `release(path)`; a directory it made is removed again when
+    the command fails before writing anything into it (`release(path, failed=True)`)."""
     check = functools.partial(check_target, path, kind, overwrite=overwrite, resume=resume,
                               inputs=inputs, option=option, overwrite_option=overwrite_option,
                               resume_option=resume_option)
     check()
     p = Path(path)
+    made = not p.exists()
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{option}={path}: not a writable directory ({e.strerror})") from None
     lock = DirLock(p, option)
+    lock.made_directory = made
     try:
         if check(probe_lock=False) and empty:
             _empty(p)
@@ -258,23 +262,38 @@ def check_unchanged(directory, before: set[str], option: str) -> None:
                          f"again, or choose another {option}")
 
 
-def release(path) -> None:
-    """Release this process's lock on `path`, if it holds one."""
+def release(path, failed: bool = False) -> None:
+    """Release this process's lock on `path`, if it holds one. failed: the command raised; a
+    directory its claim created that still holds nothing but fusedrl's marker and lock is removed
+    (a failed start leaves no directory behind; one that existed before is kept)."""
     lock = _held.pop(Path(path).resolve(), None)
-    if lock is not None:
-        lock.release()
+    if lock is None:
+        return
+    directory = lock.path.parent
+    if failed and lock.made_directory and entries(directory) <= set(_OURS):
+        for name in _OURS:  # unlinked while the lock is held: no other run can take it between
+            (directory / name).unlink(missing_ok=True)
+        try:
+            directory.rmdir()
+        except OSError:  # something arrived meanwhile: it stays
+            pass
+    lock.release()
 
 
 def releases_output_dir(entry: Callable) -> Callable:
     """Decorates a command's entry point `entry(cfg, ...)`: it runs on cfg with its paths pinned
     (run_paths.py: inputs absolute, output_dir where a link leads) before any of its code,
-    and the lock it took on cfg.output_dir is released when it returns or raises, so the same
-    process (or another) can take the directory next."""
+    and the lock it took on cfg.output_dir is released when it returns or raises (a directory it
+    made and wrote nothing into removed when it raises), so the same process (or another) can take
+    the directory next."""
     @functools.wraps(entry)
     def run(cfg, *args, **kwargs):
         cfg = pinned(cfg)
         try:
-            return entry(cfg, *args, **kwargs)
-        finally:
-            release(cfg.output_dir)
+            result = entry(cfg, *args, **kwargs)
+        except BaseException:
+            release(cfg.output_dir, failed=True)
+            raise
+        release(cfg.output_dir)
+        return result
     return run

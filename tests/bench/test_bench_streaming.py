@@ -196,6 +196,34 @@ def test_compare_lists_matched_rows_without_figures_and_counts_the_unmatched(tmp
     assert "2 rows of B match a row of A" in text and "2 rows of A and 0 rows of B" in text, text
 
 
+def test_compare_pairs_a_peer_listed_by_its_first_word_with_its_measured_row(tmp_path):
+    """A cut run lists a peer it did not reach by the case's name for it (`trl`); a run that
+    measured it names it in full (`trl 1.16.0`): the two pair, and so do a CUDA twin's rows;
+    two rows of one word on a side (fusedrl, fusedrl CUDA graph) pair only by their full names."""
+    def measured(impl, seconds):
+        return results.make_row("rl", "grpo", impl, fraction_of_limit=0.1, limit="FLOP/s",
+                                seconds=seconds)
+    full = [measured("fusedrl", 1.0), measured("fusedrl CUDA graph", 0.5),
+            measured("trl 1.16.0", 4.0)]
+    cut = [measured("fusedrl", 2.0),
+           *(results.missing_row("rl", "grpo", impl, "not run: time (the run's deadline)",
+                                 "FLOP/s") for impl in ("fusedrl CUDA graph", "trl"))]
+    _write(tmp_path / "a.json", full, _payload([])["meta"])
+    _write(tmp_path / "b.json", cut, _payload([])["meta"])
+    text = results.compare_table(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert "3 rows of B match a row of A" in text and "0 rows of A and 0 rows of B" in text, text
+    assert "  2: A ok | B not run: time (the run's deadline)" in text, text
+    assert any(line.split()[:3] == ["rl", "grpo", "trl"] for line in text.splitlines()), text
+    pairs = {(a["impl"], b["impl"]) for a, b in results.pairs(
+        {"rows": full}, {"rows": cut})}
+    assert pairs == {("fusedrl", "fusedrl"), ("fusedrl CUDA graph", "fusedrl CUDA graph"),
+                     ("trl 1.16.0", "trl")}
+    # two trl rows in A (two versions): which one the cut run meant is unknown, none pairs
+    two = [*full, measured("trl 0.29.1", 5.0)]
+    assert ("trl 1.16.0", "trl") not in {(a["impl"], b["impl"]) for a, b in results.pairs(
+        {"rows": two}, {"rows": cut})}
+
+
 def test_compare_reads_a_run_directory_and_a_null_meta(tmp_path, capsys):
     row = results.make_row("rl", "grpo", "fusedrl", fraction_of_limit=0.1, limit="FLOP/s",
                            seconds=2.0)

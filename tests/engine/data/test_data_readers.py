@@ -102,6 +102,26 @@ def test_undecodable_bytes_are_a_file_line_error_or_skipped_and_reported(tokeniz
                                        f"{path}:2: not valid UTF-8 (byte 0xff at column 16)\n")
 
 
+def test_an_eval_file_that_is_the_train_file_is_said(tokenizer, tmp_path, capsys, monkeypatch):
+    """The same file by another path (relative, through a link) is said too; another file is not."""
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"prompt": f"p{i}", "response": "r"} for i in range(3)])
+    (tmp_path / "link.jsonl").symlink_to(path)
+    other = tmp_path / "e.jsonl"
+    write_jsonl(other, [{"prompt": "q", "response": "s"}])
+    monkeypatch.chdir(tmp_path)
+    for eval_file, said in (("link.jsonl", True), ("d.jsonl", True), (str(other), False)):
+        examples = load_examples(DataConfig(train_file=str(path), eval_file=eval_file,
+                                            eval_fraction=0.0, max_length=32,
+                                            max_prompt_length=16, tokens_per_batch=64),
+                                 tokenizer, "sft", 0)
+        assert len(examples.train) == 3
+        err = capsys.readouterr().err
+        assert ("data.eval_file is data.train_file" in err) == said, (eval_file, err)
+        if said:
+            assert f"({eval_file})" in err and "leave data.eval_file unset" in err
+
+
 class CountingTokenizer:
     """The test tokenizer, recording the longest text it was asked to encode."""
 

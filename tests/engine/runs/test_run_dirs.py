@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,7 @@ from fusedrl.engine.model.hf_io import INDEX_FILE, load_model
 from fusedrl.engine.train.runlog import read_metrics
 from cli_testing import assert_one_line_error, cli_error, run_fusedrl
 from dist_testing import run_ranks
-from train_testing import demonstrations, save_tiny_model, sft, write_jsonl
+from train_testing import demonstrations, save_tiny_model, sft, sft_config, write_jsonl
 
 
 @pytest.fixture
@@ -204,6 +205,29 @@ def test_a_directory_holding_only_another_command_s_marker_is_marked_anew(tmp_pa
     run_dir.claim(tmp_path / "run", "rm", overwrite=False)
     run_dir.release(tmp_path / "run")
     assert run_dir.read_marker(tmp_path / "run")["kind"] == "rm"
+
+
+def test_a_failed_start_removes_the_directory_it_made_and_keeps_one_that_was_there(
+        base_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p"}\n')  # no response column: a DataError after the claim
+    new, existing = tmp_path / "new" / "run", tmp_path / "existing"
+    existing.mkdir()
+    for out in (new, existing):
+        code, err = cli_error(sft(base_dir, bad, out), capsys)
+        assert code == 1 and "bad.jsonl:1" in err, err
+    assert not new.exists() and new.parent.is_dir()  # only what the claim made goes
+    assert existing.is_dir()
+
+    @run_dir.releases_output_dir
+    def writes_then_fails(cfg):
+        run_dir.claim(cfg.output_dir, "sft", overwrite=False)
+        (Path(cfg.output_dir) / "config.yaml").write_text("written\n")
+        raise RuntimeError("later")
+    cfg = sft_config(base_dir, bad, tmp_path / "wrote")
+    with pytest.raises(RuntimeError):
+        writes_then_fails(cfg)
+    assert (tmp_path / "wrote" / "config.yaml").is_file()  # an output is never removed
 
 
 def test_leftover_cleanup_matches_only_the_names_given(tmp_path):
