@@ -73,23 +73,24 @@ SPLITS = (1, 2, 4, 8, 16, 32, 64)
 GPU_SMS = 132  # decode_splits' SM count off a GPU (an H100's), for the label of its choice
 
 
-# One row: the GEMV on the CUDA cores (a tile of one row: tile_dot's sum of products), its column
-# tiles narrow enough to spread the weight over hundreds of programs, its K steps long enough to
-# keep several KB of weight in flight each.
-GEMV = (Tiles(1, 8, 512, 4, 2), Tiles(1, 4, 512, 4, 3), Tiles(1, 16, 256, 4, 3))
-
-
 def candidates(rows: int, n_out: int) -> list[Tiles]:
-    """tile_shape's tiles first, then (one row) the GEMV tiles, then alternatives changing what
-    sets the bytes in flight: a longer K step, more stages, narrower or wider column tiles, more
-    warps."""
+    """tile_shape's tiles first, then alternatives changing what sets the bytes in flight: at one
+    row the other GEMV tiles (a row tile of 1, tile_dot's sums on the CUDA cores: narrower or wider
+    column tiles, shorter K steps), then the tensor-core tiles that were one row's default; at 2 to
+    16 and more rows a longer K step, more stages, narrower or wider column tiles, more warps."""
     base = tile_shape(rows, n_out)
+    if rows == 1:
+        # the tensor-core tiles of 2-16 rows, one row's before the GEMV (Triton's default warps
+        # and stages on an H100, stated)
+        m, n, k = tile_shape(2, n_out)[:3]
+        others = [Tiles(1, 2 * base.block_n, 512, 4, 2), Tiles(1, base.block_n // 2, 512, 4, 3),
+                  Tiles(1, 16, 256, 4, 3), Tiles(1, base.block_n, 256, 2, 3), Tiles(m, n, k, 4, 3),
+                  Tiles(m, n // 2, k, 4, 3), Tiles(m, n, k, 4, 5)]
+        return [base] + [t for t in dict.fromkeys(others) if t != base]
     m, n, k = base.block_m, base.block_n, base.block_k
     if rows <= 16:
-        others = [*(GEMV if rows == 1 else ()), Tiles(m, n, 2 * k, 4, 3), Tiles(m, n, k, 4, 5),
-                  Tiles(m, 2 * n, k, 4, 4), Tiles(m, n, k // 2, 4, 6), Tiles(m, 2 * n, 2 * k, 8, 3)]
-        if n > 16:  # gate/up's 152 programs of 32 columns: 1.15 waves of an H100's 132 SMs
-            others.append(Tiles(m, n // 2, k, 4, 3))
+        others = [Tiles(m, n, 2 * k, 4, 3), Tiles(m, n, k, 4, 5), Tiles(m, 2 * n, k, 4, 4),
+                  Tiles(m, n, k // 2, 4, 6), Tiles(m, 2 * n, 2 * k, 8, 3)]
     else:
         others = [Tiles(m, 2 * n, k, 4, 3), Tiles(2 * m, n, k, 8, 3), Tiles(m, n, 2 * k, 4, 3),
                   Tiles(m, n, k, 4, 4)]

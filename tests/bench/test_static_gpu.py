@@ -46,6 +46,20 @@ def test_a_16_bit_gemm_without_tensor_cores_fails():
     assert static_gpu.problems(fp32) == []  # full-fp32 products: no tensor cores expected
 
 
+def test_a_gemv_launch_wants_no_tensor_cores_and_may_read_its_activation_row_narrower():
+    """norm_linear at a row tile under 16 (a GEMV: tile_dot's sums on the CUDA cores); the weight's
+    stream still needs 128-bit loads, and a launch at 16 rows still needs the tensor cores."""
+    streams = {"W tiles": {"kind": "ld", "widths": [128]}, "x rows": {"kind": "ld", "widths": [64]}}
+    row = {"kernel": "_norm_linear_kernel", "spill_bytes": 0, "aligned": True, "mma": {},
+           "args": {"w_ptr": {"tensor": "bfloat16", "misalign": 0}}, "config": {"BLOCK_M": 1},
+           "streams": streams}
+    assert static_gpu.problems(row) == []
+    narrow_w = {**streams, "W tiles": {"kind": "ld", "widths": [64]}}
+    assert static_gpu.problems({**row, "streams": narrow_w}) == ["W tiles: no 128-bit access ([64])"]
+    assert static_gpu.problems({**row, "config": {"BLOCK_M": 16}}) == [
+        "16-bit GEMM without tensor-core instructions", "x rows: no 128-bit access ([64])"]
+
+
 def test_the_cuda_check_compiles_csrc_sources():
     """The CUDA half of the check globs csrc/*.cu from the repository's top: a wrong top finds no
     source and reports 0 CUDA kernels with 0 failures."""

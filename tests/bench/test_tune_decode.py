@@ -83,3 +83,6 @@ def test_candidates_start_at_the_default_and_change_one_class_of_knob_each():
         assert options[0] == tile_shape(rows, width)
         assert len(set(options)) == len(options)
         assert all(t.num_warps and t.num_stages for t in options[1:])
+        if rows == 1:  # a GEMV by default, the tensor-core tiles of 2-16 rows among the others
+            assert options[0].block_m == 1
+            assert tile_shape(2, width)[:3] in [t[:3] for t in options[1:]]

@@ -51,11 +51,12 @@ def problems(row: dict) -> list[str]:
     if "error" in row:
         return [f"compile error: {row['error']}"]
     found = [f"spills {row['spill_bytes']} bytes"] if row["spill_bytes"] else []
-    if _wants_tensor_cores(row) and not row.get("mma"):
+    gemv_streams = _gemv_streams(row)
+    if _wants_tensor_cores(row) and gemv_streams is None and not row.get("mma"):
         found.append("16-bit GEMM without tensor-core instructions")
     if row.get("aligned"):
         found += [f"{name}: no 128-bit access ({s['widths']})" for name, s in row.get("streams", {}).items()
-                  if 128 not in s["widths"]]
+                  if 128 not in s["widths"] and name not in (gemv_streams or ())]
     return found
 
 
@@ -63,6 +64,14 @@ def _wants_tensor_cores(row: dict) -> bool:
     from gpucheck.streams import TENSOR_CORE_KERNELS
     weight = TENSOR_CORE_KERNELS.get(row["kernel"])
     return weight is not None and row["args"].get(weight, {}).get("tensor") in ("bfloat16", "float16")
+
+
+def _gemv_streams(row: dict) -> tuple[str, ...] | None:
+    """The streams a GEMV launch of a GEMM kernel (its row tile under 16: GEMV_ROW_TILE) may read
+    narrower; None for any other launch."""
+    from gpucheck.streams import GEMV_ROW_TILE
+    tile, streams = GEMV_ROW_TILE.get(row["kernel"], (None, ()))
+    return streams if tile is not None and row.get("config", {}).get(tile, 16) < 16 else None
 
 
 def allowed(kernel: str) -> str | None:

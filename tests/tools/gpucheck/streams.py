@@ -63,6 +63,12 @@ TENSOR_CORE_KERNELS = {"_lse_partials_kernel": "w_ptr", "_logit_grad_kernel": "w
                        "_grouped_rows_kernel": "b_ptr", "_grouped_weight_grad_kernel": "a_ptr",
                        "_norm_linear_kernel": "w_ptr", "_fixed_tile_linear_kernel": "w_ptr"}
 
+# GEMM kernels that launch as a GEMV at a row tile below 16 rows (the constexpr named here): there
+# tile_dot sums the products on the CUDA cores (tl.dot takes 16 rows at least), so no tensor-core
+# instruction is wanted, and the streams named here (the activation row, a 1/BLOCK_N share of the
+# weight's bytes) are read at whatever width the tile's layout gives ([1, BLOCK_K] over the warps).
+GEMV_ROW_TILE = {"_norm_linear_kernel": ("BLOCK_M", ("x rows",))}
+
 # Kernel name prefixes whose failures are expected, with the reason. Remove an entry when its fix lands.
 ALLOWED_FAILURES = {
     # k1's gradient is 1 whatever logp is, so the compiler drops the logp load altogether: the
