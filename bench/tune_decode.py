@@ -207,6 +207,14 @@ def gemv_rows(shape: Shape, rows: int, sweep: Sweep, writer: Writer) -> None:
     o and down the GEMM alone), then norm_linear's candidates, for each projection at `rows` rows;
     the weights rotate through sweep.copies of them."""
     for name, n_w, k, has_bias, glu, fused in projections(shape):
+        way = ("norm kernel + " if fused else "") + "GEMM" + (" + SiLU * up" if glu else "")
+        tiles_list = sweep.trimmed(candidates(rows, n_w // 2 if glu else n_w))
+        if sweep.late():  # every row says so, before any operand is made
+            for impl, launch_label in [("cuBLAS", way)] + [("norm_linear", label(t))
+                                                          for t in tiles_list]:
+                writer.add({"case": name, "rows": rows, "way": impl, "launch": launch_label,
+                            "status": "not run: time"})
+            continue
         g = torch.Generator(device="cpu").manual_seed(n_w * 7 + k + rows)
         weight = (torch.randn(n_w, k, generator=g) / k ** 0.5).to(sweep.device, sweep.dtype)
         nbytes = weight.numel() * weight.element_size()
@@ -217,7 +225,6 @@ def gemv_rows(shape: Shape, rows: int, sweep: Sweep, writer: Writer) -> None:
                 torch.randn(rows, k, generator=g), torch.randn(rows, k, generator=g),
                 1 + torch.randn(k, generator=g) / 10, torch.randn(n_w, generator=g)))
         bias = bias if has_bias else None
-        n_out = n_w // 2 if glu else n_w
 
         def row(way, launch_label, **extra):
             return {"case": name, "rows": rows, "way": way, "launch": launch_label,
@@ -230,13 +237,9 @@ def gemv_rows(shape: Shape, rows: int, sweep: Sweep, writer: Writer) -> None:
                 if glu:
                     kernels.silu_mul(y)
 
-        way = ("norm kernel + " if fused else "") + "GEMM" + (" + SiLU * up" if glu else "")
-        if sweep.late():
-            writer.add(row("cuBLAS", way, status="not run: time"))
-            continue
         baseline = sweep.timed(unfused)
         writer.add(row("cuBLAS", way, **sweep.figures(baseline, calls, nbytes)))
-        tile_rows(sweep, writer, sweep.trimmed(candidates(rows, n_out)), row, baseline,
+        tile_rows(sweep, writer, tiles_list, row, baseline,
                   nbytes, lambda tiles, w: launch(x, residual, norm_w, 1e-6, w, bias, glu,
                                                   tiles)[0], weights)
 
@@ -277,6 +280,18 @@ def decode_rows(shape: Shape, batch: int, sweep: Sweep, writer: Writer) -> None:
     contexts of shape.context tokens, tables shape.table_pages wide, the calls rotating through
     sweep.copies sets of pages."""
     device, dtype = sweep.device, sweep.dtype
+    default = decode_splits(batch * shape.kv_heads, shape.table_pages, shape.page,
+                            sm_count(device) or GPU_SMS)
+    counts = sweep.trimmed(sorted(set(SPLITS) | {default}, key=lambda s: (s != default, s)))
+
+    def row_of(splits, **extra):
+        return {"case": "paged decode + RoPE + store", "rows": batch, "way": "paged decode",
+                "launch": f"{splits} splits" + (" (decode_splits')" * (splits == default)),
+                "splits": splits, "default": splits == default, **extra}
+    if sweep.late():  # every row says so, before the pages are made
+        for splits in counts:
+            writer.add(row_of(splits, status="not run: time"))
+        return
     pages_each = -(-(shape.context + 1) // shape.page)
     nbytes = 2 * batch * (shape.context + 1) * shape.kv_heads * shape.head_dim * (
         torch.finfo(dtype).bits // 8)
@@ -300,19 +315,14 @@ def decode_rows(shape: Shape, batch: int, sweep: Sweep, writer: Writer) -> None:
     positions = torch.full((batch,), shape.context, dtype=torch.int64, device=device)
     slots = tables[:, :, pages_each - 1].long() * shape.page + shape.context % shape.page
     lens = torch.full((batch,), shape.context + 1, dtype=torch.int32, device=device)
-    default = decode_splits(batch * shape.kv_heads, shape.table_pages, shape.page,
-                            sm_count(device) or GPU_SMS)
 
     def call(splits, c=0):
         return rope_store_decode_triton(q, k, v, cos, sin, positions, k_cache, v_cache,
                                         slots[c], tables[c], lens, shape.head_dim ** -0.5,
                                         num_splits=splits)
     reference, default_us = None, None
-    counts = sorted(set(SPLITS) | {default}, key=lambda s: (s != default, s))
-    for splits in sweep.trimmed(counts):
-        row = {"case": "paged decode + RoPE + store", "rows": batch, "way": "paged decode",
-               "launch": f"{splits} splits" + (" (decode_splits')" * (splits == default)),
-               "splits": splits, "default": splits == default, "calls": calls}
+    for splits in counts:
+        row = row_of(splits, calls=calls)
         if sweep.late():
             writer.add({**row, "status": "not run: time"})
             continue

@@ -1,5 +1,6 @@
 """bench/tune_decode.py: its rows (a tiny shape under the interpreter) and how it reports a launch
 shape that is wrong, fails or comes past the deadline (never as a timing)."""
+import dataclasses
 import json
 import time
 
@@ -75,6 +76,22 @@ def test_rows_past_the_deadline_say_so(tmp_path):
     assert [r["status"] for r in writer.rows] == ["not run: time"]
     assert "| o | 1 | norm_linear | 16x16x128 | not run: time |" in (
         tmp_path / "tune_decode.md").read_text()
+
+
+def test_a_projection_or_a_split_sweep_past_the_deadline_writes_every_row_it_would_have(tmp_path):
+    """Each of its rows (the cuBLAS one, each candidate, each split count) says `not run: time`,
+    and no operand is made for it (a batch-256 sweep's pages are ~170 MB)."""
+    writer = tune_decode.Writer(tmp_path, {"device": "cpu", "git_commit": "x", "reps": 1,
+                                           "limit": "1 GB/s"})
+    sweep = dataclasses.replace(_sweep(time.perf_counter() - 1), quick=False)
+    tune_decode.gemv_rows(tune_decode.QWEN_05B, 1, sweep, writer)
+    tune_decode.decode_rows(tune_decode.QWEN_05B, 256, sweep, writer)
+    expected = sum(1 + len(tune_decode.candidates(1, n // 2 if glu else n))
+                   for _, n, _, _, glu, _ in tune_decode.projections(tune_decode.QWEN_05B))
+    splits = [r for r in writer.rows if r["way"] == "paged decode"]
+    assert len(writer.rows) - len(splits) == expected
+    assert len(splits) == len(tune_decode.SPLITS) and sum(r["default"] for r in splits) == 1
+    assert all(r["status"] == "not run: time" and "us" not in r for r in writer.rows)
 
 
 def test_candidates_start_at_the_default_and_change_one_class_of_knob_each():

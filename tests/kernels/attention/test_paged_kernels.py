@@ -121,11 +121,11 @@ def test_triton_decode_padding_row_is_finite_and_ignored():
 
 def _new_tokens(lens, h, hkv, d, table, page, dtype, seed=1):
     """The decode step's own tokens: q, k, v [B, *, D] as strided views of one packed q/k/v row (as the
-    projection writes them), RoPE tables [64, D], positions (len - 1) and slots (-1 for a 0 length)."""
+    projection writes them), RoPE tables [max(64, longest), D], positions (len - 1) and slots (-1 for a 0 length)."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(len(lens), (h + 2 * hkv) * d, generator=g).to(DEVICE, dtype)
     q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=1)
-    angles = torch.randn(64, d // 2, generator=g).repeat(1, 2)
+    angles = torch.randn(max(64, int(lens.max())), d // 2, generator=g).repeat(1, 2)
     cos, sin = angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
     pos = (lens.long() - 1).clamp(min=0)
     block = table.long().clamp(min=0).gather(1, (pos // page)[:, None])[:, 0]
@@ -245,3 +245,24 @@ def test_rope_store_decode_names_a_slot_past_the_pool(backend, monkeypatch):
         rope_store_decode(q, k, v, cos, sin, pos, k_cache, v_cache, slots, table, lens, 0.25)
     with use_backend(backend), pytest.raises(TypeError, match="rope_store_decode: k_cache is torch.float64"):
         rope_store_decode(q, k, v, cos, sin, pos, k_cache.double(), v_cache.double(), slots, table, lens, 0.25)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 8, 64])
+def test_rope_store_decode_at_the_decode_shape_on_a_gpu(num_splits):
+    """Qwen2.5-0.5B's attention (14 heads on 2 KV heads of 64, pages of 16) in bf16 on the GPU (the
+    `gpu` tests of a visit): the tiled walk's tensor-core dots over contexts of 384, 17 and 1
+    tokens and a padding row, at one split, a few and decode_splits' 64 of a batch-1 step."""
+    lens, h, hkv, d, page = [384, 17, 1, 0], 14, 2, 64, 16
+    _, k_cache, v_cache, table, lens_t = _paged_batch(lens, h, hkv, d, page, torch.bfloat16)
+    q, k, v, cos, sin, pos, slots = _new_tokens(lens_t, h, hkv, d, table, page, torch.bfloat16)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    q_rot, k_rot = reference.rope(q.double(), k.double(), cos[pos].double(), sin[pos].double())
+    reference.store_kv(k_rot.to(torch.bfloat16).contiguous(), v.contiguous(), expected_k,
+                       expected_v, slots)
+    expected = _dense_decode(q_rot, expected_k, expected_v, table, lens_t)
+    out = rope_store_decode_triton(q, k, v, cos, sin, pos, k_cache, v_cache, slots, table, lens_t,
+                                   d ** -0.5, num_splits=num_splits)
+    assert torch.isfinite(out[-1]).all()
+    assert_close(out[:-1], expected[:-1], atol=4 * ULP[torch.bfloat16], rtol=0,
+                 name=f"rope_store_decode at {num_splits} splits")

@@ -93,3 +93,19 @@ def test_row_tiles_under_sixteen_rows_give_the_same_numbers(tiles, glu):
                  name=f"norm_linear at {tiles}")
     with use_backend("triton"):
         assert torch.equal(total, rms_norm(x, norm_w, 1e-6, r)[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4])
+def test_the_decode_projections_on_a_gpu_match_float64(rows):
+    """At Qwen2.5-0.5B's decode shapes in bf16, on the GPU (the `gpu` tests of a visit): one row's
+    GEMV (tile_dot's sums on the CUDA cores, the branch no interpreter run takes) and 4 rows'
+    tensor-core tiles, for q/k/v with its bias, gate/up with SiLU * up, and o's and down's shapes."""
+    for k, n, bias, glu in ((896, 1152, True, False), (896, 4864, False, True),
+                            (896, 896, False, False), (4864, 896, False, False)):
+        x, r, norm_w, weight, b = inputs(rows, k, n, torch.bfloat16, True, bias, glu, seed=k + n)
+        y, _ = norm_linear(x, r, norm_w, 1e-6, weight, b, glu)
+        as64 = [t.double() if t is not None else None for t in (x, r, norm_w, weight, b)]
+        y64, _ = reference.norm_linear(*as64[:3], 1e-6, *as64[3:], glu)
+        tol = 6 * ULP[torch.bfloat16]
+        assert_close(y, y64, atol=tol, rtol=tol, name=f"norm_linear {rows}x{k}->{n} glu={glu}")
