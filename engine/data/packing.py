@@ -100,7 +100,9 @@ class PackedBatch(NamedTuple):
             *self.images_of(seqs))
 
     def images_of(self, seqs: list[int]) -> tuple:
-        """(pixel_values, image_grid_thw, image_counts) of the sequences `seqs`, in that order."""
+        """(pixel_values, image_grid_thw, image_counts) of the sequences `seqs`, in that order; the
+        first two None when they hold no image (a pack's text-only slice is a text pack, as one
+        that never held an image)."""
         if self.pixel_values is None:
             return None, None, []
         image_starts = _starts(self.image_counts)
@@ -108,6 +110,8 @@ class PackedBatch(NamedTuple):
         patch_starts = _starts(patches)
         images = [i for s in seqs for i in range(image_starts[s],
                                                   image_starts[s] + self.image_counts[s])]
+        if not images:
+            return None, None, [0] * len(seqs)
         rows = [r for i in images for r in range(patch_starts[i], patch_starts[i] + patches[i])]
         device = self.pixel_values.device
         return (self.pixel_values.index_select(0, _long(rows, device)),

@@ -3,6 +3,9 @@ reading the rows' columns: the run goes to the end, its prompts reach the engine
 each group's rows read their prompt once in training (prefix sharing), and no sampled token is one
 of the model's vision tokens (the random base model would sample one in about every sixth token if
 the sampler did not mask them)."""
+import json
+from pathlib import Path
+
 import pytest
 
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
@@ -50,6 +53,33 @@ def test_grpo_with_images_runs_and_never_samples_a_vision_token(setup):
     # The rows' columns reach the reward as the data holds them: the answer and the image paths.
     assert all(isinstance(a, int) for _, answers, _ in seen for a in answers)
     assert all(p[0].startswith("images/") for _, _, images in seen for p in images)
+
+
+def test_a_pack_of_text_and_image_rows_split_into_text_only_pieces_trains(setup):
+    """Half the prompts without an image, the update's forwards 2 rows each: a piece holding only
+    text rows is a text forward (the pack's slice has no image), one holding an image row reads
+    its image."""
+    root, base, data, _ = setup
+    rows = [json.loads(line) for line in Path(data["prompts"]).read_text().splitlines()]
+    for row in rows[1::2]:  # every other prompt as text: its image part and column dropped
+        del row["images"]
+        row["prompt"] = [{**turn, "content": [part for part in turn["content"]
+                                              if part.get("type") != "image"]}
+                         if isinstance(turn.get("content"), list) else turn
+                         for turn in row["prompt"]]
+    mixed = Path(data["prompts"]).parent / "mixed.jsonl"  # the images: relative to it
+    mixed.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = GRPOConfig(
+        policy=base, prompts_file=str(mixed), output_dir=str(root / "grpo_mixed"), seed=0,
+        rollout=RolloutConfig(prompts_per_iteration=4, samples_per_prompt=2, max_new_tokens=2,
+                              kv_cache_memory=1 << 22, max_prompt_length=20),
+        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=8, microbatch_size=2,
+                         vf_coef=0.0),
+        optim=OptimConfig(lr=1e-2), reward_fn="fusedrl.engine.demos.vision_task:count_reward",
+        train=LoopConfig(iterations=1, progress=False, device="cpu", resume=False))
+    cfg.reward.isolation = "thread"
+    train_ppo(cfg)
+    assert [r["step"] for r in read_metrics(root / "grpo_mixed") if r["kind"] == "train"] == [1]
 
 
 def test_grpo_with_images_in_exact_mode_has_zero_log_prob_mismatch(setup):
