@@ -175,8 +175,8 @@ class Trainer:
 
     def _save_in_memory(self, directory: Path) -> None:
         tokenizer = self.processing_class
+        source = Path(str(getattr(self.model, "name_or_path", "") or ""))
         if tokenizer is None:
-            source = Path(str(getattr(self.model, "name_or_path", "") or ""))
             if not (source.is_dir() and any(source.glob("tokenizer*"))):
                 raise UsageError(
                     f"processing_class: an in-memory model ({type(self.model).__name__}) needs its "
@@ -185,9 +185,32 @@ class Trainer:
             tokenizer = AutoTokenizer.from_pretrained(source)
         self.model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
+        if getattr(self.model.config, "vision_config", None) is not None:
+            _add_image_processor(directory, source, type(self.model).__name__)
 
     def _run(self, args) -> Path:
         raise NotImplementedError
+
+
+# What a vision-language model's processor writes beside its tokenizer.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json",
+                   "video_preprocessor_config.json")
+
+
+def _add_image_processor(directory: Path, source: Path, model_name: str) -> None:
+    """An in-memory vision-language model's image processor into its run's `directory`: its
+    processing_class's (already saved there: a processor), else the files of the directory it was
+    loaded from; a UsageError when neither has one (its rows' images could not be read)."""
+    if (directory / PROCESSOR_FILES[0]).is_file():
+        return
+    if not (source.is_dir() and (source / PROCESSOR_FILES[0]).is_file()):
+        raise UsageError(
+            f"processing_class: an in-memory vision-language model ({model_name}) needs its image "
+            "processor to read its rows' images: pass processing_class=processor (the model's "
+            "processor, or fusedrl's VisionProcessor), not its tokenizer alone")
+    for name in PROCESSOR_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, directory / name)
 
 
 def model_directory(output_dir) -> Path:
@@ -205,9 +228,15 @@ def load_trained(model, final_dir: Path) -> None:
     """Copy the weights of exported directory `final_dir` into the in-memory transformers `model`
     (each cast to its parameter's dtype); a tied weight, saved once, may be missing."""
     from safetensors.torch import load_file
+
+    from .model.hf_io import prefixed_name
     state = {}
     for path in sorted(Path(final_dir).glob("*.safetensors")):
         state.update(load_file(path))
+    # A vision-language export holds the Hub's names (model.*, visual.*); transformers 5 names the
+    # in-memory model's model.language_model.*, model.visual.*.
+    names = set(model.state_dict())
+    state = {name if name in names else prefixed_name(name): t for name, t in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
     if getattr(model.config, "tie_word_embeddings", False):

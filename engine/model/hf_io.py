@@ -269,8 +269,9 @@ def _vision_name(name: str) -> str:
     return name
 
 
-def _prefixed_name(name: str) -> str:
-    """A vision-language model's parameter name as transformers 5 writes it."""
+def prefixed_name(name: str) -> str:
+    """A vision-language model's parameter name as transformers 5 writes it (and names it in
+    memory: model.language_model.*, model.visual.*)."""
     for prefix, ours in _VISION_PREFIXES:
         if name.startswith(ours):
             return prefix + name[len(ours):]
@@ -342,7 +343,7 @@ def save_model(model: CausalLM, out_dir, source_dir=None, max_shard_bytes: int =
     sharded.reshard(model)  # a root FSDP unit left gathered by an eval forward: read its shards
     check_finite_shards(model, f"the model for {out_dir}")
     skip = ("lm_head.weight",) if model.config.tie_word_embeddings else ()
-    rename = _prefixed_name if model.config.model_type in _PREFIXED_FAMILIES else None
+    rename = prefixed_name if model.config.model_type in _PREFIXED_FAMILIES else None
     if not world.is_main():
         write_weights(model, None, max_shard_bytes, skip, rename)
     else:

@@ -5,6 +5,7 @@ imports."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -46,6 +47,22 @@ def check_tokenizer_files(path, option: str) -> None:
         raise UsageError(f"{option}={path}: the model directory has no tokenizer (none of "
                          f"{', '.join(TOKENIZER_FILES)}): save the tokenizer it was trained with "
                          "there (tokenizer.save_pretrained(DIR))")
+
+
+def check_image_processor(path, option: str) -> None:
+    """A vision-language model directory (`vision_config` in its config.json) must hold its image
+    processor (preprocessor_config.json): without it the run would read its rows as text, their
+    images silently left out."""
+    try:
+        config = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # load_config names what is wrong with it
+        return
+    if (isinstance(config, dict) and config.get("vision_config") is not None
+            and not (Path(path) / "preprocessor_config.json").is_file()):
+        raise UsageError(
+            f"{option}={path}: a vision-language model ({config.get('model_type')}) without its "
+            "image processor (preprocessor_config.json), which reads its rows' images: save its "
+            "processor there (processor.save_pretrained(DIR))")
 
 
 # What datasets' save_to_disk writes in its directory: a Dataset's state, a DatasetDict's splits.
@@ -106,3 +123,4 @@ def check_paths(models: dict, files: dict, output_dir) -> None:
     option, path = next(iter(models.items()))
     if path:
         check_tokenizer_files(path, option)
+        check_image_processor(path, option)

@@ -4,9 +4,11 @@ each group's rows read their prompt once in training (prefix sharing), and no sa
 of the model's vision tokens (the random base model would sample one in about every sixth token if
 the sampler did not mask them)."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from fusedrl.engine.config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
 from fusedrl.engine.config.train import OptimConfig
@@ -80,6 +82,48 @@ def test_a_pack_of_text_and_image_rows_split_into_text_only_pieces_trains(setup)
     cfg.reward.isolation = "thread"
     train_ppo(cfg)
     assert [r["step"] for r in read_metrics(root / "grpo_mixed") if r["kind"] == "train"] == [1]
+
+
+def _absolute_rows(data) -> list[dict]:
+    """The demo's prompt rows with their image paths absolute (a Python list has no folder)."""
+    folder = Path(data["prompts"]).parent
+    rows = [json.loads(line) for line in Path(data["prompts"]).read_text().splitlines()]
+    return [{**row, "images": [str(folder / p) for p in row["images"]]} for row in rows]
+
+
+def test_grpo_trainer_trains_an_in_memory_vision_model_in_place(setup, tmp_path, capsys):
+    """transformers' Qwen2.5-VL in memory (its parameters named model.language_model.*,
+    model.visual.*; the export's the Hub's model.*, visual.*): trained and updated in place, its
+    image processor read from the directory it came from; one loaded from a directory without one
+    and given its tokenizer alone is refused in one line (its images could not be read)."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from fusedrl.engine import GRPOTrainer
+    from fusedrl.engine.errors import UsageError
+    root, base, data, _ = setup
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    args = {"output_dir": str(tmp_path / "run"), "seed": 0,
+            "rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2, "max_new_tokens": 2,
+                        "kv_cache_memory": 1 << 22, "max_prompt_length": 20},
+            "ppo": {"minibatch_size": 4}, "optim": {"lr": 1e-2}, "reward": {"isolation": "thread"},
+            "train": {"iterations": 1, "device": "cpu", "progress": False}}
+    def varied(completions, completion_ids, **_):  # rewards that differ within a group
+        return [float(ids[0] % 7) for ids in completion_ids]
+    GRPOTrainer(model=model, reward_funcs=varied, args=args,
+                train_dataset=_absolute_rows(data)).train()
+    assert any(not torch.equal(before[name], t) for name, t in model.state_dict().items())
+    bare = tmp_path / "bare"
+    shutil.copytree(base, bare, ignore=shutil.ignore_patterns("preprocessor_config.json"))
+    with pytest.raises(UsageError, match="needs its image processor to read its rows' images"):
+        GRPOTrainer(model=Qwen2_5_VLForConditionalGeneration.from_pretrained(bare),
+                    processing_class=AutoTokenizer.from_pretrained(bare),
+                    reward_funcs=count_reward, args={**args, "output_dir": str(tmp_path / "r2")},
+                    train_dataset=_absolute_rows(data)).train()
+    result = run_fusedrl("grpo", f"policy={bare}", f"prompts_file={data['prompts']}",
+                         f"output_dir={tmp_path / 'r3'}",
+                         "reward_fn=fusedrl.engine.demos.vision_task:count_reward")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "a vision-language model (qwen2_5_vl) without its image processor" in result.stderr
 
 
 def test_grpo_with_images_in_exact_mode_has_zero_log_prob_mismatch(setup):
