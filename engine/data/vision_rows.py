@@ -63,14 +63,14 @@ def row_images(row: dict, base: Path | None) -> list:
 
 def open_image(value, base: Path | None, index: int = 0):
     """A PIL image, a path or a {"bytes", "path"} object -> an RGB PIL image."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return as_rgb(value)
     if isinstance(value, dict) and value.get("bytes") is not None:
         source = io.BytesIO(value["bytes"])
-    elif isinstance(value, (str, dict)) and (path := value if isinstance(value, str)
-                                              else value.get("path")):
+    elif isinstance(value, (str, dict)) and isinstance(path := value if isinstance(value, str)
+                                                       else value.get("path"), str) and path:
         source = Path(path) if base is None or Path(path).is_absolute() else base / path
         if not source.is_file():
             raise ValueError(f"images[{index}]: no image file {str(source)!r}")
@@ -79,9 +79,22 @@ def open_image(value, base: Path | None, index: int = 0):
                          'path or a {"bytes", "path"} object')
     try:
         with Image.open(source) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError) as e:
+            # as transformers' load_image: the camera's EXIF orientation applied
+            return as_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"images[{index}] cannot be read as an image: {e}") from None
+
+
+def as_rgb(image):
+    """An RGB copy of a PIL image as transformers' image processors make it (convert_to_rgb): an
+    image with transparency composited over white, not its hidden colour."""
+    from PIL import Image
+
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def normalize_messages(messages, processor: VisionProcessor, key: str = "messages") -> list[dict]:
@@ -98,9 +111,22 @@ def normalize_messages(messages, processor: VisionProcessor, key: str = "message
         if not isinstance(parts, list):
             raise ValueError(f"{key}[{i}].content must be a string or a list of parts, got "
                              f"{type(content).__name__}")
-        out.append({"role": m["role"], "content": [_part(p, processor, f"{key}[{i}]")
-                                                   for p in parts]})
+        content = [_part(p, processor, f"{key}[{i}]") for p in parts]
+        check_joined_text(content, processor)
+        out.append({"role": m["role"], "content": content})
     return out
+
+
+def check_joined_text(content: list[dict], processor: VisionProcessor) -> None:
+    """Each run of text parts as the chat template writes it (one after the other, nothing
+    between them) checked for vision tokens: "<|vision_" then "pad|>" in two parts is the token."""
+    run = ""
+    for part in content + [{"type": "image"}]:
+        if part["type"] == "text":
+            run += part["text"]
+        elif run:
+            processor.check_text(run)
+            run = ""
 
 
 def _part(part, processor: VisionProcessor, where: str) -> dict:
@@ -150,7 +176,7 @@ def parse_vision_row(row: dict, processor: VisionProcessor, base: Path | None,
             if any(_is_image_part(p) for p in last):
                 raise ValueError("the trained assistant turn holds an image part: images belong "
                                  "to the prompt")
-            response = "".join(p["text"] for p in last)
+            response = "".join(p["text"] for p in last)  # its parts checked joined above
         if not response:
             raise ValueError("empty response")
     images = row_images(row, base)

@@ -98,6 +98,56 @@ def test_typed_vision_tokens_are_refused(processor, tmp_path, token):
                                  tokens_per_batch=64), processor, "sft", 0)
 
 
+def test_a_vision_token_split_over_text_parts_is_refused(processor, tmp_path):
+    """The chat template writes a message's text parts one after the other: a token cut in two
+    parts is the token, in a prompt and in an answer SFT would train."""
+    name = _picture(tmp_path)
+    split = [{"type": "text", "text": "3 <|vision_"}, {"type": "text", "text": "pad|> b"}]
+    path = _write(tmp_path, [{"prompt": _user(IMAGE, *split), "images": [name]}])
+    with pytest.raises(DataError, match=r"rows.jsonl:1: .*literal '<\|vision_pad\|>'"):
+        load_prompts(path, processor, max_prompt_length=128, max_model_len=256)
+    sft = _write(tmp_path, [{"prompt": _user(IMAGE, TEXT), "images": [name],
+                             "completion": [{"role": "assistant", "content": split}]}], "sft.jsonl")
+    with pytest.raises(DataError, match=r"sft.jsonl:1: .*literal '<\|vision_pad\|>'"):
+        load_examples(DataConfig(train_file=sft, max_length=64, max_prompt_length=32,
+                                 tokens_per_batch=64), processor, "sft", 0)
+    # split by an image part: two texts, neither a token
+    apart = [{"type": "text", "text": "<|vision_"}, IMAGE, {"type": "text", "text": "pad|>"}]
+    ok = _write(tmp_path, [{"prompt": _user(*apart), "images": [name]}], "ok.jsonl")
+    assert len(load_prompts(ok, processor, max_prompt_length=128, max_model_len=256)[0]) == 1
+
+
+def test_images_open_as_transformers_opens_them(tmp_path):
+    """A path's EXIF orientation applied (transformers' load_image, datasets' Image); transparency
+    over white (transformers' convert_to_rgb); a decompression bomb or a path that is not a
+    string is a one-line data error."""
+    from PIL import Image
+    from transformers.image_transforms import convert_to_rgb
+    from fusedrl.engine.data.vision_rows import open_image
+    photo = Image.new("RGB", (32, 16), (10, 200, 30))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees to view
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    assert open_image("phone.jpg", tmp_path).size == (16, 32)
+    for image in (Image.new("RGBA", (4, 3), (255, 0, 0, 0)), Image.new("LA", (4, 3), (9, 128)),
+                  Image.new("L", (4, 3), 77), Image.new("RGBA", (4, 3), (1, 2, 3, 255))):
+        expected = convert_to_rgb(image)
+        assert open_image(image, None).tobytes() == expected.tobytes(), image.mode
+    palette = Image.new("P", (4, 3), 0)
+    palette.info["transparency"] = 0
+    assert open_image(palette, None).getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(ValueError, match=r"images\[2\] is a dict"):
+        open_image({"path": 123}, tmp_path, 2)
+    Image.new("L", (1, 1)).save(tmp_path / "bomb.png")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 0  # any image is a bomb to PIL now
+        with pytest.raises(ValueError, match=r"images\[0\] cannot be read as an image"):
+            open_image("bomb.png", tmp_path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 @pytest.mark.parametrize("parts,images,message", [
     ((IMAGE, TEXT, IMAGE), 1, "2 image part\\(s\\) in the messages but 1 image"),
     ((IMAGE, TEXT), 2, "1 image part\\(s\\) in the messages but 2 image"),
