@@ -71,7 +71,14 @@ def as_dataset(dataset, argument: str):
     if isinstance(dataset, (list, tuple)) and dataset and all(isinstance(row, dict)
                                                               for row in dataset):
         import datasets
-        return datasets.Dataset.from_list(list(dataset))
+        import pyarrow
+        try:
+            return datasets.Dataset.from_list(list(dataset))
+        except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as e:  # a column of mixed kinds
+            raise UsageError(
+                f"{argument}: its rows do not make one table: {' '.join(str(e).split())[:200]} "
+                "(a column must hold one kind of value in every row: e.g. every prompt a string, "
+                "or every prompt a list of messages)") from None
     what = (f"a {type(dataset).__name__} of {len(dataset)} rows"
             if isinstance(dataset, (list, tuple)) else type(dataset).__name__)
     raise UsageError(f"{argument}: expected a datasets.Dataset or a non-empty list of row dicts, "

@@ -132,9 +132,13 @@ def load_tokenizer(model_dir):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except ValueError as e:
-        raise ModelError(
-            f"{model_dir}: its tokenizer cannot be loaded without running code from the directory, "
-            f"which fusedrl never does ({' '.join(str(e).split())})") from None
+        why = " ".join(str(e).split())
+        if "trust_remote_code" in why:
+            raise ModelError(
+                f"{model_dir}: its tokenizer cannot be loaded without running code from the "
+                f"directory, which fusedrl never does ({why})") from None
+        # a corrupt or cut tokenizer file, a class transformers does not know
+        raise ModelError(f"{model_dir}: its tokenizer cannot be loaded ({why})") from None
     if tokenizer_encodes(tokenizer) or not (Path(model_dir) / "tokenizer.json").is_file():
         return tokenizer
     from transformers import PreTrainedTokenizerFast

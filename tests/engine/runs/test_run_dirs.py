@@ -298,6 +298,13 @@ def test_a_model_directory_s_own_code_never_runs_even_when_stdin_says_yes(tmp_pa
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
     with pytest.raises(ModelError, match="cannot be loaded without running code from the directory"):
         hf_io.load_tokenizer(model)
+    # a tokenizer that is only broken is said to be so, not to need code
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text('{"tokenizer_class": "NoSuchTokenizerClass"}')
+    with pytest.raises(ModelError, match=r"broken: its tokenizer cannot be loaded \(") as caught:
+        hf_io.load_tokenizer(broken)
+    assert "running code" not in str(caught.value)
     with pytest.raises(ModelError):
         hf_io.load_config(model)
     assert not ran.exists()

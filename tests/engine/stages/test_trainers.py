@@ -122,6 +122,11 @@ def test_bad_arguments_are_exceptions_naming_them(tmp_path):
         GRPOTrainer(model=3, args=args)
     with pytest.raises(UsageError, match="policy is required .*, or pass model="):
         GRPOTrainer(args=args, train_dataset=prompts()).train()
+    # a list whose prompt column mixes strings and message lists makes no table
+    mixed = [{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]}]
+    with pytest.raises(UsageError, match="train_dataset: its rows do not make one table: .*every "
+                                         "prompt a string, or every prompt a list of messages"):
+        GRPOTrainer(model=str(tmp_path), reward_funcs=vowels, args=args, train_dataset=mixed)
 
 
 def word_level_tokenizer():
