@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import UsageError
 from .chat import has_template, render_prompt
 from .loading import report
 from .records import DataError, parse_turns
@@ -78,6 +79,10 @@ def load_prompts(source, tokenizer, max_prompt_length: int, max_model_len: int,
     """
     columns = {"prompt": prompt_column} if prompt_column != "prompt" else None
     vision = isinstance(tokenizer, VisionProcessor)
+    if vision and chat_template == "none":
+        raise UsageError("data.chat_template=none with a vision-language policy: every prompt "
+                         "goes through its chat template, which writes each image's tokens; leave "
+                         "data.chat_template=auto")
     read = read_records(source, _vision_parser(tokenizer, source) if vision else _parse,
                         columns=columns)
     prompts, truncated, dropped = [], 0, 0

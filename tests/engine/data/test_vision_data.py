@@ -117,6 +117,16 @@ def test_a_vision_token_split_over_text_parts_is_refused(processor, tmp_path):
     assert len(load_prompts(ok, processor, max_prompt_length=128, max_model_len=256)[0]) == 1
 
 
+def test_chat_template_none_is_refused_for_a_vision_policy(processor, tmp_path):
+    """Every prompt of a vision policy goes through its chat template (it writes each image's
+    tokens): data.chat_template=none, which would keep string prompts as they are, is refused."""
+    from fusedrl.engine.errors import UsageError
+    path = _write(tmp_path, [{"prompt": " how many red ?"}])
+    with pytest.raises(UsageError, match="data.chat_template=none with a vision-language policy"):
+        load_prompts(path, processor, max_prompt_length=128, max_model_len=256,
+                     chat_template="none")
+
+
 def test_images_open_as_transformers_opens_them(tmp_path):
     """A path's EXIF orientation applied (transformers' load_image, datasets' Image); transparency
     over white (transformers' convert_to_rgb); a decompression bomb or a path that is not a
