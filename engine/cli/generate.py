@@ -211,11 +211,15 @@ def _with_images(cfg, prompts: list[str]) -> tuple[list[list[int]], list]:
     directory's VisionProcessor: (token ids with each image's placeholders, their ImageInputs)."""
     from ..data.vision_processor import IMAGE_TOKEN, VISION_START, VisionProcessor
     from ..data.vision_rows import open_image
+    from ..model.hf_io import load_config
     if cfg.tensor_parallel != 1:
         raise errors.UsageError("--image with --tensor-parallel: not supported; generate images "
                                 "on one device")
     try:
         processor = VisionProcessor.from_pretrained(cfg.model)
+        spec = load_config(cfg.model).vision
+        if spec is not None:
+            processor.check_model(spec, f"--model {cfg.model}")
         pictures = [open_image(path, None, i) for i, path in enumerate(cfg.images)]
     except ValueError as e:
         raise errors.UsageError(f"--image: {e}") from None

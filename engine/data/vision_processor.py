@@ -79,6 +79,23 @@ class VisionProcessor:
         image_processor = AutoImageProcessor.from_pretrained(path)
         return cls(tokenizer, image_processor, _directory_template(path))
 
+    def check_model(self, spec, where: str) -> None:
+        """ValueError naming `where` (the model's directory) when its config.json's vision token
+        ids (`spec`: model/vision/spec.py's VisionSpec) are not this tokenizer's ids of those
+        tokens: the model would read another token as an image slot, and the sampler mask
+        another."""
+        vocab = self.tokenizer.get_vocab()
+        for field, token in (("image_token_id", IMAGE_TOKEN),
+                             ("vision_start_token_id", VISION_START),
+                             ("vision_end_token_id", "<|vision_end|>"),
+                             ("video_token_id", "<|video_pad|>")):
+            given = getattr(spec, field)
+            if token in vocab and given != vocab[token]:
+                raise ValueError(
+                    f"{where}: config.json's {field} is {given}, but its tokenizer's {token!r} is "
+                    f"{vocab[token]}: the two must name the same token (the model reads that id "
+                    "as the image slot, the sampler never draws it)")
+
     @classmethod
     def of(cls, processor) -> "VisionProcessor":
         """A VisionProcessor as it is; a transformers processor (anything with .tokenizer and

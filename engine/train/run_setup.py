@@ -119,15 +119,22 @@ def start_run(seed: int, options: RunConfig, output_dir: str, models: dict, file
         config = check(config, device, distributed.world_size())
     check_models(options, distributed.world_size(), configs)
     dims = ParallelDims.from_train(options, distributed.world_size(), device.type)
-    tokenizer = run_tokenizer(*next(iter(models.items())))
+    option, first = next(iter(models.items()))
+    tokenizer = run_tokenizer(option, first)
+    first = Path(first)
+    processor = (VisionProcessor.from_pretrained(first, tokenizer) if is_vision_directory(first)
+                 else None)
+    vision = configs[option].vision
+    if processor is not None and vision is not None:
+        try:
+            processor.check_model(vision, f"{option}={first}")
+        except ValueError as e:
+            raise ModelError(str(e)) from None
     inputs = run_inputs(config) if config is not None else [*models.values(), *files.values()]
     claim_output_dir(kind, options, output_dir, inputs)
     random.seed(seed)
     torch.manual_seed(seed)
     dtype = param_dtype(resolve_precision(options.precision, device))
-    first = Path(next(iter(models.values())))
-    processor = (VisionProcessor.from_pretrained(first, tokenizer) if is_vision_directory(first)
-                 else None)
     return RunContext(device, dtype, tokenizer, configs, dims, config, processor)
 
 

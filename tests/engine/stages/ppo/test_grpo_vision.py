@@ -126,6 +126,25 @@ def test_grpo_trainer_trains_an_in_memory_vision_model_in_place(setup, tmp_path,
     assert "a vision-language model (qwen2_5_vl) without its image processor" in result.stderr
 
 
+def test_a_config_whose_vision_token_ids_are_not_the_tokenizers_is_refused(setup, tmp_path):
+    """config.json's image_token_id naming another token than the tokenizer's <|image_pad|>: the
+    model would read that token as an image slot and the sampler mask it instead; refused at the
+    start, before the output directory is made."""
+    root, base, data, _ = setup
+    bad = tmp_path / "bad"
+    shutil.copytree(base, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["image_token_id"] = 0
+    (bad / "config.json").write_text(json.dumps(config))
+    result = run_fusedrl("grpo", f"policy={bad}", f"prompts_file={data['prompts']}",
+                         f"output_dir={tmp_path / 'out'}",
+                         "reward_fn=fusedrl.engine.demos.vision_task:count_reward")
+    last = result.stderr.splitlines()[-1]
+    assert result.returncode == 1 and last.startswith(f"fusedrl grpo: policy={bad}: "), last
+    assert "config.json's image_token_id is 0, but its tokenizer's '<|image_pad|>' is" in last
+    assert not (tmp_path / "out").exists()
+
+
 def test_grpo_with_images_in_exact_mode_has_zero_log_prob_mismatch(setup):
     """rollout.exact: the sampler's log-prob of every sampled token equals the trainer's old-policy
     forward's bit for bit, the images included, in both iterations (the second after an update)."""
