@@ -37,8 +37,11 @@ def test_packs_keep_each_sequences_images():
     assert picked.image_counts == [1, 0, 2]
     assert picked.image_grid_thw.tolist() == [[1, 1, 4], [1, 1, 4], [1, 1, 8]]
     assert picked.pixel_values[:, 0].tolist() == [30.0] * 4 + [10.0] * 4 + [11.0] * 8
-    text_only = packed.select([1])
-    assert text_only.pixel_values.shape == (0, 3) and text_only.image_counts == [0]
+    text_only = packed.select([1])  # a text pack, as one that never held an image
+    assert text_only.pixel_values is None and text_only.image_grid_thw is None
+    assert text_only.image_counts == [0]
+    rejoined = concat_packs([text_only, packed.select([2])])
+    assert rejoined.image_counts == [0, 1] and rejoined.pixel_values[:, 0].tolist() == [30.0] * 4
     joined = concat_packs([pack_sequences(seqs[1:2], width=2, images=[None]),
                            pack_sequences(seqs[2:], width=1, images=images[2:])])
     assert joined.image_counts == [0, 1] and joined.pixel_values[:, 0].tolist() == [30.0] * 4
