@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import sys
 import types
 import typing
 from pathlib import Path
@@ -233,31 +232,14 @@ def _has(data: dict, dotted: str) -> bool:
 
 def command_config(cls, path, overrides: list[str], fill: dict | None = None):
     """`load` for a command (every fusedrl command reads its config so): a bad file, key or value is
-    a one-line UsageError naming it. A key the overrides set twice to different values takes the
-    last, and a line on stderr says so (a wrapper script's defaults, then the user's own, stay
-    possible; a pasted command ending with an old value does not train with it unseen)."""
-    _say_set_twice(overrides)
+    a one-line UsageError naming it. A key the overrides set twice takes the last (a wrapper
+    script's defaults, then the user's own)."""
     try:
         return load(cls, path, overrides, fill)
     except OSError as e:
         raise UsageError(f"--config {path}: {e.strerror}") from e
     except ValueError as e:  # ConfigError is a ValueError, as are the dataclasses' checks
         raise UsageError(str(e)) from e
-
-
-def _say_set_twice(overrides: list[str]) -> None:
-    """A line on stderr for each key that `key=value` overrides set to different values: which
-    value is used (the last)."""
-    values: dict[str, list[str]] = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if sep:
-            values.setdefault(key, []).append(text)
-    for key, texts in values.items():
-        if len(set(texts)) > 1:
-            print(f"fusedrl: {key} is set {len(texts)} times on the command line "
-                  f"({', then '.join(texts)}): the last, {key}={texts[-1]}, is used",
-                  file=sys.stderr)
 
 
 def print_config(config) -> int:
