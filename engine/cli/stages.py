@@ -95,7 +95,7 @@ def run_stage(args, name: str) -> int:
     progress = [o for o in args.overrides if o.startswith("train.progress=")]
     if quiet and progress and progress[-1] != quiet[0]:
         raise errors.UsageError(f"--quiet sets train.progress=false, and the command line sets "
-                         f"{progress[-1]}: give one of them")
+                                f"{progress[-1]}: give one of them")
     if args.print_config:
         return print_stage_config(config_cls, args.config, args.overrides + quiet)
     config = config_io.command_config(config_cls, args.config, args.overrides + quiet)

@@ -3,6 +3,7 @@ examples (read, tokenize, split). What was skipped or dropped is said on stderr 
 loading, as well as in the run log. RL prompts: data/prompts.py."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,7 @@ def _same_file(a, b) -> bool:
     if is_dataset(a) or is_dataset(b):
         return False
     try:
-        return Path(a).resolve().samefile(Path(b).resolve())
+        return os.path.samefile(a, b)
     except OSError:  # either missing: read_records names it
         return False
 
