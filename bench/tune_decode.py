@@ -76,17 +76,19 @@ GPU_SMS = 132  # decode_splits' SM count off a GPU (an H100's), for the label of
 def candidates(rows: int, n_out: int) -> list[Tiles]:
     """tile_shape's tiles first, then alternatives changing what sets the bytes in flight: at one
     row the other GEMV tiles (a row tile of 1, tile_dot's sums on the CUDA cores: narrower or wider
-    column tiles, a K step of the whole row (Qwen2.5-0.5B's 896 in one load), shorter K steps),
-    then the tensor-core tiles that were one row's default; at 2 to 16 and more rows a longer K
-    step, more stages, narrower or wider column tiles, more warps."""
+    column tiles, fewer warps, more stages, a longer K step, the K steps of 512 that were the
+    default before), then a tensor-core tile; at 2 to 16 and more rows a longer K step, more
+    stages, narrower or wider column tiles, more warps."""
     base = tile_shape(rows, n_out)
     if rows == 1:
-        # the tensor-core tiles of 2-16 rows, one row's before the GEMV (Triton's default warps
-        # and stages on an H100, stated)
+        # wider and narrower column tiles, fewer warps, a second stage, a longer K step (down's
+        # 4,864), the GEMV before this one (K steps of 512) and the tensor-core tiles of 2-16 rows
+        # that were one row's before the GEMV (Triton's default warps and stages, stated)
         m, n, k = tile_shape(2, n_out)[:3]
-        others = [Tiles(1, 2 * base.block_n, 512, 4, 2), Tiles(1, base.block_n // 2, 512, 4, 3),
-                  Tiles(1, 4, 1024, 8, 1), Tiles(1, 16, 256, 4, 3), Tiles(1, base.block_n, 256, 2, 3),
-                  Tiles(m, n, k, 4, 3), Tiles(m, n // 2, k, 4, 3), Tiles(m, n, k, 4, 5)]
+        bn, bk = base.block_n, base.block_k
+        others = [Tiles(1, 2 * bn, bk, 8, 1), Tiles(1, max(1, bn // 2), bk, 8, 1),
+                  Tiles(1, bn, bk, 4, 1), Tiles(1, bn, bk, 8, 2), Tiles(1, bn, 2 * bk, 8, 1),
+                  Tiles(1, 4 if n_out <= 2048 else 8, 512, 4, 2), Tiles(m, n, k, 4, 3)]
         return [base] + [t for t in dict.fromkeys(others) if t != base]
     m, n, k = base.block_m, base.block_n, base.block_k
     if rows <= 16:

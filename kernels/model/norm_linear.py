@@ -138,18 +138,18 @@ class Tiles(NamedTuple):
 def tile_shape(rows: int, out_features: int) -> Tiles:
     """The Tiles for M rows and N outputs. Small batches (a decode step of <= 16 rows) are bound by
     reading the weight. One row is a GEMV: a row tile of 1, its products summed on the CUDA cores
-    (tensor cores would do 16 rows of work for it), K steps of 512 (whole 1 KB rows of the weight
-    in one load), column tiles of 4 up to 2048 outputs (Qwen2.5-0.5B's q/k/v: 288 programs) and 8
-    beyond (its gate/up: 608 programs, one wave at the 7-8 programs an SM their 60-66 registers
-    allow; sm_90 records in bench/results/static_gpu.md). 2 to 16 rows take the smallest row tile
-    the tensor cores take (16), K tiles of 128 and column tiles narrow enough that the weight
-    spreads over ~100+ programs (q/k/v: 72 programs of 16). Larger batches take 32-64 row tiles
-    and 64-wide column tiles. Not yet tuned on a GPU (the tensor-core tiles were one row's until
-    the GEMV; their 152 gate/up programs of 142 registers made 1.15 waves on an H100):
-    bench/tune_decode.py times the alternatives against cuBLAS; the headline set's `fusedrl, norm +
-    cuBLAS GEMMs` decode row is the whole step's comparison."""
+    (tensor cores would do 16 rows of work for it), column tiles of 4, K steps of 1024
+    (Qwen2.5-0.5B's 896-wide rows in one load), 8 warps and one stage: the fastest of the GEMV and
+    tensor-core tiles bench/tune_decode.py timed on an H200 (bench/results/2026-11-28-h200: q/k/v
+    3.57 us a call against 4.44 at K steps of 512 and 6.03 for the norm + cuBLAS; gate/up 10.09
+    against 10.55 and 10.30; the tensor-core tiles 13.9 and 25.0). 2 to 16 rows take the smallest
+    row tile the tensor cores take (16), K tiles of 128 and column tiles narrow enough that the
+    weight spreads over ~100+ programs (q/k/v: 72 programs of 16). Larger batches take 32-64 row
+    tiles and 64-wide column tiles; neither tuned on a GPU yet: bench/tune_decode.py times the
+    alternatives against cuBLAS; the headline set's `fusedrl, norm + cuBLAS GEMMs` decode row is
+    the whole step's comparison."""
     if rows == 1:
-        return Tiles(1, 4 if out_features <= 2048 else 8, 512, 4, 2)
+        return Tiles(1, 4, 1024, 8, 1)
     if rows <= 16:
         return Tiles(16, 16 if out_features <= 2048 else 32, 128)
     return Tiles(min(64, triton.next_power_of_2(rows)), 32 if rows <= 64 else 64, 64)
