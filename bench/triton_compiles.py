@@ -8,6 +8,11 @@ The file is named by FUSEDRL_TRITON_COMPILES, which child processes inherit (the
 one); `recording` sets it and installs Triton's post-compile hook, chained to any hook already set.
 
     python -m fusedrl.bench.triton_compiles hits RECORD.jsonl MANIFEST.json
+    python -m fusedrl.bench.triton_compiles fusedrl demo seed=0   # a command's compiles too
+
+The second runs a `fusedrl` command in this process under `record_from_env` (bench/gpu.sh's demo
+stage): a command outside the bench records its compiles only so, since the engine knows nothing
+of bench/.
 """
 from __future__ import annotations
 
@@ -90,13 +95,21 @@ def hits(record_path: str, manifest_path: str) -> dict:
             "unrecorded_kernels": sorted(unrecorded)}
 
 
+USAGE = ("usage: python -m fusedrl.bench.triton_compiles hits RECORD.jsonl MANIFEST.json\n"
+         "       python -m fusedrl.bench.triton_compiles fusedrl COMMAND [ARGS...]")
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[0] != "hits":
-        print("usage: python -m fusedrl.bench.triton_compiles hits RECORD.jsonl MANIFEST.json",
-              file=sys.stderr)
-        return 2
-    print(json.dumps(hits(argv[1], argv[2]), indent=1))
-    return 0
+    if len(argv) == 3 and argv[0] == "hits":
+        print(json.dumps(hits(argv[1], argv[2]), indent=1))
+        return 0
+    if len(argv) >= 2 and argv[0] == "fusedrl":
+        from fusedrl.engine.cli import commands, process
+        process.set_cpu_defaults()  # as the `fusedrl` command sets them, before torch is imported
+        with record_from_env():
+            return commands.main(argv[1:])
+    print(USAGE, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -152,3 +152,29 @@ def test_a_visits_hits_are_its_kernels_found_in_the_manifest(tmp_path):
     assert hits(str(record), str(manifest)) == {"kernels_used": 2, "prebuilt": 2, "hits": 1,
                                                 "missed_kernels": ["m:c"],
                                                 "unrecorded_kernels": ["m:d"]}
+
+
+def test_a_fusedrl_command_runs_under_the_record_its_environment_names(tmp_path, monkeypatch):
+    """`python -m fusedrl.bench.triton_compiles fusedrl ARGS` (the GPU visit's demo stage) runs the
+    command in this process with Triton's post-compile hook writing to FUSEDRL_TRITON_COMPILES's
+    file, passes its exit code back and leaves the hook as it found it; a bad command line gets
+    the usage and 2."""
+    from triton import knobs
+
+    from fusedrl.bench import triton_compiles
+    from fusedrl.engine.cli import commands
+
+    record = tmp_path / "compiles.jsonl"
+    monkeypatch.setenv(triton_compiles.RECORD_ENV, str(record))
+    seen = {}
+
+    def command(argv):
+        seen["argv"], seen["hook"] = argv, knobs.runtime.jit_post_compile_hook
+        return 3
+
+    monkeypatch.setattr(commands, "main", command)
+    before = knobs.runtime.jit_post_compile_hook
+    assert triton_compiles.main(["fusedrl", "demo", "seed=1"]) == 3
+    assert seen["argv"] == ["demo", "seed=1"] and seen["hook"] is not before
+    assert knobs.runtime.jit_post_compile_hook is before
+    assert triton_compiles.main(["fusedrl"]) == 2
