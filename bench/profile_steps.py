@@ -42,9 +42,10 @@ RL_OP_CALLS = 20
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
          "cudaMemcpy", "cudaStreamWaitEvent")
 TOP = 25
-# tune_decode's rows not started by then say so: its batch-1 rows (~45 of them, each a graph of
-# cached compiles timed for 0.2 s) fit; the captured micro-batch after it needs ~30 s of the ~85
-# left to the stage in call 2 (bench/gpu.sh's plan)
+# tune_decode's rows not started by then say so: its batch-256 rows (~31, each a graph of cached
+# compiles timed for 0.2 s) fit, and batch 1's as far as they go (the H200 visit's 35 s took ~45 of
+# them); the captured micro-batch after it needs ~30 s of what is left to the stage in call 2
+# (bench/gpu.sh's plan)
 TUNE_SECONDS = 35
 
 

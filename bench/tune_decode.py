@@ -64,7 +64,9 @@ class Shape:
     rows: tuple[int, ...]
 
 
-QWEN_05B = Shape(896, 1152, 4864, 14, 2, 64, 16, 384, 32768 // 16, (1, 256))
+# batch 256's rows first: the H200 visit (bench/results/2026-11-28-h200) timed batch 1's and ran
+# out of its seconds before these, where norm + linear is half of a decode step
+QWEN_05B = Shape(896, 1152, 4864, 14, 2, 64, 16, 384, 32768 // 16, (256, 1))
 QUICK = Shape(64, 128, 96, 4, 2, 16, 16, 40, 8, (1,))
 REPS = 20  # calls in one captured graph, at least
 L2_MISS_BYTES = 128 << 20  # operands rotated through at least this much (an H100's L2: 50 MB)
@@ -355,7 +357,7 @@ def run(out: Path, quick: bool = False, seconds: float = 60.0) -> list[dict]:
             "limit": f"{limits.label}, {limits.bytes_per_s / 1e9:.0f} GB/s"}
     writer = Writer(Path(out), meta)
     with torch.inference_mode():
-        for rows in shape.rows:  # batch 1's first: the headline's decode row
+        for rows in shape.rows:
             gemv_rows(shape, rows, sweep, writer)
             decode_rows(shape, rows, sweep, writer)
     return writer.rows
