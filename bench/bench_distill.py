@@ -49,15 +49,24 @@ BETA, TEMPERATURE = 0.5, 0.7
 PLAIN_BUFFERS = 10
 
 
+def input_dtype(device: torch.device) -> torch.dtype:
+    """The heads' and hidden states' dtype: a GPU's training dtype, bf16 (the H200 visit's fp32 rows
+    measured fp32 GEMMs, which no training step makes); fp32 on the CPU, whose bf16 matmuls are
+    slow."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def make_inputs(n: int, h: int, v: int, device: torch.device) -> dict:
-    """The shape's inputs, the same in every process (a seeded generator on the CPU)."""
+    """The shape's inputs, the same in every process (a seeded generator on the CPU), floats in
+    input_dtype(device)."""
     gen = torch.Generator().manual_seed(0)
     x = {"student_hidden": torch.randn(n, h, generator=gen),
          "student_weight": torch.randn(v, h, generator=gen) * 2 / h**0.5,
          "teacher_hidden": torch.randn(n, 2 * h, generator=gen),
          "teacher_weight": torch.randn(v, 2 * h, generator=gen) * 2 / (2 * h)**0.5,
          "mask": torch.rand(n, generator=gen) > 0.1}
-    return {k: t.to(device) for k, t in x.items()}
+    dtype = input_dtype(device)
+    return {k: t.to(device, dtype if t.is_floating_point() else t.dtype) for k, t in x.items()}
 
 
 def variant_loss(name: str, device: torch.device, chunk_size=None):

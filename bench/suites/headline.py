@@ -111,7 +111,7 @@ def cases(ctx: Context) -> list[Case]:
         headline(Case(kernels.SUITE, kernels.grpo_loss_name(*head),
                       ("eager", "fusedrl", "liger", "trl"),
                       functools.partial(kernels.grpo_loss_rows, ctx, head))),
-        headline(Case(kernels.SUITE, kernels.distill_name(*distill),
+        headline(Case(kernels.SUITE, kernels.distill_name(*distill, ctx.device),
                       ("eager", "fusedrl", "trl", "liger"),
                       functools.partial(kernels.distill_rows, ctx))),
         Case(SUITE, moe_name(ctx), ("fusedrl",), functools.partial(moe_rows, ctx),

@@ -166,9 +166,9 @@ def distill_shape(quick: bool) -> tuple[int, int, int]:
     return shapes.DISTILL_QUICK if quick else (4096, 896, 151936)
 
 
-def distill_name(n: int, h: int, v: int) -> str:
+def distill_name(n: int, h: int, v: int, device: torch.device) -> str:
     return (f"distill_divergence fwd+bwd N={n} H={h} V={v} teacher H={2 * h} "
-            f"beta={bench_distill.BETA}")
+            f"beta={bench_distill.BETA} {str(bench_distill.input_dtype(device))[6:]}")
 
 
 def distill_rows(ctx: Context, shape: tuple[int, int, int] | None = None,
@@ -177,7 +177,7 @@ def distill_rows(ctx: Context, shape: tuple[int, int, int] | None = None,
     forward + backward, every variant (variants_here: in this process or each in its own); a
     peer not installed is not imported. shape: N, H, V (default: distill_shape's)."""
     n, h, v = shape or distill_shape(ctx.quick)
-    name = distill_name(n, h, v)
+    name = distill_name(n, h, v, ctx.device)
     # the student's logits, d hidden and d weight, the teacher's logits: the GEMMs none avoids
     flops = 2 * n * v * (3 * h + 2 * h)
     runs = installed(DISTILL_VARIANTS)
@@ -282,6 +282,6 @@ def cases(ctx: Context) -> list[Case]:
     n, h, v = (32, 16, 128) if ctx.quick else (4096, 896, 151936)
     out.append(Case(SUITE, grpo_loss_name(n, h, v), ("eager", "fusedrl", "liger", "trl"),
                     functools.partial(grpo_loss_rows, ctx)))
-    out.append(Case(SUITE, distill_name(*distill_shape(ctx.quick)),
+    out.append(Case(SUITE, distill_name(*distill_shape(ctx.quick), ctx.device),
                     ("eager", "fusedrl", "trl", "liger"), functools.partial(distill_rows, ctx)))
     return out

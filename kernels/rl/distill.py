@@ -191,7 +191,7 @@ def linear_distill_divergence(
         mode: str = "full", labels: Optional[torch.Tensor] = None,
         teacher_topk_ids: Optional[torch.Tensor] = None,
         teacher_topk_logprobs: Optional[torch.Tensor] = None,
-        chunk_size: Optional[int] = None) -> DistillOutput:
+        chunk_size: Optional[int] = None, fuse_matmul: Optional[bool] = None) -> DistillOutput:
     """TRL's distillation divergence between a student's and a teacher's next-token
     distributions, from their hidden states and LM heads, without either [N, V] logits.
 
@@ -224,6 +224,11 @@ def linear_distill_divergence(
         chunk_size: rows per chunk of the PyTorch path (default: CHUNK_BYTES of logits); on the
             fused path, the backward's vocabulary chunk holds chunk_size x V logits (default:
             linear_logprobs' budget).
+        fuse_matmul: the fused Triton kernels (both heads' logits made inside Triton GEMMs,
+            mode="full" without caps, off the torch backend) or the row chunks' cuBLAS matmuls.
+            None: fused for 16-bit inputs only; fp32 GEMMs in Triton have no tensor cores (an H200
+            took 771 ms where cuBLAS's chunks take TRL ~224 ms, bench/results/2026-11-28-h200),
+            as linear_token_logprobs' fuse_matmul has it.
     Returns:
         DistillOutput(divergence, entropy) in fp32 (fp64 for fp64 inputs).
     """
@@ -247,7 +252,9 @@ def linear_distill_divergence(
     if mode == "sampled":
         divergence, entropy = _sampled(hidden, weight, bias, teacher, valid, backend, temperature,
                                        scales, softcaps)
-    elif backend != "torch" and mode == "full" and softcaps == (None, None):
+    elif (backend != "torch" and mode == "full" and softcaps == (None, None)
+          and (fuse_matmul if fuse_matmul is not None
+               else hidden.dtype in (torch.bfloat16, torch.float16))):
         divergence, entropy = fused_distill(
             hidden, weight, bias, *teacher[:3], valid, beta, scales[0] / temperature,
             scales[1] / temperature,

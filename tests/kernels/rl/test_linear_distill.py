@@ -2,6 +2,7 @@
 float64 reference of TRL's definitions, the reference against textbook divergences, and the
 op's edges: masked and fully masked rows, N = 0 and 1, extreme logits, bf16, the sampled and
 top-K modes, a teacher that is never differentiated nor written."""
+import functools
 import math
 
 import pytest
@@ -37,6 +38,14 @@ def make_inputs(n_rows, hs, ht, vocab, dtype=torch.float32, *, bias=True, scale=
 
 
 STUDENT = ("student_hidden", "student_weight", "student_bias")
+
+
+def op_on(backend):
+    """Our op as a test on `backend` calls it: on triton its fused kernels at every dtype (fp32
+    takes cuBLAS's row chunks by default, where the fused GEMMs have no tensor cores)."""
+    if backend == "triton":
+        return functools.partial(linear_distill_divergence, fuse_matmul=True)
+    return linear_distill_divergence
 
 
 def run(fn, inputs, cast=lambda t: t.detach().clone(), **kwargs):
@@ -77,7 +86,7 @@ def test_matches_float64_reference(backend, beta, temperature):
     """A teacher wider than the student, biases, masked rows, several row chunks with a tail."""
     inputs = make_inputs(13, 6, 10, 37)
     with use_backend(backend):
-        ours = run(linear_distill_divergence, inputs, beta=beta, temperature=temperature,
+        ours = run(op_on(backend), inputs, beta=beta, temperature=temperature,
                    chunk_size=4)
     exact = run(reference.linear_distill_divergence, inputs, lambda t: t.detach().double(),
                 beta=beta, temperature=temperature)
@@ -95,7 +104,7 @@ def test_bf16_within_pytorchs_own_error(backend, beta):
     bounded by PyTorch's at bf16 (the reference run on the same bf16 inputs)."""
     inputs = make_inputs(9, 8, 12, 45, torch.bfloat16)
     with use_backend(backend):
-        ours = run(linear_distill_divergence, inputs, beta=beta, temperature=0.7)
+        ours = run(op_on(backend), inputs, beta=beta, temperature=0.7)
     exact = run(reference.linear_distill_divergence, inputs, lambda t: t.detach().double(),
                 beta=beta, temperature=0.7)
     lowp = run(reference.linear_distill_divergence, inputs, beta=beta, temperature=0.7)
@@ -152,7 +161,7 @@ def test_fully_masked_batch_gives_zero_and_zero_gradients(backend):
     h = inputs["student_hidden"].clone().requires_grad_()
     w = inputs["student_weight"].clone().requires_grad_()
     with use_backend(backend):
-        out = linear_distill_divergence(h, w, inputs["teacher_hidden"], inputs["teacher_weight"],
+        out = op_on(backend)(h, w, inputs["teacher_hidden"], inputs["teacher_weight"],
                                         inputs["mask"], beta=0.5)
     out.divergence.backward()
     assert out.divergence.item() == 0.0 and torch.all(out.entropy == 0)
@@ -171,7 +180,7 @@ def test_empty_single_row_and_one_step(backend, lead):
                                                           "mask") else t
               for k, t in inputs.items()}
     with use_backend(backend):
-        ours = run(linear_distill_divergence, inputs, beta=0.5)
+        ours = run(op_on(backend), inputs, beta=0.5)
     exact = run(reference.linear_distill_divergence, inputs, lambda t: t.detach().double(),
                 beta=0.5)
     compare_fp32(ours, exact)
@@ -185,7 +194,7 @@ def test_extreme_finite_logits(backend, beta):
     not; no NaN, still within the bar of the float64 result."""
     inputs = make_inputs(7, 5, 9, 23, scale=1500.0)
     with use_backend(backend):
-        ours = run(linear_distill_divergence, inputs, beta=beta, temperature=0.7)
+        ours = run(op_on(backend), inputs, beta=beta, temperature=0.7)
     exact = run(reference.linear_distill_divergence, inputs, lambda t: t.detach().double(),
                 beta=beta, temperature=0.7)
     assert all(torch.isfinite(t).all() for t in ours)
@@ -207,10 +216,10 @@ def test_reductions_host_shapes_and_a_frozen_teacher(backend):
     mask = inputs["mask"].reshape(lead).float()
     args = (h, inputs["student_weight"], th, tw, mask)
     with use_backend(backend):
-        per_token, entropy = linear_distill_divergence(*args, beta=0.5, reduction="none")
-        mean = linear_distill_divergence(*args, beta=0.5).divergence
-        total = linear_distill_divergence(*args, beta=0.5, reduction="sum").divergence
-        items = linear_distill_divergence(*args, beta=0.5, num_items_in_batch=40).divergence
+        per_token, entropy = op_on(backend)(*args, beta=0.5, reduction="none")
+        mean = op_on(backend)(*args, beta=0.5).divergence
+        total = op_on(backend)(*args, beta=0.5, reduction="sum").divergence
+        items = op_on(backend)(*args, beta=0.5, num_items_in_batch=40).divergence
     assert per_token.shape == lead and entropy.shape == lead
     assert math.isclose(total.item(), per_token.sum().item(), rel_tol=1e-6)
     assert math.isclose(mean.item(), total.item() / mask.sum().item(), rel_tol=1e-6)
@@ -226,7 +235,7 @@ def test_soft_cap_and_logit_scale_as_hosts_pass_them(backend):
     options = dict(beta=0.5, temperature=0.8, student_logit_scale=0.5, teacher_logit_scale=1.7,
                    student_softcap=2.5, teacher_softcap=4.0)
     with use_backend(backend):
-        ours = run(linear_distill_divergence, inputs, **options)
+        ours = run(op_on(backend), inputs, **options)
     exact = run(reference.linear_distill_divergence, inputs, lambda t: t.detach().double(),
                 **options)
     compare_fp32(ours, exact)
@@ -240,7 +249,7 @@ def test_sampled_mode_is_the_log_ratio_at_the_sampled_token(backend):
     labels = torch.randint(0, 31, (11,), device=DEVICE)
     labels[~inputs["mask"]] = -100
     with use_backend(backend):
-        ours = run(linear_distill_divergence, inputs, mode="sampled", labels=labels,
+        ours = run(op_on(backend), inputs, mode="sampled", labels=labels,
                    temperature=0.7)
     exact = run(reference.linear_distill_divergence, inputs, lambda t: t.detach().double(),
                 mode="sampled", labels=torch.where(inputs["mask"], labels, 0), temperature=0.7)
@@ -273,7 +282,7 @@ def test_top_k_mode_matches_reference(backend, beta):
     kwargs = dict(beta=beta, temperature=0.7, mode="top_k")
 
     def fn(h, w, th, tw, mask, **rest):
-        return linear_distill_divergence(h, w, None, None, mask, **rest)
+        return op_on(backend)(h, w, None, None, mask, **rest)
 
     def ref(h, w, th, tw, mask, **rest):
         return reference.linear_distill_divergence(h, w, None, None, mask, **rest)
@@ -345,11 +354,31 @@ def test_fused_kernels_split_the_vocabulary_and_skip_masked_tiles(beta, monkeypa
     inputs["mask"][:64] = False
     assert distill_host.vocab_splits(2, 2100, distill_host._sm_count(DEVICE_OBJ))[0] == 2
     with use_backend("triton"):
-        ours = run(linear_distill_divergence, inputs, beta=beta, temperature=0.7, chunk_size=16)
+        ours = run(op_on("triton"), inputs, beta=beta, temperature=0.7, chunk_size=16)
     exact = run(reference.linear_distill_divergence, inputs, lambda t: t.detach().double(),
                 beta=beta, temperature=0.7)
     compare_fp32(ours, exact)
     assert torch.all(ours[0][:64] == 0) and torch.all(ours[2][:64] == 0)
+
+
+@needs_triton
+def test_fp32_takes_the_row_chunks_and_16_bit_the_fused_kernels_by_default(monkeypatch):
+    """fuse_matmul=None on the triton backend: fp32 heads go to the row chunks' matmuls (the fused
+    path made to fail), 16-bit ones to the fused kernels (the row chunks made to fail)."""
+    inputs = make_inputs(9, 8, 12, 45)
+    with use_backend("triton"), monkeypatch.context() as patch:
+        patch.setattr(distill_module, "fused_distill", None)
+        ours = run(linear_distill_divergence, inputs, beta=0.5, temperature=0.7)
+    exact = run(reference.linear_distill_divergence, inputs, lambda t: t.detach().double(),
+                beta=0.5, temperature=0.7)
+    compare_fp32(ours, exact)
+    monkeypatch.setattr(distill_module, "chunked_distill", None)
+    low = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    with use_backend("triton"):
+        out = run(linear_distill_divergence, low, beta=0.5, temperature=0.7)
+    assert out[0].dtype == torch.float32 and torch.isfinite(out[0]).all()
+    with use_backend("triton"), pytest.raises(TypeError):
+        run(linear_distill_divergence, inputs, beta=0.5, fuse_matmul=False)
 
 
 def test_top_k_padding_rows_are_never_read():
