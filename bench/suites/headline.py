@@ -1,7 +1,6 @@
 """The headline set: one case per claim of the GPU bars, ordered by what matters, each beside its
 peer where installed, taken from the other suites (their measuring code, their rows, named suite
-"headline"): decode at batch 1 and 256 at the model's shape, the mixed workload, decode at batch 1
-with the norms and GEMMs unfused (the A/B of the fused kernel that takes most of that step), a
+"headline"): decode at batch 1 and 256 at the model's shape, the mixed workload, a
 1k-token training micro-batch, one GRPO and one PPO iteration (the latter's peak beside
 `fusedrl plan`'s), the sampler at batch 1, the small RL ops at 256 x 2048 fp32, the log-prob +
 entropy at TRL's shape (8,192 tokens, V 151,936, bf16) from logits (forward, beside TRL's two
@@ -11,7 +10,9 @@ V 128,256, H 4,096, 4,096 tokens), the distillation divergence, and an MoE decod
 Qwen3-30B-A3B's layer shape; then the training micro-batch replayed from a CUDA graph (after every
 claim of ours: a capture that fails, or leaves the device in error, costs no other row of ours);
 then the slow peers, TRL's GRPO and PPO trainers (a process each, a minute or more), so that every
-claim has its row first. --quick: the same claims at shapes a CPU
+claim has its row first; last, decode at batch 1 with the norms and GEMMs unfused (the A/B of the
+fused kernel, which tune_decode.md now times kernel by kernel: the H200 visit's 21 s went to it
+before the rows of four claims were reached). --quick: the same claims at shapes a CPU
 runs in seconds whose [N, V] logits (32-64 MiB) still set the fused paths' memory apart.
 """
 from __future__ import annotations
@@ -99,7 +100,6 @@ def cases(ctx: Context) -> list[Case]:
     return [
         *(headline(generate.decode_case(ctx, batch)) for batch in shape.batches),
         headline(generate.mixed_case(ctx)),
-        headline(generate.unfused_decode_case(ctx, 1)),
         headline(train.cases_at(ctx, train_tokens)),
         *(headline(rl.ours_case(ctx, algo)) for algo in ALGOS),
         headline(Case(kernels.SUITE, kernels.sampler_name(1, vocab), kernels.SAMPLER_IMPLS,
@@ -118,4 +118,5 @@ def cases(ctx: Context) -> list[Case]:
              model_paths=True),
         headline(train.cases_at(ctx, train_tokens, captured=True)),
         *(headline(rl.peer_case(ctx, algo)) for algo in ALGOS),
+        headline(generate.unfused_decode_case(ctx, 1)),
     ]
