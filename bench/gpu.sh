@@ -483,7 +483,7 @@ for stage in $stages; do
     # Each seed's seconds said (the first pays the Triton compiles the cache lacks); its compiles
     # recorded for the next prebuild, as the bench's are.
     demo)     run demo 570 bash -c 'for s in 0 1 2; do start=$SECONDS; python -m fusedrl.bench.triton_compiles \
-                fusedrl demo seed=$s output_dir="$1/demo_seed$s" overwrite=true --quiet || exit 1;
+                fusedrl demo seed=$s output_dir="$1/demo_seed$s" overwrite=true || exit 1;
                 echo "demo seed $s: $((SECONDS - start)) s"; done' _ "$out" ;;
     # Bytes of one decode step on the GPU's (fused) paths: divide by bench_generate's step time.
     traffic)  run traffic 300 python tests/tools/traffic.py --json "$out/traffic.json" --table "$out/traffic.md" ;;
