@@ -56,14 +56,16 @@ def test_decode_report_sees_each_fused_kernel_as_one_op():
 
 @needs_interpreter
 @pytest.mark.parametrize("batch", [1, 128])
-def test_decode_step_launches_at_most_six_kernels_per_layer_and_six_outside(batch):
-    """The decode step's budget, counted (a fused custom op is one kernel): embedding, final norm, LM head,
-    sampler and the copy of the log-probs into the kept buffer outside the layers; RoPE reads its
-    tables by position inside the attention kernel, so the step gathers no cos/sin rows."""
+def test_decode_step_launches_at_most_eight_kernels_per_layer_and_six_outside(batch):
+    """The decode step's budget, counted (a fused custom op is one kernel): 5 a layer up to 16 rows
+    (each norm fused with the projection after it), 8 beyond (the norm kernel, cuBLAS's GEMM and
+    SiLU * up apart: faster at 256 rows); embedding, final norm, LM head, sampler and the copy of
+    the log-probs into the kept buffer outside the layers; RoPE reads its tables by position inside
+    the attention kernel, so the step gathers no cos/sin rows."""
     report = traffic_decode.decode_report(batch=batch, layers=2, context=9, top_p=0.9, dtype=torch.float32,
                                           oracles=True, **TINY)
     kernels = report["kernels"]
-    assert kernels["per_layer"] == 5 <= traffic_decode.KERNELS_PER_LAYER
+    assert kernels["per_layer"] == (5 if batch <= 16 else 8) <= traffic_decode.KERNELS_PER_LAYER
     assert kernels["outside_layers"] == 5 <= traffic_decode.KERNELS_OUTSIDE_LAYERS
     assert kernels["host_to_device_copies"] == 1  # the inputs: one pinned buffer of bytes
     assert report["host_syncs"] == {"tolist": 1}

@@ -285,6 +285,25 @@ class FusedOps(TorchDispatchMode):
 
 
 @needs_triton
+def test_decode_set_fuses_the_norm_and_projection_up_to_16_rows():
+    """DECODE.norm_linear is the fused kernel (one op) at 1 and 16 rows and the norm, GEMM and
+    SiLU * up beyond (17 rows: no fused op), each equal to the composition's within fp32
+    rounding."""
+    from fusedrl.engine.model.causal_lm import Projection, RMSNorm
+    from fusedrl.engine.model.primitives import DECODE, FORWARD, FUSED_NORM_LINEAR_ROWS
+    torch.manual_seed(0)
+    norm, proj = RMSNorm(16, 1e-6).to(DEVICE), Projection(16, 8, bias=False).to(DEVICE)
+    for rows in (1, FUSED_NORM_LINEAR_ROWS, FUSED_NORM_LINEAR_ROWS + 1):
+        x, residual = torch.randn(rows, 16, device=DEVICE), torch.randn(rows, 16, device=DEVICE)
+        with use_backend("triton"), torch.no_grad(), FusedOps() as ops:
+            decoded, _ = DECODE.norm_linear(x, residual, norm, proj, DECODE, glu=True)
+            composed, _ = FORWARD.norm_linear(x, residual, norm, proj, FORWARD, glu=True)
+        fused = ops.names.count("fusedrl::norm_linear")
+        assert fused == (1 if rows <= FUSED_NORM_LINEAR_ROWS else 0), rows
+        torch.testing.assert_close(decoded, composed, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
 def test_a_forward_and_its_recompute_run_on_one_model_backend(monkeypatch):
     """The walk asks the decider once: "auto" keeps a CPU forward and the backward's recompute of
     its checkpointed layers on torch (not one fusedrl op; under TRITON_INTERPRET=1 too), a CUDA one
