@@ -4,10 +4,11 @@ the gradient to the student's hidden states and head only (TRL's definitions, re
 
 Backends (dispatch.backend_for; "auto" keeps CPU tensors on torch even under the Triton
 interpreter, which takes minutes at an LM head's size): "triton" (and "cuda") run the fused
-kernels of distill_kernels.py through distill_host.py, neither head's logits in memory; the
-sampled mode is linear_token_logprobs of each head (its fused kernels there); the "torch" backend,
-soft-capped logits (the kernels have no tanh) and the top-K mode run distill_torch.py's row
-chunks.
+kernels of distill_kernels.py through distill_host.py for 16-bit heads, neither head's logits in
+memory; the sampled mode is linear_token_logprobs of each head (its fused kernels there); the
+"torch" backend, fp32 heads (`fuse_matmul`: Triton's fp32 dots have no tensor cores, cuBLAS's
+GEMMs run them), soft-capped logits (the kernels have no tanh) and the top-K mode run
+distill_torch.py's row chunks.
 """
 from __future__ import annotations
 
@@ -165,6 +166,12 @@ def _teacher_inputs(mode, valid, vocab, hidden, weight, bias, labels, topk_ids, 
     return (*_head(hidden, weight, bias), labels, None, None)
 
 
+def _sixteen_bit(*tensors) -> bool:
+    """Whether every head's input and weight is bf16 or fp16: what the fused kernels' dots take on
+    the tensor cores (fuse_matmul's default)."""
+    return all(t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
+
+
 def _sampled(hidden, weight, bias, teacher, valid, backend, temperature, scales, softcaps):
     """(log p_s(y) - log p_t(y), the student's entropy) [N], 0 on masked rows: linear_token_logprobs
     of each head on ``backend``'s path, the teacher's without a graph."""
@@ -226,9 +233,10 @@ def linear_distill_divergence(
             linear_logprobs' budget).
         fuse_matmul: the fused Triton kernels (both heads' logits made inside Triton GEMMs,
             mode="full" without caps, off the torch backend) or the row chunks' cuBLAS matmuls.
-            None: fused for 16-bit inputs only; fp32 GEMMs in Triton have no tensor cores (an H200
-            took 771 ms where cuBLAS's chunks take TRL ~224 ms, bench/results/2026-11-28-h200),
-            as linear_token_logprobs' fuse_matmul has it.
+            None: fused when both heads' inputs and weights are 16-bit; fp32 GEMMs in Triton have
+            no tensor cores (an H200 took 771 ms in them at N 4,096, V 151,936, where TRL's
+            cuBLAS chunks took 224: bench/results/2026-11-28-h200), as linear_token_logprobs'
+            fuse_matmul has it.
     Returns:
         DistillOutput(divergence, entropy) in fp32 (fp64 for fp64 inputs).
     """
@@ -239,6 +247,8 @@ def linear_distill_divergence(
     _check_head("student", student_hidden, student_weight, student_bias, None)
     _check_options(beta, temperature, reduction, num_items_in_batch, mode, scales, softcaps,
                    chunk_size)
+    if fuse_matmul is not None and not isinstance(fuse_matmul, bool):
+        raise TypeError(f"{OP}: fuse_matmul must be a bool or None, got {fuse_matmul!r}")
     _check_teacher(mode, student_hidden, student_weight, teacher_hidden, teacher_weight,
                    teacher_bias, labels, teacher_topk_ids, teacher_topk_logprobs)
     lead = student_hidden.shape[:-1]
@@ -253,8 +263,8 @@ def linear_distill_divergence(
         divergence, entropy = _sampled(hidden, weight, bias, teacher, valid, backend, temperature,
                                        scales, softcaps)
     elif (backend != "torch" and mode == "full" and softcaps == (None, None)
-          and (fuse_matmul if fuse_matmul is not None
-               else hidden.dtype in (torch.bfloat16, torch.float16))):
+          and (_sixteen_bit(hidden, weight, *teacher[:2]) if fuse_matmul is None
+               else fuse_matmul)):
         divergence, entropy = fused_distill(
             hidden, weight, bias, *teacher[:3], valid, beta, scales[0] / temperature,
             scales[1] / temperature,

@@ -1,6 +1,6 @@
 """The distillation divergence in plain PyTorch, ``chunk_size`` rows at a time: the "torch" backend
 of linear_distill_divergence, and every backend's path for what the Triton kernels do not take
-(soft-capped logits, the top-K mode).
+(fp32 heads by default, soft-capped logits, the top-K mode).
 
 Forward makes a row chunk's logits of both heads [C, V], evaluates the per-token terms of
 reference/distill.py on them and keeps two floats per row (divergence, student entropy). Backward

@@ -362,23 +362,31 @@ def test_fused_kernels_split_the_vocabulary_and_skip_masked_tiles(beta, monkeypa
 
 
 @needs_triton
-def test_fp32_takes_the_row_chunks_and_16_bit_the_fused_kernels_by_default(monkeypatch):
-    """fuse_matmul=None on the triton backend: fp32 heads go to the row chunks' matmuls (the fused
-    path made to fail), 16-bit ones to the fused kernels (the row chunks made to fail)."""
+def test_fp32_takes_the_row_chunks_and_16_bit_the_fused_kernels_unless_asked(monkeypatch):
+    """fuse_matmul on the triton backend, each time with the other path made to fail: None sends
+    fp32 heads to the row chunks and bf16 ones (both heads) to the fused kernels, a bf16 student
+    with an fp32 teacher to the chunks; True and False override the dtype; a non-bool is named."""
     inputs = make_inputs(9, 8, 12, 45)
-    with use_backend("triton"), monkeypatch.context() as patch:
-        patch.setattr(distill_module, "fused_distill", None)
-        ours = run(linear_distill_divergence, inputs, beta=0.5, temperature=0.7)
+    low = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    mixed = {**low, "teacher_hidden": inputs["teacher_hidden"],
+             "teacher_weight": inputs["teacher_weight"], "teacher_bias": inputs["teacher_bias"]}
     exact = run(reference.linear_distill_divergence, inputs, lambda t: t.detach().double(),
                 beta=0.5, temperature=0.7)
-    compare_fp32(ours, exact)
-    monkeypatch.setattr(distill_module, "chunked_distill", None)
-    low = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
-    with use_backend("triton"):
-        out = run(linear_distill_divergence, low, beta=0.5, temperature=0.7)
-    assert out[0].dtype == torch.float32 and torch.isfinite(out[0]).all()
-    with use_backend("triton"), pytest.raises(TypeError):
-        run(linear_distill_divergence, inputs, beta=0.5, fuse_matmul=False)
+    for case, fuse, path in ((inputs, None, "chunked"), (low, None, "fused"),
+                             (mixed, None, "chunked"), (inputs, True, "fused"),
+                             (low, False, "chunked")):
+        other = "fused_distill" if path == "chunked" else "chunked_distill"
+        with use_backend("triton"), monkeypatch.context() as patch:
+            patch.setattr(distill_module, other, None)
+            ours = run(linear_distill_divergence, case, beta=0.5, temperature=0.7,
+                       fuse_matmul=fuse)
+        if case is inputs:
+            compare_fp32(ours, exact)
+        assert torch.isfinite(ours[0]).all() and ours[0].dtype == torch.float32
+    with pytest.raises(TypeError, match="fuse_matmul must be a bool or None, got 1"):
+        linear_distill_divergence(*[inputs[k] for k in ("student_hidden", "student_weight",
+                                                        "teacher_hidden", "teacher_weight",
+                                                        "mask")], fuse_matmul=1)
 
 
 def test_top_k_padding_rows_are_never_read():
