@@ -189,7 +189,8 @@ def bench_shape(n: int, h: int, v: int, args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_integrations_") as tmp:
         inputs_path = os.path.join(tmp, "inputs.safetensors")
-        save_file(make_inputs(n, h, v), inputs_path)
+        made = make_inputs(n, h, v, torch.device(args.device))  # products on the device measured
+        save_file({k: t.cpu() for k, t in made.items()}, inputs_path)
         results = {}
         for name in args.variants:
             grads_path = os.path.join(tmp, f"{name}.safetensors")

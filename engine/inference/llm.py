@@ -81,9 +81,10 @@ class LLM(EngineLoop):
     steps are still CUDA graphs; the cost is in the kernels (fp32 logits, no cuBLAS, no split-KV by
     batch). A `BatchInvariant` object instead of True sets the mode's attention segment (its
     chunk_size must be block_size). `self.batch_invariant` is the mode object (None when off).
-    fuse_decode_gemms: where the Triton kernels run, a decode step's RMSNorms and SiLU * up ride in
-    the q/k/v and gate/up GEMMs (kernels/model/norm_linear.py: 5 kernels a layer); False keeps
-    torch's GEMM after each norm (7), for side-by-side measurement against cuBLAS.
+    fuse_decode_gemms: where the Triton kernels run, a decode step of up to 16 rows
+    (primitives.FUSED_NORM_LINEAR_ROWS) has its RMSNorms and SiLU * up ride in the q/k/v and gate/up
+    GEMMs (kernels/model/norm_linear.py: 5 kernels a layer; more rows: 8, cuBLAS's GEMMs); False
+    keeps torch's GEMM after each norm at every batch, for side-by-side measurement against cuBLAS.
     record_routing: an MoE model's expert choices for every token are kept (routing_record.py) and
     read back with `device_routing` (routing replay).
     speculative_tokens: on decode steps of fewer than `speculate_below` rows (the long tail), each

@@ -61,7 +61,8 @@ class ModelRunner:
     must be block_size; decode steps are CUDA graphs of the mode's walk), so each token's log-prob
     is independent of the batch.
     fuse_decode_gemms: decode steps walk the decoder with `primitives.DECODE` (each norm inside the
-    GEMM after it, where the Triton kernels run); False: with `primitives.FORWARD`, as prefill does.
+    GEMM after it up to 16 rows, where the Triton kernels run); False: with `primitives.FORWARD`, as
+    prefill does.
     record_routing: keep the experts an MoE model chose for every token (`self.routing`, a
     RoutingRecorder), decode graphs included.
     """

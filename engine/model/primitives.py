@@ -5,8 +5,9 @@ layers, its ops taken from the set the caller chooses by purpose.
   RMSNorm, RoPE of q and k in one launch and SiLU * up on the packed gate/up output, each with its
   backward.
 - `DECODE`: a decode step: `FORWARD` with each norm and the projection after it as one kernel
-  (`norm_linear`) whenever it can be: no autograd, and nothing hooked on the projection (LoRA's
-  adapters read the normalized input, which the fused kernel never writes).
+  (`norm_linear`) whenever it can be: no autograd, nothing hooked on the projection (LoRA's
+  adapters read the normalized input, which the fused kernel never writes), and at most
+  FUSED_NORM_LINEAR_ROWS rows (more take cuBLAS's GEMMs).
 - `EXACT`: the batch-invariant mode (`invariant.BatchInvariant`): fusedrl.kernels.exact's ops, each
   row's result independent of the batch, plus its attention and log-softmax.
 

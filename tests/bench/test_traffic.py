@@ -65,7 +65,7 @@ def test_decode_step_launches_at_most_eight_kernels_per_layer_and_six_outside(ba
     report = traffic_decode.decode_report(batch=batch, layers=2, context=9, top_p=0.9, dtype=torch.float32,
                                           oracles=True, **TINY)
     kernels = report["kernels"]
-    assert kernels["per_layer"] == (5 if batch <= 16 else 8) <= traffic_decode.KERNELS_PER_LAYER
+    assert kernels["per_layer"] == traffic_decode.kernels_per_layer(batch) == (5 if batch == 1 else 8)
     assert kernels["outside_layers"] == 5 <= traffic_decode.KERNELS_OUTSIDE_LAYERS
     assert kernels["host_to_device_copies"] == 1  # the inputs: one pinned buffer of bytes
     assert report["host_syncs"] == {"tolist": 1}

@@ -9,8 +9,8 @@ extrapolated to the real 24 from their mean. Floor: every weight once + the KV c
 sequence's context) + the new KV written.
 
 The GPU path is the Triton one (`kernels.use_backend("triton")`; on the CPU under
-TRITON_INTERPRET=1): the decode norm + GEMM, RoPE + store + paged decode, add+RMSNorm and the
-sampler are each one custom op, counted by traffic_count's rules. On the CPU the results of the ops
+TRITON_INTERPRET=1): the decode norm + GEMM (up to 16 rows; more take the norm, cuBLAS's GEMM and
+SiLU * up apart), RoPE + store + paged decode, add+RMSNorm and the sampler are each one custom op, counted by traffic_count's rules. On the CPU the results of the ops
 too slow to interpret at this shape are computed by their torch oracles (ORACLES; measured
 interpreted: the sampler ~30 s a row at top-p 0.9, paged decode ~80 s a layer at context 256, the
 norm + GEMM's tiles one by one); each is still counted as its fused
@@ -27,6 +27,7 @@ from fusedrl.engine.inference.request import Request
 from fusedrl.engine.inference.runner import kv_bytes_per_block
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.scheduler import StepKind
+from fusedrl.engine.model.primitives import FUSED_NORM_LINEAR_ROWS
 from fusedrl.kernels.invariant import fixed_order as invariant_ops
 from fusedrl.kernels.invariant.chunked_attention import chunked_attention
 from fusedrl.kernels import reference, use_backend
@@ -38,10 +39,14 @@ from value_checks import value_checks_as_on_gpu
 REAL_LAYERS = 24
 # The budget: kernels launched by a decode step, per layer and outside the layers (a fused custom
 # op counts as one; the step's host-to-device input copies, region "inputs", are transfers, not kernels).
-# Per layer 5 up to primitives.FUSED_NORM_LINEAR_ROWS rows (each norm one kernel with the projection
-# after it), 8 beyond (the norms, q/k/v's and gate/up's GEMMs and SiLU * up each its own).
-KERNELS_PER_LAYER = 8
 KERNELS_OUTSIDE_LAYERS = 6
+
+
+def kernels_per_layer(batch: int) -> int:
+    """The per-layer budget: 5 up to primitives.FUSED_NORM_LINEAR_ROWS rows (each norm one kernel
+    with the projection after it), 8 beyond (the norms, q/k/v's and gate/up's GEMMs and SiLU * up
+    each its own)."""
+    return 5 if batch <= FUSED_NORM_LINEAR_ROWS else 8
 BLOCK_SIZE = 16
 # Torch oracles of the fused ops too slow to interpret at full shape (see the module docstring).
 ORACLES = {"fusedrl::sample": lambda *args: reference.sample(*args[:7]),  # all but the key windows
@@ -153,7 +158,7 @@ def decode_table(report: dict) -> str:
     lines += ["", f"per layer: counted {per['counted_mean'] / mib:.2f} MiB, floor {per['floor'] / mib:.2f} MiB",
               f"step: counted {total['counted'] / mib:.1f} MiB, floor {total['floor'] / mib:.1f} MiB, "
               f"ratio {total['ratio']:.2f}",
-              f"kernels: {kernels['per_layer']} per layer (budget {KERNELS_PER_LAYER}), "
+              f"kernels: {kernels['per_layer']} per layer (budget {kernels_per_layer(shape['batch'])}), "
               f"{kernels['outside_layers']} outside the layers (budget {KERNELS_OUTSIDE_LAYERS}), plus "
               f"{kernels['host_to_device_copies']} host-to-device input copies",
               "host syncs per step: " + syncs_text(report["host_syncs"])]

@@ -44,6 +44,17 @@ def test_padded_graph_rows_change_nothing(model_dirs):
                                    atol=1e-5, rtol=0)
 
 
+def test_decode_past_16_rows_runs_cublas_in_the_graph_as_eagerly(model_dirs):
+    """32 rows (past primitives.FUSED_NORM_LINEAR_ROWS: the norm kernel, cuBLAS's GEMM and SiLU *
+    up apart) decode as the graph of 32 and as 32 eager rows in bf16: the same bits."""
+    graphed, eager = _pair(model_dirs["qwen2"][0], "bfloat16")
+    prompts = random_prompts([3 + i % 9 for i in range(32)], seed=7)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12, seed=4, ignore_eos=True)
+    for x, y in zip(graphed.generate(prompts, params), eager.generate(prompts, params)):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert x.outputs[0].logprobs == y.outputs[0].logprobs
+
+
 def test_moe_cuda_graph_decode_in_bf16_is_the_eager_decode_bit_for_bit(tmp_path):
     """A bf16 MoE model (the expert GEMMs: torch's grouped_mm on sm_90/sm_100, ours elsewhere)
     decodes inside the captured graph as eagerly: no host read of the group offsets in the capture,
