@@ -57,11 +57,12 @@ def composed_norm_linear(x, residual, norm, proj, prims: SimpleNamespace, glu: b
     return (prims.silu_mul(y) if glu else y), residual
 
 
-# Rows up to which a decode step's norm and projection are one kernel; more rows run the norm kernel,
-# cuBLAS's GEMM and SiLU * up. At 256 rows the fused kernel took 53% of an H200's decode step, 40
-# us a call (bench/results/2026-11-28-h200: profile_decode_b256.txt), where the same profile's
-# cuBLAS GEMMs of o's and down's shapes at 256 rows took 5-10 us; one row is a GEMV, which beat
-# the norm kernel + cuBLAS there (tune_decode.md). tune_decode's batch-256 rows time both sides.
+# Rows up to which a decode step's norm and projection are one kernel; more rows run the norm
+# kernel, cuBLAS's GEMM and SiLU * up. At 256 rows the fused kernel took 53% of an H200's decode
+# step, 40 us a call (bench/results/2026-11-28-h200: profile_decode_b256.txt), where the same
+# profile's cuBLAS GEMMs of o's and down's shapes at 256 rows took 5-10 us; one row is a GEMV,
+# which beat the norm kernel + cuBLAS there (tune_decode.md). tune_decode's batch-256 rows time
+# both sides.
 FUSED_NORM_LINEAR_ROWS = 16
 
 
