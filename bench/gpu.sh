@@ -49,8 +49,8 @@ EXTENSION=kernels/_C.cpython-312-x86_64-linux-gnu.so  # the image's Python 3.12
 # (pytest reports what ran) and killed 20 s later, so a chunk's limit holds 20 s of margin.
 # Measured on an H100 (2026-11-26 and bench/results/2026-11-27-h100): the build 30 s, tests_gpu
 # 52-55 s (62-71 s on an H200, bench/results/2026-11-28-h200: 25 tests, the 90 s limit's SIGINT
-# came in pytest's teardown after the last of them), tests_rest 194 s (12 workers), the machine's start ~35 s, a call's install and records
-# ~20 s; the headline set 360 s on a warm Triton cache (its transformers decode peer 63 s, the GRPO
+# came in pytest's teardown after the last of them), tests_rest 194 s (12 workers), the machine's
+# start ~35 s, a call's install and records ~20 s; the headline set 360 s on a warm Triton cache (its transformers decode peer 63 s, the GRPO
 # loss's four processes 87 s, the PPO rows lost to memory the GRPO row's process kept: all since
 # fixed, not yet measured again), the kernels suite's first 12 cases in 86 s.
 declare -A LIMIT_S=([build]=60 [smoke]=90 [tests_gpu]=100 [tests_rest]=215 [bench_all]=185

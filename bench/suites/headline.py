@@ -12,8 +12,9 @@ claim of ours: a capture that fails, or leaves the device in error, costs no oth
 then the slow peers, TRL's GRPO and PPO trainers (a process each, a minute or more), so that every
 claim has its row first; last, decode at batch 1 with the norms and GEMMs unfused (the A/B of the
 fused kernel, which tune_decode.md now times kernel by kernel: the H200 visit's 21 s went to it
-before the rows of four claims were reached; a second engine, built again here). --quick: the same claims at shapes a CPU
-runs in seconds whose [N, V] logits (32-64 MiB) still set the fused paths' memory apart.
+before the rows of four claims were reached; a second engine, built again here). --quick: the
+same claims at shapes a CPU runs in seconds whose [N, V] logits (32-64 MiB) still set the fused
+paths' memory apart.
 """
 from __future__ import annotations
 
