@@ -33,6 +33,7 @@ import torch
 
 from ..rl.kl import kl_penalty
 from ..rl.linear_logprobs import linear_token_logprobs
+from ..rl.linear_logprobs_loss import linear_logprobs_loss, sequences_per_chunk
 from ..rl.ppo_loss import ppo_policy_loss, token_advantages
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
@@ -52,6 +53,24 @@ class GRPOTerms(NamedTuple):
     advantages: torch.Tensor
     kl: Optional[torch.Tensor]
     weights: torch.Tensor
+
+
+class LossInputs(NamedTuple):
+    """What a GRPO loss reads beside the policy's log-probs, every field [B, ...] by row (None
+    where not given): weights [B, T] the mask's values, agg [B, T] the aggregation's per-token
+    weights (loss_weights, over the whole batch), advantages [B, 1] / [B, T], old and ref [B, T]
+    log-probs (old None: on-policy), is_ratio [B, 1] / [B, T] the sampler's IS weight."""
+
+    weights: torch.Tensor
+    agg: torch.Tensor
+    advantages: torch.Tensor
+    old: Optional[torch.Tensor]
+    ref: Optional[torch.Tensor]
+    is_ratio: Optional[torch.Tensor]
+
+    def rows(self, start: int, end: int) -> "LossInputs":
+        """The rows [start, end) of every field."""
+        return LossInputs(*(None if x is None else x[start:end] for x in self))
 
 
 def loss_weights(loss_type: str, weights: torch.Tensor, max_completion_length: Optional[int],
@@ -131,7 +150,11 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     (linear_logprobs.CHUNK_BYTES). importance_sampling_level also takes "sequence_token" (see the
     module docstring). Ours only, keyword-only: logit_scale, softcap (the head's, see
     linear_token_logprobs), binary_mask (every nonzero mask value weighs 1), return_stats
-    (metrics as a dict).
+    (metrics as a dict), grads_in_forward (None: for fp32 and fp64 heads; True: any head; False:
+    never): the head's gradients made in the forward, a sequence at a time while its logits are
+    in memory (kernels/rl/linear_logprobs_loss.py: no recompute of the logits in backward, whose
+    fp32 matmul is a quarter of the op's time), wherever a whole sequence's logits fit its
+    MAX_CHUNK_BYTES; else linear_token_logprobs then the loss.
     """
 
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True,
@@ -143,8 +166,12 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                  vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
                  vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *,
                  logit_scale: float = 1.0, softcap: Optional[float] = None,
-                 binary_mask: bool = False, return_stats: bool = False):
+                 binary_mask: bool = False, return_stats: bool = False,
+                 grads_in_forward: Optional[bool] = None):
         super().__init__()
+        if grads_in_forward not in (None, True, False):
+            raise TypeError(f"{OP}: grads_in_forward must be a bool or None, got "
+                            f"{grads_in_forward!r}")
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"{OP}: loss_type {loss_type!r} has no fused mapping; "
                              f"expected one of {LOSS_TYPES}")
@@ -166,6 +193,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.vespo_shapes = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
         self.temperature, self.logit_scale, self.softcap = temperature, logit_scale, softcap
         self.use_bias_correction_kl, self.return_stats = use_bias_correction_kl, return_stats
+        self.grads_in_forward = grads_in_forward
 
     def forward(self, _input: torch.Tensor, lin_weight: torch.Tensor,
                 selected_token_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -191,17 +219,51 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         labels = torch.where(weights != 0, selected_token_ids, IGNORE_INDEX)
         head = dict(temperature=self.temperature, logit_scale=self.logit_scale,
                     softcap=self.softcap)
-        logp, entropy = linear_token_logprobs(_input, lin_weight, labels, bias=bias,
-                                              return_entropy=True, **head)
         if self.use_ref_model and ref_per_token_logps is None and ref_input is not None:
             if ref_weight is None:
                 raise ValueError(f"{OP}: ref_input needs ref_weight (the reference's LM head)")
             with torch.no_grad():
                 ref_per_token_logps = linear_token_logprobs(ref_input, ref_weight, labels,
                                                             bias=ref_bias, **head)
-        loss, terms = self.loss_from_logps(logp, weights, advantages, old_per_token_logps,
-                                           ref_per_token_logps, vllm_is_ratio, num_items_in_batch)
-        return loss, self._metrics(terms, entropy)
+        inputs = self._inputs(weights, advantages, old_per_token_logps, ref_per_token_logps,
+                              vllm_is_ratio, num_items_in_batch)
+        rows = self._rows_per_chunk(_input, lin_weight, bias)
+        if rows is None:
+            logp, entropy = linear_token_logprobs(_input, lin_weight, labels, bias=bias,
+                                                  return_entropy=True, **head)
+            loss, terms = self._loss(logp, inputs)
+            return loss, self._metrics(terms, entropy)
+        batch, steps, width = _input.shape
+        pieces = []
+
+        def row_loss(logp, start, end):
+            loss, terms = self._loss(logp.view(-1, steps), inputs.rows(start // steps,
+                                                                       end // steps))
+            pieces.append(terms)
+            return loss
+        bounds = [(b * steps, min(b + rows, batch) * steps) for b in range(0, batch, rows)]
+        loss, _, entropy = linear_logprobs_loss(
+            _input.reshape(-1, width), lin_weight, labels.reshape(-1), row_loss, bounds,
+            bias=bias, return_entropy=True, **head)
+        terms = GRPOTerms(*(None if parts[0] is None else torch.cat(parts)
+                            for parts in zip(*pieces)))
+        return loss, self._metrics(terms, entropy.view(batch, steps))
+
+    def _rows_per_chunk(self, hidden, weight, bias) -> Optional[int]:
+        """Sequences per row chunk of the gradients-in-forward path (grads_in_forward), or None
+        for linear_token_logprobs then the loss: without gradients, under torch.compile (which
+        traces the op, not this loop), with mixed dtypes, or where one sequence's logits [T, V]
+        in the compute dtype pass linear_logprobs_loss.MAX_CHUNK_BYTES."""
+        dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+        wanted = self.grads_in_forward
+        if wanted is None:
+            wanted = dtypes <= {torch.float32} or dtypes <= {torch.float64}
+        if (not wanted or len(dtypes) != 1 or not torch.is_grad_enabled()
+                or torch.compiler.is_compiling()
+                or not any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
+            return None
+        itemsize = 8 if hidden.dtype == torch.float64 else 4
+        return sequences_per_chunk(hidden.shape[1], weight.shape[0], itemsize)
 
     def loss_from_logps(self, logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
                         old_per_token_logps: Optional[torch.Tensor] = None,
@@ -211,16 +273,34 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         """(loss [], GRPOTerms) from the policy's log-probs logp [B, T] (differentiable) and
         mask [B, T] (its values weigh the tokens): the loss of forward after its head, for a host
         that makes the log-probs itself (FusedGRPOTrainer)."""
-        weights = mask_weights(mask, logp, self.binary_mask)
-        if self.beta != 0.0 and self.use_ref_model and ref_per_token_logps is None:
+        inputs = self._inputs(mask_weights(mask, logp, self.binary_mask), advantages,
+                              old_per_token_logps, ref_per_token_logps, vllm_is_ratio,
+                              num_items_in_batch, like=logp)
+        return self._loss(logp, inputs)
+
+    def _inputs(self, weights, advantages, old, ref, is_ratio, num_items_in_batch,
+                like=None) -> LossInputs:
+        """The LossInputs of a batch whose mask's values are weights [B, T] (like: the log-probs,
+        whose shape the per-row tensors are read against; default weights)."""
+        like = weights if like is None else like
+        if self.beta != 0.0 and self.use_ref_model and ref is None:
             raise ValueError(f"{OP}: beta={self.beta} needs ref_per_token_logps (or "
                              "use_ref_model=False for no reference, or beta=0)")
-        old = logp.detach() if old_per_token_logps is None else old_per_token_logps.detach()
-        advantages = per_row(OP, "advantages", advantages, logp).detach()
-        is_ratio = per_row(OP, "vllm_is_ratio", vllm_is_ratio, logp)
-        agg_weight = loss_weights(self.loss_type, weights, self.max_completion_length,
-                                  num_items_in_batch)
-        policy_weight = agg_weight if is_ratio is None else agg_weight * is_ratio.detach().float()
+        agg = loss_weights(self.loss_type, weights, self.max_completion_length,
+                           num_items_in_batch)
+        is_ratio = per_row(OP, "vllm_is_ratio", is_ratio, like)
+        return LossInputs(weights, agg, per_row(OP, "advantages", advantages, like).detach(),
+                          None if old is None else old.detach(),
+                          None if ref is None else ref.detach(),
+                          None if is_ratio is None else is_ratio.detach())
+
+    def _loss(self, logp: torch.Tensor, inputs: LossInputs) -> tuple[torch.Tensor, GRPOTerms]:
+        """(loss [], GRPOTerms) of the rows logp [B, T] (differentiable) and their inputs: a sum
+        over the rows (the aggregation's weights are the whole batch's, in inputs.agg)."""
+        weights, agg_weight, advantages = inputs.weights, inputs.agg, inputs.advantages
+        old = logp.detach() if inputs.old is None else inputs.old
+        is_ratio = inputs.is_ratio
+        policy_weight = agg_weight if is_ratio is None else agg_weight * is_ratio.float()
         log_ratio = self._log_ratio(logp.float(), old.float(), weights)
         if self.loss_type == "vespo":
             # the sampler's ratio is inside phi (TRL's and Liger's), not a factor of the term
@@ -232,8 +312,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         kl = None
         if self.beta != 0.0:
             # Liger without a reference model: the policy's own log-probs, a KL of 0
-            ref = ref_per_token_logps if self.use_ref_model else logp
-            kl = kl_penalty(logp, ref.detach(), estimator="k3", mask=weights)
+            ref = inputs.ref if self.use_ref_model else logp.detach()
+            kl = kl_penalty(logp, ref, estimator="k3", mask=weights)
             if self.use_bias_correction_kl:
                 kl = kl * log_ratio.exp()
             loss = loss + self.beta * (kl * agg_weight).sum()

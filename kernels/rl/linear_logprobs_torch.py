@@ -36,7 +36,7 @@ def transformed_logits(hidden, weight, bias, logit_scale, softcap, temperature):
 LOG_P_FLOOR = -1e4
 
 
-def _log_probs_(z, lse):
+def log_probs_(z, lse):
     """log p [C, V] of scaled logits z and their row logsumexp lse [C], in z's buffer, clamped at
     LOG_P_FLOOR."""
     return z.sub_(lse[:, None]).clamp_(min=LOG_P_FLOOR)
@@ -45,6 +45,49 @@ def _log_probs_(z, lse):
 def _chunks(total: int, size: int):
     for start in range(0, total, size):
         yield start, min(start + size, total)
+
+
+def chunk_logprobs_(z, labels, valid, return_entropy: bool):
+    """(logp [C], lse [C], entropy [C] or None, log p [C, V]) of scaled logits z [C, V] (compute
+    dtype): logp 0 on the rows ``valid`` [C] leaves out. With ``return_entropy`` z's buffer becomes
+    log p (log_probs_); without, log p is None and z is left as it was."""
+    lse = torch.logsumexp(z, dim=-1)
+    index = torch.where(valid, labels, 0).long()[:, None]
+    logp = torch.where(valid, z.gather(1, index).squeeze(1) - lse, 0.0)
+    if not return_entropy:
+        return logp, lse, None, None
+    log_p = log_probs_(z, lse)                                         # z's buffer from here
+    # entropy = -sum p log p, a row dot product: no third [C, V] buffer
+    entropy = torch.where(valid, -torch.linalg.vecdot(log_p.exp(), log_p), 0.0)
+    return logp, lse, entropy, log_p
+
+
+def logit_grad_(log_p, t, g_logp, g_entropy, entropy, labels, valid, temperature: float,
+                logit_scale: float):
+    """d loss / d (raw logits) [C, V], made in log_p's buffer (log p [C, V], log_probs_), of
+    upstream gradients g_logp [C] and g_entropy [C] (or None) in the compute dtype; t: the soft
+    cap's tanh (transformed_logits), or None."""
+    p = log_p.exp()
+    g_logp = g_logp[:, None]
+    # d logp / d z = onehot(label) - p;  d entropy / d z = -p * (log p + entropy), so
+    # d loss / d z = onehot * g_logp - p * (g_logp + g_entropy * (log p + entropy)),
+    # made in log_p's buffer.
+    grad = log_p
+    if g_entropy is not None:
+        grad.add_(entropy[:, None]).mul_(g_entropy[:, None])
+        grad.add_(g_logp)
+    else:
+        grad.copy_(g_logp.expand_as(grad))
+    grad.mul_(p).neg_()
+    del p
+    index = torch.where(valid, labels, 0).long()[:, None]
+    grad.scatter_add_(1, index, g_logp)
+    grad.masked_fill_(~valid[:, None], 0.0).div_(temperature)
+    if t is not None:
+        grad.mul_(1.0 - t * t)
+    if logit_scale != 1.0:
+        grad.mul_(logit_scale)
+    return grad
 
 
 class HeadGrads:
@@ -92,17 +135,10 @@ class ChunkedHead(torch.autograd.Function):
         for start, end in _chunks(n_rows, chunk_size):
             z, _ = transformed_logits(hidden[start:end], weight, bias, logit_scale, softcap,
                                       temperature)
-            chunk_lse = torch.logsumexp(z, dim=-1)
-            ok = valid[start:end]
-            index = torch.where(ok, labels[start:end], 0).long()[:, None]
-            picked = z.gather(1, index).squeeze(1) - chunk_lse
-            logp[start:end] = torch.where(ok, picked, 0.0)
-            lse[start:end] = chunk_lse
+            rows = chunk_logprobs_(z, labels[start:end], valid[start:end], return_entropy)
+            logp[start:end], lse[start:end] = rows[0], rows[1]
             if return_entropy:
-                log_p = _log_probs_(z, chunk_lse)                       # z's buffer from here
-                # entropy = -sum p log p, a row dot product: no third [C, V] buffer
-                plogp = torch.linalg.vecdot(log_p.exp(), log_p)
-                entropy[start:end] = torch.where(ok, -plogp, 0.0)
+                entropy[start:end] = rows[2]
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.args = (temperature, ignore_index, chunk_size, logit_scale, softcap)
         ctx.mark_non_differentiable(lse)
@@ -119,27 +155,11 @@ class ChunkedHead(torch.autograd.Function):
         for start, end in _chunks(hidden.shape[0], chunk_size):
             h = hidden[start:end]
             z, t = transformed_logits(h, weight, bias, logit_scale, softcap, temperature)
-            log_p = _log_probs_(z, lse[start:end])                      # z's buffer from here
-            p = log_p.exp()
-            g_logp = grad_logp[start:end].to(cd)[:, None]
-            # d logp / d z = onehot(label) - p;  d entropy / d z = -p * (log p + entropy), so
-            # d loss / d z = onehot * g_logp - p * (g_logp + g_entropy * (log p + entropy)),
-            # made in log_p's buffer.
-            grad = log_p
-            if has_entropy_grad:
-                grad.add_(entropy[start:end, None]).mul_(grad_entropy[start:end].to(cd)[:, None])
-                grad.add_(g_logp)
-            else:
-                grad.copy_(g_logp.expand_as(grad))
-            grad.mul_(p).neg_()
-            del p
-            index = torch.where(valid[start:end], labels[start:end], 0).long()[:, None]
-            grad.scatter_add_(1, index, g_logp)
-            grad.masked_fill_(~valid[start:end, None], 0.0).div_(temperature)
-            if t is not None:
-                grad.mul_(1.0 - t * t)
-            if logit_scale != 1.0:
-                grad.mul_(logit_scale)
+            log_p = log_probs_(z, lse[start:end])                      # z's buffer from here
+            grad = logit_grad_(log_p, t, grad_logp[start:end].to(cd),
+                               grad_entropy[start:end].to(cd) if has_entropy_grad else None,
+                               entropy[start:end], labels[start:end], valid[start:end],
+                               temperature, logit_scale)
             grads.add(grad, h, start, end)
         return grads.result() + (None,) * 7
 
