@@ -35,7 +35,9 @@ from fusedrl.bench.context import free_device
 
 HERE = Path(__file__).resolve().parent
 
-VARIANTS = ("torch", "fusedrl", "liger", "trl_head")
+# "fusedrl_recompute": ours with grads_in_forward=False (the head's logits made again in backward),
+# the A/B of the default's gradients in the forward (kernels/rl/linear_logprobs_loss.py).
+VARIANTS = ("torch", "fusedrl", "fusedrl_recompute", "liger", "trl_head")
 BETA, EPS, ROWS_PER_SEQ = 0.04, 0.2, 512
 
 
@@ -80,10 +82,11 @@ def variant_loss(name: str):
             logp = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, x["ids"][..., None])
             return trl_loss(logp.squeeze(-1), x["old"], x["ref"], x["advantages"], x["mask"])
         return loss
-    if name in ("fusedrl", "liger"):
-        if name == "fusedrl":
+    if name in ("fusedrl", "fusedrl_recompute", "liger"):
+        if name != "liger":
             from fusedrl.kernels.integrations import FusedLinearGRPOLoss
-            module = FusedLinearGRPOLoss(beta=BETA, loss_type="grpo", use_bias_correction_kl=True)
+            module = FusedLinearGRPOLoss(beta=BETA, loss_type="grpo", use_bias_correction_kl=True,
+                                         grads_in_forward=None if name == "fusedrl" else False)
         else:
             from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
             module = LigerFusedLinearGRPOLoss(beta=BETA, compiled=False, loss_type="grpo",

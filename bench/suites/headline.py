@@ -110,7 +110,7 @@ def cases(ctx: Context) -> list[Case]:
         *(kernel_case(ctx, case) for case in bench_kernels.logprobs_entropy_cases(n, v, dtype)),
         *(kernel_case(ctx, case) for case in logprobs),
         headline(Case(kernels.SUITE, kernels.grpo_loss_name(*head),
-                      ("eager", "fusedrl", "liger", "trl"),
+                      ("eager", "fusedrl", "fusedrl recompute", "liger", "trl"),
                       functools.partial(kernels.grpo_loss_rows, ctx, head))),
         headline(Case(kernels.SUITE, kernels.distill_name(*distill, ctx.device),
                       ("eager", "fusedrl", "trl", "liger"),

@@ -123,6 +123,7 @@ def variants_here(ctx: Context, here: bool | None) -> bool:
 
 # The GRPO loss's peers (bench_integrations' variants) and their rows' names and distributions.
 LOSS_VARIANTS = {"torch": ("eager", None), "fusedrl": ("fusedrl", None),
+                 "fusedrl_recompute": ("fusedrl recompute", None),
                  "liger": ("liger", "liger-kernel"), "trl_head": ("trl fused head", "trl")}
 
 
@@ -280,7 +281,8 @@ def cases(ctx: Context) -> list[Case]:
     out.append(Case(SUITE, ATTENTION, ("fusedrl", "padded", "loop"),
                     functools.partial(attention_rows, ctx, budget), model_paths=True))
     n, h, v = (32, 16, 128) if ctx.quick else (4096, 896, 151936)
-    out.append(Case(SUITE, grpo_loss_name(n, h, v), ("eager", "fusedrl", "liger", "trl"),
+    out.append(Case(SUITE, grpo_loss_name(n, h, v),
+                    ("eager", "fusedrl", "fusedrl recompute", "liger", "trl"),
                     functools.partial(grpo_loss_rows, ctx)))
     out.append(Case(SUITE, distill_name(*distill_shape(ctx.quick), ctx.device),
                     ("eager", "fusedrl", "trl", "liger"), functools.partial(distill_rows, ctx)))
