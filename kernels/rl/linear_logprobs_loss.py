@@ -74,16 +74,24 @@ class _LossInForward(torch.autograd.Function):
             g_logp = torch.zeros_like(chunk) if g_logp is None else g_logp.to(cd)
             grad = logit_grad_(log_p, t, g_logp, None, None, ids, ok, temperature, logit_scale)
             grads.add(grad, h, start, end)
+            # the chunk's [C, V] buffers go before the next chunk's logits are made
+            del z, t, log_p, grad
         made = grads.result()
-        ctx.made = tuple(g is not None for g in made)
+        ctx.made, ctx.spent = tuple(g is not None for g in made), False
         ctx.save_for_backward(*(g for g in made if g is not None))
         ctx.mark_non_differentiable(logp, entropy)
         return total, logp, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
+        # Scaled in place: a copy would hold the head's gradient twice (2 GiB each in fp32 at
+        # Liger's shape). So they are handed out once.
+        if ctx.spent:
+            raise RuntimeError("linear_logprobs_loss: backward ran a second time (retain_graph); "
+                               "its gradients were made in the forward and are handed out once")
+        ctx.spent = True
         saved = iter(ctx.saved_tensors)
-        scaled = tuple(next(saved) * grad_loss if made else None for made in ctx.made)
+        scaled = tuple(next(saved).mul_(grad_loss) if made else None for made in ctx.made)
         return scaled + (None,) * 8
 
 
@@ -104,7 +112,8 @@ def linear_logprobs_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     where logp are linear_token_logprobs' of hidden [N, H] through weight [V, H] (+ bias [V]),
     labels [N] (ignore_index: logp 0, no gradient), at temperature, logit_scale and softcap as
     there. logp and entropy come detached, in the compute dtype; the loss is differentiable by
-    hidden, weight and bias, its gradients made here in the forward (see the module docstring).
+    hidden, weight and bias, its gradients made here in the forward (see the module docstring)
+    and scaled in place by the backward, which runs once (retain_graph is refused).
     hidden and weight of one dtype; arguments validated by the caller."""
     covered = [end - start for start, end in bounds]
     if sum(covered) != hidden.shape[0] or any(n < 0 for n in covered) or any(

@@ -139,6 +139,7 @@ class ChunkedHead(torch.autograd.Function):
             logp[start:end], lse[start:end] = rows[0], rows[1]
             if return_entropy:
                 entropy[start:end] = rows[2]
+            del z, rows  # before the next chunk's logits are made
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.args = (temperature, ignore_index, chunk_size, logit_scale, softcap)
         ctx.mark_non_differentiable(lse)
@@ -161,6 +162,7 @@ class ChunkedHead(torch.autograd.Function):
                                entropy[start:end], labels[start:end], valid[start:end],
                                temperature, logit_scale)
             grads.add(grad, h, start, end)
+            del z, t, log_p, grad  # before the next chunk's logits are made
         return grads.result() + (None,) * 7
 
 

@@ -75,6 +75,17 @@ def test_a_head_without_gradients_still_gives_the_hidden_states_theirs():
     assert entropy.numel() == 0
 
 
+def test_a_second_backward_is_refused_not_scaled_twice():
+    hidden, weight, _, labels, coef = head_inputs(torch.float32, seed=6, with_bias=False)
+    leaf = hidden.clone().requires_grad_()
+    loss, _, _ = linear_logprobs_loss(leaf, weight, labels, row_loss_of(coef), [(0, N)])
+    (2.0 * loss).backward(retain_graph=True)
+    once = leaf.grad.clone()
+    with pytest.raises(RuntimeError, match="backward ran a second time"):
+        loss.backward()
+    assert torch.equal(leaf.grad, once)
+
+
 @pytest.mark.parametrize("bounds", [[(0, 10)], [(0, 10), (11, N)], [(1, N)], [(0, 12), (10, N)]])
 def test_bounds_that_miss_or_repeat_rows_are_refused(bounds):
     hidden, weight, _, labels, coef = head_inputs(torch.float32, seed=1, with_bias=False)
