@@ -154,7 +154,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     never): the head's gradients made in the forward, a sequence at a time while its logits are
     in memory (kernels/rl/linear_logprobs_loss.py: no recompute of the logits in backward, whose
     fp32 matmul is a quarter of the op's time), wherever a whole sequence's logits fit its
-    MAX_CHUNK_BYTES; else linear_token_logprobs then the loss.
+    MAX_CHUNK_BYTES; else linear_token_logprobs then the loss. That path's backward runs once
+    (a second, after retain_graph=True, is refused: the head's gradients are scaled in place, not
+    copied); grads_in_forward=False for a host that differentiates the loss twice.
     """
 
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True,
@@ -250,16 +252,19 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         return loss, self._metrics(terms, entropy.view(batch, steps))
 
     def _rows_per_chunk(self, hidden, weight, bias) -> Optional[int]:
-        """Sequences per row chunk of the gradients-in-forward path (grads_in_forward), or None
-        for linear_token_logprobs then the loss: without gradients, under torch.compile (which
-        traces the op, not this loop), with mixed dtypes, or where one sequence's logits [T, V]
-        in the compute dtype pass linear_logprobs_loss.MAX_CHUNK_BYTES."""
+        """Sequences per row chunk of the gradients-in-forward path (grads_in_forward: by default
+        fp32 and fp64 heads, not 16-bit ones), or None for linear_token_logprobs then the loss:
+        without gradients, under torch.compile (which traces the op, not this loop) or an
+        autocast (which would cast the head's matmuls), with mixed dtypes, for an empty batch, or
+        where one sequence's logits [T, V] in the compute dtype pass
+        linear_logprobs_loss.MAX_CHUNK_BYTES."""
         dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
         wanted = self.grads_in_forward
         if wanted is None:
             wanted = dtypes <= {torch.float32} or dtypes <= {torch.float64}
         if (not wanted or len(dtypes) != 1 or not torch.is_grad_enabled()
-                or torch.compiler.is_compiling()
+                or torch.compiler.is_compiling() or hidden.shape[0] * hidden.shape[1] == 0
+                or torch.is_autocast_enabled(hidden.device.type)
                 or not any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
             return None
         itemsize = 8 if hidden.dtype == torch.float64 else 4
@@ -286,10 +291,11 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         if self.beta != 0.0 and self.use_ref_model and ref is None:
             raise ValueError(f"{OP}: beta={self.beta} needs ref_per_token_logps (or "
                              "use_ref_model=False for no reference, or beta=0)")
+        advantages = per_row(OP, "advantages", advantages, like).detach()
+        is_ratio = per_row(OP, "vllm_is_ratio", is_ratio, like)
         agg = loss_weights(self.loss_type, weights, self.max_completion_length,
                            num_items_in_batch)
-        is_ratio = per_row(OP, "vllm_is_ratio", is_ratio, like)
-        return LossInputs(weights, agg, per_row(OP, "advantages", advantages, like).detach(),
+        return LossInputs(weights, agg, advantages,
                           None if old is None else old.detach(),
                           None if ref is None else ref.detach(),
                           None if is_ratio is None else is_ratio.detach())

@@ -276,6 +276,17 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def check_head_inputs(hidden, weight, bias, labels, temperature, ignore_index, logit_scale=1.0,
+                      softcap=None, chunk_size=None, fuse_matmul=None) -> None:
+    """linear_token_logprobs' checks of its arguments, each a one-line error (also the checks of
+    linear_logprobs_loss): shapes, dtypes, devices and options, and the labels' range where
+    dispatch.sync_checks_enabled allows reading it."""
+    _check_head_args(hidden, weight, bias, labels, chunk_size, fuse_matmul, logit_scale, softcap)
+    check_label_args(OP, labels, temperature, ignore_index)
+    if sync_checks_enabled(labels):
+        checks.check_label_range(OP, labels, weight.shape[0], ignore_index)
+
+
 def _check_head_args(hidden, weight, bias, labels, chunk_size, fuse_matmul, logit_scale, softcap):
     """Shapes, dtypes and options of linear_token_logprobs (no tensor value is read)."""
     checks.check_float(OP, "hidden", hidden)
@@ -329,10 +340,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         differentiable w.r.t. hidden, weight and bias. The "torch" backend, and soft-capping on
         every backend, run linear_logprobs_torch.py's row chunks (the Triton kernels have no tanh).
     """
-    _check_head_args(hidden, weight, bias, labels, chunk_size, fuse_matmul, logit_scale, softcap)
-    check_label_args(OP, labels, temperature, ignore_index)
-    if sync_checks_enabled(labels):
-        checks.check_label_range(OP, labels, weight.shape[0], ignore_index)
+    check_head_inputs(hidden, weight, bias, labels, temperature, ignore_index, logit_scale,
+                      softcap, chunk_size, fuse_matmul)
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
     lead = labels.shape
     hidden2d = hidden.to(dtype).reshape(-1, weight.shape[1])

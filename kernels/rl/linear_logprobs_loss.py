@@ -25,17 +25,19 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from .linear_logprobs import CHUNK_BYTES, check_head_inputs
 from .linear_logprobs_torch import (HeadGrads, chunk_logprobs_, log_probs_, logit_grad_,
                                     transformed_logits)
-from .linear_logprobs import CHUNK_BYTES
 from .statistics import compute_dtype
 
 # A row chunk of whole sequences: as many as linear_logprobs' CHUNK_BYTES of logits hold (in the
 # compute dtype), at least one, so memory does not grow with the batch; one sequence whose logits
 # pass MAX_CHUNK_BYTES is not taken (a caller recomputes instead). A 512-token sequence at Liger's
 # V 128,256 in fp32 is 250 MiB: one a chunk. The chunk's peak is about two such buffers (log p
-# and p in the gradient), beside the head's gradient.
+# and p in the gradient; a soft cap's tanh a third, a 16-bit head's logits before their fp32
+# copy another), beside the head's gradient.
 MAX_CHUNK_BYTES = 1 << 28
 # What a row chunk's loss gets: its log-probs [C] (a leaf that requires grad, compute dtype) and
 # its rows' bounds in the batch -> its share of the loss (a 0-dim tensor).
@@ -54,10 +56,11 @@ class _LossInForward(torch.autograd.Function):
         logp = hidden.new_zeros(n_rows, dtype=cd)
         entropy = hidden.new_zeros(n_rows if return_entropy else 0, dtype=cd)
         total = hidden.new_zeros((), dtype=cd)
-        grads = HeadGrads(hidden, weight, (True, weight.requires_grad,
+        grads = HeadGrads(hidden, weight, (hidden.requires_grad, weight.requires_grad,
                                            bias is not None and bias.requires_grad))
+        loss_dtype = cd  # the row losses' own (the first chunk's), in which the sum comes back
         valid = labels != ignore_index
-        for start, end in bounds:
+        for number, (start, end) in enumerate(bounds):
             h, ok, ids = hidden[start:end], valid[start:end], labels[start:end]
             z, t = transformed_logits(h, weight, bias, logit_scale, softcap, temperature)
             # log p in z's buffer either way: the entropy wants it, so does the gradient
@@ -69,7 +72,9 @@ class _LossInForward(torch.autograd.Function):
             with torch.enable_grad():
                 leaf = chunk.detach().requires_grad_()
                 loss = row_loss(leaf, start, end)
-                (g_logp,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+                g_logp = (torch.autograd.grad(loss, leaf, allow_unused=True)[0]
+                          if loss.requires_grad else None)
+            loss_dtype = loss.dtype if number == 0 else loss_dtype
             total += loss.detach().to(cd)
             g_logp = torch.zeros_like(chunk) if g_logp is None else g_logp.to(cd)
             grad = logit_grad_(log_p, t, g_logp, None, None, ids, ok, temperature, logit_scale)
@@ -80,9 +85,10 @@ class _LossInForward(torch.autograd.Function):
         ctx.made, ctx.spent = tuple(g is not None for g in made), False
         ctx.save_for_backward(*(g for g in made if g is not None))
         ctx.mark_non_differentiable(logp, entropy)
-        return total, logp, entropy
+        return total.to(loss_dtype), logp, entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         # Scaled in place: a copy would hold the head's gradient twice (2 GiB each in fp32 at
         # Liger's shape). So they are handed out once.
@@ -114,7 +120,15 @@ def linear_logprobs_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     there. logp and entropy come detached, in the compute dtype; the loss is differentiable by
     hidden, weight and bias, its gradients made here in the forward (see the module docstring)
     and scaled in place by the backward, which runs once (retain_graph is refused).
-    hidden and weight of one dtype; arguments validated by the caller."""
+    hidden and weight (and bias) of one dtype. Under an autocast the head's matmuls would follow
+    it: a caller that wants the head's own dtype turns it off."""
+    check_head_inputs(hidden, weight, bias, labels, temperature, ignore_index, logit_scale,
+                      softcap)
+    dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if hidden.dim() != 2 or len(dtypes) != 1:
+        raise ValueError(f"linear_logprobs_loss: expected hidden [N, H] and a head of its dtype, "
+                         f"got hidden {tuple(hidden.shape)} {hidden.dtype}, weight {weight.dtype}"
+                         f"{'' if bias is None else f', bias {bias.dtype}'}")
     covered = [end - start for start, end in bounds]
     if sum(covered) != hidden.shape[0] or any(n < 0 for n in covered) or any(
             a[1] != b[0] for a, b in zip(bounds, bounds[1:])) or (bounds and bounds[0][0] != 0):

@@ -72,7 +72,7 @@ def test_a_head_without_gradients_still_gives_the_hidden_states_theirs():
     (want,) = torch.autograd.grad(row_loss_of(coef)(
         reference.linear_token_logprobs(exact, weight, labels), 0, N), exact)
     torch.testing.assert_close(leaf.grad, want)
-    assert entropy.numel() == 0
+    assert entropy.numel() == 0 and weight.grad is None
 
 
 def test_a_second_backward_is_refused_not_scaled_twice():
@@ -111,30 +111,37 @@ def grpo_inputs(seed):
                 adv=torch.randn(B, generator=gen), is_ratio=torch.rand(B, T, generator=gen) + 0.5)
 
 
-@pytest.mark.parametrize("loss_type, level", [
-    ("grpo", "token"), ("dapo", "sequence"), ("bnpo", "sequence_token"), ("dr_grpo", "token"),
-    ("cispo", "token"), ("sapo", "token"), ("luspo", "sequence"), ("vespo", "token")])
-def test_grpo_loss_takes_the_same_value_gradients_and_metrics_either_way(loss_type, level,
+@pytest.mark.parametrize("loss_type, level, options", [
+    ("grpo", "token", {}), ("dapo", "sequence", {"num_items_in_batch": 19}),
+    ("bnpo", "sequence_token", {}), ("dr_grpo", "token", {"use_ref_model": False}),
+    ("cispo", "token", {}), ("sapo", "token", {}), ("luspo", "sequence", {}),
+    ("vespo", "token", {"dtype": torch.float64})])
+def test_grpo_loss_takes_the_same_value_gradients_and_metrics_either_way(loss_type, level, options,
                                                                          monkeypatch):
-    """fp32 head, the gradients-in-forward path cut into chunks of two sequences (its byte target
-    made small) against linear_token_logprobs then the loss."""
+    """fp32 (one case fp64) head, the gradients-in-forward path cut into chunks of two sequences
+    (its byte target made small) against linear_token_logprobs then the loss."""
     x = grpo_inputs(seed=len(loss_type) + len(level))
-    sequence_bytes = T * V * 4
+    dtype = options.get("dtype", torch.float32)
+    sequence_bytes = T * V * dtype.itemsize
     monkeypatch.setattr(loss_module, "CHUNK_BYTES", 2 * sequence_bytes)
     results = []
     for in_forward in (True, False):
         module = FusedLinearGRPOLoss(beta=0.04, epsilon_high=0.28, loss_type=loss_type,
                                      importance_sampling_level=level, max_completion_length=T,
                                      use_bias_correction_kl=True, return_stats=True,
+                                     use_ref_model=options.get("use_ref_model", True),
                                      grads_in_forward=in_forward)
-        leaves = [x[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+        leaves = [x[k].to(dtype).requires_grad_() for k in ("hidden", "weight", "bias")]
         assert module._rows_per_chunk(*leaves) == (2 if in_forward else None)
         loss, metrics = module(leaves[0], leaves[1], x["ids"], x["mask"], x["adv"],
                                bias=leaves[2], ref_per_token_logps=x["ref"],
-                               old_per_token_logps=x["old"], vllm_is_ratio=x["is_ratio"])
+                               old_per_token_logps=x["old"], vllm_is_ratio=x["is_ratio"],
+                               num_items_in_batch=options.get("num_items_in_batch"))
         (2.0 * loss).backward()
         results.append((loss.detach(), metrics, [leaf.grad for leaf in leaves]))
     (loss, metrics, grads), (loss2, metrics2, grads2) = results
+    # (an fp64 head's log-probs are fp32 on the Triton backend's path, fp64 on this one's)
+    assert loss.dtype == loss2.dtype or dtype == torch.float64
     assert loss.item() == pytest.approx(loss2.item(), rel=1e-5, abs=1e-6)
     for name in metrics:
         assert metrics[name].item() == pytest.approx(metrics2[name].item(), rel=1e-5, abs=1e-6)
@@ -157,3 +164,40 @@ def test_grpo_loss_takes_the_recompute_path_where_a_sequence_does_not_fit(monkey
     assert auto._rows_per_chunk(hidden, x["weight"], None) is None
     with pytest.raises(TypeError, match="grads_in_forward must be a bool or None, got 'yes'"):
         FusedLinearGRPOLoss(grads_in_forward="yes")
+
+
+@pytest.mark.parametrize("rows, steps", [(0, T), (B, 0)])
+def test_an_empty_batch_gives_a_zero_loss_on_the_default_path(rows, steps):
+    hidden = torch.randn(rows, steps, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    ids = torch.zeros(rows, steps, dtype=torch.int64)
+    loss, _ = FusedLinearGRPOLoss(loss_type="grpo", beta=0.0)(
+        hidden, weight, ids, torch.ones(rows, steps), torch.zeros(rows))
+    loss.backward()
+    assert loss.item() == 0.0 and weight.grad is not None and not weight.grad.any()
+
+
+def test_bad_labels_and_options_are_refused_in_one_line_on_the_default_path():
+    x = grpo_inputs(seed=4)
+    hidden = x["hidden"].clone().requires_grad_()
+    ids = x["ids"].clone()
+    ids[0, 0] = V
+    module = FusedLinearGRPOLoss(loss_type="grpo")
+    assert module._rows_per_chunk(hidden, x["weight"], None) is not None
+    with pytest.raises(ValueError, match="labels must be in"):
+        module(hidden, x["weight"], ids, torch.ones(B, T), x["adv"], ref_per_token_logps=x["ref"])
+    cold = FusedLinearGRPOLoss(loss_type="grpo", temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        cold(hidden, x["weight"], x["ids"], x["mask"], x["adv"], ref_per_token_logps=x["ref"])
+
+
+def test_without_gradients_the_module_gives_the_same_loss():
+    x = grpo_inputs(seed=8)
+    module = FusedLinearGRPOLoss(loss_type="dapo")
+    args = (x["ids"], x["mask"], x["adv"])
+    with torch.no_grad():
+        plain, _ = module(x["hidden"], x["weight"], *args, ref_per_token_logps=x["ref"])
+    trained, _ = module(x["hidden"].clone().requires_grad_(), x["weight"], *args,
+                        ref_per_token_logps=x["ref"])
+    assert trained.requires_grad and not plain.requires_grad
+    assert trained.item() == pytest.approx(plain.item(), rel=1e-5)
