@@ -4,7 +4,8 @@ Every op validates its inputs, then runs on the backend chosen by ``fusedrl.kern
 Triton for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), the PyTorch reference
 otherwise; ``use_backend(...)`` and ``FUSEDRL_BACKEND`` override, including "cuda": the optional
 compiled kernels of csrc/ (``fusedrl.kernels.cuda_ext``, see BACKENDS.md). The ops are registered as
-torch custom ops (namespace ``fusedrl``), so torch.compile traces through them. Without triton
+torch custom ops (namespace ``fusedrl``), so torch.compile traces through them; eager calls skip the
+custom-op wrapper (direct_ops.py). Without triton
 installed the package still imports and every op runs on the torch backend.
 
 The RL statistics (masked mean, moments and whitening, loss aggregation, the IS/GSPO corrections,

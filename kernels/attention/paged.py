@@ -19,6 +19,7 @@ from ..dispatch import fused_for_model, sync_checks_enabled
 from ..triton_compat import tl, triton
 from ..model.norm import rows_per_program
 from ..tile_dot import dot_nt
+from ..direct_ops import direct_op
 
 
 @triton.jit
@@ -60,10 +61,10 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     """Write rows of `k`, `v` [N, Hkv, D] into the caches at `slot_mapping` [N] (int64, -1 =
     skip)."""
     check_kv_write("store_kv", k, v, k_cache, v_cache, slot_mapping)
-    torch.ops.fusedrl.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    _store_kv_op(k, v, k_cache, v_cache, slot_mapping)
 
 
-@torch.library.custom_op("fusedrl::store_kv", mutates_args=("k_cache", "v_cache"))
+@direct_op("fusedrl::store_kv", mutates_args=("k_cache", "v_cache"))
 def _store_kv_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
     n, num_kv_heads, head_dim = k.shape
@@ -250,11 +251,10 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, 
     checks.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
     if num_splits is None:
         num_splits = _default_splits(q, k_cache, block_tables)
-    return torch.ops.fusedrl.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                          num_splits)
+    return _paged_decode_op(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
 
 
-@torch.library.custom_op("fusedrl::paged_decode", mutates_args=())
+@direct_op("fusedrl::paged_decode", mutates_args=())
 def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                      num_splits: int) -> torch.Tensor:
@@ -299,12 +299,11 @@ def rope_store_decode_triton(q, k, v, cos_table, sin_table, positions, k_cache, 
             f"and {tuple(sin_table.shape)}")
     if num_splits is None:
         num_splits = _default_splits(q, k_cache, block_tables)
-    return torch.ops.fusedrl.rope_store_decode(q, k, v, cos_table, sin_table, positions, k_cache,
-                                               v_cache, slot_mapping, block_tables, context_lens,
-                                               scale, num_splits)
+    return _rope_store_decode_op(q, k, v, cos_table, sin_table, positions, k_cache, v_cache,
+                                 slot_mapping, block_tables, context_lens, scale, num_splits)
 
 
-@torch.library.custom_op("fusedrl::rope_store_decode", mutates_args=("k_cache", "v_cache"))
+@direct_op("fusedrl::rope_store_decode", mutates_args=("k_cache", "v_cache"))
 def _rope_store_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from ..triton_compat import tl, triton
+from ..direct_ops import direct_op
 
 # Fixed for every call: changing any of them changes the rounding of every output.
 BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 32, 64, 64, 4, 3
@@ -127,10 +128,10 @@ def linear_fixed_tiles(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if x.dtype != weight.dtype:
         x, weight = x.float(), weight.float()
     # Unit stride in K; contiguous() is a no-op for the engine's activations and weights.
-    return torch.ops.fusedrl.fixed_tile_linear(x.contiguous(), weight.contiguous(), bias, dtype)
+    return _fixed_tile_linear_op(x.contiguous(), weight.contiguous(), bias, dtype)
 
 
-@torch.library.custom_op("fusedrl::fixed_tile_linear", mutates_args=())
+@direct_op("fusedrl::fixed_tile_linear", mutates_args=())
 def _fixed_tile_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           out_dtype: torch.dtype) -> torch.Tensor:
     (n, k), o = x.shape, weight.shape[0]

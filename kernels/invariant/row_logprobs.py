@@ -14,6 +14,7 @@ import torch
 
 from ..online_softmax import lanes_reduce, lanes_update, safe_shift
 from ..triton_compat import tl, triton
+from ..direct_ops import direct_op
 
 
 @triton.jit
@@ -62,10 +63,10 @@ def row_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch
             f"row_logprobs: tokens (int64) and temperatures (fp32) must be [{rows}], got "
             f"{tokens.dtype} {tuple(tokens.shape)} and {temperatures.dtype} "
             f"{tuple(temperatures.shape)}")
-    return torch.ops.fusedrl.row_logprobs(logits, tokens, temperatures)
+    return _row_logprobs_op(logits, tokens, temperatures)
 
 
-@torch.library.custom_op("fusedrl::row_logprobs", mutates_args=())
+@direct_op("fusedrl::row_logprobs", mutates_args=())
 def _row_logprobs_op(logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, vocab = logits.shape

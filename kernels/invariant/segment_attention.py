@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..triton_compat import tl, triton
+from ..direct_ops import direct_op
 
 # Partial results held at once, in fp32 elements (256 MiB): longer batches run in query pieces.
 PARTIAL_ELEMENTS = 1 << 26
@@ -190,11 +191,11 @@ def segment_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tenso
     if segment_programs is None:
         segment_programs = _default_segment_programs(n * k_rows.shape[1],
                                                      max_position // segment + 1, q.device)
-    return torch.ops.fusedrl.segment_attention(q, k_rows, v_rows, positions, seq_index, page_table,
-                                               page, segment, max_position, segment_programs)
+    return _segment_attention_op(q, k_rows, v_rows, positions, seq_index, page_table, page,
+                                 segment, max_position, segment_programs)
 
 
-@torch.library.custom_op("fusedrl::segment_attention", mutates_args=())
+@direct_op("fusedrl::segment_attention", mutates_args=())
 def _segment_attention_op(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
                           positions: torch.Tensor, seq_index: torch.Tensor,
                           page_table: torch.Tensor, page: int, segment: int, max_position: int,

@@ -27,6 +27,7 @@ import torch
 
 from ..tile_dot import dot_nt
 from ..triton_compat import tl, triton
+from ..direct_ops import direct_op
 
 # Tile sizes: 16 rows (tl.dot's least M; a decode step has T * k rows), 64 output columns, 32 of the
 # reduction: two fp32 [64, 32] operand tiles stay in registers at 4 warps (no spill on sm_80/sm_90).
@@ -118,7 +119,7 @@ def _rows_product(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> to
     return out
 
 
-@torch.library.custom_op("fusedrl::grouped_gemm_rows", mutates_args=())
+@direct_op("fusedrl::grouped_gemm_rows", mutates_args=())
 def _rows_op(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return _rows_product(a, b, offsets)
 
@@ -128,7 +129,7 @@ def _rows_fake(a, b, offsets):
     return a.new_empty(a.shape[0], b.shape[1])
 
 
-@torch.library.custom_op("fusedrl::grouped_gemm_weight_grad", mutates_args=())
+@direct_op("fusedrl::grouped_gemm_weight_grad", mutates_args=())
 def _weight_grad_op(grad_out: torch.Tensor, a: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     experts, n_out, n_in = offsets.shape[0], grad_out.shape[1], a.shape[1]
     grad_b = a.new_empty(experts, n_out, n_in)

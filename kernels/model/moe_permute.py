@@ -26,6 +26,7 @@ from ..dispatch import backend_for
 from ..reference.moe import moe_permute as _reference_permute
 from ..reference.moe import moe_unpermute as _reference_unpermute
 from ..triton_compat import tl, triton
+from ..direct_ops import direct_op
 
 # Columns per program: one row's block, 16 bytes per thread at 4 warps in bf16 (as silu_mul).
 BLOCK_COLS = 1024
@@ -105,7 +106,7 @@ def _grid(n_rows: int, n_cols: int):
     return (n_rows, triton.cdiv(n_cols, BLOCK_COLS))
 
 
-@torch.library.custom_op("fusedrl::moe_gather_rows", mutates_args=())
+@direct_op("fusedrl::moe_gather_rows", mutates_args=())
 def _gather_rows_op(src: torch.Tensor, order: torch.Tensor, scale: torch.Tensor | None,
                     top_k: int) -> torch.Tensor:
     out = src.new_empty(order.shape[0], src.shape[1])
@@ -121,7 +122,7 @@ def _gather_rows_fake(src, order, scale, top_k):
     return src.new_empty(order.shape[0], src.shape[1])
 
 
-@torch.library.custom_op("fusedrl::moe_combine", mutates_args=())
+@direct_op("fusedrl::moe_combine", mutates_args=())
 def _combine_op(y: torch.Tensor, slot_rows: torch.Tensor, weights: torch.Tensor | None,
                 top_k: int) -> torch.Tensor:
     out = y.new_empty(slot_rows.shape[0] // top_k, y.shape[1])
@@ -138,7 +139,7 @@ def _combine_fake(y, slot_rows, weights, top_k):
     return y.new_empty(slot_rows.shape[0] // top_k, y.shape[1])
 
 
-@torch.library.custom_op("fusedrl::moe_slot_dots", mutates_args=())
+@direct_op("fusedrl::moe_slot_dots", mutates_args=())
 def _slot_dots_op(grad_out: torch.Tensor, y: torch.Tensor, slot_rows: torch.Tensor,
                   top_k: int) -> torch.Tensor:
     dots = torch.empty(slot_rows.shape[0], dtype=torch.float32, device=y.device)

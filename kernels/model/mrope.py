@@ -21,6 +21,7 @@ from ..dispatch import backend_for
 from .norm import rows_per_program
 from .rotary import rotate_at
 from ..triton_compat import tl, triton
+from ..direct_ops import direct_op
 
 
 @triton.jit
@@ -75,7 +76,7 @@ def _launch(q, k, cos_table, sin_table, positions, axes, backward: bool):
     return q_out, k_out
 
 
-@torch.library.custom_op("fusedrl::mrope", mutates_args=())
+@direct_op("fusedrl::mrope", mutates_args=())
 def _mrope_op(q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
               positions: torch.Tensor, axes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(q, k, cos_table, sin_table, positions, axes, backward=False)
@@ -87,7 +88,7 @@ def _mrope_fake(q, k, cos_table, sin_table, positions, axes):
             torch.empty(k.shape, dtype=k.dtype, device=k.device))
 
 
-@torch.library.custom_op("fusedrl::mrope_bwd", mutates_args=())
+@direct_op("fusedrl::mrope_bwd", mutates_args=())
 def _mrope_bwd_op(grad_q: torch.Tensor, grad_k: torch.Tensor, cos_table: torch.Tensor,
                   sin_table: torch.Tensor, positions: torch.Tensor,
                   axes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

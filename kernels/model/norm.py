@@ -22,6 +22,7 @@ import torch
 from .. import checks, reference
 from ..dispatch import backend_for
 from ..triton_compat import tl, triton
+from ..direct_ops import direct_op
 
 # Elements one program handles: short rows (Qwen3's 128-wide q/k norm) are packed several to a
 # program so that each thread still moves 16 contiguous bytes.
@@ -126,7 +127,7 @@ def _launch_fwd(x, weight, eps, residual):
     return out, total
 
 
-@torch.library.custom_op("fusedrl::rms_norm", mutates_args=())
+@direct_op("fusedrl::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _launch_fwd(x, weight, eps, None)[0]
 
@@ -136,7 +137,7 @@ def _rms_norm_fake(x, weight, eps):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fusedrl::add_rms_norm", mutates_args=())
+@direct_op("fusedrl::add_rms_norm", mutates_args=())
 def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_fwd(x, weight, eps, residual)
@@ -147,7 +148,7 @@ def _add_rms_norm_fake(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
 
-@torch.library.custom_op("fusedrl::rms_norm_bwd", mutates_args=())
+@direct_op("fusedrl::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd_op(grad_out: torch.Tensor, grad_sum: Optional[torch.Tensor], s: torch.Tensor,
                      weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     n_cols = s.shape[-1]

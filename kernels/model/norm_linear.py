@@ -34,6 +34,7 @@ from .. import checks, reference
 from ..dispatch import fused_for_model
 from ..tile_dot import dot_nt
 from ..triton_compat import tl, triton
+from ..direct_ops import direct_op
 
 
 @triton.jit
@@ -177,7 +178,7 @@ def launch(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch
     return out, total
 
 
-@torch.library.custom_op("fusedrl::norm_linear", mutates_args=())
+@direct_op("fusedrl::norm_linear", mutates_args=())
 def _norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor,
                     eps: float, weight: torch.Tensor, bias: Optional[torch.Tensor], glu: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +204,7 @@ def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: 
     _check(x, residual, norm_weight, eps, weight, bias, glu)
     if not fused_for_model(x):
         return reference.norm_linear(x, residual, norm_weight, eps, weight, bias, glu)
-    y, total = torch.ops.fusedrl.norm_linear(x, residual, norm_weight, eps, weight, bias, glu)
+    y, total = _norm_linear_op(x, residual, norm_weight, eps, weight, bias, glu)
     return y, (x if residual is None else total)
 
 

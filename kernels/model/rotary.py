@@ -17,6 +17,7 @@ from .. import checks, reference
 from ..dispatch import backend_for
 from .norm import rows_per_program
 from ..triton_compat import tl, triton
+from ..direct_ops import direct_op
 
 
 @triton.jit
@@ -104,7 +105,7 @@ def _launch(q, k, cos, sin, backward: bool):
     return q_out, k_out
 
 
-@torch.library.custom_op("fusedrl::rope", mutates_args=())
+@direct_op("fusedrl::rope", mutates_args=())
 def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(q, k, cos, sin, backward=False)
@@ -116,7 +117,7 @@ def _rope_fake(q, k, cos, sin):
                                                                              device=k.device)
 
 
-@torch.library.custom_op("fusedrl::rope_bwd", mutates_args=())
+@direct_op("fusedrl::rope_bwd", mutates_args=())
 def _rope_bwd_op(grad_q: torch.Tensor, grad_k: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(grad_q, grad_k, cos, sin, backward=True)

@@ -19,6 +19,7 @@ import torch
 from .. import checks, reference
 from ..dispatch import backend_for
 from ..triton_compat import tl, triton
+from ..direct_ops import direct_op
 
 # Columns per program: a row's block of the output, 16 bytes per thread at 4 warps in bf16.
 BLOCK_COLS = 1024
@@ -80,7 +81,7 @@ def _out_like(gate_up: torch.Tensor) -> torch.Tensor:
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
-@torch.library.custom_op("fusedrl::silu_mul", mutates_args=())
+@direct_op("fusedrl::silu_mul", mutates_args=())
 def _silu_mul_op(gate_up: torch.Tensor) -> torch.Tensor:
     out = _out_like(gate_up)
     if out.numel():
@@ -95,7 +96,7 @@ def _silu_mul_fake(gate_up):
     return _out_like(gate_up)
 
 
-@torch.library.custom_op("fusedrl::silu_mul_bwd", mutates_args=())
+@direct_op("fusedrl::silu_mul_bwd", mutates_args=())
 def _silu_mul_bwd_op(grad_out: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     grad_gate_up = torch.empty_like(gate_up)
     if gate_up.numel():

@@ -15,6 +15,7 @@ import torch
 from .. import checks, cuda_ext, reference
 from ..triton_compat import tl, triton
 from ..dispatch import backend_for
+from ..direct_ops import direct_op
 
 GAE = "gae"
 
@@ -89,7 +90,7 @@ def _gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma:
     return advantages, returns
 
 
-@torch.library.custom_op("fusedrl::gae", mutates_args=())
+@direct_op("fusedrl::gae", mutates_args=())
 def _gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
             lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The scan kernel (no gradient flows through gae: no autograd formula)."""

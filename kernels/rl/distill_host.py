@@ -18,6 +18,7 @@ import torch
 from ..triton_compat import triton
 from .distill_kernels import NORMS, N_STATS, _jsd_kernel, _logit_grad_kernel, _stats_kernel
 from .linear_logprobs import _sm_count, fused_tiles, head_grads, vocab_chunk_size, vocab_splits
+from ..direct_ops import direct_op
 
 
 def divergence_mode(beta: float) -> int:
@@ -115,7 +116,7 @@ def distill_backward(grad_div, hs, ws, bs, ht, wt, bt, valid, aux, norms, beta, 
                       logit_grad)
 
 
-@torch.library.custom_op("fusedrl::linear_distill_fwd", mutates_args=())
+@direct_op("fusedrl::linear_distill_fwd", mutates_args=())
 def _fwd_op(hs: torch.Tensor, ws: torch.Tensor, bs: Optional[torch.Tensor], ht: torch.Tensor,
             wt: torch.Tensor, bt: Optional[torch.Tensor], valid: torch.Tensor, beta: float,
             inv_s: float, inv_t: float, chunk_size: int
@@ -129,7 +130,7 @@ def _(hs, ws, bs, ht, wt, bt, valid, beta, inv_s, inv_t, chunk_size):
     return row, row.clone(), row.clone(), hs.new_empty(NORMS, hs.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("fusedrl::linear_distill_bwd", mutates_args=())
+@direct_op("fusedrl::linear_distill_bwd", mutates_args=())
 def _bwd_op(grad_div: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor,
             bs: Optional[torch.Tensor], ht: torch.Tensor, wt: torch.Tensor,
             bt: Optional[torch.Tensor], valid: torch.Tensor, aux: torch.Tensor,
@@ -160,7 +161,7 @@ def _backward(ctx, grad_div, *_unused):
     hs, ws, bs, ht, wt, bt, valid, aux, norms = ctx.saved_tensors
     beta, inv_s, inv_t, chunk_size = ctx.args
     need_weight_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    grad_hidden, grad_weight, grad_bias = torch.ops.fusedrl.linear_distill_bwd(
+    grad_hidden, grad_weight, grad_bias = _bwd_op(
         grad_div, hs, ws, bs, ht, wt, bt, valid, aux, norms, beta, inv_s, inv_t,
         chunk_size, need_weight_grad)
     return (grad_hidden, grad_weight if need_weight_grad else None,
@@ -174,7 +175,7 @@ def fused_distill(hs, ws, bs, ht, wt, bt, valid, beta, inv_s, inv_t, chunk_size)
     """(divergence [N], entropy [N]) fp32 from the fused kernels: hs [N, Ks], ws [V, Ks] of one
     dtype, the teacher's likewise, valid [N] bool; differentiable w.r.t. hs, ws and bs. Arguments
     validated by the caller (linear_distill_divergence)."""
-    divergence, entropy, _, _ = torch.ops.fusedrl.linear_distill_fwd(
+    divergence, entropy, _, _ = _fwd_op(
         hs.contiguous(), ws.contiguous(), bs, ht.contiguous(), wt.contiguous(), bt,
         valid.to(torch.int8).contiguous(), float(beta), float(inv_s), float(inv_t),
         int(chunk_size))

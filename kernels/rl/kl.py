@@ -18,6 +18,7 @@ from . import statistics
 from .. import checks, cuda_ext, reference
 from ..triton_compat import tl, triton
 from ..dispatch import backend_for
+from ..direct_ops import direct_op
 
 OP = "kl_penalty"
 ESTIMATORS = ("k1", "k2", "k3")
@@ -170,7 +171,7 @@ def _backward_on(grad_op):
     return backward
 
 
-@torch.library.custom_op("fusedrl::kl_penalty", mutates_args=())
+@direct_op("fusedrl::kl_penalty", mutates_args=())
 def _kl_op(logp: torch.Tensor, ref_logp: torch.Tensor, mask: Optional[torch.Tensor], estimator: int,
            log_ratio_clamp: float, clamp: float) -> torch.Tensor:
     """The forward kernel; a clamp <= 0 is off."""
@@ -182,7 +183,7 @@ def _kl_fake(logp, *_args):
     return torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
 
 
-@torch.library.custom_op("fusedrl::kl_penalty_grad", mutates_args=())
+@direct_op("fusedrl::kl_penalty_grad", mutates_args=())
 def _kl_grad_op(grad_out: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
                 mask: Optional[torch.Tensor], estimator: int, log_ratio_clamp: float,
                 clamp: float) -> torch.Tensor:

@@ -34,6 +34,7 @@ from .linear_logprobs_kernels import (N_STATES, _logit_grad_kernel, _lse_combine
 from .logprobs import check_label_args, token_logprobs_backward, token_logprobs_forward
 from .statistics import compute_dtype
 from ..triton_compat import triton
+from ..direct_ops import direct_op
 
 OP = "linear_token_logprobs"
 # Bytes in one chunk of logits, in the dtype they are made in: 32 MiB keeps the head's extra
@@ -213,7 +214,7 @@ def backward_chunks(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, 
                       need_weight_grad, logit_grad)
 
 
-@torch.library.custom_op("fusedrl::linear_token_logprobs_fwd", mutates_args=())
+@direct_op("fusedrl::linear_token_logprobs_fwd", mutates_args=())
 def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             labels: torch.Tensor, temperature: float, ignore_index: int, return_entropy: bool,
             chunk_size: int, fuse_matmul: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -232,7 +233,7 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, c
     return row, hidden.new_empty(n_rows if return_entropy else 0, dtype=torch.float32), row.clone()
 
 
-@torch.library.custom_op("fusedrl::linear_token_logprobs_bwd", mutates_args=())
+@direct_op("fusedrl::linear_token_logprobs_bwd", mutates_args=())
 def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor, hidden: torch.Tensor,
             weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
             lse: torch.Tensor, entropy: torch.Tensor, temperature: float, ignore_index: int,
@@ -264,7 +265,7 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
     if grad_entropy is None:
         grad_entropy = grad_logp.new_empty(0)
     need_weight_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    grad_hidden, grad_weight, grad_bias = torch.ops.fusedrl.linear_token_logprobs_bwd(
+    grad_hidden, grad_weight, grad_bias = _bwd_op(
         grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ctx.temperature,
         ctx.ignore_index, ctx.chunk_size, need_weight_grad, ctx.fuse_matmul,
     )
@@ -359,7 +360,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         if fuse_matmul is None:
             fuse_matmul = dtype != torch.float32
         # Without a cap, the scale folds into the temperature: s * z / T = z / (T / s).
-        logp, entropy, _ = torch.ops.fusedrl.linear_token_logprobs_fwd(
+        logp, entropy, _ = _fwd_op(
             hidden2d.contiguous(), weight.contiguous(), bias, labels.contiguous(),
             float(temperature) / float(logit_scale), ignore_index, bool(return_entropy), chunk,
             fuse_matmul,

@@ -19,6 +19,7 @@ from .. import checks, cuda_ext, reference
 from ..online_softmax import lanes_of, lanes_reduce, lanes_update, safe_shift
 from ..triton_compat import tl, triton
 from ..dispatch import backend_for, fused_op, sync_checks_enabled
+from ..direct_ops import direct_op
 
 OP = "token_logprobs"
 
@@ -234,7 +235,7 @@ def token_logprobs_backward(grad_logp: torch.Tensor, grad_entropy: Optional[torc
     return out
 
 
-@torch.library.custom_op("fusedrl::token_logprobs_fwd", mutates_args=())
+@direct_op("fusedrl::token_logprobs_fwd", mutates_args=())
 def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
             return_entropy: bool, inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                    torch.Tensor]:
@@ -248,7 +249,7 @@ def _fwd_fake(logits, labels, temperature, ignore_index, return_entropy, inplace
     return row, logits.new_empty(n_rows if return_entropy else 0, dtype=torch.float32), row.clone()
 
 
-@torch.library.custom_op("fusedrl::token_logprobs_bwd", mutates_args=())
+@direct_op("fusedrl::token_logprobs_bwd", mutates_args=())
 def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor, logits: torch.Tensor,
             labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
             ignore_index: int) -> torch.Tensor:
@@ -261,7 +262,7 @@ def _bwd_fake(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature
     return grad_buffer(logits)
 
 
-@torch.library.custom_op("fusedrl::token_logprobs_bwd_inplace", mutates_args=("logits",))
+@direct_op("fusedrl::token_logprobs_bwd_inplace", mutates_args=("logits",))
 def _bwd_inplace_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor, logits: torch.Tensor,
                     labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
                     temperature: float, ignore_index: int) -> None:
@@ -277,6 +278,15 @@ def _setup_context(ctx, inputs, output):
     ctx.inplace_backward = inplace_backward
 
 
+def _op(backend: str, name: str):
+    """The op running `name` on a fused backend: ours on "triton" (a DirectOp: eager calls skip the
+    custom-op wrapper), its C++ twin on "cuda"."""
+    if backend == "triton":
+        return {"token_logprobs_fwd": _fwd_op, "token_logprobs_bwd": _bwd_op,
+                "token_logprobs_bwd_inplace": _bwd_inplace_op}[name]
+    return fused_op(backend, name)
+
+
 def _backward_on(backend: str):
     """The autograd formula of the forward op of ``backend``: its own backward op."""
     def backward(ctx, grad_logp, grad_entropy, _grad_lse):
@@ -286,10 +296,10 @@ def _backward_on(backend: str):
         args = (grad_logp, grad_entropy, logits, labels, lse, entropy, ctx.temperature,
                 ctx.ignore_index)
         if ctx.inplace_backward:
-            fused_op(backend, "token_logprobs_bwd_inplace")(*args)
+            _op(backend, "token_logprobs_bwd_inplace")(*args)
             grad_logits = logits
         else:
-            grad_logits = fused_op(backend, "token_logprobs_bwd")(*args)
+            grad_logits = _op(backend, "token_logprobs_bwd")(*args)
         return grad_logits, None, None, None, None, None
     return backward
 
@@ -363,7 +373,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     logits_2d = logits.reshape(-1, n_cols)
     if logits_2d.stride(-1) != 1:
         logits_2d = logits_2d.contiguous()
-    logp, entropy, _ = fused_op(backend, "token_logprobs_fwd")(
+    logp, entropy, _ = _op(backend, "token_logprobs_fwd")(
         logits_2d, labels.reshape(-1).contiguous(), float(temperature), ignore_index,
         bool(return_entropy),
         bool(inplace_backward),

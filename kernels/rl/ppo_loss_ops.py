@@ -15,6 +15,7 @@ import torch
 from .ppo_loss_kernels import (IS_MIS, IS_NONE, IS_TIS, N_PARTIALS, STATS, _finalize_kernel,
                                _policy_rows_kernel, _scaled_grad_kernel, _value_rows_kernel)
 from ..triton_compat import triton
+from ..direct_ops import direct_op
 
 # tokens per step of a row program: 8 fp32 per thread at 4 warps (two 128-bit loads)
 BLOCK = 1024
@@ -105,7 +106,7 @@ def scaled_grad(grad_loss: torch.Tensor, dterm: torch.Tensor, weights: torch.Ten
     return grad
 
 
-@torch.library.custom_op("fusedrl::ppo_policy_loss_fwd", mutates_args=())
+@direct_op("fusedrl::ppo_policy_loss_fwd", mutates_args=())
 def policy_loss_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                    mask: Optional[torch.Tensor], rollout_logp: Optional[torch.Tensor], agg: int,
                    norm: float, clip_low: float, clip_high: float, dual_clip: float,
@@ -117,7 +118,7 @@ def policy_loss_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
                           is_low, is_high, sequence_ratio, compute_grad)
 
 
-@torch.library.custom_op("fusedrl::ppo_value_loss_fwd", mutates_args=())
+@direct_op("fusedrl::ppo_value_loss_fwd", mutates_args=())
 def value_loss_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                   mask: Optional[torch.Tensor], agg: int, norm: float, clip_eps: float,
                   compute_grad: bool
@@ -125,7 +126,7 @@ def value_loss_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch
     return value_forward(values, old_values, returns, mask, agg, norm, clip_eps, compute_grad)
 
 
-@torch.library.custom_op("fusedrl::ppo_loss_grad", mutates_args=())
+@direct_op("fusedrl::ppo_loss_grad", mutates_args=())
 def _grad_op(grad_loss: torch.Tensor, dterm: torch.Tensor, weights: torch.Tensor,
              dtype: torch.dtype) -> torch.Tensor:
     return scaled_grad(grad_loss, dterm, weights, dtype)

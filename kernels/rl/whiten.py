@@ -21,6 +21,7 @@ from .. import checks
 from . import statistics
 from ..dispatch import backend_for
 from ..triton_compat import tl, triton
+from ..direct_ops import direct_op
 
 OP = "masked_whiten"
 # entries per block: 16 fp32 per thread at 4 warps (128-bit loads of the mask too)
@@ -133,7 +134,7 @@ def _whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float,
     return out
 
 
-@torch.library.custom_op("fusedrl::masked_whiten", mutates_args=())
+@direct_op("fusedrl::masked_whiten", mutates_args=())
 def _whiten_op(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float) -> torch.Tensor:
     """The Triton kernels for torch.compile (no gradient: see masked_whiten)."""
     return _whiten(x, mask, shift_mean, eps)

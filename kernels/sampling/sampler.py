@@ -48,6 +48,7 @@ from ..dispatch import fused_for_model, sync_checks_enabled
 from .chunk_stats import _chunk_stats_kernel, _merge_kernel
 from .window_draw import _finish_kernel, _window_kernel
 from ..triton_compat import triton
+from ..direct_ops import direct_op
 
 # tokens per program; fixed (not chosen by batch), so a row's numbers never depend on it
 CHUNK = 4096
@@ -107,16 +108,15 @@ def _sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_p
         raise ValueError(
             f"sample_triton: workspace of {workspace.rows} rows on {workspace.counts.device} "
             f"for {logits.shape[0]} rows of logits on {logits.device}")
-    return torch.ops.fusedrl.sample(logits, temperatures.float().contiguous(), top_ks.contiguous(),
-                                     top_ps.float().contiguous(), seeds.contiguous(),
-                                    positions.contiguous(),
-                                     min_ps.float().contiguous(), workspace.counts, workspace.best,
-                                    workspace.mass)
+    return _sample_op(logits, temperatures.float().contiguous(), top_ks.contiguous(),
+                      top_ps.float().contiguous(), seeds.contiguous(), positions.contiguous(),
+                      min_ps.float().contiguous(), workspace.counts, workspace.best,
+                      workspace.mass)
 
 
 # The windows are mutated (and left empty again): declared, so that torch.compile orders calls on
 # them.
-@torch.library.custom_op("fusedrl::sample",
+@direct_op("fusedrl::sample",
                          mutates_args=("window_counts", "window_best", "window_mass"))
 def _sample_op(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
                top_ps: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,

@@ -9,6 +9,7 @@ from value_checks import value_checks_as_on_gpu
 from fusedrl.bench.shapes import qwen_like
 from fusedrl.engine.data.device_tensors import last_rows, packed_cu_seqlens, packed_positions
 from fusedrl.kernels import use_backend
+from kernel_testing import needs_interpreter
 
 
 def test_a_decode_step_outside_its_graph_syncs_once_and_launches_only_its_copies():
@@ -44,3 +45,18 @@ def test_the_host_built_positions_and_bounds_are_the_former_device_ops():
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 5, 6, 9, 16]
     last = last_rows(seqlens, "cpu")
     assert last.dtype == torch.int64 and last.tolist() == [4, 5, 8, 15]
+
+
+@needs_interpreter
+def test_launches_are_skipped_only_inside_the_block_and_both_paths_are_timed():
+    from fusedrl.kernels import rms_norm
+    x, weight = torch.randn(4, 64), torch.randn(64)
+    with use_backend("triton"):
+        want = rms_norm(x, weight, 1e-6)  # kept alive: no freed buffer holds these values
+        with host_cost.launches_skipped():
+            skipped = rms_norm(x, weight, 1e-6)
+        assert not torch.equal(skipped, want)  # unwritten: an empty buffer, not the norm
+        torch.testing.assert_close(rms_norm(x, weight, 1e-6), want, rtol=0, atol=0)
+    torch.testing.assert_close(want, rms_norm(x.double(), weight.double(), 1e-6).float())
+    timed = host_cost.gpu_path_cpu_ms(1, rounds=1, calls=1)
+    assert set(timed) == {"direct", "custom_ops"} and min(timed.values()) > 0

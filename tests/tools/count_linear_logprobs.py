@@ -49,6 +49,12 @@ class _OpCounter(LaunchCounter):
         return out
 
 
+def _python_function(op):
+    """The Python function behind one of linear_logprobs' ops, run below the op (its launches alone
+    counted): a DirectOp's `fn`; an older checkout's torch CustomOpDef's `_init_fn`."""
+    return op.fn if hasattr(op, "fn") else op._init_fn
+
+
 def _count(fn) -> dict:
     with KernelTraffic() as triton_bytes, _OpCounter() as ops:
         result = fn()
@@ -69,12 +75,13 @@ def count(n_rows: int, hidden_size: int, vocab: int, chunk_size: int, dtype: tor
     hidden = torch.randn(n_rows, hidden_size).to(dtype)
     weight = (torch.randn(vocab, hidden_size) / hidden_size**0.5).to(dtype)
     labels = torch.randint(0, vocab, (n_rows,))
-    fwd = _count(lambda: linear._fwd_op._init_fn(hidden, weight, None, labels, 1.0, -100, False, chunk_size,
-                                                 fuse_matmul))
+    forward, backward = _python_function(linear._fwd_op), _python_function(linear._bwd_op)
+    fwd = _count(lambda: forward(hidden, weight, None, labels, 1.0, -100, False, chunk_size,
+                                 fuse_matmul))
     logp, entropy, lse = fwd.pop("result")
     grad_logp, no_grad_entropy = torch.ones_like(logp), logp.new_empty(0)
-    bwd = _count(lambda: linear._bwd_op._init_fn(grad_logp, no_grad_entropy, hidden, weight, None, labels, lse,
-                                                 entropy, 1.0, -100, chunk_size, True, fuse_matmul))
+    bwd = _count(lambda: backward(grad_logp, no_grad_entropy, hidden, weight, None, labels, lse,
+                                  entropy, 1.0, -100, chunk_size, True, fuse_matmul))
     bwd.pop("result")
     return {"forward": fwd, "backward": bwd}
 
@@ -93,7 +100,7 @@ def main(argv=None) -> dict:
     report = {"counted_shape": {"rows": rows, "hidden": hidden, "vocab": vocab, "row_chunk": chunk,
                                 "dtype": "bfloat16"},
               "target": {"rows": n, "hidden": h, "vocab": v, "row_chunk": target_chunk}}
-    fused_ok = "fuse_matmul" in linear._fwd_op._init_fn.__code__.co_varnames  # older checkouts: cuBLAS only
+    fused_ok = "fuse_matmul" in _python_function(linear._fwd_op).__code__.co_varnames  # older checkouts: cuBLAS only
     for path in ("cublas", "fused") if fused_ok else ("cublas",):
         counted = count(rows, hidden, vocab, chunk, torch.bfloat16, **({"fuse_matmul": path == "fused"} if fused_ok else {}))
         for way, c in counted.items():

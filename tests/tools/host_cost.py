@@ -23,9 +23,14 @@ inside the replay (what the graph holds on a GPU) is left out of each figure:
 
 A training micro-batch (bench_train_step's: forward_packed of 4 sequences of 8 tokens, the fused LM
 head's log-probs, backward) is counted on the GPU's path (the Triton kernels, TRITON_INTERPRET=1,
-value-reading checks off as on a GPU) at 1 and 2 layers, extrapolated to Qwen2.5-0.5B's 24; its
-CPU time is taken on the torch backend (the median of the 25 least disturbed of 50 micro-batches
-at a negligible shape: an upper bound on its Python and dispatch cost on this CPU).
+value-reading checks off as on a GPU) at 1 and 2 layers, extrapolated to Qwen2.5-0.5B's 24. Its CPU
+time (the median of the 25 least disturbed of 50 micro-batches at a negligible shape) is taken
+on the torch backend at 2 layers, and on the GPU's path at 4 layers with every Triton launch skipped
+(the interpreter's run made a no-op, so the kernels compute nothing): what is left is the host side
+of our ops (their calls, autograd, buffers, checks) and of the rest of the step, the cost that made
+the H100's micro-batch host-bound; Triton's own launcher is not in it. The GPU's path is timed
+twice, in alternating rounds (a slow spell of the machine hits both): as the ops are called
+(kernels/direct_ops.py: eager calls skip the custom op) and with every call through its custom op.
 
     python tests/tools/host_cost.py                    # bench/results/host_cost_cpu.{json,md}
     python tests/tools/host_cost.py --before OLD.json  # the md with OLD's figures beside
@@ -34,6 +39,7 @@ at a negligible shape: an upper bound on its Python and dispatch cost on this CP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
@@ -42,6 +48,7 @@ import statistics
 import time
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -57,6 +64,7 @@ from fusedrl.engine.inference.llm import LLM  # noqa: E402
 from fusedrl.engine.inference.request import Request  # noqa: E402
 from fusedrl.engine.inference.sampling_params import SamplingParams  # noqa: E402
 from fusedrl.kernels import use_backend  # noqa: E402
+from fusedrl.kernels.direct_ops import DirectOp  # noqa: E402
 
 from value_checks import value_checks_as_on_gpu  # noqa: E402
 
@@ -210,27 +218,70 @@ def micro_batch_counts(layers: int) -> HostCounter:
     return counter
 
 
+@contextlib.contextmanager
+def launches_skipped():
+    """Within the block every Triton launch returns at once (the interpreter's run is a no-op):
+    the ops' outputs are left unwritten, and their host side is all that runs."""
+    from triton.runtime import interpreter
+    with mock.patch.object(interpreter.InterpretedFunction, "run", lambda *args, **kwargs: None):
+        yield
+
+
+@contextlib.contextmanager
+def through_custom_ops():
+    """Within the block every fused op is called through its torch custom op (as before
+    kernels/direct_ops.py: each call pays the custom op's wrapper)."""
+    with mock.patch.object(DirectOp, "__call__", lambda self, *args, **kwargs: self.op(*args,
+                                                                                      **kwargs)):
+        yield
+
+
+def _cpu_seconds(run, calls: int) -> list:
+    times = []
+    for _ in range(calls):
+        start = time.thread_time()
+        run()
+        times.append(time.thread_time() - start)
+    return times
+
+
+def micro_batch_cpu_ms(layers: int) -> float:
+    """The torch backend: the median CPU ms of the 25 least disturbed of 50 micro-batches."""
+    torch.manual_seed(0)
+    run = micro_batch(qwen_like(layers, torch.float32, "cpu", **SMALL))
+    with use_backend("torch"):
+        times = _cpu_seconds(run, 5 + 50)[5:]
+    return round(statistics.median(sorted(times)[:25]) * 1e3, 3)
+
+
+def gpu_path_cpu_ms(layers: int, rounds: int = 10, calls: int = 5) -> dict:
+    """The GPU's path (Triton backend, launches skipped, value checks off): median CPU ms of
+    `rounds` alternating rounds of `calls` micro-batches (each round's median), as the ops are
+    called ("direct") and through their custom ops ("custom_ops")."""
+    torch.manual_seed(0)
+    run = micro_batch(qwen_like(layers, torch.float32, "cpu", **SMALL))
+    medians = {"direct": [], "custom_ops": []}
+    with use_backend("triton"), value_checks_as_on_gpu(), launches_skipped():
+        for _ in range(rounds):
+            for way, context in (("direct", contextlib.nullcontext), ("custom_ops",
+                                                                    through_custom_ops)):
+                with context():
+                    medians[way].append(statistics.median(_cpu_seconds(run, 1 + calls)[1:]))
+    return {way: round(statistics.median(m) * 1e3, 3) for way, m in medians.items()}
+
+
 def micro_batch_report() -> dict:
     """Launches, syncs and copies of one micro-batch at 24 layers (1- and 2-layer counts
-    extrapolated), and its CPU time on the torch backend at 2 layers (see the module docstring)."""
+    extrapolated), and its CPU times (see the module docstring)."""
     one, two = micro_batch_counts(1), micro_batch_counts(2)
     layer = two.launches - one.launches
-    torch.manual_seed(0)
-    model = qwen_like(2, torch.float32, "cpu", **SMALL)
-    run = micro_batch(model)
-    times = []
-    with use_backend("torch"):
-        for _ in range(5 + 50):
-            start = time.thread_time()
-            run()
-            times.append(time.thread_time() - start)
-        times = sorted(times[5:])[:25]  # the least disturbed half
     return {"launches_per_layer": layer, "launches_outside_layers": one.launches - layer,
             f"launches_{REAL_LAYERS}_layers": one.launches + (REAL_LAYERS - 1) * layer,
             "syncs": dict(two.syncs), "built_from_python": two.built,
             "copies_to_device": dict(two.copies),
             "launches_outside_layers_by_op": _outside_layers(one, two),
-            "cpu_ms_2_layers_torch_backend": round(statistics.median(times) * 1e3, 3)}
+            "cpu_ms_2_layers_torch_backend": micro_batch_cpu_ms(2),
+            "cpu_ms_4_layers_gpu_path": gpu_path_cpu_ms(4)}
 
 
 def _outside_layers(one: HostCounter, two: HostCounter) -> dict:
@@ -274,6 +325,12 @@ def table(r: dict, before: dict | None) -> str:
                        ("built_from_python", "tensors built from Python data"),
                        ("cpu_ms_2_layers_torch_backend", "host CPU ms, 2 layers, torch backend")):
         lines.append(f"| training micro-batch: {label} | {cell(m[key], o[key] if o else None)} |")
+    gpu_path, old_path = m["cpu_ms_4_layers_gpu_path"], (o or {}).get("cpu_ms_4_layers_gpu_path", {})
+    for way, label in (("custom_ops", "every op through its custom op"),
+                       ("direct", "the ops as called (eager: direct)")):
+        lines.append(f"| training micro-batch: host CPU ms, 4 layers, the GPU's path with its "
+                     f"launches skipped, {label} | "
+                     f"{cell(gpu_path[way], old_path.get(way, '-') if o else None)} |")
     lines += [f"| training micro-batch: host syncs | "
               f"{cell(total(m['syncs']), total(o['syncs']) if o else None)} |",
               f"| training micro-batch: blocking copies to the device | "
