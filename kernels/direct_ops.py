@@ -7,7 +7,7 @@ the dispatcher enters Python twice (autograd, then the implementation) and the f
 Function built around it. On a GPU the training step is made of such calls (the H100 profile of a
 1k-token micro-batch: its device busy 14% of the wall, rms_norm's backward 317 us of host a call);
 on this repository's CPU a 4-layer training micro-batch's host side (its Triton launches skipped)
-took 15.4 ms with every op through its custom op and 12.0 ms called as below
+took 15.3 ms with every op through its custom op and 12.9 ms called as below
 (`bench/results/host_cost_cpu.md`, tests/tools/host_cost.py).
 
 So `direct_op` makes the custom op as `torch.library.custom_op` does and keeps its Python function:
