@@ -177,8 +177,8 @@ def main(argv=None) -> None:
     else:
         print("tune_decode, train_graph: not run (GPU timings; a graph needs CUDA)", flush=True)
     # Then the paths an earlier visit profiled, the one changed longest since first: the called
-    # micro-batch (last profiled at a4e3ede; its ops' host calls changed since: direct_ops.py),
-    # then decode at batch 256 (its >16-row split since the H200 visit) and at batch 1.
+    # micro-batch (last profiled on the H100 visits; its ops' host calls changed since:
+    # direct_ops.py), then decode at batch 256 (its >16-row split since the H200 visit) and 1.
     for name, make in (("train", train_profile),
                        (f"decode_b{wide}", functools.partial(decode_profile, batch=wide)),
                        ("decode", decode_profile), ("rl_ops", rl_ops_profile)):
