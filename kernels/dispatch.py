@@ -202,12 +202,6 @@ def grouped_gemm_path(x: torch.Tensor, weight: Optional[torch.Tensor] = None) ->
                            aligned=aligned, compiling=torch.compiler.is_compiling())
 
 
-def fused_op(backend: str, name: str):
-    """The custom op running ``name`` on a fused backend: fusedrl::name on "triton", its C++ twin
-    fusedrl::cuda_name (same schema) on "cuda"."""
-    return getattr(torch.ops.fusedrl, name if backend == "triton" else f"cuda_{name}")
-
-
 def sync_checks_enabled(x: torch.Tensor) -> bool:
     """Whether to run input checks that read tensor values (a host sync on GPU).
 

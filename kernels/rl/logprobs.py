@@ -18,7 +18,7 @@ import torch
 from .. import checks, cuda_ext, reference
 from ..online_softmax import lanes_of, lanes_reduce, lanes_update, safe_shift
 from ..triton_compat import tl, triton
-from ..dispatch import backend_for, fused_op, sync_checks_enabled
+from ..dispatch import backend_for, sync_checks_enabled
 from ..direct_ops import direct_op
 
 OP = "token_logprobs"
@@ -278,13 +278,14 @@ def _setup_context(ctx, inputs, output):
     ctx.inplace_backward = inplace_backward
 
 
+_TRITON_OPS = {"token_logprobs_fwd": _fwd_op, "token_logprobs_bwd": _bwd_op,
+               "token_logprobs_bwd_inplace": _bwd_inplace_op}
+
+
 def _op(backend: str, name: str):
     """The op running `name` on a fused backend: ours on "triton" (a DirectOp: eager calls skip the
-    custom-op wrapper), its C++ twin on "cuda"."""
-    if backend == "triton":
-        return {"token_logprobs_fwd": _fwd_op, "token_logprobs_bwd": _bwd_op,
-                "token_logprobs_bwd_inplace": _bwd_inplace_op}[name]
-    return fused_op(backend, name)
+    custom-op wrapper), its C++ twin fusedrl::cuda_<name> (the same schema) on "cuda"."""
+    return _TRITON_OPS[name] if backend == "triton" else getattr(torch.ops.fusedrl, f"cuda_{name}")
 
 
 def _backward_on(backend: str):

@@ -116,8 +116,7 @@ def _sample_triton(logits, temperatures, top_ks, top_ps, seeds, positions, min_p
 
 # The windows are mutated (and left empty again): declared, so that torch.compile orders calls on
 # them.
-@direct_op("fusedrl::sample",
-                         mutates_args=("window_counts", "window_best", "window_mass"))
+@direct_op("fusedrl::sample", mutates_args=("window_counts", "window_best", "window_mass"))
 def _sample_op(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
                top_ps: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
                min_ps: torch.Tensor, window_counts: torch.Tensor, window_best: torch.Tensor,
