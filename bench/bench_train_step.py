@@ -48,7 +48,8 @@ def micro_batch(model, tokens: int, seq_len: int, device: torch.device):
 
 def captured_micro_batch(model, tokens: int, seq_len: int, device: torch.device):
     """micro_batch's work (the same mean log-prob's gradients) as a CapturedMicroBatch's replay,
-    the gradients zeroed in place before it (one foreach launch); captured at its first call."""
+    the gradients zeroed in place before it (one fill of its flat buffer); captured at its first
+    call."""
     ids, seqlens, labels = random_pack(model, tokens, seq_len, device)
     columns = {"labels": labels, "weight": torch.full((tokens,), 1.0 / tokens, device=device)}
 
@@ -60,9 +61,7 @@ def captured_micro_batch(model, tokens: int, seq_len: int, device: torch.device)
                               tokens, len(seqlens))
 
     def fwd_bwd():
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
+        step.zero_grad()
         step.run(ids, seqlens, columns)
         if ranks.several():
             ranks.average_gradients(model.parameters())

@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fusedrl.bench.launch_count import LaunchCounter
 from fusedrl.bench.shapes import qwen_like
 from fusedrl.engine.model.lm_head import lm_head_logprobs
-from fusedrl.engine.train.captured_micro_batch import (CapturedMicroBatch, Column, filler_lengths,
-                                                       reattach_grads)
+from fusedrl.engine.train.captured_micro_batch import CapturedMicroBatch, Column, filler_lengths
+from fusedrl.engine.train.flat_grads import FlatGradients
 from fusedrl.kernels import use_backend
 
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2,
@@ -160,28 +160,78 @@ def test_the_captured_step_makes_no_host_sync_and_no_host_tensor(monkeypatch):
     assert counter.launches > 0
 
 
-def test_reattached_gradients_hold_what_an_eager_backward_adds_to():
-    """The tensors a graph adds into go back on their parameters: zeroed where zero_grad set .grad
-    to None, holding a replacing tensor's values, untouched where .grad is still theirs."""
-    params = [torch.nn.Parameter(torch.randn(3, 2)) for _ in range(3)]
-    held = [torch.full((3, 2), 5.0) for _ in params]
-    for p, h in zip(params, held):
-        p.grad = h
-    params[0].grad = None
-    replacement = torch.randn(3, 2)
-    params[1].grad = replacement
-    reattach_grads(list(zip(params, held)))
-    assert all(p.grad is h for p, h in zip(params, held))
-    assert torch.equal(held[0], torch.zeros(3, 2))
-    assert torch.equal(held[1], replacement)
-    assert torch.equal(held[2], torch.full((3, 2), 5.0))
+def test_runs_add_into_flat_gradients_whatever_zero_grad_did():
+    """The runs add into views of one flat buffer (set on .grad at the first run, holding what
+    .grad held); after the model's zero_grad() (every .grad None), a replacing tensor, or the
+    object's own zero_grad(), the gradients are an eager backward's from the same start."""
+    model, loss = model_and_loss()
+    packs = [[7, 3, 12], [5, 9]]
+    data = [(seqlens, random_pack(seqlens, seed=i)) for i, seqlens in enumerate(packs)]
+    _, first = eager_grads(model, loss, data[:1])
+    _, second = eager_grads(model, loss, data[1:])
+    captured = CapturedMicroBatch(model, loss, COLUMNS, tokens=29, sequences=5)
+    params = list(model.parameters())
+    model.zero_grad(set_to_none=True)
+
+    def run(k):
+        seqlens, (ids, columns) = data[k]
+        captured.run(ids, seqlens, columns)
+    run(0)
+    buffer, = captured.grads.buffers
+    assert all(p.grad.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+               for p in params)
+    for p, want in zip(params, first):
+        torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=1e-5)
+    model.zero_grad(set_to_none=True)
+    run(1)
+    for p, want in zip(params, second):
+        torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=1e-5)
+    views = [p.grad for p in params]
+    params[0].grad = first[0].clone()  # a replacing tensor: its values are kept, in the view
+    params[1].grad = None
+    run(1)
+    assert all(p.grad is v for p, v in zip(params, views))
+    torch.testing.assert_close(params[0].grad, first[0] + second[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(params[1].grad, second[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(params[2].grad, 2 * second[2], atol=1e-6, rtol=1e-5)
+    captured.zero_grad()
+    assert all(p.grad is v and not v.any() for p, v in zip(params, views))
+    run(0)
+    for p, want in zip(params, first):
+        torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=1e-5)
+
+
+def test_flat_gradients_keep_values_and_refuse_sharded_parameters():
+    """A parameter's gradient keeps its value in the buffer (zeros where it had none), one buffer
+    per dtype; zero_() zeroes every one in place; a tensor subclass (a DTensor) is refused by
+    name."""
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(5)),
+              torch.nn.Parameter(torch.randn(4, dtype=torch.float64))]
+    values = [torch.randn(3, 2), None, torch.randn(4, dtype=torch.float64)]
+    for p, v in zip(params, values):
+        p.grad = None if v is None else v.clone()
+    flat = FlatGradients(params)
+    assert [b.dtype for b in flat.buffers] == [torch.float32, torch.float64]
+    assert [b.numel() for b in flat.buffers] == [11, 4]
+    assert torch.equal(params[0].grad, values[0]) and torch.equal(params[2].grad, values[2])
+    assert torch.equal(params[1].grad, torch.zeros(5))
+    flat.zero_()
+    assert not any(b.any() for b in flat.buffers)
+    assert all(p.grad.data_ptr() in range(b.data_ptr(), b.data_ptr() + b.nbytes)
+               for p in params for b in flat.buffers if b.dtype == p.dtype)
+
+    class Sharded(torch.Tensor):  # what a DTensor parameter's .data is: not a plain tensor
+        pass
+    with pytest.raises(ValueError, match="a parameter is a Sharded: expected plain tensors"):
+        FlatGradients([torch.nn.Parameter(torch.randn(4).as_subclass(Sharded))])
 
 
 @pytest.mark.gpu
 def test_replays_give_the_eager_steps_loss_and_gradients_on_a_gpu():
     """On CUDA: captured once, replayed for packs of other lengths (fewer sequences, a filler of
-    many rows), the losses and the summed gradients are the eager steps'; after zero_grad()'s
-    default (every .grad set to None) a replay's gradients are its pack's alone."""
+    many rows), the losses and the summed gradients are the eager steps'; after the model's
+    zero_grad() (every .grad set to None) or the object's (its flat buffers zeroed) a replay's
+    gradients are its pack's alone."""
     model, loss = model_and_loss("cuda", torch.bfloat16, head_dim=64)  # the model's head size
     packs = [[40, 17, 3], [64], [9, 9, 30, 11]]
     data = [(seqlens, random_pack(seqlens, "cuda", seed=i)) for i, seqlens in enumerate(packs)]
@@ -198,12 +248,13 @@ def test_replays_give_the_eager_steps_loss_and_gradients_on_a_gpu():
         error = (p.grad.float() - want.float()).norm() / want.float().norm()
         assert error < 0.05, (name, error)
     _, want_grads = eager_grads(model, loss, data[:1])
-    model.zero_grad(set_to_none=True)
     seqlens, (ids, columns) = data[0]
-    captured.run(ids, seqlens, columns)
-    for (name, p), want in zip(model.named_parameters(), want_grads):
-        error = (p.grad.float() - want.float()).norm() / want.float().norm()
-        assert error < 0.05, (name, error)
+    for zero_grad in (lambda: model.zero_grad(set_to_none=True), captured.zero_grad):
+        zero_grad()
+        captured.run(ids, seqlens, columns)
+        for (name, p), want in zip(model.named_parameters(), want_grads):
+            error = (p.grad.float() - want.float()).norm() / want.float().norm()
+            assert error < 0.05, (name, error)
 
 
 @pytest.mark.gpu
