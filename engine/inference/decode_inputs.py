@@ -11,18 +11,29 @@ what the decode CUDA graphs read: they never move, so a graph captured on them s
 
 Rows past the batch (the padding of a graph captured for more rows) get slot -1 (nothing written),
 context length 0 (nothing read), block 0 and greedy sampling of token 0.
+
+A decode step usually runs the sequences of the step before, each one token longer: then only what
+moves is written (each row's last token, position, slot, draw position and context length, and the
+table of a sequence that took a new page), not the sampling parameters, the other tables or the
+padding rows. Anything else (another batch or order, another row count, a sequence that grew by
+more than one token or whose table was replaced, the widest table growing: the packed tables'
+layout) writes every row again. At batch 256 the full write was most of a decode step's host time
+(tests/tools/host_cost.py), time the device waits through between steps.
 """
 from __future__ import annotations
 
+import operator
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from ...kernels.attention import sequence_slot
+from ...kernels.attention import page_slot, sequence_slot
 from .sequence import Sequence
 
-# Rows of the int64 buffer and of the fp32 one.
+# Rows of the int64 buffer and of the fp32 one. The first four int64 rows are the ones a step one
+# token further moves (DecodeInputs._advance writes them as one block).
 _I64 = ("input_ids", "positions", "slot_mapping", "draw_positions", "top_ks", "seeds")
 _F32 = ("temperatures", "top_ps", "min_ps")
 ALIGN = 256  # bytes: where the CUDA caching allocator starts a block
@@ -30,6 +41,17 @@ ALIGN = 256  # bytes: where the CUDA caching allocator starts a block
 
 def _aligned(offset: int) -> int:
     return -(-offset // ALIGN) * ALIGN
+
+
+class _Filled(NamedTuple):
+    """What a fill wrote, for the next to write only what moved: its sequences, their block-table
+    lists (a new list is a new allocation), token counts and table lengths, rows and full_tables."""
+    seqs: list[Sequence]
+    tables: list[list[int]]
+    lengths: list[int]
+    table_lens: list[int]
+    size: int
+    full_tables: bool
 
 
 class DecodeInputs:
@@ -57,6 +79,7 @@ class DecodeInputs:
         self._i64[_I64.index("slot_mapping")] = -1
         self._device.copy_(self._host)
         self.table_width = 0
+        self._last: _Filled | None = None
 
     def _views(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The int64 [6, rows], fp32 [3, rows] and int32 [rows + rows * width] views of a byte
@@ -75,6 +98,51 @@ class DecodeInputs:
         if not b <= size <= self.rows:
             raise ValueError(f"decode batch of {b} sequences in {size} rows: expected "
                              f"{b} <= size <= {self.rows} (max_num_seqs)")
+        tables = [s.block_table for s in seqs]
+        tokens = [s.token_ids for s in seqs]
+        filled = _Filled(list(seqs), tables, list(map(len, tokens)), list(map(len, tables)), size,
+                         full_tables)
+        if not self._advance(filled, tokens):
+            self._write(seqs, size)
+        self._last = filled
+        # Non-blocking: the step ends in a device-to-host copy of its tokens (a sync), so no copy is
+        # still reading these host buffers when the next step writes them.
+        w = self.table_width
+        end = self.rows + size * w
+        used = self._i32_start + 4 * end
+        self._device[:used].copy_(self._host[:used], non_blocking=True)
+        if full_tables:
+            self.block_tables[:size, :w] = self.i32[self.rows:end].view(size, w)
+
+    def _advance(self, now: "_Filled", tokens: list[list[int]]) -> bool:
+        """The last fill's rows moved on by one token each, when that is what `now` is (the same
+        sequences in the same order and rows, each one token longer, their tables the same lists,
+        none wider than the packed width): True, else nothing written."""
+        last, w = self._last, self.table_width
+        if (last is None or now.size != last.size or now.full_tables != last.full_tables
+                or len(now.seqs) != len(last.seqs)
+                or not all(map(operator.is_, now.seqs, last.seqs))
+                or not all(map(operator.is_, now.tables, last.tables))
+                or now.lengths != [n + 1 for n in last.lengths] or max(now.table_lens) > w):
+            return False
+        b, bs = len(now.seqs), self.block_size
+        packed = self._i32[self.rows:self.rows + now.size * w]
+        if now.table_lens != last.table_lens:  # a sequence took a new page: its row again
+            for r, (n, m) in enumerate(zip(now.table_lens, last.table_lens)):
+                if n != m:
+                    packed[r * w:r * w + n] = now.tables[r]
+        # The four rows that move (input_ids, positions, slot_mapping, draw_positions) in one
+        # write: per row a few Python ints (numpy's per-call cost would outweigh them below
+        # about 64 rows).
+        positions = [n - 1 + s.rope_delta for n, s in zip(now.lengths, now.seqs)]
+        slots = [page_slot(t[(n - 1) // bs], n - 1, bs) for t, n in zip(now.tables, now.lengths)]
+        self._i64[:4, :b] = [[t[-1] for t in tokens], positions, slots, now.lengths]
+        self._i32[:b] = now.lengths  # the context length: num_tokens
+        return True
+
+    def _write(self, seqs: list[Sequence], size: int) -> None:
+        """Every row of `seqs` and the padding up to `size` written (see fill)."""
+        b = len(seqs)
         i64, f32, i32, block_size = self._i64, self._f32, self._i32, self.block_size
         # One pass over the rows into flat lists (a row's fields read once: at batch 256 this loop
         # is most of a step's host time), then one numpy write per buffer.
@@ -98,13 +166,6 @@ class DecodeInputs:
         i64[_I64.index("slot_mapping"), b:size] = -1
         f32[:, b:size] = 0.0
         i32[b:size] = 0
-        # Non-blocking: the step ends in a device-to-host copy of its tokens (a sync), so no copy is
-        # still reading these host buffers when the next step writes them.
-        end = self.rows + size * w
-        used = self._i32_start + 4 * end
-        self._device[:used].copy_(self._host[:used], non_blocking=True)
-        if full_tables:
-            self.block_tables[:size, :w] = self.i32[self.rows:end].view(size, w)
         self.table_width = w
 
     def views(self, size: int, full_tables: bool) -> SimpleNamespace:

@@ -49,8 +49,9 @@ def test_the_filled_rows_are_the_sequences_inputs_and_padding_rows_are_inert(cou
         seqs = random_sequences(count, seed)
         inputs.fill(seqs, size, full_tables=False)
         got, want = inputs.views(count, full_tables=False), expected_inputs(seqs)
-        for name in ("input_ids", "positions", "slot_mapping", "context_lens", "block_tables"):
+        for name in ("input_ids", "positions", "slot_mapping", "context_lens"):
             assert torch.equal(getattr(got, name), want[name]), name
+        assert torch.equal(got.block_tables, want["block_tables"])
         for got_field, want_field in zip(got.sampling, want["sampling"]):
             assert torch.equal(got_field, want_field.to(got_field.dtype))
         inputs.fill(seqs, size, full_tables=True)
@@ -88,3 +89,102 @@ def test_a_step_sends_its_inputs_in_one_copy(full_tables):
             inputs.fill(random_sequences(count, 1), count, full_tables=full_tables)
         assert counter.ops.count("aten.copy_") == 1 + full_tables, counter.ops
         assert not {"aten.lift_fresh", "aten._to_copy", "aten.empty"} & set(counter.ops), counter.ops
+
+
+def grow(seqs: list[Sequence], rng: random.Random, pool: list[int]) -> None:
+    """One decode step's change to each sequence: a token appended, a page taken from `pool` when
+    the token starts one (what BlockManager.append_slot does, in place)."""
+    for s in seqs:
+        s.append(rng.randrange(1000))
+        if len(s.block_table) * BLOCK < s.num_tokens:
+            s.block_table.append(pool.pop())
+
+
+def assert_inputs(inputs: DecodeInputs, seqs: list[Sequence], size: int, full_tables: bool):
+    """The filled rows equal the sequences' inputs field by field, and every byte sent equals what a
+    fresh DecodeInputs writes for them (padding rows included)."""
+    count = len(seqs)
+    got, want = inputs.views(count, full_tables=False), expected_inputs(seqs)
+    want["positions"] = want["positions"] + torch.tensor([s.rope_delta for s in seqs])
+    for name in ("input_ids", "positions", "slot_mapping", "context_lens"):
+        assert torch.equal(getattr(got, name), want[name]), name
+    for got_field, want_field in zip(got.sampling, want["sampling"]):
+        assert torch.equal(got_field, want_field.to(got_field.dtype))
+    fresh = DecodeInputs(rows=inputs.rows, width=inputs.width, block_size=BLOCK, device="cpu")
+    fresh.fill(seqs, size, full_tables)
+    assert_same_views(inputs, fresh, size, full_tables)
+
+
+def assert_same_views(inputs: DecodeInputs, fresh: DecodeInputs, size: int, full_tables: bool):
+    """Every device tensor a step of `size` rows reads (its padding rows included) is the same in
+    both: the packed block tables, and the full-width ones for a graph."""
+    for tables in {False, full_tables}:
+        got, want = inputs.views(size, tables), fresh.views(size, tables)
+        for name in ("input_ids", "positions", "slot_mapping", "context_lens", "block_tables"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert all(map(torch.equal, got.sampling, want.sampling))
+
+
+@pytest.mark.parametrize("count,size,full_tables", [(1, 1, True), (5, 8, True), (7, 7, False)])
+def test_a_batch_one_token_further_writes_what_moved_and_equals_a_full_write(count, size,
+                                                                            full_tables):
+    """Steps of the same sequences, each a token longer (pages taken as they fill, an M-RoPE
+    offset on one), write only what moved, and what they send is a full write's, byte for byte."""
+    rng = random.Random(count)
+    seqs = random_sequences(count, count)
+    seqs[0].rope_delta = -3
+    pool = list(range(100, 400))
+    inputs = DecodeInputs(rows=8, width=16, block_size=BLOCK, device="cpu")
+    inputs.fill(seqs, size, full_tables)
+    writes, widenings = [], 0
+    inputs._write = lambda *args, original=inputs._write: (writes.append(1), original(*args))
+    for _ in range(3 * BLOCK + 1):  # every sequence takes at least one page
+        widest = max(len(s.block_table) for s in seqs)
+        grow(seqs, rng, pool)
+        widenings += max(len(s.block_table) for s in seqs) > widest
+        inputs.fill(seqs, size, full_tables)
+        assert_inputs(inputs, seqs, size, full_tables)
+    # a full write only where the widest table grew (the packed tables' layout changed)
+    assert len(writes) == widenings < 3 * BLOCK + 1
+
+
+def test_any_other_change_writes_every_row_again():
+    """Another order, a sequence left out, a table replaced by one of the same length (a
+    reallocation), two tokens further (also one sequence alone, its last page changed in place), a
+    table wider than the packed width, another row count or full_tables: each writes every row
+    again, and the inputs are the sequences' (a fill that only moved rows on would get each of
+    them wrong)."""
+    rng = random.Random(0)
+    pool = list(range(100, 400))
+    inputs = DecodeInputs(rows=8, width=16, block_size=BLOCK, device="cpu")
+    seqs = random_sequences(5, 3)
+    inputs.fill(seqs, 6, True)
+    for change in ("reorder", "drop", "reallocate", "two tokens", "repaged", "wider", "size",
+                   "full_tables"):
+        size, full_tables = 6, True
+        grow(seqs, rng, pool)
+        if change == "reorder":
+            seqs = seqs[1:] + seqs[:1]
+        elif change == "drop":
+            seqs = seqs[:-1]
+        elif change == "reallocate":
+            seqs[1].block_table = [pool.pop() for _ in seqs[1].block_table]
+        elif change == "two tokens":
+            grow(seqs, rng, pool)
+        elif change == "repaged":  # a token more in its last page, which is another, in place
+            # one whose last token did not start its page (its table as the last fill saw it)
+            seq = next(s for s in seqs if s.num_tokens % BLOCK not in (0, 1))
+            seq.append(0)
+            seq.block_table[-1] = pool.pop()
+        elif change == "wider":  # pages past its tokens' (a speculative step's reservation)
+            widest = max(len(s.block_table) for s in seqs)
+            seqs[2].block_table += [pool.pop()
+                                    for _ in range(widest + 1 - len(seqs[2].block_table))]
+        elif change == "size":
+            size = 8
+        else:
+            full_tables = False
+        inputs.fill(seqs, size, full_tables)
+        assert_inputs(inputs, seqs, size, full_tables)
+        inputs.fill(seqs, size, full_tables)  # the same lengths again: not one token further
+        assert_inputs(inputs, seqs, size, full_tables)

@@ -301,6 +301,41 @@ def test_decode_graph_bookkeeping_pads_batches_without_changing_tokens(qwen2_dir
     assert all_blocks_free(llm)
 
 
+def test_decode_inputs_written_by_what_moved_equal_full_writes_through_preemption(qwen2_dir,
+                                                                                  reference):
+    """Decode steps that write only what moved since the last (decode_inputs.py) send the bytes a
+    full write sends, on the graph path's padded rows, through sequences leaving, preemption
+    (a pool of 15 blocks) and readmission; the tokens are the reference's."""
+    from fusedrl.engine.inference.decode_graphs import DecodeGraphs
+    from fusedrl.engine.inference.decode_inputs import DecodeInputs
+    from test_decode_inputs import assert_same_views
+
+    prompts, expected = reference
+    llm = LLM(qwen2_dir, block_size=4, max_num_seqs=5, kv_cache_memory=15 * kv_bytes_per_block(
+        LLM(qwen2_dir, kv_cache_memory=1 << 20).config, torch.float32, 4))
+    llm.runner.graphs = DecodeGraphs(llm.runner, max_num_seqs=5, capture=False)
+    inputs = llm.runner.decode_inputs
+    fill, write, counts = inputs.fill, inputs._write, {"fills": 0, "writes": 0}
+
+    def counted_write(*args):
+        counts["writes"] += 1
+        return write(*args)
+
+    def checked_fill(seqs, size, full_tables):
+        counts["fills"] += 1
+        fill(seqs, size, full_tables)
+        fresh = DecodeInputs(inputs.rows, inputs.width, inputs.block_size, inputs._device.device)
+        fresh.fill(seqs, size, full_tables)
+        assert_same_views(inputs, fresh, size, full_tables)
+    inputs._write, inputs.fill = counted_write, checked_fill
+    lengths = [24, 21, 18, 9, 5]
+    params = [SamplingParams(temperature=0, max_new_tokens=n) for n in lengths]
+    assert tokens_of(llm.generate(prompts, params)) == [[exp[0][:n]]
+                                                        for exp, n in zip(expected, lengths)]
+    assert llm.scheduler.num_preemptions > 0
+    assert counts["writes"] < counts["fills"] / 2, counts  # most steps wrote only what moved
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_generation_runs_and_mostly_agrees_with_fp32(qwen2_dir, reference, dtype):
     prompts, expected = reference
