@@ -95,6 +95,18 @@ class BlockManager:
         seq.block_table.append(self._take_free_block())
         return True
 
+    def append_slots(self, seqs) -> bool:
+        """append_slot for every sequence of `seqs`, in order, when the free blocks cover all that
+        need one (a decode step's usual case: one pass, no call per sequence); False, with nothing
+        taken, when they do not."""
+        size = self.block_size
+        needing = [s for s in seqs if len(s.block_table) * size < len(s.token_ids)]
+        if len(needing) > len(self.free_block_ids):
+            return False
+        for seq in needing:
+            seq.block_table.append(self._take_free_block())
+        return True
+
     def reserve(self, seq: Sequence, num_tokens: int) -> int:
         """Give `seq` slots up to `num_tokens` tokens (a speculative step's draft) as far as free
         blocks last; returns how many tokens it now has slots for."""

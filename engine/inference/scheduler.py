@@ -113,6 +113,10 @@ class Scheduler:
         return batch
 
     def _decode_batch(self) -> list[Sequence]:
+        """Every running sequence with a slot for its next token, in order; while blocks run out,
+        the most recently admitted ones are preempted (their blocks freed)."""
+        if self.block_manager.append_slots(self.running):  # room for all: no preemption
+            return list(self.running)
         batch = []
         while self.running:
             seq = self.running.popleft()
@@ -157,23 +161,25 @@ class Scheduler:
         finished = []
         for seq, tokens in zip(batch, token_ids):
             if isinstance(tokens, int):  # a decode step's one token (at batch 256, 256 a step)
-                seq.append(tokens)
+                seq.token_ids.append(tokens)
                 reason = self._finish_reason(seq, tokens)
+                if not reason:
+                    continue
             else:
                 for token_id in tokens:
                     seq.append(token_id)
                     reason = self._finish_reason(seq, token_id)
                     if reason:
                         break
-            if reason:
-                seq.finish_reason = reason
-                if seq.pauses:
-                    seq.status = SequenceStatus.PAUSED
                 else:
-                    self.finish(seq)
-                finished.append(seq)
-            elif not isinstance(tokens, int):
-                self.block_manager.trim(seq)
+                    self.block_manager.trim(seq)
+                    continue
+            seq.finish_reason = reason
+            if seq.pauses:
+                seq.status = SequenceStatus.PAUSED
+            else:
+                self.finish(seq)
+            finished.append(seq)
         if finished:
             self.running = deque(s for s in self.running if s.status is SequenceStatus.RUNNING)
         return finished
@@ -202,15 +208,17 @@ class Scheduler:
         self.block_manager.deallocate(seq)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
-        params = seq.request.params
+        """"stop" (a stop token, or EOS unless ignored), "length" (the turn's max_new_tokens, the
+        request's max_total_tokens or the context) or None, for `seq` ending in `token_id`."""
+        request = seq.request
+        params = request.params
         if (token_id in params.stop_token_ids
-            or (not params.ignore_eos and token_id in self.eos_token_ids)):
+                or (token_id in self.eos_token_ids and not params.ignore_eos)):
             return "stop"
         num_tokens = len(seq.token_ids)
-        if num_tokens - seq.turn_start >= params.max_new_tokens:
-            return "length"
-        limit = seq.token_limit
-        if num_tokens >= (self.max_model_len if not limit else min(limit, self.max_model_len)):
+        limit = request.max_total_tokens
+        if (num_tokens - seq.turn_start >= params.max_new_tokens
+                or num_tokens >= self.max_model_len or (limit and num_tokens >= limit)):
             return "length"
         return None
 

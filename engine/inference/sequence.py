@@ -62,11 +62,6 @@ class Sequence:
         return self.request.params
 
     @property
-    def token_limit(self) -> int | None:
-        """The request's cap on its length below the model's context (None: none)."""
-        return self.request.max_total_tokens
-
-    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
