@@ -120,6 +120,27 @@ def test_append_slot_takes_nothing_when_the_pool_is_empty():
     assert bm.append_slot(s) and len(s.block_table) == 2
 
 
+def test_append_slots_take_what_append_slot_would_in_order_or_nothing():
+    """Every sequence's slot at once: the pages append_slot one by one would give, in the same
+    order, when the free blocks cover those that need one; nothing taken when they do not."""
+    tokens = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10], [11, 12, 13, 14, 15]]
+    one, many = BlockManager(num_blocks=7, block_size=4), BlockManager(num_blocks=7, block_size=4)
+    singly = [seq(t, i) for i, t in enumerate(tokens)]
+    at_once = [seq(t, i) for i, t in enumerate(tokens)]
+    for bm, seqs in ((one, singly), (many, at_once)):
+        for s in seqs:
+            bm.allocate(s)
+            s.append(99)  # the first and third start a page; the others have room
+    assert all(one.append_slot(s) for s in singly)
+    assert many.append_slots(at_once)
+    assert [s.block_table for s in at_once] == [s.block_table for s in singly]
+    assert many.num_free_blocks == one.num_free_blocks == 0
+    at_once[1].token_ids += [100, 101]  # its fifth token starts a page: none is free
+    tables = [list(s.block_table) for s in at_once]
+    assert not many.append_slots(at_once)
+    assert [s.block_table for s in at_once] == tables and many.num_free_blocks == 0
+
+
 def test_invalid_sizes_are_rejected():
     with pytest.raises(ValueError, match="num_blocks=0"):
         BlockManager(0, 16)
