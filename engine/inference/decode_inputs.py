@@ -103,6 +103,7 @@ class DecodeInputs:
         filled = _Filled(list(seqs), tables, list(map(len, tokens)), list(map(len, tables)), size,
                          full_tables)
         if not self._advance(filled, tokens):
+            self._last = None  # until the rows are all written
             self._write(seqs, size)
         self._last = filled
         # Non-blocking: the step ends in a device-to-host copy of its tokens (a sync), so no copy is
@@ -114,10 +115,20 @@ class DecodeInputs:
         if full_tables:
             self.block_tables[:size, :w] = self.i32[self.rows:end].view(size, w)
 
+    def forget(self) -> None:
+        """Drop what the last fill wrote (its sequences are released): the next fill writes every
+        row."""
+        self._last = None
+
     def _advance(self, now: "_Filled", tokens: list[list[int]]) -> bool:
         """The last fill's rows moved on by one token each, when that is what `now` is (the same
         sequences in the same order and rows, each one token longer, their tables the same lists,
-        none wider than the packed width): True, else nothing written."""
+        none wider than the packed width): True, else nothing written.
+
+        Between two decode steps a table only grows at its end (BlockManager.append_slot), or is a
+        new list (allocate after a preemption or a release): a page changed in place (trim's
+        rollback of a draft, then reserve or append_slot) follows a verify step, which moves its
+        sequence two or more tokens, so a table of unchanged length is unchanged."""
         last, w = self._last, self.table_width
         if (last is None or now.size != last.size or now.full_tables != last.full_tables
                 or len(now.seqs) != len(last.seqs)

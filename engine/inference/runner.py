@@ -167,8 +167,9 @@ class ModelRunner:
 
     def start_run(self) -> None:
         """A new run (LLM.run): the log-probs and routing records kept for the last one are
-        dropped."""
+        dropped, and the decode inputs forget its sequences."""
         self.logprobs_kept = 0
+        self.decode_inputs.forget()
         if self.routing is not None:
             self.routing.reset()
         if self.images is not None:

@@ -23,15 +23,17 @@ is captured with the bucket's longest possible sequence (`rows - sequences`). Th
 varlen kernel (flash-attn's or torch's): the padded SDPA path plans on the host from the lengths, so
 a graph of it would replay the capture's plan; on such a machine capture is refused.
 
-Gradients accumulate into `param.grad` as an eager backward's do. At its first run the object puts
-every trained parameter's gradient in flat buffers (flat_grads.py: views of one buffer per dtype,
-holding the values `.grad` had, zeros where it had none); the graph adds into those views, so before
-each run they go back where the parameters' `.grad` moved since: zeroed where it was set to None
-(`zero_grad()`'s default: one fill of the buffer), holding the values of a tensor that replaced it.
-The sum is then an eager backward's. `zero_grad()` here zeroes them all in one fill per buffer
-(what the H200 profile asked for: a foreach zero of 290 gradient tensors took about 6 ms of host a
-step). The graph's activations live in its own memory pool while the object lives (one
-micro-batch's peak, as an eager step's).
+Gradients accumulate into `param.grad` as an eager backward's do (a parameter no backward reaches
+holds zeros, not None, as in a graph). At its first run the object puts every trained parameter's
+gradient in flat buffers (flat_grads.py: views of one buffer per dtype, holding the values `.grad`
+had, zeros where it had none); the graph adds into those views, so before each run they go back
+where the parameters' `.grad` moved since: zeroed where it was set to None (`zero_grad()`'s
+default: one fill of the buffer), holding the values of a tensor that replaced it. The sum is then
+an eager backward's. `zero_grad()` here zeroes them all in one fill per buffer (what the H200
+profile asked for: a foreach zero of 290 gradient tensors took about 6 ms of host a step). The
+trained parameters are the first run's: a later run refuses a model whose requires_grad changed.
+The graph's activations live in its own memory pool while the object lives (one micro-batch's
+peak, as an eager step's).
 
 Without CUDA there is no graph: `run` runs the same step eagerly on the same padded buffers and
 flat gradients, which is what the CPU tests check (filler rows leave the loss and gradients
@@ -133,6 +135,7 @@ class CapturedMicroBatch:
         elif self.grads is None:
             self.grads = FlatGradients(self._trained())
         else:
+            self._check_trained()
             self.grads.reattach()
         if not self.graphs:
             return self._step()
@@ -144,10 +147,21 @@ class CapturedMicroBatch:
         into: one fill per buffer (the model's zero_grad() leaves the same fill to the next run)."""
         if self.grads is None:
             self.grads = FlatGradients(self._trained())
+        self._check_trained()
         self.grads.zero_()
 
     def _trained(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _check_trained(self) -> None:
+        """The trained parameters must be those of the first run (the graph's, the buffers')."""
+        trained = self._trained()
+        if len(trained) != len(self.grads.params) or any(
+                p is not q for p, q in zip(trained, self.grads.params)):
+            raise ValueError(
+                f"CapturedMicroBatch: the model trains {len(trained)} parameters, its first run "
+                f"{len(self.grads.params)} (requires_grad changed): a graph and its gradient "
+                "buffers hold the first run's; make a new CapturedMicroBatch")
 
     def _check(self, input_ids, seqlens, columns):
         if input_ids.dim() != 1:

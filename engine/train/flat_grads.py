@@ -11,7 +11,8 @@ by one elementwise fill (one launch, the host's cost independent of the tensor c
 
 Autograd adds into a `.grad` that is already set (in place, outside create_graph), so a view in a
 buffer keeps receiving the sums; the buffers are the caller's to keep alive (a graph holds their
-addresses).
+addresses). A parameter no backward reaches (an MoE expert no token chose) holds zeros, not None:
+what a graph gives it too, and what an optimizer then decays and moves by its momentum.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class FlatGradients:
                                  "expected plain tensors (a sharded model's gradients are not "
                                  "views of one local buffer)")
             groups[(p.dtype, p.device)].append(p)
+        self.params = list(params)
         self.buffers: list[torch.Tensor] = []
         # per buffer: its (parameter, view) pairs
         self.pairs: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []

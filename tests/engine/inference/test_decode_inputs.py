@@ -151,12 +151,14 @@ def test_a_batch_one_token_further_writes_what_moved_and_equals_a_full_write(cou
 def test_any_other_change_writes_every_row_again():
     """Another order, a sequence left out, a table replaced by one of the same length (a
     reallocation), two tokens further (also one sequence alone, its last page changed in place), a
-    table wider than the packed width, another row count or full_tables: each writes every row
-    again, and the inputs are the sequences' (a fill that only moved rows on would get each of
-    them wrong)."""
+    table wider than the packed width, another row count (padding rows that held real ones) or
+    full_tables: each writes every row again, and the inputs are the sequences' (a fill that only
+    moved rows on would get each of them wrong). And `forget` makes the next fill write every
+    row."""
     rng = random.Random(0)
     pool = list(range(100, 400))
     inputs = DecodeInputs(rows=8, width=16, block_size=BLOCK, device="cpu")
+    inputs.fill(random_sequences(7, 2), 8, True)  # rows 5-7 hold real rows: "size" must clear them
     seqs = random_sequences(5, 3)
     inputs.fill(seqs, 6, True)
     for change in ("reorder", "drop", "reallocate", "two tokens", "repaged", "wider", "size",
@@ -171,7 +173,8 @@ def test_any_other_change_writes_every_row_again():
             seqs[1].block_table = [pool.pop() for _ in seqs[1].block_table]
         elif change == "two tokens":
             grow(seqs, rng, pool)
-        elif change == "repaged":  # a token more in its last page, which is another, in place
+        elif change == "repaged":  # two tokens on, its last page another, in place (a verify
+            # step's rollback then a page taken: never a one-token step, see _advance)
             # one whose last token did not start its page (its table as the last fill saw it)
             seq = next(s for s in seqs if s.num_tokens % BLOCK not in (0, 1))
             seq.append(0)
@@ -188,3 +191,9 @@ def test_any_other_change_writes_every_row_again():
         assert_inputs(inputs, seqs, size, full_tables)
         inputs.fill(seqs, size, full_tables)  # the same lengths again: not one token further
         assert_inputs(inputs, seqs, size, full_tables)
+    writes = []
+    inputs._write = lambda *args, original=inputs._write: (writes.append(1), original(*args))
+    inputs.forget()
+    grow(seqs, rng, pool)
+    inputs.fill(seqs, size, full_tables)
+    assert writes == [1]

@@ -201,6 +201,23 @@ def test_runs_add_into_flat_gradients_whatever_zero_grad_did():
         torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=1e-5)
 
 
+def test_an_unreached_parameter_holds_zeros_and_a_changed_trained_set_is_refused():
+    """A trained parameter no backward reaches holds zeros (as a graph gives it), not None; a run
+    or zero_grad() after requires_grad changed is refused by name."""
+    model, loss = model_and_loss()
+    unreached = torch.nn.Parameter(torch.ones(3))
+    model.register_parameter("unreached", unreached)
+    captured = CapturedMicroBatch(model, loss, COLUMNS, tokens=29, sequences=5)
+    seqlens = [7, 3]
+    ids, columns = random_pack(seqlens)
+    captured.run(ids, seqlens, columns)
+    assert torch.equal(unreached.grad, torch.zeros(3))
+    model.lm_head.weight.requires_grad_(False)
+    for call in (lambda: captured.run(ids, seqlens, columns), captured.zero_grad):
+        with pytest.raises(ValueError, match="requires_grad changed.*make a new CapturedMicroBatch"):
+            call()
+
+
 def test_flat_gradients_keep_values_and_refuse_sharded_parameters():
     """A parameter's gradient keeps its value in the buffer (zeros where it had none), one buffer
     per dtype; zero_() zeroes every one in place; a tensor subclass (a DTensor) is refused by
