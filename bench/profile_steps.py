@@ -110,13 +110,18 @@ def decode_profile(quick: bool, device: torch.device, dtype: torch.dtype, batch:
         model.remove()
 
 
+def micro_batch_model(quick: bool, device: torch.device, dtype: torch.dtype):
+    """The training profiles' model: Qwen2.5-0.5B's shape at 24 layers; quick: 2 tiny layers."""
+    small = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4,
+                 num_kv_heads=2, head_dim=16)
+    return shapes.qwen_like(2 if quick else 24, dtype, str(device), **(small if quick else {}))
+
+
 def train_profile(quick: bool, device: torch.device, dtype: torch.dtype,
                   captured: bool = False) -> str:
     """One micro-batch (forward, fused head, backward; no optimizer), three profiled (captured:
     three replays of it from a CUDA graph, captured in the warm-up call)."""
-    small = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4,
-                 num_kv_heads=2, head_dim=16)
-    model = shapes.qwen_like(2 if quick else 24, dtype, str(device), **(small if quick else {}))
+    model = micro_batch_model(quick, device, dtype)
     tokens = 64 if quick else TRAIN_TOKENS
     seq = 32 if quick else TRAIN_SEQ
     make = bench_train_step.captured_micro_batch if captured else bench_train_step.micro_batch
@@ -156,10 +161,7 @@ def optimizer_profile(quick: bool, device: torch.device, dtype: torch.dtype) -> 
     reads and writes about 14 GB (about 3 ms at the datasheet bandwidth); its multi-tensor ops
     each cover the 290 parameter tensors, as the foreach zero did that the captured micro-batch's
     profile found at about 6 ms of host."""
-    small = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4,
-                 num_kv_heads=2, head_dim=16)
-    model = shapes.qwen_like(2 if quick else 24, dtype, str(device), **(small if quick else {}))
-    params = list(model.parameters())
+    params = list(micro_batch_model(quick, device, dtype).parameters())
     for param in params:
         param.grad = torch.randn_like(param) * 1e-3
     optimizer = FusedAdamW(params, lr=1e-5)
