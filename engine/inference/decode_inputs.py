@@ -45,13 +45,13 @@ def _aligned(offset: int) -> int:
 
 class _Filled(NamedTuple):
     """What a fill wrote, for the next to write only what moved: its sequences, their block-table
-    lists (a new list is a new allocation), token counts and table lengths, rows and full_tables."""
+    lists (a new list is a new allocation), token counts and table lengths, and rows (the
+    full-width tables are copied from the packed ones at every fill)."""
     seqs: list[Sequence]
     tables: list[list[int]]
     lengths: list[int]
     table_lens: list[int]
     size: int
-    full_tables: bool
 
 
 class DecodeInputs:
@@ -100,8 +100,7 @@ class DecodeInputs:
                              f"{b} <= size <= {self.rows} (max_num_seqs)")
         tables = [s.block_table for s in seqs]
         tokens = [s.token_ids for s in seqs]
-        filled = _Filled(list(seqs), tables, list(map(len, tokens)), list(map(len, tables)), size,
-                         full_tables)
+        filled = _Filled(list(seqs), tables, list(map(len, tokens)), list(map(len, tables)), size)
         if not self._advance(filled, tokens):
             self._last = None  # until the rows are all written
             self._write(seqs, size)
@@ -130,8 +129,7 @@ class DecodeInputs:
         rollback of a draft, then reserve or append_slot) follows a verify step, which moves its
         sequence two or more tokens, so a table of unchanged length is unchanged."""
         last, w = self._last, self.table_width
-        if (last is None or now.size != last.size or now.full_tables != last.full_tables
-                or len(now.seqs) != len(last.seqs)
+        if (last is None or now.size != last.size or len(now.seqs) != len(last.seqs)
                 or not all(map(operator.is_, now.seqs, last.seqs))
                 or not all(map(operator.is_, now.tables, last.tables))
                 or now.lengths != [n + 1 for n in last.lengths] or max(now.table_lens) > w):
