@@ -13,9 +13,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from fusedrl.bench.triton_compiles import hits
 from gpucheck.target_key import translated_key
+from kernel_testing import needs_interpreter
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -131,6 +133,68 @@ def test_a_record_from_before_the_interpreter_switch_is_rebuilt_with_it_off(tmp_
     hashes = json.loads(out.stdout)
     assert hashes["rebuilt"] == hashes["jit"]
     assert "recorded with other arguments (gone: ['gone']" in hashes["stale"]
+
+
+COMPILE_RECORDS = textwrap.dedent("""
+    import json, sys
+    from gpucheck.compile import compile_launch
+
+    json.dump([compile_launch(record, 90)[0].hash for record in json.load(sys.stdin)], sys.stdout)
+""")
+
+
+@pytest.mark.integration
+@needs_interpreter
+def test_launches_share_a_record_exactly_when_they_share_a_binary(tmp_path):
+    """gpucheck's recording keeps one launch per specialization key; the prebuild and the static
+    check compile one binary per record. Each launch recorded alone, then compiled by Triton's real
+    JIT for sm_90: two launches have one key exactly when they have one hash. The norm's row count
+    is do_not_specialize (1, 90 and 112 rows: one binary); SiLU * up's width is not (90 and 112
+    columns: two, a multiple of 16 apart)."""
+    from fusedrl.kernels import use_backend
+    from fusedrl.kernels.model.norm import rms_norm
+    from fusedrl.kernels.model.swiglu import silu_mul
+    from gpucheck.record import recording
+    launches = ([lambda n=n: rms_norm(torch.randn(n, 96), torch.ones(96), 1e-6)
+                 for n in (1, 90, 112)]
+                + [lambda n=n: silu_mul(torch.randn(3, 2 * n)) for n in (90, 112)])
+    keys, records = [], []
+    with use_backend("triton"):
+        for launch in launches:
+            with recording({}) as recorded:
+                launch()
+            (key, record), = recorded.items()
+            keys.append(key)
+            records.append(record)
+    out = subprocess.run([sys.executable, "-c", COMPILE_RECORDS], input=json.dumps(records),
+                         env=jit_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    hashes = json.loads(out.stdout)
+    assert len(set(keys[:3])) == 1 and len(set(keys[3:])) == 2, keys
+    for i in range(len(keys)):
+        for j in range(len(keys)):
+            assert (keys[i] == keys[j]) == (hashes[i] == hashes[j]), (i, j, keys, hashes)
+
+
+@needs_interpreter
+def test_an_unexecuted_launch_is_recorded_and_not_run():
+    """gpucheck's `unexecuted` (the bench engine's graph warm-ups): each launch is recorded as
+    when it runs, and its output is left as it was; outside the block launches run again."""
+    from fusedrl.kernels.model.swiglu import BLOCK_COLS, _grid, _silu_mul_kernel
+    from gpucheck.record import recording, unexecuted
+    gate_up = torch.randn(3, 2 * 40)
+
+    def launch(out):
+        _silu_mul_kernel[_grid(3, 40)](gate_up, out, 40, BLOCK=BLOCK_COLS)
+        return out
+    with recording({}) as skipped, unexecuted():
+        untouched = launch(torch.zeros(3, 40))
+    with recording({}) as ran:
+        written = launch(torch.zeros(3, 40))
+    assert list(skipped) == list(ran) and len(ran) == 1
+    assert not untouched.any()
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    torch.testing.assert_close(written.double(), torch.nn.functional.silu(gate) * up)
 
 
 def test_the_key_of_another_python_replaces_libtritons_digest_once():

@@ -5,12 +5,15 @@ and without entropy, forward and backward); `LLM.generate` on 1-layer models wit
 shapes of Qwen2.5-0.5B, Qwen3-0.6B and Llama-3-8B; the decode GEMMs at Qwen2.5-7B's and
 Qwen3-30B-A3B's hidden sizes and their paged decode at the split counts an H100 takes at long
 contexts; the launch shapes bench/tune_decode.py times at Qwen2.5-0.5B's decode (so that a visit
-finds them in the prebuilt cache); the MoE grouped GEMM with 128 experts; a training forward and
-backward. Rows are few
+finds them in the prebuilt cache); the bench's engine as it starts (every graph size's decode step
+at Qwen2.5-0.5B's shape: a visit's first row); the MoE grouped GEMM with 128
+experts; a training forward and backward. Rows are few
 (the interpreter runs them on the CPU): what decides specialization and block sizes is the row
 length, the dtypes and the strides, which are the real ones.
 """
 from __future__ import annotations
+
+from unittest import mock
 
 import torch
 
@@ -28,6 +31,12 @@ from fusedrl.kernels.invariant.row_logprobs import row_logprobs
 from fusedrl.kernels.invariant.fixed_tile_matmul import linear_fixed_tiles
 from fusedrl.kernels.model.norm_linear import launch as norm_linear_launch, norm_linear
 from fusedrl.bench import tune_decode
+from fusedrl.bench.shapes import qwen_like
+from fusedrl.engine.inference.decode_graphs import DecodeGraphs
+from fusedrl.kernels.attention import paged
+
+from value_checks import value_checks_as_on_gpu
+from .record import unexecuted
 
 VOCABS = (151936, 128256, 50257)
 DTYPES = (torch.bfloat16, torch.float32)
@@ -43,6 +52,9 @@ LARGE_MODELS = (("Qwen2.5-7B", 3584, 28, 4, 128, False, 18944),
                 ("Qwen3-30B-A3B", 2048, 32, 4, 128, True, 768))
 # An H100's SMs: decode_splits' choice there for batch 1 and 32 at 4k and 32k tokens of context.
 GPU_SMS = 132
+# The bench's engine (bench/suites/generate.py's): graphs up to the mixed workload's 256 rows, the
+# checkpoint's context (Qwen2.5-0.5B's 32,768 tokens: tables of 2,048 pages of 16).
+GRAPH_ROWS, GRAPH_CONTEXT = 256, 32768
 TOKENS = 64  # per-token streams: a multiple of 16, as real batches are
 STEPS = 1024  # GAE's time steps: a full block of the scan
 
@@ -159,6 +171,24 @@ def generation(models=MODELS) -> None:
                      SamplingParams(max_new_tokens=3, temperature=1.0, seed=0))
 
 
+def bench_engine(rows: int = GRAPH_ROWS, context: int = GRAPH_CONTEXT) -> None:
+    """The bench's engine as it starts on a GPU, before its first row: the decode step at each of
+    its graph sizes (1, 2, 4, 8, 16, 32, ... rows), as the warm-up before each capture runs it.
+    bf16 Qwen2.5-0.5B at two layers (the first layer's norm has no residual to add, every later
+    one's has: two layers make every launch of 24), the engine's rows and context (its tables'
+    width is a launch argument), split as on an H100's or H200's SMs. Recorded unexecuted: a
+    graph's step reads nothing back, and a vocabulary-wide LM head per size would take this CPU
+    minutes. Checked against a visit: run at the commit of the H200 visit of 2026-11-28 and
+    compiled under the GPU's key, it recorded 34 compiles, each one that visit's engine made
+    before its first row (bench/results/2026-11-28-h200/call1/triton_compiles.jsonl: the other 4
+    of those 38 are its prefill's, which `generation` covers)."""
+    model = qwen_like(2, torch.bfloat16, "cpu", max_model_len=context)
+    with mock.patch.object(paged, "sm_count", lambda device: GPU_SMS):
+        llm = LLM(model, kv_cache_memory=64 << 20, max_num_seqs=rows, use_cuda_graphs=False)
+        with value_checks_as_on_gpu(), unexecuted():
+            DecodeGraphs(llm.runner, rows, capture=False)
+
+
 def large_decode_gemms(models=LARGE_MODELS) -> None:
     """Decode's fused norm + q/k/v and norm + gate/up GEMMs (4 rows, bf16) at each large model's
     hidden size, their K and a constexpr. The output widths are runtime ints that only pick the
@@ -251,6 +281,7 @@ def run(quick: bool = False) -> None:
         moe()
         moe_gemms()
         generation(MODELS[:2] if quick else MODELS)
+        bench_engine()
         if not quick:  # ~90 s of interpreter (K = 3584): the full check's, .ci/run's
             large_decode_gemms()
         decode_splits_at_long_context()
