@@ -43,6 +43,12 @@ def _aligned(offset: int) -> int:
     return -(-offset // ALIGN) * ALIGN
 
 
+def _row_length(rows: int, itemsize: int) -> int:
+    """Elements from one row of a [fields, rows] view to the next: `rows` rounded up to a whole
+    ALIGN, so that every field starts where an allocation of its own would."""
+    return _aligned(rows * itemsize) // itemsize
+
+
 class _Filled(NamedTuple):
     """What a fill wrote, for the next to write only what moved: its sequences, their block-table
     lists (a new list is a new allocation), token counts and table lengths, and rows (the
@@ -62,12 +68,18 @@ class DecodeInputs:
         self.rows, self.width, self.block_size = rows, width, block_size
         pin = torch.device(device).type == "cuda"
         # One buffer of bytes on each side, the int64, fp32 and int32 rows views of it at their
-        # offsets (int32: context lengths [rows], then the batch's block tables packed as [size, w],
-        # w this step's widest): a step's inputs go in one copy, of the bytes it uses. Each view
-        # starts where an allocation of its own would (ALIGN): the kernels see the same alignment.
-        self._f32_start = _aligned(8 * len(_I64) * rows)
-        self._i32_start = _aligned(self._f32_start + 4 * len(_F32) * rows)
-        nbytes = self._i32_start + 4 * (rows + rows * width)
+        # offsets (int32: context lengths [rows], then the batch's block tables packed as [size, w]
+        # from element `_tables_at`, w this step's widest): a step's inputs go in one copy, of the
+        # bytes it uses. Each field (a row of the int64 and fp32 views, the context lengths, the
+        # tables) starts where an allocation of its own would (ALIGN): the kernels see the
+        # alignment they would on separate tensors. Triton compiles a pointer aligned to 16 bytes
+        # and one that is not apart, so a field at an odd offset (the second fp32 row at rows = 50)
+        # would cost a compile of each kernel reading it that no other engine size needs.
+        self._i64_row, self._f32_row = _row_length(rows, 8), _row_length(rows, 4)
+        self._tables_at = _row_length(rows, 4)
+        self._f32_start = 8 * len(_I64) * self._i64_row
+        self._i32_start = self._f32_start + 4 * len(_F32) * self._f32_row
+        nbytes = self._i32_start + 4 * (self._tables_at + rows * width)
         self._host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
         self._device = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self._i64, self._f32, self._i32 = (t.numpy() for t in self._views(self._host))
@@ -82,11 +94,11 @@ class DecodeInputs:
         self._last: _Filled | None = None
 
     def _views(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The int64 [6, rows], fp32 [3, rows] and int32 [rows + rows * width] views of a byte
-        buffer laid out as __init__ says."""
-        f32_end = self._f32_start + 4 * len(_F32) * self.rows
-        return (buffer[:8 * len(_I64) * self.rows].view(torch.int64).view(len(_I64), self.rows),
-                buffer[self._f32_start:f32_end].view(torch.float32).view(len(_F32), self.rows),
+        """The int64 [6, rows], fp32 [3, rows] and int32 [_tables_at + rows * width] views of a
+        byte buffer laid out as __init__ says."""
+        i64 = buffer[:self._f32_start].view(torch.int64).view(len(_I64), self._i64_row)
+        f32 = buffer[self._f32_start:self._i32_start].view(torch.float32)
+        return (i64[:, :self.rows], f32.view(len(_F32), self._f32_row)[:, :self.rows],
                 buffer[self._i32_start:].view(torch.int32))
 
     def fill(self, seqs: list[Sequence], size: int, full_tables: bool) -> None:
@@ -108,11 +120,11 @@ class DecodeInputs:
         # Non-blocking: the step ends in a device-to-host copy of its tokens (a sync), so no copy is
         # still reading these host buffers when the next step writes them.
         w = self.table_width
-        end = self.rows + size * w
+        end = self._tables_at + size * w
         used = self._i32_start + 4 * end
         self._device[:used].copy_(self._host[:used], non_blocking=True)
         if full_tables:
-            self.block_tables[:size, :w] = self.i32[self.rows:end].view(size, w)
+            self.block_tables[:size, :w] = self.i32[self._tables_at:end].view(size, w)
 
     def forget(self) -> None:
         """Drop what the last fill wrote (its sequences are released): the next fill writes every
@@ -135,7 +147,7 @@ class DecodeInputs:
                 or now.lengths != [n + 1 for n in last.lengths] or max(now.table_lens) > w):
             return False
         b, bs = len(now.seqs), self.block_size
-        packed = self._i32[self.rows:self.rows + now.size * w]
+        packed = self._i32[self._tables_at:self._tables_at + now.size * w]
         if now.table_lens != last.table_lens:  # a sequence took a new page: its row again
             for r, (n, m) in enumerate(zip(now.table_lens, last.table_lens)):
                 if n != m:
@@ -167,7 +179,7 @@ class DecodeInputs:
         f32[:, :b] = np.array(floats, dtype=np.float32).reshape(b, len(_F32)).T
         i32[:b] = i64[_I64.index("draw_positions"), :b]  # the context length: num_tokens
         w = max(map(len, tables))
-        packed = i32[self.rows:self.rows + size * w].reshape(size, w)
+        packed = i32[self._tables_at:self._tables_at + size * w].reshape(size, w)
         packed[:] = 0
         for r, table in enumerate(tables):
             packed[r, :len(table)] = table
@@ -185,7 +197,7 @@ class DecodeInputs:
         x.update({name: self.f32[i, :size] for i, name in enumerate(_F32)})
         w = self.table_width
         tables = (self.block_tables[:size] if full_tables
-                  else self.i32[self.rows:self.rows + size * w].view(size, w))
+                  else self.i32[self._tables_at:self._tables_at + size * w].view(size, w))
         return SimpleNamespace(input_ids=x["input_ids"], positions=x["positions"],
                                slot_mapping=x["slot_mapping"], context_lens=self.i32[:size],
                                block_tables=tables,

@@ -1,12 +1,13 @@
 """DecodeInputs: a decode step's inputs written into persistent buffers equal the ones built from the
-sequences directly, padding rows write and read nothing, and a step costs three host-to-device copies."""
+sequences directly, padding rows write and read nothing, every field is aligned as a tensor of its
+own, and a step costs one host-to-device copy."""
 import random
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fusedrl.engine.inference.decode_inputs import DecodeInputs
+from fusedrl.engine.inference.decode_inputs import ALIGN, DecodeInputs
 from fusedrl.engine.inference.request import Request
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.sequence import Sequence
@@ -60,6 +61,22 @@ def test_the_filled_rows_are_the_sequences_inputs_and_padding_rows_are_inert(cou
         assert torch.equal(padded.block_tables[:count, :want["block_tables"].shape[1]], want["block_tables"])
         assert (padded.slot_mapping[count:] == -1).all() and (padded.context_lens[count:] == 0).all()
         assert (padded.sampling[0][count:] == 0).all()  # greedy: no filter reads a padding row's parameters
+
+
+@pytest.mark.parametrize("rows", [1, 3, 50, 257])
+def test_every_field_starts_where_an_allocation_of_its_own_would(rows):
+    """Each tensor a step reads (every int64 and fp32 field, the context lengths, the packed
+    tables) starts ALIGN bytes apart from the buffer's start, at any engine size: Triton compiles
+    a pointer aligned to 16 bytes and one that is not apart (at rows = 50 the second fp32 field sat
+    8 bytes off, a compile of each sampler kernel that 256 rows never needed)."""
+    inputs = DecodeInputs(rows=rows, width=10, block_size=BLOCK, device="cpu")
+    inputs.fill(random_sequences(min(rows, 7), 0), min(rows, 7), full_tables=False)
+    views = inputs.views(min(rows, 7), full_tables=False)
+    start = views.input_ids.data_ptr()
+    fields = [views.positions, views.slot_mapping, views.context_lens, views.block_tables,
+              *views.sampling]
+    assert [(t.data_ptr() - start) % ALIGN for t in fields] == [0] * len(fields)
+    assert start % 16 == 0
 
 
 def test_a_batch_larger_than_its_rows_is_refused():
