@@ -74,7 +74,11 @@ def _gemm_shapes():
 
 
 class _ZeroGemms(TorchDispatchMode):
-    """torch's matrix products answered with zeros of their shape and dtype (see `zero_gemms`)."""
+    """Within the block torch's matrix products (cuBLAS's on a GPU: they launch nothing to record)
+    return zeros of their shape and dtype at once: this CPU multiplies bf16 at about 1 GFLOP/s,
+    and a bf16 model's startup at Qwen2.5-0.5B's shape would spend minutes in them. Every value
+    downstream is then that of a zero model (zero norms, uniform logits: greedy draws token 0),
+    finite, and what it launches is specialized as with real weights."""
 
     def __init__(self):
         super().__init__()
@@ -88,25 +92,16 @@ class _ZeroGemms(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def zero_gemms() -> contextlib.AbstractContextManager:
-    """Within the block torch's matrix products (cuBLAS's on a GPU: they launch nothing to record)
-    return zeros of their shape and dtype at once: this CPU multiplies bf16 at about 1 GFLOP/s,
-    and a bf16 model's startup at Qwen2.5-0.5B's shape would spend minutes in them. Every value
-    downstream is then that of a zero model (zero norms, uniform logits: greedy draws token 0),
-    finite, and what it launches is specialized as with real weights."""
-    return _ZeroGemms()
-
-
 @contextlib.contextmanager
 def unexecuted():
     """Within the block, a recording records each launch and does not run it, and torch's matrix
-    products are zeros (`zero_gemms`): for work whose outputs nothing reads on the host (a CUDA
+    products are zeros (`_ZeroGemms`): for work whose outputs nothing reads on the host (a CUDA
     graph's warm-up step, a training micro-batch: capturable, so free of syncs), where the CPU
     would spend minutes computing values that decide nothing (a vocabulary-wide LM head per batch
     size). The launches' outputs are left unwritten."""
     before, _Unexecuted.active = _Unexecuted.active, True
     try:
-        with zero_gemms():
+        with _ZeroGemms():
             yield
     finally:
         _Unexecuted.active = before
