@@ -30,8 +30,12 @@ if _WORKERS > 1:
 
 import pytest  # noqa: E402
 
+import interpreter_patching  # noqa: E402
 from kernel_testing import DEVICE, FUSED_BACKENDS, TRAIN_DTYPE  # noqa: E402
 from process_testing import starts_processes  # noqa: E402
+
+if _INTERPRET_AT_START == "1":
+    interpreter_patching.install()  # its helpers' repeated patching skipped (the same kernels)
 
 
 @pytest.fixture(params=FUSED_BACKENDS)

@@ -2,9 +2,13 @@
 
 Shapes are deliberately small (hidden 64, 2 layers, vocab 300) so the whole folder runs in well
 under a minute on two CPU cores, yet exercise GQA (4 query heads over 2 KV heads).
+
+transformers is imported where a model or a tokenizer is made, not with this module: a torchrun
+rank or a `fusedrl` process imports a test module for its reward function (and, with it, these
+helpers), and the engine it runs imports no transformers; the import would add about 3 s of CPU to
+each of those processes.
 """
 import torch
-import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 VOCAB = 300
@@ -14,22 +18,30 @@ BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=MAX_POS,
             bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
 
+# arch -> (transformers' config class, its causal-LM class, config overrides), by name (above).
 ARCHS = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
-    "llama2": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(num_key_value_heads=4)),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=None)),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=24)),
+    "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)),
 }
 
 
+def hf_class(name: str):
+    """transformers' class `name`, transformers imported on first use (see above)."""
+    import transformers
+
+    return getattr(transformers, name)
+
+
 def make_hf_model(arch: str, seed: int = 0, **overrides):
-    config_cls, model_cls, extra = ARCHS[arch]
+    config_name, model_name, extra = ARCHS[arch]
     torch.manual_seed(seed)
-    config = config_cls(**{**BASE, **extra, **overrides})
-    model = model_cls(config).eval()
+    config = hf_class(config_name)(**{**BASE, **extra, **overrides})
+    model = hf_class(model_name)(config).eval()
     # Random init with std 0.02 gives near-uniform next-token distributions, where greedy ties are
     # decided by rounding; larger weights make the argmax well separated so parity is meaningful.
     with torch.no_grad():
@@ -63,7 +75,7 @@ def make_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
     assert tok.get_vocab_size() == VOCAB
-    return transformers.PreTrainedTokenizerFast(
+    return hf_class("PreTrainedTokenizerFast")(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 

@@ -1,16 +1,17 @@
 """Tiny random Qwen3-MoE and Mixtral models (8 experts, top-2) for the MoE tests, shaped as
 engine_testing's dense ones."""
 import torch
-import transformers
 
-from engine_testing import BASE, make_tokenizer
+from engine_testing import BASE, hf_class, make_tokenizer
 
+# arch -> (transformers' config class, its causal-LM class, config overrides), by name
+# (engine_testing imports transformers on first use).
 MOE_ARCHS = {
     # Layer 0 dense (mlp_only_layers), layer 1 sparse: both kinds of layer in one model.
-    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
         mlp_only_layers=[0])),
-    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, sliding_window=None)),
 }
 
@@ -18,9 +19,9 @@ MOE_ARCHS = {
 def make_moe_model(arch: str, seed: int = 0, **overrides):
     """A transformers MoE model with weights of std 0.15 (separated argmaxes, as make_hf_model)
     and a router of std 1, so that tokens spread over the experts."""
-    config_cls, model_cls, extra = MOE_ARCHS[arch]
+    config_name, model_name, extra = MOE_ARCHS[arch]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**BASE, **extra, **overrides})).eval()
+    model = hf_class(model_name)(hf_class(config_name)(**{**BASE, **extra, **overrides})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:

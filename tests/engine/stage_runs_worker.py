@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import torch.distributed as dist
 
+import interpreter_patching
 from fusedrl.engine.cli import commands
 from fusedrl.engine.cli.commands import build_parser, quiet_libraries
 from fusedrl.engine.parallel.distributed import leave
@@ -72,6 +73,8 @@ def call_on_rank_0(step: dict) -> None:
 
 
 def main(plan_path: str) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        interpreter_patching.install()  # as in the suite's own processes (tests/conftest.py)
     with open(plan_path) as f:
         plan = json.load(f)
     for name, (config_cls, train, summary) in list(commands.STAGES.items()):

@@ -3,14 +3,13 @@ transformers (engine/model/vision/tiny.py's configs, weights widened so greedy a
 separated), and prompts of text and images as transformers' processor lays them out."""
 import pytest
 import torch
-import transformers
 
 from fusedrl.engine.model.vision.tiny import FAMILIES, tiny_vlm_config
-from engine_testing import make_tokenizer
+from engine_testing import hf_class, make_tokenizer
 
 VOCAB = 300
-HF_CLASSES = {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
-              "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}
+# family -> transformers' class, by name (engine_testing imports transformers on first use)
+HF_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 # pixel columns of one patch: 3 channels x 2 frames x 4 x 4 pixels
 PATCH_WIDTH = 3 * 2 * 4 * 4
 
@@ -18,7 +17,7 @@ PATCH_WIDTH = 3 * 2 * 4 * 4
 def make_vlm(family: str, seed: int = 0):
     """A transformers VLM of `family` on the tiny config (eos: the test tokenizer's </s>)."""
     torch.manual_seed(seed)
-    model = HF_CLASSES[family](tiny_vlm_config(family, vocab_size=VOCAB, eos_token_id=5)).eval()
+    model = hf_class(HF_CLASSES[family])(tiny_vlm_config(family, vocab_size=VOCAB, eos_token_id=5)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -66,7 +65,7 @@ def save_vlm_with_processor(path, family: str = "qwen2_5_vl", seed: int = 0):
     torch.manual_seed(seed)
     config = tiny_vlm_config(family, vocab_size=len(vocab), image_token_id=vocab["<|image_pad|>"],
                              eos_token_id=vocab["</s>"])
-    model = HF_CLASSES[family](config).eval()
+    model = hf_class(HF_CLASSES[family])(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
