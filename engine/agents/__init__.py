@@ -6,8 +6,11 @@ protocol, or `ToolEnvironment` answering the model's tool calls), token in, toke
 wrapper over `CarriedTrajectories`, which continues them (typed engine/inference/in_flight.py
 samples) across engine runs, their environments alive in between (partial rollouts), or runs them
 to their end (whole groups).
+
+carried.py's names load on first use: it imports torch, and an environment's worker process
+(`python -m` env_worker.py, a module of this package, one per trajectory) runs this file first;
+the rest of the package is torch-free.
 """
-from .carried import CarriedTrajectories, run_agents
 from .chat_render import ChatRenderer
 from .environment import EnvironmentFailure, load_environment
 from .agent_loop import AgentLimits, AgentTrajectory, agent_metrics
@@ -21,3 +24,10 @@ __all__ = ["CarriedTrajectories", "ChatRenderer", "EnvironmentFailure", "load_en
            "agent_metrics", "run_agents", "ToolCall", "parse_hermes", "parser_for",
            "ToolEnvironment",
            "load_tools", "tool_schema"]
+
+
+def __getattr__(name: str):
+    if name in ("CarriedTrajectories", "run_agents"):
+        from . import carried
+        return getattr(carried, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,3 +29,19 @@ def broken(x: int) -> int:
         x: Anything.
     """
     raise RuntimeError("the tool broke")
+
+
+class LoadedLibraries:
+    """An environment whose first observation names the heavy libraries its process has loaded
+    (torch, numpy, transformers, triton), comma-separated ("" for none)."""
+
+    def __init__(self, prompt, **columns):
+        pass
+
+    def reset(self):
+        import sys
+        heavy = [name for name in ("torch", "numpy", "transformers", "triton") if name in sys.modules]
+        return [{"role": "user", "content": ",".join(heavy)}]
+
+    def step(self, message):
+        return [], 0.0, True

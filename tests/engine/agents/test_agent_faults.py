@@ -59,6 +59,18 @@ def test_a_crashing_environment_leaves_the_batch_unscored(llm, isolation):
     assert "\n" not in crashed.error_text and "agent_fault_envs:Hostile" in crashed.error_text
 
 
+def test_an_environment_s_worker_loads_no_torch():
+    """The worker a trajectory's environment runs in (one per trajectory) starts in a fraction of a
+    second: it imports the agents package, whose torch-importing part loads on first use."""
+    from fusedrl.engine.agents.isolation import ProcessEnvironment
+
+    env = ProcessEnvironment(EnvSource("agent_envs:LoadedLibraries"), {"prompt": "hi"}, 1000)
+    try:
+        assert env.reset(30.0) == [{"role": "user", "content": ""}]
+    finally:
+        env.close()
+
+
 def test_a_group_s_advantages_are_computed_without_its_crashed_trajectory():
     # Group 0: rows 0-3, row 1 crashed (no trained token, no score); group 1 intact.
     scores = torch.tensor([1.0, float("nan"), 0.0, 0.5, 0.2, 0.9, 0.4, 0.1])
