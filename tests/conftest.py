@@ -34,8 +34,7 @@ import interpreter_patching  # noqa: E402
 from kernel_testing import DEVICE, FUSED_BACKENDS, TRAIN_DTYPE  # noqa: E402
 from process_testing import starts_processes  # noqa: E402
 
-if _INTERPRET_AT_START == "1":
-    interpreter_patching.install()  # its helpers' repeated patching skipped (the same kernels)
+interpreter_patching.install()  # where TRITON_INTERPRET=1: the same kernels, less patching
 
 
 @pytest.fixture(params=FUSED_BACKENDS)

@@ -11,12 +11,13 @@ time in the interpreter, more in kernels that call helpers in loops.
 
 `install()` makes a helper's call skip `_patch_lang` when the running launch has patched every
 triton.language module the helper can see; a helper that sees another one patches as before. The
-launch's own patching and restoring are untouched. Installed only where the interpreter's
-functions are the ones this was written against (triton 3.6 to 3.9); elsewhere it does nothing.
+launch's own patching and restoring are untouched. It does nothing where the interpreter is off
+(TRITON_INTERPRET unset) or lacks the functions it wraps (written against triton 3.6 and 3.9).
 """
 from __future__ import annotations
 
 import inspect
+import os
 
 
 def _language_modules(fn, tl) -> frozenset:
@@ -25,7 +26,10 @@ def _language_modules(fn, tl) -> frozenset:
 
 
 def install() -> bool:
-    """Patch the interpreter once per process; True when it was (or already is) installed."""
+    """Patch the interpreter once per process where TRITON_INTERPRET=1; True when it was (or
+    already is) installed."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
     try:
         import triton.language as tl
         from triton.runtime import interpreter
@@ -33,7 +37,7 @@ def install() -> bool:
         return False
     if getattr(interpreter, "_fusedrl_tests_patched", False):
         return True
-    needed = ("_patch_lang", "_LangPatchScope", "GridExecutor", "InterpretedFunction")
+    needed = ("_patch_lang", "_LangPatchScope", "GridExecutor")
     if not all(hasattr(interpreter, name) for name in needed):
         return False
     patch_lang, launch_call = interpreter._patch_lang, interpreter.GridExecutor.__call__

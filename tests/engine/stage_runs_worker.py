@@ -73,8 +73,7 @@ def call_on_rank_0(step: dict) -> None:
 
 
 def main(plan_path: str) -> None:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        interpreter_patching.install()  # as in the suite's own processes (tests/conftest.py)
+    interpreter_patching.install()  # as in the suite's own processes (tests/conftest.py)
     with open(plan_path) as f:
         plan = json.load(f)
     for name, (config_cls, train, summary) in list(commands.STAGES.items()):
