@@ -26,6 +26,14 @@ def test_decoder_layer_training_launches_meet_the_30_kernel_budget(arch):
     assert fused["by_op"].get("aten::mm", 0) + fused["by_op"].get("aten::addmm", 0) == 12, fused
 
 
+def test_the_ranking_loss_launches_as_much_for_66_rankings_as_for_2_without_a_host_sync():
+    """Every pair of a micro-batch at once: a loop over the rankings launched ~19 kernels each."""
+    counts = {name: launches.ranking_loss_launches(sizes) for name, sizes in launches.RANKINGS.items()}
+    assert counts["66 rankings"] == counts["2 rankings"], counts
+    assert counts["2 rankings"]["launches"] <= launches.BUDGETS["ranking_loss"], counts
+    assert not counts["2 rankings"]["syncs"], counts
+
+
 @needs_interpreter  # the model's CPU tensors through the Triton kernels: counted where they run
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_sft_and_rm_steps_read_the_host_once(stage):

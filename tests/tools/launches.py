@@ -22,6 +22,9 @@ tensors: noted, not counted). Host syncs as traffic_count counts them.
   count for comparison (about 10 kernels per tensor, as the H100 profile showed).
 - per PPO iteration: the host syncs outside generation, by phase, at traffic_ppo's shape (its
   counter, value-reading input checks as on a GPU), against the budget of minibatches + 5.
+- the reward model's ranking loss (engine/stages/rm.py's ranking_loss_sum), forward + backward, on
+  a micro-batch of 2 rankings and of 66 (64 pairs and a 3- and a 5-way ranking): the same count,
+  every pair at once (a loop over the rankings launched ~19 kernels for each).
 - per SFT and RM optimizer step (engine/train/supervised.py's train_step, two micro-batches, a step
   after the first): the host syncs (launch_count's counter: tolist and cpu included), against a
   budget of one read per step (its stats, loss and gradient norm together), as PPO's minibatch.
@@ -46,7 +49,7 @@ from fusedrl.engine.model.lm_head import lm_head_logprobs
 from fusedrl.engine.model.moe_config import MoEConfig
 from fusedrl.engine.model.primitives import DECODE
 from fusedrl.engine.model.reward_model import reward_model_from_lm
-from fusedrl.engine.stages.rm import rm_stage
+from fusedrl.engine.stages.rm import ranking_loss_sum, rm_stage
 from fusedrl.engine.stages.sft import sft_stage
 from fusedrl.engine.train.fused_adamw import FusedAdamW
 from fusedrl.engine.train.optim import build_optimizer, build_scheduler, clip_and_step
@@ -60,7 +63,10 @@ from fusedrl.bench.traffic_count import FREE, SYNC_OPS
 from fusedrl.bench.shapes import qwen_like
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
-BUDGETS = {"layer_fwd_bwd": 30, "optimizer_step": 12, "supervised_step_syncs": 1, "moe_block_decode": 16}
+BUDGETS = {"layer_fwd_bwd": 30, "optimizer_step": 12, "supervised_step_syncs": 1, "moe_block_decode": 16,
+           "ranking_loss": 17}
+# The ranking loss's micro-batches: a pair and a 3-way ranking; 64 pairs, a 3- and a 5-way one.
+RANKINGS = {"2 rankings": [2, 3], "66 rankings": [2] * 64 + [3, 5]}
 # Small enough for the interpreter; launches do not depend on widths. Qwen2 has q/k/v biases,
 # Qwen3 q/k norms and no biases.
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16)
@@ -167,6 +173,15 @@ def per_tensor_loop_launches(n_tensors: int) -> int:
     return counter.total
 
 
+def ranking_loss_launches(group_sizes: list[int]) -> dict:
+    """Launches and host syncs of the reward model's ranking loss, forward + backward, over
+    rankings of `group_sizes` responses."""
+    rewards = torch.randn(sum(group_sizes), requires_grad=True)
+    with launch_count.LaunchCounter() as counter:
+        ranking_loss_sum(rewards, group_sizes)[0].backward()
+    return {"launches": counter.launches, "syncs": dict(counter.syncs)}
+
+
 def supervised_step_syncs(stage_name: str) -> dict:
     """Host syncs of one SFT or RM (beta_rm > 0: its LM term too) optimizer step over two
     micro-batches on a 1-layer model at SMALL shapes, by kind; the step after the first (which
@@ -208,6 +223,7 @@ def report() -> dict:
         "per_tensor_loop_step": {"291": per_tensor_loop_launches(291)},
         "ppo_iteration": ppo_iteration_syncs(),
         "supervised_step_syncs": {name: supervised_step_syncs(name) for name in ("sft", "rm")},
+        "ranking_loss": {name: ranking_loss_launches(sizes) for name, sizes in RANKINGS.items()},
     }
 
 
@@ -233,6 +249,9 @@ def table(r: dict) -> str:
                      f"{sum(c['syncs'].values())}) | {c['launches']} | {r['budgets']['optimizer_step']} |")
     lines.append(f"| optimizer step, 291 tensors, the former per-tensor loop + clip_grad_norm_ | "
                  f"{r['per_tensor_loop_step']['291']} | |")
+    for name, c in r["ranking_loss"].items():
+        lines.append(f"| reward model's ranking loss, forward + backward, {name} (host syncs: "
+                     f"{sum(c['syncs'].values())}) | {c['launches']} | {r['budgets']['ranking_loss']} |")
     ppo = r["ppo_iteration"]
     lines += ["", "| measure | host syncs | budget |", "| --- | --- | --- |",
               f"| PPO iteration outside generation ({traffic_ppo.SHAPE.minibatches} minibatches; "

@@ -1,12 +1,14 @@
-"""Reward-model loss on hand-computed cases: pairwise, K-way (all K-choose-2 pairs), beta_rm."""
+"""Reward-model loss on hand-computed cases: pairwise, K-way (all K-choose-2 pairs), beta_rm; every
+pair of a batch at once, against a loop over its rankings."""
 import math
+import random
 
 import pytest
 import torch
 from torch import nn
 
 from fusedrl.engine.data.packing import pack_sequences
-from fusedrl.engine.stages.rm import pair_indices, ranking_loss_sum
+from fusedrl.engine.stages.rm import ranking_loss_sum, ranking_pairs
 from fusedrl.engine.stages.rm import rm_loss, rm_summarize
 
 
@@ -28,7 +30,9 @@ def test_k_way_ranking_is_the_mean_over_all_pairs_of_one_element():
     loss, correct, pairs = ranking_loss_sum(torch.tensor([1.0, 0.0, 2.0]), [3])
     assert loss.item() == pytest.approx((0.313262 + 1.313262 + 2.126928) / 3, abs=1e-6)
     assert (correct.item(), pairs) == (1, 3)
-    assert [p.tolist() for p in pair_indices(4)] == [[0, 0, 0, 1, 1, 2], [1, 2, 3, 2, 3, 3]]
+    rows, weights = ranking_pairs([2, 4])
+    assert rows.tolist() == [[0, 2, 2, 2, 3, 3, 4], [1, 3, 4, 5, 4, 5, 5]]
+    assert weights.tolist() == [1.0] + [1 / 6] * 6
 
 
 def test_k_way_and_pair_elements_weigh_the_same_in_a_batch():
@@ -43,6 +47,39 @@ def test_ranking_loss_gradient_pushes_preferred_up():
     ranking_loss_sum(rewards, [3])[0].backward()
     # d/dr_i of mean over pairs of softplus(r_j - r_i): best gets -(2 * 0.5) / 3, worst +1/3.
     torch.testing.assert_close(rewards.grad, torch.tensor([-1 / 3, 0.0, 1 / 3]))
+
+
+def loop_over_rankings(rewards, group_sizes):
+    """The oracle: each ranking's mean over its pairs, one ranking at a time."""
+    losses, correct = [], 0
+    for r in rewards.split(group_sizes):
+        margins = [r[i] - r[j] for i in range(len(r)) for j in range(i + 1, len(r))]
+        losses.append(torch.stack([-torch.nn.functional.logsigmoid(m) for m in margins]).mean())
+        correct += sum(int(m > 0) for m in margins)
+    return torch.stack(losses).sum(), correct
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_pair_at_once_is_the_loop_over_rankings_in_values_and_gradients(seed):
+    rng = random.Random(seed)
+    sizes = [rng.choice([2, 2, 3, 4, 7]) for _ in range(rng.randint(1, 30))]
+    torch.manual_seed(seed)
+    rewards = (torch.randn(sum(sizes), dtype=torch.float64) * 3).requires_grad_()
+    rewards.data[1] = rewards.data[0]  # a tie: not correct
+    loss, correct, pairs = ranking_loss_sum(rewards, sizes)
+    (grad,) = torch.autograd.grad(loss, rewards)
+    want, want_correct = loop_over_rankings(rewards, sizes)
+    (want_grad,) = torch.autograd.grad(want, rewards)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
+    assert (correct.item(), pairs) == (want_correct, sum(k * (k - 1) // 2 for k in sizes))
+
+
+def test_a_ranking_of_one_response_or_a_score_count_off_its_groups_is_refused():
+    with pytest.raises(ValueError, match=r"group_sizes=\[2, 1\]: every ranking needs at least 2"):
+        ranking_loss_sum(torch.zeros(3), [2, 1])
+    with pytest.raises(ValueError, match=r"rewards is \(4,\): expected \[5\]"):
+        ranking_loss_sum(torch.zeros(4), [2, 3])
 
 
 class FixedRewardModel(nn.Module):
