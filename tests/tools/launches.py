@@ -24,7 +24,7 @@ tensors: noted, not counted). Host syncs as traffic_count counts them.
   counter, value-reading input checks as on a GPU), against the budget of minibatches + 5.
 - the reward model's ranking loss (engine/stages/rm.py's ranking_loss_sum), forward + backward, on
   a micro-batch of 2 rankings and of 66 (64 pairs and a 3- and a 5-way ranking): the same count,
-  every pair at once (a loop over the rankings launched ~19 kernels for each).
+  every pair at once; and the former loop over the rankings' count for comparison.
 - per SFT and RM optimizer step (engine/train/supervised.py's train_step, two micro-batches, a step
   after the first): the host syncs (launch_count's counter: tolist and cpu included), against a
   budget of one read per step (its stats, loss and gradient norm together), as PPO's minibatch.
@@ -182,6 +182,21 @@ def ranking_loss_launches(group_sizes: list[int]) -> dict:
     return {"launches": counter.launches, "syncs": dict(counter.syncs)}
 
 
+def ranking_loop_launches(group_sizes: list[int]) -> int:
+    """The former ranking loss, a loop over the rankings (each one's pairs, margins and mean),
+    forward + backward: its launches."""
+    rewards = torch.randn(sum(group_sizes), requires_grad=True)
+    with launch_count.LaunchCounter() as counter:
+        losses, correct = [], rewards.new_zeros(())
+        for r in rewards.split(group_sizes):
+            i, j = torch.triu_indices(len(r), len(r), offset=1)
+            margin = r[i] - r[j]
+            losses.append(-torch.nn.functional.logsigmoid(margin).mean())
+            correct = correct + (margin > 0).sum()
+        torch.stack(losses).sum().backward()
+    return counter.launches
+
+
 def supervised_step_syncs(stage_name: str) -> dict:
     """Host syncs of one SFT or RM (beta_rm > 0: its LM term too) optimizer step over two
     micro-batches on a 1-layer model at SMALL shapes, by kind; the step after the first (which
@@ -224,6 +239,7 @@ def report() -> dict:
         "ppo_iteration": ppo_iteration_syncs(),
         "supervised_step_syncs": {name: supervised_step_syncs(name) for name in ("sft", "rm")},
         "ranking_loss": {name: ranking_loss_launches(sizes) for name, sizes in RANKINGS.items()},
+        "ranking_loop": {name: ranking_loop_launches(sizes) for name, sizes in RANKINGS.items()},
     }
 
 
@@ -252,6 +268,8 @@ def table(r: dict) -> str:
     for name, c in r["ranking_loss"].items():
         lines.append(f"| reward model's ranking loss, forward + backward, {name} (host syncs: "
                      f"{sum(c['syncs'].values())}) | {c['launches']} | {r['budgets']['ranking_loss']} |")
+    for name, launched in r["ranking_loop"].items():
+        lines.append(f"| reward model's ranking loss, {name}, the former loop over rankings | {launched} | |")
     ppo = r["ppo_iteration"]
     lines += ["", "| measure | host syncs | budget |", "| --- | --- | --- |",
               f"| PPO iteration outside generation ({traffic_ppo.SHAPE.minibatches} minibatches; "
