@@ -81,7 +81,7 @@ def ranking_loss_sum(rewards: torch.Tensor, group_sizes: list[int]) -> tuple[tor
     Every pair of the batch at once (ranking_pairs: its indices and weights sent in two copies):
     the same launches for 2 rankings as for 200. A loop over the rankings launched ~19 kernels for
     each, forward and backward: 434 of the 606 launches of a micro-batch of the demo's reward
-    model (23 pairs; 181 in all now), on a GPU a step's host time.
+    model (23 pairs; 181 in all now), each one host time on a GPU.
     """
     if rewards.dim() != 1 or rewards.shape[0] != sum(group_sizes):
         raise ValueError(f"rewards is {tuple(rewards.shape)}: expected [{sum(group_sizes)}], one "
