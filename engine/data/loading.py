@@ -12,7 +12,7 @@ import torch
 
 from .records import DataError, parser_for
 from .sources import is_dataset, read_records, source_name
-from .tokenization import TokenizedExample, tokenize_record
+from .tokenization import TokenizedExample, tokenize_record, tokenize_records
 from .vision_processor import VisionProcessor
 from .vision_rankings import VisionRanking, parse_vision_ranking, tokenize_vision_ranking
 from .vision_rows import VisionRecord, parse_vision_row, tokenize_vision_record
@@ -30,23 +30,35 @@ class Examples:
 def tokenize_all(records, where: list[str], tokenizer,
                  cfg: DataConfig) -> tuple[list[TokenizedExample], int]:
     """Tokenized examples and how many records were dropped for having no room for a response;
-    a record that cannot be rendered is a DataError naming its row (`where`)."""
-    out = []
-    for record, location in zip(records, where):
-        try:
-            if isinstance(record, VisionRecord):
-                out.append(tokenize_vision_record(tokenizer, record, cfg.max_length,
-                                                  cfg.max_prompt_length))
-            elif isinstance(record, VisionRanking):
-                out.append(tokenize_vision_ranking(tokenizer, record, cfg.max_length,
-                                                   cfg.max_prompt_length))
-            else:
-                out.append(tokenize_record(tokenizer, record, cfg.max_length,
-                                           cfg.max_prompt_length))
-        except ValueError as e:
-            raise DataError(f"{location}: {e}") from None
+    a record that cannot be rendered is a DataError naming its row (`where`). Text records are
+    tokenized in batches (tokenization.tokenize_records); a ValueError there is found again one
+    record at a time, for its row."""
+    vision = isinstance(tokenizer, VisionProcessor) or any(
+        isinstance(r, (VisionRecord, VisionRanking)) for r in records)
+    try:
+        out = (None if vision else
+               tokenize_records(tokenizer, records, cfg.max_length, cfg.max_prompt_length))
+    except ValueError:
+        out = None
+    if out is None:
+        out = [_tokenized(record, location, tokenizer, cfg)
+               for record, location in zip(records, where)]
     kept = [e for e in out if e is not None]
     return kept, len(out) - len(kept)
+
+
+def _tokenized(record, location: str, tokenizer, cfg: DataConfig) -> TokenizedExample | None:
+    """One record's example (None: no room for a response); a DataError naming `location`."""
+    try:
+        if isinstance(record, VisionRecord):
+            return tokenize_vision_record(tokenizer, record, cfg.max_length,
+                                          cfg.max_prompt_length)
+        if isinstance(record, VisionRanking):
+            return tokenize_vision_ranking(tokenizer, record, cfg.max_length,
+                                           cfg.max_prompt_length)
+        return tokenize_record(tokenizer, record, cfg.max_length, cfg.max_prompt_length)
+    except ValueError as e:
+        raise DataError(f"{location}: {e}") from None
 
 
 def split_off(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -21,7 +21,7 @@ from .chat import has_template, render_prompt
 from .loading import report
 from .records import DataError, parse_turns
 from .sources import read_records, source_name
-from .tokenization import tokenize_prompt
+from .tokenization import tokenize_prompt, tokenize_prompts
 from .vision_processor import ImageInputs, VisionProcessor
 from .vision_rows import parse_vision_row, tokenize_vision_prompt
 
@@ -85,21 +85,19 @@ def load_prompts(source, tokenizer, max_prompt_length: int, max_model_len: int,
                          "data.chat_template=auto")
     read = read_records(source, _vision_parser(tokenizer, source) if vision else _parse,
                         columns=columns)
+    text_ids = None if vision else iter(_text_prompt_ids(read, tokenizer, max_prompt_length,
+                                                         chat_template))
     prompts, truncated, dropped = [], 0, 0
     for (prompt, extra), where in zip(read.records, read.where):
         pixels = None
-        try:
-            if vision:
-                encoded = tokenize_vision_prompt(tokenizer, prompt, max_prompt_length)
-                if encoded is None:
-                    dropped += 1
-                    continue
-                (ids, pixels), prompt = encoded, extra.pop("prompt")
-            else:
-                text = prompt_text(tokenizer, prompt, chat_template)
-                ids = tokenize_prompt(tokenizer, text, max_prompt_length)
-        except ValueError as e:
-            raise DataError(f"{where}: {e}") from None
+        if vision:
+            encoded = _located(where, tokenize_vision_prompt, tokenizer, prompt, max_prompt_length)
+            if encoded is None:
+                dropped += 1
+                continue
+            (ids, pixels), prompt = encoded, extra.pop("prompt")
+        else:
+            ids = next(text_ids)
         if len(ids) >= max_model_len:
             if not truncate_to_context:
                 raise DataError(f"{where}: the prompt has {len(ids)} tokens, which leaves no room "
@@ -125,6 +123,28 @@ def load_prompts(source, tokenizer, max_prompt_length: int, max_model_len: int,
                f"{max_model_len - 1} tokens to fit the model's context "
                "(rollout.truncate_prompts=true)")
     return prompts, truncated
+
+
+def _located(where: str, fn, *args):
+    """fn(*args); a ValueError as a DataError naming the row (`where`)."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+def _text_prompt_ids(read, tokenizer, max_prompt_length: int,
+                     chat_template: str) -> list[list[int]]:
+    """The ids of every text row's prompt, their texts in one call of the tokenizer
+    (tokenization.tokenize_prompts); a DataError naming the row that cannot be rendered or
+    encoded."""
+    texts = [_located(where, prompt_text, tokenizer, prompt, chat_template)
+             for (prompt, _), where in zip(read.records, read.where)]
+    try:
+        return tokenize_prompts(tokenizer, texts, max_prompt_length)
+    except ValueError:  # found again one prompt at a time, for its row
+        return [_located(where, tokenize_prompt, tokenizer, text, max_prompt_length)
+                for text, where in zip(texts, read.where)]
 
 
 def _vision_parser(processor: VisionProcessor, source):

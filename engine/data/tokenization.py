@@ -16,6 +16,12 @@ times the vocabulary's longest token (in characters, an upper bound on what one 
 cut to that many characters first (from the side that is dropped anyway), so a 30 MB line costs no
 more than a short one. The kept tokens are the same, except inside one unbroken "word" longer than
 the cut, whose BPE merges may align differently.
+
+A data set's texts go to the tokenizer in batches (`tokenize_records`: its prompts in one call,
+then its responses in another), not one call per text: a call of a Hugging Face tokenizer costs
+~40 us of Python whatever its text, and a fast tokenizer encodes a batch in its Rust core on every
+core. The ids are those of one call per text (the same encoder on the same strings); the demo's
+8,000 rankings (24,000 short texts) took 0.9 s one text a call and 0.3 s in one batch.
 """
 from __future__ import annotations
 
@@ -43,8 +49,20 @@ class TokenizedExample:
         return len(self.responses) * len(self.prompt) + sum(len(r) for r in self.responses)
 
 
+def _encode_all(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    """Each text's ids (an empty text: none, not even a special token), from one call of the
+    tokenizer for all of them."""
+    out: list[list[int]] = [[] for _ in texts]
+    given = [i for i, text in enumerate(texts) if text]
+    if given:
+        ids = tokenizer([texts[i] for i in given], add_special_tokens=special)["input_ids"]
+        for i, row in zip(given, ids):
+            out[i] = list(row)
+    return out
+
+
 def _encode(tokenizer, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"]) if text else []
+    return _encode_all(tokenizer, [text], special)[0]
 
 
 _CHARS_PER_TOKEN = weakref.WeakKeyDictionary()
@@ -58,18 +76,33 @@ def text_budget(tokenizer, tokens: int) -> int:
     return 2 * max(tokens, 1) * _CHARS_PER_TOKEN[tokenizer]
 
 
+def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_length: int) -> list[list[int]]:
+    """Each prompt's last max_prompt_length tokens (rule 2), in one call of the tokenizer."""
+    if not prompts:
+        return []
+    budget = text_budget(tokenizer, max_prompt_length)
+    return [ids[-max_prompt_length:]
+            for ids in _encode_all(tokenizer, [p[-budget:] for p in prompts], special=True)]
+
+
 def tokenize_prompt(tokenizer, prompt: str, max_prompt_length: int) -> list[int]:
     """The prompt's last max_prompt_length tokens (rule 2)."""
-    budget = text_budget(tokenizer, max_prompt_length)
-    return _encode(tokenizer, prompt[-budget:], special=True)[-max_prompt_length:]
+    return tokenize_prompts(tokenizer, [prompt], max_prompt_length)[0]
+
+
+def tokenize_responses(tokenizer, responses: list[tuple[str, int]]) -> list[list[int]]:
+    """Each (response, room) as its first `room` tokens, EOS included when it fits (rules 1 and
+    3), in one call of the tokenizer."""
+    encoded = _encode_all(tokenizer, [text[:text_budget(tokenizer, room)]
+                                      for text, room in responses], special=False)
+    eos = tokenizer.eos_token_id
+    return [(ids + [eos] if eos is not None else ids)[:room]
+            for ids, (_, room) in zip(encoded, responses)]
 
 
 def tokenize_response(tokenizer, response: str, room: int) -> list[int]:
     """The response's first `room` tokens, EOS included when it fits (rules 1 and 3)."""
-    ids = _encode(tokenizer, response[:text_budget(tokenizer, room)], special=False)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return ids[:room]
+    return tokenize_responses(tokenizer, [(response, room)])[0]
 
 
 def tokenize_conversation(tokenizer, pieces: list[tuple[str, bool]], max_length: int,
@@ -91,29 +124,50 @@ def tokenize_conversation(tokenizer, pieces: list[tuple[str, bool]], max_length:
     return TokenizedExample(prompt_ids, (ids,), (tuple(mask),)) if any(mask) else None
 
 
-def tokenize_record(tokenizer, record, max_length: int,
-                    max_prompt_length: int) -> TokenizedExample | None:
-    """A Demonstration or Ranking -> TokenizedExample, or None when a response has no room left
-    (an empty prompt and response together, which cannot happen when P < L)."""
-    if isinstance(record, Demonstration) and record.train_from is not None:
-        pieces = conversation_pieces(tokenizer, record.messages, record.train_from, record.tools)
-        return tokenize_conversation(tokenizer, pieces, max_length, max_prompt_length)
+def record_texts(tokenizer, record) -> tuple[str, tuple[str, ...]]:
+    """A Demonstration or Ranking (not a conversation trained on several turns) -> its prompt and
+    response texts, rendered through the chat template where it holds messages."""
     if isinstance(record, Demonstration):
-        prompt, responses = (render_chat(tokenizer, record.messages, record.tools)
-                             if record.messages
-                             else (record.prompt, record.response))
-        responses = (responses,)
-    elif isinstance(record, Ranking) and record.messages:
+        if record.messages:
+            prompt, response = render_chat(tokenizer, record.messages, record.tools)
+            return prompt, (response,)
+        return record.prompt, (record.response,)
+    if isinstance(record, Ranking) and record.messages:
         rendered = [render_chat(tokenizer, record.messages + (("assistant", response),))
                     for response in record.responses]
-        prompt, responses = rendered[0][0], tuple(response for _, response in rendered)
-    elif isinstance(record, Ranking):
-        prompt, responses = record.prompt, record.responses
-    else:
-        raise TypeError(f"cannot tokenize a {type(record).__name__}")
-    prompt_ids = tokenize_prompt(tokenizer, prompt, max_prompt_length)
-    room = max_length - len(prompt_ids)
-    response_ids = tuple(tokenize_response(tokenizer, r, room) for r in responses)
-    if any(not r for r in response_ids):
-        return None
-    return TokenizedExample(prompt_ids, response_ids)
+        return rendered[0][0], tuple(response for _, response in rendered)
+    if isinstance(record, Ranking):
+        return record.prompt, record.responses
+    raise TypeError(f"cannot tokenize a {type(record).__name__}")
+
+
+def tokenize_records(tokenizer, records: list, max_length: int,
+                     max_prompt_length: int) -> list[TokenizedExample | None]:
+    """Each Demonstration or Ranking -> TokenizedExample, or None when a response has no room left
+    (an empty prompt and response together, which cannot happen when P < L). The prompts go to the
+    tokenizer in one call, then the responses in one (a conversation trained on several turns:
+    its pieces one by one, rule 4)."""
+    out: list[TokenizedExample | None] = [None] * len(records)
+    plain = []  # (index, prompt, responses)
+    for i, record in enumerate(records):
+        if isinstance(record, Demonstration) and record.train_from is not None:
+            pieces = conversation_pieces(tokenizer, record.messages, record.train_from,
+                                         record.tools)
+            out[i] = tokenize_conversation(tokenizer, pieces, max_length, max_prompt_length)
+        else:
+            plain.append((i, *record_texts(tokenizer, record)))
+    prompt_ids = tokenize_prompts(tokenizer, [prompt for _, prompt, _ in plain], max_prompt_length)
+    responses = iter(tokenize_responses(tokenizer, [
+        (text, max_length - len(ids)) for ids, (_, _, texts) in zip(prompt_ids, plain)
+        for text in texts]))
+    for ids, (i, _, texts) in zip(prompt_ids, plain):
+        response_ids = tuple(next(responses) for _ in texts)
+        if all(response_ids):
+            out[i] = TokenizedExample(ids, response_ids)
+    return out
+
+
+def tokenize_record(tokenizer, record, max_length: int,
+                    max_prompt_length: int) -> TokenizedExample | None:
+    """A Demonstration or Ranking -> TokenizedExample, or None (tokenize_records)."""
+    return tokenize_records(tokenizer, [record], max_length, max_prompt_length)[0]

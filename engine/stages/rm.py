@@ -30,7 +30,7 @@ from ..data.loading import load_examples
 from ..data.packing import PackedBatch, collate_rm, join_images, pack
 from ..data.records import parser_for
 from ..data.sources import read_records
-from ..data.tokenization import tokenize_record
+from ..data.tokenization import tokenize_records
 from ..errors import NonFiniteError
 from ..model.hf_io import load_model
 from ..model.reward_model import RewardModel, load_reward_model, save_reward_model
@@ -140,13 +140,9 @@ def reference_sequences(cfg: RMConfig, tokenizer, records: list) -> list[list[in
         parse = parser_for("sft", "auto", all_turns=cfg.data.train_on == "assistant_turns")
         records = read_records(cfg.reference_file, parse, cfg.data.skip_malformed,
                                cfg.data.columns()).records
-    out = []
-    for record in records[: cfg.max_reference]:
-        example = tokenize_record(tokenizer, record, cfg.data.max_length,
-                                  cfg.data.max_prompt_length)
-        if example is not None:
-            out.append(example.prompt + example.responses[0])
-    return out
+    examples = tokenize_records(tokenizer, records[: cfg.max_reference], cfg.data.max_length,
+                                cfg.data.max_prompt_length)
+    return [e.prompt + e.responses[0] for e in examples if e is not None]
 
 
 def vision_references(cfg: RMConfig, processor, train: list) -> tuple[list[list[int]], list]:

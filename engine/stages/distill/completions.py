@@ -13,7 +13,7 @@ import torch
 from ...config.distill import DistillConfig
 from ...data.prompts import PromptRow
 from ...data.records import DataError, parser_for
-from ...data.tokenization import tokenize_record
+from ...data.tokenization import tokenize_records
 from ..rollout.sampled_rows import Generated
 
 
@@ -39,14 +39,16 @@ def completion_rows(rows: list[PromptRow], tokenizer, max_prompt_length: int,
     sampler log-probs are zeros that nothing reads (the sampled mode and the reward's term, which
     read them, run on the student's samples only)."""
     parse = parser_for("sft", "prompt_completion")
-    prompts, responses, masks = [], [], []
+    records = []
     for row in rows:
         try:
-            record = parse({"prompt": row.prompt, "completion": row.columns["completion"]})
+            records.append(parse({"prompt": row.prompt, "completion": row.columns["completion"]}))
         except ValueError as e:
             raise DataError(f"prompts_file, prompt {row.prompt!r}: {e}") from None
-        example = tokenize_record(tokenizer, record, max_prompt_length + max_new_tokens,
-                                  max_prompt_length)
+    examples = tokenize_records(tokenizer, records, max_prompt_length + max_new_tokens,
+                                max_prompt_length)
+    prompts, responses, masks = [], [], []
+    for row, example in zip(rows, examples):
         if example is None or not example.responses[0]:
             raise DataError(f"prompts_file, prompt {row.prompt!r}: no completion token fits "
                             "rollout.max_prompt_length + rollout.max_new_tokens")

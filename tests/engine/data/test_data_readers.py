@@ -1,4 +1,5 @@
 """JSONL readers, chat rendering, truncation rules and packing."""
+import random
 import re
 
 import pytest
@@ -9,7 +10,7 @@ from fusedrl.engine.data.records import DataError, Demonstration, Ranking, parse
 from fusedrl.engine.data.sources import read_records
 from fusedrl.engine.config.train import DataConfig
 from fusedrl.engine.data.loading import load_examples, split_off
-from fusedrl.engine.data.tokenization import TokenizedExample, tokenize_record
+from fusedrl.engine.data.tokenization import TokenizedExample, tokenize_record, tokenize_records
 from engine_testing import EOS, make_tokenizer
 from train_testing import write_jsonl
 from cli_testing import cli_error
@@ -123,14 +124,17 @@ def test_an_eval_file_that_is_the_train_file_is_said(tokenizer, tmp_path, capsys
 
 
 class CountingTokenizer:
-    """The test tokenizer, recording the longest text it was asked to encode."""
+    """The test tokenizer, recording its calls and the longest text it was asked to encode (a call
+    takes one text or a list of them)."""
 
     def __init__(self, tokenizer):
-        self.inner, self.longest = tokenizer, 0
+        self.inner, self.longest, self.calls = tokenizer, 0, 0
         self.eos_token_id, self.get_vocab = tokenizer.eos_token_id, tokenizer.get_vocab
+        self.chat_template = getattr(tokenizer, "chat_template", None)
 
     def __call__(self, text, **kw):
-        self.longest = max(self.longest, len(text))
+        self.calls += 1
+        self.longest = max(self.longest, *map(len, [text] if isinstance(text, str) else text))
         return self.inner(text, **kw)
 
 
@@ -141,6 +145,63 @@ def test_a_huge_line_costs_what_its_kept_tokens_cost(tokenizer):
     assert ex.prompt == tokenizer(huge)["input_ids"][-32:]
     assert ex.responses[0] == tokenizer(huge, add_special_tokens=False)["input_ids"][:32]
     assert counting.longest <= 2 * 32 * max(map(len, tokenizer.get_vocab()))
+
+
+def _one_text_a_call(tokenizer, record, max_length, max_prompt_length):
+    """Rules 1-3 spelled out with one tokenizer call per text: the oracle of the batched path."""
+    prompt, responses = ((record.prompt, (record.response,)) if isinstance(record, Demonstration)
+                         else (record.prompt, record.responses))
+    ids = tokenizer(prompt)["input_ids"][-max_prompt_length:] if prompt else []
+    room = max_length - len(ids)
+    cut = [((tokenizer(r, add_special_tokens=False)["input_ids"] if r else []) + [EOS])[:room]
+           for r in responses]
+    return TokenizedExample(ids, tuple(cut)) if all(cut) else None
+
+
+def test_a_data_set_is_tokenized_in_two_calls_with_each_text_s_own_ids(tokenizer):
+    """Prompts in one call, responses in one, whatever the number of records; the ids and cuts
+    those of one call per text."""
+    words = "the quick brown fox jumps over the lazy dog hello world".split()
+    rng = random.Random(0)
+
+    def text(n):
+        return " ".join(rng.choice(words) for _ in range(n))
+    records = []
+    for i in range(60):
+        kind = i % 3
+        if kind == 0:
+            records.append(Demonstration(text(rng.randint(0, 30)), " " + text(rng.randint(0, 25))))
+        elif kind == 1:
+            records.append(Ranking(text(rng.randint(1, 30)),
+                                   tuple(" " + text(rng.randint(1, 20)) for _ in range(3))))
+        else:  # a prompt past max_prompt_length: its end is kept
+            records.append(Demonstration(text(80), " " + text(3)))
+    records += [Demonstration("", " hello"), Demonstration("the fox", "")]  # empty texts: no ids
+    counting = CountingTokenizer(tokenizer)
+    got = tokenize_records(counting, records, max_length=24, max_prompt_length=16)
+    expected = [_one_text_a_call(tokenizer, r, 24, 16) for r in records]
+    assert counting.calls == 2
+    assert got == expected
+    assert {len(e.prompt) for e in expected} >= {0, 16}  # an empty prompt and cut ones
+    assert expected[-1].responses == ([EOS],)
+    truncated = tokenize_records(tokenizer, records, max_length=12, max_prompt_length=11)
+    assert truncated == [_one_text_a_call(tokenizer, r, 12, 11) for r in records]
+
+
+def test_a_record_the_tokenizer_cannot_encode_is_named_by_its_row(tokenizer, tmp_path):
+    """The batch's ValueError is found again one record at a time, naming the row."""
+    class Refusing(CountingTokenizer):
+        def __call__(self, text, **kw):
+            texts = [text] if isinstance(text, str) else text
+            if any("forbidden" in t for t in texts):
+                raise ValueError("cannot encode this text")
+            return super().__call__(text, **kw)
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "the fox", "response": " hello"}] * 3
+                       + [{"prompt": "the dog", "response": " forbidden"}])
+    cfg = DataConfig(train_file=str(path), eval_fraction=0.0, max_length=32,
+                     max_prompt_length=16, tokens_per_batch=64)
+    with pytest.raises(DataError, match=r"sft.jsonl:4: cannot encode this text"):
+        load_examples(cfg, Refusing(tokenizer), "sft", 0)
 
 
 def test_truncation_keeps_the_prompt_end_and_cuts_the_response_end(tokenizer):
