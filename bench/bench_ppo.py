@@ -18,8 +18,10 @@ minibatches of micro-batches of `micro` rows (the same rows per forward on both 
   bf16 weights themselves (one copy), TRL under bf16 autocast. TRL generates with HF `generate`, in
   chunks of `local_rollout_forward_batch_size` rows (TRL's default, 64), and it keeps the fp32
   scores of every generated token, [rows, new_tokens, vocab]: 20 GB at the default 128 rows x 256
-  tokens, which is why the default batch is not larger (at 256 rows TRL's peak would approach an
-  H100's 80 GB). TRL's phases are not separable from outside beyond generation, so it reports
+  tokens. At 16x4 and 32x4 rows of 128 + 256 tokens its default ran out of an H100's 80 GB
+  (bench/results/2026-11-23-h100), so a side that runs out of memory runs again with half the rows
+  per chunk, down to `micro` (`run_fitting`; --trl-rollout-rows sets them), its result naming the
+  rows it ran. TRL's phases are not separable from outside beyond generation, so it reports
   `generate` and the rest. With gradient accumulation over the whole batch, TRL steps its
   optimizer once per epoch rather than once per minibatch (its accelerate setup); the optimizer
   step is a small share of the iteration.
@@ -56,6 +58,7 @@ and TRL again.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -75,7 +78,7 @@ from fusedrl.bench import harness, triton_compiles
 from fusedrl.bench.ppo_common import (GRPO_KL_COEF, PAD_ID, IterationClock, Shape,  # noqa: F401
                                       build_tokenizer, even_token_share, lora_targets,
                                       make_prompts)
-from fusedrl.bench.ppo_trl import run_trl, run_trl_grpo
+from fusedrl.bench.ppo_trl import ROLLOUT_ROWS, run_trl, run_trl_grpo
 from fusedrl.bench.shapes import QWEN25_05B, TINY, model_dir
 
 COLUMNS = [("side", "side"), ("iteration_s", "iteration s"), ("time_generate", "generate s"),
@@ -105,6 +108,9 @@ def parse_args(argv=None):
                    help="ours: pack rows up to this many tokens per forward/backward (ppo.tokens_per_microbatch) "
                         "instead of --micro rows; TRL keeps --micro rows")
     p.add_argument("--out", default=None, help="JSON results path (default: bench/results/ppo[_quick].json)")
+    p.add_argument("--trl-rollout-rows", type=int, default=0,
+                   help="TRL PPO's local_rollout_forward_batch_size (0: its default, 64, halved while it "
+                        "runs out of memory)")
     # Internal: one side in this process, its result to a JSON file (see main).
     p.add_argument("--run-side", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--dirs", nargs=2, help=argparse.SUPPRESS)
@@ -233,14 +239,15 @@ def bench_device(quick: bool) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
 
 
-def run_side(side: str, algo: str, shape: Shape, dirs, quick: bool, lora: int) -> dict:
+def run_side(side: str, algo: str, shape: Shape, dirs, quick: bool, lora: int,
+             trl_rollout_rows: int = 0) -> dict:
     device = bench_device(quick)
     policy_dir, rm_dir = (Path(d) for d in dirs)
     rank = lora if side.endswith("_lora") else 0
     if side.startswith("ours"):
         result = run_ours(algo, shape, policy_dir, rm_dir, device, rank)
     elif algo == "ppo":
-        result = run_trl(shape, policy_dir, rm_dir, device, rank)
+        result = run_trl(shape, policy_dir, rm_dir, device, rank, trl_rollout_rows)
     else:
         result = run_trl_grpo(shape, policy_dir, device, rank)
     result["tokens_per_s"] = result["response_tokens"] / result["iteration_s"]
@@ -250,14 +257,21 @@ def run_side(side: str, algo: str, shape: Shape, dirs, quick: bool, lora: int) -
 def run_in_this_process(side: str, args, dirs) -> dict:
     """One side here (--quick): a failure becomes its row's error, as a side process's does."""
     try:
-        return run_side(side, args.algo, args.shape, dirs, args.quick, args.lora)
+        return run_side(side, args.algo, args.shape, dirs, args.quick, args.lora,
+                        args.trl_rollout_rows)
     except Exception as error:  # noqa: BLE001 - the other sides still run and report
         traceback.print_exc()
         return {"side": side, "error": f"{type(error).__name__}: {error}"}
 
 
-def run_in_subprocess(side: str, args, dirs) -> dict:
-    """One side in a fresh process: its own peak memory and allocator, and a crash stays its own."""
+def run_in_subprocess(side: str, args, dirs, first_on_path: str | None = None) -> dict:
+    """One side in a fresh process: its own peak memory and allocator, and a crash stays its own.
+    first_on_path: a folder put first on the process's PYTHONPATH (the trl release its side runs,
+    where another comes first here)."""
+    env = None
+    if first_on_path is not None:
+        rest = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": first_on_path + (os.pathsep + rest if rest else "")}
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--run-side", side, "--dirs", *map(str, dirs), "--result", str(result),
@@ -266,12 +280,33 @@ def run_in_subprocess(side: str, args, dirs) -> dict:
                "--lora", str(args.lora)]
         if args.shape.tokens_per_micro:
             cmd += ["--tokens-per-microbatch", str(args.shape.tokens_per_micro)]
-        proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True)
+        if args.trl_rollout_rows:
+            cmd += ["--trl-rollout-rows", str(args.trl_rollout_rows)]
+        proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True,
+                              env=env)
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
             print(f"{side} failed:\n" + "\n".join(tail), file=sys.stderr)
             return {"side": side, "error": tail[-1] if tail else f"exit {proc.returncode}"}
         return json.loads(result.read_text())
+
+
+def run_fitting(run, side: str, args, dirs) -> dict:
+    """run(side, args, dirs), and for TRL's PPO side, where it runs out of the device's memory,
+    again with half the rows per rollout forward (local_rollout_forward_batch_size: its default
+    64 ran out of an H100's 80 GB at 16x4 and 32x4 rows of 128 + 256 tokens, bench/results/
+    2026-11-23-h100), down to the micro-batch's rows; the result names the rows it ran."""
+    result = run(side, args, dirs)
+    rows = ROLLOUT_ROWS
+    while (side.startswith("trl") and args.algo == "ppo" and "OutOfMemoryError" in
+           result.get("error", "") and rows // 2 >= args.shape.micro):
+        rows //= 2
+        print(f"{side}: out of memory; again with {rows} rows per rollout forward",
+              file=sys.stderr)
+        args = copy.copy(args)
+        args.trl_rollout_rows = rows
+        result = run(side, args, dirs)
+    return result
 
 
 def compare(ours: dict, other: dict, key: str) -> dict:
@@ -288,7 +323,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.run_side:
         with triton_compiles.record_from_env():  # a side of a recording bench run
-            result = run_side(args.run_side, args.algo, args.shape, args.dirs, args.quick, args.lora)
+            result = run_side(args.run_side, args.algo, args.shape, args.dirs, args.quick, args.lora,
+                              args.trl_rollout_rows)
         harness.write_json(args.result, result)
         return
     device = bench_device(args.quick)
@@ -297,7 +333,7 @@ def main(argv=None):
     dirs = (policy_dir, build_reward_model_dir(args.quick) if args.algo == "ppo" else policy_dir)
     try:
         run = run_in_this_process if args.quick else run_in_subprocess
-        results = {side: run(side, args, dirs) for side in args.sides}
+        results = {side: run_fitting(run, side, args, dirs) for side in args.sides}
     finally:                                    # two fp32 checkpoints: 4 GB at the 0.5B shape
         for d in set(dirs):
             shutil.rmtree(d, ignore_errors=True)

@@ -23,6 +23,10 @@ from fusedrl.bench.ppo_common import (
 )
 
 
+# trl 0.29's local_rollout_forward_batch_size: the rows its rollout generates and forwards at once.
+ROLLOUT_ROWS = 64
+
+
 def peft_config(lora: int):
     """TRL's side of --lora: PEFT adapters of the same rank, alpha and targets as ours (None:
     full fine-tuning)."""
@@ -124,7 +128,10 @@ def trl_ppo_models(policy_dir: Path, rm_dir: Path, lora: int) -> tuple:
     return policy, reference, reward, value
 
 
-def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device, lora: int) -> dict:
+def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device, lora: int,
+            rollout_rows: int = 0) -> dict:
+    """One TRL PPO iteration; rollout_rows: its local_rollout_forward_batch_size (0: TRL's
+    default, ROLLOUT_ROWS)."""
     import trl
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo
@@ -160,6 +167,7 @@ def run_trl(shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device, 
         per_device_train_batch_size=shape.micro,
         gradient_accumulation_steps=shape.rows // shape.micro,
         num_mini_batches=shape.minibatches,
+        **({"local_rollout_forward_batch_size": rollout_rows} if rollout_rows else {}),
         num_ppo_epochs=1,
         response_length=shape.new_tokens,
         total_episodes=2 * shape.rows,

@@ -4,7 +4,9 @@ train: the update with its optimizer steps), tokens/s per GPU, the weight-sync t
 `whole_weights()` measured after the update, and whether the generator reads the policy's own
 storage), and the peak memory beside `fusedrl plan`'s prediction for the same config. The peers on
 the same checkpoint and prompts where installed: TRL 1.x's GRPOTrainer, and for PPO trl 0.29's
-`trl.experimental.ppo` (TRL 1.x ships no PPO trainer); a missing one's row says so.
+`trl.experimental.ppo` (TRL 1.x ships no PPO trainer); a missing one's row says so. Each is the
+first trl on the path that serves it (`trl_peer`), run in a process with it first on its path
+where another trl comes first here (a visit's path: TRL 1.x, then the tests' trl 0.29.1).
 
 Under torchrun every rank runs the iteration on its own GPU, every rank the whole batch (its
 policy FSDP-sharded over the ranks, gathered for each rollout): the rows give tokens/s per GPU (the
@@ -24,10 +26,12 @@ of the same shape: attention left out, an estimate.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib.util
+import importlib.metadata
 import resource
 import types
+from pathlib import Path
 
 import torch
 
@@ -77,19 +81,38 @@ def ours_row(ctx: Context, algo: str, shape, name: str, r: dict) -> dict:
         kv_pool_gib=r["kv_pool_gib"], plan_kv_pool_gib=r["plan_kv_pool_gib"], **peak)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrlPeer:
+    """The trl release an algorithm's peer runs: its version, the path entry holding it, and
+    whether it is the first trl on the path (the one `import trl` finds here)."""
+    version: str
+    location: str
+    first: bool
+
+
+def trl_peer(algo: str) -> TrlPeer | None:
+    """The first trl on the path that serves `algo`'s peer (GRPO: TRL 1.x's GRPOTrainer; PPO:
+    `trl.experimental.ppo`, trl 0.29's: TRL 1.x ships none), though another trl comes first: a
+    visit's path holds TRL 1.x first (GRPO, the fused heads) and the tests' trl 0.29.1 after it,
+    whose PPO trainer no import of `trl` would reach. None when no trl on the path serves it."""
+    for i, dist in enumerate(importlib.metadata.distributions(name="trl")):
+        serves = (int(dist.version.split(".")[0]) >= 1 if algo == "grpo" else
+                  Path(dist.locate_file("trl/experimental/ppo/__init__.py")).is_file())
+        if serves:
+            return TrlPeer(dist.version, str(dist.locate_file("")), i == 0)
+    return None
+
+
 def peer_status(algo: str) -> tuple[str | None, str]:
     """(impl name, "ok") when the algorithm's TRL peer can run here, else (None, why not)."""
-    version = peer_version("trl")
+    peer, version = trl_peer(algo), peer_version("trl")
+    if peer is not None:
+        return f"trl {peer.version} {'GRPOTrainer' if algo == 'grpo' else 'PPOTrainer'}", "ok"
     if version is None:
         return None, "not installed"
-    major = int(version.split(".")[0])
     if algo == "grpo":
-        if major < 1:
-            return None, f"not installed (TRL 1.x; found trl {version})"
-        return f"trl {version} GRPOTrainer", "ok"
-    if importlib.util.find_spec("trl.experimental.ppo") is None:
-        return None, f"not installed (trl {version} has no PPO trainer; trl 0.29's has)"
-    return f"trl {version} PPOTrainer", "ok"
+        return None, f"not installed (TRL 1.x; found trl {version})"
+    return None, f"not installed (trl {version} has no PPO trainer; trl 0.29's has)"
 
 
 def peer_row(ctx: Context, algo: str, shape, name: str, dirs, parameters: int) -> dict:
@@ -102,10 +125,16 @@ def peer_row(ctx: Context, algo: str, shape, name: str, dirs, parameters: int) -
         impl, status = None, SEVERAL_RANKS_PEER
     if impl is None:
         return results.missing_row(SUITE, name, "trl", status, limit)
-    args = types.SimpleNamespace(algo=algo, shape=shape, quick=ctx.device.type == "cpu", lora=0)
-    run = bench_ppo.run_in_this_process if args.quick else bench_ppo.run_in_subprocess
+    args = types.SimpleNamespace(algo=algo, shape=shape, quick=ctx.device.type == "cpu", lora=0,
+                                 trl_rollout_rows=0)
     free_device(ctx.device)  # what our side left (its models, the KV pool) is the peer's now
-    r = run("trl", args, dirs)
+    peer = trl_peer(algo)
+    if args.quick and peer.first:
+        run = bench_ppo.run_in_this_process
+    else:  # its trl first on the process's path, where another trl comes first here
+        run = functools.partial(bench_ppo.run_in_subprocess,
+                                first_on_path=None if peer.first else peer.location)
+    r = bench_ppo.run_fitting(run, "trl", args, dirs)
     if "error" in r:
         return results.missing_row(SUITE, name, impl, r["error"][:200], limit)
     flops = 2 * parameters * shape.rows * (shape.prompt_len + shape.new_tokens) * PASSES[algo]
@@ -114,7 +143,9 @@ def peer_row(ctx: Context, algo: str, shape, name: str, dirs, parameters: int) -
         limit=limit, seconds=r["iteration_s"], response_tokens=r["response_tokens"],
         tokens_per_s_per_gpu=r["response_tokens"] / r["iteration_s"],
         time_generate=r.get("time_generate"),
-        **({"peak_gib": r["peak_gib"]} if r.get("peak_gib") is not None else {}))
+        **({"peak_gib": r["peak_gib"]} if r.get("peak_gib") is not None else {}),
+        **({"rollout_forward_rows": r["local_rollout_forward_batch_size"]}
+           if "local_rollout_forward_batch_size" in r else {}))
 
 
 def _by_rank_0(release):

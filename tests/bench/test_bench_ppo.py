@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench", "bench_ppo.py")
 
 
@@ -81,3 +83,44 @@ def test_the_reward_reads_token_ids_back_from_text():
     text = tok.decode([4, 7, 10, 13])
     assert text == "t4 t7 t10 t13" and tok.encode(text, add_special_tokens=False) == [4, 7, 10, 13]
     assert bench_ppo.even_token_share([""], [text]) == [0.5]
+
+
+def test_trls_rollout_rows_reach_its_trainer(tmp_path):
+    """--trl-rollout-rows sets TRL PPO's local_rollout_forward_batch_size (its rollout's rows per
+    generate and forward), and the result names it."""
+    if importlib.util.find_spec("trl") is None:
+        pytest.skip("trl is not installed")
+    _, payload = run_quick(tmp_path, "--trl-rollout-rows", "2", sides=["trl"])
+    assert payload["results"]["trl"]["local_rollout_forward_batch_size"] == 2
+
+
+def test_trls_ppo_side_out_of_memory_runs_again_with_half_the_rollout_rows():
+    """run_fitting: TRL's default 64 rows per rollout forward, halved while the side runs out of
+    the device's memory, down to the micro-batch's rows; any other side or error is run once."""
+    import argparse
+    from fusedrl.bench import bench_ppo
+    from fusedrl.bench.ppo_common import Shape
+
+    def device_of(gib):
+        tried = []
+
+        def run(side, args, dirs):
+            rows = args.trl_rollout_rows or 64
+            tried.append(rows)
+            if rows * 2 > gib:  # this side's memory grows with the rows per forward
+                return {"side": side, "error": "torch.OutOfMemoryError: CUDA out of memory."}
+            return {"side": side, "iteration_s": 1.0, "local_rollout_forward_batch_size": rows}
+        return run, tried
+
+    args = argparse.Namespace(algo="ppo", shape=Shape(32, 4, 128, 256, 4, 16), trl_rollout_rows=0)
+    run, tried = device_of(80)
+    assert bench_ppo.run_fitting(run, "trl", args, ())["local_rollout_forward_batch_size"] == 32
+    assert tried == [64, 32] and args.trl_rollout_rows == 0  # the caller's options untouched
+    run, tried = device_of(20)  # not even the micro-batch's 16 rows fit: the last error stands
+    assert "OutOfMemoryError" in bench_ppo.run_fitting(run, "trl", args, ())["error"]
+    assert tried == [64, 32, 16]
+    run, tried = device_of(20)
+    assert "error" in bench_ppo.run_fitting(run, "ours", args, ()) and tried == [64]
+    run, tried = device_of(20)
+    grpo = argparse.Namespace(**{**vars(args), "algo": "grpo"})
+    assert "error" in bench_ppo.run_fitting(run, "trl", grpo, ()) and tried == [64]

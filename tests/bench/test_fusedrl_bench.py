@@ -231,3 +231,29 @@ def test_trl_1x_and_liger_rows_run_beside_ours_where_installed(monkeypatch):
     distill = [r for r in rows if r["name"].startswith("distill_divergence")]
     eager = next(r["loss"] for r in distill if r["impl"] == "eager")
     assert all(abs(r["loss"] - eager) <= 1e-5 * abs(eager) for r in distill), distill
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (TRL_DIR / "trl").is_dir(), reason=f"TRL 1.x is not installed in {TRL_DIR}")
+def test_the_ppo_peer_runs_trl_0_29_though_trl_1x_comes_first_on_the_path(monkeypatch):
+    """A visit's path holds TRL 1.x first (GRPO's peer, the fused heads) and trl 0.29.1 after it,
+    the last with a PPO trainer: the PPO row runs 0.29.1 (in a process with it first on its path),
+    the GRPO row 1.x."""
+    from fusedrl.bench.options import BenchOptions
+    from fusedrl.bench.context import Context
+    from fusedrl.bench.suites import rl
+    if rl.trl_peer("ppo") is None:
+        pytest.skip("no trl with a PPO trainer on the path (the test extra's trl 0.29.1)")
+    monkeypatch.setenv("PYTHONPATH", str(TRL_DIR))
+    monkeypatch.syspath_prepend(str(TRL_DIR))  # TRL 1.x first, as on a visit's bench path
+    import importlib.metadata
+    assert importlib.metadata.version("trl").startswith("1.")
+    assert rl.trl_peer("ppo").version == "0.29.1" and not rl.trl_peer("ppo").first
+    limits = devices.Limits("CPU (test)", 1e11, 1e10, "measured")
+    ctx = Context(torch.device("cpu"), limits, BenchOptions(quick=True))
+    try:
+        row, = rl.peer_rows(ctx, "ppo")
+    finally:
+        ctx.release(suite_end=True)  # the checkpoints it wrote
+    assert row["impl"] == "trl 0.29.1 PPOTrainer" and row["status"] == "ok", row
+    assert row["seconds"] > 0 and row["response_tokens"] > 0
