@@ -7,9 +7,11 @@ environment's tokens between turns are context. A single-turn answer is one turn
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ...config.estimators import TURN_ESTIMATORS
+from ...data.device_tensors import device_tensor
 
 
 def turn_spans(model_mask: list[bool] | None, length: int) -> list[tuple[int, int]]:
@@ -49,15 +51,16 @@ def turn_returns(rewards: list[float], gamma: float) -> list[float]:
 def place_turn_rewards(rewards: torch.Tensor, spans: list[list[tuple[int, int]]],
                        values: list[list[float]]) -> torch.Tensor:
     """rewards [R, T] with values[r][k] added at row r's column spans[r][k][1] - 1 (turn k's last
-    model token)."""
+    model token). The places and values go to the device in two copies it does not wait for
+    (device_tensor): a list index or `torch.tensor(..., device=)` there waits for the stream."""
     index = [(r, end - 1, value) for r, (row, vals) in enumerate(zip(spans, values))
              for (_, end), value in zip(row, vals)]
     if not index:
         return rewards
     rows, columns, added = zip(*index)
+    places = device_tensor(np.array([rows, columns], dtype=np.int64), torch.int64, rewards.device)
     delta = torch.zeros_like(rewards)
-    delta[list(rows), list(columns)] = torch.tensor(added, dtype=rewards.dtype,
-                                                    device=rewards.device)
+    delta[places[0], places[1]] = device_tensor(added, rewards.dtype, rewards.device)
     return rewards + delta
 
 
@@ -66,21 +69,22 @@ def turn_token_advantages(returns: list[list[float]], spans: list[list[tuple[int
                           eps: float = 1e-6) -> torch.Tensor:
     """Turn-level group advantages [R, T] fp32: every turn of a group's n trajectories is one
     sample of the group's statistics; a turn's tokens get (G - mean) / (std + eps) (grpo, unbiased
-    std) or G - mean (dr_grpo), G its return to go. returns, spans: [R] per turn; mask [R, T]."""
+    std) or G - mean (dr_grpo), G its return to go. returns, spans: [R] per turn; mask [R, T].
+    Built on the host in float64 and sent once (device_tensor)."""
     if estimator not in TURN_ESTIMATORS:
         raise ValueError(
             f"turn_token_advantages: estimator {estimator!r}: expected one of {TURN_ESTIMATORS}")
-    out = torch.zeros(mask.shape, dtype=torch.float64)
+    out = np.zeros(tuple(mask.shape), dtype=np.float64)
     for g in range(len(returns) // n):
         rows = range(g * n, (g + 1) * n)
-        pooled = torch.tensor([x for r in rows for x in returns[r]], dtype=torch.float64)
-        if pooled.numel() == 0:
+        pooled = np.array([x for r in rows for x in returns[r]], dtype=np.float64)
+        if pooled.size == 0:
             continue
         mean = pooled.mean()
-        std = pooled.std() if pooled.numel() > 1 else pooled.new_zeros(())
+        std = pooled.std(ddof=1) if pooled.size > 1 else 0.0
         for r in rows:
             for (start, end), value in zip(spans[r], returns[r]):
                 centered = value - mean
                 out[r, start:end] = centered / (std + eps) if estimator == "grpo" else centered
-    out = out.float().to(mask.device)
-    return torch.where(mask.bool(), out, 0.0)
+    advantages = device_tensor(out.astype(np.float32), torch.float32, mask.device)
+    return torch.where(mask.bool(), advantages, 0.0)

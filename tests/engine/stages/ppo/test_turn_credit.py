@@ -42,6 +42,19 @@ def test_turn_advantages_pool_every_turn_of_a_group():
         turn_token_advantages(returns, spans, mask, 2, "rloo")
 
 
+def test_turn_credit_reaches_the_device_without_waiting_for_it():
+    """The rewards' places and the advantages are built on the host and sent in copies the stream
+    does not wait for: no `torch.tensor(..., device=)`, no blocking `.to(device)`, no host read."""
+    from host_cost import HostCounter
+    spans = [[(0, 2), (3, 4)], [(0, 3)]]
+    mask = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    with HostCounter() as counter:
+        rewards = place_turn_rewards(torch.zeros(2, 4), spans, [[0.5, 1.5], [2.0]])
+        turn_token_advantages([[1.0, 3.0], [2.0]], spans, mask, 2, "grpo")
+    assert not counter.copies and not counter.syncs, (counter.copies, dict(counter.syncs))
+    assert rewards.tolist() == [[0.0, 0.5, 0.0, 1.5], [0.0, 0.0, 2.0, 0.0]]
+
+
 def turn_runs(mask_row: torch.Tensor) -> list[tuple[int, int]]:
     """The turns of a rollout row, read from its mask alone (the model's tokens)."""
     return turn_spans(mask_row.tolist(), mask_row.numel())
