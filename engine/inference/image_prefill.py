@@ -17,6 +17,7 @@ import hashlib
 
 import torch
 
+from ..data.device_tensors import device_tensor
 from ..model.vision.mrope import sequence_positions
 from ..model.vision.rows import VisualRows
 from ..model.vision.tower import ImageFeatures
@@ -110,10 +111,11 @@ class ImageCache:
                 picked = [i for i, p in enumerate(tokens) if start <= p < end]
                 if picked:
                     rows += [offset + tokens[i] - start for i in picked]
-                    parts.append(features.rows(torch.tensor(picked, device=features.embeds.device)))
+                    parts.append(features.rows(device_tensor(picked, torch.int64,
+                                                             features.embeds.device)))
             offset += end - start
         if not parts:
             return None
         joined = ImageFeatures(torch.cat([p.embeds for p in parts]),
                                tuple(torch.cat(d) for d in zip(*(p.deepstack for p in parts))))
-        return VisualRows(torch.tensor(rows, dtype=torch.int64, device=device), joined)
+        return VisualRows(device_tensor(rows, torch.int64, device), joined)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...data.device_tensors import device_tensor
 from .... import kernels
 from ....kernels.attention import AttentionMetadata, page_slot
 from ..primitives import EXACT
@@ -60,7 +61,7 @@ class BatchInvariant:
         if sum(seqlens) != input_ids.shape[0] or min(seqlens, default=0) < 1:
             raise ValueError(f"seqlens={seqlens} must be positive and sum to {input_ids.shape[0]}")
         model.check_input_ids(input_ids)
-        lens = torch.tensor(seqlens, device=input_ids.device)
+        lens = device_tensor(seqlens, torch.int64, input_ids.device)
         starts = lens.cumsum(0) - lens
         seq_index = _sequence_of_each_token(lens)
         positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts[seq_index]
@@ -93,7 +94,7 @@ class BatchInvariant:
             seq_index = torch.arange(input_ids.shape[0], device=input_ids.device)
         else:
             seq_index = _sequence_of_each_token(
-                torch.tensor(meta.seqlens_q, device=input_ids.device))
+                device_tensor(meta.seqlens_q, torch.int64, input_ids.device))
         rotary = positions
         if model.config.vision is not None:
             positions = _token_positions(meta, seq_index)
@@ -183,7 +184,8 @@ def _token_positions(meta: AttentionMetadata, seq_index: torch.Tensor) -> torch.
     if meta.is_decode:
         return (meta.context_lens.long() - 1).clamp(min=0)
     device = seq_index.device
-    cached = torch.tensor([k - q for q, k in zip(meta.seqlens_q, meta.seqlens_k)], device=device)
+    cached = device_tensor([k - q for q, k in zip(meta.seqlens_q, meta.seqlens_k)], torch.int64,
+                           device)
     first = meta.cu_seqlens_q[:-1].long()
     return torch.arange(seq_index.shape[0], device=device) - first[seq_index] + cached[seq_index]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ...data.device_tensors import device_tensor
 from .spec import VisionSpec
 
 
@@ -83,4 +84,4 @@ def packed_positions(input_ids: torch.Tensor, seqlens: list[int], image_grid_thw
     if used != len(grids):
         raise ValueError(f"image_grid_thw: {len(grids)} images for {used} placeholder run(s) in "
                          "input_ids")
-    return torch.tensor(axes, dtype=torch.int64, device=input_ids.device), deltas
+    return device_tensor(axes, torch.int64, input_ids.device), deltas

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ...data.device_tensors import device_tensor
 from ...config.distill import check_teacher_vocabulary
 from ...data.packing import PackedBatch
 from ...errors import UsageError
@@ -179,4 +180,4 @@ def target_index(packed: PackedBatch, rows: list[int]) -> torch.Tensor:
     for count in packed.target_counts[:-1]:
         starts.append(starts[-1] + count)
     index = [t for r in rows for t in range(starts[r], starts[r] + packed.target_counts[r])]
-    return torch.tensor(index, dtype=torch.long, device=packed.target_ids.device)
+    return device_tensor(index, torch.long, packed.target_ids.device)

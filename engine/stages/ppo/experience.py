@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ...data.device_tensors import device_tensor
 from ...parallel import distributed
 from ...config.estimators import GROUP_ESTIMATORS
 from ...config.ppo import PPOConfig
@@ -160,7 +161,7 @@ def shaped_rewards(samples: Samples, shaped: torch.Tensor, kl: torch.Tensor, mas
     if samples.turn_rewards is None:
         return shape_rewards(kl, shaped, mask, kl_coef), None
     env = [turn_returns(x, turn_gamma)[0] if x else 0.0 for x in samples.turn_rewards]
-    rest = shaped - torch.tensor(env, dtype=shaped.dtype, device=shaped.device)
+    rest = shaped - device_tensor(env, shaped.dtype, shaped.device)
     rewards = place_turn_rewards(shape_rewards(kl, rest, mask, kl_coef), samples.turn_spans,
                                  samples.turn_rewards)
     rests = rest.tolist()

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ...data.device_tensors import device_tensor
 from ...inference.in_flight import Group, Sample
 from .models import PPOModels
 from .sampled_rows import Generated, sampled_routing
@@ -56,8 +57,8 @@ def generated_of(groups: list[Group], n: int, device,
     the batch on an environment's error has no target)."""
     rows = [(g.prompt, s) for g in groups for s in g.samples]
     left = [t is not None and t.error is not None for t in trajectories or [None] * len(rows)]
-    logprobs = torch.tensor([x for (_, s), out in zip(rows, left) if not out
-                             for x in s.logprobs], dtype=torch.float32, device=device)
+    logprobs = device_tensor([x for (_, s), out in zip(rows, left) if not out
+                              for x in s.logprobs], torch.float32, device)
     sources = ([g.source for g in groups] if all(g.source is not None for g in groups)
                else None)
     masks = env_rewards = None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...data.device_tensors import device_tensor
 from ...config.ppo import PPOConfig
 from ...config.rollout import RolloutConfig
 from ...inference.sampling_params import SamplingParams
@@ -129,14 +130,14 @@ def score_generated(models: PPOModels, generated: Generated, rollout: RolloutCon
         turn_rewards = [per_turn(x, len(s)) for x, s in zip(generated.env_rewards, spans)]
         gamma = 1.0 if turn_gamma is None else turn_gamma
         env = [turn_returns(x, gamma)[0] if x else 0.0 for x in turn_rewards]
-        scores += torch.tensor(env, dtype=torch.float32, device=device)
+        scores += device_tensor(env, torch.float32, device)
     longest = [max((e - s for s, e in row), default=0) for row in spans]
     penalties = overlong_penalty(longest, rollout.max_new_tokens, rollout.overlong_buffer,
                                  rollout.overlong_penalty)
     per_turn_on = turn_gamma is not None and turn_rewards is not None
     return Samples(generated.prompts, generated.responses, packed,
                    packed.to_grid(generated.sampler_logprobs.to(device)),
-                   scores + torch.tensor(penalties, device=device), n, rows, penalties,
+                   scores + device_tensor(penalties, torch.float32, device), n, rows, penalties,
                    spans if per_turn_on else None, turn_rewards if per_turn_on else None)
 
 

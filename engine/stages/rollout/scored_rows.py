@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...data.device_tensors import device_tensor
 from ...data.packing import PackedBatch
 from .packs import concat_packs, pad_width
 
@@ -38,7 +39,7 @@ class Samples:
 
     def take_rows(self, rows: list[int]) -> "Samples":
         """These rows (whole groups, for a group estimator: see finite_rows)."""
-        pick = torch.tensor(rows, dtype=torch.long, device=self.scores.device)
+        pick = device_tensor(rows, torch.long, self.scores.device)
 
         def some(values):
             return None if values is None else [values[r] for r in rows]
