@@ -7,6 +7,7 @@ import itertools
 
 import torch
 
+from ...data.device_tensors import packed_cu_seqlens
 from ...data.packing import PackedBatch, pack_sequences
 
 
@@ -57,11 +58,11 @@ def concat_packs(parts: list[PackedBatch]) -> PackedBatch:
     offsets = itertools.accumulate((max(p.prefix_groups, default=-1) + 1 for p in parts[:-1]),
                                    initial=0)
     prefix_groups = [g + offset for p, offset in zip(parts, offsets) for g in p.prefix_groups]
-    cu = torch.tensor([0] + seqlens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return PackedBatch(torch.cat([p.input_ids for p in parts]), seqlens, torch.cat(rows),
                        torch.cat([p.target_ids for p in parts]),
                        [n for p in parts for n in p.target_counts], [], torch.cat(grids), width,
-                       torch.cat([p.positions for p in parts]), cu.to(parts[0].input_ids.device),
+                       torch.cat([p.positions for p in parts]),
+                       packed_cu_seqlens(seqlens, parts[0].input_ids.device),
                        None if parts[0].routing is None else torch.cat([p.routing for p in parts]),
                        prefix_groups, [n for p in parts for n in p.prompt_lens],
                        *_joined_images(parts))
