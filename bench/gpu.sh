@@ -65,6 +65,10 @@ REST_SUITES="kernels train generate rl"
 # Stages that need the GPU (or run the whole test suite): `rehearse` skips them on the CPU.
 GPU_ONLY="build tests tests_gpu tests_rest smoke"
 SETUP_S=40   # install, the wheels, the environment record
+# TRL 1.x and Liger, first on the bench's path (GRPO's peer, the fused heads) before the tests' trl
+# 0.29.1 (PPO's peer): on the device installed here from .whl/trl1; `rehearse` takes the CI's
+# folder of them (.ci-trl), so the rehearsal's peers meet the visit's path.
+TRL1_DIR=/tmp/fusedrl-trl1
 BUNDLE_S=15  # the record and the archive, after the last stage
 
 # The visit: a lent GPU gives 15 minutes of device time in all, the machine's start included, so 2
@@ -203,7 +207,7 @@ bench_stage() {
       echo "fusedrl bench $suite: not run, the stage's time is spent"; continue
     fi
     minutes=$(python -c "print(($end - $SECONDS - $START_S) / 60)")
-    PYTHONPATH="/tmp/fusedrl-trl1${PYTHONPATH:+:$PYTHONPATH}" python -m fusedrl.engine.cli bench \
+    PYTHONPATH="$TRL1_DIR${PYTHONPATH:+:$PYTHONPATH}" python -m fusedrl.engine.cli bench \
       "$suite" $quick model=qwen2.5-0.5b max_minutes="$minutes" output_dir="$out/bench_$suite" \
       overwrite=true || return 1
   done
@@ -216,6 +220,11 @@ rehearse() {
   out=$(mktemp -d /tmp/fusedrl-rehearse.XXXXXX)
   cd "$(dirname "$0")/.." || return 1
   prepared || code=1  # the stages still run: what else would break is found too
+  if [ -d .ci-trl/trl ]; then
+    TRL1_DIR=$PWD/.ci-trl
+  else
+    echo "no .ci-trl (TRL 1.x, Liger): the peers run with this environment's trl alone, not the visit's path"
+  fi
   for entry in "${PLAN[@]}"; do
     IFS='|' read -r minutes stages _ <<< "$entry"
     i=$((i + 1))
@@ -233,6 +242,8 @@ rehearse() {
       took=$((SECONDS - start))
       echo "call $i $stage: $took s (limit ${LIMIT_S[$stage]} s$([ "$took" -gt "${LIMIT_S[$stage]}" ] \
         && echo ": over it, on this CPU")), exit $code; log $out/$stage.log"
+      # a peer the visit's path would not run either: its row says so, and so does this
+      grep -h "^\[.*| not installed" "$out/$stage.log" | sed "s/^/  peer not run: /"
     done
   done
   echo "rehearsal: $SECONDS s, exit $code"
@@ -326,7 +337,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/fusedrl-peers .whl/*.whl \
     >> "$out/install.log" 2>&1 && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/fusedrl-peers" || status=1
   # TRL 1.x and Liger apart (the tests pin trl 0.29.1, the PPO peer): first on bench_all's path.
-  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/fusedrl-trl1 .whl/trl1/*.whl \
+  python -m pip install -q --no-index --no-deps --no-compile --target "$TRL1_DIR" .whl/trl1/*.whl \
     >> "$out/install.log" 2>&1 || status=1
 else
   echo "no .whl/ wheels: the tests that import datasets, trl or peft fail to collect"; status=1
