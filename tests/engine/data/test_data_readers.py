@@ -10,6 +10,7 @@ from fusedrl.engine.data.records import DataError, Demonstration, Ranking, parse
 from fusedrl.engine.data.sources import read_records
 from fusedrl.engine.config.train import DataConfig
 from fusedrl.engine.data.loading import load_examples, split_off
+from fusedrl.engine.data import tokenization
 from fusedrl.engine.data.tokenization import TokenizedExample, tokenize_record, tokenize_records
 from engine_testing import EOS, make_tokenizer
 from train_testing import write_jsonl
@@ -158,9 +159,9 @@ def _one_text_a_call(tokenizer, record, max_length, max_prompt_length):
     return TokenizedExample(ids, tuple(cut)) if all(cut) else None
 
 
-def test_a_data_set_is_tokenized_in_two_calls_with_each_text_s_own_ids(tokenizer):
-    """Prompts in one call, responses in one, whatever the number of records; the ids and cuts
-    those of one call per text."""
+def test_a_data_set_is_tokenized_in_two_calls_with_each_text_s_own_ids(tokenizer, monkeypatch):
+    """Prompts in one call, responses in one (up to TEXTS_PER_CALL texts a call), whatever the
+    number of records; the ids and cuts those of one call per text."""
     words = "the quick brown fox jumps over the lazy dog hello world".split()
     rng = random.Random(0)
 
@@ -186,6 +187,14 @@ def test_a_data_set_is_tokenized_in_two_calls_with_each_text_s_own_ids(tokenizer
     assert expected[-1].responses == ([EOS],)
     truncated = tokenize_records(tokenizer, records, max_length=12, max_prompt_length=11)
     assert truncated == [_one_text_a_call(tokenizer, r, 12, 11) for r in records]
+    # A data set larger than a call's share: the same ids, ceil(texts / share) calls each
+    monkeypatch.setattr(tokenization, "TEXTS_PER_CALL", 7)
+    counting = CountingTokenizer(tokenizer)
+    assert tokenize_records(counting, records, max_length=24, max_prompt_length=16) == expected
+    prompts = sum(bool(r.prompt) for r in records)
+    responses = sum(bool(t) for r in records
+                    for t in ((r.response,) if isinstance(r, Demonstration) else r.responses))
+    assert counting.calls == -(-prompts // 7) + -(-responses // 7)
 
 
 def test_a_record_the_tokenizer_cannot_encode_is_named_by_its_row(tokenizer, tmp_path):
