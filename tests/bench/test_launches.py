@@ -57,4 +57,7 @@ def test_moe_block_decode_has_no_host_sync_and_a_fixed_launch_count():
 def test_moe_layer_training_runs_the_experts_as_six_grouped_gemms():
     moe, dense = launches.per_layer("qwen3_moe", "triton"), launches.per_layer("qwen3", "triton")
     assert moe["by_op"]["aten::_grouped_mm"] == 6, moe  # gate/up and down, each: forward, input and weight grads
+    assert moe["launches"] <= launches.BUDGETS["moe_layer_fwd_bwd"], moe
+    # the router's renormalized top k as a k-wide softmax: no division, no sum of the k
+    assert "aten::div.Tensor" not in moe["by_op"] and "aten::sum.dim_IntList" not in moe["by_op"], moe
     assert moe["syncs"] == dense["syncs"], (moe, dense)  # none added by the MoE layer

@@ -1,6 +1,6 @@
 """Sigmoid router scoring (config.json's `scoring_func`, DeepSeek's key): read from the file (absent:
-softmax), anything else refused in one line; the MoE block with it on the Triton kernels against a
-float64 reference written densely here (every expert on every token, the top-k picked by mask):
+softmax), anything else refused in one line; the MoE block with it (and with softmax scores) on the
+Triton kernels against a float64 reference written densely here (every expert on every token, the top-k picked by mask):
 values and gradients of the input, the router and the experts, odd token and expert counts (the
 feature sizes are grouped_mm's whole 16 bytes), one token, none."""
 import dataclasses
@@ -24,9 +24,11 @@ MOE = MoEConfig(num_experts=7, top_k=3, intermediate_size=12, sparse_layers=(0,)
 
 def dense_reference(moe: MoEConfig):
     """(h [N, H], router [E, H], gate_up [E, 2I, H], down [E, H, I]) -> [N, H] in the inputs' dtype:
-    sigmoid scores, the top k kept (renormalized when norm_topk_prob), every expert run on every token."""
+    sigmoid (or softmax) scores, the top k kept (renormalized when norm_topk_prob), every expert run
+    on every token."""
     def block(h, router, gate_up, down):
-        scores = torch.sigmoid(h @ router.T)  # [N, E]
+        logits = h @ router.T  # [N, E]
+        scores = torch.sigmoid(logits) if moe.scoring_func == "sigmoid" else logits.softmax(-1)
         keep = torch.zeros_like(scores).scatter_(1, torch.topk(scores, moe.top_k, dim=-1).indices, 1.0)
         weights = scores * keep
         if moe.norm_topk_prob:
@@ -59,6 +61,36 @@ def test_sigmoid_block_matches_float64_reference(tokens, hidden, norm):
     inputs = tuple(t.to(DEVICE) for t in inputs)
     check_against_float64(kernel_block(moe, hidden), dense_reference(moe), inputs, (0, 1, 2, 3),
                           name=f"sigmoid moe block {tokens}x{hidden}")
+
+
+@needs_triton
+@pytest.mark.parametrize("tokens,hidden,norm", [(13, 20, True), (1, 20, True), (9, 28, False)])
+def test_softmax_block_matches_float64_reference(tokens, hidden, norm):
+    """Softmax scoring: renormalized over the k (Qwen3-MoE) the router takes a k-wide softmax of
+    the top k logits, the same weights and gradients as the softmax over every expert renormalized;
+    without it (Qwen2-MoE) the top-k softmax scores themselves."""
+    moe = dataclasses.replace(MOE, norm_topk_prob=norm, scoring_func="softmax")
+    g = torch.Generator().manual_seed(100 + tokens)
+    inputs = (torch.randn(tokens, hidden, generator=g), torch.randn(moe.num_experts, hidden, generator=g),
+              0.3 * torch.randn(moe.num_experts, 2 * moe.intermediate_size, hidden, generator=g),
+              0.3 * torch.randn(moe.num_experts, hidden, moe.intermediate_size, generator=g))
+    inputs = tuple(t.to(DEVICE) for t in inputs)
+    check_against_float64(kernel_block(moe, hidden), dense_reference(moe), inputs, (0, 1, 2, 3),
+                          name=f"softmax moe block {tokens}x{hidden}")
+
+
+def test_replayed_experts_weigh_by_their_own_renormalized_softmax():
+    """A replayed routing (rollout routing replay) weighs each token's recorded experts by the
+    softmax over every expert renormalized over them, where the router would have chosen others."""
+    from fusedrl.engine.model.moe import RoutingTrace
+    moe = dataclasses.replace(MOE, num_experts=5, top_k=2, scoring_func="softmax")
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0], [0.0, 0.25, -4.0, 1.0, 2.0]])
+    block = SparseMoeBlock(moe, 8, torch.float32, 0)
+    block.trace = RoutingTrace(replay={0: torch.tensor([[1, 2], [-1, -1]])})  # row 1 routes itself
+    ids, weights = block.route(logits)
+    assert ids.tolist() == [[1, 2], [4, 3]]
+    probs = logits.double().softmax(-1).gather(1, ids)
+    torch.testing.assert_close(weights.double(), probs / probs.sum(-1, keepdim=True))
 
 
 def test_sigmoid_weights_are_the_chosen_scores():
