@@ -50,16 +50,21 @@ def kernel_block(moe: MoEConfig, hidden: int):
     return block
 
 
+def block_inputs(moe: MoEConfig, tokens: int, hidden: int, seed: int) -> tuple:
+    """Random (h, router, gate_up, down) of the block's shapes on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = (torch.randn(tokens, hidden, generator=g), torch.randn(moe.num_experts, hidden, generator=g),
+              0.3 * torch.randn(moe.num_experts, 2 * moe.intermediate_size, hidden, generator=g),
+              0.3 * torch.randn(moe.num_experts, hidden, moe.intermediate_size, generator=g))
+    return tuple(t.to(DEVICE) for t in inputs)
+
+
 @needs_triton
 @pytest.mark.parametrize("tokens,hidden,norm", [(13, 20, True), (1, 20, True), (0, 16, True), (9, 28, False)])
 def test_sigmoid_block_matches_float64_reference(tokens, hidden, norm):
     moe = dataclasses.replace(MOE, norm_topk_prob=norm)
-    g = torch.Generator().manual_seed(tokens)
-    inputs = (torch.randn(tokens, hidden, generator=g), torch.randn(moe.num_experts, hidden, generator=g),
-              0.3 * torch.randn(moe.num_experts, 2 * moe.intermediate_size, hidden, generator=g),
-              0.3 * torch.randn(moe.num_experts, hidden, moe.intermediate_size, generator=g))
-    inputs = tuple(t.to(DEVICE) for t in inputs)
-    check_against_float64(kernel_block(moe, hidden), dense_reference(moe), inputs, (0, 1, 2, 3),
+    check_against_float64(kernel_block(moe, hidden), dense_reference(moe),
+                          block_inputs(moe, tokens, hidden, seed=tokens), (0, 1, 2, 3),
                           name=f"sigmoid moe block {tokens}x{hidden}")
 
 
@@ -70,12 +75,8 @@ def test_softmax_block_matches_float64_reference(tokens, hidden, norm):
     the top k logits, the same weights and gradients as the softmax over every expert renormalized;
     without it (Qwen2-MoE) the top-k softmax scores themselves."""
     moe = dataclasses.replace(MOE, norm_topk_prob=norm, scoring_func="softmax")
-    g = torch.Generator().manual_seed(100 + tokens)
-    inputs = (torch.randn(tokens, hidden, generator=g), torch.randn(moe.num_experts, hidden, generator=g),
-              0.3 * torch.randn(moe.num_experts, 2 * moe.intermediate_size, hidden, generator=g),
-              0.3 * torch.randn(moe.num_experts, hidden, moe.intermediate_size, generator=g))
-    inputs = tuple(t.to(DEVICE) for t in inputs)
-    check_against_float64(kernel_block(moe, hidden), dense_reference(moe), inputs, (0, 1, 2, 3),
+    check_against_float64(kernel_block(moe, hidden), dense_reference(moe),
+                          block_inputs(moe, tokens, hidden, seed=100 + tokens), (0, 1, 2, 3),
                           name=f"softmax moe block {tokens}x{hidden}")
 
 
