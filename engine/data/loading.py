@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .records import DataError, parser_for
+from .records import DataError, located, parser_for
 from .sources import is_dataset, read_records, source_name
 from .tokenization import TokenizedExample, tokenize_record, tokenize_records
 from .vision_processor import VisionProcessor
@@ -33,32 +33,27 @@ def tokenize_all(records, where: list[str], tokenizer,
     a record that cannot be rendered is a DataError naming its row (`where`). Text records are
     tokenized in batches (tokenization.tokenize_records); a ValueError there is found again one
     record at a time, for its row."""
-    vision = isinstance(tokenizer, VisionProcessor) or any(
-        isinstance(r, (VisionRecord, VisionRanking)) for r in records)
-    try:
-        out = (None if vision else
-               tokenize_records(tokenizer, records, cfg.max_length, cfg.max_prompt_length))
-    except ValueError:
-        out = None
+    out = None
+    if not isinstance(tokenizer, VisionProcessor) and not any(
+            isinstance(r, (VisionRecord, VisionRanking)) for r in records):
+        try:
+            out = tokenize_records(tokenizer, records, cfg.max_length, cfg.max_prompt_length)
+        except ValueError:
+            pass  # below, one record at a time
     if out is None:
-        out = [_tokenized(record, location, tokenizer, cfg)
+        out = [located(location, _tokenized, record, tokenizer, cfg)
                for record, location in zip(records, where)]
     kept = [e for e in out if e is not None]
     return kept, len(out) - len(kept)
 
 
-def _tokenized(record, location: str, tokenizer, cfg: DataConfig) -> TokenizedExample | None:
-    """One record's example (None: no room for a response); a DataError naming `location`."""
-    try:
-        if isinstance(record, VisionRecord):
-            return tokenize_vision_record(tokenizer, record, cfg.max_length,
-                                          cfg.max_prompt_length)
-        if isinstance(record, VisionRanking):
-            return tokenize_vision_ranking(tokenizer, record, cfg.max_length,
-                                           cfg.max_prompt_length)
-        return tokenize_record(tokenizer, record, cfg.max_length, cfg.max_prompt_length)
-    except ValueError as e:
-        raise DataError(f"{location}: {e}") from None
+def _tokenized(record, tokenizer, cfg: DataConfig) -> TokenizedExample | None:
+    """One record's example (None: no room for a response)."""
+    if isinstance(record, VisionRecord):
+        return tokenize_vision_record(tokenizer, record, cfg.max_length, cfg.max_prompt_length)
+    if isinstance(record, VisionRanking):
+        return tokenize_vision_ranking(tokenizer, record, cfg.max_length, cfg.max_prompt_length)
+    return tokenize_record(tokenizer, record, cfg.max_length, cfg.max_prompt_length)
 
 
 def split_off(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ..errors import UsageError
 from .chat import has_template, render_prompt
 from .loading import report
-from .records import DataError, parse_turns
+from .records import DataError, located, parse_turns
 from .sources import read_records, source_name
 from .tokenization import tokenize_prompt, tokenize_prompts
 from .vision_processor import ImageInputs, VisionProcessor
@@ -91,7 +91,7 @@ def load_prompts(source, tokenizer, max_prompt_length: int, max_model_len: int,
     for (prompt, extra), where in zip(read.records, read.where):
         pixels = None
         if vision:
-            encoded = _located(where, tokenize_vision_prompt, tokenizer, prompt, max_prompt_length)
+            encoded = located(where, tokenize_vision_prompt, tokenizer, prompt, max_prompt_length)
             if encoded is None:
                 dropped += 1
                 continue
@@ -125,25 +125,17 @@ def load_prompts(source, tokenizer, max_prompt_length: int, max_model_len: int,
     return prompts, truncated
 
 
-def _located(where: str, fn, *args):
-    """fn(*args); a ValueError as a DataError naming the row (`where`)."""
-    try:
-        return fn(*args)
-    except ValueError as e:
-        raise DataError(f"{where}: {e}") from None
-
-
 def _text_prompt_ids(read, tokenizer, max_prompt_length: int,
                      chat_template: str) -> list[list[int]]:
     """The ids of every text row's prompt, their texts in one call of the tokenizer
     (tokenization.tokenize_prompts); a DataError naming the row that cannot be rendered or
     encoded."""
-    texts = [_located(where, prompt_text, tokenizer, prompt, chat_template)
+    texts = [located(where, prompt_text, tokenizer, prompt, chat_template)
              for (prompt, _), where in zip(read.records, read.where)]
     try:
         return tokenize_prompts(tokenizer, texts, max_prompt_length)
     except ValueError:  # found again one prompt at a time, for its row
-        return [_located(where, tokenize_prompt, tokenizer, text, max_prompt_length)
+        return [located(where, tokenize_prompt, tokenizer, text, max_prompt_length)
                 for text, where in zip(texts, read.where)]
 
 

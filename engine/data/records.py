@@ -37,6 +37,14 @@ class DataError(FusedRLError, ValueError):
     """A malformed data row: the message starts with `file:line:` (or `file: row N:`)."""
 
 
+def located(where: str, fn, *args):
+    """fn(*args); its ValueError as a DataError naming the row (`where`)."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
 @dataclass(frozen=True)
 class Demonstration:
     """One SFT example. `messages` is set for chat rows (then prompt/response are rendered

@@ -76,7 +76,7 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
             ax.plot(steps, values, marker="." if len(steps) < 30 else None)
             # The title's place given (matplotlib otherwise measures every tick label to lift it
             # over top-side ticks, which these panels lack) and at most 4 ticks an axis: ticks
-            # are most of a panel's drawing (the demo's plots: 4.1 -> 3.2 s of CPU).
+            # are most of a panel's drawing (the demo's plots: 4.1 -> 3.1 s of CPU).
             ax.set_title(key, y=1.0)
             ax.locator_params(nbins=4)
             ax.set_xlabel("step")

@@ -86,5 +86,5 @@ def turn_token_advantages(returns: list[list[float]], spans: list[list[tuple[int
             for (start, end), value in zip(spans[r], returns[r]):
                 centered = value - mean
                 out[r, start:end] = centered / (std + eps) if estimator == "grpo" else centered
-    advantages = device_tensor(out.astype(np.float32), torch.float32, mask.device)
+    advantages = device_tensor(out, torch.float32, mask.device)
     return torch.where(mask.bool(), advantages, 0.0)
