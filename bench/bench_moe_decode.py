@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from fusedrl.bench import harness
-from fusedrl.bench.shapes import moe_decode_shape
+from fusedrl.bench.shapes import moe_decode_shape, random_causal_lm
 from fusedrl.bench.bench_generate import time_ours
 from fusedrl.engine.inference.llm import LLM
 from fusedrl.engine.inference.sampling_params import SamplingParams
@@ -27,13 +27,9 @@ def moe_model(shape: dict, layers: int, dtype: torch.dtype, device) -> CausalLM:
     """A random Qwen3-MoE CausalLM of `shape` (Qwen3MoeConfig's fields), `layers` sparse layers."""
     config = ModelConfig.from_hf(transformers.Qwen3MoeConfig(**shape, num_hidden_layers=layers))
     torch.manual_seed(0)
-    with torch.device(device):  # allocated where it runs: the full shape is GBs
-        model = CausalLM(config, dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            # a router of std 1 spreads the tokens over the experts; the rest keeps activations O(1)
-            p.normal_(0, 1.0 if name.endswith("gate.weight") else 0.02)
-    return model
+    # a router of std 1 spreads the tokens over the experts; the rest keeps activations O(1)
+    return random_causal_lm(config, dtype, device,
+                            lambda name: 1.0 if name.endswith("gate.weight") else 0.02)
 
 
 def main(argv=None) -> None:

@@ -79,7 +79,7 @@ from fusedrl.bench.ppo_common import (GRPO_KL_COEF, PAD_ID, IterationClock, Shap
                                       build_tokenizer, even_token_share, lora_targets,
                                       make_prompts)
 from fusedrl.bench.ppo_trl import ROLLOUT_ROWS, run_trl, run_trl_grpo
-from fusedrl.bench.shapes import QWEN25_05B, TINY, model_dir
+from fusedrl.bench.shapes import QWEN25_05B, TINY, model_dir, random_checkpoint
 
 COLUMNS = [("side", "side"), ("iteration_s", "iteration s"), ("time_generate", "generate s"),
            ("response_tokens", "response tokens"), ("tokens_per_s", "tokens/s"), ("peak_gib", "peak GiB")]
@@ -132,15 +132,16 @@ def parse_args(argv=None):
     return args
 
 
-def build_reward_model_dir(quick: bool, config=None) -> Path:
+def build_reward_model_dir(quick: bool, config=None, device: str | torch.device = "cpu") -> Path:
     """A random-init reward model (one-label sequence classification, fp32) on disk: of `config`'s
-    architecture and shape (a transformers config), else Qwen2 at the benchmark's shape."""
+    architecture and shape (a transformers config), else Qwen2 at the benchmark's shape; its
+    weights drawn on `device` (shapes.model_dir's reason)."""
     config = config or transformers.Qwen2Config(**(TINY if quick else QWEN25_05B))
     config.num_labels, config.pad_token_id = 1, PAD_ID
     torch.manual_seed(1)
-    path = Path(tempfile.mkdtemp(prefix="bench_ppo_rm_"))
-    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
-    return path
+    return random_checkpoint(
+        lambda: transformers.AutoModelForSequenceClassification.from_config(config), device,
+        "bench_ppo_rm_")
 
 
 def run_ours(algo: str, shape: Shape, policy_dir: Path, rm_dir: Path, device: torch.device, lora: int) -> dict:
@@ -328,9 +329,10 @@ def main(argv=None):
         harness.write_json(args.result, result)
         return
     device = bench_device(args.quick)
-    policy_dir = model_dir("qwen2.5-0.5b", args.quick, 0).path
+    policy_dir = model_dir("qwen2.5-0.5b", args.quick, 0, device=device).path
     # GRPO scores with a function: no reward model (its directory argument is the policy's, unused).
-    dirs = (policy_dir, build_reward_model_dir(args.quick) if args.algo == "ppo" else policy_dir)
+    dirs = (policy_dir, build_reward_model_dir(args.quick, device=device) if args.algo == "ppo"
+            else policy_dir)
     try:
         run = run_in_this_process if args.quick else run_in_subprocess
         results = {side: run_fitting(run, side, args, dirs) for side in args.sides}

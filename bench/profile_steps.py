@@ -95,7 +95,7 @@ def decode_profile(quick: bool, device: torch.device, dtype: torch.dtype, batch:
     from fusedrl.engine.inference.llm import LLM
     from fusedrl.engine.inference.sampling_params import SamplingParams
 
-    model = shapes.model_dir(MODEL, quick, 0, dtype)
+    model = shapes.model_dir(MODEL, quick, 0, dtype, device)
     try:
         llm = LLM(str(model.path), dtype=dtype, device=str(device), max_num_seqs=batch,
                   kv_cache_memory=(2 << 30) if device.type == "cuda" else 64 << 20)

@@ -4,7 +4,13 @@ fields that set the cost (sizes, heads, experts, vocabulary), random weights, no
 `hf_config(name, quick)` is the transformers config of a named shape (quick: the same architecture
 at a tiny size, for a CPU run); `model_dir(name_or_path, ...)` writes its random-init checkpoint
 into a new temporary directory, or returns a local Hugging Face directory as it is; `qwen_like`
-builds the engine's CausalLM of Qwen2.5-0.5B's shape directly (the counters and the train step).
+builds the engine's CausalLM of Qwen2.5-0.5B's shape directly (the counters and the train step),
+`random_causal_lm` any ModelConfig's.
+
+Random weights are drawn on the device the benchmark runs on: the host draws them on one thread
+(a Qwen2.5-0.5B from its transformers config took 9.7 s on 2 CPU cores, its 494M normal samples
+alone 3.9 s), a GPU in milliseconds, and every GPU row that built a model paid the host's draw in
+its setup (bench/results/2026-11-28-h200: 8.8-9.9 s of setup in the train, GRPO and PPO rows).
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import dataclasses
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -113,9 +120,10 @@ def model_label(model: str, quick: bool, seed: int) -> str:
     return f"{model} shape ({'tiny ' if quick else ''}random init, seed {seed})"
 
 
-def model_dir(model: str, quick: bool, seed: int, dtype: torch.dtype = torch.float32) -> ModelDir:
-    """A local Hugging Face directory as it is, or the named shape's random-init checkpoint (seeded)
-    written to a new temporary directory."""
+def model_dir(model: str, quick: bool, seed: int, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu") -> ModelDir:
+    """A local Hugging Face directory as it is, or the named shape's random-init checkpoint (seeded,
+    its weights drawn on `device`) written to a new temporary directory."""
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise ValueError(f"model={model}: a directory without config.json")
@@ -123,10 +131,24 @@ def model_dir(model: str, quick: bool, seed: int, dtype: torch.dtype = torch.flo
     import transformers
     config = hf_config(model, quick)
     torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
-    path = Path(tempfile.mkdtemp(prefix="fusedrl_bench_model_"))
-    hf.save_pretrained(path)
+    path = random_checkpoint(
+        lambda: transformers.AutoModelForCausalLM.from_config(config).to(dtype), device,
+        "fusedrl_bench_model_")
     return ModelDir(path, model_label(model, quick, seed), True)
+
+
+def random_checkpoint(make: Callable, device: str | torch.device, prefix: str) -> Path:
+    """make() (a transformers model from its config) run on `device`, its weights drawn there,
+    and written to a new temporary directory (returned); on a GPU the draw's memory goes back to
+    the driver after, for the engine that loads the checkpoint."""
+    with torch.device(device):
+        model = make()
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    model.save_pretrained(path)
+    del model
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return path
 
 
 # The engine's own config names for Qwen2.5-0.5B (engine/model/config.py's ModelConfig).
@@ -137,15 +159,22 @@ ENGINE_QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896,
                          rope_theta=1e6)
 
 
+def random_causal_lm(config, dtype: torch.dtype, device: str | torch.device,
+                     std: Callable[[str], float] = lambda name: 0.02):
+    """The engine's CausalLM of `config` (a ModelConfig), allocated on `device` and its weights
+    drawn there: normal(0, std(parameter name)) (bytes and FLOPs do not depend on the values)."""
+    from fusedrl.engine.model.causal_lm import CausalLM
+    with torch.device(device):
+        model = CausalLM(config, dtype).to(device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, std(name))
+    return model
+
+
 def qwen_like(layers: int, dtype: torch.dtype, device: str, **overrides):
     """A randomly initialized engine CausalLM of Qwen2.5-0.5B's shapes with `layers` layers and
-    `overrides` (ModelConfig's names); normal(0, 0.02) weights (bytes and FLOPs do not depend on
-    the values)."""
-    from fusedrl.engine.model.causal_lm import CausalLM
+    `overrides` (ModelConfig's names); normal(0, 0.02) weights drawn on `device`."""
     from fusedrl.engine.model.config import ModelConfig
     config = ModelConfig(**{**ENGINE_QWEN25_05B, "num_layers": layers, **overrides})
-    model = CausalLM(config, dtype).to(device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model
+    return random_causal_lm(config, dtype, device)

@@ -219,15 +219,16 @@ def gemv_rows(shape: Shape, rows: int, sweep: Sweep, writer: Writer) -> None:
                 writer.add({"case": name, "rows": rows, "way": impl, "launch": launch_label,
                             "status": "not run: time"})
             continue
-        g = torch.Generator(device="cpu").manual_seed(n_w * 7 + k + rows)
-        weight = (torch.randn(n_w, k, generator=g) / k ** 0.5).to(sweep.device, sweep.dtype)
+        g = torch.Generator(sweep.device).manual_seed(n_w * 7 + k + rows)
+        dev = dict(generator=g, device=sweep.device)  # drawn on the device, where they are used
+        weight = (torch.randn(n_w, k, **dev) / k ** 0.5).to(sweep.dtype)
         nbytes = weight.numel() * weight.element_size()
         weights = [weight] + [weight.clone() for _ in range(sweep.copies(nbytes) - 1)]
         calls = sweep.calls(len(weights))
         x, residual, norm_w, bias = (
-            t.to(sweep.device, sweep.dtype) for t in (
-                torch.randn(rows, k, generator=g), torch.randn(rows, k, generator=g),
-                1 + torch.randn(k, generator=g) / 10, torch.randn(n_w, generator=g)))
+            t.to(sweep.dtype) for t in (
+                torch.randn(rows, k, **dev), torch.randn(rows, k, **dev),
+                1 + torch.randn(k, **dev) / 10, torch.randn(n_w, **dev)))
         bias = bias if has_bias else None
 
         def row(way, launch_label, **extra):
@@ -301,18 +302,18 @@ def decode_rows(shape: Shape, batch: int, sweep: Sweep, writer: Writer) -> None:
         torch.finfo(dtype).bits // 8)
     copies = sweep.copies(nbytes)
     calls = sweep.calls(copies)
-    g = torch.Generator(device="cpu").manual_seed(batch)
+    g = torch.Generator(device).manual_seed(batch)
+    dev = dict(generator=g, device=device)  # drawn on the device: the caches are 128 MB and more
     k_cache, v_cache = (
         torch.randn(copies * batch * pages_each + 1, shape.page, shape.kv_heads,
-                    shape.head_dim, generator=g).to(device, dtype) for _ in range(2))
+                    shape.head_dim, **dev).to(dtype) for _ in range(2))
     # set c's sequence b holds pages 1 + (c * batch + b) * pages_each onwards (page 0: padding)
     tables = torch.zeros(copies, batch, shape.table_pages, dtype=torch.int32)
     tables[:, :, :pages_each] = 1 + torch.arange(copies * batch * pages_each,
                                                  dtype=torch.int32).view(copies, batch, -1)
     tables = tables.to(device)
-    q = torch.randn(batch, shape.heads, shape.head_dim, generator=g).to(device, dtype)
-    k, v = (torch.randn(batch, shape.kv_heads, shape.head_dim, generator=g).to(device, dtype)
-            for _ in range(2))
+    q = torch.randn(batch, shape.heads, shape.head_dim, **dev).to(dtype)
+    k, v = (torch.randn(batch, shape.kv_heads, shape.head_dim, **dev).to(dtype) for _ in range(2))
     cos = torch.ones(shape.context + 1, shape.head_dim, device=device)
     sin = torch.zeros(shape.context + 1, shape.head_dim, device=device)
     # the new token at position `context`, stored in its page's slot, attended to with the rest

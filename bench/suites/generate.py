@@ -71,7 +71,7 @@ def engine(ctx: Context, shape: Shape) -> Engine:
         from fusedrl.engine.inference.runner import kv_bytes_per_block
         from fusedrl.engine.inference.sampling_params import SamplingParams
         device, dtype = ctx.device, ctx.dtype
-        model = shapes.model_dir(ctx.options.model, ctx.quick, ctx.options.seed, dtype)
+        model = shapes.model_dir(ctx.options.model, ctx.quick, ctx.options.seed, dtype, device)
         llm = LLM(model.path, dtype=dtype, device=str(device),
                   max_num_seqs=max(shape.mixed, *shape.batches),
                   kv_cache_memory=0.5 if device.type == "cuda" else 256 << 20)

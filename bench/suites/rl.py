@@ -158,7 +158,7 @@ def checkpoints(ctx: Context):
     the same architecture and shape), shared by the suite's cases: written on rank 0 under
     torchrun, read by every rank."""
     return ctx.shared(CHECKPOINTS[0], lambda: ranks.made_once(lambda: shapes.model_dir(
-        ctx.options.model, ctx.quick, ctx.options.seed, torch.float32)),
+        ctx.options.model, ctx.quick, ctx.options.seed, torch.float32, ctx.device)),
         _by_rank_0(shapes.ModelDir.remove), on_disk=True)
 
 
@@ -169,7 +169,7 @@ def reward_dir(ctx: Context, policy):
 
     def make():
         return bench_ppo.build_reward_model_dir(
-            ctx.quick, transformers.AutoConfig.from_pretrained(policy.path))
+            ctx.quick, transformers.AutoConfig.from_pretrained(policy.path), ctx.device)
     return ctx.shared(CHECKPOINTS[1], lambda: ranks.made_once(make),
                       _by_rank_0(lambda path: shutil.rmtree(path, True)), on_disk=True)
 

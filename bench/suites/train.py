@@ -27,18 +27,13 @@ MODEL = "train model"  # the Context.shared key of the model and optimizer its c
 def engine_model(ctx: Context):
     """The engine's CausalLM of ctx's model (a named shape or a local directory's config.json),
     normal(0, 0.02) weights."""
-    from fusedrl.engine.model.causal_lm import CausalLM
     from fusedrl.engine.model.config import ModelConfig
     from fusedrl.engine.model.hf_io import load_config
     model = ctx.options.model
     config = (load_config(Path(model)) if Path(model).is_dir()
               else ModelConfig.from_hf(shapes.hf_config(model, ctx.quick)))
     torch.manual_seed(ctx.options.seed)
-    lm = CausalLM(config, ctx.dtype).to(ctx.device)
-    with torch.no_grad():
-        for p in lm.parameters():
-            p.normal_(0, 0.02)
-    return lm
+    return shapes.random_causal_lm(config, ctx.dtype, ctx.device)
 
 
 def flops_per_token(lm, seq_len: int) -> float:
