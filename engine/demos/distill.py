@@ -20,6 +20,7 @@ import torch
 
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
+from .run_plots import RunPlots
 from .sorting import (RL_LR, TEMPERATURE, aligned, last_metric, program_reward,
                       sampled_accuracy, starts_over, written)
 from .sorting_task import build_base_model, build_tokenizer, write_data
@@ -113,25 +114,28 @@ def run_distill_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
         return sampled_accuracy(load_model(model_dir), tokenizer, noisy["held_out"],
                                 cfg.eval_samples, TEMPERATURE, cfg.seed)
 
-    teacher = sft("teacher", build_base_model(out / "teacher-base", cfg.seed, cfg.arch),
-                  clean["sft"], cfg.sft_epochs)
-    student = sft("student", build_base_model(out / "student-base", cfg.seed + 1, cfg.arch,
-                                              **STUDENT), noisy["sft"], 1)
-    distilled = run_distill_stage(cfg, out, noisy["prompts"], student, teacher, loop)
-    grpo = run_grpo_baseline(cfg, out, noisy["prompts"], student, loop)
-    table = {
-        "task": "distill",
-        "teacher": accuracy(teacher),
-        "student_before": accuracy(student),
-        "student_after": accuracy(distilled),
-        "grpo": accuracy(grpo),
-        "iterations": cfg.rl_iterations,
-        "samples_per_iteration": cfg.rl_prompts * SAMPLES_PER_PROMPT,
-        "final_divergence": last_metric(str(out / "distill"), "train", "divergence"),
-        "seconds": time.perf_counter() - start,
-    }
-    table["gain_points"] = 100 * (table["student_after"] - table["student_before"])
-    return written(out, table, ("distill", "grpo"))
+    with RunPlots() as plots:
+        teacher = sft("teacher", build_base_model(out / "teacher-base", cfg.seed, cfg.arch),
+                      clean["sft"], cfg.sft_epochs)
+        student = sft("student", build_base_model(out / "student-base", cfg.seed + 1, cfg.arch,
+                                                  **STUDENT), noisy["sft"], 1)
+        distilled = run_distill_stage(cfg, out, noisy["prompts"], student, teacher, loop)
+        plots.add(out / "distill")
+        grpo = run_grpo_baseline(cfg, out, noisy["prompts"], student, loop)
+        plots.add(out / "grpo")
+        table = {
+            "task": "distill",
+            "teacher": accuracy(teacher),
+            "student_before": accuracy(student),
+            "student_after": accuracy(distilled),
+            "grpo": accuracy(grpo),
+            "iterations": cfg.rl_iterations,
+            "samples_per_iteration": cfg.rl_prompts * SAMPLES_PER_PROMPT,
+            "final_divergence": last_metric(str(out / "distill"), "train", "divergence"),
+            "seconds": time.perf_counter() - start,
+        }
+        table["gain_points"] = 100 * (table["student_after"] - table["student_before"])
+        return written(out, table, plots)
 
 
 def format_distill_table(table: dict) -> str:

@@ -18,6 +18,7 @@ import torch
 
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
+from .run_plots import RunPlots
 from .sorting import TEMPERATURE, aligned, rl_figures, rl_training, starts_over, written
 from .sorting_task import build_base_model
 from .tool_task import (add, build_tokenizer, final_answer, is_correct, tool_reward,
@@ -73,38 +74,43 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     loop = dict(device="cpu" if not torch.cuda.is_available() else None, precision=cfg.precision,
                 progress=not quiet, resume=False)
 
-    sft_dir = train_sft(SFTConfig(
-        model=base, output_dir=str(out / "sft"), seed=cfg.seed,
-        data=DataConfig(train_file=data["sft"], tokens_per_batch=512, max_length=MAX_POSITIONS,
-                        max_prompt_length=MAX_POSITIONS // 2, eval_fraction=0.05),
-        optim=OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.0),
-        train=TrainConfig(epochs=cfg.sft_epochs, eval_every=0, **loop)))
+    with RunPlots() as plots:
+        sft_dir = train_sft(SFTConfig(
+            model=base, output_dir=str(out / "sft"), seed=cfg.seed,
+            data=DataConfig(train_file=data["sft"], tokens_per_batch=512, max_length=MAX_POSITIONS,
+                            max_prompt_length=MAX_POSITIONS // 2, eval_fraction=0.05),
+            optim=OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.0),
+            train=TrainConfig(epochs=cfg.sft_epochs, eval_every=0, **loop)))
+        plots.add(out / "sft")
 
-    def evaluate(model) -> dict:
-        return tool_accuracy(model, tokenizer, data["held_out"], cfg.eval_samples, cfg.seed)
+        def evaluate(model) -> dict:
+            return tool_accuracy(model, tokenizer, data["held_out"], cfg.eval_samples, cfg.seed)
 
-    sft = evaluate(load_model(sft_dir))
-    rl_dir = train_ppo(GRPOConfig(
-        policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"),
-        seed=cfg.seed,
-        rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,
-               max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, kv_cache_memory=1 << 24,
-               tools=TOOLS, max_turns=MAX_TURNS,
-               # The demo's own `add`: nothing to contain, and no worker to start per trajectory.
-               env_isolation="thread"),
-        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=32, vf_coef=0.0,
-                         kl_loss_coef=0.001),
-        train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop), **rl_training(cfg)),
-        reward_fn=tool_reward)
-    rl = evaluate(load_model(rl_dir))
-    table = {
-        "task": "tool", "algo": "grpo",
-        "sft_accuracy": sft["accuracy"], "sft_tool_rate": sft["tool_rate"],
-        "rl_accuracy": rl["accuracy"], "rl_tool_rate": rl["tool_rate"],
-        "rl_gain_points": 100 * (rl["accuracy"] - sft["accuracy"]),
-        **rl_figures(out, start),
-    }
-    return written(out, table, ("sft", "rl"))
+        sft = evaluate(load_model(sft_dir))
+        rl_dir = train_ppo(GRPOConfig(
+            policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"),
+            seed=cfg.seed,
+            rollout=RolloutConfig(
+                prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,
+                max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, kv_cache_memory=1 << 24,
+                tools=TOOLS, max_turns=MAX_TURNS,
+                # The demo's own `add`: nothing to contain, and no worker to start per trajectory.
+                env_isolation="thread"),
+            ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=32, vf_coef=0.0,
+                             kl_loss_coef=0.001),
+            train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop),
+            **rl_training(cfg)),
+            reward_fn=tool_reward)
+        plots.add(out / "rl")
+        rl = evaluate(load_model(rl_dir))
+        table = {
+            "task": "tool", "algo": "grpo",
+            "sft_accuracy": sft["accuracy"], "sft_tool_rate": sft["tool_rate"],
+            "rl_accuracy": rl["accuracy"], "rl_tool_rate": rl["tool_rate"],
+            "rl_gain_points": 100 * (rl["accuracy"] - sft["accuracy"]),
+            **rl_figures(out, start),
+        }
+        return written(out, table, plots)
 
 
 def format_tool_table(table: dict) -> str:

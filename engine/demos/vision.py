@@ -18,6 +18,7 @@ import torch
 
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
+from .run_plots import RunPlots
 from .sorting import TEMPERATURE, aligned, rl_figures, rl_training, starts_over, written
 from .vision_task import (build_vision_processor, count_reward, draw, is_correct,
                           task_messages, write_vision_data)
@@ -109,30 +110,34 @@ def run_vision_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     base = build_vision_model(out / "base", cfg.seed, processor)
     loop = dict(device="cpu" if not torch.cuda.is_available() else None, precision=cfg.precision,
                 progress=not quiet, resume=False)
-    sft_dir = train_vision_sft(cfg, base, data["sft"], out / "sft", loop)
+    with RunPlots() as plots:
+        sft_dir = train_vision_sft(cfg, base, data["sft"], out / "sft", loop)
+        plots.add(out / "sft")
 
-    def accuracy(model) -> float:
-        return vision_accuracy(model, processor, data["held_out"], cfg.eval_samples, cfg.seed)
+        def accuracy(model) -> float:
+            return vision_accuracy(model, processor, data["held_out"], cfg.eval_samples, cfg.seed)
 
-    sft_accuracy = accuracy(load_model(sft_dir))
-    rl_dir = train_ppo(GRPOConfig(
-        policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"),
-        seed=cfg.seed,
-        rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,
-                              max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE,
-                              kv_cache_memory=1 << 24, max_prompt_length=MAX_LENGTH - 4),
-        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=64, vf_coef=0.0,
-                         kl_loss_coef=0.001),
-        train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop), **rl_training(cfg)),
-        reward_fn=count_reward)
-    rl_accuracy = accuracy(load_model(rl_dir))
-    table = {
-        "task": "vision", "algo": "grpo",
-        "sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy,
-        "rl_gain_points": 100 * (rl_accuracy - sft_accuracy),
-        **rl_figures(out, start),
-    }
-    return written(out, table, ("sft", "rl"))
+        sft_accuracy = accuracy(load_model(sft_dir))
+        rl_dir = train_ppo(GRPOConfig(
+            policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"),
+            seed=cfg.seed,
+            rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,
+                                  max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE,
+                                  kv_cache_memory=1 << 24, max_prompt_length=MAX_LENGTH - 4),
+            ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=64, vf_coef=0.0,
+                             kl_loss_coef=0.001),
+            train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop),
+            **rl_training(cfg)),
+            reward_fn=count_reward)
+        plots.add(out / "rl")
+        rl_accuracy = accuracy(load_model(rl_dir))
+        table = {
+            "task": "vision", "algo": "grpo",
+            "sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy,
+            "rl_gain_points": 100 * (rl_accuracy - sft_accuracy),
+            **rl_figures(out, start),
+        }
+        return written(out, table, plots)
 
 
 def format_vision_table(table: dict) -> str:
