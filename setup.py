@@ -122,7 +122,9 @@ def main() -> None:
         packages=packages(),
         package_dir=PACKAGE_ROOTS,
         # The YAML starting points of `fusedrl sft|rm|ppo --config`, shipped in wheels too.
-        package_data={"fusedrl.engine.config": ["presets/*.yaml"]},
+        # ... and the Triton launches `fusedrl demo` compiles ahead (engine/demos/sorting.py).
+        package_data={"fusedrl.engine.config": ["presets/*.yaml"],
+                      "fusedrl.engine.demos": ["demo_launches.json"]},
         install_requires=[
             "torch>=2.5",
             # Triton ships Linux wheels only; elsewhere the PyTorch backend is used.

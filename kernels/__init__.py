@@ -19,7 +19,8 @@ The model's ops (the engine's only way in): `rms_norm`, `rope` (and `mrope`, M-R
 the batch-invariant mode's ops. The decider's questions (`backend_for`, `model_backend`, ...)
 come from `dispatch`, the one place that reads the environment and looks at devices to choose an
 implementation; attention's (`attention_backend`) from `fusedrl.kernels.attention`, the public
-subpackage that holds every attention path the engine calls.
+subpackage that holds every attention path the engine calls. `compile_ahead` compiles a job's
+recorded Triton launches in child processes before its first launch (ahead_of_time.py).
 """
 if __name__ != "fusedrl.kernels":
     # The repository root is on sys.path and this folder was imported as `kernels`: see shadowed.py.
@@ -27,6 +28,7 @@ if __name__ != "fusedrl.kernels":
     stand_aside(__name__, __file__)
 else:
     from . import reference
+    from .ahead_of_time import compile_ahead
     from .dispatch import (BACKENDS, backend_for, fused_for_model, model_backend, requested_backend,
                            triton_interpreting, use_backend)
     from .attention import attention_backend, flash_attn, rope_store_decode, store_kv
@@ -63,4 +65,5 @@ else:
         "ppo_policy_loss", "ppo_value_loss", "rms_norm", "rope", "mrope", "silu_mul", "norm_linear",
         "moe_sort", "moe_permute", "moe_unpermute", "grouped_linear",
         "store_kv", "rope_store_decode", "sample", "sample_triton", "SamplerWorkspace", "exact",
+        "compile_ahead",
     ]

@@ -1,5 +1,7 @@
-"""Helpers for kernel tests: device, skips, tolerances and a verbose comparison."""
+"""Helpers for kernel tests: device, skips, tolerances, a verbose comparison and the environment
+of a child running Triton's real JIT."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +109,16 @@ def check_against_float64(op, reference, inputs, grad_inputs, *, name, slack=2.0
     for i in grad_inputs:
         assert_within_torch_error(ours_in[i].grad, exact_in[i].grad, torch_in[i].grad,
                                   name=f"{name} grad of input {i}", slack=slack, atol=atol)
+
+
+TOOLS = Path(__file__).resolve().parent / "tools"
+
+
+def jit_env(tmp_path) -> dict:
+    """A child's environment for Triton's real JIT: no interpreter, no variable that enters the
+    key, a cache of its own (tmp_path/jit-cache), the test tools importable."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "jit-cache")
+    env["PYTHONPATH"] = os.pathsep.join([str(TOOLS), env.get("PYTHONPATH", "")])
+    return env

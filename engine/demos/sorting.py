@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ...kernels import compile_ahead
 from ..config.demo import DemoConfig
 from ..runs.durable import write_text_atomic
 from ..errors import Interrupted
@@ -32,6 +34,9 @@ from .run_plots import RunPlots
 from .sorting_task import build_base_model, build_tokenizer, is_correct, write_data
 
 TEMPERATURE = 1.0
+# The Triton launches the demo makes on a GPU (tests/tools/record_demo_launches.py writes it),
+# compiled in parallel while the demo sets up (kernels/ahead_of_time.py).
+DEMO_LAUNCHES = Path(__file__).with_name("demo_launches.json")
 # The RL stage's peak learning rate: full fine-tuning, and LoRA, whose low-rank updates (B starts
 # at zero) need a larger step to move the policy as far in as many iterations.
 RL_LR, RL_LORA_LR = 2e-4, 2e-3
@@ -191,11 +196,18 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     claim(out, "demo", overwrite=cfg.overwrite)
-    data = write_data(cfg, out / "data")
-    tokenizer = build_tokenizer()
-    base = build_base_model(out / "base", cfg.seed, cfg.arch)
+    ahead = compile_ahead(json.loads(DEMO_LAUNCHES.read_text()))
+    try:
+        data = write_data(cfg, out / "data")
+        tokenizer = build_tokenizer()
+        base = build_base_model(out / "base", cfg.seed, cfg.arch)
+    finally:
+        compiled, failed = ahead.wait()
     loop = dict(device="cpu" if not torch.cuda.is_available() else None, precision=cfg.precision,
                 progress=not quiet, resume=False)
+    if failed:
+        print(f"fusedrl demo: {len(failed)} of {compiled + len(failed)} Triton kernels not "
+              f"compiled ahead (they compile at their first launch): {failed[0]}", file=sys.stderr)
 
     with RunPlots() as plots:
         sft_dir = train_sft(SFTConfig(

@@ -1,6 +1,6 @@
-"""The built wheel holds fusedrl.bench (and none of the repository's tools), and `fusedrl bench
---help` runs from the wheel's own files. Built from a copy of the sources, so the checkout gets no
-build/ folder."""
+"""The built wheel holds fusedrl.bench and the package's data files (and none of the repository's
+tools), and `fusedrl bench --help` runs from the wheel's own files. Built from a copy of the
+sources, so the checkout gets no build/ folder."""
 import importlib.util
 import os
 import shutil
@@ -36,6 +36,9 @@ def test_the_wheel_holds_fusedrl_bench_and_its_command_runs_from_it(tmp_path):
                    "suites/kernels", "suites/generate", "suites/train", "suites/rl"):
         assert f"fusedrl/bench/{module}.py" in names, module
     assert not any("static_gpu" in n or "pytest_tally" in n or "gpucheck" in n for n in names)
+    # the data files the package reads: the config presets, the launches `fusedrl demo` compiles
+    assert "fusedrl/engine/demos/demo_launches.json" in names
+    assert any(n.startswith("fusedrl/engine/config/presets/") for n in names)
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(site)

@@ -6,20 +6,17 @@ visit's hits against a manifest.
 The round trip runs Triton's real JIT in a child process (no interpreter) on a stand-in driver
 that names an sm_90 target, so `warmup` compiles as a GPU process would, without a GPU."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from fusedrl.bench.triton_compiles import hits
 from gpucheck.target_key import translated_key
-from kernel_testing import needs_interpreter
+from kernel_testing import jit_env, needs_interpreter
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 ROUND_TRIP = textwrap.dedent("""
     import json, sys
@@ -53,16 +50,6 @@ ROUND_TRIP = textwrap.dedent("""
     json.dump({"jit": jit_hash, "prebuilt": [k["hash"] for k in manifest["kernels"]],
                "static": static_hash}, sys.stdout)
 """)
-
-
-def jit_env(tmp_path) -> dict:
-    """A child's environment for Triton's real JIT: no interpreter, no variable that enters the
-    key, a cache of its own, the test tools importable."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "jit-cache")
-    env["PYTHONPATH"] = os.pathsep.join([str(TOOLS), env.get("PYTHONPATH", "")])
-    return env
 
 
 @pytest.mark.integration

@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch
+from fusedrl.kernels.ahead_of_time import TargetDriver, argument, jit_function  # noqa: F401
 
 from .occupancy import occupancy
 from .streams import SHAPE_ARGS, STREAMS
@@ -35,21 +35,6 @@ def tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def _argument(desc):
-    if "tensor" in desc:
-        dtype = getattr(torch, desc["tensor"])
-        size = torch.empty(0, dtype=dtype).element_size()
-        buffer = torch.empty(64 // size + 16, dtype=dtype)
-        # The buffer is >= 64-byte aligned: an offset of misalign bytes gives the recorded address class.
-        return buffer[desc["misalign"] // size:]
-    return next(iter(desc.values()))
-
-
-def jit_function(kernel: str):
-    module, name = kernel.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def compile_launch(record: dict, arch: int):
     """(CompiledKernel, signature) of `record` for sm_`arch`."""
     import triton
@@ -61,30 +46,12 @@ def compile_launch(record: dict, arch: int):
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    args = [_argument(desc) for _, desc in record["args"]]
+    args = [argument(desc) for _, desc in record["args"]]
     kwargs = {"debug": False, **record["options"]}
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                           options=options.__dict__), signature
-
-
-class TargetDriver:
-    """The driver Triton's JIT asks for its target and device when it compiles without launching
-    (`warmup`, `preload`): a stand-in naming sm_`arch`, so no GPU is needed."""
-
-    def __init__(self, arch: int):
-        from triton.backends.compiler import GPUTarget
-        self.target = GPUTarget("cuda", arch, 32)
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device=None) -> int:
-        return 0
 
 
 def compile_specialization(data: str, arch: int):
