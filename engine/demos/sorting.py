@@ -165,22 +165,30 @@ def run_ppo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: d
         **rl_training(cfg, min_lr_ratio=0.1, lr_scale=2.0)), evaluate=evaluate)
 
 
+def grpo_config(cfg: DemoConfig, out: Path, sft_dir: Path, prompts_file: str, loop: dict,
+                minibatch_size: int = 32, **rollout):
+    """The demos' GRPO stage from the SFT policy at `sft_dir` into out/rl: cfg.rl_prompts prompts
+    x 8 samples an iteration at TEMPERATURE, one epoch, the KL as a loss term (0.001), no critic;
+    `rollout`: the task's own RolloutConfig fields (its lengths, tools, ...)."""
+    from ..config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
+
+    return GRPOConfig(
+        policy=str(sft_dir), prompts_file=prompts_file, output_dir=str(out / "rl"), seed=cfg.seed,
+        rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,
+                              temperature=TEMPERATURE, kv_cache_memory=1 << 24, **rollout),
+        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=minibatch_size, vf_coef=0.0,
+                         kl_loss_coef=0.001),
+        train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop), **rl_training(cfg))
+
+
 def run_grpo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: dict,
                    evaluate) -> Path:
     """GRPO with the program's check as the reward; returns the policy's directory."""
-    from ..config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
     from ..stages.ppo.trainer import train_ppo
 
-    return train_ppo(GRPOConfig(
-        policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"),
-        seed=cfg.seed,
-        rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,
-                              max_new_tokens=12,
-               temperature=TEMPERATURE, kv_cache_memory=1 << 24, dynamic_sampling=True),
-        ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=32, vf_coef=0.0,
-                         kl_loss_coef=0.001),
-        train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop), **rl_training(cfg)),
-        reward_fn=program_reward, evaluate=evaluate)
+    return train_ppo(grpo_config(cfg, out, sft_dir, data["prompts"], loop, max_new_tokens=12,
+                                 dynamic_sampling=True),
+                     reward_fn=program_reward, evaluate=evaluate)
 
 
 @starts_over

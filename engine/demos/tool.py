@@ -19,7 +19,7 @@ import torch
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
 from .run_plots import RunPlots
-from .sorting import TEMPERATURE, aligned, rl_figures, rl_training, starts_over, written
+from .sorting import TEMPERATURE, aligned, grpo_config, rl_figures, starts_over, written
 from .sorting_task import build_base_model
 from .tool_task import (add, build_tokenizer, final_answer, is_correct, tool_reward,
                              write_tool_data)
@@ -59,7 +59,6 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     """SFT on tool-use conversations, then GRPO with the tool; returns (and saves) the final table.
     cfg.output_dir is held as run_demo holds it (engine/demos/sorting.py)."""
     from ..agents import tool_schema
-    from ..config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
     from ..config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
     from ..model.hf_io import load_model
     from ..stages.ppo.trainer import train_ppo
@@ -87,20 +86,11 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
             return tool_accuracy(model, tokenizer, data["held_out"], cfg.eval_samples, cfg.seed)
 
         sft = evaluate(load_model(sft_dir))
-        rl_dir = train_ppo(GRPOConfig(
-            policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"),
-            seed=cfg.seed,
-            rollout=RolloutConfig(
-                prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,
-                max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, kv_cache_memory=1 << 24,
-                tools=TOOLS, max_turns=MAX_TURNS,
-                # The demo's own `add`: nothing to contain, and no worker to start per trajectory.
-                env_isolation="thread"),
-            ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=32, vf_coef=0.0,
-                             kl_loss_coef=0.001),
-            train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop),
-            **rl_training(cfg)),
-            reward_fn=tool_reward)
+        rl_dir = train_ppo(grpo_config(
+            cfg, out, sft_dir, data["prompts"], loop, max_new_tokens=MAX_NEW_TOKENS, tools=TOOLS,
+            max_turns=MAX_TURNS,
+            # The demo's own `add`: nothing to contain, and no worker to start per trajectory.
+            env_isolation="thread"), reward_fn=tool_reward)
         plots.add(out / "rl")
         rl = evaluate(load_model(rl_dir))
         table = {

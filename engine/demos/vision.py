@@ -19,7 +19,7 @@ import torch
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
 from .run_plots import RunPlots
-from .sorting import TEMPERATURE, aligned, rl_figures, rl_training, starts_over, written
+from .sorting import TEMPERATURE, aligned, grpo_config, rl_figures, starts_over, written
 from .vision_task import (build_vision_processor, count_reward, draw, is_correct,
                           task_messages, write_vision_data)
 
@@ -97,7 +97,6 @@ def run_vision_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     """SFT on noisy counting demonstrations with pictures, then GRPO with the program's reward;
     returns (and saves) the final table. cfg.output_dir is held as run_demo holds it
     (engine/demos/sorting.py)."""
-    from ..config.ppo import GRPOConfig, LoopConfig, RolloutConfig, UpdateConfig
     from ..model.hf_io import load_model
     from ..stages.ppo.trainer import train_ppo
 
@@ -118,16 +117,9 @@ def run_vision_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
             return vision_accuracy(model, processor, data["held_out"], cfg.eval_samples, cfg.seed)
 
         sft_accuracy = accuracy(load_model(sft_dir))
-        rl_dir = train_ppo(GRPOConfig(
-            policy=str(sft_dir), prompts_file=data["prompts"], output_dir=str(out / "rl"),
-            seed=cfg.seed,
-            rollout=RolloutConfig(prompts_per_iteration=cfg.rl_prompts, samples_per_prompt=8,
-                                  max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE,
-                                  kv_cache_memory=1 << 24, max_prompt_length=MAX_LENGTH - 4),
-            ppo=UpdateConfig(estimator="grpo", epochs=1, minibatch_size=64, vf_coef=0.0,
-                             kl_loss_coef=0.001),
-            train=LoopConfig(iterations=cfg.rl_iterations, log_every=10, **loop),
-            **rl_training(cfg)),
+        rl_dir = train_ppo(grpo_config(
+            cfg, out, sft_dir, data["prompts"], loop, minibatch_size=64,
+            max_new_tokens=MAX_NEW_TOKENS, max_prompt_length=MAX_LENGTH - 4),
             reward_fn=count_reward)
         plots.add(out / "rl")
         rl_accuracy = accuracy(load_model(rl_dir))
