@@ -115,10 +115,11 @@ class AheadCompiles:
 def compile_ahead(records: list[dict], workers: int | None = None) -> AheadCompiles:
     """Compile `records` for this process's CUDA device in up to `workers` children (default: the
     host's cores, at most MAX_WORKERS and one per record); returns at once. Nothing starts without
-    a CUDA device, under the interpreter or when Triton is missing."""
+    an NVIDIA CUDA device (the stand-in driver names a CUDA target; ROCm's GPUs are not one),
+    under the interpreter or when Triton is missing."""
     from .dispatch import triton_interpreting
-    if (not records or not torch.cuda.is_available() or triton_interpreting()
-            or importlib.util.find_spec("triton") is None):
+    if (not records or not torch.cuda.is_available() or torch.version.hip is not None
+            or triton_interpreting() or importlib.util.find_spec("triton") is None):
         return AheadCompiles()
     major, minor = torch.cuda.get_device_capability()
     return compile_in_children(records, 10 * major + minor, workers)

@@ -10,6 +10,7 @@ are drawn in the order the runs end, and the parent's threads and CUDA state are
 from __future__ import annotations
 
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -19,12 +20,14 @@ class RunPlots:
 
     `add` queues engine/train/plot.py's `plot_run(run_dir)` (RUN/plots/train.png and eval.png) in
     the child; `paths` waits for every queued run and returns the files written, in the order the
-    runs were added, raising the first plot's error as plot_run raised it. Leaving the block waits
-    for the plots still drawing (those not started are dropped when the block ends by an error)."""
+    runs were added, raising the first plot's error as plot_run raised it. A run the child could
+    not draw because it died (killed, or unable to start: a script without a `__main__` guard)
+    is drawn here instead. Leaving the block waits for the plots still drawing (those not started
+    are dropped when the block ends by an error)."""
 
     def __init__(self):
         self._pool: ProcessPoolExecutor | None = None
-        self._queued: list[Future] = []
+        self._queued: list[tuple[Path, Future]] = []
 
     def __enter__(self) -> "RunPlots":
         # The child starts at the first add: the demo's setup and first stage pay nothing for it.
@@ -38,15 +41,27 @@ class RunPlots:
         """Queue the curves of the finished run at `run_dir`."""
         if self._pool is None:
             raise RuntimeError("RunPlots.add outside its `with` block")
-        self._queued.append(self._pool.submit(_draw, Path(run_dir)))
+        try:
+            plot = self._pool.submit(_draw, Path(run_dir))
+        except BrokenProcessPool as error:  # the child died earlier: `paths` draws this one here
+            plot = Future()
+            plot.set_exception(error)
+        self._queued.append((Path(run_dir), plot))
 
     def paths(self) -> list[str]:
         """The PNGs of every run added, once drawn."""
-        return [str(path) for plot in self._queued for path in plot.result()]
+        drawn = []
+        for run_dir, plot in self._queued:
+            try:
+                drawn += plot.result()
+            except BrokenProcessPool:
+                drawn += _draw(run_dir)
+        return [str(path) for path in drawn]
 
 
 def _draw(run_dir: Path) -> list[Path]:
-    """The child's work: plot_run imported there (matplotlib loads in the child only)."""
+    """The child's work (the parent's if the child died): plot_run imported there, so matplotlib
+    loads in the child only."""
     from ..train.plot import plot_run
 
     return plot_run(run_dir)

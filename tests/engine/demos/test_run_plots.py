@@ -1,5 +1,8 @@
 """The demos' plots drawn in a child process as each run ends (engine/demos/run_plots.py)."""
 import json
+import multiprocessing
+import os
+import signal
 
 import pytest
 
@@ -34,6 +37,22 @@ def test_each_run_is_drawn_by_the_child_in_the_order_added(tmp_path, monkeypatch
                      str(second / "plots" / "train.png"), str(second / "plots" / "eval.png")]
     for path in paths:
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_the_child_never_drew_are_drawn_here(tmp_path):
+    """The child killed (or never started: a script without a __main__ guard): the run it held
+    and every run added after are drawn by `paths` in this process."""
+    first, second = finished_run(tmp_path / "sft", 5), finished_run(tmp_path / "rl", 7)
+    with run_plots.RunPlots() as plots:
+        plots.add(first)
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
+            child.join()
+        plots.add(second)
+        paths = plots.paths()
+    assert paths == [str(run / "plots" / name) for run in (first, second)
+                     for name in ("train.png", "eval.png")]
+    assert all(open(path, "rb").read(4) == b"\x89PNG" for path in paths)
 
 
 def test_a_plot_error_is_raised_by_paths(tmp_path):
