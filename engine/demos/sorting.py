@@ -130,9 +130,10 @@ def run_ppo_stage(cfg: DemoConfig, out: Path, data: dict, sft_dir: Path, loop: d
 
     # Steps of 2,048 tokens (~85 pairs): 249 steps over 3 epochs where 512 took 993, for the same
     # held-out pairwise accuracy and PPO gain (seeds 0-2, fp32: 98.5 / 100 / 98.2% and +35.0 /
-    # +35.8 / +31.2 points, against 98.5 / 100 / 99.5% and +34.8 / +36.5 / +31.7). A step of this
-    # tiny model costs its launches, not its tokens, on a GPU; on 2 CPU cores the stage took
-    # 15.5 s instead of 27.5. 4,096 tokens (123 steps) lost accuracy (96.2%, +29.0 for seed 0).
+    # +35.8 / +31.2 points, against 98.5 / 100 / 99.5% and +34.8 / +36.5 / +31.7). On a GPU a step
+    # of this tiny model should cost its launches and host work more than its tokens (expected,
+    # not yet timed there); on 2 CPU cores the stage took 15.5 s instead of 27.5. 4,096 tokens
+    # (123 steps) lost accuracy (96.2%, +29.0 for seed 0).
     rm_dir = train_rm(RMConfig(
         model=str(sft_dir), output_dir=str(out / "rm"), seed=cfg.seed,
         data=DataConfig(train_file=data["rm"], tokens_per_batch=2048, max_length=16,
