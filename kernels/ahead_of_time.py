@@ -19,14 +19,24 @@ not forked: the parent's threads and CUDA state stay its own.
 Without a CUDA device, or under the interpreter, `compile_ahead` starts nothing. A record that no
 longer binds (a kernel renamed, an argument added) fails in its child and is counted, never
 raised: that launch compiles when it runs, as without this module.
+
+A list compiled whole leaves a stamp in Triton's cache, keyed by the records, the sources of
+this package's kernels, Triton's version and the architecture; the next `compile_ahead` of the
+same list finds it and starts nothing (a warm run would otherwise spawn its children only to find
+every binary cached). A stamp outliving the binaries (the cache pruned by hand) costs only what
+this module saves: each launch compiles when it first runs.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
 import importlib.util
+import json
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
+from pathlib import Path
 
 import torch
 
@@ -93,10 +103,12 @@ def _compiled(record: dict) -> str | None:
 
 
 class AheadCompiles:
-    """The compiles `compile_ahead` began; `wait()` -> (compiled, [why each other was not])."""
+    """The compiles `compile_ahead` began; `wait()` -> (compiled, [why each other was not]),
+    writing `stamp` (an empty file) when every one compiled."""
 
-    def __init__(self, pool: ProcessPoolExecutor | None = None, futures: list[Future] = ()):
-        self._pool, self._futures = pool, list(futures)
+    def __init__(self, pool: ProcessPoolExecutor | None = None, futures: list[Future] = (),
+                 stamp: Path | None = None):
+        self._pool, self._futures, self._stamp = pool, list(futures), stamp
 
     def wait(self) -> tuple[int, list[str]]:
         failed = []
@@ -109,29 +121,56 @@ class AheadCompiles:
                 failed.append(why)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self._stamp is not None and self._futures and not failed:
+            with contextlib.suppress(OSError):  # unwritten, the next run compiles ahead again
+                self._stamp.parent.mkdir(parents=True, exist_ok=True)
+                self._stamp.touch()
         return len(self._futures) - len(failed), failed
+
+
+def stamp_path(records: list[dict], arch: int) -> Path | None:
+    """The stamp in Triton's cache (TRITON_CACHE_DIR, else its default) saying `records` were
+    all compiled for sm_`arch` from this package's kernel sources by this Triton; None before
+    Triton 3.4 (no `triton.knobs` to name its cache)."""
+    import triton
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+
+    digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode())
+    digest.update(f"triton {triton.__version__} sm_{arch}".encode())
+    # every source, not only the recorded kernels' modules: a kernel's binary also depends on
+    # the @triton.jit helpers it calls from other files
+    for source in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(source.read_bytes())
+    return Path(knobs.cache.dir) / "fusedrl-ahead" / digest.hexdigest()[:32]
 
 
 def compile_ahead(records: list[dict], workers: int | None = None) -> AheadCompiles:
     """Compile `records` for this process's CUDA device in up to `workers` children (default: the
     host's cores, at most MAX_WORKERS and one per record); returns at once. Nothing starts without
     an NVIDIA CUDA device (the stand-in driver names a CUDA target; ROCm's GPUs are not one),
-    under the interpreter or when Triton is missing."""
+    under the interpreter, when Triton is missing, or when the same list was compiled whole
+    before (its stamp, `stamp_path`)."""
     from .dispatch import triton_interpreting
     if (not records or not torch.cuda.is_available() or torch.version.hip is not None
             or triton_interpreting() or importlib.util.find_spec("triton") is None):
         return AheadCompiles()
     major, minor = torch.cuda.get_device_capability()
-    return compile_in_children(records, 10 * major + minor, workers)
+    stamp = stamp_path(records, 10 * major + minor)
+    if stamp is not None and stamp.exists():
+        return AheadCompiles()
+    return compile_in_children(records, 10 * major + minor, workers, stamp)
 
 
-def compile_in_children(records: list[dict], arch: int, workers: int | None = None
-                        ) -> AheadCompiles:
+def compile_in_children(records: list[dict], arch: int, workers: int | None = None,
+                        stamp: Path | None = None) -> AheadCompiles:
     """Compile `records` for sm_`arch` in up to `workers` spawned children (see
-    `compile_ahead`), whatever this machine has; returns at once. The children must not inherit
-    TRITON_INTERPRET=1: a kernel module imported under it defines interpreted kernels, which
-    compile nothing."""
+    `compile_ahead`), whatever this machine has; returns at once; `stamp` is written once every
+    record compiled. The children must not inherit TRITON_INTERPRET=1: a kernel module imported
+    under it defines interpreted kernels, which compile nothing."""
     count = max(1, min(len(records), workers or min(os.cpu_count() or 1, MAX_WORKERS)))
     pool = ProcessPoolExecutor(count, mp_context=get_context("spawn"), initializer=_child,
                                initargs=(arch,))
-    return AheadCompiles(pool, [pool.submit(_compiled, record) for record in records])
+    return AheadCompiles(pool, [pool.submit(_compiled, record) for record in records], stamp)

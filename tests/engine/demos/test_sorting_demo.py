@@ -38,6 +38,10 @@ def test_demo_end_to_end(tmp_path, capsys, cpu_user_backend):
     results = json.loads((out / "results.json").read_text())
     for key in ("sft_accuracy", "rm_heldout_accuracy", "rl_accuracy", "rl_mean_score", "rl_kl"):
         assert results[key] is not None
+    stages = results["stage_seconds"]
+    assert list(stages) == ["setup", "sft", "evaluations", "rm", "rl"]
+    assert 0 < sum(stages.values()) <= results["seconds"] and min(stages.values()) > 0
+    assert "time by stage" in printed and "PPO " in printed.split("time by stage")[1]
     assert (out / "rl" / "final" / "model.safetensors").exists()
     assert (out / "rl" / "plots" / "train.png").exists()
     capsys.readouterr()
