@@ -7,7 +7,7 @@ checks as on a GPU, under gpucheck's recorder, which keeps one record per specia
 pointer alignment, int classes, constexprs). A specialization the full demo reaches and the short
 one does not (an int class of a batch size it never meets) compiles at its first launch, as
 without the list. Rerun after a change to the kernels' arguments or to what the demo launches;
-the suite checks that every record still binds (tests/kernels/test_ahead_of_time.py).
+the suite checks that every record still binds (tests/kernels/test_compile_ahead.py).
 
     python tests/tools/record_demo_launches.py   # about 20 minutes on 2 CPU cores: all interpreted
 """
