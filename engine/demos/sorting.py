@@ -85,13 +85,12 @@ def last_metric(run_dir: str, kind: str, key: str):
     return rows[-1][key] if rows else None
 
 
-def rl_figures(out: Path, start: float, clock: StageClock | None = None) -> dict:
+def rl_figures(out: Path, start: float, clock: StageClock) -> dict:
     """The RL run's (out/rl) last mean score and KL, None where never logged, the demo's wall
-    seconds since `start` (time.perf_counter) and, given its `clock`, its seconds by stage."""
+    seconds since `start` (time.perf_counter) and its seconds by stage (`clock`'s)."""
     return {"rl_mean_score": last_metric(str(out / "rl"), "train", "score_mean"),
             "rl_kl": last_metric(str(out / "rl"), "train", "kl"),
-            "seconds": time.perf_counter() - start,
-            **({"stage_seconds": dict(clock.seconds)} if clock is not None else {})}
+            "seconds": time.perf_counter() - start, "stage_seconds": dict(clock.seconds)}
 
 
 def written(out: Path, table: dict, plots: RunPlots) -> dict:

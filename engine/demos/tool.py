@@ -19,7 +19,9 @@ import torch
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
 from .run_plots import RunPlots
-from .sorting import TEMPERATURE, aligned, grpo_config, rl_figures, starts_over, written
+from .stage_clock import StageClock
+from .sorting import (TEMPERATURE, aligned, by_stage, grpo_config, rl_figures, starts_over,
+                      written)
 from .sorting_task import build_base_model
 from .tool_task import (add, build_tokenizer, final_answer, is_correct, tool_reward,
                              write_tool_data)
@@ -65,32 +67,40 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     from ..stages.sft import train_sft
 
     start = time.perf_counter()
+    clock = StageClock()
     out = Path(cfg.output_dir)
-    claim(out, "demo", overwrite=cfg.overwrite)
-    tokenizer = build_tokenizer()
-    data = write_tool_data(cfg, out / "data", [tool_schema(add)])
-    base = build_base_model(out / "base", cfg.seed, cfg.arch, tokenizer, MAX_POSITIONS)
+    with clock.stage("setup"):
+        claim(out, "demo", overwrite=cfg.overwrite)
+        tokenizer = build_tokenizer()
+        data = write_tool_data(cfg, out / "data", [tool_schema(add)])
+        base = build_base_model(out / "base", cfg.seed, cfg.arch, tokenizer, MAX_POSITIONS)
     loop = dict(device="cpu" if not torch.cuda.is_available() else None, precision=cfg.precision,
                 progress=not quiet, resume=False)
 
     with RunPlots() as plots:
-        sft_dir = train_sft(SFTConfig(
+        sft_cfg = SFTConfig(
             model=base, output_dir=str(out / "sft"), seed=cfg.seed,
             data=DataConfig(train_file=data["sft"], tokens_per_batch=512, max_length=MAX_POSITIONS,
                             max_prompt_length=MAX_POSITIONS // 2, eval_fraction=0.05),
             optim=OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.0),
-            train=TrainConfig(epochs=cfg.sft_epochs, eval_every=0, **loop)))
+            train=TrainConfig(epochs=cfg.sft_epochs, eval_every=0, **loop))
+        with clock.stage("sft"):
+            sft_dir = train_sft(sft_cfg)
         plots.add(out / "sft")
 
         def evaluate(model) -> dict:
-            return tool_accuracy(model, tokenizer, data["held_out"], cfg.eval_samples, cfg.seed)
+            with clock.stage("evaluations"):
+                return tool_accuracy(model, tokenizer, data["held_out"], cfg.eval_samples,
+                                     cfg.seed)
 
         sft = evaluate(load_model(sft_dir))
-        rl_dir = train_ppo(grpo_config(
+        rl_cfg = grpo_config(
             cfg, out, sft_dir, data["prompts"], loop, max_new_tokens=MAX_NEW_TOKENS, tools=TOOLS,
             max_turns=MAX_TURNS,
             # The demo's own `add`: nothing to contain, and no worker to start per trajectory.
-            env_isolation="thread"), reward_fn=tool_reward)
+            env_isolation="thread")
+        with clock.stage("rl"):
+            rl_dir = train_ppo(rl_cfg, reward_fn=tool_reward)
         plots.add(out / "rl")
         rl = evaluate(load_model(rl_dir))
         table = {
@@ -98,7 +108,7 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
             "sft_accuracy": sft["accuracy"], "sft_tool_rate": sft["tool_rate"],
             "rl_accuracy": rl["accuracy"], "rl_tool_rate": rl["tool_rate"],
             "rl_gain_points": 100 * (rl["accuracy"] - sft["accuracy"]),
-            **rl_figures(out, start),
+            **rl_figures(out, start, clock),
         }
         return written(out, table, plots)
 
@@ -110,5 +120,6 @@ def format_tool_table(table: dict) -> str:
         ("GRPO accuracy (held-out, sampled, with the tool)", f"{100 * table['rl_accuracy']:.1f}%"),
         ("GRPO trajectories calling the tool", f"{100 * table['rl_tool_rate']:.1f}%"),
         ("GRPO gain over SFT", f"{table['rl_gain_points']:+.1f} points"),
-        ("wall time", f"{table['seconds']:.0f} s")]
+        ("wall time", f"{table['seconds']:.0f} s"),
+        ("time by stage", by_stage(table["stage_seconds"], table["seconds"], "GRPO"))]
     return aligned(rows)

@@ -19,7 +19,9 @@ import torch
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
 from .run_plots import RunPlots
-from .sorting import TEMPERATURE, aligned, grpo_config, rl_figures, starts_over, written
+from .stage_clock import StageClock
+from .sorting import (TEMPERATURE, aligned, by_stage, grpo_config, rl_figures, starts_over,
+                      written)
 from .vision_task import (build_vision_processor, count_reward, draw, is_correct,
                           task_messages, write_vision_data)
 
@@ -101,33 +103,38 @@ def run_vision_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     from ..stages.ppo.trainer import train_ppo
 
     start = time.perf_counter()
+    clock = StageClock()
     out = Path(cfg.output_dir)
-    claim(out, "demo", overwrite=cfg.overwrite)
-    processor = build_vision_processor()
-    data = write_vision_data(cfg.train_prompts, cfg.eval_prompts, cfg.demo_noise, cfg.seed,
-                             out / "data")
-    base = build_vision_model(out / "base", cfg.seed, processor)
+    with clock.stage("setup"):
+        claim(out, "demo", overwrite=cfg.overwrite)
+        processor = build_vision_processor()
+        data = write_vision_data(cfg.train_prompts, cfg.eval_prompts, cfg.demo_noise, cfg.seed,
+                                 out / "data")
+        base = build_vision_model(out / "base", cfg.seed, processor)
     loop = dict(device="cpu" if not torch.cuda.is_available() else None, precision=cfg.precision,
                 progress=not quiet, resume=False)
     with RunPlots() as plots:
-        sft_dir = train_vision_sft(cfg, base, data["sft"], out / "sft", loop)
+        with clock.stage("sft"):
+            sft_dir = train_vision_sft(cfg, base, data["sft"], out / "sft", loop)
         plots.add(out / "sft")
 
         def accuracy(model) -> float:
-            return vision_accuracy(model, processor, data["held_out"], cfg.eval_samples, cfg.seed)
+            with clock.stage("evaluations"):
+                return vision_accuracy(model, processor, data["held_out"], cfg.eval_samples,
+                                       cfg.seed)
 
         sft_accuracy = accuracy(load_model(sft_dir))
-        rl_dir = train_ppo(grpo_config(
-            cfg, out, sft_dir, data["prompts"], loop, minibatch_size=64,
-            max_new_tokens=MAX_NEW_TOKENS, max_prompt_length=MAX_LENGTH - 4),
-            reward_fn=count_reward)
+        rl_cfg = grpo_config(cfg, out, sft_dir, data["prompts"], loop, minibatch_size=64,
+                             max_new_tokens=MAX_NEW_TOKENS, max_prompt_length=MAX_LENGTH - 4)
+        with clock.stage("rl"):
+            rl_dir = train_ppo(rl_cfg, reward_fn=count_reward)
         plots.add(out / "rl")
         rl_accuracy = accuracy(load_model(rl_dir))
         table = {
             "task": "vision", "algo": "grpo",
             "sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy,
             "rl_gain_points": 100 * (rl_accuracy - sft_accuracy),
-            **rl_figures(out, start),
+            **rl_figures(out, start, clock),
         }
         return written(out, table, plots)
 
@@ -137,5 +144,6 @@ def format_vision_table(table: dict) -> str:
             ("GRPO accuracy (held-out, sampled)", f"{100 * table['rl_accuracy']:.1f}%"),
             ("GRPO gain over SFT", f"{table['rl_gain_points']:+.1f} points"),
             ("GRPO mean program reward", f"{table['rl_mean_score'] or 0:.3f}"),
-            ("wall time", f"{table['seconds']:.0f} s")]
+            ("wall time", f"{table['seconds']:.0f} s"),
+            ("time by stage", by_stage(table["stage_seconds"], table["seconds"], "GRPO"))]
     return aligned(rows)

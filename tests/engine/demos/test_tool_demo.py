@@ -152,6 +152,8 @@ def test_tool_demo_end_to_end(tmp_path, capsys, cpu_user_backend, monkeypatch):
     assert "results: fusedrl-demo-tool/results.json" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "tool" and 0 <= results["sft_tool_rate"] <= 1
+    assert list(results["stage_seconds"]) == ["setup", "sft", "evaluations", "rl"]
+    assert "time by stage" in printed and "GRPO " in printed.split("time by stage")[1]
     train = [json.loads(line) for line in open(out / "rl" / "metrics.jsonl") if '"train"' in line]
     assert train and "turns/mean" in train[-1] and train[-1]["tokens"] == train[-1]["tokens/model"]
     assert (out / "rl" / "final" / "model.safetensors").exists()

@@ -68,4 +68,6 @@ def test_vision_demo_end_to_end(tmp_path, capsys, cpu_user_backend, monkeypatch)
     assert "GRPO accuracy (held-out, sampled)" in printed and "GRPO gain over SFT" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "vision" and 0 <= results["rl_accuracy"] <= 1
+    assert list(results["stage_seconds"]) == ["setup", "sft", "evaluations", "rl"]
+    assert "time by stage" in printed and "GRPO " in printed.split("time by stage")[1]
     assert (out / "rl" / "final" / "preprocessor_config.json").is_file()
