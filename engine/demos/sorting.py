@@ -31,8 +31,8 @@ from ..errors import Interrupted
 from ..runs.run_dir import claim, releases_output_dir
 from ..train.loop import RunInterrupted
 from .run_plots import RunPlots
-from .stage_clock import StageClock
 from .sorting_task import build_base_model, build_tokenizer, is_correct, write_data
+from .stage_clock import StageClock
 
 TEMPERATURE = 1.0
 # The Triton launches the demo makes on a GPU (tests/tools/record_demo_launches.py writes it),

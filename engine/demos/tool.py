@@ -19,10 +19,10 @@ import torch
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
 from .run_plots import RunPlots
-from .stage_clock import StageClock
 from .sorting import (TEMPERATURE, aligned, by_stage, grpo_config, rl_figures, starts_over,
                       written)
 from .sorting_task import build_base_model
+from .stage_clock import StageClock
 from .tool_task import (add, build_tokenizer, final_answer, is_correct, tool_reward,
                              write_tool_data)
 

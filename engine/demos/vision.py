@@ -19,9 +19,9 @@ import torch
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
 from .run_plots import RunPlots
-from .stage_clock import StageClock
 from .sorting import (TEMPERATURE, aligned, by_stage, grpo_config, rl_figures, starts_over,
                       written)
+from .stage_clock import StageClock
 from .vision_task import (build_vision_processor, count_reward, draw, is_correct,
                           task_messages, write_vision_data)
 
