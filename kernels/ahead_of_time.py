@@ -158,10 +158,11 @@ def compile_ahead(records: list[dict], workers: int | None = None) -> AheadCompi
             or triton_interpreting() or importlib.util.find_spec("triton") is None):
         return AheadCompiles()
     major, minor = torch.cuda.get_device_capability()
-    stamp = stamp_path(records, 10 * major + minor)
+    arch = 10 * major + minor
+    stamp = stamp_path(records, arch)
     if stamp is not None and stamp.exists():
         return AheadCompiles()
-    return compile_in_children(records, 10 * major + minor, workers, stamp)
+    return compile_in_children(records, arch, workers, stamp)
 
 
 def compile_in_children(records: list[dict], arch: int, workers: int | None = None,

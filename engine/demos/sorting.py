@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -85,12 +84,12 @@ def last_metric(run_dir: str, kind: str, key: str):
     return rows[-1][key] if rows else None
 
 
-def rl_figures(out: Path, start: float, clock: StageClock) -> dict:
-    """The RL run's (out/rl) last mean score and KL, None where never logged, the demo's wall
-    seconds since `start` (time.perf_counter) and its seconds by stage (`clock`'s)."""
+def rl_figures(out: Path, clock: StageClock) -> dict:
+    """The RL run's (out/rl) last mean score and KL, None where never logged, and the demo's wall
+    seconds and seconds by stage (`clock`, made as the demo began)."""
     return {"rl_mean_score": last_metric(str(out / "rl"), "train", "score_mean"),
             "rl_kl": last_metric(str(out / "rl"), "train", "kl"),
-            "seconds": time.perf_counter() - start, "stage_seconds": dict(clock.seconds)}
+            "seconds": clock.total(), "stage_seconds": dict(clock.seconds)}
 
 
 def written(out: Path, table: dict, plots: RunPlots) -> dict:
@@ -209,7 +208,6 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     from ..model.hf_io import load_model
     from ..stages.sft import train_sft
 
-    start = time.perf_counter()
     clock = StageClock()
     out = Path(cfg.output_dir)
     with clock.stage("setup"):
@@ -262,7 +260,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
             if cfg.algo == "ppo" else None,
             "rl_accuracy": rl_accuracy,
             "rl_gain_points": 100 * (rl_accuracy - sft_accuracy),
-            **rl_figures(out, start, clock),
+            **rl_figures(out, clock),
         }
         return written(out, table, plots)
 
@@ -281,12 +279,17 @@ def format_table(table: dict) -> str:
             (f"{algo} gain over SFT", f"{table['rl_gain_points']:+.1f} points"),
             (f"{algo} mean {score}", _shown(table["rl_mean_score"], "{:.3f}")),
             (f"{algo} KL to the SFT policy", _shown(table["rl_kl"], "{:.3f}")),
-            ("wall time", f"{table['seconds']:.0f} s"),
-            ("time by stage", by_stage(table["stage_seconds"], table["seconds"], algo))]
+            *time_rows(table, algo)]
     return aligned(rows)
 
 
 STAGE_NAMES = {"setup": "setup", "sft": "SFT", "evaluations": "evaluations", "rm": "RM"}
+
+
+def time_rows(table: dict, algo: str) -> list[tuple[str, str]]:
+    """A demo table's last rows: its wall time and its seconds by stage (`rl_figures`')."""
+    return [("wall time", f"{table['seconds']:.0f} s"),
+            ("time by stage", by_stage(table["stage_seconds"], table["seconds"], algo))]
 
 
 def by_stage(seconds: dict, total: float, algo: str) -> str:

@@ -15,14 +15,17 @@ from typing import Callable, Iterator
 
 class StageClock:
     """`with clock.stage("sft"): ...`; `clock.seconds` = {stage: wall seconds, nested stages'
-    seconds excluded}, in the order the stages were first entered. `now`: the clock read
-    (time.perf_counter)."""
+    seconds excluded}, in the order the stages were first entered; `clock.total()`: the seconds
+    since the clock was made (the demo's wall time). `now`: the clock read (time.perf_counter)."""
 
     def __init__(self, now: Callable[[], float] = time.perf_counter):
         self.seconds: dict[str, float] = {}
         self._now = now
         self._open: list[str] = []
-        self._since = now()
+        self._start = self._since = now()
+
+    def total(self) -> float:
+        return self._now() - self._start
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:

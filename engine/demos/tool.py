@@ -11,7 +11,6 @@ the rollout temperature, on held-out questions.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
 from .run_plots import RunPlots
-from .sorting import (TEMPERATURE, aligned, by_stage, grpo_config, rl_figures, starts_over,
+from .sorting import (TEMPERATURE, aligned, grpo_config, rl_figures, starts_over, time_rows,
                       written)
 from .sorting_task import build_base_model
 from .stage_clock import StageClock
@@ -66,7 +65,6 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     from ..stages.ppo.trainer import train_ppo
     from ..stages.sft import train_sft
 
-    start = time.perf_counter()
     clock = StageClock()
     out = Path(cfg.output_dir)
     with clock.stage("setup"):
@@ -108,7 +106,7 @@ def run_tool_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
             "sft_accuracy": sft["accuracy"], "sft_tool_rate": sft["tool_rate"],
             "rl_accuracy": rl["accuracy"], "rl_tool_rate": rl["tool_rate"],
             "rl_gain_points": 100 * (rl["accuracy"] - sft["accuracy"]),
-            **rl_figures(out, start, clock),
+            **rl_figures(out, clock),
         }
         return written(out, table, plots)
 
@@ -120,6 +118,5 @@ def format_tool_table(table: dict) -> str:
         ("GRPO accuracy (held-out, sampled, with the tool)", f"{100 * table['rl_accuracy']:.1f}%"),
         ("GRPO trajectories calling the tool", f"{100 * table['rl_tool_rate']:.1f}%"),
         ("GRPO gain over SFT", f"{table['rl_gain_points']:+.1f} points"),
-        ("wall time", f"{table['seconds']:.0f} s"),
-        ("time by stage", by_stage(table["stage_seconds"], table["seconds"], "GRPO"))]
+        *time_rows(table, "GRPO")]
     return aligned(rows)

@@ -11,7 +11,6 @@ pictures.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from ..config.demo import DemoConfig
 from ..runs.run_dir import claim, releases_output_dir
 from .run_plots import RunPlots
-from .sorting import (TEMPERATURE, aligned, by_stage, grpo_config, rl_figures, starts_over,
+from .sorting import (TEMPERATURE, aligned, grpo_config, rl_figures, starts_over, time_rows,
                       written)
 from .stage_clock import StageClock
 from .vision_task import (build_vision_processor, count_reward, draw, is_correct,
@@ -102,7 +101,6 @@ def run_vision_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     from ..model.hf_io import load_model
     from ..stages.ppo.trainer import train_ppo
 
-    start = time.perf_counter()
     clock = StageClock()
     out = Path(cfg.output_dir)
     with clock.stage("setup"):
@@ -134,7 +132,7 @@ def run_vision_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
             "task": "vision", "algo": "grpo",
             "sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy,
             "rl_gain_points": 100 * (rl_accuracy - sft_accuracy),
-            **rl_figures(out, start, clock),
+            **rl_figures(out, clock),
         }
         return written(out, table, plots)
 
@@ -144,6 +142,5 @@ def format_vision_table(table: dict) -> str:
             ("GRPO accuracy (held-out, sampled)", f"{100 * table['rl_accuracy']:.1f}%"),
             ("GRPO gain over SFT", f"{table['rl_gain_points']:+.1f} points"),
             ("GRPO mean program reward", f"{table['rl_mean_score'] or 0:.3f}"),
-            ("wall time", f"{table['seconds']:.0f} s"),
-            ("time by stage", by_stage(table["stage_seconds"], table["seconds"], "GRPO"))]
+            *time_rows(table, "GRPO")]
     return aligned(rows)

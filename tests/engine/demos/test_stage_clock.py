@@ -30,6 +30,7 @@ def test_a_nested_stage_pauses_the_outer_one():
             ticks.now += 0.25
     assert clock.seconds == {"sft": 2.0, "rl": 4.0, "evaluations": 0.75}
     assert list(clock.seconds) == ["sft", "rl", "evaluations"]
+    assert clock.total() == 11.75  # the seconds before any stage too
 
 
 def test_a_stage_left_by_an_error_is_charged_and_closed():
