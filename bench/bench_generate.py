@@ -67,25 +67,46 @@ def build_model_dir(args, device, dtype) -> tuple[Path, transformers.PreTrainedM
 @contextlib.contextmanager
 def step_times(llm: LLM):
     """Inside: each engine step's (is_prefill, seconds, rows) appended to the yielded list, timed
-    around ModelRunner.run (which returns host lists: the step has finished on the device)."""
+    around EngineLoop.step, which returns once the step's draws are on the host (the step has
+    finished on the device). A step's kind and rows are those of the step it reads: with decode
+    steps launched ahead (engine_loop.py), the step launched in the call before, its rows those
+    it kept. A prompt's chunk counts as a prefill; a speculative verify step, neither."""
     steps = []
-    run = llm.runner.run
+    step, launch = llm.step, llm.runner.launch
+    launched = []  # (is_prefill, rows) of the launches in the step under way, ahead ones left out
 
-    def timed(seqs, is_prefill):
+    def counted(seqs, is_prefill, staged=False, previous=None):
+        if previous is None:
+            launched.append((is_prefill, len(seqs)))
+        return launch(seqs, is_prefill, staged=staged, previous=previous)
+
+    def chunk(seq):
+        launched.append((True, 1))
+        return prefill_chunk(seq)
+
+    def timed():
+        launched.clear()
+        reads_ahead = llm.reads_ahead
         t = time.perf_counter()
-        out = run(seqs, is_prefill)
-        steps.append((is_prefill, time.perf_counter() - t, len(seqs)))
+        out = step()
+        seconds = time.perf_counter() - t
+        if reads_ahead:
+            steps.append((False, seconds, llm.last_drawn))
+        elif launched:
+            steps.append((launched[0][0], seconds, launched[0][1]))
         return out
 
-    llm.runner.run = timed
+    prefill_chunk = llm.runner.prefill_chunk
+    llm.step, llm.runner.launch, llm.runner.prefill_chunk = timed, counted, chunk
     try:
         yield steps
     finally:
-        llm.runner.run = run
+        llm.step, llm.runner.launch, llm.runner.prefill_chunk = step, launch, prefill_chunk
 
 
 def time_ours(llm: LLM, prompts, params):
-    """(total seconds, decode seconds, decode tokens, outputs), timing each engine step (each ends in a sync)."""
+    """(total seconds, decode seconds, decode tokens, outputs), timing each engine step (each ends
+    in a sync: step_times)."""
     with step_times(llm) as steps:
         t = time.perf_counter()
         outputs = llm.generate(prompts, params)

@@ -3,7 +3,9 @@ transformers' `generate` on the same checkpoint) and at batch 256 (ours), then t
 (ours: requests whose prompt and output lengths are uniform in [100, 1024], all submitted at once,
 temperature 0.6), every output exactly its length (end-of-sequence ignored), then decode at batch 1
 again with each RMSNorm and the projection after it unfused (cuBLAS's GEMMs): the A/B of the fused
-norm + GEMM kernel.
+norm + GEMM kernel. On a GPU each decode row of ours has beside it the same engine with its steps
+not overlapped (each read before the next is launched): the A/B of engine_loop.py's steps launched
+ahead, which the CPU does not launch ahead (no A/B row there).
 
 fraction_of_limit is the decode tokens/s over the decode roofline: a step reads every weight once
 and each sequence's KV at the device's bandwidth. For the mixed workload the roofline is taken at
@@ -30,6 +32,7 @@ from ..context import Context, free_device, peer_version
 SUITE = "generate"
 ENGINE = "generate engine"  # the Context.shared key of the decode and mixed cases' engine
 UNFUSED = "fusedrl, norm + cuBLAS GEMMs"  # the decode A/B's row (unfused_decode_case)
+NOT_OVERLAPPED = "fusedrl, steps not overlapped"  # beside each decode row (not_overlapped_row)
 # What a decode row's fraction divides: ours times its decode steps apart from the prefill;
 # transformers' generate gives only the whole call (prefill included: a lower fraction).
 DECODE_STEPS_LIMIT = "decode roofline (the decode steps' tokens/s)"
@@ -106,6 +109,8 @@ def decode_rows(ctx: Context, shape: Shape, batch: int):
         hf_roofline = bench_generate.decode_roofline_tok_s(
             1, shape.prompt_len + new / 2, e.weight_bytes, e.kv_per_token, ctx.limits.bytes_per_s)
         yield hf_row(ctx, e.model, inputs[0], new, decode_name(ctx, shape, batch), hf_roofline)
+    if e.llm.overlap:
+        yield not_overlapped_row(ctx, shape, batch, e, inputs)
 
 
 def decode_inputs(ctx: Context, shape: Shape, batch: int, e: Engine):
@@ -132,6 +137,16 @@ def ours_row(ctx: Context, shape: Shape, batch: int, e: Engine, llm, impl: str,
         seconds=total, tok_s=batch * shape.new_tokens / total,
         decode_tok_s=decode_tokens / decode_s, roofline_tok_s=roofline,
         weight_bytes=e.weight_bytes)
+
+
+def not_overlapped_row(ctx: Context, shape: Shape, batch: int, e: Engine, inputs: tuple) -> dict:
+    """The suite's engine with each decode step read before the next is launched (its overlap off
+    for this row alone): the A/B of decode steps launched ahead, on the same graphs and weights."""
+    e.llm.overlap = False
+    try:
+        return ours_row(ctx, shape, batch, e, e.llm, NOT_OVERLAPPED, inputs)
+    finally:
+        e.llm.overlap = True
 
 
 def unfused_decode_case(ctx: Context, batch: int) -> Case:
@@ -271,7 +286,9 @@ def vlm_case(ctx: Context) -> Case:
 
 def decode_case(ctx: Context, batch: int) -> Case:
     shape = QUICK if ctx.quick else FULL
-    impls = ("fusedrl", "transformers") if batch == 1 else ("fusedrl",)
+    # LLM's overlap_decode default: steps launched ahead on a GPU, the A/B's other side
+    impls = (("fusedrl",) + (("transformers",) if batch == 1 else ())
+             + ((NOT_OVERLAPPED,) if ctx.device.type == "cuda" else ()))
     return Case(SUITE, decode_name(ctx, shape, batch), impls,
                 functools.partial(decode_rows, ctx, shape, batch), shares=(ENGINE,),
                 model_paths=True)

@@ -123,6 +123,9 @@ INCOMPATIBLE: tuple[Pair, ...] = (
     Pair("reward.per_turn", "reward.clip",
          "a turn's reward sits where the environment gave it, unclipped"),
     Pair("rollout.exact", MOE, exact_reasons.mixture_of_experts("rollout.routing_replay")),
+    Pair("rollout.overlap_decode", "rollout.routing_replay",
+         "an MoE policy's decode step keeps its expert choices from a buffer that a step "
+         "launched ahead writes first; null launches ahead where it can", moe=True),
     # Parallel layouts: the pairs refused whatever the number of GPUs (validate.py checks the
     # sizes against the ranks and the model).
     Pair(_CP, "train.expert_parallel", "expert groups are not laid out beside context groups"),

@@ -109,6 +109,10 @@ class RolloutConfig:
     prefill_chunk: int | None = option(
         "a prompt (or carried answer) longer than this many tokens is prefilled in chunks, taking "
         "turns with the other rows' decode steps (null = in one piece)")
+    overlap_decode: bool | None = option(
+        "launch each decode step before reading the one it continues, so the device runs a step "
+        "while the host books the last (null = on a GPU, and not beside rollout.routing_replay; "
+        "docs/generation.md)")
     tools: list[str] | None = option(
         "multi-turn: 'module:function' tools (type hints and a docstring with Args:) offered "
         "through the chat template; the model's tool calls are run and answered as tool messages, "

@@ -95,12 +95,14 @@ class BlockManager:
         seq.block_table.append(self._take_free_block())
         return True
 
-    def append_slots(self, seqs) -> bool:
+    def append_slots(self, seqs, ahead: int = 0) -> bool:
         """append_slot for every sequence of `seqs`, in order, when the free blocks cover all that
         need one (a decode step's usual case: one pass, no call per sequence); False, with nothing
-        taken, when they do not."""
+        taken, when they do not. ahead=1: the slot of the token after the last (a decode step
+        launched before the step it continues is read: engine_loop.py), which the next
+        append_slot finds taken."""
         size = self.block_size
-        needing = [s for s in seqs if len(s.block_table) * size < len(s.token_ids)]
+        needing = [s for s in seqs if len(s.block_table) * size < len(s.token_ids) + ahead]
         if len(needing) > len(self.free_block_ids):
             return False
         for seq in needing:

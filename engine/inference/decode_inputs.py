@@ -12,6 +12,12 @@ what the decode CUDA graphs read: they never move, so a graph captured on them s
 Rows past the batch (the padding of a graph captured for more rows) get slot -1 (nothing written),
 context length 0 (nothing read), block 0 and greedy sampling of token 0.
 
+A decode step may be written before the step it continues is read (engine_loop.py's steps launched
+ahead): its rows are then one token past their host tokens, and their input ids are the draws of
+the step before, copied on the device (`fill(..., previous=)`). The host buffer is written again
+only once its last copy to the device has run (an event on a GPU), for that copy may still wait
+behind the step in flight.
+
 A decode step usually runs the sequences of the step before, each one token longer: then only what
 moves is written (each row's last token, position, slot, draw position and context length, and the
 table of a sequence that took a new page), not the sampling parameters, the other tables or the
@@ -92,6 +98,9 @@ class DecodeInputs:
         self._device.copy_(self._host)
         self.table_width = 0
         self._last: _Filled | None = None
+        # On a GPU: recorded after each copy of the host buffer to the device; the next fill waits
+        # for it before writing the host buffer again.
+        self._sent = None
 
     def _views(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The int64 [6, rows], fp32 [3, rows] and int32 [_tables_at + rows * width] views of a
@@ -101,28 +110,40 @@ class DecodeInputs:
         return (i64[:, :self.rows], f32.view(len(_F32), self._f32_row)[:, :self.rows],
                 buffer[self._i32_start:].view(torch.int32))
 
-    def fill(self, seqs: list[Sequence], size: int, full_tables: bool) -> None:
+    def fill(self, seqs: list[Sequence], size: int, full_tables: bool,
+             previous: torch.Tensor | None = None) -> None:
         """Write the decode inputs of `seqs` (each at its last token) into rows [0, len(seqs)), pad
         rows up to `size`, and send them to the device. full_tables: also lay the block tables out
         at full width in `block_tables` (for a graph; one device copy). A position is the token's
-        index plus its sequence's M-RoPE decode offset (0 for text: sequence.py's rope_delta)."""
+        index plus its sequence's M-RoPE decode offset (0 for text: sequence.py's rope_delta).
+        previous: the device draws [>= len(seqs)] of a step of these rows not yet read: each row is
+        one token further, that draw its input (its slot must be held: append_slots(ahead=1))."""
         b = len(seqs)
         if not b <= size <= self.rows:
             raise ValueError(f"decode batch of {b} sequences in {size} rows: expected "
                              f"{b} <= size <= {self.rows} (max_num_seqs)")
+        if self._sent is not None:  # the last copy of the host buffer has run
+            self._sent.synchronize()
         tables = [s.block_table for s in seqs]
-        tokens = [s.token_ids for s in seqs]
-        filled = _Filled(list(seqs), tables, list(map(len, tokens)), list(map(len, tables)), size)
-        if not self._advance(filled, tokens):
+        ahead = previous is not None
+        lengths = [len(s.token_ids) + ahead for s in seqs]
+        # the input ids the host knows (a row ahead: a stand-in, replaced on the device below)
+        last_ids = [0] * b if ahead else [s.token_ids[-1] for s in seqs]
+        filled = _Filled(list(seqs), tables, lengths, list(map(len, tables)), size)
+        if not self._advance(filled, last_ids):
             self._last = None  # until the rows are all written
-            self._write(seqs, size)
+            self._write(seqs, size, lengths, last_ids)
         self._last = filled
-        # Non-blocking: the step ends in a device-to-host copy of its tokens (a sync), so no copy is
-        # still reading these host buffers when the next step writes them.
+        # Non-blocking: the next fill waits for it (`_sent`) before writing the host buffer again.
         w = self.table_width
         end = self._tables_at + size * w
         used = self._i32_start + 4 * end
         self._device[:used].copy_(self._host[:used], non_blocking=True)
+        if self._device.is_cuda:
+            self._sent = torch.cuda.Event()
+            self._sent.record()
+        if ahead:
+            self.i64[0, :b].copy_(previous[:b])
         if full_tables:
             self.block_tables[:size, :w] = self.i32[self._tables_at:end].view(size, w)
 
@@ -131,7 +152,7 @@ class DecodeInputs:
         row."""
         self._last = None
 
-    def _advance(self, now: "_Filled", tokens: list[list[int]]) -> bool:
+    def _advance(self, now: "_Filled", last_ids: list[int]) -> bool:
         """The last fill's rows moved on by one token each, when that is what `now` is (the same
         sequences in the same order and rows, each one token longer, their tables the same lists,
         none wider than the packed width): True, else nothing written.
@@ -157,22 +178,24 @@ class DecodeInputs:
         # about 64 rows).
         positions = [n - 1 + s.rope_delta for n, s in zip(now.lengths, now.seqs)]
         slots = [page_slot(t[(n - 1) // bs], n - 1, bs) for t, n in zip(now.tables, now.lengths)]
-        self._i64[:4, :b] = [[t[-1] for t in tokens], positions, slots, now.lengths]
+        self._i64[:4, :b] = [last_ids, positions, slots, now.lengths]
         self._i32[:b] = now.lengths  # the context length: num_tokens
         return True
 
-    def _write(self, seqs: list[Sequence], size: int) -> None:
-        """Every row of `seqs` and the padding up to `size` written (see fill)."""
+    def _write(self, seqs: list[Sequence], size: int, lengths: list[int],
+               last_ids: list[int]) -> None:
+        """Every row of `seqs` (of `lengths` tokens, the last `last_ids`) and the padding up to
+        `size` written (see fill)."""
         b = len(seqs)
         i64, f32, i32, block_size = self._i64, self._f32, self._i32, self.block_size
         # One pass over the rows into flat lists (a row's fields read once: at batch 256 this loop
         # is most of a step's host time), then one numpy write per buffer.
         ints, floats, tables = [], [], []
-        for s in seqs:
-            tokens, p, table = s.token_ids, s.request.params, s.block_table
-            last = len(tokens) - 1
-            ints += (tokens[-1], last + s.rope_delta, sequence_slot(table, last, block_size),
-                     last + 1, p.top_k, s.seed)
+        for s, n, token in zip(seqs, lengths, last_ids):
+            p, table = s.request.params, s.block_table
+            last = n - 1
+            ints += (token, last + s.rope_delta, sequence_slot(table, last, block_size),
+                     n, p.top_k, s.seed)
             floats += (p.temperature, p.top_p, p.min_p)
             tables.append(table)
         i64[:, :b] = np.array(ints, dtype=np.int64).reshape(b, len(_I64)).T

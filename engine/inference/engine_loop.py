@@ -10,10 +10,24 @@ else can run.
 `EngineLoop(scheduler, blocks, runner, drafts, seed)` runs on the parts it is given and makes its
 own state (the paused turns, the next sequence id, the random stream of unseeded requests); LLM
 (llm.py) builds the parts from a model and the requests of its generate and generate_turns.
+
+Decode steps launched ahead (`overlap`, LLM's default on a GPU): a decode step whose next step is
+plainly a decode step of the same sequences one token further (nothing waits to be admitted, no
+prompt is being chunked, not the speculative tail, no routing records) launches that next step
+before it reads its own draws, the next step's input ids being those draws on the device. The
+device then runs one step while the host reads the one before and does its bookkeeping (the tokens
+appended, the finished ones freed, the next step's inputs written and its graph launched): on a
+GPU, time the device no longer waits through. A row whose sequence the step before ended (a stop
+token, its length) is a wasted row of the step launched ahead: its draw and log-prob are dropped,
+and its slot, taken ahead, is freed with its blocks. Every token and log-prob is the one a step at
+a time draws (a draw is a function of the sequence's seed and position, whatever the batch), except
+where a batch's size moves a logit's last bits: a step launched ahead keeps the rows the step
+before ended.
 """
 from __future__ import annotations
 
 import math
+import operator
 import random
 from typing import Callable, Iterable
 
@@ -22,7 +36,7 @@ from .block_manager import BlockManager
 from .drafts import Drafts
 from .image_prefill import attach_positions, check_images
 from .request import Request
-from .runner import ModelRunner
+from .runner import Launched, ModelRunner
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, StepKind
 from .sequence import Sequence, SequenceStatus
@@ -38,16 +52,19 @@ class EngineLoop:
     next, and the step's kind), `blocks` (the KV pool's blocks), `runner` (the model's forwards and
     the kept log-probs) and `drafts` (speculative decoding's drafts for the decode tail). `seed`:
     of the stream unseeded requests draw their seeds from (None: from the OS); every tensor rank
-    must pass the same one."""
+    must pass the same one. overlap: launch decode steps ahead (the module docstring)."""
 
     def __init__(self, scheduler: Scheduler, blocks: BlockManager, runner: ModelRunner,
-                 drafts: Drafts, seed: int | None = None):
+                 drafts: Drafts, seed: int | None = None, overlap: bool = False):
         self.scheduler, self.block_manager, self.runner, self.drafts = (
             scheduler, blocks, runner, drafts)
         self.config = runner.config
+        self.overlap = overlap
         self._next_seq_id = 0
         self._paused: dict[int, Sequence] = {}  # seq_id -> a finished turn kept for on_end
         self._rng = random.Random(seed)
+        self._ahead: Launched | None = None  # a decode step launched ahead, not yet read
+        self.last_drawn = 0  # tokens the last step drew (rows kept): a run's stop rules read it
 
     def add(self, request: Request, index: int = 0) -> Sequence:
         """Queue one request (checked first: `index` names it in the error); the next steps run it.
@@ -93,12 +110,21 @@ class EngineLoop:
                 f"prompts[{index}] ({longest} tokens = {needed} blocks); "
                 "raise kv_cache_memory or lower max_new_tokens")
 
+    @property
+    def reads_ahead(self) -> bool:
+        """Whether the next step() reads a decode step launched ahead (before the last was read)."""
+        return self._ahead is not None
+
     def step(self) -> list[Sequence] | None:
         """One step of the queued sequences: scheduled (its kind the scheduler's; a decode step of
         the tail with drafts a VERIFY), run, its tokens appended and their log-prob slots and
         routing records kept (here, for every kind). Returns the sequences whose turn it finished
         (ended, or PAUSED with their blocks kept when they pause), or None when nothing can run
-        (every waiting sequence needs blocks that paused ones hold, and none holds any)."""
+        (every waiting sequence needs blocks that paused ones hold, and none holds any). With a
+        decode step launched ahead, this step is that one, read (and maybe the next launched)."""
+        self.last_drawn = 0
+        if self._ahead is not None:
+            return self._read_ahead()
         batch, kind = self.scheduler.schedule()
         if not batch and self._release_paused():
             batch, kind = self.scheduler.schedule()
@@ -124,8 +150,14 @@ class EngineLoop:
         elif kind is StepKind.VERIFY:
             emitted = self.runner.verify(batch, drafts)
             self.drafts.count(drafts, emitted)
-        else:  # one token a row
-            emitted = self.runner.run(batch, kind is StepKind.PREFILL)
+            self.last_drawn = self.runner.logprobs_kept - first
+        else:  # one token a row; a decode step maybe with the next launched before it is read
+            ahead = kind is StepKind.DECODE and self._goes_ahead(batch)
+            launched = self.runner.launch(batch, kind is StepKind.PREFILL, staged=ahead)
+            self.last_drawn = len(batch)
+            if ahead and self.block_manager.append_slots(batch, ahead=1):
+                self._ahead = self.runner.launch(batch, False, staged=True, previous=launched)
+            emitted = self.runner.read(launched)
         if routing:  # before postprocess frees a finished one's blocks
             self.runner.keep_routing(spans, kind is StepKind.DECODE)
         if kind is StepKind.CHUNK:
@@ -144,10 +176,51 @@ class EngineLoop:
             finished = self.scheduler.postprocess(batch, emitted)
             for slot, seq in enumerate(batch, first):
                 seq.logprob_slots.append(slot)
+        return self._ended(finished)
+
+    def _ended(self, finished: list[Sequence]) -> list[Sequence]:
+        """A step's finished and paused sequences, the paused kept for on_end; a step launched
+        ahead whose rows all ended is dropped (what it runs is never read)."""
         for seq in finished:
             if seq.status is SequenceStatus.PAUSED:
                 self._paused[seq.seq_id] = seq
+        if self._ahead is not None and not any(
+                seq.status is SequenceStatus.RUNNING for seq in self._ahead.seqs):
+            self._ahead = None
         return finished
+
+    def _goes_ahead(self, batch: list[Sequence]) -> bool:
+        """Whether the step after a decode step of `batch` is a decode step of the same sequences
+        one token further, to be launched before this one is read: overlap is on, no routing
+        records are kept and the next step drafts nothing (a batch of the speculative tail; each
+        needs the draws on the host), nothing is being chunked or waits to be admitted, `batch`
+        is every running sequence, in order, and not every one of them ends by its length at this
+        step (a run's last step launches nothing after it)."""
+        scheduler, drafts = self.scheduler, self.drafts
+        return (self.overlap and self.runner.routing is None
+                and (not drafts.tokens or len(batch) >= drafts.below)
+                and scheduler.prefilling is None and not scheduler.waiting
+                and len(batch) == len(scheduler.running)
+                and all(map(operator.is_, batch, scheduler.running))
+                and not all(scheduler.at_length(seq, seq.num_tokens + 1) for seq in batch))
+
+    def _read_ahead(self) -> list[Sequence]:
+        """The step launched ahead, read: the next launched first where it goes ahead too; the
+        rows of sequences the step before ended are dropped, the others' tokens appended (their
+        log-probs at the step's slots)."""
+        step, self._ahead = self._ahead, None
+        live = [seq.status is SequenceStatus.RUNNING for seq in step.seqs]
+        if all(live) and self._goes_ahead(step.seqs) \
+                and self.block_manager.append_slots(step.seqs, ahead=1):
+            self._ahead = self.runner.launch(step.seqs, False, staged=True, previous=step)
+        tokens = self.runner.read(step)
+        rows = [i for i, alive in enumerate(live) if alive]
+        batch = [step.seqs[i] for i in rows]
+        finished = self.scheduler.postprocess(batch, [tokens[i] for i in rows])
+        for i, seq in zip(rows, batch):
+            seq.logprob_slots.append(step.first + i)
+        self.last_drawn = len(batch)
+        return self._ended(finished)
 
     def run(self, requests: Iterable[Request], stop: StopRule | None = None,
             on_end: TurnEnd | None = None, use_tqdm: bool = False) -> list[Sequence]:
@@ -178,7 +251,7 @@ class EngineLoop:
         progress = _progress(len(seqs)) if use_tqdm else None
         try:
             while not self.scheduler.is_finished() or pending:
-                first = self.runner.logprobs_kept
+                self.last_drawn = 0
                 finished = None if self.scheduler.is_finished() else self.step()
                 ended = []
                 if finished is None:  # nothing can run: every reply pending is waited for
@@ -199,7 +272,7 @@ class EngineLoop:
                 if progress is not None:
                     progress.update(len(ended))
                 # the tokens this step drew: a speculative step's accepted drafts included
-                if stop is not None and stop(ended, self.runner.logprobs_kept - first):
+                if stop is not None and stop(ended, self.last_drawn):
                     self._settle(pending)
                     self._stop()
                     break
@@ -270,6 +343,7 @@ class EngineLoop:
     def _stop(self) -> None:
         """A stop rule's stop: every unfinished sequence stopped, paused ones included (their
         blocks freed, finish_reason None); their tokens so far stay."""
+        self._ahead = None  # never read: its rows' sequences are stopped
         stopped = self.scheduler.abort()
         for seq in self._paused.values():
             self.scheduler.release(seq)

@@ -48,11 +48,12 @@ class HybridActor:
                  batch_invariant: bool = False, device=None, release_kv_pool: bool = False,
                  record_routing: bool = False, persistent_weights: bool = False,
                  speculative_tokens: int = 0, speculate_below: int = 8,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, overlap_decode: bool | None = None):
         """record_routing: keep an MoE policy's expert choices of every rollout token
         (`last_routing`). persistent_weights: generate from whole-size buffers refilled in place
         (under torchrun, where the policy is gathered: at tensor_parallel 1, or its tensor slices
-        sharded over the data groups; collective: every rank builds its actor together)."""
+        sharded over the data groups; collective: every rank builds its actor together).
+        overlap_decode: LLM's (decode steps launched ahead; None: on a GPU)."""
         self.policy = policy
         self.release_kv_pool = release_kv_pool
         tp = policy.tensor_parallel
@@ -72,7 +73,7 @@ class HybridActor:
                            use_cuda_graphs=use_cuda_graphs and graphs,
                            batch_invariant=batch_invariant, record_routing=record_routing,
                            speculative_tokens=speculative_tokens, speculate_below=speculate_below,
-                           prefill_chunk=prefill_chunk)
+                           prefill_chunk=prefill_chunk, overlap_decode=overlap_decode)
         self.record_routing = record_routing
         # The last rollout's routing records [sum of prompt + response lengths, sparse layers, k],
         # rows as pack_rollout packs them (None without record_routing).

@@ -96,6 +96,11 @@ class LLM(EngineLoop):
     trainer reproduces bit for bit: exact_pairs.py).
     prefill_chunk: a prompt longer than this is prefilled a chunk a step, the chunks taking turns
     with the other sequences' decode steps (Scheduler); the same tokens and log-probs.
+    overlap_decode: launch a decode step before reading the one it continues (engine_loop.py), so
+    the device runs a step while the host reads and books the one before. None (the default): on a
+    GPU, where a step is launched and run apart; on the CPU a step runs where it is launched, and
+    a step ahead would only add the rows the step before ended. Not on the speculative tail's
+    steps (fewer than speculate_below rows) nor where routing records are kept.
     `self.device` is the model's device: tensors handed to `self.model` go there.
     """
 
@@ -104,7 +109,8 @@ class LLM(EngineLoop):
                  max_num_batched_tokens: int = 16384, use_cuda_graphs: bool = True, tokenizer=None,
                  batch_invariant: bool | BatchInvariant = False, fuse_decode_gemms: bool = True,
                  record_routing: bool = False, speculative_tokens: int = 0,
-                 speculate_below: int = 8, prefill_chunk: int | None = None):
+                 speculate_below: int = 8, prefill_chunk: int | None = None,
+                 overlap_decode: bool | None = None):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be an int >= 1")
         if isinstance(batch_invariant, BatchInvariant):
@@ -162,9 +168,14 @@ class LLM(EngineLoop):
                              self.batch_invariant, fuse_decode_gemms, record_routing,
                              device=self.device, tensor_parallel=tp)
         drafts = Drafts(speculative_tokens, speculate_below, blocks, max_len)
+        if overlap_decode is None:
+            overlap_decode = self.device.type == "cuda"
+        elif not isinstance(overlap_decode, bool):
+            raise ValueError(f"overlap_decode={overlap_decode!r} must be True, False or None")
         # Every tensor rank must draw the same seeds (they sample the same rows in lockstep).
         super().__init__(scheduler, blocks, runner, drafts,
-                         seed=tp.same_on_ranks(random.getrandbits(63)) if tp else None)
+                         seed=tp.same_on_ranks(random.getrandbits(63)) if tp else None,
+                         overlap=overlap_decode)
 
     def generate(self, prompts,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,

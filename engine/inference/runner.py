@@ -3,10 +3,13 @@
 It owns the KV pool, turns scheduled sequences into input ids, positions, slot mappings and block
 tables, runs the model and samples: a decode step as one captured CUDA graph (embedding through the
 sampler) over persistent input buffers (`DecodeInputs`), or eagerly. A step's one device-to-host
-copy is its sampled token ids; their log-probs stay on the device until the run ends.
+copy is its sampled token ids; their log-probs stay on the device until the run ends. A decode step
+can be launched and read apart (`launch`, `read`), so that the next one is launched before it is
+read (engine_loop.py): its input ids are then the draws still on the device.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
 
 import torch
 
@@ -52,6 +55,18 @@ def num_blocks_for_budget(kv_cache_memory, config: ModelConfig, dtype, block_siz
             f"kv_cache_memory={kv_cache_memory!r} must be a positive int (bytes) or a float "
             "fraction of free GPU memory")
     return kv_cache_memory // kv_bytes_per_block(config, dtype, block_size, tensor_parallel)
+
+
+class Launched(NamedTuple):
+    """A step launched and not yet read: its sequences, its draws on the device ([rows] int64: the
+    input of a step launched after it) and, where it is read later than at once, their host copy
+    (on a GPU pinned, its copy queued behind the step, and `done` recorded after it); `first`: the
+    log-prob slot of its first row (row i's at first + i)."""
+    seqs: list
+    tokens: torch.Tensor
+    host: torch.Tensor | None
+    done: object
+    first: int
 
 
 class ModelRunner:
@@ -114,6 +129,11 @@ class ModelRunner:
         self.images = ImageCache(model) if c.vision else None
         self.vision_ids = self._tensor(c.vision.vision_token_ids, torch.int64) if c.vision else None
         self.verify_workspace = None  # the sampler's windows for verify steps' rows
+        # Host copies of the draws of decode steps read after the next is launched: two, for at
+        # most two steps are launched and unread (pinned on a GPU: copied without a sync).
+        self._staged = [torch.empty(max_num_seqs, dtype=torch.int64,
+                                    pin_memory=self.device.type == "cuda") for _ in range(2)]
+        self._staged_turn = 0
         self.graphs = None
         # The torch backend's decode is the reference's: it selects rows by masks (a host sync),
         # which no graph can capture; it runs eagerly.
@@ -150,14 +170,46 @@ class ModelRunner:
             [(seq.block_table, seq.token_ids[:seq.chunk_end], seq.num_cached_tokens)], [seq])
         self.forward_step(input_ids, positions, meta, visual)
 
-    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """One step: the sampled token of each sequence, the step's one device-to-host copy. Their
         log-probs stay on the device, at logprob_buffer[logprobs_kept - len(seqs):logprobs_kept]."""
+        return self.read(self.launch(seqs, is_prefill))
+
+    @torch.inference_mode()
+    def launch(self, seqs: list[Sequence], is_prefill: bool, staged: bool = False,
+               previous: Launched | None = None) -> Launched:
+        """One step launched (run's, without reading its draws); its log-probs kept at once.
+        staged: its draws copied to the host behind it, to be read after another step is launched.
+        previous: a decode step of the same sequences launched and not read: this decode step is
+        one token further, its input ids that step's draws (each row's slot taken before:
+        BlockManager.append_slots(ahead=1))."""
         self.allocate_kv_pool()
-        tokens, logprobs = self._prefill(seqs) if is_prefill else self._decode(seqs)
+        first = self.logprobs_kept
+        if is_prefill:
+            tokens, logprobs = self._prefill(seqs)
+        else:
+            tokens, logprobs = self._decode(seqs, None if previous is None else previous.tokens)
         self._keep_logprobs(logprobs)
-        return tokens.tolist()
+        if not staged:
+            return Launched(seqs, tokens, None, None, first)
+        host = self._staged[self._staged_turn][:len(seqs)]
+        self._staged_turn ^= 1
+        host.copy_(tokens, non_blocking=True)
+        done = None
+        if tokens.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return Launched(seqs, tokens, host, done, first)
+
+    @staticmethod
+    def read(step: Launched) -> list[int]:
+        """A launched step's draws on the host: its one wait for the device (for that step only,
+        not for one launched after it)."""
+        if step.host is None:
+            return step.tokens.tolist()
+        if step.done is not None:
+            step.done.synchronize()
+        return step.host.tolist()
 
     def keep_routing(self, spans: list[tuple[Sequence, int, int]], is_decode: bool) -> None:
         """With record_routing: the last forward's expert choices kept for the positions it
@@ -229,13 +281,14 @@ class ModelRunner:
                                  decode_splits=splits)
         return self._sample(self.forward_step(x.input_ids, x.positions, meta), x.sampling)
 
-    def _decode(self, seqs: list[Sequence]):
-        """Each sequence's last token: its inputs written into the persistent buffers, then the
-        graph of the smallest captured size that holds the batch, or the step run eagerly."""
+    def _decode(self, seqs: list[Sequence], previous: torch.Tensor | None = None):
+        """Each sequence's last token (previous: the draws of a step not yet read, one token
+        further): its inputs written into the persistent buffers, then the graph of the smallest
+        captured size that holds the batch, or the step run eagerly."""
         self.forwards += 1
         graphed = self.graphs is not None and len(seqs) <= self.graphs.max_batch
         size = self.graphs.size_for(len(seqs)) if graphed else len(seqs)
-        self.decode_inputs.fill(seqs, size, full_tables=graphed)
+        self.decode_inputs.fill(seqs, size, full_tables=graphed, previous=previous)
         tokens, logprobs = (self.graphs.replay(size) if graphed
                             else self.decode_step(size, full_tables=False))
         return tokens[:len(seqs)], logprobs[:len(seqs)]

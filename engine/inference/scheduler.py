@@ -215,12 +215,14 @@ class Scheduler:
         if (token_id in params.stop_token_ids
                 or (token_id in self.eos_token_ids and not params.ignore_eos)):
             return "stop"
-        num_tokens = len(seq.token_ids)
-        limit = request.max_total_tokens
-        if (num_tokens - seq.turn_start >= params.max_new_tokens
-                or num_tokens >= self.max_model_len or (limit and num_tokens >= limit)):
-            return "length"
-        return None
+        return "length" if self.at_length(seq, len(seq.token_ids)) else None
+
+    def at_length(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `seq` at `num_tokens` tokens has reached a length that ends it: its turn's
+        max_new_tokens, its request's max_total_tokens or the context."""
+        limit = seq.request.max_total_tokens
+        return (num_tokens - seq.turn_start >= seq.request.params.max_new_tokens
+                or num_tokens >= self.max_model_len or bool(limit and num_tokens >= limit))
 
 
 def _prefill_kind(batch: list[Sequence]) -> tuple[list[Sequence], StepKind]:

@@ -39,3 +39,29 @@ def test_the_model_shapes_are_ones_the_engine_loads():
         config = ModelConfig.from_hf(config_cls(**shape))
         assert config.vocab_size == 151936 and config.tie_word_embeddings, name
     assert ModelConfig.from_hf(transformers.Qwen3Config(**bench_generate.QWEN3_06B)).qk_norm
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_step_times_count_each_decode_step_once_with_or_without_steps_launched_ahead(overlap):
+    """time_ours' decode figures with decode steps launched ahead (forced on here; a GPU's
+    default) and without: every token after a row's first is a decode row, counted once, and the
+    decode seconds are a share of the call's."""
+    import shutil
+
+    import torch
+
+    from fusedrl.engine.inference.llm import LLM
+    from fusedrl.engine.inference.sampling_params import SamplingParams
+
+    path, _ = bench_generate.build_model_dir(bench_generate.parse_args(["--quick"]), "cpu",
+                                             torch.float32)
+    try:
+        llm = LLM(path, kv_cache_memory=64 << 20, overlap_decode=overlap)
+        prompts = torch.randint(0, llm.config.vocab_size, (3, 9),
+                                generator=torch.Generator().manual_seed(0)).tolist()
+        params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+        total, decode_s, decode_rows, outputs = bench_generate.time_ours(llm, prompts, params)
+        assert decode_rows == 3 * 11 and 0 < decode_s < total
+        assert llm.step == llm.__class__.step.__get__(llm)  # the timers are taken off again
+    finally:
+        shutil.rmtree(path)

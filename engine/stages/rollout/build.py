@@ -130,6 +130,7 @@ def build_models(cfg: PPOConfig, device, dtype: torch.dtype, tokenizer,
                         speculative_tokens=cfg.rollout.speculative_tokens,
                         speculate_below=cfg.rollout.speculate_below,
                         prefill_chunk=cfg.rollout.prefill_chunk,
+                        overlap_decode=cfg.rollout.overlap_decode,
                         record_routing=cfg.rollout.routing_replay and policy.config.moe is not None)
     return PPOModels(policy, reference, actor, critic, value_head, score, lora, ranks)
 

@@ -22,6 +22,7 @@ SETTINGS = {
     "rollout.environment": "agent_testing:CountdownEnv",
     "rollout.speculative_tokens": 2,
     "rollout.prefill_chunk": 8,
+    "rollout.overlap_decode": True,
     "rollout.overlong_buffer": 4,
     "rollout.routing_replay": True,
     "train.prefix_sharing": True,

@@ -141,6 +141,23 @@ def test_append_slots_take_what_append_slot_would_in_order_or_nothing():
     assert [s.block_table for s in at_once] == tables and many.num_free_blocks == 0
 
 
+def test_append_slots_ahead_take_the_next_token_s_page_which_append_slot_then_finds():
+    """ahead=1 (a decode step launched before the one it continues is read): the page of the token
+    after each sequence's last, for those whose next token starts one; once that token is
+    appended, append_slot takes nothing more."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    full, room = seq([1, 2, 3, 4]), seq([5, 6])
+    for s in (full, room):
+        bm.allocate(s)
+    assert bm.append_slots([full, room])  # each last token already has its slot
+    assert bm.num_free_blocks == 2
+    assert bm.append_slots([full, room], ahead=1)
+    assert [len(s.block_table) for s in (full, room)] == [2, 1] and bm.num_free_blocks == 1
+    for s in (full, room):
+        s.append(7)
+    assert bm.append_slot(full) and bm.append_slot(room) and bm.num_free_blocks == 1
+
+
 def test_invalid_sizes_are_rejected():
     with pytest.raises(ValueError, match="num_blocks=0"):
         BlockManager(0, 16)

@@ -165,6 +165,28 @@ def test_a_batch_one_token_further_writes_what_moved_and_equals_a_full_write(cou
     assert len(writes) == widenings < 3 * BLOCK + 1
 
 
+@pytest.mark.parametrize("count,size,full_tables", [(1, 1, True), (5, 8, True), (7, 7, False)])
+def test_a_step_launched_ahead_sends_what_a_step_after_its_draws_would(count, size, full_tables):
+    """fill(previous=draws) of rows one token past their host tokens (a page taken ahead where the
+    next token starts one: append_slots(ahead=1)) sends, byte for byte, what a fill sends once
+    those draws are appended: its input ids are the draws, copied on the device."""
+    rng = random.Random(count)
+    seqs = random_sequences(count, count)
+    seqs[0].rope_delta = 2
+    pool = list(range(100, 400))
+    inputs = DecodeInputs(rows=8, width=16, block_size=BLOCK, device="cpu")
+    inputs.fill(seqs, size, full_tables)
+    for _ in range(3 * BLOCK + 1):
+        draws = torch.tensor([rng.randrange(1000) for _ in seqs])
+        for s in seqs:
+            if len(s.block_table) * BLOCK < s.num_tokens + 1:
+                s.block_table.append(pool.pop())
+        inputs.fill(seqs, size, full_tables, previous=draws)
+        for s, token in zip(seqs, draws.tolist()):
+            s.append(token)
+        assert_inputs(inputs, seqs, size, full_tables)
+
+
 def test_any_other_change_writes_every_row_again():
     """Another order, a sequence left out, a table replaced by one of the same length (a
     reallocation), two tokens further (also one sequence alone, its last page changed in place), a

@@ -219,7 +219,8 @@ def test_the_decode_graph_path_keeps_the_bits(one_layer_dirs):
         llm.runner.graphs = DecodeGraphs(llm.runner, max_num_seqs=4, capture=False)
         fills = []  # (sequences, rows, full-width tables) of each decode step
         fill = llm.runner.decode_inputs.fill
-        llm.runner.decode_inputs.fill = lambda seqs, size, full_tables: (
-            fills.append((len(seqs), size, full_tables)) or fill(seqs, size, full_tables))
+        llm.runner.decode_inputs.fill = lambda seqs, size, full_tables, previous=None: (
+            fills.append((len(seqs), size, full_tables)) or fill(seqs, size, full_tables,
+                                                                  previous))
         assert rows_of(llm.generate(prompts, params)) == eager
     assert (3, 4, True) in fills  # a batch that ran padded (in the 4-row graph)

@@ -87,13 +87,13 @@ def test_shared_prefix_gives_the_same_tokens_and_holds_prompt_blocks_once(qwen2_
     prompts, expected = reference
     llm = LLM(qwen2_dir, block_size=4)
     seen_refcounts = []
-    run = llm.runner.run
+    launch = llm.runner.launch
 
-    def spy(seqs, is_prefill):  # record the prompt blocks' reference counts during the run
+    def spy(seqs, is_prefill, **kwargs):  # the prompt blocks' reference counts during the run
         seen_refcounts.append(max(llm.block_manager.ref_counts))
-        return run(seqs, is_prefill)
+        return launch(seqs, is_prefill, **kwargs)
 
-    llm.runner.run = spy
+    llm.runner.launch = spy
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=24, n=3))
     assert max(seen_refcounts) == 3  # the n samples of a prompt hold its full blocks once
     for out, exp in zip(outputs, expected):
@@ -291,8 +291,8 @@ def test_decode_graph_bookkeeping_pads_batches_without_changing_tokens(qwen2_dir
     assert sorted(llm.runner.graphs.graphs) == [1, 2, 4, 5]
     fills = []  # (sequences, rows, full-width tables) of each decode step
     fill = llm.runner.decode_inputs.fill
-    llm.runner.decode_inputs.fill = lambda seqs, size, full_tables: (
-        fills.append((len(seqs), size, full_tables)) or fill(seqs, size, full_tables))
+    llm.runner.decode_inputs.fill = lambda seqs, size, full_tables, previous=None: (
+        fills.append((len(seqs), size, full_tables)) or fill(seqs, size, full_tables, previous))
     lengths = [24, 21, 18, 9, 5]  # sequences leave one by one: decode batches of 5, 4, 3, 2, 1
     params = [SamplingParams(temperature=0, max_new_tokens=n) for n in lengths]
     outputs = tokens_of(llm.generate(prompts, params))
@@ -321,11 +321,11 @@ def test_decode_inputs_written_by_what_moved_equal_full_writes_through_preemptio
         counts["writes"] += 1
         return write(*args)
 
-    def checked_fill(seqs, size, full_tables):
+    def checked_fill(seqs, size, full_tables, previous=None):
         counts["fills"] += 1
-        fill(seqs, size, full_tables)
+        fill(seqs, size, full_tables, previous)
         fresh = DecodeInputs(inputs.rows, inputs.width, inputs.block_size, inputs._device.device)
-        fresh.fill(seqs, size, full_tables)
+        fresh.fill(seqs, size, full_tables, previous)
         assert_same_views(inputs, fresh, size, full_tables)
     inputs._write, inputs.fill = counted_write, checked_fill
     lengths = [24, 21, 18, 9, 5]

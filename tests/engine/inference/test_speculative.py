@@ -148,9 +148,9 @@ def test_chunked_prefill_equals_one_piece_and_takes_turns_with_decoding(model_di
     plain, _ = run(model_dir, prompts, params)
     llm = LLM(model_dir, kv_cache_memory=1 << 22, block_size=4, prefill_chunk=4)
     steps = []
-    run_step = llm.runner.run
-    llm.runner.run = lambda seqs, is_prefill: steps.append("P" if is_prefill else "D") or run_step(
-        seqs, is_prefill)
+    launch = llm.runner.launch
+    llm.runner.launch = lambda seqs, is_prefill, **kwargs: steps.append(
+        "P" if is_prefill else "D") or launch(seqs, is_prefill, **kwargs)
     chunk_step = llm.runner.prefill_chunk
     llm.runner.prefill_chunk = lambda seq: steps.append("C") or chunk_step(seq)
     chunked = [c for o in llm.generate(prompts, params) for c in o.outputs]
