@@ -65,3 +65,26 @@ def test_moe_cuda_graph_decode_in_bf16_is_the_eager_decode_bit_for_bit(tmp_path)
     for x, y in zip(graphed.generate(prompts, params), eager.generate(prompts, params)):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
         assert x.outputs[0].logprobs == y.outputs[0].logprobs
+
+
+def test_decode_steps_launched_ahead_draw_what_a_step_at_a_time_draws(model_dirs):
+    """On the graph path (a GPU's default: steps launched ahead, their tokens read through pinned
+    buffers and events) 8 fp32 rows ending at different steps give the tokens of the same engine
+    reading each step before launching the next, and log-probs within fp32 GEMM reordering (a
+    step launched ahead keeps the rows the step before ended)."""
+    path = model_dirs["qwen2"][0]
+    ahead = LLM(path, dtype="float32", kv_cache_memory=1 << 26)
+    assert ahead.overlap and ahead.runner.graphs is not None
+    launch, launched = ahead.runner.launch, []
+    ahead.runner.launch = lambda seqs, is_prefill, **kw: (
+        launched.append(kw.get("previous") is not None) or launch(seqs, is_prefill, **kw))
+    plain = LLM(path, dtype="float32", kv_cache_memory=1 << 26, overlap_decode=False)
+    prompts = random_prompts([5, 11, 3, 9, 7, 4, 6, 8], seed=3)
+    params = [SamplingParams(temperature=t, max_new_tokens=n, seed=i, ignore_eos=True)
+              for i, (t, n) in enumerate(zip([0, 0.8] * 4, [12, 3, 7, 12, 5, 9, 12, 2]))]
+    for x, y in zip(ahead.generate(prompts, params), plain.generate(prompts, params)):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        torch.testing.assert_close(torch.tensor(x.outputs[0].logprobs),
+                                   torch.tensor(y.outputs[0].logprobs), atol=1e-5, rtol=0)
+    assert sum(launched) > 5 and not ahead.reads_ahead
+    assert ahead.block_manager.num_free_blocks == ahead.block_manager.num_blocks
