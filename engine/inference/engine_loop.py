@@ -12,17 +12,17 @@ own state (the paused turns, the next sequence id, the random stream of unseeded
 (llm.py) builds the parts from a model and the requests of its generate and generate_turns.
 
 Decode steps launched ahead (`overlap`, LLM's default on a GPU): a decode step whose next step is
-plainly a decode step of the same sequences one token further (nothing waits to be admitted, no
+plainly a decode step of its running sequences one token further (nothing waits to be admitted, no
 prompt is being chunked, not the speculative tail, no routing records) launches that next step
-before it reads its own draws, the next step's input ids being those draws on the device. The
-device then runs one step while the host reads the one before and does its bookkeeping (the tokens
-appended, the finished ones freed, the next step's inputs written and its graph launched): on a
-GPU, time the device no longer waits through. A row whose sequence the step before ended (a stop
-token, its length) is a wasted row of the step launched ahead: its draw and log-prob are dropped,
-and its slot, taken ahead, is freed with its blocks. Every token and log-prob is the one a step at
-a time draws (a draw is a function of the sequence's seed and position, whatever the batch), except
-where a batch's size moves a logit's last bits: a step launched ahead keeps the rows the step
-before ended.
+before it reads its own draws, the next step's input ids being those draws on the device (gathered
+to the rows still running where the step before ended some). The device then runs one step while
+the host reads the one before and does its bookkeeping (the tokens appended, the finished ones
+freed, the next step's inputs written and its graph launched): on a GPU, time the device no longer
+waits through. A row whose sequence the step before ended (a stop token, its length) is a wasted
+row of the step launched ahead: its draw and log-prob are dropped, and its slot, taken ahead, is
+freed with its blocks. Every token and log-prob is the one a step at a time draws (a draw is a
+function of the sequence's seed and position, whatever the batch), except where a batch's size
+moves a logit's last bits: a step launched ahead keeps the rows the step before ended.
 """
 from __future__ import annotations
 
@@ -156,7 +156,8 @@ class EngineLoop:
             launched = self.runner.launch(batch, kind is StepKind.PREFILL, staged=ahead)
             self.last_drawn = len(batch)
             if ahead and self.block_manager.append_slots(batch, ahead=1):
-                self._ahead = self.runner.launch(batch, False, staged=True, previous=launched)
+                self._ahead = self.runner.launch(batch, False, staged=True,
+                                                 previous=launched.tokens)
             emitted = self.runner.read(launched)
         if routing:  # before postprocess frees a finished one's blocks
             self.runner.keep_routing(spans, kind is StepKind.DECODE)
@@ -205,17 +206,17 @@ class EngineLoop:
                 and not all(scheduler.at_length(seq, seq.num_tokens + 1) for seq in batch))
 
     def _read_ahead(self) -> list[Sequence]:
-        """The step launched ahead, read: the next launched first where it goes ahead too; the
+        """The step launched ahead, read: the next launched first (its rows the sequences still
+        running, their input ids gathered from this step's draws) where it goes ahead too; the
         rows of sequences the step before ended are dropped, the others' tokens appended (their
         log-probs at the step's slots)."""
         step, self._ahead = self._ahead, None
-        live = [seq.status is SequenceStatus.RUNNING for seq in step.seqs]
-        if all(live) and self._goes_ahead(step.seqs) \
-                and self.block_manager.append_slots(step.seqs, ahead=1):
-            self._ahead = self.runner.launch(step.seqs, False, staged=True, previous=step)
-        tokens = self.runner.read(step)
-        rows = [i for i, alive in enumerate(live) if alive]
+        rows = [i for i, seq in enumerate(step.seqs) if seq.status is SequenceStatus.RUNNING]
         batch = [step.seqs[i] for i in rows]
+        if batch and self._goes_ahead(batch) and self.block_manager.append_slots(batch, ahead=1):
+            self._ahead = self.runner.launch(batch, False, staged=True,
+                                             previous=self.runner.draws_at(step, rows))
+        tokens = self.runner.read(step)
         finished = self.scheduler.postprocess(batch, [tokens[i] for i in rows])
         for i, seq in zip(rows, batch):
             seq.logprob_slots.append(step.first + i)

@@ -177,18 +177,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, seqs: list[Sequence], is_prefill: bool, staged: bool = False,
-               previous: Launched | None = None) -> Launched:
+               previous: torch.Tensor | None = None) -> Launched:
         """One step launched (run's, without reading its draws); its log-probs kept at once.
         staged: its draws copied to the host behind it, to be read after another step is launched.
-        previous: a decode step of the same sequences launched and not read: this decode step is
-        one token further, its input ids that step's draws (each row's slot taken before:
-        BlockManager.append_slots(ahead=1))."""
+        previous: the draws [len(seqs)] on the device of a step of these sequences launched and not
+        read (`draws_at`): this decode step is one token further, its input ids those draws (each
+        row's slot taken before: BlockManager.append_slots(ahead=1))."""
         self.allocate_kv_pool()
         first = self.logprobs_kept
         if is_prefill:
             tokens, logprobs = self._prefill(seqs)
         else:
-            tokens, logprobs = self._decode(seqs, None if previous is None else previous.tokens)
+            tokens, logprobs = self._decode(seqs, previous)
         self._keep_logprobs(logprobs)
         if not staged:
             return Launched(seqs, tokens, None, None, first)
@@ -200,6 +200,13 @@ class ModelRunner:
             done = torch.cuda.Event()
             done.record()
         return Launched(seqs, tokens, host, done, first)
+
+    def draws_at(self, step: Launched, rows: list[int]) -> torch.Tensor:
+        """A launched step's draws on the device at these rows [len(rows)] (every row: the step's
+        own tensor; else a gather by an index copied to the device)."""
+        if len(rows) == len(step.seqs):
+            return step.tokens
+        return step.tokens.index_select(0, self._tensor(rows, torch.int64))
 
     @staticmethod
     def read(step: Launched) -> list[int]:

@@ -20,7 +20,8 @@ PROMPTS = random_prompts([7, 3, 11, 5, 9], seed=6)
 
 def engine(path, overlap: bool, graphs: bool = False, **kwargs) -> LLM:
     """An LLM on the CPU with overlap_decode forced; graphs: the decode graphs' buffers and
-    padding rows, replayed eagerly. Counts the steps launched ahead in `llm.launched_ahead`."""
+    padding rows, replayed eagerly. Counts the steps launched ahead in `llm.launched_ahead`, and
+    in `llm.gathered` those whose rows are fewer than the step's before (some ended there)."""
     llm = LLM(path, block_size=4, max_num_seqs=kwargs.pop("max_num_seqs", 8),
               overlap_decode=overlap, **kwargs)
     if graphs:
@@ -32,6 +33,12 @@ def engine(path, overlap: bool, graphs: bool = False, **kwargs) -> LLM:
         llm.launched_ahead += previous is not None
         return launch(seqs, is_prefill, staged=staged, previous=previous)
     llm.runner.launch = counted
+    draws_at, llm.gathered = llm.runner.draws_at, 0
+
+    def gathered(step, rows):
+        llm.gathered += len(rows) < len(step.seqs)
+        return draws_at(step, rows)
+    llm.runner.draws_at = gathered
     return llm
 
 
@@ -69,7 +76,7 @@ def test_steps_launched_ahead_draw_what_one_step_at_a_time_draws(qwen2_dir, grap
         torch.testing.assert_close(logprobs(got), logprobs(want), rtol=1e-5, atol=1e-5)
         assert all_free(ahead)
     assert {r for _, r in completions(got)} == {"stop", "length"}
-    assert plain.launched_ahead == 0 and ahead.launched_ahead > 20
+    assert plain.launched_ahead == 0 and ahead.launched_ahead > 20 and ahead.gathered > 0
 
 
 def test_the_speculative_tail_drafts_and_the_steps_before_it_go_ahead(tmp_path):
