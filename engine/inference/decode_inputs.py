@@ -139,9 +139,9 @@ class DecodeInputs:
         end = self._tables_at + size * w
         used = self._i32_start + 4 * end
         self._device[:used].copy_(self._host[:used], non_blocking=True)
-        if self._device.is_cuda:
+        if self._device.is_cuda:  # on the stream of the buffer's device, where the copy runs
             self._sent = torch.cuda.Event()
-            self._sent.record()
+            self._sent.record(torch.cuda.current_stream(self._device.device))
         if ahead:
             self.i64[0, :b].copy_(previous[:b])
         if full_tables:

@@ -126,7 +126,7 @@ class EngineLoop:
         if self._ahead is not None:
             return self._read_ahead()
         batch, kind = self.scheduler.schedule()
-        if not batch and self._release_paused():
+        if not batch and self._release_held():
             batch, kind = self.scheduler.schedule()
         if not batch:
             return None
@@ -256,9 +256,8 @@ class EngineLoop:
                 finished = None if self.scheduler.is_finished() else self.step()
                 ended = []
                 if finished is None:  # nothing can run: every reply pending is waited for
-                    if not pending:  # checked at admission: one sequence always fits the pool
-                        raise RuntimeError("generation made no progress: nothing runs, nothing "
-                                           "waits for a reply")
+                    if not pending:
+                        raise RuntimeError(self._no_progress())
                     replies = [(i, seq, reply.result())
                                for i, (seq, reply) in sorted(pending.items())]
                     pending.clear()
@@ -320,10 +319,25 @@ class EngineLoop:
         self.scheduler.resume(seq, list(reply))
         return False
 
-    def _release_paused(self) -> bool:
-        """Free the blocks of every paused sequence (recomputed when it resumes), oldest first;
-        False if none held any."""
+    def _no_progress(self) -> str:
+        """Why nothing runs and nothing waits for a reply: a resumed turn made its sequence longer
+        than the KV pool (a request's first turn is checked at admission, the later ones grow)."""
+        blocks, head = self.block_manager, next(iter(self.scheduler.waiting), None)
+        needed = 0 if head is None else blocks.blocks_for(head.num_tokens)
+        if needed > blocks.num_blocks:
+            return (f"request sequence {head.seq_id} has grown to {head.num_tokens} tokens over "
+                    f"its turns ({needed} blocks), more than the KV pool holds "
+                    f"({blocks.num_blocks} blocks of {blocks.block_size} tokens); raise "
+                    "kv_cache_memory or cap the trajectory (max_total_tokens)")
+        return "generation made no progress: nothing runs, nothing waits for a reply"
+
+    def _release_held(self) -> bool:
+        """When nothing can run: free the blocks of every paused sequence and of every resumed turn
+        still waiting to be admitted with its blocks (each recomputed when it runs), oldest first;
+        False if none held any. A resumed turn keeps its blocks while it waits, so turns resumed
+        together could hold the pool that the queue's head needs, and no step would run again."""
         held = [seq for _, seq in sorted(self._paused.items()) if seq.block_table]
+        held += [seq for seq in self.scheduler.waiting if seq.block_table]
         for seq in held:
             self.scheduler.release(seq)
         return bool(held)
@@ -344,7 +358,9 @@ class EngineLoop:
     def _stop(self) -> None:
         """A stop rule's stop: every unfinished sequence stopped, paused ones included (their
         blocks freed, finish_reason None); their tokens so far stay."""
-        self._ahead = None  # never read: its rows' sequences are stopped
+        if self._ahead is not None:  # never read: waited for, so that nothing it runs outlives
+            self.runner.read(self._ahead)  # the run (a trainer may free the weights it reads)
+            self._ahead = None
         stopped = self.scheduler.abort()
         for seq in self._paused.values():
             self.scheduler.release(seq)

@@ -196,9 +196,9 @@ class ModelRunner:
         self._staged_turn ^= 1
         host.copy_(tokens, non_blocking=True)
         done = None
-        if tokens.is_cuda:
+        if tokens.is_cuda:  # on the stream of the step's device (not the current device's)
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(tokens.device))
         return Launched(seqs, tokens, host, done, first)
 
     def draws_at(self, step: Launched, rows: list[int]) -> torch.Tensor:

@@ -138,11 +138,12 @@ class Scheduler:
         self.num_preemptions += 1
 
     def abort(self) -> list[Sequence]:
-        """Stop every unfinished sequence (a partial rollout's spent budget): their blocks freed,
-        the queue emptied. Returns them, oldest first; their tokens so far stay."""
+        """Stop every unfinished sequence (a partial rollout's spent budget): their blocks freed
+        (a resumed turn's too, waiting with the blocks of its earlier turns), the queue emptied.
+        Returns them, oldest first; their tokens so far stay."""
         chunking = [self.prefilling] if self.prefilling is not None else []
         stopped = list(self.running) + chunking + list(self.waiting)
-        for seq in list(self.running) + chunking:
+        for seq in stopped:
             self.block_manager.deallocate(seq)
             seq.chunk_end = None
         self.prefilling = None

@@ -5,6 +5,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from fusedrl.engine.inference.block_manager import BlockManager
 from fusedrl.engine.inference.drafts import Drafts
@@ -136,3 +137,54 @@ def test_a_hook_s_error_leaves_the_engine_idle_for_the_next_run(llm):
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
     assert [s.completion_token_ids for s in llm.run([Request(p, GREEDY) for p in PROMPTS])] == expected
+
+
+def small_pool(qwen2_dir, blocks: int) -> LLM:
+    """An LLM whose KV pool holds `blocks` blocks of 4 tokens."""
+    from fusedrl.engine.inference.runner import kv_bytes_per_block
+    config = LLM(qwen2_dir, kv_cache_memory=1 << 20).config
+    return LLM(qwen2_dir, block_size=4, kv_cache_memory=blocks * kv_bytes_per_block(
+        config, torch.float32, 4))
+
+
+@pytest.mark.parametrize("blocks", [14, 15])
+def test_turns_resumed_together_in_a_small_pool_all_run_to_their_end(qwen2_dir, blocks):
+    """Turns resumed in one step wait for admission with the blocks of their earlier turns; where
+    those hold the pool the queue's head needs, they are freed (recomputed when they run), as
+    paused ones are: every trajectory ends, every block is free."""
+    turns = {}
+
+    def on_end(index, seq):  # three turns, replies of 2 to 5 tokens
+        turns[index] = turns.get(index, 0) + 1
+        return None if turns[index] == 3 else [20 + index] * (2 + (index + turns[index]) % 4)
+    prompts = random_prompts([9, 4, 11, 6, 3], seed=5)
+    llm = small_pool(qwen2_dir, blocks)
+    seqs = llm.run([Request(p, SamplingParams(temperature=0.0, max_new_tokens=4)) for p in prompts],
+                   on_end=on_end)
+    assert turns == {i: 3 for i in range(5)} and all(s.finish_reason == "length" for s in seqs)
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_a_trajectory_grown_past_the_pool_says_so(qwen2_dir):
+    """A request's first turn is checked at admission; a later turn that makes it longer than the
+    whole pool (8 blocks of 4 tokens) is a one-line error naming it, not a silent stall."""
+    llm = small_pool(qwen2_dir, 8)
+    request = Request(PROMPTS[2], SamplingParams(temperature=0.0, max_new_tokens=4))
+    # 11 prompt tokens, turns of 4, replies of 10: the third turn's prefill needs 39 tokens
+    with pytest.raises(RuntimeError, match=r"request sequence \d+ has grown to 39 tokens over its "
+                                           r"turns \(10 blocks\), more than the KV pool holds \(8 "
+                                           r"blocks of 4 tokens\)"):
+        llm.run([request], on_end=lambda index, seq: [30] * 10)
+    assert llm.block_manager.num_free_blocks == 8
+
+
+def test_a_stop_frees_the_blocks_of_turns_resumed_and_not_yet_admitted(llm):
+    """A token budget stops a run while resumed turns wait with the blocks of their earlier turns:
+    those are freed too, their prefix keys forgotten (K/V of these weights is never shared with a
+    later run)."""
+    requests = [Request(p, SamplingParams(temperature=0.0, max_new_tokens=3)) for p in PROMPTS]
+    for budget in (11, 26):
+        llm.run(requests, TokenBudget(budget), on_end=lambda index, seq: [20 + index, 21, 22])
+        bm = llm.block_manager
+        assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts)
+        assert not bm.key_to_block
