@@ -29,6 +29,7 @@ import transformers
 from fusedrl.bench import harness
 from fusedrl.bench.shapes import QWEN25_05B, QWEN3_06B, TINY
 from fusedrl.engine.inference.llm import LLM
+from fusedrl.engine.inference.scheduler import StepKind
 from fusedrl.engine.inference.sampling_params import SamplingParams
 from fusedrl.engine.inference.runner import kv_bytes_per_block
 
@@ -67,41 +68,26 @@ def build_model_dir(args, device, dtype) -> tuple[Path, transformers.PreTrainedM
 @contextlib.contextmanager
 def step_times(llm: LLM):
     """Inside: each engine step's (is_prefill, seconds, rows) appended to the yielded list, timed
-    around EngineLoop.step, which returns once the step's draws are on the host (the step has
-    finished on the device). A step's kind and rows are those of the step it reads: with decode
-    steps launched ahead (engine_loop.py), the step launched in the call before, its rows those
-    it kept. A prompt's chunk counts as a prefill; a speculative verify step, neither."""
+    around EngineLoop.step, which returns once the step it reads has its draws on the host (the
+    step has finished on the device); its kind and rows are the loop's (`last_kind`,
+    `last_drawn`): with decode steps launched ahead (engine_loop.py), those of the step launched
+    in the call before. A prompt's chunk counts as a prefill; a speculative verify step, neither."""
     steps = []
-    step, launch = llm.step, llm.runner.launch
-    launched = []  # (is_prefill, rows) of the launches in the step under way, ahead ones left out
-
-    def counted(seqs, is_prefill, staged=False, previous=None):
-        if previous is None:
-            launched.append((is_prefill, len(seqs)))
-        return launch(seqs, is_prefill, staged=staged, previous=previous)
-
-    def chunk(seq):
-        launched.append((True, 1))
-        return prefill_chunk(seq)
+    step = llm.step
 
     def timed():
-        launched.clear()
-        reads_ahead = llm.reads_ahead
         t = time.perf_counter()
         out = step()
         seconds = time.perf_counter() - t
-        if reads_ahead:
-            steps.append((False, seconds, llm.last_drawn))
-        elif launched:
-            steps.append((launched[0][0], seconds, launched[0][1]))
+        if llm.last_kind in (StepKind.PREFILL, StepKind.CHUNK, StepKind.DECODE):
+            steps.append((llm.last_kind is not StepKind.DECODE, seconds, llm.last_drawn))
         return out
 
-    prefill_chunk = llm.runner.prefill_chunk
-    llm.step, llm.runner.launch, llm.runner.prefill_chunk = timed, counted, chunk
+    llm.step = timed
     try:
         yield steps
     finally:
-        llm.step, llm.runner.launch, llm.runner.prefill_chunk = step, launch, prefill_chunk
+        llm.step = step
 
 
 def time_ours(llm: LLM, prompts, params):

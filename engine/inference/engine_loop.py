@@ -65,6 +65,7 @@ class EngineLoop:
         self._rng = random.Random(seed)
         self._ahead: Launched | None = None  # a decode step launched ahead, not yet read
         self.last_drawn = 0  # tokens the last step drew (rows kept): a run's stop rules read it
+        self.last_kind: StepKind | None = None  # the kind of the step the last step() read
 
     def add(self, request: Request, index: int = 0) -> Sequence:
         """Queue one request (checked first: `index` names it in the error); the next steps run it.
@@ -122,7 +123,7 @@ class EngineLoop:
         (ended, or PAUSED with their blocks kept when they pause), or None when nothing can run
         (every waiting sequence needs blocks that paused ones hold, and none holds any). With a
         decode step launched ahead, this step is that one, read (and maybe the next launched)."""
-        self.last_drawn = 0
+        self.last_drawn, self.last_kind = 0, None
         if self._ahead is not None:
             return self._read_ahead()
         batch, kind = self.scheduler.schedule()
@@ -133,6 +134,7 @@ class EngineLoop:
         drafts = self.drafts.propose(batch) if kind is StepKind.DECODE else None
         if drafts is not None:
             kind = StepKind.VERIFY
+        self.last_kind = kind
         routing = self.runner.routing is not None
         # positions each sequence forwards in this step: [start, end) (a decode step's only to
         # keep routing records)
@@ -155,9 +157,8 @@ class EngineLoop:
             ahead = kind is StepKind.DECODE and self._goes_ahead(batch)
             launched = self.runner.launch(batch, kind is StepKind.PREFILL, staged=ahead)
             self.last_drawn = len(batch)
-            if ahead and self.block_manager.append_slots(batch, ahead=1):
-                self._ahead = self.runner.launch(batch, False, staged=True,
-                                                 previous=launched.tokens)
+            if ahead:
+                self._launch_ahead(batch, launched.tokens)
             emitted = self.runner.read(launched)
         if routing:  # before postprocess frees a finished one's blocks
             self.runner.keep_routing(spans, kind is StepKind.DECODE)
@@ -205,17 +206,24 @@ class EngineLoop:
                 and all(map(operator.is_, batch, scheduler.running))
                 and not all(scheduler.at_length(seq, seq.num_tokens + 1) for seq in batch))
 
+    def _launch_ahead(self, batch: list[Sequence], draws) -> None:
+        """The decode step of `batch` one token further, its input ids `draws` (the device draws
+        of the step it continues, not yet read), launched as `_ahead` where every row's next slot
+        can be taken; else nothing (the step is read first, then scheduled as any other)."""
+        if self.block_manager.append_slots(batch, ahead=1):
+            self._ahead = self.runner.launch(batch, False, staged=True, previous=draws)
+
     def _read_ahead(self) -> list[Sequence]:
         """The step launched ahead, read: the next launched first (its rows the sequences still
         running, their input ids gathered from this step's draws) where it goes ahead too; the
         rows of sequences the step before ended are dropped, the others' tokens appended (their
         log-probs at the step's slots)."""
         step, self._ahead = self._ahead, None
+        self.last_kind = StepKind.DECODE
         rows = [i for i, seq in enumerate(step.seqs) if seq.status is SequenceStatus.RUNNING]
         batch = [step.seqs[i] for i in rows]
-        if batch and self._goes_ahead(batch) and self.block_manager.append_slots(batch, ahead=1):
-            self._ahead = self.runner.launch(batch, False, staged=True,
-                                             previous=self.runner.draws_at(step, rows))
+        if batch and self._goes_ahead(batch):
+            self._launch_ahead(batch, self.runner.draws_at(step, rows))
         tokens = self.runner.read(step)
         finished = self.scheduler.postprocess(batch, [tokens[i] for i in rows])
         for i, seq in zip(rows, batch):
