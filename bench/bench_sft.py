@@ -9,7 +9,9 @@ materializes [B, T, V] logits and their fp32 copy. Reports tokens/s of a full op
 (forward, backward, clip, AdamW), the speedup, and the peak memory above the model + optimizer state.
 Ours runs the step as one forward (data.tokens_per_microbatch = the step's tokens) and, for the
 `per-row` column, as one forward per sequence (row-count micro-batches): the same gradient, so the
-ratio is what packing to a token budget buys.
+ratio is what packing to a token budget buys. On a GPU the `graphs` column is the packed step with
+train.cuda_graphs (engine/train/captured_forwards.py: the forward replayed from a CUDA graph, its
+capture in the warm-up step), not with gradient checkpointing.
 `--quick` runs a tiny fp32 model on the CPU to check the script itself.
 
     python bench/bench_sft.py                    # GPU: batches 4x1024 and 8x2048
@@ -29,13 +31,15 @@ from fusedrl.bench import harness
 from fusedrl.bench.shapes import QWEN25_05B, TINY, model_dir as checkpoint_dir
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.train.optim import build_optimizer, build_scheduler
-from fusedrl.engine.stages.sft import sft_stage
+from fusedrl.engine.stages.sft import SFT_CAPTURED, sft_stage
+from fusedrl.engine.train.captured_forwards import CapturedForwards
 from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
 from fusedrl.engine.train.precision import param_dtype, resolve_precision
 from fusedrl.engine.train.supervised import step_forwards, train_step
 
-COLUMNS = [("shape", "batch"), ("ours_tok_s", "ours tok/s"), ("ours_per_row_tok_s", "per-row tok/s"),
+COLUMNS = [("shape", "batch"), ("ours_tok_s", "ours tok/s"), ("ours_graphs_tok_s", "graphs tok/s"),
+           ("ours_per_row_tok_s", "per-row tok/s"),
            ("hf_tok_s", "hf tok/s"), ("speedup", "speedup"),
            ("ours_peak_gib", "ours peak GiB"), ("hf_peak_gib", "hf peak GiB"), ("memory_ratio", "hf/ours mem")]
 
@@ -72,12 +76,16 @@ def bench_ours(model_dir: Path, examples, device, checkpointing: bool) -> dict:
     model.gradient_checkpointing = checkpointing
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, 10**6)
-    stage = sft_stage(str(model_dir), dtype, device)
+    stage = sft_stage(str(dtype).removeprefix("torch."), device)
     tokens = sum(ex.num_tokens for ex in examples)
+    packed = step_forwards(stage, [examples], tokens)
+    variants = [("", packed, None), ("per_row_", step_forwards(stage, [[ex] for ex in examples], None), None)]
+    if device.type == "cuda" and not checkpointing:
+        variants.append(("graphs_", packed, CapturedForwards(model, SFT_CAPTURED, tokens)))
     results = {}
-    for prefix, forwards in (("", step_forwards(stage, [examples], tokens)),
-                             ("per_row_", step_forwards(stage, [[ex] for ex in examples], None))):
-        step = lambda: train_step(model, stage, forwards, optimizer, scheduler, cfg, device)  # noqa: E731
+    for prefix, forwards, captured in variants:
+        step = lambda: train_step(model, stage, forwards, optimizer, scheduler, cfg, device,  # noqa: E731
+                                  captured=captured)
         results.update({prefix + k: v for k, v in _measure(step, device, tokens).items()})
     return results
 
@@ -124,7 +132,8 @@ def main():
         examples = make_batch(b, t, vocab)
         ours = bench_ours(model_dir, examples, device, args.gradient_checkpointing)
         row = {"shape": f"{b}x{t}", "ours_tok_s": ours["tok_s"], "ours_ms": ours["ms"], "ours_peak_gib": ours["peak_gib"],
-               "ours_per_row_tok_s": ours["per_row_tok_s"], "ours_per_row_ms": ours["per_row_ms"]}
+               "ours_per_row_tok_s": ours["per_row_tok_s"], "ours_per_row_ms": ours["per_row_ms"],
+               "ours_graphs_tok_s": ours.get("graphs_tok_s"), "ours_graphs_ms": ours.get("graphs_ms")}
         if not args.skip_hf:
             hf = bench_hf(model_dir, examples, device, args.gradient_checkpointing)
             row.update(hf_tok_s=hf["tok_s"], hf_ms=hf["ms"], hf_peak_gib=hf["peak_gib"],

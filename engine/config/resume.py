@@ -38,6 +38,8 @@ APPLIED_ON_RESUME = frozenset({
     "data.tokens_per_microbatch", "ppo.microbatch_size", "ppo.tokens_per_microbatch",
     "rollout.kv_cache_memory",
     "rollout.block_size", "rollout.tokens_per_forward", "rollout.release_kv_pool",
+    # how the same step runs: its forwards replayed from CUDA graphs
+    "train.cuda_graphs",
     # PPO's sampling, loss and reward settings, read at every iteration
     "rollout.temperature", "rollout.top_k", "rollout.top_p", "rollout.ignore_eos", "rollout.exact",
     "rollout.dynamic_sampling", "rollout.max_sampling_rounds", "rollout.overlong_buffer",

@@ -22,6 +22,8 @@ from ..train.run_setup import start_run
 from ..parallel.context_parallel import shard_logprobs
 from ..parallel.layout import layout_at_load
 from ..plan.check import supervised_startup_check
+from ..train.captured_forwards import CapturedLoss
+from ..train.captured_micro_batch import Column
 from ..train.router_losses import with_router_losses
 from ..train.supervised import Stage, train
 from ..train.vision_tower import set_vision_trainable
@@ -52,6 +54,33 @@ def sft_loss(model, batch: PackedBatch, step_counts: dict):
     return nll_sum / max(step_counts["tokens"], 1), stats
 
 
+def sft_graph_loss(model):
+    """The SFT loss of a captured forward (captured_forwards.py): -sum of log p(label) x weight
+    over the padded pack's rows (hidden [rows, H]); the weight is 1 / the step's response tokens at
+    a target's row, 0 elsewhere (the prompt's rows and the filler's)."""
+    def loss(hidden, columns):
+        logp = lm_head_logprobs(hidden, model.lm_head.weight, columns["labels"])
+        return -(logp * columns["weight"]).sum()
+    return loss
+
+
+def sft_graph_values(batch: PackedBatch, step_counts: dict) -> dict:
+    """The columns of a captured forward (labels, weight [N] on the batch's device): each target's
+    id and 1 / the step's response tokens at the row predicting it, 0 elsewhere."""
+    n, device = batch.input_ids.shape[0], batch.input_ids.device
+    labels = torch.zeros(n, dtype=torch.int64, device=device)
+    weight = torch.zeros(n, dtype=torch.float32, device=device)
+    return {"labels": labels.index_copy_(0, batch.target_rows, batch.target_ids),
+            "weight": weight.index_fill_(0, batch.target_rows,
+                                         1.0 / max(step_counts["tokens"], 1))}
+
+
+SFT_CAPTURED = CapturedLoss(
+    columns={"labels": Column(torch.int64, 0), "weight": Column(torch.float32, 0.0)},
+    make_loss=sft_graph_loss, values=sft_graph_values,
+    stats=lambda loss, batch, step_counts: {"nll_sum": loss * max(step_counts["tokens"], 1)})
+
+
 def sft_summarize(stats: dict, counts: dict) -> dict:
     loss = stats["nll_sum"] / max(counts["tokens"], 1)
     moe = {name: stats[name] for name in ("router_aux_loss", "router_z_loss", "expert_dropped")
@@ -70,7 +99,8 @@ def sft_stage(dtype: str, device, sharder=None, router=None) -> Stage:
     loss = with_router_losses(sft_loss, router, _batch_share) if router is not None else sft_loss
     return Stage(collate=collate_sft, counts=sft_counts, loss=loss, summarize=sft_summarize,
                  load_weights=lambda path: load_model(path, dtype=dtype, device=device,
-                                                      shard=sharder))
+                                                      shard=sharder),
+                 captured=SFT_CAPTURED)
 
 
 @releases_output_dir

@@ -74,11 +74,15 @@ class CapturedMicroBatch:
 
     model: a CausalLM (not tensor- or context-parallel). loss: LossFn. columns: name -> Column of
     every per-token input the loss reads. warmup: eager steps before the capture (lazy inits,
-    Triton compiles and autotuning happen there, not in the graph).
+    Triton compiles and autotuning happen there, not in the graph). grads: FlatGradients of the
+    model's trained parameters to add into, shared with other buckets of the same model (default:
+    its own, made at the first run). pool: a graph memory pool (torch.cuda.graph_pool_handle())
+    shared with other buckets whose runs never overlap (default: its own).
     """
 
     def __init__(self, model, loss: LossFn, columns: Mapping[str, Column], tokens: int,
-                 sequences: int, warmup: int = 2):
+                 sequences: int, warmup: int = 2, grads: FlatGradients | None = None,
+                 pool=None):
         for name, value in (("tokens", tokens), ("sequences", sequences), ("warmup", warmup)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"CapturedMicroBatch: {name}={value!r}, expected an int >= 1")
@@ -95,15 +99,8 @@ class CapturedMicroBatch:
         self.rows = -(-(tokens + sequences) // ROW_MULTIPLE) * ROW_MULTIPLE
         self.columns = dict(columns)
         self.graphs = self.device.type == "cuda"
-        if self.graphs:  # the kernel the model's packed forward takes, at its own head size
-            config = model.config
-            kernel = attention_backend(torch.empty(1, config.num_heads, config.head_dim,
-                                                   device=self.device, dtype=weight.dtype))
-            if kernel not in VARLEN_KERNELS:
-                raise ValueError(
-                    f"CapturedMicroBatch: packed attention runs {kernel!r} on {self.device} for "
-                    f"{weight.dtype} at head size {config.head_dim}; a graph needs a varlen kernel "
-                    f"({', '.join(VARLEN_KERNELS)}), which reads the boundaries from the device")
+        if self.graphs and (problem := packed_attention_problem(model)) is not None:
+            raise ValueError(f"CapturedMicroBatch: {problem}")
         self._ids = torch.zeros(self.rows, dtype=torch.int64, device=self.device)
         self._positions = torch.zeros(self.rows, dtype=torch.int64, device=self.device)
         self._cu_seqlens = torch.zeros(sequences + 2, dtype=torch.int32, device=self.device)
@@ -114,7 +111,9 @@ class CapturedMicroBatch:
         self._meta = AttentionMetadata.packed([self.rows - sequences] + [1] * sequences,
                                               self.device, self._cu_seqlens)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.grads: FlatGradients | None = None  # made at the first run (the graph adds into them)
+        self.pool = pool
+        # made at the first run unless shared (the graph adds into them)
+        self.grads: FlatGradients | None = grads
         self._loss: torch.Tensor | None = None
 
     def fits(self, tokens: int, sequences: int) -> bool:
@@ -225,11 +224,26 @@ class CapturedMicroBatch:
         if self.grads is None:
             self.grads = FlatGradients(params)
         else:
+            self._check_trained()
             self.grads.reattach()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             self._loss = self._step()
         return graph
+
+
+def packed_attention_problem(model) -> str | None:
+    """Why a graph of `model`'s packed forward (on its device, dtype and head size) would replay
+    the capture's sequence boundaries (a clause), or None where its attention kernel reads them from
+    the device."""
+    config, weight = model.config, model.model.embed_tokens.weight
+    kernel = attention_backend(torch.empty(1, config.num_heads, config.head_dim,
+                                           device=weight.device, dtype=weight.dtype))
+    if kernel in VARLEN_KERNELS:
+        return None
+    return (f"packed attention runs {kernel!r} on {weight.device} for {weight.dtype} at head size "
+            f"{config.head_dim}; a graph needs a varlen kernel ({', '.join(VARLEN_KERNELS)}), "
+            "which reads the boundaries from the device")
 
 
 def filler_lengths(rows: int, sequences: int) -> list[int]:

@@ -37,6 +37,7 @@ from ..parallel import distributed
 from ..parallel.dims import ParallelDims
 from ..parallel.layout import layout
 from . import adapters, optim
+from .captured_forwards import CapturedForwards, CapturedLoss, blocker
 from .checkpoint import SavedModel, Trainables
 from .loop import RunPlan, run_training
 from . import runlog
@@ -50,7 +51,8 @@ class Stage:
     counts(batch) -> denominators the batch adds to its step ({"tokens": ...}); loss(model, batch,
     step_counts) -> (loss already divided by the step's counts, summable stats: 0-dim tensors or
     Python numbers, read on the host once per step); summarize(stats, counts) -> metrics from the
-    stats' host values (for train steps and for eval).
+    stats' host values (for train steps and for eval); captured: the same loss as a CUDA graph
+    computes it (train.cuda_graphs; captured_forwards.py), None where the stage has none.
     """
 
     collate: Callable
@@ -59,6 +61,7 @@ class Stage:
     summarize: Callable
     # directory -> model (a checkpoint of the earlier layout's model directory)
     load_weights: Callable
+    captured: CapturedLoss | None = None
 
 
 @dataclass
@@ -138,6 +141,21 @@ def step_forwards(stage: Stage, groups: list[list[TokenizedExample]], budget: in
     return [stage.collate(group) for group in groups]
 
 
+def captured_forwards(model, stage: Stage, cfg: StageConfig, device, lora=None
+                      ) -> CapturedForwards | None:
+    """train.cuda_graphs: the run's training forwards, each replayed from a CUDA graph
+    (captured_forwards.py; buckets of the run's token budget of one forward), or None when off. A
+    UsageError in one line where the run cannot (the model laid out and its recompute set)."""
+    if not cfg.train.cuda_graphs:
+        return None
+    why = blocker(model, device, stage.captured, model.gradient_checkpointing, lora)
+    if why is not None:
+        raise UsageError(f"train.cuda_graphs=true: not supported here: {why}; set "
+                         "train.cuda_graphs=false")
+    budget = cfg.data.tokens_per_microbatch or cfg.data.tokens_per_batch
+    return CapturedForwards(model, stage.captured, budget)
+
+
 def add_stats(total: dict, stats: dict) -> dict:
     """Add a forward's stats into `total` (in place; returned): tensors stay on the device, a
     floating one in float64 so the sum is the one Python would make of the values."""
@@ -167,10 +185,11 @@ def to_device(batch, device: torch.device):
 
 
 def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: StageConfig, device,
-               forwards: int | None = None) -> dict:
+               forwards: int | None = None, captured: CapturedForwards | None = None) -> dict:
     """One optimizer step over `batches` (this rank's forwards of the step, from step_forwards);
     returns the step's metrics over all ranks (the same on every rank, so all take the same skip).
-    forwards: the most forwards any rank runs this step (default len(batches)).
+    forwards: the most forwards any rank runs this step (default len(batches)). captured: each
+    forward replayed from a CUDA graph instead (one process: see captured_forwards.blocker).
     A non-finite loss or gradient skips the step on the device (optim.clip_and_step): the step is
     queued before any metric is read, all of them with one host sync."""
     step_counts = distributed.all_reduce_sum(
@@ -190,8 +209,11 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
         (loss * distributed.world_size() * cfg.train.context_parallel).backward()
 
     for batch in batches:
-        loss, batch_stats = stage.loss(model, to_device(batch, device), step_counts)
-        backward(loss)
+        if captured is not None:  # its backward is in the graph
+            loss, batch_stats = captured.run(to_device(batch, device), step_counts)
+        else:
+            loss, batch_stats = stage.loss(model, to_device(batch, device), step_counts)
+            backward(loss)
         step_loss = step_loss + loss.detach()
         add_stats(stats, batch_stats)
     # A token budget can cut the ranks' examples into different numbers of forwards: a rank with
@@ -261,6 +283,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device,
     model.train()
     model.set_recompute(cfg.train.checkpointing(), cfg.train.activation_offload)
     steps = total_steps(train_ex, cfg)
+    captured = captured_forwards(model, stage, cfg, device, lora)
     optimizer = optim.build_optimizer(model if lora is None else lora, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.optim, steps)
     saved = ({"model": SavedModel(model, stage.load_weights)} if lora is None
@@ -280,7 +303,7 @@ def train(model, stage: Stage, train_ex, eval_ex, cfg: StageConfig, device,
         rank_sizes = distributed.all_gather((sum(len(b.input_ids) for b in batches), len(batches)))
         rank_tokens, rank_forwards = (list(column) for column in zip(*rank_sizes))
         metrics = train_step(model, stage, batches, optimizer, scheduler, cfg, device,
-                             max(rank_forwards))
+                             max(rank_forwards), captured)
         state.epoch, state.batch_index = group[-1][0], group[-1][1] + 1
         # a tensor (context) group's ranks ran the same tokens
         tokens = sum(rank_tokens[::same_rows(cfg.train)])
