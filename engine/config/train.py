@@ -289,7 +289,7 @@ class TrainConfig(RunConfig):
     max_steps: int | None = option("stop after this many optimizer steps (overrides epochs)")
     eval_every: int = option("evaluate every this many steps (0 = only at the end)", 0)
     cuda_graphs: bool = option(
-        "SFT: replay each training forward (the forward, the loss and the backward) from a CUDA "
+        "replay each training forward (the forward, the loss and the backward) from a CUDA "
         "graph, one per bucket of sequence counts, captured at its first use: one host call a "
         "forward instead of hundreds of launches; one GPU, a dense text model, without "
         "gradient checkpointing or LoRA for now (docs/training.md)", False)

@@ -43,7 +43,9 @@ from ..parallel.layout import layout_at_load
 from ..plan.check import supervised_startup_check
 from ..train.supervised import Stage, train
 from ..train.vision_tower import set_vision_trainable
-from .sft import target_nll_sum
+from ..train.captured_forwards import CapturedLoss
+from ..train.captured_micro_batch import Column
+from .sft import SFT_CAPTURED, sft_graph_loss, sft_graph_values, target_nll_sum
 
 
 def ranking_pairs(group_sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -114,6 +116,73 @@ def rm_loss(model: RewardModel, batch: PackedBatch, step_counts: dict, beta_rm: 
     return loss, stats
 
 
+def rm_graph_loss(beta_rm: float):
+    """make_loss of the reward model's captured forward (captured_forwards.py): the ranking term
+    over the pairs written in the columns (each pair's rows: the two sequences' last tokens, its
+    weight: 1 / C(K, 2) / the step's rankings; pads weigh 0), plus beta_rm x the LM term as SFT's;
+    outputs: the two terms and the pairs ranked correctly."""
+    def make(model):
+        def loss(hidden, columns):
+            scores = model.score(hidden).squeeze(-1)                            # [rows] fp32
+            margin = (scores.index_select(0, columns["preferred"])
+                      - scores.index_select(0, columns["other"]))               # [rows]
+            weight = columns["pair_weight"]
+            outputs = {"rank": -(F.logsigmoid(margin) * weight).sum(),
+                       "correct": ((margin > 0) & (weight > 0)).sum()}
+            total = outputs["rank"]
+            if beta_rm > 0:
+                outputs["lm"] = sft_graph_loss(model)(hidden, columns)
+                total = total + beta_rm * outputs["lm"]
+            return total, outputs
+        return loss
+    return make
+
+
+def rm_graph_values(batch: PackedBatch, step_counts: dict, beta_rm: float) -> dict:
+    """The columns of a captured forward ([N] each, on the batch's device): the pairs of the
+    pack's rankings in the first P rows (preferred and other: the last rows of their sequences;
+    pair_weight: 1 / C(K, 2) / the step's rankings), zeros after them; with beta_rm, SFT's labels
+    and weights over the best responses' tokens (1 / the step's LM tokens)."""
+    n, device = batch.input_ids.shape[0], batch.input_ids.device
+    pairs, weights = ranking_pairs(batch.group_sizes)                        # [2, P], [P]
+    last = np.cumsum(batch.seqlens, dtype=np.int64) - 1
+    columns = np.zeros((2, n), dtype=np.int64)
+    columns[:, :pairs.shape[1]] = last[pairs]
+    pair_weight = np.zeros(n, dtype=np.float32)
+    pair_weight[:pairs.shape[1]] = weights / max(step_counts["examples"], 1)
+    values = {"preferred": device_tensor(columns[0], torch.int64, device),
+              "other": device_tensor(columns[1], torch.int64, device),
+              "pair_weight": device_tensor(pair_weight, torch.float32, device)}
+    if beta_rm > 0:
+        values.update(sft_graph_values(batch, {"tokens": step_counts["lm_tokens"]}))
+    return values
+
+
+def rm_graph_pairs_fit(batch: PackedBatch) -> bool:
+    """Whether the pack's pairs fit its rows (a column holds one pair a row): always for pairs;
+    not for a ranking of many one-token responses."""
+    return sum(k * (k - 1) // 2 for k in batch.group_sizes) <= batch.input_ids.shape[0]
+
+
+def rm_captured(beta_rm: float) -> CapturedLoss:
+    """The reward model's loss as its captured forwards compute it (train.cuda_graphs)."""
+    columns = {"preferred": Column(torch.int64, 0), "other": Column(torch.int64, 0),
+               "pair_weight": Column(torch.float32, 0.0)}
+    if beta_rm > 0:
+        columns.update(SFT_CAPTURED.columns)
+
+    def stats(loss, outputs, batch, step_counts):
+        out = {"rank_sum": outputs["rank"] * max(step_counts["examples"], 1),
+               "correct": outputs["correct"],
+               "pairs": sum(k * (k - 1) // 2 for k in batch.group_sizes)}
+        if beta_rm > 0:
+            out["nll_sum"] = outputs["lm"] * max(step_counts["lm_tokens"], 1)
+        return out
+    return CapturedLoss(columns, rm_graph_loss(beta_rm),
+                        lambda batch, step_counts: rm_graph_values(batch, step_counts, beta_rm),
+                        stats, rm_graph_pairs_fit)
+
+
 def rm_summarize(stats: dict, counts: dict, beta_rm: float) -> dict:
     rank_loss = stats["rank_sum"] / max(counts["examples"], 1)
     out = {"rank_loss": rank_loss, "accuracy": stats["correct"] / max(stats["pairs"], 1),
@@ -129,7 +198,8 @@ def rm_stage(cfg: RMConfig, dtype: torch.dtype, device, sharder=None) -> Stage:
                  loss=lambda model, batch, counts: rm_loss(model, batch, counts, cfg.beta_rm),
                  summarize=lambda stats, counts: rm_summarize(stats, counts, cfg.beta_rm),
                  load_weights=lambda path: load_reward_model(path, dtype=dtype, device=device,
-                                                             shard=sharder))
+                                                             shard=sharder),
+                 captured=rm_captured(cfg.beta_rm))
 
 
 def reference_sequences(cfg: RMConfig, tokenizer, records: list) -> list[list[int]]:

@@ -78,7 +78,8 @@ def sft_graph_values(batch: PackedBatch, step_counts: dict) -> dict:
 SFT_CAPTURED = CapturedLoss(
     columns={"labels": Column(torch.int64, 0), "weight": Column(torch.float32, 0.0)},
     make_loss=sft_graph_loss, values=sft_graph_values,
-    stats=lambda loss, batch, step_counts: {"nll_sum": loss * max(step_counts["tokens"], 1)})
+    stats=lambda loss, outputs, batch, step_counts: {
+        "nll_sum": loss * max(step_counts["tokens"], 1)})
 
 
 def sft_summarize(stats: dict, counts: dict) -> dict:

@@ -1,7 +1,7 @@
-"""A supervised stage's training forwards replayed from CUDA graphs (`train.cuda_graphs=true`):
-each forward's forward, loss and backward one CapturedMicroBatch replay
-(captured_micro_batch.py), in buckets that share the model's flat gradients and one graph memory
-pool.
+"""A supervised stage's training forwards (SFT's, the reward model's) replayed from CUDA graphs
+(`train.cuda_graphs=true`): each forward's forward, loss and backward one CapturedMicroBatch
+replay (captured_micro_batch.py), in buckets that share the model's flat gradients and one graph
+memory pool.
 
 Why: a micro-batch called op by op is host-bound on a GPU at small and middling sizes. On the H200
 of 2026-11-28 a 1k-token micro-batch at the Qwen2.5-0.5B shape took 101.7 ms called, and 21.4 ms
@@ -10,9 +10,11 @@ steps were still called op by op.
 
 A stage says what its graph computes with a `CapturedLoss`: its per-token columns and their filler
 values, the loss on the padded pack's hidden states, the columns of one batch, and the stats
-(supervised.Stage's) from the loss it returns. The loss is weighted per token by the step's counts,
-so a replay's loss is the eager loss of that forward and the gradients add up as the eager
-backwards' do.
+(supervised.Stage's) from the loss and the loss function's other outputs. The loss is weighted per
+row by the step's counts (SFT: each target by 1 / the step's response tokens; the reward model:
+each ranked pair, written one a row, by 1 / C(K, 2) / the step's rankings), so a replay's loss is
+the eager loss of that forward and the gradients add up as the eager backwards' do. A pack whose
+columns do not fit its rows (a ranking of many one-token responses) runs the stage's eager loss.
 
 Buckets: every forward of a run holds at most `tokens` tokens (its token budget:
 data.tokens_per_microbatch, else data.tokens_per_batch); the number of sequences varies, and a
@@ -53,12 +55,15 @@ class CapturedLoss:
     columns: name -> Column of every per-token input of the loss. make_loss(model) -> LossFn on
     hidden [rows, H] and the columns [rows] (filler rows hold each column's pad and must weigh
     nothing). values(batch, step_counts) -> name -> [N] tensor on the batch's device, the columns
-    of one pack of N tokens. stats(loss, batch, step_counts) -> the stats supervised.Stage.loss
-    would return beside that loss (0-dim tensors)."""
+    of one pack of N tokens. stats(loss, outputs, batch, step_counts) -> the stats
+    supervised.Stage.loss would return beside that loss (0-dim tensors; outputs: the loss
+    function's other outputs, if any). fits(batch) -> whether a pack's columns can be written
+    (default: always); one that cannot runs the stage's eager loss."""
     columns: Mapping[str, Column]
     make_loss: Callable[[torch.nn.Module], LossFn]
     values: Callable
     stats: Callable
+    fits: Callable = lambda batch: True
 
 
 def bucket_sequences(sequences: int, tokens: int) -> int:
@@ -74,7 +79,7 @@ def blocker(model, device: torch.device, captured: CapturedLoss | None, checkpoi
     if device.type != "cuda":
         return f"it needs CUDA (the run's device is {device})"
     if captured is None:
-        return "this stage's loss has no captured form yet (SFT's has)"
+        return "this stage's loss has no captured form yet"
     if distributed.world_size() > 1:
         return (f"it runs in one process (this one is 1 of {distributed.world_size()}): a graph "
                 "replays none of the ranks' collectives")
@@ -106,10 +111,15 @@ class CapturedForwards:
         device = model.model.embed_tokens.weight.device
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
+    def fits(self, batch) -> bool:
+        """Whether `batch` (a PackedBatch) can take a graph: within the token budget, and its
+        columns writable (CapturedLoss.fits); else the stage's eager loss runs it."""
+        return len(batch.input_ids) <= self.tokens and self.captured.fits(batch)
+
     def run(self, batch, step_counts: dict):
-        """One forward of `batch` (a PackedBatch on the model's device) with its backward: (its
-        loss, a 0-dim tensor of its own; the stage's stats). The gradients are added to
-        param.grad, as backward() of the stage's eager loss adds them."""
+        """One forward of `batch` (a PackedBatch on the model's device, fitting) with its
+        backward: (its loss, a 0-dim tensor of its own; the stage's stats). The gradients are added
+        to param.grad, as backward() of the stage's eager loss adds them."""
         bound = bucket_sequences(len(batch.seqlens), self.tokens)
         bucket = self.buckets.get(bound)
         if bucket is None:
@@ -119,5 +129,6 @@ class CapturedForwards:
         # the graph's own tensor: the next replay overwrites it
         loss = bucket.run(batch.input_ids, batch.seqlens,
                           self.captured.values(batch, step_counts)).clone()
+        outputs = {name: value.clone() for name, value in bucket.outputs.items()}
         self.grads = bucket.grads
-        return loss, self.captured.stats(loss, batch, step_counts)
+        return loss, self.captured.stats(loss, outputs, batch, step_counts)

@@ -51,7 +51,8 @@ from ..data.device_tensors import copy_from_host, host_cu_seqlens, host_position
 from .flat_grads import FlatGradients
 
 # What a captured micro-batch's loss gets: hidden [rows, H] of the padded pack, and the columns
-# [rows] by name (the pack's rows' values, then each column's pad value) -> a scalar loss.
+# [rows] by name (the pack's rows' values, then each column's pad value) -> a scalar loss, or
+# (the loss, outputs: name -> a tensor the step also computes, e.g. a count for the stats).
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 
 # A bucket's rows are a multiple of this (Triton specializes integer arguments on divisibility).
@@ -115,6 +116,8 @@ class CapturedMicroBatch:
         # made at the first run unless shared (the graph adds into them)
         self.grads: FlatGradients | None = grads
         self._loss: torch.Tensor | None = None
+        # the loss function's other outputs of the last run (the graph's own tensors on CUDA)
+        self.outputs: dict[str, torch.Tensor] = {}
 
     def fits(self, tokens: int, sequences: int) -> bool:
         """Whether a pack of `tokens` tokens in `sequences` sequences fits the bucket."""
@@ -126,7 +129,8 @@ class CapturedMicroBatch:
         columns name -> [N] (every column of the constructor's, each of its dtype) -> the loss []
         (the graph's own tensor on CUDA: overwritten by the next run; clone to keep it). The loss
         function sees hidden [rows, H] and columns [rows]: the pack's N rows, then the filler's.
-        The gradients are added to param.grad (whatever zero_grad did to it since the last run)."""
+        The gradients are added to param.grad (whatever zero_grad did to it since the last run);
+        the loss function's other outputs, detached, are in `self.outputs` (the graph's own too)."""
         self._check(input_ids, seqlens, columns)
         self._fill(input_ids, seqlens, columns)
         if self.graphs and self.graph is None:
@@ -137,7 +141,8 @@ class CapturedMicroBatch:
             self._check_trained()
             self.grads.reattach()
         if not self.graphs:
-            return self._step()
+            self._loss, self.outputs = self._step()
+            return self._loss
         self.graph.replay()
         return self._loss
 
@@ -197,11 +202,12 @@ class CapturedMicroBatch:
         if not self.graphs:  # eager: the attention may plan on the host from the true lengths
             self._meta = AttentionMetadata.packed(padded, self.device, self._cu_seqlens)
 
-    def _step(self) -> torch.Tensor:
+    def _step(self) -> tuple[torch.Tensor, dict]:
         hidden = self.model.entry()(self._ids, self._positions, self._meta)
         loss = self.loss(hidden, self._values)
+        loss, outputs = loss if isinstance(loss, tuple) else (loss, {})
         loss.backward()
-        return loss.detach()
+        return loss.detach(), {name: value.detach() for name, value in outputs.items()}
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream (as torch's whole-network capture does), then capture one step
@@ -228,7 +234,7 @@ class CapturedMicroBatch:
             self.grads.reattach()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._loss = self._step()
+            self._loss, self.outputs = self._step()
         return graph
 
 

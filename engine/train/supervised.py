@@ -209,7 +209,7 @@ def train_step(model, stage: Stage, batches: list, optimizer, scheduler, cfg: St
         (loss * distributed.world_size() * cfg.train.context_parallel).backward()
 
     for batch in batches:
-        if captured is not None:  # its backward is in the graph
+        if captured is not None and captured.fits(batch):  # its backward is in the graph
             loss, batch_stats = captured.run(to_device(batch, device), step_counts)
         else:
             loss, batch_stats = stage.loss(model, to_device(batch, device), step_counts)

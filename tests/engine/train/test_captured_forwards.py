@@ -1,7 +1,8 @@
-"""SFT's forwards replayed from CUDA graphs (train.cuda_graphs; engine/train/captured_forwards.py):
-on the CPU the same buckets run eagerly on the same padded buffers, so a step there gives the eager
-step's metrics and weights, its gradients shared by every bucket; where a run cannot replay, one
-line says why. The graphs themselves: the gpu test."""
+"""SFT's and the reward model's forwards replayed from CUDA graphs (train.cuda_graphs;
+engine/train/captured_forwards.py): on the CPU the same buckets run eagerly on the same padded
+buffers, so a step there gives the eager step's metrics and weights, its gradients shared by every
+bucket, a pack whose columns do not fit taking the eager loss; where a run cannot replay, one line
+says why. The graphs themselves: the gpu test."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,12 +10,13 @@ import dataclasses
 import pytest
 import torch
 
-from fusedrl.engine.data.packing import collate_sft
+from fusedrl.engine.data.packing import collate_rm, collate_sft
 from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.errors import UsageError
 from fusedrl.engine.model.hf_io import load_model
+from fusedrl.engine.model.reward_model import reward_model_from_lm
 from fusedrl.engine.parallel import distributed
-from fusedrl.engine.stages.rm import rm_stage
+from fusedrl.engine.stages.rm import rm_captured, rm_stage, train_rm
 from fusedrl.engine.stages.sft import SFT_CAPTURED, sft_stage, train_sft
 from fusedrl.engine.train import captured_forwards, supervised
 from fusedrl.engine.train.captured_forwards import CapturedForwards, blocker, bucket_sequences
@@ -22,7 +24,8 @@ from fusedrl.engine.train.optim import build_optimizer, build_scheduler
 from fusedrl.engine.train.runlog import read_metrics
 from fusedrl.engine.train.supervised import train_step
 from moe_testing import save_moe_base
-from train_testing import demonstrations, rm_config, save_tiny_model, sft_config, write_jsonl
+from train_testing import (demonstrations, rm_config, save_tiny_model, sft_config,
+                           sorted_digit_preferences, write_jsonl)
 
 CPU = torch.device("cpu")
 
@@ -94,6 +97,45 @@ def test_a_graph_that_weighed_the_prompt_rows_would_move_the_loss(base_dir, trai
     assert got[0]["loss"] != pytest.approx(want[0]["loss"], rel=1e-3)
 
 
+def rankings(seed=0):
+    """Three forwards of one step: pairs; a 3-way ranking beside a pair (an empty prompt); and a
+    5-way ranking of one-token answers under an empty prompt (10 pairs in 5 rows: the eager loss)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(3, 200, (n,), generator=g).tolist()
+    return [collate_rm([TokenizedExample(ids(4), (ids(3), ids(2))) for _ in range(3)]),
+            collate_rm([TokenizedExample(ids(3), (ids(2), ids(4), ids(1))),
+                        TokenizedExample([], (ids(3), ids(3)))]),
+            collate_rm([TokenizedExample([], tuple(ids(1) for _ in range(5)))])]
+
+
+@pytest.mark.parametrize("beta_rm", [0.0, 0.5])
+def test_reward_model_steps_replayed_give_the_eager_steps(base_dir, train_file, tmp_path, beta_rm):
+    cfg = rm_config(base_dir, train_file, tmp_path, beta_rm=beta_rm, optim={"lr": 1e-2})
+    stage = rm_stage(cfg, "float32", CPU)
+    results = []
+    for captured in (False, True):
+        torch.manual_seed(0)
+        model = reward_model_from_lm(load_model(base_dir))
+        torch.nn.init.normal_(model.score.weight, std=0.5)  # margins of both signs
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, 10)
+        forwards = CapturedForwards(model, rm_captured(beta_rm), 64) if captured else None
+        metrics = [train_step(model, stage, rankings(seed), optimizer, scheduler, cfg, CPU,
+                              captured=forwards) for seed in range(2)]
+        results.append((metrics, model.state_dict(), forwards))
+    (want, want_weights, _), (got, got_weights, forwards) = results
+    assert sorted(forwards.buckets) == [8]  # the 5-way ranking's forward ran eagerly
+    for g, w in zip(got, want):
+        for name in ("loss", "rank_loss", "accuracy", "grad_norm") + (("lm_nll",) if beta_rm else ()):
+            assert g[name] == pytest.approx(w[name], rel=1e-5, abs=1e-7), name
+        assert g["pairs"] == w["pairs"] == 3 + 4 + 10
+    assert 0 < want[0]["accuracy"] < 1
+    for name, w in want_weights.items():
+        torch.testing.assert_close(got_weights[name], w, atol=1e-4, rtol=1e-5)
+
+
 def test_bucket_sequences():
     assert [bucket_sequences(s, 4096) for s in (1, 8, 9, 16, 17, 100)] == [8, 8, 16, 16, 32, 128]
     assert bucket_sequences(5, 6) == 6  # never more sequences than tokens
@@ -132,7 +174,7 @@ def test_a_run_that_cannot_replay_is_refused_in_one_line(base_dir, train_file, t
 
 
 @pytest.mark.parametrize("case, message", [
-    ("reward model", "this stage's loss has no captured form yet"),
+    ("stage", "this stage's loss has no captured form yet"),
     ("ranks", "it runs in one process (this one is 1 of 2)"),
     ("checkpointing", "train.gradient_checkpointing recomputes"),
     ("lora", "LoRA adapters are not shown in a graph yet"),
@@ -144,9 +186,7 @@ def test_blocker_names_what_a_run_misses(base_dir, train_file, tmp_path, monkeyp
     model = load_model(save_moe_base(tmp_path) if case == "moe" else base_dir)
     if case == "ranks":
         monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    captured = SFT_CAPTURED
-    if case == "reward model":
-        captured = rm_stage(rm_config(base_dir, train_file, tmp_path), "float32", CPU).captured
+    captured = None if case == "stage" else SFT_CAPTURED
     why = blocker(model, torch.device("cuda"), captured, case == "checkpointing",
                   object() if case == "lora" else None)
     assert why.startswith(message) and "\n" not in why
@@ -154,11 +194,11 @@ def test_blocker_names_what_a_run_misses(base_dir, train_file, tmp_path, monkeyp
 
 
 @pytest.mark.gpu
-def test_train_sft_with_cuda_graphs_trains_as_the_eager_run_on_a_gpu(tmp_path, train_file,
-                                                                    monkeypatch):
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_cuda_graphs_train_as_the_eager_run_on_a_gpu(tmp_path, train_file, monkeypatch, stage):
     """On CUDA (bf16-mixed, head size 64: torch's or flash-attn's varlen kernel): train.cuda_graphs
     captures its buckets and replays them, each step's loss within bf16's rounding of the eager
-    run's, and the exported weights near the eager run's."""
+    run's, and the exported weights near the eager run's; SFT's and the reward model's."""
     base = save_tiny_model(tmp_path / "base", "qwen2", hidden_size=128, num_attention_heads=2,
                            num_key_value_heads=1, intermediate_size=256)
     kw = dict(data={"eval_fraction": 0.0, "tokens_per_microbatch": 48},
@@ -171,10 +211,18 @@ def test_train_sft_with_cuda_graphs_trains_as_the_eager_run_on_a_gpu(tmp_path, t
         replayed.extend(b.graph is not None for b in self.buckets.values())
         return out
     monkeypatch.setattr(captured_forwards.CapturedForwards, "run", run)
-    finals = [train_sft(sft_config(base, train_file, tmp_path / str(graphs),
-                                   train={"max_steps": 4, "device": "cuda", "cuda_graphs": graphs},
-                                   **kw))
-              for graphs in (False, True)]
+    if stage == "rm":
+        data = write_jsonl(tmp_path / "prefs.jsonl", sorted_digit_preferences(16))
+        kw["data"]["tokens_per_microbatch"] = 96
+        finals = [train_rm(rm_config(base, data, tmp_path / str(graphs), beta_rm=0.5,
+                                     train={"max_steps": 4, "device": "cuda",
+                                            "cuda_graphs": graphs}, **kw))
+                  for graphs in (False, True)]
+    else:
+        finals = [train_sft(sft_config(base, train_file, tmp_path / str(graphs),
+                                       train={"max_steps": 4, "device": "cuda",
+                                              "cuda_graphs": graphs}, **kw))
+                  for graphs in (False, True)]
     assert replayed and all(replayed)
     want, got = ([r["loss"] for r in read_metrics(final.parent) if r["kind"] == "train"]
                  for final in finals)
