@@ -206,12 +206,15 @@ def sync_checks_enabled(x: torch.Tensor) -> bool:
     """Whether to run input checks that read tensor values (a host sync on GPU).
 
     Always on for CPU tensors. On GPU they are off (a sync per call would stall the stream and break
-    CUDA-graph capture) unless ``FUSEDRL_SYNC_CHECKS=1``. They are skipped while torch.compile
-    traces (data-dependent Python branches would break the graph). Without them the kernels still
-    never read out of bounds and turn an invalid label into a NaN output.
+    CUDA-graph capture) unless ``FUSEDRL_SYNC_CHECKS=1``, and off during a capture whatever it says
+    (a host read there fails the capture). They are skipped while torch.compile traces
+    (data-dependent Python branches would break the graph). Without them the kernels still never
+    read out of bounds and turn an invalid label into a NaN output.
     """
     if torch.compiler.is_compiling():
         return False
     if x.device.type == "cpu":
         return True
+    if torch.cuda.is_current_stream_capturing():
+        return False
     return os.environ.get("FUSEDRL_SYNC_CHECKS", "0") == "1"

@@ -202,7 +202,8 @@ def load_phase(s: Setup) -> dict:
 def update_phase(s: Setup, tokens: int, trained_decoders: list[Part],
                  shared_keys: float = 0.0) -> dict:
     """The larger of the backward (activations of every trained decoder's graph at once, their
-    FSDP roots and layers gathered, a unit's whole gradients) and the step (the fp32 gradient copy).
+    FSDP roots and layers gathered, a unit's whole gradients) and the step (the fp32 gradient copy;
+    with train.cuda_graphs the activations too, held by the graphs' pool).
     shared_keys: keys gathered per token by prefix sharing; at C > 1 a context rank's
     (context_share)."""
     tokens, shared_keys = context_share(s.job.train.context_parallel, tokens, shared_keys)
@@ -223,6 +224,10 @@ def update_phase(s: Setup, tokens: int, trained_decoders: list[Part],
                     p.config, elem, tokens, s.job.train.train_vision)
                     for p in trained_decoders)}
     step = {**_resident(s), "grads": grads + step_buffer_bytes(s)}
+    if getattr(s.job.train, "cuda_graphs", False):
+        # Replayed from CUDA graphs (engine/train/captured_forwards.py): the activations stay in
+        # the graphs' memory pool, which the step's own buffers cannot take.
+        step["activations"] = backward["activations"]
     return max(backward, step, key=lambda d: sum(d.values()))
 
 

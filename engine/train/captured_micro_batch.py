@@ -133,17 +133,23 @@ class CapturedMicroBatch:
         the loss function's other outputs, detached, are in `self.outputs` (the graph's own too)."""
         self._check(input_ids, seqlens, columns)
         self._fill(input_ids, seqlens, columns)
-        if self.graphs and self.graph is None:
-            self.graph = self._capture()
-        elif self.grads is None:
-            self.grads = FlatGradients(self._trained())
-        else:
-            self._check_trained()
-            self.grads.reattach()
         if not self.graphs:
+            if self.grads is None:
+                self.grads = FlatGradients(self._trained())
+            else:
+                self._check_trained()
+                self.grads.reattach()
             self._loss, self.outputs = self._step()
             return self._loss
-        self.graph.replay()
+        # The model's device, which need not be the current one (train.device=cuda:1 in one
+        # process): a capture records the current device's streams only, a replay launches there.
+        with torch.cuda.device(self.device):
+            if self.graph is None:
+                self.graph = self._capture()
+            else:
+                self._check_trained()
+                self.grads.reattach()
+            self.graph.replay()
         return self._loss
 
     def zero_grad(self) -> None:
@@ -233,7 +239,7 @@ class CapturedMicroBatch:
             self._check_trained()
             self.grads.reattach()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream(self.device)):
             self._loss, self.outputs = self._step()
         return graph
 

@@ -151,3 +151,21 @@ def test_attention_backend(monkeypatch):
         assert attention_backend(q.float()) == "torch"
         # heads of 12 (the distillation demo's student): torch's varlen entry refuses them
         assert attention_backend(torch.zeros(2, 4, 12, dtype=torch.bfloat16, device=DEVICE)) == "torch"
+
+
+@pytest.mark.gpu
+def test_value_checks_are_off_inside_a_graph_capture_whatever_the_environment(monkeypatch):
+    """FUSEDRL_SYNC_CHECKS=1 turns the value-reading checks on for CUDA tensors, but not while a
+    CUDA graph captures: a host read there would fail the capture (the LM head's label check in a
+    captured training forward)."""
+    from fusedrl.kernels.dispatch import sync_checks_enabled
+    monkeypatch.setenv("FUSEDRL_SYNC_CHECKS", "1")
+    x = torch.zeros(4, device="cuda")
+    assert sync_checks_enabled(x)
+    seen = []
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        seen.append(sync_checks_enabled(x))
+        x.add_(1)
+    graph.replay()
+    assert seen == [False] and sync_checks_enabled(x)

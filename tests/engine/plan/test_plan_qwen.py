@@ -155,3 +155,19 @@ def test_persistent_weights_keep_the_whole_policy_in_every_phase(qwen):
     gathered, read = (plan("grpo", qwen["7B"], CKPT, "rollout.exact=true", *extra).phases["scoring"]["gathered"]
                       for extra in ((), ("rollout.persistent_weights=true",)))
     assert gathered == whole > read
+
+
+def test_sft_forwards_from_cuda_graphs_hold_their_activations_through_the_step(qwen):
+    """train.cuda_graphs: the graphs' memory pool keeps a forward's activations while the
+    optimizer's step buffers are made, so the update phase holds both (one GPU, 0.5B)."""
+    def sft(graphs):
+        cfg = plan_config("sft", STAGES["sft"][0], None, [
+            f"model={qwen['0.5B']}", "data.train_file=x.jsonl", "data.tokens_per_batch=16384",
+            "data.max_length=4096", "train.gradient_checkpointing=false",
+            f"train.cuda_graphs={str(graphs).lower()}"])
+        return plan_stage(cfg, 1, NODE["gpu_memory"]).phases["update"]
+    called, replayed = sft(False), sft(True)
+    assert "activations" in called and replayed["activations"] == called["activations"]
+    step_buffers = replayed["grads"] - called["grads"]
+    assert step_buffers > 0  # the fp32 gradient copy of the step
+    assert sum(replayed.values()) == sum(called.values()) + step_buffers
