@@ -215,6 +215,6 @@ def sync_checks_enabled(x: torch.Tensor) -> bool:
         return False
     if x.device.type == "cpu":
         return True
-    if torch.cuda.is_current_stream_capturing():
+    if os.environ.get("FUSEDRL_SYNC_CHECKS", "0") != "1":
         return False
-    return os.environ.get("FUSEDRL_SYNC_CHECKS", "0") == "1"
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())

@@ -47,38 +47,26 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self, sizes, capture: bool):
-        device = self.runner.device
         for b in sizes:
             step = functools.partial(self._step, b)
             step()  # warm-up on the padding rows: Triton kernels compile outside the capture
             if not capture:
                 self.graphs[b] = SimpleNamespace(replay=step)
                 continue
-            torch.cuda.synchronize(device)
+            torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            # On the runner's device, which need not be the current one (LLM(device="cuda:1") in
-            # a process on device 0): a capture records the current device's streams only, and
-            # torch's default capture stream is made once, on the device current at its first use.
-            with torch.cuda.device(device), torch.cuda.graph(
-                    graph, self.pool, stream=torch.cuda.Stream(device),
-                    capture_error_mode=capture_error_mode()):
+            with torch.cuda.graph(graph, self.pool, capture_error_mode=capture_error_mode()):
                 step()
             self.pool = graph.pool()
             self.graphs[b] = graph
         if capture:
-            torch.cuda.synchronize(device)
+            torch.cuda.synchronize()
 
     def size_for(self, batch: int) -> int:
         """The smallest captured size that holds `batch` rows."""
         return min(s for s in self.graphs if s >= batch)
 
     def replay(self, size: int):
-        """Run the graph of `size` rows on the inputs filled for it -> (tokens, logprobs) [size],
-        on the current stream of the runner's device."""
-        graph = self.graphs[size]
-        if isinstance(graph, torch.cuda.CUDAGraph):
-            with torch.cuda.device(self.runner.device):
-                graph.replay()
-        else:
-            graph.replay()
+        """Run the graph of `size` rows on the inputs filled for it -> (tokens, logprobs) [size]."""
+        self.graphs[size].replay()
         return self.tokens[:size], self.logprobs[:size]

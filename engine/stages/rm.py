@@ -111,7 +111,7 @@ def rm_loss(model: RewardModel, batch: PackedBatch, step_counts: dict, beta_rm: 
     stats = {"rank_sum": rank_sum.detach(), "correct": correct, "pairs": pairs}
     if beta_rm > 0:
         nll_sum = target_nll_sum(model, hidden, batch)
-        loss = loss + beta_rm * nll_sum / max(step_counts["lm_tokens"], 1)
+        loss = loss + beta_rm * nll_sum / max(step_counts.get("lm_tokens", 0), 1)
         stats["nll_sum"] = nll_sum.detach()
     return loss, stats
 
@@ -154,7 +154,7 @@ def rm_graph_values(batch: PackedBatch, step_counts: dict, beta_rm: float) -> di
               "other": device_tensor(columns[1], torch.int64, device),
               "pair_weight": device_tensor(pair_weight, torch.float32, device)}
     if beta_rm > 0:
-        values.update(sft_graph_values(batch, {"tokens": step_counts["lm_tokens"]}))
+        values.update(sft_graph_values(batch, {"tokens": step_counts.get("lm_tokens", 0)}))
     return values
 
 
@@ -176,18 +176,24 @@ def rm_captured(beta_rm: float) -> CapturedLoss:
                "correct": outputs["correct"],
                "pairs": sum(k * (k - 1) // 2 for k in batch.group_sizes)}
         if beta_rm > 0:
-            out["nll_sum"] = outputs["lm"] * max(step_counts["lm_tokens"], 1)
+            out["nll_sum"] = outputs["lm"] * max(step_counts.get("lm_tokens", 0), 1)
         return out
+    def unreached(model):
+        # Without the LM term an untied LM head takes no gradient: its .grad stays None (an
+        # optimizer would decay a zero gradient's weight, as it does not in the eager step).
+        head = model.lm_head.weight
+        return () if beta_rm > 0 or head is model.model.embed_tokens.weight else (head,)
     return CapturedLoss(columns, rm_graph_loss(beta_rm),
                         lambda batch, step_counts: rm_graph_values(batch, step_counts, beta_rm),
-                        stats, rm_graph_pairs_fit)
+                        stats, rm_graph_pairs_fit, unreached)
 
 
 def rm_summarize(stats: dict, counts: dict, beta_rm: float) -> dict:
     rank_loss = stats["rank_sum"] / max(counts["examples"], 1)
     out = {"rank_loss": rank_loss, "accuracy": stats["correct"] / max(stats["pairs"], 1),
            "pairs": stats["pairs"]}
-    lm_nll = stats.get("nll_sum", 0.0) / max(counts["lm_tokens"], 1)
+    # A step whose best responses hold no target has no lm_tokens (sums drop zero counts)
+    lm_nll = stats.get("nll_sum", 0.0) / max(counts.get("lm_tokens", 0), 1)
     if beta_rm > 0:
         out["lm_nll"] = lm_nll
     return {"loss": rank_loss + beta_rm * lm_nll, **out}

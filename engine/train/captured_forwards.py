@@ -21,8 +21,10 @@ data.tokens_per_microbatch, else data.tokens_per_batch); the number of sequences
 bucket's filler sequences grow with its bound. A forward takes the bucket whose bound is the least
 power of two (at least MIN_SEQUENCES) holding its sequences, captured at its first use: a few
 graphs a run, each replayed for every forward of its size class. They share one flat gradient
-buffer (the gradients are the model's, not a bucket's) and one memory pool (their replays never
-overlap, and each loss is copied out before the next replay).
+buffer (the gradients are the model's, not a bucket's), one memory pool (their replays never
+overlap, and each loss is copied out before the next replay) and one capture stream (the
+allocator reuses a pool's freed blocks on the stream that freed them only: a stream per capture
+would keep each bucket's activations apart).
 
 Where it runs: one process on CUDA (a graph replays no collective of FSDP's), a dense text model
 (an MoE layer reads its routing on the host; images enter through a tower outside the pack), no
@@ -58,12 +60,15 @@ class CapturedLoss:
     of one pack of N tokens. stats(loss, outputs, batch, step_counts) -> the stats
     supervised.Stage.loss would return beside that loss (0-dim tensors; outputs: the loss
     function's other outputs, if any). fits(batch) -> whether a pack's columns can be written
-    (default: always); one that cannot runs the stage's eager loss."""
+    (default: always); one that cannot runs the stage's eager loss. unreached(model) -> the trained
+    parameters the loss never reaches (default: none), whose `.grad` stays None as in an eager
+    step."""
     columns: Mapping[str, Column]
     make_loss: Callable[[torch.nn.Module], LossFn]
     values: Callable
     stats: Callable
     fits: Callable = lambda batch: True
+    unreached: Callable = lambda model: ()
 
 
 def bucket_sequences(sequences: int, tokens: int) -> int:
@@ -109,7 +114,12 @@ class CapturedForwards:
         self.buckets: dict[int, CapturedMicroBatch] = {}
         self.grads: FlatGradients | None = None  # the first bucket's, shared with the others
         device = model.model.embed_tokens.weight.device
-        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.skip = tuple(captured.unreached(model))
+        # One pool and one capture stream for every bucket: the allocator hands a pool's freed
+        # blocks to the stream that freed them only.
+        graphs = device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.stream = torch.cuda.Stream(device) if graphs else None
 
     def fits(self, batch) -> bool:
         """Whether `batch` (a PackedBatch) can take a graph: within the token budget, and its
@@ -124,7 +134,8 @@ class CapturedForwards:
         bucket = self.buckets.get(bound)
         if bucket is None:
             bucket = CapturedMicroBatch(self.model, self.loss, self.captured.columns, self.tokens,
-                                        bound, grads=self.grads, pool=self.pool)
+                                        bound, grads=self.grads, pool=self.pool,
+                                        stream=self.stream, skip=self.skip)
             self.buckets[bound] = bucket
         # the graph's own tensor: the next replay overwrites it
         loss = bucket.run(batch.input_ids, batch.seqlens,

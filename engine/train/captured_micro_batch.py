@@ -78,12 +78,16 @@ class CapturedMicroBatch:
     Triton compiles and autotuning happen there, not in the graph). grads: FlatGradients of the
     model's trained parameters to add into, shared with other buckets of the same model (default:
     its own, made at the first run). pool: a graph memory pool (torch.cuda.graph_pool_handle())
-    shared with other buckets whose runs never overlap (default: its own).
+    shared with other buckets whose runs never overlap (default: its own), and stream: the CUDA
+    stream their captures share (the allocator reuses a pool's freed blocks for the stream that
+    freed them only; default: one of its own). skip: trained parameters the loss never reaches,
+    left out of the gradient buffers so that their `.grad` stays None, as an eager backward leaves
+    it (an optimizer then leaves them alone).
     """
 
     def __init__(self, model, loss: LossFn, columns: Mapping[str, Column], tokens: int,
                  sequences: int, warmup: int = 2, grads: FlatGradients | None = None,
-                 pool=None):
+                 pool=None, stream=None, skip: tuple = ()):
         for name, value in (("tokens", tokens), ("sequences", sequences), ("warmup", warmup)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"CapturedMicroBatch: {name}={value!r}, expected an int >= 1")
@@ -112,7 +116,7 @@ class CapturedMicroBatch:
         self._meta = AttentionMetadata.packed([self.rows - sequences] + [1] * sequences,
                                               self.device, self._cu_seqlens)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.pool = pool
+        self.pool, self.stream, self.skip = pool, stream, tuple(skip)
         # made at the first run unless shared (the graph adds into them)
         self.grads: FlatGradients | None = grads
         self._loss: torch.Tensor | None = None
@@ -161,7 +165,8 @@ class CapturedMicroBatch:
         self.grads.zero_()
 
     def _trained(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return [p for p in self.model.parameters()
+                if p.requires_grad and not any(p is q for q in self.skip)]
 
     def _check_trained(self) -> None:
         """The trained parameters must be those of the first run (the graph's, the buffers')."""
@@ -239,7 +244,8 @@ class CapturedMicroBatch:
             self._check_trained()
             self.grads.reattach()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream(self.device)):
+        self.stream = self.stream or torch.cuda.Stream(self.device)
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             self._loss, self.outputs = self._step()
         return graph
 

@@ -169,3 +169,16 @@ def test_value_checks_are_off_inside_a_graph_capture_whatever_the_environment(mo
         x.add_(1)
     graph.replay()
     assert seen == [False] and sync_checks_enabled(x)
+
+
+def test_value_checks_of_a_tensor_off_the_cpu_follow_the_environment_on_any_build(monkeypatch):
+    """A meta tensor stands for a device's: checks off unless FUSEDRL_SYNC_CHECKS=1, and asking
+    whether a CUDA stream captures only for a CUDA tensor (a CPU-only build has no CUDA streams
+    to ask about)."""
+    from fusedrl.kernels.dispatch import sync_checks_enabled
+    x = torch.empty(3, device="meta")
+    monkeypatch.delenv("FUSEDRL_SYNC_CHECKS", raising=False)
+    assert not sync_checks_enabled(x)
+    monkeypatch.setenv("FUSEDRL_SYNC_CHECKS", "1")
+    assert sync_checks_enabled(x)
+    assert sync_checks_enabled(torch.empty(3))  # the CPU's: always
