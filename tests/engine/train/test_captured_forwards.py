@@ -30,9 +30,9 @@ from train_testing import (demonstrations, rm_config, save_tiny_model, sft_confi
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("graphs_base"), "qwen2")
+@pytest.fixture
+def base_dir(qwen2_dir):  # tied embeddings
+    return qwen2_dir
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +118,9 @@ def no_lm_targets(seed=0):
     return [collate_rm([TokenizedExample([], (one(), one())) for _ in range(2)])]
 
 
-@pytest.fixture(scope="module")
-def untied_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("graphs_untied"), "llama2")
+@pytest.fixture
+def untied_dir(model_dirs):
+    return model_dirs["llama2"][0]
 
 
 @pytest.mark.parametrize("arch, beta_rm", [("tied", 0.0), ("tied", 0.5), ("untied", 0.0),
