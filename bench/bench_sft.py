@@ -11,8 +11,8 @@ Ours runs the step as one forward (data.tokens_per_microbatch = the step's token
 `per-row` column, as one forward per sequence (row-count micro-batches): the same gradient, so the
 ratio is what packing to a token budget buys. On a GPU the `graphs` column is the packed step with
 train.cuda_graphs (engine/train/captured_forwards.py: the forward replayed from a CUDA graph, its
-capture in the warm-up step), not with gradient checkpointing nor where packed attention has no
-varlen kernel ("-" then).
+capture in the warm-up step), where train.cuda_graphs could run (captured_forwards.blocker: not
+with gradient checkpointing, nor where packed attention has no varlen kernel; "-" then).
 `--quick` runs a tiny fp32 model on the CPU to check the script itself.
 
     python bench/bench_sft.py                    # GPU: batches 4x1024 and 8x2048
@@ -33,8 +33,7 @@ from fusedrl.bench.shapes import QWEN25_05B, TINY, model_dir as checkpoint_dir
 from fusedrl.engine.model.hf_io import load_model
 from fusedrl.engine.train.optim import build_optimizer, build_scheduler
 from fusedrl.engine.stages.sft import SFT_CAPTURED, sft_stage
-from fusedrl.engine.train.captured_forwards import CapturedForwards
-from fusedrl.engine.train.captured_micro_batch import packed_attention_problem
+from fusedrl.engine.train.captured_forwards import CapturedForwards, blocker
 from fusedrl.engine.data.tokenization import TokenizedExample
 from fusedrl.engine.config.train import DataConfig, OptimConfig, SFTConfig, TrainConfig
 from fusedrl.engine.train.precision import param_dtype, resolve_precision
@@ -82,7 +81,7 @@ def bench_ours(model_dir: Path, examples, device, checkpointing: bool) -> dict:
     tokens = sum(ex.num_tokens for ex in examples)
     packed = step_forwards(stage, [examples], tokens)
     variants = [("", packed, None), ("per_row_", step_forwards(stage, [[ex] for ex in examples], None), None)]
-    if device.type == "cuda" and not checkpointing and packed_attention_problem(model) is None:
+    if blocker(model, device, SFT_CAPTURED, checkpointing, None) is None:
         variants.append(("graphs_", packed, CapturedForwards(model, SFT_CAPTURED, tokens)))
     results = {}
     for prefix, forwards, captured in variants:

@@ -146,22 +146,27 @@ def rm_graph_values(batch: PackedBatch, step_counts: dict, beta_rm: float) -> di
     n, device = batch.input_ids.shape[0], batch.input_ids.device
     pairs, weights = ranking_pairs(batch.group_sizes)                        # [2, P], [P]
     last = np.cumsum(batch.seqlens, dtype=np.int64) - 1
-    columns = np.zeros((2, n), dtype=np.int64)
-    columns[:, :pairs.shape[1]] = last[pairs]
+    rows = np.zeros((2, n), dtype=np.int64)
+    rows[:, :pairs.shape[1]] = last[pairs]
     pair_weight = np.zeros(n, dtype=np.float32)
     pair_weight[:pairs.shape[1]] = weights / max(step_counts["examples"], 1)
-    values = {"preferred": device_tensor(columns[0], torch.int64, device),
-              "other": device_tensor(columns[1], torch.int64, device),
+    preferred, other = device_tensor(rows, torch.int64, device)   # one copy of both
+    values = {"preferred": preferred, "other": other,
               "pair_weight": device_tensor(pair_weight, torch.float32, device)}
     if beta_rm > 0:
         values.update(sft_graph_values(batch, {"tokens": step_counts.get("lm_tokens", 0)}))
     return values
 
 
+def pair_count(group_sizes: list[int]) -> int:
+    """The pairs of rankings of these sizes: C(K, 2) each."""
+    return sum(k * (k - 1) // 2 for k in group_sizes)
+
+
 def rm_graph_pairs_fit(batch: PackedBatch) -> bool:
     """Whether the pack's pairs fit its rows (a column holds one pair a row): always for pairs;
     not for a ranking of many one-token responses."""
-    return sum(k * (k - 1) // 2 for k in batch.group_sizes) <= batch.input_ids.shape[0]
+    return pair_count(batch.group_sizes) <= batch.input_ids.shape[0]
 
 
 def rm_captured(beta_rm: float) -> CapturedLoss:
@@ -174,7 +179,7 @@ def rm_captured(beta_rm: float) -> CapturedLoss:
     def stats(loss, outputs, batch, step_counts):
         out = {"rank_sum": outputs["rank"] * max(step_counts["examples"], 1),
                "correct": outputs["correct"],
-               "pairs": sum(k * (k - 1) // 2 for k in batch.group_sizes)}
+               "pairs": pair_count(batch.group_sizes)}
         if beta_rm > 0:
             out["nll_sum"] = outputs["lm"] * max(step_counts.get("lm_tokens", 0), 1)
         return out

@@ -145,8 +145,8 @@ class CapturedMicroBatch:
                 self.grads.reattach()
             self._loss, self.outputs = self._step()
             return self._loss
-        # The model's device, which need not be the current one (train.device=cuda:1 in one
-        # process): a capture records the current device's streams only, a replay launches there.
+        # Under the model's device: a capture records the current device's streams only, and a
+        # replay launches on the current device.
         with torch.cuda.device(self.device):
             if self.graph is None:
                 self.graph = self._capture()
